@@ -1,0 +1,25 @@
+package deps
+
+import (
+	_ "github.com/getkin/kin-openapi/openapi3"
+	_ "github.com/getkin/kin-openapi/openapi3filter"
+	_ "github.com/getkin/kin-openapi/routers/gorillamux"
+	_ "github.com/golang-jwt/jwt/v5"
+	_ "github.com/google/uuid"
+	_ "github.com/jackc/pgx/v5/pgconn"
+	_ "github.com/jackc/pgx/v5/stdlib"
+	_ "github.com/labstack/echo/v4"
+	_ "github.com/labstack/echo/v4/middleware"
+	_ "github.com/oapi-codegen/runtime"
+	_ "github.com/oapi-codegen/runtime/strictmiddleware/echo"
+	_ "github.com/oapi-codegen/runtime/types"
+	_ "github.com/pressly/goose/v3"
+	_ "github.com/prometheus/client_golang/prometheus"
+	_ "github.com/prometheus/client_golang/prometheus/promhttp"
+	_ "github.com/stripe/stripe-go/v82"
+	_ "github.com/stripe/stripe-go/v82/webhook"
+	_ "golang.org/x/time/rate"
+	_ "gopkg.in/yaml.v3"
+	_ "gorm.io/driver/postgres"
+	_ "gorm.io/gorm"
+)
