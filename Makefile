@@ -1,0 +1,172 @@
+# tally: build, check, test and run. `make help` lists the targets.
+#
+# Needs Go (the version in go.mod), PostgreSQL on 127.0.0.1:5432 for the tests
+# and `make run`, and a C compiler for the race detector. Everything else
+# (stripe-mock, oapi-codegen) comes pinned from the Go module proxy.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+.DELETE_ON_ERROR:
+MAKEFLAGS += --no-builtin-rules --no-print-directory
+
+# Every recipe works from the repository root, whatever directory make was
+# started in (`make -C`, `make -f path/to/Makefile`).
+ROOT := $(patsubst %/,%,$(dir $(abspath $(lastword $(MAKEFILE_LIST)))))
+BIN := $(ROOT)/bin
+GO ?= go
+
+ifndef VERSION
+VERSION := $(shell git -C '$(ROOT)' describe --tags --always --dirty 2>/dev/null || echo dev)
+endif
+
+# stripe-mock is pinned; `make tools` installs exactly this version into bin/
+# and the test harness finds it through TALLY_STRIPE_MOCK_BIN.
+STRIPE_MOCK_VERSION := v0.203.0
+STRIPE_MOCK := $(BIN)/stripe-mock
+STRIPE_MOCK_STAMP := $(BIN)/.stripe-mock.version
+
+# `make run`: a local PostgreSQL server (trust auth, as Debian's package sets
+# it up over the socket and as README.md shows for 127.0.0.1) and a database
+# created on first use.
+PG_SERVER ?= postgres://postgres@127.0.0.1:5432
+RUN_DB ?= tally
+RUN_DATABASE_URL ?= $(PG_SERVER)/$(RUN_DB)?sslmode=disable
+RUN_HTTP_ADDR ?= :8080
+STRIPE_MOCK_PORT ?= 12111
+
+# Development-only API keys for `make run`, docker-compose and `make bench`.
+# The server is given only their SHA-256 (TALLY_API_KEYS); a caller sends the key
+# itself as `Authorization: Bearer <key>`. Never use these outside a laptop.
+DEV_API_KEY ?= tally_dev_service_key
+DEV_ADMIN_KEY ?= tally_dev_admin_key
+DEV_WEBHOOK_SECRET ?= whsec_dev
+
+BENCH_URL ?= http://127.0.0.1:8080
+BENCH_ARGS ?=
+
+IMAGE ?= tally:$(VERSION)
+
+.PHONY: help tools generate check-generated fmt-check vet build run \
+	check-race test test-short bench docker clean
+
+help: ## list the targets
+	@echo 'tally make targets:'
+	@grep -hE '^[a-z][a-z-]*:.*## ' $(MAKEFILE_LIST) | \
+		awk 'BEGIN {FS = ":.*## "} {printf "  %-16s %s\n", $$1, $$2}'
+
+tools: ## install the pinned stripe-mock into bin/ (only when missing or another version)
+	@if [ -x '$(STRIPE_MOCK)' ] && [ "$$(cat '$(STRIPE_MOCK_STAMP)' 2>/dev/null)" = '$(STRIPE_MOCK_VERSION)' ]; then \
+		echo 'stripe-mock $(STRIPE_MOCK_VERSION) is in bin/'; \
+	else \
+		echo 'installing stripe-mock $(STRIPE_MOCK_VERSION) into bin/ from the Go module proxy'; \
+		rm -f '$(STRIPE_MOCK_STAMP)'; \
+		cd '$(ROOT)' && GOBIN='$(BIN)' $(GO) install github.com/stripe/stripe-mock@$(STRIPE_MOCK_VERSION); \
+		echo '$(STRIPE_MOCK_VERSION)' > '$(STRIPE_MOCK_STAMP)'; \
+	fi
+
+generate: ## regenerate api/ and pkg/client/ from openapi.yaml
+	cd '$(ROOT)' && $(GO) generate ./api/... ./pkg/client/...
+
+# Regenerates into a throw-away copy of the tree and compares: the result
+# depends only on the files as they are, not on what git has committed, and
+# the working tree is never touched.
+check-generated: ## fail if the generated code does not match openapi.yaml
+	@tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
+	tar -C '$(ROOT)' --exclude=./.git --exclude=./bin -cf - . | tar -C "$$tmp" -xf -; \
+	(cd "$$tmp" && $(GO) generate ./api/... ./pkg/client/...); \
+	stale=0; \
+	for dir in api pkg/client; do \
+		diff -ru "$(ROOT)/$$dir" "$$tmp/$$dir" >&2 || stale=1; \
+	done; \
+	if [ $$stale -ne 0 ]; then \
+		echo 'generated code is stale: run make generate' >&2; exit 1; \
+	fi; \
+	echo 'generated code is up to date'
+
+# Tracked and untracked-but-not-ignored files, so a new file is checked before
+# its first commit; outside a git checkout every .go file under the root.
+fmt-check: ## fail if any Go file is not gofmt-formatted
+	@cd '$(ROOT)'; \
+	if git rev-parse --is-inside-work-tree >/dev/null 2>&1; then \
+		files=$$(git ls-files --cached --others --exclude-standard -- '*.go'); \
+	else \
+		files=$$(find . -name '*.go' -not -path './bin/*' -not -path './.git/*'); \
+	fi; \
+	gofmt="$$($(GO) env GOROOT)/bin/gofmt"; \
+	bad=$$(for f in $$files; do [ -f "$$f" ] && printf '%s\n' "$$f"; done | xargs -r "$$gofmt" -l); \
+	if [ -n "$$bad" ]; then \
+		printf 'these files are not gofmt-formatted (run gofmt -w on them):\n%s\n' "$$bad" >&2; exit 1; \
+	fi; \
+	echo 'gofmt: all Go files formatted'
+
+vet: ## go vet every package
+	cd '$(ROOT)' && $(GO) vet ./...
+
+build: ## build the static binary bin/tally
+	cd '$(ROOT)' && CGO_ENABLED=0 $(GO) build -trimpath \
+		-ldflags '-X main.version=$(VERSION)' -o '$(BIN)/tally' ./cmd/tally
+	@echo 'built bin/tally $(VERSION)'
+
+# A local server against PostgreSQL and a stripe-mock started alongside (it
+# stops when tally stops). The catalog is deploy/catalog.example.yaml.
+run: build tools ## run tally locally on :8080 (creates the database, migrates, starts stripe-mock)
+	@out=$$(createdb --maintenance-db='$(PG_SERVER)/postgres?sslmode=disable' '$(RUN_DB)' 2>&1) || \
+	case "$$out" in \
+		*"already exists"*) ;; \
+		*) printf '%s\n' "$$out" >&2; \
+		   echo 'make run needs PostgreSQL at $(PG_SERVER) with trust auth for postgres (README.md, Quick start)' >&2; \
+		   exit 1 ;; \
+	esac
+	@echo 'database: $(RUN_DATABASE_URL)'
+	@echo 'stripe:   stripe-mock on http://127.0.0.1:$(STRIPE_MOCK_PORT), webhook secret $(DEV_WEBHOOK_SECRET)'
+	@echo 'dev API keys (development only; send as "Authorization: Bearer <key>"):'
+	@echo '  service: $(DEV_API_KEY)'
+	@echo '  admin:   $(DEV_ADMIN_KEY)'
+	@'$(STRIPE_MOCK)' -http-port $(STRIPE_MOCK_PORT) >/dev/null 2>&1 & mock=$$!; \
+	trap 'kill $$mock 2>/dev/null || true' EXIT; \
+	trap 'exit 130' INT TERM; \
+	service_hash=$$(printf '%s' '$(DEV_API_KEY)' | sha256sum | cut -d' ' -f1); \
+	admin_hash=$$(printf '%s' '$(DEV_ADMIN_KEY)' | sha256sum | cut -d' ' -f1); \
+	TALLY_DATABASE_URL='$(RUN_DATABASE_URL)' \
+	TALLY_HTTP_ADDR='$(RUN_HTTP_ADDR)' \
+	TALLY_AUTO_MIGRATE=true \
+	TALLY_CATALOG_FILE='$(ROOT)/deploy/catalog.example.yaml' \
+	TALLY_API_KEYS="service:$$service_hash,admin:$$admin_hash" \
+	TALLY_STRIPE_SECRET_KEY=sk_test_123 \
+	TALLY_STRIPE_API_URL='http://127.0.0.1:$(STRIPE_MOCK_PORT)' \
+	TALLY_STRIPE_WEBHOOK_SECRETS='$(DEV_WEBHOOK_SECRET)' \
+	'$(BIN)/tally' serve
+
+# The race detector needs cgo, and cgo needs a C compiler; without one the go
+# command turns cgo off and `go test -race` fails with a less helpful message.
+check-race:
+	@if [ "$$(cd '$(ROOT)' && $(GO) env CGO_ENABLED)" != 1 ]; then \
+		echo 'make test runs the race detector, which needs cgo and a C compiler: apt-get install -y gcc' >&2; \
+		exit 1; \
+	fi
+
+test: check-race tools fmt-check vet check-generated ## the test command: checks, then every test under the race detector
+	cd '$(ROOT)' && TALLY_STRIPE_MOCK_BIN='$(STRIPE_MOCK)' \
+		$(GO) test -race -count=1 -timeout 20m ./...
+
+test-short: tools ## the tests that honour -short, without the race detector (a quick loop)
+	cd '$(ROOT)' && TALLY_STRIPE_MOCK_BIN='$(STRIPE_MOCK)' \
+		$(GO) test -short -count=1 ./...
+
+# Drives an already running server (for example `make run` in another shell)
+# and measures a raw-SQL baseline on the same database.
+bench: ## load-test a running server (BENCH_URL, BENCH_ARGS) and print throughput and latency
+	cd '$(ROOT)' && \
+	TALLY_BENCH_URL='$(BENCH_URL)' \
+	TALLY_BENCH_API_KEY='$(DEV_API_KEY)' \
+	TALLY_BENCH_ADMIN_KEY='$(DEV_ADMIN_KEY)' \
+	TALLY_BENCH_WEBHOOK_SECRET='$(DEV_WEBHOOK_SECRET)' \
+	TALLY_BENCH_DATABASE_URL='$(RUN_DATABASE_URL)' \
+		$(GO) run ./cmd/tally-bench $(BENCH_ARGS)
+
+docker: ## build the container image (IMAGE, default tally:<version>)
+	docker build --build-arg VERSION='$(VERSION)' -t '$(IMAGE)' '$(ROOT)'
+
+clean: ## remove bin/ (the binary and the installed tools)
+	rm -rf '$(BIN)'
