@@ -1,0 +1,206 @@
+// Command tally is the tally billing service: one binary whose subcommands
+// serve the API, apply migrations and run the operator's checks.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/tallybilling/tally/internal/app"
+	"github.com/tallybilling/tally/internal/config"
+	"github.com/tallybilling/tally/internal/db"
+)
+
+// version is set at build time with -ldflags "-X main.version=...".
+var version = "dev"
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	if err := run(ctx, os.Args, os.Getenv, os.Stdout, os.Stderr); err != nil {
+		if !errors.Is(err, flag.ErrHelp) {
+			fmt.Fprintln(os.Stderr, "tally:", err)
+		}
+		os.Exit(exitCode(err))
+	}
+}
+
+// exitError carries a specific exit status (verify exits 2 on a breach).
+type exitError struct {
+	code int
+	err  error
+}
+
+func (e exitError) Error() string { return e.err.Error() }
+func (e exitError) Unwrap() error { return e.err }
+
+func exitCode(err error) int {
+	var ee exitError
+	if errors.As(err, &ee) {
+		return ee.code
+	}
+	if errors.Is(err, flag.ErrHelp) {
+		return 0
+	}
+	return 1
+}
+
+type command struct {
+	name    string
+	summary string
+	run     func(ctx context.Context, args []string, env environment) error
+}
+
+// environment is what a subcommand may touch of the outside world.
+type environment struct {
+	getenv func(string) string
+	stdout io.Writer
+	stderr io.Writer
+}
+
+func commands() []command {
+	return []command{
+		{"serve", "run the HTTP API and the background workers (default)", serve},
+		{"migrate", "apply the database migrations and exit", migrate},
+		{"healthcheck", "exit 0 when the local server answers /healthz (for container healthchecks)", healthcheck},
+		{"version", "print the version", printVersion},
+	}
+}
+
+// run is the whole program: it parses args, reads configuration through
+// getenv and writes only to stdout and stderr, returning errors rather than
+// exiting, so tests can run the real binary in-process.
+func run(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) error {
+	env := environment{getenv: getenv, stdout: stdout, stderr: stderr}
+	name, rest := "serve", []string{}
+	if len(args) > 1 {
+		name, rest = args[1], args[2:]
+	}
+	if name == "help" || name == "-h" || name == "--help" {
+		usage(stdout)
+		return nil
+	}
+	if strings.HasPrefix(name, "-") {
+		name, rest = "serve", args[1:]
+	}
+	for _, c := range commands() {
+		if c.name == name {
+			return c.run(ctx, rest, env)
+		}
+	}
+	usage(stderr)
+	return fmt.Errorf("unknown command %q", name)
+}
+
+func usage(w io.Writer) {
+	fmt.Fprintln(w, "usage: tally <command> [flags]\n\ncommands:")
+	for _, c := range commands() {
+		fmt.Fprintf(w, "  %-12s %s\n", c.name, c.summary)
+	}
+	fmt.Fprintln(w, "\nConfiguration comes from TALLY_* environment variables; see README.md.\nRun 'tally <command> --help' for a command's flags.")
+}
+
+func newFlags(name, summary string, env environment) *flag.FlagSet {
+	fs := flag.NewFlagSet(name, flag.ContinueOnError)
+	fs.SetOutput(env.stderr)
+	fs.Usage = func() {
+		fmt.Fprintf(env.stderr, "usage: tally %s [flags]\n\n%s\n", name, summary)
+		fs.PrintDefaults()
+	}
+	return fs
+}
+
+func newLogger(cfg config.Config, w io.Writer) *slog.Logger {
+	return slog.New(slog.NewJSONHandler(w, &slog.HandlerOptions{Level: cfg.LogLevel}))
+}
+
+func serve(ctx context.Context, args []string, env environment) error {
+	fs := newFlags("serve", "Serve the HTTP API and run the background workers until SIGINT or SIGTERM.", env)
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	cfg, err := config.Load(env.getenv)
+	if err != nil {
+		return fmt.Errorf("configuration:\n%w", err)
+	}
+	logger := newLogger(cfg, env.stderr)
+	a, err := app.New(ctx, cfg, app.Options{Logger: logger})
+	if err != nil {
+		return err
+	}
+	logger.Info("tally starting", "version", version, "addr", cfg.HTTPAddr, "livemode", cfg.Stripe.Livemode)
+	return a.Run(ctx)
+}
+
+func migrate(ctx context.Context, args []string, env environment) error {
+	fs := newFlags("migrate", "Apply every pending database migration (safe to run from many replicas at once).", env)
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	cfg, err := config.Load(env.getenv)
+	if err != nil {
+		return fmt.Errorf("configuration:\n%w", err)
+	}
+	logger := newLogger(cfg, env.stderr)
+	gdb, err := db.Open(ctx, cfg.DatabaseURL, 2, logger)
+	if err != nil {
+		return err
+	}
+	defer func() {
+		if sqlDB, err := gdb.DB(); err == nil {
+			sqlDB.Close()
+		}
+	}()
+	if err := db.Migrate(ctx, gdb); err != nil {
+		return err
+	}
+	fmt.Fprintln(env.stdout, "migrations applied")
+	return nil
+}
+
+func healthcheck(ctx context.Context, args []string, env environment) error {
+	fs := newFlags("healthcheck", "GET /healthz on the local server; exit 0 when it answers 200.", env)
+	addr := fs.String("addr", "", "host:port to check (default: TALLY_HTTP_ADDR on 127.0.0.1)")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if *addr == "" {
+		*addr = env.getenv("TALLY_HTTP_ADDR")
+		if *addr == "" {
+			*addr = ":8080"
+		}
+		if strings.HasPrefix(*addr, ":") {
+			*addr = "127.0.0.1" + *addr
+		}
+	}
+	ctx, cancel := context.WithTimeout(ctx, 3*time.Second)
+	defer cancel()
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+*addr+"/healthz", nil)
+	if err != nil {
+		return err
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return err
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return fmt.Errorf("healthz answered %d", resp.StatusCode)
+	}
+	return nil
+}
+
+func printVersion(ctx context.Context, args []string, env environment) error {
+	fmt.Fprintln(env.stdout, "tally", version)
+	return nil
+}

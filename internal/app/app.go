@@ -1,0 +1,222 @@
+// Package app builds tally from a Config: the database, every capability
+// service, the HTTP server and the background workers; it starts them and
+// stops them in order on shutdown.
+package app
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"sync"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"gorm.io/gorm"
+
+	"github.com/tallybilling/tally/internal/config"
+	"github.com/tallybilling/tally/internal/customers"
+	"github.com/tallybilling/tally/internal/db"
+	"github.com/tallybilling/tally/internal/events"
+	"github.com/tallybilling/tally/internal/httpapi"
+)
+
+// Worker is a background job that runs until its context ends. Every worker
+// must be safe to run on every replica at once.
+type Worker interface {
+	Name() string
+	Run(ctx context.Context) error
+}
+
+// App is a built tally instance.
+type App struct {
+	cfg     config.Config
+	logger  *slog.Logger
+	db      *gorm.DB
+	handler http.Handler
+	metrics http.Handler
+	workers []Worker
+}
+
+// Options are what New needs besides the Config.
+type Options struct {
+	Logger *slog.Logger
+	// Now is the clock; nil means time.Now.
+	Now func() time.Time
+}
+
+// New opens the database (applying migrations when cfg.AutoMigrate), and
+// builds every service, the HTTP handler and the workers. It does not listen.
+func New(ctx context.Context, cfg config.Config, opts Options) (*App, error) {
+	now := opts.Now
+	if now == nil {
+		now = time.Now
+	}
+	logger := opts.Logger
+	gdb, err := db.Open(ctx, cfg.DatabaseURL, cfg.DBMaxOpenConns, logger)
+	if err != nil {
+		return nil, fmt.Errorf("open database: %w", err)
+	}
+	if cfg.AutoMigrate {
+		if err := db.Migrate(ctx, gdb); err != nil {
+			closeDB(gdb)
+			return nil, fmt.Errorf("migrate: %w", err)
+		}
+	}
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Name: "tally_db_up", Help: "1 when the database answered a ping within a second.",
+	}, func() float64 {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		defer cancel()
+		if ping(ctx, gdb) != nil {
+			return 0
+		}
+		return 1
+	}))
+
+	a := &App{cfg: cfg, logger: logger, db: gdb}
+	deps := httpapi.Deps{
+		Config:    cfg,
+		Logger:    logger,
+		Now:       now,
+		Registry:  reg,
+		Ready:     a.ready,
+		Customers: customers.NewService(gdb, now),
+		Events:    events.NewFeed(gdb),
+	}
+	metrics := promhttp.HandlerFor(reg, promhttp.HandlerOpts{})
+	if cfg.MetricsAddr == "" {
+		deps.Gatherer = reg
+	} else {
+		a.metrics = metrics
+	}
+
+	e, err := httpapi.New(deps)
+	if err != nil {
+		closeDB(gdb)
+		return nil, err
+	}
+	a.handler = e
+	return a, nil
+}
+
+// Handler is the HTTP handler (for tests that serve it themselves).
+func (a *App) Handler() http.Handler { return a.handler }
+
+// DB is the database handle.
+func (a *App) DB() *gorm.DB { return a.db }
+
+func (a *App) ready(ctx context.Context) map[string]error {
+	checks := map[string]error{"database": ping(ctx, a.db)}
+	if checks["database"] == nil {
+		current, err := db.MigrationsCurrent(ctx, a.db)
+		if err == nil && !current {
+			err = errors.New("migrations pending: run `tally migrate`")
+		}
+		checks["migrations"] = err
+	}
+	return checks
+}
+
+func ping(ctx context.Context, gdb *gorm.DB) error {
+	sqlDB, err := gdb.DB()
+	if err != nil {
+		return err
+	}
+	return sqlDB.PingContext(ctx)
+}
+
+func closeDB(gdb *gorm.DB) {
+	if sqlDB, err := gdb.DB(); err == nil {
+		_ = sqlDB.Close()
+	}
+}
+
+// Run serves HTTP on cfg.HTTPAddr (and /metrics on cfg.MetricsAddr when set)
+// and runs the workers until ctx ends. Then it stops accepting connections,
+// lets in-flight requests finish, stops the workers and waits for them, all
+// within cfg.ShutdownTimeout, and closes the database.
+func (a *App) Run(ctx context.Context) error {
+	defer closeDB(a.db)
+	ln, err := net.Listen("tcp", a.cfg.HTTPAddr)
+	if err != nil {
+		return fmt.Errorf("listen on %s: %w", a.cfg.HTTPAddr, err)
+	}
+	servers := []*http.Server{newServer(a.handler)}
+	listeners := []net.Listener{ln}
+	if a.metrics != nil {
+		mln, err := net.Listen("tcp", a.cfg.MetricsAddr)
+		if err != nil {
+			ln.Close()
+			return fmt.Errorf("listen on %s: %w", a.cfg.MetricsAddr, err)
+		}
+		servers = append(servers, newServer(a.metrics))
+		listeners = append(listeners, mln)
+	}
+
+	serveErr := make(chan error, len(servers))
+	for i, srv := range servers {
+		a.logger.Info("listening", "addr", listeners[i].Addr().String())
+		go func() {
+			if err := srv.Serve(listeners[i]); err != nil && !errors.Is(err, http.ErrServerClosed) {
+				serveErr <- err
+			}
+		}()
+	}
+	workCtx, stopWork := context.WithCancel(context.WithoutCancel(ctx))
+	var wg sync.WaitGroup
+	for _, w := range a.workers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if err := w.Run(workCtx); err != nil && !errors.Is(err, context.Canceled) {
+				a.logger.Error("worker stopped", "worker", w.Name(), "error", err)
+			}
+		}()
+	}
+
+	var runErr error
+	select {
+	case <-ctx.Done():
+		a.logger.Info("shutting down", "timeout", a.cfg.ShutdownTimeout.String())
+	case runErr = <-serveErr:
+		a.logger.Error("server failed", "error", runErr)
+	}
+
+	// A fresh context: the one that ended is what asked us to stop.
+	shutdownCtx, cancel := context.WithTimeout(context.Background(), a.cfg.ShutdownTimeout)
+	defer cancel()
+	for _, srv := range servers {
+		if err := srv.Shutdown(shutdownCtx); err != nil {
+			a.logger.Error("http shutdown", "error", err)
+			runErr = errors.Join(runErr, err)
+		}
+	}
+	stopWork()
+	done := make(chan struct{})
+	go func() { wg.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-shutdownCtx.Done():
+		runErr = errors.Join(runErr, errors.New("workers did not stop within the shutdown timeout"))
+	}
+	a.logger.Info("stopped")
+	return runErr
+}
+
+func newServer(h http.Handler) *http.Server {
+	return &http.Server{
+		Handler:           h,
+		ReadHeaderTimeout: 5 * time.Second,
+		ReadTimeout:       30 * time.Second,
+		WriteTimeout:      60 * time.Second,
+		IdleTimeout:       120 * time.Second,
+		MaxHeaderBytes:    64 << 10,
+	}
+}

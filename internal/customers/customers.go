@@ -1,0 +1,251 @@
+// Package customers owns the customer row every capability hangs off: the
+// host product's own user id, contact fields, the per-customer low-balance
+// threshold and the lazily created Stripe customer link.
+package customers
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"regexp"
+	"time"
+
+	"gorm.io/gorm"
+
+	"github.com/tallybilling/tally/internal/db"
+	"github.com/tallybilling/tally/internal/errs"
+	"github.com/tallybilling/tally/internal/events"
+)
+
+// Customer is one of the host product's users as tally knows it.
+type Customer struct {
+	ID                  string
+	Email               string
+	Name                string
+	LowBalanceThreshold *int64
+	Metadata            map[string]string
+	StripeCustomerID    string
+	CreatedAt           time.Time
+	UpdatedAt           time.Time
+}
+
+// UpsertInput creates or updates a customer. Nil fields keep their value.
+type UpsertInput struct {
+	ID                  string
+	Email               *string
+	Name                *string
+	LowBalanceThreshold *int64
+	Metadata            map[string]string
+	StripeCustomerID    *string
+}
+
+var idPattern = regexp.MustCompile(`^[A-Za-z0-9_.:@-]{1,255}$`)
+
+// ValidateID reports whether id is a valid customer id (errs.Invalid if not).
+func ValidateID(id string) error {
+	if !idPattern.MatchString(id) {
+		return errs.InvalidField("customer_id", "customer_id must be 1 to 255 characters of A-Za-z0-9_.:@-")
+	}
+	return nil
+}
+
+// Validate checks the input without touching the database.
+func (in UpsertInput) Validate() error {
+	if err := ValidateID(in.ID); err != nil {
+		return err
+	}
+	if in.LowBalanceThreshold != nil && *in.LowBalanceThreshold < 0 {
+		return errs.InvalidField("/low_balance_threshold", "low_balance_threshold must not be negative")
+	}
+	for k, v := range in.Metadata {
+		if len(k) == 0 || len(k) > 40 || len(v) > 500 {
+			return errs.InvalidField("/metadata", "metadata keys must be 1 to 40 characters and values at most 500")
+		}
+	}
+	return nil
+}
+
+type row struct {
+	ID                  string
+	Email               *string
+	Name                *string
+	LowBalanceThreshold *int64
+	Metadata            string
+	StripeCustomerID    *string
+	CreatedAt           time.Time
+	UpdatedAt           time.Time
+	Created             bool
+}
+
+func (r row) customer() (Customer, error) {
+	c := Customer{ID: r.ID, LowBalanceThreshold: r.LowBalanceThreshold, CreatedAt: r.CreatedAt, UpdatedAt: r.UpdatedAt}
+	if r.Email != nil {
+		c.Email = *r.Email
+	}
+	if r.Name != nil {
+		c.Name = *r.Name
+	}
+	if r.StripeCustomerID != nil {
+		c.StripeCustomerID = *r.StripeCustomerID
+	}
+	if err := json.Unmarshal([]byte(r.Metadata), &c.Metadata); err != nil {
+		return Customer{}, fmt.Errorf("customers: metadata of %s: %w", r.ID, err)
+	}
+	return c, nil
+}
+
+var constraints = map[string]errs.Code{
+	"customers_stripe_customer_id_key": errs.Conflict,
+	"customers_id_format":              errs.Invalid,
+}
+
+const columns = `id, email, name, low_balance_threshold, metadata::text AS metadata, stripe_customer_id, created_at, updated_at`
+
+// Service reads and writes customers.
+type Service struct {
+	db  *gorm.DB
+	now func() time.Time
+}
+
+// NewService returns a Service; now is the clock.
+func NewService(gdb *gorm.DB, now func() time.Time) *Service {
+	return &Service{db: gdb, now: now}
+}
+
+// Upsert creates the customer or updates the fields given, appending
+// customer.created or customer.updated in the same transaction. It returns
+// errs.Invalid for bad input and errs.Conflict when the Stripe customer id is
+// taken by another customer or would replace a different existing link.
+func (s *Service) Upsert(ctx context.Context, in UpsertInput) (c Customer, created bool, err error) {
+	if err := in.Validate(); err != nil {
+		return Customer{}, false, err
+	}
+	var meta *string
+	if in.Metadata != nil {
+		b, _ := json.Marshal(in.Metadata)
+		m := string(b)
+		meta = &m
+	}
+	err = db.InTx(ctx, s.db, func(tx *gorm.DB) error {
+		if in.StripeCustomerID != nil {
+			var existing []row
+			if err := tx.Raw(`SELECT `+columns+` FROM customers WHERE id = ? FOR UPDATE`, in.ID).Scan(&existing).Error; err != nil {
+				return err
+			}
+			if len(existing) == 1 && existing[0].StripeCustomerID != nil && *existing[0].StripeCustomerID != *in.StripeCustomerID {
+				return errs.E(errs.Conflict, "customer %s is already linked to Stripe customer %s", in.ID, *existing[0].StripeCustomerID)
+			}
+		}
+		now := s.now()
+		var r row
+		err := tx.Raw(`
+			INSERT INTO customers (id, email, name, low_balance_threshold, metadata, stripe_customer_id, created_at, updated_at)
+			VALUES (?, ?, ?, ?, COALESCE(?::jsonb, '{}'), ?, ?, ?)
+			ON CONFLICT (id) DO UPDATE SET
+				email = COALESCE(EXCLUDED.email, customers.email),
+				name = COALESCE(EXCLUDED.name, customers.name),
+				low_balance_threshold = COALESCE(EXCLUDED.low_balance_threshold, customers.low_balance_threshold),
+				metadata = CASE WHEN ?::jsonb IS NULL THEN customers.metadata ELSE EXCLUDED.metadata END,
+				stripe_customer_id = COALESCE(EXCLUDED.stripe_customer_id, customers.stripe_customer_id),
+				updated_at = EXCLUDED.updated_at
+			RETURNING `+columns+`, (xmax = 0) AS created`,
+			in.ID, in.Email, in.Name, in.LowBalanceThreshold, meta, in.StripeCustomerID, now, now, meta).Scan(&r).Error
+		if err != nil {
+			return db.Translate(err, constraints)
+		}
+		if c, err = r.customer(); err != nil {
+			return err
+		}
+		created = r.Created
+		typ := events.CustomerUpdated
+		if created {
+			typ = events.CustomerCreated
+		}
+		return events.Append(ctx, tx, events.Event{Type: typ, CustomerID: c.ID, Data: eventData(c)})
+	})
+	return c, created, err
+}
+
+// Get returns the customer, or errs.NotFound.
+func (s *Service) Get(ctx context.Context, id string) (Customer, error) {
+	return Get(ctx, s.db, id)
+}
+
+// Get reads the customer through gdb (which may be a transaction), or
+// returns errs.NotFound.
+func Get(ctx context.Context, gdb *gorm.DB, id string) (Customer, error) {
+	var rows []row
+	if err := gdb.WithContext(ctx).Raw(`SELECT `+columns+` FROM customers WHERE id = ?`, id).Scan(&rows).Error; err != nil {
+		return Customer{}, db.Translate(err, nil)
+	}
+	if len(rows) == 0 {
+		return Customer{}, errs.E(errs.NotFound, "customer %s not found", id)
+	}
+	return rows[0].customer()
+}
+
+// Ensure creates the customer inside the caller's transaction tx if it does
+// not exist yet (appending customer.created), for the operations that create
+// customers on first use: checkouts, grants and usage events. It returns
+// errs.Invalid for a malformed id.
+func Ensure(ctx context.Context, tx *gorm.DB, id string, now time.Time) (created bool, err error) {
+	if err := ValidateID(id); err != nil {
+		return false, err
+	}
+	res := tx.WithContext(ctx).Exec(
+		`INSERT INTO customers (id, created_at, updated_at) VALUES (?, ?, ?) ON CONFLICT (id) DO NOTHING`, id, now, now)
+	if res.Error != nil {
+		return false, db.Translate(res.Error, constraints)
+	}
+	if res.RowsAffected == 0 {
+		return false, nil
+	}
+	c := Customer{ID: id, Metadata: map[string]string{}, CreatedAt: now, UpdatedAt: now}
+	return true, events.Append(ctx, tx, events.Event{Type: events.CustomerCreated, CustomerID: id, Data: eventData(c)})
+}
+
+// LinkStripe records the Stripe customer created for id, inside the caller's
+// transaction tx. Linking the same id again is a no-op; a different existing
+// link, or a Stripe id owned by another customer, is errs.Conflict; an unknown
+// customer is errs.NotFound.
+func LinkStripe(ctx context.Context, tx *gorm.DB, id, stripeCustomerID string, now time.Time) error {
+	res := tx.WithContext(ctx).Exec(
+		`UPDATE customers SET stripe_customer_id = ?, updated_at = ? WHERE id = ? AND stripe_customer_id IS NULL`,
+		stripeCustomerID, now, id)
+	if res.Error != nil {
+		return db.Translate(res.Error, constraints)
+	}
+	if res.RowsAffected == 1 {
+		c, err := Get(ctx, tx, id)
+		if err != nil {
+			return err
+		}
+		return events.Append(ctx, tx, events.Event{Type: events.CustomerUpdated, CustomerID: id, Data: eventData(c)})
+	}
+	c, err := Get(ctx, tx, id)
+	if err != nil {
+		return err
+	}
+	if c.StripeCustomerID != stripeCustomerID {
+		return errs.E(errs.Conflict, "customer %s is already linked to Stripe customer %s", id, c.StripeCustomerID)
+	}
+	return nil
+}
+
+// eventData is the customer as customer.* events carry it.
+func eventData(c Customer) map[string]any {
+	d := map[string]any{"id": c.ID, "metadata": c.Metadata}
+	if c.Email != "" {
+		d["email"] = c.Email
+	}
+	if c.Name != "" {
+		d["name"] = c.Name
+	}
+	if c.LowBalanceThreshold != nil {
+		d["low_balance_threshold"] = *c.LowBalanceThreshold
+	}
+	if c.StripeCustomerID != "" {
+		d["stripe_customer_id"] = c.StripeCustomerID
+	}
+	return d
+}

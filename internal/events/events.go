@@ -1,0 +1,171 @@
+// Package events is tally's outbound business event log: every change that a
+// host application may care about (payment succeeded, credits low, usage dead,
+// ...) is appended in the same database transaction as the change itself, and
+// read back as a feed that a poller follows with a cursor.
+package events
+
+import (
+	"context"
+	"encoding/base64"
+	"encoding/json"
+	"fmt"
+	"strconv"
+	"strings"
+	"time"
+
+	"gorm.io/gorm"
+
+	"github.com/tallybilling/tally/internal/db"
+	"github.com/tallybilling/tally/internal/errs"
+)
+
+// The event types tally emits. Hosts switch on these strings; they never change.
+const (
+	CustomerCreated    = "customer.created"
+	CustomerUpdated    = "customer.updated"
+	PaymentSucceeded   = "payment.succeeded"
+	PaymentFailed      = "payment.failed"
+	PaymentRefunded    = "payment.refunded"
+	CreditsGranted     = "credits.granted"
+	CreditsLowBalance  = "credits.low_balance"
+	CreditsExpiring    = "credits.expiring"
+	CreditsExpired     = "credits.expired"
+	CreditsRevoked     = "credits.revoked"
+	UsageDead          = "usage.dead"
+	SubscriptionUpdate = "subscription.updated"
+)
+
+// Event is a business event to append. Data is marshalled to a JSON object.
+type Event struct {
+	Type       string
+	CustomerID string
+	Data       any
+}
+
+// Stored is an event as the feed returns it.
+type Stored struct {
+	ID         int64
+	Type       string
+	CustomerID string
+	Data       json.RawMessage
+	CreatedAt  time.Time
+}
+
+// Append writes e inside the caller's transaction tx, so the event exists if
+// and only if the change that caused it commits.
+func Append(ctx context.Context, tx *gorm.DB, e Event) error {
+	if e.Type == "" {
+		return errs.E(errs.Internal, "event without a type")
+	}
+	data, err := json.Marshal(e.Data)
+	if err != nil {
+		return fmt.Errorf("events: marshal %s: %w", e.Type, err)
+	}
+	if e.Data == nil {
+		data = []byte("{}")
+	}
+	var customer *string
+	if e.CustomerID != "" {
+		customer = &e.CustomerID
+	}
+	err = tx.WithContext(ctx).Exec(
+		`INSERT INTO events (type, customer_id, data) VALUES (?, ?, ?)`,
+		e.Type, customer, string(data)).Error
+	return db.Translate(err, nil)
+}
+
+// Cursor is a position in the feed: the (transaction id, event id) of the last
+// event seen. The zero Cursor is the beginning.
+type Cursor struct {
+	TxID uint64
+	ID   int64
+}
+
+// String encodes c as the opaque token clients pass back as `after`.
+func (c Cursor) String() string {
+	return base64.RawURLEncoding.EncodeToString([]byte(strconv.FormatUint(c.TxID, 10) + "." + strconv.FormatInt(c.ID, 10)))
+}
+
+// ParseCursor decodes a token made by Cursor.String; "" is the beginning.
+// A malformed token is errs.Invalid.
+func ParseCursor(token string) (Cursor, error) {
+	if token == "" {
+		return Cursor{}, nil
+	}
+	bad := errs.InvalidField("after", "malformed cursor; pass back a next_cursor returned by this feed")
+	raw, err := base64.RawURLEncoding.DecodeString(token)
+	if err != nil {
+		return Cursor{}, bad
+	}
+	tx, id, ok := strings.Cut(string(raw), ".")
+	if !ok {
+		return Cursor{}, bad
+	}
+	var c Cursor
+	if c.TxID, err = strconv.ParseUint(tx, 10, 64); err != nil {
+		return Cursor{}, bad
+	}
+	if c.ID, err = strconv.ParseInt(id, 10, 64); err != nil || c.ID < 0 {
+		return Cursor{}, bad
+	}
+	return c, nil
+}
+
+// Page is one page of the feed; Next is where to continue (equal to the
+// requested position when the page is empty).
+type Page struct {
+	Events []Stored
+	Next   Cursor
+}
+
+// Feed reads the event log.
+type Feed struct {
+	db *gorm.DB
+}
+
+// NewFeed returns a Feed over gdb.
+func NewFeed(gdb *gorm.DB) *Feed { return &Feed{db: gdb} }
+
+// List returns up to limit events after the cursor, oldest first. An event is
+// listed only once every transaction that started before its own has ended,
+// so no event can later appear behind a cursor that a poller already holds.
+// The price is that a long-running transaction delays the feed (never loses
+// from it).
+func (f *Feed) List(ctx context.Context, after Cursor, limit int) (Page, error) {
+	if limit < 1 || limit > 500 {
+		return Page{}, errs.InvalidField("limit", "limit must be between 1 and 500")
+	}
+	type row struct {
+		ID         int64
+		TxID       string
+		Type       string
+		CustomerID *string
+		Data       string
+		CreatedAt  time.Time
+	}
+	var rows []row
+	err := f.db.WithContext(ctx).Raw(`
+		SELECT id, txid::text AS tx_id, type, customer_id, data::text AS data, created_at
+		FROM events
+		WHERE (txid, id) > (?::text::xid8, ?)
+		  AND txid < pg_snapshot_xmin(pg_current_snapshot())
+		ORDER BY txid, id
+		LIMIT ?`, strconv.FormatUint(after.TxID, 10), after.ID, limit).Scan(&rows).Error
+	if err != nil {
+		return Page{}, db.Translate(err, nil)
+	}
+	page := Page{Events: make([]Stored, 0, len(rows)), Next: after}
+	for _, r := range rows {
+		txid, err := strconv.ParseUint(r.TxID, 10, 64)
+		if err != nil {
+			return Page{}, fmt.Errorf("events: bad txid %q: %w", r.TxID, err)
+		}
+		s := Stored{ID: r.ID, Type: r.Type, Data: json.RawMessage(r.Data), CreatedAt: r.CreatedAt}
+		if r.CustomerID != nil {
+			s.CustomerID = *r.CustomerID
+		}
+		page.Events = append(page.Events, s)
+		page.Next = Cursor{TxID: txid, ID: r.ID}
+	}
+	return page, nil
+}

@@ -1,0 +1,91 @@
+package httpapi
+
+// convert.go is the one place where generated api types and domain types meet.
+
+import (
+	"encoding/json"
+	"fmt"
+	"strconv"
+
+	"github.com/tallybilling/tally/api"
+	"github.com/tallybilling/tally/internal/config"
+	"github.com/tallybilling/tally/internal/customers"
+	"github.com/tallybilling/tally/internal/events"
+)
+
+func ptrIfSet(s string) *string {
+	if s == "" {
+		return nil
+	}
+	return &s
+}
+
+func toAPICustomer(c customers.Customer) api.Customer {
+	meta := api.Metadata(c.Metadata)
+	if meta == nil {
+		meta = api.Metadata{}
+	}
+	return api.Customer{
+		Id:                  c.ID,
+		Email:               ptrIfSet(c.Email),
+		Name:                ptrIfSet(c.Name),
+		LowBalanceThreshold: c.LowBalanceThreshold,
+		Metadata:            meta,
+		StripeCustomerId:    ptrIfSet(c.StripeCustomerID),
+		CreatedAt:           c.CreatedAt,
+		UpdatedAt:           c.UpdatedAt,
+	}
+}
+
+func fromAPIUpsert(id string, b *api.CustomerUpsert) customers.UpsertInput {
+	in := customers.UpsertInput{ID: id}
+	if b == nil {
+		return in
+	}
+	if b.Email != nil {
+		e := string(*b.Email)
+		in.Email = &e
+	}
+	in.Name = b.Name
+	in.LowBalanceThreshold = b.LowBalanceThreshold
+	if b.Metadata != nil {
+		in.Metadata = map[string]string(*b.Metadata)
+	}
+	in.StripeCustomerID = b.StripeCustomerId
+	return in
+}
+
+func toAPICatalog(c config.Catalog) api.Catalog {
+	out := api.Catalog{CreditPacks: []api.CreditPack{}, Products: []api.Product{}, Plans: []api.Plan{}}
+	for _, p := range c.CreditPacks {
+		pack := api.CreditPack{Id: p.ID, Name: p.Name, Amount: p.Amount, Currency: p.Currency, Credits: p.Credits}
+		if p.ExpiresAfter > 0 {
+			secs := int64(p.ExpiresAfter.Seconds())
+			pack.ExpiresAfterSeconds = &secs
+		}
+		out.CreditPacks = append(out.CreditPacks, pack)
+	}
+	for _, p := range c.Products {
+		out.Products = append(out.Products, api.Product{Id: p.ID, Name: p.Name, Amount: p.Amount, Currency: p.Currency})
+	}
+	for _, p := range c.Plans {
+		out.Plans = append(out.Plans, api.Plan{Id: p.ID, Name: p.Name, Meter: p.Meter})
+	}
+	return out
+}
+
+func toAPIEvent(e events.Stored) (api.Event, error) {
+	out := api.Event{Id: "evt_" + strconv.FormatInt(e.ID, 10), Type: e.Type, CreatedAt: e.CreatedAt, CustomerId: ptrIfSet(e.CustomerID)}
+	if err := json.Unmarshal(e.Data, &out.Data); err != nil {
+		return api.Event{}, fmt.Errorf("httpapi: event %d data: %w", e.ID, err)
+	}
+	return out, nil
+}
+
+// limitOr is the page size a list asks for, 50 when it does not say.
+func limitOr(l *api.Limit) int {
+	if l == nil {
+		return 50
+	}
+	return *l
+}

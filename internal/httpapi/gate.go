@@ -1,0 +1,216 @@
+package httpapi
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/http"
+	"strings"
+
+	"github.com/getkin/kin-openapi/openapi3"
+	"github.com/getkin/kin-openapi/openapi3filter"
+	"github.com/getkin/kin-openapi/routers"
+	"github.com/getkin/kin-openapi/routers/gorillamux"
+	"github.com/labstack/echo/v4"
+
+	"github.com/tallybilling/tally/internal/errs"
+)
+
+// gate runs before every handler of the contract: it finds the operation in
+// openapi.yaml, authenticates and authorizes the caller by the operation's
+// security, then validates the request against the spec with kin-openapi.
+// Nothing reaches a handler, so nothing is written, unless all three pass.
+type gate struct {
+	router routers.Router
+	auth   *authenticator
+}
+
+func loadSpec(spec []byte) (*openapi3.T, error) {
+	loader := openapi3.NewLoader()
+	doc, err := loader.LoadFromData(spec)
+	if err != nil {
+		return nil, fmt.Errorf("httpapi: load openapi.yaml: %w", err)
+	}
+	if err := doc.Validate(context.Background()); err != nil {
+		return nil, fmt.Errorf("httpapi: openapi.yaml is invalid: %w", err)
+	}
+	return doc, nil
+}
+
+func newGate(doc *openapi3.T, auth *authenticator) (*gate, error) {
+	// Match on paths only; the servers list describes deployments, not hosts to check.
+	routed := *doc
+	routed.Servers = nil
+	router, err := gorillamux.NewRouter(&routed)
+	if err != nil {
+		return nil, fmt.Errorf("httpapi: route openapi.yaml: %w", err)
+	}
+	return &gate{router: router, auth: auth}, nil
+}
+
+func (g *gate) middleware(next echo.HandlerFunc) echo.HandlerFunc {
+	return func(c echo.Context) error {
+		req := c.Request()
+		route, pathParams, err := g.router.FindRoute(req)
+		if err != nil {
+			if errors.Is(err, routers.ErrMethodNotAllowed) {
+				return echo.ErrMethodNotAllowed
+			}
+			return echo.ErrNotFound
+		}
+		op := route.Operation
+		if _, raw := op.Extensions["x-tally-raw"]; raw {
+			return next(c)
+		}
+		security := doc(route).Security
+		if op.Security != nil {
+			security = *op.Security
+		}
+		if len(security) > 0 {
+			p, err := g.auth.authenticate(req.Header.Get(echo.HeaderAuthorization))
+			if err != nil {
+				return err
+			}
+			if err := authorize(p, route, security, pathParams); err != nil {
+				return err
+			}
+			req = req.WithContext(context.WithValue(req.Context(), principalKey, p))
+			c.SetRequest(req)
+		}
+		err = openapi3filter.ValidateRequest(req.Context(), &openapi3filter.RequestValidationInput{
+			Request:    req,
+			PathParams: pathParams,
+			Route:      route,
+			Options: &openapi3filter.Options{
+				MultiError:         true,
+				AuthenticationFunc: openapi3filter.NoopAuthenticationFunc,
+			},
+		})
+		if err != nil {
+			return validationProblem(err)
+		}
+		return next(c)
+	}
+}
+
+func doc(route *routers.Route) *openapi3.T { return route.Spec }
+
+// authorize applies the operation's rules: admin operations need an admin
+// key; operations that do not list userToken refuse end users; an end user
+// may only name its own customer_id in the path.
+func authorize(p principal, route *routers.Route, security openapi3.SecurityRequirements, pathParams map[string]string) error {
+	if _, admin := route.Operation.Extensions["x-tally-admin"]; admin && !p.isAdmin() {
+		return errs.E(errs.Forbidden, "this operation needs an admin key")
+	}
+	if p.isUser() {
+		allowed := false
+		for _, req := range security {
+			if _, ok := req["userToken"]; ok {
+				allowed = true
+			}
+		}
+		if !allowed {
+			return errs.E(errs.Forbidden, "end-user tokens may not call this operation")
+		}
+		if id, ok := pathParams["customer_id"]; ok && id != p.customerID {
+			return errs.E(errs.Forbidden, "this token may only access its own customer")
+		}
+	}
+	return nil
+}
+
+// validationProblem turns kin-openapi's findings into one invalid_request
+// naming every offending field: 400 when the request could not be read as
+// the contract says (parameters, malformed JSON), 422 when a well-formed body
+// breaks the schema.
+func validationProblem(err error) error {
+	var mbe *http.MaxBytesError
+	if errors.As(err, &mbe) {
+		return err
+	}
+	status := http.StatusUnprocessableEntity
+	var fields []errs.FieldError
+	var walk func(error)
+	walk = func(err error) {
+		var multi openapi3.MultiError
+		if errors.As(err, &multi) {
+			for _, e := range multi {
+				walk(e)
+			}
+			return
+		}
+		var re *openapi3filter.RequestError
+		if errors.As(err, &re) {
+			if re.Parameter != nil {
+				status = http.StatusBadRequest
+				fields = append(fields, errs.FieldError{
+					Pointer: re.Parameter.In + ":" + re.Parameter.Name,
+					Detail:  paramDetail(re),
+				})
+				return
+			}
+			var pe *openapi3filter.ParseError
+			if errors.As(re.Err, &pe) || re.Err == nil {
+				status = http.StatusBadRequest
+				fields = append(fields, errs.FieldError{Pointer: "", Detail: bodyDetail(re)})
+				return
+			}
+			var inner openapi3.MultiError
+			if errors.As(re.Err, &inner) {
+				for _, e := range inner {
+					walk(e)
+				}
+				return
+			}
+			walk(re.Err)
+			return
+		}
+		var se *openapi3.SchemaError
+		if errors.As(err, &se) {
+			fields = append(fields, errs.FieldError{
+				Pointer: "/" + strings.Join(se.JSONPointer(), "/"),
+				Detail:  se.Reason,
+			})
+			return
+		}
+		status = http.StatusBadRequest
+		fields = append(fields, errs.FieldError{Detail: err.Error()})
+	}
+	walk(err)
+	if len(fields) == 0 {
+		fields = []errs.FieldError{{Detail: err.Error()}}
+	}
+	msg := "the request does not match the API contract"
+	if len(fields) == 1 {
+		msg = strings.TrimSpace(fields[0].Pointer + " " + fields[0].Detail)
+	}
+	return &problemStatus{err: &errs.Error{Code: errs.Invalid, Message: msg, Fields: fields, Err: err}, status: status}
+}
+
+func paramDetail(re *openapi3filter.RequestError) string {
+	var se *openapi3.SchemaError
+	if errors.As(re.Err, &se) {
+		return se.Reason
+	}
+	if re.Reason != "" {
+		return re.Reason
+	}
+	if re.Err != nil {
+		return re.Err.Error()
+	}
+	return "invalid parameter"
+}
+
+func bodyDetail(re *openapi3filter.RequestError) string {
+	if re.Err != nil {
+		var pe *openapi3filter.ParseError
+		if errors.As(re.Err, &pe) {
+			return "the body is not valid JSON: " + pe.Error()
+		}
+		return re.Err.Error()
+	}
+	if re.Reason != "" {
+		return re.Reason
+	}
+	return "invalid request body"
+}

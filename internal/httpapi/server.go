@@ -1,0 +1,131 @@
+// Package httpapi is tally's HTTP surface on echo: the routes of openapi.yaml
+// served through the generated strict server, authentication, request
+// validation against the spec, problem+json errors, access logs and metrics.
+// It converts between the generated api types and domain types (convert.go)
+// and holds no business rules of its own.
+package httpapi
+
+import (
+	"context"
+	"log/slog"
+	"net/http"
+	"time"
+
+	"github.com/labstack/echo/v4"
+	"github.com/labstack/echo/v4/middleware"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"github.com/tallybilling/tally/api"
+	"github.com/tallybilling/tally/internal/config"
+	"github.com/tallybilling/tally/internal/customers"
+	"github.com/tallybilling/tally/internal/events"
+)
+
+// Deps is everything the HTTP layer calls. app builds it.
+type Deps struct {
+	Config config.Config
+	Logger *slog.Logger
+	Now    func() time.Time
+	// Registry receives the HTTP metrics; Gatherer serves /metrics (nil: not served here).
+	Registry prometheus.Registerer
+	Gatherer prometheus.Gatherer
+	// Ready reports whether the service can take traffic (database reachable,
+	// migrations current); it names what is wrong.
+	Ready func(ctx context.Context) map[string]error
+
+	Customers *customers.Service
+	Events    *events.Feed
+
+	// Capability services are added below, one block each.
+}
+
+// Server implements api.StrictServerInterface.
+type Server struct {
+	d Deps
+}
+
+var _ api.StrictServerInterface = (*Server)(nil)
+
+// New builds the echo instance with every route, middleware and the error
+// handler. It fails only when the embedded spec cannot be loaded.
+func New(d Deps) (*echo.Echo, error) {
+	spec, err := loadSpec(api.SpecYAML)
+	if err != nil {
+		return nil, err
+	}
+	g, err := newGate(spec, newAuthenticator(d.Config, d.Now))
+	if err != nil {
+		return nil, err
+	}
+	docs, err := renderDocs(spec)
+	if err != nil {
+		return nil, err
+	}
+	s := &Server{d: d}
+
+	e := echo.New()
+	e.HideBanner = true
+	e.HidePort = true
+	e.HTTPErrorHandler = errorHandler(d.Logger)
+	e.Use(withRequestID, observe(d.Logger, newHTTPMetrics(d.Registry)), recoverPanics(d.Logger))
+	if len(d.Config.CORSOrigins) > 0 {
+		e.Use(middleware.CORSWithConfig(middleware.CORSConfig{
+			AllowOrigins:  d.Config.CORSOrigins,
+			AllowMethods:  []string{http.MethodGet, http.MethodPost, http.MethodPut, http.MethodOptions},
+			AllowHeaders:  []string{echo.HeaderAuthorization, echo.HeaderContentType, "Idempotency-Key", echo.HeaderXRequestID},
+			ExposeHeaders: []string{"Idempotent-Replayed", echo.HeaderXRequestID},
+			MaxAge:        600,
+		}))
+	}
+
+	ops := e.Group("")
+	ops.GET("/healthz", s.healthz)
+	ops.GET("/readyz", s.readyz)
+	ops.GET("/openapi.yaml", func(c echo.Context) error {
+		return c.Blob(http.StatusOK, "application/yaml", api.SpecYAML)
+	})
+	ops.GET("/docs", func(c echo.Context) error { return c.HTMLBlob(http.StatusOK, docs) })
+	if d.Gatherer != nil {
+		ops.GET("/metrics", echo.WrapHandler(promhttp.HandlerFor(d.Gatherer, promhttp.HandlerOpts{})))
+	}
+
+	v1 := e.Group("", limitBody(d.Config.MaxBodyBytes), g.middleware)
+	api.RegisterHandlers(v1, api.NewStrictHandler(s, nil))
+	s.registerRaw(e)
+	return e, nil
+}
+
+// registerRaw adds the routes that live outside the strict server (Stripe's
+// webhook needs its raw body). Capabilities that own such routes add them here.
+func (s *Server) registerRaw(e *echo.Echo) {}
+
+// health is the body of /healthz and /readyz (schema Health in openapi.yaml).
+type health struct {
+	Status string            `json:"status"`
+	Checks map[string]string `json:"checks,omitempty"`
+}
+
+func (s *Server) healthz(c echo.Context) error {
+	return c.JSON(http.StatusOK, health{Status: "ok"})
+}
+
+func (s *Server) readyz(c echo.Context) error {
+	ctx, cancel := context.WithTimeout(c.Request().Context(), 2*time.Second)
+	defer cancel()
+	problems := s.d.Ready(ctx)
+	checks := map[string]string{}
+	for name, err := range problems {
+		if err != nil {
+			checks[name] = err.Error()
+		} else {
+			checks[name] = "ok"
+		}
+	}
+	for _, err := range problems {
+		if err != nil {
+			return c.JSON(http.StatusServiceUnavailable, health{Status: "unavailable", Checks: checks})
+		}
+	}
+	return c.JSON(http.StatusOK, health{Status: "ok", Checks: checks})
+}
