@@ -1,0 +1,98 @@
+package stripeapi_test
+
+import (
+	"context"
+	"os"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/tallybilling/tally/internal/stripeapi"
+	"github.com/tallybilling/tally/internal/stripeapi/stripemock"
+)
+
+func TestMain(m *testing.M) { os.Exit(stripemock.Main(m)) }
+
+// newMockClient is a real client against the shared stripe-mock.
+func newMockClient(t *testing.T) stripeapi.Client {
+	t.Helper()
+	c, err := stripeapi.New(stripeapi.Config{SecretKey: "sk_test_123", APIURL: stripemock.Start(t)})
+	if err != nil {
+		t.Fatalf("New: %v", err)
+	}
+	return c
+}
+
+func TestStripeMockCreateCustomer(t *testing.T) {
+	c := newMockClient(t)
+	cus, err := c.CreateCustomer(context.Background(), stripeapi.CustomerInput{
+		TallyCustomerID: "c-1", Email: "ada@example.com", Name: "Ada",
+	})
+	if err != nil {
+		t.Fatalf("CreateCustomer: %v", err)
+	}
+	if !strings.HasPrefix(cus.ID, "cus_") {
+		t.Fatalf("customer id = %q, want a cus_ id", cus.ID)
+	}
+}
+
+func TestStripeMockCreateCheckoutSession(t *testing.T) {
+	c := newMockClient(t)
+	expires := time.Now().Add(time.Hour).Truncate(time.Second)
+	cases := map[string]stripeapi.CheckoutSessionInput{
+		"payment": {
+			PaymentID: "p-1", TallyCustomerID: "c-1", StripeCustomerID: "cus_123",
+			Mode:       stripeapi.ModePayment,
+			LineItem:   stripeapi.LineItem{Name: "100 credits", UnitAmount: 500, Currency: "usd", Quantity: 1},
+			SuccessURL: "https://app.example.com/ok", CancelURL: "https://app.example.com/cancel",
+			ExpiresAt: expires, InvoiceCreation: true, ClientReferenceID: "p-1",
+			Metadata: map[string]string{"catalog_item": "pack_100"},
+		},
+		"subscription": {
+			PaymentID: "p-2", TallyCustomerID: "c-1", StripeCustomerID: "cus_123",
+			Mode:       stripeapi.ModeSubscription,
+			LineItem:   stripeapi.LineItem{StripePrice: "price_123"},
+			SuccessURL: "https://app.example.com/ok", CancelURL: "https://app.example.com/cancel",
+			ExpiresAt: expires,
+		},
+	}
+	for name, in := range cases {
+		t.Run(name, func(t *testing.T) {
+			s, err := c.CreateCheckoutSession(context.Background(), in)
+			if err != nil {
+				t.Fatalf("CreateCheckoutSession: %v", err)
+			}
+			if !strings.HasPrefix(s.ID, "cs_") {
+				t.Errorf("session id = %q, want a cs_ id", s.ID)
+			}
+			if !strings.HasPrefix(s.URL, "https://") {
+				t.Errorf("session url = %q, want an https URL", s.URL)
+			}
+			if s.ExpiresAt.IsZero() {
+				t.Errorf("session expires_at is zero")
+			}
+		})
+	}
+}
+
+func TestStripeMockMeterEventsAndSummaries(t *testing.T) {
+	c := newMockClient(t)
+	ctx := context.Background()
+	err := c.CreateMeterEvent(ctx, stripeapi.MeterEvent{
+		EventName: "api_calls", StripeCustomerID: "cus_123", Identifier: "u-1", Value: 3,
+		Timestamp: time.Now().Add(-time.Minute),
+	})
+	if err != nil {
+		t.Fatalf("CreateMeterEvent: %v", err)
+	}
+	end := time.Now().Truncate(time.Minute)
+	sums, err := c.MeterEventSummaries(ctx, stripeapi.SummaryInput{
+		MeterID: "mtr_123", StripeCustomerID: "cus_123", Start: end.Add(-time.Hour), End: end,
+	})
+	if err != nil {
+		t.Fatalf("MeterEventSummaries: %v", err)
+	}
+	if len(sums) == 0 {
+		t.Fatalf("no summaries returned")
+	}
+}
