@@ -7,6 +7,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"net/mail"
 	"regexp"
 	"time"
 
@@ -53,6 +54,11 @@ func ValidateID(id string) error {
 func (in UpsertInput) Validate() error {
 	if err := ValidateID(in.ID); err != nil {
 		return err
+	}
+	if in.Email != nil && *in.Email != "" {
+		if a, err := mail.ParseAddress(*in.Email); err != nil || a.Address != *in.Email {
+			return errs.InvalidField("/email", "email must be a plain address like name@example.com")
+		}
 	}
 	if in.LowBalanceThreshold != nil && *in.LowBalanceThreshold < 0 {
 		return errs.InvalidField("/low_balance_threshold", "low_balance_threshold must not be negative")

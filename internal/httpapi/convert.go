@@ -42,10 +42,7 @@ func fromAPIUpsert(id string, b *api.CustomerUpsert) customers.UpsertInput {
 	if b == nil {
 		return in
 	}
-	if b.Email != nil {
-		e := string(*b.Email)
-		in.Email = &e
-	}
+	in.Email = b.Email
 	in.Name = b.Name
 	in.LowBalanceThreshold = b.LowBalanceThreshold
 	if b.Metadata != nil {

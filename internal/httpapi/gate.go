@@ -132,49 +132,37 @@ func validationProblem(err error) error {
 	var fields []errs.FieldError
 	var walk func(error)
 	walk = func(err error) {
-		var multi openapi3.MultiError
-		if errors.As(err, &multi) {
-			for _, e := range multi {
-				walk(e)
+		// Type switches, not errors.As: MultiError and RequestError both
+		// unwrap, and matching through them would lose which part failed.
+		switch e := err.(type) {
+		case openapi3.MultiError:
+			for _, inner := range e {
+				walk(inner)
 			}
-			return
-		}
-		var re *openapi3filter.RequestError
-		if errors.As(err, &re) {
-			if re.Parameter != nil {
+		case *openapi3filter.RequestError:
+			var pe *openapi3filter.ParseError
+			switch {
+			case e.Parameter != nil:
 				status = http.StatusBadRequest
 				fields = append(fields, errs.FieldError{
-					Pointer: re.Parameter.In + ":" + re.Parameter.Name,
-					Detail:  paramDetail(re),
+					Pointer: e.Parameter.In + ":" + e.Parameter.Name,
+					Detail:  paramDetail(e),
 				})
-				return
-			}
-			var pe *openapi3filter.ParseError
-			if errors.As(re.Err, &pe) || re.Err == nil {
+			case e.Err == nil || errors.As(e.Err, &pe):
 				status = http.StatusBadRequest
-				fields = append(fields, errs.FieldError{Pointer: "", Detail: bodyDetail(re)})
-				return
+				fields = append(fields, errs.FieldError{Detail: bodyDetail(e)})
+			default:
+				walk(e.Err)
 			}
-			var inner openapi3.MultiError
-			if errors.As(re.Err, &inner) {
-				for _, e := range inner {
-					walk(e)
-				}
-				return
-			}
-			walk(re.Err)
-			return
-		}
-		var se *openapi3.SchemaError
-		if errors.As(err, &se) {
+		case *openapi3.SchemaError:
 			fields = append(fields, errs.FieldError{
-				Pointer: "/" + strings.Join(se.JSONPointer(), "/"),
-				Detail:  se.Reason,
+				Pointer: "/" + strings.Join(e.JSONPointer(), "/"),
+				Detail:  e.Reason,
 			})
-			return
+		default:
+			status = http.StatusBadRequest
+			fields = append(fields, errs.FieldError{Detail: err.Error()})
 		}
-		status = http.StatusBadRequest
-		fields = append(fields, errs.FieldError{Detail: err.Error()})
 	}
 	walk(err)
 	if len(fields) == 0 {

@@ -15,7 +15,6 @@ import (
 	"time"
 
 	"github.com/oapi-codegen/runtime"
-	openapi_types "github.com/oapi-codegen/runtime/types"
 )
 
 // Defines values for ErrorCode.
@@ -339,7 +338,7 @@ type CustomerID = string
 
 // CustomerUpsert defines model for CustomerUpsert.
 type CustomerUpsert struct {
-	Email *openapi_types.Email `json:"email,omitempty"`
+	Email *string `json:"email,omitempty"`
 
 	// LowBalanceThreshold Per-customer threshold for `credits.low_balance`; null uses the configured default.
 	LowBalanceThreshold *int64 `json:"low_balance_threshold,omitempty"`
