@@ -52,11 +52,15 @@ type Client interface {
 	// (POST /v1/billing/meter_events) with its identifier unchanged. It is
 	// never retried here. An identifier Stripe already holds gives an *Error
 	// of KindDuplicate, which callers treat as delivered.
+	// Errors: *Error (rate_limited for 429, unavailable for network
+	// failures, payment_provider_error otherwise); invalid_request when the
+	// event name, Stripe customer or identifier is missing.
 	CreateMeterEvent(ctx context.Context, ev MeterEvent) error
 
 	// OpenMeterEventSession opens a v2 meter event session
 	// (POST /v2/billing/meter_event_session); its token authenticates
-	// SendMeterEventStream until ExpiresAt (15 minutes at Stripe).
+	// SendMeterEventStream until ExpiresAt (15 minutes at Stripe). It is
+	// never retried here. Errors: *Error, as for CreateMeterEvent.
 	OpenMeterEventSession(ctx context.Context) (MeterEventSession, error)
 
 	// SendMeterEventStream sends up to MaxStreamEvents events through the v2
@@ -65,13 +69,15 @@ type Client interface {
 	// an *Error of KindSessionExpired (see IsSessionExpired): open a new
 	// session and send the same events again. Stripe validates and dedupes
 	// stream events asynchronously, so duplicates are not reported here.
-	// Errors: invalid_request for more than MaxStreamEvents events.
+	// Errors: *Error, as for CreateMeterEvent; invalid_request for more than
+	// MaxStreamEvents events or an incomplete event.
 	SendMeterEventStream(ctx context.Context, session MeterEventSession, evs []MeterEvent) error
 
 	// MeterEventSummaries returns Stripe's aggregated usage of one customer on
 	// one meter over [Start, End), following every page
 	// (GET /v1/billing/meters/{id}/event_summaries). Start and End must be
 	// minute aligned, as Stripe requires; invalid_request otherwise.
+	// Errors: *Error (rate_limited, unavailable, payment_provider_error).
 	MeterEventSummaries(ctx context.Context, in SummaryInput) ([]Summary, error)
 
 	// Livemode reports whether the secret key is a live one (sk_live_, rk_live_).
