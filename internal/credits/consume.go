@@ -70,27 +70,27 @@ WITH cand AS (
 	       (sum(remaining) OVER w)::bigint AS run,
 	       row_number() OVER w AS rn
 	FROM credit_grants
-	WHERE customer_id = @customer AND remaining > 0 AND (expires_at IS NULL OR expires_at > @now)
+	WHERE customer_id = @customer AND remaining > 0 AND (expires_at IS NULL OR expires_at > CAST(@now AS timestamptz))
 	WINDOW w AS (ORDER BY expires_at NULLS LAST, created_at, id)
 ), draws AS (
-	SELECT id, rn, LEAST(remaining, @amount - (run - remaining)) AS take
-	FROM cand WHERE run - remaining < @amount
+	SELECT id, rn, LEAST(remaining, CAST(@amount AS bigint) - (run - remaining)) AS take
+	FROM cand WHERE run - remaining < CAST(@amount AS bigint)
 ), drawn AS (
 	UPDATE credit_grants g SET remaining = g.remaining - d.take
 	FROM draws d WHERE g.id = d.id
 	RETURNING g.id
 ), bal AS (
 	UPDATE credit_balances
-	SET balance = balance - @amount, low_balance_notified = @notified,
-	    default_low_balance_threshold = COALESCE(@default_threshold::bigint, default_low_balance_threshold),
-	    updated_at = @now
+	SET balance = balance - CAST(@amount AS bigint), low_balance_notified = @notified,
+	    default_low_balance_threshold = COALESCE(CAST(@default_threshold AS bigint), default_low_balance_threshold),
+	    updated_at = CAST(@now AS timestamptz)
 	WHERE customer_id = @customer
 	RETURNING balance
 )
 INSERT INTO credit_ledger (id, customer_id, kind, amount, balance_after, reason, metadata, draws, idempotency_key, created_at)
-SELECT @id, @customer, 'consume', -@amount, bal.balance, @reason, @metadata::jsonb,
+SELECT @id, @customer, 'consume', -CAST(@amount AS bigint), bal.balance, @reason, CAST(@metadata AS jsonb),
        (SELECT jsonb_agg(jsonb_build_object('grant_id', d.id, 'amount', d.take) ORDER BY d.rn) FROM draws d),
-       @key, @now
+       @key, CAST(@now AS timestamptz)
 FROM bal
 RETURNING balance_after, (SELECT COALESCE(sum(take), 0)::bigint FROM draws), (SELECT count(*) FROM drawn)`
 
