@@ -8,6 +8,7 @@ import (
 	"io"
 	"log/slog"
 	"net/http"
+	"net/url"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -449,6 +450,10 @@ func TestMismatchParksAndReplay(t *testing.T) {
 	if len(ids) != 2 || !ids[shortEvent] || !ids[euroEvent] {
 		t.Fatalf("parked events listed: %v", ids)
 	}
+	if m := metrics(t, s); !strings.Contains(m, "tally_stripe_events_parked 2\n") ||
+		!strings.Contains(m, `tally_stripe_events_total{status="parked",type="payment_intent.succeeded"} 2`) {
+		t.Fatalf("metrics do not show the two parked events:\n%s", m)
+	}
 	if r, _ := s.service(t).ListStripeEventsWithResponse(ctx, &client.ListStripeEventsParams{}); r.StatusCode() != http.StatusForbidden {
 		t.Fatalf("a service key listed Stripe events: %d", r.StatusCode())
 	}
@@ -655,6 +660,17 @@ func TestRefundBeforeSuccessIsRetried(t *testing.T) {
 	assertInvariants(t, gdb)
 }
 
+func metrics(t testing.TB, s *server) string {
+	t.Helper()
+	resp, err := http.Get(s.URL + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return string(b)
+}
+
 func waitFor(t testing.TB, what string, cond func() bool) {
 	t.Helper()
 	deadline := time.Now().Add(20 * time.Second)
@@ -816,4 +832,55 @@ func containsStr(list []string, s string) bool {
 		}
 	}
 	return false
+}
+
+// TestWebhookDatabaseDownAnswers503: while PostgreSQL refuses connections a
+// delivery is answered 503 (Stripe retries it); once it is back, the same
+// delivery is stored and processed.
+func TestWebhookDatabaseDownAnswers503(t *testing.T) {
+	fake := stripefake.New(t)
+	s := startServer(t, payEnv(t, fake.URL()))
+	gdb := openDB(t, s)
+	pay := checkout(t, s, "outage-1", "starter", 1)
+
+	u, err := url.Parse(s.DBURL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	name := strings.TrimPrefix(u.Path, "/")
+	u.Path = "/postgres"
+	admin, err := db.Open(context.Background(), u.String(), 1, slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close(admin)
+	setAllowed := func(allowed bool) {
+		t.Helper()
+		if err := admin.Exec(fmt.Sprintf(`ALTER DATABASE %s ALLOW_CONNECTIONS %t`, name, allowed)).Error; err != nil {
+			t.Fatal(err)
+		}
+		if !allowed {
+			if err := admin.Exec(`SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = ?`, name).Error; err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	setAllowed(false)
+	t.Cleanup(func() { _ = admin.Exec(fmt.Sprintf(`ALTER DATABASE %s ALLOW_CONNECTIONS true`, name)).Error })
+
+	body := stripeEvent(newEventID(), "payment_intent.succeeded", paymentIntent(pay, "outage-1", "succeeded", starterAmount, starterAmount, "usd"))
+	status, out := postWebhook(t, s, body, sign(body, testWebhookSecret, time.Now()))
+	if status != http.StatusServiceUnavailable || !strings.Contains(string(out), `"code":"unavailable"`) {
+		t.Fatalf("delivery during the outage: %d %s, want 503 unavailable", status, out)
+	}
+
+	setAllowed(true)
+	waitFor(t, "the delivery accepted after the outage", func() bool {
+		st, _ := postWebhook(t, s, body, sign(body, testWebhookSecret, time.Now()))
+		return st == http.StatusOK
+	})
+	if got := balanceOf(t, gdb, "outage-1"); got != starterCredits {
+		t.Fatalf("balance after the outage = %d, want %d", got, starterCredits)
+	}
+	assertInvariants(t, gdb)
 }
