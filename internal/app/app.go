@@ -103,6 +103,9 @@ func New(ctx context.Context, cfg config.Config, opts Options) (*App, error) {
 		return nil, err
 	}
 	a.handler = e
+	a.workers = append(a.workers, events.NewPusher(gdb, events.PushConfig{
+		URL: cfg.EventsWebhook.URL, Secret: cfg.EventsWebhook.Secret,
+	}, logger, now))
 	return a, nil
 }
 
