@@ -787,6 +787,40 @@ func TestCheckoutCreation(t *testing.T) {
 			t.Fatalf("own payments = %s", own.Body)
 		}
 
+		// A duplicate arriving while the first still waits on Stripe is told
+		// so (409), not given a second session; afterwards it replays.
+		slowKey := "checkout-key-slow"
+		release := fake.HangUntilReleased()
+		firstDone := make(chan *client.CreateCheckoutSessionResponse, 1)
+		paymentsBefore := countRows(t, gdb, `SELECT count(*) FROM payments`)
+		go func() {
+			r, _ := s.service(t).CreateCheckoutSessionWithResponse(ctx, &client.CreateCheckoutSessionParams{IdempotencyKey: &slowKey}, body)
+			firstDone <- r
+		}()
+		waitFor(t, "the first checkout to reach Stripe", func() bool { return countRows(t, gdb, `SELECT count(*) FROM payments`) > paymentsBefore })
+		dup, err := s.service(t).CreateCheckoutSessionWithResponse(ctx, &client.CreateCheckoutSessionParams{IdempotencyKey: &slowKey}, body)
+		if err != nil {
+			t.Fatal(err)
+		}
+		mustStatus(t, "duplicate in flight", dup.StatusCode(), dup.Body, http.StatusConflict)
+		if !strings.Contains(string(dup.Body), "idempotency_key_in_flight") {
+			t.Fatalf("in-flight duplicate: %s", dup.Body)
+		}
+		release()
+		slow := <-firstDone
+		if slow == nil {
+			t.Fatal("the first checkout failed")
+		}
+		mustStatus(t, "slow checkout", slow.StatusCode(), slow.Body, http.StatusCreated)
+		after, err := s.service(t).CreateCheckoutSessionWithResponse(ctx, &client.CreateCheckoutSessionParams{IdempotencyKey: &slowKey}, body)
+		if err != nil {
+			t.Fatal(err)
+		}
+		mustStatus(t, "replay after the slow checkout", after.StatusCode(), after.Body, http.StatusCreated)
+		if after.JSON201.PaymentId != slow.JSON201.PaymentId {
+			t.Fatalf("replay answered payment %s, first was %s", after.JSON201.PaymentId, slow.JSON201.PaymentId)
+		}
+
 		// Stripe failing: the payment stays on record as failed, the caller gets 502 / 429.
 		for _, c := range []struct {
 			status int

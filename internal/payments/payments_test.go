@@ -233,3 +233,38 @@ func TestCheckoutModes(t *testing.T) {
 	}
 	verifyClean(t, gdb)
 }
+
+// The payments check must see a breach, or `tally verify` passing means nothing.
+func TestVerifyPurchasesFindsBreaches(t *testing.T) {
+	gdb := dbtest.New(t)
+	_, stripe := fakeClient(t)
+	svc := newService(t, gdb, stripe, config.ConfirmOnPaymentIntent)
+	ctx := context.Background()
+	paid := buy(t, svc, "audit", "starter", 1)
+	unpaid := buy(t, svc, "audit", "starter", 1)
+	if err := svc.PaymentIntentSucceeded(ctx, payments.EventRef{ID: "evt_1", Type: "payment_intent.succeeded"},
+		payments.PaymentIntent{ID: "pi_1", AmountReceived: 1000, Currency: "usd", Metadata: map[string]string{"tally_payment_id": paid.PaymentID}}); err != nil {
+		t.Fatal(err)
+	}
+	problems, checked, err := payments.VerifyPurchases(ctx, gdb)
+	if err != nil || len(problems) != 0 || checked != 2 {
+		t.Fatalf("clean state: %+v, %d, %v", problems, checked, err)
+	}
+	// Tamper behind the service's back: the paid payment loses its success,
+	// the unpaid one claims one.
+	if err := gdb.Exec(`UPDATE payments SET status = CASE WHEN id = ? THEN 'failed' ELSE 'succeeded' END WHERE id IN (?, ?)`,
+		paid.PaymentID, paid.PaymentID, unpaid.PaymentID).Error; err != nil {
+		t.Fatal(err)
+	}
+	problems, _, err = payments.VerifyPurchases(ctx, gdb)
+	if err != nil || len(problems) != 2 {
+		t.Fatalf("problems = %+v, %v; want 2", problems, err)
+	}
+	kinds := map[string]string{}
+	for _, p := range problems {
+		kinds[p.PaymentID] = p.Kind
+	}
+	if kinds[paid.PaymentID] != "unpaid_payment_granted" || kinds[unpaid.PaymentID] != "succeeded_payment_grants" {
+		t.Fatalf("problems = %+v", problems)
+	}
+}
