@@ -192,6 +192,10 @@ func TestConsumeRetriedConcurrentlyWithOneKeySpendsOnce(t *testing.T) {
 	if b := balanceOverHTTP(t, c, "retry"); b.Balance != 43 {
 		t.Fatalf("balance %d, want 43", b.Balance)
 	}
+	// Replays spend nothing, so they count nothing.
+	if m := metricsText(t, s); !strings.Contains(m, "\ntally_credits_consumed_total 7\n") {
+		t.Fatalf("/metrics lacks tally_credits_consumed_total 7:\n%s", m)
+	}
 
 	// The same key with another body is refused and spends nothing.
 	r, err := c.ConsumeCreditsWithResponse(context.Background(), "retry",
@@ -451,4 +455,69 @@ func TestVerifyNamesATamperedBalanceAndExitsNonZero(t *testing.T) {
 	if adm.JSON200.Ok || len(adm.JSON200.Problems) != 1 || adm.JSON200.CustomersChecked != 2 {
 		t.Fatalf("GET /v1/admin/verify: %s", adm.Body)
 	}
+}
+
+// The sweeper runs inside `tally serve`: a grant that expires is recorded
+// without any request touching the customer, once, with its notices.
+func TestSweeperRecordsExpiriesInARunningServer(t *testing.T) {
+	env := baseEnv(t)
+	env["TALLY_CREDITS_SWEEP_INTERVAL"] = "200ms"
+	env["TALLY_CREDITS_EXPIRING_NOTICE"] = "1h"
+	s := startServer(t, env)
+	c := s.service(t)
+	expires := time.Now().Add(2 * time.Second)
+	r, err := c.GrantCreditsWithResponse(context.Background(), "sweep", &client.GrantCreditsParams{IdempotencyKey: "g1"},
+		client.GrantRequest{Amount: 10, Reason: "trial", ExpiresAt: &expires})
+	if err != nil {
+		t.Fatal(err)
+	}
+	mustStatus(t, "grant", r.StatusCode(), r.Body, http.StatusCreated)
+	grantOverHTTP(t, c, "sweep", 5, "g2")
+
+	deadline := time.Now().Add(30 * time.Second)
+	var entries []client.LedgerEntry
+	for {
+		entries = ledgerOverHTTP(t, c, "sweep")
+		if entries[0].Kind == client.Expire {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no expire entry 30s after the grant expired; ledger: %+v\nlogs:\n%s", entries, s.logs)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	if len(entries) != 3 || entries[0].Amount != -10 || entries[0].BalanceAfter != 5 || entries[0].GrantId == nil || *entries[0].GrantId != r.JSON201.GrantId {
+		t.Fatalf("ledger %+v, want the expire of the trial grant's 10 leaving 5", entries)
+	}
+	time.Sleep(500 * time.Millisecond) // a few more sweeps: nothing more to record
+	if again := ledgerOverHTTP(t, c, "sweep"); len(again) != 3 {
+		t.Fatalf("%d ledger entries after more sweeps, want 3", len(again))
+	}
+	feed, err := c.ListEventsWithResponse(context.Background(), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	mustStatus(t, "events", feed.StatusCode(), feed.Body, http.StatusOK)
+	counts := map[string]int{}
+	for _, e := range feed.JSON200.Data {
+		counts[e.Type]++
+	}
+	if counts["credits.expiring"] != 1 || counts["credits.expired"] != 1 || counts["credits.granted"] != 2 {
+		t.Fatalf("event counts %v, want one expiring, one expired, two granted", counts)
+	}
+	mustVerifyClean(t, s)
+}
+
+func metricsText(t testing.TB, s *server) string {
+	t.Helper()
+	resp, err := http.Get(s.URL + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(b)
 }
