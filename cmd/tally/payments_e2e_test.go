@@ -542,6 +542,28 @@ func TestWebhookRefusesBadDeliveries(t *testing.T) {
 		t.Fatalf("balance = %d, want %d", got, starterCredits)
 	}
 
+	// The admin list pages through every stored event, newest first.
+	var paged []string
+	var cursor *string
+	one := 1
+	for {
+		r, err := s.admin(t).ListStripeEventsWithResponse(context.Background(), &client.ListStripeEventsParams{Limit: &one, Cursor: cursor})
+		if err != nil {
+			t.Fatal(err)
+		}
+		mustStatus(t, "list page", r.StatusCode(), r.Body, http.StatusOK)
+		for _, e := range r.JSON200.Data {
+			paged = append(paged, e.Id)
+		}
+		if r.JSON200.NextCursor == nil {
+			break
+		}
+		cursor = r.JSON200.NextCursor
+	}
+	if strings.Join(paged, ",") != old+","+unknown {
+		t.Fatalf("paged events = %v, want [%s %s]", paged, old, unknown)
+	}
+
 	// A redelivery is acknowledged as a duplicate and not processed again.
 	body := stripeEventVersion(old, "payment_intent.succeeded", "2020-08-27", paymentIntent(pay, "hook-1", "succeeded", starterAmount, starterAmount, "usd"))
 	status, ack := postWebhook(t, s, body, sign(body, testWebhookSecret, time.Now()))
@@ -819,6 +841,30 @@ func TestCheckoutCreation(t *testing.T) {
 		mustStatus(t, "replay after the slow checkout", after.StatusCode(), after.Body, http.StatusCreated)
 		if after.JSON201.PaymentId != slow.JSON201.PaymentId {
 			t.Fatalf("replay answered payment %s, first was %s", after.JSON201.PaymentId, slow.JSON201.PaymentId)
+		}
+
+		// The customer's payments page newest first, each exactly once.
+		var listed []string
+		var next *string
+		two := 2
+		for {
+			r, err := s.service(t).ListCustomerPaymentsWithResponse(ctx, "fake-buyer", &client.ListCustomerPaymentsParams{Limit: &two, Cursor: next})
+			if err != nil {
+				t.Fatal(err)
+			}
+			mustStatus(t, "payments page", r.StatusCode(), r.Body, http.StatusOK)
+			for _, p := range r.JSON200.Data {
+				listed = append(listed, p.Id)
+			}
+			if next = r.JSON200.NextCursor; next == nil {
+				break
+			}
+		}
+		if len(listed) != 2 || listed[0] != slow.JSON201.PaymentId || listed[1] != pay {
+			t.Fatalf("payments listed = %v, want [%s %s]", listed, slow.JSON201.PaymentId, pay)
+		}
+		if r, _ := s.service(t).ListCustomerPaymentsWithResponse(ctx, "nobody-here", &client.ListCustomerPaymentsParams{}); r.StatusCode() != http.StatusNotFound {
+			t.Fatalf("payments of an unknown customer: %d", r.StatusCode())
 		}
 
 		// Stripe failing: the payment stays on record as failed, the caller gets 502 / 429.
