@@ -948,3 +948,53 @@ func TestWebhookDatabaseDownAnswers503(t *testing.T) {
 	}
 	assertInvariants(t, s)
 }
+
+// TestLegacyConfirmOnCheckoutSession: with TALLY_CONFIRM_ON=checkout_session
+// a paid completion credits, an asynchronous payment credits when it clears,
+// and the PaymentIntent's own success (as after switching back) adds nothing,
+// because both strategies meet in the PaymentIntent-keyed guard.
+func TestLegacyConfirmOnCheckoutSession(t *testing.T) {
+	fake := stripefake.New(t)
+	env := payEnv(t, fake.URL())
+	env["TALLY_CONFIRM_ON"] = "checkout_session"
+	s := startServer(t, env)
+	gdb := openDB(t, s)
+
+	pay := checkout(t, s, "legacy-1", "starter", 1)
+	p := getPayment(t, s, pay)
+	deliver(t, s, stripeEvent(newEventID(), "payment_intent.succeeded", paymentIntent(pay, "legacy-1", "succeeded", starterAmount, starterAmount, "usd")))
+	if got := balanceOf(t, gdb, "legacy-1"); got != 0 {
+		t.Fatalf("payment_intent.succeeded credited %d under confirm_on=checkout_session", got)
+	}
+	deliver(t, s, stripeEvent(newEventID(), "checkout.session.completed", checkoutSession(pay, "legacy-1", *p.CheckoutSessionId, "complete", "paid", starterAmount)))
+	if got := balanceOf(t, gdb, "legacy-1"); got != starterCredits {
+		t.Fatalf("a paid completion credited %d, want %d", got, starterCredits)
+	}
+
+	async := checkout(t, s, "legacy-2", "starter", 1)
+	a := getPayment(t, s, async)
+	deliver(t, s, stripeEvent(newEventID(), "checkout.session.completed", checkoutSession(async, "legacy-2", *a.CheckoutSessionId, "complete", "unpaid", starterAmount)))
+	if got := balanceOf(t, gdb, "legacy-2"); got != 0 {
+		t.Fatalf("an unpaid completion credited %d", got)
+	}
+	cleared := checkoutSession(async, "legacy-2", *a.CheckoutSessionId, "complete", "paid", starterAmount)
+	deliver(t, s, stripeEvent(newEventID(), "checkout.session.async_payment_succeeded", cleared))
+	deliver(t, s, stripeEvent(newEventID(), "checkout.session.async_payment_succeeded", cleared))
+	if got := balanceOf(t, gdb, "legacy-2"); got != starterCredits {
+		t.Fatalf("the cleared payment credited %d, want %d", got, starterCredits)
+	}
+	s.shutdown(t)
+
+	// Switch back to the default strategy on the same database: the
+	// PaymentIntents' successes find their confirmations and credit nothing more.
+	env["TALLY_CONFIRM_ON"] = "payment_intent"
+	env["TALLY_HTTP_ADDR"] = freeAddr(t)
+	s = startServer(t, env)
+	for _, c := range []struct{ pay, customer string }{{pay, "legacy-1"}, {async, "legacy-2"}} {
+		deliver(t, s, stripeEvent(newEventID(), "payment_intent.succeeded", paymentIntent(c.pay, c.customer, "succeeded", starterAmount, starterAmount, "usd")))
+		if got := balanceOf(t, gdb, c.customer); got != starterCredits {
+			t.Fatalf("%s after the switch: balance %d, want %d", c.customer, got, starterCredits)
+		}
+	}
+	assertInvariants(t, s)
+}
