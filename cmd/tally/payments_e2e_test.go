@@ -630,6 +630,9 @@ func TestRefundBeforeSuccessIsRetried(t *testing.T) {
 	fake := stripefake.New(t)
 	env := payEnv(t, fake.URL())
 	env["TALLY_STRIPE_EVENT_MAX_ATTEMPTS"] = "3"
+	// Slow enough that the early refund cannot use up its attempts before
+	// the success is delivered, even on a loaded machine (backoff 1 s, 2 s).
+	env["TALLY_STRIPE_EVENT_RETRY_INTERVAL"] = "1s"
 	s := startServer(t, env)
 	gdb := openDB(t, s)
 
@@ -927,6 +930,10 @@ func TestWebhookDatabaseDownAnswers503(t *testing.T) {
 			if err := admin.Exec(`SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = ?`, name).Error; err != nil {
 				t.Fatal(err)
 			}
+			// Termination is signalled, not awaited: wait until the backends are gone.
+			waitFor(t, "the server's connections to close", func() bool {
+				return countRows(t, admin, `SELECT count(*) FROM pg_stat_activity WHERE datname = ?`, name) == 0
+			})
 		}
 	}
 	setAllowed(false)
