@@ -96,12 +96,15 @@ type confirmation struct {
 	amountReceived  int64
 	currency        string
 	livemode        bool
+	// customerID is our customer id from the object's metadata, if any.
+	customerID string
 }
 
 // PaymentIntentSucceeded is the only event that credits or fulfils under
 // confirm_on=payment_intent. Before money moves the validation chain runs:
-// the metadata names a payment of ours, amount_received and currency match
-// it, livemode matches our key. Then, in one transaction: the confirmation
+// the metadata names a payment of ours (and, when it names a customer, that
+// payment's customer), amount_received and currency match it, livemode
+// matches our key. Then, in one transaction: the confirmation
 // row keyed by the PaymentIntent id (a second delivery finds it and does
 // nothing), the transition to succeeded, the credit grant for packs and the
 // payment.succeeded event.
@@ -120,7 +123,8 @@ func (s *Service) PaymentIntentSucceeded(ctx context.Context, ev EventRef, pi Pa
 		// Legacy strategy: the Checkout Session events credit; only remember the link.
 		return s.link(ctx, ev, id, pi.Livemode, map[string]string{"payment_intent_id": pi.ID})
 	}
-	return s.confirm(ctx, ev, id, confirmation{paymentIntentID: pi.ID, amountReceived: pi.AmountReceived, currency: pi.Currency, livemode: pi.Livemode})
+	return s.confirm(ctx, ev, id, confirmation{paymentIntentID: pi.ID, amountReceived: pi.AmountReceived, currency: pi.Currency,
+		livemode: pi.Livemode, customerID: pi.Metadata["tally_customer_id"]})
 }
 
 func (s *Service) confirm(ctx context.Context, ev EventRef, paymentID string, c confirmation) error {
@@ -137,6 +141,9 @@ func (s *Service) confirm(ctx context.Context, ev EventRef, paymentID string, c 
 		}
 		if c.livemode != s.livemode {
 			return reject("event livemode=%t does not match our Stripe key (livemode=%t)", c.livemode, s.livemode)
+		}
+		if c.customerID != "" && c.customerID != p.CustomerID {
+			return reject("metadata names customer %s, but payment %s belongs to %s", c.customerID, p.ID, p.CustomerID)
 		}
 		if !strings.EqualFold(c.currency, p.Currency) {
 			return reject("currency %q does not match payment %s (%q)", c.currency, p.ID, p.Currency)
@@ -388,7 +395,8 @@ func (s *Service) confirmSession(ctx context.Context, ev EventRef, paymentID str
 	if cs.AmountTotal == nil {
 		return reject("checkout session %s has no amount_total", cs.ID)
 	}
-	return s.confirm(ctx, ev, paymentID, confirmation{paymentIntentID: cs.PaymentIntent, amountReceived: *cs.AmountTotal, currency: cs.Currency, livemode: cs.Livemode})
+	return s.confirm(ctx, ev, paymentID, confirmation{paymentIntentID: cs.PaymentIntent, amountReceived: *cs.AmountTotal, currency: cs.Currency,
+		livemode: cs.Livemode, customerID: cs.Metadata["tally_customer_id"]})
 }
 
 // subscribed moves a plan's payment to succeeded when its subscription

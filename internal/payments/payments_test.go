@@ -166,6 +166,11 @@ func TestSecondPaymentIntentIsRejected(t *testing.T) {
 	if err := svc.PaymentIntentSucceeded(ctx, ev, payments.PaymentIntent{ID: "pi_a", AmountReceived: 1000, Currency: "usd", Livemode: true, Metadata: meta}); !payments.IsRejection(err) {
 		t.Fatalf("a live event for a test key: %v, want a rejection", err)
 	}
+	other := buy(t, svc, "someone-else", "starter", 1)
+	if err := svc.PaymentIntentSucceeded(ctx, payments.EventRef{ID: "evt_c", Type: ev.Type}, payments.PaymentIntent{ID: "pi_c", AmountReceived: 1000, Currency: "usd",
+		Metadata: map[string]string{"tally_payment_id": other.PaymentID, "tally_customer_id": "twice"}}); !payments.IsRejection(err) {
+		t.Fatalf("metadata naming another customer's payment: %v, want a rejection", err)
+	}
 	if err := svc.PaymentIntentSucceeded(ctx, ev, payments.PaymentIntent{ID: "pi_other", AmountReceived: 1000, Currency: "usd"}); err != payments.ErrNotOurs {
 		t.Fatalf("a PaymentIntent without our metadata: %v, want ErrNotOurs", err)
 	}
