@@ -30,6 +30,14 @@ type CheckoutInput struct {
 
 // CheckoutResult is what the buyer's browser needs.
 type CheckoutResult struct {
+	PaymentID         string
+	CheckoutSessionID string
+	URL               string
+	ExpiresAt         time.Time
+}
+
+// checkoutAnswer is a CheckoutResult as stored for idempotent replay.
+type checkoutAnswer struct {
 	PaymentID         string    `json:"payment_id"`
 	CheckoutSessionID string    `json:"checkout_session_id"`
 	URL               string    `json:"url"`
@@ -112,10 +120,11 @@ func (s *Service) CreateCheckout(ctx context.Context, in CheckoutInput, key db.I
 			return CheckoutResult{}, false, err
 		}
 		if again {
-			if err := json.Unmarshal(stored, &res); err != nil {
+			var a checkoutAnswer
+			if err := json.Unmarshal(stored, &a); err != nil {
 				return CheckoutResult{}, false, fmt.Errorf("payments: stored checkout answer: %w", err)
 			}
-			return res, true, nil
+			return CheckoutResult(a), true, nil
 		}
 		defer func() {
 			if err != nil {
@@ -198,7 +207,7 @@ func (s *Service) CreateCheckout(ctx context.Context, in CheckoutInput, key db.I
 	if res.ExpiresAt.IsZero() {
 		res.ExpiresAt = sin.ExpiresAt
 	}
-	answer, err := json.Marshal(res)
+	answer, err := json.Marshal(checkoutAnswer(res))
 	if err != nil {
 		return CheckoutResult{}, false, err
 	}
