@@ -19,6 +19,7 @@ import (
 	"gorm.io/gorm"
 
 	"github.com/tallybilling/tally/internal/config"
+	"github.com/tallybilling/tally/internal/credits"
 	"github.com/tallybilling/tally/internal/customers"
 	"github.com/tallybilling/tally/internal/db"
 	"github.com/tallybilling/tally/internal/events"
@@ -81,6 +82,14 @@ func New(ctx context.Context, cfg config.Config, opts Options) (*App, error) {
 	}))
 
 	a := &App{cfg: cfg, logger: logger, db: gdb}
+
+	wallet := credits.NewService(gdb, cfg.Credits, now, logger)
+	if err := wallet.RegisterMetrics(reg); err != nil {
+		closeDB(gdb)
+		return nil, fmt.Errorf("register credits metrics: %w", err)
+	}
+	a.workers = append(a.workers, credits.NewSweeper(gdb, cfg.Credits, now, logger))
+
 	deps := httpapi.Deps{
 		Config:    cfg,
 		Logger:    logger,
@@ -89,6 +98,9 @@ func New(ctx context.Context, cfg config.Config, opts Options) (*App, error) {
 		Ready:     a.ready,
 		Customers: customers.NewService(gdb, now),
 		Events:    events.NewFeed(gdb),
+
+		Credits: wallet,
+		Verify:  func(ctx context.Context) (credits.VerifyReport, error) { return Verify(ctx, gdb) },
 	}
 	metrics := promhttp.HandlerFor(reg, promhttp.HandlerOpts{})
 	if cfg.MetricsAddr == "" {

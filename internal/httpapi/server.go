@@ -18,6 +18,7 @@ import (
 
 	"github.com/tallybilling/tally/api"
 	"github.com/tallybilling/tally/internal/config"
+	"github.com/tallybilling/tally/internal/credits"
 	"github.com/tallybilling/tally/internal/customers"
 	"github.com/tallybilling/tally/internal/events"
 )
@@ -38,6 +39,11 @@ type Deps struct {
 	Events    *events.Feed
 
 	// Capability services are added below, one block each.
+
+	// Credits is the wallet; Verify is the invariant report of
+	// GET /v1/admin/verify (app.Verify: credits plus other packages' checks).
+	Credits *credits.Service
+	Verify  func(ctx context.Context) (credits.VerifyReport, error)
 }
 
 // Server implements api.StrictServerInterface.
