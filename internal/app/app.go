@@ -24,6 +24,9 @@ import (
 	"github.com/tallybilling/tally/internal/db"
 	"github.com/tallybilling/tally/internal/events"
 	"github.com/tallybilling/tally/internal/httpapi"
+	"github.com/tallybilling/tally/internal/payments"
+	"github.com/tallybilling/tally/internal/stripeapi"
+	"github.com/tallybilling/tally/internal/stripehook"
 )
 
 // Worker is a background job that runs until its context ends. Every worker
@@ -83,6 +86,30 @@ func New(ctx context.Context, cfg config.Config, opts Options) (*App, error) {
 
 	a := &App{cfg: cfg, logger: logger, db: gdb}
 
+	// One Stripe client for every capability; nil without a key (checkout
+	// then answers unavailable, webhooks still verify and store).
+	var stripeClient stripeapi.Client
+	if cfg.Stripe.SecretKey != "" {
+		stripeClient, err = stripeapi.New(stripeapi.Config{
+			SecretKey: cfg.Stripe.SecretKey, APIURL: cfg.Stripe.APIURL, MeterEventsURL: cfg.Stripe.MeterEventsURL, Logger: logger,
+		})
+		if err != nil {
+			closeDB(gdb)
+			return nil, fmt.Errorf("stripe client: %w", err)
+		}
+	}
+
+	paymentsSvc := payments.NewService(payments.Options{
+		DB: gdb, Stripe: stripeClient, Catalog: cfg.Catalog, Checkout: cfg.Checkout,
+		Livemode: cfg.Stripe.Livemode, Logger: logger, Now: now,
+	})
+	stripeHook := stripehook.New(stripehook.Options{
+		DB: gdb, Payments: paymentsSvc, Secrets: cfg.Stripe.WebhookSecrets,
+		MaxAttempts: cfg.Stripe.EventMaxAttempts, RetryInterval: cfg.Stripe.EventRetryInterval,
+		Registry: reg, Logger: logger, Now: now,
+	})
+	a.workers = append(a.workers, stripehook.NewWorker(stripeHook))
+
 	wallet := credits.NewService(gdb, cfg.Credits, now, logger)
 	if err := wallet.RegisterMetrics(reg); err != nil {
 		closeDB(gdb)
@@ -98,6 +125,9 @@ func New(ctx context.Context, cfg config.Config, opts Options) (*App, error) {
 		Ready:     a.ready,
 		Customers: customers.NewService(gdb, now),
 		Events:    events.NewFeed(gdb),
+
+		Payments:   paymentsSvc,
+		StripeHook: stripeHook,
 
 		Credits: wallet,
 		Verify:  func(ctx context.Context) (credits.VerifyReport, error) { return Verify(ctx, gdb) },

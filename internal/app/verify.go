@@ -6,6 +6,7 @@ import (
 	"gorm.io/gorm"
 
 	"github.com/tallybilling/tally/internal/credits"
+	"github.com/tallybilling/tally/internal/payments"
 )
 
 // Verify is the invariant report of `tally verify` and GET /v1/admin/verify:
@@ -20,5 +21,5 @@ func Verify(ctx context.Context, gdb *gorm.DB) (credits.VerifyReport, error) {
 // report (payments: every succeeded credit-pack payment credited exactly
 // once). Add one line per capability.
 func verifyCheckers() []credits.Checker {
-	return nil
+	return []credits.Checker{payments.VerifyPurchases}
 }

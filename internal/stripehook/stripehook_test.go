@@ -1,0 +1,65 @@
+package stripehook_test
+
+import (
+	"context"
+	"fmt"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/tallybilling/tally/internal/db"
+	"github.com/tallybilling/tally/internal/db/dbtest"
+	"github.com/tallybilling/tally/internal/payments"
+	"github.com/tallybilling/tally/internal/stripehook"
+)
+
+// Replicas retrying at once never take the same event: every due event is
+// claimed by exactly one RetryDue call and processed once.
+func TestRetryClaimsNeverOverlap(t *testing.T) {
+	gdb := dbtest.New(t)
+	ctx := context.Background()
+	past := time.Now().Add(-time.Minute)
+	const n = 60
+	for i := range n {
+		err := gdb.Exec(`INSERT INTO stripe_events (id, type, livemode, payload, status, attempts, next_attempt_at, received_at)
+			VALUES (?, 'radar.early_fraud_warning.created', false, ?::jsonb, 'failed', 1, ?, ?)`,
+			fmt.Sprintf("evt_due_%d", i),
+			fmt.Sprintf(`{"id":"evt_due_%d","object":"event","type":"radar.early_fraud_warning.created","data":{"object":{"id":"issfr_%d"}}}`, i, i),
+			past, past).Error
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	intakes := make([]*stripehook.Intake, 4)
+	for i := range intakes {
+		intakes[i] = stripehook.New(stripehook.Options{DB: gdb, Payments: payments.NewService(payments.Options{DB: gdb}), MaxAttempts: 8, Logger: dbtest.Logger(t)})
+	}
+	var claimed atomic.Int64
+	var wg sync.WaitGroup
+	for i := range 8 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for {
+				got, err := intakes[i%len(intakes)].RetryDue(ctx, 7)
+				if err != nil {
+					t.Error(err)
+					return
+				}
+				if got == 0 {
+					return
+				}
+				claimed.Add(int64(got))
+			}
+		}()
+	}
+	wg.Wait()
+	if claimed.Load() != n {
+		t.Fatalf("claimed %d events in total, want %d (each once)", claimed.Load(), n)
+	}
+	var wrong int64
+	if err := db.ScanRow(gdb.Raw(`SELECT count(*) FROM stripe_events WHERE status <> 'ignored' OR attempts <> 2`), &wrong); err != nil || wrong != 0 {
+		t.Fatalf("%d events not processed exactly once (%v)", wrong, err)
+	}
+}
