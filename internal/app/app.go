@@ -23,6 +23,8 @@ import (
 	"github.com/tallybilling/tally/internal/db"
 	"github.com/tallybilling/tally/internal/events"
 	"github.com/tallybilling/tally/internal/httpapi"
+	"github.com/tallybilling/tally/internal/metering"
+	"github.com/tallybilling/tally/internal/stripeapi"
 )
 
 // Worker is a background job that runs until its context ends. Every worker
@@ -90,6 +92,28 @@ func New(ctx context.Context, cfg config.Config, opts Options) (*App, error) {
 		Customers: customers.NewService(gdb, now),
 		Events:    events.NewFeed(gdb),
 	}
+
+	// Stripe: one client for every capability; none without a key.
+	var stripeClient stripeapi.Client
+	if cfg.Stripe.SecretKey != "" {
+		stripeClient, err = stripeapi.New(stripeapi.Config{
+			SecretKey: cfg.Stripe.SecretKey, APIURL: cfg.Stripe.APIURL, MeterEventsURL: cfg.Stripe.MeterEventsURL, Logger: logger,
+		})
+		if err != nil {
+			closeDB(gdb)
+			return nil, fmt.Errorf("stripe client: %w", err)
+		}
+	}
+
+	// Metering: intake always; delivery only with a Stripe key.
+	deps.Metering = metering.NewService(gdb, stripeClient, cfg.Catalog, now)
+	if stripeClient != nil {
+		a.workers = append(a.workers, metering.NewWorker(gdb, stripeClient, cfg.Metering,
+			metering.WorkerOptions{Logger: logger, Now: now, Registerer: reg}))
+	} else {
+		logger.Warn("TALLY_STRIPE_SECRET_KEY is not set: usage events are accepted but not delivered")
+	}
+
 	metrics := promhttp.HandlerFor(reg, promhttp.HandlerOpts{})
 	if cfg.MetricsAddr == "" {
 		deps.Gatherer = reg

@@ -20,6 +20,7 @@ import (
 	"github.com/tallybilling/tally/internal/config"
 	"github.com/tallybilling/tally/internal/customers"
 	"github.com/tallybilling/tally/internal/events"
+	"github.com/tallybilling/tally/internal/metering"
 )
 
 // Deps is everything the HTTP layer calls. app builds it.
@@ -38,6 +39,8 @@ type Deps struct {
 	Events    *events.Feed
 
 	// Capability services are added below, one block each.
+
+	Metering *metering.Service
 }
 
 // Server implements api.StrictServerInterface.
