@@ -136,7 +136,7 @@ func TestIngestConcurrentOverlappingBatches(t *testing.T) {
 		})
 	}
 	wg.Wait()
-	distinct := (posters+1)*perBatch/2
+	distinct := (posters + 1) * perBatch / 2
 	if len(accepted) != distinct {
 		t.Errorf("%d identifiers accepted, want %d", len(accepted), distinct)
 	}

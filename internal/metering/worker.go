@@ -116,18 +116,30 @@ func NewWorker(gdb *gorm.DB, client stripeapi.Client, cfg config.MeteringConfig,
 	// before it ends, so no two instances ever send the same claim at once.
 	batchTime := time.Duration(float64(cfg.BatchSize) / cfg.RateLimit * float64(time.Second))
 	return &Worker{
-		db:     gdb,
-		client: client,
-		cfg:    cfg,
-		opts:   opts,
-		log:    opts.Logger.With("worker", "usage-delivery", "instance", opts.Name),
-		now:    opts.Now,
-		m:      newMetrics(opts.Registerer),
-		// Burst 1: requests are spaced evenly, so no one-second window ever
-		// holds more than RateLimit of them.
-		limiter: rate.NewLimiter(rate.Limit(cfg.RateLimit), 1),
+		db:      gdb,
+		client:  client,
+		cfg:     cfg,
+		opts:    opts,
+		log:     opts.Logger.With("worker", "usage-delivery", "instance", opts.Name),
+		now:     opts.Now,
+		m:       newMetrics(opts.Registerer),
+		limiter: rate.NewLimiter(paced(cfg.RateLimit), 1),
 		lease:   batchTime + 2*opts.SendTimeout + 10*time.Second,
 	}
+}
+
+// jitterMargin is the slack paced leaves for network and scheduling jitter.
+const jitterMargin = 100 * time.Millisecond
+
+// paced is the request rate that keeps Stripe's count of arrivals in any
+// one-second window at or below limit. Stripe counts arrivals; we control
+// only departures. Spacing departures exactly 1/limit apart puts limit+1 of
+// them exactly one second apart, so a request delayed by a millisecond on
+// the way would make limit+1 arrive within one second. Spacing them
+// (1s+jitterMargin)/limit apart tolerates that much jitter. With burst 1,
+// the spacing holds even after idle time.
+func paced(limit float64) rate.Limit {
+	return rate.Every(time.Duration(float64(time.Second+jitterMargin) / limit))
 }
 
 // Name is the worker's name for logs.
@@ -366,7 +378,16 @@ func (w *Worker) deliverEach(ctx context.Context, c *claim, evs []claimedEvent) 
 	wg.Wait()
 }
 
+// sendGroup sends the events of one customer and meter one after the other.
+// Deliveries are recorded together when the group ends: should the process
+// die first, the lease expires, the events are sent again and Stripe's
+// duplicate answer records them then.
 func (w *Worker) sendGroup(ctx context.Context, c *claim, g []claimedEvent) {
+	var sent, dup []claimedEvent
+	defer func() {
+		w.delivered(ctx, sent, resultDelivered)
+		w.delivered(ctx, dup, resultDuplicate)
+	}()
 	for i, ev := range g {
 		if ok, retryAt := w.acquire(ctx, c); !ok {
 			w.release(ctx, c, g[i:], retryAt)
@@ -375,7 +396,14 @@ func (w *Worker) sendGroup(ctx context.Context, c *claim, g []claimedEvent) {
 		sctx, cancel := withTimeout(ctx, w.opts.SendTimeout)
 		err := w.client.CreateMeterEvent(sctx, ev.meterEvent())
 		cancel()
-		w.settle(ctx, c, []claimedEvent{ev}, err)
+		switch {
+		case err == nil:
+			sent = append(sent, ev)
+		case stripeapi.IsDuplicate(err):
+			dup = append(dup, ev)
+		default:
+			w.settle(ctx, c, []claimedEvent{ev}, err)
+		}
 	}
 }
 
@@ -492,6 +520,9 @@ func identifiersJSON(evs []claimedEvent) string {
 // delivered marks evs delivered. It needs no lease: whichever instance sent
 // it, Stripe has the event, and that is the truth to record.
 func (w *Worker) delivered(ctx context.Context, evs []claimedEvent, result string) {
+	if len(evs) == 0 {
+		return
+	}
 	rctx, cancel := withTimeout(ctx, recordTimeout)
 	defer cancel()
 	now := w.now()
