@@ -114,7 +114,7 @@ func NewWorker(gdb *gorm.DB, client stripeapi.Client, cfg config.MeteringConfig,
 	// A claim must outlive the sends it covers: the batch at the rate limit,
 	// plus a request in flight on either side. Sends stop one SendTimeout
 	// before it ends, so no two instances ever send the same claim at once.
-	batchTime := time.Duration(float64(cfg.BatchSize) / cfg.RateLimit * float64(time.Second))
+	batchTime := time.Duration(float64(cfg.BatchSize) / cfg.RateLimit * float64(time.Second+jitterMargin))
 	return &Worker{
 		db:      gdb,
 		client:  client,
