@@ -72,6 +72,7 @@ func commands() []command {
 	return []command{
 		{"serve", "run the HTTP API and the background workers (default)", serve},
 		{"migrate", "apply the database migrations and exit", migrate},
+		{"reconcile", "compare delivered usage with Stripe's meter event summaries (exit 2 on drift)", reconcile},
 		{"healthcheck", "exit 0 when the local server answers /healthz (for container healthchecks)", healthcheck},
 		{"version", "print the version", printVersion},
 	}
