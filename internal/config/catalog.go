@@ -1,0 +1,408 @@
+package config
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"io"
+	"net/url"
+	"os"
+	"regexp"
+	"strings"
+	"time"
+
+	"gopkg.in/yaml.v3"
+)
+
+// Catalog names everything a client can buy and where a checkout may send the
+// buyer back to. Clients name an item by id; amounts and credit counts come
+// only from here.
+type Catalog struct {
+	// RedirectURLPrefixes is the allow-list for checkout success and cancel URLs.
+	RedirectURLPrefixes []string
+	CreditPacks         []CreditPack
+	Products            []Product
+	Plans               []Plan
+}
+
+// CreditPack is a one-time purchase that grants credits.
+type CreditPack struct {
+	ID       string
+	Name     string
+	Amount   int64 // minor units of Currency
+	Currency string
+	Credits  int64
+	// ExpiresAfter is how long purchased credits stay spendable; 0 means never.
+	ExpiresAfter time.Duration
+}
+
+// Product is a one-time purchase without credits.
+type Product struct {
+	ID       string
+	Name     string
+	Amount   int64 // minor units of Currency
+	Currency string
+}
+
+// Plan is a metered subscription: a Stripe metered price and the meter whose
+// events bill it.
+type Plan struct {
+	ID            string
+	Name          string
+	StripePrice   string
+	Meter         string // the meter event name
+	StripeMeterID string
+}
+
+// MaxAmount is the largest amount in minor units that Stripe Checkout accepts
+// for one line item (99,999,999, e.g. $999,999.99).
+const MaxAmount = 99_999_999
+
+var (
+	catalogIDPattern = regexp.MustCompile(`^[a-z0-9][a-z0-9_.-]{0,63}$`)
+	currencyPattern  = regexp.MustCompile(`^[a-z]{3}$`)
+)
+
+// The YAML shape of design/API.md ("Catalog file"); kept apart from the
+// domain types so the file format can change without touching callers.
+type catalogDoc struct {
+	RedirectURLPrefixes []string        `yaml:"redirect_url_prefixes"`
+	CreditPacks         []creditPackDoc `yaml:"credit_packs"`
+	Products            []productDoc    `yaml:"products"`
+	Plans               []planDoc       `yaml:"plans"`
+}
+
+type creditPackDoc struct {
+	ID           string  `yaml:"id"`
+	Name         string  `yaml:"name"`
+	Amount       yamlInt `yaml:"amount"`
+	Currency     string  `yaml:"currency"`
+	Credits      yamlInt `yaml:"credits"`
+	ExpiresAfter string  `yaml:"expires_after"`
+}
+
+type productDoc struct {
+	ID       string  `yaml:"id"`
+	Name     string  `yaml:"name"`
+	Amount   yamlInt `yaml:"amount"`
+	Currency string  `yaml:"currency"`
+}
+
+// yamlInt refuses anything but a YAML integer: yaml.v3 would otherwise
+// truncate "amount: 10.5" to 10, silently changing a price.
+type yamlInt int64
+
+func (n *yamlInt) UnmarshalYAML(node *yaml.Node) error {
+	if node.Kind != yaml.ScalarNode || node.ShortTag() != "!!int" {
+		return fmt.Errorf("line %d: %q is not an integer", node.Line, node.Value)
+	}
+	var v int64
+	if err := node.Decode(&v); err != nil {
+		return err
+	}
+	*n = yamlInt(v)
+	return nil
+}
+
+type planDoc struct {
+	ID            string `yaml:"id"`
+	Name          string `yaml:"name"`
+	StripePrice   string `yaml:"stripe_price"`
+	Meter         string `yaml:"meter"`
+	StripeMeterID string `yaml:"stripe_meter_id"`
+}
+
+// LoadCatalog reads and validates the catalog file at path.
+func LoadCatalog(path string) (Catalog, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return Catalog{}, err
+	}
+	c, err := ParseCatalog(data)
+	if err != nil {
+		return Catalog{}, fmt.Errorf("%s: %w", path, err)
+	}
+	return c, nil
+}
+
+// ParseCatalog decodes a catalog YAML document strictly (unknown fields are
+// errors) and validates it, reporting every problem at once. An empty
+// document is an empty catalog.
+func ParseCatalog(data []byte) (Catalog, error) {
+	dec := yaml.NewDecoder(bytes.NewReader(data))
+	dec.KnownFields(true)
+	var doc catalogDoc
+	if err := dec.Decode(&doc); err != nil {
+		if errors.Is(err, io.EOF) {
+			return Catalog{}, nil
+		}
+		return Catalog{}, fmt.Errorf("catalog: %w", err)
+	}
+	var extra yaml.Node
+	if err := dec.Decode(&extra); !errors.Is(err, io.EOF) {
+		return Catalog{}, errors.New("catalog: want exactly one YAML document")
+	}
+
+	var problems []error
+	c := Catalog{RedirectURLPrefixes: doc.RedirectURLPrefixes}
+	for i, p := range doc.CreditPacks {
+		var exp time.Duration
+		if s := strings.TrimSpace(p.ExpiresAfter); s != "" {
+			d, err := time.ParseDuration(s)
+			if err != nil {
+				problems = append(problems, fmt.Errorf("credit_packs[%d].expires_after: %q is not a duration (example: 8760h)", i, p.ExpiresAfter))
+			}
+			exp = d
+		}
+		c.CreditPacks = append(c.CreditPacks, CreditPack{
+			ID: p.ID, Name: p.Name, Amount: int64(p.Amount), Currency: p.Currency,
+			Credits: int64(p.Credits), ExpiresAfter: exp,
+		})
+	}
+	for _, p := range doc.Products {
+		c.Products = append(c.Products, Product{ID: p.ID, Name: p.Name, Amount: int64(p.Amount), Currency: p.Currency})
+	}
+	for _, p := range doc.Plans {
+		c.Plans = append(c.Plans, Plan(p))
+	}
+	if err := c.Validate(); err != nil {
+		problems = append(problems, err)
+	}
+	if err := errors.Join(problems...); err != nil {
+		return Catalog{}, err
+	}
+	return c, nil
+}
+
+// Validate checks every item and prefix and returns one error per problem.
+func (c Catalog) Validate() error {
+	var problems []error
+	bad := func(where, format string, args ...any) {
+		problems = append(problems, fmt.Errorf("%s: %s", where, fmt.Sprintf(format, args...)))
+	}
+	ids := map[string]string{}
+	checkID := func(where, id string) {
+		if !catalogIDPattern.MatchString(id) {
+			bad(where+".id", "%q must match %s", id, catalogIDPattern)
+			return
+		}
+		if first, dup := ids[id]; dup {
+			bad(where+".id", "%q is already used by %s", id, first)
+			return
+		}
+		ids[id] = where
+	}
+	checkName := func(where, name string) {
+		if strings.TrimSpace(name) == "" {
+			bad(where+".name", "must not be empty")
+		}
+	}
+	checkMoney := func(where string, amount int64, currency string) {
+		if amount <= 0 || amount > MaxAmount {
+			bad(where+".amount", "must be between 1 and %d minor units, got %d", MaxAmount, amount)
+		}
+		if !currencyPattern.MatchString(currency) {
+			bad(where+".currency", "%q must be a three-letter lowercase ISO code such as usd", currency)
+		}
+	}
+
+	for i, p := range c.RedirectURLPrefixes {
+		if _, err := parsePrefix(p); err != nil {
+			bad(fmt.Sprintf("redirect_url_prefixes[%d]", i), "%q: %v", p, err)
+		}
+	}
+	for i, p := range c.CreditPacks {
+		where := fmt.Sprintf("credit_packs[%d]", i)
+		checkID(where, p.ID)
+		checkName(where, p.Name)
+		checkMoney(where, p.Amount, p.Currency)
+		if p.Credits <= 0 {
+			bad(where+".credits", "must be positive, got %d", p.Credits)
+		}
+		if p.ExpiresAfter < 0 {
+			bad(where+".expires_after", "must not be negative (omit it or use 0 for never), got %s", p.ExpiresAfter)
+		}
+	}
+	for i, p := range c.Products {
+		where := fmt.Sprintf("products[%d]", i)
+		checkID(where, p.ID)
+		checkName(where, p.Name)
+		checkMoney(where, p.Amount, p.Currency)
+	}
+	meters := map[string]string{}
+	for i, p := range c.Plans {
+		where := fmt.Sprintf("plans[%d]", i)
+		checkID(where, p.ID)
+		checkName(where, p.Name)
+		if strings.TrimSpace(p.StripePrice) == "" {
+			bad(where+".stripe_price", "must not be empty")
+		}
+		if strings.TrimSpace(p.StripeMeterID) == "" {
+			bad(where+".stripe_meter_id", "must not be empty")
+		}
+		switch first, dup := meters[p.Meter]; {
+		case strings.TrimSpace(p.Meter) == "":
+			bad(where+".meter", "must not be empty")
+		case dup:
+			bad(where+".meter", "%q is already billed by %s", p.Meter, first)
+		default:
+			meters[p.Meter] = where
+		}
+	}
+	return errors.Join(problems...)
+}
+
+// Pack returns the credit pack with id.
+func (c Catalog) Pack(id string) (CreditPack, bool) {
+	for _, p := range c.CreditPacks {
+		if p.ID == id {
+			return p, true
+		}
+	}
+	return CreditPack{}, false
+}
+
+// Product returns the one-time product with id.
+func (c Catalog) Product(id string) (Product, bool) {
+	for _, p := range c.Products {
+		if p.ID == id {
+			return p, true
+		}
+	}
+	return Product{}, false
+}
+
+// Plan returns the metered plan with id.
+func (c Catalog) Plan(id string) (Plan, bool) {
+	for _, p := range c.Plans {
+		if p.ID == id {
+			return p, true
+		}
+	}
+	return Plan{}, false
+}
+
+// PlanByMeter returns the plan billed by the meter event name meter.
+func (c Catalog) PlanByMeter(meter string) (Plan, bool) {
+	for _, p := range c.Plans {
+		if p.Meter == meter {
+			return p, true
+		}
+	}
+	return Plan{}, false
+}
+
+// maxRedirectURLLen bounds what we parse; Stripe refuses longer URLs anyway.
+const maxRedirectURLLen = 5000
+
+// RedirectAllowed reports whether rawURL is an absolute http(s) URL under one
+// of the configured prefixes. The comparison is on parsed parts, not strings:
+// scheme and host (with its port) must be equal, so neither userinfo
+// (https://app.example.com@evil.com/) nor a longer host
+// (https://app.example.com.evil.com/) passes, and a prefix path without a
+// trailing slash only matches whole segments (/billing matches /billing/x, not
+// /billing-evil). URLs with dot segments, backslashes, whitespace or control
+// characters are refused because browsers resolve them differently than we
+// compare them.
+func (c Catalog) RedirectAllowed(rawURL string) bool {
+	u, err := parseRedirectURL(rawURL)
+	if err != nil {
+		return false
+	}
+	for _, raw := range c.RedirectURLPrefixes {
+		p, err := parsePrefix(raw)
+		if err != nil {
+			continue
+		}
+		if p.matches(u) {
+			return true
+		}
+	}
+	return false
+}
+
+type urlPrefix struct {
+	scheme, host, port, path string
+}
+
+func (p urlPrefix) matches(u *url.URL) bool {
+	if u.Scheme != p.scheme || !strings.EqualFold(u.Hostname(), p.host) || portOf(u) != p.port {
+		return false
+	}
+	path := u.Path
+	if path == "" {
+		path = "/"
+	}
+	if !strings.HasPrefix(path, p.path) {
+		return false
+	}
+	return len(path) == len(p.path) || strings.HasSuffix(p.path, "/") || path[len(p.path)] == '/'
+}
+
+func portOf(u *url.URL) string {
+	if port := u.Port(); port != "" {
+		return port
+	}
+	if u.Scheme == "https" {
+		return "443"
+	}
+	return "80"
+}
+
+// checkURLText refuses what browsers and url.Parse read differently.
+func checkURLText(raw string) error {
+	if len(raw) > maxRedirectURLLen {
+		return fmt.Errorf("longer than %d characters", maxRedirectURLLen)
+	}
+	for i := 0; i < len(raw); i++ {
+		if b := raw[i]; b <= ' ' || b == 0x7f || b == '\\' {
+			return errors.New("contains whitespace, a control character or a backslash")
+		}
+	}
+	return nil
+}
+
+func parseHTTPURL(raw string) (*url.URL, error) {
+	if err := checkURLText(raw); err != nil {
+		return nil, err
+	}
+	u, err := url.Parse(raw)
+	if err != nil {
+		return nil, errors.New("not a URL")
+	}
+	if u.Scheme != "http" && u.Scheme != "https" {
+		return nil, errors.New("not an absolute http(s) URL")
+	}
+	if u.Opaque != "" || u.Hostname() == "" {
+		return nil, errors.New("has no host")
+	}
+	if u.User != nil {
+		return nil, errors.New("must not contain user information")
+	}
+	if u.Port() != "" && strings.Trim(u.Port(), "0123456789") != "" {
+		return nil, errors.New("has a bad port")
+	}
+	for seg := range strings.SplitSeq(u.Path, "/") {
+		if seg == "." || seg == ".." {
+			return nil, errors.New("must not contain . or .. path segments")
+		}
+	}
+	return u, nil
+}
+
+func parseRedirectURL(raw string) (*url.URL, error) { return parseHTTPURL(raw) }
+
+func parsePrefix(raw string) (urlPrefix, error) {
+	u, err := parseHTTPURL(raw)
+	if err != nil {
+		return urlPrefix{}, err
+	}
+	if u.RawQuery != "" || u.ForceQuery || u.Fragment != "" {
+		return urlPrefix{}, errors.New("a prefix must not have a query or fragment")
+	}
+	path := u.Path
+	if path == "" {
+		path = "/"
+	}
+	return urlPrefix{scheme: u.Scheme, host: u.Hostname(), port: portOf(u), path: path}, nil
+}

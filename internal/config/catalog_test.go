@@ -1,0 +1,359 @@
+package config
+
+import (
+	"reflect"
+	"strings"
+	"testing"
+	"time"
+
+	"gopkg.in/yaml.v3"
+)
+
+const goodCatalog = `
+redirect_url_prefixes: ["https://app.example.com/", "http://localhost:3000/billing"]
+credit_packs:
+  - id: starter
+    name: Starter pack
+    amount: 1000
+    currency: usd
+    credits: 1000
+    expires_after: 8760h
+  - id: forever
+    name: Forever pack
+    amount: 99999999
+    currency: eur
+    credits: 5
+products:
+  - id: ebook
+    name: The e-book
+    amount: 1900
+    currency: usd
+plans:
+  - id: api
+    name: API usage
+    stripe_price: price_123
+    meter: api_calls
+    stripe_meter_id: mtr_123
+`
+
+func TestParseCatalogGood(t *testing.T) {
+	c, err := ParseCatalog([]byte(goodCatalog))
+	if err != nil {
+		t.Fatalf("ParseCatalog: %v", err)
+	}
+	want := Catalog{
+		RedirectURLPrefixes: []string{"https://app.example.com/", "http://localhost:3000/billing"},
+		CreditPacks: []CreditPack{
+			{ID: "starter", Name: "Starter pack", Amount: 1000, Currency: "usd", Credits: 1000, ExpiresAfter: 8760 * time.Hour},
+			{ID: "forever", Name: "Forever pack", Amount: 99999999, Currency: "eur", Credits: 5},
+		},
+		Products: []Product{{ID: "ebook", Name: "The e-book", Amount: 1900, Currency: "usd"}},
+		Plans:    []Plan{{ID: "api", Name: "API usage", StripePrice: "price_123", Meter: "api_calls", StripeMeterID: "mtr_123"}},
+	}
+	if !reflect.DeepEqual(c, want) {
+		t.Fatalf("got  %+v\nwant %+v", c, want)
+	}
+
+	if p, ok := c.Pack("starter"); !ok || p.Credits != 1000 {
+		t.Errorf("Pack(starter) = %+v, %v", p, ok)
+	}
+	if _, ok := c.Pack("ebook"); ok {
+		t.Error("Pack found a product")
+	}
+	if p, ok := c.Product("ebook"); !ok || p.Amount != 1900 {
+		t.Errorf("Product(ebook) = %+v, %v", p, ok)
+	}
+	if _, ok := c.Product("starter"); ok {
+		t.Error("Product found a pack")
+	}
+	if p, ok := c.Plan("api"); !ok || p.Meter != "api_calls" {
+		t.Errorf("Plan(api) = %+v, %v", p, ok)
+	}
+	if p, ok := c.PlanByMeter("api_calls"); !ok || p.ID != "api" {
+		t.Errorf("PlanByMeter(api_calls) = %+v, %v", p, ok)
+	}
+	if _, ok := c.PlanByMeter("api"); ok {
+		t.Error("PlanByMeter matched a plan id")
+	}
+}
+
+func TestParseCatalogEmptyAndZeroExpiry(t *testing.T) {
+	for _, doc := range []string{"", "\n# nothing yet\n", "{}"} {
+		c, err := ParseCatalog([]byte(doc))
+		if err != nil {
+			t.Fatalf("ParseCatalog(%q): %v", doc, err)
+		}
+		if !reflect.DeepEqual(c, Catalog{}) {
+			t.Fatalf("ParseCatalog(%q) = %+v, want empty", doc, c)
+		}
+	}
+	c, err := ParseCatalog([]byte("credit_packs:\n- {id: a, name: A, amount: 1, currency: usd, credits: 1, expires_after: 0}\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.CreditPacks[0].ExpiresAfter != 0 {
+		t.Fatalf("expires_after 0 = %s, want never (0)", c.CreditPacks[0].ExpiresAfter)
+	}
+}
+
+func TestDeployExampleCatalogParses(t *testing.T) {
+	c, err := LoadCatalog("../../deploy/catalog.example.yaml")
+	if err != nil {
+		t.Fatalf("deploy/catalog.example.yaml: %v", err)
+	}
+	if len(c.CreditPacks) != 2 || len(c.Products) != 1 || len(c.Plans) != 1 {
+		t.Fatalf("example catalog has %d packs, %d products, %d plans; want 2, 1, 1", len(c.CreditPacks), len(c.Products), len(c.Plans))
+	}
+	if p, ok := c.Pack("pro"); !ok || p.Amount != 5000 || p.Credits != 6000 || p.ExpiresAfter != 8760*time.Hour {
+		t.Fatalf("pro pack = %+v", p)
+	}
+	if !c.RedirectAllowed("http://localhost:3000/done") || !c.RedirectAllowed("https://app.example.com/billing/ok") {
+		t.Fatal("example prefixes do not allow their own URLs")
+	}
+}
+
+func TestParseCatalogRejects(t *testing.T) {
+	pack := func(fields string) string {
+		base := map[string]string{"id": "p", "name": "P", "amount": "100", "currency": "usd", "credits": "10"}
+		for _, kv := range strings.Split(fields, ";") {
+			if k, v, ok := strings.Cut(kv, "="); ok {
+				if v == "DEL" {
+					delete(base, k)
+				} else {
+					base[k] = v
+				}
+			}
+		}
+		var b strings.Builder
+		b.WriteString("credit_packs:\n  -")
+		for _, k := range []string{"id", "name", "amount", "currency", "credits", "expires_after"} {
+			if v, ok := base[k]; ok {
+				b.WriteString(" " + k + ": " + v + "\n   ")
+			}
+		}
+		return b.String()
+	}
+	cases := []struct {
+		name, doc, want string
+	}{
+		{"unknown top-level field", "packs: []\n", "field packs not found"},
+		{"unknown item field", pack("") + " price: 3\n", "field price not found"},
+		{"not yaml", "credit_packs: [\n", "catalog"},
+		{"two documents", "products: []\n---\nplans: []\n", "one YAML document"},
+		{"id uppercase", pack("id=Starter"), "credit_packs[0].id"},
+		{"id empty", pack("id=DEL"), "credit_packs[0].id"},
+		{"id too long", pack("id=" + strings.Repeat("a", 65)), "credit_packs[0].id"},
+		{"id leading dash", pack("id=-a"), "credit_packs[0].id"},
+		{"name empty", pack("name=\"  \""), "credit_packs[0].name"},
+		{"amount zero", pack("amount=0"), "credit_packs[0].amount"},
+		{"amount negative", pack("amount=-1"), "credit_packs[0].amount"},
+		{"amount too big", pack("amount=100000000"), "credit_packs[0].amount"},
+		{"amount not integer", pack("amount=10.5"), "not an integer"},
+		{"amount quoted", pack("amount='100'"), "not an integer"},
+		{"credits float", pack("credits=1e3"), "not an integer"},
+		{"amount overflow", pack("amount=9223372036854775808"), "catalog"},
+		{"currency upper", pack("currency=USD"), "credit_packs[0].currency"},
+		{"currency long", pack("currency=usdd"), "credit_packs[0].currency"},
+		{"credits zero", pack("credits=0"), "credit_packs[0].credits"},
+		{"credits negative", pack("credits=-10"), "credit_packs[0].credits"},
+		{"expiry negative", pack("expires_after=-1h"), "credit_packs[0].expires_after"},
+		{"expiry days", pack("expires_after=365d"), "credit_packs[0].expires_after"},
+		{"product amount", "products:\n- {id: e, name: E, amount: 0, currency: usd}\n", "products[0].amount"},
+		{"product currency", "products:\n- {id: e, name: E, amount: 5, currency: ''}\n", "products[0].currency"},
+		{"plan missing price", "plans:\n- {id: a, name: A, meter: m, stripe_meter_id: mtr}\n", "plans[0].stripe_price"},
+		{"plan missing meter", "plans:\n- {id: a, name: A, stripe_price: p, stripe_meter_id: mtr}\n", "plans[0].meter"},
+		{"plan missing meter id", "plans:\n- {id: a, name: A, stripe_price: p, meter: m}\n", "plans[0].stripe_meter_id"},
+		{"plan missing name", "plans:\n- {id: a, stripe_price: p, meter: m, stripe_meter_id: mtr}\n", "plans[0].name"},
+		{"duplicate meter", "plans:\n- {id: a, name: A, stripe_price: p, meter: m, stripe_meter_id: x}\n- {id: b, name: B, stripe_price: p, meter: m, stripe_meter_id: y}\n", "plans[1].meter"},
+		{"duplicate id across kinds", pack("id=same") + "\nproducts:\n- {id: same, name: E, amount: 5, currency: usd}\n", "products[0].id"},
+		{"duplicate key", "products:\n- {id: a, id: b, name: E, amount: 5, currency: usd}\n", "already defined"},
+		{"prefix relative", "redirect_url_prefixes: [/return]\n", "redirect_url_prefixes[0]"},
+		{"prefix ftp", "redirect_url_prefixes: ['ftp://example.com/']\n", "redirect_url_prefixes[0]"},
+		{"prefix userinfo", "redirect_url_prefixes: ['https://u@example.com/']\n", "redirect_url_prefixes[0]"},
+		{"prefix query", "redirect_url_prefixes: ['https://example.com/?a=b']\n", "redirect_url_prefixes[0]"},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			c, err := ParseCatalog([]byte(tc.doc))
+			if err == nil {
+				t.Fatalf("accepted:\n%s\n=> %+v", tc.doc, c)
+			}
+			if !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("error %q does not mention %q\ndoc:\n%s", err, tc.want, tc.doc)
+			}
+		})
+	}
+}
+
+func TestParseCatalogReportsEveryProblem(t *testing.T) {
+	doc := `
+redirect_url_prefixes: [nope]
+credit_packs:
+  - {id: A, name: "", amount: 0, currency: US, credits: 0, expires_after: soon}
+plans:
+  - {id: a, name: A}
+`
+	_, err := ParseCatalog([]byte(doc))
+	if err == nil {
+		t.Fatal("accepted a broken catalog")
+	}
+	for _, want := range []string{
+		"redirect_url_prefixes[0]", "credit_packs[0].id", "credit_packs[0].name", "credit_packs[0].amount",
+		"credit_packs[0].currency", "credit_packs[0].credits", "credit_packs[0].expires_after",
+		"plans[0].stripe_price", "plans[0].meter", "plans[0].stripe_meter_id",
+	} {
+		if !strings.Contains(err.Error(), want) {
+			t.Errorf("missing %s in:\n%v", want, err)
+		}
+	}
+}
+
+func TestRedirectAllowed(t *testing.T) {
+	c := Catalog{RedirectURLPrefixes: []string{
+		"https://app.example.com",          // host only
+		"http://localhost:3000/",           // host with port
+		"https://shop.example.org/billing", // path without trailing slash
+	}}
+	cases := []struct {
+		url  string
+		want bool
+	}{
+		{"https://app.example.com/", true},
+		{"https://app.example.com", true},
+		{"https://app.example.com/checkout/done?session_id={CHECKOUT_SESSION_ID}", true},
+		{"https://APP.Example.com/x", true},
+		{"HTTPS://app.example.com/x", true},
+		{"https://app.example.com:443/x", true},
+		{"https://app.example.com/#frag", true},
+		{"http://localhost:3000/cancel", true},
+		{"https://shop.example.org/billing", true},
+		{"https://shop.example.org/billing/", true},
+		{"https://shop.example.org/billing/ok?x=1", true},
+		{"https://shop.example.org/billing?x=1", true},
+
+		// scheme, port and host must match exactly
+		{"http://app.example.com/", false},
+		{"https://app.example.com:8443/", false},
+		{"http://localhost:3001/", false},
+		{"http://localhost/", false},
+		{"https://evil.com/", false},
+		// userinfo tricks
+		{"https://app.example.com@evil.com/", false},
+		{"https://app.example.com:443@evil.com/", false},
+		{"https://user:pw@app.example.com/", false},
+		{"https://evil.com\\@app.example.com/", false},
+		{"https://app.example.com\\.evil.com/", false},
+		// host prefix tricks
+		{"https://app.example.com.evil.com/", false},
+		{"https://app.example.comevil.com/", false},
+		{"https://app.example.com./", false},
+		// path prefix and traversal tricks
+		{"https://shop.example.org/billing-evil", false},
+		{"https://shop.example.org/billingx/", false},
+		{"https://shop.example.org/billing/../admin", false},
+		{"https://shop.example.org/billing/%2e%2e/admin", false},
+		{"https://shop.example.org/", false},
+		// not absolute http(s)
+		{"//app.example.com/", false},
+		{"/relative", false},
+		{"javascript:alert(1)//https://app.example.com/", false},
+		{"data:text/html,https://app.example.com/", false},
+		{"ftp://app.example.com/", false},
+		{"https:app.example.com/", false},
+		{"https:///app.example.com/", false},
+		{"", false},
+		// whitespace and control characters
+		{" https://app.example.com/", false},
+		{"https://app.example.com/\n", false},
+		{"https://app.example.com/a b", false},
+		{"https://app.example.com\t.evil.com/", false},
+		{"https://app.example.com/" + strings.Repeat("a", 5000), false},
+	}
+	for _, tc := range cases {
+		if got := c.RedirectAllowed(tc.url); got != tc.want {
+			t.Errorf("RedirectAllowed(%q) = %v, want %v", tc.url, got, tc.want)
+		}
+	}
+	if (Catalog{}).RedirectAllowed("https://app.example.com/") {
+		t.Error("an empty allow-list allowed a URL")
+	}
+}
+
+// toDoc turns a Catalog back into its file form, for the round-trip property.
+func toDoc(c Catalog) catalogDoc {
+	var d catalogDoc
+	d.RedirectURLPrefixes = c.RedirectURLPrefixes
+	for _, p := range c.CreditPacks {
+		exp := ""
+		if p.ExpiresAfter != 0 {
+			exp = p.ExpiresAfter.String()
+		}
+		d.CreditPacks = append(d.CreditPacks, creditPackDoc{p.ID, p.Name, yamlInt(p.Amount), p.Currency, yamlInt(p.Credits), exp})
+	}
+	for _, p := range c.Products {
+		d.Products = append(d.Products, productDoc{p.ID, p.Name, yamlInt(p.Amount), p.Currency})
+	}
+	for _, p := range c.Plans {
+		d.Plans = append(d.Plans, planDoc(p))
+	}
+	return d
+}
+
+// FuzzParseCatalog: the parser never panics, whatever it accepts satisfies
+// every rule, and an accepted catalog survives a write-and-read round trip.
+func FuzzParseCatalog(f *testing.F) {
+	f.Add([]byte(goodCatalog))
+	f.Add([]byte(""))
+	f.Add([]byte("credit_packs: [{id: a, name: A, amount: 1, currency: usd, credits: 1, expires_after: 1h30m}]"))
+	f.Add([]byte("redirect_url_prefixes: ['https://a.example/x', 'http://[::1]:8080/']"))
+	f.Add([]byte("plans: [{id: p, name: P, stripe_price: price_1, meter: m, stripe_meter_id: mtr}]"))
+	f.Add([]byte("products: [{id: e, name: E, amount: 99999999, currency: usd}, {id: e, name: F, amount: 1, currency: usd}]"))
+	f.Add([]byte("credit_packs: [{id: a, amount: 9223372036854775807, credits: -9223372036854775808}]"))
+	f.Add([]byte("&a [*a]"))
+	f.Add([]byte("products: !!binary aGVsbG8="))
+	f.Fuzz(func(t *testing.T, data []byte) {
+		c, err := ParseCatalog(data)
+		if err != nil {
+			if !reflect.DeepEqual(c, Catalog{}) {
+				t.Fatalf("error %v came with a non-empty catalog", err)
+			}
+			return
+		}
+		if err := c.Validate(); err != nil {
+			t.Fatalf("ParseCatalog accepted a catalog that does not validate: %v", err)
+		}
+		for _, p := range c.CreditPacks {
+			if p.Amount <= 0 || p.Amount > MaxAmount || p.Credits <= 0 || p.ExpiresAfter < 0 {
+				t.Fatalf("accepted pack %+v", p)
+			}
+		}
+		out, err := yaml.Marshal(toDoc(c))
+		if err != nil {
+			t.Fatal(err)
+		}
+		again, err := ParseCatalog(out)
+		if err != nil {
+			t.Fatalf("round trip failed: %v\n%s", err, out)
+		}
+		if !reflect.DeepEqual(normalize(c), normalize(again)) {
+			t.Fatalf("round trip changed the catalog:\n%+v\n%+v", c, again)
+		}
+	})
+}
+
+// normalize makes nil and empty slices equal; YAML does not tell them apart.
+func normalize(c Catalog) Catalog {
+	if len(c.RedirectURLPrefixes) == 0 {
+		c.RedirectURLPrefixes = nil
+	}
+	if len(c.CreditPacks) == 0 {
+		c.CreditPacks = nil
+	}
+	if len(c.Products) == 0 {
+		c.Products = nil
+	}
+	if len(c.Plans) == 0 {
+		c.Plans = nil
+	}
+	return c
+}

@@ -1,0 +1,620 @@
+// Package config turns the process environment and the catalog file into one
+// typed Config. Every setting has one name (see README / design/API.md), one
+// default and one validation rule, and Load reports every problem at once so
+// an operator fixes a broken deployment in one round trip.
+package config
+
+import (
+	"crypto/rsa"
+	"crypto/sha256"
+	"crypto/x509"
+	"encoding/hex"
+	"encoding/pem"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math"
+	"net"
+	"net/url"
+	"os"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/jackc/pgx/v5/pgconn"
+)
+
+// Scope is what an API key may do.
+type Scope string
+
+// The API key scopes of design/PRODUCT.md.
+const (
+	// ScopeService is for the product's backend services.
+	ScopeService Scope = "service"
+	// ScopeAdmin is for operators.
+	ScopeAdmin Scope = "admin"
+)
+
+// APIKey is one accepted API key, known only by the SHA-256 of the bearer
+// token a caller sends, so the environment never holds a usable key.
+type APIKey struct {
+	Scope Scope
+	Hash  [32]byte
+}
+
+// JWTConfig holds what verifies end-user tokens. Either key may be unset.
+type JWTConfig struct {
+	HS256Secret    []byte
+	RS256PublicKey *rsa.PublicKey
+	// Issuer and Audience, when non-empty, must match the token's iss / aud.
+	Issuer   string
+	Audience string
+}
+
+// StripeConfig holds how tally talks to Stripe and accepts its webhooks.
+type StripeConfig struct {
+	SecretKey string
+	// APIURL and MeterEventsURL override Stripe's base URLs (stripe-mock, fakes).
+	APIURL         string
+	MeterEventsURL string
+	// WebhookSecrets are all accepted, so a secret can be rolled without downtime.
+	WebhookSecrets []string
+	// Livemode is derived from SecretKey; events whose livemode differs are parked.
+	Livemode            bool
+	WebhookMaxBodyBytes int64
+	EventMaxAttempts    int
+	EventRetryInterval  time.Duration
+}
+
+// CreditsConfig holds wallet defaults and the expiry sweeper period.
+type CreditsConfig struct {
+	// DefaultLowBalanceThreshold of 0 means no low-balance notice.
+	DefaultLowBalanceThreshold int64
+	ExpiringNotice             time.Duration
+	SweepInterval              time.Duration
+}
+
+// Checkout confirmation strategies (TALLY_CONFIRM_ON).
+const (
+	ConfirmOnPaymentIntent   = "payment_intent"
+	ConfirmOnCheckoutSession = "checkout_session"
+)
+
+// CheckoutConfig holds how Checkout Sessions are created and confirmed.
+type CheckoutConfig struct {
+	ExpiresAfter    time.Duration
+	InvoiceCreation bool
+	// ConfirmOn is ConfirmOnPaymentIntent or ConfirmOnCheckoutSession.
+	ConfirmOn string
+}
+
+// Meter event transports (TALLY_METER_TRANSPORT).
+const (
+	MeterTransportV1 = "v1"
+	MeterTransportV2 = "v2"
+)
+
+// MeteringConfig holds the usage delivery worker's settings.
+type MeteringConfig struct {
+	// Transport is MeterTransportV1 (meter_events API) or MeterTransportV2 (event stream).
+	Transport string
+	// RateLimit is the most meter-event requests per second per instance.
+	RateLimit    float64
+	MaxAttempts  int
+	BatchSize    int
+	PollInterval time.Duration
+}
+
+// EventsWebhook is the optional push of outbound events to the host app.
+type EventsWebhook struct {
+	URL    string
+	Secret string
+}
+
+// Config is every setting of tally, typed and defaulted.
+type Config struct {
+	DatabaseURL     string
+	DBMaxOpenConns  int
+	HTTPAddr        string
+	MetricsAddr     string // empty: /metrics on the main listener
+	AutoMigrate     bool
+	CatalogFile     string
+	CORSOrigins     []string
+	MaxBodyBytes    int64
+	ShutdownTimeout time.Duration
+	LogLevel        slog.Level
+
+	APIKeys       []APIKey
+	JWT           JWTConfig
+	Stripe        StripeConfig
+	Credits       CreditsConfig
+	Checkout      CheckoutConfig
+	Metering      MeteringConfig
+	EventsWebhook EventsWebhook
+	Catalog       Catalog
+}
+
+// Default returns the configuration of an empty environment.
+func Default() Config {
+	return Config{
+		DatabaseURL:     "postgres://postgres@127.0.0.1:5432/tally?sslmode=disable",
+		DBMaxOpenConns:  20,
+		HTTPAddr:        ":8080",
+		MaxBodyBytes:    1 << 20,
+		ShutdownTimeout: 30 * time.Second,
+		LogLevel:        slog.LevelInfo,
+		Stripe: StripeConfig{
+			WebhookMaxBodyBytes: 512 << 10,
+			EventMaxAttempts:    8,
+			EventRetryInterval:  10 * time.Second,
+		},
+		Credits: CreditsConfig{
+			ExpiringNotice: 168 * time.Hour,
+			SweepInterval:  time.Minute,
+		},
+		Checkout: CheckoutConfig{
+			ExpiresAfter: time.Hour,
+			ConfirmOn:    ConfirmOnPaymentIntent,
+		},
+		Metering: MeteringConfig{
+			Transport:    MeterTransportV1,
+			RateLimit:    20,
+			MaxAttempts:  10,
+			BatchSize:    100,
+			PollInterval: time.Second,
+		},
+	}
+}
+
+// envParser reads variables and collects one error per bad variable; a bad
+// value leaves the default in place so Validate does not report it twice.
+type envParser struct {
+	getenv func(string) string
+	errs   []error
+}
+
+func (p *envParser) fail(name, format string, args ...any) {
+	p.errs = append(p.errs, fmt.Errorf("%s: %s", name, fmt.Sprintf(format, args...)))
+}
+
+func (p *envParser) str(name string, dst *string) {
+	if v := strings.TrimSpace(p.getenv(name)); v != "" {
+		*dst = v
+	}
+}
+
+func (p *envParser) list(name string, dst *[]string) {
+	v := p.getenv(name)
+	if strings.TrimSpace(v) == "" {
+		return
+	}
+	var out []string
+	for _, item := range strings.Split(v, ",") {
+		if item = strings.TrimSpace(item); item != "" {
+			out = append(out, item)
+		}
+	}
+	*dst = out
+}
+
+func (p *envParser) boolean(name string, dst *bool) {
+	v := strings.TrimSpace(p.getenv(name))
+	if v == "" {
+		return
+	}
+	b, err := strconv.ParseBool(v)
+	if err != nil {
+		p.fail(name, "%q is not a boolean (use true or false)", v)
+		return
+	}
+	*dst = b
+}
+
+func (p *envParser) integer(name string, dst *int) {
+	var n int64
+	if p.int64(name, &n) {
+		if n < math.MinInt32 || n > math.MaxInt32 {
+			p.fail(name, "%d is out of range", n)
+			return
+		}
+		*dst = int(n)
+	}
+}
+
+func (p *envParser) int64(name string, dst *int64) bool {
+	v := strings.TrimSpace(p.getenv(name))
+	if v == "" {
+		return false
+	}
+	n, err := strconv.ParseInt(v, 10, 64)
+	if err != nil {
+		p.fail(name, "%q is not an integer", v)
+		return false
+	}
+	*dst = n
+	return true
+}
+
+func (p *envParser) float(name string, dst *float64) {
+	v := strings.TrimSpace(p.getenv(name))
+	if v == "" {
+		return
+	}
+	f, err := strconv.ParseFloat(v, 64)
+	if err != nil || math.IsNaN(f) || math.IsInf(f, 0) {
+		p.fail(name, "%q is not a number", v)
+		return
+	}
+	*dst = f
+}
+
+func (p *envParser) duration(name string, dst *time.Duration) {
+	v := strings.TrimSpace(p.getenv(name))
+	if v == "" {
+		return
+	}
+	d, err := time.ParseDuration(v)
+	if err != nil {
+		p.fail(name, "%q is not a duration (examples: 500ms, 30s, 1h)", v)
+		return
+	}
+	*dst = d
+}
+
+// Load reads every TALLY_* variable through getenv, loads the catalog file and
+// the RS256 public key file when they are named, and validates the result.
+// The error joins one error per problem, each naming its variable.
+func Load(getenv func(string) string) (Config, error) {
+	c := Default()
+	p := &envParser{getenv: getenv}
+
+	p.str("TALLY_DATABASE_URL", &c.DatabaseURL)
+	p.integer("TALLY_DB_MAX_OPEN_CONNS", &c.DBMaxOpenConns)
+	p.str("TALLY_HTTP_ADDR", &c.HTTPAddr)
+	p.str("TALLY_METRICS_ADDR", &c.MetricsAddr)
+	p.boolean("TALLY_AUTO_MIGRATE", &c.AutoMigrate)
+	p.str("TALLY_CATALOG_FILE", &c.CatalogFile)
+	p.list("TALLY_CORS_ORIGINS", &c.CORSOrigins)
+	p.int64("TALLY_MAX_BODY_BYTES", &c.MaxBodyBytes)
+	p.duration("TALLY_SHUTDOWN_TIMEOUT", &c.ShutdownTimeout)
+	if v := strings.TrimSpace(getenv("TALLY_LOG_LEVEL")); v != "" {
+		lvl, err := parseLogLevel(v)
+		if err != nil {
+			p.fail("TALLY_LOG_LEVEL", "%v", err)
+		} else {
+			c.LogLevel = lvl
+		}
+	}
+
+	var apiKeys []string
+	p.list("TALLY_API_KEYS", &apiKeys)
+	for i, entry := range apiKeys {
+		k, err := parseAPIKey(entry)
+		if err != nil {
+			p.fail("TALLY_API_KEYS", "entry %d: %v", i+1, err)
+			continue
+		}
+		c.APIKeys = append(c.APIKeys, k)
+	}
+
+	var hs256 string
+	p.str("TALLY_JWT_HS256_SECRET", &hs256)
+	if hs256 != "" {
+		c.JWT.HS256Secret = []byte(hs256)
+	}
+	var rsaFile string
+	p.str("TALLY_JWT_RS256_PUBLIC_KEY_FILE", &rsaFile)
+	if rsaFile != "" {
+		key, err := loadRSAPublicKey(rsaFile)
+		if err != nil {
+			p.fail("TALLY_JWT_RS256_PUBLIC_KEY_FILE", "%v", err)
+		} else {
+			c.JWT.RS256PublicKey = key
+		}
+	}
+	p.str("TALLY_JWT_ISSUER", &c.JWT.Issuer)
+	p.str("TALLY_JWT_AUDIENCE", &c.JWT.Audience)
+
+	p.str("TALLY_STRIPE_SECRET_KEY", &c.Stripe.SecretKey)
+	c.Stripe.Livemode = strings.HasPrefix(c.Stripe.SecretKey, "sk_live_") || strings.HasPrefix(c.Stripe.SecretKey, "rk_live_")
+	p.str("TALLY_STRIPE_API_URL", &c.Stripe.APIURL)
+	p.str("TALLY_STRIPE_METER_EVENTS_URL", &c.Stripe.MeterEventsURL)
+	p.list("TALLY_STRIPE_WEBHOOK_SECRETS", &c.Stripe.WebhookSecrets)
+	p.int64("TALLY_WEBHOOK_MAX_BODY_BYTES", &c.Stripe.WebhookMaxBodyBytes)
+	p.integer("TALLY_STRIPE_EVENT_MAX_ATTEMPTS", &c.Stripe.EventMaxAttempts)
+	p.duration("TALLY_STRIPE_EVENT_RETRY_INTERVAL", &c.Stripe.EventRetryInterval)
+
+	p.int64("TALLY_LOW_BALANCE_THRESHOLD", &c.Credits.DefaultLowBalanceThreshold)
+	p.duration("TALLY_CREDITS_EXPIRING_NOTICE", &c.Credits.ExpiringNotice)
+	p.duration("TALLY_CREDITS_SWEEP_INTERVAL", &c.Credits.SweepInterval)
+
+	p.duration("TALLY_CHECKOUT_EXPIRES_AFTER", &c.Checkout.ExpiresAfter)
+	p.boolean("TALLY_CHECKOUT_INVOICE_CREATION", &c.Checkout.InvoiceCreation)
+	p.str("TALLY_CONFIRM_ON", &c.Checkout.ConfirmOn)
+
+	p.str("TALLY_METER_TRANSPORT", &c.Metering.Transport)
+	p.float("TALLY_METER_RATE_LIMIT", &c.Metering.RateLimit)
+	p.integer("TALLY_METER_MAX_ATTEMPTS", &c.Metering.MaxAttempts)
+	p.integer("TALLY_METER_BATCH_SIZE", &c.Metering.BatchSize)
+	p.duration("TALLY_METER_POLL_INTERVAL", &c.Metering.PollInterval)
+
+	p.str("TALLY_EVENTS_WEBHOOK_URL", &c.EventsWebhook.URL)
+	p.str("TALLY_EVENTS_WEBHOOK_SECRET", &c.EventsWebhook.Secret)
+
+	if c.CatalogFile != "" {
+		cat, err := LoadCatalog(c.CatalogFile)
+		if err != nil {
+			p.fail("TALLY_CATALOG_FILE", "%v", err)
+		} else {
+			c.Catalog = cat
+		}
+	}
+
+	err := errors.Join(append(p.errs, c.Validate())...)
+	if err != nil {
+		return Config{}, err
+	}
+	return c, nil
+}
+
+func parseLogLevel(v string) (slog.Level, error) {
+	switch strings.ToLower(v) {
+	case "debug":
+		return slog.LevelDebug, nil
+	case "info":
+		return slog.LevelInfo, nil
+	case "warn", "warning":
+		return slog.LevelWarn, nil
+	case "error":
+		return slog.LevelError, nil
+	}
+	return 0, fmt.Errorf("%q is not a log level (debug, info, warn, error)", v)
+}
+
+func parseAPIKey(entry string) (APIKey, error) {
+	scope, hexHash, ok := strings.Cut(entry, ":")
+	if !ok {
+		return APIKey{}, errors.New("want scope:sha256hex")
+	}
+	var k APIKey
+	k.Scope = Scope(strings.TrimSpace(scope))
+	hexHash = strings.TrimSpace(hexHash)
+	if len(hexHash) != 64 {
+		return APIKey{}, fmt.Errorf("scope %q: the hash must be 64 hex characters (the SHA-256 of the key), got %d characters", k.Scope, len(hexHash))
+	}
+	if _, err := hex.Decode(k.Hash[:], []byte(hexHash)); err != nil {
+		return APIKey{}, fmt.Errorf("scope %q: the hash is not hex", k.Scope)
+	}
+	return k, nil
+}
+
+// HashAPIKey is the SHA-256 under which a bearer key is configured.
+func HashAPIKey(key string) [32]byte { return sha256.Sum256([]byte(key)) }
+
+func loadRSAPublicKey(path string) (*rsa.PublicKey, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, err
+	}
+	return ParseRSAPublicKey(data)
+}
+
+// ParseRSAPublicKey reads an RSA public key from PEM: PKIX "PUBLIC KEY",
+// PKCS#1 "RSA PUBLIC KEY" or an X.509 "CERTIFICATE".
+func ParseRSAPublicKey(data []byte) (*rsa.PublicKey, error) {
+	block, _ := pem.Decode(data)
+	if block == nil {
+		return nil, errors.New("no PEM block found")
+	}
+	var pub any
+	var err error
+	switch block.Type {
+	case "PUBLIC KEY":
+		pub, err = x509.ParsePKIXPublicKey(block.Bytes)
+	case "RSA PUBLIC KEY":
+		pub, err = x509.ParsePKCS1PublicKey(block.Bytes)
+	case "CERTIFICATE":
+		var cert *x509.Certificate
+		if cert, err = x509.ParseCertificate(block.Bytes); err == nil {
+			pub = cert.PublicKey
+		}
+	default:
+		return nil, fmt.Errorf("PEM block %q is not a public key", block.Type)
+	}
+	if err != nil {
+		return nil, err
+	}
+	key, ok := pub.(*rsa.PublicKey)
+	if !ok {
+		return nil, fmt.Errorf("the key is %T, not RSA", pub)
+	}
+	if key.N.BitLen() < 2048 {
+		return nil, fmt.Errorf("the RSA key has %d bits; at least 2048 are required", key.N.BitLen())
+	}
+	return key, nil
+}
+
+// Validate checks every setting and returns one error per problem, joined.
+func (c Config) Validate() error {
+	var errs []error
+	bad := func(name, format string, args ...any) {
+		errs = append(errs, fmt.Errorf("%s: %s", name, fmt.Sprintf(format, args...)))
+	}
+
+	if c.DatabaseURL == "" {
+		bad("TALLY_DATABASE_URL", "must be set")
+	} else if _, err := pgconn.ParseConfig(c.DatabaseURL); err != nil {
+		bad("TALLY_DATABASE_URL", "does not parse as a PostgreSQL URL: %v", err)
+	}
+	if c.DBMaxOpenConns < 1 {
+		bad("TALLY_DB_MAX_OPEN_CONNS", "must be at least 1, got %d", c.DBMaxOpenConns)
+	}
+	if err := checkListenAddr(c.HTTPAddr); err != nil {
+		bad("TALLY_HTTP_ADDR", "%v", err)
+	}
+	if c.MetricsAddr != "" {
+		if err := checkListenAddr(c.MetricsAddr); err != nil {
+			bad("TALLY_METRICS_ADDR", "%v", err)
+		} else if c.MetricsAddr == c.HTTPAddr {
+			bad("TALLY_METRICS_ADDR", "must differ from TALLY_HTTP_ADDR (leave it empty to serve /metrics on the main listener)")
+		}
+	}
+	for _, o := range c.CORSOrigins {
+		if err := checkOrigin(o); err != nil {
+			bad("TALLY_CORS_ORIGINS", "%q: %v", o, err)
+		}
+	}
+	if c.MaxBodyBytes <= 0 {
+		bad("TALLY_MAX_BODY_BYTES", "must be positive, got %d", c.MaxBodyBytes)
+	}
+	if c.ShutdownTimeout <= 0 {
+		bad("TALLY_SHUTDOWN_TIMEOUT", "must be positive, got %s", c.ShutdownTimeout)
+	}
+
+	seen := make(map[[32]byte]bool, len(c.APIKeys))
+	for i, k := range c.APIKeys {
+		if k.Scope != ScopeService && k.Scope != ScopeAdmin {
+			bad("TALLY_API_KEYS", "entry %d: scope %q is not service or admin", i+1, k.Scope)
+		}
+		if seen[k.Hash] {
+			bad("TALLY_API_KEYS", "entry %d: the same key hash is listed twice", i+1)
+		}
+		seen[k.Hash] = true
+	}
+
+	if s := c.JWT.HS256Secret; s != nil && len(s) < 32 {
+		bad("TALLY_JWT_HS256_SECRET", "must be at least 32 bytes (RFC 7518 §3.2), got %d", len(s))
+	}
+
+	if k := c.Stripe.SecretKey; k != "" && !hasAnyPrefix(k, "sk_test_", "sk_live_", "rk_test_", "rk_live_") {
+		bad("TALLY_STRIPE_SECRET_KEY", "must start with sk_test_, sk_live_, rk_test_ or rk_live_")
+	}
+	if u := c.Stripe.APIURL; u != "" {
+		if err := checkHTTPURL(u); err != nil {
+			bad("TALLY_STRIPE_API_URL", "%v", err)
+		}
+	}
+	if u := c.Stripe.MeterEventsURL; u != "" {
+		if err := checkHTTPURL(u); err != nil {
+			bad("TALLY_STRIPE_METER_EVENTS_URL", "%v", err)
+		}
+	}
+	for i, s := range c.Stripe.WebhookSecrets {
+		if !strings.HasPrefix(s, "whsec_") || len(s) == len("whsec_") {
+			bad("TALLY_STRIPE_WEBHOOK_SECRETS", "entry %d does not look like a Stripe signing secret (whsec_...)", i+1)
+		}
+	}
+	if c.Stripe.WebhookMaxBodyBytes <= 0 {
+		bad("TALLY_WEBHOOK_MAX_BODY_BYTES", "must be positive, got %d", c.Stripe.WebhookMaxBodyBytes)
+	}
+	if c.Stripe.EventMaxAttempts < 1 {
+		bad("TALLY_STRIPE_EVENT_MAX_ATTEMPTS", "must be at least 1, got %d", c.Stripe.EventMaxAttempts)
+	}
+	if c.Stripe.EventRetryInterval <= 0 {
+		bad("TALLY_STRIPE_EVENT_RETRY_INTERVAL", "must be positive, got %s", c.Stripe.EventRetryInterval)
+	}
+
+	if c.Credits.DefaultLowBalanceThreshold < 0 {
+		bad("TALLY_LOW_BALANCE_THRESHOLD", "must not be negative, got %d", c.Credits.DefaultLowBalanceThreshold)
+	}
+	if c.Credits.ExpiringNotice < 0 {
+		bad("TALLY_CREDITS_EXPIRING_NOTICE", "must not be negative, got %s", c.Credits.ExpiringNotice)
+	}
+	if c.Credits.SweepInterval <= 0 {
+		bad("TALLY_CREDITS_SWEEP_INTERVAL", "must be positive, got %s", c.Credits.SweepInterval)
+	}
+
+	// Stripe refuses a Checkout Session expiring sooner than 30 minutes or
+	// later than 24 hours after creation.
+	if d := c.Checkout.ExpiresAfter; d < 30*time.Minute || d > 24*time.Hour {
+		bad("TALLY_CHECKOUT_EXPIRES_AFTER", "must be between 30m and 24h (Stripe's limits), got %s", d)
+	}
+	if v := c.Checkout.ConfirmOn; v != ConfirmOnPaymentIntent && v != ConfirmOnCheckoutSession {
+		bad("TALLY_CONFIRM_ON", "%q is not payment_intent or checkout_session", v)
+	}
+
+	if v := c.Metering.Transport; v != MeterTransportV1 && v != MeterTransportV2 {
+		bad("TALLY_METER_TRANSPORT", "%q is not v1 or v2", v)
+	}
+	if r := c.Metering.RateLimit; !(r > 0) || math.IsInf(r, 0) {
+		bad("TALLY_METER_RATE_LIMIT", "must be a positive number, got %v", r)
+	}
+	if c.Metering.MaxAttempts < 1 {
+		bad("TALLY_METER_MAX_ATTEMPTS", "must be at least 1, got %d", c.Metering.MaxAttempts)
+	}
+	if b := c.Metering.BatchSize; b < 1 || b > 1000 {
+		bad("TALLY_METER_BATCH_SIZE", "must be between 1 and 1000, got %d", b)
+	}
+	if c.Metering.PollInterval <= 0 {
+		bad("TALLY_METER_POLL_INTERVAL", "must be positive, got %s", c.Metering.PollInterval)
+	}
+
+	if u := c.EventsWebhook.URL; u != "" {
+		if err := checkHTTPURL(u); err != nil {
+			bad("TALLY_EVENTS_WEBHOOK_URL", "%v", err)
+		}
+		if c.EventsWebhook.Secret == "" {
+			bad("TALLY_EVENTS_WEBHOOK_SECRET", "must be set when TALLY_EVENTS_WEBHOOK_URL is set, so the host app can verify pushes")
+		}
+	}
+
+	if err := c.Catalog.Validate(); err != nil {
+		bad("TALLY_CATALOG_FILE", "%v", err)
+	}
+	return errors.Join(errs...)
+}
+
+func hasAnyPrefix(s string, prefixes ...string) bool {
+	for _, p := range prefixes {
+		if strings.HasPrefix(s, p) {
+			return true
+		}
+	}
+	return false
+}
+
+func checkListenAddr(addr string) error {
+	if addr == "" {
+		return errors.New("must be set")
+	}
+	_, port, err := net.SplitHostPort(addr)
+	if err != nil {
+		return fmt.Errorf("%q is not host:port: %v", addr, err)
+	}
+	if n, err := strconv.Atoi(port); err != nil || n < 0 || n > 65535 {
+		return fmt.Errorf("%q has a bad port", addr)
+	}
+	return nil
+}
+
+// checkOrigin accepts what a browser sends as Origin: scheme://host[:port].
+func checkOrigin(o string) error {
+	u, err := url.Parse(o)
+	if err != nil {
+		return err
+	}
+	if u.Scheme != "http" && u.Scheme != "https" {
+		return errors.New("want http://host or https://host")
+	}
+	if u.Host == "" || u.Hostname() == "" || u.User != nil || u.Opaque != "" {
+		return errors.New("want scheme://host[:port]")
+	}
+	if (u.Path != "" && u.Path != "/") || u.RawQuery != "" || u.Fragment != "" || u.ForceQuery {
+		return errors.New("an origin has no path, query or fragment")
+	}
+	return nil
+}
+
+func checkHTTPURL(raw string) error {
+	u, err := url.Parse(raw)
+	if err != nil {
+		return err
+	}
+	if u.Scheme != "http" && u.Scheme != "https" {
+		return fmt.Errorf("%q is not an absolute http(s) URL", raw)
+	}
+	if u.Hostname() == "" {
+		return fmt.Errorf("%q has no host", raw)
+	}
+	return nil
+}

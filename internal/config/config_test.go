@@ -1,0 +1,343 @@
+package config
+
+import (
+	"crypto/rand"
+	"crypto/rsa"
+	"crypto/sha256"
+	"crypto/x509"
+	"encoding/hex"
+	"encoding/pem"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"reflect"
+	"strings"
+	"testing"
+	"time"
+)
+
+func envOf(m map[string]string) func(string) string {
+	return func(k string) string { return m[k] }
+}
+
+func TestLoadDefaults(t *testing.T) {
+	c, err := Load(envOf(nil))
+	if err != nil {
+		t.Fatalf("Load of an empty environment: %v", err)
+	}
+	want := Config{
+		DatabaseURL:     "postgres://postgres@127.0.0.1:5432/tally?sslmode=disable",
+		DBMaxOpenConns:  20,
+		HTTPAddr:        ":8080",
+		MaxBodyBytes:    1048576,
+		ShutdownTimeout: 30 * time.Second,
+		LogLevel:        slog.LevelInfo,
+		Stripe: StripeConfig{
+			WebhookMaxBodyBytes: 524288,
+			EventMaxAttempts:    8,
+			EventRetryInterval:  10 * time.Second,
+		},
+		Credits:  CreditsConfig{ExpiringNotice: 168 * time.Hour, SweepInterval: time.Minute},
+		Checkout: CheckoutConfig{ExpiresAfter: time.Hour, ConfirmOn: "payment_intent"},
+		Metering: MeteringConfig{Transport: "v1", RateLimit: 20, MaxAttempts: 10, BatchSize: 100, PollInterval: time.Second},
+	}
+	if !reflect.DeepEqual(c, want) {
+		t.Fatalf("defaults:\n got %+v\nwant %+v", c, want)
+	}
+	if c.AutoMigrate || c.MetricsAddr != "" || c.Stripe.Livemode || len(c.APIKeys) != 0 || c.JWT.RS256PublicKey != nil {
+		t.Fatalf("unexpected non-zero default: %+v", c)
+	}
+}
+
+func writeRSAPublicKey(t *testing.T, dir string) (*rsa.PrivateKey, string) {
+	t.Helper()
+	key, err := rsa.GenerateKey(rand.Reader, 2048)
+	if err != nil {
+		t.Fatal(err)
+	}
+	der, err := x509.MarshalPKIXPublicKey(&key.PublicKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	path := filepath.Join(dir, "jwt.pub.pem")
+	if err := os.WriteFile(path, pem.EncodeToMemory(&pem.Block{Type: "PUBLIC KEY", Bytes: der}), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return key, path
+}
+
+func TestLoadEveryVariable(t *testing.T) {
+	dir := t.TempDir()
+	rsaKey, rsaPath := writeRSAPublicKey(t, dir)
+	catPath := filepath.Join(dir, "catalog.yaml")
+	if err := os.WriteFile(catPath, []byte(goodCatalog), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	serviceHash := sha256.Sum256([]byte("svc-key"))
+	adminHash := sha256.Sum256([]byte("admin-key"))
+	hsSecret := strings.Repeat("s", 40)
+
+	env := map[string]string{
+		"TALLY_DATABASE_URL":                "postgres://u:p@db.internal:5433/billing?sslmode=require",
+		"TALLY_HTTP_ADDR":                   "127.0.0.1:9000",
+		"TALLY_METRICS_ADDR":                ":9100",
+		"TALLY_AUTO_MIGRATE":                "true",
+		"TALLY_CATALOG_FILE":                catPath,
+		"TALLY_API_KEYS":                    "service:" + hex.EncodeToString(serviceHash[:]) + " , admin:" + strings.ToUpper(hex.EncodeToString(adminHash[:])),
+		"TALLY_JWT_HS256_SECRET":            hsSecret,
+		"TALLY_JWT_RS256_PUBLIC_KEY_FILE":   rsaPath,
+		"TALLY_JWT_ISSUER":                  "https://auth.example.com/",
+		"TALLY_JWT_AUDIENCE":                "tally",
+		"TALLY_CORS_ORIGINS":                "https://app.example.com, http://localhost:3000",
+		"TALLY_STRIPE_SECRET_KEY":           "sk_live_abc",
+		"TALLY_STRIPE_API_URL":              "http://127.0.0.1:12111",
+		"TALLY_STRIPE_METER_EVENTS_URL":     "http://127.0.0.1:12112",
+		"TALLY_STRIPE_WEBHOOK_SECRETS":      "whsec_one,whsec_two",
+		"TALLY_CONFIRM_ON":                  "checkout_session",
+		"TALLY_LOG_LEVEL":                   "debug",
+		"TALLY_MAX_BODY_BYTES":              "2048",
+		"TALLY_WEBHOOK_MAX_BODY_BYTES":      "1024",
+		"TALLY_SHUTDOWN_TIMEOUT":            "45s",
+		"TALLY_DB_MAX_OPEN_CONNS":           "7",
+		"TALLY_LOW_BALANCE_THRESHOLD":       "50",
+		"TALLY_CREDITS_EXPIRING_NOTICE":     "72h",
+		"TALLY_CREDITS_SWEEP_INTERVAL":      "30s",
+		"TALLY_CHECKOUT_EXPIRES_AFTER":      "2h",
+		"TALLY_CHECKOUT_INVOICE_CREATION":   "true",
+		"TALLY_STRIPE_EVENT_MAX_ATTEMPTS":   "3",
+		"TALLY_STRIPE_EVENT_RETRY_INTERVAL": "5s",
+		"TALLY_METER_TRANSPORT":             "v2",
+		"TALLY_METER_RATE_LIMIT":            "12.5",
+		"TALLY_METER_MAX_ATTEMPTS":          "4",
+		"TALLY_METER_BATCH_SIZE":            "1000",
+		"TALLY_METER_POLL_INTERVAL":         "250ms",
+		"TALLY_EVENTS_WEBHOOK_URL":          "https://app.example.com/hooks/tally",
+		"TALLY_EVENTS_WEBHOOK_SECRET":       "hook-secret",
+	}
+	c, err := Load(envOf(env))
+	if err != nil {
+		t.Fatalf("Load: %v", err)
+	}
+	wantCatalog, err := ParseCatalog([]byte(goodCatalog))
+	if err != nil {
+		t.Fatal(err)
+	}
+	checks := []struct {
+		name      string
+		got, want any
+	}{
+		{"DatabaseURL", c.DatabaseURL, env["TALLY_DATABASE_URL"]},
+		{"HTTPAddr", c.HTTPAddr, "127.0.0.1:9000"},
+		{"MetricsAddr", c.MetricsAddr, ":9100"},
+		{"AutoMigrate", c.AutoMigrate, true},
+		{"CatalogFile", c.CatalogFile, catPath},
+		{"Catalog", c.Catalog, wantCatalog},
+		{"APIKeys", c.APIKeys, []APIKey{{ScopeService, serviceHash}, {ScopeAdmin, adminHash}}},
+		{"JWT.HS256Secret", c.JWT.HS256Secret, []byte(hsSecret)},
+		{"JWT.RS256PublicKey", c.JWT.RS256PublicKey.Equal(&rsaKey.PublicKey), true},
+		{"JWT.Issuer", c.JWT.Issuer, "https://auth.example.com/"},
+		{"JWT.Audience", c.JWT.Audience, "tally"},
+		{"CORSOrigins", c.CORSOrigins, []string{"https://app.example.com", "http://localhost:3000"}},
+		{"Stripe.SecretKey", c.Stripe.SecretKey, "sk_live_abc"},
+		{"Stripe.Livemode", c.Stripe.Livemode, true},
+		{"Stripe.APIURL", c.Stripe.APIURL, "http://127.0.0.1:12111"},
+		{"Stripe.MeterEventsURL", c.Stripe.MeterEventsURL, "http://127.0.0.1:12112"},
+		{"Stripe.WebhookSecrets", c.Stripe.WebhookSecrets, []string{"whsec_one", "whsec_two"}},
+		{"Checkout.ConfirmOn", c.Checkout.ConfirmOn, "checkout_session"},
+		{"LogLevel", c.LogLevel, slog.LevelDebug},
+		{"MaxBodyBytes", c.MaxBodyBytes, int64(2048)},
+		{"Stripe.WebhookMaxBodyBytes", c.Stripe.WebhookMaxBodyBytes, int64(1024)},
+		{"ShutdownTimeout", c.ShutdownTimeout, 45 * time.Second},
+		{"DBMaxOpenConns", c.DBMaxOpenConns, 7},
+		{"Credits.DefaultLowBalanceThreshold", c.Credits.DefaultLowBalanceThreshold, int64(50)},
+		{"Credits.ExpiringNotice", c.Credits.ExpiringNotice, 72 * time.Hour},
+		{"Credits.SweepInterval", c.Credits.SweepInterval, 30 * time.Second},
+		{"Checkout.ExpiresAfter", c.Checkout.ExpiresAfter, 2 * time.Hour},
+		{"Checkout.InvoiceCreation", c.Checkout.InvoiceCreation, true},
+		{"Stripe.EventMaxAttempts", c.Stripe.EventMaxAttempts, 3},
+		{"Stripe.EventRetryInterval", c.Stripe.EventRetryInterval, 5 * time.Second},
+		{"Metering.Transport", c.Metering.Transport, "v2"},
+		{"Metering.RateLimit", c.Metering.RateLimit, 12.5},
+		{"Metering.MaxAttempts", c.Metering.MaxAttempts, 4},
+		{"Metering.BatchSize", c.Metering.BatchSize, 1000},
+		{"Metering.PollInterval", c.Metering.PollInterval, 250 * time.Millisecond},
+		{"EventsWebhook.URL", c.EventsWebhook.URL, "https://app.example.com/hooks/tally"},
+		{"EventsWebhook.Secret", c.EventsWebhook.Secret, "hook-secret"},
+	}
+	for _, ch := range checks {
+		if !reflect.DeepEqual(ch.got, ch.want) {
+			t.Errorf("%s = %#v, want %#v", ch.name, ch.got, ch.want)
+		}
+	}
+}
+
+func TestLoadLivemodeFollowsKeyPrefix(t *testing.T) {
+	for key, live := range map[string]bool{
+		"sk_test_123": false, "rk_test_123": false, "sk_live_123": true, "rk_live_123": true, "": false,
+	} {
+		c, err := Load(envOf(map[string]string{"TALLY_STRIPE_SECRET_KEY": key}))
+		if err != nil {
+			t.Fatalf("key %q: %v", key, err)
+		}
+		if c.Stripe.Livemode != live {
+			t.Errorf("key %q: Livemode = %v, want %v", key, c.Stripe.Livemode, live)
+		}
+	}
+}
+
+// Each case sets one bad variable; the error must name it.
+func TestLoadRejectsEachBadValue(t *testing.T) {
+	okHash := strings.Repeat("ab", 32)
+	cases := []struct {
+		name, value string
+	}{
+		{"TALLY_DATABASE_URL", "postgres://host:notaport/db"},
+		{"TALLY_AUTO_MIGRATE", "yes please"},
+		{"TALLY_CATALOG_FILE", "/does/not/exist.yaml"},
+		{"TALLY_API_KEYS", "service"},
+		{"TALLY_API_KEYS", "owner:" + okHash},
+		{"TALLY_API_KEYS", "service:abc"},
+		{"TALLY_API_KEYS", "service:" + strings.Repeat("zz", 32)},
+		{"TALLY_API_KEYS", "service:" + okHash + ",admin:" + okHash},
+		{"TALLY_JWT_HS256_SECRET", "short"},
+		{"TALLY_JWT_RS256_PUBLIC_KEY_FILE", "/does/not/exist.pem"},
+		{"TALLY_CORS_ORIGINS", "app.example.com"},
+		{"TALLY_CORS_ORIGINS", "https://app.example.com/path"},
+		{"TALLY_STRIPE_SECRET_KEY", "pk_test_123"},
+		{"TALLY_STRIPE_API_URL", "localhost:12111"},
+		{"TALLY_STRIPE_WEBHOOK_SECRETS", "whsec_ok,notasecret"},
+		{"TALLY_CONFIRM_ON", "checkout"},
+		{"TALLY_LOG_LEVEL", "loud"},
+		{"TALLY_MAX_BODY_BYTES", "0"},
+		{"TALLY_MAX_BODY_BYTES", "1MB"},
+		{"TALLY_WEBHOOK_MAX_BODY_BYTES", "-1"},
+		{"TALLY_SHUTDOWN_TIMEOUT", "30"},
+		{"TALLY_DB_MAX_OPEN_CONNS", "0"},
+		{"TALLY_LOW_BALANCE_THRESHOLD", "-5"},
+		{"TALLY_CREDITS_SWEEP_INTERVAL", "0s"},
+		{"TALLY_CHECKOUT_EXPIRES_AFTER", "29m"},
+		{"TALLY_CHECKOUT_EXPIRES_AFTER", "25h"},
+		{"TALLY_STRIPE_EVENT_MAX_ATTEMPTS", "0"},
+		{"TALLY_METER_TRANSPORT", "v3"},
+		{"TALLY_METER_RATE_LIMIT", "0"},
+		{"TALLY_METER_RATE_LIMIT", "NaN"},
+		{"TALLY_METER_MAX_ATTEMPTS", "0"},
+		{"TALLY_METER_BATCH_SIZE", "1001"},
+		{"TALLY_METER_BATCH_SIZE", "0"},
+		{"TALLY_METER_POLL_INTERVAL", "-1s"},
+		{"TALLY_HTTP_ADDR", "8080"},
+		{"TALLY_METRICS_ADDR", ":8080"},
+		{"TALLY_EVENTS_WEBHOOK_URL", "https://app.example.com/hook"}, // without a secret
+	}
+	for _, tc := range cases {
+		t.Run(tc.name+"="+tc.value, func(t *testing.T) {
+			_, err := Load(envOf(map[string]string{tc.name: tc.value}))
+			if err == nil {
+				t.Fatalf("Load accepted %s=%q", tc.name, tc.value)
+			}
+			want := tc.name
+			if tc.name == "TALLY_EVENTS_WEBHOOK_URL" {
+				want = "TALLY_EVENTS_WEBHOOK_SECRET"
+			}
+			if !strings.Contains(err.Error(), want) {
+				t.Fatalf("error does not name %s: %v", want, err)
+			}
+		})
+	}
+}
+
+func TestLoadReportsEveryProblemAtOnce(t *testing.T) {
+	env := map[string]string{
+		"TALLY_METER_BATCH_SIZE":       "5000",      // validation
+		"TALLY_METER_RATE_LIMIT":       "fast",      // parse
+		"TALLY_CONFIRM_ON":             "whenever",  // validation
+		"TALLY_CHECKOUT_EXPIRES_AFTER": "10m",       // validation
+		"TALLY_SHUTDOWN_TIMEOUT":       "a while",   // parse
+		"TALLY_API_KEYS":               "root:abcd", // parse
+		"TALLY_HTTP_ADDR":              ":9999",     // fine
+	}
+	_, err := Load(envOf(env))
+	if err == nil {
+		t.Fatal("Load accepted a broken environment")
+	}
+	msg := err.Error()
+	for name := range env {
+		if name == "TALLY_HTTP_ADDR" {
+			if strings.Contains(msg, name) {
+				t.Errorf("good variable %s reported: %v", name, err)
+			}
+			continue
+		}
+		if !strings.Contains(msg, name) {
+			t.Errorf("problem with %s not reported in: %v", name, err)
+		}
+	}
+	// One line per problem, each reported once (a bad value that failed to
+	// parse must not be validated again as its default).
+	if n := len(strings.Split(msg, "\n")); n != 6 {
+		t.Errorf("got %d problems, want 6:\n%v", n, msg)
+	}
+}
+
+func TestLoadRejectsBadCatalogFileWithItsProblems(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "catalog.yaml")
+	bad := "credit_packs:\n  - id: Starter\n    name: x\n    amount: 0\n    currency: usd\n    credits: 1\n"
+	if err := os.WriteFile(path, []byte(bad), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	_, err := Load(envOf(map[string]string{"TALLY_CATALOG_FILE": path}))
+	if err == nil {
+		t.Fatal("Load accepted a bad catalog")
+	}
+	for _, want := range []string{"TALLY_CATALOG_FILE", "credit_packs[0].id", "credit_packs[0].amount"} {
+		if !strings.Contains(err.Error(), want) {
+			t.Errorf("error does not mention %s: %v", want, err)
+		}
+	}
+}
+
+func TestParseRSAPublicKeyFormats(t *testing.T) {
+	key, err := rsa.GenerateKey(rand.Reader, 2048)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pkix, _ := x509.MarshalPKIXPublicKey(&key.PublicKey)
+	for name, block := range map[string]*pem.Block{
+		"PKIX":  {Type: "PUBLIC KEY", Bytes: pkix},
+		"PKCS1": {Type: "RSA PUBLIC KEY", Bytes: x509.MarshalPKCS1PublicKey(&key.PublicKey)},
+	} {
+		got, err := ParseRSAPublicKey(pem.EncodeToMemory(block))
+		if err != nil {
+			t.Fatalf("%s: %v", name, err)
+		}
+		if !got.Equal(&key.PublicKey) {
+			t.Fatalf("%s: wrong key", name)
+		}
+	}
+	priv := pem.EncodeToMemory(&pem.Block{Type: "RSA PRIVATE KEY", Bytes: x509.MarshalPKCS1PrivateKey(key)})
+	if _, err := ParseRSAPublicKey(priv); err == nil {
+		t.Fatal("a private key file was accepted as the public key")
+	}
+	if _, err := ParseRSAPublicKey([]byte("not pem")); err == nil {
+		t.Fatal("garbage accepted")
+	}
+}
+
+func TestValidateOnHandBuiltConfig(t *testing.T) {
+	c := Default()
+	if err := c.Validate(); err != nil {
+		t.Fatalf("Default() does not validate: %v", err)
+	}
+	c.APIKeys = []APIKey{{Scope: "root"}}
+	c.Metering.BatchSize = 0
+	err := c.Validate()
+	if err == nil || !strings.Contains(err.Error(), "TALLY_API_KEYS") || !strings.Contains(err.Error(), "TALLY_METER_BATCH_SIZE") {
+		t.Fatalf("Validate = %v, want both problems", err)
+	}
+}
+
+func TestHashAPIKey(t *testing.T) {
+	if HashAPIKey("k") != sha256.Sum256([]byte("k")) {
+		t.Fatal("HashAPIKey is not SHA-256 of the key")
+	}
+}

@@ -1,0 +1,167 @@
+// Package db is tally's one way into PostgreSQL: opening the pool through
+// gorm, the embedded schema migrations, the transaction helper, translation
+// of database errors into the errs vocabulary, and the idempotency-key table
+// that every money-moving request is guarded by.
+package db
+
+import (
+	"context"
+	"database/sql"
+	"errors"
+	"fmt"
+	"log/slog"
+	"regexp"
+	"strings"
+	"time"
+
+	"github.com/jackc/pgx/v5/pgconn"
+	"gorm.io/driver/postgres"
+	"gorm.io/gorm"
+	gormlogger "gorm.io/gorm/logger"
+
+	"github.com/tallybilling/tally/internal/errs"
+)
+
+// Pool settings that do not deserve a knob: connections are recycled every
+// half hour so a failover or a PgBouncer restart is absorbed without a deploy.
+const (
+	connMaxLifetime = 30 * time.Minute
+	connMaxIdleTime = 5 * time.Minute
+)
+
+// Open connects to the PostgreSQL database at url and checks it answers
+// within ctx. Queries run without gorm's implicit transactions and as
+// prepared statements; failed queries are logged to logger (not-found and
+// expected constraint violations only at debug level).
+//
+// Errors: errs.Invalid for a URL that does not parse or a pool size below 1;
+// errs.Unavailable when the database cannot be reached.
+func Open(ctx context.Context, url string, maxOpenConns int, logger *slog.Logger) (*gorm.DB, error) {
+	if maxOpenConns < 1 {
+		return nil, errs.E(errs.Invalid, "database pool size must be at least 1, got %d", maxOpenConns)
+	}
+	if _, err := pgconn.ParseConfig(url); err != nil {
+		return nil, errs.Wrap(err, errs.Invalid, "database URL does not parse")
+	}
+	gdb, err := gorm.Open(postgres.Open(url), &gorm.Config{
+		SkipDefaultTransaction: true,
+		PrepareStmt:            true,
+		// gorm's own ping has no context and could hang; we ping below.
+		DisableAutomaticPing: true,
+		Logger:               slogGorm{log: logger},
+	})
+	if err != nil {
+		return nil, fmt.Errorf("db: open: %w", err)
+	}
+	sqlDB, err := gdb.DB()
+	if err != nil {
+		return nil, fmt.Errorf("db: open: %w", err)
+	}
+	sqlDB.SetMaxOpenConns(maxOpenConns)
+	// As many idle as open: under load a smaller idle pool closes and reopens
+	// connections on every burst.
+	sqlDB.SetMaxIdleConns(maxOpenConns)
+	sqlDB.SetConnMaxLifetime(connMaxLifetime)
+	sqlDB.SetConnMaxIdleTime(connMaxIdleTime)
+	if err := sqlDB.PingContext(ctx); err != nil {
+		_ = sqlDB.Close()
+		if errors.Is(err, context.Canceled) {
+			return nil, err
+		}
+		return nil, errs.Wrap(err, errs.Unavailable, "database unreachable")
+	}
+	return gdb, nil
+}
+
+// Close releases gdb's pool.
+func Close(gdb *gorm.DB) error {
+	sqlDB, err := gdb.DB()
+	if err != nil {
+		return err
+	}
+	return sqlDB.Close()
+}
+
+// slogGorm routes gorm's log to slog. gorm's chatter (info, warnings, slow
+// queries) is dropped; failed queries are logged with their SQL but never
+// their arguments, which may hold customer data.
+type slogGorm struct{ log *slog.Logger }
+
+var _ gormlogger.Interface = slogGorm{}
+var _ gorm.ParamsFilter = slogGorm{}
+
+func (l slogGorm) LogMode(gormlogger.LogLevel) gormlogger.Interface { return l }
+func (l slogGorm) Info(context.Context, string, ...any)             {}
+func (l slogGorm) Warn(context.Context, string, ...any)             {}
+
+func (l slogGorm) Error(ctx context.Context, msg string, args ...any) {
+	if l.log != nil {
+		l.log.ErrorContext(ctx, "gorm: "+fmt.Sprintf(msg, args...))
+	}
+}
+
+// ParamsFilter keeps bound values out of the logged SQL.
+func (l slogGorm) ParamsFilter(_ context.Context, sql string, _ ...any) (string, []any) {
+	return sql, nil
+}
+
+// gorm's Explain turns $1 into $1$ when it has no values to put there.
+var explainedPlaceholder = regexp.MustCompile(`\$(\d+)\$`)
+
+func (l slogGorm) Trace(ctx context.Context, begin time.Time, fc func() (string, int64), err error) {
+	if l.log == nil || err == nil || errors.Is(err, gorm.ErrRecordNotFound) {
+		return
+	}
+	level := slog.LevelError
+	if expectedQueryError(err) {
+		level = slog.LevelDebug
+	}
+	if !l.log.Enabled(ctx, level) {
+		return
+	}
+	sql, rows := fc()
+	sql = explainedPlaceholder.ReplaceAllString(sql, "$$$1")
+	l.log.Log(ctx, level, "database query failed",
+		slog.String("err", err.Error()),
+		slog.String("sql", sql),
+		slog.Int64("rows", rows),
+		slog.Duration("elapsed", time.Since(begin)))
+}
+
+// expectedQueryError is true for failures that callers handle as ordinary
+// outcomes: constraint violations (translated into conflicts), serialization
+// failures (retried by InTx) and requests the client abandoned.
+func expectedQueryError(err error) bool {
+	if errors.Is(err, context.Canceled) {
+		return true
+	}
+	var pgErr *pgconn.PgError
+	if errors.As(err, &pgErr) {
+		return strings.HasPrefix(pgErr.Code, "23") || pgErr.Code == serializationFailure || pgErr.Code == deadlockDetected
+	}
+	return false
+}
+
+// ScanRow runs q (typically gdb.Raw(...)) and scans its first row into dest,
+// returning sql.ErrNoRows when there is none.
+//
+// Use it instead of q.Row().Scan: with PrepareStmt, gorm's Row() drops a
+// failed prepare (database down, bad SQL) and hands back an empty *sql.Row
+// whose Scan panics. Errors are returned untranslated, like gorm's.
+func ScanRow(q *gorm.DB, dest ...any) error {
+	rows, err := q.Rows()
+	if err != nil {
+		return err
+	}
+	defer rows.Close()
+	if !rows.Next() {
+		if err := rows.Err(); err != nil {
+			return err
+		}
+		return sql.ErrNoRows
+	}
+	if err := rows.Scan(dest...); err != nil {
+		return err
+	}
+	return rows.Close()
+}
