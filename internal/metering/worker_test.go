@@ -88,6 +88,20 @@ func deliveries(t *testing.T, reg *prometheus.Registry, result string) float64 {
 	return 0
 }
 
+func gauge(t *testing.T, reg *prometheus.Registry, name string) float64 {
+	t.Helper()
+	mfs, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, mf := range mfs {
+		if mf.GetName() == name && len(mf.GetMetric()) == 1 {
+			return mf.GetMetric()[0].GetGauge().GetValue()
+		}
+	}
+	return -1
+}
+
 // Stripe answering 500, then 429 with Retry-After, then hanging past the
 // client's timeout: nothing is lost, nothing is accepted twice, the backlog
 // drains once Stripe recovers, and the rate limit holds throughout.
@@ -278,10 +292,17 @@ func TestRefusedEventsAreDeadLetteredAndRequeued(t *testing.T) {
 		return 0, "", false
 	})
 	ingest(t, e.svc, ev("jo", "refused", 1), ev("jo", "flaky", 2), ev("jo", "fine", 3))
-	w := metering.NewWorker(e.db, newClient(t, e.fake, 0), cfg, fastOptions(t))
+	opts := fastOptions(t)
+	reg := prometheus.NewRegistry()
+	opts.Registerer = reg
+	w := metering.NewWorker(e.db, newClient(t, e.fake, 0), cfg, opts)
 	stop := startWorker(t, w)
 	waitFor(t, "two dead letters", 30*time.Second, func() bool { return countRows(t, e.db, `status = 'dead'`) == 2 })
+	waitFor(t, "the dead gauge to count them", 10*time.Second, func() bool { return gauge(t, reg, "tally_usage_events_dead") == 2 })
 	stop()
+	if got := deliveries(t, reg, "dead"); got != 2 {
+		t.Errorf("tally_usage_deliveries_total{result=dead} = %v, want 2", got)
+	}
 
 	ctx := context.Background()
 	refused, _ := e.svc.Get(ctx, "refused")
@@ -377,5 +398,69 @@ func TestShutdownFinishesInFlightSend(t *testing.T) {
 	}
 	if n := countRows(t, e.db, `identifier = 'inflight-2' AND status = 'pending' AND attempts = 0`); n != 1 {
 		t.Errorf("the unsent event should be pending with no attempt counted")
+	}
+}
+
+// A claim whose worker died (its lease ran out) is taken over; a live
+// claim is left alone.
+func TestExpiredLeaseIsTakenOver(t *testing.T) {
+	e := newEnv(t)
+	link(t, e.db, "max")
+	ingest(t, e.svc, ev("max", "crashed", 1), ev("max", "held", 1))
+	e.db.Exec(`UPDATE usage_events SET claimed_by = 'gone#1', lease_until = now() - interval '1 second',
+		next_attempt_at = now() - interval '1 second' WHERE identifier = 'crashed'`)
+	e.db.Exec(`UPDATE usage_events SET claimed_by = 'alive#1', lease_until = now() + interval '1 hour',
+		next_attempt_at = now() + interval '1 hour' WHERE identifier = 'held'`)
+	w := metering.NewWorker(e.db, newClient(t, e.fake, 0), fastConfig(), fastOptions(t))
+	if _, err := w.RunOnce(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if e.fake.Count("crashed") != 1 || e.fake.Count("held") != 0 {
+		t.Errorf("Stripe got crashed=%d held=%d, want the expired claim sent and the live one untouched",
+			e.fake.Count("crashed"), e.fake.Count("held"))
+	}
+	if n := countRows(t, e.db, `identifier = 'held' AND status = 'pending' AND claimed_by = 'alive#1'`); n != 1 {
+		t.Errorf("the live claim was disturbed")
+	}
+}
+
+// Stripe allows one concurrent call per customer and meter: with every
+// request taking 30ms, arrivals of one customer's events are never closer
+// than that, while different customers do go in parallel.
+func TestOneCallAtATimePerCustomerAndMeter(t *testing.T) {
+	e := newEnv(t)
+	customers := []string{"nia", "omar", "pat"}
+	var evs []metering.EventInput
+	for _, c := range customers {
+		link(t, e.db, c)
+		for i := range 15 {
+			evs = append(evs, ev(c, fmt.Sprintf("%s-%02d", c, i), 1))
+		}
+	}
+	ingest(t, e.svc, evs...)
+	const hang = 30 * time.Millisecond
+	e.fake.SetHang(hang)
+	if _, err := metering.NewWorker(e.db, newClient(t, e.fake, 0), fastConfig(), fastOptions(t)).RunOnce(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	last := map[string]time.Time{}
+	overlapped := false
+	var prev time.Time
+	for _, r := range e.fake.Requests() {
+		form, _ := url.ParseQuery(r.Body)
+		c := form.Get("payload[stripe_customer_id]")
+		if at, ok := last[c]; ok && r.Time.Sub(at) < hang {
+			t.Errorf("two requests for %s arrived %s apart, less than the %s each takes", c, r.Time.Sub(at), hang)
+		}
+		if !prev.IsZero() && r.Time.Sub(prev) < hang {
+			overlapped = true
+		}
+		last[c], prev = r.Time, r.Time
+	}
+	if !overlapped {
+		t.Errorf("no two requests overlapped at all; different customers should be sent in parallel")
+	}
+	if n := countRows(t, e.db, `status = 'delivered'`); n != int64(len(evs)) {
+		t.Errorf("%d delivered, want %d", n, len(evs))
 	}
 }
