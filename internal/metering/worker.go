@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -45,8 +46,9 @@ type WorkerOptions struct {
 	// session is replaced; default 1m.
 	SessionRenewBefore time.Duration
 	// Concurrency is how many customer+meter groups the v1 transport sends
-	// at once; default 8. Events of one customer and meter are always sent
-	// one after the other (Stripe allows one concurrent call per pair).
+	// at once; default RateLimit/4, at least 8 and at most 128. Events of
+	// one customer and meter are always sent one after the other (Stripe
+	// allows one concurrent call per pair).
 	Concurrency int
 	// RateLimitPause is how long sending pauses after a 429 without
 	// Retry-After; default 1s.
@@ -102,7 +104,11 @@ func NewWorker(gdb *gorm.DB, client stripeapi.Client, cfg config.MeteringConfig,
 	opts.BackoffMax = cmp.Or(opts.BackoffMax, 30*time.Minute)
 	opts.SendTimeout = cmp.Or(opts.SendTimeout, 20*time.Second)
 	opts.SessionRenewBefore = cmp.Or(opts.SessionRenewBefore, time.Minute)
-	opts.Concurrency = cmp.Or(opts.Concurrency, 8)
+	if opts.Concurrency == 0 {
+		// Enough requests in flight to reach the rate limit at ~250ms per
+		// Stripe call, within bounds.
+		opts.Concurrency = min(max(int(math.Ceil(cmp.Or(cfg.RateLimit, 20)/4)), 8), 128)
+	}
 	opts.RateLimitPause = cmp.Or(opts.RateLimitPause, time.Second)
 	opts.AuthPause = cmp.Or(opts.AuthPause, time.Minute)
 	cfg.BatchSize = cmp.Or(cfg.BatchSize, 100)
@@ -435,8 +441,10 @@ func (w *Worker) sendStream(ctx context.Context, c *claim, chunk []claimedEvent)
 		return w.client.SendMeterEventStream(sctx, sess, mes)
 	}
 	err := send(false)
-	if stripeapi.IsSessionExpired(err) {
-		// Expired early (clock skew, revoked): a new session, the same events.
+	if stripeapi.IsSessionExpired(err) || stripeapi.KindOf(err) == stripeapi.KindAuth {
+		// The token died early (clock skew, revoked): a new session, the
+		// same events. Should the key itself be refused, opening fails too
+		// and the auth pause follows.
 		err = send(true)
 	}
 	return err

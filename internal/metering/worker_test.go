@@ -7,6 +7,7 @@ import (
 	"net/http"
 	"net/url"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -462,5 +463,40 @@ func TestOneCallAtATimePerCustomerAndMeter(t *testing.T) {
 	}
 	if n := countRows(t, e.db, `status = 'delivered'`); n != int64(len(evs)) {
 		t.Errorf("%d delivered, want %d", n, len(evs))
+	}
+}
+
+// A stream request refused as unauthorized (a revoked session token) gets a
+// new session and goes through at once, without the pause a refused key
+// would cause.
+func TestStreamReopensSessionAfterUnauthorizedToken(t *testing.T) {
+	e := newEnv(t)
+	link(t, e.db, "quinn")
+	var refused atomic.Bool
+	e.fake.SetFault(func(r *http.Request) (int, string, bool) {
+		if r.URL.Path == "/v2/billing/meter_event_stream" && refused.CompareAndSwap(false, true) {
+			return http.StatusUnauthorized, `{"error":{"type":"invalid_request_error","code":"unauthorized","message":"Invalid session token."}}`, true
+		}
+		return 0, "", false
+	})
+	cfg := fastConfig()
+	cfg.Transport = config.MeterTransportV2
+	ingest(t, e.svc, ev("quinn", "revoked-1", 1), ev("quinn", "revoked-2", 2))
+	w := metering.NewWorker(e.db, newClient(t, e.fake, 0), cfg, fastOptions(t))
+	if _, err := w.RunOnce(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if !refused.Load() {
+		t.Fatal("the fault was never hit")
+	}
+	assertDeliveredOnce(t, e, []string{"revoked-1", "revoked-2"})
+	opened := 0
+	for _, r := range e.fake.Requests() {
+		if r.Path == "/v2/billing/meter_event_session" {
+			opened++
+		}
+	}
+	if opened != 2 {
+		t.Errorf("%d sessions opened, want 2 (the first, and one after the refused token)", opened)
 	}
 }
