@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"io"
 	"net/http"
 	"strings"
 	"testing"
@@ -153,6 +154,29 @@ func TestUsageEndToEndAgainstStripeMock(t *testing.T) {
 		t.Fatal(err)
 	}
 	mustStatus(t, "totals of an unknown customer", unknown.StatusCode(), unknown.Body, http.StatusNotFound)
+
+	own, err := s.client(t, userToken(t, "meter-user", time.Now().Add(time.Hour))).GetCustomerUsageWithResponse(ctx, "meter-user", &client.GetCustomerUsageParams{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	mustStatus(t, "own totals with an end-user token", own.StatusCode(), own.Body, http.StatusOK)
+	other, err := s.client(t, userToken(t, "meter-user", time.Now().Add(time.Hour))).GetCustomerUsageWithResponse(ctx, "waiting-user", &client.GetCustomerUsageParams{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	mustStatus(t, "another customer's totals with an end-user token", other.StatusCode(), other.Body, http.StatusForbidden)
+
+	metrics, err := http.Get(s.URL + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(metrics.Body)
+	metrics.Body.Close()
+	for _, want := range []string{`tally_usage_deliveries_total{result="delivered"} 2`, "tally_usage_events_pending", "tally_usage_events_dead"} {
+		if !strings.Contains(string(body), want) {
+			t.Errorf("/metrics lacks %s", want)
+		}
+	}
 
 	admin := s.admin(t)
 	dead := client.UsageStatusDead
