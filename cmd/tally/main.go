@@ -74,6 +74,7 @@ func commands() []command {
 		{"serve", "run the HTTP API and the background workers (default)", serve},
 		{"migrate", "apply the database migrations and exit", migrate},
 		{"verify", "check the invariants (balances, ledger, credited payments); exit 2 on any breach", verifyCmd},
+		{"reconcile", "compare delivered usage with Stripe's meter event summaries (exit 2 on drift)", reconcile},
 		{"healthcheck", "exit 0 when the local server answers /healthz (for container healthchecks)", healthcheck},
 		{"version", "print the version", printVersion},
 	}

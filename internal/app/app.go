@@ -24,6 +24,7 @@ import (
 	"github.com/tallybilling/tally/internal/db"
 	"github.com/tallybilling/tally/internal/events"
 	"github.com/tallybilling/tally/internal/httpapi"
+	"github.com/tallybilling/tally/internal/metering"
 	"github.com/tallybilling/tally/internal/payments"
 	"github.com/tallybilling/tally/internal/stripeapi"
 	"github.com/tallybilling/tally/internal/stripehook"
@@ -132,6 +133,16 @@ func New(ctx context.Context, cfg config.Config, opts Options) (*App, error) {
 		Credits: wallet,
 		Verify:  func(ctx context.Context) (credits.VerifyReport, error) { return Verify(ctx, gdb) },
 	}
+
+	// Metering: intake always; delivery only with a Stripe key.
+	deps.Metering = metering.NewService(gdb, stripeClient, cfg.Catalog, now)
+	if stripeClient != nil {
+		a.workers = append(a.workers, metering.NewWorker(gdb, stripeClient, cfg.Metering,
+			metering.WorkerOptions{Logger: logger, Now: now, Registerer: reg}))
+	} else {
+		logger.Warn("TALLY_STRIPE_SECRET_KEY is not set: usage events are accepted but not delivered")
+	}
+
 	metrics := promhttp.HandlerFor(reg, promhttp.HandlerOpts{})
 	if cfg.MetricsAddr == "" {
 		deps.Gatherer = reg

@@ -12,6 +12,7 @@ import (
 	"github.com/tallybilling/tally/internal/credits"
 	"github.com/tallybilling/tally/internal/customers"
 	"github.com/tallybilling/tally/internal/events"
+	"github.com/tallybilling/tally/internal/metering"
 	"github.com/tallybilling/tally/internal/payments"
 	"github.com/tallybilling/tally/internal/stripehook"
 )
@@ -212,4 +213,76 @@ func toAPIStripeEvent(e stripehook.Stored) api.StripeEvent {
 		LastError: ptrIfSet(e.LastError), ApiVersion: ptrIfSet(e.APIVersion), Livemode: e.Livemode,
 		ReceivedAt: e.ReceivedAt, ProcessedAt: e.ProcessedAt, NextAttemptAt: e.NextAttemptAt,
 	}
+}
+
+// Metering.
+
+func fromAPIUsageBatch(b *api.UsageBatch) []metering.EventInput {
+	if b == nil {
+		return nil
+	}
+	out := make([]metering.EventInput, len(b.Events))
+	for i, e := range b.Events {
+		out[i] = metering.EventInput{CustomerID: e.CustomerId, Meter: e.Meter, Value: e.Value, Identifier: e.Identifier}
+		if e.Timestamp != nil {
+			out[i].Timestamp = *e.Timestamp
+		}
+	}
+	return out
+}
+
+func toAPIIntakeResult(r metering.IntakeResult) api.UsageIntakeResult {
+	out := api.UsageIntakeResult{Accepted: r.Accepted, Duplicates: r.Duplicates, Rejected: r.Rejected,
+		Results: make([]api.UsageEventResult, len(r.Results))}
+	for i, res := range r.Results {
+		out.Results[i] = api.UsageEventResult{Identifier: res.Identifier, Status: api.UsageEventResultStatus(res.Status)}
+		if res.Code != "" {
+			code := api.ErrorCode(res.Code)
+			out.Results[i].Code = &code
+		}
+		out.Results[i].Detail = ptrIfSet(res.Detail)
+	}
+	return out
+}
+
+func toAPIUsageEvent(e metering.UsageEvent) api.UsageEventStatus {
+	return api.UsageEventStatus{
+		Identifier:    e.Identifier,
+		CustomerId:    e.CustomerID,
+		Meter:         e.Meter,
+		Value:         e.Value,
+		Timestamp:     e.Timestamp.UTC(),
+		Status:        api.UsageStatus(e.Status),
+		Attempts:      e.Attempts,
+		LastError:     ptrIfSet(e.LastError),
+		NextAttemptAt: e.NextAttemptAt,
+		DeliveredAt:   e.DeliveredAt,
+		CreatedAt:     e.CreatedAt,
+	}
+}
+
+func toAPIUsageEventPage(p metering.Page) api.UsageEventPage {
+	out := api.UsageEventPage{Data: make([]api.UsageEventStatus, len(p.Events)), NextCursor: ptrIfSet(p.Next)}
+	for i, e := range p.Events {
+		out.Data[i] = toAPIUsageEvent(e)
+	}
+	return out
+}
+
+func toAPIUsageTotals(t metering.Totals) api.UsageTotals {
+	out := api.UsageTotals{CustomerId: t.CustomerID, From: t.From, To: t.To, Meters: make([]api.MeterTotal, len(t.Meters))}
+	for i, m := range t.Meters {
+		out.Meters[i] = api.MeterTotal{Meter: m.Meter, Total: m.Total, Events: m.Events}
+	}
+	return out
+}
+
+func toAPIReconciliation(r metering.Reconciliation) api.Reconciliation {
+	out := api.Reconciliation{Meter: r.Meter, From: r.From, To: r.To, Checked: r.Checked,
+		Mismatches: make([]api.ReconciliationMismatch, len(r.Mismatches))}
+	for i, m := range r.Mismatches {
+		out.Mismatches[i] = api.ReconciliationMismatch{CustomerId: m.CustomerID, LocalTotal: m.LocalTotal,
+			StripeTotal: m.StripeTotal, Difference: m.Difference}
+	}
+	return out
 }

@@ -21,6 +21,7 @@ import (
 	"github.com/tallybilling/tally/internal/credits"
 	"github.com/tallybilling/tally/internal/customers"
 	"github.com/tallybilling/tally/internal/events"
+	"github.com/tallybilling/tally/internal/metering"
 	"github.com/tallybilling/tally/internal/payments"
 	"github.com/tallybilling/tally/internal/stripehook"
 )
@@ -49,8 +50,9 @@ type Deps struct {
 
 	// Credits is the wallet; Verify is the invariant report of
 	// GET /v1/admin/verify (app.Verify: credits plus other packages' checks).
-	Credits *credits.Service
-	Verify  func(ctx context.Context) (credits.VerifyReport, error)
+	Credits  *credits.Service
+	Verify   func(ctx context.Context) (credits.VerifyReport, error)
+	Metering *metering.Service
 }
 
 // Server implements api.StrictServerInterface.

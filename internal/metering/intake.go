@@ -1,0 +1,321 @@
+package metering
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"math"
+	"slices"
+	"strings"
+	"time"
+	"unicode"
+	"unicode/utf8"
+
+	"gorm.io/gorm"
+
+	"github.com/tallybilling/tally/internal/config"
+	"github.com/tallybilling/tally/internal/customers"
+	"github.com/tallybilling/tally/internal/db"
+	"github.com/tallybilling/tally/internal/errs"
+)
+
+// Stripe's limits on meter events, checked at intake so that an event we
+// accept is one Stripe will take.
+const (
+	// MaxBatch is the most events one intake request may carry.
+	MaxBatch = 1000
+	// MaxIdentifierLen is Stripe's limit on an identifier, in characters.
+	MaxIdentifierLen = 100
+	// MaxAge is how old a timestamp Stripe accepts.
+	MaxAge = 35 * 24 * time.Hour
+	// MaxAhead is how far in the future a timestamp Stripe accepts.
+	MaxAhead = 5 * time.Minute
+	// MaxValue is the largest value taken: JSON numbers arrive as float64,
+	// which holds every whole number only up to 2^53, so a larger one may
+	// already have been rounded and would be billed wrong.
+	MaxValue = 1<<53 - 1
+)
+
+// EventInput is one usage event as a caller reports it.
+type EventInput struct {
+	CustomerID string
+	// Meter is a metered plan's meter event name from the catalog.
+	Meter string
+	// Value is the JSON number as sent; it must be whole and not negative.
+	Value float64
+	// Timestamp is when the usage happened; zero means now.
+	Timestamp  time.Time
+	Identifier string
+}
+
+// event is a validated EventInput.
+type event struct {
+	Identifier      string    `json:"identifier"`
+	CustomerID      string    `json:"customer_id"`
+	Meter           string    `json:"meter"`
+	StripeEventName string    `json:"stripe_event_name"`
+	Value           int64     `json:"value"`
+	OccurredAt      time.Time `json:"occurred_at"`
+}
+
+// Validate checks one event on its own against the catalog and Stripe's
+// limits, with timestamps judged against now. Errors: errs.Invalid naming
+// the offending field (customer_id, meter, value, timestamp, identifier).
+func (in EventInput) Validate(catalog config.Catalog, now time.Time) error {
+	_, err := in.normalize(catalog, now)
+	return err
+}
+
+func (in EventInput) normalize(catalog config.Catalog, now time.Time) (event, error) {
+	n := utf8.RuneCountInString(in.Identifier)
+	switch {
+	case n < 1 || n > MaxIdentifierLen:
+		return event{}, errs.InvalidField("/identifier", fmt.Sprintf("identifier must be 1 to %d characters, got %d", MaxIdentifierLen, n))
+	case !utf8.ValidString(in.Identifier) || strings.ContainsFunc(in.Identifier, unicode.IsControl):
+		return event{}, errs.InvalidField("/identifier", "identifier must be UTF-8 text without control characters")
+	}
+	if err := customers.ValidateID(in.CustomerID); err != nil {
+		return event{}, errs.InvalidField("/customer_id", "customer_id must be 1 to 255 characters of A-Za-z0-9_.:@-")
+	}
+	plan, ok := catalog.PlanByMeter(in.Meter)
+	if !ok {
+		return event{}, errs.InvalidField("/meter", unknownMeter(catalog, in.Meter))
+	}
+	v := in.Value
+	switch {
+	case math.IsNaN(v) || math.IsInf(v, 0):
+		return event{}, errs.InvalidField("/value", "value must be a finite number")
+	case v < 0:
+		return event{}, errs.InvalidField("/value", fmt.Sprintf("value must not be negative, got %v", v))
+	case v != math.Trunc(v):
+		return event{}, errs.InvalidField("/value", fmt.Sprintf("value must be a whole number (Stripe meter values are integers), got %v", v))
+	case v > MaxValue:
+		return event{}, errs.InvalidField("/value", fmt.Sprintf("value must be at most %d, got %.0f", int64(MaxValue), v))
+	}
+	ts := in.Timestamp
+	if ts.IsZero() {
+		ts = now
+	}
+	switch {
+	case ts.Before(now.Add(-MaxAge)):
+		return event{}, errs.InvalidField("/timestamp", fmt.Sprintf("timestamp %s is more than 35 days old; Stripe refuses it", ts.UTC().Format(time.RFC3339)))
+	case ts.After(now.Add(MaxAhead)):
+		return event{}, errs.InvalidField("/timestamp", fmt.Sprintf("timestamp %s is more than 5 minutes in the future; Stripe refuses it", ts.UTC().Format(time.RFC3339)))
+	}
+	return event{
+		Identifier:      in.Identifier,
+		CustomerID:      in.CustomerID,
+		Meter:           plan.Meter,
+		StripeEventName: plan.Meter,
+		Value:           int64(v),
+		OccurredAt:      ts.UTC(),
+	}, nil
+}
+
+func unknownMeter(catalog config.Catalog, meter string) string {
+	var known []string
+	for _, p := range catalog.Plans {
+		known = append(known, p.Meter)
+	}
+	if len(known) == 0 {
+		return fmt.Sprintf("unknown meter %q: the catalog has no metered plans", meter)
+	}
+	return fmt.Sprintf("unknown meter %q; the catalog's meters are: %s", meter, strings.Join(known, ", "))
+}
+
+// ResultStatus is the intake outcome of one event.
+type ResultStatus string
+
+// Intake outcomes.
+const (
+	ResultAccepted  ResultStatus = "accepted"
+	ResultDuplicate ResultStatus = "duplicate"
+	ResultRejected  ResultStatus = "rejected"
+)
+
+// EventResult is the outcome of one event of a batch.
+type EventResult struct {
+	Identifier string
+	Status     ResultStatus
+	// Code and Detail say why a rejected event was refused.
+	Code   errs.Code
+	Detail string
+}
+
+// IntakeResult answers a batch: counts and one result per event, in
+// request order.
+type IntakeResult struct {
+	Accepted   int
+	Duplicates int
+	Rejected   int
+	Results    []EventResult
+}
+
+// ValidateBatch checks the batch as a whole: 1 to MaxBatch events.
+// Errors: errs.Invalid.
+func ValidateBatch(evs []EventInput) error {
+	if len(evs) < 1 || len(evs) > MaxBatch {
+		return errs.InvalidField("/events", fmt.Sprintf("a batch carries 1 to %d events, got %d", MaxBatch, len(evs)))
+	}
+	return nil
+}
+
+// Ingest validates each event on its own and stores the accepted ones in one
+// transaction before returning, so an accepted event is durable. A repeated
+// identifier, whether already stored or earlier in the same batch, is
+// reported as a duplicate and stored once. Unknown customers are created;
+// events of customers without a Stripe customer are stored as
+// waiting_customer.
+//
+// With a key (non-empty Scope), the whole batch runs at most once: a repeat
+// with the same body returns the first result and replayed=true.
+//
+// Errors: errs.Invalid for a batch outside 1..MaxBatch (nothing is stored),
+// errs.IdempotencyKeyReused (same key, different batch), errs.Unavailable.
+// A bad event is never an error: it is a rejected result.
+func (s *Service) Ingest(ctx context.Context, evs []EventInput, key db.IdempotencyKey) (IntakeResult, bool, error) {
+	if err := ValidateBatch(evs); err != nil {
+		return IntakeResult{}, false, err
+	}
+	now := s.now()
+	base := IntakeResult{Results: make([]EventResult, len(evs))}
+	var candidates []event
+	var candidateAt []int
+	seen := make(map[string]bool, len(evs))
+	for i, in := range evs {
+		ev, err := in.normalize(s.catalog, now)
+		switch {
+		case err != nil:
+			e, _ := errs.As(err)
+			base.Results[i] = EventResult{Identifier: in.Identifier, Status: ResultRejected, Code: e.Code, Detail: e.Message}
+		case seen[ev.Identifier]:
+			base.Results[i] = EventResult{Identifier: in.Identifier, Status: ResultDuplicate}
+		default:
+			seen[ev.Identifier] = true
+			candidates = append(candidates, ev)
+			candidateAt = append(candidateAt, i)
+		}
+	}
+
+	// run may be called again when the transaction is retried; it starts
+	// from the validated results every time.
+	run := func(tx *gorm.DB) (IntakeResult, error) {
+		res := IntakeResult{Results: slices.Clone(base.Results)}
+		stored, err := s.store(ctx, tx, candidates, now)
+		if err != nil {
+			return IntakeResult{}, err
+		}
+		for j, ev := range candidates {
+			st := ResultDuplicate
+			if stored[ev.Identifier] {
+				st = ResultAccepted
+			}
+			res.Results[candidateAt[j]] = EventResult{Identifier: ev.Identifier, Status: st}
+		}
+		for _, r := range res.Results {
+			switch r.Status {
+			case ResultAccepted:
+				res.Accepted++
+			case ResultDuplicate:
+				res.Duplicates++
+			case ResultRejected:
+				res.Rejected++
+			}
+		}
+		return res, nil
+	}
+
+	if key.Scope == "" {
+		var res IntakeResult
+		err := db.InTx(ctx, s.db, func(tx *gorm.DB) error {
+			var err error
+			res, err = run(tx)
+			return err
+		})
+		return res, false, err
+	}
+	raw, replayed, err := db.Once(ctx, s.db, key, func(tx *gorm.DB) ([]byte, error) {
+		res, err := run(tx)
+		if err != nil {
+			return nil, err
+		}
+		return json.Marshal(res)
+	})
+	if err != nil {
+		return IntakeResult{}, false, err
+	}
+	var res IntakeResult
+	if err := json.Unmarshal(raw, &res); err != nil {
+		return IntakeResult{}, false, fmt.Errorf("metering: stored intake result: %w", err)
+	}
+	return res, replayed, nil
+}
+
+// store creates the customers it does not know yet and inserts evs,
+// skipping identifiers already stored, inside tx. It returns the
+// identifiers it inserted. Customers and events are written in sorted order
+// so that two concurrent batches take their locks in the same order and
+// cannot deadlock.
+func (s *Service) store(ctx context.Context, tx *gorm.DB, evs []event, now time.Time) (map[string]bool, error) {
+	if len(evs) == 0 {
+		return map[string]bool{}, nil
+	}
+	tx = tx.WithContext(ctx)
+	var ids []string
+	for _, ev := range evs {
+		ids = append(ids, ev.CustomerID)
+	}
+	slices.Sort(ids)
+	ids = slices.Compact(ids)
+	idsJSON, _ := json.Marshal(ids)
+	var known []string
+	if err := tx.Raw(`SELECT id FROM customers WHERE id IN (SELECT jsonb_array_elements_text(?::jsonb))`, string(idsJSON)).
+		Scan(&known).Error; err != nil {
+		return nil, db.Translate(err, nil)
+	}
+	isKnown := make(map[string]bool, len(known))
+	for _, id := range known {
+		isKnown[id] = true
+	}
+	for _, id := range ids {
+		if isKnown[id] {
+			continue
+		}
+		if _, err := customers.Ensure(ctx, tx, id, now); err != nil {
+			return nil, err
+		}
+	}
+
+	rows := slices.Clone(evs)
+	slices.SortFunc(rows, func(a, b event) int { return strings.Compare(a.Identifier, b.Identifier) })
+	rowsJSON, err := json.Marshal(rows)
+	if err != nil {
+		return nil, fmt.Errorf("metering: encode events: %w", err)
+	}
+	var inserted []string
+	err = tx.Raw(`
+		INSERT INTO usage_events (identifier, customer_id, meter, stripe_event_name, value, occurred_at,
+			status, next_attempt_at, created_at, updated_at)
+		SELECT r.identifier, r.customer_id, r.meter, r.stripe_event_name, r.value, r.occurred_at,
+			CASE WHEN c.stripe_customer_id IS NULL THEN 'waiting_customer' ELSE 'pending' END, ?, ?, ?
+		FROM jsonb_to_recordset(?::jsonb) AS r(identifier text, customer_id text, meter text,
+			stripe_event_name text, value bigint, occurred_at timestamptz)
+		JOIN customers c ON c.id = r.customer_id
+		ORDER BY r.identifier
+		ON CONFLICT (identifier) DO NOTHING
+		RETURNING identifier`, now, now, now, string(rowsJSON)).Scan(&inserted).Error
+	if err != nil {
+		return nil, db.Translate(err, constraints)
+	}
+	out := make(map[string]bool, len(inserted))
+	for _, id := range inserted {
+		out[id] = true
+	}
+	return out, nil
+}
+
+var constraints = map[string]errs.Code{
+	"usage_events_value_nonnegative": errs.Invalid,
+	"usage_events_identifier_length": errs.Invalid,
+	"usage_events_customer_fkey":     errs.NotFound,
+}

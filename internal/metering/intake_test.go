@@ -1,0 +1,227 @@
+package metering_test
+
+import (
+	"context"
+	"fmt"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/tallybilling/tally/internal/db"
+	"github.com/tallybilling/tally/internal/errs"
+	"github.com/tallybilling/tally/internal/metering"
+)
+
+func TestIngestRejectsEachBadEventAndStoresTheRest(t *testing.T) {
+	e := newEnv(t)
+	now := time.Now()
+	link(t, e.db, "alice")
+	cases := []struct {
+		in       metering.EventInput
+		wantText string // in the detail; "" means accepted
+	}{
+		{ev("alice", "ok-1", 3), ""},
+		{metering.EventInput{CustomerID: "alice", Meter: testMeter, Value: 1, Identifier: "old", Timestamp: now.Add(-36 * 24 * time.Hour)}, "more than 35 days old"},
+		{metering.EventInput{CustomerID: "alice", Meter: testMeter, Value: 1, Identifier: "ahead", Timestamp: now.Add(6 * time.Minute)}, "more than 5 minutes in the future"},
+		{ev("alice", "fraction", 1.5), "whole number"},
+		{ev("alice", "negative", -1), "must not be negative"},
+		{ev("alice", "huge", 1e16), "at most 9007199254740991"},
+		{metering.EventInput{CustomerID: "alice", Meter: "nope", Value: 1, Identifier: "meter"}, `unknown meter "nope"`},
+		{ev("bad customer!", "customer", 1), "customer_id"},
+		{ev("alice", "", 1), "identifier must be 1 to 100"},
+		{ev("alice", strings.Repeat("x", 101), 1), "identifier must be 1 to 100"},
+		{ev("alice", "nul\x00", 1), "control characters"},
+		{metering.EventInput{CustomerID: "alice", Meter: testMeter, Value: 0, Identifier: "ok-2", Timestamp: now.Add(-34 * 24 * time.Hour)}, ""},
+		{metering.EventInput{CustomerID: "alice", Meter: testMeter, Value: 7, Identifier: "ok-3", Timestamp: now.Add(4 * time.Minute)}, ""},
+	}
+	in := make([]metering.EventInput, len(cases))
+	for i, c := range cases {
+		in[i] = c.in
+	}
+	res := ingest(t, e.svc, in...)
+	if res.Accepted != 3 || res.Rejected != len(cases)-3 || res.Duplicates != 0 {
+		t.Fatalf("counts accepted=%d rejected=%d duplicates=%d, want 3, %d, 0", res.Accepted, res.Rejected, res.Duplicates, len(cases)-3)
+	}
+	for i, c := range cases {
+		r := res.Results[i]
+		if r.Identifier != c.in.Identifier {
+			t.Errorf("result %d is for %q, want %q (request order)", i, r.Identifier, c.in.Identifier)
+		}
+		if c.wantText == "" {
+			if r.Status != metering.ResultAccepted {
+				t.Errorf("%q: status %s (%s), want accepted", c.in.Identifier, r.Status, r.Detail)
+			}
+			continue
+		}
+		if r.Status != metering.ResultRejected || r.Code != errs.Invalid || !strings.Contains(r.Detail, c.wantText) {
+			t.Errorf("%q: got %s %s %q, want rejected invalid_request mentioning %q", c.in.Identifier, r.Status, r.Code, r.Detail, c.wantText)
+		}
+	}
+	if n := countRows(t, e.db, `true`); n != 3 {
+		t.Errorf("%d rows stored, want only the 3 accepted", n)
+	}
+	if n := countRows(t, e.db, `identifier IN ('ok-1','ok-2','ok-3') AND status = 'pending'`); n != 3 {
+		t.Errorf("%d accepted events of a linked customer pending, want 3", n)
+	}
+}
+
+func TestIngestBatchOutsideLimitsStoresNothing(t *testing.T) {
+	e := newEnv(t)
+	for _, n := range []int{0, metering.MaxBatch + 1} {
+		evs := make([]metering.EventInput, n)
+		for i := range evs {
+			evs[i] = ev("bob", fmt.Sprintf("b-%d", i), 1)
+		}
+		_, _, err := e.svc.Ingest(context.Background(), evs, db.IdempotencyKey{})
+		if !errs.Is(err, errs.Invalid) {
+			t.Errorf("batch of %d: error %v, want invalid_request", n, err)
+		}
+	}
+	if n := countRows(t, e.db, `true`); n != 0 {
+		t.Errorf("%d rows stored, want 0", n)
+	}
+	var customers int64
+	e.db.Raw(`SELECT count(*) FROM customers`).Scan(&customers)
+	if customers != 0 {
+		t.Errorf("%d customers created by refused batches, want 0", customers)
+	}
+}
+
+func TestIngestDuplicatesAreStoredOnce(t *testing.T) {
+	e := newEnv(t)
+	res := ingest(t, e.svc, ev("carol", "d-1", 1), ev("carol", "d-2", 2), ev("carol", "d-1", 5))
+	if res.Accepted != 2 || res.Duplicates != 1 || res.Results[2].Status != metering.ResultDuplicate {
+		t.Fatalf("first batch: %+v, want 2 accepted and the repeat of d-1 a duplicate", res)
+	}
+	res = ingest(t, e.svc, ev("carol", "d-2", 9), ev("carol", "d-3", 3))
+	if res.Accepted != 1 || res.Duplicates != 1 || res.Results[0].Status != metering.ResultDuplicate {
+		t.Fatalf("second batch: %+v, want d-2 a duplicate and d-3 accepted", res)
+	}
+	var total int64
+	e.db.Raw(`SELECT sum(value) FROM usage_events`).Scan(&total)
+	if n := countRows(t, e.db, `true`); n != 3 || total != 6 {
+		t.Errorf("%d rows summing to %d, want 3 rows summing to 6 (first copies win)", n, total)
+	}
+}
+
+// Many clients posting overlapping batches at once: every identifier is
+// stored once, and exactly one post reports it accepted.
+func TestIngestConcurrentOverlappingBatches(t *testing.T) {
+	e := newEnv(t)
+	const posters, perBatch = 12, 100
+	var mu sync.Mutex
+	accepted := map[string]int{}
+	var wg sync.WaitGroup
+	for p := range posters {
+		wg.Go(func() {
+			// Poster p covers identifiers [p*50, p*50+100): each overlaps its neighbours.
+			evs := make([]metering.EventInput, perBatch)
+			for i := range evs {
+				n := p*perBatch/2 + i
+				evs[i] = ev(fmt.Sprintf("cust-%d", n%7), fmt.Sprintf("c-%04d", n), 1)
+			}
+			res, _, err := e.svc.Ingest(context.Background(), evs, db.IdempotencyKey{})
+			if err != nil {
+				t.Errorf("poster %d: %v", p, err)
+				return
+			}
+			mu.Lock()
+			defer mu.Unlock()
+			for _, r := range res.Results {
+				if r.Status == metering.ResultAccepted {
+					accepted[r.Identifier]++
+				}
+			}
+		})
+	}
+	wg.Wait()
+	distinct := (posters + 1) * perBatch / 2
+	if len(accepted) != distinct {
+		t.Errorf("%d identifiers accepted, want %d", len(accepted), distinct)
+	}
+	for id, n := range accepted {
+		if n != 1 {
+			t.Errorf("%s accepted by %d posts, want 1", id, n)
+		}
+	}
+	if n := countRows(t, e.db, `true`); n != int64(distinct) {
+		t.Errorf("%d rows, want %d", n, distinct)
+	}
+}
+
+func TestIngestIdempotencyKeyReplaysWholeBatch(t *testing.T) {
+	e := newEnv(t)
+	key := func(body string) db.IdempotencyKey {
+		return db.IdempotencyKey{Scope: "key:test", Key: "batch-1", RequestHash: db.HashRequest([]byte(body))}
+	}
+	batch := []metering.EventInput{ev("dan", "k-1", 1), ev("dan", "k-2", 2)}
+	first, replayed, err := e.svc.Ingest(context.Background(), batch, key("a"))
+	if err != nil || replayed || first.Accepted != 2 {
+		t.Fatalf("first: %+v replayed=%v err=%v", first, replayed, err)
+	}
+	again, replayed, err := e.svc.Ingest(context.Background(), batch, key("a"))
+	if err != nil || !replayed || again.Accepted != 2 || again.Duplicates != 0 {
+		t.Fatalf("replay: %+v replayed=%v err=%v, want the first answer (2 accepted) replayed", again, replayed, err)
+	}
+	_, _, err = e.svc.Ingest(context.Background(), []metering.EventInput{ev("dan", "k-3", 1)}, key("b"))
+	if !errs.Is(err, errs.IdempotencyKeyReused) {
+		t.Fatalf("same key, other body: %v, want idempotency_key_reused", err)
+	}
+	if n := countRows(t, e.db, `true`); n != 2 {
+		t.Errorf("%d rows, want 2", n)
+	}
+}
+
+func TestIngestUnknownCustomerIsCreatedAndWaits(t *testing.T) {
+	e := newEnv(t)
+	ingest(t, e.svc, ev("erin", "w-1", 4))
+	got, err := e.svc.Get(context.Background(), "w-1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got.Status != metering.StatusWaitingCustomer || got.CustomerID != "erin" || got.Value != 4 {
+		t.Errorf("event %+v, want erin's value 4 waiting_customer", got)
+	}
+	if _, err := e.svc.Get(context.Background(), "missing"); !errs.Is(err, errs.NotFound) {
+		t.Errorf("unknown identifier: %v, want not_found", err)
+	}
+}
+
+// FuzzValidateEvent feeds event validation arbitrary input: it must never
+// panic, and whatever it accepts must meet Stripe's limits.
+func FuzzValidateEvent(f *testing.F) {
+	f.Add("alice", testMeter, 1.0, "id-1", int64(0))
+	f.Add("alice", testMeter, 1.5, "id-2", int64(-60))
+	f.Add("alice", testMeter, -1.0, "id-3", int64(60))
+	f.Add("a:b@c.d", "unknown", 0.0, "", int64(-36*24*3600))
+	f.Add("", testMeter, 9007199254740993.0, strings.Repeat("é", 100), int64(301))
+	f.Add("x", otherMeter, 1e300, "nul\x00", int64(299))
+	cat := testCatalog()
+	now := time.Date(2026, 11, 23, 12, 0, 0, 0, time.UTC)
+	f.Fuzz(func(t *testing.T, customer, meter string, value float64, identifier string, offset int64) {
+		in := metering.EventInput{CustomerID: customer, Meter: meter, Value: value, Identifier: identifier}
+		if offset != 0 {
+			in.Timestamp = now.Add(time.Duration(offset) * time.Second)
+		}
+		err := in.Validate(cat, now)
+		if err != nil {
+			if !errs.Is(err, errs.Invalid) {
+				t.Fatalf("error %v is not invalid_request", err)
+			}
+			return
+		}
+		if value < 0 || value != float64(int64(value)) || value > metering.MaxValue {
+			t.Fatalf("accepted value %v", value)
+		}
+		if n := len([]rune(identifier)); n < 1 || n > metering.MaxIdentifierLen {
+			t.Fatalf("accepted identifier of %d characters", n)
+		}
+		if _, ok := cat.PlanByMeter(meter); !ok {
+			t.Fatalf("accepted unknown meter %q", meter)
+		}
+		if d := time.Duration(offset) * time.Second; d < -metering.MaxAge || d > metering.MaxAhead {
+			t.Fatalf("accepted timestamp offset %s", d)
+		}
+	})
+}

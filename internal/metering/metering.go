@@ -1,0 +1,91 @@
+// Package metering owns usage events: durable intake, delivery to Stripe
+// Billing Meters, local totals and reconciliation with Stripe's summaries.
+//
+// The usage_events table is an outbox. Intake validates every event against
+// Stripe's own limits and commits the accepted ones before answering, so
+// accepted means durable. A Worker on every instance claims due rows with
+// FOR UPDATE SKIP LOCKED and a lease, sends them outside any transaction under
+// the caller's identifier (Stripe dedupes on it, which makes every resend
+// safe), and records the outcome. Events of customers without a Stripe
+// customer wait as waiting_customer until the link appears.
+package metering
+
+import (
+	"context"
+	"time"
+
+	"gorm.io/gorm"
+
+	"github.com/tallybilling/tally/internal/config"
+	"github.com/tallybilling/tally/internal/stripeapi"
+)
+
+// Status is where a usage event is in its life.
+type Status string
+
+// The statuses of a usage event (openapi.yaml UsageStatus).
+const (
+	// StatusPending: to be sent to Stripe when due.
+	StatusPending Status = "pending"
+	// StatusWaitingCustomer: the customer has no Stripe customer yet; the
+	// worker releases the event once it has one.
+	StatusWaitingCustomer Status = "waiting_customer"
+	// StatusDelivered: Stripe accepted it, or already held its identifier.
+	StatusDelivered Status = "delivered"
+	// StatusDead: Stripe refused it, or attempts ran out; an operator may
+	// requeue it.
+	StatusDead Status = "dead"
+)
+
+// Valid reports whether s is one of the four statuses.
+func (s Status) Valid() bool {
+	switch s {
+	case StatusPending, StatusWaitingCustomer, StatusDelivered, StatusDead:
+		return true
+	}
+	return false
+}
+
+// Service is the metering capability: intake, reads, requeue and
+// reconciliation. Delivery is the Worker's.
+type Service struct {
+	db      *gorm.DB
+	stripe  stripeapi.Client // nil when Stripe is not configured
+	catalog config.Catalog
+	now     func() time.Time
+}
+
+// NewService returns a Service. stripe may be nil when no Stripe key is
+// configured: intake and reads still work, Reconcile answers unavailable.
+// now is the clock that intake checks timestamps against.
+func NewService(gdb *gorm.DB, stripe stripeapi.Client, catalog config.Catalog, now func() time.Time) *Service {
+	if now == nil {
+		now = time.Now
+	}
+	return &Service{db: gdb, stripe: stripe, catalog: catalog, now: now}
+}
+
+// UsageEvent is one stored usage event and its delivery state.
+type UsageEvent struct {
+	Identifier string
+	CustomerID string
+	Meter      string
+	Value      int64
+	Timestamp  time.Time
+	Status     Status
+	// Attempts counts the sends Stripe answered (or that timed out); a 429
+	// or a released claim does not count.
+	Attempts  int
+	LastError string
+	// NextAttemptAt is set for pending events only.
+	NextAttemptAt *time.Time
+	DeliveredAt   *time.Time
+	CreatedAt     time.Time
+}
+
+// withTimeout is ctx without its cancellation, bounded by d: the work it
+// guards (a Stripe call in flight, recording its outcome) must finish even
+// when shutdown has begun, or the outcome would be lost.
+func withTimeout(ctx context.Context, d time.Duration) (context.Context, context.CancelFunc) {
+	return context.WithTimeout(context.WithoutCancel(ctx), d)
+}

@@ -1,0 +1,242 @@
+package metering
+
+import (
+	"context"
+	"encoding/base64"
+	"encoding/json"
+	"fmt"
+	"strings"
+	"time"
+
+	"github.com/tallybilling/tally/internal/customers"
+	"github.com/tallybilling/tally/internal/db"
+	"github.com/tallybilling/tally/internal/errs"
+)
+
+type eventRow struct {
+	Identifier    string
+	CustomerID    string
+	Meter         string
+	Value         int64
+	OccurredAt    time.Time
+	Status        string
+	Attempts      int
+	LastError     *string
+	NextAttemptAt time.Time
+	DeliveredAt   *time.Time
+	CreatedAt     time.Time
+}
+
+const eventColumns = `identifier, customer_id, meter, value, occurred_at, status, attempts, last_error,
+	next_attempt_at, delivered_at, created_at`
+
+func (r eventRow) usageEvent() UsageEvent {
+	ev := UsageEvent{
+		Identifier:  r.Identifier,
+		CustomerID:  r.CustomerID,
+		Meter:       r.Meter,
+		Value:       r.Value,
+		Timestamp:   r.OccurredAt,
+		Status:      Status(r.Status),
+		Attempts:    r.Attempts,
+		DeliveredAt: r.DeliveredAt,
+		CreatedAt:   r.CreatedAt,
+	}
+	if r.LastError != nil {
+		ev.LastError = *r.LastError
+	}
+	if ev.Status == StatusPending {
+		next := r.NextAttemptAt
+		ev.NextAttemptAt = &next
+	}
+	return ev
+}
+
+// Get returns the usage event with this identifier. Errors: errs.NotFound,
+// errs.Unavailable.
+func (s *Service) Get(ctx context.Context, identifier string) (UsageEvent, error) {
+	var rows []eventRow
+	if err := s.db.WithContext(ctx).Raw(`SELECT `+eventColumns+` FROM usage_events WHERE identifier = ?`, identifier).
+		Scan(&rows).Error; err != nil {
+		return UsageEvent{}, db.Translate(err, nil)
+	}
+	if len(rows) == 0 {
+		return UsageEvent{}, errs.E(errs.NotFound, "usage event %q not found", identifier)
+	}
+	return rows[0].usageEvent(), nil
+}
+
+// TotalsQuery selects a customer's usage: one meter or all (Meter ""), over
+// [From, To). A zero To means now; a zero From means 30 days before To.
+type TotalsQuery struct {
+	CustomerID string
+	Meter      string
+	From, To   time.Time
+}
+
+// MeterTotal is the usage of one meter: the sum of the values and the
+// number of events.
+type MeterTotal struct {
+	Meter  string
+	Total  int64
+	Events int64
+}
+
+// Totals is a customer's usage per meter over [From, To).
+type Totals struct {
+	CustomerID string
+	From, To   time.Time
+	Meters     []MeterTotal
+}
+
+// DefaultTotalsSpan is the window Totals covers when From is not given.
+const DefaultTotalsSpan = 30 * 24 * time.Hour
+
+// Totals sums a customer's usage per meter, by the events' own timestamps,
+// over events that count toward the bill: delivered, pending and
+// waiting_customer ones. Dead events are left out, since Stripe does not
+// have them; they are counted again once requeued. A meter asked for by name
+// is always in the answer, with zeros when nothing was reported.
+//
+// Errors: errs.NotFound for an unknown customer, errs.Invalid when From is
+// not before To, errs.Unavailable.
+func (s *Service) Totals(ctx context.Context, q TotalsQuery) (Totals, error) {
+	if err := customers.ValidateID(q.CustomerID); err != nil {
+		return Totals{}, err
+	}
+	if q.To.IsZero() {
+		q.To = s.now()
+	}
+	if q.From.IsZero() {
+		q.From = q.To.Add(-DefaultTotalsSpan)
+	}
+	if !q.From.Before(q.To) {
+		return Totals{}, errs.InvalidField("from", "from must be before to")
+	}
+	if _, err := customers.Get(ctx, s.db, q.CustomerID); err != nil {
+		return Totals{}, err
+	}
+	var rows []struct {
+		Meter  string
+		Total  int64
+		Events int64
+	}
+	err := s.db.WithContext(ctx).Raw(`
+		SELECT meter, COALESCE(sum(value), 0)::bigint AS total, count(*) AS events
+		FROM usage_events
+		WHERE customer_id = ? AND (? = '' OR meter = ?)
+		  AND occurred_at >= ? AND occurred_at < ?
+		  AND status IN ('pending', 'waiting_customer', 'delivered')
+		GROUP BY meter
+		ORDER BY meter`, q.CustomerID, q.Meter, q.Meter, q.From, q.To).Scan(&rows).Error
+	if err != nil {
+		return Totals{}, db.Translate(err, nil)
+	}
+	out := Totals{CustomerID: q.CustomerID, From: q.From.UTC(), To: q.To.UTC(), Meters: []MeterTotal{}}
+	for _, r := range rows {
+		out.Meters = append(out.Meters, MeterTotal(r))
+	}
+	if q.Meter != "" && len(out.Meters) == 0 {
+		out.Meters = append(out.Meters, MeterTotal{Meter: q.Meter})
+	}
+	return out, nil
+}
+
+// ListQuery selects a page of usage events: one status or all (Status ""),
+// in the order they were accepted.
+type ListQuery struct {
+	Status Status
+	Cursor string
+	Limit  int
+}
+
+// Page is a page of usage events; Next is "" on the last page.
+type Page struct {
+	Events []UsageEvent
+	Next   string
+}
+
+type listCursor struct {
+	CreatedAt  time.Time `json:"c"`
+	Identifier string    `json:"i"`
+}
+
+// List pages through usage events, oldest first (the dead-letter queue for
+// operators). Errors: errs.Invalid (bad status, limit or cursor),
+// errs.Unavailable.
+func (s *Service) List(ctx context.Context, q ListQuery) (Page, error) {
+	if q.Status != "" && !q.Status.Valid() {
+		return Page{}, errs.InvalidField("status", fmt.Sprintf("unknown status %q", q.Status))
+	}
+	if q.Limit < 1 || q.Limit > 500 {
+		return Page{}, errs.InvalidField("limit", "limit must be between 1 and 500")
+	}
+	var after listCursor
+	if q.Cursor != "" {
+		raw, err := base64.RawURLEncoding.DecodeString(q.Cursor)
+		if err != nil || json.Unmarshal(raw, &after) != nil || after.Identifier == "" {
+			return Page{}, errs.InvalidField("cursor", "malformed cursor; pass back a next_cursor returned by this list")
+		}
+	}
+	var rows []eventRow
+	err := s.db.WithContext(ctx).Raw(`SELECT `+eventColumns+` FROM usage_events
+		WHERE (? = '' OR status = ?) AND (? = '' OR (created_at, identifier) > (?, ?))
+		ORDER BY created_at, identifier
+		LIMIT ?`, string(q.Status), string(q.Status), after.Identifier, after.CreatedAt, after.Identifier, q.Limit+1).
+		Scan(&rows).Error
+	if err != nil {
+		return Page{}, db.Translate(err, nil)
+	}
+	page := Page{Events: make([]UsageEvent, 0, min(len(rows), q.Limit))}
+	for i, r := range rows {
+		if i == q.Limit {
+			last := rows[i-1]
+			raw, _ := json.Marshal(listCursor{CreatedAt: last.CreatedAt, Identifier: last.Identifier})
+			page.Next = base64.RawURLEncoding.EncodeToString(raw)
+			break
+		}
+		page.Events = append(page.Events, r.usageEvent())
+	}
+	return page, nil
+}
+
+// RequeueInput names the dead events to send again: some by identifier, or
+// all of them; exactly one of the two.
+type RequeueInput struct {
+	Identifiers []string
+	AllDead     bool
+}
+
+// Requeue moves dead events back to pending (or to waiting_customer if the
+// customer has no Stripe customer) with their attempts reset, due now. Events
+// that are not dead are left alone and not counted. It returns how many
+// were requeued. Errors: errs.Invalid unless exactly one of Identifiers and
+// AllDead is given, errs.Unavailable.
+func (s *Service) Requeue(ctx context.Context, in RequeueInput) (int64, error) {
+	if (len(in.Identifiers) > 0) == in.AllDead {
+		return 0, errs.E(errs.Invalid, "give either identifiers or all_dead: true, not both and not neither")
+	}
+	if len(in.Identifiers) > MaxBatch {
+		return 0, errs.InvalidField("/identifiers", fmt.Sprintf("at most %d identifiers at once", MaxBatch))
+	}
+	for _, id := range in.Identifiers {
+		if id == "" || strings.ContainsRune(id, 0) {
+			return 0, errs.InvalidField("/identifiers", "identifiers must be non-empty text")
+		}
+	}
+	ids, _ := json.Marshal(in.Identifiers)
+	now := s.now()
+	res := s.db.WithContext(ctx).Exec(`
+		UPDATE usage_events u SET
+			status = CASE WHEN c.stripe_customer_id IS NULL THEN 'waiting_customer' ELSE 'pending' END,
+			attempts = 0, next_attempt_at = ?, last_error = NULL, lease_until = NULL, claimed_by = NULL,
+			updated_at = ?
+		FROM customers c
+		WHERE c.id = u.customer_id AND u.status = 'dead'
+		  AND (? OR u.identifier IN (SELECT jsonb_array_elements_text(?::jsonb)))`,
+		now, now, in.AllDead, string(ids))
+	if res.Error != nil {
+		return 0, db.Translate(res.Error, nil)
+	}
+	return res.RowsAffected, nil
+}

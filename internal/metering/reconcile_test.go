@@ -1,0 +1,98 @@
+package metering_test
+
+import (
+	"context"
+	"testing"
+	"time"
+
+	"github.com/tallybilling/tally/internal/errs"
+	"github.com/tallybilling/tally/internal/metering"
+)
+
+// Stripe's summary differs for one customer: the reconciliation names that
+// customer, and only that one, with the difference.
+func TestReconcileNamesTheDriftingCustomer(t *testing.T) {
+	e := newEnv(t)
+	ctx := context.Background()
+	now := time.Now()
+	for _, c := range []string{"mia", "noah", "olga"} {
+		link(t, e.db, c)
+	}
+	at := func(ago time.Duration) time.Time { return now.Add(-ago) }
+	ingest(t, e.svc,
+		metering.EventInput{CustomerID: "mia", Meter: testMeter, Value: 5, Identifier: "r-1", Timestamp: at(20 * time.Minute)},
+		metering.EventInput{CustomerID: "mia", Meter: testMeter, Value: 7, Identifier: "r-2", Timestamp: at(10 * time.Minute)},
+		metering.EventInput{CustomerID: "noah", Meter: testMeter, Value: 11, Identifier: "r-3", Timestamp: at(15 * time.Minute)},
+		metering.EventInput{CustomerID: "olga", Meter: testMeter, Value: 4, Identifier: "r-4", Timestamp: at(12 * time.Minute)},
+		// Another meter and an event outside the window do not count.
+		metering.EventInput{CustomerID: "noah", Meter: otherMeter, Value: 100, Identifier: "r-5", Timestamp: at(15 * time.Minute)},
+		metering.EventInput{CustomerID: "noah", Meter: testMeter, Value: 1000, Identifier: "r-6", Timestamp: at(3 * time.Hour)},
+	)
+	w := metering.NewWorker(e.db, newClient(t, e.fake, 0), fastConfig(), fastOptions(t))
+	if _, err := w.RunOnce(ctx); err != nil {
+		t.Fatal(err)
+	}
+	assertDeliveredOnce(t, e, []string{"r-1", "r-2", "r-3", "r-4", "r-5", "r-6"})
+
+	from, to := now.Add(-time.Hour), now.Add(time.Hour) // to in the future: clamped to now
+	rec, err := e.svc.Reconcile(ctx, testMeter, from, to)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if rec.Checked != 3 || len(rec.Mismatches) != 0 {
+		t.Fatalf("before any drift: %+v, want 3 customers checked and no mismatch", rec)
+	}
+	if !rec.From.Equal(from.UTC().Truncate(time.Minute)) || rec.To.After(now) || rec.To.Second() != 0 || rec.To.Nanosecond() != 0 {
+		t.Errorf("window %s..%s: want from floored to the minute and to clamped to now, floored", rec.From, rec.To)
+	}
+
+	e.fake.SetSummaryOverride("cus_noah", 9)
+	rec, err = e.svc.Reconcile(ctx, testMeter, from, to)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := metering.Mismatch{CustomerID: "noah", LocalTotal: 11, StripeTotal: 9, Difference: -2}
+	if rec.Checked != 3 || len(rec.Mismatches) != 1 || rec.Mismatches[0] != want {
+		t.Fatalf("reconciliation %+v, want 3 checked and exactly %+v", rec, want)
+	}
+
+	if _, err := e.svc.Reconcile(ctx, "nope", from, to); !errs.Is(err, errs.Invalid) {
+		t.Errorf("unknown meter: %v, want invalid_request", err)
+	}
+	if _, err := e.svc.Reconcile(ctx, testMeter, now.Truncate(time.Minute), now.Truncate(time.Minute).Add(30*time.Second)); !errs.Is(err, errs.Invalid) {
+		t.Errorf("window shorter than a minute: %v, want invalid_request", err)
+	}
+}
+
+func TestTotalsCountEverythingButDead(t *testing.T) {
+	e := newEnv(t)
+	ctx := context.Background()
+	now := time.Now()
+	link(t, e.db, "pia")
+	ingest(t, e.svc,
+		metering.EventInput{CustomerID: "pia", Meter: testMeter, Value: 3, Identifier: "t-1", Timestamp: now.Add(-time.Hour)},
+		metering.EventInput{CustomerID: "pia", Meter: testMeter, Value: 4, Identifier: "t-2", Timestamp: now.Add(-2 * time.Hour)},
+		metering.EventInput{CustomerID: "pia", Meter: otherMeter, Value: 10, Identifier: "t-3", Timestamp: now.Add(-time.Hour)},
+		metering.EventInput{CustomerID: "pia", Meter: testMeter, Value: 50, Identifier: "t-dead", Timestamp: now.Add(-time.Hour)},
+	)
+	e.db.Exec(`UPDATE usage_events SET status = 'dead' WHERE identifier = 't-dead'`)
+
+	got, err := e.svc.Totals(ctx, metering.TotalsQuery{CustomerID: "pia"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []metering.MeterTotal{{Meter: testMeter, Total: 7, Events: 2}, {Meter: otherMeter, Total: 10, Events: 1}}
+	if len(got.Meters) != 2 || got.Meters[0] != want[0] || got.Meters[1] != want[1] {
+		t.Errorf("totals %+v, want %+v", got.Meters, want)
+	}
+	got, err = e.svc.Totals(ctx, metering.TotalsQuery{CustomerID: "pia", Meter: testMeter, From: now.Add(-90 * time.Minute)})
+	if err != nil || len(got.Meters) != 1 || got.Meters[0] != (metering.MeterTotal{Meter: testMeter, Total: 3, Events: 1}) {
+		t.Errorf("one meter, last 90 minutes: %+v %v, want 3 from one event", got.Meters, err)
+	}
+	if _, err := e.svc.Totals(ctx, metering.TotalsQuery{CustomerID: "nobody"}); !errs.Is(err, errs.NotFound) {
+		t.Errorf("unknown customer: %v, want not_found", err)
+	}
+	if _, err := e.svc.Totals(ctx, metering.TotalsQuery{CustomerID: "pia", From: now, To: now.Add(-time.Hour)}); !errs.Is(err, errs.Invalid) {
+		t.Errorf("from after to: %v, want invalid_request", err)
+	}
+}

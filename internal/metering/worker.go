@@ -1,0 +1,678 @@
+package metering
+
+import (
+	"cmp"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"golang.org/x/time/rate"
+	"gorm.io/gorm"
+
+	"github.com/tallybilling/tally/internal/config"
+	"github.com/tallybilling/tally/internal/db"
+	"github.com/tallybilling/tally/internal/errs"
+	"github.com/tallybilling/tally/internal/events"
+	"github.com/tallybilling/tally/internal/stripeapi"
+)
+
+// WorkerOptions tunes a Worker; every zero field takes its default.
+type WorkerOptions struct {
+	Logger *slog.Logger
+	// Now is the clock for due times and leases; default time.Now.
+	Now func() time.Time
+	// Registerer receives the worker's metrics; nil keeps them unregistered.
+	Registerer prometheus.Registerer
+	// Name identifies this instance in claimed_by; default a fresh id.
+	Name string
+	// BackoffBase and BackoffMax shape the retry delay after a 5xx, timeout
+	// or network failure: a uniformly random delay in [0, min(BackoffMax,
+	// BackoffBase·2^(attempts-1))] ("full jitter"). Defaults 2s and 30m, so
+	// the default 10 attempts span up to about half an hour of outage.
+	BackoffBase time.Duration
+	BackoffMax  time.Duration
+	// SendTimeout bounds one Stripe request, including one still in flight
+	// when shutdown begins; default 20s.
+	SendTimeout time.Duration
+	// SessionRenewBefore is how long before its expiry a v2 meter event
+	// session is replaced; default 1m.
+	SessionRenewBefore time.Duration
+	// Concurrency is how many customer+meter groups the v1 transport sends
+	// at once; default RateLimit/4, at least 8 and at most 128. Events of
+	// one customer and meter are always sent one after the other (Stripe
+	// allows one concurrent call per pair).
+	Concurrency int
+	// RateLimitPause is how long sending pauses after a 429 without
+	// Retry-After; default 1s.
+	RateLimitPause time.Duration
+	// AuthPause is how long sending pauses after Stripe refuses our key
+	// (401, 403); default 1m. A wrong key is the operator's to fix, not the
+	// events' fault, so it neither counts attempts nor dead-letters.
+	AuthPause time.Duration
+}
+
+// Worker delivers usage events to Stripe. Run one on every instance: claims
+// are exclusive (FOR UPDATE SKIP LOCKED plus a lease), and a claim whose
+// worker died expires and is taken over. The rate limit is per Worker.
+type Worker struct {
+	db     *gorm.DB
+	client stripeapi.Client
+	cfg    config.MeteringConfig
+	opts   WorkerOptions
+	log    *slog.Logger
+	now    func() time.Time
+	m      *metrics
+
+	limiter *rate.Limiter
+	lease   time.Duration
+	seq     atomic.Uint64
+
+	mu          sync.Mutex
+	pausedUntil time.Time
+	session     stripeapi.MeterEventSession
+	gaugesAt    time.Time
+}
+
+// recordTimeout bounds writing one outcome, also during shutdown.
+const recordTimeout = 10 * time.Second
+
+// releaseLimit bounds how many waiting events one round releases, so a
+// large backlog is moved in short statements.
+const releaseLimit = 5000
+
+// NewWorker returns a Worker sending through client with cfg's transport,
+// rate limit, batch size, attempts and poll interval.
+func NewWorker(gdb *gorm.DB, client stripeapi.Client, cfg config.MeteringConfig, opts WorkerOptions) *Worker {
+	if opts.Logger == nil {
+		opts.Logger = slog.New(slog.DiscardHandler)
+	}
+	if opts.Now == nil {
+		opts.Now = time.Now
+	}
+	if opts.Name == "" {
+		opts.Name = db.NewID("wrk")
+	}
+	opts.BackoffBase = cmp.Or(opts.BackoffBase, 2*time.Second)
+	opts.BackoffMax = cmp.Or(opts.BackoffMax, 30*time.Minute)
+	opts.SendTimeout = cmp.Or(opts.SendTimeout, 20*time.Second)
+	opts.SessionRenewBefore = cmp.Or(opts.SessionRenewBefore, time.Minute)
+	if opts.Concurrency == 0 {
+		// Enough requests in flight to reach the rate limit at ~250ms per
+		// Stripe call, within bounds.
+		opts.Concurrency = min(max(int(math.Ceil(cmp.Or(cfg.RateLimit, 20)/4)), 8), 128)
+	}
+	opts.RateLimitPause = cmp.Or(opts.RateLimitPause, time.Second)
+	opts.AuthPause = cmp.Or(opts.AuthPause, time.Minute)
+	cfg.BatchSize = cmp.Or(cfg.BatchSize, 100)
+	cfg.MaxAttempts = cmp.Or(cfg.MaxAttempts, 10)
+	cfg.PollInterval = cmp.Or(cfg.PollInterval, time.Second)
+	cfg.RateLimit = cmp.Or(cfg.RateLimit, 20)
+	cfg.Transport = cmp.Or(cfg.Transport, config.MeterTransportV1)
+
+	// A claim must outlive the sends it covers: the batch at the rate limit,
+	// plus a request in flight on either side. Sends stop one SendTimeout
+	// before it ends, so no two instances ever send the same claim at once.
+	batchTime := time.Duration(float64(cfg.BatchSize) / cfg.RateLimit * float64(time.Second+jitterMargin))
+	return &Worker{
+		db:      gdb,
+		client:  client,
+		cfg:     cfg,
+		opts:    opts,
+		log:     opts.Logger.With("worker", "usage-delivery", "instance", opts.Name),
+		now:     opts.Now,
+		m:       newMetrics(opts.Registerer),
+		limiter: rate.NewLimiter(paced(cfg.RateLimit), 1),
+		lease:   batchTime + 2*opts.SendTimeout + 10*time.Second,
+	}
+}
+
+// jitterMargin is the slack paced leaves for network and scheduling jitter.
+const jitterMargin = 100 * time.Millisecond
+
+// paced is the request rate that keeps Stripe's count of arrivals in any
+// one-second window at or below limit. Stripe counts arrivals; we control
+// only departures. Spacing departures exactly 1/limit apart puts limit+1 of
+// them exactly one second apart, so a request delayed by a millisecond on
+// the way would make limit+1 arrive within one second. Spacing them
+// (1s+jitterMargin)/limit apart tolerates that much jitter. With burst 1,
+// the spacing holds even after idle time.
+func paced(limit float64) rate.Limit {
+	return rate.Every(time.Duration(float64(time.Second+jitterMargin) / limit))
+}
+
+// Name is the worker's name for logs.
+func (w *Worker) Name() string { return "usage-delivery" }
+
+// Run delivers until ctx ends. On cancellation it stops taking new work,
+// lets the requests in flight finish (each within SendTimeout), records
+// their outcomes, hands unsent claims back, and returns nil.
+func (w *Worker) Run(ctx context.Context) error {
+	w.log.Info("usage delivery started", "transport", w.cfg.Transport, "rate_limit", w.cfg.RateLimit,
+		"batch_size", w.cfg.BatchSize, "max_attempts", w.cfg.MaxAttempts)
+	for {
+		n, err := w.RunOnce(ctx)
+		if ctx.Err() != nil {
+			w.log.Info("usage delivery stopped")
+			return nil
+		}
+		if err != nil {
+			w.log.Error("usage delivery round failed", "error", err)
+		}
+		wait := w.cfg.PollInterval
+		if err == nil && n >= w.cfg.BatchSize {
+			wait = 0 // more may be due right now
+		}
+		wait = max(wait, w.pauseLeft())
+		if wait > 0 {
+			t := time.NewTimer(wait)
+			select {
+			case <-ctx.Done():
+				t.Stop()
+				w.log.Info("usage delivery stopped")
+				return nil
+			case <-t.C:
+			}
+		}
+	}
+}
+
+// RunOnce is one round: release waiting events whose customer now has a
+// Stripe customer, claim a batch of due events and send it. It returns how
+// many events it claimed.
+func (w *Worker) RunOnce(ctx context.Context) (int, error) {
+	w.refreshGauges(ctx)
+	if err := w.releaseWaiting(ctx); err != nil {
+		return 0, err
+	}
+	if w.pauseLeft() > 0 {
+		return 0, nil
+	}
+	now := w.now()
+	c := &claim{token: fmt.Sprintf("%s#%d", w.opts.Name, w.seq.Add(1)), leaseEnd: now.Add(w.lease)}
+	claimed, err := w.claim(ctx, c, now)
+	if err != nil || len(claimed) == 0 {
+		return 0, err
+	}
+	var ready, unlinked []claimedEvent
+	for _, ev := range claimed {
+		if ev.StripeCustomerID == nil || *ev.StripeCustomerID == "" {
+			unlinked = append(unlinked, ev)
+		} else {
+			ready = append(ready, ev)
+		}
+	}
+	if len(unlinked) > 0 {
+		w.backToWaiting(ctx, c, unlinked)
+	}
+	if w.cfg.Transport == config.MeterTransportV2 {
+		w.deliverStream(ctx, c, ready)
+	} else {
+		w.deliverEach(ctx, c, ready)
+	}
+	return len(claimed), nil
+}
+
+type claim struct {
+	token    string
+	leaseEnd time.Time
+}
+
+type claimedEvent struct {
+	Identifier       string
+	CustomerID       string
+	Meter            string
+	StripeEventName  string
+	Value            int64
+	OccurredAt       time.Time
+	Attempts         int
+	StripeCustomerID *string
+}
+
+func (ev claimedEvent) meterEvent() stripeapi.MeterEvent {
+	return stripeapi.MeterEvent{
+		EventName:        ev.StripeEventName,
+		StripeCustomerID: *ev.StripeCustomerID,
+		Identifier:       ev.Identifier,
+		Value:            ev.Value,
+		Timestamp:        ev.OccurredAt,
+	}
+}
+
+// claim takes up to BatchSize due events in one short statement: rows
+// another instance holds locked are skipped, and the lease is written as
+// the next due time, so an abandoned claim becomes due again by itself.
+func (w *Worker) claim(ctx context.Context, c *claim, now time.Time) ([]claimedEvent, error) {
+	var out []claimedEvent
+	err := w.db.WithContext(ctx).Raw(`
+		WITH due AS (
+			SELECT identifier FROM usage_events
+			WHERE status = 'pending' AND next_attempt_at <= ?
+			ORDER BY next_attempt_at
+			LIMIT ?
+			FOR UPDATE SKIP LOCKED
+		)
+		UPDATE usage_events u
+		SET claimed_by = ?, lease_until = ?, next_attempt_at = ?, updated_at = ?
+		FROM due, customers c
+		WHERE u.identifier = due.identifier AND c.id = u.customer_id
+		RETURNING u.identifier, u.customer_id, u.meter, u.stripe_event_name, u.value, u.occurred_at,
+			u.attempts, c.stripe_customer_id`,
+		now, w.cfg.BatchSize, c.token, c.leaseEnd, c.leaseEnd, now).Scan(&out).Error
+	if err != nil {
+		return nil, db.Translate(err, nil)
+	}
+	slices.SortFunc(out, func(a, b claimedEvent) int {
+		return cmp.Or(a.OccurredAt.Compare(b.OccurredAt), cmp.Compare(a.Identifier, b.Identifier))
+	})
+	return out, nil
+}
+
+// releaseWaiting makes the waiting events of customers that now have a
+// Stripe customer due.
+func (w *Worker) releaseWaiting(ctx context.Context) error {
+	now := w.now()
+	err := w.db.WithContext(ctx).Exec(`
+		UPDATE usage_events u SET status = 'pending', next_attempt_at = ?, updated_at = ?
+		WHERE u.status = 'waiting_customer' AND u.identifier IN (
+			SELECT e.identifier FROM usage_events e JOIN customers c ON c.id = e.customer_id
+			WHERE e.status = 'waiting_customer' AND c.stripe_customer_id IS NOT NULL
+			LIMIT ?
+			FOR UPDATE OF e SKIP LOCKED)`, now, now, releaseLimit).Error
+	return db.Translate(err, nil)
+}
+
+// refreshGauges recounts the backlog at most once a second.
+func (w *Worker) refreshGauges(ctx context.Context) {
+	w.mu.Lock()
+	if time.Since(w.gaugesAt) < time.Second {
+		w.mu.Unlock()
+		return
+	}
+	w.gaugesAt = time.Now()
+	w.mu.Unlock()
+	var counts struct{ Pending, Dead int64 }
+	err := w.db.WithContext(ctx).Raw(`
+		SELECT count(*) FILTER (WHERE status = 'pending') AS pending,
+		       count(*) FILTER (WHERE status = 'dead') AS dead
+		FROM usage_events WHERE status IN ('pending', 'dead')`).Scan(&counts).Error
+	if err != nil {
+		if ctx.Err() == nil {
+			w.log.Warn("count usage backlog", "error", err)
+		}
+		return
+	}
+	w.m.pending.Set(float64(counts.Pending))
+	w.m.dead.Set(float64(counts.Dead))
+}
+
+// pause stops all sending of this worker for d (or longer if already
+// paused) and returns when it ends.
+func (w *Worker) pause(d time.Duration) time.Time {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if until := w.now().Add(d); until.After(w.pausedUntil) {
+		w.pausedUntil = until
+	}
+	return w.pausedUntil
+}
+
+func (w *Worker) pauseLeft() time.Duration {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return max(0, w.pausedUntil.Sub(w.now()))
+}
+
+// acquire waits for permission to send one request under claim c. When it
+// may not (shutting down, paused by a 429, the lease too close to its end)
+// it returns false and when the unsent events should be due again.
+func (w *Worker) acquire(ctx context.Context, c *claim) (bool, time.Time) {
+	if ctx.Err() != nil {
+		return false, w.now()
+	}
+	if p := w.pauseLeft(); p > 0 {
+		return false, w.now().Add(p)
+	}
+	if w.now().Add(w.opts.SendTimeout).After(c.leaseEnd) {
+		return false, w.now()
+	}
+	if err := w.limiter.Wait(ctx); err != nil {
+		return false, w.now()
+	}
+	// A 429 may have arrived while this goroutine waited for its turn.
+	if p := w.pauseLeft(); p > 0 {
+		return false, w.now().Add(p)
+	}
+	return true, time.Time{}
+}
+
+// deliverEach sends events one request each (v1), groups of one customer and
+// meter one after the other, up to Concurrency groups at once.
+func (w *Worker) deliverEach(ctx context.Context, c *claim, evs []claimedEvent) {
+	var groups [][]claimedEvent
+	index := map[string]int{}
+	for _, ev := range evs {
+		k := ev.CustomerID + "\x00" + ev.Meter
+		i, ok := index[k]
+		if !ok {
+			i = len(groups)
+			index[k] = i
+			groups = append(groups, nil)
+		}
+		groups[i] = append(groups[i], ev)
+	}
+	work := make(chan []claimedEvent)
+	var wg sync.WaitGroup
+	for range min(w.opts.Concurrency, len(groups)) {
+		wg.Go(func() {
+			for g := range work {
+				w.sendGroup(ctx, c, g)
+			}
+		})
+	}
+	for _, g := range groups {
+		work <- g
+	}
+	close(work)
+	wg.Wait()
+}
+
+// sendGroup sends the events of one customer and meter one after the other.
+// Deliveries are recorded together when the group ends: should the process
+// die first, the lease expires, the events are sent again and Stripe's
+// duplicate answer records them then.
+func (w *Worker) sendGroup(ctx context.Context, c *claim, g []claimedEvent) {
+	var sent, dup []claimedEvent
+	defer func() {
+		w.delivered(ctx, sent, resultDelivered)
+		w.delivered(ctx, dup, resultDuplicate)
+	}()
+	for i, ev := range g {
+		if ok, retryAt := w.acquire(ctx, c); !ok {
+			w.release(ctx, c, g[i:], retryAt)
+			return
+		}
+		sctx, cancel := withTimeout(ctx, w.opts.SendTimeout)
+		err := w.client.CreateMeterEvent(sctx, ev.meterEvent())
+		cancel()
+		switch {
+		case err == nil:
+			sent = append(sent, ev)
+		case stripeapi.IsDuplicate(err):
+			dup = append(dup, ev)
+		default:
+			w.settle(ctx, c, []claimedEvent{ev}, err)
+		}
+	}
+}
+
+// deliverStream sends events through the v2 meter event stream, up to
+// stripeapi.MaxStreamEvents per request, one request at a time.
+func (w *Worker) deliverStream(ctx context.Context, c *claim, evs []claimedEvent) {
+	for start := 0; start < len(evs); start += stripeapi.MaxStreamEvents {
+		chunk := evs[start:min(start+stripeapi.MaxStreamEvents, len(evs))]
+		if ok, retryAt := w.acquire(ctx, c); !ok {
+			w.release(ctx, c, evs[start:], retryAt)
+			return
+		}
+		w.settle(ctx, c, chunk, w.sendStream(ctx, c, chunk))
+	}
+}
+
+func (w *Worker) sendStream(ctx context.Context, c *claim, chunk []claimedEvent) error {
+	mes := make([]stripeapi.MeterEvent, len(chunk))
+	for i, ev := range chunk {
+		mes[i] = ev.meterEvent()
+	}
+	send := func(fresh bool) error {
+		sess, err := w.streamSession(ctx, c, fresh)
+		if err != nil {
+			return err
+		}
+		sctx, cancel := withTimeout(ctx, w.opts.SendTimeout)
+		defer cancel()
+		return w.client.SendMeterEventStream(sctx, sess, mes)
+	}
+	err := send(false)
+	if stripeapi.IsSessionExpired(err) || stripeapi.KindOf(err) == stripeapi.KindAuth {
+		// The token died early (clock skew, revoked): a new session, the
+		// same events. Should the key itself be refused, opening fails too
+		// and the auth pause follows.
+		err = send(true)
+	}
+	return err
+}
+
+// errReleased means the events were not sent and should go back as they are.
+var errReleased = errors.New("metering: not sent")
+
+// streamSession returns the cached v2 session, opening a new one when there
+// is none, it ends within SessionRenewBefore, or fresh is asked for.
+func (w *Worker) streamSession(ctx context.Context, c *claim, fresh bool) (stripeapi.MeterEventSession, error) {
+	w.mu.Lock()
+	sess := w.session
+	w.mu.Unlock()
+	if !fresh && sess.Token != "" && w.now().Add(w.opts.SessionRenewBefore).Before(sess.ExpiresAt) {
+		return sess, nil
+	}
+	// Opening a session is a request too; it counts against the rate limit.
+	if ok, _ := w.acquire(ctx, c); !ok {
+		return stripeapi.MeterEventSession{}, errReleased
+	}
+	sctx, cancel := withTimeout(ctx, w.opts.SendTimeout)
+	defer cancel()
+	sess, err := w.client.OpenMeterEventSession(sctx)
+	if err != nil {
+		return stripeapi.MeterEventSession{}, err
+	}
+	w.mu.Lock()
+	w.session = sess
+	w.mu.Unlock()
+	w.log.Debug("meter event session opened", "expires_at", sess.ExpiresAt)
+	return sess, nil
+}
+
+// settle records the outcome of sending evs (one request) as err says.
+func (w *Worker) settle(ctx context.Context, c *claim, evs []claimedEvent, err error) {
+	if err == nil {
+		w.delivered(ctx, evs, resultDelivered)
+		return
+	}
+	if stripeapi.IsDuplicate(err) {
+		w.delivered(ctx, evs, resultDuplicate)
+		return
+	}
+	if errors.Is(err, errReleased) {
+		w.release(ctx, c, evs, w.now().Add(w.pauseLeft()))
+		return
+	}
+	msg := truncate(err.Error(), 1000)
+	se, isStripe := stripeapi.AsError(err)
+	switch {
+	case isStripe && se.Kind == stripeapi.KindRateLimited:
+		d := se.RetryAfter
+		if d <= 0 {
+			d = w.opts.RateLimitPause
+		}
+		until := w.pause(d)
+		w.log.Info("Stripe rate limited meter events; pausing", "for", d.String())
+		w.m.deliveries.WithLabelValues(resultRateLimited).Add(float64(len(evs)))
+		w.releaseWithError(ctx, c, evs, until, msg)
+	case isStripe && se.Kind == stripeapi.KindAuth:
+		until := w.pause(w.opts.AuthPause)
+		w.log.Error("Stripe refused the API key for meter events; pausing delivery", "error", err, "for", w.opts.AuthPause.String())
+		w.releaseWithError(ctx, c, evs, until, msg)
+	case (isStripe && se.Retryable()) || (!isStripe && !errs.Is(err, errs.Invalid)):
+		w.retry(ctx, c, evs, msg)
+	default:
+		w.dead(ctx, c, evs, msg)
+	}
+}
+
+func identifiersJSON(evs []claimedEvent) string {
+	ids := make([]string, len(evs))
+	for i, ev := range evs {
+		ids[i] = ev.Identifier
+	}
+	raw, _ := json.Marshal(ids)
+	return string(raw)
+}
+
+// delivered marks evs delivered. It needs no lease: whichever instance sent
+// it, Stripe has the event, and that is the truth to record.
+func (w *Worker) delivered(ctx context.Context, evs []claimedEvent, result string) {
+	if len(evs) == 0 {
+		return
+	}
+	rctx, cancel := withTimeout(ctx, recordTimeout)
+	defer cancel()
+	now := w.now()
+	err := w.db.WithContext(rctx).Exec(`
+		UPDATE usage_events SET status = 'delivered', delivered_at = ?, attempts = attempts + 1,
+			last_error = NULL, lease_until = NULL, claimed_by = NULL, updated_at = ?
+		WHERE identifier IN (SELECT jsonb_array_elements_text(?::jsonb)) AND status = 'pending'`,
+		now, now, identifiersJSON(evs)).Error
+	if err != nil {
+		// The lease runs out and the event is sent again; Stripe answers
+		// that it has the identifier, and it is recorded then.
+		w.log.Error("record delivered usage events", "error", err, "count", len(evs))
+		return
+	}
+	w.m.deliveries.WithLabelValues(result).Add(float64(len(evs)))
+}
+
+// release hands unsent claimed events back, due at retryAt, without
+// counting an attempt.
+func (w *Worker) release(ctx context.Context, c *claim, evs []claimedEvent, retryAt time.Time) {
+	w.releaseWithError(ctx, c, evs, retryAt, "")
+}
+
+func (w *Worker) releaseWithError(ctx context.Context, c *claim, evs []claimedEvent, retryAt time.Time, msg string) {
+	if len(evs) == 0 {
+		return
+	}
+	rctx, cancel := withTimeout(ctx, recordTimeout)
+	defer cancel()
+	err := w.db.WithContext(rctx).Exec(`
+		UPDATE usage_events SET next_attempt_at = ?, lease_until = NULL, claimed_by = NULL,
+			last_error = COALESCE(NULLIF(?, ''), last_error), updated_at = ?
+		WHERE identifier IN (SELECT jsonb_array_elements_text(?::jsonb)) AND claimed_by = ? AND status = 'pending'`,
+		retryAt, msg, w.now(), identifiersJSON(evs), c.token).Error
+	if err != nil {
+		w.log.Error("release usage events", "error", err, "count", len(evs))
+	}
+}
+
+func (w *Worker) backToWaiting(ctx context.Context, c *claim, evs []claimedEvent) {
+	rctx, cancel := withTimeout(ctx, recordTimeout)
+	defer cancel()
+	err := w.db.WithContext(rctx).Exec(`
+		UPDATE usage_events SET status = 'waiting_customer', lease_until = NULL, claimed_by = NULL, updated_at = ?
+		WHERE identifier IN (SELECT jsonb_array_elements_text(?::jsonb)) AND claimed_by = ? AND status = 'pending'`,
+		w.now(), identifiersJSON(evs), c.token).Error
+	if err != nil {
+		w.log.Error("return usage events to waiting_customer", "error", err, "count", len(evs))
+	}
+}
+
+type settledRow struct {
+	Identifier string
+	CustomerID string
+	Meter      string
+	Value      int64
+	OccurredAt time.Time
+	Status     string
+	Attempts   int
+}
+
+// retry counts a failed attempt and schedules the next with full jitter, or
+// dead-letters the events whose attempts ran out.
+func (w *Worker) retry(ctx context.Context, c *claim, evs []claimedEvent, msg string) {
+	now := w.now()
+	w.settleRows(ctx, evs, func(tx *gorm.DB) *gorm.DB {
+		// attempts on the right-hand side is the value before this update.
+		return tx.Raw(`
+			UPDATE usage_events SET attempts = attempts + 1,
+				status = CASE WHEN attempts + 1 >= ? THEN 'dead' ELSE 'pending' END,
+				next_attempt_at = CASE WHEN attempts + 1 >= ? THEN ?::timestamptz
+					ELSE ?::timestamptz + make_interval(secs => random() * least(?::float8, ?::float8 * power(2, attempts))) END,
+				last_error = ?, lease_until = NULL, claimed_by = NULL, updated_at = ?
+			WHERE identifier IN (SELECT jsonb_array_elements_text(?::jsonb)) AND claimed_by = ? AND status = 'pending'
+			RETURNING identifier, customer_id, meter, value, occurred_at, status, attempts`,
+			w.cfg.MaxAttempts, w.cfg.MaxAttempts, now, now,
+			w.opts.BackoffMax.Seconds(), w.opts.BackoffBase.Seconds(),
+			msg, now, identifiersJSON(evs), c.token)
+	}, msg)
+}
+
+// dead dead-letters events Stripe refused for good.
+func (w *Worker) dead(ctx context.Context, c *claim, evs []claimedEvent, msg string) {
+	now := w.now()
+	w.settleRows(ctx, evs, func(tx *gorm.DB) *gorm.DB {
+		return tx.Raw(`
+			UPDATE usage_events SET attempts = attempts + 1, status = 'dead', next_attempt_at = ?,
+				last_error = ?, lease_until = NULL, claimed_by = NULL, updated_at = ?
+			WHERE identifier IN (SELECT jsonb_array_elements_text(?::jsonb)) AND claimed_by = ? AND status = 'pending'
+			RETURNING identifier, customer_id, meter, value, occurred_at, status, attempts`,
+			now, msg, now, identifiersJSON(evs), c.token)
+	}, msg)
+}
+
+// settleRows runs update in a transaction and appends usage.dead for every
+// row it dead-lettered, in that same transaction.
+func (w *Worker) settleRows(ctx context.Context, evs []claimedEvent, update func(tx *gorm.DB) *gorm.DB, msg string) {
+	rctx, cancel := withTimeout(ctx, recordTimeout)
+	defer cancel()
+	var rows []settledRow
+	err := db.InTx(rctx, w.db, func(tx *gorm.DB) error {
+		rows = nil
+		if err := update(tx).Scan(&rows).Error; err != nil {
+			return err
+		}
+		for _, r := range rows {
+			if r.Status != string(StatusDead) {
+				continue
+			}
+			err := events.Append(rctx, tx, events.Event{Type: events.UsageDead, CustomerID: r.CustomerID, Data: map[string]any{
+				"identifier": r.Identifier,
+				"meter":      r.Meter,
+				"value":      r.Value,
+				"timestamp":  r.OccurredAt.UTC(),
+				"attempts":   r.Attempts,
+				"last_error": msg,
+			}})
+			if err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		// The claim's lease runs out and the events are tried again.
+		w.log.Error("record usage delivery failure", "error", err, "count", len(evs))
+		return
+	}
+	for _, r := range rows {
+		if r.Status == string(StatusDead) {
+			w.m.deliveries.WithLabelValues(resultDead).Inc()
+			w.log.Warn("usage event dead-lettered", "identifier", r.Identifier, "customer_id", r.CustomerID,
+				"attempts", r.Attempts, "error", msg)
+		} else {
+			w.m.deliveries.WithLabelValues(resultRetry).Inc()
+		}
+	}
+}
+
+func truncate(s string, n int) string {
+	if len(s) <= n {
+		return s
+	}
+	return s[:n] + "..."
+}
