@@ -181,6 +181,10 @@ func (r report) writeText(w io.Writer) error {
 		if sc.Baseline != "" {
 			thr, p50 = fmt.Sprintf("%.2fx", sc.ThroughputRatio), fmt.Sprintf("%.2fx", sc.P50Ratio)
 		}
+		if sc.Requests == 0 { // setup failed: nothing was measured
+			fmt.Fprintf(tw, "%s\t%s\t-\t-\t-\t-\t-\t-\t\t\t\n", sc.Name, sc.Status)
+			continue
+		}
 		fmt.Fprintf(tw, "%s\t%s\t%d\t%d\t%.1f\t%.2f\t%.2f\t%.2f\t%s\t%s\t\n",
 			sc.Name, sc.Status, sc.Requests, sc.Errors, sc.Throughput, sc.P50Ms, sc.P95Ms, sc.P99Ms, thr, p50)
 	}
