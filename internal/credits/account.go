@@ -1,0 +1,227 @@
+package credits
+
+import (
+	"context"
+	"database/sql"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"time"
+
+	"gorm.io/gorm"
+
+	"github.com/tallybilling/tally/internal/db"
+	"github.com/tallybilling/tally/internal/errs"
+	"github.com/tallybilling/tally/internal/events"
+)
+
+// account is a customer's credit_balances row, locked by the current
+// transaction. Every change to a customer's credits goes through one, which
+// is what makes the no-overdraft check and the ledger chain exact.
+type account struct {
+	customerID string
+	// balance is the ledger sum; after lockAccount it is also the spendable
+	// balance, because lockAccount expires whatever is due first.
+	balance    int64
+	nextExpiry sql.NullTime
+	notified   bool
+	// threshold is the low-balance threshold in force (0: none).
+	threshold int64
+	// defaultThreshold is the configured default when the caller has one
+	// (Service methods), nil inside other packages' transactions.
+	defaultThreshold *int64
+}
+
+// lockAccount locks customerID's balance row (found=false when it has none:
+// the customer never had a grant) and expires the remainder of every grant
+// whose expiry instant has passed, so that a credit is never spendable after
+// it expires even when the sweeper has not run yet.
+//
+// Lock order, everywhere in this package: the balance row first, then the
+// customer's grants. The sweeper keeps it too, so no two writers deadlock.
+func lockAccount(ctx context.Context, tx *gorm.DB, customerID string, now time.Time, defaultThreshold *int64) (*account, bool, error) {
+	return lockAccountAt(ctx, tx, customerID, now, defaultThreshold, true)
+}
+
+func lockAccountAt(ctx context.Context, tx *gorm.DB, customerID string, now time.Time, defaultThreshold *int64, expire bool) (*account, bool, error) {
+	a := &account{customerID: customerID, defaultThreshold: defaultThreshold}
+	err := db.ScanRow(tx.WithContext(ctx).Raw(`
+		SELECT b.balance, b.next_expiry, b.low_balance_notified,
+		       COALESCE(c.low_balance_threshold, ?::bigint, b.default_low_balance_threshold)
+		FROM credit_balances b JOIN customers c ON c.id = b.customer_id
+		WHERE b.customer_id = ?
+		FOR UPDATE OF b`, defaultThreshold, customerID),
+		&a.balance, &a.nextExpiry, &a.notified, &a.threshold)
+	if errors.Is(err, sql.ErrNoRows) {
+		return nil, false, nil
+	}
+	if err != nil {
+		return nil, false, err
+	}
+	if expire && a.nextExpiry.Valid && !a.nextExpiry.Time.After(now) {
+		if _, err := a.expireDue(ctx, tx, now, false); err != nil {
+			return nil, false, err
+		}
+	}
+	return a, true, nil
+}
+
+// ensureAccount creates customerID's balance row if missing (the customer
+// must exist) and locks it.
+func ensureAccount(ctx context.Context, tx *gorm.DB, customerID string, now time.Time, defaultThreshold *int64) (*account, error) {
+	err := tx.WithContext(ctx).Exec(`INSERT INTO credit_balances (customer_id, updated_at) VALUES (?, ?)
+		ON CONFLICT (customer_id) DO NOTHING`, customerID, now).Error
+	if err != nil {
+		return nil, err
+	}
+	a, found, err := lockAccount(ctx, tx, customerID, now, defaultThreshold)
+	if err != nil {
+		return nil, err
+	}
+	if !found {
+		return nil, fmt.Errorf("credits: balance row of %s vanished after insert", customerID)
+	}
+	return a, nil
+}
+
+// save writes the account's balance, expiry bound and notice flag back.
+func (a *account) save(ctx context.Context, tx *gorm.DB, now time.Time) error {
+	return tx.WithContext(ctx).Exec(`UPDATE credit_balances
+		SET balance = ?, next_expiry = ?, low_balance_notified = ?,
+		    default_low_balance_threshold = COALESCE(?::bigint, default_low_balance_threshold), updated_at = ?
+		WHERE customer_id = ?`,
+		a.balance, a.nextExpiry, a.notified, a.defaultThreshold, now, a.customerID).Error
+}
+
+// lowBalance updates the notice flag for the balance the account now has
+// and reports whether credits.low_balance must fire: once per fall below the
+// threshold, re-armed when the balance is back at or above it. Grants pass
+// mayFire=false: a balance that rises did not fall below anything.
+func (a *account) lowBalance(mayFire bool) bool {
+	below := a.threshold > 0 && a.balance < a.threshold
+	switch {
+	case below && !a.notified && mayFire:
+		a.notified = true
+		return true
+	case !below:
+		a.notified = false
+	}
+	return false
+}
+
+func (a *account) appendLowBalance(ctx context.Context, tx *gorm.DB) error {
+	return events.Append(ctx, tx, events.Event{Type: events.CreditsLowBalance, CustomerID: a.customerID, Data: map[string]any{
+		"customer_id": a.customerID,
+		"balance":     a.balance,
+		"threshold":   a.threshold,
+	}})
+}
+
+// expireDue writes an expire entry for the remainder of each of the
+// account's grants whose expiry instant is at or before now, recomputes the
+// expiry bound, fires credits.low_balance if that crossed the threshold, and
+// saves the account. With skipLocked (the sweeper) grants another
+// transaction holds are left for later.
+func (a *account) expireDue(ctx context.Context, tx *gorm.DB, now time.Time, skipLocked bool) (int, error) {
+	lock := "FOR UPDATE"
+	if skipLocked {
+		lock = "FOR UPDATE SKIP LOCKED"
+	}
+	type due struct {
+		ID        string
+		Remaining int64
+		ExpiresAt time.Time
+	}
+	var grants []due
+	err := tx.WithContext(ctx).Raw(`SELECT id, remaining, expires_at FROM credit_grants
+		WHERE customer_id = ? AND remaining > 0 AND expires_at <= ?
+		ORDER BY expires_at, created_at, id `+lock, a.customerID, now).Scan(&grants).Error
+	if err != nil {
+		return 0, err
+	}
+	for _, g := range grants {
+		if err := tx.WithContext(ctx).Exec(`UPDATE credit_grants SET remaining = 0, expired_at = ? WHERE id = ?`,
+			now, g.ID).Error; err != nil {
+			return 0, err
+		}
+		a.balance -= g.Remaining
+		txID := db.NewID("ctx")
+		if err := insertEntry(ctx, tx, entryRow{
+			ID: txID, CustomerID: a.customerID, Kind: KindExpire, Amount: -g.Remaining, BalanceAfter: a.balance,
+			Reason: "expired", GrantID: &g.ID, CreatedAt: now,
+		}); err != nil {
+			return 0, err
+		}
+		if err := events.Append(ctx, tx, events.Event{Type: events.CreditsExpired, CustomerID: a.customerID, Data: map[string]any{
+			"customer_id":    a.customerID,
+			"grant_id":       g.ID,
+			"transaction_id": txID,
+			"amount":         g.Remaining,
+			"balance":        a.balance,
+			"expires_at":     g.ExpiresAt.UTC(),
+		}}); err != nil {
+			return 0, err
+		}
+	}
+	err = db.ScanRow(tx.WithContext(ctx).Raw(`SELECT min(expires_at) FROM credit_grants
+		WHERE customer_id = ? AND remaining > 0 AND expires_at IS NOT NULL`, a.customerID), &a.nextExpiry)
+	if err != nil {
+		return 0, err
+	}
+	if a.lowBalance(true) {
+		if err := a.appendLowBalance(ctx, tx); err != nil {
+			return 0, err
+		}
+	}
+	return len(grants), a.save(ctx, tx, now)
+}
+
+// entryRow is a credit_ledger row to insert.
+type entryRow struct {
+	ID             string
+	CustomerID     string
+	Kind           string
+	Amount         int64
+	BalanceAfter   int64
+	Reason         string
+	Metadata       map[string]string
+	GrantID        *string
+	PaymentID      *string
+	IdempotencyKey *string
+	CreatedAt      time.Time
+}
+
+func insertEntry(ctx context.Context, tx *gorm.DB, e entryRow) error {
+	meta, err := metadataJSON(e.Metadata)
+	if err != nil {
+		return err
+	}
+	return tx.WithContext(ctx).Exec(`INSERT INTO credit_ledger
+		(id, customer_id, kind, amount, balance_after, reason, metadata, grant_id, payment_id, idempotency_key, created_at)
+		VALUES (?, ?, ?, ?, ?, ?, ?::jsonb, ?, ?, ?, ?)`,
+		e.ID, e.CustomerID, e.Kind, e.Amount, e.BalanceAfter, e.Reason, meta, e.GrantID, e.PaymentID, e.IdempotencyKey, e.CreatedAt).Error
+}
+
+func metadataJSON(m map[string]string) (string, error) {
+	if len(m) == 0 {
+		return "{}", nil
+	}
+	b, err := json.Marshal(m)
+	if err != nil {
+		return "", fmt.Errorf("credits: metadata: %w", err)
+	}
+	return string(b), nil
+}
+
+func nonEmpty(s string) *string {
+	if s == "" {
+		return nil
+	}
+	return &s
+}
+
+func insufficient(balance int64, amount int64) error {
+	e := errs.E(errs.InsufficientCredits, "insufficient credits: balance %d, %d requested", balance, amount)
+	e.Extra = map[string]any{"balance": balance}
+	return e
+}

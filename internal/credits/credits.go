@@ -1,0 +1,252 @@
+// Package credits is the prepaid wallet: grants of credits (bought or given,
+// optionally expiring), consumption that never overdraws and draws from the
+// grant expiring soonest, the append-only ledger of every change, the expiry
+// sweeper, low-balance and expiring-soon notices, and the invariant check
+// behind `tally verify`.
+//
+// Every change to one customer's credits runs under a lock on that
+// customer's credit_balances row, so the balance check, the grant draws and
+// the ledger's balance_after chain are exact under any concurrency.
+package credits
+
+import (
+	"log/slog"
+	"strings"
+	"time"
+	"unicode/utf8"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"gorm.io/gorm"
+
+	"github.com/tallybilling/tally/internal/config"
+	"github.com/tallybilling/tally/internal/customers"
+	"github.com/tallybilling/tally/internal/errs"
+)
+
+// Limits on inputs (openapi.yaml: ConsumeRequest, GrantRequest, Metadata).
+const (
+	MaxAmount          = 1_000_000_000_000
+	MaxReasonLen       = 255
+	MaxMetadataKeys    = 50
+	MaxMetadataKeyLen  = 40
+	MaxMetadataValLen  = 500
+	defaultLedgerLimit = 50
+	maxLedgerLimit     = 500
+)
+
+// Source says where a grant's credits came from.
+type Source string
+
+// Grant sources.
+const (
+	// SourcePurchase: bought through a payment (PaymentID names it).
+	SourcePurchase Source = "purchase"
+	// SourceService: given by a service (promotion, manual adjustment).
+	SourceService Source = "service"
+)
+
+// Ledger entry kinds.
+const (
+	KindGrant   = "grant"
+	KindConsume = "consume"
+	KindExpire  = "expire"
+	KindRevoke  = "revoke"
+	KindAdjust  = "adjust"
+)
+
+// GrantInput adds credits to a customer.
+type GrantInput struct {
+	CustomerID string
+	Amount     int64
+	Reason     string
+	Source     Source
+	// PaymentID is required for SourcePurchase and must be empty otherwise.
+	PaymentID string
+	// ExpiresAt, when set, must lie in the future; nil means never.
+	ExpiresAt *time.Time
+	Metadata  map[string]string
+}
+
+// Validate checks the input without touching the database or the clock
+// (Grant also refuses an ExpiresAt that is not in the future).
+// Errors: errs.Invalid naming the offending field.
+func (in GrantInput) Validate() error {
+	if err := customers.ValidateID(in.CustomerID); err != nil {
+		return err
+	}
+	if err := validateAmount(in.Amount); err != nil {
+		return err
+	}
+	if err := validateReason(in.Reason); err != nil {
+		return err
+	}
+	switch in.Source {
+	case SourcePurchase:
+		if in.PaymentID == "" {
+			return errs.InvalidField("/payment_id", "a purchase grant must name its payment")
+		}
+	case SourceService:
+		if in.PaymentID != "" {
+			return errs.InvalidField("/payment_id", "only purchase grants name a payment")
+		}
+	default:
+		return errs.InvalidField("/source", "source must be purchase or service")
+	}
+	return validateMetadata(in.Metadata)
+}
+
+// GrantResult is the answer to a grant.
+type GrantResult struct {
+	TransactionID string
+	GrantID       string
+	Amount        int64
+	// Balance is the spendable balance right after the grant.
+	Balance   int64
+	ExpiresAt *time.Time
+}
+
+// ConsumeInput spends credits.
+type ConsumeInput struct {
+	CustomerID string
+	Amount     int64
+	Reason     string
+	Metadata   map[string]string
+}
+
+// Validate checks the input without touching the database.
+// Errors: errs.Invalid naming the offending field.
+func (in ConsumeInput) Validate() error {
+	if err := customers.ValidateID(in.CustomerID); err != nil {
+		return err
+	}
+	if err := validateAmount(in.Amount); err != nil {
+		return err
+	}
+	if err := validateReason(in.Reason); err != nil {
+		return err
+	}
+	return validateMetadata(in.Metadata)
+}
+
+// ConsumeResult is the answer to a consume.
+type ConsumeResult struct {
+	TransactionID string
+	Amount        int64
+	// Balance is the spendable balance right after the consume.
+	Balance int64
+}
+
+// Balance is a customer's spendable credits now.
+type Balance struct {
+	CustomerID string
+	// Balance is the unspent remainder of unexpired grants.
+	Balance int64
+	// Grants with credits left, soonest expiry first (never-expiring last).
+	Grants []GrantSummary
+	// NextExpiry is when the soonest-expiring remaining credits expire
+	// (nil when none expire), and NextExpiryAmount how many expire then.
+	NextExpiry       *time.Time
+	NextExpiryAmount *int64
+	// LowBalanceThreshold in force for the customer (0: no notice).
+	LowBalanceThreshold int64
+}
+
+// GrantSummary is one grant with credits left.
+type GrantSummary struct {
+	ID        string
+	Amount    int64
+	Remaining int64
+	Source    Source
+	PaymentID string
+	ExpiresAt *time.Time
+	CreatedAt time.Time
+}
+
+// Draw is how much a consume took from one grant.
+type Draw struct {
+	GrantID string `json:"grant_id"`
+	Amount  int64  `json:"amount"`
+}
+
+// LedgerEntry is one change to a customer's credits.
+type LedgerEntry struct {
+	ID           string
+	Kind         string
+	Amount       int64
+	BalanceAfter int64
+	Reason       string
+	Metadata     map[string]string
+	GrantID      string
+	PaymentID    string
+	Draws        []Draw
+	CreatedAt    time.Time
+}
+
+// LedgerPage is one page of a customer's ledger, newest first. NextCursor is
+// empty on the last page.
+type LedgerPage struct {
+	Entries    []LedgerEntry
+	NextCursor string
+}
+
+// Service is the wallet over one database.
+type Service struct {
+	db     *gorm.DB
+	cfg    config.CreditsConfig
+	now    func() time.Time
+	logger *slog.Logger
+
+	consumed prometheus.Counter
+}
+
+// NewService returns a Service over gdb; now is the clock.
+func NewService(gdb *gorm.DB, cfg config.CreditsConfig, now func() time.Time, logger *slog.Logger) *Service {
+	return &Service{
+		db: gdb, cfg: cfg, now: now, logger: logger,
+		consumed: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "tally_credits_consumed_total",
+			Help: "Credits spent by successful consumes (replays not counted).",
+		}),
+	}
+}
+
+// RegisterMetrics registers the service's metrics on reg.
+func (s *Service) RegisterMetrics(reg prometheus.Registerer) error {
+	return reg.Register(s.consumed)
+}
+
+func validateAmount(n int64) error {
+	if n < 1 || n > MaxAmount {
+		return errs.InvalidField("/amount", "amount must be a whole number from 1 to 1000000000000")
+	}
+	return nil
+}
+
+func validateReason(r string) error {
+	if !utf8.ValidString(r) || strings.ContainsRune(r, 0) {
+		return errs.InvalidField("/reason", "reason must be UTF-8 text without NUL characters")
+	}
+	if n := utf8.RuneCountInString(r); n < 1 || n > MaxReasonLen {
+		return errs.InvalidField("/reason", "reason must be 1 to 255 characters")
+	}
+	return nil
+}
+
+func validateMetadata(m map[string]string) error {
+	if len(m) > MaxMetadataKeys {
+		return errs.InvalidField("/metadata", "metadata holds at most 50 keys")
+	}
+	for k, v := range m {
+		// PostgreSQL text cannot hold NUL; refuse it here rather than fail later.
+		if !utf8.ValidString(k) || !utf8.ValidString(v) || strings.ContainsRune(k, 0) || strings.ContainsRune(v, 0) {
+			return errs.InvalidField("/metadata", "metadata must be UTF-8 text without NUL characters")
+		}
+		if n := utf8.RuneCountInString(k); n < 1 || n > MaxMetadataKeyLen {
+			return errs.InvalidField("/metadata", "metadata keys must be 1 to 40 characters")
+		}
+		if utf8.RuneCountInString(v) > MaxMetadataValLen {
+			return errs.InvalidField("/metadata", "metadata values must be at most 500 characters")
+		}
+	}
+	return nil
+}

@@ -1,0 +1,174 @@
+package credits
+
+import (
+	"context"
+	"log/slog"
+	"time"
+
+	"gorm.io/gorm"
+
+	"github.com/tallybilling/tally/internal/config"
+	"github.com/tallybilling/tally/internal/db"
+	"github.com/tallybilling/tally/internal/events"
+)
+
+// sweepBatch bounds the rows one sweeper transaction handles, so a large
+// backlog never means one long transaction or many held locks.
+const sweepBatch = 200
+
+// Sweeper is the background worker that records expiries (an expire entry
+// for what is left of each grant past its expiry instant) and sends
+// credits.expiring once per grant ahead of its expiry. Every replica may run
+// one: grants are claimed with FOR UPDATE SKIP LOCKED and each customer's
+// expiries are written under its balance row's lock, so an expiry is
+// recorded once however many sweepers race.
+type Sweeper struct {
+	db     *gorm.DB
+	cfg    config.CreditsConfig
+	now    func() time.Time
+	logger *slog.Logger
+}
+
+// NewSweeper returns the worker; now is the clock.
+func NewSweeper(gdb *gorm.DB, cfg config.CreditsConfig, now func() time.Time, logger *slog.Logger) *Sweeper {
+	return &Sweeper{db: gdb, cfg: cfg, now: now, logger: logger}
+}
+
+// Name identifies the worker in logs.
+func (w *Sweeper) Name() string { return "credits-sweeper" }
+
+// Run sweeps every cfg.SweepInterval until ctx ends; a failed round is
+// logged and retried at the next tick. It returns ctx's error.
+func (w *Sweeper) Run(ctx context.Context) error {
+	interval := w.cfg.SweepInterval
+	if interval <= 0 {
+		interval = time.Minute
+	}
+	t := time.NewTicker(interval)
+	defer t.Stop()
+	for {
+		if n, err := w.SweepOnce(ctx); err != nil {
+			if ctx.Err() != nil {
+				return ctx.Err()
+			}
+			w.logger.Error("credits sweep failed", "error", err)
+		} else if n > 0 {
+			w.logger.Info("credits expired", "grants", n)
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-t.C:
+		}
+	}
+}
+
+// SweepOnce sends the due credits.expiring notices and records every expiry
+// due now, and returns how many grants it expired. Safe to call from many
+// goroutines and replicas at once.
+func (w *Sweeper) SweepOnce(ctx context.Context) (int, error) {
+	if err := w.notifyExpiring(ctx); err != nil {
+		return 0, err
+	}
+	total := 0
+	// Bounded rounds: a grant skipped because another transaction held it
+	// is picked up at the next tick rather than spun on here.
+	for range 100 {
+		var customerIDs []string
+		err := w.db.WithContext(ctx).Raw(`SELECT DISTINCT customer_id FROM credit_grants
+			WHERE remaining > 0 AND expires_at <= ? LIMIT ?`, w.now(), sweepBatch).Scan(&customerIDs).Error
+		if err != nil {
+			return total, db.Translate(err, nil)
+		}
+		expired := 0
+		for _, id := range customerIDs {
+			n, err := w.expireCustomer(ctx, id)
+			if err != nil {
+				return total, err
+			}
+			expired += n
+		}
+		total += expired
+		if len(customerIDs) < sweepBatch || expired == 0 {
+			break
+		}
+	}
+	return total, nil
+}
+
+func (w *Sweeper) expireCustomer(ctx context.Context, customerID string) (int, error) {
+	threshold := w.cfg.DefaultLowBalanceThreshold
+	n := 0
+	err := db.InTx(ctx, w.db, func(tx *gorm.DB) error {
+		n = 0
+		now := w.now()
+		// lockAccount expires what is due itself when the row's expiry bound
+		// has passed; call expireDue directly so a stale bound cannot hide a
+		// due grant from the sweeper.
+		a, found, err := lockAccountNoExpiry(ctx, tx, customerID, &threshold)
+		if err != nil || !found {
+			return err
+		}
+		n, err = a.expireDue(ctx, tx, now, true)
+		return err
+	})
+	return n, err
+}
+
+// lockAccountNoExpiry locks the balance row without the expiry pass of
+// lockAccount.
+func lockAccountNoExpiry(ctx context.Context, tx *gorm.DB, customerID string, defaultThreshold *int64) (*account, bool, error) {
+	return lockAccountAt(ctx, tx, customerID, time.Time{}, defaultThreshold, false)
+}
+
+// notifyExpiring appends credits.expiring for each grant with credits left
+// whose expiry is within cfg.ExpiringNotice, once per grant.
+func (w *Sweeper) notifyExpiring(ctx context.Context) error {
+	if w.cfg.ExpiringNotice <= 0 {
+		return nil
+	}
+	for {
+		n := 0
+		err := db.InTx(ctx, w.db, func(tx *gorm.DB) error {
+			now := w.now()
+			type due struct {
+				ID         string
+				CustomerID string
+				Remaining  int64
+				ExpiresAt  time.Time
+			}
+			var grants []due
+			err := tx.WithContext(ctx).Raw(`UPDATE credit_grants SET expiring_notified_at = ?
+				WHERE id IN (
+					SELECT id FROM credit_grants
+					WHERE remaining > 0 AND expiring_notified_at IS NULL
+					  AND expires_at > ? AND expires_at <= ?
+					ORDER BY expires_at
+					LIMIT ?
+					FOR UPDATE SKIP LOCKED)
+				RETURNING id, customer_id, remaining, expires_at`,
+				now, now, now.Add(w.cfg.ExpiringNotice), sweepBatch).Scan(&grants).Error
+			if err != nil {
+				return err
+			}
+			n = len(grants)
+			for _, g := range grants {
+				if err := events.Append(ctx, tx, events.Event{Type: events.CreditsExpiring, CustomerID: g.CustomerID, Data: map[string]any{
+					"customer_id": g.CustomerID,
+					"grant_id":    g.ID,
+					"remaining":   g.Remaining,
+					"expires_at":  g.ExpiresAt.UTC(),
+				}}); err != nil {
+					return err
+				}
+			}
+			return nil
+		})
+		if err != nil {
+			return err
+		}
+		if n < sweepBatch {
+			return nil
+		}
+	}
+}

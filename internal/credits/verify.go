@@ -1,0 +1,280 @@
+package credits
+
+import (
+	"context"
+	"database/sql"
+	"fmt"
+
+	"gorm.io/gorm"
+
+	"github.com/tallybilling/tally/internal/db"
+)
+
+// Kinds of VerifyProblem the credits checks report.
+const (
+	ProblemNegativeBalance       = "negative_balance"
+	ProblemBalanceMissing        = "balance_row_missing"
+	ProblemBalanceLedgerMismatch = "balance_ledger_mismatch"
+	ProblemLedgerGrantsMismatch  = "ledger_grants_mismatch"
+	ProblemLedgerChainBroken     = "ledger_chain_broken"
+	ProblemGrantAccounting       = "grant_accounting"
+	ProblemDuplicatePurchase     = "duplicate_purchase_grant"
+	ProblemDuplicateConsume      = "duplicate_consume_for_key"
+)
+
+// VerifyReport is the invariant report of `tally verify` and
+// GET /v1/admin/verify. Other packages contribute problems through Checkers.
+type VerifyReport struct {
+	OK               bool
+	CustomersChecked int64
+	PaymentsChecked  int64
+	Problems         []VerifyProblem
+}
+
+// VerifyProblem is one breached invariant. Kind is a stable identifier
+// (ProblemNegativeBalance, ...); Detail explains it with numbers.
+type VerifyProblem struct {
+	Kind       string
+	CustomerID string
+	PaymentID  string
+	Detail     string
+}
+
+// Append adds problems to the report and keeps OK in step with them.
+func (r *VerifyReport) Append(problems ...VerifyProblem) {
+	r.Problems = append(r.Problems, problems...)
+	r.OK = len(r.Problems) == 0
+}
+
+// Checker is an invariant check contributed by another package (payments:
+// every succeeded payment credited exactly once). It runs inside the
+// read-only snapshot tx that the credits checks use, so it sees the same
+// state they do, and returns its problems and how many payments it checked.
+type Checker func(ctx context.Context, tx *gorm.DB) (problems []VerifyProblem, paymentsChecked int64, err error)
+
+// Verify recomputes every customer's balance from the ledger and from the
+// grants and checks the invariants of the wallet, then runs extra, all in
+// one consistent read-only snapshot of a live database:
+//
+//   - the balance row equals the ledger sum, which is never negative, and
+//     equals the grants' unspent remainder (unexpired, plus expired ones the
+//     sweeper has not recorded yet);
+//   - every ledger entry's balance_after is the running sum before it;
+//   - every grant's spent part is accounted for by the consume draws, expire
+//     and revoke entries naming it, and it has exactly one grant entry;
+//   - at most one purchase grant per payment;
+//   - one consume entry per idempotency key (within the key's retention).
+//
+// Problems are reported, not returned as errors; err is for a check that
+// could not run (errs.Unavailable, ...).
+func Verify(ctx context.Context, gdb *gorm.DB, extra ...Checker) (VerifyReport, error) {
+	var rep VerifyReport
+	err := gdb.WithContext(ctx).Transaction(func(tx *gorm.DB) error {
+		rep = VerifyReport{}
+		checks := append([]Checker{checkBalances, checkChain, checkGrants, checkPurchases, checkConsumeKeys}, extra...)
+		for _, check := range checks {
+			problems, payments, err := check(ctx, tx)
+			if err != nil {
+				return err
+			}
+			rep.PaymentsChecked += payments
+			rep.Append(problems...)
+		}
+		return db.ScanRow(tx.Raw(`SELECT count(*) FROM (
+			SELECT customer_id FROM credit_balances UNION SELECT customer_id FROM credit_ledger
+			UNION SELECT customer_id FROM credit_grants) ids`), &rep.CustomersChecked)
+	}, &sql.TxOptions{Isolation: sql.LevelRepeatableRead, ReadOnly: true})
+	if err != nil {
+		return VerifyReport{}, db.Translate(err, nil)
+	}
+	rep.OK = len(rep.Problems) == 0
+	if rep.Problems == nil {
+		rep.Problems = []VerifyProblem{}
+	}
+	return rep, nil
+}
+
+// Verify runs the credits checks alone; see the package-level Verify.
+func (s *Service) Verify(ctx context.Context) (VerifyReport, error) {
+	return Verify(ctx, s.db)
+}
+
+func checkBalances(ctx context.Context, tx *gorm.DB) ([]VerifyProblem, int64, error) {
+	type row struct {
+		CustomerID string
+		Balance    *int64
+		LedgerSum  int64
+		Entries    int64
+		Remaining  int64
+		Unexpired  int64
+	}
+	var rows []row
+	err := tx.WithContext(ctx).Raw(`
+		WITH l AS (SELECT customer_id, sum(amount)::bigint AS ledger_sum, count(*) AS entries FROM credit_ledger GROUP BY customer_id),
+		     g AS (SELECT customer_id, sum(remaining)::bigint AS remaining,
+		                  COALESCE(sum(remaining) FILTER (WHERE expires_at IS NULL OR expires_at > now()), 0)::bigint AS unexpired
+		           FROM credit_grants GROUP BY customer_id),
+		     ids AS (SELECT customer_id FROM credit_balances UNION SELECT customer_id FROM l UNION SELECT customer_id FROM g)
+		SELECT ids.customer_id, b.balance, COALESCE(l.ledger_sum, 0) AS ledger_sum, COALESCE(l.entries, 0) AS entries,
+		       COALESCE(g.remaining, 0) AS remaining, COALESCE(g.unexpired, 0) AS unexpired
+		FROM ids
+		LEFT JOIN credit_balances b ON b.customer_id = ids.customer_id
+		LEFT JOIN l ON l.customer_id = ids.customer_id
+		LEFT JOIN g ON g.customer_id = ids.customer_id
+		WHERE b.balance IS NULL OR b.balance < 0 OR COALESCE(l.ledger_sum, 0) < 0
+		   OR b.balance <> COALESCE(l.ledger_sum, 0) OR COALESCE(l.ledger_sum, 0) <> COALESCE(g.remaining, 0)
+		ORDER BY ids.customer_id`).Scan(&rows).Error
+	if err != nil {
+		return nil, 0, err
+	}
+	var out []VerifyProblem
+	for _, r := range rows {
+		p := func(kind, format string, args ...any) {
+			out = append(out, VerifyProblem{Kind: kind, CustomerID: r.CustomerID, Detail: fmt.Sprintf(format, args...)})
+		}
+		if r.Balance == nil {
+			p(ProblemBalanceMissing, "%d ledger entries (sum %d) but no balance row", r.Entries, r.LedgerSum)
+			continue
+		}
+		if *r.Balance < 0 || r.LedgerSum < 0 {
+			p(ProblemNegativeBalance, "balance row %d, ledger sum %d", *r.Balance, r.LedgerSum)
+		}
+		if *r.Balance != r.LedgerSum {
+			p(ProblemBalanceLedgerMismatch, "balance row %d but the ledger (%d entries) sums to %d", *r.Balance, r.Entries, r.LedgerSum)
+		}
+		if r.LedgerSum != r.Remaining {
+			p(ProblemLedgerGrantsMismatch, "ledger sums to %d but grants have %d left (%d of it unexpired)", r.LedgerSum, r.Remaining, r.Unexpired)
+		}
+	}
+	return out, 0, nil
+}
+
+func checkChain(ctx context.Context, tx *gorm.DB) ([]VerifyProblem, int64, error) {
+	type row struct {
+		CustomerID   string
+		ID           string
+		BalanceAfter int64
+		Running      int64
+	}
+	var rows []row
+	err := tx.WithContext(ctx).Raw(`
+		SELECT DISTINCT ON (customer_id) customer_id, id, balance_after, running FROM (
+			SELECT customer_id, id, seq, balance_after,
+			       (sum(amount) OVER (PARTITION BY customer_id ORDER BY seq))::bigint AS running
+			FROM credit_ledger) x
+		WHERE balance_after <> running OR running < 0
+		ORDER BY customer_id, seq`).Scan(&rows).Error
+	if err != nil {
+		return nil, 0, err
+	}
+	var out []VerifyProblem
+	for _, r := range rows {
+		out = append(out, VerifyProblem{Kind: ProblemLedgerChainBroken, CustomerID: r.CustomerID,
+			Detail: fmt.Sprintf("entry %s says balance_after %d but the entries up to it sum to %d (first break shown)", r.ID, r.BalanceAfter, r.Running)})
+	}
+	return out, 0, nil
+}
+
+func checkGrants(ctx context.Context, tx *gorm.DB) ([]VerifyProblem, int64, error) {
+	type row struct {
+		ID           string
+		CustomerID   string
+		Amount       int64
+		Remaining    int64
+		Drawn        int64
+		Removed      int64
+		GrantEntries int64
+		Granted      int64
+	}
+	var rows []row
+	err := tx.WithContext(ctx).Raw(`
+		WITH d AS (SELECT x->>'grant_id' AS grant_id, sum((x->>'amount')::bigint)::bigint AS amount
+		           FROM credit_ledger, jsonb_array_elements(draws) x
+		           WHERE kind = 'consume' AND draws IS NOT NULL GROUP BY 1),
+		     e AS (SELECT grant_id, (-sum(amount))::bigint AS amount FROM credit_ledger
+		           WHERE kind IN ('expire', 'revoke') AND grant_id IS NOT NULL GROUP BY 1),
+		     ge AS (SELECT grant_id, count(*) AS entries, sum(amount)::bigint AS amount FROM credit_ledger
+		            WHERE kind = 'grant' AND grant_id IS NOT NULL GROUP BY 1)
+		SELECT g.id, g.customer_id, g.amount, g.remaining, COALESCE(d.amount, 0) AS drawn,
+		       COALESCE(e.amount, 0) AS removed, COALESCE(ge.entries, 0) AS grant_entries, COALESCE(ge.amount, 0) AS granted
+		FROM credit_grants g
+		LEFT JOIN d ON d.grant_id = g.id
+		LEFT JOIN e ON e.grant_id = g.id
+		LEFT JOIN ge ON ge.grant_id = g.id
+		WHERE g.amount - g.remaining <> COALESCE(d.amount, 0) + COALESCE(e.amount, 0)
+		   OR COALESCE(ge.entries, 0) <> 1 OR COALESCE(ge.amount, 0) <> g.amount
+		ORDER BY g.customer_id, g.id`).Scan(&rows).Error
+	if err != nil {
+		return nil, 0, err
+	}
+	var out []VerifyProblem
+	for _, r := range rows {
+		out = append(out, VerifyProblem{Kind: ProblemGrantAccounting, CustomerID: r.CustomerID,
+			Detail: fmt.Sprintf("grant %s of %d has %d left, but consumes drew %d and expiries/revokes took %d; %d grant entries for %d",
+				r.ID, r.Amount, r.Remaining, r.Drawn, r.Removed, r.GrantEntries, r.Granted)})
+	}
+	return out, 0, nil
+}
+
+func checkPurchases(ctx context.Context, tx *gorm.DB) ([]VerifyProblem, int64, error) {
+	counts, err := PurchaseGrantCounts(ctx, tx)
+	if err != nil {
+		return nil, 0, err
+	}
+	var out []VerifyProblem
+	for paymentID, n := range counts {
+		if n > 1 {
+			out = append(out, VerifyProblem{Kind: ProblemDuplicatePurchase, PaymentID: paymentID,
+				Detail: fmt.Sprintf("payment %s has %d purchase grants", paymentID, n)})
+		}
+	}
+	return out, 0, nil
+}
+
+func checkConsumeKeys(ctx context.Context, tx *gorm.DB) ([]VerifyProblem, int64, error) {
+	type row struct {
+		CustomerID     string
+		IdempotencyKey string
+		Entries        int64
+	}
+	var rows []row
+	// A key may be used again once its first answer is past retention, so
+	// only duplicates within that window are breaches.
+	err := tx.WithContext(ctx).Raw(`
+		SELECT customer_id, idempotency_key, count(*) AS entries FROM credit_ledger
+		WHERE kind = 'consume' AND idempotency_key IS NOT NULL
+		GROUP BY customer_id, idempotency_key
+		HAVING count(*) > 1 AND max(created_at) - min(created_at) < make_interval(secs => ?)
+		ORDER BY customer_id, idempotency_key`, db.IdempotencyRetention.Seconds()).Scan(&rows).Error
+	if err != nil {
+		return nil, 0, err
+	}
+	var out []VerifyProblem
+	for _, r := range rows {
+		out = append(out, VerifyProblem{Kind: ProblemDuplicateConsume, CustomerID: r.CustomerID,
+			Detail: fmt.Sprintf("Idempotency-Key %q has %d consume entries", r.IdempotencyKey, r.Entries)})
+	}
+	return out, 0, nil
+}
+
+// PurchaseGrantCounts returns, per payment id, how many purchase grants
+// exist (payments' verify check compares it with succeeded payments). gdb
+// may be a transaction, such as the snapshot a Checker receives.
+// Errors: errs.Unavailable.
+func PurchaseGrantCounts(ctx context.Context, gdb *gorm.DB) (map[string]int, error) {
+	type row struct {
+		PaymentID string
+		N         int
+	}
+	var rows []row
+	err := gdb.WithContext(ctx).Raw(`SELECT payment_id, count(*) AS n FROM credit_grants
+		WHERE source = 'purchase' AND payment_id IS NOT NULL GROUP BY payment_id`).Scan(&rows).Error
+	if err != nil {
+		return nil, db.Translate(err, nil)
+	}
+	out := make(map[string]int, len(rows))
+	for _, r := range rows {
+		out[r.PaymentID] = r.N
+	}
+	return out, nil
+}
