@@ -23,6 +23,9 @@ import (
 	"github.com/tallybilling/tally/internal/db"
 	"github.com/tallybilling/tally/internal/events"
 	"github.com/tallybilling/tally/internal/httpapi"
+	"github.com/tallybilling/tally/internal/payments"
+	"github.com/tallybilling/tally/internal/stripeapi"
+	"github.com/tallybilling/tally/internal/stripehook"
 )
 
 // Worker is a background job that runs until its context ends. Every worker
@@ -81,6 +84,30 @@ func New(ctx context.Context, cfg config.Config, opts Options) (*App, error) {
 	}))
 
 	a := &App{cfg: cfg, logger: logger, db: gdb}
+
+	// One Stripe client for every capability; nil without a key (checkout
+	// then answers unavailable, webhooks still verify and store).
+	var stripeClient stripeapi.Client
+	if cfg.Stripe.SecretKey != "" {
+		stripeClient, err = stripeapi.New(stripeapi.Config{
+			SecretKey: cfg.Stripe.SecretKey, APIURL: cfg.Stripe.APIURL, MeterEventsURL: cfg.Stripe.MeterEventsURL, Logger: logger,
+		})
+		if err != nil {
+			closeDB(gdb)
+			return nil, fmt.Errorf("stripe client: %w", err)
+		}
+	}
+
+	paymentsSvc := payments.NewService(payments.Options{
+		DB: gdb, Stripe: stripeClient, Catalog: cfg.Catalog, Checkout: cfg.Checkout,
+		Livemode: cfg.Stripe.Livemode, Logger: logger, Now: now,
+	})
+	stripeHook := stripehook.New(stripehook.Options{
+		DB: gdb, Payments: paymentsSvc, Secrets: cfg.Stripe.WebhookSecrets,
+		MaxAttempts: cfg.Stripe.EventMaxAttempts, RetryInterval: cfg.Stripe.EventRetryInterval,
+		Registry: reg, Logger: logger, Now: now,
+	})
+	a.workers = append(a.workers, stripehook.NewWorker(stripeHook))
 	deps := httpapi.Deps{
 		Config:    cfg,
 		Logger:    logger,
@@ -89,6 +116,9 @@ func New(ctx context.Context, cfg config.Config, opts Options) (*App, error) {
 		Ready:     a.ready,
 		Customers: customers.NewService(gdb, now),
 		Events:    events.NewFeed(gdb),
+
+		Payments:   paymentsSvc,
+		StripeHook: stripeHook,
 	}
 	metrics := promhttp.HandlerFor(reg, promhttp.HandlerOpts{})
 	if cfg.MetricsAddr == "" {

@@ -11,6 +11,8 @@ import (
 	"github.com/tallybilling/tally/internal/config"
 	"github.com/tallybilling/tally/internal/customers"
 	"github.com/tallybilling/tally/internal/events"
+	"github.com/tallybilling/tally/internal/payments"
+	"github.com/tallybilling/tally/internal/stripehook"
 )
 
 func ptrIfSet(s string) *string {
@@ -85,4 +87,46 @@ func limitOr(l *api.Limit) int {
 		return 50
 	}
 	return *l
+}
+
+// --- payments ---
+
+func fromAPICheckout(b *api.CheckoutSessionCreate) payments.CheckoutInput {
+	in := payments.CheckoutInput{CustomerID: b.CustomerId, Item: b.Item, SuccessURL: b.SuccessUrl, CancelURL: b.CancelUrl}
+	if b.Quantity != nil {
+		in.Quantity = *b.Quantity
+	}
+	return in
+}
+
+func toAPICheckoutSession(r payments.CheckoutResult) api.CheckoutSession {
+	return api.CheckoutSession{PaymentId: r.PaymentID, CheckoutSessionId: r.CheckoutSessionID, Url: r.URL, ExpiresAt: r.ExpiresAt}
+}
+
+func toAPIPayment(p payments.Payment) api.Payment {
+	out := api.Payment{
+		Id: p.ID, CustomerId: p.CustomerID, Item: p.Item, ItemKind: api.PaymentItemKind(p.ItemKind), Quantity: p.Quantity,
+		Status: api.PaymentStatus(p.Status), Amount: p.Amount, Currency: p.Currency, AmountReceived: p.AmountReceived,
+		AmountRefunded: p.AmountRefunded, Credits: p.Credits, Livemode: p.Livemode,
+		CheckoutSessionId: ptrIfSet(p.CheckoutSessionID), PaymentIntentId: ptrIfSet(p.PaymentIntentID),
+		InvoiceId: ptrIfSet(p.InvoiceID), SubscriptionId: ptrIfSet(p.SubscriptionID), FailureReason: ptrIfSet(p.FailureReason),
+		CreatedAt: p.CreatedAt, UpdatedAt: p.UpdatedAt, SucceededAt: p.SucceededAt,
+		Transitions: make([]api.PaymentTransition, 0, len(p.Transitions)),
+	}
+	for _, t := range p.Transitions {
+		out.Transitions = append(out.Transitions, api.PaymentTransition{
+			From: ptrIfSet(string(t.From)), To: string(t.To), Applied: t.Applied,
+			StripeEventId: ptrIfSet(t.StripeEventID), StripeEventType: ptrIfSet(t.StripeEventType),
+			Reason: ptrIfSet(t.Reason), CreatedAt: t.CreatedAt,
+		})
+	}
+	return out
+}
+
+func toAPIStripeEvent(e stripehook.Stored) api.StripeEvent {
+	return api.StripeEvent{
+		Id: e.ID, Type: e.Type, Status: api.StripeEventStatus(e.Status), Attempts: e.Attempts,
+		LastError: ptrIfSet(e.LastError), ApiVersion: ptrIfSet(e.APIVersion), Livemode: e.Livemode,
+		ReceivedAt: e.ReceivedAt, ProcessedAt: e.ProcessedAt, NextAttemptAt: e.NextAttemptAt,
+	}
 }

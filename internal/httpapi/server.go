@@ -20,6 +20,8 @@ import (
 	"github.com/tallybilling/tally/internal/config"
 	"github.com/tallybilling/tally/internal/customers"
 	"github.com/tallybilling/tally/internal/events"
+	"github.com/tallybilling/tally/internal/payments"
+	"github.com/tallybilling/tally/internal/stripehook"
 )
 
 // Deps is everything the HTTP layer calls. app builds it.
@@ -38,6 +40,11 @@ type Deps struct {
 	Events    *events.Feed
 
 	// Capability services are added below, one block each.
+
+	// Payments serves checkouts and payment reads; StripeHook receives
+	// Stripe's webhooks and serves the stored-event admin operations.
+	Payments   *payments.Service
+	StripeHook *stripehook.Intake
 }
 
 // Server implements api.StrictServerInterface.
@@ -98,7 +105,9 @@ func New(d Deps) (*echo.Echo, error) {
 
 // registerRaw adds the routes that live outside the strict server (Stripe's
 // webhook needs its raw body). Capabilities that own such routes add them here.
-func (s *Server) registerRaw(e *echo.Echo) {}
+func (s *Server) registerRaw(e *echo.Echo) {
+	e.POST("/webhooks/stripe", s.stripeWebhook)
+}
 
 // health is the body of /healthz and /readyz (schema Health in openapi.yaml).
 type health struct {

@@ -1,0 +1,121 @@
+package httpapi
+
+import (
+	"context"
+	"errors"
+	"io"
+	"net/http"
+
+	"github.com/labstack/echo/v4"
+
+	"github.com/tallybilling/tally/api"
+	"github.com/tallybilling/tally/internal/errs"
+)
+
+// CreateCheckoutSession starts a Stripe Checkout for a catalog item. The
+// customer is in the body, so the ownership rule is applied here.
+func (s *Server) CreateCheckoutSession(ctx context.Context, r api.CreateCheckoutSessionRequestObject) (api.CreateCheckoutSessionResponseObject, error) {
+	if err := authorizeCustomer(ctx, r.Body.CustomerId); err != nil {
+		return nil, err
+	}
+	key := idempotencyKey(ctx, r.Body.CustomerId, "createCheckoutSession", r.Params.IdempotencyKey, r.Body)
+	res, replayed, err := s.d.Payments.CreateCheckout(ctx, fromAPICheckout(r.Body), key)
+	if err != nil {
+		return nil, err
+	}
+	return api.CreateCheckoutSession201JSONResponse{
+		Body:    toAPICheckoutSession(res),
+		Headers: api.CreateCheckoutSession201ResponseHeaders{IdempotentReplayed: replayedHeader(replayed)},
+	}, nil
+}
+
+// GetPayment reads one payment with its transitions; an end user only its own.
+func (s *Server) GetPayment(ctx context.Context, r api.GetPaymentRequestObject) (api.GetPaymentResponseObject, error) {
+	p, err := s.d.Payments.Get(ctx, r.PaymentId)
+	if err != nil {
+		return nil, err
+	}
+	if err := authorizeCustomer(ctx, p.CustomerID); err != nil {
+		return nil, err
+	}
+	return api.GetPayment200JSONResponse(toAPIPayment(p)), nil
+}
+
+// ListCustomerPayments lists a customer's payments, newest first.
+func (s *Server) ListCustomerPayments(ctx context.Context, r api.ListCustomerPaymentsRequestObject) (api.ListCustomerPaymentsResponseObject, error) {
+	page, err := s.d.Payments.List(ctx, r.CustomerId, strOr(r.Params.Cursor), limitOr(r.Params.Limit))
+	if err != nil {
+		return nil, err
+	}
+	out := api.PaymentPage{Data: make([]api.Payment, 0, len(page.Payments)), NextCursor: ptrIfSet(page.NextCursor)}
+	for _, p := range page.Payments {
+		out.Data = append(out.Data, toAPIPayment(p))
+	}
+	return api.ListCustomerPayments200JSONResponse(out), nil
+}
+
+// ListStripeEvents lists stored Stripe events for operators.
+func (s *Server) ListStripeEvents(ctx context.Context, r api.ListStripeEventsRequestObject) (api.ListStripeEventsResponseObject, error) {
+	var status string
+	if r.Params.Status != nil {
+		status = string(*r.Params.Status)
+	}
+	page, err := s.d.StripeHook.List(ctx, status, strOr(r.Params.Cursor), limitOr(r.Params.Limit))
+	if err != nil {
+		return nil, err
+	}
+	out := api.StripeEventPage{Data: make([]api.StripeEvent, 0, len(page.Events)), NextCursor: ptrIfSet(page.NextCursor)}
+	for _, e := range page.Events {
+		out.Data = append(out.Data, toAPIStripeEvent(e))
+	}
+	return api.ListStripeEvents200JSONResponse(out), nil
+}
+
+// ReplayStripeEvent processes a stored event again.
+func (s *Server) ReplayStripeEvent(ctx context.Context, r api.ReplayStripeEventRequestObject) (api.ReplayStripeEventResponseObject, error) {
+	e, err := s.d.StripeHook.Replay(ctx, r.EventId)
+	if err != nil {
+		return nil, err
+	}
+	return api.ReplayStripeEvent200JSONResponse(toAPIStripeEvent(e)), nil
+}
+
+// webhookAck is the body of a 200 to Stripe (schema WebhookAck).
+type webhookAck struct {
+	Received  bool   `json:"received"`
+	Status    string `json:"status,omitempty"`
+	Duplicate bool   `json:"duplicate,omitempty"`
+}
+
+// stripeWebhook is POST /webhooks/stripe: the raw body, capped, goes to
+// stripehook, which needs it byte for byte to check the signature.
+func (s *Server) stripeWebhook(c echo.Context) error {
+	if s.d.StripeHook == nil {
+		return errs.E(errs.Unavailable, "Stripe webhooks are not configured")
+	}
+	limit := s.d.Config.Stripe.WebhookMaxBodyBytes
+	req := c.Request()
+	if req.ContentLength > limit {
+		return errs.E(errs.PayloadTooLarge, "the request body is larger than %d bytes", limit)
+	}
+	body, err := io.ReadAll(http.MaxBytesReader(c.Response(), req.Body, limit))
+	if err != nil {
+		var mbe *http.MaxBytesError
+		if errors.As(err, &mbe) {
+			return err
+		}
+		return errs.Wrap(err, errs.Invalid, "the request body could not be read")
+	}
+	ack, err := s.d.StripeHook.Receive(req.Context(), body, req.Header.Get("Stripe-Signature"))
+	if err != nil {
+		return err
+	}
+	return c.JSON(http.StatusOK, webhookAck{Received: true, Status: string(ack.Status), Duplicate: ack.Duplicate})
+}
+
+func strOr(p *string) string {
+	if p == nil {
+		return ""
+	}
+	return *p
+}

@@ -1,0 +1,541 @@
+package payments
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+	"time"
+
+	"github.com/jackc/pgx/v5/pgconn"
+	"gorm.io/gorm"
+
+	"github.com/tallybilling/tally/internal/config"
+	"github.com/tallybilling/tally/internal/credits"
+	"github.com/tallybilling/tally/internal/db"
+	"github.com/tallybilling/tally/internal/errs"
+	"github.com/tallybilling/tally/internal/events"
+)
+
+// The Stripe objects, reduced to the fields tally acts on. stripehook fills
+// them from events of any API version.
+
+// PaymentIntent is a Stripe PaymentIntent.
+type PaymentIntent struct {
+	ID             string
+	Amount         int64
+	AmountReceived int64
+	Currency       string
+	Status         string
+	Livemode       bool
+	Metadata       map[string]string
+	// LastError is last_payment_error.message (or its code), for failures.
+	LastError          string
+	CancellationReason string
+}
+
+// CheckoutSession is a Stripe Checkout Session.
+type CheckoutSession struct {
+	ID                string
+	Mode              string
+	Status            string
+	PaymentStatus     string // paid, unpaid, no_payment_required
+	PaymentIntent     string
+	Customer          string
+	Invoice           string
+	Subscription      string
+	ClientReferenceID string
+	AmountTotal       *int64
+	Currency          string
+	Livemode          bool
+	Metadata          map[string]string
+}
+
+// Charge is a Stripe Charge (charge.refunded).
+type Charge struct {
+	ID             string
+	PaymentIntent  string
+	Amount         int64
+	AmountRefunded int64
+	Currency       string
+	Livemode       bool
+	Metadata       map[string]string
+}
+
+// Subscription is a Stripe Subscription (customer.subscription.*).
+type Subscription struct {
+	ID       string
+	Customer string
+	Status   string
+	Livemode bool
+	Metadata map[string]string
+}
+
+const metaPaymentID = "tally_payment_id"
+
+// paymentFor finds the payment a Stripe object names: by our metadata first,
+// then by the Stripe ids we stored. "" means none.
+func (s *Service) paymentFor(ctx context.Context, metadata map[string]string, byColumn map[string]string) (string, error) {
+	if id := metadata[metaPaymentID]; id != "" {
+		return id, nil
+	}
+	for _, col := range []string{"payment_intent_id", "checkout_session_id", "id"} {
+		if v, ok := byColumn[col]; ok && v != "" {
+			id, err := findID(ctx, s.db, col, v)
+			if err != nil || id != "" {
+				return id, err
+			}
+		}
+	}
+	return "", nil
+}
+
+// confirmation is what a confirming event claims arrived.
+type confirmation struct {
+	paymentIntentID string
+	amountReceived  int64
+	currency        string
+	livemode        bool
+}
+
+// PaymentIntentSucceeded is the only event that credits or fulfils under
+// confirm_on=payment_intent. Before money moves the validation chain runs:
+// the metadata names a payment of ours, amount_received and currency match
+// it, livemode matches our key. Then, in one transaction: the confirmation
+// row keyed by the PaymentIntent id (a second delivery finds it and does
+// nothing), the transition to succeeded, the credit grant for packs and the
+// payment.succeeded event.
+//
+// Errors: ErrNotOurs (no tally metadata, no known PaymentIntent),
+// *Rejection (the chain refused it), errs.Unavailable, others (retry).
+func (s *Service) PaymentIntentSucceeded(ctx context.Context, ev EventRef, pi PaymentIntent) error {
+	id, err := s.paymentFor(ctx, pi.Metadata, map[string]string{"payment_intent_id": pi.ID})
+	if err != nil {
+		return err
+	}
+	if id == "" {
+		return ErrNotOurs
+	}
+	if s.checkout.ConfirmOn != config.ConfirmOnPaymentIntent {
+		// Legacy strategy: the Checkout Session events credit; only remember the link.
+		return s.link(ctx, ev, id, pi.Livemode, map[string]string{"payment_intent_id": pi.ID})
+	}
+	return s.confirm(ctx, ev, id, confirmation{paymentIntentID: pi.ID, amountReceived: pi.AmountReceived, currency: pi.Currency, livemode: pi.Livemode})
+}
+
+func (s *Service) confirm(ctx context.Context, ev EventRef, paymentID string, c confirmation) error {
+	return db.InTx(ctx, s.db, func(tx *gorm.DB) error {
+		p, err := load(ctx, tx, paymentID, true)
+		if errs.Is(err, errs.NotFound) {
+			return reject("metadata names payment %s, which tally does not know", paymentID)
+		}
+		if err != nil {
+			return err
+		}
+		if c.paymentIntentID == "" {
+			return reject("no PaymentIntent to confirm payment %s by", p.ID)
+		}
+		if c.livemode != s.livemode {
+			return reject("event livemode=%t does not match our Stripe key (livemode=%t)", c.livemode, s.livemode)
+		}
+		if !strings.EqualFold(c.currency, p.Currency) {
+			return reject("currency %q does not match payment %s (%q)", c.currency, p.ID, p.Currency)
+		}
+		if c.amountReceived != p.Amount {
+			return reject("amount_received %d does not match payment %s (expected %d)", c.amountReceived, p.ID, p.Amount)
+		}
+		if p.PaymentIntentID != "" && p.PaymentIntentID != c.paymentIntentID {
+			return reject("payment %s belongs to PaymentIntent %s, not %s", p.ID, p.PaymentIntentID, c.paymentIntentID)
+		}
+		var confirmedBy []string
+		if err := tx.Raw(`SELECT payment_intent_id FROM payment_confirmations WHERE payment_id = ?`, p.ID).Scan(&confirmedBy).Error; err != nil {
+			return db.Translate(err, nil)
+		}
+		if len(confirmedBy) > 0 {
+			if confirmedBy[0] == c.paymentIntentID {
+				return nil // already confirmed: a redelivery, a replay or the other strategy
+			}
+			return reject("payment %s was already confirmed by PaymentIntent %s", p.ID, confirmedBy[0])
+		}
+		res := tx.Exec(`INSERT INTO payment_confirmations (payment_intent_id, payment_id, stripe_event_id)
+			VALUES (?, ?, NULLIF(?, '')) ON CONFLICT (payment_intent_id) DO NOTHING`, c.paymentIntentID, p.ID, ev.ID)
+		if res.Error != nil {
+			return db.Translate(res.Error, nil)
+		}
+		if res.RowsAffected == 0 {
+			return reject("PaymentIntent %s already confirmed another payment", c.paymentIntentID)
+		}
+		ok, err := transition(ctx, tx, p, Succeeded, ev, "payment received")
+		if err != nil {
+			return err
+		}
+		if !ok {
+			return reject("payment %s is %s and cannot become succeeded", p.ID, p.Status)
+		}
+		now := s.now()
+		err = tx.Exec(`UPDATE payments SET status = 'succeeded', amount_received = ?, payment_intent_id = ?,
+				succeeded_at = ?, failure_reason = NULL, updated_at = ? WHERE id = ?`,
+			c.amountReceived, c.paymentIntentID, now, now, p.ID).Error
+		if err != nil {
+			return db.Translate(err, map[string]errs.Code{"payments_payment_intent_id_key": errs.Conflict})
+		}
+		if p.ItemKind == KindCreditPack && p.Credits > 0 {
+			var expires *time.Time
+			if p.CreditsExpireAfter > 0 {
+				t := now.Add(p.CreditsExpireAfter)
+				expires = &t
+			}
+			_, err := credits.Grant(ctx, tx, now, credits.GrantInput{
+				CustomerID: p.CustomerID,
+				Amount:     p.Credits,
+				Reason:     fmt.Sprintf("purchase of %d × %s", p.Quantity, p.Item),
+				Source:     credits.SourcePurchase,
+				PaymentID:  p.ID,
+				ExpiresAt:  expires,
+				Metadata:   map[string]string{"payment_id": p.ID, "item": p.Item, "payment_intent_id": c.paymentIntentID},
+			})
+			if err != nil {
+				return err
+			}
+		}
+		return events.Append(ctx, tx, events.Event{Type: events.PaymentSucceeded, CustomerID: p.CustomerID, Data: map[string]any{
+			"payment_id": p.ID, "item": p.Item, "item_kind": p.ItemKind, "quantity": p.Quantity,
+			"amount": c.amountReceived, "currency": p.Currency, "credits": p.Credits,
+			"payment_intent_id": c.paymentIntentID, "stripe_event_id": ev.ID,
+		}})
+	})
+}
+
+// PaymentIntentFailed handles payment_intent.payment_failed and
+// payment_intent.canceled: the payment fails (payment.failed event) unless
+// it already succeeded, in which case the refused transition is recorded.
+// Errors: ErrNotOurs, *Rejection (livemode), errs.Unavailable.
+func (s *Service) PaymentIntentFailed(ctx context.Context, ev EventRef, pi PaymentIntent) error {
+	id, err := s.paymentFor(ctx, pi.Metadata, map[string]string{"payment_intent_id": pi.ID})
+	if err != nil {
+		return err
+	}
+	if id == "" {
+		return ErrNotOurs
+	}
+	reason := pi.LastError
+	if pi.CancellationReason != "" {
+		reason = "canceled: " + pi.CancellationReason
+	}
+	if reason == "" {
+		reason = strings.TrimPrefix(ev.Type, "payment_intent.")
+	}
+	return s.fail(ctx, ev, id, pi.Livemode, reason, map[string]string{"payment_intent_id": pi.ID})
+}
+
+// CheckoutSessionFailed handles checkout.session.async_payment_failed and
+// checkout.session.expired, like PaymentIntentFailed.
+func (s *Service) CheckoutSessionFailed(ctx context.Context, ev EventRef, cs CheckoutSession) error {
+	id, err := s.sessionPayment(ctx, cs)
+	if err != nil {
+		return err
+	}
+	reason := "checkout session expired"
+	if ev.Type != "checkout.session.expired" {
+		reason = "asynchronous payment failed"
+	}
+	return s.fail(ctx, ev, id, cs.Livemode, reason, sessionLinks(cs))
+}
+
+func (s *Service) sessionPayment(ctx context.Context, cs CheckoutSession) (string, error) {
+	id, err := s.paymentFor(ctx, cs.Metadata, map[string]string{"checkout_session_id": cs.ID, "id": cs.ClientReferenceID})
+	if err != nil {
+		return "", err
+	}
+	if id == "" {
+		return "", ErrNotOurs
+	}
+	return id, nil
+}
+
+func sessionLinks(cs CheckoutSession) map[string]string {
+	return map[string]string{
+		"checkout_session_id": cs.ID, "payment_intent_id": cs.PaymentIntent, "stripe_customer_id": cs.Customer,
+		"invoice_id": cs.Invoice, "subscription_id": cs.Subscription, "checkout_payment_status": cs.PaymentStatus,
+	}
+}
+
+// linkColumns are the Stripe ids a payment learns from events, set once.
+var linkColumns = []string{"checkout_session_id", "payment_intent_id", "stripe_customer_id", "invoice_id", "subscription_id"}
+
+// applyLinks stores the Stripe ids of links not yet known, and the latest
+// Checkout payment_status. A Stripe id already taken by another payment
+// is a rejection.
+func (s *Service) applyLinks(ctx context.Context, tx *gorm.DB, p Payment, links map[string]string) error {
+	for _, col := range linkColumns {
+		v := links[col]
+		if v == "" {
+			continue
+		}
+		// col is from linkColumns, never input.
+		err := tx.Exec(`UPDATE payments SET `+col+` = ?, updated_at = ? WHERE id = ? AND `+col+` IS NULL`, v, s.now(), p.ID).Error
+		var pgErr *pgconn.PgError
+		if errors.As(err, &pgErr) && pgErr.Code == "23505" {
+			return reject("%s %s already belongs to another payment than %s", col, v, p.ID)
+		}
+		if err != nil {
+			return db.Translate(err, nil)
+		}
+	}
+	if v := links["checkout_payment_status"]; v != "" {
+		if err := tx.Exec(`UPDATE payments SET checkout_payment_status = ?, updated_at = ? WHERE id = ?`, v, s.now(), p.ID).Error; err != nil {
+			return db.Translate(err, nil)
+		}
+	}
+	return nil
+}
+
+// link records Stripe ids on a payment without moving it.
+func (s *Service) link(ctx context.Context, ev EventRef, paymentID string, livemode bool, links map[string]string) error {
+	return db.InTx(ctx, s.db, func(tx *gorm.DB) error {
+		p, err := load(ctx, tx, paymentID, true)
+		if errs.Is(err, errs.NotFound) {
+			return reject("metadata names payment %s, which tally does not know", paymentID)
+		}
+		if err != nil {
+			return err
+		}
+		if livemode != s.livemode {
+			return reject("event livemode=%t does not match our Stripe key (livemode=%t)", livemode, s.livemode)
+		}
+		return s.applyLinks(ctx, tx, p, links)
+	})
+}
+
+func (s *Service) fail(ctx context.Context, ev EventRef, paymentID string, livemode bool, reason string, links map[string]string) error {
+	return db.InTx(ctx, s.db, func(tx *gorm.DB) error {
+		p, err := load(ctx, tx, paymentID, true)
+		if errs.Is(err, errs.NotFound) {
+			return reject("metadata names payment %s, which tally does not know", paymentID)
+		}
+		if err != nil {
+			return err
+		}
+		if livemode != s.livemode {
+			return reject("event livemode=%t does not match our Stripe key (livemode=%t)", livemode, s.livemode)
+		}
+		if p.Status == Pending || p.Status == Failed {
+			// Only a payment still in play learns ids from a failure; a late
+			// failure must not rewrite a succeeded payment's links.
+			if err := s.applyLinks(ctx, tx, p, links); err != nil {
+				return err
+			}
+		}
+		ok, err := transition(ctx, tx, p, Failed, ev, reason)
+		if err != nil || !ok {
+			return err // a refused move is recorded and the event is done
+		}
+		err = tx.Exec(`UPDATE payments SET status = 'failed', failure_reason = ?, updated_at = ? WHERE id = ?`, reason, s.now(), p.ID).Error
+		if err != nil {
+			return db.Translate(err, nil)
+		}
+		return events.Append(ctx, tx, events.Event{Type: events.PaymentFailed, CustomerID: p.CustomerID, Data: map[string]any{
+			"payment_id": p.ID, "item": p.Item, "reason": reason, "stripe_event_id": ev.ID,
+		}})
+	})
+}
+
+// CheckoutSessionCompleted links the session to its PaymentIntent, Stripe
+// customer, invoice and subscription and records its payment_status. It
+// moves money only under confirm_on=checkout_session with
+// payment_status=paid (through the same confirmation guard as
+// PaymentIntentSucceeded). A metered plan's subscription session succeeds
+// here (no money, no credits). Errors: as PaymentIntentSucceeded.
+func (s *Service) CheckoutSessionCompleted(ctx context.Context, ev EventRef, cs CheckoutSession) error {
+	id, err := s.sessionPayment(ctx, cs)
+	if err != nil {
+		return err
+	}
+	if err := s.link(ctx, ev, id, cs.Livemode, sessionLinks(cs)); err != nil {
+		return err
+	}
+	s.logger.InfoContext(ctx, "checkout session completed", "payment_id", id, "checkout_session_id", cs.ID, "payment_status", cs.PaymentStatus)
+	if cs.Mode == "subscription" {
+		if cs.PaymentStatus == "paid" || cs.PaymentStatus == "no_payment_required" {
+			return s.subscribed(ctx, ev, id)
+		}
+		return nil
+	}
+	if s.checkout.ConfirmOn == config.ConfirmOnCheckoutSession && cs.PaymentStatus == "paid" {
+		return s.confirmSession(ctx, ev, id, cs)
+	}
+	return nil
+}
+
+// CheckoutSessionAsyncSucceeded credits under confirm_on=checkout_session
+// (a delayed payment method cleared); otherwise it only links ids, since
+// payment_intent.succeeded does the crediting.
+func (s *Service) CheckoutSessionAsyncSucceeded(ctx context.Context, ev EventRef, cs CheckoutSession) error {
+	id, err := s.sessionPayment(ctx, cs)
+	if err != nil {
+		return err
+	}
+	if err := s.link(ctx, ev, id, cs.Livemode, sessionLinks(cs)); err != nil {
+		return err
+	}
+	if s.checkout.ConfirmOn == config.ConfirmOnCheckoutSession && cs.Mode != "subscription" {
+		return s.confirmSession(ctx, ev, id, cs)
+	}
+	return nil
+}
+
+func (s *Service) confirmSession(ctx context.Context, ev EventRef, paymentID string, cs CheckoutSession) error {
+	if cs.AmountTotal == nil {
+		return reject("checkout session %s has no amount_total", cs.ID)
+	}
+	return s.confirm(ctx, ev, paymentID, confirmation{paymentIntentID: cs.PaymentIntent, amountReceived: *cs.AmountTotal, currency: cs.Currency, livemode: cs.Livemode})
+}
+
+// subscribed moves a plan's payment to succeeded when its subscription
+// session completes; nothing is credited.
+func (s *Service) subscribed(ctx context.Context, ev EventRef, paymentID string) error {
+	return db.InTx(ctx, s.db, func(tx *gorm.DB) error {
+		p, err := load(ctx, tx, paymentID, true)
+		if err != nil {
+			return err
+		}
+		if p.Status == Succeeded {
+			return nil
+		}
+		ok, err := transition(ctx, tx, p, Succeeded, ev, "subscription started")
+		if err != nil || !ok {
+			return err
+		}
+		now := s.now()
+		if err := tx.Exec(`UPDATE payments SET status = 'succeeded', succeeded_at = ?, failure_reason = NULL, updated_at = ? WHERE id = ?`,
+			now, now, p.ID).Error; err != nil {
+			return db.Translate(err, nil)
+		}
+		return events.Append(ctx, tx, events.Event{Type: events.PaymentSucceeded, CustomerID: p.CustomerID, Data: map[string]any{
+			"payment_id": p.ID, "item": p.Item, "item_kind": p.ItemKind, "amount": 0, "currency": p.Currency,
+			"credits": 0, "stripe_event_id": ev.ID,
+		}})
+	})
+}
+
+// ChargeRefunded moves the payment to refunded with Stripe's cumulative
+// amount_refunded and revokes the unspent credits it bought in proportion
+// to the increase only, so a redelivered or older refund event revokes
+// nothing more. A refund of a payment not yet succeeded here is an error
+// (retried), so that it applies once the success has arrived.
+// Errors: ErrNotOurs, *Rejection (livemode, currency), errs.Unavailable.
+func (s *Service) ChargeRefunded(ctx context.Context, ev EventRef, ch Charge) error {
+	id, err := s.paymentFor(ctx, ch.Metadata, map[string]string{"payment_intent_id": ch.PaymentIntent})
+	if err != nil {
+		return err
+	}
+	if id == "" {
+		return ErrNotOurs
+	}
+	return db.InTx(ctx, s.db, func(tx *gorm.DB) error {
+		p, err := load(ctx, tx, id, true)
+		if errs.Is(err, errs.NotFound) {
+			return reject("metadata names payment %s, which tally does not know", id)
+		}
+		if err != nil {
+			return err
+		}
+		if ch.Livemode != s.livemode {
+			return reject("event livemode=%t does not match our Stripe key (livemode=%t)", ch.Livemode, s.livemode)
+		}
+		if !strings.EqualFold(ch.Currency, p.Currency) {
+			return reject("refund currency %q does not match payment %s (%q)", ch.Currency, p.ID, p.Currency)
+		}
+		if p.Status != Succeeded && p.Status != Refunded {
+			return fmt.Errorf("payments: refund of payment %s, which is %s: waiting for its success", p.ID, p.Status)
+		}
+		delta := ch.AmountRefunded - p.AmountRefunded
+		if delta <= 0 {
+			return nil // an older or repeated refund event: already applied
+		}
+		ok, err := transition(ctx, tx, p, Refunded, ev, fmt.Sprintf("refunded %d of %d %s in total", ch.AmountRefunded, paid(p), p.Currency))
+		if err != nil {
+			return err
+		}
+		if !ok {
+			return reject("payment %s is %s and cannot be refunded", p.ID, p.Status)
+		}
+		now := s.now()
+		var revoked int64
+		if p.ItemKind == KindCreditPack && p.Credits > 0 {
+			revoked, err = credits.RevokeForPayment(ctx, tx, now, p.ID, ch.AmountRefunded, paid(p))
+			if err != nil {
+				return err
+			}
+		}
+		if err := tx.Exec(`UPDATE payments SET status = 'refunded', amount_refunded = ?, updated_at = ? WHERE id = ?`,
+			ch.AmountRefunded, now, p.ID).Error; err != nil {
+			return db.Translate(err, nil)
+		}
+		if err := tx.Exec(`INSERT INTO payment_refunds (payment_id, stripe_event_id, amount_refunded_total, amount_refunded_delta, credits_revoked)
+			VALUES (?, NULLIF(?, ''), ?, ?, ?)`, p.ID, ev.ID, ch.AmountRefunded, delta, revoked).Error; err != nil {
+			return db.Translate(err, nil)
+		}
+		return events.Append(ctx, tx, events.Event{Type: events.PaymentRefunded, CustomerID: p.CustomerID, Data: map[string]any{
+			"payment_id": p.ID, "amount_refunded": ch.AmountRefunded, "amount_refunded_delta": delta,
+			"currency": p.Currency, "credits_revoked": revoked, "stripe_event_id": ev.ID,
+		}})
+	})
+}
+
+// paid is what the customer paid: what Stripe reported, else what we expected.
+func paid(p Payment) int64 {
+	if p.AmountReceived != nil {
+		return *p.AmountReceived
+	}
+	return p.Amount
+}
+
+// SubscriptionChanged keeps a customer's subscription status from
+// customer.subscription.created, .updated and .deleted. An event older than
+// the last one applied changes nothing. The customer comes from our
+// metadata on the subscription, else from its Stripe customer.
+// Errors: ErrNotOurs, *Rejection (livemode), errs.Unavailable.
+func (s *Service) SubscriptionChanged(ctx context.Context, ev EventRef, sub Subscription) error {
+	if sub.Livemode != s.livemode {
+		return reject("event livemode=%t does not match our Stripe key (livemode=%t)", sub.Livemode, s.livemode)
+	}
+	customerID := sub.Metadata["tally_customer_id"]
+	if customerID == "" && sub.Customer != "" {
+		var ids []string
+		if err := s.db.WithContext(ctx).Raw(`SELECT id FROM customers WHERE stripe_customer_id = ?`, sub.Customer).Scan(&ids).Error; err != nil {
+			return db.Translate(err, nil)
+		}
+		if len(ids) > 0 {
+			customerID = ids[0]
+		}
+	}
+	if customerID == "" {
+		return ErrNotOurs
+	}
+	return db.InTx(ctx, s.db, func(tx *gorm.DB) error {
+		var known []string
+		if err := tx.Raw(`SELECT id FROM customers WHERE id = ?`, customerID).Scan(&known).Error; err != nil {
+			return db.Translate(err, nil)
+		}
+		if len(known) == 0 {
+			return reject("subscription %s names customer %s, which tally does not know", sub.ID, customerID)
+		}
+		res := tx.Exec(`INSERT INTO subscriptions (stripe_subscription_id, customer_id, status, plan, stripe_event_created, updated_at)
+			VALUES (?, ?, ?, NULLIF(?, ''), ?, ?)
+			ON CONFLICT (stripe_subscription_id) DO UPDATE SET status = EXCLUDED.status,
+				plan = COALESCE(EXCLUDED.plan, subscriptions.plan),
+				stripe_event_created = EXCLUDED.stripe_event_created, updated_at = EXCLUDED.updated_at
+			WHERE subscriptions.stripe_event_created <= EXCLUDED.stripe_event_created`,
+			sub.ID, customerID, sub.Status, sub.Metadata["tally_item"], ev.Created, s.now())
+		if res.Error != nil {
+			return db.Translate(res.Error, nil)
+		}
+		if res.RowsAffected == 0 {
+			return nil // an older event than the status we hold
+		}
+		return events.Append(ctx, tx, events.Event{Type: events.SubscriptionUpdate, CustomerID: customerID, Data: map[string]any{
+			"subscription_id": sub.ID, "status": sub.Status, "plan": sub.Metadata["tally_item"], "stripe_event_id": ev.ID,
+		}})
+	})
+}

@@ -1,0 +1,322 @@
+// Package payments turns a click on "buy" into credits or a fulfilled
+// purchase exactly once: the catalog-driven Checkout, the payment state
+// machine (one transition table, machine.go), the validation chain and the
+// confirmation guard keyed by the PaymentIntent id (confirm.go), refunds and
+// subscription status. It learns about Stripe through typed calls that
+// internal/stripehook makes after verifying and decoding a webhook; it never
+// sees raw events, and stripehook is never imported here.
+package payments
+
+import (
+	"context"
+	"encoding/base64"
+	"errors"
+	"fmt"
+	"log/slog"
+	"time"
+
+	"gorm.io/gorm"
+
+	"github.com/tallybilling/tally/internal/config"
+	"github.com/tallybilling/tally/internal/customers"
+	"github.com/tallybilling/tally/internal/db"
+	"github.com/tallybilling/tally/internal/errs"
+	"github.com/tallybilling/tally/internal/stripeapi"
+)
+
+// Status is where a payment stands in the state machine.
+type Status string
+
+// The payment states of design/PRODUCT.md.
+const (
+	Pending   Status = "pending"
+	Succeeded Status = "succeeded"
+	Failed    Status = "failed"
+	Refunded  Status = "refunded"
+)
+
+// ItemKind is what kind of catalog item a payment buys.
+type ItemKind string
+
+// The catalog item kinds.
+const (
+	KindCreditPack ItemKind = "credit_pack"
+	KindProduct    ItemKind = "product"
+	KindPlan       ItemKind = "plan"
+)
+
+// Payment is one purchase of a catalog item, as tally tracks it.
+type Payment struct {
+	ID         string
+	CustomerID string
+	Item       string
+	ItemKind   ItemKind
+	Quantity   int64
+	Status     Status
+	// UnitAmount and Amount (UnitAmount × Quantity, what Stripe must collect)
+	// are in minor units of Currency.
+	UnitAmount     int64
+	Amount         int64
+	Currency       string
+	AmountReceived *int64
+	AmountRefunded int64
+	// Credits is what the payment grants once it succeeds (0 but for packs);
+	// CreditsExpireAfter is how long they stay spendable (0: never).
+	Credits            int64
+	CreditsExpireAfter time.Duration
+	Livemode           bool
+	CheckoutSessionID  string
+	PaymentIntentID    string
+	InvoiceID          string
+	SubscriptionID     string
+	StripeCustomerID   string
+	// CheckoutPaymentStatus is Stripe's Checkout payment_status last seen.
+	CheckoutPaymentStatus string
+	FailureReason         string
+	CreatedAt             time.Time
+	UpdatedAt             time.Time
+	SucceededAt           *time.Time
+	// Transitions is the history, oldest first; filled by Get only.
+	Transitions []Transition
+}
+
+// Transition is one move of the state machine, applied or refused, with the
+// Stripe event that asked for it.
+type Transition struct {
+	From            Status // empty for the creation
+	To              Status
+	Applied         bool
+	StripeEventID   string
+	StripeEventType string
+	Reason          string
+	CreatedAt       time.Time
+}
+
+// Options are what NewService needs.
+type Options struct {
+	DB *gorm.DB
+	// Stripe is nil when no Stripe key is configured; checkouts then answer
+	// unavailable, webhooks still work.
+	Stripe   stripeapi.Client
+	Catalog  config.Catalog
+	Checkout config.CheckoutConfig
+	// Livemode is the mode of our Stripe key; events of the other mode are parked.
+	Livemode bool
+	Logger   *slog.Logger
+	Now      func() time.Time
+}
+
+// Service is the payments capability.
+type Service struct {
+	db       *gorm.DB
+	stripe   stripeapi.Client
+	catalog  config.Catalog
+	checkout config.CheckoutConfig
+	livemode bool
+	logger   *slog.Logger
+	now      func() time.Time
+}
+
+// NewService builds the Service.
+func NewService(o Options) *Service {
+	logger := o.Logger
+	if logger == nil {
+		logger = slog.New(slog.DiscardHandler)
+	}
+	now := o.Now
+	if now == nil {
+		now = time.Now
+	}
+	checkout := o.Checkout
+	if checkout.ConfirmOn == "" {
+		checkout.ConfirmOn = config.ConfirmOnPaymentIntent
+	}
+	return &Service{db: o.DB, stripe: o.Stripe, catalog: o.Catalog, checkout: checkout, livemode: o.Livemode, logger: logger, now: now}
+}
+
+// row is the payments table as gorm scans it.
+type row struct {
+	ID                        string
+	CustomerID                string
+	Item                      string
+	ItemKind                  string
+	Quantity                  int64
+	Status                    string
+	UnitAmount                int64
+	Amount                    int64
+	Currency                  string
+	AmountReceived            *int64
+	AmountRefunded            int64
+	Credits                   int64
+	CreditsExpireAfterSeconds *int64
+	Livemode                  bool
+	CheckoutSessionID         *string
+	PaymentIntentID           *string
+	InvoiceID                 *string
+	SubscriptionID            *string
+	StripeCustomerID          *string
+	CheckoutPaymentStatus     *string
+	FailureReason             *string
+	CreatedAt                 time.Time
+	UpdatedAt                 time.Time
+	SucceededAt               *time.Time
+}
+
+const columns = `id, customer_id, item, item_kind, quantity, status, unit_amount, amount, currency,
+	amount_received, amount_refunded, credits, credits_expire_after_seconds, livemode,
+	checkout_session_id, payment_intent_id, invoice_id, subscription_id, stripe_customer_id,
+	checkout_payment_status, failure_reason, created_at, updated_at, succeeded_at`
+
+func str(p *string) string {
+	if p == nil {
+		return ""
+	}
+	return *p
+}
+
+func (r row) payment() Payment {
+	p := Payment{
+		ID: r.ID, CustomerID: r.CustomerID, Item: r.Item, ItemKind: ItemKind(r.ItemKind), Quantity: r.Quantity,
+		Status: Status(r.Status), UnitAmount: r.UnitAmount, Amount: r.Amount, Currency: r.Currency,
+		AmountReceived: r.AmountReceived, AmountRefunded: r.AmountRefunded, Credits: r.Credits, Livemode: r.Livemode,
+		CheckoutSessionID: str(r.CheckoutSessionID), PaymentIntentID: str(r.PaymentIntentID),
+		InvoiceID: str(r.InvoiceID), SubscriptionID: str(r.SubscriptionID), StripeCustomerID: str(r.StripeCustomerID),
+		CheckoutPaymentStatus: str(r.CheckoutPaymentStatus), FailureReason: str(r.FailureReason),
+		CreatedAt: r.CreatedAt, UpdatedAt: r.UpdatedAt, SucceededAt: r.SucceededAt,
+	}
+	if r.CreditsExpireAfterSeconds != nil {
+		p.CreditsExpireAfter = time.Duration(*r.CreditsExpireAfterSeconds) * time.Second
+	}
+	return p
+}
+
+// load reads one payment through gdb; lock takes its row lock (gdb must then
+// be a transaction). Errors: errs.NotFound.
+func load(ctx context.Context, gdb *gorm.DB, id string, lock bool) (Payment, error) {
+	q := `SELECT ` + columns + ` FROM payments WHERE id = ?`
+	if lock {
+		q += ` FOR UPDATE`
+	}
+	var rows []row
+	if err := gdb.WithContext(ctx).Raw(q, id).Scan(&rows).Error; err != nil {
+		return Payment{}, db.Translate(err, nil)
+	}
+	if len(rows) == 0 {
+		return Payment{}, errs.E(errs.NotFound, "payment %s not found", id)
+	}
+	return rows[0].payment(), nil
+}
+
+// findID returns the id of the payment whose column equals value, "" if none.
+func findID(ctx context.Context, gdb *gorm.DB, column, value string) (string, error) {
+	if value == "" {
+		return "", nil
+	}
+	var ids []string
+	// column is one of a fixed set chosen by this package, never input.
+	if err := gdb.WithContext(ctx).Raw(`SELECT id FROM payments WHERE `+column+` = ?`, value).Scan(&ids).Error; err != nil {
+		return "", db.Translate(err, nil)
+	}
+	if len(ids) == 0 {
+		return "", nil
+	}
+	return ids[0], nil
+}
+
+// Get returns the payment with its transition history, oldest first.
+// Errors: errs.NotFound, errs.Unavailable.
+func (s *Service) Get(ctx context.Context, id string) (Payment, error) {
+	p, err := load(ctx, s.db, id, false)
+	if err != nil {
+		return Payment{}, err
+	}
+	type trow struct {
+		FromStatus      *string
+		ToStatus        string
+		Applied         bool
+		StripeEventID   *string
+		StripeEventType *string
+		Reason          *string
+		CreatedAt       time.Time
+	}
+	var trs []trow
+	err = s.db.WithContext(ctx).Raw(`SELECT from_status, to_status, applied, stripe_event_id, stripe_event_type, reason, created_at
+		FROM payment_transitions WHERE payment_id = ? ORDER BY id`, id).Scan(&trs).Error
+	if err != nil {
+		return Payment{}, db.Translate(err, nil)
+	}
+	p.Transitions = make([]Transition, 0, len(trs))
+	for _, t := range trs {
+		p.Transitions = append(p.Transitions, Transition{
+			From: Status(str(t.FromStatus)), To: Status(t.ToStatus), Applied: t.Applied,
+			StripeEventID: str(t.StripeEventID), StripeEventType: str(t.StripeEventType),
+			Reason: str(t.Reason), CreatedAt: t.CreatedAt,
+		})
+	}
+	return p, nil
+}
+
+// Page is one page of a customer's payments, newest first. NextCursor is
+// empty on the last page.
+type Page struct {
+	Payments   []Payment
+	NextCursor string
+}
+
+// List returns a customer's payments, newest first, limit (1..500) at a
+// time after cursor (a NextCursor of an earlier page, or "").
+// Errors: errs.NotFound (unknown customer), errs.Invalid (bad cursor or limit).
+func (s *Service) List(ctx context.Context, customerID, cursor string, limit int) (Page, error) {
+	if limit < 1 || limit > 500 {
+		return Page{}, errs.InvalidField("limit", "limit must be between 1 and 500")
+	}
+	var after string
+	if cursor != "" {
+		raw, err := base64.RawURLEncoding.DecodeString(cursor)
+		if err != nil || len(raw) == 0 {
+			return Page{}, errs.InvalidField("cursor", "malformed cursor; pass back a next_cursor returned by this list")
+		}
+		after = string(raw)
+	}
+	if _, err := customers.Get(ctx, s.db, customerID); err != nil {
+		return Page{}, err
+	}
+	// Ids are time-ordered (UUIDv7), so id order is creation order.
+	q := s.db.WithContext(ctx).Raw(`SELECT `+columns+` FROM payments WHERE customer_id = ? AND (? = '' OR id < ?)
+		ORDER BY id DESC LIMIT ?`, customerID, after, after, limit+1)
+	var rows []row
+	if err := q.Scan(&rows).Error; err != nil {
+		return Page{}, db.Translate(err, nil)
+	}
+	page := Page{Payments: make([]Payment, 0, min(len(rows), limit))}
+	for i, r := range rows {
+		if i == limit {
+			page.NextCursor = base64.RawURLEncoding.EncodeToString([]byte(rows[i-1].ID))
+			break
+		}
+		page.Payments = append(page.Payments, r.payment())
+	}
+	return page, nil
+}
+
+// ErrNotOurs says a Stripe object names no payment or customer of tally's
+// (another integration on the same Stripe account): the event is ignored.
+var ErrNotOurs = errors.New("payments: the Stripe object does not belong to tally")
+
+// Rejection is the validation chain's refusal: the event must not move money
+// and needs an operator (stripehook parks it). It is never retried by itself.
+type Rejection struct {
+	Reason string
+}
+
+func (r *Rejection) Error() string { return "refused: " + r.Reason }
+
+func reject(format string, args ...any) error {
+	return &Rejection{Reason: fmt.Sprintf(format, args...)}
+}
+
+// IsRejection reports whether err is the validation chain's refusal.
+func IsRejection(err error) bool {
+	var r *Rejection
+	return errors.As(err, &r)
+}

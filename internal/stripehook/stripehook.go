@@ -1,0 +1,477 @@
+// Package stripehook is Stripe's way in: it verifies a webhook delivery's
+// signature, stores the event keyed by its id (a redelivery is acknowledged
+// without being processed again), decodes the few fields tally needs and
+// dispatches to internal/payments. A failed processing is retried by a
+// background worker with exponential backoff and parked after a maximum of
+// attempts; an event the validation chain refuses is parked at once. Admins
+// list stored events and replay one.
+package stripehook
+
+import (
+	"context"
+	"encoding/base64"
+	"errors"
+	"fmt"
+	"log/slog"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"gorm.io/gorm"
+
+	"github.com/tallybilling/tally/internal/db"
+	"github.com/tallybilling/tally/internal/errs"
+	"github.com/tallybilling/tally/internal/payments"
+	"github.com/tallybilling/tally/internal/stripeapi"
+)
+
+// Status is where a stored event stands.
+type Status string
+
+// The stored event statuses of design/API.md.
+const (
+	Received  Status = "received"
+	Processed Status = "processed"
+	Ignored   Status = "ignored"
+	Failed    Status = "failed"
+	Parked    Status = "parked"
+)
+
+// ValidStatus reports whether s names a stored event status.
+func ValidStatus(s string) bool {
+	switch Status(s) {
+	case Received, Processed, Ignored, Failed, Parked:
+		return true
+	}
+	return false
+}
+
+// Options configure New.
+type Options struct {
+	DB       *gorm.DB
+	Payments *payments.Service
+	// Secrets are the webhook signing secrets; each is accepted.
+	Secrets []string
+	// Tolerance is the signature timestamp tolerance; 0 means Stripe's 300 s.
+	Tolerance time.Duration
+	// MaxAttempts is how often processing is tried before the event is parked.
+	MaxAttempts int
+	// RetryInterval is the retry worker's poll period and the first backoff.
+	RetryInterval time.Duration
+	Registry      prometheus.Registerer
+	Logger        *slog.Logger
+	Now           func() time.Time
+}
+
+// Intake receives, stores, processes and replays Stripe events.
+type Intake struct {
+	db            *gorm.DB
+	payments      *payments.Service
+	secrets       []string
+	tolerance     time.Duration
+	maxAttempts   int
+	retryInterval time.Duration
+	logger        *slog.Logger
+	now           func() time.Time
+	total         *prometheus.CounterVec
+}
+
+// processTimeout bounds one processing attempt, which continues even if
+// Stripe hangs up on the delivery.
+const processTimeout = 30 * time.Second
+
+// lease is how long a received or claimed event is left to the instance
+// processing it before the retry worker may take it over (that instance
+// may have died between storing and processing).
+const lease = time.Minute
+
+// maxBackoff caps the wait between two attempts.
+const maxBackoff = time.Hour
+
+// New builds the Intake and registers its metrics on o.Registry (when set).
+func New(o Options) *Intake {
+	h := &Intake{db: o.DB, payments: o.Payments, secrets: o.Secrets, tolerance: o.Tolerance, maxAttempts: o.MaxAttempts,
+		retryInterval: o.RetryInterval, logger: o.Logger, now: o.Now}
+	if h.tolerance == 0 {
+		h.tolerance = stripeapi.WebhookTolerance
+	}
+	if h.maxAttempts < 1 {
+		h.maxAttempts = 8
+	}
+	if h.retryInterval <= 0 {
+		h.retryInterval = 10 * time.Second
+	}
+	if h.logger == nil {
+		h.logger = slog.New(slog.DiscardHandler)
+	}
+	if h.now == nil {
+		h.now = time.Now
+	}
+	h.total = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "tally_stripe_events_total", Help: "Stripe event processing outcomes, by event type and resulting status.",
+	}, []string{"type", "status"})
+	if o.Registry != nil {
+		o.Registry.MustRegister(h.total, prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "tally_stripe_events_parked", Help: "Stored Stripe events parked for an operator.",
+		}, h.parkedCount))
+	}
+	return h
+}
+
+func (h *Intake) parkedCount() float64 {
+	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+	defer cancel()
+	var n int64
+	if err := db.ScanRow(h.db.WithContext(ctx).Raw(`SELECT count(*) FROM stripe_events WHERE status = 'parked'`), &n); err != nil {
+		return -1
+	}
+	return float64(n)
+}
+
+// Ack is the answer to a delivery.
+type Ack struct {
+	// Status is the event's stored status after this delivery.
+	Status Status
+	// Duplicate is true when the event was already stored.
+	Duplicate bool
+}
+
+// Receive handles one delivery: it verifies the signature over the raw body,
+// stores the event unless its id is already stored, and processes it. The
+// delivery is acknowledged once stored, whatever processing did (a failure
+// is retried in the background), so Stripe stops redelivering.
+//
+// Errors: errs.Invalid (signature, timestamp, malformed event; nothing is
+// stored), errs.Unavailable (the database is down: Stripe will retry).
+func (h *Intake) Receive(ctx context.Context, payload []byte, signature string) (Ack, error) {
+	if err := stripeapi.VerifyWebhook(payload, signature, h.secrets, h.tolerance, h.now()); err != nil {
+		return Ack{}, err
+	}
+	ev, err := ParseEvent(payload)
+	if err != nil {
+		return Ack{}, err
+	}
+	now := h.now()
+	var apiVersion *string
+	if ev.APIVersion != "" {
+		apiVersion = &ev.APIVersion
+	}
+	res := h.db.WithContext(ctx).Exec(`INSERT INTO stripe_events (id, type, api_version, livemode, payload, status, next_attempt_at, received_at)
+		VALUES (?, ?, ?, ?, ?::jsonb, 'received', ?, ?) ON CONFLICT (id) DO NOTHING`,
+		ev.ID, ev.Type, apiVersion, ev.Livemode, string(payload), now.Add(lease), now)
+	if res.Error != nil {
+		err := db.Translate(res.Error, nil)
+		if _, coded := errs.As(err); !coded {
+			// The database refused to store it (say, JSON it cannot hold): an
+			// outage from Stripe's side, which retries, and visible in our logs.
+			err = errs.Wrap(err, errs.Unavailable, "the event could not be stored")
+		}
+		return Ack{}, err
+	}
+	if res.RowsAffected == 0 {
+		var status string
+		if err := db.ScanRow(h.db.WithContext(ctx).Raw(`SELECT status FROM stripe_events WHERE id = ?`, ev.ID), &status); err != nil {
+			return Ack{}, db.Translate(err, nil)
+		}
+		return Ack{Status: Status(status), Duplicate: true}, nil
+	}
+	pctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), processTimeout)
+	defer cancel()
+	status, _ := h.process(pctx, ev, 0)
+	return Ack{Status: status}, nil
+}
+
+// process dispatches ev and records the outcome; attempts is how many
+// attempts the stored row had before this one. It returns the status
+// written (Received when even that failed: the lease then hands the event
+// to the retry worker).
+func (h *Intake) process(ctx context.Context, ev Event, attempts int) (Status, error) {
+	err := h.dispatch(ctx, ev)
+	status, lastErr := Processed, ""
+	var next *time.Time
+	switch {
+	case err == nil:
+	case errors.Is(err, errIgnored), errors.Is(err, payments.ErrNotOurs):
+		status = Ignored
+	case payments.IsRejection(err), errs.Is(err, errs.Invalid):
+		status, lastErr = Parked, err.Error()
+	default:
+		lastErr = err.Error()
+		if attempts+1 >= h.maxAttempts {
+			status, lastErr = Parked, fmt.Sprintf("gave up after %d attempts: %s", attempts+1, lastErr)
+		} else {
+			status = Failed
+			t := h.now().Add(h.backoff(attempts + 1))
+			next = &t
+		}
+	}
+	if status != Processed && status != Ignored {
+		h.logger.WarnContext(ctx, "stripe event not processed", "event_id", ev.ID, "type", ev.Type, "status", status, "error", lastErr)
+	}
+	now := h.now()
+	var processedAt *time.Time
+	if status == Processed || status == Ignored {
+		processedAt = &now
+	}
+	uerr := h.db.WithContext(ctx).Exec(`UPDATE stripe_events SET status = ?, attempts = attempts + 1, last_error = NULLIF(?, ''),
+			next_attempt_at = ?, processed_at = COALESCE(?, processed_at) WHERE id = ?`,
+		string(status), truncate(lastErr, 2000), next, processedAt, ev.ID).Error
+	if uerr != nil {
+		h.logger.ErrorContext(ctx, "record stripe event outcome", "event_id", ev.ID, "error", uerr)
+		return Received, db.Translate(uerr, nil)
+	}
+	h.total.WithLabelValues(ev.Type, string(status)).Inc()
+	return status, nil
+}
+
+// backoff is RetryInterval·2^(attempt-1), capped at maxBackoff.
+func (h *Intake) backoff(attempt int) time.Duration {
+	d := h.retryInterval
+	for i := 1; i < attempt && d < maxBackoff; i++ {
+		d *= 2
+	}
+	return min(d, maxBackoff)
+}
+
+func truncate(s string, n int) string {
+	if len(s) <= n {
+		return s
+	}
+	return s[:n]
+}
+
+var errIgnored = errors.New("stripehook: event type not handled")
+
+// dispatch decodes the object of a handled type and calls payments.
+func (h *Intake) dispatch(ctx context.Context, ev Event) error {
+	ref := payments.EventRef{ID: ev.ID, Type: ev.Type, Created: ev.Created}
+	switch ev.Type {
+	case "payment_intent.succeeded", "payment_intent.payment_failed", "payment_intent.canceled":
+		var o paymentIntentObject
+		if err := decodeObject(ev, &o, func() string { return o.ID }); err != nil {
+			return err
+		}
+		if ev.Type == "payment_intent.succeeded" {
+			return h.payments.PaymentIntentSucceeded(ctx, ref, o.domain())
+		}
+		return h.payments.PaymentIntentFailed(ctx, ref, o.domain())
+	case "checkout.session.completed", "checkout.session.async_payment_succeeded",
+		"checkout.session.async_payment_failed", "checkout.session.expired":
+		var o checkoutSessionObject
+		if err := decodeObject(ev, &o, func() string { return o.ID }); err != nil {
+			return err
+		}
+		switch ev.Type {
+		case "checkout.session.completed":
+			return h.payments.CheckoutSessionCompleted(ctx, ref, o.domain())
+		case "checkout.session.async_payment_succeeded":
+			return h.payments.CheckoutSessionAsyncSucceeded(ctx, ref, o.domain())
+		}
+		return h.payments.CheckoutSessionFailed(ctx, ref, o.domain())
+	case "charge.refunded":
+		var o chargeObject
+		if err := decodeObject(ev, &o, func() string { return o.ID }); err != nil {
+			return err
+		}
+		return h.payments.ChargeRefunded(ctx, ref, o.domain())
+	case "customer.subscription.created", "customer.subscription.updated", "customer.subscription.deleted":
+		var o subscriptionObject
+		if err := decodeObject(ev, &o, func() string { return o.ID }); err != nil {
+			return err
+		}
+		return h.payments.SubscriptionChanged(ctx, ref, o.domain())
+	}
+	return errIgnored
+}
+
+// Stored is an event as the admin API shows it.
+type Stored struct {
+	ID            string
+	Type          string
+	APIVersion    string
+	Livemode      bool
+	Status        Status
+	Attempts      int
+	LastError     string
+	ReceivedAt    time.Time
+	ProcessedAt   *time.Time
+	NextAttemptAt *time.Time
+}
+
+type storedRow struct {
+	ID            string
+	Type          string
+	APIVersion    *string
+	Livemode      bool
+	Status        string
+	Attempts      int
+	LastError     *string
+	ReceivedAt    time.Time
+	ProcessedAt   *time.Time
+	NextAttemptAt *time.Time
+	Payload       string
+}
+
+func (r storedRow) stored() Stored {
+	s := Stored{ID: r.ID, Type: r.Type, Livemode: r.Livemode, Status: Status(r.Status), Attempts: r.Attempts,
+		ReceivedAt: r.ReceivedAt, ProcessedAt: r.ProcessedAt}
+	if r.APIVersion != nil {
+		s.APIVersion = *r.APIVersion
+	}
+	if r.LastError != nil {
+		s.LastError = *r.LastError
+	}
+	if r.Status == string(Failed) || r.Status == string(Received) {
+		s.NextAttemptAt = r.NextAttemptAt
+	}
+	return s
+}
+
+const storedColumns = `id, type, api_version, livemode, status, attempts, last_error, received_at, processed_at, next_attempt_at`
+
+// Get returns one stored event. Errors: errs.NotFound, errs.Unavailable.
+func (h *Intake) Get(ctx context.Context, id string) (Stored, error) {
+	var rows []storedRow
+	if err := h.db.WithContext(ctx).Raw(`SELECT `+storedColumns+` FROM stripe_events WHERE id = ?`, id).Scan(&rows).Error; err != nil {
+		return Stored{}, db.Translate(err, nil)
+	}
+	if len(rows) == 0 {
+		return Stored{}, errs.E(errs.NotFound, "Stripe event %s not stored", id)
+	}
+	return rows[0].stored(), nil
+}
+
+// Page is one page of stored events, newest first; NextCursor is empty on
+// the last page.
+type Page struct {
+	Events     []Stored
+	NextCursor string
+}
+
+// List returns stored events, newest first, optionally only those in one
+// status. Errors: errs.Invalid (status, cursor, limit), errs.Unavailable.
+func (h *Intake) List(ctx context.Context, status, cursor string, limit int) (Page, error) {
+	if status != "" && !ValidStatus(status) {
+		return Page{}, errs.InvalidField("status", "status must be received, processed, ignored, failed or parked")
+	}
+	if limit < 1 || limit > 500 {
+		return Page{}, errs.InvalidField("limit", "limit must be between 1 and 500")
+	}
+	var afterAt time.Time
+	var afterID string
+	if cursor != "" {
+		raw, err := base64.RawURLEncoding.DecodeString(cursor)
+		nanos, id, ok := strings.Cut(string(raw), "|")
+		n, perr := strconv.ParseInt(nanos, 10, 64)
+		if err != nil || !ok || perr != nil || id == "" {
+			return Page{}, errs.InvalidField("cursor", "malformed cursor; pass back a next_cursor returned by this list")
+		}
+		afterAt, afterID = time.Unix(0, n).UTC(), id
+	}
+	var rows []storedRow
+	err := h.db.WithContext(ctx).Raw(`SELECT `+storedColumns+` FROM stripe_events
+		WHERE (? = '' OR status = ?) AND (? = '' OR (received_at, id) < (?, ?))
+		ORDER BY received_at DESC, id DESC LIMIT ?`,
+		status, status, afterID, afterAt, afterID, limit+1).Scan(&rows).Error
+	if err != nil {
+		return Page{}, db.Translate(err, nil)
+	}
+	page := Page{Events: make([]Stored, 0, min(len(rows), limit))}
+	for i, r := range rows {
+		if i == limit {
+			last := rows[i-1]
+			page.NextCursor = base64.RawURLEncoding.EncodeToString([]byte(strconv.FormatInt(last.ReceivedAt.UnixNano(), 10) + "|" + last.ID))
+			break
+		}
+		page.Events = append(page.Events, r.stored())
+	}
+	return page, nil
+}
+
+// Replay processes a stored event again from its stored payload, whatever
+// its status (an operator fixed what parked it, or wants a processed one
+// re-run). It is idempotent: the money effect is guarded by the PaymentIntent
+// id, so a replay never credits twice. It returns the event afterwards.
+// Errors: errs.NotFound, errs.Unavailable.
+func (h *Intake) Replay(ctx context.Context, id string) (Stored, error) {
+	var rows []storedRow
+	if err := h.db.WithContext(ctx).Raw(`SELECT `+storedColumns+`, payload::text AS payload FROM stripe_events WHERE id = ?`, id).Scan(&rows).Error; err != nil {
+		return Stored{}, db.Translate(err, nil)
+	}
+	if len(rows) == 0 {
+		return Stored{}, errs.E(errs.NotFound, "Stripe event %s not stored", id)
+	}
+	ev, err := ParseEvent([]byte(rows[0].Payload))
+	if err != nil {
+		return Stored{}, fmt.Errorf("stripehook: stored event %s no longer parses: %w", id, err)
+	}
+	// An operator's replay gets a full set of attempts of its own.
+	if _, err := h.process(ctx, ev, 0); err != nil {
+		return Stored{}, err
+	}
+	return h.Get(ctx, id)
+}
+
+// RetryDue claims up to batch events whose retry is due (failed ones, and
+// received ones whose instance never finished them), with FOR UPDATE SKIP
+// LOCKED and a lease so replicas never take the same event, and processes
+// them. It returns how many it processed.
+func (h *Intake) RetryDue(ctx context.Context, batch int) (int, error) {
+	now := h.now()
+	var rows []storedRow
+	err := h.db.WithContext(ctx).Raw(`UPDATE stripe_events SET next_attempt_at = ?
+		WHERE id IN (SELECT id FROM stripe_events WHERE status IN ('received', 'failed') AND next_attempt_at <= ?
+			ORDER BY next_attempt_at LIMIT ? FOR UPDATE SKIP LOCKED)
+		RETURNING `+storedColumns+`, payload::text AS payload`, now.Add(lease), now, batch).Scan(&rows).Error
+	if err != nil {
+		return 0, db.Translate(err, nil)
+	}
+	for _, r := range rows {
+		ev, err := ParseEvent([]byte(r.Payload))
+		if err != nil {
+			h.logger.ErrorContext(ctx, "stored stripe event no longer parses", "event_id", r.ID, "error", err)
+			continue
+		}
+		pctx, cancel := context.WithTimeout(ctx, processTimeout)
+		_, _ = h.process(pctx, ev, r.Attempts)
+		cancel()
+	}
+	return len(rows), nil
+}
+
+// Worker retries due events on every replica; claims never overlap.
+type Worker struct {
+	intake *Intake
+}
+
+// NewWorker returns the retry worker of h.
+func NewWorker(h *Intake) *Worker { return &Worker{intake: h} }
+
+// Name names the worker in logs.
+func (w *Worker) Name() string { return "stripe-event-retry" }
+
+// Run retries due events every RetryInterval until ctx ends.
+func (w *Worker) Run(ctx context.Context) error {
+	t := time.NewTicker(w.intake.retryInterval)
+	defer t.Stop()
+	for {
+		for {
+			n, err := w.intake.RetryDue(ctx, 20)
+			if err != nil {
+				if ctx.Err() == nil {
+					w.intake.logger.WarnContext(ctx, "stripe event retry round failed", "error", err)
+				}
+				break
+			}
+			if n < 20 {
+				break
+			}
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-t.C:
+		}
+	}
+}
