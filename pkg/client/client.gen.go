@@ -636,7 +636,7 @@ type UsageEventInput struct {
 	Timestamp *time.Time `json:"timestamp,omitempty"`
 
 	// Value A whole, non-negative number (Stripe meter values are integers).
-	Value float32 `json:"value"`
+	Value float64 `json:"value"`
 }
 
 // UsageEventPage defines model for UsageEventPage.
