@@ -65,8 +65,13 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		Settings: runSettings{
 			RunID: runID, Concurrency: s.concurrency, DurationSec: s.duration.Seconds(), WarmupSec: s.warmup.Seconds(),
 			Customers: s.customers, Seed: s.seed, Meter: s.meter, UsageBatch: usageBatchSize, WebhookType: s.webhookType,
-			BaselineNote: "none (no -db): no ratios",
 		},
+	}
+	switch {
+	case s.db == "":
+		rep.Settings.BaselineNote = "none (no -db): no ratios"
+	case !s.has(scenarioConsumeMany) && !s.has(scenarioConsumeHot):
+		rep.Settings.BaselineNote = "not run (no consume scenario selected)"
 	}
 
 	var base *baseline
