@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
+	"io"
 	"net"
 	"net/http"
 	"path/filepath"
@@ -14,8 +15,13 @@ import (
 	"testing"
 	"time"
 
+	"github.com/getkin/kin-openapi/openapi3"
+	"github.com/getkin/kin-openapi/openapi3filter"
+	"github.com/getkin/kin-openapi/routers"
+	"github.com/getkin/kin-openapi/routers/gorillamux"
 	"github.com/golang-jwt/jwt/v5"
 
+	"github.com/tallybilling/tally/api"
 	"github.com/tallybilling/tally/internal/db/dbtest"
 	"github.com/tallybilling/tally/pkg/client"
 )
@@ -145,7 +151,7 @@ func (s *server) shutdown(t testing.TB) {
 // client is a pkg/client talking to s with the given bearer token.
 func (s *server) client(t testing.TB, token string) *client.ClientWithResponses {
 	t.Helper()
-	c, err := client.NewClientWithResponses(s.URL, client.WithRequestEditorFn(func(ctx context.Context, req *http.Request) error {
+	c, err := client.NewClientWithResponses(s.URL, client.WithHTTPClient(&http.Client{Transport: contractChecker(t)}), client.WithRequestEditorFn(func(ctx context.Context, req *http.Request) error {
 		if token != "" {
 			req.Header.Set("Authorization", "Bearer "+token)
 		}
@@ -191,4 +197,56 @@ func mustStatus(t testing.TB, what string, got int, body []byte, want int) {
 	if got != want {
 		t.Fatalf("%s: status %d, want %d; body: %s", what, got, want, strings.TrimSpace(string(body)))
 	}
+}
+
+// specRouter routes requests to the operations of the embedded openapi.yaml.
+var specRouter = sync.OnceValues(func() (routers.Router, error) {
+	doc, err := openapi3.NewLoader().LoadFromData(api.SpecYAML)
+	if err != nil {
+		return nil, err
+	}
+	doc.Servers = nil
+	return gorillamux.NewRouter(doc)
+})
+
+// sharedTransport lets the many clients of a test reuse connections.
+var sharedTransport = &http.Transport{MaxIdleConns: 2000, MaxIdleConnsPerHost: 2000, IdleConnTimeout: 30 * time.Second}
+
+// checkedTransport fails the test when a response breaks the contract: a
+// status the operation does not declare, or a body that does not match.
+type checkedTransport struct{ t testing.TB }
+
+func contractChecker(t testing.TB) http.RoundTripper { return checkedTransport{t: t} }
+
+func (c checkedTransport) RoundTrip(req *http.Request) (*http.Response, error) {
+	resp, err := sharedTransport.RoundTrip(req)
+	if err != nil {
+		return resp, err
+	}
+	router, err := specRouter()
+	if err != nil {
+		c.t.Errorf("load spec: %v", err)
+		return resp, nil
+	}
+	route, params, err := router.FindRoute(req)
+	if err != nil {
+		return resp, nil // not an operation of the contract (e.g. /metrics)
+	}
+	body, err := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if err != nil {
+		return nil, err
+	}
+	resp.Body = io.NopCloser(bytes.NewReader(body))
+	err = openapi3filter.ValidateResponse(req.Context(), &openapi3filter.ResponseValidationInput{
+		RequestValidationInput: &openapi3filter.RequestValidationInput{Request: req, PathParams: params, Route: route},
+		Status:                 resp.StatusCode,
+		Header:                 resp.Header,
+		Body:                   io.NopCloser(bytes.NewReader(body)),
+		Options:                &openapi3filter.Options{IncludeResponseStatus: true, MultiError: true},
+	})
+	if err != nil {
+		c.t.Errorf("%s %s answered %d, which breaks openapi.yaml: %v\nbody: %s", req.Method, req.URL.Path, resp.StatusCode, err, body)
+	}
+	return resp, nil
 }

@@ -133,6 +133,10 @@ func New(ctx context.Context, cfg config.Config, opts Options) (*App, error) {
 		return nil, err
 	}
 	a.handler = e
+	a.workers = append(a.workers, events.NewPusher(gdb, events.PushConfig{
+		URL: cfg.EventsWebhook.URL, Secret: cfg.EventsWebhook.Secret,
+	}, logger, now))
+	a.workers = append(a.workers, idempotencyJanitor{db: gdb, logger: logger, now: now, interval: time.Hour})
 	return a, nil
 }
 

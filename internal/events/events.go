@@ -49,6 +49,8 @@ type Stored struct {
 	CustomerID string
 	Data       json.RawMessage
 	CreatedAt  time.Time
+	// Position is the feed cursor just after this event.
+	Position Cursor
 }
 
 // Append writes e inside the caller's transaction tx, so the event exists if
@@ -160,12 +162,12 @@ func (f *Feed) List(ctx context.Context, after Cursor, limit int) (Page, error) 
 		if err != nil {
 			return Page{}, fmt.Errorf("events: bad txid %q: %w", r.TxID, err)
 		}
-		s := Stored{ID: r.ID, Type: r.Type, Data: json.RawMessage(r.Data), CreatedAt: r.CreatedAt}
+		s := Stored{ID: r.ID, Type: r.Type, Data: json.RawMessage(r.Data), CreatedAt: r.CreatedAt, Position: Cursor{TxID: txid, ID: r.ID}}
 		if r.CustomerID != nil {
 			s.CustomerID = *r.CustomerID
 		}
 		page.Events = append(page.Events, s)
-		page.Next = Cursor{TxID: txid, ID: r.ID}
+		page.Next = s.Position
 	}
 	return page, nil
 }

@@ -1,0 +1,233 @@
+package events
+
+import (
+	"bytes"
+	"context"
+	"crypto/hmac"
+	crand "crypto/rand"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"fmt"
+	"io"
+	"log/slog"
+	"math/rand/v2"
+	"net/http"
+	"strconv"
+	"time"
+
+	"gorm.io/gorm"
+
+	"github.com/tallybilling/tally/internal/db"
+)
+
+// SignatureHeader carries `t=<unix seconds>,v1=<hex HMAC-SHA256 of "<t>.<body>">`,
+// the scheme Stripe uses, so host applications can reuse what they know.
+const SignatureHeader = "Tally-Signature"
+
+// Sign returns the SignatureHeader value for body at time t.
+func Sign(secret string, t time.Time, body []byte) string {
+	ts := strconv.FormatInt(t.Unix(), 10)
+	mac := hmac.New(sha256.New, []byte(secret))
+	mac.Write([]byte(ts))
+	mac.Write([]byte("."))
+	mac.Write(body)
+	return "t=" + ts + ",v1=" + hex.EncodeToString(mac.Sum(nil))
+}
+
+// PushConfig configures the outbound webhook push.
+type PushConfig struct {
+	URL    string
+	Secret string
+	// Lease is how long one instance may push before it must renew; another
+	// instance takes over when it lapses (a crashed pusher).
+	Lease time.Duration
+	// Idle is how long to wait when there is nothing to push.
+	Idle time.Duration
+	// MinBackoff and MaxBackoff bound the wait between attempts at one
+	// failing event (doubling, with jitter).
+	MinBackoff time.Duration
+	MaxBackoff time.Duration
+	Client     *http.Client
+}
+
+// Pusher delivers the event feed to the host application's webhook, in feed
+// order and at least once: the cursor moves past an event only after the
+// host answered 2xx, and a failing event is retried with backoff, never
+// skipped. Receivers should deduplicate by the event id. Every replica runs a
+// Pusher; a lease in the database lets one push at a time.
+type Pusher struct {
+	db     *gorm.DB
+	feed   *Feed
+	cfg    PushConfig
+	logger *slog.Logger
+	now    func() time.Time
+	holder string
+}
+
+// NewPusher returns a Pusher; Run does nothing when cfg.URL is empty.
+func NewPusher(gdb *gorm.DB, cfg PushConfig, logger *slog.Logger, now func() time.Time) *Pusher {
+	if cfg.Lease <= 0 {
+		cfg.Lease = 30 * time.Second
+	}
+	if cfg.Idle <= 0 {
+		cfg.Idle = time.Second
+	}
+	if cfg.MinBackoff <= 0 {
+		cfg.MinBackoff = time.Second
+	}
+	if cfg.MaxBackoff <= 0 {
+		cfg.MaxBackoff = 5 * time.Minute
+	}
+	if cfg.Client == nil {
+		cfg.Client = &http.Client{Timeout: 10 * time.Second}
+	}
+	var b [8]byte
+	_, _ = crand.Read(b[:])
+	return &Pusher{db: gdb, feed: NewFeed(gdb), cfg: cfg, logger: logger, now: now, holder: hex.EncodeToString(b[:])}
+}
+
+// Name names the worker in logs.
+func (p *Pusher) Name() string { return "event-push" }
+
+// Run pushes until ctx ends.
+func (p *Pusher) Run(ctx context.Context) error {
+	if p.cfg.URL == "" {
+		return nil
+	}
+	for {
+		pushed, err := p.PushOnce(ctx)
+		if err != nil && ctx.Err() == nil {
+			p.logger.Warn("event push", "error", err)
+		}
+		if pushed > 0 && err == nil {
+			continue
+		}
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-time.After(p.cfg.Idle):
+		}
+	}
+}
+
+// PushOnce takes the lease if it is free, then delivers one page of events.
+// It returns how many were delivered; 0 with no error when another instance
+// holds the lease or nothing is waiting.
+func (p *Pusher) PushOnce(ctx context.Context) (int, error) {
+	cursor, ok, err := p.lease(ctx)
+	if err != nil || !ok {
+		return 0, err
+	}
+	page, err := p.feed.List(ctx, cursor, 100)
+	if err != nil {
+		return 0, err
+	}
+	for i, e := range page.Events {
+		if err := p.deliverWithRetry(ctx, e); err != nil {
+			return i, err
+		}
+		if err := p.advance(ctx, e.Position); err != nil {
+			return i + 1, err
+		}
+	}
+	return len(page.Events), nil
+}
+
+func (p *Pusher) lease(ctx context.Context) (Cursor, bool, error) {
+	var rows []struct {
+		TxID string
+		ID   int64
+	}
+	now := p.now()
+	err := p.db.WithContext(ctx).Raw(`
+		UPDATE event_push_state SET holder = ?, lease_until = ?, updated_at = ?
+		WHERE id = 1 AND (holder IS NULL OR holder = ? OR lease_until < ?)
+		RETURNING cursor_txid::text AS tx_id, cursor_id AS id`,
+		p.holder, now.Add(p.cfg.Lease), now, p.holder, now).Scan(&rows).Error
+	if err != nil {
+		return Cursor{}, false, db.Translate(err, nil)
+	}
+	if len(rows) == 0 {
+		return Cursor{}, false, nil
+	}
+	txid, err := strconv.ParseUint(rows[0].TxID, 10, 64)
+	if err != nil {
+		return Cursor{}, false, fmt.Errorf("events: push cursor %q: %w", rows[0].TxID, err)
+	}
+	return Cursor{TxID: txid, ID: rows[0].ID}, true, nil
+}
+
+// advance moves the cursor, only while this instance still holds the lease.
+func (p *Pusher) advance(ctx context.Context, c Cursor) error {
+	now := p.now()
+	res := p.db.WithContext(ctx).Exec(`
+		UPDATE event_push_state SET cursor_txid = ?::text::xid8, cursor_id = ?, lease_until = ?, last_error = NULL, updated_at = ?
+		WHERE id = 1 AND holder = ?`,
+		strconv.FormatUint(c.TxID, 10), c.ID, now.Add(p.cfg.Lease), now, p.holder)
+	if res.Error != nil {
+		return db.Translate(res.Error, nil)
+	}
+	if res.RowsAffected == 0 {
+		return fmt.Errorf("events: push lease lost")
+	}
+	return nil
+}
+
+func (p *Pusher) deliverWithRetry(ctx context.Context, e Stored) error {
+	body, err := json.Marshal(struct {
+		ID         string          `json:"id"`
+		Type       string          `json:"type"`
+		CustomerID *string         `json:"customer_id,omitempty"`
+		Data       json.RawMessage `json:"data"`
+		CreatedAt  time.Time       `json:"created_at"`
+	}{"evt_" + strconv.FormatInt(e.ID, 10), e.Type, nonEmpty(e.CustomerID), e.Data, e.CreatedAt})
+	if err != nil {
+		return err
+	}
+	wait := p.cfg.MinBackoff
+	for attempt := 1; ; attempt++ {
+		err := p.deliver(ctx, e, body)
+		if err == nil {
+			return nil
+		}
+		p.logger.Warn("event push failed", "event_id", e.ID, "attempt", attempt, "error", err)
+		p.db.WithContext(ctx).Exec(`UPDATE event_push_state SET last_error = ?, lease_until = ? WHERE id = 1 AND holder = ?`,
+			err.Error(), p.now().Add(p.cfg.Lease+wait), p.holder)
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(wait/2 + rand.N(wait/2+1)):
+		}
+		wait = min(wait*2, p.cfg.MaxBackoff)
+	}
+}
+
+func (p *Pusher) deliver(ctx context.Context, e Stored, body []byte) error {
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, p.cfg.URL, bytes.NewReader(body))
+	if err != nil {
+		return err
+	}
+	req.Header.Set("Content-Type", "application/json")
+	req.Header.Set("User-Agent", "tally-webhooks/1")
+	req.Header.Set("Tally-Event-Id", "evt_"+strconv.FormatInt(e.ID, 10))
+	req.Header.Set("Tally-Event-Type", e.Type)
+	req.Header.Set(SignatureHeader, Sign(p.cfg.Secret, p.now(), body))
+	resp, err := p.cfg.Client.Do(req)
+	if err != nil {
+		return err
+	}
+	_, _ = io.Copy(io.Discard, io.LimitReader(resp.Body, 64<<10))
+	resp.Body.Close()
+	if resp.StatusCode < 200 || resp.StatusCode > 299 {
+		return fmt.Errorf("host answered %d", resp.StatusCode)
+	}
+	return nil
+}
+
+func nonEmpty(s string) *string {
+	if s == "" {
+		return nil
+	}
+	return &s
+}
