@@ -4,6 +4,7 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
@@ -72,6 +73,7 @@ func commands() []command {
 	return []command{
 		{"serve", "run the HTTP API and the background workers (default)", serve},
 		{"migrate", "apply the database migrations and exit", migrate},
+		{"verify", "check the invariants (balances, ledger, credited payments); exit 2 on any breach", verifyCmd},
 		{"healthcheck", "exit 0 when the local server answers /healthz (for container healthchecks)", healthcheck},
 		{"version", "print the version", printVersion},
 	}
@@ -202,5 +204,73 @@ func healthcheck(ctx context.Context, args []string, env environment) error {
 
 func printVersion(ctx context.Context, args []string, env environment) error {
 	fmt.Fprintln(env.stdout, "tally", version)
+	return nil
+}
+
+// verifyReport is the --json form of the report (the same shape as
+// GET /v1/admin/verify).
+type verifyReport struct {
+	OK               bool            `json:"ok"`
+	CustomersChecked int64           `json:"customers_checked"`
+	PaymentsChecked  int64           `json:"payments_checked"`
+	Problems         []verifyProblem `json:"problems"`
+}
+
+type verifyProblem struct {
+	Kind       string `json:"kind"`
+	CustomerID string `json:"customer_id,omitempty"`
+	PaymentID  string `json:"payment_id,omitempty"`
+	Detail     string `json:"detail"`
+}
+
+func verifyCmd(ctx context.Context, args []string, env environment) error {
+	fs := newFlags("verify", "Recompute every balance from the ledger and from the grants, check every succeeded payment was\ncredited exactly once and every consume key spent once. Exits 2 naming each breach.", env)
+	asJSON := fs.Bool("json", false, "print the report as JSON")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	cfg, err := config.Load(env.getenv)
+	if err != nil {
+		return fmt.Errorf("configuration:\n%w", err)
+	}
+	logger := newLogger(cfg, env.stderr)
+	gdb, err := db.Open(ctx, cfg.DatabaseURL, 2, logger)
+	if err != nil {
+		return err
+	}
+	defer db.Close(gdb)
+	rep, err := app.Verify(ctx, gdb)
+	if err != nil {
+		return fmt.Errorf("verify: %w", err)
+	}
+	if *asJSON {
+		out := verifyReport{OK: rep.OK, CustomersChecked: rep.CustomersChecked, PaymentsChecked: rep.PaymentsChecked, Problems: []verifyProblem{}}
+		for _, p := range rep.Problems {
+			out.Problems = append(out.Problems, verifyProblem(p))
+		}
+		enc := json.NewEncoder(env.stdout)
+		enc.SetIndent("", "  ")
+		if err := enc.Encode(out); err != nil {
+			return err
+		}
+	} else {
+		fmt.Fprintf(env.stdout, "checked %d customers and %d payments\n", rep.CustomersChecked, rep.PaymentsChecked)
+		for _, p := range rep.Problems {
+			fmt.Fprintf(env.stdout, "BREACH %s", p.Kind)
+			if p.CustomerID != "" {
+				fmt.Fprintf(env.stdout, " customer=%s", p.CustomerID)
+			}
+			if p.PaymentID != "" {
+				fmt.Fprintf(env.stdout, " payment=%s", p.PaymentID)
+			}
+			fmt.Fprintf(env.stdout, ": %s\n", p.Detail)
+		}
+		if rep.OK {
+			fmt.Fprintln(env.stdout, "ok: every invariant holds")
+		}
+	}
+	if !rep.OK {
+		return exitError{code: 2, err: fmt.Errorf("verify found %d breaches", len(rep.Problems))}
+	}
 	return nil
 }

@@ -19,6 +19,7 @@ import (
 	"gorm.io/gorm"
 
 	"github.com/tallybilling/tally/internal/config"
+	"github.com/tallybilling/tally/internal/credits"
 	"github.com/tallybilling/tally/internal/customers"
 	"github.com/tallybilling/tally/internal/db"
 	"github.com/tallybilling/tally/internal/events"
@@ -108,6 +109,14 @@ func New(ctx context.Context, cfg config.Config, opts Options) (*App, error) {
 		Registry: reg, Logger: logger, Now: now,
 	})
 	a.workers = append(a.workers, stripehook.NewWorker(stripeHook))
+
+	wallet := credits.NewService(gdb, cfg.Credits, now, logger)
+	if err := wallet.RegisterMetrics(reg); err != nil {
+		closeDB(gdb)
+		return nil, fmt.Errorf("register credits metrics: %w", err)
+	}
+	a.workers = append(a.workers, credits.NewSweeper(gdb, cfg.Credits, now, logger))
+
 	deps := httpapi.Deps{
 		Config:    cfg,
 		Logger:    logger,
@@ -119,6 +128,9 @@ func New(ctx context.Context, cfg config.Config, opts Options) (*App, error) {
 
 		Payments:   paymentsSvc,
 		StripeHook: stripeHook,
+
+		Credits: wallet,
+		Verify:  func(ctx context.Context) (credits.VerifyReport, error) { return Verify(ctx, gdb) },
 	}
 	metrics := promhttp.HandlerFor(reg, promhttp.HandlerOpts{})
 	if cfg.MetricsAddr == "" {

@@ -4,6 +4,8 @@ import (
 	"context"
 	"database/sql"
 	"fmt"
+	"slices"
+	"strings"
 
 	"gorm.io/gorm"
 
@@ -228,6 +230,8 @@ func checkPurchases(ctx context.Context, tx *gorm.DB) ([]VerifyProblem, int64, e
 				Detail: fmt.Sprintf("payment %s has %d purchase grants", paymentID, n)})
 		}
 	}
+	// Map order is random; operators diff reports.
+	slices.SortFunc(out, func(a, b VerifyProblem) int { return strings.Compare(a.PaymentID, b.PaymentID) })
 	return out, 0, nil
 }
 

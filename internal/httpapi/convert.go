@@ -9,6 +9,7 @@ import (
 
 	"github.com/tallybilling/tally/api"
 	"github.com/tallybilling/tally/internal/config"
+	"github.com/tallybilling/tally/internal/credits"
 	"github.com/tallybilling/tally/internal/customers"
 	"github.com/tallybilling/tally/internal/events"
 	"github.com/tallybilling/tally/internal/payments"
@@ -87,6 +88,88 @@ func limitOr(l *api.Limit) int {
 		return 50
 	}
 	return *l
+}
+
+// Credits.
+
+func fromAPIConsume(customerID string, b *api.ConsumeRequest) credits.ConsumeInput {
+	in := credits.ConsumeInput{CustomerID: customerID}
+	if b == nil {
+		return in
+	}
+	in.Amount, in.Reason = b.Amount, b.Reason
+	if b.Metadata != nil {
+		in.Metadata = map[string]string(*b.Metadata)
+	}
+	return in
+}
+
+func fromAPIGrant(customerID string, b *api.GrantRequest) credits.GrantInput {
+	in := credits.GrantInput{CustomerID: customerID, Source: credits.SourceService}
+	if b == nil {
+		return in
+	}
+	in.Amount, in.Reason, in.ExpiresAt = b.Amount, b.Reason, b.ExpiresAt
+	if b.Metadata != nil {
+		in.Metadata = map[string]string(*b.Metadata)
+	}
+	return in
+}
+
+func toAPIGrantResult(r credits.GrantResult) api.GrantResult {
+	return api.GrantResult{TransactionId: r.TransactionID, GrantId: r.GrantID, Amount: r.Amount, Balance: r.Balance, ExpiresAt: r.ExpiresAt}
+}
+
+func toAPIBalance(b credits.Balance) api.Balance {
+	out := api.Balance{
+		CustomerId:          b.CustomerID,
+		Balance:             b.Balance,
+		Grants:              make([]api.GrantSummary, 0, len(b.Grants)),
+		NextExpiry:          b.NextExpiry,
+		NextExpiryAmount:    b.NextExpiryAmount,
+		LowBalanceThreshold: b.LowBalanceThreshold,
+	}
+	for _, g := range b.Grants {
+		out.Grants = append(out.Grants, api.GrantSummary{
+			Id: g.ID, Amount: g.Amount, Remaining: g.Remaining, Source: api.GrantSummarySource(g.Source),
+			PaymentId: ptrIfSet(g.PaymentID), ExpiresAt: g.ExpiresAt, CreatedAt: g.CreatedAt,
+		})
+	}
+	return out
+}
+
+func toAPILedgerPage(p credits.LedgerPage) api.LedgerPage {
+	out := api.LedgerPage{Data: make([]api.LedgerEntry, 0, len(p.Entries)), NextCursor: ptrIfSet(p.NextCursor)}
+	for _, e := range p.Entries {
+		meta := api.Metadata(e.Metadata)
+		if meta == nil {
+			meta = api.Metadata{}
+		}
+		entry := api.LedgerEntry{
+			Id: e.ID, Kind: api.LedgerEntryKind(e.Kind), Amount: e.Amount, BalanceAfter: e.BalanceAfter,
+			Reason: e.Reason, Metadata: meta, GrantId: ptrIfSet(e.GrantID), PaymentId: ptrIfSet(e.PaymentID),
+			CreatedAt: e.CreatedAt,
+		}
+		if e.Draws != nil {
+			draws := make([]api.LedgerDraw, 0, len(e.Draws))
+			for _, d := range e.Draws {
+				draws = append(draws, api.LedgerDraw{GrantId: d.GrantID, Amount: d.Amount})
+			}
+			entry.Draws = &draws
+		}
+		out.Data = append(out.Data, entry)
+	}
+	return out
+}
+
+func toAPIVerifyReport(r credits.VerifyReport) api.VerifyReport {
+	out := api.VerifyReport{Ok: r.OK, CustomersChecked: r.CustomersChecked, PaymentsChecked: r.PaymentsChecked,
+		Problems: make([]api.VerifyProblem, 0, len(r.Problems))}
+	for _, p := range r.Problems {
+		out.Problems = append(out.Problems, api.VerifyProblem{Kind: p.Kind, CustomerId: ptrIfSet(p.CustomerID),
+			PaymentId: ptrIfSet(p.PaymentID), Detail: p.Detail})
+	}
+	return out
 }
 
 // --- payments ---

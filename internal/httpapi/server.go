@@ -18,6 +18,7 @@ import (
 
 	"github.com/tallybilling/tally/api"
 	"github.com/tallybilling/tally/internal/config"
+	"github.com/tallybilling/tally/internal/credits"
 	"github.com/tallybilling/tally/internal/customers"
 	"github.com/tallybilling/tally/internal/events"
 	"github.com/tallybilling/tally/internal/payments"
@@ -45,6 +46,11 @@ type Deps struct {
 	// Stripe's webhooks and serves the stored-event admin operations.
 	Payments   *payments.Service
 	StripeHook *stripehook.Intake
+
+	// Credits is the wallet; Verify is the invariant report of
+	// GET /v1/admin/verify (app.Verify: credits plus other packages' checks).
+	Credits *credits.Service
+	Verify  func(ctx context.Context) (credits.VerifyReport, error)
 }
 
 // Server implements api.StrictServerInterface.

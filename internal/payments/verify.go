@@ -1,8 +1,11 @@
 package payments
 
 import (
+	"cmp"
 	"context"
 	"fmt"
+	"slices"
+	"strings"
 
 	"gorm.io/gorm"
 
@@ -58,5 +61,9 @@ func VerifyPurchases(ctx context.Context, gdb *gorm.DB) ([]credits.VerifyProblem
 				Detail: fmt.Sprintf("%d purchase grants name a payment that does not exist", n)})
 		}
 	}
+	// Map order is random; operators diff reports.
+	slices.SortFunc(problems, func(a, b credits.VerifyProblem) int {
+		return cmp.Or(strings.Compare(a.PaymentID, b.PaymentID), strings.Compare(a.Kind, b.Kind))
+	})
 	return problems, int64(len(rows)), nil
 }

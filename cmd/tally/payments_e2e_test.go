@@ -1,0 +1,904 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http"
+	"net/url"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/stripe/stripe-go/v82/webhook"
+	"gorm.io/gorm"
+
+	"github.com/tallybilling/tally/internal/config"
+	"github.com/tallybilling/tally/internal/credits"
+	"github.com/tallybilling/tally/internal/db"
+	"github.com/tallybilling/tally/internal/stripeapi/stripefake"
+	"github.com/tallybilling/tally/internal/stripeapi/stripemock"
+	"github.com/tallybilling/tally/pkg/client"
+)
+
+// The catalog's starter pack (deploy/catalog.example.yaml): $10.00 for 1000 credits.
+const (
+	starterAmount  = 1000
+	starterCredits = 1000
+)
+
+// payEnv is a test server's configuration with Stripe's API at stripeURL
+// and a quick retry worker.
+func payEnv(t testing.TB, stripeURL string) map[string]string {
+	env := baseEnv(t)
+	env["TALLY_STRIPE_API_URL"] = stripeURL
+	env["TALLY_STRIPE_EVENT_RETRY_INTERVAL"] = "100ms"
+	return env
+}
+
+// assertInvariants runs `tally verify` against the server's database and
+// fails on any breach (or when it checked no payment at all).
+func assertInvariants(t testing.TB, s *server) {
+	t.Helper()
+	out, err := s.tallyCmd(t, "verify")
+	if err != nil || !strings.Contains(out, "ok: every invariant holds") {
+		t.Fatalf("tally verify: %v\n%s", err, out)
+	}
+	if strings.Contains(out, " and 0 payments") {
+		t.Fatalf("tally verify checked no payments:\n%s", out)
+	}
+}
+
+func balanceOf(t testing.TB, gdb *gorm.DB, customerID string) int64 {
+	t.Helper()
+	b, err := credits.NewService(gdb, config.Default().Credits, time.Now, slog.New(slog.DiscardHandler)).Balance(context.Background(), customerID)
+	if err != nil {
+		t.Fatalf("balance of %s: %v", customerID, err)
+	}
+	return b.Balance
+}
+
+func countRows(t testing.TB, gdb *gorm.DB, query string, args ...any) int64 {
+	t.Helper()
+	var n int64
+	if err := db.ScanRow(gdb.Raw(query, args...), &n); err != nil {
+		t.Fatalf("%s: %v", query, err)
+	}
+	return n
+}
+
+// checkout starts a checkout of quantity × item for customer and returns the payment id.
+func checkout(t testing.TB, s *server, customer, item string, quantity int64) string {
+	t.Helper()
+	r, err := s.service(t).CreateCheckoutSessionWithResponse(context.Background(), &client.CreateCheckoutSessionParams{}, client.CheckoutSessionCreate{
+		CustomerId: customer, Item: item, Quantity: &quantity,
+		SuccessUrl: "https://app.example.com/paid", CancelUrl: "https://app.example.com/cancel",
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	mustStatus(t, "checkout", r.StatusCode(), r.Body, http.StatusCreated)
+	return r.JSON201.PaymentId
+}
+
+func getPayment(t testing.TB, s *server, id string) client.Payment {
+	t.Helper()
+	r, err := s.service(t).GetPaymentWithResponse(context.Background(), id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	mustStatus(t, "get payment", r.StatusCode(), r.Body, http.StatusOK)
+	return *r.JSON200
+}
+
+var eventSeq atomic.Int64
+
+func newEventID() string {
+	return fmt.Sprintf("evt_test_%d_%d", time.Now().UnixNano(), eventSeq.Add(1))
+}
+
+// stripeEvent is an event as Stripe sends it (API version of our endpoint).
+func stripeEvent(id, typ string, object map[string]any) []byte {
+	return stripeEventVersion(id, typ, "2025-03-31.basil", object)
+}
+
+func stripeEventVersion(id, typ, apiVersion string, object map[string]any) []byte {
+	b, err := json.Marshal(map[string]any{
+		"id": id, "object": "event", "api_version": apiVersion, "created": time.Now().Unix(),
+		"livemode": false, "pending_webhooks": 1, "type": typ,
+		"request": map[string]any{"id": nil, "idempotency_key": nil},
+		"data":    map[string]any{"object": object},
+	})
+	if err != nil {
+		panic(err)
+	}
+	return b
+}
+
+func piID(paymentID string) string { return "pi_" + strings.TrimPrefix(paymentID, "pay_") }
+
+// paymentIntent is a PaymentIntent object for our payment; received is
+// amount_received (0 unless it succeeded).
+func paymentIntent(paymentID, customer, status string, amount, received int64, currency string) map[string]any {
+	pi := map[string]any{
+		"id": piID(paymentID), "object": "payment_intent", "amount": amount, "amount_capturable": 0,
+		"amount_received": received, "currency": currency, "livemode": false, "status": status,
+		"capture_method": "automatic", "confirmation_method": "automatic", "created": time.Now().Unix(),
+		"customer": "cus_test", "latest_charge": "ch_" + strings.TrimPrefix(paymentID, "pay_"),
+		"metadata":             map[string]string{"tally_payment_id": paymentID, "tally_customer_id": customer, "tally_item": "starter"},
+		"payment_method_types": []string{"card"}, "last_payment_error": nil, "cancellation_reason": nil,
+	}
+	if status == "requires_payment_method" {
+		pi["last_payment_error"] = map[string]any{"type": "card_error", "code": "card_declined", "decline_code": "generic_decline", "message": "Your card was declined."}
+	}
+	return pi
+}
+
+// checkoutSession is a Checkout Session object for our payment.
+func checkoutSession(paymentID, customer, sessionID, status, paymentStatus string, amount int64) map[string]any {
+	return map[string]any{
+		"id": sessionID, "object": "checkout.session", "mode": "payment", "status": status, "payment_status": paymentStatus,
+		"payment_intent": piID(paymentID), "customer": "cus_test", "invoice": nil, "subscription": nil,
+		"client_reference_id": paymentID, "amount_total": amount, "amount_subtotal": amount, "currency": "usd",
+		"livemode": false, "expires_at": time.Now().Add(time.Hour).Unix(), "created": time.Now().Unix(),
+		"metadata": map[string]string{"tally_payment_id": paymentID, "tally_customer_id": customer, "tally_item": "starter"},
+		"url":      nil,
+	}
+}
+
+// refundedCharge is the charge of charge.refunded, amount_refunded cumulative.
+func refundedCharge(paymentID string, amount, refunded int64) map[string]any {
+	return map[string]any{
+		"id": "ch_" + strings.TrimPrefix(paymentID, "pay_"), "object": "charge", "amount": amount, "amount_captured": amount,
+		"amount_refunded": refunded, "refunded": refunded == amount, "currency": "usd", "livemode": false,
+		"paid": true, "status": "succeeded", "payment_intent": piID(paymentID), "metadata": map[string]string{},
+	}
+}
+
+// postWebhook POSTs body to /webhooks/stripe with the given signature
+// header (none when empty).
+func postWebhook(t testing.TB, s *server, body []byte, signature string) (int, []byte) {
+	t.Helper()
+	req, err := http.NewRequest(http.MethodPost, s.URL+"/webhooks/stripe", bytes.NewReader(body))
+	if err != nil {
+		t.Fatal(err)
+	}
+	req.Header.Set("Content-Type", "application/json; charset=utf-8")
+	if signature != "" {
+		req.Header.Set("Stripe-Signature", signature)
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	out, _ := io.ReadAll(resp.Body)
+	return resp.StatusCode, out
+}
+
+func sign(body []byte, secret string, at time.Time) string {
+	return webhook.GenerateTestSignedPayload(&webhook.UnsignedPayload{Payload: body, Secret: secret, Timestamp: at}).Header
+}
+
+// deliver sends a correctly signed event and expects Stripe's 200.
+func deliver(t testing.TB, s *server, body []byte) {
+	t.Helper()
+	status, out := postWebhook(t, s, body, sign(body, testWebhookSecret, time.Now()))
+	mustStatus(t, "webhook delivery", status, out, http.StatusOK)
+}
+
+func eventStatus(t testing.TB, gdb *gorm.DB, id string) (status, lastError string) {
+	t.Helper()
+	var le *string
+	if err := db.ScanRow(gdb.Raw(`SELECT status, last_error FROM stripe_events WHERE id = ?`, id), &status, &le); err != nil {
+		t.Fatalf("stored event %s: %v", id, err)
+	}
+	if le != nil {
+		lastError = *le
+	}
+	return status, lastError
+}
+
+// TestSameSuccessToTwoInstancesCreditsOnce delivers one payment's
+// payment_intent.succeeded five times, concurrently, to each of two server
+// instances on one database, under two event ids (the event, and the same
+// PaymentIntent in a second event as a replay or strategy switch would).
+func TestSameSuccessToTwoInstancesCreditsOnce(t *testing.T) {
+	fake := stripefake.New(t)
+	envA := payEnv(t, fake.URL())
+	a := startServer(t, envA)
+	envB := map[string]string{}
+	for k, v := range envA {
+		envB[k] = v
+	}
+	envB["TALLY_HTTP_ADDR"] = freeAddr(t)
+	b := startServer(t, envB)
+	gdb := openDB(t, a)
+
+	pay := checkout(t, a, "buyer-1", "starter", 1)
+	pi := paymentIntent(pay, "buyer-1", "succeeded", starterAmount, starterAmount, "usd")
+	events := [][]byte{stripeEvent(newEventID(), "payment_intent.succeeded", pi), stripeEvent(newEventID(), "payment_intent.succeeded", pi)}
+
+	var wg sync.WaitGroup
+	statuses := make(chan int, 20)
+	for i := range 20 {
+		target := []*server{a, b}[i%2]
+		body := events[(i/2)%2]
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			st, _ := postWebhook(t, target, body, sign(body, testWebhookSecret, time.Now()))
+			statuses <- st
+		}()
+	}
+	wg.Wait()
+	close(statuses)
+	for st := range statuses {
+		if st != http.StatusOK {
+			t.Fatalf("a delivery got %d, want 200", st)
+		}
+	}
+
+	if got := balanceOf(t, gdb, "buyer-1"); got != starterCredits {
+		t.Fatalf("balance = %d, want %d (credited once)", got, starterCredits)
+	}
+	if n := countRows(t, gdb, `SELECT count(*) FROM credit_grants WHERE payment_id = ?`, pay); n != 1 {
+		t.Fatalf("%d purchase grants, want 1", n)
+	}
+	if n := countRows(t, gdb, `SELECT count(*) FROM events WHERE type = 'payment.succeeded'`); n != 1 {
+		t.Fatalf("%d payment.succeeded events, want 1", n)
+	}
+	if n := countRows(t, gdb, `SELECT count(*) FROM stripe_events WHERE status = 'processed'`); n != 2 {
+		t.Fatalf("%d stored events processed, want 2 (each id stored once)", n)
+	}
+	p := getPayment(t, b, pay)
+	if p.Status != client.PaymentStatusSucceeded || p.AmountReceived == nil || *p.AmountReceived != starterAmount || p.PaymentIntentId == nil {
+		t.Fatalf("payment = %+v", p)
+	}
+	applied := 0
+	for _, tr := range p.Transitions {
+		if tr.Applied && tr.To == "succeeded" {
+			applied++
+		}
+	}
+	if applied != 1 {
+		t.Fatalf("transitions = %+v; want one applied move to succeeded", p.Transitions)
+	}
+	assertInvariants(t, a)
+}
+
+// TestPaymentEventOrders shows the out-of-order and failure days: each case
+// drives one payment through its events and checks the final state and credits.
+func TestPaymentEventOrders(t *testing.T) {
+	fake := stripefake.New(t)
+	s := startServer(t, payEnv(t, fake.URL()))
+	gdb := openDB(t, s)
+
+	t.Run("success before checkout.session.completed", func(t *testing.T) {
+		pay := checkout(t, s, "order-1", "starter", 1)
+		p := getPayment(t, s, pay)
+		deliver(t, s, stripeEvent(newEventID(), "payment_intent.succeeded", paymentIntent(pay, "order-1", "succeeded", starterAmount, starterAmount, "usd")))
+		cs := checkoutSession(pay, "order-1", *p.CheckoutSessionId, "complete", "paid", starterAmount)
+		cs["invoice"] = "in_test_1"
+		deliver(t, s, stripeEvent(newEventID(), "checkout.session.completed", cs))
+		p = getPayment(t, s, pay)
+		if p.Status != client.PaymentStatusSucceeded || p.InvoiceId == nil || *p.InvoiceId != "in_test_1" {
+			t.Fatalf("payment = %+v", p)
+		}
+		if got := balanceOf(t, gdb, "order-1"); got != starterCredits {
+			t.Fatalf("balance = %d, want %d", got, starterCredits)
+		}
+	})
+
+	t.Run("failure after success is refused", func(t *testing.T) {
+		pay := checkout(t, s, "order-2", "starter", 1)
+		deliver(t, s, stripeEvent(newEventID(), "payment_intent.succeeded", paymentIntent(pay, "order-2", "succeeded", starterAmount, starterAmount, "usd")))
+		late := newEventID()
+		deliver(t, s, stripeEvent(late, "payment_intent.payment_failed", paymentIntent(pay, "order-2", "requires_payment_method", starterAmount, 0, "usd")))
+		p := getPayment(t, s, pay)
+		if p.Status != client.PaymentStatusSucceeded {
+			t.Fatalf("a late failure moved the payment to %s", p.Status)
+		}
+		last := p.Transitions[len(p.Transitions)-1]
+		if last.Applied || last.To != "failed" || last.StripeEventId == nil || *last.StripeEventId != late {
+			t.Fatalf("the refused transition is not recorded with its event: %+v", p.Transitions)
+		}
+		if got := balanceOf(t, gdb, "order-2"); got != starterCredits {
+			t.Fatalf("balance = %d, want %d", got, starterCredits)
+		}
+	})
+
+	t.Run("failed card then success in the same session", func(t *testing.T) {
+		pay := checkout(t, s, "order-3", "starter", 2)
+		deliver(t, s, stripeEvent(newEventID(), "payment_intent.payment_failed", paymentIntent(pay, "order-3", "requires_payment_method", 2*starterAmount, 0, "usd")))
+		if p := getPayment(t, s, pay); p.Status != client.PaymentStatusFailed || p.FailureReason == nil || !strings.Contains(*p.FailureReason, "declined") {
+			t.Fatalf("after the decline: %+v", p)
+		}
+		if got := balanceOf(t, gdb, "order-3"); got != 0 {
+			t.Fatalf("a failed payment credited %d", got)
+		}
+		success := stripeEvent(newEventID(), "payment_intent.succeeded", paymentIntent(pay, "order-3", "succeeded", 2*starterAmount, 2*starterAmount, "usd"))
+		deliver(t, s, success)
+		deliver(t, s, success)
+		p := getPayment(t, s, pay)
+		if p.Status != client.PaymentStatusSucceeded || p.Credits != 2*starterCredits {
+			t.Fatalf("after the retried card: %+v", p)
+		}
+		var moves []string
+		for _, tr := range p.Transitions {
+			moves = append(moves, fmt.Sprintf("%s>%s:%t", strOrEmpty(tr.From), tr.To, tr.Applied))
+		}
+		if strings.Join(moves, " ") != ">pending:true pending>failed:true failed>succeeded:true" {
+			t.Fatalf("transitions = %v", moves)
+		}
+		if got := balanceOf(t, gdb, "order-3"); got != 2*starterCredits {
+			t.Fatalf("balance = %d, want %d", got, 2*starterCredits)
+		}
+	})
+
+	t.Run("expired session", func(t *testing.T) {
+		pay := checkout(t, s, "order-4", "starter", 1)
+		p := getPayment(t, s, pay)
+		cs := checkoutSession(pay, "order-4", *p.CheckoutSessionId, "expired", "unpaid", starterAmount)
+		cs["payment_intent"] = nil
+		deliver(t, s, stripeEvent(newEventID(), "checkout.session.expired", cs))
+		p = getPayment(t, s, pay)
+		if p.Status != client.PaymentStatusFailed || p.FailureReason == nil || *p.FailureReason != "checkout session expired" {
+			t.Fatalf("expired session: %+v", p)
+		}
+		if n := countRows(t, gdb, `SELECT count(*) FROM events WHERE type = 'payment.failed' AND data->>'payment_id' = ?`, pay); n != 1 {
+			t.Fatalf("%d payment.failed events, want 1", n)
+		}
+	})
+
+	t.Run("unpaid completion credits nothing until the PaymentIntent succeeds", func(t *testing.T) {
+		pay := checkout(t, s, "order-5", "starter", 1)
+		p := getPayment(t, s, pay)
+		deliver(t, s, stripeEvent(newEventID(), "checkout.session.completed", checkoutSession(pay, "order-5", *p.CheckoutSessionId, "complete", "unpaid", starterAmount)))
+		p = getPayment(t, s, pay)
+		if p.Status != client.PaymentStatusPending || p.PaymentIntentId == nil || *p.PaymentIntentId != piID(pay) {
+			t.Fatalf("after an unpaid completion: %+v", p)
+		}
+		if got := balanceOf(t, gdb, "order-5"); got != 0 {
+			t.Fatalf("an unpaid completion credited %d", got)
+		}
+		deliver(t, s, stripeEvent(newEventID(), "payment_intent.succeeded", paymentIntent(pay, "order-5", "succeeded", starterAmount, starterAmount, "usd")))
+		if p := getPayment(t, s, pay); p.Status != client.PaymentStatusSucceeded {
+			t.Fatalf("after the success: %+v", p)
+		}
+		if got := balanceOf(t, gdb, "order-5"); got != starterCredits {
+			t.Fatalf("balance = %d, want %d", got, starterCredits)
+		}
+	})
+
+	assertInvariants(t, s)
+}
+
+func strOrEmpty(p *string) string {
+	if p == nil {
+		return ""
+	}
+	return *p
+}
+
+// TestMismatchParksAndReplay shows the validation chain: an amount or
+// currency that does not match the payment credits nothing and parks the
+// event, listed by the admin API; fixed, a replay credits once.
+func TestMismatchParksAndReplay(t *testing.T) {
+	fake := stripefake.New(t)
+	s := startServer(t, payEnv(t, fake.URL()))
+	gdb := openDB(t, s)
+	ctx := context.Background()
+
+	short := checkout(t, s, "mismatch-1", "starter", 1)
+	shortEvent := newEventID()
+	deliver(t, s, stripeEvent(shortEvent, "payment_intent.succeeded", paymentIntent(short, "mismatch-1", "succeeded", 999, 999, "usd")))
+	euro := checkout(t, s, "mismatch-2", "starter", 1)
+	euroEvent := newEventID()
+	deliver(t, s, stripeEvent(euroEvent, "payment_intent.succeeded", paymentIntent(euro, "mismatch-2", "succeeded", starterAmount, starterAmount, "eur")))
+
+	for _, c := range []struct{ event, pay, customer, want string }{
+		{shortEvent, short, "mismatch-1", "amount_received 999"},
+		{euroEvent, euro, "mismatch-2", `currency "eur"`},
+	} {
+		status, lastErr := eventStatus(t, gdb, c.event)
+		if status != "parked" || !strings.Contains(lastErr, c.want) {
+			t.Fatalf("event %s: status %s, last_error %q; want parked naming %s", c.event, status, lastErr, c.want)
+		}
+		if p := getPayment(t, s, c.pay); p.Status != client.PaymentStatusPending {
+			t.Fatalf("a refused event moved payment %s to %s", c.pay, p.Status)
+		}
+		if got := balanceOf(t, gdb, c.customer); got != 0 {
+			t.Fatalf("a refused event credited %d", got)
+		}
+	}
+
+	parked := client.StripeEventStatusParked
+	list, err := s.admin(t).ListStripeEventsWithResponse(ctx, &client.ListStripeEventsParams{Status: &parked})
+	if err != nil {
+		t.Fatal(err)
+	}
+	mustStatus(t, "list parked", list.StatusCode(), list.Body, http.StatusOK)
+	ids := map[string]bool{}
+	for _, e := range list.JSON200.Data {
+		if e.Status != parked || e.LastError == nil {
+			t.Fatalf("listed event %+v", e)
+		}
+		ids[e.Id] = true
+	}
+	if len(ids) != 2 || !ids[shortEvent] || !ids[euroEvent] {
+		t.Fatalf("parked events listed: %v", ids)
+	}
+	if m := metrics(t, s); !strings.Contains(m, "tally_stripe_events_parked 2\n") ||
+		!strings.Contains(m, `tally_stripe_events_total{status="parked",type="payment_intent.succeeded"} 2`) {
+		t.Fatalf("metrics do not show the two parked events:\n%s", m)
+	}
+	if r, _ := s.service(t).ListStripeEventsWithResponse(ctx, &client.ListStripeEventsParams{}); r.StatusCode() != http.StatusForbidden {
+		t.Fatalf("a service key listed Stripe events: %d", r.StatusCode())
+	}
+
+	// Replaying without a fix keeps it parked; after the operator corrects the
+	// expected amount (the catalog price had been mistyped), it credits once.
+	again, err := s.admin(t).ReplayStripeEventWithResponse(ctx, shortEvent)
+	if err != nil {
+		t.Fatal(err)
+	}
+	mustStatus(t, "replay unfixed", again.StatusCode(), again.Body, http.StatusOK)
+	if again.JSON200.Status != parked {
+		t.Fatalf("an unfixed replay is %s", again.JSON200.Status)
+	}
+	if err := gdb.Exec(`UPDATE payments SET unit_amount = 999, amount = 999 WHERE id = ?`, short).Error; err != nil {
+		t.Fatal(err)
+	}
+	for range 2 {
+		r, err := s.admin(t).ReplayStripeEventWithResponse(ctx, shortEvent)
+		if err != nil {
+			t.Fatal(err)
+		}
+		mustStatus(t, "replay fixed", r.StatusCode(), r.Body, http.StatusOK)
+		if r.JSON200.Status != client.StripeEventStatusProcessed || r.JSON200.ProcessedAt == nil {
+			t.Fatalf("replayed event = %+v", r.JSON200)
+		}
+	}
+	if p := getPayment(t, s, short); p.Status != client.PaymentStatusSucceeded {
+		t.Fatalf("replayed payment is %s", p.Status)
+	}
+	if got := balanceOf(t, gdb, "mismatch-1"); got != starterCredits {
+		t.Fatalf("balance after two replays = %d, want %d", got, starterCredits)
+	}
+	if r, _ := s.admin(t).ReplayStripeEventWithResponse(ctx, "evt_never_stored"); r.StatusCode() != http.StatusNotFound {
+		t.Fatalf("replay of an unknown event: %d", r.StatusCode())
+	}
+	assertInvariants(t, s)
+}
+
+// TestWebhookRefusesBadDeliveries: every delivery that is not a correctly
+// signed, fresh, well-formed event under the size cap gets a 4xx
+// problem+json and stores nothing; an unknown type is stored as ignored
+// and acknowledged; an event of another API version is processed.
+func TestWebhookRefusesBadDeliveries(t *testing.T) {
+	fake := stripefake.New(t)
+	env := payEnv(t, fake.URL())
+	env["TALLY_WEBHOOK_MAX_BODY_BYTES"] = "8192"
+	env["TALLY_STRIPE_WEBHOOK_SECRETS"] = "whsec_old_secret," + testWebhookSecret
+	s := startServer(t, env)
+	gdb := openDB(t, s)
+
+	pay := checkout(t, s, "hook-1", "starter", 1)
+	good := stripeEvent(newEventID(), "payment_intent.succeeded", paymentIntent(pay, "hook-1", "succeeded", starterAmount, starterAmount, "usd"))
+	big := stripeEvent(newEventID(), "payment_intent.succeeded", map[string]any{"id": "pi_big", "padding": strings.Repeat("x", 9000)})
+
+	for _, c := range []struct {
+		name   string
+		body   []byte
+		header string
+		want   int
+	}{
+		{"wrong secret", good, sign(good, "whsec_someone_else", time.Now()), http.StatusBadRequest},
+		{"tampered body", bytes.Replace(good, []byte(`"amount_received":1000`), []byte(`"amount_received":1001`), 1), sign(good, testWebhookSecret, time.Now()), http.StatusBadRequest},
+		{"stale timestamp", good, sign(good, testWebhookSecret, time.Now().Add(-301*time.Second)), http.StatusBadRequest},
+		{"future timestamp", good, sign(good, testWebhookSecret, time.Now().Add(301*time.Second)), http.StatusBadRequest},
+		{"missing header", good, "", http.StatusBadRequest},
+		{"garbage header", good, "t=abc,v1=zz", http.StatusBadRequest},
+		{"oversized body", big, sign(big, testWebhookSecret, time.Now()), http.StatusRequestEntityTooLarge},
+		{"malformed JSON", []byte(`{"id": "evt_1", "type":`), sign([]byte(`{"id": "evt_1", "type":`), testWebhookSecret, time.Now()), http.StatusBadRequest},
+		{"no data.object", []byte(`{"id":"evt_2","object":"event","type":"payment_intent.succeeded"}`), sign([]byte(`{"id":"evt_2","object":"event","type":"payment_intent.succeeded"}`), testWebhookSecret, time.Now()), http.StatusBadRequest},
+	} {
+		status, body := postWebhook(t, s, c.body, c.header)
+		if status != c.want {
+			t.Fatalf("%s: status %d, want %d; body %s", c.name, status, c.want, body)
+		}
+		var problem map[string]any
+		if err := json.Unmarshal(body, &problem); err != nil || problem["code"] == nil || problem["request_id"] == nil {
+			t.Fatalf("%s: not a problem+json body: %s", c.name, body)
+		}
+	}
+	if n := countRows(t, gdb, `SELECT count(*) FROM stripe_events`); n != 0 {
+		t.Fatalf("refused deliveries stored %d events", n)
+	}
+	if got := balanceOf(t, gdb, "hook-1"); got != 0 {
+		t.Fatalf("refused deliveries credited %d", got)
+	}
+
+	unknown := newEventID()
+	deliver(t, s, stripeEvent(unknown, "radar.early_fraud_warning.created", map[string]any{"id": "issfr_1", "object": "radar.early_fraud_warning"}))
+	if st, _ := eventStatus(t, gdb, unknown); st != "ignored" {
+		t.Fatalf("unknown type stored as %s, want ignored", st)
+	}
+
+	// Signed with the second configured secret and in an API version other
+	// than stripe-go's: verified and processed.
+	old := newEventID()
+	deliver(t, s, stripeEventVersion(old, "payment_intent.succeeded", "2020-08-27", paymentIntent(pay, "hook-1", "succeeded", starterAmount, starterAmount, "usd")))
+	if st, le := eventStatus(t, gdb, old); st != "processed" {
+		t.Fatalf("an event of API version 2020-08-27 is %s (%s)", st, le)
+	}
+	if got := balanceOf(t, gdb, "hook-1"); got != starterCredits {
+		t.Fatalf("balance = %d, want %d", got, starterCredits)
+	}
+
+	// A redelivery is acknowledged as a duplicate and not processed again.
+	body := stripeEventVersion(old, "payment_intent.succeeded", "2020-08-27", paymentIntent(pay, "hook-1", "succeeded", starterAmount, starterAmount, "usd"))
+	status, ack := postWebhook(t, s, body, sign(body, testWebhookSecret, time.Now()))
+	if status != http.StatusOK || !strings.Contains(string(ack), `"duplicate":true`) {
+		t.Fatalf("redelivery: %d %s", status, ack)
+	}
+	if n := countRows(t, gdb, `SELECT attempts FROM stripe_events WHERE id = ?`, old); n != 1 {
+		t.Fatalf("a redelivery was processed again (%d attempts)", n)
+	}
+	assertInvariants(t, s)
+}
+
+// TestRefundsRevokeProportionally: half the amount refunded revokes half
+// the credits; a later full refund revokes only the increase, never below zero.
+func TestRefundsRevokeProportionally(t *testing.T) {
+	fake := stripefake.New(t)
+	s := startServer(t, payEnv(t, fake.URL()))
+	gdb := openDB(t, s)
+	ctx := context.Background()
+
+	pay := checkout(t, s, "refund-1", "starter", 1)
+	deliver(t, s, stripeEvent(newEventID(), "payment_intent.succeeded", paymentIntent(pay, "refund-1", "succeeded", starterAmount, starterAmount, "usd")))
+	half := stripeEvent(newEventID(), "charge.refunded", refundedCharge(pay, starterAmount, starterAmount/2))
+	deliver(t, s, half)
+	p := getPayment(t, s, pay)
+	if p.Status != client.PaymentStatusRefunded || p.AmountRefunded != starterAmount/2 {
+		t.Fatalf("after half a refund: %+v", p)
+	}
+	if got := balanceOf(t, gdb, "refund-1"); got != starterCredits/2 {
+		t.Fatalf("balance after half a refund = %d, want %d", got, starterCredits/2)
+	}
+	// An older refund event arriving late (same cumulative amount) revokes nothing.
+	deliver(t, s, stripeEvent(newEventID(), "charge.refunded", refundedCharge(pay, starterAmount, starterAmount/2)))
+	if got := balanceOf(t, gdb, "refund-1"); got != starterCredits/2 {
+		t.Fatalf("a repeated refund revoked again: balance %d", got)
+	}
+
+	svc := credits.NewService(gdb, config.Default().Credits, time.Now, slog.New(slog.DiscardHandler))
+	if _, _, err := svc.Consume(ctx, credits.ConsumeInput{CustomerID: "refund-1", Amount: 400, Reason: "usage"},
+		db.IdempotencyKey{Scope: "customer:refund-1", Key: "spend-1", RequestHash: []byte("spend-1")}); err != nil {
+		t.Fatalf("consume: %v", err)
+	}
+	deliver(t, s, stripeEvent(newEventID(), "charge.refunded", refundedCharge(pay, starterAmount, starterAmount)))
+	p = getPayment(t, s, pay)
+	if p.Status != client.PaymentStatusRefunded || p.AmountRefunded != starterAmount {
+		t.Fatalf("after the full refund: %+v", p)
+	}
+	if got := balanceOf(t, gdb, "refund-1"); got != 0 {
+		t.Fatalf("balance after the full refund = %d, want 0 (the 100 left, never below zero)", got)
+	}
+	if n := countRows(t, gdb, `SELECT coalesce(sum(credits_revoked), 0) FROM payment_refunds WHERE payment_id = ?`, pay); n != 600 {
+		t.Fatalf("credits revoked in total = %d, want 600 (500 then the 100 left)", n)
+	}
+	if n := countRows(t, gdb, `SELECT count(*) FROM events WHERE type = 'payment.refunded'`); n != 2 {
+		t.Fatalf("%d payment.refunded events, want 2", n)
+	}
+	assertInvariants(t, s)
+}
+
+// TestRefundBeforeSuccessIsRetried: a refund that overtakes the success it
+// refunds fails, is retried by the background worker, and applies once the
+// success is in; one that never finds its success is parked.
+func TestRefundBeforeSuccessIsRetried(t *testing.T) {
+	fake := stripefake.New(t)
+	env := payEnv(t, fake.URL())
+	env["TALLY_STRIPE_EVENT_MAX_ATTEMPTS"] = "3"
+	s := startServer(t, env)
+	gdb := openDB(t, s)
+
+	// checkout.session.completed links the PaymentIntent, so the refund is
+	// known to be ours though its success has not arrived yet.
+	completed := func(pay, customer string) {
+		p := getPayment(t, s, pay)
+		deliver(t, s, stripeEvent(newEventID(), "checkout.session.completed", checkoutSession(pay, customer, *p.CheckoutSessionId, "complete", "paid", starterAmount)))
+	}
+	pay := checkout(t, s, "early-1", "starter", 1)
+	completed(pay, "early-1")
+	refund := newEventID()
+	deliver(t, s, stripeEvent(refund, "charge.refunded", refundedCharge(pay, starterAmount, starterAmount)))
+	if st, le := eventStatus(t, gdb, refund); st != "failed" || !strings.Contains(le, "waiting for its success") {
+		t.Fatalf("early refund: %s %q, want failed", st, le)
+	}
+	deliver(t, s, stripeEvent(newEventID(), "payment_intent.succeeded", paymentIntent(pay, "early-1", "succeeded", starterAmount, starterAmount, "usd")))
+	waitFor(t, "the refund retried", func() bool { st, _ := eventStatus(t, gdb, refund); return st == "processed" })
+	if p := getPayment(t, s, pay); p.Status != client.PaymentStatusRefunded || p.AmountRefunded != starterAmount {
+		t.Fatalf("payment = %+v", p)
+	}
+	if got := balanceOf(t, gdb, "early-1"); got != 0 {
+		t.Fatalf("balance = %d, want 0", got)
+	}
+
+	lonely := checkout(t, s, "early-2", "starter", 1)
+	completed(lonely, "early-2")
+	never := newEventID()
+	deliver(t, s, stripeEvent(never, "charge.refunded", refundedCharge(lonely, starterAmount, starterAmount)))
+	waitFor(t, "the orphan refund parked", func() bool { st, _ := eventStatus(t, gdb, never); return st == "parked" })
+	if n := countRows(t, gdb, `SELECT attempts FROM stripe_events WHERE id = ?`, never); n != 3 {
+		t.Fatalf("parked after %d attempts, want 3", n)
+	}
+	assertInvariants(t, s)
+}
+
+func metrics(t testing.TB, s *server) string {
+	t.Helper()
+	resp, err := http.Get(s.URL + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return string(b)
+}
+
+func waitFor(t testing.TB, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(20 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// TestCheckoutCreation: against stripe-mock a checkout answers a URL;
+// against the fake the session carries our metadata and idempotency key;
+// bad requests are refused and write nothing.
+func TestCheckoutCreation(t *testing.T) {
+	ctx := context.Background()
+	t.Run("stripe-mock", func(t *testing.T) {
+		s := startServer(t, payEnv(t, stripemock.Start(t)))
+		user := s.client(t, userToken(t, "mock-buyer", time.Now().Add(time.Hour)))
+		r, err := user.CreateCheckoutSessionWithResponse(ctx, &client.CreateCheckoutSessionParams{}, client.CheckoutSessionCreate{
+			CustomerId: "mock-buyer", Item: "starter", SuccessUrl: "https://app.example.com/ok", CancelUrl: "https://app.example.com/no"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		mustStatus(t, "checkout", r.StatusCode(), r.Body, http.StatusCreated)
+		if !strings.HasPrefix(r.JSON201.Url, "http") || r.JSON201.CheckoutSessionId == "" || r.JSON201.ExpiresAt.IsZero() {
+			t.Fatalf("checkout = %+v", r.JSON201)
+		}
+		p := getPayment(t, s, r.JSON201.PaymentId)
+		if p.Status != client.PaymentStatusPending || p.Amount != starterAmount || p.Credits != starterCredits || p.CheckoutSessionId == nil {
+			t.Fatalf("payment = %+v", p)
+		}
+	})
+
+	t.Run("fake", func(t *testing.T) {
+		fake := stripefake.New(t)
+		s := startServer(t, payEnv(t, fake.URL()))
+		gdb := openDB(t, s)
+		key := "checkout-key-1"
+		quantity := int64(3)
+		body := client.CheckoutSessionCreate{CustomerId: "fake-buyer", Item: "starter", Quantity: &quantity,
+			SuccessUrl: "https://app.example.com/ok", CancelUrl: "https://app.example.com/no"}
+		first, err := s.service(t).CreateCheckoutSessionWithResponse(ctx, &client.CreateCheckoutSessionParams{IdempotencyKey: &key}, body)
+		if err != nil {
+			t.Fatal(err)
+		}
+		mustStatus(t, "checkout", first.StatusCode(), first.Body, http.StatusCreated)
+		second, err := s.service(t).CreateCheckoutSessionWithResponse(ctx, &client.CreateCheckoutSessionParams{IdempotencyKey: &key}, body)
+		if err != nil {
+			t.Fatal(err)
+		}
+		mustStatus(t, "checkout replay", second.StatusCode(), second.Body, http.StatusCreated)
+		if second.HTTPResponse.Header.Get("Idempotent-Replayed") != "true" || second.JSON201.PaymentId != first.JSON201.PaymentId {
+			t.Fatalf("replay = %s (header %q)", second.Body, second.HTTPResponse.Header.Get("Idempotent-Replayed"))
+		}
+		pay := first.JSON201.PaymentId
+		forms := fake.CheckoutSessions()
+		if len(forms) != 1 {
+			t.Fatalf("%d sessions created, want 1", len(forms))
+		}
+		f := forms[0]
+		for k, want := range map[string]string{
+			"metadata[tally_payment_id]":                       pay,
+			"metadata[tally_customer_id]":                      "fake-buyer",
+			"payment_intent_data[metadata][tally_payment_id]":  pay,
+			"payment_intent_data[metadata][tally_customer_id]": "fake-buyer",
+			"client_reference_id":                              pay,
+			"mode":                                             "payment",
+			"line_items[0][quantity]":                          "3",
+			"line_items[0][price_data][unit_amount]":           "1000",
+			"line_items[0][price_data][currency]":              "usd",
+		} {
+			if got := f.Get(k); got != want {
+				t.Fatalf("session form %s = %q, want %q (form %v)", k, got, want, f)
+			}
+		}
+		if exp := f.Get("expires_at"); exp == "" {
+			t.Fatalf("session has no expires_at: %v", f)
+		}
+		var keys []string
+		for _, r := range fake.Requests() {
+			keys = append(keys, r.Path+"="+r.IdempotencyKey)
+		}
+		if !containsStr(keys, "/v1/checkout/sessions=tally-checkout-"+pay) || !containsStr(keys, "/v1/customers=tally-customer-fake-buyer") {
+			t.Fatalf("idempotency keys sent: %v", keys)
+		}
+		if p := getPayment(t, s, pay); p.Amount != 3*starterAmount || p.Credits != 3*starterCredits || p.Quantity != 3 {
+			t.Fatalf("payment = %+v", p)
+		}
+
+		before := countRows(t, gdb, `SELECT count(*) FROM payments`)
+		customersBefore := countRows(t, gdb, `SELECT count(*) FROM customers`)
+		sessionsBefore := len(fake.CheckoutSessions())
+		for _, c := range []struct {
+			name    string
+			token   string
+			body    client.CheckoutSessionCreate
+			status  int
+			pointer string
+		}{
+			{"foreign redirect", testServiceKey, client.CheckoutSessionCreate{CustomerId: "new-1", Item: "starter", SuccessUrl: "https://evil.example.net/ok", CancelUrl: "https://app.example.com/no"}, 400, "/success_url"},
+			{"lookalike host", testServiceKey, client.CheckoutSessionCreate{CustomerId: "new-1", Item: "starter", SuccessUrl: "https://app.example.com/ok", CancelUrl: "https://app.example.com.evil.net/"}, 400, "/cancel_url"},
+			{"unknown item", testServiceKey, client.CheckoutSessionCreate{CustomerId: "new-1", Item: "platinum", SuccessUrl: "https://app.example.com/ok", CancelUrl: "https://app.example.com/no"}, 400, "/item"},
+			{"plan quantity", testServiceKey, client.CheckoutSessionCreate{CustomerId: "new-1", Item: "api", Quantity: &quantity, SuccessUrl: "https://app.example.com/ok", CancelUrl: "https://app.example.com/no"}, 400, "/quantity"},
+			{"another user's customer", userToken(t, "mallory", time.Now().Add(time.Hour)), client.CheckoutSessionCreate{CustomerId: "new-1", Item: "starter", SuccessUrl: "https://app.example.com/ok", CancelUrl: "https://app.example.com/no"}, 403, ""},
+		} {
+			r, err := s.client(t, c.token).CreateCheckoutSessionWithResponse(ctx, &client.CreateCheckoutSessionParams{}, c.body)
+			if err != nil {
+				t.Fatal(err)
+			}
+			mustStatus(t, c.name, r.StatusCode(), r.Body, c.status)
+			if c.pointer != "" && !strings.Contains(string(r.Body), `"pointer":"`+c.pointer+`"`) {
+				t.Fatalf("%s: problem does not name %s: %s", c.name, c.pointer, r.Body)
+			}
+		}
+		if countRows(t, gdb, `SELECT count(*) FROM payments`) != before || countRows(t, gdb, `SELECT count(*) FROM customers`) != customersBefore || len(fake.CheckoutSessions()) != sessionsBefore {
+			t.Fatalf("a refused checkout wrote something")
+		}
+
+		// Another user's payment is not readable with an end-user token.
+		if r, _ := s.client(t, userToken(t, "mallory", time.Now().Add(time.Hour))).GetPaymentWithResponse(ctx, pay); r.StatusCode() != http.StatusForbidden {
+			t.Fatalf("another user's payment: %d", r.StatusCode())
+		}
+		own, err := s.client(t, userToken(t, "fake-buyer", time.Now().Add(time.Hour))).ListCustomerPaymentsWithResponse(ctx, "fake-buyer", &client.ListCustomerPaymentsParams{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		mustStatus(t, "own payments", own.StatusCode(), own.Body, http.StatusOK)
+		if len(own.JSON200.Data) != 1 || own.JSON200.Data[0].Id != pay {
+			t.Fatalf("own payments = %s", own.Body)
+		}
+
+		// A duplicate arriving while the first still waits on Stripe is told
+		// so (409), not given a second session; afterwards it replays.
+		slowKey := "checkout-key-slow"
+		release := fake.HangUntilReleased()
+		firstDone := make(chan *client.CreateCheckoutSessionResponse, 1)
+		paymentsBefore := countRows(t, gdb, `SELECT count(*) FROM payments`)
+		go func() {
+			r, _ := s.service(t).CreateCheckoutSessionWithResponse(ctx, &client.CreateCheckoutSessionParams{IdempotencyKey: &slowKey}, body)
+			firstDone <- r
+		}()
+		waitFor(t, "the first checkout to reach Stripe", func() bool { return countRows(t, gdb, `SELECT count(*) FROM payments`) > paymentsBefore })
+		dup, err := s.service(t).CreateCheckoutSessionWithResponse(ctx, &client.CreateCheckoutSessionParams{IdempotencyKey: &slowKey}, body)
+		if err != nil {
+			t.Fatal(err)
+		}
+		mustStatus(t, "duplicate in flight", dup.StatusCode(), dup.Body, http.StatusConflict)
+		if !strings.Contains(string(dup.Body), "idempotency_key_in_flight") {
+			t.Fatalf("in-flight duplicate: %s", dup.Body)
+		}
+		release()
+		slow := <-firstDone
+		if slow == nil {
+			t.Fatal("the first checkout failed")
+		}
+		mustStatus(t, "slow checkout", slow.StatusCode(), slow.Body, http.StatusCreated)
+		after, err := s.service(t).CreateCheckoutSessionWithResponse(ctx, &client.CreateCheckoutSessionParams{IdempotencyKey: &slowKey}, body)
+		if err != nil {
+			t.Fatal(err)
+		}
+		mustStatus(t, "replay after the slow checkout", after.StatusCode(), after.Body, http.StatusCreated)
+		if after.JSON201.PaymentId != slow.JSON201.PaymentId {
+			t.Fatalf("replay answered payment %s, first was %s", after.JSON201.PaymentId, slow.JSON201.PaymentId)
+		}
+
+		// Stripe failing: the payment stays on record as failed, the caller gets 502 / 429.
+		for _, c := range []struct {
+			status int
+			typ    string
+		}{{http.StatusInternalServerError, "api_error"}, {http.StatusTooManyRequests, "invalid_request_error"}} {
+			fake.SetFault(func(r *http.Request) (int, string, bool) {
+				return c.status, `{"error":{"type":"` + c.typ + `","message":"injected"}}`, r.URL.Path == "/v1/checkout/sessions"
+			})
+			r, err := s.service(t).CreateCheckoutSessionWithResponse(ctx, &client.CreateCheckoutSessionParams{}, body)
+			if err != nil {
+				t.Fatal(err)
+			}
+			want := map[int]int{500: http.StatusBadGateway, 429: http.StatusTooManyRequests}[c.status]
+			mustStatus(t, fmt.Sprintf("Stripe answering %d", c.status), r.StatusCode(), r.Body, want)
+		}
+		fake.SetFault(nil)
+		if n := countRows(t, gdb, `SELECT count(*) FROM payments WHERE status = 'failed' AND failure_reason LIKE 'checkout session creation failed%'`); n != 2 {
+			t.Fatalf("%d payments recorded as failed by Stripe, want 2", n)
+		}
+	})
+}
+
+func containsStr(list []string, s string) bool {
+	for _, v := range list {
+		if v == s {
+			return true
+		}
+	}
+	return false
+}
+
+// TestWebhookDatabaseDownAnswers503: while PostgreSQL refuses connections a
+// delivery is answered 503 (Stripe retries it); once it is back, the same
+// delivery is stored and processed.
+func TestWebhookDatabaseDownAnswers503(t *testing.T) {
+	fake := stripefake.New(t)
+	s := startServer(t, payEnv(t, fake.URL()))
+	gdb := openDB(t, s)
+	pay := checkout(t, s, "outage-1", "starter", 1)
+
+	u, err := url.Parse(s.DBURL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	name := strings.TrimPrefix(u.Path, "/")
+	u.Path = "/postgres"
+	admin, err := db.Open(context.Background(), u.String(), 1, slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close(admin)
+	setAllowed := func(allowed bool) {
+		t.Helper()
+		if err := admin.Exec(fmt.Sprintf(`ALTER DATABASE %s ALLOW_CONNECTIONS %t`, name, allowed)).Error; err != nil {
+			t.Fatal(err)
+		}
+		if !allowed {
+			if err := admin.Exec(`SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = ?`, name).Error; err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	setAllowed(false)
+	t.Cleanup(func() { _ = admin.Exec(fmt.Sprintf(`ALTER DATABASE %s ALLOW_CONNECTIONS true`, name)).Error })
+
+	body := stripeEvent(newEventID(), "payment_intent.succeeded", paymentIntent(pay, "outage-1", "succeeded", starterAmount, starterAmount, "usd"))
+	status, out := postWebhook(t, s, body, sign(body, testWebhookSecret, time.Now()))
+	if status != http.StatusServiceUnavailable || !strings.Contains(string(out), `"code":"unavailable"`) {
+		t.Fatalf("delivery during the outage: %d %s, want 503 unavailable", status, out)
+	}
+
+	setAllowed(true)
+	waitFor(t, "the delivery accepted after the outage", func() bool {
+		st, _ := postWebhook(t, s, body, sign(body, testWebhookSecret, time.Now()))
+		return st == http.StatusOK
+	})
+	if got := balanceOf(t, gdb, "outage-1"); got != starterCredits {
+		t.Fatalf("balance after the outage = %d, want %d", got, starterCredits)
+	}
+	assertInvariants(t, s)
+}

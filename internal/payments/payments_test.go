@@ -1,0 +1,270 @@
+package payments_test
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"sync"
+	"testing"
+	"time"
+
+	"gorm.io/gorm"
+
+	"github.com/tallybilling/tally/internal/config"
+	"github.com/tallybilling/tally/internal/credits"
+	"github.com/tallybilling/tally/internal/db"
+	"github.com/tallybilling/tally/internal/db/dbtest"
+	"github.com/tallybilling/tally/internal/payments"
+	"github.com/tallybilling/tally/internal/stripeapi"
+	"github.com/tallybilling/tally/internal/stripeapi/stripefake"
+)
+
+const catalogYAML = `
+redirect_url_prefixes: ["https://app.example.com/"]
+credit_packs:
+  - {id: starter, name: Starter, amount: 1000, currency: usd, credits: 100, expires_after: 8760h}
+products:
+  - {id: ebook, name: E-book, amount: 1900, currency: usd}
+plans:
+  - {id: api, name: API, stripe_price: price_api, meter: api_calls, stripe_meter_id: mtr_1}
+`
+
+func newService(t *testing.T, gdb *gorm.DB, stripe stripeapi.Client, confirmOn string) *payments.Service {
+	t.Helper()
+	cat, err := config.ParseCatalog([]byte(catalogYAML))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return payments.NewService(payments.Options{
+		DB: gdb, Stripe: stripe, Catalog: cat, Livemode: false, Logger: dbtest.Logger(t),
+		Checkout: config.CheckoutConfig{ExpiresAfter: time.Hour, ConfirmOn: confirmOn, InvoiceCreation: true},
+	})
+}
+
+func fakeClient(t *testing.T) (*stripefake.Fake, stripeapi.Client) {
+	t.Helper()
+	fake := stripefake.New(t)
+	c, err := stripeapi.New(stripeapi.Config{SecretKey: "sk_test_payments", APIURL: fake.URL()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return fake, c
+}
+
+func buy(t *testing.T, svc *payments.Service, customer, item string, quantity int64) payments.CheckoutResult {
+	t.Helper()
+	res, _, err := svc.CreateCheckout(context.Background(), payments.CheckoutInput{
+		CustomerID: customer, Item: item, Quantity: quantity,
+		SuccessURL: "https://app.example.com/ok", CancelURL: "https://app.example.com/no",
+	}, db.IdempotencyKey{})
+	if err != nil {
+		t.Fatalf("checkout: %v", err)
+	}
+	return res
+}
+
+func verifyClean(t *testing.T, gdb *gorm.DB) {
+	t.Helper()
+	rep, err := credits.Verify(context.Background(), gdb, payments.VerifyPurchases)
+	if err != nil || !rep.OK {
+		t.Fatalf("verify: %v %+v", err, rep.Problems)
+	}
+}
+
+func TestTransitionTable(t *testing.T) {
+	all := []payments.Status{payments.Pending, payments.Succeeded, payments.Failed, payments.Refunded}
+	want := map[[2]payments.Status]bool{
+		{payments.Pending, payments.Succeeded}:  true,
+		{payments.Pending, payments.Failed}:     true,
+		{payments.Failed, payments.Succeeded}:   true,
+		{payments.Failed, payments.Failed}:      true,
+		{payments.Succeeded, payments.Refunded}: true,
+		{payments.Refunded, payments.Refunded}:  true,
+	}
+	for _, from := range all {
+		for _, to := range all {
+			if got := payments.Allowed(from, to); got != want[[2]payments.Status{from, to}] {
+				t.Errorf("Allowed(%s, %s) = %t", from, to, got)
+			}
+		}
+	}
+}
+
+// Both confirmation strategies racing on one payment (as during a switch
+// of confirm_on across replicas), many times over: one grant.
+func TestConfirmationGuardAcrossStrategies(t *testing.T) {
+	gdb := dbtest.New(t)
+	_, stripe := fakeClient(t)
+	byIntent := newService(t, gdb, stripe, config.ConfirmOnPaymentIntent)
+	bySession := newService(t, gdb, stripe, config.ConfirmOnCheckoutSession)
+	ctx := context.Background()
+
+	res := buy(t, byIntent, "racer", "starter", 2)
+	pi := payments.PaymentIntent{ID: "pi_race", Amount: 2000, AmountReceived: 2000, Currency: "usd", Status: "succeeded",
+		Metadata: map[string]string{"tally_payment_id": res.PaymentID}}
+	total := int64(2000)
+	cs := payments.CheckoutSession{ID: res.CheckoutSessionID, Mode: "payment", Status: "complete", PaymentStatus: "paid",
+		PaymentIntent: "pi_race", AmountTotal: &total, Currency: "usd", Metadata: map[string]string{"tally_payment_id": res.PaymentID}}
+
+	var wg sync.WaitGroup
+	errc := make(chan error, 40)
+	for i := range 40 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			ev := payments.EventRef{ID: fmt.Sprintf("evt_%d", i), Created: time.Now().Unix()}
+			var err error
+			switch i % 3 {
+			case 0:
+				ev.Type = "payment_intent.succeeded"
+				err = byIntent.PaymentIntentSucceeded(ctx, ev, pi)
+			case 1:
+				ev.Type = "checkout.session.completed"
+				err = bySession.CheckoutSessionCompleted(ctx, ev, cs)
+			default:
+				ev.Type = "checkout.session.async_payment_succeeded"
+				err = bySession.CheckoutSessionAsyncSucceeded(ctx, ev, cs)
+			}
+			errc <- err
+		}()
+	}
+	wg.Wait()
+	close(errc)
+	for err := range errc {
+		if err != nil {
+			t.Fatalf("a confirmation failed: %v", err)
+		}
+	}
+	b, err := credits.NewService(gdb, config.Default().Credits, time.Now, slog.New(slog.DiscardHandler)).Balance(ctx, "racer")
+	if err != nil || b.Balance != 200 {
+		t.Fatalf("balance = %+v, %v; want 200 (2 × 100, once)", b, err)
+	}
+	p, err := byIntent.Get(ctx, res.PaymentID)
+	if err != nil || p.Status != payments.Succeeded || p.PaymentIntentID != "pi_race" {
+		t.Fatalf("payment = %+v, %v", p, err)
+	}
+	verifyClean(t, gdb)
+}
+
+// A confirmation for a payment another PaymentIntent already paid is
+// refused, not credited a second time.
+func TestSecondPaymentIntentIsRejected(t *testing.T) {
+	gdb := dbtest.New(t)
+	_, stripe := fakeClient(t)
+	svc := newService(t, gdb, stripe, config.ConfirmOnPaymentIntent)
+	ctx := context.Background()
+	res := buy(t, svc, "twice", "starter", 1)
+	meta := map[string]string{"tally_payment_id": res.PaymentID}
+	ev := payments.EventRef{ID: "evt_a", Type: "payment_intent.succeeded"}
+	if err := svc.PaymentIntentSucceeded(ctx, ev, payments.PaymentIntent{ID: "pi_a", AmountReceived: 1000, Currency: "usd", Metadata: meta}); err != nil {
+		t.Fatal(err)
+	}
+	err := svc.PaymentIntentSucceeded(ctx, payments.EventRef{ID: "evt_b", Type: ev.Type}, payments.PaymentIntent{ID: "pi_b", AmountReceived: 1000, Currency: "usd", Metadata: meta})
+	if !payments.IsRejection(err) {
+		t.Fatalf("a second PaymentIntent for one payment: %v, want a rejection", err)
+	}
+	if err := svc.PaymentIntentSucceeded(ctx, ev, payments.PaymentIntent{ID: "pi_a", AmountReceived: 1000, Currency: "usd", Livemode: true, Metadata: meta}); !payments.IsRejection(err) {
+		t.Fatalf("a live event for a test key: %v, want a rejection", err)
+	}
+	if err := svc.PaymentIntentSucceeded(ctx, ev, payments.PaymentIntent{ID: "pi_other", AmountReceived: 1000, Currency: "usd"}); err != payments.ErrNotOurs {
+		t.Fatalf("a PaymentIntent without our metadata: %v, want ErrNotOurs", err)
+	}
+	verifyClean(t, gdb)
+}
+
+// Plans open subscription sessions on the plan's Stripe price; products ask
+// for an invoice when configured; the session carries our ids.
+func TestCheckoutModes(t *testing.T) {
+	gdb := dbtest.New(t)
+	fake, stripe := fakeClient(t)
+	svc := newService(t, gdb, stripe, config.ConfirmOnPaymentIntent)
+	plan := buy(t, svc, "sub-1", "api", 1)
+	book := buy(t, svc, "sub-1", "ebook", 2)
+	forms := fake.CheckoutSessions()
+	if len(forms) != 2 {
+		t.Fatalf("%d sessions", len(forms))
+	}
+	p, s := forms[0], forms[1]
+	for k, want := range map[string]string{
+		"mode": "subscription", "line_items[0][price]": "price_api",
+		"subscription_data[metadata][tally_payment_id]": plan.PaymentID, "metadata[tally_item]": "api",
+	} {
+		if p.Get(k) != want {
+			t.Errorf("plan session %s = %q, want %q (%v)", k, p.Get(k), want, p)
+		}
+	}
+	for k, want := range map[string]string{
+		"mode": "payment", "invoice_creation[enabled]": "true", "line_items[0][quantity]": "2",
+		"payment_intent_data[metadata][tally_payment_id]": book.PaymentID,
+	} {
+		if s.Get(k) != want {
+			t.Errorf("product session %s = %q, want %q (%v)", k, s.Get(k), want, s)
+		}
+	}
+	if len(fake.Customers()) != 1 {
+		t.Fatalf("%d Stripe customers created for one tally customer", len(fake.Customers()))
+	}
+
+	// The plan's subscription session completing starts it (no credits).
+	ctx := context.Background()
+	err := svc.CheckoutSessionCompleted(ctx, payments.EventRef{ID: "evt_sub", Type: "checkout.session.completed"}, payments.CheckoutSession{
+		ID: plan.CheckoutSessionID, Mode: "subscription", Status: "complete", PaymentStatus: "paid", Subscription: "sub_1",
+		Metadata: map[string]string{"tally_payment_id": plan.PaymentID}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, err := svc.Get(ctx, plan.PaymentID)
+	if err != nil || got.Status != payments.Succeeded || got.SubscriptionID != "sub_1" {
+		t.Fatalf("plan payment = %+v, %v", got, err)
+	}
+
+	// Subscription status follows the newest event; an older one is ignored.
+	sub := payments.Subscription{ID: "sub_1", Customer: "cus_x", Status: "active", Metadata: map[string]string{"tally_customer_id": "sub-1", "tally_item": "api"}}
+	if err := svc.SubscriptionChanged(ctx, payments.EventRef{ID: "evt_s2", Created: 200}, sub); err != nil {
+		t.Fatal(err)
+	}
+	sub.Status = "incomplete"
+	if err := svc.SubscriptionChanged(ctx, payments.EventRef{ID: "evt_s1", Created: 100}, sub); err != nil {
+		t.Fatal(err)
+	}
+	var status string
+	if err := db.ScanRow(gdb.Raw(`SELECT status FROM subscriptions WHERE stripe_subscription_id = 'sub_1'`), &status); err != nil || status != "active" {
+		t.Fatalf("subscription status = %q, %v; want active", status, err)
+	}
+	verifyClean(t, gdb)
+}
+
+// The payments check must see a breach, or `tally verify` passing means nothing.
+func TestVerifyPurchasesFindsBreaches(t *testing.T) {
+	gdb := dbtest.New(t)
+	_, stripe := fakeClient(t)
+	svc := newService(t, gdb, stripe, config.ConfirmOnPaymentIntent)
+	ctx := context.Background()
+	paid := buy(t, svc, "audit", "starter", 1)
+	unpaid := buy(t, svc, "audit", "starter", 1)
+	if err := svc.PaymentIntentSucceeded(ctx, payments.EventRef{ID: "evt_1", Type: "payment_intent.succeeded"},
+		payments.PaymentIntent{ID: "pi_1", AmountReceived: 1000, Currency: "usd", Metadata: map[string]string{"tally_payment_id": paid.PaymentID}}); err != nil {
+		t.Fatal(err)
+	}
+	problems, checked, err := payments.VerifyPurchases(ctx, gdb)
+	if err != nil || len(problems) != 0 || checked != 2 {
+		t.Fatalf("clean state: %+v, %d, %v", problems, checked, err)
+	}
+	// Tamper behind the service's back: the paid payment loses its success,
+	// the unpaid one claims one.
+	if err := gdb.Exec(`UPDATE payments SET status = CASE WHEN id = ? THEN 'failed' ELSE 'succeeded' END WHERE id IN (?, ?)`,
+		paid.PaymentID, paid.PaymentID, unpaid.PaymentID).Error; err != nil {
+		t.Fatal(err)
+	}
+	problems, _, err = payments.VerifyPurchases(ctx, gdb)
+	if err != nil || len(problems) != 2 {
+		t.Fatalf("problems = %+v, %v; want 2", problems, err)
+	}
+	kinds := map[string]string{}
+	for _, p := range problems {
+		kinds[p.PaymentID] = p.Kind
+	}
+	if kinds[paid.PaymentID] != "unpaid_payment_granted" || kinds[unpaid.PaymentID] != "succeeded_payment_grants" {
+		t.Fatalf("problems = %+v", problems)
+	}
+}
