@@ -148,7 +148,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		case scenarioWebhook:
 			rep.Scenarios = append(rep.Scenarios, measure(name, "http",
 				"POST /webhooks/stripe: "+s.webhookType+" signed with the whsec_ secret, a fresh event id each; "+
-					"its PaymentIntent names a tally payment that does not exist", nil,
+					"the object is a PaymentIntent naming a tally payment that does not exist", nil,
 				webhookOp(svc, pop, s.webhookSecret, s.webhookType)))
 		case scenarioUsage:
 			rep.Scenarios = append(rep.Scenarios, measure(name, "http",
