@@ -95,6 +95,9 @@ func baseEnv(t testing.TB) map[string]string {
 		"TALLY_STRIPE_WEBHOOK_SECRETS": testWebhookSecret,
 		"TALLY_SHUTDOWN_TIMEOUT":       "10s",
 		"TALLY_LOG_LEVEL":              "warn",
+		// Small pools: test packages run in parallel against one server whose
+		// max_connections is 100 by default.
+		"TALLY_DB_MAX_OPEN_CONNS": "10",
 	}
 }
 

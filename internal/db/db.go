@@ -45,7 +45,11 @@ func Open(ctx context.Context, url string, maxOpenConns int, logger *slog.Logger
 	}
 	gdb, err := gorm.Open(postgres.Open(url), &gorm.Config{
 		SkipDefaultTransaction: true,
-		PrepareStmt:            true,
+		// pgx already prepares and caches every statement per connection
+		// (QueryExecModeCacheStatement); gorm's own cache on top re-prepared
+		// through database/sql inside transactions and halved consume
+		// throughput in the benchmark (552 vs 1090 req/s).
+		PrepareStmt: false,
 		// gorm's own ping has no context and could hang; we ping below.
 		DisableAutomaticPing: true,
 		Logger:               slogGorm{log: logger},
@@ -145,9 +149,9 @@ func expectedQueryError(err error) bool {
 // ScanRow runs q (typically gdb.Raw(...)) and scans its first row into dest,
 // returning sql.ErrNoRows when there is none.
 //
-// Use it instead of q.Row().Scan: with PrepareStmt, gorm's Row() drops a
-// failed prepare (database down, bad SQL) and hands back an empty *sql.Row
-// whose Scan panics. Errors are returned untranslated, like gorm's.
+// Use it instead of q.Row().Scan: gorm's Row() can drop a failed query
+// (with PrepareStmt, a failed prepare) and hand back an empty *sql.Row whose
+// Scan panics. Errors are returned untranslated, like gorm's.
 func ScanRow(q *gorm.DB, dest ...any) error {
 	rows, err := q.Rows()
 	if err != nil {
