@@ -84,9 +84,7 @@ func mustVerifyClean(t testing.TB, s *server) {
 // The bad day of QUALITY.md: a thousand concurrent consumes of 1 credit
 // against a balance of 100, over HTTP.
 func TestThousandConcurrentConsumesSpendExactlyTheBalance(t *testing.T) {
-	env := baseEnv(t)
-	env["TALLY_DB_MAX_OPEN_CONNS"] = "30"
-	s := startServer(t, env)
+	s := startServer(t, baseEnv(t))
 	c := s.wideClient(t)
 	grantOverHTTP(t, c, "hot", 100, "grant-1")
 
