@@ -166,6 +166,8 @@ func TestContractViolationsWriteNothing(t *testing.T) {
 		{"malformed JSON", `{"email":`, 400, ""},
 		{"bad email", `{"email":"not-an-email"}`, 400, "/email"},
 		{"bad stripe id", `{"stripe_customer_id":"acct_1"}`, 422, "/stripe_customer_id"},
+		{"NUL in name", `{"name":"a\u0000b"}`, 400, "/name"},
+		{"NUL in metadata", `{"metadata":{"k":"\u0000"}}`, 400, "/metadata"},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {

@@ -9,7 +9,9 @@ import (
 	"fmt"
 	"net/mail"
 	"regexp"
+	"strings"
 	"time"
+	"unicode/utf8"
 
 	"gorm.io/gorm"
 
@@ -63,12 +65,24 @@ func (in UpsertInput) Validate() error {
 	if in.LowBalanceThreshold != nil && *in.LowBalanceThreshold < 0 {
 		return errs.InvalidField("/low_balance_threshold", "low_balance_threshold must not be negative")
 	}
+	if in.Name != nil && !storableText(*in.Name) {
+		return errs.InvalidField("/name", "name must be UTF-8 text without NUL characters")
+	}
 	for k, v := range in.Metadata {
-		if len(k) == 0 || len(k) > 40 || len(v) > 500 {
+		if n := utf8.RuneCountInString(k); n == 0 || n > 40 || utf8.RuneCountInString(v) > 500 {
 			return errs.InvalidField("/metadata", "metadata keys must be 1 to 40 characters and values at most 500")
+		}
+		if !storableText(k) || !storableText(v) {
+			return errs.InvalidField("/metadata", "metadata must be UTF-8 text without NUL characters")
 		}
 	}
 	return nil
+}
+
+// storableText: PostgreSQL text holds any UTF-8 except the NUL character,
+// which JSON can smuggle in as \u0000.
+func storableText(s string) bool {
+	return utf8.ValidString(s) && !strings.ContainsRune(s, 0)
 }
 
 type row struct {

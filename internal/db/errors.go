@@ -32,6 +32,9 @@ const (
 //   - any other unique or check violation is errs.Conflict;
 //   - a lost, refused or shut-down connection is errs.Unavailable, so clients
 //     get 503 and retry;
+//   - a value the database cannot hold (SQLSTATE class 22: a NUL character,
+//     bytes that are not UTF-8, a number out of range, a malformed date)
+//     came from the caller, so it is errs.Invalid, not an internal error;
 //   - an error that already carries a code, a cancelled context and anything
 //     else are returned unchanged (anything else is internal).
 func Translate(err error, byConstraint map[string]errs.Code) error {
@@ -64,6 +67,8 @@ func Translate(err error, byConstraint map[string]errs.Code) error {
 			return errs.Wrap(err, errs.Conflict, "violates check constraint %s", pgErr.ConstraintName)
 		case unavailableSQLState(pgErr.Code):
 			return errs.Wrap(err, errs.Unavailable, "database unavailable")
+		case strings.HasPrefix(pgErr.Code, "22"):
+			return errs.Wrap(err, errs.Invalid, "a value cannot be stored: %s", pgErr.Message)
 		}
 		return err
 	}

@@ -56,6 +56,23 @@ func TestTranslateRealConstraintViolations(t *testing.T) {
 		t.Errorf("unnamed unique violation with a map -> %v, want conflict", err)
 	}
 
+	// Values the database cannot hold came from the caller: invalid_request.
+	for name, query := range map[string]string{
+		"NUL in text":      "SELECT E'a\\x00b'::text",
+		"\\u0000 in jsonb": `SELECT '{"a":"\u0000"}'::jsonb`,
+		"out of range":     `SELECT 99999999999999999999::bigint`,
+		"bad date":         `SELECT '2026-13-45'::date`,
+	} {
+		err := db.Translate(gdb.Exec(query).Error, nil)
+		if !errs.Is(err, errs.Invalid) {
+			t.Errorf("%s -> %v, want invalid_request", name, err)
+		}
+	}
+	badUTF8 := gdb.Exec(`SELECT ?::text`, "\xff\xfe").Error
+	if err := db.Translate(badUTF8, nil); !errs.Is(err, errs.Invalid) {
+		t.Errorf("bytes that are not UTF-8 -> %v, want invalid_request", err)
+	}
+
 	// Anything else stays internal and keeps its cause.
 	syntax := gdb.Exec(`SELEKT 1`).Error
 	if err := db.Translate(syntax, nil); errs.CodeOf(err) != errs.Internal || err != syntax {
