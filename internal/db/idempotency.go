@@ -22,6 +22,12 @@ import (
 // absent and is replaced by the next request with that key.
 const IdempotencyRetention = 24 * time.Hour
 
+// ReservationLease is how long a Reserve without Complete or Release blocks
+// its key (errs.IdempotencyKeyInFlight). It outlasts the longest Stripe call
+// (a 20 s timeout, retried twice), so only a request that died holding the key
+// loses it.
+const ReservationLease = 2 * time.Minute
+
 // MaxIdempotencyKeyLen is the longest accepted key, in characters.
 const MaxIdempotencyKeyLen = 255
 
@@ -100,20 +106,24 @@ func claim(tx *gorm.DB, k IdempotencyKey) (claimState, []byte, error) {
 			return claimed, nil, nil
 		}
 		var (
-			hash, result  []byte
-			done, expired bool
+			hash, result             []byte
+			done, expired, abandoned bool
 		)
 		err := ScanRow(tx.Raw(`SELECT request_hash, result, completed_at IS NOT NULL,
+				created_at < now() - make_interval(secs => ?),
 				created_at < now() - make_interval(secs => ?)
 			FROM idempotency_keys WHERE scope = ? AND key = ? FOR UPDATE`,
-			retention, k.Scope, k.Key), &hash, &result, &done, &expired)
+			retention, ReservationLease.Seconds(), k.Scope, k.Key), &hash, &result, &done, &expired, &abandoned)
 		if errors.Is(err, sql.ErrNoRows) {
 			continue
 		}
 		if err != nil {
 			return 0, nil, err
 		}
-		if expired {
+		// A reservation nobody completed or released within its lease was
+		// left by a crashed or killed request: take it over rather than
+		// answer in_flight for the rest of the day.
+		if expired || (!done && abandoned) {
 			err := tx.Exec(`UPDATE idempotency_keys
 				SET request_hash = ?, result = NULL, created_at = now(), completed_at = NULL
 				WHERE scope = ? AND key = ?`, k.RequestHash, k.Scope, k.Key).Error
@@ -198,8 +208,8 @@ func nonNil(b []byte) []byte {
 //   - not completed: errs.IdempotencyKeyInFlight;
 //   - a different hash: errs.IdempotencyKeyReused.
 //
-// A reservation older than IdempotencyRetention is abandoned and may be
-// reserved again. Other errors: errs.Invalid (malformed key), errs.Unavailable.
+// A reservation neither completed nor released within ReservationLease was
+// abandoned (its request died) and may be reserved again. Other errors: errs.Invalid (malformed key), errs.Unavailable.
 func Reserve(ctx context.Context, gdb *gorm.DB, key IdempotencyKey) (result []byte, replayed bool, err error) {
 	if err := key.Validate(); err != nil {
 		return nil, false, err

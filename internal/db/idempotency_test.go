@@ -299,16 +299,33 @@ func TestReserveCompleteRelease(t *testing.T) {
 	}
 }
 
-func TestReserveAbandonedAfterRetention(t *testing.T) {
+// A request that died between Reserve and Complete/Release must not block
+// its key for a day: after ReservationLease the key is taken over, while a
+// live reservation still answers in_flight and a completed one still replays.
+func TestReserveAbandonedAfterLease(t *testing.T) {
 	gdb := newLedgerDB(t)
 	ctx := context.Background()
 	k := key("abandoned", "a")
 	if _, _, err := db.Reserve(ctx, gdb, k); err != nil {
 		t.Fatal(err)
 	}
-	mustExec(t, gdb, `UPDATE idempotency_keys SET created_at = now() - interval '25 hours'`)
+	if _, _, err := db.Reserve(ctx, gdb, k); !errs.Is(err, errs.IdempotencyKeyInFlight) {
+		t.Fatalf("Reserve of a live reservation = %v, want in_flight", err)
+	}
+	mustExec(t, gdb, `UPDATE idempotency_keys SET created_at = now() - interval '3 minutes'`)
 	if _, replayed, err := db.Reserve(ctx, gdb, k); err != nil || replayed {
 		t.Fatalf("Reserve of an abandoned reservation = %v, %v; want it taken over", replayed, err)
+	}
+	if err := db.Complete(ctx, gdb, k, []byte("done")); err != nil {
+		t.Fatal(err)
+	}
+	mustExec(t, gdb, `UPDATE idempotency_keys SET created_at = now() - interval '3 minutes'`)
+	if got, replayed, err := db.Reserve(ctx, gdb, k); err != nil || !replayed || string(got) != "done" {
+		t.Fatalf("Reserve of a completed key past the lease = %q, %v, %v; want the stored result replayed", got, replayed, err)
+	}
+	mustExec(t, gdb, `UPDATE idempotency_keys SET created_at = now() - interval '25 hours'`)
+	if _, replayed, err := db.Reserve(ctx, gdb, k); err != nil || replayed {
+		t.Fatalf("Reserve past the retention = %v, %v; want a fresh reservation", replayed, err)
 	}
 }
 
