@@ -602,6 +602,30 @@ func TestRefusedConsumeIsNotStoredSoARetryAfterTopUpSucceeds(t *testing.T) {
 	f.mustVerify()
 }
 
+// A grant retried after its expires_at has passed still replays its first
+// answer: within 24 h the same key and body always get the same response.
+func TestGrantReplayAfterItsExpiryPassedReplaysTheFirstAnswer(t *testing.T) {
+	f := newFixture(t, defaultCfg())
+	exp := f.clock.Now().Add(time.Hour)
+	in := credits.GrantInput{CustomerID: "lee", Amount: 10, Reason: "promo", ExpiresAt: &exp}
+	k := db.IdempotencyKey{Scope: "customer:lee", Key: "promo-1", RequestHash: db.HashRequest([]byte("promo-1"))}
+	first, replayed, err := f.svc.Grant(f.ctx, in, k)
+	if err != nil || replayed {
+		t.Fatalf("first grant: %+v replayed=%v err=%v", first, replayed, err)
+	}
+	f.clock.Set(exp.Add(time.Minute))
+	again, replayed, err := f.svc.Grant(f.ctx, in, k)
+	if err != nil || !replayed || again.TransactionID != first.TransactionID || again.GrantID != first.GrantID ||
+		again.Balance != first.Balance || again.ExpiresAt == nil || !again.ExpiresAt.Equal(exp) {
+		t.Fatalf("retry after expiry: %+v replayed=%v err=%v, want %+v replayed", again, replayed, err, first)
+	}
+	other := db.IdempotencyKey{Scope: "customer:lee", Key: "promo-2", RequestHash: db.HashRequest([]byte("promo-2"))}
+	if _, _, err := f.svc.Grant(f.ctx, in, other); !errs.Is(err, errs.Invalid) {
+		t.Fatalf("a new grant expiring in the past: %v, want invalid_request", err)
+	}
+	f.mustVerify()
+}
+
 func TestBadInputChangesNothing(t *testing.T) {
 	f := newFixture(t, defaultCfg())
 	f.grant("lee", 10, nil)

@@ -140,9 +140,8 @@ func (s *Service) Grant(ctx context.Context, in GrantInput, key db.IdempotencyKe
 	if err := in.Validate(); err != nil {
 		return GrantResult{}, false, err
 	}
-	if err := validateExpiry(in.ExpiresAt, s.now()); err != nil {
-		return GrantResult{}, false, err
-	}
+	// expires_at is checked inside Once (by grant), not here: a retry of a
+	// grant whose expiry has passed since must still replay its first answer.
 	if key.Key == "" {
 		return GrantResult{}, false, errs.InvalidField("Idempotency-Key", "the Idempotency-Key header is required")
 	}
