@@ -340,7 +340,7 @@ type CustomerID = string
 type CustomerUpsert struct {
 	Email *string `json:"email,omitempty"`
 
-	// LowBalanceThreshold Per-customer threshold for `credits.low_balance`; null uses the configured default.
+	// LowBalanceThreshold Per-customer threshold for `credits.low_balance` (0 turns the notice off for this customer). Omitted or null keeps the current value; a customer that never had one uses the configured default.
 	LowBalanceThreshold *int64 `json:"low_balance_threshold,omitempty"`
 
 	// Metadata Up to 50 string values, keys up to 40 characters, values up to 500.
