@@ -17,6 +17,8 @@ import (
 	"syscall"
 	"time"
 
+	"gorm.io/gorm"
+
 	"github.com/tallybilling/tally/internal/app"
 	"github.com/tallybilling/tally/internal/config"
 	"github.com/tallybilling/tally/internal/db"
@@ -127,6 +129,21 @@ func newLogger(cfg config.Config, w io.Writer) *slog.Logger {
 	return slog.New(slog.NewJSONHandler(w, &slog.HandlerOptions{Level: cfg.LogLevel}))
 }
 
+// connect is the start of every one-shot subcommand: the configuration, a
+// JSON logger on stderr and a small database pool (close it with db.Close).
+func connect(ctx context.Context, env environment) (config.Config, *slog.Logger, *gorm.DB, error) {
+	cfg, err := config.Load(env.getenv)
+	if err != nil {
+		return config.Config{}, nil, nil, fmt.Errorf("configuration:\n%w", err)
+	}
+	logger := newLogger(cfg, env.stderr)
+	gdb, err := db.Open(ctx, cfg.DatabaseURL, 2, logger)
+	if err != nil {
+		return config.Config{}, nil, nil, err
+	}
+	return cfg, logger, gdb, nil
+}
+
 func serve(ctx context.Context, args []string, env environment) error {
 	fs := newFlags("serve", "Serve the HTTP API and run the background workers until SIGINT or SIGTERM.", env)
 	if err := fs.Parse(args); err != nil {
@@ -150,20 +167,11 @@ func migrate(ctx context.Context, args []string, env environment) error {
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
-	cfg, err := config.Load(env.getenv)
-	if err != nil {
-		return fmt.Errorf("configuration:\n%w", err)
-	}
-	logger := newLogger(cfg, env.stderr)
-	gdb, err := db.Open(ctx, cfg.DatabaseURL, 2, logger)
+	_, _, gdb, err := connect(ctx, env)
 	if err != nil {
 		return err
 	}
-	defer func() {
-		if sqlDB, err := gdb.DB(); err == nil {
-			sqlDB.Close()
-		}
-	}()
+	defer db.Close(gdb)
 	if err := db.Migrate(ctx, gdb); err != nil {
 		return err
 	}
@@ -230,12 +238,7 @@ func verifyCmd(ctx context.Context, args []string, env environment) error {
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
-	cfg, err := config.Load(env.getenv)
-	if err != nil {
-		return fmt.Errorf("configuration:\n%w", err)
-	}
-	logger := newLogger(cfg, env.stderr)
-	gdb, err := db.Open(ctx, cfg.DatabaseURL, 2, logger)
+	_, _, gdb, err := connect(ctx, env)
 	if err != nil {
 		return err
 	}

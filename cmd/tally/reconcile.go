@@ -8,7 +8,6 @@ import (
 	"text/tabwriter"
 	"time"
 
-	"github.com/tallybilling/tally/internal/config"
 	"github.com/tallybilling/tally/internal/db"
 	"github.com/tallybilling/tally/internal/metering"
 	"github.com/tallybilling/tally/internal/stripeapi"
@@ -40,25 +39,20 @@ func reconcile(ctx context.Context, args []string, env environment) error {
 			return fmt.Errorf("reconcile: --to: %w", err)
 		}
 	}
-	cfg, err := config.Load(env.getenv)
+	cfg, logger, gdb, err := connect(ctx, env)
 	if err != nil {
-		return fmt.Errorf("configuration:\n%w", err)
+		return err
 	}
+	defer db.Close(gdb)
 	if cfg.Stripe.SecretKey == "" {
 		return errors.New("reconcile: TALLY_STRIPE_SECRET_KEY is not set")
 	}
-	logger := newLogger(cfg, env.stderr)
 	client, err := stripeapi.New(stripeapi.Config{
 		SecretKey: cfg.Stripe.SecretKey, APIURL: cfg.Stripe.APIURL, MeterEventsURL: cfg.Stripe.MeterEventsURL, Logger: logger,
 	})
 	if err != nil {
 		return err
 	}
-	gdb, err := db.Open(ctx, cfg.DatabaseURL, 2, logger)
-	if err != nil {
-		return err
-	}
-	defer db.Close(gdb)
 
 	rec, err := metering.NewService(gdb, client, cfg.Catalog, time.Now).Reconcile(ctx, *meter, from, to)
 	if err != nil {
