@@ -2,12 +2,15 @@ package main
 
 import (
 	"bytes"
+	"context"
 	"io"
 	"net/http"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/tallybilling/tally/api"
+	"github.com/tallybilling/tally/internal/db/dbtest"
 )
 
 func get(t *testing.T, u string) (int, string, http.Header) {
@@ -65,4 +68,29 @@ func TestMetricsOnTheirOwnListener(t *testing.T) {
 	if status, body, _ := get(t, "http://"+env["TALLY_METRICS_ADDR"]+"/metrics"); status != 200 || !strings.Contains(body, "tally_db_up") {
 		t.Fatalf("/metrics on the metrics listener: %d", status)
 	}
+}
+
+// `tally migrate` brings an empty database to the current schema, and a
+// second run changes nothing; a server on a database with pending
+// migrations is alive but not ready.
+func TestMigrateCommandAndReadiness(t *testing.T) {
+	env := baseEnv(t)
+	env["TALLY_DATABASE_URL"] = dbtest.NewEmptyURL(t)
+	getenv := func(k string) string { return env[k] }
+
+	s := startServer(t, env)
+	if status, body, _ := get(t, s.URL+"/readyz"); status != http.StatusServiceUnavailable || !strings.Contains(body, "migrations") {
+		t.Fatalf("/readyz on an unmigrated database: %d %s, want 503 naming migrations", status, body)
+	}
+
+	for i := range 2 {
+		var out bytes.Buffer
+		if err := run(context.Background(), []string{"tally", "migrate"}, getenv, &out, &out); err != nil {
+			t.Fatalf("migrate run %d: %v\n%s", i+1, err, out.String())
+		}
+		if !strings.Contains(out.String(), "migrations applied") {
+			t.Fatalf("migrate run %d printed %q", i+1, out.String())
+		}
+	}
+	waitStatus(t, s.URL+"/readyz", http.StatusOK, 5*time.Second)
 }
