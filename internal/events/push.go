@@ -192,8 +192,16 @@ func (p *Pusher) deliverWithRetry(ctx context.Context, e Stored) error {
 			return nil
 		}
 		p.logger.Warn("event push failed", "event_id", e.ID, "attempt", attempt, "error", err)
-		p.db.WithContext(ctx).Exec(`UPDATE event_push_state SET last_error = ?, lease_until = ? WHERE id = 1 AND holder = ?`,
+		// Keep the lease through the wait; if it is gone, another instance
+		// has taken over and this one stops rather than push the same event.
+		res := p.db.WithContext(ctx).Exec(`UPDATE event_push_state SET last_error = ?, lease_until = ? WHERE id = 1 AND holder = ?`,
 			err.Error(), p.now().Add(p.cfg.Lease+wait), p.holder)
+		if res.Error != nil {
+			return db.Translate(res.Error, nil)
+		}
+		if res.RowsAffected == 0 {
+			return fmt.Errorf("events: push lease lost")
+		}
 		select {
 		case <-ctx.Done():
 			return ctx.Err()
