@@ -10,7 +10,9 @@ import (
 	"time"
 
 	"github.com/tallybilling/tally/api"
+	"github.com/tallybilling/tally/internal/db"
 	"github.com/tallybilling/tally/internal/db/dbtest"
+	"github.com/tallybilling/tally/pkg/client"
 )
 
 func get(t *testing.T, u string) (int, string, http.Header) {
@@ -93,4 +95,65 @@ func TestMigrateCommandAndReadiness(t *testing.T) {
 		}
 	}
 	waitStatus(t, s.URL+"/readyz", http.StatusOK, 5*time.Second)
+}
+
+// SIGTERM (here: the run context ending) lets a request already in flight
+// finish with its answer before the process exits, and refuses new ones.
+func TestShutdownFinishesInFlightRequests(t *testing.T) {
+	s := startServer(t, baseEnv(t))
+	c := s.service(t)
+	grantOverHTTP(t, c, "ivy", 10, "ivy-grant")
+
+	// Hold the customer's balance row so the consume below waits inside
+	// its transaction, in flight, while shutdown begins.
+	gdb, err := db.Open(context.Background(), s.DBURL, 2, dbtest.Logger(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close(gdb)
+	blocker := gdb.Begin()
+	if err := blocker.Exec(`SELECT 1 FROM credit_balances WHERE customer_id = 'ivy' FOR UPDATE`).Error; err != nil {
+		t.Fatal(err)
+	}
+
+	type answer struct {
+		status int
+		body   []byte
+		err    error
+	}
+	done := make(chan answer, 1)
+	go func() {
+		r, err := c.ConsumeCreditsWithResponse(context.Background(), "ivy", &client.ConsumeCreditsParams{IdempotencyKey: "ivy-1"},
+			client.ConsumeRequest{Amount: 3, Reason: "render"})
+		if err != nil {
+			done <- answer{err: err}
+			return
+		}
+		done <- answer{status: r.StatusCode(), body: r.Body}
+	}()
+	time.Sleep(300 * time.Millisecond) // the consume is now waiting on the lock
+
+	stopped := make(chan struct{})
+	go func() { s.shutdown(t); close(stopped) }()
+	time.Sleep(300 * time.Millisecond)
+	select {
+	case <-stopped:
+		t.Fatal("the server stopped while a request was still in flight")
+	default:
+	}
+	if _, err := http.Get(s.URL + "/healthz"); err == nil {
+		t.Fatal("a new connection was accepted after shutdown began")
+	}
+	if err := blocker.Commit().Error; err != nil {
+		t.Fatal(err)
+	}
+	a := <-done
+	if a.err != nil || a.status != http.StatusOK {
+		t.Fatalf("in-flight consume: status %d err %v body %s, want 200", a.status, a.err, a.body)
+	}
+	<-stopped
+	var balance int64
+	if err := gdb.Raw(`SELECT balance FROM credit_balances WHERE customer_id = 'ivy'`).Scan(&balance).Error; err != nil || balance != 7 {
+		t.Fatalf("balance after the in-flight consume = %d (%v), want 7", balance, err)
+	}
 }
