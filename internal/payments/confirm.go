@@ -90,6 +90,29 @@ func (s *Service) paymentFor(ctx context.Context, metadata map[string]string, by
 	return "", nil
 }
 
+// lockForEvent locks the payment an event names (tx must be a transaction)
+// and runs the checks every event passes before it may touch a payment: the
+// payment exists, the event's livemode is our key's, and the event's
+// PaymentIntent (when it names one) is the payment's (when it has one). A
+// Stripe object can carry a payment's metadata without being its payment.
+// Errors: *Rejection, errs.Unavailable.
+func (s *Service) lockForEvent(ctx context.Context, tx *gorm.DB, paymentID string, livemode bool, paymentIntentID string) (Payment, error) {
+	p, err := load(ctx, tx, paymentID, true)
+	if errs.Is(err, errs.NotFound) {
+		return Payment{}, reject("metadata names payment %s, which tally does not know", paymentID)
+	}
+	if err != nil {
+		return Payment{}, err
+	}
+	if livemode != s.livemode {
+		return Payment{}, reject("event livemode=%t does not match our Stripe key (livemode=%t)", livemode, s.livemode)
+	}
+	if paymentIntentID != "" && p.PaymentIntentID != "" && paymentIntentID != p.PaymentIntentID {
+		return Payment{}, reject("payment %s belongs to PaymentIntent %s, not %s", p.ID, p.PaymentIntentID, paymentIntentID)
+	}
+	return p, nil
+}
+
 // confirmation is what a confirming event claims arrived.
 type confirmation struct {
 	paymentIntentID string
@@ -129,18 +152,12 @@ func (s *Service) PaymentIntentSucceeded(ctx context.Context, ev EventRef, pi Pa
 
 func (s *Service) confirm(ctx context.Context, ev EventRef, paymentID string, c confirmation) error {
 	return db.InTx(ctx, s.db, func(tx *gorm.DB) error {
-		p, err := load(ctx, tx, paymentID, true)
-		if errs.Is(err, errs.NotFound) {
-			return reject("metadata names payment %s, which tally does not know", paymentID)
-		}
+		p, err := s.lockForEvent(ctx, tx, paymentID, c.livemode, c.paymentIntentID)
 		if err != nil {
 			return err
 		}
 		if c.paymentIntentID == "" {
 			return reject("no PaymentIntent to confirm payment %s by", p.ID)
-		}
-		if c.livemode != s.livemode {
-			return reject("event livemode=%t does not match our Stripe key (livemode=%t)", c.livemode, s.livemode)
 		}
 		if c.customerID != "" && c.customerID != p.CustomerID {
 			return reject("metadata names customer %s, but payment %s belongs to %s", c.customerID, p.ID, p.CustomerID)
@@ -150,9 +167,6 @@ func (s *Service) confirm(ctx context.Context, ev EventRef, paymentID string, c 
 		}
 		if c.amountReceived != p.Amount {
 			return reject("amount_received %d does not match payment %s (expected %d)", c.amountReceived, p.ID, p.Amount)
-		}
-		if p.PaymentIntentID != "" && p.PaymentIntentID != c.paymentIntentID {
-			return reject("payment %s belongs to PaymentIntent %s, not %s", p.ID, p.PaymentIntentID, c.paymentIntentID)
 		}
 		var confirmedBy []string
 		if err := tx.Raw(`SELECT payment_intent_id FROM payment_confirmations WHERE payment_id = ?`, p.ID).Scan(&confirmedBy).Error; err != nil {
@@ -216,7 +230,9 @@ func (s *Service) confirm(ctx context.Context, ev EventRef, paymentID string, c 
 // PaymentIntentFailed handles payment_intent.payment_failed and
 // payment_intent.canceled: the payment fails (payment.failed event) unless
 // it already succeeded, in which case the refused transition is recorded.
-// Errors: ErrNotOurs, *Rejection (livemode), errs.Unavailable.
+// A failure of another PaymentIntent than the payment's is refused.
+// Errors: ErrNotOurs, *Rejection (livemode, another PaymentIntent),
+// errs.Unavailable.
 func (s *Service) PaymentIntentFailed(ctx context.Context, ev EventRef, pi PaymentIntent) error {
 	id, err := s.paymentFor(ctx, pi.Metadata, map[string]string{"payment_intent_id": pi.ID})
 	if err != nil {
@@ -300,15 +316,9 @@ func (s *Service) applyLinks(ctx context.Context, tx *gorm.DB, p Payment, links 
 // link records Stripe ids on a payment without moving it.
 func (s *Service) link(ctx context.Context, ev EventRef, paymentID string, livemode bool, links map[string]string) error {
 	return db.InTx(ctx, s.db, func(tx *gorm.DB) error {
-		p, err := load(ctx, tx, paymentID, true)
-		if errs.Is(err, errs.NotFound) {
-			return reject("metadata names payment %s, which tally does not know", paymentID)
-		}
+		p, err := s.lockForEvent(ctx, tx, paymentID, livemode, links["payment_intent_id"])
 		if err != nil {
 			return err
-		}
-		if livemode != s.livemode {
-			return reject("event livemode=%t does not match our Stripe key (livemode=%t)", livemode, s.livemode)
 		}
 		return s.applyLinks(ctx, tx, p, links)
 	})
@@ -316,15 +326,9 @@ func (s *Service) link(ctx context.Context, ev EventRef, paymentID string, livem
 
 func (s *Service) fail(ctx context.Context, ev EventRef, paymentID string, livemode bool, reason string, links map[string]string) error {
 	return db.InTx(ctx, s.db, func(tx *gorm.DB) error {
-		p, err := load(ctx, tx, paymentID, true)
-		if errs.Is(err, errs.NotFound) {
-			return reject("metadata names payment %s, which tally does not know", paymentID)
-		}
+		p, err := s.lockForEvent(ctx, tx, paymentID, livemode, links["payment_intent_id"])
 		if err != nil {
 			return err
-		}
-		if livemode != s.livemode {
-			return reject("event livemode=%t does not match our Stripe key (livemode=%t)", livemode, s.livemode)
 		}
 		if p.Status == Pending || p.Status == Failed {
 			// Only a payment still in play learns ids from a failure; a late
@@ -430,8 +434,11 @@ func (s *Service) subscribed(ctx context.Context, ev EventRef, paymentID string)
 // amount_refunded and revokes the unspent credits it bought in proportion
 // to the increase only, so a redelivered or older refund event revokes
 // nothing more. A refund of a payment not yet succeeded here is an error
-// (retried), so that it applies once the success has arrived.
-// Errors: ErrNotOurs, *Rejection (livemode, currency), errs.Unavailable.
+// (retried), so that it applies once the success has arrived. Only a charge
+// of the payment's own PaymentIntent, for the amount it paid, may refund it.
+// Errors: ErrNotOurs, *Rejection (livemode, currency, no or another
+// PaymentIntent, charge amount not what was paid, more refunded than
+// charged), errs.Unavailable.
 func (s *Service) ChargeRefunded(ctx context.Context, ev EventRef, ch Charge) error {
 	id, err := s.paymentFor(ctx, ch.Metadata, map[string]string{"payment_intent_id": ch.PaymentIntent})
 	if err != nil {
@@ -441,21 +448,29 @@ func (s *Service) ChargeRefunded(ctx context.Context, ev EventRef, ch Charge) er
 		return ErrNotOurs
 	}
 	return db.InTx(ctx, s.db, func(tx *gorm.DB) error {
-		p, err := load(ctx, tx, id, true)
-		if errs.Is(err, errs.NotFound) {
-			return reject("metadata names payment %s, which tally does not know", id)
-		}
+		p, err := s.lockForEvent(ctx, tx, id, ch.Livemode, ch.PaymentIntent)
 		if err != nil {
 			return err
 		}
-		if ch.Livemode != s.livemode {
-			return reject("event livemode=%t does not match our Stripe key (livemode=%t)", ch.Livemode, s.livemode)
+		if ch.PaymentIntent == "" {
+			return reject("charge %s names no PaymentIntent, so it cannot be matched to payment %s", ch.ID, p.ID)
 		}
 		if !strings.EqualFold(ch.Currency, p.Currency) {
 			return reject("refund currency %q does not match payment %s (%q)", ch.Currency, p.ID, p.Currency)
 		}
 		if p.Status != Succeeded && p.Status != Refunded {
 			return fmt.Errorf("payments: refund of payment %s, which is %s: waiting for its success", p.ID, p.Status)
+		}
+		// A succeeded payment knows its PaymentIntent (a plan's never has
+		// one), so only a charge of that very PaymentIntent may refund it.
+		if ch.PaymentIntent != p.PaymentIntentID {
+			return reject("charge %s belongs to PaymentIntent %s, not to payment %s's (%q)", ch.ID, ch.PaymentIntent, p.ID, p.PaymentIntentID)
+		}
+		if ch.Amount != paid(p) {
+			return reject("charge %s amount %d does not match what payment %s paid (%d)", ch.ID, ch.Amount, p.ID, paid(p))
+		}
+		if ch.AmountRefunded > ch.Amount {
+			return reject("charge %s refunds %d of %d", ch.ID, ch.AmountRefunded, ch.Amount)
 		}
 		delta := ch.AmountRefunded - p.AmountRefunded
 		if delta <= 0 {

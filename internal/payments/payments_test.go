@@ -273,3 +273,88 @@ func TestVerifyPurchasesFindsBreaches(t *testing.T) {
 		t.Fatalf("problems = %+v", problems)
 	}
 }
+
+// A Stripe object that carries a payment's metadata but belongs to another
+// PaymentIntent (copied metadata, another integration, a forged object) must
+// not refund or fail that payment, nor may a charge whose amounts do not
+// fit what was paid. The event is refused (parked), and nothing moves.
+func TestForeignPaymentIntentIsRejected(t *testing.T) {
+	gdb := dbtest.New(t)
+	_, stripe := fakeClient(t)
+	svc := newService(t, gdb, stripe, config.ConfirmOnPaymentIntent)
+	ctx := context.Background()
+	balance := func(customer string) int64 {
+		t.Helper()
+		b, err := credits.NewService(gdb, config.Default().Credits, time.Now, slog.New(slog.DiscardHandler)).Balance(ctx, customer)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return b.Balance
+	}
+
+	paid := buy(t, svc, "victim", "starter", 1)
+	meta := map[string]string{"tally_payment_id": paid.PaymentID}
+	if err := svc.PaymentIntentSucceeded(ctx, payments.EventRef{ID: "evt_paid", Type: "payment_intent.succeeded"},
+		payments.PaymentIntent{ID: "pi_victim", AmountReceived: 1000, Currency: "usd", Metadata: meta}); err != nil {
+		t.Fatal(err)
+	}
+	for i, c := range []struct {
+		name string
+		ch   payments.Charge
+	}{
+		{"another PaymentIntent", payments.Charge{ID: "ch_other", PaymentIntent: "pi_attacker", Amount: 1000, AmountRefunded: 1000}},
+		{"no PaymentIntent", payments.Charge{ID: "ch_none", Amount: 1000, AmountRefunded: 1000}},
+		{"another amount", payments.Charge{ID: "ch_big", PaymentIntent: "pi_victim", Amount: 50000, AmountRefunded: 1000}},
+		{"more refunded than charged", payments.Charge{ID: "ch_over", PaymentIntent: "pi_victim", Amount: 1000, AmountRefunded: 2000}},
+	} {
+		c.ch.Currency, c.ch.Metadata = "usd", meta
+		err := svc.ChargeRefunded(ctx, payments.EventRef{ID: fmt.Sprintf("evt_refund_%d", i), Type: "charge.refunded"}, c.ch)
+		if !payments.IsRejection(err) {
+			t.Errorf("refund from %s: %v, want a rejection", c.name, err)
+		}
+	}
+	if got := balance("victim"); got != 100 {
+		t.Fatalf("foreign refunds revoked credits: balance %d, want 100", got)
+	}
+	err := svc.PaymentIntentFailed(ctx, payments.EventRef{ID: "evt_fail_paid", Type: "payment_intent.payment_failed"},
+		payments.PaymentIntent{ID: "pi_attacker", Currency: "usd", LastError: "declined", Metadata: meta})
+	if !payments.IsRejection(err) {
+		t.Errorf("a failure of another PaymentIntent for a succeeded payment: %v, want a rejection", err)
+	}
+	p, err := svc.Get(ctx, paid.PaymentID)
+	if err != nil || p.Status != payments.Succeeded || p.AmountRefunded != 0 || len(p.Transitions) != 2 {
+		t.Fatalf("payment after foreign events = %+v, %v; want succeeded, nothing refunded, 2 transitions", p, err)
+	}
+
+	// A pending payment whose PaymentIntent is known is not failed by another one's decline.
+	pending := buy(t, svc, "victim", "starter", 1)
+	pmeta := map[string]string{"tally_payment_id": pending.PaymentID}
+	if err := svc.CheckoutSessionCompleted(ctx, payments.EventRef{ID: "evt_unpaid", Type: "checkout.session.completed"}, payments.CheckoutSession{
+		ID: pending.CheckoutSessionID, Mode: "payment", Status: "complete", PaymentStatus: "unpaid", PaymentIntent: "pi_pending", Metadata: pmeta}); err != nil {
+		t.Fatal(err)
+	}
+	for _, typ := range []string{"payment_intent.payment_failed", "payment_intent.canceled"} {
+		err := svc.PaymentIntentFailed(ctx, payments.EventRef{ID: "evt_" + typ, Type: typ},
+			payments.PaymentIntent{ID: "pi_attacker", Currency: "usd", LastError: "declined", CancellationReason: "abandoned", Metadata: pmeta})
+		if !payments.IsRejection(err) {
+			t.Errorf("%s of another PaymentIntent: %v, want a rejection", typ, err)
+		}
+	}
+	if p, err := svc.Get(ctx, pending.PaymentID); err != nil || p.Status != payments.Pending {
+		t.Fatalf("pending payment after foreign failures = %+v, %v; want pending", p, err)
+	}
+	var failedEvents int64
+	if err := db.ScanRow(gdb.Raw(`SELECT count(*) FROM events WHERE type = 'payment.failed'`), &failedEvents); err != nil || failedEvents != 0 {
+		t.Fatalf("%d payment.failed events (%v), want 0", failedEvents, err)
+	}
+
+	// The real refund still applies.
+	if err := svc.ChargeRefunded(ctx, payments.EventRef{ID: "evt_refund_ok", Type: "charge.refunded"},
+		payments.Charge{ID: "ch_victim", PaymentIntent: "pi_victim", Amount: 1000, AmountRefunded: 1000, Currency: "usd", Metadata: meta}); err != nil {
+		t.Fatalf("the genuine refund: %v", err)
+	}
+	if got := balance("victim"); got != 0 {
+		t.Fatalf("balance after the genuine refund = %d, want 0", got)
+	}
+	verifyClean(t, gdb)
+}
