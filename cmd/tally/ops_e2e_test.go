@@ -157,3 +157,28 @@ func TestShutdownFinishesInFlightRequests(t *testing.T) {
 		t.Fatalf("balance after the in-flight consume = %d (%v), want 7", balance, err)
 	}
 }
+
+// The single-page app's origin may call tally from the browser; others may not.
+func TestCORSAllowList(t *testing.T) {
+	env := baseEnv(t)
+	env["TALLY_CORS_ORIGINS"] = "https://app.example.com"
+	s := startServer(t, env)
+	for origin, allowed := range map[string]bool{"https://app.example.com": true, "https://evil.example.com": false} {
+		req, _ := http.NewRequest(http.MethodOptions, s.URL+"/v1/customers/ann/balance", nil)
+		req.Header.Set("Origin", origin)
+		req.Header.Set("Access-Control-Request-Method", "GET")
+		req.Header.Set("Access-Control-Request-Headers", "authorization")
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		got := resp.Header.Get("Access-Control-Allow-Origin")
+		if allowed && got != origin {
+			t.Errorf("preflight from %s: Access-Control-Allow-Origin %q, want it allowed", origin, got)
+		}
+		if !allowed && got != "" {
+			t.Errorf("preflight from %s: Access-Control-Allow-Origin %q, want none", origin, got)
+		}
+	}
+}
