@@ -1005,3 +1005,41 @@ func TestLegacyConfirmOnCheckoutSession(t *testing.T) {
 	}
 	assertInvariants(t, s)
 }
+
+// TestPaymentFailedReplayIsIdempotent: an operator replaying a
+// payment_intent.payment_failed (twice) changes nothing more: the host app
+// hears payment.failed once and the history holds the event once.
+func TestPaymentFailedReplayIsIdempotent(t *testing.T) {
+	fake := stripefake.New(t)
+	s := startServer(t, payEnv(t, fake.URL()))
+	gdb := openDB(t, s)
+	ctx := context.Background()
+
+	pay := checkout(t, s, "replay-fail-1", "starter", 1)
+	failed := newEventID()
+	deliver(t, s, stripeEvent(failed, "payment_intent.payment_failed", paymentIntent(pay, "replay-fail-1", "requires_payment_method", starterAmount, 0, "usd")))
+	for range 2 {
+		r, err := s.admin(t).ReplayStripeEventWithResponse(ctx, failed)
+		if err != nil {
+			t.Fatal(err)
+		}
+		mustStatus(t, "replay", r.StatusCode(), r.Body, http.StatusOK)
+		if r.JSON200.Status != client.StripeEventStatusProcessed {
+			t.Fatalf("replayed failure = %+v", r.JSON200)
+		}
+	}
+	if n := countRows(t, gdb, `SELECT count(*) FROM events WHERE type = 'payment.failed' AND data->>'payment_id' = ?`, pay); n != 1 {
+		t.Fatalf("%d payment.failed events after two replays, want 1", n)
+	}
+	p := getPayment(t, s, pay)
+	recorded := 0
+	for _, tr := range p.Transitions {
+		if tr.StripeEventId != nil && *tr.StripeEventId == failed {
+			recorded++
+		}
+	}
+	if p.Status != client.PaymentStatusFailed || recorded != 1 {
+		t.Fatalf("payment %s with the failure recorded %d times, want failed and once: %+v", p.Status, recorded, p.Transitions)
+	}
+	assertInvariants(t, s)
+}

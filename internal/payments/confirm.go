@@ -95,8 +95,9 @@ func (s *Service) paymentFor(ctx context.Context, metadata map[string]string, by
 // payment exists, the event's livemode is our key's, and the event's
 // PaymentIntent (when it names one) is the payment's (when it has one). A
 // Stripe object can carry a payment's metadata without being its payment.
-// Errors: *Rejection, errs.Unavailable.
-func (s *Service) lockForEvent(ctx context.Context, tx *gorm.DB, paymentID string, livemode bool, paymentIntentID string) (Payment, error) {
+// An event already in the payment's history is errEventApplied.
+// Errors: *Rejection, errEventApplied, errs.Unavailable.
+func (s *Service) lockForEvent(ctx context.Context, tx *gorm.DB, ev EventRef, paymentID string, livemode bool, paymentIntentID string) (Payment, error) {
 	p, err := load(ctx, tx, paymentID, true)
 	if errs.Is(err, errs.NotFound) {
 		return Payment{}, reject("metadata names payment %s, which tally does not know", paymentID)
@@ -110,7 +111,32 @@ func (s *Service) lockForEvent(ctx context.Context, tx *gorm.DB, paymentID strin
 	if paymentIntentID != "" && p.PaymentIntentID != "" && paymentIntentID != p.PaymentIntentID {
 		return Payment{}, reject("payment %s belongs to PaymentIntent %s, not %s", p.ID, p.PaymentIntentID, paymentIntentID)
 	}
+	seen, err := eventApplied(ctx, tx, p.ID, ev)
+	if err != nil {
+		return Payment{}, err
+	}
+	if seen {
+		return Payment{}, errEventApplied
+	}
 	return p, nil
+}
+
+// inEventTx runs fn in a transaction on the payment ev names, once
+// lockForEvent let it through. An event already applied to the payment
+// (found then, or by fn's transition) rolls back to a no-op: redeliveries
+// and operator replays change nothing.
+func (s *Service) inEventTx(ctx context.Context, ev EventRef, paymentID string, livemode bool, paymentIntentID string, fn func(tx *gorm.DB, p Payment) error) error {
+	err := db.InTx(ctx, s.db, func(tx *gorm.DB) error {
+		p, err := s.lockForEvent(ctx, tx, ev, paymentID, livemode, paymentIntentID)
+		if err != nil {
+			return err
+		}
+		return fn(tx, p)
+	})
+	if errors.Is(err, errEventApplied) {
+		return nil
+	}
+	return err
 }
 
 // confirmation is what a confirming event claims arrived.
@@ -151,11 +177,7 @@ func (s *Service) PaymentIntentSucceeded(ctx context.Context, ev EventRef, pi Pa
 }
 
 func (s *Service) confirm(ctx context.Context, ev EventRef, paymentID string, c confirmation) error {
-	return db.InTx(ctx, s.db, func(tx *gorm.DB) error {
-		p, err := s.lockForEvent(ctx, tx, paymentID, c.livemode, c.paymentIntentID)
-		if err != nil {
-			return err
-		}
+	return s.inEventTx(ctx, ev, paymentID, c.livemode, c.paymentIntentID, func(tx *gorm.DB, p Payment) error {
 		if c.paymentIntentID == "" {
 			return reject("no PaymentIntent to confirm payment %s by", p.ID)
 		}
@@ -230,6 +252,9 @@ func (s *Service) confirm(ctx context.Context, ev EventRef, paymentID string, c 
 // PaymentIntentFailed handles payment_intent.payment_failed and
 // payment_intent.canceled: the payment fails (payment.failed event) unless
 // it already succeeded, in which case the refused transition is recorded.
+// Only the move into failed tells the host app; a payment already failed
+// records the event without effect, and an event already recorded (a
+// redelivery, a replay) does nothing.
 // A failure of another PaymentIntent than the payment's is refused.
 // Errors: ErrNotOurs, *Rejection (livemode, another PaymentIntent),
 // errs.Unavailable.
@@ -315,27 +340,24 @@ func (s *Service) applyLinks(ctx context.Context, tx *gorm.DB, p Payment, links 
 
 // link records Stripe ids on a payment without moving it.
 func (s *Service) link(ctx context.Context, ev EventRef, paymentID string, livemode bool, links map[string]string) error {
-	return db.InTx(ctx, s.db, func(tx *gorm.DB) error {
-		p, err := s.lockForEvent(ctx, tx, paymentID, livemode, links["payment_intent_id"])
-		if err != nil {
-			return err
-		}
+	return s.inEventTx(ctx, ev, paymentID, livemode, links["payment_intent_id"], func(tx *gorm.DB, p Payment) error {
 		return s.applyLinks(ctx, tx, p, links)
 	})
 }
 
 func (s *Service) fail(ctx context.Context, ev EventRef, paymentID string, livemode bool, reason string, links map[string]string) error {
-	return db.InTx(ctx, s.db, func(tx *gorm.DB) error {
-		p, err := s.lockForEvent(ctx, tx, paymentID, livemode, links["payment_intent_id"])
-		if err != nil {
-			return err
-		}
+	return s.inEventTx(ctx, ev, paymentID, livemode, links["payment_intent_id"], func(tx *gorm.DB, p Payment) error {
 		if p.Status == Pending || p.Status == Failed {
 			// Only a payment still in play learns ids from a failure; a late
 			// failure must not rewrite a succeeded payment's links.
 			if err := s.applyLinks(ctx, tx, p, links); err != nil {
 				return err
 			}
+		}
+		if p.Status == Failed {
+			// Another failure of a failed payment (a second decline, then the
+			// session expiring) is history, not news: no second payment.failed.
+			return record(ctx, tx, p, Failed, false, ev, "already failed: "+reason)
 		}
 		ok, err := transition(ctx, tx, p, Failed, ev, reason)
 		if err != nil || !ok {
@@ -447,11 +469,7 @@ func (s *Service) ChargeRefunded(ctx context.Context, ev EventRef, ch Charge) er
 	if id == "" {
 		return ErrNotOurs
 	}
-	return db.InTx(ctx, s.db, func(tx *gorm.DB) error {
-		p, err := s.lockForEvent(ctx, tx, id, ch.Livemode, ch.PaymentIntent)
-		if err != nil {
-			return err
-		}
+	return s.inEventTx(ctx, ev, id, ch.Livemode, ch.PaymentIntent, func(tx *gorm.DB, p Payment) error {
 		if ch.PaymentIntent == "" {
 			return reject("charge %s names no PaymentIntent, so it cannot be matched to payment %s", ch.ID, p.ID)
 		}

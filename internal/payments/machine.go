@@ -2,6 +2,7 @@ package payments
 
 import (
 	"context"
+	"errors"
 	"slices"
 
 	"gorm.io/gorm"
@@ -36,18 +37,47 @@ type EventRef struct {
 	Created int64
 }
 
+// errEventApplied says the Stripe event is already in the payment's
+// history: a redelivery or a replay, which changes nothing.
+var errEventApplied = errors.New("payments: the event was already applied to the payment")
+
 // transition records the move of p to `to` inside tx (p's row locked by the
 // caller) and reports whether the state machine allowed it. A refused move
 // is recorded with applied=false and changes nothing else; an allowed one is
 // recorded and the caller then writes the payment's new columns.
+// Errors: errEventApplied (ev is already in p's history), errs.Unavailable.
 func transition(ctx context.Context, tx *gorm.DB, p Payment, to Status, ev EventRef, reason string) (bool, error) {
 	ok := Allowed(p.Status, to)
-	err := tx.WithContext(ctx).Exec(`INSERT INTO payment_transitions
+	return ok, record(ctx, tx, p, to, ok, ev, reason)
+}
+
+// record writes one line of p's history. The unique index on (payment_id,
+// stripe_event_id) keeps an event in it once; a second time is
+// errEventApplied, so the caller's transaction rolls back to a no-op.
+func record(ctx context.Context, tx *gorm.DB, p Payment, to Status, applied bool, ev EventRef, reason string) error {
+	res := tx.WithContext(ctx).Exec(`INSERT INTO payment_transitions
 		(payment_id, from_status, to_status, applied, stripe_event_id, stripe_event_type, reason)
-		VALUES (?, ?, ?, ?, NULLIF(?, ''), NULLIF(?, ''), NULLIF(?, ''))`,
-		p.ID, string(p.Status), string(to), ok, ev.ID, ev.Type, reason).Error
+		VALUES (?, ?, ?, ?, NULLIF(?, ''), NULLIF(?, ''), NULLIF(?, ''))
+		ON CONFLICT (payment_id, stripe_event_id) WHERE stripe_event_id IS NOT NULL DO NOTHING`,
+		p.ID, string(p.Status), string(to), applied, ev.ID, ev.Type, reason)
+	if res.Error != nil {
+		return db.Translate(res.Error, nil)
+	}
+	if res.RowsAffected == 0 {
+		return errEventApplied
+	}
+	return nil
+}
+
+// eventApplied reports whether ev is already in the history of payment id.
+func eventApplied(ctx context.Context, tx *gorm.DB, id string, ev EventRef) (bool, error) {
+	if ev.ID == "" {
+		return false, nil
+	}
+	var n int64
+	err := db.ScanRow(tx.WithContext(ctx).Raw(`SELECT count(*) FROM payment_transitions WHERE payment_id = ? AND stripe_event_id = ?`, id, ev.ID), &n)
 	if err != nil {
 		return false, db.Translate(err, nil)
 	}
-	return ok, nil
+	return n > 0, nil
 }

@@ -358,3 +358,75 @@ func TestForeignPaymentIntentIsRejected(t *testing.T) {
 	}
 	verifyClean(t, gdb)
 }
+
+// The same failure delivered again (Stripe's redelivery under the same id,
+// an operator's replay) and further failure events for a payment already
+// failed tell the host app once: one payment.failed, one applied move into
+// failed, each Stripe event in the history at most once.
+func TestFailuresAreIdempotent(t *testing.T) {
+	gdb := dbtest.New(t)
+	_, stripe := fakeClient(t)
+	svc := newService(t, gdb, stripe, config.ConfirmOnPaymentIntent)
+	ctx := context.Background()
+	res := buy(t, svc, "decliner", "starter", 1)
+	meta := map[string]string{"tally_payment_id": res.PaymentID}
+	pi := payments.PaymentIntent{ID: "pi_decline", Currency: "usd", LastError: "Your card was declined.", Metadata: meta}
+	for range 3 {
+		if err := svc.PaymentIntentFailed(ctx, payments.EventRef{ID: "evt_decline", Type: "payment_intent.payment_failed"}, pi); err != nil {
+			t.Fatal(err)
+		}
+	}
+	canceled := pi
+	canceled.CancellationReason = "abandoned"
+	if err := svc.PaymentIntentFailed(ctx, payments.EventRef{ID: "evt_cancel", Type: "payment_intent.canceled"}, canceled); err != nil {
+		t.Fatal(err)
+	}
+	cs := payments.CheckoutSession{ID: res.CheckoutSessionID, Mode: "payment", PaymentStatus: "unpaid", PaymentIntent: "pi_decline", Metadata: meta}
+	for _, typ := range []string{"checkout.session.async_payment_failed", "checkout.session.expired"} {
+		if err := svc.CheckoutSessionFailed(ctx, payments.EventRef{ID: "evt_" + typ, Type: typ}, cs); err != nil {
+			t.Fatal(err)
+		}
+	}
+
+	var failedEvents int64
+	if err := db.ScanRow(gdb.Raw(`SELECT count(*) FROM events WHERE type = 'payment.failed' AND data->>'payment_id' = ?`, res.PaymentID), &failedEvents); err != nil {
+		t.Fatal(err)
+	}
+	if failedEvents != 1 {
+		t.Errorf("%d payment.failed events, want 1", failedEvents)
+	}
+	p, err := svc.Get(ctx, res.PaymentID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if p.Status != payments.Failed || p.FailureReason != "Your card was declined." {
+		t.Errorf("payment = %s (%q), want failed for the first decline", p.Status, p.FailureReason)
+	}
+	appliedFailures, seen := 0, map[string]int{}
+	for _, tr := range p.Transitions {
+		if tr.Applied && tr.To == payments.Failed {
+			appliedFailures++
+		}
+		if tr.StripeEventID != "" {
+			seen[tr.StripeEventID]++
+		}
+	}
+	if appliedFailures != 1 {
+		t.Errorf("%d applied moves into failed, want 1: %+v", appliedFailures, p.Transitions)
+	}
+	for id, n := range seen {
+		if n != 1 {
+			t.Errorf("event %s recorded %d times, want once", id, n)
+		}
+	}
+
+	// A failed payment may still succeed (a retried card), once.
+	if err := svc.PaymentIntentSucceeded(ctx, payments.EventRef{ID: "evt_paid", Type: "payment_intent.succeeded"},
+		payments.PaymentIntent{ID: "pi_decline", AmountReceived: 1000, Currency: "usd", Metadata: meta}); err != nil {
+		t.Fatal(err)
+	}
+	if p, err := svc.Get(ctx, res.PaymentID); err != nil || p.Status != payments.Succeeded {
+		t.Fatalf("after the retried card: %+v, %v", p, err)
+	}
+	verifyClean(t, gdb)
+}

@@ -392,7 +392,8 @@ func (h *Intake) List(ctx context.Context, status, cursor string, limit int) (Pa
 // Replay processes a stored event again from its stored payload, whatever
 // its status (an operator fixed what parked it, or wants a processed one
 // re-run). It is idempotent: the money effect is guarded by the PaymentIntent
-// id, so a replay never credits twice. It returns the event afterwards.
+// id, so a replay never credits twice, and an event already in a payment's
+// history changes it no further. It returns the event afterwards.
 // Errors: errs.NotFound, errs.Unavailable.
 func (h *Intake) Replay(ctx context.Context, id string) (Stored, error) {
 	var rows []storedRow

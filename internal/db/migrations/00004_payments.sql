@@ -56,6 +56,10 @@ CREATE TABLE payment_transitions (
     created_at        timestamptz NOT NULL DEFAULT now()
 );
 CREATE INDEX payment_transitions_payment_idx ON payment_transitions (payment_id, id);
+-- A Stripe event enters a payment's history once: a redelivery or an
+-- operator's replay of it is a no-op, not a second payment.failed.
+CREATE UNIQUE INDEX payment_transitions_event_key ON payment_transitions (payment_id, stripe_event_id)
+    WHERE stripe_event_id IS NOT NULL;
 
 -- The money guard: one row per confirmed PaymentIntent, written in the same
 -- transaction as the grant, the transition and the payment.succeeded event.
