@@ -1043,3 +1043,54 @@ func TestPaymentFailedReplayIsIdempotent(t *testing.T) {
 	}
 	assertInvariants(t, s)
 }
+
+// TestWebhookStoresEventsWithNULEscapes: a string field of a Stripe event
+// may hold the JSON escape \u0000 (say, a description pasted from
+// elsewhere). The event is stored as the exact signed bytes, acknowledged
+// with 200 and processed (or ignored), and an operator can replay it;
+// otherwise the delivery fails forever and Stripe disables the endpoint.
+func TestWebhookStoresEventsWithNULEscapes(t *testing.T) {
+	fake := stripefake.New(t)
+	s := startServer(t, payEnv(t, fake.URL()))
+	gdb := openDB(t, s)
+	ctx := context.Background()
+
+	pay := checkout(t, s, "nul-1", "starter", 1)
+	pi := paymentIntent(pay, "nul-1", "succeeded", starterAmount, starterAmount, "usd")
+	pi["description"] = "gift\x00card"
+	paid := newEventID()
+	body := stripeEvent(paid, "payment_intent.succeeded", pi)
+	odd := newEventID()
+	oddBody := stripeEvent(odd, "radar.early_fraud_warning.created", map[string]any{"id": "issfr_nul", "object": "radar.early_fraud_warning", "fraud_type": "x\x00y"})
+	for _, b := range [][]byte{body, oddBody} {
+		if !bytes.Contains(b, []byte(`\u0000`)) {
+			t.Fatalf("test event holds no \\u0000 escape: %s", b)
+		}
+		deliver(t, s, b)
+	}
+	if st, le := eventStatus(t, gdb, paid); st != "processed" {
+		t.Fatalf("event with \\u0000 is %s (%s), want processed", st, le)
+	}
+	if st, le := eventStatus(t, gdb, odd); st != "ignored" {
+		t.Fatalf("unknown event with \\u0000 is %s (%s), want ignored", st, le)
+	}
+	if got := balanceOf(t, gdb, "nul-1"); got != starterCredits {
+		t.Fatalf("balance = %d, want %d", got, starterCredits)
+	}
+	var stored string
+	if err := db.ScanRow(gdb.Raw(`SELECT payload FROM stripe_events WHERE id = ?`, paid), &stored); err != nil || stored != string(body) {
+		t.Fatalf("stored payload differs from the signed body (%v):\n%s\n%s", err, stored, body)
+	}
+	r, err := s.admin(t).ReplayStripeEventWithResponse(ctx, paid)
+	if err != nil {
+		t.Fatal(err)
+	}
+	mustStatus(t, "replay", r.StatusCode(), r.Body, http.StatusOK)
+	if r.JSON200.Status != client.StripeEventStatusProcessed {
+		t.Fatalf("replayed event = %+v", r.JSON200)
+	}
+	if got := balanceOf(t, gdb, "nul-1"); got != starterCredits {
+		t.Fatalf("balance after the replay = %d, want %d", got, starterCredits)
+	}
+	assertInvariants(t, s)
+}

@@ -157,14 +157,16 @@ func (h *Intake) Receive(ctx context.Context, payload []byte, signature string) 
 	if ev.APIVersion != "" {
 		apiVersion = &ev.APIVersion
 	}
+	// The signed bytes are stored as they came, as text: ParseEvent found
+	// them UTF-8 JSON, which holds no NUL byte, so text can keep them.
 	res := h.db.WithContext(ctx).Exec(`INSERT INTO stripe_events (id, type, api_version, livemode, payload, status, next_attempt_at, received_at)
-		VALUES (?, ?, ?, ?, ?::jsonb, 'received', ?, ?) ON CONFLICT (id) DO NOTHING`,
+		VALUES (?, ?, ?, ?, ?, 'received', ?, ?) ON CONFLICT (id) DO NOTHING`,
 		ev.ID, ev.Type, apiVersion, ev.Livemode, string(payload), now.Add(lease), now)
 	if res.Error != nil {
 		err := db.Translate(res.Error, nil)
 		if _, coded := errs.As(err); !coded {
-			// The database refused to store it (say, JSON it cannot hold): an
-			// outage from Stripe's side, which retries, and visible in our logs.
+			// The database refused to store it: an outage from Stripe's side,
+			// which retries, and visible in our logs.
 			err = errs.Wrap(err, errs.Unavailable, "the event could not be stored")
 		}
 		return Ack{}, err
@@ -397,7 +399,7 @@ func (h *Intake) List(ctx context.Context, status, cursor string, limit int) (Pa
 // Errors: errs.NotFound, errs.Unavailable.
 func (h *Intake) Replay(ctx context.Context, id string) (Stored, error) {
 	var rows []storedRow
-	if err := h.db.WithContext(ctx).Raw(`SELECT `+storedColumns+`, payload::text AS payload FROM stripe_events WHERE id = ?`, id).Scan(&rows).Error; err != nil {
+	if err := h.db.WithContext(ctx).Raw(`SELECT `+storedColumns+`, payload FROM stripe_events WHERE id = ?`, id).Scan(&rows).Error; err != nil {
 		return Stored{}, db.Translate(err, nil)
 	}
 	if len(rows) == 0 {
@@ -424,7 +426,7 @@ func (h *Intake) RetryDue(ctx context.Context, batch int) (int, error) {
 	err := h.db.WithContext(ctx).Raw(`UPDATE stripe_events SET next_attempt_at = ?
 		WHERE id IN (SELECT id FROM stripe_events WHERE status IN ('received', 'failed') AND next_attempt_at <= ?
 			ORDER BY next_attempt_at LIMIT ? FOR UPDATE SKIP LOCKED)
-		RETURNING `+storedColumns+`, payload::text AS payload`, now.Add(lease), now, batch).Scan(&rows).Error
+		RETURNING `+storedColumns+`, payload`, now.Add(lease), now, batch).Scan(&rows).Error
 	if err != nil {
 		return 0, db.Translate(err, nil)
 	}

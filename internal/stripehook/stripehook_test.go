@@ -23,7 +23,7 @@ func TestRetryClaimsNeverOverlap(t *testing.T) {
 	const n = 60
 	for i := range n {
 		err := gdb.Exec(`INSERT INTO stripe_events (id, type, livemode, payload, status, attempts, next_attempt_at, received_at)
-			VALUES (?, 'radar.early_fraud_warning.created', false, ?::jsonb, 'failed', 1, ?, ?)`,
+			VALUES (?, 'radar.early_fraud_warning.created', false, ?, 'failed', 1, ?, ?)`,
 			fmt.Sprintf("evt_due_%d", i),
 			fmt.Sprintf(`{"id":"evt_due_%d","object":"event","type":"radar.early_fraud_warning.created","data":{"object":{"id":"issfr_%d"}}}`, i, i),
 			past, past).Error

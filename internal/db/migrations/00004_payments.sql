@@ -105,7 +105,10 @@ CREATE TABLE stripe_events (
     type            text NOT NULL,
     api_version     text,
     livemode        boolean NOT NULL,
-    payload         jsonb NOT NULL,
+    -- The signed body exactly as received. Not jsonb: jsonb refuses the
+    -- escape \u0000, which Stripe may send inside any string, and it would
+    -- not keep the bytes the signature covered.
+    payload         text NOT NULL,
     status          text NOT NULL DEFAULT 'received',
     attempts        integer NOT NULL DEFAULT 0,
     last_error      text,
