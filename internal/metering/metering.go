@@ -14,6 +14,7 @@ import (
 	"context"
 	"time"
 
+	"golang.org/x/time/rate"
 	"gorm.io/gorm"
 
 	"github.com/tallybilling/tally/internal/config"
@@ -53,6 +54,8 @@ type Service struct {
 	stripe  stripeapi.Client // nil when Stripe is not configured
 	catalog config.Catalog
 	now     func() time.Time
+	// summaryLimiter paces reconciliation's summary requests.
+	summaryLimiter *rate.Limiter
 }
 
 // NewService returns a Service. stripe may be nil when no Stripe key is
@@ -62,7 +65,8 @@ func NewService(gdb *gorm.DB, stripe stripeapi.Client, catalog config.Catalog, n
 	if now == nil {
 		now = time.Now
 	}
-	return &Service{db: gdb, stripe: stripe, catalog: catalog, now: now}
+	return &Service{db: gdb, stripe: stripe, catalog: catalog, now: now,
+		summaryLimiter: rate.NewLimiter(paced(summaryRate), 1)}
 }
 
 // UsageEvent is one stored usage event and its delivery state.

@@ -34,11 +34,20 @@ type Mismatch struct {
 // Reconcile compares what we delivered on meter with Stripe's summaries over
 // the window [from, to). Stripe aggregates in whole minutes, so a `to` in the
 // future is first clamped to now, then both ends are floored to the minute.
-// The customers compared are those with a Stripe customer and delivered
-// events of the meter in the window (by the events' own timestamps);
-// pending, waiting and dead events are not in Stripe and so not counted.
-// Stripe aggregates asynchronously, so events delivered in the last minutes
-// may show as a drift that goes away when run again.
+// The customers compared are all those with a Stripe customer and any event
+// of the meter in the window (by the events' own timestamps), whatever its
+// status: a customer whose events are all dead or pending may still be
+// counted by Stripe (a send that timed out after Stripe kept it), and that
+// is the drift this exists to find. The local total is the sum of the
+// delivered events only. Stripe aggregates asynchronously, so events
+// delivered in the last minutes may show as a drift that goes away when run
+// again.
+//
+// Summary requests are paced (summaryRate per Service) and a customer's
+// request that fails retryably (429, 5xx, network) is tried again up to
+// summaryAttempts times; should it still fail, the whole reconciliation
+// fails naming that customer, never answering with the customers compared
+// so far as if they were all.
 //
 // Errors: errs.Invalid (unknown meter, a window shorter than one whole
 // minute), errs.Unavailable (Stripe not configured, database or Stripe
@@ -66,9 +75,10 @@ func (s *Service) Reconcile(ctx context.Context, meter string, from, to time.Tim
 		Total            int64
 	}
 	err := s.db.WithContext(ctx).Raw(`
-		SELECT u.customer_id, c.stripe_customer_id, sum(u.value)::bigint AS total
+		SELECT u.customer_id, c.stripe_customer_id,
+			COALESCE(sum(u.value) FILTER (WHERE u.status = 'delivered'), 0)::bigint AS total
 		FROM usage_events u JOIN customers c ON c.id = u.customer_id
-		WHERE u.meter = ? AND u.status = 'delivered' AND u.occurred_at >= ? AND u.occurred_at < ?
+		WHERE u.meter = ? AND u.occurred_at >= ? AND u.occurred_at < ?
 		  AND c.stripe_customer_id IS NOT NULL
 		GROUP BY u.customer_id, c.stripe_customer_id
 		ORDER BY u.customer_id`, meter, from, to).Scan(&rows).Error
@@ -77,11 +87,11 @@ func (s *Service) Reconcile(ctx context.Context, meter string, from, to time.Tim
 	}
 	out := Reconciliation{Meter: meter, From: from, To: to, Mismatches: []Mismatch{}}
 	for _, r := range rows {
-		sums, err := s.stripe.MeterEventSummaries(ctx, stripeapi.SummaryInput{
+		sums, err := s.summaries(ctx, stripeapi.SummaryInput{
 			MeterID: plan.StripeMeterID, StripeCustomerID: r.StripeCustomerID, Start: from, End: to,
 		})
 		if err != nil {
-			return Reconciliation{}, fmt.Errorf("metering: summaries of %s: %w", r.CustomerID, err)
+			return Reconciliation{}, summaryFailed(err, meter, r.CustomerID, r.StripeCustomerID, out.Checked, len(rows))
 		}
 		var stripeTotal float64
 		for _, sm := range sums {
@@ -96,4 +106,70 @@ func (s *Service) Reconcile(ctx context.Context, meter string, from, to time.Tim
 		}
 	}
 	return out, nil
+}
+
+// summaryRate is how many summary requests per second one Service sends at
+// most, across concurrent reconciliations: the default meter event rate
+// (TALLY_METER_RATE_LIMIT), well below Stripe's read limits, so a
+// reconciliation of many customers neither trips a 429 nor starves the
+// other Stripe calls of this account.
+const summaryRate = 20
+
+// summaryAttempts is how often one customer's summary is asked for before
+// the reconciliation gives up.
+const summaryAttempts = 4
+
+// summaryBackoff is the wait before the second attempt; it doubles after.
+// A Retry-After from Stripe replaces it, up to summaryMaxWait.
+const (
+	summaryBackoff = 250 * time.Millisecond
+	summaryMaxWait = 10 * time.Second
+)
+
+// summaries asks Stripe for one customer's summaries at the paced rate,
+// trying again after a retryable failure.
+func (s *Service) summaries(ctx context.Context, in stripeapi.SummaryInput) ([]stripeapi.Summary, error) {
+	wait := summaryBackoff
+	for attempt := 1; ; attempt++ {
+		if err := s.summaryLimiter.Wait(ctx); err != nil {
+			return nil, errs.Wrap(err, errs.Unavailable, "waiting for the Stripe request pace")
+		}
+		sums, err := s.stripe.MeterEventSummaries(ctx, in)
+		se, isStripe := stripeapi.AsError(err)
+		if err == nil || !isStripe || !se.Retryable() || attempt == summaryAttempts {
+			if err != nil && attempt > 1 {
+				err = fmt.Errorf("after %d attempts: %w", attempt, err)
+			}
+			return sums, err
+		}
+		d := wait
+		if se.RetryAfter > 0 {
+			d = min(se.RetryAfter, summaryMaxWait)
+		}
+		t := time.NewTimer(d)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return nil, errs.Wrap(ctx.Err(), errs.Unavailable, "reconciliation cancelled: %v", err)
+		case <-t.C:
+		}
+		wait *= 2
+	}
+}
+
+// summaryFailed is the error of a reconciliation that could not compare
+// customerID: it names the customer and keeps the Stripe error's code and
+// extras (retry_after_seconds), so the caller sees why and when to retry.
+func summaryFailed(err error, meter, customerID, stripeCustomerID string, checked, total int) error {
+	code, cause, extra := errs.Unavailable, err.Error(), map[string]any(nil)
+	if inner, ok := errs.As(err); ok {
+		code, cause, extra = inner.Code, inner.Message, inner.Extra
+	}
+	return &errs.Error{
+		Code: code,
+		Message: fmt.Sprintf("reconciliation of meter %s failed at customer %s (Stripe customer %s) after %d of %d customers; no partial report: %s",
+			meter, customerID, stripeCustomerID, checked, total, cause),
+		Extra: extra,
+		Err:   err,
+	}
 }

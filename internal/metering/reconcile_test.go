@@ -2,6 +2,8 @@ package metering_test
 
 import (
 	"context"
+	"net/http"
+	"strings"
 	"testing"
 	"time"
 
@@ -94,5 +96,69 @@ func TestTotalsCountEverythingButDead(t *testing.T) {
 	}
 	if _, err := e.svc.Totals(ctx, metering.TotalsQuery{CustomerID: "pia", From: now, To: now.Add(-time.Hour)}); !errs.Is(err, errs.Invalid) {
 		t.Errorf("from after to: %v, want invalid_request", err)
+	}
+}
+
+// A customer whose only event in the window is dead, but whom Stripe counts
+// anyway (a send that timed out after Stripe kept it), is exactly the drift
+// reconciliation exists to find: compared, and reported with local total 0.
+// A customer with only pending usage is compared too, and agrees.
+func TestReconcileComparesCustomersWithoutDeliveredUsage(t *testing.T) {
+	e := newEnv(t)
+	ctx := context.Background()
+	now := time.Now()
+	for _, c := range []string{"quin", "rosa", "sam"} {
+		link(t, e.db, c)
+	}
+	at := now.Add(-10 * time.Minute)
+	ingest(t, e.svc,
+		metering.EventInput{CustomerID: "quin", Meter: testMeter, Value: 6, Identifier: "d-1", Timestamp: at},
+		metering.EventInput{CustomerID: "rosa", Meter: testMeter, Value: 2, Identifier: "d-2", Timestamp: at},
+		metering.EventInput{CustomerID: "sam", Meter: testMeter, Value: 3, Identifier: "d-3", Timestamp: at},
+	)
+	w := metering.NewWorker(e.db, newClient(t, e.fake, 0), fastConfig(), fastOptions(t))
+	if _, err := w.RunOnce(ctx); err != nil {
+		t.Fatal(err)
+	}
+	// quin's event timed out, Stripe kept it, and we dead-lettered it; rosa's
+	// has not been sent again yet.
+	e.db.Exec(`UPDATE usage_events SET status = 'dead', delivered_at = NULL WHERE identifier = 'd-1'`)
+	e.db.Exec(`UPDATE usage_events SET status = 'pending', delivered_at = NULL WHERE identifier = 'd-2'`)
+	e.fake.SetSummaryOverride("cus_rosa", 0)
+
+	rec, err := e.svc.Reconcile(ctx, testMeter, now.Add(-time.Hour), now)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := metering.Mismatch{CustomerID: "quin", LocalTotal: 0, StripeTotal: 6, Difference: 6}
+	if rec.Checked != 3 || len(rec.Mismatches) != 1 || rec.Mismatches[0] != want {
+		t.Fatalf("reconciliation %+v, want 3 checked and exactly %+v", rec, want)
+	}
+}
+
+// Stripe failing for one customer is retried; when it keeps failing the
+// reconciliation fails naming that customer instead of reporting the
+// customers it did compare as if that were all of them.
+func TestReconcileRetriesStripeAndNeverAnswersPartially(t *testing.T) {
+	e := newEnv(t)
+	ctx := context.Background()
+	now := time.Now()
+	link(t, e.db, "tess")
+	ingest(t, e.svc, metering.EventInput{CustomerID: "tess", Meter: testMeter, Value: 1, Identifier: "f-1", Timestamp: now.Add(-10 * time.Minute)})
+	w := metering.NewWorker(e.db, newClient(t, e.fake, 0), fastConfig(), fastOptions(t))
+	if _, err := w.RunOnce(ctx); err != nil {
+		t.Fatal(err)
+	}
+
+	e.fake.FailNext(2, http.StatusServiceUnavailable, "")
+	rec, err := e.svc.Reconcile(ctx, testMeter, now.Add(-time.Hour), now)
+	if err != nil || rec.Checked != 1 || len(rec.Mismatches) != 0 {
+		t.Fatalf("after two 503s: %+v %v, want tess checked and in agreement", rec, err)
+	}
+
+	e.fake.FailNext(100, http.StatusServiceUnavailable, "")
+	rec, err = e.svc.Reconcile(ctx, testMeter, now.Add(-time.Hour), now)
+	if err == nil || !strings.Contains(err.Error(), "tess") || errs.CodeOf(err) == errs.Internal {
+		t.Fatalf("Stripe down: %+v %v, want an error with a code that names customer tess", rec, err)
 	}
 }

@@ -49,7 +49,7 @@ CREATE INDEX usage_events_status_created ON usage_events (status, created_at, id
 -- A customer's totals per meter and time range.
 CREATE INDEX usage_events_customer_meter_time ON usage_events (customer_id, meter, occurred_at);
 
--- Reconciliation: one meter's delivered usage in a window, per customer.
+-- Reconciliation: one meter's usage (any status) in a window, per customer.
 CREATE INDEX usage_events_meter_time ON usage_events (meter, occurred_at);
 
 -- +goose Down
