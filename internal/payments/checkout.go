@@ -193,7 +193,8 @@ func (s *Service) CreateCheckout(ctx context.Context, in CheckoutInput, key db.I
 		sin.LineItem = stripeapi.LineItem{StripePrice: it.stripePrice}
 	default:
 		sin.LineItem = stripeapi.LineItem{Name: it.name, UnitAmount: it.unitAmount, Currency: it.currency, Quantity: in.Quantity}
-		sin.InvoiceCreation = it.kind == KindProduct && s.checkout.InvoiceCreation
+		// Every one-time payment, credit packs included (design/PRODUCT.md).
+		sin.InvoiceCreation = s.checkout.InvoiceCreation
 	}
 	if s.checkout.ExpiresAfter <= 0 {
 		sin.ExpiresAt = time.Time{}

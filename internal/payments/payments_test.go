@@ -177,8 +177,9 @@ func TestSecondPaymentIntentIsRejected(t *testing.T) {
 	verifyClean(t, gdb)
 }
 
-// Plans open subscription sessions on the plan's Stripe price; products ask
-// for an invoice when configured; the session carries our ids.
+// Plans open subscription sessions on the plan's Stripe price; one-time
+// payments (products, credit packs) ask for an invoice when configured; the
+// session carries our ids.
 func TestCheckoutModes(t *testing.T) {
 	gdb := dbtest.New(t)
 	fake, stripe := fakeClient(t)
@@ -208,6 +209,23 @@ func TestCheckoutModes(t *testing.T) {
 	}
 	if len(fake.Customers()) != 1 {
 		t.Fatalf("%d Stripe customers created for one tally customer", len(fake.Customers()))
+	}
+	// Invoice creation, when configured, is for every one-time payment
+	// (design/PRODUCT.md): credit packs too, never a subscription.
+	pack := buy(t, svc, "sub-1", "starter", 1)
+	forms = fake.CheckoutSessions()
+	if len(forms) != 3 {
+		t.Fatalf("%d sessions", len(forms))
+	}
+	for k, want := range map[string]string{
+		"mode": "payment", "invoice_creation[enabled]": "true", "payment_intent_data[metadata][tally_payment_id]": pack.PaymentID,
+	} {
+		if forms[2].Get(k) != want {
+			t.Errorf("credit pack session %s = %q, want %q (%v)", k, forms[2].Get(k), want, forms[2])
+		}
+	}
+	if p.Get("invoice_creation[enabled]") != "" {
+		t.Errorf("the subscription session asks for an invoice: %v", p)
 	}
 
 	// The plan's subscription session completing starts it (no credits).
