@@ -7,7 +7,6 @@ import (
 	"strings"
 	"time"
 
-	"github.com/jackc/pgx/v5/pgconn"
 	"gorm.io/gorm"
 
 	"github.com/tallybilling/tally/internal/config"
@@ -321,13 +320,13 @@ func (s *Service) applyLinks(ctx context.Context, tx *gorm.DB, p Payment, links 
 			continue
 		}
 		// col is from linkColumns, never input.
-		err := tx.Exec(`UPDATE payments SET `+col+` = ?, updated_at = ? WHERE id = ? AND `+col+` IS NULL`, v, s.now(), p.ID).Error
-		var pgErr *pgconn.PgError
-		if errors.As(err, &pgErr) && pgErr.Code == "23505" {
+		err := db.Translate(tx.Exec(`UPDATE payments SET `+col+` = ?, updated_at = ? WHERE id = ? AND `+col+` IS NULL`, v, s.now(), p.ID).Error,
+			map[string]errs.Code{"payments_checkout_session_id_key": errs.Conflict, "payments_payment_intent_id_key": errs.Conflict})
+		if errs.Is(err, errs.Conflict) {
 			return reject("%s %s already belongs to another payment than %s", col, v, p.ID)
 		}
 		if err != nil {
-			return db.Translate(err, nil)
+			return err
 		}
 	}
 	if v := links["checkout_payment_status"]; v != "" {

@@ -448,3 +448,29 @@ func TestFailuresAreIdempotent(t *testing.T) {
 	}
 	verifyClean(t, gdb)
 }
+
+// A Stripe id already linked to one payment cannot be linked to another:
+// the event is refused (parked), not a 500 nor a silent second owner.
+func TestStripeIDOfAnotherPaymentIsRejected(t *testing.T) {
+	gdb := dbtest.New(t)
+	_, stripe := fakeClient(t)
+	svc := newService(t, gdb, stripe, config.ConfirmOnPaymentIntent)
+	ctx := context.Background()
+	first := buy(t, svc, "linker", "starter", 1)
+	second := buy(t, svc, "linker", "starter", 1)
+	completed := func(res payments.CheckoutResult, ev string) error {
+		return svc.CheckoutSessionCompleted(ctx, payments.EventRef{ID: ev, Type: "checkout.session.completed"}, payments.CheckoutSession{
+			ID: res.CheckoutSessionID, Mode: "payment", Status: "complete", PaymentStatus: "unpaid", PaymentIntent: "pi_shared",
+			Metadata: map[string]string{"tally_payment_id": res.PaymentID}})
+	}
+	if err := completed(first, "evt_first"); err != nil {
+		t.Fatal(err)
+	}
+	if err := completed(second, "evt_second"); !payments.IsRejection(err) {
+		t.Fatalf("linking another payment's PaymentIntent: %v, want a rejection", err)
+	}
+	p, err := svc.Get(ctx, second.PaymentID)
+	if err != nil || p.PaymentIntentID != "" || p.Status != payments.Pending {
+		t.Fatalf("second payment = %+v, %v; want pending without a PaymentIntent", p, err)
+	}
+}
