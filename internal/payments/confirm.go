@@ -379,11 +379,8 @@ func (s *Service) fail(ctx context.Context, ev EventRef, paymentID string, livem
 // PaymentIntentSucceeded). A metered plan's subscription session succeeds
 // here (no money, no credits). Errors: as PaymentIntentSucceeded.
 func (s *Service) CheckoutSessionCompleted(ctx context.Context, ev EventRef, cs CheckoutSession) error {
-	id, err := s.sessionPayment(ctx, cs)
+	id, err := s.linkSession(ctx, ev, cs)
 	if err != nil {
-		return err
-	}
-	if err := s.link(ctx, ev, id, cs.Livemode, sessionLinks(cs)); err != nil {
 		return err
 	}
 	s.logger.InfoContext(ctx, "checkout session completed", "payment_id", id, "checkout_session_id", cs.ID, "payment_status", cs.PaymentStatus)
@@ -403,17 +400,25 @@ func (s *Service) CheckoutSessionCompleted(ctx context.Context, ev EventRef, cs 
 // (a delayed payment method cleared); otherwise it only links ids, since
 // payment_intent.succeeded does the crediting.
 func (s *Service) CheckoutSessionAsyncSucceeded(ctx context.Context, ev EventRef, cs CheckoutSession) error {
-	id, err := s.sessionPayment(ctx, cs)
+	id, err := s.linkSession(ctx, ev, cs)
 	if err != nil {
-		return err
-	}
-	if err := s.link(ctx, ev, id, cs.Livemode, sessionLinks(cs)); err != nil {
 		return err
 	}
 	if s.checkout.ConfirmOn == config.ConfirmOnCheckoutSession && cs.Mode != "subscription" {
 		return s.confirmSession(ctx, ev, id, cs)
 	}
 	return nil
+}
+
+// linkSession finds the payment a session event names and records the
+// session's Stripe ids on it, as every successful session event does first.
+// Errors: ErrNotOurs, *Rejection, errs.Unavailable.
+func (s *Service) linkSession(ctx context.Context, ev EventRef, cs CheckoutSession) (string, error) {
+	id, err := s.sessionPayment(ctx, cs)
+	if err != nil {
+		return "", err
+	}
+	return id, s.link(ctx, ev, id, cs.Livemode, sessionLinks(cs))
 }
 
 func (s *Service) confirmSession(ctx context.Context, ev EventRef, paymentID string, cs CheckoutSession) error {
