@@ -12,6 +12,7 @@ package metering
 
 import (
 	"context"
+	"log/slog"
 	"time"
 
 	"golang.org/x/time/rate"
@@ -54,19 +55,38 @@ type Service struct {
 	stripe  stripeapi.Client // nil when Stripe is not configured
 	catalog config.Catalog
 	now     func() time.Time
+	log     *slog.Logger
 	// summaryLimiter paces reconciliation's summary requests.
 	summaryLimiter *rate.Limiter
+}
+
+// ServiceOption adjusts a Service built by NewService.
+type ServiceOption func(*Service)
+
+// WithLogger makes the Service log what it does not answer, such as the
+// dead events Requeue leaves dead; by default those logs are discarded.
+func WithLogger(l *slog.Logger) ServiceOption {
+	return func(s *Service) {
+		if l != nil {
+			s.log = l
+		}
+	}
 }
 
 // NewService returns a Service. stripe may be nil when no Stripe key is
 // configured: intake and reads still work, Reconcile answers unavailable.
 // now is the clock that intake checks timestamps against.
-func NewService(gdb *gorm.DB, stripe stripeapi.Client, catalog config.Catalog, now func() time.Time) *Service {
+func NewService(gdb *gorm.DB, stripe stripeapi.Client, catalog config.Catalog, now func() time.Time, opts ...ServiceOption) *Service {
 	if now == nil {
 		now = time.Now
 	}
-	return &Service{db: gdb, stripe: stripe, catalog: catalog, now: now,
+	s := &Service{db: gdb, stripe: stripe, catalog: catalog, now: now,
+		log:            slog.New(slog.DiscardHandler),
 		summaryLimiter: rate.NewLimiter(paced(summaryRate), 1)}
+	for _, o := range opts {
+		o(s)
+	}
+	return s
 }
 
 // UsageEvent is one stored usage event and its delivery state.

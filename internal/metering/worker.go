@@ -249,6 +249,9 @@ func (ev claimedEvent) meterEvent() stripeapi.MeterEvent {
 // claim takes up to BatchSize due events in one short statement: rows
 // another instance holds locked are skipped, and the lease is written as
 // the next due time, so an abandoned claim becomes due again by itself.
+// The first claim of an event with a linked customer stamps
+// first_attempt_at, slightly before the send, so requeue errs on the side
+// of refusing a resend Stripe might count twice.
 func (w *Worker) claim(ctx context.Context, c *claim, now time.Time) ([]claimedEvent, error) {
 	var out []claimedEvent
 	err := w.db.WithContext(ctx).Raw(`
@@ -260,12 +263,14 @@ func (w *Worker) claim(ctx context.Context, c *claim, now time.Time) ([]claimedE
 			FOR UPDATE SKIP LOCKED
 		)
 		UPDATE usage_events u
-		SET claimed_by = ?, lease_until = ?, next_attempt_at = ?, updated_at = ?
+		SET claimed_by = ?, lease_until = ?, next_attempt_at = ?, updated_at = ?,
+			first_attempt_at = COALESCE(u.first_attempt_at,
+				CASE WHEN c.stripe_customer_id IS NOT NULL THEN ?::timestamptz END)
 		FROM due, customers c
 		WHERE u.identifier = due.identifier AND c.id = u.customer_id
 		RETURNING u.identifier, u.customer_id, u.meter, u.stripe_event_name, u.value, u.occurred_at,
 			u.attempts, c.stripe_customer_id`,
-		now, w.cfg.BatchSize, c.token, c.leaseEnd, c.leaseEnd, now).Scan(&out).Error
+		now, w.cfg.BatchSize, c.token, c.leaseEnd, c.leaseEnd, now, now).Scan(&out).Error
 	if err != nil {
 		return nil, db.Translate(err, nil)
 	}

@@ -5,7 +5,8 @@
 --   waiting_customer -> pending           the customer got a Stripe customer
 --   pending -> delivered                  Stripe accepted it (or already had it)
 --   pending -> dead                       Stripe refused it, or attempts ran out
---   dead -> pending | waiting_customer    an operator requeued it
+--   dead -> pending | waiting_customer    an operator requeued it (only
+--                                         within 24h of first_attempt_at)
 --
 -- A pending row is due when next_attempt_at has passed. Claiming it sets a
 -- lease: claimed_by names the claim and lease_until = next_attempt_at ends
@@ -27,6 +28,11 @@ CREATE TABLE usage_events (
     lease_until       timestamptz,
     claimed_by        text,
     last_error        text,
+    -- When the event was first claimed for sending to a linked customer:
+    -- from then on Stripe may hold it. Stripe dedupes identifiers only over
+    -- about 24 hours, so a dead event first sent longer ago than that is
+    -- not requeued (a resend could be counted twice). Kept across requeues.
+    first_attempt_at  timestamptz,
     delivered_at      timestamptz,
     created_at        timestamptz NOT NULL DEFAULT now(),
     updated_at        timestamptz NOT NULL DEFAULT now(),
