@@ -386,7 +386,7 @@ func (s *Service) CheckoutSessionCompleted(ctx context.Context, ev EventRef, cs 
 	s.logger.InfoContext(ctx, "checkout session completed", "payment_id", id, "checkout_session_id", cs.ID, "payment_status", cs.PaymentStatus)
 	if cs.Mode == "subscription" {
 		if cs.PaymentStatus == "paid" || cs.PaymentStatus == "no_payment_required" {
-			return s.subscribed(ctx, ev, id)
+			return s.subscribed(ctx, ev, id, cs)
 		}
 		return nil
 	}
@@ -431,12 +431,8 @@ func (s *Service) confirmSession(ctx context.Context, ev EventRef, paymentID str
 
 // subscribed moves a plan's payment to succeeded when its subscription
 // session completes; nothing is credited.
-func (s *Service) subscribed(ctx context.Context, ev EventRef, paymentID string) error {
-	return db.InTx(ctx, s.db, func(tx *gorm.DB) error {
-		p, err := load(ctx, tx, paymentID, true)
-		if err != nil {
-			return err
-		}
+func (s *Service) subscribed(ctx context.Context, ev EventRef, paymentID string, cs CheckoutSession) error {
+	return s.inEventTx(ctx, ev, paymentID, cs.Livemode, cs.PaymentIntent, func(tx *gorm.DB, p Payment) error {
 		if p.Status == Succeeded {
 			return nil
 		}
