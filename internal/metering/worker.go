@@ -422,13 +422,47 @@ func (w *Worker) sendGroup(ctx context.Context, c *claim, g []claimedEvent) {
 // stripeapi.MaxStreamEvents per request, one request at a time.
 func (w *Worker) deliverStream(ctx context.Context, c *claim, evs []claimedEvent) {
 	for start := 0; start < len(evs); start += stripeapi.MaxStreamEvents {
-		chunk := evs[start:min(start+stripeapi.MaxStreamEvents, len(evs))]
+		end := min(start+stripeapi.MaxStreamEvents, len(evs))
+		chunk := evs[start:end]
 		if ok, retryAt := w.acquire(ctx, c); !ok {
 			w.release(ctx, c, evs[start:], retryAt)
 			return
 		}
-		w.settle(ctx, c, chunk, w.sendStream(ctx, c, chunk))
+		err := w.sendStream(ctx, c, chunk)
+		if len(chunk) > 1 && stripeapi.KindOf(err) == stripeapi.KindInvalid {
+			// Stripe refuses the whole request for one bad event; the
+			// others, of any customer, must not die with it.
+			w.log.Warn("Stripe refused a meter event stream request; sending its events one at a time",
+				"events", len(chunk), "error", err)
+			if !w.streamOneByOne(ctx, c, chunk, evs[end:]) {
+				return
+			}
+			continue
+		}
+		w.settle(ctx, c, chunk, err)
 	}
+}
+
+// streamOneByOne sends each event of chunk in its own stream request, so
+// only the ones Stripe refuses on their own are dead-lettered. Should it
+// have to stop (shutdown, a 429 pause, the lease ending), it releases what
+// is left of chunk and rest, and returns false.
+func (w *Worker) streamOneByOne(ctx context.Context, c *claim, chunk, rest []claimedEvent) bool {
+	var sent []claimedEvent
+	defer func() { w.delivered(ctx, sent, resultDelivered) }()
+	for i, ev := range chunk {
+		if ok, retryAt := w.acquire(ctx, c); !ok {
+			w.release(ctx, c, append(slices.Clone(chunk[i:]), rest...), retryAt)
+			return false
+		}
+		err := w.sendStream(ctx, c, chunk[i:i+1])
+		if err == nil {
+			sent = append(sent, ev)
+			continue
+		}
+		w.settle(ctx, c, []claimedEvent{ev}, err)
+	}
+	return true
 }
 
 func (w *Worker) sendStream(ctx context.Context, c *claim, chunk []claimedEvent) error {
