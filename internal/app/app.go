@@ -135,7 +135,7 @@ func New(ctx context.Context, cfg config.Config, opts Options) (*App, error) {
 	}
 
 	// Metering: intake always; delivery only with a Stripe key.
-	deps.Metering = metering.NewService(gdb, stripeClient, cfg.Catalog, now)
+	deps.Metering = metering.NewService(gdb, stripeClient, cfg.Catalog, now, metering.WithLogger(logger))
 	if stripeClient != nil {
 		a.workers = append(a.workers, metering.NewWorker(gdb, stripeClient, cfg.Metering,
 			metering.WorkerOptions{Logger: logger, Now: now, Registerer: reg}))
