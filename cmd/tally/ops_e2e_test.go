@@ -49,6 +49,16 @@ func TestOperationalEndpoints(t *testing.T) {
 	if status, _, hdr := get(t, s.URL+"/healthz"); status != 200 || hdr.Get("X-Request-Id") == "" {
 		t.Fatalf("/healthz: %d, request id %q", status, hdr.Get("X-Request-Id"))
 	}
+	for _, probe := range []string{"/healthz", "/readyz"} {
+		resp, err := http.Head(s.URL + probe)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusOK {
+			t.Fatalf("HEAD %s: %d, want 200", probe, resp.StatusCode)
+		}
+	}
 	status, body, _ = get(t, s.URL+"/metrics")
 	for _, metric := range []string{"tally_http_requests_total", "tally_http_request_duration_seconds", "tally_db_up 1"} {
 		if status != 200 || !strings.Contains(body, metric) {

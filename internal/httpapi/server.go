@@ -95,8 +95,10 @@ func New(d Deps) (*echo.Echo, error) {
 	}
 
 	ops := e.Group("")
-	ops.GET("/healthz", s.healthz)
-	ops.GET("/readyz", s.readyz)
+	// Load balancers probe with HEAD as often as with GET.
+	probe := []string{http.MethodGet, http.MethodHead}
+	ops.Match(probe, "/healthz", s.healthz)
+	ops.Match(probe, "/readyz", s.readyz)
 	ops.GET("/openapi.yaml", func(c echo.Context) error {
 		return c.Blob(http.StatusOK, "application/yaml", api.SpecYAML)
 	})
