@@ -159,6 +159,13 @@ func claim(tx *gorm.DB, k IdempotencyKey) (claimState, []byte, error) {
 // errs.IdempotencyKeyInFlight (a Reserve of this key has not completed),
 // errs.Invalid (malformed key), fn's own errors, errs.Unavailable.
 func Once(ctx context.Context, gdb *gorm.DB, key IdempotencyKey, fn func(tx *gorm.DB) ([]byte, error)) (result []byte, replayed bool, err error) {
+	return guarded(ctx, gdb, key, fn)
+}
+
+// guarded claims key in one transaction. With fn (Once) it runs fn and stores
+// its result in that transaction; without (Reserve) it commits the bare claim.
+// A completed key replays its stored result instead.
+func guarded(ctx context.Context, gdb *gorm.DB, key IdempotencyKey, fn func(tx *gorm.DB) ([]byte, error)) (result []byte, replayed bool, err error) {
 	if err := key.Validate(); err != nil {
 		return nil, false, err
 	}
@@ -170,6 +177,9 @@ func Once(ctx context.Context, gdb *gorm.DB, key IdempotencyKey, fn func(tx *gor
 		}
 		if state == completed {
 			result, replayed = stored, true
+			return nil
+		}
+		if fn == nil {
 			return nil
 		}
 		out, err := fn(tx)
@@ -209,26 +219,10 @@ func nonNil(b []byte) []byte {
 //   - a different hash: errs.IdempotencyKeyReused.
 //
 // A reservation neither completed nor released within ReservationLease was
-// abandoned (its request died) and may be reserved again. Other errors: errs.Invalid (malformed key), errs.Unavailable.
+// abandoned (its request died) and may be reserved again. Other errors:
+// errs.Invalid (malformed key), errs.Unavailable.
 func Reserve(ctx context.Context, gdb *gorm.DB, key IdempotencyKey) (result []byte, replayed bool, err error) {
-	if err := key.Validate(); err != nil {
-		return nil, false, err
-	}
-	err = InTx(ctx, gdb, func(tx *gorm.DB) error {
-		result, replayed = nil, false
-		state, stored, err := claim(tx, key)
-		if err != nil {
-			return err
-		}
-		if state == completed {
-			result, replayed = stored, true
-		}
-		return nil
-	})
-	if err != nil {
-		return nil, false, err
-	}
-	return result, replayed, nil
+	return guarded(ctx, gdb, key, nil)
 }
 
 // Complete stores result for a key this caller reserved; later Reserves of
