@@ -85,6 +85,20 @@ func New(ctx context.Context, cfg config.Config, opts Options) (*App, error) {
 		return 1
 	}))
 
+	feed := events.NewFeed(gdb)
+	reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Name: "tally_events_feed_held_back_seconds",
+		Help: "How long the oldest committed business event has waited for an older transaction on the database server to end before the feed (and the push) may show it.",
+	}, func() float64 {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		defer cancel()
+		d, err := feed.HeldBack(ctx)
+		if err != nil {
+			return 0
+		}
+		return d.Seconds()
+	}))
+
 	a := &App{cfg: cfg, logger: logger, db: gdb}
 
 	// One Stripe client for every capability; nil without a key (checkout
@@ -125,7 +139,7 @@ func New(ctx context.Context, cfg config.Config, opts Options) (*App, error) {
 		Registry:  reg,
 		Ready:     a.ready,
 		Customers: customers.NewService(gdb, now),
-		Events:    events.NewFeed(gdb),
+		Events:    feed,
 
 		Payments:   paymentsSvc,
 		StripeHook: stripeHook,

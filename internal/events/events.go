@@ -171,3 +171,22 @@ func (f *Feed) List(ctx context.Context, after Cursor, limit int) (Page, error) 
 	}
 	return page, nil
 }
+
+// HeldBack reports how long the oldest committed event has been waiting
+// below the feed's horizon, i.e. held back by an older transaction still
+// running somewhere on the server (0 when nothing waits). Operators watch it
+// as tally_events_feed_held_back_seconds.
+func (f *Feed) HeldBack(ctx context.Context) (time.Duration, error) {
+	var secs *float64
+	err := f.db.WithContext(ctx).Raw(`
+		SELECT extract(epoch FROM now() - min(created_at))::float8
+		FROM events
+		WHERE txid >= pg_snapshot_xmin(pg_current_snapshot())`).Scan(&secs).Error
+	if err != nil {
+		return 0, db.Translate(err, nil)
+	}
+	if secs == nil || *secs < 0 {
+		return 0, nil
+	}
+	return time.Duration(*secs * float64(time.Second)), nil
+}

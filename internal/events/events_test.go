@@ -151,3 +151,49 @@ func FuzzParseCursor(f *testing.F) {
 		}
 	})
 }
+
+// An event committed behind an older, still running transaction is held back
+// from the feed, and HeldBack says for how long; once that transaction ends
+// the event shows and nothing waits.
+func TestHeldBackMeasuresEventsWaitingForOlderTransactions(t *testing.T) {
+	gdb := dbtest.New(t)
+	ctx := context.Background()
+	feed := events.NewFeed(gdb)
+
+	older := gdb.Begin()
+	if err := older.Exec(`SELECT pg_current_xact_id()`).Error; err != nil {
+		t.Fatal(err)
+	}
+	err := db.InTx(ctx, gdb, func(tx *gorm.DB) error {
+		return events.Append(ctx, tx, events.Event{Type: "test.held"})
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(50 * time.Millisecond)
+	page, err := feed.List(ctx, events.Cursor{}, 10)
+	if err != nil || len(page.Events) != 0 {
+		t.Fatalf("feed while an older transaction runs: %d events, %v; want none", len(page.Events), err)
+	}
+	held, err := feed.HeldBack(ctx)
+	if err != nil || held < 40*time.Millisecond {
+		t.Fatalf("HeldBack = %s, %v; want at least 40ms", held, err)
+	}
+	if err := older.Rollback().Error; err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(15 * time.Second)
+	for {
+		page, err = feed.List(ctx, events.Cursor{}, 10)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(page.Events) == 1 || time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(10 * time.Millisecond) // other tests' transactions on the server
+	}
+	if len(page.Events) != 1 {
+		t.Fatalf("feed after the older transaction ended: %d events, want 1", len(page.Events))
+	}
+}
