@@ -77,6 +77,9 @@ func fastOptions(t *testing.T) metering.WorkerOptions {
 		BackoffBase: 5 * time.Millisecond,
 		BackoffMax:  100 * time.Millisecond,
 		SendTimeout: 5 * time.Second,
+		// Workers that join others wait two heartbeats and about two
+		// seconds before sending; keep the heartbeats short.
+		HeartbeatInterval: 200 * time.Millisecond,
 	}
 }
 

@@ -57,11 +57,18 @@ type WorkerOptions struct {
 	// (401, 403); default 1m. A wrong key is the operator's to fix, not the
 	// events' fault, so it neither counts attempts nor dead-letters.
 	AuthPause time.Duration
+	// HeartbeatInterval is how often a running worker refreshes its row in
+	// meter_workers and recounts the live workers it shares the rate limit
+	// with; default 2s. A worker whose heartbeat is three intervals old no
+	// longer counts, and one joining others waits two intervals and about
+	// two seconds before sending.
+	HeartbeatInterval time.Duration
 }
 
 // Worker delivers usage events to Stripe. Run one on every instance: claims
 // are exclusive (FOR UPDATE SKIP LOCKED plus a lease), and a claim whose
-// worker died expires and is taken over. The rate limit is per Worker.
+// worker died expires and is taken over. The rate limit holds for all the
+// running Workers on one database together (see share.go).
 type Worker struct {
 	db     *gorm.DB
 	client stripeapi.Client
@@ -72,13 +79,24 @@ type Worker struct {
 	m      *metrics
 
 	limiter *rate.Limiter
-	lease   time.Duration
-	seq     atomic.Uint64
+	// waitMu lets one request at a time hold a reservation on limiter, so
+	// a new share applies from the next request on.
+	waitMu sync.Mutex
+	seq    atomic.Uint64
 
 	mu          sync.Mutex
 	pausedUntil time.Time
 	session     stripeapi.MeterEventSession
 	gaugesAt    time.Time
+	// The rate share (share.go): sharing while Run runs; the time of the
+	// last successful heartbeat, of the first request allowed, of the
+	// last request sent; the share and how many workers it was split by.
+	sharing     bool
+	beatOK      time.Time
+	sendFrom    time.Time
+	lastSend    time.Time
+	share       float64
+	liveWorkers int
 }
 
 // recordTimeout bounds writing one outcome, also during shutdown.
@@ -111,16 +129,12 @@ func NewWorker(gdb *gorm.DB, client stripeapi.Client, cfg config.MeteringConfig,
 	}
 	opts.RateLimitPause = cmp.Or(opts.RateLimitPause, time.Second)
 	opts.AuthPause = cmp.Or(opts.AuthPause, time.Minute)
+	opts.HeartbeatInterval = cmp.Or(opts.HeartbeatInterval, defaultHeartbeatInterval)
 	cfg.BatchSize = cmp.Or(cfg.BatchSize, 100)
 	cfg.MaxAttempts = cmp.Or(cfg.MaxAttempts, 10)
 	cfg.PollInterval = cmp.Or(cfg.PollInterval, time.Second)
 	cfg.RateLimit = cmp.Or(cfg.RateLimit, 20)
 	cfg.Transport = cmp.Or(cfg.Transport, config.MeterTransportV1)
-
-	// A claim must outlive the sends it covers: the batch at the rate limit,
-	// plus a request in flight on either side. Sends stop one SendTimeout
-	// before it ends, so no two instances ever send the same claim at once.
-	batchTime := time.Duration(float64(cfg.BatchSize) / cfg.RateLimit * float64(time.Second+jitterMargin))
 	return &Worker{
 		db:      gdb,
 		client:  client,
@@ -130,8 +144,20 @@ func NewWorker(gdb *gorm.DB, client stripeapi.Client, cfg config.MeteringConfig,
 		now:     opts.Now,
 		m:       newMetrics(opts.Registerer),
 		limiter: rate.NewLimiter(paced(cfg.RateLimit), 1),
-		lease:   batchTime + 2*opts.SendTimeout + 10*time.Second,
+		share:   cfg.RateLimit,
 	}
+}
+
+// lease is how long a claim made now lasts. It must outlive the sends it
+// covers: the batch at this worker's current share of the rate limit, plus
+// a request in flight on either side. Sends stop one SendTimeout before it
+// ends, so no two instances ever send the same claim at once.
+func (w *Worker) lease() time.Duration {
+	w.mu.Lock()
+	share := w.share
+	w.mu.Unlock()
+	batchTime := time.Duration(float64(w.cfg.BatchSize) / share * float64(time.Second+jitterMargin))
+	return batchTime + 2*w.opts.SendTimeout + 10*time.Second
 }
 
 // jitterMargin is the slack paced leaves for network and scheduling jitter.
@@ -151,12 +177,16 @@ func paced(limit float64) rate.Limit {
 // Name is the worker's name for logs.
 func (w *Worker) Name() string { return "usage-delivery" }
 
-// Run delivers until ctx ends. On cancellation it stops taking new work,
+// Run delivers until ctx ends, registered in meter_workers so the running
+// workers share the rate limit. On cancellation it stops taking new work,
 // lets the requests in flight finish (each within SendTimeout), records
-// their outcomes, hands unsent claims back, and returns nil.
+// their outcomes, hands unsent claims back, deletes its meter_workers row
+// (about a second after its last request) and returns nil.
 func (w *Worker) Run(ctx context.Context) error {
 	w.log.Info("usage delivery started", "transport", w.cfg.Transport, "rate_limit", w.cfg.RateLimit,
 		"batch_size", w.cfg.BatchSize, "max_attempts", w.cfg.MaxAttempts)
+	leave := w.join(ctx)
+	defer leave()
 	for {
 		n, err := w.RunOnce(ctx)
 		if ctx.Err() != nil {
@@ -170,7 +200,7 @@ func (w *Worker) Run(ctx context.Context) error {
 		if err == nil && n >= w.cfg.BatchSize {
 			wait = 0 // more may be due right now
 		}
-		wait = max(wait, w.pauseLeft())
+		wait = max(wait, w.pauseLeft(), w.holdLeft())
 		if wait > 0 {
 			t := time.NewTimer(wait)
 			select {
@@ -186,17 +216,18 @@ func (w *Worker) Run(ctx context.Context) error {
 
 // RunOnce is one round: release waiting events whose customer now has a
 // Stripe customer, claim a batch of due events and send it. It returns how
-// many events it claimed.
+// many events it claimed. Outside Run it sends at the share of the rate
+// limit Run last had (the whole limit if Run never ran).
 func (w *Worker) RunOnce(ctx context.Context) (int, error) {
 	w.refreshGauges(ctx)
 	if err := w.releaseWaiting(ctx); err != nil {
 		return 0, err
 	}
-	if w.pauseLeft() > 0 {
+	if w.pauseLeft() > 0 || w.holdLeft() > 0 {
 		return 0, nil
 	}
 	now := w.now()
-	c := &claim{token: fmt.Sprintf("%s#%d", w.opts.Name, w.seq.Add(1)), leaseEnd: now.Add(w.lease)}
+	c := &claim{token: fmt.Sprintf("%s#%d", w.opts.Name, w.seq.Add(1)), leaseEnd: now.Add(w.lease())}
 	claimed, err := w.claim(ctx, c, now)
 	if err != nil || len(claimed) == 0 {
 		return 0, err
@@ -336,25 +367,33 @@ func (w *Worker) pauseLeft() time.Duration {
 }
 
 // acquire waits for permission to send one request under claim c. When it
-// may not (shutting down, paused by a 429, the lease too close to its end)
-// it returns false and when the unsent events should be due again.
+// may not (shutting down, paused by a 429, holding back for the rate share,
+// the lease too close to its end) it returns false and when the unsent
+// events should be due again.
 func (w *Worker) acquire(ctx context.Context, c *claim) (bool, time.Time) {
 	if ctx.Err() != nil {
 		return false, w.now()
 	}
-	if p := w.pauseLeft(); p > 0 {
+	if p := max(w.pauseLeft(), w.holdLeft()); p > 0 {
 		return false, w.now().Add(p)
 	}
 	if w.now().Add(w.opts.SendTimeout).After(c.leaseEnd) {
 		return false, w.now()
 	}
-	if err := w.limiter.Wait(ctx); err != nil {
+	w.waitMu.Lock()
+	err := w.limiter.Wait(ctx)
+	w.waitMu.Unlock()
+	if err != nil {
 		return false, w.now()
 	}
-	// A 429 may have arrived while this goroutine waited for its turn.
-	if p := w.pauseLeft(); p > 0 {
+	// A 429, or a failing heartbeat, may have come while this goroutine
+	// waited for its turn.
+	if p := max(w.pauseLeft(), w.holdLeft()); p > 0 {
 		return false, w.now().Add(p)
 	}
+	w.mu.Lock()
+	w.lastSend = time.Now()
+	w.mu.Unlock()
 	return true, time.Time{}
 }
 

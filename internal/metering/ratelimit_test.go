@@ -1,0 +1,152 @@
+package metering_test
+
+import (
+	"fmt"
+	"net/http"
+	"slices"
+	"sync"
+	"testing"
+	"time"
+
+	"gorm.io/gorm"
+
+	"github.com/tallybilling/tally/internal/metering"
+	"github.com/tallybilling/tally/internal/stripeapi"
+	"github.com/tallybilling/tally/internal/stripeapi/stripefake"
+)
+
+// newKeyedClient is newClient with its own secret key, so the fake's fault
+// hook can tell which worker sent a request.
+func newKeyedClient(t *testing.T, fake *stripefake.Fake, key string) stripeapi.Client {
+	t.Helper()
+	c, err := stripeapi.New(stripeapi.Config{SecretKey: key, APIURL: fake.URL(), MaxNetworkRetries: -1})
+	if err != nil {
+		t.Fatalf("stripe client: %v", err)
+	}
+	return c
+}
+
+// Three instances on one database share TALLY_METER_RATE_LIMIT: Stripe
+// never sees more than the limit within one second, also while instances
+// join one after the other, and every event arrives exactly once.
+func TestRateLimitHoldsAcrossInstances(t *testing.T) {
+	e := newEnv(t)
+	const customers = 30
+	for c := range customers {
+		link(t, e.db, fmt.Sprintf("shared-%02d", c))
+	}
+	all := ids("shared", 300)
+	var evs []metering.EventInput
+	for i, id := range all {
+		evs = append(evs, ev(fmt.Sprintf("shared-%02d", i%customers), id, 1))
+	}
+	ingest(t, e.svc, evs...)
+
+	var mu sync.Mutex
+	sentBy := map[string]int{}
+	e.fake.SetFault(func(r *http.Request) (int, string, bool) {
+		if r.URL.Path == "/v1/billing/meter_events" {
+			mu.Lock()
+			sentBy[r.Header.Get("Authorization")]++
+			mu.Unlock()
+		}
+		return 0, "", false
+	})
+
+	const limit = 20
+	cfg := fastConfig()
+	cfg.RateLimit, cfg.BatchSize = limit, 40
+	for i := range 3 {
+		if i > 0 {
+			time.Sleep(time.Second) // join while the others are sending
+		}
+		opts := fastOptions(t)
+		opts.Name = fmt.Sprintf("instance-%d", i)
+		startWorker(t, metering.NewWorker(e.db, newKeyedClient(t, e.fake, fmt.Sprintf("sk_test_instance_%d", i)), cfg, opts))
+	}
+	waitFor(t, "every event delivered", 2*time.Minute, func() bool {
+		return countRows(t, e.db, `status = 'delivered'`) == int64(len(all))
+	})
+	assertDeliveredOnce(t, e, all)
+	for id, n := range requestsPerIdentifier(t, e.fake) {
+		if n != 1 {
+			t.Errorf("%s sent %d times, want once", id, n)
+		}
+	}
+	mu.Lock()
+	if len(sentBy) != 3 {
+		t.Errorf("requests came from %d instances, want all 3 sending: %v", len(sentBy), sentBy)
+	}
+	t.Logf("requests per instance: %v", sentBy)
+	mu.Unlock()
+	got := e.fake.MaxRequestsPerSecond("/v1/billing/meter_events")
+	t.Logf("Stripe saw at most %d meter event requests within one second (limit %d)", got, limit)
+	if got > limit {
+		t.Errorf("Stripe saw %d meter event requests within one second across the instances, limit %d", got, limit)
+	}
+}
+
+func liveRows(t *testing.T, gdb *gorm.DB) []string {
+	t.Helper()
+	var out []string
+	if err := gdb.Raw(`SELECT id FROM meter_workers ORDER BY id`).Scan(&out).Error; err != nil {
+		t.Fatalf("meter_workers: %v", err)
+	}
+	return out
+}
+
+// A worker that stops deletes its row, and the others take over its part
+// of the limit; a row nobody refreshes (a crashed worker) stops counting.
+func TestStoppedWorkerHandsItsShareBack(t *testing.T) {
+	e := newEnv(t)
+	cfg := fastConfig()
+	cfg.RateLimit = 20
+	workers := make([]*metering.Worker, 3)
+	stops := make([]func(), 3)
+	for i := range workers {
+		opts := fastOptions(t)
+		opts.Name = fmt.Sprintf("instance-%d", i)
+		workers[i] = metering.NewWorker(e.db, newClient(t, e.fake, 0), cfg, opts)
+		stops[i] = startWorker(t, workers[i])
+	}
+	shares := func(ws ...*metering.Worker) []float64 {
+		out := make([]float64, len(ws))
+		for i, w := range ws {
+			out[i] = w.RateShare()
+		}
+		return out
+	}
+	waitFor(t, "the limit split three ways", 10*time.Second, func() bool {
+		return slices.Equal(shares(workers...), []float64{7, 7, 6})
+	})
+	if rows := liveRows(t, e.db); !slices.Equal(rows, []string{"instance-0", "instance-1", "instance-2"}) {
+		t.Fatalf("meter_workers rows %v, want the three instances", rows)
+	}
+
+	stops[0]() // Run has returned when stop does
+	if rows := liveRows(t, e.db); slices.Contains(rows, "instance-0") {
+		t.Errorf("meter_workers rows %v after instance-0 stopped, want its row deleted", rows)
+	}
+	waitFor(t, "the two left to share the whole limit", 10*time.Second, func() bool {
+		return slices.Equal(shares(workers[1], workers[2]), []float64{10, 10})
+	})
+
+	// A worker that died without deleting its row: counted while its
+	// heartbeat is fresh, then no longer, and its row is cleared away.
+	if err := e.db.Exec(`INSERT INTO meter_workers (id, heartbeat_at) VALUES ('crashed', now())`).Error; err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "the crashed worker counted", 10*time.Second, func() bool {
+		return slices.Equal(shares(workers[1], workers[2]), []float64{7, 6})
+	})
+	waitFor(t, "the crashed worker aged out", 10*time.Second, func() bool {
+		return slices.Equal(shares(workers[1], workers[2]), []float64{10, 10}) &&
+			slices.Equal(liveRows(t, e.db), []string{"instance-1", "instance-2"})
+	})
+
+	stops[1]()
+	stops[2]()
+	if rows := liveRows(t, e.db); len(rows) != 0 {
+		t.Errorf("meter_workers rows %v after every worker stopped, want none", rows)
+	}
+}
