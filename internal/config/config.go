@@ -98,7 +98,8 @@ const (
 type MeteringConfig struct {
 	// Transport is MeterTransportV1 (meter_events API) or MeterTransportV2 (event stream).
 	Transport string
-	// RateLimit is the most meter-event requests per second per instance.
+	// RateLimit is the most meter-event requests per second, shared by every
+	// running delivery worker (each takes an even share).
 	RateLimit    float64
 	MaxAttempts  int
 	BatchSize    int
