@@ -71,13 +71,7 @@ type GrantInput struct {
 // (Grant also refuses an ExpiresAt that is not in the future).
 // Errors: errs.Invalid naming the offending field.
 func (in GrantInput) Validate() error {
-	if err := customers.ValidateID(in.CustomerID); err != nil {
-		return err
-	}
-	if err := validateAmount(in.Amount); err != nil {
-		return err
-	}
-	if err := validateReason(in.Reason); err != nil {
+	if err := validateMove(in.CustomerID, in.Amount, in.Reason, in.Metadata); err != nil {
 		return err
 	}
 	switch in.Source {
@@ -92,7 +86,7 @@ func (in GrantInput) Validate() error {
 	default:
 		return errs.InvalidField("/source", "source must be purchase or service")
 	}
-	return validateMetadata(in.Metadata)
+	return nil
 }
 
 // GrantResult is the answer to a grant.
@@ -116,16 +110,22 @@ type ConsumeInput struct {
 // Validate checks the input without touching the database.
 // Errors: errs.Invalid naming the offending field.
 func (in ConsumeInput) Validate() error {
-	if err := customers.ValidateID(in.CustomerID); err != nil {
+	return validateMove(in.CustomerID, in.Amount, in.Reason, in.Metadata)
+}
+
+// validateMove checks what every movement of credits carries: the customer,
+// a positive amount, a reason and metadata within limits.
+func validateMove(customerID string, amount int64, reason string, metadata map[string]string) error {
+	if err := customers.ValidateID(customerID); err != nil {
 		return err
 	}
-	if err := validateAmount(in.Amount); err != nil {
+	if err := validateAmount(amount); err != nil {
 		return err
 	}
-	if err := validateReason(in.Reason); err != nil {
+	if err := validateReason(reason); err != nil {
 		return err
 	}
-	return validateMetadata(in.Metadata)
+	return validateMetadata(metadata)
 }
 
 // ConsumeResult is the answer to a consume.
