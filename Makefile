@@ -44,11 +44,12 @@ DEV_WEBHOOK_SECRET ?= whsec_dev
 
 BENCH_URL ?= http://127.0.0.1:8080
 BENCH_ARGS ?=
+BENCH_SEED_ARGS ?=
 
 IMAGE ?= tally:$(VERSION)
 
 .PHONY: help tools generate check-generated fmt-check vet build run \
-	check-race test test-short bench docker clean
+	check-race test test-short bench bench-seed docker clean
 
 help: ## list the targets
 	@echo 'tally make targets:'
@@ -155,8 +156,8 @@ test-short: tools ## the tests that honour -short, without the race detector (a 
 		$(GO) test -short -count=1 ./...
 
 # Drives an already running server (for example `make run` in another shell)
-# and measures a raw-SQL baseline on the same database.
-bench: ## load-test a running server (BENCH_URL, BENCH_ARGS) and print throughput and latency
+# and measures raw-SQL baselines on the same database.
+bench: ## load-test a running server (BENCH_URL, BENCH_ARGS): throughput, latency, PASS/MISS per target
 	cd '$(ROOT)' && \
 	TALLY_BENCH_URL='$(BENCH_URL)' \
 	TALLY_BENCH_API_KEY='$(DEV_API_KEY)' \
@@ -164,6 +165,14 @@ bench: ## load-test a running server (BENCH_URL, BENCH_ARGS) and print throughpu
 	TALLY_BENCH_WEBHOOK_SECRET='$(DEV_WEBHOOK_SECRET)' \
 	TALLY_BENCH_DATABASE_URL='$(RUN_DATABASE_URL)' \
 		$(GO) run ./cmd/tally-bench $(BENCH_ARGS)
+
+# Loads 1M customers, 10M ledger entries and 10M usage events into the
+# database of `make run` (which must have migrated it), resumably; then
+# `make bench BENCH_ARGS='-verify db'` measures against the large database.
+bench-seed: ## load the large benchmark data set into RUN_DB (BENCH_SEED_ARGS, e.g. -seed-customers 100000)
+	cd '$(ROOT)' && \
+	TALLY_BENCH_DATABASE_URL='$(RUN_DATABASE_URL)' \
+		$(GO) run ./cmd/tally-bench -seed $(BENCH_SEED_ARGS)
 
 docker: ## build the container image (IMAGE, default tally:<version>)
 	docker build --build-arg VERSION='$(VERSION)' -t '$(IMAGE)' '$(ROOT)'

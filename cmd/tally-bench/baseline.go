@@ -10,31 +10,28 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 )
 
-// baseline is the same debit as a consume, done the cheapest honest way: one
-// transaction per operation that locks and decrements a balance row only if
-// it covers the amount and appends a ledger row, straight through pgx on the
-// same PostgreSQL, with no HTTP, no idempotency record and no events. It
-// lives in a scratch schema of its own and never reads or writes tally's
-// tables.
+// baseline is what the service does, done the cheapest honest way straight
+// through pgx on the same PostgreSQL, with no HTTP, no idempotency record
+// and no events: a consume is one transaction that locks and decrements a
+// balance row only if it covers the amount and appends a ledger row; a
+// balance read is a primary-key SELECT of the balance row. It lives in a
+// scratch schema of its own and never reads or writes tally's tables, so a
+// large tally database (-seed) slows the service, not the baseline.
 type baseline struct {
 	pool    *pgxpool.Pool
 	schema  string
 	debit   string
 	account string
+	read    string
 }
 
 // openBaseline connects with one pooled connection per worker and creates
 // the scratch schema tally_bench_<runID> holding the tables
 // tally_bench_baseline (balances) and tally_bench_baseline_ledger.
 func openBaseline(ctx context.Context, dbURL, runID string, concurrency int) (*baseline, error) {
-	cfg, err := pgxpool.ParseConfig(dbURL)
+	pool, err := openPool(ctx, dbURL, concurrency)
 	if err != nil {
-		return nil, fmt.Errorf("-db: %w", err)
-	}
-	cfg.MaxConns = int32(concurrency)
-	pool, err := pgxpool.NewWithConfig(ctx, cfg)
-	if err != nil {
-		return nil, fmt.Errorf("baseline database: %w", err)
+		return nil, err
 	}
 	schema := pgx.Identifier{"tally_bench_" + runID}.Sanitize()
 	b := &baseline{
@@ -44,6 +41,7 @@ func openBaseline(ctx context.Context, dbURL, runID string, concurrency int) (*b
 			WHERE customer_id = $1 AND balance >= 1 RETURNING balance`,
 		account: `INSERT INTO ` + schema + `.tally_bench_baseline_ledger
 			(customer_id, amount, balance_after, idempotency_key) VALUES ($1, -1, $2, $3)`,
+		read: `SELECT balance FROM ` + schema + `.tally_bench_baseline WHERE customer_id = $1`,
 	}
 	_, err = pool.Exec(ctx, `CREATE SCHEMA `+schema+`;
 		CREATE TABLE `+schema+`.tally_bench_baseline (
@@ -92,6 +90,22 @@ func (b *baseline) consumeOp(p population, scenario string, pick func(*worker) s
 			return outcome{ok: true}
 		case errors.Is(err, pgx.ErrNoRows):
 			return outcome{expected: true}
+		case errors.Is(err, context.Canceled):
+			return outcome{errLabel: "canceled", errDetail: err.Error()}
+		default:
+			return outcome{errLabel: "sql", errDetail: err.Error()}
+		}
+	}
+}
+
+// balanceOp reads the balance of a random customer, as GET .../balance does.
+func (b *baseline) balanceOp(p population) op {
+	return func(ctx context.Context, w *worker) outcome {
+		var balance int64
+		err := b.pool.QueryRow(ctx, b.read, p.pick(w)).Scan(&balance)
+		switch {
+		case err == nil:
+			return outcome{ok: true}
 		case errors.Is(err, context.Canceled):
 			return outcome{errLabel: "canceled", errDetail: err.Error()}
 		default:

@@ -21,9 +21,9 @@ type outcome struct {
 	// "transport", "sql"); errDetail is one example message.
 	errLabel  string
 	errDetail string
-	// tag, when set, is counted to show what the server did with a
-	// success (the stored status of a webhook event).
-	tag string
+	// tags are counted to show what the server did (the stored status of
+	// each webhook delivery).
+	tags []string
 }
 
 // worker is one goroutine's private state: no locks on the hot path, merged
@@ -32,6 +32,10 @@ type worker struct {
 	id  int
 	seq int64
 	rnd *rand.Rand
+	// measuring is true while the current operation is one that counts
+	// (it started inside the measured window), for operations that keep
+	// their own record of what they did.
+	measuring bool
 
 	latencies []time.Duration
 	ok        int64
@@ -101,14 +105,15 @@ func drive(ctx context.Context, now func() time.Time, concurrency int, warmup, d
 					return
 				}
 				w.seq++
+				w.measuring = !began.Before(measureFrom)
 				out := do(ctx, w)
 				took := now().Sub(began)
-				if began.Before(measureFrom) {
+				if !w.measuring {
 					continue
 				}
 				w.latencies = append(w.latencies, took)
-				if out.tag != "" {
-					w.tags[out.tag]++
+				for _, tag := range out.tags {
+					w.tags[tag]++
 				}
 				switch {
 				case out.ok:

@@ -46,7 +46,7 @@ func TestDriveMergesOutcomesOfAllWorkers(t *testing.T) {
 		case 1:
 			return outcome{errLabel: "HTTP 503 unavailable", errDetail: "not built yet"}
 		default:
-			return outcome{ok: true, tag: "stored"}
+			return outcome{ok: true, tags: []string{"stored"}}
 		}
 	}
 	r := drive(context.Background(), tickingClock(), 8, 10*time.Millisecond, 50*time.Millisecond, 1, do)

@@ -1,30 +1,41 @@
 // Command tally-bench load-tests a running tally server over HTTP and, in the
-// same run, a raw-SQL baseline of the consume debit on the same PostgreSQL,
-// and prints throughput and p50/p95/p99 latency per scenario with the
-// service-to-baseline ratios. Absolute numbers drift on shared machines; the
-// ratios are what to compare between runs.
+// same run, raw-SQL baselines of the consume debit and of the balance read on
+// the same PostgreSQL, and prints throughput and p50/p95/p99 latency per
+// scenario, the service-to-baseline ratios, a PASS/MISS line per performance
+// target (targets.go) and the invariant check run after the load. Absolute
+// numbers drift on shared machines; the ratios are what to compare between
+// runs.
 //
 // It is measurement, not a test: it asserts nothing about speed. It exits 1
 // when a scenario failed or had errors, or when the invariant check after the
-// load found a problem, so that a broken run is never mistaken for a slow one.
+// load found a problem or could not run, so that a broken run is never
+// mistaken for a slow one. A missed target is reported, not an exit status.
+//
+// With -seed it loads a large data set into the server's database instead
+// (seed.go), so that a later run shows whether costs grow with the data.
 //
 //	make run                                  # in one shell
 //	make bench BENCH_ARGS='-duration 10s'     # in another
+//	make bench-seed                           # once, for the large-database run
 package main
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
 	"io"
+	"log/slog"
 	"net/http"
 	"os"
 	"os/signal"
 	"strconv"
 	"syscall"
 	"time"
+
+	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/tallybilling/tally/internal/db"
 )
 
 func main() {
@@ -52,6 +63,9 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		return err
 	}
 	progress := func(format string, a ...any) { fmt.Fprintf(stderr, "tally-bench: "+format+"\n", a...) }
+	if s.seed {
+		return runSeed(ctx, s, stdout, progress)
+	}
 
 	runID := strconv.FormatInt(time.Now().UnixNano(), 36)
 	pop := newPopulation(runID, s.customers)
@@ -64,18 +78,22 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		Machine: describeMachine(s.url, time.Now()),
 		Settings: runSettings{
 			RunID: runID, Concurrency: s.concurrency, DurationSec: s.duration.Seconds(), WarmupSec: s.warmup.Seconds(),
-			Customers: s.customers, Seed: s.seed, Meter: s.meter, UsageBatch: usageBatchSize, WebhookType: s.webhookType,
+			Customers: s.customers, RandSeed: s.randSeed, Meter: s.meter, UsageBatch: s.usageBatch, Verify: s.verify,
 		},
 	}
+	if s.has(scenarioWebhookParked) {
+		rep.Settings.WebhookType = s.webhookType
+	}
+	withBaseline := s.has(scenarioConsumeMany) || s.has(scenarioConsumeHot) || s.has(scenarioBalance)
 	switch {
 	case s.db == "":
 		rep.Settings.BaselineNote = "none (no -db): no ratios"
-	case !s.has(scenarioConsumeMany) && !s.has(scenarioConsumeHot):
-		rep.Settings.BaselineNote = "not run (no consume scenario selected)"
+	case !withBaseline:
+		rep.Settings.BaselineNote = "not run (no scenario with a baseline selected)"
 	}
 
 	var base *baseline
-	if s.db != "" && (s.has(scenarioConsumeMany) || s.has(scenarioConsumeHot)) {
+	if s.db != "" && withBaseline {
 		base, err = openBaseline(ctx, s.db, runID, s.concurrency)
 		if err != nil {
 			return err
@@ -90,10 +108,17 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		}
 		rep.Settings.BaselineNote = "raw SQL through pgx on " + redactURL(s.db) + ", scratch schema tally_bench_" + runID + " (dropped afterwards)"
 	}
+	var pool *pgxpool.Pool // webhook-credited's payments and checks
+	if s.has(scenarioWebhookCredited) {
+		if pool, err = openPool(ctx, s.db, 4); err != nil {
+			return err
+		}
+		defer pool.Close()
+	}
 
 	// Setup through the API, as a real caller would fund its customers.
 	var setupMany, setupHot error
-	if s.has(scenarioConsumeMany) || s.has(scenarioBalance) {
+	if s.has(scenarioConsumeMany) || s.has(scenarioBalance) || s.has(scenarioWebhookCredited) || s.has(scenarioUsage) || s.has(scenarioHoldCapture) {
 		progress("setup: granting %d credits to each of %d customers", grantPerCustomer, s.customers)
 		setupMany = grant(ctx, svc, runID, pop.customers, grantPerCustomer, s.concurrency)
 	}
@@ -111,24 +136,25 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 			return failedScenario(name, kind, what, fmt.Errorf("setup: %w", setupErr))
 		}
 		progress("%s: %s warmup, then %s measured", name, s.warmup, s.duration)
-		return newScenarioResult(name, kind, what, drive(ctx, time.Now, s.concurrency, s.warmup, s.duration, s.seed, do))
+		return newScenarioResult(name, kind, what, drive(ctx, time.Now, s.concurrency, s.warmup, s.duration, s.randSeed, do))
 	}
-	// consume measures a consume scenario right after its baseline, so the
-	// two see the machine in as similar a state as possible.
-	consume := func(name, what string, setupErr error, pick func(*worker) string) {
+	// paired measures a scenario right after its baseline, so the two see
+	// the machine in as similar a state as possible.
+	paired := func(name, what string, setupErr error, do op, sqlWhat string, sqlDo func() op) {
 		var sql *scenarioResult
 		if base != nil {
-			r := measure("sql "+name, "sql", "the same debit as one pgx transaction: UPDATE ... SET balance = balance - 1 "+
-				"WHERE customer_id = $1 AND balance >= 1 RETURNING balance; INSERT a ledger row; COMMIT", nil, base.consumeOp(pop, "sql-"+name, pick))
+			r := measure("sql "+name, "sql", sqlWhat, nil, sqlDo())
 			rep.Scenarios = append(rep.Scenarios, r)
 			sql = &r
 		}
-		r := measure(name, "http", what, setupErr, consumeOp(svc, pop, name, pick))
+		r := measure(name, "http", what, setupErr, do)
 		if sql != nil {
 			r.compare(*sql)
 		}
 		rep.Scenarios = append(rep.Scenarios, r)
 	}
+	const sqlDebit = "the same debit as one pgx transaction: UPDATE ... SET balance = balance - 1 " +
+		"WHERE customer_id = $1 AND balance >= 1 RETURNING balance; INSERT a ledger row; COMMIT"
 
 	perCustomer := fmt.Sprintf("one of %d customers at random", s.customers)
 	for _, name := range allScenarios {
@@ -137,30 +163,57 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		}
 		switch name {
 		case scenarioConsumeMany:
-			consume(name, "POST /v1/customers/{id}/credits/consume of 1 credit, a fresh Idempotency-Key each, "+perCustomer,
-				setupMany, pop.pick)
+			paired(name, "POST /v1/customers/{id}/credits/consume of 1 credit, a fresh Idempotency-Key each, "+perCustomer,
+				setupMany, consumeOp(svc, pop, name, pop.pick),
+				sqlDebit, func() op { return base.consumeOp(pop, "sql-"+name, pop.pick) })
 		case scenarioConsumeHot:
-			consume(name, "the same consume, every request on one customer (one contended balance)",
-				setupHot, func(*worker) string { return pop.hot })
+			hot := func(*worker) string { return pop.hot }
+			paired(name, "the same consume, every request on one customer (one contended balance)",
+				setupHot, consumeOp(svc, pop, name, hot),
+				sqlDebit, func() op { return base.consumeOp(pop, "sql-"+name, hot) })
 		case scenarioBalance:
-			rep.Scenarios = append(rep.Scenarios, measure(name, "http",
-				"GET /v1/customers/{id}/balance, "+perCustomer, setupMany, balanceOp(svc, pop)))
-		case scenarioWebhook:
+			paired(name, "GET /v1/customers/{id}/balance, "+perCustomer, setupMany, balanceOp(svc, pop),
+				"a primary-key SELECT of the balance row through pgx, "+perCustomer, func() op { return base.balanceOp(pop) })
+		case scenarioWebhookCredited:
+			rep.Scenarios = append(rep.Scenarios, measureWebhookCredited(ctx, s, svc, pool, pop, runID, setupMany, progress))
+		case scenarioUsage:
+			r := measure(name, "http", fmt.Sprintf("POST /v1/usage-events, %d events of meter %q per request, fresh identifiers, %s",
+				s.usageBatch, s.meter, perCustomer), setupMany, usageOp(svc, pop, s.meter, s.usageBatch))
+			r.Rate, r.RateUnit = float64(r.OK)*float64(s.usageBatch)/s.duration.Seconds(), unitEvents
+			rep.Scenarios = append(rep.Scenarios, r)
+		case scenarioHoldCapture:
+			what := fmt.Sprintf("POST /v1/customers/{id}/credits/holds of %d credits, then POST .../holds/{hold_id}/capture of %d "+
+				"(the rest released), each with a fresh Idempotency-Key, %s; one operation is both", holdAmount, captureAmount, perCustomer)
+			if setupMany != nil {
+				rep.Scenarios = append(rep.Scenarios, failedScenario(name, "http", what, fmt.Errorf("setup: %w", setupMany)))
+				continue
+			}
+			available, why, err := probeHolds(ctx, svc, pop.customers[0], runID)
+			switch {
+			case err != nil:
+				rep.Scenarios = append(rep.Scenarios, failedScenario(name, "http", what, err))
+			case !available:
+				progress("%s: skipped: %s", name, why)
+				rep.Scenarios = append(rep.Scenarios, skippedScenario(name, what, why))
+			default:
+				rep.Scenarios = append(rep.Scenarios, measure(name, "http", what, nil, holdCaptureOp(svc, pop)))
+			}
+		case scenarioWebhookParked:
 			rep.Scenarios = append(rep.Scenarios, measure(name, "http",
 				"POST /webhooks/stripe: "+s.webhookType+" signed with the whsec_ secret, a fresh event id each; "+
-					"the object is a PaymentIntent naming a tally payment that does not exist", nil,
-				webhookOp(svc, pop, s.webhookSecret, s.webhookType)))
-		case scenarioUsage:
-			rep.Scenarios = append(rep.Scenarios, measure(name, "http",
-				fmt.Sprintf("POST /v1/usage-events, %d events of meter %q per request (events/s = %d x req/s), fresh identifiers, %s",
-					usageBatchSize, s.meter, usageBatchSize, perCustomer), nil, usageOp(svc, pop, s.meter)))
+					"the object is a PaymentIntent naming a tally payment that does not exist, so every event is parked", nil,
+				webhookParkedOp(svc, pop, s.webhookSecret, s.webhookType)))
 		}
 	}
 	if ctx.Err() != nil {
 		return fmt.Errorf("interrupted: %w", ctx.Err())
 	}
 
-	rep.Verify = verify(ctx, svc, s.adminKey)
+	progress("verify: checking the invariants after the load (%s)", s.verify)
+	var verifyRequested bool
+	rep.Verify, verifyRequested = verifyAfterLoad(ctx, s, svc)
+	rep.Targets = judgeTargets(rep.Scenarios, s.concurrency)
+	rep.Machine.LoadAvgEnd = loadAverage("/proc/loadavg")
 	if s.json {
 		err = rep.writeJSON(stdout)
 	} else {
@@ -170,49 +223,112 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		return err
 	}
 	for _, sc := range rep.Scenarios {
-		if sc.Status != statusOK {
+		if sc.Status != statusOK && sc.Status != statusSkipped {
 			return errNotClean
 		}
 	}
-	if s.adminKey != "" && !rep.Verify.OK {
+	if verifyRequested && !rep.Verify.OK {
 		return errNotClean
 	}
 	return nil
 }
 
-// verify asks the server to check its invariants after the load: fast
-// numbers from a service that lost a credit are worth nothing.
-func verify(ctx context.Context, svc *service, adminKey string) verifyReport {
-	if adminKey == "" {
-		return verifyReport{Summary: "not run (no -admin-key)"}
+// measureWebhookCredited prepares pending payments, credits them through
+// signed webhooks under load and checks each was credited exactly once
+// (webhook.go).
+func measureWebhookCredited(ctx context.Context, s settings, svc *service, pool *pgxpool.Pool, pop population, runID string,
+	setupErr error, progress func(string, ...any)) scenarioResult {
+	const name = scenarioWebhookCredited
+	what := fmt.Sprintf("POST /webhooks/stripe per pending payment: a signed checkout.session.completed linking its PaymentIntent, "+
+		"then a signed payment_intent.succeeded with the payment's amount, currency, livemode and metadata; each delivery "+
+		"sent twice at once with odds 1 in %d (copies are 20%% of deliveries); one operation is one payment; credited = "+
+		"succeeded with one purchase grant of its credits and one confirmation, checked in the database after the run, "+
+		"where payments not driven must be untouched", duplicateOdds)
+	if setupErr != nil {
+		return failedScenario(name, "http", what, fmt.Errorf("setup: %w", setupErr))
 	}
-	var got struct {
-		OK               bool  `json:"ok"`
-		CustomersChecked int64 `json:"customers_checked"`
-		PaymentsChecked  int64 `json:"payments_checked"`
-		Problems         []any `json:"problems"`
+	pk, err := catalogPack(ctx, svc, s.pack)
+	if err != nil {
+		return failedScenario(name, "http", what, fmt.Errorf("setup: %w", err))
 	}
-	admin := &service{base: svc.base, key: adminKey, client: svc.client}
-	out := admin.do(ctx, request{
-		method:  http.MethodGet,
-		path:    "/v1/admin/verify",
-		want:    http.StatusOK,
-		timeout: 5 * time.Minute,
-		decode: func(body []byte) outcome {
-			if err := json.Unmarshal(body, &got); err != nil {
-				return outcome{errLabel: "bad 200 body", errDetail: snippet(body)}
-			}
-			return outcome{ok: true}
-		},
-	})
-	if err := out.failure("GET /v1/admin/verify"); err != nil {
-		return verifyReport{Summary: "could not run: " + err.Error()}
+	n := s.paymentsToPrepare()
+	progress("%s: setup: %d pending payments of %s", name, n, pk.ID)
+	started := time.Now()
+	prep, err := preparePayments(ctx, svc, pool, runID, pop.customers, n, pk, s.concurrency)
+	if err != nil {
+		return failedScenario(name, "http", what, fmt.Errorf("setup: %w", err))
 	}
-	r := verifyReport{Checked: true, OK: got.OK, Problems: got.Problems}
-	if got.OK {
-		r.Summary = fmt.Sprintf("ok (%d customers, %d payments checked)", got.CustomersChecked, got.PaymentsChecked)
-	} else {
-		r.Summary = fmt.Sprintf("FAILED: %d problems (%d customers, %d payments checked)", len(got.Problems), got.CustomersChecked, got.PaymentsChecked)
+	progress("%s: setup took %s: %s", name, time.Since(started).Round(time.Millisecond), prep.note)
+	what += "; " + prep.note
+
+	cr := newCreditRun(svc, s.webhookSecret, prep.payments, s.concurrency)
+	progress("%s: %s warmup, then %s measured", name, s.warmup, s.duration)
+	lr := drive(ctx, time.Now, s.concurrency, s.warmup, s.duration, s.randSeed, cr.op)
+	chk, err := cr.check(ctx, pool, settleTimeout)
+	if err != nil {
+		return failedScenario(name, "http", what, fmt.Errorf("exactly-once check: %w", err))
 	}
+	for label, count := range chk.failures {
+		key := "check: " + label
+		lr.errors[key] += count
+		if _, ok := lr.examples[key]; !ok {
+			lr.examples[key] = chk.examples[label]
+		}
+	}
+	r := newScenarioResult(name, "http", what, lr)
+	r.Rate, r.RateUnit = float64(chk.credited)/s.duration.Seconds(), unitCredited
 	return r
+}
+
+// runSeed is -seed mode: load the data set and say how long it took.
+func runSeed(ctx context.Context, s settings, stdout io.Writer, progress func(string, ...any)) error {
+	gdb, err := db.Open(ctx, s.db, 1, slog.New(slog.DiscardHandler))
+	if err != nil {
+		return fmt.Errorf("-db: %w", err)
+	}
+	current, err := db.MigrationsCurrent(ctx, gdb)
+	_ = db.Close(gdb)
+	if err != nil {
+		return fmt.Errorf("-db: %w", err)
+	}
+	if !current {
+		return fmt.Errorf("the database %s is not migrated to this tree's schema: start the server on it once (make run migrates it)", redactURL(s.db))
+	}
+	pool, err := openPool(ctx, s.db, s.seedWorkers)
+	if err != nil {
+		return err
+	}
+	defer pool.Close()
+	plan := seedPlan{customers: s.seedCustomers, ledger: s.seedLedger, usage: s.seedUsage, meter: s.meter, workers: s.seedWorkers}
+	progress("seed: %d customers, %d ledger entries, %d usage events into %s, %d customers a transaction on %d connections",
+		plan.customers, plan.ledger, plan.usage, redactURL(s.db), seedChunk, plan.workers)
+	res, err := seed(ctx, pool, plan, time.Now(), progress)
+	if err != nil {
+		return err
+	}
+	fmt.Fprintf(stdout, "seeded %s: %d customers, %d ledger entries and %d usage events loaded in %s, then VACUUM ANALYZE in %s",
+		redactURL(s.db), res.customers, res.ledger, res.usage, res.load.Round(time.Millisecond), res.analyze.Round(time.Millisecond))
+	if res.skipped > 0 {
+		fmt.Fprintf(stdout, " (%d of %d chunks of %d customers were loaded already)", res.skipped, res.chunks, seedChunk)
+	}
+	fmt.Fprintf(stdout, "\nseeded ids start with %q; the scenarios' own customers start with \"bench-\"\n", seedPrefix)
+	return nil
+}
+
+// openPool connects to dbURL with at most conns connections.
+func openPool(ctx context.Context, dbURL string, conns int) (*pgxpool.Pool, error) {
+	cfg, err := pgxpool.ParseConfig(dbURL)
+	if err != nil {
+		return nil, fmt.Errorf("-db: %w", err)
+	}
+	cfg.MaxConns = int32(conns)
+	pool, err := pgxpool.NewWithConfig(ctx, cfg)
+	if err != nil {
+		return nil, fmt.Errorf("-db: %w", err)
+	}
+	if err := pool.Ping(ctx); err != nil {
+		pool.Close()
+		return nil, fmt.Errorf("-db %s: %w", redactURL(dbURL), err)
+	}
+	return pool, nil
 }

@@ -16,32 +16,43 @@ import (
 
 // Scenario states in the report.
 const (
-	statusOK     = "ok"     // every request succeeded (402 aside, where allowed)
-	statusErrors = "errors" // some requests failed
-	statusFailed = "failed" // setup failed or no request succeeded
+	statusOK      = "ok"      // every request succeeded (402 aside, where allowed)
+	statusErrors  = "errors"  // some requests failed
+	statusFailed  = "failed"  // setup failed or no request succeeded
+	statusSkipped = "skipped" // the server has no such endpoint yet
+)
+
+// Units of a scenario's Rate, where one operation is not the thing counted.
+const (
+	unitCredited = "credited/s" // payments credited exactly once
+	unitEvents   = "events/s"   // usage events accepted
 )
 
 // scenarioResult is one row of the report.
 type scenarioResult struct {
-	Name            string            `json:"name"`
-	Kind            string            `json:"kind"` // http or sql
-	What            string            `json:"what"`
-	Status          string            `json:"status"`
-	Failure         string            `json:"failure,omitempty"`
-	Requests        int64             `json:"requests"`
-	OK              int64             `json:"ok"`
-	Insufficient    int64             `json:"insufficient_402"`
-	Errors          int64             `json:"errors"`
-	ErrorsByKind    map[string]int64  `json:"errors_by_kind,omitempty"`
-	ErrorExamples   map[string]string `json:"error_examples,omitempty"`
-	Answers         map[string]int64  `json:"answers,omitempty"`
-	Throughput      float64           `json:"throughput_per_second"`
-	P50Ms           float64           `json:"p50_ms"`
-	P95Ms           float64           `json:"p95_ms"`
-	P99Ms           float64           `json:"p99_ms"`
-	Baseline        string            `json:"baseline,omitempty"`
-	ThroughputRatio float64           `json:"throughput_ratio,omitempty"`
-	P50Ratio        float64           `json:"p50_ratio,omitempty"`
+	Name          string            `json:"name"`
+	Kind          string            `json:"kind"` // http or sql
+	What          string            `json:"what"`
+	Status        string            `json:"status"`
+	Failure       string            `json:"failure,omitempty"`
+	Requests      int64             `json:"requests"`
+	OK            int64             `json:"ok"`
+	Insufficient  int64             `json:"insufficient_402"`
+	Errors        int64             `json:"errors"`
+	ErrorsByKind  map[string]int64  `json:"errors_by_kind,omitempty"`
+	ErrorExamples map[string]string `json:"error_examples,omitempty"`
+	Answers       map[string]int64  `json:"answers,omitempty"`
+	Throughput    float64           `json:"throughput_per_second"`
+	P50Ms         float64           `json:"p50_ms"`
+	P95Ms         float64           `json:"p95_ms"`
+	P99Ms         float64           `json:"p99_ms"`
+	// Rate counts what the scenario is about when that is not the
+	// operation itself (events accepted, payments credited), in RateUnit.
+	Rate            float64 `json:"rate_per_second,omitempty"`
+	RateUnit        string  `json:"rate_unit,omitempty"`
+	Baseline        string  `json:"baseline,omitempty"`
+	ThroughputRatio float64 `json:"throughput_ratio,omitempty"`
+	P50Ratio        float64 `json:"p50_ratio,omitempty"`
 }
 
 func newScenarioResult(name, kind, what string, r loadResult) scenarioResult {
@@ -75,6 +86,12 @@ func failedScenario(name, kind, what string, err error) scenarioResult {
 	return scenarioResult{Name: name, Kind: kind, What: what, Status: statusFailed, Failure: err.Error()}
 }
 
+// skippedScenario is a scenario the server cannot serve yet; it is no
+// failure of the run.
+func skippedScenario(name, what, why string) scenarioResult {
+	return scenarioResult{Name: name, Kind: "http", What: what, Status: statusSkipped, Failure: why}
+}
+
 // compare sets the service-to-baseline ratios: throughput ratio below 1 and
 // p50 ratio above 1 mean the service is slower than the bare transaction.
 func (r *scenarioResult) compare(base scenarioResult) {
@@ -97,18 +114,37 @@ type machine struct {
 	GoVersion string `json:"go_version"`
 	Date      string `json:"date"`
 	Server    string `json:"server"`
+	// LoadAvg is /proc/loadavg's 1, 5 and 15 minute averages when the run
+	// began and when it ended: other work on the machine shows there.
+	LoadAvgStart string `json:"load_average_start"`
+	LoadAvgEnd   string `json:"load_average_end"`
 }
 
 func describeMachine(server string, now time.Time) machine {
 	return machine{
-		CPUs:      runtime.NumCPU(),
-		CPUModel:  cpuModel("/proc/cpuinfo"),
-		OS:        runtime.GOOS,
-		Arch:      runtime.GOARCH,
-		GoVersion: runtime.Version(),
-		Date:      now.UTC().Format(time.RFC3339),
-		Server:    server,
+		CPUs:         runtime.NumCPU(),
+		CPUModel:     cpuModel("/proc/cpuinfo"),
+		OS:           runtime.GOOS,
+		Arch:         runtime.GOARCH,
+		GoVersion:    runtime.Version(),
+		Date:         now.UTC().Format(time.RFC3339),
+		Server:       server,
+		LoadAvgStart: loadAverage("/proc/loadavg"),
 	}
+}
+
+// loadAverage reads the three load averages of a Linux loadavg file;
+// elsewhere it is "unknown".
+func loadAverage(path string) string {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return "unknown"
+	}
+	fields := strings.Fields(string(data))
+	if len(fields) < 3 {
+		return "unknown"
+	}
+	return strings.Join(fields[:3], " ")
 }
 
 // cpuModel reads the first "model name" of a Linux cpuinfo file; elsewhere
@@ -136,16 +172,20 @@ type runSettings struct {
 	DurationSec  float64 `json:"duration_seconds"`
 	WarmupSec    float64 `json:"warmup_seconds"`
 	Customers    int     `json:"customers"`
-	Seed         int64   `json:"seed"`
+	RandSeed     int64   `json:"rand_seed"`
 	Meter        string  `json:"meter"`
 	UsageBatch   int     `json:"usage_batch"`
-	WebhookType  string  `json:"webhook_type"`
+	WebhookType  string  `json:"webhook_type,omitempty"`
+	Verify       string  `json:"verify"`
 	BaselineNote string  `json:"baseline"`
 }
 
 // verifyReport is what GET /v1/admin/verify answered after the load.
 type verifyReport struct {
-	Checked  bool   `json:"checked"` // false: no -admin-key, or the call failed
+	// How is where the check ran: GET /v1/admin/verify, or the project's
+	// verify in this process on -db.
+	How      string `json:"how"`
+	Checked  bool   `json:"checked"` // false: not asked for, or it could not run
 	OK       bool   `json:"ok"`
 	Summary  string `json:"summary"`
 	Problems []any  `json:"problems,omitempty"`
@@ -155,6 +195,7 @@ type report struct {
 	Machine   machine          `json:"machine"`
 	Settings  runSettings      `json:"settings"`
 	Scenarios []scenarioResult `json:"scenarios"`
+	Targets   []targetResult   `json:"targets"`
 	Verify    verifyReport     `json:"verify"`
 }
 
@@ -170,23 +211,27 @@ func (r report) writeText(w io.Writer) error {
 	fmt.Fprintf(&b, "tally-bench %s against %s\n", m.Date, m.Server)
 	fmt.Fprintf(&b, "machine: %d CPUs, %s, %s/%s, %s (the tool, the server and PostgreSQL share it)\n",
 		m.CPUs, m.CPUModel, m.OS, m.Arch, m.GoVersion)
-	fmt.Fprintf(&b, "run %s: concurrency %d, %gs measured after %gs warmup per scenario, %d customers, seed %d\n",
-		s.RunID, s.Concurrency, s.DurationSec, s.WarmupSec, s.Customers, s.Seed)
+	fmt.Fprintf(&b, "load average (1 5 15 min): %s at the start, %s at the end\n", m.LoadAvgStart, m.LoadAvgEnd)
+	fmt.Fprintf(&b, "run %s: %d workers, %gs measured after %gs warmup per scenario, %d customers, usage batch %d, rand seed %d\n",
+		s.RunID, s.Concurrency, s.DurationSec, s.WarmupSec, s.Customers, s.UsageBatch, s.RandSeed)
 	fmt.Fprintf(&b, "baseline: %s\n\n", s.BaselineNote)
 
 	tw := tabwriter.NewWriter(&b, 0, 0, 2, ' ', tabwriter.AlignRight)
-	fmt.Fprintln(tw, "scenario\tstatus\trequests\terrors\treq/s\tp50 ms\tp95 ms\tp99 ms\tthroughput vs sql\tp50 vs sql\t")
+	fmt.Fprintln(tw, "scenario\tstatus\tops\terrors\tops/s\tp50 ms\tp95 ms\tp99 ms\tvs sql (ops/s)\tvs sql (p50)\trate\t")
 	for _, sc := range r.Scenarios {
-		thr, p50 := "", ""
+		thr, p50, rate := "", "", ""
 		if sc.Baseline != "" {
 			thr, p50 = fmt.Sprintf("%.2fx", sc.ThroughputRatio), fmt.Sprintf("%.2fx", sc.P50Ratio)
 		}
-		if sc.Requests == 0 { // setup failed: nothing was measured
-			fmt.Fprintf(tw, "%s\t%s\t-\t-\t-\t-\t-\t-\t\t\t\n", sc.Name, sc.Status)
+		if sc.RateUnit != "" {
+			rate = thousands(sc.Rate) + " " + sc.RateUnit
+		}
+		if sc.Requests == 0 { // skipped, or setup failed: nothing was measured
+			fmt.Fprintf(tw, "%s\t%s\t-\t-\t-\t-\t-\t-\t\t\t\t\n", sc.Name, sc.Status)
 			continue
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%d\t%d\t%.1f\t%.2f\t%.2f\t%.2f\t%s\t%s\t\n",
-			sc.Name, sc.Status, sc.Requests, sc.Errors, sc.Throughput, sc.P50Ms, sc.P95Ms, sc.P99Ms, thr, p50)
+		fmt.Fprintf(tw, "%s\t%s\t%d\t%d\t%.1f\t%.2f\t%.2f\t%.2f\t%s\t%s\t%s\t\n",
+			sc.Name, sc.Status, sc.Requests, sc.Errors, sc.Throughput, sc.P50Ms, sc.P95Ms, sc.P99Ms, thr, p50, rate)
 	}
 	if err := tw.Flush(); err != nil {
 		return err
@@ -195,7 +240,10 @@ func (r report) writeText(w io.Writer) error {
 	b.WriteString("\n")
 	for _, sc := range r.Scenarios {
 		fmt.Fprintf(&b, "%s: %s\n", sc.Name, sc.What)
-		if sc.Failure != "" {
+		switch {
+		case sc.Status == statusSkipped:
+			fmt.Fprintf(&b, "  SKIPPED: %s\n", sc.Failure)
+		case sc.Failure != "":
 			fmt.Fprintf(&b, "  FAILED: %s\n", sc.Failure)
 		}
 		if sc.Insufficient > 0 {
@@ -212,8 +260,12 @@ func (r report) writeText(w io.Writer) error {
 			fmt.Fprintf(&b, "  %s: %d\n", tag, sc.Answers[tag])
 		}
 	}
-	b.WriteString("\n")
-	fmt.Fprintf(&b, "verify: %s\n", r.Verify.Summary)
+
+	fmt.Fprintf(&b, "\ntargets (a ratio compares with the baseline of the same run; only a clean scenario can pass):\n")
+	for _, t := range r.Targets {
+		fmt.Fprintf(&b, "  %-12s %s: %s\n", t.Verdict, t.Target, t.Detail)
+	}
+	fmt.Fprintf(&b, "\nverify (the invariant check, run after the load, %s): %s\n", r.Verify.How, r.Verify.Summary)
 	_, err := io.WriteString(w, b.String())
 	return err
 }

@@ -18,7 +18,6 @@ import (
 const (
 	grantPerCustomer = 1_000_000_000
 	grantHot         = 1_000_000_000_000
-	usageBatchSize   = 100
 )
 
 // population names the customers of one run. Ids carry the run id so that
@@ -116,10 +115,10 @@ func balanceOp(svc *service, p population) op {
 	}
 }
 
-// usageOp reports a batch of events with fresh identifiers. A 202 whose
-// events were not all accepted is an error: a wrong meter would otherwise
-// look like a fast success.
-func usageOp(svc *service, p population, meter string) op {
+// usageOp reports batches of size events with fresh identifiers. A 202
+// whose events were not all accepted is an error: a wrong meter would
+// otherwise look like a fast success.
+func usageOp(svc *service, p population, meter string, size int) op {
 	type event struct {
 		CustomerID string `json:"customer_id"`
 		Meter      string `json:"meter"`
@@ -143,7 +142,7 @@ func usageOp(svc *service, p population, meter string) op {
 		if err := json.Unmarshal(data, &a); err != nil {
 			return outcome{errLabel: "bad 202 body", errDetail: snippet(data)}
 		}
-		if a.Accepted == usageBatchSize {
+		if a.Accepted == size {
 			return outcome{ok: true}
 		}
 		for _, r := range a.Results {
@@ -154,7 +153,7 @@ func usageOp(svc *service, p population, meter string) op {
 		return outcome{errLabel: "202 not all accepted", errDetail: snippet(data)}
 	}
 	return func(ctx context.Context, w *worker) outcome {
-		b := batch{Events: make([]event, usageBatchSize)}
+		b := batch{Events: make([]event, size)}
 		prefix := p.uniqueKey("use", w)
 		for i := range b.Events {
 			b.Events[i] = event{CustomerID: p.pick(w), Meter: meter, Value: 1, Identifier: prefix + "_" + strconv.Itoa(i)}
@@ -173,11 +172,12 @@ func usageOp(svc *service, p population, meter string) op {
 	}
 }
 
-// webhookOp delivers a Stripe event signed as Stripe signs it, with a fresh
-// event id each time. Its object is a PaymentIntent that names a tally
+// webhookParkedOp delivers a Stripe event signed as Stripe signs it, with a
+// fresh event id each time. Its object is a PaymentIntent that names a tally
 // payment which does not exist, so payment_intent.succeeded goes through
-// signature check, storage and the validation chain, which refuses it.
-func webhookOp(svc *service, p population, secret, eventType string) op {
+// signature check, storage and the validation chain, which refuses it and
+// parks the event: the intake cost of an event that credits nothing.
+func webhookParkedOp(svc *service, p population, secret, eventType string) op {
 	decode := func(data []byte) outcome {
 		var ack struct {
 			Received  bool   `json:"received"`
@@ -191,7 +191,7 @@ func webhookOp(svc *service, p population, secret, eventType string) op {
 		if ack.Duplicate {
 			tag += " (duplicate)"
 		}
-		return outcome{ok: true, tag: tag}
+		return outcome{ok: true, tags: []string{tag}}
 	}
 	return func(ctx context.Context, w *worker) outcome {
 		now := time.Now()
@@ -211,33 +211,26 @@ func webhookOp(svc *service, p population, secret, eventType string) op {
 	}
 }
 
-// stripeEvent is an event as Stripe delivers it, in the API version of the
-// stripe-go the server is built with, so a server that checks versions
-// accepts it.
+// stripeAPIVersion is the API version of the stripe-go the server is built
+// with; events carry it as Stripe's do.
+const stripeAPIVersion = stripe.APIVersion
+
+// stripeEvent is a payment_intent event for webhook-parked: its ids derive
+// from the event id, and the payment it names does not exist.
 func stripeEvent(id, eventType, customerID string, at time.Time) map[string]any {
 	suffix := id[len("evt_bench"):]
-	return map[string]any{
-		"id":               id,
-		"object":           "event",
-		"api_version":      stripe.APIVersion,
-		"created":          at.Unix(),
-		"livemode":         false,
-		"pending_webhooks": 1,
-		"request":          map[string]any{"id": nil, "idempotency_key": nil},
-		"type":             eventType,
-		"data": map[string]any{"object": map[string]any{
-			"id":              "pi_bench" + suffix,
-			"object":          "payment_intent",
-			"amount":          1000,
-			"amount_received": 1000,
-			"currency":        "usd",
-			"status":          "succeeded",
-			"livemode":        false,
-			"created":         at.Unix(),
-			"metadata": map[string]any{
-				"tally_payment_id":  "pay_bench" + suffix,
-				"tally_customer_id": customerID,
-			},
-		}},
-	}
+	return stripeEnvelope(id, eventType, map[string]any{
+		"id":              "pi_bench" + suffix,
+		"object":          "payment_intent",
+		"amount":          1000,
+		"amount_received": 1000,
+		"currency":        "usd",
+		"status":          "succeeded",
+		"livemode":        false,
+		"created":         at.Unix(),
+		"metadata": map[string]any{
+			"tally_payment_id":  "pay_bench" + suffix,
+			"tally_customer_id": customerID,
+		},
+	}, at)
 }

@@ -1,0 +1,230 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+)
+
+// The seed loads a database the size of a busy deployment, so that the
+// scenarios can show whether a request's cost grows with the data. Every
+// seeded row satisfies the schema's constraints and `tally verify`: each
+// seeded customer with ledger entries has one service grant, a ledger that
+// opens with that grant and continues with consumes of 1 credit drawn from
+// it (balance_after chained), and a balance row equal to both the ledger sum
+// and the grant's remainder. Seeded usage events are delivered.
+//
+// Ids start with seedPrefix; a run's own customers start with "bench-", so
+// the scenarios never pick a seeded customer.
+const (
+	seedPrefix = "seed-"
+	// seedChunk customers are loaded per transaction, with all their rows,
+	// so an interrupted seed leaves only whole customers behind and a rerun
+	// resumes with the first chunk missing.
+	seedChunk = 10_000
+	// seedRemaining is what each seeded grant has left, so the balance of
+	// every seeded customer.
+	seedRemaining = 1_000_000
+	// maxSeedCustomers and maxSeedPerCustomer bound one seed.
+	maxSeedCustomers   = 100_000_000
+	maxSeedPerCustomer = 1000
+)
+
+// seedPlan is what -seed loads.
+type seedPlan struct {
+	customers int
+	ledger    int64 // entries over all customers
+	usage     int64 // events over all customers
+	meter     string
+	workers   int
+}
+
+// seedResult reports what one seed did.
+type seedResult struct {
+	chunks, skipped int
+	customers       int   // loaded by this run
+	ledger, usage   int64 // loaded by this run
+	load, analyze   time.Duration
+}
+
+// Each statement covers the customers $1..$2 (1-based indexes) of a seed of
+// $3 customers, at time $6; in seedPerCustomer, n is a customer's ledger
+// entries and u its usage events, the totals $4 and $5 spread as evenly as
+// integers allow. Every statement uses all of $1..$6, so that PostgreSQL
+// knows each parameter's type; @prefix and @remaining are filled in by
+// seedSQL.
+const seedPerCustomer = `
+	SELECT i,
+	       $4::bigint / $3::bigint + (i <= $4::bigint % $3::bigint)::int AS n,
+	       $5::bigint / $3::bigint + (i <= $5::bigint % $3::bigint)::int AS u,
+	       $6::timestamptz - interval '365 days' AS t0
+	FROM generate_series($1::bigint, $2::bigint) i`
+
+var seedCustomersSQL = seedSQL(`
+INSERT INTO customers (id, created_at, updated_at)
+SELECT '@prefix' || c.i, c.t0 - interval '35 days', c.t0 - interval '35 days'
+FROM (` + seedPerCustomer + `) c`)
+
+// The grant holds @remaining plus every credit the consumes drew from it.
+var seedGrantsSQL = seedSQL(`
+INSERT INTO credit_grants (id, customer_id, amount, remaining, source, reason, created_at)
+SELECT 'grt_seed_' || c.i, '@prefix' || c.i, @remaining + c.n - 1, @remaining, 'service', 'tally-bench seed', c.t0
+FROM (` + seedPerCustomer + `) c
+WHERE c.n >= 1`)
+
+var seedBalancesSQL = seedSQL(`
+INSERT INTO credit_balances (customer_id, balance, updated_at)
+SELECT '@prefix' || c.i, @remaining, $6::timestamptz
+FROM (` + seedPerCustomer + `) c
+WHERE c.n >= 1`)
+
+// Entry k of a customer: k = 1 is the grant, every later one a consume of 1
+// drawn from it (as the service writes one: draws, an idempotency key, no
+// grant_id); after entry k the balance is the grant's amount - (k - 1).
+// Rows are inserted in (customer, k) order, so seq follows that order.
+var seedLedgerSQL = seedSQL(`
+INSERT INTO credit_ledger (id, customer_id, kind, amount, balance_after, reason, grant_id, draws, idempotency_key, created_at)
+SELECT 'ctx_seed_' || c.i || '_' || k,
+       '@prefix' || c.i,
+       CASE WHEN k = 1 THEN 'grant' ELSE 'consume' END,
+       CASE WHEN k = 1 THEN @remaining + c.n - 1 ELSE -1 END,
+       @remaining + c.n - k,
+       'tally-bench seed',
+       CASE WHEN k = 1 THEN 'grt_seed_' || c.i END,
+       CASE WHEN k > 1 THEN jsonb_build_array(jsonb_build_object('grant_id', 'grt_seed_' || c.i, 'amount', 1)) END,
+       CASE WHEN k > 1 THEN 'seed-key-' || c.i || '-' || k END,
+       c.t0 + k * interval '1 minute'
+FROM (` + seedPerCustomer + `) c CROSS JOIN LATERAL generate_series(1, c.n) k
+ORDER BY c.i, k`)
+
+// Delivered usage events of meter $7, a minute apart over the last month.
+var seedUsageSQL = seedSQL(`
+INSERT INTO usage_events (identifier, customer_id, meter, stripe_event_name, value, occurred_at, status, attempts,
+	next_attempt_at, first_attempt_at, delivered_at, created_at, updated_at)
+SELECT '@prefix' || 'u-' || c.i || '-' || k, '@prefix' || c.i, $7, $7, 1, ts.t, 'delivered', 1,
+       ts.t, ts.t, ts.t + interval '1 second', ts.t, ts.t + interval '1 second'
+FROM (` + seedPerCustomer + `) c CROSS JOIN LATERAL generate_series(1, c.u) k
+CROSS JOIN LATERAL (SELECT $6::timestamptz - interval '30 days' + k * interval '1 minute' AS t) ts`)
+
+func seedSQL(q string) string {
+	return strings.NewReplacer("@prefix", seedPrefix, "@remaining", strconv.Itoa(seedRemaining)).Replace(q)
+}
+
+// seedTables are the tables the seed writes, analysed once it is done.
+var seedTables = []string{"customers", "credit_grants", "credit_balances", "credit_ledger", "usage_events"}
+
+// seed loads plan into the database of pool, seedChunk customers per
+// transaction on plan.workers connections, skipping chunks an earlier seed
+// loaded, then vacuums and analyses the tables so that the planner and the
+// autovacuum daemon do not change the picture during the measurement.
+// progress reports each chunk.
+func seed(ctx context.Context, pool *pgxpool.Pool, plan seedPlan, now time.Time, progress func(string, ...any)) (seedResult, error) {
+	if plan.customers < 1 {
+		return seedResult{}, errors.New("seed: at least one customer")
+	}
+	chunks := (plan.customers + seedChunk - 1) / seedChunk
+	var res seedResult
+	res.chunks = chunks
+	started := time.Now()
+
+	jobs := make(chan int)
+	var mu sync.Mutex
+	var first error
+	var wg sync.WaitGroup
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	for range min(plan.workers, chunks) {
+		wg.Go(func() {
+			for c := range jobs {
+				lo := c*seedChunk + 1
+				hi := min(lo+seedChunk-1, plan.customers)
+				loaded, ledger, usage, err := seedRange(ctx, pool, plan, lo, hi, now)
+				mu.Lock()
+				switch {
+				case err != nil && first == nil:
+					first = fmt.Errorf("seed customers %d to %d: %w", lo, hi, err)
+					cancel()
+				case err == nil && !loaded:
+					res.skipped++
+				case err == nil:
+					res.customers += hi - lo + 1
+					res.ledger += ledger
+					res.usage += usage
+					progress("seed: customers %d to %d of %d loaded (%s so far)", lo, hi, plan.customers, time.Since(started).Round(time.Second))
+				}
+				mu.Unlock()
+			}
+		})
+	}
+feed:
+	for c := range chunks {
+		select {
+		case jobs <- c:
+		case <-ctx.Done():
+			break feed
+		}
+	}
+	close(jobs)
+	wg.Wait()
+	if first != nil {
+		return res, first
+	}
+	if err := ctx.Err(); err != nil {
+		return res, err
+	}
+	res.load = time.Since(started)
+
+	started = time.Now()
+	for _, table := range seedTables {
+		progress("seed: VACUUM ANALYZE %s", table)
+		if _, err := pool.Exec(ctx, `VACUUM (ANALYZE) `+pgx.Identifier{table}.Sanitize()); err != nil {
+			return res, fmt.Errorf("seed: vacuum %s: %w", table, err)
+		}
+	}
+	res.analyze = time.Since(started)
+	return res, nil
+}
+
+// seedRange loads customers lo..hi with all their rows in one transaction,
+// unless their first customer exists already (loaded is then false).
+func seedRange(ctx context.Context, pool *pgxpool.Pool, plan seedPlan, lo, hi int, now time.Time) (loaded bool, ledger, usage int64, err error) {
+	err = pgx.BeginFunc(ctx, pool, func(tx pgx.Tx) error {
+		// Durability of a benchmark data set is not worth a flush per chunk.
+		if _, err := tx.Exec(ctx, `SET LOCAL synchronous_commit = off`); err != nil {
+			return err
+		}
+		var exists bool
+		if err := tx.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM customers WHERE id = $1)`, fmt.Sprintf("%s%d", seedPrefix, lo)).Scan(&exists); err != nil {
+			return err
+		}
+		if exists {
+			return nil
+		}
+		args := []any{lo, hi, plan.customers, plan.ledger, plan.usage, now}
+		for _, q := range []string{seedCustomersSQL, seedGrantsSQL, seedBalancesSQL} {
+			if _, err := tx.Exec(ctx, q, args...); err != nil {
+				return err
+			}
+		}
+		tag, err := tx.Exec(ctx, seedLedgerSQL, args...)
+		if err != nil {
+			return err
+		}
+		ledger = tag.RowsAffected()
+		tag, err = tx.Exec(ctx, seedUsageSQL, append(args, plan.meter)...)
+		if err != nil {
+			return err
+		}
+		usage = tag.RowsAffected()
+		loaded = true
+		return nil
+	})
+	return loaded, ledger, usage, err
+}

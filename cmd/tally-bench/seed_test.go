@@ -1,0 +1,119 @@
+package main
+
+import (
+	"context"
+	"log/slog"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/tallybilling/tally/internal/app"
+	"github.com/tallybilling/tally/internal/db"
+	"github.com/tallybilling/tally/internal/db/dbtest"
+)
+
+// seedAndCount seeds plan into a fresh migrated database, checks the
+// project's verify is clean over it and returns the database's row counts.
+func seedAndCount(t *testing.T, dbURL string, plan seedPlan) (seedResult, map[string]int64) {
+	t.Helper()
+	ctx := context.Background()
+	pool, err := openPool(ctx, dbURL, plan.workers)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pool.Close()
+	res, err := seed(ctx, pool, plan, time.Now(), func(string, ...any) {})
+	if err != nil {
+		t.Fatalf("seed %+v: %v", plan, err)
+	}
+	gdb, err := db.Open(ctx, dbURL, 2, slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close(gdb)
+	rep, err := app.Verify(ctx, gdb)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !rep.OK {
+		t.Fatalf("verify after seeding %+v: %d problems, first %+v", plan, len(rep.Problems), rep.Problems[0])
+	}
+	counts := map[string]int64{}
+	for _, q := range []string{
+		"customers", "credit_balances", "credit_grants", "credit_ledger", "usage_events",
+		"credit_ledger WHERE kind = 'grant'", "usage_events WHERE status = 'delivered'",
+	} {
+		var n int64
+		if err := pool.QueryRow(ctx, "SELECT count(*) FROM "+q).Scan(&n); err != nil {
+			t.Fatal(err)
+		}
+		counts[q] = n
+	}
+	return res, counts
+}
+
+// A seed of uneven sizes over several chunks (the last one partial) loads
+// exactly what was asked, in rows the project's verify finds consistent,
+// and a second seed with the same flags loads nothing more.
+func TestSeedLoadsConsistentRowsAndResumes(t *testing.T) {
+	dbURL := dbtest.NewURL(t)
+	plan := seedPlan{customers: 2*seedChunk + 3, ledger: 3*(2*seedChunk+3) + 2, usage: 7, meter: "api_calls", workers: 2}
+	res, counts := seedAndCount(t, dbURL, plan)
+	want := map[string]int64{
+		"customers": int64(plan.customers), "credit_balances": int64(plan.customers), "credit_grants": int64(plan.customers),
+		"credit_ledger": plan.ledger, "credit_ledger WHERE kind = 'grant'": int64(plan.customers),
+		"usage_events": plan.usage, "usage_events WHERE status = 'delivered'": plan.usage,
+	}
+	for q, n := range want {
+		if counts[q] != n {
+			t.Errorf("count(*) FROM %s = %d, want %d", q, counts[q], n)
+		}
+	}
+	if res.chunks != 3 || res.skipped != 0 || res.customers != plan.customers || res.ledger != plan.ledger || res.usage != plan.usage {
+		t.Errorf("result %+v, want 3 chunks loaded with every row", res)
+	}
+
+	again, counts2 := seedAndCount(t, dbURL, plan)
+	if again.skipped != 3 || again.customers != 0 || again.ledger != 0 {
+		t.Errorf("second seed %+v, want every chunk skipped", again)
+	}
+	for q, n := range counts {
+		if counts2[q] != n {
+			t.Errorf("second seed changed count(*) FROM %s from %d to %d", q, n, counts2[q])
+		}
+	}
+
+	// The balances are what each customer's ledger says: seedRemaining each,
+	// and the seeded customers carry the seed prefix only.
+	pool, err := openPool(context.Background(), dbURL, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pool.Close()
+	var minBalance, maxBalance, foreign int64
+	if err := pool.QueryRow(context.Background(), `SELECT min(balance), max(balance),
+		(SELECT count(*) FROM customers WHERE id NOT LIKE 'seed-%') FROM credit_balances`).Scan(&minBalance, &maxBalance, &foreign); err != nil {
+		t.Fatal(err)
+	}
+	if minBalance != seedRemaining || maxBalance != seedRemaining || foreign != 0 {
+		t.Errorf("balances %d..%d, %d customers without the seed prefix; want all %d, none", minBalance, maxBalance, foreign, seedRemaining)
+	}
+}
+
+// Fewer ledger entries than customers leaves some customers without any
+// credits (a customer row only), which verify must also accept.
+func TestSeedWithFewerEntriesThanCustomers(t *testing.T) {
+	_, counts := seedAndCount(t, dbtest.NewURL(t), seedPlan{customers: 10, ledger: 4, usage: 0, meter: "api_calls", workers: 1})
+	if counts["customers"] != 10 || counts["credit_balances"] != 4 || counts["credit_ledger"] != 4 || counts["usage_events"] != 0 {
+		t.Errorf("counts %v, want 10 customers, 4 of them with one grant each, no usage", counts)
+	}
+}
+
+// The seed refuses a database the server never migrated, naming the fix.
+func TestSeedRefusesAnUnmigratedDatabase(t *testing.T) {
+	var out strings.Builder
+	err := run(t.Context(), []string{"-seed", "-db", dbtest.NewEmptyURL(t), "-seed-customers", "1", "-seed-ledger", "1", "-seed-usage", "1"}, env(nil), &out, &out)
+	if err == nil || !strings.Contains(err.Error(), "make run migrates it") {
+		t.Fatalf("run -seed on an empty database = %v, want a hint to migrate", err)
+	}
+}
