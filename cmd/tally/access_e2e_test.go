@@ -1,12 +1,14 @@
 package main
 
 import (
+	"context"
 	"fmt"
 	"net/http"
 	"testing"
 	"time"
 
 	"github.com/tallybilling/tally/internal/stripeapi/stripefake"
+	"github.com/tallybilling/tally/pkg/client"
 )
 
 // TestWebhookReplayBehindAFreshTimestamp: an attacker who captured a signed
@@ -38,5 +40,98 @@ func TestWebhookReplayBehindAFreshTimestamp(t *testing.T) {
 	}
 	if p := getPayment(t, s, pay); p.Status != "pending" {
 		t.Fatalf("a replayed delivery moved the payment to %s", p.Status)
+	}
+}
+
+// TestIdempotencyKeySpaces: an end user's keys live in a space of their own,
+// per customer, so a key the SPA chose never blocks the backend's consume
+// or grant for the same customer; every API key shares one space (as
+// Stripe scopes keys per account), so a retry after a key rotation is still
+// a replay.
+func TestIdempotencyKeySpaces(t *testing.T) {
+	ctx := context.Background()
+	const otherServiceKey = "tally_test_second_service_key"
+	fake := stripefake.New(t)
+	env := payEnv(t, fake.URL())
+	env["TALLY_API_KEYS"] += ",service:" + sha256Hex(otherServiceKey)
+	s := startServer(t, env)
+	gdb := openDB(t, s)
+	key := "job-42"
+
+	userCheckout := func(customer string) string {
+		t.Helper()
+		r, err := s.client(t, userToken(t, customer, time.Now().Add(time.Hour))).CreateCheckoutSessionWithResponse(ctx,
+			&client.CreateCheckoutSessionParams{IdempotencyKey: &key}, client.CheckoutSessionCreate{
+				CustomerId: customer, Item: "starter",
+				SuccessUrl: "https://app.example.com/paid", CancelUrl: "https://app.example.com/cancel",
+			})
+		if err != nil {
+			t.Fatal(err)
+		}
+		mustStatus(t, customer+"'s own checkout", r.StatusCode(), r.Body, http.StatusCreated)
+		return r.JSON201.PaymentId
+	}
+
+	// alice's SPA checks out with job-42; the backend then grants alice
+	// credits under job-42, and consumes under job-42 for bob after bob's
+	// SPA used it too.
+	alicePay := userCheckout("alice")
+	grant, err := s.service(t).GrantCreditsWithResponse(ctx, "alice", &client.GrantCreditsParams{IdempotencyKey: key},
+		client.GrantRequest{Amount: 100, Reason: "welcome"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	mustStatus(t, "backend grant for alice with the SPA's key", grant.StatusCode(), grant.Body, http.StatusCreated)
+
+	userCheckout("bob")
+	bobGrant, err := s.service(t).GrantCreditsWithResponse(ctx, "bob", &client.GrantCreditsParams{IdempotencyKey: "seed"},
+		client.GrantRequest{Amount: 10, Reason: "welcome"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	mustStatus(t, "grant for bob", bobGrant.StatusCode(), bobGrant.Body, http.StatusCreated)
+	consume, err := s.service(t).ConsumeCreditsWithResponse(ctx, "bob", &client.ConsumeCreditsParams{IdempotencyKey: key},
+		client.ConsumeRequest{Amount: 3, Reason: "job 42"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	mustStatus(t, "backend consume for bob with the SPA's key", consume.StatusCode(), consume.Body, http.StatusOK)
+	if got := balanceOf(t, gdb, "bob"); got != 7 {
+		t.Fatalf("bob's balance = %d, want 7", got)
+	}
+
+	// The SPA's own retry is still a replay of its first answer.
+	again := userCheckout("alice")
+	if again != alicePay {
+		t.Fatalf("alice's retry made payment %s, want the replay of %s", again, alicePay)
+	}
+
+	// A grant retried under a second service key (a rotation in flight) is
+	// the same request in the same space: replayed, not granted twice.
+	rotated, err := s.client(t, otherServiceKey).GrantCreditsWithResponse(ctx, "alice", &client.GrantCreditsParams{IdempotencyKey: key},
+		client.GrantRequest{Amount: 100, Reason: "welcome"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	mustStatus(t, "grant retried with another service key", rotated.StatusCode(), rotated.Body, http.StatusCreated)
+	if rotated.HTTPResponse.Header.Get("Idempotent-Replayed") != "true" {
+		t.Fatal("a grant retried with another service key was not a replay")
+	}
+	if got := balanceOf(t, gdb, "alice"); got != 100 {
+		t.Fatalf("alice's balance = %d, want 100 (one grant)", got)
+	}
+
+	// Usage intake names no customer in its path: its keys are shared by
+	// every API key too.
+	batch := client.UsageBatch{Events: []client.UsageEventInput{{CustomerId: "alice", Meter: "api_calls", Value: 1, Identifier: "rot-1"}}}
+	for i, k := range []string{testServiceKey, otherServiceKey} {
+		r, err := s.client(t, k).IngestUsageEventsWithResponse(ctx, &client.IngestUsageEventsParams{IdempotencyKey: &key}, batch)
+		if err != nil {
+			t.Fatal(err)
+		}
+		mustStatus(t, "usage batch", r.StatusCode(), r.Body, http.StatusAccepted)
+		if replayed := r.HTTPResponse.Header.Get("Idempotent-Replayed") == "true"; replayed != (i == 1) {
+			t.Fatalf("usage batch %d: replayed = %v", i+1, replayed)
+		}
 	}
 }

@@ -5,7 +5,6 @@ import (
 	"crypto/rsa"
 	"crypto/sha256"
 	"crypto/subtle"
-	"encoding/hex"
 	"errors"
 	"strings"
 	"time"
@@ -22,8 +21,6 @@ import (
 type principal struct {
 	// scope is service or admin for API keys, empty for end users.
 	scope config.Scope
-	// keyID identifies the API key (a prefix of its hash) for idempotency scoping.
-	keyID string
 	// customerID is the end user's own customer (the token's sub).
 	customerID string
 }
@@ -47,19 +44,6 @@ func authorizeCustomer(ctx context.Context, customerID string) error {
 		return errs.E(errs.Forbidden, "this token may only access its own customer")
 	}
 	return nil
-}
-
-// idempotencyScope is the namespace of Idempotency-Key values: per customer
-// when the operation names one, else per API key (or per end user).
-func idempotencyScope(ctx context.Context, customerID string) string {
-	if customerID != "" {
-		return "customer:" + customerID
-	}
-	p, _ := principalFrom(ctx)
-	if p.isUser() {
-		return "customer:" + p.customerID
-	}
-	return "key:" + p.keyID
 }
 
 // authenticator checks bearer tokens: three dot-separated parts make an
@@ -111,7 +95,7 @@ func (a *authenticator) apiKey(token string) (principal, error) {
 	if found == nil {
 		return principal{}, errUnauthenticated
 	}
-	return principal{scope: found.Scope, keyID: hex.EncodeToString(sum[:8])}, nil
+	return principal{scope: found.Scope}, nil
 }
 
 func (a *authenticator) user(token string) (principal, error) {
