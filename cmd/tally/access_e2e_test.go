@@ -3,7 +3,10 @@ package main
 import (
 	"context"
 	"fmt"
+	"io"
 	"net/http"
+	"net/url"
+	"strings"
 	"testing"
 	"time"
 
@@ -133,5 +136,95 @@ func TestIdempotencyKeySpaces(t *testing.T) {
 		if replayed := r.HTTPResponse.Header.Get("Idempotent-Replayed") == "true"; replayed != (i == 1) {
 			t.Fatalf("usage batch %d: replayed = %v", i+1, replayed)
 		}
+	}
+}
+
+// getWithToken GETs u with a bearer token (none when empty).
+func getWithToken(t testing.TB, u, token string) (int, string) {
+	t.Helper()
+	req, err := http.NewRequest(http.MethodGet, u, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if token != "" {
+		req.Header.Set("Authorization", "Bearer "+token)
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(b)
+}
+
+// TestReadinessTellsNoOneWhereTheDatabaseIs: /readyz answers anyone, so
+// when the database is gone it says which check failed and nothing about
+// the database (user, name, address); the detail goes to the log.
+func TestReadinessTellsNoOneWhereTheDatabaseIs(t *testing.T) {
+	env := baseEnv(t)
+	u, err := url.Parse(env["TALLY_DATABASE_URL"])
+	if err != nil {
+		t.Fatal(err)
+	}
+	proxy := newDBProxy(t, u.Host)
+	u.Host = proxy.addr
+	env["TALLY_DATABASE_URL"] = u.String()
+	s := startServer(t, env)
+
+	proxy.down()
+	waitStatus(t, s.URL+"/readyz", http.StatusServiceUnavailable, 5*time.Second)
+	status, body := getWithToken(t, s.URL+"/readyz", "")
+	if status != http.StatusServiceUnavailable || !strings.Contains(body, `"database"`) {
+		t.Fatalf("/readyz without a database: %d %s, want 503 naming the database check", status, body)
+	}
+	_, port, _ := strings.Cut(proxy.addr, ":")
+	dbName := strings.TrimPrefix(u.Path, "/")
+	for _, secret := range []string{u.User.Username(), dbName, port, "127.0.0.1"} {
+		if strings.Contains(body, secret) {
+			t.Fatalf("/readyz tells anyone %q: %s", secret, body)
+		}
+	}
+	if logs := s.logs.String(); !strings.Contains(logs, port) || !strings.Contains(logs, "readiness") {
+		t.Fatalf("the readiness failure's detail is not in the log:\n%s", logs)
+	}
+}
+
+// TestMetricsOnTheMainListenerNeedTheAdminKey: on the API's own listener,
+// which the internet may reach, /metrics answers only an admin key (what
+// Prometheus sends as its bearer token); the separate TALLY_METRICS_ADDR
+// listener, reachable only inside the cluster, stays open.
+func TestMetricsOnTheMainListenerNeedTheAdminKey(t *testing.T) {
+	s := startServer(t, baseEnv(t))
+	for _, c := range []struct {
+		who, token string
+		want       int
+	}{
+		{"anyone", "", http.StatusUnauthorized},
+		{"a wrong key", "not-a-key", http.StatusUnauthorized},
+		{"a service key", testServiceKey, http.StatusForbidden},
+		{"an end user", userToken(t, "alice", time.Now().Add(time.Hour)), http.StatusForbidden},
+		{"the admin key", testAdminKey, http.StatusOK},
+	} {
+		status, body := getWithToken(t, s.URL+"/metrics", c.token)
+		if status != c.want {
+			t.Fatalf("/metrics for %s: %d, want %d: %s", c.who, status, c.want, body)
+		}
+		if (status == http.StatusOK) != strings.Contains(body, "tally_db_up 1") {
+			t.Fatalf("/metrics for %s: %d with body %.200s", c.who, status, body)
+		}
+		if status != http.StatusOK && !strings.Contains(body, `"code"`) {
+			t.Fatalf("/metrics refusal for %s is not problem+json: %s", c.who, body)
+		}
+	}
+
+	env := baseEnv(t)
+	env["TALLY_METRICS_ADDR"] = freeAddr(t)
+	own := startServer(t, env)
+	if status, body := getWithToken(t, "http://"+env["TALLY_METRICS_ADDR"]+"/metrics", ""); status != http.StatusOK || !strings.Contains(body, "tally_db_up") {
+		t.Fatalf("/metrics on the cluster-only listener without a token: %d", status)
+	}
+	if status, _ := getWithToken(t, own.URL+"/metrics", testAdminKey); status != http.StatusNotFound {
+		t.Fatalf("/metrics on the API listener with a metrics listener set: %d, want 404", status)
 	}
 }

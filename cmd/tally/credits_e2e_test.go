@@ -515,16 +515,12 @@ func TestSweeperRecordsExpiriesInARunningServer(t *testing.T) {
 	mustVerifyClean(t, s)
 }
 
+// metricsText is /metrics of s's API listener, read with the admin key.
 func metricsText(t testing.TB, s *server) string {
 	t.Helper()
-	resp, err := http.Get(s.URL + "/metrics")
-	if err != nil {
-		t.Fatal(err)
+	status, body := getWithToken(t, s.URL+"/metrics", testAdminKey)
+	if status != http.StatusOK {
+		t.Fatalf("/metrics: %d %s", status, body)
 	}
-	defer resp.Body.Close()
-	b, err := io.ReadAll(resp.Body)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return string(b)
+	return body
 }

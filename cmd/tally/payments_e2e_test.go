@@ -671,13 +671,7 @@ func TestRefundBeforeSuccessIsRetried(t *testing.T) {
 
 func metrics(t testing.TB, s *server) string {
 	t.Helper()
-	resp, err := http.Get(s.URL + "/metrics")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer resp.Body.Close()
-	b, _ := io.ReadAll(resp.Body)
-	return string(b)
+	return metricsText(t, s)
 }
 
 func waitFor(t testing.TB, what string, cond func() bool) {
