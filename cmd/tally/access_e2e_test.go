@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"io"
 	"net/http"
@@ -227,4 +228,80 @@ func TestMetricsOnTheMainListenerNeedTheAdminKey(t *testing.T) {
 	if status, _ := getWithToken(t, own.URL+"/metrics", testAdminKey); status != http.StatusNotFound {
 		t.Fatalf("/metrics on the API listener with a metrics listener set: %d, want 404", status)
 	}
+}
+
+// remoteIPs are the remote_ip of every access log line for path, in order.
+func remoteIPs(t testing.TB, s *server, path string) []string {
+	t.Helper()
+	var ips []string
+	for line := range strings.SplitSeq(s.logs.String(), "\n") {
+		var entry struct {
+			Msg      string `json:"msg"`
+			Path     string `json:"path"`
+			RemoteIP string `json:"remote_ip"`
+		}
+		if json.Unmarshal([]byte(line), &entry) == nil && entry.Msg == "request" && entry.Path == path {
+			ips = append(ips, entry.RemoteIP)
+		}
+	}
+	return ips
+}
+
+// TestRemoteIPTrustsOnlyConfiguredProxies: X-Forwarded-For is anyone's to
+// write, so the access log's remote_ip believes it only when the connection
+// comes from a proxy listed in TALLY_TRUSTED_PROXIES (none by default), and
+// then takes the last address no trusted proxy added.
+func TestRemoteIPTrustsOnlyConfiguredProxies(t *testing.T) {
+	send := func(s *server, path string, headers map[string]string) {
+		t.Helper()
+		req, _ := http.NewRequest(http.MethodGet, s.URL+path, nil)
+		for k, v := range headers {
+			req.Header.Set(k, v)
+		}
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+	}
+	forged := map[string]string{"X-Forwarded-For": "203.0.113.9", "X-Real-IP": "203.0.113.10"}
+
+	env := baseEnv(t)
+	env["TALLY_LOG_LEVEL"] = "info"
+	direct := startServer(t, env)
+	send(direct, "/probe-direct", forged)
+	if got := remoteIPs(t, direct, "/probe-direct"); len(got) != 1 || got[0] != "127.0.0.1" {
+		t.Fatalf("without trusted proxies, remote_ip = %v, want the connection's 127.0.0.1", got)
+	}
+
+	env = baseEnv(t)
+	env["TALLY_LOG_LEVEL"] = "info"
+	env["TALLY_TRUSTED_PROXIES"] = "10.0.0.0/8, 127.0.0.1/32"
+	proxied := startServer(t, env)
+	send(proxied, "/probe-forwarded", forged)
+	// The client forged its first hop; our proxies (10.1.2.3, then the
+	// connection's 127.0.0.1) appended the address they saw.
+	send(proxied, "/probe-chain", map[string]string{"X-Forwarded-For": "198.51.100.1, 203.0.113.7, 10.1.2.3"})
+	if got := remoteIPs(t, proxied, "/probe-forwarded"); len(got) != 1 || got[0] != "203.0.113.9" {
+		t.Fatalf("from a trusted proxy, remote_ip = %v, want the forwarded 203.0.113.9", got)
+	}
+	if got := remoteIPs(t, proxied, "/probe-chain"); len(got) != 1 || got[0] != "203.0.113.7" {
+		t.Fatalf("through a chain of trusted proxies, remote_ip = %v, want 203.0.113.7", got)
+	}
+
+	env = baseEnv(t)
+	env["TALLY_TRUSTED_PROXIES"] = "10.0.0.0/33,not-an-ip"
+	if _, err := startServerErr(env); err == nil || !strings.Contains(err.Error(), "TALLY_TRUSTED_PROXIES") {
+		t.Fatalf("bad TALLY_TRUSTED_PROXIES: %v, want an error naming it", err)
+	}
+}
+
+// startServerErr runs `tally serve` with env and returns its error when it
+// refuses to start (nil when it is still running after a moment).
+func startServerErr(env map[string]string) (string, error) {
+	var out syncBuffer
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	err := run(ctx, []string{"tally", "serve"}, func(k string) string { return env[k] }, &out, &out)
+	return out.String(), err
 }

@@ -85,6 +85,7 @@ func New(d Deps) (*echo.Echo, error) {
 	e.HideBanner = true
 	e.HidePort = true
 	e.HTTPErrorHandler = errorHandler(d.Logger)
+	e.IPExtractor = clientIP(d.Config.TrustedProxies)
 	e.Use(withRequestID, observe(d.Logger, newHTTPMetrics(d.Registry)), recoverPanics(d.Logger))
 	if len(d.Config.CORSOrigins) > 0 {
 		e.Use(middleware.CORSWithConfig(middleware.CORSConfig{
