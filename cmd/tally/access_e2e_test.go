@@ -7,9 +7,12 @@ import (
 	"io"
 	"net/http"
 	"net/url"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/golang-jwt/jwt/v5"
 
 	"github.com/tallybilling/tally/internal/stripeapi/stripefake"
 	"github.com/tallybilling/tally/pkg/client"
@@ -304,4 +307,35 @@ func startServerErr(env map[string]string) (string, error) {
 	defer cancel()
 	err := run(ctx, []string{"tally", "serve"}, func(k string) string { return env[k] }, &out, &out)
 	return out.String(), err
+}
+
+// TestEndUserTokenWithAStringExpIsRefused: "exp":"<seconds>" is not a
+// NumericDate (RFC 7519 §2); such a token is refused, not read as a date.
+func TestEndUserTokenWithAStringExpIsRefused(t *testing.T) {
+	s := startServer(t, baseEnv(t))
+	ctx := context.Background()
+	createCustomer(t, s, "alice")
+	for exp, want := range map[any]int{
+		time.Now().Add(time.Hour).Unix():                        http.StatusOK,
+		strconv.FormatInt(time.Now().Add(time.Hour).Unix(), 10): http.StatusUnauthorized,
+	} {
+		tok, err := jwt.NewWithClaims(jwt.SigningMethodHS256, jwt.MapClaims{"sub": "alice", "exp": exp}).SignedString([]byte(testJWTSecret))
+		if err != nil {
+			t.Fatal(err)
+		}
+		r, err := s.client(t, tok).GetBalanceWithResponse(ctx, "alice")
+		if err != nil {
+			t.Fatal(err)
+		}
+		mustStatus(t, fmt.Sprintf("balance with exp %#v", exp), r.StatusCode(), r.Body, want)
+	}
+}
+
+func createCustomer(t testing.TB, s *server, id string) {
+	t.Helper()
+	r, err := s.service(t).UpsertCustomerWithResponse(context.Background(), id, client.CustomerUpsert{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	mustStatus(t, "create "+id, r.StatusCode(), r.Body, http.StatusCreated)
 }
