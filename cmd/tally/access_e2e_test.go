@@ -339,3 +339,62 @@ func createCustomer(t testing.TB, s *server, id string) {
 	}
 	mustStatus(t, "create "+id, r.StatusCode(), r.Body, http.StatusCreated)
 }
+
+// TestEndUsersSeeNoProviderInternals: when Stripe refuses a checkout, the
+// payment records why; the backend (a service key) reads Stripe's request
+// id and message there, the end user reads only that creation failed.
+func TestEndUsersSeeNoProviderInternals(t *testing.T) {
+	ctx := context.Background()
+	fake := stripefake.New(t)
+	fake.SetFault(func(r *http.Request) (int, string, bool) {
+		if r.URL.Path != "/v1/checkout/sessions" {
+			return 0, "", false
+		}
+		return http.StatusBadRequest, `{"error":{"type":"invalid_request_error","code":"resource_missing","message":"No such tax rate for account acct_internal_77"}}`, true
+	})
+	s := startServer(t, payEnv(t, fake.URL()))
+	user := s.client(t, userToken(t, "carol", time.Now().Add(time.Hour)))
+	r, err := user.CreateCheckoutSessionWithResponse(ctx, &client.CreateCheckoutSessionParams{}, client.CheckoutSessionCreate{
+		CustomerId: "carol", Item: "starter", SuccessUrl: "https://app.example.com/paid", CancelUrl: "https://app.example.com/cancel",
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	mustStatus(t, "checkout Stripe refuses", r.StatusCode(), r.Body, http.StatusBadGateway)
+	internals := []string{"req_fake_fault", "acct_internal_77", "resource_missing"}
+	for _, secret := range internals {
+		if strings.Contains(string(r.Body), secret) {
+			t.Fatalf("the end user's 502 shows %q: %s", secret, r.Body)
+		}
+	}
+
+	reasons := func(c *client.ClientWithResponses) string {
+		t.Helper()
+		list, err := c.ListCustomerPaymentsWithResponse(ctx, "carol", &client.ListCustomerPaymentsParams{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		mustStatus(t, "carol's payments", list.StatusCode(), list.Body, http.StatusOK)
+		if len(list.JSON200.Data) != 1 {
+			t.Fatalf("carol has %d payments, want 1", len(list.JSON200.Data))
+		}
+		one, err := c.GetPaymentWithResponse(ctx, list.JSON200.Data[0].Id)
+		if err != nil {
+			t.Fatal(err)
+		}
+		mustStatus(t, "carol's payment", one.StatusCode(), one.Body, http.StatusOK)
+		return string(list.Body) + "\n" + string(one.Body)
+	}
+	seen := reasons(user)
+	if !strings.Contains(seen, "checkout session creation failed") {
+		t.Fatalf("the end user is not told the checkout failed: %s", seen)
+	}
+	for _, secret := range internals {
+		if strings.Contains(seen, secret) {
+			t.Fatalf("the end user reads %q in its payment: %s", secret, seen)
+		}
+	}
+	if backend := reasons(s.service(t)); !strings.Contains(backend, "req_fake_fault") || !strings.Contains(backend, "acct_internal_77") {
+		t.Fatalf("the backend lost Stripe's request id and message: %s", backend)
+	}
+}

@@ -482,9 +482,14 @@ type Payment struct {
 	CreatedAt         time.Time `json:"created_at"`
 
 	// Credits Credits this payment buys (0 for products and plans).
-	Credits         int64           `json:"credits"`
-	Currency        string          `json:"currency"`
-	CustomerId      CustomerID      `json:"customer_id"`
+	Credits    int64      `json:"credits"`
+	Currency   string     `json:"currency"`
+	CustomerId CustomerID `json:"customer_id"`
+
+	// FailureReason Why the payment failed. An API key reads the payment provider's
+	// own account too (Stripe's request id, error code and message);
+	// an end-user token reads only what happened, e.g. `checkout
+	// session creation failed`. The same holds for transition reasons.
 	FailureReason   *string         `json:"failure_reason,omitempty"`
 	Id              string          `json:"id"`
 	InvoiceId       *string         `json:"invoice_id,omitempty"`
