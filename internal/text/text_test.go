@@ -56,3 +56,53 @@ func FuzzTruncate(f *testing.F) {
 		}
 	})
 }
+
+func TestCheck(t *testing.T) {
+	for _, c := range []struct {
+		in   string
+		want string // "" when accepted
+	}{
+		{"refund for order 42", ""},
+		{"", ""},
+		{"naïve – 日本語 – emoji 😀", ""},
+		{"שלום 2\u200F", ""}, // right-to-left mark
+		{"abc\u200Edef", ""}, // left-to-right mark
+		{"\u061Cعربي", ""},   // Arabic letter mark
+		{"tab\tand\nnewline", ""},
+		{"bad\xffutf8", "UTF-8"},
+		{"nul\x00", "NUL character (at character 4)"},
+		{"invoice\u202Efdp.exe", "U+202E, a bidirectional control character, at character 8"},
+	} {
+		err := text.Check(c.in)
+		if c.want == "" && err != nil {
+			t.Errorf("Check(%q) = %v, want accepted", c.in, err)
+		}
+		if c.want != "" && (err == nil || !strings.Contains(err.Error(), c.want)) {
+			t.Errorf("Check(%q) = %v, want an error mentioning %q", c.in, err, c.want)
+		}
+	}
+	for r := rune(0x2000); r <= 0x206F; r++ {
+		bidi := (r >= 0x202A && r <= 0x202E) || (r >= 0x2066 && r <= 0x2069)
+		if err := text.Check("x" + string(r)); (err != nil) != bidi {
+			t.Errorf("Check(U+%04X) = %v, want refused = %v", r, err, bidi)
+		}
+	}
+}
+
+// Whatever Check accepts is storable and holds no bidirectional control.
+func FuzzCheck(f *testing.F) {
+	for _, s := range []string{"plain", "a\u202Eb", "\xe2\x80", "nul\x00", "שלום\u200F", "\u2069"} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, s string) {
+		if text.Check(s) != nil {
+			return
+		}
+		if !utf8.ValidString(s) || strings.ContainsRune(s, 0) {
+			t.Fatalf("accepted %q, which PostgreSQL cannot store", s)
+		}
+		if strings.ContainsFunc(s, func(r rune) bool { return (r >= 0x202A && r <= 0x202E) || (r >= 0x2066 && r <= 0x2069) }) {
+			t.Fatalf("accepted %q with a bidirectional control", s)
+		}
+	})
+}
