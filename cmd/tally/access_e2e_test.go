@@ -48,6 +48,13 @@ func TestWebhookReplayBehindAFreshTimestamp(t *testing.T) {
 	if p := getPayment(t, s, pay); p.Status != "pending" {
 		t.Fatalf("a replayed delivery moved the payment to %s", p.Status)
 	}
+
+	// Stripe's own delivery, signed now, is still taken.
+	deliver(t, s, body)
+	if got := balanceOf(t, gdb, "replay-1"); got != starterCredits {
+		t.Fatalf("the genuine delivery credited %d, want %d", got, starterCredits)
+	}
+	assertInvariants(t, s)
 }
 
 // TestIdempotencyKeySpaces: an end user's keys live in a space of their own,
@@ -141,6 +148,7 @@ func TestIdempotencyKeySpaces(t *testing.T) {
 			t.Fatalf("usage batch %d: replayed = %v", i+1, replayed)
 		}
 	}
+	mustVerifyClean(t, s)
 }
 
 // getWithToken GETs u with a bearer token (none when empty).
@@ -406,6 +414,7 @@ func TestEndUsersSeeNoProviderInternals(t *testing.T) {
 	if backend := reasons(s.service(t)); !strings.Contains(backend, "req_fake_fault") || !strings.Contains(backend, "acct_internal_77") {
 		t.Fatalf("the backend lost Stripe's request id and message: %s", backend)
 	}
+	mustVerifyClean(t, s)
 }
 
 // rawJSON sends body to path with the service key and Idempotency-Key key
@@ -509,4 +518,5 @@ func TestBidiControlsAreRefusedWhereverTextIsStored(t *testing.T) {
 	if status != http.StatusCreated {
 		t.Fatalf("a Hebrew name with a right-to-left mark: %d %+v", status, p)
 	}
+	mustVerifyClean(t, s)
 }
