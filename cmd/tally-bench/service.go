@@ -11,6 +11,8 @@ import (
 	"net/url"
 	"strings"
 	"time"
+
+	"github.com/tallybilling/tally/internal/text"
 )
 
 // service talks to the tally server under test. Requests are built by hand
@@ -148,9 +150,5 @@ func redactURL(raw string) string {
 }
 
 func snippet(b []byte) string {
-	s := strings.TrimSpace(string(b))
-	if len(s) > 200 {
-		s = s[:200] + "..."
-	}
-	return s
+	return text.Truncate(strings.TrimSpace(string(b)), 200)
 }

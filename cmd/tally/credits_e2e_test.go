@@ -277,7 +277,7 @@ func TestCreditsBadInputIsRefusedAndWritesNothing(t *testing.T) {
 		{"unknown field", consumeURL, "k10", `{"amount":1,"reason":"x","currency":"usd"}`, 422, client.ErrorCodeInvalidRequest},
 		{"unknown customer", s.URL + "/v1/customers/ghost/credits/consume", "k11", `{"amount":1,"reason":"x"}`, 404, client.ErrorCodeNotFound},
 		{"grant of zero", grantURL, "k12", `{"amount":0,"reason":"x"}`, 422, client.ErrorCodeInvalidRequest},
-		{"grant expiring in the past", grantURL, "k13", `{"amount":5,"reason":"x","expires_at":"2001-01-01T00:00:00Z"}`, 400, client.ErrorCodeInvalidRequest},
+		{"grant expiring in the past", grantURL, "k13", `{"amount":5,"reason":"x","expires_at":"2001-01-01T00:00:00Z"}`, 422, client.ErrorCodeInvalidRequest},
 		{"grant without key", grantURL, "", `{"amount":5,"reason":"x"}`, 400, client.ErrorCodeInvalidRequest},
 	}
 	for _, tc := range cases {
@@ -515,16 +515,12 @@ func TestSweeperRecordsExpiriesInARunningServer(t *testing.T) {
 	mustVerifyClean(t, s)
 }
 
+// metricsText is /metrics of s's API listener, read with the admin key.
 func metricsText(t testing.TB, s *server) string {
 	t.Helper()
-	resp, err := http.Get(s.URL + "/metrics")
-	if err != nil {
-		t.Fatal(err)
+	status, body := getWithToken(t, s.URL+"/metrics", testAdminKey)
+	if status != http.StatusOK {
+		t.Fatalf("/metrics: %d %s", status, body)
 	}
-	defer resp.Body.Close()
-	b, err := io.ReadAll(resp.Body)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return string(b)
+	return body
 }

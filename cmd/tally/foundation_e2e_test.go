@@ -164,10 +164,10 @@ func TestContractViolationsWriteNothing(t *testing.T) {
 		{"negative threshold", `{"low_balance_threshold":-1}`, 422, "/low_balance_threshold"},
 		{"unknown field", `{"emial":"a@b.c"}`, 422, ""},
 		{"malformed JSON", `{"email":`, 400, ""},
-		{"bad email", `{"email":"not-an-email"}`, 400, "/email"},
+		{"bad email", `{"email":"not-an-email"}`, 422, "/email"},
 		{"bad stripe id", `{"stripe_customer_id":"acct_1"}`, 422, "/stripe_customer_id"},
-		{"NUL in name", `{"name":"a\u0000b"}`, 400, "/name"},
-		{"NUL in metadata", `{"metadata":{"k":"\u0000"}}`, 400, "/metadata"},
+		{"NUL in name", `{"name":"a\u0000b"}`, 422, "/name"},
+		{"NUL in metadata", `{"metadata":{"k":"\u0000"}}`, 422, "/metadata"},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {

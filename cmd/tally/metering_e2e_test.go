@@ -4,7 +4,6 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
-	"io"
 	"net/http"
 	"strings"
 	"testing"
@@ -166,14 +165,9 @@ func TestUsageEndToEndAgainstStripeMock(t *testing.T) {
 	}
 	mustStatus(t, "another customer's totals with an end-user token", other.StatusCode(), other.Body, http.StatusForbidden)
 
-	metrics, err := http.Get(s.URL + "/metrics")
-	if err != nil {
-		t.Fatal(err)
-	}
-	body, _ := io.ReadAll(metrics.Body)
-	metrics.Body.Close()
+	body := metricsText(t, s)
 	for _, want := range []string{`tally_usage_deliveries_total{result="delivered"} 2`, "tally_usage_events_pending", "tally_usage_events_dead"} {
-		if !strings.Contains(string(body), want) {
+		if !strings.Contains(body, want) {
 			t.Errorf("/metrics lacks %s", want)
 		}
 	}

@@ -49,6 +49,7 @@ type App struct {
 
 // Options are what New needs besides the Config.
 type Options struct {
+	// Logger receives every log line; nil discards them.
 	Logger *slog.Logger
 	// Now is the clock; nil means time.Now.
 	Now func() time.Time
@@ -62,6 +63,9 @@ func New(ctx context.Context, cfg config.Config, opts Options) (*App, error) {
 		now = time.Now
 	}
 	logger := opts.Logger
+	if logger == nil {
+		logger = slog.New(slog.DiscardHandler)
+	}
 	gdb, err := db.Open(ctx, cfg.DatabaseURL, cfg.DBMaxOpenConns, logger)
 	if err != nil {
 		return nil, fmt.Errorf("open database: %w", err)

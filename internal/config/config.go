@@ -15,6 +15,7 @@ import (
 	"log/slog"
 	"math"
 	"net"
+	"net/netip"
 	"net/url"
 	"os"
 	"strconv"
@@ -124,6 +125,7 @@ type Config struct {
 	MaxBodyBytes    int64
 	ShutdownTimeout time.Duration
 	LogLevel        slog.Level
+	TrustedProxies  []netip.Prefix // whose X-Forwarded-For names the client; empty: none
 
 	APIKeys       []APIKey
 	JWT           JWTConfig
@@ -276,6 +278,16 @@ func Load(getenv func(string) string) (Config, error) {
 	p.boolean("TALLY_AUTO_MIGRATE", &c.AutoMigrate)
 	p.str("TALLY_CATALOG_FILE", &c.CatalogFile)
 	p.list("TALLY_CORS_ORIGINS", &c.CORSOrigins)
+	var proxies []string
+	p.list("TALLY_TRUSTED_PROXIES", &proxies)
+	for _, entry := range proxies {
+		prefix, err := parseProxy(entry)
+		if err != nil {
+			p.fail("TALLY_TRUSTED_PROXIES", "%v", err)
+			continue
+		}
+		c.TrustedProxies = append(c.TrustedProxies, prefix)
+	}
 	p.int64("TALLY_MAX_BODY_BYTES", &c.MaxBodyBytes)
 	p.duration("TALLY_SHUTDOWN_TIMEOUT", &c.ShutdownTimeout)
 	if v := strings.TrimSpace(getenv("TALLY_LOG_LEVEL")); v != "" {
@@ -356,6 +368,18 @@ func Load(getenv func(string) string) (Config, error) {
 		return Config{}, err
 	}
 	return c, nil
+}
+
+// parseProxy reads a CIDR (10.0.0.0/8, fd00::/8) or a single address.
+func parseProxy(entry string) (netip.Prefix, error) {
+	if prefix, err := netip.ParsePrefix(entry); err == nil {
+		return prefix.Masked(), nil
+	}
+	addr, err := netip.ParseAddr(entry)
+	if err != nil {
+		return netip.Prefix{}, fmt.Errorf("%q is not a CIDR (10.0.0.0/8) or an IP address", entry)
+	}
+	return netip.PrefixFrom(addr, addr.BitLen()), nil
 }
 
 func parseLogLevel(v string) (slog.Level, error) {
@@ -458,6 +482,11 @@ func (c Config) Validate() error {
 			bad("TALLY_METRICS_ADDR", "%v", err)
 		} else if c.MetricsAddr == c.HTTPAddr {
 			bad("TALLY_METRICS_ADDR", "must differ from TALLY_HTTP_ADDR (leave it empty to serve /metrics on the main listener)")
+		}
+	}
+	for _, p := range c.TrustedProxies {
+		if !p.IsValid() {
+			bad("TALLY_TRUSTED_PROXIES", "%v is not a valid CIDR", p)
 		}
 	}
 	for _, o := range c.CORSOrigins {

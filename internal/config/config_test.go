@@ -8,6 +8,7 @@ import (
 	"encoding/hex"
 	"encoding/pem"
 	"log/slog"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"reflect"
@@ -89,6 +90,7 @@ func TestLoadEveryVariable(t *testing.T) {
 		"TALLY_JWT_ISSUER":                  "https://auth.example.com/",
 		"TALLY_JWT_AUDIENCE":                "tally",
 		"TALLY_CORS_ORIGINS":                "https://app.example.com, http://localhost:3000",
+		"TALLY_TRUSTED_PROXIES":             "10.0.0.0/8, 192.168.1.7, fd00::/8",
 		"TALLY_STRIPE_SECRET_KEY":           "sk_live_abc",
 		"TALLY_STRIPE_API_URL":              "http://127.0.0.1:12111",
 		"TALLY_STRIPE_METER_EVENTS_URL":     "http://127.0.0.1:12112",
@@ -138,6 +140,7 @@ func TestLoadEveryVariable(t *testing.T) {
 		{"JWT.Issuer", c.JWT.Issuer, "https://auth.example.com/"},
 		{"JWT.Audience", c.JWT.Audience, "tally"},
 		{"CORSOrigins", c.CORSOrigins, []string{"https://app.example.com", "http://localhost:3000"}},
+		{"TrustedProxies", c.TrustedProxies, []netip.Prefix{netip.MustParsePrefix("10.0.0.0/8"), netip.MustParsePrefix("192.168.1.7/32"), netip.MustParsePrefix("fd00::/8")}},
 		{"Stripe.SecretKey", c.Stripe.SecretKey, "sk_live_abc"},
 		{"Stripe.Livemode", c.Stripe.Livemode, true},
 		{"Stripe.APIURL", c.Stripe.APIURL, "http://127.0.0.1:12111"},
@@ -202,6 +205,8 @@ func TestLoadRejectsEachBadValue(t *testing.T) {
 		{"TALLY_JWT_HS256_SECRET", "short"},
 		{"TALLY_JWT_RS256_PUBLIC_KEY_FILE", "/does/not/exist.pem"},
 		{"TALLY_CORS_ORIGINS", "app.example.com"},
+		{"TALLY_TRUSTED_PROXIES", "10.0.0.0/33"},
+		{"TALLY_TRUSTED_PROXIES", "10.0.0.0/8,proxy.internal"},
 		{"TALLY_CORS_ORIGINS", "https://app.example.com/path"},
 		{"TALLY_STRIPE_SECRET_KEY", "pk_test_123"},
 		{"TALLY_STRIPE_API_URL", "localhost:12111"},

@@ -11,7 +11,7 @@ package credits
 
 import (
 	"log/slog"
-	"strings"
+	"strconv"
 	"time"
 	"unicode/utf8"
 
@@ -21,6 +21,7 @@ import (
 	"github.com/tallybilling/tally/internal/config"
 	"github.com/tallybilling/tally/internal/customers"
 	"github.com/tallybilling/tally/internal/errs"
+	"github.com/tallybilling/tally/internal/text"
 )
 
 // Limits on inputs (openapi.yaml: ConsumeRequest, GrantRequest, Metadata).
@@ -223,8 +224,8 @@ func validateAmount(n int64) error {
 }
 
 func validateReason(r string) error {
-	if !utf8.ValidString(r) || strings.ContainsRune(r, 0) {
-		return errs.InvalidField("/reason", "reason must be UTF-8 text without NUL characters")
+	if err := text.Check(r); err != nil {
+		return errs.InvalidField("/reason", "reason "+err.Error())
 	}
 	if n := utf8.RuneCountInString(r); n < 1 || n > MaxReasonLen {
 		return errs.InvalidField("/reason", "reason must be 1 to 255 characters")
@@ -237,9 +238,11 @@ func validateMetadata(m map[string]string) error {
 		return errs.InvalidField("/metadata", "metadata holds at most 50 keys")
 	}
 	for k, v := range m {
-		// PostgreSQL text cannot hold NUL; refuse it here rather than fail later.
-		if !utf8.ValidString(k) || !utf8.ValidString(v) || strings.ContainsRune(k, 0) || strings.ContainsRune(v, 0) {
-			return errs.InvalidField("/metadata", "metadata must be UTF-8 text without NUL characters")
+		if err := text.Check(k); err != nil {
+			return errs.InvalidField("/metadata", "metadata key "+err.Error())
+		}
+		if err := text.Check(v); err != nil {
+			return errs.InvalidField("/metadata", "metadata value of "+strconv.Quote(k)+" "+err.Error())
 		}
 		if n := utf8.RuneCountInString(k); n < 1 || n > MaxMetadataKeyLen {
 			return errs.InvalidField("/metadata", "metadata keys must be 1 to 40 characters")

@@ -9,7 +9,7 @@ import (
 	"fmt"
 	"net/mail"
 	"regexp"
-	"strings"
+	"strconv"
 	"time"
 	"unicode/utf8"
 
@@ -18,6 +18,7 @@ import (
 	"github.com/tallybilling/tally/internal/db"
 	"github.com/tallybilling/tally/internal/errs"
 	"github.com/tallybilling/tally/internal/events"
+	"github.com/tallybilling/tally/internal/text"
 )
 
 // Customer is one of the host product's users as tally knows it.
@@ -58,6 +59,9 @@ func (in UpsertInput) Validate() error {
 		return err
 	}
 	if in.Email != nil && *in.Email != "" {
+		if err := text.Check(*in.Email); err != nil {
+			return errs.InvalidField("/email", "email "+err.Error())
+		}
 		if a, err := mail.ParseAddress(*in.Email); err != nil || a.Address != *in.Email {
 			return errs.InvalidField("/email", "email must be a plain address like name@example.com")
 		}
@@ -65,24 +69,23 @@ func (in UpsertInput) Validate() error {
 	if in.LowBalanceThreshold != nil && *in.LowBalanceThreshold < 0 {
 		return errs.InvalidField("/low_balance_threshold", "low_balance_threshold must not be negative")
 	}
-	if in.Name != nil && !storableText(*in.Name) {
-		return errs.InvalidField("/name", "name must be UTF-8 text without NUL characters")
+	if in.Name != nil {
+		if err := text.Check(*in.Name); err != nil {
+			return errs.InvalidField("/name", "name "+err.Error())
+		}
 	}
 	for k, v := range in.Metadata {
 		if n := utf8.RuneCountInString(k); n == 0 || n > 40 || utf8.RuneCountInString(v) > 500 {
 			return errs.InvalidField("/metadata", "metadata keys must be 1 to 40 characters and values at most 500")
 		}
-		if !storableText(k) || !storableText(v) {
-			return errs.InvalidField("/metadata", "metadata must be UTF-8 text without NUL characters")
+		if err := text.Check(k); err != nil {
+			return errs.InvalidField("/metadata", "metadata key "+err.Error())
+		}
+		if err := text.Check(v); err != nil {
+			return errs.InvalidField("/metadata", "metadata value of "+strconv.Quote(k)+" "+err.Error())
 		}
 	}
 	return nil
-}
-
-// storableText: PostgreSQL text holds any UTF-8 except the NUL character,
-// which JSON can smuggle in as \u0000.
-func storableText(s string) bool {
-	return utf8.ValidString(s) && !strings.ContainsRune(s, 0)
 }
 
 type row struct {

@@ -10,14 +10,11 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"regexp"
-	"strings"
 	"time"
 
 	"github.com/jackc/pgx/v5/pgconn"
 	"gorm.io/driver/postgres"
 	"gorm.io/gorm"
-	gormlogger "gorm.io/gorm/logger"
 
 	"github.com/tallybilling/tally/internal/errs"
 )
@@ -84,66 +81,6 @@ func Close(gdb *gorm.DB) error {
 		return err
 	}
 	return sqlDB.Close()
-}
-
-// slogGorm routes gorm's log to slog. gorm's chatter (info, warnings, slow
-// queries) is dropped; failed queries are logged with their SQL but never
-// their arguments, which may hold customer data.
-type slogGorm struct{ log *slog.Logger }
-
-var _ gormlogger.Interface = slogGorm{}
-var _ gorm.ParamsFilter = slogGorm{}
-
-func (l slogGorm) LogMode(gormlogger.LogLevel) gormlogger.Interface { return l }
-func (l slogGorm) Info(context.Context, string, ...any)             {}
-func (l slogGorm) Warn(context.Context, string, ...any)             {}
-
-func (l slogGorm) Error(ctx context.Context, msg string, args ...any) {
-	if l.log != nil {
-		l.log.ErrorContext(ctx, "gorm: "+fmt.Sprintf(msg, args...))
-	}
-}
-
-// ParamsFilter keeps bound values out of the logged SQL.
-func (l slogGorm) ParamsFilter(_ context.Context, sql string, _ ...any) (string, []any) {
-	return sql, nil
-}
-
-// gorm's Explain turns $1 into $1$ when it has no values to put there.
-var explainedPlaceholder = regexp.MustCompile(`\$(\d+)\$`)
-
-func (l slogGorm) Trace(ctx context.Context, begin time.Time, fc func() (string, int64), err error) {
-	if l.log == nil || err == nil || errors.Is(err, gorm.ErrRecordNotFound) {
-		return
-	}
-	level := slog.LevelError
-	if expectedQueryError(err) {
-		level = slog.LevelDebug
-	}
-	if !l.log.Enabled(ctx, level) {
-		return
-	}
-	sql, rows := fc()
-	sql = explainedPlaceholder.ReplaceAllString(sql, "$$$1")
-	l.log.Log(ctx, level, "database query failed",
-		slog.String("err", err.Error()),
-		slog.String("sql", sql),
-		slog.Int64("rows", rows),
-		slog.Duration("elapsed", time.Since(begin)))
-}
-
-// expectedQueryError is true for failures that callers handle as ordinary
-// outcomes: constraint violations (translated into conflicts), serialization
-// failures (retried by InTx) and requests the client abandoned.
-func expectedQueryError(err error) bool {
-	if errors.Is(err, context.Canceled) {
-		return true
-	}
-	var pgErr *pgconn.PgError
-	if errors.As(err, &pgErr) {
-		return strings.HasPrefix(pgErr.Code, "23") || pgErr.Code == serializationFailure || pgErr.Code == deadlockDetected
-	}
-	return false
 }
 
 // ScanRow runs q (typically gdb.Raw(...)) and scans its first row into dest,

@@ -15,6 +15,7 @@ import (
 	"gorm.io/gorm"
 
 	"github.com/tallybilling/tally/internal/errs"
+	"github.com/tallybilling/tally/internal/text"
 )
 
 // IdempotencyRetention is how long a key's first answer is replayed
@@ -53,8 +54,8 @@ func (k IdempotencyKey) Validate() error {
 	if n := utf8.RuneCountInString(k.Key); n < 1 || n > MaxIdempotencyKeyLen {
 		return errs.E(errs.Invalid, "Idempotency-Key must be 1 to %d characters long", MaxIdempotencyKeyLen)
 	}
-	if !utf8.ValidString(k.Key) || strings.ContainsRune(k.Key, 0) {
-		return errs.E(errs.Invalid, "Idempotency-Key must be UTF-8 text without NUL characters")
+	if err := text.Check(k.Key); err != nil {
+		return errs.E(errs.Invalid, "Idempotency-Key %v", err)
 	}
 	return nil
 }

@@ -19,6 +19,7 @@ import (
 	"gorm.io/gorm"
 
 	"github.com/tallybilling/tally/internal/db"
+	"github.com/tallybilling/tally/internal/text"
 )
 
 // SignatureHeader carries `t=<unix seconds>,v1=<hex HMAC-SHA256 of "<t>.<body>">`,
@@ -195,7 +196,7 @@ func (p *Pusher) deliverWithRetry(ctx context.Context, e Stored) error {
 		// Keep the lease through the wait; if it is gone, another instance
 		// has taken over and this one stops rather than push the same event.
 		res := p.db.WithContext(ctx).Exec(`UPDATE event_push_state SET last_error = ?, lease_until = ? WHERE id = 1 AND holder = ?`,
-			err.Error(), p.now().Add(p.cfg.Lease+wait), p.holder)
+			text.Truncate(err.Error(), 2000), p.now().Add(p.cfg.Lease+wait), p.holder)
 		if res.Error != nil {
 			return db.Translate(res.Error, nil)
 		}

@@ -5,7 +5,6 @@ import (
 	"crypto/rsa"
 	"crypto/sha256"
 	"crypto/subtle"
-	"encoding/hex"
 	"errors"
 	"strings"
 	"time"
@@ -22,8 +21,6 @@ import (
 type principal struct {
 	// scope is service or admin for API keys, empty for end users.
 	scope config.Scope
-	// keyID identifies the API key (a prefix of its hash) for idempotency scoping.
-	keyID string
 	// customerID is the end user's own customer (the token's sub).
 	customerID string
 }
@@ -47,19 +44,6 @@ func authorizeCustomer(ctx context.Context, customerID string) error {
 		return errs.E(errs.Forbidden, "this token may only access its own customer")
 	}
 	return nil
-}
-
-// idempotencyScope is the namespace of Idempotency-Key values: per customer
-// when the operation names one, else per API key (or per end user).
-func idempotencyScope(ctx context.Context, customerID string) string {
-	if customerID != "" {
-		return "customer:" + customerID
-	}
-	p, _ := principalFrom(ctx)
-	if p.isUser() {
-		return "customer:" + p.customerID
-	}
-	return "key:" + p.keyID
 }
 
 // authenticator checks bearer tokens: three dot-separated parts make an
@@ -111,7 +95,7 @@ func (a *authenticator) apiKey(token string) (principal, error) {
 	if found == nil {
 		return principal{}, errUnauthenticated
 	}
-	return principal{scope: found.Scope, keyID: hex.EncodeToString(sum[:8])}, nil
+	return principal{scope: found.Scope}, nil
 }
 
 func (a *authenticator) user(token string) (principal, error) {
@@ -137,8 +121,11 @@ func (a *authenticator) user(token string) (principal, error) {
 	if a.audience != "" {
 		opts = append(opts, jwt.WithAudience(a.audience))
 	}
-	claims := jwt.RegisteredClaims{}
-	_, err := jwt.ParseWithClaims(token, &claims, func(t *jwt.Token) (any, error) {
+	// MapClaims, not RegisteredClaims: RegisteredClaims reads a NumericDate
+	// from a JSON string too ("exp":"1900000000"), which RFC 7519 does not
+	// allow; MapClaims refuses a date that is not a JSON number.
+	claims := jwt.MapClaims{}
+	_, err := jwt.ParseWithClaims(token, claims, func(t *jwt.Token) (any, error) {
 		switch t.Method.Alg() {
 		case jwt.SigningMethodHS256.Alg():
 			return a.hs256, nil
@@ -147,13 +134,19 @@ func (a *authenticator) user(token string) (principal, error) {
 		}
 		return nil, jwt.ErrTokenUnverifiable
 	}, opts...)
+	if err == nil {
+		// The validator reads iat only when asked to check it; a malformed
+		// iat still makes a malformed token.
+		_, err = claims.GetIssuedAt()
+	}
 	if err != nil {
 		return principal{}, errs.Wrap(err, errs.Unauthorized, "invalid end-user token: %s", jwtReason(err))
 	}
-	if err := customers.ValidateID(claims.Subject); err != nil {
+	sub, err := claims.GetSubject()
+	if err != nil || customers.ValidateID(sub) != nil {
 		return principal{}, errs.E(errs.Unauthorized, "the token's sub is not a valid customer id")
 	}
-	return principal{customerID: claims.Subject}, nil
+	return principal{customerID: sub}, nil
 }
 
 func jwtReason(err error) string {
@@ -170,6 +163,8 @@ func jwtReason(err error) string {
 		return "a required claim is missing"
 	case errors.Is(err, jwt.ErrTokenSignatureInvalid), errors.Is(err, jwt.ErrTokenUnverifiable):
 		return "bad signature"
+	case errors.Is(err, jwt.ErrInvalidType):
+		return "a claim has the wrong type (exp, nbf and iat must be numbers of seconds)"
 	}
 	return "malformed"
 }

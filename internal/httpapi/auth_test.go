@@ -4,6 +4,7 @@ import (
 	"crypto/rand"
 	"crypto/rsa"
 	"crypto/sha256"
+	"strconv"
 	"testing"
 	"time"
 
@@ -93,6 +94,39 @@ func TestAuthenticate(t *testing.T) {
 			}
 			if err != nil || p.customerID != tc.customer || p.scope != tc.scope {
 				t.Fatalf("authenticate = %+v, %v; want customer %q scope %q", p, err, tc.customer, tc.scope)
+			}
+		})
+	}
+}
+
+// RFC 7519 makes exp, nbf and iat NumericDates: JSON numbers. A date sent
+// as a string is a malformed token, refused like any other, whatever
+// value it spells.
+func TestAuthenticateRefusesDatesAsStrings(t *testing.T) {
+	secret := []byte("0123456789abcdef0123456789abcdef")
+	a := testAuthenticator(t, secret, nil, "", "")
+	later := authNow.Add(time.Hour).Unix()
+	for name, claims := range map[string]jwt.MapClaims{
+		"exp as a number":          {"sub": "cust-1", "exp": later},
+		"exp as a string":          {"sub": "cust-1", "exp": strconv.FormatInt(later, 10)},
+		"exp as a date string":     {"sub": "cust-1", "exp": authNow.Add(time.Hour).Format(time.RFC3339)},
+		"nbf as a string":          {"sub": "cust-1", "exp": later, "nbf": strconv.FormatInt(authNow.Unix(), 10)},
+		"iat as a string":          {"sub": "cust-1", "exp": later, "iat": strconv.FormatInt(authNow.Unix(), 10)},
+		"sub as a number":          {"sub": 42, "exp": later},
+		"exp as a fractional date": {"sub": "cust-1", "exp": float64(later) + 0.5},
+	} {
+		t.Run(name, func(t *testing.T) {
+			tok, err := jwt.NewWithClaims(jwt.SigningMethodHS256, claims).SignedString(secret)
+			if err != nil {
+				t.Fatal(err)
+			}
+			p, err := a.authenticate("Bearer " + tok)
+			ok := name == "exp as a number" || name == "exp as a fractional date"
+			if ok && (err != nil || p.customerID != "cust-1") {
+				t.Fatalf("authenticate = %+v, %v; want customer cust-1", p, err)
+			}
+			if !ok && !errs.Is(err, errs.Unauthorized) {
+				t.Fatalf("authenticate = %+v, %v; want unauthorized", p, err)
 			}
 		})
 	}

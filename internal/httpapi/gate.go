@@ -20,6 +20,7 @@ import (
 // openapi.yaml, authenticates and authorizes the caller by the operation's
 // security, then validates the request against the spec with kin-openapi.
 // Nothing reaches a handler, so nothing is written, unless all three pass.
+// It also decides 400 against 422 for the handler's own refusals.
 type gate struct {
 	router routers.Router
 	auth   *authenticator
@@ -89,8 +90,21 @@ func (g *gate) middleware(next echo.HandlerFunc) echo.HandlerFunc {
 		if err != nil {
 			return validationProblem(err)
 		}
-		return next(c)
+		return bodyRuleProblem(next(c))
 	}
+}
+
+// bodyRuleProblem answers a domain rule that a readable body breaks (an
+// invalid_request naming a body field by its JSON pointer, such as a
+// reason with a bidirectional control character) with 422, as the
+// schema's own rules are; 400 stays for what could not be read and for
+// parameters and headers.
+func bodyRuleProblem(err error) error {
+	e, ok := errs.As(err)
+	if !ok || e.Code != errs.Invalid || len(e.Fields) == 0 || !strings.HasPrefix(e.Fields[0].Pointer, "/") {
+		return err
+	}
+	return &problemStatus{err: e, status: http.StatusUnprocessableEntity}
 }
 
 func doc(route *routers.Route) *openapi3.T { return route.Spec }

@@ -5,7 +5,9 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"log/slog"
+	"net"
 	"net/http"
+	"net/netip"
 	"regexp"
 	"strconv"
 	"time"
@@ -102,6 +104,24 @@ func observe(logger *slog.Logger, m *httpMetrics) echo.MiddlewareFunc {
 			return nil
 		}
 	}
+}
+
+// clientIP is how a request's remote_ip is found. X-Forwarded-For is
+// anyone's to write, so it is believed only from trusted proxies: walking
+// it from the right (the nearest hop first), the first address that is not
+// a trusted proxy is the client; without trusted proxies the connection's
+// own address is. X-Real-IP is never read.
+func clientIP(trusted []netip.Prefix) echo.IPExtractor {
+	if len(trusted) == 0 {
+		return echo.ExtractIPDirect()
+	}
+	// echo trusts loopback, link-local and private addresses unless told
+	// not to; only what the operator listed is trusted here.
+	opts := []echo.TrustOption{echo.TrustLoopback(false), echo.TrustLinkLocal(false), echo.TrustPrivateNet(false)}
+	for _, p := range trusted {
+		opts = append(opts, echo.TrustIPRange(&net.IPNet{IP: p.Addr().AsSlice(), Mask: net.CIDRMask(p.Bits(), p.Addr().BitLen())}))
+	}
+	return echo.ExtractIPFromXFFHeader(opts...)
 }
 
 // recoverPanics turns a panic in a handler into a logged internal error.

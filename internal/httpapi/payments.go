@@ -10,6 +10,7 @@ import (
 
 	"github.com/tallybilling/tally/api"
 	"github.com/tallybilling/tally/internal/errs"
+	"github.com/tallybilling/tally/internal/payments"
 )
 
 // CreateCheckoutSession starts a Stripe Checkout for a catalog item. The
@@ -38,7 +39,16 @@ func (s *Server) GetPayment(ctx context.Context, r api.GetPaymentRequestObject) 
 	if err := authorizeCustomer(ctx, p.CustomerID); err != nil {
 		return nil, err
 	}
-	return api.GetPayment200JSONResponse(toAPIPayment(p)), nil
+	return api.GetPayment200JSONResponse(toAPIPayment(forCaller(ctx, p))), nil
+}
+
+// forCaller is p as the caller may read it: an end user does not see the
+// payment provider's internals (payments.Payment.ForCustomer).
+func forCaller(ctx context.Context, p payments.Payment) payments.Payment {
+	if caller, _ := principalFrom(ctx); caller.isUser() {
+		return p.ForCustomer()
+	}
+	return p
 }
 
 // ListCustomerPayments lists a customer's payments, newest first.
@@ -49,7 +59,7 @@ func (s *Server) ListCustomerPayments(ctx context.Context, r api.ListCustomerPay
 	}
 	out := api.PaymentPage{Data: make([]api.Payment, 0, len(page.Payments)), NextCursor: ptrIfSet(page.NextCursor)}
 	for _, p := range page.Payments {
-		out.Data = append(out.Data, toAPIPayment(p))
+		out.Data = append(out.Data, toAPIPayment(forCaller(ctx, p)))
 	}
 	return api.ListCustomerPayments200JSONResponse(out), nil
 }

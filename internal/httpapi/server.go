@@ -20,6 +20,7 @@ import (
 	"github.com/tallybilling/tally/internal/config"
 	"github.com/tallybilling/tally/internal/credits"
 	"github.com/tallybilling/tally/internal/customers"
+	"github.com/tallybilling/tally/internal/errs"
 	"github.com/tallybilling/tally/internal/events"
 	"github.com/tallybilling/tally/internal/metering"
 	"github.com/tallybilling/tally/internal/payments"
@@ -69,7 +70,8 @@ func New(d Deps) (*echo.Echo, error) {
 	if err != nil {
 		return nil, err
 	}
-	g, err := newGate(spec, newAuthenticator(d.Config, d.Now))
+	auth := newAuthenticator(d.Config, d.Now)
+	g, err := newGate(spec, auth)
 	if err != nil {
 		return nil, err
 	}
@@ -83,6 +85,7 @@ func New(d Deps) (*echo.Echo, error) {
 	e.HideBanner = true
 	e.HidePort = true
 	e.HTTPErrorHandler = errorHandler(d.Logger)
+	e.IPExtractor = clientIP(d.Config.TrustedProxies)
 	e.Use(withRequestID, observe(d.Logger, newHTTPMetrics(d.Registry)), recoverPanics(d.Logger))
 	if len(d.Config.CORSOrigins) > 0 {
 		e.Use(middleware.CORSWithConfig(middleware.CORSConfig{
@@ -104,7 +107,10 @@ func New(d Deps) (*echo.Echo, error) {
 	})
 	ops.GET("/docs", func(c echo.Context) error { return c.HTMLBlob(http.StatusOK, docs) })
 	if d.Gatherer != nil {
-		ops.GET("/metrics", echo.WrapHandler(promhttp.HandlerFor(d.Gatherer, promhttp.HandlerOpts{})))
+		// The API's listener may face the internet; the metrics say how much
+		// money moves. A separate TALLY_METRICS_ADDR listener (app) is the
+		// open one, for scrapes from inside the cluster.
+		ops.GET("/metrics", echo.WrapHandler(promhttp.HandlerFor(d.Gatherer, promhttp.HandlerOpts{})), adminOnly(auth))
 	}
 
 	v1 := e.Group("", limitBody(d.Config.MaxBodyBytes), g.middleware)
@@ -129,22 +135,43 @@ func (s *Server) healthz(c echo.Context) error {
 	return c.JSON(http.StatusOK, health{Status: "ok"})
 }
 
+// readyz answers which checks fail, never why: anyone may ask, and the
+// reason of a failed database check names its user, database and address.
+// The reason is logged instead.
 func (s *Server) readyz(c echo.Context) error {
 	ctx, cancel := context.WithTimeout(c.Request().Context(), 2*time.Second)
 	defer cancel()
-	problems := s.d.Ready(ctx)
 	checks := map[string]string{}
-	for name, err := range problems {
-		if err != nil {
-			checks[name] = err.Error()
-		} else {
+	status := http.StatusOK
+	for name, err := range s.d.Ready(ctx) {
+		if err == nil {
 			checks[name] = "ok"
+			continue
+		}
+		checks[name] = "failing"
+		status = http.StatusServiceUnavailable
+		s.d.Logger.WarnContext(ctx, "readiness check failed", "check", name, "error", err,
+			"request_id", requestID(ctx))
+	}
+	if status != http.StatusOK {
+		return c.JSON(status, health{Status: "unavailable", Checks: checks})
+	}
+	return c.JSON(status, health{Status: "ok", Checks: checks})
+}
+
+// adminOnly lets through only a request with an admin key: errs.Unauthorized
+// without a valid token, errs.Forbidden for any other one.
+func adminOnly(auth *authenticator) echo.MiddlewareFunc {
+	return func(next echo.HandlerFunc) echo.HandlerFunc {
+		return func(c echo.Context) error {
+			p, err := auth.authenticate(c.Request().Header.Get(echo.HeaderAuthorization))
+			if err != nil {
+				return err
+			}
+			if !p.isAdmin() {
+				return errs.E(errs.Forbidden, "this operation needs an admin key")
+			}
+			return next(c)
 		}
 	}
-	for _, err := range problems {
-		if err != nil {
-			return c.JSON(http.StatusServiceUnavailable, health{Status: "unavailable", Checks: checks})
-		}
-	}
-	return c.JSON(http.StatusOK, health{Status: "ok", Checks: checks})
 }

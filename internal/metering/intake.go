@@ -17,6 +17,7 @@ import (
 	"github.com/tallybilling/tally/internal/customers"
 	"github.com/tallybilling/tally/internal/db"
 	"github.com/tallybilling/tally/internal/errs"
+	"github.com/tallybilling/tally/internal/text"
 )
 
 // Stripe's limits on meter events, checked at intake so that an event we
@@ -71,8 +72,11 @@ func (in EventInput) normalize(catalog config.Catalog, now time.Time) (event, er
 	switch {
 	case n < 1 || n > MaxIdentifierLen:
 		return event{}, errs.InvalidField("/identifier", fmt.Sprintf("identifier must be 1 to %d characters, got %d", MaxIdentifierLen, n))
-	case !utf8.ValidString(in.Identifier) || strings.ContainsFunc(in.Identifier, unicode.IsControl):
+	case strings.ContainsFunc(in.Identifier, unicode.IsControl):
 		return event{}, errs.InvalidField("/identifier", "identifier must be UTF-8 text without control characters")
+	}
+	if err := text.Check(in.Identifier); err != nil {
+		return event{}, errs.InvalidField("/identifier", "identifier "+err.Error())
 	}
 	if err := customers.ValidateID(in.CustomerID); err != nil {
 		return event{}, errs.InvalidField("/customer_id", "customer_id must be 1 to 255 characters of A-Za-z0-9_.:@-")

@@ -22,6 +22,7 @@ import (
 	"github.com/tallybilling/tally/internal/errs"
 	"github.com/tallybilling/tally/internal/events"
 	"github.com/tallybilling/tally/internal/stripeapi"
+	"github.com/tallybilling/tally/internal/text"
 )
 
 // WorkerOptions tunes a Worker; every zero field takes its default.
@@ -571,7 +572,7 @@ func (w *Worker) settle(ctx context.Context, c *claim, evs []claimedEvent, err e
 		w.release(ctx, c, evs, w.now().Add(w.pauseLeft()))
 		return
 	}
-	msg := truncate(err.Error(), 1000)
+	msg := text.Truncate(err.Error(), 1000)
 	se, isStripe := stripeapi.AsError(err)
 	switch {
 	case isStripe && se.Kind == stripeapi.KindRateLimited:
@@ -746,11 +747,4 @@ func (w *Worker) settleRows(ctx context.Context, evs []claimedEvent, update func
 			w.m.deliveries.WithLabelValues(resultRetry).Inc()
 		}
 	}
-}
-
-func truncate(s string, n int) string {
-	if len(s) <= n {
-		return s
-	}
-	return s[:n] + "..."
 }

@@ -12,6 +12,7 @@ import (
 	"github.com/tallybilling/tally/internal/db"
 	"github.com/tallybilling/tally/internal/errs"
 	"github.com/tallybilling/tally/internal/stripeapi"
+	"github.com/tallybilling/tally/internal/text"
 )
 
 // MaxQuantity is the most units of a pack or product one checkout buys.
@@ -258,7 +259,7 @@ func (s *Service) linkStripeCustomer(ctx context.Context, customerID string) (st
 // succeed later: failed → succeeded is allowed.
 func (s *Service) markCreationFailed(ctx context.Context, paymentID string, cause error) {
 	ctx = context.WithoutCancel(ctx)
-	reason := "checkout session creation failed: " + cause.Error()
+	reason := creationFailed + ": " + text.Truncate(cause.Error(), 1000)
 	err := db.InTx(ctx, s.db, func(tx *gorm.DB) error {
 		p, err := load(ctx, tx, paymentID, true)
 		if err != nil {

@@ -16,6 +16,7 @@ import (
 	"github.com/stripe/stripe-go/v82"
 
 	"github.com/tallybilling/tally/internal/errs"
+	"github.com/tallybilling/tally/internal/text"
 )
 
 // Kind says what went wrong with a Stripe request, in the terms a caller
@@ -199,14 +200,14 @@ func classify(op string, err error, capture *responseCapture, meterEvent bool) e
 	}
 	if snap.status >= 400 {
 		// An error answer without Stripe's JSON error body (a proxy, a 502 page).
-		return newError(kindFor(snap.status, "", "", meterEvent), op, snap, "", truncate(err.Error(), 300), errors.New(err.Error()))
+		return newError(kindFor(snap.status, "", "", meterEvent), op, snap, "", text.Truncate(err.Error(), 300), errors.New(err.Error()))
 	}
 	if snap.transportErr != nil {
 		return newError(KindNetwork, op, snap, "", snap.transportErr.Error(), snap.transportErr)
 	}
 	if snap.status > 0 {
 		// A success status whose body could not be read as the expected object.
-		return newError(KindServer, op, snap, "", truncate(err.Error(), 300), errors.New(err.Error()))
+		return newError(KindServer, op, snap, "", text.Truncate(err.Error(), 300), errors.New(err.Error()))
 	}
 	// No request left the process: stripe-go refused to build it.
 	return newError(KindInvalid, op, snap, "", err.Error(), errors.New(err.Error()))
@@ -274,13 +275,6 @@ func parseRetryAfter(v string, now time.Time) time.Duration {
 		}
 	}
 	return 0
-}
-
-func truncate(s string, n int) string {
-	if len(s) <= n {
-		return s
-	}
-	return s[:n] + "..."
 }
 
 // responseCapture records the last HTTP answer (or transport failure) of one

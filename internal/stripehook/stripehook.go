@@ -24,6 +24,7 @@ import (
 	"github.com/tallybilling/tally/internal/errs"
 	"github.com/tallybilling/tally/internal/payments"
 	"github.com/tallybilling/tally/internal/stripeapi"
+	"github.com/tallybilling/tally/internal/text"
 )
 
 // Status is where a stored event stands.
@@ -218,7 +219,7 @@ func (h *Intake) process(ctx context.Context, ev Event, attempts int) (Status, e
 	}
 	uerr := h.db.WithContext(ctx).Exec(`UPDATE stripe_events SET status = ?, attempts = attempts + 1, last_error = NULLIF(?, ''),
 			next_attempt_at = ?, processed_at = COALESCE(?, processed_at) WHERE id = ?`,
-		string(status), truncate(lastErr, 2000), next, processedAt, ev.ID).Error
+		string(status), text.Truncate(lastErr, 2000), next, processedAt, ev.ID).Error
 	if uerr != nil {
 		h.logger.ErrorContext(ctx, "record stripe event outcome", "event_id", ev.ID, "error", uerr)
 		return Received, db.Translate(uerr, nil)
@@ -234,13 +235,6 @@ func (h *Intake) backoff(attempt int) time.Duration {
 		d *= 2
 	}
 	return min(d, maxBackoff)
-}
-
-func truncate(s string, n int) string {
-	if len(s) <= n {
-		return s
-	}
-	return s[:n]
 }
 
 var errIgnored = errors.New("stripehook: event type not handled")

@@ -482,9 +482,14 @@ type Payment struct {
 	CreatedAt         time.Time `json:"created_at"`
 
 	// Credits Credits this payment buys (0 for products and plans).
-	Credits         int64           `json:"credits"`
-	Currency        string          `json:"currency"`
-	CustomerId      CustomerID      `json:"customer_id"`
+	Credits    int64      `json:"credits"`
+	Currency   string     `json:"currency"`
+	CustomerId CustomerID `json:"customer_id"`
+
+	// FailureReason Why the payment failed. An API key reads the payment provider's
+	// own account too (Stripe's request id, error code and message);
+	// an end-user token reads only what happened, e.g. `checkout
+	// session creation failed`. The same holds for transition reasons.
 	FailureReason   *string         `json:"failure_reason,omitempty"`
 	Id              string          `json:"id"`
 	InvoiceId       *string         `json:"invoice_id,omitempty"`
@@ -890,6 +895,17 @@ type ClientInterface interface {
 	// Corresponds with GET /healthz (the `Healthz` operationId).
 	Healthz(ctx context.Context, reqEditors ...RequestEditorFn) (*http.Response, error)
 
+	// Metrics Prometheus metrics
+	//
+	// On the API's own listener, only for an admin key (Prometheus sends it
+	// as its bearer token: `authorization.credentials` in the scrape
+	// config). With `TALLY_METRICS_ADDR` set, /metrics is served on that
+	// listener instead, without authentication, for scrapes from inside
+	// the cluster, and this path answers 404.
+	//
+	// Corresponds with GET /metrics (the `Metrics` operationId).
+	Metrics(ctx context.Context, reqEditors ...RequestEditorFn) (*http.Response, error)
+
 	// Readyz Readiness (database reachable, migrations current)
 	//
 	// Corresponds with GET /readyz (the `Readyz` operationId).
@@ -1116,6 +1132,27 @@ type ClientInterface interface {
 // Corresponds with GET /healthz (the `Healthz` operationId).
 func (c *Client) Healthz(ctx context.Context, reqEditors ...RequestEditorFn) (*http.Response, error) {
 	req, err := NewHealthzRequest(c.Server)
+	if err != nil {
+		return nil, err
+	}
+	req = req.WithContext(ctx)
+	if err := c.applyEditors(ctx, req, reqEditors); err != nil {
+		return nil, err
+	}
+	return c.Client.Do(req)
+}
+
+// Metrics Prometheus metrics
+//
+// On the API's own listener, only for an admin key (Prometheus sends it
+// as its bearer token: `authorization.credentials` in the scrape
+// config). With `TALLY_METRICS_ADDR` set, /metrics is served on that
+// listener instead, without authentication, for scrapes from inside
+// the cluster, and this path answers 404.
+//
+// Corresponds with GET /metrics (the `Metrics` operationId).
+func (c *Client) Metrics(ctx context.Context, reqEditors ...RequestEditorFn) (*http.Response, error) {
+	req, err := NewMetricsRequest(c.Server)
 	if err != nil {
 		return nil, err
 	}
@@ -1636,6 +1673,33 @@ func NewHealthzRequest(server string) (*http.Request, error) {
 	}
 
 	operationPath := fmt.Sprintf("/healthz")
+	if operationPath[0] == '/' {
+		operationPath = "." + operationPath
+	}
+
+	queryURL, err := serverURL.Parse(operationPath)
+	if err != nil {
+		return nil, err
+	}
+
+	req, err := http.NewRequest(http.MethodGet, queryURL.String(), nil)
+	if err != nil {
+		return nil, err
+	}
+
+	return req, nil
+}
+
+// NewMetricsRequest constructs an http.Request for the Metrics method
+func NewMetricsRequest(server string) (*http.Request, error) {
+	var err error
+
+	serverURL, err := url.Parse(server)
+	if err != nil {
+		return nil, err
+	}
+
+	operationPath := fmt.Sprintf("/metrics")
 	if operationPath[0] == '/' {
 		operationPath = "." + operationPath
 	}
@@ -2765,6 +2829,19 @@ type ClientWithResponsesInterface interface {
 	// Corresponds with GET /healthz (the `Healthz` operationId).
 	HealthzWithResponse(ctx context.Context, reqEditors ...RequestEditorFn) (*HealthzResponse, error)
 
+	// MetricsWithResponse Prometheus metrics
+	//
+	// On the API's own listener, only for an admin key (Prometheus sends it
+	// as its bearer token: `authorization.credentials` in the scrape
+	// config). With `TALLY_METRICS_ADDR` set, /metrics is served on that
+	// listener instead, without authentication, for scrapes from inside
+	// the cluster, and this path answers 404.
+	//
+	// Returns a wrapper object for the known response body format(s).
+	//
+	// Corresponds with GET /metrics (the `Metrics` operationId).
+	MetricsWithResponse(ctx context.Context, reqEditors ...RequestEditorFn) (*MetricsResponse, error)
+
 	// ReadyzWithResponse Readiness (database reachable, migrations current)
 	//
 	// Returns a wrapper object for the known response body format(s).
@@ -3049,6 +3126,47 @@ func (r HealthzResponse) StatusCode() int {
 
 // ContentType is a convenience method to retrieve the Content-Type value from the HTTP response headers
 func (r HealthzResponse) ContentType() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Header.Get("Content-Type")
+	}
+	return ""
+}
+
+type MetricsResponse struct {
+	Body         []byte
+	HTTPResponse *http.Response
+	// ApplicationproblemJSONDefault the response for an HTTP default `application/problem+json` response
+	ApplicationproblemJSONDefault *Problem
+}
+
+// GetApplicationproblemJSONDefault returns the response for an HTTP default `application/problem+json` response
+func (r MetricsResponse) GetApplicationproblemJSONDefault() *Problem {
+	return r.ApplicationproblemJSONDefault
+}
+
+// GetBody returns the raw response body bytes
+func (r MetricsResponse) GetBody() []byte {
+	return r.Body
+}
+
+// Status returns HTTPResponse.Status
+func (r MetricsResponse) Status() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Status
+	}
+	return http.StatusText(0)
+}
+
+// StatusCode returns HTTPResponse.StatusCode
+func (r MetricsResponse) StatusCode() int {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.StatusCode
+	}
+	return 0
+}
+
+// ContentType is a convenience method to retrieve the Content-Type value from the HTTP response headers
+func (r MetricsResponse) ContentType() string {
 	if r.HTTPResponse != nil {
 		return r.HTTPResponse.Header.Get("Content-Type")
 	}
@@ -4118,6 +4236,25 @@ func (c *ClientWithResponses) HealthzWithResponse(ctx context.Context, reqEditor
 	return ParseHealthzResponse(rsp)
 }
 
+// MetricsWithResponse Prometheus metrics
+//
+// On the API's own listener, only for an admin key (Prometheus sends it
+// as its bearer token: `authorization.credentials` in the scrape
+// config). With `TALLY_METRICS_ADDR` set, /metrics is served on that
+// listener instead, without authentication, for scrapes from inside
+// the cluster, and this path answers 404.
+//
+// Returns a wrapper object for the known response body format(s).
+//
+// Corresponds with GET /metrics (the `Metrics` operationId).
+func (c *ClientWithResponses) MetricsWithResponse(ctx context.Context, reqEditors ...RequestEditorFn) (*MetricsResponse, error) {
+	rsp, err := c.Metrics(ctx, reqEditors...)
+	if err != nil {
+		return nil, err
+	}
+	return ParseMetricsResponse(rsp)
+}
+
 // ReadyzWithResponse Readiness (database reachable, migrations current)
 //
 // Returns a wrapper object for the known response body format(s).
@@ -4554,6 +4691,32 @@ func ParseHealthzResponse(rsp *http.Response) (*HealthzResponse, error) {
 			return nil, err
 		}
 		response.JSON200 = &dest
+
+	}
+
+	return response, nil
+}
+
+// ParseMetricsResponse parses an HTTP response from a MetricsWithResponse call
+func ParseMetricsResponse(rsp *http.Response) (*MetricsResponse, error) {
+	bodyBytes, err := io.ReadAll(rsp.Body)
+	defer func() { _ = rsp.Body.Close() }()
+	if err != nil {
+		return nil, err
+	}
+
+	response := &MetricsResponse{
+		Body:         bodyBytes,
+		HTTPResponse: rsp,
+	}
+
+	switch {
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && true:
+		var dest Problem
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.ApplicationproblemJSONDefault = &dest
 
 	}
 

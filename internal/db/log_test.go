@@ -1,0 +1,141 @@
+package db_test
+
+import (
+	"bytes"
+	"context"
+	"log/slog"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"gorm.io/gorm"
+
+	"github.com/tallybilling/tally/internal/db"
+	"github.com/tallybilling/tally/internal/db/dbtest"
+)
+
+// lockedBuffer is a log sink safe for the pool's goroutines.
+type lockedBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *lockedBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *lockedBuffer) take() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	s := b.buf.String()
+	b.buf.Reset()
+	return s
+}
+
+// TestFailedQueriesNeverLogBoundValues runs failing queries down every path
+// gorm has (Exec, Raw with Scan, ScanRow, Find, a violated constraint, a
+// timeout, a value PostgreSQL cannot read) with customer data bound to
+// them, and checks that the failure is logged and no bound value is.
+func TestFailedQueriesNeverLogBoundValues(t *testing.T) {
+	dbURL := dbtest.NewURL(t)
+	var out lockedBuffer
+	logger := slog.New(slog.NewJSONHandler(&out, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	gdb, err := db.Open(context.Background(), dbURL, 2, logger)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close(gdb)
+	if err := gdb.Exec(`CREATE TABLE people (id bigint PRIMARY KEY, email text NOT NULL UNIQUE,
+		age bigint NOT NULL CONSTRAINT people_age_positive CHECK (age > 0))`).Error; err != nil {
+		t.Fatal(err)
+	}
+	if err := gdb.Exec(`INSERT INTO people VALUES (1, 'taken@example.com', 30)`).Error; err != nil {
+		t.Fatal(err)
+	}
+	out.take()
+
+	const (
+		email  = "secret.person@example.com"
+		number = int64(4242424242)
+	)
+	type person struct {
+		ID    int64
+		Email string
+		Age   int64
+	}
+	for _, c := range []struct {
+		name string
+		run  func() error
+	}{
+		{"Exec", func() error {
+			return gdb.Exec(`UPDATE people SET email = ? WHERE id = 1/0 AND age = ?`, email, number).Error
+		}},
+		{"Raw+Scan", func() error {
+			var ps []person
+			return gdb.Raw(`SELECT id, email, age FROM people WHERE email = ? AND id = ? AND 1/0 = 1`, email, number).Scan(&ps).Error
+		}},
+		{"Raw+Scan into a value", func() error {
+			var n int64
+			return gdb.Raw(`SELECT count(*) FROM people WHERE email = ? AND id = ? AND 1/0 = 1`, email, number).Scan(&n).Error
+		}},
+		{"ScanRow", func() error {
+			var n int64
+			return db.ScanRow(gdb.Raw(`SELECT id FROM people WHERE email = ? AND id = ? AND 1/0 = 1`, email, number), &n)
+		}},
+		{"Find", func() error {
+			var ps []person
+			return gdb.Table("people").Where("email = ? AND id = ? AND 1/0 = 1", email, number).Find(&ps).Error
+		}},
+		{"unique violation", func() error {
+			return gdb.Exec(`INSERT INTO people VALUES (?, ?, ?)`, number, "taken@example.com", number).Error
+		}},
+		{"check violation", func() error {
+			return gdb.Exec(`INSERT INTO people VALUES (?, ?, -1)`, number, email).Error
+		}},
+		{"not-null violation with Create", func() error {
+			return gdb.Table("people").Create(map[string]any{"id": number, "email": email, "age": nil}).Error
+		}},
+		{"timeout", func() error {
+			ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+			defer cancel()
+			var ps []person
+			return gdb.WithContext(ctx).Raw(`SELECT id, email, age FROM people WHERE email <> ? AND id <> ? AND pg_sleep(5) IS NOT NULL`, email, number).Scan(&ps).Error
+		}},
+		{"a value PostgreSQL cannot read", func() error {
+			var n int64
+			return gdb.Raw(`SELECT count(*) FROM people WHERE id = ?::text::bigint`, email).Scan(&n).Error
+		}},
+		{"a value pgx cannot encode", func() error {
+			var n int64
+			return gdb.Raw(`SELECT count(*) FROM people WHERE age::int4 = ? AND email <> ?`, number, email).Scan(&n).Error
+		}},
+		{"a value in a transaction", func() error {
+			return gdb.Transaction(func(tx *gorm.DB) error {
+				var ps []person
+				return tx.Raw(`SELECT id FROM people WHERE email = ? AND id = ? AND 1/0 = 1`, email, number).Scan(&ps).Error
+			})
+		}},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			err := c.run()
+			if err == nil {
+				t.Fatal("the query did not fail")
+			}
+			logged := out.take()
+			if !strings.Contains(logged, "database query failed") {
+				t.Fatalf("the failure (%v) was not logged: %s", err, logged)
+			}
+			for _, secret := range []string{"secret.person", "4242424242", "taken@example"} {
+				if strings.Contains(logged, secret) {
+					t.Fatalf("a bound value (%s) reached the log:\n%s", secret, logged)
+				}
+			}
+			if !strings.Contains(logged, `"sql"`) {
+				t.Fatalf("the log does not say which query failed: %s", logged)
+			}
+		})
+	}
+}
