@@ -397,7 +397,7 @@ func purchase(t *testing.T, f *fixture, customerID, paymentID string, amount int
 	var r credits.GrantResult
 	err := db.InTx(f.ctx, f.db, func(tx *gorm.DB) error {
 		var err error
-		r, err = credits.Grant(f.ctx, tx, f.clock.Now(), credits.GrantInput{
+		r, err = credits.Grant(f.ctx, tx, f.clock.Now, credits.GrantInput{
 			CustomerID: customerID, Amount: amount, Reason: "pack", Source: credits.SourcePurchase, PaymentID: paymentID,
 		})
 		return err
@@ -413,7 +413,7 @@ func revoke(t *testing.T, f *fixture, paymentID string, refunded, paid int64) in
 	var n int64
 	err := db.InTx(f.ctx, f.db, func(tx *gorm.DB) error {
 		var err error
-		n, err = credits.RevokeForPayment(f.ctx, tx, f.clock.Now(), paymentID, refunded, paid)
+		n, err = credits.RevokeForPayment(f.ctx, tx, f.clock.Now, paymentID, refunded, paid)
 		return err
 	})
 	if err != nil {
@@ -426,7 +426,7 @@ func TestPurchaseGrantIsCreditedOncePerPayment(t *testing.T) {
 	f := newFixture(t, defaultCfg())
 	purchase(t, f, "gus", "pay_1", 100)
 	err := db.InTx(f.ctx, f.db, func(tx *gorm.DB) error {
-		_, err := credits.Grant(f.ctx, tx, f.clock.Now(), credits.GrantInput{
+		_, err := credits.Grant(f.ctx, tx, f.clock.Now, credits.GrantInput{
 			CustomerID: "gus", Amount: 100, Reason: "pack", Source: credits.SourcePurchase, PaymentID: "pay_1",
 		})
 		return err
@@ -660,7 +660,7 @@ func TestBadInputChangesNothing(t *testing.T) {
 		}, errs.Invalid},
 		{"purchase grant without payment", func() error {
 			return db.InTx(f.ctx, f.db, func(tx *gorm.DB) error {
-				_, err := credits.Grant(f.ctx, tx, f.clock.Now(), credits.GrantInput{CustomerID: "lee", Amount: 1, Reason: "x", Source: credits.SourcePurchase})
+				_, err := credits.Grant(f.ctx, tx, f.clock.Now, credits.GrantInput{CustomerID: "lee", Amount: 1, Reason: "x", Source: credits.SourcePurchase})
 				return err
 			})
 		}, errs.Invalid},

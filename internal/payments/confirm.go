@@ -227,7 +227,7 @@ func (s *Service) confirm(ctx context.Context, ev EventRef, paymentID string, c 
 				t := now.Add(p.CreditsExpireAfter)
 				expires = &t
 			}
-			_, err := credits.Grant(ctx, tx, now, credits.GrantInput{
+			_, err := credits.Grant(ctx, tx, s.now, credits.GrantInput{
 				CustomerID: p.CustomerID,
 				Amount:     p.Credits,
 				Reason:     fmt.Sprintf("purchase of %d × %s", p.Quantity, p.Item),
@@ -504,7 +504,7 @@ func (s *Service) ChargeRefunded(ctx context.Context, ev EventRef, ch Charge) er
 		now := s.now()
 		var revoked int64
 		if p.ItemKind == KindCreditPack && p.Credits > 0 {
-			revoked, err = credits.RevokeForPayment(ctx, tx, now, p.ID, ch.AmountRefunded, paid(p))
+			revoked, err = credits.RevokeForPayment(ctx, tx, s.now, p.ID, ch.AmountRefunded, paid(p))
 			if err != nil {
 				return err
 			}
