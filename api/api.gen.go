@@ -416,10 +416,10 @@ type LedgerEntry struct {
 	BalanceAfter int64     `json:"balance_after"`
 	CreatedAt    time.Time `json:"created_at"`
 
-	// Draws For consume entries, the grants drawn from.
+	// Draws For consume and revoke entries, the grants drawn from.
 	Draws *[]LedgerDraw `json:"draws,omitempty"`
 
-	// GrantId The grant a grant, expire or revoke entry is about.
+	// GrantId The grant a grant, expire or revoke entry is about (for a revoke, the purchase grant of the refunded or disputed payment).
 	GrantId *string         `json:"grant_id,omitempty"`
 	Id      string          `json:"id"`
 	Kind    LedgerEntryKind `json:"kind"`
@@ -428,6 +428,12 @@ type LedgerEntry struct {
 	Metadata  Metadata `json:"metadata"`
 	PaymentId *string  `json:"payment_id,omitempty"`
 	Reason    string   `json:"reason"`
+
+	// Shortfall For revoke entries: the credits a refund or dispute should have
+	// taken back but could not, because the customer had spent them.
+	// The balance never goes below zero; the shortfall stays a
+	// receivable, listed by `GET /v1/admin/verify`.
+	Shortfall *int64 `json:"shortfall,omitempty"`
 }
 
 // LedgerEntryKind defines model for LedgerEntry.Kind.
@@ -533,6 +539,17 @@ type Product struct {
 	Currency string `json:"currency"`
 	Id       string `json:"id"`
 	Name     string `json:"name"`
+}
+
+// Receivable defines model for Receivable.
+type Receivable struct {
+	CustomerId string `json:"customer_id"`
+
+	// Revokes Revoke entries the shortfall comes from.
+	Revokes int64 `json:"revokes"`
+
+	// Shortfall Credits not recovered.
+	Shortfall int64 `json:"shortfall"`
 }
 
 // Reconciliation defines model for Reconciliation.
@@ -681,6 +698,11 @@ type VerifyReport struct {
 	Ok               bool            `json:"ok"`
 	PaymentsChecked  int64           `json:"payments_checked"`
 	Problems         []VerifyProblem `json:"problems"`
+
+	// Receivables Customers with an open shortfall: credits refunds or disputes
+	// could not take back because they were spent. Money owed, not a
+	// breach: they do not make `ok` false. Largest first.
+	Receivables []Receivable `json:"receivables"`
 }
 
 // Cursor defines model for Cursor.
@@ -2982,113 +3004,118 @@ func (sh *strictHandler) GetUsageEvent(ctx echo.Context, identifier string) erro
 // const string: with thousands of chunks the chained `+` fold is several
 // times slower for the Go compiler than parsing a slice literal.
 var swaggerSpec = []string{
-	"1D1rcxs3kn+li7dVkbwjin7lLlJt1TlOsvFusnFZ9qXqQh8JzTRJRDPABMBQ5rr036/QAOZBguRQr/X6",
-	"i6khBmg0+t2N5udBKotSChRGD84+DxbIMlT08U2GRSkNCvMOy5ytMLNPM9Sp4qXhUgzOBlOjKpzC9QIF",
-	"mAXXwIS+RgVcg1kgKHoR5AyYAGQq56hA4R8VagPX3CxolGYFwhWuhoNkoNMFFswuZFYlDs4Gl1LmyMTg",
-	"5uYmGZRMsQKNB/B1pbRUm0C9XyBMBX4yk5RGTC0AdqFS4ZLLSkPJ5mhX43b4HxWq1SAZCFbYBd07HVAK",
-	"9uknFHOzGJw9G42SAJo2iov5wAL2utJGFqjefBcHJ2V5juorDfJaAM9gJhVwo6HSqGpASmYWbTjclBOe",
-	"DZKBRRpX9ggsxtvA/UnhbHA2+I/T5iBP3bf6tAWWhbI+0XT1d1zZl2ldd+bNyq1hJ3bcrtXbqHn5MhkU",
-	"XIS/n8YQ1QXhF8IRyw8A5fZL/8QLbuqV1k49py/b02c4Y1VuBmcvR4ldixdVYf8Y0Urur2YdLgzOUTky",
-	"VahLKTQSlb5V8jLHwn5MpbDsZD+yssx5yuz2T0s34s+/a0svn3uebZiXVuxS3CsBqJRUcPTuh9fwzYuX",
-	"/wl+DcjQMJ7r4yGhxM9ll/qW5UykaD+WSpaoDHfwXzZfdFe5KFFk7DJHEPL6DCqhSxQGUoWZJW05g0rg",
-	"p9LSDcwVE0ZbSp9JVTDjMPb1i8EmApMO5R9A4MnArbIJ6V/puRM4AbwcZyYBLaWwsojgXMGMK22IHw0W",
-	"et/iNO1FVRRMrezyfidMKUZ/5/J64rE3MQuFeiFz2lEPHJD4clBt7udXJ24xgH9CA7mYg8KCcWE/hX26",
-	"E+hgPmMGTwwv0JJ/lef2DANnr7FNB5AJK2TlyHdjB1vmadiiLUR+WxNugcTqE9yGu4/1xPLyd0yNBfA1",
-	"MyyX803CdRiYlCy9or97nelreuktS69iJ1rmTPSf621u9VZkFiWzKjUHTORe2JxrHavtHbfWCYBH0bfA",
-	"9EpW5gK15k7+rKHRD5hoN8Jz5QahOELTE9YlkDaxbbxTslWBwmybslJ55PnapltzJFFg3TwdAHsg4rVC",
-	"ZkjqsSzjTk29bSFmxnKNyTquLL3mEw93x2x48V97NNQd5J4lok0p8QpSxxrAM8v/LXC+frEXmD8qJgw3",
-	"q44qfBqR37VqfLpPNSYDXaUpan07BO0UIYSC7gJJ+ziiJy6Frgp85+zRA496hyxsY6T5tw83BRqWMbNX",
-	"7/8cxhE+mLcZDjWG2pj0W6mn24krTYTwuT82Nne61aLwNggoPl8YYDODynkVqVu9p/1gFBOapWarsFrb",
-	"/9r4pEFIgDSKkUZT3A0dXlP3HV0pZc3h3TLYom6iMZUii9hDP8pryKWYw6WsLKaDraANW4EOZt05WKUO",
-	"BTKhrcOCS+erHKz7k8EW+e5s733HQ0dCQ1snU6OhwV/0kLyQiFoHzGB2kLqyxhUJrr1W06ESvL+puB/Z",
-	"txEk4ST2bsx+KnGypqr2vlaV2YHYjhFBvbOkfXyd2XcRgXPOd0vKkhmDyjLJ//326uR/2ck/RyffTIZn",
-	"/33y8c9/itFEmPxDqVEdqkRqgmoB9fLps8gyWwmky9lvUZ2Es4F6HIUbpp5Phq2ppnA0AlMp4cI1Qhqe",
-	"IsjZjN5wotfPdjyEXwpuDGYglZMMV4ile9Fxo4Elyys8BwYtGJgBYUUHLFgGUiBUGv1bUsz4vLL+obcw",
-	"ouJlrzodPTRX7D2dOFesU1qLttJKTxr6ipLWTYSSv7de/WuZEVQo7OZ/G3CxZDnPJj6uZvlBsMospOL/",
-	"xMxh9JJnGQorPqSZzGQlyFiWYpbz1L7BmzjL5ApXE4WVpnfXv+BiMsuteqagla5mM55ya34HKUxGfS5Z",
-	"NjFSTnKm5pa5FTM4oRgLzRps9lLJJc9QTShc4SBfMu6OMqHjU4K1rbcG598vfSjl7nL9UGkW6CjO6Z2X",
-	"mrPbogPdg3U+DhAN/XaSmqOGXtgl4JE4JJsXM8ySsQjPZozn7TEKZ5XIaB4vBcjTpncicqEZFiILa0/o",
-	"xUqzOQ4zZFkCw+FwLPpJcRrikdgR5DHZTaf8ls0jgalwCr1caEctEWe8FSeOiFOmNTANUzKopmCkFVqG",
-	"CyvlKpEumJhjFsLfSHFl4BqwKA2Fs3ejw6OgDUIMBz9wzDNi/QgSKJ4XpaxSEv9s7upvF7/8A/y3LkT4",
-	"9Tejp8fAhZE+bO8i9JcyWyVAmgDBCkOK5EMdhd+/wwBDEgCN7Y/iaF+IF9aNYnTx9nNlcYLA3WHPKlMp",
-	"PAfp1aIzlMWGmbxT9HzZXp8/mfv1+XqM7hFL2iukScBtiyzd2UWsZ+/pLXZixXf2Fw/3XO4BoVtQ2Y3h",
-	"7Z2ljlD33K2WlUo79k5ZqXTBtIVZo1ryDsZ3KZ4WxQcY6vn3KqKfMJuj+k6x6zse3w66XAN6k8a2A/a9",
-	"MLsJay13w+cCszMopeaGLxFYlumg4hMQOGf0WGEhl85cL3pGX4KXQirzAUk6U+w6Etv4QaoQLgIURnHU",
-	"CYlrl1oA+5qAmZJF7zxP6+gjBkT7PDcTv/QtMPd/4rMxVqUqXMorB+LKmgzsUlbk/9yWD6+4yNpsQis6",
-	"K98iow6AE/3btS1ZZb9X2kTN69sopoNFQdBjPZiXtrcpbD2Z1ZNtCxJs55x7MC7bLLjfxNyDl9vZiD+3",
-	"jituP3Xd2EgZw3oW+UNp7d2XI3ADnHOvE7jClYaKvnwxgnTBFEsNKp34Ef67l6ORzzq0oXg5igOP6r00",
-	"rhBgLUSyDKUpPeQIWaVxhR9m3zvLGv7dlGGCJMATO4O3jvz7S+HvP5WYWtPRDbCGZcGFVFAJ3jtb7t6d",
-	"KEyRL/G2QcN6Fucn9pXb8dzgXs6/lZPehMm7WHzto9cUrvIiCC6rlYajEcWxQh4UmMiAMqHHvSsRdgTb",
-	"b52us855pXDSyL/bynwulpKn2BftIU8Y/WKyrkBa2eQmmexzyVGVkfMlFj44tV691VIOVAPTF+R2GrKP",
-	"tWiYqfbn0x0oF24w5SUva4rqC1kddrmTUU2OBUnrCGV/v0S1gmYIETDSQ8uoGimgmoDMM+uuu+oV+L4o",
-	"zcrKkpxrJ0X6FRk4pLyvV4upsvuJ40dTtw0Ntk69PtF46mddajVSokWN25MFXfTvEOn3YCME5fAvsg+6",
-	"JN/2plBk3hMKBD1wIgpd3aFHbYzhN0lmU/WVZc5jlaM/sFxjEzmzx4xQsHTBBdbUzQ0cMftdTjazrMyJ",
-	"nJ1IlaECUsTHrRBUS9bcRr9Yl+BAs7VvtoxA7S1X2u+E6PB+OSL329G0Qxqa1Oey10imIqaNY92ij7bb",
-	"X4enet1cUZCaisqepYrvWzmqOsRNSbFYDmPa1zrwum5n3LnO2Nwku4K1lACJqIBfZjPHoDDjmGe6BruT",
-	"85n2lvKtWHJEEvnptkXNGu0aKbrgJscDMhyv4MO7NyBYYffmirNdhaodvj+w7JMIbtWWlqAz2UI0ZL/c",
-	"Mfa2yyB8wCqH2I7eYSpFynPOzPbCvZjoDdaoBksgTGE2jG42SMTekewtvF9wXTCTLrB/xWN3bz/7CWIk",
-	"6wTfLSyR4Ni1pWJAWQfm/biv4ds8g66PsOlx89kM7RFHOMQrAnI84QRymbJ8EtzQHrTafqGv9dyseBtf",
-	"uWvXdQHuzN3Z+H783i43dEvybUVJQkXjrjrJe6S/OCL+qLC6bY1ink8yZFncIeMZCsNn3N+mqfnyQAQU",
-	"7NMb9+rTkF8Lf0fKlbdvMJ5kUu7r7DbkWL8bQ+wF0eOWIgJW8skSVSiI3mt9MWOwKM0W1biF93OmjS98",
-	"6LPGbu+a7H8Pxp0c0lLJFLW+o1sbolEHWeD9nPfWwTUOfLAx+pcfNH5lOLuOy9jewB7yuQfnsE2M/yIH",
-	"cROtLSexDi626MNanHMhVddfLJm62uItftBsjt8GPXlIlVwdAu6FTFqHNvJGlJU5XEa1sbcj3Lu+zoFX",
-	"BfZYBo103rQMPgj+R4V0n8nXIrjTA5am1nJMgBkopDbwdNSO0J+Dth6QkWF8XcIyPMyisxysDSvKTdi+",
-	"c5V8IOT1eQ3G85eQsZUGmWcUw3oJBReVQQ1sgSzrXy5BGYaYM3G9kDkmIKQ4qZOXoiouUcGR3yxtJ+Qo",
-	"mELwInotGpzJylWf+cXdLHtsnaDMHXyd09tNOvcgPJrJ1uXh40qQBo5tyvw+HeYuf+zQJUGGsTTF0pUf",
-	"ZpW7fOkE/e+Ug+lTQ1CvWM+/Gw+NIF0zL3aaC/dQwRjJ7Fndpu6o1ffg/ECDZkew6L6MmX4WBR1Yi3fa",
-	"wu1AsXSoidqhqd0ipQErbrzsiePRJt8Iw662X+IJHBIly5pptpBtzUhbvrVr3kaJe2j33X2Msbdu83cD",
-	"w1b07IqOXzNuuJjXNd6DFlPRZ7bD6qHctj48PHALF7Y/iltZ9/uMq3SpuB1d8fDF0P8/qPhstTWwe3CB",
-	"9na9EbKcd6tjW9uzT1vtqHF1G3yHpVRm+/70pBW06xGwkVc7c62HTudDsP1JqHts+1hUXrWEXANbBNwW",
-	"KJvItHId00pxs7qwcNQuu+9psdEL4dXbN3CFK3f/X6eyRJj6ysEpSAVTlhVcTBPwy8PlippzXPz46uTZ",
-	"y69hwfSi7k1CmEamXFGIg2xhTEnZUW0Z6gopaOAG/RCw/rdf3w9ifRpEdmJfg7/9+h6Ofryw60kF7+yH",
-	"43OY6upyGrqp1Jdq3H3ePeDcUH3ATG6ixLA8dzVnYK3vHLWGS57nXMzB4wU41cgJA3LmnYUzKBWWjGeh",
-	"THAs/PVBs1D2Q3AqwkVqsvRdT4gwgko0Xr19k4AUTpyMRSjn1O4+kCooq52vmtxgIQWugCllXdCEpiVR",
-	"ghnQFYSxqCUxKMw5u8xXLSfnW781knd6OBZjQRXwlEi/XqDCBKZasCucpEzjtM60uHW5CI5CuzjHERMT",
-	"Y/Hm4hcIcfr6lgQwXbsXCZDqto/e/fAanj9//g0B8eQJ2br6yRPyRqbbWoJMmzYex35Z0IYab0ytRT31",
-	"s72qzMJaE26KJ0/sCU9f+YtA9OwMviVSgXE1Gj1PjSVV+ojTIbwC+ju05VFo8SrNicaSKWtZQMmU0UQ3",
-	"63TryPQvbQpNoGArd5BGVuliTFiT16K5UXYOTKysCzsHzDX6mfdw61h4doUj+p+WyaQ7TTdZoOGCrY49",
-	"blp9ZIZPnsDbXy7ea3c3zZlNlucKuUTQskA3izMoxmK61oNmOoQL37DIUbj941Jmq+CPP3sBC9/5yPEt",
-	"1WWMhW+NRPtqJjUnobvSGVAzpfO6H1I47BArdxcygOuxePHsGUzjl7amQ/ilREUHbomQ7txZF+6SaYRW",
-	"IftYHPna0MQXxyaOnyzlsis8Ds2cmOXMkD6tjSsrJb1RBDN7LvVWzyHUhTnscikSuF7wdEEvaJDC82bi",
-	"l9DwYvTNWEy33jabDuHvuHJuO9FEBiWqmpTokop94IlnLIivQcgWSepwcaNkZmHpPVxzITpwESzQRirU",
-	"ICQRQQJajoVCo1Z2mzzStApUZdFsgM0ZF57cfuLaWL62aIQp3XubwpG/5AgvR5Y5PsHL0eiYSIgJkCX7",
-	"o7IM7TpWkZSrSWb62Z5fAi0P/GZ6vtbjimt3K1O6TVpnzPW5cveyXHrWyX7rVYTo9uDpcDQckTFRomAl",
-	"H5wNng9Hw+ekl82ClOvpAlluFv8cnH2+SQanClm2Cn8sn54SI56qTs7GWbvS5SxkIMg3mSvYYwbX0pd1",
-	"8vlbma12NEs6rElSPI9007VMLNutd216Nho9EBCxhk2da7uZ4jMzdGas77sRn78GuNULKhnocMlk8Npl",
-	"d6HRjo69iYYdA36lfViM4pzg3uXkOBk21+RY2cO1ZtinEyKeE/fAYa1DAC7Fd9KEa+cYOX3LG61gs7sx",
-	"2rR1+y3en6v2ePuhPJIkuEnirzSLn7oOYT0G+s5zNx8fkGrWMwyxPl/uwqGcObGVuVPU90E7F25Cb0K5",
-	"ea0Auq4LDe9OIqefQ2HUzanTlyQzIsTQ7YxXl1PdX2O6j0ktq7oobvT0ecsWxdkMU2NFrjY8z2FeMZU5",
-	"x8EO8nVxb4gKvLXeZQKn89tpn8ehpBgVvV/4A/YdV3yGh4v5fRDSWzcb2awbJOWU5q0oiURZH1nTRJIe",
-	"RtR0oof/bkJmLRGxU8Y45XF/IuZDaz7LOQ7vcITD+RAyZBnkaCwmju9MIKe+FGC7TeLLELrE8jAWSaeg",
-	"49FNkXa1ReS4f5TXUDCxgmtrP4cKinvRKCgyd6xtQrqDBFhS8Gkr77vY1BuxZIqzcJ4PhNZOdG+LiFX0",
-	"LRyxXEsX2+BWk4pMh9JHys8iTOXV9Pg+MG7tzqKsrKvmal7dDRhyzsJFGe0O2oUtKPJCl2EPOY20acAY",
-	"PYi/ogk9Gh/wCMISW7AfWuHlkllFzYwVN+ouZrYPQZIaCcHH3z5aud4KA/720Yrv5kh+pZADE3CJvvlW",
-	"C9kBkR9rzHo3+sRfr+r4VGstQRU3vq1OuALFNEx9/mJKV2CFD3bodslAiNaNhW98OAR3oQqojaS7MxUu",
-	"UFkXERhMC5nhX/w6U/DQJWMRwnJ0yaoe2L5dU48eQjv66UJPIWI0FtRsYj1g5DzZmC+53sRyQ8/vUbVb",
-	"uhI71Xv/OiDearKXKnj6UEDEGMcBRuZrtC/4SbsxeGwt/9ZppJW4X+7ROO/CsjuwjSD1TFKAK3TKdHeR",
-	"ao70o1osGdIXp59bSambncKvyRg+nPQLa2wTf4GFHlnevbP6vmkH1kZtQOTg482h7Nq+Tmk9t8pEb4XW",
-	"oq6JAc6s0s2ki/ABfuLawNGz0dNjkArczbAQs8U802Mx50sUdsjoeAh0ecK1jgZLO1eIpR3NfVnREKab",
-	"ncCmY5FzceWi5nZBLuaBCpv4ZeeeKgUkWU5hNliwJYIUeD4W3JCItKBfIoTuQ1Zlg0YTE4+uK12HAh9A",
-	"nHVb4D2ySbuL9D+4u35E9fcqO3esWQvNewjg1bkJR5r7OWm3lDptXZDaJq2+rXtxP9iJhSW2yCoP5GOL",
-	"qqadfcjhCXmdWMc0dNKoER4ajt5NcO05K7/KaejfsRkaO1BKRu3G7xS71tQOpWmS4uSPbxkUesx7C9IO",
-	"cteNh/APXKIaC7lERc1Yznx2REqY4XXTSLZGqH25+YGQF6NnYxG/gAcpUy7l0u4uOQ1dK6OGoEPT61Yb",
-	"wttbgA9n+XVbTj+2qOw0cY7JLjfgAS2+F6Nnj/lLGP+wWl5Q7cEGOd5LUMNOCs2l800R0ZPLm5+ueAAm",
-	"728LrdBsBqupd9kXzlidHoKP7Em1u+RFaPCvrtPml+ZF1TRM8NUy+qhUspAuZ18wUbEcXJco6+sf34XE",
-	"W6UHuyP2jtTet4cfSnVfVJC91WdqZ4A9p3Gha9lj2z/kJrrIjwNka7rvceyfEKDcTSr+jbdh8L81obS7",
-	"jeyklICbx6aRV7X6+KputbQ9LVyf4MMSCqUT+gRgKLnTLwcYiu+j+eT9t2ItGtfyyCLNK82X6OLO56Hj",
-	"OTwfuatRlziTCmFq5HTbL9P5WuoGpn7V2ZtdxwIoKLIGECGvty1M1dsHLvvgWUtfUx9zIumbx+aNn2TK",
-	"cp/bolvumirSXHmN9ZGAUSEoKCbm7RyLo9/74ZGNfPh6c8w8l9fW7rtcQckoyb/5y4hf6bXSsqYD9hBe",
-	"jUUp8zy09if7UUvf4r/gWqOLdFlAEvrPF/K21PlYpLIouAuiyRlQQ5+z+jVgZYlM1fV6MwwlwRTqokrP",
-	"sWhN6Cs5ZZVndicpZmj3uGAaZlxwvcBsuFktx/JrttJjodGcu+IEKuMTGWGGkMTSq5ivaTXPtoqC2/wU",
-	"peshDUY64QDM0JhLnHMhqA4jzpeh9+UBv1TZVyE+JPv2rDe4v0oDewqyMpeyEhlcVpoL1NrTmiWubge1",
-	"FmuG27/BxA0a7fRzc1tkZ+w/dP16eKNhWzQt/ALAvybwH3KRFBiiEFDTzG7BLdOtehoMkTqwzi+/9aoE",
-	"2/u7Z7UgXS8vijvW37N04emI6/r6iBR16pKqG7Rpqi2pFljDEfM3lseic2W5/gGV+rbf/jvUY0GXqO1b",
-	"V8IuSlg7HsIrfyWuLrVQCE7w2ofe4GhicmPBqEIjFIs2Nyi8HLbicK6IiSqRkQZAruw+Xem2v8k4tZAo",
-	"LCkMDs1zd+OkqR+n4nlXE2blekzQvhFz3FPB9WVldls9DnoFIZ7d78qd+51b6owdufq7kIk921AHT2r4",
-	"iw1TuOoab2AdPbXk+XQ0GnniPo4YVBFWPv3c0ONOwd3Q3OBRyu/qAsLt5Zn3oQm/c9xdF9tZ44t+kqmu",
-	"yOpjmEZkcecicy9Z3MOLImF8jZcLKa+0rx0enH3epZU+uh8FCJDSD00OTonf/bY+r//Atib3PzwMZUSt",
-	"R6EIoPWs1lTtcT4s0nrkMNh64BVK64krqNr00l6zPHcVxU4In1OUtrTmoTch5yjQXcxyOwapIM05UUp9",
-	"LgF7kRV+pDsdCShkmbOISP7LlOrQ1NLK5cponmF0udYiNfdo64n8fwAAAP//",
+	"1D1rk9s2kn+lS7dVmfFyNPIrd5mprTrHcRLvJhuX7VyqLvJJENmSkCEBBgA1Vlz+71doAHxIkETNa7P+",
+	"Yo0EAo1Gv7vR/DRIZVFKgcLowcWnwRJZhoo+vs6wKKVBYd5imbM1ZvbbDHWqeGm4FIOLwdSoCqdwvUQB",
+	"Zsk1MKGvUQHXYJYIih4EOQcmAJnKOSpQ+HuF2sA1N0sapVmBcIXr4SAZ6HSJBbMLmXWJg4vBTMocmRh8",
+	"/vw5GZRMsQKNB/BlpbRU20C9XyJMBX40k5RGTC0AdqFS4YrLSkPJFmhX43b47xWq9SAZCFbYBd0zHVAK",
+	"9vEHFAuzHFw8GY2SAJo2iovFwAL2stJGFqhefxMHJ2V5juoLDfJaAM9gLhVwo6HSqGpASmaWbTjclBOe",
+	"DZKBRRpX9ggsxtvA/UXhfHAx+I/z5iDP3a/6vAWWhbI+0XT9D1zbh2ldd+bNyq1hZ3bcvtXbqHn+PBkU",
+	"XIS/H8cQ1QXhJ8IRy48A5eZL/8ALbuqVNk49px/b02c4Z1VuBhfPR4ldixdVYf8Y0Urur2YdLgwuUDky",
+	"VahLKTQSlb5RcpZjYT+mUlh2sh9ZWeY8ZXb756Ub8dfftKWXTz3PNsxLK3Yp7oUAVEoqOHn77Uv46tnz",
+	"/wS/BmRoGM/16ZBQ4ueyS33NciZStB9LJUtUhjv4Z80P3VXelSgyNssRhLy+gEroEoWBVGFmSVvOoRL4",
+	"sbR0AwvFhNGW0udSFcw4jH35bLCNwKRD+UcQeDJwq2xD+h197wROAC/HuUlASymsLCI41zDnShviR4OF",
+	"PrQ4TfuuKgqm1nZ5vxOmFKO/c3k98dibmKVCvZQ57agHDkh8Oai29/OLE7cYwD+jgVwsQGHBuLCfwj7d",
+	"CXQwnzGDZ4YXaMm/ynN7hoGzN9imA8iEFbJy5Lu1gx3zNGzRFiK/bgi3QGL1Ce7C3Yd6Yjn7DVNjAXzJ",
+	"DMvlYptwHQYmJUuv6O9eZ/qSHnrD0qvYiZY5E/3nepNbvRWZRcmsSs0RE7kHtufaxGp7x611AuBR9C0x",
+	"vZKVeYdacyd/NtDoB0y0G+G5cotQHKHpCesSSJvYtp4p2bpAYXZNWak88v3GpltzJFFg3TwdAHsg4qVC",
+	"ZkjqsSzjTk29aSFmznKNySauLL3mEw93x2x49l8HNNQt5J4lom0p8QJSxxrAM8v/LXC+fHYQmN8rJgw3",
+	"644qfByR37VqfHxINSYDXaUpan0zBO0VIYSC7gJJ+ziiJy6Frgp86+zRI496jyxsY6T5dwg3BRqWMXNQ",
+	"7/8YxhE+mLcZjjWG2pj0W6mn24srTYTwqT82tne606LwNggovlgaYHODynkVqVu9p/1gFBOapWansNrY",
+	"/8b4pEFIgDSKkUZT3A4dXlP3HV0pZc3h/TLYom6iMZUii9hD38tryKVYwExWFtPBVtCGrUEHs+4SrFKH",
+	"ApnQ1mHBlfNVjtb9yWCHfHe296HjoSOhoa2TqdHQ4C96SF5IRK0DZjA7Sl1Z44oE10Gr6VgJ3t9UPIzs",
+	"mwiScBIHN2Y/lTjZUFUHH6vK7Ehsx4ig3lnSPr7O7PuIwDnn+yVlyYxBZZnk/359cfa/7OyP0dlXk+HF",
+	"f599+OtfYjQRJv+51KiOVSI1QbWAev74SWSZnQTS5ew3qM7C2UA9jsINU88nw9ZUUzgZgamUcOEaIQ1P",
+	"EeR8Tk840etnOx3CTwU3BjOQykmGK8TSPei40cCK5RVeAoMWDMyAsKIDliwDKRAqjf4pKeZ8UVn/0FsY",
+	"UfFyUJ2O7psrDp5OnCs2Ka1FW2mlJw19RUnrc4SSX1mv/qXMCCoUdvO/DrhYsZxnEx9Xs/wgWGWWUvE/",
+	"MHMYnfEsQ2HFhzSTuawEGctSzHOe2id4E2eZXOF6orDS9OzmD1xM5rlVzxS00tV8zlNuze8ghcmozyXL",
+	"JkbKSc7UwjK3YgYnFGOhWYPNXiq54hmqCYUrHOQrxt1RJnR8SrC29dbg/NXKh1JuL9ePlWaBjuKc3nmo",
+	"ObsdOtB9scnHAaKh305Sc9TQC7sEPBKHZPNihlkyFuG7OeN5e4zCeSUymsdLAfK06ZmIXGiGhcjCxjf0",
+	"YKXZAocZsiyB4XA4Fv2kOA3xSOwI8pjsplN+wxaRwFQ4hV4utKOWiDPeihNHxCnTGpiGKRlUUzDSCi3D",
+	"hZVylUiXTCwwC+FvpLgycA1YlIbC2fvR4VHQBiGGg2855hmxfgQJFM+LUlYpiX+2d/X3dz/9E/yvLkT4",
+	"5Vejx6fAhZE+bO8i9DOZrRMgTYBghSFF8qGOwh/eYYAhCYDG9kdxtD+JF9aNYnTx9mNlcYLA3WHPK1Mp",
+	"vATp1aIzlMWWmbxX9Py5vT5/Mnfr8/UY3SOWdFBIk4DbFVm6tYtYz97TW+zEim/tLx7vudwBQnegshvD",
+	"OzhLHaHuuVstK5V27J2yUumSaQuzRrXiHYzvUzwtig8w1PMfVEQ/YLZA9Y1i17c8vj10uQH0No3tBuyV",
+	"MPsJayN3wxcCswsopeaGrxBYlumg4hMQuGD0tcJCrpy5XvSMvgQvhVTmPZJ0pth1JLbxrVQhXARMZKBw",
+	"Ja8QUBjFUSckuV2WAewMAuZKFr1TPi0qiNgS7aPdzgHTr8Dc/4lPzFjt2gJxba0HNpOVgRPrgjH/o4M7",
+	"UL6fyme1g21np8q4LiurjDxXng5vwdlXXGRtxqNVnd9g0VuH1ImjLJSWULPfKm2iBvtNVN3RwiVoxm0X",
+	"bSmVmbM8j5NMl0wunH/qw2LMo7iFYNBLWeUZLNkKx8KwKxQwY+kVzCoDKf0kpElghimrNHon2fvE1hF2",
+	"uVJiq7Gw1OHZxvvKC4kaZpjLa/gDlbx02b6wBQrUaWBjoTBFvrI4SSDn2p78bA3T7169h/PV43OWFVyc",
+	"r1Dx+XrqDPTbZu5IHBFlbGs+z/P1OeyK2OwWY3dg6bfl4WF7/wBJ3cxg/7FF6XFjthtTiNSUbKb0fy6t",
+	"8/F8BG6Ai7ToBK5wraGiH5+NIF0yxVKDSid+hP/t+WjkU0BtKJ6P4sCjei+Nq8rYiFetQp1QD6FOLkLc",
+	"+gqzH5xlA/9uyjBBEuCJncEbJzn6q8RXH0tMLQO5AdbKL7iQCirBe5cuuGcnji3xphHcehYn2Psq0Xii",
+	"9qDQvFHEpMlZdLH40stMih166Q2zaq3hZERBxZCUJuVMaenT3mUhezIfN86dzhnPK4WTRnXcVF1ysZI8",
+	"xb5oD0nb6A+TTd3bSu03mX2f2I9q25yvsPCRws1SupZepYKkviC3c8J9THfDTHW4uMGB8s4NpiTxrKao",
+	"vpDVMbBbeTjk5ZG0jlD2qxWqNTRDiICRvrSMqpGi2wnIPENtfCkRvCpKs7ayxGpn3dvO9Eh5X68WU2V3",
+	"k1SJ5tEbGmyden2i8TzcptRqpESLGndnbrro3yPS78BGCMrhX2QfdEm+7dqiyLxbGgh64EQUuiJQj9oY",
+	"w2+TzLbqK8ucx8p4v2W5xiaMaY8ZoWDpkgusqZsbOGH2t5y8FlmZMzk/kypDBaSIT1vxwJasuYl+sU7Z",
+	"kRZ/39QlgdpbrrSfCaH6w3JEHnbuaYc0NKnP5aCRTBVlW8e6Qx/ttr+Oz7u7uaIgNeWtPetG37cShnW+",
+	"gTKUsYTStK914HXd3iRAnT77nOyLnFM2KqICfprPHYPCnGOe6RrsTgJu2lvKtwL7EUnkp9sVwmy0a6QC",
+	"hpscj0g3vYCf374GwQq7N1cp78qF7fDDUX6f0XGrtrQEnckOoiH75ZaB0H0G4T2WnMR29LZ2xCMpya5t",
+	"GpFhK3mFEXp72wlKbMQAUlmgrqNXfcyx3RGQYLULaUBhKleoMOs17d6ivGbFZpM7kCdFynPOzO4S1Jje",
+	"Cqa8ttgomQd6e+tBnfTOyewQnAXXBTPpEvvX7nb39qOfIMbvTmvcwIwLXnFbpQSUdWA+jPsavqOJOOPz",
+	"OVr+iIgXr0XJa4czyGXK8knw4XtQbvuBvq5Hs+JNAg1dOu4C3Jm7s/HD+L1ZlvOG5NsKMYXa3H0Vv3dI",
+	"f3FE/F5hddNq2zyfZMiyuDfLMxSGz7m/F1bz5ZEIKNjH1+7RxyFTHP6OFN7v3mA8Xarcz9lNyLF+NobY",
+	"d0SPO8phWMknK1ShtP+g6cqMwaI0O+yKHbyfM218CU+fNfaHJsh58mDcypsvlUxR61vGBEIo7yj3pV/k",
+	"o3VwTfQjGGj9C2kapzycXcffbm/gAPncgWfdJsZ/kXe9jdaWh11HZlv0Yc31hZCq62yXTF3tcLV/1myB",
+	"Xwc9eUy9Zx0/74VMWoc28lqUlTleRrWxtydWvrnOkZdeDlgGjXTetgx+Fvz3Culmnq+qcacHLE2t2Z0A",
+	"M1BIbeDxqJ3euARN+TMZxtfFWMPjLDrLwdqwotyG7RtXkwpCXl/WYDx9Dhlba5B5RgHA51BwURnUwJbI",
+	"sv6FP5SeiXli10uZYwJCirM6DS+qYoYKTvxmaTshwcMUghfRG6H0TFaujtIv7mY5YOsEZe7g65zeftK5",
+	"A+HRTLYpDx9WgjRw7FLmdxlt6PLHHl0SZBhLUyxdIW1WuWvETtD/RgmsPtUw9Yr1/Pvx0AjSDfNir7lw",
+	"B7W4kbSo1W3qllr9AM6PNGj2RNruypjpZ1HQgbV4py3cjhRLx5qoHZraL1IasOLGy4EgKG3yNRVd7CxN",
+	"DBwSJcuaaXaQbc1IO361a95EiXtoD93ijbG3bvN3A8NO9OxLLVwzbrhY1LcVBi2mos9sj9VDhQH6+PDA",
+	"DVzY/ihulSzcZVylS8Xt6IqHL4b+/6Fim51R8aOvGuzWGyFFfLuKzI09+5zfnmptt8G3WEpldu9PT1pB",
+	"ux4BG3m1N1F97HQ+ft2fhLrHFo3GhwCv3heHpB4TTIAsUTTB2ou6lsyl8HSrlEyPRV0wBlao+UKypnJs",
+	"Ddeo0JWMDeFHKXAN8hqzhB5hYzFTyNLlhRubSfq6sDNN5dUUyGgfwg9MLZrENNWC9Q1ghsj2Icklr1qy",
+	"vzmyyCm2TqiL2m2Ks8oP00pxs35nQarjGr6FzVbrkxdvXsOVRZo9Cp3KEmHqC4WnFu9TqoqbJuCBgdma",
+	"evG8+/7F2ZPnX8KS6WXdiojIEZlyZUcOsqUxJeXftZU6V0iRFTfo20Caf//l/SDWlkVkZ/Yx+Psv7+Hk",
+	"+3d2Pangrf1weglTXc2moXlSXS/oru8fAOczVaDM5TZKDMtzV1cK1kXJUWuY8TznYgEeL8CpDtbVlDon",
+	"4wJKhSXjWSDdsfC3hc1S2Q/B8wp9E8gdCmWNbgQVAb148zoBKZzMHYtQw6rd9T9VUN1Evm6yzwUROFPK",
+	"+ukJTUvyFjOgG0djUasrUJhzNsvXLU/wa781Ugp6OBZjQRdeqFTjeokKE5hqwa5wkjKN0zqX59blInhT",
+	"7fKvwNdj8frdTxAyQUlTIqprHywBsm/sV2+/fQlPnz79ioB49IgcAv3oEbls010dgKZN155TvyxoQ312",
+	"ptbtmPrZXlRmaU0uN8WjR/aEpy/8vT/67gK+JlKBcTUaPU2NJVX6iNMhvAD6O3ThUmjxKs2ZxpIp5kqI",
+	"ldFEN5t068j0b20KTaBga3eQRlbpckxYk9eiuUB6CUysrZ+/AMw1+pkPcOtYeHaFE/qflsmkO003WaDh",
+	"gq1PPW5abaOGjx7Bm5/evdfuKqqzLS3PFXKFoGWBbhZndY3FdKPl1HQI73x/Mkfh9o+ZzNYhaPHkGSx9",
+	"ozPHtyRgx8J3QqN9NZOas9BM7QKod9pl3f4sHHZIKLj7V8D1WDx78gSm8Tua0yH8VKKiA7dESFdsrZ87",
+	"Y1Z7NPdWxuLEF24nvgA+cfxkKZdd4Wno3cYsZ4YEfW2BWinpLUeY23Opt3oJofLQYZdLkcD1kqdLekCD",
+	"FJ43E7+Ehmejr8ZiuvNy6XQI/8C1i20QTWRQoqpJie6k2S888YwF8TUI2SJJHe5plcwsLb2HW21EBy7M",
+	"B9pIhZT3XNIlRy3HQqFRa7tNHulRB6qyaDbAFowLT24/cG0sX5P2ntI11ymc+DvN8HxkmeMjPB+NTomE",
+	"yDxgv1eWoV2DOpJyNclMP9nzS6AVpvg8vdxoace1u4Qt3Satx+ra2rlrmK4AwMl+63qFFMDg8XA0HJHF",
+	"VaJgJR9cDJ4OR8OnpKXNkpTr+RJZbpZ/DC4+fU4G5wpZtg5/1FXlqpPYci6BdIkdGQjydeaSy8zgRo63",
+	"Lm/4WmbrPb3RjuuJFk+2fe7aKZbtNpu0PRmN7gmIWH+2zi39TPG5GTpb37fZic9fA9xq/ZYMdLhTNnjp",
+	"UuDQaEfH3kTDjgG/0D52SMFgcM9y8i4NW2jyPu3hWjPs4xkRz5n7wmGtQwAuD3rWxLQXGDl9yxutiLy7",
+	"IN50cfw13o6vDgv0Q3kkk/I5iT/SLH7uGgL2GOgbTX7+cI9Us5mGibX1c/eL5dyJrcydor4L2nnnJvQm",
+	"lJvXCqDr2mO4PYmcfwqld5/Pnb4kmREhhm4jzLpg7+76UH5IalnVRXGjpy9btijO55gaK3K14XkOi4qp",
+	"zDkOdpCvvHxNVOCt9S4TOJ3fzo09DCXFqOj90h+wb7Dk02BcLO6CkN642chm3SIppzRvREkkyvrImibc",
+	"dj+iphNi/XcTMhvZmr0yximPuxMxP7fms5zj8A4nOFwMIUOWQY7GYuL01gRy7usldtskvlajSyz3Y5F0",
+	"ql4e3BRpl6REjvt7eQ0FEz7CFMpM7kSjoMjcsbYJ6RYSwN1i3Mn7LoD3WqyY4iyc5z2htRMC3SFiFf0K",
+	"JyzX0sU2uNWkItOhuJaS2C5Gd3oXGLd2Z0GXU31VtbtjRc5ZuIql3UG7sAVFXuju+zGnkTb9VqMH8R2a",
+	"0JL1Ho8gLLED+6HzZS6ZVdTMWHGjbmNm+xAkqZEQfPz1g5XrrTDgrx+s+G6O5BcKOTABM/S99lrIDoj8",
+	"UGPWu9Fn/gJfx6fa6ACsuPEVweGSHdMw9UmeKV0XFz7Yodt1FSFaNxa+z+kQXPEvUNdYdysvXNGjIDaD",
+	"aSEz/JtfZwoeumQsQliOrvHVA9v3t+rRQ2hHP13oKUSMxoJ6y2wGjJwnG/MlN3vWbun5A6p2RxNyp3rv",
+	"XgfEO8v2UgWP7wuIGOM4wMh8jb4G4Kz9HoDYWv6p88ibA/xyD8Z57yy7A9sKUrumCnVjXHfbreZIP6rF",
+	"kiGZcf6plbn7vFf4NWnV+5N+YY1d4i+w0APLu7dW3zfd/9qoDYgcfPh8LLu2L+xaz60y0RsMtahrYoBz",
+	"q3Qz6SJ8gB+5NnDyZPT4FKQCd/cwxGwxz/RYLPgKhR0yOh0CXc9xneLB0s4VYmlHc197NYTpduO/6Vjk",
+	"XFy5qLldkItFoMImftm5CU0BSZZTmI06SoAUeDkW3JCItKDPEEKzMauyQaOJiUfXhLJDgfcgzrodLx/Y",
+	"pN1H+j+726RE9XcqO/esWQvNOwjg1bkJR5qHOWm/lDpvXcHbJa2+rlvv39uJhSV2yCoP5EOLqubtFWl9",
+	"+ek6sY5paHNTIzz0F76d4DpwVn6V89BcZzs0dqSUjNqN3yh27S6NNY2QnPzxHcLCKyW8BWkHuQvtQ/gn",
+	"rlCNhVyhot5LFz47IiXM8brpG10j1D7cvA/o2ejJWMSveELKlEu5tJvJTkOT2qgh6ND0stV19OYW4P1Z",
+	"ft0O8w8tKjs922Oyyw24R4vv2ejJQ7745p9WywuqPdgixzsJathJoWlrsC0ienJ586aae2Dy/rbQGs12",
+	"sJpaFf7JGavTMvSBPal2U8wIDX7nGuv+2byomoYJvlpGn5RKFtLl7AsmKpaDa+FG3eNuQ+Kt0oP9EXtH",
+	"au/bw4+luj9VkL3VyWxvgD2nceF290PbP+/rBncekJ3pvoexf0KAcj+p+CfehMH/1oTS7mezl1ICbh6a",
+	"Rl7U6uOLupnX7rRwfYL3SyiUTugTgKHkTr8cYLihEM0nH746bNG4kUcWaV5pvkIXd74MLziApyN3f2yG",
+	"c6kQpkZOd72I0hecNzD1K2Hf7msXQEGRNYAIeb1rYSpxP3LZe89a+osHMSeSfnlo3vhBpiz3uS1qBaCp",
+	"Is2V11gfCRgVgoJiYtHOsTj6vRse2cqHbzY2zXN5be2+2RpKRkn+7RehfqE3SsuahvdDeDEWpczz8CYP",
+	"sh+19F1KC641ukiXBSSh/3whb0udj0Uqi4K7IJqcA7WMuqgfA1aWyFRdrzfHUBJMoS6q9ByL1oS+kpOK",
+	"5kuFKWZo97hkGuZccL3EbLhdLcfya7bWY6HRXLriBCrjExlhhpDE0quYr2k1z66Kgpu8eda1jAcjnXAA",
+	"Ro1gYYYLLgTVYcT5MnRXPeLFtH0V4n2yb896g7urNLCnICszk5XIYFZpLlBrT2uWuLo9+lqsGa5IBxM3",
+	"aLTzT82Vmr2x/9BX7v6Nhl3RtPDCj39N4D/kIikwRCGgpl3iklumW/c0GCJ1YJ0XPfaqBDv4msNakG6W",
+	"F8Ud61csXXo64rq+PiJFnbqk6gZtmmpLqgXWcML8te6x6Nzrrt+XVF+JPHzRfCzoprl96krYRQlrp0N4",
+	"4e8N1qUWCsEJXmoL7QyOJiY3FowqNEKxaHODwsthKw4XipioEhlpAOTK7tOVbvvrntNLapBdUhgcmu/d",
+	"jZOmfpyK511NmJXrMUH7WizwQAXXnyuz22oE0SsI8eRuV+5cgt1RZ+zI1V8YTezZhjp4UsN/2jCFq67x",
+	"BtbJY0uej0ejkSfu04hBFWHl808NPe4V3A3NDR6k/K4uINxdnnkXmvAbx911sZ01vugNbHVFVh/DNCKL",
+	"O7e9e8niHl4UCeNrnC2lvNK+dnhw8WmfVvrg3gESIKX3yg7Oid/9tj5tvk9fk/sfvgxlRK2vQhFA67ta",
+	"U7XH+bBI6yuHwdYXXqG0vnEFVdte2kuW566i2AnhS4rSltY89CbkAgW6i1luxyAVpDknSqnPJWAvssL3",
+	"dKcjAYUscxYRyX+ZUh2aWlm5XBnNM4wu11qk5h5tPZH/DwAA//8=",
 }
 
 // decodeSpec returns the embedded OpenAPI spec as raw JSON bytes,

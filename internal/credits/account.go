@@ -206,7 +206,10 @@ type entryRow struct {
 	GrantID        *string
 	PaymentID      *string
 	IdempotencyKey *string
-	CreatedAt      time.Time
+	// Draws are the grants a revoke took from; Shortfall what it could not.
+	Draws     []Draw
+	Shortfall int64
+	CreatedAt time.Time
 }
 
 func insertEntry(ctx context.Context, tx *gorm.DB, e entryRow) error {
@@ -214,10 +217,19 @@ func insertEntry(ctx context.Context, tx *gorm.DB, e entryRow) error {
 	if err != nil {
 		return err
 	}
+	draws, err := drawsJSON(e.Draws)
+	if err != nil {
+		return err
+	}
+	var shortfall *int64
+	if e.Shortfall > 0 {
+		shortfall = &e.Shortfall
+	}
 	return tx.WithContext(ctx).Exec(`INSERT INTO credit_ledger
-		(id, customer_id, kind, amount, balance_after, reason, metadata, grant_id, payment_id, idempotency_key, created_at)
-		VALUES (?, ?, ?, ?, ?, ?, ?::jsonb, ?, ?, ?, ?)`,
-		e.ID, e.CustomerID, e.Kind, e.Amount, e.BalanceAfter, e.Reason, meta, e.GrantID, e.PaymentID, e.IdempotencyKey, e.CreatedAt).Error
+		(id, customer_id, kind, amount, balance_after, reason, metadata, grant_id, payment_id, idempotency_key, draws, shortfall, created_at)
+		VALUES (?, ?, ?, ?, ?, ?, ?::jsonb, ?, ?, ?, ?::jsonb, ?, ?)`,
+		e.ID, e.CustomerID, e.Kind, e.Amount, e.BalanceAfter, e.Reason, meta, e.GrantID, e.PaymentID, e.IdempotencyKey,
+		draws, shortfall, e.CreatedAt).Error
 }
 
 func metadataJSON(m map[string]string) (string, error) {

@@ -178,8 +178,12 @@ type LedgerEntry struct {
 	Metadata     map[string]string
 	GrantID      string
 	PaymentID    string
-	Draws        []Draw
-	CreatedAt    time.Time
+	// Draws are the grants a consume or a revoke took from.
+	Draws []Draw
+	// Shortfall is what a revoke could not take back: the customer had
+	// already spent it. It stays a receivable (VerifyReport.Receivables).
+	Shortfall int64
+	CreatedAt time.Time
 }
 
 // LedgerPage is one page of a customer's ledger, newest first. NextCursor is

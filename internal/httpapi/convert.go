@@ -151,6 +151,9 @@ func toAPILedgerPage(p credits.LedgerPage) api.LedgerPage {
 			Reason: e.Reason, Metadata: meta, GrantId: ptrIfSet(e.GrantID), PaymentId: ptrIfSet(e.PaymentID),
 			CreatedAt: e.CreatedAt,
 		}
+		if e.Shortfall > 0 {
+			entry.Shortfall = &e.Shortfall
+		}
 		if e.Draws != nil {
 			draws := make([]api.LedgerDraw, 0, len(e.Draws))
 			for _, d := range e.Draws {
@@ -165,10 +168,13 @@ func toAPILedgerPage(p credits.LedgerPage) api.LedgerPage {
 
 func toAPIVerifyReport(r credits.VerifyReport) api.VerifyReport {
 	out := api.VerifyReport{Ok: r.OK, CustomersChecked: r.CustomersChecked, PaymentsChecked: r.PaymentsChecked,
-		Problems: make([]api.VerifyProblem, 0, len(r.Problems))}
+		Problems: make([]api.VerifyProblem, 0, len(r.Problems)), Receivables: make([]api.Receivable, 0, len(r.Receivables))}
 	for _, p := range r.Problems {
 		out.Problems = append(out.Problems, api.VerifyProblem{Kind: p.Kind, CustomerId: ptrIfSet(p.CustomerID),
 			PaymentId: ptrIfSet(p.PaymentID), Detail: p.Detail})
+	}
+	for _, rc := range r.Receivables {
+		out.Receivables = append(out.Receivables, api.Receivable{CustomerId: rc.CustomerID, Shortfall: rc.Shortfall, Revokes: rc.Revokes})
 	}
 	return out
 }

@@ -453,9 +453,10 @@ func (s *Service) subscribed(ctx context.Context, ev EventRef, paymentID string,
 }
 
 // ChargeRefunded moves the payment to refunded with Stripe's cumulative
-// amount_refunded and revokes the unspent credits it bought in proportion
-// to the increase only, so a redelivered or older refund event revokes
-// nothing more. A refund of a payment not yet succeeded here is an error
+// amount_refunded and takes back the credits the increase paid for (see
+// takeBack: from the whole balance unless RevokeFrom says purchase_grant,
+// what was spent recorded as a shortfall), so a redelivered or older refund
+// event takes nothing more. A refund of a payment not yet succeeded here is an error
 // (retried), so that it applies once the success has arrived. Only a charge
 // of the payment's own PaymentIntent, for the amount it paid, may refund it.
 // Errors: ErrNotOurs, *Rejection (livemode, currency, no or another
@@ -502,24 +503,21 @@ func (s *Service) ChargeRefunded(ctx context.Context, ev EventRef, ch Charge) er
 			return reject("payment %s is %s and cannot be refunded", p.ID, p.Status)
 		}
 		now := s.now()
-		var revoked int64
-		if p.ItemKind == KindCreditPack && p.Credits > 0 {
-			revoked, err = credits.RevokeForPayment(ctx, tx, s.now, p.ID, ch.AmountRefunded, paid(p))
-			if err != nil {
-				return err
-			}
+		back, err := s.takeBack(ctx, tx, p, ch.AmountRefunded, "refund", ev)
+		if err != nil {
+			return err
 		}
 		if err := tx.Exec(`UPDATE payments SET status = 'refunded', amount_refunded = ?, updated_at = ? WHERE id = ?`,
 			ch.AmountRefunded, now, p.ID).Error; err != nil {
 			return db.Translate(err, nil)
 		}
-		if err := tx.Exec(`INSERT INTO payment_refunds (payment_id, stripe_event_id, amount_refunded_total, amount_refunded_delta, credits_revoked)
-			VALUES (?, NULLIF(?, ''), ?, ?, ?)`, p.ID, ev.ID, ch.AmountRefunded, delta, revoked).Error; err != nil {
+		if err := tx.Exec(`INSERT INTO payment_refunds (payment_id, stripe_event_id, amount_refunded_total, amount_refunded_delta, credits_revoked, credits_shortfall)
+			VALUES (?, NULLIF(?, ''), ?, ?, ?, ?)`, p.ID, ev.ID, ch.AmountRefunded, delta, back.Taken, back.Shortfall).Error; err != nil {
 			return db.Translate(err, nil)
 		}
 		return events.Append(ctx, tx, events.Event{Type: events.PaymentRefunded, CustomerID: p.CustomerID, Data: map[string]any{
 			"payment_id": p.ID, "amount_refunded": ch.AmountRefunded, "amount_refunded_delta": delta,
-			"currency": p.Currency, "credits_revoked": revoked, "stripe_event_id": ev.ID,
+			"currency": p.Currency, "credits_revoked": back.Taken, "credits_shortfall": back.Shortfall, "stripe_event_id": ev.ID,
 		}})
 	})
 }

@@ -78,6 +78,10 @@ type Payment struct {
 	SucceededAt           *time.Time
 	// Transitions is the history, oldest first; filled by Get only.
 	Transitions []Transition
+
+	// CreditsRevoked is the share of Credits that refunds and disputes took
+	// back so far: revoked, or recorded as a shortfall.
+	CreditsRevoked int64
 }
 
 // Transition is one move of the state machine, applied or refused, with the
@@ -104,6 +108,10 @@ type Options struct {
 	Livemode bool
 	Logger   *slog.Logger
 	Now      func() time.Time
+
+	// RevokeFrom is where refunds and disputes take credits back from
+	// (config.RevokeFromBalance when empty).
+	RevokeFrom string
 }
 
 // Service is the payments capability.
@@ -115,6 +123,8 @@ type Service struct {
 	livemode bool
 	logger   *slog.Logger
 	now      func() time.Time
+
+	revokeFrom string
 }
 
 // NewService builds the Service.
@@ -131,7 +141,12 @@ func NewService(o Options) *Service {
 	if checkout.ConfirmOn == "" {
 		checkout.ConfirmOn = config.ConfirmOnPaymentIntent
 	}
-	return &Service{db: o.DB, stripe: o.Stripe, catalog: o.Catalog, checkout: checkout, livemode: o.Livemode, logger: logger, now: now}
+	revokeFrom := o.RevokeFrom
+	if revokeFrom == "" {
+		revokeFrom = config.RevokeFromBalance
+	}
+	return &Service{db: o.DB, stripe: o.Stripe, catalog: o.Catalog, checkout: checkout, livemode: o.Livemode, logger: logger, now: now,
+		revokeFrom: revokeFrom}
 }
 
 // row is the payments table as gorm scans it.
@@ -160,12 +175,15 @@ type row struct {
 	CreatedAt                 time.Time
 	UpdatedAt                 time.Time
 	SucceededAt               *time.Time
+
+	CreditsRevoked int64
 }
 
 const columns = `id, customer_id, item, item_kind, quantity, status, unit_amount, amount, currency,
 	amount_received, amount_refunded, credits, credits_expire_after_seconds, livemode,
 	checkout_session_id, payment_intent_id, invoice_id, subscription_id, stripe_customer_id,
-	checkout_payment_status, failure_reason, created_at, updated_at, succeeded_at`
+	checkout_payment_status, failure_reason, created_at, updated_at, succeeded_at,
+	credits_revoked`
 
 func str(p *string) string {
 	if p == nil {
@@ -183,6 +201,7 @@ func (r row) payment() Payment {
 		InvoiceID: str(r.InvoiceID), SubscriptionID: str(r.SubscriptionID), StripeCustomerID: str(r.StripeCustomerID),
 		CheckoutPaymentStatus: str(r.CheckoutPaymentStatus), FailureReason: str(r.FailureReason),
 		CreatedAt: r.CreatedAt, UpdatedAt: r.UpdatedAt, SucceededAt: r.SucceededAt,
+		CreditsRevoked: r.CreditsRevoked,
 	}
 	if r.CreditsExpireAfterSeconds != nil {
 		p.CreditsExpireAfter = time.Duration(*r.CreditsExpireAfterSeconds) * time.Second

@@ -65,7 +65,7 @@ func buy(t *testing.T, svc *payments.Service, customer, item string, quantity in
 
 func verifyClean(t *testing.T, gdb *gorm.DB) {
 	t.Helper()
-	rep, err := credits.Verify(context.Background(), gdb, payments.VerifyPurchases)
+	rep, err := credits.Verify(context.Background(), gdb, payments.Verify)
 	if err != nil || !rep.OK {
 		t.Fatalf("verify: %v %+v", err, rep.Problems)
 	}

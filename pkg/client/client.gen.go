@@ -439,10 +439,10 @@ type LedgerEntry struct {
 	BalanceAfter int64     `json:"balance_after"`
 	CreatedAt    time.Time `json:"created_at"`
 
-	// Draws For consume entries, the grants drawn from.
+	// Draws For consume and revoke entries, the grants drawn from.
 	Draws *[]LedgerDraw `json:"draws,omitempty"`
 
-	// GrantId The grant a grant, expire or revoke entry is about.
+	// GrantId The grant a grant, expire or revoke entry is about (for a revoke, the purchase grant of the refunded or disputed payment).
 	GrantId *string         `json:"grant_id,omitempty"`
 	Id      string          `json:"id"`
 	Kind    LedgerEntryKind `json:"kind"`
@@ -451,6 +451,12 @@ type LedgerEntry struct {
 	Metadata  Metadata `json:"metadata"`
 	PaymentId *string  `json:"payment_id,omitempty"`
 	Reason    string   `json:"reason"`
+
+	// Shortfall For revoke entries: the credits a refund or dispute should have
+	// taken back but could not, because the customer had spent them.
+	// The balance never goes below zero; the shortfall stays a
+	// receivable, listed by `GET /v1/admin/verify`.
+	Shortfall *int64 `json:"shortfall,omitempty"`
 }
 
 // LedgerEntryKind defines model for LedgerEntry.Kind.
@@ -556,6 +562,17 @@ type Product struct {
 	Currency string `json:"currency"`
 	Id       string `json:"id"`
 	Name     string `json:"name"`
+}
+
+// Receivable defines model for Receivable.
+type Receivable struct {
+	CustomerId string `json:"customer_id"`
+
+	// Revokes Revoke entries the shortfall comes from.
+	Revokes int64 `json:"revokes"`
+
+	// Shortfall Credits not recovered.
+	Shortfall int64 `json:"shortfall"`
 }
 
 // Reconciliation defines model for Reconciliation.
@@ -704,6 +721,11 @@ type VerifyReport struct {
 	Ok               bool            `json:"ok"`
 	PaymentsChecked  int64           `json:"payments_checked"`
 	Problems         []VerifyProblem `json:"problems"`
+
+	// Receivables Customers with an open shortfall: credits refunds or disputes
+	// could not take back because they were spent. Money owed, not a
+	// breach: they do not make `ok` false. Largest first.
+	Receivables []Receivable `json:"receivables"`
 }
 
 // Cursor defines model for Cursor.
