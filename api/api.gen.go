@@ -74,13 +74,16 @@ func (e ErrorCode) Valid() bool {
 
 // Defines values for GrantSummarySource.
 const (
-	Purchase GrantSummarySource = "purchase"
-	Service  GrantSummarySource = "service"
+	DisputeWon GrantSummarySource = "dispute_won"
+	Purchase   GrantSummarySource = "purchase"
+	Service    GrantSummarySource = "service"
 )
 
 // Valid indicates whether the value is a known member of the GrantSummarySource enum.
 func (e GrantSummarySource) Valid() bool {
 	switch e {
+	case DisputeWon:
+		return true
 	case Purchase:
 		return true
 	case Service:
@@ -140,15 +143,21 @@ func (e PaymentItemKind) Valid() bool {
 
 // Defines values for PaymentStatus.
 const (
-	PaymentStatusFailed    PaymentStatus = "failed"
-	PaymentStatusPending   PaymentStatus = "pending"
-	PaymentStatusRefunded  PaymentStatus = "refunded"
-	PaymentStatusSucceeded PaymentStatus = "succeeded"
+	PaymentStatusDisputeLost PaymentStatus = "dispute_lost"
+	PaymentStatusDisputed    PaymentStatus = "disputed"
+	PaymentStatusFailed      PaymentStatus = "failed"
+	PaymentStatusPending     PaymentStatus = "pending"
+	PaymentStatusRefunded    PaymentStatus = "refunded"
+	PaymentStatusSucceeded   PaymentStatus = "succeeded"
 )
 
 // Valid indicates whether the value is a known member of the PaymentStatus enum.
 func (e PaymentStatus) Valid() bool {
 	switch e {
+	case PaymentStatusDisputeLost:
+		return true
+	case PaymentStatusDisputed:
+		return true
 	case PaymentStatusFailed:
 		return true
 	case PaymentStatusPending:
@@ -346,9 +355,10 @@ type Event struct {
 	Id         string                 `json:"id"`
 
 	// Type customer.created, customer.updated, payment.succeeded,
-	// payment.failed, payment.refunded, credits.granted,
-	// credits.low_balance, credits.expiring, credits.expired,
-	// usage.dead, ...
+	// payment.failed, payment.refunded, payment.disputed,
+	// payment.dispute_won, payment.dispute_lost, credits.granted,
+	// credits.revoked, credits.low_balance, credits.expiring,
+	// credits.expired, usage.dead, ...
 	Type string `json:"type"`
 }
 
@@ -391,16 +401,18 @@ type GrantResult struct {
 
 // GrantSummary defines model for GrantSummary.
 type GrantSummary struct {
-	Amount    int64              `json:"amount"`
-	CreatedAt time.Time          `json:"created_at"`
-	ExpiresAt *time.Time         `json:"expires_at,omitempty"`
-	Id        string             `json:"id"`
-	PaymentId *string            `json:"payment_id,omitempty"`
-	Remaining int64              `json:"remaining"`
-	Source    GrantSummarySource `json:"source"`
+	Amount    int64      `json:"amount"`
+	CreatedAt time.Time  `json:"created_at"`
+	ExpiresAt *time.Time `json:"expires_at,omitempty"`
+	Id        string     `json:"id"`
+	PaymentId *string    `json:"payment_id,omitempty"`
+	Remaining int64      `json:"remaining"`
+
+	// Source `dispute_won`: credits a chargeback took back, returned when the dispute was won, with the expiry of the grant they came from.
+	Source GrantSummarySource `json:"source"`
 }
 
-// GrantSummarySource defines model for GrantSummary.Source.
+// GrantSummarySource `dispute_won`: credits a chargeback took back, returned when the dispute was won, with the expiry of the grant they came from.
 type GrantSummarySource string
 
 // LedgerDraw defines model for LedgerDraw.
@@ -458,7 +470,10 @@ type MeterTotal struct {
 // Payment defines model for Payment.
 type Payment struct {
 	// Amount Expected amount in minor units.
-	Amount            int64     `json:"amount"`
+	Amount int64 `json:"amount"`
+
+	// AmountDisputed Withdrawn by chargebacks that are open or lost (0 again once a dispute is won).
+	AmountDisputed    int64     `json:"amount_disputed"`
 	AmountReceived    *int64    `json:"amount_received,omitempty"`
 	AmountRefunded    int64     `json:"amount_refunded"`
 	CheckoutSessionId *string   `json:"checkout_session_id,omitempty"`
@@ -476,9 +491,18 @@ type Payment struct {
 	Livemode        bool            `json:"livemode"`
 	PaymentIntentId *string         `json:"payment_intent_id,omitempty"`
 	Quantity        int64           `json:"quantity"`
-	Status          PaymentStatus   `json:"status"`
-	SubscriptionId  *string         `json:"subscription_id,omitempty"`
-	SucceededAt     *time.Time      `json:"succeeded_at,omitempty"`
+
+	// Status Where the payment stands. `pending → succeeded | failed`,
+	// `failed → succeeded` (a retried card), `succeeded → refunded` (after
+	// any refund; `amount_refunded` grows with later ones). A chargeback
+	// moves a succeeded or refunded payment to `disputed` (its disputed
+	// share of the credits is taken back, as for a refund); closed won, it
+	// returns to the state it had before and the credits come back;
+	// closed lost, it ends `dispute_lost`. An inquiry (no funds withdrawn)
+	// is only recorded in `transitions`.
+	Status         PaymentStatus `json:"status"`
+	SubscriptionId *string       `json:"subscription_id,omitempty"`
+	SucceededAt    *time.Time    `json:"succeeded_at,omitempty"`
 
 	// Transitions Every transition and every refused one, oldest first. Empty in lists.
 	Transitions []PaymentTransition `json:"transitions"`
@@ -494,12 +518,19 @@ type PaymentPage struct {
 	NextCursor *string   `json:"next_cursor"`
 }
 
-// PaymentStatus defines model for PaymentStatus.
+// PaymentStatus Where the payment stands. `pending → succeeded | failed`,
+// `failed → succeeded` (a retried card), `succeeded → refunded` (after
+// any refund; `amount_refunded` grows with later ones). A chargeback
+// moves a succeeded or refunded payment to `disputed` (its disputed
+// share of the credits is taken back, as for a refund); closed won, it
+// returns to the state it had before and the credits come back;
+// closed lost, it ends `dispute_lost`. An inquiry (no funds withdrawn)
+// is only recorded in `transitions`.
 type PaymentStatus string
 
 // PaymentTransition defines model for PaymentTransition.
 type PaymentTransition struct {
-	// Applied False when the state machine refused it (a stale or out-of-order event).
+	// Applied False when the event moved nothing: the state machine refused it (a stale or out-of-order event), or it was only recorded (a dispute inquiry, a dispute already in that stage).
 	Applied         bool      `json:"applied"`
 	CreatedAt       time.Time `json:"created_at"`
 	From            *string   `json:"from"`
@@ -3004,118 +3035,125 @@ func (sh *strictHandler) GetUsageEvent(ctx echo.Context, identifier string) erro
 // const string: with thousands of chunks the chained `+` fold is several
 // times slower for the Go compiler than parsing a slice literal.
 var swaggerSpec = []string{
-	"1D1rk9s2kn+lS7dVmfFyNPIrd5mprTrHcRLvJhuX7VyqLvJJENmSkCEBBgA1Vlz+71doAHxIkETNa7P+",
-	"Yo0EAo1Gv7vR/DRIZVFKgcLowcWnwRJZhoo+vs6wKKVBYd5imbM1ZvbbDHWqeGm4FIOLwdSoCqdwvUQB",
-	"Zsk1MKGvUQHXYJYIih4EOQcmAJnKOSpQ+HuF2sA1N0sapVmBcIXr4SAZ6HSJBbMLmXWJg4vBTMocmRh8",
-	"/vw5GZRMsQKNB/BlpbRU20C9XyJMBX40k5RGTC0AdqFS4YrLSkPJFmhX43b47xWq9SAZCFbYBd0zHVAK",
-	"9vEHFAuzHFw8GY2SAJo2iovFwAL2stJGFqhefxMHJ2V5juoLDfJaAM9gLhVwo6HSqGpASmaWbTjclBOe",
-	"DZKBRRpX9ggsxtvA/UXhfHAx+I/z5iDP3a/6vAWWhbI+0XT9D1zbh2ldd+bNyq1hZ3bcvtXbqHn+PBkU",
-	"XIS/H8cQ1QXhJ8IRy48A5eZL/8ALbuqVNk49px/b02c4Z1VuBhfPR4ldixdVYf8Y0Urur2YdLgwuUDky",
-	"VahLKTQSlb5RcpZjYT+mUlh2sh9ZWeY8ZXb756Ub8dfftKWXTz3PNsxLK3Yp7oUAVEoqOHn77Uv46tnz",
-	"/wS/BmRoGM/16ZBQ4ueyS33NciZStB9LJUtUhjv4Z80P3VXelSgyNssRhLy+gEroEoWBVGFmSVvOoRL4",
-	"sbR0AwvFhNGW0udSFcw4jH35bLCNwKRD+UcQeDJwq2xD+h197wROAC/HuUlASymsLCI41zDnShviR4OF",
-	"PrQ4TfuuKgqm1nZ5vxOmFKO/c3k98dibmKVCvZQ57agHDkh8Oai29/OLE7cYwD+jgVwsQGHBuLCfwj7d",
-	"CXQwnzGDZ4YXaMm/ynN7hoGzN9imA8iEFbJy5Lu1gx3zNGzRFiK/bgi3QGL1Ce7C3Yd6Yjn7DVNjAXzJ",
-	"DMvlYptwHQYmJUuv6O9eZ/qSHnrD0qvYiZY5E/3nepNbvRWZRcmsSs0RE7kHtufaxGp7x611AuBR9C0x",
-	"vZKVeYdacyd/NtDoB0y0G+G5cotQHKHpCesSSJvYtp4p2bpAYXZNWak88v3GpltzJFFg3TwdAHsg4qVC",
-	"ZkjqsSzjTk29aSFmznKNySauLL3mEw93x2x49l8HNNQt5J4lom0p8QJSxxrAM8v/LXC+fHYQmN8rJgw3",
-	"644qfByR37VqfHxINSYDXaUpan0zBO0VIYSC7gJJ+ziiJy6Frgp86+zRI496jyxsY6T5dwg3BRqWMXNQ",
-	"7/8YxhE+mLcZjjWG2pj0W6mn24srTYTwqT82tne606LwNggovlgaYHODynkVqVu9p/1gFBOapWansNrY",
-	"/8b4pEFIgDSKkUZT3A4dXlP3HV0pZc3h/TLYom6iMZUii9hD38tryKVYwExWFtPBVtCGrUEHs+4SrFKH",
-	"ApnQ1mHBlfNVjtb9yWCHfHe296HjoSOhoa2TqdHQ4C96SF5IRK0DZjA7Sl1Z44oE10Gr6VgJ3t9UPIzs",
-	"mwiScBIHN2Y/lTjZUFUHH6vK7Ehsx4ig3lnSPr7O7PuIwDnn+yVlyYxBZZnk/359cfa/7OyP0dlXk+HF",
-	"f599+OtfYjQRJv+51KiOVSI1QbWAev74SWSZnQTS5ew3qM7C2UA9jsINU88nw9ZUUzgZgamUcOEaIQ1P",
-	"EeR8Tk840etnOx3CTwU3BjOQykmGK8TSPei40cCK5RVeAoMWDMyAsKIDliwDKRAqjf4pKeZ8UVn/0FsY",
-	"UfFyUJ2O7psrDp5OnCs2Ka1FW2mlJw19RUnrc4SSX1mv/qXMCCoUdvO/DrhYsZxnEx9Xs/wgWGWWUvE/",
-	"MHMYnfEsQ2HFhzSTuawEGctSzHOe2id4E2eZXOF6orDS9OzmD1xM5rlVzxS00tV8zlNuze8ghcmozyXL",
-	"JkbKSc7UwjK3YgYnFGOhWYPNXiq54hmqCYUrHOQrxt1RJnR8SrC29dbg/NXKh1JuL9ePlWaBjuKc3nmo",
-	"ObsdOtB9scnHAaKh305Sc9TQC7sEPBKHZPNihlkyFuG7OeN5e4zCeSUymsdLAfK06ZmIXGiGhcjCxjf0",
-	"YKXZAocZsiyB4XA4Fv2kOA3xSOwI8pjsplN+wxaRwFQ4hV4utKOWiDPeihNHxCnTGpiGKRlUUzDSCi3D",
-	"hZVylUiXTCwwC+FvpLgycA1YlIbC2fvR4VHQBiGGg2855hmxfgQJFM+LUlYpiX+2d/X3dz/9E/yvLkT4",
-	"5Vejx6fAhZE+bO8i9DOZrRMgTYBghSFF8qGOwh/eYYAhCYDG9kdxtD+JF9aNYnTx9mNlcYLA3WHPK1Mp",
-	"vATp1aIzlMWWmbxX9Py5vT5/Mnfr8/UY3SOWdFBIk4DbFVm6tYtYz97TW+zEim/tLx7vudwBQnegshvD",
-	"OzhLHaHuuVstK5V27J2yUumSaQuzRrXiHYzvUzwtig8w1PMfVEQ/YLZA9Y1i17c8vj10uQH0No3tBuyV",
-	"MPsJayN3wxcCswsopeaGrxBYlumg4hMQuGD0tcJCrpy5XvSMvgQvhVTmPZJ0pth1JLbxrVQhXARMZKBw",
-	"Ja8QUBjFUSckuV2WAewMAuZKFr1TPi0qiNgS7aPdzgHTr8Dc/4lPzFjt2gJxba0HNpOVgRPrgjH/o4M7",
-	"UL6fyme1g21np8q4LiurjDxXng5vwdlXXGRtxqNVnd9g0VuH1ImjLJSWULPfKm2iBvtNVN3RwiVoxm0X",
-	"bSmVmbM8j5NMl0wunH/qw2LMo7iFYNBLWeUZLNkKx8KwKxQwY+kVzCoDKf0kpElghimrNHon2fvE1hF2",
-	"uVJiq7Gw1OHZxvvKC4kaZpjLa/gDlbx02b6wBQrUaWBjoTBFvrI4SSDn2p78bA3T7169h/PV43OWFVyc",
-	"r1Dx+XrqDPTbZu5IHBFlbGs+z/P1OeyK2OwWY3dg6bfl4WF7/wBJ3cxg/7FF6XFjthtTiNSUbKb0fy6t",
-	"8/F8BG6Ai7ToBK5wraGiH5+NIF0yxVKDSid+hP/t+WjkU0BtKJ6P4sCjei+Nq8rYiFetQp1QD6FOLkLc",
-	"+gqzH5xlA/9uyjBBEuCJncEbJzn6q8RXH0tMLQO5AdbKL7iQCirBe5cuuGcnji3xphHcehYn2Psq0Xii",
-	"9qDQvFHEpMlZdLH40stMih166Q2zaq3hZERBxZCUJuVMaenT3mUhezIfN86dzhnPK4WTRnXcVF1ysZI8",
-	"xb5oD0nb6A+TTd3bSu03mX2f2I9q25yvsPCRws1SupZepYKkviC3c8J9THfDTHW4uMGB8s4NpiTxrKao",
-	"vpDVMbBbeTjk5ZG0jlD2qxWqNTRDiICRvrSMqpGi2wnIPENtfCkRvCpKs7ayxGpn3dvO9Eh5X68WU2V3",
-	"k1SJ5tEbGmyden2i8TzcptRqpESLGndnbrro3yPS78BGCMrhX2QfdEm+7dqiyLxbGgh64EQUuiJQj9oY",
-	"w2+TzLbqK8ucx8p4v2W5xiaMaY8ZoWDpkgusqZsbOGH2t5y8FlmZMzk/kypDBaSIT1vxwJasuYl+sU7Z",
-	"kRZ/39QlgdpbrrSfCaH6w3JEHnbuaYc0NKnP5aCRTBVlW8e6Qx/ttr+Oz7u7uaIgNeWtPetG37cShnW+",
-	"gTKUsYTStK914HXd3iRAnT77nOyLnFM2KqICfprPHYPCnGOe6RrsTgJu2lvKtwL7EUnkp9sVwmy0a6QC",
-	"hpscj0g3vYCf374GwQq7N1cp78qF7fDDUX6f0XGrtrQEnckOoiH75ZaB0H0G4T2WnMR29LZ2xCMpya5t",
-	"GpFhK3mFEXp72wlKbMQAUlmgrqNXfcyx3RGQYLULaUBhKleoMOs17d6ivGbFZpM7kCdFynPOzO4S1Jje",
-	"Cqa8ttgomQd6e+tBnfTOyewQnAXXBTPpEvvX7nb39qOfIMbvTmvcwIwLXnFbpQSUdWA+jPsavqOJOOPz",
-	"OVr+iIgXr0XJa4czyGXK8knw4XtQbvuBvq5Hs+JNAg1dOu4C3Jm7s/HD+L1ZlvOG5NsKMYXa3H0Vv3dI",
-	"f3FE/F5hddNq2zyfZMiyuDfLMxSGz7m/F1bz5ZEIKNjH1+7RxyFTHP6OFN7v3mA8Xarcz9lNyLF+NobY",
-	"d0SPO8phWMknK1ShtP+g6cqMwaI0O+yKHbyfM218CU+fNfaHJsh58mDcypsvlUxR61vGBEIo7yj3pV/k",
-	"o3VwTfQjGGj9C2kapzycXcffbm/gAPncgWfdJsZ/kXe9jdaWh11HZlv0Yc31hZCq62yXTF3tcLV/1myB",
-	"Xwc9eUy9Zx0/74VMWoc28lqUlTleRrWxtydWvrnOkZdeDlgGjXTetgx+Fvz3Culmnq+qcacHLE2t2Z0A",
-	"M1BIbeDxqJ3euARN+TMZxtfFWMPjLDrLwdqwotyG7RtXkwpCXl/WYDx9Dhlba5B5RgHA51BwURnUwJbI",
-	"sv6FP5SeiXli10uZYwJCirM6DS+qYoYKTvxmaTshwcMUghfRG6H0TFaujtIv7mY5YOsEZe7g65zeftK5",
-	"A+HRTLYpDx9WgjRw7FLmdxlt6PLHHl0SZBhLUyxdIW1WuWvETtD/RgmsPtUw9Yr1/Pvx0AjSDfNir7lw",
-	"B7W4kbSo1W3qllr9AM6PNGj2RNruypjpZ1HQgbV4py3cjhRLx5qoHZraL1IasOLGy4EgKG3yNRVd7CxN",
-	"DBwSJcuaaXaQbc1IO361a95EiXtoD93ijbG3bvN3A8NO9OxLLVwzbrhY1LcVBi2mos9sj9VDhQH6+PDA",
-	"DVzY/ihulSzcZVylS8Xt6IqHL4b+/6Fim51R8aOvGuzWGyFFfLuKzI09+5zfnmptt8G3WEpldu9PT1pB",
-	"ux4BG3m1N1F97HQ+ft2fhLrHFo3GhwCv3heHpB4TTIAsUTTB2ou6lsyl8HSrlEyPRV0wBlao+UKypnJs",
-	"Ddeo0JWMDeFHKXAN8hqzhB5hYzFTyNLlhRubSfq6sDNN5dUUyGgfwg9MLZrENNWC9Q1ghsj2Icklr1qy",
-	"vzmyyCm2TqiL2m2Ks8oP00pxs35nQarjGr6FzVbrkxdvXsOVRZo9Cp3KEmHqC4WnFu9TqoqbJuCBgdma",
-	"evG8+/7F2ZPnX8KS6WXdiojIEZlyZUcOsqUxJeXftZU6V0iRFTfo20Caf//l/SDWlkVkZ/Yx+Psv7+Hk",
-	"+3d2Pangrf1weglTXc2moXlSXS/oru8fAOczVaDM5TZKDMtzV1cK1kXJUWuY8TznYgEeL8CpDtbVlDon",
-	"4wJKhSXjWSDdsfC3hc1S2Q/B8wp9E8gdCmWNbgQVAb148zoBKZzMHYtQw6rd9T9VUN1Evm6yzwUROFPK",
-	"+ukJTUvyFjOgG0djUasrUJhzNsvXLU/wa781Ugp6OBZjQRdeqFTjeokKE5hqwa5wkjKN0zqX59blInhT",
-	"7fKvwNdj8frdTxAyQUlTIqprHywBsm/sV2+/fQlPnz79ioB49IgcAv3oEbls010dgKZN155TvyxoQ312",
-	"ptbtmPrZXlRmaU0uN8WjR/aEpy/8vT/67gK+JlKBcTUaPU2NJVX6iNMhvAD6O3ThUmjxKs2ZxpIp5kqI",
-	"ldFEN5t068j0b20KTaBga3eQRlbpckxYk9eiuUB6CUysrZ+/AMw1+pkPcOtYeHaFE/qflsmkO003WaDh",
-	"gq1PPW5abaOGjx7Bm5/evdfuKqqzLS3PFXKFoGWBbhZndY3FdKPl1HQI73x/Mkfh9o+ZzNYhaPHkGSx9",
-	"ozPHtyRgx8J3QqN9NZOas9BM7QKod9pl3f4sHHZIKLj7V8D1WDx78gSm8Tua0yH8VKKiA7dESFdsrZ87",
-	"Y1Z7NPdWxuLEF24nvgA+cfxkKZdd4Wno3cYsZ4YEfW2BWinpLUeY23Opt3oJofLQYZdLkcD1kqdLekCD",
-	"FJ43E7+Ehmejr8ZiuvNy6XQI/8C1i20QTWRQoqpJie6k2S888YwF8TUI2SJJHe5plcwsLb2HW21EBy7M",
-	"B9pIhZT3XNIlRy3HQqFRa7tNHulRB6qyaDbAFowLT24/cG0sX5P2ntI11ymc+DvN8HxkmeMjPB+NTomE",
-	"yDxgv1eWoV2DOpJyNclMP9nzS6AVpvg8vdxoace1u4Qt3Satx+ra2rlrmK4AwMl+63qFFMDg8XA0HJHF",
-	"VaJgJR9cDJ4OR8OnpKXNkpTr+RJZbpZ/DC4+fU4G5wpZtg5/1FXlqpPYci6BdIkdGQjydeaSy8zgRo63",
-	"Lm/4WmbrPb3RjuuJFk+2fe7aKZbtNpu0PRmN7gmIWH+2zi39TPG5GTpb37fZic9fA9xq/ZYMdLhTNnjp",
-	"UuDQaEfH3kTDjgG/0D52SMFgcM9y8i4NW2jyPu3hWjPs4xkRz5n7wmGtQwAuD3rWxLQXGDl9yxutiLy7",
-	"IN50cfw13o6vDgv0Q3kkk/I5iT/SLH7uGgL2GOgbTX7+cI9Us5mGibX1c/eL5dyJrcydor4L2nnnJvQm",
-	"lJvXCqDr2mO4PYmcfwqld5/Pnb4kmREhhm4jzLpg7+76UH5IalnVRXGjpy9btijO55gaK3K14XkOi4qp",
-	"zDkOdpCvvHxNVOCt9S4TOJ3fzo09DCXFqOj90h+wb7Dk02BcLO6CkN642chm3SIppzRvREkkyvrImibc",
-	"dj+iphNi/XcTMhvZmr0yximPuxMxP7fms5zj8A4nOFwMIUOWQY7GYuL01gRy7usldtskvlajSyz3Y5F0",
-	"ql4e3BRpl6REjvt7eQ0FEz7CFMpM7kSjoMjcsbYJ6RYSwN1i3Mn7LoD3WqyY4iyc5z2htRMC3SFiFf0K",
-	"JyzX0sU2uNWkItOhuJaS2C5Gd3oXGLd2Z0GXU31VtbtjRc5ZuIql3UG7sAVFXuju+zGnkTb9VqMH8R2a",
-	"0JL1Ho8gLLED+6HzZS6ZVdTMWHGjbmNm+xAkqZEQfPz1g5XrrTDgrx+s+G6O5BcKOTABM/S99lrIDoj8",
-	"UGPWu9Fn/gJfx6fa6ACsuPEVweGSHdMw9UmeKV0XFz7Yodt1FSFaNxa+z+kQXPEvUNdYdysvXNGjIDaD",
-	"aSEz/JtfZwoeumQsQliOrvHVA9v3t+rRQ2hHP13oKUSMxoJ6y2wGjJwnG/MlN3vWbun5A6p2RxNyp3rv",
-	"XgfEO8v2UgWP7wuIGOM4wMh8jb4G4Kz9HoDYWv6p88ibA/xyD8Z57yy7A9sKUrumCnVjXHfbreZIP6rF",
-	"kiGZcf6plbn7vFf4NWnV+5N+YY1d4i+w0APLu7dW3zfd/9qoDYgcfPh8LLu2L+xaz60y0RsMtahrYoBz",
-	"q3Qz6SJ8gB+5NnDyZPT4FKQCd/cwxGwxz/RYLPgKhR0yOh0CXc9xneLB0s4VYmlHc197NYTpduO/6Vjk",
-	"XFy5qLldkItFoMImftm5CU0BSZZTmI06SoAUeDkW3JCItKDPEEKzMauyQaOJiUfXhLJDgfcgzrodLx/Y",
-	"pN1H+j+726RE9XcqO/esWQvNOwjg1bkJR5qHOWm/lDpvXcHbJa2+rlvv39uJhSV2yCoP5EOLqubtFWl9",
-	"+ek6sY5paHNTIzz0F76d4DpwVn6V89BcZzs0dqSUjNqN3yh27S6NNY2QnPzxHcLCKyW8BWkHuQvtQ/gn",
-	"rlCNhVyhot5LFz47IiXM8brpG10j1D7cvA/o2ejJWMSveELKlEu5tJvJTkOT2qgh6ND0stV19OYW4P1Z",
-	"ft0O8w8tKjs922Oyyw24R4vv2ejJQ7745p9WywuqPdgixzsJathJoWlrsC0ienJ586aae2Dy/rbQGs12",
-	"sJpaFf7JGavTMvSBPal2U8wIDX7nGuv+2byomoYJvlpGn5RKFtLl7AsmKpaDa+FG3eNuQ+Kt0oP9EXtH",
-	"au/bw4+luj9VkL3VyWxvgD2nceF290PbP+/rBncekJ3pvoexf0KAcj+p+CfehMH/1oTS7mezl1ICbh6a",
-	"Rl7U6uOLupnX7rRwfYL3SyiUTugTgKHkTr8cYLihEM0nH746bNG4kUcWaV5pvkIXd74MLziApyN3f2yG",
-	"c6kQpkZOd72I0hecNzD1K2Hf7msXQEGRNYAIeb1rYSpxP3LZe89a+osHMSeSfnlo3vhBpiz3uS1qBaCp",
-	"Is2V11gfCRgVgoJiYtHOsTj6vRse2cqHbzY2zXN5be2+2RpKRkn+7RehfqE3SsuahvdDeDEWpczz8CYP",
-	"sh+19F1KC641ukiXBSSh/3whb0udj0Uqi4K7IJqcA7WMuqgfA1aWyFRdrzfHUBJMoS6q9ByL1oS+kpOK",
-	"5kuFKWZo97hkGuZccL3EbLhdLcfya7bWY6HRXLriBCrjExlhhpDE0quYr2k1z66Kgpu8eda1jAcjnXAA",
-	"Ro1gYYYLLgTVYcT5MnRXPeLFtH0V4n2yb896g7urNLCnICszk5XIYFZpLlBrT2uWuLo9+lqsGa5IBxM3",
-	"aLTzT82Vmr2x/9BX7v6Nhl3RtPDCj39N4D/kIikwRCGgpl3iklumW/c0GCJ1YJ0XPfaqBDv4msNakG6W",
-	"F8Ud61csXXo64rq+PiJFnbqk6gZtmmpLqgXWcML8te6x6Nzrrt+XVF+JPHzRfCzoprl96krYRQlrp0N4",
-	"4e8N1qUWCsEJXmoL7QyOJiY3FowqNEKxaHODwsthKw4XipioEhlpAOTK7tOVbvvrntNLapBdUhgcmu/d",
-	"jZOmfpyK511NmJXrMUH7WizwQAXXnyuz22oE0SsI8eRuV+5cgt1RZ+zI1V8YTezZhjp4UsN/2jCFq67x",
-	"BtbJY0uej0ejkSfu04hBFWHl808NPe4V3A3NDR6k/K4uINxdnnkXmvAbx911sZ01vugNbHVFVh/DNCKL",
-	"O7e9e8niHl4UCeNrnC2lvNK+dnhw8WmfVvrg3gESIKX3yg7Oid/9tj5tvk9fk/sfvgxlRK2vQhFA67ta",
-	"U7XH+bBI6yuHwdYXXqG0vnEFVdte2kuW566i2AnhS4rSltY89CbkAgW6i1luxyAVpDknSqnPJWAvssL3",
-	"dKcjAYUscxYRyX+ZUh2aWlm5XBnNM4wu11qk5h5tPZH/DwAA//8=",
+	"1H1tk9s20uBf6dJtVWa8HI38lrvM1Fad4ziJd5ONy3YuVRf5JIhsSciQAAOAGis+f31+wPMTn1/yFBoA",
+	"CUqURM3bZv3FGgkEGo1+70bz0yCVRSkFCqMHF58GS2QZKvr4OsOilAaFeYtlztaY2W8z1KnipeFSDC4G",
+	"U6MqnML1EgWYJdfAhL5GBVyDWSIoehDkHJgAZCrnqEDh7xVqA9fcLGmUZgXCFa6Hg2Sg0yUWzC5k1iUO",
+	"LgYzKXNkYvD58+dkUDLFCjQewJeV0lJtA/V+iTAV+NFMUhoxtQDYhUqFKy4rDSVboF2N2+G/V6jWg2Qg",
+	"WGEXdM+0QCnYxx9QLMxycPFkNEoCaNooLhYDC9jLShtZoHr9TTc4KctzVF9okNcCeAZzqYAbDZVGVQNS",
+	"MrOM4XBTTng2SAYWaVzZI7AYj4H7i8L54GLwP86bgzx3v+rzCCwLZX2i6fofuLYP07ruzJuVo2Fndty+",
+	"1WPUPH+eDAouwt+PuxDVBuEnwhHLjwDl5kv/wAtu6pU2Tj2nH+PpM5yzKjeDi+ejxK7Fi6qwf4xoJfdX",
+	"sw4XBheoHJkq1KUUGolK3yg5y7GwH1MpLDvZj6wsc54yu/3z0o3462/a0sunnmcb5qUV2xT3QgAqJRWc",
+	"vP32JXz17Pn/BL8GZGgYz/XpkFDi57JLfc1yJlK0H0slS1SGO/hnzQ/tVd6VKDI2yxGEvL6ASugShYFU",
+	"YWZJW86hEvixtHQDC8WE0ZbS51IVzDiMfflssI3ApEX5RxB4MnCrbEP6HX3vBE4AL8e5SUBLKawsIjjX",
+	"MOdKG+JHg4U+tDhN+64qCqbWdnm/E6YUo79zeT3x2JuYpUK9lDntqAcOSHw5qLb384sTtxjAP6OBXCxA",
+	"YcG4sJ/CPt0JtDCfMYNnhhdoyb/Kc3uGgbM32KYFyIQVsnLku7WDHfM0bBELkV83hFsgsfoEd+HuQz2x",
+	"nP2GqbEAvmSG5XKxTbgOA5OSpVf0d68zfUkPvWHpVdeJljkT/ed6k1u91TGLklmVmiMmcg9sz7WJ1XjH",
+	"0ToB8E70LTG9kpV5h1pzJ3820OgHTLQb4blyi1AcoekJaxNITGxbz5RsXaAwu6asVN7x/camozmSTmDd",
+	"PC0AeyDipUJmSOqxLONOTb2JEDNnucZkE1eWXvOJh7tlNjz7Xwc01C3kniWibSnxAlLHGsAzy/8ROF8+",
+	"OwjM7xUThpt1SxU+7pDftWp8fEg1JgNdpSlqfTME7RUhhIL2Akl8HJ0nLoWuCnzr7NEjj3qPLIwx0vw7",
+	"hJsCDcuYOaj3fwzjCB/M2wzHGkMxJv1W6un24koTIXzqj43tne60KLwNAoovlgbY3KByXkXqVu9pPxjF",
+	"hGap2SmsNva/MT5pEBIg7cRIoyluhw6vqfuOrpSy5vB+GWxRN9GYSpF12EPfy2vIpVjATFYW08FW0Iat",
+	"QQez7hKsUocCmdDWYcGV81WO1v3JYId8d7b3oeOhI6Gh0cnUaGjw13lIXkh0WgfMYHaUurLGFQmug1bT",
+	"sRK8v6l4GNk3ESThJA5uzH4qcbKhqg4+VpXZkdjuIoJ6Z0l8fK3Z9xGBc873S8qSGYPKMsn/+/XF2f9l",
+	"Z3+Mzr6aDC/+99mHv/6liybC5D+XGtWxSqQmqAio54+fdCyzk0DanP0G1Vk4G6jHUbhh6vlkGE01hZMR",
+	"mEoJF64R0vAUQc7n9IQTvX620yH8VHBjMAOpnGS4Qizdg44bDaxYXuElMIhgYAaEFR2wZBlIgVBp9E9J",
+	"MeeLyvqH3sLoFC8H1enovrni4Ol0c8UmpUW0lVZ60tBXJ2l97qDkV9arfykzggqF3fyvAy5WLOfZxMfV",
+	"LD8IVpmlVPwPzBxGZzzLUFjxIc1kLitBxrIU85yn9gnexFkmV7ieKKw0Pbv5AxeTeW7VMwWtdDWf85Rb",
+	"8ztIYTLqc8myiZFykjO1sMytmMEJxVho1mCzl0queIZqQuEKB/mKcXeUCR2fEiy23hqcv1r5UMrt5fqx",
+	"0izQUTentx5qzm6HDnRfbPJxgGjot5PUHDX0wi4Bj8Qh2byYYZaMRfhuzngej1E4r0QWf5NxXVam9ZD/",
+	"anItxda4SS61SYKlMCQ/nR4O3yhcySsCdFvMNF+GQEX0oA8RJVBptsBhhixLYDgcjkU/pUBD/Jm09EKX",
+	"KiCiecMWHXGucKi9PHJHfB2+fRR27pDOTGtgGqZkn03BSCsDDRdWaFYiXTKxwCxE05HC1MA1YFEaio7v",
+	"R4dHQQxCFw6+5ZhnJEk6kEDhwU5CLSWx4/au/v7up3+C/9VFHL/8avT4FLgw0mcBXMB/JrN1AqRYEKxs",
+	"pcQA1EH9wzsMMCQB0K79UVjuT+LUtYMibbz9WFmcIHB32PPKVAovQXot6+xusWV175Vkf24n0p/M3bqQ",
+	"PUb3CE0dlPkk8XYFqm7tcdaz93Q+W6HnW7ufxztCd4DQHahshwQPzlIHvHvuVstKdYUeppHym17UHjGD",
+	"dGlNmBlLr8BIeQX2UwIKrdUcy2r/PFwzDaRA6/Smzy34HCSdtP20htSKwLmSheXvYM2VlUqXTFsUalQr",
+	"TmHxCLgOW6hLK0bsGBBUb/6glvwBswWqbxS7viVt7WGaDaC3GWA3YK+E2U/1G3kqvhCYXUApNTd8hcCy",
+	"TIcTTkDggtHXCgu5cq5J0TPSFDwy0uf3yG+ZYtcdcZxvpQqhMWAiA2eDAQqjOOqkoTcNdgZRE1svGyei",
+	"gg5DJz7a7Xy3o3Lm/k98Esqq/gjEtTVt2ExWBk6su8n8jw7uwAd+Ks89wY61UwULNpiqp8NbiJ0rLrLY",
+	"qaJVnY9k0VunD4ijLJSWULPfKm06nZOb6OGjJV9Q29vu6FIqM2d53k0ybTK5cL54LfAciiMEg17KKs9g",
+	"yVY4FoZdoSApCLPKQEo/CWkSmGHKKo0+IOD9f+v0u7wwsdVYWOrwbOPjAguJGmaYy2v4A5W8dJnNsAUK",
+	"SmpgY6EwRb6yOEkg59qe/GwN0+9evYfz1eNzlhVcnK9Q8fl66ryH22YpSRwRZWyrZc/z9Tnsik7tFmN3",
+	"4IbE8vCwM3KApG7mTfwYUXq3pd2On3TUz2yWL/xcWs/o+QjcABdV0glc4VpDRT8+G5FiZqlBpRM/wv/2",
+	"fDTy6a4YiuejbuBRvZfGVaBsxOZWoSaqh1An/6XbNAyzH5xlA/9uyjBBEuDpOoM3TnL0V4mvPpaYWgZy",
+	"A6wLUnAhFVSC9y7TcM9OghjuKFPgZun0zmwd2VHaBQWZVQglCitpcqkNnIyALRgXIK1sYLX44WRQnR4H",
+	"lRMWeNMYej2LUzd9VXt3qvygKL9RzKrJGrWx/tJLcoreep0Cs2qtLYKtng1lAWQyUGHAae/CnD25pxtn",
+	"r+eM55XCSaPQbqrEuVhJnmJftIe0eecPk02LICquaGorfGlFpw2Q8xUWPla7WcwYaXsqCesLcpyV7+Pt",
+	"GGaqw+UlDpR3bjCl6Wc1RfWFrI5C3sopJMeYdEgHZb9aoVpDM4QIGOlLy6gaKb+QgMwz1MYXc8GrojRr",
+	"K+GszaB7W78eKe/r1boU7N2ktTorGRoajE69PtHuTOim1NqW0Y3ciOhzdzatfSB7VM8d2DJBif2L7Jg2",
+	"E3SV3Cn0QVknUrVhItNDmJYoMmum/Nd//CfUXAD/H1wMfpqMxdR9bI+Ywok1tq0NnkHKVHaawLR53o4N",
+	"B2mHWmtzLJhY+28vYbpx3FNYKHntyxxzZlBZdtCnQ3gRad+xcF4ui2Aln8A7VmF7RkKIidj1rUYJf46F",
+	"XpL2nrdcB66hcQ4SYFQ0UDsUp5eQ5tLyKEVHuLEGvU89ujCxJW0EbshnmOFcKufVxmukskCa/3Is/HQu",
+	"McENoMh0DTPlK6ZDeCGAC0sMazgREiwkDkNkmJyOBdcgRW6xmkplEcAFTCOq965EHZ5xhz2IBN7AqTB0",
+	"Zdo160U8F8PUqSq2hc22KVeWOe+ysr5lucYmDkVmItgzJrdsycXiIkJvwdIlF1gLTG4sGWrDcnLPZWXO",
+	"5PzMYkK5qU4pYs8NBbbamDqJbDSH4yQy21iukGVrF95mxC8LPI1i/JEyvIkBNFeyONJR7lvdQBvvrfji",
+	"Z0I277Cik4djYrRDGprUx3/Qt6Si0y3q2WEw7XZbji/NcXN1gtRUwPcsLX8f1RTUOUQqYujKOU/7mq/e",
+	"GNub2Ksz7J+TfdkwSlh36Imf5nOvDuYc80zXYLdy9NPeZkiUrOtQjH66XWmJxvzrKJLjJscjMtIv4Oe3",
+	"r0Gwwu7NXaZxNwrs8MOZO5+ldatGZgydyQ6iIQP7lsmNfR7LPValde3obR2/6qhaaDtPHTJsJa+wg97e",
+	"tmJ5G6Ezqy11HfTt4y/sDhwGt1JIQxpghQqzXtPurdttVmw2uQN5UqQ858zsrlLvUo/B1yTboWQe6O2t",
+	"B3XSO8+6Q3AWXBfMpEvsX97f3tuPfoIufnda4wZ+RggmxSoloKwF82Hc1/AdTcQZn8/R8keHePFalIJd",
+	"cAa5TFk+CaGvHpQbP9DXN25WvEl8rk3HbYBbc7c2fhi/N6tcuCH5RpHZUL6/71LAHdJfNyJ+r7C6aUF+",
+	"nk8yZFl3uIVnKAyfc391tObLIxFQsI+v3aOPQ/VH+Lvjbs7uDXaXQCj3c3YTcqyf7ULsO6LHHRVzrOST",
+	"Fapw++eg6cqMwaI0O+yKHbyfM218lV+fNfbHzsiX92DcKtxUKpmi1rcMWoVY81HuS7/QXHRwTXguGGj9",
+	"i+OaqFE4u1b4J97AAfK5g0BPTIz/omDPNlqjQG+dOojow5rrCyFV29svmbpqcVxzvD9rtsCvg548piS8",
+	"Tjv1QiatQxt5LcrKHC+jYuztSTFtrnPkvbgDlkEjnbctg58F/71Citn4Sjl3esDS1JrdCTADhdQGHo/i",
+	"rOAlaB/H8uPrAsvhcRad5WBtWFFuw/aNK1sHIa8vazCePoeMrTXIPKP41XMouKgMamBLZFn/Yj7KanZ5",
+	"YtdLmWMCQoqzunpFVMUMFZz4zdJ2Ql6UKQQvojdyPZmsXKm1X9zNcsDWCcrcwdc6vf2kcwfCo5lsUx4+",
+	"rARp4NilzO8y2tDmjz26JMgwlqZY+uBj5ToNOEH/G+V9+xSR1SvW8+/HQyNIN8yLvebCHZTrd1QTWN2m",
+	"bqnVD+D8SINmT6TtroyZfhYFHVjEO7FwO1IsHWuitmhqv0hpwOo2Xg4EQWmTr6lWaWe5ceCQTrKsmWYH",
+	"2daMtONXu+ZNlLiH9tBF/y721jF/NzDsRM+24dPkNq4ZN1ws6gtNg4ip6DPbY/VQPY0+PjxwAxe2P4qj",
+	"Sp+7jKu0qTiOrnj4utD/f6hGbWdU/OjbSLv1RqhhuF2V9caefVJ6zw0Mt8G3WEpldu9PT6KgXY+Ajbza",
+	"W0lx7HQ+ft2fhNrH1hmNDwFevS8OSflZJlzxUx3/bGrOXQ5RRxWYeizqOkvKsfr6y6bgcg3XqNBVWg7h",
+	"RylwDfIas4QeYWMxU8jS5YUbm0n6urAzTeXVFMhoH8IPTC2aygnKe/YNYIbI9iHJJa8i2d8cWccpRifU",
+	"Ru02xVnlh2mluFm/syDVcQ3f5WqrO9KLN6/hyiLNHoVOZYkw9dX2U4v3KRWTThPwwMBsTe263n3/4uzJ",
+	"8y9hyfSy7lZG5IhMuWo9B9nSmJIKRLSVOldIkRU36NtAmn//5f2gq3OTyM7sY/D3X97Dyffv7HpSwVv7",
+	"4fQSprqaTUN/tbrM1nX4OADOZyqRmsttlBiW564cG6yLkqPWMON5zsUCPF6AU/m4K8V2TsYFlApLxrNA",
+	"umPhGwqYpbIfgucVWquQOxSqgd0IqlJ78eZ1AlI4mTsWofRbuxvCqqDCnnzdJLkLInCmlPXTE5qW5C1m",
+	"7hbhWNTqChTmnM3ydeQJfu23RkpBD8diLOgSG9USXS9RYQJTLdgVTlKmcVrn8ty6XARvKq6aDHw9Fq/f",
+	"/QQhE5Q0ldW69sESIPvGfvX225fw9OnTrwiIR4/IIdCPHpHLNt3VJGzaNPY69cuCNtSKa2rdjqmf7UVl",
+	"ltbkclM8emRPePrCXw2m7y7gayIVGFej0dPUWFKljzgdwgugv8NNFoUWr9KcaSyZYq7yXrnCD7ZJt45M",
+	"/xZTaAIFW7uDNLJKl2PCmrwWzR3zS2BiTTULgLlGP/MBbh0Lz65wQv/TMpl0p+kmCzRcsPWpx03UWW74",
+	"6BG8+ende1+Y6mxLy3OFXCFoWaCbxVldYzHd6Eo3HcI738LQUbj9YyazdQhaPHkGS98L0fEtCdix8M0S",
+	"aV/NpOYs9Fu8AGqveFl3SAyHHRIK7k4lcD0Wz548gWn3Ne7pEH4qUdGBWyKkW/jWz50xqz2au2hjceLv",
+	"OyT+3oi/lWspl13haWjvyCxnhgR9bYFaKektR5jbc6m3egmhNNZhl9MFqSVPl/SABik8byZ+CQ3PRl+N",
+	"xXTn/fPpEP6BaxfbIJrIoERVkxJVrdgvPPGMBfE1CBmRpA53L0tmlpbew01VogNftKWNVKhDLU0CWlLl",
+	"klrbbfKONpagKotm46qZPbn9wLWxfE3ae0o34adw4tsewPORZY6P8Hw0OiUSIvOA/V5ZhnY9LEnK1SQz",
+	"/WTPL4EoTPF5ernR9ZJr16dBuk1aj9V1vnRXq10BgJP91vUKKYDB4+FoOCKLq0TBSj64GDwdjoZPSUub",
+	"JSnX8yWy3Cz/GFx8+pwMzqnUJ/xRX8ZQrcSWcwmkS+zIQJCvM5dcZgY3crx1ecPXMlvvaZ94XNvE7mTb",
+	"57adYtlus4/jk9HonoDoauHYauSRKT43Q2fr+05c3fPXAEfdIZOBDvdEBy9dChwa7ejYm2jYMeAX2scO",
+	"XSGZe5aTd2nYQpP3aQ/XmmEfz4h4ztwXDmstAnB50LMmpr3AjtO3vBFF5F0PiabR66/dHTvrsEA/lHdk",
+	"Uj4n3Y80i5+7nqE9BvpetJ8/3CPVbKZhujp/up4Bcu7EVuZOUd8F7bxzE3oTys1rBdB17THcnkTOP4XS",
+	"u8/nTl+SzOgghnav3Lpg7+5a1X5IalnVRnGjpy8jWxTnc0yNFbna8DyHRcWoRnK2pkG+wPM1UYG31ttM",
+	"4HR+nBt7GErqoqL3dR2p68Hm02BcLO6CkN642chm3SIppzRvREkkyvrImibcdj+iphVi/XcTMhvZmr0y",
+	"ximPuxMxP0fzWc5xeIcTHC6GkCHLIEdjMXF6awI59/USu20SX6vRJpb7sUhaVS8PborEJSkdx/29vIaC",
+	"CR9hCmUmd6JRUGTuWGNCuoUEcJd/d/K+C+C9FiumOAvneU9obYVAd4hYRb/CCcu1dLENbjWpyHQorqUk",
+	"tovRnd4Fxq3dWVB1vq+qdpcAyTkLNz+0O2gXtqDIC7WMOOY00qYlc+dBfIcmdG2+xyMIS+zAfmiOm0tm",
+	"FbW7oaBuY2b7ECSpkRB8/PWDletRGPDXD1Z8N0fyC4UcmIAZ+nacEbIDIj/UmPVu9Jm/YdryqTZuLClu",
+	"fEVwuNPDdH1baUpdFoQPdui4riJE68bCt0Iegiv+BWos7a6NhjukFMRmMC1khn/z60zBQ5eMRQjL0T3T",
+	"emB8wbAeTZd16iiSCz2FiNFYUL+ozYCR82S7fMnNttZbev6Aqt3xngKneu9eB3Q3n+6lCh7fFxBdjOMA",
+	"I/O1800hZ/GrQrrW8k+dd7xcxC/3YJz3zrI7sK0gtbu1VvfOdtcxa470oyKWDMmM809R5u7zXuHXpFXv",
+	"T/qFNXaJv8BCDyzv3lp93zQIjVEbEDn48PlYdo1vlFvPrTKdNxhqUdfEAOdW6WbSRfgAP3Jt4OTJ6PEp",
+	"SAXuKmyI2WKe6bFY8BUKO2R0OgS6nuNeJgGWdq4QSzua+9qrIUy3e4NOxyLn4spFze2CXCwCFTbxy9ZV",
+	"fdcxwd+oW7IVghR4ORbckIi0oM8QQgNBaqCg0XSJR9entkWB9yDO2k1xH9ik3Uf6P7vLzUT1dyo796xZ",
+	"C807CODVuQlHmoc5ab+UOo+u4O2SVl/Xb+e4txMLS+yQVR7IhxZVzQtu0vry03ViHdPQHapGeGhBfjvB",
+	"deCs/CrnoSfVdmjsSCnZaTd+o9i1uzTW6lfH/EtyUIe3zngL0g5yHReG8E9coRoLuUJFLcsufHZESpjj",
+	"ddNavkaofbh5Zdiz0ZOx6L7iCSlTLuUS95uehj7WnYagQ9PLqDHxzS3A+7P82i+heGhR2XqtQ5fscgPu",
+	"0eJ7NnrykO/G+qfV8oJqD7bI8U6CGnZSaLpsbIuInlzevMzqHpi8vy20RrMdrKb2o39yxmq1AX5gTypu",
+	"dNtBg9+57tl/Ni+qpmGCr5bRJ6WShXQ5+4KJiuXgOh9S08XbkHhUerA/Yu9I7X08/Fiq+1MF2aMGgHsD",
+	"7DmNC7e7H9r+eV83XvGA7Ez3PYz9EwKU+0nFP/EmDP63JpS4vdJeSgm4eWgaeVGrjy/qbnO708L1Cd4v",
+	"oVA6oU8AhpI7/XKA4YZCZz758NVhi8aNPLJI80rzFbq482V4Bwo8Hbn7Y74F0tTI6a531fqC8wamfiXs",
+	"2+0gAygosgYQIa93LUwl7kcue+9ZS3/xoMuJpF8emjd+kCnLfW6LWgFoqkhz5TXWRwJGhaCgmFjEORZH",
+	"v3fDI1v58M1+wHkur63dN1tDySjJv/2u5C/0RmlZ8xKLIbwYi1LmeXjZD9mPWvrmvgXXGl2kywKS0H++",
+	"kDdS52ORyqLgLogm50ANqC7qx4CVJTJV1+vNMZQEU6iLKj3HIprQV3JS0XypMMXMdxbTMOeC6yVmw+1q",
+	"OZZfs7UeC43m0hUnUBmfyAgzhCSWXnX5mlbz7KoouMnLqd1rIMBIJxyAUf9kmOGCC0F1GN18GZoSH/Hu",
+	"6r4K8T7Zt2e9wd1VGthTkJWZyUpkMKs0F6i1pzVLXO0mkhFrhivSwcQNGu38U3OlZm/sP7Q5vH+jYVc0",
+	"LbzZ518T+A+5SAoMUQio6ee55Jbp1j0Nho46sNa7YHtVgh18E2otSDfLi7od61csXXo64rq+PiJFnbqk",
+	"6gZtmmpLqgXWcML8te6xaN3rrl+pVl+JPHzRfCzoprl96krYRQlrp0N44e8N1qUWCsEJXuqm7gyOJiY3",
+	"FowqNEKxaHODwsthKw4XipioEhlpAOTK7tOVbvvrntNLagNZUhgcmu/djZOmfpyK511NmJXrXYL2tVjg",
+	"gQquP1dmN2oE0SsI8eRuV25dgt1RZ+zI1V8YTezZhjp4UsN/2jCFq67xBtbJY0uej0ejkSfu0w6DqoOV",
+	"zz819LhXcDc0N3iQ8ru6gHB3eeZdaMJvHHfXxXbW+KKXNNYVWX0M0w5Z3Lrt3UsW9/CiSBhf42wp5ZX2",
+	"tcODi0/7tNIH9yKdACm9enpwTvzut/UpgNzkzawuC1+GMqLoq1AEEH1Xa6p4nA+LRF85DEZfeIUSfeMK",
+	"qra9tJcsz11FsRPClxSlLa15GN4thALdxSy3Y5AK0pwTpdTnErDXscL3dKcjAYUscxYRyX+ZUh2aWlm5",
+	"XBnNM+xcLlqk5h5tPZH/DgAA//8=",
 }
 
 // decodeSpec returns the embedded OpenAPI spec as raw JSON bytes,

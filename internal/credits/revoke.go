@@ -2,6 +2,7 @@ package credits
 
 import (
 	"context"
+	"database/sql"
 	"encoding/json"
 	"fmt"
 	"time"
@@ -178,4 +179,112 @@ func drawsJSON(draws []Draw) (*string, error) {
 	}
 	s := string(b)
 	return &s, nil
+}
+
+// RestoreInput gives back what one revoke took, because the money came back
+// after all (a dispute won).
+type RestoreInput struct {
+	CustomerID string
+	// PaymentID is the payment the revoke was for; the new grants name it.
+	PaymentID string
+	// RevokeTransactionID is the revoke ledger entry to give back.
+	RevokeTransactionID string
+	// Reason is the new grants' reason and the shortfall's settlement.
+	Reason   string
+	Metadata map[string]string
+}
+
+// RestoreResult is what a restore did.
+type RestoreResult struct {
+	// Restored is what came back as SourceDisputeWon grants (Grants);
+	// Expired what did not, because the grant it was taken from has expired
+	// since: those credits would have expired anyway, and nothing comes
+	// back already expired.
+	Restored int64
+	Expired  int64
+	Grants   []GrantResult
+	// ShortfallSettled is the revoke's shortfall, no longer owed.
+	ShortfallSettled int64
+}
+
+// Restore reverses a revoke inside the caller's transaction tx: each grant
+// the revoke drew from gets its credits back as a new SourceDisputeWon grant
+// with that grant's expiry (unless that expiry has passed), and the
+// revoke's open shortfall is settled. Each restored grant has its grant
+// entry and credits.granted, like any grant.
+//
+// Errors: errs.NotFound (no such revoke of that customer and payment),
+// errs.Invalid, errs.Unavailable.
+func Restore(ctx context.Context, tx *gorm.DB, clock func() time.Time, in RestoreInput) (RestoreResult, error) {
+	if err := validateReason(in.Reason); err != nil {
+		return RestoreResult{}, err
+	}
+	if err := validateMetadata(in.Metadata); err != nil {
+		return RestoreResult{}, err
+	}
+	r, err := restore(ctx, tx, clock, in)
+	return r, db.Translate(err, grantConstraints)
+}
+
+func restore(ctx context.Context, tx *gorm.DB, clock func() time.Time, in RestoreInput) (RestoreResult, error) {
+	a, err := ensureAccount(ctx, tx, in.CustomerID, clock, nil)
+	if err != nil {
+		return RestoreResult{}, err
+	}
+	var entries []struct{ Draws *string }
+	err = tx.WithContext(ctx).Raw(`SELECT draws::text AS draws FROM credit_ledger
+		WHERE id = ? AND customer_id = ? AND payment_id = ? AND kind = 'revoke'`,
+		in.RevokeTransactionID, in.CustomerID, in.PaymentID).Scan(&entries).Error
+	if err != nil {
+		return RestoreResult{}, err
+	}
+	if len(entries) == 0 {
+		return RestoreResult{}, errs.E(errs.NotFound, "no revoke %s of payment %s for customer %s", in.RevokeTransactionID, in.PaymentID, in.CustomerID)
+	}
+	var draws []Draw
+	if entries[0].Draws != nil {
+		if err := json.Unmarshal([]byte(*entries[0].Draws), &draws); err != nil {
+			return RestoreResult{}, fmt.Errorf("credits: draws of revoke %s: %w", in.RevokeTransactionID, err)
+		}
+	}
+	var res RestoreResult
+	for _, d := range draws {
+		var expires sql.NullTime
+		if err := db.ScanRow(tx.WithContext(ctx).Raw(`SELECT expires_at FROM credit_grants WHERE id = ?`, d.GrantID), &expires); err != nil {
+			return RestoreResult{}, fmt.Errorf("credits: grant %s that revoke %s drew from: %w", d.GrantID, in.RevokeTransactionID, err)
+		}
+		var expiresAt *time.Time
+		if expires.Valid {
+			if !expires.Time.After(a.now) {
+				res.Expired += d.Amount
+				continue
+			}
+			expiresAt = &expires.Time
+		}
+		meta := map[string]string{"restores_grant_id": d.GrantID, "revoke_transaction_id": in.RevokeTransactionID}
+		for k, v := range in.Metadata {
+			meta[k] = v
+		}
+		gi := GrantInput{
+			CustomerID: in.CustomerID, Amount: d.Amount, Reason: in.Reason, Source: SourceDisputeWon,
+			PaymentID: in.PaymentID, ExpiresAt: expiresAt, Metadata: meta,
+		}
+		if err := gi.Validate(); err != nil {
+			return RestoreResult{}, err
+		}
+		g, err := grantTx(ctx, tx, clock, gi, nil, "")
+		if err != nil {
+			return RestoreResult{}, err
+		}
+		res.Restored += d.Amount
+		res.Grants = append(res.Grants, g)
+	}
+	err = db.ScanRow(tx.WithContext(ctx).Raw(`WITH s AS (
+			UPDATE credit_shortfalls SET settled_at = ?, settled_reason = ?
+			WHERE ledger_entry_id = ? AND settled_at IS NULL RETURNING amount)
+		SELECT COALESCE(sum(amount), 0)::bigint FROM s`, a.now, in.Reason, in.RevokeTransactionID), &res.ShortfallSettled)
+	if err != nil {
+		return RestoreResult{}, err
+	}
+	return res, nil
 }

@@ -197,7 +197,7 @@ func toAPIPayment(p payments.Payment) api.Payment {
 	out := api.Payment{
 		Id: p.ID, CustomerId: p.CustomerID, Item: p.Item, ItemKind: api.PaymentItemKind(p.ItemKind), Quantity: p.Quantity,
 		Status: api.PaymentStatus(p.Status), Amount: p.Amount, Currency: p.Currency, AmountReceived: p.AmountReceived,
-		AmountRefunded: p.AmountRefunded, Credits: p.Credits, Livemode: p.Livemode,
+		AmountRefunded: p.AmountRefunded, AmountDisputed: p.AmountDisputed, Credits: p.Credits, Livemode: p.Livemode,
 		CheckoutSessionId: ptrIfSet(p.CheckoutSessionID), PaymentIntentId: ptrIfSet(p.PaymentIntentID),
 		InvoiceId: ptrIfSet(p.InvoiceID), SubscriptionId: ptrIfSet(p.SubscriptionID), FailureReason: ptrIfSet(p.FailureReason),
 		CreatedAt: p.CreatedAt, UpdatedAt: p.UpdatedAt, SucceededAt: p.SucceededAt,

@@ -477,7 +477,14 @@ func (s *Service) ChargeRefunded(ctx context.Context, ev EventRef, ch Charge) er
 		if !strings.EqualFold(ch.Currency, p.Currency) {
 			return reject("refund currency %q does not match payment %s (%q)", ch.Currency, p.ID, p.Currency)
 		}
-		if p.Status != Succeeded && p.Status != Refunded {
+		// A refund leaves a disputed (or lost) payment in that state: it was
+		// made at Stripe before the dispute and is only delivered now.
+		to := Refunded
+		switch p.Status {
+		case Succeeded, Refunded:
+		case Disputed, DisputeLost:
+			to = p.Status
+		default:
 			return fmt.Errorf("payments: refund of payment %s, which is %s: waiting for its success", p.ID, p.Status)
 		}
 		// A succeeded payment knows its PaymentIntent (a plan's never has
@@ -495,7 +502,7 @@ func (s *Service) ChargeRefunded(ctx context.Context, ev EventRef, ch Charge) er
 		if delta <= 0 {
 			return nil // an older or repeated refund event: already applied
 		}
-		ok, err := transition(ctx, tx, p, Refunded, ev, fmt.Sprintf("refunded %d of %d %s in total", ch.AmountRefunded, paid(p), p.Currency))
+		ok, err := transition(ctx, tx, p, to, ev, fmt.Sprintf("refunded %d of %d %s in total", ch.AmountRefunded, paid(p), p.Currency))
 		if err != nil {
 			return err
 		}
@@ -503,12 +510,18 @@ func (s *Service) ChargeRefunded(ctx context.Context, ev EventRef, ch Charge) er
 			return reject("payment %s is %s and cannot be refunded", p.ID, p.Status)
 		}
 		now := s.now()
-		back, err := s.takeBack(ctx, tx, p, ch.AmountRefunded, "refund", ev)
+		due, err := refundDue(ctx, tx, p, ch.AmountRefunded)
 		if err != nil {
 			return err
 		}
-		if err := tx.Exec(`UPDATE payments SET status = 'refunded', amount_refunded = ?, updated_at = ? WHERE id = ?`,
-			ch.AmountRefunded, now, p.ID).Error; err != nil {
+		back, err := s.takeBack(ctx, tx, p, due, "refund", ev)
+		if err != nil {
+			return err
+		}
+		// A won dispute returns a payment refunded meanwhile to refunded.
+		if err := tx.Exec(`UPDATE payments SET status = ?, amount_refunded = ?,
+				status_before_dispute = CASE WHEN status_before_dispute IS NULL THEN NULL ELSE 'refunded' END, updated_at = ? WHERE id = ?`,
+			string(to), ch.AmountRefunded, now, p.ID).Error; err != nil {
 			return db.Translate(err, nil)
 		}
 		if err := tx.Exec(`INSERT INTO payment_refunds (payment_id, stripe_event_id, amount_refunded_total, amount_refunded_delta, credits_revoked, credits_shortfall)

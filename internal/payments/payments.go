@@ -33,6 +33,11 @@ const (
 	Succeeded Status = "succeeded"
 	Failed    Status = "failed"
 	Refunded  Status = "refunded"
+	// Disputed: a chargeback withdrew the funds; its share of the credits
+	// was taken back. DisputeLost: the dispute was decided for the
+	// cardholder, for good.
+	Disputed    Status = "disputed"
+	DisputeLost Status = "dispute_lost"
 )
 
 // ItemKind is what kind of catalog item a payment buys.
@@ -82,6 +87,11 @@ type Payment struct {
 	// CreditsRevoked is the share of Credits that refunds and disputes took
 	// back so far: revoked, or recorded as a shortfall.
 	CreditsRevoked int64
+	// AmountDisputed is what open or lost chargebacks withdrew (minor
+	// units); StatusBeforeDispute is what a won dispute returns the payment
+	// to (succeeded or refunded).
+	AmountDisputed      int64
+	StatusBeforeDispute Status
 }
 
 // Transition is one move of the state machine, applied or refused, with the
@@ -176,14 +186,16 @@ type row struct {
 	UpdatedAt                 time.Time
 	SucceededAt               *time.Time
 
-	CreditsRevoked int64
+	CreditsRevoked      int64
+	AmountDisputed      int64
+	StatusBeforeDispute *string
 }
 
 const columns = `id, customer_id, item, item_kind, quantity, status, unit_amount, amount, currency,
 	amount_received, amount_refunded, credits, credits_expire_after_seconds, livemode,
 	checkout_session_id, payment_intent_id, invoice_id, subscription_id, stripe_customer_id,
 	checkout_payment_status, failure_reason, created_at, updated_at, succeeded_at,
-	credits_revoked`
+	credits_revoked, amount_disputed, status_before_dispute`
 
 func str(p *string) string {
 	if p == nil {
@@ -201,7 +213,7 @@ func (r row) payment() Payment {
 		InvoiceID: str(r.InvoiceID), SubscriptionID: str(r.SubscriptionID), StripeCustomerID: str(r.StripeCustomerID),
 		CheckoutPaymentStatus: str(r.CheckoutPaymentStatus), FailureReason: str(r.FailureReason),
 		CreatedAt: r.CreatedAt, UpdatedAt: r.UpdatedAt, SucceededAt: r.SucceededAt,
-		CreditsRevoked: r.CreditsRevoked,
+		CreditsRevoked: r.CreditsRevoked, AmountDisputed: r.AmountDisputed, StatusBeforeDispute: Status(str(r.StatusBeforeDispute)),
 	}
 	if r.CreditsExpireAfterSeconds != nil {
 		p.CreditsExpireAfter = time.Duration(*r.CreditsExpireAfterSeconds) * time.Second

@@ -72,14 +72,23 @@ func verifyClean(t *testing.T, gdb *gorm.DB) {
 }
 
 func TestTransitionTable(t *testing.T) {
-	all := []payments.Status{payments.Pending, payments.Succeeded, payments.Failed, payments.Refunded}
+	all := []payments.Status{payments.Pending, payments.Succeeded, payments.Failed, payments.Refunded, payments.Disputed, payments.DisputeLost}
 	want := map[[2]payments.Status]bool{
-		{payments.Pending, payments.Succeeded}:  true,
-		{payments.Pending, payments.Failed}:     true,
-		{payments.Failed, payments.Succeeded}:   true,
-		{payments.Failed, payments.Failed}:      true,
-		{payments.Succeeded, payments.Refunded}: true,
-		{payments.Refunded, payments.Refunded}:  true,
+		{payments.Pending, payments.Succeeded}:       true,
+		{payments.Pending, payments.Failed}:          true,
+		{payments.Failed, payments.Succeeded}:        true,
+		{payments.Failed, payments.Failed}:           true,
+		{payments.Succeeded, payments.Refunded}:      true,
+		{payments.Refunded, payments.Refunded}:       true,
+		{payments.Succeeded, payments.Disputed}:      true,
+		{payments.Refunded, payments.Disputed}:       true,
+		{payments.Succeeded, payments.DisputeLost}:   true, // first seen lost
+		{payments.Refunded, payments.DisputeLost}:    true,
+		{payments.Disputed, payments.Disputed}:       true, // a late refund, a second dispute
+		{payments.Disputed, payments.DisputeLost}:    true,
+		{payments.Disputed, payments.Succeeded}:      true, // won
+		{payments.Disputed, payments.Refunded}:       true, // won, refunded before
+		{payments.DisputeLost, payments.DisputeLost}: true, // a late refund
 	}
 	for _, from := range all {
 		for _, to := range all {

@@ -21,18 +21,36 @@ func creditShare(credits, amount, paid int64) int64 {
 	return share.Quo(share, big.NewInt(paid)).Int64()
 }
 
-// takeBack revokes, inside tx with p's row locked, the credits bought by p
-// that the money now gone back (amountBack: refunded plus disputed, in
-// total) no longer pays for, less what earlier refunds and disputes already
-// took back (p.CreditsRevoked). It is cumulative, so a repeated or older
-// event takes nothing more. Where the credits are taken from follows the
-// service's RevokeFrom; what the balance cannot cover is recorded as a
-// shortfall and counts as taken back, so it is never asked for twice.
-// Under RevokeFromPurchaseGrant what is not covered is not counted either,
-// so a later refund of the same payment tries again, as tally always did.
-// Only credit packs have credits to take back.
-func (s *Service) takeBack(ctx context.Context, tx *gorm.DB, p Payment, amountBack int64, reason string, ev EventRef) (credits.RevokeResult, error) {
-	due := creditShare(p.Credits, amountBack, paid(p)) - p.CreditsRevoked
+// refundDue is how many credits a refund of refundedTotal in total still
+// has to take back from p: the share of the credits that refundedTotal
+// bought, less what earlier refunds took back (or recorded short). Refunds
+// and disputes are counted apart, so the order they arrive in does not
+// change what each takes; together they never exceed the payment's credits.
+func refundDue(ctx context.Context, tx *gorm.DB, p Payment, refundedTotal int64) (int64, error) {
+	var byDisputes int64
+	err := db.ScanRow(tx.WithContext(ctx).Raw(`SELECT COALESCE(sum(credits_revoked + credits_shortfall), 0)::bigint
+		FROM payment_disputes WHERE payment_id = ? AND withdrawn_at IS NOT NULL AND status <> 'won'`, p.ID), &byDisputes)
+	if err != nil {
+		return 0, db.Translate(err, nil)
+	}
+	byRefunds := p.CreditsRevoked - byDisputes
+	return min(creditShare(p.Credits, refundedTotal, paid(p))-byRefunds, p.Credits-p.CreditsRevoked), nil
+}
+
+// disputeDue is how many credits a dispute withdrawing amount takes back
+// from p: the share that amount bought, within what is left of p's credits.
+func disputeDue(p Payment, amount int64) int64 {
+	return min(creditShare(p.Credits, amount, paid(p)), p.Credits-p.CreditsRevoked)
+}
+
+// takeBack revokes due credits bought by p, inside tx with p's row locked,
+// and counts them as taken back (p.CreditsRevoked). Where they come from
+// follows the service's RevokeFrom; what the balance cannot cover is
+// recorded as a shortfall and counts as taken back too, so it is never
+// asked for twice. Under RevokeFromPurchaseGrant what is not covered is not
+// counted, so a later refund of the same payment tries again, as tally
+// always did. Only credit packs have credits to take back.
+func (s *Service) takeBack(ctx context.Context, tx *gorm.DB, p Payment, due int64, reason string, ev EventRef) (credits.RevokeResult, error) {
 	if p.ItemKind != KindCreditPack || due <= 0 {
 		return credits.RevokeResult{}, nil
 	}

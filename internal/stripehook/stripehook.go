@@ -277,6 +277,13 @@ func (h *Intake) dispatch(ctx context.Context, ev Event) error {
 			return err
 		}
 		return h.payments.ChargeRefunded(ctx, ref, o.domain())
+	case "charge.dispute.created", "charge.dispute.updated", "charge.dispute.closed",
+		"charge.dispute.funds_withdrawn", "charge.dispute.funds_reinstated":
+		var o disputeObject
+		if err := decodeObject(ev, &o, func() string { return o.ID }); err != nil {
+			return err
+		}
+		return h.payments.DisputeChanged(ctx, ref, o.domain())
 	case "customer.subscription.created", "customer.subscription.updated", "customer.subscription.deleted":
 		var o subscriptionObject
 		if err := decodeObject(ev, &o, func() string { return o.ID }); err != nil {
