@@ -2,9 +2,13 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"net/http"
 	"strings"
 	"testing"
+	"time"
+
+	"gorm.io/gorm"
 
 	"github.com/tallybilling/tally/internal/stripeapi/stripefake"
 	"github.com/tallybilling/tally/pkg/client"
@@ -110,6 +114,107 @@ func TestRefundFromThePurchaseGrantOnly(t *testing.T) {
 	}
 	if !r.JSON200.Ok || len(r.JSON200.Receivables) != 0 {
 		t.Fatalf("verify report %s, want ok without receivables", r.Body)
+	}
+	assertInvariants(t, s)
+}
+
+// stripeEventCreated is stripeEvent as Stripe created it at created.
+func stripeEventCreated(id, typ string, created time.Time, object map[string]any) []byte {
+	var ev map[string]any
+	if err := json.Unmarshal(stripeEvent(id, typ, object), &ev); err != nil {
+		panic(err)
+	}
+	ev["created"] = created.Unix()
+	b, err := json.Marshal(ev)
+	if err != nil {
+		panic(err)
+	}
+	return b
+}
+
+func eventAttempts(t testing.TB, gdb *gorm.DB, id string) int64 {
+	t.Helper()
+	return countRows(t, gdb, `SELECT attempts FROM stripe_events WHERE id = ?`, id)
+}
+
+// TestRefundBeforeSuccessWaitsForIt: a refund (or dispute) that overtakes
+// the success it is about is not an operator's problem: it keeps waiting,
+// past the retry budget, and applies as soon as the success is processed.
+// Only a day after Stripe created it is it parked.
+func TestRefundBeforeSuccessWaitsForIt(t *testing.T) {
+	fake := stripefake.New(t)
+	env := payEnv(t, fake.URL())
+	env["TALLY_STRIPE_EVENT_MAX_ATTEMPTS"] = "3"
+	env["TALLY_STRIPE_EVENT_RETRY_INTERVAL"] = "50ms"
+	s := startServer(t, env)
+	gdb := openDB(t, s)
+
+	// checkout.session.completed links the PaymentIntent, so the refund is
+	// known to be ours though its success has not arrived yet.
+	completed := func(customer string) string {
+		pay := checkout(t, s, customer, "starter", 1)
+		p := getPayment(t, s, pay)
+		deliver(t, s, stripeEvent(newEventID(), "checkout.session.completed", checkoutSession(pay, customer, *p.CheckoutSessionId, "complete", "paid", starterAmount)))
+		return pay
+	}
+	succeed := func(pay, customer string) {
+		deliver(t, s, stripeEvent(newEventID(), "payment_intent.succeeded", paymentIntent(pay, customer, "succeeded", starterAmount, starterAmount, "usd")))
+	}
+
+	pay := completed("early-1")
+	refund := newEventID()
+	deliver(t, s, stripeEvent(refund, "charge.refunded", refundedCharge(pay, starterAmount, starterAmount)))
+	disputed := completed("early-2")
+	chargeback := newEventID()
+	deliver(t, s, stripeEvent(chargeback, "charge.dispute.created", dispute(disputed, "dp_early_2", "needs_response", starterAmount)))
+
+	// Well past the three attempts of the retry budget, both still wait.
+	waitFor(t, "five attempts of each early event", func() bool {
+		return eventAttempts(t, gdb, refund) >= 5 && eventAttempts(t, gdb, chargeback) >= 5
+	})
+	for _, id := range []string{refund, chargeback} {
+		if st, le := eventStatus(t, gdb, id); st != "failed" || !strings.Contains(le, "waiting for") || !strings.Contains(le, "success") {
+			t.Fatalf("early event %s: %s %q, want failed, waiting for the success", id, st, le)
+		}
+	}
+
+	// The success applies them at once, not after their next backoff.
+	succeed(pay, "early-1")
+	succeed(disputed, "early-2")
+	for _, id := range []string{refund, chargeback} {
+		if st, le := eventStatus(t, gdb, id); st != "processed" {
+			t.Fatalf("event %s right after the success: %s %q, want processed", id, st, le)
+		}
+	}
+	if p := getPayment(t, s, pay); p.Status != client.PaymentStatusRefunded || p.AmountRefunded != starterAmount {
+		t.Fatalf("payment = %+v", p)
+	}
+	if p := getPayment(t, s, disputed); p.Status != client.PaymentStatusDisputed || p.AmountDisputed != starterAmount {
+		t.Fatalf("payment = %+v", p)
+	}
+	for _, c := range []string{"early-1", "early-2"} {
+		if got := balanceOf(t, gdb, c); got != 0 {
+			t.Fatalf("balance of %s = %d, want 0", c, got)
+		}
+	}
+
+	// A day after Stripe created it, a refund still without its success
+	// goes to an operator: at once when it is that old on arrival, and
+	// when the day runs out while it waits.
+	lonely := completed("early-3")
+	stale := newEventID()
+	deliver(t, s, stripeEventCreated(stale, "charge.refunded", time.Now().Add(-25*time.Hour), refundedCharge(lonely, starterAmount, starterAmount)))
+	if st, le := eventStatus(t, gdb, stale); st != "parked" || !strings.Contains(le, "a day") {
+		t.Fatalf("a day-old early refund: %s %q, want parked", st, le)
+	}
+	closing := newEventID()
+	deliver(t, s, stripeEventCreated(closing, "charge.refunded", time.Now().Add(-24*time.Hour+2*time.Second), refundedCharge(lonely, starterAmount, starterAmount)))
+	if st, _ := eventStatus(t, gdb, closing); st != "failed" {
+		t.Fatalf("an early refund with two seconds to go: %s, want failed (waiting)", st)
+	}
+	waitFor(t, "the refund parked when its day ran out", func() bool { st, _ := eventStatus(t, gdb, closing); return st == "parked" })
+	if p := getPayment(t, s, lonely); p.Status != client.PaymentStatusPending {
+		t.Fatalf("payment = %s, want pending", p.Status)
 	}
 	assertInvariants(t, s)
 }

@@ -456,12 +456,12 @@ func (s *Service) subscribed(ctx context.Context, ev EventRef, paymentID string,
 // amount_refunded and takes back the credits the increase paid for (see
 // takeBack: from the whole balance unless RevokeFrom says purchase_grant,
 // what was spent recorded as a shortfall), so a redelivered or older refund
-// event takes nothing more. A refund of a payment not yet succeeded here is an error
-// (retried), so that it applies once the success has arrived. Only a charge
-// of the payment's own PaymentIntent, for the amount it paid, may refund it.
-// Errors: ErrNotOurs, *Rejection (livemode, currency, no or another
-// PaymentIntent, charge amount not what was paid, more refunded than
-// charged), errs.Unavailable.
+// event takes nothing more. A refund of a payment not succeeded yet is
+// *Waiting (it applies once the success arrives). Only a charge of the
+// payment's own PaymentIntent, for the amount it paid, may refund it.
+// Errors: ErrNotOurs, *Waiting, *Rejection (livemode, currency, no or
+// another PaymentIntent, charge amount not what was paid, more refunded
+// than charged), errs.Unavailable.
 func (s *Service) ChargeRefunded(ctx context.Context, ev EventRef, ch Charge) error {
 	id, err := s.paymentFor(ctx, ch.Metadata, map[string]string{"payment_intent_id": ch.PaymentIntent})
 	if err != nil {
@@ -485,7 +485,7 @@ func (s *Service) ChargeRefunded(ctx context.Context, ev EventRef, ch Charge) er
 		case Disputed, DisputeLost:
 			to = p.Status
 		default:
-			return fmt.Errorf("payments: refund of payment %s, which is %s: waiting for its success", p.ID, p.Status)
+			return waiting(ch.PaymentIntent, "refund of payment %s, which is %s: waiting for the success of PaymentIntent %s", p.ID, p.Status, ch.PaymentIntent)
 		}
 		// A succeeded payment knows its PaymentIntent (a plan's never has
 		// one), so only a charge of that very PaymentIntent may refund it.

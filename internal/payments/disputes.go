@@ -76,11 +76,11 @@ type disputeRow struct {
 //     first seen won took nothing here, so it only records.
 //
 // A stage already reached (a redelivery, a late or replayed event) is only
-// recorded. A dispute of a payment not succeeded yet is an error (retried),
-// so that it applies once the success arrives.
+// recorded. A dispute of a payment not succeeded yet is *Waiting (it
+// applies once the success arrives).
 //
-// Errors: ErrNotOurs, *Rejection (livemode, currency, no or another
-// PaymentIntent, a dispute of another payment), errs.Unavailable.
+// Errors: ErrNotOurs, *Waiting, *Rejection (livemode, currency, no or
+// another PaymentIntent, a dispute of another payment), errs.Unavailable.
 func (s *Service) DisputeChanged(ctx context.Context, ev EventRef, d Dispute) error {
 	id, err := s.paymentFor(ctx, d.Metadata, map[string]string{"payment_intent_id": d.PaymentIntent})
 	if err != nil {
@@ -100,7 +100,7 @@ func (s *Service) DisputeChanged(ctx context.Context, ev EventRef, d Dispute) er
 			return reject("dispute %s is about %d", d.ID, d.Amount)
 		}
 		if p.Status == Pending || p.Status == Failed {
-			return fmt.Errorf("payments: dispute %s of payment %s, which is %s: waiting for its success", d.ID, p.ID, p.Status)
+			return waiting(d.PaymentIntent, "dispute %s of payment %s, which is %s: waiting for the success of PaymentIntent %s", d.ID, p.ID, p.Status, d.PaymentIntent)
 		}
 		if d.PaymentIntent != p.PaymentIntentID {
 			return reject("dispute %s belongs to PaymentIntent %s, not to payment %s's (%q)", d.ID, d.PaymentIntent, p.ID, p.PaymentIntentID)

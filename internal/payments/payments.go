@@ -346,6 +346,23 @@ func reject(format string, args ...any) error {
 	return &Rejection{Reason: fmt.Sprintf(format, args...)}
 }
 
+// Waiting says an event cannot apply yet because it is about a payment whose
+// success has not arrived (Stripe does not order its events: a refund or a
+// dispute may overtake the payment_intent.succeeded it follows). It is not
+// an operator's problem: stripehook retries it, outside its retry budget,
+// applies it as soon as the success of PaymentIntentID is processed, and
+// parks it only a day after Stripe created it.
+type Waiting struct {
+	PaymentIntentID string
+	Reason          string
+}
+
+func (w *Waiting) Error() string { return w.Reason }
+
+func waiting(paymentIntentID, format string, args ...any) error {
+	return &Waiting{PaymentIntentID: paymentIntentID, Reason: fmt.Sprintf(format, args...)}
+}
+
 // IsRejection reports whether err is the validation chain's refusal.
 func IsRejection(err error) bool {
 	var r *Rejection

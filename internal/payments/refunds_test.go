@@ -2,6 +2,7 @@ package payments_test
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"testing"
 	"time"
@@ -159,4 +160,34 @@ func TestRefundsFromThePurchaseGrantOnly(t *testing.T) {
 		t.Fatalf("payment = %+v, %v; want 20 credits taken back", p, err)
 	}
 	verifyClean(t, gdb)
+}
+
+// A refund or dispute that overtakes the success of its payment is told to
+// wait for that PaymentIntent, not refused: it changes nothing meanwhile.
+func TestRefundAndDisputeBeforeTheSuccessWait(t *testing.T) {
+	gdb := dbtest.New(t)
+	_, stripe := fakeClient(t)
+	svc := newService(t, gdb, stripe, config.ConfirmOnPaymentIntent)
+	ctx := context.Background()
+	res := buy(t, svc, "early", "starter", 1)
+	meta := map[string]string{"tally_payment_id": res.PaymentID}
+	if err := svc.CheckoutSessionCompleted(ctx, payments.EventRef{ID: "evt_unpaid", Type: "checkout.session.completed"}, payments.CheckoutSession{
+		ID: res.CheckoutSessionID, Mode: "payment", Status: "complete", PaymentStatus: "unpaid", PaymentIntent: "pi_early", Metadata: meta}); err != nil {
+		t.Fatal(err)
+	}
+	for name, err := range map[string]error{
+		"refund": svc.ChargeRefunded(ctx, payments.EventRef{ID: "evt_refund", Type: "charge.refunded"},
+			payments.Charge{ID: "ch_early", PaymentIntent: "pi_early", Amount: 1000, AmountRefunded: 1000, Currency: "usd", Metadata: meta}),
+		"dispute": svc.DisputeChanged(ctx, payments.EventRef{ID: "evt_dispute", Type: "charge.dispute.created"},
+			disputeOf(res, "pi_early", "dp_early", "needs_response", 1000)),
+	} {
+		var w *payments.Waiting
+		if !errors.As(err, &w) || w.PaymentIntentID != "pi_early" || payments.IsRejection(err) {
+			t.Errorf("%s before the success: %v, want to wait for pi_early", name, err)
+		}
+	}
+	p, err := svc.Get(ctx, res.PaymentID)
+	if err != nil || p.Status != payments.Pending || len(p.Transitions) != 1 {
+		t.Fatalf("payment = %+v, %v; want pending with only its creation in the history", p, err)
+	}
 }
