@@ -200,7 +200,7 @@ func (h *Intake) Receive(ctx context.Context, payload []byte, signature string) 
 // the lease then hands the event to the retry worker). An event that
 // confirmed a payment then wakes the events waiting for it.
 func (h *Intake) process(ctx context.Context, ev Event, attempts int, receivedAt time.Time) (Status, error) {
-	succeeded, err := h.dispatch(ctx, ev)
+	confirms, err := h.dispatch(ctx, ev)
 	status, lastErr, waitingFor := Processed, "", ""
 	var next *time.Time
 	var wait *payments.Waiting
@@ -255,8 +255,8 @@ func (h *Intake) process(ctx context.Context, ev Event, attempts int, receivedAt
 		return Received, db.Translate(uerr, nil)
 	}
 	h.total.WithLabelValues(ev.Type, string(status)).Inc()
-	if status == Processed && succeeded != "" {
-		h.wakeWaiting(ctx, succeeded)
+	if status == Processed && confirms != "" {
+		h.wakeWaiting(ctx, confirms)
 	}
 	return status, nil
 }
