@@ -74,13 +74,16 @@ func (e ErrorCode) Valid() bool {
 
 // Defines values for GrantSummarySource.
 const (
-	Purchase GrantSummarySource = "purchase"
-	Service  GrantSummarySource = "service"
+	DisputeWon GrantSummarySource = "dispute_won"
+	Purchase   GrantSummarySource = "purchase"
+	Service    GrantSummarySource = "service"
 )
 
 // Valid indicates whether the value is a known member of the GrantSummarySource enum.
 func (e GrantSummarySource) Valid() bool {
 	switch e {
+	case DisputeWon:
+		return true
 	case Purchase:
 		return true
 	case Service:
@@ -140,15 +143,21 @@ func (e PaymentItemKind) Valid() bool {
 
 // Defines values for PaymentStatus.
 const (
-	PaymentStatusFailed    PaymentStatus = "failed"
-	PaymentStatusPending   PaymentStatus = "pending"
-	PaymentStatusRefunded  PaymentStatus = "refunded"
-	PaymentStatusSucceeded PaymentStatus = "succeeded"
+	PaymentStatusDisputeLost PaymentStatus = "dispute_lost"
+	PaymentStatusDisputed    PaymentStatus = "disputed"
+	PaymentStatusFailed      PaymentStatus = "failed"
+	PaymentStatusPending     PaymentStatus = "pending"
+	PaymentStatusRefunded    PaymentStatus = "refunded"
+	PaymentStatusSucceeded   PaymentStatus = "succeeded"
 )
 
 // Valid indicates whether the value is a known member of the PaymentStatus enum.
 func (e PaymentStatus) Valid() bool {
 	switch e {
+	case PaymentStatusDisputeLost:
+		return true
+	case PaymentStatusDisputed:
+		return true
 	case PaymentStatusFailed:
 		return true
 	case PaymentStatusPending:
@@ -346,9 +355,10 @@ type Event struct {
 	Id         string                 `json:"id"`
 
 	// Type customer.created, customer.updated, payment.succeeded,
-	// payment.failed, payment.refunded, credits.granted,
-	// credits.low_balance, credits.expiring, credits.expired,
-	// usage.dead, ...
+	// payment.failed, payment.refunded, payment.disputed,
+	// payment.dispute_won, payment.dispute_lost, credits.granted,
+	// credits.revoked, credits.low_balance, credits.expiring,
+	// credits.expired, usage.dead, ...
 	Type string `json:"type"`
 }
 
@@ -391,16 +401,18 @@ type GrantResult struct {
 
 // GrantSummary defines model for GrantSummary.
 type GrantSummary struct {
-	Amount    int64              `json:"amount"`
-	CreatedAt time.Time          `json:"created_at"`
-	ExpiresAt *time.Time         `json:"expires_at,omitempty"`
-	Id        string             `json:"id"`
-	PaymentId *string            `json:"payment_id,omitempty"`
-	Remaining int64              `json:"remaining"`
-	Source    GrantSummarySource `json:"source"`
+	Amount    int64      `json:"amount"`
+	CreatedAt time.Time  `json:"created_at"`
+	ExpiresAt *time.Time `json:"expires_at,omitempty"`
+	Id        string     `json:"id"`
+	PaymentId *string    `json:"payment_id,omitempty"`
+	Remaining int64      `json:"remaining"`
+
+	// Source `dispute_won`: credits a chargeback took back, returned when the dispute was won, with the expiry of the grant they came from.
+	Source GrantSummarySource `json:"source"`
 }
 
-// GrantSummarySource defines model for GrantSummary.Source.
+// GrantSummarySource `dispute_won`: credits a chargeback took back, returned when the dispute was won, with the expiry of the grant they came from.
 type GrantSummarySource string
 
 // LedgerDraw defines model for LedgerDraw.
@@ -416,10 +428,10 @@ type LedgerEntry struct {
 	BalanceAfter int64     `json:"balance_after"`
 	CreatedAt    time.Time `json:"created_at"`
 
-	// Draws For consume entries, the grants drawn from.
+	// Draws For consume and revoke entries, the grants drawn from.
 	Draws *[]LedgerDraw `json:"draws,omitempty"`
 
-	// GrantId The grant a grant, expire or revoke entry is about.
+	// GrantId The grant a grant, expire or revoke entry is about (for a revoke, the purchase grant of the refunded or disputed payment).
 	GrantId *string         `json:"grant_id,omitempty"`
 	Id      string          `json:"id"`
 	Kind    LedgerEntryKind `json:"kind"`
@@ -428,6 +440,12 @@ type LedgerEntry struct {
 	Metadata  Metadata `json:"metadata"`
 	PaymentId *string  `json:"payment_id,omitempty"`
 	Reason    string   `json:"reason"`
+
+	// Shortfall For revoke entries: the credits a refund or dispute should have
+	// taken back but could not, because the customer had spent them.
+	// The balance never goes below zero; the shortfall stays a
+	// receivable, listed by `GET /v1/admin/verify`.
+	Shortfall *int64 `json:"shortfall,omitempty"`
 }
 
 // LedgerEntryKind defines model for LedgerEntry.Kind.
@@ -452,7 +470,10 @@ type MeterTotal struct {
 // Payment defines model for Payment.
 type Payment struct {
 	// Amount Expected amount in minor units.
-	Amount            int64     `json:"amount"`
+	Amount int64 `json:"amount"`
+
+	// AmountDisputed Withdrawn by chargebacks that are open or lost (0 again once a dispute is won).
+	AmountDisputed    int64     `json:"amount_disputed"`
 	AmountReceived    *int64    `json:"amount_received,omitempty"`
 	AmountRefunded    int64     `json:"amount_refunded"`
 	CheckoutSessionId *string   `json:"checkout_session_id,omitempty"`
@@ -475,9 +496,18 @@ type Payment struct {
 	Livemode        bool            `json:"livemode"`
 	PaymentIntentId *string         `json:"payment_intent_id,omitempty"`
 	Quantity        int64           `json:"quantity"`
-	Status          PaymentStatus   `json:"status"`
-	SubscriptionId  *string         `json:"subscription_id,omitempty"`
-	SucceededAt     *time.Time      `json:"succeeded_at,omitempty"`
+
+	// Status Where the payment stands. `pending → succeeded | failed`,
+	// `failed → succeeded` (a retried card), `succeeded → refunded` (after
+	// any refund; `amount_refunded` grows with later ones). A chargeback
+	// moves a succeeded or refunded payment to `disputed` (its disputed
+	// share of the credits is taken back, as for a refund); closed won, it
+	// returns to the state it had before and the credits come back;
+	// closed lost, it ends `dispute_lost`. An inquiry (no funds withdrawn)
+	// is only recorded in `transitions`.
+	Status         PaymentStatus `json:"status"`
+	SubscriptionId *string       `json:"subscription_id,omitempty"`
+	SucceededAt    *time.Time    `json:"succeeded_at,omitempty"`
 
 	// Transitions Every transition and every refused one, oldest first. Empty in lists.
 	Transitions []PaymentTransition `json:"transitions"`
@@ -493,12 +523,19 @@ type PaymentPage struct {
 	NextCursor *string   `json:"next_cursor"`
 }
 
-// PaymentStatus defines model for PaymentStatus.
+// PaymentStatus Where the payment stands. `pending → succeeded | failed`,
+// `failed → succeeded` (a retried card), `succeeded → refunded` (after
+// any refund; `amount_refunded` grows with later ones). A chargeback
+// moves a succeeded or refunded payment to `disputed` (its disputed
+// share of the credits is taken back, as for a refund); closed won, it
+// returns to the state it had before and the credits come back;
+// closed lost, it ends `dispute_lost`. An inquiry (no funds withdrawn)
+// is only recorded in `transitions`.
 type PaymentStatus string
 
 // PaymentTransition defines model for PaymentTransition.
 type PaymentTransition struct {
-	// Applied False when the state machine refused it (a stale or out-of-order event).
+	// Applied False when the event moved nothing: the state machine refused it (a stale or out-of-order event), or it was only recorded (a dispute inquiry, a dispute already in that stage).
 	Applied         bool      `json:"applied"`
 	CreatedAt       time.Time `json:"created_at"`
 	From            *string   `json:"from"`
@@ -538,6 +575,17 @@ type Product struct {
 	Currency string `json:"currency"`
 	Id       string `json:"id"`
 	Name     string `json:"name"`
+}
+
+// Receivable defines model for Receivable.
+type Receivable struct {
+	CustomerId string `json:"customer_id"`
+
+	// Revokes Revoke entries the shortfall comes from.
+	Revokes int64 `json:"revokes"`
+
+	// Shortfall Credits not recovered.
+	Shortfall int64 `json:"shortfall"`
 }
 
 // Reconciliation defines model for Reconciliation.
@@ -686,6 +734,11 @@ type VerifyReport struct {
 	Ok               bool            `json:"ok"`
 	PaymentsChecked  int64           `json:"payments_checked"`
 	Problems         []VerifyProblem `json:"problems"`
+
+	// Receivables Customers with an open shortfall: credits refunds or disputes
+	// could not take back because they were spent. Money owed, not a
+	// breach: they do not make `ok` false. Largest first.
+	Receivables []Receivable `json:"receivables"`
 }
 
 // Cursor defines model for Cursor.
@@ -2987,121 +3040,133 @@ func (sh *strictHandler) GetUsageEvent(ctx echo.Context, identifier string) erro
 // const string: with thousands of chunks the chained `+` fold is several
 // times slower for the Go compiler than parsing a slice literal.
 var swaggerSpec = []string{
-	"1H37k9s20uC/0qX7qjLjcDTy877M1FbdxLE33s3D5cel6iKfhCFbEjIkwACgxlqX//ev0ABIUKIkal6b",
-	"9S/WSCDQaHQ3+s0vg1QWpRQojB6cfRkskGWo6OObDItSGhTmHZY5W2Fmv81Qp4qXhksxOBtMjapwCtcL",
-	"FGAWXAMT+hoVcA1mgaDoQZAzYAKQqZyjAoV/VqgNXHOzoFGaFQhXuBoOkoFOF1gwu5BZlTg4G1xKmSMT",
-	"g69fvyaDkilWoPEAvqyUlmoTqA8LhKnAz2aS0oipBcAuVCpccllpKNkc7WrcDv+zQrUaJAPBCruge6YF",
-	"SsE+/4RibhaDsyejURJA00ZxMR9YwF5W2sgC1ZsfusFJWZ6j+kaDvBbAM5hJBdxoqDSqGpCSmUUMh5ty",
-	"wrNBMrBI48oegcV4DNx/KZwNzgb/67Q5yFP3qz6NwLJQ1iearv6JK/swrevOvFk5GnZix+1aPUbN8+fJ",
-	"oOAi/P24C1FtEH4lHLH8AFBuvvRPvOCmXmnt1HP6MZ4+wxmrcjM4ez5K7Fq8qAr7x4hWcn8163BhcI7K",
-	"kalCXUqhkaj0rZKXORb2YyqFZSf7kZVlzlNmt39auhHf/qEtvXzpebZhXlqxTXEXAlApqeDo3euX8N2z",
-	"5/8b/BqQoWE818dDQomfyy71PcuZSNF+LJUsURnu4L9sfmiv8r5EkbHLHEHI6zOohC5RGEgVZpa05Qwq",
-	"gZ9LSzcwV0wYbSl9JlXBjMPYi2eDTQQmLco/gMCTgVtlE9K/0/dO4ATwcpyZBLSUwsoignMFM660IX40",
-	"WOh9i9O076uiYGpll/c7YUox+juX1xOPvYlZKNQLmdOOeuCAxJeDanM/vzlxiwH8ExrIxRwUFowL+yns",
-	"051AC/MZM3hieIGW/Ks8t2cYOHuNbVqATFghK0e+GzvYMk/DFrEQ+X1NuAUSq09wG+4+1RPLyz8wNRbA",
-	"l8ywXM43CddhYFKy9Ir+7nWmL+mhtyy96jrRMmei/1xvc3tvdcyiZFal5oCJ3AObc61jNd5xtE4AvBN9",
-	"C0yvZGXeo9bcyZ81NPoBE+1GeK7cIBRHaHrC2gQSE9vGMyVbFSjMtikrlXd8v7bpaI6kE1g3TwvAHoh4",
-	"qZAZknosy7i7pt5GiJmxXGOyjitLr/nEw91SG579954b6hZyzxLRppS4gNSxBvDM8n8Ezotne4H5s2LC",
-	"cLNqXYWPO+R3fTU+3nc1JgNdpSlqfTME7RQhhIL2Akl8HJ0nLoWuCnzn9NEDj3qHLIwx0vzbh5sCDcuY",
-	"2Xvv/xzGET6Y1xkOVYZiTPqt1NPtxJUmQvjSHxubO92qUXgdBBSfLwywmUHlrIrUrd5TfzCKCc1Ss1VY",
-	"re1/bXzSICRA2omR5qa4HTr8Td13dKWUVYd3y2CLuonGVIqsQx/6UV5DLsUcLmVlMR10BW3YCnRQ687B",
-	"XupQIBPaGiy4dLbKwXd/Mtgi353uve946EhoaHQyNRoa/HUekhcSndoBM5gddF1Z5YoE116t6VAJ3l9V",
-	"3I/smwiScBJ7N2Y/lThZu6r2PlaV2YHY7iKCemdJfHyt2XcRgTPOd0vKkhmDyjLJ///94uT/sZN/jU6+",
-	"mwzP/s/Jp2//q4smwuQfS43q0EukJqgIqOePn3Qss5VA2pz9FtVJOBuox5G7Yer5ZBhNNYWjEZhKCeeu",
-	"EdLwFEHOZvSEE71+tuMh/FpwYzADqZxkuEIs3YOOGw0sWV7hOTCIYGAGhBUdsGAZSIFQafRPSTHj88ra",
-	"h17D6BQve6/T0X1zxd7T6eaKdUqLaCut9KShr07S+tpBya+sVf9SZgQVCrv53wdcLFnOs4n3q1l+EKwy",
-	"C6n4vzBzGL3kWYbCig9pJjNZCVKWpZjlPLVP8MbPMrnC1URhpenZ9R+4mMxyez2T00pXsxlPuVW/gxQm",
-	"pT6XLJsYKSc5U3PL3IoZnJCPhWYNOnup5JJnqCbkrnCQLxl3R5nQ8SnBYu2twfmrpXel3F6uHyrNAh11",
-	"c3rroebsttyB7ot1Pg4QDf12kpqjhl7YJeCROCSdFzPMkrEI380Yz+MxCmeVyGgeLwXI0qZnOuRCMyx4",
-	"Fta+oQcrzeY4zJBlCQyHw7HoJ8VpiEdiS5B3yW465bds3uGYCqfQy4R21NJhjEd+4g5xyrQGpmFKCtUU",
-	"jLRCy3BhpVwl0gUTc8yC+xvJrwxcAxalIXf2bnR4FMQgdOHgNcc8I9bvQAL58zopq5TEP5u7+sf7X38B",
-	"/6tzEb74bvT4GLgw0rvtnYf+UmarBOgmQLDCkDz5UHvh9+8wwJAEQLv2R360v4gV1vZitPH2c2VxgsDd",
-	"Yc8qUyk8B+mvRacoiw01eafo+Wtbff5k7tbm6zG6hy9pr5AmAbfNs3RrE7Gevae12PIV39pePNxyuQOE",
-	"bkFl24e3d5baQ91zt1pWKm3pO2Wl0gXTFmaNaslbGN918UQUH2Co5997Ef2E2RzVD4pd3/L4dtDlGtCb",
-	"NLYdsFfC7CastdgNnwvMzqCUmhu+RGBZpsMVn4DAOaOvFRZy6dT1oqf3JVgpdGXeI0lnil13+DZeSxXc",
-	"RYDCKI46IXHtQgtgHxMwU7LoHeeJjr5DgYjPczPwS78Cc/8nPhpjr1SFS3nlQFxZlYFdyorsn5vy4RUX",
-	"WcwmtKLT8i0yagc40b9d25JV9kelTad6fZOL6WBREO6xHsxL29sUtp7M6sm2OQm2c84dKJcxC+5XMffg",
-	"5WY64s/RcXXrT20ztiONYT2K/LG0+u7zEbgBzrjXCVzhSkNFPz4bQbpgiqUGlU78CP/b89HIRx1iKJ6P",
-	"uoFH9UEalwiw5iJZhtSUHnKEtNLuCz/MvneWNfy7KcMESYCn6wzeOvLvL4VffS4xtaqjG2AVy4ILqaAS",
-	"vHe03D07UZgiX+JNnYb1LM5O7Cu3u2ODezn/RkZ64yZvY/Gl916Tu8qLILisVhqORuTHCnFQYCIDioQe",
-	"985E2OFsv3G4zhrnlcJJI//Ww/srb026vThjfggXAi7evrH8BwpZpluDgivlGz0W8loAS1OiKSMlHL0n",
-	"/9Q3urbseJb4FJFUZkiIKVBbe/74fCyYABTZSaVRgZFXKPx6UuQruF4wAwtWlijQzjKcD2EaCGEsPCUA",
-	"HbH94KCfDuFDSPVayDzTzsNo1WqSVeCQoZ0X4aZ3IBdLyVPsS4Yhbtr5w2T9Qo2i601w3cfWO6/QnC+x",
-	"8M669Wy26LKknKC+IMdh2T7as2Gm2p9f4EB57wZTnPayJsi+kNVuqFsZGQ1FdHD6qyWqVUw0lm6RvrSC",
-	"SyM5mBOQeWaJ3GXzwKuiNCsrW3OunVTtl3ThkPKhXq3rar+buEZnKLuhwejU6xPtDoWtS/FGakbUuD14",
-	"0kb/jivuDnSmcFn+m/SlNsnH1iWKzFuGgaAHTmSjy8P0qO1i+E2S2VQFyjLnXZm0r1musfEk2mNGKFi6",
-	"4AJr6uYGjpj9LScbQlbmRM5OpMpQASkmx5FLLpI1N7lvrYl0oBrfN3pIoPaWK/EzwVu+X47I/XYF7ZCG",
-	"JvW57DUaKKlr41i33Efb9dHDQ99urk6QmgzTnqmbH6KYXe3ypyBhV0xn2ldb8nfdTj98HcH6muxyXpNy",
-	"0nEF/DqbOQaFGcc80zXYrRjYtLeUj3zrHZLIT7fNi9jcrh1JKNzkeEDE5wI+vnsDghV2by5Z3WXs2uH7",
-	"He0+qOJWjW4JOpMtREP6yy19kbsU5HvM+uja0TtMpUh5zpnZnsjYJXqDdq7BEghTmA07NxskYm/P/hbe",
-	"L7gumEkX2D8DtL23n/0EXSTrBN8NNJFg6MZSMaCsBfN+3NfwbZ5B22ba9EDw2QztEXdwiL8IyBCHE8hl",
-	"yvJJMMt70Gr8QF/tuVnxJr6Dtl7XBrg1d2vj+/F7s1jZDck38hqFDM9deaN3SH/diPizwuqmOZt5PsmQ",
-	"Zd0GGc9QGD7jvrqo5ssDEVCwz2/co49DvDH83ZG+vX2D3UE35X7ObkKO9bNdiHUugi1JFazkkyWqkCC+",
-	"V/tixmBRmi1X4xbez5k2PhGkzxq7rWvS/z0YtzJISyVT1PqWZm3wzh2kgfcz3qODawz4oGP0T8do7Mpw",
-	"di2TMd7AHvK5A+MwJsZ/k4G4idbISKydrRF9WI1zLqRq24slU1dbrMWPms3x+3BPHpI1WLvEeyGT1qGN",
-	"vBFlZQ6XUTH2dri/19c5sHRij2bQSOdNzeCj4H9WSPVdPjfDnV5wgibADBRSG3g8iiMW56CRXKRhfJ3S",
-	"MzxMo7McrA0ryk3YfnCZjSDk9XkNxtPnkLGVBpln5MN6DgUXlUENbIEs658+QhGXLmPieiFzTEBIcVIH",
-	"c0VVXKIK3mCg7YSYDVMIXkSvecczWblsPL+4m2WPrhMucwdf6/R2k84dCI9msnV5+LASpIFj22V+lwZz",
-	"mz923CVBhrE0xdKlY2aVK0Z1gv4Pikn1yamoV6zn342HRpCuqRc71YU7yOjsiHTau03d8lbfg/MDFZod",
-	"zqK7Umb6aRR0YBHvxMLtQLF0qIraoqndIqUBq1t52ePHo02+EYZdbS9qChzSSZY102wh25qRtvxq17zJ",
-	"Je6h3VcL2sXeOubvBoat6NnlHb9m3HAxr3PeBxFT0We2Q+uhWL8+3D1wAxO2P4qjLIS79Ku0qTj2rnj4",
-	"utD/f1Hx2WqrY/fghPXt90aIct4ur29tzz5stSPn123wHZZSme3705PIadfDYSOvdsZaD53Ou2D7k1D7",
-	"2PaxqLyKhFwDWwe4ESibyLRyHdNKcbN6b+GoTXbf42OjN0RIIqB+CDqVJcLUZ1JOQSqYsqzgYpqAXx4u",
-	"V9Ss5P2PFydPnr+ABdOLulcLYRqZckkyDrKFMSVFR7VlqCskp4Eb9Dpg/R+/fRh09a0IeQf/+O0DHP34",
-	"3q4nFbyzH47PYaqry2noLlMXGbn65j3gfKX8gJncRIlhee5y8MBq3zlqDZc8z7mYg8cLcMoZFAbkzBsL",
-	"Z1AqLBnPQtrkWPhySrNQ9kMwKkJhOWn6rkdGGEEpKxdv3yQghRMnYxHSW7Wrj1IFRbUp8cLHBgspcAVM",
-	"KWuCJj55w1jBC1SSMRa1JAaFOWeX+Soycr73WyN5p4djMRZUEUCB9OsFKkxgqgW7wknKNE7rSItbl4tg",
-	"KMTJSo6YmBiLN+9/heCnr6tGgOnavEiArm771bvXL+Hp06ffERCPHpGuqx89Imtkuq1FyrRpa3LslwVt",
-	"qBHJ1GrU0+FYbASE7PE+G40aJIZMmJQJISmtXyHLLFC+NM1YI3EstLXTjgqWW3mBGVhUJcDgkmVNIYQl",
-	"Ude65piO49mTJ24lRrNa2Cx1ZCu4VMiuLKWpKsdzmLo41++fplRfoQFZugDZDnJZ/otrNjy23htpT9jg",
-	"ZzN89Ag+4Gfjyu0cPWv7s4YjmjcBKjXUScizScYiJEomjmog8n8mENV9UcLfMRS++uHjh9cn/014tzT9",
-	"y8efxsJuOXxhsXfJM64wdZY/YHGJWUY1RHKJSnGfcMS1zJnxuJa5Houjj98+GT25OKH/XiVg/3/xgv58",
-	"8d1xAtcLni6gYFdIu4aMa+ovxQUwIc0C1Vi4YLhZMAHc2FMnPGQu/ahg6krTtCM//eg1wfLx29GLxy+J",
-	"7liey2vMPJIvKrOwaHF0+OiRnXF64avr6Lsz+J7kDYyr0ehpSvlS9BGnQ7jw+VO+15VCy5zSnGi0tGOQ",
-	"aMhoEj7rws/Jur/FYi6Bgq2cNDCyShdjYj15LZoyzXNgYmUWlngw1+hn3iPyx8LLfDii/2mZTDqR4CYL",
-	"grBgq2OPm6g5kyXAt7++/6AdBTrd23JFIZcIWhboZnFa6VhM1xo7TYfw3ncBc2LS/kEM4506T57BwrcT",
-	"cxxKyT2W9KjfGO2rmdSchJZlZ0Adys7rJmNBYoSAi6tyAq7HwnLttLsScjqEX0tUdOBWklEhq2WeS6YR",
-	"ouqQsTjyCdeJzziv2YtsjePQIY1Zug8x+FpDt6zuNWuY2XOpt3oOIceuTq0LDGEf0CCFF/CJX8IKvO+s",
-	"KNxWwjkdwj9xBbpkKeoz2Mj6+0a7XF/yDRmfV3hUomqoLQFNJWMrX+Obyjy3/F33drtk6RWK7Bt97hO1",
-	"Lt6+GQt7DnrBrHyyiCQIEit7/RVFFOpXt+t5P94ZxIuPRVR3ZxaW2ugonSClRDBLSvUClCkQn8UQLsYi",
-	"3ANEt85tG0SnFSkktrQEhUat7KnwjsZ1oCqhLS8CmzMuPHv8xLWxl5ldCqZU/DqFI1/pDM9Hlpk/w/PR",
-	"yN0ZTIAs2Z+VvcVc2zqCvybx6RcnrCO309fp+VqjO65dabZ0eMmZNq7ZnSvOdDkJTuGxpnQI6QweD0fD",
-	"EWnQJQpW8sHZ4OlwNHxKyqhZkEZ5ukCWm8W/BmdfviaD0wKN4qn2f9lrbhV+Wj4+JTFyqlphS2fwSRe2",
-	"k4Gd3mQuh5cZXIvg1/kX38tstaN/2mF907pDqV/byrkVGuuN3J6MRvcERFcPt1Ylf6b4zAydJedb8XTP",
-	"XwMctYdLBjrUnQ1eugQHaBRExxBE0nWWsNNpyNUP7llOvgPD5pp8C/ZwrSXy+YRI6cR94bDWIgAX5T5p",
-	"IhZz7Dh9yylRvMUVkTedHn/vbtlXO336obwjTvY16X6kWfzUNQ3sMdA3o/z66R6pZj3I1tX6z9Ugy5nX",
-	"e9wp6rugHa9vehHt5rXi6LrOtb09iZx+CbmBX0/dbU8yo4MY2s0y64zCu+tV+SmpZVUbxY2WcR6ZYzib",
-	"YeoVTp7nMK+YypztbAf51NA3RAXeYG0zgdNY4sjnw1BSFxVZXdmxv2vC5IOcXMzvgpDeutnIbNsgKXeF",
-	"3oiSSJT1kTWNM/V+RE3Lgf6fJmTWYnE7ZYy7PO5OxHyM5rOc4/AOR1Rkkln7PEdjMXF8awI59dkw23US",
-	"n4nTJpb70UhaOU0ProrECUcdx/2jvIaCiRVco/J+kwqzO7lRUGTuWGNCuoUEWJL/dSvvO/fsG7FkirNw",
-	"nveE1paDe4uIVfQrHLFcS+cv4vYmFZkO2b+UooAwlVfT47vAuNU7i7KyhqZL+3ZFcWRahlIy7Q7aee7I",
-	"+Uj18YecRtr0ZO08iL+jCW1b7/EIwhJbsB+6Y+aS2YuaGStu1G3UbO+Fp2sk+N9//2TleuQJ//2TFd/N",
-	"kfxGDhMm4BJ9P74I2QGRn2rMeifAia+za9lUa2WEihtsFwkyDVMfwptSVbyv0/PD1hzWY+F7oQ7B1VgC",
-	"dZZ1ZZShptIajMBgWsgM/+bXmYKHznkZyc6gust6YFxgVo+mCse1wsPg7xoL6j+z7u5ydm2XLbne13bj",
-	"nt9z1W5pVO6u3ru/A7q7z/a6Ch7fFxBdjOMAI/W181UBJ/G7ArrW8k+ddrxdwC/3YJz33rI7sI04zUyS",
-	"ey40z3XleDVH+lERS4YI3umXKC77dafwa4Lm9yf9whrbxF9goQeWd+8ozAJR3kCN2oDIwaevh7JrXGFt",
-	"LbfKdBaK16KucarP7KWbSefvA/zMtYGjJ6PHxyAVuOLI4HHGPNNjMedLFHbI6HgIVD/kusmDpZ0rxNKO",
-	"5j6zbgjTzeaA07HIubhyPn+7IBfzQIVhWNIuXSf3JMvJzQYLtkSQAs/J52hFpA9hhYZk9soGjaZLPLpG",
-	"lS0KvAdx1u6K+cAq7S7S/+jKXYnq71R27lizFpp34MCrIyuONPdz0m4pdRrVCG6TVt/X7fnv7cTCEltk",
-	"lQfyoUVV84aLEMYW8jqxhmlorlMjPPQgvp3g2nNWfpXT0NJn0zV2oJTs1Bt/UOxaU4ekpm+Skz++i1h4",
-	"7YTXIO0gV3E/hF9wSUHYJSrqz3TmgyVSwgyvm97SNULtw807g56NnlDsvqMGFVKmXAQmbjg7DY1sOxVB",
-	"h6aXUWfSm2uA96f5tbvQP7SobPV175JdbsA9anzPRk8e8uU4v9hbXlD6zQY53olTw04KTd+FTRHRk8ub",
-	"t9ncA5P314VWaDad1dTO8C/OWK22og9sScWNMzto8O+u+e5fzYqqaZjgq2X0UalkIV3GQcFExXJwjeOs",
-	"rX98GxKPEid2e+wdqX2Ihx9KdX8pJ3vUem6ngz2ncaGR4UPrP2QmOs+PA2RruO9h9J/goNxNKv6Jt2Hw",
-	"fzShxA13dlJKwM1D08hFfX18U3df2x4Wrk/wfgmFwgl9HDAU3OkXAwz1J53x5P2F4RaNa3FkkeaV5kt0",
-	"fufz8BIEeDpy1YGXOJMKYWrkdNvLKn05QQNTvwKFzUaEARQUWQOIkNfbFqYChgOXvfeopS8r6TIi6ZeH",
-	"5o2fZMpyH9uiRg8um82nDC8pC9DiChQT8zjG4uj3bnhkIx6+3i83z+W11fsuV1AyCvJvviz1G72WaNY0",
-	"xacsulLmeXjbB+mPWvqMwIJrjc7TZQFJ6D+fhh1d52ORyqLgzokmZ0BpvGf1Y8DKEpnSde91DFnx5Oqi",
-	"1MKxiCb0eaiyyjO7kxQztHtcMA0zLrheYDbczJ1j+TVb6bHQaM5dcoJ9iOIdTGtCEkuvumxNe/Nsyyi4",
-	"ydtpXVt5MNIJB2A+sxrnXAjKw+jmy9AO94CX1/a9EO+TfXvmG9xdpoE9BVmZS1mJDC4rzQVq7WnNEle7",
-	"iWDEmqEAPqi44UY7/dIUTO30/YfGd/evNGzzpoWXgvx7HP8hFkmOIXIBNf0cF9wy3aqnwtCRB9Z6GWSv",
-	"TLC9r0KsBel6elG3Yf2KpQtPR1zXFVRS1KFLym7Qpsm2pMxgDUfMF+2PRatqv36nUl3wur+NwFhQHwH7",
-	"1BVlbRPWjodw4atC61QLheAEr/3SKxyNT86VdjTJok0RkZfDVhzOFTFRJVzhBXJl9+kSz31ByfScKmFK",
-	"coNHhSau6KrJfqfUf5cTZuV6l6B9I+a4J4PrrxXZjdp89HJCPLnblVslzlvyjB25+nLgxJ5tyIqna/gv",
-	"66Zw2TVewTp6bMnz8Wg08sR93KFQdbDy6ZeGHncK7obmBg+SflcnEG5Pz7yLm/AHx911sp1VvugtbXVG",
-	"Vh/FtEMWt2r5e8niHlYUCeNrvFxIeaV97vDg7MuuW+mTe09IgJTePTs4JX732/qy/s59TeZ/+DKkEUVf",
-	"hSSA6Lv6porHebdI9JXDYPSFv1Cib1xC1aaV9pLlucsodkL4nLy0pVUPvQo5R4GurMztGKSCNOdEKfW5",
-	"BOx1rPAjVXhQkWDmNCKS/zKlPDS1tHK5Mppn2LlctEjNPdpaIv8TAAD//w==",
+	"1H1/k9s2suBX6dK9qsxkORrZsXMvM/WqbuI4G+9LNi7/uK26yCdBZEvCDgkwAChZ6/O/9wHuI94neYUG",
+	"QIISJVHzw5v1P9ZIINBo9O9uND8NUlmUUqAwenD1abBElqGij68yLEppUJg3WOZsg5n9NkOdKl4aLsXg",
+	"ajA1qsIprJcowCy5Bib0GhVwDWaJoOhBkHNgApCpnKMChb9XqA2suVnSKM0KhFvcDAfJQKdLLJhdyGxK",
+	"HFwNZlLmyMTg8+fPyaBkihVoPIAvKqWl2gXq3RJhKvCjmaQ0YmoBsAuVCldcVhpKtkC7GrfDf69QbQbJ",
+	"QLDCLuieaYFSsI8/o1iY5eDq6WiUBNC0UVwsBhawF5U2skD16oducFKW56i+0iDXAngGc6mAGw2VRlUD",
+	"UjKzjOFwU054NkgGFmlc2SOwGI+B+zeF88HV4L9dNgd56X7VlxFYFsr6RNPNf+LGPkzrujNvVo6GXdhx",
+	"h1aPUfP8eTIouAh/P+lCVBuEXwlHLD8BlLsv/TMvuKlX2jr1nH6Mp89wzqrcDK6ejxK7Fi+qwv4xopXc",
+	"X806XBhcoHJkqlCXUmgkKn2t5CzHwn5MpbDsZD+yssx5yuz2L0s34k9/15ZePvU82zAvrdimuBsBqJRU",
+	"cPbmxxfw3bPn/x38GpChYTzX50NCiZ/LLvU9y5lI0X4slSxRGe7gnzU/tFd5W6LI2CxHEHJ9BZXQJQoD",
+	"qcLMkracQyXwY2npBhaKCaMtpc+lKphxGPv22WAXgUmL8k8g8GTgVtmF9M/0vRM4Abwc5yYBLaWwsojg",
+	"3MCcK22IHw0W+tjiNO3bqiiY2tjl/U6YUoz+zuV64rE3MUuFeilz2lEPHJD4clDt7udvTtxiAP+CBnKx",
+	"AIUF48J+Cvt0J9DCfMYMXhheoCX/Ks/tGQbO3mKbFiATVsjKke/ODvbM07BFLER+2xJugcTqE9yHuw/1",
+	"xHL2d0yNBfAFMyyXi13CdRiYlCy9pb97nekLeug1S2+7TrTMmeg/1+vc6q2OWZTMqtScMJF7YHeubazG",
+	"O47WCYB3om+J6a2szFvUmjv5s4VGP2Ci3QjPlTuE4ghNT1ibQGJi23mmZJsChdk3ZaXyju+3Nh3NkXQC",
+	"6+ZpAdgDES8UMkNSj2UZd2rqdYSYOcs1Jtu4svSaTzzcLbPh2b8f0VD3kHuWiHalxA2kjjWAZ5b/I3C+",
+	"fXYUmN8rJgw3m5YqfNIhv2vV+OSYakwGukpT1PpuCDooQggF7QWS+Dg6T1wKXRX4xtmjJx71AVkYY6T5",
+	"dww3BRqWMXNU7/8SxhE+mLcZTjWGYkz6rdTTHcSVJkL41B8buzvda1F4GwQUXywNsLlB5byK1K3e034w",
+	"ignNUrNXWG3tf2t80iAkQNqJkUZT3A8dXlP3HV0pZc3hwzLYom6iMZUi67CHfpJryKVYwExWFtPBVtCG",
+	"bUAHs+4arFKHApnQ1mHBlfNVTtb9yWCPfHe297HjoSOhodHJ1Gho8Nd5SF5IdFoHzGB2krqyxhUJrqNW",
+	"06kSvL+peBzZdxEk4SSObsx+KnGypaqOPlaV2YnY7iKCemdJfHyt2Q8RgXPOD0vKkhmDyjLJ//7t5uJ/",
+	"sYt/jC6+mwyv/sfFhz/9WxdNhMnflxrVqUqkJqgIqOdPnnYss5dA2pz9GtVFOBuox1G4Yer5ZBhNNYWz",
+	"EZhKCReuEdLwFEHO5/SEE71+tvMh/FpwYzADqZxkuEUs3YOOGw2sWF7hNTCIYGAGhBUdsGQZSIFQafRP",
+	"STHni8r6h97C6BQvR9Xp6LG54ujpdHPFNqVFtJVWetLQVydpfe6g5JfWq38hM4IKhd38bwMuVizn2cTH",
+	"1Sw/CFaZpVT8H5g5jM54lqGw4kOayVxWgoxlKeY5T+0TvImzTG5xM1FYaXp2+wcuJvPcqmcKWulqPucp",
+	"t+Z3kMJk1OeSZRMj5SRnamGZWzGDE4qx0KzBZi+VXPEM1YTCFQ7yFePuKBM6PiVYbL01OH+58qGU+8v1",
+	"U6VZoKNuTm891JzdHh3ovtjm4wDR0G8nqTlq6IVdAh6JQ7J5McMsGYvw3ZzxPB6jcF6JLP4m47qsTOsh",
+	"/9VkLcXOuEkutUmCpTAkP50eDt8oXMlbAnRXzDRfhkBF9KAPESVQabbAYYYsS2A4HI5FP6VAQ/yZtPRC",
+	"lyogonnNFh1xrnCovTxyR3wdvn0Udu6QzkxrYBqmZJ9NwUgrAw0XVmhWIl0yscAsRNORwtTANWBRGoqO",
+	"H0aHR0EMQhcOfuSYZyRJOpBA4cFOQi0lsePurv7y9te/gv/VRRy//W705By4MNJnAVzAfyazTQKkWBCs",
+	"bKXEANRB/eM7DDAkAdCu/VFY7g/i1LWDIm28/VJZnCBwd9jzylQKr0F6LevsbrFjdR+UZH9sJ9KfzMO6",
+	"kD1G9whNHZX5JPH2Baru7XHWs/d0Pluh53u7n6c7Qg+A0D2obIcEj85SB7x77lbLSnWFHqaR8pte1R4x",
+	"g3RpTZgZS2/BSHkL9lMCCq3VHMtq/zysmQZSoHV60+cWfA6STtp+2kBqReBcycLyd7DmykqlS6YtCjWq",
+	"FaeweARchy3UpRUjdgwIqjd/VEv+jNkC1Q+Kre9JWweYZgvoXQbYD9hLYQ5T/Vaeii8EZldQSs0NXyGw",
+	"LNPhhBMQuGD0tcJCrpxrUvSMNAWPjPT5I/Jbpti6I47zo1QhNAZMZOBsMEBhFEedNPSmwc4gamLrZeNE",
+	"VNBh6MRHu5vvdlTO3P+JT0JZ1R+BuLGmDZvJysCZdTeZ/9HBHfjAT+W5J9ixdqpgwQZT9Xx4D7Fzy0UW",
+	"O1W0qvORLHrr9AFxlIXSEmr290qbTufkLnr4ZMkX1PauO7qUysxZnneTTJtMrpwvXgs8h+IIwaCXssoz",
+	"WLIVjoVhtyhICsKsMpDST0KaBGaYskqjDwh4/986/S4vTGw1FpY6PNv4uMBCooYZ5nIN/0Alr11mM2yB",
+	"gpIa2FgoTJGvLE4SyLm2Jz/bwPTPL9/B5erJJcsKLi5XqPh8M3Xew32zlCSOiDJ21bLn+foc9kWn9oux",
+	"B3BDYnl43Bk5QlJ38yZ+iSi929Jux0866me2yxfel9Yzej4CN8BFlXQCt7jRUNGPz0akmFlqUOnEj/C/",
+	"PR+NfLorhuL5qBt4VO+kcRUoW7G5VaiJ6iHUyX/pNg3D7Edn2cK/mzJMkAR4us7gtZMc/VXiy48lppaB",
+	"3ADrghRcSAWV4L3LNNyzkyCGO8oUuFk6vTPbRHaUdkFBZhVCicJKmlxqA2cjYAvGBUgrG1gtfjgZVOen",
+	"QeWEBd41hl7P4tRNX9XenSo/KsrvFLNqskZtrL/wkpyit16nwKzaaItgq2dDWQCZDFQYcN67MOdA7unO",
+	"2es543mlcNIotO1ql42Phri9uNjWEG4E3Lx+ZaUCKGSZbg0KkcWv9FjItQCWpkTpRko4e0vh2q90HZng",
+	"WeIrplKZOVuqQK3ZAs+vx4IJQJFdVBoVGGnVn1tPinwDa0vLS1aWKNDOMlwMYRoIYSw8JQAdsf3goJ8O",
+	"4V2ofFzKPNMu4G7dQpKg4JChnR67q1HDxUryFPuSYSgj6Pxhsm0hRcUmTa2JLzXptIlyvsLCx663izsj",
+	"64dK5PqCHFcp9PH+DDPV8XIbB8pbN5jKFmY1QfaFrI7K3stJbiiig9NfrlBtYqKxdIv0pRVcGinfkoDM",
+	"M0vkrrgNXhal2ViJb20o3dsb8Eh5V6/WZXA8TJqvs7KjocHo1OsT7c4Mb0vxXZ3VyNGIPvdnF9sHckAV",
+	"P4BtF5T6P8muazNBVwmiwpbE1YaJTA9hWqLIrNn2///v/4OaC+D/BMmXjMXUfWyPmMKZdT6sT5JBylR2",
+	"nsC0ed6ODQdph1rr24rmjf/2GqZbxz2FhZJrX/aZM4PKsoM+H8JNZI2MhfP6WQQr+Uje0QzbMxJCjMiu",
+	"bzVs+HMs9JKsmXnLleIaGmcpAeZkfHCwzq8hzaXlUYoWcWMdHJ+KdWFzS9oI3JAPNcO5VE4zxWukskCa",
+	"/3os/HQuUcON1Vm6hpnyN1NSmlxYYtjAmZBgIXEYIkPtfCy412sKU6ksAriAaUT13rWqw1XusAeRwBs4",
+	"lY6ubL1mvYjnYpg6VcWusNk1bcsy511W548s19jE5chsBnvG5KYuuVhcRegtWLrkAmuByY0lQ21YTuEK",
+	"WZkLOb+wmFBuqnPKYHBDgb42ps4im9XhOInMWJZbq2Hjwv2M+GWB51HOI1KGdzEI50oWJwYO+lZ70MZ7",
+	"K774mZDdPK7o5PEYIe2Qhib18R/1takId4d69hhM+92400uV3FydIDU3AnqW2r+LaizqnCoVdXTl4Kd9",
+	"zXlvjB1MdNYVB5+TQ9lBsp479MSv87lXB3OOeaZrsFs1C9PeZkiUvOxQjH66fWmaxvzrKBrkJscTMvQ3",
+	"8P7NKxCssHtzl4vcDQs7/Hgm02et3aqRGUNnsodoyMC+Z7LnkAf3iFV6XTt6U8fzOqo42s5khwxbyVvs",
+	"oLc3rdjmVijRaktdB8H7+Av7A6nBzRbSkAZYocKs17QH65ibFZtN7kGeFCnPOTP7q/a71GPwvcl2KJkH",
+	"enfrQZ30zjvvEZwF1wUz6RL7X3do7+0XP0EXvzutcQc/IwTXYpUSUNaC+Tjua/hOJuKMz+do+aNDvHgt",
+	"SsE/uIBcpiyfhFBgD8qNH+jrGzcr3iVe2abjNsCtuVsbP47fu1Vy3JF8o0h1uM5w6JLEA9JfNyJ+r7C6",
+	"6wWFPJ9kyLLucAvPUBg+5/4qbc2XJyKgYB9fuUefhGqY8HfHXaX9G+wuCVHu5+wu5Fg/24VYFwDcU0HI",
+	"Sj5ZoQq3oY6arswYLEqzx67Yw/s508ZXPfZZ43DsjHx5D8a9wk2lkilqfc+gVYi9n+S+9AvNRQfXhOeC",
+	"gda/WLCJGoWza4V/4g0cIZ8HCPTExPhPCvbsojUK9NaplIg+rLm+EFK1vf2SqdsWxzXH+16zBX4f9OQp",
+	"JfJ1Gq4XMmkd2sgrUVbmdBkVY+9Aym17nRPvCR6xDBrpvGsZvBf89wopZuMrB93phRRHAsxAIbWBJ6M4",
+	"S3oN2sex/Pi64HR4mkVnOVgbVpS7sP3gyvhByPV1DcY3zyFjGw0yzyh+9RwKLiqDGtgSWda/uJGyvF2e",
+	"2Hopc0xASHFRV/OIqpihCrkeoO2EPDFTCF5Eb+W+Mlm50nO/uJvliK0TlLmDr3V6h0nnAYRHM9m2PPyy",
+	"EqSBY58yf8hoQ5s/DuiSIMNYmmLpg4+V67zgBP3fKQ/ep6iuXrGe/zAeGkG6ZV4cNBce4PpCR3WF1W3q",
+	"nlr9CM5PNGgORNoeypjpZ1HQgUW8Ewu3E8XSqSZqi6YOi5QGrG7j5UgQlDb5imq39pZfBw7pJMuaafaQ",
+	"bc1Ie361a95FiXtojzU+6GJvHfN3A8Ne9OwaPk1uY8244WJRX/AaRExFn9kBq4fqi/Tp4YE7uLD9URxV",
+	"Pj1kXKVNxXF0xcPXhf7/STV7e6PiJ9/O2q83Qg3D/arOt/bsk9IHbqS4Db7BUiqzf396EgXtegRs5O3B",
+	"SopTp/Px6/4k1D62zmh8CPDqQ3FIys8y4YrB6vhnU4Pvcog6qkjVY1HXnVKO1dejNgWoG1ijQld5OoRf",
+	"pMANyDVmCT3CxmKmkKXLKzc2k/R1YWeaytspkNE+hJ+ZWjSVE5T37BvADJHtY5JL3kayvzmyjlOMTqiN",
+	"2l2Ks8oP00pxs3lrQarjGr7r1063qFBHRUehU1kiTP3tg6nF+5SKa6cJeGBgtqH2ZW9/url4+vxbWDK9",
+	"rLu3ETkiU6560UG2NKakAhFtpc4tUmTFDfoxkOZf/vZu0NXJKpRe/eVv7+Dsp7d2Pangjf1wfg1TXc2m",
+	"od9cXXbsOp4cAeczlUjN5S5KDMtzV54O1kXJUWuY8TznYgEeL8CpnN6Vpjsn4wpKhSXjWSDdsfANFsxS",
+	"2Q/B8wqtZsgdCtXRbgRV7d28fpWAFE7mjkUohdfuxrQqqLCHas98krsgAmdKWT898fVrxmond6tyLGp1",
+	"BQpzzmb5JvIEv/dbI6Wgh2MxFnSpj2qJ1ktUmMBUC3aLk5RpnNa5PLcuF8GbiqtIA1+Pxau3v0LIBCVN",
+	"pbmufbAEyL6xX7358QV888033xEQX39NDoH++mty2ab7mqZNm0Zn535Z0IZak02t2zEdjsVOytEe77PR",
+	"qEFiKAZMmbDSYIZU5meB8pfVjfWkx0JbZ/asYLkVqpiBRVUCDGYsa+4yWhJ1zezO6TiePX3qVmI0q4XN",
+	"Uke2ASuJbqnwvsrxGqYuk/rbhyldkdRg5RTIdhrV8l987dJj662R9oQNfjTDr7+Gd/jRuFoDR8/a/qzh",
+	"jOZNgJoP6CSUGiZjESrY/V1ciILECUQ3wakS+xwKf4Hx/bsfL/6d8G5p+q/vfx4Lu+XwhcXejGdcYerC",
+	"I4DFDDO7mwTkCpXivuaSa5kz43Etcz0WZ+//9HT09OaC/nuZgP3/22/pz2+/O09gveTp0gluu2tSEDkj",
+	"kmRCmiWqsXDFG2bJBHBjT53wkLkKzIKpW03Tjvz0ox8Jlvd/Gn375AXRHctzqzs8km8qs7RocXT49dd2",
+	"xumNv29P313B9yRvYFyNRt+kVDJKH3E6hBtfQuqvhym0zCnNhUZLO+46i3LVQ2xb+DlZ9x+xmEugYBsn",
+	"DYys0uWYWE+uRdO44RqY2FDhC2Cu0c98ROSPhZf5cEb/0zKZdCLBTRYEYcE25x43UbtGS4Cvf337zld7",
+	"OwfFckUhVwhaFuhmcab7WEy3Wj1Oh/DW9wV1YtL+QQzjI19Pn8HSNxh1HEpa2pIedSClfTWTmovQxPQK",
+	"qGfpdd12NEiMkJVyF5WB67GwXDvt7o0wHcKvJSo6cCvJqLWFZZ4ZsyZIc8FzLM78JaLEX8aq2YscsvPQ",
+	"M5VZug9VHrUbY1ndux8wt+dSb/UaQplxXV0cGMI+oEEKL+ATv4QVeN9ZUbivqcN0CP+JG9AlS1FfwU7h",
+	"81faXcKgAJrxpdVnJaqG2hLQ0llV7nZPKvPc8nd9HdKaaiiyr/S1r1W9ef1qLOw5UBWdJkQSBFQz51UU",
+	"Uahf3a7ng51XEC8+FtHVebO01EZH6QQp1cJaUqoXoFqU+CyGcDMWQQ8Q3fpKRS86fQEZ7VGhURt7Kryj",
+	"lS2oSmjLi+5Kg2ePn7k2VpmRyTqldhhTOPO9T+D5yDLzR3g+GjmdQTYx+72yWsw1siX4axKffnLCOorN",
+	"fZ5eb7W+5do1a5EOLznTxrW/df0VXNWLM3gGyaDOew2eDEfDEbkZJQpW8sHV4JvhaPgNmaZmSRbl5RJZ",
+	"bpb/GFx9+pwMLgs0iqfa/0XVbuGn+n6WauV2nVcsXW5TBnZ6lbn6CmZwq8yhrvD5XmabAx1VT+uk2p1v",
+	"/tw21a3Q2G7t+nQ0eiQgurq6tnr7ZIrPzdC5u745X/f8NcBRw9hkoMPV8cELVwUCjYHoGIJIur4o4Wwa",
+	"V0vpnuUUYDFsoSkAYw/XeiIfL4iULtwXDmstAnClABdNWmeBHadvOSVKSrm2Mk3v59+6m/jWkbF+KO9I",
+	"Jn5Ouh9pFr90bYR7DPTtqT9/eESq2c5EdjUDdm1E5NzbPe4U9UPQjrc3vYh281pxtK6d5vuTyOWnUH36",
+	"+dJpe5IZHcTQbp9d16w+XPfqD0ktq9oobqyM68gdw/kcU29w8jyHRcWoTHjmrjP5GudXRAXeYW0zgbNY",
+	"4vTwl6GkLip6V5dSu7aMPhPMxeIhCOm1m43cth2Scir0TpREoqyPrGkizo8jalpZhn81IbOVsDwoY5zy",
+	"eDgR8z6az3KOwzuc0T27zPrnORqLifN7E8ilLxnab5P4cqU2sTyORdIq/PripkhcldVx3D/JNRRM+CBr",
+	"qLR6EI2CInPHGhPSPSSA6wewl/ddDPuVWDHFWTjPR0JrKwuwR8Qq+hXOWK6lixdxq0lFpkN9OdVxuDD1",
+	"+UNg3NqdBV1Q8RcL3L1gci3D5SftDtpF7ij4SF1kTjmNtOnS3nkQf0YTGrk/4hGEJfZgP/TLziWzitpd",
+	"0lH3MbN9FJ7USIi///bByvUoEv7bByu+myP5GwVMmIAZ+g69EbIDIj/UmPVBgAt/1bjlU21d2lPcYPue",
+	"NNP1hb0pNV7xV5X9sK2A9Vj47uhDcPXvQL3m3U3ycK2c8jgMpoXM8D/8OlPw0LkoI/kZdPW8Hhjfsa1H",
+	"0321rbvXId41FtRCbjvc5fzaLl9yu9P9jp4/omr3vLrEqd6H1wHd/eh7qYInjwVEF+M4wMh87Xx50EX8",
+	"9qCutfxTlx3vG/LLfTHOe2vZHdhOnsZd3Kzb6bsbyTVH+lERS4Z83uWnKHn9+aDwayoLHk/6hTX2ib/A",
+	"Ql9Y3r2hNAtExRU1agMiBx8+n8qucZMJ67lVpvMSTy3qmqD63CrdTLp4H+BHrg2cPR09OQepwN0GDxFn",
+	"zDM9Fgu+QmGHjM6HQDfU3PtlwNLOLWJpR3NffjiE6W674OlY5Fzcupi/XZCLRaDCMCxpd+9wTVT8pdIl",
+	"WyFIgdcUc7Qi0qewQk9R6qmi0XSJR9e6ukWBjyDO2n2yv7BJe4j037v7/UT1Dyo7D6xZC80HCODVmRVH",
+	"msc56bCUuoxuoe6TVt/XL+x5tBMLS+yRVR7ILy2qmndepfX9v3ViHdPQMK5GeHgrwf0E15Gz8qtchjZ1",
+	"u6GxE6Vkp934g2Jrd2+y1cKS+fdmoQ4vovIWpB3kmo4M4a+4oiTsChV1MbzyyRIpYY7r5m0TNULtw81b",
+	"BJ+NnlLuvuOWM6RMuQxM3IJ+GlrbdxqCDk0vol7ld7cAH8/ya7+X5kuLytabXrpklxvwiBbfs9HTL/m6",
+	"vL9aLS+o/GaHHB8kqGEnhabRzK6I6MnlzfvtHoHJ+9tCGzS7wWrqSPwHZ6xWZ/Av7EnFva87aPDPrqH+",
+	"H82LqmmY4Ktl9FmpZCFdxUHBRMVycM1QqQ/rfUg8Kpw4HLF3pPYuHn4q1f2hguxRT9CDAfacxoUGB1/a",
+	"/nlX9x7ygOxN930Z+ycEKA+Tin/idRj8L00ocYexg5QScPOlaeSmVh9f1Q0o96eF6xN8XEKhdEKfAAwl",
+	"d/rlAMMlnc588vHb8xaNW3lkkeaV5it0cefr8Fok+GbkrlD6LmBTI6f7Xl/t71w0MPW7xbHbITaAgiJr",
+	"ABFyvW9huuVx4rKPnrX0d2+6nEj65Uvzxs8yZbnPbVE3DFfN5kuGV1QFaHEFiolFnGNx9PswPLKTD99u",
+	"EZ7ncm3tvtkGSkZJ/t3Xp3+ltwrNmvfaUBVdKfM8vP+L7EctfUVgwbVGF+mygCT0ny/DjtT5WKSyKLgL",
+	"osk5UBnvVf0YsLJEpnT9+hQMVfEU6qLSwrGIJvR1qHRvpFSYYuab62mYc8H1ErPhbu0cy9dso8dCo7l2",
+	"xQn2Icp3MK0JSSy97fI1rebZV1Fwl/fVuzfDgJFOOADzldW44EJQHUY3X4Y+5Se8zr6vQnxM9u1Zb/Bw",
+	"lQb2FGRlZrISGcwqzQVq7WnNEle7j2rEmqFLQDBxg0a7/NTcKjsY+w+dPh/faNgXTQsv+/rnBP5DLpIC",
+	"QxQCalraLrlluk1Pg6GjDqz1euhelWBHX45cC9Lt8qJux/olS5eejriub1BJUacuqbpBm6bakiqDNZwx",
+	"39lgLFqtDeq3LNa3go/3WhgLarZgn7qlqm3C2vkQbvzV2brUQiE4wUsvWHAGRxOTc1c7mmLR5hKRl8NW",
+	"HC4UMVEl3MUL5Mru0xWe+wsl02u6CVNSGDy6aOIuXTXV71T672rCrFzvErSvxAKPVHD9sTK7US+UXkGI",
+	"pw+7cuse+J46Y0eu/s50Ys82VMWTGv7DhilcdY03sM6eWPJ8MhqNPHGfdxhUHax8+amhx4OCu6G5wRcp",
+	"v6sLCPeXZz6EJvzBcXddbGeNL3pva12R1ccw7ZDFrYYHvWRxDy+KhPEaZ0spb7WvHR5cfTqklT64d2sF",
+	"SOlt9INL4ne/rU8B5CZvZnVZ+DKUEUVfhSKA6LtaU8XjfFgk+sphMPrCK5ToG1dQteulvWB57iqKnRC+",
+	"pihtac3D8LoxFOiulbkdg1SQ5pwopT6XgL2OFX6iGx50STBzFhHJf5lSHZpaWblcGc0z7FwuWqTmHm09",
+	"kf8KAAD//w==",
 }
 
 // decodeSpec returns the embedded OpenAPI spec as raw JSON bytes,

@@ -223,6 +223,13 @@ type verifyReport struct {
 	CustomersChecked int64           `json:"customers_checked"`
 	PaymentsChecked  int64           `json:"payments_checked"`
 	Problems         []verifyProblem `json:"problems"`
+	Receivables      []receivable    `json:"receivables"`
+}
+
+type receivable struct {
+	CustomerID string `json:"customer_id"`
+	Shortfall  int64  `json:"shortfall"`
+	Revokes    int64  `json:"revokes"`
 }
 
 type verifyProblem struct {
@@ -248,9 +255,13 @@ func verifyCmd(ctx context.Context, args []string, env environment) error {
 		return fmt.Errorf("verify: %w", err)
 	}
 	if *asJSON {
-		out := verifyReport{OK: rep.OK, CustomersChecked: rep.CustomersChecked, PaymentsChecked: rep.PaymentsChecked, Problems: []verifyProblem{}}
+		out := verifyReport{OK: rep.OK, CustomersChecked: rep.CustomersChecked, PaymentsChecked: rep.PaymentsChecked,
+			Problems: []verifyProblem{}, Receivables: []receivable{}}
 		for _, p := range rep.Problems {
 			out.Problems = append(out.Problems, verifyProblem(p))
+		}
+		for _, r := range rep.Receivables {
+			out.Receivables = append(out.Receivables, receivable(r))
 		}
 		enc := json.NewEncoder(env.stdout)
 		enc.SetIndent("", "  ")
@@ -268,6 +279,11 @@ func verifyCmd(ctx context.Context, args []string, env environment) error {
 				fmt.Fprintf(env.stdout, " payment=%s", p.PaymentID)
 			}
 			fmt.Fprintf(env.stdout, ": %s\n", p.Detail)
+		}
+		// Receivables are money owed, not breaches: listed, exit code unaffected.
+		for _, r := range rep.Receivables {
+			fmt.Fprintf(env.stdout, "receivable customer=%s: %d credits refunded or disputed after they were spent (%d revokes)\n",
+				r.CustomerID, r.Shortfall, r.Revokes)
 		}
 		if rep.OK {
 			fmt.Fprintln(env.stdout, "ok: every invariant holds")

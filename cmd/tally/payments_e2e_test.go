@@ -623,52 +623,6 @@ func TestRefundsRevokeProportionally(t *testing.T) {
 	assertInvariants(t, s)
 }
 
-// TestRefundBeforeSuccessIsRetried: a refund that overtakes the success it
-// refunds fails, is retried by the background worker, and applies once the
-// success is in; one that never finds its success is parked.
-func TestRefundBeforeSuccessIsRetried(t *testing.T) {
-	fake := stripefake.New(t)
-	env := payEnv(t, fake.URL())
-	env["TALLY_STRIPE_EVENT_MAX_ATTEMPTS"] = "3"
-	// Slow enough that the early refund cannot use up its attempts before
-	// the success is delivered, even on a loaded machine (backoff 1 s, 2 s).
-	env["TALLY_STRIPE_EVENT_RETRY_INTERVAL"] = "1s"
-	s := startServer(t, env)
-	gdb := openDB(t, s)
-
-	// checkout.session.completed links the PaymentIntent, so the refund is
-	// known to be ours though its success has not arrived yet.
-	completed := func(pay, customer string) {
-		p := getPayment(t, s, pay)
-		deliver(t, s, stripeEvent(newEventID(), "checkout.session.completed", checkoutSession(pay, customer, *p.CheckoutSessionId, "complete", "paid", starterAmount)))
-	}
-	pay := checkout(t, s, "early-1", "starter", 1)
-	completed(pay, "early-1")
-	refund := newEventID()
-	deliver(t, s, stripeEvent(refund, "charge.refunded", refundedCharge(pay, starterAmount, starterAmount)))
-	if st, le := eventStatus(t, gdb, refund); st != "failed" || !strings.Contains(le, "waiting for its success") {
-		t.Fatalf("early refund: %s %q, want failed", st, le)
-	}
-	deliver(t, s, stripeEvent(newEventID(), "payment_intent.succeeded", paymentIntent(pay, "early-1", "succeeded", starterAmount, starterAmount, "usd")))
-	waitFor(t, "the refund retried", func() bool { st, _ := eventStatus(t, gdb, refund); return st == "processed" })
-	if p := getPayment(t, s, pay); p.Status != client.PaymentStatusRefunded || p.AmountRefunded != starterAmount {
-		t.Fatalf("payment = %+v", p)
-	}
-	if got := balanceOf(t, gdb, "early-1"); got != 0 {
-		t.Fatalf("balance = %d, want 0", got)
-	}
-
-	lonely := checkout(t, s, "early-2", "starter", 1)
-	completed(lonely, "early-2")
-	never := newEventID()
-	deliver(t, s, stripeEvent(never, "charge.refunded", refundedCharge(lonely, starterAmount, starterAmount)))
-	waitFor(t, "the orphan refund parked", func() bool { st, _ := eventStatus(t, gdb, never); return st == "parked" })
-	if n := countRows(t, gdb, `SELECT attempts FROM stripe_events WHERE id = ?`, never); n != 3 {
-		t.Fatalf("parked after %d attempts, want 3", n)
-	}
-	assertInvariants(t, s)
-}
-
 func metrics(t testing.TB, s *server) string {
 	t.Helper()
 	return metricsText(t, s)

@@ -19,7 +19,8 @@ func Verify(ctx context.Context, gdb *gorm.DB) (credits.VerifyReport, error) {
 
 // verifyCheckers lists the checks other capabilities contribute to the
 // report (payments: every succeeded credit-pack payment credited exactly
-// once). Add one line per capability.
+// once, refunds and disputes took back their share). Add one line per
+// capability.
 func verifyCheckers() []credits.Checker {
-	return []credits.Checker{payments.VerifyPurchases}
+	return []credits.Checker{payments.Verify}
 }

@@ -67,12 +67,25 @@ type StripeConfig struct {
 	EventRetryInterval  time.Duration
 }
 
+// Where refunds and disputes take credits back from (TALLY_REVOKE_FROM).
+const (
+	// RevokeFromBalance: the payment's purchase grant first, then the
+	// customer's other grants in draw order; what they cannot cover is
+	// recorded as a shortfall.
+	RevokeFromBalance = "balance"
+	// RevokeFromPurchaseGrant: only what is left of the purchase grant; the
+	// rest is neither taken nor recorded.
+	RevokeFromPurchaseGrant = "purchase_grant"
+)
+
 // CreditsConfig holds wallet defaults and the expiry sweeper period.
 type CreditsConfig struct {
 	// DefaultLowBalanceThreshold of 0 means no low-balance notice.
 	DefaultLowBalanceThreshold int64
 	ExpiringNotice             time.Duration
 	SweepInterval              time.Duration
+	// RevokeFrom is RevokeFromBalance or RevokeFromPurchaseGrant.
+	RevokeFrom string
 }
 
 // Checkout confirmation strategies (TALLY_CONFIRM_ON).
@@ -154,6 +167,7 @@ func Default() Config {
 		Credits: CreditsConfig{
 			ExpiringNotice: 168 * time.Hour,
 			SweepInterval:  time.Minute,
+			RevokeFrom:     RevokeFromBalance,
 		},
 		Checkout: CheckoutConfig{
 			ExpiresAfter: time.Hour,
@@ -340,6 +354,7 @@ func Load(getenv func(string) string) (Config, error) {
 	p.int64("TALLY_LOW_BALANCE_THRESHOLD", &c.Credits.DefaultLowBalanceThreshold)
 	p.duration("TALLY_CREDITS_EXPIRING_NOTICE", &c.Credits.ExpiringNotice)
 	p.duration("TALLY_CREDITS_SWEEP_INTERVAL", &c.Credits.SweepInterval)
+	p.str("TALLY_REVOKE_FROM", &c.Credits.RevokeFrom)
 
 	p.duration("TALLY_CHECKOUT_EXPIRES_AFTER", &c.Checkout.ExpiresAfter)
 	p.boolean("TALLY_CHECKOUT_INVOICE_CREATION", &c.Checkout.InvoiceCreation)
@@ -552,6 +567,9 @@ func (c Config) Validate() error {
 	}
 	if c.Credits.SweepInterval <= 0 {
 		bad("TALLY_CREDITS_SWEEP_INTERVAL", "must be positive, got %s", c.Credits.SweepInterval)
+	}
+	if v := c.Credits.RevokeFrom; v != RevokeFromBalance && v != RevokeFromPurchaseGrant {
+		bad("TALLY_REVOKE_FROM", "%q is not balance or purchase_grant", v)
 	}
 
 	// Stripe refuses a Checkout Session expiring sooner than 30 minutes or

@@ -30,36 +30,50 @@ type account struct {
 	// defaultThreshold is the configured default when the caller has one
 	// (Service methods), nil inside other packages' transactions.
 	defaultThreshold *int64
+	// now is the time of every change made under this lock: read from the
+	// clock once the lock is held, and never earlier than the row's last
+	// change, so that a customer's ledger times follow its sequence even
+	// when a writer waited for the lock or runs on a replica whose clock
+	// lags. Expiry decisions use it too.
+	now time.Time
 }
 
 // lockAccount locks customerID's balance row (found=false when it has none:
-// the customer never had a grant) and expires the remainder of every grant
-// whose expiry instant has passed, so that a credit is never spendable after
-// it expires even when the sweeper has not run yet.
+// the customer never had a grant), reads "now" from clock (see account.now)
+// and expires the remainder of every grant whose expiry instant has passed,
+// so that a credit is never spendable after it expires even when the
+// sweeper has not run yet.
 //
 // Lock order, everywhere in this package: the balance row first, then the
 // customer's grants. The sweeper keeps it too, so no two writers deadlock.
-func lockAccount(ctx context.Context, tx *gorm.DB, customerID string, now time.Time, defaultThreshold *int64) (*account, bool, error) {
-	return lockAccountAt(ctx, tx, customerID, now, defaultThreshold, true)
+func lockAccount(ctx context.Context, tx *gorm.DB, customerID string, clock func() time.Time, defaultThreshold *int64) (*account, bool, error) {
+	return lockAccountAt(ctx, tx, customerID, clock, defaultThreshold, true)
 }
 
-func lockAccountAt(ctx context.Context, tx *gorm.DB, customerID string, now time.Time, defaultThreshold *int64, expire bool) (*account, bool, error) {
+func lockAccountAt(ctx context.Context, tx *gorm.DB, customerID string, clock func() time.Time, defaultThreshold *int64, expire bool) (*account, bool, error) {
 	a := &account{customerID: customerID, defaultThreshold: defaultThreshold}
+	var lastChange time.Time
 	err := db.ScanRow(tx.WithContext(ctx).Raw(`
 		SELECT b.balance, b.next_expiry, b.low_balance_notified,
-		       COALESCE(c.low_balance_threshold, ?::bigint, b.default_low_balance_threshold)
+		       COALESCE(c.low_balance_threshold, ?::bigint, b.default_low_balance_threshold), b.updated_at
 		FROM credit_balances b JOIN customers c ON c.id = b.customer_id
 		WHERE b.customer_id = ?
 		FOR UPDATE OF b`, defaultThreshold, customerID),
-		&a.balance, &a.nextExpiry, &a.notified, &a.threshold)
+		&a.balance, &a.nextExpiry, &a.notified, &a.threshold, &lastChange)
 	if errors.Is(err, sql.ErrNoRows) {
 		return nil, false, nil
 	}
 	if err != nil {
 		return nil, false, err
 	}
-	if expire && a.nextExpiry.Valid && !a.nextExpiry.Time.After(now) {
-		if _, err := a.expireDue(ctx, tx, now, false); err != nil {
+	// Every change saves its time as updated_at, so the row holds the time
+	// of the customer's latest ledger entry.
+	a.now = clock()
+	if lastChange.After(a.now) {
+		a.now = lastChange
+	}
+	if expire && a.nextExpiry.Valid && !a.nextExpiry.Time.After(a.now) {
+		if _, err := a.expireDue(ctx, tx, false); err != nil {
 			return nil, false, err
 		}
 	}
@@ -68,13 +82,15 @@ func lockAccountAt(ctx context.Context, tx *gorm.DB, customerID string, now time
 
 // ensureAccount creates customerID's balance row if missing (the customer
 // must exist) and locks it.
-func ensureAccount(ctx context.Context, tx *gorm.DB, customerID string, now time.Time, defaultThreshold *int64) (*account, error) {
-	err := tx.WithContext(ctx).Exec(`INSERT INTO credit_balances (customer_id, updated_at) VALUES (?, ?)
-		ON CONFLICT (customer_id) DO NOTHING`, customerID, now).Error
+func ensureAccount(ctx context.Context, tx *gorm.DB, customerID string, clock func() time.Time, defaultThreshold *int64) (*account, error) {
+	// A new row's updated_at is the epoch: it must not hold a later time
+	// than the first change made under its lock.
+	err := tx.WithContext(ctx).Exec(`INSERT INTO credit_balances (customer_id, updated_at) VALUES (?, 'epoch')
+		ON CONFLICT (customer_id) DO NOTHING`, customerID).Error
 	if err != nil {
 		return nil, err
 	}
-	a, found, err := lockAccount(ctx, tx, customerID, now, defaultThreshold)
+	a, found, err := lockAccount(ctx, tx, customerID, clock, defaultThreshold)
 	if err != nil {
 		return nil, err
 	}
@@ -84,13 +100,14 @@ func ensureAccount(ctx context.Context, tx *gorm.DB, customerID string, now time
 	return a, nil
 }
 
-// save writes the account's balance, expiry bound and notice flag back.
-func (a *account) save(ctx context.Context, tx *gorm.DB, now time.Time) error {
+// save writes the account's balance, expiry bound and notice flag back,
+// with a.now as the time of the change.
+func (a *account) save(ctx context.Context, tx *gorm.DB) error {
 	return tx.WithContext(ctx).Exec(`UPDATE credit_balances
 		SET balance = ?, next_expiry = ?, low_balance_notified = ?,
 		    default_low_balance_threshold = COALESCE(?::bigint, default_low_balance_threshold), updated_at = ?
 		WHERE customer_id = ?`,
-		a.balance, a.nextExpiry, a.notified, a.defaultThreshold, now, a.customerID).Error
+		a.balance, a.nextExpiry, a.notified, a.defaultThreshold, a.now, a.customerID).Error
 }
 
 // lowBalance updates the notice flag for the balance the account now has
@@ -118,11 +135,12 @@ func (a *account) appendLowBalance(ctx context.Context, tx *gorm.DB) error {
 }
 
 // expireDue writes an expire entry for the remainder of each of the
-// account's grants whose expiry instant is at or before now, recomputes the
+// account's grants whose expiry instant is at or before a.now, recomputes the
 // expiry bound, fires credits.low_balance if that crossed the threshold, and
 // saves the account. With skipLocked (the sweeper) grants another
 // transaction holds are left for later.
-func (a *account) expireDue(ctx context.Context, tx *gorm.DB, now time.Time, skipLocked bool) (int, error) {
+func (a *account) expireDue(ctx context.Context, tx *gorm.DB, skipLocked bool) (int, error) {
+	now := a.now
 	lock := "FOR UPDATE"
 	if skipLocked {
 		lock = "FOR UPDATE SKIP LOCKED"
@@ -173,7 +191,7 @@ func (a *account) expireDue(ctx context.Context, tx *gorm.DB, now time.Time, ski
 			return 0, err
 		}
 	}
-	return len(grants), a.save(ctx, tx, now)
+	return len(grants), a.save(ctx, tx)
 }
 
 // entryRow is a credit_ledger row to insert.
@@ -188,7 +206,10 @@ type entryRow struct {
 	GrantID        *string
 	PaymentID      *string
 	IdempotencyKey *string
-	CreatedAt      time.Time
+	// Draws are the grants a revoke took from; Shortfall what it could not.
+	Draws     []Draw
+	Shortfall int64
+	CreatedAt time.Time
 }
 
 func insertEntry(ctx context.Context, tx *gorm.DB, e entryRow) error {
@@ -196,10 +217,19 @@ func insertEntry(ctx context.Context, tx *gorm.DB, e entryRow) error {
 	if err != nil {
 		return err
 	}
+	draws, err := drawsJSON(e.Draws)
+	if err != nil {
+		return err
+	}
+	var shortfall *int64
+	if e.Shortfall > 0 {
+		shortfall = &e.Shortfall
+	}
 	return tx.WithContext(ctx).Exec(`INSERT INTO credit_ledger
-		(id, customer_id, kind, amount, balance_after, reason, metadata, grant_id, payment_id, idempotency_key, created_at)
-		VALUES (?, ?, ?, ?, ?, ?, ?::jsonb, ?, ?, ?, ?)`,
-		e.ID, e.CustomerID, e.Kind, e.Amount, e.BalanceAfter, e.Reason, meta, e.GrantID, e.PaymentID, e.IdempotencyKey, e.CreatedAt).Error
+		(id, customer_id, kind, amount, balance_after, reason, metadata, grant_id, payment_id, idempotency_key, draws, shortfall, created_at)
+		VALUES (?, ?, ?, ?, ?, ?, ?::jsonb, ?, ?, ?, ?::jsonb, ?, ?)`,
+		e.ID, e.CustomerID, e.Kind, e.Amount, e.BalanceAfter, e.Reason, meta, e.GrantID, e.PaymentID, e.IdempotencyKey,
+		draws, shortfall, e.CreatedAt).Error
 }
 
 func metadataJSON(m map[string]string) (string, error) {

@@ -41,7 +41,7 @@ func (s *Service) Consume(ctx context.Context, in ConsumeInput, key db.Idempoten
 	}
 	threshold := s.cfg.DefaultLowBalanceThreshold
 	out, replayed, err := db.Once(ctx, s.db, key, func(tx *gorm.DB) ([]byte, error) {
-		r, err := consume(ctx, tx, s.now(), in, &threshold, key.Key)
+		r, err := consume(ctx, tx, s.now, in, &threshold, key.Key)
 		if err != nil {
 			return nil, err
 		}
@@ -94,8 +94,8 @@ SELECT @id, @customer, 'consume', -CAST(@amount AS bigint), bal.balance, @reason
 FROM bal
 RETURNING balance_after, (SELECT COALESCE(sum(take), 0)::bigint FROM draws), (SELECT count(*) FROM drawn)`
 
-func consume(ctx context.Context, tx *gorm.DB, now time.Time, in ConsumeInput, defaultThreshold *int64, idemKey string) (ConsumeResult, error) {
-	a, found, err := lockAccount(ctx, tx, in.CustomerID, now, defaultThreshold)
+func consume(ctx context.Context, tx *gorm.DB, clock func() time.Time, in ConsumeInput, defaultThreshold *int64, idemKey string) (ConsumeResult, error) {
+	a, found, err := lockAccount(ctx, tx, in.CustomerID, clock, defaultThreshold)
 	if err != nil {
 		return ConsumeResult{}, err
 	}
@@ -119,7 +119,7 @@ func consume(ctx context.Context, tx *gorm.DB, now time.Time, in ConsumeInput, d
 	var balanceAfter, drawnTotal, drawnGrants int64
 	err = db.ScanRow(tx.WithContext(ctx).Raw(consumeSQL, map[string]any{
 		"customer":          in.CustomerID,
-		"now":               now,
+		"now":               a.now,
 		"amount":            in.Amount,
 		"notified":          a.notified,
 		"default_threshold": defaultThreshold,

@@ -44,6 +44,9 @@ const (
 	SourcePurchase Source = "purchase"
 	// SourceService: given by a service (promotion, manual adjustment).
 	SourceService Source = "service"
+	// SourceDisputeWon: credits a dispute took back, returned when it was
+	// won (PaymentID names the disputed payment). See Restore.
+	SourceDisputeWon Source = "dispute_won"
 )
 
 // Ledger entry kinds.
@@ -61,7 +64,8 @@ type GrantInput struct {
 	Amount     int64
 	Reason     string
 	Source     Source
-	// PaymentID is required for SourcePurchase and must be empty otherwise.
+	// PaymentID is required for SourcePurchase and SourceDisputeWon and
+	// must be empty otherwise.
 	PaymentID string
 	// ExpiresAt, when set, must lie in the future; nil means never.
 	ExpiresAt *time.Time
@@ -76,16 +80,16 @@ func (in GrantInput) Validate() error {
 		return err
 	}
 	switch in.Source {
-	case SourcePurchase:
+	case SourcePurchase, SourceDisputeWon:
 		if in.PaymentID == "" {
-			return errs.InvalidField("/payment_id", "a purchase grant must name its payment")
+			return errs.InvalidField("/payment_id", "a purchase or dispute_won grant must name its payment")
 		}
 	case SourceService:
 		if in.PaymentID != "" {
-			return errs.InvalidField("/payment_id", "only purchase grants name a payment")
+			return errs.InvalidField("/payment_id", "only purchase and dispute_won grants name a payment")
 		}
 	default:
-		return errs.InvalidField("/source", "source must be purchase or service")
+		return errs.InvalidField("/source", "source must be purchase, service or dispute_won")
 	}
 	return nil
 }
@@ -179,8 +183,12 @@ type LedgerEntry struct {
 	Metadata     map[string]string
 	GrantID      string
 	PaymentID    string
-	Draws        []Draw
-	CreatedAt    time.Time
+	// Draws are the grants a consume or a revoke took from.
+	Draws []Draw
+	// Shortfall is what a revoke could not take back: the customer had
+	// already spent it. It stays a receivable (VerifyReport.Receivables).
+	Shortfall int64
+	CreatedAt time.Time
 }
 
 // LedgerPage is one page of a customer's ledger, newest first. NextCursor is

@@ -4,9 +4,7 @@ import (
 	"context"
 	"database/sql"
 	"encoding/json"
-	"errors"
 	"fmt"
-	"math/big"
 	"time"
 
 	"gorm.io/gorm"
@@ -26,23 +24,27 @@ var grantConstraints = map[string]errs.Code{
 // credits commit or vanish together. It creates the customer if missing,
 // appends a grant ledger entry and credits.granted, and re-arms the
 // low-balance notice when the balance is back at or above the threshold.
+// The entry's time is read from clock once the customer's balance row is
+// locked, so that ledger times follow the ledger's order.
 //
 // Errors: errs.Invalid for bad input (including an ExpiresAt not after now);
 // errs.Conflict for a second purchase grant of the same PaymentID (the
 // schema's backstop behind payments' idempotency table; PostgreSQL has then
 // aborted tx, so the caller must roll back); errs.Unavailable.
-func Grant(ctx context.Context, tx *gorm.DB, now time.Time, in GrantInput) (GrantResult, error) {
-	return grant(ctx, tx, now, in, nil, "")
+func Grant(ctx context.Context, tx *gorm.DB, clock func() time.Time, in GrantInput) (GrantResult, error) {
+	return grant(ctx, tx, clock, in, nil, "")
 }
 
-func grant(ctx context.Context, tx *gorm.DB, now time.Time, in GrantInput, defaultThreshold *int64, idemKey string) (GrantResult, error) {
+func grant(ctx context.Context, tx *gorm.DB, clock func() time.Time, in GrantInput, defaultThreshold *int64, idemKey string) (GrantResult, error) {
 	if err := in.Validate(); err != nil {
 		return GrantResult{}, err
 	}
-	if err := validateExpiry(in.ExpiresAt, now); err != nil {
+	// Checked before any write; grantTx checks again with the time it
+	// stamps the grant with.
+	if err := validateExpiry(in.ExpiresAt, clock()); err != nil {
 		return GrantResult{}, err
 	}
-	res, err := grantTx(ctx, tx, now, in, defaultThreshold, idemKey)
+	res, err := grantTx(ctx, tx, clock, in, defaultThreshold, idemKey)
 	return res, db.Translate(err, grantConstraints)
 }
 
@@ -53,12 +55,16 @@ func validateExpiry(at *time.Time, now time.Time) error {
 	return nil
 }
 
-func grantTx(ctx context.Context, tx *gorm.DB, now time.Time, in GrantInput, defaultThreshold *int64, idemKey string) (GrantResult, error) {
-	if _, err := customers.Ensure(ctx, tx, in.CustomerID, now); err != nil {
+func grantTx(ctx context.Context, tx *gorm.DB, clock func() time.Time, in GrantInput, defaultThreshold *int64, idemKey string) (GrantResult, error) {
+	if _, err := customers.Ensure(ctx, tx, in.CustomerID, clock()); err != nil {
 		return GrantResult{}, err
 	}
-	a, err := ensureAccount(ctx, tx, in.CustomerID, now, defaultThreshold)
+	a, err := ensureAccount(ctx, tx, in.CustomerID, clock, defaultThreshold)
 	if err != nil {
+		return GrantResult{}, err
+	}
+	now := a.now
+	if err := validateExpiry(in.ExpiresAt, now); err != nil {
 		return GrantResult{}, err
 	}
 	meta, err := metadataJSON(in.Metadata)
@@ -83,7 +89,7 @@ func grantTx(ctx context.Context, tx *gorm.DB, now time.Time, in GrantInput, def
 		a.nextExpiry = sql.NullTime{Time: *expiresAt, Valid: true}
 	}
 	a.lowBalance(false)
-	if err := a.save(ctx, tx, now); err != nil {
+	if err := a.save(ctx, tx); err != nil {
 		return GrantResult{}, err
 	}
 	txID := db.NewID("ctx")
@@ -147,7 +153,7 @@ func (s *Service) Grant(ctx context.Context, in GrantInput, key db.IdempotencyKe
 	}
 	threshold := s.cfg.DefaultLowBalanceThreshold
 	out, replayed, err := db.Once(ctx, s.db, key, func(tx *gorm.DB) ([]byte, error) {
-		r, err := grant(ctx, tx, s.now(), in, &threshold, key.Key)
+		r, err := grant(ctx, tx, s.now, in, &threshold, key.Key)
 		if err != nil {
 			return nil, err
 		}
@@ -161,92 +167,4 @@ func (s *Service) Grant(ctx context.Context, in GrantInput, key db.IdempotencyKe
 		return GrantResult{}, false, fmt.Errorf("credits: stored grant answer: %w", err)
 	}
 	return GrantResult(a), replayed, nil
-}
-
-// RevokeForPayment takes back, inside the caller's transaction tx, the
-// unspent part of the purchase grant bought by paymentID in proportion to
-// refundedTotal/amountPaid. It is cumulative: refundedTotal is the payment's
-// whole refunded amount so far, and only the part of the proportional share
-// not revoked yet is taken, never more than the grant has left, so the
-// balance never goes below zero. It writes a revoke ledger entry and
-// credits.revoked, and fires credits.low_balance when that crosses the
-// threshold. A payment without a grant (a product purchase) is a no-op.
-//
-// Errors: errs.Invalid for amountPaid < 1 or a negative refundedTotal;
-// errs.Unavailable.
-func RevokeForPayment(ctx context.Context, tx *gorm.DB, now time.Time, paymentID string, refundedTotal, amountPaid int64) (int64, error) {
-	if amountPaid < 1 || refundedTotal < 0 {
-		return 0, errs.E(errs.Invalid, "revoke needs a paid amount of at least 1 and a non-negative refund, got %d of %d", refundedTotal, amountPaid)
-	}
-	refundedTotal = min(refundedTotal, amountPaid)
-	n, err := revoke(ctx, tx, now, paymentID, refundedTotal, amountPaid)
-	return n, db.Translate(err, nil)
-}
-
-func revoke(ctx context.Context, tx *gorm.DB, now time.Time, paymentID string, refundedTotal, amountPaid int64) (int64, error) {
-	var customerID string
-	err := db.ScanRow(tx.WithContext(ctx).Raw(`SELECT customer_id FROM credit_grants WHERE payment_id = ?`, paymentID), &customerID)
-	if errors.Is(err, sql.ErrNoRows) {
-		return 0, nil
-	}
-	if err != nil {
-		return 0, err
-	}
-	a, found, err := lockAccount(ctx, tx, customerID, now, nil)
-	if err != nil {
-		return 0, err
-	}
-	if !found {
-		return 0, fmt.Errorf("credits: customer %s has a grant but no balance row", customerID)
-	}
-	var g struct {
-		ID        string
-		Amount    int64
-		Remaining int64
-		Revoked   int64
-	}
-	err = db.ScanRow(tx.WithContext(ctx).Raw(`SELECT id, amount, remaining, revoked FROM credit_grants
-		WHERE payment_id = ? FOR UPDATE`, paymentID), &g.ID, &g.Amount, &g.Remaining, &g.Revoked)
-	if err != nil {
-		return 0, err
-	}
-	// floor(amount × refunded / paid) without overflow: amounts reach 1e12.
-	share := new(big.Int).Mul(big.NewInt(g.Amount), big.NewInt(refundedTotal))
-	share.Quo(share, big.NewInt(amountPaid))
-	take := min(share.Int64()-g.Revoked, g.Remaining)
-	if take <= 0 {
-		return 0, nil
-	}
-	if err := tx.WithContext(ctx).Exec(`UPDATE credit_grants SET remaining = remaining - ?, revoked = revoked + ? WHERE id = ?`,
-		take, take, g.ID).Error; err != nil {
-		return 0, err
-	}
-	a.balance -= take
-	fire := a.lowBalance(true)
-	if err := a.save(ctx, tx, now); err != nil {
-		return 0, err
-	}
-	txID := db.NewID("ctx")
-	if err := insertEntry(ctx, tx, entryRow{
-		ID: txID, CustomerID: customerID, Kind: KindRevoke, Amount: -take, BalanceAfter: a.balance,
-		Reason: "refund", GrantID: &g.ID, PaymentID: &paymentID, CreatedAt: now,
-	}); err != nil {
-		return 0, err
-	}
-	if err := events.Append(ctx, tx, events.Event{Type: events.CreditsRevoked, CustomerID: customerID, Data: map[string]any{
-		"customer_id":    customerID,
-		"grant_id":       g.ID,
-		"payment_id":     paymentID,
-		"transaction_id": txID,
-		"amount":         take,
-		"balance":        a.balance,
-	}}); err != nil {
-		return 0, err
-	}
-	if fire {
-		if err := a.appendLowBalance(ctx, tx); err != nil {
-			return 0, err
-		}
-	}
-	return take, nil
 }

@@ -103,11 +103,12 @@ func (s *Service) Ledger(ctx context.Context, customerID, cursor string, limit i
 		GrantID      *string
 		PaymentID    *string
 		Draws        *string
+		Shortfall    *int64
 		CreatedAt    time.Time
 	}
 	var rows []row
 	err = s.db.WithContext(ctx).Raw(`SELECT seq, id, kind, amount, balance_after, reason, metadata::text AS metadata,
-			grant_id, payment_id, draws::text AS draws, created_at
+			grant_id, payment_id, draws::text AS draws, shortfall, created_at
 		FROM credit_ledger
 		WHERE customer_id = ? AND seq < ?
 		ORDER BY seq DESC
@@ -136,6 +137,9 @@ func (s *Service) Ledger(ctx context.Context, customerID, cursor string, limit i
 		}
 		if r.PaymentID != nil {
 			e.PaymentID = *r.PaymentID
+		}
+		if r.Shortfall != nil {
+			e.Shortfall = *r.Shortfall
 		}
 		if r.Draws != nil {
 			if err := json.Unmarshal([]byte(*r.Draws), &e.Draws); err != nil {

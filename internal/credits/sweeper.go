@@ -101,15 +101,14 @@ func (w *Sweeper) expireCustomer(ctx context.Context, customerID string) (int, e
 	n := 0
 	err := db.InTx(ctx, w.db, func(tx *gorm.DB) error {
 		n = 0
-		now := w.now()
 		// lockAccount expires what is due itself when the row's expiry bound
 		// has passed; call expireDue directly so a stale bound cannot hide a
 		// due grant from the sweeper.
-		a, found, err := lockAccountNoExpiry(ctx, tx, customerID, &threshold)
+		a, found, err := lockAccountNoExpiry(ctx, tx, customerID, w.now, &threshold)
 		if err != nil || !found {
 			return err
 		}
-		n, err = a.expireDue(ctx, tx, now, true)
+		n, err = a.expireDue(ctx, tx, true)
 		return err
 	})
 	return n, err
@@ -117,8 +116,8 @@ func (w *Sweeper) expireCustomer(ctx context.Context, customerID string) (int, e
 
 // lockAccountNoExpiry locks the balance row without the expiry pass of
 // lockAccount.
-func lockAccountNoExpiry(ctx context.Context, tx *gorm.DB, customerID string, defaultThreshold *int64) (*account, bool, error) {
-	return lockAccountAt(ctx, tx, customerID, time.Time{}, defaultThreshold, false)
+func lockAccountNoExpiry(ctx context.Context, tx *gorm.DB, customerID string, clock func() time.Time, defaultThreshold *int64) (*account, bool, error) {
+	return lockAccountAt(ctx, tx, customerID, clock, defaultThreshold, false)
 }
 
 // notifyExpiring appends credits.expiring for each grant with credits left

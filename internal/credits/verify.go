@@ -22,6 +22,7 @@ const (
 	ProblemGrantAccounting       = "grant_accounting"
 	ProblemDuplicatePurchase     = "duplicate_purchase_grant"
 	ProblemDuplicateConsume      = "duplicate_consume_for_key"
+	ProblemRevokeAccounting      = "revoke_accounting"
 )
 
 // VerifyReport is the invariant report of `tally verify` and
@@ -31,6 +32,18 @@ type VerifyReport struct {
 	CustomersChecked int64
 	PaymentsChecked  int64
 	Problems         []VerifyProblem
+	// Receivables are customers with an open shortfall: credits a refund or
+	// dispute could not take back because they were spent. Money owed to
+	// the merchant, not a breach: they do not affect OK.
+	Receivables []Receivable
+}
+
+// Receivable is a customer's open shortfall.
+type Receivable struct {
+	CustomerID string
+	// Shortfall is the credits not recovered, over Revokes revoke entries.
+	Shortfall int64
+	Revokes   int64
 }
 
 // VerifyProblem is one breached invariant. Kind is a stable identifier
@@ -65,7 +78,12 @@ type Checker func(ctx context.Context, tx *gorm.DB) (problems []VerifyProblem, p
 //   - every grant's spent part is accounted for by the consume draws, expire
 //     and revoke entries naming it, and it has exactly one grant entry;
 //   - at most one purchase grant per payment;
-//   - one consume entry per idempotency key (within the key's retention).
+//   - one consume entry per idempotency key (within the key's retention);
+//   - every revoke's draws add up to what it took, and its shortfall is
+//     recorded as a receivable.
+//
+// It also lists the open receivables (customers' unrecovered shortfalls),
+// which are not breaches.
 //
 // Problems are reported, not returned as errors; err is for a check that
 // could not run (errs.Unavailable, ...).
@@ -73,7 +91,7 @@ func Verify(ctx context.Context, gdb *gorm.DB, extra ...Checker) (VerifyReport, 
 	var rep VerifyReport
 	err := gdb.WithContext(ctx).Transaction(func(tx *gorm.DB) error {
 		rep = VerifyReport{}
-		checks := append([]Checker{checkBalances, checkChain, checkGrants, checkPurchases, checkConsumeKeys}, extra...)
+		checks := append([]Checker{checkBalances, checkChain, checkGrants, checkPurchases, checkConsumeKeys, checkRevokes}, extra...)
 		for _, check := range checks {
 			problems, payments, err := check(ctx, tx)
 			if err != nil {
@@ -81,6 +99,10 @@ func Verify(ctx context.Context, gdb *gorm.DB, extra ...Checker) (VerifyReport, 
 			}
 			rep.PaymentsChecked += payments
 			rep.Append(problems...)
+		}
+		var err error
+		if rep.Receivables, err = receivables(ctx, tx); err != nil {
+			return err
 		}
 		return db.ScanRow(tx.Raw(`SELECT count(*) FROM (
 			SELECT customer_id FROM credit_balances UNION SELECT customer_id FROM credit_ledger
@@ -92,6 +114,9 @@ func Verify(ctx context.Context, gdb *gorm.DB, extra ...Checker) (VerifyReport, 
 	rep.OK = len(rep.Problems) == 0
 	if rep.Problems == nil {
 		rep.Problems = []VerifyProblem{}
+	}
+	if rep.Receivables == nil {
+		rep.Receivables = []Receivable{}
 	}
 	return rep, nil
 }
@@ -192,9 +217,11 @@ func checkGrants(ctx context.Context, tx *gorm.DB) ([]VerifyProblem, int64, erro
 	err := tx.WithContext(ctx).Raw(`
 		WITH d AS (SELECT x->>'grant_id' AS grant_id, sum((x->>'amount')::bigint)::bigint AS amount
 		           FROM credit_ledger, jsonb_array_elements(draws) x
-		           WHERE kind = 'consume' AND draws IS NOT NULL GROUP BY 1),
+		           WHERE kind IN ('consume', 'revoke') AND draws IS NOT NULL GROUP BY 1),
+		     -- Expiries, and revokes from before revokes named their draws
+		     -- (they took from the grant they name).
 		     e AS (SELECT grant_id, (-sum(amount))::bigint AS amount FROM credit_ledger
-		           WHERE kind IN ('expire', 'revoke') AND grant_id IS NOT NULL GROUP BY 1),
+		           WHERE (kind = 'expire' OR (kind = 'revoke' AND draws IS NULL)) AND grant_id IS NOT NULL GROUP BY 1),
 		     ge AS (SELECT grant_id, count(*) AS entries, sum(amount)::bigint AS amount FROM credit_ledger
 		            WHERE kind = 'grant' AND grant_id IS NOT NULL GROUP BY 1)
 		SELECT g.id, g.customer_id, g.amount, g.remaining, COALESCE(d.amount, 0) AS drawn,
@@ -212,7 +239,7 @@ func checkGrants(ctx context.Context, tx *gorm.DB) ([]VerifyProblem, int64, erro
 	var out []VerifyProblem
 	for _, r := range rows {
 		out = append(out, VerifyProblem{Kind: ProblemGrantAccounting, CustomerID: r.CustomerID,
-			Detail: fmt.Sprintf("grant %s of %d has %d left, but consumes drew %d and expiries/revokes took %d; %d grant entries for %d",
+			Detail: fmt.Sprintf("grant %s of %d has %d left, but consumes and revokes drew %d and expiries took %d; %d grant entries for %d",
 				r.ID, r.Amount, r.Remaining, r.Drawn, r.Removed, r.GrantEntries, r.Granted)})
 	}
 	return out, 0, nil
@@ -259,6 +286,53 @@ func checkConsumeKeys(ctx context.Context, tx *gorm.DB) ([]VerifyProblem, int64,
 			Detail: fmt.Sprintf("Idempotency-Key %q has %d consume entries", r.IdempotencyKey, r.Entries)})
 	}
 	return out, 0, nil
+}
+
+func checkRevokes(ctx context.Context, tx *gorm.DB) ([]VerifyProblem, int64, error) {
+	type row struct {
+		CustomerID string
+		ID         string
+		Taken      int64
+		Drawn      *int64
+		Shortfall  int64
+		Recorded   *int64
+	}
+	var rows []row
+	err := tx.WithContext(ctx).Raw(`
+		SELECT l.customer_id, l.id, -l.amount AS taken,
+		       (SELECT sum((x->>'amount')::bigint)::bigint FROM jsonb_array_elements(l.draws) x) AS drawn,
+		       COALESCE(l.shortfall, 0) AS shortfall, s.amount AS recorded
+		FROM credit_ledger l LEFT JOIN credit_shortfalls s ON s.ledger_entry_id = l.id
+		WHERE l.kind = 'revoke'
+		  AND ((l.draws IS NOT NULL AND COALESCE((SELECT sum((x->>'amount')::bigint) FROM jsonb_array_elements(l.draws) x), 0) <> -l.amount)
+		       OR COALESCE(l.shortfall, 0) <> COALESCE(s.amount, 0))
+		ORDER BY l.customer_id, l.seq`).Scan(&rows).Error
+	if err != nil {
+		return nil, 0, err
+	}
+	var out []VerifyProblem
+	for _, r := range rows {
+		drawn, recorded := int64(0), int64(0)
+		if r.Drawn != nil {
+			drawn = *r.Drawn
+		}
+		if r.Recorded != nil {
+			recorded = *r.Recorded
+		}
+		out = append(out, VerifyProblem{Kind: ProblemRevokeAccounting, CustomerID: r.CustomerID,
+			Detail: fmt.Sprintf("revoke %s took %d with draws of %d, and is short %d with %d recorded as receivable",
+				r.ID, r.Taken, drawn, r.Shortfall, recorded)})
+	}
+	return out, 0, nil
+}
+
+// receivables lists the customers with open shortfalls, largest first.
+func receivables(ctx context.Context, tx *gorm.DB) ([]Receivable, error) {
+	var out []Receivable
+	err := tx.WithContext(ctx).Raw(`SELECT customer_id, sum(amount)::bigint AS shortfall, count(*) AS revokes
+		FROM credit_shortfalls WHERE settled_at IS NULL
+		GROUP BY customer_id ORDER BY shortfall DESC, customer_id`).Scan(&out).Error
+	return out, err
 }
 
 // PurchaseGrantCounts returns, per payment id, how many purchase grants

@@ -151,6 +151,9 @@ func toAPILedgerPage(p credits.LedgerPage) api.LedgerPage {
 			Reason: e.Reason, Metadata: meta, GrantId: ptrIfSet(e.GrantID), PaymentId: ptrIfSet(e.PaymentID),
 			CreatedAt: e.CreatedAt,
 		}
+		if e.Shortfall > 0 {
+			entry.Shortfall = &e.Shortfall
+		}
 		if e.Draws != nil {
 			draws := make([]api.LedgerDraw, 0, len(e.Draws))
 			for _, d := range e.Draws {
@@ -165,10 +168,13 @@ func toAPILedgerPage(p credits.LedgerPage) api.LedgerPage {
 
 func toAPIVerifyReport(r credits.VerifyReport) api.VerifyReport {
 	out := api.VerifyReport{Ok: r.OK, CustomersChecked: r.CustomersChecked, PaymentsChecked: r.PaymentsChecked,
-		Problems: make([]api.VerifyProblem, 0, len(r.Problems))}
+		Problems: make([]api.VerifyProblem, 0, len(r.Problems)), Receivables: make([]api.Receivable, 0, len(r.Receivables))}
 	for _, p := range r.Problems {
 		out.Problems = append(out.Problems, api.VerifyProblem{Kind: p.Kind, CustomerId: ptrIfSet(p.CustomerID),
 			PaymentId: ptrIfSet(p.PaymentID), Detail: p.Detail})
+	}
+	for _, rc := range r.Receivables {
+		out.Receivables = append(out.Receivables, api.Receivable{CustomerId: rc.CustomerID, Shortfall: rc.Shortfall, Revokes: rc.Revokes})
 	}
 	return out
 }
@@ -191,7 +197,7 @@ func toAPIPayment(p payments.Payment) api.Payment {
 	out := api.Payment{
 		Id: p.ID, CustomerId: p.CustomerID, Item: p.Item, ItemKind: api.PaymentItemKind(p.ItemKind), Quantity: p.Quantity,
 		Status: api.PaymentStatus(p.Status), Amount: p.Amount, Currency: p.Currency, AmountReceived: p.AmountReceived,
-		AmountRefunded: p.AmountRefunded, Credits: p.Credits, Livemode: p.Livemode,
+		AmountRefunded: p.AmountRefunded, AmountDisputed: p.AmountDisputed, Credits: p.Credits, Livemode: p.Livemode,
 		CheckoutSessionId: ptrIfSet(p.CheckoutSessionID), PaymentIntentId: ptrIfSet(p.PaymentIntentID),
 		InvoiceId: ptrIfSet(p.InvoiceID), SubscriptionId: ptrIfSet(p.SubscriptionID), FailureReason: ptrIfSet(p.FailureReason),
 		CreatedAt: p.CreatedAt, UpdatedAt: p.UpdatedAt, SucceededAt: p.SucceededAt,

@@ -227,7 +227,7 @@ func (s *Service) confirm(ctx context.Context, ev EventRef, paymentID string, c 
 				t := now.Add(p.CreditsExpireAfter)
 				expires = &t
 			}
-			_, err := credits.Grant(ctx, tx, now, credits.GrantInput{
+			_, err := credits.Grant(ctx, tx, s.now, credits.GrantInput{
 				CustomerID: p.CustomerID,
 				Amount:     p.Credits,
 				Reason:     fmt.Sprintf("purchase of %d × %s", p.Quantity, p.Item),
@@ -453,14 +453,15 @@ func (s *Service) subscribed(ctx context.Context, ev EventRef, paymentID string,
 }
 
 // ChargeRefunded moves the payment to refunded with Stripe's cumulative
-// amount_refunded and revokes the unspent credits it bought in proportion
-// to the increase only, so a redelivered or older refund event revokes
-// nothing more. A refund of a payment not yet succeeded here is an error
-// (retried), so that it applies once the success has arrived. Only a charge
-// of the payment's own PaymentIntent, for the amount it paid, may refund it.
-// Errors: ErrNotOurs, *Rejection (livemode, currency, no or another
-// PaymentIntent, charge amount not what was paid, more refunded than
-// charged), errs.Unavailable.
+// amount_refunded and takes back the credits the increase paid for (see
+// takeBack: from the whole balance unless RevokeFrom says purchase_grant,
+// what was spent recorded as a shortfall), so a redelivered or older refund
+// event takes nothing more. A refund of a payment not succeeded yet is
+// *Waiting (it applies once the success arrives). Only a charge of the
+// payment's own PaymentIntent, for the amount it paid, may refund it.
+// Errors: ErrNotOurs, *Waiting, *Rejection (livemode, currency, no or
+// another PaymentIntent, charge amount not what was paid, more refunded
+// than charged), errs.Unavailable.
 func (s *Service) ChargeRefunded(ctx context.Context, ev EventRef, ch Charge) error {
 	id, err := s.paymentFor(ctx, ch.Metadata, map[string]string{"payment_intent_id": ch.PaymentIntent})
 	if err != nil {
@@ -476,8 +477,15 @@ func (s *Service) ChargeRefunded(ctx context.Context, ev EventRef, ch Charge) er
 		if !strings.EqualFold(ch.Currency, p.Currency) {
 			return reject("refund currency %q does not match payment %s (%q)", ch.Currency, p.ID, p.Currency)
 		}
-		if p.Status != Succeeded && p.Status != Refunded {
-			return fmt.Errorf("payments: refund of payment %s, which is %s: waiting for its success", p.ID, p.Status)
+		// A refund leaves a disputed (or lost) payment in that state: it was
+		// made at Stripe before the dispute and is only delivered now.
+		to := Refunded
+		switch p.Status {
+		case Succeeded, Refunded:
+		case Disputed, DisputeLost:
+			to = p.Status
+		default:
+			return waiting(ch.PaymentIntent, "refund of payment %s, which is %s: waiting for the success of PaymentIntent %s", p.ID, p.Status, ch.PaymentIntent)
 		}
 		// A succeeded payment knows its PaymentIntent (a plan's never has
 		// one), so only a charge of that very PaymentIntent may refund it.
@@ -494,7 +502,7 @@ func (s *Service) ChargeRefunded(ctx context.Context, ev EventRef, ch Charge) er
 		if delta <= 0 {
 			return nil // an older or repeated refund event: already applied
 		}
-		ok, err := transition(ctx, tx, p, Refunded, ev, fmt.Sprintf("refunded %d of %d %s in total", ch.AmountRefunded, paid(p), p.Currency))
+		ok, err := transition(ctx, tx, p, to, ev, fmt.Sprintf("refunded %d of %d %s in total", ch.AmountRefunded, paid(p), p.Currency))
 		if err != nil {
 			return err
 		}
@@ -502,24 +510,27 @@ func (s *Service) ChargeRefunded(ctx context.Context, ev EventRef, ch Charge) er
 			return reject("payment %s is %s and cannot be refunded", p.ID, p.Status)
 		}
 		now := s.now()
-		var revoked int64
-		if p.ItemKind == KindCreditPack && p.Credits > 0 {
-			revoked, err = credits.RevokeForPayment(ctx, tx, now, p.ID, ch.AmountRefunded, paid(p))
-			if err != nil {
-				return err
-			}
+		due, err := refundDue(ctx, tx, p, ch.AmountRefunded)
+		if err != nil {
+			return err
 		}
-		if err := tx.Exec(`UPDATE payments SET status = 'refunded', amount_refunded = ?, updated_at = ? WHERE id = ?`,
-			ch.AmountRefunded, now, p.ID).Error; err != nil {
+		back, err := s.takeBack(ctx, tx, p, due, "refund", ev)
+		if err != nil {
+			return err
+		}
+		// A won dispute returns a payment refunded meanwhile to refunded.
+		if err := tx.Exec(`UPDATE payments SET status = ?, amount_refunded = ?,
+				status_before_dispute = CASE WHEN status_before_dispute IS NULL THEN NULL ELSE 'refunded' END, updated_at = ? WHERE id = ?`,
+			string(to), ch.AmountRefunded, now, p.ID).Error; err != nil {
 			return db.Translate(err, nil)
 		}
-		if err := tx.Exec(`INSERT INTO payment_refunds (payment_id, stripe_event_id, amount_refunded_total, amount_refunded_delta, credits_revoked)
-			VALUES (?, NULLIF(?, ''), ?, ?, ?)`, p.ID, ev.ID, ch.AmountRefunded, delta, revoked).Error; err != nil {
+		if err := tx.Exec(`INSERT INTO payment_refunds (payment_id, stripe_event_id, amount_refunded_total, amount_refunded_delta, credits_revoked, credits_shortfall)
+			VALUES (?, NULLIF(?, ''), ?, ?, ?, ?)`, p.ID, ev.ID, ch.AmountRefunded, delta, back.Taken, back.Shortfall).Error; err != nil {
 			return db.Translate(err, nil)
 		}
 		return events.Append(ctx, tx, events.Event{Type: events.PaymentRefunded, CustomerID: p.CustomerID, Data: map[string]any{
 			"payment_id": p.ID, "amount_refunded": ch.AmountRefunded, "amount_refunded_delta": delta,
-			"currency": p.Currency, "credits_revoked": revoked, "stripe_event_id": ev.ID,
+			"currency": p.Currency, "credits_revoked": back.Taken, "credits_shortfall": back.Shortfall, "stripe_event_id": ev.ID,
 		}})
 	})
 }

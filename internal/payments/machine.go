@@ -14,13 +14,21 @@ import (
 // change goes through. A retried card in the same Checkout Session may
 // succeed after a failure; a second decline leaves a failed payment failed;
 // a further partial refund keeps a refunded payment refunded. Nothing ever
-// leaves succeeded except a refund, so a stale payment_failed can never
-// undo a success.
+// leaves succeeded except a refund or a dispute, so a stale payment_failed
+// can never undo a success.
+//
+// A chargeback moves a paid payment to disputed; a dispute first seen
+// already lost moves it straight to dispute_lost. A dispute won returns it
+// to what it was before (succeeded or refunded); a refund that arrives
+// while it is disputed or lost (refunded earlier at Stripe, delivered
+// late) keeps that state.
 var transitions = map[Status][]Status{
-	Pending:   {Succeeded, Failed},
-	Failed:    {Succeeded, Failed},
-	Succeeded: {Refunded},
-	Refunded:  {Refunded},
+	Pending:     {Succeeded, Failed},
+	Failed:      {Succeeded, Failed},
+	Succeeded:   {Refunded, Disputed, DisputeLost},
+	Refunded:    {Refunded, Disputed, DisputeLost},
+	Disputed:    {Disputed, DisputeLost, Succeeded, Refunded},
+	DisputeLost: {DisputeLost},
 }
 
 // Allowed reports whether the state machine lets a payment move from one

@@ -33,6 +33,11 @@ const (
 	Succeeded Status = "succeeded"
 	Failed    Status = "failed"
 	Refunded  Status = "refunded"
+	// Disputed: a chargeback withdrew the funds; its share of the credits
+	// was taken back. DisputeLost: the dispute was decided for the
+	// cardholder, for good.
+	Disputed    Status = "disputed"
+	DisputeLost Status = "dispute_lost"
 )
 
 // ItemKind is what kind of catalog item a payment buys.
@@ -78,6 +83,15 @@ type Payment struct {
 	SucceededAt           *time.Time
 	// Transitions is the history, oldest first; filled by Get only.
 	Transitions []Transition
+
+	// CreditsRevoked is the share of Credits that refunds and disputes took
+	// back so far: revoked, or recorded as a shortfall.
+	CreditsRevoked int64
+	// AmountDisputed is what open or lost chargebacks withdrew (minor
+	// units); StatusBeforeDispute is what a won dispute returns the payment
+	// to (succeeded or refunded).
+	AmountDisputed      int64
+	StatusBeforeDispute Status
 }
 
 // Transition is one move of the state machine, applied or refused, with the
@@ -104,6 +118,10 @@ type Options struct {
 	Livemode bool
 	Logger   *slog.Logger
 	Now      func() time.Time
+
+	// RevokeFrom is where refunds and disputes take credits back from
+	// (config.RevokeFromBalance when empty).
+	RevokeFrom string
 }
 
 // Service is the payments capability.
@@ -115,6 +133,8 @@ type Service struct {
 	livemode bool
 	logger   *slog.Logger
 	now      func() time.Time
+
+	revokeFrom string
 }
 
 // NewService builds the Service.
@@ -131,7 +151,12 @@ func NewService(o Options) *Service {
 	if checkout.ConfirmOn == "" {
 		checkout.ConfirmOn = config.ConfirmOnPaymentIntent
 	}
-	return &Service{db: o.DB, stripe: o.Stripe, catalog: o.Catalog, checkout: checkout, livemode: o.Livemode, logger: logger, now: now}
+	revokeFrom := o.RevokeFrom
+	if revokeFrom == "" {
+		revokeFrom = config.RevokeFromBalance
+	}
+	return &Service{db: o.DB, stripe: o.Stripe, catalog: o.Catalog, checkout: checkout, livemode: o.Livemode, logger: logger, now: now,
+		revokeFrom: revokeFrom}
 }
 
 // row is the payments table as gorm scans it.
@@ -160,12 +185,17 @@ type row struct {
 	CreatedAt                 time.Time
 	UpdatedAt                 time.Time
 	SucceededAt               *time.Time
+
+	CreditsRevoked      int64
+	AmountDisputed      int64
+	StatusBeforeDispute *string
 }
 
 const columns = `id, customer_id, item, item_kind, quantity, status, unit_amount, amount, currency,
 	amount_received, amount_refunded, credits, credits_expire_after_seconds, livemode,
 	checkout_session_id, payment_intent_id, invoice_id, subscription_id, stripe_customer_id,
-	checkout_payment_status, failure_reason, created_at, updated_at, succeeded_at`
+	checkout_payment_status, failure_reason, created_at, updated_at, succeeded_at,
+	credits_revoked, amount_disputed, status_before_dispute`
 
 func str(p *string) string {
 	if p == nil {
@@ -183,6 +213,7 @@ func (r row) payment() Payment {
 		InvoiceID: str(r.InvoiceID), SubscriptionID: str(r.SubscriptionID), StripeCustomerID: str(r.StripeCustomerID),
 		CheckoutPaymentStatus: str(r.CheckoutPaymentStatus), FailureReason: str(r.FailureReason),
 		CreatedAt: r.CreatedAt, UpdatedAt: r.UpdatedAt, SucceededAt: r.SucceededAt,
+		CreditsRevoked: r.CreditsRevoked, AmountDisputed: r.AmountDisputed, StatusBeforeDispute: Status(str(r.StatusBeforeDispute)),
 	}
 	if r.CreditsExpireAfterSeconds != nil {
 		p.CreditsExpireAfter = time.Duration(*r.CreditsExpireAfterSeconds) * time.Second
@@ -313,6 +344,23 @@ func (r *Rejection) Error() string { return "refused: " + r.Reason }
 
 func reject(format string, args ...any) error {
 	return &Rejection{Reason: fmt.Sprintf(format, args...)}
+}
+
+// Waiting says an event cannot apply yet because it is about a payment whose
+// success has not arrived (Stripe does not order its events: a refund or a
+// dispute may overtake the payment_intent.succeeded it follows). It is not
+// an operator's problem: stripehook retries it, outside its retry budget,
+// applies it as soon as the success of PaymentIntentID is processed, and
+// parks it only a day after Stripe created it.
+type Waiting struct {
+	PaymentIntentID string
+	Reason          string
+}
+
+func (w *Waiting) Error() string { return w.Reason }
+
+func waiting(paymentIntentID, format string, args ...any) error {
+	return &Waiting{PaymentIntentID: paymentIntentID, Reason: fmt.Sprintf(format, args...)}
 }
 
 // IsRejection reports whether err is the validation chain's refusal.

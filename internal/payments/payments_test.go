@@ -65,21 +65,30 @@ func buy(t *testing.T, svc *payments.Service, customer, item string, quantity in
 
 func verifyClean(t *testing.T, gdb *gorm.DB) {
 	t.Helper()
-	rep, err := credits.Verify(context.Background(), gdb, payments.VerifyPurchases)
+	rep, err := credits.Verify(context.Background(), gdb, payments.Verify)
 	if err != nil || !rep.OK {
 		t.Fatalf("verify: %v %+v", err, rep.Problems)
 	}
 }
 
 func TestTransitionTable(t *testing.T) {
-	all := []payments.Status{payments.Pending, payments.Succeeded, payments.Failed, payments.Refunded}
+	all := []payments.Status{payments.Pending, payments.Succeeded, payments.Failed, payments.Refunded, payments.Disputed, payments.DisputeLost}
 	want := map[[2]payments.Status]bool{
-		{payments.Pending, payments.Succeeded}:  true,
-		{payments.Pending, payments.Failed}:     true,
-		{payments.Failed, payments.Succeeded}:   true,
-		{payments.Failed, payments.Failed}:      true,
-		{payments.Succeeded, payments.Refunded}: true,
-		{payments.Refunded, payments.Refunded}:  true,
+		{payments.Pending, payments.Succeeded}:       true,
+		{payments.Pending, payments.Failed}:          true,
+		{payments.Failed, payments.Succeeded}:        true,
+		{payments.Failed, payments.Failed}:           true,
+		{payments.Succeeded, payments.Refunded}:      true,
+		{payments.Refunded, payments.Refunded}:       true,
+		{payments.Succeeded, payments.Disputed}:      true,
+		{payments.Refunded, payments.Disputed}:       true,
+		{payments.Succeeded, payments.DisputeLost}:   true, // first seen lost
+		{payments.Refunded, payments.DisputeLost}:    true,
+		{payments.Disputed, payments.Disputed}:       true, // a late refund, a second dispute
+		{payments.Disputed, payments.DisputeLost}:    true,
+		{payments.Disputed, payments.Succeeded}:      true, // won
+		{payments.Disputed, payments.Refunded}:       true, // won, refunded before
+		{payments.DisputeLost, payments.DisputeLost}: true, // a late refund
 	}
 	for _, from := range all {
 		for _, to := range all {

@@ -194,6 +194,23 @@ func (o chargeObject) domain() payments.Charge {
 		AmountRefunded: o.AmountRefunded, Currency: o.Currency, Livemode: o.Livemode, Metadata: o.Metadata}
 }
 
+type disputeObject struct {
+	ID            string   `json:"id"`
+	Charge        ref      `json:"charge"`
+	PaymentIntent ref      `json:"payment_intent"`
+	Amount        int64    `json:"amount"`
+	Currency      string   `json:"currency"`
+	Status        string   `json:"status"`
+	Reason        string   `json:"reason"`
+	Livemode      bool     `json:"livemode"`
+	Metadata      metadata `json:"metadata"`
+}
+
+func (o disputeObject) domain() payments.Dispute {
+	return payments.Dispute{ID: o.ID, Charge: string(o.Charge), PaymentIntent: string(o.PaymentIntent), Amount: o.Amount,
+		Currency: o.Currency, Status: o.Status, Reason: o.Reason, Livemode: o.Livemode, Metadata: o.Metadata}
+}
+
 type subscriptionObject struct {
 	ID       string   `json:"id"`
 	Customer ref      `json:"customer"`

@@ -3,8 +3,11 @@
 // without being processed again), decodes the few fields tally needs and
 // dispatches to internal/payments. A failed processing is retried by a
 // background worker with exponential backoff and parked after a maximum of
-// attempts; an event the validation chain refuses is parked at once. Admins
-// list stored events and replay one.
+// attempts; an event the validation chain refuses is parked at once. An
+// event that waits for its payment's success (payments.Waiting) is retried
+// outside that budget, applied as soon as the success is processed, and
+// parked only a day after Stripe created it. Admins list stored events and
+// replay one.
 package stripehook
 
 import (
@@ -89,6 +92,13 @@ const lease = time.Minute
 
 // maxBackoff caps the wait between two attempts.
 const maxBackoff = time.Hour
+
+// waitForSuccess is how long after Stripe created it an event waiting for
+// its payment's success (payments.Waiting) keeps waiting before it is
+// parked. Stripe delivers a payment's events within minutes of each other
+// and retries a failed delivery for days; a success still missing after a
+// day needs someone to look.
+const waitForSuccess = 24 * time.Hour
 
 // New builds the Intake and registers its metrics on o.Registry (when set).
 func New(o Options) *Intake {
@@ -181,24 +191,45 @@ func (h *Intake) Receive(ctx context.Context, payload []byte, signature string) 
 	}
 	pctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), processTimeout)
 	defer cancel()
-	status, _ := h.process(pctx, ev, 0)
+	status, _ := h.process(pctx, ev, 0, now)
 	return Ack{Status: status}, nil
 }
 
 // process dispatches ev and records the outcome; attempts is how many
-// attempts the stored row had before this one. It returns the status
-// written (Received when even that failed: the lease then hands the event
-// to the retry worker).
-func (h *Intake) process(ctx context.Context, ev Event, attempts int) (Status, error) {
-	err := h.dispatch(ctx, ev)
-	status, lastErr := Processed, ""
+// attempts the stored row had before this one, receivedAt when it was
+// stored. It returns the status written (Received when even that failed:
+// the lease then hands the event to the retry worker). An event that
+// confirmed a payment then wakes the events waiting for it.
+func (h *Intake) process(ctx context.Context, ev Event, attempts int, receivedAt time.Time) (Status, error) {
+	confirms, err := h.dispatch(ctx, ev)
+	status, lastErr, waitingFor := Processed, "", ""
 	var next *time.Time
+	var wait *payments.Waiting
 	switch {
 	case err == nil:
 	case errors.Is(err, errIgnored), errors.Is(err, payments.ErrNotOurs):
 		status = Ignored
 	case payments.IsRejection(err), errs.Is(err, errs.Invalid):
 		status, lastErr = Parked, err.Error()
+	case errors.As(err, &wait):
+		// Not an operator's problem yet, and not counted against the retry
+		// budget: the success it waits for wakes it (wakeWaiting).
+		created := receivedAt
+		if ev.Created > 0 {
+			created = time.Unix(ev.Created, 0)
+		}
+		deadline := created.Add(waitForSuccess)
+		if !h.now().Before(deadline) {
+			status, lastErr = Parked, fmt.Sprintf("gave up after waiting a day (Stripe created the event at %s): %s",
+				created.UTC().Format(time.RFC3339), wait.Reason)
+		} else {
+			status, lastErr, waitingFor = Failed, wait.Reason, wait.PaymentIntentID
+			t := h.now().Add(h.backoff(attempts + 1))
+			if t.After(deadline) {
+				t = deadline
+			}
+			next = &t
+		}
 	default:
 		lastErr = err.Error()
 		if attempts+1 >= h.maxAttempts {
@@ -218,14 +249,26 @@ func (h *Intake) process(ctx context.Context, ev Event, attempts int) (Status, e
 		processedAt = &now
 	}
 	uerr := h.db.WithContext(ctx).Exec(`UPDATE stripe_events SET status = ?, attempts = attempts + 1, last_error = NULLIF(?, ''),
-			next_attempt_at = ?, processed_at = COALESCE(?, processed_at) WHERE id = ?`,
-		string(status), text.Truncate(lastErr, 2000), next, processedAt, ev.ID).Error
+			next_attempt_at = ?, processed_at = COALESCE(?, processed_at), waiting_for = NULLIF(?, '') WHERE id = ?`,
+		string(status), text.Truncate(lastErr, 2000), next, processedAt, waitingFor, ev.ID).Error
 	if uerr != nil {
 		h.logger.ErrorContext(ctx, "record stripe event outcome", "event_id", ev.ID, "error", uerr)
 		return Received, db.Translate(uerr, nil)
 	}
 	h.total.WithLabelValues(ev.Type, string(status)).Inc()
+	if status == Processed && confirms != "" {
+		h.wakeWaiting(ctx, confirms)
+	}
 	return status, nil
+}
+
+// wakeWaiting processes now the events waiting for the success of
+// PaymentIntent pi (a refund or dispute that overtook it), rather than at
+// their next backoff. A failure here leaves them to the retry worker.
+func (h *Intake) wakeWaiting(ctx context.Context, pi string) {
+	if _, err := h.claimAndProcess(ctx, `status = 'failed' AND waiting_for = ?`, []any{pi}, 20); err != nil {
+		h.logger.WarnContext(ctx, "wake events waiting for a payment's success", "payment_intent_id", pi, "error", err)
+	}
 }
 
 // backoff is RetryInterval·2^(attempt-1), capped at maxBackoff.
@@ -239,46 +282,55 @@ func (h *Intake) backoff(attempt int) time.Duration {
 
 var errIgnored = errors.New("stripehook: event type not handled")
 
-// dispatch decodes the object of a handled type and calls payments.
-func (h *Intake) dispatch(ctx context.Context, ev Event) error {
+// dispatch decodes the object of a handled type and calls payments. For an
+// event that may confirm a payment it returns the PaymentIntent, whose
+// waiting events process wakes once this one is processed.
+func (h *Intake) dispatch(ctx context.Context, ev Event) (confirms string, err error) {
 	ref := payments.EventRef{ID: ev.ID, Type: ev.Type, Created: ev.Created}
 	switch ev.Type {
 	case "payment_intent.succeeded", "payment_intent.payment_failed", "payment_intent.canceled":
 		var o paymentIntentObject
 		if err := decodeObject(ev, &o, func() string { return o.ID }); err != nil {
-			return err
+			return "", err
 		}
 		if ev.Type == "payment_intent.succeeded" {
-			return h.payments.PaymentIntentSucceeded(ctx, ref, o.domain())
+			return o.ID, h.payments.PaymentIntentSucceeded(ctx, ref, o.domain())
 		}
-		return h.payments.PaymentIntentFailed(ctx, ref, o.domain())
+		return "", h.payments.PaymentIntentFailed(ctx, ref, o.domain())
 	case "checkout.session.completed", "checkout.session.async_payment_succeeded",
 		"checkout.session.async_payment_failed", "checkout.session.expired":
 		var o checkoutSessionObject
 		if err := decodeObject(ev, &o, func() string { return o.ID }); err != nil {
-			return err
+			return "", err
 		}
 		switch ev.Type {
 		case "checkout.session.completed":
-			return h.payments.CheckoutSessionCompleted(ctx, ref, o.domain())
+			return string(o.PaymentIntent), h.payments.CheckoutSessionCompleted(ctx, ref, o.domain())
 		case "checkout.session.async_payment_succeeded":
-			return h.payments.CheckoutSessionAsyncSucceeded(ctx, ref, o.domain())
+			return string(o.PaymentIntent), h.payments.CheckoutSessionAsyncSucceeded(ctx, ref, o.domain())
 		}
-		return h.payments.CheckoutSessionFailed(ctx, ref, o.domain())
+		return "", h.payments.CheckoutSessionFailed(ctx, ref, o.domain())
 	case "charge.refunded":
 		var o chargeObject
 		if err := decodeObject(ev, &o, func() string { return o.ID }); err != nil {
-			return err
+			return "", err
 		}
-		return h.payments.ChargeRefunded(ctx, ref, o.domain())
+		return "", h.payments.ChargeRefunded(ctx, ref, o.domain())
+	case "charge.dispute.created", "charge.dispute.updated", "charge.dispute.closed",
+		"charge.dispute.funds_withdrawn", "charge.dispute.funds_reinstated":
+		var o disputeObject
+		if err := decodeObject(ev, &o, func() string { return o.ID }); err != nil {
+			return "", err
+		}
+		return "", h.payments.DisputeChanged(ctx, ref, o.domain())
 	case "customer.subscription.created", "customer.subscription.updated", "customer.subscription.deleted":
 		var o subscriptionObject
 		if err := decodeObject(ev, &o, func() string { return o.ID }); err != nil {
-			return err
+			return "", err
 		}
-		return h.payments.SubscriptionChanged(ctx, ref, o.domain())
+		return "", h.payments.SubscriptionChanged(ctx, ref, o.domain())
 	}
-	return errIgnored
+	return "", errIgnored
 }
 
 // Stored is an event as the admin API shows it.
@@ -404,7 +456,7 @@ func (h *Intake) Replay(ctx context.Context, id string) (Stored, error) {
 		return Stored{}, fmt.Errorf("stripehook: stored event %s no longer parses: %w", id, err)
 	}
 	// An operator's replay gets a full set of attempts of its own.
-	if _, err := h.process(ctx, ev, 0); err != nil {
+	if _, err := h.process(ctx, ev, 0, rows[0].ReceivedAt); err != nil {
 		return Stored{}, err
 	}
 	return h.Get(ctx, id)
@@ -415,12 +467,20 @@ func (h *Intake) Replay(ctx context.Context, id string) (Stored, error) {
 // LOCKED and a lease so replicas never take the same event, and processes
 // them. It returns how many it processed.
 func (h *Intake) RetryDue(ctx context.Context, batch int) (int, error) {
-	now := h.now()
+	return h.claimAndProcess(ctx, `status IN ('received', 'failed') AND next_attempt_at <= ?`, []any{h.now()}, batch)
+}
+
+// claimAndProcess claims up to batch stored events matching where (SQL over
+// stripe_events, with args), oldest due first, under a lease and FOR UPDATE
+// SKIP LOCKED so that no two instances take the same one, and processes
+// them. It returns how many it claimed.
+func (h *Intake) claimAndProcess(ctx context.Context, where string, args []any, batch int) (int, error) {
 	var rows []storedRow
+	// where is one of this package's fixed conditions, never input.
 	err := h.db.WithContext(ctx).Raw(`UPDATE stripe_events SET next_attempt_at = ?
-		WHERE id IN (SELECT id FROM stripe_events WHERE status IN ('received', 'failed') AND next_attempt_at <= ?
+		WHERE id IN (SELECT id FROM stripe_events WHERE `+where+`
 			ORDER BY next_attempt_at LIMIT ? FOR UPDATE SKIP LOCKED)
-		RETURNING `+storedColumns+`, payload`, now.Add(lease), now, batch).Scan(&rows).Error
+		RETURNING `+storedColumns+`, payload`, append(append([]any{h.now().Add(lease)}, args...), batch)...).Scan(&rows).Error
 	if err != nil {
 		return 0, db.Translate(err, nil)
 	}
@@ -431,7 +491,7 @@ func (h *Intake) RetryDue(ctx context.Context, batch int) (int, error) {
 			continue
 		}
 		pctx, cancel := context.WithTimeout(ctx, processTimeout)
-		_, _ = h.process(pctx, ev, r.Attempts)
+		_, _ = h.process(pctx, ev, r.Attempts, r.ReceivedAt)
 		cancel()
 	}
 	return len(rows), nil

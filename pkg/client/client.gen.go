@@ -70,13 +70,16 @@ func (e ErrorCode) Valid() bool {
 
 // Defines values for GrantSummarySource.
 const (
-	Purchase GrantSummarySource = "purchase"
-	Service  GrantSummarySource = "service"
+	DisputeWon GrantSummarySource = "dispute_won"
+	Purchase   GrantSummarySource = "purchase"
+	Service    GrantSummarySource = "service"
 )
 
 // Valid indicates whether the value is a known member of the GrantSummarySource enum.
 func (e GrantSummarySource) Valid() bool {
 	switch e {
+	case DisputeWon:
+		return true
 	case Purchase:
 		return true
 	case Service:
@@ -154,15 +157,21 @@ func (e PaymentItemKind) Valid() bool {
 
 // Defines values for PaymentStatus.
 const (
-	PaymentStatusFailed    PaymentStatus = "failed"
-	PaymentStatusPending   PaymentStatus = "pending"
-	PaymentStatusRefunded  PaymentStatus = "refunded"
-	PaymentStatusSucceeded PaymentStatus = "succeeded"
+	PaymentStatusDisputeLost PaymentStatus = "dispute_lost"
+	PaymentStatusDisputed    PaymentStatus = "disputed"
+	PaymentStatusFailed      PaymentStatus = "failed"
+	PaymentStatusPending     PaymentStatus = "pending"
+	PaymentStatusRefunded    PaymentStatus = "refunded"
+	PaymentStatusSucceeded   PaymentStatus = "succeeded"
 )
 
 // Valid indicates whether the value is a known member of the PaymentStatus enum.
 func (e PaymentStatus) Valid() bool {
 	switch e {
+	case PaymentStatusDisputeLost:
+		return true
+	case PaymentStatusDisputed:
+		return true
 	case PaymentStatusFailed:
 		return true
 	case PaymentStatusPending:
@@ -360,9 +369,10 @@ type Event struct {
 	Id         string                 `json:"id"`
 
 	// Type customer.created, customer.updated, payment.succeeded,
-	// payment.failed, payment.refunded, credits.granted,
-	// credits.low_balance, credits.expiring, credits.expired,
-	// usage.dead, ...
+	// payment.failed, payment.refunded, payment.disputed,
+	// payment.dispute_won, payment.dispute_lost, credits.granted,
+	// credits.revoked, credits.low_balance, credits.expiring,
+	// credits.expired, usage.dead, ...
 	Type string `json:"type"`
 }
 
@@ -405,16 +415,18 @@ type GrantResult struct {
 
 // GrantSummary defines model for GrantSummary.
 type GrantSummary struct {
-	Amount    int64              `json:"amount"`
-	CreatedAt time.Time          `json:"created_at"`
-	ExpiresAt *time.Time         `json:"expires_at,omitempty"`
-	Id        string             `json:"id"`
-	PaymentId *string            `json:"payment_id,omitempty"`
-	Remaining int64              `json:"remaining"`
-	Source    GrantSummarySource `json:"source"`
+	Amount    int64      `json:"amount"`
+	CreatedAt time.Time  `json:"created_at"`
+	ExpiresAt *time.Time `json:"expires_at,omitempty"`
+	Id        string     `json:"id"`
+	PaymentId *string    `json:"payment_id,omitempty"`
+	Remaining int64      `json:"remaining"`
+
+	// Source `dispute_won`: credits a chargeback took back, returned when the dispute was won, with the expiry of the grant they came from.
+	Source GrantSummarySource `json:"source"`
 }
 
-// GrantSummarySource defines model for GrantSummary.Source.
+// GrantSummarySource `dispute_won`: credits a chargeback took back, returned when the dispute was won, with the expiry of the grant they came from.
 type GrantSummarySource string
 
 // Health defines model for Health.
@@ -439,10 +451,10 @@ type LedgerEntry struct {
 	BalanceAfter int64     `json:"balance_after"`
 	CreatedAt    time.Time `json:"created_at"`
 
-	// Draws For consume entries, the grants drawn from.
+	// Draws For consume and revoke entries, the grants drawn from.
 	Draws *[]LedgerDraw `json:"draws,omitempty"`
 
-	// GrantId The grant a grant, expire or revoke entry is about.
+	// GrantId The grant a grant, expire or revoke entry is about (for a revoke, the purchase grant of the refunded or disputed payment).
 	GrantId *string         `json:"grant_id,omitempty"`
 	Id      string          `json:"id"`
 	Kind    LedgerEntryKind `json:"kind"`
@@ -451,6 +463,12 @@ type LedgerEntry struct {
 	Metadata  Metadata `json:"metadata"`
 	PaymentId *string  `json:"payment_id,omitempty"`
 	Reason    string   `json:"reason"`
+
+	// Shortfall For revoke entries: the credits a refund or dispute should have
+	// taken back but could not, because the customer had spent them.
+	// The balance never goes below zero; the shortfall stays a
+	// receivable, listed by `GET /v1/admin/verify`.
+	Shortfall *int64 `json:"shortfall,omitempty"`
 }
 
 // LedgerEntryKind defines model for LedgerEntry.Kind.
@@ -475,7 +493,10 @@ type MeterTotal struct {
 // Payment defines model for Payment.
 type Payment struct {
 	// Amount Expected amount in minor units.
-	Amount            int64     `json:"amount"`
+	Amount int64 `json:"amount"`
+
+	// AmountDisputed Withdrawn by chargebacks that are open or lost (0 again once a dispute is won).
+	AmountDisputed    int64     `json:"amount_disputed"`
 	AmountReceived    *int64    `json:"amount_received,omitempty"`
 	AmountRefunded    int64     `json:"amount_refunded"`
 	CheckoutSessionId *string   `json:"checkout_session_id,omitempty"`
@@ -498,9 +519,18 @@ type Payment struct {
 	Livemode        bool            `json:"livemode"`
 	PaymentIntentId *string         `json:"payment_intent_id,omitempty"`
 	Quantity        int64           `json:"quantity"`
-	Status          PaymentStatus   `json:"status"`
-	SubscriptionId  *string         `json:"subscription_id,omitempty"`
-	SucceededAt     *time.Time      `json:"succeeded_at,omitempty"`
+
+	// Status Where the payment stands. `pending → succeeded | failed`,
+	// `failed → succeeded` (a retried card), `succeeded → refunded` (after
+	// any refund; `amount_refunded` grows with later ones). A chargeback
+	// moves a succeeded or refunded payment to `disputed` (its disputed
+	// share of the credits is taken back, as for a refund); closed won, it
+	// returns to the state it had before and the credits come back;
+	// closed lost, it ends `dispute_lost`. An inquiry (no funds withdrawn)
+	// is only recorded in `transitions`.
+	Status         PaymentStatus `json:"status"`
+	SubscriptionId *string       `json:"subscription_id,omitempty"`
+	SucceededAt    *time.Time    `json:"succeeded_at,omitempty"`
 
 	// Transitions Every transition and every refused one, oldest first. Empty in lists.
 	Transitions []PaymentTransition `json:"transitions"`
@@ -516,12 +546,19 @@ type PaymentPage struct {
 	NextCursor *string   `json:"next_cursor"`
 }
 
-// PaymentStatus defines model for PaymentStatus.
+// PaymentStatus Where the payment stands. `pending → succeeded | failed`,
+// `failed → succeeded` (a retried card), `succeeded → refunded` (after
+// any refund; `amount_refunded` grows with later ones). A chargeback
+// moves a succeeded or refunded payment to `disputed` (its disputed
+// share of the credits is taken back, as for a refund); closed won, it
+// returns to the state it had before and the credits come back;
+// closed lost, it ends `dispute_lost`. An inquiry (no funds withdrawn)
+// is only recorded in `transitions`.
 type PaymentStatus string
 
 // PaymentTransition defines model for PaymentTransition.
 type PaymentTransition struct {
-	// Applied False when the state machine refused it (a stale or out-of-order event).
+	// Applied False when the event moved nothing: the state machine refused it (a stale or out-of-order event), or it was only recorded (a dispute inquiry, a dispute already in that stage).
 	Applied         bool      `json:"applied"`
 	CreatedAt       time.Time `json:"created_at"`
 	From            *string   `json:"from"`
@@ -561,6 +598,17 @@ type Product struct {
 	Currency string `json:"currency"`
 	Id       string `json:"id"`
 	Name     string `json:"name"`
+}
+
+// Receivable defines model for Receivable.
+type Receivable struct {
+	CustomerId string `json:"customer_id"`
+
+	// Revokes Revoke entries the shortfall comes from.
+	Revokes int64 `json:"revokes"`
+
+	// Shortfall Credits not recovered.
+	Shortfall int64 `json:"shortfall"`
 }
 
 // Reconciliation defines model for Reconciliation.
@@ -709,6 +757,11 @@ type VerifyReport struct {
 	Ok               bool            `json:"ok"`
 	PaymentsChecked  int64           `json:"payments_checked"`
 	Problems         []VerifyProblem `json:"problems"`
+
+	// Receivables Customers with an open shortfall: credits refunds or disputes
+	// could not take back because they were spent. Money owed, not a
+	// breach: they do not make `ok` false. Largest first.
+	Receivables []Receivable `json:"receivables"`
 }
 
 // Cursor defines model for Cursor.

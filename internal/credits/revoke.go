@@ -1,0 +1,290 @@
+package credits
+
+import (
+	"context"
+	"database/sql"
+	"encoding/json"
+	"fmt"
+	"time"
+
+	"gorm.io/gorm"
+
+	"github.com/tallybilling/tally/internal/config"
+	"github.com/tallybilling/tally/internal/db"
+	"github.com/tallybilling/tally/internal/errs"
+	"github.com/tallybilling/tally/internal/events"
+)
+
+// RevokeInput takes credits back from a customer because the money that
+// bought them went back (a refund) or was taken back (a dispute).
+type RevokeInput struct {
+	CustomerID string
+	// PaymentID is the payment whose purchase grant is drawn first.
+	PaymentID string
+	// Credits is how many credits to take back (at least 1).
+	Credits int64
+	// Reason is the ledger entry's reason ("refund", "dispute").
+	Reason   string
+	Metadata map[string]string
+	// From is config.RevokeFromBalance (the purchase grant first, then the
+	// customer's other grants in draw order, and what they cannot cover is
+	// a shortfall) or config.RevokeFromPurchaseGrant (only what is left of
+	// the purchase grant; the rest is neither taken nor recorded).
+	From string
+}
+
+// RevokeResult is what a revoke did.
+type RevokeResult struct {
+	// TransactionID is the revoke ledger entry, "" when nothing was written
+	// (RevokeFromPurchaseGrant with nothing left to take).
+	TransactionID string
+	// Taken is what was taken from the grants in Draws; Shortfall is what
+	// they could not cover (always 0 under RevokeFromPurchaseGrant).
+	Taken     int64
+	Shortfall int64
+	Draws     []Draw
+	// Balance is the spendable balance afterwards.
+	Balance int64
+}
+
+// Revoke takes in.Credits back from the customer inside the caller's
+// transaction tx (payments calls it with the payment's row locked, in the
+// transaction that records the refund or dispute). It never drives the
+// balance below zero: what the grants cannot cover is recorded as the
+// entry's shortfall and as an open receivable (see Verify), never taken
+// from later grants. It writes one revoke ledger entry and credits.revoked,
+// and fires credits.low_balance when that crosses the threshold.
+//
+// Errors: errs.Invalid for bad input; errs.Unavailable.
+func Revoke(ctx context.Context, tx *gorm.DB, clock func() time.Time, in RevokeInput) (RevokeResult, error) {
+	if in.Credits < 1 || in.Credits > MaxAmount {
+		return RevokeResult{}, errs.InvalidField("/credits", "a revoke takes 1 to 1000000000000 credits")
+	}
+	if in.From != config.RevokeFromBalance && in.From != config.RevokeFromPurchaseGrant {
+		return RevokeResult{}, errs.InvalidField("/from", "a revoke takes from balance or purchase_grant")
+	}
+	if err := validateMove(in.CustomerID, in.Credits, in.Reason, in.Metadata); err != nil {
+		return RevokeResult{}, err
+	}
+	r, err := revoke(ctx, tx, clock, in)
+	return r, db.Translate(err, nil)
+}
+
+func revoke(ctx context.Context, tx *gorm.DB, clock func() time.Time, in RevokeInput) (RevokeResult, error) {
+	a, err := ensureAccount(ctx, tx, in.CustomerID, clock, nil)
+	if err != nil {
+		return RevokeResult{}, err
+	}
+	now := a.now
+	type candidate struct {
+		ID        string
+		Remaining int64
+		Purchase  bool
+	}
+	// The payment's own purchase grant first, then (from the balance) the
+	// others in consume's draw order. lockAccount expired what was due.
+	var grants []candidate
+	err = tx.WithContext(ctx).Raw(`SELECT id, remaining, (source = 'purchase' AND payment_id = @payment) AS purchase
+		FROM credit_grants
+		WHERE customer_id = @customer AND remaining > 0 AND (expires_at IS NULL OR expires_at > @now)
+		  AND (@from = 'balance' OR (source = 'purchase' AND payment_id = @payment))
+		ORDER BY (source = 'purchase' AND payment_id = @payment) DESC, expires_at NULLS LAST, created_at, id
+		FOR UPDATE`, map[string]any{"payment": in.PaymentID, "customer": in.CustomerID, "now": now, "from": in.From}).Scan(&grants).Error
+	if err != nil {
+		return RevokeResult{}, err
+	}
+	res := RevokeResult{Draws: []Draw{}}
+	for _, g := range grants {
+		if res.Taken == in.Credits {
+			break
+		}
+		take := min(g.Remaining, in.Credits-res.Taken)
+		if err := tx.WithContext(ctx).Exec(`UPDATE credit_grants SET remaining = remaining - ?, revoked = revoked + ? WHERE id = ?`,
+			take, take, g.ID).Error; err != nil {
+			return RevokeResult{}, err
+		}
+		res.Taken += take
+		res.Draws = append(res.Draws, Draw{GrantID: g.ID, Amount: take})
+	}
+	if in.From == config.RevokeFromBalance {
+		res.Shortfall = in.Credits - res.Taken
+	}
+	if res.Taken == 0 && res.Shortfall == 0 {
+		res.Balance = a.balance
+		return res, nil
+	}
+	a.balance -= res.Taken
+	res.Balance = a.balance
+	fire := a.lowBalance(true)
+	if err := a.save(ctx, tx); err != nil {
+		return RevokeResult{}, err
+	}
+	// The entry is about the purchase grant (when the payment has one),
+	// whichever grants it drew from.
+	var ids []string
+	if err := tx.WithContext(ctx).Raw(`SELECT id FROM credit_grants WHERE source = 'purchase' AND payment_id = ?`, in.PaymentID).
+		Scan(&ids).Error; err != nil {
+		return RevokeResult{}, err
+	}
+	var purchaseGrant *string
+	if len(ids) > 0 {
+		purchaseGrant = &ids[0]
+	}
+	res.TransactionID = db.NewID("ctx")
+	if err := insertEntry(ctx, tx, entryRow{
+		ID: res.TransactionID, CustomerID: in.CustomerID, Kind: KindRevoke, Amount: -res.Taken, BalanceAfter: a.balance,
+		Reason: in.Reason, Metadata: in.Metadata, GrantID: purchaseGrant, PaymentID: nonEmpty(in.PaymentID),
+		Draws: res.Draws, Shortfall: res.Shortfall, CreatedAt: now,
+	}); err != nil {
+		return RevokeResult{}, err
+	}
+	if res.Shortfall > 0 {
+		if err := tx.WithContext(ctx).Exec(`INSERT INTO credit_shortfalls (ledger_entry_id, customer_id, payment_id, amount, created_at)
+			VALUES (?, ?, ?, ?, ?)`, res.TransactionID, in.CustomerID, nonEmpty(in.PaymentID), res.Shortfall, now).Error; err != nil {
+			return RevokeResult{}, err
+		}
+	}
+	data := map[string]any{
+		"customer_id":    in.CustomerID,
+		"payment_id":     in.PaymentID,
+		"transaction_id": res.TransactionID,
+		"amount":         res.Taken,
+		"shortfall":      res.Shortfall,
+		"draws":          res.Draws,
+		"balance":        a.balance,
+		"reason":         in.Reason,
+	}
+	if purchaseGrant != nil {
+		data["grant_id"] = *purchaseGrant
+	}
+	if err := events.Append(ctx, tx, events.Event{Type: events.CreditsRevoked, CustomerID: in.CustomerID, Data: data}); err != nil {
+		return RevokeResult{}, err
+	}
+	if fire {
+		if err := a.appendLowBalance(ctx, tx); err != nil {
+			return RevokeResult{}, err
+		}
+	}
+	return res, nil
+}
+
+// drawsJSON is the draws column of an entry: nil (SQL NULL) when none.
+func drawsJSON(draws []Draw) (*string, error) {
+	if draws == nil {
+		return nil, nil
+	}
+	b, err := json.Marshal(draws)
+	if err != nil {
+		return nil, fmt.Errorf("credits: draws: %w", err)
+	}
+	s := string(b)
+	return &s, nil
+}
+
+// RestoreInput gives back what one revoke took, because the money came back
+// after all (a dispute won).
+type RestoreInput struct {
+	CustomerID string
+	// PaymentID is the payment the revoke was for; the new grants name it.
+	PaymentID string
+	// RevokeTransactionID is the revoke ledger entry to give back.
+	RevokeTransactionID string
+	// Reason is the new grants' reason and the shortfall's settlement.
+	Reason   string
+	Metadata map[string]string
+}
+
+// RestoreResult is what a restore did.
+type RestoreResult struct {
+	// Restored is what came back as SourceDisputeWon grants (Grants);
+	// Expired what did not, because the grant it was taken from has expired
+	// since: those credits would have expired anyway, and nothing comes
+	// back already expired.
+	Restored int64
+	Expired  int64
+	Grants   []GrantResult
+	// ShortfallSettled is the revoke's shortfall, no longer owed.
+	ShortfallSettled int64
+}
+
+// Restore reverses a revoke inside the caller's transaction tx: each grant
+// the revoke drew from gets its credits back as a new SourceDisputeWon grant
+// with that grant's expiry (unless that expiry has passed), and the
+// revoke's open shortfall is settled. Each restored grant has its grant
+// entry and credits.granted, like any grant.
+//
+// Errors: errs.NotFound (no such revoke of that customer and payment),
+// errs.Invalid, errs.Unavailable.
+func Restore(ctx context.Context, tx *gorm.DB, clock func() time.Time, in RestoreInput) (RestoreResult, error) {
+	if err := validateReason(in.Reason); err != nil {
+		return RestoreResult{}, err
+	}
+	if err := validateMetadata(in.Metadata); err != nil {
+		return RestoreResult{}, err
+	}
+	r, err := restore(ctx, tx, clock, in)
+	return r, db.Translate(err, grantConstraints)
+}
+
+func restore(ctx context.Context, tx *gorm.DB, clock func() time.Time, in RestoreInput) (RestoreResult, error) {
+	a, err := ensureAccount(ctx, tx, in.CustomerID, clock, nil)
+	if err != nil {
+		return RestoreResult{}, err
+	}
+	var entries []struct{ Draws *string }
+	err = tx.WithContext(ctx).Raw(`SELECT draws::text AS draws FROM credit_ledger
+		WHERE id = ? AND customer_id = ? AND payment_id = ? AND kind = 'revoke'`,
+		in.RevokeTransactionID, in.CustomerID, in.PaymentID).Scan(&entries).Error
+	if err != nil {
+		return RestoreResult{}, err
+	}
+	if len(entries) == 0 {
+		return RestoreResult{}, errs.E(errs.NotFound, "no revoke %s of payment %s for customer %s", in.RevokeTransactionID, in.PaymentID, in.CustomerID)
+	}
+	var draws []Draw
+	if entries[0].Draws != nil {
+		if err := json.Unmarshal([]byte(*entries[0].Draws), &draws); err != nil {
+			return RestoreResult{}, fmt.Errorf("credits: draws of revoke %s: %w", in.RevokeTransactionID, err)
+		}
+	}
+	var res RestoreResult
+	for _, d := range draws {
+		var expires sql.NullTime
+		if err := db.ScanRow(tx.WithContext(ctx).Raw(`SELECT expires_at FROM credit_grants WHERE id = ?`, d.GrantID), &expires); err != nil {
+			return RestoreResult{}, fmt.Errorf("credits: grant %s that revoke %s drew from: %w", d.GrantID, in.RevokeTransactionID, err)
+		}
+		var expiresAt *time.Time
+		if expires.Valid {
+			if !expires.Time.After(a.now) {
+				res.Expired += d.Amount
+				continue
+			}
+			expiresAt = &expires.Time
+		}
+		meta := map[string]string{"restores_grant_id": d.GrantID, "revoke_transaction_id": in.RevokeTransactionID}
+		for k, v := range in.Metadata {
+			meta[k] = v
+		}
+		gi := GrantInput{
+			CustomerID: in.CustomerID, Amount: d.Amount, Reason: in.Reason, Source: SourceDisputeWon,
+			PaymentID: in.PaymentID, ExpiresAt: expiresAt, Metadata: meta,
+		}
+		if err := gi.Validate(); err != nil {
+			return RestoreResult{}, err
+		}
+		g, err := grantTx(ctx, tx, clock, gi, nil, "")
+		if err != nil {
+			return RestoreResult{}, err
+		}
+		res.Restored += d.Amount
+		res.Grants = append(res.Grants, g)
+	}
+	err = db.ScanRow(tx.WithContext(ctx).Raw(`WITH s AS (
+			UPDATE credit_shortfalls SET settled_at = ?, settled_reason = ?
+			WHERE ledger_entry_id = ? AND settled_at IS NULL RETURNING amount)
+		SELECT COALESCE(sum(amount), 0)::bigint FROM s`, a.now, in.Reason, in.RevokeTransactionID), &res.ShortfallSettled)
+	if err != nil {
+		return RestoreResult{}, err
+	}
+	return res, nil
+}

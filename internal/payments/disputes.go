@@ -1,0 +1,292 @@
+package payments
+
+import (
+	"context"
+	"fmt"
+	"strings"
+	"time"
+
+	"gorm.io/gorm"
+
+	"github.com/tallybilling/tally/internal/credits"
+	"github.com/tallybilling/tally/internal/db"
+	"github.com/tallybilling/tally/internal/events"
+)
+
+// Dispute is a Stripe Dispute (charge.dispute.*): a cardholder contesting
+// a charge with their bank.
+type Dispute struct {
+	ID            string
+	Charge        string
+	PaymentIntent string
+	// Amount is what the dispute is about (minor units of Currency).
+	Amount   int64
+	Currency string
+	Status   string
+	Reason   string
+	Livemode bool
+	Metadata map[string]string
+}
+
+// A dispute's stages, in the order Stripe moves through them. An inquiry
+// (warning_*) withdraws nothing; from needs_response on, the funds are
+// withdrawn; won and lost close it. An event may arrive after a later
+// stage was applied: only a further stage changes anything.
+var disputeStages = map[string]int{
+	"warning_needs_response": 1,
+	"warning_under_review":   2,
+	"warning_closed":         3,
+	"prevented":              3, // closed before any chargeback
+	"needs_response":         4,
+	"under_review":           5,
+	"won":                    6,
+	"lost":                   6,
+}
+
+const stageWithdrawn = 4
+
+// disputeRow is the payment_disputes row of a dispute.
+type disputeRow struct {
+	StripeDisputeID     string
+	PaymentID           string
+	Amount              int64
+	Status              string
+	WithdrawnAt         *time.Time
+	CreditsRevoked      int64
+	CreditsShortfall    int64
+	RevokeTransactionID *string
+}
+
+// DisputeChanged applies charge.dispute.created, .updated, .closed,
+// .funds_withdrawn and .funds_reinstated, all by the dispute's status in
+// the event, so that any order of delivery ends in the same place:
+//
+//   - an inquiry (warning_*) is recorded in the payment's history, nothing
+//     more: no funds were withdrawn;
+//   - a chargeback (needs_response, under_review) moves the payment to
+//     disputed, adds the amount to amount_disputed and takes back the
+//     credits that amount bought, exactly as a refund does (takeBack), and
+//     emits payment.disputed;
+//   - closed lost: dispute_lost and payment.dispute_lost (first seen lost,
+//     the withdrawal is applied in the same step);
+//   - closed won: the credits taken back return as dispute_won grants with
+//     the expiry of the grants they came from (not those whose expiry has
+//     passed meanwhile), the shortfall is settled, the payment returns to
+//     succeeded or refunded, and payment.dispute_won is emitted. A dispute
+//     first seen won took nothing here, so it only records.
+//
+// A stage already reached (a redelivery, a late or replayed event) is only
+// recorded. A dispute of a payment not succeeded yet is *Waiting (it
+// applies once the success arrives).
+//
+// Errors: ErrNotOurs, *Waiting, *Rejection (livemode, currency, no or
+// another PaymentIntent, a dispute of another payment), errs.Unavailable.
+func (s *Service) DisputeChanged(ctx context.Context, ev EventRef, d Dispute) error {
+	id, err := s.paymentFor(ctx, d.Metadata, map[string]string{"payment_intent_id": d.PaymentIntent})
+	if err != nil {
+		return err
+	}
+	if id == "" {
+		return ErrNotOurs
+	}
+	return s.inEventTx(ctx, ev, id, d.Livemode, d.PaymentIntent, func(tx *gorm.DB, p Payment) error {
+		if d.PaymentIntent == "" {
+			return reject("dispute %s names no PaymentIntent, so it cannot be matched to payment %s", d.ID, p.ID)
+		}
+		if !strings.EqualFold(d.Currency, p.Currency) {
+			return reject("dispute %s currency %q does not match payment %s (%q)", d.ID, d.Currency, p.ID, p.Currency)
+		}
+		if d.Amount < 1 {
+			return reject("dispute %s is about %d", d.ID, d.Amount)
+		}
+		if p.Status == Pending || p.Status == Failed {
+			return waiting(d.PaymentIntent, "dispute %s of payment %s, which is %s: waiting for the success of PaymentIntent %s", d.ID, p.ID, p.Status, d.PaymentIntent)
+		}
+		if d.PaymentIntent != p.PaymentIntentID {
+			return reject("dispute %s belongs to PaymentIntent %s, not to payment %s's (%q)", d.ID, d.PaymentIntent, p.ID, p.PaymentIntentID)
+		}
+		row, found, err := loadDispute(ctx, tx, d.ID)
+		if err != nil {
+			return err
+		}
+		if found && row.PaymentID != p.ID {
+			return reject("dispute %s is of payment %s, not %s", d.ID, row.PaymentID, p.ID)
+		}
+		stage, known := disputeStages[d.Status]
+		if !known {
+			return record(ctx, tx, p, p.Status, false, ev, fmt.Sprintf("dispute %s has status %q, which tally does not act on", d.ID, d.Status))
+		}
+		if found && stage <= disputeStages[row.Status] {
+			return record(ctx, tx, p, p.Status, false, ev, fmt.Sprintf("dispute %s is %s: already %s, nothing more to do", d.ID, d.Status, row.Status))
+		}
+		now := s.now()
+		if !found {
+			row = disputeRow{StripeDisputeID: d.ID, PaymentID: p.ID, Amount: d.Amount}
+			if err := tx.Exec(`INSERT INTO payment_disputes (stripe_dispute_id, payment_id, charge_id, amount, currency, reason, status, created_at, updated_at)
+				VALUES (?, ?, NULLIF(?, ''), ?, ?, NULLIF(?, ''), ?, ?, ?)`,
+				d.ID, p.ID, d.Charge, d.Amount, strings.ToLower(d.Currency), d.Reason, d.Status, now, now).Error; err != nil {
+				return db.Translate(err, nil)
+			}
+		}
+		closed := d.Status == "won" || d.Status == "lost" || d.Status == "warning_closed" || d.Status == "prevented"
+		if err := tx.Exec(`UPDATE payment_disputes SET status = ?, updated_at = ?,
+				closed_at = CASE WHEN ? THEN ? ELSE closed_at END WHERE stripe_dispute_id = ?`,
+			d.Status, now, closed, now, d.ID).Error; err != nil {
+			return db.Translate(err, nil)
+		}
+		switch {
+		case stage < stageWithdrawn:
+			return record(ctx, tx, p, p.Status, false, ev, fmt.Sprintf("dispute inquiry %s is %s: recorded, no funds withdrawn", d.ID, d.Status))
+		case d.Status == "won":
+			return s.disputeWon(ctx, tx, p, row, ev)
+		case row.WithdrawnAt == nil:
+			return s.disputeWithdrawn(ctx, tx, p, row, d, ev)
+		case d.Status == "lost":
+			return s.disputeLost(ctx, tx, p, row, ev)
+		}
+		return record(ctx, tx, p, p.Status, false, ev, fmt.Sprintf("dispute %s is %s", d.ID, d.Status))
+	})
+}
+
+func loadDispute(ctx context.Context, tx *gorm.DB, id string) (disputeRow, bool, error) {
+	var rows []disputeRow
+	err := tx.WithContext(ctx).Raw(`SELECT stripe_dispute_id, payment_id, amount, status, withdrawn_at, credits_revoked,
+			credits_shortfall, revoke_transaction_id
+		FROM payment_disputes WHERE stripe_dispute_id = ? FOR UPDATE`, id).Scan(&rows).Error
+	if err != nil {
+		return disputeRow{}, false, db.Translate(err, nil)
+	}
+	if len(rows) == 0 {
+		return disputeRow{}, false, nil
+	}
+	return rows[0], true, nil
+}
+
+// disputeWithdrawn applies the withdrawal of a dispute's funds (and, for a
+// dispute first seen lost, its loss in the same move).
+func (s *Service) disputeWithdrawn(ctx context.Context, tx *gorm.DB, p Payment, row disputeRow, d Dispute, ev EventRef) error {
+	to := Disputed
+	if d.Status == "lost" {
+		to = DisputeLost
+	}
+	ok, err := transition(ctx, tx, p, to, ev, fmt.Sprintf("dispute %s (%s): %d %s withdrawn", d.ID, d.Reason, d.Amount, p.Currency))
+	if err != nil {
+		return err
+	}
+	if !ok {
+		return reject("payment %s is %s and cannot become %s", p.ID, p.Status, to)
+	}
+	back, err := s.takeBack(ctx, tx, p, disputeDue(p, row.Amount), "dispute", ev)
+	if err != nil {
+		return err
+	}
+	now := s.now()
+	if err := tx.Exec(`UPDATE payment_disputes SET withdrawn_at = ?, credits_revoked = ?, credits_shortfall = ?,
+			revoke_transaction_id = NULLIF(?, '') WHERE stripe_dispute_id = ?`,
+		now, back.Taken, back.Shortfall, back.TransactionID, row.StripeDisputeID).Error; err != nil {
+		return db.Translate(err, nil)
+	}
+	before := p.StatusBeforeDispute
+	if p.Status == Succeeded || p.Status == Refunded {
+		before = p.Status
+	}
+	if err := tx.Exec(`UPDATE payments SET status = ?, amount_disputed = amount_disputed + ?, status_before_dispute = ?, updated_at = ?
+		WHERE id = ?`, string(to), row.Amount, string(before), now, p.ID).Error; err != nil {
+		return db.Translate(err, nil)
+	}
+	err = events.Append(ctx, tx, events.Event{Type: events.PaymentDisputed, CustomerID: p.CustomerID, Data: map[string]any{
+		"payment_id": p.ID, "dispute_id": row.StripeDisputeID, "amount_disputed": row.Amount, "currency": p.Currency,
+		"reason": d.Reason, "credits_revoked": back.Taken, "credits_shortfall": back.Shortfall, "stripe_event_id": ev.ID,
+	}})
+	if err != nil || to != DisputeLost {
+		return err
+	}
+	return appendDisputeLost(ctx, tx, p, row, ev)
+}
+
+func (s *Service) disputeLost(ctx context.Context, tx *gorm.DB, p Payment, row disputeRow, ev EventRef) error {
+	ok, err := transition(ctx, tx, p, DisputeLost, ev, fmt.Sprintf("dispute %s lost", row.StripeDisputeID))
+	if err != nil {
+		return err
+	}
+	if !ok {
+		return reject("payment %s is %s and cannot become %s", p.ID, p.Status, DisputeLost)
+	}
+	if err := tx.Exec(`UPDATE payments SET status = 'dispute_lost', updated_at = ? WHERE id = ?`, s.now(), p.ID).Error; err != nil {
+		return db.Translate(err, nil)
+	}
+	return appendDisputeLost(ctx, tx, p, row, ev)
+}
+
+func appendDisputeLost(ctx context.Context, tx *gorm.DB, p Payment, row disputeRow, ev EventRef) error {
+	return events.Append(ctx, tx, events.Event{Type: events.PaymentDisputeLost, CustomerID: p.CustomerID, Data: map[string]any{
+		"payment_id": p.ID, "dispute_id": row.StripeDisputeID, "amount_disputed": row.Amount, "currency": p.Currency,
+		"stripe_event_id": ev.ID,
+	}})
+}
+
+// disputeWon gives back what a dispute took and returns the payment to the
+// state it had before. A dispute first seen won took nothing: recorded only.
+func (s *Service) disputeWon(ctx context.Context, tx *gorm.DB, p Payment, row disputeRow, ev EventRef) error {
+	if row.WithdrawnAt == nil {
+		return record(ctx, tx, p, p.Status, false, ev,
+			fmt.Sprintf("dispute %s closed won before tally saw its funds withdrawn: nothing was taken back, nothing to return", row.StripeDisputeID))
+	}
+	// Another dispute of the payment still open (or lost) keeps it there.
+	var others []string
+	if err := tx.Raw(`SELECT status FROM payment_disputes WHERE payment_id = ? AND stripe_dispute_id <> ?
+		AND withdrawn_at IS NOT NULL AND status <> 'won'`, p.ID, row.StripeDisputeID).Scan(&others).Error; err != nil {
+		return db.Translate(err, nil)
+	}
+	to := p.StatusBeforeDispute
+	if to == "" {
+		to = Succeeded
+		if p.AmountRefunded > 0 {
+			to = Refunded
+		}
+	}
+	for _, st := range others {
+		if st == "lost" {
+			to = DisputeLost
+		} else if to != DisputeLost {
+			to = Disputed
+		}
+	}
+	ok, err := transition(ctx, tx, p, to, ev, fmt.Sprintf("dispute %s won: %d %s reinstated", row.StripeDisputeID, row.Amount, p.Currency))
+	if err != nil {
+		return err
+	}
+	if !ok {
+		return reject("payment %s is %s and cannot become %s", p.ID, p.Status, to)
+	}
+	var back credits.RestoreResult
+	if row.RevokeTransactionID != nil {
+		back, err = credits.Restore(ctx, tx, s.now, credits.RestoreInput{
+			CustomerID: p.CustomerID, PaymentID: p.ID, RevokeTransactionID: *row.RevokeTransactionID,
+			Reason: "dispute won", Metadata: map[string]string{"payment_id": p.ID, "dispute_id": row.StripeDisputeID},
+		})
+		if err != nil {
+			return err
+		}
+	}
+	now := s.now()
+	if err := tx.Exec(`UPDATE payment_disputes SET credits_restored = ?, credits_expired = ? WHERE stripe_dispute_id = ?`,
+		back.Restored, back.Expired, row.StripeDisputeID).Error; err != nil {
+		return db.Translate(err, nil)
+	}
+	var before *string
+	if to == Disputed || to == DisputeLost {
+		b := string(p.StatusBeforeDispute)
+		before = &b
+	}
+	err = tx.Exec(`UPDATE payments SET status = ?, amount_disputed = amount_disputed - ?, credits_revoked = credits_revoked - ?,
+			status_before_dispute = ?, updated_at = ? WHERE id = ?`,
+		string(to), row.Amount, row.CreditsRevoked+row.CreditsShortfall, before, now, p.ID).Error
+	if err != nil {
+		return db.Translate(err, nil)
+	}
+	return events.Append(ctx, tx, events.Event{Type: events.PaymentDisputeWon, CustomerID: p.CustomerID, Data: map[string]any{
+		"payment_id": p.ID, "dispute_id": row.StripeDisputeID, "status": to, "credits_restored": back.Restored,
+		"credits_expired": back.Expired, "shortfall_settled": back.ShortfallSettled, "stripe_event_id": ev.ID,
+	}})
+}
