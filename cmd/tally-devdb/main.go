@@ -35,6 +35,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"net/url"
 	"os"
 	"path/filepath"
 	"strings"
@@ -135,7 +136,15 @@ func run(args []string, stderr io.Writer) int {
 	if sig := fw.received(); sig != nil {
 		return signalStatus(sig)
 	}
-	say("%s=%s", o.env, dbURL)
+	shown := dbURL
+	if dbURL == o.url {
+		// The configured URL may carry a real password; a private server's
+		// is throwaway, and shown so that psql can use it.
+		if u, err := url.Parse(dbURL); err == nil {
+			shown = u.Redacted()
+		}
+	}
+	say("%s=%s", o.env, shown)
 	return runCommand(o.command, append(os.Environ(), o.env+"="+dbURL), fw, say)
 }
 
