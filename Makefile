@@ -1,8 +1,10 @@
 # tally: build, check, test and run. `make help` lists the targets.
 #
-# Needs Go (the version in go.mod), PostgreSQL on 127.0.0.1:5432 for the tests
-# and `make run`, and a C compiler for the race detector. Everything else
-# (stripe-mock, oapi-codegen) comes pinned from the Go module proxy.
+# Needs Go (the version in go.mod, or Go 1.21+ that fetches it), PostgreSQL
+# (a server at PG_SERVER, or just the installed binaries: `make run` and
+# `make test` then start a private server) and a C compiler for the race
+# detector. Everything else (stripe-mock, oapi-codegen) comes pinned from the
+# Go module proxy.
 
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
@@ -16,6 +18,12 @@ ROOT := $(patsubst %/,%,$(dir $(abspath $(lastword $(MAKEFILE_LIST)))))
 BIN := $(ROOT)/bin
 GO ?= go
 
+# Debian's Go defaults to GOTOOLCHAIN=local; auto lets a Go 1.21 or later run
+# the go.mod version (fetched from the module proxy) and changes nothing when
+# the local one is recent enough. GOTOOLCHAIN=local make ... still wins.
+GOTOOLCHAIN ?= auto
+export GOTOOLCHAIN
+
 ifndef VERSION
 VERSION := $(shell git -C '$(ROOT)' describe --tags --always --dirty 2>/dev/null || echo dev)
 endif
@@ -26,12 +34,18 @@ STRIPE_MOCK_VERSION := v0.203.0
 STRIPE_MOCK := $(BIN)/stripe-mock
 STRIPE_MOCK_STAMP := $(BIN)/.stripe-mock.version
 
-# `make run`: a local PostgreSQL server (trust auth, as Debian's package sets
-# it up over the socket and as README.md shows for 127.0.0.1) and a database
-# created on first use.
+# PostgreSQL for `make run` and the tests: the server at PG_SERVER when it
+# accepts the postgres user without a password; otherwise bin/tally-devdb
+# starts a private server from the installed PostgreSQL binaries, with its
+# files under PG_STATE, and stops it when the command ends. `make run` keeps
+# its private database between runs (delete PG_STATE to start over); `make
+# test` gets a fresh private server each time.
 PG_SERVER ?= postgres://postgres@127.0.0.1:5432
+PG_STATE ?= $(ROOT)/.state/postgres
 RUN_DB ?= tally
 RUN_DATABASE_URL ?= $(PG_SERVER)/$(RUN_DB)?sslmode=disable
+TALLY_TEST_DATABASE_URL ?= $(PG_SERVER)/postgres?sslmode=disable
+DEVDB := $(BIN)/tally-devdb
 RUN_HTTP_ADDR ?= :8080
 STRIPE_MOCK_PORT ?= 12111
 
@@ -48,7 +62,7 @@ BENCH_SEED_ARGS ?=
 
 IMAGE ?= tally:$(VERSION)
 
-.PHONY: help tools generate check-generated fmt-check vet build run \
+.PHONY: help tools generate check-generated fmt-check vet build devdb run \
 	check-race test test-short bench bench-seed docker clean
 
 help: ## list the targets
@@ -74,7 +88,7 @@ generate: ## regenerate api/ and pkg/client/ from openapi.yaml
 # the working tree is never touched.
 check-generated: ## fail if the generated code does not match openapi.yaml
 	@tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
-	tar -C '$(ROOT)' --exclude=./.git --exclude=./bin -cf - . | tar -C "$$tmp" -xf -; \
+	tar -C '$(ROOT)' --exclude=./.git --exclude=./bin --exclude=./.state -cf - . | tar -C "$$tmp" -xf -; \
 	(cd "$$tmp" && $(GO) generate ./api/... ./pkg/client/...); \
 	stale=0; \
 	for dir in api pkg/client; do \
@@ -109,17 +123,14 @@ build: ## build the static binary bin/tally
 		-ldflags '-X main.version=$(VERSION)' -o '$(BIN)/tally' ./cmd/tally
 	@echo 'built bin/tally $(VERSION)'
 
-# A local server against PostgreSQL and a stripe-mock started alongside (it
-# stops when tally stops). The catalog is deploy/catalog.example.yaml.
-run: build tools ## run tally locally on :8080 (creates the database, migrates, starts stripe-mock)
-	@out=$$(createdb --maintenance-db='$(PG_SERVER)/postgres?sslmode=disable' '$(RUN_DB)' 2>&1) || \
-	case "$$out" in \
-		*"already exists"*) ;; \
-		*) printf '%s\n' "$$out" >&2; \
-		   echo 'make run needs PostgreSQL at $(PG_SERVER) with trust auth for postgres (README.md, Quick start)' >&2; \
-		   exit 1 ;; \
-	esac
-	@echo 'database: $(RUN_DATABASE_URL)'
+# Runs a command against PostgreSQL (see PG_SERVER above); not for direct use.
+devdb:
+	@cd '$(ROOT)' && CGO_ENABLED=0 $(GO) build -o '$(DEVDB)' ./cmd/tally-devdb
+
+# A local server against PostgreSQL and a stripe-mock started alongside (both
+# stop when tally stops, as does a private PostgreSQL). The catalog is
+# deploy/catalog.example.yaml.
+run: build tools devdb ## run tally locally on :8080 (creates the database, migrates, starts stripe-mock)
 	@echo 'stripe:   stripe-mock on http://127.0.0.1:$(STRIPE_MOCK_PORT), webhook secret $(DEV_WEBHOOK_SECRET)'
 	@echo 'dev API keys (development only; send as "Authorization: Bearer <key>"):'
 	@echo '  service: $(DEV_API_KEY)'
@@ -129,7 +140,7 @@ run: build tools ## run tally locally on :8080 (creates the database, migrates, 
 	trap 'exit 130' INT TERM; \
 	service_hash=$$(printf '%s' '$(DEV_API_KEY)' | sha256sum | cut -d' ' -f1); \
 	admin_hash=$$(printf '%s' '$(DEV_ADMIN_KEY)' | sha256sum | cut -d' ' -f1); \
-	TALLY_DATABASE_URL='$(RUN_DATABASE_URL)' \
+	cd '$(ROOT)' && \
 	TALLY_HTTP_ADDR='$(RUN_HTTP_ADDR)' \
 	TALLY_AUTO_MIGRATE=true \
 	TALLY_CATALOG_FILE='$(ROOT)/deploy/catalog.example.yaml' \
@@ -137,7 +148,8 @@ run: build tools ## run tally locally on :8080 (creates the database, migrates, 
 	TALLY_STRIPE_SECRET_KEY=sk_test_123 \
 	TALLY_STRIPE_API_URL='http://127.0.0.1:$(STRIPE_MOCK_PORT)' \
 	TALLY_STRIPE_WEBHOOK_SECRETS='$(DEV_WEBHOOK_SECRET)' \
-	'$(BIN)/tally' serve
+	'$(DEVDB)' -url '$(RUN_DATABASE_URL)' -create -keep run -state '$(PG_STATE)' -env TALLY_DATABASE_URL -- \
+		'$(BIN)/tally' serve
 
 # The race detector needs cgo, and cgo needs a C compiler; without one the go
 # command turns cgo off and `go test -race` fails with a less helpful message.
@@ -147,12 +159,14 @@ check-race:
 		exit 1; \
 	fi
 
-test: check-race tools fmt-check vet check-generated ## the test command: checks, then every test under the race detector
+test: check-race tools devdb fmt-check vet check-generated ## the test command: checks, then every test under the race detector
 	cd '$(ROOT)' && TALLY_STRIPE_MOCK_BIN='$(STRIPE_MOCK)' \
+	'$(DEVDB)' -url '$(TALLY_TEST_DATABASE_URL)' -state '$(PG_STATE)' -env TALLY_TEST_DATABASE_URL -- \
 		$(GO) test -race -count=1 -timeout 20m ./...
 
-test-short: tools ## the tests that honour -short, without the race detector (a quick loop)
+test-short: tools devdb ## the tests that honour -short, without the race detector (a quick loop)
 	cd '$(ROOT)' && TALLY_STRIPE_MOCK_BIN='$(STRIPE_MOCK)' \
+	'$(DEVDB)' -url '$(TALLY_TEST_DATABASE_URL)' -state '$(PG_STATE)' -env TALLY_TEST_DATABASE_URL -- \
 		$(GO) test -short -count=1 ./...
 
 # Drives an already running server (for example `make run` in another shell)

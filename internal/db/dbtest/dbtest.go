@@ -40,10 +40,12 @@ const setupTimeout = 2 * time.Minute
 
 const startHint = `PostgreSQL is not reachable at %s: %v
 
-The tests need a real PostgreSQL server (they never skip). Start the local one with
+The tests need a real PostgreSQL server (they never skip). With the PostgreSQL
+package installed (apt-get install -y postgresql), make test starts a private one
+when none answers, and so does
+    go run ./cmd/tally-devdb -- go test ./...
+Or start the local one with
     pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start
-or install it first with
-    apt-get install -y postgresql
 or point %s at a server where the user may CREATE DATABASE.`
 
 // One admin pool per test process, for CREATE and DROP DATABASE only.
