@@ -520,8 +520,12 @@ type Problem struct {
 	// Errors Offending fields, for `invalid_request`.
 	Errors    *[]FieldError `json:"errors,omitempty"`
 	RequestId *string       `json:"request_id,omitempty"`
-	Status    int           `json:"status"`
-	Title     string        `json:"title"`
+
+	// RetryAfterSeconds For `rate_limited` (429) and `unavailable` (503) when known: whole
+	// seconds to wait before trying again, also sent as `Retry-After`.
+	RetryAfterSeconds *int64 `json:"retry_after_seconds,omitempty"`
+	Status            int    `json:"status"`
+	Title             string `json:"title"`
 
 	// Type A URI naming the problem type.
 	Type string `json:"type"`
@@ -1385,7 +1389,14 @@ func RegisterHandlersWithOptions(router EchoRouter, si ServerInterface, options 
 
 }
 
-type ProblemApplicationProblemPlusJSONResponse Problem
+type ProblemResponseHeaders struct {
+	RetryAfter *int
+}
+type ProblemApplicationProblemPlusJSONResponse struct {
+	Body Problem
+
+	Headers ProblemResponseHeaders
+}
 
 type CreateReconciliationRequestObject struct {
 	Body *CreateReconciliationJSONRequestBody
@@ -1411,6 +1422,7 @@ func (response CreateReconciliation200JSONResponse) VisitCreateReconciliationRes
 
 type CreateReconciliationdefaultApplicationProblemPlusJSONResponse struct {
 	Body       Problem
+	Headers    ProblemResponseHeaders
 	StatusCode int
 }
 
@@ -1421,6 +1433,9 @@ func (response CreateReconciliationdefaultApplicationProblemPlusJSONResponse) Vi
 		return err
 	}
 	w.Header().Set("Content-Type", "application/problem+json")
+	if response.Headers.RetryAfter != nil {
+		w.Header().Set("Retry-After", fmt.Sprint(*response.Headers.RetryAfter))
+	}
 	w.WriteHeader(response.StatusCode)
 	_, err := buf.WriteTo(w)
 	return err
@@ -1450,6 +1465,7 @@ func (response ListStripeEvents200JSONResponse) VisitListStripeEventsResponse(w 
 
 type ListStripeEventsdefaultApplicationProblemPlusJSONResponse struct {
 	Body       Problem
+	Headers    ProblemResponseHeaders
 	StatusCode int
 }
 
@@ -1460,6 +1476,9 @@ func (response ListStripeEventsdefaultApplicationProblemPlusJSONResponse) VisitL
 		return err
 	}
 	w.Header().Set("Content-Type", "application/problem+json")
+	if response.Headers.RetryAfter != nil {
+		w.Header().Set("Retry-After", fmt.Sprint(*response.Headers.RetryAfter))
+	}
 	w.WriteHeader(response.StatusCode)
 	_, err := buf.WriteTo(w)
 	return err
@@ -1489,6 +1508,7 @@ func (response ReplayStripeEvent200JSONResponse) VisitReplayStripeEventResponse(
 
 type ReplayStripeEventdefaultApplicationProblemPlusJSONResponse struct {
 	Body       Problem
+	Headers    ProblemResponseHeaders
 	StatusCode int
 }
 
@@ -1499,6 +1519,9 @@ func (response ReplayStripeEventdefaultApplicationProblemPlusJSONResponse) Visit
 		return err
 	}
 	w.Header().Set("Content-Type", "application/problem+json")
+	if response.Headers.RetryAfter != nil {
+		w.Header().Set("Retry-After", fmt.Sprint(*response.Headers.RetryAfter))
+	}
 	w.WriteHeader(response.StatusCode)
 	_, err := buf.WriteTo(w)
 	return err
@@ -1528,6 +1551,7 @@ func (response ListUsageEvents200JSONResponse) VisitListUsageEventsResponse(w ht
 
 type ListUsageEventsdefaultApplicationProblemPlusJSONResponse struct {
 	Body       Problem
+	Headers    ProblemResponseHeaders
 	StatusCode int
 }
 
@@ -1538,6 +1562,9 @@ func (response ListUsageEventsdefaultApplicationProblemPlusJSONResponse) VisitLi
 		return err
 	}
 	w.Header().Set("Content-Type", "application/problem+json")
+	if response.Headers.RetryAfter != nil {
+		w.Header().Set("Retry-After", fmt.Sprint(*response.Headers.RetryAfter))
+	}
 	w.WriteHeader(response.StatusCode)
 	_, err := buf.WriteTo(w)
 	return err
@@ -1567,6 +1594,7 @@ func (response RequeueUsageEvents200JSONResponse) VisitRequeueUsageEventsRespons
 
 type RequeueUsageEventsdefaultApplicationProblemPlusJSONResponse struct {
 	Body       Problem
+	Headers    ProblemResponseHeaders
 	StatusCode int
 }
 
@@ -1577,6 +1605,9 @@ func (response RequeueUsageEventsdefaultApplicationProblemPlusJSONResponse) Visi
 		return err
 	}
 	w.Header().Set("Content-Type", "application/problem+json")
+	if response.Headers.RetryAfter != nil {
+		w.Header().Set("Retry-After", fmt.Sprint(*response.Headers.RetryAfter))
+	}
 	w.WriteHeader(response.StatusCode)
 	_, err := buf.WriteTo(w)
 	return err
@@ -1605,6 +1636,7 @@ func (response VerifyInvariants200JSONResponse) VisitVerifyInvariantsResponse(w 
 
 type VerifyInvariantsdefaultApplicationProblemPlusJSONResponse struct {
 	Body       Problem
+	Headers    ProblemResponseHeaders
 	StatusCode int
 }
 
@@ -1615,6 +1647,9 @@ func (response VerifyInvariantsdefaultApplicationProblemPlusJSONResponse) VisitV
 		return err
 	}
 	w.Header().Set("Content-Type", "application/problem+json")
+	if response.Headers.RetryAfter != nil {
+		w.Header().Set("Retry-After", fmt.Sprint(*response.Headers.RetryAfter))
+	}
 	w.WriteHeader(response.StatusCode)
 	_, err := buf.WriteTo(w)
 	return err
@@ -1643,6 +1678,7 @@ func (response GetCatalog200JSONResponse) VisitGetCatalogResponse(w http.Respons
 
 type GetCatalogdefaultApplicationProblemPlusJSONResponse struct {
 	Body       Problem
+	Headers    ProblemResponseHeaders
 	StatusCode int
 }
 
@@ -1653,6 +1689,9 @@ func (response GetCatalogdefaultApplicationProblemPlusJSONResponse) VisitGetCata
 		return err
 	}
 	w.Header().Set("Content-Type", "application/problem+json")
+	if response.Headers.RetryAfter != nil {
+		w.Header().Set("Retry-After", fmt.Sprint(*response.Headers.RetryAfter))
+	}
 	w.WriteHeader(response.StatusCode)
 	_, err := buf.WriteTo(w)
 	return err
@@ -1693,6 +1732,7 @@ func (response CreateCheckoutSession201JSONResponse) VisitCreateCheckoutSessionR
 
 type CreateCheckoutSessiondefaultApplicationProblemPlusJSONResponse struct {
 	Body       Problem
+	Headers    ProblemResponseHeaders
 	StatusCode int
 }
 
@@ -1703,6 +1743,9 @@ func (response CreateCheckoutSessiondefaultApplicationProblemPlusJSONResponse) V
 		return err
 	}
 	w.Header().Set("Content-Type", "application/problem+json")
+	if response.Headers.RetryAfter != nil {
+		w.Header().Set("Retry-After", fmt.Sprint(*response.Headers.RetryAfter))
+	}
 	w.WriteHeader(response.StatusCode)
 	_, err := buf.WriteTo(w)
 	return err
@@ -1732,6 +1775,7 @@ func (response GetCustomer200JSONResponse) VisitGetCustomerResponse(w http.Respo
 
 type GetCustomerdefaultApplicationProblemPlusJSONResponse struct {
 	Body       Problem
+	Headers    ProblemResponseHeaders
 	StatusCode int
 }
 
@@ -1742,6 +1786,9 @@ func (response GetCustomerdefaultApplicationProblemPlusJSONResponse) VisitGetCus
 		return err
 	}
 	w.Header().Set("Content-Type", "application/problem+json")
+	if response.Headers.RetryAfter != nil {
+		w.Header().Set("Retry-After", fmt.Sprint(*response.Headers.RetryAfter))
+	}
 	w.WriteHeader(response.StatusCode)
 	_, err := buf.WriteTo(w)
 	return err
@@ -1786,6 +1833,7 @@ func (response UpsertCustomer201JSONResponse) VisitUpsertCustomerResponse(w http
 
 type UpsertCustomerdefaultApplicationProblemPlusJSONResponse struct {
 	Body       Problem
+	Headers    ProblemResponseHeaders
 	StatusCode int
 }
 
@@ -1796,6 +1844,9 @@ func (response UpsertCustomerdefaultApplicationProblemPlusJSONResponse) VisitUps
 		return err
 	}
 	w.Header().Set("Content-Type", "application/problem+json")
+	if response.Headers.RetryAfter != nil {
+		w.Header().Set("Retry-After", fmt.Sprint(*response.Headers.RetryAfter))
+	}
 	w.WriteHeader(response.StatusCode)
 	_, err := buf.WriteTo(w)
 	return err
@@ -1825,6 +1876,7 @@ func (response GetBalance200JSONResponse) VisitGetBalanceResponse(w http.Respons
 
 type GetBalancedefaultApplicationProblemPlusJSONResponse struct {
 	Body       Problem
+	Headers    ProblemResponseHeaders
 	StatusCode int
 }
 
@@ -1835,6 +1887,9 @@ func (response GetBalancedefaultApplicationProblemPlusJSONResponse) VisitGetBala
 		return err
 	}
 	w.Header().Set("Content-Type", "application/problem+json")
+	if response.Headers.RetryAfter != nil {
+		w.Header().Set("Retry-After", fmt.Sprint(*response.Headers.RetryAfter))
+	}
 	w.WriteHeader(response.StatusCode)
 	_, err := buf.WriteTo(w)
 	return err
@@ -1890,6 +1945,7 @@ func (response ConsumeCredits402ApplicationProblemPlusJSONResponse) VisitConsume
 
 type ConsumeCreditsdefaultApplicationProblemPlusJSONResponse struct {
 	Body       Problem
+	Headers    ProblemResponseHeaders
 	StatusCode int
 }
 
@@ -1900,6 +1956,9 @@ func (response ConsumeCreditsdefaultApplicationProblemPlusJSONResponse) VisitCon
 		return err
 	}
 	w.Header().Set("Content-Type", "application/problem+json")
+	if response.Headers.RetryAfter != nil {
+		w.Header().Set("Retry-After", fmt.Sprint(*response.Headers.RetryAfter))
+	}
 	w.WriteHeader(response.StatusCode)
 	_, err := buf.WriteTo(w)
 	return err
@@ -1941,6 +2000,7 @@ func (response GrantCredits201JSONResponse) VisitGrantCreditsResponse(w http.Res
 
 type GrantCreditsdefaultApplicationProblemPlusJSONResponse struct {
 	Body       Problem
+	Headers    ProblemResponseHeaders
 	StatusCode int
 }
 
@@ -1951,6 +2011,9 @@ func (response GrantCreditsdefaultApplicationProblemPlusJSONResponse) VisitGrant
 		return err
 	}
 	w.Header().Set("Content-Type", "application/problem+json")
+	if response.Headers.RetryAfter != nil {
+		w.Header().Set("Retry-After", fmt.Sprint(*response.Headers.RetryAfter))
+	}
 	w.WriteHeader(response.StatusCode)
 	_, err := buf.WriteTo(w)
 	return err
@@ -1981,6 +2044,7 @@ func (response ListCreditTransactions200JSONResponse) VisitListCreditTransaction
 
 type ListCreditTransactionsdefaultApplicationProblemPlusJSONResponse struct {
 	Body       Problem
+	Headers    ProblemResponseHeaders
 	StatusCode int
 }
 
@@ -1991,6 +2055,9 @@ func (response ListCreditTransactionsdefaultApplicationProblemPlusJSONResponse) 
 		return err
 	}
 	w.Header().Set("Content-Type", "application/problem+json")
+	if response.Headers.RetryAfter != nil {
+		w.Header().Set("Retry-After", fmt.Sprint(*response.Headers.RetryAfter))
+	}
 	w.WriteHeader(response.StatusCode)
 	_, err := buf.WriteTo(w)
 	return err
@@ -2021,6 +2088,7 @@ func (response ListCustomerPayments200JSONResponse) VisitListCustomerPaymentsRes
 
 type ListCustomerPaymentsdefaultApplicationProblemPlusJSONResponse struct {
 	Body       Problem
+	Headers    ProblemResponseHeaders
 	StatusCode int
 }
 
@@ -2031,6 +2099,9 @@ func (response ListCustomerPaymentsdefaultApplicationProblemPlusJSONResponse) Vi
 		return err
 	}
 	w.Header().Set("Content-Type", "application/problem+json")
+	if response.Headers.RetryAfter != nil {
+		w.Header().Set("Retry-After", fmt.Sprint(*response.Headers.RetryAfter))
+	}
 	w.WriteHeader(response.StatusCode)
 	_, err := buf.WriteTo(w)
 	return err
@@ -2061,6 +2132,7 @@ func (response GetCustomerUsage200JSONResponse) VisitGetCustomerUsageResponse(w 
 
 type GetCustomerUsagedefaultApplicationProblemPlusJSONResponse struct {
 	Body       Problem
+	Headers    ProblemResponseHeaders
 	StatusCode int
 }
 
@@ -2071,6 +2143,9 @@ func (response GetCustomerUsagedefaultApplicationProblemPlusJSONResponse) VisitG
 		return err
 	}
 	w.Header().Set("Content-Type", "application/problem+json")
+	if response.Headers.RetryAfter != nil {
+		w.Header().Set("Retry-After", fmt.Sprint(*response.Headers.RetryAfter))
+	}
 	w.WriteHeader(response.StatusCode)
 	_, err := buf.WriteTo(w)
 	return err
@@ -2100,6 +2175,7 @@ func (response ListEvents200JSONResponse) VisitListEventsResponse(w http.Respons
 
 type ListEventsdefaultApplicationProblemPlusJSONResponse struct {
 	Body       Problem
+	Headers    ProblemResponseHeaders
 	StatusCode int
 }
 
@@ -2110,6 +2186,9 @@ func (response ListEventsdefaultApplicationProblemPlusJSONResponse) VisitListEve
 		return err
 	}
 	w.Header().Set("Content-Type", "application/problem+json")
+	if response.Headers.RetryAfter != nil {
+		w.Header().Set("Retry-After", fmt.Sprint(*response.Headers.RetryAfter))
+	}
 	w.WriteHeader(response.StatusCode)
 	_, err := buf.WriteTo(w)
 	return err
@@ -2139,6 +2218,7 @@ func (response GetPayment200JSONResponse) VisitGetPaymentResponse(w http.Respons
 
 type GetPaymentdefaultApplicationProblemPlusJSONResponse struct {
 	Body       Problem
+	Headers    ProblemResponseHeaders
 	StatusCode int
 }
 
@@ -2149,6 +2229,9 @@ func (response GetPaymentdefaultApplicationProblemPlusJSONResponse) VisitGetPaym
 		return err
 	}
 	w.Header().Set("Content-Type", "application/problem+json")
+	if response.Headers.RetryAfter != nil {
+		w.Header().Set("Retry-After", fmt.Sprint(*response.Headers.RetryAfter))
+	}
 	w.WriteHeader(response.StatusCode)
 	_, err := buf.WriteTo(w)
 	return err
@@ -2189,6 +2272,7 @@ func (response IngestUsageEvents202JSONResponse) VisitIngestUsageEventsResponse(
 
 type IngestUsageEventsdefaultApplicationProblemPlusJSONResponse struct {
 	Body       Problem
+	Headers    ProblemResponseHeaders
 	StatusCode int
 }
 
@@ -2199,6 +2283,9 @@ func (response IngestUsageEventsdefaultApplicationProblemPlusJSONResponse) Visit
 		return err
 	}
 	w.Header().Set("Content-Type", "application/problem+json")
+	if response.Headers.RetryAfter != nil {
+		w.Header().Set("Retry-After", fmt.Sprint(*response.Headers.RetryAfter))
+	}
 	w.WriteHeader(response.StatusCode)
 	_, err := buf.WriteTo(w)
 	return err
@@ -2228,6 +2315,7 @@ func (response GetUsageEvent200JSONResponse) VisitGetUsageEventResponse(w http.R
 
 type GetUsageEventdefaultApplicationProblemPlusJSONResponse struct {
 	Body       Problem
+	Headers    ProblemResponseHeaders
 	StatusCode int
 }
 
@@ -2238,6 +2326,9 @@ func (response GetUsageEventdefaultApplicationProblemPlusJSONResponse) VisitGetU
 		return err
 	}
 	w.Header().Set("Content-Type", "application/problem+json")
+	if response.Headers.RetryAfter != nil {
+		w.Header().Set("Retry-After", fmt.Sprint(*response.Headers.RetryAfter))
+	}
 	w.WriteHeader(response.StatusCode)
 	_, err := buf.WriteTo(w)
 	return err
@@ -2982,113 +3073,116 @@ func (sh *strictHandler) GetUsageEvent(ctx echo.Context, identifier string) erro
 // const string: with thousands of chunks the chained `+` fold is several
 // times slower for the Go compiler than parsing a slice literal.
 var swaggerSpec = []string{
-	"1D1rcxs3kn+li7dVkbwjin7lLlJt1TlOsvFusnFZ9qXqQh8JzTRJRDPABMBQ5rr036/QAOZBguRQr/X6",
-	"i6khBmg0+t2N5udBKotSChRGD84+DxbIMlT08U2GRSkNCvMOy5ytMLNPM9Sp4qXhUgzOBlOjKpzC9QIF",
-	"mAXXwIS+RgVcg1kgKHoR5AyYAGQq56hA4R8VagPX3CxolGYFwhWuhoNkoNMFFswuZFYlDs4Gl1LmyMTg",
-	"5uYmGZRMsQKNB/B1pbRUm0C9XyBMBX4yk5RGTC0AdqFS4ZLLSkPJ5mhX43b4HxWq1SAZCFbYBd07HVAK",
-	"9uknFHOzGJw9G42SAJo2iov5wAL2utJGFqjefBcHJ2V5juorDfJaAM9gJhVwo6HSqGpASmYWbTjclBOe",
-	"DZKBRRpX9ggsxtvA/UnhbHA2+I/T5iBP3bf6tAWWhbI+0XT1d1zZl2ldd+bNyq1hJ3bcrtXbqHn5MhkU",
-	"XIS/n8YQ1QXhF8IRyw8A5fZL/8QLbuqV1k49py/b02c4Y1VuBmcvR4ldixdVYf8Y0Urur2YdLgzOUTky",
-	"VahLKTQSlb5V8jLHwn5MpbDsZD+yssx5yuz2T0s34s+/a0svn3uebZiXVuxS3CsBqJRUcPTuh9fwzYuX",
-	"/wl+DcjQMJ7r4yGhxM9ll/qW5UykaD+WSpaoDHfwXzZfdFe5KFFk7DJHEPL6DCqhSxQGUoWZJW05g0rg",
-	"p9LSDcwVE0ZbSp9JVTDjMPb1i8EmApMO5R9A4MnArbIJ6V/puRM4AbwcZyYBLaWwsojgXMGMK22IHw0W",
-	"et/iNO1FVRRMrezyfidMKUZ/5/J64rE3MQuFeiFz2lEPHJD4clBt7udXJ24xgH9CA7mYg8KCcWE/hX26",
-	"E+hgPmMGTwwv0JJ/lef2DANnr7FNB5AJK2TlyHdjB1vmadiiLUR+WxNugcTqE9yGu4/1xPLyd0yNBfA1",
-	"MyyX803CdRiYlCy9or97nelreuktS69iJ1rmTPSf621u9VZkFiWzKjUHTORe2JxrHavtHbfWCYBH0bfA",
-	"9EpW5gK15k7+rKHRD5hoN8Jz5QahOELTE9YlkDaxbbxTslWBwmybslJ55PnapltzJFFg3TwdAHsg4rVC",
-	"ZkjqsSzjTk29bSFmxnKNyTquLL3mEw93x2x48V97NNQd5J4lok0p8QpSxxrAM8v/LXC+frEXmD8qJgw3",
-	"q44qfBqR37VqfLpPNSYDXaUpan07BO0UIYSC7gJJ+ziiJy6Frgp85+zRA496hyxsY6T5tw83BRqWMbNX",
-	"7/8cxhE+mLcZDjWG2pj0W6mn24krTYTwuT82Nne61aLwNggoPl8YYDODynkVqVu9p/1gFBOapWarsFrb",
-	"/9r4pEFIgDSKkUZT3A0dXlP3HV0pZc3h3TLYom6iMZUii9hDP8pryKWYw6WsLKaDraANW4EOZt05WKUO",
-	"BTKhrcOCS+erHKz7k8EW+e5s733HQ0dCQ1snU6OhwV/0kLyQiFoHzGB2kLqyxhUJrr1W06ESvL+puB/Z",
-	"txEk4ST2bsx+KnGypqr2vlaV2YHYjhFBvbOkfXyd2XcRgXPOd0vKkhmDyjLJ//326uR/2ck/RyffTIZn",
-	"/33y8c9/itFEmPxDqVEdqkRqgmoB9fLps8gyWwmky9lvUZ2Es4F6HIUbpp5Phq2ppnA0AlMp4cI1Qhqe",
-	"IsjZjN5wotfPdjyEXwpuDGYglZMMV4ile9Fxo4Elyys8BwYtGJgBYUUHLFgGUiBUGv1bUsz4vLL+obcw",
-	"ouJlrzodPTRX7D2dOFesU1qLttJKTxr6ipLWTYSSv7de/WuZEVQo7OZ/G3CxZDnPJj6uZvlBsMospOL/",
-	"xMxh9JJnGQorPqSZzGQlyFiWYpbz1L7BmzjL5ApXE4WVpnfXv+BiMsuteqagla5mM55ya34HKUxGfS5Z",
-	"NjFSTnKm5pa5FTM4oRgLzRps9lLJJc9QTShc4SBfMu6OMqHjU4K1rbcG598vfSjl7nL9UGkW6CjO6Z2X",
-	"mrPbogPdg3U+DhAN/XaSmqOGXtgl4JE4JJsXM8ySsQjPZozn7TEKZ5XIaB4vBcjTpncicqEZFiILa0/o",
-	"xUqzOQ4zZFkCw+FwLPpJcRrikdgR5DHZTaf8ls0jgalwCr1caEctEWe8FSeOiFOmNTANUzKopmCkFVqG",
-	"CyvlKpEumJhjFsLfSHFl4BqwKA2Fs3ejw6OgDUIMBz9wzDNi/QgSKJ4XpaxSEv9s7upvF7/8A/y3LkT4",
-	"9Tejp8fAhZE+bO8i9JcyWyVAmgDBCkOK5EMdhd+/wwBDEgCN7Y/iaF+IF9aNYnTx9nNlcYLA3WHPKlMp",
-	"PAfp1aIzlMWGmbxT9HzZXp8/mfv1+XqM7hFL2iukScBtiyzd2UWsZ+/pLXZixXf2Fw/3XO4BoVtQ2Y3h",
-	"7Z2ljlD33K2WlUo79k5ZqXTBtIVZo1ryDsZ3KZ4WxQcY6vn3KqKfMJuj+k6x6zse3w66XAN6k8a2A/a9",
-	"MLsJay13w+cCszMopeaGLxFYlumg4hMQOGf0WGEhl85cL3pGX4KXQirzAUk6U+w6Etv4QaoQLgIURnHU",
-	"CYlrl1oA+5qAmZJF7zxP6+gjBkT7PDcTv/QtMPd/4rMxVqUqXMorB+LKmgzsUlbk/9yWD6+4yNpsQis6",
-	"K98iow6AE/3btS1ZZb9X2kTN69sopoNFQdBjPZiXtrcpbD2Z1ZNtCxJs55x7MC7bLLjfxNyDl9vZiD+3",
-	"jituP3Xd2EgZw3oW+UNp7d2XI3ADnHOvE7jClYaKvnwxgnTBFEsNKp34Ef67l6ORzzq0oXg5igOP6r00",
-	"rhBgLUSyDKUpPeQIWaVxhR9m3zvLGv7dlGGCJMATO4O3jvz7S+HvP5WYWtPRDbCGZcGFVFAJ3jtb7t6d",
-	"KEyRL/G2QcN6Fucn9pXb8dzgXs6/lZPehMm7WHzto9cUrvIiCC6rlYajEcWxQh4UmMiAMqHHvSsRdgTb",
-	"b52us855pXDSyL/bynwulpKn2BftIU8Y/WKyrkBa2eQmmexzyVGVkfMlFj44tV691VIOVAPTF+R2GrKP",
-	"tWiYqfbn0x0oF24w5SUva4rqC1kddrmTUU2OBUnrCGV/v0S1gmYIETDSQ8uoGimgmoDMM+uuu+oV+L4o",
-	"zcrKkpxrJ0X6FRk4pLyvV4upsvuJ40dTtw0Ntk69PtF46mddajVSokWN25MFXfTvEOn3YCME5fAvsg+6",
-	"JN/2plBk3hMKBD1wIgpd3aFHbYzhN0lmU/WVZc5jlaM/sFxjEzmzx4xQsHTBBdbUzQ0cMftdTjazrMyJ",
-	"nJ1IlaECUsTHrRBUS9bcRr9Yl+BAs7VvtoxA7S1X2u+E6PB+OSL329G0Qxqa1Oey10imIqaNY92ij7bb",
-	"X4enet1cUZCaisqepYrvWzmqOsRNSbFYDmPa1zrwum5n3LnO2Nwku4K1lACJqIBfZjPHoDDjmGe6BruT",
-	"85n2lvKtWHJEEvnptkXNGu0aKbrgJscDMhyv4MO7NyBYYffmirNdhaodvj+w7JMIbtWWlqAz2UI0ZL/c",
-	"Mfa2yyB8wCqH2I7eYSpFynPOzPbCvZjoDdaoBksgTGE2jG42SMTekewtvF9wXTCTLrB/xWN3bz/7CWIk",
-	"6wTfLSyR4Ni1pWJAWQfm/biv4ds8g66PsOlx89kM7RFHOMQrAnI84QRymbJ8EtzQHrTafqGv9dyseBtf",
-	"uWvXdQHuzN3Z+H783i43dEvybUVJQkXjrjrJe6S/OCL+qLC6bY1ink8yZFncIeMZCsNn3N+mqfnyQAQU",
-	"7NMb9+rTkF8Lf0fKlbdvMJ5kUu7r7DbkWL8bQ+wF0eOWIgJW8skSVSiI3mt9MWOwKM0W1biF93OmjS98",
-	"6LPGbu+a7H8Pxp0c0lLJFLW+o1sbolEHWeD9nPfWwTUOfLAx+pcfNH5lOLuOy9jewB7yuQfnsE2M/yIH",
-	"cROtLSexDi626MNanHMhVddfLJm62uItftBsjt8GPXlIlVwdAu6FTFqHNvJGlJU5XEa1sbcj3Lu+zoFX",
-	"BfZYBo103rQMPgj+R4V0n8nXIrjTA5am1nJMgBkopDbwdNSO0J+Dth6QkWF8XcIyPMyisxysDSvKTdi+",
-	"c5V8IOT1eQ3G85eQsZUGmWcUw3oJBReVQQ1sgSzrXy5BGYaYM3G9kDkmIKQ4qZOXoiouUcGR3yxtJ+Qo",
-	"mELwInotGpzJylWf+cXdLHtsnaDMHXyd09tNOvcgPJrJ1uXh40qQBo5tyvw+HeYuf+zQJUGGsTTF0pUf",
-	"ZpW7fOkE/e+Ug+lTQ1CvWM+/Gw+NIF0zL3aaC/dQwRjJ7Fndpu6o1ffg/ECDZkew6L6MmX4WBR1Yi3fa",
-	"wu1AsXSoidqhqd0ipQErbrzsiePRJt8Iw662X+IJHBIly5pptpBtzUhbvrVr3kaJe2j33X2Msbdu83cD",
-	"w1b07IqOXzNuuJjXNd6DFlPRZ7bD6qHctj48PHALF7Y/iltZ9/uMq3SpuB1d8fDF0P8/qPhstTWwe3CB",
-	"9na9EbKcd6tjW9uzT1vtqHF1G3yHpVRm+/70pBW06xGwkVc7c62HTudDsP1JqHts+1hUXrWEXANbBNwW",
-	"KJvItHId00pxs7qwcNQuu+9psdEL4dXbN3CFK3f/X6eyRJj6ysEpSAVTlhVcTBPwy8PlippzXPz46uTZ",
-	"y69hwfSi7k1CmEamXFGIg2xhTEnZUW0Z6gopaOAG/RCw/rdf3w9ifRpEdmJfg7/9+h6Ofryw60kF7+yH",
-	"43OY6upyGrqp1Jdq3H3ePeDcUH3ATG6ixLA8dzVnYK3vHLWGS57nXMzB4wU41cgJA3LmnYUzKBWWjGeh",
-	"THAs/PVBs1D2Q3AqwkVqsvRdT4gwgko0Xr19k4AUTpyMRSjn1O4+kCooq52vmtxgIQWugCllXdCEpiVR",
-	"ghnQFYSxqCUxKMw5u8xXLSfnW781knd6OBZjQRXwlEi/XqDCBKZasCucpEzjtM60uHW5CI5CuzjHERMT",
-	"Y/Hm4hcIcfr6lgQwXbsXCZDqto/e/fAanj9//g0B8eQJ2br6yRPyRqbbWoJMmzYex35Z0IYab0ytRT31",
-	"s72qzMJaE26KJ0/sCU9f+YtA9OwMviVSgXE1Gj1PjSVV+ojTIbwC+ju05VFo8SrNicaSKWtZQMmU0UQ3",
-	"63TryPQvbQpNoGArd5BGVuliTFiT16K5UXYOTKysCzsHzDX6mfdw61h4doUj+p+WyaQ7TTdZoOGCrY49",
-	"blp9ZIZPnsDbXy7ea3c3zZlNlucKuUTQskA3izMoxmK61oNmOoQL37DIUbj941Jmq+CPP3sBC9/5yPEt",
-	"1WWMhW+NRPtqJjUnobvSGVAzpfO6H1I47BArdxcygOuxePHsGUzjl7amQ/ilREUHbomQ7txZF+6SaYRW",
-	"IftYHPna0MQXxyaOnyzlsis8Ds2cmOXMkD6tjSsrJb1RBDN7LvVWzyHUhTnscikSuF7wdEEvaJDC82bi",
-	"l9DwYvTNWEy33jabDuHvuHJuO9FEBiWqmpTokop94IlnLIivQcgWSepwcaNkZmHpPVxzITpwESzQRirU",
-	"ICQRQQJajoVCo1Z2mzzStApUZdFsgM0ZF57cfuLaWL62aIQp3XubwpG/5AgvR5Y5PsHL0eiYSIgJkCX7",
-	"o7IM7TpWkZSrSWb62Z5fAi0P/GZ6vtbjimt3K1O6TVpnzPW5cveyXHrWyX7rVYTo9uDpcDQckTFRomAl",
-	"H5wNng9Hw+ekl82ClOvpAlluFv8cnH2+SQanClm2Cn8sn54SI56qTs7GWbvS5SxkIMg3mSvYYwbX0pd1",
-	"8vlbma12NEs6rElSPI9007VMLNutd216Nho9EBCxhk2da7uZ4jMzdGas77sRn78GuNULKhnocMlk8Npl",
-	"d6HRjo69iYYdA36lfViM4pzg3uXkOBk21+RY2cO1ZtinEyKeE/fAYa1DAC7Fd9KEa+cYOX3LG61gs7sx",
-	"2rR1+y3en6v2ePuhPJIkuEnirzSLn7oOYT0G+s5zNx8fkGrWMwyxPl/uwqGcObGVuVPU90E7F25Cb0K5",
-	"ea0Auq4LDe9OIqefQ2HUzanTlyQzIsTQ7YxXl1PdX2O6j0ktq7oobvT0ecsWxdkMU2NFrjY8z2FeMZU5",
-	"x8EO8nVxb4gKvLXeZQKn89tpn8ehpBgVvV/4A/YdV3yGh4v5fRDSWzcb2awbJOWU5q0oiURZH1nTRJIe",
-	"RtR0oof/bkJmLRGxU8Y45XF/IuZDaz7LOQ7vcITD+RAyZBnkaCwmju9MIKe+FGC7TeLLELrE8jAWSaeg",
-	"49FNkXa1ReS4f5TXUDCxgmtrP4cKinvRKCgyd6xtQrqDBFhS8Gkr77vY1BuxZIqzcJ4PhNZOdG+LiFX0",
-	"LRyxXEsX2+BWk4pMh9JHys8iTOXV9Pg+MG7tzqKsrKvmal7dDRhyzsJFGe0O2oUtKPJCl2EPOY20acAY",
-	"PYi/ogk9Gh/wCMISW7AfWuHlkllFzYwVN+ouZrYPQZIaCcHH3z5aud4KA/720Yrv5kh+pZADE3CJvvlW",
-	"C9kBkR9rzHo3+sRfr+r4VGstQRU3vq1OuALFNEx9/mJKV2CFD3bodslAiNaNhW98OAR3oQqojaS7MxUu",
-	"UFkXERhMC5nhX/w6U/DQJWMRwnJ0yaoe2L5dU48eQjv66UJPIWI0FtRsYj1g5DzZmC+53sRyQ8/vUbVb",
-	"uhI71Xv/OiDearKXKnj6UEDEGMcBRuZrtC/4SbsxeGwt/9ZppJW4X+7ROO/CsjuwjSD1TFKAK3TKdHeR",
-	"ao70o1osGdIXp59bSambncKvyRg+nPQLa2wTf4GFHlnevbP6vmkH1kZtQOTg482h7Nq+Tmk9t8pEb4XW",
-	"oq6JAc6s0s2ki/ABfuLawNGz0dNjkArczbAQs8U802Mx50sUdsjoeAh0ecK1jgZLO1eIpR3NfVnREKab",
-	"ncCmY5FzceWi5nZBLuaBCpv4ZeeeKgUkWU5hNliwJYIUeD4W3JCItKBfIoTuQ1Zlg0YTE4+uK12HAh9A",
-	"nHVb4D2ySbuL9D+4u35E9fcqO3esWQvNewjg1bkJR5r7OWm3lDptXZDaJq2+rXtxP9iJhSW2yCoP5GOL",
-	"qqadfcjhCXmdWMc0dNKoER4ajt5NcO05K7/KaejfsRkaO1BKRu3G7xS71tQOpWmS4uSPbxkUesx7C9IO",
-	"cteNh/APXKIaC7lERc1Yznx2REqY4XXTSLZGqH25+YGQF6NnYxG/gAcpUy7l0u4uOQ1dK6OGoEPT61Yb",
-	"wttbgA9n+XVbTj+2qOw0cY7JLjfgAS2+F6Nnj/lLGP+wWl5Q7cEGOd5LUMNOCs2l800R0ZPLm5+ueAAm",
-	"728LrdBsBqupd9kXzlidHoKP7Em1u+RFaPCvrtPml+ZF1TRM8NUy+qhUspAuZ18wUbEcXJco6+sf34XE",
-	"W6UHuyP2jtTet4cfSnVfVJC91WdqZ4A9p3Gha9lj2z/kJrrIjwNka7rvceyfEKDcTSr+jbdh8L81obS7",
-	"jeyklICbx6aRV7X6+KputbQ9LVyf4MMSCqUT+gRgKLnTLwcYiu+j+eT9t2ItGtfyyCLNK82X6OLO56Hj",
-	"OTwfuatRlziTCmFq5HTbL9P5WuoGpn7V2ZtdxwIoKLIGECGvty1M1dsHLvvgWUtfUx9zIumbx+aNn2TK",
-	"cp/bolvumirSXHmN9ZGAUSEoKCbm7RyLo9/74ZGNfPh6c8w8l9fW7rtcQckoyb/5y4hf6bXSsqYD9hBe",
-	"jUUp8zy09if7UUvf4r/gWqOLdFlAEvrPF/K21PlYpLIouAuiyRlQQ5+z+jVgZYlM1fV6MwwlwRTqokrP",
-	"sWhN6Cs5ZZVndicpZmj3uGAaZlxwvcBsuFktx/JrttJjodGcu+IEKuMTGWGGkMTSq5ivaTXPtoqC2/wU",
-	"peshDUY64QDM0JhLnHMhqA4jzpeh9+UBv1TZVyE+JPv2rDe4v0oDewqyMpeyEhlcVpoL1NrTmiWubge1",
-	"FmuG27/BxA0a7fRzc1tkZ+w/dP16eKNhWzQt/ALAvybwH3KRFBiiEFDTzG7BLdOtehoMkTqwzi+/9aoE",
-	"2/u7Z7UgXS8vijvW37N04emI6/r6iBR16pKqG7Rpqi2pFljDEfM3lseic2W5/gGV+rbf/jvUY0GXqO1b",
-	"V8IuSlg7HsIrfyWuLrVQCE7w2ofe4GhicmPBqEIjFIs2Nyi8HLbicK6IiSqRkQZAruw+Xem2v8k4tZAo",
-	"LCkMDs1zd+OkqR+n4nlXE2blekzQvhFz3FPB9WVldls9DnoFIZ7d78qd+51b6owdufq7kIk921AHT2r4",
-	"iw1TuOoab2AdPbXk+XQ0GnniPo4YVBFWPv3c0ONOwd3Q3OBRyu/qAsLt5Zn3oQm/c9xdF9tZ44t+kqmu",
-	"yOpjmEZkcecicy9Z3MOLImF8jZcLKa+0rx0enH3epZU+uh8FCJDSD00OTonf/bY+r//Atib3PzwMZUSt",
-	"R6EIoPWs1lTtcT4s0nrkMNh64BVK64krqNr00l6zPHcVxU4In1OUtrTmoTch5yjQXcxyOwapIM05UUp9",
-	"LgF7kRV+pDsdCShkmbOISP7LlOrQ1NLK5cponmF0udYiNfdo64n8fwAAAP//",
+	"1D1rk9s2kn+lS7dVmfFyNPJjcpeZ2qpznGTj3WTtsp1L1UU+CUO2JGRIgAHAkbWu+e9XaAAkKFESNa/1",
+	"+os1FAg0Gv3uRuvzIJVFKQUKowfnnwcLZBkq+vg6w6KUBoV5h2XOVpjZpxnqVPHScCkG54OpURVOYblA",
+	"AWbBNTChl6iAazALBEUvgpwBE4BM5RwVKPyjQm1gyc2CRmlWIFzhajhIBjpdYMHsQmZV4uB8cClljkwM",
+	"bm6SwTs0avVyZlBtQvJGAIMXz74BqeBs9BzMghm4EnKpgZtzWC5kjqAxlSLTYCQsGTdwiTOpEIxacTEf",
+	"CzZnXMBRDZOoiktUwNxmSiUvcyy+0jBVFpAJs5BM/JzT4+FYtDZQcMGLqhicP03CZrgwOEc1uLG7KZli",
+	"BRqP7VeV0rJjXx8WCFOBn8wkpRFTi00HDl5zWWko2Rwt6rgd/keFajVIBoIVdkH3Thss9uknFHOzGJw/",
+	"G41q0LRRXMwJza8qbWSB6vV33eCkLM9RfaVBLgXwDGZSATcaKo2qBqRkZhHD4aac8GyQDCwFcGXpyZJP",
+	"DNyfFM4G54P/OG2o8tR9q08jsCyUNXmmq7/jyr5M6zoCblaOhp3YcbtWj1FzdpbYEwx/P+1CVBuEN4Qj",
+	"lh8Ayu2X/okX3NQrrZ16Tl/G02c4Y1VuBudno8Su5QjzzJ7/PjJVqEspNBKVvnU8YD+mUljZYD+yssx5",
+	"yuz2Tz2X/Pl3benlc8+zDfPSim2KeykAlZIKjt798Aq+eXH2n4ETIUPDeK6PLdFFgovExEktJ7rW9aNP",
+	"I4lyQ2t7gOx737KciRTtx1LJEpXhDgmXzRdtUN+XKDJ2mSMIuTyHSugShYFUYWb5Q86gEviptMQHc8WE",
+	"0RbymVQFMw7tX78YbJ5C0mKfA7gkGbhVNiH9Kz13IjiAl+PMJKClFFY6E5wrmHGlDTG1wULvW5ymfV8V",
+	"BVMru7zfCVOK0d+5XE489iZmoVAvZE476oEDkoEOqs39/OoUEAbwT2ggF3NQWDAu7KewT3cCLcxnzOCJ",
+	"4QVaHqry3J5hEA9rvNcCZMIKWTke2NjBlnka3ool0W9rEjKQWH2C23D3sZ5YXv6OqbEAvmKG5XK+SbgO",
+	"A5OSpVf0d68zfUUvvWXpVdeJljkT/ed6m1tN3jGLklmVmgMmci9szrWO1XjH0ToB8E70LTC9kpV5j1pz",
+	"J8TW0OgHTLQb4blyg1AcoekJaxNITGwb75RsVaAw26asVN7xfG3T0RxJJ7BunhaAPRDxSiEzJPVYlnGn",
+	"695GiJmxXGOyjitLr/nEw92yPV781x41dwe5Z4loU0q8hNSxBvDM8n8Eztcv9gLzR8WE4WbV0qdPO+R3",
+	"rV+f7tOvyUBXaYpa3w5BO0UIoaC9QBIfR+eJS6GrAt85C/3Ao94hC2OMNP/24aZAwzJm9hoPP4dxhA/m",
+	"DY9DLaoYk34r9XQ7caWJED73x8bmTrdaFN4GAcXnCwPkcDg/K3Wr97QfjGJCs9RsFVZr+18bnzQICZB2",
+	"YqTRFHdDh9fUfUdXSlmbercMjn21TTz/KJeQSzGHS1lZTAdbQRu2Ah3MuguwSh0KZEJbrwevncNzsO5P",
+	"BlvkuzPg9x0PHQkNjU6mRkODv85D8kKi0zpgBrOD1JU1rkhw7bWaDpXg/U3F/ci+jSAJJ7F3Y/ZTiZM1",
+	"VbX3tarMDsR2FxHUO0vi42vNvosInIe/W1KWzBhUlkn+77eXJ//LTv45OvlmMjz/75OPf/5TF02EyX8p",
+	"NapDlUhNUBFQZ0+fdSyzlUDanP0W1Uk4G6jHUcxi6vlkGE01haMRmEoJF/MR0vAUQc5m9IYTvX624yG8",
+	"KbgxmIFUTjJcIZbuRceNBq5ZXuEFMIhgYAaEFR2wYBlIgVBp9G9JMePzyvqH3sLoFC971enoobli7+l0",
+	"c8U6pUW0lVZ60tBXJ2nddFDy90pJ9UpmBBUKu/nfBlxcs5xnEx9ptPwgWGUWUvF/YuYwesmzDIUVH9JM",
+	"ZrISZCxLMct5at/gTbBmcoWricJK07vrX3AxmeVWPVPkS1ezGU+5Nb+DFCajPpcsmxgpJzlTc8vcihmc",
+	"UKCGZg02e6nkNc9QTSjm4SC/ZtwdZULHpwSLrbcG599f+3jM3eX6odIs0FE3p7deas5uiw50D9b5OEA0",
+	"9NtJao4aemGXgEfikGxezDBLxiI8mzGex2MUziqR0TxeCpCnTe90yIVmWIgsrD2hFyvN5jjMkGUJDIcu",
+	"INxDitMQj8SWIO+S3XTKb9m8IzAVTqGXC+2opcMZj4LNHeKUaQ1Mw5QMqikYaYWW4cJKuUqkCybmmIWE",
+	"AFJwGrgGLEpDAf7d6PAoiEHowsEPHPOMWL8DCRQU7KSsUhL/bO7qb+/f/AP8ty7O+PU3o6fHwIWRPpHh",
+	"chaXMlslQJoAwQpDym1AHcrfv8MAQxIA7dofxdG+EC+sHcVo4+3nyuIEgbvDnlWmUngB0qtFZyiLDTN5",
+	"p+j5sr0+fzL36/P1GN0jlrRXSJOA2xZZurOLWM/e01tsxYrv7C8e7rncA0K3oLIdw9s7Sx2h7rlbLSuV",
+	"tuydslLpgmkLs0Z1zVsY36V4IooPMNTz71VEP2E2R/WdYss7Ht8OulwDepPGtgP2vTC7CWstd8PnArNz",
+	"KKXmhl8jsCzTQcUnIHDO6LHCQl47c73oGX0JXgoLGakHIulMsWVHbOMHqUK4CFAYxVEnJK5dagHsawJm",
+	"Sha98zzR0XcYEPF5bmaP6Vtg7v/EZ2OsSlV4La8ciCtrMrBLWZH/c1s+vOIii9mEVnRWvkVGHQAn+rdr",
+	"W7LKfq+06TSvb6OYDhYFQY/1YF7a3qaw9WRWT7YtSLCdc+7BuIxZcL+JuQcvt7MRf46Oq9t+aruxHbUQ",
+	"66noX0pr756NwA1wzr1O4ApXGir68sUI0gVTLDWodOJH+O/ORiOfdYihOBt1A4/qgzSummAtRHIdinV6",
+	"yBGySrsVfph97yxr+HdThgmSAE/XGbx15N9fCn//qcTUmo5ugDUsCy6kgkrw3tly9+5EYYr8Gm8bNKxn",
+	"cX5iX7ndnRvcy/m3ctKbMHkbi6989JrCVV4EwWW10nA0ojhWyIMCExlQJvS4dyXCjmD7rdN11jmvFE4a",
+	"+Xdbmc/FteQp9kV7yBN2fjFZVyBRNrlJJvtccqfKyPk1Fj44tV7PFikHKqTpC3KchuxjLRpmqv35dAfK",
+	"ezeY8pKXNUX1hawOu9zJqCbHgqR1B2V/f41qBc0QImCkh5ZRNVJANQGZZ9Zdd9Ur8H1RmpWVJTnXTor0",
+	"KzJwSPlQr9alyu4njt+Zum1oMDr1+kS7Uz/rUquREhE1bk8WtNG/Q6Tfg40QlMO/yD5ok3zsTaHIvCcU",
+	"CHrgRBS64kWP2i6G3ySZTdVXljnvqqX9geUam8iZPWaEgqULLrCmbm7giNnvcrKZZWVO5OxEqgwVkCI+",
+	"jkJQkay5jX6xLsGBZmvfbBmB2luuxO+E6PB+OSL329G0Qxqa1Oey10imIqaNY92ij7bbX4enet1cnSA1",
+	"ZZk9SxU/RDmqOsRNSbGuHMa0r3Xgdd3OuHOdsblJdgVrKQHSoQLezGaOQWHGMc90DXYr5zPtLeWjWHKH",
+	"JPLTbYuadRSCdzvg0zjfM4WjF8++OSblNY0SPFM4Ohs9P3Yy4ErIpfCF62Oxs3IdqHA9AZZrCdoeKdMw",
+	"jcpgpy4VsRkR3l2bVIvGjooSbnI8IH3zEn559xoEKyy4UTU92OH7o+Y+Q+JWjVQgEdwWjiDj7I6BxV3W",
+	"7gOWcHTt6J2lgJTnnJntVYldeiWY2hos9TOF2bBzs0Hc9w7TbxFsBdcFM+kC+5dztvf2s5+gix+dVL+F",
+	"mRW81ljkB5S1YN6P+xq+zTNoO0Cb4QQ+m6E94g4O8VqOvGo4gVymLJ8EH7sHrcYv9HUNmhVvEwhoG61t",
+	"gFtztza+H7+3S3zdknyjEFAo19xVBHqP9NeNiD8qrG5bgJnnkwxZ1u1t8gyF4TPuL0nUfHkgAgr26bV7",
+	"9WlIHoa/O2qxt2+wO4Om3NfZbcixfrcLse+JHrdUSLCST65RhWrvvaYlMwaL0mxRjVt4P2fa+KqOPmvs",
+	"Dh2Qc+PBuJO3XSqZotZ39NlDqO0g96JfZCI6uCY6EWyM/rUVjdMczq7lD8cb2EM+9+D5xsT4L/J+N9Ea",
+	"ecB15DSiD2tOz4VUbWe4ZOpqiyv8i2Zz/DboyUNKAOv4di9k0jq0kdeirMzhMirG3o5Y9vo6B96D2GMZ",
+	"NNJ50zL4RfA/KqTLWr7Qwp0esDS1lmMCzEAhtYGnozj9cOF8ASPD+Lo+Z3iYRWc5WBtWlJuwfefKFEHI",
+	"5UUNxvMzyNhKg8wz8nHOoOCiMqiBLZBl/WtBKH3S5UyQV5SAkOKkzsz627pHfrO0nZCAYQrBi+i1UHcm",
+	"K1da5xd3s+yxdYIyd/C1Tm836dyD8GgmW5eHjytBGji2KfP7jAa0+WOHLgkyjKUplq62Mqvc9VQn6H+n",
+	"BFOfAol6xXr+3XhoBOmaebHTXLiH8syOtKXVbeqOWn0Pzg80aHZEwu7LmOlnUdCBRbwTC7cDxdKhJmqL",
+	"pnaLlAasbuNlT5CSNvlaGHa1/YZS4JBOsqyZZgvZ1oy05Vu75m2UuId238XOLvbWMX83MGxFz67Q/5Jx",
+	"w8W8LmAfRExFn9kOq4cS9/rw8MAtXNj+KI5KCu4zrtKm4ji64uHrQv//oOKz1dao9cHV59v1Rkjh3q1I",
+	"b23PPie3o4DXbfAdllKZ7fvTkyho1yNgI692JpIPnc6HYPuTUPvY9rGovIqEXANbB7gRKJvItHId00px",
+	"s3pv4ahddt/1Y6NbxMu3r+EKV665gU5liTD1ZZFTkAqmLCu4mCbgl4fLFbUvef/jy5NnZ1/DgulF3YqG",
+	"MI1MuYoXB9nCmJJSv9oy1BVS0MAN+iFg/W+/fhh0dbIQ2Yl9Df726wc4+vG9XU8qeGc/HF/AVFeX09A8",
+	"p74x5C4r7wHnhoofZnITJYbluSuoA2t956g1XPI852IOHi/AqQBQGJAz7yycQ6mwZDwLNZBj4e9GmoWy",
+	"H4JTEW6Jk6XvGl6EEVR/8vLt6wSkcOJkLEKtqnaXnVRBKft81SQ+CylwBUwp64ImNC2JEsyA7leMRS2J",
+	"QWHO2WW+ipycb/3WSN7p4ViMBZX3U5XAcoEKE5hqwa5wkjKN0zqN5NblIjgKceWRIyYmxuL1+zcQ4vT1",
+	"FRBgunYvEiDVbR+9++EVPH/+/BsC4skTsnX1kyfkjUy3NU2ZNo1Ojv2yoA11FZlai3rqZ3tZmYW1JtwU",
+	"T57YE56+9Lec6Nk5fEukAuNqNHqeGkuq9BGnQ3gJ9HfowqTQ4lWaE40lU9aygJIpo4lu1unWkelfYgpN",
+	"oGArd5BGVuliTFiTS9Fcl7sAJlbWhZ0D5hr9zHu4dSw8u8IR/U/LZNKdppss0HDBVsceN1GnneGTJ/D2",
+	"zfsP2l28c2aT5blCXiNoWaCbxRkUYzFd69IzHcJ735/KUbj941Jmq+CPP3sBC9/oyvEtFZ2Mhe+ERftq",
+	"JjUnoZnWOVDvrIu6/VU47BArd7dNgOuxePHsGUy7b6RNh/CmREUHbomQLhRaF+6SaYSoSn8sjnzha+Ir",
+	"fxPHT5Zy2RUeh95dzHJmyA3XxpWVkt4ogpk9l3qrFxCK3hx2uRQJLBc8XdALGqTwvJn4JTS8GH0zFtOt",
+	"V+mmQ/g7rpzbTjSRQYmqJiW6gWMfeOIZC+JrEDIiSR1upZTMLCy9hzs8RAcuggXaSIUahCQiSEDLsaCc",
+	"rt0m7+hRBqqyaDYu5erJ7SeujeVri0aYUpJ3Ckf+BiecjSxzfIKz0cilfJkAWbI/KsvQrqcXSbmaZKaf",
+	"7fklEHngN9OLtS5gXLsrp9Jt0jpjrhOYu3Tm0rNO9luvIkS3B0+Ho+GIjIkSBSv54HzwfDgaPie9bBak",
+	"XE8XyHKz+Ofg/PNNMjhVyLJV+OP66Skx4qlq5WyctStdzkIGgnyduWpEZnAtfVln1r+V2WpHO6nD2kh1",
+	"55Fu2paJZbv1vlbPRqMHAqKrpVXrTnKm+MwMnRnrm4p0z18DHHXLSgY63KAZvHLZXWi0o2NvomHHgF9p",
+	"HxajOCe4dzk5TobNNTlW9nCtGfbphIjnxD1wWGsRgEvxnTTh2jl2nL7ljSjY7K7DNo3vfuvuYFZ7vP1Q",
+	"3pEkuEm6X2kWP3U91HoM9L35bj4+INWsZxi6OqG525Ry5sRW5k5R3wftvHcTehPKzWsF0LKuorw7iZx+",
+	"DlVfN6dOX5LM6CCGdu/Aulbs/lr3fUxqWdVGcaOnLyJbFGczTI0VudrwPId5xVTmHAc7yBf9vSYq8NZ6",
+	"mwmczo/TPo9DSV1U9GHhD9i3k/EZHi7m90FIb91sZLNukJRTmreiJBJlfWRNE0l6GFHTih7+uwmZtUTE",
+	"ThnjlMf9iZhfovks5zi8wxEO50PIkGWQo7GYOL4zgZz6UoDtNokvQ2gTy8NYJK2Cjkc3ReJqi47j/lEu",
+	"oWBiBUtrP4cKinvRKCgyd6wxId1BAlxT8Gkr77vY1GtxzRRn4TwfCK2t6N4WEavoWziimkyKbXCrSUWm",
+	"Q+kj5WcRpvJqenwfGLd2Z1FW1lVzBb3ueg85Z+EWkHYH7cIWFHmhm76HnEbadJfsPIi/ogkNKB/wCMIS",
+	"W7Af+vzlkllFzYwVN+ouZrYPQZIaCcHH3z5auR6FAX/7aMV3cyS/UsiBCbhE31ksQnZA5Mcas96NPvF3",
+	"x1o+1Vq/U8WN7xkU7ncxDVOfv5jS/V7hgx06LhkI0bqx8F0dh+BuiwH1yHQXwsLtMOsiAoNpITP8i19n",
+	"Ch66ZCxCWI5ukNUD46tD9eghxNFPF3oKEaOxoE4a6wEj58l2+ZLrHTo39PweVbulb7NTvfevA7r7aPZS",
+	"BU8fCoguxnGAZWvdlDtCV/u6Knd0jvfLPRrnvbfsDmwjSD2TFOAKbUDdRauaI/2oiCVD+uL0c5SUutkp",
+	"/JqM4cNJv7DGNvEXWOiR5d07q++bXmcxagMiBx9vDmXX+K6o9dwq03nltRZ1TQxwZpVuJl2ED/AT1waO",
+	"no2eHoNU4K69hZgt5pkeizm/RmGHjI6HQDdDXF9ssLRzhVja0dyXFQ1hutnmbDoWORdXLmpuF+RiHqiw",
+	"iV+2LuFSQJLlFGaDBbtGkAIvxoIbEpEW9EuE0FrJqmzQaLrEo2u516LABxBn7f5+j2zS7iL9X9xFRqL6",
+	"e5WdO9asheY9BPDq3IQjzf2ctFtKnUa3v7ZJq2/rRuMPdmJhiS2yygP52KKq6dUfcnhCLhPrmIY2ITXC",
+	"QzfVuwmuPWflVzkNzUk2Q2MHSslOu/E7xZaaer00HWCc/PH9kEIDfW9B2kHuLvUQ/oHXqMZCXqOiTjPn",
+	"PjsiJcxw2XTJrRFqX25+D+bF6NlYdN8uhJQpl3KJW2dOQ0vOTkPQoelV1GPx9hbgw1l+7X7ajy0qWx2q",
+	"u2SXG/CAFt+L0bPH/K2Qf1gtL6j2YIMc7yWoYSeF5kb9pojoyeXN73I8AJP3t4VWaDaD1dSY7QtnrFaD",
+	"xEf2pOIWgB00+FfXRvRL86JqGib4ahl9VCpZSJezL5ioWA6uBZb19Y/vQuJR6cHuiL0jtQ/x8EOp7osK",
+	"skdNtHYG2HMaF1qyPbb9Q26ii/w4QLam+x7H/gkByt2k4t94Gwb/WxNK3EplJ6UE3Dw2jbys1cdXdR+p",
+	"7Wnh+gQfllAondAnAEPJnX45wFB835lP3n8r1qJxLY8s0rzS/Bpd3PkitHOH5yN3Ncr3b5gaOd32232+",
+	"lrqBqV919mZLtQAKiqwBRMjltoWpevvAZR88a+lr6rucSPrmsXnjJ5my3Oe26Ja7poo0V15jfSRgVAgK",
+	"iol5nGNx9Hs/PLKRD19vPJLncmntvssVlIyS/Ju/HfmVXista9p7D+HlWJQyz8PvFpD9qKX//YKCa40u",
+	"0mUBSeg/X8gbqfOxSGVRcBdEkzOgbkXn9WvAyhKZquv1ZhhKginURZWeYxFN6Cs5ZZVndicpZmj3uGAa",
+	"ZlxwvcBsuFktx/IlW+mx0GguXHEClfGJjDBDSGLpVZevaTXPtoqC2/xYp2uQDUY64QDM0JhLnHMhqA6j",
+	"my9DY88Dfsuzr0J8SPbtWW9wf5UG9hRkZS5lJTK4rDQXqLWnNUtc7fZwEWuG27/BxA0a7fRzc1tkZ+w/",
+	"tDR7eKNhWzQt/LzBvybwH3KRFBiiEFDTqW/BLdOtehoMHXVgrZ+161UJtvdH3WpBul5e1O1Yf8/Shacj",
+	"ruvrI1LUqUuqbtCmqbakWmANR8zfWB6L1pXl+tdh6tt+++9QjwVdorZvUYsop3KOh/DSX4mrSy0UghO8",
+	"9mFoGFXH5MaCUYVGKBZtblB4OWzF4VwRE1UiIw2AXNl9utJtf5NxaiFRWFIYHJrn7sZJUz9OxfOuJszK",
+	"9S5B+1rMcU8F15eV2Y16HPQKQjy735Vb9zu31Bk7cvV3IRN7tqEOntTwFxumcNU13sA6emrJ8+loNPLE",
+	"fdxhUHWw8unnhh53Cu6G5gaPUn5XFxBuL8+8D034nePuutjOGl/0e1N1RVYfw7RDFrcuMveSxT28KBLG",
+	"S7xcSHmlfe3w4PzzLq300f3iQYCUfkVzcEr87rf1ef0nyDW5/+FhKCOKHoUigOhZranicT4sEj1yGIwe",
+	"eIUSPXEFVZte2iuW566i2AnhC4rSltY89CbkHAW6i1luxyAVpDknSqnPJWCvY4Uf6U5HAgpZ5iwikv8y",
+	"pTo0dW3lcmU0z7BzuWiRmnu09UT+PwAA//8=",
 }
 
 // decodeSpec returns the embedded OpenAPI spec as raw JSON bytes,

@@ -543,8 +543,12 @@ type Problem struct {
 	// Errors Offending fields, for `invalid_request`.
 	Errors    *[]FieldError `json:"errors,omitempty"`
 	RequestId *string       `json:"request_id,omitempty"`
-	Status    int           `json:"status"`
-	Title     string        `json:"title"`
+
+	// RetryAfterSeconds For `rate_limited` (429) and `unavailable` (503) when known: whole
+	// seconds to wait before trying again, also sent as `Retry-After`.
+	RetryAfterSeconds *int64 `json:"retry_after_seconds,omitempty"`
+	Status            int    `json:"status"`
+	Title             string `json:"title"`
 
 	// Type A URI naming the problem type.
 	Type string `json:"type"`
@@ -3103,6 +3107,11 @@ func (r ReadyzResponse) ContentType() string {
 	return ""
 }
 
+// CreateReconciliationResponseDefaultHeaders the declared response headers of an HTTP default response for CreateReconciliation
+type CreateReconciliationResponseDefaultHeaders struct {
+	RetryAfter *int
+}
+
 type CreateReconciliationResponse struct {
 	Body         []byte
 	HTTPResponse *http.Response
@@ -3110,6 +3119,8 @@ type CreateReconciliationResponse struct {
 	JSON200 *Reconciliation
 	// ApplicationproblemJSONDefault the response for an HTTP default `application/problem+json` response
 	ApplicationproblemJSONDefault *Problem
+	// HeadersDefault the parsed response headers for an HTTP default response
+	HeadersDefault *CreateReconciliationResponseDefaultHeaders
 }
 
 // GetJSON200 returns the response for an HTTP 200 `application/json` response
@@ -3151,6 +3162,11 @@ func (r CreateReconciliationResponse) ContentType() string {
 	return ""
 }
 
+// ListStripeEventsResponseDefaultHeaders the declared response headers of an HTTP default response for ListStripeEvents
+type ListStripeEventsResponseDefaultHeaders struct {
+	RetryAfter *int
+}
+
 type ListStripeEventsResponse struct {
 	Body         []byte
 	HTTPResponse *http.Response
@@ -3158,6 +3174,8 @@ type ListStripeEventsResponse struct {
 	JSON200 *StripeEventPage
 	// ApplicationproblemJSONDefault the response for an HTTP default `application/problem+json` response
 	ApplicationproblemJSONDefault *Problem
+	// HeadersDefault the parsed response headers for an HTTP default response
+	HeadersDefault *ListStripeEventsResponseDefaultHeaders
 }
 
 // GetJSON200 returns the response for an HTTP 200 `application/json` response
@@ -3199,6 +3217,11 @@ func (r ListStripeEventsResponse) ContentType() string {
 	return ""
 }
 
+// ReplayStripeEventResponseDefaultHeaders the declared response headers of an HTTP default response for ReplayStripeEvent
+type ReplayStripeEventResponseDefaultHeaders struct {
+	RetryAfter *int
+}
+
 type ReplayStripeEventResponse struct {
 	Body         []byte
 	HTTPResponse *http.Response
@@ -3206,6 +3229,8 @@ type ReplayStripeEventResponse struct {
 	JSON200 *StripeEvent
 	// ApplicationproblemJSONDefault the response for an HTTP default `application/problem+json` response
 	ApplicationproblemJSONDefault *Problem
+	// HeadersDefault the parsed response headers for an HTTP default response
+	HeadersDefault *ReplayStripeEventResponseDefaultHeaders
 }
 
 // GetJSON200 returns the response for an HTTP 200 `application/json` response
@@ -3247,6 +3272,11 @@ func (r ReplayStripeEventResponse) ContentType() string {
 	return ""
 }
 
+// ListUsageEventsResponseDefaultHeaders the declared response headers of an HTTP default response for ListUsageEvents
+type ListUsageEventsResponseDefaultHeaders struct {
+	RetryAfter *int
+}
+
 type ListUsageEventsResponse struct {
 	Body         []byte
 	HTTPResponse *http.Response
@@ -3254,6 +3284,8 @@ type ListUsageEventsResponse struct {
 	JSON200 *UsageEventPage
 	// ApplicationproblemJSONDefault the response for an HTTP default `application/problem+json` response
 	ApplicationproblemJSONDefault *Problem
+	// HeadersDefault the parsed response headers for an HTTP default response
+	HeadersDefault *ListUsageEventsResponseDefaultHeaders
 }
 
 // GetJSON200 returns the response for an HTTP 200 `application/json` response
@@ -3295,6 +3327,11 @@ func (r ListUsageEventsResponse) ContentType() string {
 	return ""
 }
 
+// RequeueUsageEventsResponseDefaultHeaders the declared response headers of an HTTP default response for RequeueUsageEvents
+type RequeueUsageEventsResponseDefaultHeaders struct {
+	RetryAfter *int
+}
+
 type RequeueUsageEventsResponse struct {
 	Body         []byte
 	HTTPResponse *http.Response
@@ -3302,6 +3339,8 @@ type RequeueUsageEventsResponse struct {
 	JSON200 *RequeueResult
 	// ApplicationproblemJSONDefault the response for an HTTP default `application/problem+json` response
 	ApplicationproblemJSONDefault *Problem
+	// HeadersDefault the parsed response headers for an HTTP default response
+	HeadersDefault *RequeueUsageEventsResponseDefaultHeaders
 }
 
 // GetJSON200 returns the response for an HTTP 200 `application/json` response
@@ -3343,6 +3382,11 @@ func (r RequeueUsageEventsResponse) ContentType() string {
 	return ""
 }
 
+// VerifyInvariantsResponseDefaultHeaders the declared response headers of an HTTP default response for VerifyInvariants
+type VerifyInvariantsResponseDefaultHeaders struct {
+	RetryAfter *int
+}
+
 type VerifyInvariantsResponse struct {
 	Body         []byte
 	HTTPResponse *http.Response
@@ -3350,6 +3394,8 @@ type VerifyInvariantsResponse struct {
 	JSON200 *VerifyReport
 	// ApplicationproblemJSONDefault the response for an HTTP default `application/problem+json` response
 	ApplicationproblemJSONDefault *Problem
+	// HeadersDefault the parsed response headers for an HTTP default response
+	HeadersDefault *VerifyInvariantsResponseDefaultHeaders
 }
 
 // GetJSON200 returns the response for an HTTP 200 `application/json` response
@@ -3391,6 +3437,11 @@ func (r VerifyInvariantsResponse) ContentType() string {
 	return ""
 }
 
+// GetCatalogResponseDefaultHeaders the declared response headers of an HTTP default response for GetCatalog
+type GetCatalogResponseDefaultHeaders struct {
+	RetryAfter *int
+}
+
 type GetCatalogResponse struct {
 	Body         []byte
 	HTTPResponse *http.Response
@@ -3398,6 +3449,8 @@ type GetCatalogResponse struct {
 	JSON200 *Catalog
 	// ApplicationproblemJSONDefault the response for an HTTP default `application/problem+json` response
 	ApplicationproblemJSONDefault *Problem
+	// HeadersDefault the parsed response headers for an HTTP default response
+	HeadersDefault *GetCatalogResponseDefaultHeaders
 }
 
 // GetJSON200 returns the response for an HTTP 200 `application/json` response
@@ -3444,6 +3497,11 @@ type CreateCheckoutSessionResponse201Headers struct {
 	IdempotentReplayed *bool
 }
 
+// CreateCheckoutSessionResponseDefaultHeaders the declared response headers of an HTTP default response for CreateCheckoutSession
+type CreateCheckoutSessionResponseDefaultHeaders struct {
+	RetryAfter *int
+}
+
 type CreateCheckoutSessionResponse struct {
 	Body         []byte
 	HTTPResponse *http.Response
@@ -3453,6 +3511,8 @@ type CreateCheckoutSessionResponse struct {
 	ApplicationproblemJSONDefault *Problem
 	// Headers201 the parsed response headers for an HTTP 201 response
 	Headers201 *CreateCheckoutSessionResponse201Headers
+	// HeadersDefault the parsed response headers for an HTTP default response
+	HeadersDefault *CreateCheckoutSessionResponseDefaultHeaders
 }
 
 // GetJSON201 returns the response for an HTTP 201 `application/json` response
@@ -3494,6 +3554,11 @@ func (r CreateCheckoutSessionResponse) ContentType() string {
 	return ""
 }
 
+// GetCustomerResponseDefaultHeaders the declared response headers of an HTTP default response for GetCustomer
+type GetCustomerResponseDefaultHeaders struct {
+	RetryAfter *int
+}
+
 type GetCustomerResponse struct {
 	Body         []byte
 	HTTPResponse *http.Response
@@ -3501,6 +3566,8 @@ type GetCustomerResponse struct {
 	JSON200 *Customer
 	// ApplicationproblemJSONDefault the response for an HTTP default `application/problem+json` response
 	ApplicationproblemJSONDefault *Problem
+	// HeadersDefault the parsed response headers for an HTTP default response
+	HeadersDefault *GetCustomerResponseDefaultHeaders
 }
 
 // GetJSON200 returns the response for an HTTP 200 `application/json` response
@@ -3542,6 +3609,11 @@ func (r GetCustomerResponse) ContentType() string {
 	return ""
 }
 
+// UpsertCustomerResponseDefaultHeaders the declared response headers of an HTTP default response for UpsertCustomer
+type UpsertCustomerResponseDefaultHeaders struct {
+	RetryAfter *int
+}
+
 type UpsertCustomerResponse struct {
 	Body         []byte
 	HTTPResponse *http.Response
@@ -3551,6 +3623,8 @@ type UpsertCustomerResponse struct {
 	JSON201 *Customer
 	// ApplicationproblemJSONDefault the response for an HTTP default `application/problem+json` response
 	ApplicationproblemJSONDefault *Problem
+	// HeadersDefault the parsed response headers for an HTTP default response
+	HeadersDefault *UpsertCustomerResponseDefaultHeaders
 }
 
 // GetJSON200 returns the response for an HTTP 200 `application/json` response
@@ -3597,6 +3671,11 @@ func (r UpsertCustomerResponse) ContentType() string {
 	return ""
 }
 
+// GetBalanceResponseDefaultHeaders the declared response headers of an HTTP default response for GetBalance
+type GetBalanceResponseDefaultHeaders struct {
+	RetryAfter *int
+}
+
 type GetBalanceResponse struct {
 	Body         []byte
 	HTTPResponse *http.Response
@@ -3604,6 +3683,8 @@ type GetBalanceResponse struct {
 	JSON200 *Balance
 	// ApplicationproblemJSONDefault the response for an HTTP default `application/problem+json` response
 	ApplicationproblemJSONDefault *Problem
+	// HeadersDefault the parsed response headers for an HTTP default response
+	HeadersDefault *GetBalanceResponseDefaultHeaders
 }
 
 // GetJSON200 returns the response for an HTTP 200 `application/json` response
@@ -3650,6 +3731,11 @@ type ConsumeCreditsResponse200Headers struct {
 	IdempotentReplayed *bool
 }
 
+// ConsumeCreditsResponseDefaultHeaders the declared response headers of an HTTP default response for ConsumeCredits
+type ConsumeCreditsResponseDefaultHeaders struct {
+	RetryAfter *int
+}
+
 type ConsumeCreditsResponse struct {
 	Body         []byte
 	HTTPResponse *http.Response
@@ -3661,6 +3747,8 @@ type ConsumeCreditsResponse struct {
 	ApplicationproblemJSONDefault *Problem
 	// Headers200 the parsed response headers for an HTTP 200 response
 	Headers200 *ConsumeCreditsResponse200Headers
+	// HeadersDefault the parsed response headers for an HTTP default response
+	HeadersDefault *ConsumeCreditsResponseDefaultHeaders
 }
 
 // GetJSON200 returns the response for an HTTP 200 `application/json` response
@@ -3712,6 +3800,11 @@ type GrantCreditsResponse201Headers struct {
 	IdempotentReplayed *bool
 }
 
+// GrantCreditsResponseDefaultHeaders the declared response headers of an HTTP default response for GrantCredits
+type GrantCreditsResponseDefaultHeaders struct {
+	RetryAfter *int
+}
+
 type GrantCreditsResponse struct {
 	Body         []byte
 	HTTPResponse *http.Response
@@ -3721,6 +3814,8 @@ type GrantCreditsResponse struct {
 	ApplicationproblemJSONDefault *Problem
 	// Headers201 the parsed response headers for an HTTP 201 response
 	Headers201 *GrantCreditsResponse201Headers
+	// HeadersDefault the parsed response headers for an HTTP default response
+	HeadersDefault *GrantCreditsResponseDefaultHeaders
 }
 
 // GetJSON201 returns the response for an HTTP 201 `application/json` response
@@ -3762,6 +3857,11 @@ func (r GrantCreditsResponse) ContentType() string {
 	return ""
 }
 
+// ListCreditTransactionsResponseDefaultHeaders the declared response headers of an HTTP default response for ListCreditTransactions
+type ListCreditTransactionsResponseDefaultHeaders struct {
+	RetryAfter *int
+}
+
 type ListCreditTransactionsResponse struct {
 	Body         []byte
 	HTTPResponse *http.Response
@@ -3769,6 +3869,8 @@ type ListCreditTransactionsResponse struct {
 	JSON200 *LedgerPage
 	// ApplicationproblemJSONDefault the response for an HTTP default `application/problem+json` response
 	ApplicationproblemJSONDefault *Problem
+	// HeadersDefault the parsed response headers for an HTTP default response
+	HeadersDefault *ListCreditTransactionsResponseDefaultHeaders
 }
 
 // GetJSON200 returns the response for an HTTP 200 `application/json` response
@@ -3810,6 +3912,11 @@ func (r ListCreditTransactionsResponse) ContentType() string {
 	return ""
 }
 
+// ListCustomerPaymentsResponseDefaultHeaders the declared response headers of an HTTP default response for ListCustomerPayments
+type ListCustomerPaymentsResponseDefaultHeaders struct {
+	RetryAfter *int
+}
+
 type ListCustomerPaymentsResponse struct {
 	Body         []byte
 	HTTPResponse *http.Response
@@ -3817,6 +3924,8 @@ type ListCustomerPaymentsResponse struct {
 	JSON200 *PaymentPage
 	// ApplicationproblemJSONDefault the response for an HTTP default `application/problem+json` response
 	ApplicationproblemJSONDefault *Problem
+	// HeadersDefault the parsed response headers for an HTTP default response
+	HeadersDefault *ListCustomerPaymentsResponseDefaultHeaders
 }
 
 // GetJSON200 returns the response for an HTTP 200 `application/json` response
@@ -3858,6 +3967,11 @@ func (r ListCustomerPaymentsResponse) ContentType() string {
 	return ""
 }
 
+// GetCustomerUsageResponseDefaultHeaders the declared response headers of an HTTP default response for GetCustomerUsage
+type GetCustomerUsageResponseDefaultHeaders struct {
+	RetryAfter *int
+}
+
 type GetCustomerUsageResponse struct {
 	Body         []byte
 	HTTPResponse *http.Response
@@ -3865,6 +3979,8 @@ type GetCustomerUsageResponse struct {
 	JSON200 *UsageTotals
 	// ApplicationproblemJSONDefault the response for an HTTP default `application/problem+json` response
 	ApplicationproblemJSONDefault *Problem
+	// HeadersDefault the parsed response headers for an HTTP default response
+	HeadersDefault *GetCustomerUsageResponseDefaultHeaders
 }
 
 // GetJSON200 returns the response for an HTTP 200 `application/json` response
@@ -3906,6 +4022,11 @@ func (r GetCustomerUsageResponse) ContentType() string {
 	return ""
 }
 
+// ListEventsResponseDefaultHeaders the declared response headers of an HTTP default response for ListEvents
+type ListEventsResponseDefaultHeaders struct {
+	RetryAfter *int
+}
+
 type ListEventsResponse struct {
 	Body         []byte
 	HTTPResponse *http.Response
@@ -3913,6 +4034,8 @@ type ListEventsResponse struct {
 	JSON200 *EventPage
 	// ApplicationproblemJSONDefault the response for an HTTP default `application/problem+json` response
 	ApplicationproblemJSONDefault *Problem
+	// HeadersDefault the parsed response headers for an HTTP default response
+	HeadersDefault *ListEventsResponseDefaultHeaders
 }
 
 // GetJSON200 returns the response for an HTTP 200 `application/json` response
@@ -3954,6 +4077,11 @@ func (r ListEventsResponse) ContentType() string {
 	return ""
 }
 
+// GetPaymentResponseDefaultHeaders the declared response headers of an HTTP default response for GetPayment
+type GetPaymentResponseDefaultHeaders struct {
+	RetryAfter *int
+}
+
 type GetPaymentResponse struct {
 	Body         []byte
 	HTTPResponse *http.Response
@@ -3961,6 +4089,8 @@ type GetPaymentResponse struct {
 	JSON200 *Payment
 	// ApplicationproblemJSONDefault the response for an HTTP default `application/problem+json` response
 	ApplicationproblemJSONDefault *Problem
+	// HeadersDefault the parsed response headers for an HTTP default response
+	HeadersDefault *GetPaymentResponseDefaultHeaders
 }
 
 // GetJSON200 returns the response for an HTTP 200 `application/json` response
@@ -4007,6 +4137,11 @@ type IngestUsageEventsResponse202Headers struct {
 	IdempotentReplayed *bool
 }
 
+// IngestUsageEventsResponseDefaultHeaders the declared response headers of an HTTP default response for IngestUsageEvents
+type IngestUsageEventsResponseDefaultHeaders struct {
+	RetryAfter *int
+}
+
 type IngestUsageEventsResponse struct {
 	Body         []byte
 	HTTPResponse *http.Response
@@ -4016,6 +4151,8 @@ type IngestUsageEventsResponse struct {
 	ApplicationproblemJSONDefault *Problem
 	// Headers202 the parsed response headers for an HTTP 202 response
 	Headers202 *IngestUsageEventsResponse202Headers
+	// HeadersDefault the parsed response headers for an HTTP default response
+	HeadersDefault *IngestUsageEventsResponseDefaultHeaders
 }
 
 // GetJSON202 returns the response for an HTTP 202 `application/json` response
@@ -4057,6 +4194,11 @@ func (r IngestUsageEventsResponse) ContentType() string {
 	return ""
 }
 
+// GetUsageEventResponseDefaultHeaders the declared response headers of an HTTP default response for GetUsageEvent
+type GetUsageEventResponseDefaultHeaders struct {
+	RetryAfter *int
+}
+
 type GetUsageEventResponse struct {
 	Body         []byte
 	HTTPResponse *http.Response
@@ -4064,6 +4206,8 @@ type GetUsageEventResponse struct {
 	JSON200 *UsageEventStatus
 	// ApplicationproblemJSONDefault the response for an HTTP default `application/problem+json` response
 	ApplicationproblemJSONDefault *Problem
+	// HeadersDefault the parsed response headers for an HTTP default response
+	HeadersDefault *GetUsageEventResponseDefaultHeaders
 }
 
 // GetJSON200 returns the response for an HTTP 200 `application/json` response
@@ -4623,6 +4767,19 @@ func ParseCreateReconciliationResponse(rsp *http.Response) (*CreateReconciliatio
 
 	}
 
+	switch {
+	case true:
+		var headers CreateReconciliationResponseDefaultHeaders
+		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
+			var value int
+			if err := runtime.BindStyledParameterWithOptions("simple", "Retry-After", values[0], &value, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "integer", Format: ""}); err != nil {
+				return nil, err
+			}
+			headers.RetryAfter = &value
+		}
+		response.HeadersDefault = &headers
+	}
+
 	return response, nil
 }
 
@@ -4654,6 +4811,19 @@ func ParseListStripeEventsResponse(rsp *http.Response) (*ListStripeEventsRespons
 		}
 		response.ApplicationproblemJSONDefault = &dest
 
+	}
+
+	switch {
+	case true:
+		var headers ListStripeEventsResponseDefaultHeaders
+		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
+			var value int
+			if err := runtime.BindStyledParameterWithOptions("simple", "Retry-After", values[0], &value, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "integer", Format: ""}); err != nil {
+				return nil, err
+			}
+			headers.RetryAfter = &value
+		}
+		response.HeadersDefault = &headers
 	}
 
 	return response, nil
@@ -4689,6 +4859,19 @@ func ParseReplayStripeEventResponse(rsp *http.Response) (*ReplayStripeEventRespo
 
 	}
 
+	switch {
+	case true:
+		var headers ReplayStripeEventResponseDefaultHeaders
+		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
+			var value int
+			if err := runtime.BindStyledParameterWithOptions("simple", "Retry-After", values[0], &value, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "integer", Format: ""}); err != nil {
+				return nil, err
+			}
+			headers.RetryAfter = &value
+		}
+		response.HeadersDefault = &headers
+	}
+
 	return response, nil
 }
 
@@ -4720,6 +4903,19 @@ func ParseListUsageEventsResponse(rsp *http.Response) (*ListUsageEventsResponse,
 		}
 		response.ApplicationproblemJSONDefault = &dest
 
+	}
+
+	switch {
+	case true:
+		var headers ListUsageEventsResponseDefaultHeaders
+		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
+			var value int
+			if err := runtime.BindStyledParameterWithOptions("simple", "Retry-After", values[0], &value, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "integer", Format: ""}); err != nil {
+				return nil, err
+			}
+			headers.RetryAfter = &value
+		}
+		response.HeadersDefault = &headers
 	}
 
 	return response, nil
@@ -4755,6 +4951,19 @@ func ParseRequeueUsageEventsResponse(rsp *http.Response) (*RequeueUsageEventsRes
 
 	}
 
+	switch {
+	case true:
+		var headers RequeueUsageEventsResponseDefaultHeaders
+		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
+			var value int
+			if err := runtime.BindStyledParameterWithOptions("simple", "Retry-After", values[0], &value, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "integer", Format: ""}); err != nil {
+				return nil, err
+			}
+			headers.RetryAfter = &value
+		}
+		response.HeadersDefault = &headers
+	}
+
 	return response, nil
 }
 
@@ -4788,6 +4997,19 @@ func ParseVerifyInvariantsResponse(rsp *http.Response) (*VerifyInvariantsRespons
 
 	}
 
+	switch {
+	case true:
+		var headers VerifyInvariantsResponseDefaultHeaders
+		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
+			var value int
+			if err := runtime.BindStyledParameterWithOptions("simple", "Retry-After", values[0], &value, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "integer", Format: ""}); err != nil {
+				return nil, err
+			}
+			headers.RetryAfter = &value
+		}
+		response.HeadersDefault = &headers
+	}
+
 	return response, nil
 }
 
@@ -4819,6 +5041,19 @@ func ParseGetCatalogResponse(rsp *http.Response) (*GetCatalogResponse, error) {
 		}
 		response.ApplicationproblemJSONDefault = &dest
 
+	}
+
+	switch {
+	case true:
+		var headers GetCatalogResponseDefaultHeaders
+		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
+			var value int
+			if err := runtime.BindStyledParameterWithOptions("simple", "Retry-After", values[0], &value, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "integer", Format: ""}); err != nil {
+				return nil, err
+			}
+			headers.RetryAfter = &value
+		}
+		response.HeadersDefault = &headers
 	}
 
 	return response, nil
@@ -4865,6 +5100,16 @@ func ParseCreateCheckoutSessionResponse(rsp *http.Response) (*CreateCheckoutSess
 			headers.IdempotentReplayed = &value
 		}
 		response.Headers201 = &headers
+	case true:
+		var headers CreateCheckoutSessionResponseDefaultHeaders
+		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
+			var value int
+			if err := runtime.BindStyledParameterWithOptions("simple", "Retry-After", values[0], &value, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "integer", Format: ""}); err != nil {
+				return nil, err
+			}
+			headers.RetryAfter = &value
+		}
+		response.HeadersDefault = &headers
 	}
 
 	return response, nil
@@ -4898,6 +5143,19 @@ func ParseGetCustomerResponse(rsp *http.Response) (*GetCustomerResponse, error) 
 		}
 		response.ApplicationproblemJSONDefault = &dest
 
+	}
+
+	switch {
+	case true:
+		var headers GetCustomerResponseDefaultHeaders
+		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
+			var value int
+			if err := runtime.BindStyledParameterWithOptions("simple", "Retry-After", values[0], &value, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "integer", Format: ""}); err != nil {
+				return nil, err
+			}
+			headers.RetryAfter = &value
+		}
+		response.HeadersDefault = &headers
 	}
 
 	return response, nil
@@ -4940,6 +5198,19 @@ func ParseUpsertCustomerResponse(rsp *http.Response) (*UpsertCustomerResponse, e
 
 	}
 
+	switch {
+	case true:
+		var headers UpsertCustomerResponseDefaultHeaders
+		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
+			var value int
+			if err := runtime.BindStyledParameterWithOptions("simple", "Retry-After", values[0], &value, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "integer", Format: ""}); err != nil {
+				return nil, err
+			}
+			headers.RetryAfter = &value
+		}
+		response.HeadersDefault = &headers
+	}
+
 	return response, nil
 }
 
@@ -4971,6 +5242,19 @@ func ParseGetBalanceResponse(rsp *http.Response) (*GetBalanceResponse, error) {
 		}
 		response.ApplicationproblemJSONDefault = &dest
 
+	}
+
+	switch {
+	case true:
+		var headers GetBalanceResponseDefaultHeaders
+		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
+			var value int
+			if err := runtime.BindStyledParameterWithOptions("simple", "Retry-After", values[0], &value, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "integer", Format: ""}); err != nil {
+				return nil, err
+			}
+			headers.RetryAfter = &value
+		}
+		response.HeadersDefault = &headers
 	}
 
 	return response, nil
@@ -5024,6 +5308,16 @@ func ParseConsumeCreditsResponse(rsp *http.Response) (*ConsumeCreditsResponse, e
 			headers.IdempotentReplayed = &value
 		}
 		response.Headers200 = &headers
+	case true:
+		var headers ConsumeCreditsResponseDefaultHeaders
+		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
+			var value int
+			if err := runtime.BindStyledParameterWithOptions("simple", "Retry-After", values[0], &value, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "integer", Format: ""}); err != nil {
+				return nil, err
+			}
+			headers.RetryAfter = &value
+		}
+		response.HeadersDefault = &headers
 	}
 
 	return response, nil
@@ -5070,6 +5364,16 @@ func ParseGrantCreditsResponse(rsp *http.Response) (*GrantCreditsResponse, error
 			headers.IdempotentReplayed = &value
 		}
 		response.Headers201 = &headers
+	case true:
+		var headers GrantCreditsResponseDefaultHeaders
+		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
+			var value int
+			if err := runtime.BindStyledParameterWithOptions("simple", "Retry-After", values[0], &value, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "integer", Format: ""}); err != nil {
+				return nil, err
+			}
+			headers.RetryAfter = &value
+		}
+		response.HeadersDefault = &headers
 	}
 
 	return response, nil
@@ -5105,6 +5409,19 @@ func ParseListCreditTransactionsResponse(rsp *http.Response) (*ListCreditTransac
 
 	}
 
+	switch {
+	case true:
+		var headers ListCreditTransactionsResponseDefaultHeaders
+		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
+			var value int
+			if err := runtime.BindStyledParameterWithOptions("simple", "Retry-After", values[0], &value, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "integer", Format: ""}); err != nil {
+				return nil, err
+			}
+			headers.RetryAfter = &value
+		}
+		response.HeadersDefault = &headers
+	}
+
 	return response, nil
 }
 
@@ -5136,6 +5453,19 @@ func ParseListCustomerPaymentsResponse(rsp *http.Response) (*ListCustomerPayment
 		}
 		response.ApplicationproblemJSONDefault = &dest
 
+	}
+
+	switch {
+	case true:
+		var headers ListCustomerPaymentsResponseDefaultHeaders
+		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
+			var value int
+			if err := runtime.BindStyledParameterWithOptions("simple", "Retry-After", values[0], &value, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "integer", Format: ""}); err != nil {
+				return nil, err
+			}
+			headers.RetryAfter = &value
+		}
+		response.HeadersDefault = &headers
 	}
 
 	return response, nil
@@ -5171,6 +5501,19 @@ func ParseGetCustomerUsageResponse(rsp *http.Response) (*GetCustomerUsageRespons
 
 	}
 
+	switch {
+	case true:
+		var headers GetCustomerUsageResponseDefaultHeaders
+		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
+			var value int
+			if err := runtime.BindStyledParameterWithOptions("simple", "Retry-After", values[0], &value, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "integer", Format: ""}); err != nil {
+				return nil, err
+			}
+			headers.RetryAfter = &value
+		}
+		response.HeadersDefault = &headers
+	}
+
 	return response, nil
 }
 
@@ -5204,6 +5547,19 @@ func ParseListEventsResponse(rsp *http.Response) (*ListEventsResponse, error) {
 
 	}
 
+	switch {
+	case true:
+		var headers ListEventsResponseDefaultHeaders
+		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
+			var value int
+			if err := runtime.BindStyledParameterWithOptions("simple", "Retry-After", values[0], &value, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "integer", Format: ""}); err != nil {
+				return nil, err
+			}
+			headers.RetryAfter = &value
+		}
+		response.HeadersDefault = &headers
+	}
+
 	return response, nil
 }
 
@@ -5235,6 +5591,19 @@ func ParseGetPaymentResponse(rsp *http.Response) (*GetPaymentResponse, error) {
 		}
 		response.ApplicationproblemJSONDefault = &dest
 
+	}
+
+	switch {
+	case true:
+		var headers GetPaymentResponseDefaultHeaders
+		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
+			var value int
+			if err := runtime.BindStyledParameterWithOptions("simple", "Retry-After", values[0], &value, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "integer", Format: ""}); err != nil {
+				return nil, err
+			}
+			headers.RetryAfter = &value
+		}
+		response.HeadersDefault = &headers
 	}
 
 	return response, nil
@@ -5281,6 +5650,16 @@ func ParseIngestUsageEventsResponse(rsp *http.Response) (*IngestUsageEventsRespo
 			headers.IdempotentReplayed = &value
 		}
 		response.Headers202 = &headers
+	case true:
+		var headers IngestUsageEventsResponseDefaultHeaders
+		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
+			var value int
+			if err := runtime.BindStyledParameterWithOptions("simple", "Retry-After", values[0], &value, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "integer", Format: ""}); err != nil {
+				return nil, err
+			}
+			headers.RetryAfter = &value
+		}
+		response.HeadersDefault = &headers
 	}
 
 	return response, nil
@@ -5314,6 +5693,19 @@ func ParseGetUsageEventResponse(rsp *http.Response) (*GetUsageEventResponse, err
 		}
 		response.ApplicationproblemJSONDefault = &dest
 
+	}
+
+	switch {
+	case true:
+		var headers GetUsageEventResponseDefaultHeaders
+		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
+			var value int
+			if err := runtime.BindStyledParameterWithOptions("simple", "Retry-After", values[0], &value, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "integer", Format: ""}); err != nil {
+				return nil, err
+			}
+			headers.RetryAfter = &value
+		}
+		response.HeadersDefault = &headers
 	}
 
 	return response, nil
