@@ -54,9 +54,16 @@ type Plan struct {
 	StripeMeterID string
 }
 
-// MaxAmount is the largest amount in minor units that Stripe Checkout accepts
-// for one line item (99,999,999, e.g. $999,999.99).
+// MaxAmount is the largest amount in minor units that Stripe charges in one
+// payment (99,999,999, e.g. $999,999.99): the most a catalog item costs, and
+// the most one checkout of several units may cost.
 const MaxAmount = 99_999_999
+
+// MaxCredits is the largest number of credits one grant carries
+// (credits.MaxAmount). A pack beyond it could take money and never grant it,
+// so it is refused at load, and a checkout of several packs beyond it is
+// refused before Stripe is called.
+const MaxCredits = 1_000_000_000_000
 
 var (
 	catalogIDPattern = regexp.MustCompile(`^[a-z0-9][a-z0-9_.-]{0,63}$`)
@@ -216,8 +223,8 @@ func (c Catalog) Validate() error {
 		checkID(where, p.ID)
 		checkName(where, p.Name)
 		checkMoney(where, p.Amount, p.Currency)
-		if p.Credits <= 0 {
-			bad(where+".credits", "must be positive, got %d", p.Credits)
+		if p.Credits <= 0 || p.Credits > MaxCredits {
+			bad(where+".credits", "must be between 1 and %d (the largest grant), got %d", int64(MaxCredits), p.Credits)
 		}
 		if p.ExpiresAfter < 0 {
 			bad(where+".expires_after", "must not be negative (omit it or use 0 for never), got %s", p.ExpiresAfter)

@@ -96,6 +96,22 @@ func TestParseCatalogEmptyAndZeroExpiry(t *testing.T) {
 	}
 }
 
+// A pack of exactly the largest grant loads; one credit more would take the
+// money and then never be granted, so it is refused at load.
+func TestParseCatalogLargestPack(t *testing.T) {
+	c, err := ParseCatalog([]byte("credit_packs:\n- {id: a, name: A, amount: 1, currency: usd, credits: 1000000000000}\n"))
+	if err != nil {
+		t.Fatalf("a pack of the largest grant: %v", err)
+	}
+	if c.CreditPacks[0].Credits != MaxCredits {
+		t.Fatalf("credits = %d, want %d", c.CreditPacks[0].Credits, int64(MaxCredits))
+	}
+	_, err = ParseCatalog([]byte("credit_packs:\n- {id: a, name: A, amount: 1, currency: usd, credits: 1000000000001}\n"))
+	if err == nil || !strings.Contains(err.Error(), "credit_packs[0].credits") || !strings.Contains(err.Error(), "1000000000000") {
+		t.Fatalf("a pack beyond the largest grant: %v, want a refusal naming the limit", err)
+	}
+}
+
 func TestDeployExampleCatalogParses(t *testing.T) {
 	c, err := LoadCatalog("../../deploy/catalog.example.yaml")
 	if err != nil {
@@ -156,6 +172,7 @@ func TestParseCatalogRejects(t *testing.T) {
 		{"currency long", pack("currency=usdd"), "credit_packs[0].currency"},
 		{"credits zero", pack("credits=0"), "credit_packs[0].credits"},
 		{"credits negative", pack("credits=-10"), "credit_packs[0].credits"},
+		{"credits beyond the largest grant", pack("credits=1000000000001"), "credit_packs[0].credits"},
 		{"expiry negative", pack("expires_after=-1h"), "credit_packs[0].expires_after"},
 		{"expiry days", pack("expires_after=365d"), "credit_packs[0].expires_after"},
 		{"product amount", "products:\n- {id: e, name: E, amount: 0, currency: usd}\n", "products[0].amount"},
@@ -323,7 +340,7 @@ func FuzzParseCatalog(f *testing.F) {
 			t.Fatalf("ParseCatalog accepted a catalog that does not validate: %v", err)
 		}
 		for _, p := range c.CreditPacks {
-			if p.Amount <= 0 || p.Amount > MaxAmount || p.Credits <= 0 || p.ExpiresAfter < 0 {
+			if p.Amount <= 0 || p.Amount > MaxAmount || p.Credits <= 0 || p.Credits > MaxCredits || p.ExpiresAfter < 0 {
 				t.Fatalf("accepted pack %+v", p)
 			}
 		}

@@ -8,6 +8,7 @@ import (
 
 	"gorm.io/gorm"
 
+	"github.com/tallybilling/tally/internal/config"
 	"github.com/tallybilling/tally/internal/customers"
 	"github.com/tallybilling/tally/internal/db"
 	"github.com/tallybilling/tally/internal/errs"
@@ -77,6 +78,15 @@ func (s *Service) resolve(in *CheckoutInput) (item, error) {
 	}
 	if it.kind == KindPlan && in.Quantity != 1 {
 		return item{}, errs.InvalidField("/quantity", "a plan is subscribed to once; quantity must be 1")
+	}
+	// Both products fit in int64: credits ≤ 1e12 and amounts < 1e8, times at most MaxQuantity.
+	if it.credits*in.Quantity > config.MaxCredits {
+		return item{}, errs.UnprocessableField("/quantity", fmt.Sprintf("%d × %s is %d credits, more than the largest grant (%d); buy at most %d",
+			in.Quantity, in.Item, it.credits*in.Quantity, int64(config.MaxCredits), config.MaxCredits/it.credits))
+	}
+	if it.unitAmount*in.Quantity > config.MaxAmount {
+		return item{}, errs.UnprocessableField("/quantity", fmt.Sprintf("%d × %s costs %d, more than Stripe charges in one payment (%d); buy at most %d",
+			in.Quantity, in.Item, it.unitAmount*in.Quantity, config.MaxAmount, config.MaxAmount/it.unitAmount))
 	}
 	if !s.catalog.RedirectAllowed(in.SuccessURL) {
 		return item{}, errs.InvalidField("/success_url", "success_url is not under an allowed redirect prefix")

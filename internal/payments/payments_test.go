@@ -31,14 +31,24 @@ plans:
 
 func newService(t *testing.T, gdb *gorm.DB, stripe stripeapi.Client, confirmOn string) *payments.Service {
 	t.Helper()
-	cat, err := config.ParseCatalog([]byte(catalogYAML))
+	return newServiceWith(t, gdb, stripe, catalogYAML, func(o *payments.Options) { o.Checkout.ConfirmOn = confirmOn })
+}
+
+// newServiceWith builds a Service on catalog, with tweak applied to its options.
+func newServiceWith(t *testing.T, gdb *gorm.DB, stripe stripeapi.Client, catalog string, tweak func(*payments.Options)) *payments.Service {
+	t.Helper()
+	cat, err := config.ParseCatalog([]byte(catalog))
 	if err != nil {
 		t.Fatal(err)
 	}
-	return payments.NewService(payments.Options{
+	o := payments.Options{
 		DB: gdb, Stripe: stripe, Catalog: cat, Livemode: false, Logger: dbtest.Logger(t),
-		Checkout: config.CheckoutConfig{ExpiresAfter: time.Hour, ConfirmOn: confirmOn, InvoiceCreation: true},
-	})
+		Checkout: config.CheckoutConfig{ExpiresAfter: time.Hour, ConfirmOn: config.ConfirmOnPaymentIntent, InvoiceCreation: true},
+	}
+	if tweak != nil {
+		tweak(&o)
+	}
+	return payments.NewService(o)
 }
 
 func fakeClient(t *testing.T) (*stripefake.Fake, stripeapi.Client) {

@@ -284,7 +284,12 @@ type CheckoutSessionCreate struct {
 	CustomerId CustomerID `json:"customer_id"`
 
 	// Item A catalog id.
-	Item       string `json:"item"`
+	Item string `json:"item"`
+
+	// Quantity Units of the item. A quantity whose credits exceed the largest
+	// grant (1,000,000,000,000), or whose price exceeds what Stripe
+	// charges in one payment (99,999,999 minor units), is refused with
+	// 422 `invalid_request` before anything is written.
 	Quantity   *int64 `json:"quantity,omitempty"`
 	SuccessUrl string `json:"success_url"`
 }

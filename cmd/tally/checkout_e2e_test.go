@@ -1,0 +1,110 @@
+package main
+
+import (
+	"context"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/tallybilling/tally/internal/stripeapi/stripefake"
+	"github.com/tallybilling/tally/pkg/client"
+)
+
+// writeCatalog writes a catalog file for one test and returns its path.
+func writeCatalog(t testing.TB, yaml string) string {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), "catalog.yaml")
+	if err := os.WriteFile(path, []byte(yaml), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return path
+}
+
+// serveRefuses runs `tally serve` with env and returns the error it refused
+// to start with; a server that starts and answers /healthz fails the test.
+func serveRefuses(t testing.TB, env map[string]string) error {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	var out syncBuffer
+	done := make(chan error, 1)
+	go func() {
+		done <- run(ctx, []string{"tally", "serve"}, func(k string) string { return env[k] }, &out, &out)
+	}()
+	for {
+		select {
+		case err := <-done:
+			if err == nil {
+				t.Fatalf("tally serve exited without an error\n%s", out.String())
+			}
+			return err
+		case <-time.After(50 * time.Millisecond):
+		}
+		if resp, err := http.Get("http://" + env["TALLY_HTTP_ADDR"] + "/healthz"); err == nil {
+			resp.Body.Close()
+			cancel()
+			<-done
+			t.Fatalf("tally serve started\n%s", out.String())
+		}
+	}
+}
+
+// checkoutBody is a checkout of quantity × item for customer with allowed URLs.
+func checkoutBody(customer, item string, quantity int64) client.CheckoutSessionCreate {
+	return client.CheckoutSessionCreate{
+		CustomerId: customer, Item: item, Quantity: &quantity,
+		SuccessUrl: "https://app.example.com/paid", CancelUrl: "https://app.example.com/cancel",
+	}
+}
+
+// A pack whose credits exceed the largest grant would take the money and
+// then be parked forever: `tally serve` refuses to start with it, and a
+// checkout of so many packs that their credits exceed it is answered 422
+// before anything is written or Stripe is called.
+func TestPacksTooLargeToCreditAreRefused(t *testing.T) {
+	fake := stripefake.New(t)
+
+	env := payEnv(t, fake.URL())
+	env["TALLY_CATALOG_FILE"] = writeCatalog(t, `
+redirect_url_prefixes: ["https://app.example.com/"]
+credit_packs:
+  - {id: too-big, name: Too big, amount: 100, currency: usd, credits: 1000000000001}
+`)
+	if err := serveRefuses(t, env); !strings.Contains(err.Error(), "credit_packs[0].credits") {
+		t.Fatalf("tally serve with a pack beyond the largest grant: %v, want a refusal naming credit_packs[0].credits", err)
+	}
+
+	env = payEnv(t, fake.URL())
+	env["TALLY_CATALOG_FILE"] = writeCatalog(t, `
+redirect_url_prefixes: ["https://app.example.com/"]
+credit_packs:
+  - {id: whale, name: Whale, amount: 100, currency: usd, credits: 100000000000}
+`)
+	s := startServer(t, env)
+	gdb := openDB(t, s)
+	ctx := context.Background()
+	for _, token := range []string{testServiceKey, userToken(t, "whale-1", time.Now().Add(time.Hour))} {
+		r, err := s.client(t, token).CreateCheckoutSessionWithResponse(ctx, &client.CreateCheckoutSessionParams{}, checkoutBody("whale-1", "whale", 11))
+		if err != nil {
+			t.Fatal(err)
+		}
+		mustStatus(t, "11 whale packs", r.StatusCode(), r.Body, http.StatusUnprocessableEntity)
+		if !strings.Contains(string(r.Body), `"code":"invalid_request"`) || !strings.Contains(string(r.Body), `"pointer":"/quantity"`) {
+			t.Fatalf("11 whale packs: %s", r.Body)
+		}
+	}
+	if n := countRows(t, gdb, `SELECT (SELECT count(*) FROM payments) + (SELECT count(*) FROM customers) + (SELECT count(*) FROM idempotency_keys)`); n != 0 {
+		t.Fatalf("a refused checkout wrote %d rows", n)
+	}
+	if n := len(fake.Requests()); n != 0 {
+		t.Fatalf("a refused checkout sent %d requests to Stripe", n)
+	}
+	// Ten packs are exactly the largest grant and go through.
+	pay := checkout(t, s, "whale-1", "whale", 10)
+	if p := getPayment(t, s, pay); p.Credits != 1_000_000_000_000 {
+		t.Fatalf("10 whale packs: %+v", p)
+	}
+}
