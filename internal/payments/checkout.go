@@ -47,13 +47,13 @@ type checkoutAnswer struct {
 
 // item is a catalog entry resolved for a payment.
 type item struct {
-	kind         ItemKind
-	name         string
-	unitAmount   int64
-	currency     string
-	credits      int64
-	expiresAfter time.Duration
-	stripePrice  string
+	kind        ItemKind
+	name        string
+	unitAmount  int64
+	currency    string
+	credits     int64
+	expiry      config.Expiry
+	stripePrice string
 }
 
 func (s *Service) resolve(in *CheckoutInput) (item, error) {
@@ -62,7 +62,7 @@ func (s *Service) resolve(in *CheckoutInput) (item, error) {
 	}
 	var it item
 	if p, ok := s.catalog.Pack(in.Item); ok {
-		it = item{kind: KindCreditPack, name: p.Name, unitAmount: p.Amount, currency: p.Currency, credits: p.Credits, expiresAfter: p.ExpiresAfter}
+		it = item{kind: KindCreditPack, name: p.Name, unitAmount: p.Amount, currency: p.Currency, credits: p.Credits, expiry: p.Expiry}
 	} else if p, ok := s.catalog.Product(in.Item); ok {
 		it = item{kind: KindProduct, name: p.Name, unitAmount: p.Amount, currency: p.Currency}
 	} else if p, ok := s.catalog.Plan(in.Item); ok {
@@ -158,16 +158,21 @@ func (s *Service) CreateCheckout(ctx context.Context, in CheckoutInput, key db.I
 			return err
 		}
 		stripeCustomer = c.StripeCustomerID
-		var expire *int64
-		if it.expiresAfter > 0 {
-			secs := int64(it.expiresAfter / time.Second)
-			expire = &secs
+		var expireSeconds *int64
+		var expireMonths *int
+		switch {
+		case it.kind != KindCreditPack:
+		case it.expiry.Months > 0:
+			expireMonths = &it.expiry.Months
+		case it.expiry.Duration > 0:
+			secs := int64((it.expiry.Duration + time.Second - 1) / time.Second)
+			expireSeconds = &secs
 		}
 		err = tx.Exec(`INSERT INTO payments (id, customer_id, item, item_kind, quantity, status, unit_amount, amount,
-				currency, credits, credits_expire_after_seconds, livemode, created_at, updated_at)
-			VALUES (?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?)`,
+				currency, credits, credits_expire_after_seconds, credits_expire_after_months, livemode, created_at, updated_at)
+			VALUES (?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, ?)`,
 			paymentID, in.CustomerID, in.Item, string(it.kind), in.Quantity, it.unitAmount, it.unitAmount*in.Quantity,
-			it.currency, it.credits*in.Quantity, expire, s.livemode, now, now).Error
+			it.currency, it.credits*in.Quantity, expireSeconds, expireMonths, s.livemode, now, now).Error
 		if err != nil {
 			return db.Translate(err, nil)
 		}

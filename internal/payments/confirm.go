@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"strings"
-	"time"
 
 	"gorm.io/gorm"
 
@@ -222,11 +221,7 @@ func (s *Service) confirm(ctx context.Context, ev EventRef, paymentID string, c 
 			return db.Translate(err, map[string]errs.Code{"payments_payment_intent_id_key": errs.Conflict})
 		}
 		if p.ItemKind == KindCreditPack && p.Credits > 0 {
-			var expires *time.Time
-			if p.CreditsExpireAfter > 0 {
-				t := now.Add(p.CreditsExpireAfter)
-				expires = &t
-			}
+			expires := p.CreditsExpiry().After(now)
 			_, err := credits.Grant(ctx, tx, now, credits.GrantInput{
 				CustomerID: p.CustomerID,
 				Amount:     p.Credits,

@@ -61,15 +61,17 @@ type Payment struct {
 	AmountReceived *int64
 	AmountRefunded int64
 	// Credits is what the payment grants once it succeeds (0 but for packs);
-	// CreditsExpireAfter is how long they stay spendable (0: never).
-	Credits            int64
-	CreditsExpireAfter time.Duration
-	Livemode           bool
-	CheckoutSessionID  string
-	PaymentIntentID    string
-	InvoiceID          string
-	SubscriptionID     string
-	StripeCustomerID   string
+	// they stay spendable CreditsExpireAfterMonths calendar months, or
+	// CreditsExpireAfter, or (both zero) forever: see CreditsExpiry.
+	Credits                  int64
+	CreditsExpireAfter       time.Duration
+	CreditsExpireAfterMonths int
+	Livemode                 bool
+	CheckoutSessionID        string
+	PaymentIntentID          string
+	InvoiceID                string
+	SubscriptionID           string
+	StripeCustomerID         string
 	// CheckoutPaymentStatus is Stripe's Checkout payment_status last seen.
 	CheckoutPaymentStatus string
 	FailureReason         string
@@ -149,6 +151,7 @@ type row struct {
 	AmountRefunded            int64
 	Credits                   int64
 	CreditsExpireAfterSeconds *int64
+	CreditsExpireAfterMonths  *int
 	Livemode                  bool
 	CheckoutSessionID         *string
 	PaymentIntentID           *string
@@ -163,7 +166,7 @@ type row struct {
 }
 
 const columns = `id, customer_id, item, item_kind, quantity, status, unit_amount, amount, currency,
-	amount_received, amount_refunded, credits, credits_expire_after_seconds, livemode,
+	amount_received, amount_refunded, credits, credits_expire_after_seconds, credits_expire_after_months, livemode,
 	checkout_session_id, payment_intent_id, invoice_id, subscription_id, stripe_customer_id,
 	checkout_payment_status, failure_reason, created_at, updated_at, succeeded_at`
 
@@ -187,7 +190,15 @@ func (r row) payment() Payment {
 	if r.CreditsExpireAfterSeconds != nil {
 		p.CreditsExpireAfter = time.Duration(*r.CreditsExpireAfterSeconds) * time.Second
 	}
+	if r.CreditsExpireAfterMonths != nil {
+		p.CreditsExpireAfterMonths = *r.CreditsExpireAfterMonths
+	}
 	return p
+}
+
+// CreditsExpiry is how long the credits p grants stay spendable.
+func (p Payment) CreditsExpiry() config.Expiry {
+	return config.Expiry{Months: p.CreditsExpireAfterMonths, Duration: p.CreditsExpireAfter}
 }
 
 // load reads one payment through gdb; lock takes its row lock (gdb must then

@@ -318,7 +318,13 @@ type CreditPack struct {
 	Credits  int64  `json:"credits"`
 	Currency string `json:"currency"`
 
-	// ExpiresAfterSeconds How long bought credits stay spendable; null means forever.
+	// ExpiresAfterMonths How many calendar months bought credits stay spendable (12 unless
+	// the pack says otherwise). When both this and
+	// `expires_after_seconds` are null, the credits never expire.
+	ExpiresAfterMonths *int `json:"expires_after_months,omitempty"`
+
+	// ExpiresAfterSeconds How long bought credits stay spendable, for a pack that sets a
+	// fixed duration rather than calendar months.
 	ExpiresAfterSeconds *int64 `json:"expires_after_seconds,omitempty"`
 	Id                  string `json:"id"`
 	Name                string `json:"name"`
