@@ -6,6 +6,8 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -107,4 +109,94 @@ credit_packs:
 	if p := getPayment(t, s, pay); p.Credits != 1_000_000_000_000 {
 		t.Fatalf("10 whale packs: %+v", p)
 	}
+}
+
+// A checkout that failed at Stripe (502) stores nothing under its
+// Idempotency-Key: retries sent at once, several concurrently, go through,
+// exactly one of them creating the Checkout Session while the others are
+// told it is in flight or replay it. Stripe's own 429 reaches the caller
+// with its Retry-After.
+func TestCheckoutRetryAfterAFailure(t *testing.T) {
+	fake := stripefake.New(t)
+	s := startServer(t, payEnv(t, fake.URL()))
+	ctx := context.Background()
+	checkout(t, s, "retry-1", "starter", 1) // links the Stripe customer
+
+	var sessionCalls atomic.Int32
+	fake.SetFault(func(r *http.Request) (int, string, bool) {
+		if r.URL.Path == "/v1/checkout/sessions" && sessionCalls.Add(1) == 1 {
+			return http.StatusInternalServerError, `{"error":{"type":"api_error","message":"injected"}}`, true
+		}
+		return 0, "", false
+	})
+	sessionsBefore := len(fake.CheckoutSessions())
+	key := "job-42"
+	body := checkoutBody("retry-1", "starter", 1)
+	first, err := s.service(t).CreateCheckoutSessionWithResponse(ctx, &client.CreateCheckoutSessionParams{IdempotencyKey: &key}, body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	mustStatus(t, "checkout while Stripe fails", first.StatusCode(), first.Body, http.StatusBadGateway)
+
+	const retries = 6
+	responses := make(chan *client.CreateCheckoutSessionResponse, retries)
+	var wg sync.WaitGroup
+	for range retries {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			r, err := s.service(t).CreateCheckoutSessionWithResponse(ctx, &client.CreateCheckoutSessionParams{IdempotencyKey: &key}, body)
+			if err != nil {
+				t.Error(err)
+				return
+			}
+			responses <- r
+		}()
+	}
+	wg.Wait()
+	close(responses)
+	var created string
+	var replayed []string
+	for r := range responses {
+		switch {
+		case r.StatusCode() == http.StatusCreated && r.HTTPResponse.Header.Get("Idempotent-Replayed") == "":
+			if created != "" {
+				t.Fatalf("two retries created a checkout: %s and %s", created, r.JSON201.PaymentId)
+			}
+			created = r.JSON201.PaymentId
+		case r.StatusCode() == http.StatusCreated:
+			replayed = append(replayed, r.JSON201.PaymentId)
+		case r.StatusCode() == http.StatusConflict && strings.Contains(string(r.Body), `"code":"idempotency_key_in_flight"`):
+		default:
+			t.Fatalf("a retry after the 502: %d %s", r.StatusCode(), r.Body)
+		}
+	}
+	if created == "" {
+		t.Fatal("no retry after the 502 went through")
+	}
+	later, err := s.service(t).CreateCheckoutSessionWithResponse(ctx, &client.CreateCheckoutSessionParams{IdempotencyKey: &key}, body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	mustStatus(t, "a later retry", later.StatusCode(), later.Body, http.StatusCreated)
+	for _, id := range append(replayed, later.JSON201.PaymentId) {
+		if id != created {
+			t.Fatalf("a replay answered payment %s, the checkout created %s", id, created)
+		}
+	}
+	if n := len(fake.CheckoutSessions()) - sessionsBefore; n != 1 {
+		t.Fatalf("Stripe created %d Checkout Sessions for the key, want 1", n)
+	}
+
+	// Stripe rate limiting: the caller gets 429 with Stripe's Retry-After.
+	fake.FailNext(1, http.StatusTooManyRequests, "7")
+	limited, err := s.service(t).CreateCheckoutSessionWithResponse(ctx, &client.CreateCheckoutSessionParams{}, body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	mustStatus(t, "checkout while Stripe rate limits", limited.StatusCode(), limited.Body, http.StatusTooManyRequests)
+	if ra := limited.HTTPResponse.Header.Get("Retry-After"); ra != "7" || !strings.Contains(string(limited.Body), `"retry_after_seconds":7`) {
+		t.Fatalf("429 with Retry-After %q: %s; want 7 in the header and the body", ra, limited.Body)
+	}
+	assertInvariants(t, s)
 }

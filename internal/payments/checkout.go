@@ -105,17 +105,22 @@ func (s *Service) resolve(in *CheckoutInput) (item, error) {
 // The payment is committed before Stripe is called, so a session that
 // Stripe creates always names a payment we know. When Stripe fails, the
 // payment is marked failed with the reason, and the error is returned.
+// Once the payment is written the work no longer depends on the caller
+// staying connected: a client that gives up and retries meets the first
+// attempt (in flight, then replayed) rather than a second session.
 //
-// key, when it has a Key, guards the call with db.Reserve / Complete: a
-// repeat with the same key and body replays the first answer
-// (replayed=true), a concurrent one is refused while the first waits on
-// Stripe.
+// key, when it has a Key, guards the call with a db.Reservation: a repeat
+// with the same key and body replays the first answer (replayed=true), a
+// concurrent one is refused while the first waits on Stripe. The
+// reservation is renewed while Stripe is called, however long that takes,
+// so no retry can take the key over from a live attempt; a failed attempt
+// releases it at once, storing nothing, so the retry runs again.
 //
 // Errors: errs.Invalid (naming /item, /quantity, /success_url or
 // /cancel_url), errs.IdempotencyKeyInFlight, errs.IdempotencyKeyReused,
 // errs.PaymentProviderError, errs.RateLimited, errs.Unavailable (also when
 // no Stripe key is configured).
-func (s *Service) CreateCheckout(ctx context.Context, in CheckoutInput, key db.IdempotencyKey) (res CheckoutResult, replayed bool, err error) {
+func (s *Service) CreateCheckout(ctx context.Context, in CheckoutInput, key db.IdempotencyKey) (CheckoutResult, bool, error) {
 	it, err := s.resolve(&in)
 	if err != nil {
 		return CheckoutResult{}, false, err
@@ -123,33 +128,41 @@ func (s *Service) CreateCheckout(ctx context.Context, in CheckoutInput, key db.I
 	if s.stripe == nil {
 		return CheckoutResult{}, false, errs.E(errs.Unavailable, "checkout is not available: no Stripe key is configured (TALLY_STRIPE_SECRET_KEY)")
 	}
-	guarded := key.Key != ""
-	if guarded {
-		stored, again, err := db.Reserve(ctx, s.db, key)
-		if err != nil {
-			return CheckoutResult{}, false, err
-		}
-		if again {
-			var a checkoutAnswer
-			if err := json.Unmarshal(stored, &a); err != nil {
-				return CheckoutResult{}, false, fmt.Errorf("payments: stored checkout answer: %w", err)
-			}
-			return CheckoutResult(a), true, nil
-		}
-		defer func() {
-			if err != nil {
-				// Let the client retry with the same key; the failed payment stays for the record.
-				if rerr := db.Release(context.WithoutCancel(ctx), s.db, key); rerr != nil {
-					s.logger.ErrorContext(ctx, "release idempotency key", "error", rerr)
-				}
-			}
-		}()
+	if key.Key == "" {
+		res, err := s.startCheckout(ctx, in, it, nil)
+		return res, false, err
 	}
+	r, err := db.Reserve(ctx, s.db, key, s.reservationLease)
+	if err != nil {
+		return CheckoutResult{}, false, err
+	}
+	if r.Replayed {
+		var a checkoutAnswer
+		if err := json.Unmarshal(r.Result, &a); err != nil {
+			return CheckoutResult{}, false, fmt.Errorf("payments: stored checkout answer: %w", err)
+		}
+		return CheckoutResult(a), true, nil
+	}
+	res, err := s.startCheckout(ctx, in, it, &r)
+	if err != nil {
+		// Nothing is stored under the key: the client may retry at once.
+		// The failed payment stays on record.
+		if rerr := r.Release(context.WithoutCancel(ctx), s.db); rerr != nil {
+			s.logger.ErrorContext(ctx, "release idempotency key", "error", rerr)
+		}
+		return CheckoutResult{}, false, err
+	}
+	return res, false, nil
+}
 
+// startCheckout does the work of CreateCheckout; with r, it holds r while
+// Stripe is called and completes it with the answer, in the transaction
+// that records the session on the payment.
+func (s *Service) startCheckout(ctx context.Context, in CheckoutInput, it item, r *db.Reservation) (CheckoutResult, error) {
 	now := s.now()
 	paymentID := db.NewID("pay")
 	var stripeCustomer string
-	err = db.InTx(ctx, s.db, func(tx *gorm.DB) error {
+	err := db.InTx(ctx, s.db, func(tx *gorm.DB) error {
 		if _, err := customers.Ensure(ctx, tx, in.CustomerID, now); err != nil {
 			return err
 		}
@@ -180,14 +193,65 @@ func (s *Service) CreateCheckout(ctx context.Context, in CheckoutInput, key db.I
 			VALUES (?, NULL, 'pending', true, 'checkout requested', ?)`, paymentID, now).Error, nil)
 	})
 	if err != nil {
-		return CheckoutResult{}, false, err
+		return CheckoutResult{}, err
 	}
 
+	// The payment is on record: from here the work runs to its end even if
+	// the caller hangs up, and stops only if its reservation is lost.
+	work, stop := context.WithCancelCause(context.WithoutCancel(ctx))
+	defer stop(nil)
+	release := func() {}
+	if r != nil {
+		release = s.holdReservation(work, *r, stop)
+	}
+	res, err := s.createSession(work, in, it, paymentID, stripeCustomer, now)
+	// Renewals end before the reservation is completed or released.
+	release()
+	if err != nil {
+		if cause := context.Cause(work); cause != nil {
+			err = errs.Wrap(err, errs.Unavailable, "the checkout lost its idempotency reservation: %v", cause)
+		}
+		s.markCreationFailed(work, paymentID, err)
+		return CheckoutResult{}, err
+	}
+	answer, err := json.Marshal(checkoutAnswer(res.CheckoutResult))
+	if err != nil {
+		return CheckoutResult{}, err
+	}
+	err = db.InTx(work, s.db, func(tx *gorm.DB) error {
+		err := tx.Exec(`UPDATE payments SET checkout_session_id = ?, stripe_customer_id = ?,
+				payment_intent_id = COALESCE(payment_intent_id, NULLIF(?, '')), updated_at = ?
+			WHERE id = ?`, res.CheckoutSessionID, res.stripeCustomer, res.paymentIntent, s.now(), paymentID).Error
+		if err != nil {
+			return db.Translate(err, nil)
+		}
+		if r != nil {
+			return r.Complete(work, tx, answer)
+		}
+		return nil
+	})
+	if err != nil {
+		return CheckoutResult{}, err
+	}
+	return res.CheckoutResult, nil
+}
+
+// createdSession is a Checkout Session Stripe created for a payment, with
+// what the payment learns from it.
+type createdSession struct {
+	CheckoutResult
+	stripeCustomer string
+	paymentIntent  string
+}
+
+// createSession links the Stripe customer when needed and creates the
+// payment's Checkout Session.
+func (s *Service) createSession(ctx context.Context, in CheckoutInput, it item, paymentID, stripeCustomer string, now time.Time) (createdSession, error) {
 	if stripeCustomer == "" {
+		var err error
 		stripeCustomer, err = s.linkStripeCustomer(ctx, in.CustomerID)
 		if err != nil {
-			s.markCreationFailed(ctx, paymentID, err)
-			return CheckoutResult{}, false, err
+			return createdSession{}, err
 		}
 	}
 
@@ -216,33 +280,59 @@ func (s *Service) CreateCheckout(ctx context.Context, in CheckoutInput, key db.I
 	}
 	cs, err := s.stripe.CreateCheckoutSession(ctx, sin)
 	if err != nil {
-		s.markCreationFailed(ctx, paymentID, err)
-		return CheckoutResult{}, false, err
+		return createdSession{}, err
 	}
-	res = CheckoutResult{PaymentID: paymentID, CheckoutSessionID: cs.ID, URL: cs.URL, ExpiresAt: cs.ExpiresAt}
+	res := createdSession{
+		CheckoutResult: CheckoutResult{PaymentID: paymentID, CheckoutSessionID: cs.ID, URL: cs.URL, ExpiresAt: cs.ExpiresAt},
+		stripeCustomer: stripeCustomer,
+		paymentIntent:  cs.PaymentIntentID,
+	}
 	if res.ExpiresAt.IsZero() {
 		res.ExpiresAt = sin.ExpiresAt
 	}
-	answer, err := json.Marshal(checkoutAnswer(res))
-	if err != nil {
-		return CheckoutResult{}, false, err
-	}
-	err = db.InTx(ctx, s.db, func(tx *gorm.DB) error {
-		err := tx.Exec(`UPDATE payments SET checkout_session_id = ?, stripe_customer_id = ?,
-				payment_intent_id = COALESCE(payment_intent_id, NULLIF(?, '')), updated_at = ?
-			WHERE id = ?`, cs.ID, stripeCustomer, cs.PaymentIntentID, s.now(), paymentID).Error
-		if err != nil {
-			return db.Translate(err, nil)
+	return res, nil
+}
+
+// holdReservation renews r every third of its lease until the returned
+// function is called (which waits for the renewer to stop). When a renewal
+// finds the reservation no longer held, or two renewals in a row fail so
+// that the lease is about to lapse, it calls lost: the work must stop
+// before another request can take the key over and start a second session.
+func (s *Service) holdReservation(ctx context.Context, r db.Reservation, lost context.CancelCauseFunc) (release func()) {
+	done := make(chan struct{})
+	stopped := make(chan struct{})
+	go func() {
+		defer close(stopped)
+		t := time.NewTicker(r.Lease / 3)
+		defer t.Stop()
+		failures := 0
+		for {
+			select {
+			case <-done:
+				return
+			case <-t.C:
+			}
+			err := r.Renew(ctx, s.db)
+			switch {
+			case err == nil:
+				failures = 0
+				continue
+			case errs.Is(err, errs.Conflict):
+				lost(fmt.Errorf("payments: checkout reservation lost: %w", err))
+				return
+			}
+			failures++
+			s.logger.WarnContext(ctx, "renew checkout reservation", "error", err, "failures", failures)
+			if failures >= 2 {
+				lost(fmt.Errorf("payments: checkout reservation could not be renewed: %w", err))
+				return
+			}
 		}
-		if guarded {
-			return db.Complete(ctx, tx, key, answer)
-		}
-		return nil
-	})
-	if err != nil {
-		return CheckoutResult{}, false, err
+	}()
+	return func() {
+		close(done)
+		<-stopped
 	}
-	return res, false, nil
 }
 
 // linkStripeCustomer creates the customer's Stripe Customer (idempotent at

@@ -3,15 +3,20 @@ package payments_test
 import (
 	"context"
 	"fmt"
+	"net/http"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
 	"gorm.io/gorm"
 
+	"github.com/tallybilling/tally/internal/config"
 	"github.com/tallybilling/tally/internal/db"
 	"github.com/tallybilling/tally/internal/db/dbtest"
 	"github.com/tallybilling/tally/internal/errs"
 	"github.com/tallybilling/tally/internal/payments"
+	"github.com/tallybilling/tally/internal/stripeapi/stripefake"
 )
 
 // whaleCatalog sells a pack of a tenth of the largest grant: ten of them are
@@ -123,4 +128,179 @@ func TestPurchasedCreditsExpireByThePacksRule(t *testing.T) {
 		}
 	}
 	verifyClean(t, gdb)
+}
+
+func checkoutInput(customer string) payments.CheckoutInput {
+	return payments.CheckoutInput{CustomerID: customer, Item: "starter", Quantity: 1,
+		SuccessURL: "https://app.example.com/ok", CancelURL: "https://app.example.com/no"}
+}
+
+// guardKey is the idempotency guard the HTTP layer builds for a checkout.
+func guardKey(customer, k string) db.IdempotencyKey {
+	return db.IdempotencyKey{Scope: "test:" + customer, Key: k, RequestHash: db.HashRequest([]byte("checkout"), []byte(customer))}
+}
+
+// failFirstSessions makes Stripe answer 500 to the first n Checkout Session
+// creations.
+func failFirstSessions(fake *stripefake.Fake, n int32) {
+	var seen atomic.Int32
+	fake.SetFault(func(r *http.Request) (int, string, bool) {
+		if r.Method == http.MethodPost && r.URL.Path == "/v1/checkout/sessions" && seen.Add(1) <= n {
+			return http.StatusInternalServerError, `{"error":{"type":"api_error","message":"injected"}}`, true
+		}
+		return 0, "", false
+	})
+}
+
+// A checkout that failed at Stripe stores nothing under its key: retries
+// sent at once, many concurrently, go through; exactly one creates the
+// Checkout Session and every other one is told it is in flight or replays
+// that one answer.
+func TestFailedCheckoutFreesItsKeyForConcurrentRetries(t *testing.T) {
+	gdb := dbtest.New(t)
+	fake, stripe := fakeClient(t)
+	svc := newService(t, gdb, stripe, config.ConfirmOnPaymentIntent)
+	ctx := context.Background()
+	k := guardKey("retrier", "job-42")
+
+	failFirstSessions(fake, 1)
+	if _, _, err := svc.CreateCheckout(ctx, checkoutInput("retrier"), k); !errs.Is(err, errs.PaymentProviderError) {
+		t.Fatalf("first attempt: %v, want payment_provider_error", err)
+	}
+
+	const retries = 8
+	type answer struct {
+		res      payments.CheckoutResult
+		replayed bool
+		err      error
+	}
+	answers := make(chan answer, retries)
+	start := make(chan struct{})
+	var wg sync.WaitGroup
+	for range retries {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			<-start
+			res, replayed, err := svc.CreateCheckout(ctx, checkoutInput("retrier"), k)
+			answers <- answer{res, replayed, err}
+		}()
+	}
+	close(start)
+	wg.Wait()
+	close(answers)
+	var created []payments.CheckoutResult
+	var replays []payments.CheckoutResult
+	for a := range answers {
+		switch {
+		case a.err == nil && !a.replayed:
+			created = append(created, a.res)
+		case a.err == nil:
+			replays = append(replays, a.res)
+		case errs.Is(a.err, errs.IdempotencyKeyInFlight):
+		default:
+			t.Fatalf("a retry failed: %v", a.err)
+		}
+	}
+	if len(created) != 1 {
+		t.Fatalf("%d retries created a checkout, want exactly 1", len(created))
+	}
+	res, replayed, err := svc.CreateCheckout(ctx, checkoutInput("retrier"), k)
+	if err != nil || !replayed {
+		t.Fatalf("a later retry: %+v, %v, %v; want the replay", res, replayed, err)
+	}
+	for _, r := range append(replays, res) {
+		if r != created[0] {
+			t.Fatalf("a replay answered %+v, the created checkout was %+v", r, created[0])
+		}
+	}
+	if n := len(fake.CheckoutSessions()); n != 1 {
+		t.Fatalf("Stripe created %d Checkout Sessions, want 1", n)
+	}
+	if n := count(t, gdb, `SELECT count(*) FROM payments WHERE status = 'failed'`); n != 1 {
+		t.Fatalf("%d failed payments on record, want the first attempt's", n)
+	}
+}
+
+// A first attempt that waits on Stripe far longer than its reservation's
+// lease keeps its key (the lease is renewed while it works): a retry meanwhile
+// is told it is in flight instead of creating a second Checkout Session, and
+// once the first answers, the retry replays it.
+func TestSlowCheckoutIsNotOvertakenByItsRetry(t *testing.T) {
+	gdb := dbtest.New(t)
+	fake, stripe := fakeClient(t)
+	const lease = 300 * time.Millisecond
+	svc := newServiceWith(t, gdb, stripe, catalogYAML, func(o *payments.Options) { o.ReservationLease = lease })
+	ctx := context.Background()
+	buy(t, svc, "patient", "starter", 1) // links the Stripe customer: only the session call is slow
+
+	release := fake.HangUntilReleased()
+	defer release()
+	k := guardKey("patient", "slow-1")
+	type answer struct {
+		res payments.CheckoutResult
+		err error
+	}
+	first := make(chan answer, 1)
+	go func() {
+		res, _, err := svc.CreateCheckout(ctx, checkoutInput("patient"), k)
+		first <- answer{res, err}
+	}()
+	sessionRequests := func() int {
+		n := 0
+		for _, r := range fake.Requests() {
+			if r.Path == "/v1/checkout/sessions" {
+				n++
+			}
+		}
+		return n
+	}
+	waitUntil(t, "the first attempt to reach Stripe", func() bool { return sessionRequests() == 2 })
+	// Several leases pass while Stripe holds the first attempt.
+	time.Sleep(4 * lease)
+
+	second := make(chan answer, 1)
+	go func() {
+		res, _, err := svc.CreateCheckout(ctx, checkoutInput("patient"), k)
+		second <- answer{res, err}
+	}()
+	var retried answer
+	waitUntil(t, "the retry to answer or to reach Stripe", func() bool {
+		select {
+		case retried = <-second:
+			return true
+		default:
+			return sessionRequests() > 2
+		}
+	})
+	release()
+	if retried.err == nil && retried.res == (payments.CheckoutResult{}) {
+		retried = <-second
+	}
+	got := <-first
+	if got.err != nil {
+		t.Fatalf("the slow first attempt: %v", got.err)
+	}
+	if !errs.Is(retried.err, errs.IdempotencyKeyInFlight) {
+		t.Fatalf("the retry while the first waited on Stripe: %+v; want idempotency_key_in_flight", retried)
+	}
+	res, replayed, err := svc.CreateCheckout(ctx, checkoutInput("patient"), k)
+	if err != nil || !replayed || res != got.res {
+		t.Fatalf("the retry after the first answered: %+v, %v, %v; want the replay of %+v", res, replayed, err, got.res)
+	}
+	if n := len(fake.CheckoutSessions()); n != 2 {
+		t.Fatalf("Stripe created %d Checkout Sessions, want 2 (the warm-up and one for the key)", n)
+	}
+}
+
+// waitUntil polls cond until it holds, failing the test after a minute.
+func waitUntil(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(time.Minute)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("gave up waiting for %s", what)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
 }

@@ -106,17 +106,23 @@ type Options struct {
 	Livemode bool
 	Logger   *slog.Logger
 	Now      func() time.Time
+	// ReservationLease is how long a keyed checkout holds its key without
+	// renewing it (it renews every third of it while Stripe is called), so
+	// a checkout whose process died frees its key after at most this long;
+	// default db.ReservationLease.
+	ReservationLease time.Duration
 }
 
 // Service is the payments capability.
 type Service struct {
-	db       *gorm.DB
-	stripe   stripeapi.Client
-	catalog  config.Catalog
-	checkout config.CheckoutConfig
-	livemode bool
-	logger   *slog.Logger
-	now      func() time.Time
+	db               *gorm.DB
+	stripe           stripeapi.Client
+	catalog          config.Catalog
+	checkout         config.CheckoutConfig
+	livemode         bool
+	logger           *slog.Logger
+	now              func() time.Time
+	reservationLease time.Duration
 }
 
 // NewService builds the Service.
@@ -133,7 +139,12 @@ func NewService(o Options) *Service {
 	if checkout.ConfirmOn == "" {
 		checkout.ConfirmOn = config.ConfirmOnPaymentIntent
 	}
-	return &Service{db: o.DB, stripe: o.Stripe, catalog: o.Catalog, checkout: checkout, livemode: o.Livemode, logger: logger, now: now}
+	lease := o.ReservationLease
+	if lease <= 0 {
+		lease = db.ReservationLease
+	}
+	return &Service{db: o.DB, stripe: o.Stripe, catalog: o.Catalog, checkout: checkout, livemode: o.Livemode, logger: logger, now: now,
+		reservationLease: lease}
 }
 
 // row is the payments table as gorm scans it.

@@ -12,7 +12,18 @@ ALTER TABLE payments
         AND (credits_expire_after_seconds IS NULL OR credits_expire_after_seconds > 0)
         AND (credits_expire_after_months IS NULL OR credits_expire_after_seconds IS NULL));
 
+-- A reservation of an idempotency key (a checkout waiting on Stripe) is
+-- held by one request (holder) until lease_expires_at, which the holder
+-- renews while it works; only then may another request take the key over.
+-- Rows of one-transaction operations have neither.
+ALTER TABLE idempotency_keys
+    ADD COLUMN holder text,
+    ADD COLUMN lease_expires_at timestamptz;
+
 -- +goose Down
+ALTER TABLE idempotency_keys
+    DROP COLUMN lease_expires_at,
+    DROP COLUMN holder;
 ALTER TABLE payments
     DROP CONSTRAINT payments_credits_expiry_check,
     DROP COLUMN credits_expire_after_months;
