@@ -2,9 +2,11 @@ package main
 
 import (
 	"context"
+	"maps"
 	"net/http"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -199,4 +201,53 @@ func TestCheckoutRetryAfterAFailure(t *testing.T) {
 		t.Fatalf("429 with Retry-After %q: %s; want 7 in the header and the body", ra, limited.Body)
 	}
 	assertInvariants(t, s)
+}
+
+// One SPA user cannot flood Stripe with Checkout Sessions through many
+// replicas: TALLY_CHECKOUT_RATE_LIMIT is per customer and counted in the
+// database, so two instances together allow it once; past it the answer is
+// 429 rate_limited with Retry-After, and other customers are not affected.
+func TestCheckoutRateLimitAcrossInstances(t *testing.T) {
+	fake := stripefake.New(t)
+	envA := payEnv(t, fake.URL())
+	envA["TALLY_CHECKOUT_RATE_LIMIT"] = "3"
+	a := startServer(t, envA)
+	envB := maps.Clone(envA)
+	envB["TALLY_HTTP_ADDR"] = freeAddr(t)
+	b := startServer(t, envB)
+	gdb := openDB(t, a)
+	ctx := context.Background()
+
+	var created, limited int
+	for i := range 8 {
+		s := []*server{a, b}[i%2]
+		r, err := s.client(t, userToken(t, "flooder", time.Now().Add(time.Hour))).CreateCheckoutSessionWithResponse(ctx,
+			&client.CreateCheckoutSessionParams{}, checkoutBody("flooder", "starter", 1))
+		if err != nil {
+			t.Fatal(err)
+		}
+		switch r.StatusCode() {
+		case http.StatusCreated:
+			created++
+		case http.StatusTooManyRequests:
+			limited++
+			ra, err := strconv.Atoi(r.HTTPResponse.Header.Get("Retry-After"))
+			if err != nil || ra < 1 || ra > 20 || !strings.Contains(string(r.Body), `"code":"rate_limited"`) {
+				t.Fatalf("checkout %d: 429 with Retry-After %q: %s", i, r.HTTPResponse.Header.Get("Retry-After"), r.Body)
+			}
+		default:
+			t.Fatalf("checkout %d: %d %s", i, r.StatusCode(), r.Body)
+		}
+	}
+	if created != 3 || limited != 5 {
+		t.Fatalf("%d checkouts created and %d limited across two instances, want 3 and 5", created, limited)
+	}
+	if n := countRows(t, gdb, `SELECT count(*) FROM payments WHERE customer_id = 'flooder'`); n != 3 {
+		t.Fatalf("%d payments written for the flooder, want 3", n)
+	}
+	if n := len(fake.CheckoutSessions()); n != 3 {
+		t.Fatalf("%d Checkout Sessions created at Stripe, want 3", n)
+	}
+	checkout(t, b, "bystander", "starter", 1)
+	assertInvariants(t, a)
 }

@@ -116,10 +116,15 @@ func (s *Service) resolve(in *CheckoutInput) (item, error) {
 // so no retry can take the key over from a live attempt; a failed attempt
 // releases it at once, storing nothing, so the retry runs again.
 //
+// A customer may start at most Checkout.RateLimit checkouts a minute (see
+// allowCheckout); a replay does not count, and a refused one spends
+// nothing.
+//
 // Errors: errs.Invalid (naming /item, /quantity, /success_url or
 // /cancel_url), errs.IdempotencyKeyInFlight, errs.IdempotencyKeyReused,
-// errs.PaymentProviderError, errs.RateLimited, errs.Unavailable (also when
-// no Stripe key is configured).
+// errs.PaymentProviderError, errs.RateLimited (the customer's limit, with
+// RetryAfter, or Stripe's), errs.Unavailable (also when no Stripe key is
+// configured).
 func (s *Service) CreateCheckout(ctx context.Context, in CheckoutInput, key db.IdempotencyKey) (CheckoutResult, bool, error) {
 	it, err := s.resolve(&in)
 	if err != nil {
@@ -128,31 +133,41 @@ func (s *Service) CreateCheckout(ctx context.Context, in CheckoutInput, key db.I
 	if s.stripe == nil {
 		return CheckoutResult{}, false, errs.E(errs.Unavailable, "checkout is not available: no Stripe key is configured (TALLY_STRIPE_SECRET_KEY)")
 	}
-	if key.Key == "" {
-		res, err := s.startCheckout(ctx, in, it, nil)
-		return res, false, err
-	}
-	r, err := db.Reserve(ctx, s.db, key, s.reservationLease)
-	if err != nil {
-		return CheckoutResult{}, false, err
-	}
-	if r.Replayed {
-		var a checkoutAnswer
-		if err := json.Unmarshal(r.Result, &a); err != nil {
-			return CheckoutResult{}, false, fmt.Errorf("payments: stored checkout answer: %w", err)
+	var r *db.Reservation
+	if key.Key != "" {
+		reserved, err := db.Reserve(ctx, s.db, key, s.reservationLease)
+		if err != nil {
+			return CheckoutResult{}, false, err
 		}
-		return CheckoutResult(a), true, nil
+		if reserved.Replayed {
+			var a checkoutAnswer
+			if err := json.Unmarshal(reserved.Result, &a); err != nil {
+				return CheckoutResult{}, false, fmt.Errorf("payments: stored checkout answer: %w", err)
+			}
+			return CheckoutResult(a), true, nil
+		}
+		r = &reserved
 	}
-	res, err := s.startCheckout(ctx, in, it, &r)
+	res, err := s.limitedCheckout(ctx, in, it, r)
 	if err != nil {
-		// Nothing is stored under the key: the client may retry at once.
-		// The failed payment stays on record.
-		if rerr := r.Release(context.WithoutCancel(ctx), s.db); rerr != nil {
-			s.logger.ErrorContext(ctx, "release idempotency key", "error", rerr)
+		if r != nil {
+			// Nothing is stored under the key: the client may retry at
+			// once. A failed payment stays on record.
+			if rerr := r.Release(context.WithoutCancel(ctx), s.db); rerr != nil {
+				s.logger.ErrorContext(ctx, "release idempotency key", "error", rerr)
+			}
 		}
 		return CheckoutResult{}, false, err
 	}
 	return res, false, nil
+}
+
+// limitedCheckout starts the checkout once the customer's rate limit allows it.
+func (s *Service) limitedCheckout(ctx context.Context, in CheckoutInput, it item, r *db.Reservation) (CheckoutResult, error) {
+	if err := s.allowCheckout(ctx, in.CustomerID); err != nil {
+		return CheckoutResult{}, err
+	}
+	return s.startCheckout(ctx, in, it, r)
 }
 
 // startCheckout does the work of CreateCheckout; with r, it holds r while

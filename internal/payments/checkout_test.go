@@ -304,3 +304,73 @@ func waitUntil(t *testing.T, what string, cond func() bool) {
 		time.Sleep(10 * time.Millisecond)
 	}
 }
+
+// A customer may start RateLimit checkouts a minute, paced evenly: past the
+// burst, the next is refused with rate_limited and how long to wait, which
+// is exactly when it is allowed again. Refused, invalid and replayed
+// requests spend nothing, and other customers are not affected.
+func TestCheckoutRateLimitPerCustomer(t *testing.T) {
+	gdb := dbtest.New(t)
+	fake, stripe := fakeClient(t)
+	now := time.Date(2027, 5, 1, 12, 0, 0, 0, time.UTC)
+	svc := newServiceWith(t, gdb, stripe, catalogYAML, func(o *payments.Options) {
+		o.Checkout.RateLimit = 2
+		o.Now = func() time.Time { return now }
+	})
+	ctx := context.Background()
+	start := func(customer, key string) (bool, error) {
+		t.Helper()
+		var k db.IdempotencyKey
+		if key != "" {
+			k = guardKey(customer, key)
+		}
+		_, replayed, err := svc.CreateCheckout(ctx, checkoutInput(customer), k)
+		return replayed, err
+	}
+	limited := func(err error) time.Duration {
+		t.Helper()
+		e, ok := errs.As(err)
+		if !ok || e.Code != errs.RateLimited {
+			t.Fatalf("%v, want rate_limited", err)
+		}
+		return e.RetryAfter
+	}
+
+	if _, err := start("flooder", "a"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := start("flooder", ""); err != nil {
+		t.Fatal(err)
+	}
+	// Not counted: an invalid request, and a replay of a completed key.
+	bad := checkoutInput("flooder")
+	bad.Item = "platinum"
+	if _, _, err := svc.CreateCheckout(ctx, bad, db.IdempotencyKey{}); !errs.Is(err, errs.Invalid) {
+		t.Fatalf("unknown item: %v", err)
+	}
+	if replayed, err := start("flooder", "a"); err != nil || !replayed {
+		t.Fatalf("replay while at the limit: %v, %v; want the replay", replayed, err)
+	}
+	if wait := limited(func() error { _, err := start("flooder", "b"); return err }()); wait != 30*time.Second {
+		t.Fatalf("third checkout in a minute: retry after %s, want 30s", wait)
+	}
+	// The refused key is free for the retry.
+	if _, err := start("other", ""); err != nil {
+		t.Fatalf("another customer: %v", err)
+	}
+	now = now.Add(29 * time.Second)
+	limited(func() error { _, err := start("flooder", "b"); return err }())
+	now = now.Add(time.Second)
+	if _, err := start("flooder", "b"); err != nil {
+		t.Fatalf("after the advertised wait: %v", err)
+	}
+	if wait := limited(func() error { _, err := start("flooder", ""); return err }()); wait != 30*time.Second {
+		t.Fatalf("right after: retry after %s, want 30s", wait)
+	}
+	if n := count(t, gdb, `SELECT count(*) FROM payments WHERE customer_id = 'flooder'`); n != 3 {
+		t.Fatalf("%d payments written for flooder, want 3", n)
+	}
+	if n := len(fake.CheckoutSessions()); n != 4 {
+		t.Fatalf("%d Checkout Sessions, want 4", n)
+	}
+}

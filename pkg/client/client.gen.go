@@ -972,6 +972,13 @@ type ClientInterface interface {
 	// metered plans a `mode=subscription` session. An end-user token may only
 	// name its own customer.
 	//
+	// Each customer may start a limited number of checkouts a minute
+	// (`TALLY_CHECKOUT_RATE_LIMIT`, default 10, across all instances);
+	// past it the answer is 429 `rate_limited` with `Retry-After`. With an
+	// `Idempotency-Key`, a failed attempt stores nothing (retry at once),
+	// and a retry while the first attempt waits on Stripe gets 409
+	// `idempotency_key_in_flight`, then the first answer once it is ready.
+	//
 	// Takes any type of body and a specified content type.
 	//
 	// Corresponds with POST /v1/checkout-sessions (the `CreateCheckoutSession` operationId).
@@ -983,6 +990,13 @@ type ClientInterface interface {
 	// Session. Credit packs and products open a `mode=payment` session,
 	// metered plans a `mode=subscription` session. An end-user token may only
 	// name its own customer.
+	//
+	// Each customer may start a limited number of checkouts a minute
+	// (`TALLY_CHECKOUT_RATE_LIMIT`, default 10, across all instances);
+	// past it the answer is 429 `rate_limited` with `Retry-After`. With an
+	// `Idempotency-Key`, a failed attempt stores nothing (retry at once),
+	// and a retry while the first attempt waits on Stripe gets 409
+	// `idempotency_key_in_flight`, then the first answer once it is ready.
 	//
 	// Takes a body of the `application/json` content type.
 	//
@@ -1308,6 +1322,13 @@ func (c *Client) GetCatalog(ctx context.Context, reqEditors ...RequestEditorFn) 
 // metered plans a `mode=subscription` session. An end-user token may only
 // name its own customer.
 //
+// Each customer may start a limited number of checkouts a minute
+// (`TALLY_CHECKOUT_RATE_LIMIT`, default 10, across all instances);
+// past it the answer is 429 `rate_limited` with `Retry-After`. With an
+// `Idempotency-Key`, a failed attempt stores nothing (retry at once),
+// and a retry while the first attempt waits on Stripe gets 409
+// `idempotency_key_in_flight`, then the first answer once it is ready.
+//
 // Takes any type of body and a specified content type.
 //
 // Corresponds with POST /v1/checkout-sessions (the `CreateCheckoutSession` operationId).
@@ -1329,6 +1350,13 @@ func (c *Client) CreateCheckoutSessionWithBody(ctx context.Context, params *Crea
 // Session. Credit packs and products open a `mode=payment` session,
 // metered plans a `mode=subscription` session. An end-user token may only
 // name its own customer.
+//
+// Each customer may start a limited number of checkouts a minute
+// (`TALLY_CHECKOUT_RATE_LIMIT`, default 10, across all instances);
+// past it the answer is 429 `rate_limited` with `Retry-After`. With an
+// `Idempotency-Key`, a failed attempt stores nothing (retry at once),
+// and a retry while the first attempt waits on Stripe gets 409
+// `idempotency_key_in_flight`, then the first answer once it is ready.
 //
 // Takes a body of the `application/json` content type.
 //
@@ -2859,6 +2887,13 @@ type ClientWithResponsesInterface interface {
 	// metered plans a `mode=subscription` session. An end-user token may only
 	// name its own customer.
 	//
+	// Each customer may start a limited number of checkouts a minute
+	// (`TALLY_CHECKOUT_RATE_LIMIT`, default 10, across all instances);
+	// past it the answer is 429 `rate_limited` with `Retry-After`. With an
+	// `Idempotency-Key`, a failed attempt stores nothing (retry at once),
+	// and a retry while the first attempt waits on Stripe gets 409
+	// `idempotency_key_in_flight`, then the first answer once it is ready.
+	//
 	// Takes any type of body and a specified content type, and returns a wrapper object for the known response body format(s).
 	//
 	// Corresponds with POST /v1/checkout-sessions (the `CreateCheckoutSession` operationId).
@@ -2870,6 +2905,13 @@ type ClientWithResponsesInterface interface {
 	// Session. Credit packs and products open a `mode=payment` session,
 	// metered plans a `mode=subscription` session. An end-user token may only
 	// name its own customer.
+	//
+	// Each customer may start a limited number of checkouts a minute
+	// (`TALLY_CHECKOUT_RATE_LIMIT`, default 10, across all instances);
+	// past it the answer is 429 `rate_limited` with `Retry-After`. With an
+	// `Idempotency-Key`, a failed attempt stores nothing (retry at once),
+	// and a retry while the first attempt waits on Stripe gets 409
+	// `idempotency_key_in_flight`, then the first answer once it is ready.
 	//
 	// Takes a body of the `application/json` content type, and returns a wrapper object for the known response body format(s).
 	//
@@ -4412,6 +4454,13 @@ func (c *ClientWithResponses) GetCatalogWithResponse(ctx context.Context, reqEdi
 // metered plans a `mode=subscription` session. An end-user token may only
 // name its own customer.
 //
+// Each customer may start a limited number of checkouts a minute
+// (`TALLY_CHECKOUT_RATE_LIMIT`, default 10, across all instances);
+// past it the answer is 429 `rate_limited` with `Retry-After`. With an
+// `Idempotency-Key`, a failed attempt stores nothing (retry at once),
+// and a retry while the first attempt waits on Stripe gets 409
+// `idempotency_key_in_flight`, then the first answer once it is ready.
+//
 // Takes any type of body and a specified content type, and returns a wrapper object for the known response body format(s).
 //
 // Corresponds with POST /v1/checkout-sessions (the `CreateCheckoutSession` operationId).
@@ -4429,6 +4478,13 @@ func (c *ClientWithResponses) CreateCheckoutSessionWithBodyWithResponse(ctx cont
 // Session. Credit packs and products open a `mode=payment` session,
 // metered plans a `mode=subscription` session. An end-user token may only
 // name its own customer.
+//
+// Each customer may start a limited number of checkouts a minute
+// (`TALLY_CHECKOUT_RATE_LIMIT`, default 10, across all instances);
+// past it the answer is 429 `rate_limited` with `Retry-After`. With an
+// `Idempotency-Key`, a failed attempt stores nothing (retry at once),
+// and a retry while the first attempt waits on Stripe gets 409
+// `idempotency_key_in_flight`, then the first answer once it is ready.
 //
 // Takes a body of the `application/json` content type, and returns a wrapper object for the known response body format(s).
 //

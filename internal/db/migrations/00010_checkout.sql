@@ -20,7 +20,16 @@ ALTER TABLE idempotency_keys
     ADD COLUMN holder text,
     ADD COLUMN lease_expires_at timestamptz;
 
+-- Each customer's checkout pacing for TALLY_CHECKOUT_RATE_LIMIT: the
+-- generic cell rate algorithm's "theoretical arrival time". One row per
+-- customer, shared by every replica (internal/payments/ratelimit.go).
+CREATE TABLE checkout_rate_limits (
+    customer_id text PRIMARY KEY,
+    tat         timestamptz NOT NULL
+);
+
 -- +goose Down
+DROP TABLE checkout_rate_limits;
 ALTER TABLE idempotency_keys
     DROP COLUMN lease_expires_at,
     DROP COLUMN holder;
