@@ -251,3 +251,134 @@ func TestCheckoutRateLimitAcrossInstances(t *testing.T) {
 	checkout(t, b, "bystander", "starter", 1)
 	assertInvariants(t, a)
 }
+
+// paidAtStripe is the buyer paying payment pay's Checkout Session with
+// PaymentIntent piID(pay): from then on the fake's session names it, as
+// Stripe's does. It returns the session object as Stripe now shows it
+// (what checkout.session.completed carries).
+func paidAtStripe(t testing.TB, fake *stripefake.Fake, s *server, pay string) map[string]any {
+	t.Helper()
+	p := getPayment(t, s, pay)
+	if p.CheckoutSessionId == nil {
+		t.Fatalf("payment %s has no Checkout Session", pay)
+	}
+	obj := fake.PayCheckoutSession(*p.CheckoutSessionId, piID(pay))
+	if obj == nil {
+		t.Fatalf("Stripe has no Checkout Session %s", *p.CheckoutSessionId)
+	}
+	return obj
+}
+
+// A PaymentIntent tally did not create, carrying a payment's metadata and
+// the right amount, is parked and credits nothing: the Checkout Session
+// tally created for the payment names another one. The genuine one credits.
+func TestPaymentIntentTallyDidNotCreateIsParked(t *testing.T) {
+	fake := stripefake.New(t)
+	s := startServer(t, payEnv(t, fake.URL()))
+	gdb := openDB(t, s)
+
+	pay := checkout(t, s, "target-1", "starter", 1)
+	paidAtStripe(t, fake, s, pay)
+	forged := paymentIntent(pay, "target-1", "succeeded", starterAmount, starterAmount, "usd")
+	forged["id"] = "pi_forged_by_someone_else"
+	forgedEvent := newEventID()
+	deliver(t, s, stripeEvent(forgedEvent, "payment_intent.succeeded", forged))
+	if status, lastErr := eventStatus(t, gdb, forgedEvent); status != "parked" || !strings.Contains(lastErr, "tally did not create it") {
+		t.Fatalf("the forged PaymentIntent's event: %s (%s), want parked", status, lastErr)
+	}
+	if got := balanceOf(t, gdb, "target-1"); got != 0 {
+		t.Fatalf("the forged PaymentIntent credited %d", got)
+	}
+	if p := getPayment(t, s, pay); p.Status != client.PaymentStatusPending || p.PaymentIntentId != nil {
+		t.Fatalf("after the forged PaymentIntent: %+v", p)
+	}
+
+	genuine := newEventID()
+	deliver(t, s, stripeEvent(genuine, "payment_intent.succeeded", paymentIntent(pay, "target-1", "succeeded", starterAmount, starterAmount, "usd")))
+	if status, lastErr := eventStatus(t, gdb, genuine); status != "processed" {
+		t.Fatalf("the genuine PaymentIntent's event: %s (%s)", status, lastErr)
+	}
+	if got := balanceOf(t, gdb, "target-1"); got != starterCredits {
+		t.Fatalf("balance = %d, want %d", got, starterCredits)
+	}
+	assertInvariants(t, s)
+}
+
+// A genuine payment whose charge includes Stripe Tax, or that Adaptive
+// Pricing converted into the buyer's currency, is credited: the catalog
+// price is compared with the session's amount before tax in the catalog
+// currency, the PaymentIntent with the session's total. A real mismatch
+// is still parked. The refund comes in the buyer's currency.
+func TestTaxAndAdaptivePricingAreCredited(t *testing.T) {
+	fake := stripefake.New(t)
+	s := startServer(t, payEnv(t, fake.URL()))
+	gdb := openDB(t, s)
+
+	// Stripe Tax: $10.00 + $1.90 tax; the success arrives first, so tally
+	// asks Stripe for the session.
+	taxed := checkout(t, s, "taxed-1", "starter", 1)
+	paidAtStripe(t, fake, s, taxed)
+	fake.UpdateCheckoutSession(*getPayment(t, s, taxed).CheckoutSessionId, map[string]any{
+		"amount_total":  1190,
+		"total_details": map[string]any{"amount_discount": 0, "amount_shipping": 0, "amount_tax": 190},
+	})
+	taxedEvent := newEventID()
+	deliver(t, s, stripeEvent(taxedEvent, "payment_intent.succeeded", paymentIntent(taxed, "taxed-1", "succeeded", 1190, 1190, "usd")))
+	if status, lastErr := eventStatus(t, gdb, taxedEvent); status != "processed" {
+		t.Fatalf("the taxed payment's success: %s (%s)", status, lastErr)
+	}
+	p := getPayment(t, s, taxed)
+	if p.Status != client.PaymentStatusSucceeded || p.AmountReceived == nil || *p.AmountReceived != 1190 ||
+		p.AmountTax == nil || *p.AmountTax != 190 || p.ReceivedCurrency == nil || *p.ReceivedCurrency != "usd" {
+		t.Fatalf("taxed payment = %+v", p)
+	}
+
+	// Adaptive Pricing: the $10.00 pack paid as €9.20 + €0.30 tax; the
+	// completed session arrives first and tells tally everything.
+	euro := checkout(t, s, "euro-1", "starter", 1)
+	paidAtStripe(t, fake, s, euro)
+	cs := fake.UpdateCheckoutSession(*getPayment(t, s, euro).CheckoutSessionId, map[string]any{
+		"currency": "eur", "amount_subtotal": 920, "amount_total": 950,
+		"total_details":       map[string]any{"amount_discount": 0, "amount_shipping": 0, "amount_tax": 30},
+		"currency_conversion": map[string]any{"source_currency": "usd", "amount_subtotal": 1000, "amount_total": 1033, "fx_rate": "0.92"},
+	})
+	deliver(t, s, stripeEvent(newEventID(), "checkout.session.completed", cs))
+	gets := len(fake.Requests())
+	euroEvent := newEventID()
+	deliver(t, s, stripeEvent(euroEvent, "payment_intent.succeeded", paymentIntent(euro, "euro-1", "succeeded", 950, 950, "eur")))
+	if status, lastErr := eventStatus(t, gdb, euroEvent); status != "processed" {
+		t.Fatalf("the converted payment's success: %s (%s)", status, lastErr)
+	}
+	if n := len(fake.Requests()) - gets; n != 0 {
+		t.Fatalf("%d calls to Stripe for a success whose session was known", n)
+	}
+	p = getPayment(t, s, euro)
+	if p.Status != client.PaymentStatusSucceeded || p.AmountReceived == nil || *p.AmountReceived != 950 || p.ReceivedCurrency == nil || *p.ReceivedCurrency != "eur" {
+		t.Fatalf("converted payment = %+v", p)
+	}
+	for _, c := range []struct{ customer string }{{"taxed-1"}, {"euro-1"}} {
+		if got := balanceOf(t, gdb, c.customer); got != starterCredits {
+			t.Fatalf("%s: balance = %d, want %d", c.customer, got, starterCredits)
+		}
+	}
+	refund := refundedCharge(euro, 950, 950)
+	refund["currency"] = "eur"
+	deliver(t, s, stripeEvent(newEventID(), "charge.refunded", refund))
+	if got := balanceOf(t, gdb, "euro-1"); got != 0 {
+		t.Fatalf("balance after the full refund in EUR = %d, want 0", got)
+	}
+
+	// A PaymentIntent that did not collect the session's total is parked.
+	short := checkout(t, s, "short-1", "starter", 1)
+	paidAtStripe(t, fake, s, short)
+	fake.UpdateCheckoutSession(*getPayment(t, s, short).CheckoutSessionId, map[string]any{"amount_total": 1190})
+	shortEvent := newEventID()
+	deliver(t, s, stripeEvent(shortEvent, "payment_intent.succeeded", paymentIntent(short, "short-1", "succeeded", 1000, 1000, "usd")))
+	if status, lastErr := eventStatus(t, gdb, shortEvent); status != "parked" || !strings.Contains(lastErr, "amount_received 1000") {
+		t.Fatalf("a PaymentIntent short of the session's total: %s (%s), want parked", status, lastErr)
+	}
+	if got := balanceOf(t, gdb, "short-1"); got != 0 {
+		t.Fatalf("a parked success credited %d", got)
+	}
+	assertInvariants(t, s)
+}

@@ -201,6 +201,11 @@ func toAPIPayment(p payments.Payment) api.Payment {
 		CreatedAt: p.CreatedAt, UpdatedAt: p.UpdatedAt, SucceededAt: p.SucceededAt,
 		Transitions: make([]api.PaymentTransition, 0, len(p.Transitions)),
 	}
+	out.ReceivedCurrency = ptrIfSet(p.ReceivedCurrency)
+	if p.Checkout.Known() {
+		tax := p.Checkout.AmountTax
+		out.AmountTax = &tax
+	}
 	for _, t := range p.Transitions {
 		out.Transitions = append(out.Transitions, api.PaymentTransition{
 			From: ptrIfSet(string(t.From)), To: string(t.To), Applied: t.Applied,

@@ -28,10 +28,13 @@ credit_packs:
   - {id: dear, name: Dear, amount: 10000000, currency: usd, credits: 1}
 `
 
-// payAtStripe stands for the buyer paying res's Checkout Session with
-// PaymentIntent pi (a no-op until the confirmation checks the session).
-func payAtStripe(t *testing.T, svc *payments.Service, res payments.CheckoutResult, pi string) {
+// payAtStripe is the buyer paying res's Checkout Session with PaymentIntent
+// pi: the fake's session then names it, as Stripe's does.
+func payAtStripe(t *testing.T, fake *stripefake.Fake, res payments.CheckoutResult, pi string) {
 	t.Helper()
+	if fake.PayCheckoutSession(res.CheckoutSessionID, pi) == nil {
+		t.Fatalf("Stripe has no Checkout Session %s", res.CheckoutSessionID)
+	}
 }
 
 func count(t *testing.T, gdb *gorm.DB, query string, args ...any) int64 {
@@ -94,7 +97,7 @@ credit_packs:
 // never. The payment remembers the rule it was sold under.
 func TestPurchasedCreditsExpireByThePacksRule(t *testing.T) {
 	gdb := dbtest.New(t)
-	_, stripe := fakeClient(t)
+	fake, stripe := fakeClient(t)
 	confirmedAt := time.Date(2028, 2, 29, 12, 0, 0, 0, time.UTC)
 	svc := newServiceWith(t, gdb, stripe, expiryCatalog, func(o *payments.Options) {
 		o.Now = func() time.Time { return confirmedAt }
@@ -111,7 +114,7 @@ func TestPurchasedCreditsExpireByThePacksRule(t *testing.T) {
 	} {
 		res := buy(t, svc, "expiring", c.item, 1)
 		pi := fmt.Sprintf("pi_expiry_%d", i)
-		payAtStripe(t, svc, res, pi)
+		payAtStripe(t, fake, res, pi)
 		if err := svc.PaymentIntentSucceeded(ctx, payments.EventRef{ID: "evt_" + pi, Type: "payment_intent.succeeded"},
 			payments.PaymentIntent{ID: pi, AmountReceived: 100, Currency: "usd", Metadata: map[string]string{"tally_payment_id": res.PaymentID}}); err != nil {
 			t.Fatalf("%s: %v", c.item, err)

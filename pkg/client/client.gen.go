@@ -485,10 +485,16 @@ type MeterTotal struct {
 
 // Payment defines model for Payment.
 type Payment struct {
-	// Amount Expected amount in minor units.
-	Amount            int64     `json:"amount"`
-	AmountReceived    *int64    `json:"amount_received,omitempty"`
-	AmountRefunded    int64     `json:"amount_refunded"`
+	// Amount The catalog price in minor units of `currency`, before tax.
+	Amount int64 `json:"amount"`
+
+	// AmountReceived What Stripe collected, in minor units of `received_currency`: the
+	// Checkout Session's total, tax included.
+	AmountReceived *int64 `json:"amount_received,omitempty"`
+	AmountRefunded int64  `json:"amount_refunded"`
+
+	// AmountTax Tax Stripe Tax charged on the Checkout Session, in its currency, once Stripe reported it.
+	AmountTax         *int64    `json:"amount_tax,omitempty"`
 	CheckoutSessionId *string   `json:"checkout_session_id,omitempty"`
 	CreatedAt         time.Time `json:"created_at"`
 
@@ -504,9 +510,13 @@ type Payment struct {
 	Livemode        bool            `json:"livemode"`
 	PaymentIntentId *string         `json:"payment_intent_id,omitempty"`
 	Quantity        int64           `json:"quantity"`
-	Status          PaymentStatus   `json:"status"`
-	SubscriptionId  *string         `json:"subscription_id,omitempty"`
-	SucceededAt     *time.Time      `json:"succeeded_at,omitempty"`
+
+	// ReceivedCurrency The currency of `amount_received` and of refunds: the buyer's when
+	// Stripe converted the price (Adaptive Pricing), else `currency`.
+	ReceivedCurrency *string       `json:"received_currency,omitempty"`
+	Status           PaymentStatus `json:"status"`
+	SubscriptionId   *string       `json:"subscription_id,omitempty"`
+	SucceededAt      *time.Time    `json:"succeeded_at,omitempty"`
 
 	// Transitions Every transition and every refused one, oldest first. Empty in lists.
 	Transitions []PaymentTransition `json:"transitions"`
