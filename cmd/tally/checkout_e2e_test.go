@@ -13,6 +13,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/tallybilling/tally/internal/config"
 	"github.com/tallybilling/tally/internal/stripeapi/stripefake"
 	"github.com/tallybilling/tally/pkg/client"
 )
@@ -379,6 +380,66 @@ func TestTaxAndAdaptivePricingAreCredited(t *testing.T) {
 	}
 	if got := balanceOf(t, gdb, "short-1"); got != 0 {
 		t.Fatalf("a parked success credited %d", got)
+	}
+	assertInvariants(t, s)
+}
+
+// Credits bought with a pack that does not say otherwise expire 12
+// calendar months after the purchase; a pack may say they never expire.
+// The catalog tells clients which rule applies.
+func TestPackCreditsExpireAfterTwelveMonthsByDefault(t *testing.T) {
+	fake := stripefake.New(t)
+	s := startServer(t, payEnv(t, fake.URL())) // deploy/catalog.example.yaml: starter by default, pro never
+	ctx := context.Background()
+
+	cat, err := s.service(t).GetCatalogWithResponse(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	mustStatus(t, "catalog", cat.StatusCode(), cat.Body, http.StatusOK)
+	for _, p := range cat.JSON200.CreditPacks {
+		switch p.Id {
+		case "starter":
+			if p.ExpiresAfterMonths == nil || *p.ExpiresAfterMonths != 12 || p.ExpiresAfterSeconds != nil {
+				t.Fatalf("starter pack = %s", cat.Body)
+			}
+		case "pro":
+			if p.ExpiresAfterMonths != nil || p.ExpiresAfterSeconds != nil {
+				t.Fatalf("pro pack = %s", cat.Body)
+			}
+		}
+	}
+
+	for _, c := range []struct {
+		customer, item string
+		amount         int64
+		never          bool
+	}{{"yearly-1", "starter", starterAmount, false}, {"forever-1", "pro", 5000, true}} {
+		pay := checkout(t, s, c.customer, c.item, 1)
+		paidAtStripe(t, fake, s, pay)
+		before := time.Now()
+		deliver(t, s, stripeEvent(newEventID(), "payment_intent.succeeded", paymentIntent(pay, c.customer, "succeeded", c.amount, c.amount, "usd")))
+		after := time.Now()
+		b, err := s.service(t).GetBalanceWithResponse(ctx, c.customer)
+		if err != nil {
+			t.Fatal(err)
+		}
+		mustStatus(t, "balance", b.StatusCode(), b.Body, http.StatusOK)
+		if len(b.JSON200.Grants) != 1 {
+			t.Fatalf("%s: grants = %s", c.customer, b.Body)
+		}
+		expires := b.JSON200.Grants[0].ExpiresAt
+		if c.never {
+			if expires != nil {
+				t.Fatalf("%s: credits expire at %s, want never", c.customer, expires)
+			}
+			continue
+		}
+		year := config.Expiry{Months: 12}
+		earliest, latest := year.After(before.Add(-time.Second)), year.After(after.Add(time.Second))
+		if expires == nil || expires.Before(*earliest) || expires.After(*latest) {
+			t.Fatalf("%s: credits expire at %v, want 12 calendar months after the purchase (between %s and %s)", c.customer, expires, earliest, latest)
+		}
 	}
 	assertInvariants(t, s)
 }
