@@ -140,6 +140,9 @@ func TestCheckoutRetryAfterAFailure(t *testing.T) {
 		t.Fatal(err)
 	}
 	mustStatus(t, "checkout while Stripe fails", first.StatusCode(), first.Body, http.StatusBadGateway)
+	if n := countRows(t, openDB(t, s), `SELECT count(*) FROM idempotency_keys WHERE key = ?`, key); n != 0 {
+		t.Fatalf("the failed checkout left %d rows under its key", n)
+	}
 
 	const retries = 6
 	responses := make(chan *client.CreateCheckoutSessionResponse, retries)
