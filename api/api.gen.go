@@ -279,7 +279,12 @@ type CheckoutSessionCreate struct {
 	CustomerId CustomerID `json:"customer_id"`
 
 	// Item A catalog id.
-	Item       string `json:"item"`
+	Item string `json:"item"`
+
+	// Quantity Units of the item. A quantity whose credits exceed the largest
+	// grant (1,000,000,000,000), or whose price exceeds what Stripe
+	// charges in one payment (99,999,999 minor units), is refused with
+	// 422 `invalid_request` before anything is written.
 	Quantity   *int64 `json:"quantity,omitempty"`
 	SuccessUrl string `json:"success_url"`
 }
@@ -308,7 +313,13 @@ type CreditPack struct {
 	Credits  int64  `json:"credits"`
 	Currency string `json:"currency"`
 
-	// ExpiresAfterSeconds How long bought credits stay spendable; null means forever.
+	// ExpiresAfterMonths How many calendar months bought credits stay spendable (12 unless
+	// the pack says otherwise). When both this and
+	// `expires_after_seconds` are null, the credits never expire.
+	ExpiresAfterMonths *int `json:"expires_after_months,omitempty"`
+
+	// ExpiresAfterSeconds How long bought credits stay spendable, for a pack that sets a
+	// fixed duration rather than calendar months.
 	ExpiresAfterSeconds *int64 `json:"expires_after_seconds,omitempty"`
 	Id                  string `json:"id"`
 	Name                string `json:"name"`
@@ -469,13 +480,19 @@ type MeterTotal struct {
 
 // Payment defines model for Payment.
 type Payment struct {
-	// Amount Expected amount in minor units.
+	// Amount The catalog price in minor units of `currency`, before tax.
 	Amount int64 `json:"amount"`
 
 	// AmountDisputed Withdrawn by chargebacks that are open or lost (0 again once a dispute is won).
-	AmountDisputed    int64     `json:"amount_disputed"`
-	AmountReceived    *int64    `json:"amount_received,omitempty"`
-	AmountRefunded    int64     `json:"amount_refunded"`
+	AmountDisputed int64 `json:"amount_disputed"`
+
+	// AmountReceived What Stripe collected, in minor units of `received_currency`: the
+	// Checkout Session's total, tax included.
+	AmountReceived *int64 `json:"amount_received,omitempty"`
+	AmountRefunded int64  `json:"amount_refunded"`
+
+	// AmountTax Tax Stripe Tax charged on the Checkout Session, in its currency, once Stripe reported it.
+	AmountTax         *int64    `json:"amount_tax,omitempty"`
 	CheckoutSessionId *string   `json:"checkout_session_id,omitempty"`
 	CreatedAt         time.Time `json:"created_at"`
 
@@ -496,6 +513,10 @@ type Payment struct {
 	Livemode        bool            `json:"livemode"`
 	PaymentIntentId *string         `json:"payment_intent_id,omitempty"`
 	Quantity        int64           `json:"quantity"`
+
+	// ReceivedCurrency The currency of `amount_received` and of refunds: the buyer's when
+	// Stripe converted the price (Adaptive Pricing), else `currency`.
+	ReceivedCurrency *string `json:"received_currency,omitempty"`
 
 	// Status Where the payment stands. `pending → succeeded | failed`,
 	// `failed → succeeded` (a retried card), `succeeded → refunded` (after
@@ -562,8 +583,12 @@ type Problem struct {
 	// Errors Offending fields, for `invalid_request`.
 	Errors    *[]FieldError `json:"errors,omitempty"`
 	RequestId *string       `json:"request_id,omitempty"`
-	Status    int           `json:"status"`
-	Title     string        `json:"title"`
+
+	// RetryAfterSeconds For `rate_limited` (429) and `unavailable` (503) when known: whole
+	// seconds to wait before trying again, also sent as `Retry-After`.
+	RetryAfterSeconds *int64 `json:"retry_after_seconds,omitempty"`
+	Status            int    `json:"status"`
+	Title             string `json:"title"`
 
 	// Type A URI naming the problem type.
 	Type string `json:"type"`
@@ -1443,7 +1468,14 @@ func RegisterHandlersWithOptions(router EchoRouter, si ServerInterface, options 
 
 }
 
-type ProblemApplicationProblemPlusJSONResponse Problem
+type ProblemResponseHeaders struct {
+	RetryAfter *int
+}
+type ProblemApplicationProblemPlusJSONResponse struct {
+	Body Problem
+
+	Headers ProblemResponseHeaders
+}
 
 type CreateReconciliationRequestObject struct {
 	Body *CreateReconciliationJSONRequestBody
@@ -1469,6 +1501,7 @@ func (response CreateReconciliation200JSONResponse) VisitCreateReconciliationRes
 
 type CreateReconciliationdefaultApplicationProblemPlusJSONResponse struct {
 	Body       Problem
+	Headers    ProblemResponseHeaders
 	StatusCode int
 }
 
@@ -1479,6 +1512,9 @@ func (response CreateReconciliationdefaultApplicationProblemPlusJSONResponse) Vi
 		return err
 	}
 	w.Header().Set("Content-Type", "application/problem+json")
+	if response.Headers.RetryAfter != nil {
+		w.Header().Set("Retry-After", fmt.Sprint(*response.Headers.RetryAfter))
+	}
 	w.WriteHeader(response.StatusCode)
 	_, err := buf.WriteTo(w)
 	return err
@@ -1508,6 +1544,7 @@ func (response ListStripeEvents200JSONResponse) VisitListStripeEventsResponse(w 
 
 type ListStripeEventsdefaultApplicationProblemPlusJSONResponse struct {
 	Body       Problem
+	Headers    ProblemResponseHeaders
 	StatusCode int
 }
 
@@ -1518,6 +1555,9 @@ func (response ListStripeEventsdefaultApplicationProblemPlusJSONResponse) VisitL
 		return err
 	}
 	w.Header().Set("Content-Type", "application/problem+json")
+	if response.Headers.RetryAfter != nil {
+		w.Header().Set("Retry-After", fmt.Sprint(*response.Headers.RetryAfter))
+	}
 	w.WriteHeader(response.StatusCode)
 	_, err := buf.WriteTo(w)
 	return err
@@ -1547,6 +1587,7 @@ func (response ReplayStripeEvent200JSONResponse) VisitReplayStripeEventResponse(
 
 type ReplayStripeEventdefaultApplicationProblemPlusJSONResponse struct {
 	Body       Problem
+	Headers    ProblemResponseHeaders
 	StatusCode int
 }
 
@@ -1557,6 +1598,9 @@ func (response ReplayStripeEventdefaultApplicationProblemPlusJSONResponse) Visit
 		return err
 	}
 	w.Header().Set("Content-Type", "application/problem+json")
+	if response.Headers.RetryAfter != nil {
+		w.Header().Set("Retry-After", fmt.Sprint(*response.Headers.RetryAfter))
+	}
 	w.WriteHeader(response.StatusCode)
 	_, err := buf.WriteTo(w)
 	return err
@@ -1586,6 +1630,7 @@ func (response ListUsageEvents200JSONResponse) VisitListUsageEventsResponse(w ht
 
 type ListUsageEventsdefaultApplicationProblemPlusJSONResponse struct {
 	Body       Problem
+	Headers    ProblemResponseHeaders
 	StatusCode int
 }
 
@@ -1596,6 +1641,9 @@ func (response ListUsageEventsdefaultApplicationProblemPlusJSONResponse) VisitLi
 		return err
 	}
 	w.Header().Set("Content-Type", "application/problem+json")
+	if response.Headers.RetryAfter != nil {
+		w.Header().Set("Retry-After", fmt.Sprint(*response.Headers.RetryAfter))
+	}
 	w.WriteHeader(response.StatusCode)
 	_, err := buf.WriteTo(w)
 	return err
@@ -1625,6 +1673,7 @@ func (response RequeueUsageEvents200JSONResponse) VisitRequeueUsageEventsRespons
 
 type RequeueUsageEventsdefaultApplicationProblemPlusJSONResponse struct {
 	Body       Problem
+	Headers    ProblemResponseHeaders
 	StatusCode int
 }
 
@@ -1635,6 +1684,9 @@ func (response RequeueUsageEventsdefaultApplicationProblemPlusJSONResponse) Visi
 		return err
 	}
 	w.Header().Set("Content-Type", "application/problem+json")
+	if response.Headers.RetryAfter != nil {
+		w.Header().Set("Retry-After", fmt.Sprint(*response.Headers.RetryAfter))
+	}
 	w.WriteHeader(response.StatusCode)
 	_, err := buf.WriteTo(w)
 	return err
@@ -1663,6 +1715,7 @@ func (response VerifyInvariants200JSONResponse) VisitVerifyInvariantsResponse(w 
 
 type VerifyInvariantsdefaultApplicationProblemPlusJSONResponse struct {
 	Body       Problem
+	Headers    ProblemResponseHeaders
 	StatusCode int
 }
 
@@ -1673,6 +1726,9 @@ func (response VerifyInvariantsdefaultApplicationProblemPlusJSONResponse) VisitV
 		return err
 	}
 	w.Header().Set("Content-Type", "application/problem+json")
+	if response.Headers.RetryAfter != nil {
+		w.Header().Set("Retry-After", fmt.Sprint(*response.Headers.RetryAfter))
+	}
 	w.WriteHeader(response.StatusCode)
 	_, err := buf.WriteTo(w)
 	return err
@@ -1701,6 +1757,7 @@ func (response GetCatalog200JSONResponse) VisitGetCatalogResponse(w http.Respons
 
 type GetCatalogdefaultApplicationProblemPlusJSONResponse struct {
 	Body       Problem
+	Headers    ProblemResponseHeaders
 	StatusCode int
 }
 
@@ -1711,6 +1768,9 @@ func (response GetCatalogdefaultApplicationProblemPlusJSONResponse) VisitGetCata
 		return err
 	}
 	w.Header().Set("Content-Type", "application/problem+json")
+	if response.Headers.RetryAfter != nil {
+		w.Header().Set("Retry-After", fmt.Sprint(*response.Headers.RetryAfter))
+	}
 	w.WriteHeader(response.StatusCode)
 	_, err := buf.WriteTo(w)
 	return err
@@ -1751,6 +1811,7 @@ func (response CreateCheckoutSession201JSONResponse) VisitCreateCheckoutSessionR
 
 type CreateCheckoutSessiondefaultApplicationProblemPlusJSONResponse struct {
 	Body       Problem
+	Headers    ProblemResponseHeaders
 	StatusCode int
 }
 
@@ -1761,6 +1822,9 @@ func (response CreateCheckoutSessiondefaultApplicationProblemPlusJSONResponse) V
 		return err
 	}
 	w.Header().Set("Content-Type", "application/problem+json")
+	if response.Headers.RetryAfter != nil {
+		w.Header().Set("Retry-After", fmt.Sprint(*response.Headers.RetryAfter))
+	}
 	w.WriteHeader(response.StatusCode)
 	_, err := buf.WriteTo(w)
 	return err
@@ -1790,6 +1854,7 @@ func (response GetCustomer200JSONResponse) VisitGetCustomerResponse(w http.Respo
 
 type GetCustomerdefaultApplicationProblemPlusJSONResponse struct {
 	Body       Problem
+	Headers    ProblemResponseHeaders
 	StatusCode int
 }
 
@@ -1800,6 +1865,9 @@ func (response GetCustomerdefaultApplicationProblemPlusJSONResponse) VisitGetCus
 		return err
 	}
 	w.Header().Set("Content-Type", "application/problem+json")
+	if response.Headers.RetryAfter != nil {
+		w.Header().Set("Retry-After", fmt.Sprint(*response.Headers.RetryAfter))
+	}
 	w.WriteHeader(response.StatusCode)
 	_, err := buf.WriteTo(w)
 	return err
@@ -1844,6 +1912,7 @@ func (response UpsertCustomer201JSONResponse) VisitUpsertCustomerResponse(w http
 
 type UpsertCustomerdefaultApplicationProblemPlusJSONResponse struct {
 	Body       Problem
+	Headers    ProblemResponseHeaders
 	StatusCode int
 }
 
@@ -1854,6 +1923,9 @@ func (response UpsertCustomerdefaultApplicationProblemPlusJSONResponse) VisitUps
 		return err
 	}
 	w.Header().Set("Content-Type", "application/problem+json")
+	if response.Headers.RetryAfter != nil {
+		w.Header().Set("Retry-After", fmt.Sprint(*response.Headers.RetryAfter))
+	}
 	w.WriteHeader(response.StatusCode)
 	_, err := buf.WriteTo(w)
 	return err
@@ -1883,6 +1955,7 @@ func (response GetBalance200JSONResponse) VisitGetBalanceResponse(w http.Respons
 
 type GetBalancedefaultApplicationProblemPlusJSONResponse struct {
 	Body       Problem
+	Headers    ProblemResponseHeaders
 	StatusCode int
 }
 
@@ -1893,6 +1966,9 @@ func (response GetBalancedefaultApplicationProblemPlusJSONResponse) VisitGetBala
 		return err
 	}
 	w.Header().Set("Content-Type", "application/problem+json")
+	if response.Headers.RetryAfter != nil {
+		w.Header().Set("Retry-After", fmt.Sprint(*response.Headers.RetryAfter))
+	}
 	w.WriteHeader(response.StatusCode)
 	_, err := buf.WriteTo(w)
 	return err
@@ -1948,6 +2024,7 @@ func (response ConsumeCredits402ApplicationProblemPlusJSONResponse) VisitConsume
 
 type ConsumeCreditsdefaultApplicationProblemPlusJSONResponse struct {
 	Body       Problem
+	Headers    ProblemResponseHeaders
 	StatusCode int
 }
 
@@ -1958,6 +2035,9 @@ func (response ConsumeCreditsdefaultApplicationProblemPlusJSONResponse) VisitCon
 		return err
 	}
 	w.Header().Set("Content-Type", "application/problem+json")
+	if response.Headers.RetryAfter != nil {
+		w.Header().Set("Retry-After", fmt.Sprint(*response.Headers.RetryAfter))
+	}
 	w.WriteHeader(response.StatusCode)
 	_, err := buf.WriteTo(w)
 	return err
@@ -1999,6 +2079,7 @@ func (response GrantCredits201JSONResponse) VisitGrantCreditsResponse(w http.Res
 
 type GrantCreditsdefaultApplicationProblemPlusJSONResponse struct {
 	Body       Problem
+	Headers    ProblemResponseHeaders
 	StatusCode int
 }
 
@@ -2009,6 +2090,9 @@ func (response GrantCreditsdefaultApplicationProblemPlusJSONResponse) VisitGrant
 		return err
 	}
 	w.Header().Set("Content-Type", "application/problem+json")
+	if response.Headers.RetryAfter != nil {
+		w.Header().Set("Retry-After", fmt.Sprint(*response.Headers.RetryAfter))
+	}
 	w.WriteHeader(response.StatusCode)
 	_, err := buf.WriteTo(w)
 	return err
@@ -2039,6 +2123,7 @@ func (response ListCreditTransactions200JSONResponse) VisitListCreditTransaction
 
 type ListCreditTransactionsdefaultApplicationProblemPlusJSONResponse struct {
 	Body       Problem
+	Headers    ProblemResponseHeaders
 	StatusCode int
 }
 
@@ -2049,6 +2134,9 @@ func (response ListCreditTransactionsdefaultApplicationProblemPlusJSONResponse) 
 		return err
 	}
 	w.Header().Set("Content-Type", "application/problem+json")
+	if response.Headers.RetryAfter != nil {
+		w.Header().Set("Retry-After", fmt.Sprint(*response.Headers.RetryAfter))
+	}
 	w.WriteHeader(response.StatusCode)
 	_, err := buf.WriteTo(w)
 	return err
@@ -2079,6 +2167,7 @@ func (response ListCustomerPayments200JSONResponse) VisitListCustomerPaymentsRes
 
 type ListCustomerPaymentsdefaultApplicationProblemPlusJSONResponse struct {
 	Body       Problem
+	Headers    ProblemResponseHeaders
 	StatusCode int
 }
 
@@ -2089,6 +2178,9 @@ func (response ListCustomerPaymentsdefaultApplicationProblemPlusJSONResponse) Vi
 		return err
 	}
 	w.Header().Set("Content-Type", "application/problem+json")
+	if response.Headers.RetryAfter != nil {
+		w.Header().Set("Retry-After", fmt.Sprint(*response.Headers.RetryAfter))
+	}
 	w.WriteHeader(response.StatusCode)
 	_, err := buf.WriteTo(w)
 	return err
@@ -2119,6 +2211,7 @@ func (response GetCustomerUsage200JSONResponse) VisitGetCustomerUsageResponse(w 
 
 type GetCustomerUsagedefaultApplicationProblemPlusJSONResponse struct {
 	Body       Problem
+	Headers    ProblemResponseHeaders
 	StatusCode int
 }
 
@@ -2129,6 +2222,9 @@ func (response GetCustomerUsagedefaultApplicationProblemPlusJSONResponse) VisitG
 		return err
 	}
 	w.Header().Set("Content-Type", "application/problem+json")
+	if response.Headers.RetryAfter != nil {
+		w.Header().Set("Retry-After", fmt.Sprint(*response.Headers.RetryAfter))
+	}
 	w.WriteHeader(response.StatusCode)
 	_, err := buf.WriteTo(w)
 	return err
@@ -2158,6 +2254,7 @@ func (response ListEvents200JSONResponse) VisitListEventsResponse(w http.Respons
 
 type ListEventsdefaultApplicationProblemPlusJSONResponse struct {
 	Body       Problem
+	Headers    ProblemResponseHeaders
 	StatusCode int
 }
 
@@ -2168,6 +2265,9 @@ func (response ListEventsdefaultApplicationProblemPlusJSONResponse) VisitListEve
 		return err
 	}
 	w.Header().Set("Content-Type", "application/problem+json")
+	if response.Headers.RetryAfter != nil {
+		w.Header().Set("Retry-After", fmt.Sprint(*response.Headers.RetryAfter))
+	}
 	w.WriteHeader(response.StatusCode)
 	_, err := buf.WriteTo(w)
 	return err
@@ -2197,6 +2297,7 @@ func (response GetPayment200JSONResponse) VisitGetPaymentResponse(w http.Respons
 
 type GetPaymentdefaultApplicationProblemPlusJSONResponse struct {
 	Body       Problem
+	Headers    ProblemResponseHeaders
 	StatusCode int
 }
 
@@ -2207,6 +2308,9 @@ func (response GetPaymentdefaultApplicationProblemPlusJSONResponse) VisitGetPaym
 		return err
 	}
 	w.Header().Set("Content-Type", "application/problem+json")
+	if response.Headers.RetryAfter != nil {
+		w.Header().Set("Retry-After", fmt.Sprint(*response.Headers.RetryAfter))
+	}
 	w.WriteHeader(response.StatusCode)
 	_, err := buf.WriteTo(w)
 	return err
@@ -2247,6 +2351,7 @@ func (response IngestUsageEvents202JSONResponse) VisitIngestUsageEventsResponse(
 
 type IngestUsageEventsdefaultApplicationProblemPlusJSONResponse struct {
 	Body       Problem
+	Headers    ProblemResponseHeaders
 	StatusCode int
 }
 
@@ -2257,6 +2362,9 @@ func (response IngestUsageEventsdefaultApplicationProblemPlusJSONResponse) Visit
 		return err
 	}
 	w.Header().Set("Content-Type", "application/problem+json")
+	if response.Headers.RetryAfter != nil {
+		w.Header().Set("Retry-After", fmt.Sprint(*response.Headers.RetryAfter))
+	}
 	w.WriteHeader(response.StatusCode)
 	_, err := buf.WriteTo(w)
 	return err
@@ -2286,6 +2394,7 @@ func (response GetUsageEvent200JSONResponse) VisitGetUsageEventResponse(w http.R
 
 type GetUsageEventdefaultApplicationProblemPlusJSONResponse struct {
 	Body       Problem
+	Headers    ProblemResponseHeaders
 	StatusCode int
 }
 
@@ -2296,6 +2405,9 @@ func (response GetUsageEventdefaultApplicationProblemPlusJSONResponse) VisitGetU
 		return err
 	}
 	w.Header().Set("Content-Type", "application/problem+json")
+	if response.Headers.RetryAfter != nil {
+		w.Header().Set("Retry-After", fmt.Sprint(*response.Headers.RetryAfter))
+	}
 	w.WriteHeader(response.StatusCode)
 	_, err := buf.WriteTo(w)
 	return err
@@ -3040,133 +3152,144 @@ func (sh *strictHandler) GetUsageEvent(ctx echo.Context, identifier string) erro
 // const string: with thousands of chunks the chained `+` fold is several
 // times slower for the Go compiler than parsing a slice literal.
 var swaggerSpec = []string{
-	"1H1/k9s2suBX6dK9qsxkORrZsXMvM/WqbuI4G+9LNi7/uK26yCdBZEvCDgkwAChZ6/O/9wHuI94neYUG",
-	"QIISJVHzw5v1P9ZIINBo9O9uND8NUlmUUqAwenD1abBElqGij68yLEppUJg3WOZsg5n9NkOdKl4aLsXg",
-	"ajA1qsIprJcowCy5Bib0GhVwDWaJoOhBkHNgApCpnKMChb9XqA2suVnSKM0KhFvcDAfJQKdLLJhdyGxK",
-	"HFwNZlLmyMTg8+fPyaBkihVoPIAvKqWl2gXq3RJhKvCjmaQ0YmoBsAuVCldcVhpKtkC7GrfDf69QbQbJ",
-	"QLDCLuieaYFSsI8/o1iY5eDq6WiUBNC0UVwsBhawF5U2skD16oducFKW56i+0iDXAngGc6mAGw2VRlUD",
-	"UjKzjOFwU054NkgGFmlc2SOwGI+B+zeF88HV4L9dNgd56X7VlxFYFsr6RNPNf+LGPkzrujNvVo6GXdhx",
-	"h1aPUfP8eTIouAh/P+lCVBuEXwlHLD8BlLsv/TMvuKlX2jr1nH6Mp89wzqrcDK6ejxK7Fi+qwv4xopXc",
-	"X806XBhcoHJkqlCXUmgkKn2t5CzHwn5MpbDsZD+yssx5yuz2L0s34k9/15ZePvU82zAvrdimuBsBqJRU",
-	"cPbmxxfw3bPn/x38GpChYTzX50NCiZ/LLvU9y5lI0X4slSxRGe7gnzU/tFd5W6LI2CxHEHJ9BZXQJQoD",
-	"qcLMkracQyXwY2npBhaKCaMtpc+lKphxGPv22WAXgUmL8k8g8GTgVtmF9M/0vRM4Abwc5yYBLaWwsojg",
-	"3MCcK22IHw0W+tjiNO3bqiiY2tjl/U6YUoz+zuV64rE3MUuFeilz2lEPHJD4clDt7udvTtxiAP+CBnKx",
-	"AIUF48J+Cvt0J9DCfMYMXhheoCX/Ks/tGQbO3mKbFiATVsjKke/ODvbM07BFLER+2xJugcTqE9yHuw/1",
-	"xHL2d0yNBfAFMyyXi13CdRiYlCy9pb97nekLeug1S2+7TrTMmeg/1+vc6q2OWZTMqtScMJF7YHeubazG",
-	"O47WCYB3om+J6a2szFvUmjv5s4VGP2Ci3QjPlTuE4ghNT1ibQGJi23mmZJsChdk3ZaXyju+3Nh3NkXQC",
-	"6+ZpAdgDES8UMkNSj2UZd2rqdYSYOcs1Jtu4svSaTzzcLbPh2b8f0VD3kHuWiHalxA2kjjWAZ5b/I3C+",
-	"fXYUmN8rJgw3m5YqfNIhv2vV+OSYakwGukpT1PpuCDooQggF7QWS+Dg6T1wKXRX4xtmjJx71AVkYY6T5",
-	"dww3BRqWMXNU7/8SxhE+mLcZTjWGYkz6rdTTHcSVJkL41B8buzvda1F4GwQUXywNsLlB5byK1K3e034w",
-	"ignNUrNXWG3tf2t80iAkQNqJkUZT3A8dXlP3HV0pZc3hwzLYom6iMZUi67CHfpJryKVYwExWFtPBVtCG",
-	"bUAHs+4arFKHApnQ1mHBlfNVTtb9yWCPfHe297HjoSOhodHJ1Gho8Nd5SF5IdFoHzGB2krqyxhUJrqNW",
-	"06kSvL+peBzZdxEk4SSObsx+KnGypaqOPlaV2YnY7iKCemdJfHyt2Q8RgXPOD0vKkhmDyjLJ//7t5uJ/",
-	"sYt/jC6+mwyv/sfFhz/9WxdNhMnflxrVqUqkJqgIqOdPnnYss5dA2pz9GtVFOBuox1G4Yer5ZBhNNYWz",
-	"EZhKCReuEdLwFEHO5/SEE71+tvMh/FpwYzADqZxkuEUs3YOOGw2sWF7hNTCIYGAGhBUdsGQZSIFQafRP",
-	"STHni8r6h97C6BQvR9Xp6LG54ujpdHPFNqVFtJVWetLQVydpfe6g5JfWq38hM4IKhd38bwMuVizn2cTH",
-	"1Sw/CFaZpVT8H5g5jM54lqGw4kOayVxWgoxlKeY5T+0TvImzTG5xM1FYaXp2+wcuJvPcqmcKWulqPucp",
-	"t+Z3kMJk1OeSZRMj5SRnamGZWzGDE4qx0KzBZi+VXPEM1YTCFQ7yFePuKBM6PiVYbL01OH+58qGU+8v1",
-	"U6VZoKNuTm891JzdHh3ovtjm4wDR0G8nqTlq6IVdAh6JQ7J5McMsGYvw3ZzxPB6jcF6JLP4m47qsTOsh",
-	"/9VkLcXOuEkutUmCpTAkP50eDt8oXMlbAnRXzDRfhkBF9KAPESVQabbAYYYsS2A4HI5FP6VAQ/yZtPRC",
-	"lyogonnNFh1xrnCovTxyR3wdvn0Udu6QzkxrYBqmZJ9NwUgrAw0XVmhWIl0yscAsRNORwtTANWBRGoqO",
-	"H0aHR0EMQhcOfuSYZyRJOpBA4cFOQi0lsePurv7y9te/gv/VRRy//W705By4MNJnAVzAfyazTQKkWBCs",
-	"bKXEANRB/eM7DDAkAdCu/VFY7g/i1LWDIm28/VJZnCBwd9jzylQKr0F6LevsbrFjdR+UZH9sJ9KfzMO6",
-	"kD1G9whNHZX5JPH2Baru7XHWs/d0Pluh53u7n6c7Qg+A0D2obIcEj85SB7x77lbLSnWFHqaR8pte1R4x",
-	"g3RpTZgZS2/BSHkL9lMCCq3VHMtq/zysmQZSoHV60+cWfA6STtp+2kBqReBcycLyd7DmykqlS6YtCjWq",
-	"FaeweARchy3UpRUjdgwIqjd/VEv+jNkC1Q+Kre9JWweYZgvoXQbYD9hLYQ5T/Vaeii8EZldQSs0NXyGw",
-	"LNPhhBMQuGD0tcJCrpxrUvSMNAWPjPT5I/Jbpti6I47zo1QhNAZMZOBsMEBhFEedNPSmwc4gamLrZeNE",
-	"VNBh6MRHu5vvdlTO3P+JT0JZ1R+BuLGmDZvJysCZdTeZ/9HBHfjAT+W5J9ixdqpgwQZT9Xx4D7Fzy0UW",
-	"O1W0qvORLHrr9AFxlIXSEmr290qbTufkLnr4ZMkX1PauO7qUysxZnneTTJtMrpwvXgs8h+IIwaCXssoz",
-	"WLIVjoVhtyhICsKsMpDST0KaBGaYskqjDwh4/986/S4vTGw1FpY6PNv4uMBCooYZ5nIN/0Alr11mM2yB",
-	"gpIa2FgoTJGvLE4SyLm2Jz/bwPTPL9/B5erJJcsKLi5XqPh8M3Xew32zlCSOiDJ21bLn+foc9kWn9oux",
-	"B3BDYnl43Bk5QlJ38yZ+iSi929Jux0866me2yxfel9Yzej4CN8BFlXQCt7jRUNGPz0akmFlqUOnEj/C/",
-	"PR+NfLorhuL5qBt4VO+kcRUoW7G5VaiJ6iHUyX/pNg3D7Edn2cK/mzJMkAR4us7gtZMc/VXiy48lppaB",
-	"3ADrghRcSAWV4L3LNNyzkyCGO8oUuFk6vTPbRHaUdkFBZhVCicJKmlxqA2cjYAvGBUgrG1gtfjgZVOen",
-	"QeWEBd41hl7P4tRNX9XenSo/KsrvFLNqskZtrL/wkpyit16nwKzaaItgq2dDWQCZDFQYcN67MOdA7unO",
-	"2es543mlcNIotO1ql42Phri9uNjWEG4E3Lx+ZaUCKGSZbg0KkcWv9FjItQCWpkTpRko4e0vh2q90HZng",
-	"WeIrplKZOVuqQK3ZAs+vx4IJQJFdVBoVGGnVn1tPinwDa0vLS1aWKNDOMlwMYRoIYSw8JQAdsf3goJ8O",
-	"4V2ofFzKPNMu4G7dQpKg4JChnR67q1HDxUryFPuSYSgj6Pxhsm0hRcUmTa2JLzXptIlyvsLCx663izsj",
-	"64dK5PqCHFcp9PH+DDPV8XIbB8pbN5jKFmY1QfaFrI7K3stJbiiig9NfrlBtYqKxdIv0pRVcGinfkoDM",
-	"M0vkrrgNXhal2ViJb20o3dsb8Eh5V6/WZXA8TJqvs7KjocHo1OsT7c4Mb0vxXZ3VyNGIPvdnF9sHckAV",
-	"P4BtF5T6P8muazNBVwmiwpbE1YaJTA9hWqLIrNn2///v/4OaC+D/BMmXjMXUfWyPmMKZdT6sT5JBylR2",
-	"nsC0ed6ODQdph1rr24rmjf/2GqZbxz2FhZJrX/aZM4PKsoM+H8JNZI2MhfP6WQQr+Uje0QzbMxJCjMiu",
-	"bzVs+HMs9JKsmXnLleIaGmcpAeZkfHCwzq8hzaXlUYoWcWMdHJ+KdWFzS9oI3JAPNcO5VE4zxWukskCa",
-	"/3os/HQuUcON1Vm6hpnyN1NSmlxYYtjAmZBgIXEYIkPtfCy412sKU6ksAriAaUT13rWqw1XusAeRwBs4",
-	"lY6ubL1mvYjnYpg6VcWusNk1bcsy511W548s19jE5chsBnvG5KYuuVhcRegtWLrkAmuByY0lQ21YTuEK",
-	"WZkLOb+wmFBuqnPKYHBDgb42ps4im9XhOInMWJZbq2Hjwv2M+GWB51HOI1KGdzEI50oWJwYO+lZ70MZ7",
-	"K774mZDdPK7o5PEYIe2Qhib18R/1takId4d69hhM+92400uV3FydIDU3AnqW2r+LaizqnCoVdXTl4Kd9",
-	"zXlvjB1MdNYVB5+TQ9lBsp479MSv87lXB3OOeaZrsFs1C9PeZkiUvOxQjH66fWmaxvzrKBrkJscTMvQ3",
-	"8P7NKxCssHtzl4vcDQs7/Hgm02et3aqRGUNnsodoyMC+Z7LnkAf3iFV6XTt6U8fzOqo42s5khwxbyVvs",
-	"oLc3rdjmVijRaktdB8H7+Av7A6nBzRbSkAZYocKs17QH65ibFZtN7kGeFCnPOTP7q/a71GPwvcl2KJkH",
-	"enfrQZ30zjvvEZwF1wUz6RL7X3do7+0XP0EXvzutcQc/IwTXYpUSUNaC+Tjua/hOJuKMz+do+aNDvHgt",
-	"SsE/uIBcpiyfhFBgD8qNH+jrGzcr3iVe2abjNsCtuVsbP47fu1Vy3JF8o0h1uM5w6JLEA9JfNyJ+r7C6",
-	"6wWFPJ9kyLLucAvPUBg+5/4qbc2XJyKgYB9fuUefhGqY8HfHXaX9G+wuCVHu5+wu5Fg/24VYFwDcU0HI",
-	"Sj5ZoQq3oY6arswYLEqzx67Yw/s508ZXPfZZ43DsjHx5D8a9wk2lkilqfc+gVYi9n+S+9AvNRQfXhOeC",
-	"gda/WLCJGoWza4V/4g0cIZ8HCPTExPhPCvbsojUK9NaplIg+rLm+EFK1vf2SqdsWxzXH+16zBX4f9OQp",
-	"JfJ1Gq4XMmkd2sgrUVbmdBkVY+9Aym17nRPvCR6xDBrpvGsZvBf89wopZuMrB93phRRHAsxAIbWBJ6M4",
-	"S3oN2sex/Pi64HR4mkVnOVgbVpS7sP3gyvhByPV1DcY3zyFjGw0yzyh+9RwKLiqDGtgSWda/uJGyvF2e",
-	"2Hopc0xASHFRV/OIqpihCrkeoO2EPDFTCF5Eb+W+Mlm50nO/uJvliK0TlLmDr3V6h0nnAYRHM9m2PPyy",
-	"EqSBY58yf8hoQ5s/DuiSIMNYmmLpg4+V67zgBP3fKQ/ep6iuXrGe/zAeGkG6ZV4cNBce4PpCR3WF1W3q",
-	"nlr9CM5PNGgORNoeypjpZ1HQgUW8Ewu3E8XSqSZqi6YOi5QGrG7j5UgQlDb5imq39pZfBw7pJMuaafaQ",
-	"bc1Ie361a95FiXtojzU+6GJvHfN3A8Ne9OwaPk1uY8244WJRX/AaRExFn9kBq4fqi/Tp4YE7uLD9URxV",
-	"Pj1kXKVNxXF0xcPXhf7/STV7e6PiJ9/O2q83Qg3D/arOt/bsk9IHbqS4Db7BUiqzf396EgXtegRs5O3B",
-	"SopTp/Px6/4k1D62zmh8CPDqQ3FIys8y4YrB6vhnU4Pvcog6qkjVY1HXnVKO1dejNgWoG1ijQld5OoRf",
-	"pMANyDVmCT3CxmKmkKXLKzc2k/R1YWeaytspkNE+hJ+ZWjSVE5T37BvADJHtY5JL3kayvzmyjlOMTqiN",
-	"2l2Ks8oP00pxs3lrQarjGr7r1063qFBHRUehU1kiTP3tg6nF+5SKa6cJeGBgtqH2ZW9/url4+vxbWDK9",
-	"rLu3ETkiU6560UG2NKakAhFtpc4tUmTFDfoxkOZf/vZu0NXJKpRe/eVv7+Dsp7d2Pangjf1wfg1TXc2m",
-	"od9cXXbsOp4cAeczlUjN5S5KDMtzV54O1kXJUWuY8TznYgEeL8CpnN6Vpjsn4wpKhSXjWSDdsfANFsxS",
-	"2Q/B8wqtZsgdCtXRbgRV7d28fpWAFE7mjkUohdfuxrQqqLCHas98krsgAmdKWT898fVrxmond6tyLGp1",
-	"BQpzzmb5JvIEv/dbI6Wgh2MxFnSpj2qJ1ktUmMBUC3aLk5RpnNa5PLcuF8GbiqtIA1+Pxau3v0LIBCVN",
-	"pbmufbAEyL6xX7358QV888033xEQX39NDoH++mty2ab7mqZNm0Zn535Z0IZak02t2zEdjsVOytEe77PR",
-	"qEFiKAZMmbDSYIZU5meB8pfVjfWkx0JbZ/asYLkVqpiBRVUCDGYsa+4yWhJ1zezO6TiePX3qVmI0q4XN",
-	"Uke2ASuJbqnwvsrxGqYuk/rbhyldkdRg5RTIdhrV8l987dJj662R9oQNfjTDr7+Gd/jRuFoDR8/a/qzh",
-	"jOZNgJoP6CSUGiZjESrY/V1ciILECUQ3wakS+xwKf4Hx/bsfL/6d8G5p+q/vfx4Lu+XwhcXejGdcYerC",
-	"I4DFDDO7mwTkCpXivuaSa5kz43Etcz0WZ+//9HT09OaC/nuZgP3/22/pz2+/O09gveTp0gluu2tSEDkj",
-	"kmRCmiWqsXDFG2bJBHBjT53wkLkKzIKpW03Tjvz0ox8Jlvd/Gn375AXRHctzqzs8km8qs7RocXT49dd2",
-	"xumNv29P313B9yRvYFyNRt+kVDJKH3E6hBtfQuqvhym0zCnNhUZLO+46i3LVQ2xb+DlZ9x+xmEugYBsn",
-	"DYys0uWYWE+uRdO44RqY2FDhC2Cu0c98ROSPhZf5cEb/0zKZdCLBTRYEYcE25x43UbtGS4Cvf337zld7",
-	"OwfFckUhVwhaFuhmcab7WEy3Wj1Oh/DW9wV1YtL+QQzjI19Pn8HSNxh1HEpa2pIedSClfTWTmovQxPQK",
-	"qGfpdd12NEiMkJVyF5WB67GwXDvt7o0wHcKvJSo6cCvJqLWFZZ4ZsyZIc8FzLM78JaLEX8aq2YscsvPQ",
-	"M5VZug9VHrUbY1ndux8wt+dSb/UaQplxXV0cGMI+oEEKL+ATv4QVeN9ZUbivqcN0CP+JG9AlS1FfwU7h",
-	"81faXcKgAJrxpdVnJaqG2hLQ0llV7nZPKvPc8nd9HdKaaiiyr/S1r1W9ef1qLOw5UBWdJkQSBFQz51UU",
-	"Uahf3a7ng51XEC8+FtHVebO01EZH6QQp1cJaUqoXoFqU+CyGcDMWQQ8Q3fpKRS86fQEZ7VGhURt7Kryj",
-	"lS2oSmjLi+5Kg2ePn7k2VpmRyTqldhhTOPO9T+D5yDLzR3g+GjmdQTYx+72yWsw1siX4axKffnLCOorN",
-	"fZ5eb7W+5do1a5EOLznTxrW/df0VXNWLM3gGyaDOew2eDEfDEbkZJQpW8sHV4JvhaPgNmaZmSRbl5RJZ",
-	"bpb/GFx9+pwMLgs0iqfa/0XVbuGn+n6WauV2nVcsXW5TBnZ6lbn6CmZwq8yhrvD5XmabAx1VT+uk2p1v",
-	"/tw21a3Q2G7t+nQ0eiQgurq6tnr7ZIrPzdC5u745X/f8NcBRw9hkoMPV8cELVwUCjYHoGIJIur4o4Wwa",
-	"V0vpnuUUYDFsoSkAYw/XeiIfL4iULtwXDmstAnClABdNWmeBHadvOSVKSrm2Mk3v59+6m/jWkbF+KO9I",
-	"Jn5Ouh9pFr90bYR7DPTtqT9/eESq2c5EdjUDdm1E5NzbPe4U9UPQjrc3vYh281pxtK6d5vuTyOWnUH36",
-	"+dJpe5IZHcTQbp9d16w+XPfqD0ktq9oobqyM68gdw/kcU29w8jyHRcWoTHjmrjP5GudXRAXeYW0zgbNY",
-	"4vTwl6GkLip6V5dSu7aMPhPMxeIhCOm1m43cth2Scir0TpREoqyPrGkizo8jalpZhn81IbOVsDwoY5zy",
-	"eDgR8z6az3KOwzuc0T27zPrnORqLifN7E8ilLxnab5P4cqU2sTyORdIq/PripkhcldVx3D/JNRRM+CBr",
-	"qLR6EI2CInPHGhPSPSSA6wewl/ddDPuVWDHFWTjPR0JrKwuwR8Qq+hXOWK6lixdxq0lFpkN9OdVxuDD1",
-	"+UNg3NqdBV1Q8RcL3L1gci3D5SftDtpF7ij4SF1kTjmNtOnS3nkQf0YTGrk/4hGEJfZgP/TLziWzitpd",
-	"0lH3MbN9FJ7USIi///bByvUoEv7bByu+myP5GwVMmIAZ+g69EbIDIj/UmPVBgAt/1bjlU21d2lPcYPue",
-	"NNP1hb0pNV7xV5X9sK2A9Vj47uhDcPXvQL3m3U3ycK2c8jgMpoXM8D/8OlPw0LkoI/kZdPW8Hhjfsa1H",
-	"0321rbvXId41FtRCbjvc5fzaLl9yu9P9jp4/omr3vLrEqd6H1wHd/eh7qYInjwVEF+M4wMh87Xx50EX8",
-	"9qCutfxTlx3vG/LLfTHOe2vZHdhOnsZd3Kzb6bsbyTVH+lERS4Z83uWnKHn9+aDwayoLHk/6hTX2ib/A",
-	"Ql9Y3r2hNAtExRU1agMiBx8+n8qucZMJ67lVpvMSTy3qmqD63CrdTLp4H+BHrg2cPR09OQepwN0GDxFn",
-	"zDM9Fgu+QmGHjM6HQDfU3PtlwNLOLWJpR3NffjiE6W674OlY5Fzcupi/XZCLRaDCMCxpd+9wTVT8pdIl",
-	"WyFIgdcUc7Qi0qewQk9R6qmi0XSJR9e6ukWBjyDO2n2yv7BJe4j037v7/UT1Dyo7D6xZC80HCODVmRVH",
-	"msc56bCUuoxuoe6TVt/XL+x5tBMLS+yRVR7ILy2qmndepfX9v3ViHdPQMK5GeHgrwf0E15Gz8qtchjZ1",
-	"u6GxE6Vkp934g2Jrd2+y1cKS+fdmoQ4vovIWpB3kmo4M4a+4oiTsChV1MbzyyRIpYY7r5m0TNULtw81b",
-	"BJ+NnlLuvuOWM6RMuQxM3IJ+GlrbdxqCDk0vol7ld7cAH8/ya7+X5kuLytabXrpklxvwiBbfs9HTL/m6",
-	"vL9aLS+o/GaHHB8kqGEnhabRzK6I6MnlzfvtHoHJ+9tCGzS7wWrqSPwHZ6xWZ/Av7EnFva87aPDPrqH+",
-	"H82LqmmY4Ktl9FmpZCFdxUHBRMVycM1QqQ/rfUg8Kpw4HLF3pPYuHn4q1f2hguxRT9CDAfacxoUGB1/a",
-	"/nlX9x7ygOxN930Z+ycEKA+Tin/idRj8L00ocYexg5QScPOlaeSmVh9f1Q0o96eF6xN8XEKhdEKfAAwl",
-	"d/rlAMMlnc588vHb8xaNW3lkkeaV5it0cefr8Fok+GbkrlD6LmBTI6f7Xl/t71w0MPW7xbHbITaAgiJr",
-	"ABFyvW9huuVx4rKPnrX0d2+6nEj65Uvzxs8yZbnPbVE3DFfN5kuGV1QFaHEFiolFnGNx9PswPLKTD99u",
-	"EZ7ncm3tvtkGSkZJ/t3Xp3+ltwrNmvfaUBVdKfM8vP+L7EctfUVgwbVGF+mygCT0ny/DjtT5WKSyKLgL",
-	"osk5UBnvVf0YsLJEpnT9+hQMVfEU6qLSwrGIJvR1qHRvpFSYYuab62mYc8H1ErPhbu0cy9dso8dCo7l2",
-	"xQn2Icp3MK0JSSy97fI1rebZV1Fwl/fVuzfDgJFOOADzldW44EJQHUY3X4Y+5Se8zr6vQnxM9u1Zb/Bw",
-	"lQb2FGRlZrISGcwqzQVq7WnNEle7j2rEmqFLQDBxg0a7/NTcKjsY+w+dPh/faNgXTQsv+/rnBP5DLpIC",
-	"QxQCalraLrlluk1Pg6GjDqz1euhelWBHX45cC9Lt8qJux/olS5eejriub1BJUacuqbpBm6bakiqDNZwx",
-	"39lgLFqtDeq3LNa3go/3WhgLarZgn7qlqm3C2vkQbvzV2brUQiE4wUsvWHAGRxOTc1c7mmLR5hKRl8NW",
-	"HC4UMVEl3MUL5Mru0xWe+wsl02u6CVNSGDy6aOIuXTXV71T672rCrFzvErSvxAKPVHD9sTK7US+UXkGI",
-	"pw+7cuse+J46Y0eu/s50Ys82VMWTGv7DhilcdY03sM6eWPJ8MhqNPHGfdxhUHax8+amhx4OCu6G5wRcp",
-	"v6sLCPeXZz6EJvzBcXddbGeNL3pva12R1ccw7ZDFrYYHvWRxDy+KhPEaZ0spb7WvHR5cfTqklT64d2sF",
-	"SOlt9INL4ne/rU8B5CZvZnVZ+DKUEUVfhSKA6LtaU8XjfFgk+sphMPrCK5ToG1dQteulvWB57iqKnRC+",
-	"pihtac3D8LoxFOiulbkdg1SQ5pwopT6XgL2OFX6iGx50STBzFhHJf5lSHZpaWblcGc0z7FwuWqTmHm09",
-	"kf8KAAD//w==",
+	"1H3rchs5suarZHBPhKWeEkXJdu+xFCdi1W572jPuscOWd2K36WWBVUkSoyJQDaBEc7z+uw+wj7hPsoEE",
+	"UIUiizddPH06osMUicIlkUjk5cusr71MzkspUBjdu/jamyHLUdHHNznOS2lQmA9YFmyJuf02R50pXhou",
+	"Re+ilxpVYQqLGQowM66BCb1ABVyDmSEoehDkBJgAZKrgqEDh7xVqAwtuZtRKsznCDS77vaSnsxnOmR3I",
+	"LEvsXfTGUhbIRO/bt6T3AY1aXk0MqvWZvBPA4Nn5C5AKng+egpkxAzdCLjRwcwGLmSwQNGZS5BqMhAXj",
+	"BsY4kQrBqCUX06FgU8YFHNVzEtV8jAqYW0yp5LjA+RMNqbITGTE7k5HvMz3uD0VrAXMu+Lya9y7OkrAY",
+	"LgxOUfW+2dWUTLE5Gk/tl5XSsmNd1zOEVOAXM8qoRWqp6aaDt1xWGko2RUs6bpv/XqFa9pKeYHM7oHum",
+	"PS325S2KqZn1Ls4Hg3pq2igupkTml5U2co7qzc/d08lYUaB6okEuBPAcJlIBNxoqjaqeSMnMLJ6H63LE",
+	"817SsxzAleUnyz7x5P5N4aR30fsvpw1Xnrpf9Wk0LTvLmj2z5V9xaR+mcR0DNyNHzU5su22jx6R5/jyx",
+	"Oxj+PusiVHsK74hGrDhgKncf+i2fc1OPtLLrBf0Yd5/jhFWF6V08HyR2LMeYz+3+72JThbqUQiNx6Xt3",
+	"BuzHTAorG+xHVpYFz5hd/qk/JX/6h7b88nXPvQ390ohtjrsSgEpJBUcfXr+EF8+e/9dwEiFHw3ihjy3T",
+	"RYKLxMRJLSe6xvWtTyOJ8o3G9hOyz/3ECiYytB9LJUtUhjsijJsf2lP9WKLI2bhAEHJxAZXQJQoDmcLc",
+	"ng85gUrgl9IyH0wVE0bbmU+kmjPjyP7js976LiSt43PAKUl6bpT1mf6ZvnciOEyvwIlJQEsprHSmeS5h",
+	"wpU2dKgNzvWuwanbj9V8ztTSDu9XwpRi9HchFyNPvZGZKdQzWdCK9qAByUA3q/X1/N1dQBimf0INuZiC",
+	"wjnjwn4K63Q70KJ8zgyeGD5He4aqorB7GMTDytlrTWTE5rJyZ2BtBRv6ac5WLIl+W5GQgcXqHdxEu891",
+	"x3L8D8yMneBLZlghp+uM6ygwKll2Q3/vtacv6aH3LLvp2tGyYGL/vt4X9ibv6EXJvMrMAR25B9b7WqVq",
+	"vOJonDDxTvLNMLuRlfmIWnMnxFbI6BuMtGvhT+UaozhG0yPWZpCY2daeKdlyjsJs6rJSRcf3K4uO+kg6",
+	"J+v6aU1wD0K8VMgMST2W59zdde8jwkxYoTFZpZXl12Lk593SPZ79+45r7h5yzzLRupS4gswdDeC5Pf/R",
+	"dH58tnMyv1dMGG6Wrfv0bPW6+iS8qLfSyE6jD1cQHrVqqMZIEmWIObUsmJqiNkNB5x2OzpLBYBD/f5xY",
+	"zdY9XyqeoX9aw8Jquh+N4iUORTajjoALkALBswIcvXiRvHD/w5wLqaCy8zxOrKaucFJpzOk2GIpn5+eQ",
+	"cnHLCp6PvK6eBk2ZiaWZWWHKNSwUNwaFU3vXxF+tZJztUjKSnq6yDLW+G5dslaPEB+0BkpgnO9leCl3N",
+	"8YNb+oH8vuVCiCnS/LeLNnM0LGdmpwb1a2hH9GBe+zpUrYwp6ZdSd7eVVppOw9f9qbG+0o1qlVfEQPHp",
+	"zABZXc7YzNzoeypRRjGhWWY2SuyV9a+0TxqChJl2UqS5Lu9HDi8k9m1dKWUNi+0XERmscynMrEMn/EUu",
+	"YM7E0tp3Vo9V4FrCWFaW8EFqacOWoGtV9+jsHCpRoNZDQXYpy25As6UGaWaoFlzjcR9IQRtLsvjJTZAP",
+	"RdqeVzCkgSlrehdFQpIxDCvwFlVQ3kjm7NKwVhfuB+heeSHFdPtKEzJ0mVsguRc0Gg1sKCb8C+aQV4pM",
+	"IFDMLtw2Eau03CAsd69kgz7gDL5dnEzcS00jJq45pmG1Tn728rRTm2QG84PUG6uMk4zfqWUfeuPvb1rs",
+	"JvZdZG7YiZ0L03RTj1ZUm52PVWV+ILW7mKBeWRJvX6v3bUzgPELbL5WSGYPKHqv/9dvVyf9kJ/8cnLwY",
+	"9S/+28nnP/1bF0+Ezj+VGtWh923NUNGknp+ddwyzkUHasuA9qpOwN1C3o6Of+nPSj7pK4WgAplLC+QiF",
+	"NFY1k5MJPeFuKd/bcR/eza3KlFtNzm443CCW7kF3Gg3csqLCS2AQzYEZL/xmLCetrtLon5JiwqeVstLH",
+	"aaT9XbpYp+YxeOxTsXN3uk/FKqdFvJVVetTwVydrfevg5FdKSfVS5jQrFHbxv/VWtF17HgSrzEwq/k/M",
+	"HUXHPM+Rbh1pRhNZCTKupJgUPLNP8Ma5N7rB5Uih1ak7fuBiNCmsJkOeUl1NJjzj1lwLUpiMwEKyfGSk",
+	"HJFhYJUwZnBEjj3qNdh4pZK3PEc1Ih+Zm/kt424rE9o+JVis6DY0f3Xr/Xf3l+uHSrPAR90nvfVQs3cb",
+	"7kD3xeo5DjPq++Uk9Ynqe2GXBOuoT+YB5pgnQxG+mzBexG2skSTy+Juc67IyrYf8V6OFFGvtRoXUJgm6",
+	"RZ/sPHo4fKPwVt7QRNfFTPNlcGxFD3qXYgKVZlPs58jyBPp9p2vscSlQE78nrXuh6yogpnnPph1+0bCp",
+	"e3lwHPN1+IKiWEeHdGZaA9OQkkaXgpFWBhourNCsrPUrptaSDe7Akk3R2qo4Lw3Fl7aTw5MgnkIXDV5z",
+	"LHKSJB1EIJ90J6OWko7j+qr+8vHd38D/6tzcP74YnB0DF0b6OJoLmY1lviQ/AN01bI4UWoM6krR7hWEO",
+	"SZho1/rIjfsHsX/bTrQ23X6tLE0QuNvsSWUqhZcg/S07Rya83bDR27u2SX9se9vvzMNa23u03sOVuVPm",
+	"k8Tb5Ni8t3Fe976nnd4KVdzbUj/cEHoAgm4gZduFvLOXOkCy52q1rFSXlyaNLr/0orahGTiX5JisZilv",
+	"wH5KQKHVmmNZ7Z+HBdNAF2gNEPCxKO9UdR5SM8MlZFYETpSc2/MdtLmyUtmMaUtCjeqWUxglmlyHLtR1",
+	"K0bHMRCoXvzOW/It5lNUPyu2uCdvbTk0K5NePwCbJ/ZKmO1cvxLX5FOB+QWUUnPDbxFYnuuwwwkInDL6",
+	"WuFc3jrTZL6nUy5YZCxEax/pvOWKLTo8P6+lCl5EYCIHp4MBCqM46qThNw22B1Ez2146TsQFHYpOvLXr",
+	"IAvH5cz9m3i/l736oykurWrDxrIycOR8U+5HN+9wDnxX/vQEPdZ2FTTYoKpSIP2uYueGizw2qmhUZyNZ",
+	"8tbhJjpRdpaWUfN/VNp0Gid3uYcPlnzh2l43R2dSmQkrim6WabPJRctPyTyJIwKDnsmqyGHGbnEoDLtB",
+	"QVIQxpWBjH4S0iQwxoxVGr1DwNv/1uh3OAI6VkNhucMfG+8XmErUMMZCLuCfqOSli4SHJZAbk/yUCjPk",
+	"t86XWXBtd368hPTPr67h9PbslOVzLk5vUfHJMr2jp7JLkhJnrF/L/szX+7DJO7VZjD2AGRLLw93GyA6W",
+	"ups18WvE6d2adtt/0gHaWgtCltYyej4A18B5lXQCN7jUUNGPzwZ0MbPMoNKJb+F/ez4Y+PBoPIvng+7J",
+	"o7qWxsGeVnxztwFVuIdQJ/ulWzUMve/sZYX+rsvQQRLm07UH753k2P9KdDg4F0x24Vgu4siqFbdpcLGn",
+	"SY00ZF/2vBjdwKMgojsgL9zM3J00XkY6lnYOQ2YvixKFlUKF1AaOBuDgjdLKDVaLJk7K1vFhs3KCpHNW",
+	"TTAaMlkUmJGnpYM4oY9RTSWSo0MRYAfgcQdPNNAOJpZ6wEVWVDnmd46k1Etw9+Ce7OmfMuxLBy+wL2HJ",
+	"9qPbixykU2tXl0PEsEQI607clvgeFJZSWcnMu325uxe4AZ6y8zq8k9+vCVK2afLS34bkAQ8ohHG11JYR",
+	"ra4SoDikdhEY53hvMNyWUOedESMTxotK4ahRClYZe+k9Sm4tzj/YhysBV+/fWMkKClmuW42Cd/aJHgq5",
+	"EMCyzLKRtYPgyG34E117d3ieeKhjJnOnj85RazbF48uhYAJQ5CeVRgVGWhXCjSdFsXQYkBkrSxT2uGF/",
+	"2oc0MMJQeE4A2mL7wc0+7cN1wDrPZJFrF7SwpjV3kUwiht4abt2pGHJxK3mG+7JhgO50/jBa1TIjgFeD",
+	"7/Lwrk69suC3OPf+/1WIeaRBErZ13ynHyKA9GHhN8m24XvyvJC1XBG9K3CEnXtf0Kui4WhIu25rUQ1FL",
+	"YXGLJFEcatzeVUdXOSvJZHuveMbF9DgBLDRGV9aee64NM9VuuJ4j60fXmBA/43q5+1K59tLfy2nScHeH",
+	"1Hp1i2oZHwBLZaQvA0hKCkxAFrk9sA4cC6/mpVlaqW51ar23deiJcl2P1qWAPkzYtxMU1ZyniIPrHe1G",
+	"Cqxenut6SnMnRGdtc7S5vSFbVLMH0PWDkvcv0vPbh6ALwqywdXtow0Su+5CWKHKrxv+///N/oT4F8L+D",
+	"FE+GInUf2y1SOLLGqLVRc8iYyo8TSJvnbduwkbaptcbsNbP0315GUie0miq58LDxghlU9jjo4z5cRRro",
+	"UDgvEIvmSjazdzyE5RkJwWdox7faQvhzKPSMNNhJy7TmGhrjOQGmIXg9bNfHl5AVkoCMpGUZa/D60LwL",
+	"o1jWRuCGbOoa0Zi3xsjkHKn/y6Hw3bnAHTf2/tX1nCmel5ICwIVlhiUcCQkkjolCpJwfDwX3d7TCTCpL",
+	"AC4gjbjei9rafek2uxcJvJ5TT9DlztRHLzpz8Zw6r711YbNu6pRlwbt0+tfMXg21n5bMKLB7TG6LGRfT",
+	"i4i8c5bNuMBaYHJj2VAbVpD7SlbmRE5OLCWU68ohW7khx2+bUkeRneJonESmCyusBrR04R9G52WKx1EM",
+	"LLrY76LcTpScH+hI2hf9Qwvf++KLnwnR7t0XndztM6YVUtOk3v6dvhcC8a9xzwblb7NZfzh0zfXVOaUm",
+	"LWnPVJ3rCHNTx9gJ5NOFyUj3NU28Yrk18F0jUL4l26LFZAl03BPvJhN/HUw4Frmup91GbO+thkTB7I6L",
+	"0Xe3KWzXkQjZ7TFNY/xKCkfPzl8ck+xNI8BKCkfPB0+Pnai5sRaTT9y0FsyWzE3n2UiAFVqCtlvKNKRR",
+	"Gtgmb+YOWHp9U3eAibkp8AA4yhV8+vAGBJvb6UbZpGCb7w7be4iGGzXS0YjhNpwIsoTuGdncZmo/IiS1",
+	"a0Ufaud1B2SpbfV3sOmtvMEO1vzQcuSv+M2tKqDriM8+odHNUYPgDxHS0PV2iwrzvbrdmt/QjNgscgPx",
+	"pMh4wZnZnNLUdfcHJwkpRiXzk15fergr9wZZbLgV5lzPmclmuH8uWHttv/oOuoSZuxLvYEQFT3J8XwaS",
+	"tea8m/b1/A5m4pxPJmjPR4d48SoC+UnhBAqZsWIU/N57cG78wJ4wgGjEuzjn23zcnnCr79bCd9P3brCl",
+	"O7JvFJYJaU7bMsgekP+6CfF7hdVdE5eKYpQjy7v9YjxHYfiE+wzr+lweSIA5+/LGPXoWoF/h745Ezs0L",
+	"7MY/Kfdzfhd2rJ/tIqzzpG2Ay7KSj25RhVTRnXo5MwbnpdmgV2w4+wXTxkN89xlju5OTHBV+GvfypZVK",
+	"Zqj1PT1ytTv0ENtsP79jtHGN7zEoaPsjYxuXWNi7lm8rXsAO9nkAL1bMjP8iT9Y6WSOPfB0bjPjD2iJT",
+	"IVXblVEyddM6cc32ftJsij+Fe/KQfJA65rwXMWkcWsgbUVbmcBkVU29LfHl1nAOTqHdoBo10XtcMPgn+",
+	"e4XkkPIwWR8X8LGoBJiBudQGzgYxJODSGVJGhvY1urp/mEZnT7A2bF6uz+1nl7MCQi4u62k8fQ45ZQ8W",
+	"ORmIz2HORWVQA5shy/dH8hKkocsSI5MyASHFSQ1d86V+fFAOaDkBFMEUghfRK0HKXFYuz8IP7nrZoeuE",
+	"y9zNr7V721nnAYRH09mqPPy+EqSZx6bL/CFdKe3zseUuCTKMZRmW3rNaudo2TtD/g/AM+yBI6xHr/rfT",
+	"oRGkK+rFVnXhAXJ1OqBE9m5T97zVd9D8QIVmixvxoZSZ/TQK2rDo7MTC7UCxdKiK2uKp7SKlmVa38rLD",
+	"w0uLfENAxY25BuGEdLJlfWg2sG19kDb8ase8yyXuZ7urKkzX8dbx+W7msJE864pPE7hZMG64mNbZjL3o",
+	"UNFntkXrITCdPtw9cAcTdn8SRzC/h/SrtLk49q74+XWR/78TQHWjy//gVMTN90YAm9wvxWJlzT7iviX9",
+	"yi3wAwHBNq9PjyKn3R4OG3mzFfJyaHfef70/C7W3rTPUEBy8epsfkoLPTDh0Y+3/bBJOPCImgl/roahB",
+	"1hRA9uDrBm29hAUqdDDrPvwqBS5BLjBP6BE2FGOFLJtduLa5pK/ntqdU3qRASnsf3roaPh4WQhGHfR2Y",
+	"wbO9S3LJm0j2N1vWsYvRDrVJu85x9vLDrFLcLD/aKdV+DV9Xca0eXwC80VboTJYIqU+1SS3dU0KSpwn4",
+	"ycB4SYjHj79cnZw//xFmTM/qYp/EjsiUg+q6mc2MKQn9oq3UuUHyrLhGrwNr/uXv172uWoEBI/eXv1/D",
+	"0S8f7XhSwQf74fgSUl2N01CetMbYu3JQO6bzjbBsE7lOEsOKwuVigDVRCtQaxrwouJiCpwtwyh1xeRjO",
+	"yLiAUmHJeB5Ydyh8/REzU/ZDsLxqBKk1h0IqgGtB8Mqr928SkMLJ3KEIeR/alQdQc0ItEUjQR/DnxOBM",
+	"KWunJx5oaOzt5FKIh6K+rkBhwdm4WEaW4E9+aXQp6P5QDAVlsBJQajFDhQmkWrAbHGVMY1oHKt24XARr",
+	"qoUJ9ud6KN58fBdhY+u0Cl3bYAmQfmO/+vD6JTx9+vQFTeKHH8gg0D/8QCZbuqksZdqUkjz2w4I2VMwm",
+	"tWZH2h+K9QpYXMOzwaAhYkBtZkxYaTBGwmOGYrGZFMZa0kNBpXCO5qywQhVzsKRKgMGY5U3irmVRV5PS",
+	"RUWfnZ+7kRj1audmuSNfgpVEN5RlUhV4CakLE//2OaV8YA1WToFsx4jt+YtzjD21Phppd9jgF9P/4Qe4",
+	"xi/GASkcP2v7s4Yj6jcBqrShk4AJTYYipGv4xHOInMQJRGUPKO3gGOY+W/fT9euTfye6W57+26e3Q2GX",
+	"HL4gICPPucLMuUcA52PM7WoSkLeoFPfgWK5lwYyntSz0UBx9+tP54PzqhP55lYD998cf6c8fXxwnsJjx",
+	"bOYEt101XRAFI5ZkgsoVDYVDplDxHm7srhMdcgeVnTN1o6nbge9+8Jrm8ulPgx/PXhLfsaKwd4cn8lVl",
+	"ZpYsjg9/+MH2mF754hL03QX8RPIGhtVg8DQjbC99xLQPVx7r63MhFdrDKc2JRss7LndLOWgUWxV+Ttb9",
+	"RyzmEpizpZMGRlbZbOjg+AvRVCm5bIq8ESTU9bxD5A+Fl/lwRP/SMLl0IsF1FgThnC2PPW2igriWAd+/",
+	"+3jt0xecgWJPxVzeImg5R9eLU92HIl0pppv24aMvI+3EpP2DDoz3fJ0/g5mvR+1OKN3SlvWoYDWtq+nU",
+	"nISa1xdAJa4v6yrVQWKEqJTLygeuQ+m8zkIgaR/elegKRNXV+ezhGTOrgjTZzENx5DPmEp95WB8vMsiO",
+	"Q4ltZvk+QFhqM8YedW9+wMTuS73USwh48BoGHg6EfUCDFF7AJ34IK/BeWFG4qYJJ2oe/4hJ0yTLUF7CG",
+	"UH+iXcYROdCMx8AflagabktAS6dVuVS2TBaFPd917q9V1VDkT/SlB+JevX8zFHYfCCKoiZA0AwIE+iuK",
+	"ONSPbsfzzs4LiAcfiqhOhJlZbqOtdIKUgL6Esg4DENAm3os+XA1FuAeIbz0M04tOj46jNRJShiondlQ+",
+	"B1UJbc+iQ7L44/GWa2MvM1JZU8LOpHDkC/3A84E9zF/g+WDg7gzSidnvlUNxa6nSxNVZ8wyTfnXCOvLN",
+	"fUsvV4qLc+0qE/nklYJp4wqMu2IiDvXiFJ5e0qvjXr2z/qA/IDOjRMFK3rvoPe0P+k9JNfXl5k5nyAoz",
+	"+2fv4uu3pHc6R6N4pv1fBOULP9XJiKoV23VWsXSxTRmO05vc4SuYwRWYQw1f+knmyy01qw+rVd0db/7W",
+	"VtWt0Fgtnn0+GDzSJLrqZrcKWeWKT0zfmbu+cml3//WEo5LcSU+HOgm9lw4FAo2C6A4EsXSd0eJ0GgcU",
+	"dc9ycrAYNtXkgLGbay2RLyfESifuC0e1FgM4KMBJE9aZYsfu25MSBaVcDaWmuv5v3WXSa8/YfiTvCCZ+",
+	"S7ofaQY/dYXa92joXwDw7fMjcs1qJLKr3LqrmSMnXu9xu6gfgne8vulFtOvXiqNFbTTfn0VOvwZo7bdT",
+	"d9uTzOhghvYLCmpA7sO9H+BzUsuqNokbLeMyMsdwMsHMK5y8KGBaMcJAj13emQdwvyEu8AZr+xA4jSUO",
+	"D38fTuriousaJ+7KtfpIMBfTh2Ck9643MtvWWMpdoXfiJBJl+8iaxuP8OKKmFWX4zyZkVgKWW2WMuzwe",
+	"TsR8ivqzJ8fRHY4oITK39nmBxlLi+N4McuohQ5t1Eg9XajPL42gkLeDXd1dFYlRWx3bXhYXJyRqQVg9y",
+	"o6DI3bbGjHQPCeCKX2w8+86H/UbcMsVZ2M9HImsrCrBBxLpkcTgi4DsZM9zepCLXAV9OOA7npj5+CIpb",
+	"vXNO2Tc+a8IlcJNpGTK7tNto57kj5yOVTDpkN7LmFRadG/FnNOEtF4+4BWGIDdQP9R8KyexF7TKQ1H3U",
+	"bO+Fp2sk+N9/+2zleuQJ/+2zFd/NllDJhYwJGKMvYB0ROxDyc01Z7wQ48TnhLZtqJSNRcYPthHam62zE",
+	"lKoM+Zxy32zFYT0UvuZBHxz+nWpn+5T/kP9PcRwG6Vzm+B9+nBT87JyXkewMqhFQN4wTiOvWlIy3kiQf",
+	"/F1DQfUSV91dZGq/Ytms8ZLZJ2gjgYFPWAnwIDmpnSh2Kg6YNBRH6fXV27f/Y/Tyl1cv//ru0/Xow9X1",
+	"q9HbN7++uU6TUJkXzgYJsExJq7gUBXChDR2g48uhKK2dzZ3zs3mF2rPzF6uJM85P1Uptgb8Hz/maUywB",
+	"FlwSPvq/4pqAI/JLWN61p/Q4cb5Ylza6hMWMF9h4y+pOVhxGMEWz21nk+SXqzS2Uql84Vys5AZyrocu8",
+	"X30zy5rqtUP72fC+LqcNPfy13P3+lL1u57PHmkSXLHMTy1feotXhC931Nq2ONwb64b6bMPzoD+5q6Mwl",
+	"Ctevf3EZ8LWQ9K0iKRlCrKdfIzzBt633UQP2eLwLKYyx6UYKUu07X0EfKPIFEd6lJm0gZO/zt0OPa1yg",
+	"xRrTlenMq6pvnybOMbHyJJdOzgF+4drA0fng7BikAld9IAQBsMj1UEz5LQrbZHDcB8qIdO9DA8s7N4il",
+	"bc09IrQP6Xq58nQoCi5uXBjGDmilayjB4Zsl7co3rlCTT2KesVsEKfCS3MD2DvJRxVDTmMSkRtMlHl3p",
+	"/BYHPoI4a9fp/85WxjbW/+TqSRDXP6js3DJmLTQfwKdaB7sca+4+Sdul1GmU9bxJWv1Uv2Du0XYsDLFB",
+	"VvlJfm9R1byjsX6xjFwkMF5CKFhZEzy8FeV+gmvHXvlRTkOZzHVv5YFSslOV/1mxhUtlbZXQZf49j6jD",
+	"ixMjJc0VuenD3/CW4uK3qKiK6oWPX0kJE1xEbwLK6ppfLSV2cE5wio6sesiYckGx+BUYaXi1Rqci6Mj0",
+	"MnpXwt01wMfT/NqvEPveorL1Uq4u2eUaPKLG92xw/j3fEfs3e8sLQkStseOD+Jlsp9AUNloXEXue8uZ9",
+	"rI9wyPfXhZZo1uMHVBH9D36wWm8m+M6WVFx7v4MH/+xe6PFHs6JqHqb51TL6qFRyLh0IZM5ExQpwxZip",
+	"DvR9WDzCsmwPojhWu46bH8p1f6i4R1STeGvMo6B2oebE99Z/rutaV34iGyOw30f/CT7j7azin3gfGv+n",
+	"ZpS4ot1WTgm0+d48clVfH0/q4q2bI/X1Dj4uo1CEZx8HDMXb9gvLhrypzhD/7oIGlowroX2RFZXmt+g8",
+	"yJe18/fpwGW1+rpFqZGuQlPHpHwaTDOn/RJr1mpZfglTQZE3ExFysWlgSrw5cNhHDyT7dKguI5J++d5n",
+	"463MWOHDjVSgxAEMPYr7loCZllagmJjGYS/Hvw9zRtYgCqsFt4pCLqzeN15CyQh34YtO4S2XlSYJ80Sv",
+	"YP+a92oRsLGURRHeP0j6o5YepDnnWqPzdNmJJPSPR8ZH1/lQZHI+586JJidAyOqL+jFgZYlM6fr1TRgS",
+	"FcjVRWjPoYg69NBgSuUpFWaY+2KOGiZccD3DvL8OZ2TFgi31UGg0ly76YR+iEBTTmojEspsuW9PePJtA",
+	"Huv+jPbAvnJli+DuzVRgZAgvebA7TrkQBI3pPpfhPQndQKSO1wHsjxh5zOO7JwTk4cAfdhdkZcayEjmM",
+	"K80Fau15zTJXu25vdDRD4Yag4oYb7fRrk+i31fcfKss+vtKwyZsWXjb4r3H8h/AwOYbIBdSUUJ5xe+iW",
+	"eyoMHdC8KNlyT3Dezpf514J0FfHVbVhTfNjxEdd1UpsUdTSZACfaNABYitdqOGK+2MRQtKpN1G95rRO1",
+	"d5e/GAqqf2GfotKI7so57sOVz2au0S8KwQleesGLL5RY++RchLfB7zZ5XV4OW3E4VXSIKuFyYZAru04X",
+	"3vU5PuklhYlLcoNHuT8uD65JSKBsDAfTs3K9S9C+EVPcAar7Y0V2o/I0ezkhzh925FZq/gbot2NXn8ZO",
+	"75wIiQp0Df9h3RQO8OQVrKMzy55ng8HAM/dxh0LVcZRPvzb8uFVwNzzX+y6IyBrTuRkx+xA34c/udNf4",
+	"R6t80Xuja5DcPopphyxu1aDYSxbvYUWRMF7geCbljfZw7t7F12230mf3br8w00oVvYveKZ13v6yvYcpN",
+	"3MzeZeHLgOyKvgoggOi7+qaK23m3SPSVo2D0hb9Qom8cxm3dSnvJisKBvJ0QviQvbWnVw/C6QxToMv3c",
+	"ikEqyApOnFLvS6Bexwi/UNIN5W3mTiMi+S8zggaqWyuXK6N5jp3DRYPUp0dbS+T/BwAA//8=",
 }
 
 // decodeSpec returns the embedded OpenAPI spec as raw JSON bytes,

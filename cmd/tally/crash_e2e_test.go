@@ -243,6 +243,7 @@ func TestCrashMidStormThenRestart(t *testing.T) {
 		if p.Status != client.PaymentStatusPending || p.CheckoutSessionId == nil {
 			run.fatalf("payment before the storm = %+v", p)
 		}
+		paidAtStripe(t, fake, srv, pay)
 		pi := paymentIntent(pay, customers[i], "succeeded", starterAmount, starterAmount, "usd")
 		pi["customer"] = stripeIDs[i]
 		cs := checkoutSession(pay, customers[i], *p.CheckoutSessionId, "complete", "paid", starterAmount)

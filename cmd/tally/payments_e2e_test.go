@@ -221,6 +221,7 @@ func TestSameSuccessToTwoInstancesCreditsOnce(t *testing.T) {
 	gdb := openDB(t, a)
 
 	pay := checkout(t, a, "buyer-1", "starter", 1)
+	paidAtStripe(t, fake, a, pay)
 	pi := paymentIntent(pay, "buyer-1", "succeeded", starterAmount, starterAmount, "usd")
 	events := [][]byte{stripeEvent(newEventID(), "payment_intent.succeeded", pi), stripeEvent(newEventID(), "payment_intent.succeeded", pi)}
 
@@ -282,6 +283,7 @@ func TestPaymentEventOrders(t *testing.T) {
 	t.Run("success before checkout.session.completed", func(t *testing.T) {
 		pay := checkout(t, s, "order-1", "starter", 1)
 		p := getPayment(t, s, pay)
+		paidAtStripe(t, fake, s, pay)
 		deliver(t, s, stripeEvent(newEventID(), "payment_intent.succeeded", paymentIntent(pay, "order-1", "succeeded", starterAmount, starterAmount, "usd")))
 		cs := checkoutSession(pay, "order-1", *p.CheckoutSessionId, "complete", "paid", starterAmount)
 		cs["invoice"] = "in_test_1"
@@ -297,6 +299,7 @@ func TestPaymentEventOrders(t *testing.T) {
 
 	t.Run("failure after success is refused", func(t *testing.T) {
 		pay := checkout(t, s, "order-2", "starter", 1)
+		paidAtStripe(t, fake, s, pay)
 		deliver(t, s, stripeEvent(newEventID(), "payment_intent.succeeded", paymentIntent(pay, "order-2", "succeeded", starterAmount, starterAmount, "usd")))
 		late := newEventID()
 		deliver(t, s, stripeEvent(late, "payment_intent.payment_failed", paymentIntent(pay, "order-2", "requires_payment_method", starterAmount, 0, "usd")))
@@ -322,6 +325,7 @@ func TestPaymentEventOrders(t *testing.T) {
 		if got := balanceOf(t, gdb, "order-3"); got != 0 {
 			t.Fatalf("a failed payment credited %d", got)
 		}
+		paidAtStripe(t, fake, s, pay)
 		success := stripeEvent(newEventID(), "payment_intent.succeeded", paymentIntent(pay, "order-3", "succeeded", 2*starterAmount, 2*starterAmount, "usd"))
 		deliver(t, s, success)
 		deliver(t, s, success)
@@ -395,15 +399,19 @@ func TestMismatchParksAndReplay(t *testing.T) {
 	gdb := openDB(t, s)
 	ctx := context.Background()
 
+	// The session at Stripe charged 999 where the catalog says 1000.
 	short := checkout(t, s, "mismatch-1", "starter", 1)
+	paidAtStripe(t, fake, s, short)
+	fake.UpdateCheckoutSession(*getPayment(t, s, short).CheckoutSessionId, map[string]any{"amount_subtotal": 999, "amount_total": 999})
 	shortEvent := newEventID()
 	deliver(t, s, stripeEvent(shortEvent, "payment_intent.succeeded", paymentIntent(short, "mismatch-1", "succeeded", 999, 999, "usd")))
 	euro := checkout(t, s, "mismatch-2", "starter", 1)
+	paidAtStripe(t, fake, s, euro)
 	euroEvent := newEventID()
 	deliver(t, s, stripeEvent(euroEvent, "payment_intent.succeeded", paymentIntent(euro, "mismatch-2", "succeeded", starterAmount, starterAmount, "eur")))
 
 	for _, c := range []struct{ event, pay, customer, want string }{
-		{shortEvent, short, "mismatch-1", "amount_received 999"},
+		{shortEvent, short, "mismatch-1", "charges 999 usd before tax"},
 		{euroEvent, euro, "mismatch-2", `currency "eur"`},
 	} {
 		status, lastErr := eventStatus(t, gdb, c.event)
@@ -443,7 +451,7 @@ func TestMismatchParksAndReplay(t *testing.T) {
 	}
 
 	// Replaying without a fix keeps it parked; after the operator corrects the
-	// expected amount (the catalog price had been mistyped), it credits once.
+	// expected amount (the price at Stripe was the right one), it credits once.
 	again, err := s.admin(t).ReplayStripeEventWithResponse(ctx, shortEvent)
 	if err != nil {
 		t.Fatal(err)
@@ -490,6 +498,7 @@ func TestWebhookRefusesBadDeliveries(t *testing.T) {
 	gdb := openDB(t, s)
 
 	pay := checkout(t, s, "hook-1", "starter", 1)
+	paidAtStripe(t, fake, s, pay)
 	good := stripeEvent(newEventID(), "payment_intent.succeeded", paymentIntent(pay, "hook-1", "succeeded", starterAmount, starterAmount, "usd"))
 	big := stripeEvent(newEventID(), "payment_intent.succeeded", map[string]any{"id": "pi_big", "padding": strings.Repeat("x", 9000)})
 
@@ -585,6 +594,7 @@ func TestRefundsRevokeProportionally(t *testing.T) {
 	ctx := context.Background()
 
 	pay := checkout(t, s, "refund-1", "starter", 1)
+	paidAtStripe(t, fake, s, pay)
 	deliver(t, s, stripeEvent(newEventID(), "payment_intent.succeeded", paymentIntent(pay, "refund-1", "succeeded", starterAmount, starterAmount, "usd")))
 	half := stripeEvent(newEventID(), "charge.refunded", refundedCharge(pay, starterAmount, starterAmount/2))
 	deliver(t, s, half)
@@ -857,6 +867,7 @@ func TestWebhookDatabaseDownAnswers503(t *testing.T) {
 	s := startServer(t, payEnv(t, fake.URL()))
 	gdb := openDB(t, s)
 	pay := checkout(t, s, "outage-1", "starter", 1)
+	paidAtStripe(t, fake, s, pay)
 
 	u, err := url.Parse(s.DBURL)
 	if err != nil {
@@ -1004,6 +1015,7 @@ func TestWebhookStoresEventsWithNULEscapes(t *testing.T) {
 	ctx := context.Background()
 
 	pay := checkout(t, s, "nul-1", "starter", 1)
+	paidAtStripe(t, fake, s, pay)
 	pi := paymentIntent(pay, "nul-1", "succeeded", starterAmount, starterAmount, "usd")
 	pi["description"] = "gift\x00card"
 	paid := newEventID()

@@ -8,6 +8,7 @@ import (
 	"net/url"
 	"os"
 	"regexp"
+	"strconv"
 	"strings"
 	"time"
 
@@ -32,8 +33,79 @@ type CreditPack struct {
 	Amount   int64 // minor units of Currency
 	Currency string
 	Credits  int64
-	// ExpiresAfter is how long purchased credits stay spendable; 0 means never.
-	ExpiresAfter time.Duration
+	// Expiry is how long purchased credits stay spendable: DefaultExpiryMonths
+	// calendar months unless the pack says otherwise.
+	Expiry Expiry
+}
+
+// DefaultExpiryMonths is how many calendar months credits bought with a
+// pack that does not set expires_after stay spendable.
+const DefaultExpiryMonths = 12
+
+// Expiry is how long bought credits stay spendable: Months calendar months,
+// or a fixed Duration, or (both zero) forever. At most one is set.
+type Expiry struct {
+	Months   int
+	Duration time.Duration
+}
+
+// Never reports whether credits under e never expire.
+func (e Expiry) Never() bool { return e.Months == 0 && e.Duration == 0 }
+
+// After returns when credits granted at t expire, nil for never. Calendar
+// months are counted in UTC and land on the same day of the month, or on
+// the month's last day when it is shorter (January 31 + 1 month is the end
+// of February), as Stripe counts billing months.
+func (e Expiry) After(t time.Time) *time.Time {
+	switch {
+	case e.Months > 0:
+		t = t.UTC()
+		first := time.Date(t.Year(), t.Month(), 1, t.Hour(), t.Minute(), t.Second(), t.Nanosecond(), time.UTC).AddDate(0, e.Months, 0)
+		lastDay := time.Date(first.Year(), first.Month()+1, 0, 0, 0, 0, 0, time.UTC).Day()
+		at := first.AddDate(0, 0, min(t.Day(), lastDay)-1)
+		return &at
+	case e.Duration > 0:
+		at := t.Add(e.Duration)
+		return &at
+	}
+	return nil
+}
+
+// String is e as a catalog's expires_after says it: "12mo", "720h0m0s" or "never".
+func (e Expiry) String() string {
+	switch {
+	case e.Months > 0:
+		return strconv.Itoa(e.Months) + "mo"
+	case e.Duration > 0:
+		return e.Duration.String()
+	}
+	return "never"
+}
+
+// parseExpiry reads a pack's expires_after: empty for the default, "never"
+// or 0 for never, "<n>mo" for n calendar months, or a Go duration.
+func parseExpiry(s string) (Expiry, error) {
+	s = strings.TrimSpace(s)
+	switch {
+	case s == "":
+		return Expiry{Months: DefaultExpiryMonths}, nil
+	case strings.EqualFold(s, "never"):
+		return Expiry{}, nil
+	case strings.HasSuffix(s, "mo"):
+		n, err := strconv.Atoi(strings.TrimSuffix(s, "mo"))
+		if err != nil || n < 1 || n > 1200 {
+			return Expiry{}, fmt.Errorf("%q is not a whole number of months from 1 to 1200 (example: 12mo)", s)
+		}
+		return Expiry{Months: n}, nil
+	}
+	d, err := time.ParseDuration(s)
+	if err != nil {
+		return Expiry{}, fmt.Errorf("%q is not never, a number of calendar months (12mo) or a duration (720h)", s)
+	}
+	if d < 0 {
+		return Expiry{}, fmt.Errorf("%q must not be negative (use never, or 0, for credits that never expire)", s)
+	}
+	return Expiry{Duration: d}, nil
 }
 
 // Product is a one-time purchase without credits.
@@ -54,9 +126,16 @@ type Plan struct {
 	StripeMeterID string
 }
 
-// MaxAmount is the largest amount in minor units that Stripe Checkout accepts
-// for one line item (99,999,999, e.g. $999,999.99).
+// MaxAmount is the largest amount in minor units that Stripe charges in one
+// payment (99,999,999, e.g. $999,999.99): the most a catalog item costs, and
+// the most one checkout of several units may cost.
 const MaxAmount = 99_999_999
+
+// MaxCredits is the largest number of credits one grant carries
+// (credits.MaxAmount). A pack beyond it could take money and never grant it,
+// so it is refused at load, and a checkout of several packs beyond it is
+// refused before Stripe is called.
+const MaxCredits = 1_000_000_000_000
 
 var (
 	catalogIDPattern = regexp.MustCompile(`^[a-z0-9][a-z0-9_.-]{0,63}$`)
@@ -146,17 +225,13 @@ func ParseCatalog(data []byte) (Catalog, error) {
 	var problems []error
 	c := Catalog{RedirectURLPrefixes: doc.RedirectURLPrefixes}
 	for i, p := range doc.CreditPacks {
-		var exp time.Duration
-		if s := strings.TrimSpace(p.ExpiresAfter); s != "" {
-			d, err := time.ParseDuration(s)
-			if err != nil {
-				problems = append(problems, fmt.Errorf("credit_packs[%d].expires_after: %q is not a duration (example: 8760h)", i, p.ExpiresAfter))
-			}
-			exp = d
+		exp, err := parseExpiry(p.ExpiresAfter)
+		if err != nil {
+			problems = append(problems, fmt.Errorf("credit_packs[%d].expires_after: %v", i, err))
 		}
 		c.CreditPacks = append(c.CreditPacks, CreditPack{
 			ID: p.ID, Name: p.Name, Amount: int64(p.Amount), Currency: p.Currency,
-			Credits: int64(p.Credits), ExpiresAfter: exp,
+			Credits: int64(p.Credits), Expiry: exp,
 		})
 	}
 	for _, p := range doc.Products {
@@ -216,11 +291,11 @@ func (c Catalog) Validate() error {
 		checkID(where, p.ID)
 		checkName(where, p.Name)
 		checkMoney(where, p.Amount, p.Currency)
-		if p.Credits <= 0 {
-			bad(where+".credits", "must be positive, got %d", p.Credits)
+		if p.Credits <= 0 || p.Credits > MaxCredits {
+			bad(where+".credits", "must be between 1 and %d (the largest grant), got %d", int64(MaxCredits), p.Credits)
 		}
-		if p.ExpiresAfter < 0 {
-			bad(where+".expires_after", "must not be negative (omit it or use 0 for never), got %s", p.ExpiresAfter)
+		if e := p.Expiry; e.Months < 0 || e.Duration < 0 || (e.Months > 0 && e.Duration > 0) {
+			bad(where+".expires_after", "must be never, a positive number of months or a positive duration, got %+v", e)
 		}
 	}
 	for i, p := range c.Products {

@@ -44,8 +44,8 @@ func TestParseCatalogGood(t *testing.T) {
 	want := Catalog{
 		RedirectURLPrefixes: []string{"https://app.example.com/", "http://localhost:3000/billing"},
 		CreditPacks: []CreditPack{
-			{ID: "starter", Name: "Starter pack", Amount: 1000, Currency: "usd", Credits: 1000, ExpiresAfter: 8760 * time.Hour},
-			{ID: "forever", Name: "Forever pack", Amount: 99999999, Currency: "eur", Credits: 5},
+			{ID: "starter", Name: "Starter pack", Amount: 1000, Currency: "usd", Credits: 1000, Expiry: Expiry{Duration: 8760 * time.Hour}},
+			{ID: "forever", Name: "Forever pack", Amount: 99999999, Currency: "eur", Credits: 5, Expiry: Expiry{Months: DefaultExpiryMonths}},
 		},
 		Products: []Product{{ID: "ebook", Name: "The e-book", Amount: 1900, Currency: "usd"}},
 		Plans:    []Plan{{ID: "api", Name: "API usage", StripePrice: "price_123", Meter: "api_calls", StripeMeterID: "mtr_123"}},
@@ -87,12 +87,94 @@ func TestParseCatalogEmptyAndZeroExpiry(t *testing.T) {
 			t.Fatalf("ParseCatalog(%q) = %+v, want empty", doc, c)
 		}
 	}
-	c, err := ParseCatalog([]byte("credit_packs:\n- {id: a, name: A, amount: 1, currency: usd, credits: 1, expires_after: 0}\n"))
-	if err != nil {
-		t.Fatal(err)
+}
+
+// A pack says how long its credits last: omitted, 12 calendar months; a
+// number of calendar months; a fixed duration; or never (never, 0).
+func TestParsePackExpiry(t *testing.T) {
+	for _, c := range []struct {
+		field string
+		want  Expiry
+	}{
+		{"", Expiry{Months: 12}},
+		{"expires_after: null", Expiry{Months: 12}},
+		{"expires_after: never", Expiry{}},
+		{"expires_after: Never", Expiry{}},
+		{"expires_after: 0", Expiry{}},
+		{"expires_after: 0s", Expiry{}},
+		{"expires_after: 6mo", Expiry{Months: 6}},
+		{"expires_after: 24mo", Expiry{Months: 24}},
+		{"expires_after: 720h", Expiry{Duration: 720 * time.Hour}},
+	} {
+		doc := "credit_packs:\n- {id: a, name: A, amount: 1, currency: usd, credits: 1"
+		if c.field != "" {
+			doc += ", " + c.field
+		}
+		doc += "}\n"
+		cat, err := ParseCatalog([]byte(doc))
+		if err != nil {
+			t.Fatalf("%q: %v", c.field, err)
+		}
+		if got := cat.CreditPacks[0].Expiry; got != c.want {
+			t.Errorf("%q: expiry %+v, want %+v", c.field, got, c.want)
+		}
 	}
-	if c.CreditPacks[0].ExpiresAfter != 0 {
-		t.Fatalf("expires_after 0 = %s, want never (0)", c.CreditPacks[0].ExpiresAfter)
+	for _, bad := range []string{"0mo", "-1mo", "1.5mo", "mo", "-1h", "365d", "soon", "12 months"} {
+		_, err := ParseCatalog([]byte("credit_packs:\n- {id: a, name: A, amount: 1, currency: usd, credits: 1, expires_after: '" + bad + "'}\n"))
+		if err == nil || !strings.Contains(err.Error(), "credit_packs[0].expires_after") {
+			t.Errorf("expires_after %q: %v, want a refusal naming credit_packs[0].expires_after", bad, err)
+		}
+	}
+}
+
+// Calendar months end on the same day of the month, or on the month's last
+// day when it has no such day; durations are exact; never is nil.
+func TestExpiryAfter(t *testing.T) {
+	at := func(s string) time.Time {
+		t.Helper()
+		v, err := time.Parse(time.RFC3339, s)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return v
+	}
+	for _, c := range []struct {
+		expiry Expiry
+		from   string
+		want   string // "" for never
+	}{
+		{Expiry{Months: 12}, "2026-03-15T10:30:00Z", "2027-03-15T10:30:00Z"},
+		{Expiry{Months: 12}, "2028-02-29T23:00:00Z", "2029-02-28T23:00:00Z"},
+		{Expiry{Months: 1}, "2027-01-31T08:00:00Z", "2027-02-28T08:00:00Z"},
+		{Expiry{Months: 1}, "2028-01-31T08:00:00Z", "2028-02-29T08:00:00Z"},
+		{Expiry{Months: 13}, "2026-11-30T00:00:00Z", "2027-12-30T00:00:00Z"},
+		{Expiry{Months: 12}, "2026-06-01T01:00:00+02:00", "2027-05-31T23:00:00Z"},
+		{Expiry{Duration: 90 * time.Minute}, "2026-03-15T10:30:00Z", "2026-03-15T12:00:00Z"},
+		{Expiry{}, "2026-03-15T10:30:00Z", ""},
+	} {
+		got := c.expiry.After(at(c.from))
+		switch {
+		case c.want == "" && got != nil:
+			t.Errorf("%+v after %s = %s, want never", c.expiry, c.from, got)
+		case c.want != "" && (got == nil || !got.Equal(at(c.want))):
+			t.Errorf("%+v after %s = %v, want %s", c.expiry, c.from, got, c.want)
+		}
+	}
+}
+
+// A pack of exactly the largest grant loads; one credit more would take the
+// money and then never be granted, so it is refused at load.
+func TestParseCatalogLargestPack(t *testing.T) {
+	c, err := ParseCatalog([]byte("credit_packs:\n- {id: a, name: A, amount: 1, currency: usd, credits: 1000000000000}\n"))
+	if err != nil {
+		t.Fatalf("a pack of the largest grant: %v", err)
+	}
+	if c.CreditPacks[0].Credits != MaxCredits {
+		t.Fatalf("credits = %d, want %d", c.CreditPacks[0].Credits, int64(MaxCredits))
+	}
+	_, err = ParseCatalog([]byte("credit_packs:\n- {id: a, name: A, amount: 1, currency: usd, credits: 1000000000001}\n"))
+	if err == nil || !strings.Contains(err.Error(), "credit_packs[0].credits") || !strings.Contains(err.Error(), "1000000000000") {
+		t.Fatalf("a pack beyond the largest grant: %v, want a refusal naming the limit", err)
 	}
 }
 
@@ -104,8 +186,11 @@ func TestDeployExampleCatalogParses(t *testing.T) {
 	if len(c.CreditPacks) != 2 || len(c.Products) != 1 || len(c.Plans) != 1 {
 		t.Fatalf("example catalog has %d packs, %d products, %d plans; want 2, 1, 1", len(c.CreditPacks), len(c.Products), len(c.Plans))
 	}
-	if p, ok := c.Pack("pro"); !ok || p.Amount != 5000 || p.Credits != 6000 || p.ExpiresAfter != 8760*time.Hour {
-		t.Fatalf("pro pack = %+v", p)
+	if p, ok := c.Pack("starter"); !ok || p.Amount != 1000 || p.Credits != 1000 || p.Expiry != (Expiry{Months: DefaultExpiryMonths}) {
+		t.Fatalf("starter pack = %+v, want the default expiry", p)
+	}
+	if p, ok := c.Pack("pro"); !ok || p.Amount != 5000 || p.Credits != 6000 || !p.Expiry.Never() {
+		t.Fatalf("pro pack = %+v, want one that never expires", p)
 	}
 	if !c.RedirectAllowed("http://localhost:3000/done") || !c.RedirectAllowed("https://app.example.com/billing/ok") {
 		t.Fatal("example prefixes do not allow their own URLs")
@@ -156,7 +241,9 @@ func TestParseCatalogRejects(t *testing.T) {
 		{"currency long", pack("currency=usdd"), "credit_packs[0].currency"},
 		{"credits zero", pack("credits=0"), "credit_packs[0].credits"},
 		{"credits negative", pack("credits=-10"), "credit_packs[0].credits"},
+		{"credits beyond the largest grant", pack("credits=1000000000001"), "credit_packs[0].credits"},
 		{"expiry negative", pack("expires_after=-1h"), "credit_packs[0].expires_after"},
+		{"expiry no months", pack("expires_after=0mo"), "credit_packs[0].expires_after"},
 		{"expiry days", pack("expires_after=365d"), "credit_packs[0].expires_after"},
 		{"product amount", "products:\n- {id: e, name: E, amount: 0, currency: usd}\n", "products[0].amount"},
 		{"product currency", "products:\n- {id: e, name: E, amount: 5, currency: ''}\n", "products[0].currency"},
@@ -284,10 +371,7 @@ func toDoc(c Catalog) catalogDoc {
 	var d catalogDoc
 	d.RedirectURLPrefixes = c.RedirectURLPrefixes
 	for _, p := range c.CreditPacks {
-		exp := ""
-		if p.ExpiresAfter != 0 {
-			exp = p.ExpiresAfter.String()
-		}
+		exp := p.Expiry.String()
 		d.CreditPacks = append(d.CreditPacks, creditPackDoc{p.ID, p.Name, yamlInt(p.Amount), p.Currency, yamlInt(p.Credits), exp})
 	}
 	for _, p := range c.Products {
@@ -305,6 +389,7 @@ func FuzzParseCatalog(f *testing.F) {
 	f.Add([]byte(goodCatalog))
 	f.Add([]byte(""))
 	f.Add([]byte("credit_packs: [{id: a, name: A, amount: 1, currency: usd, credits: 1, expires_after: 1h30m}]"))
+	f.Add([]byte("credit_packs: [{id: a, name: A, amount: 1, currency: usd, credits: 1, expires_after: 18mo}, {id: b, name: B, amount: 1, currency: usd, credits: 1, expires_after: never}]"))
 	f.Add([]byte("redirect_url_prefixes: ['https://a.example/x', 'http://[::1]:8080/']"))
 	f.Add([]byte("plans: [{id: p, name: P, stripe_price: price_1, meter: m, stripe_meter_id: mtr}]"))
 	f.Add([]byte("products: [{id: e, name: E, amount: 99999999, currency: usd}, {id: e, name: F, amount: 1, currency: usd}]"))
@@ -323,7 +408,7 @@ func FuzzParseCatalog(f *testing.F) {
 			t.Fatalf("ParseCatalog accepted a catalog that does not validate: %v", err)
 		}
 		for _, p := range c.CreditPacks {
-			if p.Amount <= 0 || p.Amount > MaxAmount || p.Credits <= 0 || p.ExpiresAfter < 0 {
+			if p.Amount <= 0 || p.Amount > MaxAmount || p.Credits <= 0 || p.Credits > MaxCredits || p.Expiry.Months < 0 || p.Expiry.Duration < 0 || (p.Expiry.Months > 0 && p.Expiry.Duration > 0) {
 				t.Fatalf("accepted pack %+v", p)
 			}
 		}

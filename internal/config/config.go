@@ -100,6 +100,9 @@ type CheckoutConfig struct {
 	InvoiceCreation bool
 	// ConfirmOn is ConfirmOnPaymentIntent or ConfirmOnCheckoutSession.
 	ConfirmOn string
+	// RateLimit is how many checkouts one customer may start per minute,
+	// counted across every replica; 0 means no limit.
+	RateLimit int
 }
 
 // Meter event transports (TALLY_METER_TRANSPORT).
@@ -172,6 +175,7 @@ func Default() Config {
 		Checkout: CheckoutConfig{
 			ExpiresAfter: time.Hour,
 			ConfirmOn:    ConfirmOnPaymentIntent,
+			RateLimit:    10,
 		},
 		Metering: MeteringConfig{
 			Transport:    MeterTransportV1,
@@ -359,6 +363,7 @@ func Load(getenv func(string) string) (Config, error) {
 	p.duration("TALLY_CHECKOUT_EXPIRES_AFTER", &c.Checkout.ExpiresAfter)
 	p.boolean("TALLY_CHECKOUT_INVOICE_CREATION", &c.Checkout.InvoiceCreation)
 	p.str("TALLY_CONFIRM_ON", &c.Checkout.ConfirmOn)
+	p.integer("TALLY_CHECKOUT_RATE_LIMIT", &c.Checkout.RateLimit)
 
 	p.str("TALLY_METER_TRANSPORT", &c.Metering.Transport)
 	p.float("TALLY_METER_RATE_LIMIT", &c.Metering.RateLimit)
@@ -576,6 +581,9 @@ func (c Config) Validate() error {
 	// later than 24 hours after creation.
 	if d := c.Checkout.ExpiresAfter; d < 30*time.Minute || d > 24*time.Hour {
 		bad("TALLY_CHECKOUT_EXPIRES_AFTER", "must be between 30m and 24h (Stripe's limits), got %s", d)
+	}
+	if c.Checkout.RateLimit < 0 {
+		bad("TALLY_CHECKOUT_RATE_LIMIT", "must not be negative (0 means no limit), got %d", c.Checkout.RateLimit)
 	}
 	if v := c.Checkout.ConfirmOn; v != ConfirmOnPaymentIntent && v != ConfirmOnCheckoutSession {
 		bad("TALLY_CONFIRM_ON", "%q is not payment_intent or checkout_session", v)

@@ -39,7 +39,7 @@ func TestLoadDefaults(t *testing.T) {
 			EventRetryInterval:  10 * time.Second,
 		},
 		Credits:  CreditsConfig{ExpiringNotice: 168 * time.Hour, SweepInterval: time.Minute, RevokeFrom: "balance"},
-		Checkout: CheckoutConfig{ExpiresAfter: time.Hour, ConfirmOn: "payment_intent"},
+		Checkout: CheckoutConfig{ExpiresAfter: time.Hour, ConfirmOn: "payment_intent", RateLimit: 10},
 		Metering: MeteringConfig{Transport: "v1", RateLimit: 20, MaxAttempts: 10, BatchSize: 100, PollInterval: time.Second},
 	}
 	if !reflect.DeepEqual(c, want) {
@@ -107,6 +107,7 @@ func TestLoadEveryVariable(t *testing.T) {
 		"TALLY_REVOKE_FROM":                 "purchase_grant",
 		"TALLY_CHECKOUT_EXPIRES_AFTER":      "2h",
 		"TALLY_CHECKOUT_INVOICE_CREATION":   "true",
+		"TALLY_CHECKOUT_RATE_LIMIT":         "3",
 		"TALLY_STRIPE_EVENT_MAX_ATTEMPTS":   "3",
 		"TALLY_STRIPE_EVENT_RETRY_INTERVAL": "5s",
 		"TALLY_METER_TRANSPORT":             "v2",
@@ -159,6 +160,7 @@ func TestLoadEveryVariable(t *testing.T) {
 		{"Credits.RevokeFrom", c.Credits.RevokeFrom, "purchase_grant"},
 		{"Checkout.ExpiresAfter", c.Checkout.ExpiresAfter, 2 * time.Hour},
 		{"Checkout.InvoiceCreation", c.Checkout.InvoiceCreation, true},
+		{"Checkout.RateLimit", c.Checkout.RateLimit, 3},
 		{"Stripe.EventMaxAttempts", c.Stripe.EventMaxAttempts, 3},
 		{"Stripe.EventRetryInterval", c.Stripe.EventRetryInterval, 5 * time.Second},
 		{"Metering.Transport", c.Metering.Transport, "v2"},
@@ -225,6 +227,8 @@ func TestLoadRejectsEachBadValue(t *testing.T) {
 		{"TALLY_CREDITS_SWEEP_INTERVAL", "0s"},
 		{"TALLY_CHECKOUT_EXPIRES_AFTER", "29m"},
 		{"TALLY_CHECKOUT_EXPIRES_AFTER", "25h"},
+		{"TALLY_CHECKOUT_RATE_LIMIT", "-1"},
+		{"TALLY_CHECKOUT_RATE_LIMIT", "ten"},
 		{"TALLY_STRIPE_EVENT_MAX_ATTEMPTS", "0"},
 		{"TALLY_METER_TRANSPORT", "v3"},
 		{"TALLY_METER_RATE_LIMIT", "0"},

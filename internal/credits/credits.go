@@ -26,7 +26,7 @@ import (
 
 // Limits on inputs (openapi.yaml: ConsumeRequest, GrantRequest, Metadata).
 const (
-	MaxAmount          = 1_000_000_000_000
+	MaxAmount          = config.MaxCredits
 	MaxReasonLen       = 255
 	MaxMetadataKeys    = 50
 	MaxMetadataKeyLen  = 40

@@ -23,10 +23,11 @@ import (
 // absent and is replaced by the next request with that key.
 const IdempotencyRetention = 24 * time.Hour
 
-// ReservationLease is how long a Reserve without Complete or Release blocks
-// its key (errs.IdempotencyKeyInFlight). It outlasts the longest Stripe call
-// (a 20 s timeout, retried twice), so only a request that died holding the key
-// loses it.
+// ReservationLease is the default lease of a reservation: how long a Reserve
+// that is neither renewed, completed nor released blocks its key
+// (errs.IdempotencyKeyInFlight) before another request may take it over. A
+// holder that works longer renews its lease (Reservation.Renew), so only a
+// request that died holding the key loses it.
 const ReservationLease = 2 * time.Minute
 
 // MaxIdempotencyKeyLen is the longest accepted key, in characters.
@@ -90,16 +91,18 @@ const (
 	completed                   // an earlier request finished: replay its result
 )
 
-// claim takes the key inside tx. The INSERT waits for any other transaction
-// holding the same key to finish, so afterwards the row is either ours or a
-// committed earlier one, which we lock and inspect.
-func claim(tx *gorm.DB, k IdempotencyKey) (claimState, []byte, error) {
+// claim takes the key inside tx for holder (empty for Once, whose claim
+// never outlives its transaction) with lease. The INSERT waits for any other
+// transaction holding the same key to finish, so afterwards the row is
+// either ours or a committed earlier one, which we lock and inspect.
+func claim(tx *gorm.DB, k IdempotencyKey, holder string, lease time.Duration) (claimState, []byte, error) {
 	retention := IdempotencyRetention.Seconds()
 	// A concurrent purge may delete the row between our two statements; then
 	// the next INSERT succeeds. Three rounds cover that race twice over.
 	for range 3 {
-		res := tx.Exec(`INSERT INTO idempotency_keys (scope, key, request_hash) VALUES (?, ?, ?)
-			ON CONFLICT (scope, key) DO NOTHING`, k.Scope, k.Key, k.RequestHash)
+		res := tx.Exec(`INSERT INTO idempotency_keys (scope, key, request_hash, holder, lease_expires_at)
+			VALUES (?, ?, ?, NULLIF(?, ''), now() + make_interval(secs => ?))
+			ON CONFLICT (scope, key) DO NOTHING`, k.Scope, k.Key, k.RequestHash, holder, lease.Seconds())
 		if res.Error != nil {
 			return 0, nil, res.Error
 		}
@@ -112,7 +115,7 @@ func claim(tx *gorm.DB, k IdempotencyKey) (claimState, []byte, error) {
 		)
 		err := ScanRow(tx.Raw(`SELECT request_hash, result, completed_at IS NOT NULL,
 				created_at < now() - make_interval(secs => ?),
-				created_at < now() - make_interval(secs => ?)
+				COALESCE(lease_expires_at, created_at + make_interval(secs => ?)) < now()
 			FROM idempotency_keys WHERE scope = ? AND key = ? FOR UPDATE`,
 			retention, ReservationLease.Seconds(), k.Scope, k.Key), &hash, &result, &done, &expired, &abandoned)
 		if errors.Is(err, sql.ErrNoRows) {
@@ -121,13 +124,16 @@ func claim(tx *gorm.DB, k IdempotencyKey) (claimState, []byte, error) {
 		if err != nil {
 			return 0, nil, err
 		}
-		// A reservation nobody completed or released within its lease was
-		// left by a crashed or killed request: take it over rather than
-		// answer in_flight for the rest of the day.
+		// A reservation nobody completed, released or renewed within its
+		// lease was left by a crashed or killed request: take it over rather
+		// than answer in_flight for the rest of the day. The new holder id
+		// tells the old holder, should it still be alive, that the key is
+		// no longer its own.
 		if expired || (!done && abandoned) {
 			err := tx.Exec(`UPDATE idempotency_keys
-				SET request_hash = ?, result = NULL, created_at = now(), completed_at = NULL
-				WHERE scope = ? AND key = ?`, k.RequestHash, k.Scope, k.Key).Error
+				SET request_hash = ?, result = NULL, created_at = now(), completed_at = NULL,
+					holder = NULLIF(?, ''), lease_expires_at = now() + make_interval(secs => ?)
+				WHERE scope = ? AND key = ?`, k.RequestHash, holder, lease.Seconds(), k.Scope, k.Key).Error
 			if err != nil {
 				return 0, nil, err
 			}
@@ -160,19 +166,19 @@ func claim(tx *gorm.DB, k IdempotencyKey) (claimState, []byte, error) {
 // errs.IdempotencyKeyInFlight (a Reserve of this key has not completed),
 // errs.Invalid (malformed key), fn's own errors, errs.Unavailable.
 func Once(ctx context.Context, gdb *gorm.DB, key IdempotencyKey, fn func(tx *gorm.DB) ([]byte, error)) (result []byte, replayed bool, err error) {
-	return guarded(ctx, gdb, key, fn)
+	return guarded(ctx, gdb, key, "", ReservationLease, fn)
 }
 
 // guarded claims key in one transaction. With fn (Once) it runs fn and stores
-// its result in that transaction; without (Reserve) it commits the bare claim.
-// A completed key replays its stored result instead.
-func guarded(ctx context.Context, gdb *gorm.DB, key IdempotencyKey, fn func(tx *gorm.DB) ([]byte, error)) (result []byte, replayed bool, err error) {
+// its result in that transaction; without (Reserve) it commits the bare claim
+// for holder. A completed key replays its stored result instead.
+func guarded(ctx context.Context, gdb *gorm.DB, key IdempotencyKey, holder string, lease time.Duration, fn func(tx *gorm.DB) ([]byte, error)) (result []byte, replayed bool, err error) {
 	if err := key.Validate(); err != nil {
 		return nil, false, err
 	}
 	err = InTx(ctx, gdb, func(tx *gorm.DB) error {
 		result, replayed = nil, false
-		state, stored, err := claim(tx, key)
+		state, stored, err := claim(tx, key, holder, lease)
 		if err != nil {
 			return err
 		}
@@ -209,34 +215,76 @@ func nonNil(b []byte) []byte {
 	return b
 }
 
-// Reserve is the first half of the two-phase form, for operations that wait
-// on an outside system (creating a Stripe Checkout Session) and so cannot
-// hold a transaction open. It commits a row without a result and returns
-// (nil, false, nil): the caller now owns the key and must Complete or Release
-// it. When the key is already taken:
-//
-//   - completed with the same hash: the stored result, replayed=true;
-//   - not completed: errs.IdempotencyKeyInFlight;
-//   - a different hash: errs.IdempotencyKeyReused.
-//
-// A reservation neither completed nor released within ReservationLease was
-// abandoned (its request died) and may be reserved again. Other errors:
-// errs.Invalid (malformed key), errs.Unavailable.
-func Reserve(ctx context.Context, gdb *gorm.DB, key IdempotencyKey) (result []byte, replayed bool, err error) {
-	return guarded(ctx, gdb, key, nil)
+// Reservation is one request's hold on an idempotency key between Reserve
+// and Complete or Release, for operations that wait on an outside system
+// (creating a Stripe Checkout Session) and so cannot hold a transaction open.
+// Its holder id tells it apart from a later reservation of the same key that
+// took over after its lease lapsed: Renew, Complete and Release act only on
+// the holder's own reservation.
+type Reservation struct {
+	Key IdempotencyKey
+	// Replayed says the key was completed earlier: Result is its stored
+	// answer, and there is nothing to complete or release.
+	Replayed bool
+	Result   []byte
+	// Lease is how long the reservation lasts without a Renew.
+	Lease  time.Duration
+	holder string
 }
 
-// Complete stores result for a key this caller reserved; later Reserves of
-// the key replay it. gdb may be a transaction, so the result can commit with
-// the caller's own writes.
+// Reserve claims key for the caller with lease (ReservationLease when not
+// positive), committing a row without a result. Unless the answer is
+// Replayed, the caller now holds the key and must Complete or Release it, and
+// Renew it while it works longer than lease. When the key is already taken:
 //
-// Errors: errs.Conflict when there is no uncompleted reservation of this key
-// and hash (it was released, completed already, or expired and taken over);
+//   - completed with the same hash: Replayed, with the stored Result;
+//   - not completed and within its lease: errs.IdempotencyKeyInFlight;
+//   - a different hash: errs.IdempotencyKeyReused.
+//
+// A reservation neither completed, released nor renewed within its lease
+// was abandoned (its request died) and is taken over. Other errors:
+// errs.Invalid (malformed key), errs.Unavailable.
+func Reserve(ctx context.Context, gdb *gorm.DB, key IdempotencyKey, lease time.Duration) (Reservation, error) {
+	if lease <= 0 {
+		lease = ReservationLease
+	}
+	r := Reservation{Key: key, Lease: lease, holder: NewID("rsv")}
+	result, replayed, err := guarded(ctx, gdb, key, r.holder, lease, nil)
+	if err != nil {
+		return Reservation{}, err
+	}
+	r.Replayed, r.Result = replayed, result
+	return r, nil
+}
+
+// Renew extends the reservation's lease to Lease from now, by the database's
+// clock, so a holder that works longer than its lease keeps the key.
+// Errors: errs.Conflict when the reservation is no longer the holder's
+// (completed, released, or taken over after its lease lapsed);
 // errs.Unavailable.
-func Complete(ctx context.Context, gdb *gorm.DB, key IdempotencyKey, result []byte) error {
+func (r Reservation) Renew(ctx context.Context, gdb *gorm.DB) error {
+	res := gdb.WithContext(ctx).Exec(`UPDATE idempotency_keys SET lease_expires_at = now() + make_interval(secs => ?)
+		WHERE scope = ? AND key = ? AND holder = ? AND completed_at IS NULL`,
+		r.Lease.Seconds(), r.Key.Scope, r.Key.Key, r.holder)
+	if res.Error != nil {
+		return Translate(res.Error, nil)
+	}
+	if res.RowsAffected == 0 {
+		return errs.E(errs.Conflict, "the reservation of this Idempotency-Key is no longer held")
+	}
+	return nil
+}
+
+// Complete stores result for the holder's reservation; later Reserves of the
+// key replay it. gdb may be a transaction, so the result can commit with the
+// caller's own writes.
+//
+// Errors: errs.Conflict when the reservation is no longer the holder's
+// (released, completed already, or taken over); errs.Unavailable.
+func (r Reservation) Complete(ctx context.Context, gdb *gorm.DB, result []byte) error {
 	res := gdb.WithContext(ctx).Exec(`UPDATE idempotency_keys SET result = ?, completed_at = now()
-		WHERE scope = ? AND key = ? AND request_hash = ? AND completed_at IS NULL`,
-		nonNil(result), key.Scope, key.Key, key.RequestHash)
+		WHERE scope = ? AND key = ? AND holder = ? AND completed_at IS NULL`,
+		nonNil(result), r.Key.Scope, r.Key.Key, r.holder)
 	if res.Error != nil {
 		return Translate(res.Error, nil)
 	}
@@ -246,13 +294,13 @@ func Complete(ctx context.Context, gdb *gorm.DB, key IdempotencyKey, result []by
 	return nil
 }
 
-// Release deletes this caller's uncompleted reservation so the request can
-// be retried after a failure. Releasing a completed, foreign or missing
-// reservation does nothing. Errors: errs.Unavailable.
-func Release(ctx context.Context, gdb *gorm.DB, key IdempotencyKey) error {
+// Release deletes the holder's uncompleted reservation so the request can be
+// retried at once after a failure. Releasing a completed reservation, or one
+// another request took over, does nothing. Errors: errs.Unavailable.
+func (r Reservation) Release(ctx context.Context, gdb *gorm.DB) error {
 	err := gdb.WithContext(ctx).Exec(`DELETE FROM idempotency_keys
-		WHERE scope = ? AND key = ? AND request_hash = ? AND completed_at IS NULL`,
-		key.Scope, key.Key, key.RequestHash).Error
+		WHERE scope = ? AND key = ? AND holder = ? AND completed_at IS NULL`,
+		r.Key.Scope, r.Key.Key, r.holder).Error
 	return Translate(err, nil)
 }
 

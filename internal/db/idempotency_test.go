@@ -223,7 +223,7 @@ func TestIdempotencyKeyValidation(t *testing.T) {
 		if _, _, err := db.Once(ctx, gdb, key(k, "a"), fn); !errs.Is(err, errs.Invalid) {
 			t.Errorf("Once with key %q = %v, want invalid_request", k, err)
 		}
-		if _, _, err := db.Reserve(ctx, gdb, key(k, "a")); !errs.Is(err, errs.Invalid) {
+		if _, err := db.Reserve(ctx, gdb, key(k, "a"), 0); !errs.Is(err, errs.Invalid) {
 			t.Errorf("Reserve with key %q = %v, want invalid_request", k, err)
 		}
 	}
@@ -243,89 +243,135 @@ func TestIdempotencyKeyValidation(t *testing.T) {
 	}
 }
 
+// reserve is db.Reserve with the default lease, failing the test on an error.
+func reserve(t *testing.T, gdb *gorm.DB, k db.IdempotencyKey) db.Reservation {
+	t.Helper()
+	r, err := db.Reserve(context.Background(), gdb, k, 0)
+	if err != nil {
+		t.Fatalf("Reserve(%s): %v", k.Key, err)
+	}
+	return r
+}
+
 func TestReserveCompleteRelease(t *testing.T) {
 	gdb := newLedgerDB(t)
 	ctx := context.Background()
 	k := key("checkout-1", `{"item":"starter"}`)
 
-	res, replayed, err := db.Reserve(ctx, gdb, k)
-	if err != nil || replayed || res != nil {
-		t.Fatalf("first Reserve = %q, %v, %v", res, replayed, err)
+	r := reserve(t, gdb, k)
+	if r.Replayed || r.Result != nil {
+		t.Fatalf("first Reserve = %+v", r)
 	}
-	if _, _, err := db.Reserve(ctx, gdb, k); !errs.Is(err, errs.IdempotencyKeyInFlight) {
+	if _, err := db.Reserve(ctx, gdb, k, 0); !errs.Is(err, errs.IdempotencyKeyInFlight) {
 		t.Fatalf("Reserve while in flight = %v, want idempotency_key_in_flight", err)
 	}
 	if _, _, err := db.Once(ctx, gdb, k, func(*gorm.DB) ([]byte, error) { return nil, errors.New("must not run") }); !errs.Is(err, errs.IdempotencyKeyInFlight) {
 		t.Fatalf("Once on an in-flight reservation = %v, want in flight", err)
 	}
-	if _, _, err := db.Reserve(ctx, gdb, key("checkout-1", "other body")); !errs.Is(err, errs.IdempotencyKeyReused) {
+	if _, err := db.Reserve(ctx, gdb, key("checkout-1", "other body"), 0); !errs.Is(err, errs.IdempotencyKeyReused) {
 		t.Fatalf("Reserve with another body = %v, want reused", err)
 	}
-	// A release by someone else's body does not free our key.
-	if err := db.Release(ctx, gdb, key("checkout-1", "other body")); err != nil {
-		t.Fatal(err)
-	}
-	if _, _, err := db.Reserve(ctx, gdb, k); !errs.Is(err, errs.IdempotencyKeyInFlight) {
-		t.Fatalf("foreign Release freed the key: %v", err)
-	}
 
-	// Failure path: release, then the retry may reserve again.
-	if err := db.Release(ctx, gdb, k); err != nil {
+	// Failure path: release, then the retry may reserve again at once.
+	if err := r.Release(ctx, gdb); err != nil {
 		t.Fatalf("Release: %v", err)
 	}
-	if _, replayed, err := db.Reserve(ctx, gdb, k); err != nil || replayed {
-		t.Fatalf("Reserve after Release = %v, %v", replayed, err)
+	if err := r.Complete(ctx, gdb, []byte("late")); !errs.Is(err, errs.Conflict) {
+		t.Fatalf("Complete after Release = %v, want conflict", err)
+	}
+	again := reserve(t, gdb, k)
+	if again.Replayed {
+		t.Fatalf("Reserve after Release = %+v", again)
+	}
+	// The first holder's late Release does not free the second's key.
+	if err := r.Release(ctx, gdb); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := db.Reserve(ctx, gdb, k, 0); !errs.Is(err, errs.IdempotencyKeyInFlight) {
+		t.Fatalf("an old holder's Release freed the key: %v", err)
 	}
 
 	// Success path: complete, then every later Reserve replays.
-	if err := db.Complete(ctx, gdb, k, []byte(`{"url":"https://checkout"}`)); err != nil {
+	if err := again.Complete(ctx, gdb, []byte(`{"url":"https://checkout"}`)); err != nil {
 		t.Fatalf("Complete: %v", err)
 	}
-	res, replayed, err = db.Reserve(ctx, gdb, k)
-	if err != nil || !replayed || string(res) != `{"url":"https://checkout"}` {
-		t.Fatalf("Reserve after Complete = %q, %v, %v", res, replayed, err)
+	if replay := reserve(t, gdb, k); !replay.Replayed || string(replay.Result) != `{"url":"https://checkout"}` {
+		t.Fatalf("Reserve after Complete = %+v", replay)
 	}
-	if err := db.Complete(ctx, gdb, k, []byte("again")); !errs.Is(err, errs.Conflict) {
+	if err := again.Complete(ctx, gdb, []byte("again")); !errs.Is(err, errs.Conflict) {
 		t.Fatalf("second Complete = %v, want conflict", err)
 	}
-	if err := db.Release(ctx, gdb, k); err != nil {
+	if err := again.Renew(ctx, gdb); !errs.Is(err, errs.Conflict) {
+		t.Fatalf("Renew of a completed key = %v, want conflict", err)
+	}
+	if err := again.Release(ctx, gdb); err != nil {
 		t.Fatalf("Release of a completed key: %v", err)
 	}
-	if res, replayed, _ := db.Reserve(ctx, gdb, k); !replayed || string(res) != `{"url":"https://checkout"}` {
+	if replay := reserve(t, gdb, k); !replay.Replayed || string(replay.Result) != `{"url":"https://checkout"}` {
 		t.Fatal("Release deleted a completed result")
-	}
-	if err := db.Complete(ctx, gdb, key("never-reserved", "x"), nil); !errs.Is(err, errs.Conflict) {
-		t.Fatalf("Complete without Reserve = %v, want conflict", err)
 	}
 }
 
 // A request that died between Reserve and Complete/Release must not block
-// its key for a day: after ReservationLease the key is taken over, while a
+// its key for a day: once its lease lapses the key is taken over, while a
 // live reservation still answers in_flight and a completed one still replays.
 func TestReserveAbandonedAfterLease(t *testing.T) {
 	gdb := newLedgerDB(t)
 	ctx := context.Background()
 	k := key("abandoned", "a")
-	if _, _, err := db.Reserve(ctx, gdb, k); err != nil {
-		t.Fatal(err)
-	}
-	if _, _, err := db.Reserve(ctx, gdb, k); !errs.Is(err, errs.IdempotencyKeyInFlight) {
+	first := reserve(t, gdb, k)
+	if _, err := db.Reserve(ctx, gdb, k, 0); !errs.Is(err, errs.IdempotencyKeyInFlight) {
 		t.Fatalf("Reserve of a live reservation = %v, want in_flight", err)
 	}
-	mustExec(t, gdb, `UPDATE idempotency_keys SET created_at = now() - interval '3 minutes'`)
-	if _, replayed, err := db.Reserve(ctx, gdb, k); err != nil || replayed {
-		t.Fatalf("Reserve of an abandoned reservation = %v, %v; want it taken over", replayed, err)
+	mustExec(t, gdb, `UPDATE idempotency_keys SET lease_expires_at = now() - interval '1 second'`)
+	second := reserve(t, gdb, k)
+	if second.Replayed {
+		t.Fatalf("Reserve of an abandoned reservation = %+v; want it taken over", second)
 	}
-	if err := db.Complete(ctx, gdb, k, []byte("done")); err != nil {
+	// The first holder, were it still alive, holds nothing any more.
+	if err := first.Renew(ctx, gdb); !errs.Is(err, errs.Conflict) {
+		t.Fatalf("Renew by the holder that lost the key = %v, want conflict", err)
+	}
+	if err := first.Complete(ctx, gdb, []byte("stale")); !errs.Is(err, errs.Conflict) {
+		t.Fatalf("Complete by the holder that lost the key = %v, want conflict", err)
+	}
+	if err := second.Complete(ctx, gdb, []byte("done")); err != nil {
 		t.Fatal(err)
 	}
-	mustExec(t, gdb, `UPDATE idempotency_keys SET created_at = now() - interval '3 minutes'`)
-	if got, replayed, err := db.Reserve(ctx, gdb, k); err != nil || !replayed || string(got) != "done" {
-		t.Fatalf("Reserve of a completed key past the lease = %q, %v, %v; want the stored result replayed", got, replayed, err)
+	mustExec(t, gdb, `UPDATE idempotency_keys SET lease_expires_at = now() - interval '1 second'`)
+	if got := reserve(t, gdb, k); !got.Replayed || string(got.Result) != "done" {
+		t.Fatalf("Reserve of a completed key past the lease = %+v; want the stored result replayed", got)
 	}
 	mustExec(t, gdb, `UPDATE idempotency_keys SET created_at = now() - interval '25 hours'`)
-	if _, replayed, err := db.Reserve(ctx, gdb, k); err != nil || replayed {
-		t.Fatalf("Reserve past the retention = %v, %v; want a fresh reservation", replayed, err)
+	if got := reserve(t, gdb, k); got.Replayed {
+		t.Fatalf("Reserve past the retention = %+v; want a fresh reservation", got)
+	}
+	// A row written before leases were stored counts from its creation.
+	mustExec(t, gdb, `UPDATE idempotency_keys SET lease_expires_at = NULL, holder = NULL, completed_at = NULL, created_at = now() - interval '3 minutes'`)
+	if got := reserve(t, gdb, k); got.Replayed {
+		t.Fatalf("Reserve of an old abandoned reservation = %+v; want it taken over", got)
+	}
+}
+
+// A holder that renews keeps its key however long it works: a reservation
+// whose first lease has long passed but was renewed is still in flight.
+func TestReserveRenewedOutlivesItsFirstLease(t *testing.T) {
+	gdb := newLedgerDB(t)
+	ctx := context.Background()
+	k := key("renewed", "a")
+	r, err := db.Reserve(ctx, gdb, k, time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	mustExec(t, gdb, `UPDATE idempotency_keys SET created_at = now() - interval '1 hour', lease_expires_at = now() - interval '1 second'`)
+	if err := r.Renew(ctx, gdb); err != nil {
+		t.Fatalf("Renew: %v", err)
+	}
+	if _, err := db.Reserve(ctx, gdb, k, time.Second); !errs.Is(err, errs.IdempotencyKeyInFlight) {
+		t.Fatalf("Reserve of a renewed reservation = %v, want in_flight", err)
+	}
+	if err := r.Complete(ctx, gdb, []byte("done")); err != nil {
+		t.Fatalf("Complete after renewals: %v", err)
 	}
 }
 
@@ -341,14 +387,14 @@ func TestReserveConcurrentOneWinner(t *testing.T) {
 		go func() {
 			defer wg.Done()
 			<-start
-			_, replayed, err := db.Reserve(context.Background(), gdb, k)
+			r, err := db.Reserve(context.Background(), gdb, k, 0)
 			switch {
-			case err == nil && !replayed:
+			case err == nil && !r.Replayed:
 				won.Add(1)
 			case errs.Is(err, errs.IdempotencyKeyInFlight):
 				inFlight.Add(1)
 			default:
-				t.Errorf("Reserve = %v, %v", replayed, err)
+				t.Errorf("Reserve = %+v, %v", r, err)
 			}
 		}()
 	}
@@ -367,7 +413,7 @@ func TestPurgeIdempotencyKeys(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	if _, _, err := db.Reserve(ctx, gdb, key("r-old", "a")); err != nil {
+	if _, err := db.Reserve(ctx, gdb, key("r-old", "a"), 0); err != nil {
 		t.Fatal(err)
 	}
 	mustExec(t, gdb, `UPDATE idempotency_keys SET created_at = now() - interval '3 days' WHERE key IN ('p0', 'p1', 'p2', 'r-old')`)

@@ -7,6 +7,7 @@ package errs
 import (
 	"errors"
 	"fmt"
+	"time"
 )
 
 // Code is a stable, documented error code (see openapi.yaml, Problem.code).
@@ -44,7 +45,15 @@ type Error struct {
 	// Fields lists offending fields for invalid_request.
 	Fields []FieldError
 	// Extra holds code-specific members, e.g. "balance" for insufficient_credits.
+	// Only members openapi.yaml declares on Problem reach a client.
 	Extra map[string]any
+	// RetryAfter, when positive, is how long the caller should wait before
+	// trying again (rate_limited, unavailable); the HTTP layer sends it as
+	// Retry-After and retry_after_seconds.
+	RetryAfter time.Duration
+	// Unprocessable marks an Invalid error about a well-formed request that
+	// asks for something tally cannot do (answered 422 rather than 400).
+	Unprocessable bool
 	// Err is the underlying cause, kept for logs and errors.Is; never shown.
 	Err error
 }
@@ -71,6 +80,15 @@ func Wrap(err error, code Code, format string, args ...any) *Error {
 // InvalidField is the invalid_request error for one field.
 func InvalidField(pointer, detail string) *Error {
 	return &Error{Code: Invalid, Message: detail, Fields: []FieldError{{Pointer: pointer, Detail: detail}}}
+}
+
+// UnprocessableField is the invalid_request error for one field of a
+// well-formed request whose value, though valid on its own, cannot be
+// honoured (a quantity whose credits exceed the largest grant).
+func UnprocessableField(pointer, detail string) *Error {
+	e := InvalidField(pointer, detail)
+	e.Unprocessable = true
+	return e
 }
 
 // CodeOf returns the code of the first *Error in err's chain, or Internal.

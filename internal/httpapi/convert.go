@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"strconv"
+	"time"
 
 	"github.com/tallybilling/tally/api"
 	"github.com/tallybilling/tally/internal/config"
@@ -60,8 +61,11 @@ func toAPICatalog(c config.Catalog) api.Catalog {
 	out := api.Catalog{CreditPacks: []api.CreditPack{}, Products: []api.Product{}, Plans: []api.Plan{}}
 	for _, p := range c.CreditPacks {
 		pack := api.CreditPack{Id: p.ID, Name: p.Name, Amount: p.Amount, Currency: p.Currency, Credits: p.Credits}
-		if p.ExpiresAfter > 0 {
-			secs := int64(p.ExpiresAfter.Seconds())
+		if m := p.Expiry.Months; m > 0 {
+			pack.ExpiresAfterMonths = &m
+		}
+		if d := p.Expiry.Duration; d > 0 {
+			secs := int64((d + time.Second - 1) / time.Second)
 			pack.ExpiresAfterSeconds = &secs
 		}
 		out.CreditPacks = append(out.CreditPacks, pack)
@@ -202,6 +206,11 @@ func toAPIPayment(p payments.Payment) api.Payment {
 		InvoiceId: ptrIfSet(p.InvoiceID), SubscriptionId: ptrIfSet(p.SubscriptionID), FailureReason: ptrIfSet(p.FailureReason),
 		CreatedAt: p.CreatedAt, UpdatedAt: p.UpdatedAt, SucceededAt: p.SucceededAt,
 		Transitions: make([]api.PaymentTransition, 0, len(p.Transitions)),
+	}
+	out.ReceivedCurrency = ptrIfSet(p.ReceivedCurrency)
+	if p.Checkout.Known() {
+		tax := p.Checkout.AmountTax
+		out.AmountTax = &tax
 	}
 	for _, t := range p.Transitions {
 		out.Transitions = append(out.Transitions, api.PaymentTransition{

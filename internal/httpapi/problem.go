@@ -6,6 +6,7 @@ import (
 	"log/slog"
 	"net/http"
 	"strconv"
+	"time"
 
 	"github.com/labstack/echo/v4"
 
@@ -55,8 +56,17 @@ type problemStatus struct {
 func (p *problemStatus) Error() string { return p.err.Error() }
 func (p *problemStatus) Unwrap() error { return p.err }
 
+// problemMembers are the members a code may add to a problem, as
+// openapi.yaml declares them on Problem. An Extra member not listed here
+// never reaches a client: the body stays inside the contract.
+var problemMembers = map[string]bool{
+	"balance": true, // insufficient_credits
+}
+
 // errorHandler writes every error as application/problem+json. Internal
 // errors are logged with the request id and answered without details.
+// A 429 or 503 whose error knows when to come back carries Retry-After
+// (whole seconds, rounded up) and the same number as retry_after_seconds.
 func errorHandler(logger *slog.Logger) echo.HTTPErrorHandler {
 	return func(err error, c echo.Context) {
 		if c.Response().Committed {
@@ -87,14 +97,13 @@ func errorHandler(logger *slog.Logger) echo.HTTPErrorHandler {
 			body["errors"] = fields
 		}
 		for k, v := range e.Extra {
-			if _, taken := body[k]; !taken {
+			if _, taken := body[k]; !taken && problemMembers[k] {
 				body[k] = v
 			}
 		}
-		if e.Code == errs.RateLimited {
-			if ra, ok := e.Extra["retry_after"].(int); ok {
-				c.Response().Header().Set("Retry-After", strconv.Itoa(ra))
-			}
+		if secs := retryAfterSeconds(e.RetryAfter); secs > 0 && (status == http.StatusTooManyRequests || status == http.StatusServiceUnavailable) {
+			c.Response().Header().Set("Retry-After", strconv.FormatInt(secs, 10))
+			body["retry_after_seconds"] = secs
 		}
 		b, _ := json.Marshal(body)
 		c.Response().Header().Set(echo.HeaderContentType, "application/problem+json")
@@ -103,6 +112,14 @@ func errorHandler(logger *slog.Logger) echo.HTTPErrorHandler {
 			_, _ = c.Response().Write(b)
 		}
 	}
+}
+
+// retryAfterSeconds rounds d up to whole seconds, as Retry-After counts them.
+func retryAfterSeconds(d time.Duration) int64 {
+	if d <= 0 {
+		return 0
+	}
+	return int64((d + time.Second - 1) / time.Second)
 }
 
 // classify turns any error into a coded error and the status to answer.
@@ -116,7 +133,16 @@ func classify(err error) (*errs.Error, int) {
 		return errs.E(errs.PayloadTooLarge, "the request body is larger than %d bytes", mbe.Limit), http.StatusRequestEntityTooLarge
 	}
 	if e, ok := errs.As(err); ok {
-		return e, statusOf[e.Code]
+		status, known := statusOf[e.Code]
+		switch {
+		case !known:
+			// A code without a status is a programming error: answer it as
+			// the internal error it is, never with status 0.
+			return &errs.Error{Code: errs.Internal, Err: err}, http.StatusInternalServerError
+		case e.Code == errs.Invalid && e.Unprocessable:
+			status = http.StatusUnprocessableEntity
+		}
+		return e, status
 	}
 	var he *echo.HTTPError
 	if errors.As(err, &he) {

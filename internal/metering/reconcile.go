@@ -159,17 +159,18 @@ func (s *Service) summaries(ctx context.Context, in stripeapi.SummaryInput) ([]s
 
 // summaryFailed is the error of a reconciliation that could not compare
 // customerID: it names the customer and keeps the Stripe error's code and
-// extras (retry_after_seconds), so the caller sees why and when to retry.
+// extras and Retry-After, so the caller sees why and when to retry.
 func summaryFailed(err error, meter, customerID, stripeCustomerID string, checked, total int) error {
-	code, cause, extra := errs.Unavailable, err.Error(), map[string]any(nil)
+	code, cause, extra, retryAfter := errs.Unavailable, err.Error(), map[string]any(nil), time.Duration(0)
 	if inner, ok := errs.As(err); ok {
-		code, cause, extra = inner.Code, inner.Message, inner.Extra
+		code, cause, extra, retryAfter = inner.Code, inner.Message, inner.Extra, inner.RetryAfter
 	}
 	return &errs.Error{
 		Code: code,
 		Message: fmt.Sprintf("reconciliation of meter %s failed at customer %s (Stripe customer %s) after %d of %d customers; no partial report: %s",
 			meter, customerID, stripeCustomerID, checked, total, cause),
-		Extra: extra,
-		Err:   err,
+		Extra:      extra,
+		RetryAfter: retryAfter,
+		Err:        err,
 	}
 }

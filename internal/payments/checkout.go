@@ -8,6 +8,7 @@ import (
 
 	"gorm.io/gorm"
 
+	"github.com/tallybilling/tally/internal/config"
 	"github.com/tallybilling/tally/internal/customers"
 	"github.com/tallybilling/tally/internal/db"
 	"github.com/tallybilling/tally/internal/errs"
@@ -47,13 +48,13 @@ type checkoutAnswer struct {
 
 // item is a catalog entry resolved for a payment.
 type item struct {
-	kind         ItemKind
-	name         string
-	unitAmount   int64
-	currency     string
-	credits      int64
-	expiresAfter time.Duration
-	stripePrice  string
+	kind        ItemKind
+	name        string
+	unitAmount  int64
+	currency    string
+	credits     int64
+	expiry      config.Expiry
+	stripePrice string
 }
 
 func (s *Service) resolve(in *CheckoutInput) (item, error) {
@@ -62,7 +63,7 @@ func (s *Service) resolve(in *CheckoutInput) (item, error) {
 	}
 	var it item
 	if p, ok := s.catalog.Pack(in.Item); ok {
-		it = item{kind: KindCreditPack, name: p.Name, unitAmount: p.Amount, currency: p.Currency, credits: p.Credits, expiresAfter: p.ExpiresAfter}
+		it = item{kind: KindCreditPack, name: p.Name, unitAmount: p.Amount, currency: p.Currency, credits: p.Credits, expiry: p.Expiry}
 	} else if p, ok := s.catalog.Product(in.Item); ok {
 		it = item{kind: KindProduct, name: p.Name, unitAmount: p.Amount, currency: p.Currency}
 	} else if p, ok := s.catalog.Plan(in.Item); ok {
@@ -78,6 +79,15 @@ func (s *Service) resolve(in *CheckoutInput) (item, error) {
 	}
 	if it.kind == KindPlan && in.Quantity != 1 {
 		return item{}, errs.InvalidField("/quantity", "a plan is subscribed to once; quantity must be 1")
+	}
+	// Both products fit in int64: credits ≤ 1e12 and amounts < 1e8, times at most MaxQuantity.
+	if it.credits*in.Quantity > config.MaxCredits {
+		return item{}, errs.UnprocessableField("/quantity", fmt.Sprintf("%d × %s is %d credits, more than the largest grant (%d); buy at most %d",
+			in.Quantity, in.Item, it.credits*in.Quantity, int64(config.MaxCredits), config.MaxCredits/it.credits))
+	}
+	if it.unitAmount*in.Quantity > config.MaxAmount {
+		return item{}, errs.UnprocessableField("/quantity", fmt.Sprintf("%d × %s costs %d, more than Stripe charges in one payment (%d); buy at most %d",
+			in.Quantity, in.Item, it.unitAmount*in.Quantity, config.MaxAmount, config.MaxAmount/it.unitAmount))
 	}
 	if !s.catalog.RedirectAllowed(in.SuccessURL) {
 		return item{}, errs.InvalidField("/success_url", "success_url is not under an allowed redirect prefix")
@@ -96,17 +106,27 @@ func (s *Service) resolve(in *CheckoutInput) (item, error) {
 // The payment is committed before Stripe is called, so a session that
 // Stripe creates always names a payment we know. When Stripe fails, the
 // payment is marked failed with the reason, and the error is returned.
+// Once the payment is written the work no longer depends on the caller
+// staying connected: a client that gives up and retries meets the first
+// attempt (in flight, then replayed) rather than a second session.
 //
-// key, when it has a Key, guards the call with db.Reserve / Complete: a
-// repeat with the same key and body replays the first answer
-// (replayed=true), a concurrent one is refused while the first waits on
-// Stripe.
+// key, when it has a Key, guards the call with a db.Reservation: a repeat
+// with the same key and body replays the first answer (replayed=true), a
+// concurrent one is refused while the first waits on Stripe. The
+// reservation is renewed while Stripe is called, however long that takes,
+// so no retry can take the key over from a live attempt; a failed attempt
+// releases it at once, storing nothing, so the retry runs again.
+//
+// A customer may start at most Checkout.RateLimit checkouts a minute (see
+// allowCheckout); a replay does not count, and a refused one spends
+// nothing.
 //
 // Errors: errs.Invalid (naming /item, /quantity, /success_url or
 // /cancel_url), errs.IdempotencyKeyInFlight, errs.IdempotencyKeyReused,
-// errs.PaymentProviderError, errs.RateLimited, errs.Unavailable (also when
-// no Stripe key is configured).
-func (s *Service) CreateCheckout(ctx context.Context, in CheckoutInput, key db.IdempotencyKey) (res CheckoutResult, replayed bool, err error) {
+// errs.PaymentProviderError, errs.RateLimited (the customer's limit, with
+// RetryAfter, or Stripe's), errs.Unavailable (also when no Stripe key is
+// configured).
+func (s *Service) CreateCheckout(ctx context.Context, in CheckoutInput, key db.IdempotencyKey) (CheckoutResult, bool, error) {
 	it, err := s.resolve(&in)
 	if err != nil {
 		return CheckoutResult{}, false, err
@@ -114,33 +134,51 @@ func (s *Service) CreateCheckout(ctx context.Context, in CheckoutInput, key db.I
 	if s.stripe == nil {
 		return CheckoutResult{}, false, errs.E(errs.Unavailable, "checkout is not available: no Stripe key is configured (TALLY_STRIPE_SECRET_KEY)")
 	}
-	guarded := key.Key != ""
-	if guarded {
-		stored, again, err := db.Reserve(ctx, s.db, key)
+	var r *db.Reservation
+	if key.Key != "" {
+		reserved, err := db.Reserve(ctx, s.db, key, s.reservationLease)
 		if err != nil {
 			return CheckoutResult{}, false, err
 		}
-		if again {
+		if reserved.Replayed {
 			var a checkoutAnswer
-			if err := json.Unmarshal(stored, &a); err != nil {
+			if err := json.Unmarshal(reserved.Result, &a); err != nil {
 				return CheckoutResult{}, false, fmt.Errorf("payments: stored checkout answer: %w", err)
 			}
 			return CheckoutResult(a), true, nil
 		}
-		defer func() {
-			if err != nil {
-				// Let the client retry with the same key; the failed payment stays for the record.
-				if rerr := db.Release(context.WithoutCancel(ctx), s.db, key); rerr != nil {
-					s.logger.ErrorContext(ctx, "release idempotency key", "error", rerr)
-				}
-			}
-		}()
+		r = &reserved
 	}
+	res, err := s.limitedCheckout(ctx, in, it, r)
+	if err != nil {
+		if r != nil {
+			// Nothing is stored under the key: the client may retry at
+			// once. A failed payment stays on record.
+			if rerr := r.Release(context.WithoutCancel(ctx), s.db); rerr != nil {
+				s.logger.ErrorContext(ctx, "release idempotency key", "error", rerr)
+			}
+		}
+		return CheckoutResult{}, false, err
+	}
+	return res, false, nil
+}
 
+// limitedCheckout starts the checkout once the customer's rate limit allows it.
+func (s *Service) limitedCheckout(ctx context.Context, in CheckoutInput, it item, r *db.Reservation) (CheckoutResult, error) {
+	if err := s.allowCheckout(ctx, in.CustomerID); err != nil {
+		return CheckoutResult{}, err
+	}
+	return s.startCheckout(ctx, in, it, r)
+}
+
+// startCheckout does the work of CreateCheckout; with r, it holds r while
+// Stripe is called and completes it with the answer, in the transaction
+// that records the session on the payment.
+func (s *Service) startCheckout(ctx context.Context, in CheckoutInput, it item, r *db.Reservation) (CheckoutResult, error) {
 	now := s.now()
 	paymentID := db.NewID("pay")
 	var stripeCustomer string
-	err = db.InTx(ctx, s.db, func(tx *gorm.DB) error {
+	err := db.InTx(ctx, s.db, func(tx *gorm.DB) error {
 		if _, err := customers.Ensure(ctx, tx, in.CustomerID, now); err != nil {
 			return err
 		}
@@ -149,16 +187,21 @@ func (s *Service) CreateCheckout(ctx context.Context, in CheckoutInput, key db.I
 			return err
 		}
 		stripeCustomer = c.StripeCustomerID
-		var expire *int64
-		if it.expiresAfter > 0 {
-			secs := int64(it.expiresAfter / time.Second)
-			expire = &secs
+		var expireSeconds *int64
+		var expireMonths *int
+		switch {
+		case it.kind != KindCreditPack:
+		case it.expiry.Months > 0:
+			expireMonths = &it.expiry.Months
+		case it.expiry.Duration > 0:
+			secs := int64((it.expiry.Duration + time.Second - 1) / time.Second)
+			expireSeconds = &secs
 		}
 		err = tx.Exec(`INSERT INTO payments (id, customer_id, item, item_kind, quantity, status, unit_amount, amount,
-				currency, credits, credits_expire_after_seconds, livemode, created_at, updated_at)
-			VALUES (?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?)`,
+				currency, credits, credits_expire_after_seconds, credits_expire_after_months, livemode, created_at, updated_at)
+			VALUES (?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, ?)`,
 			paymentID, in.CustomerID, in.Item, string(it.kind), in.Quantity, it.unitAmount, it.unitAmount*in.Quantity,
-			it.currency, it.credits*in.Quantity, expire, s.livemode, now, now).Error
+			it.currency, it.credits*in.Quantity, expireSeconds, expireMonths, s.livemode, now, now).Error
 		if err != nil {
 			return db.Translate(err, nil)
 		}
@@ -166,14 +209,65 @@ func (s *Service) CreateCheckout(ctx context.Context, in CheckoutInput, key db.I
 			VALUES (?, NULL, 'pending', true, 'checkout requested', ?)`, paymentID, now).Error, nil)
 	})
 	if err != nil {
-		return CheckoutResult{}, false, err
+		return CheckoutResult{}, err
 	}
 
+	// The payment is on record: from here the work runs to its end even if
+	// the caller hangs up, and stops only if its reservation is lost.
+	work, stop := context.WithCancelCause(context.WithoutCancel(ctx))
+	defer stop(nil)
+	release := func() {}
+	if r != nil {
+		release = s.holdReservation(work, *r, stop)
+	}
+	res, err := s.createSession(work, in, it, paymentID, stripeCustomer, now)
+	// Renewals end before the reservation is completed or released.
+	release()
+	if err != nil {
+		if cause := context.Cause(work); cause != nil {
+			err = errs.Wrap(err, errs.Unavailable, "the checkout lost its idempotency reservation: %v", cause)
+		}
+		s.markCreationFailed(work, paymentID, err)
+		return CheckoutResult{}, err
+	}
+	answer, err := json.Marshal(checkoutAnswer(res.CheckoutResult))
+	if err != nil {
+		return CheckoutResult{}, err
+	}
+	err = db.InTx(work, s.db, func(tx *gorm.DB) error {
+		err := tx.Exec(`UPDATE payments SET checkout_session_id = ?, stripe_customer_id = ?,
+				payment_intent_id = COALESCE(payment_intent_id, NULLIF(?, '')), updated_at = ?
+			WHERE id = ?`, res.CheckoutSessionID, res.stripeCustomer, res.paymentIntent, s.now(), paymentID).Error
+		if err != nil {
+			return db.Translate(err, nil)
+		}
+		if r != nil {
+			return r.Complete(work, tx, answer)
+		}
+		return nil
+	})
+	if err != nil {
+		return CheckoutResult{}, err
+	}
+	return res.CheckoutResult, nil
+}
+
+// createdSession is a Checkout Session Stripe created for a payment, with
+// what the payment learns from it.
+type createdSession struct {
+	CheckoutResult
+	stripeCustomer string
+	paymentIntent  string
+}
+
+// createSession links the Stripe customer when needed and creates the
+// payment's Checkout Session.
+func (s *Service) createSession(ctx context.Context, in CheckoutInput, it item, paymentID, stripeCustomer string, now time.Time) (createdSession, error) {
 	if stripeCustomer == "" {
+		var err error
 		stripeCustomer, err = s.linkStripeCustomer(ctx, in.CustomerID)
 		if err != nil {
-			s.markCreationFailed(ctx, paymentID, err)
-			return CheckoutResult{}, false, err
+			return createdSession{}, err
 		}
 	}
 
@@ -202,33 +296,59 @@ func (s *Service) CreateCheckout(ctx context.Context, in CheckoutInput, key db.I
 	}
 	cs, err := s.stripe.CreateCheckoutSession(ctx, sin)
 	if err != nil {
-		s.markCreationFailed(ctx, paymentID, err)
-		return CheckoutResult{}, false, err
+		return createdSession{}, err
 	}
-	res = CheckoutResult{PaymentID: paymentID, CheckoutSessionID: cs.ID, URL: cs.URL, ExpiresAt: cs.ExpiresAt}
+	res := createdSession{
+		CheckoutResult: CheckoutResult{PaymentID: paymentID, CheckoutSessionID: cs.ID, URL: cs.URL, ExpiresAt: cs.ExpiresAt},
+		stripeCustomer: stripeCustomer,
+		paymentIntent:  cs.PaymentIntentID,
+	}
 	if res.ExpiresAt.IsZero() {
 		res.ExpiresAt = sin.ExpiresAt
 	}
-	answer, err := json.Marshal(checkoutAnswer(res))
-	if err != nil {
-		return CheckoutResult{}, false, err
-	}
-	err = db.InTx(ctx, s.db, func(tx *gorm.DB) error {
-		err := tx.Exec(`UPDATE payments SET checkout_session_id = ?, stripe_customer_id = ?,
-				payment_intent_id = COALESCE(payment_intent_id, NULLIF(?, '')), updated_at = ?
-			WHERE id = ?`, cs.ID, stripeCustomer, cs.PaymentIntentID, s.now(), paymentID).Error
-		if err != nil {
-			return db.Translate(err, nil)
+	return res, nil
+}
+
+// holdReservation renews r every third of its lease until the returned
+// function is called (which waits for the renewer to stop). When a renewal
+// finds the reservation no longer held, or two renewals in a row fail so
+// that the lease is about to lapse, it calls lost: the work must stop
+// before another request can take the key over and start a second session.
+func (s *Service) holdReservation(ctx context.Context, r db.Reservation, lost context.CancelCauseFunc) (release func()) {
+	done := make(chan struct{})
+	stopped := make(chan struct{})
+	go func() {
+		defer close(stopped)
+		t := time.NewTicker(r.Lease / 3)
+		defer t.Stop()
+		failures := 0
+		for {
+			select {
+			case <-done:
+				return
+			case <-t.C:
+			}
+			err := r.Renew(ctx, s.db)
+			switch {
+			case err == nil:
+				failures = 0
+				continue
+			case errs.Is(err, errs.Conflict):
+				lost(fmt.Errorf("payments: checkout reservation lost: %w", err))
+				return
+			}
+			failures++
+			s.logger.WarnContext(ctx, "renew checkout reservation", "error", err, "failures", failures)
+			if failures >= 2 {
+				lost(fmt.Errorf("payments: checkout reservation could not be renewed: %w", err))
+				return
+			}
 		}
-		if guarded {
-			return db.Complete(ctx, tx, key, answer)
-		}
-		return nil
-	})
-	if err != nil {
-		return CheckoutResult{}, false, err
+	}()
+	return func() {
+		close(done)
+		<-stopped
 	}
-	return res, false, nil
 }
 
 // linkStripeCustomer creates the customer's Stripe Customer (idempotent at

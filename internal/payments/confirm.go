@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"strings"
-	"time"
 
 	"gorm.io/gorm"
 
@@ -14,6 +13,7 @@ import (
 	"github.com/tallybilling/tally/internal/db"
 	"github.com/tallybilling/tally/internal/errs"
 	"github.com/tallybilling/tally/internal/events"
+	"github.com/tallybilling/tally/internal/stripeapi"
 )
 
 // The Stripe objects, reduced to the fields tally acts on. stripehook fills
@@ -44,10 +44,54 @@ type CheckoutSession struct {
 	Invoice           string
 	Subscription      string
 	ClientReferenceID string
-	AmountTotal       *int64
-	Currency          string
-	Livemode          bool
-	Metadata          map[string]string
+	// Currency and the amounts are what the buyer is charged: before
+	// discounts and taxes, after them, and the tax Stripe Tax added.
+	Currency       string
+	AmountSubtotal *int64
+	AmountTotal    *int64
+	AmountTax      *int64
+	// Conversion is currency_conversion, set when Adaptive Pricing converted
+	// the session into the buyer's currency (sessions created before
+	// 2025-03-31): its amounts are in the currency the session was created in.
+	Conversion *CurrencyConversion
+	Livemode   bool
+	Metadata   map[string]string
+}
+
+// CurrencyConversion is a Checkout Session's amounts in the currency it
+// was created in, before Adaptive Pricing converted them.
+type CurrencyConversion struct {
+	SourceCurrency string
+	AmountSubtotal int64
+	AmountTotal    int64
+}
+
+// totals are the session's amounts, when it carries them.
+func (cs CheckoutSession) totals() (CheckoutTotals, bool) {
+	if cs.Currency == "" || cs.AmountSubtotal == nil || cs.AmountTotal == nil {
+		return CheckoutTotals{}, false
+	}
+	t := CheckoutTotals{Currency: strings.ToLower(cs.Currency), AmountSubtotal: *cs.AmountSubtotal, AmountTotal: *cs.AmountTotal}
+	if cs.AmountTax != nil {
+		t.AmountTax = *cs.AmountTax
+	}
+	if c := cs.Conversion; c != nil && c.SourceCurrency != "" {
+		t.SourceCurrency, t.SourceAmountSubtotal = strings.ToLower(c.SourceCurrency), c.AmountSubtotal
+	}
+	return t, true
+}
+
+// fromStripe is a retrieved session as the confirmation reads it.
+func fromStripe(s stripeapi.CheckoutSession) CheckoutSession {
+	cs := CheckoutSession{
+		ID: s.ID, Mode: s.Mode, Status: s.Status, PaymentStatus: s.PaymentStatus, PaymentIntent: s.PaymentIntentID,
+		Currency: s.Currency, AmountSubtotal: &s.AmountSubtotal, AmountTotal: &s.AmountTotal, AmountTax: &s.AmountTax,
+		Livemode: s.Livemode, Metadata: s.Metadata,
+	}
+	if c := s.Conversion; c != nil {
+		cs.Conversion = &CurrencyConversion{SourceCurrency: c.SourceCurrency, AmountSubtotal: c.AmountSubtotal, AmountTotal: c.AmountTotal}
+	}
+	return cs
 }
 
 // Charge is a Stripe Charge (charge.refunded).
@@ -146,19 +190,30 @@ type confirmation struct {
 	livemode        bool
 	// customerID is our customer id from the object's metadata, if any.
 	customerID string
+	// session, when set, is the Checkout Session the confirmation is
+	// checked against: the event's own (confirm_on=checkout_session) or the
+	// one retrieved from Stripe because the payment did not know yet which
+	// PaymentIntent its session names or what it charged.
+	session *CheckoutSession
 }
 
 // PaymentIntentSucceeded is the only event that credits or fulfils under
 // confirm_on=payment_intent. Before money moves the validation chain runs:
 // the metadata names a payment of ours (and, when it names a customer, that
-// payment's customer), amount_received and currency match it, livemode
-// matches our key. Then, in one transaction: the confirmation
-// row keyed by the PaymentIntent id (a second delivery finds it and does
-// nothing), the transition to succeeded, the credit grant for packs and the
-// payment.succeeded event.
+// payment's customer); the PaymentIntent is the one the Checkout Session
+// tally created for the payment names (when the payment does not know yet,
+// the session is retrieved from Stripe: a PaymentIntent tally did not
+// create, carrying copied metadata and the right amount, is refused); the
+// session's amount before tax, in the catalog currency, is the catalog
+// price; amount_received and currency are the session's total; livemode
+// matches our key (see checkAmounts). Then, in one transaction: the
+// confirmation row keyed by the PaymentIntent id (a second delivery finds
+// it and does nothing), the transition to succeeded, the credit grant for
+// packs and the payment.succeeded event.
 //
 // Errors: ErrNotOurs (no tally metadata, no known PaymentIntent),
-// *Rejection (the chain refused it), errs.Unavailable, others (retry).
+// *Rejection (the chain refused it), errs.Unavailable, others (retry; also
+// when Stripe cannot be asked for the session).
 func (s *Service) PaymentIntentSucceeded(ctx context.Context, ev EventRef, pi PaymentIntent) error {
 	id, err := s.paymentFor(ctx, pi.Metadata, map[string]string{"payment_intent_id": pi.ID})
 	if err != nil {
@@ -168,11 +223,16 @@ func (s *Service) PaymentIntentSucceeded(ctx context.Context, ev EventRef, pi Pa
 		return ErrNotOurs
 	}
 	if s.checkout.ConfirmOn != config.ConfirmOnPaymentIntent {
-		// Legacy strategy: the Checkout Session events credit; only remember the link.
-		return s.link(ctx, ev, id, pi.Livemode, map[string]string{"payment_intent_id": pi.ID})
+		// Legacy strategy: the Checkout Session events credit. The
+		// PaymentIntent is linked by them, from the session tally created.
+		return s.inEventTx(ctx, ev, id, pi.Livemode, pi.ID, func(*gorm.DB, Payment) error { return nil })
+	}
+	session, err := s.sessionToVerify(ctx, id, pi.ID)
+	if err != nil {
+		return err
 	}
 	return s.confirm(ctx, ev, id, confirmation{paymentIntentID: pi.ID, amountReceived: pi.AmountReceived, currency: pi.Currency,
-		livemode: pi.Livemode, customerID: pi.Metadata["tally_customer_id"]})
+		livemode: pi.Livemode, customerID: pi.Metadata["tally_customer_id"], session: session})
 }
 
 func (s *Service) confirm(ctx context.Context, ev EventRef, paymentID string, c confirmation) error {
@@ -183,12 +243,6 @@ func (s *Service) confirm(ctx context.Context, ev EventRef, paymentID string, c 
 		if c.customerID != "" && c.customerID != p.CustomerID {
 			return reject("metadata names customer %s, but payment %s belongs to %s", c.customerID, p.ID, p.CustomerID)
 		}
-		if !strings.EqualFold(c.currency, p.Currency) {
-			return reject("currency %q does not match payment %s (%q)", c.currency, p.ID, p.Currency)
-		}
-		if c.amountReceived != p.Amount {
-			return reject("amount_received %d does not match payment %s (expected %d)", c.amountReceived, p.ID, p.Amount)
-		}
 		var confirmedBy []string
 		if err := tx.Raw(`SELECT payment_intent_id FROM payment_confirmations WHERE payment_id = ?`, p.ID).Scan(&confirmedBy).Error; err != nil {
 			return db.Translate(err, nil)
@@ -198,6 +252,17 @@ func (s *Service) confirm(ctx context.Context, ev EventRef, paymentID string, c 
 				return nil // already confirmed: a redelivery, a replay or the other strategy
 			}
 			return reject("payment %s was already confirmed by PaymentIntent %s", p.ID, confirmedBy[0])
+		}
+		if c.session != nil {
+			if err := s.sessionNames(c.session, p, c.paymentIntentID); err != nil {
+				return err
+			}
+			if err := s.recordSession(ctx, tx, &p, *c.session); err != nil {
+				return err
+			}
+		}
+		if err := checkAmounts(p, c); err != nil {
+			return err
 		}
 		res := tx.Exec(`INSERT INTO payment_confirmations (payment_intent_id, payment_id, stripe_event_id)
 			VALUES (?, ?, NULLIF(?, '')) ON CONFLICT (payment_intent_id) DO NOTHING`, c.paymentIntentID, p.ID, ev.ID)
@@ -215,18 +280,15 @@ func (s *Service) confirm(ctx context.Context, ev EventRef, paymentID string, c 
 			return reject("payment %s is %s and cannot become succeeded", p.ID, p.Status)
 		}
 		now := s.now()
-		err = tx.Exec(`UPDATE payments SET status = 'succeeded', amount_received = ?, payment_intent_id = ?,
+		received := strings.ToLower(c.currency)
+		err = tx.Exec(`UPDATE payments SET status = 'succeeded', amount_received = ?, received_currency = ?, payment_intent_id = ?,
 				succeeded_at = ?, failure_reason = NULL, updated_at = ? WHERE id = ?`,
-			c.amountReceived, c.paymentIntentID, now, now, p.ID).Error
+			c.amountReceived, received, c.paymentIntentID, now, now, p.ID).Error
 		if err != nil {
 			return db.Translate(err, map[string]errs.Code{"payments_payment_intent_id_key": errs.Conflict})
 		}
 		if p.ItemKind == KindCreditPack && p.Credits > 0 {
-			var expires *time.Time
-			if p.CreditsExpireAfter > 0 {
-				t := now.Add(p.CreditsExpireAfter)
-				expires = &t
-			}
+			expires := p.CreditsExpiry().After(now)
 			_, err := credits.Grant(ctx, tx, s.now, credits.GrantInput{
 				CustomerID: p.CustomerID,
 				Amount:     p.Credits,
@@ -242,7 +304,8 @@ func (s *Service) confirm(ctx context.Context, ev EventRef, paymentID string, c 
 		}
 		return events.Append(ctx, tx, events.Event{Type: events.PaymentSucceeded, CustomerID: p.CustomerID, Data: map[string]any{
 			"payment_id": p.ID, "item": p.Item, "item_kind": p.ItemKind, "quantity": p.Quantity,
-			"amount": c.amountReceived, "currency": p.Currency, "credits": p.Credits,
+			"amount": c.amountReceived, "currency": received, "amount_tax": p.Checkout.AmountTax,
+			"price": p.Amount, "price_currency": p.Currency, "credits": p.Credits,
 			"payment_intent_id": c.paymentIntentID, "stripe_event_id": ev.ID,
 		}})
 	})
@@ -272,7 +335,9 @@ func (s *Service) PaymentIntentFailed(ctx context.Context, ev EventRef, pi Payme
 	if reason == "" {
 		reason = strings.TrimPrefix(ev.Type, "payment_intent.")
 	}
-	return s.fail(ctx, ev, id, pi.Livemode, reason, map[string]string{"payment_intent_id": pi.ID})
+	// A PaymentIntent's own event links nothing: only the payment's Checkout
+	// Session may tell which PaymentIntent is the payment's.
+	return s.fail(ctx, ev, id, pi.Livemode, pi.ID, reason, nil)
 }
 
 // CheckoutSessionFailed handles checkout.session.async_payment_failed and
@@ -286,7 +351,7 @@ func (s *Service) CheckoutSessionFailed(ctx context.Context, ev EventRef, cs Che
 	if ev.Type != "checkout.session.expired" {
 		reason = "asynchronous payment failed"
 	}
-	return s.fail(ctx, ev, id, cs.Livemode, reason, sessionLinks(cs))
+	return s.fail(ctx, ev, id, cs.Livemode, cs.PaymentIntent, reason, &cs)
 }
 
 func (s *Service) sessionPayment(ctx context.Context, cs CheckoutSession) (string, error) {
@@ -337,20 +402,21 @@ func (s *Service) applyLinks(ctx context.Context, tx *gorm.DB, p Payment, links 
 	return nil
 }
 
-// link records Stripe ids on a payment without moving it.
-func (s *Service) link(ctx context.Context, ev EventRef, paymentID string, livemode bool, links map[string]string) error {
-	return s.inEventTx(ctx, ev, paymentID, livemode, links["payment_intent_id"], func(tx *gorm.DB, p Payment) error {
-		return s.applyLinks(ctx, tx, p, links)
-	})
-}
-
-func (s *Service) fail(ctx context.Context, ev EventRef, paymentID string, livemode bool, reason string, links map[string]string) error {
-	return s.inEventTx(ctx, ev, paymentID, livemode, links["payment_intent_id"], func(tx *gorm.DB, p Payment) error {
-		if p.Status == Pending || p.Status == Failed {
+// fail moves the payment to failed for the event ev; session is the
+// event's Checkout Session when it is a session event (which must be the
+// payment's own, and teaches a payment still in play its ids).
+func (s *Service) fail(ctx context.Context, ev EventRef, paymentID string, livemode bool, paymentIntentID, reason string, session *CheckoutSession) error {
+	return s.inEventTx(ctx, ev, paymentID, livemode, paymentIntentID, func(tx *gorm.DB, p Payment) error {
+		if session != nil {
+			if err := ownSession(p, session.ID); err != nil {
+				return err
+			}
 			// Only a payment still in play learns ids from a failure; a late
 			// failure must not rewrite a succeeded payment's links.
-			if err := s.applyLinks(ctx, tx, p, links); err != nil {
-				return err
+			if p.Status == Pending || p.Status == Failed {
+				if err := s.recordSession(ctx, tx, &p, *session); err != nil {
+					return err
+				}
 			}
 		}
 		if p.Status == Failed {
@@ -411,14 +477,17 @@ func (s *Service) CheckoutSessionAsyncSucceeded(ctx context.Context, ev EventRef
 }
 
 // linkSession finds the payment a session event names and records the
-// session's Stripe ids on it, as every successful session event does first.
+// session's Stripe ids and amounts on it, as every successful session event
+// does first; the session must be the one tally created for the payment.
 // Errors: ErrNotOurs, *Rejection, errs.Unavailable.
 func (s *Service) linkSession(ctx context.Context, ev EventRef, cs CheckoutSession) (string, error) {
 	id, err := s.sessionPayment(ctx, cs)
 	if err != nil {
 		return "", err
 	}
-	return id, s.link(ctx, ev, id, cs.Livemode, sessionLinks(cs))
+	return id, s.inEventTx(ctx, ev, id, cs.Livemode, cs.PaymentIntent, func(tx *gorm.DB, p Payment) error {
+		return s.recordSession(ctx, tx, &p, cs)
+	})
 }
 
 func (s *Service) confirmSession(ctx context.Context, ev EventRef, paymentID string, cs CheckoutSession) error {
@@ -426,13 +495,16 @@ func (s *Service) confirmSession(ctx context.Context, ev EventRef, paymentID str
 		return reject("checkout session %s has no amount_total", cs.ID)
 	}
 	return s.confirm(ctx, ev, paymentID, confirmation{paymentIntentID: cs.PaymentIntent, amountReceived: *cs.AmountTotal, currency: cs.Currency,
-		livemode: cs.Livemode, customerID: cs.Metadata["tally_customer_id"]})
+		livemode: cs.Livemode, customerID: cs.Metadata["tally_customer_id"], session: &cs})
 }
 
 // subscribed moves a plan's payment to succeeded when its subscription
 // session completes; nothing is credited.
 func (s *Service) subscribed(ctx context.Context, ev EventRef, paymentID string, cs CheckoutSession) error {
 	return s.inEventTx(ctx, ev, paymentID, cs.Livemode, cs.PaymentIntent, func(tx *gorm.DB, p Payment) error {
+		if err := ownSession(p, cs.ID); err != nil {
+			return err
+		}
 		if p.Status == Succeeded {
 			return nil
 		}
@@ -474,8 +546,8 @@ func (s *Service) ChargeRefunded(ctx context.Context, ev EventRef, ch Charge) er
 		if ch.PaymentIntent == "" {
 			return reject("charge %s names no PaymentIntent, so it cannot be matched to payment %s", ch.ID, p.ID)
 		}
-		if !strings.EqualFold(ch.Currency, p.Currency) {
-			return reject("refund currency %q does not match payment %s (%q)", ch.Currency, p.ID, p.Currency)
+		if !strings.EqualFold(ch.Currency, paidCurrency(p)) {
+			return reject("refund currency %q does not match payment %s (%q)", ch.Currency, p.ID, paidCurrency(p))
 		}
 		// A refund leaves a disputed (or lost) payment in that state: it was
 		// made at Stripe before the dispute and is only delivered now.
@@ -502,7 +574,7 @@ func (s *Service) ChargeRefunded(ctx context.Context, ev EventRef, ch Charge) er
 		if delta <= 0 {
 			return nil // an older or repeated refund event: already applied
 		}
-		ok, err := transition(ctx, tx, p, to, ev, fmt.Sprintf("refunded %d of %d %s in total", ch.AmountRefunded, paid(p), p.Currency))
+		ok, err := transition(ctx, tx, p, to, ev, fmt.Sprintf("refunded %d of %d %s in total", ch.AmountRefunded, paid(p), paidCurrency(p)))
 		if err != nil {
 			return err
 		}
@@ -530,7 +602,7 @@ func (s *Service) ChargeRefunded(ctx context.Context, ev EventRef, ch Charge) er
 		}
 		return events.Append(ctx, tx, events.Event{Type: events.PaymentRefunded, CustomerID: p.CustomerID, Data: map[string]any{
 			"payment_id": p.ID, "amount_refunded": ch.AmountRefunded, "amount_refunded_delta": delta,
-			"currency": p.Currency, "credits_revoked": back.Taken, "credits_shortfall": back.Shortfall, "stripe_event_id": ev.ID,
+			"currency": paidCurrency(p), "credits_revoked": back.Taken, "credits_shortfall": back.Shortfall, "stripe_event_id": ev.ID,
 		}})
 	})
 }
@@ -541,6 +613,15 @@ func paid(p Payment) int64 {
 		return *p.AmountReceived
 	}
 	return p.Amount
+}
+
+// paidCurrency is the currency of paid(p): the buyer's when Stripe converted
+// the price (Adaptive Pricing), which its charges and refunds are in.
+func paidCurrency(p Payment) string {
+	if p.AmountReceived != nil && p.ReceivedCurrency != "" {
+		return p.ReceivedCurrency
+	}
+	return p.Currency
 }
 
 // SubscriptionChanged keeps a customer's subscription status from

@@ -93,8 +93,8 @@ func (s *Service) DisputeChanged(ctx context.Context, ev EventRef, d Dispute) er
 		if d.PaymentIntent == "" {
 			return reject("dispute %s names no PaymentIntent, so it cannot be matched to payment %s", d.ID, p.ID)
 		}
-		if !strings.EqualFold(d.Currency, p.Currency) {
-			return reject("dispute %s currency %q does not match payment %s (%q)", d.ID, d.Currency, p.ID, p.Currency)
+		if !strings.EqualFold(d.Currency, paidCurrency(p)) {
+			return reject("dispute %s currency %q does not match payment %s (%q)", d.ID, d.Currency, p.ID, paidCurrency(p))
 		}
 		if d.Amount < 1 {
 			return reject("dispute %s is about %d", d.ID, d.Amount)
@@ -169,7 +169,7 @@ func (s *Service) disputeWithdrawn(ctx context.Context, tx *gorm.DB, p Payment, 
 	if d.Status == "lost" {
 		to = DisputeLost
 	}
-	ok, err := transition(ctx, tx, p, to, ev, fmt.Sprintf("dispute %s (%s): %d %s withdrawn", d.ID, d.Reason, d.Amount, p.Currency))
+	ok, err := transition(ctx, tx, p, to, ev, fmt.Sprintf("dispute %s (%s): %d %s withdrawn", d.ID, d.Reason, d.Amount, paidCurrency(p)))
 	if err != nil {
 		return err
 	}
@@ -195,7 +195,7 @@ func (s *Service) disputeWithdrawn(ctx context.Context, tx *gorm.DB, p Payment, 
 		return db.Translate(err, nil)
 	}
 	err = events.Append(ctx, tx, events.Event{Type: events.PaymentDisputed, CustomerID: p.CustomerID, Data: map[string]any{
-		"payment_id": p.ID, "dispute_id": row.StripeDisputeID, "amount_disputed": row.Amount, "currency": p.Currency,
+		"payment_id": p.ID, "dispute_id": row.StripeDisputeID, "amount_disputed": row.Amount, "currency": paidCurrency(p),
 		"reason": d.Reason, "credits_revoked": back.Taken, "credits_shortfall": back.Shortfall, "stripe_event_id": ev.ID,
 	}})
 	if err != nil || to != DisputeLost {
@@ -220,7 +220,7 @@ func (s *Service) disputeLost(ctx context.Context, tx *gorm.DB, p Payment, row d
 
 func appendDisputeLost(ctx context.Context, tx *gorm.DB, p Payment, row disputeRow, ev EventRef) error {
 	return events.Append(ctx, tx, events.Event{Type: events.PaymentDisputeLost, CustomerID: p.CustomerID, Data: map[string]any{
-		"payment_id": p.ID, "dispute_id": row.StripeDisputeID, "amount_disputed": row.Amount, "currency": p.Currency,
+		"payment_id": p.ID, "dispute_id": row.StripeDisputeID, "amount_disputed": row.Amount, "currency": paidCurrency(p),
 		"stripe_event_id": ev.ID,
 	}})
 }
@@ -252,7 +252,7 @@ func (s *Service) disputeWon(ctx context.Context, tx *gorm.DB, p Payment, row di
 			to = Disputed
 		}
 	}
-	ok, err := transition(ctx, tx, p, to, ev, fmt.Sprintf("dispute %s won: %d %s reinstated", row.StripeDisputeID, row.Amount, p.Currency))
+	ok, err := transition(ctx, tx, p, to, ev, fmt.Sprintf("dispute %s won: %d %s reinstated", row.StripeDisputeID, row.Amount, paidCurrency(p)))
 	if err != nil {
 		return err
 	}

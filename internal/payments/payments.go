@@ -66,21 +66,29 @@ type Payment struct {
 	AmountReceived *int64
 	AmountRefunded int64
 	// Credits is what the payment grants once it succeeds (0 but for packs);
-	// CreditsExpireAfter is how long they stay spendable (0: never).
-	Credits            int64
-	CreditsExpireAfter time.Duration
-	Livemode           bool
-	CheckoutSessionID  string
-	PaymentIntentID    string
-	InvoiceID          string
-	SubscriptionID     string
-	StripeCustomerID   string
+	// they stay spendable CreditsExpireAfterMonths calendar months, or
+	// CreditsExpireAfter, or (both zero) forever: see CreditsExpiry.
+	Credits                  int64
+	CreditsExpireAfter       time.Duration
+	CreditsExpireAfterMonths int
+	Livemode                 bool
+	CheckoutSessionID        string
+	PaymentIntentID          string
+	InvoiceID                string
+	SubscriptionID           string
+	StripeCustomerID         string
 	// CheckoutPaymentStatus is Stripe's Checkout payment_status last seen.
 	CheckoutPaymentStatus string
-	FailureReason         string
-	CreatedAt             time.Time
-	UpdatedAt             time.Time
-	SucceededAt           *time.Time
+	// Checkout is what the payment's Checkout Session charges, once a
+	// session event or a retrieval told it.
+	Checkout CheckoutTotals
+	// ReceivedCurrency is the currency of AmountReceived (the session's,
+	// which differs from Currency when Stripe converted the price).
+	ReceivedCurrency string
+	FailureReason    string
+	CreatedAt        time.Time
+	UpdatedAt        time.Time
+	SucceededAt      *time.Time
 	// Transitions is the history, oldest first; filled by Get only.
 	Transitions []Transition
 
@@ -92,6 +100,33 @@ type Payment struct {
 	// to (succeeded or refunded).
 	AmountDisputed      int64
 	StatusBeforeDispute Status
+}
+
+// CheckoutTotals are a Checkout Session's amounts: in Currency (what the
+// buyer is charged in) before discounts and taxes (AmountSubtotal), after
+// them (AmountTotal, what the PaymentIntent collects) and the tax Stripe Tax
+// added (AmountTax). With Adaptive Pricing before 2025-03-31, SourceCurrency
+// and SourceAmountSubtotal are the amount before tax in the currency the
+// session was created in.
+type CheckoutTotals struct {
+	Currency             string
+	AmountSubtotal       int64
+	AmountTotal          int64
+	AmountTax            int64
+	SourceCurrency       string
+	SourceAmountSubtotal int64
+}
+
+// Known reports whether the totals were learned from Stripe.
+func (t CheckoutTotals) Known() bool { return t.Currency != "" }
+
+// Price is the session's amount before tax in the currency it was created
+// in: what the catalog priced.
+func (t CheckoutTotals) Price() (amount int64, currency string) {
+	if t.SourceCurrency != "" {
+		return t.SourceAmountSubtotal, t.SourceCurrency
+	}
+	return t.AmountSubtotal, t.Currency
 }
 
 // Transition is one move of the state machine, applied or refused, with the
@@ -118,6 +153,11 @@ type Options struct {
 	Livemode bool
 	Logger   *slog.Logger
 	Now      func() time.Time
+	// ReservationLease is how long a keyed checkout holds its key without
+	// renewing it (it renews every third of it while Stripe is called), so
+	// a checkout whose process died frees its key after at most this long;
+	// default db.ReservationLease.
+	ReservationLease time.Duration
 
 	// RevokeFrom is where refunds and disputes take credits back from
 	// (config.RevokeFromBalance when empty).
@@ -126,15 +166,15 @@ type Options struct {
 
 // Service is the payments capability.
 type Service struct {
-	db       *gorm.DB
-	stripe   stripeapi.Client
-	catalog  config.Catalog
-	checkout config.CheckoutConfig
-	livemode bool
-	logger   *slog.Logger
-	now      func() time.Time
-
-	revokeFrom string
+	db               *gorm.DB
+	stripe           stripeapi.Client
+	catalog          config.Catalog
+	checkout         config.CheckoutConfig
+	livemode         bool
+	logger           *slog.Logger
+	now              func() time.Time
+	reservationLease time.Duration
+	revokeFrom       string
 }
 
 // NewService builds the Service.
@@ -155,36 +195,48 @@ func NewService(o Options) *Service {
 	if revokeFrom == "" {
 		revokeFrom = config.RevokeFromBalance
 	}
+	lease := o.ReservationLease
+	if lease <= 0 {
+		lease = db.ReservationLease
+	}
 	return &Service{db: o.DB, stripe: o.Stripe, catalog: o.Catalog, checkout: checkout, livemode: o.Livemode, logger: logger, now: now,
-		revokeFrom: revokeFrom}
+		revokeFrom: revokeFrom, reservationLease: lease}
 }
 
 // row is the payments table as gorm scans it.
 type row struct {
-	ID                        string
-	CustomerID                string
-	Item                      string
-	ItemKind                  string
-	Quantity                  int64
-	Status                    string
-	UnitAmount                int64
-	Amount                    int64
-	Currency                  string
-	AmountReceived            *int64
-	AmountRefunded            int64
-	Credits                   int64
-	CreditsExpireAfterSeconds *int64
-	Livemode                  bool
-	CheckoutSessionID         *string
-	PaymentIntentID           *string
-	InvoiceID                 *string
-	SubscriptionID            *string
-	StripeCustomerID          *string
-	CheckoutPaymentStatus     *string
-	FailureReason             *string
-	CreatedAt                 time.Time
-	UpdatedAt                 time.Time
-	SucceededAt               *time.Time
+	ID                           string
+	CustomerID                   string
+	Item                         string
+	ItemKind                     string
+	Quantity                     int64
+	Status                       string
+	UnitAmount                   int64
+	Amount                       int64
+	Currency                     string
+	AmountReceived               *int64
+	AmountRefunded               int64
+	Credits                      int64
+	CreditsExpireAfterSeconds    *int64
+	CreditsExpireAfterMonths     *int
+	Livemode                     bool
+	CheckoutSessionID            *string
+	PaymentIntentID              *string
+	InvoiceID                    *string
+	SubscriptionID               *string
+	StripeCustomerID             *string
+	CheckoutPaymentStatus        *string
+	CheckoutCurrency             *string
+	CheckoutAmountSubtotal       *int64
+	CheckoutAmountTotal          *int64
+	CheckoutAmountTax            *int64
+	CheckoutSourceCurrency       *string
+	CheckoutSourceAmountSubtotal *int64
+	ReceivedCurrency             *string
+	FailureReason                *string
+	CreatedAt                    time.Time
+	UpdatedAt                    time.Time
+	SucceededAt                  *time.Time
 
 	CreditsRevoked      int64
 	AmountDisputed      int64
@@ -192,9 +244,11 @@ type row struct {
 }
 
 const columns = `id, customer_id, item, item_kind, quantity, status, unit_amount, amount, currency,
-	amount_received, amount_refunded, credits, credits_expire_after_seconds, livemode,
+	amount_received, amount_refunded, credits, credits_expire_after_seconds, credits_expire_after_months, livemode,
 	checkout_session_id, payment_intent_id, invoice_id, subscription_id, stripe_customer_id,
-	checkout_payment_status, failure_reason, created_at, updated_at, succeeded_at,
+	checkout_payment_status, checkout_currency, checkout_amount_subtotal, checkout_amount_total, checkout_amount_tax,
+	checkout_source_currency, checkout_source_amount_subtotal, received_currency,
+	failure_reason, created_at, updated_at, succeeded_at,
 	credits_revoked, amount_disputed, status_before_dispute`
 
 func str(p *string) string {
@@ -218,7 +272,25 @@ func (r row) payment() Payment {
 	if r.CreditsExpireAfterSeconds != nil {
 		p.CreditsExpireAfter = time.Duration(*r.CreditsExpireAfterSeconds) * time.Second
 	}
+	if r.CreditsExpireAfterMonths != nil {
+		p.CreditsExpireAfterMonths = *r.CreditsExpireAfterMonths
+	}
+	if r.CheckoutCurrency != nil && r.CheckoutAmountSubtotal != nil && r.CheckoutAmountTotal != nil {
+		p.Checkout = CheckoutTotals{Currency: *r.CheckoutCurrency, AmountSubtotal: *r.CheckoutAmountSubtotal, AmountTotal: *r.CheckoutAmountTotal}
+		if r.CheckoutAmountTax != nil {
+			p.Checkout.AmountTax = *r.CheckoutAmountTax
+		}
+		if r.CheckoutSourceCurrency != nil && r.CheckoutSourceAmountSubtotal != nil {
+			p.Checkout.SourceCurrency, p.Checkout.SourceAmountSubtotal = *r.CheckoutSourceCurrency, *r.CheckoutSourceAmountSubtotal
+		}
+	}
+	p.ReceivedCurrency = str(r.ReceivedCurrency)
 	return p
+}
+
+// CreditsExpiry is how long the credits p grants stay spendable.
+func (p Payment) CreditsExpiry() config.Expiry {
+	return config.Expiry{Months: p.CreditsExpireAfterMonths, Duration: p.CreditsExpireAfter}
 }
 
 // load reads one payment through gdb; lock takes its row lock (gdb must then

@@ -31,14 +31,24 @@ plans:
 
 func newService(t *testing.T, gdb *gorm.DB, stripe stripeapi.Client, confirmOn string) *payments.Service {
 	t.Helper()
-	cat, err := config.ParseCatalog([]byte(catalogYAML))
+	return newServiceWith(t, gdb, stripe, catalogYAML, func(o *payments.Options) { o.Checkout.ConfirmOn = confirmOn })
+}
+
+// newServiceWith builds a Service on catalog, with tweak applied to its options.
+func newServiceWith(t *testing.T, gdb *gorm.DB, stripe stripeapi.Client, catalog string, tweak func(*payments.Options)) *payments.Service {
+	t.Helper()
+	cat, err := config.ParseCatalog([]byte(catalog))
 	if err != nil {
 		t.Fatal(err)
 	}
-	return payments.NewService(payments.Options{
+	o := payments.Options{
 		DB: gdb, Stripe: stripe, Catalog: cat, Livemode: false, Logger: dbtest.Logger(t),
-		Checkout: config.CheckoutConfig{ExpiresAfter: time.Hour, ConfirmOn: confirmOn, InvoiceCreation: true},
-	})
+		Checkout: config.CheckoutConfig{ExpiresAfter: time.Hour, ConfirmOn: config.ConfirmOnPaymentIntent, InvoiceCreation: true},
+	}
+	if tweak != nil {
+		tweak(&o)
+	}
+	return payments.NewService(o)
 }
 
 func fakeClient(t *testing.T) (*stripefake.Fake, stripeapi.Client) {
@@ -103,17 +113,18 @@ func TestTransitionTable(t *testing.T) {
 // of confirm_on across replicas), many times over: one grant.
 func TestConfirmationGuardAcrossStrategies(t *testing.T) {
 	gdb := dbtest.New(t)
-	_, stripe := fakeClient(t)
+	fake, stripe := fakeClient(t)
 	byIntent := newService(t, gdb, stripe, config.ConfirmOnPaymentIntent)
 	bySession := newService(t, gdb, stripe, config.ConfirmOnCheckoutSession)
 	ctx := context.Background()
 
 	res := buy(t, byIntent, "racer", "starter", 2)
+	payAtStripe(t, fake, res, "pi_race")
 	pi := payments.PaymentIntent{ID: "pi_race", Amount: 2000, AmountReceived: 2000, Currency: "usd", Status: "succeeded",
 		Metadata: map[string]string{"tally_payment_id": res.PaymentID}}
 	total := int64(2000)
 	cs := payments.CheckoutSession{ID: res.CheckoutSessionID, Mode: "payment", Status: "complete", PaymentStatus: "paid",
-		PaymentIntent: "pi_race", AmountTotal: &total, Currency: "usd", Metadata: map[string]string{"tally_payment_id": res.PaymentID}}
+		PaymentIntent: "pi_race", AmountSubtotal: &total, AmountTotal: &total, Currency: "usd", Metadata: map[string]string{"tally_payment_id": res.PaymentID}}
 
 	var wg sync.WaitGroup
 	errc := make(chan error, 40)
@@ -159,10 +170,11 @@ func TestConfirmationGuardAcrossStrategies(t *testing.T) {
 // refused, not credited a second time.
 func TestSecondPaymentIntentIsRejected(t *testing.T) {
 	gdb := dbtest.New(t)
-	_, stripe := fakeClient(t)
+	fake, stripe := fakeClient(t)
 	svc := newService(t, gdb, stripe, config.ConfirmOnPaymentIntent)
 	ctx := context.Background()
 	res := buy(t, svc, "twice", "starter", 1)
+	payAtStripe(t, fake, res, "pi_a")
 	meta := map[string]string{"tally_payment_id": res.PaymentID}
 	ev := payments.EventRef{ID: "evt_a", Type: "payment_intent.succeeded"}
 	if err := svc.PaymentIntentSucceeded(ctx, ev, payments.PaymentIntent{ID: "pi_a", AmountReceived: 1000, Currency: "usd", Metadata: meta}); err != nil {
@@ -269,10 +281,11 @@ func TestCheckoutModes(t *testing.T) {
 // The payments check must see a breach, or `tally verify` passing means nothing.
 func TestVerifyPurchasesFindsBreaches(t *testing.T) {
 	gdb := dbtest.New(t)
-	_, stripe := fakeClient(t)
+	fake, stripe := fakeClient(t)
 	svc := newService(t, gdb, stripe, config.ConfirmOnPaymentIntent)
 	ctx := context.Background()
 	paid := buy(t, svc, "audit", "starter", 1)
+	payAtStripe(t, fake, paid, "pi_1")
 	unpaid := buy(t, svc, "audit", "starter", 1)
 	if err := svc.PaymentIntentSucceeded(ctx, payments.EventRef{ID: "evt_1", Type: "payment_intent.succeeded"},
 		payments.PaymentIntent{ID: "pi_1", AmountReceived: 1000, Currency: "usd", Metadata: map[string]string{"tally_payment_id": paid.PaymentID}}); err != nil {
@@ -307,7 +320,7 @@ func TestVerifyPurchasesFindsBreaches(t *testing.T) {
 // fit what was paid. The event is refused (parked), and nothing moves.
 func TestForeignPaymentIntentIsRejected(t *testing.T) {
 	gdb := dbtest.New(t)
-	_, stripe := fakeClient(t)
+	fake, stripe := fakeClient(t)
 	svc := newService(t, gdb, stripe, config.ConfirmOnPaymentIntent)
 	ctx := context.Background()
 	balance := func(customer string) int64 {
@@ -320,6 +333,7 @@ func TestForeignPaymentIntentIsRejected(t *testing.T) {
 	}
 
 	paid := buy(t, svc, "victim", "starter", 1)
+	payAtStripe(t, fake, paid, "pi_victim")
 	meta := map[string]string{"tally_payment_id": paid.PaymentID}
 	if err := svc.PaymentIntentSucceeded(ctx, payments.EventRef{ID: "evt_paid", Type: "payment_intent.succeeded"},
 		payments.PaymentIntent{ID: "pi_victim", AmountReceived: 1000, Currency: "usd", Metadata: meta}); err != nil {
@@ -392,7 +406,7 @@ func TestForeignPaymentIntentIsRejected(t *testing.T) {
 // failed, each Stripe event in the history at most once.
 func TestFailuresAreIdempotent(t *testing.T) {
 	gdb := dbtest.New(t)
-	_, stripe := fakeClient(t)
+	fake, stripe := fakeClient(t)
 	svc := newService(t, gdb, stripe, config.ConfirmOnPaymentIntent)
 	ctx := context.Background()
 	res := buy(t, svc, "decliner", "starter", 1)
@@ -448,6 +462,7 @@ func TestFailuresAreIdempotent(t *testing.T) {
 	}
 
 	// A failed payment may still succeed (a retried card), once.
+	payAtStripe(t, fake, res, "pi_decline")
 	if err := svc.PaymentIntentSucceeded(ctx, payments.EventRef{ID: "evt_paid", Type: "payment_intent.succeeded"},
 		payments.PaymentIntent{ID: "pi_decline", AmountReceived: 1000, Currency: "usd", Metadata: meta}); err != nil {
 		t.Fatal(err)

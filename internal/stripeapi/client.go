@@ -1,6 +1,6 @@
 // Package stripeapi is the only package that talks to Stripe. It offers a
-// narrow, domain-level interface (customers, Checkout Sessions, meter events
-// and meter event summaries) over stripe-go's client, so that no stripe-go
+// narrow, domain-level interface (customers, Checkout Sessions created and
+// retrieved, meter events and meter event summaries) over stripe-go's client, so that no stripe-go
 // type leaves this folder. Every error it returns is an *Error, which also
 // carries a tally error code (see Error.Unwrap).
 //
@@ -47,6 +47,14 @@ type Client interface {
 	// Errors: *Error (payment_provider_error, rate_limited, unavailable);
 	// invalid_request when the input is incomplete.
 	CreateCheckoutSession(ctx context.Context, in CheckoutSessionInput) (CheckoutSession, error)
+
+	// GetCheckoutSession retrieves a Checkout Session
+	// (GET /v1/checkout/sessions/{id}) with what a confirmation checks: the
+	// PaymentIntent it names, its status and its amounts. stripe-go retries
+	// network failures. Errors: *Error (payment_provider_error, also for an
+	// unknown session; rate_limited; unavailable); invalid_request when id
+	// is empty.
+	GetCheckoutSession(ctx context.Context, id string) (CheckoutSession, error)
 
 	// CreateMeterEvent sends one meter event through the v1 API
 	// (POST /v1/billing/meter_events) with its identifier unchanged. It is
@@ -135,12 +143,38 @@ type CheckoutSessionInput struct {
 	ClientReferenceID string // optional
 }
 
-// CheckoutSession is a created Checkout Session.
+// CheckoutSession is a Checkout Session as created or retrieved.
 type CheckoutSession struct {
 	ID              string
 	URL             string
 	ExpiresAt       time.Time
-	PaymentIntentID string // usually empty at creation
+	PaymentIntentID string // empty until the buyer pays (and at creation)
+	Mode            string
+	Status          string // open, complete, expired
+	PaymentStatus   string // paid, unpaid, no_payment_required
+	Livemode        bool
+	Metadata        map[string]string
+	// Currency is what the buyer is charged in; AmountSubtotal is the total
+	// before discounts and taxes, AmountTotal after them (what the
+	// PaymentIntent collects), AmountTax the tax Stripe Tax added, all in
+	// Currency's minor unit.
+	Currency       string
+	AmountSubtotal int64
+	AmountTotal    int64
+	AmountTax      int64
+	// Conversion is set when Adaptive Pricing converted the session into the
+	// buyer's currency (sessions created before 2025-03-31): Currency and
+	// the amounts above are then the buyer's, Conversion's are in the
+	// currency the session was created in.
+	Conversion *CurrencyConversion
+}
+
+// CurrencyConversion is a Checkout Session's currency_conversion: its
+// amounts in the currency it was created in (SourceCurrency).
+type CurrencyConversion struct {
+	SourceCurrency string
+	AmountSubtotal int64
+	AmountTotal    int64
 }
 
 // MeterEvent is one usage event for a Stripe Billing Meter. Value and the
@@ -396,14 +430,41 @@ func (c *client) CreateCheckoutSession(ctx context.Context, in CheckoutSessionIn
 	if err != nil {
 		return CheckoutSession{}, classify("create checkout session", err, capture, false)
 	}
-	out := CheckoutSession{ID: s.ID, URL: s.URL}
+	return checkoutSession(s), nil
+}
+
+func (c *client) GetCheckoutSession(ctx context.Context, id string) (CheckoutSession, error) {
+	if strings.TrimSpace(id) == "" {
+		return CheckoutSession{}, errs.E(errs.Invalid, "stripeapi: a Checkout Session id is required")
+	}
+	ctx, capture := withCapture(ctx)
+	s, err := c.api.V1CheckoutSessions.Retrieve(ctx, id, &stripe.CheckoutSessionRetrieveParams{})
+	if err != nil {
+		return CheckoutSession{}, classify("retrieve checkout session", err, capture, false)
+	}
+	return checkoutSession(s), nil
+}
+
+// checkoutSession keeps what tally reads of a stripe-go Checkout Session.
+func checkoutSession(s *stripe.CheckoutSession) CheckoutSession {
+	out := CheckoutSession{
+		ID: s.ID, URL: s.URL, Mode: string(s.Mode), Status: string(s.Status), PaymentStatus: string(s.PaymentStatus),
+		Livemode: s.Livemode, Metadata: s.Metadata, Currency: string(s.Currency),
+		AmountSubtotal: s.AmountSubtotal, AmountTotal: s.AmountTotal,
+	}
 	if s.ExpiresAt != 0 {
 		out.ExpiresAt = time.Unix(s.ExpiresAt, 0).UTC()
 	}
 	if s.PaymentIntent != nil {
 		out.PaymentIntentID = s.PaymentIntent.ID
 	}
-	return out, nil
+	if s.TotalDetails != nil {
+		out.AmountTax = s.TotalDetails.AmountTax
+	}
+	if cc := s.CurrencyConversion; cc != nil && cc.SourceCurrency != "" {
+		out.Conversion = &CurrencyConversion{SourceCurrency: string(cc.SourceCurrency), AmountSubtotal: cc.AmountSubtotal, AmountTotal: cc.AmountTotal}
+	}
+	return out
 }
 
 func (ev MeterEvent) validate() error {

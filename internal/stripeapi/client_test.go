@@ -175,6 +175,55 @@ func TestCreateCheckoutSessionPaymentMode(t *testing.T) {
 	}
 }
 
+// A retrieved session says which PaymentIntent paid it and what it
+// charged: before tax and after, in the buyer's currency, with Adaptive
+// Pricing's amounts in the currency it was created in.
+func TestGetCheckoutSession(t *testing.T) {
+	f := stripefake.New(t)
+	c := newFakeClient(t, f)
+	ctx := context.Background()
+	created, err := c.CreateCheckoutSession(ctx, stripeapi.CheckoutSessionInput{
+		PaymentID: "p-9", TallyCustomerID: "c-9", Mode: stripeapi.ModePayment,
+		LineItem:   stripeapi.LineItem{Name: "credits", UnitAmount: 1000, Currency: "usd", Quantity: 2},
+		SuccessURL: "https://app.example.com/ok",
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	open, err := c.GetCheckoutSession(ctx, created.ID)
+	if err != nil {
+		t.Fatalf("GetCheckoutSession: %v", err)
+	}
+	if open.ID != created.ID || open.Status != "open" || open.PaymentIntentID != "" || open.Currency != "usd" ||
+		open.AmountSubtotal != 2000 || open.AmountTotal != 2000 || open.Conversion != nil || open.Metadata["tally_payment_id"] != "p-9" {
+		t.Fatalf("open session = %+v", open)
+	}
+
+	f.PayCheckoutSession(created.ID, "pi_paid")
+	f.UpdateCheckoutSession(created.ID, map[string]any{
+		"currency": "eur", "amount_subtotal": 1840, "amount_total": 2190,
+		"total_details":       map[string]any{"amount_discount": 0, "amount_shipping": 0, "amount_tax": 350},
+		"currency_conversion": map[string]any{"source_currency": "usd", "amount_subtotal": 2000, "amount_total": 2380, "fx_rate": "0.92"},
+	})
+	paid, err := c.GetCheckoutSession(ctx, created.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := stripeapi.CurrencyConversion{SourceCurrency: "usd", AmountSubtotal: 2000, AmountTotal: 2380}
+	if paid.PaymentIntentID != "pi_paid" || paid.Status != "complete" || paid.PaymentStatus != "paid" || paid.Currency != "eur" ||
+		paid.AmountSubtotal != 1840 || paid.AmountTotal != 2190 || paid.AmountTax != 350 || paid.Conversion == nil || *paid.Conversion != want {
+		t.Fatalf("paid session = %+v (conversion %+v)", paid, paid.Conversion)
+	}
+
+	_, err = c.GetCheckoutSession(ctx, "cs_unknown")
+	if !errs.Is(err, errs.PaymentProviderError) {
+		t.Fatalf("unknown session: %v, want payment_provider_error", err)
+	}
+	if _, err := c.GetCheckoutSession(ctx, " "); !errs.Is(err, errs.Invalid) {
+		t.Fatalf("empty id: %v, want invalid_request", err)
+	}
+}
+
 func TestCreateCheckoutSessionSubscriptionMode(t *testing.T) {
 	f := stripefake.New(t)
 	c := newFakeClient(t, f)

@@ -151,10 +151,7 @@ func newError(kind Kind, op string, snap responseSnapshot, code, message string,
 		appCode = errs.Unavailable
 	}
 	// The cause kept here is never a stripe-go type, so none leaks out.
-	e.app = &errs.Error{Code: appCode, Message: fmt.Sprintf("Stripe could not %s (%s)", op, kind), Err: cause}
-	if e.RetryAfter > 0 {
-		e.app.Extra = map[string]any{"retry_after_seconds": int64((e.RetryAfter + time.Second - 1) / time.Second)}
-	}
+	e.app = &errs.Error{Code: appCode, Message: fmt.Sprintf("Stripe could not %s (%s)", op, kind), Err: cause, RetryAfter: e.RetryAfter}
 	return e
 }
 

@@ -75,6 +75,20 @@ func TestStripeMockCreateCheckoutSession(t *testing.T) {
 	}
 }
 
+// stripe-mock's fixture of a retrieved session decodes into what the
+// confirmation reads (stripe-mock is stateless: its PaymentIntent is the
+// fixture's, not one of ours).
+func TestStripeMockGetCheckoutSession(t *testing.T) {
+	c := newMockClient(t)
+	s, err := c.GetCheckoutSession(context.Background(), "cs_test_123")
+	if err != nil {
+		t.Fatalf("GetCheckoutSession: %v", err)
+	}
+	if !strings.HasPrefix(s.ID, "cs_") || s.Mode == "" || s.Status == "" || !strings.HasPrefix(s.PaymentIntentID, "pi_") {
+		t.Fatalf("session = %+v", s)
+	}
+}
+
 func TestStripeMockMeterEventsAndSummaries(t *testing.T) {
 	c := newMockClient(t)
 	ctx := context.Background()

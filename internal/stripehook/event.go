@@ -153,28 +153,43 @@ func (o paymentIntentObject) domain() payments.PaymentIntent {
 }
 
 type checkoutSessionObject struct {
-	ID                string   `json:"id"`
-	Mode              string   `json:"mode"`
-	Status            string   `json:"status"`
-	PaymentStatus     string   `json:"payment_status"`
-	PaymentIntent     ref      `json:"payment_intent"`
-	Customer          ref      `json:"customer"`
-	Invoice           ref      `json:"invoice"`
-	Subscription      ref      `json:"subscription"`
-	ClientReferenceID *string  `json:"client_reference_id"`
-	AmountTotal       *int64   `json:"amount_total"`
-	Currency          string   `json:"currency"`
-	Livemode          bool     `json:"livemode"`
-	Metadata          metadata `json:"metadata"`
+	ID                string  `json:"id"`
+	Mode              string  `json:"mode"`
+	Status            string  `json:"status"`
+	PaymentStatus     string  `json:"payment_status"`
+	PaymentIntent     ref     `json:"payment_intent"`
+	Customer          ref     `json:"customer"`
+	Invoice           ref     `json:"invoice"`
+	Subscription      ref     `json:"subscription"`
+	ClientReferenceID *string `json:"client_reference_id"`
+	AmountSubtotal    *int64  `json:"amount_subtotal"`
+	AmountTotal       *int64  `json:"amount_total"`
+	Currency          string  `json:"currency"`
+	TotalDetails      *struct {
+		AmountTax *int64 `json:"amount_tax"`
+	} `json:"total_details"`
+	CurrencyConversion *struct {
+		SourceCurrency string `json:"source_currency"`
+		AmountSubtotal int64  `json:"amount_subtotal"`
+		AmountTotal    int64  `json:"amount_total"`
+	} `json:"currency_conversion"`
+	Livemode bool     `json:"livemode"`
+	Metadata metadata `json:"metadata"`
 }
 
 func (o checkoutSessionObject) domain() payments.CheckoutSession {
 	cs := payments.CheckoutSession{ID: o.ID, Mode: o.Mode, Status: o.Status, PaymentStatus: o.PaymentStatus,
 		PaymentIntent: string(o.PaymentIntent), Customer: string(o.Customer), Invoice: string(o.Invoice),
-		Subscription: string(o.Subscription), AmountTotal: o.AmountTotal, Currency: o.Currency,
-		Livemode: o.Livemode, Metadata: o.Metadata}
+		Subscription: string(o.Subscription), AmountSubtotal: o.AmountSubtotal, AmountTotal: o.AmountTotal,
+		Currency: o.Currency, Livemode: o.Livemode, Metadata: o.Metadata}
 	if o.ClientReferenceID != nil {
 		cs.ClientReferenceID = *o.ClientReferenceID
+	}
+	if o.TotalDetails != nil {
+		cs.AmountTax = o.TotalDetails.AmountTax
+	}
+	if c := o.CurrencyConversion; c != nil && c.SourceCurrency != "" {
+		cs.Conversion = &payments.CurrencyConversion{SourceCurrency: c.SourceCurrency, AmountSubtotal: c.AmountSubtotal, AmountTotal: c.AmountTotal}
 	}
 	return cs
 }

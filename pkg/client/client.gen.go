@@ -293,7 +293,12 @@ type CheckoutSessionCreate struct {
 	CustomerId CustomerID `json:"customer_id"`
 
 	// Item A catalog id.
-	Item       string `json:"item"`
+	Item string `json:"item"`
+
+	// Quantity Units of the item. A quantity whose credits exceed the largest
+	// grant (1,000,000,000,000), or whose price exceeds what Stripe
+	// charges in one payment (99,999,999 minor units), is refused with
+	// 422 `invalid_request` before anything is written.
 	Quantity   *int64 `json:"quantity,omitempty"`
 	SuccessUrl string `json:"success_url"`
 }
@@ -322,7 +327,13 @@ type CreditPack struct {
 	Credits  int64  `json:"credits"`
 	Currency string `json:"currency"`
 
-	// ExpiresAfterSeconds How long bought credits stay spendable; null means forever.
+	// ExpiresAfterMonths How many calendar months bought credits stay spendable (12 unless
+	// the pack says otherwise). When both this and
+	// `expires_after_seconds` are null, the credits never expire.
+	ExpiresAfterMonths *int `json:"expires_after_months,omitempty"`
+
+	// ExpiresAfterSeconds How long bought credits stay spendable, for a pack that sets a
+	// fixed duration rather than calendar months.
 	ExpiresAfterSeconds *int64 `json:"expires_after_seconds,omitempty"`
 	Id                  string `json:"id"`
 	Name                string `json:"name"`
@@ -492,13 +503,19 @@ type MeterTotal struct {
 
 // Payment defines model for Payment.
 type Payment struct {
-	// Amount Expected amount in minor units.
+	// Amount The catalog price in minor units of `currency`, before tax.
 	Amount int64 `json:"amount"`
 
 	// AmountDisputed Withdrawn by chargebacks that are open or lost (0 again once a dispute is won).
-	AmountDisputed    int64     `json:"amount_disputed"`
-	AmountReceived    *int64    `json:"amount_received,omitempty"`
-	AmountRefunded    int64     `json:"amount_refunded"`
+	AmountDisputed int64 `json:"amount_disputed"`
+
+	// AmountReceived What Stripe collected, in minor units of `received_currency`: the
+	// Checkout Session's total, tax included.
+	AmountReceived *int64 `json:"amount_received,omitempty"`
+	AmountRefunded int64  `json:"amount_refunded"`
+
+	// AmountTax Tax Stripe Tax charged on the Checkout Session, in its currency, once Stripe reported it.
+	AmountTax         *int64    `json:"amount_tax,omitempty"`
 	CheckoutSessionId *string   `json:"checkout_session_id,omitempty"`
 	CreatedAt         time.Time `json:"created_at"`
 
@@ -519,6 +536,10 @@ type Payment struct {
 	Livemode        bool            `json:"livemode"`
 	PaymentIntentId *string         `json:"payment_intent_id,omitempty"`
 	Quantity        int64           `json:"quantity"`
+
+	// ReceivedCurrency The currency of `amount_received` and of refunds: the buyer's when
+	// Stripe converted the price (Adaptive Pricing), else `currency`.
+	ReceivedCurrency *string `json:"received_currency,omitempty"`
 
 	// Status Where the payment stands. `pending → succeeded | failed`,
 	// `failed → succeeded` (a retried card), `succeeded → refunded` (after
@@ -585,8 +606,12 @@ type Problem struct {
 	// Errors Offending fields, for `invalid_request`.
 	Errors    *[]FieldError `json:"errors,omitempty"`
 	RequestId *string       `json:"request_id,omitempty"`
-	Status    int           `json:"status"`
-	Title     string        `json:"title"`
+
+	// RetryAfterSeconds For `rate_limited` (429) and `unavailable` (503) when known: whole
+	// seconds to wait before trying again, also sent as `Retry-After`.
+	RetryAfterSeconds *int64 `json:"retry_after_seconds,omitempty"`
+	Status            int    `json:"status"`
+	Title             string `json:"title"`
 
 	// Type A URI naming the problem type.
 	Type string `json:"type"`
@@ -1026,6 +1051,13 @@ type ClientInterface interface {
 	// metered plans a `mode=subscription` session. An end-user token may only
 	// name its own customer.
 	//
+	// Each customer may start a limited number of checkouts a minute
+	// (`TALLY_CHECKOUT_RATE_LIMIT`, default 10, across all instances);
+	// past it the answer is 429 `rate_limited` with `Retry-After`. With an
+	// `Idempotency-Key`, a failed attempt stores nothing (retry at once),
+	// and a retry while the first attempt waits on Stripe gets 409
+	// `idempotency_key_in_flight`, then the first answer once it is ready.
+	//
 	// Takes any type of body and a specified content type.
 	//
 	// Corresponds with POST /v1/checkout-sessions (the `CreateCheckoutSession` operationId).
@@ -1037,6 +1069,13 @@ type ClientInterface interface {
 	// Session. Credit packs and products open a `mode=payment` session,
 	// metered plans a `mode=subscription` session. An end-user token may only
 	// name its own customer.
+	//
+	// Each customer may start a limited number of checkouts a minute
+	// (`TALLY_CHECKOUT_RATE_LIMIT`, default 10, across all instances);
+	// past it the answer is 429 `rate_limited` with `Retry-After`. With an
+	// `Idempotency-Key`, a failed attempt stores nothing (retry at once),
+	// and a retry while the first attempt waits on Stripe gets 409
+	// `idempotency_key_in_flight`, then the first answer once it is ready.
 	//
 	// Takes a body of the `application/json` content type.
 	//
@@ -1383,6 +1422,13 @@ func (c *Client) GetCatalog(ctx context.Context, reqEditors ...RequestEditorFn) 
 // metered plans a `mode=subscription` session. An end-user token may only
 // name its own customer.
 //
+// Each customer may start a limited number of checkouts a minute
+// (`TALLY_CHECKOUT_RATE_LIMIT`, default 10, across all instances);
+// past it the answer is 429 `rate_limited` with `Retry-After`. With an
+// `Idempotency-Key`, a failed attempt stores nothing (retry at once),
+// and a retry while the first attempt waits on Stripe gets 409
+// `idempotency_key_in_flight`, then the first answer once it is ready.
+//
 // Takes any type of body and a specified content type.
 //
 // Corresponds with POST /v1/checkout-sessions (the `CreateCheckoutSession` operationId).
@@ -1404,6 +1450,13 @@ func (c *Client) CreateCheckoutSessionWithBody(ctx context.Context, params *Crea
 // Session. Credit packs and products open a `mode=payment` session,
 // metered plans a `mode=subscription` session. An end-user token may only
 // name its own customer.
+//
+// Each customer may start a limited number of checkouts a minute
+// (`TALLY_CHECKOUT_RATE_LIMIT`, default 10, across all instances);
+// past it the answer is 429 `rate_limited` with `Retry-After`. With an
+// `Idempotency-Key`, a failed attempt stores nothing (retry at once),
+// and a retry while the first attempt waits on Stripe gets 409
+// `idempotency_key_in_flight`, then the first answer once it is ready.
 //
 // Takes a body of the `application/json` content type.
 //
@@ -2974,6 +3027,13 @@ type ClientWithResponsesInterface interface {
 	// metered plans a `mode=subscription` session. An end-user token may only
 	// name its own customer.
 	//
+	// Each customer may start a limited number of checkouts a minute
+	// (`TALLY_CHECKOUT_RATE_LIMIT`, default 10, across all instances);
+	// past it the answer is 429 `rate_limited` with `Retry-After`. With an
+	// `Idempotency-Key`, a failed attempt stores nothing (retry at once),
+	// and a retry while the first attempt waits on Stripe gets 409
+	// `idempotency_key_in_flight`, then the first answer once it is ready.
+	//
 	// Takes any type of body and a specified content type, and returns a wrapper object for the known response body format(s).
 	//
 	// Corresponds with POST /v1/checkout-sessions (the `CreateCheckoutSession` operationId).
@@ -2985,6 +3045,13 @@ type ClientWithResponsesInterface interface {
 	// Session. Credit packs and products open a `mode=payment` session,
 	// metered plans a `mode=subscription` session. An end-user token may only
 	// name its own customer.
+	//
+	// Each customer may start a limited number of checkouts a minute
+	// (`TALLY_CHECKOUT_RATE_LIMIT`, default 10, across all instances);
+	// past it the answer is 429 `rate_limited` with `Retry-After`. With an
+	// `Idempotency-Key`, a failed attempt stores nothing (retry at once),
+	// and a retry while the first attempt waits on Stripe gets 409
+	// `idempotency_key_in_flight`, then the first answer once it is ready.
 	//
 	// Takes a body of the `application/json` content type, and returns a wrapper object for the known response body format(s).
 	//
@@ -3185,11 +3252,18 @@ func (r HealthzResponse) ContentType() string {
 	return ""
 }
 
+// MetricsResponseDefaultHeaders the declared response headers of an HTTP default response for Metrics
+type MetricsResponseDefaultHeaders struct {
+	RetryAfter *int
+}
+
 type MetricsResponse struct {
 	Body         []byte
 	HTTPResponse *http.Response
 	// ApplicationproblemJSONDefault the response for an HTTP default `application/problem+json` response
 	ApplicationproblemJSONDefault *Problem
+	// HeadersDefault the parsed response headers for an HTTP default response
+	HeadersDefault *MetricsResponseDefaultHeaders
 }
 
 // GetApplicationproblemJSONDefault returns the response for an HTTP default `application/problem+json` response
@@ -3274,6 +3348,11 @@ func (r ReadyzResponse) ContentType() string {
 	return ""
 }
 
+// CreateReconciliationResponseDefaultHeaders the declared response headers of an HTTP default response for CreateReconciliation
+type CreateReconciliationResponseDefaultHeaders struct {
+	RetryAfter *int
+}
+
 type CreateReconciliationResponse struct {
 	Body         []byte
 	HTTPResponse *http.Response
@@ -3281,6 +3360,8 @@ type CreateReconciliationResponse struct {
 	JSON200 *Reconciliation
 	// ApplicationproblemJSONDefault the response for an HTTP default `application/problem+json` response
 	ApplicationproblemJSONDefault *Problem
+	// HeadersDefault the parsed response headers for an HTTP default response
+	HeadersDefault *CreateReconciliationResponseDefaultHeaders
 }
 
 // GetJSON200 returns the response for an HTTP 200 `application/json` response
@@ -3322,6 +3403,11 @@ func (r CreateReconciliationResponse) ContentType() string {
 	return ""
 }
 
+// ListStripeEventsResponseDefaultHeaders the declared response headers of an HTTP default response for ListStripeEvents
+type ListStripeEventsResponseDefaultHeaders struct {
+	RetryAfter *int
+}
+
 type ListStripeEventsResponse struct {
 	Body         []byte
 	HTTPResponse *http.Response
@@ -3329,6 +3415,8 @@ type ListStripeEventsResponse struct {
 	JSON200 *StripeEventPage
 	// ApplicationproblemJSONDefault the response for an HTTP default `application/problem+json` response
 	ApplicationproblemJSONDefault *Problem
+	// HeadersDefault the parsed response headers for an HTTP default response
+	HeadersDefault *ListStripeEventsResponseDefaultHeaders
 }
 
 // GetJSON200 returns the response for an HTTP 200 `application/json` response
@@ -3370,6 +3458,11 @@ func (r ListStripeEventsResponse) ContentType() string {
 	return ""
 }
 
+// ReplayStripeEventResponseDefaultHeaders the declared response headers of an HTTP default response for ReplayStripeEvent
+type ReplayStripeEventResponseDefaultHeaders struct {
+	RetryAfter *int
+}
+
 type ReplayStripeEventResponse struct {
 	Body         []byte
 	HTTPResponse *http.Response
@@ -3377,6 +3470,8 @@ type ReplayStripeEventResponse struct {
 	JSON200 *StripeEvent
 	// ApplicationproblemJSONDefault the response for an HTTP default `application/problem+json` response
 	ApplicationproblemJSONDefault *Problem
+	// HeadersDefault the parsed response headers for an HTTP default response
+	HeadersDefault *ReplayStripeEventResponseDefaultHeaders
 }
 
 // GetJSON200 returns the response for an HTTP 200 `application/json` response
@@ -3418,6 +3513,11 @@ func (r ReplayStripeEventResponse) ContentType() string {
 	return ""
 }
 
+// ListUsageEventsResponseDefaultHeaders the declared response headers of an HTTP default response for ListUsageEvents
+type ListUsageEventsResponseDefaultHeaders struct {
+	RetryAfter *int
+}
+
 type ListUsageEventsResponse struct {
 	Body         []byte
 	HTTPResponse *http.Response
@@ -3425,6 +3525,8 @@ type ListUsageEventsResponse struct {
 	JSON200 *UsageEventPage
 	// ApplicationproblemJSONDefault the response for an HTTP default `application/problem+json` response
 	ApplicationproblemJSONDefault *Problem
+	// HeadersDefault the parsed response headers for an HTTP default response
+	HeadersDefault *ListUsageEventsResponseDefaultHeaders
 }
 
 // GetJSON200 returns the response for an HTTP 200 `application/json` response
@@ -3466,6 +3568,11 @@ func (r ListUsageEventsResponse) ContentType() string {
 	return ""
 }
 
+// RequeueUsageEventsResponseDefaultHeaders the declared response headers of an HTTP default response for RequeueUsageEvents
+type RequeueUsageEventsResponseDefaultHeaders struct {
+	RetryAfter *int
+}
+
 type RequeueUsageEventsResponse struct {
 	Body         []byte
 	HTTPResponse *http.Response
@@ -3473,6 +3580,8 @@ type RequeueUsageEventsResponse struct {
 	JSON200 *RequeueResult
 	// ApplicationproblemJSONDefault the response for an HTTP default `application/problem+json` response
 	ApplicationproblemJSONDefault *Problem
+	// HeadersDefault the parsed response headers for an HTTP default response
+	HeadersDefault *RequeueUsageEventsResponseDefaultHeaders
 }
 
 // GetJSON200 returns the response for an HTTP 200 `application/json` response
@@ -3514,6 +3623,11 @@ func (r RequeueUsageEventsResponse) ContentType() string {
 	return ""
 }
 
+// VerifyInvariantsResponseDefaultHeaders the declared response headers of an HTTP default response for VerifyInvariants
+type VerifyInvariantsResponseDefaultHeaders struct {
+	RetryAfter *int
+}
+
 type VerifyInvariantsResponse struct {
 	Body         []byte
 	HTTPResponse *http.Response
@@ -3521,6 +3635,8 @@ type VerifyInvariantsResponse struct {
 	JSON200 *VerifyReport
 	// ApplicationproblemJSONDefault the response for an HTTP default `application/problem+json` response
 	ApplicationproblemJSONDefault *Problem
+	// HeadersDefault the parsed response headers for an HTTP default response
+	HeadersDefault *VerifyInvariantsResponseDefaultHeaders
 }
 
 // GetJSON200 returns the response for an HTTP 200 `application/json` response
@@ -3562,6 +3678,11 @@ func (r VerifyInvariantsResponse) ContentType() string {
 	return ""
 }
 
+// GetCatalogResponseDefaultHeaders the declared response headers of an HTTP default response for GetCatalog
+type GetCatalogResponseDefaultHeaders struct {
+	RetryAfter *int
+}
+
 type GetCatalogResponse struct {
 	Body         []byte
 	HTTPResponse *http.Response
@@ -3569,6 +3690,8 @@ type GetCatalogResponse struct {
 	JSON200 *Catalog
 	// ApplicationproblemJSONDefault the response for an HTTP default `application/problem+json` response
 	ApplicationproblemJSONDefault *Problem
+	// HeadersDefault the parsed response headers for an HTTP default response
+	HeadersDefault *GetCatalogResponseDefaultHeaders
 }
 
 // GetJSON200 returns the response for an HTTP 200 `application/json` response
@@ -3615,6 +3738,11 @@ type CreateCheckoutSessionResponse201Headers struct {
 	IdempotentReplayed *bool
 }
 
+// CreateCheckoutSessionResponseDefaultHeaders the declared response headers of an HTTP default response for CreateCheckoutSession
+type CreateCheckoutSessionResponseDefaultHeaders struct {
+	RetryAfter *int
+}
+
 type CreateCheckoutSessionResponse struct {
 	Body         []byte
 	HTTPResponse *http.Response
@@ -3624,6 +3752,8 @@ type CreateCheckoutSessionResponse struct {
 	ApplicationproblemJSONDefault *Problem
 	// Headers201 the parsed response headers for an HTTP 201 response
 	Headers201 *CreateCheckoutSessionResponse201Headers
+	// HeadersDefault the parsed response headers for an HTTP default response
+	HeadersDefault *CreateCheckoutSessionResponseDefaultHeaders
 }
 
 // GetJSON201 returns the response for an HTTP 201 `application/json` response
@@ -3665,6 +3795,11 @@ func (r CreateCheckoutSessionResponse) ContentType() string {
 	return ""
 }
 
+// GetCustomerResponseDefaultHeaders the declared response headers of an HTTP default response for GetCustomer
+type GetCustomerResponseDefaultHeaders struct {
+	RetryAfter *int
+}
+
 type GetCustomerResponse struct {
 	Body         []byte
 	HTTPResponse *http.Response
@@ -3672,6 +3807,8 @@ type GetCustomerResponse struct {
 	JSON200 *Customer
 	// ApplicationproblemJSONDefault the response for an HTTP default `application/problem+json` response
 	ApplicationproblemJSONDefault *Problem
+	// HeadersDefault the parsed response headers for an HTTP default response
+	HeadersDefault *GetCustomerResponseDefaultHeaders
 }
 
 // GetJSON200 returns the response for an HTTP 200 `application/json` response
@@ -3713,6 +3850,11 @@ func (r GetCustomerResponse) ContentType() string {
 	return ""
 }
 
+// UpsertCustomerResponseDefaultHeaders the declared response headers of an HTTP default response for UpsertCustomer
+type UpsertCustomerResponseDefaultHeaders struct {
+	RetryAfter *int
+}
+
 type UpsertCustomerResponse struct {
 	Body         []byte
 	HTTPResponse *http.Response
@@ -3722,6 +3864,8 @@ type UpsertCustomerResponse struct {
 	JSON201 *Customer
 	// ApplicationproblemJSONDefault the response for an HTTP default `application/problem+json` response
 	ApplicationproblemJSONDefault *Problem
+	// HeadersDefault the parsed response headers for an HTTP default response
+	HeadersDefault *UpsertCustomerResponseDefaultHeaders
 }
 
 // GetJSON200 returns the response for an HTTP 200 `application/json` response
@@ -3768,6 +3912,11 @@ func (r UpsertCustomerResponse) ContentType() string {
 	return ""
 }
 
+// GetBalanceResponseDefaultHeaders the declared response headers of an HTTP default response for GetBalance
+type GetBalanceResponseDefaultHeaders struct {
+	RetryAfter *int
+}
+
 type GetBalanceResponse struct {
 	Body         []byte
 	HTTPResponse *http.Response
@@ -3775,6 +3924,8 @@ type GetBalanceResponse struct {
 	JSON200 *Balance
 	// ApplicationproblemJSONDefault the response for an HTTP default `application/problem+json` response
 	ApplicationproblemJSONDefault *Problem
+	// HeadersDefault the parsed response headers for an HTTP default response
+	HeadersDefault *GetBalanceResponseDefaultHeaders
 }
 
 // GetJSON200 returns the response for an HTTP 200 `application/json` response
@@ -3821,6 +3972,11 @@ type ConsumeCreditsResponse200Headers struct {
 	IdempotentReplayed *bool
 }
 
+// ConsumeCreditsResponseDefaultHeaders the declared response headers of an HTTP default response for ConsumeCredits
+type ConsumeCreditsResponseDefaultHeaders struct {
+	RetryAfter *int
+}
+
 type ConsumeCreditsResponse struct {
 	Body         []byte
 	HTTPResponse *http.Response
@@ -3832,6 +3988,8 @@ type ConsumeCreditsResponse struct {
 	ApplicationproblemJSONDefault *Problem
 	// Headers200 the parsed response headers for an HTTP 200 response
 	Headers200 *ConsumeCreditsResponse200Headers
+	// HeadersDefault the parsed response headers for an HTTP default response
+	HeadersDefault *ConsumeCreditsResponseDefaultHeaders
 }
 
 // GetJSON200 returns the response for an HTTP 200 `application/json` response
@@ -3883,6 +4041,11 @@ type GrantCreditsResponse201Headers struct {
 	IdempotentReplayed *bool
 }
 
+// GrantCreditsResponseDefaultHeaders the declared response headers of an HTTP default response for GrantCredits
+type GrantCreditsResponseDefaultHeaders struct {
+	RetryAfter *int
+}
+
 type GrantCreditsResponse struct {
 	Body         []byte
 	HTTPResponse *http.Response
@@ -3892,6 +4055,8 @@ type GrantCreditsResponse struct {
 	ApplicationproblemJSONDefault *Problem
 	// Headers201 the parsed response headers for an HTTP 201 response
 	Headers201 *GrantCreditsResponse201Headers
+	// HeadersDefault the parsed response headers for an HTTP default response
+	HeadersDefault *GrantCreditsResponseDefaultHeaders
 }
 
 // GetJSON201 returns the response for an HTTP 201 `application/json` response
@@ -3933,6 +4098,11 @@ func (r GrantCreditsResponse) ContentType() string {
 	return ""
 }
 
+// ListCreditTransactionsResponseDefaultHeaders the declared response headers of an HTTP default response for ListCreditTransactions
+type ListCreditTransactionsResponseDefaultHeaders struct {
+	RetryAfter *int
+}
+
 type ListCreditTransactionsResponse struct {
 	Body         []byte
 	HTTPResponse *http.Response
@@ -3940,6 +4110,8 @@ type ListCreditTransactionsResponse struct {
 	JSON200 *LedgerPage
 	// ApplicationproblemJSONDefault the response for an HTTP default `application/problem+json` response
 	ApplicationproblemJSONDefault *Problem
+	// HeadersDefault the parsed response headers for an HTTP default response
+	HeadersDefault *ListCreditTransactionsResponseDefaultHeaders
 }
 
 // GetJSON200 returns the response for an HTTP 200 `application/json` response
@@ -3981,6 +4153,11 @@ func (r ListCreditTransactionsResponse) ContentType() string {
 	return ""
 }
 
+// ListCustomerPaymentsResponseDefaultHeaders the declared response headers of an HTTP default response for ListCustomerPayments
+type ListCustomerPaymentsResponseDefaultHeaders struct {
+	RetryAfter *int
+}
+
 type ListCustomerPaymentsResponse struct {
 	Body         []byte
 	HTTPResponse *http.Response
@@ -3988,6 +4165,8 @@ type ListCustomerPaymentsResponse struct {
 	JSON200 *PaymentPage
 	// ApplicationproblemJSONDefault the response for an HTTP default `application/problem+json` response
 	ApplicationproblemJSONDefault *Problem
+	// HeadersDefault the parsed response headers for an HTTP default response
+	HeadersDefault *ListCustomerPaymentsResponseDefaultHeaders
 }
 
 // GetJSON200 returns the response for an HTTP 200 `application/json` response
@@ -4029,6 +4208,11 @@ func (r ListCustomerPaymentsResponse) ContentType() string {
 	return ""
 }
 
+// GetCustomerUsageResponseDefaultHeaders the declared response headers of an HTTP default response for GetCustomerUsage
+type GetCustomerUsageResponseDefaultHeaders struct {
+	RetryAfter *int
+}
+
 type GetCustomerUsageResponse struct {
 	Body         []byte
 	HTTPResponse *http.Response
@@ -4036,6 +4220,8 @@ type GetCustomerUsageResponse struct {
 	JSON200 *UsageTotals
 	// ApplicationproblemJSONDefault the response for an HTTP default `application/problem+json` response
 	ApplicationproblemJSONDefault *Problem
+	// HeadersDefault the parsed response headers for an HTTP default response
+	HeadersDefault *GetCustomerUsageResponseDefaultHeaders
 }
 
 // GetJSON200 returns the response for an HTTP 200 `application/json` response
@@ -4077,6 +4263,11 @@ func (r GetCustomerUsageResponse) ContentType() string {
 	return ""
 }
 
+// ListEventsResponseDefaultHeaders the declared response headers of an HTTP default response for ListEvents
+type ListEventsResponseDefaultHeaders struct {
+	RetryAfter *int
+}
+
 type ListEventsResponse struct {
 	Body         []byte
 	HTTPResponse *http.Response
@@ -4084,6 +4275,8 @@ type ListEventsResponse struct {
 	JSON200 *EventPage
 	// ApplicationproblemJSONDefault the response for an HTTP default `application/problem+json` response
 	ApplicationproblemJSONDefault *Problem
+	// HeadersDefault the parsed response headers for an HTTP default response
+	HeadersDefault *ListEventsResponseDefaultHeaders
 }
 
 // GetJSON200 returns the response for an HTTP 200 `application/json` response
@@ -4125,6 +4318,11 @@ func (r ListEventsResponse) ContentType() string {
 	return ""
 }
 
+// GetPaymentResponseDefaultHeaders the declared response headers of an HTTP default response for GetPayment
+type GetPaymentResponseDefaultHeaders struct {
+	RetryAfter *int
+}
+
 type GetPaymentResponse struct {
 	Body         []byte
 	HTTPResponse *http.Response
@@ -4132,6 +4330,8 @@ type GetPaymentResponse struct {
 	JSON200 *Payment
 	// ApplicationproblemJSONDefault the response for an HTTP default `application/problem+json` response
 	ApplicationproblemJSONDefault *Problem
+	// HeadersDefault the parsed response headers for an HTTP default response
+	HeadersDefault *GetPaymentResponseDefaultHeaders
 }
 
 // GetJSON200 returns the response for an HTTP 200 `application/json` response
@@ -4178,6 +4378,11 @@ type IngestUsageEventsResponse202Headers struct {
 	IdempotentReplayed *bool
 }
 
+// IngestUsageEventsResponseDefaultHeaders the declared response headers of an HTTP default response for IngestUsageEvents
+type IngestUsageEventsResponseDefaultHeaders struct {
+	RetryAfter *int
+}
+
 type IngestUsageEventsResponse struct {
 	Body         []byte
 	HTTPResponse *http.Response
@@ -4187,6 +4392,8 @@ type IngestUsageEventsResponse struct {
 	ApplicationproblemJSONDefault *Problem
 	// Headers202 the parsed response headers for an HTTP 202 response
 	Headers202 *IngestUsageEventsResponse202Headers
+	// HeadersDefault the parsed response headers for an HTTP default response
+	HeadersDefault *IngestUsageEventsResponseDefaultHeaders
 }
 
 // GetJSON202 returns the response for an HTTP 202 `application/json` response
@@ -4228,6 +4435,11 @@ func (r IngestUsageEventsResponse) ContentType() string {
 	return ""
 }
 
+// GetUsageEventResponseDefaultHeaders the declared response headers of an HTTP default response for GetUsageEvent
+type GetUsageEventResponseDefaultHeaders struct {
+	RetryAfter *int
+}
+
 type GetUsageEventResponse struct {
 	Body         []byte
 	HTTPResponse *http.Response
@@ -4235,6 +4447,8 @@ type GetUsageEventResponse struct {
 	JSON200 *UsageEventStatus
 	// ApplicationproblemJSONDefault the response for an HTTP default `application/problem+json` response
 	ApplicationproblemJSONDefault *Problem
+	// HeadersDefault the parsed response headers for an HTTP default response
+	HeadersDefault *GetUsageEventResponseDefaultHeaders
 }
 
 // GetJSON200 returns the response for an HTTP 200 `application/json` response
@@ -4447,6 +4661,13 @@ func (c *ClientWithResponses) GetCatalogWithResponse(ctx context.Context, reqEdi
 // metered plans a `mode=subscription` session. An end-user token may only
 // name its own customer.
 //
+// Each customer may start a limited number of checkouts a minute
+// (`TALLY_CHECKOUT_RATE_LIMIT`, default 10, across all instances);
+// past it the answer is 429 `rate_limited` with `Retry-After`. With an
+// `Idempotency-Key`, a failed attempt stores nothing (retry at once),
+// and a retry while the first attempt waits on Stripe gets 409
+// `idempotency_key_in_flight`, then the first answer once it is ready.
+//
 // Takes any type of body and a specified content type, and returns a wrapper object for the known response body format(s).
 //
 // Corresponds with POST /v1/checkout-sessions (the `CreateCheckoutSession` operationId).
@@ -4464,6 +4685,13 @@ func (c *ClientWithResponses) CreateCheckoutSessionWithBodyWithResponse(ctx cont
 // Session. Credit packs and products open a `mode=payment` session,
 // metered plans a `mode=subscription` session. An end-user token may only
 // name its own customer.
+//
+// Each customer may start a limited number of checkouts a minute
+// (`TALLY_CHECKOUT_RATE_LIMIT`, default 10, across all instances);
+// past it the answer is 429 `rate_limited` with `Retry-After`. With an
+// `Idempotency-Key`, a failed attempt stores nothing (retry at once),
+// and a retry while the first attempt waits on Stripe gets 409
+// `idempotency_key_in_flight`, then the first answer once it is ready.
 //
 // Takes a body of the `application/json` content type, and returns a wrapper object for the known response body format(s).
 //
@@ -4773,6 +5001,19 @@ func ParseMetricsResponse(rsp *http.Response) (*MetricsResponse, error) {
 
 	}
 
+	switch {
+	case true:
+		var headers MetricsResponseDefaultHeaders
+		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
+			var value int
+			if err := runtime.BindStyledParameterWithOptions("simple", "Retry-After", values[0], &value, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "integer", Format: ""}); err != nil {
+				return nil, err
+			}
+			headers.RetryAfter = &value
+		}
+		response.HeadersDefault = &headers
+	}
+
 	return response, nil
 }
 
@@ -4839,6 +5080,19 @@ func ParseCreateReconciliationResponse(rsp *http.Response) (*CreateReconciliatio
 
 	}
 
+	switch {
+	case true:
+		var headers CreateReconciliationResponseDefaultHeaders
+		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
+			var value int
+			if err := runtime.BindStyledParameterWithOptions("simple", "Retry-After", values[0], &value, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "integer", Format: ""}); err != nil {
+				return nil, err
+			}
+			headers.RetryAfter = &value
+		}
+		response.HeadersDefault = &headers
+	}
+
 	return response, nil
 }
 
@@ -4870,6 +5124,19 @@ func ParseListStripeEventsResponse(rsp *http.Response) (*ListStripeEventsRespons
 		}
 		response.ApplicationproblemJSONDefault = &dest
 
+	}
+
+	switch {
+	case true:
+		var headers ListStripeEventsResponseDefaultHeaders
+		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
+			var value int
+			if err := runtime.BindStyledParameterWithOptions("simple", "Retry-After", values[0], &value, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "integer", Format: ""}); err != nil {
+				return nil, err
+			}
+			headers.RetryAfter = &value
+		}
+		response.HeadersDefault = &headers
 	}
 
 	return response, nil
@@ -4905,6 +5172,19 @@ func ParseReplayStripeEventResponse(rsp *http.Response) (*ReplayStripeEventRespo
 
 	}
 
+	switch {
+	case true:
+		var headers ReplayStripeEventResponseDefaultHeaders
+		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
+			var value int
+			if err := runtime.BindStyledParameterWithOptions("simple", "Retry-After", values[0], &value, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "integer", Format: ""}); err != nil {
+				return nil, err
+			}
+			headers.RetryAfter = &value
+		}
+		response.HeadersDefault = &headers
+	}
+
 	return response, nil
 }
 
@@ -4936,6 +5216,19 @@ func ParseListUsageEventsResponse(rsp *http.Response) (*ListUsageEventsResponse,
 		}
 		response.ApplicationproblemJSONDefault = &dest
 
+	}
+
+	switch {
+	case true:
+		var headers ListUsageEventsResponseDefaultHeaders
+		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
+			var value int
+			if err := runtime.BindStyledParameterWithOptions("simple", "Retry-After", values[0], &value, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "integer", Format: ""}); err != nil {
+				return nil, err
+			}
+			headers.RetryAfter = &value
+		}
+		response.HeadersDefault = &headers
 	}
 
 	return response, nil
@@ -4971,6 +5264,19 @@ func ParseRequeueUsageEventsResponse(rsp *http.Response) (*RequeueUsageEventsRes
 
 	}
 
+	switch {
+	case true:
+		var headers RequeueUsageEventsResponseDefaultHeaders
+		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
+			var value int
+			if err := runtime.BindStyledParameterWithOptions("simple", "Retry-After", values[0], &value, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "integer", Format: ""}); err != nil {
+				return nil, err
+			}
+			headers.RetryAfter = &value
+		}
+		response.HeadersDefault = &headers
+	}
+
 	return response, nil
 }
 
@@ -5004,6 +5310,19 @@ func ParseVerifyInvariantsResponse(rsp *http.Response) (*VerifyInvariantsRespons
 
 	}
 
+	switch {
+	case true:
+		var headers VerifyInvariantsResponseDefaultHeaders
+		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
+			var value int
+			if err := runtime.BindStyledParameterWithOptions("simple", "Retry-After", values[0], &value, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "integer", Format: ""}); err != nil {
+				return nil, err
+			}
+			headers.RetryAfter = &value
+		}
+		response.HeadersDefault = &headers
+	}
+
 	return response, nil
 }
 
@@ -5035,6 +5354,19 @@ func ParseGetCatalogResponse(rsp *http.Response) (*GetCatalogResponse, error) {
 		}
 		response.ApplicationproblemJSONDefault = &dest
 
+	}
+
+	switch {
+	case true:
+		var headers GetCatalogResponseDefaultHeaders
+		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
+			var value int
+			if err := runtime.BindStyledParameterWithOptions("simple", "Retry-After", values[0], &value, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "integer", Format: ""}); err != nil {
+				return nil, err
+			}
+			headers.RetryAfter = &value
+		}
+		response.HeadersDefault = &headers
 	}
 
 	return response, nil
@@ -5081,6 +5413,16 @@ func ParseCreateCheckoutSessionResponse(rsp *http.Response) (*CreateCheckoutSess
 			headers.IdempotentReplayed = &value
 		}
 		response.Headers201 = &headers
+	case true:
+		var headers CreateCheckoutSessionResponseDefaultHeaders
+		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
+			var value int
+			if err := runtime.BindStyledParameterWithOptions("simple", "Retry-After", values[0], &value, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "integer", Format: ""}); err != nil {
+				return nil, err
+			}
+			headers.RetryAfter = &value
+		}
+		response.HeadersDefault = &headers
 	}
 
 	return response, nil
@@ -5114,6 +5456,19 @@ func ParseGetCustomerResponse(rsp *http.Response) (*GetCustomerResponse, error) 
 		}
 		response.ApplicationproblemJSONDefault = &dest
 
+	}
+
+	switch {
+	case true:
+		var headers GetCustomerResponseDefaultHeaders
+		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
+			var value int
+			if err := runtime.BindStyledParameterWithOptions("simple", "Retry-After", values[0], &value, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "integer", Format: ""}); err != nil {
+				return nil, err
+			}
+			headers.RetryAfter = &value
+		}
+		response.HeadersDefault = &headers
 	}
 
 	return response, nil
@@ -5156,6 +5511,19 @@ func ParseUpsertCustomerResponse(rsp *http.Response) (*UpsertCustomerResponse, e
 
 	}
 
+	switch {
+	case true:
+		var headers UpsertCustomerResponseDefaultHeaders
+		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
+			var value int
+			if err := runtime.BindStyledParameterWithOptions("simple", "Retry-After", values[0], &value, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "integer", Format: ""}); err != nil {
+				return nil, err
+			}
+			headers.RetryAfter = &value
+		}
+		response.HeadersDefault = &headers
+	}
+
 	return response, nil
 }
 
@@ -5187,6 +5555,19 @@ func ParseGetBalanceResponse(rsp *http.Response) (*GetBalanceResponse, error) {
 		}
 		response.ApplicationproblemJSONDefault = &dest
 
+	}
+
+	switch {
+	case true:
+		var headers GetBalanceResponseDefaultHeaders
+		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
+			var value int
+			if err := runtime.BindStyledParameterWithOptions("simple", "Retry-After", values[0], &value, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "integer", Format: ""}); err != nil {
+				return nil, err
+			}
+			headers.RetryAfter = &value
+		}
+		response.HeadersDefault = &headers
 	}
 
 	return response, nil
@@ -5240,6 +5621,16 @@ func ParseConsumeCreditsResponse(rsp *http.Response) (*ConsumeCreditsResponse, e
 			headers.IdempotentReplayed = &value
 		}
 		response.Headers200 = &headers
+	case true:
+		var headers ConsumeCreditsResponseDefaultHeaders
+		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
+			var value int
+			if err := runtime.BindStyledParameterWithOptions("simple", "Retry-After", values[0], &value, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "integer", Format: ""}); err != nil {
+				return nil, err
+			}
+			headers.RetryAfter = &value
+		}
+		response.HeadersDefault = &headers
 	}
 
 	return response, nil
@@ -5286,6 +5677,16 @@ func ParseGrantCreditsResponse(rsp *http.Response) (*GrantCreditsResponse, error
 			headers.IdempotentReplayed = &value
 		}
 		response.Headers201 = &headers
+	case true:
+		var headers GrantCreditsResponseDefaultHeaders
+		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
+			var value int
+			if err := runtime.BindStyledParameterWithOptions("simple", "Retry-After", values[0], &value, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "integer", Format: ""}); err != nil {
+				return nil, err
+			}
+			headers.RetryAfter = &value
+		}
+		response.HeadersDefault = &headers
 	}
 
 	return response, nil
@@ -5321,6 +5722,19 @@ func ParseListCreditTransactionsResponse(rsp *http.Response) (*ListCreditTransac
 
 	}
 
+	switch {
+	case true:
+		var headers ListCreditTransactionsResponseDefaultHeaders
+		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
+			var value int
+			if err := runtime.BindStyledParameterWithOptions("simple", "Retry-After", values[0], &value, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "integer", Format: ""}); err != nil {
+				return nil, err
+			}
+			headers.RetryAfter = &value
+		}
+		response.HeadersDefault = &headers
+	}
+
 	return response, nil
 }
 
@@ -5352,6 +5766,19 @@ func ParseListCustomerPaymentsResponse(rsp *http.Response) (*ListCustomerPayment
 		}
 		response.ApplicationproblemJSONDefault = &dest
 
+	}
+
+	switch {
+	case true:
+		var headers ListCustomerPaymentsResponseDefaultHeaders
+		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
+			var value int
+			if err := runtime.BindStyledParameterWithOptions("simple", "Retry-After", values[0], &value, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "integer", Format: ""}); err != nil {
+				return nil, err
+			}
+			headers.RetryAfter = &value
+		}
+		response.HeadersDefault = &headers
 	}
 
 	return response, nil
@@ -5387,6 +5814,19 @@ func ParseGetCustomerUsageResponse(rsp *http.Response) (*GetCustomerUsageRespons
 
 	}
 
+	switch {
+	case true:
+		var headers GetCustomerUsageResponseDefaultHeaders
+		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
+			var value int
+			if err := runtime.BindStyledParameterWithOptions("simple", "Retry-After", values[0], &value, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "integer", Format: ""}); err != nil {
+				return nil, err
+			}
+			headers.RetryAfter = &value
+		}
+		response.HeadersDefault = &headers
+	}
+
 	return response, nil
 }
 
@@ -5420,6 +5860,19 @@ func ParseListEventsResponse(rsp *http.Response) (*ListEventsResponse, error) {
 
 	}
 
+	switch {
+	case true:
+		var headers ListEventsResponseDefaultHeaders
+		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
+			var value int
+			if err := runtime.BindStyledParameterWithOptions("simple", "Retry-After", values[0], &value, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "integer", Format: ""}); err != nil {
+				return nil, err
+			}
+			headers.RetryAfter = &value
+		}
+		response.HeadersDefault = &headers
+	}
+
 	return response, nil
 }
 
@@ -5451,6 +5904,19 @@ func ParseGetPaymentResponse(rsp *http.Response) (*GetPaymentResponse, error) {
 		}
 		response.ApplicationproblemJSONDefault = &dest
 
+	}
+
+	switch {
+	case true:
+		var headers GetPaymentResponseDefaultHeaders
+		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
+			var value int
+			if err := runtime.BindStyledParameterWithOptions("simple", "Retry-After", values[0], &value, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "integer", Format: ""}); err != nil {
+				return nil, err
+			}
+			headers.RetryAfter = &value
+		}
+		response.HeadersDefault = &headers
 	}
 
 	return response, nil
@@ -5497,6 +5963,16 @@ func ParseIngestUsageEventsResponse(rsp *http.Response) (*IngestUsageEventsRespo
 			headers.IdempotentReplayed = &value
 		}
 		response.Headers202 = &headers
+	case true:
+		var headers IngestUsageEventsResponseDefaultHeaders
+		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
+			var value int
+			if err := runtime.BindStyledParameterWithOptions("simple", "Retry-After", values[0], &value, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "integer", Format: ""}); err != nil {
+				return nil, err
+			}
+			headers.RetryAfter = &value
+		}
+		response.HeadersDefault = &headers
 	}
 
 	return response, nil
@@ -5530,6 +6006,19 @@ func ParseGetUsageEventResponse(rsp *http.Response) (*GetUsageEventResponse, err
 		}
 		response.ApplicationproblemJSONDefault = &dest
 
+	}
+
+	switch {
+	case true:
+		var headers GetUsageEventResponseDefaultHeaders
+		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
+			var value int
+			if err := runtime.BindStyledParameterWithOptions("simple", "Retry-After", values[0], &value, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "integer", Format: ""}); err != nil {
+				return nil, err
+			}
+			headers.RetryAfter = &value
+		}
+		response.HeadersDefault = &headers
 	}
 
 	return response, nil

@@ -10,6 +10,7 @@
 //
 //	POST /v1/customers                          (Idempotency-Key honoured)
 //	POST /v1/checkout/sessions                  (Idempotency-Key honoured)
+//	GET  /v1/checkout/sessions/{id}             (the session as created, paid or updated)
 //	POST /v1/billing/meter_events               (duplicate identifier: 400)
 //	GET  /v1/billing/meters/{id}/event_summaries
 //	POST /v2/billing/meter_event_session
@@ -90,6 +91,7 @@ type Fake struct {
 	idempotent      map[string]idempotentResult
 	customers       []url.Values
 	checkouts       []url.Values
+	sessionObjects  map[string]map[string]any
 	events          []RecordedMeterEvent
 	accepted        map[string]int
 	sessions        map[string]time.Time
@@ -109,6 +111,7 @@ func New(t testing.TB) *Fake {
 	f := &Fake{
 		done:            make(chan struct{}),
 		idempotent:      map[string]idempotentResult{},
+		sessionObjects:  map[string]map[string]any{},
 		accepted:        map[string]int{},
 		sessions:        map[string]time.Time{},
 		sessionLifetime: DefaultSessionLifetime,
@@ -228,6 +231,40 @@ func (f *Fake) CheckoutSessions() []url.Values {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	return cloneForms(f.checkouts)
+}
+
+// CheckoutSession returns the Checkout Session object with id as
+// GET /v1/checkout/sessions/{id} answers it, nil when the fake never created it.
+func (f *Fake) CheckoutSession(id string) map[string]any {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return cloneObject(f.sessionObjects[id])
+}
+
+// PayCheckoutSession is the buyer paying Checkout Session id with
+// PaymentIntent paymentIntentID: the session becomes complete and paid and
+// names the PaymentIntent, as Stripe shows it afterwards. It returns the
+// session object (for a checkout.session.completed event), nil when the
+// fake never created the session.
+func (f *Fake) PayCheckoutSession(id, paymentIntentID string) map[string]any {
+	return f.UpdateCheckoutSession(id, map[string]any{"status": "complete", "payment_status": "paid", "payment_intent": paymentIntentID})
+}
+
+// UpdateCheckoutSession sets top-level fields of Checkout Session id, as
+// Stripe would have filled them (amount_total and total_details for Stripe
+// Tax, currency and currency_conversion for Adaptive Pricing), and returns
+// the session object, nil when the fake never created the session.
+func (f *Fake) UpdateCheckoutSession(id string, fields map[string]any) map[string]any {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	obj, ok := f.sessionObjects[id]
+	if !ok {
+		return nil
+	}
+	for k, v := range cloneObject(fields) {
+		obj[k] = v
+	}
+	return cloneObject(obj)
 }
 
 // MeterEvents returns every accepted meter event, in order of arrival.
@@ -406,6 +443,8 @@ func (f *Fake) handle(w http.ResponseWriter, r *http.Request, body []byte) {
 		f.idempotently(w, r, body, f.createCustomer)
 	case r.Method == http.MethodPost && path == "/v1/checkout/sessions":
 		f.idempotently(w, r, body, f.createCheckoutSession)
+	case r.Method == http.MethodGet && strings.HasPrefix(path, "/v1/checkout/sessions/") && !strings.Contains(strings.TrimPrefix(path, "/v1/checkout/sessions/"), "/"):
+		f.retrieveCheckoutSession(w, strings.TrimPrefix(path, "/v1/checkout/sessions/"))
 	case r.Method == http.MethodPost && path == "/v1/billing/meter_events":
 		f.createMeterEvent(w, body)
 	case r.Method == http.MethodPost && path == "/v2/billing/meter_event_session":
@@ -491,7 +530,16 @@ func (f *Fake) createCheckoutSession(form url.Values) (int, any) {
 		expiresAt = n
 	}
 	f.checkouts = append(f.checkouts, form)
-	return http.StatusOK, map[string]any{
+	// The amounts of an ad-hoc price; a Stripe Price's are unknown here.
+	var currency, subtotal any
+	if unit, err := strconv.ParseInt(form.Get("line_items[0][price_data][unit_amount]"), 10, 64); err == nil {
+		quantity := int64(1)
+		if q, err := strconv.ParseInt(form.Get("line_items[0][quantity]"), 10, 64); err == nil {
+			quantity = q
+		}
+		currency, subtotal = form.Get("line_items[0][price_data][currency]"), unit*quantity
+	}
+	obj := map[string]any{
 		"id":                  id,
 		"object":              "checkout.session",
 		"url":                 f.srv.URL + "/c/pay/" + id,
@@ -505,9 +553,28 @@ func (f *Fake) createCheckoutSession(form url.Values) (int, any) {
 		"success_url":         form.Get("success_url"),
 		"cancel_url":          nullable(form.Get("cancel_url")),
 		"metadata":            bracketMap(form, "metadata"),
+		"currency":            currency,
+		"amount_subtotal":     subtotal,
+		"amount_total":        subtotal,
+		"total_details":       map[string]any{"amount_discount": 0, "amount_shipping": 0, "amount_tax": 0},
+		"currency_conversion": nil,
 		"created":             time.Now().Unix(),
 		"livemode":            false,
 	}
+	f.sessionObjects[id] = obj
+	return http.StatusOK, cloneObject(obj)
+}
+
+func (f *Fake) retrieveCheckoutSession(w http.ResponseWriter, id string) {
+	f.mu.Lock()
+	obj := cloneObject(f.sessionObjects[id])
+	f.mu.Unlock()
+	if obj == nil {
+		writeError(w, http.StatusNotFound, stripeError{Type: "invalid_request_error", Code: "resource_missing", Param: "session",
+			Message: fmt.Sprintf("No such checkout.session: '%s'", id)})
+		return
+	}
+	writeJSON(w, http.StatusOK, obj)
 }
 
 func (f *Fake) createMeterEvent(w http.ResponseWriter, body []byte) {
@@ -772,6 +839,22 @@ func cloneForms(in []url.Values) []url.Values {
 			c[k] = append([]string(nil), vs...)
 		}
 		out[i] = c
+	}
+	return out
+}
+
+// cloneObject deep-copies a JSON object (nil stays nil).
+func cloneObject(m map[string]any) map[string]any {
+	if m == nil {
+		return nil
+	}
+	raw, err := json.Marshal(m)
+	if err != nil {
+		panic(fmt.Sprintf("stripefake: object does not encode: %v", err))
+	}
+	var out map[string]any
+	if err := json.Unmarshal(raw, &out); err != nil {
+		panic(fmt.Sprintf("stripefake: object does not decode: %v", err))
 	}
 	return out
 }

@@ -1,0 +1,156 @@
+package payments
+
+import (
+	"context"
+	"fmt"
+	"strings"
+
+	"gorm.io/gorm"
+
+	"github.com/tallybilling/tally/internal/db"
+	"github.com/tallybilling/tally/internal/errs"
+)
+
+// A payment trusts one Checkout Session: the one tally created for it,
+// whose id it recorded when Stripe answered the creation. Only that session
+// may link a PaymentIntent to the payment or tell what it charges, whether
+// it speaks through a signed checkout.session.* event or through a
+// retrieval from Stripe. A Stripe object that merely carries the payment's
+// metadata (another integration on the account, a forged object) is
+// refused.
+
+// ownSession refuses a session event whose session is not the one tally
+// created for p.
+func ownSession(p Payment, sessionID string) error {
+	if p.CheckoutSessionID == "" {
+		return reject("Checkout Session %s names payment %s, which has no Checkout Session on record", sessionID, p.ID)
+	}
+	if sessionID != p.CheckoutSessionID {
+		return reject("Checkout Session %s names payment %s, but tally created %s for it", sessionID, p.ID, p.CheckoutSessionID)
+	}
+	return nil
+}
+
+// recordSession stores what the payment learns from its own session cs
+// (tx holds p's row lock): the Stripe ids not yet known, the latest
+// Checkout payment_status, and the amounts cs charges. p is updated to match.
+// Errors: *Rejection (not p's session, an id of another payment),
+// errs.Unavailable.
+func (s *Service) recordSession(ctx context.Context, tx *gorm.DB, p *Payment, cs CheckoutSession) error {
+	if err := ownSession(*p, cs.ID); err != nil {
+		return err
+	}
+	if err := s.applyLinks(ctx, tx, *p, sessionLinks(cs)); err != nil {
+		return err
+	}
+	if p.PaymentIntentID == "" {
+		p.PaymentIntentID = cs.PaymentIntent
+	}
+	t, ok := cs.totals()
+	if !ok {
+		return nil
+	}
+	err := tx.Exec(`UPDATE payments SET checkout_currency = ?, checkout_amount_subtotal = ?, checkout_amount_total = ?,
+			checkout_amount_tax = ?, checkout_source_currency = NULLIF(?, ''), checkout_source_amount_subtotal = ?, updated_at = ?
+		WHERE id = ?`,
+		t.Currency, t.AmountSubtotal, t.AmountTotal, t.AmountTax, t.SourceCurrency, sourceAmount(t), s.now(), p.ID).Error
+	if err != nil {
+		return db.Translate(err, nil)
+	}
+	p.Checkout = t
+	return nil
+}
+
+// sourceAmount is the amount to store beside SourceCurrency: none without one.
+func sourceAmount(t CheckoutTotals) *int64 {
+	if t.SourceCurrency == "" {
+		return nil
+	}
+	return &t.SourceAmountSubtotal
+}
+
+// sessionToVerify returns the Checkout Session a success of PaymentIntent
+// piID must be checked against when the payment does not know it yet: a
+// PaymentIntent not linked to the payment, or a payment that does not know
+// what its session charged. It is retrieved from Stripe, outside any
+// transaction; nil means the payment already knows (or the confirmation
+// will refuse the event for another reason). A Stripe error is returned
+// as is, so the event is retried rather than parked.
+func (s *Service) sessionToVerify(ctx context.Context, paymentID, piID string) (*CheckoutSession, error) {
+	p, err := load(ctx, s.db, paymentID, false)
+	if errs.Is(err, errs.NotFound) {
+		return nil, nil // lockForEvent refuses it
+	}
+	if err != nil {
+		return nil, err
+	}
+	switch {
+	case p.PaymentIntentID != "" && p.PaymentIntentID != piID:
+		return nil, nil // lockForEvent refuses it
+	case p.PaymentIntentID == piID && (p.Checkout.Known() || p.Status == Succeeded || p.Status == Refunded):
+		return nil, nil // linked by the session, or confirmed already
+	case p.CheckoutSessionID == "":
+		return nil, nil // nothing to ask Stripe about: checkAmounts refuses it
+	case s.stripe == nil:
+		return nil, errs.E(errs.Unavailable, "PaymentIntent %s of payment %s cannot be checked against its Checkout Session: no Stripe key is configured", piID, paymentID)
+	}
+	got, err := s.stripe.GetCheckoutSession(ctx, p.CheckoutSessionID)
+	if err != nil {
+		return nil, fmt.Errorf("payments: retrieve Checkout Session %s of payment %s: %w", p.CheckoutSessionID, paymentID, err)
+	}
+	cs := fromStripe(got)
+	return &cs, nil
+}
+
+// sessionNames refuses a confirmation by PaymentIntent piID when the
+// payment's own Checkout Session cs names another one. A session that names
+// none yet is an error to retry (Stripe shows the PaymentIntent once the
+// buyer paid), not a refusal.
+func (s *Service) sessionNames(cs *CheckoutSession, p Payment, piID string) error {
+	if err := ownSession(p, cs.ID); err != nil {
+		return err
+	}
+	switch cs.PaymentIntent {
+	case piID:
+		return nil
+	case "":
+		return fmt.Errorf("payments: Checkout Session %s of payment %s names no PaymentIntent yet, so %s cannot be confirmed yet", cs.ID, p.ID, piID)
+	}
+	return reject("PaymentIntent %s is not the one Checkout Session %s of payment %s names (%s): tally did not create it",
+		piID, cs.ID, p.ID, cs.PaymentIntent)
+}
+
+// checkAmounts is the amount part of the validation chain, on p as its own
+// Checkout Session described it: the PaymentIntent must be the one the
+// session names; the session's amount before discounts and taxes, in the
+// currency it was created in, must be the catalog price of the payment
+// (which allows Stripe Tax on top and Adaptive Pricing's conversion); and
+// amount_received and its currency must be the session's total, what the
+// buyer was charged.
+func checkAmounts(p Payment, c confirmation) error {
+	if p.PaymentIntentID != c.paymentIntentID {
+		if p.CheckoutSessionID == "" {
+			return reject("payment %s has no Checkout Session on record, so PaymentIntent %s cannot be checked against it", p.ID, c.paymentIntentID)
+		}
+		return reject("PaymentIntent %s is not linked to payment %s by its Checkout Session %s", c.paymentIntentID, p.ID, p.CheckoutSessionID)
+	}
+	t := p.Checkout
+	if !t.Known() {
+		return reject("Checkout Session %s of payment %s reported no amounts to check PaymentIntent %s against", p.CheckoutSessionID, p.ID, c.paymentIntentID)
+	}
+	price, currency := t.Price()
+	if !strings.EqualFold(currency, p.Currency) {
+		return reject("Checkout Session %s was created in %q, but payment %s is priced in %q", p.CheckoutSessionID, currency, p.ID, p.Currency)
+	}
+	if price != p.Amount {
+		return reject("Checkout Session %s charges %d %s before tax, but payment %s costs %d", p.CheckoutSessionID, price, currency, p.ID, p.Amount)
+	}
+	if !strings.EqualFold(c.currency, t.Currency) {
+		return reject("currency %q does not match Checkout Session %s of payment %s (%q)", c.currency, p.CheckoutSessionID, p.ID, t.Currency)
+	}
+	if c.amountReceived != t.AmountTotal {
+		return reject("amount_received %d does not match the amount_total %d of Checkout Session %s of payment %s",
+			c.amountReceived, t.AmountTotal, p.CheckoutSessionID, p.ID)
+	}
+	return nil
+}
