@@ -28,6 +28,7 @@ func TestWebhookReplayBehindAFreshTimestamp(t *testing.T) {
 	gdb := openDB(t, s)
 
 	pay := checkout(t, s, "replay-1", "starter", 1)
+	paidAtStripe(t, fake, s, pay)
 	body := stripeEvent(newEventID(), "payment_intent.succeeded", paymentIntent(pay, "replay-1", "succeeded", starterAmount, starterAmount, "usd"))
 	captured := sign(body, testWebhookSecret, time.Now().Add(-time.Hour))
 

@@ -59,7 +59,7 @@ func TestDisputes(t *testing.T) {
 
 	t.Run("lost after spending", func(t *testing.T) {
 		grantOverHTTP(t, svc, "dp-lost", 100, "dp-lost-welcome")
-		pay := buyStarter(t, s, "dp-lost")
+		pay := buyStarter(t, fake, s, "dp-lost")
 		consumeOverHTTP(t, s, "dp-lost", 600) // from the purchase (it expires first): 400 left
 		d := dispute(pay, "dp_lost_1", "needs_response", starterAmount)
 		deliver(t, s, disputeEvent("created", d))
@@ -103,7 +103,7 @@ func TestDisputes(t *testing.T) {
 	})
 
 	t.Run("won", func(t *testing.T) {
-		pay := buyStarter(t, s, "dp-won")
+		pay := buyStarter(t, fake, s, "dp-won")
 		consumeOverHTTP(t, s, "dp-won", 300)
 		purchase := balanceOverHTTP(t, svc, "dp-won").Grants[0]
 		d := dispute(pay, "dp_won_1", "needs_response", starterAmount)
@@ -146,7 +146,7 @@ func TestDisputes(t *testing.T) {
 	})
 
 	t.Run("won after a partial refund", func(t *testing.T) {
-		pay := buyStarter(t, s, "dp-refunded")
+		pay := buyStarter(t, fake, s, "dp-refunded")
 		deliver(t, s, stripeEvent(newEventID(), "charge.refunded", refundedCharge(pay, starterAmount, 400)))
 		d := dispute(pay, "dp_refunded_1", "needs_response", starterAmount-400)
 		deliver(t, s, disputeEvent("created", d))
@@ -165,7 +165,7 @@ func TestDisputes(t *testing.T) {
 	})
 
 	t.Run("an inquiry only records", func(t *testing.T) {
-		pay := buyStarter(t, s, "dp-inquiry")
+		pay := buyStarter(t, fake, s, "dp-inquiry")
 		d := dispute(pay, "dp_inquiry_1", "warning_needs_response", starterAmount)
 		deliver(t, s, disputeEvent("created", d))
 		d["status"] = "warning_closed"
@@ -186,7 +186,7 @@ func TestDisputes(t *testing.T) {
 	})
 
 	t.Run("an inquiry that escalates", func(t *testing.T) {
-		pay := buyStarter(t, s, "dp-escalated")
+		pay := buyStarter(t, fake, s, "dp-escalated")
 		d := dispute(pay, "dp_escalated_1", "warning_needs_response", starterAmount)
 		deliver(t, s, disputeEvent("created", d))
 		d["status"] = "needs_response"
@@ -200,7 +200,7 @@ func TestDisputes(t *testing.T) {
 	})
 
 	t.Run("closed lost before it was seen opened", func(t *testing.T) {
-		pay := buyStarter(t, s, "dp-reordered")
+		pay := buyStarter(t, fake, s, "dp-reordered")
 		d := dispute(pay, "dp_reordered_1", "lost", starterAmount)
 		deliver(t, s, disputeEvent("closed", d))
 		for _, st := range []string{"needs_response", "under_review", "warning_needs_response"} {
@@ -230,7 +230,7 @@ func TestDisputes(t *testing.T) {
 	})
 
 	t.Run("closed won before it was seen opened", func(t *testing.T) {
-		pay := buyStarter(t, s, "dp-won-first")
+		pay := buyStarter(t, fake, s, "dp-won-first")
 		d := dispute(pay, "dp_won_first_1", "won", starterAmount)
 		deliver(t, s, disputeEvent("closed", d))
 		d["status"] = "needs_response"
@@ -244,7 +244,7 @@ func TestDisputes(t *testing.T) {
 	})
 
 	t.Run("another PaymentIntent's dispute is parked", func(t *testing.T) {
-		pay := buyStarter(t, s, "dp-foreign")
+		pay := buyStarter(t, fake, s, "dp-foreign")
 		d := dispute(pay, "dp_foreign_1", "needs_response", starterAmount)
 		d["payment_intent"] = "pi_someone_else"
 		d["metadata"] = map[string]string{"tally_payment_id": pay}

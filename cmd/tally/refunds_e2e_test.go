@@ -27,9 +27,10 @@ func consumeOverHTTP(t testing.TB, s *server, customer string, amount int64) {
 
 // buyStarter checks out one starter pack for customer and delivers its
 // success, and returns the payment id.
-func buyStarter(t testing.TB, s *server, customer string) string {
+func buyStarter(t testing.TB, fake *stripefake.Fake, s *server, customer string) string {
 	t.Helper()
 	pay := checkout(t, s, customer, "starter", 1)
+	paidAtStripe(t, fake, s, pay)
 	deliver(t, s, stripeEvent(newEventID(), "payment_intent.succeeded", paymentIntent(pay, customer, "succeeded", starterAmount, starterAmount, "usd")))
 	return pay
 }
@@ -45,7 +46,7 @@ func TestRefundAfterSpendingRevokesFromTheWholeBalance(t *testing.T) {
 
 	// Other grants cover the whole refund: nothing is lost.
 	grantOverHTTP(t, svc, "rich", 5000, "rich-welcome")
-	pay := buyStarter(t, s, "rich")
+	pay := buyStarter(t, fake, s, "rich")
 	consumeOverHTTP(t, s, "rich", 950) // the purchase grant expires first, so it is drawn first
 	deliver(t, s, stripeEvent(newEventID(), "charge.refunded", refundedCharge(pay, starterAmount, starterAmount)))
 	if b := balanceOverHTTP(t, svc, "rich"); b.Balance != 5000+starterCredits-950-starterCredits {
@@ -54,7 +55,7 @@ func TestRefundAfterSpendingRevokesFromTheWholeBalance(t *testing.T) {
 
 	// Other grants cover part of it: the rest is a shortfall.
 	grantOverHTTP(t, svc, "short", 200, "short-welcome")
-	pay = buyStarter(t, s, "short")
+	pay = buyStarter(t, fake, s, "short")
 	consumeOverHTTP(t, s, "short", 950)
 	deliver(t, s, stripeEvent(newEventID(), "charge.refunded", refundedCharge(pay, starterAmount, starterAmount)))
 	if b := balanceOverHTTP(t, svc, "short"); b.Balance != 0 {
@@ -98,7 +99,7 @@ func TestRefundFromThePurchaseGrantOnly(t *testing.T) {
 	svc := s.service(t)
 
 	grantOverHTTP(t, svc, "keeper", 200, "keeper-welcome")
-	pay := buyStarter(t, s, "keeper")
+	pay := buyStarter(t, fake, s, "keeper")
 	consumeOverHTTP(t, s, "keeper", 950)
 	deliver(t, s, stripeEvent(newEventID(), "charge.refunded", refundedCharge(pay, starterAmount, starterAmount)))
 	if b := balanceOverHTTP(t, svc, "keeper"); b.Balance != 200 {

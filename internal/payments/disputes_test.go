@@ -24,11 +24,11 @@ func disputeOf(res payments.CheckoutResult, pi, id, status string, amount int64)
 // one withdrawal, one loss, one event each.
 func TestConcurrentDisputeEventsHaveOneEffect(t *testing.T) {
 	gdb := dbtest.New(t)
-	_, stripe := fakeClient(t)
+	fake, stripe := fakeClient(t)
 	svc := newService(t, gdb, stripe, config.ConfirmOnPaymentIntent)
 	other := newService(t, gdb, stripe, config.ConfirmOnPaymentIntent)
 	w := newWallet(t, gdb)
-	res := paidPack(t, svc, "rush", "pi_rush")
+	res := paidPack(t, fake, svc, "rush", "pi_rush")
 	w.consume("rush", 40)
 
 	stages := []string{"needs_response", "under_review", "lost", "warning_needs_response"}
@@ -78,7 +78,7 @@ func TestConcurrentDisputeEventsHaveOneEffect(t *testing.T) {
 // (they would have expired anyway; nothing returns already expired).
 func TestDisputeWonReturnsCreditsWithTheirExpiry(t *testing.T) {
 	gdb := dbtest.New(t)
-	_, stripe := fakeClient(t)
+	fake, stripe := fakeClient(t)
 	cat, err := config.ParseCatalog([]byte(catalogYAML))
 	if err != nil {
 		t.Fatal(err)
@@ -96,7 +96,7 @@ func TestDisputeWonReturnsCreditsWithTheirExpiry(t *testing.T) {
 		return db.IdempotencyKey{Scope: "customer:back", Key: fmt.Sprint(n), RequestHash: []byte(fmt.Sprint(n))}
 	}
 
-	res := paidPack(t, svc, "back", "pi_back")
+	res := paidPack(t, fake, svc, "back", "pi_back")
 	b, err := wallet.Balance(ctx, "back")
 	if err != nil || len(b.Grants) != 1 || b.Grants[0].ExpiresAt == nil {
 		t.Fatalf("balance after the purchase = %+v, %v; want one expiring grant", b, err)
@@ -155,10 +155,10 @@ func TestDisputeWonReturnsCreditsWithTheirExpiry(t *testing.T) {
 // verify names a payment whose dispute bookkeeping disagrees.
 func TestVerifyChecksDisputes(t *testing.T) {
 	gdb := dbtest.New(t)
-	_, stripe := fakeClient(t)
+	fake, stripe := fakeClient(t)
 	svc := newService(t, gdb, stripe, config.ConfirmOnPaymentIntent)
 	ctx := context.Background()
-	res := paidPack(t, svc, "tamper", "pi_tamper")
+	res := paidPack(t, fake, svc, "tamper", "pi_tamper")
 	for i, st := range []string{"needs_response", "won"} {
 		if err := svc.DisputeChanged(ctx, payments.EventRef{ID: fmt.Sprintf("evt_t%d", i), Type: "charge.dispute.updated"},
 			disputeOf(res, "pi_tamper", "dp_tamper", st, 1000)); err != nil {

@@ -14,6 +14,7 @@ import (
 	"github.com/tallybilling/tally/internal/db"
 	"github.com/tallybilling/tally/internal/db/dbtest"
 	"github.com/tallybilling/tally/internal/payments"
+	"github.com/tallybilling/tally/internal/stripeapi/stripefake"
 )
 
 // wallet is the credits service over gdb, for grants, consumes and balances.
@@ -57,9 +58,10 @@ func (w *wallet) balance(customer string) int64 {
 }
 
 // paidPack buys one starter pack (100 credits for 1000) and confirms it.
-func paidPack(t *testing.T, svc *payments.Service, customer, pi string) payments.CheckoutResult {
+func paidPack(t *testing.T, fake *stripefake.Fake, svc *payments.Service, customer, pi string) payments.CheckoutResult {
 	t.Helper()
 	res := buy(t, svc, customer, "starter", 1)
+	payAtStripe(t, fake, res, pi)
 	if err := svc.PaymentIntentSucceeded(context.Background(), payments.EventRef{ID: "evt_paid_" + pi, Type: "payment_intent.succeeded"},
 		payments.PaymentIntent{ID: pi, AmountReceived: 1000, Currency: "usd", Metadata: map[string]string{"tally_payment_id": res.PaymentID}}); err != nil {
 		t.Fatal(err)
@@ -81,11 +83,11 @@ func refund(t *testing.T, svc *payments.Service, res payments.CheckoutResult, pi
 // never asked for again.
 func TestRefundsRevokeTheirShareOnceFromTheWholeBalance(t *testing.T) {
 	gdb := dbtest.New(t)
-	_, stripe := fakeClient(t)
+	fake, stripe := fakeClient(t)
 	svc := newService(t, gdb, stripe, config.ConfirmOnPaymentIntent)
 	w := newWallet(t, gdb)
 
-	res := paidPack(t, svc, "hal", "pi_hal")
+	res := paidPack(t, fake, svc, "hal", "pi_hal")
 	w.grant("hal", 50)   // never expires: drawn after the pack (which expires)
 	w.consume("hal", 30) // from the pack: 70 left
 
@@ -111,7 +113,7 @@ func TestRefundsRevokeTheirShareOnceFromTheWholeBalance(t *testing.T) {
 	verifyClean(t, gdb)
 
 	// Spent nearly everything first: the rest is short, recorded once.
-	res = paidPack(t, svc, "ida", "pi_ida")
+	res = paidPack(t, fake, svc, "ida", "pi_ida")
 	w.consume("ida", 90)
 	refund(t, svc, res, "pi_ida", "evt_i1", 500) // 50 due: 10 taken, 40 short
 	refund(t, svc, res, "pi_ida", "evt_i2", 500)
@@ -138,7 +140,7 @@ func TestRefundsRevokeTheirShareOnceFromTheWholeBalance(t *testing.T) {
 // refund of the same payment tries again (tally's first behaviour).
 func TestRefundsFromThePurchaseGrantOnly(t *testing.T) {
 	gdb := dbtest.New(t)
-	_, stripe := fakeClient(t)
+	fake, stripe := fakeClient(t)
 	cat, err := config.ParseCatalog([]byte(catalogYAML))
 	if err != nil {
 		t.Fatal(err)
@@ -148,7 +150,7 @@ func TestRefundsFromThePurchaseGrantOnly(t *testing.T) {
 		RevokeFrom: config.RevokeFromPurchaseGrant})
 	w := newWallet(t, gdb)
 
-	res := paidPack(t, svc, "joe", "pi_joe")
+	res := paidPack(t, fake, svc, "joe", "pi_joe")
 	w.grant("joe", 50)
 	w.consume("joe", 80)                         // 20 left of the pack
 	refund(t, svc, res, "pi_joe", "evt_j1", 500) // 50 due, 20 taken
