@@ -23,49 +23,52 @@ import (
 
 // Defines values for ErrorCode.
 const (
-	Conflict               ErrorCode = "conflict"
-	Forbidden              ErrorCode = "forbidden"
-	IdempotencyKeyInFlight ErrorCode = "idempotency_key_in_flight"
-	IdempotencyKeyReused   ErrorCode = "idempotency_key_reused"
-	InsufficientCredits    ErrorCode = "insufficient_credits"
-	Internal               ErrorCode = "internal"
-	InvalidRequest         ErrorCode = "invalid_request"
-	NotFound               ErrorCode = "not_found"
-	PayloadTooLarge        ErrorCode = "payload_too_large"
-	PaymentProviderError   ErrorCode = "payment_provider_error"
-	RateLimited            ErrorCode = "rate_limited"
-	Unauthorized           ErrorCode = "unauthorized"
-	Unavailable            ErrorCode = "unavailable"
+	ErrorCodeConflict               ErrorCode = "conflict"
+	ErrorCodeForbidden              ErrorCode = "forbidden"
+	ErrorCodeIdempotencyKeyInFlight ErrorCode = "idempotency_key_in_flight"
+	ErrorCodeIdempotencyKeyReused   ErrorCode = "idempotency_key_reused"
+	ErrorCodeIdentifierConflict     ErrorCode = "identifier_conflict"
+	ErrorCodeInsufficientCredits    ErrorCode = "insufficient_credits"
+	ErrorCodeInternal               ErrorCode = "internal"
+	ErrorCodeInvalidRequest         ErrorCode = "invalid_request"
+	ErrorCodeNotFound               ErrorCode = "not_found"
+	ErrorCodePayloadTooLarge        ErrorCode = "payload_too_large"
+	ErrorCodePaymentProviderError   ErrorCode = "payment_provider_error"
+	ErrorCodeRateLimited            ErrorCode = "rate_limited"
+	ErrorCodeUnauthorized           ErrorCode = "unauthorized"
+	ErrorCodeUnavailable            ErrorCode = "unavailable"
 )
 
 // Valid indicates whether the value is a known member of the ErrorCode enum.
 func (e ErrorCode) Valid() bool {
 	switch e {
-	case Conflict:
+	case ErrorCodeConflict:
 		return true
-	case Forbidden:
+	case ErrorCodeForbidden:
 		return true
-	case IdempotencyKeyInFlight:
+	case ErrorCodeIdempotencyKeyInFlight:
 		return true
-	case IdempotencyKeyReused:
+	case ErrorCodeIdempotencyKeyReused:
 		return true
-	case InsufficientCredits:
+	case ErrorCodeIdentifierConflict:
 		return true
-	case Internal:
+	case ErrorCodeInsufficientCredits:
 		return true
-	case InvalidRequest:
+	case ErrorCodeInternal:
 		return true
-	case NotFound:
+	case ErrorCodeInvalidRequest:
 		return true
-	case PayloadTooLarge:
+	case ErrorCodeNotFound:
 		return true
-	case PaymentProviderError:
+	case ErrorCodePayloadTooLarge:
 		return true
-	case RateLimited:
+	case ErrorCodePaymentProviderError:
 		return true
-	case Unauthorized:
+	case ErrorCodeRateLimited:
 		return true
-	case Unavailable:
+	case ErrorCodeUnauthorized:
+		return true
+	case ErrorCodeUnavailable:
 		return true
 	default:
 		return false
@@ -191,19 +194,22 @@ func (e StripeEventStatus) Valid() bool {
 
 // Defines values for UsageEventResultStatus.
 const (
-	Accepted  UsageEventResultStatus = "accepted"
-	Duplicate UsageEventResultStatus = "duplicate"
-	Rejected  UsageEventResultStatus = "rejected"
+	UsageEventResultStatusAccepted  UsageEventResultStatus = "accepted"
+	UsageEventResultStatusConflict  UsageEventResultStatus = "conflict"
+	UsageEventResultStatusDuplicate UsageEventResultStatus = "duplicate"
+	UsageEventResultStatusRejected  UsageEventResultStatus = "rejected"
 )
 
 // Valid indicates whether the value is a known member of the UsageEventResultStatus enum.
 func (e UsageEventResultStatus) Valid() bool {
 	switch e {
-	case Accepted:
+	case UsageEventResultStatusAccepted:
 		return true
-	case Duplicate:
+	case UsageEventResultStatusConflict:
 		return true
-	case Rejected:
+	case UsageEventResultStatusDuplicate:
+		return true
+	case UsageEventResultStatusRejected:
 		return true
 	default:
 		return false
@@ -650,7 +656,10 @@ type UsageEventStatus struct {
 
 // UsageIntakeResult defines model for UsageIntakeResult.
 type UsageIntakeResult struct {
-	Accepted   int                `json:"accepted"`
+	Accepted int `json:"accepted"`
+
+	// Conflicts Events whose identifier is already used by another event; none of them was stored.
+	Conflicts  int                `json:"conflicts"`
 	Duplicates int                `json:"duplicates"`
 	Rejected   int                `json:"rejected"`
 	Results    []UsageEventResult `json:"results"`
@@ -2982,113 +2991,117 @@ func (sh *strictHandler) GetUsageEvent(ctx echo.Context, identifier string) erro
 // const string: with thousands of chunks the chained `+` fold is several
 // times slower for the Go compiler than parsing a slice literal.
 var swaggerSpec = []string{
-	"1D1rcxs3kn+li7dVkbwjin7lLlJt1TlOsvFusnFZ9qXqQh8JzTRJRDPABMBQ5rr036/QAOZBguRQr/X6",
-	"i6khBmg0+t2N5udBKotSChRGD84+DxbIMlT08U2GRSkNCvMOy5ytMLNPM9Sp4qXhUgzOBlOjKpzC9QIF",
-	"mAXXwIS+RgVcg1kgKHoR5AyYAGQq56hA4R8VagPX3CxolGYFwhWuhoNkoNMFFswuZFYlDs4Gl1LmyMTg",
-	"5uYmGZRMsQKNB/B1pbRUm0C9XyBMBX4yk5RGTC0AdqFS4ZLLSkPJ5mhX43b4HxWq1SAZCFbYBd07HVAK",
-	"9uknFHOzGJw9G42SAJo2iov5wAL2utJGFqjefBcHJ2V5juorDfJaAM9gJhVwo6HSqGpASmYWbTjclBOe",
-	"DZKBRRpX9ggsxtvA/UnhbHA2+I/T5iBP3bf6tAWWhbI+0XT1d1zZl2ldd+bNyq1hJ3bcrtXbqHn5MhkU",
-	"XIS/n8YQ1QXhF8IRyw8A5fZL/8QLbuqV1k49py/b02c4Y1VuBmcvR4ldixdVYf8Y0Urur2YdLgzOUTky",
-	"VahLKTQSlb5V8jLHwn5MpbDsZD+yssx5yuz2T0s34s+/a0svn3uebZiXVuxS3CsBqJRUcPTuh9fwzYuX",
-	"/wl+DcjQMJ7r4yGhxM9ll/qW5UykaD+WSpaoDHfwXzZfdFe5KFFk7DJHEPL6DCqhSxQGUoWZJW05g0rg",
-	"p9LSDcwVE0ZbSp9JVTDjMPb1i8EmApMO5R9A4MnArbIJ6V/puRM4AbwcZyYBLaWwsojgXMGMK22IHw0W",
-	"et/iNO1FVRRMrezyfidMKUZ/5/J64rE3MQuFeiFz2lEPHJD4clBt7udXJ24xgH9CA7mYg8KCcWE/hX26",
-	"E+hgPmMGTwwv0JJ/lef2DANnr7FNB5AJK2TlyHdjB1vmadiiLUR+WxNugcTqE9yGu4/1xPLyd0yNBfA1",
-	"MyyX803CdRiYlCy9or97nelreuktS69iJ1rmTPSf621u9VZkFiWzKjUHTORe2JxrHavtHbfWCYBH0bfA",
-	"9EpW5gK15k7+rKHRD5hoN8Jz5QahOELTE9YlkDaxbbxTslWBwmybslJ55PnapltzJFFg3TwdAHsg4rVC",
-	"ZkjqsSzjTk29bSFmxnKNyTquLL3mEw93x2x48V97NNQd5J4lok0p8QpSxxrAM8v/LXC+frEXmD8qJgw3",
-	"q44qfBqR37VqfLpPNSYDXaUpan07BO0UIYSC7gJJ+ziiJy6Frgp85+zRA496hyxsY6T5tw83BRqWMbNX",
-	"7/8cxhE+mLcZDjWG2pj0W6mn24krTYTwuT82Nne61aLwNggoPl8YYDODynkVqVu9p/1gFBOapWarsFrb",
-	"/9r4pEFIgDSKkUZT3A0dXlP3HV0pZc3h3TLYom6iMZUii9hDP8pryKWYw6WsLKaDraANW4EOZt05WKUO",
-	"BTKhrcOCS+erHKz7k8EW+e5s733HQ0dCQ1snU6OhwV/0kLyQiFoHzGB2kLqyxhUJrr1W06ESvL+puB/Z",
-	"txEk4ST2bsx+KnGypqr2vlaV2YHYjhFBvbOkfXyd2XcRgXPOd0vKkhmDyjLJ//326uR/2ck/RyffTIZn",
-	"/33y8c9/itFEmPxDqVEdqkRqgmoB9fLps8gyWwmky9lvUZ2Es4F6HIUbpp5Phq2ppnA0AlMp4cI1Qhqe",
-	"IsjZjN5wotfPdjyEXwpuDGYglZMMV4ile9Fxo4Elyys8BwYtGJgBYUUHLFgGUiBUGv1bUsz4vLL+obcw",
-	"ouJlrzodPTRX7D2dOFesU1qLttJKTxr6ipLWTYSSv7de/WuZEVQo7OZ/G3CxZDnPJj6uZvlBsMospOL/",
-	"xMxh9JJnGQorPqSZzGQlyFiWYpbz1L7BmzjL5ApXE4WVpnfXv+BiMsuteqagla5mM55ya34HKUxGfS5Z",
-	"NjFSTnKm5pa5FTM4oRgLzRps9lLJJc9QTShc4SBfMu6OMqHjU4K1rbcG598vfSjl7nL9UGkW6CjO6Z2X",
-	"mrPbogPdg3U+DhAN/XaSmqOGXtgl4JE4JJsXM8ySsQjPZozn7TEKZ5XIaB4vBcjTpncicqEZFiILa0/o",
-	"xUqzOQ4zZFkCw+FwLPpJcRrikdgR5DHZTaf8ls0jgalwCr1caEctEWe8FSeOiFOmNTANUzKopmCkFVqG",
-	"CyvlKpEumJhjFsLfSHFl4BqwKA2Fs3ejw6OgDUIMBz9wzDNi/QgSKJ4XpaxSEv9s7upvF7/8A/y3LkT4",
-	"9Tejp8fAhZE+bO8i9JcyWyVAmgDBCkOK5EMdhd+/wwBDEgCN7Y/iaF+IF9aNYnTx9nNlcYLA3WHPKlMp",
-	"PAfp1aIzlMWGmbxT9HzZXp8/mfv1+XqM7hFL2iukScBtiyzd2UWsZ+/pLXZixXf2Fw/3XO4BoVtQ2Y3h",
-	"7Z2ljlD33K2WlUo79k5ZqXTBtIVZo1ryDsZ3KZ4WxQcY6vn3KqKfMJuj+k6x6zse3w66XAN6k8a2A/a9",
-	"MLsJay13w+cCszMopeaGLxFYlumg4hMQOGf0WGEhl85cL3pGX4KXQirzAUk6U+w6Etv4QaoQLgIURnHU",
-	"CYlrl1oA+5qAmZJF7zxP6+gjBkT7PDcTv/QtMPd/4rMxVqUqXMorB+LKmgzsUlbk/9yWD6+4yNpsQis6",
-	"K98iow6AE/3btS1ZZb9X2kTN69sopoNFQdBjPZiXtrcpbD2Z1ZNtCxJs55x7MC7bLLjfxNyDl9vZiD+3",
-	"jituP3Xd2EgZw3oW+UNp7d2XI3ADnHOvE7jClYaKvnwxgnTBFEsNKp34Ef67l6ORzzq0oXg5igOP6r00",
-	"rhBgLUSyDKUpPeQIWaVxhR9m3zvLGv7dlGGCJMATO4O3jvz7S+HvP5WYWtPRDbCGZcGFVFAJ3jtb7t6d",
-	"KEyRL/G2QcN6Fucn9pXb8dzgXs6/lZPehMm7WHzto9cUrvIiCC6rlYajEcWxQh4UmMiAMqHHvSsRdgTb",
-	"b52us855pXDSyL/bynwulpKn2BftIU8Y/WKyrkBa2eQmmexzyVGVkfMlFj44tV691VIOVAPTF+R2GrKP",
-	"tWiYqfbn0x0oF24w5SUva4rqC1kddrmTUU2OBUnrCGV/v0S1gmYIETDSQ8uoGimgmoDMM+uuu+oV+L4o",
-	"zcrKkpxrJ0X6FRk4pLyvV4upsvuJ40dTtw0Ntk69PtF46mddajVSokWN25MFXfTvEOn3YCME5fAvsg+6",
-	"JN/2plBk3hMKBD1wIgpd3aFHbYzhN0lmU/WVZc5jlaM/sFxjEzmzx4xQsHTBBdbUzQ0cMftdTjazrMyJ",
-	"nJ1IlaECUsTHrRBUS9bcRr9Yl+BAs7VvtoxA7S1X2u+E6PB+OSL329G0Qxqa1Oey10imIqaNY92ij7bb",
-	"X4enet1cUZCaisqepYrvWzmqOsRNSbFYDmPa1zrwum5n3LnO2Nwku4K1lACJqIBfZjPHoDDjmGe6BruT",
-	"85n2lvKtWHJEEvnptkXNGu0aKbrgJscDMhyv4MO7NyBYYffmirNdhaodvj+w7JMIbtWWlqAz2UI0ZL/c",
-	"Mfa2yyB8wCqH2I7eYSpFynPOzPbCvZjoDdaoBksgTGE2jG42SMTekewtvF9wXTCTLrB/xWN3bz/7CWIk",
-	"6wTfLSyR4Ni1pWJAWQfm/biv4ds8g66PsOlx89kM7RFHOMQrAnI84QRymbJ8EtzQHrTafqGv9dyseBtf",
-	"uWvXdQHuzN3Z+H783i43dEvybUVJQkXjrjrJe6S/OCL+qLC6bY1ink8yZFncIeMZCsNn3N+mqfnyQAQU",
-	"7NMb9+rTkF8Lf0fKlbdvMJ5kUu7r7DbkWL8bQ+wF0eOWIgJW8skSVSiI3mt9MWOwKM0W1biF93OmjS98",
-	"6LPGbu+a7H8Pxp0c0lLJFLW+o1sbolEHWeD9nPfWwTUOfLAx+pcfNH5lOLuOy9jewB7yuQfnsE2M/yIH",
-	"cROtLSexDi626MNanHMhVddfLJm62uItftBsjt8GPXlIlVwdAu6FTFqHNvJGlJU5XEa1sbcj3Lu+zoFX",
-	"BfZYBo103rQMPgj+R4V0n8nXIrjTA5am1nJMgBkopDbwdNSO0J+Dth6QkWF8XcIyPMyisxysDSvKTdi+",
-	"c5V8IOT1eQ3G85eQsZUGmWcUw3oJBReVQQ1sgSzrXy5BGYaYM3G9kDkmIKQ4qZOXoiouUcGR3yxtJ+Qo",
-	"mELwInotGpzJylWf+cXdLHtsnaDMHXyd09tNOvcgPJrJ1uXh40qQBo5tyvw+HeYuf+zQJUGGsTTF0pUf",
-	"ZpW7fOkE/e+Ug+lTQ1CvWM+/Gw+NIF0zL3aaC/dQwRjJ7Fndpu6o1ffg/ECDZkew6L6MmX4WBR1Yi3fa",
-	"wu1AsXSoidqhqd0ipQErbrzsiePRJt8Iw662X+IJHBIly5pptpBtzUhbvrVr3kaJe2j33X2Msbdu83cD",
-	"w1b07IqOXzNuuJjXNd6DFlPRZ7bD6qHctj48PHALF7Y/iltZ9/uMq3SpuB1d8fDF0P8/qPhstTWwe3CB",
-	"9na9EbKcd6tjW9uzT1vtqHF1G3yHpVRm+/70pBW06xGwkVc7c62HTudDsP1JqHts+1hUXrWEXANbBNwW",
-	"KJvItHId00pxs7qwcNQuu+9psdEL4dXbN3CFK3f/X6eyRJj6ysEpSAVTlhVcTBPwy8PlippzXPz46uTZ",
-	"y69hwfSi7k1CmEamXFGIg2xhTEnZUW0Z6gopaOAG/RCw/rdf3w9ifRpEdmJfg7/9+h6Ofryw60kF7+yH",
-	"43OY6upyGrqp1Jdq3H3ePeDcUH3ATG6ixLA8dzVnYK3vHLWGS57nXMzB4wU41cgJA3LmnYUzKBWWjGeh",
-	"THAs/PVBs1D2Q3AqwkVqsvRdT4gwgko0Xr19k4AUTpyMRSjn1O4+kCooq52vmtxgIQWugCllXdCEpiVR",
-	"ghnQFYSxqCUxKMw5u8xXLSfnW781knd6OBZjQRXwlEi/XqDCBKZasCucpEzjtM60uHW5CI5CuzjHERMT",
-	"Y/Hm4hcIcfr6lgQwXbsXCZDqto/e/fAanj9//g0B8eQJ2br6yRPyRqbbWoJMmzYex35Z0IYab0ytRT31",
-	"s72qzMJaE26KJ0/sCU9f+YtA9OwMviVSgXE1Gj1PjSVV+ojTIbwC+ju05VFo8SrNicaSKWtZQMmU0UQ3",
-	"63TryPQvbQpNoGArd5BGVuliTFiT16K5UXYOTKysCzsHzDX6mfdw61h4doUj+p+WyaQ7TTdZoOGCrY49",
-	"blp9ZIZPnsDbXy7ea3c3zZlNlucKuUTQskA3izMoxmK61oNmOoQL37DIUbj941Jmq+CPP3sBC9/5yPEt",
-	"1WWMhW+NRPtqJjUnobvSGVAzpfO6H1I47BArdxcygOuxePHsGUzjl7amQ/ilREUHbomQ7txZF+6SaYRW",
-	"IftYHPna0MQXxyaOnyzlsis8Ds2cmOXMkD6tjSsrJb1RBDN7LvVWzyHUhTnscikSuF7wdEEvaJDC82bi",
-	"l9DwYvTNWEy33jabDuHvuHJuO9FEBiWqmpTokop94IlnLIivQcgWSepwcaNkZmHpPVxzITpwESzQRirU",
-	"ICQRQQJajoVCo1Z2mzzStApUZdFsgM0ZF57cfuLaWL62aIQp3XubwpG/5AgvR5Y5PsHL0eiYSIgJkCX7",
-	"o7IM7TpWkZSrSWb62Z5fAi0P/GZ6vtbjimt3K1O6TVpnzPW5cveyXHrWyX7rVYTo9uDpcDQckTFRomAl",
-	"H5wNng9Hw+ekl82ClOvpAlluFv8cnH2+SQanClm2Cn8sn54SI56qTs7GWbvS5SxkIMg3mSvYYwbX0pd1",
-	"8vlbma12NEs6rElSPI9007VMLNutd216Nho9EBCxhk2da7uZ4jMzdGas77sRn78GuNULKhnocMlk8Npl",
-	"d6HRjo69iYYdA36lfViM4pzg3uXkOBk21+RY2cO1ZtinEyKeE/fAYa1DAC7Fd9KEa+cYOX3LG61gs7sx",
-	"2rR1+y3en6v2ePuhPJIkuEnirzSLn7oOYT0G+s5zNx8fkGrWMwyxPl/uwqGcObGVuVPU90E7F25Cb0K5",
-	"ea0Auq4LDe9OIqefQ2HUzanTlyQzIsTQ7YxXl1PdX2O6j0ktq7oobvT0ecsWxdkMU2NFrjY8z2FeMZU5",
-	"x8EO8nVxb4gKvLXeZQKn89tpn8ehpBgVvV/4A/YdV3yGh4v5fRDSWzcb2awbJOWU5q0oiURZH1nTRJIe",
-	"RtR0oof/bkJmLRGxU8Y45XF/IuZDaz7LOQ7vcITD+RAyZBnkaCwmju9MIKe+FGC7TeLLELrE8jAWSaeg",
-	"49FNkXa1ReS4f5TXUDCxgmtrP4cKinvRKCgyd6xtQrqDBFhS8Gkr77vY1BuxZIqzcJ4PhNZOdG+LiFX0",
-	"LRyxXEsX2+BWk4pMh9JHys8iTOXV9Pg+MG7tzqKsrKvmal7dDRhyzsJFGe0O2oUtKPJCl2EPOY20acAY",
-	"PYi/ogk9Gh/wCMISW7AfWuHlkllFzYwVN+ouZrYPQZIaCcHH3z5aud4KA/720Yrv5kh+pZADE3CJvvlW",
-	"C9kBkR9rzHo3+sRfr+r4VGstQRU3vq1OuALFNEx9/mJKV2CFD3bodslAiNaNhW98OAR3oQqojaS7MxUu",
-	"UFkXERhMC5nhX/w6U/DQJWMRwnJ0yaoe2L5dU48eQjv66UJPIWI0FtRsYj1g5DzZmC+53sRyQ8/vUbVb",
-	"uhI71Xv/OiDearKXKnj6UEDEGMcBRuZrtC/4SbsxeGwt/9ZppJW4X+7ROO/CsjuwjSD1TFKAK3TKdHeR",
-	"ao70o1osGdIXp59bSambncKvyRg+nPQLa2wTf4GFHlnevbP6vmkH1kZtQOTg482h7Nq+Tmk9t8pEb4XW",
-	"oq6JAc6s0s2ki/ABfuLawNGz0dNjkArczbAQs8U802Mx50sUdsjoeAh0ecK1jgZLO1eIpR3NfVnREKab",
-	"ncCmY5FzceWi5nZBLuaBCpv4ZeeeKgUkWU5hNliwJYIUeD4W3JCItKBfIoTuQ1Zlg0YTE4+uK12HAh9A",
-	"nHVb4D2ySbuL9D+4u35E9fcqO3esWQvNewjg1bkJR5r7OWm3lDptXZDaJq2+rXtxP9iJhSW2yCoP5GOL",
-	"qqadfcjhCXmdWMc0dNKoER4ajt5NcO05K7/KaejfsRkaO1BKRu3G7xS71tQOpWmS4uSPbxkUesx7C9IO",
-	"cteNh/APXKIaC7lERc1Yznx2REqY4XXTSLZGqH25+YGQF6NnYxG/gAcpUy7l0u4uOQ1dK6OGoEPT61Yb",
-	"wttbgA9n+XVbTj+2qOw0cY7JLjfgAS2+F6Nnj/lLGP+wWl5Q7cEGOd5LUMNOCs2l800R0ZPLm5+ueAAm",
-	"728LrdBsBqupd9kXzlidHoKP7Em1u+RFaPCvrtPml+ZF1TRM8NUy+qhUspAuZ18wUbEcXJco6+sf34XE",
-	"W6UHuyP2jtTet4cfSnVfVJC91WdqZ4A9p3Gha9lj2z/kJrrIjwNka7rvceyfEKDcTSr+jbdh8L81obS7",
-	"jeyklICbx6aRV7X6+KputbQ9LVyf4MMSCqUT+gRgKLnTLwcYiu+j+eT9t2ItGtfyyCLNK82X6OLO56Hj",
-	"OTwfuatRlziTCmFq5HTbL9P5WuoGpn7V2ZtdxwIoKLIGECGvty1M1dsHLvvgWUtfUx9zIumbx+aNn2TK",
-	"cp/bolvumirSXHmN9ZGAUSEoKCbm7RyLo9/74ZGNfPh6c8w8l9fW7rtcQckoyb/5y4hf6bXSsqYD9hBe",
-	"jUUp8zy09if7UUvf4r/gWqOLdFlAEvrPF/K21PlYpLIouAuiyRlQQ5+z+jVgZYlM1fV6MwwlwRTqokrP",
-	"sWhN6Cs5ZZVndicpZmj3uGAaZlxwvcBsuFktx/JrttJjodGcu+IEKuMTGWGGkMTSq5ivaTXPtoqC2/wU",
-	"peshDUY64QDM0JhLnHMhqA4jzpeh9+UBv1TZVyE+JPv2rDe4v0oDewqyMpeyEhlcVpoL1NrTmiWubge1",
-	"FmuG27/BxA0a7fRzc1tkZ+w/dP16eKNhWzQt/ALAvybwH3KRFBiiEFDTzG7BLdOtehoMkTqwzi+/9aoE",
-	"2/u7Z7UgXS8vijvW37N04emI6/r6iBR16pKqG7Rpqi2pFljDEfM3lseic2W5/gGV+rbf/jvUY0GXqO1b",
-	"V8IuSlg7HsIrfyWuLrVQCE7w2ofe4GhicmPBqEIjFIs2Nyi8HLbicK6IiSqRkQZAruw+Xem2v8k4tZAo",
-	"LCkMDs1zd+OkqR+n4nlXE2blekzQvhFz3FPB9WVldls9DnoFIZ7d78qd+51b6owdufq7kIk921AHT2r4",
-	"iw1TuOoab2AdPbXk+XQ0GnniPo4YVBFWPv3c0ONOwd3Q3OBRyu/qAsLt5Zn3oQm/c9xdF9tZ44t+kqmu",
-	"yOpjmEZkcecicy9Z3MOLImF8jZcLKa+0rx0enH3epZU+uh8FCJDSD00OTonf/bY+r//Atib3PzwMZUSt",
-	"R6EIoPWs1lTtcT4s0nrkMNh64BVK64krqNr00l6zPHcVxU4In1OUtrTmoTch5yjQXcxyOwapIM05UUp9",
-	"LgF7kRV+pDsdCShkmbOISP7LlOrQ1NLK5cponmF0udYiNfdo64n8fwAAAP//",
+	"1D1rcxs3kn+li7dVkbwURb9yF6m26hwn2Xg32bhs51J1oY+EZpokohlgAmAkc13671doADMYEiSHem3W",
+	"X0yRGKDRaPS7ez4PMllWUqAwenD2ebBElqOij29yLCtpUJh3WBVshbn9NkedKV4ZLsXgbDAzqsYZXC9R",
+	"gFlyDUzoa1TANZglgqIHQc6BCUCmCo4KFP5eozZwzc2SRmlWIlziajQYDnS2xJLZhcyqwsHZ4ELKApkY",
+	"3NzcDAcVU6xE4wF8XSst1SZQH5YIM4GfzDSjETMLgF2oUnjFZa2hYgu0q3E7/Pca1WowHAhW2gXdMx1Q",
+	"SvbpBxQLsxycPRuPhwE0bRQXi4EF7HWtjSxRvfkmDU7GigLVFxrktQCew1wq4EZDrVE1gFTMLGM43JRT",
+	"ng+GA4s0ruwRWIzHwP1J4XxwNviP0/YgT92v+jQCy0LZnGi2+juu7MO0rjvzduVo2Ikdt2v1GDUvXw4H",
+	"JRfh76cpRHVB+IlwxIoDQLn90j/wkptmpbVTL+jHePoc56wuzODs5Xho1+JlXdo/xrSS+6tdhwuDC1SO",
+	"TBXqSgqNRKVvlbwosLQfMynsdbIfWVUVPGN2+6eVG/Hn37Sll889zzbMSyt2Ke6VAFRKKjh6991r+OrF",
+	"y/8EvwbkaBgv9PGIUOLnskt9zQomMrQfKyUrVIY7+C/aH7qrvK9Q5OyiQBDy+gxqoSsUBjKFuSVtOYda",
+	"4KfK0g0sFBNGW0qfS1Uy4zD25YvBJgKHHco/gMCHA7fKJqR/pe8dwwngFTg3Q9BSCsuLCM4VzLnShu6j",
+	"wVLvW5ymfV+XJVMru7zfCVOK0d+FvJ567E3NUqFeyoJ21AMHxL4cVJv7+cWxWwzgn9BALhagsGRc2E9h",
+	"n+4EOpjPmcETw0u05F8XhT3DcLPXrk0HkCkrZe3Id2MHW+Zpr0XMRH5dY26BxJoT3Ia7j83E8uI3zIwF",
+	"8DUzrJCLTcJ1GJhWLLukv3ud6Wt66C3LLlMnWhVM9J/rbWHlVmIWJfM6MwdM5B7YnGsdq/GOo3UC4En0",
+	"LTG7lLV5j1pzx3/W0OgHTLUb4W/lBqE4QtNT1iWQmNg2nqnYqkRhtk1ZqyLx/dqmozmGSWDdPB0AeyDi",
+	"tUJmiOuxPOdOTL2NEDNnhcbhOq4svRZTD3dHbXjxX3sk1B34niWiTS7xCjJ3NYDn9v5H4Hz5Yi8wv9dM",
+	"GG5WHVH4NMG/G9H4dJ9oHA50nWWo9e0QtJOFEAq6Cwzj40ieuBS6LvGd00cPPOodvDDGSPtvH25KNCxn",
+	"Zq/c/zGMI3wwrzMcqgzFmPRbaabbiStNhPC5PzY2d7pVo/A6CCi+WBpgc4PKWRWZW72n/mAUE5plZiuz",
+	"Wtv/2vhhi5AAaRIjraS4Gzq8pO47ulbKqsO7ebBF3VRjJkWe0Ie+l9dQSLGAC1lbTAddQRu2Ah3UunOw",
+	"Qh1KZEJbgwWvnK1ysOwfDrbwd6d77zseOhIaGp1Mg4YWf8lD8kwiqR0wg/lB4soqV8S49mpNh3Lw/qri",
+	"fmTfhpGEk9i7MfupwumaqNr7WF3lB2I7RQTNzobx8XVm30UEzjjfzSkrZgwqe0n+79dXJ//LTv45Pvlq",
+	"Ojr775OPf/5TiibC5D9XGtWhQqQhqAiol0+fJZbZSiDdm/0W1Uk4G2jGkbth5u/JKJpqBkdjMLUSzl0j",
+	"pOEZgpzP6QnHev1sxyP4qeTGYA5SOc5wiVi5B91tNHDFihrPgUEEAzMgLOuAJctBCoRao39Kijlf1NY+",
+	"9BpGkr3sFafjh74Ve08nfSvWKS2irazW05a+kqR1k6Dkb61V/1rmBBUKu/lfB1xcsYLnU+9Xs/dBsNos",
+	"peL/xNxh9ILnOQrLPqSZzmUtSFmWYl7wzD7BWz/L9BJXU4W1pmfXf+BiOi+seCanla7nc55xq34HLkxK",
+	"fSFZPjVSTgumFvZyK2ZwSj4WmjXo7JWSVzxHNSV3hYP8inF3lEM6PiVY4eAQhs85qmkD9sfESXx75R0s",
+	"d+f2h/K4QF3p+995qD3RLZLRfbF+uwNEI7+dYXPPRp4FDsGjdkSaMOaYDycifDdnvIjHKJzXIqd5PG8g",
+	"+5ueSXCLdljwN6x9Qw/Wmi1wlCPLhzAajSaiH2+nIR6JHfae4uh0ym/ZIuGuCqfQy7B21JIw0SPvcYLJ",
+	"Mq2BaZiRmjUDIy0rM1xY3leLbMnEAvPgFEfyNgPXgGVlyMm9Gx0eBTEIKRx8x7HIiSEkkEBeviRlVZJu",
+	"1eau/vb+p3+A/9U5Dr/8avz0GLgw0jvznd/+QuarIZB8QLAskvz70Pjm9+8wwDAMgKb2R961P4ht1vVt",
+	"dPH2Y21xgsDdYc9rUys8B+mFpVOfxYbyvJP1/LFtQX8y92sJ9hjdw8O0l0kTg9vmb7qz4djM3tOG7HiQ",
+	"72xFHm7P3ANCt6Cy69nbO0vjt+65Wy1rlXW0oKpW2ZJpC7NGdcU7GN8leCKKDzA08+8VRD9gvkD1jWLX",
+	"dzy+HXS5BvQmjW0H7FthdhPWWkSHLwTmZ1BJzQ2/QmB5roOIH4LABaOvFZbyyinxZU+fTLBdSGQ+IEnn",
+	"il0nPB7fSRWcSIDCKI56SOzaBRzAPiZgrmTZO/oTHX1CgYjPczMcTL8Cc/8PfYzGilSFV/LSgbiyKgO7",
+	"kDVZRbe9h5dc5PE1oRWd7m+R0bjFif7t2pas8t9qnVavbyOYDmYFQY71uLy0vU1m68msmWyb62D7zbkH",
+	"5TK+gvtVzD14uZ2O+GN0XGn9qWvcJpIb1mPLP1dW3305BjfAmfx6CJe40lDTjy/GkC2ZYplBpYd+hP/t",
+	"5XjsYxExFC/HaeBRfZDGpQesOU6uQsJKDz5CWmla4IfZ986yhn83ZZhgGOBJncFbR/79ufC3nyrMrOro",
+	"BljFsuRCKqgF7x1Dd89OFWbIr/C2rsRmFmcn9uXb6Yjh3pt/KyO9dZ53sfja+7TJieVZEFzUKw1HY/Ju",
+	"hegoMJEDxUePe+cn7HDB3zqIZ43zWuG05X+35flcXEmeYV+0h+hh8ofpugCJYsxtiNlHmJMio+BXWHqX",
+	"1XpOVyQcKDOmL8hxcLKPtmiYqfdH2R0o791gilZeNBTVF7LG7XInpZoMC+LWCcr+9grVCtohRMBIX9qL",
+	"qpHcrEOQRW7NdZfTAt+WlVlZXlJw7bhIv9QDh5QPzWopUXY/3v1kQLelwejUmxNNB4TWuVbLJSJq3B5C",
+	"6KJ/B0u/Bx0hCId/kX7QJfnYmkKRe0soEPTAsSh02YgetakLv0kym6Kvqgqeyif9jhUaW8+ZPWaEkmVL",
+	"LrChbm7giNnfCtKZZW1O5PxEqhwVkCA+jlxQEa+5jXyxJsGBamvfGBqB2puvxM8E7/B+PiL369G0Qxo6",
+	"bM5lr5JMqU0bx7pFHm3Xvw4PALu5kiC1eZY9Exg/RJGrxsVNobJUZGPWVzvwsm6n37mJ49wMdzlrKSyS",
+	"EAE/zefugsKcY5HrBuxOJGjWm8tHvuQEJ/LTbfOatdI1kYrBTYEHRDhewc/v3oBgpd2bS9l2eat2+H7H",
+	"sg8iuFUjKUFnsoVoSH+5o+9tl0L4gLkPqR29w0yKjBecme3pfCnWG7RRDZZAmMJ8lNxs4Ii9Pdlb7n7J",
+	"dclMtsT+eZDdvf3oJ0iRrGN8t9BEgmEXc8WAsg7M+3HfwLd5Bl0bYdPi5vM52iNO3BAvCMjwhBMoZMaK",
+	"aTBDe9Bq/EBf7bld8Ta2clev6wLcmbuz8f34vV1s6JbkG3lJQp7jruzJe6S/NCJ+r7G+beZiUUxzZHna",
+	"IGsD7d17eSACSvbpjXv0aYivhb8TSczbN5gOMin3c34bcmyeTSH2PdHjliQCVvHpFaqQJr1X+2LGYFmZ",
+	"LaJxy90vmDY+HaLPGruta9L/PRh3MkgrJTPU+o5mbfBGHaSB9zPeo4NrDfigY/RPP2jtynB2HZMx3sAe",
+	"8rkH4zAmxn+RgbiJ1shIbJyLEX1YjXMhpOraixVTl1usxZ81W+DXQU4ekjvXuIB7IZPWoY28EVVtDudR",
+	"MfZ2uHvX1zmwgGCPZtBy503N4GfBf6+Rqpx8LoI7PWBZZjXHITADpdQGno5jD/05aGsBGRnGNykso8M0",
+	"OnuDtWFltQnbNy6/D4S8Pm/AeP4ScrbSIIucfFgvoeSiNqiBLZHl/dMlKMKQMiaul7LAIQgpTprgpajL",
+	"C1Rw5DdL2wkxCqYQPIte8wbnsnY5aX5xN8seXScIcwdf5/R2k849MI92snV++LgcpIVjmzC/T4O5ez92",
+	"yJLAw1iWYeWSEvPalWQ6Rv8bxWDiLMke6QTN4s1Su1HS8tQ1TWOn5nAPyYyJIJ8Vc+qOAn4P+g/UbXb4",
+	"je5Lr+mnXNCBRdco5nMHcqhDtdUOTe3mLi1YaT1mj0uPNvlGGHa5vconXJY0WfqLkg5ZUAHuUmqEdkuU",
+	"4VAoZPkKyLN7sQImpFkGR+65Zd3oy/dLuGYatJFbXRPNDd5ycZpbveVXu+vbaBQeX/vKM1O8RqeZjfva",
+	"wbP1sHa57a8ZN1wsmpT0QXTF6TPboY5R0F0f7re4hW3dH91ROsB9Ony6dyp2+3j4Uuj/H1R8vtrqcT44",
+	"c3y7QAvh17sl2K3t2cfTdiTfug2+w0oqs31/ehp5E3t4kuTlziDwodN533B/Euoe277rKi8jltvClgA3",
+	"AmUTmVbKYFYrblbvLRyNL8G34Nho3fDq7Ru4xJVrV6AzWSHMfErjDKSCGctLLmZD8MtbrsmNhvffvzp5",
+	"9vJLWDK9bFqpEKaRKZet4iBbGlNR2FbbC3WJ5M1wg74LWP/bLx8GqbYSIj+xj8HffvkAR9+/t+tJBe/s",
+	"h+NzmOn6YhaavzQ1QK78eA84N5S4MJebKDGsKFwyHFizoECt4YIXBRcL8HgBTsl7wlhR4RT7M6gUVozn",
+	"IX9xIny1o1kq+yFYO6Hum0wQ18IijKDckVdv3wxBCsdOJiLkmWpXvqRKCrcXqzZoWUqBK2BKWdt4SNMS",
+	"K8EcqDZiIhpODAoLzi6KVWR9fe23RvxOjyZiIig1nyL810tUOISZFuwSpxnTOGtCQG5dLoIFE2cNOWJi",
+	"YiLevP8JQgChKd8Aphu7ZwikSNiv3n33Gp4/f/4VAfHkCSnh+skTMpNm2zqYzNquI8d+WdCG+oTMrKo/",
+	"87O9qs3SKgJuiidP7AnPXvm6JfruDL4mUoFJPR4/z4wlVfqIsxG8Avo7dBFSaPEqzYnGiimr50DFlNFE",
+	"N+t068j0LzGFDqFkK3eQRtbZckJYk9eiLYA7ByZW1rZeABYa/cx7butE+OsKR/Q/LZNLd5puskDDJVsd",
+	"e9xEbW9GT57A25/ef9CulM4pcfbOlfIKQcsS3SxOuZiI2VrLnNkI3vv+So7C7R8XMl8FR8GzF7D0jZrc",
+	"vaWEkYnwnZxoX+2k5iQ0gzoD6v103rRvCocdnPiuUgS4nogXz57BLF1jNhvBTxUqOnBLhFQiaG3LC6YR",
+	"ogz7iTjySatDn7U7dPfJUi67xOPQe4rZmxniuo2iZbmkV4pgbs+l2eo5hIQ1h10uxRCulzxb0gMapPB3",
+	"c+iX0PBi/NVEzLYWx81G8HdcOX8C0UQOFaqGlKh6xn7hiWci6F6DkBFJ6lBRUjGztPQe6m+IDpxrzWnD",
+	"GqzOTOVYWk6EQqNWdps80WMLVG3RbIAtGBee3H7g2th7bdEIMyrTm8GRr8mEl2N7OT7By/H4mEiICZAV",
+	"+722F9o12CIu15DM7LM9vyFEroGb2flaSy6uXRGpdJu0pqFry+UKxlzc2PF+a+MEt/vg6Wg8GpMyUaFg",
+	"FR+cDZ6PxqPnJJfNkoTr6RJZYZb/HJx9vhkOTsnACH9cPT2li3iqOsEkp+1KF0yRgSDf5C6TkBlci6s2",
+	"UfGvZb7a0dvpsJ5O6QDXTVczsdduvcnUs/H4gYBI9ZfqVBnnis/NyKmxvk1Iev4G4Kh11XCgQ/XL4LUL",
+	"O0MrHd31Jhp2F/AL7f11ZB2Ce5aTEWXYQpORZQ/XqmGfToh4TtwXDmsdAnCxx5PWj7zAxOnbuxF5wV2B",
+	"a9uF7td0O7HG/u6H8kT04maYfqRd/NQ1NOsx0DfKu/n4gFSzHvpItSVzlZBy7o14d4r6PmjnvZvQq1Bu",
+	"XsuArpsMyLuTyOnnkLF1c+rkJfGMBDF0G/k1eV7310fv47DhVV0Ut3L6PNJFcT7HzFiWqw0vCljUTOXO",
+	"cLCDfMLeG6ICr613L4GT+XE86nEoKUVFH5b+gH2DGB964mJxH4T01s1GOusGSTmheStKIlbWh9e0XqWH",
+	"YTUdX+a/G5NZi5Ds5DFOeNwfi/k5ms/eHId3OMLRYgQ5shwKNBYTx3cmkFOfo7BdJ/H5EV1ieRiNpJNp",
+	"8uiqSJwGkjju7+U1lEys4NrqzyG1414kCorcHWtMSHfgAFfkfNp6951v6o24YoqzcJ4PhNaOd28Li1X0",
+	"KxyxQkvn2+BWkopch5xMChwjzOTl7Pg+MG71zrKqranmknFdaQ4ZZ6GCR7uDdm4L8rxQle4hp5G1/SKT",
+	"B/FXNKGl5AMeQVhiC/ZD575CMiuombHsRt1FzfYuSBIjwfn460fL1yM34K8fLftuj+QXcjkwARfoe4VF",
+	"yA6I/Nhg1pvRJ77uq2NTrXUwVdz4LkChNotpmPn4xYxqc4V3dug4lyF46ybC92kcgav0Aup66Yq5QmWX",
+	"NRGBwayUOf7FrzMDD91wIoJbjqq/moFx2U8zegSx99O5noLHaCKoC8a6w8hZsilbcr3n5oac3yNqtzRR",
+	"dqL3/mVAujNmL1Hw9KGASF0cBxipr8k25idxH/PUWv6p00Tnc7/co9289/a6A9twUs8lObhCY09XJNXc",
+	"SD8qupIhfHH6OQpK3exkfm3E8OG4X1hjG/sLV+iR+d07K+/b7mUxagMiBx9vDr2ucZ2ntdxqkyxXbVhd",
+	"6wOcW6GbS+fhA/zEtYGjZ+OnxyAVuJK14LPFItcTseBXKOyQ8fEIqKrDdboGSzuXiJUdzX2+0whmm43L",
+	"ZhNRcHHpvOZ2QS4WgQpb/2WngJYckiGOv2RXCFLg+URwQyzSgn6BENoiWZENGk2KPbomeh0KfAB21u3Y",
+	"98gq7S7S/9kVIRLV3yvv3LFmwzTvwYHXxCYcae6/Sbu51GlUubWNW33dtA5/sBMLS2zhVR7Ix2ZVbff9",
+	"EMMT8npoDdPQ4qNBeOiPejfGtees/CqnobHIpmvsQC6Z1Bu/UexaU5+WtnuL4z++l1Foie81SDvI1UGP",
+	"4B94hWoi5BUq6hJz5qMjUsIcr9u+tw1C7cPt+0xejJ9NRLoyEDKmXMglboY5C002k4qgQ9PrqGvi7TXA",
+	"h9P8uh2yH5tVdnpOp3iXG/CAGt+L8bPHfHHHP6yUF5R7sEGO9+LUsJNCWw2/ySJ63vL2TRsPcMn760Ir",
+	"NJvOamqq9ge/WJ3mho9sScXt+xI0+FfXAvSPZkU1NEzwNTz6qFKylC5mXzJRswJc+ypr6x/fhcSj1IPd",
+	"HntHah/i4YdS3R/KyR41wNrpYC9oXGin9tj6D5mJzvPjANka7nsc/Sc4KHeTin/ibRj8b00ocRuUnZQS",
+	"cPPYNPKqER9fND2gtoeFmxN8WEKhcEIfBwwFd/rFAEMpQDKevL9c16JxLY4ssqLW/Aqd3/k8NGiH52NX",
+	"s3WBc6kQZkbOtr1Iz+dStzD1y87ebIcWQEGRt4AIeb1tYcrePnDZB49a+pz6lBFJvzz23fhBZqzwsS0q",
+	"v9eUkebSa6yNBIwSQUExsYhjLI5+7+eObMTD17t2FoW8tnrfxQoqRkH+zRc5fqHXUsva1twjeDURlSyK",
+	"8CYC0h+19G8kKLnW6DxdFpAh/ecTeSNxPhGZLEvunGhyDtRp6Kx5DFhVIVNNvt4cQ0owuboo03Miogl9",
+	"Jqesi9zuJMMc7R6XTMOcC66XmI82s+VYcc1WeiI0mnOXnEBpfCInzBCSWHaZsjWt5NmWUXCbN2e65tZg",
+	"pGMOwAyNucAFF4LyMNL3MjTlPODFmn0F4kNe3575BveXaWBPQdbmQtYih4tac4Fae1qzxNVt7RZdzVCW",
+	"HFTcINFOP7fVIjt9/6Ed2cMrDdu8aeHVBP8ax3+IRZJjiFxAbZe9JbeXbtVTYUjkgXVeVNcrE2zva9oa",
+	"RrqeXpQ2rL9l2dLTEddN+YgUTeiSshu0abMtKRdYwxHzpdQT0amlbt730tQe7i/ungiq7rZPXQq7KGHt",
+	"eASvfHlck2qhEBzjtV96haP1yU0EowyNkCzaVlB4PmzZ4ULRJapFThIAubL7dKnbvgjR1SP4R3NsK/Oi",
+	"QkUNLFNSO5cEYSIqqhe5lShWskwEZR2M4EPIuI7SxuCIvmknHUbxFMKBb5XrNtZg9HjYxFZ8SppUzbuU",
+	"/VZdUj8z2XJIomIiZs0+Zg5C/6jIkELZURHmlgrMiXDAH8UZ/WmI6WUQDbwBglDLOPMvXpU5wizxHpfZ",
+	"Wchfd9KGmYZGJ8LDTRgJCftUIqANE7nrXUAdAd0RM6vcR5uzew0bsVBQnQ/MGmBn4Ps5+XaDHkn2kJkh",
+	"HYG4AC8t6WsJzGHZdUwIEzaz6ZArodDaxDmV1dh9pKTyG7HAPel+f6w0gKhTRy+P1bP7XblTmrwlKd0d",
+	"tC+cHdrbEYomSGf7w/q0XCqW18aPnlpe9nQ8HntOeJzQvhN8//RzS/c7pXxLc4NHydVssk235/Leh9r0",
+	"jRMFTWam1dTpdWNN+l4fKyYhuDs1+L0Edw+TmyT3NV4spbzUPtF8cPZ5lwrz0b3aIkBKL1EdnNJ999v6",
+	"vP7yeE2+ovBlyDmLvgoZI9F3jVoTj/M+tOgrh8HoC699RN+47LtNk/41Kwona5zYPSeXfmVtCW9vLFCg",
+	"q+JzO7YSJis4UUpzLgF7iRW+pwKgIVjJ5tRnUhZkRhJDXVkuXxvNc0wuFy3S3B5tzdb/DwAA//8=",
 }
 
 // decodeSpec returns the embedded OpenAPI spec as raw JSON bytes,

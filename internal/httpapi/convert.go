@@ -223,16 +223,14 @@ func fromAPIUsageBatch(b *api.UsageBatch) []metering.EventInput {
 	}
 	out := make([]metering.EventInput, len(b.Events))
 	for i, e := range b.Events {
-		out[i] = metering.EventInput{CustomerID: e.CustomerId, Meter: e.Meter, Value: e.Value, Identifier: e.Identifier}
-		if e.Timestamp != nil {
-			out[i].Timestamp = *e.Timestamp
-		}
+		out[i] = metering.EventInput{CustomerID: e.CustomerId, Meter: e.Meter, Value: e.Value, Identifier: e.Identifier,
+			Timestamp: e.Timestamp}
 	}
 	return out
 }
 
 func toAPIIntakeResult(r metering.IntakeResult) api.UsageIntakeResult {
-	out := api.UsageIntakeResult{Accepted: r.Accepted, Duplicates: r.Duplicates, Rejected: r.Rejected,
+	out := api.UsageIntakeResult{Accepted: r.Accepted, Duplicates: r.Duplicates, Rejected: r.Rejected, Conflicts: r.Conflicts,
 		Results: make([]api.UsageEventResult, len(r.Results))}
 	for i, res := range r.Results {
 		out.Results[i] = api.UsageEventResult{Identifier: res.Identifier, Status: api.UsageEventResultStatus(res.Status)}

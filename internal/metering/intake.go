@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"maps"
 	"math"
 	"slices"
 	"strings"
@@ -43,8 +44,8 @@ type EventInput struct {
 	Meter string
 	// Value is the JSON number as sent; it must be whole and not negative.
 	Value float64
-	// Timestamp is when the usage happened; zero means now.
-	Timestamp  time.Time
+	// Timestamp is when the usage happened; nil means now.
+	Timestamp  *time.Time
 	Identifier string
 }
 
@@ -56,6 +57,9 @@ type event struct {
 	StripeEventName string    `json:"stripe_event_name"`
 	Value           int64     `json:"value"`
 	OccurredAt      time.Time `json:"occurred_at"`
+	// TimestampGiven is false when the caller omitted the timestamp (it is
+	// then the time of intake).
+	TimestampGiven bool `json:"-"`
 }
 
 // Validate checks one event on its own against the catalog and Stripe's
@@ -92,10 +96,13 @@ func (in EventInput) normalize(catalog config.Catalog, now time.Time) (event, er
 	case v > MaxValue:
 		return event{}, errs.InvalidField("/value", fmt.Sprintf("value must be at most %d, got %.0f", int64(MaxValue), v))
 	}
-	ts := in.Timestamp
-	if ts.IsZero() {
-		ts = now
+	ts := now
+	if in.Timestamp != nil {
+		ts = *in.Timestamp
 	}
+	// PostgreSQL keeps microseconds: truncating here makes the stored time
+	// and the one compared with it (sameEvent) the same.
+	ts = ts.UTC().Truncate(time.Microsecond)
 	switch {
 	case ts.Before(now.Add(-MaxAge)):
 		return event{}, errs.InvalidField("/timestamp", fmt.Sprintf("timestamp %s is more than 35 days old; Stripe refuses it", ts.UTC().Format(time.RFC3339)))
@@ -108,7 +115,8 @@ func (in EventInput) normalize(catalog config.Catalog, now time.Time) (event, er
 		Meter:           plan.Meter,
 		StripeEventName: plan.Meter,
 		Value:           int64(v),
-		OccurredAt:      ts.UTC(),
+		OccurredAt:      ts,
+		TimestampGiven:  in.Timestamp != nil,
 	}, nil
 }
 
@@ -131,6 +139,7 @@ const (
 	ResultAccepted  ResultStatus = "accepted"
 	ResultDuplicate ResultStatus = "duplicate"
 	ResultRejected  ResultStatus = "rejected"
+	ResultConflict  ResultStatus = "conflict"
 )
 
 // EventResult is the outcome of one event of a batch.
@@ -148,6 +157,7 @@ type IntakeResult struct {
 	Accepted   int
 	Duplicates int
 	Rejected   int
+	Conflicts  int
 	Results    []EventResult
 }
 
@@ -161,56 +171,60 @@ func ValidateBatch(evs []EventInput) error {
 }
 
 // Ingest validates each event on its own and stores the accepted ones in one
-// transaction before returning, so an accepted event is durable. A repeated
-// identifier, whether already stored or earlier in the same batch, is
-// reported as a duplicate and stored once. Unknown customers are created;
-// events of customers without a Stripe customer are stored as
-// waiting_customer.
+// transaction before returning, so an accepted event is durable. Unknown
+// customers are created; events of customers without a Stripe customer are
+// stored as waiting_customer.
+//
+// Stripe deduplicates identifiers across the whole account, so tally does
+// too, and tells apart what a repeated identifier means. The same event
+// again (same identifier, customer, meter, value and timestamp), whether
+// already stored or earlier in the same batch, is a duplicate: stored once.
+// An identifier already taken by another event is a conflict (code
+// errs.IdentifierConflict): nothing of it is stored and the first event
+// stands. An event that omits its timestamp matches the stored one whatever
+// its time, so a batch sent without timestamps can be retried safely.
 //
 // With a key (non-empty Scope), the whole batch runs at most once: a repeat
 // with the same body returns the first result and replayed=true.
 //
 // Errors: errs.Invalid for a batch outside 1..MaxBatch (nothing is stored),
 // errs.IdempotencyKeyReused (same key, different batch), errs.Unavailable.
-// A bad event is never an error: it is a rejected result.
+// A bad event is never an error: it is a rejected (or conflict) result.
 func (s *Service) Ingest(ctx context.Context, evs []EventInput, key db.IdempotencyKey) (IntakeResult, bool, error) {
 	if err := ValidateBatch(evs); err != nil {
 		return IntakeResult{}, false, err
 	}
 	now := s.now()
 	base := IntakeResult{Results: make([]EventResult, len(evs))}
-	var candidates []event
-	var candidateAt []int
-	seen := make(map[string]bool, len(evs))
+	var valid []event
+	var validAt []int
 	for i, in := range evs {
 		ev, err := in.normalize(s.catalog, now)
-		switch {
-		case err != nil:
+		if err != nil {
 			e, _ := errs.As(err)
 			base.Results[i] = EventResult{Identifier: in.Identifier, Status: ResultRejected, Code: e.Code, Detail: e.Message}
-		case seen[ev.Identifier]:
-			base.Results[i] = EventResult{Identifier: in.Identifier, Status: ResultDuplicate}
-		default:
-			seen[ev.Identifier] = true
-			candidates = append(candidates, ev)
-			candidateAt = append(candidateAt, i)
+			continue
 		}
+		valid = append(valid, ev)
+		validAt = append(validAt, i)
 	}
 
 	// run may be called again when the transaction is retried; it starts
 	// from the validated results every time.
 	run := func(tx *gorm.DB) (IntakeResult, error) {
 		res := IntakeResult{Results: slices.Clone(base.Results)}
-		stored, err := s.store(ctx, tx, candidates, now)
+		statuses, err := s.store(ctx, tx, valid, now)
 		if err != nil {
 			return IntakeResult{}, err
 		}
-		for j, ev := range candidates {
-			st := ResultDuplicate
-			if stored[ev.Identifier] {
-				st = ResultAccepted
+		for j, ev := range valid {
+			r := EventResult{Identifier: ev.Identifier, Status: statuses[j]}
+			if r.Status == ResultConflict {
+				r.Code = errs.IdentifierConflict
+				r.Detail = fmt.Sprintf("identifier %q is already used by another usage event (a different customer, meter, value or timestamp); "+
+					"Stripe deduplicates identifiers across the whole account, so this event was not stored: send it under a new identifier", ev.Identifier)
 			}
-			res.Results[candidateAt[j]] = EventResult{Identifier: ev.Identifier, Status: st}
+			res.Results[validAt[j]] = r
 		}
 		for _, r := range res.Results {
 			switch r.Status {
@@ -220,6 +234,8 @@ func (s *Service) Ingest(ctx context.Context, evs []EventInput, key db.Idempoten
 				res.Duplicates++
 			case ResultRejected:
 				res.Rejected++
+			case ResultConflict:
+				res.Conflicts++
 			}
 		}
 		return res, nil
@@ -251,12 +267,116 @@ func (s *Service) Ingest(ctx context.Context, evs []EventInput, key db.Idempoten
 	return res, replayed, nil
 }
 
-// store creates the customers it does not know yet and inserts evs,
-// skipping identifiers already stored, inside tx. It returns the
-// identifiers it inserted. Customers and events are written in sorted order
-// so that two concurrent batches take their locks in the same order and
-// cannot deadlock.
-func (s *Service) store(ctx context.Context, tx *gorm.DB, evs []event, now time.Time) (map[string]bool, error) {
+// sameEvent reports whether ev repeats ref, the event that holds its
+// identifier: same customer, meter and value, and the same timestamp unless
+// ev omitted it.
+func sameEvent(ev, ref event) bool {
+	return ev.CustomerID == ref.CustomerID && ev.Meter == ref.Meter && ev.Value == ref.Value &&
+		(!ev.TimestampGiven || ev.OccurredAt.Equal(ref.OccurredAt))
+}
+
+// store inserts, inside tx, the first copy of every identifier of evs that
+// is not stored yet, and returns each event's outcome in order: accepted
+// (this copy was stored), duplicate (the same event holds the identifier)
+// or conflict (another event holds it).
+//
+// Customers are created only for the events about to be stored. Should a
+// concurrent batch store one of their identifiers first, that event ends a
+// duplicate or a conflict, and its customer exists anyway (as it would
+// have after any request naming it).
+func (s *Service) store(ctx context.Context, tx *gorm.DB, evs []event, now time.Time) ([]ResultStatus, error) {
+	out := make([]ResultStatus, len(evs))
+	if len(evs) == 0 {
+		return out, nil
+	}
+	var ids []string
+	for _, ev := range evs {
+		ids = append(ids, ev.Identifier)
+	}
+	slices.Sort(ids)
+	ids = slices.Compact(ids)
+	stored, err := storedEvents(ctx, tx, ids)
+	if err != nil {
+		return nil, err
+	}
+	first := map[string]event{}
+	var fresh []event
+	for _, ev := range evs {
+		if _, ok := stored[ev.Identifier]; ok {
+			continue
+		}
+		if _, ok := first[ev.Identifier]; !ok {
+			first[ev.Identifier] = ev
+			fresh = append(fresh, ev)
+		}
+	}
+	inserted, err := s.insert(ctx, tx, fresh, now)
+	if err != nil {
+		return nil, err
+	}
+	if len(inserted) < len(fresh) {
+		// A concurrent batch committed some of them first: ON CONFLICT
+		// waited for it, so its rows are visible to a new statement.
+		var raced []string
+		for _, ev := range fresh {
+			if !inserted[ev.Identifier] {
+				raced = append(raced, ev.Identifier)
+			}
+		}
+		more, err := storedEvents(ctx, tx, raced)
+		if err != nil {
+			return nil, err
+		}
+		maps.Copy(stored, more)
+	}
+	taken := map[string]bool{}
+	for i, ev := range evs {
+		ref, isStored := stored[ev.Identifier]
+		if !isStored && !taken[ev.Identifier] {
+			taken[ev.Identifier] = true
+			out[i] = ResultAccepted
+			continue
+		}
+		if !isStored {
+			ref = first[ev.Identifier]
+		}
+		out[i] = ResultConflict
+		if sameEvent(ev, ref) {
+			out[i] = ResultDuplicate
+		}
+	}
+	return out, nil
+}
+
+// storedEvents reads the stored events holding identifiers.
+func storedEvents(ctx context.Context, tx *gorm.DB, identifiers []string) (map[string]event, error) {
+	idsJSON, _ := json.Marshal(identifiers)
+	var rows []struct {
+		Identifier string
+		CustomerID string
+		Meter      string
+		Value      int64
+		OccurredAt time.Time
+	}
+	err := tx.WithContext(ctx).Raw(`
+		SELECT identifier, customer_id, meter, value, occurred_at FROM usage_events
+		WHERE identifier IN (SELECT jsonb_array_elements_text(?::jsonb))`, string(idsJSON)).Scan(&rows).Error
+	if err != nil {
+		return nil, db.Translate(err, nil)
+	}
+	out := make(map[string]event, len(rows))
+	for _, r := range rows {
+		out[r.Identifier] = event{Identifier: r.Identifier, CustomerID: r.CustomerID, Meter: r.Meter, Value: r.Value, OccurredAt: r.OccurredAt}
+	}
+	return out, nil
+}
+
+// insert creates the customers it does not know yet and inserts evs (one
+// per identifier), skipping identifiers stored meanwhile, inside tx. It
+// returns the identifiers it inserted. Customers and events are written in
+// sorted order so that two concurrent batches take their locks in the same
+// order and cannot deadlock.
+func (s *Service) insert(ctx context.Context, tx *gorm.DB, evs []event, now time.Time) (map[string]bool, error) {
 	if len(evs) == 0 {
 		return map[string]bool{}, nil
 	}

@@ -33,7 +33,7 @@ func TestTenThousandEventsDeliveredExactlyOnce(t *testing.T) {
 		all = append(all, ev(fmt.Sprintf("cust-%02d", i%customers), id, float64(i%5)))
 		if i%2 == 1 && len(all) < 10_000 {
 			// Every second event is followed by a repeat of an earlier one.
-			all = append(all, ev(fmt.Sprintf("cust-%02d", (i/2)%customers), fmt.Sprintf("ten-%05d", i/2), float64(i%5)))
+			all = append(all, ev(fmt.Sprintf("cust-%02d", (i/2)%customers), fmt.Sprintf("ten-%05d", i/2), float64((i/2)%5)))
 		}
 	}
 	cfg := fastConfig()

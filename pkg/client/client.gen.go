@@ -23,6 +23,7 @@ const (
 	ErrorCodeForbidden              ErrorCode = "forbidden"
 	ErrorCodeIdempotencyKeyInFlight ErrorCode = "idempotency_key_in_flight"
 	ErrorCodeIdempotencyKeyReused   ErrorCode = "idempotency_key_reused"
+	ErrorCodeIdentifierConflict     ErrorCode = "identifier_conflict"
 	ErrorCodeInsufficientCredits    ErrorCode = "insufficient_credits"
 	ErrorCodeInternal               ErrorCode = "internal"
 	ErrorCodeInvalidRequest         ErrorCode = "invalid_request"
@@ -44,6 +45,8 @@ func (e ErrorCode) Valid() bool {
 	case ErrorCodeIdempotencyKeyInFlight:
 		return true
 	case ErrorCodeIdempotencyKeyReused:
+		return true
+	case ErrorCodeIdentifierConflict:
 		return true
 	case ErrorCodeInsufficientCredits:
 		return true
@@ -205,19 +208,22 @@ func (e StripeEventStatus) Valid() bool {
 
 // Defines values for UsageEventResultStatus.
 const (
-	Accepted  UsageEventResultStatus = "accepted"
-	Duplicate UsageEventResultStatus = "duplicate"
-	Rejected  UsageEventResultStatus = "rejected"
+	UsageEventResultStatusAccepted  UsageEventResultStatus = "accepted"
+	UsageEventResultStatusConflict  UsageEventResultStatus = "conflict"
+	UsageEventResultStatusDuplicate UsageEventResultStatus = "duplicate"
+	UsageEventResultStatusRejected  UsageEventResultStatus = "rejected"
 )
 
 // Valid indicates whether the value is a known member of the UsageEventResultStatus enum.
 func (e UsageEventResultStatus) Valid() bool {
 	switch e {
-	case Accepted:
+	case UsageEventResultStatusAccepted:
 		return true
-	case Duplicate:
+	case UsageEventResultStatusConflict:
 		return true
-	case Rejected:
+	case UsageEventResultStatusDuplicate:
+		return true
+	case UsageEventResultStatusRejected:
 		return true
 	default:
 		return false
@@ -673,7 +679,10 @@ type UsageEventStatus struct {
 
 // UsageIntakeResult defines model for UsageIntakeResult.
 type UsageIntakeResult struct {
-	Accepted   int                `json:"accepted"`
+	Accepted int `json:"accepted"`
+
+	// Conflicts Events whose identifier is already used by another event; none of them was stored.
+	Conflicts  int                `json:"conflicts"`
 	Duplicates int                `json:"duplicates"`
 	Rejected   int                `json:"rejected"`
 	Results    []UsageEventResult `json:"results"`
@@ -1085,7 +1094,17 @@ type ClientInterface interface {
 	// non-negative value; a timestamp at most 35 days old and 5 minutes
 	// ahead; a known meter). Accepted events are committed before the answer
 	// and delivered to Stripe in the background under their own
-	// `identifier`; a repeated identifier is a duplicate and stored once.
+	// `identifier`.
+	//
+	// Stripe deduplicates identifiers across the whole account, and so does
+	// tally. The same event again (same identifier, customer, meter, value
+	// and timestamp), already stored or earlier in the same batch, is a
+	// `duplicate` and stored once. An identifier already used by another
+	// event (a different customer, meter, value or timestamp) is a
+	// `conflict` with code `identifier_conflict`: nothing of that event is
+	// stored and the first one stands; send it under a new identifier. An
+	// event without a `timestamp` matches the stored one whatever its time,
+	// so a batch sent without timestamps can be retried as it is.
 	//
 	// Takes any type of body and a specified content type.
 	//
@@ -1098,7 +1117,17 @@ type ClientInterface interface {
 	// non-negative value; a timestamp at most 35 days old and 5 minutes
 	// ahead; a known meter). Accepted events are committed before the answer
 	// and delivered to Stripe in the background under their own
-	// `identifier`; a repeated identifier is a duplicate and stored once.
+	// `identifier`.
+	//
+	// Stripe deduplicates identifiers across the whole account, and so does
+	// tally. The same event again (same identifier, customer, meter, value
+	// and timestamp), already stored or earlier in the same batch, is a
+	// `duplicate` and stored once. An identifier already used by another
+	// event (a different customer, meter, value or timestamp) is a
+	// `conflict` with code `identifier_conflict`: nothing of that event is
+	// stored and the first one stands; send it under a new identifier. An
+	// event without a `timestamp` matches the stored one whatever its time,
+	// so a batch sent without timestamps can be retried as it is.
 	//
 	// Takes a body of the `application/json` content type.
 	//
@@ -1571,7 +1600,17 @@ func (c *Client) GetPayment(ctx context.Context, paymentId string, reqEditors ..
 // non-negative value; a timestamp at most 35 days old and 5 minutes
 // ahead; a known meter). Accepted events are committed before the answer
 // and delivered to Stripe in the background under their own
-// `identifier`; a repeated identifier is a duplicate and stored once.
+// `identifier`.
+//
+// Stripe deduplicates identifiers across the whole account, and so does
+// tally. The same event again (same identifier, customer, meter, value
+// and timestamp), already stored or earlier in the same batch, is a
+// `duplicate` and stored once. An identifier already used by another
+// event (a different customer, meter, value or timestamp) is a
+// `conflict` with code `identifier_conflict`: nothing of that event is
+// stored and the first one stands; send it under a new identifier. An
+// event without a `timestamp` matches the stored one whatever its time,
+// so a batch sent without timestamps can be retried as it is.
 //
 // Takes any type of body and a specified content type.
 //
@@ -1594,7 +1633,17 @@ func (c *Client) IngestUsageEventsWithBody(ctx context.Context, params *IngestUs
 // non-negative value; a timestamp at most 35 days old and 5 minutes
 // ahead; a known meter). Accepted events are committed before the answer
 // and delivered to Stripe in the background under their own
-// `identifier`; a repeated identifier is a duplicate and stored once.
+// `identifier`.
+//
+// Stripe deduplicates identifiers across the whole account, and so does
+// tally. The same event again (same identifier, customer, meter, value
+// and timestamp), already stored or earlier in the same batch, is a
+// `duplicate` and stored once. An identifier already used by another
+// event (a different customer, meter, value or timestamp) is a
+// `conflict` with code `identifier_conflict`: nothing of that event is
+// stored and the first one stands; send it under a new identifier. An
+// event without a `timestamp` matches the stored one whatever its time,
+// so a batch sent without timestamps can be retried as it is.
 //
 // Takes a body of the `application/json` content type.
 //
@@ -2986,7 +3035,17 @@ type ClientWithResponsesInterface interface {
 	// non-negative value; a timestamp at most 35 days old and 5 minutes
 	// ahead; a known meter). Accepted events are committed before the answer
 	// and delivered to Stripe in the background under their own
-	// `identifier`; a repeated identifier is a duplicate and stored once.
+	// `identifier`.
+	//
+	// Stripe deduplicates identifiers across the whole account, and so does
+	// tally. The same event again (same identifier, customer, meter, value
+	// and timestamp), already stored or earlier in the same batch, is a
+	// `duplicate` and stored once. An identifier already used by another
+	// event (a different customer, meter, value or timestamp) is a
+	// `conflict` with code `identifier_conflict`: nothing of that event is
+	// stored and the first one stands; send it under a new identifier. An
+	// event without a `timestamp` matches the stored one whatever its time,
+	// so a batch sent without timestamps can be retried as it is.
 	//
 	// Takes any type of body and a specified content type, and returns a wrapper object for the known response body format(s).
 	//
@@ -2999,7 +3058,17 @@ type ClientWithResponsesInterface interface {
 	// non-negative value; a timestamp at most 35 days old and 5 minutes
 	// ahead; a known meter). Accepted events are committed before the answer
 	// and delivered to Stripe in the background under their own
-	// `identifier`; a repeated identifier is a duplicate and stored once.
+	// `identifier`.
+	//
+	// Stripe deduplicates identifiers across the whole account, and so does
+	// tally. The same event again (same identifier, customer, meter, value
+	// and timestamp), already stored or earlier in the same batch, is a
+	// `duplicate` and stored once. An identifier already used by another
+	// event (a different customer, meter, value or timestamp) is a
+	// `conflict` with code `identifier_conflict`: nothing of that event is
+	// stored and the first one stands; send it under a new identifier. An
+	// event without a `timestamp` matches the stored one whatever its time,
+	// so a batch sent without timestamps can be retried as it is.
 	//
 	// Takes a body of the `application/json` content type, and returns a wrapper object for the known response body format(s).
 	//
@@ -4489,7 +4558,17 @@ func (c *ClientWithResponses) GetPaymentWithResponse(ctx context.Context, paymen
 // non-negative value; a timestamp at most 35 days old and 5 minutes
 // ahead; a known meter). Accepted events are committed before the answer
 // and delivered to Stripe in the background under their own
-// `identifier`; a repeated identifier is a duplicate and stored once.
+// `identifier`.
+//
+// Stripe deduplicates identifiers across the whole account, and so does
+// tally. The same event again (same identifier, customer, meter, value
+// and timestamp), already stored or earlier in the same batch, is a
+// `duplicate` and stored once. An identifier already used by another
+// event (a different customer, meter, value or timestamp) is a
+// `conflict` with code `identifier_conflict`: nothing of that event is
+// stored and the first one stands; send it under a new identifier. An
+// event without a `timestamp` matches the stored one whatever its time,
+// so a batch sent without timestamps can be retried as it is.
 //
 // Takes any type of body and a specified content type, and returns a wrapper object for the known response body format(s).
 //
@@ -4508,7 +4587,17 @@ func (c *ClientWithResponses) IngestUsageEventsWithBodyWithResponse(ctx context.
 // non-negative value; a timestamp at most 35 days old and 5 minutes
 // ahead; a known meter). Accepted events are committed before the answer
 // and delivered to Stripe in the background under their own
-// `identifier`; a repeated identifier is a duplicate and stored once.
+// `identifier`.
+//
+// Stripe deduplicates identifiers across the whole account, and so does
+// tally. The same event again (same identifier, customer, meter, value
+// and timestamp), already stored or earlier in the same batch, is a
+// `duplicate` and stored once. An identifier already used by another
+// event (a different customer, meter, value or timestamp) is a
+// `conflict` with code `identifier_conflict`: nothing of that event is
+// stored and the first one stands; send it under a new identifier. An
+// event without a `timestamp` matches the stored one whatever its time,
+// so a batch sent without timestamps can be retried as it is.
 //
 // Takes a body of the `application/json` content type, and returns a wrapper object for the known response body format(s).
 //
