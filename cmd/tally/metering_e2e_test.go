@@ -354,3 +354,58 @@ func TestUsageIdentifierConflictEndToEnd(t *testing.T) {
 	}
 	mustVerifyClean(t, s)
 }
+
+// The zero time 0001-01-01T00:00:00Z is what an unset time looks like when
+// a client serialises it, so it is refused wherever a time is given, never
+// silently read as "absent": on a usage event it is rejected, as from or to
+// of usage totals and of a reconciliation it is a 422 naming the field.
+func TestZeroTimestampsAreRefused(t *testing.T) {
+	fake := stripefake.New(t)
+	fake.SetMeter("mtr_api_calls", "api_calls")
+	s := startServer(t, meteringEnv(t, fake.URL()))
+	ctx := context.Background()
+	svc := s.service(t)
+	zero := time.Time{}
+	res, err := svc.IngestUsageEventsWithResponse(ctx, nil, client.UsageBatch{Events: []client.UsageEventInput{
+		{CustomerId: "zed", Meter: "api_calls", Value: 1, Identifier: "zero-1", Timestamp: &zero},
+		usageEvent("zed", "zero-2", 1),
+	}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	mustStatus(t, "ingest", res.StatusCode(), res.Body, http.StatusAccepted)
+	r := res.JSON202.Results[0]
+	if r.Status != client.UsageEventResultStatusRejected || r.Detail == nil || !strings.Contains(*r.Detail, "zero time") {
+		t.Errorf("event with the zero timestamp: %+v, want rejected naming the zero time", r)
+	}
+	if res.JSON202.Results[1].Status != client.UsageEventResultStatusAccepted {
+		t.Errorf("the event without a timestamp: %+v, want accepted (now)", res.JSON202.Results[1])
+	}
+
+	for _, param := range []string{"from", "to"} {
+		req, _ := http.NewRequest(http.MethodGet, s.URL+"/v1/customers/zed/usage?"+param+"=0001-01-01T00:00:00Z", nil)
+		req.Header.Set("Authorization", "Bearer "+testServiceKey)
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		body, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		var p client.Problem
+		_ = json.Unmarshal(body, &p)
+		if resp.StatusCode != http.StatusUnprocessableEntity || p.Code != client.ErrorCodeInvalidRequest || p.Detail == nil || !strings.Contains(*p.Detail, "zero time") {
+			t.Errorf("totals with %s=0001-01-01T00:00:00Z: %d %s, want 422 invalid_request naming the zero time", param, resp.StatusCode, body)
+		}
+	}
+	rec, err := s.admin(t).CreateReconciliationWithResponse(ctx, client.ReconciliationRequest{Meter: "api_calls", From: zero, To: time.Now()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	mustStatus(t, "reconciliation from the zero time", rec.StatusCode(), rec.Body, http.StatusUnprocessableEntity)
+	if !strings.Contains(string(rec.Body), "zero time") {
+		t.Errorf("reconciliation from the zero time: %s, want the zero time named", rec.Body)
+	}
+	if n := len(fake.Requests()); n != 0 {
+		t.Errorf("Stripe got %d requests for a refused reconciliation", n)
+	}
+}

@@ -98,6 +98,9 @@ func (in EventInput) normalize(catalog config.Catalog, now time.Time) (event, er
 	}
 	ts := now
 	if in.Timestamp != nil {
+		if err := refuseZeroTime("/timestamp", "timestamp", *in.Timestamp, "omit timestamp to mean now"); err != nil {
+			return event{}, err
+		}
 		ts = *in.Timestamp
 	}
 	// PostgreSQL keeps microseconds: truncating here makes the stored time
@@ -118,6 +121,17 @@ func (in EventInput) normalize(catalog config.Catalog, now time.Time) (event, er
 		OccurredAt:      ts,
 		TimestampGiven:  in.Timestamp != nil,
 	}, nil
+}
+
+// refuseZeroTime refuses the zero time 0001-01-01T00:00:00Z where a caller
+// gave a time: it is what an unset time looks like once a client has
+// serialised it, never a time anyone means, so reading it as "absent" or as
+// a real instant would both hide the caller's bug. hint says what to do.
+func refuseZeroTime(pointer, name string, t time.Time, hint string) error {
+	if !t.IsZero() {
+		return nil
+	}
+	return errs.InvalidField(pointer, fmt.Sprintf("%s 0001-01-01T00:00:00Z is the zero time, an unset time sent by mistake; %s", name, hint))
 }
 
 func unknownMeter(catalog config.Catalog, meter string) string {

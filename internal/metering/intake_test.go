@@ -32,6 +32,7 @@ func TestIngestRejectsEachBadEventAndStoresTheRest(t *testing.T) {
 		{ev("alice", "", 1), "identifier must be 1 to 100"},
 		{ev("alice", strings.Repeat("x", 101), 1), "identifier must be 1 to 100"},
 		{ev("alice", "nul\x00", 1), "control characters"},
+		{metering.EventInput{CustomerID: "alice", Meter: testMeter, Value: 1, Identifier: "zero", Timestamp: &time.Time{}}, "zero time"},
 		{metering.EventInput{CustomerID: "alice", Meter: testMeter, Value: 0, Identifier: "ok-2", Timestamp: new(now.Add(-34 * 24 * time.Hour))}, ""},
 		{metering.EventInput{CustomerID: "alice", Meter: testMeter, Value: 7, Identifier: "ok-3", Timestamp: new(now.Add(4 * time.Minute))}, ""},
 	}

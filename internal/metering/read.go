@@ -69,11 +69,12 @@ func (s *Service) Get(ctx context.Context, identifier string) (UsageEvent, error
 }
 
 // TotalsQuery selects a customer's usage: one meter or all (Meter ""), over
-// [From, To). A zero To means now; a zero From means 30 days before To.
+// [From, To). A nil To means now; a nil From means 30 days before To. The
+// zero time is refused (refuseZeroTime), not read as either.
 type TotalsQuery struct {
 	CustomerID string
 	Meter      string
-	From, To   time.Time
+	From, To   *time.Time
 }
 
 // MeterTotal is the usage of one meter: the sum of the values and the
@@ -101,18 +102,26 @@ const DefaultTotalsSpan = 30 * 24 * time.Hour
 // is always in the answer, with zeros when nothing was reported.
 //
 // Errors: errs.NotFound for an unknown customer, errs.Invalid when From is
-// not before To, errs.Unavailable.
+// not before To or either is the zero time, errs.Unavailable.
 func (s *Service) Totals(ctx context.Context, q TotalsQuery) (Totals, error) {
 	if err := customers.ValidateID(q.CustomerID); err != nil {
 		return Totals{}, err
 	}
-	if q.To.IsZero() {
-		q.To = s.now()
+	to := s.now()
+	if q.To != nil {
+		if err := refuseZeroTime("to", "to", *q.To, "omit to to mean now"); err != nil {
+			return Totals{}, err
+		}
+		to = *q.To
 	}
-	if q.From.IsZero() {
-		q.From = q.To.Add(-DefaultTotalsSpan)
+	from := to.Add(-DefaultTotalsSpan)
+	if q.From != nil {
+		if err := refuseZeroTime("from", "from", *q.From, "omit from to mean 30 days before to"); err != nil {
+			return Totals{}, err
+		}
+		from = *q.From
 	}
-	if !q.From.Before(q.To) {
+	if !from.Before(to) {
 		return Totals{}, errs.InvalidField("from", "from must be before to")
 	}
 	if _, err := customers.Get(ctx, s.db, q.CustomerID); err != nil {
@@ -130,11 +139,11 @@ func (s *Service) Totals(ctx context.Context, q TotalsQuery) (Totals, error) {
 		  AND occurred_at >= ? AND occurred_at < ?
 		  AND status IN ('pending', 'waiting_customer', 'delivered')
 		GROUP BY meter
-		ORDER BY meter`, q.CustomerID, q.Meter, q.Meter, q.From, q.To).Scan(&rows).Error
+		ORDER BY meter`, q.CustomerID, q.Meter, q.Meter, from, to).Scan(&rows).Error
 	if err != nil {
 		return Totals{}, db.Translate(err, nil)
 	}
-	out := Totals{CustomerID: q.CustomerID, From: q.From.UTC(), To: q.To.UTC(), Meters: []MeterTotal{}}
+	out := Totals{CustomerID: q.CustomerID, From: from.UTC(), To: to.UTC(), Meters: []MeterTotal{}}
 	for _, r := range rows {
 		out.Meters = append(out.Meters, MeterTotal(r))
 	}

@@ -50,12 +50,18 @@ type Mismatch struct {
 // so far as if they were all.
 //
 // Errors: errs.Invalid (unknown meter, a window shorter than one whole
-// minute), errs.Unavailable (Stripe not configured, database or Stripe
+// minute, the zero time as from or to), errs.Unavailable (Stripe not configured, database or Stripe
 // unreachable), errs.RateLimited, errs.PaymentProviderError.
 func (s *Service) Reconcile(ctx context.Context, meter string, from, to time.Time) (Reconciliation, error) {
 	plan, ok := s.catalog.PlanByMeter(meter)
 	if !ok {
 		return Reconciliation{}, errs.InvalidField("/meter", unknownMeter(s.catalog, meter))
+	}
+	if err := refuseZeroTime("/from", "from", from, "give the start of the window"); err != nil {
+		return Reconciliation{}, err
+	}
+	if err := refuseZeroTime("/to", "to", to, "give the end of the window"); err != nil {
+		return Reconciliation{}, err
 	}
 	if now := s.now(); to.After(now) {
 		to = now

@@ -58,6 +58,9 @@ func TestReconcileNamesTheDriftingCustomer(t *testing.T) {
 		t.Fatalf("reconciliation %+v, want 3 checked and exactly %+v", rec, want)
 	}
 
+	if _, err := e.svc.Reconcile(ctx, testMeter, time.Time{}, to); !errs.Is(err, errs.Invalid) || !strings.Contains(err.Error(), "zero time") {
+		t.Errorf("reconciliation from the zero time: %v, want invalid_request naming the zero time", err)
+	}
 	if _, err := e.svc.Reconcile(ctx, "nope", from, to); !errs.Is(err, errs.Invalid) {
 		t.Errorf("unknown meter: %v, want invalid_request", err)
 	}
@@ -87,15 +90,21 @@ func TestTotalsCountEverythingButDead(t *testing.T) {
 	if len(got.Meters) != 2 || got.Meters[0] != want[0] || got.Meters[1] != want[1] {
 		t.Errorf("totals %+v, want %+v", got.Meters, want)
 	}
-	got, err = e.svc.Totals(ctx, metering.TotalsQuery{CustomerID: "pia", Meter: testMeter, From: now.Add(-90 * time.Minute)})
+	got, err = e.svc.Totals(ctx, metering.TotalsQuery{CustomerID: "pia", Meter: testMeter, From: new(now.Add(-90 * time.Minute))})
 	if err != nil || len(got.Meters) != 1 || got.Meters[0] != (metering.MeterTotal{Meter: testMeter, Total: 3, Events: 1}) {
 		t.Errorf("one meter, last 90 minutes: %+v %v, want 3 from one event", got.Meters, err)
 	}
 	if _, err := e.svc.Totals(ctx, metering.TotalsQuery{CustomerID: "nobody"}); !errs.Is(err, errs.NotFound) {
 		t.Errorf("unknown customer: %v, want not_found", err)
 	}
-	if _, err := e.svc.Totals(ctx, metering.TotalsQuery{CustomerID: "pia", From: now, To: now.Add(-time.Hour)}); !errs.Is(err, errs.Invalid) {
+	if _, err := e.svc.Totals(ctx, metering.TotalsQuery{CustomerID: "pia", From: &now, To: new(now.Add(-time.Hour))}); !errs.Is(err, errs.Invalid) {
 		t.Errorf("from after to: %v, want invalid_request", err)
+	}
+	zero := time.Time{}
+	for _, q := range []metering.TotalsQuery{{CustomerID: "pia", From: &zero}, {CustomerID: "pia", To: &zero}} {
+		if _, err := e.svc.Totals(ctx, q); !errs.Is(err, errs.Invalid) || !strings.Contains(err.Error(), "zero time") {
+			t.Errorf("totals with the zero time as a bound: %v, want invalid_request naming the zero time", err)
+		}
 	}
 }
 

@@ -586,9 +586,12 @@ type ReconciliationMismatch struct {
 
 // ReconciliationRequest defines model for ReconciliationRequest.
 type ReconciliationRequest struct {
+	// From The zero time 0001-01-01T00:00:00Z is refused (422).
 	From  time.Time `json:"from"`
 	Meter string    `json:"meter"`
-	To    time.Time `json:"to"`
+
+	// To Clamped to now when in the future; the zero time is refused (422).
+	To time.Time `json:"to"`
 }
 
 // RequeueRequest defines model for RequeueRequest.
@@ -638,7 +641,7 @@ type UsageEventInput struct {
 	Identifier string `json:"identifier"`
 	Meter      string `json:"meter"`
 
-	// Timestamp Default now; at most 35 days old and 5 minutes ahead.
+	// Timestamp Default now; at most 35 days old and 5 minutes ahead. The zero time 0001-01-01T00:00:00Z is rejected, never read as now.
 	Timestamp *time.Time `json:"timestamp,omitempty"`
 
 	// Value A whole, non-negative number (Stripe meter values are integers).
@@ -780,10 +783,10 @@ type ListCustomerPaymentsParams struct {
 type GetCustomerUsageParams struct {
 	Meter *string `form:"meter,omitempty" json:"meter,omitempty"`
 
-	// From Inclusive start; default 30 days before `to`.
+	// From Inclusive start; default 30 days before `to`. The zero time `0001-01-01T00:00:00Z` is refused (422).
 	From *time.Time `form:"from,omitempty" json:"from,omitempty"`
 
-	// To Exclusive end; default now.
+	// To Exclusive end; default now. The zero time `0001-01-01T00:00:00Z` is refused (422).
 	To *time.Time `form:"to,omitempty" json:"to,omitempty"`
 }
 
