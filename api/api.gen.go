@@ -165,6 +165,45 @@ func (e PaymentStatus) Valid() bool {
 	}
 }
 
+// Defines values for RequeueItemStatus.
+const (
+	Requeued RequeueItemStatus = "requeued"
+	Skipped  RequeueItemStatus = "skipped"
+)
+
+// Valid indicates whether the value is a known member of the RequeueItemStatus enum.
+func (e RequeueItemStatus) Valid() bool {
+	switch e {
+	case Requeued:
+		return true
+	case Skipped:
+		return true
+	default:
+		return false
+	}
+}
+
+// Defines values for RequeueSkipCode.
+const (
+	RequeueSkipCodeForceRequired RequeueSkipCode = "force_required"
+	RequeueSkipCodeNotDead       RequeueSkipCode = "not_dead"
+	RequeueSkipCodeTooOld        RequeueSkipCode = "too_old"
+)
+
+// Valid indicates whether the value is a known member of the RequeueSkipCode enum.
+func (e RequeueSkipCode) Valid() bool {
+	switch e {
+	case RequeueSkipCodeForceRequired:
+		return true
+	case RequeueSkipCodeNotDead:
+		return true
+	case RequeueSkipCodeTooOld:
+		return true
+	default:
+		return false
+	}
+}
+
 // Defines values for StripeEventStatus.
 const (
 	StripeEventStatusFailed    StripeEventStatus = "failed"
@@ -186,6 +225,24 @@ func (e StripeEventStatus) Valid() bool {
 	case StripeEventStatusProcessed:
 		return true
 	case StripeEventStatusReceived:
+		return true
+	default:
+		return false
+	}
+}
+
+// Defines values for UsageDeadCode.
+const (
+	UsageDeadCodeStripeRefused UsageDeadCode = "stripe_refused"
+	UsageDeadCodeTooOld        UsageDeadCode = "too_old"
+)
+
+// Valid indicates whether the value is a known member of the UsageDeadCode enum.
+func (e UsageDeadCode) Valid() bool {
+	switch e {
+	case UsageDeadCodeStripeRefused:
+		return true
+	case UsageDeadCodeTooOld:
 		return true
 	default:
 		return false
@@ -571,16 +628,41 @@ type ReconciliationRequest struct {
 	To time.Time `json:"to"`
 }
 
+// RequeueItem defines model for RequeueItem.
+type RequeueItem struct {
+	// Code Why an event was not requeued.
+	Code       *RequeueSkipCode  `json:"code,omitempty"`
+	Detail     *string           `json:"detail,omitempty"`
+	Identifier string            `json:"identifier"`
+	Status     RequeueItemStatus `json:"status"`
+}
+
+// RequeueItemStatus defines model for RequeueItem.Status.
+type RequeueItemStatus string
+
 // RequeueRequest defines model for RequeueRequest.
 type RequeueRequest struct {
-	AllDead     *bool     `json:"all_dead,omitempty"`
+	AllDead *bool `json:"all_dead,omitempty"`
+
+	// Force Also requeue events a send of which may have reached Stripe more than 24 hours ago (see force_required).
+	Force       *bool     `json:"force,omitempty"`
 	Identifiers *[]string `json:"identifiers,omitempty"`
 }
 
 // RequeueResult defines model for RequeueResult.
 type RequeueResult struct {
+	// Requeued Events moved back to pending or waiting_customer.
 	Requeued int64 `json:"requeued"`
+
+	// Results With `identifiers`, one per identifier, in request order; with `all_dead`, the dead events left dead (at most 1000, by identifier).
+	Results []RequeueItem `json:"results"`
+
+	// Skipped Named or dead events left as they are.
+	Skipped int64 `json:"skipped"`
 }
+
+// RequeueSkipCode Why an event was not requeued.
+type RequeueSkipCode string
 
 // StripeEvent defines model for StripeEvent.
 type StripeEvent struct {
@@ -609,6 +691,14 @@ type StripeEventStatus string
 type UsageBatch struct {
 	Events []UsageEventInput `json:"events"`
 }
+
+// UsageDeadCode `stripe_refused`: Stripe refused the event (a 4xx). `too_old`: its
+// timestamp left the window Stripe accepts (35 days, less the hour tally
+// keeps to deliver it) before it could be delivered, through a long
+// Stripe outage or because its customer never got a Stripe customer.
+// Failures that may pass (5xx, timeouts, 429) never dead-letter an event
+// on their own: it is retried while its timestamp is in the window.
+type UsageDeadCode string
 
 // UsageEventInput defines model for UsageEventInput.
 type UsageEventInput struct {
@@ -644,12 +734,18 @@ type UsageEventResultStatus string
 
 // UsageEventStatus defines model for UsageEventStatus.
 type UsageEventStatus struct {
-	Attempts      int         `json:"attempts"`
-	CreatedAt     time.Time   `json:"created_at"`
-	CustomerId    string      `json:"customer_id"`
-	DeliveredAt   *time.Time  `json:"delivered_at,omitempty"`
-	Identifier    string      `json:"identifier"`
-	LastError     *string     `json:"last_error,omitempty"`
+	Attempts   int       `json:"attempts"`
+	CreatedAt  time.Time `json:"created_at"`
+	CustomerId string    `json:"customer_id"`
+
+	// DeadCode Why a dead event is dead.
+	DeadCode    *UsageDeadCode `json:"dead_code,omitempty"`
+	DeliveredAt *time.Time     `json:"delivered_at,omitempty"`
+	Identifier  string         `json:"identifier"`
+	LastError   *string        `json:"last_error,omitempty"`
+
+	// MaybeSentAt The first time a send may have reached Stripe without an answer saying so (a timeout or a 5xx); a requeue more than 24 hours later needs `force`.
+	MaybeSentAt   *time.Time  `json:"maybe_sent_at,omitempty"`
 	Meter         string      `json:"meter"`
 	NextAttemptAt *time.Time  `json:"next_attempt_at,omitempty"`
 	Status        UsageStatus `json:"status"`
@@ -2994,119 +3090,132 @@ func (sh *strictHandler) GetUsageEvent(ctx echo.Context, identifier string) erro
 // const string: with thousands of chunks the chained `+` fold is several
 // times slower for the Go compiler than parsing a slice literal.
 var swaggerSpec = []string{
-	"1H0Lbxs31uhfOdBdoHZ2LMt59N7aWOCmabrNbrsJ4uQW2CpXomeOJNYz5JTk2FED//cPPCTnIVHSyK/N",
-	"FgViyzPk4eF5v/RlkMqilAKF0YPTL4MFsgwV/fgmw6KUBoV5j2XOlpjZTzPUqeKl4VIMTgdToyqcwvUC",
-	"BZgF18CEvkYFXINZICh6EeQMmABkKueoQOEfFWoD19ws6CnNCoRLXA4HyUCnCyyY3cgsSxycDi6kzJGJ",
-	"wc3NTTIomWIFGg/gq0ppqdaB+rBAmAr8bCYpPTG1ANiNSoVXXFYaSjZHuxu3j/9RoVoOkoFghd3QvdMB",
-	"pWCff0YxN4vB6dPRKAmgaaO4mA8sYK8qbWSB6s0PcXBSlueovtEgrwXwDGZSATcaKo2qBqRkZtGGwy05",
-	"4dkgGVikcWWvwGK8DdxfFM4Gp4P/ddxc5LH7qz5ugWWhrG80Xf4Tl/Zl2tfdebNz67Ej+9y23duoefEi",
-	"GRRchN9PYojqgvCWcMTyPUC5/dY/84KbeqeVW8/pj+3lM5yxKjeD0xejxO7Fi6qwv4xoJ/dbsw8XBueo",
-	"HJkq1KUUGolK3yl5kWNhf0ylsOxkf2RlmfOU2eMfl+6Jv/6uLb186Xm3YV3asUtxLwWgUlLBwfsfX8F3",
-	"z1/8b/B7QIaG8VwfDgklfi271fcsZyJF+2OpZInKcAf/RfOH7i7nJYqMXeQIQl6fQiV0icJAqjCzpC1n",
-	"UAn8XFq6gbliwmhL6TOpCmYcxr59PlhHYNKh/D0IPBm4XdYh/Tt97gROAC/HmUlASymsLCI4lzDjShvi",
-	"R4OF3rU5LXteFQVTS7u9PwlTitHvubyeeOxNzEKhXsicTtQDByS+HFTr5/nViVsM4B/Rg1zMQWHBuLA/",
-	"hXO6G+hgPmMGjwwv0JJ/lef2DgNnr7BNB5AJK2TlyHftBBvWadiiLUR+WxFugcTqG9yEu0/1wvLid0yN",
-	"BfAVMyyX83XCdRiYlCy9pN973ekreukdSy9jN1rmTPRf611u9VZkFSWzKjV7LOReWF9rFavtE7f2CYBH",
-	"0bfA9FJW5hy15k7+rKDRPzDR7gnPlWuE4ghNT1iXQNrEtvZOyZYFCrNpyUrlkc9XDt1aI4kC69bpANgD",
-	"Ea8UMkNSj2UZd2rqXQsxM5ZrTFZxZek1n3i4O2bD8/+zQ0PdQe5ZIlqXEi8hdawBPLP83wLn2+c7gfmj",
-	"YsJws+yowpOI/K5V48ku1ZgMdJWmqPXtELRVhBAKuhsk7euI3rgUuirwvbNH97zqLbKwjZHmv124KdCw",
-	"jJmdev+X8Bzhg3mbYV9jqI1Jf5R6ua240kQIX/pjY/2kGy0Kb4OA4vOFATYzqJxXkbrde9oPRjGhWWo2",
-	"CquV8688nzQICZBGMdJoiruhw2vqvk9XSllzeLsMtqibaEylyCL20E/yGnIp5nAhK4vpYCtow5agg1l3",
-	"BlapQ4FMaOuw4JXzVfbW/clgg3x3tveu66EroUdbN1OjocFf9JK8kIhaB8xgtpe6ssYVCa6dVtO+Ery/",
-	"qbgb2bcRJOEmdh7M/lTiZEVV7XytKrM9sR0jgvpkSfv6OqtvIwLnnG+XlCUzBpVlkv//28ujf7OjP0dH",
-	"302Gp//36NNf/xKjibD4x1Kj2leJ1ATVAurFydPINhsJpMvZ71AdhbuB+jkKN0w9nwxbS03hYASmUsKF",
-	"a4Q0PEWQsxm94USvX+1wCG8LbgxmIJWTDJeIpXvRcaOBK5ZXeAYMWjAwA8KKDliwDKRAqDT6t6SY8Xll",
-	"/UNvYUTFy051Onporth5O3GuWKW0Fm2llZ409BUlrZsIJb+2Xv0rmRFUKOzhfxtwccVynk18XM3yg2CV",
-	"WUjF/8TMYfSCZxkKKz6kmcxkJchYlmKW89S+wZs4y+QSlxOFlaZ3V//AxWSWW/VMQStdzWY85db8DlKY",
-	"jPpcsmxipJzkTM0tcytmcEIxFlo12Oylklc8QzWhcIWD/Ipxd5UJXZ8SLHdwCMNnHNWkBvtT5CZeX/kA",
-	"y92l/b4yLlBXnP87LzU3ukEzug9WuTtANPTHSWo+G3oRmIBH7ZAsYcwwS8YifDZjPG8/o3BWiYzW8bKB",
-	"/G96JyItmsdCvGHlE3qx0myOwwxZlsBwOByLfrKdHvFI7Ij3mESnW37H5pFwVbiFXo61o5aIi96KHkeE",
-	"LNMamIYpmVlTMNKKMsOFlX2VSBdMzDELQXGkaDNwDViUhoLc29HhUdAGIYaDHznmGQmECBIoyhelrFIS",
-	"V62f6h/nb/8F/q8ucPjtd6OTQ+DCSB/Md3H7C5ktEyD9gGBFJMX3oY7N7z5hgCEJgMbOR9G1r8Q368Y2",
-	"unj7pbI4QeDusmeVqRSegfTK0pnPYs143ip6vm5f0N/M/XqCPZ7uEWHaKaRJwG2KN93ZcaxX7+lDdiLI",
-	"d/Yi9/dn7gGhG1DZjeztXKWOW/c8rZaVSjtWUFmpdMG0hVmjuuIdjG9TPC2KDzDU6+9URD9jNkf1g2LX",
-	"d7y+LXS5AvQ6jW0G7LUw2wlrJaPD5wKzUyil5oZfIbAs00HFJyBwzuhjhYW8ckZ80TMmE3wXUpkPSNKZ",
-	"YteRiMePUoUgEqAwiqNOSFy7hAPY1wTMlCx6Z39aVx8xINr3uZ4Opr8Cc/8mPkdjVarCK3npQFxak4Fd",
-	"yIq8otvy4SUXWZtNaEdn+1tk1GFxon+7tyWr7PdKx83r2yimvUVB0GM9mJeOty5sPZnVi20KHWzmnHsw",
-	"LtssuNvE3IGX29mIv7SuK24/dZ3bSHHDam75Y2nt3RcjcA84l18ncIlLDRX98fkI0gVTLDWodOKf8H97",
-	"MRr5XEQbihejOPCoPkjjygNWAidXoWClhxwhqzSu8MPqO1dZwb9bMiyQBHhid/DOkX9/Kfz6c4mpNR3d",
-	"A9awLLiQCirBe+fQ3bsThSnyK7xtKLFexfmJfeV2PGO4k/Nv5aQ3wfMuFl/5mDYFsbwIgotqqeFgRNGt",
-	"kB0FJjKg/Ohh7/qELSH4WyfxrHNeKZw08u+2Mp+LK8lT7Iv2kD2M/mGyqkBaOeYmxewzzFGVkfMrLHzI",
-	"arWmq6UcqDKmL8jt5GQfa9EwU+3OsjtQzt3DlK28qCmqL2R12OVORjU5FiStI5T9+grVEppHiICRPrSM",
-	"qpHCrAnIPLPuuqtpgddFaZZWluRcOynSr/TAIeVDvVtMld1PdD+a0G1osHXr9Y3GE0KrUquREi1q3JxC",
-	"6KJ/i0i/BxshKIf/kH3QJfm2N4Ui855QIOiBE1HoqhE9amMMv04y66qvLHMeqyf9keUam8iZvWaEgqUL",
-	"LrCmbm7ggNm/5WQzy8ocydmRVBkqIEV82ApBtWTNbfSLdQn2NFv75tAI1N5ypf1OiA7vliNytx1NJ6RH",
-	"k/pedhrJVNq0dq0b9NFm+2v/BLBbKwpSU2fZs4DxQytzVYe4KVUWy2xM+1oHXtdtjTvXeZybZFuwltIi",
-	"ERXwdjZzDAozjnmma7A7maBpbynfiiVHJJFfblPUrNGukVIMbnLcI8PxEj6+fwOCFfZsrmTb1a3ax3cH",
-	"ln0Swe3a0hJ0JxuIhuyXO8bethmED1j7EDvRe0ylSHnOmdlczhcTvcEa1WAJhCnMhtHDBonYO5K9gfcL",
-	"rgtm0gX2r4Psnu0Xv0CMZJ3gu4UlEhy7tlQMKOvAvBv3NXzrd9D1EdY9bj6bob3iCId4RUCOJxxBLlOW",
-	"T4Ib2oNW2y/0tZ6bHW/jK3ftui7AnbU7B9+N39vlhgL5rquCP1FJsEQCo9Ho5Ij+/zAandL//wauawPk",
-	"4PnTp4d7ZXMcD7RCLaFYclsJpiPiFS7NWVFiBkaCkNfOUlrJPJnOWW4L9k6+iF/QHxVWt62ozPNJhiyL",
-	"O4pNAUBXXuyJ04J9fuNePQl5v/B7pLh68wHjyS/l/pzdhk3qd2OIPSc+2VDcwEo+uUIVyrd3WoXMGCxK",
-	"s0Flb5BJOdPGl2n02WO7109+iQfjTo5yqWSKWt/R3Q5Rsr08g35BhdbFNYGFYPv0L4to/N1wdx1Xtn2A",
-	"HeRzD05rmxj/Q47rOlpbzmsd9GzRh7WE50Kqrh9bMnW5wYv9qNkcvw/6e5+avjo03QuZtA8d5I0oK7O/",
-	"jGpjb0sYenWfPRsbdlgsjXReV1kfBf+jQuq+8prK3R6wNLUWbQLMQCG1gZNRO3NwBtp6ZkaG5+vSmuF+",
-	"lqblYG1YUa7D9oOrO7S69KwG49kLyNhSg8wziq29gIKLyqAGtkCWDaGvtfA7xfETX/+okGXAtN2rv+1A",
-	"yZOYn3S9kDkmIKQ4qvOyoiouUMGBxxdhJKRfmELwUn4l0J3JypXb+c3dKjvMuGAPOPg6BLCd+u5B/jSL",
-	"rYrUxxVCDRyb7IH7jAV0WWyLOgpikKUplq7eMqtct6nTFY4s2wWgPSol6s3rrbajpBHLK8bKVuPjHuo0",
-	"I/lLqynVHW2EHejf0zzaEhK7L9Oon31CF9Zio7ao3FNC7Wvwdmhqu3RpwIqbQjuilXTIN8Kwy80NTIFZ",
-	"4mTpGSWejaHe4oXUCM2RqHgjtyJ/CeR8XSyBCWkWIUZ9ZkU3+skEBVwzDdrIjVGXmoM3ME7N1Rv+ak99",
-	"G6PE42tX52lM1ui4sHEfO3g2Xta2jMQ144aLeV1tP2ixOP3Mtlh0VE+g9w/J3CLq1R/drUqH+4xldXmq",
-	"HdHy8MXQ//9Q8dlyYzB976L4zQotZJbvVju4cmafKtxSV+wO+B5Lqczm8+lJK1DaI0gmL7fmt/ddzoe9",
-	"+5NQ99p2sau8bIncBrYIuC1Q1pFptQymleJmeW7hqMMRfrrI2lSKl+/ewCUu3SQGncoSYeqrNacgFUxZ",
-	"VnAxTcBvb6UmNxrOf3p59PTFt7BgelFPiSFMI1OuEMdBtjCmpIy0tgx1iRQQcQ/9GLD+j18/DGITM0R2",
-	"ZF+Df/z6AQ5+Orf7SQXv7Q+HZzDV1cU0zLWp25tcZ/UOcG6oJmMWieYZlueuzg+sZ5Gj1nDB85yLOXi8",
-	"AKe6RGGsqnCG/SmUCkvGs1CaORa+kdMslP0hOEyhpZ28GDedIzxBZTEv371JQAonTsYilNBq15mlCqok",
-	"yJdNPraQApfAlLLudULLkijBDKjtYyxqSQwKc84u8mXLgfveH43knR6OxVhQ1wEVL1wvUGECUy3YJU5S",
-	"pnFaZ7fcvlwED6ZdEOWIiYmxeHP+FkJupO5MsR5X8HsSctjoo/c/voJnz559R0A8eUJGuH7yhNyk6abh",
-	"LNNmoMqh3xa0oREoU2vqT/1qLyuzsIaAW+LJE3vD05e+JYs+O4XviVRgXI1Gz1JjSZV+xOkQXgL9HgYk",
-	"KbR4leZIY8mUtXOgZMpooptVunVk+rc2hSZQsKW7SCOrdDEmrMlr0fT2nQETS+uezwFzjX7lHdw6Fp5d",
-	"4YD+pW0y6W7TLRZouGDLQ4+b1kSf4ZMn8O7t+QftugSdEWd5rpBXCFoW6FZxxsVYTFemAU2HcO5HRzkK",
-	"t79cyGwZYg1Pn8PCz6ByfEu1MGPhh1TRuZpFzVGYc3UKNNbqrJ5MFS475CdcEwxwPRbPnz6Fabx9bjqE",
-	"tyUqunBLhNT9aH3LC6YRWs0DY3Hg63ETX5CcOH6ylMsu8TCM1WKWM0PKuja0rJT0RhHM7L3URz2DUIvn",
-	"sMulSOB6wdMFvaBBCs+bid9Cw/PRd2Mx3dj3Nx3CP3Hp4glEExmUqGpSosYg+4EnnrEgvgYhWySpQ8qi",
-	"ZGZh6T20FhEduOics4Y1WJuZOs20HAuFRi3tMXlkfBioyqLZAJszLjy5/cy1sXxt0QhT6kCcwoFvN4UX",
-	"I8scn+HFaHRIJMQEyJL9UVmGdrPDSMrVJDP9Yu8vgVZo4GZ6tjJtjGvXHyvdIa1r6CaOuV44lxJ3st/6",
-	"OCFyPzgZjoYjMiZKFKzkg9PBs+Fo+Iz0slmQcj1eIMvN4s/B6ZebZHBMDkb45erkmBjxWHXyZM7alS4f",
-	"IwNBvslckSQzuJIyrhP+38tsuWVs1X7jquK5u5uuZWLZbnV+1tPR6IGAiI3O6jRQZ4rPzNCZsX4CSnz9",
-	"GuDWVK5koENjz+CVy6hDox0dexMNOwb8Rvt4HXmH4N7l5EQZNtfkZNnLtWbY5yMiniP3gcNahwBcWvWo",
-	"CUXPMXL7ljdagXTXu9sM2PstPimt9r/7oTySALlJ4q80mx+7WW09HvQzAG8+PSDVrGZPYhPXXJOnnHkn",
-	"3t2ivg/aOXcLehPKrWsF0HVd3Hl3Ejn+EorRbo6dviSZESGG7ozCuoTt/kYEfkpqWdVFcaOnz1q2KM5m",
-	"mBorcrXheQ7ziqnMOQ72IV+L+IaowFvrXSZwOr+d0nocSopR0YeFv2A/+8Znr7iY3wchvXOrkc26RlJO",
-	"ad6KkkiU9ZE1TVTpYURNJ5b53yZkVjIkW2WMUx73J2I+ttaznOPwDgc4nA8hQ5ZBjsZi4vDOBHLsyxw2",
-	"2yS+xKJLLA9jkXSKVR7dFGlXkkSu+yd5DQUTS7i29nOoDrkXjYIic9faJqQ7SIArCj5t5H0Xm3ojrpji",
-	"LNznA6G1E93bIGIV/RUOWK6lr6CymlRkOpSbUu4ZYSovp4f3gXFrdxZlZV01V2fsuo7IOQvNSdpdtAtb",
-	"UOSFGpD3uY20GYUZvYi/ownTMh/wCsIWG7AfhhLmkllFzYwVN+ouZrYPQZIaCcHH3z5Zud4KA/72yYrv",
-	"5kp+pZADE3CBfgxaC9kBkZ9qzHo3+si3tHV8qpXhrIobP+AotJ0xDVOfv5hS27HwwQ7dLocI0bqx8CMo",
-	"h+Ca2IAGero+tdC0Zl1EYDAtZIZ/8/tMwUOXjEUIy1FjW/1gu6OpfnoI7einCz2FiNFY0ICP1YCR82Rj",
-	"vuTqONE1Pb9D1W6YD+1U7/3rgPjQz16q4OShgIgxjgOMzNfohPaj9oj22F7+rePIUHe/3aNx3rlld2Br",
-	"QeqZpABXmFnq+r9qjvRPtVgypC+Ov7SSUjdbhV+TMXw46Rf22CT+Ags9srx7T9VH0Eqa1qgNiBx8utmX",
-	"XdstrNZzq0y0E7cWdU0McGaVbiZdhA/wM9cGDp6OTg5BKnDdeCFmi3mmx2LOr1DYR0aHQ6CGFTfEGyzt",
-	"XCKW9mnu652GMF2fyTYdi5yLSxc1txtyMQ9U2MQvO73BFJAMefwFu0KQAs/GghsSkRb0C4Qw8cmqbNBo",
-	"YuLRzQfsUOADiLPuMMJHNmm3kf5H119JVH+vsnPLnrXQvIcAXp2bcKS5m5O2S6njVlPaJmn1fT0V/cFu",
-	"LGyxQVZ5IB9bVDVfLBByeEJeJ9YxDdNLaoSH0a93E1w77srvchxmpqyHxvaUklG78QfFrjWNoGkG0zj5",
-	"48c0hWn/3oK0D7kW7yH8C69QjYW8QkUDcE59dkRKmOF1M9K3Rqh9ufmqluejp2MRb3qElCmXcmnP+ZyG",
-	"+aFRQ9Ch6VVrIOTtLcCHs/y6w78fW1R2xmnHZJd74AEtvuejp4/5nST/slpeUO3BGjneS1DDLgpNo/+6",
-	"iOjJ5c2XiDwAk/e3hZZo1oPVNC/uK2esztzGR/ak2pMJIzT4dzfd9GvzomoaJvhqGX1QKllIl7MvmKhY",
-	"Dm4yl/X1D+9C4q3Sg+0Re0dqH9qP70t1X1WQvTXba2uAPafnwqS4x7Z/yE10kR8HyMZ03+PYPyFAuZ1U",
-	"/BvvwsP/1YTSnvCylVICbh6bRl7W6uOberzV5rRwfYMPSyiUTugTgKHkTr8cYGgFiOaTd3f8WjSu5JFF",
-	"mleaX6GLO5+F2fPwbOTavi5wJhXC1MjpaqvXNNbrNY32WMfO4kuwm6P0K+peHxAXToAia+AX8vqe4aVa",
-	"8T2hffAcqa/gj7ms9JfH5sSfZcpyn0mjOQaa6t9cMY/1yIC5y1BMzNsZHcct98ORa9n31fGneS6vrZV5",
-	"sYSSUUnB+jdifqNXCtmaGedDeDkWpczz8JUOZK1q6VsbC641uriaBSShf3zZcMt4GItUFgV3ITs5AxrZ",
-	"dFq/Bqwskam6OnCGoQCZAmtUVzoWrQV93ais8syeJMUM7RkXTMOMC64XmA3Xa/NYfs2Weiw0mjNXCkFF",
-	"gyIjzBCSWHoZ82ytnttUv3CbryB1U8LBSCeKgBl65gLnXAiq+ojzZZhuusc3lPZVvw/Jvj2rG+6vrsHe",
-	"gqzMhaxEBheV5gK19rRmias7I6/FmqGPOhjUQX8ef2l6U7ZmGsJct4c3UTbF7sJ3PPxn0gwh80lhKAo4",
-	"NeMKF9wy3bKneRKpOut841+vurOd33dXC9LVYqa4G/+apQtPR1zXzSpS1IlSqqXQpqntpMpjDQfMN26P",
-	"Radzu/7inLrTcXc3+lhQO7p961LYTQlrh0N46Zvx6sIOheAEr/3QmzdNBHAsGNWDhNLUpl/Dy2ErDueK",
-	"mKgSGWkA5Mqe0xWK+5ZH1/3gX82w6QNstUVqYKmS2gVACBOtKQAisxrFapaxoBoHZ85QfXerSA0O6JNm",
-	"0aSVvSEc+JnD7mA1Rg+TOpPjC+Ckqr+U2h/VtRAwky4SUhVjMa3PMXUQ+ldFipQ4b7V8buj3HAsH/EG7",
-	"fyAOMX2rRg1vgCB0Tk79N9jKDGEa+UKc6WmolnfahpmaRsfCw00YCe0B1JCgDROZG7ZAoxXdFTPrSrQO",
-	"Z88aDmKhoK4imNbATsEPxvJzGz2S7CUzQzYCSQFeWNLXEpjDshvxEBasV9OhMkOh9cBpbAK354hp5Tdi",
-	"jjuKC7+uooPWaJFe8bGn97tzpxF6Qwm8u2jfpptY7ggtGmSzfbURNFf45a3xgxMry05Go5GXhIcR6zsi",
-	"94+/NHS/Vcs3NDd4lMrQurZ1c+XwfZhNPzhVUNeBWkudvretLhbs48VEFHen47+X4u7h4JPmvsaLhZSX",
-	"2pe1D06/bDNhPrnvCAmQ0rfRDo6J3/2xvqx+C7+myFT4MFS4tT4K9Smtz2qzpv2cj9i1PnIYbH3grY/W",
-	"J67Wbz0S8IrludM1Tu2eUQKhtL6E9zfmKND1DLoTWw2T5pwopb6XgL3IDj9Ru1FCw2uc+UzGgkxJY6gr",
-	"K+Uro3mG0e1am9Tco63b+j8BAAD//w==",
+	"1H2Nb+M2svi/Qvh3QJM9xfF+9fea4ICXbtvr3rXdxWb7Cly9z6Klsc1GIlWSiuMu8r8/cEhKlE3bcr6u",
+	"VxTY2KbI4XC+Zzj6PMhEWQkOXKvB2efBAmgOEv98m0NZCQ1cf4CqoCvIzbc5qEyySjPBB2eDVMsaUrJc",
+	"ACd6wRShXC1BEqaIXgCR+CARM0I5ASoLBpJI+L0GpcmS6QWOUrQEcgWr4SAZqGwBJTUL6VUFg7PBVIgC",
+	"KB/c3t4mg4pKWoJ2AL6ppRJyE6iPCyAphxs9yXBEagAwC1USrpmoFanoHMxqzAz/vQa5GiQDTkuzoH2m",
+	"A0pJb34APteLwdmL0SjxoCktGZ8PDGBvaqVFCfLtN3FwMloUIL9QRCw5YTmZCUmYVqRWIBtAKqoXIRx2",
+	"ygnLB8nAII1JcwQG4yFwf5EwG5wN/t9pe5Cn9ld1GoBloGxONFv9E1bmYVzXnnm7cjDsxIzbtXqImtev",
+	"k0HJuP/8PIaoLgjvEEe0OACUuy/9AyuZblZaO/UCfwynz2FG60IPzl6PErMWK+vSfBjhSvZTuw7jGuYg",
+	"LZlKUJXgCpBK30sxLaA0f2aCG3Yyf9KqKlhGzfZPKzvir78pQy+fe56tnxdX7FLcBScgpZDk6MN3b8hX",
+	"r17/f+LWIDloygp1PESUuLnMUl/TgvIMzJ+VFBVIzSz80/aH7iqXFfCcTgsgXCzPSM1VBVyTTEJuSFvM",
+	"SM3hpjJ0Q+aScq0Mpc+ELKm2GPvy1WATgUmH8g8g8GRgV9mE9O/4vRU4HrwCZjohSghuZBHCuSIzJpVG",
+	"ftRQqn2L47SXdVlSuTLLu51QKSl+LsRy4rA30QsJaiEK3FEPHKD4slBt7ucXK27Bg3+CAxmfEwklZdz8",
+	"5fdpT6CD+ZxqONGsBEP+dVGYM/ScvcY2HUAmtBS1Jd+NHWyZp2WLUIj8uibcPIk1J7gNd5+aicX0N8i0",
+	"AfAN1bQQ803CtRiYVDS7ws+9zvQNPvSeZlexE60KyvvP9b4weisyixR5nekDJrIPbM61jtVwx8E6HvAo",
+	"+haQXYlaX4JSzMqfNTS6ARNlRziu3CAUS2hqQrsEEhLbxjMVXZXA9bYpa1lEvl/bdDBHEgXWztMBsAci",
+	"3kigGqUezXNm1dT7ADEzWihI1nFl6LWYOLg7ZsOr/9qjoe4h9wwRbUqJC5JZ1iAsN/wfgPPlq73A/F5T",
+	"rpledVTh84j8blTj832qMRmoOstAqbshaKcIQRR0F0jC44ieuOCqLuGDtUcPPOodsjDESPvfPtyUoGlO",
+	"9V69/6Mfh/igzmY41BgKMem20ky3E1cKCeFzf2xs7nSrReFsECLZfKEJnWmQ1qvI7Oo97QctKVc001uF",
+	"1dr+18YnLUI8pFGMtJrifuhwmrrv6FpKYw7vlsEGdRMFmeB5xB76XixJIficTEVtMO1tBaXpiihv1p0T",
+	"o9RJCZQr47DAtfVVDtb9yWCLfLe2977jwSPBocHJNGho8Rc9JCckotYB1ZAfpK6McYWCa6/VdKgE728q",
+	"7kf2XQSJP4m9GzN/VTBZU1V7H6ur/EBsx4ig2VkSHl9n9l1EYJ3z3ZKyolqDNEzyv79enPyLnvwxOvlq",
+	"Mjz775NPf/1LjCb85D9XCuShSqQhqACo189fRJbZSiBdzn4P8sSfDWnGYbghdXwyDKZKydGI6FpyG67h",
+	"QrMMiJjN8Akret1sx0PyrmRaQ06EtJLhCqCyD1pu1OSaFjWcE0oCGKgm3IgOsqA5ERxIrcA9JfiMzWvj",
+	"HzoLIype9qrT0WNzxd7TiXPFOqUFtJXVatLSV5S0biOU/K3x6t+IHKECbjb/64Dxa1qwfOLiaoYfOK31",
+	"Qkj2B+QWo1OW58CN+BB6MhM1R2NZ8FnBMvMEa+MskytYTSTUCp9d/4Hxyaww6hmDVqqezVjGjPntpTAa",
+	"9YWg+UQLMSmonBvmllTDBGMsOKu32SsprlkOcoLhCgv5NWX2KBM8PslpYeHgms0YyEkD9qfISXx77QIs",
+	"95f2h8o4T11x/u881J7oFs1ov1jnbg/R0G0nafhs6ERgQhxqh2gJQw55Mub+uxllRThGwqzmOc7jZAP6",
+	"3/hMRFq0w3y8Ye0bfLBWdA7DHGiekOFwOOb9ZDsOcUjsiPeYRMdTfk/nkXCVP4VejrWlloiLHkSPI0KW",
+	"KkWoIimaWSnRwogyzbiRfTXPFpTPIfdBccBoM2GKQFlpDHLvRodDQQhCDAffMShyFAgRJGCUL0pZlUCu",
+	"2tzVPy7f/UTcrzZw+OVXo+fHhHEtXDDfxu2nIl8lBPUDECMiMb5Pmtj8/h16GBIPaGx/GF37k/hm3dhG",
+	"F28/1gYnQJg97FmtawnnRDhlac1nvmE87xQ9f25f0J3Mw3qCPUb3iDDtFdIo4LbFm+7tODaz9/QhOxHk",
+	"e3uRh/szD4DQLajsRvb2ztLErXvuVolaZh0rqKpltqDKwKxAXrMOxncpnoDiPQzN/HsV0Q+Qz0F+I+ny",
+	"nse3gy7XgN6kse2Afcv1bsJay+iwOYf8jFRCMc2ugdA8V17FJ4TDnOLXEkpxbY34smdMxvsuqDIfkaRz",
+	"SZeRiMd3QvogEgGuJQOVoLi2CQdiHuNkJkXZO/sTHH3EgAjPczMdjL8Sav9NXI7GqFQJ1+LKgrgyJgOd",
+	"ihq9orvy4RXjecgmuKK1/Q0ymrA40r9Z25BV/lut4ub1XRTTwaLA67EezIvb2xS2jsyaybaFDrZzzgMY",
+	"lyEL7jcx9+Dlbjbij8Fxxe2nrnMbKW5Yzy3/XBl79/WI2AHW5VcJuYKVIjX++GpEsgWVNNMgVeJGuN9e",
+	"j0YuFxFC8XoUBx7kR6FtecBa4OTaF6z0kCNolcYVvp997yxr+LdT+gkSD0/sDN5b8u8vhb+9qSAzpqMd",
+	"YAzLknEhSc1Z7xy6fXYiIQN2DXcNJTazWD+xr9yOZwz3cv6dnPQ2eN7F4hsX08YglhNBZFqvFDkaYXTL",
+	"Z0cJ5TnB/Ohx7/qEHSH4OyfxjHNeS5i08u+uMp/xa8Ey6It2nz2M/jBZVyBBjrlNMbsMc1RlFOwaShey",
+	"Wq/pCpQDVsb0BTlMTvaxFjXV9f4suwXl0g7GbOW0oai+kDVhl3sZ1ehYoLSOUPa31yBXpB2CBAz4pWFU",
+	"BRhmTYgocuOu25oW8m1Z6ZWRJQVTVor0Kz2wSPnYrBZTZQ8T3Y8mdFsaDE69OdF4QmhdarVSIqDG7SmE",
+	"Lvp3iPQHsBG8cvg32Qddkg+9KeC584Q8QQ+siAJbjehQG2P4TZLZVH1VVbBYPel3tFDQRs7MMQMpabZg",
+	"HBrqZpocUfNbgTazqPWJmJ0ImYMkqIiPgxBUIGvuol+MS3Cg2do3h4ag9pYr4TM+Orxfjoj9djTuEIcm",
+	"zbnsNZKxtGnjWLfoo+321+EJYDtXFKS2zrJnAePHIHPVhLgxVRbLbKR9rQOn63bGnZs8zm2yK1iLaZGI",
+	"Cng3m1kGJTMGRa4asDuZoLS3lA9iyRFJ5KbbFjVrtWukFIPpAg7IcFyQnz+8JZyWZm+2ZNvWrZrh+wPL",
+	"LolgVw20BJ7JFqJB++WesbddBuEj1j7EdvQBMsEzVjCqt5fzxUSvt0YVMQRCJeTD6Ga9ROwdyd7C+yVT",
+	"JdXZAvrXQXb39qObIEayVvDdwRLxjl0oFT3KOjDvx30D3+YZdH2ETY+bzWZgjjjCIU4RoONJTkghMlpM",
+	"vBvag1bDB/paz+2Kd/GVu3ZdF+DO3J2N78fv3XJDnnw3VcEfIAUxREJGo9HzE/z/42h0hv//izDVGCBH",
+	"r168OD4om2N5IAi1+GLJXSWYlojXuLSgZQU50YJwsbSW0lrmSXf2clew9/JF/IB+r6GGtzqmh/soRjfB",
+	"5RWreqjHtihgj2LyZq200xs6VFesqqIW7IYIbhZpptyx9ztmLItikgPN407yTMiYKLgolCBuS9bwVYQS",
+	"BTwnYkaWC5YtSElXZEExZk+zBeTkEjmOlEIC0QvKyYtXZCFqqQidC3KkAAguN/E42GJMt2jpyu8Dabyk",
+	"N2/to899HtZ/jhS7b0d6PBnZnHfMiTboKsU15GRKsyvDUc7rMU7FkjLN+Lwp6elp/EkEJGKx/cL0gqQB",
+	"0tIEi6EqkKT9NjG87PPs6NCc21srqSeQ1KYtzJ/+yAuYafvFEdWkFEoTxCWZroKpj3sbgyETR1SrZ5yN",
+	"Lf5ES1sctgEcxVTRilDZr4R3jQMjXNtiegcrNlIkcoFmhTcSDYxkSRXhQntOQrPHCwwutOVLI/LERBSu",
+	"nirgj6gPbLlsSzESrdjkGqS/brHXi6NaQ1npLSb2FhuioEq7sqo+a+yO0mEcwYFxr8BWJUUGSt0zPOaj",
+	"2gd58v2CgMHBtYFA76v0L2Nq41P+7Dqhp3ADMQIOoHiAIFNIjP+mQNMmWjta2SUpAvowwmrOhezGnSoq",
+	"r7Zw3M+KzuFrb28fUoPbpJJ6IRPXwY285VWtD9dhIfZ2pI1wnW+A5nEJljrL2dl26ZlX7N7YM1rCyrcj",
+	"Sl7d3BwPSepEWHpGmFZjbjhFaVpWVkqbJ5aM52Lp56JZBpVW5Ojla5LTlUpIAcrW7hqTgWhaFKsxd3XA",
+	"guRgaFwSpo/JFGbGxGCaZKIucjIF/zPkRodJUc8XhOI9hDF3C4pa0zkG9aaQ0VoBXpJuioltHfFcaEI9",
+	"iI1+HvPvbAJF2ZpjY/hUVCly9PrmJkFbWNRaJeTVi6+O3UxGsp8UoDXIRh2MuUBzmkkiltxgyprQWjKs",
+	"6WOFBapFHlPeArfYsyWPnri75xToka1EHBDXgbfP9riVXXN5La3L2e81oLHhNtPSgKi5TkhgWwTp3XNj",
+	"b2pz+G58U/84PCwc0OBzE7ZvbHG4cXjOGzAcSRJR5JgAeU1KxmsNitAF0HxI+rp0v2GyNXEkIY3tggbB",
+	"sr+DhxnuWDBruRAFJIQLftIUz/C6nIIkR94QNxjxOXJqOMaq9rVsZC5qWxPtFrez7PG1vdNm4esQwFaR",
+	"81BKp51sXY8+reZp4djmJDxkwPZgj9SKWBQMeW1bAlgDwZJlWKX/YJ7qxtFsWqg7Lc4HKKaPFJnQfOJP",
+	"ghbFu9ng7NceFNZoyNtPSczID5wRw+7m02Y5Fa7vdNM9iyF3Hv+BNnlJV1OYGPkaLTw2Ag6Tu1bCOc9/",
+	"m8NvJLuotdFzrkeLoivj7CphLASnH43qpeT1zc3xOaFNbCESLCioRoUMuSIpOkTp3XsM7EgQPZTj0c/6",
+	"R5IK5FWokw5UBYc6uR3m3S3GW7Dijsae3B1u8i3X9Gr7dV4vleL87ySS2hpWWS6Esd2aLWEpY2F064qg",
+	"dTo1/rfQC5+xPTc6ElyfnhJdcqXF1hxEIyq3SKhGfG75tQnSHKjKHL729WGICXUVl+pqTygjpMhofn49",
+	"UDUIZNnAytXtpiZW16nDExR3yAH1R3dQ9/eQmZ0uT4X5HQdfDP3/A5LNVltTywdfEdtuOfg6q/tV0q/t",
+	"2RXO7LhlYzf4ASoh9fb9qUmQNuwRBhVXO6u9Dp3OJYH7k1D32Paxq7gKRG4LWwTcAJRNZBotA1ktmV5d",
+	"GjiaYJ/rtbXRo+ni/VtyBSsb4VWZqICk7u5CahRxSvOS8TQhbnkM6GpFLr+/OHnx+kuyoGrR9ExDTAOV",
+	"tizVQrbQusL6LGUY6gow3GgHfeex/o9fPg5i/aN4fmIeI//45SM5+v7SrCck+WD+OD4nqaqnqe/y1vjn",
+	"ts/IHnBusUJxFsltYTgBVQUxLhzGGqasKNBKsXgxnvZMCq6NqrCWzRmpJFSU5f6iwpi7tgY+yOAsIN/g",
+	"Bd1F26vKj8Ai0Yv3bzEmj+JkzP2FEmXvKUsMbvNi1VYnlYJjUFuya+NAmmlRlEBO8BLkmDeSmEgoGJ0W",
+	"q8BT/tptDeWdGo75mOMdPCzlWy5AQkJSxekVTDKqIG1qPey6jHtXMSwPtsRE+Zi/vXxHfKVAc0/TuLbe",
+	"wbRBEfzqw3dvyMuXL79CIJ49Q29HPXuG/mi6rVVZ2rYXO3bLEqWxIVhqLPnUzXZR64UxBOwUz56ZE04v",
+	"3AVl/O6MfI2kQsb1aPQy04ZU8U9Ih+SC4GffLlCCwavQJwoqKo2dQyoqtUK6WadbS6Z/Cyk0QQsZD1KL",
+	"OluMEWtiydub7ueE8pVemLOBQoGbeQ+3jrljV3KE/+IyubCnaSfzNFzS1bHDTdDfbvjsGXn/7vKji19Z",
+	"I87wXCmugShRgp3FGhdjnq71xkuH5NI1UrQUbj5MRb7yQR1ju7uOjJZv0XkYc+cO2DxT2/TxxHd9PCPY",
+	"5PG86dPoD9tn6+2VUMLUmL968QKzXJHL5OmQvKtA4oFjxMwYfMaJn1IFJLhKN+ZH7nZK4q7nJJafDOXS",
+	"Kzj2Dgw1nOkLuBpDy0hJZxSRmTmXZqvnxFemW+wywROXJjUPKCK4483ELaHIq9FXY55uvQWfDsk/YWUD",
+	"N0gTOWb0PCnhNVnzhSOeMUe+JlwEJNmEDyuqF4befQIQ6cDGvq01jHmqBd67VmLMJWiJLhyLNNMksjZo",
+	"1oTOKeOO3H5gShu+NmgkKd7HT8mRa75AXo8Mc9yQ16PRMZIQ5URU9PfaMLTtpIlSriGZ9LM5v4QEMZjb",
+	"9Hyt9yZTtluEDasS4wPb/pv2ZrgtELOy3/g4Pi82eD4cDUdoTFTAacUGZ4OXw9HwJeplvUDleroAWujF",
+	"H4Ozz7fJ4BQdDP/h+vkpMuKp7FSNWGtX2Ay98AT5NrdXBqiGtQKqpvzta5GvdjRxPKx5Y7yS5bZrmbjQ",
+	"RKeb5IvR6JGAiDWS7LQTySWb6aE1Y10/sPj8DcBBj8pkoPw118EbW1/W5gMceyMNWwb8QrnAqI3c2GcZ",
+	"OlGazhU6WeZwjRl2c4LEc2K/sFjrEIANwZ+0iZ45RE7f8EaQprKdLNp2s7/G+4Y2/nc/lEfSi7dJ/JF2",
+	"8VPbubTHQNcR9/bTI1LNem4y1n/UtjwQM+fEu2KAh6CdSzuhM6HsvEYALZurDvcnkdPPvjT79tTqS5QZ",
+	"EWLoduxtCrofrmHup6SRVV0Ut3r6PLBFYTaDDAOdSrOiIPOaytw6DmaQq8x/i1TgrPUuE1idHyaMn4aS",
+	"YlT0sclg2k5wLjfM+PwhCOm9nQ1t1g2SskrzTpSEoqyPrGmjSo8jajqxzP80IbOWitopY6zyeDgR83Mw",
+	"n+Eci3dyBMP50KYTbMpYHd+bQE5dhD20Sda6i+BF+7CiyherpS4GmJIjIUm6HgdMjxPiY8LGVFSgE5LX",
+	"rllzUx2gsINLbkzQ9eo06S6V4eKCw5h3S9GcXzAkF3wVplls8LeTH7fSiHHFcrAG+R0KDXy/MdH41Vho",
+	"kFFOptBUbxmLnmqwv5KcGa99NiQ/rNWhJcaIzQncVAVl3JntLQLOPHZErQ3Q1hZ3QB81hRTH52N+YOFl",
+	"LNcy5tvKMdNurZk5VF8Z4ebLIa8rUGMenJ51b4XBATYQCCY1Vj0x1MDztjADM/yQj7lesgzOrJsUANy1",
+	"oK1vgDNY8Bwh4Mn4lBGG8SlfLenq3F9Q5Nr5thRdIF+0mPoiu/TY+gTrKgln7IrLx7HJOwW8T26Mh5Ws",
+	"EYH3C1IgVQGlG7wuFyvXnUk1pYwPYmiZ88UDCuXrPRTjNcZkt6pEG7J9y6+pZNQf8iPhuhP03mJ5SPyV",
+	"HNFCCVdmbwxMnit/JwlrX4Ck4io9fgiMG3esrGoN/jKaZVfLjD4UTZYgwUXzMCCJXWoOOY2s7ZcePYi/",
+	"g/Yt1R/xCPwSW7DvO1cXghr7lWqjheV9CNtF5tG68jH5Xz8ZcyeIjv/6yVg17ZEgzzkFY4PKAbI9Ij81",
+	"mHXRpRPX90BtV+u/SKZdF0zfm4CqVqVjkTd3MUAVlmP5IPaYuz7lQ2I7HRDs+m6bGfjOBqICTihJS5HD",
+	"39w6KXHQJWPuo9XY/aAZGF57b0YbLd8GV21E1gdSxxy7wK3HUWPC3IZY1nvOb5i/eyzQLS8RsRbpwyuG",
+	"eGf4Xvrh+WMBEWMcCxh6ddHX+JyE7/GJreWeOo28+cct92Scd2nYvS3zbHI3MzSamsb2tklAw5FuVMCS",
+	"Pqt3+jnI1d7uFH5tIv3xpJ9fY5v4a26dPC3WP2D1IwlqCRrUekQOPt0eyq5hn5NPycAVtsZodz2fOEMb",
+	"XtjAN4EbpjQ5ejF6fmxsZ9uywacyoMjVmM/ZNXAzZHQ8JHir2V1BMbRj/AdX2oulNEOSbjbuTce8YPzK",
+	"JpPMgozP14uNk24DGWvTuvIWtPkFh/MxZ7YK2YBujGzXFtSobKJAx8SjbSLdocBHEGfdjtVPbOfuIv2f",
+	"bRMOpPoHlZ071myE5gPEtZuUnSXN/Zy0W0qdBp0Ltkmrr5tX5zzaifkltsgqB+RTi6r27VM+tc3FEu+8",
+	"+RZ3DcL9+wHuJ7j2nJVb5dQ31tuMGB8oJaN24zeSLhX2KWy7F1r543p5+ldCOQvSDLJ9gIbkJ7gGOebi",
+	"GiR2STxzSUMhyAyW7XsfGoSah9v3+b0avRjzeGcMklFpM5FhM/jUN5mPGoIWTW+CruF3twAfz/LrviHm",
+	"qUVl550rMdllBzyixfdq9OIpX1z3k9HyHEtyNsjxQYIaFca9GqLbFBE9ubx909wjMHl/W2gFejOHg02F",
+	"/+SM1Wnu/cSeVNi+OkKDf7ct8P9sXlRDwwhfI6OPKilKYUtZSsprWhDbvtX4+sf3IfGgImd3IsuS2sdw",
+	"+KFU96fKPQUNYHfmnQoc59sJP7X9g26ijfxYQLZmwZ/G/vEByt2k4p547wf/RxNK2AZwJ6V43Dw1jVw0",
+	"6uOLpgfq9mqJ5gQfl1AwndAnAIMZn36pcX9DJlpmsb8NiUHjWnkFz4pasWuwcedz/4Ii8nJkr526682p",
+	"Fun6VdM0dtc0jTbiie3F3Uxot9LvrsNmF2G/A+B5Cz8XyweGF69QHAjto5cOuIstMZcVf3lqTvxBZLRw",
+	"mTRsdqUw4Wxr3Gyi1h6GpHweZnQstzwMR24Upaz3yC8KsTRW5tRenW978AWvTf9CrdV3ti/CGZKLMa9E",
+	"Ufj3fqG1qoS7Wl0ypUA1F+0T/MdV0wfGw5hnoiyZDdmJmW2Dc9a2a6FVBVQ2RbMz8HX5GFjDkoUxDyZ0",
+	"5dSY664kZJBjV4IFVWTGOFMLyIebJau0WNKVGnMF+txWCGEtLc9tUwGDJJpdxTxbo+e2lfXc5T319lUy",
+	"RAsrigi1nRqmMGecYzFUnC99C/wDXmPfV/0+Jvv2LPp5uHIfcwqi1lNR85xMa8U4KOVozRBXt5FywJq+",
+	"eYc3qL3+PP3cXtnamWnwzX8f30TZFrvzLwL796QZfOYTw1AYcGp7Wi+YYbpVT/MkUozZeS10r3LMvS9F",
+	"bgTpeo1f3I3/lmaL9ua5v8MleJMoxVoKpduSZyzIV+SIusYRY97pHNG8XbGtrdrbDWPMsR2GeeqKm0UR",
+	"a8dDcuHuqDaFHRKIFbzmS2fetBFAWy7VVmy315icHDbicC6RiWqeowZwPVTs/QlXm2QvBYW1S+56LAnr",
+	"l2gmhav/QkwEXUh4bjSK0SxjjjUO1pzBaw9B7SY5wm/C1mpt9gZx4F5MYTfWYPQ4aTI5ri5USAJUFniL",
+	"mbdXLKZUZ4sEVcWYp80+Uguhe5RngInz4Cb0lmvQro7MnH17rSYOMb56rYHXQ+AvFKeWnTKRQ1jR17w1",
+	"MT3zl0istqG6odExd3AjRpruAoKjFcxz2+wF+2/bI6bGlQg2Z/bqN9L0GyBpA2xKXPdU19zbIQnCkj3b",
+	"WScZcyUItVi2LWb8hM1sqi39s815qLLdemJa+S2fw56a2z9X0UHQz6pXfOzFw67c6Q+w5WaIPWh3e32z",
+	"deGfNoJmC7+cNX703Miy56PRyEnC44j1HZH7p59but+p5VuaGzxJwXRT8r29oP4hzKZvrCpoyqONpY4v",
+	"922KBft4MRHF3WmE0Utx93DwUXMvYboQ4kq52x6Ds8+7TJhP9kVyHtJaFoOzwSnyu9vWZw9ym9I1ho//",
+	"0le4BV/5+pTgu8asCce5iF3wlcVg8IWzPoJvbK3fZiTgDS0Kq2us2j3HBEJlfAnnb8yBg71Ka3dsNExW",
+	"MKSU5lw89iIrfI+38BJsnmXNZzQWRIYaQ14bKd/UUW8uFyzScI8ybuv/BQAA//8=",
 }
 
 // decodeSpec returns the embedded OpenAPI spec as raw JSON bytes,

@@ -100,8 +100,11 @@ type MeteringConfig struct {
 	Transport string
 	// RateLimit is the most meter-event requests per second, shared by every
 	// running delivery worker (each takes an even share).
-	RateLimit    float64
-	MaxAttempts  int
+	RateLimit float64
+	// BackoffMax caps the wait between two attempts at an event that failed
+	// retryably (5xx, timeout, network). There is no attempt limit: an event
+	// is retried while Stripe still accepts its timestamp.
+	BackoffMax   time.Duration
 	BatchSize    int
 	PollInterval time.Duration
 }
@@ -133,6 +136,10 @@ type Config struct {
 	Metering      MeteringConfig
 	EventsWebhook EventsWebhook
 	Catalog       Catalog
+
+	// Obsolete names settings that are set but no longer have an effect,
+	// each with what replaced it; they are logged as warnings at start.
+	Obsolete []string
 }
 
 // Default returns the configuration of an empty environment.
@@ -160,7 +167,7 @@ func Default() Config {
 		Metering: MeteringConfig{
 			Transport:    MeterTransportV1,
 			RateLimit:    20,
-			MaxAttempts:  10,
+			BackoffMax:   10 * time.Minute,
 			BatchSize:    100,
 			PollInterval: time.Second,
 		},
@@ -335,7 +342,11 @@ func Load(getenv func(string) string) (Config, error) {
 
 	p.str("TALLY_METER_TRANSPORT", &c.Metering.Transport)
 	p.float("TALLY_METER_RATE_LIMIT", &c.Metering.RateLimit)
-	p.integer("TALLY_METER_MAX_ATTEMPTS", &c.Metering.MaxAttempts)
+	p.duration("TALLY_METER_BACKOFF_MAX", &c.Metering.BackoffMax)
+	if strings.TrimSpace(getenv("TALLY_METER_MAX_ATTEMPTS")) != "" {
+		c.Obsolete = append(c.Obsolete, "TALLY_METER_MAX_ATTEMPTS is no longer used and is ignored: usage delivery "+
+			"retries for as long as Stripe accepts the event's timestamp, waiting at most TALLY_METER_BACKOFF_MAX between attempts")
+	}
 	p.integer("TALLY_METER_BATCH_SIZE", &c.Metering.BatchSize)
 	p.duration("TALLY_METER_POLL_INTERVAL", &c.Metering.PollInterval)
 
@@ -540,8 +551,8 @@ func (c Config) Validate() error {
 	if r := c.Metering.RateLimit; !(r > 0) || math.IsInf(r, 0) {
 		bad("TALLY_METER_RATE_LIMIT", "must be a positive number, got %v", r)
 	}
-	if c.Metering.MaxAttempts < 1 {
-		bad("TALLY_METER_MAX_ATTEMPTS", "must be at least 1, got %d", c.Metering.MaxAttempts)
+	if d := c.Metering.BackoffMax; d <= 0 || d > 24*time.Hour {
+		bad("TALLY_METER_BACKOFF_MAX", "must be positive and at most 24h, got %s", d)
 	}
 	if b := c.Metering.BatchSize; b < 1 || b > 1000 {
 		bad("TALLY_METER_BATCH_SIZE", "must be between 1 and 1000, got %d", b)

@@ -39,7 +39,7 @@ func TestLoadDefaults(t *testing.T) {
 		},
 		Credits:  CreditsConfig{ExpiringNotice: 168 * time.Hour, SweepInterval: time.Minute},
 		Checkout: CheckoutConfig{ExpiresAfter: time.Hour, ConfirmOn: "payment_intent"},
-		Metering: MeteringConfig{Transport: "v1", RateLimit: 20, MaxAttempts: 10, BatchSize: 100, PollInterval: time.Second},
+		Metering: MeteringConfig{Transport: "v1", RateLimit: 20, BackoffMax: 10 * time.Minute, BatchSize: 100, PollInterval: time.Second},
 	}
 	if !reflect.DeepEqual(c, want) {
 		t.Fatalf("defaults:\n got %+v\nwant %+v", c, want)
@@ -108,7 +108,7 @@ func TestLoadEveryVariable(t *testing.T) {
 		"TALLY_STRIPE_EVENT_RETRY_INTERVAL": "5s",
 		"TALLY_METER_TRANSPORT":             "v2",
 		"TALLY_METER_RATE_LIMIT":            "12.5",
-		"TALLY_METER_MAX_ATTEMPTS":          "4",
+		"TALLY_METER_BACKOFF_MAX":           "90s",
 		"TALLY_METER_BATCH_SIZE":            "1000",
 		"TALLY_METER_POLL_INTERVAL":         "250ms",
 		"TALLY_EVENTS_WEBHOOK_URL":          "https://app.example.com/hooks/tally",
@@ -158,7 +158,7 @@ func TestLoadEveryVariable(t *testing.T) {
 		{"Stripe.EventRetryInterval", c.Stripe.EventRetryInterval, 5 * time.Second},
 		{"Metering.Transport", c.Metering.Transport, "v2"},
 		{"Metering.RateLimit", c.Metering.RateLimit, 12.5},
-		{"Metering.MaxAttempts", c.Metering.MaxAttempts, 4},
+		{"Metering.BackoffMax", c.Metering.BackoffMax, 90 * time.Second},
 		{"Metering.BatchSize", c.Metering.BatchSize, 1000},
 		{"Metering.PollInterval", c.Metering.PollInterval, 250 * time.Millisecond},
 		{"EventsWebhook.URL", c.EventsWebhook.URL, "https://app.example.com/hooks/tally"},
@@ -221,7 +221,9 @@ func TestLoadRejectsEachBadValue(t *testing.T) {
 		{"TALLY_METER_TRANSPORT", "v3"},
 		{"TALLY_METER_RATE_LIMIT", "0"},
 		{"TALLY_METER_RATE_LIMIT", "NaN"},
-		{"TALLY_METER_MAX_ATTEMPTS", "0"},
+		{"TALLY_METER_BACKOFF_MAX", "0s"},
+		{"TALLY_METER_BACKOFF_MAX", "25h"},
+		{"TALLY_METER_BACKOFF_MAX", "10"},
 		{"TALLY_METER_BATCH_SIZE", "1001"},
 		{"TALLY_METER_BATCH_SIZE", "0"},
 		{"TALLY_METER_POLL_INTERVAL", "-1s"},
@@ -339,5 +341,20 @@ func TestValidateOnHandBuiltConfig(t *testing.T) {
 func TestHashAPIKey(t *testing.T) {
 	if HashAPIKey("k") != sha256.Sum256([]byte("k")) {
 		t.Fatal("HashAPIKey is not SHA-256 of the key")
+	}
+}
+
+// Usage delivery retries by time now; a deployment still setting the old
+// attempt limit starts, and is told the setting is ignored.
+func TestLoadNamesObsoleteSettings(t *testing.T) {
+	c, err := Load(envOf(map[string]string{"TALLY_METER_MAX_ATTEMPTS": "10"}))
+	if err != nil {
+		t.Fatalf("Load with TALLY_METER_MAX_ATTEMPTS: %v", err)
+	}
+	if len(c.Obsolete) != 1 || !strings.Contains(c.Obsolete[0], "TALLY_METER_MAX_ATTEMPTS") || !strings.Contains(c.Obsolete[0], "TALLY_METER_BACKOFF_MAX") {
+		t.Errorf("Obsolete = %q, want TALLY_METER_MAX_ATTEMPTS named with what replaced it", c.Obsolete)
+	}
+	if c, _ := Load(envOf(nil)); len(c.Obsolete) != 0 {
+		t.Errorf("Obsolete of an empty environment = %q", c.Obsolete)
 	}
 }

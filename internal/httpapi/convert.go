@@ -253,10 +253,32 @@ func toAPIUsageEvent(e metering.UsageEvent) api.UsageEventStatus {
 		Status:        api.UsageStatus(e.Status),
 		Attempts:      e.Attempts,
 		LastError:     ptrIfSet(e.LastError),
+		MaybeSentAt:   e.MaybeSentAt,
+		DeadCode:      toAPIUsageDeadCode(e.DeadCode),
 		NextAttemptAt: e.NextAttemptAt,
 		DeliveredAt:   e.DeliveredAt,
 		CreatedAt:     e.CreatedAt,
 	}
+}
+
+func toAPIUsageDeadCode(c metering.DeadCode) *api.UsageDeadCode {
+	if c == "" {
+		return nil
+	}
+	out := api.UsageDeadCode(c)
+	return &out
+}
+
+func toAPIRequeueResult(r metering.RequeueResult) api.RequeueResult {
+	out := api.RequeueResult{Requeued: r.Requeued, Skipped: r.Skipped, Results: make([]api.RequeueItem, len(r.Results))}
+	for i, it := range r.Results {
+		out.Results[i] = api.RequeueItem{Identifier: it.Identifier, Status: api.RequeueItemStatus("requeued")}
+		if !it.Requeued {
+			code := api.RequeueSkipCode(it.Skip)
+			out.Results[i].Status, out.Results[i].Code, out.Results[i].Detail = api.RequeueItemStatus("skipped"), &code, ptrIfSet(it.Detail)
+		}
+	}
+	return out
 }
 
 func toAPIUsageEventPage(p metering.Page) api.UsageEventPage {

@@ -63,7 +63,8 @@ func (s *Server) ListUsageEvents(ctx context.Context, r api.ListUsageEventsReque
 	return api.ListUsageEvents200JSONResponse(toAPIUsageEventPage(page)), nil
 }
 
-// RequeueUsageEvents sends dead events again: some by identifier, or all.
+// RequeueUsageEvents sends dead events again: some by identifier, or all,
+// saying per identifier why one was not.
 func (s *Server) RequeueUsageEvents(ctx context.Context, r api.RequeueUsageEventsRequestObject) (api.RequeueUsageEventsResponseObject, error) {
 	var in metering.RequeueInput
 	if r.Body != nil {
@@ -73,12 +74,15 @@ func (s *Server) RequeueUsageEvents(ctx context.Context, r api.RequeueUsageEvent
 		if r.Body.AllDead != nil {
 			in.AllDead = *r.Body.AllDead
 		}
+		if r.Body.Force != nil {
+			in.Force = *r.Body.Force
+		}
 	}
-	n, err := s.d.Metering.Requeue(ctx, in)
+	res, err := s.d.Metering.Requeue(ctx, in)
 	if err != nil {
 		return nil, err
 	}
-	return api.RequeueUsageEvents200JSONResponse{Requeued: n}, nil
+	return api.RequeueUsageEvents200JSONResponse(toAPIRequeueResult(res)), nil
 }
 
 // CreateReconciliation compares delivered usage with Stripe's summaries.

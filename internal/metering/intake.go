@@ -29,6 +29,14 @@ const (
 	MaxIdentifierLen = 100
 	// MaxAge is how old a timestamp Stripe accepts.
 	MaxAge = 35 * 24 * time.Hour
+	// DeliveryMargin is how long before a timestamp leaves Stripe's window
+	// tally stops sending it: it covers clock differences with Stripe, a
+	// request in flight and Stripe's asynchronous processing of the v2
+	// stream, so an event is never sent for Stripe to drop unseen.
+	DeliveryMargin = time.Hour
+	// DeliveryWindow is how old a timestamp intake accepts and the worker
+	// still sends; older pending events are dead-lettered too_old.
+	DeliveryWindow = MaxAge - DeliveryMargin
 	// MaxAhead is how far in the future a timestamp Stripe accepts.
 	MaxAhead = 5 * time.Minute
 	// MaxValue is the largest value taken: JSON numbers arrive as float64,
@@ -107,8 +115,9 @@ func (in EventInput) normalize(catalog config.Catalog, now time.Time) (event, er
 	// and the one compared with it (sameEvent) the same.
 	ts = ts.UTC().Truncate(time.Microsecond)
 	switch {
-	case ts.Before(now.Add(-MaxAge)):
-		return event{}, errs.InvalidField("/timestamp", fmt.Sprintf("timestamp %s is more than 35 days old; Stripe refuses it", ts.UTC().Format(time.RFC3339)))
+	case ts.Before(now.Add(-DeliveryWindow)):
+		return event{}, errs.InvalidField("/timestamp", fmt.Sprintf("timestamp %s is more than 35 days old (less the %s tally keeps to deliver it); Stripe refuses it",
+			ts.UTC().Format(time.RFC3339), DeliveryMargin))
 	case ts.After(now.Add(MaxAhead)):
 		return event{}, errs.InvalidField("/timestamp", fmt.Sprintf("timestamp %s is more than 5 minutes in the future; Stripe refuses it", ts.UTC().Format(time.RFC3339)))
 	}

@@ -221,7 +221,7 @@ func FuzzValidateEvent(f *testing.F) {
 		if _, ok := cat.PlanByMeter(meter); !ok {
 			t.Fatalf("accepted unknown meter %q", meter)
 		}
-		if d := time.Duration(offset) * time.Second; d < -metering.MaxAge || d > metering.MaxAhead {
+		if d := time.Duration(offset) * time.Second; d < -metering.DeliveryWindow || d > metering.MaxAhead {
 			t.Fatalf("accepted timestamp offset %s", d)
 		}
 	})

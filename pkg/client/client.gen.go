@@ -179,6 +179,45 @@ func (e PaymentStatus) Valid() bool {
 	}
 }
 
+// Defines values for RequeueItemStatus.
+const (
+	Requeued RequeueItemStatus = "requeued"
+	Skipped  RequeueItemStatus = "skipped"
+)
+
+// Valid indicates whether the value is a known member of the RequeueItemStatus enum.
+func (e RequeueItemStatus) Valid() bool {
+	switch e {
+	case Requeued:
+		return true
+	case Skipped:
+		return true
+	default:
+		return false
+	}
+}
+
+// Defines values for RequeueSkipCode.
+const (
+	RequeueSkipCodeForceRequired RequeueSkipCode = "force_required"
+	RequeueSkipCodeNotDead       RequeueSkipCode = "not_dead"
+	RequeueSkipCodeTooOld        RequeueSkipCode = "too_old"
+)
+
+// Valid indicates whether the value is a known member of the RequeueSkipCode enum.
+func (e RequeueSkipCode) Valid() bool {
+	switch e {
+	case RequeueSkipCodeForceRequired:
+		return true
+	case RequeueSkipCodeNotDead:
+		return true
+	case RequeueSkipCodeTooOld:
+		return true
+	default:
+		return false
+	}
+}
+
 // Defines values for StripeEventStatus.
 const (
 	StripeEventStatusFailed    StripeEventStatus = "failed"
@@ -200,6 +239,24 @@ func (e StripeEventStatus) Valid() bool {
 	case StripeEventStatusProcessed:
 		return true
 	case StripeEventStatusReceived:
+		return true
+	default:
+		return false
+	}
+}
+
+// Defines values for UsageDeadCode.
+const (
+	UsageDeadCodeStripeRefused UsageDeadCode = "stripe_refused"
+	UsageDeadCodeTooOld        UsageDeadCode = "too_old"
+)
+
+// Valid indicates whether the value is a known member of the UsageDeadCode enum.
+func (e UsageDeadCode) Valid() bool {
+	switch e {
+	case UsageDeadCodeStripeRefused:
+		return true
+	case UsageDeadCodeTooOld:
 		return true
 	default:
 		return false
@@ -594,16 +651,41 @@ type ReconciliationRequest struct {
 	To time.Time `json:"to"`
 }
 
+// RequeueItem defines model for RequeueItem.
+type RequeueItem struct {
+	// Code Why an event was not requeued.
+	Code       *RequeueSkipCode  `json:"code,omitempty"`
+	Detail     *string           `json:"detail,omitempty"`
+	Identifier string            `json:"identifier"`
+	Status     RequeueItemStatus `json:"status"`
+}
+
+// RequeueItemStatus defines model for RequeueItem.Status.
+type RequeueItemStatus string
+
 // RequeueRequest defines model for RequeueRequest.
 type RequeueRequest struct {
-	AllDead     *bool     `json:"all_dead,omitempty"`
+	AllDead *bool `json:"all_dead,omitempty"`
+
+	// Force Also requeue events a send of which may have reached Stripe more than 24 hours ago (see force_required).
+	Force       *bool     `json:"force,omitempty"`
 	Identifiers *[]string `json:"identifiers,omitempty"`
 }
 
 // RequeueResult defines model for RequeueResult.
 type RequeueResult struct {
+	// Requeued Events moved back to pending or waiting_customer.
 	Requeued int64 `json:"requeued"`
+
+	// Results With `identifiers`, one per identifier, in request order; with `all_dead`, the dead events left dead (at most 1000, by identifier).
+	Results []RequeueItem `json:"results"`
+
+	// Skipped Named or dead events left as they are.
+	Skipped int64 `json:"skipped"`
 }
+
+// RequeueSkipCode Why an event was not requeued.
+type RequeueSkipCode string
 
 // StripeEvent defines model for StripeEvent.
 type StripeEvent struct {
@@ -632,6 +714,14 @@ type StripeEventStatus string
 type UsageBatch struct {
 	Events []UsageEventInput `json:"events"`
 }
+
+// UsageDeadCode `stripe_refused`: Stripe refused the event (a 4xx). `too_old`: its
+// timestamp left the window Stripe accepts (35 days, less the hour tally
+// keeps to deliver it) before it could be delivered, through a long
+// Stripe outage or because its customer never got a Stripe customer.
+// Failures that may pass (5xx, timeouts, 429) never dead-letter an event
+// on their own: it is retried while its timestamp is in the window.
+type UsageDeadCode string
 
 // UsageEventInput defines model for UsageEventInput.
 type UsageEventInput struct {
@@ -667,12 +757,18 @@ type UsageEventResultStatus string
 
 // UsageEventStatus defines model for UsageEventStatus.
 type UsageEventStatus struct {
-	Attempts      int         `json:"attempts"`
-	CreatedAt     time.Time   `json:"created_at"`
-	CustomerId    string      `json:"customer_id"`
-	DeliveredAt   *time.Time  `json:"delivered_at,omitempty"`
-	Identifier    string      `json:"identifier"`
-	LastError     *string     `json:"last_error,omitempty"`
+	Attempts   int       `json:"attempts"`
+	CreatedAt  time.Time `json:"created_at"`
+	CustomerId string    `json:"customer_id"`
+
+	// DeadCode Why a dead event is dead.
+	DeadCode    *UsageDeadCode `json:"dead_code,omitempty"`
+	DeliveredAt *time.Time     `json:"delivered_at,omitempty"`
+	Identifier  string         `json:"identifier"`
+	LastError   *string        `json:"last_error,omitempty"`
+
+	// MaybeSentAt The first time a send may have reached Stripe without an answer saying so (a timeout or a 5xx); a requeue more than 24 hours later needs `force`.
+	MaybeSentAt   *time.Time  `json:"maybe_sent_at,omitempty"`
 	Meter         string      `json:"meter"`
 	NextAttemptAt *time.Time  `json:"next_attempt_at,omitempty"`
 	Status        UsageStatus `json:"status"`
@@ -940,12 +1036,36 @@ type ClientInterface interface {
 
 	// RequeueUsageEventsWithBody Send dead usage events again
 	//
+	// Moves dead events back to `pending` (or `waiting_customer`), attempts
+	// reset, due now: the events named in `identifiers`, or every dead one
+	// with `all_dead: true`. Any dead event whose timestamp is still inside
+	// the window Stripe accepts (35 days, less the hour tally keeps to
+	// deliver it) can be requeued, whatever it died of. Left as they are,
+	// and explained per identifier: events outside that window (`too_old`);
+	// events a send of which may have reached Stripe (a timeout or a 5xx)
+	// more than 24 hours ago (`force_required`), because Stripe dedupes
+	// identifiers only over about 24 hours and a resend could be counted
+	// twice: check Stripe (a reconciliation) and send `force: true` to
+	// requeue them anyway; and events that are not dead (`not_dead`).
+	//
 	// Takes any type of body and a specified content type.
 	//
 	// Corresponds with POST /v1/admin/usage-events/requeue (the `RequeueUsageEvents` operationId).
 	RequeueUsageEventsWithBody(ctx context.Context, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*http.Response, error)
 
 	// RequeueUsageEvents Send dead usage events again
+	//
+	// Moves dead events back to `pending` (or `waiting_customer`), attempts
+	// reset, due now: the events named in `identifiers`, or every dead one
+	// with `all_dead: true`. Any dead event whose timestamp is still inside
+	// the window Stripe accepts (35 days, less the hour tally keeps to
+	// deliver it) can be requeued, whatever it died of. Left as they are,
+	// and explained per identifier: events outside that window (`too_old`);
+	// events a send of which may have reached Stripe (a timeout or a 5xx)
+	// more than 24 hours ago (`force_required`), because Stripe dedupes
+	// identifiers only over about 24 hours and a resend could be counted
+	// twice: check Stripe (a reconciliation) and send `force: true` to
+	// requeue them anyway; and events that are not dead (`not_dead`).
 	//
 	// Takes a body of the `application/json` content type.
 	//
@@ -1256,6 +1376,18 @@ func (c *Client) ListUsageEvents(ctx context.Context, params *ListUsageEventsPar
 
 // RequeueUsageEventsWithBody Send dead usage events again
 //
+// Moves dead events back to `pending` (or `waiting_customer`), attempts
+// reset, due now: the events named in `identifiers`, or every dead one
+// with `all_dead: true`. Any dead event whose timestamp is still inside
+// the window Stripe accepts (35 days, less the hour tally keeps to
+// deliver it) can be requeued, whatever it died of. Left as they are,
+// and explained per identifier: events outside that window (`too_old`);
+// events a send of which may have reached Stripe (a timeout or a 5xx)
+// more than 24 hours ago (`force_required`), because Stripe dedupes
+// identifiers only over about 24 hours and a resend could be counted
+// twice: check Stripe (a reconciliation) and send `force: true` to
+// requeue them anyway; and events that are not dead (`not_dead`).
+//
 // Takes any type of body and a specified content type.
 //
 // Corresponds with POST /v1/admin/usage-events/requeue (the `RequeueUsageEvents` operationId).
@@ -1272,6 +1404,18 @@ func (c *Client) RequeueUsageEventsWithBody(ctx context.Context, contentType str
 }
 
 // RequeueUsageEvents Send dead usage events again
+//
+// Moves dead events back to `pending` (or `waiting_customer`), attempts
+// reset, due now: the events named in `identifiers`, or every dead one
+// with `all_dead: true`. Any dead event whose timestamp is still inside
+// the window Stripe accepts (35 days, less the hour tally keeps to
+// deliver it) can be requeued, whatever it died of. Left as they are,
+// and explained per identifier: events outside that window (`too_old`);
+// events a send of which may have reached Stripe (a timeout or a 5xx)
+// more than 24 hours ago (`force_required`), because Stripe dedupes
+// identifiers only over about 24 hours and a resend could be counted
+// twice: check Stripe (a reconciliation) and send `force: true` to
+// requeue them anyway; and events that are not dead (`not_dead`).
 //
 // Takes a body of the `application/json` content type.
 //
@@ -2863,12 +3007,36 @@ type ClientWithResponsesInterface interface {
 
 	// RequeueUsageEventsWithBodyWithResponse Send dead usage events again
 	//
+	// Moves dead events back to `pending` (or `waiting_customer`), attempts
+	// reset, due now: the events named in `identifiers`, or every dead one
+	// with `all_dead: true`. Any dead event whose timestamp is still inside
+	// the window Stripe accepts (35 days, less the hour tally keeps to
+	// deliver it) can be requeued, whatever it died of. Left as they are,
+	// and explained per identifier: events outside that window (`too_old`);
+	// events a send of which may have reached Stripe (a timeout or a 5xx)
+	// more than 24 hours ago (`force_required`), because Stripe dedupes
+	// identifiers only over about 24 hours and a resend could be counted
+	// twice: check Stripe (a reconciliation) and send `force: true` to
+	// requeue them anyway; and events that are not dead (`not_dead`).
+	//
 	// Takes any type of body and a specified content type, and returns a wrapper object for the known response body format(s).
 	//
 	// Corresponds with POST /v1/admin/usage-events/requeue (the `RequeueUsageEvents` operationId).
 	RequeueUsageEventsWithBodyWithResponse(ctx context.Context, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*RequeueUsageEventsResponse, error)
 
 	// RequeueUsageEventsWithResponse Send dead usage events again
+	//
+	// Moves dead events back to `pending` (or `waiting_customer`), attempts
+	// reset, due now: the events named in `identifiers`, or every dead one
+	// with `all_dead: true`. Any dead event whose timestamp is still inside
+	// the window Stripe accepts (35 days, less the hour tally keeps to
+	// deliver it) can be requeued, whatever it died of. Left as they are,
+	// and explained per identifier: events outside that window (`too_old`);
+	// events a send of which may have reached Stripe (a timeout or a 5xx)
+	// more than 24 hours ago (`force_required`), because Stripe dedupes
+	// identifiers only over about 24 hours and a resend could be counted
+	// twice: check Stripe (a reconciliation) and send `force: true` to
+	// requeue them anyway; and events that are not dead (`not_dead`).
 	//
 	// Takes a body of the `application/json` content type, and returns a wrapper object for the known response body format(s).
 	//
@@ -4272,6 +4440,18 @@ func (c *ClientWithResponses) ListUsageEventsWithResponse(ctx context.Context, p
 
 // RequeueUsageEventsWithBodyWithResponse Send dead usage events again
 //
+// Moves dead events back to `pending` (or `waiting_customer`), attempts
+// reset, due now: the events named in `identifiers`, or every dead one
+// with `all_dead: true`. Any dead event whose timestamp is still inside
+// the window Stripe accepts (35 days, less the hour tally keeps to
+// deliver it) can be requeued, whatever it died of. Left as they are,
+// and explained per identifier: events outside that window (`too_old`);
+// events a send of which may have reached Stripe (a timeout or a 5xx)
+// more than 24 hours ago (`force_required`), because Stripe dedupes
+// identifiers only over about 24 hours and a resend could be counted
+// twice: check Stripe (a reconciliation) and send `force: true` to
+// requeue them anyway; and events that are not dead (`not_dead`).
+//
 // Takes any type of body and a specified content type, and returns a wrapper object for the known response body format(s).
 //
 // Corresponds with POST /v1/admin/usage-events/requeue (the `RequeueUsageEvents` operationId).
@@ -4284,6 +4464,18 @@ func (c *ClientWithResponses) RequeueUsageEventsWithBodyWithResponse(ctx context
 }
 
 // RequeueUsageEventsWithResponse Send dead usage events again
+//
+// Moves dead events back to `pending` (or `waiting_customer`), attempts
+// reset, due now: the events named in `identifiers`, or every dead one
+// with `all_dead: true`. Any dead event whose timestamp is still inside
+// the window Stripe accepts (35 days, less the hour tally keeps to
+// deliver it) can be requeued, whatever it died of. Left as they are,
+// and explained per identifier: events outside that window (`too_old`);
+// events a send of which may have reached Stripe (a timeout or a 5xx)
+// more than 24 hours ago (`force_required`), because Stripe dedupes
+// identifiers only over about 24 hours and a resend could be counted
+// twice: check Stripe (a reconciliation) and send `force: true` to
+// requeue them anyway; and events that are not dead (`not_dead`).
 //
 // Takes a body of the `application/json` content type, and returns a wrapper object for the known response body format(s).
 //
