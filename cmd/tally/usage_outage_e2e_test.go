@@ -39,7 +39,11 @@ func TestUsageSurvivesALongStripeOutageEndToEnd(t *testing.T) {
 	env := meteringEnv(t, fake.URL())
 	env["TALLY_METER_BACKOFF_MAX"] = "20ms"
 	env["TALLY_METER_RATE_LIMIT"] = "500"
+	env["TALLY_METER_MAX_ATTEMPTS"] = "3" // no longer read: named at start and ignored
 	s := startServer(t, env)
+	if !strings.Contains(s.logs.String(), "TALLY_METER_MAX_ATTEMPTS is no longer used") {
+		t.Errorf("start logs do not warn about TALLY_METER_MAX_ATTEMPTS:\n%s", s.logs)
+	}
 	ctx := context.Background()
 	svc, admin := s.service(t), s.admin(t)
 	stripeID := "cus_olive"

@@ -62,6 +62,9 @@ func New(ctx context.Context, cfg config.Config, opts Options) (*App, error) {
 		now = time.Now
 	}
 	logger := opts.Logger
+	for _, msg := range cfg.Obsolete {
+		logger.Warn(msg)
+	}
 	gdb, err := db.Open(ctx, cfg.DatabaseURL, cfg.DBMaxOpenConns, logger)
 	if err != nil {
 		return nil, fmt.Errorf("open database: %w", err)
