@@ -152,7 +152,8 @@ func New(ctx context.Context, cfg config.Config, opts Options) (*App, error) {
 	}
 
 	// Metering: intake always; delivery only with a Stripe key.
-	deps.Metering = metering.NewService(gdb, stripeClient, cfg.Catalog, now, metering.WithLogger(logger))
+	deps.Metering = metering.NewService(gdb, stripeClient, cfg.Catalog, now, metering.WithLogger(logger),
+		metering.WithUsageRetention(cfg.Retention.UsageEvents))
 	if stripeClient != nil {
 		a.workers = append(a.workers, metering.NewWorker(gdb, stripeClient, cfg.Metering,
 			metering.WorkerOptions{Logger: logger, Now: now, Registerer: reg}))
@@ -176,7 +177,8 @@ func New(ctx context.Context, cfg config.Config, opts Options) (*App, error) {
 	a.workers = append(a.workers, events.NewPusher(gdb, events.PushConfig{
 		URL: cfg.EventsWebhook.URL, Secret: cfg.EventsWebhook.Secret,
 	}, logger, now))
-	a.workers = append(a.workers, idempotencyJanitor{db: gdb, logger: logger, now: now, interval: time.Hour})
+	a.workers = append(a.workers, janitor{db: gdb, logger: logger, now: now, cfg: cfg.Retention,
+		metering: deps.Metering, keepUnpushed: cfg.EventsWebhook.URL != ""})
 	return a, nil
 }
 

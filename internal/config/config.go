@@ -109,6 +109,44 @@ type MeteringConfig struct {
 	PollInterval time.Duration
 }
 
+// The shortest retentions accepted (Validate refuses less, rather than
+// quietly keeping more than asked).
+const (
+	// MinStripeEventRetention: Stripe redelivers an event for up to three
+	// days and lists events for 30 days; an id kept 35 days is never
+	// processed twice, whatever Stripe sends or an operator replays.
+	MinStripeEventRetention = 35 * 24 * time.Hour
+	// MinUsageEventRetention: intake accepts timestamps up to 35 days old,
+	// so an identifier is kept at least as long as the same event could
+	// be sent again and must be answered duplicate, not stored twice.
+	MinUsageEventRetention = 35 * 24 * time.Hour
+	// MinEventRetention: the feed keeps a week at least for its consumers.
+	MinEventRetention = 7 * 24 * time.Hour
+	// MinIdempotencyKeyRetention: a key's first answer is replayed for 24
+	// hours.
+	MinIdempotencyKeyRetention = 24 * time.Hour
+)
+
+// RetentionConfig says how long what grows without bound is kept; the
+// janitor on every instance deletes older rows in small batches.
+type RetentionConfig struct {
+	// StripeEvents: processed and ignored Stripe events, by receipt
+	// (failed, parked and unprocessed ones are kept whatever their age).
+	StripeEvents time.Duration
+	// UsageEvents: delivered usage events, by timestamp; their values are
+	// kept as daily totals per customer and meter.
+	UsageEvents time.Duration
+	// Events: the outbound event feed, by creation (events the webhook
+	// push has not delivered yet are kept).
+	Events time.Duration
+	// IdempotencyKeys: stored answers of keyed requests, by creation.
+	IdempotencyKeys time.Duration
+	// Interval is how often the janitor runs; BatchSize bounds the rows
+	// one statement deletes.
+	Interval  time.Duration
+	BatchSize int
+}
+
 // EventsWebhook is the optional push of outbound events to the host app.
 type EventsWebhook struct {
 	URL    string
@@ -135,6 +173,7 @@ type Config struct {
 	Checkout      CheckoutConfig
 	Metering      MeteringConfig
 	EventsWebhook EventsWebhook
+	Retention     RetentionConfig
 	Catalog       Catalog
 
 	// Obsolete names settings that are set but no longer have an effect,
@@ -170,6 +209,14 @@ func Default() Config {
 			BackoffMax:   10 * time.Minute,
 			BatchSize:    100,
 			PollInterval: time.Second,
+		},
+		Retention: RetentionConfig{
+			StripeEvents:    90 * 24 * time.Hour,
+			UsageEvents:     90 * 24 * time.Hour,
+			Events:          90 * 24 * time.Hour,
+			IdempotencyKeys: 48 * time.Hour,
+			Interval:        time.Hour,
+			BatchSize:       1000,
 		},
 	}
 }
@@ -349,6 +396,13 @@ func Load(getenv func(string) string) (Config, error) {
 	}
 	p.integer("TALLY_METER_BATCH_SIZE", &c.Metering.BatchSize)
 	p.duration("TALLY_METER_POLL_INTERVAL", &c.Metering.PollInterval)
+
+	p.duration("TALLY_RETENTION_STRIPE_EVENTS", &c.Retention.StripeEvents)
+	p.duration("TALLY_RETENTION_USAGE_EVENTS", &c.Retention.UsageEvents)
+	p.duration("TALLY_RETENTION_EVENTS", &c.Retention.Events)
+	p.duration("TALLY_RETENTION_IDEMPOTENCY_KEYS", &c.Retention.IdempotencyKeys)
+	p.duration("TALLY_RETENTION_INTERVAL", &c.Retention.Interval)
+	p.integer("TALLY_RETENTION_BATCH_SIZE", &c.Retention.BatchSize)
 
 	p.str("TALLY_EVENTS_WEBHOOK_URL", &c.EventsWebhook.URL)
 	p.str("TALLY_EVENTS_WEBHOOK_SECRET", &c.EventsWebhook.Secret)
@@ -568,6 +622,28 @@ func (c Config) Validate() error {
 		if c.EventsWebhook.Secret == "" {
 			bad("TALLY_EVENTS_WEBHOOK_SECRET", "must be set when TALLY_EVENTS_WEBHOOK_URL is set, so the host app can verify pushes")
 		}
+	}
+
+	r := c.Retention
+	for _, k := range []struct {
+		name     string
+		got, min time.Duration
+		why      string
+	}{
+		{"TALLY_RETENTION_STRIPE_EVENTS", r.StripeEvents, MinStripeEventRetention, "Stripe redelivers and lists events that long"},
+		{"TALLY_RETENTION_USAGE_EVENTS", r.UsageEvents, MinUsageEventRetention, "Stripe accepts usage timestamps that old, so an identifier must be kept that long"},
+		{"TALLY_RETENTION_EVENTS", r.Events, MinEventRetention, "the event feed keeps a week at least for its consumers"},
+		{"TALLY_RETENTION_IDEMPOTENCY_KEYS", r.IdempotencyKeys, MinIdempotencyKeyRetention, "a key's first answer is replayed for 24 hours"},
+	} {
+		if k.got < k.min {
+			bad(k.name, "must be at least %s (%s), got %s", k.min, k.why, k.got)
+		}
+	}
+	if r.Interval <= 0 {
+		bad("TALLY_RETENTION_INTERVAL", "must be positive, got %s", r.Interval)
+	}
+	if r.BatchSize < 1 || r.BatchSize > 10000 {
+		bad("TALLY_RETENTION_BATCH_SIZE", "must be between 1 and 10000, got %d", r.BatchSize)
 	}
 
 	if err := c.Catalog.Validate(); err != nil {

@@ -72,6 +72,9 @@ type Service struct {
 	log     *slog.Logger
 	// summaryLimiter paces reconciliation's summary requests.
 	summaryLimiter *rate.Limiter
+	// retention is how long delivered events are kept as rows
+	// (retention.go); 0 keeps them.
+	retention time.Duration
 }
 
 // ServiceOption adjusts a Service built by NewService.

@@ -98,9 +98,12 @@ const DefaultTotalsSpan = 30 * 24 * time.Hour
 
 // Totals sums a customer's usage per meter, by the events' own timestamps,
 // over events that count toward the bill: delivered, pending and
-// waiting_customer ones. Dead events are left out, since Stripe does not
+// waiting_customer ones, and the daily totals of delivered events purged
+// since (retention.go). Dead events are left out, since Stripe does not
 // have them; they are counted again once requeued. A meter asked for by name
-// is always in the answer, with zeros when nothing was reported.
+// is always in the answer, with zeros when nothing was reported. Ends of
+// the window before the usage retention's horizon are moved to UTC day
+// boundaries; From and To of the answer are the window it covers.
 //
 // Errors: errs.NotFound for an unknown customer, errs.Invalid when From is
 // not before To or either is the zero time, errs.Unavailable.
@@ -128,19 +131,27 @@ func (s *Service) Totals(ctx context.Context, q TotalsQuery) (Totals, error) {
 	if _, err := customers.Get(ctx, s.db, q.CustomerID); err != nil {
 		return Totals{}, err
 	}
+	from, to = s.window(from, to, s.now())
 	var rows []struct {
 		Meter  string
 		Total  int64
 		Events int64
 	}
+	// One statement, so one snapshot: a purge moving rows into daily
+	// totals meanwhile is seen either before or after, never half.
 	err := s.db.WithContext(ctx).Raw(`
-		SELECT meter, COALESCE(sum(value), 0)::bigint AS total, count(*) AS events
-		FROM usage_events
-		WHERE customer_id = ? AND (? = '' OR meter = ?)
-		  AND occurred_at >= ? AND occurred_at < ?
-		  AND status IN ('pending', 'waiting_customer', 'delivered')
+		SELECT meter, COALESCE(sum(total), 0)::bigint AS total, COALESCE(sum(events), 0)::bigint AS events
+		FROM (
+			SELECT meter, value AS total, 1 AS events FROM usage_events
+			WHERE customer_id = ? AND (? = '' OR meter = ?)
+			  AND occurred_at >= ? AND occurred_at < ?
+			  AND status IN ('pending', 'waiting_customer', 'delivered')
+			UNION ALL
+			SELECT meter, total, events FROM usage_daily_totals
+			WHERE customer_id = ? AND (? = '' OR meter = ?) AND day >= ? AND day < ?
+		) u
 		GROUP BY meter
-		ORDER BY meter`, q.CustomerID, q.Meter, q.Meter, from, to).Scan(&rows).Error
+		ORDER BY meter`, q.CustomerID, q.Meter, q.Meter, from, to, q.CustomerID, q.Meter, q.Meter, from, to).Scan(&rows).Error
 	if err != nil {
 		return Totals{}, db.Translate(err, nil)
 	}

@@ -302,14 +302,18 @@ func (ev claimedEvent) meterEvent() stripeapi.MeterEvent {
 // another instance holds locked are skipped, and the lease is written as
 // the next due time, so an abandoned claim becomes due again by itself.
 // Events whose timestamp left Stripe's window are never claimed; the next
-// expireTooOld dead-letters them.
-// The first claim of an event with a linked customer stamps
-// first_attempt_at, slightly before the send, so requeue errs on the side
-// of refusing a resend Stripe might count twice.
+// expireTooOld dead-letters them. The first claim of an event with a linked
+// customer stamps first_attempt_at (for operators; requeue goes by
+// maybe_sent_at).
+//
+// The locking SELECTs of this file are MATERIALIZED CTEs: were the planner
+// to run one again inside the statement (a rescan), SKIP LOCKED would pass
+// over the rows this statement already changed and take the next ones,
+// going past LIMIT.
 func (w *Worker) claim(ctx context.Context, c *claim, now time.Time) ([]claimedEvent, error) {
 	var out []claimedEvent
 	err := w.db.WithContext(ctx).Raw(`
-		WITH due AS (
+		WITH due AS MATERIALIZED (
 			SELECT identifier FROM usage_events
 			WHERE status = 'pending' AND next_attempt_at <= ? AND occurred_at > ?
 			ORDER BY next_attempt_at
@@ -339,12 +343,13 @@ func (w *Worker) claim(ctx context.Context, c *claim, now time.Time) ([]claimedE
 func (w *Worker) releaseWaiting(ctx context.Context) error {
 	now := w.now()
 	err := w.db.WithContext(ctx).Exec(`
-		UPDATE usage_events u SET status = 'pending', next_attempt_at = ?, updated_at = ?
-		WHERE u.status = 'waiting_customer' AND u.identifier IN (
+		WITH linked AS MATERIALIZED (
 			SELECT e.identifier FROM usage_events e JOIN customers c ON c.id = e.customer_id
 			WHERE e.status = 'waiting_customer' AND c.stripe_customer_id IS NOT NULL
 			LIMIT ?
-			FOR UPDATE OF e SKIP LOCKED)`, now, now, releaseLimit).Error
+			FOR UPDATE OF e SKIP LOCKED)
+		UPDATE usage_events u SET status = 'pending', next_attempt_at = ?, updated_at = ?
+		FROM linked WHERE u.identifier = linked.identifier AND u.status = 'waiting_customer'`, releaseLimit, now, now).Error
 	return db.Translate(err, nil)
 }
 
@@ -363,7 +368,7 @@ func (w *Worker) expireTooOld(ctx context.Context) error {
 	cut := now.Add(-DeliveryWindow)
 	return w.settleRows(ctx, expireLimit, func(tx *gorm.DB) *gorm.DB {
 		return tx.Raw(`
-			WITH old AS (
+			WITH old AS MATERIALIZED (
 				SELECT identifier FROM usage_events
 				WHERE status IN ('pending', 'waiting_customer') AND occurred_at <= ?
 				  AND (status = 'waiting_customer' OR claimed_by IS NULL OR lease_until < ?)

@@ -1005,12 +1005,22 @@ type ClientInterface interface {
 
 	// CreateReconciliationWithBody Compare delivered usage with Stripe's meter event summaries
 	//
+	// The window is floored to whole minutes (a future `to` is clamped to
+	// now first); ends earlier than the usage retention's horizon are then
+	// moved to UTC day boundaries, as for usage totals. The answer's `from`
+	// and `to` are the window compared.
+	//
 	// Takes any type of body and a specified content type.
 	//
 	// Corresponds with POST /v1/admin/reconciliations (the `CreateReconciliation` operationId).
 	CreateReconciliationWithBody(ctx context.Context, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*http.Response, error)
 
 	// CreateReconciliation Compare delivered usage with Stripe's meter event summaries
+	//
+	// The window is floored to whole minutes (a future `to` is clamped to
+	// now first); ends earlier than the usage retention's horizon are then
+	// moved to UTC day boundaries, as for usage totals. The answer's `from`
+	// and `to` are the window compared.
 	//
 	// Takes a body of the `application/json` content type.
 	//
@@ -1192,6 +1202,15 @@ type ClientInterface interface {
 
 	// GetCustomerUsage Local usage totals per meter over a time range
 	//
+	// Sums delivered, pending and waiting events by their own timestamps
+	// (dead ones are left out). Delivered events older than the usage
+	// retention (`TALLY_RETENTION_USAGE_EVENTS`) are kept as daily totals
+	// only, so an end of the window earlier than the start of the UTC day
+	// the retention reaches back to is moved to a day boundary (`from` to
+	// the start of its day, `to` to the start of the next); the answer's
+	// `from` and `to` are the window summed. The answer is the same whether
+	// or not the purge has run.
+	//
 	// Corresponds with GET /v1/customers/{customer_id}/usage (the `GetCustomerUsage` operationId).
 	GetCustomerUsage(ctx context.Context, customerId CustomerID, params *GetCustomerUsageParams, reqEditors ...RequestEditorFn) (*http.Response, error)
 
@@ -1295,6 +1314,11 @@ func (c *Client) Readyz(ctx context.Context, reqEditors ...RequestEditorFn) (*ht
 
 // CreateReconciliationWithBody Compare delivered usage with Stripe's meter event summaries
 //
+// The window is floored to whole minutes (a future `to` is clamped to
+// now first); ends earlier than the usage retention's horizon are then
+// moved to UTC day boundaries, as for usage totals. The answer's `from`
+// and `to` are the window compared.
+//
 // Takes any type of body and a specified content type.
 //
 // Corresponds with POST /v1/admin/reconciliations (the `CreateReconciliation` operationId).
@@ -1311,6 +1335,11 @@ func (c *Client) CreateReconciliationWithBody(ctx context.Context, contentType s
 }
 
 // CreateReconciliation Compare delivered usage with Stripe's meter event summaries
+//
+// The window is floored to whole minutes (a future `to` is clamped to
+// now first); ends earlier than the usage retention's horizon are then
+// moved to UTC day boundaries, as for usage totals. The answer's `from`
+// and `to` are the window compared.
 //
 // Takes a body of the `application/json` content type.
 //
@@ -1691,6 +1720,15 @@ func (c *Client) ListCustomerPayments(ctx context.Context, customerId CustomerID
 }
 
 // GetCustomerUsage Local usage totals per meter over a time range
+//
+// Sums delivered, pending and waiting events by their own timestamps
+// (dead ones are left out). Delivered events older than the usage
+// retention (`TALLY_RETENTION_USAGE_EVENTS`) are kept as daily totals
+// only, so an end of the window earlier than the start of the UTC day
+// the retention reaches back to is moved to a day boundary (`from` to
+// the start of its day, `to` to the start of the next); the answer's
+// `from` and `to` are the window summed. The answer is the same whether
+// or not the purge has run.
 //
 // Corresponds with GET /v1/customers/{customer_id}/usage (the `GetCustomerUsage` operationId).
 func (c *Client) GetCustomerUsage(ctx context.Context, customerId CustomerID, params *GetCustomerUsageParams, reqEditors ...RequestEditorFn) (*http.Response, error) {
@@ -2970,12 +3008,22 @@ type ClientWithResponsesInterface interface {
 
 	// CreateReconciliationWithBodyWithResponse Compare delivered usage with Stripe's meter event summaries
 	//
+	// The window is floored to whole minutes (a future `to` is clamped to
+	// now first); ends earlier than the usage retention's horizon are then
+	// moved to UTC day boundaries, as for usage totals. The answer's `from`
+	// and `to` are the window compared.
+	//
 	// Takes any type of body and a specified content type, and returns a wrapper object for the known response body format(s).
 	//
 	// Corresponds with POST /v1/admin/reconciliations (the `CreateReconciliation` operationId).
 	CreateReconciliationWithBodyWithResponse(ctx context.Context, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*CreateReconciliationResponse, error)
 
 	// CreateReconciliationWithResponse Compare delivered usage with Stripe's meter event summaries
+	//
+	// The window is floored to whole minutes (a future `to` is clamped to
+	// now first); ends earlier than the usage retention's horizon are then
+	// moved to UTC day boundaries, as for usage totals. The answer's `from`
+	// and `to` are the window compared.
 	//
 	// Takes a body of the `application/json` content type, and returns a wrapper object for the known response body format(s).
 	//
@@ -3174,6 +3222,15 @@ type ClientWithResponsesInterface interface {
 	ListCustomerPaymentsWithResponse(ctx context.Context, customerId CustomerID, params *ListCustomerPaymentsParams, reqEditors ...RequestEditorFn) (*ListCustomerPaymentsResponse, error)
 
 	// GetCustomerUsageWithResponse Local usage totals per meter over a time range
+	//
+	// Sums delivered, pending and waiting events by their own timestamps
+	// (dead ones are left out). Delivered events older than the usage
+	// retention (`TALLY_RETENTION_USAGE_EVENTS`) are kept as daily totals
+	// only, so an end of the window earlier than the start of the UTC day
+	// the retention reaches back to is moved to a day boundary (`from` to
+	// the start of its day, `to` to the start of the next); the answer's
+	// `from` and `to` are the window summed. The answer is the same whether
+	// or not the purge has run.
 	//
 	// Returns a wrapper object for the known response body format(s).
 	//
@@ -4373,6 +4430,11 @@ func (c *ClientWithResponses) ReadyzWithResponse(ctx context.Context, reqEditors
 
 // CreateReconciliationWithBodyWithResponse Compare delivered usage with Stripe's meter event summaries
 //
+// The window is floored to whole minutes (a future `to` is clamped to
+// now first); ends earlier than the usage retention's horizon are then
+// moved to UTC day boundaries, as for usage totals. The answer's `from`
+// and `to` are the window compared.
+//
 // Takes any type of body and a specified content type, and returns a wrapper object for the known response body format(s).
 //
 // Corresponds with POST /v1/admin/reconciliations (the `CreateReconciliation` operationId).
@@ -4385,6 +4447,11 @@ func (c *ClientWithResponses) CreateReconciliationWithBodyWithResponse(ctx conte
 }
 
 // CreateReconciliationWithResponse Compare delivered usage with Stripe's meter event summaries
+//
+// The window is floored to whole minutes (a future `to` is clamped to
+// now first); ends earlier than the usage retention's horizon are then
+// moved to UTC day boundaries, as for usage totals. The answer's `from`
+// and `to` are the window compared.
 //
 // Takes a body of the `application/json` content type, and returns a wrapper object for the known response body format(s).
 //
@@ -4703,6 +4770,15 @@ func (c *ClientWithResponses) ListCustomerPaymentsWithResponse(ctx context.Conte
 }
 
 // GetCustomerUsageWithResponse Local usage totals per meter over a time range
+//
+// Sums delivered, pending and waiting events by their own timestamps
+// (dead ones are left out). Delivered events older than the usage
+// retention (`TALLY_RETENTION_USAGE_EVENTS`) are kept as daily totals
+// only, so an end of the window earlier than the start of the UTC day
+// the retention reaches back to is moved to a day boundary (`from` to
+// the start of its day, `to` to the start of the next); the answer's
+// `from` and `to` are the window summed. The answer is the same whether
+// or not the purge has run.
 //
 // Returns a wrapper object for the known response body format(s).
 //
