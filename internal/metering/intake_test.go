@@ -285,3 +285,52 @@ func TestIngestIdentifierConflicts(t *testing.T) {
 		t.Errorf("customers of conflicting events were created (%d); a conflict stores nothing", bob)
 	}
 }
+
+// Many clients claim one identifier at once, each for another customer:
+// exactly one event is stored, every other post is answered conflict, and
+// the stored event is the one answered accepted.
+func TestIngestConcurrentConflictsStoreOneEvent(t *testing.T) {
+	e := newEnv(t)
+	const posters = 16
+	results := make([]metering.IntakeResult, posters)
+	var wg sync.WaitGroup
+	for p := range posters {
+		wg.Go(func() {
+			res, _, err := e.svc.Ingest(context.Background(), []metering.EventInput{
+				ev(fmt.Sprintf("racer-%02d", p), "contested", float64(p)),
+				ev(fmt.Sprintf("racer-%02d", p), fmt.Sprintf("own-%02d", p), 1),
+			}, db.IdempotencyKey{})
+			if err != nil {
+				t.Errorf("poster %d: %v", p, err)
+			}
+			results[p] = res
+		})
+	}
+	wg.Wait()
+	winner := -1
+	for p, res := range results {
+		switch res.Results[0].Status {
+		case metering.ResultAccepted:
+			if winner >= 0 {
+				t.Errorf("posters %d and %d both accepted", winner, p)
+			}
+			winner = p
+		case metering.ResultConflict:
+		default:
+			t.Errorf("poster %d: %+v, want accepted or conflict", p, res.Results[0])
+		}
+		if res.Results[1].Status != metering.ResultAccepted {
+			t.Errorf("poster %d's own event: %+v, want accepted", p, res.Results[1])
+		}
+	}
+	if winner < 0 {
+		t.Fatal("nobody's event was accepted")
+	}
+	got, err := e.svc.Get(context.Background(), "contested")
+	if err != nil || got.CustomerID != fmt.Sprintf("racer-%02d", winner) || got.Value != int64(winner) {
+		t.Errorf("stored %+v %v, want poster %d's event", got, err, winner)
+	}
+	if n := countRows(t, e.db, `true`); n != posters+1 {
+		t.Errorf("%d rows, want %d", n, posters+1)
+	}
+}
