@@ -303,27 +303,45 @@ func sameEvent(ev, ref event) bool {
 // (this copy was stored), duplicate (the same event holds the identifier)
 // or conflict (another event holds it).
 //
-// Customers are created only for the events about to be stored. Should a
-// concurrent batch store one of their identifiers first, that event ends a
-// duplicate or a conflict, and its customer exists anyway (as it would
-// have after any request naming it).
+// The insert itself finds the identifiers already taken (ON CONFLICT DO
+// NOTHING); only those are read back to tell duplicates from conflicts.
+// Looking every identifier up first would double the index probes, and for
+// rising identifiers (a counter) they all land on the index page that
+// concurrent batches are inserting into. Only events of customers tally
+// does not know yet are looked up first, so that a customer is created for
+// none whose identifier is taken. Should a concurrent batch store one of
+// those identifiers between the look-up and the insert, that event ends a
+// duplicate or a conflict, and its customer exists anyway (as it would have
+// after any request naming it).
 func (s *Service) store(ctx context.Context, tx *gorm.DB, evs []event, now time.Time) ([]ResultStatus, error) {
 	out := make([]ResultStatus, len(evs))
 	if len(evs) == 0 {
 		return out, nil
 	}
-	var ids []string
+	tx = tx.WithContext(ctx)
+	var customerIDs []string
 	for _, ev := range evs {
-		ids = append(ids, ev.Identifier)
+		customerIDs = append(customerIDs, ev.CustomerID)
 	}
-	slices.Sort(ids)
-	ids = slices.Compact(ids)
-	stored, err := storedEvents(ctx, tx, ids)
+	known, err := knownCustomers(tx, customerIDs)
 	if err != nil {
 		return nil, err
 	}
+	var newcomers []string
+	for _, ev := range evs {
+		if !known[ev.CustomerID] {
+			newcomers = append(newcomers, ev.Identifier)
+		}
+	}
+	stored := map[string]event{}
+	if len(newcomers) > 0 {
+		if stored, err = storedEvents(tx, newcomers); err != nil {
+			return nil, err
+		}
+	}
 	first := map[string]event{}
 	var fresh []event
+	var create []string
 	for _, ev := range evs {
 		if _, ok := stored[ev.Identifier]; ok {
 			continue
@@ -331,32 +349,41 @@ func (s *Service) store(ctx context.Context, tx *gorm.DB, evs []event, now time.
 		if _, ok := first[ev.Identifier]; !ok {
 			first[ev.Identifier] = ev
 			fresh = append(fresh, ev)
+			if !known[ev.CustomerID] {
+				create = append(create, ev.CustomerID)
+			}
 		}
 	}
-	inserted, err := s.insert(ctx, tx, fresh, now)
+	slices.Sort(create)
+	for _, id := range slices.Compact(create) {
+		if _, err := customers.Ensure(ctx, tx, id, now); err != nil {
+			return nil, err
+		}
+	}
+	inserted, err := insertEvents(tx, fresh, now)
 	if err != nil {
 		return nil, err
 	}
 	if len(inserted) < len(fresh) {
-		// A concurrent batch committed some of them first: ON CONFLICT
-		// waited for it, so its rows are visible to a new statement.
-		var raced []string
+		// Already stored, or stored by a concurrent batch meanwhile: ON
+		// CONFLICT waited for it, so its rows are visible to a new statement.
+		var taken []string
 		for _, ev := range fresh {
 			if !inserted[ev.Identifier] {
-				raced = append(raced, ev.Identifier)
+				taken = append(taken, ev.Identifier)
 			}
 		}
-		more, err := storedEvents(ctx, tx, raced)
+		more, err := storedEvents(tx, taken)
 		if err != nil {
 			return nil, err
 		}
 		maps.Copy(stored, more)
 	}
-	taken := map[string]bool{}
+	accepted := map[string]bool{}
 	for i, ev := range evs {
 		ref, isStored := stored[ev.Identifier]
-		if !isStored && !taken[ev.Identifier] {
-			taken[ev.Identifier] = true
+		if !isStored && !accepted[ev.Identifier] {
+			accepted[ev.Identifier] = true
 			out[i] = ResultAccepted
 			continue
 		}
@@ -371,8 +398,25 @@ func (s *Service) store(ctx context.Context, tx *gorm.DB, evs []event, now time.
 	return out, nil
 }
 
+// knownCustomers reports which of ids are customers already.
+func knownCustomers(tx *gorm.DB, ids []string) (map[string]bool, error) {
+	ids = slices.Clone(ids)
+	slices.Sort(ids)
+	idsJSON, _ := json.Marshal(slices.Compact(ids))
+	var found []string
+	if err := tx.Raw(`SELECT id FROM customers WHERE id IN (SELECT jsonb_array_elements_text(?::jsonb))`, string(idsJSON)).
+		Scan(&found).Error; err != nil {
+		return nil, db.Translate(err, nil)
+	}
+	out := make(map[string]bool, len(found))
+	for _, id := range found {
+		out[id] = true
+	}
+	return out, nil
+}
+
 // storedEvents reads the stored events holding identifiers.
-func storedEvents(ctx context.Context, tx *gorm.DB, identifiers []string) (map[string]event, error) {
+func storedEvents(tx *gorm.DB, identifiers []string) (map[string]event, error) {
 	idsJSON, _ := json.Marshal(identifiers)
 	var rows []struct {
 		Identifier string
@@ -381,7 +425,7 @@ func storedEvents(ctx context.Context, tx *gorm.DB, identifiers []string) (map[s
 		Value      int64
 		OccurredAt time.Time
 	}
-	err := tx.WithContext(ctx).Raw(`
+	err := tx.Raw(`
 		SELECT identifier, customer_id, meter, value, occurred_at FROM usage_events
 		WHERE identifier IN (SELECT jsonb_array_elements_text(?::jsonb))`, string(idsJSON)).Scan(&rows).Error
 	if err != nil {
@@ -394,41 +438,15 @@ func storedEvents(ctx context.Context, tx *gorm.DB, identifiers []string) (map[s
 	return out, nil
 }
 
-// insert creates the customers it does not know yet and inserts evs (one
-// per identifier), skipping identifiers stored meanwhile, inside tx. It
-// returns the identifiers it inserted. Customers and events are written in
-// sorted order so that two concurrent batches take their locks in the same
-// order and cannot deadlock.
-func (s *Service) insert(ctx context.Context, tx *gorm.DB, evs []event, now time.Time) (map[string]bool, error) {
+// insertEvents inserts evs (one per identifier, of existing customers),
+// skipping identifiers already stored, inside tx, and returns the
+// identifiers it inserted. Customers and events are written in sorted
+// order so that two concurrent batches take their locks in the same order
+// and cannot deadlock.
+func insertEvents(tx *gorm.DB, evs []event, now time.Time) (map[string]bool, error) {
 	if len(evs) == 0 {
 		return map[string]bool{}, nil
 	}
-	tx = tx.WithContext(ctx)
-	var ids []string
-	for _, ev := range evs {
-		ids = append(ids, ev.CustomerID)
-	}
-	slices.Sort(ids)
-	ids = slices.Compact(ids)
-	idsJSON, _ := json.Marshal(ids)
-	var known []string
-	if err := tx.Raw(`SELECT id FROM customers WHERE id IN (SELECT jsonb_array_elements_text(?::jsonb))`, string(idsJSON)).
-		Scan(&known).Error; err != nil {
-		return nil, db.Translate(err, nil)
-	}
-	isKnown := make(map[string]bool, len(known))
-	for _, id := range known {
-		isKnown[id] = true
-	}
-	for _, id := range ids {
-		if isKnown[id] {
-			continue
-		}
-		if _, err := customers.Ensure(ctx, tx, id, now); err != nil {
-			return nil, err
-		}
-	}
-
 	rows := slices.Clone(evs)
 	slices.SortFunc(rows, func(a, b event) int { return strings.Compare(a.Identifier, b.Identifier) })
 	rowsJSON, err := json.Marshal(rows)

@@ -94,6 +94,7 @@ type Worker struct {
 	pausedUntil time.Time
 	session     stripeapi.MeterEventSession
 	gaugesAt    time.Time
+	waitingAt   time.Time
 	expiredAt   time.Time
 	// The rate share (share.go): sharing while Run runs; the time of the
 	// last successful heartbeat, of the first request allowed, of the
@@ -389,7 +390,11 @@ func (w *Worker) expireTooOld(ctx context.Context) error {
 var tooOldMessage = fmt.Sprintf("too_old: not delivered while Stripe accepted its timestamp "+
 	"(35 days, less the %s tally keeps to deliver it); it can no longer be billed through Stripe's meter. Last error: ", DeliveryMargin)
 
-// refreshGauges recounts the backlog at most once a second.
+// refreshGauges recounts the backlog at most once a second, and the
+// waiting events at most once every waitingCountEvery: waiting events can be
+// many (usage of customers who never check out), and counting them is a
+// scan, while their oldest timestamp, which the alert watches, is one
+// index probe (usage_events_undelivered_time).
 func (w *Worker) refreshGauges(ctx context.Context) {
 	now := w.now()
 	w.mu.Lock()
@@ -398,17 +403,24 @@ func (w *Worker) refreshGauges(ctx context.Context) {
 		return
 	}
 	w.gaugesAt = now
+	countWaiting := now.Sub(w.waitingAt) >= waitingCountEvery || now.Before(w.waitingAt)
+	if countWaiting {
+		w.waitingAt = now
+	}
 	w.mu.Unlock()
 	var counts struct {
-		Pending, Dead, Waiting int64
-		OldestWaiting          *time.Time
+		Pending, Dead int64
+		OldestWaiting *time.Time
 	}
 	err := w.db.WithContext(ctx).Raw(`
 		SELECT count(*) FILTER (WHERE status = 'pending') AS pending,
 		       count(*) FILTER (WHERE status = 'dead') AS dead,
-		       count(*) FILTER (WHERE status = 'waiting_customer') AS waiting,
-		       min(occurred_at) FILTER (WHERE status = 'waiting_customer') AS oldest_waiting
-		FROM usage_events WHERE status IN ('pending', 'dead', 'waiting_customer')`).Scan(&counts).Error
+		       (SELECT min(occurred_at) FROM usage_events WHERE status = 'waiting_customer') AS oldest_waiting
+		FROM usage_events WHERE status IN ('pending', 'dead')`).Scan(&counts).Error
+	var waiting int64
+	if err == nil && countWaiting {
+		err = w.db.WithContext(ctx).Raw(`SELECT count(*) FROM usage_events WHERE status = 'waiting_customer'`).Scan(&waiting).Error
+	}
 	if err != nil {
 		if ctx.Err() == nil {
 			w.log.Warn("count usage backlog", "error", err)
@@ -417,13 +429,18 @@ func (w *Worker) refreshGauges(ctx context.Context) {
 	}
 	w.m.pending.Set(float64(counts.Pending))
 	w.m.dead.Set(float64(counts.Dead))
-	w.m.waiting.Set(float64(counts.Waiting))
+	if countWaiting {
+		w.m.waiting.Set(float64(waiting))
+	}
 	oldest := 0.0
 	if counts.OldestWaiting != nil {
 		oldest = max(0, now.Sub(*counts.OldestWaiting).Seconds())
 	}
 	w.m.waitingOldest.Set(oldest)
 }
+
+// waitingCountEvery is how often the waiting events are counted.
+const waitingCountEvery = 30 * time.Second
 
 // pause stops all sending of this worker for d (or longer if already
 // paused) and returns when it ends.
