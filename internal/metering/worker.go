@@ -124,7 +124,7 @@ const (
 )
 
 // NewWorker returns a Worker sending through client with cfg's transport,
-// rate limit, batch size, attempts and poll interval.
+// rate limit, batch size, backoff cap and poll interval.
 func NewWorker(gdb *gorm.DB, client stripeapi.Client, cfg config.MeteringConfig, opts WorkerOptions) *Worker {
 	if opts.Logger == nil {
 		opts.Logger = slog.New(slog.DiscardHandler)
