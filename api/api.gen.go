@@ -23,49 +23,52 @@ import (
 
 // Defines values for ErrorCode.
 const (
-	Conflict               ErrorCode = "conflict"
-	Forbidden              ErrorCode = "forbidden"
-	IdempotencyKeyInFlight ErrorCode = "idempotency_key_in_flight"
-	IdempotencyKeyReused   ErrorCode = "idempotency_key_reused"
-	InsufficientCredits    ErrorCode = "insufficient_credits"
-	Internal               ErrorCode = "internal"
-	InvalidRequest         ErrorCode = "invalid_request"
-	NotFound               ErrorCode = "not_found"
-	PayloadTooLarge        ErrorCode = "payload_too_large"
-	PaymentProviderError   ErrorCode = "payment_provider_error"
-	RateLimited            ErrorCode = "rate_limited"
-	Unauthorized           ErrorCode = "unauthorized"
-	Unavailable            ErrorCode = "unavailable"
+	ErrorCodeConflict               ErrorCode = "conflict"
+	ErrorCodeForbidden              ErrorCode = "forbidden"
+	ErrorCodeIdempotencyKeyInFlight ErrorCode = "idempotency_key_in_flight"
+	ErrorCodeIdempotencyKeyReused   ErrorCode = "idempotency_key_reused"
+	ErrorCodeIdentifierConflict     ErrorCode = "identifier_conflict"
+	ErrorCodeInsufficientCredits    ErrorCode = "insufficient_credits"
+	ErrorCodeInternal               ErrorCode = "internal"
+	ErrorCodeInvalidRequest         ErrorCode = "invalid_request"
+	ErrorCodeNotFound               ErrorCode = "not_found"
+	ErrorCodePayloadTooLarge        ErrorCode = "payload_too_large"
+	ErrorCodePaymentProviderError   ErrorCode = "payment_provider_error"
+	ErrorCodeRateLimited            ErrorCode = "rate_limited"
+	ErrorCodeUnauthorized           ErrorCode = "unauthorized"
+	ErrorCodeUnavailable            ErrorCode = "unavailable"
 )
 
 // Valid indicates whether the value is a known member of the ErrorCode enum.
 func (e ErrorCode) Valid() bool {
 	switch e {
-	case Conflict:
+	case ErrorCodeConflict:
 		return true
-	case Forbidden:
+	case ErrorCodeForbidden:
 		return true
-	case IdempotencyKeyInFlight:
+	case ErrorCodeIdempotencyKeyInFlight:
 		return true
-	case IdempotencyKeyReused:
+	case ErrorCodeIdempotencyKeyReused:
 		return true
-	case InsufficientCredits:
+	case ErrorCodeIdentifierConflict:
 		return true
-	case Internal:
+	case ErrorCodeInsufficientCredits:
 		return true
-	case InvalidRequest:
+	case ErrorCodeInternal:
 		return true
-	case NotFound:
+	case ErrorCodeInvalidRequest:
 		return true
-	case PayloadTooLarge:
+	case ErrorCodeNotFound:
 		return true
-	case PaymentProviderError:
+	case ErrorCodePayloadTooLarge:
 		return true
-	case RateLimited:
+	case ErrorCodePaymentProviderError:
 		return true
-	case Unauthorized:
+	case ErrorCodeRateLimited:
 		return true
-	case Unavailable:
+	case ErrorCodeUnauthorized:
+		return true
+	case ErrorCodeUnavailable:
 		return true
 	default:
 		return false
@@ -171,6 +174,45 @@ func (e PaymentStatus) Valid() bool {
 	}
 }
 
+// Defines values for RequeueItemStatus.
+const (
+	Requeued RequeueItemStatus = "requeued"
+	Skipped  RequeueItemStatus = "skipped"
+)
+
+// Valid indicates whether the value is a known member of the RequeueItemStatus enum.
+func (e RequeueItemStatus) Valid() bool {
+	switch e {
+	case Requeued:
+		return true
+	case Skipped:
+		return true
+	default:
+		return false
+	}
+}
+
+// Defines values for RequeueSkipCode.
+const (
+	RequeueSkipCodeForceRequired RequeueSkipCode = "force_required"
+	RequeueSkipCodeNotDead       RequeueSkipCode = "not_dead"
+	RequeueSkipCodeTooOld        RequeueSkipCode = "too_old"
+)
+
+// Valid indicates whether the value is a known member of the RequeueSkipCode enum.
+func (e RequeueSkipCode) Valid() bool {
+	switch e {
+	case RequeueSkipCodeForceRequired:
+		return true
+	case RequeueSkipCodeNotDead:
+		return true
+	case RequeueSkipCodeTooOld:
+		return true
+	default:
+		return false
+	}
+}
+
 // Defines values for StripeEventStatus.
 const (
 	StripeEventStatusFailed    StripeEventStatus = "failed"
@@ -198,21 +240,42 @@ func (e StripeEventStatus) Valid() bool {
 	}
 }
 
+// Defines values for UsageDeadCode.
+const (
+	UsageDeadCodeStripeRefused UsageDeadCode = "stripe_refused"
+	UsageDeadCodeTooOld        UsageDeadCode = "too_old"
+)
+
+// Valid indicates whether the value is a known member of the UsageDeadCode enum.
+func (e UsageDeadCode) Valid() bool {
+	switch e {
+	case UsageDeadCodeStripeRefused:
+		return true
+	case UsageDeadCodeTooOld:
+		return true
+	default:
+		return false
+	}
+}
+
 // Defines values for UsageEventResultStatus.
 const (
-	Accepted  UsageEventResultStatus = "accepted"
-	Duplicate UsageEventResultStatus = "duplicate"
-	Rejected  UsageEventResultStatus = "rejected"
+	UsageEventResultStatusAccepted  UsageEventResultStatus = "accepted"
+	UsageEventResultStatusConflict  UsageEventResultStatus = "conflict"
+	UsageEventResultStatusDuplicate UsageEventResultStatus = "duplicate"
+	UsageEventResultStatusRejected  UsageEventResultStatus = "rejected"
 )
 
 // Valid indicates whether the value is a known member of the UsageEventResultStatus enum.
 func (e UsageEventResultStatus) Valid() bool {
 	switch e {
-	case Accepted:
+	case UsageEventResultStatusAccepted:
 		return true
-	case Duplicate:
+	case UsageEventResultStatusConflict:
 		return true
-	case Rejected:
+	case UsageEventResultStatusDuplicate:
+		return true
+	case UsageEventResultStatusRejected:
 		return true
 	default:
 		return false
@@ -635,21 +698,49 @@ type ReconciliationMismatch struct {
 
 // ReconciliationRequest defines model for ReconciliationRequest.
 type ReconciliationRequest struct {
+	// From The zero time 0001-01-01T00:00:00Z is refused (422).
 	From  time.Time `json:"from"`
 	Meter string    `json:"meter"`
-	To    time.Time `json:"to"`
+
+	// To Clamped to now when in the future; the zero time is refused (422).
+	To time.Time `json:"to"`
 }
+
+// RequeueItem defines model for RequeueItem.
+type RequeueItem struct {
+	// Code Why an event was not requeued.
+	Code       *RequeueSkipCode  `json:"code,omitempty"`
+	Detail     *string           `json:"detail,omitempty"`
+	Identifier string            `json:"identifier"`
+	Status     RequeueItemStatus `json:"status"`
+}
+
+// RequeueItemStatus defines model for RequeueItem.Status.
+type RequeueItemStatus string
 
 // RequeueRequest defines model for RequeueRequest.
 type RequeueRequest struct {
-	AllDead     *bool     `json:"all_dead,omitempty"`
+	AllDead *bool `json:"all_dead,omitempty"`
+
+	// Force Also requeue events a send of which may have reached Stripe more than 24 hours ago (see force_required).
+	Force       *bool     `json:"force,omitempty"`
 	Identifiers *[]string `json:"identifiers,omitempty"`
 }
 
 // RequeueResult defines model for RequeueResult.
 type RequeueResult struct {
+	// Requeued Events moved back to pending or waiting_customer.
 	Requeued int64 `json:"requeued"`
+
+	// Results With `identifiers`, one per identifier, in request order; with `all_dead`, the dead events left dead (at most 1000, by identifier).
+	Results []RequeueItem `json:"results"`
+
+	// Skipped Named or dead events left as they are.
+	Skipped int64 `json:"skipped"`
 }
+
+// RequeueSkipCode Why an event was not requeued.
+type RequeueSkipCode string
 
 // StripeEvent defines model for StripeEvent.
 type StripeEvent struct {
@@ -679,6 +770,14 @@ type UsageBatch struct {
 	Events []UsageEventInput `json:"events"`
 }
 
+// UsageDeadCode `stripe_refused`: Stripe refused the event (a 4xx). `too_old`: its
+// timestamp left the window Stripe accepts (35 days, less the hour tally
+// keeps to deliver it) before it could be delivered, through a long
+// Stripe outage or because its customer never got a Stripe customer.
+// Failures that may pass (5xx, timeouts, 429) never dead-letter an event
+// on their own: it is retried while its timestamp is in the window.
+type UsageDeadCode string
+
 // UsageEventInput defines model for UsageEventInput.
 type UsageEventInput struct {
 	CustomerId string `json:"customer_id"`
@@ -687,7 +786,7 @@ type UsageEventInput struct {
 	Identifier string `json:"identifier"`
 	Meter      string `json:"meter"`
 
-	// Timestamp Default now; at most 35 days old and 5 minutes ahead.
+	// Timestamp Default now; at most 35 days old and 5 minutes ahead. The zero time 0001-01-01T00:00:00Z is rejected, never read as now.
 	Timestamp *time.Time `json:"timestamp,omitempty"`
 
 	// Value A whole, non-negative number (Stripe meter values are integers).
@@ -713,12 +812,18 @@ type UsageEventResultStatus string
 
 // UsageEventStatus defines model for UsageEventStatus.
 type UsageEventStatus struct {
-	Attempts      int         `json:"attempts"`
-	CreatedAt     time.Time   `json:"created_at"`
-	CustomerId    string      `json:"customer_id"`
-	DeliveredAt   *time.Time  `json:"delivered_at,omitempty"`
-	Identifier    string      `json:"identifier"`
-	LastError     *string     `json:"last_error,omitempty"`
+	Attempts   int       `json:"attempts"`
+	CreatedAt  time.Time `json:"created_at"`
+	CustomerId string    `json:"customer_id"`
+
+	// DeadCode Why a dead event is dead.
+	DeadCode    *UsageDeadCode `json:"dead_code,omitempty"`
+	DeliveredAt *time.Time     `json:"delivered_at,omitempty"`
+	Identifier  string         `json:"identifier"`
+	LastError   *string        `json:"last_error,omitempty"`
+
+	// MaybeSentAt The first time a send may have reached Stripe without an answer saying so (a timeout or a 5xx); a requeue more than 24 hours later needs `force`.
+	MaybeSentAt   *time.Time  `json:"maybe_sent_at,omitempty"`
 	Meter         string      `json:"meter"`
 	NextAttemptAt *time.Time  `json:"next_attempt_at,omitempty"`
 	Status        UsageStatus `json:"status"`
@@ -728,7 +833,10 @@ type UsageEventStatus struct {
 
 // UsageIntakeResult defines model for UsageIntakeResult.
 type UsageIntakeResult struct {
-	Accepted   int                `json:"accepted"`
+	Accepted int `json:"accepted"`
+
+	// Conflicts Events whose identifier is already used by another event; none of them was stored.
+	Conflicts  int                `json:"conflicts"`
 	Duplicates int                `json:"duplicates"`
 	Rejected   int                `json:"rejected"`
 	Results    []UsageEventResult `json:"results"`
@@ -831,10 +939,10 @@ type ListCustomerPaymentsParams struct {
 type GetCustomerUsageParams struct {
 	Meter *string `form:"meter,omitempty" json:"meter,omitempty"`
 
-	// From Inclusive start; default 30 days before `to`.
+	// From Inclusive start; default 30 days before `to`. The zero time `0001-01-01T00:00:00Z` is refused (422).
 	From *time.Time `form:"from,omitempty" json:"from,omitempty"`
 
-	// To Exclusive end; default now.
+	// To Exclusive end; default now. The zero time `0001-01-01T00:00:00Z` is refused (422).
 	To *time.Time `form:"to,omitempty" json:"to,omitempty"`
 }
 
@@ -3152,144 +3260,168 @@ func (sh *strictHandler) GetUsageEvent(ctx echo.Context, identifier string) erro
 // const string: with thousands of chunks the chained `+` fold is several
 // times slower for the Go compiler than parsing a slice literal.
 var swaggerSpec = []string{
-	"1H3rchs5suarZHBPhKWeEkXJdu+xFCdi1W572jPuscOWd2K36WWBVUkSoyJQDaBEc7z+uw+wj7hPsoEE",
-	"UIUiizddPH06osMUicIlkUjk5cusr71MzkspUBjdu/jamyHLUdHHNznOS2lQmA9YFmyJuf02R50pXhou",
-	"Re+ilxpVYQqLGQowM66BCb1ABVyDmSEoehDkBJgAZKrgqEDh7xVqAwtuZtRKsznCDS77vaSnsxnOmR3I",
-	"LEvsXfTGUhbIRO/bt6T3AY1aXk0MqvWZvBPA4Nn5C5AKng+egpkxAzdCLjRwcwGLmSwQNGZS5BqMhAXj",
-	"BsY4kQrBqCUX06FgU8YFHNVzEtV8jAqYW0yp5LjA+RMNqbITGTE7k5HvMz3uD0VrAXMu+Lya9y7OkrAY",
-	"LgxOUfW+2dWUTLE5Gk/tl5XSsmNd1zOEVOAXM8qoRWqp6aaDt1xWGko2RUs6bpv/XqFa9pKeYHM7oHum",
-	"PS325S2KqZn1Ls4Hg3pq2igupkTml5U2co7qzc/d08lYUaB6okEuBPAcJlIBNxoqjaqeSMnMLJ6H63LE",
-	"817SsxzAleUnyz7x5P5N4aR30fsvpw1Xnrpf9Wk0LTvLmj2z5V9xaR+mcR0DNyNHzU5su22jx6R5/jyx",
-	"Oxj+PusiVHsK74hGrDhgKncf+i2fc1OPtLLrBf0Yd5/jhFWF6V08HyR2LMeYz+3+72JThbqUQiNx6Xt3",
-	"BuzHTAorG+xHVpYFz5hd/qk/JX/6h7b88nXPvQ390ohtjrsSgEpJBUcfXr+EF8+e/9dwEiFHw3ihjy3T",
-	"RYKLxMRJLSe6xvWtTyOJ8o3G9hOyz/3ECiYytB9LJUtUhjsijJsf2lP9WKLI2bhAEHJxAZXQJQoDmcLc",
-	"ng85gUrgl9IyH0wVE0bbmU+kmjPjyP7js976LiSt43PAKUl6bpT1mf6ZvnciOEyvwIlJQEsprHSmeS5h",
-	"wpU2dKgNzvWuwanbj9V8ztTSDu9XwpRi9HchFyNPvZGZKdQzWdCK9qAByUA3q/X1/N1dQBimf0INuZiC",
-	"wjnjwn4K63Q70KJ8zgyeGD5He4aqorB7GMTDytlrTWTE5rJyZ2BtBRv6ac5WLIl+W5GQgcXqHdxEu891",
-	"x3L8D8yMneBLZlghp+uM6ygwKll2Q3/vtacv6aH3LLvp2tGyYGL/vt4X9ibv6EXJvMrMAR25B9b7WqVq",
-	"vOJonDDxTvLNMLuRlfmIWnMnxFbI6BuMtGvhT+UaozhG0yPWZpCY2daeKdlyjsJs6rJSRcf3K4uO+kg6",
-	"J+v6aU1wD0K8VMgMST2W59zdde8jwkxYoTFZpZXl12Lk593SPZ79+45r7h5yzzLRupS4gswdDeC5Pf/R",
-	"dH58tnMyv1dMGG6Wrfv0bPW6+iS8qLfSyE6jD1cQHrVqqMZIEmWIObUsmJqiNkNB5x2OzpLBYBD/f5xY",
-	"zdY9XyqeoX9aw8Jquh+N4iUORTajjoALkALBswIcvXiRvHD/w5wLqaCy8zxOrKaucFJpzOk2GIpn5+eQ",
-	"cnHLCp6PvK6eBk2ZiaWZWWHKNSwUNwaFU3vXxF+tZJztUjKSnq6yDLW+G5dslaPEB+0BkpgnO9leCl3N",
-	"8YNb+oH8vuVCiCnS/LeLNnM0LGdmpwb1a2hH9GBe+zpUrYwp6ZdSd7eVVppOw9f9qbG+0o1qlVfEQPHp",
-	"zABZXc7YzNzoeypRRjGhWWY2SuyV9a+0TxqChJl2UqS5Lu9HDi8k9m1dKWUNi+0XERmscynMrEMn/EUu",
-	"YM7E0tp3Vo9V4FrCWFaW8EFqacOWoGtV9+jsHCpRoNZDQXYpy25As6UGaWaoFlzjcR9IQRtLsvjJTZAP",
-	"RdqeVzCkgSlrehdFQpIxDCvwFlVQ3kjm7NKwVhfuB+heeSHFdPtKEzJ0mVsguRc0Gg1sKCb8C+aQV4pM",
-	"IFDMLtw2Eau03CAsd69kgz7gDL5dnEzcS00jJq45pmG1Tn728rRTm2QG84PUG6uMk4zfqWUfeuPvb1rs",
-	"JvZdZG7YiZ0L03RTj1ZUm52PVWV+ILW7mKBeWRJvX6v3bUzgPELbL5WSGYPKHqv/9dvVyf9kJ/8cnLwY",
-	"9S/+28nnP/1bF0+Ezj+VGtWh923NUNGknp+ddwyzkUHasuA9qpOwN1C3o6Of+nPSj7pK4WgAplLC+QiF",
-	"NFY1k5MJPeFuKd/bcR/eza3KlFtNzm443CCW7kF3Gg3csqLCS2AQzYEZL/xmLCetrtLon5JiwqeVstLH",
-	"aaT9XbpYp+YxeOxTsXN3uk/FKqdFvJVVetTwVydrfevg5FdKSfVS5jQrFHbxv/VWtF17HgSrzEwq/k/M",
-	"HUXHPM+Rbh1pRhNZCTKupJgUPLNP8Ma5N7rB5Uih1ak7fuBiNCmsJkOeUl1NJjzj1lwLUpiMwEKyfGSk",
-	"HJFhYJUwZnBEjj3qNdh4pZK3PEc1Ih+Zm/kt424rE9o+JVis6DY0f3Xr/Xf3l+uHSrPAR90nvfVQs3cb",
-	"7kD3xeo5DjPq++Uk9Ynqe2GXBOuoT+YB5pgnQxG+mzBexG2skSTy+Juc67IyrYf8V6OFFGvtRoXUJgm6",
-	"RZ/sPHo4fKPwVt7QRNfFTPNlcGxFD3qXYgKVZlPs58jyBPp9p2vscSlQE78nrXuh6yogpnnPph1+0bCp",
-	"e3lwHPN1+IKiWEeHdGZaA9OQkkaXgpFWBhourNCsrPUrptaSDe7Akk3R2qo4Lw3Fl7aTw5MgnkIXDV5z",
-	"LHKSJB1EIJ90J6OWko7j+qr+8vHd38D/6tzcP74YnB0DF0b6OJoLmY1lviQ/AN01bI4UWoM6krR7hWEO",
-	"SZho1/rIjfsHsX/bTrQ23X6tLE0QuNvsSWUqhZcg/S07Rya83bDR27u2SX9se9vvzMNa23u03sOVuVPm",
-	"k8Tb5Ni8t3Fe976nnd4KVdzbUj/cEHoAgm4gZduFvLOXOkCy52q1rFSXlyaNLr/0orahGTiX5JisZilv",
-	"wH5KQKHVmmNZ7Z+HBdNAF2gNEPCxKO9UdR5SM8MlZFYETpSc2/MdtLmyUtmMaUtCjeqWUxglmlyHLtR1",
-	"K0bHMRCoXvzOW/It5lNUPyu2uCdvbTk0K5NePwCbJ/ZKmO1cvxLX5FOB+QWUUnPDbxFYnuuwwwkInDL6",
-	"WuFc3jrTZL6nUy5YZCxEax/pvOWKLTo8P6+lCl5EYCIHp4MBCqM46qThNw22B1Ez2146TsQFHYpOvLXr",
-	"IAvH5cz9m3i/l736oykurWrDxrIycOR8U+5HN+9wDnxX/vQEPdZ2FTTYoKpSIP2uYueGizw2qmhUZyNZ",
-	"8tbhJjpRdpaWUfN/VNp0Gid3uYcPlnzh2l43R2dSmQkrim6WabPJRctPyTyJIwKDnsmqyGHGbnEoDLtB",
-	"QVIQxpWBjH4S0iQwxoxVGr1DwNv/1uh3OAI6VkNhucMfG+8XmErUMMZCLuCfqOSli4SHJZAbk/yUCjPk",
-	"t86XWXBtd368hPTPr67h9PbslOVzLk5vUfHJMr2jp7JLkhJnrF/L/szX+7DJO7VZjD2AGRLLw93GyA6W",
-	"ups18WvE6d2adtt/0gHaWgtCltYyej4A18B5lXQCN7jUUNGPzwZ0MbPMoNKJb+F/ez4Y+PBoPIvng+7J",
-	"o7qWxsGeVnxztwFVuIdQJ/ulWzUMve/sZYX+rsvQQRLm07UH753k2P9KdDg4F0x24Vgu4siqFbdpcLGn",
-	"SY00ZF/2vBjdwKMgojsgL9zM3J00XkY6lnYOQ2YvixKFlUKF1AaOBuDgjdLKDVaLJk7K1vFhs3KCpHNW",
-	"TTAaMlkUmJGnpYM4oY9RTSWSo0MRYAfgcQdPNNAOJpZ6wEVWVDnmd46k1Etw9+Ce7OmfMuxLBy+wL2HJ",
-	"9qPbixykU2tXl0PEsEQI607clvgeFJZSWcnMu325uxe4AZ6y8zq8k9+vCVK2afLS34bkAQ8ohHG11JYR",
-	"ra4SoDikdhEY53hvMNyWUOedESMTxotK4ahRClYZe+k9Sm4tzj/YhysBV+/fWMkKClmuW42Cd/aJHgq5",
-	"EMCyzLKRtYPgyG34E117d3ieeKhjJnOnj85RazbF48uhYAJQ5CeVRgVGWhXCjSdFsXQYkBkrSxT2uGF/",
-	"2oc0MMJQeE4A2mL7wc0+7cN1wDrPZJFrF7SwpjV3kUwiht4abt2pGHJxK3mG+7JhgO50/jBa1TIjgFeD",
-	"7/Lwrk69suC3OPf+/1WIeaRBErZ13ynHyKA9GHhN8m24XvyvJC1XBG9K3CEnXtf0Kui4WhIu25rUQ1FL",
-	"YXGLJFEcatzeVUdXOSvJZHuveMbF9DgBLDRGV9aee64NM9VuuJ4j60fXmBA/43q5+1K59tLfy2nScHeH",
-	"1Hp1i2oZHwBLZaQvA0hKCkxAFrk9sA4cC6/mpVlaqW51ar23deiJcl2P1qWAPkzYtxMU1ZyniIPrHe1G",
-	"Cqxenut6SnMnRGdtc7S5vSFbVLMH0PWDkvcv0vPbh6ALwqywdXtow0Su+5CWKHKrxv+///N/oT4F8L+D",
-	"FE+GInUf2y1SOLLGqLVRc8iYyo8TSJvnbduwkbaptcbsNbP0315GUie0miq58LDxghlU9jjo4z5cRRro",
-	"UDgvEIvmSjazdzyE5RkJwWdox7faQvhzKPSMNNhJy7TmGhrjOQGmIXg9bNfHl5AVkoCMpGUZa/D60LwL",
-	"o1jWRuCGbOoa0Zi3xsjkHKn/y6Hw3bnAHTf2/tX1nCmel5ICwIVlhiUcCQkkjolCpJwfDwX3d7TCTCpL",
-	"AC4gjbjei9rafek2uxcJvJ5TT9DlztRHLzpz8Zw6r711YbNu6pRlwbt0+tfMXg21n5bMKLB7TG6LGRfT",
-	"i4i8c5bNuMBaYHJj2VAbVpD7SlbmRE5OLCWU68ohW7khx2+bUkeRneJonESmCyusBrR04R9G52WKx1EM",
-	"LLrY76LcTpScH+hI2hf9Qwvf++KLnwnR7t0XndztM6YVUtOk3v6dvhcC8a9xzwblb7NZfzh0zfXVOaUm",
-	"LWnPVJ3rCHNTx9gJ5NOFyUj3NU28Yrk18F0jUL4l26LFZAl03BPvJhN/HUw4Frmup91GbO+thkTB7I6L",
-	"0Xe3KWzXkQjZ7TFNY/xKCkfPzl8ck+xNI8BKCkfPB0+Pnai5sRaTT9y0FsyWzE3n2UiAFVqCtlvKNKRR",
-	"Gtgmb+YOWHp9U3eAibkp8AA4yhV8+vAGBJvb6UbZpGCb7w7be4iGGzXS0YjhNpwIsoTuGdncZmo/IiS1",
-	"a0Ufaud1B2SpbfV3sOmtvMEO1vzQcuSv+M2tKqDriM8+odHNUYPgDxHS0PV2iwrzvbrdmt/QjNgscgPx",
-	"pMh4wZnZnNLUdfcHJwkpRiXzk15fergr9wZZbLgV5lzPmclmuH8uWHttv/oOuoSZuxLvYEQFT3J8XwaS",
-	"tea8m/b1/A5m4pxPJmjPR4d48SoC+UnhBAqZsWIU/N57cG78wJ4wgGjEuzjn23zcnnCr79bCd9P3brCl",
-	"O7JvFJYJaU7bMsgekP+6CfF7hdVdE5eKYpQjy7v9YjxHYfiE+wzr+lweSIA5+/LGPXoWoF/h745Ezs0L",
-	"7MY/Kfdzfhd2rJ/tIqzzpG2Ay7KSj25RhVTRnXo5MwbnpdmgV2w4+wXTxkN89xlju5OTHBV+GvfypZVK",
-	"Zqj1PT1ytTv0ENtsP79jtHGN7zEoaPsjYxuXWNi7lm8rXsAO9nkAL1bMjP8iT9Y6WSOPfB0bjPjD2iJT",
-	"IVXblVEyddM6cc32ftJsij+Fe/KQfJA65rwXMWkcWsgbUVbmcBkVU29LfHl1nAOTqHdoBo10XtcMPgn+",
-	"e4XkkPIwWR8X8LGoBJiBudQGzgYxJODSGVJGhvY1urp/mEZnT7A2bF6uz+1nl7MCQi4u62k8fQ45ZQ8W",
-	"ORmIz2HORWVQA5shy/dH8hKkocsSI5MyASHFSQ1d86V+fFAOaDkBFMEUghfRK0HKXFYuz8IP7nrZoeuE",
-	"y9zNr7V721nnAYRH09mqPPy+EqSZx6bL/CFdKe3zseUuCTKMZRmW3rNaudo2TtD/g/AM+yBI6xHr/rfT",
-	"oRGkK+rFVnXhAXJ1OqBE9m5T97zVd9D8QIVmixvxoZSZ/TQK2rDo7MTC7UCxdKiK2uKp7SKlmVa38rLD",
-	"w0uLfENAxY25BuGEdLJlfWg2sG19kDb8ase8yyXuZ7urKkzX8dbx+W7msJE864pPE7hZMG64mNbZjL3o",
-	"UNFntkXrITCdPtw9cAcTdn8SRzC/h/SrtLk49q74+XWR/78TQHWjy//gVMTN90YAm9wvxWJlzT7iviX9",
-	"yi3wAwHBNq9PjyKn3R4OG3mzFfJyaHfef70/C7W3rTPUEBy8epsfkoLPTDh0Y+3/bBJOPCImgl/roahB",
-	"1hRA9uDrBm29hAUqdDDrPvwqBS5BLjBP6BE2FGOFLJtduLa5pK/ntqdU3qRASnsf3roaPh4WQhGHfR2Y",
-	"wbO9S3LJm0j2N1vWsYvRDrVJu85x9vLDrFLcLD/aKdV+DV9Xca0eXwC80VboTJYIqU+1SS3dU0KSpwn4",
-	"ycB4SYjHj79cnZw//xFmTM/qYp/EjsiUg+q6mc2MKQn9oq3UuUHyrLhGrwNr/uXv172uWoEBI/eXv1/D",
-	"0S8f7XhSwQf74fgSUl2N01CetMbYu3JQO6bzjbBsE7lOEsOKwuVigDVRCtQaxrwouJiCpwtwyh1xeRjO",
-	"yLiAUmHJeB5Ydyh8/REzU/ZDsLxqBKk1h0IqgGtB8Mqr928SkMLJ3KEIeR/alQdQc0ItEUjQR/DnxOBM",
-	"KWunJx5oaOzt5FKIh6K+rkBhwdm4WEaW4E9+aXQp6P5QDAVlsBJQajFDhQmkWrAbHGVMY1oHKt24XARr",
-	"qoUJ9ud6KN58fBdhY+u0Cl3bYAmQfmO/+vD6JTx9+vQFTeKHH8gg0D/8QCZbuqksZdqUkjz2w4I2VMwm",
-	"tWZH2h+K9QpYXMOzwaAhYkBtZkxYaTBGwmOGYrGZFMZa0kNBpXCO5qywQhVzsKRKgMGY5U3irmVRV5PS",
-	"RUWfnZ+7kRj1audmuSNfgpVEN5RlUhV4CakLE//2OaV8YA1WToFsx4jt+YtzjD21Phppd9jgF9P/4Qe4",
-	"xi/GASkcP2v7s4Yj6jcBqrShk4AJTYYipGv4xHOInMQJRGUPKO3gGOY+W/fT9euTfye6W57+26e3Q2GX",
-	"HL4gICPPucLMuUcA52PM7WoSkLeoFPfgWK5lwYyntSz0UBx9+tP54PzqhP55lYD998cf6c8fXxwnsJjx",
-	"bOYEt101XRAFI5ZkgsoVDYVDplDxHm7srhMdcgeVnTN1o6nbge9+8Jrm8ulPgx/PXhLfsaKwd4cn8lVl",
-	"ZpYsjg9/+MH2mF754hL03QX8RPIGhtVg8DQjbC99xLQPVx7r63MhFdrDKc2JRss7LndLOWgUWxV+Ttb9",
-	"RyzmEpizpZMGRlbZbOjg+AvRVCm5bIq8ESTU9bxD5A+Fl/lwRP/SMLl0IsF1FgThnC2PPW2igriWAd+/",
-	"+3jt0xecgWJPxVzeImg5R9eLU92HIl0pppv24aMvI+3EpP2DDoz3fJ0/g5mvR+1OKN3SlvWoYDWtq+nU",
-	"nISa1xdAJa4v6yrVQWKEqJTLygeuQ+m8zkIgaR/elegKRNXV+ezhGTOrgjTZzENx5DPmEp95WB8vMsiO",
-	"Q4ltZvk+QFhqM8YedW9+wMTuS73USwh48BoGHg6EfUCDFF7AJ34IK/BeWFG4qYJJ2oe/4hJ0yTLUF7CG",
-	"UH+iXcYROdCMx8AflagabktAS6dVuVS2TBaFPd917q9V1VDkT/SlB+JevX8zFHYfCCKoiZA0AwIE+iuK",
-	"ONSPbsfzzs4LiAcfiqhOhJlZbqOtdIKUgL6Esg4DENAm3os+XA1FuAeIbz0M04tOj46jNRJShiondlQ+",
-	"B1UJbc+iQ7L44/GWa2MvM1JZU8LOpHDkC/3A84E9zF/g+WDg7gzSidnvlUNxa6nSxNVZ8wyTfnXCOvLN",
-	"fUsvV4qLc+0qE/nklYJp4wqMu2IiDvXiFJ5e0qvjXr2z/qA/IDOjRMFK3rvoPe0P+k9JNfXl5k5nyAoz",
-	"+2fv4uu3pHc6R6N4pv1fBOULP9XJiKoV23VWsXSxTRmO05vc4SuYwRWYQw1f+knmyy01qw+rVd0db/7W",
-	"VtWt0Fgtnn0+GDzSJLrqZrcKWeWKT0zfmbu+cml3//WEo5LcSU+HOgm9lw4FAo2C6A4EsXSd0eJ0GgcU",
-	"dc9ycrAYNtXkgLGbay2RLyfESifuC0e1FgM4KMBJE9aZYsfu25MSBaVcDaWmuv5v3WXSa8/YfiTvCCZ+",
-	"S7ofaQY/dYXa92joXwDw7fMjcs1qJLKr3LqrmSMnXu9xu6gfgne8vulFtOvXiqNFbTTfn0VOvwZo7bdT",
-	"d9uTzOhghvYLCmpA7sO9H+BzUsuqNokbLeMyMsdwMsHMK5y8KGBaMcJAj13emQdwvyEu8AZr+xA4jSUO",
-	"D38fTuriousaJ+7KtfpIMBfTh2Ck9643MtvWWMpdoXfiJBJl+8iaxuP8OKKmFWX4zyZkVgKWW2WMuzwe",
-	"TsR8ivqzJ8fRHY4oITK39nmBxlLi+N4McuohQ5t1Eg9XajPL42gkLeDXd1dFYlRWx3bXhYXJyRqQVg9y",
-	"o6DI3bbGjHQPCeCKX2w8+86H/UbcMsVZ2M9HImsrCrBBxLpkcTgi4DsZM9zepCLXAV9OOA7npj5+CIpb",
-	"vXNO2Tc+a8IlcJNpGTK7tNto57kj5yOVTDpkN7LmFRadG/FnNOEtF4+4BWGIDdQP9R8KyexF7TKQ1H3U",
-	"bO+Fp2sk+N9/+2zleuQJ/+2zFd/NllDJhYwJGKMvYB0ROxDyc01Z7wQ48TnhLZtqJSNRcYPthHam62zE",
-	"lKoM+Zxy32zFYT0UvuZBHxz+nWpn+5T/kP9PcRwG6Vzm+B9+nBT87JyXkewMqhFQN4wTiOvWlIy3kiQf",
-	"/F1DQfUSV91dZGq/Ytms8ZLZJ2gjgYFPWAnwIDmpnSh2Kg6YNBRH6fXV27f/Y/Tyl1cv//ru0/Xow9X1",
-	"q9HbN7++uU6TUJkXzgYJsExJq7gUBXChDR2g48uhKK2dzZ3zs3mF2rPzF6uJM85P1Uptgb8Hz/maUywB",
-	"FlwSPvq/4pqAI/JLWN61p/Q4cb5Ylza6hMWMF9h4y+pOVhxGMEWz21nk+SXqzS2Uql84Vys5AZyrocu8",
-	"X30zy5rqtUP72fC+LqcNPfy13P3+lL1u57PHmkSXLHMTy1feotXhC931Nq2ONwb64b6bMPzoD+5q6Mwl",
-	"Ctevf3EZ8LWQ9K0iKRlCrKdfIzzBt633UQP2eLwLKYyx6UYKUu07X0EfKPIFEd6lJm0gZO/zt0OPa1yg",
-	"xRrTlenMq6pvnybOMbHyJJdOzgF+4drA0fng7BikAld9IAQBsMj1UEz5LQrbZHDcB8qIdO9DA8s7N4il",
-	"bc09IrQP6Xq58nQoCi5uXBjGDmilayjB4Zsl7co3rlCTT2KesVsEKfCS3MD2DvJRxVDTmMSkRtMlHl3p",
-	"/BYHPoI4a9fp/85WxjbW/+TqSRDXP6js3DJmLTQfwKdaB7sca+4+Sdul1GmU9bxJWv1Uv2Du0XYsDLFB",
-	"VvlJfm9R1byjsX6xjFwkMF5CKFhZEzy8FeV+gmvHXvlRTkOZzHVv5YFSslOV/1mxhUtlbZXQZf49j6jD",
-	"ixMjJc0VuenD3/CW4uK3qKiK6oWPX0kJE1xEbwLK6ppfLSV2cE5wio6sesiYckGx+BUYaXi1Rqci6Mj0",
-	"MnpXwt01wMfT/NqvEPveorL1Uq4u2eUaPKLG92xw/j3fEfs3e8sLQkStseOD+Jlsp9AUNloXEXue8uZ9",
-	"rI9wyPfXhZZo1uMHVBH9D36wWm8m+M6WVFx7v4MH/+xe6PFHs6JqHqb51TL6qFRyLh0IZM5ExQpwxZip",
-	"DvR9WDzCsmwPojhWu46bH8p1f6i4R1STeGvMo6B2oebE99Z/rutaV34iGyOw30f/CT7j7azin3gfGv+n",
-	"ZpS4ot1WTgm0+d48clVfH0/q4q2bI/X1Dj4uo1CEZx8HDMXb9gvLhrypzhD/7oIGlowroX2RFZXmt+g8",
-	"yJe18/fpwGW1+rpFqZGuQlPHpHwaTDOn/RJr1mpZfglTQZE3ExFysWlgSrw5cNhHDyT7dKguI5J++d5n",
-	"463MWOHDjVSgxAEMPYr7loCZllagmJjGYS/Hvw9zRtYgCqsFt4pCLqzeN15CyQh34YtO4S2XlSYJ80Sv",
-	"YP+a92oRsLGURRHeP0j6o5YepDnnWqPzdNmJJPSPR8ZH1/lQZHI+586JJidAyOqL+jFgZYlM6fr1TRgS",
-	"FcjVRWjPoYg69NBgSuUpFWaY+2KOGiZccD3DvL8OZ2TFgi31UGg0ly76YR+iEBTTmojEspsuW9PePJtA",
-	"Huv+jPbAvnJli+DuzVRgZAgvebA7TrkQBI3pPpfhPQndQKSO1wHsjxh5zOO7JwTk4cAfdhdkZcayEjmM",
-	"K80Fau15zTJXu25vdDRD4Yag4oYb7fRrk+i31fcfKss+vtKwyZsWXjb4r3H8h/AwOYbIBdSUUJ5xe+iW",
-	"eyoMHdC8KNlyT3Dezpf514J0FfHVbVhTfNjxEdd1UpsUdTSZACfaNABYitdqOGK+2MRQtKpN1G95rRO1",
-	"d5e/GAqqf2GfotKI7so57sOVz2au0S8KwQleesGLL5RY++RchLfB7zZ5XV4OW3E4VXSIKuFyYZAru04X",
-	"3vU5PuklhYlLcoNHuT8uD65JSKBsDAfTs3K9S9C+EVPcAar7Y0V2o/I0ezkhzh925FZq/gbot2NXn8ZO",
-	"75wIiQp0Df9h3RQO8OQVrKMzy55ng8HAM/dxh0LVcZRPvzb8uFVwNzzX+y6IyBrTuRkx+xA34c/udNf4",
-	"R6t80Xuja5DcPopphyxu1aDYSxbvYUWRMF7geCbljfZw7t7F12230mf3br8w00oVvYveKZ13v6yvYcpN",
-	"3MzeZeHLgOyKvgoggOi7+qaK23m3SPSVo2D0hb9Qom8cxm3dSnvJisKBvJ0QviQvbWnVw/C6QxToMv3c",
-	"ikEqyApOnFLvS6Bexwi/UNIN5W3mTiMi+S8zggaqWyuXK6N5jp3DRYPUp0dbS+T/BwAA//8=",
+	"1H39chu3suerdHFvlcmcEUXLdvZaqlu1imMnvseJXbZ8U3tDLwecAUkcDQEGwIhivP53H2AfcZ9kC93A",
+	"DIYcfsmST+6pk7JEDTFAo9Gfv2587mRqvlCSS2s65587M85yrvHH1zmfL5Tl0r7ni4KteO4+zbnJtFhY",
+	"oWTnvJNaXfIUljMuwc6EASbNkmsQBuyMg8YvgpoAk8CZLgTXoPkfJTcWlsLO8CnD5hyu+arfSTomm/E5",
+	"cy+yqwXvnHfGShWcyc6XL0nnPbd6dTmxXG/O5K0EBk/PnoPS8GzwBOyMWbiWamlA2HNYzlTBwfBMydyA",
+	"VbBkwsKYT5TmYPVKyOlQsikTErrVnGQ5H3MNjBaz0Gpc8PkjA6l2ExkxN5ORHzPt9YeysYC5kGJezjvn",
+	"j5OwGCEtn3Ld+eJWs2Cazbn11H5RaqNa1nU145BKfmtHGT6ROmrSdPiNUKWBBZtyRzrhHv+j5HrVSTqS",
+	"zd0L6TvNabHbN1xO7axzfjYYVFMzVgs5RTK/KI1Vc65f/9g+nYwVBdePDKilBJHDRGkQ1kBpuK4msmB2",
+	"Fs+DhhyJvJN0HAcI7fjJsU88uX/RfNI57/y305orT+mv5jSalptlxZ7Z6u985b6M7yUGrt8cPXbintv1",
+	"9pg0z54lbgfD74/bCNWcwlukESuOmMrdX/1GzIWt3rS26wX+MR4+5xNWFrZz/myQuHcRYz5z+7+PTTU3",
+	"CyUNRy59R2fA/Zgp6WSD+5EtFoXImFv+qT8lf/uHcfzy+cC9DePiG5scdymBa600dN+/egHPnz777+Ek",
+	"Qs4tE4XpOaaLBBeKiZNKTrS91z99GkmUL/huPyH3vR9YwWTG3Y8LrRZcW0FEGNd/aE71w4LLnI0LDlIt",
+	"z6GUZsGlhUzz3J0PNYFS8tuFYz6YaiatcTOfKD1nlsj+/dPO5i4kjeNzxClJOvSWzZn+hJ+TCA7TK/jE",
+	"JmCUkk464zxXMBHaWDzUls/NvpfjsB/K+ZzplXu9XwnTmuHvhVqOPPVGdqa5makCV3QADVAG0qw21/Mb",
+	"KSAepn+CDwo5Bc3nTEj3U1gn7UCD8jmz/MSKOXdnqCwKt4dBPKydvcZERmyuSjoDGyvYMk59tmJJ9Pua",
+	"hAwsVu3gNtp9qgZW43/wzLoJvmCWFWq6ybhEgdGCZdf4+0F7+gK/9I5l1207uiiYPHysd4XT5C2jaJWX",
+	"mT1iIPrC5ljrVI1XHL0nTLyVfDOeXavSfuDGCBJia2T0D4wMPeFP5QajEKOZEWsySMxsG99ZsNWcS7tt",
+	"yFIXLZ+vLToaI2mdLI3TmOABhHihObMo9VieC9J17yLCTFhheLJOK8evxcjPu2F7PP3XPWruK+SeY6JN",
+	"KXEJGR0NELk7/9F0vn+6dzJ/lExaYVcNffp4XV19lF7UO2nkptGHSwhfdWao4ZEkyjjP8cmC6Sk3dijx",
+	"vEP3cTIYDOL/eomzbOn7Cy0y7r9tYOks3Q9WiwUfymyGA4GQoCQHzwrQff48eU7/wVxIpaF08+wlzlLX",
+	"fFIanqM2GMqnZ2eQCnnDCpGPvK2eBkuZyZWdOWEqDCy1sJZLMns3xF9lZDzeZ2QkHVNmGTfmblyyU44i",
+	"HzRfkMQ82cr2Sppyzt/T0o/k9x0KIaZI/b99tJlzy3Jm91pQv4TnkB7MW1/HmpUxJf1SquF20srgafh8",
+	"ODU2V7rVrPKGGGgxnVlAr4uczYzefqARZTWThmV2q8ReW//a80lNkDDTVorU6vLryOGFxKFPl1o7x2K3",
+	"IkKHda6knbXYhD+rJcyZXDn/ztmxGuhJGKvSET5ILWPZCkxl6nYfn0EpC27MUKJfyrJrMGxlQNkZ10th",
+	"eK8PaKCNFXr8GCbIhzJtzis40sC0c72LIkHJGF4r+Q3XwXhDmbPPwlpfuH9B+8oLJae7V5qgo8togRhe",
+	"MNwaYEM5Ebc8h7zU6AKBZm7h7hG5TsstwnL/SrbYA+Tw7eNk5F58NGLiimNqVmvlZy9PW61JZnl+lHnj",
+	"jHGU8Xut7GM1/uGuxX5i30Xmhp3YuzCDmnq0Ztrs/Vq5yI+kdhsTVCtL4u1rjL6LCSgitFupLJi1XLtj",
+	"9b9+vzz5T3by5+Dk+ah//j9OPv3tX9p4Igz+cWG4PlbfVgwVTerZ47OW12xlkKYseMf1SdgbqJ7Do5/6",
+	"c9KPhkqhOwBbakkxQqmsM83UZILfIC3lR+v14e3cmUy5s+TchsM15wv6Ip1GCzesKPkFMIjmwKwXfjOW",
+	"o1VXGu6/peRETEvtpA9ZpP19tlir5TF46FOxd3faT8U6p0W8lZVmVPNXK2t9aeHkl1or/ULlOCsu3eJ/",
+	"76xZu+48SFbamdLiT54TRccizzlqHWVHE1VKdK6UnBQic98QdXBvdM1XI82dTd3yByFHk8JZMhgpNeVk",
+	"IjLh3LUghdEJLBTLR1apEToGzghjlo8wsIejBh9vodWNyLkeYYyMZn7DBG1lgtunJStoHtKKieB6VE37",
+	"U8tOvLzxUb2vl/bHyrjAXe3nv/Gleke3aEb6YP10hxn1/XKS6pz1vQhMgs/UR6eB5zxPhjJ8NmGiiJ9x",
+	"rpPM409yYRalbXzJfzRaKrnx3KhQxibB4uij94dfDp9ofqOucaKbwqf+MIS7oi/6QGMCpWFT3s85yxPo",
+	"98kCOUBV4CN+Txraok1BINO8Y9OWaGnY1IPiOsR8LRGiKAPSIrOZMcAMpGjnpWCVk4xWSCdKS+cTy6nz",
+	"b0OQcMGm3HmwfL6wmHXaTQ5PgngKbTR4JXiRo3xpIQJGqlsZdaHwkG6u6t8/vP0V/F8p+P3988HjHghp",
+	"lc+uUSJtrPIVRgdQA7E5x4QbVPml/SsMc0jCRNvWh8Hdv4hX3AytNen2S+lowkHQZk9KW2p+Acrr3jln",
+	"0nsTW2PAG5v01/bC/c7crw9+wNMHBDj3ynyUeNvCnV/tslejH+i9NxIYX+2/H+8e3QNBt5CyGVjeO0qV",
+	"NjlwtUaVui12k0bKLz2vPGsGFKgcoy+t1DW4nxLQ3NnSsaz234clM4AKtIIN+AyVD7VS3NTO+AoyJwIn",
+	"Ws3d+Q423qLU2YwZR0LD9Y3A5Eo0uRZbqE0rRscxEKha/F4t+YbnU65/1Gz5lby149CsTXrzAGyf2Etp",
+	"d3P9WrZTTCXPz2GhjLDihgPLcxN2OAHJpww/1nyubshhmR8Yqgt+Ggs53Ac6b7lmy5Z40CulQ2wRmMyB",
+	"bDDg0mrBTVLzmwE3gqyY7SAbJ+KCFkMn3tpN6AVxOaN/Ex8Nc6o/muLKmTZsrEoLXYpY0R9p3uEc+KH8",
+	"6Ql2rBsqWLDBVMX0+l3FzrWQeexq4VvJc3LkrZJQeKLcLB2j5v8oTbtzchc9fLTkC2p700mdKW0nrCja",
+	"WabJJueN6CXzJI4IDGamyiKHGbvhQ2nZNZcoBWFcWsjwT1LZBMY8Y6XhPkzgowIzlgOhC/BYDaXjDn9s",
+	"fLRgqriBMS/UEv7kWl1QfjwsAYObGL3UPOPihiKchTBu58crSH96eQWnN49PWT4X8vSGazFZpXeMX7ZJ",
+	"UuSMTbXsz3y1D9tiVtvF2D24IbE83O+M7GGpu3kTv0Sc3m5pN6MqLVCujdTkwnlGzwZAD1CsySRwzVcG",
+	"Svzj0wEqZpZZrk3in/B/ezYY+KRpPItng/bJc32lLIGh1iJ2NwFreIBQR/+l3TQMo+8dZY3+NGQYIAnz",
+	"aduDdyQ5DleJhI6jFDMlaYWM861O3KYh8J4mFf6Q3R6oGOnFoyCiW4Awws5IJ41XkY1lKIzInLJYcOmk",
+	"UKGMhe4ACPSonNxglWgSaGz1jpsVCZLWWdUpashUUfAMIy0txAljjCoqoRwdygBGAI9GeGQAdzBx1AMh",
+	"s6LMeX7n/Eq1BNKDB7Kn/5Zlty28wG7Dkt2PtBc5KDJr15eDxHBECOtOaEv8CJovlHaSWbRHePcvcAto",
+	"Za86vFPcr05dNmnywmtDjIsHbMK4XBnHiM5WCQAdNLsQotM7GCK3IwF6ZxzJhImi1HxUGwXrjL3yESVa",
+	"C8UH+3Ap4fLdaydZQXOWm8ZDIWb7yAylWkpgWebYyPlB0KUNf2Sq6I7IEw+AzFRO9uicG8OmvHcxlEwC",
+	"l/lJabgGq5wJQe9TslgRMmTGFgsu3XHj/Wkf0sAIQ+k5AXCL3Q80+7QPVwEBPVNFbiiV4VxrQflNJIbZ",
+	"mYTdaxgKeaNExg9lwwDoaf3DaN3KjGBfNerLg75a7cpC3PC5zwqsA88jCxIRr4dOOcYLHcDAG5Jvi3rx",
+	"f0VpuSZ4U+QONfG2pjdBx+UK0drOpR7KSgrLG44ShbDkTld1L3O2QJftnRaZkNNeArwwPFJZB+65scyW",
+	"+0F8RNYP9DDigMbVcg+lchWl/6qgSc3dLVLr5Q3Xq/gAOCpz/DBAp5TkCagidweWILPwcr6wKyfVnU1t",
+	"DvYOPVGuqre1GaD3kwxuhUrV5yni4GpH2/ED68pz006pdUJ01rbnoJsbssM0uwdbPxh5/yQ7v3kI2oDN",
+	"mje0h7FM5qYP6YLL3Jnx/+///F+oTgH87yDFk6FM6cfmEyl0nTPqfNQcMqbzXgJp/X33bNhI96jzxpya",
+	"WflPLyKpE56aarX0YPKCWa7dcTC9PlxGFuhQUhSIRXNFn9kHHsLyrIIQM3Tvd9ZC+HUozQwt2EnDtRYG",
+	"auc5AWYgRD3c0L0LyAqF8Ea0sqxzeH3CntIojrU5CIs+dYVzzBvvyNSc4/gXQ+mHo8SdsE7/mmrOmM9L",
+	"0QAQ0jHDCrpSAYpjpBAa572hFF5Ha54p7QggJKQR13tRW4UvabM7kcDrkHnCqaKmOnrRmYvn1Kr2NoXN",
+	"pquzWBSizaZ/xZxqqOK06EaB22MMW8yEnJ5H5J2zbCYkrwSmsI4NjWUFhq9UaU/U5MRRQtNQhHcVFgO/",
+	"TUp1Iz+FaJxErgsrnAW0ovQPw/My5b0oBxYp9rsYtxOt5kcGkg7FBOHCD1Z88XdCtnu/olP7Y8a4Qnw0",
+	"qbZ/b+wFof0b3LPF+Nvu1h8PaKOxWqdUFysdWMBzFSFxqhw7Qn/akBrpoa6JNyx3Jr4rXMqXZFe2GD2B",
+	"Fj3xdjLx6mAieJGbatpNHPfBZkiUzG5RjH64bWm7lvLI9ohpGqNaUug+PXveQ9mbRjCWFLrPBk96JGqu",
+	"ncfkyzmdB7OjnpMiGwmwwigwbkuZgTQqDtsWzdwDVq80dQvEWNiCHwFHuYSP71+DZHM33ajGFNzj+9P2",
+	"HqJBb41sNGS4LScCPaGvzGzucrUfEKjatqL3VfC6BbLU9Ppb2PRGXfMW1nzfCOSvxc2dKWCqjM8hqdHt",
+	"WYMQD5HKonq74ZrnBw27s+qhfmO9yC3EUzIThWB2e6FTm+4PQRI0jBbMT3pz6UFXHgyy2KIV5sLMmc1m",
+	"/PAKsebafvEDtAkzUol3cKJCJDnWl4FkjTnvp301v6OZOBeTCXfno0W8eBMB46RwAoXKWDEKce8DODf+",
+	"woEwgOiNdwnON/m4OeHG2I2F76fv3WBLgX03jYQ/uVbgmAQGg8HjE/z/1WBwjv//z7ioqvv07Kx3FNCI",
+	"zkCU2wkVVLuK04iJ105pweYLnjvtKNWS9OcaKMo21nLXae89F+0b9EfJS/7atlloh5hMfoAP12JxgOFU",
+	"w1/bU7uVVg8el6bhUZ5ei8WC54dARKqXVEPuWPsdwXRFMco5y9tjlRPVisO5dEaQXxI5WOiKc4oXLmci",
+	"m8GcrTAZDZqzbMbzkHyYo001YxLOnsJMldoAmyroGs4BXzcKNNjiZtVkacrvI3l8zm5f01cfB4hg+L2l",
+	"DHg70dtxctV+t8X/HLnIt/WIJQjRF6XR9BRyWoHXD7QLNE7EtOfwII2IliZUzMk11J9ixigkCdBxvqAQ",
+	"TBoYJCXEh/sxbHnBJ5Y+6DLnrRsLSEsYr6Khewe7CfEhblGt4eBsLPFXNvdgk/XJUbOVFTDN72IItZza",
+	"mtI7jmIlRVpTPEz6+MaSBWONXhMjzKSydC6dyFMjVfjKgeh8tAZh6JRtgd2zhRjdcB0K0ff698xaPl/Y",
+	"Lf7JFhuiYMb6AoJD3rE7WYIBTz+Nr4rJL7TKuDFfGdmv0irHxHgOy19EG1fnMIKjdzjCvg6th71rxMjj",
+	"BbQxcDSLe4iGx8z4T4qIb5K1oZU9xiDiDyesplLpZkh0wfT1lhP30bAp/yHY28dUm1XYlYOIie/BhbyW",
+	"i9Ier8Ni6u3AqeB7fuQsb5dgqbecvW2XnteoAjL26vhtl8HT29teH1IvwtJzENYMpTspxrL5gqS0+8ZS",
+	"yFwtw1gsy/jCGug+eQY5W5kECm7Id3YmA1hWFKuh9BVvCnLueFyDsL0QthEB9jbm4c88dzpMq3I6A4Y1",
+	"ulUGU5WWTTF4HAByBJ/wALmAgbPAKuRJ0M9D+Yry+h4W4wyfBTMGus9ubxO0hVVpTQIYj6KRnGQ/Kbi1",
+	"XFfqYCgJzSE0YFRKWDKhKbeynImCJlUTT5hggRP1mkH+5j5FemQrE0fMdWRfjj1uZdNc3mhx8UfJ0djw",
+	"i6l5QJXSJhDZFhGe7IKicFaF56vSnP5x4YCKnptz+5HKIJ3Dc1FNw7MkqCLH6OIzmAtZWm6AzTjLCe9w",
+	"iEv3Dw9cIpbQznZBg2B5uIOHkLq2SCCGNBOQSp5U0GnfgK4bDHFHkQDKY+7EkGpfA8nkqqTqP/9yGmWP",
+	"rx2cNppfgwG2ipz7Ujr1YOt69Ntqnnoe25yE+wzlH+2RkoilzF5JHdfIQCC2jOtR781T3diaTQt1p8V5",
+	"D2WjLahWlo/CTrCieDvpnP9+AIdVGvLLp6TNyI+cEXfc3W+b0Hd8v9dNX1mns3P7j7TJ52w15iMnX1tr",
+	"4pyAQ1wKSTjv+W9z+J1kV6V1es738zQMMypGOQvB60fALPuz29veBWbbKbbQEiwgTIDEZkUpOkTp3buv",
+	"7Ugd3pfjcZj1jywVyatYJx2pCo51chuHd7cYr6fV7mjsyeriIl9jccLW+sIgldrPv5dIZmtYhVpa1UvC",
+	"6hWfw0frdOz8b+wlQ2fzwunIgAKZo0turNqag6hE5RYJVYnPLX+tgjRHqjJPr30d6tqEummX6mZPKCPm",
+	"yEht1NCR9UBVJ5JlHZKr201NhPOb4xMUd8gBHU7uqNDgPjM7zTMV53f8/NrI/x9YIrMVdHB0M4TtlkOA",
+	"u35dkefamj3mb0cBOC3wPULRt6/PjKK04QFhUHW9E3R77HA+g344CzW3rRXsEFLMZlcmFGOvTFJ9RZWB",
+	"rUtePSY3KgAzQ1mVeSGEzZd/1fVeK1hyzanQqw+/KMlXoJbogTjHdijHqLnP6dlc4cdzN1KqrlNAz68P",
+	"b6i3oAemosd5aAo15Nb3STF1HWmiestadjHaoSZpNznOqWKelVrY1Qc3pSoi6vs9b/QJDpB73AqTqQWH",
+	"1Bf7po7uKdaypQn4yWDU2xr48PPlydmz72HGzKxqQo7syJmmYiGa2czaBeJvjZM61xxjsvTQq8Ca//7b",
+	"Vaeth3FA6f/7b1fQ/fmDe5/S8N790LuA1JTjNLRNr4IY1KZyz3S+IJp+0pIAxJgL6lNwfi4GZMaiKNCU",
+	"I7qAwOpVqgQl8+8cFpovmMgD6w6l74sWIjHeTKxqWJxPHYoR6Qks8Lh89xoTFyhzhzJUnhpqW6QxA0Bl",
+	"Ch5DOEcGZ1qLG8fjVOpgnXaiJiZDWakr0LwQbFysonDCD35pqBRMfyiHEntoIFR7OeOaJ5Aaya75KGOG",
+	"pxVUit4rZPCnG1VJ/lwP5esPb6PqnKqw01ReOEWO8KP3r17AkydPnuMkvvsOXULz3XfotKfb2mWndYvr",
+	"nn8tGItN9lLn7qT9odzszCkMPB0MaiKGlFDGpJMGY17FKXzHKKtZZocSW/R156xwQpXn4EiVAIMxy+vW",
+	"IY5FqVc24bKenp3RmxiO6ubmuCNfgZNE11jnWhb8AlICqv3+KcWOJAacnALVRKm58xd3OfHU+oDWHFh+",
+	"a/vffQdX/NZSnI74GY09A10cNwHsAGaSUJWSDGUoGPWtbyLb0iQQtWPCwscezH2/kI9Xr07+tfJ9fv34",
+	"ZijdksMHWEohcqF5RjE24PMxz91qElA3XGvhy3OEUc7lIVqrwgxl9+PfzgZnlyf4z8sE3L/ff4+/fv+8",
+	"l1T512uOq0YFUTBkSW/6DiVhY9GzojijN3oxeDVn+trgsAM//OAVzuXj3wbfP36BfMeKwukOT+TL0s4c",
+	"WYgPv/vOjZhe+qZX+Nk5/IDyBoblYPAkw+oi/JGnfbj01Ua+G4Pm7nAqe2K44x2qHtcEzmbrwo9k3b/F",
+	"Yi5BXxSlgVVlNhtSQeBS1t3TLurms1iUQiPvEflD6WU+dPFffE2uSCTQYEEQztmq52kTNep3DPju7Ycr",
+	"Hykmd8mdirm64WDUnNMoZMYPZbrW5D/twwd/vQWJSfcLHhgfPnVesr8ng04oamnHeuh4U0a3vorjJNzF",
+	"cQ549cZFdXtGkBgBF0N9gUCY0NK3tUFZ2oe3C06NK6uuwe7wjJkzQep+KkPZ9TX7ie99UB0vdA97IVTA",
+	"HN8HEG3l0rij7t0PmLh9qZZ6AaEirSpECwfCfcGAkl7AJ/4VTuA9d6JwW2e1tA9/5yswC5Zxcw4bNXKP",
+	"DNU8YwjV+iq87oLrmtsSMIqsKor1Zqoo3Pmuuo84U43L/JG58KVAl+9eD6XbByxSMEhInAGWJHgVhRzq",
+	"3+7e5yPm5xC/fCijTlV2hikOt5UkSLHUCOu8wgsQ6hvvRR8uhzLoAeRbXwjiRafH5+MaEauLHZ1bbmQB",
+	"XUrjziJhaf3xeCOMdcoMTdYU0bspdH0DQng2cIf5Fp4NBqQz0CZmf5RUR2aUThPq/+oZJv1MwjqKzn5J",
+	"L9YuPRGGOib68tmCGUsXn1A7M8LdksHTSTpVxrzzuD/oD9DNWHDJFqJz3nnSH/SfoGnq2+Cezjgr7OzP",
+	"zvnnL0nndM6tFpnxv2EgIvypaoegG+gy8oqV2RJ484kyYWBSKFJtyl9IE/IQXeYhWZBahavNKvDWUEq1",
+	"pLPSu6Bqk3CVDmoDRw/afc2diKDiaJTjSiKPW6z8I/yKVfDx6gXkbAVjVcqcUUsTXzVD4yDEzpBmoU16",
+	"ZCB1bnBKOhEn6UcOy6uQoLgjKgiV1znhXJnla3DTCkb+g8pXO24UOe4mkXbc35emw+IDuY2rTc4Ggwea",
+	"RNutJo02o7kWE9snp9/3lW8fv5pwdGFK0jGhX1XnBe1BnT31G4oHu6osJsuO4tz0XYEhJ8umBkNSjsWd",
+	"P3Z7ggfqhD4gqjWOASUsT+q0+JTj3Ju77+RFlNSnDpf13Ue/t19iU0UrDyN5CxjjS9L+lfrlp3SNzgEP",
+	"+uuZvnx6QK5ZR3K0XYZDvQvVxFt/Hjp1H7zjrW6vqGhcJ5SXVejg61nk9HMocfpySjYPSs4WZmheH1UV",
+	"Rt3f7U2fki0Su7a1LiKnlE8mPPNmtygKmJYMa9HGVP/vC+leIxd4t715CMhui+E134aT2rjoqsJ7UDN9",
+	"j6QRcnofjPSORkPndYOlyJC4EyehKDtE1tQx+IcRNY3Mz381IbOWuN8pY0h53J+I+RiN504O0R262JgC",
+	"k68EsDG9r2aQU5+P3G6Z/YLlyDH+NEB7Q2V1Cl2lIV3PmqS9BEIGzZnZhtsE8tJf+lVhqQza61TXu4bl",
+	"1d5lwJcryYeyCdz1vl0fLuUqTkpTqqyBJiJpJKQROSen6g6wrNCHXFUBNoRlZUxS+Iiwrgn2E+H0V8gF",
+	"z0FN+vBmDbWbkInIbxcFE5Lna7Dl80AdVVo3afJP/KS7FeysdzGUR8LU2zLTzuptB6+nTWSu29QQePfj",
+	"5TwvF9y5P/XuUYhCORpQh716UOfpgOMGmdcwNvTueD6Udikyfk6ubjThph9B/hKOQNPzjIA7ExLsmPRk",
+	"crVkq4vQiULaqMGTVAHinQZIcriccl0l4YhNcfkwNnmj3OGbG+Mx7r9F4GF3qiUzEadj4M/39tF4WSkB",
+	"v+/F0HL7ixsUy9evUIzUm2+rSqQE12t5w7RgYZMfiNaNFOEWy4N6WUEX63KpKMkZmM6vDamhCzCccli9",
+	"+6C4c8fm2BzAF3XTcaXDGDJUlGqjsD5mJrCj6zG7kdX37rVuxE/chqv5HnALwiu2UD+0pysUc/YrNUjQ",
+	"X8PYPkWH1lVIzv3+yZk7UZrs90/Oqqm3BM+cVzCUXYqIHQj5qaKsjxCe+JZVOwIuv2lhebPfFjO1SseS",
+	"GN/yyj+2ls0aSt+SrQ9UnosX/viOZKE9GSZ5GaRzlfN/8+9Jwc+OUhDofmMLs+rBuL9R9TT2Clnr4RWC",
+	"4UOJ7dzXY+EYh3vJslkdQnffwI0EBr6ePqBH1aSKsLqpUMhpKLvp1eWbN/9z9OLnly/+/vbj1ej95dXL",
+	"0ZvXv7y+SpNwnQg8HiTAMq2cPU+GhsUD5PTzghnrzq6twkSYjDp7vl7XT9ZNo/IefgtptY2IeQIsxCu9",
+	"mbUWt4QuBi0d77pT2vMWB3W1WXncdRVfrgZZiybDlNv9kWTPL9FotFBszhfw3ixfbY96rV8nueGR7HEK",
+	"tlwyTE7C/evq9ksfD1LZjx9qEm2yjCaWr13925Io2XcFcMs15/5130wYfvAHdz2vTn2MqjsrqUFXJST9",
+	"U5GUDPiL088R2OjLTn1UI8EeTiGFd2zTSFXZ5Lel+ntMi0MEhqtIGwjZ+fTl2OMa94/8lHR8ZUYb765j",
+	"PSboVimSc8BvhbHQPRs87jl3hpqjhQwhL3IzlFNxw6V7ZNDrAzZs8TWUjnecS+drUxAL2od0846ldCgL",
+	"Ia8pR+te6KTrWrVM0mzMSW6Gx2eiG6Ykv8AckdNBHnIQrlxBMWm4bROPdN9XgwMfQJw1Lxf7xq7HLtb/",
+	"SO3ukOvvVXbueGclNO8h1VBlwok195+k3VLqNGrKtE1a/VDdiv1gOxZesUVW+Ul+a1FVXyxf3Yaplli0",
+	"HfrpVwQPVzl+neDas1f+Laehi/9mEP9IKdlqyv+o2ZI67TRu+GD+cnpuwm3vkZFGPTj78Cu/QdDMDdd4",
+	"ycO5T24rBRO+jK4vzaqWxA0jdnCGWKuWpl+QMU0Z8/jevjTcB9hqCBKZXkQXvN3dAnw4y6957/G3FpWN",
+	"m4TbZBc98IAW39PB2Y7lxEi9w5dVn/2NBf3qtLxEuOQGO95LnGmBociK6TZFxIGnnOA+D3TID7eFVtxu",
+	"ptXwwqa/+MFqXJz2jT2p+GqwFh78ie4b/Kt5URUP4/wqGd1daDVXhBCbM1myAuiuGLym5mtYPAK67c4t",
+	"EqtdxY8fy3V/qXRgdGXKzlRggc+Flnjf2v65qlrx+olsBSZ8G/snxIx3s4r/xrvw8H9pRokbbu/klECb",
+	"b80jl5X6eFTdLbEdwFLt4MMyCmZ4Ii5Zu0GtnJu400XoKYXZJw+WrbPlVaOJOgNshrIbksgEZw3+f68P",
+	"P1YgsJBxLfINzCB2wybQIISI8PuXVy9/vXr99tfRxw+XP70cvfyPl79efUh7+IJrvsCIes4EgrUtK8xQ",
+	"KlmsEE5KWNvQotundTfgihSp9g95OCJlr+vZUHa3zsqL0IHLKmAxfnEFXcImYpq0MTx2D2erhACLdb/v",
+	"+uWS39reRWT9PzJD6YfbhnR0PBeA97XLUOFmlzMeEPtU2UW3rk05zJgBXco2FyGKxWE+9jDgSqj2bQVB",
+	"7W+p5k7UGvhJZkVpxI2n0kWVB3gyoBYavlWLI8t624y0rW9G2tpUsG0tvsqyXsphdZsbVcW3YQVc5vX8",
+	"pVre83yxHPTI2T44sMcX6bZFLwjT+42F8huVsaKBKkY4iK8tQhgFbYZmchrnW0lw3o9w3oCMrTeiLgq1",
+	"dA7HmNoA1c2Y+Y1QpUHV9sisIdLr+6YRbr9QRRFu60fHxShfOjAXxnBTNQ1K8B9frxXZkUOZqflcUPRW",
+	"Tail33ndeo4tFpzpqn/QhIfyOYyxIqBoKKMBfcEKIlEWmmc895ccGJgIKczMibANkD0rlmxlhtJwe0Fp",
+	"N/clzH0yY5BILLtuk2DO5NkGutsMpDVf7IVxg+B0Y7MT2j6v6Uuw+FRIiVDF9nMZ7g9sB4a2XJN3OILv",
+	"IY/vgZC8+wPjuV1QpUUlCuPSCMmN8bzmmKt5n010NEMjsuBbBVPq9HNdfr4z6RRuXHl4a3VbGDdcwv/P",
+	"yTgFXAJGJDH2WF8tNBPu0K0OtFRboNJRC4ADwdLfP92LlfY7vY7AbY/oIDCh6qITSq2VrGAMiHQyti5I",
+	"QKAAFsFQE6yhbHTBwvzVhdcUhHzc29lrKLG1l/sWXhlAKqfXh0vfb6OCXWkOJHjx4lN/gUBl2RG0oK6n",
+	"qKuNvRx24nCq8RCVkuxrb6YTrsAjB1PEbMTIQt/qI65ODUgLtDWxPqjuqCZzp1GcZhlKRCBFt7RFyGro",
+	"4idxm9g6kYc08Ld60sIqivaSKqnnUdtKV3a7XyrVLjKbzRJUFUOZVusgazl8VWacrsCpu7psaeniUZ50",
+	"p0soXGyfsZtRPd8wg9AcxaNM8I68iO6j6u/nFXwEtQ2zFY8OpZ93uPWHkB5YX4eXLV0QJlNYv8XMeZXR",
+	"4txaw0Kq3kmQVpNNwXeC9/6HJxKPAbXUJTAZSudEEZWpXV5Vf1w5fTUwlxoNMkNIlDat/FpO+R5E/F8L",
+	"fxL15jwoVHp2v29u9DraUrdFG+078Wy2Yf7LBlMJlumt8e5jJ8seDwYDLwl7LdZ3i9w//Vzz/U4tX/Nc",
+	"55uUM1QFGdvLXe7DbPJRlap4wVnqksdQ3kO8mBbF3WjqdZDiPsDBR8295OOZUtfG12J1zj/vMmGcxcL1",
+	"TZhpqYvOeecUz7tf1ucw5Tq77wyf8GHAn0YfBahS9Fll1sTP+eBt9BFRMPrAWx/RJ4TE3YwEvGBFQbqG",
+	"1O4FRmMWUfBnyiWnZgW0YqdhskIgp1T7EqjX8oafsW4YW0/kZD6jsaAy1Bj6xkn5qsph83XRS6rTY5zb",
+	"+v8DAAD//w==",
 }
 
 // decodeSpec returns the embedded OpenAPI spec as raw JSON bytes,

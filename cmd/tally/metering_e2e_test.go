@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"io"
 	"net/http"
 	"strings"
 	"testing"
@@ -279,5 +280,127 @@ func TestReconcileEndToEnd(t *testing.T) {
 	}
 	if api.JSON200.To.After(time.Now()) {
 		t.Errorf("to %s is in the future; it should be clamped to now", api.JSON200.To)
+	}
+}
+
+// Stripe dedupes identifiers across the account: bob's u-1 must not be
+// swallowed as a duplicate of alice's u-1. It is answered conflict, nothing
+// of it is stored, alice's event stands and reaches Stripe once; only the
+// same event again is a duplicate, within one batch too.
+func TestUsageIdentifierConflictEndToEnd(t *testing.T) {
+	fake := stripefake.New(t)
+	s := startServer(t, meteringEnv(t, fake.URL()))
+	ctx := context.Background()
+	svc := s.service(t)
+	for _, c := range []string{"alice", "bob"} {
+		id := "cus_" + c
+		res, err := svc.UpsertCustomerWithResponse(ctx, c, client.CustomerUpsert{StripeCustomerId: &id})
+		if err != nil {
+			t.Fatal(err)
+		}
+		mustStatus(t, "link "+c, res.StatusCode(), res.Body, http.StatusCreated)
+	}
+	post := func(evs ...client.UsageEventInput) client.UsageIntakeResult {
+		t.Helper()
+		res, err := svc.IngestUsageEventsWithResponse(ctx, nil, client.UsageBatch{Events: evs})
+		if err != nil {
+			t.Fatal(err)
+		}
+		mustStatus(t, "ingest", res.StatusCode(), res.Body, http.StatusAccepted)
+		return *res.JSON202
+	}
+	if got := post(usageEvent("alice", "u-1", 5)); got.Accepted != 1 {
+		t.Fatalf("alice's u-1: %+v, want accepted", got)
+	}
+	got := post(usageEvent("bob", "u-1", 500))
+	if got.Conflicts != 1 || got.Accepted != 0 || got.Duplicates != 0 || got.Results[0].Status != client.UsageEventResultStatusConflict ||
+		got.Results[0].Code == nil || *got.Results[0].Code != client.ErrorCodeIdentifierConflict {
+		t.Fatalf("bob's u-1: %+v, want one conflict with code identifier_conflict", got)
+	}
+	if got := post(usageEvent("alice", "u-1", 5)); got.Duplicates != 1 || got.Conflicts != 0 {
+		t.Fatalf("alice's u-1 again: %+v, want a duplicate", got)
+	}
+	got = post(usageEvent("bob", "u-2", 7), usageEvent("alice", "u-2", 7), usageEvent("bob", "u-2", 7))
+	if got.Accepted != 1 || got.Conflicts != 1 || got.Duplicates != 1 ||
+		got.Results[1].Status != client.UsageEventResultStatusConflict || got.Results[2].Status != client.UsageEventResultStatusDuplicate {
+		t.Fatalf("one batch with u-2 three times: %+v, want accepted, conflict, duplicate", got)
+	}
+
+	u1 := waitUsageStatus(t, svc, "u-1", client.UsageStatusDelivered)
+	if u1.CustomerId != "alice" || u1.Value != 5 {
+		t.Errorf("u-1 is %+v, want alice's 5", u1)
+	}
+	waitUsageStatus(t, svc, "u-2", client.UsageStatusDelivered)
+	for _, m := range fake.MeterEvents() {
+		if m.Identifier == "u-1" && (m.Payload["stripe_customer_id"] != "cus_alice" || m.Payload["value"] != "5") {
+			t.Errorf("Stripe got u-1 as %v, want alice's 5", m.Payload)
+		}
+	}
+	if fake.Count("u-1") != 1 || fake.Count("u-2") != 1 || len(fake.MeterEvents()) != 2 {
+		t.Errorf("Stripe holds %d meter events (u-1 %d, u-2 %d), want each once", len(fake.MeterEvents()), fake.Count("u-1"), fake.Count("u-2"))
+	}
+	bobs, err := svc.GetCustomerUsageWithResponse(ctx, "bob", &client.GetCustomerUsageParams{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	mustStatus(t, "bob's totals", bobs.StatusCode(), bobs.Body, http.StatusOK)
+	if len(bobs.JSON200.Meters) != 1 || bobs.JSON200.Meters[0].Total != 7 {
+		t.Errorf("bob's totals %s, want only u-2's 7 (his conflicting u-1 was not stored)", bobs.Body)
+	}
+	mustVerifyClean(t, s)
+}
+
+// The zero time 0001-01-01T00:00:00Z is what an unset time looks like when
+// a client serialises it, so it is refused wherever a time is given, never
+// silently read as "absent": on a usage event it is rejected, as from or to
+// of usage totals and of a reconciliation it is a 422 naming the field.
+func TestZeroTimestampsAreRefused(t *testing.T) {
+	fake := stripefake.New(t)
+	fake.SetMeter("mtr_api_calls", "api_calls")
+	s := startServer(t, meteringEnv(t, fake.URL()))
+	ctx := context.Background()
+	svc := s.service(t)
+	zero := time.Time{}
+	res, err := svc.IngestUsageEventsWithResponse(ctx, nil, client.UsageBatch{Events: []client.UsageEventInput{
+		{CustomerId: "zed", Meter: "api_calls", Value: 1, Identifier: "zero-1", Timestamp: &zero},
+		usageEvent("zed", "zero-2", 1),
+	}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	mustStatus(t, "ingest", res.StatusCode(), res.Body, http.StatusAccepted)
+	r := res.JSON202.Results[0]
+	if r.Status != client.UsageEventResultStatusRejected || r.Detail == nil || !strings.Contains(*r.Detail, "zero time") {
+		t.Errorf("event with the zero timestamp: %+v, want rejected naming the zero time", r)
+	}
+	if res.JSON202.Results[1].Status != client.UsageEventResultStatusAccepted {
+		t.Errorf("the event without a timestamp: %+v, want accepted (now)", res.JSON202.Results[1])
+	}
+
+	for _, param := range []string{"from", "to"} {
+		req, _ := http.NewRequest(http.MethodGet, s.URL+"/v1/customers/zed/usage?"+param+"=0001-01-01T00:00:00Z", nil)
+		req.Header.Set("Authorization", "Bearer "+testServiceKey)
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		body, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		var p client.Problem
+		_ = json.Unmarshal(body, &p)
+		if resp.StatusCode != http.StatusUnprocessableEntity || p.Code != client.ErrorCodeInvalidRequest || p.Detail == nil || !strings.Contains(*p.Detail, "zero time") {
+			t.Errorf("totals with %s=0001-01-01T00:00:00Z: %d %s, want 422 invalid_request naming the zero time", param, resp.StatusCode, body)
+		}
+	}
+	rec, err := s.admin(t).CreateReconciliationWithResponse(ctx, client.ReconciliationRequest{Meter: "api_calls", From: zero, To: time.Now()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	mustStatus(t, "reconciliation from the zero time", rec.StatusCode(), rec.Body, http.StatusUnprocessableEntity)
+	if !strings.Contains(string(rec.Body), "zero time") {
+		t.Errorf("reconciliation from the zero time: %s, want the zero time named", rec.Body)
+	}
+	if n := len(fake.Requests()); n != 0 {
+		t.Errorf("Stripe got %d requests for a refused reconciliation", n)
 	}
 }

@@ -17,7 +17,7 @@ import (
 // meter event summaries, per customer, and exits 2 when any differ, so a
 // cron job or CI check can alert on drift.
 func reconcile(ctx context.Context, args []string, env environment) error {
-	fs := newFlags("reconcile", "Compare usage delivered to Stripe with Stripe's meter event summaries, per customer.\nExits 2 when any customer differs. The window is floored to whole minutes; a future --to is clamped to now.", env)
+	fs := newFlags("reconcile", "Compare usage delivered to Stripe with Stripe's meter event summaries, per customer.\nExits 2 when any customer differs. The window is floored to whole minutes; a future --to is clamped to now.\nEnds older than the usage retention (TALLY_RETENTION_USAGE_EVENTS) move to UTC day boundaries.", env)
 	meter := fs.String("meter", "", "the meter event name, as in the catalog (required)")
 	fromFlag := fs.String("from", "", "window start, RFC 3339 (required)")
 	toFlag := fs.String("to", "", "window end, RFC 3339 (default: now)")
@@ -54,7 +54,8 @@ func reconcile(ctx context.Context, args []string, env environment) error {
 		return err
 	}
 
-	rec, err := metering.NewService(gdb, client, cfg.Catalog, time.Now).Reconcile(ctx, *meter, from, to)
+	rec, err := metering.NewService(gdb, client, cfg.Catalog, time.Now, metering.WithUsageRetention(cfg.Retention.UsageEvents)).
+		Reconcile(ctx, *meter, from, to)
 	if err != nil {
 		return err
 	}

@@ -66,6 +66,9 @@ func New(ctx context.Context, cfg config.Config, opts Options) (*App, error) {
 	if logger == nil {
 		logger = slog.New(slog.DiscardHandler)
 	}
+	for _, msg := range cfg.Obsolete {
+		logger.Warn(msg)
+	}
 	gdb, err := db.Open(ctx, cfg.DatabaseURL, cfg.DBMaxOpenConns, logger)
 	if err != nil {
 		return nil, fmt.Errorf("open database: %w", err)
@@ -153,7 +156,8 @@ func New(ctx context.Context, cfg config.Config, opts Options) (*App, error) {
 	}
 
 	// Metering: intake always; delivery only with a Stripe key.
-	deps.Metering = metering.NewService(gdb, stripeClient, cfg.Catalog, now, metering.WithLogger(logger))
+	deps.Metering = metering.NewService(gdb, stripeClient, cfg.Catalog, now, metering.WithLogger(logger),
+		metering.WithUsageRetention(cfg.Retention.UsageEvents))
 	if stripeClient != nil {
 		a.workers = append(a.workers, metering.NewWorker(gdb, stripeClient, cfg.Metering,
 			metering.WorkerOptions{Logger: logger, Now: now, Registerer: reg}))
@@ -177,7 +181,8 @@ func New(ctx context.Context, cfg config.Config, opts Options) (*App, error) {
 	a.workers = append(a.workers, events.NewPusher(gdb, events.PushConfig{
 		URL: cfg.EventsWebhook.URL, Secret: cfg.EventsWebhook.Secret,
 	}, logger, now))
-	a.workers = append(a.workers, idempotencyJanitor{db: gdb, logger: logger, now: now, interval: time.Hour})
+	a.workers = append(a.workers, janitor{db: gdb, logger: logger, now: now, cfg: cfg.Retention,
+		metering: deps.Metering, keepUnpushed: cfg.EventsWebhook.URL != ""})
 	return a, nil
 }
 

@@ -117,10 +117,51 @@ type MeteringConfig struct {
 	Transport string
 	// RateLimit is the most meter-event requests per second, shared by every
 	// running delivery worker (each takes an even share).
-	RateLimit    float64
-	MaxAttempts  int
+	RateLimit float64
+	// BackoffMax caps the wait between two attempts at an event that failed
+	// retryably (5xx, timeout, network). There is no attempt limit: an event
+	// is retried while Stripe still accepts its timestamp.
+	BackoffMax   time.Duration
 	BatchSize    int
 	PollInterval time.Duration
+}
+
+// The shortest retentions accepted (Validate refuses less, rather than
+// quietly keeping more than asked).
+const (
+	// MinStripeEventRetention: Stripe redelivers an event for up to three
+	// days and lists events for 30 days; an id kept 35 days is never
+	// processed twice, whatever Stripe sends or an operator replays.
+	MinStripeEventRetention = 35 * 24 * time.Hour
+	// MinUsageEventRetention: intake accepts timestamps up to 35 days old,
+	// so an identifier is kept at least as long as the same event could
+	// be sent again and must be answered duplicate, not stored twice.
+	MinUsageEventRetention = 35 * 24 * time.Hour
+	// MinEventRetention: the feed keeps a week at least for its consumers.
+	MinEventRetention = 7 * 24 * time.Hour
+	// MinIdempotencyKeyRetention: a key's first answer is replayed for 24
+	// hours.
+	MinIdempotencyKeyRetention = 24 * time.Hour
+)
+
+// RetentionConfig says how long what grows without bound is kept; the
+// janitor on every instance deletes older rows in small batches.
+type RetentionConfig struct {
+	// StripeEvents: processed and ignored Stripe events, by receipt
+	// (failed, parked and unprocessed ones are kept whatever their age).
+	StripeEvents time.Duration
+	// UsageEvents: delivered usage events, by timestamp; their values are
+	// kept as daily totals per customer and meter.
+	UsageEvents time.Duration
+	// Events: the outbound event feed, by creation (events the webhook
+	// push has not delivered yet are kept).
+	Events time.Duration
+	// IdempotencyKeys: stored answers of keyed requests, by creation.
+	IdempotencyKeys time.Duration
+	// Interval is how often the janitor runs; BatchSize bounds the rows
+	// one statement deletes.
+	Interval  time.Duration
+	BatchSize int
 }
 
 // EventsWebhook is the optional push of outbound events to the host app.
@@ -150,7 +191,12 @@ type Config struct {
 	Checkout      CheckoutConfig
 	Metering      MeteringConfig
 	EventsWebhook EventsWebhook
+	Retention     RetentionConfig
 	Catalog       Catalog
+
+	// Obsolete names settings that are set but no longer have an effect,
+	// each with what replaced it; they are logged as warnings at start.
+	Obsolete []string
 }
 
 // Default returns the configuration of an empty environment.
@@ -180,9 +226,17 @@ func Default() Config {
 		Metering: MeteringConfig{
 			Transport:    MeterTransportV1,
 			RateLimit:    20,
-			MaxAttempts:  10,
+			BackoffMax:   10 * time.Minute,
 			BatchSize:    100,
 			PollInterval: time.Second,
+		},
+		Retention: RetentionConfig{
+			StripeEvents:    90 * 24 * time.Hour,
+			UsageEvents:     90 * 24 * time.Hour,
+			Events:          90 * 24 * time.Hour,
+			IdempotencyKeys: 48 * time.Hour,
+			Interval:        time.Hour,
+			BatchSize:       1000,
 		},
 	}
 }
@@ -367,9 +421,20 @@ func Load(getenv func(string) string) (Config, error) {
 
 	p.str("TALLY_METER_TRANSPORT", &c.Metering.Transport)
 	p.float("TALLY_METER_RATE_LIMIT", &c.Metering.RateLimit)
-	p.integer("TALLY_METER_MAX_ATTEMPTS", &c.Metering.MaxAttempts)
+	p.duration("TALLY_METER_BACKOFF_MAX", &c.Metering.BackoffMax)
+	if strings.TrimSpace(getenv("TALLY_METER_MAX_ATTEMPTS")) != "" {
+		c.Obsolete = append(c.Obsolete, "TALLY_METER_MAX_ATTEMPTS is no longer used and is ignored: usage delivery "+
+			"retries for as long as Stripe accepts the event's timestamp, waiting at most TALLY_METER_BACKOFF_MAX between attempts")
+	}
 	p.integer("TALLY_METER_BATCH_SIZE", &c.Metering.BatchSize)
 	p.duration("TALLY_METER_POLL_INTERVAL", &c.Metering.PollInterval)
+
+	p.duration("TALLY_RETENTION_STRIPE_EVENTS", &c.Retention.StripeEvents)
+	p.duration("TALLY_RETENTION_USAGE_EVENTS", &c.Retention.UsageEvents)
+	p.duration("TALLY_RETENTION_EVENTS", &c.Retention.Events)
+	p.duration("TALLY_RETENTION_IDEMPOTENCY_KEYS", &c.Retention.IdempotencyKeys)
+	p.duration("TALLY_RETENTION_INTERVAL", &c.Retention.Interval)
+	p.integer("TALLY_RETENTION_BATCH_SIZE", &c.Retention.BatchSize)
 
 	p.str("TALLY_EVENTS_WEBHOOK_URL", &c.EventsWebhook.URL)
 	p.str("TALLY_EVENTS_WEBHOOK_SECRET", &c.EventsWebhook.Secret)
@@ -595,8 +660,8 @@ func (c Config) Validate() error {
 	if r := c.Metering.RateLimit; !(r > 0) || math.IsInf(r, 0) {
 		bad("TALLY_METER_RATE_LIMIT", "must be a positive number, got %v", r)
 	}
-	if c.Metering.MaxAttempts < 1 {
-		bad("TALLY_METER_MAX_ATTEMPTS", "must be at least 1, got %d", c.Metering.MaxAttempts)
+	if d := c.Metering.BackoffMax; d <= 0 || d > 24*time.Hour {
+		bad("TALLY_METER_BACKOFF_MAX", "must be positive and at most 24h, got %s", d)
 	}
 	if b := c.Metering.BatchSize; b < 1 || b > 1000 {
 		bad("TALLY_METER_BATCH_SIZE", "must be between 1 and 1000, got %d", b)
@@ -612,6 +677,28 @@ func (c Config) Validate() error {
 		if c.EventsWebhook.Secret == "" {
 			bad("TALLY_EVENTS_WEBHOOK_SECRET", "must be set when TALLY_EVENTS_WEBHOOK_URL is set, so the host app can verify pushes")
 		}
+	}
+
+	r := c.Retention
+	for _, k := range []struct {
+		name     string
+		got, min time.Duration
+		why      string
+	}{
+		{"TALLY_RETENTION_STRIPE_EVENTS", r.StripeEvents, MinStripeEventRetention, "Stripe redelivers and lists events that long"},
+		{"TALLY_RETENTION_USAGE_EVENTS", r.UsageEvents, MinUsageEventRetention, "Stripe accepts usage timestamps that old, so an identifier must be kept that long"},
+		{"TALLY_RETENTION_EVENTS", r.Events, MinEventRetention, "the event feed keeps a week at least for its consumers"},
+		{"TALLY_RETENTION_IDEMPOTENCY_KEYS", r.IdempotencyKeys, MinIdempotencyKeyRetention, "a key's first answer is replayed for 24 hours"},
+	} {
+		if k.got < k.min {
+			bad(k.name, "must be at least %s (%s), got %s", k.min, k.why, k.got)
+		}
+	}
+	if r.Interval <= 0 {
+		bad("TALLY_RETENTION_INTERVAL", "must be positive, got %s", r.Interval)
+	}
+	if r.BatchSize < 1 || r.BatchSize > 10000 {
+		bad("TALLY_RETENTION_BATCH_SIZE", "must be between 1 and 10000, got %d", r.BatchSize)
 	}
 
 	if err := c.Catalog.Validate(); err != nil {

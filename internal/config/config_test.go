@@ -40,7 +40,9 @@ func TestLoadDefaults(t *testing.T) {
 		},
 		Credits:  CreditsConfig{ExpiringNotice: 168 * time.Hour, SweepInterval: time.Minute, RevokeFrom: "balance"},
 		Checkout: CheckoutConfig{ExpiresAfter: time.Hour, ConfirmOn: "payment_intent", RateLimit: 10},
-		Metering: MeteringConfig{Transport: "v1", RateLimit: 20, MaxAttempts: 10, BatchSize: 100, PollInterval: time.Second},
+		Metering: MeteringConfig{Transport: "v1", RateLimit: 20, BackoffMax: 10 * time.Minute, BatchSize: 100, PollInterval: time.Second},
+		Retention: RetentionConfig{StripeEvents: 2160 * time.Hour, UsageEvents: 2160 * time.Hour, Events: 2160 * time.Hour,
+			IdempotencyKeys: 48 * time.Hour, Interval: time.Hour, BatchSize: 1000},
 	}
 	if !reflect.DeepEqual(c, want) {
 		t.Fatalf("defaults:\n got %+v\nwant %+v", c, want)
@@ -112,7 +114,13 @@ func TestLoadEveryVariable(t *testing.T) {
 		"TALLY_STRIPE_EVENT_RETRY_INTERVAL": "5s",
 		"TALLY_METER_TRANSPORT":             "v2",
 		"TALLY_METER_RATE_LIMIT":            "12.5",
-		"TALLY_METER_MAX_ATTEMPTS":          "4",
+		"TALLY_METER_BACKOFF_MAX":           "90s",
+		"TALLY_RETENTION_STRIPE_EVENTS":     "900h",
+		"TALLY_RETENTION_USAGE_EVENTS":      "9000h",
+		"TALLY_RETENTION_EVENTS":            "168h",
+		"TALLY_RETENTION_IDEMPOTENCY_KEYS":  "24h",
+		"TALLY_RETENTION_INTERVAL":          "5m",
+		"TALLY_RETENTION_BATCH_SIZE":        "250",
 		"TALLY_METER_BATCH_SIZE":            "1000",
 		"TALLY_METER_POLL_INTERVAL":         "250ms",
 		"TALLY_EVENTS_WEBHOOK_URL":          "https://app.example.com/hooks/tally",
@@ -165,7 +173,9 @@ func TestLoadEveryVariable(t *testing.T) {
 		{"Stripe.EventRetryInterval", c.Stripe.EventRetryInterval, 5 * time.Second},
 		{"Metering.Transport", c.Metering.Transport, "v2"},
 		{"Metering.RateLimit", c.Metering.RateLimit, 12.5},
-		{"Metering.MaxAttempts", c.Metering.MaxAttempts, 4},
+		{"Metering.BackoffMax", c.Metering.BackoffMax, 90 * time.Second},
+		{"Retention", c.Retention, RetentionConfig{StripeEvents: 900 * time.Hour, UsageEvents: 9000 * time.Hour, Events: 168 * time.Hour,
+			IdempotencyKeys: 24 * time.Hour, Interval: 5 * time.Minute, BatchSize: 250}},
 		{"Metering.BatchSize", c.Metering.BatchSize, 1000},
 		{"Metering.PollInterval", c.Metering.PollInterval, 250 * time.Millisecond},
 		{"EventsWebhook.URL", c.EventsWebhook.URL, "https://app.example.com/hooks/tally"},
@@ -233,7 +243,17 @@ func TestLoadRejectsEachBadValue(t *testing.T) {
 		{"TALLY_METER_TRANSPORT", "v3"},
 		{"TALLY_METER_RATE_LIMIT", "0"},
 		{"TALLY_METER_RATE_LIMIT", "NaN"},
-		{"TALLY_METER_MAX_ATTEMPTS", "0"},
+		{"TALLY_METER_BACKOFF_MAX", "0s"},
+		{"TALLY_METER_BACKOFF_MAX", "25h"},
+		{"TALLY_METER_BACKOFF_MAX", "10"},
+		{"TALLY_RETENTION_STRIPE_EVENTS", "839h"}, // Stripe redelivers and lists events for 35 days
+		{"TALLY_RETENTION_USAGE_EVENTS", "720h"},
+		{"TALLY_RETENTION_EVENTS", "24h"},
+		{"TALLY_RETENTION_IDEMPOTENCY_KEYS", "23h"},
+		{"TALLY_RETENTION_STRIPE_EVENTS", "90d"},
+		{"TALLY_RETENTION_INTERVAL", "0s"},
+		{"TALLY_RETENTION_BATCH_SIZE", "0"},
+		{"TALLY_RETENTION_BATCH_SIZE", "100000"},
 		{"TALLY_METER_BATCH_SIZE", "1001"},
 		{"TALLY_METER_BATCH_SIZE", "0"},
 		{"TALLY_METER_POLL_INTERVAL", "-1s"},
@@ -351,5 +371,20 @@ func TestValidateOnHandBuiltConfig(t *testing.T) {
 func TestHashAPIKey(t *testing.T) {
 	if HashAPIKey("k") != sha256.Sum256([]byte("k")) {
 		t.Fatal("HashAPIKey is not SHA-256 of the key")
+	}
+}
+
+// Usage delivery retries by time now; a deployment still setting the old
+// attempt limit starts, and is told the setting is ignored.
+func TestLoadNamesObsoleteSettings(t *testing.T) {
+	c, err := Load(envOf(map[string]string{"TALLY_METER_MAX_ATTEMPTS": "10"}))
+	if err != nil {
+		t.Fatalf("Load with TALLY_METER_MAX_ATTEMPTS: %v", err)
+	}
+	if len(c.Obsolete) != 1 || !strings.Contains(c.Obsolete[0], "TALLY_METER_MAX_ATTEMPTS") || !strings.Contains(c.Obsolete[0], "TALLY_METER_BACKOFF_MAX") {
+		t.Errorf("Obsolete = %q, want TALLY_METER_MAX_ATTEMPTS named with what replaced it", c.Obsolete)
+	}
+	if c, _ := Load(envOf(nil)); len(c.Obsolete) != 0 {
+		t.Errorf("Obsolete of an empty environment = %q", c.Obsolete)
 	}
 }

@@ -304,28 +304,18 @@ func (r Reservation) Release(ctx context.Context, gdb *gorm.DB) error {
 	return Translate(err, nil)
 }
 
-// purgeBatch bounds one DELETE so a large purge never holds many row locks
-// or one long transaction.
-const purgeBatch = 5000
-
-// PurgeIdempotencyKeys deletes keys created before olderThan (completed or
-// abandoned) in small batches and returns how many it deleted. Keys past
-// IdempotencyRetention are already treated as absent; purging only reclaims
-// space. Errors: errs.Unavailable; ctx cancellation stops between batches.
-func PurgeIdempotencyKeys(ctx context.Context, gdb *gorm.DB, olderThan time.Time) (int64, error) {
-	var total int64
-	for {
-		res := gdb.WithContext(ctx).Exec(`DELETE FROM idempotency_keys WHERE ctid IN (
-			SELECT ctid FROM idempotency_keys WHERE created_at < ? LIMIT ?)`, olderThan, purgeBatch)
-		if res.Error != nil {
-			return total, Translate(res.Error, nil)
-		}
-		total += res.RowsAffected
-		if res.RowsAffected < purgeBatch {
-			return total, nil
-		}
-		if err := ctx.Err(); err != nil {
-			return total, err
-		}
-	}
+// PurgeIdempotencyKeys deletes at most size keys created before olderThan
+// (completed or abandoned), in one short statement, and returns how many it
+// deleted; PurgeInBatches repeats it. Keys past IdempotencyRetention are
+// already treated as absent, so purging them only reclaims space; a key a
+// request holds locked right now is skipped. Errors: errs.Unavailable.
+func PurgeIdempotencyKeys(ctx context.Context, gdb *gorm.DB, olderThan time.Time, size int) (int64, error) {
+	// A MATERIALIZED CTE runs once: a subquery the planner rescanned would,
+	// with SKIP LOCKED, pass over the rows already deleted and take more.
+	res := gdb.WithContext(ctx).Exec(`
+		WITH picked AS MATERIALIZED (
+			SELECT scope, key FROM idempotency_keys WHERE created_at < ?
+			ORDER BY created_at LIMIT ? FOR UPDATE SKIP LOCKED)
+		DELETE FROM idempotency_keys k USING picked WHERE k.scope = picked.scope AND k.key = picked.key`, olderThan, size)
+	return res.RowsAffected, Translate(res.Error, nil)
 }

@@ -417,12 +417,22 @@ func TestPurgeIdempotencyKeys(t *testing.T) {
 		t.Fatal(err)
 	}
 	mustExec(t, gdb, `UPDATE idempotency_keys SET created_at = now() - interval '3 days' WHERE key IN ('p0', 'p1', 'p2', 'r-old')`)
-	n, err := db.PurgeIdempotencyKeys(ctx, gdb, time.Now().Add(-48*time.Hour))
+	cutoff := time.Now().Add(-48 * time.Hour)
+	// One batch deletes at most its size; batches repeat until one is short.
+	if n, err := db.PurgeIdempotencyKeys(ctx, gdb, cutoff, 3); err != nil || n != 3 {
+		t.Fatalf("one batch of 3: purged %d, %v; want 3", n, err)
+	}
+	var calls []int64
+	n, err := db.PurgeInBatches(ctx, 1, func(ctx context.Context, size int) (int64, error) {
+		n, err := db.PurgeIdempotencyKeys(ctx, gdb, cutoff, size)
+		calls = append(calls, n)
+		return n, err
+	})
 	if err != nil {
 		t.Fatal(err)
 	}
-	if n != 4 {
-		t.Fatalf("purged %d, want 4", n)
+	if n != 1 || len(calls) != 2 || calls[0] != 1 || calls[1] != 0 {
+		t.Fatalf("purged %d in batches %v, want the last old key in one batch of 1, then an empty batch", n, calls)
 	}
 	if left := count(t, gdb, `SELECT count(*) FROM idempotency_keys`); left != 4 {
 		t.Fatalf("%d keys left, want 4", left)

@@ -29,6 +29,10 @@ const (
 	PaymentProviderError   Code = "payment_provider_error"
 	Unavailable            Code = "unavailable"
 	Internal               Code = "internal"
+	// IdentifierConflict: a usage event's identifier is already stored for
+	// another event (another customer, meter, value or timestamp). It is
+	// the code of a per-event intake result, not of a whole request.
+	IdentifierConflict Code = "identifier_conflict"
 )
 
 // FieldError names one offending field of a request by JSON pointer.

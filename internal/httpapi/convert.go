@@ -238,16 +238,14 @@ func fromAPIUsageBatch(b *api.UsageBatch) []metering.EventInput {
 	}
 	out := make([]metering.EventInput, len(b.Events))
 	for i, e := range b.Events {
-		out[i] = metering.EventInput{CustomerID: e.CustomerId, Meter: e.Meter, Value: e.Value, Identifier: e.Identifier}
-		if e.Timestamp != nil {
-			out[i].Timestamp = *e.Timestamp
-		}
+		out[i] = metering.EventInput{CustomerID: e.CustomerId, Meter: e.Meter, Value: e.Value, Identifier: e.Identifier,
+			Timestamp: e.Timestamp}
 	}
 	return out
 }
 
 func toAPIIntakeResult(r metering.IntakeResult) api.UsageIntakeResult {
-	out := api.UsageIntakeResult{Accepted: r.Accepted, Duplicates: r.Duplicates, Rejected: r.Rejected,
+	out := api.UsageIntakeResult{Accepted: r.Accepted, Duplicates: r.Duplicates, Rejected: r.Rejected, Conflicts: r.Conflicts,
 		Results: make([]api.UsageEventResult, len(r.Results))}
 	for i, res := range r.Results {
 		out.Results[i] = api.UsageEventResult{Identifier: res.Identifier, Status: api.UsageEventResultStatus(res.Status)}
@@ -270,10 +268,32 @@ func toAPIUsageEvent(e metering.UsageEvent) api.UsageEventStatus {
 		Status:        api.UsageStatus(e.Status),
 		Attempts:      e.Attempts,
 		LastError:     ptrIfSet(e.LastError),
+		MaybeSentAt:   e.MaybeSentAt,
+		DeadCode:      toAPIUsageDeadCode(e.DeadCode),
 		NextAttemptAt: e.NextAttemptAt,
 		DeliveredAt:   e.DeliveredAt,
 		CreatedAt:     e.CreatedAt,
 	}
+}
+
+func toAPIUsageDeadCode(c metering.DeadCode) *api.UsageDeadCode {
+	if c == "" {
+		return nil
+	}
+	out := api.UsageDeadCode(c)
+	return &out
+}
+
+func toAPIRequeueResult(r metering.RequeueResult) api.RequeueResult {
+	out := api.RequeueResult{Requeued: r.Requeued, Skipped: r.Skipped, Results: make([]api.RequeueItem, len(r.Results))}
+	for i, it := range r.Results {
+		out.Results[i] = api.RequeueItem{Identifier: it.Identifier, Status: api.RequeueItemStatus("requeued")}
+		if !it.Requeued {
+			code := api.RequeueSkipCode(it.Skip)
+			out.Results[i].Status, out.Results[i].Code, out.Results[i].Detail = api.RequeueItemStatus("skipped"), &code, ptrIfSet(it.Detail)
+		}
+	}
+	return out
 }
 
 func toAPIUsageEventPage(p metering.Page) api.UsageEventPage {

@@ -2,8 +2,10 @@ package httpapi
 
 import (
 	"context"
+	"net/http"
 
 	"github.com/tallybilling/tally/api"
+	"github.com/tallybilling/tally/internal/errs"
 	"github.com/tallybilling/tally/internal/metering"
 )
 
@@ -33,19 +35,13 @@ func (s *Server) GetUsageEvent(ctx context.Context, r api.GetUsageEventRequestOb
 // GetCustomerUsage answers a customer's local totals per meter; the gate has
 // checked an end user owns the customer.
 func (s *Server) GetCustomerUsage(ctx context.Context, r api.GetCustomerUsageRequestObject) (api.GetCustomerUsageResponseObject, error) {
-	q := metering.TotalsQuery{CustomerID: r.CustomerId}
+	q := metering.TotalsQuery{CustomerID: r.CustomerId, From: r.Params.From, To: r.Params.To}
 	if r.Params.Meter != nil {
 		q.Meter = *r.Params.Meter
 	}
-	if r.Params.From != nil {
-		q.From = *r.Params.From
-	}
-	if r.Params.To != nil {
-		q.To = *r.Params.To
-	}
 	t, err := s.d.Metering.Totals(ctx, q)
 	if err != nil {
-		return nil, err
+		return nil, unprocessable(err)
 	}
 	return api.GetCustomerUsage200JSONResponse(toAPIUsageTotals(t)), nil
 }
@@ -67,7 +63,8 @@ func (s *Server) ListUsageEvents(ctx context.Context, r api.ListUsageEventsReque
 	return api.ListUsageEvents200JSONResponse(toAPIUsageEventPage(page)), nil
 }
 
-// RequeueUsageEvents sends dead events again: some by identifier, or all.
+// RequeueUsageEvents sends dead events again: some by identifier, or all,
+// saying per identifier why one was not.
 func (s *Server) RequeueUsageEvents(ctx context.Context, r api.RequeueUsageEventsRequestObject) (api.RequeueUsageEventsResponseObject, error) {
 	var in metering.RequeueInput
 	if r.Body != nil {
@@ -77,19 +74,32 @@ func (s *Server) RequeueUsageEvents(ctx context.Context, r api.RequeueUsageEvent
 		if r.Body.AllDead != nil {
 			in.AllDead = *r.Body.AllDead
 		}
+		if r.Body.Force != nil {
+			in.Force = *r.Body.Force
+		}
 	}
-	n, err := s.d.Metering.Requeue(ctx, in)
+	res, err := s.d.Metering.Requeue(ctx, in)
 	if err != nil {
 		return nil, err
 	}
-	return api.RequeueUsageEvents200JSONResponse{Requeued: n}, nil
+	return api.RequeueUsageEvents200JSONResponse(toAPIRequeueResult(res)), nil
 }
 
 // CreateReconciliation compares delivered usage with Stripe's summaries.
 func (s *Server) CreateReconciliation(ctx context.Context, r api.CreateReconciliationRequestObject) (api.CreateReconciliationResponseObject, error) {
 	rec, err := s.d.Metering.Reconcile(ctx, r.Body.Meter, r.Body.From, r.Body.To)
 	if err != nil {
-		return nil, err
+		return nil, unprocessable(err)
 	}
 	return api.CreateReconciliation200JSONResponse(toAPIReconciliation(rec)), nil
+}
+
+// unprocessable answers 422 for the invalid_request of a request that met
+// the contract but asks for something that cannot be answered (the zero
+// time as a bound, from after to, an unknown meter); other errors pass.
+func unprocessable(err error) error {
+	if e, ok := errs.As(err); ok && e.Code == errs.Invalid {
+		return &problemStatus{err: e, status: http.StatusUnprocessableEntity}
+	}
+	return err
 }

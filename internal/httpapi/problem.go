@@ -28,6 +28,7 @@ var statusOf = map[errs.Code]int{
 	errs.PaymentProviderError:   http.StatusBadGateway,
 	errs.Unavailable:            http.StatusServiceUnavailable,
 	errs.Internal:               http.StatusInternalServerError,
+	errs.IdentifierConflict:     http.StatusConflict,
 }
 
 var titleOf = map[errs.Code]string{
@@ -44,6 +45,7 @@ var titleOf = map[errs.Code]string{
 	errs.PaymentProviderError:   "Payment provider error",
 	errs.Unavailable:            "Service unavailable",
 	errs.Internal:               "Internal error",
+	errs.IdentifierConflict:     "Identifier already used by another usage event",
 }
 
 // problemStatus lets a validation failure of a well-formed body answer 422

@@ -65,7 +65,7 @@ func fastConfig() config.MeteringConfig {
 	return config.MeteringConfig{
 		Transport:    config.MeterTransportV1,
 		RateLimit:    2000,
-		MaxAttempts:  10,
+		BackoffMax:   100 * time.Millisecond,
 		BatchSize:    200,
 		PollInterval: 10 * time.Millisecond,
 	}
@@ -75,7 +75,6 @@ func fastOptions(t *testing.T) metering.WorkerOptions {
 	return metering.WorkerOptions{
 		Logger:      dbtest.Logger(t),
 		BackoffBase: 5 * time.Millisecond,
-		BackoffMax:  100 * time.Millisecond,
 		SendTimeout: 5 * time.Second,
 		// Workers that join others wait two heartbeats and about two
 		// seconds before sending; keep the heartbeats short.

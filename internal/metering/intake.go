@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"maps"
 	"math"
 	"slices"
 	"strings"
@@ -29,6 +30,14 @@ const (
 	MaxIdentifierLen = 100
 	// MaxAge is how old a timestamp Stripe accepts.
 	MaxAge = 35 * 24 * time.Hour
+	// DeliveryMargin is how long before a timestamp leaves Stripe's window
+	// tally stops sending it: it covers clock differences with Stripe, a
+	// request in flight and Stripe's asynchronous processing of the v2
+	// stream, so an event is never sent for Stripe to drop unseen.
+	DeliveryMargin = time.Hour
+	// DeliveryWindow is how old a timestamp intake accepts and the worker
+	// still sends; older pending events are dead-lettered too_old.
+	DeliveryWindow = MaxAge - DeliveryMargin
 	// MaxAhead is how far in the future a timestamp Stripe accepts.
 	MaxAhead = 5 * time.Minute
 	// MaxValue is the largest value taken: JSON numbers arrive as float64,
@@ -44,8 +53,8 @@ type EventInput struct {
 	Meter string
 	// Value is the JSON number as sent; it must be whole and not negative.
 	Value float64
-	// Timestamp is when the usage happened; zero means now.
-	Timestamp  time.Time
+	// Timestamp is when the usage happened; nil means now.
+	Timestamp  *time.Time
 	Identifier string
 }
 
@@ -57,6 +66,9 @@ type event struct {
 	StripeEventName string    `json:"stripe_event_name"`
 	Value           int64     `json:"value"`
 	OccurredAt      time.Time `json:"occurred_at"`
+	// TimestampGiven is false when the caller omitted the timestamp (it is
+	// then the time of intake).
+	TimestampGiven bool `json:"-"`
 }
 
 // Validate checks one event on its own against the catalog and Stripe's
@@ -96,13 +108,20 @@ func (in EventInput) normalize(catalog config.Catalog, now time.Time) (event, er
 	case v > MaxValue:
 		return event{}, errs.InvalidField("/value", fmt.Sprintf("value must be at most %d, got %.0f", int64(MaxValue), v))
 	}
-	ts := in.Timestamp
-	if ts.IsZero() {
-		ts = now
+	ts := now
+	if in.Timestamp != nil {
+		if err := refuseZeroTime("/timestamp", "timestamp", *in.Timestamp, "omit timestamp to mean now"); err != nil {
+			return event{}, err
+		}
+		ts = *in.Timestamp
 	}
+	// PostgreSQL keeps microseconds: truncating here makes the stored time
+	// and the one compared with it (sameEvent) the same.
+	ts = ts.UTC().Truncate(time.Microsecond)
 	switch {
-	case ts.Before(now.Add(-MaxAge)):
-		return event{}, errs.InvalidField("/timestamp", fmt.Sprintf("timestamp %s is more than 35 days old; Stripe refuses it", ts.UTC().Format(time.RFC3339)))
+	case ts.Before(now.Add(-DeliveryWindow)):
+		return event{}, errs.InvalidField("/timestamp", fmt.Sprintf("timestamp %s is more than 35 days old (less the %s tally keeps to deliver it); Stripe refuses it",
+			ts.UTC().Format(time.RFC3339), DeliveryMargin))
 	case ts.After(now.Add(MaxAhead)):
 		return event{}, errs.InvalidField("/timestamp", fmt.Sprintf("timestamp %s is more than 5 minutes in the future; Stripe refuses it", ts.UTC().Format(time.RFC3339)))
 	}
@@ -112,8 +131,20 @@ func (in EventInput) normalize(catalog config.Catalog, now time.Time) (event, er
 		Meter:           plan.Meter,
 		StripeEventName: plan.Meter,
 		Value:           int64(v),
-		OccurredAt:      ts.UTC(),
+		OccurredAt:      ts,
+		TimestampGiven:  in.Timestamp != nil,
 	}, nil
+}
+
+// refuseZeroTime refuses the zero time 0001-01-01T00:00:00Z where a caller
+// gave a time: it is what an unset time looks like once a client has
+// serialised it, never a time anyone means, so reading it as "absent" or as
+// a real instant would both hide the caller's bug. hint says what to do.
+func refuseZeroTime(pointer, name string, t time.Time, hint string) error {
+	if !t.IsZero() {
+		return nil
+	}
+	return errs.InvalidField(pointer, fmt.Sprintf("%s 0001-01-01T00:00:00Z is the zero time, an unset time sent by mistake; %s", name, hint))
 }
 
 func unknownMeter(catalog config.Catalog, meter string) string {
@@ -135,6 +166,7 @@ const (
 	ResultAccepted  ResultStatus = "accepted"
 	ResultDuplicate ResultStatus = "duplicate"
 	ResultRejected  ResultStatus = "rejected"
+	ResultConflict  ResultStatus = "conflict"
 )
 
 // EventResult is the outcome of one event of a batch.
@@ -152,6 +184,7 @@ type IntakeResult struct {
 	Accepted   int
 	Duplicates int
 	Rejected   int
+	Conflicts  int
 	Results    []EventResult
 }
 
@@ -165,56 +198,60 @@ func ValidateBatch(evs []EventInput) error {
 }
 
 // Ingest validates each event on its own and stores the accepted ones in one
-// transaction before returning, so an accepted event is durable. A repeated
-// identifier, whether already stored or earlier in the same batch, is
-// reported as a duplicate and stored once. Unknown customers are created;
-// events of customers without a Stripe customer are stored as
-// waiting_customer.
+// transaction before returning, so an accepted event is durable. Unknown
+// customers are created; events of customers without a Stripe customer are
+// stored as waiting_customer.
+//
+// Stripe deduplicates identifiers across the whole account, so tally does
+// too, and tells apart what a repeated identifier means. The same event
+// again (same identifier, customer, meter, value and timestamp), whether
+// already stored or earlier in the same batch, is a duplicate: stored once.
+// An identifier already taken by another event is a conflict (code
+// errs.IdentifierConflict): nothing of it is stored and the first event
+// stands. An event that omits its timestamp matches the stored one whatever
+// its time, so a batch sent without timestamps can be retried safely.
 //
 // With a key (non-empty Scope), the whole batch runs at most once: a repeat
 // with the same body returns the first result and replayed=true.
 //
 // Errors: errs.Invalid for a batch outside 1..MaxBatch (nothing is stored),
 // errs.IdempotencyKeyReused (same key, different batch), errs.Unavailable.
-// A bad event is never an error: it is a rejected result.
+// A bad event is never an error: it is a rejected (or conflict) result.
 func (s *Service) Ingest(ctx context.Context, evs []EventInput, key db.IdempotencyKey) (IntakeResult, bool, error) {
 	if err := ValidateBatch(evs); err != nil {
 		return IntakeResult{}, false, err
 	}
 	now := s.now()
 	base := IntakeResult{Results: make([]EventResult, len(evs))}
-	var candidates []event
-	var candidateAt []int
-	seen := make(map[string]bool, len(evs))
+	var valid []event
+	var validAt []int
 	for i, in := range evs {
 		ev, err := in.normalize(s.catalog, now)
-		switch {
-		case err != nil:
+		if err != nil {
 			e, _ := errs.As(err)
 			base.Results[i] = EventResult{Identifier: in.Identifier, Status: ResultRejected, Code: e.Code, Detail: e.Message}
-		case seen[ev.Identifier]:
-			base.Results[i] = EventResult{Identifier: in.Identifier, Status: ResultDuplicate}
-		default:
-			seen[ev.Identifier] = true
-			candidates = append(candidates, ev)
-			candidateAt = append(candidateAt, i)
+			continue
 		}
+		valid = append(valid, ev)
+		validAt = append(validAt, i)
 	}
 
 	// run may be called again when the transaction is retried; it starts
 	// from the validated results every time.
 	run := func(tx *gorm.DB) (IntakeResult, error) {
 		res := IntakeResult{Results: slices.Clone(base.Results)}
-		stored, err := s.store(ctx, tx, candidates, now)
+		statuses, err := s.store(ctx, tx, valid, now)
 		if err != nil {
 			return IntakeResult{}, err
 		}
-		for j, ev := range candidates {
-			st := ResultDuplicate
-			if stored[ev.Identifier] {
-				st = ResultAccepted
+		for j, ev := range valid {
+			r := EventResult{Identifier: ev.Identifier, Status: statuses[j]}
+			if r.Status == ResultConflict {
+				r.Code = errs.IdentifierConflict
+				r.Detail = fmt.Sprintf("identifier %q is already used by another usage event (a different customer, meter, value or timestamp); "+
+					"Stripe deduplicates identifiers across the whole account, so this event was not stored: send it under a new identifier", ev.Identifier)
 			}
-			res.Results[candidateAt[j]] = EventResult{Identifier: ev.Identifier, Status: st}
+			res.Results[validAt[j]] = r
 		}
 		for _, r := range res.Results {
 			switch r.Status {
@@ -224,6 +261,8 @@ func (s *Service) Ingest(ctx context.Context, evs []EventInput, key db.Idempoten
 				res.Duplicates++
 			case ResultRejected:
 				res.Rejected++
+			case ResultConflict:
+				res.Conflicts++
 			}
 		}
 		return res, nil
@@ -255,41 +294,163 @@ func (s *Service) Ingest(ctx context.Context, evs []EventInput, key db.Idempoten
 	return res, replayed, nil
 }
 
-// store creates the customers it does not know yet and inserts evs,
-// skipping identifiers already stored, inside tx. It returns the
-// identifiers it inserted. Customers and events are written in sorted order
-// so that two concurrent batches take their locks in the same order and
-// cannot deadlock.
-func (s *Service) store(ctx context.Context, tx *gorm.DB, evs []event, now time.Time) (map[string]bool, error) {
+// sameEvent reports whether ev repeats ref, the event that holds its
+// identifier: same customer, meter and value, and the same timestamp unless
+// ev omitted it.
+func sameEvent(ev, ref event) bool {
+	return ev.CustomerID == ref.CustomerID && ev.Meter == ref.Meter && ev.Value == ref.Value &&
+		(!ev.TimestampGiven || ev.OccurredAt.Equal(ref.OccurredAt))
+}
+
+// store inserts, inside tx, the first copy of every identifier of evs that
+// is not stored yet, and returns each event's outcome in order: accepted
+// (this copy was stored), duplicate (the same event holds the identifier)
+// or conflict (another event holds it).
+//
+// The insert itself finds the identifiers already taken (ON CONFLICT DO
+// NOTHING); only those are read back to tell duplicates from conflicts.
+// Looking every identifier up first would double the index probes, and for
+// rising identifiers (a counter) they all land on the index page that
+// concurrent batches are inserting into. Only events of customers tally
+// does not know yet are looked up first, so that a customer is created for
+// none whose identifier is taken. Should a concurrent batch store one of
+// those identifiers between the look-up and the insert, that event ends a
+// duplicate or a conflict, and its customer exists anyway (as it would have
+// after any request naming it).
+func (s *Service) store(ctx context.Context, tx *gorm.DB, evs []event, now time.Time) ([]ResultStatus, error) {
+	out := make([]ResultStatus, len(evs))
 	if len(evs) == 0 {
-		return map[string]bool{}, nil
+		return out, nil
 	}
 	tx = tx.WithContext(ctx)
-	var ids []string
+	var customerIDs []string
 	for _, ev := range evs {
-		ids = append(ids, ev.CustomerID)
+		customerIDs = append(customerIDs, ev.CustomerID)
 	}
-	slices.Sort(ids)
-	ids = slices.Compact(ids)
-	idsJSON, _ := json.Marshal(ids)
-	var known []string
-	if err := tx.Raw(`SELECT id FROM customers WHERE id IN (SELECT jsonb_array_elements_text(?::jsonb))`, string(idsJSON)).
-		Scan(&known).Error; err != nil {
-		return nil, db.Translate(err, nil)
+	known, err := knownCustomers(tx, customerIDs)
+	if err != nil {
+		return nil, err
 	}
-	isKnown := make(map[string]bool, len(known))
-	for _, id := range known {
-		isKnown[id] = true
+	var newcomers []string
+	for _, ev := range evs {
+		if !known[ev.CustomerID] {
+			newcomers = append(newcomers, ev.Identifier)
+		}
 	}
-	for _, id := range ids {
-		if isKnown[id] {
+	stored := map[string]event{}
+	if len(newcomers) > 0 {
+		if stored, err = storedEvents(tx, newcomers); err != nil {
+			return nil, err
+		}
+	}
+	first := map[string]event{}
+	var fresh []event
+	var create []string
+	for _, ev := range evs {
+		if _, ok := stored[ev.Identifier]; ok {
 			continue
 		}
+		if _, ok := first[ev.Identifier]; !ok {
+			first[ev.Identifier] = ev
+			fresh = append(fresh, ev)
+			if !known[ev.CustomerID] {
+				create = append(create, ev.CustomerID)
+			}
+		}
+	}
+	slices.Sort(create)
+	for _, id := range slices.Compact(create) {
 		if _, err := customers.Ensure(ctx, tx, id, now); err != nil {
 			return nil, err
 		}
 	}
+	inserted, err := insertEvents(tx, fresh, now)
+	if err != nil {
+		return nil, err
+	}
+	if len(inserted) < len(fresh) {
+		// Already stored, or stored by a concurrent batch meanwhile: ON
+		// CONFLICT waited for it, so its rows are visible to a new statement.
+		var taken []string
+		for _, ev := range fresh {
+			if !inserted[ev.Identifier] {
+				taken = append(taken, ev.Identifier)
+			}
+		}
+		more, err := storedEvents(tx, taken)
+		if err != nil {
+			return nil, err
+		}
+		maps.Copy(stored, more)
+	}
+	accepted := map[string]bool{}
+	for i, ev := range evs {
+		ref, isStored := stored[ev.Identifier]
+		if !isStored && !accepted[ev.Identifier] {
+			accepted[ev.Identifier] = true
+			out[i] = ResultAccepted
+			continue
+		}
+		if !isStored {
+			ref = first[ev.Identifier]
+		}
+		out[i] = ResultConflict
+		if sameEvent(ev, ref) {
+			out[i] = ResultDuplicate
+		}
+	}
+	return out, nil
+}
 
+// knownCustomers reports which of ids are customers already.
+func knownCustomers(tx *gorm.DB, ids []string) (map[string]bool, error) {
+	ids = slices.Clone(ids)
+	slices.Sort(ids)
+	idsJSON, _ := json.Marshal(slices.Compact(ids))
+	var found []string
+	if err := tx.Raw(`SELECT id FROM customers WHERE id IN (SELECT jsonb_array_elements_text(?::jsonb))`, string(idsJSON)).
+		Scan(&found).Error; err != nil {
+		return nil, db.Translate(err, nil)
+	}
+	out := make(map[string]bool, len(found))
+	for _, id := range found {
+		out[id] = true
+	}
+	return out, nil
+}
+
+// storedEvents reads the stored events holding identifiers.
+func storedEvents(tx *gorm.DB, identifiers []string) (map[string]event, error) {
+	idsJSON, _ := json.Marshal(identifiers)
+	var rows []struct {
+		Identifier string
+		CustomerID string
+		Meter      string
+		Value      int64
+		OccurredAt time.Time
+	}
+	err := tx.Raw(`
+		SELECT identifier, customer_id, meter, value, occurred_at FROM usage_events
+		WHERE identifier IN (SELECT jsonb_array_elements_text(?::jsonb))`, string(idsJSON)).Scan(&rows).Error
+	if err != nil {
+		return nil, db.Translate(err, nil)
+	}
+	out := make(map[string]event, len(rows))
+	for _, r := range rows {
+		out[r.Identifier] = event{Identifier: r.Identifier, CustomerID: r.CustomerID, Meter: r.Meter, Value: r.Value, OccurredAt: r.OccurredAt}
+	}
+	return out, nil
+}
+
+// insertEvents inserts evs (one per identifier, of existing customers),
+// skipping identifiers already stored, inside tx, and returns the
+// identifiers it inserted. Customers and events are written in sorted
+// order so that two concurrent batches take their locks in the same order
+// and cannot deadlock.
+func insertEvents(tx *gorm.DB, evs []event, now time.Time) (map[string]bool, error) {
+	if len(evs) == 0 {
+		return map[string]bool{}, nil
+	}
 	rows := slices.Clone(evs)
 	slices.SortFunc(rows, func(a, b event) int { return strings.Compare(a.Identifier, b.Identifier) })
 	rowsJSON, err := json.Marshal(rows)

@@ -22,8 +22,8 @@ func TestIngestRejectsEachBadEventAndStoresTheRest(t *testing.T) {
 		wantText string // in the detail; "" means accepted
 	}{
 		{ev("alice", "ok-1", 3), ""},
-		{metering.EventInput{CustomerID: "alice", Meter: testMeter, Value: 1, Identifier: "old", Timestamp: now.Add(-36 * 24 * time.Hour)}, "more than 35 days old"},
-		{metering.EventInput{CustomerID: "alice", Meter: testMeter, Value: 1, Identifier: "ahead", Timestamp: now.Add(6 * time.Minute)}, "more than 5 minutes in the future"},
+		{metering.EventInput{CustomerID: "alice", Meter: testMeter, Value: 1, Identifier: "old", Timestamp: new(now.Add(-36 * 24 * time.Hour))}, "more than 35 days old"},
+		{metering.EventInput{CustomerID: "alice", Meter: testMeter, Value: 1, Identifier: "ahead", Timestamp: new(now.Add(6 * time.Minute))}, "more than 5 minutes in the future"},
 		{ev("alice", "fraction", 1.5), "whole number"},
 		{ev("alice", "negative", -1), "must not be negative"},
 		{ev("alice", "huge", 1e16), "at most 9007199254740991"},
@@ -32,8 +32,9 @@ func TestIngestRejectsEachBadEventAndStoresTheRest(t *testing.T) {
 		{ev("alice", "", 1), "identifier must be 1 to 100"},
 		{ev("alice", strings.Repeat("x", 101), 1), "identifier must be 1 to 100"},
 		{ev("alice", "nul\x00", 1), "control characters"},
-		{metering.EventInput{CustomerID: "alice", Meter: testMeter, Value: 0, Identifier: "ok-2", Timestamp: now.Add(-34 * 24 * time.Hour)}, ""},
-		{metering.EventInput{CustomerID: "alice", Meter: testMeter, Value: 7, Identifier: "ok-3", Timestamp: now.Add(4 * time.Minute)}, ""},
+		{metering.EventInput{CustomerID: "alice", Meter: testMeter, Value: 1, Identifier: "zero", Timestamp: &time.Time{}}, "zero time"},
+		{metering.EventInput{CustomerID: "alice", Meter: testMeter, Value: 0, Identifier: "ok-2", Timestamp: new(now.Add(-34 * 24 * time.Hour))}, ""},
+		{metering.EventInput{CustomerID: "alice", Meter: testMeter, Value: 7, Identifier: "ok-3", Timestamp: new(now.Add(4 * time.Minute))}, ""},
 	}
 	in := make([]metering.EventInput, len(cases))
 	for i, c := range cases {
@@ -90,18 +91,18 @@ func TestIngestBatchOutsideLimitsStoresNothing(t *testing.T) {
 
 func TestIngestDuplicatesAreStoredOnce(t *testing.T) {
 	e := newEnv(t)
-	res := ingest(t, e.svc, ev("carol", "d-1", 1), ev("carol", "d-2", 2), ev("carol", "d-1", 5))
+	res := ingest(t, e.svc, ev("carol", "d-1", 1), ev("carol", "d-2", 2), ev("carol", "d-1", 1))
 	if res.Accepted != 2 || res.Duplicates != 1 || res.Results[2].Status != metering.ResultDuplicate {
 		t.Fatalf("first batch: %+v, want 2 accepted and the repeat of d-1 a duplicate", res)
 	}
-	res = ingest(t, e.svc, ev("carol", "d-2", 9), ev("carol", "d-3", 3))
+	res = ingest(t, e.svc, ev("carol", "d-2", 2), ev("carol", "d-3", 3))
 	if res.Accepted != 1 || res.Duplicates != 1 || res.Results[0].Status != metering.ResultDuplicate {
 		t.Fatalf("second batch: %+v, want d-2 a duplicate and d-3 accepted", res)
 	}
 	var total int64
 	e.db.Raw(`SELECT sum(value) FROM usage_events`).Scan(&total)
 	if n := countRows(t, e.db, `true`); n != 3 || total != 6 {
-		t.Errorf("%d rows summing to %d, want 3 rows summing to 6 (first copies win)", n, total)
+		t.Errorf("%d rows summing to %d, want 3 rows summing to 6 (each stored once)", n, total)
 	}
 }
 
@@ -202,7 +203,7 @@ func FuzzValidateEvent(f *testing.F) {
 	f.Fuzz(func(t *testing.T, customer, meter string, value float64, identifier string, offset int64) {
 		in := metering.EventInput{CustomerID: customer, Meter: meter, Value: value, Identifier: identifier}
 		if offset != 0 {
-			in.Timestamp = now.Add(time.Duration(offset) * time.Second)
+			in.Timestamp = new(now.Add(time.Duration(offset) * time.Second))
 		}
 		err := in.Validate(cat, now)
 		if err != nil {
@@ -220,8 +221,116 @@ func FuzzValidateEvent(f *testing.F) {
 		if _, ok := cat.PlanByMeter(meter); !ok {
 			t.Fatalf("accepted unknown meter %q", meter)
 		}
-		if d := time.Duration(offset) * time.Second; d < -metering.MaxAge || d > metering.MaxAhead {
+		if d := time.Duration(offset) * time.Second; d < -metering.DeliveryWindow || d > metering.MaxAhead {
 			t.Fatalf("accepted timestamp offset %s", d)
 		}
 	})
+}
+
+// Stripe dedupes identifiers across the whole account. An identifier already
+// stored for another event (another customer, meter, value or timestamp) is a
+// conflict: nothing is stored and the first event stands. Only the same
+// event again is a duplicate; a repeat that omits the timestamp matches the
+// stored one whatever its time (a retried batch without timestamps).
+func TestIngestIdentifierConflicts(t *testing.T) {
+	e := newEnv(t)
+	ts := time.Now().Add(-time.Hour).Truncate(time.Second)
+	at := func(d time.Duration) *time.Time { t := ts.Add(d); return &t }
+	first := ingest(t, e.svc,
+		metering.EventInput{CustomerID: "alice", Meter: testMeter, Value: 5, Identifier: "u-1", Timestamp: at(0)},
+		ev("alice", "u-2", 2))
+	if first.Accepted != 2 {
+		t.Fatalf("first batch %+v, want 2 accepted", first)
+	}
+	res := ingest(t, e.svc,
+		metering.EventInput{CustomerID: "bob", Meter: testMeter, Value: 500, Identifier: "u-1", Timestamp: at(0)},  // another customer
+		metering.EventInput{CustomerID: "alice", Meter: otherMeter, Value: 5, Identifier: "u-1", Timestamp: at(0)}, // another meter
+		metering.EventInput{CustomerID: "alice", Meter: testMeter, Value: 6, Identifier: "u-1", Timestamp: at(0)},  // another value
+		metering.EventInput{CustomerID: "alice", Meter: testMeter, Value: 5, Identifier: "u-1", Timestamp: at(time.Second)},
+		metering.EventInput{CustomerID: "alice", Meter: testMeter, Value: 5, Identifier: "u-1", Timestamp: at(0)}, // the same event
+		ev("alice", "u-1", 5), // the same event, timestamp omitted
+		ev("alice", "u-2", 2), // stored without a timestamp; repeated without one
+		// Within one batch: the first copy is taken, a different second is a conflict.
+		ev("carol", "u-3", 1), ev("dave", "u-3", 1), ev("carol", "u-3", 1),
+	)
+	want := []metering.ResultStatus{
+		metering.ResultConflict, metering.ResultConflict, metering.ResultConflict, metering.ResultConflict,
+		metering.ResultDuplicate, metering.ResultDuplicate, metering.ResultDuplicate,
+		metering.ResultAccepted, metering.ResultConflict, metering.ResultDuplicate,
+	}
+	for i, r := range res.Results {
+		if r.Status != want[i] {
+			t.Errorf("result %d (%s): %s %s, want %s", i, r.Identifier, r.Status, r.Detail, want[i])
+		}
+		if r.Status == metering.ResultConflict && (r.Code != errs.IdentifierConflict || !strings.Contains(r.Detail, "new identifier")) {
+			t.Errorf("conflict %d: code %q detail %q, want identifier_conflict telling to use a new identifier", i, r.Code, r.Detail)
+		}
+		if r.Status == metering.ResultConflict && strings.Contains(r.Detail, "alice") {
+			t.Errorf("conflict %d tells who holds the identifier: %q", i, r.Detail)
+		}
+	}
+	if res.Accepted != 1 || res.Duplicates != 4 || res.Conflicts != 5 || res.Rejected != 0 {
+		t.Errorf("counts %+v, want 1 accepted, 4 duplicates, 5 conflicts", res)
+	}
+	got, err := e.svc.Get(context.Background(), "u-1")
+	if err != nil || got.CustomerID != "alice" || got.Value != 5 || !got.Timestamp.Equal(ts) {
+		t.Errorf("u-1 is %+v %v, want alice's 5 at %s untouched", got, err, ts)
+	}
+	if n := countRows(t, e.db, `true`); n != 3 {
+		t.Errorf("%d rows, want 3 (u-1, u-2, u-3)", n)
+	}
+	var bob int64
+	e.db.Raw(`SELECT count(*) FROM customers WHERE id IN ('bob', 'dave')`).Scan(&bob)
+	if bob != 0 {
+		t.Errorf("customers of conflicting events were created (%d); a conflict stores nothing", bob)
+	}
+}
+
+// Many clients claim one identifier at once, each for another customer:
+// exactly one event is stored, every other post is answered conflict, and
+// the stored event is the one answered accepted.
+func TestIngestConcurrentConflictsStoreOneEvent(t *testing.T) {
+	e := newEnv(t)
+	const posters = 16
+	results := make([]metering.IntakeResult, posters)
+	var wg sync.WaitGroup
+	for p := range posters {
+		wg.Go(func() {
+			res, _, err := e.svc.Ingest(context.Background(), []metering.EventInput{
+				ev(fmt.Sprintf("racer-%02d", p), "contested", float64(p)),
+				ev(fmt.Sprintf("racer-%02d", p), fmt.Sprintf("own-%02d", p), 1),
+			}, db.IdempotencyKey{})
+			if err != nil {
+				t.Errorf("poster %d: %v", p, err)
+			}
+			results[p] = res
+		})
+	}
+	wg.Wait()
+	winner := -1
+	for p, res := range results {
+		switch res.Results[0].Status {
+		case metering.ResultAccepted:
+			if winner >= 0 {
+				t.Errorf("posters %d and %d both accepted", winner, p)
+			}
+			winner = p
+		case metering.ResultConflict:
+		default:
+			t.Errorf("poster %d: %+v, want accepted or conflict", p, res.Results[0])
+		}
+		if res.Results[1].Status != metering.ResultAccepted {
+			t.Errorf("poster %d's own event: %+v, want accepted", p, res.Results[1])
+		}
+	}
+	if winner < 0 {
+		t.Fatal("nobody's event was accepted")
+	}
+	got, err := e.svc.Get(context.Background(), "contested")
+	if err != nil || got.CustomerID != fmt.Sprintf("racer-%02d", winner) || got.Value != int64(winner) {
+		t.Errorf("stored %+v %v, want poster %d's event", got, err, winner)
+	}
+	if n := countRows(t, e.db, `true`); n != posters+1 {
+		t.Errorf("%d rows, want %d", n, posters+1)
+	}
 }

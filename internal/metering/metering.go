@@ -39,6 +39,20 @@ const (
 	StatusDead Status = "dead"
 )
 
+// DeadCode says why a usage event is dead.
+type DeadCode string
+
+// Why events are dead-lettered (openapi.yaml UsageDeadCode).
+const (
+	// DeadStripeRefused: Stripe refused the event (a 4xx other than 429 and
+	// a refused key); sending it again as it is would be refused again.
+	DeadStripeRefused DeadCode = "stripe_refused"
+	// DeadTooOld: the event's timestamp left the window Stripe accepts
+	// (DeliveryWindow) before it could be delivered, through a Stripe outage
+	// or because its customer never got a Stripe customer.
+	DeadTooOld DeadCode = "too_old"
+)
+
 // Valid reports whether s is one of the four statuses.
 func (s Status) Valid() bool {
 	switch s {
@@ -58,6 +72,9 @@ type Service struct {
 	log     *slog.Logger
 	// summaryLimiter paces reconciliation's summary requests.
 	summaryLimiter *rate.Limiter
+	// retention is how long delivered events are kept as rows
+	// (retention.go); 0 keeps them.
+	retention time.Duration
 }
 
 // ServiceOption adjusts a Service built by NewService.
@@ -101,6 +118,13 @@ type UsageEvent struct {
 	// or a released claim does not count.
 	Attempts  int
 	LastError string
+	// DeadCode is set for dead events (empty for ones dead-lettered before
+	// it was recorded).
+	DeadCode DeadCode
+	// MaybeSentAt is the first time a send may have reached Stripe without
+	// an answer saying so (a timeout, a network failure or a 5xx); nil when
+	// none did.
+	MaybeSentAt *time.Time
 	// NextAttemptAt is set for pending events only.
 	NextAttemptAt *time.Time
 	DeliveredAt   *time.Time

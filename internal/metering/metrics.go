@@ -12,13 +12,15 @@ const (
 	resultDuplicate   = "duplicate"    // Stripe already held the identifier: delivered
 	resultRetry       = "retry"        // 5xx, timeout, network: backed off
 	resultRateLimited = "rate_limited" // 429: sending paused
-	resultDead        = "dead"         // refused, or attempts ran out
+	resultDead        = "dead"         // refused, or its timestamp left Stripe's window
 )
 
 type metrics struct {
-	pending    prometheus.Gauge
-	dead       prometheus.Gauge
-	deliveries *prometheus.CounterVec
+	pending       prometheus.Gauge
+	dead          prometheus.Gauge
+	waiting       prometheus.Gauge
+	waitingOldest prometheus.Gauge
+	deliveries    *prometheus.CounterVec
 }
 
 // newMetrics builds the worker's metrics and registers them on reg (nil:
@@ -33,6 +35,14 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 			Name: "tally_usage_events_dead",
 			Help: "Usage events dead-lettered and waiting for an operator.",
 		}),
+		waiting: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "tally_usage_events_waiting_customer",
+			Help: "Usage events waiting for their customer to get a Stripe customer (status waiting_customer).",
+		}),
+		waitingOldest: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "tally_usage_events_waiting_customer_oldest_seconds",
+			Help: "Age of the timestamp of the oldest usage event waiting for a Stripe customer (0 when none waits); at 35 days less an hour it is dead-lettered too_old.",
+		}),
 		deliveries: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "tally_usage_deliveries_total",
 			Help: "Usage event send outcomes by result (delivered, duplicate, retry, rate_limited, dead).",
@@ -41,6 +51,8 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 	if reg != nil {
 		m.pending = register(reg, m.pending)
 		m.dead = register(reg, m.dead)
+		m.waiting = register(reg, m.waiting)
+		m.waitingOldest = register(reg, m.waitingOldest)
 		m.deliveries = register(reg, m.deliveries)
 	}
 	return m

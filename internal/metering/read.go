@@ -5,10 +5,7 @@ import (
 	"encoding/base64"
 	"encoding/json"
 	"fmt"
-	"strings"
 	"time"
-
-	"gorm.io/gorm"
 
 	"github.com/tallybilling/tally/internal/customers"
 	"github.com/tallybilling/tally/internal/db"
@@ -24,13 +21,15 @@ type eventRow struct {
 	Status        string
 	Attempts      int
 	LastError     *string
+	DeadCode      *string
+	MaybeSentAt   *time.Time
 	NextAttemptAt time.Time
 	DeliveredAt   *time.Time
 	CreatedAt     time.Time
 }
 
 const eventColumns = `identifier, customer_id, meter, value, occurred_at, status, attempts, last_error,
-	next_attempt_at, delivered_at, created_at`
+	dead_code, maybe_sent_at, next_attempt_at, delivered_at, created_at`
 
 func (r eventRow) usageEvent() UsageEvent {
 	ev := UsageEvent{
@@ -41,6 +40,8 @@ func (r eventRow) usageEvent() UsageEvent {
 		Timestamp:   r.OccurredAt,
 		Status:      Status(r.Status),
 		Attempts:    r.Attempts,
+		DeadCode:    DeadCode(deref(r.DeadCode)),
+		MaybeSentAt: r.MaybeSentAt,
 		DeliveredAt: r.DeliveredAt,
 		CreatedAt:   r.CreatedAt,
 	}
@@ -69,11 +70,12 @@ func (s *Service) Get(ctx context.Context, identifier string) (UsageEvent, error
 }
 
 // TotalsQuery selects a customer's usage: one meter or all (Meter ""), over
-// [From, To). A zero To means now; a zero From means 30 days before To.
+// [From, To). A nil To means now; a nil From means 30 days before To. The
+// zero time is refused (refuseZeroTime), not read as either.
 type TotalsQuery struct {
 	CustomerID string
 	Meter      string
-	From, To   time.Time
+	From, To   *time.Time
 }
 
 // MeterTotal is the usage of one meter: the sum of the values and the
@@ -96,45 +98,64 @@ const DefaultTotalsSpan = 30 * 24 * time.Hour
 
 // Totals sums a customer's usage per meter, by the events' own timestamps,
 // over events that count toward the bill: delivered, pending and
-// waiting_customer ones. Dead events are left out, since Stripe does not
+// waiting_customer ones, and the daily totals of delivered events purged
+// since (retention.go). Dead events are left out, since Stripe does not
 // have them; they are counted again once requeued. A meter asked for by name
-// is always in the answer, with zeros when nothing was reported.
+// is always in the answer, with zeros when nothing was reported. Ends of
+// the window before the usage retention's horizon are moved to UTC day
+// boundaries; From and To of the answer are the window it covers.
 //
 // Errors: errs.NotFound for an unknown customer, errs.Invalid when From is
-// not before To, errs.Unavailable.
+// not before To or either is the zero time, errs.Unavailable.
 func (s *Service) Totals(ctx context.Context, q TotalsQuery) (Totals, error) {
 	if err := customers.ValidateID(q.CustomerID); err != nil {
 		return Totals{}, err
 	}
-	if q.To.IsZero() {
-		q.To = s.now()
+	to := s.now()
+	if q.To != nil {
+		if err := refuseZeroTime("to", "to", *q.To, "omit to to mean now"); err != nil {
+			return Totals{}, err
+		}
+		to = *q.To
 	}
-	if q.From.IsZero() {
-		q.From = q.To.Add(-DefaultTotalsSpan)
+	from := to.Add(-DefaultTotalsSpan)
+	if q.From != nil {
+		if err := refuseZeroTime("from", "from", *q.From, "omit from to mean 30 days before to"); err != nil {
+			return Totals{}, err
+		}
+		from = *q.From
 	}
-	if !q.From.Before(q.To) {
+	if !from.Before(to) {
 		return Totals{}, errs.InvalidField("from", "from must be before to")
 	}
 	if _, err := customers.Get(ctx, s.db, q.CustomerID); err != nil {
 		return Totals{}, err
 	}
+	from, to = s.window(from, to, s.now())
 	var rows []struct {
 		Meter  string
 		Total  int64
 		Events int64
 	}
+	// One statement, so one snapshot: a purge moving rows into daily
+	// totals meanwhile is seen either before or after, never half.
 	err := s.db.WithContext(ctx).Raw(`
-		SELECT meter, COALESCE(sum(value), 0)::bigint AS total, count(*) AS events
-		FROM usage_events
-		WHERE customer_id = ? AND (? = '' OR meter = ?)
-		  AND occurred_at >= ? AND occurred_at < ?
-		  AND status IN ('pending', 'waiting_customer', 'delivered')
+		SELECT meter, COALESCE(sum(total), 0)::bigint AS total, COALESCE(sum(events), 0)::bigint AS events
+		FROM (
+			SELECT meter, value AS total, 1 AS events FROM usage_events
+			WHERE customer_id = ? AND (? = '' OR meter = ?)
+			  AND occurred_at >= ? AND occurred_at < ?
+			  AND status IN ('pending', 'waiting_customer', 'delivered')
+			UNION ALL
+			SELECT meter, total, events FROM usage_daily_totals
+			WHERE customer_id = ? AND (? = '' OR meter = ?) AND day >= ? AND day < ?
+		) u
 		GROUP BY meter
-		ORDER BY meter`, q.CustomerID, q.Meter, q.Meter, q.From, q.To).Scan(&rows).Error
+		ORDER BY meter`, q.CustomerID, q.Meter, q.Meter, from, to, q.CustomerID, q.Meter, q.Meter, from, to).Scan(&rows).Error
 	if err != nil {
 		return Totals{}, db.Translate(err, nil)
 	}
-	out := Totals{CustomerID: q.CustomerID, From: q.From.UTC(), To: q.To.UTC(), Meters: []MeterTotal{}}
+	out := Totals{CustomerID: q.CustomerID, From: from.UTC(), To: to.UTC(), Meters: []MeterTotal{}}
 	for _, r := range rows {
 		out.Meters = append(out.Meters, MeterTotal(r))
 	}
@@ -201,95 +222,3 @@ func (s *Service) List(ctx context.Context, q ListQuery) (Page, error) {
 	}
 	return page, nil
 }
-
-// RequeueInput names the dead events to send again: some by identifier, or
-// all of them; exactly one of the two.
-type RequeueInput struct {
-	Identifiers []string
-	AllDead     bool
-}
-
-// RequeueWindow is how long after an event's first send it may still be
-// requeued. Stripe dedupes meter event identifiers only over about 24
-// hours: a dead event whose timed-out send did reach Stripe, sent again
-// later than that, would be counted twice.
-const RequeueWindow = 24 * time.Hour
-
-// Requeue moves dead events back to pending (or to waiting_customer if the
-// customer has no Stripe customer) with their attempts reset, due now. Events
-// that are not dead are left alone and not counted.
-//
-// Dead events first sent to Stripe more than RequeueWindow ago are not
-// requeued either, since Stripe may hold them and no longer dedupe their
-// identifier: they stay dead, their last_error says why (keeping the error
-// they died of), and they are logged. Whether Stripe has one is for an
-// operator to check (reconciliation shows the drift); to bill it, ingest it
-// again under a new identifier.
-//
-// It returns how many were requeued. Errors: errs.Invalid unless exactly
-// one of Identifiers and AllDead is given, errs.Unavailable.
-func (s *Service) Requeue(ctx context.Context, in RequeueInput) (int64, error) {
-	if (len(in.Identifiers) > 0) == in.AllDead {
-		return 0, errs.E(errs.Invalid, "give either identifiers or all_dead: true, not both and not neither")
-	}
-	if len(in.Identifiers) > MaxBatch {
-		return 0, errs.InvalidField("/identifiers", fmt.Sprintf("at most %d identifiers at once", MaxBatch))
-	}
-	for _, id := range in.Identifiers {
-		if id == "" || strings.ContainsRune(id, 0) {
-			return 0, errs.InvalidField("/identifiers", "identifiers must be non-empty text")
-		}
-	}
-	ids, _ := json.Marshal(in.Identifiers)
-	now := s.now()
-	cutoff := now.Add(-RequeueWindow)
-	var requeued int64
-	var skipped []struct {
-		Identifier     string
-		CustomerID     string
-		FirstAttemptAt time.Time
-	}
-	err := db.InTx(ctx, s.db, func(tx *gorm.DB) error {
-		skipped = nil
-		err := tx.Raw(`
-			UPDATE usage_events SET
-				last_error = CASE WHEN last_error LIKE ? THEN last_error
-					ELSE ? || to_char(first_attempt_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"') || ?
-						|| COALESCE(last_error, '(none)') END,
-				updated_at = ?
-			WHERE status = 'dead' AND first_attempt_at < ?
-			  AND (? OR identifier IN (SELECT jsonb_array_elements_text(?::jsonb)))
-			RETURNING identifier, customer_id, first_attempt_at`,
-			requeueRefusedPrefix+"%", requeueRefusedPrefix+"first sent to Stripe at ",
-			", more than 24 hours ago; Stripe dedupes identifiers only over about 24 hours, so a resend could be counted twice. "+
-				"Check Stripe (reconciliation) and ingest it under a new identifier if it is missing. It had failed with: ",
-			now, cutoff, in.AllDead, string(ids)).Scan(&skipped).Error
-		if err != nil {
-			return err
-		}
-		res := tx.Exec(`
-			UPDATE usage_events u SET
-				status = CASE WHEN c.stripe_customer_id IS NULL THEN 'waiting_customer' ELSE 'pending' END,
-				attempts = 0, next_attempt_at = ?, last_error = NULL, lease_until = NULL, claimed_by = NULL,
-				updated_at = ?
-			FROM customers c
-			WHERE c.id = u.customer_id AND u.status = 'dead'
-			  AND (u.first_attempt_at IS NULL OR u.first_attempt_at >= ?)
-			  AND (? OR u.identifier IN (SELECT jsonb_array_elements_text(?::jsonb)))`,
-			now, now, cutoff, in.AllDead, string(ids))
-		requeued = res.RowsAffected
-		return res.Error
-	})
-	if err != nil {
-		return 0, db.Translate(err, nil)
-	}
-	for _, r := range skipped {
-		s.log.Warn("dead usage event not requeued: first sent over 24 hours ago, a resend could be counted twice",
-			"identifier", r.Identifier, "customer_id", r.CustomerID, "first_attempt_at", r.FirstAttemptAt)
-	}
-	return requeued, nil
-}
-
-// requeueRefusedPrefix starts the last_error of a dead event Requeue left
-// dead for its age, so asking again does not stack the explanation.
-const requeueRefusedPrefix = "not requeued: "

@@ -34,12 +34,15 @@ type Mismatch struct {
 // Reconcile compares what we delivered on meter with Stripe's summaries over
 // the window [from, to). Stripe aggregates in whole minutes, so a `to` in the
 // future is first clamped to now, then both ends are floored to the minute.
-// The customers compared are all those with a Stripe customer and any event
-// of the meter in the window (by the events' own timestamps), whatever its
-// status: a customer whose events are all dead or pending may still be
-// counted by Stripe (a send that timed out after Stripe kept it), and that
-// is the drift this exists to find. The local total is the sum of the
-// delivered events only. Stripe aggregates asynchronously, so events
+// Ends of the window before the usage retention's horizon are then moved to
+// UTC day boundaries (retention.go), where tally knows usage per day only;
+// the answer's From and To are the window compared. The customers compared
+// are all those with a Stripe customer and any event of the meter in the
+// window (by the events' own timestamps), whatever its status, or a daily
+// total of purged events: a customer whose events are all dead or pending
+// may still be counted by Stripe (a send that timed out after Stripe kept
+// it), and that is the drift this exists to find. The local total is the
+// sum of the delivered events, purged ones included. Stripe aggregates asynchronously, so events
 // delivered in the last minutes may show as a drift that goes away when run
 // again.
 //
@@ -50,17 +53,26 @@ type Mismatch struct {
 // so far as if they were all.
 //
 // Errors: errs.Invalid (unknown meter, a window shorter than one whole
-// minute), errs.Unavailable (Stripe not configured, database or Stripe
+// minute, the zero time as from or to), errs.Unavailable (Stripe not configured, database or Stripe
 // unreachable), errs.RateLimited, errs.PaymentProviderError.
 func (s *Service) Reconcile(ctx context.Context, meter string, from, to time.Time) (Reconciliation, error) {
 	plan, ok := s.catalog.PlanByMeter(meter)
 	if !ok {
 		return Reconciliation{}, errs.InvalidField("/meter", unknownMeter(s.catalog, meter))
 	}
+	if err := refuseZeroTime("/from", "from", from, "give the start of the window"); err != nil {
+		return Reconciliation{}, err
+	}
+	if err := refuseZeroTime("/to", "to", to, "give the end of the window"); err != nil {
+		return Reconciliation{}, err
+	}
 	if now := s.now(); to.After(now) {
 		to = now
 	}
 	from, to = from.UTC().Truncate(time.Minute), to.UTC().Truncate(time.Minute)
+	if from.Before(to) {
+		from, to = s.window(from, to, s.now())
+	}
 	if !from.Before(to) {
 		return Reconciliation{}, errs.E(errs.Invalid,
 			"the window %s to %s holds no whole minute (Stripe summarises whole minutes; to is clamped to now)",
@@ -75,13 +87,16 @@ func (s *Service) Reconcile(ctx context.Context, meter string, from, to time.Tim
 		Total            int64
 	}
 	err := s.db.WithContext(ctx).Raw(`
-		SELECT u.customer_id, c.stripe_customer_id,
-			COALESCE(sum(u.value) FILTER (WHERE u.status = 'delivered'), 0)::bigint AS total
-		FROM usage_events u JOIN customers c ON c.id = u.customer_id
-		WHERE u.meter = ? AND u.occurred_at >= ? AND u.occurred_at < ?
-		  AND c.stripe_customer_id IS NOT NULL
-		GROUP BY u.customer_id, c.stripe_customer_id
-		ORDER BY u.customer_id`, meter, from, to).Scan(&rows).Error
+		SELECT x.customer_id, c.stripe_customer_id, COALESCE(sum(x.total), 0)::bigint AS total
+		FROM (
+			SELECT customer_id, CASE WHEN status = 'delivered' THEN value ELSE 0 END AS total
+			FROM usage_events WHERE meter = ? AND occurred_at >= ? AND occurred_at < ?
+			UNION ALL
+			SELECT customer_id, total FROM usage_daily_totals WHERE meter = ? AND day >= ? AND day < ?
+		) x JOIN customers c ON c.id = x.customer_id
+		WHERE c.stripe_customer_id IS NOT NULL
+		GROUP BY x.customer_id, c.stripe_customer_id
+		ORDER BY x.customer_id`, meter, from, to, meter, from, to).Scan(&rows).Error
 	if err != nil {
 		return Reconciliation{}, db.Translate(err, nil)
 	}

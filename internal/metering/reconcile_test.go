@@ -22,13 +22,13 @@ func TestReconcileNamesTheDriftingCustomer(t *testing.T) {
 	}
 	at := func(ago time.Duration) time.Time { return now.Add(-ago) }
 	ingest(t, e.svc,
-		metering.EventInput{CustomerID: "mia", Meter: testMeter, Value: 5, Identifier: "r-1", Timestamp: at(20 * time.Minute)},
-		metering.EventInput{CustomerID: "mia", Meter: testMeter, Value: 7, Identifier: "r-2", Timestamp: at(10 * time.Minute)},
-		metering.EventInput{CustomerID: "noah", Meter: testMeter, Value: 11, Identifier: "r-3", Timestamp: at(15 * time.Minute)},
-		metering.EventInput{CustomerID: "olga", Meter: testMeter, Value: 4, Identifier: "r-4", Timestamp: at(12 * time.Minute)},
+		metering.EventInput{CustomerID: "mia", Meter: testMeter, Value: 5, Identifier: "r-1", Timestamp: new(at(20 * time.Minute))},
+		metering.EventInput{CustomerID: "mia", Meter: testMeter, Value: 7, Identifier: "r-2", Timestamp: new(at(10 * time.Minute))},
+		metering.EventInput{CustomerID: "noah", Meter: testMeter, Value: 11, Identifier: "r-3", Timestamp: new(at(15 * time.Minute))},
+		metering.EventInput{CustomerID: "olga", Meter: testMeter, Value: 4, Identifier: "r-4", Timestamp: new(at(12 * time.Minute))},
 		// Another meter and an event outside the window do not count.
-		metering.EventInput{CustomerID: "noah", Meter: otherMeter, Value: 100, Identifier: "r-5", Timestamp: at(15 * time.Minute)},
-		metering.EventInput{CustomerID: "noah", Meter: testMeter, Value: 1000, Identifier: "r-6", Timestamp: at(3 * time.Hour)},
+		metering.EventInput{CustomerID: "noah", Meter: otherMeter, Value: 100, Identifier: "r-5", Timestamp: new(at(15 * time.Minute))},
+		metering.EventInput{CustomerID: "noah", Meter: testMeter, Value: 1000, Identifier: "r-6", Timestamp: new(at(3 * time.Hour))},
 	)
 	w := metering.NewWorker(e.db, newClient(t, e.fake, 0), fastConfig(), fastOptions(t))
 	if _, err := w.RunOnce(ctx); err != nil {
@@ -58,6 +58,9 @@ func TestReconcileNamesTheDriftingCustomer(t *testing.T) {
 		t.Fatalf("reconciliation %+v, want 3 checked and exactly %+v", rec, want)
 	}
 
+	if _, err := e.svc.Reconcile(ctx, testMeter, time.Time{}, to); !errs.Is(err, errs.Invalid) || !strings.Contains(err.Error(), "zero time") {
+		t.Errorf("reconciliation from the zero time: %v, want invalid_request naming the zero time", err)
+	}
 	if _, err := e.svc.Reconcile(ctx, "nope", from, to); !errs.Is(err, errs.Invalid) {
 		t.Errorf("unknown meter: %v, want invalid_request", err)
 	}
@@ -72,10 +75,10 @@ func TestTotalsCountEverythingButDead(t *testing.T) {
 	now := time.Now()
 	link(t, e.db, "pia")
 	ingest(t, e.svc,
-		metering.EventInput{CustomerID: "pia", Meter: testMeter, Value: 3, Identifier: "t-1", Timestamp: now.Add(-time.Hour)},
-		metering.EventInput{CustomerID: "pia", Meter: testMeter, Value: 4, Identifier: "t-2", Timestamp: now.Add(-2 * time.Hour)},
-		metering.EventInput{CustomerID: "pia", Meter: otherMeter, Value: 10, Identifier: "t-3", Timestamp: now.Add(-time.Hour)},
-		metering.EventInput{CustomerID: "pia", Meter: testMeter, Value: 50, Identifier: "t-dead", Timestamp: now.Add(-time.Hour)},
+		metering.EventInput{CustomerID: "pia", Meter: testMeter, Value: 3, Identifier: "t-1", Timestamp: new(now.Add(-time.Hour))},
+		metering.EventInput{CustomerID: "pia", Meter: testMeter, Value: 4, Identifier: "t-2", Timestamp: new(now.Add(-2 * time.Hour))},
+		metering.EventInput{CustomerID: "pia", Meter: otherMeter, Value: 10, Identifier: "t-3", Timestamp: new(now.Add(-time.Hour))},
+		metering.EventInput{CustomerID: "pia", Meter: testMeter, Value: 50, Identifier: "t-dead", Timestamp: new(now.Add(-time.Hour))},
 	)
 	e.db.Exec(`UPDATE usage_events SET status = 'dead' WHERE identifier = 't-dead'`)
 
@@ -87,15 +90,21 @@ func TestTotalsCountEverythingButDead(t *testing.T) {
 	if len(got.Meters) != 2 || got.Meters[0] != want[0] || got.Meters[1] != want[1] {
 		t.Errorf("totals %+v, want %+v", got.Meters, want)
 	}
-	got, err = e.svc.Totals(ctx, metering.TotalsQuery{CustomerID: "pia", Meter: testMeter, From: now.Add(-90 * time.Minute)})
+	got, err = e.svc.Totals(ctx, metering.TotalsQuery{CustomerID: "pia", Meter: testMeter, From: new(now.Add(-90 * time.Minute))})
 	if err != nil || len(got.Meters) != 1 || got.Meters[0] != (metering.MeterTotal{Meter: testMeter, Total: 3, Events: 1}) {
 		t.Errorf("one meter, last 90 minutes: %+v %v, want 3 from one event", got.Meters, err)
 	}
 	if _, err := e.svc.Totals(ctx, metering.TotalsQuery{CustomerID: "nobody"}); !errs.Is(err, errs.NotFound) {
 		t.Errorf("unknown customer: %v, want not_found", err)
 	}
-	if _, err := e.svc.Totals(ctx, metering.TotalsQuery{CustomerID: "pia", From: now, To: now.Add(-time.Hour)}); !errs.Is(err, errs.Invalid) {
+	if _, err := e.svc.Totals(ctx, metering.TotalsQuery{CustomerID: "pia", From: &now, To: new(now.Add(-time.Hour))}); !errs.Is(err, errs.Invalid) {
 		t.Errorf("from after to: %v, want invalid_request", err)
+	}
+	zero := time.Time{}
+	for _, q := range []metering.TotalsQuery{{CustomerID: "pia", From: &zero}, {CustomerID: "pia", To: &zero}} {
+		if _, err := e.svc.Totals(ctx, q); !errs.Is(err, errs.Invalid) || !strings.Contains(err.Error(), "zero time") {
+			t.Errorf("totals with the zero time as a bound: %v, want invalid_request naming the zero time", err)
+		}
 	}
 }
 
@@ -112,9 +121,9 @@ func TestReconcileComparesCustomersWithoutDeliveredUsage(t *testing.T) {
 	}
 	at := now.Add(-10 * time.Minute)
 	ingest(t, e.svc,
-		metering.EventInput{CustomerID: "quin", Meter: testMeter, Value: 6, Identifier: "d-1", Timestamp: at},
-		metering.EventInput{CustomerID: "rosa", Meter: testMeter, Value: 2, Identifier: "d-2", Timestamp: at},
-		metering.EventInput{CustomerID: "sam", Meter: testMeter, Value: 3, Identifier: "d-3", Timestamp: at},
+		metering.EventInput{CustomerID: "quin", Meter: testMeter, Value: 6, Identifier: "d-1", Timestamp: new(at)},
+		metering.EventInput{CustomerID: "rosa", Meter: testMeter, Value: 2, Identifier: "d-2", Timestamp: new(at)},
+		metering.EventInput{CustomerID: "sam", Meter: testMeter, Value: 3, Identifier: "d-3", Timestamp: new(at)},
 	)
 	w := metering.NewWorker(e.db, newClient(t, e.fake, 0), fastConfig(), fastOptions(t))
 	if _, err := w.RunOnce(ctx); err != nil {
@@ -144,7 +153,7 @@ func TestReconcileRetriesStripeAndNeverAnswersPartially(t *testing.T) {
 	ctx := context.Background()
 	now := time.Now()
 	link(t, e.db, "tess")
-	ingest(t, e.svc, metering.EventInput{CustomerID: "tess", Meter: testMeter, Value: 1, Identifier: "f-1", Timestamp: now.Add(-10 * time.Minute)})
+	ingest(t, e.svc, metering.EventInput{CustomerID: "tess", Meter: testMeter, Value: 1, Identifier: "f-1", Timestamp: new(now.Add(-10 * time.Minute))})
 	w := metering.NewWorker(e.db, newClient(t, e.fake, 0), fastConfig(), fastOptions(t))
 	if _, err := w.RunOnce(ctx); err != nil {
 		t.Fatal(err)

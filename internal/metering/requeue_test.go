@@ -11,67 +11,102 @@ import (
 	"github.com/tallybilling/tally/internal/metering"
 )
 
-// Stripe dedupes identifiers only over about 24 hours. A dead event whose
-// first send may have reached Stripe more than 24 hours ago is not
-// requeued (a resend could be counted twice): it stays dead, with
-// last_error saying why, and is not counted. A younger one is requeued.
-func TestRequeueSkipsEventsFirstSentOverADayAgo(t *testing.T) {
+// Any dead event still inside Stripe's window can be requeued, however long
+// ago it died. Only where a send may have reached Stripe (a timeout or a
+// 5xx) more than 24 hours ago is force needed, since Stripe dedupes
+// identifiers only over about 24 hours; an event outside the window stays
+// dead whatever. Each is explained per identifier.
+func TestRequeueNeedsForceOnlyWhereStripeMayHoldTheEvent(t *testing.T) {
 	e := newEnv(t)
 	ctx := context.Background()
 	link(t, e.db, "uma")
+	// Each identifier's first attempt meets a gateway timeout (Stripe may
+	// or may not have kept it), every later one a refusal; "clean-" ones
+	// are refused from the start.
+	seen := map[string]bool{}
 	e.fake.SetFault(func(r *http.Request) (int, string, bool) {
 		body := make([]byte, 4096)
 		n, _ := r.Body.Read(body)
-		form, _ := url.ParseQuery(string(body[:n]))
-		if strings.HasPrefix(form.Get("identifier"), "age-") {
-			// A gateway timeout: Stripe may or may not have kept the event.
+		id, _ := url.ParseQuery(string(body[:n]))
+		ident := id.Get("identifier")
+		if !strings.HasPrefix(ident, "clean-") && !seen[ident] {
+			seen[ident] = true
 			return http.StatusGatewayTimeout, `{"error":{"type":"api_error","message":"Gateway timeout."}}`, true
 		}
-		return 0, "", false
+		return http.StatusBadRequest, `{"error":{"type":"invalid_request_error","message":"No active meter was found for event_name api_calls."}}`, true
 	})
+	t0 := time.Now()
+	clock := &simClock{t: t0}
+	svc := metering.NewService(e.db, newClient(t, e.fake, 0), testCatalog(), clock.Now)
 	cfg := fastConfig()
-	cfg.MaxAttempts = 1
-	var t0 time.Time
-	sendAt := func(at time.Time) {
+	cfg.BackoffMax = time.Millisecond
+	opts := fastOptions(t)
+	opts.Now = clock.Now
+	w := metering.NewWorker(e.db, newClient(t, e.fake, 0), cfg, opts)
+	send := func() {
 		t.Helper()
-		opts := fastOptions(t)
-		opts.Now = func() time.Time { return at }
-		if _, err := metering.NewWorker(e.db, newClient(t, e.fake, 0), cfg, opts).RunOnce(ctx); err != nil {
-			t.Fatal(err)
+		for range 3 {
+			clock.Add(time.Second)
+			if _, err := w.RunOnce(ctx); err != nil {
+				t.Fatal(err)
+			}
 		}
 	}
-	ingest(t, e.svc, ev("uma", "age-old", 1))
-	t0 = time.Now()
-	sendAt(t0)
-	ingest(t, e.svc, ev("uma", "age-young", 2))
-	sendAt(t0.Add(2 * time.Hour))
-	if n := countRows(t, e.db, `status = 'dead'`); n != 2 {
-		t.Fatalf("%d dead events, want both after one timed-out attempt", n)
+	ingest(t, svc, ev("uma", "age-old", 1), ev("uma", "clean-old", 1),
+		metering.EventInput{CustomerID: "uma", Meter: testMeter, Value: 1, Identifier: "edge", Timestamp: new(t0.Add(-metering.DeliveryWindow + 26*time.Hour))})
+	send()
+	clock.Add(2 * time.Hour)
+	ingest(t, svc, ev("uma", "age-young", 2))
+	send()
+	if n := countRows(t, e.db, `status = 'dead' AND dead_code = 'stripe_refused'`); n != 4 {
+		t.Fatalf("%d events dead stripe_refused, want all 4", n)
 	}
 
-	later := metering.NewService(e.db, newClient(t, e.fake, 0), testCatalog(), func() time.Time { return t0.Add(25 * time.Hour) })
-	if n, err := later.Requeue(ctx, metering.RequeueInput{Identifiers: []string{"age-old"}}); err != nil || n != 0 {
-		t.Fatalf("requeue of the day-old event by identifier: %d %v, want 0", n, err)
+	clock.Set(t0.Add(25 * time.Hour))
+	later := metering.NewService(e.db, newClient(t, e.fake, 0), testCatalog(), clock.Now)
+	res, err := later.Requeue(ctx, metering.RequeueInput{Identifiers: []string{"age-old", "clean-old", "age-young", "edge", "nobody"}})
+	if err != nil {
+		t.Fatal(err)
 	}
-	n, err := later.Requeue(ctx, metering.RequeueInput{AllDead: true})
-	if err != nil || n != 1 {
-		t.Fatalf("requeue all dead 25h after the first send: %d %v, want 1 (only the younger event)", n, err)
+	want := []struct {
+		requeued bool
+		skip     metering.RequeueSkip
+		text     string
+	}{
+		{false, metering.SkipForceRequired, "more than 24 hours ago"},
+		{true, "", ""},
+		{true, "", ""},
+		{false, metering.SkipForceRequired, "force"},
+		{false, metering.SkipNotDead, "no usage event"},
 	}
-	old, _ := e.svc.Get(ctx, "age-old")
-	if old.Status != metering.StatusDead || old.Attempts != 1 ||
-		!strings.Contains(old.LastError, "24 hours") || !strings.Contains(old.LastError, "Gateway timeout") {
-		t.Errorf("day-old event %+v: want still dead, attempts kept, last_error explaining the 24 hours and keeping Stripe's error", old)
+	if res.Requeued != 2 || res.Skipped != 3 || len(res.Results) != len(want) {
+		t.Fatalf("requeue 25h later: %+v, want 2 requeued and 3 skipped", res)
 	}
-	young, _ := e.svc.Get(ctx, "age-young")
-	if young.Status != metering.StatusPending || young.Attempts != 0 {
-		t.Errorf("younger event %+v: want pending with attempts reset", young)
+	for i, w := range want {
+		r := res.Results[i]
+		if r.Requeued != w.requeued || r.Skip != w.skip || !strings.Contains(r.Detail, w.text) {
+			t.Errorf("result %d (%s): %+v, want requeued=%v skip=%q mentioning %q", i, r.Identifier, r, w.requeued, w.skip, w.text)
+		}
 	}
-	// Asking again does not stack the explanation.
-	if n, err := later.Requeue(ctx, metering.RequeueInput{AllDead: true}); err != nil || n != 0 {
-		t.Fatalf("second requeue: %d %v, want 0", n, err)
+	if got, _ := svc.Get(ctx, "age-old"); got.Status != metering.StatusDead || got.Attempts != 2 || !strings.Contains(got.LastError, "No active meter") {
+		t.Errorf("age-old %+v: want still dead, attempts and error kept", got)
 	}
-	again, _ := e.svc.Get(ctx, "age-old")
-	if again.LastError != old.LastError {
-		t.Errorf("last_error changed on a second requeue:\n%s\nwas\n%s", again.LastError, old.LastError)
+
+	// Two more days: edge has left Stripe's window; force requeues age-old
+	// but not edge.
+	clock.Set(t0.Add(72 * time.Hour))
+	later = metering.NewService(e.db, newClient(t, e.fake, 0), testCatalog(), clock.Now)
+	res, err = later.Requeue(ctx, metering.RequeueInput{AllDead: true})
+	if err != nil || res.Requeued != 0 || res.Skipped != 2 || len(res.Results) != 2 ||
+		res.Results[0].Identifier != "age-old" || res.Results[0].Skip != metering.SkipForceRequired ||
+		res.Results[1].Identifier != "edge" || res.Results[1].Skip != metering.SkipTooOld {
+		t.Fatalf("requeue all dead without force: %+v %v, want age-old force_required and edge too_old", res, err)
+	}
+	res, err = later.Requeue(ctx, metering.RequeueInput{AllDead: true, Force: true})
+	if err != nil || res.Requeued != 1 || res.Skipped != 1 || res.Results[0].Identifier != "edge" || res.Results[0].Skip != metering.SkipTooOld {
+		t.Fatalf("requeue all dead with force: %+v %v, want age-old requeued and edge still too_old", res, err)
+	}
+	if got, _ := svc.Get(ctx, "age-old"); got.Status != metering.StatusPending || got.Attempts != 0 || got.MaybeSentAt == nil {
+		t.Errorf("forced age-old %+v: want pending, attempts reset, maybe_sent_at kept", got)
 	}
 }

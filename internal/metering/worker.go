@@ -34,12 +34,10 @@ type WorkerOptions struct {
 	Registerer prometheus.Registerer
 	// Name identifies this instance in claimed_by; default a fresh id.
 	Name string
-	// BackoffBase and BackoffMax shape the retry delay after a 5xx, timeout
-	// or network failure: a uniformly random delay in [0, min(BackoffMax,
-	// BackoffBase·2^(attempts-1))] ("full jitter"). Defaults 2s and 30m, so
-	// the default 10 attempts span up to about half an hour of outage.
+	// BackoffBase shapes the retry delay after a 5xx, timeout or network
+	// failure: a uniformly random delay in [0, min(cfg.BackoffMax,
+	// BackoffBase·2^(attempts-1))] ("full jitter"); default 2s.
 	BackoffBase time.Duration
-	BackoffMax  time.Duration
 	// SendTimeout bounds one Stripe request, including one still in flight
 	// when shutdown begins; default 20s.
 	SendTimeout time.Duration
@@ -70,6 +68,14 @@ type WorkerOptions struct {
 // are exclusive (FOR UPDATE SKIP LOCKED plus a lease), and a claim whose
 // worker died expires and is taken over. The rate limit holds for all the
 // running Workers on one database together (see share.go).
+//
+// Failures are retried by time, not by count: an event that failed
+// retryably (5xx, timeout, network) is sent again after a capped, jittered
+// backoff for as long as Stripe accepts its timestamp (DeliveryWindow), so
+// an outage of hours or days loses nothing. An event whose timestamp leaves
+// the window first, pending or waiting for its customer, is dead-lettered
+// with DeadTooOld; one Stripe refuses is dead-lettered with
+// DeadStripeRefused.
 type Worker struct {
 	db     *gorm.DB
 	client stripeapi.Client
@@ -89,6 +95,8 @@ type Worker struct {
 	pausedUntil time.Time
 	session     stripeapi.MeterEventSession
 	gaugesAt    time.Time
+	waitingAt   time.Time
+	expiredAt   time.Time
 	// The rate share (share.go): sharing while Run runs; the time of the
 	// last successful heartbeat, of the first request allowed, of the
 	// last request sent; the share and how many workers it was split by.
@@ -107,8 +115,17 @@ const recordTimeout = 10 * time.Second
 // large backlog is moved in short statements.
 const releaseLimit = 5000
 
+// expireEvery is how often (by the worker's clock) a round looks for
+// events whose timestamp left Stripe's window, and expireLimit how many it
+// dead-letters at once. The look is one range scan of a small partial
+// index (usage_events_undelivered_time).
+const (
+	expireEvery = time.Second
+	expireLimit = 500
+)
+
 // NewWorker returns a Worker sending through client with cfg's transport,
-// rate limit, batch size, attempts and poll interval.
+// rate limit, batch size, backoff cap and poll interval.
 func NewWorker(gdb *gorm.DB, client stripeapi.Client, cfg config.MeteringConfig, opts WorkerOptions) *Worker {
 	if opts.Logger == nil {
 		opts.Logger = slog.New(slog.DiscardHandler)
@@ -120,7 +137,6 @@ func NewWorker(gdb *gorm.DB, client stripeapi.Client, cfg config.MeteringConfig,
 		opts.Name = db.NewID("wrk")
 	}
 	opts.BackoffBase = cmp.Or(opts.BackoffBase, 2*time.Second)
-	opts.BackoffMax = cmp.Or(opts.BackoffMax, 30*time.Minute)
 	opts.SendTimeout = cmp.Or(opts.SendTimeout, 20*time.Second)
 	opts.SessionRenewBefore = cmp.Or(opts.SessionRenewBefore, time.Minute)
 	if opts.Concurrency == 0 {
@@ -132,7 +148,7 @@ func NewWorker(gdb *gorm.DB, client stripeapi.Client, cfg config.MeteringConfig,
 	opts.AuthPause = cmp.Or(opts.AuthPause, time.Minute)
 	opts.HeartbeatInterval = cmp.Or(opts.HeartbeatInterval, defaultHeartbeatInterval)
 	cfg.BatchSize = cmp.Or(cfg.BatchSize, 100)
-	cfg.MaxAttempts = cmp.Or(cfg.MaxAttempts, 10)
+	cfg.BackoffMax = cmp.Or(cfg.BackoffMax, 10*time.Minute)
 	cfg.PollInterval = cmp.Or(cfg.PollInterval, time.Second)
 	cfg.RateLimit = cmp.Or(cfg.RateLimit, 20)
 	cfg.Transport = cmp.Or(cfg.Transport, config.MeterTransportV1)
@@ -185,7 +201,7 @@ func (w *Worker) Name() string { return "usage-delivery" }
 // (about a second after its last request) and returns nil.
 func (w *Worker) Run(ctx context.Context) error {
 	w.log.Info("usage delivery started", "transport", w.cfg.Transport, "rate_limit", w.cfg.RateLimit,
-		"batch_size", w.cfg.BatchSize, "max_attempts", w.cfg.MaxAttempts)
+		"batch_size", w.cfg.BatchSize, "backoff_max", w.cfg.BackoffMax.String())
 	leave := w.join(ctx)
 	defer leave()
 	for {
@@ -215,13 +231,19 @@ func (w *Worker) Run(ctx context.Context) error {
 	}
 }
 
-// RunOnce is one round: release waiting events whose customer now has a
-// Stripe customer, claim a batch of due events and send it. It returns how
-// many events it claimed. Outside Run it sends at the share of the rate
-// limit Run last had (the whole limit if Run never ran).
+// RunOnce is one round: dead-letter the events whose timestamp left
+// Stripe's window (at most every expireEvery), release waiting events whose
+// customer now has a Stripe customer, claim a batch of due events and send
+// it. It returns how many events it claimed. Outside Run it sends at the
+// share of the rate limit Run last had (the whole limit if Run never ran).
 func (w *Worker) RunOnce(ctx context.Context) (int, error) {
+	// The gauges are recounted whatever the steps before them did.
+	err := w.expireTooOld(ctx)
+	if err == nil {
+		err = w.releaseWaiting(ctx)
+	}
 	w.refreshGauges(ctx)
-	if err := w.releaseWaiting(ctx); err != nil {
+	if err != nil {
 		return 0, err
 	}
 	if w.pauseLeft() > 0 || w.holdLeft() > 0 {
@@ -281,15 +303,21 @@ func (ev claimedEvent) meterEvent() stripeapi.MeterEvent {
 // claim takes up to BatchSize due events in one short statement: rows
 // another instance holds locked are skipped, and the lease is written as
 // the next due time, so an abandoned claim becomes due again by itself.
-// The first claim of an event with a linked customer stamps
-// first_attempt_at, slightly before the send, so requeue errs on the side
-// of refusing a resend Stripe might count twice.
+// Events whose timestamp left Stripe's window are never claimed; the next
+// expireTooOld dead-letters them. The first claim of an event with a linked
+// customer stamps first_attempt_at (for operators; requeue goes by
+// maybe_sent_at).
+//
+// The locking SELECTs of this file are MATERIALIZED CTEs: were the planner
+// to run one again inside the statement (a rescan), SKIP LOCKED would pass
+// over the rows this statement already changed and take the next ones,
+// going past LIMIT.
 func (w *Worker) claim(ctx context.Context, c *claim, now time.Time) ([]claimedEvent, error) {
 	var out []claimedEvent
 	err := w.db.WithContext(ctx).Raw(`
-		WITH due AS (
+		WITH due AS MATERIALIZED (
 			SELECT identifier FROM usage_events
-			WHERE status = 'pending' AND next_attempt_at <= ?
+			WHERE status = 'pending' AND next_attempt_at <= ? AND occurred_at > ?
 			ORDER BY next_attempt_at
 			LIMIT ?
 			FOR UPDATE SKIP LOCKED
@@ -302,7 +330,7 @@ func (w *Worker) claim(ctx context.Context, c *claim, now time.Time) ([]claimedE
 		WHERE u.identifier = due.identifier AND c.id = u.customer_id
 		RETURNING u.identifier, u.customer_id, u.meter, u.stripe_event_name, u.value, u.occurred_at,
 			u.attempts, c.stripe_customer_id`,
-		now, w.cfg.BatchSize, c.token, c.leaseEnd, c.leaseEnd, now, now).Scan(&out).Error
+		now, now.Add(-DeliveryWindow), w.cfg.BatchSize, c.token, c.leaseEnd, c.leaseEnd, now, now).Scan(&out).Error
 	if err != nil {
 		return nil, db.Translate(err, nil)
 	}
@@ -317,29 +345,83 @@ func (w *Worker) claim(ctx context.Context, c *claim, now time.Time) ([]claimedE
 func (w *Worker) releaseWaiting(ctx context.Context) error {
 	now := w.now()
 	err := w.db.WithContext(ctx).Exec(`
-		UPDATE usage_events u SET status = 'pending', next_attempt_at = ?, updated_at = ?
-		WHERE u.status = 'waiting_customer' AND u.identifier IN (
+		WITH linked AS MATERIALIZED (
 			SELECT e.identifier FROM usage_events e JOIN customers c ON c.id = e.customer_id
 			WHERE e.status = 'waiting_customer' AND c.stripe_customer_id IS NOT NULL
 			LIMIT ?
-			FOR UPDATE OF e SKIP LOCKED)`, now, now, releaseLimit).Error
+			FOR UPDATE OF e SKIP LOCKED)
+		UPDATE usage_events u SET status = 'pending', next_attempt_at = ?, updated_at = ?
+		FROM linked WHERE u.identifier = linked.identifier AND u.status = 'waiting_customer'`, releaseLimit, now, now).Error
 	return db.Translate(err, nil)
 }
 
-// refreshGauges recounts the backlog at most once a second.
-func (w *Worker) refreshGauges(ctx context.Context) {
+// expireTooOld dead-letters, with DeadTooOld, up to expireLimit pending or
+// waiting events whose timestamp left Stripe's window (none that another
+// worker holds claimed), at most once every expireEvery.
+func (w *Worker) expireTooOld(ctx context.Context) error {
+	now := w.now()
 	w.mu.Lock()
-	if time.Since(w.gaugesAt) < time.Second {
+	if d := now.Sub(w.expiredAt); d >= 0 && d < expireEvery {
+		w.mu.Unlock()
+		return nil
+	}
+	w.expiredAt = now
+	w.mu.Unlock()
+	cut := now.Add(-DeliveryWindow)
+	return w.settleRows(ctx, expireLimit, func(tx *gorm.DB) *gorm.DB {
+		return tx.Raw(`
+			WITH old AS MATERIALIZED (
+				SELECT identifier FROM usage_events
+				WHERE status IN ('pending', 'waiting_customer') AND occurred_at <= ?
+				  AND (status = 'waiting_customer' OR claimed_by IS NULL OR lease_until < ?)
+				ORDER BY occurred_at
+				LIMIT ?
+				FOR UPDATE SKIP LOCKED
+			)
+			UPDATE usage_events u SET status = 'dead', dead_code = 'too_old', next_attempt_at = ?,
+				last_error = ? || COALESCE(u.last_error, '(none)'),
+				lease_until = NULL, claimed_by = NULL, updated_at = ?
+			FROM old WHERE u.identifier = old.identifier
+			RETURNING `+settledColumns,
+			cut, now, expireLimit, now, tooOldMessage, now)
+	})
+}
+
+// tooOldMessage starts the last_error of an event dead-lettered too_old.
+var tooOldMessage = fmt.Sprintf("too_old: not delivered while Stripe accepted its timestamp "+
+	"(35 days, less the %s tally keeps to deliver it); it can no longer be billed through Stripe's meter. Last error: ", DeliveryMargin)
+
+// refreshGauges recounts the backlog at most once a second, and the
+// waiting events at most once every waitingCountEvery: waiting events can be
+// many (usage of customers who never check out), and counting them is a
+// scan, while their oldest timestamp, which the alert watches, is one
+// index probe (usage_events_undelivered_time).
+func (w *Worker) refreshGauges(ctx context.Context) {
+	now := w.now()
+	w.mu.Lock()
+	if d := now.Sub(w.gaugesAt); d >= 0 && d < time.Second {
 		w.mu.Unlock()
 		return
 	}
-	w.gaugesAt = time.Now()
+	w.gaugesAt = now
+	countWaiting := now.Sub(w.waitingAt) >= waitingCountEvery || now.Before(w.waitingAt)
+	if countWaiting {
+		w.waitingAt = now
+	}
 	w.mu.Unlock()
-	var counts struct{ Pending, Dead int64 }
+	var counts struct {
+		Pending, Dead int64
+		OldestWaiting *time.Time
+	}
 	err := w.db.WithContext(ctx).Raw(`
 		SELECT count(*) FILTER (WHERE status = 'pending') AS pending,
-		       count(*) FILTER (WHERE status = 'dead') AS dead
+		       count(*) FILTER (WHERE status = 'dead') AS dead,
+		       (SELECT min(occurred_at) FROM usage_events WHERE status = 'waiting_customer') AS oldest_waiting
 		FROM usage_events WHERE status IN ('pending', 'dead')`).Scan(&counts).Error
+	var waiting int64
+	if err == nil && countWaiting {
+		err = w.db.WithContext(ctx).Raw(`SELECT count(*) FROM usage_events WHERE status = 'waiting_customer'`).Scan(&waiting).Error
+	}
 	if err != nil {
 		if ctx.Err() == nil {
 			w.log.Warn("count usage backlog", "error", err)
@@ -348,7 +430,18 @@ func (w *Worker) refreshGauges(ctx context.Context) {
 	}
 	w.m.pending.Set(float64(counts.Pending))
 	w.m.dead.Set(float64(counts.Dead))
+	if countWaiting {
+		w.m.waiting.Set(float64(waiting))
+	}
+	oldest := 0.0
+	if counts.OldestWaiting != nil {
+		oldest = max(0, now.Sub(*counts.OldestWaiting).Seconds())
+	}
+	w.m.waitingOldest.Set(oldest)
 }
+
+// waitingCountEvery is how often the waiting events are counted.
+const waitingCountEvery = 30 * time.Second
 
 // pause stops all sending of this worker for d (or longer if already
 // paused) and returns when it ends.
@@ -589,7 +682,10 @@ func (w *Worker) settle(ctx context.Context, c *claim, evs []claimedEvent, err e
 		w.log.Error("Stripe refused the API key for meter events; pausing delivery", "error", err, "for", w.opts.AuthPause.String())
 		w.releaseWithError(ctx, c, evs, until, msg)
 	case (isStripe && se.Retryable()) || (!isStripe && !errs.Is(err, errs.Invalid)):
-		w.retry(ctx, c, evs, msg)
+		// Only an expired v2 session says for sure that Stripe took
+		// nothing; a 5xx or a lost answer may hide events it kept.
+		maybeSent := !(isStripe && se.Kind == stripeapi.KindSessionExpired)
+		w.retry(ctx, c, evs, msg, maybeSent)
 	default:
 		w.dead(ctx, c, evs, msg)
 	}
@@ -669,44 +765,60 @@ type settledRow struct {
 	OccurredAt time.Time
 	Status     string
 	Attempts   int
+	DeadCode   *string
+	LastError  *string
 }
 
-// retry counts a failed attempt and schedules the next with full jitter, or
-// dead-letters the events whose attempts ran out.
-func (w *Worker) retry(ctx context.Context, c *claim, evs []claimedEvent, msg string) {
+const settledColumns = `u.identifier, u.customer_id, u.meter, u.value, u.occurred_at, u.status, u.attempts,
+	u.dead_code, u.last_error`
+
+// retry counts a failed attempt and schedules the next after a jittered
+// backoff capped at BackoffMax, and never later than the end of Stripe's
+// window for the event's timestamp; an event already past that end is
+// dead-lettered too_old instead. maybeSent records that Stripe may have
+// kept the event (see UsageEvent.MaybeSentAt).
+func (w *Worker) retry(ctx context.Context, c *claim, evs []claimedEvent, msg string, maybeSent bool) {
 	now := w.now()
-	w.settleRows(ctx, evs, func(tx *gorm.DB) *gorm.DB {
-		// attempts on the right-hand side is the value before this update.
+	cut := now.Add(-DeliveryWindow)
+	_ = w.settleRows(ctx, len(evs), func(tx *gorm.DB) *gorm.DB {
+		// attempts on the right-hand side is the value before this update;
+		// the exponent is bounded so power() never overflows.
 		return tx.Raw(`
-			UPDATE usage_events SET attempts = attempts + 1,
-				status = CASE WHEN attempts + 1 >= ? THEN 'dead' ELSE 'pending' END,
-				next_attempt_at = CASE WHEN attempts + 1 >= ? THEN ?::timestamptz
-					ELSE ?::timestamptz + make_interval(secs => random() * least(?::float8, ?::float8 * power(2, attempts))) END,
-				last_error = ?, lease_until = NULL, claimed_by = NULL, updated_at = ?
+			UPDATE usage_events u SET attempts = attempts + 1,
+				status = CASE WHEN occurred_at <= ? THEN 'dead' ELSE 'pending' END,
+				dead_code = CASE WHEN occurred_at <= ? THEN 'too_old' END,
+				last_error = CASE WHEN occurred_at <= ? THEN ? ELSE '' END || ?,
+				maybe_sent_at = CASE WHEN ? THEN COALESCE(maybe_sent_at, ?) ELSE maybe_sent_at END,
+				next_attempt_at = CASE WHEN occurred_at <= ? THEN ?::timestamptz
+					ELSE least(occurred_at + make_interval(secs => ?),
+						?::timestamptz + make_interval(secs => random() * least(?::float8, ?::float8 * power(2, least(attempts, 40))))) END,
+				lease_until = NULL, claimed_by = NULL, updated_at = ?
 			WHERE identifier IN (SELECT jsonb_array_elements_text(?::jsonb)) AND claimed_by = ? AND status = 'pending'
-			RETURNING identifier, customer_id, meter, value, occurred_at, status, attempts`,
-			w.cfg.MaxAttempts, w.cfg.MaxAttempts, now, now,
-			w.opts.BackoffMax.Seconds(), w.opts.BackoffBase.Seconds(),
-			msg, now, identifiersJSON(evs), c.token)
-	}, msg)
+			RETURNING `+settledColumns,
+			cut, cut, cut, tooOldMessage, msg, maybeSent, now, cut, now,
+			DeliveryWindow.Seconds(), now, w.cfg.BackoffMax.Seconds(), w.opts.BackoffBase.Seconds(),
+			now, identifiersJSON(evs), c.token)
+	})
 }
 
 // dead dead-letters events Stripe refused for good.
 func (w *Worker) dead(ctx context.Context, c *claim, evs []claimedEvent, msg string) {
 	now := w.now()
-	w.settleRows(ctx, evs, func(tx *gorm.DB) *gorm.DB {
+	_ = w.settleRows(ctx, len(evs), func(tx *gorm.DB) *gorm.DB {
 		return tx.Raw(`
-			UPDATE usage_events SET attempts = attempts + 1, status = 'dead', next_attempt_at = ?,
-				last_error = ?, lease_until = NULL, claimed_by = NULL, updated_at = ?
+			UPDATE usage_events u SET attempts = attempts + 1, status = 'dead', dead_code = 'stripe_refused',
+				next_attempt_at = ?, last_error = ?, lease_until = NULL, claimed_by = NULL, updated_at = ?
 			WHERE identifier IN (SELECT jsonb_array_elements_text(?::jsonb)) AND claimed_by = ? AND status = 'pending'
-			RETURNING identifier, customer_id, meter, value, occurred_at, status, attempts`,
+			RETURNING `+settledColumns,
 			now, msg, now, identifiersJSON(evs), c.token)
-	}, msg)
+	})
 }
 
-// settleRows runs update in a transaction and appends usage.dead for every
-// row it dead-lettered, in that same transaction.
-func (w *Worker) settleRows(ctx context.Context, evs []claimedEvent, update func(tx *gorm.DB) *gorm.DB, msg string) {
+// settleRows runs update (at most n rows) in a transaction and appends
+// usage.dead for every row it dead-lettered, in that same transaction.
+// A failure is logged (and returned): the claim's lease runs out and the
+// events are tried again.
+func (w *Worker) settleRows(ctx context.Context, n int, update func(tx *gorm.DB) *gorm.DB) error {
 	rctx, cancel := withTimeout(ctx, recordTimeout)
 	defer cancel()
 	var rows []settledRow
@@ -725,7 +837,8 @@ func (w *Worker) settleRows(ctx context.Context, evs []claimedEvent, update func
 				"value":      r.Value,
 				"timestamp":  r.OccurredAt.UTC(),
 				"attempts":   r.Attempts,
-				"last_error": msg,
+				"code":       deref(r.DeadCode),
+				"last_error": deref(r.LastError),
 			}})
 			if err != nil {
 				return err
@@ -734,17 +847,26 @@ func (w *Worker) settleRows(ctx context.Context, evs []claimedEvent, update func
 		return nil
 	})
 	if err != nil {
-		// The claim's lease runs out and the events are tried again.
-		w.log.Error("record usage delivery failure", "error", err, "count", len(evs))
-		return
+		if ctx.Err() == nil {
+			w.log.Error("record usage delivery failure", "error", err, "count", n)
+		}
+		return db.Translate(err, nil)
 	}
 	for _, r := range rows {
 		if r.Status == string(StatusDead) {
 			w.m.deliveries.WithLabelValues(resultDead).Inc()
 			w.log.Warn("usage event dead-lettered", "identifier", r.Identifier, "customer_id", r.CustomerID,
-				"attempts", r.Attempts, "error", msg)
+				"code", deref(r.DeadCode), "attempts", r.Attempts, "error", deref(r.LastError))
 		} else {
 			w.m.deliveries.WithLabelValues(resultRetry).Inc()
 		}
 	}
+	return nil
+}
+
+func deref(s *string) string {
+	if s == nil {
+		return ""
+	}
+	return *s
 }

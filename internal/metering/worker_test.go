@@ -33,7 +33,7 @@ func TestTenThousandEventsDeliveredExactlyOnce(t *testing.T) {
 		all = append(all, ev(fmt.Sprintf("cust-%02d", i%customers), id, float64(i%5)))
 		if i%2 == 1 && len(all) < 10_000 {
 			// Every second event is followed by a repeat of an earlier one.
-			all = append(all, ev(fmt.Sprintf("cust-%02d", (i/2)%customers), fmt.Sprintf("ten-%05d", i/2), float64(i%5)))
+			all = append(all, ev(fmt.Sprintf("cust-%02d", (i/2)%customers), fmt.Sprintf("ten-%05d", i/2), float64((i/2)%5)))
 		}
 	}
 	cfg := fastConfig()
@@ -112,7 +112,7 @@ func TestDeliverySurvivesStripeOutage(t *testing.T) {
 	link(t, e.db, "grace")
 	const limit = 20
 	cfg := fastConfig()
-	cfg.RateLimit, cfg.MaxAttempts, cfg.BatchSize = limit, 1000, 50
+	cfg.RateLimit, cfg.BatchSize = limit, 50
 	opts := fastOptions(t)
 	opts.SendTimeout = 300 * time.Millisecond
 
@@ -275,24 +275,26 @@ func TestStreamTransportRenewsSessions(t *testing.T) {
 	}
 }
 
+// An event Stripe refuses is dead-lettered at once (stripe_refused), with a
+// usage.dead event; one Stripe answers 502 keeps being retried; once the
+// cause is fixed a requeue sends the dead one again.
 func TestRefusedEventsAreDeadLetteredAndRequeued(t *testing.T) {
 	e := newEnv(t)
 	link(t, e.db, "jo")
 	cfg := fastConfig()
-	cfg.MaxAttempts = 3
 	e.fake.SetFault(func(r *http.Request) (int, string, bool) {
 		body := make([]byte, 4096)
 		n, _ := r.Body.Read(body)
 		form, _ := url.ParseQuery(string(body[:n]))
 		switch form.Get("identifier") {
-		case "refused":
+		case "refused", "refused-2":
 			return http.StatusBadRequest, `{"error":{"type":"invalid_request_error","message":"No active meter was found for event_name api_calls."}}`, true
 		case "flaky":
 			return http.StatusBadGateway, `{"error":{"type":"api_error","message":"Bad gateway."}}`, true
 		}
 		return 0, "", false
 	})
-	ingest(t, e.svc, ev("jo", "refused", 1), ev("jo", "flaky", 2), ev("jo", "fine", 3))
+	ingest(t, e.svc, ev("jo", "refused", 1), ev("jo", "refused-2", 1), ev("jo", "flaky", 2), ev("jo", "fine", 3))
 	opts := fastOptions(t)
 	reg := prometheus.NewRegistry()
 	opts.Registerer = reg
@@ -300,6 +302,9 @@ func TestRefusedEventsAreDeadLetteredAndRequeued(t *testing.T) {
 	stop := startWorker(t, w)
 	waitFor(t, "two dead letters", 30*time.Second, func() bool { return countRows(t, e.db, `status = 'dead'`) == 2 })
 	waitFor(t, "the dead gauge to count them", 10*time.Second, func() bool { return gauge(t, reg, "tally_usage_events_dead") == 2 })
+	waitFor(t, "the flaky event to be tried more than the old ten times", 30*time.Second, func() bool {
+		return countRows(t, e.db, `identifier = 'flaky' AND attempts > 12`) == 1
+	})
 	stop()
 	if got := deliveries(t, reg, "dead"); got != 2 {
 		t.Errorf("tally_usage_deliveries_total{result=dead} = %v, want 2", got)
@@ -307,17 +312,18 @@ func TestRefusedEventsAreDeadLetteredAndRequeued(t *testing.T) {
 
 	ctx := context.Background()
 	refused, _ := e.svc.Get(ctx, "refused")
-	if refused.Attempts != 1 || !strings.Contains(refused.LastError, "No active meter was found") {
-		t.Errorf("refused event %+v: want dead after 1 attempt with Stripe's message", refused)
+	if refused.Attempts != 1 || refused.DeadCode != metering.DeadStripeRefused || !strings.Contains(refused.LastError, "No active meter was found") ||
+		refused.MaybeSentAt != nil {
+		t.Errorf("refused event %+v: want dead stripe_refused after 1 attempt with Stripe's message, never maybe sent", refused)
 	}
 	flaky, _ := e.svc.Get(ctx, "flaky")
-	if flaky.Attempts != 3 || flaky.Status != metering.StatusDead {
-		t.Errorf("flaky event %+v: want dead after MaxAttempts=3", flaky)
+	if flaky.Status != metering.StatusPending || flaky.MaybeSentAt == nil {
+		t.Errorf("flaky event %+v: want still pending, marked as maybe sent (a 502 may hide a kept event)", flaky)
 	}
 	var deadEvents int64
-	e.db.Raw(`SELECT count(*) FROM events WHERE type = 'usage.dead' AND customer_id = 'jo'`).Scan(&deadEvents)
+	e.db.Raw(`SELECT count(*) FROM events WHERE type = 'usage.dead' AND customer_id = 'jo' AND data->>'code' = 'stripe_refused'`).Scan(&deadEvents)
 	if deadEvents != 2 {
-		t.Errorf("%d usage.dead events, want one per dead letter (2)", deadEvents)
+		t.Errorf("%d usage.dead events with code stripe_refused, want one per dead letter (2)", deadEvents)
 	}
 	page, err := e.svc.List(ctx, metering.ListQuery{Status: metering.StatusDead, Limit: 1})
 	if err != nil || len(page.Events) != 1 || page.Next == "" {
@@ -328,23 +334,27 @@ func TestRefusedEventsAreDeadLetteredAndRequeued(t *testing.T) {
 		t.Fatalf("second page of dead letters: %+v %v", page2, err)
 	}
 
-	if _, err := e.svc.Requeue(ctx, metering.RequeueInput{Identifiers: []string{"flaky"}, AllDead: true}); err == nil {
+	if _, err := e.svc.Requeue(ctx, metering.RequeueInput{Identifiers: []string{"refused"}, AllDead: true}); err == nil {
 		t.Errorf("requeue with both identifiers and all_dead: no error")
 	}
 	if _, err := e.svc.Requeue(ctx, metering.RequeueInput{}); err == nil {
 		t.Errorf("requeue with neither: no error")
 	}
 	e.fake.SetFault(nil) // Stripe fixed: the meter exists now
-	n, err := e.svc.Requeue(ctx, metering.RequeueInput{AllDead: true})
-	if err != nil || n != 2 {
-		t.Fatalf("requeue all dead: %d %v, want 2", n, err)
+	res, err := e.svc.Requeue(ctx, metering.RequeueInput{Identifiers: []string{"refused", "fine"}})
+	if err != nil || res.Requeued != 1 || res.Skipped != 1 || !res.Results[0].Requeued || res.Results[1].Skip != metering.SkipNotDead {
+		t.Fatalf("requeue refused and fine: %+v %v, want refused requeued and fine (delivered) skipped not_dead", res, err)
 	}
-	if got, _ := e.svc.Get(ctx, "flaky"); got.Status != metering.StatusPending || got.Attempts != 0 {
-		t.Errorf("requeued event %+v, want pending with attempts reset", got)
+	if got, _ := e.svc.Get(ctx, "refused"); got.Status != metering.StatusPending || got.Attempts != 0 || got.DeadCode != "" {
+		t.Errorf("requeued event %+v, want pending with attempts and dead_code reset", got)
+	}
+	res, err = e.svc.Requeue(ctx, metering.RequeueInput{AllDead: true})
+	if err != nil || res.Requeued != 1 || res.Skipped != 0 || len(res.Results) != 0 {
+		t.Fatalf("requeue all dead: %+v %v, want refused-2 requeued, nothing left", res, err)
 	}
 	startWorker(t, metering.NewWorker(e.db, newClient(t, e.fake, 0), cfg, fastOptions(t)))
-	waitFor(t, "requeued events delivered", 30*time.Second, func() bool { return countRows(t, e.db, `status = 'delivered'`) == 3 })
-	assertDeliveredOnce(t, e, []string{"refused", "flaky", "fine"})
+	waitFor(t, "every event delivered", 30*time.Second, func() bool { return countRows(t, e.db, `status = 'delivered'`) == 4 })
+	assertDeliveredOnce(t, e, []string{"refused", "refused-2", "flaky", "fine"})
 }
 
 func TestWaitingEventsAreDeliveredOnceTheCustomerIsLinked(t *testing.T) {

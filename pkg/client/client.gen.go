@@ -23,6 +23,7 @@ const (
 	ErrorCodeForbidden              ErrorCode = "forbidden"
 	ErrorCodeIdempotencyKeyInFlight ErrorCode = "idempotency_key_in_flight"
 	ErrorCodeIdempotencyKeyReused   ErrorCode = "idempotency_key_reused"
+	ErrorCodeIdentifierConflict     ErrorCode = "identifier_conflict"
 	ErrorCodeInsufficientCredits    ErrorCode = "insufficient_credits"
 	ErrorCodeInternal               ErrorCode = "internal"
 	ErrorCodeInvalidRequest         ErrorCode = "invalid_request"
@@ -44,6 +45,8 @@ func (e ErrorCode) Valid() bool {
 	case ErrorCodeIdempotencyKeyInFlight:
 		return true
 	case ErrorCodeIdempotencyKeyReused:
+		return true
+	case ErrorCodeIdentifierConflict:
 		return true
 	case ErrorCodeInsufficientCredits:
 		return true
@@ -185,6 +188,45 @@ func (e PaymentStatus) Valid() bool {
 	}
 }
 
+// Defines values for RequeueItemStatus.
+const (
+	Requeued RequeueItemStatus = "requeued"
+	Skipped  RequeueItemStatus = "skipped"
+)
+
+// Valid indicates whether the value is a known member of the RequeueItemStatus enum.
+func (e RequeueItemStatus) Valid() bool {
+	switch e {
+	case Requeued:
+		return true
+	case Skipped:
+		return true
+	default:
+		return false
+	}
+}
+
+// Defines values for RequeueSkipCode.
+const (
+	RequeueSkipCodeForceRequired RequeueSkipCode = "force_required"
+	RequeueSkipCodeNotDead       RequeueSkipCode = "not_dead"
+	RequeueSkipCodeTooOld        RequeueSkipCode = "too_old"
+)
+
+// Valid indicates whether the value is a known member of the RequeueSkipCode enum.
+func (e RequeueSkipCode) Valid() bool {
+	switch e {
+	case RequeueSkipCodeForceRequired:
+		return true
+	case RequeueSkipCodeNotDead:
+		return true
+	case RequeueSkipCodeTooOld:
+		return true
+	default:
+		return false
+	}
+}
+
 // Defines values for StripeEventStatus.
 const (
 	StripeEventStatusFailed    StripeEventStatus = "failed"
@@ -212,21 +254,42 @@ func (e StripeEventStatus) Valid() bool {
 	}
 }
 
+// Defines values for UsageDeadCode.
+const (
+	UsageDeadCodeStripeRefused UsageDeadCode = "stripe_refused"
+	UsageDeadCodeTooOld        UsageDeadCode = "too_old"
+)
+
+// Valid indicates whether the value is a known member of the UsageDeadCode enum.
+func (e UsageDeadCode) Valid() bool {
+	switch e {
+	case UsageDeadCodeStripeRefused:
+		return true
+	case UsageDeadCodeTooOld:
+		return true
+	default:
+		return false
+	}
+}
+
 // Defines values for UsageEventResultStatus.
 const (
-	Accepted  UsageEventResultStatus = "accepted"
-	Duplicate UsageEventResultStatus = "duplicate"
-	Rejected  UsageEventResultStatus = "rejected"
+	UsageEventResultStatusAccepted  UsageEventResultStatus = "accepted"
+	UsageEventResultStatusConflict  UsageEventResultStatus = "conflict"
+	UsageEventResultStatusDuplicate UsageEventResultStatus = "duplicate"
+	UsageEventResultStatusRejected  UsageEventResultStatus = "rejected"
 )
 
 // Valid indicates whether the value is a known member of the UsageEventResultStatus enum.
 func (e UsageEventResultStatus) Valid() bool {
 	switch e {
-	case Accepted:
+	case UsageEventResultStatusAccepted:
 		return true
-	case Duplicate:
+	case UsageEventResultStatusConflict:
 		return true
-	case Rejected:
+	case UsageEventResultStatusDuplicate:
+		return true
+	case UsageEventResultStatusRejected:
 		return true
 	default:
 		return false
@@ -658,21 +721,49 @@ type ReconciliationMismatch struct {
 
 // ReconciliationRequest defines model for ReconciliationRequest.
 type ReconciliationRequest struct {
+	// From The zero time 0001-01-01T00:00:00Z is refused (422).
 	From  time.Time `json:"from"`
 	Meter string    `json:"meter"`
-	To    time.Time `json:"to"`
+
+	// To Clamped to now when in the future; the zero time is refused (422).
+	To time.Time `json:"to"`
 }
+
+// RequeueItem defines model for RequeueItem.
+type RequeueItem struct {
+	// Code Why an event was not requeued.
+	Code       *RequeueSkipCode  `json:"code,omitempty"`
+	Detail     *string           `json:"detail,omitempty"`
+	Identifier string            `json:"identifier"`
+	Status     RequeueItemStatus `json:"status"`
+}
+
+// RequeueItemStatus defines model for RequeueItem.Status.
+type RequeueItemStatus string
 
 // RequeueRequest defines model for RequeueRequest.
 type RequeueRequest struct {
-	AllDead     *bool     `json:"all_dead,omitempty"`
+	AllDead *bool `json:"all_dead,omitempty"`
+
+	// Force Also requeue events a send of which may have reached Stripe more than 24 hours ago (see force_required).
+	Force       *bool     `json:"force,omitempty"`
 	Identifiers *[]string `json:"identifiers,omitempty"`
 }
 
 // RequeueResult defines model for RequeueResult.
 type RequeueResult struct {
+	// Requeued Events moved back to pending or waiting_customer.
 	Requeued int64 `json:"requeued"`
+
+	// Results With `identifiers`, one per identifier, in request order; with `all_dead`, the dead events left dead (at most 1000, by identifier).
+	Results []RequeueItem `json:"results"`
+
+	// Skipped Named or dead events left as they are.
+	Skipped int64 `json:"skipped"`
 }
+
+// RequeueSkipCode Why an event was not requeued.
+type RequeueSkipCode string
 
 // StripeEvent defines model for StripeEvent.
 type StripeEvent struct {
@@ -702,6 +793,14 @@ type UsageBatch struct {
 	Events []UsageEventInput `json:"events"`
 }
 
+// UsageDeadCode `stripe_refused`: Stripe refused the event (a 4xx). `too_old`: its
+// timestamp left the window Stripe accepts (35 days, less the hour tally
+// keeps to deliver it) before it could be delivered, through a long
+// Stripe outage or because its customer never got a Stripe customer.
+// Failures that may pass (5xx, timeouts, 429) never dead-letter an event
+// on their own: it is retried while its timestamp is in the window.
+type UsageDeadCode string
+
 // UsageEventInput defines model for UsageEventInput.
 type UsageEventInput struct {
 	CustomerId string `json:"customer_id"`
@@ -710,7 +809,7 @@ type UsageEventInput struct {
 	Identifier string `json:"identifier"`
 	Meter      string `json:"meter"`
 
-	// Timestamp Default now; at most 35 days old and 5 minutes ahead.
+	// Timestamp Default now; at most 35 days old and 5 minutes ahead. The zero time 0001-01-01T00:00:00Z is rejected, never read as now.
 	Timestamp *time.Time `json:"timestamp,omitempty"`
 
 	// Value A whole, non-negative number (Stripe meter values are integers).
@@ -736,12 +835,18 @@ type UsageEventResultStatus string
 
 // UsageEventStatus defines model for UsageEventStatus.
 type UsageEventStatus struct {
-	Attempts      int         `json:"attempts"`
-	CreatedAt     time.Time   `json:"created_at"`
-	CustomerId    string      `json:"customer_id"`
-	DeliveredAt   *time.Time  `json:"delivered_at,omitempty"`
-	Identifier    string      `json:"identifier"`
-	LastError     *string     `json:"last_error,omitempty"`
+	Attempts   int       `json:"attempts"`
+	CreatedAt  time.Time `json:"created_at"`
+	CustomerId string    `json:"customer_id"`
+
+	// DeadCode Why a dead event is dead.
+	DeadCode    *UsageDeadCode `json:"dead_code,omitempty"`
+	DeliveredAt *time.Time     `json:"delivered_at,omitempty"`
+	Identifier  string         `json:"identifier"`
+	LastError   *string        `json:"last_error,omitempty"`
+
+	// MaybeSentAt The first time a send may have reached Stripe without an answer saying so (a timeout or a 5xx); a requeue more than 24 hours later needs `force`.
+	MaybeSentAt   *time.Time  `json:"maybe_sent_at,omitempty"`
 	Meter         string      `json:"meter"`
 	NextAttemptAt *time.Time  `json:"next_attempt_at,omitempty"`
 	Status        UsageStatus `json:"status"`
@@ -751,7 +856,10 @@ type UsageEventStatus struct {
 
 // UsageIntakeResult defines model for UsageIntakeResult.
 type UsageIntakeResult struct {
-	Accepted   int                `json:"accepted"`
+	Accepted int `json:"accepted"`
+
+	// Conflicts Events whose identifier is already used by another event; none of them was stored.
+	Conflicts  int                `json:"conflicts"`
 	Duplicates int                `json:"duplicates"`
 	Rejected   int                `json:"rejected"`
 	Results    []UsageEventResult `json:"results"`
@@ -854,10 +962,10 @@ type ListCustomerPaymentsParams struct {
 type GetCustomerUsageParams struct {
 	Meter *string `form:"meter,omitempty" json:"meter,omitempty"`
 
-	// From Inclusive start; default 30 days before `to`.
+	// From Inclusive start; default 30 days before `to`. The zero time `0001-01-01T00:00:00Z` is refused (422).
 	From *time.Time `form:"from,omitempty" json:"from,omitempty"`
 
-	// To Exclusive end; default now.
+	// To Exclusive end; default now. The zero time `0001-01-01T00:00:00Z` is refused (422).
 	To *time.Time `form:"to,omitempty" json:"to,omitempty"`
 }
 
@@ -991,12 +1099,22 @@ type ClientInterface interface {
 
 	// CreateReconciliationWithBody Compare delivered usage with Stripe's meter event summaries
 	//
+	// The window is floored to whole minutes (a future `to` is clamped to
+	// now first); ends earlier than the usage retention's horizon are then
+	// moved to UTC day boundaries, as for usage totals. The answer's `from`
+	// and `to` are the window compared.
+	//
 	// Takes any type of body and a specified content type.
 	//
 	// Corresponds with POST /v1/admin/reconciliations (the `CreateReconciliation` operationId).
 	CreateReconciliationWithBody(ctx context.Context, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*http.Response, error)
 
 	// CreateReconciliation Compare delivered usage with Stripe's meter event summaries
+	//
+	// The window is floored to whole minutes (a future `to` is clamped to
+	// now first); ends earlier than the usage retention's horizon are then
+	// moved to UTC day boundaries, as for usage totals. The answer's `from`
+	// and `to` are the window compared.
 	//
 	// Takes a body of the `application/json` content type.
 	//
@@ -1022,12 +1140,36 @@ type ClientInterface interface {
 
 	// RequeueUsageEventsWithBody Send dead usage events again
 	//
+	// Moves dead events back to `pending` (or `waiting_customer`), attempts
+	// reset, due now: the events named in `identifiers`, or every dead one
+	// with `all_dead: true`. Any dead event whose timestamp is still inside
+	// the window Stripe accepts (35 days, less the hour tally keeps to
+	// deliver it) can be requeued, whatever it died of. Left as they are,
+	// and explained per identifier: events outside that window (`too_old`);
+	// events a send of which may have reached Stripe (a timeout or a 5xx)
+	// more than 24 hours ago (`force_required`), because Stripe dedupes
+	// identifiers only over about 24 hours and a resend could be counted
+	// twice: check Stripe (a reconciliation) and send `force: true` to
+	// requeue them anyway; and events that are not dead (`not_dead`).
+	//
 	// Takes any type of body and a specified content type.
 	//
 	// Corresponds with POST /v1/admin/usage-events/requeue (the `RequeueUsageEvents` operationId).
 	RequeueUsageEventsWithBody(ctx context.Context, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*http.Response, error)
 
 	// RequeueUsageEvents Send dead usage events again
+	//
+	// Moves dead events back to `pending` (or `waiting_customer`), attempts
+	// reset, due now: the events named in `identifiers`, or every dead one
+	// with `all_dead: true`. Any dead event whose timestamp is still inside
+	// the window Stripe accepts (35 days, less the hour tally keeps to
+	// deliver it) can be requeued, whatever it died of. Left as they are,
+	// and explained per identifier: events outside that window (`too_old`);
+	// events a send of which may have reached Stripe (a timeout or a 5xx)
+	// more than 24 hours ago (`force_required`), because Stripe dedupes
+	// identifiers only over about 24 hours and a resend could be counted
+	// twice: check Stripe (a reconciliation) and send `force: true` to
+	// requeue them anyway; and events that are not dead (`not_dead`).
 	//
 	// Takes a body of the `application/json` content type.
 	//
@@ -1168,6 +1310,15 @@ type ClientInterface interface {
 
 	// GetCustomerUsage Local usage totals per meter over a time range
 	//
+	// Sums delivered, pending and waiting events by their own timestamps
+	// (dead ones are left out). Delivered events older than the usage
+	// retention (`TALLY_RETENTION_USAGE_EVENTS`) are kept as daily totals
+	// only, so an end of the window earlier than the start of the UTC day
+	// the retention reaches back to is moved to a day boundary (`from` to
+	// the start of its day, `to` to the start of the next); the answer's
+	// `from` and `to` are the window summed. The answer is the same whether
+	// or not the purge has run.
+	//
 	// Corresponds with GET /v1/customers/{customer_id}/usage (the `GetCustomerUsage` operationId).
 	GetCustomerUsage(ctx context.Context, customerId CustomerID, params *GetCustomerUsageParams, reqEditors ...RequestEditorFn) (*http.Response, error)
 
@@ -1193,7 +1344,17 @@ type ClientInterface interface {
 	// non-negative value; a timestamp at most 35 days old and 5 minutes
 	// ahead; a known meter). Accepted events are committed before the answer
 	// and delivered to Stripe in the background under their own
-	// `identifier`; a repeated identifier is a duplicate and stored once.
+	// `identifier`.
+	//
+	// Stripe deduplicates identifiers across the whole account, and so does
+	// tally. The same event again (same identifier, customer, meter, value
+	// and timestamp), already stored or earlier in the same batch, is a
+	// `duplicate` and stored once. An identifier already used by another
+	// event (a different customer, meter, value or timestamp) is a
+	// `conflict` with code `identifier_conflict`: nothing of that event is
+	// stored and the first one stands; send it under a new identifier. An
+	// event without a `timestamp` matches the stored one whatever its time,
+	// so a batch sent without timestamps can be retried as it is.
 	//
 	// Takes any type of body and a specified content type.
 	//
@@ -1206,7 +1367,17 @@ type ClientInterface interface {
 	// non-negative value; a timestamp at most 35 days old and 5 minutes
 	// ahead; a known meter). Accepted events are committed before the answer
 	// and delivered to Stripe in the background under their own
-	// `identifier`; a repeated identifier is a duplicate and stored once.
+	// `identifier`.
+	//
+	// Stripe deduplicates identifiers across the whole account, and so does
+	// tally. The same event again (same identifier, customer, meter, value
+	// and timestamp), already stored or earlier in the same batch, is a
+	// `duplicate` and stored once. An identifier already used by another
+	// event (a different customer, meter, value or timestamp) is a
+	// `conflict` with code `identifier_conflict`: nothing of that event is
+	// stored and the first one stands; send it under a new identifier. An
+	// event without a `timestamp` matches the stored one whatever its time,
+	// so a batch sent without timestamps can be retried as it is.
 	//
 	// Takes a body of the `application/json` content type.
 	//
@@ -1272,6 +1443,11 @@ func (c *Client) Readyz(ctx context.Context, reqEditors ...RequestEditorFn) (*ht
 
 // CreateReconciliationWithBody Compare delivered usage with Stripe's meter event summaries
 //
+// The window is floored to whole minutes (a future `to` is clamped to
+// now first); ends earlier than the usage retention's horizon are then
+// moved to UTC day boundaries, as for usage totals. The answer's `from`
+// and `to` are the window compared.
+//
 // Takes any type of body and a specified content type.
 //
 // Corresponds with POST /v1/admin/reconciliations (the `CreateReconciliation` operationId).
@@ -1288,6 +1464,11 @@ func (c *Client) CreateReconciliationWithBody(ctx context.Context, contentType s
 }
 
 // CreateReconciliation Compare delivered usage with Stripe's meter event summaries
+//
+// The window is floored to whole minutes (a future `to` is clamped to
+// now first); ends earlier than the usage retention's horizon are then
+// moved to UTC day boundaries, as for usage totals. The answer's `from`
+// and `to` are the window compared.
 //
 // Takes a body of the `application/json` content type.
 //
@@ -1353,6 +1534,18 @@ func (c *Client) ListUsageEvents(ctx context.Context, params *ListUsageEventsPar
 
 // RequeueUsageEventsWithBody Send dead usage events again
 //
+// Moves dead events back to `pending` (or `waiting_customer`), attempts
+// reset, due now: the events named in `identifiers`, or every dead one
+// with `all_dead: true`. Any dead event whose timestamp is still inside
+// the window Stripe accepts (35 days, less the hour tally keeps to
+// deliver it) can be requeued, whatever it died of. Left as they are,
+// and explained per identifier: events outside that window (`too_old`);
+// events a send of which may have reached Stripe (a timeout or a 5xx)
+// more than 24 hours ago (`force_required`), because Stripe dedupes
+// identifiers only over about 24 hours and a resend could be counted
+// twice: check Stripe (a reconciliation) and send `force: true` to
+// requeue them anyway; and events that are not dead (`not_dead`).
+//
 // Takes any type of body and a specified content type.
 //
 // Corresponds with POST /v1/admin/usage-events/requeue (the `RequeueUsageEvents` operationId).
@@ -1369,6 +1562,18 @@ func (c *Client) RequeueUsageEventsWithBody(ctx context.Context, contentType str
 }
 
 // RequeueUsageEvents Send dead usage events again
+//
+// Moves dead events back to `pending` (or `waiting_customer`), attempts
+// reset, due now: the events named in `identifiers`, or every dead one
+// with `all_dead: true`. Any dead event whose timestamp is still inside
+// the window Stripe accepts (35 days, less the hour tally keeps to
+// deliver it) can be requeued, whatever it died of. Left as they are,
+// and explained per identifier: events outside that window (`too_old`);
+// events a send of which may have reached Stripe (a timeout or a 5xx)
+// more than 24 hours ago (`force_required`), because Stripe dedupes
+// identifiers only over about 24 hours and a resend could be counted
+// twice: check Stripe (a reconciliation) and send `force: true` to
+// requeue them anyway; and events that are not dead (`not_dead`).
 //
 // Takes a body of the `application/json` content type.
 //
@@ -1659,6 +1864,15 @@ func (c *Client) ListCustomerPayments(ctx context.Context, customerId CustomerID
 
 // GetCustomerUsage Local usage totals per meter over a time range
 //
+// Sums delivered, pending and waiting events by their own timestamps
+// (dead ones are left out). Delivered events older than the usage
+// retention (`TALLY_RETENTION_USAGE_EVENTS`) are kept as daily totals
+// only, so an end of the window earlier than the start of the UTC day
+// the retention reaches back to is moved to a day boundary (`from` to
+// the start of its day, `to` to the start of the next); the answer's
+// `from` and `to` are the window summed. The answer is the same whether
+// or not the purge has run.
+//
 // Corresponds with GET /v1/customers/{customer_id}/usage (the `GetCustomerUsage` operationId).
 func (c *Client) GetCustomerUsage(ctx context.Context, customerId CustomerID, params *GetCustomerUsageParams, reqEditors ...RequestEditorFn) (*http.Response, error) {
 	req, err := NewGetCustomerUsageRequest(c.Server, customerId, params)
@@ -1714,7 +1928,17 @@ func (c *Client) GetPayment(ctx context.Context, paymentId string, reqEditors ..
 // non-negative value; a timestamp at most 35 days old and 5 minutes
 // ahead; a known meter). Accepted events are committed before the answer
 // and delivered to Stripe in the background under their own
-// `identifier`; a repeated identifier is a duplicate and stored once.
+// `identifier`.
+//
+// Stripe deduplicates identifiers across the whole account, and so does
+// tally. The same event again (same identifier, customer, meter, value
+// and timestamp), already stored or earlier in the same batch, is a
+// `duplicate` and stored once. An identifier already used by another
+// event (a different customer, meter, value or timestamp) is a
+// `conflict` with code `identifier_conflict`: nothing of that event is
+// stored and the first one stands; send it under a new identifier. An
+// event without a `timestamp` matches the stored one whatever its time,
+// so a batch sent without timestamps can be retried as it is.
 //
 // Takes any type of body and a specified content type.
 //
@@ -1737,7 +1961,17 @@ func (c *Client) IngestUsageEventsWithBody(ctx context.Context, params *IngestUs
 // non-negative value; a timestamp at most 35 days old and 5 minutes
 // ahead; a known meter). Accepted events are committed before the answer
 // and delivered to Stripe in the background under their own
-// `identifier`; a repeated identifier is a duplicate and stored once.
+// `identifier`.
+//
+// Stripe deduplicates identifiers across the whole account, and so does
+// tally. The same event again (same identifier, customer, meter, value
+// and timestamp), already stored or earlier in the same batch, is a
+// `duplicate` and stored once. An identifier already used by another
+// event (a different customer, meter, value or timestamp) is a
+// `conflict` with code `identifier_conflict`: nothing of that event is
+// stored and the first one stands; send it under a new identifier. An
+// event without a `timestamp` matches the stored one whatever its time,
+// so a batch sent without timestamps can be retried as it is.
 //
 // Takes a body of the `application/json` content type.
 //
@@ -2957,12 +3191,22 @@ type ClientWithResponsesInterface interface {
 
 	// CreateReconciliationWithBodyWithResponse Compare delivered usage with Stripe's meter event summaries
 	//
+	// The window is floored to whole minutes (a future `to` is clamped to
+	// now first); ends earlier than the usage retention's horizon are then
+	// moved to UTC day boundaries, as for usage totals. The answer's `from`
+	// and `to` are the window compared.
+	//
 	// Takes any type of body and a specified content type, and returns a wrapper object for the known response body format(s).
 	//
 	// Corresponds with POST /v1/admin/reconciliations (the `CreateReconciliation` operationId).
 	CreateReconciliationWithBodyWithResponse(ctx context.Context, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*CreateReconciliationResponse, error)
 
 	// CreateReconciliationWithResponse Compare delivered usage with Stripe's meter event summaries
+	//
+	// The window is floored to whole minutes (a future `to` is clamped to
+	// now first); ends earlier than the usage retention's horizon are then
+	// moved to UTC day boundaries, as for usage totals. The answer's `from`
+	// and `to` are the window compared.
 	//
 	// Takes a body of the `application/json` content type, and returns a wrapper object for the known response body format(s).
 	//
@@ -2994,12 +3238,36 @@ type ClientWithResponsesInterface interface {
 
 	// RequeueUsageEventsWithBodyWithResponse Send dead usage events again
 	//
+	// Moves dead events back to `pending` (or `waiting_customer`), attempts
+	// reset, due now: the events named in `identifiers`, or every dead one
+	// with `all_dead: true`. Any dead event whose timestamp is still inside
+	// the window Stripe accepts (35 days, less the hour tally keeps to
+	// deliver it) can be requeued, whatever it died of. Left as they are,
+	// and explained per identifier: events outside that window (`too_old`);
+	// events a send of which may have reached Stripe (a timeout or a 5xx)
+	// more than 24 hours ago (`force_required`), because Stripe dedupes
+	// identifiers only over about 24 hours and a resend could be counted
+	// twice: check Stripe (a reconciliation) and send `force: true` to
+	// requeue them anyway; and events that are not dead (`not_dead`).
+	//
 	// Takes any type of body and a specified content type, and returns a wrapper object for the known response body format(s).
 	//
 	// Corresponds with POST /v1/admin/usage-events/requeue (the `RequeueUsageEvents` operationId).
 	RequeueUsageEventsWithBodyWithResponse(ctx context.Context, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*RequeueUsageEventsResponse, error)
 
 	// RequeueUsageEventsWithResponse Send dead usage events again
+	//
+	// Moves dead events back to `pending` (or `waiting_customer`), attempts
+	// reset, due now: the events named in `identifiers`, or every dead one
+	// with `all_dead: true`. Any dead event whose timestamp is still inside
+	// the window Stripe accepts (35 days, less the hour tally keeps to
+	// deliver it) can be requeued, whatever it died of. Left as they are,
+	// and explained per identifier: events outside that window (`too_old`);
+	// events a send of which may have reached Stripe (a timeout or a 5xx)
+	// more than 24 hours ago (`force_required`), because Stripe dedupes
+	// identifiers only over about 24 hours and a resend could be counted
+	// twice: check Stripe (a reconciliation) and send `force: true` to
+	// requeue them anyway; and events that are not dead (`not_dead`).
 	//
 	// Takes a body of the `application/json` content type, and returns a wrapper object for the known response body format(s).
 	//
@@ -3152,6 +3420,15 @@ type ClientWithResponsesInterface interface {
 
 	// GetCustomerUsageWithResponse Local usage totals per meter over a time range
 	//
+	// Sums delivered, pending and waiting events by their own timestamps
+	// (dead ones are left out). Delivered events older than the usage
+	// retention (`TALLY_RETENTION_USAGE_EVENTS`) are kept as daily totals
+	// only, so an end of the window earlier than the start of the UTC day
+	// the retention reaches back to is moved to a day boundary (`from` to
+	// the start of its day, `to` to the start of the next); the answer's
+	// `from` and `to` are the window summed. The answer is the same whether
+	// or not the purge has run.
+	//
 	// Returns a wrapper object for the known response body format(s).
 	//
 	// Corresponds with GET /v1/customers/{customer_id}/usage (the `GetCustomerUsage` operationId).
@@ -3183,7 +3460,17 @@ type ClientWithResponsesInterface interface {
 	// non-negative value; a timestamp at most 35 days old and 5 minutes
 	// ahead; a known meter). Accepted events are committed before the answer
 	// and delivered to Stripe in the background under their own
-	// `identifier`; a repeated identifier is a duplicate and stored once.
+	// `identifier`.
+	//
+	// Stripe deduplicates identifiers across the whole account, and so does
+	// tally. The same event again (same identifier, customer, meter, value
+	// and timestamp), already stored or earlier in the same batch, is a
+	// `duplicate` and stored once. An identifier already used by another
+	// event (a different customer, meter, value or timestamp) is a
+	// `conflict` with code `identifier_conflict`: nothing of that event is
+	// stored and the first one stands; send it under a new identifier. An
+	// event without a `timestamp` matches the stored one whatever its time,
+	// so a batch sent without timestamps can be retried as it is.
 	//
 	// Takes any type of body and a specified content type, and returns a wrapper object for the known response body format(s).
 	//
@@ -3196,7 +3483,17 @@ type ClientWithResponsesInterface interface {
 	// non-negative value; a timestamp at most 35 days old and 5 minutes
 	// ahead; a known meter). Accepted events are committed before the answer
 	// and delivered to Stripe in the background under their own
-	// `identifier`; a repeated identifier is a duplicate and stored once.
+	// `identifier`.
+	//
+	// Stripe deduplicates identifiers across the whole account, and so does
+	// tally. The same event again (same identifier, customer, meter, value
+	// and timestamp), already stored or earlier in the same batch, is a
+	// `duplicate` and stored once. An identifier already used by another
+	// event (a different customer, meter, value or timestamp) is a
+	// `conflict` with code `identifier_conflict`: nothing of that event is
+	// stored and the first one stands; send it under a new identifier. An
+	// event without a `timestamp` matches the stored one whatever its time,
+	// so a batch sent without timestamps can be retried as it is.
 	//
 	// Takes a body of the `application/json` content type, and returns a wrapper object for the known response body format(s).
 	//
@@ -4537,6 +4834,11 @@ func (c *ClientWithResponses) ReadyzWithResponse(ctx context.Context, reqEditors
 
 // CreateReconciliationWithBodyWithResponse Compare delivered usage with Stripe's meter event summaries
 //
+// The window is floored to whole minutes (a future `to` is clamped to
+// now first); ends earlier than the usage retention's horizon are then
+// moved to UTC day boundaries, as for usage totals. The answer's `from`
+// and `to` are the window compared.
+//
 // Takes any type of body and a specified content type, and returns a wrapper object for the known response body format(s).
 //
 // Corresponds with POST /v1/admin/reconciliations (the `CreateReconciliation` operationId).
@@ -4549,6 +4851,11 @@ func (c *ClientWithResponses) CreateReconciliationWithBodyWithResponse(ctx conte
 }
 
 // CreateReconciliationWithResponse Compare delivered usage with Stripe's meter event summaries
+//
+// The window is floored to whole minutes (a future `to` is clamped to
+// now first); ends earlier than the usage retention's horizon are then
+// moved to UTC day boundaries, as for usage totals. The answer's `from`
+// and `to` are the window compared.
 //
 // Takes a body of the `application/json` content type, and returns a wrapper object for the known response body format(s).
 //
@@ -4604,6 +4911,18 @@ func (c *ClientWithResponses) ListUsageEventsWithResponse(ctx context.Context, p
 
 // RequeueUsageEventsWithBodyWithResponse Send dead usage events again
 //
+// Moves dead events back to `pending` (or `waiting_customer`), attempts
+// reset, due now: the events named in `identifiers`, or every dead one
+// with `all_dead: true`. Any dead event whose timestamp is still inside
+// the window Stripe accepts (35 days, less the hour tally keeps to
+// deliver it) can be requeued, whatever it died of. Left as they are,
+// and explained per identifier: events outside that window (`too_old`);
+// events a send of which may have reached Stripe (a timeout or a 5xx)
+// more than 24 hours ago (`force_required`), because Stripe dedupes
+// identifiers only over about 24 hours and a resend could be counted
+// twice: check Stripe (a reconciliation) and send `force: true` to
+// requeue them anyway; and events that are not dead (`not_dead`).
+//
 // Takes any type of body and a specified content type, and returns a wrapper object for the known response body format(s).
 //
 // Corresponds with POST /v1/admin/usage-events/requeue (the `RequeueUsageEvents` operationId).
@@ -4616,6 +4935,18 @@ func (c *ClientWithResponses) RequeueUsageEventsWithBodyWithResponse(ctx context
 }
 
 // RequeueUsageEventsWithResponse Send dead usage events again
+//
+// Moves dead events back to `pending` (or `waiting_customer`), attempts
+// reset, due now: the events named in `identifiers`, or every dead one
+// with `all_dead: true`. Any dead event whose timestamp is still inside
+// the window Stripe accepts (35 days, less the hour tally keeps to
+// deliver it) can be requeued, whatever it died of. Left as they are,
+// and explained per identifier: events outside that window (`too_old`);
+// events a send of which may have reached Stripe (a timeout or a 5xx)
+// more than 24 hours ago (`force_required`), because Stripe dedupes
+// identifiers only over about 24 hours and a resend could be counted
+// twice: check Stripe (a reconciliation) and send `force: true` to
+// requeue them anyway; and events that are not dead (`not_dead`).
 //
 // Takes a body of the `application/json` content type, and returns a wrapper object for the known response body format(s).
 //
@@ -4858,6 +5189,15 @@ func (c *ClientWithResponses) ListCustomerPaymentsWithResponse(ctx context.Conte
 
 // GetCustomerUsageWithResponse Local usage totals per meter over a time range
 //
+// Sums delivered, pending and waiting events by their own timestamps
+// (dead ones are left out). Delivered events older than the usage
+// retention (`TALLY_RETENTION_USAGE_EVENTS`) are kept as daily totals
+// only, so an end of the window earlier than the start of the UTC day
+// the retention reaches back to is moved to a day boundary (`from` to
+// the start of its day, `to` to the start of the next); the answer's
+// `from` and `to` are the window summed. The answer is the same whether
+// or not the purge has run.
+//
 // Returns a wrapper object for the known response body format(s).
 //
 // Corresponds with GET /v1/customers/{customer_id}/usage (the `GetCustomerUsage` operationId).
@@ -4907,7 +5247,17 @@ func (c *ClientWithResponses) GetPaymentWithResponse(ctx context.Context, paymen
 // non-negative value; a timestamp at most 35 days old and 5 minutes
 // ahead; a known meter). Accepted events are committed before the answer
 // and delivered to Stripe in the background under their own
-// `identifier`; a repeated identifier is a duplicate and stored once.
+// `identifier`.
+//
+// Stripe deduplicates identifiers across the whole account, and so does
+// tally. The same event again (same identifier, customer, meter, value
+// and timestamp), already stored or earlier in the same batch, is a
+// `duplicate` and stored once. An identifier already used by another
+// event (a different customer, meter, value or timestamp) is a
+// `conflict` with code `identifier_conflict`: nothing of that event is
+// stored and the first one stands; send it under a new identifier. An
+// event without a `timestamp` matches the stored one whatever its time,
+// so a batch sent without timestamps can be retried as it is.
 //
 // Takes any type of body and a specified content type, and returns a wrapper object for the known response body format(s).
 //
@@ -4926,7 +5276,17 @@ func (c *ClientWithResponses) IngestUsageEventsWithBodyWithResponse(ctx context.
 // non-negative value; a timestamp at most 35 days old and 5 minutes
 // ahead; a known meter). Accepted events are committed before the answer
 // and delivered to Stripe in the background under their own
-// `identifier`; a repeated identifier is a duplicate and stored once.
+// `identifier`.
+//
+// Stripe deduplicates identifiers across the whole account, and so does
+// tally. The same event again (same identifier, customer, meter, value
+// and timestamp), already stored or earlier in the same batch, is a
+// `duplicate` and stored once. An identifier already used by another
+// event (a different customer, meter, value or timestamp) is a
+// `conflict` with code `identifier_conflict`: nothing of that event is
+// stored and the first one stands; send it under a new identifier. An
+// event without a `timestamp` matches the stored one whatever its time,
+// so a batch sent without timestamps can be retried as it is.
 //
 // Takes a body of the `application/json` content type, and returns a wrapper object for the known response body format(s).
 //

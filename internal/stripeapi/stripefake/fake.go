@@ -19,7 +19,8 @@
 // Faults (FailNext, SetFault, SetHang, HangUntilReleased) apply to every
 // endpoint, before it runs. A hung request is still processed once the hang
 // ends, even if its client gave up, as Stripe may act on a request whose
-// answer never arrives.
+// answer never arrives. DropAnswers shows that case at once: the request is
+// processed and its answer lost.
 package stripefake
 
 import (
@@ -50,7 +51,9 @@ type RecordedRequest struct {
 	IdempotencyKey string
 	Body           string
 	Status         int // the status the fake answered
-	Time           time.Time
+	// Dropped marks a request whose answer DropAnswers kept from the client.
+	Dropped bool
+	Time    time.Time
 }
 
 // RecordedMeterEvent is one meter event the fake accepted.
@@ -100,6 +103,7 @@ type Fake struct {
 	overrides       map[string]float64
 	failNext        []injectedFault
 	fault           func(r *http.Request) (status int, body string, ok bool)
+	drop            func(r *http.Request) bool
 	hang            time.Duration
 	gate            chan struct{}
 	requests        []RecordedRequest
@@ -154,6 +158,17 @@ func (f *Fake) SetFault(fn func(r *http.Request) (status int, body string, ok bo
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	f.fault = fn
+}
+
+// DropAnswers installs fn, consulted for every request: when it returns
+// true, the request is handled as usual (faults included, so what it
+// creates is kept) but its answer is never sent: the connection is closed,
+// as when a timeout or a broken connection loses Stripe's answer. fn may
+// read r.Body; the endpoint still sees it. nil removes it.
+func (f *Fake) DropAnswers(fn func(r *http.Request) bool) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.drop = fn
 }
 
 // SetHang delays every request by d before it is handled (0 stops it).
@@ -341,17 +356,32 @@ func (f *Fake) serve(w http.ResponseWriter, r *http.Request) {
 		Time:           arrived,
 	})
 	index := len(f.requests) - 1
-	hang, gate := f.hang, f.gate
+	hang, gate, drop := f.hang, f.gate, f.drop
 	f.mu.Unlock()
 
 	if !f.wait(hang, gate) {
 		return
 	}
-	rec := &statusRecorder{ResponseWriter: w}
+	dropped := drop != nil && drop(r)
+	r.Body = io.NopCloser(bytes.NewReader(body))
+	var rec *statusRecorder
+	if dropped {
+		rec = &statusRecorder{ResponseWriter: httptest.NewRecorder()}
+	} else {
+		rec = &statusRecorder{ResponseWriter: w}
+	}
 	f.handle(rec, r, body)
 	f.mu.Lock()
 	f.requests[index].Status = rec.status
+	f.requests[index].Dropped = dropped
 	f.mu.Unlock()
+	if dropped {
+		if hj, ok := w.(http.Hijacker); ok {
+			if conn, _, err := hj.Hijack(); err == nil {
+				_ = conn.Close()
+			}
+		}
+	}
 }
 
 // wait holds a request for the configured hang; false means the fake is closing.

@@ -135,3 +135,29 @@ func TestStreamRejectsTheSecretKeyAndV1RejectsSessionTokens(t *testing.T) {
 		t.Fatalf("v1 with a session token: status %d, want 401", resp.StatusCode)
 	}
 }
+
+// A dropped answer: the client sees a network failure, the fake keeps the
+// meter event, and a resend is told it already exists.
+func TestDropAnswersKeepsTheEffectAndLosesTheAnswer(t *testing.T) {
+	f := stripefake.New(t)
+	f.DropAnswers(func(r *http.Request) bool { return r.URL.Path == "/v1/billing/meter_events" })
+	c, err := stripeapi.New(stripeapi.Config{SecretKey: "sk_test_x", APIURL: f.URL(), MaxNetworkRetries: -1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ev := stripeapi.MeterEvent{EventName: "api_calls", StripeCustomerID: "cus_1", Identifier: "drop-1", Value: 3, Timestamp: time.Now()}
+	err = c.CreateMeterEvent(context.Background(), ev)
+	if stripeapi.KindOf(err) != stripeapi.KindNetwork {
+		t.Fatalf("send with a dropped answer: %v, want a network failure", err)
+	}
+	if f.Count("drop-1") != 1 {
+		t.Fatalf("the fake kept %d copies, want 1", f.Count("drop-1"))
+	}
+	if reqs := f.Requests(); len(reqs) != 1 || !reqs[0].Dropped || reqs[0].Status != http.StatusOK {
+		t.Fatalf("recorded %+v, want one dropped request handled with 200", reqs)
+	}
+	f.DropAnswers(nil)
+	if err := c.CreateMeterEvent(context.Background(), ev); !stripeapi.IsDuplicate(err) {
+		t.Fatalf("resend: %v, want Stripe's duplicate identifier answer", err)
+	}
+}
