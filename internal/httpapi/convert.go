@@ -250,7 +250,7 @@ func toAPIIntakeResult(r metering.IntakeResult) api.UsageIntakeResult {
 	for i, res := range r.Results {
 		out.Results[i] = api.UsageEventResult{Identifier: res.Identifier, Status: api.UsageEventResultStatus(res.Status)}
 		if res.Code != "" {
-			code := api.ErrorCode(res.Code)
+			code := apiErrorCode(res.Code)
 			out.Results[i].Code = &code
 		}
 		out.Results[i].Detail = ptrIfSet(res.Detail)
