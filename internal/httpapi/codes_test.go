@@ -2,14 +2,13 @@ package httpapi
 
 import (
 	"go/ast"
-	"go/importer"
 	"go/parser"
 	"go/token"
-	"go/types"
 	"net/http"
 	"path/filepath"
 	"runtime"
 	"slices"
+	"strconv"
 	"strings"
 	"testing"
 
@@ -17,19 +16,19 @@ import (
 	"github.com/tallybilling/tally/internal/errs"
 )
 
-// declaredCodes reads internal/errs from source and returns the value of
-// every constant of type errs.Code, so that a code added there is seen here
-// without anyone remembering to list it.
-func declaredCodes(t *testing.T) map[errs.Code]string {
+// stringConsts returns the string constants that internal/<pkg> declares,
+// read from source, whose declared type (or, for untyped ones, name) keep
+// accepts, as a map from value to name; so a code or an enum value added
+// there is checked here without anyone listing it.
+func stringConsts(t *testing.T, pkg string, keep func(name, typ string) bool) map[string]string {
 	t.Helper()
 	_, here, _, _ := runtime.Caller(0)
-	dir := filepath.Join(filepath.Dir(here), "..", "errs")
-	paths, err := filepath.Glob(filepath.Join(dir, "*.go"))
+	paths, err := filepath.Glob(filepath.Join(filepath.Dir(here), "..", pkg, "*.go"))
 	if err != nil {
 		t.Fatal(err)
 	}
+	out := map[string]string{}
 	fset := token.NewFileSet()
-	var files []*ast.File
 	for _, p := range paths {
 		if strings.HasSuffix(p, "_test.go") {
 			continue
@@ -38,29 +37,49 @@ func declaredCodes(t *testing.T) map[errs.Code]string {
 		if err != nil {
 			t.Fatal(err)
 		}
-		files = append(files, f)
-	}
-	conf := types.Config{Importer: importer.ForCompiler(fset, "source", nil)}
-	pkg, err := conf.Check("github.com/tallybilling/tally/internal/errs", fset, files, nil)
-	if err != nil {
-		t.Fatalf("type-check internal/errs: %v", err)
-	}
-	codeType := pkg.Scope().Lookup("Code")
-	if codeType == nil {
-		t.Fatal("internal/errs declares no type Code")
-	}
-	codes := map[errs.Code]string{}
-	for _, name := range pkg.Scope().Names() {
-		c, ok := pkg.Scope().Lookup(name).(*types.Const)
-		if !ok || !types.Identical(c.Type(), codeType.Type()) {
-			continue
+		for _, d := range f.Decls {
+			gd, ok := d.(*ast.GenDecl)
+			if !ok || gd.Tok != token.CONST {
+				continue
+			}
+			for _, s := range gd.Specs {
+				vs := s.(*ast.ValueSpec)
+				typ := ""
+				if id, ok := vs.Type.(*ast.Ident); ok {
+					typ = id.Name
+				}
+				for i, name := range vs.Names {
+					if i >= len(vs.Values) {
+						continue
+					}
+					val, typ := vs.Values[i], typ
+					// X = Code("x") declares a Code as X Code = "x" does.
+					if call, ok := val.(*ast.CallExpr); ok && len(call.Args) == 1 {
+						if id, ok := call.Fun.(*ast.Ident); ok {
+							val, typ = call.Args[0], id.Name
+						}
+					}
+					lit, ok := val.(*ast.BasicLit)
+					if !ok || lit.Kind != token.STRING || !keep(name.Name, typ) {
+						continue
+					}
+					v, err := strconv.Unquote(lit.Value)
+					if err != nil {
+						t.Fatal(err)
+					}
+					out[v] = name.Name
+				}
+			}
 		}
-		codes[errs.Code(strings.Trim(c.Val().ExactString(), `"`))] = "errs." + name
 	}
-	if len(codes) == 0 {
-		t.Fatal("found no errs.Code constants")
+	if len(out) == 0 {
+		t.Fatalf("no constants found in internal/%s", pkg)
 	}
-	return codes
+	return out
+}
+
+func ofType(want string) func(name, typ string) bool {
+	return func(_, typ string) bool { return typ == want }
 }
 
 // specErrorCodes is the ErrorCode enum of the embedded openapi.yaml.
@@ -90,9 +109,10 @@ func specErrorCodes(t *testing.T) []string {
 // contract's ErrorCode enum spelled the same way; the enum has no value
 // that no code produces, and the map no row for a code that is gone.
 func TestEveryCodeIsInTheContract(t *testing.T) {
-	declared := declaredCodes(t)
+	declared := stringConsts(t, "errs", ofType("Code"))
 	enum := specErrorCodes(t)
-	for code, name := range declared {
+	for value, name := range declared {
+		code, name := errs.Code(value), "errs."+name
 		row, ok := problemTypes[code]
 		if !ok {
 			t.Errorf("%s (%q) has no row in problemTypes: give it a status and a title", name, code)
@@ -112,12 +132,12 @@ func TestEveryCodeIsInTheContract(t *testing.T) {
 		}
 	}
 	for code := range problemTypes {
-		if _, ok := declared[code]; !ok {
+		if _, ok := declared[string(code)]; !ok {
 			t.Errorf("problemTypes has a row for %q, which internal/errs does not declare", code)
 		}
 	}
 	for _, v := range enum {
-		if _, ok := declared[errs.Code(v)]; !ok {
+		if _, ok := declared[v]; !ok {
 			t.Errorf("openapi.yaml's ErrorCode %q is no constant of internal/errs", v)
 		}
 	}
