@@ -154,7 +154,7 @@ func serve(ctx context.Context, args []string, env environment) error {
 		return fmt.Errorf("configuration:\n%w", err)
 	}
 	logger := newLogger(cfg, env.stderr)
-	a, err := app.New(ctx, cfg, app.Options{Logger: logger})
+	a, err := app.New(ctx, app.Options{Config: cfg, Logger: logger})
 	if err != nil {
 		return err
 	}
