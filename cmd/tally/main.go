@@ -21,6 +21,7 @@ import (
 
 	"github.com/tallybilling/tally/internal/app"
 	"github.com/tallybilling/tally/internal/config"
+	"github.com/tallybilling/tally/internal/credits"
 	"github.com/tallybilling/tally/internal/db"
 )
 
@@ -254,7 +255,19 @@ func verifyCmd(ctx context.Context, args []string, env environment) error {
 	if err != nil {
 		return fmt.Errorf("verify: %w", err)
 	}
-	if *asJSON {
+	if err := printVerifyReport(env.stdout, rep, *asJSON); err != nil {
+		return err
+	}
+	if !rep.OK {
+		return exitError{code: 2, err: fmt.Errorf("verify found %d breaches", len(rep.Problems))}
+	}
+	return nil
+}
+
+// printVerifyReport writes rep as `tally verify` shows it: one line per
+// breach and per receivable, or with asJSON the report as JSON.
+func printVerifyReport(w io.Writer, rep credits.VerifyReport, asJSON bool) error {
+	if asJSON {
 		out := verifyReport{OK: rep.OK, CustomersChecked: rep.CustomersChecked, PaymentsChecked: rep.PaymentsChecked,
 			Problems: []verifyProblem{}, Receivables: []receivable{}}
 		for _, p := range rep.Problems {
@@ -263,34 +276,31 @@ func verifyCmd(ctx context.Context, args []string, env environment) error {
 		for _, r := range rep.Receivables {
 			out.Receivables = append(out.Receivables, receivable(r))
 		}
-		enc := json.NewEncoder(env.stdout)
+		enc := json.NewEncoder(w)
 		enc.SetIndent("", "  ")
 		if err := enc.Encode(out); err != nil {
 			return err
 		}
 	} else {
-		fmt.Fprintf(env.stdout, "checked %d customers and %d payments\n", rep.CustomersChecked, rep.PaymentsChecked)
+		fmt.Fprintf(w, "checked %d customers and %d payments\n", rep.CustomersChecked, rep.PaymentsChecked)
 		for _, p := range rep.Problems {
-			fmt.Fprintf(env.stdout, "BREACH %s", p.Kind)
+			fmt.Fprintf(w, "BREACH %s", p.Kind)
 			if p.CustomerID != "" {
-				fmt.Fprintf(env.stdout, " customer=%s", p.CustomerID)
+				fmt.Fprintf(w, " customer=%s", p.CustomerID)
 			}
 			if p.PaymentID != "" {
-				fmt.Fprintf(env.stdout, " payment=%s", p.PaymentID)
+				fmt.Fprintf(w, " payment=%s", p.PaymentID)
 			}
-			fmt.Fprintf(env.stdout, ": %s\n", p.Detail)
+			fmt.Fprintf(w, ": %s\n", p.Detail)
 		}
 		// Receivables are money owed, not breaches: listed, exit code unaffected.
 		for _, r := range rep.Receivables {
-			fmt.Fprintf(env.stdout, "receivable customer=%s: %d credits refunded or disputed after they were spent (%d revokes)\n",
+			fmt.Fprintf(w, "receivable customer=%s: %d credits refunded or disputed after they were spent (%d revokes)\n",
 				r.CustomerID, r.Shortfall, r.Revokes)
 		}
 		if rep.OK {
-			fmt.Fprintln(env.stdout, "ok: every invariant holds")
+			fmt.Fprintln(w, "ok: every invariant holds")
 		}
-	}
-	if !rep.OK {
-		return exitError{code: 2, err: fmt.Errorf("verify found %d breaches", len(rep.Problems))}
 	}
 	return nil
 }
