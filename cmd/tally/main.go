@@ -23,6 +23,7 @@ import (
 	"github.com/tallybilling/tally/internal/config"
 	"github.com/tallybilling/tally/internal/credits"
 	"github.com/tallybilling/tally/internal/db"
+	"github.com/tallybilling/tally/internal/httpapi"
 )
 
 // version is set at build time with -ldflags "-X main.version=...".
@@ -217,29 +218,6 @@ func printVersion(ctx context.Context, args []string, env environment) error {
 	return nil
 }
 
-// verifyReport is the --json form of the report (the same shape as
-// GET /v1/admin/verify).
-type verifyReport struct {
-	OK               bool            `json:"ok"`
-	CustomersChecked int64           `json:"customers_checked"`
-	PaymentsChecked  int64           `json:"payments_checked"`
-	Problems         []verifyProblem `json:"problems"`
-	Receivables      []receivable    `json:"receivables"`
-}
-
-type receivable struct {
-	CustomerID string `json:"customer_id"`
-	Shortfall  int64  `json:"shortfall"`
-	Revokes    int64  `json:"revokes"`
-}
-
-type verifyProblem struct {
-	Kind       string `json:"kind"`
-	CustomerID string `json:"customer_id,omitempty"`
-	PaymentID  string `json:"payment_id,omitempty"`
-	Detail     string `json:"detail"`
-}
-
 func verifyCmd(ctx context.Context, args []string, env environment) error {
 	fs := newFlags("verify", "Recompute every balance from the ledger and from the grants, check every succeeded payment was\ncredited exactly once and every consume key spent once. Exits 2 naming each breach.", env)
 	asJSON := fs.Bool("json", false, "print the report as JSON")
@@ -268,14 +246,8 @@ func verifyCmd(ctx context.Context, args []string, env environment) error {
 // breach and per receivable, or with asJSON the report as JSON.
 func printVerifyReport(w io.Writer, rep credits.VerifyReport, asJSON bool) error {
 	if asJSON {
-		out := verifyReport{OK: rep.OK, CustomersChecked: rep.CustomersChecked, PaymentsChecked: rep.PaymentsChecked,
-			Problems: []verifyProblem{}, Receivables: []receivable{}}
-		for _, p := range rep.Problems {
-			out.Problems = append(out.Problems, verifyProblem(p))
-		}
-		for _, r := range rep.Receivables {
-			out.Receivables = append(out.Receivables, receivable(r))
-		}
+		// The body of GET /v1/admin/verify, so a script reads one shape.
+		out := httpapi.ToAPIVerifyReport(rep)
 		enc := json.NewEncoder(w)
 		enc.SetIndent("", "  ")
 		if err := enc.Encode(out); err != nil {

@@ -170,7 +170,9 @@ func toAPILedgerPage(p credits.LedgerPage) api.LedgerPage {
 	return out
 }
 
-func toAPIVerifyReport(r credits.VerifyReport) api.VerifyReport {
+// ToAPIVerifyReport is r as the contract shapes it: the body of
+// GET /v1/admin/verify, which `tally verify --json` prints too.
+func ToAPIVerifyReport(r credits.VerifyReport) api.VerifyReport {
 	out := api.VerifyReport{Ok: r.OK, CustomersChecked: r.CustomersChecked, PaymentsChecked: r.PaymentsChecked,
 		Problems: make([]api.VerifyProblem, 0, len(r.Problems)), Receivables: make([]api.Receivable, 0, len(r.Receivables))}
 	for _, p := range r.Problems {

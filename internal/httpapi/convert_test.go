@@ -188,11 +188,11 @@ func TestResponsesOmitWhatIsNotThere(t *testing.T) {
 		t.Errorf("empty page = %+v", p)
 	}
 
-	rep, _ := json.Marshal(toAPIVerifyReport(credits.VerifyReport{OK: true}))
+	rep, _ := json.Marshal(ToAPIVerifyReport(credits.VerifyReport{OK: true}))
 	if !strings.Contains(string(rep), `"problems":[]`) || !strings.Contains(string(rep), `"receivables":[]`) {
 		t.Errorf("clean report: %s", rep)
 	}
-	v := toAPIVerifyReport(credits.VerifyReport{Problems: []credits.VerifyProblem{{Kind: "k", PaymentID: "pay_1", Detail: "d"}}})
+	v := ToAPIVerifyReport(credits.VerifyReport{Problems: []credits.VerifyProblem{{Kind: "k", PaymentID: "pay_1", Detail: "d"}}})
 	if v.Problems[0].CustomerId != nil || *v.Problems[0].PaymentId != "pay_1" {
 		t.Errorf("problem = %+v", v.Problems[0])
 	}
