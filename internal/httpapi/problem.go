@@ -64,10 +64,10 @@ func (p *problemStatus) Error() string { return p.err.Error() }
 func (p *problemStatus) Unwrap() error { return p.err }
 
 // problemExtensions are the members a code may add to a problem from
-// errs.Error.Extra, each as openapi.yaml declares it on Problem: the
-// setter keeps a value of the declared type only. An
-// Extra member not listed here, or of another type, never reaches a
-// client: the body stays inside the contract.
+// errs.Error.Extra, each as openapi.yaml declares it on Problem; a setter
+// keeps only a value of the declared type. An Extra member not listed
+// here, or of another type, never reaches a client: the body stays
+// inside the contract.
 var problemExtensions = map[string]func(p *api.Problem, v any){
 	// insufficient_credits
 	"balance": func(p *api.Problem, v any) {
