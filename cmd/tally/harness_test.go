@@ -253,3 +253,30 @@ func (c checkedTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 	}
 	return resp, nil
 }
+
+// pollEvents follows the feed from after, as a host's poller would, until it
+// has seen want events (or 15 s pass). The feed shows an event only once every
+// older transaction on the PostgreSQL server has ended, so under a busy test
+// run it can lag for a moment; it never skips.
+func pollEvents(t testing.TB, c *client.ClientWithResponses, after string, want int) client.EventPage {
+	t.Helper()
+	page := client.EventPage{NextCursor: after}
+	deadline := time.Now().Add(15 * time.Second)
+	for len(page.Data) < want {
+		r, err := c.ListEventsWithResponse(context.Background(), &client.ListEventsParams{After: &page.NextCursor})
+		if err != nil {
+			t.Fatal(err)
+		}
+		mustStatus(t, "events", r.StatusCode(), r.Body, http.StatusOK)
+		page.Data = append(page.Data, r.JSON200.Data...)
+		page.NextCursor = r.JSON200.NextCursor
+		if len(page.Data) >= want {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("feed showed %d events within 15s, want %d", len(page.Data), want)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	return page
+}

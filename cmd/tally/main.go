@@ -21,7 +21,9 @@ import (
 
 	"github.com/tallybilling/tally/internal/app"
 	"github.com/tallybilling/tally/internal/config"
+	"github.com/tallybilling/tally/internal/credits"
 	"github.com/tallybilling/tally/internal/db"
+	"github.com/tallybilling/tally/internal/httpapi"
 )
 
 // version is set at build time with -ldflags "-X main.version=...".
@@ -154,7 +156,7 @@ func serve(ctx context.Context, args []string, env environment) error {
 		return fmt.Errorf("configuration:\n%w", err)
 	}
 	logger := newLogger(cfg, env.stderr)
-	a, err := app.New(ctx, cfg, app.Options{Logger: logger})
+	a, err := app.New(ctx, app.Options{Config: cfg, Logger: logger})
 	if err != nil {
 		return err
 	}
@@ -216,29 +218,6 @@ func printVersion(ctx context.Context, args []string, env environment) error {
 	return nil
 }
 
-// verifyReport is the --json form of the report (the same shape as
-// GET /v1/admin/verify).
-type verifyReport struct {
-	OK               bool            `json:"ok"`
-	CustomersChecked int64           `json:"customers_checked"`
-	PaymentsChecked  int64           `json:"payments_checked"`
-	Problems         []verifyProblem `json:"problems"`
-	Receivables      []receivable    `json:"receivables"`
-}
-
-type receivable struct {
-	CustomerID string `json:"customer_id"`
-	Shortfall  int64  `json:"shortfall"`
-	Revokes    int64  `json:"revokes"`
-}
-
-type verifyProblem struct {
-	Kind       string `json:"kind"`
-	CustomerID string `json:"customer_id,omitempty"`
-	PaymentID  string `json:"payment_id,omitempty"`
-	Detail     string `json:"detail"`
-}
-
 func verifyCmd(ctx context.Context, args []string, env environment) error {
 	fs := newFlags("verify", "Recompute every balance from the ledger and from the grants, check every succeeded payment was\ncredited exactly once and every consume key spent once. Exits 2 naming each breach.", env)
 	asJSON := fs.Bool("json", false, "print the report as JSON")
@@ -254,43 +233,46 @@ func verifyCmd(ctx context.Context, args []string, env environment) error {
 	if err != nil {
 		return fmt.Errorf("verify: %w", err)
 	}
-	if *asJSON {
-		out := verifyReport{OK: rep.OK, CustomersChecked: rep.CustomersChecked, PaymentsChecked: rep.PaymentsChecked,
-			Problems: []verifyProblem{}, Receivables: []receivable{}}
-		for _, p := range rep.Problems {
-			out.Problems = append(out.Problems, verifyProblem(p))
-		}
-		for _, r := range rep.Receivables {
-			out.Receivables = append(out.Receivables, receivable(r))
-		}
-		enc := json.NewEncoder(env.stdout)
+	if err := printVerifyReport(env.stdout, rep, *asJSON); err != nil {
+		return err
+	}
+	if !rep.OK {
+		return exitError{code: 2, err: fmt.Errorf("verify found %d breaches", len(rep.Problems))}
+	}
+	return nil
+}
+
+// printVerifyReport writes rep as `tally verify` shows it: one line per
+// breach and per receivable, or with asJSON the report as JSON.
+func printVerifyReport(w io.Writer, rep credits.VerifyReport, asJSON bool) error {
+	if asJSON {
+		// The body of GET /v1/admin/verify, so a script reads one shape.
+		out := httpapi.ToAPIVerifyReport(rep)
+		enc := json.NewEncoder(w)
 		enc.SetIndent("", "  ")
 		if err := enc.Encode(out); err != nil {
 			return err
 		}
 	} else {
-		fmt.Fprintf(env.stdout, "checked %d customers and %d payments\n", rep.CustomersChecked, rep.PaymentsChecked)
+		fmt.Fprintf(w, "checked %d customers and %d payments\n", rep.CustomersChecked, rep.PaymentsChecked)
 		for _, p := range rep.Problems {
-			fmt.Fprintf(env.stdout, "BREACH %s", p.Kind)
+			fmt.Fprintf(w, "BREACH %s", p.Kind)
 			if p.CustomerID != "" {
-				fmt.Fprintf(env.stdout, " customer=%s", p.CustomerID)
+				fmt.Fprintf(w, " customer=%s", p.CustomerID)
 			}
 			if p.PaymentID != "" {
-				fmt.Fprintf(env.stdout, " payment=%s", p.PaymentID)
+				fmt.Fprintf(w, " payment=%s", p.PaymentID)
 			}
-			fmt.Fprintf(env.stdout, ": %s\n", p.Detail)
+			fmt.Fprintf(w, ": %s\n", p.Detail)
 		}
 		// Receivables are money owed, not breaches: listed, exit code unaffected.
 		for _, r := range rep.Receivables {
-			fmt.Fprintf(env.stdout, "receivable customer=%s: %d credits refunded or disputed after they were spent (%d revokes)\n",
+			fmt.Fprintf(w, "receivable customer=%s: %d credits refunded or disputed after they were spent (%d revokes)\n",
 				r.CustomerID, r.Shortfall, r.Revokes)
 		}
 		if rep.OK {
-			fmt.Fprintln(env.stdout, "ok: every invariant holds")
+			fmt.Fprintln(w, "ok: every invariant holds")
 		}
-	}
-	if !rep.OK {
-		return exitError{code: 2, err: fmt.Errorf("verify found %d breaches", len(rep.Problems))}
 	}
 	return nil
 }

@@ -47,17 +47,19 @@ type App struct {
 	workers []Worker
 }
 
-// Options are what New needs besides the Config.
+// Options are what New needs.
 type Options struct {
+	Config config.Config
 	// Logger receives every log line; nil discards them.
 	Logger *slog.Logger
 	// Now is the clock; nil means time.Now.
 	Now func() time.Time
 }
 
-// New opens the database (applying migrations when cfg.AutoMigrate), and
+// New opens the database (applying migrations when Config.AutoMigrate), and
 // builds every service, the HTTP handler and the workers. It does not listen.
-func New(ctx context.Context, cfg config.Config, opts Options) (*App, error) {
+func New(ctx context.Context, opts Options) (*App, error) {
+	cfg := opts.Config
 	now := opts.Now
 	if now == nil {
 		now = time.Now
@@ -139,13 +141,13 @@ func New(ctx context.Context, cfg config.Config, opts Options) (*App, error) {
 	}
 	a.workers = append(a.workers, credits.NewSweeper(gdb, cfg.Credits, now, logger))
 
-	deps := httpapi.Deps{
+	deps := httpapi.Options{
 		Config:    cfg,
 		Logger:    logger,
 		Now:       now,
 		Registry:  reg,
 		Ready:     a.ready,
-		Customers: customers.NewService(gdb, now),
+		Customers: customers.New(customers.Options{DB: gdb, Now: now}),
 		Events:    feed,
 
 		Payments:   paymentsSvc,
@@ -178,9 +180,9 @@ func New(ctx context.Context, cfg config.Config, opts Options) (*App, error) {
 		return nil, err
 	}
 	a.handler = e
-	a.workers = append(a.workers, events.NewPusher(gdb, events.PushConfig{
-		URL: cfg.EventsWebhook.URL, Secret: cfg.EventsWebhook.Secret,
-	}, logger, now))
+	a.workers = append(a.workers, events.NewPusher(events.PusherOptions{
+		DB: gdb, URL: cfg.EventsWebhook.URL, Secret: cfg.EventsWebhook.Secret, Logger: logger, Now: now,
+	}))
 	a.workers = append(a.workers, janitor{db: gdb, logger: logger, now: now, cfg: cfg.Retention,
 		metering: deps.Metering, keepUnpushed: cfg.EventsWebhook.URL != ""})
 	return a, nil

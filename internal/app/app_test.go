@@ -19,7 +19,7 @@ func TestNewWithoutALogger(t *testing.T) {
 	cfg.DatabaseURL = dbtest.NewURL(t)
 	cfg.DBMaxOpenConns = 2
 	// No Stripe key: New logs that usage will not be delivered.
-	a, err := app.New(context.Background(), cfg, app.Options{})
+	a, err := app.New(context.Background(), app.Options{Config: cfg})
 	if err != nil {
 		t.Fatal(err)
 	}

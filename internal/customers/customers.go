@@ -130,9 +130,19 @@ type Service struct {
 	now func() time.Time
 }
 
-// NewService returns a Service; now is the clock.
-func NewService(gdb *gorm.DB, now func() time.Time) *Service {
-	return &Service{db: gdb, now: now}
+// Options are what New needs.
+type Options struct {
+	DB *gorm.DB
+	// Now is the clock that stamps created_at and updated_at; nil is time.Now.
+	Now func() time.Time
+}
+
+// New returns the customers Service.
+func New(o Options) *Service {
+	if o.Now == nil {
+		o.Now = time.Now
+	}
+	return &Service{db: o.DB, now: o.Now}
 }
 
 // Upsert creates the customer or updates the fields given, appending

@@ -10,11 +10,13 @@ import (
 	"time"
 )
 
-// Code is a stable, documented error code (see openapi.yaml, Problem.code).
+// Code is a stable, documented error code: a value of the ErrorCode enum of
+// openapi.yaml, which clients switch on.
 type Code string
 
-// The codes of design/API.md. Adding one means adding it to openapi.yaml and
-// to the status map in internal/httpapi.
+// The codes. Each is a value of openapi.yaml's ErrorCode and has a row (its
+// status and title) in internal/httpapi's problemTypes; a test there fails
+// when one of the three lacks a code the others have.
 const (
 	Invalid                Code = "invalid_request"
 	Unauthorized           Code = "unauthorized"

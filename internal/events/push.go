@@ -36,20 +36,29 @@ func Sign(secret string, t time.Time, body []byte) string {
 	return "t=" + ts + ",v1=" + hex.EncodeToString(mac.Sum(nil))
 }
 
-// PushConfig configures the outbound webhook push.
-type PushConfig struct {
-	URL    string
+// PusherOptions are what NewPusher needs: the database, the host's
+// webhook and how to pace it.
+type PusherOptions struct {
+	DB *gorm.DB
+	// URL is the host application's webhook; empty turns the push off.
+	URL string
+	// Secret signs every delivery (SignatureHeader).
 	Secret string
 	// Lease is how long one instance may push before it must renew; another
-	// instance takes over when it lapses (a crashed pusher).
+	// instance takes over when it lapses (a crashed pusher). Default 30 s.
 	Lease time.Duration
-	// Idle is how long to wait when there is nothing to push.
+	// Idle is how long to wait when there is nothing to push. Default 1 s.
 	Idle time.Duration
 	// MinBackoff and MaxBackoff bound the wait between attempts at one
-	// failing event (doubling, with jitter).
+	// failing event (doubling, with jitter). Default 1 s and 5 min.
 	MinBackoff time.Duration
 	MaxBackoff time.Duration
-	Client     *http.Client
+	// Client sends the deliveries; nil is a client with a 10 s timeout.
+	Client *http.Client
+	// Logger receives failed pushes; nil discards them.
+	Logger *slog.Logger
+	// Now is the clock; nil is time.Now.
+	Now func() time.Time
 }
 
 // Pusher delivers the event feed to the host application's webhook, in feed
@@ -60,32 +69,38 @@ type PushConfig struct {
 type Pusher struct {
 	db     *gorm.DB
 	feed   *Feed
-	cfg    PushConfig
+	cfg    PusherOptions
 	logger *slog.Logger
 	now    func() time.Time
 	holder string
 }
 
-// NewPusher returns a Pusher; Run does nothing when cfg.URL is empty.
-func NewPusher(gdb *gorm.DB, cfg PushConfig, logger *slog.Logger, now func() time.Time) *Pusher {
-	if cfg.Lease <= 0 {
-		cfg.Lease = 30 * time.Second
+// NewPusher returns a Pusher; Run does nothing when o.URL is empty.
+func NewPusher(o PusherOptions) *Pusher {
+	if o.Lease <= 0 {
+		o.Lease = 30 * time.Second
 	}
-	if cfg.Idle <= 0 {
-		cfg.Idle = time.Second
+	if o.Idle <= 0 {
+		o.Idle = time.Second
 	}
-	if cfg.MinBackoff <= 0 {
-		cfg.MinBackoff = time.Second
+	if o.MinBackoff <= 0 {
+		o.MinBackoff = time.Second
 	}
-	if cfg.MaxBackoff <= 0 {
-		cfg.MaxBackoff = 5 * time.Minute
+	if o.MaxBackoff <= 0 {
+		o.MaxBackoff = 5 * time.Minute
 	}
-	if cfg.Client == nil {
-		cfg.Client = &http.Client{Timeout: 10 * time.Second}
+	if o.Client == nil {
+		o.Client = &http.Client{Timeout: 10 * time.Second}
+	}
+	if o.Logger == nil {
+		o.Logger = slog.New(slog.DiscardHandler)
+	}
+	if o.Now == nil {
+		o.Now = time.Now
 	}
 	var b [8]byte
 	_, _ = crand.Read(b[:])
-	return &Pusher{db: gdb, feed: NewFeed(gdb), cfg: cfg, logger: logger, now: now, holder: hex.EncodeToString(b[:])}
+	return &Pusher{db: o.DB, feed: NewFeed(o.DB), cfg: o, logger: o.Logger, now: o.Now, holder: hex.EncodeToString(b[:])}
 }
 
 // Name names the worker in logs.

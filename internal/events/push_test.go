@@ -70,10 +70,11 @@ func TestPusherDeliversInOrderDespiteFailures(t *testing.T) {
 	defer host.Close()
 
 	logger := slog.New(slog.NewTextHandler(io.Discard, nil))
-	cfg := events.PushConfig{URL: host.URL, Secret: secret, Idle: 5 * time.Millisecond, MinBackoff: 5 * time.Millisecond, MaxBackoff: 20 * time.Millisecond}
+	opts := events.PusherOptions{DB: gdb, URL: host.URL, Secret: secret, Idle: 5 * time.Millisecond, MinBackoff: 5 * time.Millisecond,
+		MaxBackoff: 20 * time.Millisecond, Logger: logger, Now: time.Now}
 	var wg sync.WaitGroup
 	for range 2 {
-		p := events.NewPusher(gdb, cfg, logger, time.Now)
+		p := events.NewPusher(opts)
 		wg.Add(1)
 		go func() { defer wg.Done(); _ = p.Run(ctx) }()
 	}

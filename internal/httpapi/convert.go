@@ -170,7 +170,9 @@ func toAPILedgerPage(p credits.LedgerPage) api.LedgerPage {
 	return out
 }
 
-func toAPIVerifyReport(r credits.VerifyReport) api.VerifyReport {
+// ToAPIVerifyReport is r as the contract shapes it: the body of
+// GET /v1/admin/verify, which `tally verify --json` prints too.
+func ToAPIVerifyReport(r credits.VerifyReport) api.VerifyReport {
 	out := api.VerifyReport{Ok: r.OK, CustomersChecked: r.CustomersChecked, PaymentsChecked: r.PaymentsChecked,
 		Problems: make([]api.VerifyProblem, 0, len(r.Problems)), Receivables: make([]api.Receivable, 0, len(r.Receivables))}
 	for _, p := range r.Problems {
@@ -250,7 +252,7 @@ func toAPIIntakeResult(r metering.IntakeResult) api.UsageIntakeResult {
 	for i, res := range r.Results {
 		out.Results[i] = api.UsageEventResult{Identifier: res.Identifier, Status: api.UsageEventResultStatus(res.Status)}
 		if res.Code != "" {
-			code := api.ErrorCode(res.Code)
+			code := apiErrorCode(res.Code)
 			out.Results[i].Code = &code
 		}
 		out.Results[i].Detail = ptrIfSet(res.Detail)

@@ -64,5 +64,5 @@ func (s *Server) VerifyInvariants(ctx context.Context, r api.VerifyInvariantsReq
 	if err != nil {
 		return nil, err
 	}
-	return api.VerifyInvariants200JSONResponse(toAPIVerifyReport(rep)), nil
+	return api.VerifyInvariants200JSONResponse(ToAPIVerifyReport(rep)), nil
 }

@@ -119,8 +119,8 @@ func renderDocs(doc *openapi3.T) ([]byte, error) {
 		}
 		schemas = append(schemas, sc)
 	}
-	codes := make([]string, 0, len(statusOf))
-	for code := range statusOf {
+	codes := make([]string, 0, len(problemTypes))
+	for code := range problemTypes {
 		codes = append(codes, string(code))
 	}
 	sort.Strings(codes)
@@ -130,7 +130,7 @@ func renderDocs(doc *openapi3.T) ([]byte, error) {
 	}
 	var codeRows []codeRow
 	for _, c := range codes {
-		codeRows = append(codeRows, codeRow{Code: c, Title: titleOf[errs.Code(c)], Status: statusOf[errs.Code(c)]})
+		codeRows = append(codeRows, codeRow{Code: c, Title: problemTypes[errs.Code(c)].title, Status: problemTypes[errs.Code(c)].status})
 	}
 	var buf bytes.Buffer
 	err := docsPage.Execute(&buf, map[string]any{

@@ -10,42 +10,47 @@ import (
 
 	"github.com/labstack/echo/v4"
 
+	"github.com/tallybilling/tally/api"
 	"github.com/tallybilling/tally/internal/errs"
 )
 
-// statusOf is the one place where an error code becomes an HTTP status.
-var statusOf = map[errs.Code]int{
-	errs.Invalid:                http.StatusBadRequest,
-	errs.Unauthorized:           http.StatusUnauthorized,
-	errs.Forbidden:              http.StatusForbidden,
-	errs.NotFound:               http.StatusNotFound,
-	errs.Conflict:               http.StatusConflict,
-	errs.IdempotencyKeyReused:   http.StatusUnprocessableEntity,
-	errs.IdempotencyKeyInFlight: http.StatusConflict,
-	errs.InsufficientCredits:    http.StatusPaymentRequired,
-	errs.PayloadTooLarge:        http.StatusRequestEntityTooLarge,
-	errs.RateLimited:            http.StatusTooManyRequests,
-	errs.PaymentProviderError:   http.StatusBadGateway,
-	errs.Unavailable:            http.StatusServiceUnavailable,
-	errs.Internal:               http.StatusInternalServerError,
-	errs.IdentifierConflict:     http.StatusConflict,
+// problemType is what one error code is on the wire: the HTTP status it is
+// answered with, the problem's title and the value of the contract's
+// ErrorCode enum.
+type problemType struct {
+	status int
+	title  string
+	code   api.ErrorCode
 }
 
-var titleOf = map[errs.Code]string{
-	errs.Invalid:                "Invalid request",
-	errs.Unauthorized:           "Unauthorized",
-	errs.Forbidden:              "Forbidden",
-	errs.NotFound:               "Not found",
-	errs.Conflict:               "Conflict",
-	errs.IdempotencyKeyReused:   "Idempotency key reused with a different request",
-	errs.IdempotencyKeyInFlight: "A request with this idempotency key is in flight",
-	errs.InsufficientCredits:    "Insufficient credits",
-	errs.PayloadTooLarge:        "Payload too large",
-	errs.RateLimited:            "Rate limited",
-	errs.PaymentProviderError:   "Payment provider error",
-	errs.Unavailable:            "Service unavailable",
-	errs.Internal:               "Internal error",
-	errs.IdentifierConflict:     "Identifier already used by another usage event",
+// problemTypes is the one place where an error code meets HTTP. Every
+// errs code has a row and every ErrorCode of openapi.yaml belongs to one;
+// TestEveryCodeIsInTheContract fails otherwise.
+var problemTypes = map[errs.Code]problemType{
+	errs.Invalid:                {http.StatusBadRequest, "Invalid request", api.ErrorCodeInvalidRequest},
+	errs.Unauthorized:           {http.StatusUnauthorized, "Unauthorized", api.ErrorCodeUnauthorized},
+	errs.Forbidden:              {http.StatusForbidden, "Forbidden", api.ErrorCodeForbidden},
+	errs.NotFound:               {http.StatusNotFound, "Not found", api.ErrorCodeNotFound},
+	errs.Conflict:               {http.StatusConflict, "Conflict", api.ErrorCodeConflict},
+	errs.IdempotencyKeyReused:   {http.StatusUnprocessableEntity, "Idempotency key reused with a different request", api.ErrorCodeIdempotencyKeyReused},
+	errs.IdempotencyKeyInFlight: {http.StatusConflict, "A request with this idempotency key is in flight", api.ErrorCodeIdempotencyKeyInFlight},
+	errs.InsufficientCredits:    {http.StatusPaymentRequired, "Insufficient credits", api.ErrorCodeInsufficientCredits},
+	errs.PayloadTooLarge:        {http.StatusRequestEntityTooLarge, "Payload too large", api.ErrorCodePayloadTooLarge},
+	errs.RateLimited:            {http.StatusTooManyRequests, "Rate limited", api.ErrorCodeRateLimited},
+	errs.PaymentProviderError:   {http.StatusBadGateway, "Payment provider error", api.ErrorCodePaymentProviderError},
+	errs.Unavailable:            {http.StatusServiceUnavailable, "Service unavailable", api.ErrorCodeUnavailable},
+	errs.Internal:               {http.StatusInternalServerError, "Internal error", api.ErrorCodeInternal},
+	errs.IdentifierConflict:     {http.StatusConflict, "Identifier already used by another usage event", api.ErrorCodeIdentifierConflict},
+}
+
+// apiErrorCode is c as the contract spells it, for the codes that travel
+// inside a 2xx body (a rejected usage event); a code without a row is
+// internal, as it is in a problem.
+func apiErrorCode(c errs.Code) api.ErrorCode {
+	if t, ok := problemTypes[c]; ok {
+		return t.code
+	}
+	return api.ErrorCodeInternal
 }
 
 // problemStatus lets a validation failure of a well-formed body answer 422
@@ -58,11 +63,18 @@ type problemStatus struct {
 func (p *problemStatus) Error() string { return p.err.Error() }
 func (p *problemStatus) Unwrap() error { return p.err }
 
-// problemMembers are the members a code may add to a problem, as
-// openapi.yaml declares them on Problem. An Extra member not listed here
-// never reaches a client: the body stays inside the contract.
-var problemMembers = map[string]bool{
-	"balance": true, // insufficient_credits
+// problemExtensions are the members a code may add to a problem from
+// errs.Error.Extra, each as openapi.yaml declares it on Problem; a setter
+// keeps only a value of the declared type. An Extra member not listed
+// here, or of another type, never reaches a client: the body stays
+// inside the contract.
+var problemExtensions = map[string]func(p *api.Problem, v any){
+	// insufficient_credits
+	"balance": func(p *api.Problem, v any) {
+		if n, ok := v.(int64); ok {
+			p.Balance = &n
+		}
+	},
 }
 
 // errorHandler writes every error as application/problem+json. Internal
@@ -83,29 +95,10 @@ func errorHandler(logger *slog.Logger) echo.HTTPErrorHandler {
 		} else if e.Code == errs.Unavailable {
 			logger.WarnContext(c.Request().Context(), "unavailable", "request_id", rid, "error", err.Error())
 		}
-		body := map[string]any{
-			"type":       "/docs#error-" + string(e.Code),
-			"title":      titleOf[e.Code],
-			"status":     status,
-			"detail":     e.Message,
-			"code":       e.Code,
-			"request_id": rid,
-		}
-		if len(e.Fields) > 0 {
-			fields := make([]map[string]string, len(e.Fields))
-			for i, f := range e.Fields {
-				fields[i] = map[string]string{"pointer": f.Pointer, "detail": f.Detail}
-			}
-			body["errors"] = fields
-		}
-		for k, v := range e.Extra {
-			if _, taken := body[k]; !taken && problemMembers[k] {
-				body[k] = v
-			}
-		}
+		body := problem(e, status, rid)
 		if secs := retryAfterSeconds(e.RetryAfter); secs > 0 && (status == http.StatusTooManyRequests || status == http.StatusServiceUnavailable) {
 			c.Response().Header().Set("Retry-After", strconv.FormatInt(secs, 10))
-			body["retry_after_seconds"] = secs
+			body.RetryAfterSeconds = &secs
 		}
 		b, _ := json.Marshal(body)
 		c.Response().Header().Set(echo.HeaderContentType, "application/problem+json")
@@ -114,6 +107,34 @@ func errorHandler(logger *slog.Logger) echo.HTTPErrorHandler {
 			_, _ = c.Response().Write(b)
 		}
 	}
+}
+
+// problem is the body answering e with status: detail and request_id are
+// always present, even when empty, errors only when fields are named, and
+// the declared extensions that e carries.
+func problem(e *errs.Error, status int, requestID string) api.Problem {
+	t := problemTypes[e.Code]
+	p := api.Problem{
+		Type:      "/docs#error-" + string(e.Code),
+		Title:     t.title,
+		Status:    status,
+		Detail:    &e.Message,
+		Code:      t.code,
+		RequestId: &requestID,
+	}
+	if len(e.Fields) > 0 {
+		fields := make([]api.FieldError, len(e.Fields))
+		for i, f := range e.Fields {
+			fields[i] = api.FieldError{Pointer: f.Pointer, Detail: f.Detail}
+		}
+		p.Errors = &fields
+	}
+	for k, v := range e.Extra {
+		if set, declared := problemExtensions[k]; declared {
+			set(&p, v)
+		}
+	}
+	return p
 }
 
 // retryAfterSeconds rounds d up to whole seconds, as Retry-After counts them.
@@ -135,7 +156,8 @@ func classify(err error) (*errs.Error, int) {
 		return errs.E(errs.PayloadTooLarge, "the request body is larger than %d bytes", mbe.Limit), http.StatusRequestEntityTooLarge
 	}
 	if e, ok := errs.As(err); ok {
-		status, known := statusOf[e.Code]
+		t, known := problemTypes[e.Code]
+		status := t.status
 		switch {
 		case !known:
 			// A code without a status is a programming error: answer it as

@@ -27,8 +27,9 @@ import (
 	"github.com/tallybilling/tally/internal/stripehook"
 )
 
-// Deps is everything the HTTP layer calls. app builds it.
-type Deps struct {
+// Options are what New needs: everything the HTTP layer calls. app builds
+// them.
+type Options struct {
 	Config config.Config
 	Logger *slog.Logger
 	Now    func() time.Time
@@ -58,14 +59,15 @@ type Deps struct {
 
 // Server implements api.StrictServerInterface.
 type Server struct {
-	d Deps
+	// d is what New was given: the handlers' dependencies.
+	d Options
 }
 
 var _ api.StrictServerInterface = (*Server)(nil)
 
 // New builds the echo instance with every route, middleware and the error
 // handler. It fails only when the embedded spec cannot be loaded.
-func New(d Deps) (*echo.Echo, error) {
+func New(d Options) (*echo.Echo, error) {
 	spec, err := loadSpec(api.SpecYAML)
 	if err != nil {
 		return nil, err

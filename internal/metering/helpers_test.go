@@ -111,7 +111,7 @@ func startWorker(t *testing.T, w *metering.Worker) (stop func()) {
 func link(t *testing.T, gdb *gorm.DB, id string) string {
 	t.Helper()
 	stripeID := "cus_" + id
-	_, _, err := customers.NewService(gdb, time.Now).Upsert(context.Background(), customers.UpsertInput{ID: id, StripeCustomerID: &stripeID})
+	_, _, err := customers.New(customers.Options{DB: gdb}).Upsert(context.Background(), customers.UpsertInput{ID: id, StripeCustomerID: &stripeID})
 	if err != nil {
 		t.Fatalf("link %s: %v", id, err)
 	}

@@ -1,0 +1,28 @@
+package httpapi
+
+import (
+	"context"
+
+	"github.com/tallybilling/tally/api"
+)
+
+// UpsertCustomer creates (201) or updates (200) a customer.
+func (s *Server) UpsertCustomer(ctx context.Context, r api.UpsertCustomerRequestObject) (api.UpsertCustomerResponseObject, error) {
+	c, created, err := s.d.Customers.Upsert(ctx, fromAPIUpsert(r.CustomerId, r.Body))
+	if err != nil {
+		return nil, err
+	}
+	if created {
+		return api.UpsertCustomer201JSONResponse(toAPICustomer(c)), nil
+	}
+	return api.UpsertCustomer200JSONResponse(toAPICustomer(c)), nil
+}
+
+// GetCustomer reads one customer; the gate has checked an end user owns it.
+func (s *Server) GetCustomer(ctx context.Context, r api.GetCustomerRequestObject) (api.GetCustomerResponseObject, error) {
+	c, err := s.d.Customers.Get(ctx, r.CustomerId)
+	if err != nil {
+		return nil, err
+	}
+	return api.GetCustomer200JSONResponse(toAPICustomer(c)), nil
+}
