@@ -1,7 +1,8 @@
-// Package config turns the process environment and the catalog file into one
-// typed Config. Every setting has one name (see README / design/API.md), one
-// default and one validation rule, and Load reports every problem at once so
-// an operator fixes a broken deployment in one round trip.
+// Package config turns the process environment (and the catalog file it
+// names, read by internal/catalog) into one typed Config. Every setting has
+// one name (see README), one default and one validation rule, and Load
+// reports every problem at once so an operator fixes a broken deployment in
+// one round trip.
 package config
 
 import (
@@ -23,6 +24,8 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5/pgconn"
+
+	"github.com/tallybilling/tally/internal/catalog"
 )
 
 // Scope is what an API key may do.
@@ -192,7 +195,7 @@ type Config struct {
 	Metering      MeteringConfig
 	EventsWebhook EventsWebhook
 	Retention     RetentionConfig
-	Catalog       Catalog
+	Catalog       catalog.Catalog
 
 	// Obsolete names settings that are set but no longer have an effect,
 	// each with what replaced it; they are logged as warnings at start.
@@ -440,7 +443,7 @@ func Load(getenv func(string) string) (Config, error) {
 	p.str("TALLY_EVENTS_WEBHOOK_SECRET", &c.EventsWebhook.Secret)
 
 	if c.CatalogFile != "" {
-		cat, err := LoadCatalog(c.CatalogFile)
+		cat, err := catalog.Load(c.CatalogFile)
 		if err != nil {
 			p.fail("TALLY_CATALOG_FILE", "%v", err)
 		} else {

@@ -10,6 +10,7 @@
 package credits
 
 import (
+	"fmt"
 	"log/slog"
 	"strconv"
 	"time"
@@ -18,6 +19,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"gorm.io/gorm"
 
+	"github.com/tallybilling/tally/internal/catalog"
 	"github.com/tallybilling/tally/internal/config"
 	"github.com/tallybilling/tally/internal/customers"
 	"github.com/tallybilling/tally/internal/errs"
@@ -25,8 +27,9 @@ import (
 )
 
 // Limits on inputs (openapi.yaml: ConsumeRequest, GrantRequest, Metadata).
+// The amount of one grant, consume or revoke is bounded by
+// catalog.MaxCreditsPerMove, which also bounds what a credit pack carries.
 const (
-	MaxAmount          = config.MaxCredits
 	MaxReasonLen       = 255
 	MaxMetadataKeys    = 50
 	MaxMetadataKeyLen  = 40
@@ -225,8 +228,8 @@ func (s *Service) RegisterMetrics(reg prometheus.Registerer) error {
 }
 
 func validateAmount(n int64) error {
-	if n < 1 || n > MaxAmount {
-		return errs.InvalidField("/amount", "amount must be a whole number from 1 to 1000000000000")
+	if n < 1 || n > catalog.MaxCreditsPerMove {
+		return errs.InvalidField("/amount", fmt.Sprintf("amount must be a whole number from 1 to %d", int64(catalog.MaxCreditsPerMove)))
 	}
 	return nil
 }

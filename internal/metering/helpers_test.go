@@ -10,6 +10,7 @@ import (
 
 	"gorm.io/gorm"
 
+	"github.com/tallybilling/tally/internal/catalog"
 	"github.com/tallybilling/tally/internal/config"
 	"github.com/tallybilling/tally/internal/customers"
 	"github.com/tallybilling/tally/internal/db"
@@ -26,8 +27,8 @@ const (
 	otherID     = "mtr_storage"
 )
 
-func testCatalog() config.Catalog {
-	return config.Catalog{Plans: []config.Plan{
+func testCatalog() catalog.Catalog {
+	return catalog.Catalog{Plans: []catalog.Plan{
 		{ID: "api", Name: "API usage", StripePrice: "price_api", Meter: testMeter, StripeMeterID: testMeterID},
 		{ID: "storage", Name: "Storage", StripePrice: "price_storage", Meter: otherMeter, StripeMeterID: otherID},
 	}}

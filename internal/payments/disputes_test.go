@@ -7,6 +7,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/tallybilling/tally/internal/catalog"
 	"github.com/tallybilling/tally/internal/config"
 	"github.com/tallybilling/tally/internal/credits"
 	"github.com/tallybilling/tally/internal/db"
@@ -79,7 +80,7 @@ func TestConcurrentDisputeEventsHaveOneEffect(t *testing.T) {
 func TestDisputeWonReturnsCreditsWithTheirExpiry(t *testing.T) {
 	gdb := dbtest.New(t)
 	fake, stripe := fakeClient(t)
-	cat, err := config.ParseCatalog([]byte(catalogYAML))
+	cat, err := catalog.Parse([]byte(catalogYAML))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -17,6 +17,7 @@ import (
 
 	"gorm.io/gorm"
 
+	"github.com/tallybilling/tally/internal/catalog"
 	"github.com/tallybilling/tally/internal/config"
 	"github.com/tallybilling/tally/internal/customers"
 	"github.com/tallybilling/tally/internal/db"
@@ -147,7 +148,7 @@ type Options struct {
 	// Stripe is nil when no Stripe key is configured; checkouts then answer
 	// unavailable, webhooks still work.
 	Stripe   stripeapi.Client
-	Catalog  config.Catalog
+	Catalog  catalog.Catalog
 	Checkout config.CheckoutConfig
 	// Livemode is the mode of our Stripe key; events of the other mode are parked.
 	Livemode bool
@@ -168,7 +169,7 @@ type Options struct {
 type Service struct {
 	db               *gorm.DB
 	stripe           stripeapi.Client
-	catalog          config.Catalog
+	catalog          catalog.Catalog
 	checkout         config.CheckoutConfig
 	livemode         bool
 	logger           *slog.Logger
@@ -289,8 +290,8 @@ func (r row) payment() Payment {
 }
 
 // CreditsExpiry is how long the credits p grants stay spendable.
-func (p Payment) CreditsExpiry() config.Expiry {
-	return config.Expiry{Months: p.CreditsExpireAfterMonths, Duration: p.CreditsExpireAfter}
+func (p Payment) CreditsExpiry() catalog.Expiry {
+	return catalog.Expiry{Months: p.CreditsExpireAfterMonths, Duration: p.CreditsExpireAfter}
 }
 
 // load reads one payment through gdb; lock takes its row lock (gdb must then

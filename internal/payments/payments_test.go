@@ -10,6 +10,7 @@ import (
 
 	"gorm.io/gorm"
 
+	"github.com/tallybilling/tally/internal/catalog"
 	"github.com/tallybilling/tally/internal/config"
 	"github.com/tallybilling/tally/internal/credits"
 	"github.com/tallybilling/tally/internal/db"
@@ -34,10 +35,11 @@ func newService(t *testing.T, gdb *gorm.DB, stripe stripeapi.Client, confirmOn s
 	return newServiceWith(t, gdb, stripe, catalogYAML, func(o *payments.Options) { o.Checkout.ConfirmOn = confirmOn })
 }
 
-// newServiceWith builds a Service on catalog, with tweak applied to its options.
-func newServiceWith(t *testing.T, gdb *gorm.DB, stripe stripeapi.Client, catalog string, tweak func(*payments.Options)) *payments.Service {
+// newServiceWith builds a Service on the catalog file catalogYAML, with tweak
+// applied to its options.
+func newServiceWith(t *testing.T, gdb *gorm.DB, stripe stripeapi.Client, catalogYAML string, tweak func(*payments.Options)) *payments.Service {
 	t.Helper()
-	cat, err := config.ParseCatalog([]byte(catalog))
+	cat, err := catalog.Parse([]byte(catalogYAML))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -9,6 +9,7 @@ import (
 
 	"gorm.io/gorm"
 
+	"github.com/tallybilling/tally/internal/catalog"
 	"github.com/tallybilling/tally/internal/config"
 	"github.com/tallybilling/tally/internal/credits"
 	"github.com/tallybilling/tally/internal/db"
@@ -141,7 +142,7 @@ func TestRefundsRevokeTheirShareOnceFromTheWholeBalance(t *testing.T) {
 func TestRefundsFromThePurchaseGrantOnly(t *testing.T) {
 	gdb := dbtest.New(t)
 	fake, stripe := fakeClient(t)
-	cat, err := config.ParseCatalog([]byte(catalogYAML))
+	cat, err := catalog.Parse([]byte(catalogYAML))
 	if err != nil {
 		t.Fatal(err)
 	}
