@@ -400,3 +400,40 @@ func TestLoadNamesObsoleteSettings(t *testing.T) {
 		t.Errorf("Obsolete of an empty environment = %q", c.Obsolete)
 	}
 }
+
+// The sections constructors take are checked by the same rules as Load
+// checks them: the defaults pass, and a zero section names every setting
+// it leaves unset.
+func TestSectionsValidateByTheRulesOfLoad(t *testing.T) {
+	d := Default()
+	for name, err := range map[string]error{
+		"Credits": d.Credits.Validate(), "Checkout": d.Checkout.Validate(), "Metering": d.Metering.Validate(),
+	} {
+		if err != nil {
+			t.Errorf("Default().%s does not validate: %v", name, err)
+		}
+	}
+	for name, tc := range map[string]struct {
+		err  error
+		want []string
+	}{
+		"Credits":  {CreditsConfig{}.Validate(), []string{"TALLY_CREDITS_SWEEP_INTERVAL", "TALLY_REVOKE_FROM"}},
+		"Checkout": {CheckoutConfig{}.Validate(), []string{"TALLY_CHECKOUT_EXPIRES_AFTER", "TALLY_CONFIRM_ON"}},
+		"Metering": {MeteringConfig{}.Validate(), []string{"TALLY_METER_TRANSPORT", "TALLY_METER_RATE_LIMIT",
+			"TALLY_METER_BACKOFF_MAX", "TALLY_METER_BATCH_SIZE", "TALLY_METER_POLL_INTERVAL"}},
+	} {
+		if tc.err == nil {
+			t.Errorf("a zero %sConfig validates", name)
+			continue
+		}
+		msg := tc.err.Error()
+		for _, want := range tc.want {
+			if !strings.Contains(msg, want) {
+				t.Errorf("a zero %sConfig: %q does not name %s", name, msg, want)
+			}
+		}
+		if n := len(strings.Split(msg, "\n")); n != len(tc.want) {
+			t.Errorf("a zero %sConfig: %d problems, want %d:\n%s", name, n, len(tc.want), msg)
+		}
+	}
+}

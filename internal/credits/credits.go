@@ -30,12 +30,11 @@ import (
 // The amount of one grant, consume or revoke is bounded by
 // catalog.MaxCreditsPerMove, which also bounds what a credit pack carries.
 const (
-	MaxReasonLen       = 255
-	MaxMetadataKeys    = 50
-	MaxMetadataKeyLen  = 40
-	MaxMetadataValLen  = 500
-	defaultLedgerLimit = 50
-	maxLedgerLimit     = 500
+	MaxReasonLen      = 255
+	MaxMetadataKeys   = 50
+	MaxMetadataKeyLen = 40
+	MaxMetadataValLen = 500
+	maxLedgerLimit    = 500
 )
 
 // Source says where a grant's credits came from.
@@ -211,8 +210,11 @@ type Service struct {
 	consumed prometheus.Counter
 }
 
-// NewService returns a Service over gdb; now is the clock.
+// NewService returns a Service over gdb; now is the clock. cfg comes from
+// config, which holds its defaults: it panics when cfg does not validate (a
+// zero setting in a hand-built CreditsConfig is a programming error).
 func NewService(gdb *gorm.DB, cfg config.CreditsConfig, now func() time.Time, logger *slog.Logger) *Service {
+	mustValidate("credits.NewService", cfg)
 	return &Service{
 		db: gdb, cfg: cfg, now: now, logger: logger,
 		consumed: prometheus.NewCounter(prometheus.CounterOpts{
@@ -225,6 +227,13 @@ func NewService(gdb *gorm.DB, cfg config.CreditsConfig, now func() time.Time, lo
 // RegisterMetrics registers the service's metrics on reg.
 func (s *Service) RegisterMetrics(reg prometheus.Registerer) error {
 	return reg.Register(s.consumed)
+}
+
+// mustValidate panics when cfg does not validate, naming the constructor.
+func mustValidate(constructor string, cfg config.CreditsConfig) {
+	if err := cfg.Validate(); err != nil {
+		panic(fmt.Errorf("%s: %w", constructor, err))
+	}
 }
 
 func validateAmount(n int64) error {

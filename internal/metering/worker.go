@@ -25,7 +25,9 @@ import (
 	"github.com/tallybilling/tally/internal/text"
 )
 
-// WorkerOptions tunes a Worker; every zero field takes its default.
+// WorkerOptions tunes a Worker beyond its configuration: the clock, the
+// metrics and the timings that are not settings (tests shorten them). Every
+// zero field takes its default, set here and nowhere else.
 type WorkerOptions struct {
 	Logger *slog.Logger
 	// Now is the clock for due times and leases; default time.Now.
@@ -125,8 +127,13 @@ const (
 )
 
 // NewWorker returns a Worker sending through client with cfg's transport,
-// rate limit, batch size, backoff cap and poll interval.
+// rate limit, batch size, backoff cap and poll interval. cfg comes from
+// config, which holds their defaults: it panics when cfg does not validate
+// (a zero setting in a hand-built MeteringConfig is a programming error).
 func NewWorker(gdb *gorm.DB, client stripeapi.Client, cfg config.MeteringConfig, opts WorkerOptions) *Worker {
+	if err := cfg.Validate(); err != nil {
+		panic(fmt.Errorf("metering.NewWorker: %w", err))
+	}
 	if opts.Logger == nil {
 		opts.Logger = slog.New(slog.DiscardHandler)
 	}
@@ -142,16 +149,11 @@ func NewWorker(gdb *gorm.DB, client stripeapi.Client, cfg config.MeteringConfig,
 	if opts.Concurrency == 0 {
 		// Enough requests in flight to reach the rate limit at ~250ms per
 		// Stripe call, within bounds.
-		opts.Concurrency = min(max(int(math.Ceil(cmp.Or(cfg.RateLimit, 20)/4)), 8), 128)
+		opts.Concurrency = min(max(int(math.Ceil(cfg.RateLimit/4)), 8), 128)
 	}
 	opts.RateLimitPause = cmp.Or(opts.RateLimitPause, time.Second)
 	opts.AuthPause = cmp.Or(opts.AuthPause, time.Minute)
 	opts.HeartbeatInterval = cmp.Or(opts.HeartbeatInterval, defaultHeartbeatInterval)
-	cfg.BatchSize = cmp.Or(cfg.BatchSize, 100)
-	cfg.BackoffMax = cmp.Or(cfg.BackoffMax, 10*time.Minute)
-	cfg.PollInterval = cmp.Or(cfg.PollInterval, time.Second)
-	cfg.RateLimit = cmp.Or(cfg.RateLimit, 20)
-	cfg.Transport = cmp.Or(cfg.Transport, config.MeterTransportV1)
 	return &Worker{
 		db:      gdb,
 		client:  client,

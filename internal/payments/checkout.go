@@ -291,9 +291,6 @@ func (s *Service) createSession(ctx context.Context, in CheckoutInput, it item, 
 		// Every one-time payment, credit packs included (design/PRODUCT.md).
 		sin.InvoiceCreation = s.checkout.InvoiceCreation
 	}
-	if s.checkout.ExpiresAfter <= 0 {
-		sin.ExpiresAt = time.Time{}
-	}
 	cs, err := s.stripe.CreateCheckoutSession(ctx, sin)
 	if err != nil {
 		return createdSession{}, err

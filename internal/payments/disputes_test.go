@@ -87,8 +87,9 @@ func TestDisputeWonReturnsCreditsWithTheirExpiry(t *testing.T) {
 	now := time.Date(2026, 5, 1, 9, 0, 0, 0, time.UTC)
 	var mu sync.Mutex
 	clock := func() time.Time { mu.Lock(); defer mu.Unlock(); return now }
-	svc := payments.NewService(payments.Options{DB: gdb, Stripe: stripe, Catalog: cat, Logger: dbtest.Logger(t), Now: clock,
-		Checkout: config.CheckoutConfig{ExpiresAfter: time.Hour, ConfirmOn: config.ConfirmOnPaymentIntent}})
+	o := defaultOptions(gdb)
+	o.Stripe, o.Catalog, o.Logger, o.Now = stripe, cat, dbtest.Logger(t), clock
+	svc := payments.NewService(o)
 	wallet := credits.NewService(gdb, config.Default().Credits, clock, dbtest.Logger(t))
 	ctx := context.Background()
 	n := 0

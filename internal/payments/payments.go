@@ -160,8 +160,8 @@ type Options struct {
 	// default db.ReservationLease.
 	ReservationLease time.Duration
 
-	// RevokeFrom is where refunds and disputes take credits back from
-	// (config.RevokeFromBalance when empty).
+	// RevokeFrom is where refunds and disputes take credits back from:
+	// config.RevokeFromBalance or config.RevokeFromPurchaseGrant.
 	RevokeFrom string
 }
 
@@ -178,8 +178,17 @@ type Service struct {
 	revokeFrom       string
 }
 
-// NewService builds the Service.
+// NewService builds the Service. Checkout and RevokeFrom come from config,
+// which holds their defaults: it panics when they do not validate (a zero
+// setting in hand-built Options is a programming error).
 func NewService(o Options) *Service {
+	err := o.Checkout.Validate()
+	if o.RevokeFrom != config.RevokeFromBalance && o.RevokeFrom != config.RevokeFromPurchaseGrant {
+		err = errors.Join(err, fmt.Errorf("TALLY_REVOKE_FROM: %q is not balance or purchase_grant", o.RevokeFrom))
+	}
+	if err != nil {
+		panic(fmt.Errorf("payments.NewService: %w", err))
+	}
 	logger := o.Logger
 	if logger == nil {
 		logger = slog.New(slog.DiscardHandler)
@@ -188,20 +197,12 @@ func NewService(o Options) *Service {
 	if now == nil {
 		now = time.Now
 	}
-	checkout := o.Checkout
-	if checkout.ConfirmOn == "" {
-		checkout.ConfirmOn = config.ConfirmOnPaymentIntent
-	}
-	revokeFrom := o.RevokeFrom
-	if revokeFrom == "" {
-		revokeFrom = config.RevokeFromBalance
-	}
 	lease := o.ReservationLease
 	if lease <= 0 {
 		lease = db.ReservationLease
 	}
-	return &Service{db: o.DB, stripe: o.Stripe, catalog: o.Catalog, checkout: checkout, livemode: o.Livemode, logger: logger, now: now,
-		revokeFrom: revokeFrom, reservationLease: lease}
+	return &Service{db: o.DB, stripe: o.Stripe, catalog: o.Catalog, checkout: o.Checkout, livemode: o.Livemode, logger: logger, now: now,
+		revokeFrom: o.RevokeFrom, reservationLease: lease}
 }
 
 // row is the payments table as gorm scans it.

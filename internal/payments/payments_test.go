@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -43,14 +44,23 @@ func newServiceWith(t *testing.T, gdb *gorm.DB, stripe stripeapi.Client, catalog
 	if err != nil {
 		t.Fatal(err)
 	}
-	o := payments.Options{
-		DB: gdb, Stripe: stripe, Catalog: cat, Livemode: false, Logger: dbtest.Logger(t),
-		Checkout: config.CheckoutConfig{ExpiresAfter: time.Hour, ConfirmOn: config.ConfirmOnPaymentIntent, InvoiceCreation: true},
-	}
+	o := defaultOptions(gdb)
+	o.Stripe, o.Catalog, o.Logger = stripe, cat, dbtest.Logger(t)
+	o.Checkout.InvoiceCreation = true
 	if tweak != nil {
 		tweak(&o)
 	}
 	return payments.NewService(o)
+}
+
+// defaultOptions are the Options app.New passes on a default configuration
+// (config.Default), except that checkouts are not rate limited: tests start
+// many for one customer.
+func defaultOptions(gdb *gorm.DB) payments.Options {
+	cfg := config.Default()
+	o := payments.Options{DB: gdb, Checkout: cfg.Checkout, RevokeFrom: cfg.Credits.RevokeFrom}
+	o.Checkout.RateLimit = 0
+	return o
 }
 
 func fakeClient(t *testing.T) (*stripefake.Fake, stripeapi.Client) {
@@ -498,5 +508,31 @@ func TestStripeIDOfAnotherPaymentIsRejected(t *testing.T) {
 	p, err := svc.Get(ctx, second.PaymentID)
 	if err != nil || p.PaymentIntentID != "" || p.Status != payments.Pending {
 		t.Fatalf("second payment = %+v, %v; want pending without a PaymentIntent", p, err)
+	}
+}
+
+// Settings come from config, which holds every default: an unset checkout
+// setting or revoke source in hand-built Options is a programming error
+// that NewService refuses, naming it, rather than quietly choosing a value
+// of its own.
+func TestNewServiceRefusesUnsetSettings(t *testing.T) {
+	for name, tc := range map[string]struct {
+		tweak func(*payments.Options)
+		want  string
+	}{
+		"confirm on":  {func(o *payments.Options) { o.Checkout.ConfirmOn = "" }, "TALLY_CONFIRM_ON"},
+		"expiry":      {func(o *payments.Options) { o.Checkout.ExpiresAfter = 0 }, "TALLY_CHECKOUT_EXPIRES_AFTER"},
+		"revoke from": {func(o *payments.Options) { o.RevokeFrom = "" }, "TALLY_REVOKE_FROM"},
+	} {
+		t.Run(name, func(t *testing.T) {
+			o := defaultOptions(nil)
+			tc.tweak(&o)
+			defer func() {
+				if msg := fmt.Sprint(recover()); !strings.Contains(msg, tc.want) {
+					t.Fatalf("NewService panicked with %q, want the unset %s named", msg, tc.want)
+				}
+			}()
+			payments.NewService(o)
+		})
 	}
 }

@@ -146,9 +146,9 @@ func TestRefundsFromThePurchaseGrantOnly(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	svc := payments.NewService(payments.Options{DB: gdb, Stripe: stripe, Catalog: cat, Logger: dbtest.Logger(t),
-		Checkout:   config.CheckoutConfig{ExpiresAfter: time.Hour, ConfirmOn: config.ConfirmOnPaymentIntent},
-		RevokeFrom: config.RevokeFromPurchaseGrant})
+	o := defaultOptions(gdb)
+	o.Stripe, o.Catalog, o.Logger, o.RevokeFrom = stripe, cat, dbtest.Logger(t), config.RevokeFromPurchaseGrant
+	svc := payments.NewService(o)
 	w := newWallet(t, gdb)
 
 	res := paidPack(t, fake, svc, "joe", "pi_joe")
