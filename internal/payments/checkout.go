@@ -279,7 +279,7 @@ func (s *Service) createSession(ctx context.Context, in CheckoutInput, it item, 
 		SuccessURL:        in.SuccessURL,
 		CancelURL:         in.CancelURL,
 		ExpiresAt:         now.Add(s.checkout.ExpiresAfter),
-		Metadata:          map[string]string{"tally_item": in.Item},
+		Metadata:          map[string]string{stripeapi.MetadataItem: in.Item},
 		ClientReferenceID: paymentID,
 	}
 	switch it.kind {

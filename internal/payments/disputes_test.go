@@ -13,11 +13,12 @@ import (
 	"github.com/tallybilling/tally/internal/db"
 	"github.com/tallybilling/tally/internal/db/dbtest"
 	"github.com/tallybilling/tally/internal/payments"
+	"github.com/tallybilling/tally/internal/stripeapi"
 )
 
 func disputeOf(res payments.CheckoutResult, pi, id, status string, amount int64) payments.Dispute {
 	return payments.Dispute{ID: id, Charge: "ch_" + pi, PaymentIntent: pi, Amount: amount, Currency: "usd", Status: status,
-		Reason: "fraudulent", Metadata: map[string]string{"tally_payment_id": res.PaymentID}}
+		Reason: "fraudulent", Metadata: map[string]string{stripeapi.MetadataPaymentID: res.PaymentID}}
 }
 
 // Every stage of one chargeback delivered many times at once, under new and

@@ -133,10 +133,10 @@ func TestConfirmationGuardAcrossStrategies(t *testing.T) {
 	res := buy(t, byIntent, "racer", "starter", 2)
 	payAtStripe(t, fake, res, "pi_race")
 	pi := payments.PaymentIntent{ID: "pi_race", Amount: 2000, AmountReceived: 2000, Currency: "usd", Status: "succeeded",
-		Metadata: map[string]string{"tally_payment_id": res.PaymentID}}
+		Metadata: map[string]string{stripeapi.MetadataPaymentID: res.PaymentID}}
 	total := int64(2000)
 	cs := payments.CheckoutSession{ID: res.CheckoutSessionID, Mode: "payment", Status: "complete", PaymentStatus: "paid",
-		PaymentIntent: "pi_race", AmountSubtotal: &total, AmountTotal: &total, Currency: "usd", Metadata: map[string]string{"tally_payment_id": res.PaymentID}}
+		PaymentIntent: "pi_race", AmountSubtotal: &total, AmountTotal: &total, Currency: "usd", Metadata: map[string]string{stripeapi.MetadataPaymentID: res.PaymentID}}
 
 	var wg sync.WaitGroup
 	errc := make(chan error, 40)
@@ -187,7 +187,7 @@ func TestSecondPaymentIntentIsRejected(t *testing.T) {
 	ctx := context.Background()
 	res := buy(t, svc, "twice", "starter", 1)
 	payAtStripe(t, fake, res, "pi_a")
-	meta := map[string]string{"tally_payment_id": res.PaymentID}
+	meta := map[string]string{stripeapi.MetadataPaymentID: res.PaymentID}
 	ev := payments.EventRef{ID: "evt_a", Type: "payment_intent.succeeded"}
 	if err := svc.PaymentIntentSucceeded(ctx, ev, payments.PaymentIntent{ID: "pi_a", AmountReceived: 1000, Currency: "usd", Metadata: meta}); err != nil {
 		t.Fatal(err)
@@ -201,7 +201,7 @@ func TestSecondPaymentIntentIsRejected(t *testing.T) {
 	}
 	other := buy(t, svc, "someone-else", "starter", 1)
 	if err := svc.PaymentIntentSucceeded(ctx, payments.EventRef{ID: "evt_c", Type: ev.Type}, payments.PaymentIntent{ID: "pi_c", AmountReceived: 1000, Currency: "usd",
-		Metadata: map[string]string{"tally_payment_id": other.PaymentID, "tally_customer_id": "twice"}}); !payments.IsRejection(err) {
+		Metadata: map[string]string{stripeapi.MetadataPaymentID: other.PaymentID, stripeapi.MetadataCustomerID: "twice"}}); !payments.IsRejection(err) {
 		t.Fatalf("metadata naming another customer's payment: %v, want a rejection", err)
 	}
 	if err := svc.PaymentIntentSucceeded(ctx, ev, payments.PaymentIntent{ID: "pi_other", AmountReceived: 1000, Currency: "usd"}); err != payments.ErrNotOurs {
@@ -265,7 +265,7 @@ func TestCheckoutModes(t *testing.T) {
 	ctx := context.Background()
 	err := svc.CheckoutSessionCompleted(ctx, payments.EventRef{ID: "evt_sub", Type: "checkout.session.completed"}, payments.CheckoutSession{
 		ID: plan.CheckoutSessionID, Mode: "subscription", Status: "complete", PaymentStatus: "paid", Subscription: "sub_1",
-		Metadata: map[string]string{"tally_payment_id": plan.PaymentID}})
+		Metadata: map[string]string{stripeapi.MetadataPaymentID: plan.PaymentID}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -275,7 +275,7 @@ func TestCheckoutModes(t *testing.T) {
 	}
 
 	// Subscription status follows the newest event; an older one is ignored.
-	sub := payments.Subscription{ID: "sub_1", Customer: "cus_x", Status: "active", Metadata: map[string]string{"tally_customer_id": "sub-1", "tally_item": "api"}}
+	sub := payments.Subscription{ID: "sub_1", Customer: "cus_x", Status: "active", Metadata: map[string]string{stripeapi.MetadataCustomerID: "sub-1", stripeapi.MetadataItem: "api"}}
 	if err := svc.SubscriptionChanged(ctx, payments.EventRef{ID: "evt_s2", Created: 200}, sub); err != nil {
 		t.Fatal(err)
 	}
@@ -300,7 +300,7 @@ func TestVerifyPurchasesFindsBreaches(t *testing.T) {
 	payAtStripe(t, fake, paid, "pi_1")
 	unpaid := buy(t, svc, "audit", "starter", 1)
 	if err := svc.PaymentIntentSucceeded(ctx, payments.EventRef{ID: "evt_1", Type: "payment_intent.succeeded"},
-		payments.PaymentIntent{ID: "pi_1", AmountReceived: 1000, Currency: "usd", Metadata: map[string]string{"tally_payment_id": paid.PaymentID}}); err != nil {
+		payments.PaymentIntent{ID: "pi_1", AmountReceived: 1000, Currency: "usd", Metadata: map[string]string{stripeapi.MetadataPaymentID: paid.PaymentID}}); err != nil {
 		t.Fatal(err)
 	}
 	problems, checked, err := payments.VerifyPurchases(ctx, gdb)
@@ -346,7 +346,7 @@ func TestForeignPaymentIntentIsRejected(t *testing.T) {
 
 	paid := buy(t, svc, "victim", "starter", 1)
 	payAtStripe(t, fake, paid, "pi_victim")
-	meta := map[string]string{"tally_payment_id": paid.PaymentID}
+	meta := map[string]string{stripeapi.MetadataPaymentID: paid.PaymentID}
 	if err := svc.PaymentIntentSucceeded(ctx, payments.EventRef{ID: "evt_paid", Type: "payment_intent.succeeded"},
 		payments.PaymentIntent{ID: "pi_victim", AmountReceived: 1000, Currency: "usd", Metadata: meta}); err != nil {
 		t.Fatal(err)
@@ -381,7 +381,7 @@ func TestForeignPaymentIntentIsRejected(t *testing.T) {
 
 	// A pending payment whose PaymentIntent is known is not failed by another one's decline.
 	pending := buy(t, svc, "victim", "starter", 1)
-	pmeta := map[string]string{"tally_payment_id": pending.PaymentID}
+	pmeta := map[string]string{stripeapi.MetadataPaymentID: pending.PaymentID}
 	if err := svc.CheckoutSessionCompleted(ctx, payments.EventRef{ID: "evt_unpaid", Type: "checkout.session.completed"}, payments.CheckoutSession{
 		ID: pending.CheckoutSessionID, Mode: "payment", Status: "complete", PaymentStatus: "unpaid", PaymentIntent: "pi_pending", Metadata: pmeta}); err != nil {
 		t.Fatal(err)
@@ -422,7 +422,7 @@ func TestFailuresAreIdempotent(t *testing.T) {
 	svc := newService(t, gdb, stripe, config.ConfirmOnPaymentIntent)
 	ctx := context.Background()
 	res := buy(t, svc, "decliner", "starter", 1)
-	meta := map[string]string{"tally_payment_id": res.PaymentID}
+	meta := map[string]string{stripeapi.MetadataPaymentID: res.PaymentID}
 	pi := payments.PaymentIntent{ID: "pi_decline", Currency: "usd", LastError: "Your card was declined.", Metadata: meta}
 	for range 3 {
 		if err := svc.PaymentIntentFailed(ctx, payments.EventRef{ID: "evt_decline", Type: "payment_intent.payment_failed"}, pi); err != nil {
@@ -497,7 +497,7 @@ func TestStripeIDOfAnotherPaymentIsRejected(t *testing.T) {
 	completed := func(res payments.CheckoutResult, ev string) error {
 		return svc.CheckoutSessionCompleted(ctx, payments.EventRef{ID: ev, Type: "checkout.session.completed"}, payments.CheckoutSession{
 			ID: res.CheckoutSessionID, Mode: "payment", Status: "complete", PaymentStatus: "unpaid", PaymentIntent: "pi_shared",
-			Metadata: map[string]string{"tally_payment_id": res.PaymentID}})
+			Metadata: map[string]string{stripeapi.MetadataPaymentID: res.PaymentID}})
 	}
 	if err := completed(first, "evt_first"); err != nil {
 		t.Fatal(err)

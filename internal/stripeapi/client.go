@@ -323,7 +323,7 @@ func (c *client) CreateCustomer(ctx context.Context, in CustomerInput) (Customer
 		return Customer{}, errs.E(errs.Invalid, "stripeapi: a tally customer id is required")
 	}
 	params := &stripe.CustomerCreateParams{
-		Metadata: map[string]string{"tally_customer_id": in.TallyCustomerID},
+		Metadata: map[string]string{MetadataCustomerID: in.TallyCustomerID},
 	}
 	if in.Email != "" {
 		params.Email = stripe.String(in.Email)
@@ -379,8 +379,8 @@ func (c *client) CreateCheckoutSession(ctx context.Context, in CheckoutSessionIn
 	if metadata == nil {
 		metadata = map[string]string{}
 	}
-	metadata["tally_payment_id"] = in.PaymentID
-	metadata["tally_customer_id"] = in.TallyCustomerID
+	metadata[MetadataPaymentID] = in.PaymentID
+	metadata[MetadataCustomerID] = in.TallyCustomerID
 
 	item := &stripe.CheckoutSessionCreateLineItemParams{}
 	if in.LineItem.StripePrice != "" {
