@@ -159,7 +159,7 @@ func serve(ctx context.Context, args []string, env environment) error {
 	if err != nil {
 		return err
 	}
-	logger.Info("tally starting", "version", version, "addr", cfg.HTTPAddr, "livemode", cfg.Stripe.Livemode)
+	logger.Info("tally starting", "version", version, "addr", cfg.HTTPAddr, "livemode", cfg.Stripe.Livemode())
 	return a.Run(ctx)
 }
 

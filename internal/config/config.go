@@ -62,12 +62,16 @@ type StripeConfig struct {
 	APIURL         string
 	MeterEventsURL string
 	// WebhookSecrets are all accepted, so a secret can be rolled without downtime.
-	WebhookSecrets []string
-	// Livemode is derived from SecretKey; events whose livemode differs are parked.
-	Livemode            bool
+	WebhookSecrets      []string
 	WebhookMaxBodyBytes int64
 	EventMaxAttempts    int
 	EventRetryInterval  time.Duration
+}
+
+// Livemode reports whether SecretKey is a live key (sk_live_, rk_live_);
+// events whose livemode differs are parked. No key is test mode.
+func (s StripeConfig) Livemode() bool {
+	return hasAnyPrefix(s.SecretKey, "sk_live_", "rk_live_")
 }
 
 // Where refunds and disputes take credits back from (TALLY_REVOKE_FROM).
@@ -402,7 +406,6 @@ func Load(getenv func(string) string) (Config, error) {
 	p.str("TALLY_JWT_AUDIENCE", &c.JWT.Audience)
 
 	p.str("TALLY_STRIPE_SECRET_KEY", &c.Stripe.SecretKey)
-	c.Stripe.Livemode = strings.HasPrefix(c.Stripe.SecretKey, "sk_live_") || strings.HasPrefix(c.Stripe.SecretKey, "rk_live_")
 	p.str("TALLY_STRIPE_API_URL", &c.Stripe.APIURL)
 	p.str("TALLY_STRIPE_METER_EVENTS_URL", &c.Stripe.MeterEventsURL)
 	p.list("TALLY_STRIPE_WEBHOOK_SECRETS", &c.Stripe.WebhookSecrets)

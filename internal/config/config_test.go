@@ -59,7 +59,7 @@ func TestLoadDefaults(t *testing.T) {
 	if !reflect.DeepEqual(c, want) {
 		t.Fatalf("defaults:\n got %+v\nwant %+v", c, want)
 	}
-	if c.AutoMigrate || c.MetricsAddr != "" || c.Stripe.Livemode || len(c.APIKeys) != 0 || c.JWT.RS256PublicKey != nil {
+	if c.AutoMigrate || c.MetricsAddr != "" || c.Stripe.Livemode() || len(c.APIKeys) != 0 || c.JWT.RS256PublicKey != nil {
 		t.Fatalf("unexpected non-zero default: %+v", c)
 	}
 }
@@ -164,7 +164,7 @@ func TestLoadEveryVariable(t *testing.T) {
 		{"CORSOrigins", c.CORSOrigins, []string{"https://app.example.com", "http://localhost:3000"}},
 		{"TrustedProxies", c.TrustedProxies, []netip.Prefix{netip.MustParsePrefix("10.0.0.0/8"), netip.MustParsePrefix("192.168.1.7/32"), netip.MustParsePrefix("fd00::/8")}},
 		{"Stripe.SecretKey", c.Stripe.SecretKey, "sk_live_abc"},
-		{"Stripe.Livemode", c.Stripe.Livemode, true},
+		{"Stripe.Livemode", c.Stripe.Livemode(), true},
 		{"Stripe.APIURL", c.Stripe.APIURL, "http://127.0.0.1:12111"},
 		{"Stripe.MeterEventsURL", c.Stripe.MeterEventsURL, "http://127.0.0.1:12112"},
 		{"Stripe.WebhookSecrets", c.Stripe.WebhookSecrets, []string{"whsec_one", "whsec_two"}},
@@ -208,8 +208,12 @@ func TestLoadLivemodeFollowsKeyPrefix(t *testing.T) {
 		if err != nil {
 			t.Fatalf("key %q: %v", key, err)
 		}
-		if c.Stripe.Livemode != live {
-			t.Errorf("key %q: Livemode = %v, want %v", key, c.Stripe.Livemode, live)
+		if c.Stripe.Livemode() != live {
+			t.Errorf("key %q: Livemode() = %v, want %v", key, c.Stripe.Livemode(), live)
+		}
+		// The mode follows the key however the configuration was built.
+		if (StripeConfig{SecretKey: key}).Livemode() != live {
+			t.Errorf("hand-built with key %q: Livemode() = %v, want %v", key, !live, live)
 		}
 	}
 }
