@@ -170,6 +170,7 @@ func (w *Worker) backToWaiting(ctx context.Context, c *claim, evs []claimedEvent
 	}
 }
 
+// settledRow is a usage event as an outcome left it; NULL text scans as "".
 type settledRow struct {
 	Identifier string
 	CustomerID string
@@ -178,8 +179,8 @@ type settledRow struct {
 	OccurredAt time.Time
 	Status     string
 	Attempts   int
-	DeadCode   *string
-	LastError  *string
+	DeadCode   string
+	LastError  string
 }
 
 const settledColumns = `u.identifier, u.customer_id, u.meter, u.value, u.occurred_at, u.status, u.attempts,
@@ -250,8 +251,8 @@ func (w *Worker) settleRows(ctx context.Context, n int, update func(tx *gorm.DB)
 				"value":      r.Value,
 				"timestamp":  r.OccurredAt.UTC(),
 				"attempts":   r.Attempts,
-				"code":       deref(r.DeadCode),
-				"last_error": deref(r.LastError),
+				"code":       r.DeadCode,
+				"last_error": r.LastError,
 			}})
 			if err != nil {
 				return err
@@ -269,17 +270,10 @@ func (w *Worker) settleRows(ctx context.Context, n int, update func(tx *gorm.DB)
 		if r.Status == string(StatusDead) {
 			w.m.deliveries.WithLabelValues(resultDead).Inc()
 			w.log.Warn("usage event dead-lettered", "identifier", r.Identifier, "customer_id", r.CustomerID,
-				"code", deref(r.DeadCode), "attempts", r.Attempts, "error", deref(r.LastError))
+				"code", r.DeadCode, "attempts", r.Attempts, "error", r.LastError)
 		} else {
 			w.m.deliveries.WithLabelValues(resultRetry).Inc()
 		}
 	}
 	return nil
-}
-
-func deref(s *string) string {
-	if s == nil {
-		return ""
-	}
-	return *s
 }

@@ -205,7 +205,9 @@ func NewService(o Options) *Service {
 		revokeFrom: o.RevokeFrom, reservationLease: lease}
 }
 
-// row is the payments table as gorm scans it.
+// row is the payments table as gorm scans it. A NULL text column the
+// domain reads as empty scans as "" (gorm leaves the zero value); the
+// columns whose NULL means something else stay pointers.
 type row struct {
 	ID                           string
 	CustomerID                   string
@@ -222,27 +224,27 @@ type row struct {
 	CreditsExpireAfterSeconds    *int64
 	CreditsExpireAfterMonths     *int
 	Livemode                     bool
-	CheckoutSessionID            *string
-	PaymentIntentID              *string
-	InvoiceID                    *string
-	SubscriptionID               *string
-	StripeCustomerID             *string
-	CheckoutPaymentStatus        *string
+	CheckoutSessionID            string
+	PaymentIntentID              string
+	InvoiceID                    string
+	SubscriptionID               string
+	StripeCustomerID             string
+	CheckoutPaymentStatus        string
 	CheckoutCurrency             *string
 	CheckoutAmountSubtotal       *int64
 	CheckoutAmountTotal          *int64
 	CheckoutAmountTax            *int64
 	CheckoutSourceCurrency       *string
 	CheckoutSourceAmountSubtotal *int64
-	ReceivedCurrency             *string
-	FailureReason                *string
+	ReceivedCurrency             string
+	FailureReason                string
 	CreatedAt                    time.Time
 	UpdatedAt                    time.Time
 	SucceededAt                  *time.Time
 
 	CreditsRevoked      int64
 	AmountDisputed      int64
-	StatusBeforeDispute *string
+	StatusBeforeDispute string
 }
 
 const columns = `id, customer_id, item, item_kind, quantity, status, unit_amount, amount, currency,
@@ -253,23 +255,16 @@ const columns = `id, customer_id, item, item_kind, quantity, status, unit_amount
 	failure_reason, created_at, updated_at, succeeded_at,
 	credits_revoked, amount_disputed, status_before_dispute`
 
-func str(p *string) string {
-	if p == nil {
-		return ""
-	}
-	return *p
-}
-
 func (r row) payment() Payment {
 	p := Payment{
 		ID: r.ID, CustomerID: r.CustomerID, Item: r.Item, ItemKind: ItemKind(r.ItemKind), Quantity: r.Quantity,
 		Status: Status(r.Status), UnitAmount: r.UnitAmount, Amount: r.Amount, Currency: r.Currency,
 		AmountReceived: r.AmountReceived, AmountRefunded: r.AmountRefunded, Credits: r.Credits, Livemode: r.Livemode,
-		CheckoutSessionID: str(r.CheckoutSessionID), PaymentIntentID: str(r.PaymentIntentID),
-		InvoiceID: str(r.InvoiceID), SubscriptionID: str(r.SubscriptionID), StripeCustomerID: str(r.StripeCustomerID),
-		CheckoutPaymentStatus: str(r.CheckoutPaymentStatus), FailureReason: str(r.FailureReason),
+		CheckoutSessionID: r.CheckoutSessionID, PaymentIntentID: r.PaymentIntentID,
+		InvoiceID: r.InvoiceID, SubscriptionID: r.SubscriptionID, StripeCustomerID: r.StripeCustomerID,
+		CheckoutPaymentStatus: r.CheckoutPaymentStatus, FailureReason: r.FailureReason,
 		CreatedAt: r.CreatedAt, UpdatedAt: r.UpdatedAt, SucceededAt: r.SucceededAt,
-		CreditsRevoked: r.CreditsRevoked, AmountDisputed: r.AmountDisputed, StatusBeforeDispute: Status(str(r.StatusBeforeDispute)),
+		CreditsRevoked: r.CreditsRevoked, AmountDisputed: r.AmountDisputed, StatusBeforeDispute: Status(r.StatusBeforeDispute),
 	}
 	if r.CreditsExpireAfterSeconds != nil {
 		p.CreditsExpireAfter = time.Duration(*r.CreditsExpireAfterSeconds) * time.Second
@@ -286,7 +281,7 @@ func (r row) payment() Payment {
 			p.Checkout.SourceCurrency, p.Checkout.SourceAmountSubtotal = *r.CheckoutSourceCurrency, *r.CheckoutSourceAmountSubtotal
 		}
 	}
-	p.ReceivedCurrency = str(r.ReceivedCurrency)
+	p.ReceivedCurrency = r.ReceivedCurrency
 	return p
 }
 
@@ -335,13 +330,13 @@ func (s *Service) Get(ctx context.Context, id string) (Payment, error) {
 	if err != nil {
 		return Payment{}, err
 	}
-	type trow struct {
-		FromStatus      *string
+	type trow struct { // NULL text scans as ""
+		FromStatus      string
 		ToStatus        string
 		Applied         bool
-		StripeEventID   *string
-		StripeEventType *string
-		Reason          *string
+		StripeEventID   string
+		StripeEventType string
+		Reason          string
 		CreatedAt       time.Time
 	}
 	var trs []trow
@@ -353,9 +348,9 @@ func (s *Service) Get(ctx context.Context, id string) (Payment, error) {
 	p.Transitions = make([]Transition, 0, len(trs))
 	for _, t := range trs {
 		p.Transitions = append(p.Transitions, Transition{
-			From: Status(str(t.FromStatus)), To: Status(t.ToStatus), Applied: t.Applied,
-			StripeEventID: str(t.StripeEventID), StripeEventType: str(t.StripeEventType),
-			Reason: str(t.Reason), CreatedAt: t.CreatedAt,
+			From: Status(t.FromStatus), To: Status(t.ToStatus), Applied: t.Applied,
+			StripeEventID: t.StripeEventID, StripeEventType: t.StripeEventType,
+			Reason: t.Reason, CreatedAt: t.CreatedAt,
 		})
 	}
 	return p, nil
