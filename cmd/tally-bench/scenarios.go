@@ -11,6 +11,8 @@ import (
 	"time"
 
 	"github.com/stripe/stripe-go/v82"
+
+	"github.com/tallybilling/tally/internal/stripeapi"
 )
 
 // Grants are far larger than any run can spend, so a 402 during the load
@@ -229,8 +231,8 @@ func stripeEvent(id, eventType, customerID string, at time.Time) map[string]any 
 		"livemode":        false,
 		"created":         at.Unix(),
 		"metadata": map[string]any{
-			"tally_payment_id":  "pay_bench" + suffix,
-			"tally_customer_id": customerID,
+			stripeapi.MetadataPaymentID:  "pay_bench" + suffix,
+			stripeapi.MetadataCustomerID: customerID,
 		},
 	}, at)
 }

@@ -7,6 +7,8 @@ import (
 	"time"
 
 	"github.com/stripe/stripe-go/v82/webhook"
+
+	"github.com/tallybilling/tally/internal/stripeapi"
 )
 
 func TestStripeSignatureHasStripesFormat(t *testing.T) {
@@ -47,7 +49,7 @@ func TestSignedEventIsAcceptedByStripeGo(t *testing.T) {
 	if err := json.Unmarshal(evt.Data.Raw, &pi); err != nil {
 		t.Fatal(err)
 	}
-	if pi.ID != "pi_bench_run_3_7" || pi.Metadata["tally_payment_id"] != "pay_bench_run_3_7" || pi.Metadata["tally_customer_id"] != "bench-run-1" {
+	if pi.ID != "pi_bench_run_3_7" || pi.Metadata[stripeapi.MetadataPaymentID] != "pay_bench_run_3_7" || pi.Metadata[stripeapi.MetadataCustomerID] != "bench-run-1" {
 		t.Errorf("payment intent %+v: want ids derived from the event id and the customer in metadata", pi)
 	}
 

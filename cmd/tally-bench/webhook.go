@@ -17,6 +17,7 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/tallybilling/tally/internal/db"
+	"github.com/tallybilling/tally/internal/stripeapi"
 )
 
 // webhook-credited measures what the money path costs: Stripe confirming
@@ -366,7 +367,7 @@ func (c *creditRun) deliver(ctx context.Context, eventType string, payload []byt
 }
 
 func (p pendingPayment) metadata() map[string]string {
-	return map[string]string{"tally_payment_id": p.ID, "tally_customer_id": p.CustomerID, "tally_item": p.Item}
+	return map[string]string{stripeapi.MetadataPaymentID: p.ID, stripeapi.MetadataCustomerID: p.CustomerID, stripeapi.MetadataItem: p.Item}
 }
 
 // checkoutSession is the completed, paid session as Stripe sends it; it

@@ -13,6 +13,7 @@ import (
 	"github.com/tallybilling/tally/internal/app"
 	"github.com/tallybilling/tally/internal/db"
 	"github.com/tallybilling/tally/internal/db/dbtest"
+	"github.com/tallybilling/tally/internal/stripeapi"
 )
 
 func TestCreditStateJudge(t *testing.T) {
@@ -199,8 +200,8 @@ func TestCreditEventsCarryWhatTheValidationChainChecks(t *testing.T) {
 		if err := json.Unmarshal(evt.Data.Raw, &obj); err != nil {
 			t.Fatal(err)
 		}
-		if string(evt.Type) != c.typ || evt.Livemode || obj.Livemode || obj.Currency != "usd" || obj.Metadata["tally_payment_id"] != "pay_1" ||
-			obj.Metadata["tally_customer_id"] != "bench-x-1" {
+		if string(evt.Type) != c.typ || evt.Livemode || obj.Livemode || obj.Currency != "usd" || obj.Metadata[stripeapi.MetadataPaymentID] != "pay_1" ||
+			obj.Metadata[stripeapi.MetadataCustomerID] != "bench-x-1" {
 			t.Errorf("%s: event %+v object %+v", c.typ, evt, obj)
 		}
 		switch c.typ {

@@ -13,7 +13,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/tallybilling/tally/internal/config"
+	"github.com/tallybilling/tally/internal/catalog"
 	"github.com/tallybilling/tally/internal/stripeapi/stripefake"
 	"github.com/tallybilling/tally/pkg/client"
 )
@@ -438,7 +438,7 @@ func TestPackCreditsExpireAfterTwelveMonthsByDefault(t *testing.T) {
 			}
 			continue
 		}
-		year := config.Expiry{Months: 12}
+		year := catalog.Expiry{Months: 12}
 		earliest, latest := year.After(before.Add(-time.Second)), year.After(after.Add(time.Second))
 		if expires == nil || expires.Before(*earliest) || expires.After(*latest) {
 			t.Fatalf("%s: credits expire at %v, want 12 calendar months after the purchase (between %s and %s)", c.customer, expires, earliest, latest)

@@ -10,6 +10,7 @@ import (
 
 	"gorm.io/gorm"
 
+	"github.com/tallybilling/tally/internal/stripeapi"
 	"github.com/tallybilling/tally/internal/stripeapi/stripefake"
 	"github.com/tallybilling/tally/pkg/client"
 )
@@ -247,7 +248,7 @@ func TestDisputes(t *testing.T) {
 		pay := buyStarter(t, fake, s, "dp-foreign")
 		d := dispute(pay, "dp_foreign_1", "needs_response", starterAmount)
 		d["payment_intent"] = "pi_someone_else"
-		d["metadata"] = map[string]string{"tally_payment_id": pay}
+		d["metadata"] = map[string]string{stripeapi.MetadataPaymentID: pay}
 		id := newEventID()
 		deliver(t, s, stripeEvent(id, "charge.dispute.created", d))
 		if st, le := eventStatus(t, gdb, id); st != "parked" || !strings.Contains(le, "pi_someone_else") {

@@ -3,6 +3,7 @@
 package main
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
@@ -160,7 +161,7 @@ func serve(ctx context.Context, args []string, env environment) error {
 	if err != nil {
 		return err
 	}
-	logger.Info("tally starting", "version", version, "addr", cfg.HTTPAddr, "livemode", cfg.Stripe.Livemode)
+	logger.Info("tally starting", "version", version, "addr", cfg.HTTPAddr, "livemode", cfg.Stripe.Livemode())
 	return a.Run(ctx)
 }
 
@@ -183,15 +184,12 @@ func migrate(ctx context.Context, args []string, env environment) error {
 
 func healthcheck(ctx context.Context, args []string, env environment) error {
 	fs := newFlags("healthcheck", "GET /healthz on the local server; exit 0 when it answers 200.", env)
-	addr := fs.String("addr", "", "host:port to check (default: TALLY_HTTP_ADDR on 127.0.0.1)")
+	addr := fs.String("addr", "", "host:port to check (default: TALLY_HTTP_ADDR, or its default, on 127.0.0.1)")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
 	if *addr == "" {
-		*addr = env.getenv("TALLY_HTTP_ADDR")
-		if *addr == "" {
-			*addr = ":8080"
-		}
+		*addr = cmp.Or(env.getenv("TALLY_HTTP_ADDR"), config.Default().HTTPAddr)
 		if strings.HasPrefix(*addr, ":") {
 			*addr = "127.0.0.1" + *addr
 		}

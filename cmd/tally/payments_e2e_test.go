@@ -21,6 +21,7 @@ import (
 	"github.com/tallybilling/tally/internal/config"
 	"github.com/tallybilling/tally/internal/credits"
 	"github.com/tallybilling/tally/internal/db"
+	"github.com/tallybilling/tally/internal/stripeapi"
 	"github.com/tallybilling/tally/internal/stripeapi/stripefake"
 	"github.com/tallybilling/tally/internal/stripeapi/stripemock"
 	"github.com/tallybilling/tally/pkg/client"
@@ -130,7 +131,7 @@ func paymentIntent(paymentID, customer, status string, amount, received int64, c
 		"amount_received": received, "currency": currency, "livemode": false, "status": status,
 		"capture_method": "automatic", "confirmation_method": "automatic", "created": time.Now().Unix(),
 		"customer": "cus_test", "latest_charge": "ch_" + strings.TrimPrefix(paymentID, "pay_"),
-		"metadata":             map[string]string{"tally_payment_id": paymentID, "tally_customer_id": customer, "tally_item": "starter"},
+		"metadata":             map[string]string{stripeapi.MetadataPaymentID: paymentID, stripeapi.MetadataCustomerID: customer, stripeapi.MetadataItem: "starter"},
 		"payment_method_types": []string{"card"}, "last_payment_error": nil, "cancellation_reason": nil,
 	}
 	if status == "requires_payment_method" {
@@ -146,7 +147,7 @@ func checkoutSession(paymentID, customer, sessionID, status, paymentStatus strin
 		"payment_intent": piID(paymentID), "customer": "cus_test", "invoice": nil, "subscription": nil,
 		"client_reference_id": paymentID, "amount_total": amount, "amount_subtotal": amount, "currency": "usd",
 		"livemode": false, "expires_at": time.Now().Add(time.Hour).Unix(), "created": time.Now().Unix(),
-		"metadata": map[string]string{"tally_payment_id": paymentID, "tally_customer_id": customer, "tally_item": "starter"},
+		"metadata": map[string]string{stripeapi.MetadataPaymentID: paymentID, stripeapi.MetadataCustomerID: customer, stripeapi.MetadataItem: "starter"},
 		"url":      nil,
 	}
 }

@@ -125,7 +125,7 @@ func New(ctx context.Context, opts Options) (*App, error) {
 
 	paymentsSvc := payments.NewService(payments.Options{
 		DB: gdb, Stripe: stripeClient, Catalog: cfg.Catalog, Checkout: cfg.Checkout,
-		Livemode: cfg.Stripe.Livemode, RevokeFrom: cfg.Credits.RevokeFrom, Logger: logger, Now: now,
+		Livemode: cfg.Stripe.Livemode(), RevokeFrom: cfg.Credits.RevokeFrom, Logger: logger, Now: now,
 	})
 	stripeHook := stripehook.New(stripehook.Options{
 		DB: gdb, Payments: paymentsSvc, Secrets: cfg.Stripe.WebhookSecrets,

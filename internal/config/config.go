@@ -1,7 +1,8 @@
-// Package config turns the process environment and the catalog file into one
-// typed Config. Every setting has one name (see README / design/API.md), one
-// default and one validation rule, and Load reports every problem at once so
-// an operator fixes a broken deployment in one round trip.
+// Package config turns the process environment (and the catalog file it
+// names, read by internal/catalog) into one typed Config. Every setting has
+// one name (see README), one default and one validation rule, and Load
+// reports every problem at once so an operator fixes a broken deployment in
+// one round trip.
 package config
 
 import (
@@ -23,6 +24,8 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5/pgconn"
+
+	"github.com/tallybilling/tally/internal/catalog"
 )
 
 // Scope is what an API key may do.
@@ -59,12 +62,16 @@ type StripeConfig struct {
 	APIURL         string
 	MeterEventsURL string
 	// WebhookSecrets are all accepted, so a secret can be rolled without downtime.
-	WebhookSecrets []string
-	// Livemode is derived from SecretKey; events whose livemode differs are parked.
-	Livemode            bool
+	WebhookSecrets      []string
 	WebhookMaxBodyBytes int64
 	EventMaxAttempts    int
 	EventRetryInterval  time.Duration
+}
+
+// Livemode reports whether SecretKey is a live key (sk_live_, rk_live_);
+// events whose livemode differs are parked. No key is test mode.
+func (s StripeConfig) Livemode() bool {
+	return hasAnyPrefix(s.SecretKey, "sk_live_", "rk_live_")
 }
 
 // Where refunds and disputes take credits back from (TALLY_REVOKE_FROM).
@@ -192,7 +199,7 @@ type Config struct {
 	Metering      MeteringConfig
 	EventsWebhook EventsWebhook
 	Retention     RetentionConfig
-	Catalog       Catalog
+	Catalog       catalog.Catalog
 
 	// Obsolete names settings that are set but no longer have an effect,
 	// each with what replaced it; they are logged as warnings at start.
@@ -245,12 +252,10 @@ func Default() Config {
 // value leaves the default in place so Validate does not report it twice.
 type envParser struct {
 	getenv func(string) string
-	errs   []error
+	errs   problems
 }
 
-func (p *envParser) fail(name, format string, args ...any) {
-	p.errs = append(p.errs, fmt.Errorf("%s: %s", name, fmt.Sprintf(format, args...)))
-}
+func (p *envParser) fail(name, format string, args ...any) { p.errs.add(name, format, args...) }
 
 func (p *envParser) str(name string, dst *string) {
 	if v := strings.TrimSpace(p.getenv(name)); v != "" {
@@ -401,7 +406,6 @@ func Load(getenv func(string) string) (Config, error) {
 	p.str("TALLY_JWT_AUDIENCE", &c.JWT.Audience)
 
 	p.str("TALLY_STRIPE_SECRET_KEY", &c.Stripe.SecretKey)
-	c.Stripe.Livemode = strings.HasPrefix(c.Stripe.SecretKey, "sk_live_") || strings.HasPrefix(c.Stripe.SecretKey, "rk_live_")
 	p.str("TALLY_STRIPE_API_URL", &c.Stripe.APIURL)
 	p.str("TALLY_STRIPE_METER_EVENTS_URL", &c.Stripe.MeterEventsURL)
 	p.list("TALLY_STRIPE_WEBHOOK_SECRETS", &c.Stripe.WebhookSecrets)
@@ -440,7 +444,7 @@ func Load(getenv func(string) string) (Config, error) {
 	p.str("TALLY_EVENTS_WEBHOOK_SECRET", &c.EventsWebhook.Secret)
 
 	if c.CatalogFile != "" {
-		cat, err := LoadCatalog(c.CatalogFile)
+		cat, err := catalog.Load(c.CatalogFile)
 		if err != nil {
 			p.fail("TALLY_CATALOG_FILE", "%v", err)
 		} else {
@@ -544,142 +548,181 @@ func ParseRSAPublicKey(data []byte) (*rsa.PublicKey, error) {
 	return key, nil
 }
 
+// problems collects one error per bad setting, each naming its variable.
+type problems []error
+
+func (p *problems) add(name, format string, args ...any) {
+	*p = append(*p, fmt.Errorf("%s: %s", name, fmt.Sprintf(format, args...)))
+}
+
 // Validate checks every setting and returns one error per problem, joined.
 func (c Config) Validate() error {
-	var errs []error
-	bad := func(name, format string, args ...any) {
-		errs = append(errs, fmt.Errorf("%s: %s", name, fmt.Sprintf(format, args...)))
-	}
-
+	var p problems
 	if c.DatabaseURL == "" {
-		bad("TALLY_DATABASE_URL", "must be set")
+		p.add("TALLY_DATABASE_URL", "must be set")
 	} else if _, err := pgconn.ParseConfig(c.DatabaseURL); err != nil {
-		bad("TALLY_DATABASE_URL", "does not parse as a PostgreSQL URL: %v", err)
+		p.add("TALLY_DATABASE_URL", "does not parse as a PostgreSQL URL: %v", err)
 	}
 	if c.DBMaxOpenConns < 1 {
-		bad("TALLY_DB_MAX_OPEN_CONNS", "must be at least 1, got %d", c.DBMaxOpenConns)
+		p.add("TALLY_DB_MAX_OPEN_CONNS", "must be at least 1, got %d", c.DBMaxOpenConns)
 	}
 	if err := checkListenAddr(c.HTTPAddr); err != nil {
-		bad("TALLY_HTTP_ADDR", "%v", err)
+		p.add("TALLY_HTTP_ADDR", "%v", err)
 	}
 	if c.MetricsAddr != "" {
 		if err := checkListenAddr(c.MetricsAddr); err != nil {
-			bad("TALLY_METRICS_ADDR", "%v", err)
+			p.add("TALLY_METRICS_ADDR", "%v", err)
 		} else if c.MetricsAddr == c.HTTPAddr {
-			bad("TALLY_METRICS_ADDR", "must differ from TALLY_HTTP_ADDR (leave it empty to serve /metrics on the main listener)")
+			p.add("TALLY_METRICS_ADDR", "must differ from TALLY_HTTP_ADDR (leave it empty to serve /metrics on the main listener)")
 		}
 	}
-	for _, p := range c.TrustedProxies {
-		if !p.IsValid() {
-			bad("TALLY_TRUSTED_PROXIES", "%v is not a valid CIDR", p)
+	for _, prefix := range c.TrustedProxies {
+		if !prefix.IsValid() {
+			p.add("TALLY_TRUSTED_PROXIES", "%v is not a valid CIDR", prefix)
 		}
 	}
 	for _, o := range c.CORSOrigins {
 		if err := checkOrigin(o); err != nil {
-			bad("TALLY_CORS_ORIGINS", "%q: %v", o, err)
+			p.add("TALLY_CORS_ORIGINS", "%q: %v", o, err)
 		}
 	}
 	if c.MaxBodyBytes <= 0 {
-		bad("TALLY_MAX_BODY_BYTES", "must be positive, got %d", c.MaxBodyBytes)
+		p.add("TALLY_MAX_BODY_BYTES", "must be positive, got %d", c.MaxBodyBytes)
 	}
 	if c.ShutdownTimeout <= 0 {
-		bad("TALLY_SHUTDOWN_TIMEOUT", "must be positive, got %s", c.ShutdownTimeout)
+		p.add("TALLY_SHUTDOWN_TIMEOUT", "must be positive, got %s", c.ShutdownTimeout)
 	}
 
 	seen := make(map[[32]byte]bool, len(c.APIKeys))
 	for i, k := range c.APIKeys {
 		if k.Scope != ScopeService && k.Scope != ScopeAdmin {
-			bad("TALLY_API_KEYS", "entry %d: scope %q is not service or admin", i+1, k.Scope)
+			p.add("TALLY_API_KEYS", "entry %d: scope %q is not service or admin", i+1, k.Scope)
 		}
 		if seen[k.Hash] {
-			bad("TALLY_API_KEYS", "entry %d: the same key hash is listed twice", i+1)
+			p.add("TALLY_API_KEYS", "entry %d: the same key hash is listed twice", i+1)
 		}
 		seen[k.Hash] = true
 	}
 
 	if s := c.JWT.HS256Secret; s != nil && len(s) < 32 {
-		bad("TALLY_JWT_HS256_SECRET", "must be at least 32 bytes (RFC 7518 §3.2), got %d", len(s))
+		p.add("TALLY_JWT_HS256_SECRET", "must be at least 32 bytes (RFC 7518 §3.2), got %d", len(s))
 	}
 
-	if k := c.Stripe.SecretKey; k != "" && !hasAnyPrefix(k, "sk_test_", "sk_live_", "rk_test_", "rk_live_") {
-		bad("TALLY_STRIPE_SECRET_KEY", "must start with sk_test_, sk_live_, rk_test_ or rk_live_")
-	}
-	if u := c.Stripe.APIURL; u != "" {
-		if err := checkHTTPURL(u); err != nil {
-			bad("TALLY_STRIPE_API_URL", "%v", err)
-		}
-	}
-	if u := c.Stripe.MeterEventsURL; u != "" {
-		if err := checkHTTPURL(u); err != nil {
-			bad("TALLY_STRIPE_METER_EVENTS_URL", "%v", err)
-		}
-	}
-	for i, s := range c.Stripe.WebhookSecrets {
-		if !strings.HasPrefix(s, "whsec_") || len(s) == len("whsec_") {
-			bad("TALLY_STRIPE_WEBHOOK_SECRETS", "entry %d does not look like a Stripe signing secret (whsec_...)", i+1)
-		}
-	}
-	if c.Stripe.WebhookMaxBodyBytes <= 0 {
-		bad("TALLY_WEBHOOK_MAX_BODY_BYTES", "must be positive, got %d", c.Stripe.WebhookMaxBodyBytes)
-	}
-	if c.Stripe.EventMaxAttempts < 1 {
-		bad("TALLY_STRIPE_EVENT_MAX_ATTEMPTS", "must be at least 1, got %d", c.Stripe.EventMaxAttempts)
-	}
-	if c.Stripe.EventRetryInterval <= 0 {
-		bad("TALLY_STRIPE_EVENT_RETRY_INTERVAL", "must be positive, got %s", c.Stripe.EventRetryInterval)
-	}
-
-	if c.Credits.DefaultLowBalanceThreshold < 0 {
-		bad("TALLY_LOW_BALANCE_THRESHOLD", "must not be negative, got %d", c.Credits.DefaultLowBalanceThreshold)
-	}
-	if c.Credits.ExpiringNotice < 0 {
-		bad("TALLY_CREDITS_EXPIRING_NOTICE", "must not be negative, got %s", c.Credits.ExpiringNotice)
-	}
-	if c.Credits.SweepInterval <= 0 {
-		bad("TALLY_CREDITS_SWEEP_INTERVAL", "must be positive, got %s", c.Credits.SweepInterval)
-	}
-	if v := c.Credits.RevokeFrom; v != RevokeFromBalance && v != RevokeFromPurchaseGrant {
-		bad("TALLY_REVOKE_FROM", "%q is not balance or purchase_grant", v)
-	}
-
-	// Stripe refuses a Checkout Session expiring sooner than 30 minutes or
-	// later than 24 hours after creation.
-	if d := c.Checkout.ExpiresAfter; d < 30*time.Minute || d > 24*time.Hour {
-		bad("TALLY_CHECKOUT_EXPIRES_AFTER", "must be between 30m and 24h (Stripe's limits), got %s", d)
-	}
-	if c.Checkout.RateLimit < 0 {
-		bad("TALLY_CHECKOUT_RATE_LIMIT", "must not be negative (0 means no limit), got %d", c.Checkout.RateLimit)
-	}
-	if v := c.Checkout.ConfirmOn; v != ConfirmOnPaymentIntent && v != ConfirmOnCheckoutSession {
-		bad("TALLY_CONFIRM_ON", "%q is not payment_intent or checkout_session", v)
-	}
-
-	if v := c.Metering.Transport; v != MeterTransportV1 && v != MeterTransportV2 {
-		bad("TALLY_METER_TRANSPORT", "%q is not v1 or v2", v)
-	}
-	if r := c.Metering.RateLimit; !(r > 0) || math.IsInf(r, 0) {
-		bad("TALLY_METER_RATE_LIMIT", "must be a positive number, got %v", r)
-	}
-	if d := c.Metering.BackoffMax; d <= 0 || d > 24*time.Hour {
-		bad("TALLY_METER_BACKOFF_MAX", "must be positive and at most 24h, got %s", d)
-	}
-	if b := c.Metering.BatchSize; b < 1 || b > 1000 {
-		bad("TALLY_METER_BATCH_SIZE", "must be between 1 and 1000, got %d", b)
-	}
-	if c.Metering.PollInterval <= 0 {
-		bad("TALLY_METER_POLL_INTERVAL", "must be positive, got %s", c.Metering.PollInterval)
-	}
+	c.Stripe.check(&p)
+	c.Credits.check(&p)
+	c.Checkout.check(&p)
+	c.Metering.check(&p)
 
 	if u := c.EventsWebhook.URL; u != "" {
 		if err := checkHTTPURL(u); err != nil {
-			bad("TALLY_EVENTS_WEBHOOK_URL", "%v", err)
+			p.add("TALLY_EVENTS_WEBHOOK_URL", "%v", err)
 		}
 		if c.EventsWebhook.Secret == "" {
-			bad("TALLY_EVENTS_WEBHOOK_SECRET", "must be set when TALLY_EVENTS_WEBHOOK_URL is set, so the host app can verify pushes")
+			p.add("TALLY_EVENTS_WEBHOOK_SECRET", "must be set when TALLY_EVENTS_WEBHOOK_URL is set, so the host app can verify pushes")
 		}
 	}
 
-	r := c.Retention
+	c.Retention.check(&p)
+
+	if err := c.Catalog.Validate(); err != nil {
+		p.add("TALLY_CATALOG_FILE", "%v", err)
+	}
+	return errors.Join(p...)
+}
+
+func (s StripeConfig) check(p *problems) {
+	if k := s.SecretKey; k != "" && !hasAnyPrefix(k, "sk_test_", "sk_live_", "rk_test_", "rk_live_") {
+		p.add("TALLY_STRIPE_SECRET_KEY", "must start with sk_test_, sk_live_, rk_test_ or rk_live_")
+	}
+	if u := s.APIURL; u != "" {
+		if err := checkHTTPURL(u); err != nil {
+			p.add("TALLY_STRIPE_API_URL", "%v", err)
+		}
+	}
+	if u := s.MeterEventsURL; u != "" {
+		if err := checkHTTPURL(u); err != nil {
+			p.add("TALLY_STRIPE_METER_EVENTS_URL", "%v", err)
+		}
+	}
+	for i, secret := range s.WebhookSecrets {
+		if !strings.HasPrefix(secret, "whsec_") || len(secret) == len("whsec_") {
+			p.add("TALLY_STRIPE_WEBHOOK_SECRETS", "entry %d does not look like a Stripe signing secret (whsec_...)", i+1)
+		}
+	}
+	if s.WebhookMaxBodyBytes <= 0 {
+		p.add("TALLY_WEBHOOK_MAX_BODY_BYTES", "must be positive, got %d", s.WebhookMaxBodyBytes)
+	}
+	if s.EventMaxAttempts < 1 {
+		p.add("TALLY_STRIPE_EVENT_MAX_ATTEMPTS", "must be at least 1, got %d", s.EventMaxAttempts)
+	}
+	if s.EventRetryInterval <= 0 {
+		p.add("TALLY_STRIPE_EVENT_RETRY_INTERVAL", "must be positive, got %s", s.EventRetryInterval)
+	}
+}
+
+// Validate checks the credits settings as Config.Validate does. The
+// services built from them call it: a zero setting in a hand-built
+// CreditsConfig is a programming error, not a second default.
+func (c CreditsConfig) Validate() error { return validated(c.check) }
+
+func (c CreditsConfig) check(p *problems) {
+	if c.DefaultLowBalanceThreshold < 0 {
+		p.add("TALLY_LOW_BALANCE_THRESHOLD", "must not be negative, got %d", c.DefaultLowBalanceThreshold)
+	}
+	if c.ExpiringNotice < 0 {
+		p.add("TALLY_CREDITS_EXPIRING_NOTICE", "must not be negative, got %s", c.ExpiringNotice)
+	}
+	if c.SweepInterval <= 0 {
+		p.add("TALLY_CREDITS_SWEEP_INTERVAL", "must be positive, got %s", c.SweepInterval)
+	}
+	if v := c.RevokeFrom; v != RevokeFromBalance && v != RevokeFromPurchaseGrant {
+		p.add("TALLY_REVOKE_FROM", "%q is not balance or purchase_grant", v)
+	}
+}
+
+// Validate checks the checkout settings as Config.Validate does. The
+// services built from them call it: a zero setting in a hand-built
+// CheckoutConfig is a programming error, not a second default.
+func (c CheckoutConfig) Validate() error { return validated(c.check) }
+
+func (c CheckoutConfig) check(p *problems) {
+	// Stripe refuses a Checkout Session expiring sooner than 30 minutes or
+	// later than 24 hours after creation.
+	if d := c.ExpiresAfter; d < 30*time.Minute || d > 24*time.Hour {
+		p.add("TALLY_CHECKOUT_EXPIRES_AFTER", "must be between 30m and 24h (Stripe's limits), got %s", d)
+	}
+	if c.RateLimit < 0 {
+		p.add("TALLY_CHECKOUT_RATE_LIMIT", "must not be negative (0 means no limit), got %d", c.RateLimit)
+	}
+	if v := c.ConfirmOn; v != ConfirmOnPaymentIntent && v != ConfirmOnCheckoutSession {
+		p.add("TALLY_CONFIRM_ON", "%q is not payment_intent or checkout_session", v)
+	}
+}
+
+// Validate checks the usage delivery settings as Config.Validate does. The
+// worker built from them calls it: a zero setting in a hand-built
+// MeteringConfig is a programming error, not a second default.
+func (m MeteringConfig) Validate() error { return validated(m.check) }
+
+func (m MeteringConfig) check(p *problems) {
+	if v := m.Transport; v != MeterTransportV1 && v != MeterTransportV2 {
+		p.add("TALLY_METER_TRANSPORT", "%q is not v1 or v2", v)
+	}
+	if r := m.RateLimit; !(r > 0) || math.IsInf(r, 0) {
+		p.add("TALLY_METER_RATE_LIMIT", "must be a positive number, got %v", r)
+	}
+	if d := m.BackoffMax; d <= 0 || d > 24*time.Hour {
+		p.add("TALLY_METER_BACKOFF_MAX", "must be positive and at most 24h, got %s", d)
+	}
+	if b := m.BatchSize; b < 1 || b > 1000 {
+		p.add("TALLY_METER_BATCH_SIZE", "must be between 1 and 1000, got %d", b)
+	}
+	if m.PollInterval <= 0 {
+		p.add("TALLY_METER_POLL_INTERVAL", "must be positive, got %s", m.PollInterval)
+	}
+}
+
+func (r RetentionConfig) check(p *problems) {
 	for _, k := range []struct {
 		name     string
 		got, min time.Duration
@@ -691,20 +734,22 @@ func (c Config) Validate() error {
 		{"TALLY_RETENTION_IDEMPOTENCY_KEYS", r.IdempotencyKeys, MinIdempotencyKeyRetention, "a key's first answer is replayed for 24 hours"},
 	} {
 		if k.got < k.min {
-			bad(k.name, "must be at least %s (%s), got %s", k.min, k.why, k.got)
+			p.add(k.name, "must be at least %s (%s), got %s", k.min, k.why, k.got)
 		}
 	}
 	if r.Interval <= 0 {
-		bad("TALLY_RETENTION_INTERVAL", "must be positive, got %s", r.Interval)
+		p.add("TALLY_RETENTION_INTERVAL", "must be positive, got %s", r.Interval)
 	}
 	if r.BatchSize < 1 || r.BatchSize > 10000 {
-		bad("TALLY_RETENTION_BATCH_SIZE", "must be between 1 and 10000, got %d", r.BatchSize)
+		p.add("TALLY_RETENTION_BATCH_SIZE", "must be between 1 and 10000, got %d", r.BatchSize)
 	}
+}
 
-	if err := c.Catalog.Validate(); err != nil {
-		bad("TALLY_CATALOG_FILE", "%v", err)
-	}
-	return errors.Join(errs...)
+// validated runs one section's checks and joins what they found.
+func validated(check func(*problems)) error {
+	var p problems
+	check(&p)
+	return errors.Join(p...)
 }
 
 func hasAnyPrefix(s string, prefixes ...string) bool {

@@ -15,7 +15,19 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/tallybilling/tally/internal/catalog"
 )
+
+// testCatalog is a small valid catalog file; internal/catalog tests the
+// format itself.
+const testCatalog = `
+redirect_url_prefixes: ["https://app.example.com/"]
+credit_packs:
+  - {id: starter, name: Starter pack, amount: 1000, currency: usd, credits: 1000}
+plans:
+  - {id: api, name: API usage, stripe_price: price_123, meter: api_calls, stripe_meter_id: mtr_123}
+`
 
 func envOf(m map[string]string) func(string) string {
 	return func(k string) string { return m[k] }
@@ -47,7 +59,7 @@ func TestLoadDefaults(t *testing.T) {
 	if !reflect.DeepEqual(c, want) {
 		t.Fatalf("defaults:\n got %+v\nwant %+v", c, want)
 	}
-	if c.AutoMigrate || c.MetricsAddr != "" || c.Stripe.Livemode || len(c.APIKeys) != 0 || c.JWT.RS256PublicKey != nil {
+	if c.AutoMigrate || c.MetricsAddr != "" || c.Stripe.Livemode() || len(c.APIKeys) != 0 || c.JWT.RS256PublicKey != nil {
 		t.Fatalf("unexpected non-zero default: %+v", c)
 	}
 }
@@ -73,7 +85,7 @@ func TestLoadEveryVariable(t *testing.T) {
 	dir := t.TempDir()
 	rsaKey, rsaPath := writeRSAPublicKey(t, dir)
 	catPath := filepath.Join(dir, "catalog.yaml")
-	if err := os.WriteFile(catPath, []byte(goodCatalog), 0o600); err != nil {
+	if err := os.WriteFile(catPath, []byte(testCatalog), 0o600); err != nil {
 		t.Fatal(err)
 	}
 	serviceHash := sha256.Sum256([]byte("svc-key"))
@@ -130,7 +142,7 @@ func TestLoadEveryVariable(t *testing.T) {
 	if err != nil {
 		t.Fatalf("Load: %v", err)
 	}
-	wantCatalog, err := ParseCatalog([]byte(goodCatalog))
+	wantCatalog, err := catalog.Parse([]byte(testCatalog))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -152,7 +164,7 @@ func TestLoadEveryVariable(t *testing.T) {
 		{"CORSOrigins", c.CORSOrigins, []string{"https://app.example.com", "http://localhost:3000"}},
 		{"TrustedProxies", c.TrustedProxies, []netip.Prefix{netip.MustParsePrefix("10.0.0.0/8"), netip.MustParsePrefix("192.168.1.7/32"), netip.MustParsePrefix("fd00::/8")}},
 		{"Stripe.SecretKey", c.Stripe.SecretKey, "sk_live_abc"},
-		{"Stripe.Livemode", c.Stripe.Livemode, true},
+		{"Stripe.Livemode", c.Stripe.Livemode(), true},
 		{"Stripe.APIURL", c.Stripe.APIURL, "http://127.0.0.1:12111"},
 		{"Stripe.MeterEventsURL", c.Stripe.MeterEventsURL, "http://127.0.0.1:12112"},
 		{"Stripe.WebhookSecrets", c.Stripe.WebhookSecrets, []string{"whsec_one", "whsec_two"}},
@@ -196,8 +208,12 @@ func TestLoadLivemodeFollowsKeyPrefix(t *testing.T) {
 		if err != nil {
 			t.Fatalf("key %q: %v", key, err)
 		}
-		if c.Stripe.Livemode != live {
-			t.Errorf("key %q: Livemode = %v, want %v", key, c.Stripe.Livemode, live)
+		if c.Stripe.Livemode() != live {
+			t.Errorf("key %q: Livemode() = %v, want %v", key, c.Stripe.Livemode(), live)
+		}
+		// The mode follows the key however the configuration was built.
+		if (StripeConfig{SecretKey: key}).Livemode() != live {
+			t.Errorf("hand-built with key %q: Livemode() = %v, want %v", key, !live, live)
 		}
 	}
 }
@@ -386,5 +402,42 @@ func TestLoadNamesObsoleteSettings(t *testing.T) {
 	}
 	if c, _ := Load(envOf(nil)); len(c.Obsolete) != 0 {
 		t.Errorf("Obsolete of an empty environment = %q", c.Obsolete)
+	}
+}
+
+// The sections constructors take are checked by the same rules as Load
+// checks them: the defaults pass, and a zero section names every setting
+// it leaves unset.
+func TestSectionsValidateByTheRulesOfLoad(t *testing.T) {
+	d := Default()
+	for name, err := range map[string]error{
+		"Credits": d.Credits.Validate(), "Checkout": d.Checkout.Validate(), "Metering": d.Metering.Validate(),
+	} {
+		if err != nil {
+			t.Errorf("Default().%s does not validate: %v", name, err)
+		}
+	}
+	for name, tc := range map[string]struct {
+		err  error
+		want []string
+	}{
+		"Credits":  {CreditsConfig{}.Validate(), []string{"TALLY_CREDITS_SWEEP_INTERVAL", "TALLY_REVOKE_FROM"}},
+		"Checkout": {CheckoutConfig{}.Validate(), []string{"TALLY_CHECKOUT_EXPIRES_AFTER", "TALLY_CONFIRM_ON"}},
+		"Metering": {MeteringConfig{}.Validate(), []string{"TALLY_METER_TRANSPORT", "TALLY_METER_RATE_LIMIT",
+			"TALLY_METER_BACKOFF_MAX", "TALLY_METER_BATCH_SIZE", "TALLY_METER_POLL_INTERVAL"}},
+	} {
+		if tc.err == nil {
+			t.Errorf("a zero %sConfig validates", name)
+			continue
+		}
+		msg := tc.err.Error()
+		for _, want := range tc.want {
+			if !strings.Contains(msg, want) {
+				t.Errorf("a zero %sConfig: %q does not name %s", name, msg, want)
+			}
+		}
+		if n := len(strings.Split(msg, "\n")); n != len(tc.want) {
+			t.Errorf("a zero %sConfig: %d problems, want %d:\n%s", name, n, len(tc.want), msg)
+		}
 	}
 }

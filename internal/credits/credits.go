@@ -10,6 +10,7 @@
 package credits
 
 import (
+	"fmt"
 	"log/slog"
 	"strconv"
 	"time"
@@ -18,6 +19,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"gorm.io/gorm"
 
+	"github.com/tallybilling/tally/internal/catalog"
 	"github.com/tallybilling/tally/internal/config"
 	"github.com/tallybilling/tally/internal/customers"
 	"github.com/tallybilling/tally/internal/errs"
@@ -25,14 +27,14 @@ import (
 )
 
 // Limits on inputs (openapi.yaml: ConsumeRequest, GrantRequest, Metadata).
+// The amount of one grant, consume or revoke is bounded by
+// catalog.MaxCreditsPerMove, which also bounds what a credit pack carries.
 const (
-	MaxAmount          = config.MaxCredits
-	MaxReasonLen       = 255
-	MaxMetadataKeys    = 50
-	MaxMetadataKeyLen  = 40
-	MaxMetadataValLen  = 500
-	defaultLedgerLimit = 50
-	maxLedgerLimit     = 500
+	MaxReasonLen      = 255
+	MaxMetadataKeys   = 50
+	MaxMetadataKeyLen = 40
+	MaxMetadataValLen = 500
+	maxLedgerLimit    = 500
 )
 
 // Source says where a grant's credits came from.
@@ -208,8 +210,11 @@ type Service struct {
 	consumed prometheus.Counter
 }
 
-// NewService returns a Service over gdb; now is the clock.
+// NewService returns a Service over gdb; now is the clock. cfg comes from
+// config, which holds its defaults: it panics when cfg does not validate (a
+// zero setting in a hand-built CreditsConfig is a programming error).
 func NewService(gdb *gorm.DB, cfg config.CreditsConfig, now func() time.Time, logger *slog.Logger) *Service {
+	mustValidate("credits.NewService", cfg)
 	return &Service{
 		db: gdb, cfg: cfg, now: now, logger: logger,
 		consumed: prometheus.NewCounter(prometheus.CounterOpts{
@@ -224,9 +229,16 @@ func (s *Service) RegisterMetrics(reg prometheus.Registerer) error {
 	return reg.Register(s.consumed)
 }
 
+// mustValidate panics when cfg does not validate, naming the constructor.
+func mustValidate(constructor string, cfg config.CreditsConfig) {
+	if err := cfg.Validate(); err != nil {
+		panic(fmt.Errorf("%s: %w", constructor, err))
+	}
+}
+
 func validateAmount(n int64) error {
-	if n < 1 || n > MaxAmount {
-		return errs.InvalidField("/amount", "amount must be a whole number from 1 to 1000000000000")
+	if n < 1 || n > catalog.MaxCreditsPerMove {
+		return errs.InvalidField("/amount", fmt.Sprintf("amount must be a whole number from 1 to %d", int64(catalog.MaxCreditsPerMove)))
 	}
 	return nil
 }

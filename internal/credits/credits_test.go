@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -61,9 +62,8 @@ func newFixture(t *testing.T, cfg config.CreditsConfig) *fixture {
 	}
 }
 
-func defaultCfg() config.CreditsConfig {
-	return config.CreditsConfig{ExpiringNotice: 7 * 24 * time.Hour, SweepInterval: time.Minute}
-}
+// defaultCfg is the default credits configuration (config.Default).
+func defaultCfg() config.CreditsConfig { return config.Default().Credits }
 
 func key(customerID, k string, body any) db.IdempotencyKey {
 	b, _ := json.Marshal(body)
@@ -355,7 +355,9 @@ func TestLowBalanceNoticeFiresWhenExpiryCrossesTheThreshold(t *testing.T) {
 }
 
 func TestExpiringNoticeFiresOncePerGrant(t *testing.T) {
-	f := newFixture(t, defaultCfg()) // notice 7 days ahead
+	cfg := defaultCfg()
+	cfg.ExpiringNotice = 7 * 24 * time.Hour
+	f := newFixture(t, cfg)
 	start := f.clock.Now()
 	soon := f.grant("fay", 10, ptr(start.Add(10*24*time.Hour)))
 	f.grant("fay", 10, ptr(start.Add(30*24*time.Hour)))
@@ -686,6 +688,13 @@ func TestLedgerPagesNewestFirst(t *testing.T) {
 	if _, err := f.svc.Ledger(f.ctx, "ned", "not-a-cursor", 3); !errs.Is(err, errs.Invalid) {
 		t.Fatalf("bad cursor: %v", err)
 	}
+	// The page size a request leaves out is the API's default (one place,
+	// in httpapi); the wallet takes only a size, as the other lists do.
+	for _, limit := range []int{0, 501} {
+		if _, err := f.svc.Ledger(f.ctx, "ned", "", limit); !errs.Is(err, errs.Invalid) {
+			t.Fatalf("limit %d: %v, want invalid_request", limit, err)
+		}
+	}
 }
 
 func TestVerifyDetectsATamperedBalance(t *testing.T) {
@@ -743,5 +752,26 @@ func TestVerifyRunsExtraCheckersInTheSameSnapshot(t *testing.T) {
 	}
 	if rep.OK || rep.PaymentsChecked != 4 || rep.CustomersChecked != 1 || len(rep.Problems) != 1 || rep.Problems[0].Detail != "1" {
 		t.Fatalf("report %+v", rep)
+	}
+}
+
+// Settings come from config, which holds every default: a zero setting in a
+// hand-built CreditsConfig is a programming error that the constructors
+// refuse, naming it, rather than quietly choosing a value of their own.
+func TestConstructorsRefuseUnsetSettings(t *testing.T) {
+	for name, build := range map[string]func(config.CreditsConfig){
+		"NewService": func(cfg config.CreditsConfig) { credits.NewService(nil, cfg, time.Now, nil) },
+		"NewSweeper": func(cfg config.CreditsConfig) { credits.NewSweeper(nil, cfg, time.Now, nil) },
+	} {
+		t.Run(name, func(t *testing.T) {
+			cfg := defaultCfg()
+			cfg.SweepInterval = 0
+			defer func() {
+				if msg := fmt.Sprint(recover()); !strings.Contains(msg, "TALLY_CREDITS_SWEEP_INTERVAL") {
+					t.Fatalf("%s panicked with %q, want the unset TALLY_CREDITS_SWEEP_INTERVAL named", name, msg)
+				}
+			}()
+			build(cfg)
+		})
 	}
 }

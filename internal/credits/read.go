@@ -74,16 +74,13 @@ func (s *Service) Balance(ctx context.Context, customerID string) (Balance, erro
 }
 
 // Ledger returns a page of the customer's ledger, newest first, starting
-// after cursor ("" for the newest entry); limit 0 means 50.
+// after cursor ("" for the newest entry), limit (1..500) at a time.
 //
 // Errors: errs.Invalid for a malformed cursor or a limit outside 1..500,
 // errs.NotFound for an unknown customer, errs.Unavailable.
 func (s *Service) Ledger(ctx context.Context, customerID, cursor string, limit int) (LedgerPage, error) {
 	if err := customers.ValidateID(customerID); err != nil {
 		return LedgerPage{}, err
-	}
-	if limit == 0 {
-		limit = defaultLedgerLimit
 	}
 	if limit < 1 || limit > maxLedgerLimit {
 		return LedgerPage{}, errs.InvalidField("limit", "limit must be between 1 and 500")

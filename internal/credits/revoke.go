@@ -9,6 +9,7 @@ import (
 
 	"gorm.io/gorm"
 
+	"github.com/tallybilling/tally/internal/catalog"
 	"github.com/tallybilling/tally/internal/config"
 	"github.com/tallybilling/tally/internal/db"
 	"github.com/tallybilling/tally/internal/errs"
@@ -57,8 +58,8 @@ type RevokeResult struct {
 //
 // Errors: errs.Invalid for bad input; errs.Unavailable.
 func Revoke(ctx context.Context, tx *gorm.DB, clock func() time.Time, in RevokeInput) (RevokeResult, error) {
-	if in.Credits < 1 || in.Credits > MaxAmount {
-		return RevokeResult{}, errs.InvalidField("/credits", "a revoke takes 1 to 1000000000000 credits")
+	if in.Credits < 1 || in.Credits > catalog.MaxCreditsPerMove {
+		return RevokeResult{}, errs.InvalidField("/credits", fmt.Sprintf("a revoke takes 1 to %d credits", int64(catalog.MaxCreditsPerMove)))
 	}
 	if in.From != config.RevokeFromBalance && in.From != config.RevokeFromPurchaseGrant {
 		return RevokeResult{}, errs.InvalidField("/from", "a revoke takes from balance or purchase_grant")

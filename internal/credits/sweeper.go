@@ -29,8 +29,10 @@ type Sweeper struct {
 	logger *slog.Logger
 }
 
-// NewSweeper returns the worker; now is the clock.
+// NewSweeper returns the worker; now is the clock. It panics when cfg does
+// not validate, as NewService does.
 func NewSweeper(gdb *gorm.DB, cfg config.CreditsConfig, now func() time.Time, logger *slog.Logger) *Sweeper {
+	mustValidate("credits.NewSweeper", cfg)
 	return &Sweeper{db: gdb, cfg: cfg, now: now, logger: logger}
 }
 
@@ -40,11 +42,7 @@ func (w *Sweeper) Name() string { return "credits-sweeper" }
 // Run sweeps every cfg.SweepInterval until ctx ends; a failed round is
 // logged and retried at the next tick. It returns ctx's error.
 func (w *Sweeper) Run(ctx context.Context) error {
-	interval := w.cfg.SweepInterval
-	if interval <= 0 {
-		interval = time.Minute
-	}
-	t := time.NewTicker(interval)
+	t := time.NewTicker(w.cfg.SweepInterval)
 	defer t.Stop()
 	for {
 		if n, err := w.SweepOnce(ctx); err != nil {

@@ -9,7 +9,7 @@ import (
 	"time"
 
 	"github.com/tallybilling/tally/api"
-	"github.com/tallybilling/tally/internal/config"
+	"github.com/tallybilling/tally/internal/catalog"
 	"github.com/tallybilling/tally/internal/credits"
 	"github.com/tallybilling/tally/internal/customers"
 	"github.com/tallybilling/tally/internal/events"
@@ -57,7 +57,7 @@ func fromAPIUpsert(id string, b *api.CustomerUpsert) customers.UpsertInput {
 	return in
 }
 
-func toAPICatalog(c config.Catalog) api.Catalog {
+func toAPICatalog(c catalog.Catalog) api.Catalog {
 	out := api.Catalog{CreditPacks: []api.CreditPack{}, Products: []api.Product{}, Plans: []api.Plan{}}
 	for _, p := range c.CreditPacks {
 		pack := api.CreditPack{Id: p.ID, Name: p.Name, Amount: p.Amount, Currency: p.Currency, Credits: p.Credits}

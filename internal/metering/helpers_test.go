@@ -10,6 +10,7 @@ import (
 
 	"gorm.io/gorm"
 
+	"github.com/tallybilling/tally/internal/catalog"
 	"github.com/tallybilling/tally/internal/config"
 	"github.com/tallybilling/tally/internal/customers"
 	"github.com/tallybilling/tally/internal/db"
@@ -26,8 +27,8 @@ const (
 	otherID     = "mtr_storage"
 )
 
-func testCatalog() config.Catalog {
-	return config.Catalog{Plans: []config.Plan{
+func testCatalog() catalog.Catalog {
+	return catalog.Catalog{Plans: []catalog.Plan{
 		{ID: "api", Name: "API usage", StripePrice: "price_api", Meter: testMeter, StripeMeterID: testMeterID},
 		{ID: "storage", Name: "Storage", StripePrice: "price_storage", Meter: otherMeter, StripeMeterID: otherID},
 	}}
@@ -60,15 +61,15 @@ func newClient(t *testing.T, fake *stripefake.Fake, timeout time.Duration) strip
 	return c
 }
 
-// fastConfig delivers quickly: short polls, a generous rate limit.
+// fastConfig is the default delivery configuration (config.Default) made
+// quick: short polls and backoff, a generous rate limit, larger batches.
 func fastConfig() config.MeteringConfig {
-	return config.MeteringConfig{
-		Transport:    config.MeterTransportV1,
-		RateLimit:    2000,
-		BackoffMax:   100 * time.Millisecond,
-		BatchSize:    200,
-		PollInterval: 10 * time.Millisecond,
-	}
+	cfg := config.Default().Metering
+	cfg.RateLimit = 2000
+	cfg.BackoffMax = 100 * time.Millisecond
+	cfg.BatchSize = 200
+	cfg.PollInterval = 10 * time.Millisecond
+	return cfg
 }
 
 func fastOptions(t *testing.T) metering.WorkerOptions {

@@ -14,7 +14,7 @@ import (
 
 	"gorm.io/gorm"
 
-	"github.com/tallybilling/tally/internal/config"
+	"github.com/tallybilling/tally/internal/catalog"
 	"github.com/tallybilling/tally/internal/customers"
 	"github.com/tallybilling/tally/internal/db"
 	"github.com/tallybilling/tally/internal/errs"
@@ -74,12 +74,12 @@ type event struct {
 // Validate checks one event on its own against the catalog and Stripe's
 // limits, with timestamps judged against now. Errors: errs.Invalid naming
 // the offending field (customer_id, meter, value, timestamp, identifier).
-func (in EventInput) Validate(catalog config.Catalog, now time.Time) error {
+func (in EventInput) Validate(catalog catalog.Catalog, now time.Time) error {
 	_, err := in.normalize(catalog, now)
 	return err
 }
 
-func (in EventInput) normalize(catalog config.Catalog, now time.Time) (event, error) {
+func (in EventInput) normalize(catalog catalog.Catalog, now time.Time) (event, error) {
 	n := utf8.RuneCountInString(in.Identifier)
 	switch {
 	case n < 1 || n > MaxIdentifierLen:
@@ -147,7 +147,7 @@ func refuseZeroTime(pointer, name string, t time.Time, hint string) error {
 	return errs.InvalidField(pointer, fmt.Sprintf("%s 0001-01-01T00:00:00Z is the zero time, an unset time sent by mistake; %s", name, hint))
 }
 
-func unknownMeter(catalog config.Catalog, meter string) string {
+func unknownMeter(catalog catalog.Catalog, meter string) string {
 	var known []string
 	for _, p := range catalog.Plans {
 		known = append(known, p.Meter)

@@ -18,7 +18,7 @@ import (
 	"golang.org/x/time/rate"
 	"gorm.io/gorm"
 
-	"github.com/tallybilling/tally/internal/config"
+	"github.com/tallybilling/tally/internal/catalog"
 	"github.com/tallybilling/tally/internal/stripeapi"
 )
 
@@ -67,7 +67,7 @@ func (s Status) Valid() bool {
 type Service struct {
 	db      *gorm.DB
 	stripe  stripeapi.Client // nil when Stripe is not configured
-	catalog config.Catalog
+	catalog catalog.Catalog
 	now     func() time.Time
 	log     *slog.Logger
 	// summaryLimiter paces reconciliation's summary requests.
@@ -93,7 +93,7 @@ func WithLogger(l *slog.Logger) ServiceOption {
 // NewService returns a Service. stripe may be nil when no Stripe key is
 // configured: intake and reads still work, Reconcile answers unavailable.
 // now is the clock that intake checks timestamps against.
-func NewService(gdb *gorm.DB, stripe stripeapi.Client, catalog config.Catalog, now func() time.Time, opts ...ServiceOption) *Service {
+func NewService(gdb *gorm.DB, stripe stripeapi.Client, catalog catalog.Catalog, now func() time.Time, opts ...ServiceOption) *Service {
 	if now == nil {
 		now = time.Now
 	}

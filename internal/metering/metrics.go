@@ -1,7 +1,9 @@
 package metering
 
 import (
+	"context"
 	"errors"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 )
@@ -70,3 +72,55 @@ func register[C prometheus.Collector](reg prometheus.Registerer, c C) C {
 	}
 	return c
 }
+
+// refreshGauges recounts the backlog at most once a second, and the
+// waiting events at most once every waitingCountEvery: waiting events can be
+// many (usage of customers who never check out), and counting them is a
+// scan, while their oldest timestamp, which the alert watches, is one
+// index probe (usage_events_undelivered_time).
+func (w *Worker) refreshGauges(ctx context.Context) {
+	now := w.now()
+	w.mu.Lock()
+	if d := now.Sub(w.gaugesAt); d >= 0 && d < time.Second {
+		w.mu.Unlock()
+		return
+	}
+	w.gaugesAt = now
+	countWaiting := now.Sub(w.waitingAt) >= waitingCountEvery || now.Before(w.waitingAt)
+	if countWaiting {
+		w.waitingAt = now
+	}
+	w.mu.Unlock()
+	var counts struct {
+		Pending, Dead int64
+		OldestWaiting *time.Time
+	}
+	err := w.db.WithContext(ctx).Raw(`
+		SELECT count(*) FILTER (WHERE status = 'pending') AS pending,
+		       count(*) FILTER (WHERE status = 'dead') AS dead,
+		       (SELECT min(occurred_at) FROM usage_events WHERE status = 'waiting_customer') AS oldest_waiting
+		FROM usage_events WHERE status IN ('pending', 'dead')`).Scan(&counts).Error
+	var waiting int64
+	if err == nil && countWaiting {
+		err = w.db.WithContext(ctx).Raw(`SELECT count(*) FROM usage_events WHERE status = 'waiting_customer'`).Scan(&waiting).Error
+	}
+	if err != nil {
+		if ctx.Err() == nil {
+			w.log.Warn("count usage backlog", "error", err)
+		}
+		return
+	}
+	w.m.pending.Set(float64(counts.Pending))
+	w.m.dead.Set(float64(counts.Dead))
+	if countWaiting {
+		w.m.waiting.Set(float64(waiting))
+	}
+	oldest := 0.0
+	if counts.OldestWaiting != nil {
+		oldest = max(0, now.Sub(*counts.OldestWaiting).Seconds())
+	}
+	w.m.waitingOldest.Set(oldest)
+}
+
+// waitingCountEvery is how often the waiting events are counted.
+const waitingCountEvery = 30 * time.Second

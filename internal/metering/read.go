@@ -12,6 +12,7 @@ import (
 	"github.com/tallybilling/tally/internal/errs"
 )
 
+// eventRow is a usage_events row as gorm scans it; NULL text scans as "".
 type eventRow struct {
 	Identifier    string
 	CustomerID    string
@@ -20,8 +21,8 @@ type eventRow struct {
 	OccurredAt    time.Time
 	Status        string
 	Attempts      int
-	LastError     *string
-	DeadCode      *string
+	LastError     string
+	DeadCode      string
 	MaybeSentAt   *time.Time
 	NextAttemptAt time.Time
 	DeliveredAt   *time.Time
@@ -40,13 +41,11 @@ func (r eventRow) usageEvent() UsageEvent {
 		Timestamp:   r.OccurredAt,
 		Status:      Status(r.Status),
 		Attempts:    r.Attempts,
-		DeadCode:    DeadCode(deref(r.DeadCode)),
+		DeadCode:    DeadCode(r.DeadCode),
+		LastError:   r.LastError,
 		MaybeSentAt: r.MaybeSentAt,
 		DeliveredAt: r.DeliveredAt,
 		CreatedAt:   r.CreatedAt,
-	}
-	if r.LastError != nil {
-		ev.LastError = *r.LastError
 	}
 	if ev.Status == StatusPending {
 		next := r.NextAttemptAt

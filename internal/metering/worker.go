@@ -3,8 +3,6 @@ package metering
 import (
 	"cmp"
 	"context"
-	"encoding/json"
-	"errors"
 	"fmt"
 	"log/slog"
 	"math"
@@ -19,13 +17,12 @@ import (
 
 	"github.com/tallybilling/tally/internal/config"
 	"github.com/tallybilling/tally/internal/db"
-	"github.com/tallybilling/tally/internal/errs"
-	"github.com/tallybilling/tally/internal/events"
 	"github.com/tallybilling/tally/internal/stripeapi"
-	"github.com/tallybilling/tally/internal/text"
 )
 
-// WorkerOptions tunes a Worker; every zero field takes its default.
+// WorkerOptions tunes a Worker beyond its configuration: the clock, the
+// metrics and the timings that are not settings (tests shorten them). Every
+// zero field takes its default, set here and nowhere else.
 type WorkerOptions struct {
 	Logger *slog.Logger
 	// Now is the clock for due times and leases; default time.Now.
@@ -108,25 +105,18 @@ type Worker struct {
 	liveWorkers int
 }
 
-// recordTimeout bounds writing one outcome, also during shutdown.
-const recordTimeout = 10 * time.Second
-
 // releaseLimit bounds how many waiting events one round releases, so a
 // large backlog is moved in short statements.
 const releaseLimit = 5000
 
-// expireEvery is how often (by the worker's clock) a round looks for
-// events whose timestamp left Stripe's window, and expireLimit how many it
-// dead-letters at once. The look is one range scan of a small partial
-// index (usage_events_undelivered_time).
-const (
-	expireEvery = time.Second
-	expireLimit = 500
-)
-
 // NewWorker returns a Worker sending through client with cfg's transport,
-// rate limit, batch size, backoff cap and poll interval.
+// rate limit, batch size, backoff cap and poll interval. cfg comes from
+// config, which holds their defaults: it panics when cfg does not validate
+// (a zero setting in a hand-built MeteringConfig is a programming error).
 func NewWorker(gdb *gorm.DB, client stripeapi.Client, cfg config.MeteringConfig, opts WorkerOptions) *Worker {
+	if err := cfg.Validate(); err != nil {
+		panic(fmt.Errorf("metering.NewWorker: %w", err))
+	}
 	if opts.Logger == nil {
 		opts.Logger = slog.New(slog.DiscardHandler)
 	}
@@ -142,16 +132,11 @@ func NewWorker(gdb *gorm.DB, client stripeapi.Client, cfg config.MeteringConfig,
 	if opts.Concurrency == 0 {
 		// Enough requests in flight to reach the rate limit at ~250ms per
 		// Stripe call, within bounds.
-		opts.Concurrency = min(max(int(math.Ceil(cmp.Or(cfg.RateLimit, 20)/4)), 8), 128)
+		opts.Concurrency = min(max(int(math.Ceil(cfg.RateLimit/4)), 8), 128)
 	}
 	opts.RateLimitPause = cmp.Or(opts.RateLimitPause, time.Second)
 	opts.AuthPause = cmp.Or(opts.AuthPause, time.Minute)
 	opts.HeartbeatInterval = cmp.Or(opts.HeartbeatInterval, defaultHeartbeatInterval)
-	cfg.BatchSize = cmp.Or(cfg.BatchSize, 100)
-	cfg.BackoffMax = cmp.Or(cfg.BackoffMax, 10*time.Minute)
-	cfg.PollInterval = cmp.Or(cfg.PollInterval, time.Second)
-	cfg.RateLimit = cmp.Or(cfg.RateLimit, 20)
-	cfg.Transport = cmp.Or(cfg.Transport, config.MeterTransportV1)
 	return &Worker{
 		db:      gdb,
 		client:  client,
@@ -175,20 +160,6 @@ func (w *Worker) lease() time.Duration {
 	w.mu.Unlock()
 	batchTime := time.Duration(float64(w.cfg.BatchSize) / share * float64(time.Second+jitterMargin))
 	return batchTime + 2*w.opts.SendTimeout + 10*time.Second
-}
-
-// jitterMargin is the slack paced leaves for network and scheduling jitter.
-const jitterMargin = 100 * time.Millisecond
-
-// paced is the request rate that keeps Stripe's count of arrivals in any
-// one-second window at or below limit. Stripe counts arrivals; we control
-// only departures. Spacing departures exactly 1/limit apart puts limit+1 of
-// them exactly one second apart, so a request delayed by a millisecond on
-// the way would make limit+1 arrive within one second. Spacing them
-// (1s+jitterMargin)/limit apart tolerates that much jitter. With burst 1,
-// the spacing holds even after idle time.
-func paced(limit float64) rate.Limit {
-	return rate.Every(time.Duration(float64(time.Second+jitterMargin) / limit))
 }
 
 // Name is the worker's name for logs.
@@ -308,10 +279,10 @@ func (ev claimedEvent) meterEvent() stripeapi.MeterEvent {
 // customer stamps first_attempt_at (for operators; requeue goes by
 // maybe_sent_at).
 //
-// The locking SELECTs of this file are MATERIALIZED CTEs: were the planner
-// to run one again inside the statement (a rescan), SKIP LOCKED would pass
-// over the rows this statement already changed and take the next ones,
-// going past LIMIT.
+// The worker's locking SELECTs (here and in outcomes.go) are MATERIALIZED
+// CTEs: were the planner to run one again inside the statement (a rescan),
+// SKIP LOCKED would pass over the rows this statement already changed and
+// take the next ones, going past LIMIT.
 func (w *Worker) claim(ctx context.Context, c *claim, now time.Time) ([]claimedEvent, error) {
 	var out []claimedEvent
 	err := w.db.WithContext(ctx).Raw(`
@@ -353,520 +324,4 @@ func (w *Worker) releaseWaiting(ctx context.Context) error {
 		UPDATE usage_events u SET status = 'pending', next_attempt_at = ?, updated_at = ?
 		FROM linked WHERE u.identifier = linked.identifier AND u.status = 'waiting_customer'`, releaseLimit, now, now).Error
 	return db.Translate(err, nil)
-}
-
-// expireTooOld dead-letters, with DeadTooOld, up to expireLimit pending or
-// waiting events whose timestamp left Stripe's window (none that another
-// worker holds claimed), at most once every expireEvery.
-func (w *Worker) expireTooOld(ctx context.Context) error {
-	now := w.now()
-	w.mu.Lock()
-	if d := now.Sub(w.expiredAt); d >= 0 && d < expireEvery {
-		w.mu.Unlock()
-		return nil
-	}
-	w.expiredAt = now
-	w.mu.Unlock()
-	cut := now.Add(-DeliveryWindow)
-	return w.settleRows(ctx, expireLimit, func(tx *gorm.DB) *gorm.DB {
-		return tx.Raw(`
-			WITH old AS MATERIALIZED (
-				SELECT identifier FROM usage_events
-				WHERE status IN ('pending', 'waiting_customer') AND occurred_at <= ?
-				  AND (status = 'waiting_customer' OR claimed_by IS NULL OR lease_until < ?)
-				ORDER BY occurred_at
-				LIMIT ?
-				FOR UPDATE SKIP LOCKED
-			)
-			UPDATE usage_events u SET status = 'dead', dead_code = 'too_old', next_attempt_at = ?,
-				last_error = ? || COALESCE(u.last_error, '(none)'),
-				lease_until = NULL, claimed_by = NULL, updated_at = ?
-			FROM old WHERE u.identifier = old.identifier
-			RETURNING `+settledColumns,
-			cut, now, expireLimit, now, tooOldMessage, now)
-	})
-}
-
-// tooOldMessage starts the last_error of an event dead-lettered too_old.
-var tooOldMessage = fmt.Sprintf("too_old: not delivered while Stripe accepted its timestamp "+
-	"(35 days, less the %s tally keeps to deliver it); it can no longer be billed through Stripe's meter. Last error: ", DeliveryMargin)
-
-// refreshGauges recounts the backlog at most once a second, and the
-// waiting events at most once every waitingCountEvery: waiting events can be
-// many (usage of customers who never check out), and counting them is a
-// scan, while their oldest timestamp, which the alert watches, is one
-// index probe (usage_events_undelivered_time).
-func (w *Worker) refreshGauges(ctx context.Context) {
-	now := w.now()
-	w.mu.Lock()
-	if d := now.Sub(w.gaugesAt); d >= 0 && d < time.Second {
-		w.mu.Unlock()
-		return
-	}
-	w.gaugesAt = now
-	countWaiting := now.Sub(w.waitingAt) >= waitingCountEvery || now.Before(w.waitingAt)
-	if countWaiting {
-		w.waitingAt = now
-	}
-	w.mu.Unlock()
-	var counts struct {
-		Pending, Dead int64
-		OldestWaiting *time.Time
-	}
-	err := w.db.WithContext(ctx).Raw(`
-		SELECT count(*) FILTER (WHERE status = 'pending') AS pending,
-		       count(*) FILTER (WHERE status = 'dead') AS dead,
-		       (SELECT min(occurred_at) FROM usage_events WHERE status = 'waiting_customer') AS oldest_waiting
-		FROM usage_events WHERE status IN ('pending', 'dead')`).Scan(&counts).Error
-	var waiting int64
-	if err == nil && countWaiting {
-		err = w.db.WithContext(ctx).Raw(`SELECT count(*) FROM usage_events WHERE status = 'waiting_customer'`).Scan(&waiting).Error
-	}
-	if err != nil {
-		if ctx.Err() == nil {
-			w.log.Warn("count usage backlog", "error", err)
-		}
-		return
-	}
-	w.m.pending.Set(float64(counts.Pending))
-	w.m.dead.Set(float64(counts.Dead))
-	if countWaiting {
-		w.m.waiting.Set(float64(waiting))
-	}
-	oldest := 0.0
-	if counts.OldestWaiting != nil {
-		oldest = max(0, now.Sub(*counts.OldestWaiting).Seconds())
-	}
-	w.m.waitingOldest.Set(oldest)
-}
-
-// waitingCountEvery is how often the waiting events are counted.
-const waitingCountEvery = 30 * time.Second
-
-// pause stops all sending of this worker for d (or longer if already
-// paused) and returns when it ends.
-func (w *Worker) pause(d time.Duration) time.Time {
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	if until := w.now().Add(d); until.After(w.pausedUntil) {
-		w.pausedUntil = until
-	}
-	return w.pausedUntil
-}
-
-func (w *Worker) pauseLeft() time.Duration {
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	return max(0, w.pausedUntil.Sub(w.now()))
-}
-
-// acquire waits for permission to send one request under claim c. When it
-// may not (shutting down, paused by a 429, holding back for the rate share,
-// the lease too close to its end) it returns false and when the unsent
-// events should be due again.
-func (w *Worker) acquire(ctx context.Context, c *claim) (bool, time.Time) {
-	if ctx.Err() != nil {
-		return false, w.now()
-	}
-	if p := max(w.pauseLeft(), w.holdLeft()); p > 0 {
-		return false, w.now().Add(p)
-	}
-	if w.now().Add(w.opts.SendTimeout).After(c.leaseEnd) {
-		return false, w.now()
-	}
-	w.waitMu.Lock()
-	err := w.limiter.Wait(ctx)
-	w.waitMu.Unlock()
-	if err != nil {
-		return false, w.now()
-	}
-	// A 429, or a failing heartbeat, may have come while this goroutine
-	// waited for its turn.
-	if p := max(w.pauseLeft(), w.holdLeft()); p > 0 {
-		return false, w.now().Add(p)
-	}
-	w.mu.Lock()
-	w.lastSend = time.Now()
-	w.mu.Unlock()
-	return true, time.Time{}
-}
-
-// deliverEach sends events one request each (v1), groups of one customer and
-// meter one after the other, up to Concurrency groups at once.
-func (w *Worker) deliverEach(ctx context.Context, c *claim, evs []claimedEvent) {
-	var groups [][]claimedEvent
-	index := map[string]int{}
-	for _, ev := range evs {
-		k := ev.CustomerID + "\x00" + ev.Meter
-		i, ok := index[k]
-		if !ok {
-			i = len(groups)
-			index[k] = i
-			groups = append(groups, nil)
-		}
-		groups[i] = append(groups[i], ev)
-	}
-	work := make(chan []claimedEvent)
-	var wg sync.WaitGroup
-	for range min(w.opts.Concurrency, len(groups)) {
-		wg.Go(func() {
-			for g := range work {
-				w.sendGroup(ctx, c, g)
-			}
-		})
-	}
-	for _, g := range groups {
-		work <- g
-	}
-	close(work)
-	wg.Wait()
-}
-
-// sendGroup sends the events of one customer and meter one after the other.
-// Deliveries are recorded together when the group ends: should the process
-// die first, the lease expires, the events are sent again and Stripe's
-// duplicate answer records them then.
-func (w *Worker) sendGroup(ctx context.Context, c *claim, g []claimedEvent) {
-	var sent, dup []claimedEvent
-	defer func() {
-		w.delivered(ctx, sent, resultDelivered)
-		w.delivered(ctx, dup, resultDuplicate)
-	}()
-	for i, ev := range g {
-		if ok, retryAt := w.acquire(ctx, c); !ok {
-			w.release(ctx, c, g[i:], retryAt)
-			return
-		}
-		sctx, cancel := withTimeout(ctx, w.opts.SendTimeout)
-		err := w.client.CreateMeterEvent(sctx, ev.meterEvent())
-		cancel()
-		switch {
-		case err == nil:
-			sent = append(sent, ev)
-		case stripeapi.IsDuplicate(err):
-			dup = append(dup, ev)
-		default:
-			w.settle(ctx, c, []claimedEvent{ev}, err)
-		}
-	}
-}
-
-// deliverStream sends events through the v2 meter event stream, up to
-// stripeapi.MaxStreamEvents per request, one request at a time.
-func (w *Worker) deliverStream(ctx context.Context, c *claim, evs []claimedEvent) {
-	for start := 0; start < len(evs); start += stripeapi.MaxStreamEvents {
-		end := min(start+stripeapi.MaxStreamEvents, len(evs))
-		chunk := evs[start:end]
-		if ok, retryAt := w.acquire(ctx, c); !ok {
-			w.release(ctx, c, evs[start:], retryAt)
-			return
-		}
-		err := w.sendStream(ctx, c, chunk)
-		if len(chunk) > 1 && stripeapi.KindOf(err) == stripeapi.KindInvalid {
-			// Stripe refuses the whole request for one bad event; the
-			// others, of any customer, must not die with it.
-			w.log.Warn("Stripe refused a meter event stream request; sending its events one at a time",
-				"events", len(chunk), "error", err)
-			if !w.streamOneByOne(ctx, c, chunk, evs[end:]) {
-				return
-			}
-			continue
-		}
-		w.settle(ctx, c, chunk, err)
-	}
-}
-
-// streamOneByOne sends each event of chunk in its own stream request, so
-// only the ones Stripe refuses on their own are dead-lettered. Should it
-// have to stop (shutdown, a 429 pause, the lease ending), it releases what
-// is left of chunk and rest, and returns false.
-func (w *Worker) streamOneByOne(ctx context.Context, c *claim, chunk, rest []claimedEvent) bool {
-	var sent []claimedEvent
-	defer func() { w.delivered(ctx, sent, resultDelivered) }()
-	for i, ev := range chunk {
-		if ok, retryAt := w.acquire(ctx, c); !ok {
-			w.release(ctx, c, append(slices.Clone(chunk[i:]), rest...), retryAt)
-			return false
-		}
-		err := w.sendStream(ctx, c, chunk[i:i+1])
-		if err == nil {
-			sent = append(sent, ev)
-			continue
-		}
-		w.settle(ctx, c, []claimedEvent{ev}, err)
-	}
-	return true
-}
-
-func (w *Worker) sendStream(ctx context.Context, c *claim, chunk []claimedEvent) error {
-	mes := make([]stripeapi.MeterEvent, len(chunk))
-	for i, ev := range chunk {
-		mes[i] = ev.meterEvent()
-	}
-	send := func(fresh bool) error {
-		sess, err := w.streamSession(ctx, c, fresh)
-		if err != nil {
-			return err
-		}
-		sctx, cancel := withTimeout(ctx, w.opts.SendTimeout)
-		defer cancel()
-		return w.client.SendMeterEventStream(sctx, sess, mes)
-	}
-	err := send(false)
-	if stripeapi.IsSessionExpired(err) || stripeapi.KindOf(err) == stripeapi.KindAuth {
-		// The token died early (clock skew, revoked): a new session, the
-		// same events. Should the key itself be refused, opening fails too
-		// and the auth pause follows.
-		err = send(true)
-	}
-	return err
-}
-
-// errReleased means the events were not sent and should go back as they are.
-var errReleased = errors.New("metering: not sent")
-
-// streamSession returns the cached v2 session, opening a new one when there
-// is none, it ends within SessionRenewBefore, or fresh is asked for.
-func (w *Worker) streamSession(ctx context.Context, c *claim, fresh bool) (stripeapi.MeterEventSession, error) {
-	w.mu.Lock()
-	sess := w.session
-	w.mu.Unlock()
-	if !fresh && sess.Token != "" && w.now().Add(w.opts.SessionRenewBefore).Before(sess.ExpiresAt) {
-		return sess, nil
-	}
-	// Opening a session is a request too; it counts against the rate limit.
-	if ok, _ := w.acquire(ctx, c); !ok {
-		return stripeapi.MeterEventSession{}, errReleased
-	}
-	sctx, cancel := withTimeout(ctx, w.opts.SendTimeout)
-	defer cancel()
-	sess, err := w.client.OpenMeterEventSession(sctx)
-	if err != nil {
-		return stripeapi.MeterEventSession{}, err
-	}
-	w.mu.Lock()
-	w.session = sess
-	w.mu.Unlock()
-	w.log.Debug("meter event session opened", "expires_at", sess.ExpiresAt)
-	return sess, nil
-}
-
-// settle records the outcome of sending evs (one request) as err says.
-func (w *Worker) settle(ctx context.Context, c *claim, evs []claimedEvent, err error) {
-	if err == nil {
-		w.delivered(ctx, evs, resultDelivered)
-		return
-	}
-	if stripeapi.IsDuplicate(err) {
-		w.delivered(ctx, evs, resultDuplicate)
-		return
-	}
-	if errors.Is(err, errReleased) {
-		w.release(ctx, c, evs, w.now().Add(w.pauseLeft()))
-		return
-	}
-	msg := text.Truncate(err.Error(), 1000)
-	se, isStripe := stripeapi.AsError(err)
-	switch {
-	case isStripe && se.Kind == stripeapi.KindRateLimited:
-		d := se.RetryAfter
-		if d <= 0 {
-			d = w.opts.RateLimitPause
-		}
-		until := w.pause(d)
-		w.log.Info("Stripe rate limited meter events; pausing", "for", d.String())
-		w.m.deliveries.WithLabelValues(resultRateLimited).Add(float64(len(evs)))
-		w.releaseWithError(ctx, c, evs, until, msg)
-	case isStripe && se.Kind == stripeapi.KindAuth:
-		until := w.pause(w.opts.AuthPause)
-		w.log.Error("Stripe refused the API key for meter events; pausing delivery", "error", err, "for", w.opts.AuthPause.String())
-		w.releaseWithError(ctx, c, evs, until, msg)
-	case (isStripe && se.Retryable()) || (!isStripe && !errs.Is(err, errs.Invalid)):
-		// Only an expired v2 session says for sure that Stripe took
-		// nothing; a 5xx or a lost answer may hide events it kept.
-		maybeSent := !(isStripe && se.Kind == stripeapi.KindSessionExpired)
-		w.retry(ctx, c, evs, msg, maybeSent)
-	default:
-		w.dead(ctx, c, evs, msg)
-	}
-}
-
-func identifiersJSON(evs []claimedEvent) string {
-	ids := make([]string, len(evs))
-	for i, ev := range evs {
-		ids[i] = ev.Identifier
-	}
-	raw, _ := json.Marshal(ids)
-	return string(raw)
-}
-
-// delivered marks evs delivered. It needs no lease: whichever instance sent
-// it, Stripe has the event, and that is the truth to record.
-func (w *Worker) delivered(ctx context.Context, evs []claimedEvent, result string) {
-	if len(evs) == 0 {
-		return
-	}
-	rctx, cancel := withTimeout(ctx, recordTimeout)
-	defer cancel()
-	now := w.now()
-	err := w.db.WithContext(rctx).Exec(`
-		UPDATE usage_events SET status = 'delivered', delivered_at = ?, attempts = attempts + 1,
-			last_error = NULL, lease_until = NULL, claimed_by = NULL, updated_at = ?
-		WHERE identifier IN (SELECT jsonb_array_elements_text(?::jsonb)) AND status = 'pending'`,
-		now, now, identifiersJSON(evs)).Error
-	if err != nil {
-		// The lease runs out and the event is sent again; Stripe answers
-		// that it has the identifier, and it is recorded then.
-		w.log.Error("record delivered usage events", "error", err, "count", len(evs))
-		return
-	}
-	w.m.deliveries.WithLabelValues(result).Add(float64(len(evs)))
-}
-
-// release hands unsent claimed events back, due at retryAt, without
-// counting an attempt.
-func (w *Worker) release(ctx context.Context, c *claim, evs []claimedEvent, retryAt time.Time) {
-	w.releaseWithError(ctx, c, evs, retryAt, "")
-}
-
-func (w *Worker) releaseWithError(ctx context.Context, c *claim, evs []claimedEvent, retryAt time.Time, msg string) {
-	if len(evs) == 0 {
-		return
-	}
-	rctx, cancel := withTimeout(ctx, recordTimeout)
-	defer cancel()
-	err := w.db.WithContext(rctx).Exec(`
-		UPDATE usage_events SET next_attempt_at = ?, lease_until = NULL, claimed_by = NULL,
-			last_error = COALESCE(NULLIF(?, ''), last_error), updated_at = ?
-		WHERE identifier IN (SELECT jsonb_array_elements_text(?::jsonb)) AND claimed_by = ? AND status = 'pending'`,
-		retryAt, msg, w.now(), identifiersJSON(evs), c.token).Error
-	if err != nil {
-		w.log.Error("release usage events", "error", err, "count", len(evs))
-	}
-}
-
-func (w *Worker) backToWaiting(ctx context.Context, c *claim, evs []claimedEvent) {
-	rctx, cancel := withTimeout(ctx, recordTimeout)
-	defer cancel()
-	err := w.db.WithContext(rctx).Exec(`
-		UPDATE usage_events SET status = 'waiting_customer', lease_until = NULL, claimed_by = NULL, updated_at = ?
-		WHERE identifier IN (SELECT jsonb_array_elements_text(?::jsonb)) AND claimed_by = ? AND status = 'pending'`,
-		w.now(), identifiersJSON(evs), c.token).Error
-	if err != nil {
-		w.log.Error("return usage events to waiting_customer", "error", err, "count", len(evs))
-	}
-}
-
-type settledRow struct {
-	Identifier string
-	CustomerID string
-	Meter      string
-	Value      int64
-	OccurredAt time.Time
-	Status     string
-	Attempts   int
-	DeadCode   *string
-	LastError  *string
-}
-
-const settledColumns = `u.identifier, u.customer_id, u.meter, u.value, u.occurred_at, u.status, u.attempts,
-	u.dead_code, u.last_error`
-
-// retry counts a failed attempt and schedules the next after a jittered
-// backoff capped at BackoffMax, and never later than the end of Stripe's
-// window for the event's timestamp; an event already past that end is
-// dead-lettered too_old instead. maybeSent records that Stripe may have
-// kept the event (see UsageEvent.MaybeSentAt).
-func (w *Worker) retry(ctx context.Context, c *claim, evs []claimedEvent, msg string, maybeSent bool) {
-	now := w.now()
-	cut := now.Add(-DeliveryWindow)
-	_ = w.settleRows(ctx, len(evs), func(tx *gorm.DB) *gorm.DB {
-		// attempts on the right-hand side is the value before this update;
-		// the exponent is bounded so power() never overflows.
-		return tx.Raw(`
-			UPDATE usage_events u SET attempts = attempts + 1,
-				status = CASE WHEN occurred_at <= ? THEN 'dead' ELSE 'pending' END,
-				dead_code = CASE WHEN occurred_at <= ? THEN 'too_old' END,
-				last_error = CASE WHEN occurred_at <= ? THEN ? ELSE '' END || ?,
-				maybe_sent_at = CASE WHEN ? THEN COALESCE(maybe_sent_at, ?) ELSE maybe_sent_at END,
-				next_attempt_at = CASE WHEN occurred_at <= ? THEN ?::timestamptz
-					ELSE least(occurred_at + make_interval(secs => ?),
-						?::timestamptz + make_interval(secs => random() * least(?::float8, ?::float8 * power(2, least(attempts, 40))))) END,
-				lease_until = NULL, claimed_by = NULL, updated_at = ?
-			WHERE identifier IN (SELECT jsonb_array_elements_text(?::jsonb)) AND claimed_by = ? AND status = 'pending'
-			RETURNING `+settledColumns,
-			cut, cut, cut, tooOldMessage, msg, maybeSent, now, cut, now,
-			DeliveryWindow.Seconds(), now, w.cfg.BackoffMax.Seconds(), w.opts.BackoffBase.Seconds(),
-			now, identifiersJSON(evs), c.token)
-	})
-}
-
-// dead dead-letters events Stripe refused for good.
-func (w *Worker) dead(ctx context.Context, c *claim, evs []claimedEvent, msg string) {
-	now := w.now()
-	_ = w.settleRows(ctx, len(evs), func(tx *gorm.DB) *gorm.DB {
-		return tx.Raw(`
-			UPDATE usage_events u SET attempts = attempts + 1, status = 'dead', dead_code = 'stripe_refused',
-				next_attempt_at = ?, last_error = ?, lease_until = NULL, claimed_by = NULL, updated_at = ?
-			WHERE identifier IN (SELECT jsonb_array_elements_text(?::jsonb)) AND claimed_by = ? AND status = 'pending'
-			RETURNING `+settledColumns,
-			now, msg, now, identifiersJSON(evs), c.token)
-	})
-}
-
-// settleRows runs update (at most n rows) in a transaction and appends
-// usage.dead for every row it dead-lettered, in that same transaction.
-// A failure is logged (and returned): the claim's lease runs out and the
-// events are tried again.
-func (w *Worker) settleRows(ctx context.Context, n int, update func(tx *gorm.DB) *gorm.DB) error {
-	rctx, cancel := withTimeout(ctx, recordTimeout)
-	defer cancel()
-	var rows []settledRow
-	err := db.InTx(rctx, w.db, func(tx *gorm.DB) error {
-		rows = nil
-		if err := update(tx).Scan(&rows).Error; err != nil {
-			return err
-		}
-		for _, r := range rows {
-			if r.Status != string(StatusDead) {
-				continue
-			}
-			err := events.Append(rctx, tx, events.Event{Type: events.UsageDead, CustomerID: r.CustomerID, Data: map[string]any{
-				"identifier": r.Identifier,
-				"meter":      r.Meter,
-				"value":      r.Value,
-				"timestamp":  r.OccurredAt.UTC(),
-				"attempts":   r.Attempts,
-				"code":       deref(r.DeadCode),
-				"last_error": deref(r.LastError),
-			}})
-			if err != nil {
-				return err
-			}
-		}
-		return nil
-	})
-	if err != nil {
-		if ctx.Err() == nil {
-			w.log.Error("record usage delivery failure", "error", err, "count", n)
-		}
-		return db.Translate(err, nil)
-	}
-	for _, r := range rows {
-		if r.Status == string(StatusDead) {
-			w.m.deliveries.WithLabelValues(resultDead).Inc()
-			w.log.Warn("usage event dead-lettered", "identifier", r.Identifier, "customer_id", r.CustomerID,
-				"code", deref(r.DeadCode), "attempts", r.Attempts, "error", deref(r.LastError))
-		} else {
-			w.m.deliveries.WithLabelValues(resultRetry).Inc()
-		}
-	}
-	return nil
-}
-
-func deref(s *string) string {
-	if s == nil {
-		return ""
-	}
-	return *s
 }

@@ -510,3 +510,17 @@ func TestStreamReopensSessionAfterUnauthorizedToken(t *testing.T) {
 		t.Errorf("%d sessions opened, want 2 (the first, and one after the refused token)", opened)
 	}
 }
+
+// Settings come from config, which holds every default: a zero setting in a
+// hand-built MeteringConfig is a programming error that NewWorker refuses,
+// naming it, rather than quietly choosing a value of its own.
+func TestNewWorkerRefusesUnsetSettings(t *testing.T) {
+	cfg := fastConfig()
+	cfg.BatchSize = 0
+	defer func() {
+		if msg := fmt.Sprint(recover()); !strings.Contains(msg, "TALLY_METER_BATCH_SIZE") {
+			t.Fatalf("NewWorker panicked with %q, want the unset TALLY_METER_BATCH_SIZE named", msg)
+		}
+	}()
+	metering.NewWorker(nil, nil, cfg, metering.WorkerOptions{})
+}

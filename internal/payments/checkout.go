@@ -8,7 +8,7 @@ import (
 
 	"gorm.io/gorm"
 
-	"github.com/tallybilling/tally/internal/config"
+	"github.com/tallybilling/tally/internal/catalog"
 	"github.com/tallybilling/tally/internal/customers"
 	"github.com/tallybilling/tally/internal/db"
 	"github.com/tallybilling/tally/internal/errs"
@@ -53,7 +53,7 @@ type item struct {
 	unitAmount  int64
 	currency    string
 	credits     int64
-	expiry      config.Expiry
+	expiry      catalog.Expiry
 	stripePrice string
 }
 
@@ -81,13 +81,13 @@ func (s *Service) resolve(in *CheckoutInput) (item, error) {
 		return item{}, errs.InvalidField("/quantity", "a plan is subscribed to once; quantity must be 1")
 	}
 	// Both products fit in int64: credits ≤ 1e12 and amounts < 1e8, times at most MaxQuantity.
-	if it.credits*in.Quantity > config.MaxCredits {
+	if it.credits*in.Quantity > catalog.MaxCreditsPerMove {
 		return item{}, errs.UnprocessableField("/quantity", fmt.Sprintf("%d × %s is %d credits, more than the largest grant (%d); buy at most %d",
-			in.Quantity, in.Item, it.credits*in.Quantity, int64(config.MaxCredits), config.MaxCredits/it.credits))
+			in.Quantity, in.Item, it.credits*in.Quantity, int64(catalog.MaxCreditsPerMove), catalog.MaxCreditsPerMove/it.credits))
 	}
-	if it.unitAmount*in.Quantity > config.MaxAmount {
+	if it.unitAmount*in.Quantity > catalog.MaxChargeMinorUnits {
 		return item{}, errs.UnprocessableField("/quantity", fmt.Sprintf("%d × %s costs %d, more than Stripe charges in one payment (%d); buy at most %d",
-			in.Quantity, in.Item, it.unitAmount*in.Quantity, config.MaxAmount, config.MaxAmount/it.unitAmount))
+			in.Quantity, in.Item, it.unitAmount*in.Quantity, catalog.MaxChargeMinorUnits, catalog.MaxChargeMinorUnits/it.unitAmount))
 	}
 	if !s.catalog.RedirectAllowed(in.SuccessURL) {
 		return item{}, errs.InvalidField("/success_url", "success_url is not under an allowed redirect prefix")
@@ -279,7 +279,7 @@ func (s *Service) createSession(ctx context.Context, in CheckoutInput, it item, 
 		SuccessURL:        in.SuccessURL,
 		CancelURL:         in.CancelURL,
 		ExpiresAt:         now.Add(s.checkout.ExpiresAfter),
-		Metadata:          map[string]string{"tally_item": in.Item},
+		Metadata:          map[string]string{stripeapi.MetadataItem: in.Item},
 		ClientReferenceID: paymentID,
 	}
 	switch it.kind {
@@ -290,9 +290,6 @@ func (s *Service) createSession(ctx context.Context, in CheckoutInput, it item, 
 		sin.LineItem = stripeapi.LineItem{Name: it.name, UnitAmount: it.unitAmount, Currency: it.currency, Quantity: in.Quantity}
 		// Every one-time payment, credit packs included (design/PRODUCT.md).
 		sin.InvoiceCreation = s.checkout.InvoiceCreation
-	}
-	if s.checkout.ExpiresAfter <= 0 {
-		sin.ExpiresAt = time.Time{}
 	}
 	cs, err := s.stripe.CreateCheckoutSession(ctx, sin)
 	if err != nil {

@@ -16,6 +16,7 @@ import (
 	"github.com/tallybilling/tally/internal/db/dbtest"
 	"github.com/tallybilling/tally/internal/errs"
 	"github.com/tallybilling/tally/internal/payments"
+	"github.com/tallybilling/tally/internal/stripeapi"
 	"github.com/tallybilling/tally/internal/stripeapi/stripefake"
 )
 
@@ -116,7 +117,7 @@ func TestPurchasedCreditsExpireByThePacksRule(t *testing.T) {
 		pi := fmt.Sprintf("pi_expiry_%d", i)
 		payAtStripe(t, fake, res, pi)
 		if err := svc.PaymentIntentSucceeded(ctx, payments.EventRef{ID: "evt_" + pi, Type: "payment_intent.succeeded"},
-			payments.PaymentIntent{ID: pi, AmountReceived: 100, Currency: "usd", Metadata: map[string]string{"tally_payment_id": res.PaymentID}}); err != nil {
+			payments.PaymentIntent{ID: pi, AmountReceived: 100, Currency: "usd", Metadata: map[string]string{stripeapi.MetadataPaymentID: res.PaymentID}}); err != nil {
 			t.Fatalf("%s: %v", c.item, err)
 		}
 		var expires *time.Time

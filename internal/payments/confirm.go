@@ -114,12 +114,10 @@ type Subscription struct {
 	Metadata map[string]string
 }
 
-const metaPaymentID = "tally_payment_id"
-
 // paymentFor finds the payment a Stripe object names: by our metadata first,
 // then by the Stripe ids we stored. "" means none.
 func (s *Service) paymentFor(ctx context.Context, metadata map[string]string, byColumn map[string]string) (string, error) {
-	if id := metadata[metaPaymentID]; id != "" {
+	if id := metadata[stripeapi.MetadataPaymentID]; id != "" {
 		return id, nil
 	}
 	for _, col := range []string{"payment_intent_id", "checkout_session_id", "id"} {
@@ -232,7 +230,7 @@ func (s *Service) PaymentIntentSucceeded(ctx context.Context, ev EventRef, pi Pa
 		return err
 	}
 	return s.confirm(ctx, ev, id, confirmation{paymentIntentID: pi.ID, amountReceived: pi.AmountReceived, currency: pi.Currency,
-		livemode: pi.Livemode, customerID: pi.Metadata["tally_customer_id"], session: session})
+		livemode: pi.Livemode, customerID: pi.Metadata[stripeapi.MetadataCustomerID], session: session})
 }
 
 func (s *Service) confirm(ctx context.Context, ev EventRef, paymentID string, c confirmation) error {
@@ -495,7 +493,7 @@ func (s *Service) confirmSession(ctx context.Context, ev EventRef, paymentID str
 		return reject("checkout session %s has no amount_total", cs.ID)
 	}
 	return s.confirm(ctx, ev, paymentID, confirmation{paymentIntentID: cs.PaymentIntent, amountReceived: *cs.AmountTotal, currency: cs.Currency,
-		livemode: cs.Livemode, customerID: cs.Metadata["tally_customer_id"], session: &cs})
+		livemode: cs.Livemode, customerID: cs.Metadata[stripeapi.MetadataCustomerID], session: &cs})
 }
 
 // subscribed moves a plan's payment to succeeded when its subscription
@@ -633,7 +631,7 @@ func (s *Service) SubscriptionChanged(ctx context.Context, ev EventRef, sub Subs
 	if sub.Livemode != s.livemode {
 		return reject("event livemode=%t does not match our Stripe key (livemode=%t)", sub.Livemode, s.livemode)
 	}
-	customerID := sub.Metadata["tally_customer_id"]
+	customerID := sub.Metadata[stripeapi.MetadataCustomerID]
 	if customerID == "" && sub.Customer != "" {
 		var ids []string
 		if err := s.db.WithContext(ctx).Raw(`SELECT id FROM customers WHERE stripe_customer_id = ?`, sub.Customer).Scan(&ids).Error; err != nil {
@@ -660,7 +658,7 @@ func (s *Service) SubscriptionChanged(ctx context.Context, ev EventRef, sub Subs
 				plan = COALESCE(EXCLUDED.plan, subscriptions.plan),
 				stripe_event_created = EXCLUDED.stripe_event_created, updated_at = EXCLUDED.updated_at
 			WHERE subscriptions.stripe_event_created <= EXCLUDED.stripe_event_created`,
-			sub.ID, customerID, sub.Status, sub.Metadata["tally_item"], ev.Created, s.now())
+			sub.ID, customerID, sub.Status, sub.Metadata[stripeapi.MetadataItem], ev.Created, s.now())
 		if res.Error != nil {
 			return db.Translate(res.Error, nil)
 		}
@@ -668,7 +666,7 @@ func (s *Service) SubscriptionChanged(ctx context.Context, ev EventRef, sub Subs
 			return nil // an older event than the status we hold
 		}
 		return events.Append(ctx, tx, events.Event{Type: events.SubscriptionUpdate, CustomerID: customerID, Data: map[string]any{
-			"subscription_id": sub.ID, "status": sub.Status, "plan": sub.Metadata["tally_item"], "stripe_event_id": ev.ID,
+			"subscription_id": sub.ID, "status": sub.Status, "plan": sub.Metadata[stripeapi.MetadataItem], "stripe_event_id": ev.ID,
 		}})
 	})
 }

@@ -7,16 +7,18 @@ import (
 	"testing"
 	"time"
 
+	"github.com/tallybilling/tally/internal/catalog"
 	"github.com/tallybilling/tally/internal/config"
 	"github.com/tallybilling/tally/internal/credits"
 	"github.com/tallybilling/tally/internal/db"
 	"github.com/tallybilling/tally/internal/db/dbtest"
 	"github.com/tallybilling/tally/internal/payments"
+	"github.com/tallybilling/tally/internal/stripeapi"
 )
 
 func disputeOf(res payments.CheckoutResult, pi, id, status string, amount int64) payments.Dispute {
 	return payments.Dispute{ID: id, Charge: "ch_" + pi, PaymentIntent: pi, Amount: amount, Currency: "usd", Status: status,
-		Reason: "fraudulent", Metadata: map[string]string{"tally_payment_id": res.PaymentID}}
+		Reason: "fraudulent", Metadata: map[string]string{stripeapi.MetadataPaymentID: res.PaymentID}}
 }
 
 // Every stage of one chargeback delivered many times at once, under new and
@@ -79,15 +81,16 @@ func TestConcurrentDisputeEventsHaveOneEffect(t *testing.T) {
 func TestDisputeWonReturnsCreditsWithTheirExpiry(t *testing.T) {
 	gdb := dbtest.New(t)
 	fake, stripe := fakeClient(t)
-	cat, err := config.ParseCatalog([]byte(catalogYAML))
+	cat, err := catalog.Parse([]byte(catalogYAML))
 	if err != nil {
 		t.Fatal(err)
 	}
 	now := time.Date(2026, 5, 1, 9, 0, 0, 0, time.UTC)
 	var mu sync.Mutex
 	clock := func() time.Time { mu.Lock(); defer mu.Unlock(); return now }
-	svc := payments.NewService(payments.Options{DB: gdb, Stripe: stripe, Catalog: cat, Logger: dbtest.Logger(t), Now: clock,
-		Checkout: config.CheckoutConfig{ExpiresAfter: time.Hour, ConfirmOn: config.ConfirmOnPaymentIntent}})
+	o := defaultOptions(gdb)
+	o.Stripe, o.Catalog, o.Logger, o.Now = stripe, cat, dbtest.Logger(t), clock
+	svc := payments.NewService(o)
 	wallet := credits.NewService(gdb, config.Default().Credits, clock, dbtest.Logger(t))
 	ctx := context.Background()
 	n := 0

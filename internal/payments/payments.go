@@ -17,6 +17,7 @@ import (
 
 	"gorm.io/gorm"
 
+	"github.com/tallybilling/tally/internal/catalog"
 	"github.com/tallybilling/tally/internal/config"
 	"github.com/tallybilling/tally/internal/customers"
 	"github.com/tallybilling/tally/internal/db"
@@ -147,7 +148,7 @@ type Options struct {
 	// Stripe is nil when no Stripe key is configured; checkouts then answer
 	// unavailable, webhooks still work.
 	Stripe   stripeapi.Client
-	Catalog  config.Catalog
+	Catalog  catalog.Catalog
 	Checkout config.CheckoutConfig
 	// Livemode is the mode of our Stripe key; events of the other mode are parked.
 	Livemode bool
@@ -159,8 +160,8 @@ type Options struct {
 	// default db.ReservationLease.
 	ReservationLease time.Duration
 
-	// RevokeFrom is where refunds and disputes take credits back from
-	// (config.RevokeFromBalance when empty).
+	// RevokeFrom is where refunds and disputes take credits back from:
+	// config.RevokeFromBalance or config.RevokeFromPurchaseGrant.
 	RevokeFrom string
 }
 
@@ -168,7 +169,7 @@ type Options struct {
 type Service struct {
 	db               *gorm.DB
 	stripe           stripeapi.Client
-	catalog          config.Catalog
+	catalog          catalog.Catalog
 	checkout         config.CheckoutConfig
 	livemode         bool
 	logger           *slog.Logger
@@ -177,8 +178,17 @@ type Service struct {
 	revokeFrom       string
 }
 
-// NewService builds the Service.
+// NewService builds the Service. Checkout and RevokeFrom come from config,
+// which holds their defaults: it panics when they do not validate (a zero
+// setting in hand-built Options is a programming error).
 func NewService(o Options) *Service {
+	err := o.Checkout.Validate()
+	if o.RevokeFrom != config.RevokeFromBalance && o.RevokeFrom != config.RevokeFromPurchaseGrant {
+		err = errors.Join(err, fmt.Errorf("TALLY_REVOKE_FROM: %q is not balance or purchase_grant", o.RevokeFrom))
+	}
+	if err != nil {
+		panic(fmt.Errorf("payments.NewService: %w", err))
+	}
 	logger := o.Logger
 	if logger == nil {
 		logger = slog.New(slog.DiscardHandler)
@@ -187,23 +197,17 @@ func NewService(o Options) *Service {
 	if now == nil {
 		now = time.Now
 	}
-	checkout := o.Checkout
-	if checkout.ConfirmOn == "" {
-		checkout.ConfirmOn = config.ConfirmOnPaymentIntent
-	}
-	revokeFrom := o.RevokeFrom
-	if revokeFrom == "" {
-		revokeFrom = config.RevokeFromBalance
-	}
 	lease := o.ReservationLease
 	if lease <= 0 {
 		lease = db.ReservationLease
 	}
-	return &Service{db: o.DB, stripe: o.Stripe, catalog: o.Catalog, checkout: checkout, livemode: o.Livemode, logger: logger, now: now,
-		revokeFrom: revokeFrom, reservationLease: lease}
+	return &Service{db: o.DB, stripe: o.Stripe, catalog: o.Catalog, checkout: o.Checkout, livemode: o.Livemode, logger: logger, now: now,
+		revokeFrom: o.RevokeFrom, reservationLease: lease}
 }
 
-// row is the payments table as gorm scans it.
+// row is the payments table as gorm scans it. A NULL text column the
+// domain reads as empty scans as "" (gorm leaves the zero value); the
+// columns whose NULL means something else stay pointers.
 type row struct {
 	ID                           string
 	CustomerID                   string
@@ -220,27 +224,27 @@ type row struct {
 	CreditsExpireAfterSeconds    *int64
 	CreditsExpireAfterMonths     *int
 	Livemode                     bool
-	CheckoutSessionID            *string
-	PaymentIntentID              *string
-	InvoiceID                    *string
-	SubscriptionID               *string
-	StripeCustomerID             *string
-	CheckoutPaymentStatus        *string
+	CheckoutSessionID            string
+	PaymentIntentID              string
+	InvoiceID                    string
+	SubscriptionID               string
+	StripeCustomerID             string
+	CheckoutPaymentStatus        string
 	CheckoutCurrency             *string
 	CheckoutAmountSubtotal       *int64
 	CheckoutAmountTotal          *int64
 	CheckoutAmountTax            *int64
 	CheckoutSourceCurrency       *string
 	CheckoutSourceAmountSubtotal *int64
-	ReceivedCurrency             *string
-	FailureReason                *string
+	ReceivedCurrency             string
+	FailureReason                string
 	CreatedAt                    time.Time
 	UpdatedAt                    time.Time
 	SucceededAt                  *time.Time
 
 	CreditsRevoked      int64
 	AmountDisputed      int64
-	StatusBeforeDispute *string
+	StatusBeforeDispute string
 }
 
 const columns = `id, customer_id, item, item_kind, quantity, status, unit_amount, amount, currency,
@@ -251,23 +255,16 @@ const columns = `id, customer_id, item, item_kind, quantity, status, unit_amount
 	failure_reason, created_at, updated_at, succeeded_at,
 	credits_revoked, amount_disputed, status_before_dispute`
 
-func str(p *string) string {
-	if p == nil {
-		return ""
-	}
-	return *p
-}
-
 func (r row) payment() Payment {
 	p := Payment{
 		ID: r.ID, CustomerID: r.CustomerID, Item: r.Item, ItemKind: ItemKind(r.ItemKind), Quantity: r.Quantity,
 		Status: Status(r.Status), UnitAmount: r.UnitAmount, Amount: r.Amount, Currency: r.Currency,
 		AmountReceived: r.AmountReceived, AmountRefunded: r.AmountRefunded, Credits: r.Credits, Livemode: r.Livemode,
-		CheckoutSessionID: str(r.CheckoutSessionID), PaymentIntentID: str(r.PaymentIntentID),
-		InvoiceID: str(r.InvoiceID), SubscriptionID: str(r.SubscriptionID), StripeCustomerID: str(r.StripeCustomerID),
-		CheckoutPaymentStatus: str(r.CheckoutPaymentStatus), FailureReason: str(r.FailureReason),
+		CheckoutSessionID: r.CheckoutSessionID, PaymentIntentID: r.PaymentIntentID,
+		InvoiceID: r.InvoiceID, SubscriptionID: r.SubscriptionID, StripeCustomerID: r.StripeCustomerID,
+		CheckoutPaymentStatus: r.CheckoutPaymentStatus, FailureReason: r.FailureReason,
 		CreatedAt: r.CreatedAt, UpdatedAt: r.UpdatedAt, SucceededAt: r.SucceededAt,
-		CreditsRevoked: r.CreditsRevoked, AmountDisputed: r.AmountDisputed, StatusBeforeDispute: Status(str(r.StatusBeforeDispute)),
+		CreditsRevoked: r.CreditsRevoked, AmountDisputed: r.AmountDisputed, StatusBeforeDispute: Status(r.StatusBeforeDispute),
 	}
 	if r.CreditsExpireAfterSeconds != nil {
 		p.CreditsExpireAfter = time.Duration(*r.CreditsExpireAfterSeconds) * time.Second
@@ -284,13 +281,13 @@ func (r row) payment() Payment {
 			p.Checkout.SourceCurrency, p.Checkout.SourceAmountSubtotal = *r.CheckoutSourceCurrency, *r.CheckoutSourceAmountSubtotal
 		}
 	}
-	p.ReceivedCurrency = str(r.ReceivedCurrency)
+	p.ReceivedCurrency = r.ReceivedCurrency
 	return p
 }
 
 // CreditsExpiry is how long the credits p grants stay spendable.
-func (p Payment) CreditsExpiry() config.Expiry {
-	return config.Expiry{Months: p.CreditsExpireAfterMonths, Duration: p.CreditsExpireAfter}
+func (p Payment) CreditsExpiry() catalog.Expiry {
+	return catalog.Expiry{Months: p.CreditsExpireAfterMonths, Duration: p.CreditsExpireAfter}
 }
 
 // load reads one payment through gdb; lock takes its row lock (gdb must then
@@ -333,13 +330,13 @@ func (s *Service) Get(ctx context.Context, id string) (Payment, error) {
 	if err != nil {
 		return Payment{}, err
 	}
-	type trow struct {
-		FromStatus      *string
+	type trow struct { // NULL text scans as ""
+		FromStatus      string
 		ToStatus        string
 		Applied         bool
-		StripeEventID   *string
-		StripeEventType *string
-		Reason          *string
+		StripeEventID   string
+		StripeEventType string
+		Reason          string
 		CreatedAt       time.Time
 	}
 	var trs []trow
@@ -351,9 +348,9 @@ func (s *Service) Get(ctx context.Context, id string) (Payment, error) {
 	p.Transitions = make([]Transition, 0, len(trs))
 	for _, t := range trs {
 		p.Transitions = append(p.Transitions, Transition{
-			From: Status(str(t.FromStatus)), To: Status(t.ToStatus), Applied: t.Applied,
-			StripeEventID: str(t.StripeEventID), StripeEventType: str(t.StripeEventType),
-			Reason: str(t.Reason), CreatedAt: t.CreatedAt,
+			From: Status(t.FromStatus), To: Status(t.ToStatus), Applied: t.Applied,
+			StripeEventID: t.StripeEventID, StripeEventType: t.StripeEventType,
+			Reason: t.Reason, CreatedAt: t.CreatedAt,
 		})
 	}
 	return p, nil

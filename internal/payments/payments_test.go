@@ -4,12 +4,14 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
+	"strings"
 	"sync"
 	"testing"
 	"time"
 
 	"gorm.io/gorm"
 
+	"github.com/tallybilling/tally/internal/catalog"
 	"github.com/tallybilling/tally/internal/config"
 	"github.com/tallybilling/tally/internal/credits"
 	"github.com/tallybilling/tally/internal/db"
@@ -34,21 +36,31 @@ func newService(t *testing.T, gdb *gorm.DB, stripe stripeapi.Client, confirmOn s
 	return newServiceWith(t, gdb, stripe, catalogYAML, func(o *payments.Options) { o.Checkout.ConfirmOn = confirmOn })
 }
 
-// newServiceWith builds a Service on catalog, with tweak applied to its options.
-func newServiceWith(t *testing.T, gdb *gorm.DB, stripe stripeapi.Client, catalog string, tweak func(*payments.Options)) *payments.Service {
+// newServiceWith builds a Service on the catalog file catalogYAML, with tweak
+// applied to its options.
+func newServiceWith(t *testing.T, gdb *gorm.DB, stripe stripeapi.Client, catalogYAML string, tweak func(*payments.Options)) *payments.Service {
 	t.Helper()
-	cat, err := config.ParseCatalog([]byte(catalog))
+	cat, err := catalog.Parse([]byte(catalogYAML))
 	if err != nil {
 		t.Fatal(err)
 	}
-	o := payments.Options{
-		DB: gdb, Stripe: stripe, Catalog: cat, Livemode: false, Logger: dbtest.Logger(t),
-		Checkout: config.CheckoutConfig{ExpiresAfter: time.Hour, ConfirmOn: config.ConfirmOnPaymentIntent, InvoiceCreation: true},
-	}
+	o := defaultOptions(gdb)
+	o.Stripe, o.Catalog, o.Logger = stripe, cat, dbtest.Logger(t)
+	o.Checkout.InvoiceCreation = true
 	if tweak != nil {
 		tweak(&o)
 	}
 	return payments.NewService(o)
+}
+
+// defaultOptions are the Options app.New passes on a default configuration
+// (config.Default), except that checkouts are not rate limited: tests start
+// many for one customer.
+func defaultOptions(gdb *gorm.DB) payments.Options {
+	cfg := config.Default()
+	o := payments.Options{DB: gdb, Checkout: cfg.Checkout, RevokeFrom: cfg.Credits.RevokeFrom}
+	o.Checkout.RateLimit = 0
+	return o
 }
 
 func fakeClient(t *testing.T) (*stripefake.Fake, stripeapi.Client) {
@@ -121,10 +133,10 @@ func TestConfirmationGuardAcrossStrategies(t *testing.T) {
 	res := buy(t, byIntent, "racer", "starter", 2)
 	payAtStripe(t, fake, res, "pi_race")
 	pi := payments.PaymentIntent{ID: "pi_race", Amount: 2000, AmountReceived: 2000, Currency: "usd", Status: "succeeded",
-		Metadata: map[string]string{"tally_payment_id": res.PaymentID}}
+		Metadata: map[string]string{stripeapi.MetadataPaymentID: res.PaymentID}}
 	total := int64(2000)
 	cs := payments.CheckoutSession{ID: res.CheckoutSessionID, Mode: "payment", Status: "complete", PaymentStatus: "paid",
-		PaymentIntent: "pi_race", AmountSubtotal: &total, AmountTotal: &total, Currency: "usd", Metadata: map[string]string{"tally_payment_id": res.PaymentID}}
+		PaymentIntent: "pi_race", AmountSubtotal: &total, AmountTotal: &total, Currency: "usd", Metadata: map[string]string{stripeapi.MetadataPaymentID: res.PaymentID}}
 
 	var wg sync.WaitGroup
 	errc := make(chan error, 40)
@@ -175,7 +187,7 @@ func TestSecondPaymentIntentIsRejected(t *testing.T) {
 	ctx := context.Background()
 	res := buy(t, svc, "twice", "starter", 1)
 	payAtStripe(t, fake, res, "pi_a")
-	meta := map[string]string{"tally_payment_id": res.PaymentID}
+	meta := map[string]string{stripeapi.MetadataPaymentID: res.PaymentID}
 	ev := payments.EventRef{ID: "evt_a", Type: "payment_intent.succeeded"}
 	if err := svc.PaymentIntentSucceeded(ctx, ev, payments.PaymentIntent{ID: "pi_a", AmountReceived: 1000, Currency: "usd", Metadata: meta}); err != nil {
 		t.Fatal(err)
@@ -189,7 +201,7 @@ func TestSecondPaymentIntentIsRejected(t *testing.T) {
 	}
 	other := buy(t, svc, "someone-else", "starter", 1)
 	if err := svc.PaymentIntentSucceeded(ctx, payments.EventRef{ID: "evt_c", Type: ev.Type}, payments.PaymentIntent{ID: "pi_c", AmountReceived: 1000, Currency: "usd",
-		Metadata: map[string]string{"tally_payment_id": other.PaymentID, "tally_customer_id": "twice"}}); !payments.IsRejection(err) {
+		Metadata: map[string]string{stripeapi.MetadataPaymentID: other.PaymentID, stripeapi.MetadataCustomerID: "twice"}}); !payments.IsRejection(err) {
 		t.Fatalf("metadata naming another customer's payment: %v, want a rejection", err)
 	}
 	if err := svc.PaymentIntentSucceeded(ctx, ev, payments.PaymentIntent{ID: "pi_other", AmountReceived: 1000, Currency: "usd"}); err != payments.ErrNotOurs {
@@ -253,7 +265,7 @@ func TestCheckoutModes(t *testing.T) {
 	ctx := context.Background()
 	err := svc.CheckoutSessionCompleted(ctx, payments.EventRef{ID: "evt_sub", Type: "checkout.session.completed"}, payments.CheckoutSession{
 		ID: plan.CheckoutSessionID, Mode: "subscription", Status: "complete", PaymentStatus: "paid", Subscription: "sub_1",
-		Metadata: map[string]string{"tally_payment_id": plan.PaymentID}})
+		Metadata: map[string]string{stripeapi.MetadataPaymentID: plan.PaymentID}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -263,7 +275,7 @@ func TestCheckoutModes(t *testing.T) {
 	}
 
 	// Subscription status follows the newest event; an older one is ignored.
-	sub := payments.Subscription{ID: "sub_1", Customer: "cus_x", Status: "active", Metadata: map[string]string{"tally_customer_id": "sub-1", "tally_item": "api"}}
+	sub := payments.Subscription{ID: "sub_1", Customer: "cus_x", Status: "active", Metadata: map[string]string{stripeapi.MetadataCustomerID: "sub-1", stripeapi.MetadataItem: "api"}}
 	if err := svc.SubscriptionChanged(ctx, payments.EventRef{ID: "evt_s2", Created: 200}, sub); err != nil {
 		t.Fatal(err)
 	}
@@ -288,7 +300,7 @@ func TestVerifyPurchasesFindsBreaches(t *testing.T) {
 	payAtStripe(t, fake, paid, "pi_1")
 	unpaid := buy(t, svc, "audit", "starter", 1)
 	if err := svc.PaymentIntentSucceeded(ctx, payments.EventRef{ID: "evt_1", Type: "payment_intent.succeeded"},
-		payments.PaymentIntent{ID: "pi_1", AmountReceived: 1000, Currency: "usd", Metadata: map[string]string{"tally_payment_id": paid.PaymentID}}); err != nil {
+		payments.PaymentIntent{ID: "pi_1", AmountReceived: 1000, Currency: "usd", Metadata: map[string]string{stripeapi.MetadataPaymentID: paid.PaymentID}}); err != nil {
 		t.Fatal(err)
 	}
 	problems, checked, err := payments.VerifyPurchases(ctx, gdb)
@@ -334,7 +346,7 @@ func TestForeignPaymentIntentIsRejected(t *testing.T) {
 
 	paid := buy(t, svc, "victim", "starter", 1)
 	payAtStripe(t, fake, paid, "pi_victim")
-	meta := map[string]string{"tally_payment_id": paid.PaymentID}
+	meta := map[string]string{stripeapi.MetadataPaymentID: paid.PaymentID}
 	if err := svc.PaymentIntentSucceeded(ctx, payments.EventRef{ID: "evt_paid", Type: "payment_intent.succeeded"},
 		payments.PaymentIntent{ID: "pi_victim", AmountReceived: 1000, Currency: "usd", Metadata: meta}); err != nil {
 		t.Fatal(err)
@@ -369,7 +381,7 @@ func TestForeignPaymentIntentIsRejected(t *testing.T) {
 
 	// A pending payment whose PaymentIntent is known is not failed by another one's decline.
 	pending := buy(t, svc, "victim", "starter", 1)
-	pmeta := map[string]string{"tally_payment_id": pending.PaymentID}
+	pmeta := map[string]string{stripeapi.MetadataPaymentID: pending.PaymentID}
 	if err := svc.CheckoutSessionCompleted(ctx, payments.EventRef{ID: "evt_unpaid", Type: "checkout.session.completed"}, payments.CheckoutSession{
 		ID: pending.CheckoutSessionID, Mode: "payment", Status: "complete", PaymentStatus: "unpaid", PaymentIntent: "pi_pending", Metadata: pmeta}); err != nil {
 		t.Fatal(err)
@@ -410,7 +422,7 @@ func TestFailuresAreIdempotent(t *testing.T) {
 	svc := newService(t, gdb, stripe, config.ConfirmOnPaymentIntent)
 	ctx := context.Background()
 	res := buy(t, svc, "decliner", "starter", 1)
-	meta := map[string]string{"tally_payment_id": res.PaymentID}
+	meta := map[string]string{stripeapi.MetadataPaymentID: res.PaymentID}
 	pi := payments.PaymentIntent{ID: "pi_decline", Currency: "usd", LastError: "Your card was declined.", Metadata: meta}
 	for range 3 {
 		if err := svc.PaymentIntentFailed(ctx, payments.EventRef{ID: "evt_decline", Type: "payment_intent.payment_failed"}, pi); err != nil {
@@ -485,7 +497,7 @@ func TestStripeIDOfAnotherPaymentIsRejected(t *testing.T) {
 	completed := func(res payments.CheckoutResult, ev string) error {
 		return svc.CheckoutSessionCompleted(ctx, payments.EventRef{ID: ev, Type: "checkout.session.completed"}, payments.CheckoutSession{
 			ID: res.CheckoutSessionID, Mode: "payment", Status: "complete", PaymentStatus: "unpaid", PaymentIntent: "pi_shared",
-			Metadata: map[string]string{"tally_payment_id": res.PaymentID}})
+			Metadata: map[string]string{stripeapi.MetadataPaymentID: res.PaymentID}})
 	}
 	if err := completed(first, "evt_first"); err != nil {
 		t.Fatal(err)
@@ -496,5 +508,31 @@ func TestStripeIDOfAnotherPaymentIsRejected(t *testing.T) {
 	p, err := svc.Get(ctx, second.PaymentID)
 	if err != nil || p.PaymentIntentID != "" || p.Status != payments.Pending {
 		t.Fatalf("second payment = %+v, %v; want pending without a PaymentIntent", p, err)
+	}
+}
+
+// Settings come from config, which holds every default: an unset checkout
+// setting or revoke source in hand-built Options is a programming error
+// that NewService refuses, naming it, rather than quietly choosing a value
+// of its own.
+func TestNewServiceRefusesUnsetSettings(t *testing.T) {
+	for name, tc := range map[string]struct {
+		tweak func(*payments.Options)
+		want  string
+	}{
+		"confirm on":  {func(o *payments.Options) { o.Checkout.ConfirmOn = "" }, "TALLY_CONFIRM_ON"},
+		"expiry":      {func(o *payments.Options) { o.Checkout.ExpiresAfter = 0 }, "TALLY_CHECKOUT_EXPIRES_AFTER"},
+		"revoke from": {func(o *payments.Options) { o.RevokeFrom = "" }, "TALLY_REVOKE_FROM"},
+	} {
+		t.Run(name, func(t *testing.T) {
+			o := defaultOptions(nil)
+			tc.tweak(&o)
+			defer func() {
+				if msg := fmt.Sprint(recover()); !strings.Contains(msg, tc.want) {
+					t.Fatalf("NewService panicked with %q, want the unset %s named", msg, tc.want)
+				}
+			}()
+			payments.NewService(o)
+		})
 	}
 }

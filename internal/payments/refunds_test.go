@@ -9,11 +9,13 @@ import (
 
 	"gorm.io/gorm"
 
+	"github.com/tallybilling/tally/internal/catalog"
 	"github.com/tallybilling/tally/internal/config"
 	"github.com/tallybilling/tally/internal/credits"
 	"github.com/tallybilling/tally/internal/db"
 	"github.com/tallybilling/tally/internal/db/dbtest"
 	"github.com/tallybilling/tally/internal/payments"
+	"github.com/tallybilling/tally/internal/stripeapi"
 	"github.com/tallybilling/tally/internal/stripeapi/stripefake"
 )
 
@@ -63,7 +65,7 @@ func paidPack(t *testing.T, fake *stripefake.Fake, svc *payments.Service, custom
 	res := buy(t, svc, customer, "starter", 1)
 	payAtStripe(t, fake, res, pi)
 	if err := svc.PaymentIntentSucceeded(context.Background(), payments.EventRef{ID: "evt_paid_" + pi, Type: "payment_intent.succeeded"},
-		payments.PaymentIntent{ID: pi, AmountReceived: 1000, Currency: "usd", Metadata: map[string]string{"tally_payment_id": res.PaymentID}}); err != nil {
+		payments.PaymentIntent{ID: pi, AmountReceived: 1000, Currency: "usd", Metadata: map[string]string{stripeapi.MetadataPaymentID: res.PaymentID}}); err != nil {
 		t.Fatal(err)
 	}
 	return res
@@ -73,7 +75,7 @@ func refund(t *testing.T, svc *payments.Service, res payments.CheckoutResult, pi
 	t.Helper()
 	if err := svc.ChargeRefunded(context.Background(), payments.EventRef{ID: event, Type: "charge.refunded"}, payments.Charge{
 		ID: "ch_" + pi, PaymentIntent: pi, Amount: 1000, AmountRefunded: total, Currency: "usd",
-		Metadata: map[string]string{"tally_payment_id": res.PaymentID}}); err != nil {
+		Metadata: map[string]string{stripeapi.MetadataPaymentID: res.PaymentID}}); err != nil {
 		t.Fatalf("refund %s: %v", event, err)
 	}
 }
@@ -141,13 +143,13 @@ func TestRefundsRevokeTheirShareOnceFromTheWholeBalance(t *testing.T) {
 func TestRefundsFromThePurchaseGrantOnly(t *testing.T) {
 	gdb := dbtest.New(t)
 	fake, stripe := fakeClient(t)
-	cat, err := config.ParseCatalog([]byte(catalogYAML))
+	cat, err := catalog.Parse([]byte(catalogYAML))
 	if err != nil {
 		t.Fatal(err)
 	}
-	svc := payments.NewService(payments.Options{DB: gdb, Stripe: stripe, Catalog: cat, Logger: dbtest.Logger(t),
-		Checkout:   config.CheckoutConfig{ExpiresAfter: time.Hour, ConfirmOn: config.ConfirmOnPaymentIntent},
-		RevokeFrom: config.RevokeFromPurchaseGrant})
+	o := defaultOptions(gdb)
+	o.Stripe, o.Catalog, o.Logger, o.RevokeFrom = stripe, cat, dbtest.Logger(t), config.RevokeFromPurchaseGrant
+	svc := payments.NewService(o)
 	w := newWallet(t, gdb)
 
 	res := paidPack(t, fake, svc, "joe", "pi_joe")
@@ -172,7 +174,7 @@ func TestRefundAndDisputeBeforeTheSuccessWait(t *testing.T) {
 	svc := newService(t, gdb, stripe, config.ConfirmOnPaymentIntent)
 	ctx := context.Background()
 	res := buy(t, svc, "early", "starter", 1)
-	meta := map[string]string{"tally_payment_id": res.PaymentID}
+	meta := map[string]string{stripeapi.MetadataPaymentID: res.PaymentID}
 	if err := svc.CheckoutSessionCompleted(ctx, payments.EventRef{ID: "evt_unpaid", Type: "checkout.session.completed"}, payments.CheckoutSession{
 		ID: res.CheckoutSessionID, Mode: "payment", Status: "complete", PaymentStatus: "unpaid", PaymentIntent: "pi_early", Metadata: meta}); err != nil {
 		t.Fatal(err)

@@ -12,6 +12,7 @@ import (
 	"github.com/tallybilling/tally/internal/credits"
 	"github.com/tallybilling/tally/internal/db/dbtest"
 	"github.com/tallybilling/tally/internal/payments"
+	"github.com/tallybilling/tally/internal/stripeapi"
 	"github.com/tallybilling/tally/internal/stripeapi/stripefake"
 )
 
@@ -50,7 +51,7 @@ func TestPaymentIntentTallyDidNotCreateIsRefused(t *testing.T) {
 	wallet := credits.NewService(gdb, config.Default().Credits, time.Now, slog.New(slog.DiscardHandler))
 	ctx := context.Background()
 	res := buy(t, svc, "target", "starter", 1)
-	meta := map[string]string{"tally_payment_id": res.PaymentID, "tally_customer_id": "target"}
+	meta := map[string]string{stripeapi.MetadataPaymentID: res.PaymentID, stripeapi.MetadataCustomerID: "target"}
 	forged := payments.PaymentIntent{ID: "pi_forged", Amount: 1000, AmountReceived: 1000, Currency: "usd", Status: "succeeded", Metadata: meta}
 
 	// The buyer has not paid yet: the session names no PaymentIntent, so
@@ -144,7 +145,7 @@ func TestTaxAndLocalCurrencies(t *testing.T) {
 			}
 			err := svc.PaymentIntentSucceeded(ctx, payments.EventRef{ID: "evt_" + res.PaymentID, Type: "payment_intent.succeeded"},
 				payments.PaymentIntent{ID: "pi_" + res.PaymentID, Amount: c.received, AmountReceived: c.received, Currency: c.currency,
-					Status: "succeeded", Metadata: map[string]string{"tally_payment_id": res.PaymentID}})
+					Status: "succeeded", Metadata: map[string]string{stripeapi.MetadataPaymentID: res.PaymentID}})
 			p, gerr := svc.Get(ctx, res.PaymentID)
 			if gerr != nil {
 				t.Fatal(gerr)
@@ -167,7 +168,7 @@ func TestTaxAndLocalCurrencies(t *testing.T) {
 			// A full refund comes in the currency and amount the buyer paid.
 			if err := svc.ChargeRefunded(ctx, payments.EventRef{ID: "evt_refund_" + res.PaymentID, Type: "charge.refunded"}, payments.Charge{
 				ID: "ch_" + res.PaymentID, PaymentIntent: "pi_" + res.PaymentID, Amount: c.received, AmountRefunded: c.received,
-				Currency: c.currency, Metadata: map[string]string{"tally_payment_id": res.PaymentID}}); err != nil {
+				Currency: c.currency, Metadata: map[string]string{stripeapi.MetadataPaymentID: res.PaymentID}}); err != nil {
 				t.Fatalf("the refund: %v", err)
 			}
 			if got := balanceOf(t, wallet, customer); got != 0 {
@@ -192,12 +193,12 @@ func TestSessionFactsSpareAStripeCall(t *testing.T) {
 	if err := svc.CheckoutSessionCompleted(ctx, payments.EventRef{ID: "evt_cs_known", Type: "checkout.session.completed"}, payments.CheckoutSession{
 		ID: known.CheckoutSessionID, Mode: "payment", Status: "complete", PaymentStatus: "paid", PaymentIntent: "pi_known",
 		Currency: "usd", AmountSubtotal: ptr(1000), AmountTotal: ptr(1080), AmountTax: ptr(80),
-		Metadata: map[string]string{"tally_payment_id": known.PaymentID}}); err != nil {
+		Metadata: map[string]string{stripeapi.MetadataPaymentID: known.PaymentID}}); err != nil {
 		t.Fatal(err)
 	}
 	before := sessionGets(fake)
 	if err := svc.PaymentIntentSucceeded(ctx, payments.EventRef{ID: "evt_pi_known", Type: "payment_intent.succeeded"},
-		payments.PaymentIntent{ID: "pi_known", AmountReceived: 1080, Currency: "usd", Metadata: map[string]string{"tally_payment_id": known.PaymentID}}); err != nil {
+		payments.PaymentIntent{ID: "pi_known", AmountReceived: 1080, Currency: "usd", Metadata: map[string]string{stripeapi.MetadataPaymentID: known.PaymentID}}); err != nil {
 		t.Fatal(err)
 	}
 	if n := sessionGets(fake) - before; n != 0 {
@@ -210,7 +211,7 @@ func TestSessionFactsSpareAStripeCall(t *testing.T) {
 	unknown := buy(t, svc, "unknown", "starter", 1)
 	payAtStripe(t, fake, unknown, "pi_unknown")
 	fake.FailNext(1, http.StatusServiceUnavailable, "")
-	pi := payments.PaymentIntent{ID: "pi_unknown", AmountReceived: 1000, Currency: "usd", Metadata: map[string]string{"tally_payment_id": unknown.PaymentID}}
+	pi := payments.PaymentIntent{ID: "pi_unknown", AmountReceived: 1000, Currency: "usd", Metadata: map[string]string{stripeapi.MetadataPaymentID: unknown.PaymentID}}
 	err := svc.PaymentIntentSucceeded(ctx, payments.EventRef{ID: "evt_pi_unknown", Type: "payment_intent.succeeded"}, pi)
 	if err == nil || payments.IsRejection(err) {
 		t.Fatalf("a success while Stripe is down: %v, want an error to retry", err)

@@ -87,9 +87,6 @@ type Client interface {
 	// minute aligned, as Stripe requires; invalid_request otherwise.
 	// Errors: *Error (rate_limited, unavailable, payment_provider_error).
 	MeterEventSummaries(ctx context.Context, in SummaryInput) ([]Summary, error)
-
-	// Livemode reports whether the secret key is a live one (sk_live_, rk_live_).
-	Livemode() bool
 }
 
 // MaxStreamEvents is the most events Stripe accepts in one v2 meter event
@@ -238,7 +235,6 @@ type client struct {
 	api         *stripe.Client // retries network failures
 	meter       *stripe.Client // never retries
 	meterStream stripe.Backend // v2 stream host, never retries
-	livemode    bool
 }
 
 // New builds a Client from cfg. It fails with invalid_request when the key
@@ -308,22 +304,15 @@ func New(cfg Config) (Client, error) {
 		api:         stripe.NewClient(cfg.SecretKey, stripe.WithBackends(apiBackends)),
 		meter:       stripe.NewClient(cfg.SecretKey, stripe.WithBackends(meterBackends)),
 		meterStream: meterBackends.MeterEvents,
-		livemode:    isLiveKey(cfg.SecretKey),
 	}, nil
 }
-
-func isLiveKey(key string) bool {
-	return strings.HasPrefix(key, "sk_live_") || strings.HasPrefix(key, "rk_live_")
-}
-
-func (c *client) Livemode() bool { return c.livemode }
 
 func (c *client) CreateCustomer(ctx context.Context, in CustomerInput) (Customer, error) {
 	if in.TallyCustomerID == "" {
 		return Customer{}, errs.E(errs.Invalid, "stripeapi: a tally customer id is required")
 	}
 	params := &stripe.CustomerCreateParams{
-		Metadata: map[string]string{"tally_customer_id": in.TallyCustomerID},
+		Metadata: map[string]string{MetadataCustomerID: in.TallyCustomerID},
 	}
 	if in.Email != "" {
 		params.Email = stripe.String(in.Email)
@@ -379,8 +368,8 @@ func (c *client) CreateCheckoutSession(ctx context.Context, in CheckoutSessionIn
 	if metadata == nil {
 		metadata = map[string]string{}
 	}
-	metadata["tally_payment_id"] = in.PaymentID
-	metadata["tally_customer_id"] = in.TallyCustomerID
+	metadata[MetadataPaymentID] = in.PaymentID
+	metadata[MetadataCustomerID] = in.TallyCustomerID
 
 	item := &stripe.CheckoutSessionCreateLineItemParams{}
 	if in.LineItem.StripePrice != "" {

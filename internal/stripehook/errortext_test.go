@@ -11,7 +11,6 @@ import (
 
 	"github.com/tallybilling/tally/internal/db"
 	"github.com/tallybilling/tally/internal/db/dbtest"
-	"github.com/tallybilling/tally/internal/payments"
 	"github.com/tallybilling/tally/internal/stripehook"
 )
 
@@ -24,8 +23,7 @@ func TestLongReasonsAreStoredCutOnACharacter(t *testing.T) {
 	gdb := dbtest.New(t)
 	ctx := context.Background()
 	const secret = "whsec_errortext"
-	intake := stripehook.New(stripehook.Options{DB: gdb, Payments: payments.NewService(payments.Options{DB: gdb}),
-		Secrets: []string{secret}, MaxAttempts: 8, Logger: dbtest.Logger(t)})
+	intake := stripehook.New(defaultOptions(t, gdb, secret))
 	// Three offsets, so that whatever the reason's prefix, one of them puts
 	// the cut inside a three-byte character.
 	for i, pad := range []string{"", "a", "ab"} {

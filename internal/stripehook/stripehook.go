@@ -59,9 +59,11 @@ type Options struct {
 	Secrets []string
 	// Tolerance is the signature timestamp tolerance; 0 means Stripe's 300 s.
 	Tolerance time.Duration
-	// MaxAttempts is how often processing is tried before the event is parked.
+	// MaxAttempts is how often processing is tried before the event is
+	// parked (config's Stripe.EventMaxAttempts); at least 1.
 	MaxAttempts int
-	// RetryInterval is the retry worker's poll period and the first backoff.
+	// RetryInterval is the retry worker's poll period and the first backoff
+	// (config's Stripe.EventRetryInterval); positive.
 	RetryInterval time.Duration
 	Registry      prometheus.Registerer
 	Logger        *slog.Logger
@@ -101,17 +103,17 @@ const maxBackoff = time.Hour
 const waitForSuccess = 24 * time.Hour
 
 // New builds the Intake and registers its metrics on o.Registry (when set).
+// MaxAttempts and RetryInterval come from config, which holds their
+// defaults: it panics when either is unset (a programming error).
 func New(o Options) *Intake {
+	if o.MaxAttempts < 1 || o.RetryInterval <= 0 {
+		panic(fmt.Sprintf("stripehook.New: MaxAttempts (%d) must be at least 1 and RetryInterval (%s) positive; take them from config.StripeConfig",
+			o.MaxAttempts, o.RetryInterval))
+	}
 	h := &Intake{db: o.DB, payments: o.Payments, secrets: o.Secrets, tolerance: o.Tolerance, maxAttempts: o.MaxAttempts,
 		retryInterval: o.RetryInterval, logger: o.Logger, now: o.Now}
 	if h.tolerance == 0 {
 		h.tolerance = stripeapi.WebhookTolerance
-	}
-	if h.maxAttempts < 1 {
-		h.maxAttempts = 8
-	}
-	if h.retryInterval <= 0 {
-		h.retryInterval = 10 * time.Second
 	}
 	if h.logger == nil {
 		h.logger = slog.New(slog.DiscardHandler)

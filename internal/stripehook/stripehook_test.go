@@ -3,16 +3,50 @@ package stripehook_test
 import (
 	"context"
 	"fmt"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
 
+	"gorm.io/gorm"
+
+	"github.com/tallybilling/tally/internal/config"
 	"github.com/tallybilling/tally/internal/db"
 	"github.com/tallybilling/tally/internal/db/dbtest"
 	"github.com/tallybilling/tally/internal/payments"
 	"github.com/tallybilling/tally/internal/stripehook"
 )
+
+// defaultOptions are the Options app.New passes on a default configuration
+// (config.Default), over a payments Service configured the same way.
+func defaultOptions(t *testing.T, gdb *gorm.DB, secrets ...string) stripehook.Options {
+	cfg := config.Default()
+	pay := payments.NewService(payments.Options{DB: gdb, Checkout: cfg.Checkout, RevokeFrom: cfg.Credits.RevokeFrom})
+	return stripehook.Options{DB: gdb, Payments: pay, Secrets: secrets, MaxAttempts: cfg.Stripe.EventMaxAttempts,
+		RetryInterval: cfg.Stripe.EventRetryInterval, Logger: dbtest.Logger(t)}
+}
+
+// Settings come from config, which holds every default: an unset attempt
+// limit or retry interval in hand-built Options is a programming error that
+// New refuses, rather than quietly choosing a value of its own.
+func TestNewRefusesUnsetSettings(t *testing.T) {
+	for name, tweak := range map[string]func(*stripehook.Options){
+		"MaxAttempts":   func(o *stripehook.Options) { o.MaxAttempts = 0 },
+		"RetryInterval": func(o *stripehook.Options) { o.RetryInterval = 0 },
+	} {
+		t.Run(name, func(t *testing.T) {
+			o := defaultOptions(t, nil)
+			tweak(&o)
+			defer func() {
+				if msg := fmt.Sprint(recover()); !strings.Contains(msg, name) {
+					t.Fatalf("New panicked with %q, want the unset %s named", msg, name)
+				}
+			}()
+			stripehook.New(o)
+		})
+	}
+}
 
 // Replicas retrying at once never take the same event: every due event is
 // claimed by exactly one RetryDue call and processed once.
@@ -33,7 +67,7 @@ func TestRetryClaimsNeverOverlap(t *testing.T) {
 	}
 	intakes := make([]*stripehook.Intake, 4)
 	for i := range intakes {
-		intakes[i] = stripehook.New(stripehook.Options{DB: gdb, Payments: payments.NewService(payments.Options{DB: gdb}), MaxAttempts: 8, Logger: dbtest.Logger(t)})
+		intakes[i] = stripehook.New(defaultOptions(t, gdb))
 	}
 	var claimed atomic.Int64
 	var wg sync.WaitGroup

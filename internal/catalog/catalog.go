@@ -1,4 +1,11 @@
-package config
+// Package catalog is what a client can buy: credit packs, one-time products
+// and metered plans, with their prices and credit counts, and the allow-list
+// of URLs a checkout may send the buyer back to. It is domain data read once
+// from the catalog file (TALLY_CATALOG_FILE), not a setting: clients name an
+// item by id, and amounts and credit counts come only from here.
+//
+// The package imports nothing of tally's, so every capability may use it.
+package catalog
 
 import (
 	"bytes"
@@ -126,24 +133,25 @@ type Plan struct {
 	StripeMeterID string
 }
 
-// MaxAmount is the largest amount in minor units that Stripe charges in one
-// payment (99,999,999, e.g. $999,999.99): the most a catalog item costs, and
-// the most one checkout of several units may cost.
-const MaxAmount = 99_999_999
+// MaxChargeMinorUnits is the largest amount in minor units that Stripe
+// charges in one payment (99,999,999, e.g. $999,999.99): the most a catalog
+// item costs, and the most one checkout of several units may cost.
+const MaxChargeMinorUnits = 99_999_999
 
-// MaxCredits is the largest number of credits one grant carries
-// (credits.MaxAmount). A pack beyond it could take money and never grant it,
-// so it is refused at load, and a checkout of several packs beyond it is
-// refused before Stripe is called.
-const MaxCredits = 1_000_000_000_000
+// MaxCreditsPerMove is the most credits one movement of a wallet carries: a
+// grant, a consume or a revoke (the API's bound on their amount). A pack
+// beyond it could take money and never grant it, so it is refused at load,
+// and a checkout of several packs beyond it is refused before Stripe is
+// called.
+const MaxCreditsPerMove = 1_000_000_000_000
 
 var (
 	catalogIDPattern = regexp.MustCompile(`^[a-z0-9][a-z0-9_.-]{0,63}$`)
 	currencyPattern  = regexp.MustCompile(`^[a-z]{3}$`)
 )
 
-// The YAML shape of design/API.md ("Catalog file"); kept apart from the
-// domain types so the file format can change without touching callers.
+// The YAML shape of the catalog file (deploy/catalog.example.yaml shows every
+// field); kept apart from the domain types so the file format can change without touching callers.
 type catalogDoc struct {
 	RedirectURLPrefixes []string        `yaml:"redirect_url_prefixes"`
 	CreditPacks         []creditPackDoc `yaml:"credit_packs"`
@@ -191,23 +199,23 @@ type planDoc struct {
 	StripeMeterID string `yaml:"stripe_meter_id"`
 }
 
-// LoadCatalog reads and validates the catalog file at path.
-func LoadCatalog(path string) (Catalog, error) {
+// Load reads and validates the catalog file at path.
+func Load(path string) (Catalog, error) {
 	data, err := os.ReadFile(path)
 	if err != nil {
 		return Catalog{}, err
 	}
-	c, err := ParseCatalog(data)
+	c, err := Parse(data)
 	if err != nil {
 		return Catalog{}, fmt.Errorf("%s: %w", path, err)
 	}
 	return c, nil
 }
 
-// ParseCatalog decodes a catalog YAML document strictly (unknown fields are
+// Parse decodes a catalog YAML document strictly (unknown fields are
 // errors) and validates it, reporting every problem at once. An empty
 // document is an empty catalog.
-func ParseCatalog(data []byte) (Catalog, error) {
+func Parse(data []byte) (Catalog, error) {
 	dec := yaml.NewDecoder(bytes.NewReader(data))
 	dec.KnownFields(true)
 	var doc catalogDoc
@@ -273,8 +281,8 @@ func (c Catalog) Validate() error {
 		}
 	}
 	checkMoney := func(where string, amount int64, currency string) {
-		if amount <= 0 || amount > MaxAmount {
-			bad(where+".amount", "must be between 1 and %d minor units, got %d", MaxAmount, amount)
+		if amount <= 0 || amount > MaxChargeMinorUnits {
+			bad(where+".amount", "must be between 1 and %d minor units, got %d", MaxChargeMinorUnits, amount)
 		}
 		if !currencyPattern.MatchString(currency) {
 			bad(where+".currency", "%q must be a three-letter lowercase ISO code such as usd", currency)
@@ -291,8 +299,8 @@ func (c Catalog) Validate() error {
 		checkID(where, p.ID)
 		checkName(where, p.Name)
 		checkMoney(where, p.Amount, p.Currency)
-		if p.Credits <= 0 || p.Credits > MaxCredits {
-			bad(where+".credits", "must be between 1 and %d (the largest grant), got %d", int64(MaxCredits), p.Credits)
+		if p.Credits <= 0 || p.Credits > MaxCreditsPerMove {
+			bad(where+".credits", "must be between 1 and %d (the largest grant), got %d", int64(MaxCreditsPerMove), p.Credits)
 		}
 		if e := p.Expiry; e.Months < 0 || e.Duration < 0 || (e.Months > 0 && e.Duration > 0) {
 			bad(where+".expires_after", "must be never, a positive number of months or a positive duration, got %+v", e)

@@ -1,4 +1,4 @@
-package config
+package catalog
 
 import (
 	"reflect"
@@ -36,10 +36,10 @@ plans:
     stripe_meter_id: mtr_123
 `
 
-func TestParseCatalogGood(t *testing.T) {
-	c, err := ParseCatalog([]byte(goodCatalog))
+func TestParseGood(t *testing.T) {
+	c, err := Parse([]byte(goodCatalog))
 	if err != nil {
-		t.Fatalf("ParseCatalog: %v", err)
+		t.Fatalf("Parse: %v", err)
 	}
 	want := Catalog{
 		RedirectURLPrefixes: []string{"https://app.example.com/", "http://localhost:3000/billing"},
@@ -77,14 +77,14 @@ func TestParseCatalogGood(t *testing.T) {
 	}
 }
 
-func TestParseCatalogEmptyAndZeroExpiry(t *testing.T) {
+func TestParseEmptyAndZeroExpiry(t *testing.T) {
 	for _, doc := range []string{"", "\n# nothing yet\n", "{}"} {
-		c, err := ParseCatalog([]byte(doc))
+		c, err := Parse([]byte(doc))
 		if err != nil {
-			t.Fatalf("ParseCatalog(%q): %v", doc, err)
+			t.Fatalf("Parse(%q): %v", doc, err)
 		}
 		if !reflect.DeepEqual(c, Catalog{}) {
-			t.Fatalf("ParseCatalog(%q) = %+v, want empty", doc, c)
+			t.Fatalf("Parse(%q) = %+v, want empty", doc, c)
 		}
 	}
 }
@@ -111,7 +111,7 @@ func TestParsePackExpiry(t *testing.T) {
 			doc += ", " + c.field
 		}
 		doc += "}\n"
-		cat, err := ParseCatalog([]byte(doc))
+		cat, err := Parse([]byte(doc))
 		if err != nil {
 			t.Fatalf("%q: %v", c.field, err)
 		}
@@ -120,7 +120,7 @@ func TestParsePackExpiry(t *testing.T) {
 		}
 	}
 	for _, bad := range []string{"0mo", "-1mo", "1.5mo", "mo", "-1h", "365d", "soon", "12 months"} {
-		_, err := ParseCatalog([]byte("credit_packs:\n- {id: a, name: A, amount: 1, currency: usd, credits: 1, expires_after: '" + bad + "'}\n"))
+		_, err := Parse([]byte("credit_packs:\n- {id: a, name: A, amount: 1, currency: usd, credits: 1, expires_after: '" + bad + "'}\n"))
 		if err == nil || !strings.Contains(err.Error(), "credit_packs[0].expires_after") {
 			t.Errorf("expires_after %q: %v, want a refusal naming credit_packs[0].expires_after", bad, err)
 		}
@@ -164,22 +164,22 @@ func TestExpiryAfter(t *testing.T) {
 
 // A pack of exactly the largest grant loads; one credit more would take the
 // money and then never be granted, so it is refused at load.
-func TestParseCatalogLargestPack(t *testing.T) {
-	c, err := ParseCatalog([]byte("credit_packs:\n- {id: a, name: A, amount: 1, currency: usd, credits: 1000000000000}\n"))
+func TestParseLargestPack(t *testing.T) {
+	c, err := Parse([]byte("credit_packs:\n- {id: a, name: A, amount: 1, currency: usd, credits: 1000000000000}\n"))
 	if err != nil {
 		t.Fatalf("a pack of the largest grant: %v", err)
 	}
-	if c.CreditPacks[0].Credits != MaxCredits {
-		t.Fatalf("credits = %d, want %d", c.CreditPacks[0].Credits, int64(MaxCredits))
+	if c.CreditPacks[0].Credits != MaxCreditsPerMove {
+		t.Fatalf("credits = %d, want %d", c.CreditPacks[0].Credits, int64(MaxCreditsPerMove))
 	}
-	_, err = ParseCatalog([]byte("credit_packs:\n- {id: a, name: A, amount: 1, currency: usd, credits: 1000000000001}\n"))
+	_, err = Parse([]byte("credit_packs:\n- {id: a, name: A, amount: 1, currency: usd, credits: 1000000000001}\n"))
 	if err == nil || !strings.Contains(err.Error(), "credit_packs[0].credits") || !strings.Contains(err.Error(), "1000000000000") {
 		t.Fatalf("a pack beyond the largest grant: %v, want a refusal naming the limit", err)
 	}
 }
 
 func TestDeployExampleCatalogParses(t *testing.T) {
-	c, err := LoadCatalog("../../deploy/catalog.example.yaml")
+	c, err := Load("../../deploy/catalog.example.yaml")
 	if err != nil {
 		t.Fatalf("deploy/catalog.example.yaml: %v", err)
 	}
@@ -197,7 +197,7 @@ func TestDeployExampleCatalogParses(t *testing.T) {
 	}
 }
 
-func TestParseCatalogRejects(t *testing.T) {
+func TestParseRejects(t *testing.T) {
 	pack := func(fields string) string {
 		base := map[string]string{"id": "p", "name": "P", "amount": "100", "currency": "usd", "credits": "10"}
 		for _, kv := range strings.Split(fields, ";") {
@@ -261,7 +261,7 @@ func TestParseCatalogRejects(t *testing.T) {
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
-			c, err := ParseCatalog([]byte(tc.doc))
+			c, err := Parse([]byte(tc.doc))
 			if err == nil {
 				t.Fatalf("accepted:\n%s\n=> %+v", tc.doc, c)
 			}
@@ -272,7 +272,7 @@ func TestParseCatalogRejects(t *testing.T) {
 	}
 }
 
-func TestParseCatalogReportsEveryProblem(t *testing.T) {
+func TestParseReportsEveryProblem(t *testing.T) {
 	doc := `
 redirect_url_prefixes: [nope]
 credit_packs:
@@ -280,7 +280,7 @@ credit_packs:
 plans:
   - {id: a, name: A}
 `
-	_, err := ParseCatalog([]byte(doc))
+	_, err := Parse([]byte(doc))
 	if err == nil {
 		t.Fatal("accepted a broken catalog")
 	}
@@ -383,9 +383,9 @@ func toDoc(c Catalog) catalogDoc {
 	return d
 }
 
-// FuzzParseCatalog: the parser never panics, whatever it accepts satisfies
+// FuzzParse: the parser never panics, whatever it accepts satisfies
 // every rule, and an accepted catalog survives a write-and-read round trip.
-func FuzzParseCatalog(f *testing.F) {
+func FuzzParse(f *testing.F) {
 	f.Add([]byte(goodCatalog))
 	f.Add([]byte(""))
 	f.Add([]byte("credit_packs: [{id: a, name: A, amount: 1, currency: usd, credits: 1, expires_after: 1h30m}]"))
@@ -397,7 +397,7 @@ func FuzzParseCatalog(f *testing.F) {
 	f.Add([]byte("&a [*a]"))
 	f.Add([]byte("products: !!binary aGVsbG8="))
 	f.Fuzz(func(t *testing.T, data []byte) {
-		c, err := ParseCatalog(data)
+		c, err := Parse(data)
 		if err != nil {
 			if !reflect.DeepEqual(c, Catalog{}) {
 				t.Fatalf("error %v came with a non-empty catalog", err)
@@ -405,10 +405,10 @@ func FuzzParseCatalog(f *testing.F) {
 			return
 		}
 		if err := c.Validate(); err != nil {
-			t.Fatalf("ParseCatalog accepted a catalog that does not validate: %v", err)
+			t.Fatalf("Parse accepted a catalog that does not validate: %v", err)
 		}
 		for _, p := range c.CreditPacks {
-			if p.Amount <= 0 || p.Amount > MaxAmount || p.Credits <= 0 || p.Credits > MaxCredits || p.Expiry.Months < 0 || p.Expiry.Duration < 0 || (p.Expiry.Months > 0 && p.Expiry.Duration > 0) {
+			if p.Amount <= 0 || p.Amount > MaxChargeMinorUnits || p.Credits <= 0 || p.Credits > MaxCreditsPerMove || p.Expiry.Months < 0 || p.Expiry.Duration < 0 || (p.Expiry.Months > 0 && p.Expiry.Duration > 0) {
 				t.Fatalf("accepted pack %+v", p)
 			}
 		}
@@ -416,7 +416,7 @@ func FuzzParseCatalog(f *testing.F) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		again, err := ParseCatalog(out)
+		again, err := Parse(out)
 		if err != nil {
 			t.Fatalf("round trip failed: %v\n%s", err, out)
 		}

@@ -1,0 +1,279 @@
+package metering
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"time"
+
+	"gorm.io/gorm"
+
+	"github.com/tallybilling/tally/internal/db"
+	"github.com/tallybilling/tally/internal/errs"
+	"github.com/tallybilling/tally/internal/events"
+	"github.com/tallybilling/tally/internal/stripeapi"
+	"github.com/tallybilling/tally/internal/text"
+)
+
+// recordTimeout bounds writing one outcome, also during shutdown.
+const recordTimeout = 10 * time.Second
+
+// expireEvery is how often (by the worker's clock) a round looks for
+// events whose timestamp left Stripe's window, and expireLimit how many it
+// dead-letters at once. The look is one range scan of a small partial
+// index (usage_events_undelivered_time).
+const (
+	expireEvery = time.Second
+	expireLimit = 500
+)
+
+// expireTooOld dead-letters, with DeadTooOld, up to expireLimit pending or
+// waiting events whose timestamp left Stripe's window (none that another
+// worker holds claimed), at most once every expireEvery.
+func (w *Worker) expireTooOld(ctx context.Context) error {
+	now := w.now()
+	w.mu.Lock()
+	if d := now.Sub(w.expiredAt); d >= 0 && d < expireEvery {
+		w.mu.Unlock()
+		return nil
+	}
+	w.expiredAt = now
+	w.mu.Unlock()
+	cut := now.Add(-DeliveryWindow)
+	return w.settleRows(ctx, expireLimit, func(tx *gorm.DB) *gorm.DB {
+		return tx.Raw(`
+			WITH old AS MATERIALIZED (
+				SELECT identifier FROM usage_events
+				WHERE status IN ('pending', 'waiting_customer') AND occurred_at <= ?
+				  AND (status = 'waiting_customer' OR claimed_by IS NULL OR lease_until < ?)
+				ORDER BY occurred_at
+				LIMIT ?
+				FOR UPDATE SKIP LOCKED
+			)
+			UPDATE usage_events u SET status = 'dead', dead_code = 'too_old', next_attempt_at = ?,
+				last_error = ? || COALESCE(u.last_error, '(none)'),
+				lease_until = NULL, claimed_by = NULL, updated_at = ?
+			FROM old WHERE u.identifier = old.identifier
+			RETURNING `+settledColumns,
+			cut, now, expireLimit, now, tooOldMessage, now)
+	})
+}
+
+// tooOldMessage starts the last_error of an event dead-lettered too_old.
+var tooOldMessage = fmt.Sprintf("too_old: not delivered while Stripe accepted its timestamp "+
+	"(35 days, less the %s tally keeps to deliver it); it can no longer be billed through Stripe's meter. Last error: ", DeliveryMargin)
+
+// settle records the outcome of sending evs (one request) as err says.
+func (w *Worker) settle(ctx context.Context, c *claim, evs []claimedEvent, err error) {
+	if err == nil {
+		w.delivered(ctx, evs, resultDelivered)
+		return
+	}
+	if stripeapi.IsDuplicate(err) {
+		w.delivered(ctx, evs, resultDuplicate)
+		return
+	}
+	if errors.Is(err, errReleased) {
+		w.release(ctx, c, evs, w.now().Add(w.pauseLeft()))
+		return
+	}
+	msg := text.Truncate(err.Error(), 1000)
+	se, isStripe := stripeapi.AsError(err)
+	switch {
+	case isStripe && se.Kind == stripeapi.KindRateLimited:
+		d := se.RetryAfter
+		if d <= 0 {
+			d = w.opts.RateLimitPause
+		}
+		until := w.pause(d)
+		w.log.Info("Stripe rate limited meter events; pausing", "for", d.String())
+		w.m.deliveries.WithLabelValues(resultRateLimited).Add(float64(len(evs)))
+		w.releaseWithError(ctx, c, evs, until, msg)
+	case isStripe && se.Kind == stripeapi.KindAuth:
+		until := w.pause(w.opts.AuthPause)
+		w.log.Error("Stripe refused the API key for meter events; pausing delivery", "error", err, "for", w.opts.AuthPause.String())
+		w.releaseWithError(ctx, c, evs, until, msg)
+	case (isStripe && se.Retryable()) || (!isStripe && !errs.Is(err, errs.Invalid)):
+		// Only an expired v2 session says for sure that Stripe took
+		// nothing; a 5xx or a lost answer may hide events it kept.
+		maybeSent := !(isStripe && se.Kind == stripeapi.KindSessionExpired)
+		w.retry(ctx, c, evs, msg, maybeSent)
+	default:
+		w.dead(ctx, c, evs, msg)
+	}
+}
+
+func identifiersJSON(evs []claimedEvent) string {
+	ids := make([]string, len(evs))
+	for i, ev := range evs {
+		ids[i] = ev.Identifier
+	}
+	raw, _ := json.Marshal(ids)
+	return string(raw)
+}
+
+// delivered marks evs delivered. It needs no lease: whichever instance sent
+// it, Stripe has the event, and that is the truth to record.
+func (w *Worker) delivered(ctx context.Context, evs []claimedEvent, result string) {
+	if len(evs) == 0 {
+		return
+	}
+	rctx, cancel := withTimeout(ctx, recordTimeout)
+	defer cancel()
+	now := w.now()
+	err := w.db.WithContext(rctx).Exec(`
+		UPDATE usage_events SET status = 'delivered', delivered_at = ?, attempts = attempts + 1,
+			last_error = NULL, lease_until = NULL, claimed_by = NULL, updated_at = ?
+		WHERE identifier IN (SELECT jsonb_array_elements_text(?::jsonb)) AND status = 'pending'`,
+		now, now, identifiersJSON(evs)).Error
+	if err != nil {
+		// The lease runs out and the event is sent again; Stripe answers
+		// that it has the identifier, and it is recorded then.
+		w.log.Error("record delivered usage events", "error", err, "count", len(evs))
+		return
+	}
+	w.m.deliveries.WithLabelValues(result).Add(float64(len(evs)))
+}
+
+// release hands unsent claimed events back, due at retryAt, without
+// counting an attempt.
+func (w *Worker) release(ctx context.Context, c *claim, evs []claimedEvent, retryAt time.Time) {
+	w.releaseWithError(ctx, c, evs, retryAt, "")
+}
+
+func (w *Worker) releaseWithError(ctx context.Context, c *claim, evs []claimedEvent, retryAt time.Time, msg string) {
+	if len(evs) == 0 {
+		return
+	}
+	rctx, cancel := withTimeout(ctx, recordTimeout)
+	defer cancel()
+	err := w.db.WithContext(rctx).Exec(`
+		UPDATE usage_events SET next_attempt_at = ?, lease_until = NULL, claimed_by = NULL,
+			last_error = COALESCE(NULLIF(?, ''), last_error), updated_at = ?
+		WHERE identifier IN (SELECT jsonb_array_elements_text(?::jsonb)) AND claimed_by = ? AND status = 'pending'`,
+		retryAt, msg, w.now(), identifiersJSON(evs), c.token).Error
+	if err != nil {
+		w.log.Error("release usage events", "error", err, "count", len(evs))
+	}
+}
+
+func (w *Worker) backToWaiting(ctx context.Context, c *claim, evs []claimedEvent) {
+	rctx, cancel := withTimeout(ctx, recordTimeout)
+	defer cancel()
+	err := w.db.WithContext(rctx).Exec(`
+		UPDATE usage_events SET status = 'waiting_customer', lease_until = NULL, claimed_by = NULL, updated_at = ?
+		WHERE identifier IN (SELECT jsonb_array_elements_text(?::jsonb)) AND claimed_by = ? AND status = 'pending'`,
+		w.now(), identifiersJSON(evs), c.token).Error
+	if err != nil {
+		w.log.Error("return usage events to waiting_customer", "error", err, "count", len(evs))
+	}
+}
+
+// settledRow is a usage event as an outcome left it; NULL text scans as "".
+type settledRow struct {
+	Identifier string
+	CustomerID string
+	Meter      string
+	Value      int64
+	OccurredAt time.Time
+	Status     string
+	Attempts   int
+	DeadCode   string
+	LastError  string
+}
+
+const settledColumns = `u.identifier, u.customer_id, u.meter, u.value, u.occurred_at, u.status, u.attempts,
+	u.dead_code, u.last_error`
+
+// retry counts a failed attempt and schedules the next after a jittered
+// backoff capped at BackoffMax, and never later than the end of Stripe's
+// window for the event's timestamp; an event already past that end is
+// dead-lettered too_old instead. maybeSent records that Stripe may have
+// kept the event (see UsageEvent.MaybeSentAt).
+func (w *Worker) retry(ctx context.Context, c *claim, evs []claimedEvent, msg string, maybeSent bool) {
+	now := w.now()
+	cut := now.Add(-DeliveryWindow)
+	_ = w.settleRows(ctx, len(evs), func(tx *gorm.DB) *gorm.DB {
+		// attempts on the right-hand side is the value before this update;
+		// the exponent is bounded so power() never overflows.
+		return tx.Raw(`
+			UPDATE usage_events u SET attempts = attempts + 1,
+				status = CASE WHEN occurred_at <= ? THEN 'dead' ELSE 'pending' END,
+				dead_code = CASE WHEN occurred_at <= ? THEN 'too_old' END,
+				last_error = CASE WHEN occurred_at <= ? THEN ? ELSE '' END || ?,
+				maybe_sent_at = CASE WHEN ? THEN COALESCE(maybe_sent_at, ?) ELSE maybe_sent_at END,
+				next_attempt_at = CASE WHEN occurred_at <= ? THEN ?::timestamptz
+					ELSE least(occurred_at + make_interval(secs => ?),
+						?::timestamptz + make_interval(secs => random() * least(?::float8, ?::float8 * power(2, least(attempts, 40))))) END,
+				lease_until = NULL, claimed_by = NULL, updated_at = ?
+			WHERE identifier IN (SELECT jsonb_array_elements_text(?::jsonb)) AND claimed_by = ? AND status = 'pending'
+			RETURNING `+settledColumns,
+			cut, cut, cut, tooOldMessage, msg, maybeSent, now, cut, now,
+			DeliveryWindow.Seconds(), now, w.cfg.BackoffMax.Seconds(), w.opts.BackoffBase.Seconds(),
+			now, identifiersJSON(evs), c.token)
+	})
+}
+
+// dead dead-letters events Stripe refused for good.
+func (w *Worker) dead(ctx context.Context, c *claim, evs []claimedEvent, msg string) {
+	now := w.now()
+	_ = w.settleRows(ctx, len(evs), func(tx *gorm.DB) *gorm.DB {
+		return tx.Raw(`
+			UPDATE usage_events u SET attempts = attempts + 1, status = 'dead', dead_code = 'stripe_refused',
+				next_attempt_at = ?, last_error = ?, lease_until = NULL, claimed_by = NULL, updated_at = ?
+			WHERE identifier IN (SELECT jsonb_array_elements_text(?::jsonb)) AND claimed_by = ? AND status = 'pending'
+			RETURNING `+settledColumns,
+			now, msg, now, identifiersJSON(evs), c.token)
+	})
+}
+
+// settleRows runs update (at most n rows) in a transaction and appends
+// usage.dead for every row it dead-lettered, in that same transaction.
+// A failure is logged (and returned): the claim's lease runs out and the
+// events are tried again.
+func (w *Worker) settleRows(ctx context.Context, n int, update func(tx *gorm.DB) *gorm.DB) error {
+	rctx, cancel := withTimeout(ctx, recordTimeout)
+	defer cancel()
+	var rows []settledRow
+	err := db.InTx(rctx, w.db, func(tx *gorm.DB) error {
+		rows = nil
+		if err := update(tx).Scan(&rows).Error; err != nil {
+			return err
+		}
+		for _, r := range rows {
+			if r.Status != string(StatusDead) {
+				continue
+			}
+			err := events.Append(rctx, tx, events.Event{Type: events.UsageDead, CustomerID: r.CustomerID, Data: map[string]any{
+				"identifier": r.Identifier,
+				"meter":      r.Meter,
+				"value":      r.Value,
+				"timestamp":  r.OccurredAt.UTC(),
+				"attempts":   r.Attempts,
+				"code":       r.DeadCode,
+				"last_error": r.LastError,
+			}})
+			if err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		if ctx.Err() == nil {
+			w.log.Error("record usage delivery failure", "error", err, "count", n)
+		}
+		return db.Translate(err, nil)
+	}
+	for _, r := range rows {
+		if r.Status == string(StatusDead) {
+			w.m.deliveries.WithLabelValues(resultDead).Inc()
+			w.log.Warn("usage event dead-lettered", "identifier", r.Identifier, "customer_id", r.CustomerID,
+				"code", r.DeadCode, "attempts", r.Attempts, "error", r.LastError)
+		} else {
+			w.m.deliveries.WithLabelValues(resultRetry).Inc()
+		}
+	}
+	return nil
+}
