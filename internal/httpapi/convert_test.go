@@ -8,7 +8,7 @@ import (
 	"time"
 
 	"github.com/tallybilling/tally/api"
-	"github.com/tallybilling/tally/internal/config"
+	"github.com/tallybilling/tally/internal/catalog"
 	"github.com/tallybilling/tally/internal/credits"
 	"github.com/tallybilling/tally/internal/customers"
 	"github.com/tallybilling/tally/internal/errs"
@@ -62,14 +62,14 @@ func TestCustomerConversion(t *testing.T) {
 }
 
 func TestCatalogConversion(t *testing.T) {
-	out := toAPICatalog(config.Catalog{
-		CreditPacks: []config.CreditPack{
-			{ID: "months", Credits: 10, Expiry: config.Expiry{Months: 12}},
-			{ID: "seconds", Credits: 10, Expiry: config.Expiry{Duration: 1500 * time.Millisecond}},
+	out := toAPICatalog(catalog.Catalog{
+		CreditPacks: []catalog.CreditPack{
+			{ID: "months", Credits: 10, Expiry: catalog.Expiry{Months: 12}},
+			{ID: "seconds", Credits: 10, Expiry: catalog.Expiry{Duration: 1500 * time.Millisecond}},
 			{ID: "never", Credits: 10},
 		},
-		Products: []config.Product{{ID: "p", Name: "P", Amount: 500, Currency: "eur"}},
-		Plans:    []config.Plan{{ID: "pl", Name: "Pl", Meter: "api_calls"}},
+		Products: []catalog.Product{{ID: "p", Name: "P", Amount: 500, Currency: "eur"}},
+		Plans:    []catalog.Plan{{ID: "pl", Name: "Pl", Meter: "api_calls"}},
 	})
 	months, seconds, never := out.CreditPacks[0], out.CreditPacks[1], out.CreditPacks[2]
 	if months.ExpiresAfterMonths == nil || *months.ExpiresAfterMonths != 12 || months.ExpiresAfterSeconds != nil {
@@ -85,7 +85,7 @@ func TestCatalogConversion(t *testing.T) {
 	if out.Products[0] != (api.Product{Id: "p", Name: "P", Amount: 500, Currency: "eur"}) || out.Plans[0] != (api.Plan{Id: "pl", Name: "Pl", Meter: "api_calls"}) {
 		t.Errorf("products %+v plans %+v", out.Products, out.Plans)
 	}
-	if b, _ := json.Marshal(toAPICatalog(config.Catalog{})); string(b) != `{"credit_packs":[],"plans":[],"products":[]}` {
+	if b, _ := json.Marshal(toAPICatalog(catalog.Catalog{})); string(b) != `{"credit_packs":[],"plans":[],"products":[]}` {
 		t.Errorf("empty catalog = %s", b)
 	}
 }
