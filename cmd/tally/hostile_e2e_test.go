@@ -1,0 +1,55 @@
+package main
+
+import (
+	"testing"
+
+	"github.com/tallybilling/tally/internal/stripeapi/stripefake"
+	"github.com/tallybilling/tally/pkg/client"
+)
+
+// The cases a hostile review found by driving the real binary with a fake
+// Stripe: events in the orders Stripe may deliver them, outages and clocks
+// a payments engineer has to expect. Each ends with tally verify clean and
+// the balances an accountant would write down.
+
+// TestDisputeWonKeepsWhatARefundTookBack: a refund made at Stripe before a
+// chargeback may be delivered after it. The chargeback took back the
+// credits first (all of them), so the refund found nothing left to take;
+// when the chargeback is then won, only what the refund did not pay for
+// may come back, whichever TALLY_REVOKE_FROM is set. Delivered the other
+// way round the same balances result.
+func TestDisputeWonKeepsWhatARefundTookBack(t *testing.T) {
+	fake := stripefake.New(t)
+	for _, from := range []string{"balance", "purchase_grant"} {
+		t.Run(from, func(t *testing.T) {
+			env := payEnv(t, fake.URL())
+			env["TALLY_REVOKE_FROM"] = from
+			s := startServer(t, env)
+			svc := s.service(t)
+			for _, tc := range []struct {
+				customer string
+				refunded int64
+				want     int64
+			}{
+				{"won-after-full-refund", starterAmount, 0},
+				{"won-after-partial-refund", 400, starterCredits - 400},
+			} {
+				pay := buyStarter(t, fake, s, tc.customer)
+				d := dispute(pay, "dp_"+from+"_"+tc.customer, "needs_response", starterAmount)
+				deliver(t, s, disputeEvent("created", d))
+				deliver(t, s, stripeEvent(newEventID(), "charge.refunded", refundedCharge(pay, starterAmount, tc.refunded)))
+				d["status"] = "won"
+				deliver(t, s, disputeEvent("closed", d))
+				p := getPayment(t, s, pay)
+				if p.Status != client.PaymentStatusRefunded || p.AmountRefunded != tc.refunded || p.AmountDisputed != 0 {
+					t.Fatalf("%s after the win: %+v", tc.customer, p)
+				}
+				if b := balanceOverHTTP(t, svc, tc.customer); b.Balance != tc.want {
+					t.Fatalf("%s: balance = %d, want %d: %d of %d paid was refunded, so its credits stay taken back",
+						tc.customer, b.Balance, tc.want, tc.refunded, starterAmount)
+				}
+			}
+			assertInvariants(t, s)
+		})
+	}
+}
