@@ -2,6 +2,7 @@ package main
 
 import (
 	"testing"
+	"time"
 
 	"github.com/tallybilling/tally/internal/stripeapi/stripefake"
 	"github.com/tallybilling/tally/pkg/client"
@@ -52,4 +53,36 @@ func TestDisputeWonKeepsWhatARefundTookBack(t *testing.T) {
 			assertInvariants(t, s)
 		})
 	}
+}
+
+// TestRefundParkedAfterADayAppliesWhenTheSuccessComes: a refund that waited
+// a day for its payment's success is parked for an operator, but it is
+// still Stripe's word that the money went back: when the success finally
+// arrives and credits the payment, the parked refund is applied with it,
+// rather than leaving credits that were paid back.
+func TestRefundParkedAfterADayAppliesWhenTheSuccessComes(t *testing.T) {
+	fake := stripefake.New(t)
+	s := startServer(t, payEnv(t, fake.URL()))
+	gdb := openDB(t, s)
+
+	pay := checkout(t, s, "late-success", "starter", 1)
+	session := paidAtStripe(t, fake, s, pay)
+	deliver(t, s, stripeEvent(newEventID(), "checkout.session.completed", session))
+	refund := newEventID()
+	deliver(t, s, stripeEventCreated(refund, "charge.refunded", time.Now().Add(-25*time.Hour), refundedCharge(pay, starterAmount, starterAmount)))
+	if st, _ := eventStatus(t, gdb, refund); st != "parked" {
+		t.Fatalf("a refund waiting over a day for its success: %s, want parked", st)
+	}
+
+	deliver(t, s, stripeEvent(newEventID(), "payment_intent.succeeded", paymentIntent(pay, "late-success", "succeeded", starterAmount, starterAmount, "usd")))
+	if st, le := eventStatus(t, gdb, refund); st != "processed" {
+		t.Fatalf("the parked refund once its success arrived: %s %q, want processed", st, le)
+	}
+	if p := getPayment(t, s, pay); p.Status != client.PaymentStatusRefunded || p.AmountRefunded != starterAmount {
+		t.Fatalf("payment = %+v, want refunded in full", p)
+	}
+	if got := balanceOf(t, gdb, "late-success"); got != 0 {
+		t.Fatalf("balance = %d, want 0: the payment was refunded in full", got)
+	}
+	assertInvariants(t, s)
 }

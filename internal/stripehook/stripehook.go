@@ -219,11 +219,15 @@ func (h *Intake) process(ctx context.Context, ev Event, attempts int, receivedAt
 			created = time.Unix(ev.Created, 0)
 		}
 		deadline := created.Add(waitForSuccess)
+		// Parked or not, it still names the success it waits for: should
+		// that success come after all, it applies the event (wakeWaiting),
+		// which remains Stripe's word that money went back.
+		waitingFor = wait.PaymentIntentID
 		if !h.now().Before(deadline) {
 			status, lastErr = Parked, fmt.Sprintf("gave up after waiting a day (Stripe created the event at %s): %s",
 				created.UTC().Format(time.RFC3339), wait.Reason)
 		} else {
-			status, lastErr, waitingFor = Failed, wait.Reason, wait.PaymentIntentID
+			status, lastErr = Failed, wait.Reason
 			t := h.now().Add(h.backoff(attempts + 1))
 			if t.After(deadline) {
 				t = deadline
@@ -264,9 +268,12 @@ func (h *Intake) process(ctx context.Context, ev Event, attempts int, receivedAt
 
 // wakeWaiting processes now the events waiting for the success of
 // PaymentIntent pi (a refund or dispute that overtook it), rather than at
-// their next backoff. A failure here leaves them to the retry worker.
+// their next backoff, and those parked after waiting a day for it: the
+// success they waited for is what an operator would have looked for. A
+// failure here leaves the failed ones to the retry worker and the parked
+// ones to an operator.
 func (h *Intake) wakeWaiting(ctx context.Context, pi string) {
-	if _, err := h.claimAndProcess(ctx, `status = 'failed' AND waiting_for = ?`, []any{pi}, 20); err != nil {
+	if _, err := h.claimAndProcess(ctx, `status IN ('failed', 'parked') AND waiting_for = ?`, []any{pi}, 20); err != nil {
 		h.logger.WarnContext(ctx, "wake events waiting for a payment's success", "payment_intent_id", pi, "error", err)
 	}
 }
