@@ -1,6 +1,9 @@
 package main
 
 import (
+	"net/http"
+	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -83,6 +86,49 @@ func TestRefundParkedAfterADayAppliesWhenTheSuccessComes(t *testing.T) {
 	}
 	if got := balanceOf(t, gdb, "late-success"); got != 0 {
 		t.Fatalf("balance = %d, want 0: the payment was refunded in full", got)
+	}
+	assertInvariants(t, s)
+}
+
+// TestStripeOutageDuringConfirmationIsRetriedNotParked: confirming a
+// payment whose Checkout Session has not told it its PaymentIntent asks
+// Stripe for the session. While Stripe answers 5xx the success must be
+// neither credited (nothing was checked) nor parked (nothing is wrong with
+// it): it is retried, beyond the retry budget, and credits once Stripe
+// answers again.
+func TestStripeOutageDuringConfirmationIsRetriedNotParked(t *testing.T) {
+	fake := stripefake.New(t)
+	env := payEnv(t, fake.URL())
+	env["TALLY_STRIPE_EVENT_MAX_ATTEMPTS"] = "3"
+	env["TALLY_STRIPE_EVENT_RETRY_INTERVAL"] = "50ms"
+	s := startServer(t, env)
+	gdb := openDB(t, s)
+
+	pay := checkout(t, s, "outage-buyer", "starter", 1)
+	paidAtStripe(t, fake, s, pay)
+	var down atomic.Bool
+	down.Store(true)
+	fake.SetFault(func(r *http.Request) (int, string, bool) {
+		return http.StatusInternalServerError, `{"error":{"type":"api_error","message":"down"}}`,
+			down.Load() && r.Method == http.MethodGet && strings.HasPrefix(r.URL.Path, "/v1/checkout/sessions/")
+	})
+	success := newEventID()
+	deliver(t, s, stripeEvent(success, "payment_intent.succeeded", paymentIntent(pay, "outage-buyer", "succeeded", starterAmount, starterAmount, "usd")))
+	waitFor(t, "twice the retry budget of attempts, or the event parked", func() bool {
+		st, _ := eventStatus(t, gdb, success)
+		return st == "parked" || eventAttempts(t, gdb, success) >= 6
+	})
+	if st, le := eventStatus(t, gdb, success); st != "failed" {
+		t.Fatalf("the success while Stripe is down: %s %q, want failed (to retry)", st, le)
+	}
+	if got := balanceOf(t, gdb, "outage-buyer"); got != 0 {
+		t.Fatalf("balance while the PaymentIntent could not be checked = %d, want 0", got)
+	}
+
+	down.Store(false)
+	waitFor(t, "the success processed once Stripe answers", func() bool { st, _ := eventStatus(t, gdb, success); return st == "processed" })
+	if got := balanceOf(t, gdb, "outage-buyer"); got != starterCredits {
+		t.Fatalf("balance = %d, want %d", got, starterCredits)
 	}
 	assertInvariants(t, s)
 }
