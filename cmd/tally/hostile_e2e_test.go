@@ -52,6 +52,10 @@ func TestDisputeWonKeepsWhatARefundTookBack(t *testing.T) {
 					t.Fatalf("%s: balance = %d, want %d: %d of %d paid was refunded, so its credits stay taken back",
 						tc.customer, b.Balance, tc.want, tc.refunded, starterAmount)
 				}
+				if n := countRows(t, openDB(t, s), `SELECT count(*) FROM events WHERE type = 'payment.dispute_won'
+					AND data->>'payment_id' = ? AND (data->>'credits_revoked_for_refunds')::bigint = ?`, pay, tc.refunded); n != 1 {
+					t.Fatalf("%s: %d payment.dispute_won events saying %d credits stay taken back for the refund, want 1", tc.customer, n, tc.refunded)
+				}
 			}
 			assertInvariants(t, s)
 		})

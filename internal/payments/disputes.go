@@ -286,15 +286,16 @@ func (s *Service) disputeWon(ctx context.Context, tx *gorm.DB, p Payment, row di
 	if err != nil {
 		return db.Translate(err, nil)
 	}
-	err = events.Append(ctx, tx, events.Event{Type: events.PaymentDisputeWon, CustomerID: p.CustomerID, Data: map[string]any{
-		"payment_id": p.ID, "dispute_id": row.StripeDisputeID, "status": to, "credits_restored": back.Restored,
-		"credits_expired": back.Expired, "shortfall_settled": back.ShortfallSettled, "stripe_event_id": ev.ID,
-	}})
+	p.Status, p.CreditsRevoked = to, p.CreditsRevoked-released
+	kept, err := s.refundCatchUp(ctx, tx, p, back.Restored+back.ShortfallSettled, ev)
 	if err != nil {
 		return err
 	}
-	p.Status, p.CreditsRevoked = to, p.CreditsRevoked-released
-	return s.refundCatchUp(ctx, tx, p, back.Restored+back.ShortfallSettled, ev)
+	return events.Append(ctx, tx, events.Event{Type: events.PaymentDisputeWon, CustomerID: p.CustomerID, Data: map[string]any{
+		"payment_id": p.ID, "dispute_id": row.StripeDisputeID, "status": to, "credits_restored": back.Restored,
+		"credits_expired": back.Expired, "shortfall_settled": back.ShortfallSettled,
+		"credits_revoked_for_refunds": kept.Taken, "credits_shortfall_for_refunds": kept.Shortfall, "stripe_event_id": ev.ID,
+	}})
 }
 
 // refundCatchUp takes back, once a won dispute has returned what it took
@@ -306,14 +307,13 @@ func (s *Service) disputeWon(ctx context.Context, tx *gorm.DB, p Payment, row di
 // have had the refund been delivered first; credits the dispute took that
 // expired before the win (not given back) count as gone with the refund,
 // as they would have expired in the customer's hands.
-func (s *Service) refundCatchUp(ctx context.Context, tx *gorm.DB, p Payment, givenBack int64, ev EventRef) error {
+func (s *Service) refundCatchUp(ctx context.Context, tx *gorm.DB, p Payment, givenBack int64, ev EventRef) (credits.RevokeResult, error) {
 	if p.AmountRefunded <= 0 || givenBack <= 0 {
-		return nil
+		return credits.RevokeResult{}, nil
 	}
 	due, err := refundDue(ctx, tx, p, p.AmountRefunded)
 	if err != nil {
-		return err
+		return credits.RevokeResult{}, err
 	}
-	_, err = s.takeBack(ctx, tx, p, min(due, givenBack), "refund", ev)
-	return err
+	return s.takeBack(ctx, tx, p, min(due, givenBack), "refund", ev)
 }
