@@ -20,17 +20,19 @@ import (
 // bought them went back (a refund) or was taken back (a dispute).
 type RevokeInput struct {
 	CustomerID string
-	// PaymentID is the payment whose purchase grant is drawn first.
+	// PaymentID is the payment whose own grants are drawn first: its
+	// purchase grant, then what won disputes of it gave back.
 	PaymentID string
 	// Credits is how many credits to take back (at least 1).
 	Credits int64
 	// Reason is the ledger entry's reason ("refund", "dispute").
 	Reason   string
 	Metadata map[string]string
-	// From is config.RevokeFromBalance (the purchase grant first, then the
-	// customer's other grants in draw order, and what they cannot cover is
-	// a shortfall) or config.RevokeFromPurchaseGrant (only what is left of
-	// the purchase grant; the rest is neither taken nor recorded).
+	// From is config.RevokeFromBalance (the payment's own grants first,
+	// then the customer's other grants in draw order, and what they cannot
+	// cover is a shortfall) or config.RevokeFromPurchaseGrant (only what is
+	// left of the payment's own grants; the rest is neither taken nor
+	// recorded).
 	From string
 }
 
@@ -80,16 +82,17 @@ func revoke(ctx context.Context, tx *gorm.DB, clock func() time.Time, in RevokeI
 	type candidate struct {
 		ID        string
 		Remaining int64
-		Purchase  bool
 	}
-	// The payment's own purchase grant first, then (from the balance) the
-	// others in consume's draw order. lockAccount expired what was due.
+	// The payment's own grants first (its purchase grant, and what won
+	// disputes gave back of it: only those grants name a payment), then
+	// (from the balance) the others in consume's draw order. lockAccount
+	// expired what was due.
 	var grants []candidate
-	err = tx.WithContext(ctx).Raw(`SELECT id, remaining, (source = 'purchase' AND payment_id = @payment) AS purchase
+	err = tx.WithContext(ctx).Raw(`SELECT id, remaining
 		FROM credit_grants
 		WHERE customer_id = @customer AND remaining > 0 AND (expires_at IS NULL OR expires_at > @now)
-		  AND (@from = 'balance' OR (source = 'purchase' AND payment_id = @payment))
-		ORDER BY (source = 'purchase' AND payment_id = @payment) DESC, expires_at NULLS LAST, created_at, id
+		  AND (@from = 'balance' OR payment_id = @payment)
+		ORDER BY (payment_id IS NOT DISTINCT FROM @payment) DESC, source <> 'purchase', expires_at NULLS LAST, created_at, id
 		FOR UPDATE`, map[string]any{"payment": in.PaymentID, "customer": in.CustomerID, "now": now, "from": in.From}).Scan(&grants).Error
 	if err != nil {
 		return RevokeResult{}, err

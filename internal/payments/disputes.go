@@ -279,14 +279,41 @@ func (s *Service) disputeWon(ctx context.Context, tx *gorm.DB, p Payment, row di
 		b := string(p.StatusBeforeDispute)
 		before = &b
 	}
+	released := row.CreditsRevoked + row.CreditsShortfall
 	err = tx.Exec(`UPDATE payments SET status = ?, amount_disputed = amount_disputed - ?, credits_revoked = credits_revoked - ?,
 			status_before_dispute = ?, updated_at = ? WHERE id = ?`,
-		string(to), row.Amount, row.CreditsRevoked+row.CreditsShortfall, before, now, p.ID).Error
+		string(to), row.Amount, released, before, now, p.ID).Error
 	if err != nil {
 		return db.Translate(err, nil)
 	}
+	p.Status, p.CreditsRevoked = to, p.CreditsRevoked-released
+	kept, err := s.refundCatchUp(ctx, tx, p, back.Restored+back.ShortfallSettled, ev)
+	if err != nil {
+		return err
+	}
 	return events.Append(ctx, tx, events.Event{Type: events.PaymentDisputeWon, CustomerID: p.CustomerID, Data: map[string]any{
 		"payment_id": p.ID, "dispute_id": row.StripeDisputeID, "status": to, "credits_restored": back.Restored,
-		"credits_expired": back.Expired, "shortfall_settled": back.ShortfallSettled, "stripe_event_id": ev.ID,
+		"credits_expired": back.Expired, "shortfall_settled": back.ShortfallSettled,
+		"credits_revoked_for_refunds": kept.Taken, "credits_shortfall_for_refunds": kept.Shortfall, "stripe_event_id": ev.ID,
 	}})
+}
+
+// refundCatchUp takes back, once a won dispute has returned what it took
+// (given back: credits restored and shortfall settled), what refunds of p
+// are still due. A refund made at Stripe before the chargeback may be
+// delivered while it is open: the chargeback had taken the credits, so the
+// refund found none left to take, and the win must not hand back credits
+// whose money was refunded. Taken now, the refund's share ends as it would
+// have had the refund been delivered first; credits the dispute took that
+// expired before the win (not given back) count as gone with the refund,
+// as they would have expired in the customer's hands.
+func (s *Service) refundCatchUp(ctx context.Context, tx *gorm.DB, p Payment, givenBack int64, ev EventRef) (credits.RevokeResult, error) {
+	if p.AmountRefunded <= 0 || givenBack <= 0 {
+		return credits.RevokeResult{}, nil
+	}
+	due, err := refundDue(ctx, tx, p, p.AmountRefunded)
+	if err != nil {
+		return credits.RevokeResult{}, err
+	}
+	return s.takeBack(ctx, tx, p, min(due, givenBack), "refund", ev)
 }

@@ -3,7 +3,9 @@
 // without being processed again), decodes the few fields tally needs and
 // dispatches to internal/payments. A failed processing is retried by a
 // background worker with exponential backoff and parked after a maximum of
-// attempts; an event the validation chain refuses is parked at once. An
+// attempts; an event the validation chain refuses is parked at once; one
+// that could not ask Stripe (down, rate limited) is retried until it
+// answers, outside that budget. An
 // event that waits for its payment's success (payments.Waiting) is retried
 // outside that budget, applied as soon as the success is processed, and
 // parked only a day after Stripe created it. Admins list stored events and
@@ -221,17 +223,30 @@ func (h *Intake) process(ctx context.Context, ev Event, attempts int, receivedAt
 			created = time.Unix(ev.Created, 0)
 		}
 		deadline := created.Add(waitForSuccess)
+		// Parked or not, it still names the success it waits for: should
+		// that success come after all, it applies the event (wakeWaiting),
+		// which remains Stripe's word that money went back.
+		waitingFor = wait.PaymentIntentID
 		if !h.now().Before(deadline) {
 			status, lastErr = Parked, fmt.Sprintf("gave up after waiting a day (Stripe created the event at %s): %s",
 				created.UTC().Format(time.RFC3339), wait.Reason)
 		} else {
-			status, lastErr, waitingFor = Failed, wait.Reason, wait.PaymentIntentID
+			status, lastErr = Failed, wait.Reason
 			t := h.now().Add(h.backoff(attempts + 1))
 			if t.After(deadline) {
 				t = deadline
 			}
 			next = &t
 		}
+	case stripeUnreachable(err):
+		// Stripe could not be asked (an outage, a rate limit): nothing is
+		// wrong with the event, and nothing an operator could do would
+		// help, so it is retried until Stripe answers, outside the retry
+		// budget, at most maxBackoff apart (tally_stripe_events_total
+		// counts the failures, which an alert watches).
+		status, lastErr = Failed, err.Error()
+		t := h.now().Add(h.backoff(attempts + 1))
+		next = &t
 	default:
 		lastErr = err.Error()
 		if attempts+1 >= h.maxAttempts {
@@ -266,11 +281,21 @@ func (h *Intake) process(ctx context.Context, ev Event, attempts int, receivedAt
 
 // wakeWaiting processes now the events waiting for the success of
 // PaymentIntent pi (a refund or dispute that overtook it), rather than at
-// their next backoff. A failure here leaves them to the retry worker.
+// their next backoff, and those parked after waiting a day for it: the
+// success they waited for is what an operator would have looked for. A
+// failure here leaves the failed ones to the retry worker and the parked
+// ones to an operator.
 func (h *Intake) wakeWaiting(ctx context.Context, pi string) {
-	if _, err := h.claimAndProcess(ctx, `status = 'failed' AND waiting_for = ?`, []any{pi}, 20); err != nil {
+	if _, err := h.claimAndProcess(ctx, `status IN ('failed', 'parked') AND waiting_for = ?`, []any{pi}, 20); err != nil {
 		h.logger.WarnContext(ctx, "wake events waiting for a payment's success", "payment_intent_id", pi, "error", err)
 	}
+}
+
+// stripeUnreachable reports whether err is a Stripe call that may succeed
+// if made again later: no answer, a 5xx, a 429 or a 409.
+func stripeUnreachable(err error) bool {
+	e, ok := stripeapi.AsError(err)
+	return ok && e.Retryable()
 }
 
 // backoff is RetryInterval·2^(attempt-1), capped at maxBackoff.
