@@ -65,7 +65,31 @@ type StripeConfig struct {
 	WebhookMaxBodyBytes int64
 	EventMaxAttempts    int
 	EventRetryInterval  time.Duration
+	// Sandbox runs the offline Stripe sandbox inside tally instead of
+	// talking to Stripe (development only).
+	Sandbox SandboxConfig
 }
+
+// SandboxConfig is the offline Stripe sandbox (TALLY_STRIPE_SANDBOX): an
+// emulated test-mode Stripe served by tally itself under /sandbox, which
+// tally's Stripe client talks to over HTTP and which delivers signed
+// webhooks to tally's /webhooks/stripe. Never in live mode.
+type SandboxConfig struct {
+	Enabled bool
+	// URL is the base URL at which browsers, and the sandbox itself, reach
+	// this tally (the hosted checkout page, the webhook endpoint). Default:
+	// http://localhost:<port of TALLY_HTTP_ADDR>, or its host when it names one.
+	URL string
+	// DemoKey is a service API key the demo app's backend spends with; its
+	// SHA-256 must be one of TALLY_API_KEYS' service entries.
+	DemoKey string
+}
+
+// Sandbox defaults: the keys the sandbox uses when none is configured.
+const (
+	SandboxSecretKey     = "sk_test_sandbox"
+	SandboxWebhookSecret = "whsec_sandbox"
+)
 
 // Where refunds and disputes take credits back from (TALLY_REVOKE_FROM).
 const (
@@ -401,13 +425,28 @@ func Load(getenv func(string) string) (Config, error) {
 	p.str("TALLY_JWT_AUDIENCE", &c.JWT.Audience)
 
 	p.str("TALLY_STRIPE_SECRET_KEY", &c.Stripe.SecretKey)
-	c.Stripe.Livemode = strings.HasPrefix(c.Stripe.SecretKey, "sk_live_") || strings.HasPrefix(c.Stripe.SecretKey, "rk_live_")
 	p.str("TALLY_STRIPE_API_URL", &c.Stripe.APIURL)
 	p.str("TALLY_STRIPE_METER_EVENTS_URL", &c.Stripe.MeterEventsURL)
 	p.list("TALLY_STRIPE_WEBHOOK_SECRETS", &c.Stripe.WebhookSecrets)
 	p.int64("TALLY_WEBHOOK_MAX_BODY_BYTES", &c.Stripe.WebhookMaxBodyBytes)
 	p.integer("TALLY_STRIPE_EVENT_MAX_ATTEMPTS", &c.Stripe.EventMaxAttempts)
 	p.duration("TALLY_STRIPE_EVENT_RETRY_INTERVAL", &c.Stripe.EventRetryInterval)
+	p.boolean("TALLY_STRIPE_SANDBOX", &c.Stripe.Sandbox.Enabled)
+	p.str("TALLY_STRIPE_SANDBOX_URL", &c.Stripe.Sandbox.URL)
+	p.str("TALLY_STRIPE_SANDBOX_DEMO_KEY", &c.Stripe.Sandbox.DemoKey)
+	if c.Stripe.Sandbox.Enabled {
+		// The sandbox needs no Stripe account: its own test key and signing
+		// secret unless others are set.
+		if c.Stripe.SecretKey == "" {
+			c.Stripe.SecretKey = SandboxSecretKey
+		}
+		if len(c.Stripe.WebhookSecrets) == 0 {
+			c.Stripe.WebhookSecrets = []string{SandboxWebhookSecret}
+		}
+		if c.Stripe.Sandbox.URL == "" {
+			c.Stripe.Sandbox.URL = sandboxURL(c.HTTPAddr)
+		}
+	}
 
 	p.int64("TALLY_LOW_BALANCE_THRESHOLD", &c.Credits.DefaultLowBalanceThreshold)
 	p.duration("TALLY_CREDITS_EXPIRING_NOTICE", &c.Credits.ExpiringNotice)
@@ -438,6 +477,8 @@ func Load(getenv func(string) string) (Config, error) {
 
 	p.str("TALLY_EVENTS_WEBHOOK_URL", &c.EventsWebhook.URL)
 	p.str("TALLY_EVENTS_WEBHOOK_SECRET", &c.EventsWebhook.Secret)
+
+	c.Stripe.Livemode = strings.HasPrefix(c.Stripe.SecretKey, "sk_live_") || strings.HasPrefix(c.Stripe.SecretKey, "rk_live_")
 
 	if c.CatalogFile != "" {
 		cat, err := LoadCatalog(c.CatalogFile)
@@ -628,6 +669,36 @@ func (c Config) Validate() error {
 	if c.Stripe.EventRetryInterval <= 0 {
 		bad("TALLY_STRIPE_EVENT_RETRY_INTERVAL", "must be positive, got %s", c.Stripe.EventRetryInterval)
 	}
+	if sb := c.Stripe.Sandbox; sb.Enabled {
+		if c.Stripe.Livemode || hasAnyPrefix(c.Stripe.SecretKey, "sk_live_", "rk_live_") {
+			bad("TALLY_STRIPE_SANDBOX", "refused with a live Stripe key (TALLY_STRIPE_SECRET_KEY is sk_live_/rk_live_): the sandbox is test mode only")
+		}
+		if c.Stripe.APIURL != "" || c.Stripe.MeterEventsURL != "" {
+			bad("TALLY_STRIPE_SANDBOX", "refused together with TALLY_STRIPE_API_URL or TALLY_STRIPE_METER_EVENTS_URL: the sandbox is tally's Stripe; unset one or the other")
+		}
+		if sb.URL == "" {
+			bad("TALLY_STRIPE_SANDBOX_URL", "must be set when TALLY_HTTP_ADDR has no fixed port (%q)", c.HTTPAddr)
+		} else if err := checkHTTPURL(sb.URL); err != nil {
+			bad("TALLY_STRIPE_SANDBOX_URL", "%v", err)
+		}
+		if sb.DemoKey != "" {
+			sum := HashAPIKey(sb.DemoKey)
+			found := false
+			for _, k := range c.APIKeys {
+				found = found || (k.Scope == ScopeService && k.Hash == sum)
+			}
+			if !found {
+				bad("TALLY_STRIPE_SANDBOX_DEMO_KEY", "its SHA-256 is not a service key of TALLY_API_KEYS, so the demo backend could not spend with it")
+			}
+		}
+	} else {
+		if sb.URL != "" {
+			bad("TALLY_STRIPE_SANDBOX_URL", "is set but TALLY_STRIPE_SANDBOX is not true")
+		}
+		if sb.DemoKey != "" {
+			bad("TALLY_STRIPE_SANDBOX_DEMO_KEY", "is set but TALLY_STRIPE_SANDBOX is not true")
+		}
+	}
 
 	if c.Credits.DefaultLowBalanceThreshold < 0 {
 		bad("TALLY_LOW_BALANCE_THRESHOLD", "must not be negative, got %d", c.Credits.DefaultLowBalanceThreshold)
@@ -705,6 +776,20 @@ func (c Config) Validate() error {
 		bad("TALLY_CATALOG_FILE", "%v", err)
 	}
 	return errors.Join(errs...)
+}
+
+// sandboxURL is the base URL of a tally listening on addr, as a browser on
+// the same machine reaches it; "" when addr has no fixed port.
+func sandboxURL(addr string) string {
+	host, port, err := net.SplitHostPort(addr)
+	if err != nil || port == "" || port == "0" {
+		return ""
+	}
+	switch host {
+	case "", "0.0.0.0", "::":
+		host = "localhost"
+	}
+	return "http://" + net.JoinHostPort(host, port)
 }
 
 func hasAnyPrefix(s string, prefixes ...string) bool {

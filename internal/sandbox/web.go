@@ -21,9 +21,10 @@ var templateFiles embed.FS
 // WebOptions configure NewWeb.
 type WebOptions struct {
 	Account *Account
-	// API, when set, is served under /sandbox/stripe/ and its faults and
-	// recent requests show on the dashboard.
-	API *API
+	// API, when set, is the sandbox's Stripe API, whose faults and recent
+	// requests show on the dashboard; APIURL is where it is served.
+	API    *API
+	APIURL string
 	// Demo, when set, serves the demo app at /sandbox/demo.
 	Demo   *Demo
 	Logger *slog.Logger
@@ -166,9 +167,6 @@ func NewWeb(opts WebOptions) *Web {
 		opts.API.FailNext(count, status, retryAfter)
 		return fmt.Sprintf("The next %d Stripe API requests answer %d.", count, status), nil
 	}))
-	if opts.API != nil {
-		m.Handle("/sandbox/stripe/", http.StripPrefix("/sandbox/stripe", opts.API))
-	}
 	if opts.Demo != nil {
 		opts.Demo.register(m)
 	}
@@ -342,6 +340,7 @@ type dashboardData struct {
 	PendingFaults int
 	Webhook       string
 	HasAPI        bool
+	APIURL        string
 }
 
 type paymentRow struct {
@@ -363,7 +362,7 @@ func (w *Web) dashboard(rw http.ResponseWriter, r *http.Request) {
 
 func (w *Web) dashboardWith(rw http.ResponseWriter, r *http.Request, status int, msg, errText string) {
 	a := w.opts.Account
-	d := dashboardData{Msg: msg, Error: errText, Meters: a.Meters(r.Context()), HasAPI: w.opts.API != nil}
+	d := dashboardData{Msg: msg, Error: errText, Meters: a.Meters(r.Context()), HasAPI: w.opts.API != nil, APIURL: w.opts.APIURL}
 	if a.opts.Webhook != nil {
 		d.Webhook = a.opts.Webhook.URL
 	}

@@ -124,22 +124,32 @@ func Sign(payload []byte, secret string, t time.Time) string {
 // Name is the name of the webhook delivery worker.
 func (a *Account) Name() string { return "stripe-sandbox-webhooks" }
 
+// expiryCheck is how often Run expires the sessions past their expires_at.
+const expiryCheck = 30 * time.Second
+
 // Run delivers events to the webhook endpoint until ctx ends: one at a
 // time, the due delivery emitted first going first, so that the endpoint
 // sees Stripe's order; a delivery answered with anything but a 2xx (or no
 // answer) is retried with backoff and, as at Stripe, later events do not
-// wait for it. Without an endpoint it only waits for ctx.
+// wait for it. It also expires Checkout Sessions past their expires_at.
 func (a *Account) Run(ctx context.Context) error {
-	if a.opts.Webhook == nil {
-		<-ctx.Done()
-		return ctx.Err()
-	}
+	var nextExpiry time.Time
 	for {
-		id, wait := a.nextDue()
+		if now := time.Now(); !now.Before(nextExpiry) {
+			if _, err := a.ExpireDue(ctx); err != nil && ctx.Err() == nil {
+				a.logger.WarnContext(ctx, "sandbox: expire checkout sessions", "error", err)
+			}
+			nextExpiry = now.Add(expiryCheck)
+		}
+		id, wait := "", expiryCheck
+		if a.opts.Webhook != nil {
+			id, wait = a.nextDue()
+		}
 		if id != "" {
 			a.deliver(ctx, id)
 			continue
 		}
+		wait = min(wait, time.Until(nextExpiry))
 		timer := time.NewTimer(wait)
 		select {
 		case <-ctx.Done():
