@@ -120,7 +120,7 @@ func waitPage(t *testing.T, ctx context.Context, what, expr string) {
 	deadline := time.Now().Add(20 * time.Second)
 	var last error
 	for time.Now().Before(deadline) && ctx.Err() == nil {
-		ok, err := chromedp.Run(ctx, chromedp.Evaluate[bool]("Boolean(" + expr + ")"))
+		ok, err := chromedp.Run(ctx, chromedp.Evaluate[bool]("Boolean("+expr+")"))
 		if err == nil && ok {
 			return
 		}
