@@ -484,12 +484,24 @@ var retrievable = map[string]string{
 	"disputes": "dispute", "invoices": "invoice", "invoiceitems": "invoiceitem", "subscriptions": "subscription",
 }
 
+// get answers a GET from the account's state, read under its lock and
+// written to the client after it is released.
 func (h *API) get(w http.ResponseWriter, r *http.Request) {
+	rec := httptest.NewRecorder()
+	h.acct.mu.Lock()
+	h.getLocked(rec, r)
+	h.acct.mu.Unlock()
+	for k, vs := range rec.Header() {
+		w.Header()[k] = vs
+	}
+	w.WriteHeader(rec.Code)
+	_, _ = w.Write(rec.Body.Bytes())
+}
+
+func (h *API) getLocked(w http.ResponseWriter, r *http.Request) {
 	a := h.acct
 	q := r.URL.Query()
 	parts := strings.Split(strings.Trim(r.URL.Path, "/"), "/")
-	a.mu.Lock()
-	defer a.mu.Unlock()
 	switch {
 	case len(parts) == 3 && parts[0] == "v1" && retrievable[parts[1]] != "":
 		o := a.get(retrievable[parts[1]], parts[2])
