@@ -492,7 +492,9 @@ func (h *API) get(w http.ResponseWriter, r *http.Request) {
 	h.getLocked(rec, r)
 	h.acct.mu.Unlock()
 	for k, vs := range rec.Header() {
-		w.Header()[k] = vs
+		if _, set := w.Header()[k]; !set {
+			w.Header()[k] = vs
+		}
 	}
 	w.WriteHeader(rec.Code)
 	_, _ = w.Write(rec.Body.Bytes())
