@@ -3,6 +3,7 @@ package sandbox
 import (
 	"bytes"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net/http"
@@ -363,6 +364,19 @@ func (h *API) route(r *http.Request, path string, form url.Values, req requestRe
 		return func() (any, error) { return obj(a.createCheckoutSession(form)) }
 	case len(parts) == 5 && parts[1] == "checkout" && parts[2] == "sessions" && parts[4] == "expire":
 		return func() (any, error) { return obj(a.expireSession(parts[3])) }
+	case path == "/v1/payment_intents":
+		return func() (any, error) { return obj(a.createPaymentIntent(form, req)) }
+	case len(parts) == 4 && parts[1] == "payment_intents" && parts[3] == "confirm":
+		return func() (any, error) {
+			pi := a.get("payment_intent", parts[2])
+			if pi == nil {
+				return nil, missing("payment_intent", parts[2])
+			}
+			if pm := form.Get("payment_method"); pm != "" {
+				pi.data["payment_method"] = pm
+			}
+			return obj(a.confirmPaymentIntent(pi, form.Get("off_session") == "true", req))
+		}
 	case path == "/v1/refunds":
 		return func() (any, error) {
 			target := form.Get("payment_intent")
@@ -451,6 +465,17 @@ func (h *API) idempotently(w http.ResponseWriter, r *http.Request, form url.Valu
 			}
 		}
 		out, err := op()
+		var cardErr *Error
+		if errors.As(err, &cardErr) && cardErr.Type == "card_error" && key != "" {
+			// A decline is the outcome of a request that ran: Stripe keeps it
+			// under the key like a success, so a retry cannot charge.
+			res := idempotentResult{method: r.Method, path: r.URL.Path, form: form, status: cardErr.Status, body: errorBody(cardErr), at: a.now()}
+			a.idempotent[key] = res
+			if a.changes.Idempotency == nil {
+				a.changes.Idempotency = map[string]idempotentResult{}
+			}
+			a.changes.Idempotency[key] = res
+		}
 		if err != nil {
 			return err
 		}
@@ -482,6 +507,7 @@ func (h *API) idempotently(w http.ResponseWriter, r *http.Request, form url.Valu
 var retrievable = map[string]string{
 	"customers": "customer", "payment_intents": "payment_intent", "charges": "charge", "refunds": "refund",
 	"disputes": "dispute", "invoices": "invoice", "invoiceitems": "invoiceitem", "subscriptions": "subscription",
+	"payment_methods": "payment_method", "setup_intents": "setup_intent",
 }
 
 // get answers a GET from the account's state, read under its lock and
@@ -512,6 +538,13 @@ func (h *API) getLocked(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 		writeJSON(w, http.StatusOK, a.expand(clone(o.data), expandPaths(q)))
+	case len(parts) == 4 && parts[1] == "customers" && parts[3] == "payment_methods":
+		out, err := a.customerPaymentMethods(parts[2])
+		if err != nil {
+			writeError(w, err)
+			return
+		}
+		writeJSON(w, http.StatusOK, out)
 	case len(parts) == 4 && parts[1] == "checkout" && parts[2] == "sessions":
 		o := a.get("checkout.session", parts[3])
 		if o == nil {
@@ -736,6 +769,11 @@ func writeError(w http.ResponseWriter, err error) {
 	if !ok {
 		e = &Error{Status: http.StatusInternalServerError, Type: "api_error", Message: "The sandbox could not complete the request: " + err.Error()}
 	}
+	writeRaw(w, e.Status, errorBody(e))
+}
+
+// errorBody is Stripe's JSON of an error.
+func errorBody(e *Error) []byte {
 	body := map[string]any{"type": e.Type, "message": e.Message}
 	if e.Code != "" {
 		body["code"] = e.Code
@@ -746,7 +784,11 @@ func writeError(w http.ResponseWriter, err error) {
 	if e.Param != "" {
 		body["param"] = e.Param
 	}
-	writeJSON(w, e.Status, map[string]any{"error": body})
+	if e.PaymentIntent != nil {
+		body["payment_intent"] = e.PaymentIntent
+	}
+	raw, _ := json.Marshal(map[string]any{"error": body})
+	return raw
 }
 
 func writeJSON(w http.ResponseWriter, status int, v any) {

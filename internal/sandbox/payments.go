@@ -19,6 +19,9 @@ type Error struct {
 	DeclineCode string
 	Param       string
 	Message     string
+	// PaymentIntent is the PaymentIntent a card_error is about, as Stripe
+	// puts it in the error of a declined confirmation.
+	PaymentIntent map[string]any
 }
 
 func (e *Error) Error() string { return e.Message }
@@ -49,6 +52,11 @@ const (
 	CardDeclined     = "declined"
 	CardAuthenticate = "authenticate" // 3D Secure: an approve or fail step
 	CardDisputed     = "disputed"     // succeeds, then the cardholder disputes it
+	// CardAuthenticateOnce asks for authentication on-session; once saved,
+	// off-session payments succeed without it.
+	CardAuthenticateOnce = "authenticate_once"
+	// CardSavesThenDeclines is saved (setup mode) but declined when charged.
+	CardSavesThenDeclines = "saves_then_declines"
 )
 
 // TestCards are the card numbers the hosted checkout page takes, as in
@@ -60,6 +68,8 @@ var TestCards = []TestCard{
 	{Number: "4000000000009995", Brand: "visa", Outcome: CardDeclined, DeclineCode: "insufficient_funds", Message: "Your card has insufficient funds.", Description: "declined: insufficient funds"},
 	{Number: "4000002760003184", Brand: "visa", Outcome: CardAuthenticate, Description: "asks for authentication (approve or fail)"},
 	{Number: "4000000000000259", Brand: "visa", Outcome: CardDisputed, Description: "succeeds, then a dispute opens"},
+	{Number: "4000002500003155", Brand: "visa", Outcome: CardAuthenticateOnce, Description: "asks for authentication once; saved, pays off-session"},
+	{Number: "4000000000000341", Brand: "visa", Outcome: CardSavesThenDeclines, DeclineCode: "generic_decline", Message: "Your card was declined.", Description: "can be saved, declined when charged"},
 }
 
 // LookupCard finds a test card by number (spaces and dashes ignored).
@@ -119,6 +129,13 @@ func (a *Account) updateCustomer(id string, form url.Values) (*object, error) {
 		}
 	}
 	o.data["metadata"] = meta
+	if v, ok := form["invoice_settings[default_payment_method]"]; ok {
+		pm := a.get("payment_method", v[0])
+		if v[0] != "" && (pm == nil || str(pm.data, "customer") != id) {
+			return nil, invalid("invoice_settings[default_payment_method]", "No such PaymentMethod of customer %s: '%s'", id, v[0])
+		}
+		o.data["invoice_settings"] = map[string]any{"default_payment_method": nullable(v[0])}
+	}
 	a.put(o)
 	return o, nil
 }
@@ -128,9 +145,9 @@ func (a *Account) createCheckoutSession(form url.Values) (*object, error) {
 	switch mode {
 	case "":
 		return nil, &Error{Status: http.StatusBadRequest, Type: "invalid_request_error", Code: "parameter_missing", Param: "mode", Message: "Missing required param: mode."}
-	case "payment", "subscription":
+	case "payment", "subscription", "setup":
 	default:
-		return nil, invalid("mode", "Invalid mode: %s (the sandbox knows payment and subscription).", mode)
+		return nil, invalid("mode", "Invalid mode: %s (the sandbox knows payment, subscription and setup).", mode)
 	}
 	if form.Get("success_url") == "" {
 		return nil, &Error{Status: http.StatusBadRequest, Type: "invalid_request_error", Code: "parameter_missing", Param: "success_url", Message: "Missing required param: success_url."}
@@ -210,6 +227,18 @@ func (a *Account) createCheckoutSession(form url.Values) (*object, error) {
 	o.private["line_items"] = items
 	o.private["payment_intent_metadata"] = stringMap(bracketMap(form, "payment_intent_data[metadata]"))
 	o.private["subscription_metadata"] = stringMap(bracketMap(form, "subscription_data[metadata]"))
+	o.private["setup_intent_metadata"] = stringMap(bracketMap(form, "setup_intent_data[metadata]"))
+	if v := form.Get("payment_intent_data[setup_future_usage]"); v != "" {
+		if v != "off_session" && v != "on_session" {
+			return nil, invalid("payment_intent_data[setup_future_usage]", "Invalid setup_future_usage: %s", v)
+		}
+		o.private["setup_future_usage"] = v
+	}
+	if mode == "setup" {
+		o.data["payment_status"] = "no_payment_required"
+		o.data["setup_intent"] = nil
+		o.data["currency"] = nullable(strings.ToLower(form.Get("currency")))
+	}
 	return o, nil
 }
 
@@ -300,16 +329,20 @@ func (a *Account) Pay(ctx context.Context, id, card, email string) (PayResult, e
 			cs.data["customer_details"] = map[string]any{"email": email}
 			a.put(cs)
 		}
-		if str(cs.data, "mode") == "subscription" {
+		switch str(cs.data, "mode") {
+		case "subscription":
 			res = a.completeSubscription(cs, tc)
+			return nil
+		case "setup":
+			res = a.completeSetup(cs, tc)
 			return nil
 		}
 		pi := a.paymentIntentFor(cs)
 		switch tc.Outcome {
-		case CardDeclined:
+		case CardDeclined, CardSavesThenDeclines:
 			a.decline(cs, pi, tc)
 			res = PayResult{Outcome: CardDeclined, Message: tc.Message}
-		case CardAuthenticate:
+		case CardAuthenticate, CardAuthenticateOnce:
 			pi.data["status"] = "requires_action"
 			pi.data["next_action"] = map[string]any{"type": "use_stripe_sdk"}
 			pi.data["last_payment_error"] = nil
@@ -485,11 +518,22 @@ func (a *Account) succeed(cs, pi *object, tc TestCard) PayResult {
 	pi.data["status"] = "succeeded"
 	pi.data["amount_received"] = num(pi.data, "amount")
 	pi.data["latest_charge"] = ch.id
-	pi.data["payment_method"] = newID("pm")
+	pm, attached := a.paymentMethodFor(cs, tc)
+	pi.data["payment_method"] = pm.id
+	if attached {
+		pi.data["setup_future_usage"] = cs.private["setup_future_usage"]
+		pi.data["customer"] = pm.data["customer"]
+		ch.data["customer"] = pm.data["customer"]
+		ch.data["payment_method"] = pm.id
+		a.put(ch)
+	}
 	pi.data["last_payment_error"] = nil
 	pi.data["next_action"] = nil
 	delete(pi.private, "card")
 	a.put(pi)
+	if attached {
+		a.emit("payment_method.attached", pm, requestRef{})
+	}
 	a.emit("charge.succeeded", ch, requestRef{})
 	a.emit("payment_intent.succeeded", pi, requestRef{})
 

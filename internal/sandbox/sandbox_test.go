@@ -528,3 +528,82 @@ func TestLiveKeysAreRefused(t *testing.T) {
 }
 
 func itoa(n int64) string { return strconv.FormatInt(n, 10) }
+
+func TestSavedCardsPayOffSession(t *testing.T) {
+	h := newHarness(t)
+	ctx := context.Background()
+	_, cus, _ := h.call(t, http.MethodPost, "/v1/customers", "", url.Values{"email": {"ada@example.com"}})
+	customer := cus["id"].(string)
+
+	// A pack bought with the card saved for later.
+	bought := h.session(t, url.Values{"customer": {customer}, "payment_intent_data[setup_future_usage]": {"off_session"}})
+	if _, err := h.acct.Pay(ctx, bought, "4242424242424242", ""); err != nil {
+		t.Fatal(err)
+	}
+	// A card saved in setup mode, and one that is saved but declines charges.
+	saveCard := func(card string) {
+		status, cs, _ := h.call(t, http.MethodPost, "/v1/checkout/sessions", "", url.Values{"mode": {"setup"}, "customer": {customer},
+			"success_url": {"http://app.test/ok"}, "setup_intent_data[metadata][tally_customer_id]": {"ada"}})
+		if status != 200 {
+			t.Fatalf("setup session: %d %v", status, cs)
+		}
+		if res, err := h.acct.Pay(ctx, cs["id"].(string), card, ""); err != nil || res.Outcome != sandbox.CardSucceeds {
+			t.Fatalf("save %s: %+v %v", card, res, err)
+		}
+	}
+	saveCard("4000002760003184")
+	saveCard("4000000000000341")
+	h.deliverAll(t)
+	wantTypes(t, "a card saved while paying, two in setup mode", h.hook.typesOK()[1:], []string{
+		"payment_intent.created", "payment_method.attached", "charge.succeeded", "payment_intent.succeeded", "checkout.session.completed",
+		"setup_intent.created", "payment_method.attached", "setup_intent.succeeded", "checkout.session.completed",
+		"setup_intent.created", "payment_method.attached", "setup_intent.succeeded", "checkout.session.completed"})
+
+	_, list, _ := h.call(t, http.MethodGet, "/v1/customers/"+customer+"/payment_methods", "", nil)
+	pms := list["data"].([]any)
+	if len(pms) != 3 {
+		t.Fatalf("%d saved payment methods, want 3", len(pms))
+	}
+	last4 := func(pm any) string { return pm.(map[string]any)["card"].(map[string]any)["last4"].(string) }
+	id := func(pm any) string { return pm.(map[string]any)["id"].(string) }
+	if last4(pms[0]) != "0341" || last4(pms[1]) != "3184" || last4(pms[2]) != "4242" {
+		t.Fatalf("saved cards %v, newest first", list)
+	}
+	if status, out, _ := h.call(t, http.MethodPost, "/v1/customers/"+customer, "", url.Values{"invoice_settings[default_payment_method]": {id(pms[2])}}); status != 200 ||
+		out["invoice_settings"].(map[string]any)["default_payment_method"] != id(pms[2]) {
+		t.Fatalf("set the default: %d %v", status, out)
+	}
+
+	charge := func(pm, key string) (int, map[string]any, http.Header) {
+		return h.call(t, http.MethodPost, "/v1/payment_intents", key, url.Values{"amount": {"1000"}, "currency": {"usd"}, "customer": {customer},
+			"payment_method": {pm}, "off_session": {"true"}, "confirm": {"true"}, "metadata[tally_payment_id]": {"pay_auto"}})
+	}
+	before := len(h.acct.Objects("payment_intent"))
+	status, pi, _ := charge(id(pms[2]), "tally-auto-top-up-1")
+	if status != 200 || pi["status"] != "succeeded" || pi["amount_received"] != float64(1000) {
+		t.Fatalf("off-session charge of the saved 4242: %d %v", status, pi)
+	}
+	if status, again, header := charge(id(pms[2]), "tally-auto-top-up-1"); status != 200 || again["id"] != pi["id"] || header.Get("Idempotent-Replayed") != "true" {
+		t.Fatalf("the same key again: %d %v", status, again["id"])
+	}
+	for _, c := range []struct{ pm, key, code string }{{id(pms[1]), "tally-auto-top-up-2", "authentication_required"}, {id(pms[0]), "tally-auto-top-up-3", "card_declined"}} {
+		status, refused, _ := charge(c.pm, c.key)
+		e := refused["error"].(map[string]any)
+		if status != http.StatusPaymentRequired || e["type"] != "card_error" || e["code"] != c.code || e["payment_intent"].(map[string]any)["status"] != "requires_payment_method" {
+			t.Fatalf("off-session %s: %d %v", c.code, status, refused)
+		}
+		if status, replay, header := charge(c.pm, c.key); status != http.StatusPaymentRequired || header.Get("Idempotent-Replayed") != "true" ||
+			replay["error"].(map[string]any)["payment_intent"].(map[string]any)["id"] != e["payment_intent"].(map[string]any)["id"] {
+			t.Fatalf("a declined key replayed: %d %v", status, replay)
+		}
+	}
+	if n := len(h.acct.Objects("payment_intent")) - before; n != 3 {
+		t.Fatalf("%d PaymentIntents created for 3 keys sent twice each, want 3", n)
+	}
+	h.deliverAll(t)
+	got := h.hook.typesOK()
+	wantTypes(t, "off-session: a success, an authentication_required, a decline", got[len(got)-8:], []string{
+		"payment_intent.created", "charge.succeeded", "payment_intent.succeeded",
+		"payment_intent.created", "payment_intent.payment_failed",
+		"payment_intent.created", "charge.failed", "payment_intent.payment_failed"})
+}
