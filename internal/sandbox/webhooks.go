@@ -121,9 +121,6 @@ func Sign(payload []byte, secret string, t time.Time) string {
 	return "t=" + ts + ",v1=" + hex.EncodeToString(mac.Sum(nil))
 }
 
-// Name is the name of the webhook delivery worker.
-func (a *Account) Name() string { return "stripe-sandbox-webhooks" }
-
 // expiryCheck is how often Run expires the sessions past their expires_at.
 const expiryCheck = 30 * time.Second
 
