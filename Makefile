@@ -127,26 +127,48 @@ build: ## build the static binary bin/tally
 devdb:
 	@cd '$(ROOT)' && CGO_ENABLED=0 $(GO) build -o '$(DEVDB)' ./cmd/tally-devdb
 
-# A local server against PostgreSQL and a stripe-mock started alongside (both
-# stop when tally stops, as does a private PostgreSQL). The catalog is
+# A local server against PostgreSQL (a private one stops when tally stops).
+# STRIPE=sandbox (the default) runs the offline Stripe sandbox inside tally:
+# its hosted checkout page, dashboard and demo app, webhooks delivered to
+# tally, state kept in the database. STRIPE=mock starts stripe-mock
+# alongside instead (stateless: nothing can be paid). The catalog is
 # deploy/catalog.example.yaml.
-run: build tools devdb ## run tally locally on :8080 (creates the database, migrates, starts stripe-mock)
-	@echo 'stripe:   stripe-mock on http://127.0.0.1:$(STRIPE_MOCK_PORT), webhook secret $(DEV_WEBHOOK_SECRET)'
+STRIPE ?= sandbox
+RUN_PORT := $(lastword $(subst :, ,$(RUN_HTTP_ADDR)))
+RUN_URL ?= http://localhost:$(RUN_PORT)
+# The end-user token secret of `make run` (the demo app signs in with it).
+DEV_JWT_SECRET ?= tally-dev-jwt-secret-for-make-run-only
+
+run: build devdb $(if $(filter mock,$(STRIPE)),tools) ## run tally locally on :8080 with the Stripe sandbox (STRIPE=mock: stripe-mock)
+	@case '$(STRIPE)' in sandbox|mock) ;; *) echo "make run: STRIPE must be sandbox or mock, not '$(STRIPE)'" >&2; exit 2;; esac
 	@echo 'dev API keys (development only; send as "Authorization: Bearer <key>"):'
 	@echo '  service: $(DEV_API_KEY)'
 	@echo '  admin:   $(DEV_ADMIN_KEY)'
-	@'$(STRIPE_MOCK)' -http-port $(STRIPE_MOCK_PORT) >/dev/null 2>&1 & mock=$$!; \
-	trap 'kill $$mock 2>/dev/null || true' EXIT; \
+	@if [ '$(STRIPE)' = sandbox ]; then \
+		echo 'stripe:   the offline sandbox inside tally (no Stripe account; webhook secret $(DEV_WEBHOOK_SECRET))'; \
+		echo '  demo app:  $(RUN_URL)/sandbox/demo'; \
+		echo '  dashboard: $(RUN_URL)/sandbox'; \
+	else \
+		echo 'stripe:   stripe-mock on http://127.0.0.1:$(STRIPE_MOCK_PORT), webhook secret $(DEV_WEBHOOK_SECRET)'; \
+	fi
+	@if [ '$(STRIPE)' = mock ]; then \
+		'$(STRIPE_MOCK)' -http-port $(STRIPE_MOCK_PORT) >/dev/null 2>&1 & mock=$$!; \
+		trap 'kill $$mock 2>/dev/null || true' EXIT; \
+		stripe_env=(TALLY_STRIPE_SECRET_KEY=sk_test_123 TALLY_STRIPE_API_URL='http://127.0.0.1:$(STRIPE_MOCK_PORT)'); \
+	else \
+		stripe_env=(TALLY_STRIPE_SANDBOX=true TALLY_STRIPE_SECRET_KEY=sk_test_sandbox \
+			TALLY_STRIPE_SANDBOX_URL='$(RUN_URL)' TALLY_STRIPE_SANDBOX_DEMO_KEY='$(DEV_API_KEY)'); \
+	fi; \
 	trap 'exit 130' INT TERM; \
 	service_hash=$$(printf '%s' '$(DEV_API_KEY)' | sha256sum | cut -d' ' -f1); \
 	admin_hash=$$(printf '%s' '$(DEV_ADMIN_KEY)' | sha256sum | cut -d' ' -f1); \
-	cd '$(ROOT)' && \
+	cd '$(ROOT)' && env "$${stripe_env[@]}" \
 	TALLY_HTTP_ADDR='$(RUN_HTTP_ADDR)' \
 	TALLY_AUTO_MIGRATE=true \
 	TALLY_CATALOG_FILE='$(ROOT)/deploy/catalog.example.yaml' \
 	TALLY_API_KEYS="service:$$service_hash,admin:$$admin_hash" \
-	TALLY_STRIPE_SECRET_KEY=sk_test_123 \
-	TALLY_STRIPE_API_URL='http://127.0.0.1:$(STRIPE_MOCK_PORT)' \
+	TALLY_JWT_HS256_SECRET='$(DEV_JWT_SECRET)' \
+	TALLY_CORS_ORIGINS='$(RUN_URL),http://127.0.0.1:$(RUN_PORT),http://localhost:3000' \
 	TALLY_STRIPE_WEBHOOK_SECRETS='$(DEV_WEBHOOK_SECRET)' \
 	'$(DEVDB)' -url '$(RUN_DATABASE_URL)' -create -keep run -state '$(PG_STATE)' -env TALLY_DATABASE_URL -- \
 		'$(BIN)/tally' serve

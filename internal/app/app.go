@@ -110,6 +110,25 @@ func New(ctx context.Context, opts Options) (*App, error) {
 
 	a := &App{cfg: cfg, logger: logger, db: gdb}
 
+	// The sandbox is tally's Stripe when TALLY_STRIPE_SANDBOX is on: the
+	// client below talks to it over HTTP, as it would to Stripe.
+	var sb *stripeSandbox
+	if cfg.Stripe.Sandbox.Enabled {
+		sb, err = newStripeSandbox(ctx, cfg, gdb, logger, now)
+		if err != nil {
+			closeDB(gdb)
+			return nil, fmt.Errorf("stripe sandbox: %w", err)
+		}
+		cfg.Stripe.APIURL, cfg.Stripe.MeterEventsURL = sb.apiURL, sb.apiURL
+		cfg.Catalog = withSandboxRedirects(cfg.Catalog, cfg.Stripe.Sandbox.URL)
+		a.workers = append(a.workers, sandboxWorker{sb: sb})
+		defer func() {
+			if a.handler == nil { // New failed: the sandbox will never run
+				sb.close()
+			}
+		}()
+	}
+
 	// One Stripe client for every capability; nil without a key (checkout
 	// then answers unavailable, webhooks still verify and store).
 	var stripeClient stripeapi.Client
@@ -165,6 +184,10 @@ func New(ctx context.Context, opts Options) (*App, error) {
 			metering.WorkerOptions{Logger: logger, Now: now, Registerer: reg}))
 	} else {
 		logger.Warn("TALLY_STRIPE_SECRET_KEY is not set: usage events are accepted but not delivered")
+	}
+
+	if sb != nil {
+		deps.Sandbox = sb.web
 	}
 
 	metrics := promhttp.HandlerFor(reg, promhttp.HandlerOpts{})

@@ -66,6 +66,9 @@ type StripeConfig struct {
 	WebhookMaxBodyBytes int64
 	EventMaxAttempts    int
 	EventRetryInterval  time.Duration
+	// Sandbox runs the offline Stripe sandbox inside tally instead of
+	// talking to Stripe (development only).
+	Sandbox SandboxConfig
 }
 
 // Livemode reports whether SecretKey is a live key (sk_live_, rk_live_);
@@ -73,6 +76,27 @@ type StripeConfig struct {
 func (s StripeConfig) Livemode() bool {
 	return hasAnyPrefix(s.SecretKey, "sk_live_", "rk_live_")
 }
+
+// SandboxConfig is the offline Stripe sandbox (TALLY_STRIPE_SANDBOX): an
+// emulated test-mode Stripe served by tally itself under /sandbox, which
+// tally's Stripe client talks to over HTTP and which delivers signed
+// webhooks to tally's /webhooks/stripe. Never in live mode.
+type SandboxConfig struct {
+	Enabled bool
+	// URL is the base URL at which browsers, and the sandbox itself, reach
+	// this tally (the hosted checkout page, the webhook endpoint). Default:
+	// http://localhost:<port of TALLY_HTTP_ADDR>, or its host when it names one.
+	URL string
+	// DemoKey is a service API key the demo app's backend spends with; its
+	// SHA-256 must be one of TALLY_API_KEYS' service entries.
+	DemoKey string
+}
+
+// Sandbox defaults: the keys the sandbox uses when none is configured.
+const (
+	SandboxSecretKey     = "sk_test_sandbox"
+	SandboxWebhookSecret = "whsec_sandbox"
+)
 
 // Where refunds and disputes take credits back from (TALLY_REVOKE_FROM).
 const (
@@ -412,6 +436,22 @@ func Load(getenv func(string) string) (Config, error) {
 	p.int64("TALLY_WEBHOOK_MAX_BODY_BYTES", &c.Stripe.WebhookMaxBodyBytes)
 	p.integer("TALLY_STRIPE_EVENT_MAX_ATTEMPTS", &c.Stripe.EventMaxAttempts)
 	p.duration("TALLY_STRIPE_EVENT_RETRY_INTERVAL", &c.Stripe.EventRetryInterval)
+	p.boolean("TALLY_STRIPE_SANDBOX", &c.Stripe.Sandbox.Enabled)
+	p.str("TALLY_STRIPE_SANDBOX_URL", &c.Stripe.Sandbox.URL)
+	p.str("TALLY_STRIPE_SANDBOX_DEMO_KEY", &c.Stripe.Sandbox.DemoKey)
+	if c.Stripe.Sandbox.Enabled {
+		// The sandbox needs no Stripe account: its own test key and signing
+		// secret unless others are set.
+		if c.Stripe.SecretKey == "" {
+			c.Stripe.SecretKey = SandboxSecretKey
+		}
+		if len(c.Stripe.WebhookSecrets) == 0 {
+			c.Stripe.WebhookSecrets = []string{SandboxWebhookSecret}
+		}
+		if c.Stripe.Sandbox.URL == "" {
+			c.Stripe.Sandbox.URL = sandboxURL(c.HTTPAddr)
+		}
+	}
 
 	p.int64("TALLY_LOW_BALANCE_THRESHOLD", &c.Credits.DefaultLowBalanceThreshold)
 	p.duration("TALLY_CREDITS_EXPIRING_NOTICE", &c.Credits.ExpiringNotice)
@@ -612,6 +652,36 @@ func (c Config) Validate() error {
 	c.Credits.check(&p)
 	c.Checkout.check(&p)
 	c.Metering.check(&p)
+	if sb := c.Stripe.Sandbox; sb.Enabled {
+		if c.Stripe.Livemode() {
+			p.add("TALLY_STRIPE_SANDBOX", "refused with a live Stripe key (TALLY_STRIPE_SECRET_KEY is sk_live_/rk_live_): the sandbox is test mode only")
+		}
+		if c.Stripe.APIURL != "" || c.Stripe.MeterEventsURL != "" {
+			p.add("TALLY_STRIPE_SANDBOX", "refused together with TALLY_STRIPE_API_URL or TALLY_STRIPE_METER_EVENTS_URL: the sandbox is tally's Stripe; unset one or the other")
+		}
+		if sb.URL == "" {
+			p.add("TALLY_STRIPE_SANDBOX_URL", "must be set when TALLY_HTTP_ADDR has no fixed port (%q)", c.HTTPAddr)
+		} else if err := checkHTTPURL(sb.URL); err != nil {
+			p.add("TALLY_STRIPE_SANDBOX_URL", "%v", err)
+		}
+		if sb.DemoKey != "" {
+			sum := HashAPIKey(sb.DemoKey)
+			found := false
+			for _, k := range c.APIKeys {
+				found = found || (k.Scope == ScopeService && k.Hash == sum)
+			}
+			if !found {
+				p.add("TALLY_STRIPE_SANDBOX_DEMO_KEY", "its SHA-256 is not a service key of TALLY_API_KEYS, so the demo backend could not spend with it")
+			}
+		}
+	} else {
+		if sb.URL != "" {
+			p.add("TALLY_STRIPE_SANDBOX_URL", "is set but TALLY_STRIPE_SANDBOX is not true")
+		}
+		if sb.DemoKey != "" {
+			p.add("TALLY_STRIPE_SANDBOX_DEMO_KEY", "is set but TALLY_STRIPE_SANDBOX is not true")
+		}
+	}
 
 	if u := c.EventsWebhook.URL; u != "" {
 		if err := checkHTTPURL(u); err != nil {
@@ -750,6 +820,20 @@ func validated(check func(*problems)) error {
 	var p problems
 	check(&p)
 	return errors.Join(p...)
+}
+
+// sandboxURL is the base URL of a tally listening on addr, as a browser on
+// the same machine reaches it; "" when addr has no fixed port.
+func sandboxURL(addr string) string {
+	host, port, err := net.SplitHostPort(addr)
+	if err != nil || port == "" || port == "0" {
+		return ""
+	}
+	switch host {
+	case "", "0.0.0.0", "::":
+		host = "localhost"
+	}
+	return "http://" + net.JoinHostPort(host, port)
 }
 
 func hasAnyPrefix(s string, prefixes ...string) bool {

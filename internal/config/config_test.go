@@ -441,3 +441,52 @@ func TestSectionsValidateByTheRulesOfLoad(t *testing.T) {
 		}
 	}
 }
+
+func TestLoadSandbox(t *testing.T) {
+	serviceKey := "tally_dev_service_key"
+	sum := sha256.Sum256([]byte(serviceKey))
+	keys := "service:" + hex.EncodeToString(sum[:])
+
+	// On its own it needs nothing else: its own test key and secret, and
+	// the URL of the listener.
+	c, err := Load(envOf(map[string]string{"TALLY_STRIPE_SANDBOX": "true", "TALLY_HTTP_ADDR": ":8080"}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !c.Stripe.Sandbox.Enabled || c.Stripe.SecretKey != SandboxSecretKey || c.Stripe.Livemode() ||
+		!reflect.DeepEqual(c.Stripe.WebhookSecrets, []string{SandboxWebhookSecret}) || c.Stripe.Sandbox.URL != "http://localhost:8080" {
+		t.Fatalf("sandbox defaults: %+v", c.Stripe)
+	}
+	c, err = Load(envOf(map[string]string{"TALLY_STRIPE_SANDBOX": "true", "TALLY_HTTP_ADDR": "127.0.0.1:9000",
+		"TALLY_STRIPE_SECRET_KEY": "sk_test_mine", "TALLY_STRIPE_WEBHOOK_SECRETS": "whsec_mine",
+		"TALLY_API_KEYS": keys, "TALLY_STRIPE_SANDBOX_DEMO_KEY": serviceKey}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.Stripe.SecretKey != "sk_test_mine" || c.Stripe.WebhookSecrets[0] != "whsec_mine" || c.Stripe.Sandbox.URL != "http://127.0.0.1:9000" ||
+		c.Stripe.Sandbox.DemoKey != serviceKey {
+		t.Fatalf("sandbox with settings: %+v", c.Stripe)
+	}
+
+	for _, tc := range []struct {
+		name string
+		env  map[string]string
+		want string
+	}{
+		{"a live secret key", map[string]string{"TALLY_STRIPE_SANDBOX": "true", "TALLY_STRIPE_SECRET_KEY": "sk_live_123"}, "TALLY_STRIPE_SANDBOX: refused with a live"},
+		{"a live restricted key", map[string]string{"TALLY_STRIPE_SANDBOX": "true", "TALLY_STRIPE_SECRET_KEY": "rk_live_123"}, "TALLY_STRIPE_SANDBOX: refused with a live"},
+		{"an API URL", map[string]string{"TALLY_STRIPE_SANDBOX": "true", "TALLY_STRIPE_API_URL": "http://127.0.0.1:12111"}, "refused together with TALLY_STRIPE_API_URL"},
+		{"no fixed port", map[string]string{"TALLY_STRIPE_SANDBOX": "true", "TALLY_HTTP_ADDR": "127.0.0.1:0"}, "TALLY_STRIPE_SANDBOX_URL: must be set"},
+		{"a bad URL", map[string]string{"TALLY_STRIPE_SANDBOX": "true", "TALLY_STRIPE_SANDBOX_URL": "localhost:8080"}, "TALLY_STRIPE_SANDBOX_URL"},
+		{"a demo key not configured", map[string]string{"TALLY_STRIPE_SANDBOX": "true", "TALLY_STRIPE_SANDBOX_DEMO_KEY": "unknown"}, "TALLY_STRIPE_SANDBOX_DEMO_KEY: its SHA-256 is not a service key"},
+		{"a URL without the sandbox", map[string]string{"TALLY_STRIPE_SANDBOX_URL": "http://localhost:8080"}, "TALLY_STRIPE_SANDBOX_URL: is set but"},
+		{"not a boolean", map[string]string{"TALLY_STRIPE_SANDBOX": "maybe"}, "TALLY_STRIPE_SANDBOX"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := Load(envOf(tc.env))
+			if err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("Load = %v, want an error naming %q", err, tc.want)
+			}
+		})
+	}
+}

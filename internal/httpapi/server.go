@@ -55,6 +55,10 @@ type Options struct {
 	Credits  *credits.Service
 	Verify   func(ctx context.Context) (credits.VerifyReport, error)
 	Metering *metering.Service
+
+	// Sandbox, when set, serves /sandbox and everything under it: the
+	// offline Stripe sandbox (TALLY_STRIPE_SANDBOX), never on /v1.
+	Sandbox http.Handler
 }
 
 // Server implements api.StrictServerInterface.
@@ -125,6 +129,11 @@ func New(d Options) (*echo.Echo, error) {
 // webhook needs its raw body). Capabilities that own such routes add them here.
 func (s *Server) registerRaw(e *echo.Echo) {
 	e.POST("/webhooks/stripe", s.stripeWebhook)
+	if s.d.Sandbox != nil {
+		h := echo.WrapHandler(s.d.Sandbox)
+		e.Any("/sandbox", h)
+		e.Any("/sandbox/*", h)
+	}
 }
 
 // health is the body of /healthz and /readyz (schema Health in openapi.yaml).

@@ -1,0 +1,99 @@
+package sandbox_test
+
+import (
+	"context"
+	"net/http"
+	"net/http/httptest"
+	"net/url"
+	"testing"
+	"time"
+
+	"github.com/tallybilling/tally/internal/db/dbtest"
+	"github.com/tallybilling/tally/internal/sandbox"
+)
+
+// A user stops and starts tally: the sandbox, kept in PostgreSQL, still
+// knows its sessions, payments, events and their deliveries, meter events
+// and idempotency keys, and carries on from there.
+func TestStateSurvivesARestart(t *testing.T) {
+	ctx := context.Background()
+	gdb := dbtest.New(t)
+	hook := newEndpoint(t)
+	hook.answer = func(int) int { return http.StatusServiceUnavailable } // tally is down
+	open := func() (*sandbox.Account, *httptest.Server) {
+		store, err := sandbox.OpenPostgresStore(ctx, gdb)
+		if err != nil {
+			t.Fatal(err)
+		}
+		acct, err := sandbox.New(ctx, sandbox.Options{SecretKey: "sk_test_sandbox", PublicURL: "http://sandbox.test", Store: store,
+			Webhook: &sandbox.Endpoint{URL: hook.srv.URL, Secret: secret}, Meters: map[string]string{"mtr_1": "api_calls"}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		api := httptest.NewServer(sandbox.NewAPI(acct))
+		t.Cleanup(api.Close)
+		return acct, api
+	}
+	acct, api := open()
+	h := &harness{acct: acct, api: api, hook: hook}
+	paid := h.session(t, nil)
+	if _, err := acct.Pay(ctx, paid, "4242424242424242", "ada@example.com"); err != nil {
+		t.Fatal(err)
+	}
+	unpaid := h.session(t, nil)
+	_, created, _ := h.call(t, http.MethodPost, "/v1/customers", "tally-customer-ada", url.Values{"name": {"Ada"}})
+	if status, out, _ := h.call(t, http.MethodPost, "/v1/billing/meter_events", "", url.Values{"event_name": {"api_calls"}, "identifier": {"u1"},
+		"payload[stripe_customer_id]": {"cus_a"}, "payload[value]": {"5"}}); status != 200 {
+		t.Fatalf("meter event: %d %v", status, out)
+	}
+	acct.DeliverDue(ctx) // every delivery fails once
+	before := acct.Events()
+
+	// Restarted (a second process on the same database would see the same).
+	acct2, api2 := open()
+	h2 := &harness{acct: acct2, api: api2, hook: hook}
+	if got := acct2.Events(); len(got) != len(before) || got[0].Delivery.Attempts != 1 || got[0].Delivery.Status != sandbox.DeliveryPending ||
+		string(got[0].Payload) != string(before[0].Payload) {
+		t.Fatalf("events after the restart: %d (first %+v), want the %d from before, each tried once", len(got), got[0].Delivery, len(before))
+	}
+	if cs := acct2.Object(paid); cs["status"] != "complete" || acct2.Object(cs["payment_intent"].(string))["status"] != "succeeded" {
+		t.Fatalf("the paid session after the restart: %v", cs)
+	}
+	if _, err := acct2.Pay(ctx, unpaid, "4242424242424242", ""); err != nil {
+		t.Fatalf("pay the session created before the restart: %v", err)
+	}
+	if _, replay, header := h2.call(t, http.MethodPost, "/v1/customers", "tally-customer-ada", url.Values{"name": {"Ada"}}); replay["id"] != created["id"] || header.Get("Idempotent-Replayed") != "true" {
+		t.Fatalf("the idempotency key after the restart created %v, want %v replayed", replay["id"], created["id"])
+	}
+	if status, _, _ := h2.call(t, http.MethodPost, "/v1/billing/meter_events", "", url.Values{"event_name": {"api_calls"}, "identifier": {"u1"},
+		"payload[stripe_customer_id]": {"cus_a"}, "payload[value]": {"5"}}); status != http.StatusBadRequest {
+		t.Fatalf("the meter event identifier after the restart: %d, want 400 (already exists)", status)
+	}
+	if m := acct2.Meters(ctx); len(m) != 1 || m[0].Events != 1 || len(m[0].Customers) != 1 || m[0].Customers[0].Total != 5 {
+		t.Fatalf("meters after the restart: %+v", m)
+	}
+
+	// tally is back: the deliveries pending since before the restart go out,
+	// in order, once their retry is due; as at Stripe, the events of the
+	// payment made since did not wait for them.
+	hook.answer = nil
+	deadline := time.Now().Add(10 * time.Second)
+	for acct2.DeliverDue(ctx); ; acct2.DeliverDue(ctx) {
+		pending := 0
+		for _, ev := range acct2.Events() {
+			if ev.Delivery.Status != sandbox.DeliverySucceeded {
+				pending++
+			}
+		}
+		if pending == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%d deliveries still pending", pending)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	want := []string{"payment_intent.created", "charge.succeeded", "payment_intent.succeeded", "checkout.session.completed", // since the restart
+		"payment_intent.created", "charge.succeeded", "payment_intent.succeeded", "checkout.session.completed", "customer.created"} // retried
+	wantTypes(t, "deliveries across a restart", hook.typesOK(), want)
+}

@@ -1,0 +1,88 @@
+package sandbox_test
+
+import (
+	"context"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"net/url"
+	"strings"
+	"testing"
+
+	"github.com/tallybilling/tally/internal/sandbox"
+)
+
+// Every page renders whole, with the sandbox banner, whatever the account
+// holds: a template that fails halfway would show a cut page.
+func TestEveryPageRendersWithTheBanner(t *testing.T) {
+	h := newHarness(t)
+	ctx := context.Background()
+	paid := h.session(t, nil)
+	if _, err := h.acct.Pay(ctx, paid, "4000000000000259", "ada@example.com"); err != nil { // paid, then disputed
+		t.Fatal(err)
+	}
+	declined := h.session(t, nil)
+	if _, err := h.acct.Pay(ctx, declined, "4000000000000002", ""); err != nil {
+		t.Fatal(err)
+	}
+	authenticating := h.session(t, nil)
+	if _, err := h.acct.Pay(ctx, authenticating, "4000002760003184", ""); err != nil {
+		t.Fatal(err)
+	}
+	_, cus, _ := h.call(t, http.MethodPost, "/v1/customers", "", url.Values{})
+	setup := func() string {
+		_, cs, _ := h.call(t, http.MethodPost, "/v1/checkout/sessions", "", url.Values{"mode": {"setup"}, "customer": {cus["id"].(string)}, "success_url": {"http://app.test/"}})
+		return cs["id"].(string)
+	}()
+	_, inv, _ := h.call(t, http.MethodPost, "/v1/invoices", "", url.Values{"customer": {cus["id"].(string)}, "collection_method": {"send_invoice"}, "days_until_due": {"7"}})
+	h.call(t, http.MethodPost, "/v1/invoiceitems", "", url.Values{"invoice": {inv["id"].(string)}, "amount": {"700"}, "description": {"Pro"}})
+	h.call(t, http.MethodPost, "/v1/invoices/"+inv["id"].(string)+"/finalize", "", url.Values{})
+	h.call(t, http.MethodPost, "/v1/billing/meter_events", "", url.Values{"event_name": {"api_calls"}, "payload[stripe_customer_id]": {"cus_a"}, "payload[value]": {"2"}})
+	h.hook.answer = func(n int) int {
+		if n%2 == 0 {
+			return http.StatusInternalServerError
+		}
+		return http.StatusOK
+	}
+	h.deliverAll(t)
+
+	web := httptest.NewServer(sandbox.NewWeb(sandbox.WebOptions{Account: h.acct, API: sandbox.NewAPI(h.acct), APIURL: h.api.URL,
+		Demo: sandbox.NewDemo(sandbox.DemoOptions{JWTSecret: []byte("0123456789abcdef0123456789abcdef")})}))
+	defer web.Close()
+	for _, c := range []struct {
+		path   string
+		status int
+		shows  string
+	}{
+		{"/sandbox", 200, "Win dispute"},
+		{"/sandbox/checkout/" + paid, 200, "can no longer be paid"},
+		{"/sandbox/checkout/" + declined, 200, "Your card was declined."},
+		{"/sandbox/checkout/" + authenticating, 200, "authenticate-approve"},
+		{"/sandbox/checkout/" + setup, 200, "Save card"},
+		{"/sandbox/checkout/cs_test_nope", 404, "No such"},
+		{"/sandbox/invoices/" + inv["id"].(string), 200, "pay-invoice"},
+		{"/sandbox/demo", 200, "app.js"},
+	} {
+		resp, err := http.Get(web.URL + c.path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		body, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		page := string(body)
+		if resp.StatusCode != c.status || !strings.Contains(page, "SANDBOX") || !strings.Contains(page, c.shows) || !strings.Contains(page, "</html>") {
+			t.Errorf("GET %s: %d, banner %t, shows %q %t, whole %t", c.path, resp.StatusCode, strings.Contains(page, "SANDBOX"),
+				c.shows, strings.Contains(page, c.shows), strings.Contains(page, "</html>"))
+		}
+	}
+	// An action refused says why, on the dashboard, with a 4xx.
+	resp, err := http.PostForm(web.URL+"/sandbox/payments/pi_nope/refund", url.Values{"amount": {"x"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusBadRequest || !strings.Contains(string(body), "positive whole number") {
+		t.Fatalf("a bad refund amount: %d", resp.StatusCode)
+	}
+}
