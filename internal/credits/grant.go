@@ -104,20 +104,10 @@ func grantTx(ctx context.Context, tx *gorm.DB, clock func() time.Time, in GrantI
 	}); err != nil {
 		return GrantResult{}, err
 	}
-	data := map[string]any{
-		"customer_id":    in.CustomerID,
-		"grant_id":       grantID,
-		"transaction_id": txID,
-		"amount":         in.Amount,
-		"balance":        a.balance,
-		"source":         string(in.Source),
-		"reason":         in.Reason,
-		"expires_at":     expiresAt,
-	}
-	if in.PaymentID != "" {
-		data["payment_id"] = in.PaymentID
-	}
-	if err := events.Append(ctx, tx, events.Event{Type: events.CreditsGranted, CustomerID: in.CustomerID, Data: data}); err != nil {
+	if err := events.Append(ctx, tx, in.CustomerID, events.CreditsGranted{
+		CustomerID: in.CustomerID, GrantID: grantID, TransactionID: txID, Amount: in.Amount, Balance: a.balance,
+		Source: string(in.Source), Reason: in.Reason, ExpiresAt: expiresAt, PaymentID: in.PaymentID,
+	}); err != nil {
 		return GrantResult{}, err
 	}
 	return GrantResult{TransactionID: txID, GrantID: grantID, Amount: in.Amount, Balance: a.balance, ExpiresAt: expiresAt}, nil

@@ -150,12 +150,9 @@ func (w *Sweeper) notifyExpiring(ctx context.Context) error {
 			}
 			n = len(grants)
 			for _, g := range grants {
-				if err := events.Append(ctx, tx, events.Event{Type: events.CreditsExpiring, CustomerID: g.CustomerID, Data: map[string]any{
-					"customer_id": g.CustomerID,
-					"grant_id":    g.ID,
-					"remaining":   g.Remaining,
-					"expires_at":  g.ExpiresAt.UTC(),
-				}}); err != nil {
+				if err := events.Append(ctx, tx, g.CustomerID, events.CreditsExpiring{
+					CustomerID: g.CustomerID, GrantID: g.ID, Remaining: g.Remaining, ExpiresAt: g.ExpiresAt.UTC(),
+				}); err != nil {
 					return err
 				}
 			}

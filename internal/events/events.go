@@ -19,32 +19,6 @@ import (
 	"github.com/tallybilling/tally/internal/errs"
 )
 
-// The event types tally emits. Hosts switch on these strings; they never change.
-const (
-	CustomerCreated    = "customer.created"
-	CustomerUpdated    = "customer.updated"
-	PaymentSucceeded   = "payment.succeeded"
-	PaymentFailed      = "payment.failed"
-	PaymentRefunded    = "payment.refunded"
-	PaymentDisputed    = "payment.disputed"
-	PaymentDisputeWon  = "payment.dispute_won"
-	PaymentDisputeLost = "payment.dispute_lost"
-	CreditsGranted     = "credits.granted"
-	CreditsLowBalance  = "credits.low_balance"
-	CreditsExpiring    = "credits.expiring"
-	CreditsExpired     = "credits.expired"
-	CreditsRevoked     = "credits.revoked"
-	UsageDead          = "usage.dead"
-	SubscriptionUpdate = "subscription.updated"
-)
-
-// Event is a business event to append. Data is marshalled to a JSON object.
-type Event struct {
-	Type       string
-	CustomerID string
-	Data       any
-}
-
 // Stored is an event as the feed returns it.
 type Stored struct {
 	ID         int64
@@ -56,26 +30,24 @@ type Stored struct {
 	Position Cursor
 }
 
-// Append writes e inside the caller's transaction tx, so the event exists if
-// and only if the change that caused it commits.
-func Append(ctx context.Context, tx *gorm.DB, e Event) error {
-	if e.Type == "" {
-		return errs.E(errs.Internal, "event without a type")
+// Append writes an event of data's type about customerID ("" for none)
+// inside the caller's transaction tx, so the event exists if and only if the
+// change that caused it commits.
+func Append(ctx context.Context, tx *gorm.DB, customerID string, data Payload) error {
+	if data == nil {
+		return errs.E(errs.Internal, "event without a payload")
 	}
-	data, err := json.Marshal(e.Data)
+	b, err := json.Marshal(data)
 	if err != nil {
-		return fmt.Errorf("events: marshal %s: %w", e.Type, err)
-	}
-	if e.Data == nil {
-		data = []byte("{}")
+		return fmt.Errorf("events: marshal %s: %w", data.Type(), err)
 	}
 	var customer *string
-	if e.CustomerID != "" {
-		customer = &e.CustomerID
+	if customerID != "" {
+		customer = &customerID
 	}
 	err = tx.WithContext(ctx).Exec(
 		`INSERT INTO events (type, customer_id, data) VALUES (?, ?, ?)`,
-		e.Type, customer, string(data)).Error
+		data.Type(), customer, string(b)).Error
 	return db.Translate(err, nil)
 }
 

@@ -79,11 +79,22 @@ func toAPICatalog(c catalog.Catalog) api.Catalog {
 	return out
 }
 
+// toAPIEvent is a stored event as the feed shows it. Its data is passed on
+// as stored: events.Append wrote it from the type's payload, the shape
+// openapi.yaml gives that type in Event's oneOf.
 func toAPIEvent(e events.Stored) (api.Event, error) {
-	out := api.Event{Id: "evt_" + strconv.FormatInt(e.ID, 10), Type: e.Type, CreatedAt: e.CreatedAt, CustomerId: ptrIfSet(e.CustomerID)}
-	if err := json.Unmarshal(e.Data, &out.Data); err != nil {
+	typed, err := json.Marshal(struct {
+		Type string          `json:"type"`
+		Data json.RawMessage `json:"data"`
+	}{e.Type, e.Data})
+	if err != nil {
 		return api.Event{}, fmt.Errorf("httpapi: event %d data: %w", e.ID, err)
 	}
+	var out api.Event
+	if err := out.UnmarshalJSON(typed); err != nil {
+		return api.Event{}, fmt.Errorf("httpapi: event %d: %w", e.ID, err)
+	}
+	out.Id, out.CreatedAt, out.CustomerId = "evt_"+strconv.FormatInt(e.ID, 10), e.CreatedAt, ptrIfSet(e.CustomerID)
 	return out, nil
 }
 

@@ -135,12 +135,12 @@ func (s *Service) confirm(ctx context.Context, ev EventRef, paymentID string, c 
 				return err
 			}
 		}
-		return events.Append(ctx, tx, events.Event{Type: events.PaymentSucceeded, CustomerID: p.CustomerID, Data: map[string]any{
-			"payment_id": p.ID, "item": p.Item, "item_kind": p.ItemKind, "quantity": p.Quantity,
-			"amount": c.amountReceived, "currency": received, "amount_tax": p.Checkout.AmountTax,
-			"price": p.Amount, "price_currency": p.Currency, "credits": p.Credits,
-			"payment_intent_id": c.paymentIntentID, "stripe_event_id": ev.ID,
-		}})
+		return events.Append(ctx, tx, p.CustomerID, events.PaymentSucceeded{
+			PaymentID: p.ID, Item: p.Item, ItemKind: string(p.ItemKind), Quantity: p.Quantity,
+			Amount: c.amountReceived, Currency: received, AmountTax: p.Checkout.AmountTax,
+			Price: p.Amount, PriceCurrency: p.Currency, Credits: p.Credits,
+			PaymentIntentID: c.paymentIntentID, StripeEventID: ev.ID,
+		})
 	})
 }
 

@@ -83,8 +83,8 @@ func (s *Service) fail(ctx context.Context, ev EventRef, paymentID string, livem
 		if err != nil {
 			return db.Translate(err, nil)
 		}
-		return events.Append(ctx, tx, events.Event{Type: events.PaymentFailed, CustomerID: p.CustomerID, Data: map[string]any{
-			"payment_id": p.ID, "item": p.Item, "reason": reason, "stripe_event_id": ev.ID,
-		}})
+		return events.Append(ctx, tx, p.CustomerID, events.PaymentFailed{
+			PaymentID: p.ID, Item: p.Item, Reason: reason, StripeEventID: ev.ID,
+		})
 	})
 }

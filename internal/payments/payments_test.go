@@ -2,8 +2,10 @@ package payments_test
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"log/slog"
+	"reflect"
 	"strings"
 	"sync"
 	"testing"
@@ -272,6 +274,20 @@ func TestCheckoutModes(t *testing.T) {
 	got, err := svc.Get(ctx, plan.PaymentID)
 	if err != nil || got.Status != payments.Succeeded || got.SubscriptionID != "sub_1" {
 		t.Fatalf("plan payment = %+v, %v", got, err)
+	}
+	// Its payment.succeeded has every field a purchase's has: a plan moves
+	// no money through tally, so its amounts are 0, its currencies empty,
+	// and only payment_intent_id (it has none) is absent.
+	var data string
+	if err := db.ScanRow(gdb.Raw(`SELECT data::text FROM events WHERE type = 'payment.succeeded' AND data->>'payment_id' = ?`, plan.PaymentID), &data); err != nil {
+		t.Fatal(err)
+	}
+	var gotData, wantData map[string]any
+	_ = json.Unmarshal([]byte(data), &gotData)
+	_ = json.Unmarshal([]byte(`{"payment_id": "`+plan.PaymentID+`", "item": "api", "item_kind": "plan", "quantity": 1,
+		"amount": 0, "currency": "", "amount_tax": 0, "price": 0, "price_currency": "", "credits": 0, "stripe_event_id": "evt_sub"}`), &wantData)
+	if !reflect.DeepEqual(gotData, wantData) {
+		t.Errorf("plan's payment.succeeded data = %s, want %v", data, wantData)
 	}
 
 	// Subscription status follows the newest event; an older one is ignored.

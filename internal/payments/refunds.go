@@ -87,10 +87,10 @@ func (s *Service) ChargeRefunded(ctx context.Context, ev EventRef, ch Charge) er
 			VALUES (?, NULLIF(?, ''), ?, ?, ?, ?)`, p.ID, ev.ID, ch.AmountRefunded, delta, back.Taken, back.Shortfall).Error; err != nil {
 			return db.Translate(err, nil)
 		}
-		return events.Append(ctx, tx, events.Event{Type: events.PaymentRefunded, CustomerID: p.CustomerID, Data: map[string]any{
-			"payment_id": p.ID, "amount_refunded": ch.AmountRefunded, "amount_refunded_delta": delta,
-			"currency": paidCurrency(p), "credits_revoked": back.Taken, "credits_shortfall": back.Shortfall, "stripe_event_id": ev.ID,
-		}})
+		return events.Append(ctx, tx, p.CustomerID, events.PaymentRefunded{
+			PaymentID: p.ID, AmountRefunded: ch.AmountRefunded, AmountRefundedDelta: delta,
+			Currency: paidCurrency(p), CreditsRevoked: back.Taken, CreditsShortfall: back.Shortfall, StripeEventID: ev.ID,
+		})
 	})
 }
 

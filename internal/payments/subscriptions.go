@@ -29,10 +29,12 @@ func (s *Service) subscribed(ctx context.Context, ev EventRef, paymentID string,
 			now, now, p.ID).Error; err != nil {
 			return db.Translate(err, nil)
 		}
-		return events.Append(ctx, tx, events.Event{Type: events.PaymentSucceeded, CustomerID: p.CustomerID, Data: map[string]any{
-			"payment_id": p.ID, "item": p.Item, "item_kind": p.ItemKind, "amount": 0, "currency": p.Currency,
-			"credits": 0, "stripe_event_id": ev.ID,
-		}})
+		// A plan moves no money through tally: nothing received, no tax, no
+		// credits, no PaymentIntent (see events.PaymentSucceeded).
+		return events.Append(ctx, tx, p.CustomerID, events.PaymentSucceeded{
+			PaymentID: p.ID, Item: p.Item, ItemKind: string(p.ItemKind), Quantity: p.Quantity,
+			Currency: p.Currency, Price: p.Amount, PriceCurrency: p.Currency, StripeEventID: ev.ID,
+		})
 	})
 }
 
@@ -79,8 +81,8 @@ func (s *Service) SubscriptionChanged(ctx context.Context, ev EventRef, sub Subs
 		if res.RowsAffected == 0 {
 			return nil // an older event than the status we hold
 		}
-		return events.Append(ctx, tx, events.Event{Type: events.SubscriptionUpdate, CustomerID: customerID, Data: map[string]any{
-			"subscription_id": sub.ID, "status": sub.Status, "plan": sub.Metadata[stripeapi.MetadataItem], "stripe_event_id": ev.ID,
-		}})
+		return events.Append(ctx, tx, customerID, events.SubscriptionUpdated{
+			SubscriptionID: sub.ID, Status: sub.Status, Plan: sub.Metadata[stripeapi.MetadataItem], StripeEventID: ev.ID,
+		})
 	})
 }
