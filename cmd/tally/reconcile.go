@@ -54,8 +54,8 @@ func reconcile(ctx context.Context, args []string, env environment) error {
 		return err
 	}
 
-	rec, err := metering.NewService(gdb, client, cfg.Catalog, time.Now, metering.WithUsageRetention(cfg.Retention.UsageEvents)).
-		Reconcile(ctx, *meter, from, to)
+	svc := metering.New(metering.Options{DB: gdb, Stripe: client, Catalog: cfg.Catalog, UsageRetention: cfg.Retention.UsageEvents})
+	rec, err := svc.Reconcile(ctx, *meter, from, to)
 	if err != nil {
 		return err
 	}

@@ -29,11 +29,20 @@ type Sweeper struct {
 	logger *slog.Logger
 }
 
-// NewSweeper returns the worker; now is the clock. It panics when cfg does
-// not validate, as NewService does.
-func NewSweeper(gdb *gorm.DB, cfg config.CreditsConfig, now func() time.Time, logger *slog.Logger) *Sweeper {
-	mustValidate("credits.NewSweeper", cfg)
-	return &Sweeper{db: gdb, cfg: cfg, now: now, logger: logger}
+// SweeperOptions are what NewSweeper needs; the fields mean what they mean
+// in Options.
+type SweeperOptions struct {
+	DB     *gorm.DB
+	Config config.CreditsConfig
+	Logger *slog.Logger
+	Now    func() time.Time
+}
+
+// NewSweeper returns the worker. It panics when o.Config does not
+// validate, as New does.
+func NewSweeper(o SweeperOptions) *Sweeper {
+	mustValidate("credits.NewSweeper", o.Config)
+	return &Sweeper{db: o.DB, cfg: o.Config, now: clockOr(o.Now), logger: loggerOr(o.Logger)}
 }
 
 // Name identifies the worker in logs.

@@ -4,7 +4,6 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
-	"log/slog"
 	"reflect"
 	"strings"
 	"sync"
@@ -35,7 +34,7 @@ plans:
 
 func newService(t *testing.T, gdb *gorm.DB, stripe stripeapi.Client, confirmOn string) *payments.Service {
 	t.Helper()
-	return newServiceWith(t, gdb, stripe, catalogYAML, func(o *payments.Options) { o.Checkout.ConfirmOn = confirmOn })
+	return newServiceWith(t, gdb, stripe, catalogYAML, func(o *payments.Options) { o.Config.ConfirmOn = confirmOn })
 }
 
 // newServiceWith builds a Service on the catalog file catalogYAML, with tweak
@@ -48,11 +47,11 @@ func newServiceWith(t *testing.T, gdb *gorm.DB, stripe stripeapi.Client, catalog
 	}
 	o := defaultOptions(gdb)
 	o.Stripe, o.Catalog, o.Logger = stripe, cat, dbtest.Logger(t)
-	o.Checkout.InvoiceCreation = true
+	o.Config.InvoiceCreation = true
 	if tweak != nil {
 		tweak(&o)
 	}
-	return payments.NewService(o)
+	return payments.New(o)
 }
 
 // defaultOptions are the Options app.New passes on a default configuration
@@ -60,8 +59,8 @@ func newServiceWith(t *testing.T, gdb *gorm.DB, stripe stripeapi.Client, catalog
 // many for one customer.
 func defaultOptions(gdb *gorm.DB) payments.Options {
 	cfg := config.Default()
-	o := payments.Options{DB: gdb, Checkout: cfg.Checkout, RevokeFrom: cfg.Credits.RevokeFrom}
-	o.Checkout.RateLimit = 0
+	o := payments.Options{DB: gdb, Config: cfg.Checkout, RevokeFrom: cfg.Credits.RevokeFrom}
+	o.Config.RateLimit = 0
 	return o
 }
 
@@ -169,7 +168,7 @@ func TestConfirmationGuardAcrossStrategies(t *testing.T) {
 			t.Fatalf("a confirmation failed: %v", err)
 		}
 	}
-	b, err := credits.NewService(gdb, config.Default().Credits, time.Now, slog.New(slog.DiscardHandler)).Balance(ctx, "racer")
+	b, err := credits.New(credits.Options{DB: gdb, Config: config.Default().Credits}).Balance(ctx, "racer")
 	if err != nil || b.Balance != 200 {
 		t.Fatalf("balance = %+v, %v; want 200 (2 × 100, once)", b, err)
 	}
@@ -353,7 +352,7 @@ func TestForeignPaymentIntentIsRejected(t *testing.T) {
 	ctx := context.Background()
 	balance := func(customer string) int64 {
 		t.Helper()
-		b, err := credits.NewService(gdb, config.Default().Credits, time.Now, slog.New(slog.DiscardHandler)).Balance(ctx, customer)
+		b, err := credits.New(credits.Options{DB: gdb, Config: config.Default().Credits}).Balance(ctx, customer)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -529,15 +528,15 @@ func TestStripeIDOfAnotherPaymentIsRejected(t *testing.T) {
 
 // Settings come from config, which holds every default: an unset checkout
 // setting or revoke source in hand-built Options is a programming error
-// that NewService refuses, naming it, rather than quietly choosing a value
+// that New refuses, naming it, rather than quietly choosing a value
 // of its own.
-func TestNewServiceRefusesUnsetSettings(t *testing.T) {
+func TestNewRefusesUnsetSettings(t *testing.T) {
 	for name, tc := range map[string]struct {
 		tweak func(*payments.Options)
 		want  string
 	}{
-		"confirm on":  {func(o *payments.Options) { o.Checkout.ConfirmOn = "" }, "TALLY_CONFIRM_ON"},
-		"expiry":      {func(o *payments.Options) { o.Checkout.ExpiresAfter = 0 }, "TALLY_CHECKOUT_EXPIRES_AFTER"},
+		"confirm on":  {func(o *payments.Options) { o.Config.ConfirmOn = "" }, "TALLY_CONFIRM_ON"},
+		"expiry":      {func(o *payments.Options) { o.Config.ExpiresAfter = 0 }, "TALLY_CHECKOUT_EXPIRES_AFTER"},
 		"revoke from": {func(o *payments.Options) { o.RevokeFrom = "" }, "TALLY_REVOKE_FROM"},
 	} {
 		t.Run(name, func(t *testing.T) {
@@ -545,10 +544,10 @@ func TestNewServiceRefusesUnsetSettings(t *testing.T) {
 			tc.tweak(&o)
 			defer func() {
 				if msg := fmt.Sprint(recover()); !strings.Contains(msg, tc.want) {
-					t.Fatalf("NewService panicked with %q, want the unset %s named", msg, tc.want)
+					t.Fatalf("New panicked with %q, want the unset %s named", msg, tc.want)
 				}
 			}()
-			payments.NewService(o)
+			payments.New(o)
 		})
 	}
 }
