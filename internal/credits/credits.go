@@ -34,7 +34,6 @@ const (
 	MaxMetadataKeys   = 50
 	MaxMetadataKeyLen = 40
 	MaxMetadataValLen = 500
-	maxLedgerLimit    = 500
 )
 
 // Source says where a grant's credits came from.

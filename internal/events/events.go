@@ -109,8 +109,8 @@ func NewFeed(gdb *gorm.DB) *Feed { return &Feed{db: gdb} }
 // The price is that a long-running transaction delays the feed (never loses
 // from it).
 func (f *Feed) List(ctx context.Context, after Cursor, limit int) (Page, error) {
-	if limit < 1 || limit > 500 {
-		return Page{}, errs.InvalidField("limit", "limit must be between 1 and 500")
+	if err := db.CheckPageSize(limit); err != nil {
+		return Page{}, err
 	}
 	type row struct {
 		ID         int64

@@ -369,8 +369,8 @@ type Page struct {
 // time after cursor (a NextCursor of an earlier page, or "").
 // Errors: errs.NotFound (unknown customer), errs.Invalid (bad cursor or limit).
 func (s *Service) List(ctx context.Context, customerID, cursor string, limit int) (Page, error) {
-	if limit < 1 || limit > 500 {
-		return Page{}, errs.InvalidField("limit", "limit must be between 1 and 500")
+	if err := db.CheckPageSize(limit); err != nil {
+		return Page{}, err
 	}
 	var after string
 	if cursor != "" {
