@@ -3,8 +3,6 @@ package credits
 import (
 	"context"
 	"database/sql"
-	"encoding/json"
-	"fmt"
 	"time"
 
 	"gorm.io/gorm"
@@ -138,23 +136,12 @@ func (s *Service) Grant(ctx context.Context, in GrantInput, key db.IdempotencyKe
 	}
 	// expires_at is checked inside Once (by grant), not here: a retry of a
 	// grant whose expiry has passed since must still replay its first answer.
-	if key.Key == "" {
-		return GrantResult{}, false, errs.InvalidField("Idempotency-Key", "the Idempotency-Key header is required")
-	}
-	threshold := s.cfg.DefaultLowBalanceThreshold
-	out, replayed, err := db.Once(ctx, s.db, key, func(tx *gorm.DB) ([]byte, error) {
-		r, err := grant(ctx, tx, s.now, in, &threshold, key.Key)
-		if err != nil {
-			return nil, err
-		}
-		return json.Marshal(grantAnswer(r))
+	a, replayed, err := once(ctx, s, key, "grant", func(tx *gorm.DB, threshold *int64) (grantAnswer, error) {
+		r, err := grant(ctx, tx, s.now, in, threshold, key.Key)
+		return grantAnswer(r), err
 	})
 	if err != nil {
 		return GrantResult{}, false, err
-	}
-	var a grantAnswer
-	if err := json.Unmarshal(out, &a); err != nil {
-		return GrantResult{}, false, fmt.Errorf("credits: stored grant answer: %w", err)
 	}
 	return GrantResult(a), replayed, nil
 }
