@@ -52,9 +52,6 @@ func (s *Service) PaymentIntentSucceeded(ctx context.Context, ev EventRef, pi Pa
 	if err != nil {
 		return err
 	}
-	if id == "" {
-		return ErrNotOurs
-	}
 	if s.checkout.ConfirmOn != config.ConfirmOnPaymentIntent {
 		// Legacy strategy: the Checkout Session events credit. The
 		// PaymentIntent is linked by them, from the session tally created.

@@ -86,9 +86,6 @@ func (s *Service) DisputeChanged(ctx context.Context, ev EventRef, d Dispute) er
 	if err != nil {
 		return err
 	}
-	if id == "" {
-		return ErrNotOurs
-	}
 	return s.inEventTx(ctx, ev, id, d.Livemode, d.PaymentIntent, func(tx *gorm.DB, p Payment) error {
 		if d.PaymentIntent == "" {
 			return reject("dispute %s names no PaymentIntent, so it cannot be matched to payment %s", d.ID, p.ID)

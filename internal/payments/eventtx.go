@@ -12,7 +12,8 @@ import (
 )
 
 // paymentFor finds the payment a Stripe object names: by our metadata first,
-// then by the Stripe ids we stored. "" means none.
+// then by the Stripe ids we stored. Errors: ErrNotOurs when it names none,
+// errs.Unavailable.
 func (s *Service) paymentFor(ctx context.Context, metadata map[string]string, byColumn map[string]string) (string, error) {
 	if id := metadata[stripeapi.MetadataPaymentID]; id != "" {
 		return id, nil
@@ -25,7 +26,7 @@ func (s *Service) paymentFor(ctx context.Context, metadata map[string]string, by
 			}
 		}
 	}
-	return "", nil
+	return "", ErrNotOurs
 }
 
 // lockForEvent locks the payment an event names (tx must be a transaction)
@@ -77,13 +78,7 @@ func (s *Service) inEventTx(ctx context.Context, ev EventRef, paymentID string, 
 	return err
 }
 
+// sessionPayment finds the payment a Checkout Session names, as paymentFor.
 func (s *Service) sessionPayment(ctx context.Context, cs CheckoutSession) (string, error) {
-	id, err := s.paymentFor(ctx, cs.Metadata, map[string]string{"checkout_session_id": cs.ID, "id": cs.ClientReferenceID})
-	if err != nil {
-		return "", err
-	}
-	if id == "" {
-		return "", ErrNotOurs
-	}
-	return id, nil
+	return s.paymentFor(ctx, cs.Metadata, map[string]string{"checkout_session_id": cs.ID, "id": cs.ClientReferenceID})
 }

@@ -24,9 +24,6 @@ func (s *Service) PaymentIntentFailed(ctx context.Context, ev EventRef, pi Payme
 	if err != nil {
 		return err
 	}
-	if id == "" {
-		return ErrNotOurs
-	}
 	reason := pi.LastError
 	if pi.CancellationReason != "" {
 		reason = "canceled: " + pi.CancellationReason

@@ -26,9 +26,6 @@ func (s *Service) ChargeRefunded(ctx context.Context, ev EventRef, ch Charge) er
 	if err != nil {
 		return err
 	}
-	if id == "" {
-		return ErrNotOurs
-	}
 	return s.inEventTx(ctx, ev, id, ch.Livemode, ch.PaymentIntent, func(tx *gorm.DB, p Payment) error {
 		if ch.PaymentIntent == "" {
 			return reject("charge %s names no PaymentIntent, so it cannot be matched to payment %s", ch.ID, p.ID)
