@@ -7,11 +7,13 @@ import (
 	"testing"
 	"time"
 
+	"github.com/tallybilling/tally/internal/httpapi"
 	"github.com/tallybilling/tally/internal/metering"
 )
 
 // What `tally reconcile` prints is read by operators and by scripts: the
-// text is pinned byte for byte, the --json report member for member.
+// text is pinned byte for byte, the --json report member for member, and
+// it is the body POST /v1/admin/reconciliations answers, indented.
 func TestReconciliationOutput(t *testing.T) {
 	from := time.Date(2026, 3, 1, 0, 0, 0, 0, time.UTC)
 	to := time.Date(2026, 3, 2, 12, 30, 0, 0, time.UTC)
@@ -72,6 +74,13 @@ bartholomew  5      7       +2
 			}
 			if !reflect.DeepEqual(got, want) {
 				t.Errorf("json members\n got %s\nwant %s", out.String(), c.jsonBody)
+			}
+			api, err := json.MarshalIndent(httpapi.ToAPIReconciliation(c.rec), "", "  ")
+			if err != nil {
+				t.Fatal(err)
+			}
+			if out.String() != string(api)+"\n" {
+				t.Errorf("json differs from the API's body\n got %s\n api %s", out.String(), api)
 			}
 		})
 	}

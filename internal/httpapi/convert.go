@@ -325,7 +325,9 @@ func toAPIUsageTotals(t metering.Totals) api.UsageTotals {
 	return out
 }
 
-func toAPIReconciliation(r metering.Reconciliation) api.Reconciliation {
+// ToAPIReconciliation is r as the contract shapes it: the body of
+// POST /v1/admin/reconciliations, which `tally reconcile --json` prints too.
+func ToAPIReconciliation(r metering.Reconciliation) api.Reconciliation {
 	out := api.Reconciliation{Meter: r.Meter, From: r.From, To: r.To, Checked: r.Checked,
 		Mismatches: make([]api.ReconciliationMismatch, len(r.Mismatches))}
 	for i, m := range r.Mismatches {

@@ -261,7 +261,7 @@ func TestUsageConversion(t *testing.T) {
 	if tot.Meters[0] != (api.MeterTotal{Meter: "m", Total: 4, Events: 2}) {
 		t.Errorf("totals = %+v", tot)
 	}
-	rec := toAPIReconciliation(metering.Reconciliation{Meter: "m", Mismatches: []metering.Mismatch{{CustomerID: "ada", LocalTotal: 3, StripeTotal: 1, Difference: 2}}})
+	rec := ToAPIReconciliation(metering.Reconciliation{Meter: "m", Mismatches: []metering.Mismatch{{CustomerID: "ada", LocalTotal: 3, StripeTotal: 1, Difference: 2}}})
 	if rec.Mismatches[0] != (api.ReconciliationMismatch{CustomerId: "ada", LocalTotal: 3, StripeTotal: 1, Difference: 2}) {
 		t.Errorf("reconciliation = %+v", rec)
 	}
