@@ -9,6 +9,7 @@ import (
 	"context"
 	"encoding/base64"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"net/http"
 	"net/url"
@@ -20,6 +21,132 @@ import (
 	"github.com/labstack/echo/v4"
 	"github.com/oapi-codegen/runtime"
 )
+
+// Defines values for CreditsExpiredEventType.
+const (
+	CreditsExpired CreditsExpiredEventType = "credits.expired"
+)
+
+// Valid indicates whether the value is a known member of the CreditsExpiredEventType enum.
+func (e CreditsExpiredEventType) Valid() bool {
+	switch e {
+	case CreditsExpired:
+		return true
+	default:
+		return false
+	}
+}
+
+// Defines values for CreditsExpiringEventType.
+const (
+	CreditsExpiring CreditsExpiringEventType = "credits.expiring"
+)
+
+// Valid indicates whether the value is a known member of the CreditsExpiringEventType enum.
+func (e CreditsExpiringEventType) Valid() bool {
+	switch e {
+	case CreditsExpiring:
+		return true
+	default:
+		return false
+	}
+}
+
+// Defines values for CreditsGrantedDataSource.
+const (
+	CreditsGrantedDataSourceDisputeWon CreditsGrantedDataSource = "dispute_won"
+	CreditsGrantedDataSourcePurchase   CreditsGrantedDataSource = "purchase"
+	CreditsGrantedDataSourceService    CreditsGrantedDataSource = "service"
+)
+
+// Valid indicates whether the value is a known member of the CreditsGrantedDataSource enum.
+func (e CreditsGrantedDataSource) Valid() bool {
+	switch e {
+	case CreditsGrantedDataSourceDisputeWon:
+		return true
+	case CreditsGrantedDataSourcePurchase:
+		return true
+	case CreditsGrantedDataSourceService:
+		return true
+	default:
+		return false
+	}
+}
+
+// Defines values for CreditsGrantedEventType.
+const (
+	CreditsGranted CreditsGrantedEventType = "credits.granted"
+)
+
+// Valid indicates whether the value is a known member of the CreditsGrantedEventType enum.
+func (e CreditsGrantedEventType) Valid() bool {
+	switch e {
+	case CreditsGranted:
+		return true
+	default:
+		return false
+	}
+}
+
+// Defines values for CreditsLowBalanceEventType.
+const (
+	CreditsLowBalance CreditsLowBalanceEventType = "credits.low_balance"
+)
+
+// Valid indicates whether the value is a known member of the CreditsLowBalanceEventType enum.
+func (e CreditsLowBalanceEventType) Valid() bool {
+	switch e {
+	case CreditsLowBalance:
+		return true
+	default:
+		return false
+	}
+}
+
+// Defines values for CreditsRevokedEventType.
+const (
+	CreditsRevoked CreditsRevokedEventType = "credits.revoked"
+)
+
+// Valid indicates whether the value is a known member of the CreditsRevokedEventType enum.
+func (e CreditsRevokedEventType) Valid() bool {
+	switch e {
+	case CreditsRevoked:
+		return true
+	default:
+		return false
+	}
+}
+
+// Defines values for CustomerCreatedEventType.
+const (
+	CustomerCreated CustomerCreatedEventType = "customer.created"
+)
+
+// Valid indicates whether the value is a known member of the CustomerCreatedEventType enum.
+func (e CustomerCreatedEventType) Valid() bool {
+	switch e {
+	case CustomerCreated:
+		return true
+	default:
+		return false
+	}
+}
+
+// Defines values for CustomerUpdatedEventType.
+const (
+	CustomerUpdated CustomerUpdatedEventType = "customer.updated"
+)
+
+// Valid indicates whether the value is a known member of the CustomerUpdatedEventType enum.
+func (e CustomerUpdatedEventType) Valid() bool {
+	switch e {
+	case CustomerUpdated:
+		return true
+	default:
+		return false
+	}
+}
 
 // Defines values for ErrorCode.
 const (
@@ -144,6 +271,81 @@ func (e PaymentItemKind) Valid() bool {
 	}
 }
 
+// Defines values for PaymentDisputeLostEventType.
+const (
+	PaymentDisputeLost PaymentDisputeLostEventType = "payment.dispute_lost"
+)
+
+// Valid indicates whether the value is a known member of the PaymentDisputeLostEventType enum.
+func (e PaymentDisputeLostEventType) Valid() bool {
+	switch e {
+	case PaymentDisputeLost:
+		return true
+	default:
+		return false
+	}
+}
+
+// Defines values for PaymentDisputeWonEventType.
+const (
+	PaymentDisputeWon PaymentDisputeWonEventType = "payment.dispute_won"
+)
+
+// Valid indicates whether the value is a known member of the PaymentDisputeWonEventType enum.
+func (e PaymentDisputeWonEventType) Valid() bool {
+	switch e {
+	case PaymentDisputeWon:
+		return true
+	default:
+		return false
+	}
+}
+
+// Defines values for PaymentDisputedEventType.
+const (
+	PaymentDisputed PaymentDisputedEventType = "payment.disputed"
+)
+
+// Valid indicates whether the value is a known member of the PaymentDisputedEventType enum.
+func (e PaymentDisputedEventType) Valid() bool {
+	switch e {
+	case PaymentDisputed:
+		return true
+	default:
+		return false
+	}
+}
+
+// Defines values for PaymentFailedEventType.
+const (
+	PaymentFailed PaymentFailedEventType = "payment.failed"
+)
+
+// Valid indicates whether the value is a known member of the PaymentFailedEventType enum.
+func (e PaymentFailedEventType) Valid() bool {
+	switch e {
+	case PaymentFailed:
+		return true
+	default:
+		return false
+	}
+}
+
+// Defines values for PaymentRefundedEventType.
+const (
+	PaymentRefunded PaymentRefundedEventType = "payment.refunded"
+)
+
+// Valid indicates whether the value is a known member of the PaymentRefundedEventType enum.
+func (e PaymentRefundedEventType) Valid() bool {
+	switch e {
+	case PaymentRefunded:
+		return true
+	default:
+		return false
+	}
+}
+
 // Defines values for PaymentStatus.
 const (
 	PaymentStatusDisputeLost PaymentStatus = "dispute_lost"
@@ -168,6 +370,42 @@ func (e PaymentStatus) Valid() bool {
 	case PaymentStatusRefunded:
 		return true
 	case PaymentStatusSucceeded:
+		return true
+	default:
+		return false
+	}
+}
+
+// Defines values for PaymentSucceededDataItemKind.
+const (
+	PaymentSucceededDataItemKindCreditPack PaymentSucceededDataItemKind = "credit_pack"
+	PaymentSucceededDataItemKindPlan       PaymentSucceededDataItemKind = "plan"
+	PaymentSucceededDataItemKindProduct    PaymentSucceededDataItemKind = "product"
+)
+
+// Valid indicates whether the value is a known member of the PaymentSucceededDataItemKind enum.
+func (e PaymentSucceededDataItemKind) Valid() bool {
+	switch e {
+	case PaymentSucceededDataItemKindCreditPack:
+		return true
+	case PaymentSucceededDataItemKindPlan:
+		return true
+	case PaymentSucceededDataItemKindProduct:
+		return true
+	default:
+		return false
+	}
+}
+
+// Defines values for PaymentSucceededEventType.
+const (
+	PaymentSucceeded PaymentSucceededEventType = "payment.succeeded"
+)
+
+// Valid indicates whether the value is a known member of the PaymentSucceededEventType enum.
+func (e PaymentSucceededEventType) Valid() bool {
+	switch e {
+	case PaymentSucceeded:
 		return true
 	default:
 		return false
@@ -240,6 +478,21 @@ func (e StripeEventStatus) Valid() bool {
 	}
 }
 
+// Defines values for SubscriptionUpdatedEventType.
+const (
+	SubscriptionUpdated SubscriptionUpdatedEventType = "subscription.updated"
+)
+
+// Valid indicates whether the value is a known member of the SubscriptionUpdatedEventType enum.
+func (e SubscriptionUpdatedEventType) Valid() bool {
+	switch e {
+	case SubscriptionUpdated:
+		return true
+	default:
+		return false
+	}
+}
+
 // Defines values for UsageDeadCode.
 const (
 	UsageDeadCodeStripeRefused UsageDeadCode = "stripe_refused"
@@ -252,6 +505,21 @@ func (e UsageDeadCode) Valid() bool {
 	case UsageDeadCodeStripeRefused:
 		return true
 	case UsageDeadCodeTooOld:
+		return true
+	default:
+		return false
+	}
+}
+
+// Defines values for UsageDeadEventType.
+const (
+	UsageDead UsageDeadEventType = "usage.dead"
+)
+
+// Valid indicates whether the value is a known member of the UsageDeadEventType enum.
+func (e UsageDeadEventType) Valid() bool {
+	switch e {
+	case UsageDead:
 		return true
 	default:
 		return false
@@ -388,6 +656,118 @@ type CreditPack struct {
 	Name                string `json:"name"`
 }
 
+// CreditsExpiredData defines model for CreditsExpiredData.
+type CreditsExpiredData struct {
+	Amount        int64     `json:"amount"`
+	Balance       int64     `json:"balance"`
+	CustomerId    string    `json:"customer_id"`
+	ExpiresAt     time.Time `json:"expires_at"`
+	GrantId       string    `json:"grant_id"`
+	TransactionId string    `json:"transaction_id"`
+}
+
+// CreditsExpiredEvent What was left of a grant expired.
+type CreditsExpiredEvent struct {
+	Data CreditsExpiredData      `json:"data"`
+	Type CreditsExpiredEventType `json:"type"`
+}
+
+// CreditsExpiredEventType defines model for CreditsExpiredEvent.Type.
+type CreditsExpiredEventType string
+
+// CreditsExpiringData defines model for CreditsExpiringData.
+type CreditsExpiringData struct {
+	CustomerId string    `json:"customer_id"`
+	ExpiresAt  time.Time `json:"expires_at"`
+	GrantId    string    `json:"grant_id"`
+	Remaining  int64     `json:"remaining"`
+}
+
+// CreditsExpiringEvent A grant with credits left expires within `TALLY_CREDITS_EXPIRING_NOTICE`; sent once per grant.
+type CreditsExpiringEvent struct {
+	Data CreditsExpiringData      `json:"data"`
+	Type CreditsExpiringEventType `json:"type"`
+}
+
+// CreditsExpiringEventType defines model for CreditsExpiringEvent.Type.
+type CreditsExpiringEventType string
+
+// CreditsGrantedData defines model for CreditsGrantedData.
+type CreditsGrantedData struct {
+	Amount int64 `json:"amount"`
+
+	// Balance The balance after the grant.
+	Balance    int64  `json:"balance"`
+	CustomerId string `json:"customer_id"`
+
+	// ExpiresAt Null for credits that never expire.
+	ExpiresAt *time.Time `json:"expires_at"`
+	GrantId   string     `json:"grant_id"`
+
+	// PaymentId The payment that bought or returned the credits; absent for a grant through the API.
+	PaymentId     *string                  `json:"payment_id,omitempty"`
+	Reason        string                   `json:"reason"`
+	Source        CreditsGrantedDataSource `json:"source"`
+	TransactionId string                   `json:"transaction_id"`
+}
+
+// CreditsGrantedDataSource defines model for CreditsGrantedData.Source.
+type CreditsGrantedDataSource string
+
+// CreditsGrantedEvent Credits were added (a purchase, a grant through the API, a won dispute's return).
+type CreditsGrantedEvent struct {
+	Data CreditsGrantedData      `json:"data"`
+	Type CreditsGrantedEventType `json:"type"`
+}
+
+// CreditsGrantedEventType defines model for CreditsGrantedEvent.Type.
+type CreditsGrantedEventType string
+
+// CreditsLowBalanceData defines model for CreditsLowBalanceData.
+type CreditsLowBalanceData struct {
+	Balance    int64  `json:"balance"`
+	CustomerId string `json:"customer_id"`
+	Threshold  int64  `json:"threshold"`
+}
+
+// CreditsLowBalanceEvent The balance fell below the customer's threshold; sent once per fall, again only after the balance was back at or above it.
+type CreditsLowBalanceEvent struct {
+	Data CreditsLowBalanceData      `json:"data"`
+	Type CreditsLowBalanceEventType `json:"type"`
+}
+
+// CreditsLowBalanceEventType defines model for CreditsLowBalanceEvent.Type.
+type CreditsLowBalanceEventType string
+
+// CreditsRevokedData defines model for CreditsRevokedData.
+type CreditsRevokedData struct {
+	// Amount Credits taken back.
+	Amount     int64  `json:"amount"`
+	Balance    int64  `json:"balance"`
+	CustomerId string `json:"customer_id"`
+
+	// Draws The grants `amount` came from; empty when nothing was taken.
+	Draws []LedgerDraw `json:"draws"`
+
+	// GrantId The payment's purchase grant; absent when it has none.
+	GrantId   *string `json:"grant_id,omitempty"`
+	PaymentId string  `json:"payment_id"`
+	Reason    string  `json:"reason"`
+
+	// Shortfall Credits owed back but already spent.
+	Shortfall     int64  `json:"shortfall"`
+	TransactionId string `json:"transaction_id"`
+}
+
+// CreditsRevokedEvent A refund or a dispute took credits back.
+type CreditsRevokedEvent struct {
+	Data CreditsRevokedData      `json:"data"`
+	Type CreditsRevokedEventType `json:"type"`
+}
+
+// CreditsRevokedEventType defines model for CreditsRevokedEvent.Type.
+type CreditsRevokedEventType string
+
 // Customer defines model for Customer.
 type Customer struct {
 	CreatedAt           time.Time  `json:"created_at"`
@@ -402,8 +782,40 @@ type Customer struct {
 	UpdatedAt        time.Time `json:"updated_at"`
 }
 
+// CustomerCreatedEvent A customer was created, through the API or on first use (a checkout, a grant, a usage event).
+type CustomerCreatedEvent struct {
+	// Data The customer after the change. Fields it does not have are absent.
+	Data CustomerEventData        `json:"data"`
+	Type CustomerCreatedEventType `json:"type"`
+}
+
+// CustomerCreatedEventType defines model for CustomerCreatedEvent.Type.
+type CustomerCreatedEventType string
+
+// CustomerEventData The customer after the change. Fields it does not have are absent.
+type CustomerEventData struct {
+	Email               *string    `json:"email,omitempty"`
+	Id                  CustomerID `json:"id"`
+	LowBalanceThreshold *int64     `json:"low_balance_threshold,omitempty"`
+
+	// Metadata Up to 50 string values, keys up to 40 characters, values up to 500.
+	Metadata         Metadata `json:"metadata"`
+	Name             *string  `json:"name,omitempty"`
+	StripeCustomerId *string  `json:"stripe_customer_id,omitempty"`
+}
+
 // CustomerID defines model for CustomerID.
 type CustomerID = string
+
+// CustomerUpdatedEvent A customer's fields or its Stripe customer changed.
+type CustomerUpdatedEvent struct {
+	// Data The customer after the change. Fields it does not have are absent.
+	Data CustomerEventData        `json:"data"`
+	Type CustomerUpdatedEventType `json:"type"`
+}
+
+// CustomerUpdatedEventType defines model for CustomerUpdatedEvent.Type.
+type CustomerUpdatedEventType string
 
 // CustomerUpsert defines model for CustomerUpsert.
 type CustomerUpsert struct {
@@ -421,19 +833,19 @@ type CustomerUpsert struct {
 // ErrorCode defines model for ErrorCode.
 type ErrorCode string
 
-// Event defines model for Event.
+// Event One business event. `type` says what happened and which schema
+// `data` follows (the `oneOf` below, keyed by `type`). Events are only
+// ever added, as new types or as new fields of a type's `data`; a host
+// skips the types and ignores the fields it does not know. Money is in
+// minor units of the currency beside it, credits are integers.
 type Event struct {
-	CreatedAt  time.Time              `json:"created_at"`
-	CustomerId *string                `json:"customer_id,omitempty"`
-	Data       map[string]interface{} `json:"data"`
-	Id         string                 `json:"id"`
+	CreatedAt  time.Time `json:"created_at"`
+	CustomerId *string   `json:"customer_id,omitempty"`
+	Id         string    `json:"id"`
 
-	// Type customer.created, customer.updated, payment.succeeded,
-	// payment.failed, payment.refunded, payment.disputed,
-	// payment.dispute_won, payment.dispute_lost, credits.granted,
-	// credits.revoked, credits.low_balance, credits.expiring,
-	// credits.expired, usage.dead, ...
-	Type string `json:"type"`
+	// Type What happened; it selects the schema of `data`.
+	Type  string `json:"type"`
+	union json.RawMessage
 }
 
 // EventPage defines model for EventPage.
@@ -601,11 +1013,134 @@ type Payment struct {
 // PaymentItemKind defines model for Payment.ItemKind.
 type PaymentItemKind string
 
+// PaymentDisputeLostData defines model for PaymentDisputeLostData.
+type PaymentDisputeLostData struct {
+	AmountDisputed int64  `json:"amount_disputed"`
+	Currency       string `json:"currency"`
+	DisputeId      string `json:"dispute_id"`
+	PaymentId      string `json:"payment_id"`
+	StripeEventId  string `json:"stripe_event_id"`
+}
+
+// PaymentDisputeLostEvent A dispute closed lost; the payment ends `dispute_lost`.
+type PaymentDisputeLostEvent struct {
+	Data PaymentDisputeLostData      `json:"data"`
+	Type PaymentDisputeLostEventType `json:"type"`
+}
+
+// PaymentDisputeLostEventType defines model for PaymentDisputeLostEvent.Type.
+type PaymentDisputeLostEventType string
+
+// PaymentDisputeWonData defines model for PaymentDisputeWonData.
+type PaymentDisputeWonData struct {
+	// CreditsExpired Credits that did not come back because their grant expired meanwhile.
+	CreditsExpired  int64 `json:"credits_expired"`
+	CreditsRestored int64 `json:"credits_restored"`
+
+	// CreditsRevokedForRefunds What refunds delivered while the dispute was open took back out of what the win returned.
+	CreditsRevokedForRefunds int64 `json:"credits_revoked_for_refunds"`
+
+	// CreditsShortfallForRefunds What of those refunds the balance could not cover (a shortfall).
+	CreditsShortfallForRefunds int64  `json:"credits_shortfall_for_refunds"`
+	DisputeId                  string `json:"dispute_id"`
+	PaymentId                  string `json:"payment_id"`
+
+	// ShortfallSettled The shortfall the dispute had left, no longer owed.
+	ShortfallSettled int64 `json:"shortfall_settled"`
+
+	// Status Where the payment stands. `pending → succeeded | failed`,
+	// `failed → succeeded` (a retried card), `succeeded → refunded` (after
+	// any refund; `amount_refunded` grows with later ones). A chargeback
+	// moves a succeeded or refunded payment to `disputed` (its disputed
+	// share of the credits is taken back, as for a refund); closed won, it
+	// returns to the state it had before and the credits come back;
+	// closed lost, it ends `dispute_lost`. An inquiry (no funds withdrawn)
+	// is only recorded in `transitions`.
+	Status        PaymentStatus `json:"status"`
+	StripeEventId string        `json:"stripe_event_id"`
+}
+
+// PaymentDisputeWonEvent A dispute closed won; the payment is back in `status` and the credits taken came back.
+type PaymentDisputeWonEvent struct {
+	Data PaymentDisputeWonData      `json:"data"`
+	Type PaymentDisputeWonEventType `json:"type"`
+}
+
+// PaymentDisputeWonEventType defines model for PaymentDisputeWonEvent.Type.
+type PaymentDisputeWonEventType string
+
+// PaymentDisputedData defines model for PaymentDisputedData.
+type PaymentDisputedData struct {
+	AmountDisputed int64 `json:"amount_disputed"`
+	CreditsRevoked int64 `json:"credits_revoked"`
+
+	// CreditsShortfall Credits owed back but already spent.
+	CreditsShortfall int64  `json:"credits_shortfall"`
+	Currency         string `json:"currency"`
+	DisputeId        string `json:"dispute_id"`
+	PaymentId        string `json:"payment_id"`
+
+	// Reason Stripe's dispute reason.
+	Reason        string `json:"reason"`
+	StripeEventId string `json:"stripe_event_id"`
+}
+
+// PaymentDisputedEvent A chargeback withdrew funds; the disputed share of the credits was taken back.
+type PaymentDisputedEvent struct {
+	Data PaymentDisputedData      `json:"data"`
+	Type PaymentDisputedEventType `json:"type"`
+}
+
+// PaymentDisputedEventType defines model for PaymentDisputedEvent.Type.
+type PaymentDisputedEventType string
+
+// PaymentFailedData defines model for PaymentFailedData.
+type PaymentFailedData struct {
+	Item          string `json:"item"`
+	PaymentId     string `json:"payment_id"`
+	Reason        string `json:"reason"`
+	StripeEventId string `json:"stripe_event_id"`
+}
+
+// PaymentFailedEvent A payment moved to `failed` (declined, canceled, its Checkout Session expired). A second failure of a failed payment sends nothing.
+type PaymentFailedEvent struct {
+	Data PaymentFailedData      `json:"data"`
+	Type PaymentFailedEventType `json:"type"`
+}
+
+// PaymentFailedEventType defines model for PaymentFailedEvent.Type.
+type PaymentFailedEventType string
+
 // PaymentPage defines model for PaymentPage.
 type PaymentPage struct {
 	Data       []Payment `json:"data"`
 	NextCursor *string   `json:"next_cursor"`
 }
+
+// PaymentRefundedData defines model for PaymentRefundedData.
+type PaymentRefundedData struct {
+	// AmountRefunded Refunded so far, in total.
+	AmountRefunded int64 `json:"amount_refunded"`
+
+	// AmountRefundedDelta What this refund added.
+	AmountRefundedDelta int64 `json:"amount_refunded_delta"`
+	CreditsRevoked      int64 `json:"credits_revoked"`
+
+	// CreditsShortfall Credits owed back but already spent.
+	CreditsShortfall int64  `json:"credits_shortfall"`
+	Currency         string `json:"currency"`
+	PaymentId        string `json:"payment_id"`
+	StripeEventId    string `json:"stripe_event_id"`
+}
+
+// PaymentRefundedEvent Stripe refunded more of a payment; the credits that share paid for were taken back (see also `credits.revoked`).
+type PaymentRefundedEvent struct {
+	Data PaymentRefundedData      `json:"data"`
+	Type PaymentRefundedEventType `json:"type"`
+}
+
+// PaymentRefundedEventType defines model for PaymentRefundedEvent.Type.
+type PaymentRefundedEventType string
 
 // PaymentStatus Where the payment stands. `pending → succeeded | failed`,
 // `failed → succeeded` (a retried card), `succeeded → refunded` (after
@@ -616,6 +1151,50 @@ type PaymentPage struct {
 // closed lost, it ends `dispute_lost`. An inquiry (no funds withdrawn)
 // is only recorded in `transitions`.
 type PaymentStatus string
+
+// PaymentSucceededData A plan's subscription moves no money through tally (Stripe bills the
+// usage): for it `amount`, `amount_tax`, `price` and `credits` are 0,
+// `currency` and `price_currency` are empty, and `payment_intent_id`
+// is absent.
+type PaymentSucceededData struct {
+	// Amount What Stripe collected, tax included, in minor units of `currency` (the buyer's when Stripe converted the price).
+	Amount int64 `json:"amount"`
+
+	// AmountTax Tax Stripe Tax added, in `currency`; 0 when none.
+	AmountTax int64 `json:"amount_tax"`
+
+	// Credits Credits granted (0 for products and plans).
+	Credits         int64                        `json:"credits"`
+	Currency        string                       `json:"currency"`
+	Item            string                       `json:"item"`
+	ItemKind        PaymentSucceededDataItemKind `json:"item_kind"`
+	PaymentId       string                       `json:"payment_id"`
+	PaymentIntentId *string                      `json:"payment_intent_id,omitempty"`
+
+	// Price The catalog price before tax, in minor units of `price_currency`.
+	Price         int64  `json:"price"`
+	PriceCurrency string `json:"price_currency"`
+	Quantity      int64  `json:"quantity"`
+
+	// StripeEventId The Stripe event that confirmed the payment.
+	StripeEventId string `json:"stripe_event_id"`
+}
+
+// PaymentSucceededDataItemKind defines model for PaymentSucceededData.ItemKind.
+type PaymentSucceededDataItemKind string
+
+// PaymentSucceededEvent Stripe confirmed the money of a credit pack or product purchase (credits are granted in the same transaction), or a plan's subscription started.
+type PaymentSucceededEvent struct {
+	// Data A plan's subscription moves no money through tally (Stripe bills the
+	// usage): for it `amount`, `amount_tax`, `price` and `credits` are 0,
+	// `currency` and `price_currency` are empty, and `payment_intent_id`
+	// is absent.
+	Data PaymentSucceededData      `json:"data"`
+	Type PaymentSucceededEventType `json:"type"`
+}
+
+// PaymentSucceededEventType defines model for PaymentSucceededEvent.Type.
+type PaymentSucceededEventType string
 
 // PaymentTransition defines model for PaymentTransition.
 type PaymentTransition struct {
@@ -765,6 +1344,26 @@ type StripeEventPage struct {
 // StripeEventStatus defines model for StripeEventStatus.
 type StripeEventStatus string
 
+// SubscriptionUpdatedData defines model for SubscriptionUpdatedData.
+type SubscriptionUpdatedData struct {
+	// Plan The catalog plan; empty when the subscription does not name one.
+	Plan string `json:"plan"`
+
+	// Status Stripe's subscription status (`active`, `past_due`, `canceled`, ...).
+	Status         string `json:"status"`
+	StripeEventId  string `json:"stripe_event_id"`
+	SubscriptionId string `json:"subscription_id"`
+}
+
+// SubscriptionUpdatedEvent A customer's Stripe subscription was created or changed status.
+type SubscriptionUpdatedEvent struct {
+	Data SubscriptionUpdatedData      `json:"data"`
+	Type SubscriptionUpdatedEventType `json:"type"`
+}
+
+// SubscriptionUpdatedEventType defines model for SubscriptionUpdatedEvent.Type.
+type SubscriptionUpdatedEventType string
+
 // UsageBatch defines model for UsageBatch.
 type UsageBatch struct {
 	Events []UsageEventInput `json:"events"`
@@ -777,6 +1376,33 @@ type UsageBatch struct {
 // Failures that may pass (5xx, timeouts, 429) never dead-letter an event
 // on their own: it is retried while its timestamp is in the window.
 type UsageDeadCode string
+
+// UsageDeadData defines model for UsageDeadData.
+type UsageDeadData struct {
+	Attempts int `json:"attempts"`
+
+	// Code `stripe_refused`: Stripe refused the event (a 4xx). `too_old`: its
+	// timestamp left the window Stripe accepts (35 days, less the hour tally
+	// keeps to deliver it) before it could be delivered, through a long
+	// Stripe outage or because its customer never got a Stripe customer.
+	// Failures that may pass (5xx, timeouts, 429) never dead-letter an event
+	// on their own: it is retried while its timestamp is in the window.
+	Code       UsageDeadCode `json:"code"`
+	Identifier string        `json:"identifier"`
+	LastError  string        `json:"last_error"`
+	Meter      string        `json:"meter"`
+	Timestamp  time.Time     `json:"timestamp"`
+	Value      int64         `json:"value"`
+}
+
+// UsageDeadEvent A usage event was dead-lettered; it is not sent to Stripe unless an operator requeues it.
+type UsageDeadEvent struct {
+	Data UsageDeadData      `json:"data"`
+	Type UsageDeadEventType `json:"type"`
+}
+
+// UsageDeadEventType defines model for UsageDeadEvent.Type.
+type UsageDeadEventType string
 
 // UsageEventInput defines model for UsageEventInput.
 type UsageEventInput struct {
@@ -978,6 +1604,676 @@ type GrantCreditsJSONRequestBody = GrantRequest
 
 // IngestUsageEventsJSONRequestBody defines body for IngestUsageEvents for application/json ContentType.
 type IngestUsageEventsJSONRequestBody = UsageBatch
+
+// AsCustomerCreatedEvent returns the union data inside the Event as a CustomerCreatedEvent
+func (t Event) AsCustomerCreatedEvent() (CustomerCreatedEvent, error) {
+	var body CustomerCreatedEvent
+	err := json.Unmarshal(t.union, &body)
+	return body, err
+}
+
+// FromCustomerCreatedEvent overwrites any union data inside the Event as the provided CustomerCreatedEvent
+func (t *Event) FromCustomerCreatedEvent(v CustomerCreatedEvent) error {
+	t.Type = "customer.created"
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	b, err = runtime.JSONMerge(b, []byte(`{"type":"customer.created"}`))
+	t.union = b
+	return err
+}
+
+// MergeCustomerCreatedEvent performs a merge with any union data inside the Event, using the provided CustomerCreatedEvent
+func (t *Event) MergeCustomerCreatedEvent(v CustomerCreatedEvent) error {
+	t.Type = "customer.created"
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	b, err = runtime.JSONMerge(b, []byte(`{"type":"customer.created"}`))
+	if err != nil {
+		return err
+	}
+
+	merged, err := runtime.JSONMerge(t.union, b)
+	t.union = merged
+	return err
+}
+
+// AsCustomerUpdatedEvent returns the union data inside the Event as a CustomerUpdatedEvent
+func (t Event) AsCustomerUpdatedEvent() (CustomerUpdatedEvent, error) {
+	var body CustomerUpdatedEvent
+	err := json.Unmarshal(t.union, &body)
+	return body, err
+}
+
+// FromCustomerUpdatedEvent overwrites any union data inside the Event as the provided CustomerUpdatedEvent
+func (t *Event) FromCustomerUpdatedEvent(v CustomerUpdatedEvent) error {
+	t.Type = "customer.updated"
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	b, err = runtime.JSONMerge(b, []byte(`{"type":"customer.updated"}`))
+	t.union = b
+	return err
+}
+
+// MergeCustomerUpdatedEvent performs a merge with any union data inside the Event, using the provided CustomerUpdatedEvent
+func (t *Event) MergeCustomerUpdatedEvent(v CustomerUpdatedEvent) error {
+	t.Type = "customer.updated"
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	b, err = runtime.JSONMerge(b, []byte(`{"type":"customer.updated"}`))
+	if err != nil {
+		return err
+	}
+
+	merged, err := runtime.JSONMerge(t.union, b)
+	t.union = merged
+	return err
+}
+
+// AsPaymentSucceededEvent returns the union data inside the Event as a PaymentSucceededEvent
+func (t Event) AsPaymentSucceededEvent() (PaymentSucceededEvent, error) {
+	var body PaymentSucceededEvent
+	err := json.Unmarshal(t.union, &body)
+	return body, err
+}
+
+// FromPaymentSucceededEvent overwrites any union data inside the Event as the provided PaymentSucceededEvent
+func (t *Event) FromPaymentSucceededEvent(v PaymentSucceededEvent) error {
+	t.Type = "payment.succeeded"
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	b, err = runtime.JSONMerge(b, []byte(`{"type":"payment.succeeded"}`))
+	t.union = b
+	return err
+}
+
+// MergePaymentSucceededEvent performs a merge with any union data inside the Event, using the provided PaymentSucceededEvent
+func (t *Event) MergePaymentSucceededEvent(v PaymentSucceededEvent) error {
+	t.Type = "payment.succeeded"
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	b, err = runtime.JSONMerge(b, []byte(`{"type":"payment.succeeded"}`))
+	if err != nil {
+		return err
+	}
+
+	merged, err := runtime.JSONMerge(t.union, b)
+	t.union = merged
+	return err
+}
+
+// AsPaymentFailedEvent returns the union data inside the Event as a PaymentFailedEvent
+func (t Event) AsPaymentFailedEvent() (PaymentFailedEvent, error) {
+	var body PaymentFailedEvent
+	err := json.Unmarshal(t.union, &body)
+	return body, err
+}
+
+// FromPaymentFailedEvent overwrites any union data inside the Event as the provided PaymentFailedEvent
+func (t *Event) FromPaymentFailedEvent(v PaymentFailedEvent) error {
+	t.Type = "payment.failed"
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	b, err = runtime.JSONMerge(b, []byte(`{"type":"payment.failed"}`))
+	t.union = b
+	return err
+}
+
+// MergePaymentFailedEvent performs a merge with any union data inside the Event, using the provided PaymentFailedEvent
+func (t *Event) MergePaymentFailedEvent(v PaymentFailedEvent) error {
+	t.Type = "payment.failed"
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	b, err = runtime.JSONMerge(b, []byte(`{"type":"payment.failed"}`))
+	if err != nil {
+		return err
+	}
+
+	merged, err := runtime.JSONMerge(t.union, b)
+	t.union = merged
+	return err
+}
+
+// AsPaymentRefundedEvent returns the union data inside the Event as a PaymentRefundedEvent
+func (t Event) AsPaymentRefundedEvent() (PaymentRefundedEvent, error) {
+	var body PaymentRefundedEvent
+	err := json.Unmarshal(t.union, &body)
+	return body, err
+}
+
+// FromPaymentRefundedEvent overwrites any union data inside the Event as the provided PaymentRefundedEvent
+func (t *Event) FromPaymentRefundedEvent(v PaymentRefundedEvent) error {
+	t.Type = "payment.refunded"
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	b, err = runtime.JSONMerge(b, []byte(`{"type":"payment.refunded"}`))
+	t.union = b
+	return err
+}
+
+// MergePaymentRefundedEvent performs a merge with any union data inside the Event, using the provided PaymentRefundedEvent
+func (t *Event) MergePaymentRefundedEvent(v PaymentRefundedEvent) error {
+	t.Type = "payment.refunded"
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	b, err = runtime.JSONMerge(b, []byte(`{"type":"payment.refunded"}`))
+	if err != nil {
+		return err
+	}
+
+	merged, err := runtime.JSONMerge(t.union, b)
+	t.union = merged
+	return err
+}
+
+// AsPaymentDisputedEvent returns the union data inside the Event as a PaymentDisputedEvent
+func (t Event) AsPaymentDisputedEvent() (PaymentDisputedEvent, error) {
+	var body PaymentDisputedEvent
+	err := json.Unmarshal(t.union, &body)
+	return body, err
+}
+
+// FromPaymentDisputedEvent overwrites any union data inside the Event as the provided PaymentDisputedEvent
+func (t *Event) FromPaymentDisputedEvent(v PaymentDisputedEvent) error {
+	t.Type = "payment.disputed"
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	b, err = runtime.JSONMerge(b, []byte(`{"type":"payment.disputed"}`))
+	t.union = b
+	return err
+}
+
+// MergePaymentDisputedEvent performs a merge with any union data inside the Event, using the provided PaymentDisputedEvent
+func (t *Event) MergePaymentDisputedEvent(v PaymentDisputedEvent) error {
+	t.Type = "payment.disputed"
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	b, err = runtime.JSONMerge(b, []byte(`{"type":"payment.disputed"}`))
+	if err != nil {
+		return err
+	}
+
+	merged, err := runtime.JSONMerge(t.union, b)
+	t.union = merged
+	return err
+}
+
+// AsPaymentDisputeWonEvent returns the union data inside the Event as a PaymentDisputeWonEvent
+func (t Event) AsPaymentDisputeWonEvent() (PaymentDisputeWonEvent, error) {
+	var body PaymentDisputeWonEvent
+	err := json.Unmarshal(t.union, &body)
+	return body, err
+}
+
+// FromPaymentDisputeWonEvent overwrites any union data inside the Event as the provided PaymentDisputeWonEvent
+func (t *Event) FromPaymentDisputeWonEvent(v PaymentDisputeWonEvent) error {
+	t.Type = "payment.dispute_won"
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	b, err = runtime.JSONMerge(b, []byte(`{"type":"payment.dispute_won"}`))
+	t.union = b
+	return err
+}
+
+// MergePaymentDisputeWonEvent performs a merge with any union data inside the Event, using the provided PaymentDisputeWonEvent
+func (t *Event) MergePaymentDisputeWonEvent(v PaymentDisputeWonEvent) error {
+	t.Type = "payment.dispute_won"
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	b, err = runtime.JSONMerge(b, []byte(`{"type":"payment.dispute_won"}`))
+	if err != nil {
+		return err
+	}
+
+	merged, err := runtime.JSONMerge(t.union, b)
+	t.union = merged
+	return err
+}
+
+// AsPaymentDisputeLostEvent returns the union data inside the Event as a PaymentDisputeLostEvent
+func (t Event) AsPaymentDisputeLostEvent() (PaymentDisputeLostEvent, error) {
+	var body PaymentDisputeLostEvent
+	err := json.Unmarshal(t.union, &body)
+	return body, err
+}
+
+// FromPaymentDisputeLostEvent overwrites any union data inside the Event as the provided PaymentDisputeLostEvent
+func (t *Event) FromPaymentDisputeLostEvent(v PaymentDisputeLostEvent) error {
+	t.Type = "payment.dispute_lost"
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	b, err = runtime.JSONMerge(b, []byte(`{"type":"payment.dispute_lost"}`))
+	t.union = b
+	return err
+}
+
+// MergePaymentDisputeLostEvent performs a merge with any union data inside the Event, using the provided PaymentDisputeLostEvent
+func (t *Event) MergePaymentDisputeLostEvent(v PaymentDisputeLostEvent) error {
+	t.Type = "payment.dispute_lost"
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	b, err = runtime.JSONMerge(b, []byte(`{"type":"payment.dispute_lost"}`))
+	if err != nil {
+		return err
+	}
+
+	merged, err := runtime.JSONMerge(t.union, b)
+	t.union = merged
+	return err
+}
+
+// AsSubscriptionUpdatedEvent returns the union data inside the Event as a SubscriptionUpdatedEvent
+func (t Event) AsSubscriptionUpdatedEvent() (SubscriptionUpdatedEvent, error) {
+	var body SubscriptionUpdatedEvent
+	err := json.Unmarshal(t.union, &body)
+	return body, err
+}
+
+// FromSubscriptionUpdatedEvent overwrites any union data inside the Event as the provided SubscriptionUpdatedEvent
+func (t *Event) FromSubscriptionUpdatedEvent(v SubscriptionUpdatedEvent) error {
+	t.Type = "subscription.updated"
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	b, err = runtime.JSONMerge(b, []byte(`{"type":"subscription.updated"}`))
+	t.union = b
+	return err
+}
+
+// MergeSubscriptionUpdatedEvent performs a merge with any union data inside the Event, using the provided SubscriptionUpdatedEvent
+func (t *Event) MergeSubscriptionUpdatedEvent(v SubscriptionUpdatedEvent) error {
+	t.Type = "subscription.updated"
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	b, err = runtime.JSONMerge(b, []byte(`{"type":"subscription.updated"}`))
+	if err != nil {
+		return err
+	}
+
+	merged, err := runtime.JSONMerge(t.union, b)
+	t.union = merged
+	return err
+}
+
+// AsCreditsGrantedEvent returns the union data inside the Event as a CreditsGrantedEvent
+func (t Event) AsCreditsGrantedEvent() (CreditsGrantedEvent, error) {
+	var body CreditsGrantedEvent
+	err := json.Unmarshal(t.union, &body)
+	return body, err
+}
+
+// FromCreditsGrantedEvent overwrites any union data inside the Event as the provided CreditsGrantedEvent
+func (t *Event) FromCreditsGrantedEvent(v CreditsGrantedEvent) error {
+	t.Type = "credits.granted"
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	b, err = runtime.JSONMerge(b, []byte(`{"type":"credits.granted"}`))
+	t.union = b
+	return err
+}
+
+// MergeCreditsGrantedEvent performs a merge with any union data inside the Event, using the provided CreditsGrantedEvent
+func (t *Event) MergeCreditsGrantedEvent(v CreditsGrantedEvent) error {
+	t.Type = "credits.granted"
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	b, err = runtime.JSONMerge(b, []byte(`{"type":"credits.granted"}`))
+	if err != nil {
+		return err
+	}
+
+	merged, err := runtime.JSONMerge(t.union, b)
+	t.union = merged
+	return err
+}
+
+// AsCreditsLowBalanceEvent returns the union data inside the Event as a CreditsLowBalanceEvent
+func (t Event) AsCreditsLowBalanceEvent() (CreditsLowBalanceEvent, error) {
+	var body CreditsLowBalanceEvent
+	err := json.Unmarshal(t.union, &body)
+	return body, err
+}
+
+// FromCreditsLowBalanceEvent overwrites any union data inside the Event as the provided CreditsLowBalanceEvent
+func (t *Event) FromCreditsLowBalanceEvent(v CreditsLowBalanceEvent) error {
+	t.Type = "credits.low_balance"
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	b, err = runtime.JSONMerge(b, []byte(`{"type":"credits.low_balance"}`))
+	t.union = b
+	return err
+}
+
+// MergeCreditsLowBalanceEvent performs a merge with any union data inside the Event, using the provided CreditsLowBalanceEvent
+func (t *Event) MergeCreditsLowBalanceEvent(v CreditsLowBalanceEvent) error {
+	t.Type = "credits.low_balance"
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	b, err = runtime.JSONMerge(b, []byte(`{"type":"credits.low_balance"}`))
+	if err != nil {
+		return err
+	}
+
+	merged, err := runtime.JSONMerge(t.union, b)
+	t.union = merged
+	return err
+}
+
+// AsCreditsExpiringEvent returns the union data inside the Event as a CreditsExpiringEvent
+func (t Event) AsCreditsExpiringEvent() (CreditsExpiringEvent, error) {
+	var body CreditsExpiringEvent
+	err := json.Unmarshal(t.union, &body)
+	return body, err
+}
+
+// FromCreditsExpiringEvent overwrites any union data inside the Event as the provided CreditsExpiringEvent
+func (t *Event) FromCreditsExpiringEvent(v CreditsExpiringEvent) error {
+	t.Type = "credits.expiring"
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	b, err = runtime.JSONMerge(b, []byte(`{"type":"credits.expiring"}`))
+	t.union = b
+	return err
+}
+
+// MergeCreditsExpiringEvent performs a merge with any union data inside the Event, using the provided CreditsExpiringEvent
+func (t *Event) MergeCreditsExpiringEvent(v CreditsExpiringEvent) error {
+	t.Type = "credits.expiring"
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	b, err = runtime.JSONMerge(b, []byte(`{"type":"credits.expiring"}`))
+	if err != nil {
+		return err
+	}
+
+	merged, err := runtime.JSONMerge(t.union, b)
+	t.union = merged
+	return err
+}
+
+// AsCreditsExpiredEvent returns the union data inside the Event as a CreditsExpiredEvent
+func (t Event) AsCreditsExpiredEvent() (CreditsExpiredEvent, error) {
+	var body CreditsExpiredEvent
+	err := json.Unmarshal(t.union, &body)
+	return body, err
+}
+
+// FromCreditsExpiredEvent overwrites any union data inside the Event as the provided CreditsExpiredEvent
+func (t *Event) FromCreditsExpiredEvent(v CreditsExpiredEvent) error {
+	t.Type = "credits.expired"
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	b, err = runtime.JSONMerge(b, []byte(`{"type":"credits.expired"}`))
+	t.union = b
+	return err
+}
+
+// MergeCreditsExpiredEvent performs a merge with any union data inside the Event, using the provided CreditsExpiredEvent
+func (t *Event) MergeCreditsExpiredEvent(v CreditsExpiredEvent) error {
+	t.Type = "credits.expired"
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	b, err = runtime.JSONMerge(b, []byte(`{"type":"credits.expired"}`))
+	if err != nil {
+		return err
+	}
+
+	merged, err := runtime.JSONMerge(t.union, b)
+	t.union = merged
+	return err
+}
+
+// AsCreditsRevokedEvent returns the union data inside the Event as a CreditsRevokedEvent
+func (t Event) AsCreditsRevokedEvent() (CreditsRevokedEvent, error) {
+	var body CreditsRevokedEvent
+	err := json.Unmarshal(t.union, &body)
+	return body, err
+}
+
+// FromCreditsRevokedEvent overwrites any union data inside the Event as the provided CreditsRevokedEvent
+func (t *Event) FromCreditsRevokedEvent(v CreditsRevokedEvent) error {
+	t.Type = "credits.revoked"
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	b, err = runtime.JSONMerge(b, []byte(`{"type":"credits.revoked"}`))
+	t.union = b
+	return err
+}
+
+// MergeCreditsRevokedEvent performs a merge with any union data inside the Event, using the provided CreditsRevokedEvent
+func (t *Event) MergeCreditsRevokedEvent(v CreditsRevokedEvent) error {
+	t.Type = "credits.revoked"
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	b, err = runtime.JSONMerge(b, []byte(`{"type":"credits.revoked"}`))
+	if err != nil {
+		return err
+	}
+
+	merged, err := runtime.JSONMerge(t.union, b)
+	t.union = merged
+	return err
+}
+
+// AsUsageDeadEvent returns the union data inside the Event as a UsageDeadEvent
+func (t Event) AsUsageDeadEvent() (UsageDeadEvent, error) {
+	var body UsageDeadEvent
+	err := json.Unmarshal(t.union, &body)
+	return body, err
+}
+
+// FromUsageDeadEvent overwrites any union data inside the Event as the provided UsageDeadEvent
+func (t *Event) FromUsageDeadEvent(v UsageDeadEvent) error {
+	t.Type = "usage.dead"
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	b, err = runtime.JSONMerge(b, []byte(`{"type":"usage.dead"}`))
+	t.union = b
+	return err
+}
+
+// MergeUsageDeadEvent performs a merge with any union data inside the Event, using the provided UsageDeadEvent
+func (t *Event) MergeUsageDeadEvent(v UsageDeadEvent) error {
+	t.Type = "usage.dead"
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	b, err = runtime.JSONMerge(b, []byte(`{"type":"usage.dead"}`))
+	if err != nil {
+		return err
+	}
+
+	merged, err := runtime.JSONMerge(t.union, b)
+	t.union = merged
+	return err
+}
+
+func (t Event) Discriminator() (string, error) {
+	var discriminator struct {
+		Discriminator string `json:"type"`
+	}
+	err := json.Unmarshal(t.union, &discriminator)
+	return discriminator.Discriminator, err
+}
+
+func (t Event) ValueByDiscriminator() (interface{}, error) {
+	discriminator, err := t.Discriminator()
+	if err != nil {
+		return nil, err
+	}
+	switch discriminator {
+	case "credits.expired":
+		return t.AsCreditsExpiredEvent()
+	case "credits.expiring":
+		return t.AsCreditsExpiringEvent()
+	case "credits.granted":
+		return t.AsCreditsGrantedEvent()
+	case "credits.low_balance":
+		return t.AsCreditsLowBalanceEvent()
+	case "credits.revoked":
+		return t.AsCreditsRevokedEvent()
+	case "customer.created":
+		return t.AsCustomerCreatedEvent()
+	case "customer.updated":
+		return t.AsCustomerUpdatedEvent()
+	case "payment.dispute_lost":
+		return t.AsPaymentDisputeLostEvent()
+	case "payment.dispute_won":
+		return t.AsPaymentDisputeWonEvent()
+	case "payment.disputed":
+		return t.AsPaymentDisputedEvent()
+	case "payment.failed":
+		return t.AsPaymentFailedEvent()
+	case "payment.refunded":
+		return t.AsPaymentRefundedEvent()
+	case "payment.succeeded":
+		return t.AsPaymentSucceededEvent()
+	case "subscription.updated":
+		return t.AsSubscriptionUpdatedEvent()
+	case "usage.dead":
+		return t.AsUsageDeadEvent()
+	default:
+		return nil, errors.New("unknown discriminator value: " + discriminator)
+	}
+}
+
+func (t Event) MarshalJSON() ([]byte, error) {
+	b, err := t.union.MarshalJSON()
+	if err != nil {
+		return nil, err
+	}
+	object := make(map[string]json.RawMessage)
+	if t.union != nil {
+		err = json.Unmarshal(b, &object)
+		if err != nil {
+			return nil, err
+		}
+	}
+
+	object["created_at"], err = json.Marshal(t.CreatedAt)
+	if err != nil {
+		return nil, fmt.Errorf("error marshaling 'created_at': %w", err)
+	}
+
+	if t.CustomerId != nil {
+		object["customer_id"], err = json.Marshal(t.CustomerId)
+		if err != nil {
+			return nil, fmt.Errorf("error marshaling 'customer_id': %w", err)
+		}
+	}
+
+	object["id"], err = json.Marshal(t.Id)
+	if err != nil {
+		return nil, fmt.Errorf("error marshaling 'id': %w", err)
+	}
+
+	object["type"], err = json.Marshal(t.Type)
+	if err != nil {
+		return nil, fmt.Errorf("error marshaling 'type': %w", err)
+	}
+
+	b, err = json.Marshal(object)
+	return b, err
+}
+
+func (t *Event) UnmarshalJSON(b []byte) error {
+	err := t.union.UnmarshalJSON(b)
+	if err != nil {
+		return err
+	}
+	object := make(map[string]json.RawMessage)
+	err = json.Unmarshal(b, &object)
+	if err != nil {
+		return err
+	}
+
+	if raw, found := object["created_at"]; found {
+		err = json.Unmarshal(raw, &t.CreatedAt)
+		if err != nil {
+			return fmt.Errorf("error reading 'created_at': %w", err)
+		}
+	}
+
+	if raw, found := object["customer_id"]; found {
+		err = json.Unmarshal(raw, &t.CustomerId)
+		if err != nil {
+			return fmt.Errorf("error reading 'customer_id': %w", err)
+		}
+	}
+
+	if raw, found := object["id"]; found {
+		err = json.Unmarshal(raw, &t.Id)
+		if err != nil {
+			return fmt.Errorf("error reading 'id': %w", err)
+		}
+	}
+
+	if raw, found := object["type"]; found {
+		err = json.Unmarshal(raw, &t.Type)
+		if err != nil {
+			return fmt.Errorf("error reading 'type': %w", err)
+		}
+	}
+
+	return err
+}
 
 // ServerInterface represents all server handlers.
 type ServerInterface interface {
@@ -3260,168 +4556,204 @@ func (sh *strictHandler) GetUsageEvent(ctx echo.Context, identifier string) erro
 // const string: with thousands of chunks the chained `+` fold is several
 // times slower for the Go compiler than parsing a slice literal.
 var swaggerSpec = []string{
-	"1H39chu3suerdHFvlcmcEUXLdvZaqlu1imMnvseJXbZ8U3tDLwecAUkcDQEGwIhivP53H2AfcZ9kC93A",
-	"DIYcfsmST+6pk7JEDTFAo9Gfv2587mRqvlCSS2s65587M85yrvHH1zmfL5Tl0r7ni4KteO4+zbnJtFhY",
-	"oWTnvJNaXfIUljMuwc6EASbNkmsQBuyMg8YvgpoAk8CZLgTXoPkfJTcWlsLO8CnD5hyu+arfSTomm/E5",
-	"cy+yqwXvnHfGShWcyc6XL0nnPbd6dTmxXG/O5K0EBk/PnoPS8GzwBOyMWbiWamlA2HNYzlTBwfBMydyA",
-	"VbBkwsKYT5TmYPVKyOlQsikTErrVnGQ5H3MNjBaz0Gpc8PkjA6l2ExkxN5ORHzPt9YeysYC5kGJezjvn",
-	"j5OwGCEtn3Ld+eJWs2Cazbn11H5RaqNa1nU145BKfmtHGT6ROmrSdPiNUKWBBZtyRzrhHv+j5HrVSTqS",
-	"zd0L6TvNabHbN1xO7axzfjYYVFMzVgs5RTK/KI1Vc65f/9g+nYwVBdePDKilBJHDRGkQ1kBpuK4msmB2",
-	"Fs+DhhyJvJN0HAcI7fjJsU88uX/RfNI57/y305orT+mv5jSalptlxZ7Z6u985b6M7yUGrt8cPXbintv1",
-	"9pg0z54lbgfD74/bCNWcwlukESuOmMrdX/1GzIWt3rS26wX+MR4+5xNWFrZz/myQuHcRYz5z+7+PTTU3",
-	"CyUNRy59R2fA/Zgp6WSD+5EtFoXImFv+qT8lf/uHcfzy+cC9DePiG5scdymBa600dN+/egHPnz777+Ek",
-	"Qs4tE4XpOaaLBBeKiZNKTrS91z99GkmUL/huPyH3vR9YwWTG3Y8LrRZcW0FEGNd/aE71w4LLnI0LDlIt",
-	"z6GUZsGlhUzz3J0PNYFS8tuFYz6YaiatcTOfKD1nlsj+/dPO5i4kjeNzxClJOvSWzZn+hJ+TCA7TK/jE",
-	"JmCUkk464zxXMBHaWDzUls/NvpfjsB/K+ZzplXu9XwnTmuHvhVqOPPVGdqa5makCV3QADVAG0qw21/Mb",
-	"KSAepn+CDwo5Bc3nTEj3U1gn7UCD8jmz/MSKOXdnqCwKt4dBPKydvcZERmyuSjoDGyvYMk59tmJJ9Pua",
-	"hAwsVu3gNtp9qgZW43/wzLoJvmCWFWq6ybhEgdGCZdf4+0F7+gK/9I5l1207uiiYPHysd4XT5C2jaJWX",
-	"mT1iIPrC5ljrVI1XHL0nTLyVfDOeXavSfuDGCBJia2T0D4wMPeFP5QajEKOZEWsySMxsG99ZsNWcS7tt",
-	"yFIXLZ+vLToaI2mdLI3TmOABhHihObMo9VieC9J17yLCTFhheLJOK8evxcjPu2F7PP3XPWruK+SeY6JN",
-	"KXEJGR0NELk7/9F0vn+6dzJ/lExaYVcNffp4XV19lF7UO2nkptGHSwhfdWao4ZEkyjjP8cmC6Sk3dijx",
-	"vEP3cTIYDOL/eomzbOn7Cy0y7r9tYOks3Q9WiwUfymyGA4GQoCQHzwrQff48eU7/wVxIpaF08+wlzlLX",
-	"fFIanqM2GMqnZ2eQCnnDCpGPvK2eBkuZyZWdOWEqDCy1sJZLMns3xF9lZDzeZ2QkHVNmGTfmblyyU44i",
-	"HzRfkMQ82cr2Sppyzt/T0o/k9x0KIaZI/b99tJlzy3Jm91pQv4TnkB7MW1/HmpUxJf1SquF20srgafh8",
-	"ODU2V7rVrPKGGGgxnVlAr4uczYzefqARZTWThmV2q8ReW//a80lNkDDTVorU6vLryOGFxKFPl1o7x2K3",
-	"IkKHda6knbXYhD+rJcyZXDn/ztmxGuhJGKvSET5ILWPZCkxl6nYfn0EpC27MUKJfyrJrMGxlQNkZ10th",
-	"eK8PaKCNFXr8GCbIhzJtzis40sC0c72LIkHJGF4r+Q3XwXhDmbPPwlpfuH9B+8oLJae7V5qgo8togRhe",
-	"MNwaYEM5Ebc8h7zU6AKBZm7h7hG5TsstwnL/SrbYA+Tw7eNk5F58NGLiimNqVmvlZy9PW61JZnl+lHnj",
-	"jHGU8Xut7GM1/uGuxX5i30Xmhp3YuzCDmnq0Ztrs/Vq5yI+kdhsTVCtL4u1rjL6LCSgitFupLJi1XLtj",
-	"9b9+vzz5T3by5+Dk+ah//j9OPv3tX9p4Igz+cWG4PlbfVgwVTerZ47OW12xlkKYseMf1SdgbqJ7Do5/6",
-	"c9KPhkqhOwBbakkxQqmsM83UZILfIC3lR+v14e3cmUy5s+TchsM15wv6Ip1GCzesKPkFMIjmwKwXfjOW",
-	"o1VXGu6/peRETEvtpA9ZpP19tlir5TF46FOxd3faT8U6p0W8lZVmVPNXK2t9aeHkl1or/ULlOCsu3eJ/",
-	"76xZu+48SFbamdLiT54TRccizzlqHWVHE1VKdK6UnBQic98QdXBvdM1XI82dTd3yByFHk8JZMhgpNeVk",
-	"IjLh3LUghdEJLBTLR1apEToGzghjlo8wsIejBh9vodWNyLkeYYyMZn7DBG1lgtunJStoHtKKieB6VE37",
-	"U8tOvLzxUb2vl/bHyrjAXe3nv/Gleke3aEb6YP10hxn1/XKS6pz1vQhMgs/UR6eB5zxPhjJ8NmGiiJ9x",
-	"rpPM409yYRalbXzJfzRaKrnx3KhQxibB4uij94dfDp9ofqOucaKbwqf+MIS7oi/6QGMCpWFT3s85yxPo",
-	"98kCOUBV4CN+Txraok1BINO8Y9OWaGnY1IPiOsR8LRGiKAPSIrOZMcAMpGjnpWCVk4xWSCdKS+cTy6nz",
-	"b0OQcMGm3HmwfL6wmHXaTQ5PgngKbTR4JXiRo3xpIQJGqlsZdaHwkG6u6t8/vP0V/F8p+P3988HjHghp",
-	"lc+uUSJtrPIVRgdQA7E5x4QbVPml/SsMc0jCRNvWh8Hdv4hX3AytNen2S+lowkHQZk9KW2p+Acrr3jln",
-	"0nsTW2PAG5v01/bC/c7crw9+wNMHBDj3ynyUeNvCnV/tslejH+i9NxIYX+2/H+8e3QNBt5CyGVjeO0qV",
-	"NjlwtUaVui12k0bKLz2vPGsGFKgcoy+t1DW4nxLQ3NnSsaz234clM4AKtIIN+AyVD7VS3NTO+AoyJwIn",
-	"Ws3d+Q423qLU2YwZR0LD9Y3A5Eo0uRZbqE0rRscxEKha/F4t+YbnU65/1Gz5lby149CsTXrzAGyf2Etp",
-	"d3P9WrZTTCXPz2GhjLDihgPLcxN2OAHJpww/1nyubshhmR8Yqgt+Ggs53Ac6b7lmy5Z40CulQ2wRmMyB",
-	"bDDg0mrBTVLzmwE3gqyY7SAbJ+KCFkMn3tpN6AVxOaN/Ex8Nc6o/muLKmTZsrEoLXYpY0R9p3uEc+KH8",
-	"6Ql2rBsqWLDBVMX0+l3FzrWQeexq4VvJc3LkrZJQeKLcLB2j5v8oTbtzchc9fLTkC2p700mdKW0nrCja",
-	"WabJJueN6CXzJI4IDGamyiKHGbvhQ2nZNZcoBWFcWsjwT1LZBMY8Y6XhPkzgowIzlgOhC/BYDaXjDn9s",
-	"fLRgqriBMS/UEv7kWl1QfjwsAYObGL3UPOPihiKchTBu58crSH96eQWnN49PWT4X8vSGazFZpXeMX7ZJ",
-	"UuSMTbXsz3y1D9tiVtvF2D24IbE83O+M7GGpu3kTv0Sc3m5pN6MqLVCujdTkwnlGzwZAD1CsySRwzVcG",
-	"Svzj0wEqZpZZrk3in/B/ezYY+KRpPItng/bJc32lLIGh1iJ2NwFreIBQR/+l3TQMo+8dZY3+NGQYIAnz",
-	"aduDdyQ5DleJhI6jFDMlaYWM861O3KYh8J4mFf6Q3R6oGOnFoyCiW4Awws5IJ41XkY1lKIzInLJYcOmk",
-	"UKGMhe4ACPSonNxglWgSaGz1jpsVCZLWWdUpashUUfAMIy0txAljjCoqoRwdygBGAI9GeGQAdzBx1AMh",
-	"s6LMeX7n/Eq1BNKDB7Kn/5Zlty28wG7Dkt2PtBc5KDJr15eDxHBECOtOaEv8CJovlHaSWbRHePcvcAto",
-	"Za86vFPcr05dNmnywmtDjIsHbMK4XBnHiM5WCQAdNLsQotM7GCK3IwF6ZxzJhImi1HxUGwXrjL3yESVa",
-	"C8UH+3Ap4fLdaydZQXOWm8ZDIWb7yAylWkpgWebYyPlB0KUNf2Sq6I7IEw+AzFRO9uicG8OmvHcxlEwC",
-	"l/lJabgGq5wJQe9TslgRMmTGFgsu3XHj/Wkf0sAIQ+k5AXCL3Q80+7QPVwEBPVNFbiiV4VxrQflNJIbZ",
-	"mYTdaxgKeaNExg9lwwDoaf3DaN3KjGBfNerLg75a7cpC3PC5zwqsA88jCxIRr4dOOcYLHcDAG5Jvi3rx",
-	"f0VpuSZ4U+QONfG2pjdBx+UK0drOpR7KSgrLG44ShbDkTld1L3O2QJftnRaZkNNeArwwPFJZB+65scyW",
-	"+0F8RNYP9DDigMbVcg+lchWl/6qgSc3dLVLr5Q3Xq/gAOCpz/DBAp5TkCagidweWILPwcr6wKyfVnU1t",
-	"DvYOPVGuqre1GaD3kwxuhUrV5yni4GpH2/ED68pz006pdUJ01rbnoJsbssM0uwdbPxh5/yQ7v3kI2oDN",
-	"mje0h7FM5qYP6YLL3Jnx/+///F+oTgH87yDFk6FM6cfmEyl0nTPqfNQcMqbzXgJp/X33bNhI96jzxpya",
-	"WflPLyKpE56aarX0YPKCWa7dcTC9PlxGFuhQUhSIRXNFn9kHHsLyrIIQM3Tvd9ZC+HUozQwt2EnDtRYG",
-	"auc5AWYgRD3c0L0LyAqF8Ea0sqxzeH3CntIojrU5CIs+dYVzzBvvyNSc4/gXQ+mHo8SdsE7/mmrOmM9L",
-	"0QAQ0jHDCrpSAYpjpBAa572hFF5Ha54p7QggJKQR13tRW4UvabM7kcDrkHnCqaKmOnrRmYvn1Kr2NoXN",
-	"pquzWBSizaZ/xZxqqOK06EaB22MMW8yEnJ5H5J2zbCYkrwSmsI4NjWUFhq9UaU/U5MRRQtNQhHcVFgO/",
-	"TUp1Iz+FaJxErgsrnAW0ovQPw/My5b0oBxYp9rsYtxOt5kcGkg7FBOHCD1Z88XdCtnu/olP7Y8a4Qnw0",
-	"qbZ/b+wFof0b3LPF+Nvu1h8PaKOxWqdUFysdWMBzFSFxqhw7Qn/akBrpoa6JNyx3Jr4rXMqXZFe2GD2B",
-	"Fj3xdjLx6mAieJGbatpNHPfBZkiUzG5RjH64bWm7lvLI9ohpGqNaUug+PXveQ9mbRjCWFLrPBk96JGqu",
-	"ncfkyzmdB7OjnpMiGwmwwigwbkuZgTQqDtsWzdwDVq80dQvEWNiCHwFHuYSP71+DZHM33ajGFNzj+9P2",
-	"HqJBb41sNGS4LScCPaGvzGzucrUfEKjatqL3VfC6BbLU9Ppb2PRGXfMW1nzfCOSvxc2dKWCqjM8hqdHt",
-	"WYMQD5HKonq74ZrnBw27s+qhfmO9yC3EUzIThWB2e6FTm+4PQRI0jBbMT3pz6UFXHgyy2KIV5sLMmc1m",
-	"/PAKsebafvEDtAkzUol3cKJCJDnWl4FkjTnvp301v6OZOBeTCXfno0W8eBMB46RwAoXKWDEKce8DODf+",
-	"woEwgOiNdwnON/m4OeHG2I2F76fv3WBLgX03jYQ/uVbgmAQGg8HjE/z/1WBwjv//z7ioqvv07Kx3FNCI",
-	"zkCU2wkVVLuK04iJ105pweYLnjvtKNWS9OcaKMo21nLXae89F+0b9EfJS/7atlloh5hMfoAP12JxgOFU",
-	"w1/bU7uVVg8el6bhUZ5ei8WC54dARKqXVEPuWPsdwXRFMco5y9tjlRPVisO5dEaQXxI5WOiKc4oXLmci",
-	"m8GcrTAZDZqzbMbzkHyYo001YxLOnsJMldoAmyroGs4BXzcKNNjiZtVkacrvI3l8zm5f01cfB4hg+L2l",
-	"DHg70dtxctV+t8X/HLnIt/WIJQjRF6XR9BRyWoHXD7QLNE7EtOfwII2IliZUzMk11J9ixigkCdBxvqAQ",
-	"TBoYJCXEh/sxbHnBJ5Y+6DLnrRsLSEsYr6Khewe7CfEhblGt4eBsLPFXNvdgk/XJUbOVFTDN72IItZza",
-	"mtI7jmIlRVpTPEz6+MaSBWONXhMjzKSydC6dyFMjVfjKgeh8tAZh6JRtgd2zhRjdcB0K0ff698xaPl/Y",
-	"Lf7JFhuiYMb6AoJD3rE7WYIBTz+Nr4rJL7TKuDFfGdmv0irHxHgOy19EG1fnMIKjdzjCvg6th71rxMjj",
-	"BbQxcDSLe4iGx8z4T4qIb5K1oZU9xiDiDyesplLpZkh0wfT1lhP30bAp/yHY28dUm1XYlYOIie/BhbyW",
-	"i9Ier8Ni6u3AqeB7fuQsb5dgqbecvW2XnteoAjL26vhtl8HT29teH1IvwtJzENYMpTspxrL5gqS0+8ZS",
-	"yFwtw1gsy/jCGug+eQY5W5kECm7Id3YmA1hWFKuh9BVvCnLueFyDsL0QthEB9jbm4c88dzpMq3I6A4Y1",
-	"ulUGU5WWTTF4HAByBJ/wALmAgbPAKuRJ0M9D+Yry+h4W4wyfBTMGus9ubxO0hVVpTQIYj6KRnGQ/Kbi1",
-	"XFfqYCgJzSE0YFRKWDKhKbeynImCJlUTT5hggRP1mkH+5j5FemQrE0fMdWRfjj1uZdNc3mhx8UfJ0djw",
-	"i6l5QJXSJhDZFhGe7IKicFaF56vSnP5x4YCKnptz+5HKIJ3Dc1FNw7MkqCLH6OIzmAtZWm6AzTjLCe9w",
-	"iEv3Dw9cIpbQznZBg2B5uIOHkLq2SCCGNBOQSp5U0GnfgK4bDHFHkQDKY+7EkGpfA8nkqqTqP/9yGmWP",
-	"rx2cNppfgwG2ipz7Ujr1YOt69Ntqnnoe25yE+wzlH+2RkoilzF5JHdfIQCC2jOtR781T3diaTQt1p8V5",
-	"D2WjLahWlo/CTrCieDvpnP9+AIdVGvLLp6TNyI+cEXfc3W+b0Hd8v9dNX1mns3P7j7TJ52w15iMnX1tr",
-	"4pyAQ1wKSTjv+W9z+J1kV6V1es738zQMMypGOQvB60fALPuz29veBWbbKbbQEiwgTIDEZkUpOkTp3buv",
-	"7Ugd3pfjcZj1jywVyatYJx2pCo51chuHd7cYr6fV7mjsyeriIl9jccLW+sIgldrPv5dIZmtYhVpa1UvC",
-	"6hWfw0frdOz8b+wlQ2fzwunIgAKZo0turNqag6hE5RYJVYnPLX+tgjRHqjJPr30d6tqEummX6mZPKCPm",
-	"yEht1NCR9UBVJ5JlHZKr201NhPOb4xMUd8gBHU7uqNDgPjM7zTMV53f8/NrI/x9YIrMVdHB0M4TtlkOA",
-	"u35dkefamj3mb0cBOC3wPULRt6/PjKK04QFhUHW9E3R77HA+g344CzW3rRXsEFLMZlcmFGOvTFJ9RZWB",
-	"rUtePSY3KgAzQ1mVeSGEzZd/1fVeK1hyzanQqw+/KMlXoJbogTjHdijHqLnP6dlc4cdzN1KqrlNAz68P",
-	"b6i3oAemosd5aAo15Nb3STF1HWmiestadjHaoSZpNznOqWKelVrY1Qc3pSoi6vs9b/QJDpB73AqTqQWH",
-	"1Bf7po7uKdaypQn4yWDU2xr48PPlydmz72HGzKxqQo7syJmmYiGa2czaBeJvjZM61xxjsvTQq8Ca//7b",
-	"Vaeth3FA6f/7b1fQ/fmDe5/S8N790LuA1JTjNLRNr4IY1KZyz3S+IJp+0pIAxJgL6lNwfi4GZMaiKNCU",
-	"I7qAwOpVqgQl8+8cFpovmMgD6w6l74sWIjHeTKxqWJxPHYoR6Qks8Lh89xoTFyhzhzJUnhpqW6QxA0Bl",
-	"Ch5DOEcGZ1qLG8fjVOpgnXaiJiZDWakr0LwQbFysonDCD35pqBRMfyiHEntoIFR7OeOaJ5Aaya75KGOG",
-	"pxVUit4rZPCnG1VJ/lwP5esPb6PqnKqw01ReOEWO8KP3r17AkydPnuMkvvsOXULz3XfotKfb2mWndYvr",
-	"nn8tGItN9lLn7qT9odzszCkMPB0MaiKGlFDGpJMGY17FKXzHKKtZZocSW/R156xwQpXn4EiVAIMxy+vW",
-	"IY5FqVc24bKenp3RmxiO6ubmuCNfgZNE11jnWhb8AlICqv3+KcWOJAacnALVRKm58xd3OfHU+oDWHFh+",
-	"a/vffQdX/NZSnI74GY09A10cNwHsAGaSUJWSDGUoGPWtbyLb0iQQtWPCwscezH2/kI9Xr07+tfJ9fv34",
-	"ZijdksMHWEohcqF5RjE24PMxz91qElA3XGvhy3OEUc7lIVqrwgxl9+PfzgZnlyf4z8sE3L/ff4+/fv+8",
-	"l1T512uOq0YFUTBkSW/6DiVhY9GzojijN3oxeDVn+trgsAM//OAVzuXj3wbfP36BfMeKwukOT+TL0s4c",
-	"WYgPv/vOjZhe+qZX+Nk5/IDyBoblYPAkw+oi/JGnfbj01Ua+G4Pm7nAqe2K44x2qHtcEzmbrwo9k3b/F",
-	"Yi5BXxSlgVVlNhtSQeBS1t3TLurms1iUQiPvEflD6WU+dPFffE2uSCTQYEEQztmq52kTNep3DPju7Ycr",
-	"Hykmd8mdirm64WDUnNMoZMYPZbrW5D/twwd/vQWJSfcLHhgfPnVesr8ng04oamnHeuh4U0a3vorjJNzF",
-	"cQ549cZFdXtGkBgBF0N9gUCY0NK3tUFZ2oe3C06NK6uuwe7wjJkzQep+KkPZ9TX7ie99UB0vdA97IVTA",
-	"HN8HEG3l0rij7t0PmLh9qZZ6AaEirSpECwfCfcGAkl7AJ/4VTuA9d6JwW2e1tA9/5yswC5Zxcw4bNXKP",
-	"DNU8YwjV+iq87oLrmtsSMIqsKor1Zqoo3Pmuuo84U43L/JG58KVAl+9eD6XbByxSMEhInAGWJHgVhRzq",
-	"3+7e5yPm5xC/fCijTlV2hikOt5UkSLHUCOu8wgsQ6hvvRR8uhzLoAeRbXwjiRafH5+MaEauLHZ1bbmQB",
-	"XUrjziJhaf3xeCOMdcoMTdYU0bspdH0DQng2cIf5Fp4NBqQz0CZmf5RUR2aUThPq/+oZJv1MwjqKzn5J",
-	"L9YuPRGGOib68tmCGUsXn1A7M8LdksHTSTpVxrzzuD/oD9DNWHDJFqJz3nnSH/SfoGnq2+Cezjgr7OzP",
-	"zvnnL0nndM6tFpnxv2EgIvypaoegG+gy8oqV2RJ484kyYWBSKFJtyl9IE/IQXeYhWZBahavNKvDWUEq1",
-	"pLPSu6Bqk3CVDmoDRw/afc2diKDiaJTjSiKPW6z8I/yKVfDx6gXkbAVjVcqcUUsTXzVD4yDEzpBmoU16",
-	"ZCB1bnBKOhEn6UcOy6uQoLgjKgiV1znhXJnla3DTCkb+g8pXO24UOe4mkXbc35emw+IDuY2rTc4Ggwea",
-	"RNutJo02o7kWE9snp9/3lW8fv5pwdGFK0jGhX1XnBe1BnT31G4oHu6osJsuO4tz0XYEhJ8umBkNSjsWd",
-	"P3Z7ggfqhD4gqjWOASUsT+q0+JTj3Ju77+RFlNSnDpf13Ue/t19iU0UrDyN5CxjjS9L+lfrlp3SNzgEP",
-	"+uuZvnx6QK5ZR3K0XYZDvQvVxFt/Hjp1H7zjrW6vqGhcJ5SXVejg61nk9HMocfpySjYPSs4WZmheH1UV",
-	"Rt3f7U2fki0Su7a1LiKnlE8mPPNmtygKmJYMa9HGVP/vC+leIxd4t715CMhui+E134aT2rjoqsJ7UDN9",
-	"j6QRcnofjPSORkPndYOlyJC4EyehKDtE1tQx+IcRNY3Mz381IbOWuN8pY0h53J+I+RiN504O0R262JgC",
-	"k68EsDG9r2aQU5+P3G6Z/YLlyDH+NEB7Q2V1Cl2lIV3PmqS9BEIGzZnZhtsE8tJf+lVhqQza61TXu4bl",
-	"1d5lwJcryYeyCdz1vl0fLuUqTkpTqqyBJiJpJKQROSen6g6wrNCHXFUBNoRlZUxS+Iiwrgn2E+H0V8gF",
-	"z0FN+vBmDbWbkInIbxcFE5Lna7Dl80AdVVo3afJP/KS7FeysdzGUR8LU2zLTzuptB6+nTWSu29QQePfj",
-	"5TwvF9y5P/XuUYhCORpQh716UOfpgOMGmdcwNvTueD6Udikyfk6ubjThph9B/hKOQNPzjIA7ExLsmPRk",
-	"crVkq4vQiULaqMGTVAHinQZIcriccl0l4YhNcfkwNnmj3OGbG+Mx7r9F4GF3qiUzEadj4M/39tF4WSkB",
-	"v+/F0HL7ixsUy9evUIzUm2+rSqQE12t5w7RgYZMfiNaNFOEWy4N6WUEX63KpKMkZmM6vDamhCzCccli9",
-	"+6C4c8fm2BzAF3XTcaXDGDJUlGqjsD5mJrCj6zG7kdX37rVuxE/chqv5HnALwiu2UD+0pysUc/YrNUjQ",
-	"X8PYPkWH1lVIzv3+yZk7UZrs90/Oqqm3BM+cVzCUXYqIHQj5qaKsjxCe+JZVOwIuv2lhebPfFjO1SseS",
-	"GN/yyj+2ls0aSt+SrQ9UnosX/viOZKE9GSZ5GaRzlfN/8+9Jwc+OUhDofmMLs+rBuL9R9TT2Clnr4RWC",
-	"4UOJ7dzXY+EYh3vJslkdQnffwI0EBr6ePqBH1aSKsLqpUMhpKLvp1eWbN/9z9OLnly/+/vbj1ej95dXL",
-	"0ZvXv7y+SpNwnQg8HiTAMq2cPU+GhsUD5PTzghnrzq6twkSYjDp7vl7XT9ZNo/IefgtptY2IeQIsxCu9",
-	"mbUWt4QuBi0d77pT2vMWB3W1WXncdRVfrgZZiybDlNv9kWTPL9FotFBszhfw3ixfbY96rV8nueGR7HEK",
-	"tlwyTE7C/evq9ksfD1LZjx9qEm2yjCaWr13925Io2XcFcMs15/5130wYfvAHdz2vTn2MqjsrqUFXJST9",
-	"U5GUDPiL088R2OjLTn1UI8EeTiGFd2zTSFXZ5Lel+ntMi0MEhqtIGwjZ+fTl2OMa94/8lHR8ZUYb765j",
-	"PSboVimSc8BvhbHQPRs87jl3hpqjhQwhL3IzlFNxw6V7ZNDrAzZs8TWUjnecS+drUxAL2od0846ldCgL",
-	"Ia8pR+te6KTrWrVM0mzMSW6Gx2eiG6Ykv8AckdNBHnIQrlxBMWm4bROPdN9XgwMfQJw1Lxf7xq7HLtb/",
-	"SO3ukOvvVXbueGclNO8h1VBlwok195+k3VLqNGrKtE1a/VDdiv1gOxZesUVW+Ul+a1FVXyxf3Yaplli0",
-	"HfrpVwQPVzl+neDas1f+Laehi/9mEP9IKdlqyv+o2ZI67TRu+GD+cnpuwm3vkZFGPTj78Cu/QdDMDdd4",
-	"ycO5T24rBRO+jK4vzaqWxA0jdnCGWKuWpl+QMU0Z8/jevjTcB9hqCBKZXkQXvN3dAnw4y6957/G3FpWN",
-	"m4TbZBc98IAW39PB2Y7lxEi9w5dVn/2NBf3qtLxEuOQGO95LnGmBociK6TZFxIGnnOA+D3TID7eFVtxu",
-	"ptXwwqa/+MFqXJz2jT2p+GqwFh78ie4b/Kt5URUP4/wqGd1daDVXhBCbM1myAuiuGLym5mtYPAK67c4t",
-	"EqtdxY8fy3V/qXRgdGXKzlRggc+Flnjf2v65qlrx+olsBSZ8G/snxIx3s4r/xrvw8H9pRokbbu/klECb",
-	"b80jl5X6eFTdLbEdwFLt4MMyCmZ4Ii5Zu0GtnJu400XoKYXZJw+WrbPlVaOJOgNshrIbksgEZw3+f68P",
-	"P1YgsJBxLfINzCB2wybQIISI8PuXVy9/vXr99tfRxw+XP70cvfyPl79efUh7+IJrvsCIes4EgrUtK8xQ",
-	"KlmsEE5KWNvQotundTfgihSp9g95OCJlr+vZUHa3zsqL0IHLKmAxfnEFXcImYpq0MTx2D2erhACLdb/v",
-	"+uWS39reRWT9PzJD6YfbhnR0PBeA97XLUOFmlzMeEPtU2UW3rk05zJgBXco2FyGKxWE+9jDgSqj2bQVB",
-	"7W+p5k7UGvhJZkVpxI2n0kWVB3gyoBYavlWLI8t624y0rW9G2tpUsG0tvsqyXsphdZsbVcW3YQVc5vX8",
-	"pVre83yxHPTI2T44sMcX6bZFLwjT+42F8huVsaKBKkY4iK8tQhgFbYZmchrnW0lw3o9w3oCMrTeiLgq1",
-	"dA7HmNoA1c2Y+Y1QpUHV9sisIdLr+6YRbr9QRRFu60fHxShfOjAXxnBTNQ1K8B9frxXZkUOZqflcUPRW",
-	"Tail33ndeo4tFpzpqn/QhIfyOYyxIqBoKKMBfcEKIlEWmmc895ccGJgIKczMibANkD0rlmxlhtJwe0Fp",
-	"N/clzH0yY5BILLtuk2DO5NkGutsMpDVf7IVxg+B0Y7MT2j6v6Uuw+FRIiVDF9nMZ7g9sB4a2XJN3OILv",
-	"IY/vgZC8+wPjuV1QpUUlCuPSCMmN8bzmmKt5n010NEMjsuBbBVPq9HNdfr4z6RRuXHl4a3VbGDdcwv/P",
-	"yTgFXAJGJDH2WF8tNBPu0K0OtFRboNJRC4ADwdLfP92LlfY7vY7AbY/oIDCh6qITSq2VrGAMiHQyti5I",
-	"QKAAFsFQE6yhbHTBwvzVhdcUhHzc29lrKLG1l/sWXhlAKqfXh0vfb6OCXWkOJHjx4lN/gUBl2RG0oK6n",
-	"qKuNvRx24nCq8RCVkuxrb6YTrsAjB1PEbMTIQt/qI65ODUgLtDWxPqjuqCZzp1GcZhlKRCBFt7RFyGro",
-	"4idxm9g6kYc08Ld60sIqivaSKqnnUdtKV3a7XyrVLjKbzRJUFUOZVusgazl8VWacrsCpu7psaeniUZ50",
-	"p0soXGyfsZtRPd8wg9AcxaNM8I68iO6j6u/nFXwEtQ2zFY8OpZ93uPWHkB5YX4eXLV0QJlNYv8XMeZXR",
-	"4txaw0Kq3kmQVpNNwXeC9/6HJxKPAbXUJTAZSudEEZWpXV5Vf1w5fTUwlxoNMkNIlDat/FpO+R5E/F8L",
-	"fxL15jwoVHp2v29u9DraUrdFG+078Wy2Yf7LBlMJlumt8e5jJ8seDwYDLwl7LdZ3i9w//Vzz/U4tX/Nc",
-	"55uUM1QFGdvLXe7DbPJRlap4wVnqksdQ3kO8mBbF3WjqdZDiPsDBR8295OOZUtfG12J1zj/vMmGcxcL1",
-	"TZhpqYvOeecUz7tf1ucw5Tq77wyf8GHAn0YfBahS9Fll1sTP+eBt9BFRMPrAWx/RJ4TE3YwEvGBFQbqG",
-	"1O4FRmMWUfBnyiWnZgW0YqdhskIgp1T7EqjX8oafsW4YW0/kZD6jsaAy1Bj6xkn5qsph83XRS6rTY5zb",
-	"+v8DAAD//w==",
+	"1L3/khs3kif+Kgh+N0JNTzVFyZJ31R0b8e2RZY/WsqWQWuvbNXUsdBVIwl0EaADVbI5O/94D3CPek1wg",
+	"E0ChilVksZut8UyMQ2yyCj8zE/njk4nPg0wuV1IwYfTg7PNgwWjOFHx8nbPlShomzHu2KuiG5fbbnOlM",
+	"8ZXhUgzOBqlRJUvJesEEMQuuCRV6zRThmpgFIwpeJHJGqCCMqoIzRRT7o2TakDU3C3hK0yUj12wzGiQD",
+	"nS3YktqOzGbFBmeDKykLRsXgy5dk8J4ZtbmYGaa2R/JWEEqePX1BpCLPx98Ss6CGXAu51oSbM7JeyIIR",
+	"zTIpck2MJGvKDbliM6kYMWrDxXwi6JxyQU7CmES5vGKKUJzMSsmrgi0faZIqO5AptSOZujbT4WgiahNY",
+	"csGX5XJw9iTxk+HCsDlTgy92Niuq6JIZt9ovS6Vly7wuF4ykgt2aaQZPpHY1cTjshstSkxWdM7t03D7+",
+	"R8nUZpAMBF3aDvGd+rDo7Rsm5mYxOHs6HoehaaO4mMMyvyy1kUumXn/fPpyMFgVTjzSRa0F4TmZSEW40",
+	"KTVTYSArahbxOLDJKc8HycBSAFeWniz5xIP7F8Vmg7PB//e4osrH+Kt+HA3LjjKQZ7b5iW3sy9AvEnDV",
+	"c/TYqX1uV+/x0jx/ntgd9H8/aVuo+hDewhrR4oCh3L3rN3zJTeipsesF/Bg3n7MZLQszOHs+TmxfSJjP",
+	"7f7vI1PF9EoKzYBK3yEP2I+ZFFY22I90tSp4Ru30Hzsu+cvv2tLL555769uFHusUdyEIU0oqcvL+h5fk",
+	"xbPn/+o5keTMUF7ooSW6SHCBmDgNcqKtX/f040iifIG+3YDse3+lBRUZsx9XSq6YMhwX4ar6oT7UDysm",
+	"cnpVMCLk+oyUQq+YMCRTLLf8IWekFOx2ZYmPzBUVRtuRz6RaUoPL/t2zwfYuJDX2OYBLkgH2sj3SH+F7",
+	"FMF+eAWbmYRoKYWVzjDODZlxpQ0wtWFLva9zaPZDuVxStbHdu5lQpSj8Xcj11K3e1CwU0wtZwIx6rAHI",
+	"QBzV9nx+xQOI+eGfwoNczIliS8qF/eTniTtQW/mcGnZq+JJZHiqLwu6hFw8N3qsNZEqXskQe2JpBRzsV",
+	"b8WS6LeGhPQkFnawa+0+hYbl1e8sM3aAL6mhhZxvEy6uwHRFs2v4u9eevoSX3tHsum1HVwUV/dt6V9iT",
+	"vKUVJfMyMwc0hC9st9Vc1XjGUT9+4K3Lt2DZtSzNB6Y1RyHWWEb3wFTjE44rtwgFCU1PaZ1AYmLbemdF",
+	"N0smTFeTpSpavm9MOmojaR0stlMbYI+FeKkYNSD1aJ5zPOveRQszo4VmSXOtLL0WUzfumu7x7N/2HHP3",
+	"kHuWiLalxAXJkDUIzy3/R8P57tnewfxRUmG42dTO0yfN4+qjcKLeSiM7jBG5IP5Vq4ZqFkmijLEcniyo",
+	"mjNtJgL4nZw8ScbjcfzfMLGaLb6/Ujxj7m1N1lbT/WAUX7GJyBbQEOGCSMGIIwVy8uJF8gL/I0supCKl",
+	"HecwsZq6YrNSsxxOg4l49vQpSbm4oQXPp05XT72mTMXGLKww5ZqsFTeGCVR7t8RfUDKe7FMykoEus4xp",
+	"fTcq2SlHgQ7qHSQxTbaSvRS6XLL3OPUD6X3HgRCvSPW/fWuzZIbm1OzVoH72z8F6UKd9HapWxivpphKa",
+	"27lWGrjhc//V2J5pp1rlFDGi+HxhCFhdaGxm2HtPJcooKjTNTKfEbsy/8XxSLYgfaeuKVMfl/ZbDCYm+",
+	"T5dKWcNi90EEButSCrNo0Qn/JtdkScXG2ndWj1UEnyRXsrQL76WWNnRDdFB1T548JaUomNYTAXYpza6J",
+	"phtNpFkwteaaDUcEFLQrCRY/uAnyiUjr4/KGNKHKmt5FkYBk9N0KdsOUV95A5uzTsJoTdx20z7yQYr57",
+	"pgkYuhQnCO4FzYwmdCJm/JblJC8VmEBEUTtx+4hormWHsNw/kw59AA2+fZQM1AuPRkQcKKYitW561q/Q",
+	"bPneSaLjsPnhls9RdCw4YrsaPFRK1M+b0HTSQ3zsV8Bqa//qxpnbTdOHGrKmaL+Bqw1tS8cqoOjUt6vP",
+	"cdKy7UHX/jxgwp5XXr3WI9dVNIkumWp/TXAE+2bMxbyd3L46TQQbshfR9iWQqtWDCIGLeQclXLiN37Lq",
+	"HSmgvc8FSS8v3rz5r+nL96++f335Yfrqf7x7/f71Lz9Of3l7+frlq/ScaKszSnvmrpjCVu9PRn4/99GR",
+	"XZFjERI4JI4ttrY9ou7HoJuwas2OLuPqvf9SFgWcS36/4WCqnZV3dnTs5Im6obq9JN7ygPG4c1Uqopgp",
+	"lXBGjxvzOaFXQHF4viIRm4WyL8FzF+9ej9qYttJzt37SslRZjcZWpcoWVNuZa6ZuOAjgnOtVadh0XdNv",
+	"XTPJ4PbUvn16Q5U9PbVtZpuwPkBX76rmux75ELrteuJ7HM6vdjRf+yxyKxZWta9QcpPokEnuIbJm1nrM",
+	"c5aTE0r8XiRd221/WEtB3P480o5whvcSQ7E02CGF5vjY0YTQG7l2Jky7HDquRnSYX7WnF3KPw7E5zw5i",
+	"iEXljBUFuWKFXKMocB0/shLM9dU8h2bU2gQYpJOi2ETi1rdq9aArq59TkDb0St4wwu93eDW2bwfhRC7a",
+	"oxHPe3Yjr/efYO1cZ+i1Nbtodt3zKDouKeaKrnU7GaBbm6Q4g5RkdMnITMnlOWHLFXjKmCBCorfJbivM",
+	"pXck4g3L50x9r+i6zd8cn2ydR9cjHeQUDjecUzA2bsiCaiKkYKM7eHJ3nV0LqYwl9u6NlWuWI6FflYbQ",
+	"QjGao6lqHsgbUpcMNRdz9+lSzcQTQyxUdvmVasTfqe8qNitFDpzujwpipLwO2pAn/Tszf8x+Ozhf4WNH",
+	"4Hq3zK3BG2pYfpBVYy0MoKK9ut6hDvb+kbz9vo27uDi942PvxDQ4xqcNUbX3tXKVH7jabT6XMLMk3r5a",
+	"67uIACMu3eTvJwXy0XWQNFUpyx1SYCCXlJpZ/csHhYL+ZT+Ums4ZYbazu6pZbjww4E6WcQ+N3ICPxzNV",
+	"t+2wFb9aldqQLaiYsxH5gbMi11ak55JZmW5l+w0DTyTK/O0FCbz1FXnpuLzTk1cOofNd24Nwot0RiRU1",
+	"him7Y//zt4vT/6anfx+fvpiOzv7/009/+Zc2Cecb/4gctZdVHmkyw812oCUMnFXEgSSRfw0GcFLgeAzw",
+	"caWZOjRiFeg42pnnT562rHUnndYX+x1Tp2E5w3Ng3KctmnJKTsbE2naIshPS8IwROZvBGxjnca0NR+Tt",
+	"khvD4Mi3MpxcM7bSzoJQyipnN7Qo2TmhJBpDcIksaA5x0VIz95YUMz4vFcuJi+mO9kUzW2N344c+6Pbu",
+	"TjvzNtktYrCs1NOKyVr560sLsb1SSqqXMq/RdCNebI84QUuzkIr/neW4olc8zxnEbaSZzmQpAJ4gxazg",
+	"mX2DV/C46TXbTBUrNbzb/IGL6azg8wW8JHQ5m/GMW23UxzFAPy0kzadGyimE1q26SQ2bAjSOxSrsSskb",
+	"njM1BZQZjvyGctzKBLZPCVrgOIThM87UNAz7U8tOdAiht4KRq1JzwbTGY3ZEUvtyiuEyiOMv6GrFBMsJ",
+	"FTlZL3i2IEgVE5FakkjJTBaFXGuEqaZSsLezFA3phFyzjbULNq7d4YjAWDQcZNZkniAbgCMmIdZ8YWti",
+	"nwV56P72AnJGKPz2SBPs23LVQmozEfqaO7bDl+1o+VxI5dhqtn2gXgu5HpGfpWAbwjXhYiIiJIJHTPio",
+	"FLlimufWdk+CMm8n4bjJBdJybhd4yQU1iJ1d0tXK+embsYlegQ7cumTbId3Pv9183XuSermlmi/H3oS+",
+	"HopmG94u6WXkhJebGtqe066mpibb59ue12tHd+DLkXfNFlKbThgYPuvcpm+kNl2trIEFezTyqxQdbeT9",
+	"GtiayIzyYu/LP8BDzVfRvt378nv3WPN1gL2w/e9/8M/5BnR5FSTXvm38ED3b2EqwKEY5o50vf7RPfM+o",
+	"e+VLUE42vyCUGYTrl2QAcm5w9ls//atGkV+Sfi/VBr/vpfaV6/lWvNk9X6lvcc+X6hR52EuBDw57reLB",
+	"fe910s3e/WqRmj3faQrKnq/VxfshLx04vpog3vdOk3c+JUfwGB3qJ+kKQjibpwWq4DWcc6sdaFawzKDO",
+	"gPOyigBqG6N+PpbYOKq5WdosJViqd3Tegur3inkv93IQV03PcpSp02IZUa2tkpWCByIlRlr7w3BhDZZS",
+	"ONPTZ1MxyOyxuhJ4xPcvh1uCeAhtawDODtDiWxYBMiraA74SVOHtWf3Hh7e/EPcrJml892L8ZGhVNemy",
+	"wDDh60rmG0Cxgp1HlwxVzJAHtX+GfgyJH2jb/EAw/EnQm7tC9z+Xdk2sSosqc2lKxc6JdBbuklHhUG+d",
+	"IfytTfpzo0XdzhwXK9rj6R6AoPuBIe4NLY1i9b1QprVEm3vjTA+PKxxhQXvhSva2chg0K8aFNBJZI0Mh",
+	"PatMToKAegi1QWTJfkoqGEuQ1T78tKaarKVIqvRWl0nlDFwPd2CbKuZp+fvuMJXWUzFixwplFiAee07J",
+	"KHh6P9rawTSNQW8zQPfAXgmzm+obWXl8Llh+RlZSc8NvAIai/Q4nRLA5ha8VW8ob9F8sDwuXI774Afmt",
+	"I5D+g1QeAw8eGLT2CRNGcaaTit40sS2IQGwPHkJHKg/BJZQXiP8KQwQ3EL2SpSEniPzCH3Hc9dC75x5v",
+	"ENumvFnu4/UQtLqr2LnmIo8dmtAr+ift8gY0FHCUHaUl1Pz3Ure7AO9yDh8s+e4CIPihvgec6bMayp5G",
+	"MXUv0vRClkUOEbGJqCAlAD3I4CchTUKuWEZLzWpwHnC4YxYssNVExBggdEbOJdMOCfR3puQ5GgN+CgDC",
+	"B5S9YhnjN4jEL7g2ztP546tL8vjmyWOaL7l4fMMUn23SO+Ls2yQpUMb2sex4PoLLtQd7u8XYEcyQWB7u",
+	"N0b2kNTdrImfI0pv17TrsYuWkgNbKXQraxk9HxN8ACM6GrzbmpTw47MxHMw0M0zpxD3hfns+HrvkvngU",
+	"z8ftg2fqUhpM2m/ExW58TYx+YVg8ALZVQ9/6oVA8bNI3kPjxtO2Bc8H0PxKxigOmQmIyIRek4Y1PvSs+",
+	"TUKdDHrb82DEjqeV53TLFcDNAs+kq02kYzn8MoQrVkxYKVRIbcjJOOD+MhaBfTgoW8PDRoWCpHVUVSol",
+	"yWRRsAwQFS2L49uYhlUCOToRPmmWuKzZR5rADiZ29QgXWVHmLL9zHlCYgncMfz5g4obettACvfVTth9x",
+	"L3IiUa1tTgcWwy6Cn3eCW+JaUGwllZXMvD2Oun+CHcnVe4/DOzm7qhS7DvzkguuAZL8qN9oSotVVfCI5",
+	"qF2QSj7sDfbfkah353znGeVFqdi0UgqahL1xHiWcC8YkRuRCAETomm2IYjTXtYd8ZPSRngi5FoRmmSUj",
+	"aweRE9xwAGajd4fniSvUkckc9dEl05rO2fB8IqggTOSnpWaKGGlVCOwPcLy1yGdC2Gg+IqknhIlwlIAI",
+	"J/sBR5+OyKWv1LOQRa4RMGBNa455eLAYemey4F7FkIsbyTPW2x/qEs9bf5g2tcyoPEFVncAVJ2jVKwt+",
+	"w5Yu9t4skBRpkFCZpe+Q47z2HgS8Jfm60FYukGulZUPwpkAdcuZ0TaeCXpUbwOdYk3oighQWNwwkCtY8",
+	"smfVyUVOV2CyvVM842I+TAgrNIuOrJ57rg015f5iEy7Wgw9/qYfH+q5yiMXdy2lSUXeL1Hp1w9QmZgC7",
+	"ygy+9Cn+UrCEyCK3DIulXcgrgFtzATq17m0dukW5DL21KaDHQVG2pvRX/BRRcNjR9jzX5uG5radUZ0LE",
+	"a93gzfqG7FDNoujYLiR/TWG672HinUa9HG1dcCLQOnt5cGqQ8Kjv1kWu9qTZT79F7MT5ecUwK6Sld6s8",
+	"ntcONSZyTdIYXJDeDevXsbMtgL9WRMO9QX9b4dqOZFmk52mAwXTrOtSQnIMxTzK5ZM7Ir6x6ruqZxRCi",
+	"WC940bcCgx+LYtpI1Z/Kw2sQHZ3OpHI8rDtUePcryZllYgV+Wl6wLUct2BjBrUusnitnqI7YR9dcBE/v",
+	"gVMM/oseowXfltQsDDvOaAoOFpLJG6bICa18I311zntKgjAVzYwpWIfLr/LYxKu8oLkrLCYk1FhgCpJX",
+	"eo78rgf08YRXOFC2iDfZ4q22tdpNvvsI5i7yMSA39ovHtRR16chd+hwXJMWZo64WuwjRAwjBi7un17RL",
+	"rx7Cs1cI5DDZmR/1SK7v9oFvfZXUrwfUGrrsz2AtegLEB1sT576W5hEct80ta9uOuzDijmyEKqi4BkcY",
+	"WxNg+PNYeOZEL8ATNqvxX0iGPBr75T2ZLz8a5yECrp3vOk3oe2RU3ouknMUR6OUASoiRfi104MXuUt5Y",
+	"C1eS1Lk2yEnOsoKDOwTLlYEf0ugth5xXxoYjcuHqGxPnDUJ4DbYYutKgALvE2nsRT7SHO0jHoV+PRThH",
+	"CJp4b/k/KGDSAHTuPHtiN2+ddvzrREsyowrcsuBnPtQVjs1Mc1a05c39iqqwKxIocswcOFjd/+c8Ch/U",
+	"Qu70RTS2pK1Q1/FOqjqsuOPYrqLuS6kCaA/eP69rhlAUDc6sFXWFwaHwRxQ0PtGMEVpoWSWDudmkw3uJ",
+	"oxpD7RBIYcWPJZI+BBtlqyaxYjXtWhsqcj0i6YqJnIs5+b//+/+Q4Bgk/8s7tpOJcAdB/YnUWn+KGcVZ",
+	"TjKq8mFC0up9+6yfnX10ZpiaCCo27tvzyBHrn5oruXZ1oAtqrHEmmIazpNJRJgKBMTQaK8AIHFWEUj8y",
+	"OFZs/5Yi/J8T0arK8FiTgXwkDwSxTQ/PIzvFnn4TgdY4FPAHlIChhmElhrwqUVo3V4Ir43wiIq+Qba/V",
+	"GUQuBOHCUsGGnAiJeplT0+haDCeCu7CFYplUdgGstRQ5Ap33ORAebvYg8gEPMGLDsAxYkACRnrrHV1QR",
+	"n2+yPe/5AoJTjzSJXdYEt1NIsoRsrJAwToti4yM75IoXhcaYJuRxDM9cof9QtCMJ9GTorf0L3PNoMHrm",
+	"xmqOY0vRwTmPD8DD0+hLxRDonLjfm8GMFFbepWPDCvcLdncEdeNwbLIz/o2pdnF4gnRHJw6MRfcJybps",
+	"PUtlYUznZOxLpIgD3W/d56lLV3vgIOcDh8j2nNqtMbLtp+xW9sFNVMiIVhpqEHnP5au/1TrAA4N2LbrK",
+	"9swcycFDeJZDdrRaevp2J+h+mH6L9dQRr9kRprGs4Xdia03iQM0B+k4jX6tL4anPG6UkqD3YKZaArTik",
+	"AiuexLmqnp0cwB8C1RHyGyt601YJrQ21YuVeClH9aNihEVXH0rFUoigquG3arFYFbzNpfqCFZhWgGskQ",
+	"LWNnrp5Fh/6SZgsuWIhscgOucUMLwJnK0pzK2ak9n5WraZJgyQd0/NfO75MIUIQnfxJhjLxdAdtIQYub",
+	"o5jfjsDfBYUyU3J5IOKzb9WbmN8Pe8fTyv6ItNxv+MAM4dEkbP9ekCTcFbHtHGqX1934u8MrJGNbrUOq",
+	"br/peSPMZVSYwj2EZaTTtsIFfc+HzCFAdmaohTINX5JdaV0A2WnRCd7OZs5IwVz+MOz6xQC98QJR1lmL",
+	"48U11+3a27pvqx3anMZFHlJy8uzpiyGqk1FVh5ScPB9/O0RRcy3kWrj7wSZi5wVhCEFM0HqFQnBUkzS6",
+	"bagLdrzn9oNgP7ZUaeOmYAdkWF6Qj+9fE0GXdrjRpWVQpmH/we3EO/Yax74sHXVwBOhj90xB2qkuPlzl",
+	"87YZvQ8o88MLT6MjQ7d562LEfQPgbg1UHVIz+ihz+z1jQho43iD43avZneX+Yu+Sn2TH4kmR8YJT031z",
+	"TisIwXUH5vqKukFvT92flb2zITtOhSXXS2qyBet/5VB9bj+7BtqEGR6Jd0A7ech3fF76JauNef/ah/Ed",
+	"TMQ5n82Y5Y8W8eJUBHA0k1NSyIwWUw9Q70G58QsHGS53RtHX6bg+4FrbtYnvX9+75Rd78t1WEv7OlCSW",
+	"SMh4PH5yCv+/HI/P4P//Hd/Sc/Ls6dPhQRnBTDWSMPyVPLtuO0IibnBpQZcrDFQJuXZlUOvZy6Y2l7sO",
+	"ey9ftG/QHyUr2WvTpqH1UZlcAx+u+aqH4lRVg+qIDvhT3ZtbCpsHeXrNV6s+9lbUSWhyx9zvmPVeFFMs",
+	"0tIGKp7J1oTZC6sEuSmhgQUOYobAXqxctaQbrKOoGM0WLPceBggjwPUoT5+RhSyVJnQuMTQA3U39GnSY",
+	"WdWy1OX3gTS+pLev8dUnPpff/91yr1z3orcntIf9bgPq2uVC29alFhMfE5AKVE8u5qGWW0+9QMFAdHuy",
+	"DUmjRUsTvB2MKVJ9Cw4sj+YHw/kcAwOpJ5AUUzPtR7/lcL0EfHFCrbWuDYG1JFebqOlhbzMhZuKWo9Uz",
+	"zvY9CHTpskKbg8PbezeEKnYXRaiFa6uV3sGKQYq05mJQ4fwba+qVNewmTgUX0iBfWpEnp7JwhfQi/mj1",
+	"gCKXBQ9X0/3CpzdM+ZsN99r31Bi2XJkO+6RDhyioNq6eXp8+dmc1QEDdDeNe4PmVkhnT+p4Q/JD/cIiP",
+	"px+OMdq4CsvoDb3+pXAqDLzfuxqYPZ5AGwFHozgC2iImxn8Q4mJ7WWunsksGjOjDCisoZlgL1K2ouu7i",
+	"uO1aVu24jpVzau0IKxRU1Grgg7EY+4ZDRUUsodNRfl53RKUDEq/pbzalJicpzQy/YRDMszycl/DZQ5DS",
+	"hIxGo+EdYXutiTO7d7j5QkTcsJT9nP+dpcZ2Fwp22kptoaJK2/a08SWbcFR3c9d3EU+Lx761Lt+9nfZQ",
+	"SOyv3lo8pHRwSJHuJQqgH1j412JVmsM1sHhSO9KhQ2G09vM3dSTjLJP0jEQwF+1iPng6n1Dy7PZ2OCKp",
+	"O4DTM8KNnggr57WhyxXqGC5ZIJdr3xbNMrYympx8+5zkdKMTUjCNnh+r8GKsfSJc+WLpMxUIN0PvdOS+",
+	"usIVqxIZqvLuFOD0IVFOlobOIfThMzYwS9fVYfClFgyhzZLXo4n4AQGDDsFj1fYV1ZqcPL+9TcCSk6XR",
+	"CQFvKrZk9ZLTghnDVFBmJgKThrki4FPlBg1AxKtgBgbAhMLiQR3YaPXqwIn6PkVaUJsIDpveAajbqcb0",
+	"sQ7rVLXfAKzrQAf4psLy9FcvoP7BXdwjNfvSm9nYWjyQmiqRoRoRzW8nE3ZK2ui+ARCrEUm56oAczznt",
+	"wEWObvGyUUt1doOpASgSaM/6zlf91KmnRfJGpUyPI28jOXjgjdp7/Hd1sty6nPqPkvlrAE0V83ep3QmJ",
+	"jLiowsb59h5EdfLvStv1sX2P5deJkOvzMAwnPYkssCL2c7LkojRME7pgNMcM8D6+s98d6gell7JGIlhe",
+	"6/6etMBkTUKG2FFChBSnoZiUKJdXTAUwFayIL1MS17FuuMRkiVXHXefYyh6nZpNtIwLYTX1H0O6rxpoG",
+	"y9dV8atxdHljjhkzPdj1h9oAAvvKVcEzatASQ7KM6+AfzSW4tTWHnon3rx7bUueH5lO/E7QoepR0bhy7",
+	"n5I2b0rk9bHsbv/aLgYG/Ts16p6VCw84+Pe2tqSbKza18rW1SuglVNNX2qCEcy7WLs+qleyyNPZwpEKv",
+	"mSKaQuhaS6vMOlUOcUfPb2+H5wC2RSdui1cWIcGCsVyTFDxP6d2vE92B0TiWh6efmwVIKpJX/yh9a7cY",
+	"j7WvNo/OHvgMTPI1lGvrrLjqpVKHTowSSXf6r9eQtFxNCer5ObAUGFJXG0IF3AKPvHkOaFUHAl+C0oe5",
+	"tO3B3iAqOyRUEJ8dvwZv+IFHmVuvL3ss0Dahrtulut7jM44pMgboBeR4MyIwiGTZAOVqt1UEBc704ZHg",
+	"OwTb+y93VHrtmCH0Ok/FgXQ3vrbl/08oGtiJ7jq0JvoOzcGjm+9X9rYxZ4eq3VESGyf4Hopzdc9PTyN8",
+	"Ro94k7zeWYbo0OYcVKk/CdW3rRVV5rE8ehfkBIJcaE6KCpdTFQH2ZRmqkph6Iqq6DFbEbtXK2GDiE+ai",
+	"uVtv5BosEGkInYgrOLnP8NlcwtdL21Iqr1MClt+IvKFqXpXqAedIX6yKBzHtk2LyOjqJqi1r2cVoh+pL",
+	"u01x9ihmWam42XywQwqhp59YS7moqAgZbIXO5IqR1JU/Tu26p1DdM02IGwyEF40mH/52cfr0+XdkQfXC",
+	"HiKwAECOjCosn4gjWxizgopE2kqdawZeeHzoB0+a//Hr5SDZHluoW/Yfv16Sk799sP1JRd7bD8Nzkury",
+	"KoVMprjuKc97DOcL1BebtSAtMBXHnqfE2rng8LjiRQGqHK4L4VDPF2vjovp3RlaKQeadI92JcDeve6eh",
+	"UxNDErG1qX15Vn9rJNd4A7cUKHMnwsPbdQSMd4XbXIACIfJUKX4DF0tB8Tdw5KCbZyKqUiyKFZxeFZvI",
+	"nfBXNzU4FPRoIiYCbhWA4lXrBVMsIakW9JpNM6pZGjCp2C8X3p6uJWA4vp6I1x/eRvUKA0RfByscnZzw",
+	"1fsfXpJvv/32BQzim2/AJNTffANGewrg5QwAQI8dM/zldy1FivcevHj2/F+HrluijeUOklpzJx1NxBZ0",
+	"1m7vs/G4WkQfe8+osNLgigU/hbupziiamYmA28JOlrSwQpXlxC5VQii5onl1mYIlUUs6TCEA9tnTp9gT",
+	"hVbt2Cx15BtiJdE1VP4tC3ZOUkQE//YphQCTJlZOEVmHA1v+i+99cKv1AbQ5YtitGX3zDblkty6RBOkZ",
+	"lD1NTqDdhMDNgzrxdfqSifAldBPnHIwgCwmJroGDUrBDsnQ3KHy8/OH034Lt88vHNxMB16e5LyB7i+dc",
+	"sQx9bIQtr1huZ5MQecOU4q5gIdfSmjy41rLQE3Hy8S9Px08vTuGfVwmx/373Hfz53YthEoAu1wxmDQdE",
+	"QYEkneo7EZiEAJYVOjWd0gvOqyVV1xqaHbvmxz/AWD7+Zfzdk5d4BWlRQM0cXOSL0izssiAdfvONbTG9",
+	"cJftwXdn5K8gb8ikHI+/zaDeInxk6YhcuPqLrj69YpY5pTnVzNIO1tNWmJtJm8IPZd2/x2IuAVsUpIGR",
+	"ZbaYYO7TWlS3Np4TKjZ4kTeU6cOW94j8iXAyn5zAv9BNLlEkYGNeEC7pZujW5nVFI5YA3739cOmCGmgu",
+	"Wa5YyhtGtFwybAXV+IlIo3dPf2KbdEQ+0CWDMYKYhII3lmGc+9RayUQxu93+0juljSU9MLwROhMaNafv",
+	"4VGWnxGr1KXn2GJYAko8ABFvSiFcT4Tl2rT9YsR0RN6C/5tLAWEUa1pZ5rmiupZnNBEnrop54qrBB/YC",
+	"83DoXQXU0r3PVggmjWV1Z36Qmd2XMNXzcI9wKM3pGcK+oIn0iZKJ68IKvBdWFHbd6JiOyE9sQ/SKZkyf",
+	"ka2qoY80VoEGF6pxdUlPVkxV1JYQLVGrQl9vJovC8ne4j8Gqakzkj/S5K4548e71RNh9gBxlDQsJI4CM",
+	"ZB8FthTqerf9OY/5GYk7n4jo7h6zgGic3UoUpFB8ESpf+g4gpyLeixG5mAh/DgDdujxwJzpdIhTMEZIi",
+	"7K5wU00u0JQqhba8iEkLjj3ecG3sYQYqawppElBqBD3vz8eWmW/J8/EYzwzQiekfJVbW1FKlMP5A4uln",
+	"FNaRd/ZLek7S6G845eCmVldQuKDawMVGqM66BAdUeAbJIECTBk9G49EYzIwVE3TFB2eDb0fj0begmpoF",
+	"aJSPF4wWZvH3wdnnL8ng8ZIZxTPt/gJHhP8pFIhXNRgvWsVSdzjeXEyXazIrJB5tEt39IQ5xQh32laRG",
+	"wmyzgJKdCCHXyCvDc0w2Z1QV3J8Gdj1w9xWzIgLLRYMclwJo3EAt1FAe5uPlS5LTDbmSpcgpXvLgkuax",
+	"HcAyazxZcJMeaZJaMzjFMxEG6Vr20wuQe9gR6YXK6xwTCqhhDVx/yNf5q8w36FyHbNqQ3udUpN9duhqa",
+	"JYcB7D2U9UvdYHGOXMX0SgqNdsXT8fiBBoG977jeOFd8ZkZo9AMTdbUfBvw42KuAh3E3+Axe4h5EFQtx",
+	"Q4GxA2YHNTv0c+O7HFxOhs41uKQsiVt77PYUGOoUv8BVq7EBxtZPKwTHnMHY67tv5UWEnsKbdZ2CqcF1",
+	"b1sf/FEytfGJNmeVt7Lfkreg3rquvqs6f/zGCq9BjwdfYtToy6cHpJomZK6FbC7wNjc5c9qfw6geg3ac",
+	"1h2nb8O9NuvgOrg/iTz+7BFWXx6jzgOSs4UYrHCuaCHgsppMHFPHYfeOfUo6JHala51HRimbzVjm1G5e",
+	"FGReUkj6vcKK6C5j+TVQgTPb60yAeluMY/w6lNRGRZcBmgTJkMRBFqGU1/0J6R22BsbrFkmhInEnSgJR",
+	"1kfWVD74hxE1tcjPP5uQaQTud8qYCFtzFBHzMWrPco7Hi0Kpfgi+InBHD+9NII9dPLJbM/sZytfEQH+f",
+	"Q+ELK6XkRCqSNqMm6TAhPoJm1WzNTELykhEh12cV7E+Dvo5lfRpJE8qZDNC5FGwi6hkSzrYbkQuxiYPS",
+	"GCqrAd9QGnGhec7QqLoDgpB4AGFwsAGCMKMC3UeYVJBASWOGv5Kcs5zI2Yi8aaRHJKgisttVQblgeSM/",
+	"5MyvjiwN3M0O9okb9ElASA7P4ZL5Q/KB2iLTVuttzxJK6ykQdlO94921l7O8XDFr/lS7hy4KKKGMd45V",
+	"jVpLh1hqEHmFuATrjuUTYdY8Y2do6kYDrtsRaC9BCzg8RwiwMz7ADkFPKjZrujn3tfmFia68EdLn0qQ+",
+	"9yMdtmnlLsekLi4fRiev5ZV9dWU8TrBqEXhQ2mlNdUTp4Phzt50oqwC5DJujKFp2f2GDYvl6j4MRbyvr",
+	"PBIxwPVa3FDFqd/kB1rrWoiwQ/PA233ICRRAwOxPq2Bau9aHhs6JZhjDGh5jxa05toQqLK56BrIrMqOP",
+	"UGGoDd36EJmAgkGH7IZLvujciB+ZeekeecAt8F10rL7PECkktforVqJR9yFsF6ID7coH5377ZNWdKEz2",
+	"2yer1VRbAjznDhiMLkWL7RfyU1hZ5yE8dZf47HC4/Kq4YfUbiKiujnTIPXSXALnHGtGsiXA1cUfkZVWn",
+	"yZUv87XMIMhLSbqUOft3109K3OgwBAHmN9Q7Cw/GiRfhaSgV2LjVyDvDJwKyc5q+cPDDvaLZonKh2zdg",
+	"IwklrnCJR4/KWfCw2qGgy2kiTtLLizdv/mv68m+vXv709uPl9P3F5avpm9c/v75ME+K9eU/GCaGZklaf",
+	"R0XDAAPZ83lFtbG8a4KbCIJRT180C6igdlMrcUJ+9WG1LY95UpUbdmpWw29JTsBpaWnXcunQaRxY1HIT",
+	"XdKAiDffSMObTObM7PckO3qJWsOJwnVlPjWB5ptur5enK0dV2xbJHqMgWp6f2ObtCoNPzkg4/lndGC7O",
+	"od+R/eShBtEmy3BgYGhjgBIG0RIo6erLvVWtrwlvuO6+mjD84Bi3GVfHMqZeYrsSeEFIuqciKenxF48/",
+	"R2CjLzvPowoJ9nAHku+j60QK+elfd9XfQ1icRGC4sLR+IQefvhzKrvGNep+SgcvMaKPdJtZjBmaVT8tk",
+	"t1wbcvJ0/GRozRlM0/MRQlbkeiLm/IYJ+8h4OCJQGcslq1vasSadS6MCLOiI+Iy1iDbSiSi4uMYYre3Q",
+	"StdGYldSr+KJZobDZ4IZJgU7hxiRPYMc5MBnNIKY1My0icePK81UnQIfQJy55rGzr2167CJ9l6QJVH9U",
+	"2bmjzyA0jxBqCJFwJM39nLRbSj2Oqt91Sau/ukcecMd8Fx2yyg3ya4uqD1Z9BSBQFkpzraE6hr9hPCy4",
+	"q2d6T8G1Z69cL4/9vebbTvwDpWSrKv+9omssaVbdQY/yB2+r0ERLKZg2kZKGtxKOyC/sBkAzN0zBtfdn",
+	"LrgtJZmxNaDV6gvaUGLHTwFr1VJdkWRUYcTcRGUZU0cZaasiiMv0MtSavY8G+HCaH47yH+SlCb13eWnc",
+	"Aw+o8T0bP90xnRip139aFe9vTegXe8oLgEtukeNR/EwrcEUGotsWET25HOE+D8Tk/XWhDTPbYbUf7dj+",
+	"5IwFYzyIrZ4cu+8upvoRi0v/2ayoQMMwviCjT1ZKLiUixJZUlLQgNP+91GbJhBneh8QjoNvu2CKS2mX8",
+	"+KFU96cKB75h+Zyp/aHAAp7ztUe/tv5zGW7icAPpBCZ8Hf3H+4x3k4p7451/+J+aUOKbs3ZSil+br00j",
+	"taI7fhCddBJ28GEJBSI8EZU0qiiVSx0XZfHF+yD65MCyVbQ81ESpIsB6Ik58EBnhrN7+H47I9wEE5iOu",
+	"Rb6FGYTLcBA0SLxH+P2ry1e/XL5++8v044eLH19NX/3nq18uP6RD6OCarcCjnlMOYG1DCz0RUhQbgJMi",
+	"1tbf0OPCultwRfRUu4ccHBGj19VoMLpbReW5ri64ozF+cUNOEJsIYdJa83B5EN0kCFisrvupOhfs1gzP",
+	"I+3/kZ4I11wX0tHSnAfeVyZDwM2uF8wj9jGza8HIqlRzRhZUE1WKNhMh8sVBPLYfcMVn+7aCoPbXrrQc",
+	"1QA/iawoNb9xq3Qe4gDfjrGEhqsqZJelWTYjbaubkbZWb22bi8uyrKbSL29zK6v41s+Aibwav5DrI48X",
+	"0kEPHO2DA3tckm6b9wIxvV9ZKL+RGS1qqGKAg7jcIoBR4GYoKuZxvBUF53GE8xZkrFnxvyjk2hocV1ix",
+	"qqp6z264LDUcbY90A5FONUmpC2ZdTMRKFgWKOGe4aOlSB5Zca6ZDfasE/nH5WpEeORGZXC658feHQ77P",
+	"WVXjk65WjKpQ6mrGfPoc+FgBUDQRUYP+7p2yyO1MMpa7O840mXHB9cKKsC2QPS3WdKMnQjNzjmE3+xLE",
+	"PqnWsEg0u26TYFbl6QLdbTvS6h07YVxb8HMi7WoY6eOaLgWLzbkQ7tbRNr6EPemSiU+tTGyRIf00sYdk",
+	"356QvOOB8ewuyNLAIUquSs0F09rRmiWuxPnStlQnXzPP21ZelXr8uUo/3xl08lenPry22uXGDXdQ/UMi",
+	"Th6XAB5J8D2Gi47Iglum2/TUVFug0rVbs3qBpb97thcr7Xa6icBt9+gAMCFU0fGp1lIEGAMgnbSpEhIA",
+	"KABJMFgEayJqVbAgfnXuTgpEPu6t7DURUNrLvgV3s+CRMxyRC1dvI8CuFCMoeO2X/qaWoNkhtKDKp6iy",
+	"jZ0ctuJwroCJSoH6tVPTEVfgkIMpYDZiZKEr9RFnp3qkBeiakB9UVVQTcEmvPVkmAhBIqM6Axhkhq8kJ",
+	"fBPX464CebAGCa4nTiys6DCpbr5F1LZUQW+Prx67oiZbJHBUTEQa5oHasn9VZAxvwKyqunSUdHEoT7w8",
+	"yycuto/Yjqgarx+BL47iUCaZzFmMt52G388CfAROG2oCjU6EG7e/9BORHpBfB3etniMmkxu3xdRaldHk",
+	"7Fz9RELtJJKGwabEXbnh7A+3SCwG1GJBy2QirBGFq4zl8kL+cTD6KmAu1sSkGpEobafyazFnexDxfy78",
+	"SVRGtper9Olxe67VOurI28KNdpV4tuvd/2mdqQjLdNr4yRMry56Mx2MnCYct2neL3H/8uaL7nad8RXOD",
+	"r5LOEBIyutNdjqE2Oa9KSF6wmrpgMZS3jxXTcnDXinr1Orh7GPhwcq/Z1ULKa+1ysQZnn3epMFZjYerG",
+	"j7RUxeBs8Bj43U3rsx9yFd23io//0uNPo688VCn6Lqg18XPOeRt9hSsYfeG0j+gbROJuewJe0qLAswaP",
+	"3XPwxqwi58+cCYbFCnDGUIu74O52Ute8X72WHv4GecNQeiJH9RmUBZnBiaFurJQPWQ7b3UWdBO7R1mz9",
+	"fwEAAP//",
 }
 
 // decodeSpec returns the embedded OpenAPI spec as raw JSON bytes,

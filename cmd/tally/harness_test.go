@@ -6,6 +6,7 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"io"
+	"log/slog"
 	"net"
 	"net/http"
 	"path/filepath"
@@ -22,6 +23,7 @@ import (
 	"github.com/golang-jwt/jwt/v5"
 
 	"github.com/tallybilling/tally/api"
+	"github.com/tallybilling/tally/internal/db"
 	"github.com/tallybilling/tally/internal/db/dbtest"
 	"github.com/tallybilling/tally/pkg/client"
 )
@@ -130,8 +132,33 @@ func startServer(t testing.TB, env map[string]string) *server {
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
-	t.Cleanup(func() { s.shutdown(t) })
+	t.Cleanup(func() {
+		s.checkFeed(t)
+		s.shutdown(t)
+	})
 	return s
+}
+
+// checkFeed reads every event the server wrote through the contract
+// checker, which validates each event's data against the schema of its type
+// in openapi.yaml: whatever a test made tally emit, its events kept the
+// contract. It runs at cleanup while the server is still up; a test that
+// failed, stopped the server or took its database away is left as it is.
+func (s *server) checkFeed(t testing.TB) {
+	t.Helper()
+	if t.Failed() || s.stop == nil {
+		return
+	}
+	gdb, err := db.Open(context.Background(), s.DBURL, 1, slog.New(slog.DiscardHandler))
+	if err != nil {
+		return
+	}
+	defer db.Close(gdb)
+	var n int64
+	if err := gdb.Raw(`SELECT count(*) FROM events`).Scan(&n).Error; err != nil || n == 0 {
+		return
+	}
+	pollEvents(t, s.client(t, testAdminKey), "", int(n))
 }
 
 // shutdown stops the server as SIGTERM would and checks it stopped cleanly.

@@ -57,7 +57,7 @@ func assertInvariants(t testing.TB, s *server) {
 
 func balanceOf(t testing.TB, gdb *gorm.DB, customerID string) int64 {
 	t.Helper()
-	b, err := credits.NewService(gdb, config.Default().Credits, time.Now, slog.New(slog.DiscardHandler)).Balance(context.Background(), customerID)
+	b, err := credits.New(credits.Options{DB: gdb, Config: config.Default().Credits}).Balance(context.Background(), customerID)
 	if err != nil {
 		t.Fatalf("balance of %s: %v", customerID, err)
 	}
@@ -612,7 +612,7 @@ func TestRefundsRevokeProportionally(t *testing.T) {
 		t.Fatalf("a repeated refund revoked again: balance %d", got)
 	}
 
-	svc := credits.NewService(gdb, config.Default().Credits, time.Now, slog.New(slog.DiscardHandler))
+	svc := credits.New(credits.Options{DB: gdb, Config: config.Default().Credits})
 	if _, _, err := svc.Consume(ctx, credits.ConsumeInput{CustomerID: "refund-1", Amount: 400, Reason: "usage"},
 		db.IdempotencyKey{Scope: "customer:refund-1", Key: "spend-1", RequestHash: []byte("spend-1")}); err != nil {
 		t.Fatalf("consume: %v", err)

@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/tallybilling/tally/internal/db"
+	"github.com/tallybilling/tally/internal/httpapi"
 	"github.com/tallybilling/tally/internal/metering"
 	"github.com/tallybilling/tally/internal/stripeapi"
 )
@@ -54,8 +55,8 @@ func reconcile(ctx context.Context, args []string, env environment) error {
 		return err
 	}
 
-	rec, err := metering.NewService(gdb, client, cfg.Catalog, time.Now, metering.WithUsageRetention(cfg.Retention.UsageEvents)).
-		Reconcile(ctx, *meter, from, to)
+	svc := metering.New(metering.Options{DB: gdb, Stripe: client, Catalog: cfg.Catalog, UsageRetention: cfg.Retention.UsageEvents})
+	rec, err := svc.Reconcile(ctx, *meter, from, to)
 	if err != nil {
 		return err
 	}
@@ -87,28 +88,10 @@ func printReconciliation(env environment, rec metering.Reconciliation) error {
 	return tw.Flush()
 }
 
-// reconciliationJSON is the report as POST /v1/admin/reconciliations answers it.
-type reconciliationJSON struct {
-	Meter      string         `json:"meter"`
-	From       time.Time      `json:"from"`
-	To         time.Time      `json:"to"`
-	Checked    int            `json:"checked"`
-	Mismatches []mismatchJSON `json:"mismatches"`
-}
-
-type mismatchJSON struct {
-	CustomerID  string `json:"customer_id"`
-	LocalTotal  int64  `json:"local_total"`
-	StripeTotal int64  `json:"stripe_total"`
-	Difference  int64  `json:"difference"`
-}
-
+// printReconciliationJSON prints the body of POST
+// /v1/admin/reconciliations, so a script reads one shape.
 func printReconciliationJSON(env environment, rec metering.Reconciliation) error {
-	out := reconciliationJSON{Meter: rec.Meter, From: rec.From, To: rec.To, Checked: rec.Checked, Mismatches: []mismatchJSON{}}
-	for _, m := range rec.Mismatches {
-		out.Mismatches = append(out.Mismatches, mismatchJSON(m))
-	}
 	enc := json.NewEncoder(env.stdout)
 	enc.SetIndent("", "  ")
-	return enc.Encode(out)
+	return enc.Encode(httpapi.ToAPIReconciliation(rec))
 }

@@ -101,23 +101,31 @@ ok: every invariant holds
 			if err := printVerifyReport(&out, c.rep, true); err != nil {
 				t.Fatal(err)
 			}
-			var got, want any
-			if err := json.Unmarshal(out.Bytes(), &got); err != nil {
-				t.Fatal(err)
-			}
-			if err := json.Unmarshal([]byte(c.jsonBody), &want); err != nil {
-				t.Fatal(err)
-			}
-			if !reflect.DeepEqual(got, want) {
-				t.Errorf("json members\n got %s\nwant %s", out.String(), c.jsonBody)
-			}
-			api, err := json.MarshalIndent(httpapi.ToAPIVerifyReport(c.rep), "", "  ")
-			if err != nil {
-				t.Fatal(err)
-			}
-			if out.String() != string(api)+"\n" {
-				t.Errorf("json differs from the API's body\n got %s\n api %s", out.String(), api)
-			}
+			checkPrintedJSON(t, out.String(), c.jsonBody, httpapi.ToAPIVerifyReport(c.rep))
 		})
+	}
+}
+
+// checkPrintedJSON fails unless printed, what a command printed with
+// --json, has the members of want and is body, the API's answer for the
+// same report, indented as the command indents it.
+func checkPrintedJSON(t *testing.T, printed, want string, body any) {
+	t.Helper()
+	var got, wanted any
+	if err := json.Unmarshal([]byte(printed), &got); err != nil {
+		t.Fatal(err)
+	}
+	if err := json.Unmarshal([]byte(want), &wanted); err != nil {
+		t.Fatal(err)
+	}
+	if !reflect.DeepEqual(got, wanted) {
+		t.Errorf("json members\n got %s\nwant %s", printed, want)
+	}
+	api, err := json.MarshalIndent(body, "", "  ")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if printed != string(api)+"\n" {
+		t.Errorf("json differs from the API's body\n got %s\n api %s", printed, api)
 	}
 }

@@ -142,8 +142,8 @@ func New(ctx context.Context, opts Options) (*App, error) {
 		}
 	}
 
-	paymentsSvc := payments.NewService(payments.Options{
-		DB: gdb, Stripe: stripeClient, Catalog: cfg.Catalog, Checkout: cfg.Checkout,
+	paymentsSvc := payments.New(payments.Options{
+		DB: gdb, Stripe: stripeClient, Catalog: cfg.Catalog, Config: cfg.Checkout,
 		Livemode: cfg.Stripe.Livemode(), RevokeFrom: cfg.Credits.RevokeFrom, Logger: logger, Now: now,
 	})
 	stripeHook := stripehook.New(stripehook.Options{
@@ -153,12 +153,8 @@ func New(ctx context.Context, opts Options) (*App, error) {
 	})
 	a.workers = append(a.workers, stripehook.NewWorker(stripeHook))
 
-	wallet := credits.NewService(gdb, cfg.Credits, now, logger)
-	if err := wallet.RegisterMetrics(reg); err != nil {
-		closeDB(gdb)
-		return nil, fmt.Errorf("register credits metrics: %w", err)
-	}
-	a.workers = append(a.workers, credits.NewSweeper(gdb, cfg.Credits, now, logger))
+	wallet := credits.New(credits.Options{DB: gdb, Config: cfg.Credits, Logger: logger, Now: now, Registry: reg})
+	a.workers = append(a.workers, credits.NewSweeper(credits.SweeperOptions{DB: gdb, Config: cfg.Credits, Logger: logger, Now: now}))
 
 	deps := httpapi.Options{
 		Config:    cfg,
@@ -177,11 +173,13 @@ func New(ctx context.Context, opts Options) (*App, error) {
 	}
 
 	// Metering: intake always; delivery only with a Stripe key.
-	deps.Metering = metering.NewService(gdb, stripeClient, cfg.Catalog, now, metering.WithLogger(logger),
-		metering.WithUsageRetention(cfg.Retention.UsageEvents))
+	deps.Metering = metering.New(metering.Options{
+		DB: gdb, Stripe: stripeClient, Catalog: cfg.Catalog, Logger: logger, Now: now, UsageRetention: cfg.Retention.UsageEvents,
+	})
 	if stripeClient != nil {
-		a.workers = append(a.workers, metering.NewWorker(gdb, stripeClient, cfg.Metering,
-			metering.WorkerOptions{Logger: logger, Now: now, Registerer: reg}))
+		a.workers = append(a.workers, metering.NewWorker(metering.WorkerOptions{
+			DB: gdb, Stripe: stripeClient, Config: cfg.Metering, Logger: logger, Now: now, Registry: reg,
+		}))
 	} else {
 		logger.Warn("TALLY_STRIPE_SECRET_KEY is not set: usage events are accepted but not delivered")
 	}

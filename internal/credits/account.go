@@ -127,11 +127,9 @@ func (a *account) lowBalance(mayFire bool) bool {
 }
 
 func (a *account) appendLowBalance(ctx context.Context, tx *gorm.DB) error {
-	return events.Append(ctx, tx, events.Event{Type: events.CreditsLowBalance, CustomerID: a.customerID, Data: map[string]any{
-		"customer_id": a.customerID,
-		"balance":     a.balance,
-		"threshold":   a.threshold,
-	}})
+	return events.Append(ctx, tx, a.customerID, events.CreditsLowBalance{
+		CustomerID: a.customerID, Balance: a.balance, Threshold: a.threshold,
+	})
 }
 
 // expireDue writes an expire entry for the remainder of each of the
@@ -170,14 +168,10 @@ func (a *account) expireDue(ctx context.Context, tx *gorm.DB, skipLocked bool) (
 		}); err != nil {
 			return 0, err
 		}
-		if err := events.Append(ctx, tx, events.Event{Type: events.CreditsExpired, CustomerID: a.customerID, Data: map[string]any{
-			"customer_id":    a.customerID,
-			"grant_id":       g.ID,
-			"transaction_id": txID,
-			"amount":         g.Remaining,
-			"balance":        a.balance,
-			"expires_at":     g.ExpiresAt.UTC(),
-		}}); err != nil {
+		if err := events.Append(ctx, tx, a.customerID, events.CreditsExpired{
+			CustomerID: a.customerID, GrantID: g.ID, TransactionID: txID,
+			Amount: g.Remaining, Balance: a.balance, ExpiresAt: g.ExpiresAt.UTC(),
+		}); err != nil {
 			return 0, err
 		}
 	}

@@ -2,7 +2,6 @@ package credits
 
 import (
 	"context"
-	"encoding/json"
 	"fmt"
 	"time"
 
@@ -10,7 +9,6 @@ import (
 
 	"github.com/tallybilling/tally/internal/customers"
 	"github.com/tallybilling/tally/internal/db"
-	"github.com/tallybilling/tally/internal/errs"
 )
 
 // consumeAnswer is a ConsumeResult as stored for idempotent replay.
@@ -36,23 +34,12 @@ func (s *Service) Consume(ctx context.Context, in ConsumeInput, key db.Idempoten
 	if err := in.Validate(); err != nil {
 		return ConsumeResult{}, false, err
 	}
-	if key.Key == "" {
-		return ConsumeResult{}, false, errs.InvalidField("Idempotency-Key", "the Idempotency-Key header is required")
-	}
-	threshold := s.cfg.DefaultLowBalanceThreshold
-	out, replayed, err := db.Once(ctx, s.db, key, func(tx *gorm.DB) ([]byte, error) {
-		r, err := consume(ctx, tx, s.now, in, &threshold, key.Key)
-		if err != nil {
-			return nil, err
-		}
-		return json.Marshal(consumeAnswer(r))
+	a, replayed, err := once(ctx, s, key, "consume", func(tx *gorm.DB, threshold *int64) (consumeAnswer, error) {
+		r, err := consume(ctx, tx, s.now, in, threshold, key.Key)
+		return consumeAnswer(r), err
 	})
 	if err != nil {
 		return ConsumeResult{}, false, err
-	}
-	var a consumeAnswer
-	if err := json.Unmarshal(out, &a); err != nil {
-		return ConsumeResult{}, false, fmt.Errorf("credits: stored consume answer: %w", err)
 	}
 	if !replayed {
 		s.consumed.Add(float64(a.Amount))

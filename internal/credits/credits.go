@@ -34,7 +34,6 @@ const (
 	MaxMetadataKeys   = 50
 	MaxMetadataKeyLen = 40
 	MaxMetadataValLen = 500
-	maxLedgerLimit    = 500
 )
 
 // Source says where a grant's credits came from.
@@ -210,23 +209,51 @@ type Service struct {
 	consumed prometheus.Counter
 }
 
-// NewService returns a Service over gdb; now is the clock. cfg comes from
-// config, which holds its defaults: it panics when cfg does not validate (a
-// zero setting in a hand-built CreditsConfig is a programming error).
-func NewService(gdb *gorm.DB, cfg config.CreditsConfig, now func() time.Time, logger *slog.Logger) *Service {
-	mustValidate("credits.NewService", cfg)
-	return &Service{
-		db: gdb, cfg: cfg, now: now, logger: logger,
+// Options are what New needs.
+type Options struct {
+	DB *gorm.DB
+	// Config comes from config, which holds its defaults.
+	Config config.CreditsConfig
+	// Logger is nil to discard the logs; Now is the clock, nil for time.Now.
+	Logger *slog.Logger
+	Now    func() time.Time
+	// Registry receives the wallet's metrics; nil leaves them unregistered.
+	Registry prometheus.Registerer
+}
+
+// New returns the wallet over o.DB and registers its metrics on o.Registry.
+// It panics when o.Config does not validate (a zero setting in a
+// hand-built CreditsConfig is a programming error) or when the metrics
+// clash with ones already registered.
+func New(o Options) *Service {
+	mustValidate("credits.New", o.Config)
+	s := &Service{
+		db: o.DB, cfg: o.Config, now: clockOr(o.Now), logger: loggerOr(o.Logger),
 		consumed: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "tally_credits_consumed_total",
 			Help: "Credits spent by successful consumes (replays not counted).",
 		}),
 	}
+	if o.Registry != nil {
+		o.Registry.MustRegister(s.consumed)
+	}
+	return s
 }
 
-// RegisterMetrics registers the service's metrics on reg.
-func (s *Service) RegisterMetrics(reg prometheus.Registerer) error {
-	return reg.Register(s.consumed)
+// clockOr is now, or time.Now when nil.
+func clockOr(now func() time.Time) func() time.Time {
+	if now == nil {
+		return time.Now
+	}
+	return now
+}
+
+// loggerOr is l, or a logger that discards when nil.
+func loggerOr(l *slog.Logger) *slog.Logger {
+	if l == nil {
+		return slog.New(slog.DiscardHandler)
+	}
+	return l
 }
 
 // mustValidate panics when cfg does not validate, naming the constructor.

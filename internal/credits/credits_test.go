@@ -57,8 +57,8 @@ func newFixture(t *testing.T, cfg config.CreditsConfig) *fixture {
 	logger := dbtest.Logger(t)
 	return &fixture{
 		t: t, ctx: context.Background(), db: gdb, clock: c, cfg: cfg,
-		svc:   credits.NewService(gdb, cfg, c.Now, logger),
-		sweep: credits.NewSweeper(gdb, cfg, c.Now, logger),
+		svc:   credits.New(credits.Options{DB: gdb, Config: cfg, Now: c.Now, Logger: logger}),
+		sweep: credits.NewSweeper(credits.SweeperOptions{DB: gdb, Config: cfg, Now: c.Now, Logger: logger}),
 	}
 }
 
@@ -760,8 +760,8 @@ func TestVerifyRunsExtraCheckersInTheSameSnapshot(t *testing.T) {
 // refuse, naming it, rather than quietly choosing a value of their own.
 func TestConstructorsRefuseUnsetSettings(t *testing.T) {
 	for name, build := range map[string]func(config.CreditsConfig){
-		"NewService": func(cfg config.CreditsConfig) { credits.NewService(nil, cfg, time.Now, nil) },
-		"NewSweeper": func(cfg config.CreditsConfig) { credits.NewSweeper(nil, cfg, time.Now, nil) },
+		"New":        func(cfg config.CreditsConfig) { credits.New(credits.Options{Config: cfg}) },
+		"NewSweeper": func(cfg config.CreditsConfig) { credits.NewSweeper(credits.SweeperOptions{Config: cfg}) },
 	} {
 		t.Run(name, func(t *testing.T) {
 			cfg := defaultCfg()

@@ -3,8 +3,6 @@ package credits
 import (
 	"context"
 	"database/sql"
-	"encoding/json"
-	"fmt"
 	"time"
 
 	"gorm.io/gorm"
@@ -104,20 +102,10 @@ func grantTx(ctx context.Context, tx *gorm.DB, clock func() time.Time, in GrantI
 	}); err != nil {
 		return GrantResult{}, err
 	}
-	data := map[string]any{
-		"customer_id":    in.CustomerID,
-		"grant_id":       grantID,
-		"transaction_id": txID,
-		"amount":         in.Amount,
-		"balance":        a.balance,
-		"source":         string(in.Source),
-		"reason":         in.Reason,
-		"expires_at":     expiresAt,
-	}
-	if in.PaymentID != "" {
-		data["payment_id"] = in.PaymentID
-	}
-	if err := events.Append(ctx, tx, events.Event{Type: events.CreditsGranted, CustomerID: in.CustomerID, Data: data}); err != nil {
+	if err := events.Append(ctx, tx, in.CustomerID, events.CreditsGranted{
+		CustomerID: in.CustomerID, GrantID: grantID, TransactionID: txID, Amount: in.Amount, Balance: a.balance,
+		Source: string(in.Source), Reason: in.Reason, ExpiresAt: expiresAt, PaymentID: in.PaymentID,
+	}); err != nil {
 		return GrantResult{}, err
 	}
 	return GrantResult{TransactionID: txID, GrantID: grantID, Amount: in.Amount, Balance: a.balance, ExpiresAt: expiresAt}, nil
@@ -148,23 +136,12 @@ func (s *Service) Grant(ctx context.Context, in GrantInput, key db.IdempotencyKe
 	}
 	// expires_at is checked inside Once (by grant), not here: a retry of a
 	// grant whose expiry has passed since must still replay its first answer.
-	if key.Key == "" {
-		return GrantResult{}, false, errs.InvalidField("Idempotency-Key", "the Idempotency-Key header is required")
-	}
-	threshold := s.cfg.DefaultLowBalanceThreshold
-	out, replayed, err := db.Once(ctx, s.db, key, func(tx *gorm.DB) ([]byte, error) {
-		r, err := grant(ctx, tx, s.now, in, &threshold, key.Key)
-		if err != nil {
-			return nil, err
-		}
-		return json.Marshal(grantAnswer(r))
+	a, replayed, err := once(ctx, s, key, "grant", func(tx *gorm.DB, threshold *int64) (grantAnswer, error) {
+		r, err := grant(ctx, tx, s.now, in, threshold, key.Key)
+		return grantAnswer(r), err
 	})
 	if err != nil {
 		return GrantResult{}, false, err
-	}
-	var a grantAnswer
-	if err := json.Unmarshal(out, &a); err != nil {
-		return GrantResult{}, false, fmt.Errorf("credits: stored grant answer: %w", err)
 	}
 	return GrantResult(a), replayed, nil
 }

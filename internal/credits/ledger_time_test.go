@@ -46,7 +46,7 @@ func TestLedgerTimesFollowTheSequenceUnderConcurrency(t *testing.T) {
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			gdb := dbtest.New(t)
-			svc := credits.NewService(gdb, defaultCfg(), c.clock, dbtest.Logger(t))
+			svc := credits.New(credits.Options{DB: gdb, Config: defaultCfg(), Now: c.clock, Logger: dbtest.Logger(t)})
 			ctx := context.Background()
 			in := credits.GrantInput{CustomerID: "tick", Amount: 1_000, Reason: "float", Source: credits.SourceService}
 			if _, _, err := svc.Grant(ctx, in, key("tick", "float", in)); err != nil {

@@ -82,8 +82,8 @@ func (s *Service) Ledger(ctx context.Context, customerID, cursor string, limit i
 	if err := customers.ValidateID(customerID); err != nil {
 		return LedgerPage{}, err
 	}
-	if limit < 1 || limit > maxLedgerLimit {
-		return LedgerPage{}, errs.InvalidField("limit", "limit must be between 1 and 500")
+	if err := db.CheckPageSize(limit); err != nil {
+		return LedgerPage{}, err
 	}
 	before, err := parseCursor(cursor)
 	if err != nil {

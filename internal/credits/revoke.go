@@ -148,20 +148,17 @@ func revoke(ctx context.Context, tx *gorm.DB, clock func() time.Time, in RevokeI
 			return RevokeResult{}, err
 		}
 	}
-	data := map[string]any{
-		"customer_id":    in.CustomerID,
-		"payment_id":     in.PaymentID,
-		"transaction_id": res.TransactionID,
-		"amount":         res.Taken,
-		"shortfall":      res.Shortfall,
-		"draws":          res.Draws,
-		"balance":        a.balance,
-		"reason":         in.Reason,
+	revoked := events.CreditsRevoked{
+		CustomerID: in.CustomerID, PaymentID: in.PaymentID, TransactionID: res.TransactionID,
+		Amount: res.Taken, Shortfall: res.Shortfall, Draws: make([]events.Draw, 0, len(res.Draws)), Balance: a.balance, Reason: in.Reason,
+	}
+	for _, d := range res.Draws {
+		revoked.Draws = append(revoked.Draws, events.Draw{GrantID: d.GrantID, Amount: d.Amount})
 	}
 	if purchaseGrant != nil {
-		data["grant_id"] = *purchaseGrant
+		revoked.GrantID = *purchaseGrant
 	}
-	if err := events.Append(ctx, tx, events.Event{Type: events.CreditsRevoked, CustomerID: in.CustomerID, Data: data}); err != nil {
+	if err := events.Append(ctx, tx, in.CustomerID, revoked); err != nil {
 		return RevokeResult{}, err
 	}
 	if fire {

@@ -29,11 +29,20 @@ type Sweeper struct {
 	logger *slog.Logger
 }
 
-// NewSweeper returns the worker; now is the clock. It panics when cfg does
-// not validate, as NewService does.
-func NewSweeper(gdb *gorm.DB, cfg config.CreditsConfig, now func() time.Time, logger *slog.Logger) *Sweeper {
-	mustValidate("credits.NewSweeper", cfg)
-	return &Sweeper{db: gdb, cfg: cfg, now: now, logger: logger}
+// SweeperOptions are what NewSweeper needs; the fields mean what they mean
+// in Options.
+type SweeperOptions struct {
+	DB     *gorm.DB
+	Config config.CreditsConfig
+	Logger *slog.Logger
+	Now    func() time.Time
+}
+
+// NewSweeper returns the worker. It panics when o.Config does not
+// validate, as New does.
+func NewSweeper(o SweeperOptions) *Sweeper {
+	mustValidate("credits.NewSweeper", o.Config)
+	return &Sweeper{db: o.DB, cfg: o.Config, now: clockOr(o.Now), logger: loggerOr(o.Logger)}
 }
 
 // Name identifies the worker in logs.
@@ -150,12 +159,9 @@ func (w *Sweeper) notifyExpiring(ctx context.Context) error {
 			}
 			n = len(grants)
 			for _, g := range grants {
-				if err := events.Append(ctx, tx, events.Event{Type: events.CreditsExpiring, CustomerID: g.CustomerID, Data: map[string]any{
-					"customer_id": g.CustomerID,
-					"grant_id":    g.ID,
-					"remaining":   g.Remaining,
-					"expires_at":  g.ExpiresAt.UTC(),
-				}}); err != nil {
+				if err := events.Append(ctx, tx, g.CustomerID, events.CreditsExpiring{
+					CustomerID: g.CustomerID, GrantID: g.ID, Remaining: g.Remaining, ExpiresAt: g.ExpiresAt.UTC(),
+				}); err != nil {
 					return err
 				}
 			}

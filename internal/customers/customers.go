@@ -190,11 +190,10 @@ func (s *Service) Upsert(ctx context.Context, in UpsertInput) (c Customer, creat
 			return err
 		}
 		created = r.Created
-		typ := events.CustomerUpdated
 		if created {
-			typ = events.CustomerCreated
+			return events.Append(ctx, tx, c.ID, events.CustomerCreated{Customer: eventData(c)})
 		}
-		return events.Append(ctx, tx, events.Event{Type: typ, CustomerID: c.ID, Data: eventData(c)})
+		return events.Append(ctx, tx, c.ID, events.CustomerUpdated{Customer: eventData(c)})
 	})
 	return c, created, err
 }
@@ -234,7 +233,7 @@ func Ensure(ctx context.Context, tx *gorm.DB, id string, now time.Time) (created
 		return false, nil
 	}
 	c := Customer{ID: id, Metadata: map[string]string{}, CreatedAt: now, UpdatedAt: now}
-	return true, events.Append(ctx, tx, events.Event{Type: events.CustomerCreated, CustomerID: id, Data: eventData(c)})
+	return true, events.Append(ctx, tx, id, events.CustomerCreated{Customer: eventData(c)})
 }
 
 // LinkStripe records the Stripe customer created for id, inside the caller's
@@ -253,7 +252,7 @@ func LinkStripe(ctx context.Context, tx *gorm.DB, id, stripeCustomerID string, n
 		if err != nil {
 			return err
 		}
-		return events.Append(ctx, tx, events.Event{Type: events.CustomerUpdated, CustomerID: id, Data: eventData(c)})
+		return events.Append(ctx, tx, id, events.CustomerUpdated{Customer: eventData(c)})
 	}
 	c, err := Get(ctx, tx, id)
 	if err != nil {
@@ -266,19 +265,9 @@ func LinkStripe(ctx context.Context, tx *gorm.DB, id, stripeCustomerID string, n
 }
 
 // eventData is the customer as customer.* events carry it.
-func eventData(c Customer) map[string]any {
-	d := map[string]any{"id": c.ID, "metadata": c.Metadata}
-	if c.Email != "" {
-		d["email"] = c.Email
+func eventData(c Customer) events.Customer {
+	return events.Customer{
+		ID: c.ID, Email: c.Email, Name: c.Name, LowBalanceThreshold: c.LowBalanceThreshold,
+		Metadata: c.Metadata, StripeCustomerID: c.StripeCustomerID,
 	}
-	if c.Name != "" {
-		d["name"] = c.Name
-	}
-	if c.LowBalanceThreshold != nil {
-		d["low_balance_threshold"] = *c.LowBalanceThreshold
-	}
-	if c.StripeCustomerID != "" {
-		d["stripe_customer_id"] = c.StripeCustomerID
-	}
-	return d
 }

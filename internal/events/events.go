@@ -19,32 +19,6 @@ import (
 	"github.com/tallybilling/tally/internal/errs"
 )
 
-// The event types tally emits. Hosts switch on these strings; they never change.
-const (
-	CustomerCreated    = "customer.created"
-	CustomerUpdated    = "customer.updated"
-	PaymentSucceeded   = "payment.succeeded"
-	PaymentFailed      = "payment.failed"
-	PaymentRefunded    = "payment.refunded"
-	PaymentDisputed    = "payment.disputed"
-	PaymentDisputeWon  = "payment.dispute_won"
-	PaymentDisputeLost = "payment.dispute_lost"
-	CreditsGranted     = "credits.granted"
-	CreditsLowBalance  = "credits.low_balance"
-	CreditsExpiring    = "credits.expiring"
-	CreditsExpired     = "credits.expired"
-	CreditsRevoked     = "credits.revoked"
-	UsageDead          = "usage.dead"
-	SubscriptionUpdate = "subscription.updated"
-)
-
-// Event is a business event to append. Data is marshalled to a JSON object.
-type Event struct {
-	Type       string
-	CustomerID string
-	Data       any
-}
-
 // Stored is an event as the feed returns it.
 type Stored struct {
 	ID         int64
@@ -56,26 +30,24 @@ type Stored struct {
 	Position Cursor
 }
 
-// Append writes e inside the caller's transaction tx, so the event exists if
-// and only if the change that caused it commits.
-func Append(ctx context.Context, tx *gorm.DB, e Event) error {
-	if e.Type == "" {
-		return errs.E(errs.Internal, "event without a type")
+// Append writes an event of data's type about customerID ("" for none)
+// inside the caller's transaction tx, so the event exists if and only if the
+// change that caused it commits.
+func Append(ctx context.Context, tx *gorm.DB, customerID string, data Payload) error {
+	if data == nil {
+		return errs.E(errs.Internal, "event without a payload")
 	}
-	data, err := json.Marshal(e.Data)
+	b, err := json.Marshal(data)
 	if err != nil {
-		return fmt.Errorf("events: marshal %s: %w", e.Type, err)
-	}
-	if e.Data == nil {
-		data = []byte("{}")
+		return fmt.Errorf("events: marshal %s: %w", data.Type(), err)
 	}
 	var customer *string
-	if e.CustomerID != "" {
-		customer = &e.CustomerID
+	if customerID != "" {
+		customer = &customerID
 	}
 	err = tx.WithContext(ctx).Exec(
 		`INSERT INTO events (type, customer_id, data) VALUES (?, ?, ?)`,
-		e.Type, customer, string(data)).Error
+		data.Type(), customer, string(b)).Error
 	return db.Translate(err, nil)
 }
 
@@ -137,8 +109,8 @@ func NewFeed(gdb *gorm.DB) *Feed { return &Feed{db: gdb} }
 // The price is that a long-running transaction delays the feed (never loses
 // from it).
 func (f *Feed) List(ctx context.Context, after Cursor, limit int) (Page, error) {
-	if limit < 1 || limit > 500 {
-		return Page{}, errs.InvalidField("limit", "limit must be between 1 and 500")
+	if err := db.CheckPageSize(limit); err != nil {
+		return Page{}, err
 	}
 	type row struct {
 		ID         int64

@@ -39,7 +39,7 @@ func TestFeedPollerMissesNothingUnderConcurrentWriters(t *testing.T) {
 				key := string(rune('A'+w)) + "-" + time.Now().Format("150405.000000000") + "-" + string(rune('a'+i%26))
 				rollback := rng.IntN(10) == 0
 				err := db.InTx(ctx, gdb, func(tx *gorm.DB) error {
-					if err := events.Append(ctx, tx, events.Event{Type: "test.event", Data: map[string]string{"key": key}}); err != nil {
+					if err := events.Append(ctx, tx, "", events.PaymentFailed{PaymentID: key}); err != nil {
 						return err
 					}
 					// Hold the transaction open so later-numbered events commit first.
@@ -76,11 +76,13 @@ func TestFeedPollerMissesNothingUnderConcurrentWriters(t *testing.T) {
 			t.Fatalf("list: %v", err)
 		}
 		for _, e := range page.Events {
-			var data struct{ Key string }
+			var data struct {
+				PaymentID string `json:"payment_id"`
+			}
 			if err := json.Unmarshal(e.Data, &data); err != nil {
 				t.Fatal(err)
 			}
-			seen[data.Key]++
+			seen[data.PaymentID]++
 		}
 		cursor = page.Next
 		return len(page.Events)
@@ -165,7 +167,7 @@ func TestHeldBackMeasuresEventsWaitingForOlderTransactions(t *testing.T) {
 		t.Fatal(err)
 	}
 	err := db.InTx(ctx, gdb, func(tx *gorm.DB) error {
-		return events.Append(ctx, tx, events.Event{Type: "test.held"})
+		return events.Append(ctx, tx, "", events.CreditsLowBalance{})
 	})
 	if err != nil {
 		t.Fatal(err)

@@ -30,7 +30,7 @@ func TestPusherDeliversInOrderDespiteFailures(t *testing.T) {
 	const n = 30
 	for i := range n {
 		err := db.InTx(ctx, gdb, func(tx *gorm.DB) error {
-			return events.Append(ctx, tx, events.Event{Type: "test.pushed", CustomerID: "c1", Data: map[string]int{"n": i}})
+			return events.Append(ctx, tx, "c1", events.CreditsLowBalance{CustomerID: "c1", Balance: int64(i)})
 		})
 		if err != nil {
 			t.Fatal(err)
@@ -60,12 +60,12 @@ func TestPusherDeliversInOrderDespiteFailures(t *testing.T) {
 		}
 		var e struct {
 			Type string
-			Data struct{ N int }
+			Data struct{ Balance int }
 		}
-		if err := json.Unmarshal(body, &e); err != nil || e.Type != "test.pushed" || r.Header.Get("Tally-Event-Type") != e.Type {
+		if err := json.Unmarshal(body, &e); err != nil || e.Type != "credits.low_balance" || r.Header.Get("Tally-Event-Type") != e.Type {
 			t.Errorf("body %s: %v", body, err)
 		}
-		accepted = append(accepted, e.Data.N)
+		accepted = append(accepted, e.Data.Balance)
 	}))
 	defer host.Close()
 

@@ -22,7 +22,7 @@ func TestPurgeOldEvents(t *testing.T) {
 	feed := events.NewFeed(gdb)
 	for i := range 6 {
 		if err := db.InTx(ctx, gdb, func(tx *gorm.DB) error {
-			return events.Append(ctx, tx, events.Event{Type: "test.event", Data: map[string]int{"n": i}})
+			return events.Append(ctx, tx, "", events.CreditsLowBalance{Balance: int64(i)})
 		}); err != nil {
 			t.Fatal(err)
 		}

@@ -79,11 +79,22 @@ func toAPICatalog(c catalog.Catalog) api.Catalog {
 	return out
 }
 
+// toAPIEvent is a stored event as the feed shows it. Its data is passed on
+// as stored: events.Append wrote it from the type's payload, the shape
+// openapi.yaml gives that type in Event's oneOf.
 func toAPIEvent(e events.Stored) (api.Event, error) {
-	out := api.Event{Id: "evt_" + strconv.FormatInt(e.ID, 10), Type: e.Type, CreatedAt: e.CreatedAt, CustomerId: ptrIfSet(e.CustomerID)}
-	if err := json.Unmarshal(e.Data, &out.Data); err != nil {
+	typed, err := json.Marshal(struct {
+		Type string          `json:"type"`
+		Data json.RawMessage `json:"data"`
+	}{e.Type, e.Data})
+	if err != nil {
 		return api.Event{}, fmt.Errorf("httpapi: event %d data: %w", e.ID, err)
 	}
+	var out api.Event
+	if err := out.UnmarshalJSON(typed); err != nil {
+		return api.Event{}, fmt.Errorf("httpapi: event %d: %w", e.ID, err)
+	}
+	out.Id, out.CreatedAt, out.CustomerId = "evt_"+strconv.FormatInt(e.ID, 10), e.CreatedAt, ptrIfSet(e.CustomerID)
 	return out, nil
 }
 
@@ -314,7 +325,9 @@ func toAPIUsageTotals(t metering.Totals) api.UsageTotals {
 	return out
 }
 
-func toAPIReconciliation(r metering.Reconciliation) api.Reconciliation {
+// ToAPIReconciliation is r as the contract shapes it: the body of
+// POST /v1/admin/reconciliations, which `tally reconcile --json` prints too.
+func ToAPIReconciliation(r metering.Reconciliation) api.Reconciliation {
 	out := api.Reconciliation{Meter: r.Meter, From: r.From, To: r.To, Checked: r.Checked,
 		Mismatches: make([]api.ReconciliationMismatch, len(r.Mismatches))}
 	for i, m := range r.Mismatches {

@@ -95,8 +95,13 @@ func TestEventConversion(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if out.Id != "evt_42" || out.Type != "credits.granted" || *out.CustomerId != "ada" || out.Data["amount"] != float64(5) {
-		t.Errorf("event = %+v", out)
+	granted, err := out.AsCreditsGrantedEvent()
+	if out.Id != "evt_42" || out.Type != "credits.granted" || *out.CustomerId != "ada" || err != nil || granted.Data.Amount != 5 {
+		t.Errorf("event = %+v, data %+v (%v)", out, granted, err)
+	}
+	b, err := json.Marshal(out)
+	if want := `{"created_at":"` + convT0.Format(time.RFC3339Nano) + `","customer_id":"ada","data":{"amount":5},"id":"evt_42","type":"credits.granted"}`; err != nil || string(b) != want {
+		t.Errorf("event JSON = %s (%v), want %s", b, err, want)
 	}
 	if out, _ := toAPIEvent(events.Stored{ID: 1, Data: json.RawMessage(`{}`)}); out.CustomerId != nil {
 		t.Errorf("an event without a customer names %q", *out.CustomerId)
@@ -256,7 +261,7 @@ func TestUsageConversion(t *testing.T) {
 	if tot.Meters[0] != (api.MeterTotal{Meter: "m", Total: 4, Events: 2}) {
 		t.Errorf("totals = %+v", tot)
 	}
-	rec := toAPIReconciliation(metering.Reconciliation{Meter: "m", Mismatches: []metering.Mismatch{{CustomerID: "ada", LocalTotal: 3, StripeTotal: 1, Difference: 2}}})
+	rec := ToAPIReconciliation(metering.Reconciliation{Meter: "m", Mismatches: []metering.Mismatch{{CustomerID: "ada", LocalTotal: 3, StripeTotal: 1, Difference: 2}}})
 	if rec.Mismatches[0] != (api.ReconciliationMismatch{CustomerId: "ada", LocalTotal: 3, StripeTotal: 1, Difference: 2}) {
 		t.Errorf("reconciliation = %+v", rec)
 	}

@@ -91,7 +91,7 @@ func (s *Server) CreateReconciliation(ctx context.Context, r api.CreateReconcili
 	if err != nil {
 		return nil, unprocessable(err)
 	}
-	return api.CreateReconciliation200JSONResponse(toAPIReconciliation(rec)), nil
+	return api.CreateReconciliation200JSONResponse(ToAPIReconciliation(rec)), nil
 }
 
 // unprocessable answers 422 for the invalid_request of a request that met

@@ -29,7 +29,7 @@ func TestLongStripeErrorsAreStoredCutOnACharacter(t *testing.T) {
 		return http.StatusBadRequest, `{"error":{"type":"invalid_request_error","message":"` + pad + strings.Repeat("€", 500) + `"}}`, true
 	})
 	ingest(t, e.svc, ev("jo", "long", 1), ev("jo", "longa", 1), ev("jo", "longab", 1))
-	startWorker(t, metering.NewWorker(e.db, newClient(t, e.fake, 0), fastConfig(), fastOptions(t)))
+	startWorker(t, metering.NewWorker(e.workerOptions(t, fastConfig())))
 	waitFor(t, "three dead letters", 15*time.Second, func() bool { return countRows(t, e.db, `status = 'dead'`) == 3 })
 	for _, id := range []string{"long", "longa", "longab"} {
 		got, err := e.svc.Get(context.Background(), id)

@@ -47,7 +47,7 @@ func newEnv(t *testing.T) *env {
 	fake := stripefake.New(t)
 	fake.SetMeter(testMeterID, testMeter)
 	fake.SetMeter(otherID, otherMeter)
-	return &env{db: gdb, fake: fake, svc: metering.NewService(gdb, newClient(t, fake, 0), testCatalog(), time.Now)}
+	return &env{db: gdb, fake: fake, svc: metering.New(metering.Options{DB: gdb, Stripe: newClient(t, fake, 0), Catalog: testCatalog()})}
 }
 
 // newClient is a real stripeapi client talking to the fake; timeout 0 is
@@ -72,8 +72,13 @@ func fastConfig() config.MeteringConfig {
 	return cfg
 }
 
-func fastOptions(t *testing.T) metering.WorkerOptions {
+// workerOptions are a Worker's over e, with cfg and quick timings, sending
+// to the fake through a client with stripeapi's default timeout.
+func (e *env) workerOptions(t *testing.T, cfg config.MeteringConfig) metering.WorkerOptions {
 	return metering.WorkerOptions{
+		DB:          e.db,
+		Stripe:      newClient(t, e.fake, 0),
+		Config:      cfg,
 		Logger:      dbtest.Logger(t),
 		BackoffBase: 5 * time.Millisecond,
 		SendTimeout: 5 * time.Second,

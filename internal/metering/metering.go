@@ -77,31 +77,34 @@ type Service struct {
 	retention time.Duration
 }
 
-// ServiceOption adjusts a Service built by NewService.
-type ServiceOption func(*Service)
-
-// WithLogger makes the Service log what it does not answer, such as the
-// dead events Requeue leaves dead; by default those logs are discarded.
-func WithLogger(l *slog.Logger) ServiceOption {
-	return func(s *Service) {
-		if l != nil {
-			s.log = l
-		}
-	}
+// Options are what New needs.
+type Options struct {
+	DB *gorm.DB
+	// Stripe is nil when no Stripe key is configured: intake and reads
+	// still work, Reconcile answers unavailable.
+	Stripe  stripeapi.Client
+	Catalog catalog.Catalog
+	// Logger receives what the Service does not answer, such as the dead
+	// events Requeue leaves dead; nil discards it.
+	Logger *slog.Logger
+	// Now is the clock that intake checks timestamps against; nil is
+	// time.Now.
+	Now func() time.Time
+	// UsageRetention is how long delivered events are kept as rows
+	// (TALLY_RETENTION_USAGE_EVENTS, see retention.go); 0 keeps them:
+	// PurgeDelivered deletes nothing and windows are never moved.
+	UsageRetention time.Duration
 }
 
-// NewService returns a Service. stripe may be nil when no Stripe key is
-// configured: intake and reads still work, Reconcile answers unavailable.
-// now is the clock that intake checks timestamps against.
-func NewService(gdb *gorm.DB, stripe stripeapi.Client, catalog catalog.Catalog, now func() time.Time, opts ...ServiceOption) *Service {
-	if now == nil {
-		now = time.Now
+// New returns the metering Service.
+func New(o Options) *Service {
+	s := &Service{db: o.DB, stripe: o.Stripe, catalog: o.Catalog, now: o.Now, log: o.Logger,
+		summaryLimiter: rate.NewLimiter(paced(summaryRate), 1), retention: max(o.UsageRetention, 0)}
+	if s.now == nil {
+		s.now = time.Now
 	}
-	s := &Service{db: gdb, stripe: stripe, catalog: catalog, now: now,
-		log:            slog.New(slog.DiscardHandler),
-		summaryLimiter: rate.NewLimiter(paced(summaryRate), 1)}
-	for _, o := range opts {
-		o(s)
+	if s.log == nil {
+		s.log = slog.New(slog.DiscardHandler)
 	}
 	return s
 }

@@ -48,7 +48,7 @@ func TestLongOutageRetriesByTimeUntilStripesWindowEnds(t *testing.T) {
 	e := newEnv(t)
 	ctx := context.Background()
 	clock := &simClock{t: time.Now()}
-	svc := metering.NewService(e.db, newClient(t, e.fake, 0), testCatalog(), clock.Now)
+	svc := metering.New(metering.Options{DB: e.db, Stripe: newClient(t, e.fake, 0), Catalog: testCatalog(), Now: clock.Now})
 	link(t, e.db, "vic")
 	t0 := clock.Now()
 	// "edge" is six hours from the end of the window Stripe accepts.
@@ -62,10 +62,11 @@ func TestLongOutageRetriesByTimeUntilStripesWindowEnds(t *testing.T) {
 	const backoffMax = 10 * time.Minute
 	cfg := fastConfig()
 	cfg.BackoffMax = backoffMax
-	opts := fastOptions(t)
+	opts := e.workerOptions(t, cfg)
 	opts.Now = clock.Now
 	opts.SendTimeout = 2 * time.Second
-	w := metering.NewWorker(e.db, newClient(t, e.fake, 150*time.Millisecond), cfg, opts)
+	opts.Stripe = newClient(t, e.fake, 150*time.Millisecond)
+	w := metering.NewWorker(opts)
 
 	fail500 := func(r *http.Request) (int, string, bool) {
 		return http.StatusInternalServerError, `{"error":{"type":"api_error","message":"Stripe is down."}}`, true
@@ -157,16 +158,16 @@ func TestWaitingEventsAreGaugedAndExpireTooOld(t *testing.T) {
 	ctx := context.Background()
 	t0 := time.Now()
 	clock := &simClock{t: t0}
-	svc := metering.NewService(e.db, newClient(t, e.fake, 0), testCatalog(), clock.Now)
+	svc := metering.New(metering.Options{DB: e.db, Stripe: newClient(t, e.fake, 0), Catalog: testCatalog(), Now: clock.Now})
 	ingest(t, svc,
 		metering.EventInput{CustomerID: "wes", Meter: testMeter, Value: 1, Identifier: "wait-old", Timestamp: new(t0.Add(-30 * 24 * time.Hour))},
 		metering.EventInput{CustomerID: "wes", Meter: testMeter, Value: 2, Identifier: "wait-new", Timestamp: new(t0.Add(-time.Hour))},
 	)
-	opts := fastOptions(t)
+	opts := e.workerOptions(t, fastConfig())
 	opts.Now = clock.Now
 	reg := prometheus.NewRegistry()
-	opts.Registerer = reg
-	w := metering.NewWorker(e.db, newClient(t, e.fake, 0), fastConfig(), opts)
+	opts.Registry = reg
+	w := metering.NewWorker(opts)
 	if _, err := w.RunOnce(ctx); err != nil {
 		t.Fatal(err)
 	}

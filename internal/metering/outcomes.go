@@ -245,15 +245,10 @@ func (w *Worker) settleRows(ctx context.Context, n int, update func(tx *gorm.DB)
 			if r.Status != string(StatusDead) {
 				continue
 			}
-			err := events.Append(rctx, tx, events.Event{Type: events.UsageDead, CustomerID: r.CustomerID, Data: map[string]any{
-				"identifier": r.Identifier,
-				"meter":      r.Meter,
-				"value":      r.Value,
-				"timestamp":  r.OccurredAt.UTC(),
-				"attempts":   r.Attempts,
-				"code":       r.DeadCode,
-				"last_error": r.LastError,
-			}})
+			err := events.Append(rctx, tx, r.CustomerID, events.UsageDead{
+				Identifier: r.Identifier, Meter: r.Meter, Value: r.Value, Timestamp: r.OccurredAt.UTC(),
+				Attempts: r.Attempts, Code: r.DeadCode, LastError: r.LastError,
+			})
 			if err != nil {
 				return err
 			}

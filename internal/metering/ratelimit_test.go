@@ -60,9 +60,10 @@ func TestRateLimitHoldsAcrossInstances(t *testing.T) {
 		if i > 0 {
 			time.Sleep(time.Second) // join while the others are sending
 		}
-		opts := fastOptions(t)
+		opts := e.workerOptions(t, cfg)
 		opts.Name = fmt.Sprintf("instance-%d", i)
-		startWorker(t, metering.NewWorker(e.db, newKeyedClient(t, e.fake, fmt.Sprintf("sk_test_instance_%d", i)), cfg, opts))
+		opts.Stripe = newKeyedClient(t, e.fake, fmt.Sprintf("sk_test_instance_%d", i))
+		startWorker(t, metering.NewWorker(opts))
 	}
 	waitFor(t, "every event delivered", 2*time.Minute, func() bool {
 		return countRows(t, e.db, `status = 'delivered'`) == int64(len(all))
@@ -104,9 +105,9 @@ func TestStoppedWorkerHandsItsShareBack(t *testing.T) {
 	workers := make([]*metering.Worker, 3)
 	stops := make([]func(), 3)
 	for i := range workers {
-		opts := fastOptions(t)
+		opts := e.workerOptions(t, cfg)
 		opts.Name = fmt.Sprintf("instance-%d", i)
-		workers[i] = metering.NewWorker(e.db, newClient(t, e.fake, 0), cfg, opts)
+		workers[i] = metering.NewWorker(opts)
 		stops[i] = startWorker(t, workers[i])
 	}
 	shares := func(ws ...*metering.Worker) []float64 {

@@ -190,8 +190,8 @@ func (s *Service) List(ctx context.Context, q ListQuery) (Page, error) {
 	if q.Status != "" && !q.Status.Valid() {
 		return Page{}, errs.InvalidField("status", fmt.Sprintf("unknown status %q", q.Status))
 	}
-	if q.Limit < 1 || q.Limit > 500 {
-		return Page{}, errs.InvalidField("limit", "limit must be between 1 and 500")
+	if err := db.CheckPageSize(q.Limit); err != nil {
+		return Page{}, err
 	}
 	var after listCursor
 	if q.Cursor != "" {

@@ -30,7 +30,7 @@ func TestReconcileNamesTheDriftingCustomer(t *testing.T) {
 		metering.EventInput{CustomerID: "noah", Meter: otherMeter, Value: 100, Identifier: "r-5", Timestamp: new(at(15 * time.Minute))},
 		metering.EventInput{CustomerID: "noah", Meter: testMeter, Value: 1000, Identifier: "r-6", Timestamp: new(at(3 * time.Hour))},
 	)
-	w := metering.NewWorker(e.db, newClient(t, e.fake, 0), fastConfig(), fastOptions(t))
+	w := metering.NewWorker(e.workerOptions(t, fastConfig()))
 	if _, err := w.RunOnce(ctx); err != nil {
 		t.Fatal(err)
 	}
@@ -125,7 +125,7 @@ func TestReconcileComparesCustomersWithoutDeliveredUsage(t *testing.T) {
 		metering.EventInput{CustomerID: "rosa", Meter: testMeter, Value: 2, Identifier: "d-2", Timestamp: new(at)},
 		metering.EventInput{CustomerID: "sam", Meter: testMeter, Value: 3, Identifier: "d-3", Timestamp: new(at)},
 	)
-	w := metering.NewWorker(e.db, newClient(t, e.fake, 0), fastConfig(), fastOptions(t))
+	w := metering.NewWorker(e.workerOptions(t, fastConfig()))
 	if _, err := w.RunOnce(ctx); err != nil {
 		t.Fatal(err)
 	}
@@ -154,7 +154,7 @@ func TestReconcileRetriesStripeAndNeverAnswersPartially(t *testing.T) {
 	now := time.Now()
 	link(t, e.db, "tess")
 	ingest(t, e.svc, metering.EventInput{CustomerID: "tess", Meter: testMeter, Value: 1, Identifier: "f-1", Timestamp: new(now.Add(-10 * time.Minute))})
-	w := metering.NewWorker(e.db, newClient(t, e.fake, 0), fastConfig(), fastOptions(t))
+	w := metering.NewWorker(e.workerOptions(t, fastConfig()))
 	if _, err := w.RunOnce(ctx); err != nil {
 		t.Fatal(err)
 	}

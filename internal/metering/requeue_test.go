@@ -37,12 +37,12 @@ func TestRequeueNeedsForceOnlyWhereStripeMayHoldTheEvent(t *testing.T) {
 	})
 	t0 := time.Now()
 	clock := &simClock{t: t0}
-	svc := metering.NewService(e.db, newClient(t, e.fake, 0), testCatalog(), clock.Now)
+	svc := metering.New(metering.Options{DB: e.db, Stripe: newClient(t, e.fake, 0), Catalog: testCatalog(), Now: clock.Now})
 	cfg := fastConfig()
 	cfg.BackoffMax = time.Millisecond
-	opts := fastOptions(t)
+	opts := e.workerOptions(t, cfg)
 	opts.Now = clock.Now
-	w := metering.NewWorker(e.db, newClient(t, e.fake, 0), cfg, opts)
+	w := metering.NewWorker(opts)
 	send := func() {
 		t.Helper()
 		for range 3 {
@@ -63,7 +63,7 @@ func TestRequeueNeedsForceOnlyWhereStripeMayHoldTheEvent(t *testing.T) {
 	}
 
 	clock.Set(t0.Add(25 * time.Hour))
-	later := metering.NewService(e.db, newClient(t, e.fake, 0), testCatalog(), clock.Now)
+	later := metering.New(metering.Options{DB: e.db, Stripe: newClient(t, e.fake, 0), Catalog: testCatalog(), Now: clock.Now})
 	res, err := later.Requeue(ctx, metering.RequeueInput{Identifiers: []string{"age-old", "clean-old", "age-young", "edge", "nobody"}})
 	if err != nil {
 		t.Fatal(err)
@@ -95,7 +95,7 @@ func TestRequeueNeedsForceOnlyWhereStripeMayHoldTheEvent(t *testing.T) {
 	// Two more days: edge has left Stripe's window; force requeues age-old
 	// but not edge.
 	clock.Set(t0.Add(72 * time.Hour))
-	later = metering.NewService(e.db, newClient(t, e.fake, 0), testCatalog(), clock.Now)
+	later = metering.New(metering.Options{DB: e.db, Stripe: newClient(t, e.fake, 0), Catalog: testCatalog(), Now: clock.Now})
 	res, err = later.Requeue(ctx, metering.RequeueInput{AllDead: true})
 	if err != nil || res.Requeued != 0 || res.Skipped != 2 || len(res.Results) != 2 ||
 		res.Results[0].Identifier != "age-old" || res.Results[0].Skip != metering.SkipForceRequired ||

@@ -19,16 +19,6 @@ import (
 // covers. That rule depends only on the clock and the setting, never on
 // whether a purge ran. Pending, waiting and dead events are never purged.
 
-// WithUsageRetention sets the usage retention. Without it (or with 0)
-// PurgeDelivered deletes nothing and windows are never moved.
-func WithUsageRetention(d time.Duration) ServiceOption {
-	return func(s *Service) {
-		if d > 0 {
-			s.retention = d
-		}
-	}
-}
-
 // detailHorizon is the instant before which usage is known per UTC day
 // only; zero without a retention.
 func (s *Service) detailHorizon(now time.Time) time.Time {

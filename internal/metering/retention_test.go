@@ -25,7 +25,7 @@ func TestPurgeKeepsTotalsAndReconciliationAnswers(t *testing.T) {
 	t0 := time.Now().UTC()
 	clock := &simClock{t: t0}
 	const retention = 40 * 24 * time.Hour
-	svc := metering.NewService(e.db, newClient(t, e.fake, 0), testCatalog(), clock.Now, metering.WithUsageRetention(retention))
+	svc := metering.New(metering.Options{DB: e.db, Stripe: newClient(t, e.fake, 0), Catalog: testCatalog(), Now: clock.Now, UsageRetention: retention})
 	link(t, e.db, "rita")
 	link(t, e.db, "sol")
 	e.fake.SetFault(func(r *http.Request) (int, string, bool) {
@@ -36,9 +36,9 @@ func TestPurgeKeepsTotalsAndReconciliationAnswers(t *testing.T) {
 		}
 		return 0, "", false
 	})
-	opts := fastOptions(t)
+	opts := e.workerOptions(t, fastConfig())
 	opts.Now = clock.Now
-	w := metering.NewWorker(e.db, newClient(t, e.fake, 0), fastConfig(), opts)
+	w := metering.NewWorker(opts)
 	deliver := func() {
 		t.Helper()
 		for range 5 {
@@ -139,7 +139,7 @@ func TestPurgeKeepsTotalsAndReconciliationAnswers(t *testing.T) {
 	var wg sync.WaitGroup
 	var purged [2]int64
 	for i := range 2 {
-		other := metering.NewService(e.db, newClient(t, e.fake, 0), testCatalog(), clock.Now, metering.WithUsageRetention(retention))
+		other := metering.New(metering.Options{DB: e.db, Stripe: newClient(t, e.fake, 0), Catalog: testCatalog(), Now: clock.Now, UsageRetention: retention})
 		wg.Go(func() {
 			n, err := db.PurgeInBatches(ctx, 7, other.PurgeDelivered)
 			if err != nil {
@@ -168,7 +168,7 @@ func TestPurgeKeepsTotalsAndReconciliationAnswers(t *testing.T) {
 	if !reflect.DeepEqual(before, after) {
 		t.Errorf("answers changed by the purge:\nbefore %+v\nafter  %+v", before, after)
 	}
-	if n, err := metering.NewService(e.db, nil, testCatalog(), clock.Now).PurgeDelivered(ctx, 100); err != nil || n != 0 {
+	if n, err := metering.New(metering.Options{DB: e.db, Catalog: testCatalog(), Now: clock.Now}).PurgeDelivered(ctx, 100); err != nil || n != 0 {
 		t.Errorf("purge without a retention: %d, %v; want nothing", n, err)
 	}
 }

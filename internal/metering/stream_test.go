@@ -46,7 +46,7 @@ func TestStreamRefusalDeadLettersOnlyThePoisonedEvent(t *testing.T) {
 	cfg := fastConfig()
 	cfg.Transport = config.MeterTransportV2
 	cfg.BatchSize = 250
-	w := metering.NewWorker(e.db, newClient(t, e.fake, 0), cfg, fastOptions(t))
+	w := metering.NewWorker(e.workerOptions(t, cfg))
 	if _, err := w.RunOnce(context.Background()); err != nil {
 		t.Fatal(err)
 	}

@@ -20,15 +20,23 @@ import (
 	"github.com/tallybilling/tally/internal/stripeapi"
 )
 
-// WorkerOptions tunes a Worker beyond its configuration: the clock, the
-// metrics and the timings that are not settings (tests shorten them). Every
-// zero field takes its default, set here and nowhere else.
+// WorkerOptions are what NewWorker needs: the database, the Stripe client
+// and the delivery settings, then the clock, the metrics and the timings
+// that are not settings (tests shorten them). Every zero field after Config
+// takes its default, set here and nowhere else.
 type WorkerOptions struct {
+	DB     *gorm.DB
+	Stripe stripeapi.Client
+	// Config holds the transport, rate limit, batch size, backoff cap and
+	// poll interval; it comes from config, which holds their defaults.
+	Config config.MeteringConfig
+
+	// Logger is nil to discard the logs.
 	Logger *slog.Logger
 	// Now is the clock for due times and leases; default time.Now.
 	Now func() time.Time
-	// Registerer receives the worker's metrics; nil keeps them unregistered.
-	Registerer prometheus.Registerer
+	// Registry receives the worker's metrics; nil keeps them unregistered.
+	Registry prometheus.Registerer
 	// Name identifies this instance in claimed_by; default a fresh id.
 	Name string
 	// BackoffBase shapes the retry delay after a 5xx, timeout or network
@@ -109,11 +117,12 @@ type Worker struct {
 // large backlog is moved in short statements.
 const releaseLimit = 5000
 
-// NewWorker returns a Worker sending through client with cfg's transport,
-// rate limit, batch size, backoff cap and poll interval. cfg comes from
-// config, which holds their defaults: it panics when cfg does not validate
-// (a zero setting in a hand-built MeteringConfig is a programming error).
-func NewWorker(gdb *gorm.DB, client stripeapi.Client, cfg config.MeteringConfig, opts WorkerOptions) *Worker {
+// NewWorker returns a Worker sending through opts.Stripe with
+// opts.Config's transport, rate limit, batch size, backoff cap and poll
+// interval. It panics when opts.Config does not validate (a zero setting in
+// a hand-built MeteringConfig is a programming error).
+func NewWorker(opts WorkerOptions) *Worker {
+	cfg := opts.Config
 	if err := cfg.Validate(); err != nil {
 		panic(fmt.Errorf("metering.NewWorker: %w", err))
 	}
@@ -138,13 +147,13 @@ func NewWorker(gdb *gorm.DB, client stripeapi.Client, cfg config.MeteringConfig,
 	opts.AuthPause = cmp.Or(opts.AuthPause, time.Minute)
 	opts.HeartbeatInterval = cmp.Or(opts.HeartbeatInterval, defaultHeartbeatInterval)
 	return &Worker{
-		db:      gdb,
-		client:  client,
+		db:      opts.DB,
+		client:  opts.Stripe,
 		cfg:     cfg,
 		opts:    opts,
 		log:     opts.Logger.With("worker", "usage-delivery", "instance", opts.Name),
 		now:     opts.Now,
-		m:       newMetrics(opts.Registerer),
+		m:       newMetrics(opts.Registry),
 		limiter: rate.NewLimiter(paced(cfg.RateLimit), 1),
 		share:   cfg.RateLimit,
 	}

@@ -38,11 +38,11 @@ func TestTenThousandEventsDeliveredExactlyOnce(t *testing.T) {
 	}
 	cfg := fastConfig()
 	cfg.RateLimit, cfg.BatchSize = 5000, 1000
-	opts := fastOptions(t)
+	opts := e.workerOptions(t, cfg)
 	opts.Concurrency = 16
 	reg := prometheus.NewRegistry()
-	opts.Registerer = reg
-	startWorker(t, metering.NewWorker(e.db, newClient(t, e.fake, 0), cfg, opts))
+	opts.Registry = reg
+	startWorker(t, metering.NewWorker(opts))
 
 	var accepted, duplicates int
 	for start := 0; start < len(all); start += metering.MaxBatch {
@@ -113,7 +113,7 @@ func TestDeliverySurvivesStripeOutage(t *testing.T) {
 	const limit = 20
 	cfg := fastConfig()
 	cfg.RateLimit, cfg.BatchSize = limit, 50
-	opts := fastOptions(t)
+	opts := e.workerOptions(t, cfg)
 	opts.SendTimeout = 300 * time.Millisecond
 
 	all := ids("out", 80)
@@ -125,7 +125,8 @@ func TestDeliverySurvivesStripeOutage(t *testing.T) {
 
 	e.fake.FailNext(8, http.StatusInternalServerError, "")
 	e.fake.FailNext(4, http.StatusTooManyRequests, "1")
-	startWorker(t, metering.NewWorker(e.db, newClient(t, e.fake, 250*time.Millisecond), cfg, opts))
+	opts.Stripe = newClient(t, e.fake, 250*time.Millisecond)
+	startWorker(t, metering.NewWorker(opts))
 
 	waitFor(t, "the injected 500s and 429s to be served", 30*time.Second, func() bool { return len(e.fake.Requests()) >= 14 })
 	e.fake.SetHang(600 * time.Millisecond) // longer than the client's 250ms timeout
@@ -189,9 +190,9 @@ func TestThreeWorkersSendEachEventOnce(t *testing.T) {
 	cfg := fastConfig()
 	cfg.BatchSize = 40
 	for i := range 3 {
-		opts := fastOptions(t)
+		opts := e.workerOptions(t, cfg)
 		opts.Name = fmt.Sprintf("instance-%d", i)
-		startWorker(t, metering.NewWorker(e.db, newClient(t, e.fake, 0), cfg, opts))
+		startWorker(t, metering.NewWorker(opts))
 	}
 	waitFor(t, "every event delivered", 2*time.Minute, func() bool {
 		return countRows(t, e.db, `status = 'delivered'`) == int64(len(all))
@@ -213,9 +214,9 @@ func TestStreamTransportRenewsSessions(t *testing.T) {
 	cfg := fastConfig()
 	cfg.Transport = config.MeterTransportV2
 	cfg.BatchSize = 250
-	opts := fastOptions(t)
+	opts := e.workerOptions(t, cfg)
 	opts.SessionRenewBefore = 500 * time.Millisecond
-	startWorker(t, metering.NewWorker(e.db, newClient(t, e.fake, 0), cfg, opts))
+	startWorker(t, metering.NewWorker(opts))
 
 	var all []string
 	for round := range 4 {
@@ -295,10 +296,10 @@ func TestRefusedEventsAreDeadLetteredAndRequeued(t *testing.T) {
 		return 0, "", false
 	})
 	ingest(t, e.svc, ev("jo", "refused", 1), ev("jo", "refused-2", 1), ev("jo", "flaky", 2), ev("jo", "fine", 3))
-	opts := fastOptions(t)
+	opts := e.workerOptions(t, cfg)
 	reg := prometheus.NewRegistry()
-	opts.Registerer = reg
-	w := metering.NewWorker(e.db, newClient(t, e.fake, 0), cfg, opts)
+	opts.Registry = reg
+	w := metering.NewWorker(opts)
 	stop := startWorker(t, w)
 	waitFor(t, "two dead letters", 30*time.Second, func() bool { return countRows(t, e.db, `status = 'dead'`) == 2 })
 	waitFor(t, "the dead gauge to count them", 10*time.Second, func() bool { return gauge(t, reg, "tally_usage_events_dead") == 2 })
@@ -352,7 +353,7 @@ func TestRefusedEventsAreDeadLetteredAndRequeued(t *testing.T) {
 	if err != nil || res.Requeued != 1 || res.Skipped != 0 || len(res.Results) != 0 {
 		t.Fatalf("requeue all dead: %+v %v, want refused-2 requeued, nothing left", res, err)
 	}
-	startWorker(t, metering.NewWorker(e.db, newClient(t, e.fake, 0), cfg, fastOptions(t)))
+	startWorker(t, metering.NewWorker(e.workerOptions(t, cfg)))
 	waitFor(t, "every event delivered", 30*time.Second, func() bool { return countRows(t, e.db, `status = 'delivered'`) == 4 })
 	assertDeliveredOnce(t, e, []string{"refused", "refused-2", "flaky", "fine"})
 }
@@ -360,7 +361,7 @@ func TestRefusedEventsAreDeadLetteredAndRequeued(t *testing.T) {
 func TestWaitingEventsAreDeliveredOnceTheCustomerIsLinked(t *testing.T) {
 	e := newEnv(t)
 	ingest(t, e.svc, ev("kim", "wait-1", 1), ev("kim", "wait-2", 2))
-	w := metering.NewWorker(e.db, newClient(t, e.fake, 0), fastConfig(), fastOptions(t))
+	w := metering.NewWorker(e.workerOptions(t, fastConfig()))
 	ctx := context.Background()
 	for range 3 {
 		if _, err := w.RunOnce(ctx); err != nil {
@@ -392,7 +393,7 @@ func TestShutdownFinishesInFlightSend(t *testing.T) {
 	link(t, e.db, "lee")
 	ingest(t, e.svc, ev("lee", "inflight-1", 1), ev("lee", "inflight-2", 1))
 	release := e.fake.HangUntilReleased()
-	w := metering.NewWorker(e.db, newClient(t, e.fake, 0), fastConfig(), fastOptions(t))
+	w := metering.NewWorker(e.workerOptions(t, fastConfig()))
 	stop := startWorker(t, w)
 	waitFor(t, "a request to reach Stripe", 10*time.Second, func() bool { return len(e.fake.Requests()) == 1 })
 	go func() {
@@ -422,7 +423,7 @@ func TestExpiredLeaseIsTakenOver(t *testing.T) {
 		next_attempt_at = now() - interval '1 second' WHERE identifier = 'crashed'`)
 	e.db.Exec(`UPDATE usage_events SET claimed_by = 'alive#1', lease_until = now() + interval '1 hour',
 		next_attempt_at = now() + interval '1 hour' WHERE identifier = 'held'`)
-	w := metering.NewWorker(e.db, newClient(t, e.fake, 0), fastConfig(), fastOptions(t))
+	w := metering.NewWorker(e.workerOptions(t, fastConfig()))
 	if _, err := w.RunOnce(context.Background()); err != nil {
 		t.Fatal(err)
 	}
@@ -451,7 +452,7 @@ func TestOneCallAtATimePerCustomerAndMeter(t *testing.T) {
 	ingest(t, e.svc, evs...)
 	const hang = 30 * time.Millisecond
 	e.fake.SetHang(hang)
-	if _, err := metering.NewWorker(e.db, newClient(t, e.fake, 0), fastConfig(), fastOptions(t)).RunOnce(context.Background()); err != nil {
+	if _, err := metering.NewWorker(e.workerOptions(t, fastConfig())).RunOnce(context.Background()); err != nil {
 		t.Fatal(err)
 	}
 	last := map[string]time.Time{}
@@ -492,7 +493,7 @@ func TestStreamReopensSessionAfterUnauthorizedToken(t *testing.T) {
 	cfg := fastConfig()
 	cfg.Transport = config.MeterTransportV2
 	ingest(t, e.svc, ev("quinn", "revoked-1", 1), ev("quinn", "revoked-2", 2))
-	w := metering.NewWorker(e.db, newClient(t, e.fake, 0), cfg, fastOptions(t))
+	w := metering.NewWorker(e.workerOptions(t, cfg))
 	if _, err := w.RunOnce(context.Background()); err != nil {
 		t.Fatal(err)
 	}
@@ -522,5 +523,5 @@ func TestNewWorkerRefusesUnsetSettings(t *testing.T) {
 			t.Fatalf("NewWorker panicked with %q, want the unset TALLY_METER_BATCH_SIZE named", msg)
 		}
 	}()
-	metering.NewWorker(nil, nil, cfg, metering.WorkerOptions{})
+	metering.NewWorker(metering.WorkerOptions{Config: cfg})
 }

@@ -318,7 +318,7 @@ func TestCheckoutRateLimitPerCustomer(t *testing.T) {
 	fake, stripe := fakeClient(t)
 	now := time.Date(2027, 5, 1, 12, 0, 0, 0, time.UTC)
 	svc := newServiceWith(t, gdb, stripe, catalogYAML, func(o *payments.Options) {
-		o.Checkout.RateLimit = 2
+		o.Config.RateLimit = 2
 		o.Now = func() time.Time { return now }
 	})
 	ctx := context.Background()

@@ -86,9 +86,6 @@ func (s *Service) DisputeChanged(ctx context.Context, ev EventRef, d Dispute) er
 	if err != nil {
 		return err
 	}
-	if id == "" {
-		return ErrNotOurs
-	}
 	return s.inEventTx(ctx, ev, id, d.Livemode, d.PaymentIntent, func(tx *gorm.DB, p Payment) error {
 		if d.PaymentIntent == "" {
 			return reject("dispute %s names no PaymentIntent, so it cannot be matched to payment %s", d.ID, p.ID)
@@ -194,10 +191,10 @@ func (s *Service) disputeWithdrawn(ctx context.Context, tx *gorm.DB, p Payment, 
 		WHERE id = ?`, string(to), row.Amount, string(before), now, p.ID).Error; err != nil {
 		return db.Translate(err, nil)
 	}
-	err = events.Append(ctx, tx, events.Event{Type: events.PaymentDisputed, CustomerID: p.CustomerID, Data: map[string]any{
-		"payment_id": p.ID, "dispute_id": row.StripeDisputeID, "amount_disputed": row.Amount, "currency": paidCurrency(p),
-		"reason": d.Reason, "credits_revoked": back.Taken, "credits_shortfall": back.Shortfall, "stripe_event_id": ev.ID,
-	}})
+	err = events.Append(ctx, tx, p.CustomerID, events.PaymentDisputed{
+		PaymentID: p.ID, DisputeID: row.StripeDisputeID, AmountDisputed: row.Amount, Currency: paidCurrency(p),
+		Reason: d.Reason, CreditsRevoked: back.Taken, CreditsShortfall: back.Shortfall, StripeEventID: ev.ID,
+	})
 	if err != nil || to != DisputeLost {
 		return err
 	}
@@ -219,10 +216,10 @@ func (s *Service) disputeLost(ctx context.Context, tx *gorm.DB, p Payment, row d
 }
 
 func appendDisputeLost(ctx context.Context, tx *gorm.DB, p Payment, row disputeRow, ev EventRef) error {
-	return events.Append(ctx, tx, events.Event{Type: events.PaymentDisputeLost, CustomerID: p.CustomerID, Data: map[string]any{
-		"payment_id": p.ID, "dispute_id": row.StripeDisputeID, "amount_disputed": row.Amount, "currency": paidCurrency(p),
-		"stripe_event_id": ev.ID,
-	}})
+	return events.Append(ctx, tx, p.CustomerID, events.PaymentDisputeLost{
+		PaymentID: p.ID, DisputeID: row.StripeDisputeID, AmountDisputed: row.Amount, Currency: paidCurrency(p),
+		StripeEventID: ev.ID,
+	})
 }
 
 // disputeWon gives back what a dispute took and returns the payment to the
@@ -291,11 +288,11 @@ func (s *Service) disputeWon(ctx context.Context, tx *gorm.DB, p Payment, row di
 	if err != nil {
 		return err
 	}
-	return events.Append(ctx, tx, events.Event{Type: events.PaymentDisputeWon, CustomerID: p.CustomerID, Data: map[string]any{
-		"payment_id": p.ID, "dispute_id": row.StripeDisputeID, "status": to, "credits_restored": back.Restored,
-		"credits_expired": back.Expired, "shortfall_settled": back.ShortfallSettled,
-		"credits_revoked_for_refunds": kept.Taken, "credits_shortfall_for_refunds": kept.Shortfall, "stripe_event_id": ev.ID,
-	}})
+	return events.Append(ctx, tx, p.CustomerID, events.PaymentDisputeWon{
+		PaymentID: p.ID, DisputeID: row.StripeDisputeID, Status: string(to), CreditsRestored: back.Restored,
+		CreditsExpired: back.Expired, ShortfallSettled: back.ShortfallSettled,
+		CreditsRevokedForRefunds: kept.Taken, CreditsShortfallForRefunds: kept.Shortfall, StripeEventID: ev.ID,
+	})
 }
 
 // refundCatchUp takes back, once a won dispute has returned what it took

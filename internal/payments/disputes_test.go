@@ -90,8 +90,8 @@ func TestDisputeWonReturnsCreditsWithTheirExpiry(t *testing.T) {
 	clock := func() time.Time { mu.Lock(); defer mu.Unlock(); return now }
 	o := defaultOptions(gdb)
 	o.Stripe, o.Catalog, o.Logger, o.Now = stripe, cat, dbtest.Logger(t), clock
-	svc := payments.NewService(o)
-	wallet := credits.NewService(gdb, config.Default().Credits, clock, dbtest.Logger(t))
+	svc := payments.New(o)
+	wallet := credits.New(credits.Options{DB: gdb, Config: config.Default().Credits, Now: clock, Logger: dbtest.Logger(t)})
 	ctx := context.Background()
 	n := 0
 	key := func() db.IdempotencyKey {

@@ -142,18 +142,20 @@ type Transition struct {
 	CreatedAt       time.Time
 }
 
-// Options are what NewService needs.
+// Options are what New needs.
 type Options struct {
 	DB *gorm.DB
 	// Stripe is nil when no Stripe key is configured; checkouts then answer
 	// unavailable, webhooks still work.
-	Stripe   stripeapi.Client
-	Catalog  catalog.Catalog
-	Checkout config.CheckoutConfig
+	Stripe  stripeapi.Client
+	Catalog catalog.Catalog
+	// Config is how Checkout Sessions are created and confirmed.
+	Config config.CheckoutConfig
 	// Livemode is the mode of our Stripe key; events of the other mode are parked.
 	Livemode bool
-	Logger   *slog.Logger
-	Now      func() time.Time
+	// Logger is nil to discard the logs; Now is the clock, nil for time.Now.
+	Logger *slog.Logger
+	Now    func() time.Time
 	// ReservationLease is how long a keyed checkout holds its key without
 	// renewing it (it renews every third of it while Stripe is called), so
 	// a checkout whose process died frees its key after at most this long;
@@ -178,16 +180,16 @@ type Service struct {
 	revokeFrom       string
 }
 
-// NewService builds the Service. Checkout and RevokeFrom come from config,
-// which holds their defaults: it panics when they do not validate (a zero
-// setting in hand-built Options is a programming error).
-func NewService(o Options) *Service {
-	err := o.Checkout.Validate()
+// New builds the Service. Config and RevokeFrom come from config, which
+// holds their defaults: it panics when they do not validate (a zero setting
+// in hand-built Options is a programming error).
+func New(o Options) *Service {
+	err := o.Config.Validate()
 	if o.RevokeFrom != config.RevokeFromBalance && o.RevokeFrom != config.RevokeFromPurchaseGrant {
 		err = errors.Join(err, fmt.Errorf("TALLY_REVOKE_FROM: %q is not balance or purchase_grant", o.RevokeFrom))
 	}
 	if err != nil {
-		panic(fmt.Errorf("payments.NewService: %w", err))
+		panic(fmt.Errorf("payments.New: %w", err))
 	}
 	logger := o.Logger
 	if logger == nil {
@@ -201,7 +203,7 @@ func NewService(o Options) *Service {
 	if lease <= 0 {
 		lease = db.ReservationLease
 	}
-	return &Service{db: o.DB, stripe: o.Stripe, catalog: o.Catalog, checkout: o.Checkout, livemode: o.Livemode, logger: logger, now: now,
+	return &Service{db: o.DB, stripe: o.Stripe, catalog: o.Catalog, checkout: o.Config, livemode: o.Livemode, logger: logger, now: now,
 		revokeFrom: o.RevokeFrom, reservationLease: lease}
 }
 
@@ -367,8 +369,8 @@ type Page struct {
 // time after cursor (a NextCursor of an earlier page, or "").
 // Errors: errs.NotFound (unknown customer), errs.Invalid (bad cursor or limit).
 func (s *Service) List(ctx context.Context, customerID, cursor string, limit int) (Page, error) {
-	if limit < 1 || limit > 500 {
-		return Page{}, errs.InvalidField("limit", "limit must be between 1 and 500")
+	if err := db.CheckPageSize(limit); err != nil {
+		return Page{}, err
 	}
 	var after string
 	if cursor != "" {

@@ -2,8 +2,9 @@ package payments_test
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
-	"log/slog"
+	"reflect"
 	"strings"
 	"sync"
 	"testing"
@@ -33,7 +34,7 @@ plans:
 
 func newService(t *testing.T, gdb *gorm.DB, stripe stripeapi.Client, confirmOn string) *payments.Service {
 	t.Helper()
-	return newServiceWith(t, gdb, stripe, catalogYAML, func(o *payments.Options) { o.Checkout.ConfirmOn = confirmOn })
+	return newServiceWith(t, gdb, stripe, catalogYAML, func(o *payments.Options) { o.Config.ConfirmOn = confirmOn })
 }
 
 // newServiceWith builds a Service on the catalog file catalogYAML, with tweak
@@ -46,11 +47,11 @@ func newServiceWith(t *testing.T, gdb *gorm.DB, stripe stripeapi.Client, catalog
 	}
 	o := defaultOptions(gdb)
 	o.Stripe, o.Catalog, o.Logger = stripe, cat, dbtest.Logger(t)
-	o.Checkout.InvoiceCreation = true
+	o.Config.InvoiceCreation = true
 	if tweak != nil {
 		tweak(&o)
 	}
-	return payments.NewService(o)
+	return payments.New(o)
 }
 
 // defaultOptions are the Options app.New passes on a default configuration
@@ -58,8 +59,8 @@ func newServiceWith(t *testing.T, gdb *gorm.DB, stripe stripeapi.Client, catalog
 // many for one customer.
 func defaultOptions(gdb *gorm.DB) payments.Options {
 	cfg := config.Default()
-	o := payments.Options{DB: gdb, Checkout: cfg.Checkout, RevokeFrom: cfg.Credits.RevokeFrom}
-	o.Checkout.RateLimit = 0
+	o := payments.Options{DB: gdb, Config: cfg.Checkout, RevokeFrom: cfg.Credits.RevokeFrom}
+	o.Config.RateLimit = 0
 	return o
 }
 
@@ -167,7 +168,7 @@ func TestConfirmationGuardAcrossStrategies(t *testing.T) {
 			t.Fatalf("a confirmation failed: %v", err)
 		}
 	}
-	b, err := credits.NewService(gdb, config.Default().Credits, time.Now, slog.New(slog.DiscardHandler)).Balance(ctx, "racer")
+	b, err := credits.New(credits.Options{DB: gdb, Config: config.Default().Credits}).Balance(ctx, "racer")
 	if err != nil || b.Balance != 200 {
 		t.Fatalf("balance = %+v, %v; want 200 (2 × 100, once)", b, err)
 	}
@@ -273,6 +274,20 @@ func TestCheckoutModes(t *testing.T) {
 	if err != nil || got.Status != payments.Succeeded || got.SubscriptionID != "sub_1" {
 		t.Fatalf("plan payment = %+v, %v", got, err)
 	}
+	// Its payment.succeeded has every field a purchase's has: a plan moves
+	// no money through tally, so its amounts are 0, its currencies empty,
+	// and only payment_intent_id (it has none) is absent.
+	var data string
+	if err := db.ScanRow(gdb.Raw(`SELECT data::text FROM events WHERE type = 'payment.succeeded' AND data->>'payment_id' = ?`, plan.PaymentID), &data); err != nil {
+		t.Fatal(err)
+	}
+	var gotData, wantData map[string]any
+	_ = json.Unmarshal([]byte(data), &gotData)
+	_ = json.Unmarshal([]byte(`{"payment_id": "`+plan.PaymentID+`", "item": "api", "item_kind": "plan", "quantity": 1,
+		"amount": 0, "currency": "", "amount_tax": 0, "price": 0, "price_currency": "", "credits": 0, "stripe_event_id": "evt_sub"}`), &wantData)
+	if !reflect.DeepEqual(gotData, wantData) {
+		t.Errorf("plan's payment.succeeded data = %s, want %v", data, wantData)
+	}
 
 	// Subscription status follows the newest event; an older one is ignored.
 	sub := payments.Subscription{ID: "sub_1", Customer: "cus_x", Status: "active", Metadata: map[string]string{stripeapi.MetadataCustomerID: "sub-1", stripeapi.MetadataItem: "api"}}
@@ -337,7 +352,7 @@ func TestForeignPaymentIntentIsRejected(t *testing.T) {
 	ctx := context.Background()
 	balance := func(customer string) int64 {
 		t.Helper()
-		b, err := credits.NewService(gdb, config.Default().Credits, time.Now, slog.New(slog.DiscardHandler)).Balance(ctx, customer)
+		b, err := credits.New(credits.Options{DB: gdb, Config: config.Default().Credits}).Balance(ctx, customer)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -513,15 +528,15 @@ func TestStripeIDOfAnotherPaymentIsRejected(t *testing.T) {
 
 // Settings come from config, which holds every default: an unset checkout
 // setting or revoke source in hand-built Options is a programming error
-// that NewService refuses, naming it, rather than quietly choosing a value
+// that New refuses, naming it, rather than quietly choosing a value
 // of its own.
-func TestNewServiceRefusesUnsetSettings(t *testing.T) {
+func TestNewRefusesUnsetSettings(t *testing.T) {
 	for name, tc := range map[string]struct {
 		tweak func(*payments.Options)
 		want  string
 	}{
-		"confirm on":  {func(o *payments.Options) { o.Checkout.ConfirmOn = "" }, "TALLY_CONFIRM_ON"},
-		"expiry":      {func(o *payments.Options) { o.Checkout.ExpiresAfter = 0 }, "TALLY_CHECKOUT_EXPIRES_AFTER"},
+		"confirm on":  {func(o *payments.Options) { o.Config.ConfirmOn = "" }, "TALLY_CONFIRM_ON"},
+		"expiry":      {func(o *payments.Options) { o.Config.ExpiresAfter = 0 }, "TALLY_CHECKOUT_EXPIRES_AFTER"},
 		"revoke from": {func(o *payments.Options) { o.RevokeFrom = "" }, "TALLY_REVOKE_FROM"},
 	} {
 		t.Run(name, func(t *testing.T) {
@@ -529,10 +544,10 @@ func TestNewServiceRefusesUnsetSettings(t *testing.T) {
 			tc.tweak(&o)
 			defer func() {
 				if msg := fmt.Sprint(recover()); !strings.Contains(msg, tc.want) {
-					t.Fatalf("NewService panicked with %q, want the unset %s named", msg, tc.want)
+					t.Fatalf("New panicked with %q, want the unset %s named", msg, tc.want)
 				}
 			}()
-			payments.NewService(o)
+			payments.New(o)
 		})
 	}
 }

@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"testing"
-	"time"
 
 	"gorm.io/gorm"
 
@@ -27,7 +26,7 @@ type wallet struct {
 }
 
 func newWallet(t *testing.T, gdb *gorm.DB) *wallet {
-	return &wallet{t: t, svc: credits.NewService(gdb, config.Default().Credits, time.Now, dbtest.Logger(t))}
+	return &wallet{t: t, svc: credits.New(credits.Options{DB: gdb, Config: config.Default().Credits, Logger: dbtest.Logger(t)})}
 }
 
 func (w *wallet) key(customer string) db.IdempotencyKey {
@@ -149,7 +148,7 @@ func TestRefundsFromThePurchaseGrantOnly(t *testing.T) {
 	}
 	o := defaultOptions(gdb)
 	o.Stripe, o.Catalog, o.Logger, o.RevokeFrom = stripe, cat, dbtest.Logger(t), config.RevokeFromPurchaseGrant
-	svc := payments.NewService(o)
+	svc := payments.New(o)
 	w := newWallet(t, gdb)
 
 	res := paidPack(t, fake, svc, "joe", "pi_joe")

@@ -154,3 +154,40 @@ func checkAmounts(p Payment, c confirmation) error {
 	}
 	return nil
 }
+
+func sessionLinks(cs CheckoutSession) map[string]string {
+	return map[string]string{
+		"checkout_session_id": cs.ID, "payment_intent_id": cs.PaymentIntent, "stripe_customer_id": cs.Customer,
+		"invoice_id": cs.Invoice, "subscription_id": cs.Subscription, "checkout_payment_status": cs.PaymentStatus,
+	}
+}
+
+// linkColumns are the Stripe ids a payment learns from events, set once.
+var linkColumns = []string{"checkout_session_id", "payment_intent_id", "stripe_customer_id", "invoice_id", "subscription_id"}
+
+// applyLinks stores the Stripe ids of links not yet known, and the latest
+// Checkout payment_status. A Stripe id already taken by another payment
+// is a rejection.
+func (s *Service) applyLinks(ctx context.Context, tx *gorm.DB, p Payment, links map[string]string) error {
+	for _, col := range linkColumns {
+		v := links[col]
+		if v == "" {
+			continue
+		}
+		// col is from linkColumns, never input.
+		err := db.Translate(tx.Exec(`UPDATE payments SET `+col+` = ?, updated_at = ? WHERE id = ? AND `+col+` IS NULL`, v, s.now(), p.ID).Error,
+			map[string]errs.Code{"payments_checkout_session_id_key": errs.Conflict, "payments_payment_intent_id_key": errs.Conflict})
+		if errs.Is(err, errs.Conflict) {
+			return reject("%s %s already belongs to another payment than %s", col, v, p.ID)
+		}
+		if err != nil {
+			return err
+		}
+	}
+	if v := links["checkout_payment_status"]; v != "" {
+		if err := tx.Exec(`UPDATE payments SET checkout_payment_status = ?, updated_at = ? WHERE id = ?`, v, s.now(), p.ID).Error; err != nil {
+			return db.Translate(err, nil)
+		}
+	}
+	return nil
+}

@@ -3,10 +3,8 @@ package payments_test
 import (
 	"context"
 	"fmt"
-	"log/slog"
 	"net/http"
 	"testing"
-	"time"
 
 	"github.com/tallybilling/tally/internal/config"
 	"github.com/tallybilling/tally/internal/credits"
@@ -48,7 +46,7 @@ func TestPaymentIntentTallyDidNotCreateIsRefused(t *testing.T) {
 	gdb := dbtest.New(t)
 	fake, stripe := fakeClient(t)
 	svc := newService(t, gdb, stripe, config.ConfirmOnPaymentIntent)
-	wallet := credits.NewService(gdb, config.Default().Credits, time.Now, slog.New(slog.DiscardHandler))
+	wallet := credits.New(credits.Options{DB: gdb, Config: config.Default().Credits})
 	ctx := context.Background()
 	res := buy(t, svc, "target", "starter", 1)
 	meta := map[string]string{stripeapi.MetadataPaymentID: res.PaymentID, stripeapi.MetadataCustomerID: "target"}
@@ -109,7 +107,7 @@ func TestTaxAndLocalCurrencies(t *testing.T) {
 	gdb := dbtest.New(t)
 	fake, stripe := fakeClient(t)
 	svc := newService(t, gdb, stripe, config.ConfirmOnPaymentIntent)
-	wallet := credits.NewService(gdb, config.Default().Credits, time.Now, slog.New(slog.DiscardHandler))
+	wallet := credits.New(credits.Options{DB: gdb, Config: config.Default().Credits})
 	ctx := context.Background()
 
 	for i, c := range []struct {

@@ -430,8 +430,8 @@ func (h *Intake) List(ctx context.Context, status, cursor string, limit int) (Pa
 	if status != "" && !ValidStatus(status) {
 		return Page{}, errs.InvalidField("status", "status must be received, processed, ignored, failed or parked")
 	}
-	if limit < 1 || limit > 500 {
-		return Page{}, errs.InvalidField("limit", "limit must be between 1 and 500")
+	if err := db.CheckPageSize(limit); err != nil {
+		return Page{}, err
 	}
 	var afterAt time.Time
 	var afterID string

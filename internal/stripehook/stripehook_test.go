@@ -22,7 +22,7 @@ import (
 // (config.Default), over a payments Service configured the same way.
 func defaultOptions(t *testing.T, gdb *gorm.DB, secrets ...string) stripehook.Options {
 	cfg := config.Default()
-	pay := payments.NewService(payments.Options{DB: gdb, Checkout: cfg.Checkout, RevokeFrom: cfg.Credits.RevokeFrom})
+	pay := payments.New(payments.Options{DB: gdb, Config: cfg.Checkout, RevokeFrom: cfg.Credits.RevokeFrom})
 	return stripehook.Options{DB: gdb, Payments: pay, Secrets: secrets, MaxAttempts: cfg.Stripe.EventMaxAttempts,
 		RetryInterval: cfg.Stripe.EventRetryInterval, Logger: dbtest.Logger(t)}
 }

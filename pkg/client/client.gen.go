@@ -7,6 +7,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net/http"
@@ -16,6 +17,132 @@ import (
 
 	"github.com/oapi-codegen/runtime"
 )
+
+// Defines values for CreditsExpiredEventType.
+const (
+	CreditsExpired CreditsExpiredEventType = "credits.expired"
+)
+
+// Valid indicates whether the value is a known member of the CreditsExpiredEventType enum.
+func (e CreditsExpiredEventType) Valid() bool {
+	switch e {
+	case CreditsExpired:
+		return true
+	default:
+		return false
+	}
+}
+
+// Defines values for CreditsExpiringEventType.
+const (
+	CreditsExpiring CreditsExpiringEventType = "credits.expiring"
+)
+
+// Valid indicates whether the value is a known member of the CreditsExpiringEventType enum.
+func (e CreditsExpiringEventType) Valid() bool {
+	switch e {
+	case CreditsExpiring:
+		return true
+	default:
+		return false
+	}
+}
+
+// Defines values for CreditsGrantedDataSource.
+const (
+	CreditsGrantedDataSourceDisputeWon CreditsGrantedDataSource = "dispute_won"
+	CreditsGrantedDataSourcePurchase   CreditsGrantedDataSource = "purchase"
+	CreditsGrantedDataSourceService    CreditsGrantedDataSource = "service"
+)
+
+// Valid indicates whether the value is a known member of the CreditsGrantedDataSource enum.
+func (e CreditsGrantedDataSource) Valid() bool {
+	switch e {
+	case CreditsGrantedDataSourceDisputeWon:
+		return true
+	case CreditsGrantedDataSourcePurchase:
+		return true
+	case CreditsGrantedDataSourceService:
+		return true
+	default:
+		return false
+	}
+}
+
+// Defines values for CreditsGrantedEventType.
+const (
+	CreditsGranted CreditsGrantedEventType = "credits.granted"
+)
+
+// Valid indicates whether the value is a known member of the CreditsGrantedEventType enum.
+func (e CreditsGrantedEventType) Valid() bool {
+	switch e {
+	case CreditsGranted:
+		return true
+	default:
+		return false
+	}
+}
+
+// Defines values for CreditsLowBalanceEventType.
+const (
+	CreditsLowBalance CreditsLowBalanceEventType = "credits.low_balance"
+)
+
+// Valid indicates whether the value is a known member of the CreditsLowBalanceEventType enum.
+func (e CreditsLowBalanceEventType) Valid() bool {
+	switch e {
+	case CreditsLowBalance:
+		return true
+	default:
+		return false
+	}
+}
+
+// Defines values for CreditsRevokedEventType.
+const (
+	CreditsRevoked CreditsRevokedEventType = "credits.revoked"
+)
+
+// Valid indicates whether the value is a known member of the CreditsRevokedEventType enum.
+func (e CreditsRevokedEventType) Valid() bool {
+	switch e {
+	case CreditsRevoked:
+		return true
+	default:
+		return false
+	}
+}
+
+// Defines values for CustomerCreatedEventType.
+const (
+	CustomerCreated CustomerCreatedEventType = "customer.created"
+)
+
+// Valid indicates whether the value is a known member of the CustomerCreatedEventType enum.
+func (e CustomerCreatedEventType) Valid() bool {
+	switch e {
+	case CustomerCreated:
+		return true
+	default:
+		return false
+	}
+}
+
+// Defines values for CustomerUpdatedEventType.
+const (
+	CustomerUpdated CustomerUpdatedEventType = "customer.updated"
+)
+
+// Valid indicates whether the value is a known member of the CustomerUpdatedEventType enum.
+func (e CustomerUpdatedEventType) Valid() bool {
+	switch e {
+	case CustomerUpdated:
+		return true
+	default:
+		return false
+	}
+}
 
 // Defines values for ErrorCode.
 const (
@@ -158,6 +285,81 @@ func (e PaymentItemKind) Valid() bool {
 	}
 }
 
+// Defines values for PaymentDisputeLostEventType.
+const (
+	PaymentDisputeLost PaymentDisputeLostEventType = "payment.dispute_lost"
+)
+
+// Valid indicates whether the value is a known member of the PaymentDisputeLostEventType enum.
+func (e PaymentDisputeLostEventType) Valid() bool {
+	switch e {
+	case PaymentDisputeLost:
+		return true
+	default:
+		return false
+	}
+}
+
+// Defines values for PaymentDisputeWonEventType.
+const (
+	PaymentDisputeWon PaymentDisputeWonEventType = "payment.dispute_won"
+)
+
+// Valid indicates whether the value is a known member of the PaymentDisputeWonEventType enum.
+func (e PaymentDisputeWonEventType) Valid() bool {
+	switch e {
+	case PaymentDisputeWon:
+		return true
+	default:
+		return false
+	}
+}
+
+// Defines values for PaymentDisputedEventType.
+const (
+	PaymentDisputed PaymentDisputedEventType = "payment.disputed"
+)
+
+// Valid indicates whether the value is a known member of the PaymentDisputedEventType enum.
+func (e PaymentDisputedEventType) Valid() bool {
+	switch e {
+	case PaymentDisputed:
+		return true
+	default:
+		return false
+	}
+}
+
+// Defines values for PaymentFailedEventType.
+const (
+	PaymentFailed PaymentFailedEventType = "payment.failed"
+)
+
+// Valid indicates whether the value is a known member of the PaymentFailedEventType enum.
+func (e PaymentFailedEventType) Valid() bool {
+	switch e {
+	case PaymentFailed:
+		return true
+	default:
+		return false
+	}
+}
+
+// Defines values for PaymentRefundedEventType.
+const (
+	PaymentRefunded PaymentRefundedEventType = "payment.refunded"
+)
+
+// Valid indicates whether the value is a known member of the PaymentRefundedEventType enum.
+func (e PaymentRefundedEventType) Valid() bool {
+	switch e {
+	case PaymentRefunded:
+		return true
+	default:
+		return false
+	}
+}
+
 // Defines values for PaymentStatus.
 const (
 	PaymentStatusDisputeLost PaymentStatus = "dispute_lost"
@@ -182,6 +384,42 @@ func (e PaymentStatus) Valid() bool {
 	case PaymentStatusRefunded:
 		return true
 	case PaymentStatusSucceeded:
+		return true
+	default:
+		return false
+	}
+}
+
+// Defines values for PaymentSucceededDataItemKind.
+const (
+	PaymentSucceededDataItemKindCreditPack PaymentSucceededDataItemKind = "credit_pack"
+	PaymentSucceededDataItemKindPlan       PaymentSucceededDataItemKind = "plan"
+	PaymentSucceededDataItemKindProduct    PaymentSucceededDataItemKind = "product"
+)
+
+// Valid indicates whether the value is a known member of the PaymentSucceededDataItemKind enum.
+func (e PaymentSucceededDataItemKind) Valid() bool {
+	switch e {
+	case PaymentSucceededDataItemKindCreditPack:
+		return true
+	case PaymentSucceededDataItemKindPlan:
+		return true
+	case PaymentSucceededDataItemKindProduct:
+		return true
+	default:
+		return false
+	}
+}
+
+// Defines values for PaymentSucceededEventType.
+const (
+	PaymentSucceeded PaymentSucceededEventType = "payment.succeeded"
+)
+
+// Valid indicates whether the value is a known member of the PaymentSucceededEventType enum.
+func (e PaymentSucceededEventType) Valid() bool {
+	switch e {
+	case PaymentSucceeded:
 		return true
 	default:
 		return false
@@ -254,6 +492,21 @@ func (e StripeEventStatus) Valid() bool {
 	}
 }
 
+// Defines values for SubscriptionUpdatedEventType.
+const (
+	SubscriptionUpdated SubscriptionUpdatedEventType = "subscription.updated"
+)
+
+// Valid indicates whether the value is a known member of the SubscriptionUpdatedEventType enum.
+func (e SubscriptionUpdatedEventType) Valid() bool {
+	switch e {
+	case SubscriptionUpdated:
+		return true
+	default:
+		return false
+	}
+}
+
 // Defines values for UsageDeadCode.
 const (
 	UsageDeadCodeStripeRefused UsageDeadCode = "stripe_refused"
@@ -266,6 +519,21 @@ func (e UsageDeadCode) Valid() bool {
 	case UsageDeadCodeStripeRefused:
 		return true
 	case UsageDeadCodeTooOld:
+		return true
+	default:
+		return false
+	}
+}
+
+// Defines values for UsageDeadEventType.
+const (
+	UsageDead UsageDeadEventType = "usage.dead"
+)
+
+// Valid indicates whether the value is a known member of the UsageDeadEventType enum.
+func (e UsageDeadEventType) Valid() bool {
+	switch e {
+	case UsageDead:
 		return true
 	default:
 		return false
@@ -402,6 +670,118 @@ type CreditPack struct {
 	Name                string `json:"name"`
 }
 
+// CreditsExpiredData defines model for CreditsExpiredData.
+type CreditsExpiredData struct {
+	Amount        int64     `json:"amount"`
+	Balance       int64     `json:"balance"`
+	CustomerId    string    `json:"customer_id"`
+	ExpiresAt     time.Time `json:"expires_at"`
+	GrantId       string    `json:"grant_id"`
+	TransactionId string    `json:"transaction_id"`
+}
+
+// CreditsExpiredEvent What was left of a grant expired.
+type CreditsExpiredEvent struct {
+	Data CreditsExpiredData      `json:"data"`
+	Type CreditsExpiredEventType `json:"type"`
+}
+
+// CreditsExpiredEventType defines model for CreditsExpiredEvent.Type.
+type CreditsExpiredEventType string
+
+// CreditsExpiringData defines model for CreditsExpiringData.
+type CreditsExpiringData struct {
+	CustomerId string    `json:"customer_id"`
+	ExpiresAt  time.Time `json:"expires_at"`
+	GrantId    string    `json:"grant_id"`
+	Remaining  int64     `json:"remaining"`
+}
+
+// CreditsExpiringEvent A grant with credits left expires within `TALLY_CREDITS_EXPIRING_NOTICE`; sent once per grant.
+type CreditsExpiringEvent struct {
+	Data CreditsExpiringData      `json:"data"`
+	Type CreditsExpiringEventType `json:"type"`
+}
+
+// CreditsExpiringEventType defines model for CreditsExpiringEvent.Type.
+type CreditsExpiringEventType string
+
+// CreditsGrantedData defines model for CreditsGrantedData.
+type CreditsGrantedData struct {
+	Amount int64 `json:"amount"`
+
+	// Balance The balance after the grant.
+	Balance    int64  `json:"balance"`
+	CustomerId string `json:"customer_id"`
+
+	// ExpiresAt Null for credits that never expire.
+	ExpiresAt *time.Time `json:"expires_at"`
+	GrantId   string     `json:"grant_id"`
+
+	// PaymentId The payment that bought or returned the credits; absent for a grant through the API.
+	PaymentId     *string                  `json:"payment_id,omitempty"`
+	Reason        string                   `json:"reason"`
+	Source        CreditsGrantedDataSource `json:"source"`
+	TransactionId string                   `json:"transaction_id"`
+}
+
+// CreditsGrantedDataSource defines model for CreditsGrantedData.Source.
+type CreditsGrantedDataSource string
+
+// CreditsGrantedEvent Credits were added (a purchase, a grant through the API, a won dispute's return).
+type CreditsGrantedEvent struct {
+	Data CreditsGrantedData      `json:"data"`
+	Type CreditsGrantedEventType `json:"type"`
+}
+
+// CreditsGrantedEventType defines model for CreditsGrantedEvent.Type.
+type CreditsGrantedEventType string
+
+// CreditsLowBalanceData defines model for CreditsLowBalanceData.
+type CreditsLowBalanceData struct {
+	Balance    int64  `json:"balance"`
+	CustomerId string `json:"customer_id"`
+	Threshold  int64  `json:"threshold"`
+}
+
+// CreditsLowBalanceEvent The balance fell below the customer's threshold; sent once per fall, again only after the balance was back at or above it.
+type CreditsLowBalanceEvent struct {
+	Data CreditsLowBalanceData      `json:"data"`
+	Type CreditsLowBalanceEventType `json:"type"`
+}
+
+// CreditsLowBalanceEventType defines model for CreditsLowBalanceEvent.Type.
+type CreditsLowBalanceEventType string
+
+// CreditsRevokedData defines model for CreditsRevokedData.
+type CreditsRevokedData struct {
+	// Amount Credits taken back.
+	Amount     int64  `json:"amount"`
+	Balance    int64  `json:"balance"`
+	CustomerId string `json:"customer_id"`
+
+	// Draws The grants `amount` came from; empty when nothing was taken.
+	Draws []LedgerDraw `json:"draws"`
+
+	// GrantId The payment's purchase grant; absent when it has none.
+	GrantId   *string `json:"grant_id,omitempty"`
+	PaymentId string  `json:"payment_id"`
+	Reason    string  `json:"reason"`
+
+	// Shortfall Credits owed back but already spent.
+	Shortfall     int64  `json:"shortfall"`
+	TransactionId string `json:"transaction_id"`
+}
+
+// CreditsRevokedEvent A refund or a dispute took credits back.
+type CreditsRevokedEvent struct {
+	Data CreditsRevokedData      `json:"data"`
+	Type CreditsRevokedEventType `json:"type"`
+}
+
+// CreditsRevokedEventType defines model for CreditsRevokedEvent.Type.
+type CreditsRevokedEventType string
+
 // Customer defines model for Customer.
 type Customer struct {
 	CreatedAt           time.Time  `json:"created_at"`
@@ -416,8 +796,40 @@ type Customer struct {
 	UpdatedAt        time.Time `json:"updated_at"`
 }
 
+// CustomerCreatedEvent A customer was created, through the API or on first use (a checkout, a grant, a usage event).
+type CustomerCreatedEvent struct {
+	// Data The customer after the change. Fields it does not have are absent.
+	Data CustomerEventData        `json:"data"`
+	Type CustomerCreatedEventType `json:"type"`
+}
+
+// CustomerCreatedEventType defines model for CustomerCreatedEvent.Type.
+type CustomerCreatedEventType string
+
+// CustomerEventData The customer after the change. Fields it does not have are absent.
+type CustomerEventData struct {
+	Email               *string    `json:"email,omitempty"`
+	Id                  CustomerID `json:"id"`
+	LowBalanceThreshold *int64     `json:"low_balance_threshold,omitempty"`
+
+	// Metadata Up to 50 string values, keys up to 40 characters, values up to 500.
+	Metadata         Metadata `json:"metadata"`
+	Name             *string  `json:"name,omitempty"`
+	StripeCustomerId *string  `json:"stripe_customer_id,omitempty"`
+}
+
 // CustomerID defines model for CustomerID.
 type CustomerID = string
+
+// CustomerUpdatedEvent A customer's fields or its Stripe customer changed.
+type CustomerUpdatedEvent struct {
+	// Data The customer after the change. Fields it does not have are absent.
+	Data CustomerEventData        `json:"data"`
+	Type CustomerUpdatedEventType `json:"type"`
+}
+
+// CustomerUpdatedEventType defines model for CustomerUpdatedEvent.Type.
+type CustomerUpdatedEventType string
 
 // CustomerUpsert defines model for CustomerUpsert.
 type CustomerUpsert struct {
@@ -435,19 +847,19 @@ type CustomerUpsert struct {
 // ErrorCode defines model for ErrorCode.
 type ErrorCode string
 
-// Event defines model for Event.
+// Event One business event. `type` says what happened and which schema
+// `data` follows (the `oneOf` below, keyed by `type`). Events are only
+// ever added, as new types or as new fields of a type's `data`; a host
+// skips the types and ignores the fields it does not know. Money is in
+// minor units of the currency beside it, credits are integers.
 type Event struct {
-	CreatedAt  time.Time              `json:"created_at"`
-	CustomerId *string                `json:"customer_id,omitempty"`
-	Data       map[string]interface{} `json:"data"`
-	Id         string                 `json:"id"`
+	CreatedAt  time.Time `json:"created_at"`
+	CustomerId *string   `json:"customer_id,omitempty"`
+	Id         string    `json:"id"`
 
-	// Type customer.created, customer.updated, payment.succeeded,
-	// payment.failed, payment.refunded, payment.disputed,
-	// payment.dispute_won, payment.dispute_lost, credits.granted,
-	// credits.revoked, credits.low_balance, credits.expiring,
-	// credits.expired, usage.dead, ...
-	Type string `json:"type"`
+	// Type What happened; it selects the schema of `data`.
+	Type  string `json:"type"`
+	union json.RawMessage
 }
 
 // EventPage defines model for EventPage.
@@ -624,11 +1036,134 @@ type Payment struct {
 // PaymentItemKind defines model for Payment.ItemKind.
 type PaymentItemKind string
 
+// PaymentDisputeLostData defines model for PaymentDisputeLostData.
+type PaymentDisputeLostData struct {
+	AmountDisputed int64  `json:"amount_disputed"`
+	Currency       string `json:"currency"`
+	DisputeId      string `json:"dispute_id"`
+	PaymentId      string `json:"payment_id"`
+	StripeEventId  string `json:"stripe_event_id"`
+}
+
+// PaymentDisputeLostEvent A dispute closed lost; the payment ends `dispute_lost`.
+type PaymentDisputeLostEvent struct {
+	Data PaymentDisputeLostData      `json:"data"`
+	Type PaymentDisputeLostEventType `json:"type"`
+}
+
+// PaymentDisputeLostEventType defines model for PaymentDisputeLostEvent.Type.
+type PaymentDisputeLostEventType string
+
+// PaymentDisputeWonData defines model for PaymentDisputeWonData.
+type PaymentDisputeWonData struct {
+	// CreditsExpired Credits that did not come back because their grant expired meanwhile.
+	CreditsExpired  int64 `json:"credits_expired"`
+	CreditsRestored int64 `json:"credits_restored"`
+
+	// CreditsRevokedForRefunds What refunds delivered while the dispute was open took back out of what the win returned.
+	CreditsRevokedForRefunds int64 `json:"credits_revoked_for_refunds"`
+
+	// CreditsShortfallForRefunds What of those refunds the balance could not cover (a shortfall).
+	CreditsShortfallForRefunds int64  `json:"credits_shortfall_for_refunds"`
+	DisputeId                  string `json:"dispute_id"`
+	PaymentId                  string `json:"payment_id"`
+
+	// ShortfallSettled The shortfall the dispute had left, no longer owed.
+	ShortfallSettled int64 `json:"shortfall_settled"`
+
+	// Status Where the payment stands. `pending → succeeded | failed`,
+	// `failed → succeeded` (a retried card), `succeeded → refunded` (after
+	// any refund; `amount_refunded` grows with later ones). A chargeback
+	// moves a succeeded or refunded payment to `disputed` (its disputed
+	// share of the credits is taken back, as for a refund); closed won, it
+	// returns to the state it had before and the credits come back;
+	// closed lost, it ends `dispute_lost`. An inquiry (no funds withdrawn)
+	// is only recorded in `transitions`.
+	Status        PaymentStatus `json:"status"`
+	StripeEventId string        `json:"stripe_event_id"`
+}
+
+// PaymentDisputeWonEvent A dispute closed won; the payment is back in `status` and the credits taken came back.
+type PaymentDisputeWonEvent struct {
+	Data PaymentDisputeWonData      `json:"data"`
+	Type PaymentDisputeWonEventType `json:"type"`
+}
+
+// PaymentDisputeWonEventType defines model for PaymentDisputeWonEvent.Type.
+type PaymentDisputeWonEventType string
+
+// PaymentDisputedData defines model for PaymentDisputedData.
+type PaymentDisputedData struct {
+	AmountDisputed int64 `json:"amount_disputed"`
+	CreditsRevoked int64 `json:"credits_revoked"`
+
+	// CreditsShortfall Credits owed back but already spent.
+	CreditsShortfall int64  `json:"credits_shortfall"`
+	Currency         string `json:"currency"`
+	DisputeId        string `json:"dispute_id"`
+	PaymentId        string `json:"payment_id"`
+
+	// Reason Stripe's dispute reason.
+	Reason        string `json:"reason"`
+	StripeEventId string `json:"stripe_event_id"`
+}
+
+// PaymentDisputedEvent A chargeback withdrew funds; the disputed share of the credits was taken back.
+type PaymentDisputedEvent struct {
+	Data PaymentDisputedData      `json:"data"`
+	Type PaymentDisputedEventType `json:"type"`
+}
+
+// PaymentDisputedEventType defines model for PaymentDisputedEvent.Type.
+type PaymentDisputedEventType string
+
+// PaymentFailedData defines model for PaymentFailedData.
+type PaymentFailedData struct {
+	Item          string `json:"item"`
+	PaymentId     string `json:"payment_id"`
+	Reason        string `json:"reason"`
+	StripeEventId string `json:"stripe_event_id"`
+}
+
+// PaymentFailedEvent A payment moved to `failed` (declined, canceled, its Checkout Session expired). A second failure of a failed payment sends nothing.
+type PaymentFailedEvent struct {
+	Data PaymentFailedData      `json:"data"`
+	Type PaymentFailedEventType `json:"type"`
+}
+
+// PaymentFailedEventType defines model for PaymentFailedEvent.Type.
+type PaymentFailedEventType string
+
 // PaymentPage defines model for PaymentPage.
 type PaymentPage struct {
 	Data       []Payment `json:"data"`
 	NextCursor *string   `json:"next_cursor"`
 }
+
+// PaymentRefundedData defines model for PaymentRefundedData.
+type PaymentRefundedData struct {
+	// AmountRefunded Refunded so far, in total.
+	AmountRefunded int64 `json:"amount_refunded"`
+
+	// AmountRefundedDelta What this refund added.
+	AmountRefundedDelta int64 `json:"amount_refunded_delta"`
+	CreditsRevoked      int64 `json:"credits_revoked"`
+
+	// CreditsShortfall Credits owed back but already spent.
+	CreditsShortfall int64  `json:"credits_shortfall"`
+	Currency         string `json:"currency"`
+	PaymentId        string `json:"payment_id"`
+	StripeEventId    string `json:"stripe_event_id"`
+}
+
+// PaymentRefundedEvent Stripe refunded more of a payment; the credits that share paid for were taken back (see also `credits.revoked`).
+type PaymentRefundedEvent struct {
+	Data PaymentRefundedData      `json:"data"`
+	Type PaymentRefundedEventType `json:"type"`
+}
+
+// PaymentRefundedEventType defines model for PaymentRefundedEvent.Type.
+type PaymentRefundedEventType string
 
 // PaymentStatus Where the payment stands. `pending → succeeded | failed`,
 // `failed → succeeded` (a retried card), `succeeded → refunded` (after
@@ -639,6 +1174,50 @@ type PaymentPage struct {
 // closed lost, it ends `dispute_lost`. An inquiry (no funds withdrawn)
 // is only recorded in `transitions`.
 type PaymentStatus string
+
+// PaymentSucceededData A plan's subscription moves no money through tally (Stripe bills the
+// usage): for it `amount`, `amount_tax`, `price` and `credits` are 0,
+// `currency` and `price_currency` are empty, and `payment_intent_id`
+// is absent.
+type PaymentSucceededData struct {
+	// Amount What Stripe collected, tax included, in minor units of `currency` (the buyer's when Stripe converted the price).
+	Amount int64 `json:"amount"`
+
+	// AmountTax Tax Stripe Tax added, in `currency`; 0 when none.
+	AmountTax int64 `json:"amount_tax"`
+
+	// Credits Credits granted (0 for products and plans).
+	Credits         int64                        `json:"credits"`
+	Currency        string                       `json:"currency"`
+	Item            string                       `json:"item"`
+	ItemKind        PaymentSucceededDataItemKind `json:"item_kind"`
+	PaymentId       string                       `json:"payment_id"`
+	PaymentIntentId *string                      `json:"payment_intent_id,omitempty"`
+
+	// Price The catalog price before tax, in minor units of `price_currency`.
+	Price         int64  `json:"price"`
+	PriceCurrency string `json:"price_currency"`
+	Quantity      int64  `json:"quantity"`
+
+	// StripeEventId The Stripe event that confirmed the payment.
+	StripeEventId string `json:"stripe_event_id"`
+}
+
+// PaymentSucceededDataItemKind defines model for PaymentSucceededData.ItemKind.
+type PaymentSucceededDataItemKind string
+
+// PaymentSucceededEvent Stripe confirmed the money of a credit pack or product purchase (credits are granted in the same transaction), or a plan's subscription started.
+type PaymentSucceededEvent struct {
+	// Data A plan's subscription moves no money through tally (Stripe bills the
+	// usage): for it `amount`, `amount_tax`, `price` and `credits` are 0,
+	// `currency` and `price_currency` are empty, and `payment_intent_id`
+	// is absent.
+	Data PaymentSucceededData      `json:"data"`
+	Type PaymentSucceededEventType `json:"type"`
+}
+
+// PaymentSucceededEventType defines model for PaymentSucceededEvent.Type.
+type PaymentSucceededEventType string
 
 // PaymentTransition defines model for PaymentTransition.
 type PaymentTransition struct {
@@ -788,6 +1367,26 @@ type StripeEventPage struct {
 // StripeEventStatus defines model for StripeEventStatus.
 type StripeEventStatus string
 
+// SubscriptionUpdatedData defines model for SubscriptionUpdatedData.
+type SubscriptionUpdatedData struct {
+	// Plan The catalog plan; empty when the subscription does not name one.
+	Plan string `json:"plan"`
+
+	// Status Stripe's subscription status (`active`, `past_due`, `canceled`, ...).
+	Status         string `json:"status"`
+	StripeEventId  string `json:"stripe_event_id"`
+	SubscriptionId string `json:"subscription_id"`
+}
+
+// SubscriptionUpdatedEvent A customer's Stripe subscription was created or changed status.
+type SubscriptionUpdatedEvent struct {
+	Data SubscriptionUpdatedData      `json:"data"`
+	Type SubscriptionUpdatedEventType `json:"type"`
+}
+
+// SubscriptionUpdatedEventType defines model for SubscriptionUpdatedEvent.Type.
+type SubscriptionUpdatedEventType string
+
 // UsageBatch defines model for UsageBatch.
 type UsageBatch struct {
 	Events []UsageEventInput `json:"events"`
@@ -800,6 +1399,33 @@ type UsageBatch struct {
 // Failures that may pass (5xx, timeouts, 429) never dead-letter an event
 // on their own: it is retried while its timestamp is in the window.
 type UsageDeadCode string
+
+// UsageDeadData defines model for UsageDeadData.
+type UsageDeadData struct {
+	Attempts int `json:"attempts"`
+
+	// Code `stripe_refused`: Stripe refused the event (a 4xx). `too_old`: its
+	// timestamp left the window Stripe accepts (35 days, less the hour tally
+	// keeps to deliver it) before it could be delivered, through a long
+	// Stripe outage or because its customer never got a Stripe customer.
+	// Failures that may pass (5xx, timeouts, 429) never dead-letter an event
+	// on their own: it is retried while its timestamp is in the window.
+	Code       UsageDeadCode `json:"code"`
+	Identifier string        `json:"identifier"`
+	LastError  string        `json:"last_error"`
+	Meter      string        `json:"meter"`
+	Timestamp  time.Time     `json:"timestamp"`
+	Value      int64         `json:"value"`
+}
+
+// UsageDeadEvent A usage event was dead-lettered; it is not sent to Stripe unless an operator requeues it.
+type UsageDeadEvent struct {
+	Data UsageDeadData      `json:"data"`
+	Type UsageDeadEventType `json:"type"`
+}
+
+// UsageDeadEventType defines model for UsageDeadEvent.Type.
+type UsageDeadEventType string
 
 // UsageEventInput defines model for UsageEventInput.
 type UsageEventInput struct {
@@ -1001,6 +1627,676 @@ type GrantCreditsJSONRequestBody = GrantRequest
 
 // IngestUsageEventsJSONRequestBody defines body for IngestUsageEvents for application/json ContentType.
 type IngestUsageEventsJSONRequestBody = UsageBatch
+
+// AsCustomerCreatedEvent returns the union data inside the Event as a CustomerCreatedEvent
+func (t Event) AsCustomerCreatedEvent() (CustomerCreatedEvent, error) {
+	var body CustomerCreatedEvent
+	err := json.Unmarshal(t.union, &body)
+	return body, err
+}
+
+// FromCustomerCreatedEvent overwrites any union data inside the Event as the provided CustomerCreatedEvent
+func (t *Event) FromCustomerCreatedEvent(v CustomerCreatedEvent) error {
+	t.Type = "customer.created"
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	b, err = runtime.JSONMerge(b, []byte(`{"type":"customer.created"}`))
+	t.union = b
+	return err
+}
+
+// MergeCustomerCreatedEvent performs a merge with any union data inside the Event, using the provided CustomerCreatedEvent
+func (t *Event) MergeCustomerCreatedEvent(v CustomerCreatedEvent) error {
+	t.Type = "customer.created"
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	b, err = runtime.JSONMerge(b, []byte(`{"type":"customer.created"}`))
+	if err != nil {
+		return err
+	}
+
+	merged, err := runtime.JSONMerge(t.union, b)
+	t.union = merged
+	return err
+}
+
+// AsCustomerUpdatedEvent returns the union data inside the Event as a CustomerUpdatedEvent
+func (t Event) AsCustomerUpdatedEvent() (CustomerUpdatedEvent, error) {
+	var body CustomerUpdatedEvent
+	err := json.Unmarshal(t.union, &body)
+	return body, err
+}
+
+// FromCustomerUpdatedEvent overwrites any union data inside the Event as the provided CustomerUpdatedEvent
+func (t *Event) FromCustomerUpdatedEvent(v CustomerUpdatedEvent) error {
+	t.Type = "customer.updated"
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	b, err = runtime.JSONMerge(b, []byte(`{"type":"customer.updated"}`))
+	t.union = b
+	return err
+}
+
+// MergeCustomerUpdatedEvent performs a merge with any union data inside the Event, using the provided CustomerUpdatedEvent
+func (t *Event) MergeCustomerUpdatedEvent(v CustomerUpdatedEvent) error {
+	t.Type = "customer.updated"
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	b, err = runtime.JSONMerge(b, []byte(`{"type":"customer.updated"}`))
+	if err != nil {
+		return err
+	}
+
+	merged, err := runtime.JSONMerge(t.union, b)
+	t.union = merged
+	return err
+}
+
+// AsPaymentSucceededEvent returns the union data inside the Event as a PaymentSucceededEvent
+func (t Event) AsPaymentSucceededEvent() (PaymentSucceededEvent, error) {
+	var body PaymentSucceededEvent
+	err := json.Unmarshal(t.union, &body)
+	return body, err
+}
+
+// FromPaymentSucceededEvent overwrites any union data inside the Event as the provided PaymentSucceededEvent
+func (t *Event) FromPaymentSucceededEvent(v PaymentSucceededEvent) error {
+	t.Type = "payment.succeeded"
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	b, err = runtime.JSONMerge(b, []byte(`{"type":"payment.succeeded"}`))
+	t.union = b
+	return err
+}
+
+// MergePaymentSucceededEvent performs a merge with any union data inside the Event, using the provided PaymentSucceededEvent
+func (t *Event) MergePaymentSucceededEvent(v PaymentSucceededEvent) error {
+	t.Type = "payment.succeeded"
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	b, err = runtime.JSONMerge(b, []byte(`{"type":"payment.succeeded"}`))
+	if err != nil {
+		return err
+	}
+
+	merged, err := runtime.JSONMerge(t.union, b)
+	t.union = merged
+	return err
+}
+
+// AsPaymentFailedEvent returns the union data inside the Event as a PaymentFailedEvent
+func (t Event) AsPaymentFailedEvent() (PaymentFailedEvent, error) {
+	var body PaymentFailedEvent
+	err := json.Unmarshal(t.union, &body)
+	return body, err
+}
+
+// FromPaymentFailedEvent overwrites any union data inside the Event as the provided PaymentFailedEvent
+func (t *Event) FromPaymentFailedEvent(v PaymentFailedEvent) error {
+	t.Type = "payment.failed"
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	b, err = runtime.JSONMerge(b, []byte(`{"type":"payment.failed"}`))
+	t.union = b
+	return err
+}
+
+// MergePaymentFailedEvent performs a merge with any union data inside the Event, using the provided PaymentFailedEvent
+func (t *Event) MergePaymentFailedEvent(v PaymentFailedEvent) error {
+	t.Type = "payment.failed"
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	b, err = runtime.JSONMerge(b, []byte(`{"type":"payment.failed"}`))
+	if err != nil {
+		return err
+	}
+
+	merged, err := runtime.JSONMerge(t.union, b)
+	t.union = merged
+	return err
+}
+
+// AsPaymentRefundedEvent returns the union data inside the Event as a PaymentRefundedEvent
+func (t Event) AsPaymentRefundedEvent() (PaymentRefundedEvent, error) {
+	var body PaymentRefundedEvent
+	err := json.Unmarshal(t.union, &body)
+	return body, err
+}
+
+// FromPaymentRefundedEvent overwrites any union data inside the Event as the provided PaymentRefundedEvent
+func (t *Event) FromPaymentRefundedEvent(v PaymentRefundedEvent) error {
+	t.Type = "payment.refunded"
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	b, err = runtime.JSONMerge(b, []byte(`{"type":"payment.refunded"}`))
+	t.union = b
+	return err
+}
+
+// MergePaymentRefundedEvent performs a merge with any union data inside the Event, using the provided PaymentRefundedEvent
+func (t *Event) MergePaymentRefundedEvent(v PaymentRefundedEvent) error {
+	t.Type = "payment.refunded"
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	b, err = runtime.JSONMerge(b, []byte(`{"type":"payment.refunded"}`))
+	if err != nil {
+		return err
+	}
+
+	merged, err := runtime.JSONMerge(t.union, b)
+	t.union = merged
+	return err
+}
+
+// AsPaymentDisputedEvent returns the union data inside the Event as a PaymentDisputedEvent
+func (t Event) AsPaymentDisputedEvent() (PaymentDisputedEvent, error) {
+	var body PaymentDisputedEvent
+	err := json.Unmarshal(t.union, &body)
+	return body, err
+}
+
+// FromPaymentDisputedEvent overwrites any union data inside the Event as the provided PaymentDisputedEvent
+func (t *Event) FromPaymentDisputedEvent(v PaymentDisputedEvent) error {
+	t.Type = "payment.disputed"
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	b, err = runtime.JSONMerge(b, []byte(`{"type":"payment.disputed"}`))
+	t.union = b
+	return err
+}
+
+// MergePaymentDisputedEvent performs a merge with any union data inside the Event, using the provided PaymentDisputedEvent
+func (t *Event) MergePaymentDisputedEvent(v PaymentDisputedEvent) error {
+	t.Type = "payment.disputed"
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	b, err = runtime.JSONMerge(b, []byte(`{"type":"payment.disputed"}`))
+	if err != nil {
+		return err
+	}
+
+	merged, err := runtime.JSONMerge(t.union, b)
+	t.union = merged
+	return err
+}
+
+// AsPaymentDisputeWonEvent returns the union data inside the Event as a PaymentDisputeWonEvent
+func (t Event) AsPaymentDisputeWonEvent() (PaymentDisputeWonEvent, error) {
+	var body PaymentDisputeWonEvent
+	err := json.Unmarshal(t.union, &body)
+	return body, err
+}
+
+// FromPaymentDisputeWonEvent overwrites any union data inside the Event as the provided PaymentDisputeWonEvent
+func (t *Event) FromPaymentDisputeWonEvent(v PaymentDisputeWonEvent) error {
+	t.Type = "payment.dispute_won"
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	b, err = runtime.JSONMerge(b, []byte(`{"type":"payment.dispute_won"}`))
+	t.union = b
+	return err
+}
+
+// MergePaymentDisputeWonEvent performs a merge with any union data inside the Event, using the provided PaymentDisputeWonEvent
+func (t *Event) MergePaymentDisputeWonEvent(v PaymentDisputeWonEvent) error {
+	t.Type = "payment.dispute_won"
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	b, err = runtime.JSONMerge(b, []byte(`{"type":"payment.dispute_won"}`))
+	if err != nil {
+		return err
+	}
+
+	merged, err := runtime.JSONMerge(t.union, b)
+	t.union = merged
+	return err
+}
+
+// AsPaymentDisputeLostEvent returns the union data inside the Event as a PaymentDisputeLostEvent
+func (t Event) AsPaymentDisputeLostEvent() (PaymentDisputeLostEvent, error) {
+	var body PaymentDisputeLostEvent
+	err := json.Unmarshal(t.union, &body)
+	return body, err
+}
+
+// FromPaymentDisputeLostEvent overwrites any union data inside the Event as the provided PaymentDisputeLostEvent
+func (t *Event) FromPaymentDisputeLostEvent(v PaymentDisputeLostEvent) error {
+	t.Type = "payment.dispute_lost"
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	b, err = runtime.JSONMerge(b, []byte(`{"type":"payment.dispute_lost"}`))
+	t.union = b
+	return err
+}
+
+// MergePaymentDisputeLostEvent performs a merge with any union data inside the Event, using the provided PaymentDisputeLostEvent
+func (t *Event) MergePaymentDisputeLostEvent(v PaymentDisputeLostEvent) error {
+	t.Type = "payment.dispute_lost"
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	b, err = runtime.JSONMerge(b, []byte(`{"type":"payment.dispute_lost"}`))
+	if err != nil {
+		return err
+	}
+
+	merged, err := runtime.JSONMerge(t.union, b)
+	t.union = merged
+	return err
+}
+
+// AsSubscriptionUpdatedEvent returns the union data inside the Event as a SubscriptionUpdatedEvent
+func (t Event) AsSubscriptionUpdatedEvent() (SubscriptionUpdatedEvent, error) {
+	var body SubscriptionUpdatedEvent
+	err := json.Unmarshal(t.union, &body)
+	return body, err
+}
+
+// FromSubscriptionUpdatedEvent overwrites any union data inside the Event as the provided SubscriptionUpdatedEvent
+func (t *Event) FromSubscriptionUpdatedEvent(v SubscriptionUpdatedEvent) error {
+	t.Type = "subscription.updated"
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	b, err = runtime.JSONMerge(b, []byte(`{"type":"subscription.updated"}`))
+	t.union = b
+	return err
+}
+
+// MergeSubscriptionUpdatedEvent performs a merge with any union data inside the Event, using the provided SubscriptionUpdatedEvent
+func (t *Event) MergeSubscriptionUpdatedEvent(v SubscriptionUpdatedEvent) error {
+	t.Type = "subscription.updated"
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	b, err = runtime.JSONMerge(b, []byte(`{"type":"subscription.updated"}`))
+	if err != nil {
+		return err
+	}
+
+	merged, err := runtime.JSONMerge(t.union, b)
+	t.union = merged
+	return err
+}
+
+// AsCreditsGrantedEvent returns the union data inside the Event as a CreditsGrantedEvent
+func (t Event) AsCreditsGrantedEvent() (CreditsGrantedEvent, error) {
+	var body CreditsGrantedEvent
+	err := json.Unmarshal(t.union, &body)
+	return body, err
+}
+
+// FromCreditsGrantedEvent overwrites any union data inside the Event as the provided CreditsGrantedEvent
+func (t *Event) FromCreditsGrantedEvent(v CreditsGrantedEvent) error {
+	t.Type = "credits.granted"
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	b, err = runtime.JSONMerge(b, []byte(`{"type":"credits.granted"}`))
+	t.union = b
+	return err
+}
+
+// MergeCreditsGrantedEvent performs a merge with any union data inside the Event, using the provided CreditsGrantedEvent
+func (t *Event) MergeCreditsGrantedEvent(v CreditsGrantedEvent) error {
+	t.Type = "credits.granted"
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	b, err = runtime.JSONMerge(b, []byte(`{"type":"credits.granted"}`))
+	if err != nil {
+		return err
+	}
+
+	merged, err := runtime.JSONMerge(t.union, b)
+	t.union = merged
+	return err
+}
+
+// AsCreditsLowBalanceEvent returns the union data inside the Event as a CreditsLowBalanceEvent
+func (t Event) AsCreditsLowBalanceEvent() (CreditsLowBalanceEvent, error) {
+	var body CreditsLowBalanceEvent
+	err := json.Unmarshal(t.union, &body)
+	return body, err
+}
+
+// FromCreditsLowBalanceEvent overwrites any union data inside the Event as the provided CreditsLowBalanceEvent
+func (t *Event) FromCreditsLowBalanceEvent(v CreditsLowBalanceEvent) error {
+	t.Type = "credits.low_balance"
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	b, err = runtime.JSONMerge(b, []byte(`{"type":"credits.low_balance"}`))
+	t.union = b
+	return err
+}
+
+// MergeCreditsLowBalanceEvent performs a merge with any union data inside the Event, using the provided CreditsLowBalanceEvent
+func (t *Event) MergeCreditsLowBalanceEvent(v CreditsLowBalanceEvent) error {
+	t.Type = "credits.low_balance"
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	b, err = runtime.JSONMerge(b, []byte(`{"type":"credits.low_balance"}`))
+	if err != nil {
+		return err
+	}
+
+	merged, err := runtime.JSONMerge(t.union, b)
+	t.union = merged
+	return err
+}
+
+// AsCreditsExpiringEvent returns the union data inside the Event as a CreditsExpiringEvent
+func (t Event) AsCreditsExpiringEvent() (CreditsExpiringEvent, error) {
+	var body CreditsExpiringEvent
+	err := json.Unmarshal(t.union, &body)
+	return body, err
+}
+
+// FromCreditsExpiringEvent overwrites any union data inside the Event as the provided CreditsExpiringEvent
+func (t *Event) FromCreditsExpiringEvent(v CreditsExpiringEvent) error {
+	t.Type = "credits.expiring"
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	b, err = runtime.JSONMerge(b, []byte(`{"type":"credits.expiring"}`))
+	t.union = b
+	return err
+}
+
+// MergeCreditsExpiringEvent performs a merge with any union data inside the Event, using the provided CreditsExpiringEvent
+func (t *Event) MergeCreditsExpiringEvent(v CreditsExpiringEvent) error {
+	t.Type = "credits.expiring"
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	b, err = runtime.JSONMerge(b, []byte(`{"type":"credits.expiring"}`))
+	if err != nil {
+		return err
+	}
+
+	merged, err := runtime.JSONMerge(t.union, b)
+	t.union = merged
+	return err
+}
+
+// AsCreditsExpiredEvent returns the union data inside the Event as a CreditsExpiredEvent
+func (t Event) AsCreditsExpiredEvent() (CreditsExpiredEvent, error) {
+	var body CreditsExpiredEvent
+	err := json.Unmarshal(t.union, &body)
+	return body, err
+}
+
+// FromCreditsExpiredEvent overwrites any union data inside the Event as the provided CreditsExpiredEvent
+func (t *Event) FromCreditsExpiredEvent(v CreditsExpiredEvent) error {
+	t.Type = "credits.expired"
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	b, err = runtime.JSONMerge(b, []byte(`{"type":"credits.expired"}`))
+	t.union = b
+	return err
+}
+
+// MergeCreditsExpiredEvent performs a merge with any union data inside the Event, using the provided CreditsExpiredEvent
+func (t *Event) MergeCreditsExpiredEvent(v CreditsExpiredEvent) error {
+	t.Type = "credits.expired"
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	b, err = runtime.JSONMerge(b, []byte(`{"type":"credits.expired"}`))
+	if err != nil {
+		return err
+	}
+
+	merged, err := runtime.JSONMerge(t.union, b)
+	t.union = merged
+	return err
+}
+
+// AsCreditsRevokedEvent returns the union data inside the Event as a CreditsRevokedEvent
+func (t Event) AsCreditsRevokedEvent() (CreditsRevokedEvent, error) {
+	var body CreditsRevokedEvent
+	err := json.Unmarshal(t.union, &body)
+	return body, err
+}
+
+// FromCreditsRevokedEvent overwrites any union data inside the Event as the provided CreditsRevokedEvent
+func (t *Event) FromCreditsRevokedEvent(v CreditsRevokedEvent) error {
+	t.Type = "credits.revoked"
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	b, err = runtime.JSONMerge(b, []byte(`{"type":"credits.revoked"}`))
+	t.union = b
+	return err
+}
+
+// MergeCreditsRevokedEvent performs a merge with any union data inside the Event, using the provided CreditsRevokedEvent
+func (t *Event) MergeCreditsRevokedEvent(v CreditsRevokedEvent) error {
+	t.Type = "credits.revoked"
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	b, err = runtime.JSONMerge(b, []byte(`{"type":"credits.revoked"}`))
+	if err != nil {
+		return err
+	}
+
+	merged, err := runtime.JSONMerge(t.union, b)
+	t.union = merged
+	return err
+}
+
+// AsUsageDeadEvent returns the union data inside the Event as a UsageDeadEvent
+func (t Event) AsUsageDeadEvent() (UsageDeadEvent, error) {
+	var body UsageDeadEvent
+	err := json.Unmarshal(t.union, &body)
+	return body, err
+}
+
+// FromUsageDeadEvent overwrites any union data inside the Event as the provided UsageDeadEvent
+func (t *Event) FromUsageDeadEvent(v UsageDeadEvent) error {
+	t.Type = "usage.dead"
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	b, err = runtime.JSONMerge(b, []byte(`{"type":"usage.dead"}`))
+	t.union = b
+	return err
+}
+
+// MergeUsageDeadEvent performs a merge with any union data inside the Event, using the provided UsageDeadEvent
+func (t *Event) MergeUsageDeadEvent(v UsageDeadEvent) error {
+	t.Type = "usage.dead"
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	b, err = runtime.JSONMerge(b, []byte(`{"type":"usage.dead"}`))
+	if err != nil {
+		return err
+	}
+
+	merged, err := runtime.JSONMerge(t.union, b)
+	t.union = merged
+	return err
+}
+
+func (t Event) Discriminator() (string, error) {
+	var discriminator struct {
+		Discriminator string `json:"type"`
+	}
+	err := json.Unmarshal(t.union, &discriminator)
+	return discriminator.Discriminator, err
+}
+
+func (t Event) ValueByDiscriminator() (interface{}, error) {
+	discriminator, err := t.Discriminator()
+	if err != nil {
+		return nil, err
+	}
+	switch discriminator {
+	case "credits.expired":
+		return t.AsCreditsExpiredEvent()
+	case "credits.expiring":
+		return t.AsCreditsExpiringEvent()
+	case "credits.granted":
+		return t.AsCreditsGrantedEvent()
+	case "credits.low_balance":
+		return t.AsCreditsLowBalanceEvent()
+	case "credits.revoked":
+		return t.AsCreditsRevokedEvent()
+	case "customer.created":
+		return t.AsCustomerCreatedEvent()
+	case "customer.updated":
+		return t.AsCustomerUpdatedEvent()
+	case "payment.dispute_lost":
+		return t.AsPaymentDisputeLostEvent()
+	case "payment.dispute_won":
+		return t.AsPaymentDisputeWonEvent()
+	case "payment.disputed":
+		return t.AsPaymentDisputedEvent()
+	case "payment.failed":
+		return t.AsPaymentFailedEvent()
+	case "payment.refunded":
+		return t.AsPaymentRefundedEvent()
+	case "payment.succeeded":
+		return t.AsPaymentSucceededEvent()
+	case "subscription.updated":
+		return t.AsSubscriptionUpdatedEvent()
+	case "usage.dead":
+		return t.AsUsageDeadEvent()
+	default:
+		return nil, errors.New("unknown discriminator value: " + discriminator)
+	}
+}
+
+func (t Event) MarshalJSON() ([]byte, error) {
+	b, err := t.union.MarshalJSON()
+	if err != nil {
+		return nil, err
+	}
+	object := make(map[string]json.RawMessage)
+	if t.union != nil {
+		err = json.Unmarshal(b, &object)
+		if err != nil {
+			return nil, err
+		}
+	}
+
+	object["created_at"], err = json.Marshal(t.CreatedAt)
+	if err != nil {
+		return nil, fmt.Errorf("error marshaling 'created_at': %w", err)
+	}
+
+	if t.CustomerId != nil {
+		object["customer_id"], err = json.Marshal(t.CustomerId)
+		if err != nil {
+			return nil, fmt.Errorf("error marshaling 'customer_id': %w", err)
+		}
+	}
+
+	object["id"], err = json.Marshal(t.Id)
+	if err != nil {
+		return nil, fmt.Errorf("error marshaling 'id': %w", err)
+	}
+
+	object["type"], err = json.Marshal(t.Type)
+	if err != nil {
+		return nil, fmt.Errorf("error marshaling 'type': %w", err)
+	}
+
+	b, err = json.Marshal(object)
+	return b, err
+}
+
+func (t *Event) UnmarshalJSON(b []byte) error {
+	err := t.union.UnmarshalJSON(b)
+	if err != nil {
+		return err
+	}
+	object := make(map[string]json.RawMessage)
+	err = json.Unmarshal(b, &object)
+	if err != nil {
+		return err
+	}
+
+	if raw, found := object["created_at"]; found {
+		err = json.Unmarshal(raw, &t.CreatedAt)
+		if err != nil {
+			return fmt.Errorf("error reading 'created_at': %w", err)
+		}
+	}
+
+	if raw, found := object["customer_id"]; found {
+		err = json.Unmarshal(raw, &t.CustomerId)
+		if err != nil {
+			return fmt.Errorf("error reading 'customer_id': %w", err)
+		}
+	}
+
+	if raw, found := object["id"]; found {
+		err = json.Unmarshal(raw, &t.Id)
+		if err != nil {
+			return fmt.Errorf("error reading 'id': %w", err)
+		}
+	}
+
+	if raw, found := object["type"]; found {
+		err = json.Unmarshal(raw, &t.Type)
+		if err != nil {
+			return fmt.Errorf("error reading 'type': %w", err)
+		}
+	}
+
+	return err
+}
 
 // RequestEditorFn is the function signature for the RequestEditor callback function
 type RequestEditorFn func(ctx context.Context, req *http.Request) error
