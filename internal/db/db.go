@@ -126,6 +126,16 @@ func Open(ctx context.Context, url string, maxOpenConns int, logger *slog.Logger
 	return gdb, nil
 }
 
+// Ping checks that gdb's database answers within ctx (readiness, the
+// tally_db_up gauge). The error is the driver's, untranslated.
+func Ping(ctx context.Context, gdb *gorm.DB) error {
+	sqlDB, err := gdb.DB()
+	if err != nil {
+		return err
+	}
+	return sqlDB.PingContext(ctx)
+}
+
 // Close releases gdb's pool.
 func Close(gdb *gorm.DB) error {
 	sqlDB, err := gdb.DB()
