@@ -301,7 +301,7 @@ func TestCreditsBadInputIsRefusedAndWritesNothing(t *testing.T) {
 	}
 	gdb := openDB(t, s)
 	var keys int
-	if err := db.ScanRow(gdb.Raw(`SELECT count(*) FROM idempotency_keys`), &keys); err != nil || keys != 1 {
+	if err := gdb.Raw(`SELECT count(*) FROM idempotency_keys`).Scan(&keys).Error; err != nil || keys != 1 {
 		t.Fatalf("%d idempotency keys stored (%v), want only the grant's", keys, err)
 	}
 	mustVerifyClean(t, s)

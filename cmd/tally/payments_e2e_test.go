@@ -67,7 +67,7 @@ func balanceOf(t testing.TB, gdb *gorm.DB, customerID string) int64 {
 func countRows(t testing.TB, gdb *gorm.DB, query string, args ...any) int64 {
 	t.Helper()
 	var n int64
-	if err := db.ScanRow(gdb.Raw(query, args...), &n); err != nil {
+	if err := gdb.Raw(query, args...).Scan(&n).Error; err != nil {
 		t.Fatalf("%s: %v", query, err)
 	}
 	return n
@@ -195,14 +195,18 @@ func deliver(t testing.TB, s *server, body []byte) {
 
 func eventStatus(t testing.TB, gdb *gorm.DB, id string) (status, lastError string) {
 	t.Helper()
-	var le *string
-	if err := db.ScanRow(gdb.Raw(`SELECT status, last_error FROM stripe_events WHERE id = ?`, id), &status, &le); err != nil {
-		t.Fatalf("stored event %s: %v", id, err)
+	var stored struct {
+		Status    string
+		LastError *string
 	}
-	if le != nil {
-		lastError = *le
+	res := gdb.Raw(`SELECT status, last_error FROM stripe_events WHERE id = ?`, id).Scan(&stored)
+	if res.Error != nil || res.RowsAffected == 0 {
+		t.Fatalf("stored event %s: %v (%d rows)", id, res.Error, res.RowsAffected)
 	}
-	return status, lastError
+	if stored.LastError != nil {
+		lastError = *stored.LastError
+	}
+	return stored.Status, lastError
 }
 
 // TestSameSuccessToTwoInstancesCreditsOnce delivers one payment's
@@ -1039,7 +1043,7 @@ func TestWebhookStoresEventsWithNULEscapes(t *testing.T) {
 		t.Fatalf("balance = %d, want %d", got, starterCredits)
 	}
 	var stored string
-	if err := db.ScanRow(gdb.Raw(`SELECT payload FROM stripe_events WHERE id = ?`, paid), &stored); err != nil || stored != string(body) {
+	if err := gdb.Raw(`SELECT payload FROM stripe_events WHERE id = ?`, paid).Scan(&stored).Error; err != nil || stored != string(body) {
 		t.Fatalf("stored payload differs from the signed body (%v):\n%s\n%s", err, stored, body)
 	}
 	r, err := s.admin(t).ReplayStripeEventWithResponse(ctx, paid)

@@ -88,7 +88,7 @@ func New(ctx context.Context, opts Options) (*App, error) {
 	}, func() float64 {
 		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
 		defer cancel()
-		if ping(ctx, gdb) != nil {
+		if db.Ping(ctx, gdb) != nil {
 			return 0
 		}
 		return 1
@@ -216,7 +216,7 @@ func (a *App) Handler() http.Handler { return a.handler }
 func (a *App) DB() *gorm.DB { return a.db }
 
 func (a *App) ready(ctx context.Context) map[string]error {
-	checks := map[string]error{"database": ping(ctx, a.db)}
+	checks := map[string]error{"database": db.Ping(ctx, a.db)}
 	if checks["database"] == nil {
 		current, err := db.MigrationsCurrent(ctx, a.db)
 		if err == nil && !current {
@@ -227,19 +227,8 @@ func (a *App) ready(ctx context.Context) map[string]error {
 	return checks
 }
 
-func ping(ctx context.Context, gdb *gorm.DB) error {
-	sqlDB, err := gdb.DB()
-	if err != nil {
-		return err
-	}
-	return sqlDB.PingContext(ctx)
-}
-
-func closeDB(gdb *gorm.DB) {
-	if sqlDB, err := gdb.DB(); err == nil {
-		_ = sqlDB.Close()
-	}
-}
+// closeDB releases the pool on the way out, where its error changes nothing.
+func closeDB(gdb *gorm.DB) { _ = db.Close(gdb) }
 
 // Run serves HTTP on cfg.HTTPAddr (and /metrics on cfg.MetricsAddr when set)
 // and runs the workers until ctx ends. Then it stops accepting connections,

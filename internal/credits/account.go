@@ -4,11 +4,11 @@ import (
 	"context"
 	"database/sql"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"time"
 
 	"gorm.io/gorm"
+	"gorm.io/gorm/clause"
 
 	"github.com/tallybilling/tally/internal/db"
 	"github.com/tallybilling/tally/internal/errs"
@@ -52,20 +52,29 @@ func lockAccount(ctx context.Context, tx *gorm.DB, customerID string, clock func
 
 func lockAccountAt(ctx context.Context, tx *gorm.DB, customerID string, clock func() time.Time, defaultThreshold *int64, expire bool) (*account, bool, error) {
 	a := &account{customerID: customerID, defaultThreshold: defaultThreshold}
-	var lastChange time.Time
-	err := db.ScanRow(tx.WithContext(ctx).Raw(`
-		SELECT b.balance, b.next_expiry, b.low_balance_notified,
-		       COALESCE(c.low_balance_threshold, ?::bigint, b.default_low_balance_threshold), b.updated_at
+	// The money lock: the balance row, joined to the customer for its
+	// threshold, locked for the rest of tx.
+	var locked struct {
+		Balance    int64
+		NextExpiry sql.NullTime
+		Notified   bool
+		Threshold  int64
+		UpdatedAt  time.Time
+	}
+	res := tx.WithContext(ctx).Raw(`
+		SELECT b.balance, b.next_expiry, b.low_balance_notified AS notified,
+		       COALESCE(c.low_balance_threshold, ?::bigint, b.default_low_balance_threshold) AS threshold, b.updated_at
 		FROM credit_balances b JOIN customers c ON c.id = b.customer_id
 		WHERE b.customer_id = ?
-		FOR UPDATE OF b`, defaultThreshold, customerID),
-		&a.balance, &a.nextExpiry, &a.notified, &a.threshold, &lastChange)
-	if errors.Is(err, sql.ErrNoRows) {
+		FOR UPDATE OF b`, defaultThreshold, customerID).Scan(&locked)
+	if res.Error != nil {
+		return nil, false, res.Error
+	}
+	if res.RowsAffected == 0 {
 		return nil, false, nil
 	}
-	if err != nil {
-		return nil, false, err
-	}
+	a.balance, a.nextExpiry, a.notified, a.threshold = locked.Balance, locked.NextExpiry, locked.Notified, locked.Threshold
+	lastChange := locked.UpdatedAt
 	// Every change saves its time as updated_at, so the row holds the time
 	// of the customer's latest ledger entry.
 	a.now = clock()
@@ -85,8 +94,8 @@ func lockAccountAt(ctx context.Context, tx *gorm.DB, customerID string, clock fu
 func ensureAccount(ctx context.Context, tx *gorm.DB, customerID string, clock func() time.Time, defaultThreshold *int64) (*account, error) {
 	// A new row's updated_at is the epoch: it must not hold a later time
 	// than the first change made under its lock.
-	err := tx.WithContext(ctx).Exec(`INSERT INTO credit_balances (customer_id, updated_at) VALUES (?, 'epoch')
-		ON CONFLICT (customer_id) DO NOTHING`, customerID).Error
+	err := tx.WithContext(ctx).Clauses(clause.OnConflict{DoNothing: true}).
+		Create(&balanceRow{CustomerID: customerID, UpdatedAt: time.Unix(0, 0).UTC()}).Error
 	if err != nil {
 		return nil, err
 	}
@@ -103,11 +112,14 @@ func ensureAccount(ctx context.Context, tx *gorm.DB, customerID string, clock fu
 // save writes the account's balance, expiry bound and notice flag back,
 // with a.now as the time of the change.
 func (a *account) save(ctx context.Context, tx *gorm.DB) error {
-	return tx.WithContext(ctx).Exec(`UPDATE credit_balances
-		SET balance = ?, next_expiry = ?, low_balance_notified = ?,
-		    default_low_balance_threshold = COALESCE(?::bigint, default_low_balance_threshold), updated_at = ?
-		WHERE customer_id = ?`,
-		a.balance, a.nextExpiry, a.notified, a.defaultThreshold, a.now, a.customerID).Error
+	return tx.WithContext(ctx).Model(&balanceRow{}).Where("customer_id = ?", a.customerID).Updates(map[string]any{
+		"balance":              a.balance,
+		"next_expiry":          a.nextExpiry,
+		"low_balance_notified": a.notified,
+		// Only a caller with configuration (a Service) refreshes the default.
+		"default_low_balance_threshold": gorm.Expr("COALESCE(?::bigint, default_low_balance_threshold)", a.defaultThreshold),
+		"updated_at":                    a.now,
+	}).Error
 }
 
 // lowBalance updates the notice flag for the balance the account now has
@@ -139,9 +151,9 @@ func (a *account) appendLowBalance(ctx context.Context, tx *gorm.DB) error {
 // transaction holds are left for later.
 func (a *account) expireDue(ctx context.Context, tx *gorm.DB, skipLocked bool) (int, error) {
 	now := a.now
-	lock := "FOR UPDATE"
+	lock := clause.Locking{Strength: "UPDATE"}
 	if skipLocked {
-		lock = "FOR UPDATE SKIP LOCKED"
+		lock.Options = "SKIP LOCKED"
 	}
 	type due struct {
 		ID        string
@@ -149,15 +161,15 @@ func (a *account) expireDue(ctx context.Context, tx *gorm.DB, skipLocked bool) (
 		ExpiresAt time.Time
 	}
 	var grants []due
-	err := tx.WithContext(ctx).Raw(`SELECT id, remaining, expires_at FROM credit_grants
-		WHERE customer_id = ? AND remaining > 0 AND expires_at <= ?
-		ORDER BY expires_at, created_at, id `+lock, a.customerID, now).Scan(&grants).Error
+	err := tx.WithContext(ctx).Model(&grantRow{}).Clauses(lock).
+		Where("customer_id = ? AND remaining > 0 AND expires_at <= ?", a.customerID, now).
+		Order("expires_at, created_at, id").Find(&grants).Error
 	if err != nil {
 		return 0, err
 	}
 	for _, g := range grants {
-		if err := tx.WithContext(ctx).Exec(`UPDATE credit_grants SET remaining = 0, expired_at = ? WHERE id = ?`,
-			now, g.ID).Error; err != nil {
+		if err := tx.WithContext(ctx).Model(&grantRow{}).Where("id = ?", g.ID).
+			Updates(map[string]any{"remaining": 0, "expired_at": now}).Error; err != nil {
 			return 0, err
 		}
 		a.balance -= g.Remaining
@@ -175,8 +187,8 @@ func (a *account) expireDue(ctx context.Context, tx *gorm.DB, skipLocked bool) (
 			return 0, err
 		}
 	}
-	err = db.ScanRow(tx.WithContext(ctx).Raw(`SELECT min(expires_at) FROM credit_grants
-		WHERE customer_id = ? AND remaining > 0 AND expires_at IS NOT NULL`, a.customerID), &a.nextExpiry)
+	err = tx.WithContext(ctx).Raw(`SELECT min(expires_at) FROM credit_grants
+		WHERE customer_id = ? AND remaining > 0 AND expires_at IS NOT NULL`, a.customerID).Scan(&a.nextExpiry).Error
 	if err != nil {
 		return 0, err
 	}
@@ -219,11 +231,11 @@ func insertEntry(ctx context.Context, tx *gorm.DB, e entryRow) error {
 	if e.Shortfall > 0 {
 		shortfall = &e.Shortfall
 	}
-	return tx.WithContext(ctx).Exec(`INSERT INTO credit_ledger
-		(id, customer_id, kind, amount, balance_after, reason, metadata, grant_id, payment_id, idempotency_key, draws, shortfall, created_at)
-		VALUES (?, ?, ?, ?, ?, ?, ?::jsonb, ?, ?, ?, ?::jsonb, ?, ?)`,
-		e.ID, e.CustomerID, e.Kind, e.Amount, e.BalanceAfter, e.Reason, meta, e.GrantID, e.PaymentID, e.IdempotencyKey,
-		draws, shortfall, e.CreatedAt).Error
+	return tx.WithContext(ctx).Create(&ledgerRow{
+		ID: e.ID, CustomerID: e.CustomerID, Kind: e.Kind, Amount: e.Amount, BalanceAfter: e.BalanceAfter,
+		Reason: e.Reason, Metadata: meta, GrantID: e.GrantID, PaymentID: e.PaymentID, Draws: draws,
+		IdempotencyKey: e.IdempotencyKey, Shortfall: shortfall, CreatedAt: e.CreatedAt,
+	}).Error
 }
 
 func metadataJSON(m map[string]string) (string, error) {

@@ -51,35 +51,43 @@ func (s *Service) Consume(ctx context.Context, in ConsumeInput, key db.Idempoten
 // lowers the balance row and appends the ledger entry, in one statement.
 // The caller holds the balance row's lock, which every writer of the
 // customer's grants takes first, so the snapshot the CTEs read is current.
+// p binds each value once; NOT MATERIALIZED lets the planner see them as
+// the constants they are (the draw-order index is used, as with literals).
 const consumeSQL = `
-WITH cand AS (
-	SELECT id, remaining,
-	       (sum(remaining) OVER w)::bigint AS run,
+WITH p AS NOT MATERIALIZED (
+	SELECT ?::text AS customer, ?::timestamptz AS now, ?::bigint AS amount, ?::boolean AS notified,
+	       ?::bigint AS default_threshold, ?::text AS id, ?::text AS reason, ?::jsonb AS metadata, ?::text AS key
+), cand AS (
+	SELECT g.id, g.remaining,
+	       (sum(g.remaining) OVER w)::bigint AS run,
 	       row_number() OVER w AS rn
-	FROM credit_grants
-	WHERE customer_id = @customer AND remaining > 0 AND (expires_at IS NULL OR expires_at > CAST(@now AS timestamptz))
-	WINDOW w AS (ORDER BY expires_at NULLS LAST, created_at, id)
+	FROM credit_grants g, p
+	WHERE g.customer_id = p.customer AND g.remaining > 0 AND (g.expires_at IS NULL OR g.expires_at > p.now)
+	WINDOW w AS (ORDER BY g.expires_at NULLS LAST, g.created_at, g.id)
 ), draws AS (
-	SELECT id, rn, LEAST(remaining, CAST(@amount AS bigint) - (run - remaining)) AS take
-	FROM cand WHERE run - remaining < CAST(@amount AS bigint)
+	SELECT cand.id, cand.rn, LEAST(cand.remaining, p.amount - (cand.run - cand.remaining)) AS take
+	FROM cand, p WHERE cand.run - cand.remaining < p.amount
 ), drawn AS (
 	UPDATE credit_grants g SET remaining = g.remaining - d.take
 	FROM draws d WHERE g.id = d.id
 	RETURNING g.id
 ), bal AS (
-	UPDATE credit_balances
-	SET balance = balance - CAST(@amount AS bigint), low_balance_notified = @notified,
-	    default_low_balance_threshold = COALESCE(CAST(@default_threshold AS bigint), default_low_balance_threshold),
-	    updated_at = CAST(@now AS timestamptz)
-	WHERE customer_id = @customer
-	RETURNING balance
+	UPDATE credit_balances b
+	SET balance = b.balance - p.amount, low_balance_notified = p.notified,
+	    default_low_balance_threshold = COALESCE(p.default_threshold, b.default_low_balance_threshold),
+	    updated_at = p.now
+	FROM p
+	WHERE b.customer_id = p.customer
+	RETURNING b.balance
 )
 INSERT INTO credit_ledger (id, customer_id, kind, amount, balance_after, reason, metadata, draws, idempotency_key, created_at)
-SELECT @id, @customer, 'consume', -CAST(@amount AS bigint), bal.balance, @reason, CAST(@metadata AS jsonb),
+SELECT p.id, p.customer, 'consume', -p.amount, bal.balance, p.reason, p.metadata,
        (SELECT jsonb_agg(jsonb_build_object('grant_id', d.id, 'amount', d.take) ORDER BY d.rn) FROM draws d),
-       @key, CAST(@now AS timestamptz)
-FROM bal
-RETURNING balance_after, (SELECT COALESCE(sum(take), 0)::bigint FROM draws), (SELECT count(*) FROM drawn)`
+       p.key, p.now
+FROM bal, p
+RETURNING balance_after,
+	(SELECT COALESCE(sum(take), 0)::bigint FROM draws) AS drawn_total,
+	(SELECT count(*) FROM drawn) AS drawn_grants`
 
 func consume(ctx context.Context, tx *gorm.DB, clock func() time.Time, in ConsumeInput, defaultThreshold *int64, idemKey string) (ConsumeResult, error) {
 	a, found, err := lockAccount(ctx, tx, in.CustomerID, clock, defaultThreshold)
@@ -103,21 +111,13 @@ func consume(ctx context.Context, tx *gorm.DB, clock func() time.Time, in Consum
 		return ConsumeResult{}, err
 	}
 	id := db.NewID("ctx")
-	var balanceAfter, drawnTotal, drawnGrants int64
-	err = db.ScanRow(tx.WithContext(ctx).Raw(consumeSQL, map[string]any{
-		"customer":          in.CustomerID,
-		"now":               a.now,
-		"amount":            in.Amount,
-		"notified":          a.notified,
-		"default_threshold": defaultThreshold,
-		"id":                id,
-		"reason":            in.Reason,
-		"metadata":          meta,
-		"key":               idemKey,
-	}), &balanceAfter, &drawnTotal, &drawnGrants)
-	if err != nil {
-		return ConsumeResult{}, err
+	var out struct{ BalanceAfter, DrawnTotal, DrawnGrants int64 }
+	res := tx.WithContext(ctx).Raw(consumeSQL, in.CustomerID, a.now, in.Amount, a.notified,
+		defaultThreshold, id, in.Reason, meta, idemKey).Scan(&out)
+	if res.Error != nil {
+		return ConsumeResult{}, res.Error
 	}
+	balanceAfter, drawnTotal, drawnGrants := out.BalanceAfter, out.DrawnTotal, out.DrawnGrants
 	// The balance row and the grants must agree; if they ever do not, refuse
 	// (rolling back) rather than record a consume the grants cannot back.
 	if balanceAfter != a.balance || drawnTotal != in.Amount || drawnGrants == 0 {

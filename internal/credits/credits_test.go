@@ -129,7 +129,7 @@ func (f *fixture) ledger(customerID string) []credits.LedgerEntry {
 func (f *fixture) countEvents(typ string) int {
 	f.t.Helper()
 	var n int
-	if err := db.ScanRow(f.db.Raw(`SELECT count(*) FROM events WHERE type = ?`, typ), &n); err != nil {
+	if err := f.db.Raw(`SELECT count(*) FROM events WHERE type = ?`, typ).Scan(&n).Error; err != nil {
 		f.t.Fatalf("count events: %v", err)
 	}
 	return n
@@ -138,7 +138,7 @@ func (f *fixture) countEvents(typ string) int {
 func (f *fixture) count(query string, args ...any) int {
 	f.t.Helper()
 	var n int
-	if err := db.ScanRow(f.db.Raw(query, args...), &n); err != nil {
+	if err := f.db.Raw(query, args...).Scan(&n).Error; err != nil {
 		f.t.Fatalf("%s: %v", query, err)
 	}
 	return n
@@ -320,7 +320,7 @@ func TestLowBalanceNoticeFiresOncePerCrossing(t *testing.T) {
 		t.Fatalf("%d notices at 2 with customer threshold 3, want 3", n)
 	}
 	var raw string
-	if err := db.ScanRow(f.db.Raw(`SELECT data::text FROM events WHERE type = 'credits.low_balance' ORDER BY id DESC LIMIT 1`), &raw); err != nil {
+	if err := f.db.Raw(`SELECT data::text FROM events WHERE type = 'credits.low_balance' ORDER BY id DESC LIMIT 1`).Scan(&raw).Error; err != nil {
 		t.Fatal(err)
 	}
 	var data map[string]any
@@ -379,7 +379,7 @@ func TestExpiringNoticeFiresOncePerGrant(t *testing.T) {
 		t.Fatalf("%d expiring notices after three sweeps inside the window, want 1", n)
 	}
 	var raw string
-	if err := db.ScanRow(f.db.Raw(`SELECT data->>'grant_id' FROM events WHERE type = 'credits.expiring'`), &raw); err != nil || raw != soon.GrantID {
+	if err := f.db.Raw(`SELECT data->>'grant_id' FROM events WHERE type = 'credits.expiring'`).Scan(&raw).Error; err != nil || raw != soon.GrantID {
 		t.Fatalf("expiring notice names %q (%v), want %s", raw, err, soon.GrantID)
 	}
 	// A grant spent in full before its window gets no notice.

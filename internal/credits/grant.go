@@ -75,10 +75,10 @@ func grantTx(ctx context.Context, tx *gorm.DB, clock func() time.Time, in GrantI
 		expiresAt = &t
 	}
 	grantID := db.NewID("grt")
-	err = tx.WithContext(ctx).Exec(`INSERT INTO credit_grants
-		(id, customer_id, amount, remaining, source, payment_id, reason, metadata, expires_at, created_at)
-		VALUES (?, ?, ?, ?, ?, ?, ?, ?::jsonb, ?, ?)`,
-		grantID, in.CustomerID, in.Amount, in.Amount, string(in.Source), nonEmpty(in.PaymentID), in.Reason, meta, expiresAt, now).Error
+	err = tx.WithContext(ctx).Create(&grantRow{
+		ID: grantID, CustomerID: in.CustomerID, Amount: in.Amount, Remaining: in.Amount, Source: string(in.Source),
+		PaymentID: nonEmpty(in.PaymentID), Reason: in.Reason, Metadata: meta, ExpiresAt: expiresAt, CreatedAt: now,
+	}).Error
 	if err != nil {
 		return GrantResult{}, db.Translate(err, grantConstraints)
 	}

@@ -20,9 +20,9 @@ import (
 func ledgerOutOfOrder(t *testing.T, gdb *gorm.DB, customerID string) int64 {
 	t.Helper()
 	var n int64
-	err := db.ScanRow(gdb.Raw(`SELECT count(*) FROM credit_ledger a JOIN credit_ledger b
+	err := gdb.Raw(`SELECT count(*) FROM credit_ledger a JOIN credit_ledger b
 		ON b.customer_id = a.customer_id AND b.seq > a.seq AND b.created_at < a.created_at
-		WHERE a.customer_id = ?`, customerID), &n)
+		WHERE a.customer_id = ?`, customerID).Scan(&n).Error
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -139,8 +139,8 @@ func waitForLockWaiter(t *testing.T, gdb *gorm.DB) {
 	deadline := time.Now().Add(10 * time.Second)
 	for {
 		var n int64
-		if err := db.ScanRow(gdb.Raw(`SELECT count(*) FROM pg_stat_activity
-			WHERE datname = current_database() AND wait_event_type = 'Lock'`), &n); err != nil {
+		if err := gdb.Raw(`SELECT count(*) FROM pg_stat_activity
+			WHERE datname = current_database() AND wait_event_type = 'Lock'`).Scan(&n).Error; err != nil {
 			t.Fatal(err)
 		}
 		if n > 0 {

@@ -39,10 +39,9 @@ func (s *Service) Balance(ctx context.Context, customerID string) (Balance, erro
 		CreatedAt time.Time
 	}
 	var rows []row
-	err = s.db.WithContext(ctx).Raw(`SELECT id, amount, remaining, source, payment_id, expires_at, created_at
-		FROM credit_grants
-		WHERE customer_id = ? AND remaining > 0 AND (expires_at IS NULL OR expires_at > ?)
-		ORDER BY expires_at NULLS LAST, created_at, id`, customerID, now).Scan(&rows).Error
+	err = s.db.WithContext(ctx).Model(&grantRow{}).
+		Where("customer_id = ? AND remaining > 0 AND (expires_at IS NULL OR expires_at > ?)", customerID, now).
+		Order("expires_at NULLS LAST, created_at, id").Find(&rows).Error
 	if err != nil {
 		return Balance{}, db.Translate(err, nil)
 	}
@@ -89,27 +88,9 @@ func (s *Service) Ledger(ctx context.Context, customerID, cursor string, limit i
 	if err != nil {
 		return LedgerPage{}, err
 	}
-	type row struct {
-		Seq          int64
-		ID           string
-		Kind         string
-		Amount       int64
-		BalanceAfter int64
-		Reason       string
-		Metadata     string
-		GrantID      *string
-		PaymentID    *string
-		Draws        *string
-		Shortfall    *int64
-		CreatedAt    time.Time
-	}
-	var rows []row
-	err = s.db.WithContext(ctx).Raw(`SELECT seq, id, kind, amount, balance_after, reason, metadata::text AS metadata,
-			grant_id, payment_id, draws::text AS draws, shortfall, created_at
-		FROM credit_ledger
-		WHERE customer_id = ? AND seq < ?
-		ORDER BY seq DESC
-		LIMIT ?`, customerID, before, limit+1).Scan(&rows).Error
+	var rows []ledgerRow
+	err = s.db.WithContext(ctx).Where("customer_id = ? AND seq < ?", customerID, before).
+		Order("seq DESC").Limit(limit + 1).Find(&rows).Error
 	if err != nil {
 		return LedgerPage{}, db.Translate(err, nil)
 	}

@@ -2,8 +2,8 @@ package credits
 
 import (
 	"context"
-	"database/sql"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"time"
 
@@ -88,12 +88,14 @@ func revoke(ctx context.Context, tx *gorm.DB, clock func() time.Time, in RevokeI
 	// (from the balance) the others in consume's draw order. lockAccount
 	// expired what was due.
 	var grants []candidate
-	err = tx.WithContext(ctx).Raw(`SELECT id, remaining
-		FROM credit_grants
-		WHERE customer_id = @customer AND remaining > 0 AND (expires_at IS NULL OR expires_at > @now)
-		  AND (@from = 'balance' OR payment_id = @payment)
-		ORDER BY (payment_id IS NOT DISTINCT FROM @payment) DESC, source <> 'purchase', expires_at NULLS LAST, created_at, id
-		FOR UPDATE`, map[string]any{"payment": in.PaymentID, "customer": in.CustomerID, "now": now, "from": in.From}).Scan(&grants).Error
+	err = tx.WithContext(ctx).Raw(`
+		WITH p AS NOT MATERIALIZED (SELECT ?::text AS payment, ?::text AS customer, ?::timestamptz AS now, ?::text AS take_from)
+		SELECT g.id, g.remaining
+		FROM credit_grants g, p
+		WHERE g.customer_id = p.customer AND g.remaining > 0 AND (g.expires_at IS NULL OR g.expires_at > p.now)
+		  AND (p.take_from = 'balance' OR g.payment_id = p.payment)
+		ORDER BY (g.payment_id IS NOT DISTINCT FROM p.payment) DESC, g.source <> 'purchase', g.expires_at NULLS LAST, g.created_at, g.id
+		FOR UPDATE OF g`, in.PaymentID, in.CustomerID, now, in.From).Scan(&grants).Error
 	if err != nil {
 		return RevokeResult{}, err
 	}
@@ -103,8 +105,9 @@ func revoke(ctx context.Context, tx *gorm.DB, clock func() time.Time, in RevokeI
 			break
 		}
 		take := min(g.Remaining, in.Credits-res.Taken)
-		if err := tx.WithContext(ctx).Exec(`UPDATE credit_grants SET remaining = remaining - ?, revoked = revoked + ? WHERE id = ?`,
-			take, take, g.ID).Error; err != nil {
+		if err := tx.WithContext(ctx).Model(&grantRow{}).Where("id = ?", g.ID).Updates(map[string]any{
+			"remaining": gorm.Expr("remaining - ?", take), "revoked": gorm.Expr("revoked + ?", take),
+		}).Error; err != nil {
 			return RevokeResult{}, err
 		}
 		res.Taken += take
@@ -126,8 +129,8 @@ func revoke(ctx context.Context, tx *gorm.DB, clock func() time.Time, in RevokeI
 	// The entry is about the purchase grant (when the payment has one),
 	// whichever grants it drew from.
 	var ids []string
-	if err := tx.WithContext(ctx).Raw(`SELECT id FROM credit_grants WHERE source = 'purchase' AND payment_id = ?`, in.PaymentID).
-		Scan(&ids).Error; err != nil {
+	if err := tx.WithContext(ctx).Model(&grantRow{}).Where("source = ? AND payment_id = ?", SourcePurchase, in.PaymentID).
+		Pluck("id", &ids).Error; err != nil {
 		return RevokeResult{}, err
 	}
 	var purchaseGrant *string
@@ -143,8 +146,10 @@ func revoke(ctx context.Context, tx *gorm.DB, clock func() time.Time, in RevokeI
 		return RevokeResult{}, err
 	}
 	if res.Shortfall > 0 {
-		if err := tx.WithContext(ctx).Exec(`INSERT INTO credit_shortfalls (ledger_entry_id, customer_id, payment_id, amount, created_at)
-			VALUES (?, ?, ?, ?, ?)`, res.TransactionID, in.CustomerID, nonEmpty(in.PaymentID), res.Shortfall, now).Error; err != nil {
+		if err := tx.WithContext(ctx).Create(&shortfallRow{
+			LedgerEntryID: res.TransactionID, CustomerID: in.CustomerID, PaymentID: nonEmpty(in.PaymentID),
+			Amount: res.Shortfall, CreatedAt: now,
+		}).Error; err != nil {
 			return RevokeResult{}, err
 		}
 	}
@@ -232,35 +237,31 @@ func restore(ctx context.Context, tx *gorm.DB, clock func() time.Time, in Restor
 	if err != nil {
 		return RestoreResult{}, err
 	}
-	var entries []struct{ Draws *string }
-	err = tx.WithContext(ctx).Raw(`SELECT draws::text AS draws FROM credit_ledger
-		WHERE id = ? AND customer_id = ? AND payment_id = ? AND kind = 'revoke'`,
-		in.RevokeTransactionID, in.CustomerID, in.PaymentID).Scan(&entries).Error
+	var entry ledgerRow
+	err = tx.WithContext(ctx).Where("id = ? AND customer_id = ? AND payment_id = ? AND kind = ?",
+		in.RevokeTransactionID, in.CustomerID, in.PaymentID, KindRevoke).Take(&entry).Error
+	if errors.Is(err, gorm.ErrRecordNotFound) {
+		return RestoreResult{}, errs.E(errs.NotFound, "no revoke %s of payment %s for customer %s", in.RevokeTransactionID, in.PaymentID, in.CustomerID)
+	}
 	if err != nil {
 		return RestoreResult{}, err
 	}
-	if len(entries) == 0 {
-		return RestoreResult{}, errs.E(errs.NotFound, "no revoke %s of payment %s for customer %s", in.RevokeTransactionID, in.PaymentID, in.CustomerID)
-	}
 	var draws []Draw
-	if entries[0].Draws != nil {
-		if err := json.Unmarshal([]byte(*entries[0].Draws), &draws); err != nil {
+	if entry.Draws != nil {
+		if err := json.Unmarshal([]byte(*entry.Draws), &draws); err != nil {
 			return RestoreResult{}, fmt.Errorf("credits: draws of revoke %s: %w", in.RevokeTransactionID, err)
 		}
 	}
 	var res RestoreResult
 	for _, d := range draws {
-		var expires sql.NullTime
-		if err := db.ScanRow(tx.WithContext(ctx).Raw(`SELECT expires_at FROM credit_grants WHERE id = ?`, d.GrantID), &expires); err != nil {
+		var drawn grantRow
+		if err := tx.WithContext(ctx).Where("id = ?", d.GrantID).Take(&drawn).Error; err != nil {
 			return RestoreResult{}, fmt.Errorf("credits: grant %s that revoke %s drew from: %w", d.GrantID, in.RevokeTransactionID, err)
 		}
-		var expiresAt *time.Time
-		if expires.Valid {
-			if !expires.Time.After(a.now) {
-				res.Expired += d.Amount
-				continue
-			}
-			expiresAt = &expires.Time
+		expiresAt := drawn.ExpiresAt
+		if expiresAt != nil && !expiresAt.After(a.now) {
+			res.Expired += d.Amount
+			continue
 		}
 		meta := map[string]string{"restores_grant_id": d.GrantID, "revoke_transaction_id": in.RevokeTransactionID}
 		for k, v := range in.Metadata {
@@ -280,10 +281,11 @@ func restore(ctx context.Context, tx *gorm.DB, clock func() time.Time, in Restor
 		res.Restored += d.Amount
 		res.Grants = append(res.Grants, g)
 	}
-	err = db.ScanRow(tx.WithContext(ctx).Raw(`WITH s AS (
+	// Settles and sums in one statement: what was open, and only that.
+	err = tx.WithContext(ctx).Raw(`WITH s AS (
 			UPDATE credit_shortfalls SET settled_at = ?, settled_reason = ?
 			WHERE ledger_entry_id = ? AND settled_at IS NULL RETURNING amount)
-		SELECT COALESCE(sum(amount), 0)::bigint FROM s`, a.now, in.Reason, in.RevokeTransactionID), &res.ShortfallSettled)
+		SELECT COALESCE(sum(amount), 0)::bigint FROM s`, a.now, in.Reason, in.RevokeTransactionID).Scan(&res.ShortfallSettled).Error
 	if err != nil {
 		return RestoreResult{}, err
 	}

@@ -70,7 +70,7 @@ func TestRevokeTakesFromTheWholeBalanceAndRecordsTheShortfall(t *testing.T) {
 		PaymentID string         `json:"payment_id"`
 	}
 	var raw string
-	if err := db.ScanRow(f.db.Raw(`SELECT data::text FROM events WHERE type = 'credits.revoked'`), &raw); err != nil {
+	if err := f.db.Raw(`SELECT data::text FROM events WHERE type = 'credits.revoked'`).Scan(&raw).Error; err != nil {
 		t.Fatal(err)
 	}
 	if err := json.Unmarshal([]byte(raw), &data); err != nil || data.Amount != 90 || data.Shortfall != 10 || data.PaymentID != "pay_a" || len(data.Draws) != 2 {

@@ -82,8 +82,8 @@ func (w *Sweeper) SweepOnce(ctx context.Context) (int, error) {
 	// is picked up at the next tick rather than spun on here.
 	for range 100 {
 		var customerIDs []string
-		err := w.db.WithContext(ctx).Raw(`SELECT DISTINCT customer_id FROM credit_grants
-			WHERE remaining > 0 AND expires_at <= ? LIMIT ?`, w.now(), sweepBatch).Scan(&customerIDs).Error
+		err := w.db.WithContext(ctx).Model(&grantRow{}).Distinct("customer_id").
+			Where("remaining > 0 AND expires_at <= ?", w.now()).Limit(sweepBatch).Pluck("customer_id", &customerIDs).Error
 		if err != nil {
 			return total, db.Translate(err, nil)
 		}
@@ -144,6 +144,8 @@ func (w *Sweeper) notifyExpiring(ctx context.Context) error {
 				ExpiresAt  time.Time
 			}
 			var grants []due
+			// A claim: SKIP LOCKED, so sweepers on several replicas share
+			// the notices and none is sent twice.
 			err := tx.WithContext(ctx).Raw(`UPDATE credit_grants SET expiring_notified_at = ?
 				WHERE id IN (
 					SELECT id FROM credit_grants

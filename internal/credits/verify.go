@@ -2,7 +2,6 @@ package credits
 
 import (
 	"context"
-	"database/sql"
 	"fmt"
 	"slices"
 	"strings"
@@ -89,7 +88,7 @@ type Checker func(ctx context.Context, tx *gorm.DB) (problems []VerifyProblem, p
 // could not run (errs.Unavailable, ...).
 func Verify(ctx context.Context, gdb *gorm.DB, extra ...Checker) (VerifyReport, error) {
 	var rep VerifyReport
-	err := gdb.WithContext(ctx).Transaction(func(tx *gorm.DB) error {
+	err := db.InSnapshot(ctx, gdb, func(tx *gorm.DB) error {
 		rep = VerifyReport{}
 		checks := append([]Checker{checkBalances, checkChain, checkGrants, checkPurchases, checkConsumeKeys, checkRevokes}, extra...)
 		for _, check := range checks {
@@ -104,12 +103,12 @@ func Verify(ctx context.Context, gdb *gorm.DB, extra ...Checker) (VerifyReport, 
 		if rep.Receivables, err = receivables(ctx, tx); err != nil {
 			return err
 		}
-		return db.ScanRow(tx.Raw(`SELECT count(*) FROM (
+		return tx.Raw(`SELECT count(*) FROM (
 			SELECT customer_id FROM credit_balances UNION SELECT customer_id FROM credit_ledger
-			UNION SELECT customer_id FROM credit_grants) ids`), &rep.CustomersChecked)
-	}, &sql.TxOptions{Isolation: sql.LevelRepeatableRead, ReadOnly: true})
+			UNION SELECT customer_id FROM credit_grants) ids`).Scan(&rep.CustomersChecked).Error
+	})
 	if err != nil {
-		return VerifyReport{}, db.Translate(err, nil)
+		return VerifyReport{}, err
 	}
 	rep.OK = len(rep.Problems) == 0
 	if rep.Problems == nil {

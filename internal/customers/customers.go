@@ -6,6 +6,7 @@ package customers
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"net/mail"
 	"regexp"
@@ -14,6 +15,7 @@ import (
 	"unicode/utf8"
 
 	"gorm.io/gorm"
+	"gorm.io/gorm/clause"
 
 	"github.com/tallybilling/tally/internal/db"
 	"github.com/tallybilling/tally/internal/errs"
@@ -88,19 +90,21 @@ func (in UpsertInput) Validate() error {
 	return nil
 }
 
-type row struct {
+// customerRow is a row of customers. Metadata is the jsonb column's text.
+type customerRow struct {
 	ID                  string
 	Email               *string
 	Name                *string
 	LowBalanceThreshold *int64
 	Metadata            string
 	StripeCustomerID    *string
-	CreatedAt           time.Time
-	UpdatedAt           time.Time
-	Created             bool
+	CreatedAt           time.Time `gorm:"autoCreateTime:false"`
+	UpdatedAt           time.Time `gorm:"autoUpdateTime:false"`
 }
 
-func (r row) customer() (Customer, error) {
+func (customerRow) TableName() string { return "customers" }
+
+func (r customerRow) customer() (Customer, error) {
 	c := Customer{ID: r.ID, LowBalanceThreshold: r.LowBalanceThreshold, CreatedAt: r.CreatedAt, UpdatedAt: r.UpdatedAt}
 	if r.Email != nil {
 		c.Email = *r.Email
@@ -122,7 +126,21 @@ var constraints = map[string]errs.Code{
 	"customers_id_format":              errs.Invalid,
 }
 
-const columns = `id, email, name, low_balance_threshold, metadata::text AS metadata, stripe_customer_id, created_at, updated_at`
+// upsertSQL creates the customer or merges the fields given into it: a nil
+// field keeps its value, and the metadata is replaced only when given (the
+// last parameter says whether it was). xmax = 0 tells an inserted row from
+// an updated one.
+const upsertSQL = `
+INSERT INTO customers (id, email, name, low_balance_threshold, metadata, stripe_customer_id, created_at, updated_at)
+VALUES (?, ?, ?, ?, COALESCE(?::jsonb, '{}'), ?, ?, ?)
+ON CONFLICT (id) DO UPDATE SET
+	email = COALESCE(EXCLUDED.email, customers.email),
+	name = COALESCE(EXCLUDED.name, customers.name),
+	low_balance_threshold = COALESCE(EXCLUDED.low_balance_threshold, customers.low_balance_threshold),
+	metadata = CASE WHEN ? THEN EXCLUDED.metadata ELSE customers.metadata END,
+	stripe_customer_id = COALESCE(EXCLUDED.stripe_customer_id, customers.stripe_customer_id),
+	updated_at = EXCLUDED.updated_at
+RETURNING id, email, name, low_balance_threshold, metadata, stripe_customer_id, created_at, updated_at, (xmax = 0) AS created`
 
 // Service reads and writes customers.
 type Service struct {
@@ -161,32 +179,27 @@ func (s *Service) Upsert(ctx context.Context, in UpsertInput) (c Customer, creat
 	}
 	err = db.InTx(ctx, s.db, func(tx *gorm.DB) error {
 		if in.StripeCustomerID != nil {
-			var existing []row
-			if err := tx.Raw(`SELECT `+columns+` FROM customers WHERE id = ? FOR UPDATE`, in.ID).Scan(&existing).Error; err != nil {
+			var existing customerRow
+			err := tx.Clauses(clause.Locking{Strength: "UPDATE"}).Where("id = ?", in.ID).Take(&existing).Error
+			switch {
+			case errors.Is(err, gorm.ErrRecordNotFound): // a new customer links freely
+			case err != nil:
 				return err
-			}
-			if len(existing) == 1 && existing[0].StripeCustomerID != nil && *existing[0].StripeCustomerID != *in.StripeCustomerID {
-				return errs.E(errs.Conflict, "customer %s is already linked to Stripe customer %s", in.ID, *existing[0].StripeCustomerID)
+			case existing.StripeCustomerID != nil && *existing.StripeCustomerID != *in.StripeCustomerID:
+				return errs.E(errs.Conflict, "customer %s is already linked to Stripe customer %s", in.ID, *existing.StripeCustomerID)
 			}
 		}
 		now := s.now()
-		var r row
-		err := tx.Raw(`
-			INSERT INTO customers (id, email, name, low_balance_threshold, metadata, stripe_customer_id, created_at, updated_at)
-			VALUES (?, ?, ?, ?, COALESCE(?::jsonb, '{}'), ?, ?, ?)
-			ON CONFLICT (id) DO UPDATE SET
-				email = COALESCE(EXCLUDED.email, customers.email),
-				name = COALESCE(EXCLUDED.name, customers.name),
-				low_balance_threshold = COALESCE(EXCLUDED.low_balance_threshold, customers.low_balance_threshold),
-				metadata = CASE WHEN ?::jsonb IS NULL THEN customers.metadata ELSE EXCLUDED.metadata END,
-				stripe_customer_id = COALESCE(EXCLUDED.stripe_customer_id, customers.stripe_customer_id),
-				updated_at = EXCLUDED.updated_at
-			RETURNING `+columns+`, (xmax = 0) AS created`,
-			in.ID, in.Email, in.Name, in.LowBalanceThreshold, meta, in.StripeCustomerID, now, now, meta).Scan(&r).Error
+		var r struct {
+			Row     customerRow `gorm:"embedded"`
+			Created bool
+		}
+		err := tx.Raw(upsertSQL, in.ID, in.Email, in.Name, in.LowBalanceThreshold, meta, in.StripeCustomerID, now, now, meta != nil).
+			Scan(&r).Error
 		if err != nil {
 			return db.Translate(err, constraints)
 		}
-		if c, err = r.customer(); err != nil {
+		if c, err = r.Row.customer(); err != nil {
 			return err
 		}
 		created = r.Created
@@ -206,14 +219,15 @@ func (s *Service) Get(ctx context.Context, id string) (Customer, error) {
 // Get reads the customer through gdb (which may be a transaction), or
 // returns errs.NotFound.
 func Get(ctx context.Context, gdb *gorm.DB, id string) (Customer, error) {
-	var rows []row
-	if err := gdb.WithContext(ctx).Raw(`SELECT `+columns+` FROM customers WHERE id = ?`, id).Scan(&rows).Error; err != nil {
-		return Customer{}, db.Translate(err, nil)
-	}
-	if len(rows) == 0 {
+	var r customerRow
+	err := gdb.WithContext(ctx).Where("id = ?", id).Take(&r).Error
+	if errors.Is(err, gorm.ErrRecordNotFound) {
 		return Customer{}, errs.E(errs.NotFound, "customer %s not found", id)
 	}
-	return rows[0].customer()
+	if err != nil {
+		return Customer{}, db.Translate(err, nil)
+	}
+	return r.customer()
 }
 
 // Ensure creates the customer inside the caller's transaction tx if it does
@@ -224,8 +238,8 @@ func Ensure(ctx context.Context, tx *gorm.DB, id string, now time.Time) (created
 	if err := ValidateID(id); err != nil {
 		return false, err
 	}
-	res := tx.WithContext(ctx).Exec(
-		`INSERT INTO customers (id, created_at, updated_at) VALUES (?, ?, ?) ON CONFLICT (id) DO NOTHING`, id, now, now)
+	res := tx.WithContext(ctx).Clauses(clause.OnConflict{DoNothing: true}).
+		Create(&customerRow{ID: id, Metadata: "{}", CreatedAt: now, UpdatedAt: now})
 	if res.Error != nil {
 		return false, db.Translate(res.Error, constraints)
 	}
@@ -241,9 +255,8 @@ func Ensure(ctx context.Context, tx *gorm.DB, id string, now time.Time) (created
 // link, or a Stripe id owned by another customer, is errs.Conflict; an unknown
 // customer is errs.NotFound.
 func LinkStripe(ctx context.Context, tx *gorm.DB, id, stripeCustomerID string, now time.Time) error {
-	res := tx.WithContext(ctx).Exec(
-		`UPDATE customers SET stripe_customer_id = ?, updated_at = ? WHERE id = ? AND stripe_customer_id IS NULL`,
-		stripeCustomerID, now, id)
+	res := tx.WithContext(ctx).Model(&customerRow{}).Where("id = ? AND stripe_customer_id IS NULL", id).
+		Updates(map[string]any{"stripe_customer_id": stripeCustomerID, "updated_at": now})
 	if res.Error != nil {
 		return db.Translate(res.Error, constraints)
 	}

@@ -187,7 +187,7 @@ func TestOpenLogsFailedQueriesWithoutArguments(t *testing.T) {
 	defer db.Close(gdb)
 
 	var n int
-	err = db.ScanRow(gdb.Raw(`SELECT 1/0 WHERE ? <> ''`, "card-4242-secret"), &n)
+	err = gdb.Raw(`SELECT 1/0 WHERE ? <> ''`, "card-4242-secret").Scan(&n).Error
 	if err == nil {
 		t.Fatal("division by zero succeeded")
 	}

@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"context"
 	"crypto/sha256"
-	"database/sql"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -13,6 +12,7 @@ import (
 	"unicode/utf8"
 
 	"gorm.io/gorm"
+	"gorm.io/gorm/clause"
 
 	"github.com/tallybilling/tally/internal/errs"
 	"github.com/tallybilling/tally/internal/text"
@@ -91,63 +91,111 @@ const (
 	completed                   // an earlier request finished: replay its result
 )
 
+// idempotencyKeyRow is a row of idempotency_keys. created_at, and the
+// lease's end, are the database's clock: every comparison with them is
+// made by the database too.
+type idempotencyKeyRow struct {
+	Scope          string `gorm:"primaryKey"`
+	Key            string `gorm:"primaryKey"`
+	RequestHash    []byte
+	Result         []byte
+	Holder         *string
+	CreatedAt      time.Time `gorm:"autoCreateTime:false"`
+	CompletedAt    *time.Time
+	LeaseExpiresAt *time.Time
+}
+
+func (idempotencyKeyRow) TableName() string { return "idempotency_keys" }
+
+// keyRow addresses the row of k, for an update or a delete by key; more
+// conditions follow in further Where calls.
+func keyRow(tx *gorm.DB, k IdempotencyKey) *gorm.DB {
+	return tx.Model(&idempotencyKeyRow{}).Where("scope = ? AND key = ?", k.Scope, k.Key)
+}
+
+// leaseEnd is the end of a lease that starts now, by the database's clock.
+func leaseEnd(lease time.Duration) clause.Expr {
+	return gorm.Expr("now() + make_interval(secs => ?)", lease.Seconds())
+}
+
+// holderValue is holder as stored: NULL for Once's claims, which have none.
+func holderValue(holder string) *string {
+	if holder == "" {
+		return nil
+	}
+	return &holder
+}
+
+// keyState is what claim reads of a key already taken.
+type keyState struct {
+	RequestHash []byte
+	Result      []byte
+	// Done: completed. Expired: past IdempotencyRetention, so absent.
+	// Abandoned: the reservation's lease lapsed.
+	Done, Expired, Abandoned bool
+}
+
 // claim takes the key inside tx for holder (empty for Once, whose claim
 // never outlives its transaction) with lease. The INSERT waits for any other
 // transaction holding the same key to finish, so afterwards the row is
 // either ours or a committed earlier one, which we lock and inspect.
 func claim(tx *gorm.DB, k IdempotencyKey, holder string, lease time.Duration) (claimState, []byte, error) {
-	retention := IdempotencyRetention.Seconds()
 	// A concurrent purge may delete the row between our two statements; then
 	// the next INSERT succeeds. Three rounds cover that race twice over.
 	for range 3 {
-		res := tx.Exec(`INSERT INTO idempotency_keys (scope, key, request_hash, holder, lease_expires_at)
-			VALUES (?, ?, ?, NULLIF(?, ''), now() + make_interval(secs => ?))
-			ON CONFLICT (scope, key) DO NOTHING`, k.Scope, k.Key, k.RequestHash, holder, lease.Seconds())
+		res := tx.Model(&idempotencyKeyRow{}).Clauses(clause.OnConflict{DoNothing: true}).Create(map[string]any{
+			"scope": k.Scope, "key": k.Key, "request_hash": k.RequestHash,
+			"holder": holderValue(holder), "lease_expires_at": leaseEnd(lease),
+		})
 		if res.Error != nil {
 			return 0, nil, res.Error
 		}
 		if res.RowsAffected == 1 {
 			return claimed, nil, nil
 		}
-		var (
-			hash, result             []byte
-			done, expired, abandoned bool
-		)
-		err := ScanRow(tx.Raw(`SELECT request_hash, result, completed_at IS NOT NULL,
-				created_at < now() - make_interval(secs => ?),
-				COALESCE(lease_expires_at, created_at + make_interval(secs => ?)) < now()
+		// Age and lease are judged by the database's clock, the one that
+		// wrote them.
+		var st keyState
+		res = tx.Raw(`SELECT request_hash, result, completed_at IS NOT NULL AS done,
+				created_at < now() - make_interval(secs => ?) AS expired,
+				COALESCE(lease_expires_at, created_at + make_interval(secs => ?)) < now() AS abandoned
 			FROM idempotency_keys WHERE scope = ? AND key = ? FOR UPDATE`,
-			retention, ReservationLease.Seconds(), k.Scope, k.Key), &hash, &result, &done, &expired, &abandoned)
-		if errors.Is(err, sql.ErrNoRows) {
-			continue
+			IdempotencyRetention.Seconds(), ReservationLease.Seconds(), k.Scope, k.Key).Scan(&st)
+		if res.Error != nil {
+			return 0, nil, res.Error
 		}
-		if err != nil {
-			return 0, nil, err
+		if res.RowsAffected == 0 {
+			continue
 		}
 		// A reservation nobody completed, released or renewed within its
 		// lease was left by a crashed or killed request: take it over rather
 		// than answer in_flight for the rest of the day. The new holder id
 		// tells the old holder, should it still be alive, that the key is
 		// no longer its own.
-		if expired || (!done && abandoned) {
-			err := tx.Exec(`UPDATE idempotency_keys
-				SET request_hash = ?, result = NULL, created_at = now(), completed_at = NULL,
-					holder = NULLIF(?, ''), lease_expires_at = now() + make_interval(secs => ?)
-				WHERE scope = ? AND key = ?`, k.RequestHash, holder, lease.Seconds(), k.Scope, k.Key).Error
+		if st.Expired || (!st.Done && st.Abandoned) {
+			err := keyRow(tx, k).Updates(map[string]any{
+				"request_hash": k.RequestHash, "result": nil, "created_at": gorm.Expr("now()"), "completed_at": nil,
+				"holder": holderValue(holder), "lease_expires_at": leaseEnd(lease),
+			}).Error
 			if err != nil {
 				return 0, nil, err
 			}
 			return claimed, nil, nil
 		}
-		if !bytes.Equal(hash, k.RequestHash) {
+		if !bytes.Equal(st.RequestHash, k.RequestHash) {
 			return 0, nil, errKeyReused()
 		}
-		if !done {
+		if !st.Done {
 			return 0, nil, errKeyInFlight()
 		}
-		return completed, result, nil
+		return completed, st.Result, nil
 	}
 	return 0, nil, fmt.Errorf("db: idempotency key %q in scope %q vanished three times while claiming it", k.Key, k.Scope)
+}
+
+// completion is the update that stores result as the key's answer.
+func completion(result []byte) map[string]any {
+	return map[string]any{"result": nonNil(result), "completed_at": gorm.Expr("now()")}
 }
 
 // Once runs fn in one transaction guarded by key, and stores fn's result in
@@ -169,41 +217,56 @@ func Once(ctx context.Context, gdb *gorm.DB, key IdempotencyKey, fn func(tx *gor
 	return guarded(ctx, gdb, key, "", ReservationLease, fn)
 }
 
-// guarded claims key in one transaction. With fn (Once) it runs fn and stores
-// its result in that transaction; without (Reserve) it commits the bare claim
-// for holder. A completed key replays its stored result instead.
+// OnceIn is Once inside the caller's transaction tx: the claim, fn's effect
+// and the stored answer commit or vanish with the caller's transaction, and
+// a concurrent duplicate waits until that transaction ends. There is no
+// retry of its own; the caller's InTx retries the whole. Errors: as Once.
+func OnceIn(ctx context.Context, tx *gorm.DB, key IdempotencyKey, fn func(tx *gorm.DB) ([]byte, error)) (result []byte, replayed bool, err error) {
+	if err := key.Validate(); err != nil {
+		return nil, false, err
+	}
+	result, replayed, err = guard(tx.WithContext(ctx), key, "", ReservationLease, fn)
+	return result, replayed, Translate(err, nil)
+}
+
+// guarded validates key and runs guard in a transaction of its own.
 func guarded(ctx context.Context, gdb *gorm.DB, key IdempotencyKey, holder string, lease time.Duration, fn func(tx *gorm.DB) ([]byte, error)) (result []byte, replayed bool, err error) {
 	if err := key.Validate(); err != nil {
 		return nil, false, err
 	}
 	err = InTx(ctx, gdb, func(tx *gorm.DB) error {
-		result, replayed = nil, false
-		state, stored, err := claim(tx, key, holder, lease)
-		if err != nil {
-			return err
-		}
-		if state == completed {
-			result, replayed = stored, true
-			return nil
-		}
-		if fn == nil {
-			return nil
-		}
-		out, err := fn(tx)
-		if err != nil {
-			return err
-		}
-		if err := tx.Exec(`UPDATE idempotency_keys SET result = ?, completed_at = now()
-			WHERE scope = ? AND key = ?`, nonNil(out), key.Scope, key.Key).Error; err != nil {
-			return err
-		}
-		result = out
-		return nil
+		var err error
+		result, replayed, err = guard(tx, key, holder, lease, fn)
+		return err
 	})
 	if err != nil {
 		return nil, false, err
 	}
 	return result, replayed, nil
+}
+
+// guard claims key inside tx. With fn (Once) it runs fn and stores its
+// result in tx; without (Reserve) the claim alone is for holder. A completed
+// key replays its stored result instead.
+func guard(tx *gorm.DB, key IdempotencyKey, holder string, lease time.Duration, fn func(tx *gorm.DB) ([]byte, error)) (result []byte, replayed bool, err error) {
+	state, stored, err := claim(tx, key, holder, lease)
+	if err != nil {
+		return nil, false, err
+	}
+	if state == completed {
+		return stored, true, nil
+	}
+	if fn == nil {
+		return nil, false, nil
+	}
+	out, err := fn(tx)
+	if err != nil {
+		return nil, false, err
+	}
+	if err := keyRow(tx, key).Updates(completion(out)).Error; err != nil {
+		return nil, false, err
+	}
+	return out, false, nil
 }
 
 // nonNil stores an empty result as empty bytes rather than NULL, so the
@@ -263,9 +326,7 @@ func Reserve(ctx context.Context, gdb *gorm.DB, key IdempotencyKey, lease time.D
 // (completed, released, or taken over after its lease lapsed);
 // errs.Unavailable.
 func (r Reservation) Renew(ctx context.Context, gdb *gorm.DB) error {
-	res := gdb.WithContext(ctx).Exec(`UPDATE idempotency_keys SET lease_expires_at = now() + make_interval(secs => ?)
-		WHERE scope = ? AND key = ? AND holder = ? AND completed_at IS NULL`,
-		r.Lease.Seconds(), r.Key.Scope, r.Key.Key, r.holder)
+	res := r.held(gdb.WithContext(ctx)).UpdateColumn("lease_expires_at", leaseEnd(r.Lease))
 	if res.Error != nil {
 		return Translate(res.Error, nil)
 	}
@@ -282,9 +343,7 @@ func (r Reservation) Renew(ctx context.Context, gdb *gorm.DB) error {
 // Errors: errs.Conflict when the reservation is no longer the holder's
 // (released, completed already, or taken over); errs.Unavailable.
 func (r Reservation) Complete(ctx context.Context, gdb *gorm.DB, result []byte) error {
-	res := gdb.WithContext(ctx).Exec(`UPDATE idempotency_keys SET result = ?, completed_at = now()
-		WHERE scope = ? AND key = ? AND holder = ? AND completed_at IS NULL`,
-		nonNil(result), r.Key.Scope, r.Key.Key, r.holder)
+	res := r.held(gdb.WithContext(ctx)).Updates(completion(result))
 	if res.Error != nil {
 		return Translate(res.Error, nil)
 	}
@@ -298,10 +357,14 @@ func (r Reservation) Complete(ctx context.Context, gdb *gorm.DB, result []byte) 
 // retried at once after a failure. Releasing a completed reservation, or one
 // another request took over, does nothing. Errors: errs.Unavailable.
 func (r Reservation) Release(ctx context.Context, gdb *gorm.DB) error {
-	err := gdb.WithContext(ctx).Exec(`DELETE FROM idempotency_keys
-		WHERE scope = ? AND key = ? AND holder = ? AND completed_at IS NULL`,
-		r.Key.Scope, r.Key.Key, r.holder).Error
+	err := r.held(gdb.WithContext(ctx)).Delete(&idempotencyKeyRow{}).Error
 	return Translate(err, nil)
+}
+
+// held addresses the reservation's row while it is still the holder's and
+// not completed.
+func (r Reservation) held(tx *gorm.DB) *gorm.DB {
+	return keyRow(tx, r.Key).Where("holder = ? AND completed_at IS NULL", r.holder)
 }
 
 // PurgeIdempotencyKeys deletes at most size keys created before olderThan

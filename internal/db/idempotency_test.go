@@ -200,7 +200,7 @@ func TestOnceInsideCallerTransaction(t *testing.T) {
 	ctx := context.Background()
 	// The caller's transaction rolls back: the key must vanish with the effect.
 	_ = db.InTx(ctx, gdb, func(tx *gorm.DB) error {
-		if _, _, err := db.Once(ctx, tx, key("nested", "a"), func(tx *gorm.DB) ([]byte, error) {
+		if _, _, err := db.OnceIn(ctx, tx, key("nested", "a"), func(tx *gorm.DB) ([]byte, error) {
 			return []byte("r"), tx.Exec(`INSERT INTO effects (note) VALUES ('n')`).Error
 		}); err != nil {
 			t.Fatalf("nested Once: %v", err)

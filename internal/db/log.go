@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
-	"regexp"
 	"strings"
 	"time"
 	"unicode"
@@ -22,16 +21,13 @@ import (
 // but never a value bound to them, which may hold customer data (ids,
 // emails, metadata, amounts).
 //
-// ParamsFilter keeps the values out of the SQL on gorm's usual path, but
-// gorm's Scan records its SQL through a logger of its own with the values
-// written in, and hands that to Trace; and errors of PostgreSQL and pgx may
-// quote a value they could not use. So Trace does not trust what it is
-// given: it masks every literal of the SQL and every quoted or numeric part
-// of an error that may hold a value (see maskLiterals, safeErrorText).
+// The SQL it is given holds no values: Open's dialector explains every
+// statement as it was sent, with its placeholders. Errors of PostgreSQL and
+// pgx may quote a value they could not use, so the error text is masked
+// (see safeErrorText).
 type slogGorm struct{ log *slog.Logger }
 
 var _ gormlogger.Interface = slogGorm{}
-var _ gorm.ParamsFilter = slogGorm{}
 
 func (l slogGorm) LogMode(gormlogger.LogLevel) gormlogger.Interface { return l }
 func (l slogGorm) Info(context.Context, string, ...any)             {}
@@ -43,14 +39,6 @@ func (l slogGorm) Error(ctx context.Context, msg string, args ...any) {
 		l.log.ErrorContext(ctx, "gorm: "+fmt.Sprintf(msg, args...))
 	}
 }
-
-// ParamsFilter keeps bound values out of the logged SQL.
-func (l slogGorm) ParamsFilter(_ context.Context, sql string, _ ...any) (string, []any) {
-	return sql, nil
-}
-
-// gorm's Explain turns $1 into $1$ when it has no values to put there.
-var explainedPlaceholder = regexp.MustCompile(`\$(\d+)\$`)
 
 func (l slogGorm) Trace(ctx context.Context, begin time.Time, fc func() (string, int64), err error) {
 	if l.log == nil || err == nil || errors.Is(err, gorm.ErrRecordNotFound) {
@@ -64,10 +52,9 @@ func (l slogGorm) Trace(ctx context.Context, begin time.Time, fc func() (string,
 		return
 	}
 	sql, rows := fc()
-	sql = explainedPlaceholder.ReplaceAllString(sql, "$$$1")
 	attrs := []slog.Attr{
 		slog.String("err", safeErrorText(err)),
-		slog.String("sql", maskLiterals(sql, `'`)),
+		slog.String("sql", sql),
 		slog.Int64("rows", rows),
 		slog.Duration("elapsed", time.Since(begin)),
 	}
@@ -106,11 +93,11 @@ func safeErrorText(err error) string {
 	return maskLiterals(err.Error(), `'"`)
 }
 
-// maskLiterals replaces each literal of s with "?": strings quoted with one
-// of quotes (a doubled quote, as SQL writes it, and a backslash both escape
-// a quote inside) and numbers that stand on their own. Placeholders ($1)
-// and digits inside names (int4, args) are kept, so the text still says
-// what it was about.
+// maskLiterals replaces each literal of an error text s with "?": strings
+// quoted with one of quotes (a doubled quote, as SQL writes it, and a
+// backslash both escape a quote inside) and numbers that stand on their own.
+// Placeholders ($1) and digits inside names (int4, args) are kept, so the
+// text still says what it was about.
 func maskLiterals(s, quotes string) string {
 	var b strings.Builder
 	b.Grow(len(s))

@@ -36,9 +36,10 @@ func (b *lockedBuffer) take() string {
 }
 
 // TestFailedQueriesNeverLogBoundValues runs failing queries down every path
-// gorm has (Exec, Raw with Scan, ScanRow, Find, a violated constraint, a
-// timeout, a value PostgreSQL cannot read) with customer data bound to
-// them, and checks that the failure is logged and no bound value is.
+// gorm has (Exec, Raw with Scan, the query builder's Find, Take, Count,
+// Create, Updates and Delete, a violated constraint, a timeout, a value
+// PostgreSQL cannot read) with customer data bound to them, and checks that
+// the failure is logged and no bound value is.
 func TestFailedQueriesNeverLogBoundValues(t *testing.T) {
 	dbURL := dbtest.NewURL(t)
 	var out lockedBuffer
@@ -66,6 +67,7 @@ func TestFailedQueriesNeverLogBoundValues(t *testing.T) {
 		Email string
 		Age   int64
 	}
+	people := func() *gorm.DB { return gdb.Table("people") }
 	for _, c := range []struct {
 		name string
 		run  func() error
@@ -81,13 +83,26 @@ func TestFailedQueriesNeverLogBoundValues(t *testing.T) {
 			var n int64
 			return gdb.Raw(`SELECT count(*) FROM people WHERE email = ? AND id = ? AND 1/0 = 1`, email, number).Scan(&n).Error
 		}},
-		{"ScanRow", func() error {
-			var n int64
-			return db.ScanRow(gdb.Raw(`SELECT id FROM people WHERE email = ? AND id = ? AND 1/0 = 1`, email, number), &n)
-		}},
 		{"Find", func() error {
 			var ps []person
-			return gdb.Table("people").Where("email = ? AND id = ? AND 1/0 = 1", email, number).Find(&ps).Error
+			return people().Where("email = ? AND id = ? AND 1/0 = 1", email, number).Find(&ps).Error
+		}},
+		{"Take", func() error {
+			var p person
+			return people().Where("email = ? AND id = ? AND 1/0 = 1", email, number).Take(&p).Error
+		}},
+		{"Count", func() error {
+			var n int64
+			return people().Where("email = ? AND id = ? AND 1/0 = 1", email, number).Count(&n).Error
+		}},
+		{"Updates", func() error {
+			return people().Where("id = ? AND 1/0 = 1", number).Updates(map[string]any{"email": email}).Error
+		}},
+		{"Delete", func() error {
+			return people().Where("email = ? AND id = ? AND 1/0 = 1", email, number).Delete(nil).Error
+		}},
+		{"Create of a struct", func() error {
+			return people().Create(&person{ID: number, Email: "taken@example.com", Age: number}).Error
 		}},
 		{"unique violation", func() error {
 			return gdb.Exec(`INSERT INTO people VALUES (?, ?, ?)`, number, "taken@example.com", number).Error
@@ -137,5 +152,31 @@ func TestFailedQueriesNeverLogBoundValues(t *testing.T) {
 				t.Fatalf("the log does not say which query failed: %s", logged)
 			}
 		})
+	}
+}
+
+// TestFailedQueryLogsTheStatementAsSent: the logged SQL is the statement
+// PostgreSQL received, its placeholders in place of the values and the
+// literals the code wrote kept, so an operator can find the query.
+func TestFailedQueryLogsTheStatementAsSent(t *testing.T) {
+	dbURL := dbtest.NewURL(t)
+	var out lockedBuffer
+	logger := slog.New(slog.NewJSONHandler(&out, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	gdb, err := db.Open(context.Background(), dbURL, 2, logger)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close(gdb)
+	var n int64
+	if err := gdb.Raw(`SELECT count(*) FROM idempotency_keys WHERE scope = 'fixed:scope' AND key = ? AND 1/0 = 1`, "secret-key").Scan(&n).Error; err == nil {
+		t.Fatal("the query did not fail")
+	}
+	logged := out.take()
+	const want = `SELECT count(*) FROM idempotency_keys WHERE scope = 'fixed:scope' AND key = $1 AND 1/0 = 1`
+	if !strings.Contains(logged, want) {
+		t.Fatalf("the log does not hold the statement as sent (%s):\n%s", want, logged)
+	}
+	if strings.Contains(logged, "secret-key") {
+		t.Fatalf("a bound value reached the log:\n%s", logged)
 	}
 }

@@ -90,14 +90,14 @@ func LatestMigration() (int64, error) {
 func MigrationsCurrent(ctx context.Context, gdb *gorm.DB) (bool, error) {
 	q := gdb.WithContext(ctx)
 	var tableExists bool
-	if err := ScanRow(q.Raw(`SELECT to_regclass(?) IS NOT NULL`, goose.DefaultTablename), &tableExists); err != nil {
+	if err := q.Raw(`SELECT to_regclass(?) IS NOT NULL`, goose.DefaultTablename).Scan(&tableExists).Error; err != nil {
 		return false, Translate(err, nil)
 	}
 	if !tableExists {
 		return false, nil
 	}
 	var applied sql.NullInt64
-	if err := ScanRow(q.Raw(`SELECT max(version_id) FROM `+goose.DefaultTablename), &applied); err != nil {
+	if err := q.Table(goose.DefaultTablename).Select("max(version_id)").Scan(&applied).Error; err != nil {
 		return false, Translate(err, nil)
 	}
 	latest, err := LatestMigration()

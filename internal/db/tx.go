@@ -2,6 +2,7 @@ package db
 
 import (
 	"context"
+	"database/sql"
 	"errors"
 	"math/rand/v2"
 	"time"
@@ -14,6 +15,9 @@ import (
 // transaction for a serialization failure or a deadlock.
 const txAttempts = 4
 
+// errNested is InTx's answer when given a transaction instead of the pool.
+var errNested = errors.New("db: InTx called inside a transaction; a function that runs in its caller's transaction takes tx and never calls InTx")
+
 // InTx runs fn in one database transaction bound to ctx and commits it.
 // It rolls back when fn returns an error or panics (and re-panics), and
 // returns the commit's error if the commit fails. When PostgreSQL aborts the
@@ -21,18 +25,16 @@ const txAttempts = 4
 // whole of fn runs again, a few times, after a short jittered pause; fn must
 // therefore keep no effects outside tx that a retry would repeat.
 //
-// Called with a gdb that is already a transaction, InTx runs fn inside a
-// savepoint of it instead, without retries (the outermost InTx retries).
+// gdb must be the pool, not a transaction: InTx always begins a transaction
+// of its own, and called with one it returns an error without running fn.
+// Code that runs inside its caller's transaction takes that tx instead.
 //
 // The error goes through Translate: codes already set by fn pass unchanged,
 // lost connections become errs.Unavailable.
 func InTx(ctx context.Context, gdb *gorm.DB, fn func(tx *gorm.DB) error) error {
-	if inTransaction(gdb) {
-		return Translate(gdb.WithContext(ctx).Transaction(fn), nil)
-	}
 	var err error
 	for attempt := 1; ; attempt++ {
-		err = gdb.WithContext(ctx).Transaction(fn)
+		err = runTx(ctx, gdb, nil, fn)
 		if err == nil || attempt == txAttempts || !retryableTxError(err) {
 			break
 		}
@@ -43,12 +45,45 @@ func InTx(ctx context.Context, gdb *gorm.DB, fn func(tx *gorm.DB) error) error {
 	return Translate(err, nil)
 }
 
-func inTransaction(gdb *gorm.DB) bool {
-	if gdb.Statement == nil {
-		return false
+// InSnapshot runs fn in one read-only REPEATABLE READ transaction, so every
+// query fn makes sees the same consistent snapshot of a live database (the
+// invariant checks of `tally verify`). Like InTx it refuses a gdb that is
+// already a transaction; it never retries (a read-only snapshot cannot
+// fail to serialize). Errors are translated.
+func InSnapshot(ctx context.Context, gdb *gorm.DB, fn func(tx *gorm.DB) error) error {
+	return Translate(runTx(ctx, gdb, &sql.TxOptions{Isolation: sql.LevelRepeatableRead, ReadOnly: true}, fn), nil)
+}
+
+// runTx is one attempt: begin (with opts, when given), fn, commit; rollback
+// when fn fails or panics.
+func runTx(ctx context.Context, gdb *gorm.DB, opts *sql.TxOptions, fn func(tx *gorm.DB) error) (err error) {
+	var tx *gorm.DB
+	if opts != nil {
+		tx = gdb.WithContext(ctx).Begin(opts)
+	} else {
+		tx = gdb.WithContext(ctx).Begin()
 	}
-	committer, ok := gdb.Statement.ConnPool.(gorm.TxCommitter)
-	return ok && committer != nil
+	if tx.Error != nil {
+		// gorm can begin only on the pool: a transaction cannot begin another.
+		if errors.Is(tx.Error, gorm.ErrInvalidTransaction) {
+			return errNested
+		}
+		return tx.Error
+	}
+	panicked := true
+	defer func() {
+		if panicked || err != nil {
+			// The rollback's own error changes nothing: the transaction is
+			// over either way, and fn's error (or panic) is the news.
+			tx.Rollback()
+		}
+	}()
+	err = fn(tx)
+	panicked = false
+	if err != nil {
+		return err
+	}
+	return tx.Commit().Error
 }
 
 func retryableTxError(err error) bool {

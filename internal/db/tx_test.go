@@ -3,6 +3,7 @@ package db_test
 import (
 	"context"
 	"errors"
+	"strings"
 	"testing"
 
 	"github.com/jackc/pgx/v5/pgconn"
@@ -23,7 +24,7 @@ func mustExec(t *testing.T, gdb *gorm.DB, sql string, args ...any) {
 func count(t *testing.T, gdb *gorm.DB, sql string, args ...any) int64 {
 	t.Helper()
 	var n int64
-	if err := db.ScanRow(gdb.Raw(sql, args...), &n); err != nil {
+	if err := gdb.Raw(sql, args...).Scan(&n).Error; err != nil {
 		t.Fatalf("%s: %v", sql, err)
 	}
 	return n
@@ -184,28 +185,36 @@ func TestInTxDoesNotRetryOtherErrors(t *testing.T) {
 	}
 }
 
-func TestInTxNestedUsesSavepoint(t *testing.T) {
+// A function that runs inside its caller's transaction takes that tx; an
+// InTx called with a transaction would open a second, invisible unit of
+// work (gorm would make it a savepoint, and InTx's retry would re-run it
+// inside an outer transaction PostgreSQL may have aborted). It is refused
+// before fn runs, and the outer transaction is unharmed.
+func TestInTxRefusesToNest(t *testing.T) {
 	gdb := newItemsDB(t)
+	innerRan := false
+	var inner error
 	err := db.InTx(context.Background(), gdb, func(tx *gorm.DB) error {
 		if err := tx.Exec(`INSERT INTO items (id, qty) VALUES (1, 1)`).Error; err != nil {
 			return err
 		}
-		inner := db.InTx(context.Background(), tx, func(tx2 *gorm.DB) error {
-			if err := tx2.Exec(`INSERT INTO items (id, qty) VALUES (2, 2)`).Error; err != nil {
-				return err
-			}
-			return errs.E(errs.Conflict, "inner fails")
+		inner = db.InTx(context.Background(), tx, func(tx2 *gorm.DB) error {
+			innerRan = true
+			return tx2.Exec(`INSERT INTO items (id, qty) VALUES (2, 2)`).Error
 		})
-		if !errs.Is(inner, errs.Conflict) {
-			t.Errorf("inner InTx = %v", inner)
-		}
 		return nil
 	})
 	if err != nil {
 		t.Fatalf("outer InTx: %v", err)
 	}
+	if inner == nil || !strings.Contains(inner.Error(), "inside a transaction") {
+		t.Fatalf("InTx on a transaction = %v, want a refusal naming the misuse", inner)
+	}
+	if innerRan {
+		t.Fatal("the nested fn ran")
+	}
 	if n := count(t, gdb, `SELECT count(*) FROM items`); n != 1 {
-		t.Fatalf("%d rows, want only the outer one (inner rolled back to its savepoint)", n)
+		t.Fatalf("%d rows, want only the outer one", n)
 	}
 }
 

@@ -121,6 +121,8 @@ func (f *Feed) List(ctx context.Context, after Cursor, limit int) (Page, error) 
 		CreatedAt  time.Time
 	}
 	var rows []row
+	// The horizon (txid below every running transaction's) is the feed's
+	// guarantee, so this stays SQL.
 	err := f.db.WithContext(ctx).Raw(`
 		SELECT id, txid::text AS tx_id, type, customer_id, data::text AS data, created_at
 		FROM events

@@ -150,6 +150,28 @@ func (p *Pusher) PushOnce(ctx context.Context) (int, error) {
 	return len(page.Events), nil
 }
 
+// pushStateRow is the one row of event_push_state: how far the push has
+// got in the feed and which instance holds the lease to push. The cursor's
+// txid is xid8, which has no Go type: it is written from text.
+type pushStateRow struct {
+	ID         int `gorm:"primaryKey"`
+	CursorTxid string
+	CursorID   int64
+	Holder     *string
+	LeaseUntil *time.Time
+	LastError  *string
+	UpdatedAt  time.Time `gorm:"autoUpdateTime:false"`
+}
+
+func (pushStateRow) TableName() string { return "event_push_state" }
+
+// held addresses the push state while this instance holds the lease.
+func (p *Pusher) held(ctx context.Context) *gorm.DB {
+	return p.db.WithContext(ctx).Model(&pushStateRow{}).Where("id = 1 AND holder = ?", p.holder)
+}
+
+// lease takes the lease, or renews it, unless another instance holds it
+// unexpired; it stays SQL, a conditional claim that returns the cursor.
 func (p *Pusher) lease(ctx context.Context) (Cursor, bool, error) {
 	var rows []struct {
 		TxID string
@@ -177,10 +199,13 @@ func (p *Pusher) lease(ctx context.Context) (Cursor, bool, error) {
 // advance moves the cursor, only while this instance still holds the lease.
 func (p *Pusher) advance(ctx context.Context, c Cursor) error {
 	now := p.now()
-	res := p.db.WithContext(ctx).Exec(`
-		UPDATE event_push_state SET cursor_txid = ?::text::xid8, cursor_id = ?, lease_until = ?, last_error = NULL, updated_at = ?
-		WHERE id = 1 AND holder = ?`,
-		strconv.FormatUint(c.TxID, 10), c.ID, now.Add(p.cfg.Lease), now, p.holder)
+	res := p.held(ctx).Updates(map[string]any{
+		"cursor_txid": gorm.Expr("?::text::xid8", strconv.FormatUint(c.TxID, 10)),
+		"cursor_id":   c.ID,
+		"lease_until": now.Add(p.cfg.Lease),
+		"last_error":  nil,
+		"updated_at":  now,
+	})
 	if res.Error != nil {
 		return db.Translate(res.Error, nil)
 	}
@@ -210,8 +235,10 @@ func (p *Pusher) deliverWithRetry(ctx context.Context, e Stored) error {
 		p.logger.Warn("event push failed", "event_id", e.ID, "attempt", attempt, "error", err)
 		// Keep the lease through the wait; if it is gone, another instance
 		// has taken over and this one stops rather than push the same event.
-		res := p.db.WithContext(ctx).Exec(`UPDATE event_push_state SET last_error = ?, lease_until = ? WHERE id = 1 AND holder = ?`,
-			text.Truncate(err.Error(), 2000), p.now().Add(p.cfg.Lease+wait), p.holder)
+		res := p.held(ctx).Updates(map[string]any{
+			"last_error":  text.Truncate(err.Error(), 2000),
+			"lease_until": p.now().Add(p.cfg.Lease + wait),
+		})
 		if res.Error != nil {
 			return db.Translate(res.Error, nil)
 		}

@@ -102,7 +102,7 @@ func (w *Worker) refreshGauges(ctx context.Context) {
 		FROM usage_events WHERE status IN ('pending', 'dead')`).Scan(&counts).Error
 	var waiting int64
 	if err == nil && countWaiting {
-		err = w.db.WithContext(ctx).Raw(`SELECT count(*) FROM usage_events WHERE status = 'waiting_customer'`).Scan(&waiting).Error
+		err = w.db.WithContext(ctx).Model(&eventRow{}).Where("status = ?", string(StatusWaitingCustomer)).Count(&waiting).Error
 	}
 	if err != nil {
 		if ctx.Err() == nil {

@@ -43,20 +43,21 @@ func (w *Worker) expireTooOld(ctx context.Context) error {
 	cut := now.Add(-DeliveryWindow)
 	return w.settleRows(ctx, expireLimit, func(tx *gorm.DB) *gorm.DB {
 		return tx.Raw(`
-			WITH old AS MATERIALIZED (
-				SELECT identifier FROM usage_events
-				WHERE status IN ('pending', 'waiting_customer') AND occurred_at <= ?
-				  AND (status = 'waiting_customer' OR claimed_by IS NULL OR lease_until < ?)
-				ORDER BY occurred_at
+			WITH p AS NOT MATERIALIZED (SELECT ?::timestamptz AS now, ?::timestamptz AS cut, ?::text AS too_old_message),
+			old AS MATERIALIZED (
+				SELECT e.identifier FROM usage_events e, p
+				WHERE e.status IN ('pending', 'waiting_customer') AND e.occurred_at <= p.cut
+				  AND (e.status = 'waiting_customer' OR e.claimed_by IS NULL OR e.lease_until < p.now)
+				ORDER BY e.occurred_at
 				LIMIT ?
-				FOR UPDATE SKIP LOCKED
+				FOR UPDATE OF e SKIP LOCKED
 			)
-			UPDATE usage_events u SET status = 'dead', dead_code = 'too_old', next_attempt_at = ?,
-				last_error = ? || COALESCE(u.last_error, '(none)'),
-				lease_until = NULL, claimed_by = NULL, updated_at = ?
-			FROM old WHERE u.identifier = old.identifier
+			UPDATE usage_events u SET status = 'dead', dead_code = 'too_old', next_attempt_at = p.now,
+				last_error = p.too_old_message || COALESCE(u.last_error, '(none)'),
+				lease_until = NULL, claimed_by = NULL, updated_at = p.now
+			FROM old, p WHERE u.identifier = old.identifier
 			RETURNING `+settledColumns,
-			cut, now, expireLimit, now, tooOldMessage, now)
+			now, cut, tooOldMessage, expireLimit)
 	})
 }
 
@@ -104,6 +105,19 @@ func (w *Worker) settle(ctx context.Context, c *claim, evs []claimedEvent, err e
 	}
 }
 
+// claimed addresses the rows of evs while still pending (and, given a
+// claim, still held by it): the events an outcome is recorded for. The
+// identifiers go as one JSON array, so the statement is the same whatever
+// the batch's size.
+func claimed(tx *gorm.DB, c *claim, evs []claimedEvent) *gorm.DB {
+	q := tx.Model(&eventRow{}).Where("identifier IN (SELECT jsonb_array_elements_text(?::jsonb)) AND status = ?",
+		identifiersJSON(evs), string(StatusPending))
+	if c != nil {
+		q = q.Where("claimed_by = ?", c.token)
+	}
+	return q
+}
+
 func identifiersJSON(evs []claimedEvent) string {
 	ids := make([]string, len(evs))
 	for i, ev := range evs {
@@ -122,11 +136,10 @@ func (w *Worker) delivered(ctx context.Context, evs []claimedEvent, result strin
 	rctx, cancel := withTimeout(ctx, recordTimeout)
 	defer cancel()
 	now := w.now()
-	err := w.db.WithContext(rctx).Exec(`
-		UPDATE usage_events SET status = 'delivered', delivered_at = ?, attempts = attempts + 1,
-			last_error = NULL, lease_until = NULL, claimed_by = NULL, updated_at = ?
-		WHERE identifier IN (SELECT jsonb_array_elements_text(?::jsonb)) AND status = 'pending'`,
-		now, now, identifiersJSON(evs)).Error
+	err := claimed(w.db.WithContext(rctx), nil, evs).Updates(map[string]any{
+		"status": string(StatusDelivered), "delivered_at": now, "attempts": gorm.Expr("attempts + 1"),
+		"last_error": nil, "lease_until": nil, "claimed_by": nil, "updated_at": now,
+	}).Error
 	if err != nil {
 		// The lease runs out and the event is sent again; Stripe answers
 		// that it has the identifier, and it is recorded then.
@@ -148,11 +161,10 @@ func (w *Worker) releaseWithError(ctx context.Context, c *claim, evs []claimedEv
 	}
 	rctx, cancel := withTimeout(ctx, recordTimeout)
 	defer cancel()
-	err := w.db.WithContext(rctx).Exec(`
-		UPDATE usage_events SET next_attempt_at = ?, lease_until = NULL, claimed_by = NULL,
-			last_error = COALESCE(NULLIF(?, ''), last_error), updated_at = ?
-		WHERE identifier IN (SELECT jsonb_array_elements_text(?::jsonb)) AND claimed_by = ? AND status = 'pending'`,
-		retryAt, msg, w.now(), identifiersJSON(evs), c.token).Error
+	err := claimed(w.db.WithContext(rctx), c, evs).Updates(map[string]any{
+		"next_attempt_at": retryAt, "lease_until": nil, "claimed_by": nil,
+		"last_error": gorm.Expr("COALESCE(NULLIF(?, ''), last_error)", msg), "updated_at": w.now(),
+	}).Error
 	if err != nil {
 		w.log.Error("release usage events", "error", err, "count", len(evs))
 	}
@@ -161,10 +173,9 @@ func (w *Worker) releaseWithError(ctx context.Context, c *claim, evs []claimedEv
 func (w *Worker) backToWaiting(ctx context.Context, c *claim, evs []claimedEvent) {
 	rctx, cancel := withTimeout(ctx, recordTimeout)
 	defer cancel()
-	err := w.db.WithContext(rctx).Exec(`
-		UPDATE usage_events SET status = 'waiting_customer', lease_until = NULL, claimed_by = NULL, updated_at = ?
-		WHERE identifier IN (SELECT jsonb_array_elements_text(?::jsonb)) AND claimed_by = ? AND status = 'pending'`,
-		w.now(), identifiersJSON(evs), c.token).Error
+	err := claimed(w.db.WithContext(rctx), c, evs).Updates(map[string]any{
+		"status": string(StatusWaitingCustomer), "lease_until": nil, "claimed_by": nil, "updated_at": w.now(),
+	}).Error
 	if err != nil {
 		w.log.Error("return usage events to waiting_customer", "error", err, "count", len(evs))
 	}
@@ -198,20 +209,23 @@ func (w *Worker) retry(ctx context.Context, c *claim, evs []claimedEvent, msg st
 		// attempts on the right-hand side is the value before this update;
 		// the exponent is bounded so power() never overflows.
 		return tx.Raw(`
-			UPDATE usage_events u SET attempts = attempts + 1,
-				status = CASE WHEN occurred_at <= ? THEN 'dead' ELSE 'pending' END,
-				dead_code = CASE WHEN occurred_at <= ? THEN 'too_old' END,
-				last_error = CASE WHEN occurred_at <= ? THEN ? ELSE '' END || ?,
-				maybe_sent_at = CASE WHEN ? THEN COALESCE(maybe_sent_at, ?) ELSE maybe_sent_at END,
-				next_attempt_at = CASE WHEN occurred_at <= ? THEN ?::timestamptz
-					ELSE least(occurred_at + make_interval(secs => ?),
-						?::timestamptz + make_interval(secs => random() * least(?::float8, ?::float8 * power(2, least(attempts, 40))))) END,
-				lease_until = NULL, claimed_by = NULL, updated_at = ?
-			WHERE identifier IN (SELECT jsonb_array_elements_text(?::jsonb)) AND claimed_by = ? AND status = 'pending'
+			WITH p AS NOT MATERIALIZED (
+				SELECT ?::timestamptz AS now, ?::timestamptz AS cut, ?::text AS too_old_message, ?::text AS msg,
+				       ?::boolean AS maybe_sent, ?::float8 AS window_secs, ?::float8 AS backoff_max, ?::float8 AS backoff_base)
+			UPDATE usage_events u SET attempts = u.attempts + 1,
+				status = CASE WHEN u.occurred_at <= p.cut THEN 'dead' ELSE 'pending' END,
+				dead_code = CASE WHEN u.occurred_at <= p.cut THEN 'too_old' END,
+				last_error = CASE WHEN u.occurred_at <= p.cut THEN p.too_old_message ELSE '' END || p.msg,
+				maybe_sent_at = CASE WHEN p.maybe_sent THEN COALESCE(u.maybe_sent_at, p.now) ELSE u.maybe_sent_at END,
+				next_attempt_at = CASE WHEN u.occurred_at <= p.cut THEN p.now
+					ELSE least(u.occurred_at + make_interval(secs => p.window_secs),
+						p.now + make_interval(secs => random() * least(p.backoff_max, p.backoff_base * power(2, least(u.attempts, 40))))) END,
+				lease_until = NULL, claimed_by = NULL, updated_at = p.now
+			FROM p
+			WHERE u.identifier IN (SELECT jsonb_array_elements_text(?::jsonb)) AND u.claimed_by = ? AND u.status = 'pending'
 			RETURNING `+settledColumns,
-			cut, cut, cut, tooOldMessage, msg, maybeSent, now, cut, now,
-			DeliveryWindow.Seconds(), now, w.cfg.BackoffMax.Seconds(), w.opts.BackoffBase.Seconds(),
-			now, identifiersJSON(evs), c.token)
+			now, cut, tooOldMessage, msg, maybeSent, DeliveryWindow.Seconds(), w.cfg.BackoffMax.Seconds(), w.opts.BackoffBase.Seconds(),
+			identifiersJSON(evs), c.token)
 	})
 }
 

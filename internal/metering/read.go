@@ -4,15 +4,20 @@ import (
 	"context"
 	"encoding/base64"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"time"
+
+	"gorm.io/gorm"
 
 	"github.com/tallybilling/tally/internal/customers"
 	"github.com/tallybilling/tally/internal/db"
 	"github.com/tallybilling/tally/internal/errs"
 )
 
-// eventRow is a usage_events row as gorm scans it; NULL text scans as "".
+// eventRow is a row of usage_events: the columns the service reads (NULL
+// text scans as ""). Updates through it name the other columns too; rows
+// are inserted in bulk by the intake's statement, never through it.
 type eventRow struct {
 	Identifier    string
 	CustomerID    string
@@ -29,8 +34,7 @@ type eventRow struct {
 	CreatedAt     time.Time
 }
 
-const eventColumns = `identifier, customer_id, meter, value, occurred_at, status, attempts, last_error,
-	dead_code, maybe_sent_at, next_attempt_at, delivered_at, created_at`
+func (eventRow) TableName() string { return "usage_events" }
 
 func (r eventRow) usageEvent() UsageEvent {
 	ev := UsageEvent{
@@ -57,15 +61,15 @@ func (r eventRow) usageEvent() UsageEvent {
 // Get returns the usage event with this identifier. Errors: errs.NotFound,
 // errs.Unavailable.
 func (s *Service) Get(ctx context.Context, identifier string) (UsageEvent, error) {
-	var rows []eventRow
-	if err := s.db.WithContext(ctx).Raw(`SELECT `+eventColumns+` FROM usage_events WHERE identifier = ?`, identifier).
-		Scan(&rows).Error; err != nil {
-		return UsageEvent{}, db.Translate(err, nil)
-	}
-	if len(rows) == 0 {
+	var r eventRow
+	err := s.db.WithContext(ctx).Where("identifier = ?", identifier).Take(&r).Error
+	if errors.Is(err, gorm.ErrRecordNotFound) {
 		return UsageEvent{}, errs.E(errs.NotFound, "usage event %q not found", identifier)
 	}
-	return rows[0].usageEvent(), nil
+	if err != nil {
+		return UsageEvent{}, db.Translate(err, nil)
+	}
+	return r.usageEvent(), nil
 }
 
 // TotalsQuery selects a customer's usage: one meter or all (Meter ""), over
@@ -139,18 +143,20 @@ func (s *Service) Totals(ctx context.Context, q TotalsQuery) (Totals, error) {
 	// One statement, so one snapshot: a purge moving rows into daily
 	// totals meanwhile is seen either before or after, never half.
 	err := s.db.WithContext(ctx).Raw(`
+		WITH p AS NOT MATERIALIZED (
+			SELECT ?::text AS customer, ?::text AS meter, ?::timestamptz AS from_t, ?::timestamptz AS to_t)
 		SELECT meter, COALESCE(sum(total), 0)::bigint AS total, COALESCE(sum(events), 0)::bigint AS events
 		FROM (
-			SELECT meter, value AS total, 1 AS events FROM usage_events
-			WHERE customer_id = ? AND (? = '' OR meter = ?)
-			  AND occurred_at >= ? AND occurred_at < ?
-			  AND status IN ('pending', 'waiting_customer', 'delivered')
+			SELECT e.meter, e.value AS total, 1 AS events FROM usage_events e, p
+			WHERE e.customer_id = p.customer AND (p.meter = '' OR e.meter = p.meter)
+			  AND e.occurred_at >= p.from_t AND e.occurred_at < p.to_t
+			  AND e.status IN ('pending', 'waiting_customer', 'delivered')
 			UNION ALL
-			SELECT meter, total, events FROM usage_daily_totals
-			WHERE customer_id = ? AND (? = '' OR meter = ?) AND day >= ? AND day < ?
+			SELECT d.meter, d.total, d.events FROM usage_daily_totals d, p
+			WHERE d.customer_id = p.customer AND (p.meter = '' OR d.meter = p.meter) AND d.day >= p.from_t AND d.day < p.to_t
 		) u
 		GROUP BY meter
-		ORDER BY meter`, q.CustomerID, q.Meter, q.Meter, from, to, q.CustomerID, q.Meter, q.Meter, from, to).Scan(&rows).Error
+		ORDER BY meter`, q.CustomerID, q.Meter, from, to).Scan(&rows).Error
 	if err != nil {
 		return Totals{}, db.Translate(err, nil)
 	}
@@ -200,12 +206,15 @@ func (s *Service) List(ctx context.Context, q ListQuery) (Page, error) {
 			return Page{}, errs.InvalidField("cursor", "malformed cursor; pass back a next_cursor returned by this list")
 		}
 	}
+	list := s.db.WithContext(ctx)
+	if q.Status != "" {
+		list = list.Where("status = ?", string(q.Status))
+	}
+	if after.Identifier != "" {
+		list = list.Where("(created_at, identifier) > (?, ?)", after.CreatedAt, after.Identifier)
+	}
 	var rows []eventRow
-	err := s.db.WithContext(ctx).Raw(`SELECT `+eventColumns+` FROM usage_events
-		WHERE (? = '' OR status = ?) AND (? = '' OR (created_at, identifier) > (?, ?))
-		ORDER BY created_at, identifier
-		LIMIT ?`, string(q.Status), string(q.Status), after.Identifier, after.CreatedAt, after.Identifier, q.Limit+1).
-		Scan(&rows).Error
+	err := list.Order("created_at, identifier").Limit(q.Limit + 1).Find(&rows).Error
 	if err != nil {
 		return Page{}, db.Translate(err, nil)
 	}

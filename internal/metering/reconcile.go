@@ -87,16 +87,18 @@ func (s *Service) Reconcile(ctx context.Context, meter string, from, to time.Tim
 		Total            int64
 	}
 	err := s.db.WithContext(ctx).Raw(`
+		WITH p AS NOT MATERIALIZED (SELECT ?::text AS meter, ?::timestamptz AS from_t, ?::timestamptz AS to_t)
 		SELECT x.customer_id, c.stripe_customer_id, COALESCE(sum(x.total), 0)::bigint AS total
 		FROM (
-			SELECT customer_id, CASE WHEN status = 'delivered' THEN value ELSE 0 END AS total
-			FROM usage_events WHERE meter = ? AND occurred_at >= ? AND occurred_at < ?
+			SELECT e.customer_id, CASE WHEN e.status = 'delivered' THEN e.value ELSE 0 END AS total
+			FROM usage_events e, p WHERE e.meter = p.meter AND e.occurred_at >= p.from_t AND e.occurred_at < p.to_t
 			UNION ALL
-			SELECT customer_id, total FROM usage_daily_totals WHERE meter = ? AND day >= ? AND day < ?
+			SELECT d.customer_id, d.total FROM usage_daily_totals d, p
+			WHERE d.meter = p.meter AND d.day >= p.from_t AND d.day < p.to_t
 		) x JOIN customers c ON c.id = x.customer_id
 		WHERE c.stripe_customer_id IS NOT NULL
 		GROUP BY x.customer_id, c.stripe_customer_id
-		ORDER BY x.customer_id`, meter, from, to, meter, from, to).Scan(&rows).Error
+		ORDER BY x.customer_id`, meter, from, to).Scan(&rows).Error
 	if err != nil {
 		return Reconciliation{}, db.Translate(err, nil)
 	}

@@ -111,16 +111,15 @@ func (s *Service) Requeue(ctx context.Context, in RequeueInput) (RequeueResult, 
 		if err != nil {
 			return err
 		}
-		q := tx.Raw(`SELECT identifier, customer_id, status, occurred_at, maybe_sent_at FROM usage_events
-			WHERE identifier IN (SELECT jsonb_array_elements_text(?::jsonb))`, string(ids))
 		if in.AllDead {
-			if err := tx.Raw(`SELECT count(*) FROM usage_events WHERE status = 'dead'`).Scan(&skippedTotal).Error; err != nil {
+			dead := func() *gorm.DB { return tx.Model(&eventRow{}).Where("status = ?", string(StatusDead)) }
+			if err := dead().Count(&skippedTotal).Error; err != nil {
 				return err
 			}
-			q = tx.Raw(`SELECT identifier, customer_id, status, occurred_at, maybe_sent_at FROM usage_events
-				WHERE status = 'dead' ORDER BY identifier LIMIT ?`, MaxBatch)
+			return dead().Order("identifier").Limit(MaxBatch).Find(&left).Error
 		}
-		return q.Scan(&left).Error
+		return tx.Raw(`SELECT identifier, customer_id, status, occurred_at, maybe_sent_at FROM usage_events
+			WHERE identifier IN (SELECT jsonb_array_elements_text(?::jsonb))`, string(ids)).Scan(&left).Error
 	})
 	if err != nil {
 		return RequeueResult{}, db.Translate(err, nil)

@@ -5,6 +5,9 @@ import (
 	"math"
 	"slices"
 	"time"
+
+	"gorm.io/gorm"
+	"gorm.io/gorm/clause"
 )
 
 // The meter event rate limit is the cluster's, because Stripe counts the
@@ -95,6 +98,15 @@ func (w *Worker) heartbeat(ctx context.Context) {
 	}
 }
 
+// meterWorkerRow is a row of meter_workers: a delivery worker alive at its
+// last heartbeat, by the database's clock.
+type meterWorkerRow struct {
+	ID          string `gorm:"primaryKey"`
+	HeartbeatAt time.Time
+}
+
+func (meterWorkerRow) TableName() string { return "meter_workers" }
+
 // beat refreshes this worker's row, recounts the live workers and sets the
 // limiter to this worker's share. Timestamps are the database's, so the
 // instances' clocks need not agree.
@@ -102,15 +114,13 @@ func (w *Worker) beat(ctx context.Context) {
 	start := time.Now()
 	window := w.liveWindow().Seconds()
 	var live []string
-	err := w.db.WithContext(ctx).Exec(`
-		INSERT INTO meter_workers (id, heartbeat_at) VALUES (?, now())
-		ON CONFLICT (id) DO UPDATE SET heartbeat_at = excluded.heartbeat_at`, w.opts.Name).Error
+	err := w.db.WithContext(ctx).Model(&meterWorkerRow{}).
+		Clauses(clause.OnConflict{Columns: []clause.Column{{Name: "id"}}, DoUpdates: clause.AssignmentColumns([]string{"heartbeat_at"})}).
+		Create(map[string]any{"id": w.opts.Name, "heartbeat_at": gorm.Expr("now()")}).Error
 	if err == nil {
 		// A statement of its own, after ours committed: of two workers
 		// registering at once, at least the later one sees the other.
-		err = w.db.WithContext(ctx).Raw(`
-			SELECT id FROM meter_workers WHERE heartbeat_at > now() - make_interval(secs => ?) ORDER BY id`,
-			window).Scan(&live).Error
+		err = w.db.WithContext(ctx).Model(&meterWorkerRow{}).Where("heartbeat_at > now() - make_interval(secs => ?)", window).Order("id").Pluck("id", &live).Error
 	}
 	if err != nil {
 		if ctx.Err() == nil {
@@ -142,7 +152,7 @@ func (w *Worker) beat(ctx context.Context) {
 	}
 
 	// Rows of crashed workers no longer count; drop them.
-	err = w.db.WithContext(ctx).Exec(`DELETE FROM meter_workers WHERE heartbeat_at <= now() - make_interval(secs => ?)`, window).Error
+	err = w.db.WithContext(ctx).Where("heartbeat_at <= now() - make_interval(secs => ?)", window).Delete(&meterWorkerRow{}).Error
 	if err != nil && ctx.Err() == nil {
 		w.log.Warn("delete stale meter workers", "error", err)
 	}
@@ -190,7 +200,7 @@ func (w *Worker) join(ctx context.Context) (leave func()) {
 		}
 		dctx, cancel := withTimeout(ctx, recordTimeout)
 		defer cancel()
-		if err := w.db.WithContext(dctx).Exec(`DELETE FROM meter_workers WHERE id = ?`, w.opts.Name).Error; err != nil {
+		if err := w.db.WithContext(dctx).Where("id = ?", w.opts.Name).Delete(&meterWorkerRow{}).Error; err != nil {
 			w.log.Warn("delete meter worker row; it ages out instead", "error", err)
 		}
 	}

@@ -9,7 +9,6 @@ import (
 
 	"github.com/stripe/stripe-go/v82/webhook"
 
-	"github.com/tallybilling/tally/internal/db"
 	"github.com/tallybilling/tally/internal/db/dbtest"
 	"github.com/tallybilling/tally/internal/stripehook"
 )
@@ -36,10 +35,11 @@ func TestLongReasonsAreStoredCutOnACharacter(t *testing.T) {
 		if err != nil {
 			t.Fatalf("%s: %v", id, err)
 		}
-		var status, lastError string
-		if err := db.ScanRow(gdb.Raw(`SELECT status, coalesce(last_error, '') FROM stripe_events WHERE id = ?`, id), &status, &lastError); err != nil {
+		var stored struct{ Status, LastError string }
+		if err := gdb.Raw(`SELECT status, coalesce(last_error, '') AS last_error FROM stripe_events WHERE id = ?`, id).Scan(&stored).Error; err != nil {
 			t.Fatal(err)
 		}
+		status, lastError := stored.Status, stored.LastError
 		if ack.Status != stripehook.Parked || status != "parked" {
 			t.Fatalf("%s: acknowledged %s, stored %s, want parked", id, ack.Status, status)
 		}

@@ -24,6 +24,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"gorm.io/gorm"
+	"gorm.io/gorm/clause"
 
 	"github.com/tallybilling/tally/internal/db"
 	"github.com/tallybilling/tally/internal/errs"
@@ -138,7 +139,7 @@ func (h *Intake) parkedCount() float64 {
 	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
 	defer cancel()
 	var n int64
-	if err := db.ScanRow(h.db.WithContext(ctx).Raw(`SELECT count(*) FROM stripe_events WHERE status = 'parked'`), &n); err != nil {
+	if err := h.db.WithContext(ctx).Model(&eventRow{}).Where("status = ?", string(Parked)).Count(&n).Error; err != nil {
 		return -1
 	}
 	return float64(n)
@@ -174,9 +175,11 @@ func (h *Intake) Receive(ctx context.Context, payload []byte, signature string) 
 	}
 	// The signed bytes are stored as they came, as text: ParseEvent found
 	// them UTF-8 JSON, which holds no NUL byte, so text can keep them.
-	res := h.db.WithContext(ctx).Exec(`INSERT INTO stripe_events (id, type, api_version, livemode, payload, status, next_attempt_at, received_at)
-		VALUES (?, ?, ?, ?, ?, 'received', ?, ?) ON CONFLICT (id) DO NOTHING`,
-		ev.ID, ev.Type, apiVersion, ev.Livemode, string(payload), now.Add(lease), now)
+	next := now.Add(lease)
+	res := h.db.WithContext(ctx).Clauses(clause.OnConflict{DoNothing: true}).Create(&eventRow{
+		ID: ev.ID, Type: ev.Type, APIVersion: apiVersion, Livemode: ev.Livemode, Payload: string(payload),
+		Status: string(Received), NextAttemptAt: &next, ReceivedAt: now,
+	})
 	if res.Error != nil {
 		err := db.Translate(res.Error, nil)
 		if _, coded := errs.As(err); !coded {
@@ -187,11 +190,11 @@ func (h *Intake) Receive(ctx context.Context, payload []byte, signature string) 
 		return Ack{}, err
 	}
 	if res.RowsAffected == 0 {
-		var status string
-		if err := db.ScanRow(h.db.WithContext(ctx).Raw(`SELECT status FROM stripe_events WHERE id = ?`, ev.ID), &status); err != nil {
+		var stored eventRow
+		if err := h.db.WithContext(ctx).Select("status").Where("id = ?", ev.ID).Take(&stored).Error; err != nil {
 			return Ack{}, db.Translate(err, nil)
 		}
-		return Ack{Status: Status(status), Duplicate: true}, nil
+		return Ack{Status: Status(stored.Status), Duplicate: true}, nil
 	}
 	pctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), processTimeout)
 	defer cancel()
@@ -265,9 +268,14 @@ func (h *Intake) process(ctx context.Context, ev Event, attempts int, receivedAt
 	if status == Processed || status == Ignored {
 		processedAt = &now
 	}
-	uerr := h.db.WithContext(ctx).Exec(`UPDATE stripe_events SET status = ?, attempts = attempts + 1, last_error = NULLIF(?, ''),
-			next_attempt_at = ?, processed_at = COALESCE(?, processed_at), waiting_for = NULLIF(?, '') WHERE id = ?`,
-		string(status), text.Truncate(lastErr, 2000), next, processedAt, waitingFor, ev.ID).Error
+	uerr := h.db.WithContext(ctx).Model(&eventRow{}).Where("id = ?", ev.ID).Updates(map[string]any{
+		"status":          string(status),
+		"attempts":        gorm.Expr("attempts + 1"),
+		"last_error":      gorm.Expr("NULLIF(?, '')", text.Truncate(lastErr, 2000)),
+		"next_attempt_at": next,
+		"processed_at":    gorm.Expr("COALESCE(?, processed_at)", processedAt),
+		"waiting_for":     gorm.Expr("NULLIF(?, '')", waitingFor),
+	}).Error
 	if uerr != nil {
 		h.logger.ErrorContext(ctx, "record stripe event outcome", "event_id", ev.ID, "error", uerr)
 		return Received, db.Translate(uerr, nil)
@@ -374,21 +382,26 @@ type Stored struct {
 	NextAttemptAt *time.Time
 }
 
-type storedRow struct {
-	ID            string
+// eventRow is a row of stripe_events. Payload, the signed body as
+// received, is read only where it is processed (Omit it elsewhere).
+type eventRow struct {
+	ID            string `gorm:"primaryKey"`
 	Type          string
 	APIVersion    *string
 	Livemode      bool
+	Payload       string
 	Status        string
 	Attempts      int
 	LastError     *string
+	NextAttemptAt *time.Time
 	ReceivedAt    time.Time
 	ProcessedAt   *time.Time
-	NextAttemptAt *time.Time
-	Payload       string
+	WaitingFor    *string
 }
 
-func (r storedRow) stored() Stored {
+func (eventRow) TableName() string { return "stripe_events" }
+
+func (r eventRow) stored() Stored {
 	s := Stored{ID: r.ID, Type: r.Type, Livemode: r.Livemode, Status: Status(r.Status), Attempts: r.Attempts,
 		ReceivedAt: r.ReceivedAt, ProcessedAt: r.ProcessedAt}
 	if r.APIVersion != nil {
@@ -403,18 +416,22 @@ func (r storedRow) stored() Stored {
 	return s
 }
 
-const storedColumns = `id, type, api_version, livemode, status, attempts, last_error, received_at, processed_at, next_attempt_at`
+// errEventNotStored is Get's and Replay's answer for an unknown id.
+func errEventNotStored(id string) error {
+	return errs.E(errs.NotFound, "Stripe event %s not stored", id)
+}
 
 // Get returns one stored event. Errors: errs.NotFound, errs.Unavailable.
 func (h *Intake) Get(ctx context.Context, id string) (Stored, error) {
-	var rows []storedRow
-	if err := h.db.WithContext(ctx).Raw(`SELECT `+storedColumns+` FROM stripe_events WHERE id = ?`, id).Scan(&rows).Error; err != nil {
+	var r eventRow
+	err := h.db.WithContext(ctx).Omit("payload").Where("id = ?", id).Take(&r).Error
+	if errors.Is(err, gorm.ErrRecordNotFound) {
+		return Stored{}, errEventNotStored(id)
+	}
+	if err != nil {
 		return Stored{}, db.Translate(err, nil)
 	}
-	if len(rows) == 0 {
-		return Stored{}, errs.E(errs.NotFound, "Stripe event %s not stored", id)
-	}
-	return rows[0].stored(), nil
+	return r.stored(), nil
 }
 
 // Page is one page of stored events, newest first; NextCursor is empty on
@@ -444,11 +461,15 @@ func (h *Intake) List(ctx context.Context, status, cursor string, limit int) (Pa
 		}
 		afterAt, afterID = time.Unix(0, n).UTC(), id
 	}
-	var rows []storedRow
-	err := h.db.WithContext(ctx).Raw(`SELECT `+storedColumns+` FROM stripe_events
-		WHERE (? = '' OR status = ?) AND (? = '' OR (received_at, id) < (?, ?))
-		ORDER BY received_at DESC, id DESC LIMIT ?`,
-		status, status, afterID, afterAt, afterID, limit+1).Scan(&rows).Error
+	q := h.db.WithContext(ctx).Omit("payload")
+	if status != "" {
+		q = q.Where("status = ?", status)
+	}
+	if afterID != "" {
+		q = q.Where("(received_at, id) < (?, ?)", afterAt, afterID)
+	}
+	var rows []eventRow
+	err := q.Order("received_at DESC, id DESC").Limit(limit + 1).Find(&rows).Error
 	if err != nil {
 		return Page{}, db.Translate(err, nil)
 	}
@@ -471,19 +492,20 @@ func (h *Intake) List(ctx context.Context, status, cursor string, limit int) (Pa
 // history changes it no further. It returns the event afterwards.
 // Errors: errs.NotFound, errs.Unavailable.
 func (h *Intake) Replay(ctx context.Context, id string) (Stored, error) {
-	var rows []storedRow
-	if err := h.db.WithContext(ctx).Raw(`SELECT `+storedColumns+`, payload FROM stripe_events WHERE id = ?`, id).Scan(&rows).Error; err != nil {
+	var r eventRow
+	err := h.db.WithContext(ctx).Where("id = ?", id).Take(&r).Error
+	if errors.Is(err, gorm.ErrRecordNotFound) {
+		return Stored{}, errEventNotStored(id)
+	}
+	if err != nil {
 		return Stored{}, db.Translate(err, nil)
 	}
-	if len(rows) == 0 {
-		return Stored{}, errs.E(errs.NotFound, "Stripe event %s not stored", id)
-	}
-	ev, err := ParseEvent([]byte(rows[0].Payload))
+	ev, err := ParseEvent([]byte(r.Payload))
 	if err != nil {
 		return Stored{}, fmt.Errorf("stripehook: stored event %s no longer parses: %w", id, err)
 	}
 	// An operator's replay gets a full set of attempts of its own.
-	if _, err := h.process(ctx, ev, 0, rows[0].ReceivedAt); err != nil {
+	if _, err := h.process(ctx, ev, 0, r.ReceivedAt); err != nil {
 		return Stored{}, err
 	}
 	return h.Get(ctx, id)
@@ -502,12 +524,13 @@ func (h *Intake) RetryDue(ctx context.Context, batch int) (int, error) {
 // SKIP LOCKED so that no two instances take the same one, and processes
 // them. It returns how many it claimed.
 func (h *Intake) claimAndProcess(ctx context.Context, where string, args []any, batch int) (int, error) {
-	var rows []storedRow
-	// where is one of this package's fixed conditions, never input.
+	var rows []eventRow
+	// A claim (SKIP LOCKED, under a lease), so it stays SQL. where is one
+	// of this package's fixed conditions, never input.
 	err := h.db.WithContext(ctx).Raw(`UPDATE stripe_events SET next_attempt_at = ?
 		WHERE id IN (SELECT id FROM stripe_events WHERE `+where+`
 			ORDER BY next_attempt_at LIMIT ? FOR UPDATE SKIP LOCKED)
-		RETURNING `+storedColumns+`, payload`, append(append([]any{h.now().Add(lease)}, args...), batch)...).Scan(&rows).Error
+		RETURNING id, attempts, received_at, payload`, append(append([]any{h.now().Add(lease)}, args...), batch)...).Scan(&rows).Error
 	if err != nil {
 		return 0, db.Translate(err, nil)
 	}

@@ -12,7 +12,6 @@ import (
 	"gorm.io/gorm"
 
 	"github.com/tallybilling/tally/internal/config"
-	"github.com/tallybilling/tally/internal/db"
 	"github.com/tallybilling/tally/internal/db/dbtest"
 	"github.com/tallybilling/tally/internal/payments"
 	"github.com/tallybilling/tally/internal/stripehook"
@@ -93,7 +92,7 @@ func TestRetryClaimsNeverOverlap(t *testing.T) {
 		t.Fatalf("claimed %d events in total, want %d (each once)", claimed.Load(), n)
 	}
 	var wrong int64
-	if err := db.ScanRow(gdb.Raw(`SELECT count(*) FROM stripe_events WHERE status <> 'ignored' OR attempts <> 2`), &wrong); err != nil || wrong != 0 {
+	if err := gdb.Raw(`SELECT count(*) FROM stripe_events WHERE status <> 'ignored' OR attempts <> 2`).Scan(&wrong).Error; err != nil || wrong != 0 {
 		t.Fatalf("%d events not processed exactly once (%v)", wrong, err)
 	}
 }

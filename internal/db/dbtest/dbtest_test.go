@@ -14,7 +14,7 @@ func TestNewGivesMigratedDatabaseDroppedAfterTest(t *testing.T) {
 	var name string
 	t.Run("inner", func(t *testing.T) {
 		gdb := dbtest.New(t)
-		if err := db.ScanRow(gdb.Raw(`SELECT current_database()`), &name); err != nil {
+		if err := gdb.Raw(`SELECT current_database()`).Scan(&name).Error; err != nil {
 			t.Fatal(err)
 		}
 		if !strings.HasPrefix(name, "tally_test_") {
@@ -27,7 +27,7 @@ func TestNewGivesMigratedDatabaseDroppedAfterTest(t *testing.T) {
 	})
 	observer := dbtest.New(t)
 	var exists bool
-	if err := db.ScanRow(observer.Raw(`SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = ?)`, name), &exists); err != nil {
+	if err := observer.Raw(`SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = ?)`, name).Scan(&exists).Error; err != nil {
 		t.Fatal(err)
 	}
 	if exists {
@@ -41,7 +41,7 @@ func TestDatabasesAreIsolated(t *testing.T) {
 		t.Fatal(err)
 	}
 	var found bool
-	if err := db.ScanRow(b.Raw(`SELECT to_regclass('only_in_a') IS NOT NULL`), &found); err != nil {
+	if err := b.Raw(`SELECT to_regclass('only_in_a') IS NOT NULL`).Scan(&found).Error; err != nil {
 		t.Fatal(err)
 	}
 	if found {

@@ -1,0 +1,77 @@
+package credits
+
+import (
+	"database/sql"
+	"time"
+)
+
+// The credits tables' rows, as gorm reads and writes them (see the package
+// doc of internal/db for the conventions). jsonb columns are their JSON
+// text; times are set by the caller from the account's clock.
+
+// balanceRow is a row of credit_balances: one per customer that ever had a
+// grant, locked by every change to that customer's credits.
+type balanceRow struct {
+	CustomerID                 string `gorm:"primaryKey"`
+	Balance                    int64
+	NextExpiry                 sql.NullTime
+	LowBalanceNotified         bool
+	DefaultLowBalanceThreshold int64
+	UpdatedAt                  time.Time `gorm:"autoUpdateTime:false"`
+}
+
+func (balanceRow) TableName() string { return "credit_balances" }
+
+// grantRow is a row of credit_grants.
+type grantRow struct {
+	ID                 string `gorm:"primaryKey"`
+	CustomerID         string
+	Amount             int64
+	Remaining          int64
+	Revoked            int64
+	Source             string
+	PaymentID          *string
+	Reason             string
+	Metadata           string
+	ExpiresAt          *time.Time
+	ExpiringNotifiedAt *time.Time
+	ExpiredAt          *time.Time
+	CreatedAt          time.Time `gorm:"autoCreateTime:false"`
+}
+
+func (grantRow) TableName() string { return "credit_grants" }
+
+// ledgerRow is a row of credit_ledger. Seq is the database's: it orders a
+// customer's entries.
+type ledgerRow struct {
+	Seq            int64  `gorm:"->"`
+	ID             string `gorm:"primaryKey"`
+	CustomerID     string
+	Kind           string
+	Amount         int64
+	BalanceAfter   int64
+	Reason         string
+	Metadata       string
+	GrantID        *string
+	PaymentID      *string
+	Draws          *string
+	IdempotencyKey *string
+	Shortfall      *int64
+	CreatedAt      time.Time `gorm:"autoCreateTime:false"`
+}
+
+func (ledgerRow) TableName() string { return "credit_ledger" }
+
+// shortfallRow is a row of credit_shortfalls: a revoke's open (or settled)
+// receivable.
+type shortfallRow struct {
+	LedgerEntryID string `gorm:"primaryKey"`
+	CustomerID    string
+	PaymentID     *string
+	Amount        int64
+	CreatedAt     time.Time `gorm:"autoCreateTime:false"`
+	SettledAt     *time.Time
+	SettledReason *string
+}
+
+func (shortfallRow) TableName() string { return "credit_shortfalls" }
