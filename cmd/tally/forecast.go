@@ -306,6 +306,10 @@ func printBacktestReport(w io.Writer, rep backtestReport) error {
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
 	fmt.Fprintln(tw, "group\tseries\tmethod\tMASE\tbias\tpinball 10%\tpinball 90%\tcoverage 80%\tvs better baseline\ttotal coverage")
 	printGroup := func(g backtestGroup) {
+		if g.Series == 0 {
+			fmt.Fprintf(tw, "%s\t0\tnot scored: no origin with a scale (idle all along)\n", g.Name)
+			return
+		}
 		for i, m := range g.Methods {
 			name, series, ratio, total := "", "", "", ""
 			if i == 0 {

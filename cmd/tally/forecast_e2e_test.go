@@ -220,11 +220,12 @@ func TestForecastBacktestCommand(t *testing.T) {
 		t.Errorf("targets %+v", rep.Targets)
 	}
 
-	text, _, err := runTally(t, "forecast", "backtest", "--input", path, "--horizon", "7")
+	text, _, err := runTally(t, "forecast", "backtest", "--input", path, "--horizon", "7", "--group-sep", "/")
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, want := range []string{"backtest: 4 customers, 3 scored", "horizon 7 days", "MASE", "pinball 10%", "coverage 80%", "same_weekday_last_week", "targets (MASE at most 0.90"} {
+	for _, want := range []string{"backtest: 4 customers, 3 scored", "horizon 7 days", "MASE", "pinball 10%", "coverage 80%", "same_weekday_last_week", "targets (MASE at most 0.90",
+		"idle          0       not scored"} {
 		if !strings.Contains(text, want) {
 			t.Errorf("the text does not say %q:\n%s", want, text)
 		}
