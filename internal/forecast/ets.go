@@ -195,6 +195,13 @@ func (st *etsState) advance(p etsParams) {
 // day will have. When states is not nil, states[t] receives the state
 // after day t.
 func filterETS(x []float64, p etsParams, errs []float64, states []etsState) (float64, etsState, []float64) {
+	return filterETSUpTo(x, p, errs, states, math.Inf(1))
+}
+
+// filterETSUpTo is filterETS that gives up, returning a loss above limit,
+// as soon as the loss exceeds limit: a grid search needs no more of a
+// candidate already worse than the best.
+func filterETSUpTo(x []float64, p etsParams, errs []float64, states []etsState, limit float64) (float64, etsState, []float64) {
 	st := initETS(x, p)
 	var loss float64
 	// The days the states started from are in-sample for the season's
@@ -206,7 +213,9 @@ func filterETS(x []float64, p etsParams, errs []float64, states []etsState) (flo
 	for t, v := range x {
 		e := v - st.forecastOne(p, t)
 		if t >= scoredFrom {
-			loss += e * e
+			if loss += e * e; loss > limit {
+				return loss, st, errs
+			}
 		}
 		if errs != nil {
 			errs = append(errs, e)
@@ -263,7 +272,7 @@ func fitETS(kind scaleKind, window []float64) etsFit {
 	best, bestLoss := etsGrid[0], math.Inf(1)
 	for _, p := range etsGrid {
 		p.floor, p.proportionalSeason = kind == logScale, kind == linearScale
-		if loss, _, _ := filterETS(f.x, p, nil, nil); loss < bestLoss {
+		if loss, _, _ := filterETSUpTo(f.x, p, nil, nil, bestLoss); loss < bestLoss {
 			best, bestLoss = p, loss
 		}
 	}
@@ -291,14 +300,14 @@ func fitETS(kind scaleKind, window []float64) etsFit {
 
 func (f *etsFit) to(y float64) float64 {
 	if f.kind == logScale {
-		return math.Log1p(y)
+		return toLog(y)
 	}
 	return y / f.unit
 }
 
 func (f *etsFit) from(x float64) float64 {
 	if f.kind == logScale {
-		return max(0, math.Expm1(x))
+		return fromLog(x)
 	}
 	return max(0, x*f.unit)
 }
