@@ -43,7 +43,7 @@
 // The expected day is the day's forecast plus each of the customer's past
 // one-step errors, brought back to credits and averaged (Duan's smearing):
 // a mean, so that the expected total of a month is the sum of its expected
-// days, which a runway needs. The interval comes from 500 simulated
+// days, which a runway needs. The interval comes from 300 simulated
 // futures, each replaying the fitted model with one-step errors drawn from
 // the customer's past ones (bursts and idle days included) and shifted as
 // a whole by one of the level errors the out-of-sample replay made, so a
