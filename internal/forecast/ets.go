@@ -47,14 +47,16 @@ type etsParams struct {
 // costs a fixed, small time.
 var etsGrid = func() []etsParams {
 	var grid []etsParams
+	seasons := []struct {
+		gamma    float64
+		noSeason bool
+	}{{0, true}, {0, false}, {0.05, false}, {0.15, false}}
 	for _, alpha := range []float64{0.03, 0.08, 0.15, 0.25, 0.4, 0.6} {
-		for _, gamma := range []float64{-1, 0, 0.05, 0.15} {
-			noSeason := gamma < 0
-			gamma = max(gamma, 0)
-			grid = append(grid, etsParams{alpha: alpha, gamma: gamma, noSeason: noSeason})
+		for _, sn := range seasons {
+			grid = append(grid, etsParams{alpha: alpha, gamma: sn.gamma, noSeason: sn.noSeason})
 			for _, phi := range []float64{0.9, 0.97} {
 				for _, beta := range []float64{0.01, 0.05} {
-					grid = append(grid, etsParams{alpha: alpha, beta: beta * alpha, gamma: gamma, phi: phi, noSeason: noSeason})
+					grid = append(grid, etsParams{alpha: alpha, beta: beta * alpha, gamma: sn.gamma, phi: phi, noSeason: sn.noSeason})
 				}
 			}
 		}
