@@ -164,6 +164,17 @@ func Predict(h History, horizon int) (Forecast, error) {
 	return f, nil
 }
 
+// Head is the forecast of its first n days only (all of them when n is
+// larger). The totals run from the first day, so they stay true: an
+// endpoint forecasts SuggestionDays or more to suggest a pack, and answers
+// the days and the runway of the horizon asked, a runway beyond it being
+// none.
+func (f Forecast) Head(n int) Forecast {
+	n = min(max(n, 0), len(f.Daily))
+	f.Daily, f.Cumulative = f.Daily[:n:n], f.Cumulative[:n:n]
+	return f
+}
+
 func allZero(xs []float64) bool {
 	for _, x := range xs {
 		if x != 0 {

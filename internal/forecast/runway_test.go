@@ -82,6 +82,28 @@ func TestRunwayOfIntermittentCustomerReadsTheTotal(t *testing.T) {
 	}
 }
 
+// A forecast cut to the horizon asked has no runway beyond it, though the
+// longer forecast it was cut from has.
+func TestRunwayWithinHead(t *testing.T) {
+	f := steady(30, 5, 8)
+	if r := f.Runway(60); r.PessimisticDays == nil || *r.PessimisticDays != 7 {
+		t.Fatalf("30 days: %v", r.PessimisticDays)
+	}
+	week := f.Head(7)
+	if len(week.Daily) != 7 || len(week.Cumulative) != 7 || week.Model != f.Model {
+		t.Fatalf("Head(7): %d days, %d totals, model %s", len(week.Daily), len(week.Cumulative), week.Model)
+	}
+	if r := week.Runway(60); r.PessimisticDays != nil || r.ExpectedDays != nil {
+		t.Errorf("7 days: runway %v, %v; want none within the horizon", r.PessimisticDays, r.ExpectedDays)
+	}
+	if r := week.Runway(50); r.PessimisticDays == nil || *r.PessimisticDays != 6 {
+		t.Errorf("7 days, 50 available: %v, want 6", r.PessimisticDays)
+	}
+	if got := f.Head(99); len(got.Daily) != 30 {
+		t.Errorf("Head(99) of 30 days: %d", len(got.Daily))
+	}
+}
+
 func TestNeed(t *testing.T) {
 	f := steady(30, 5, 8)
 	if n, err := f.Need(100, 30); err != nil || n != 240-100 {
