@@ -80,6 +80,7 @@ func commands() []command {
 		{"migrate", "apply the database migrations and exit", migrate},
 		{"verify", "check the invariants (balances, ledger, credited payments); exit 2 on any breach", verifyCmd},
 		{"reconcile", "compare delivered usage with Stripe's meter event summaries (exit 2 on drift)", reconcile},
+		{"forecast", "forecast customers' daily consumption from a CSV file, or backtest the model (no database)", forecastCmd},
 		{"healthcheck", "exit 0 when the local server answers /healthz (for container healthchecks)", healthcheck},
 		{"version", "print the version", printVersion},
 	}
