@@ -145,6 +145,17 @@ func Close(gdb *gorm.DB) error {
 	return sqlDB.Close()
 }
 
+// NullIfEmpty is s as the value of a nullable text column, for an insert
+// or an update from a map: NULL when s is empty, as SQL's NULLIF of s and
+// the empty string would say, so an absent Stripe id or reason is stored
+// as absent, never as "", and a unique column may hold many of them.
+func NullIfEmpty(s string) *string {
+	if s == "" {
+		return nil
+	}
+	return &s
+}
+
 // ScanRow runs q (typically gdb.Raw(...)) and scans its first row into dest,
 // returning sql.ErrNoRows when there is none.
 //
