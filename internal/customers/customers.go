@@ -230,6 +230,20 @@ func Get(ctx context.Context, gdb *gorm.DB, id string) (Customer, error) {
 	return r.customer()
 }
 
+// GetByStripeCustomer reads, through gdb, the customer linked to the
+// Stripe customer stripeCustomerID, or returns errs.NotFound.
+func GetByStripeCustomer(ctx context.Context, gdb *gorm.DB, stripeCustomerID string) (Customer, error) {
+	var r customerRow
+	err := gdb.WithContext(ctx).Where("stripe_customer_id = ?", stripeCustomerID).Take(&r).Error
+	if errors.Is(err, gorm.ErrRecordNotFound) {
+		return Customer{}, errs.E(errs.NotFound, "no customer is linked to Stripe customer %s", stripeCustomerID)
+	}
+	if err != nil {
+		return Customer{}, db.Translate(err, nil)
+	}
+	return r.customer()
+}
+
 // Ensure creates the customer inside the caller's transaction tx if it does
 // not exist yet (appending customer.created), for the operations that create
 // customers on first use: checkouts, grants and usage events. It returns
