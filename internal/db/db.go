@@ -53,7 +53,6 @@ package db
 
 import (
 	"context"
-	"database/sql"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -154,31 +153,6 @@ func NullIfEmpty(s string) *string {
 		return nil
 	}
 	return &s
-}
-
-// ScanRow runs q (typically gdb.Raw(...)) and scans its first row into dest,
-// returning sql.ErrNoRows when there is none.
-//
-// It remains only for internal/payments, until that package follows the
-// conventions of the package doc (a Scan into a small struct, no row being
-// RowsAffected == 0); nothing else calls it. Errors are returned
-// untranslated, like gorm's.
-func ScanRow(q *gorm.DB, dest ...any) error {
-	rows, err := q.Rows()
-	if err != nil {
-		return err
-	}
-	defer rows.Close()
-	if !rows.Next() {
-		if err := rows.Err(); err != nil {
-			return err
-		}
-		return sql.ErrNoRows
-	}
-	if err := rows.Scan(dest...); err != nil {
-		return err
-	}
-	return rows.Close()
 }
 
 // dialector is gorm's PostgreSQL dialector, except that it explains (writes
