@@ -516,8 +516,10 @@ func TestInvoiceLifecycle(t *testing.T) {
 }
 
 func TestLiveKeysAreRefused(t *testing.T) {
-	if _, err := sandbox.New(context.Background(), sandbox.Options{SecretKey: "sk_live_123"}); err == nil {
-		t.Fatal("the sandbox took a live key")
+	for _, key := range []string{"sk_live_123", "rk_live_123"} {
+		if _, err := sandbox.New(context.Background(), sandbox.Options{SecretKey: key}); err == nil {
+			t.Fatalf("the sandbox took the live key %s", key)
+		}
 	}
 	h := newHarness(t)
 	req, _ := http.NewRequest(http.MethodPost, h.api.URL+"/v1/customers", strings.NewReader(""))
