@@ -12,6 +12,7 @@ import (
 
 	"github.com/stripe/stripe-go/v82"
 
+	"github.com/tallybilling/tally/internal/sandbox"
 	"github.com/tallybilling/tally/internal/stripeapi"
 )
 
@@ -205,7 +206,7 @@ func webhookParkedOp(svc *service, p population, secret, eventType string) op {
 			method: http.MethodPost,
 			path:   "/webhooks/stripe",
 			body:   payload,
-			header: http.Header{"Stripe-Signature": {stripeSignature(payload, secret, now)}},
+			header: http.Header{"Stripe-Signature": {sandbox.Sign(payload, secret, now)}},
 			noAuth: true,
 			want:   http.StatusOK,
 			decode: decode,

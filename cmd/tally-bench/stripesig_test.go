@@ -8,11 +8,12 @@ import (
 
 	"github.com/stripe/stripe-go/v82/webhook"
 
+	"github.com/tallybilling/tally/internal/sandbox"
 	"github.com/tallybilling/tally/internal/stripeapi"
 )
 
 func TestStripeSignatureHasStripesFormat(t *testing.T) {
-	sig := stripeSignature([]byte(`{"id":"evt_1"}`), "whsec_test", time.Unix(1700000000, 0))
+	sig := sandbox.Sign([]byte(`{"id":"evt_1"}`), "whsec_test", time.Unix(1700000000, 0))
 	if !regexp.MustCompile(`^t=1700000000,v1=[0-9a-f]{64}$`).MatchString(sig) {
 		t.Fatalf("signature %q, want t=<unix>,v1=<64 hex>", sig)
 	}
@@ -27,7 +28,7 @@ func TestSignedEventIsAcceptedByStripeGo(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	sig := stripeSignature(payload, secret, now)
+	sig := sandbox.Sign(payload, secret, now)
 
 	if err := webhook.ValidatePayload(payload, sig, secret); err != nil {
 		t.Fatalf("stripe-go refuses the signature: %v", err)

@@ -17,6 +17,7 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/tallybilling/tally/internal/db"
+	"github.com/tallybilling/tally/internal/sandbox"
 	"github.com/tallybilling/tally/internal/stripeapi"
 )
 
@@ -342,7 +343,7 @@ func (c *creditRun) deliver(ctx context.Context, eventType string, payload []byt
 		method: http.MethodPost,
 		path:   "/webhooks/stripe",
 		body:   payload,
-		header: http.Header{"Stripe-Signature": {stripeSignature(payload, c.secret, time.Now())}},
+		header: http.Header{"Stripe-Signature": {sandbox.Sign(payload, c.secret, time.Now())}},
 		noAuth: true,
 		want:   http.StatusOK,
 		decode: func(data []byte) outcome {

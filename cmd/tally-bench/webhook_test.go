@@ -13,6 +13,7 @@ import (
 	"github.com/tallybilling/tally/internal/app"
 	"github.com/tallybilling/tally/internal/db"
 	"github.com/tallybilling/tally/internal/db/dbtest"
+	"github.com/tallybilling/tally/internal/sandbox"
 	"github.com/tallybilling/tally/internal/stripeapi"
 )
 
@@ -182,7 +183,7 @@ func TestCreditEventsCarryWhatTheValidationChainChecks(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		evt, err := webhook.ConstructEvent(payload, stripeSignature(payload, "whsec_x", now), "whsec_x")
+		evt, err := webhook.ConstructEvent(payload, sandbox.Sign(payload, "whsec_x", now), "whsec_x")
 		if err != nil {
 			t.Fatalf("%s: stripe-go refuses the event: %v", c.typ, err)
 		}

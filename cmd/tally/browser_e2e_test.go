@@ -93,7 +93,8 @@ func tab(t *testing.T, browserCtx context.Context) context.Context {
 		}
 		dir := browserArtifacts()
 		name := filepath.Join(dir, strings.NewReplacer("/", "_", " ", "_").Replace(t.Name())+"-"+time.Now().Format("20060102-150405")+".png")
-		if err := os.MkdirAll(dir, 0o755); err == nil {
+		err = os.MkdirAll(dir, 0o755)
+		if err == nil {
 			err = os.WriteFile(name, png, 0o644)
 		}
 		if err != nil {

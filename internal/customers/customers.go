@@ -219,10 +219,23 @@ func (s *Service) Get(ctx context.Context, id string) (Customer, error) {
 // Get reads the customer through gdb (which may be a transaction), or
 // returns errs.NotFound.
 func Get(ctx context.Context, gdb *gorm.DB, id string) (Customer, error) {
+	return getBy(ctx, gdb, "id", id, "customer %s not found")
+}
+
+// GetByStripeCustomer reads, through gdb, the customer linked to the
+// Stripe customer stripeCustomerID, or returns errs.NotFound.
+func GetByStripeCustomer(ctx context.Context, gdb *gorm.DB, stripeCustomerID string) (Customer, error) {
+	return getBy(ctx, gdb, "stripe_customer_id", stripeCustomerID, "no customer is linked to Stripe customer %s")
+}
+
+// getBy reads the customer whose unique column holds value; none is
+// errs.NotFound with notFound, a format of value.
+func getBy(ctx context.Context, gdb *gorm.DB, column, value, notFound string) (Customer, error) {
 	var r customerRow
-	err := gdb.WithContext(ctx).Where("id = ?", id).Take(&r).Error
+	// column is one of Get's and GetByStripeCustomer's, never input.
+	err := gdb.WithContext(ctx).Where(column+" = ?", value).Take(&r).Error
 	if errors.Is(err, gorm.ErrRecordNotFound) {
-		return Customer{}, errs.E(errs.NotFound, "customer %s not found", id)
+		return Customer{}, errs.E(errs.NotFound, notFound, value)
 	}
 	if err != nil {
 		return Customer{}, db.Translate(err, nil)

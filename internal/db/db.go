@@ -53,7 +53,6 @@ package db
 
 import (
 	"context"
-	"database/sql"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -145,29 +144,15 @@ func Close(gdb *gorm.DB) error {
 	return sqlDB.Close()
 }
 
-// ScanRow runs q (typically gdb.Raw(...)) and scans its first row into dest,
-// returning sql.ErrNoRows when there is none.
-//
-// It remains only for internal/payments, until that package follows the
-// conventions of the package doc (a Scan into a small struct, no row being
-// RowsAffected == 0); nothing else calls it. Errors are returned
-// untranslated, like gorm's.
-func ScanRow(q *gorm.DB, dest ...any) error {
-	rows, err := q.Rows()
-	if err != nil {
-		return err
+// NullIfEmpty is s as the value of a nullable text column, for an insert
+// or an update from a map: NULL when s is empty, as SQL's NULLIF of s and
+// the empty string would say, so an absent Stripe id or reason is stored
+// as absent, never as "", and a unique column may hold many of them.
+func NullIfEmpty(s string) *string {
+	if s == "" {
+		return nil
 	}
-	defer rows.Close()
-	if !rows.Next() {
-		if err := rows.Err(); err != nil {
-			return err
-		}
-		return sql.ErrNoRows
-	}
-	if err := rows.Scan(dest...); err != nil {
-		return err
-	}
-	return rows.Close()
+	return &s
 }
 
 // dialector is gorm's PostgreSQL dialector, except that it explains (writes

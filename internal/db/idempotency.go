@@ -118,14 +118,6 @@ func leaseEnd(lease time.Duration) clause.Expr {
 	return gorm.Expr("now() + make_interval(secs => ?)", lease.Seconds())
 }
 
-// holderValue is holder as stored: NULL for Once's claims, which have none.
-func holderValue(holder string) *string {
-	if holder == "" {
-		return nil
-	}
-	return &holder
-}
-
 // keyState is what claim reads of a key already taken.
 type keyState struct {
 	RequestHash []byte
@@ -145,7 +137,7 @@ func claim(tx *gorm.DB, k IdempotencyKey, holder string, lease time.Duration) (c
 	for range 3 {
 		res := tx.Model(&idempotencyKeyRow{}).Clauses(clause.OnConflict{DoNothing: true}).Create(map[string]any{
 			"scope": k.Scope, "key": k.Key, "request_hash": k.RequestHash,
-			"holder": holderValue(holder), "lease_expires_at": leaseEnd(lease),
+			"holder": NullIfEmpty(holder), "lease_expires_at": leaseEnd(lease),
 		})
 		if res.Error != nil {
 			return 0, nil, res.Error
@@ -175,7 +167,7 @@ func claim(tx *gorm.DB, k IdempotencyKey, holder string, lease time.Duration) (c
 		if st.Expired || (!st.Done && st.Abandoned) {
 			err := keyRow(tx, k).Updates(map[string]any{
 				"request_hash": k.RequestHash, "result": nil, "created_at": gorm.Expr("now()"), "completed_at": nil,
-				"holder": holderValue(holder), "lease_expires_at": leaseEnd(lease),
+				"holder": NullIfEmpty(holder), "lease_expires_at": leaseEnd(lease),
 			}).Error
 			if err != nil {
 				return 0, nil, err

@@ -197,16 +197,20 @@ func (s *Service) startCheckout(ctx context.Context, in CheckoutInput, it item, 
 			secs := int64((it.expiry.Duration + time.Second - 1) / time.Second)
 			expireSeconds = &secs
 		}
-		err = tx.Exec(`INSERT INTO payments (id, customer_id, item, item_kind, quantity, status, unit_amount, amount,
-				currency, credits, credits_expire_after_seconds, credits_expire_after_months, livemode, created_at, updated_at)
-			VALUES (?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, ?)`,
-			paymentID, in.CustomerID, in.Item, string(it.kind), in.Quantity, it.unitAmount, it.unitAmount*in.Quantity,
-			it.currency, it.credits*in.Quantity, expireSeconds, expireMonths, s.livemode, now, now).Error
+		// What Stripe tells later (its ids, amounts, the outcome) starts NULL.
+		err = tx.Model(&paymentRow{}).Create(map[string]any{
+			"id": paymentID, "customer_id": in.CustomerID, "item": in.Item, "item_kind": string(it.kind),
+			"quantity": in.Quantity, "status": string(Pending), "unit_amount": it.unitAmount, "amount": it.unitAmount * in.Quantity,
+			"currency": it.currency, "credits": it.credits * in.Quantity, "credits_expire_after_seconds": expireSeconds,
+			"credits_expire_after_months": expireMonths, "livemode": s.livemode, "created_at": now, "updated_at": now,
+		}).Error
 		if err != nil {
 			return db.Translate(err, nil)
 		}
-		return db.Translate(tx.Exec(`INSERT INTO payment_transitions (payment_id, from_status, to_status, applied, reason, created_at)
-			VALUES (?, NULL, 'pending', true, 'checkout requested', ?)`, paymentID, now).Error, nil)
+		return db.Translate(tx.Model(&transitionRow{}).Create(map[string]any{
+			"payment_id": paymentID, "from_status": nil, "to_status": string(Pending), "applied": true,
+			"reason": "checkout requested", "created_at": now,
+		}).Error, nil)
 	})
 	if err != nil {
 		return CheckoutResult{}, err
@@ -235,11 +239,12 @@ func (s *Service) startCheckout(ctx context.Context, in CheckoutInput, it item, 
 		return CheckoutResult{}, err
 	}
 	err = db.InTx(work, s.db, func(tx *gorm.DB) error {
-		err := tx.Exec(`UPDATE payments SET checkout_session_id = ?, stripe_customer_id = ?,
-				payment_intent_id = COALESCE(payment_intent_id, NULLIF(?, '')), updated_at = ?
-			WHERE id = ?`, res.CheckoutSessionID, res.stripeCustomer, res.paymentIntent, s.now(), paymentID).Error
+		err := updatePayment(work, tx, paymentID, map[string]any{
+			"checkout_session_id": res.CheckoutSessionID, "stripe_customer_id": res.stripeCustomer,
+			"payment_intent_id": gorm.Expr("COALESCE(payment_intent_id, ?)", db.NullIfEmpty(res.paymentIntent)), "updated_at": s.now(),
+		})
 		if err != nil {
-			return db.Translate(err, nil)
+			return err
 		}
 		if r != nil {
 			return r.Complete(work, tx, answer)
@@ -386,8 +391,7 @@ func (s *Service) markCreationFailed(ctx context.Context, paymentID string, caus
 		if err != nil || !ok {
 			return err
 		}
-		return tx.Exec(`UPDATE payments SET status = 'failed', failure_reason = ?, updated_at = ? WHERE id = ?`,
-			reason, s.now(), paymentID).Error
+		return updatePayment(ctx, tx, paymentID, map[string]any{"status": string(Failed), "failure_reason": reason, "updated_at": s.now()})
 	})
 	if err != nil {
 		s.logger.ErrorContext(ctx, "mark payment failed after a Stripe error", "payment_id", paymentID, "error", err)

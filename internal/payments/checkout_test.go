@@ -41,7 +41,7 @@ func payAtStripe(t *testing.T, fake *stripefake.Fake, res payments.CheckoutResul
 func count(t *testing.T, gdb *gorm.DB, query string, args ...any) int64 {
 	t.Helper()
 	var n int64
-	if err := db.ScanRow(gdb.Raw(query, args...), &n); err != nil {
+	if err := gdb.Raw(query, args...).Scan(&n).Error; err != nil {
 		t.Fatalf("%s: %v", query, err)
 	}
 	return n
@@ -120,10 +120,11 @@ func TestPurchasedCreditsExpireByThePacksRule(t *testing.T) {
 			payments.PaymentIntent{ID: pi, AmountReceived: 100, Currency: "usd", Metadata: map[string]string{stripeapi.MetadataPaymentID: res.PaymentID}}); err != nil {
 			t.Fatalf("%s: %v", c.item, err)
 		}
-		var expires *time.Time
-		if err := db.ScanRow(gdb.Raw(`SELECT expires_at FROM credit_grants WHERE payment_id = ?`, res.PaymentID), &expires); err != nil {
-			t.Fatalf("%s: grant: %v", c.item, err)
+		var grant struct{ ExpiresAt *time.Time }
+		if r := gdb.Raw(`SELECT expires_at FROM credit_grants WHERE payment_id = ?`, res.PaymentID).Scan(&grant); r.Error != nil || r.RowsAffected != 1 {
+			t.Fatalf("%s: grant: %v (%d rows)", c.item, r.Error, r.RowsAffected)
 		}
+		expires := grant.ExpiresAt
 		switch {
 		case c.want == "" && expires != nil:
 			t.Errorf("%s: credits expire at %s, want never", c.item, expires)

@@ -2,10 +2,12 @@ package payments
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"strings"
 
 	"gorm.io/gorm"
+	"gorm.io/gorm/clause"
 
 	"github.com/tallybilling/tally/internal/config"
 	"github.com/tallybilling/tally/internal/credits"
@@ -73,15 +75,16 @@ func (s *Service) confirm(ctx context.Context, ev EventRef, paymentID string, c 
 		if c.customerID != "" && c.customerID != p.CustomerID {
 			return reject("metadata names customer %s, but payment %s belongs to %s", c.customerID, p.ID, p.CustomerID)
 		}
-		var confirmedBy []string
-		if err := tx.Raw(`SELECT payment_intent_id FROM payment_confirmations WHERE payment_id = ?`, p.ID).Scan(&confirmedBy).Error; err != nil {
+		var confirmed confirmationRow
+		err := tx.WithContext(ctx).Where("payment_id = ?", p.ID).Take(&confirmed).Error
+		switch {
+		case errors.Is(err, gorm.ErrRecordNotFound): // not confirmed yet
+		case err != nil:
 			return db.Translate(err, nil)
-		}
-		if len(confirmedBy) > 0 {
-			if confirmedBy[0] == c.paymentIntentID {
-				return nil // already confirmed: a redelivery, a replay or the other strategy
-			}
-			return reject("payment %s was already confirmed by PaymentIntent %s", p.ID, confirmedBy[0])
+		case confirmed.PaymentIntentID == c.paymentIntentID:
+			return nil // already confirmed: a redelivery, a replay or the other strategy
+		default:
+			return reject("payment %s was already confirmed by PaymentIntent %s", p.ID, confirmed.PaymentIntentID)
 		}
 		if c.session != nil {
 			if err := s.sessionNames(c.session, p, c.paymentIntentID); err != nil {
@@ -94,8 +97,9 @@ func (s *Service) confirm(ctx context.Context, ev EventRef, paymentID string, c 
 		if err := checkAmounts(p, c); err != nil {
 			return err
 		}
-		res := tx.Exec(`INSERT INTO payment_confirmations (payment_intent_id, payment_id, stripe_event_id)
-			VALUES (?, ?, NULLIF(?, '')) ON CONFLICT (payment_intent_id) DO NOTHING`, c.paymentIntentID, p.ID, ev.ID)
+		res := tx.WithContext(ctx).Model(&confirmationRow{}).
+			Clauses(clause.OnConflict{Columns: []clause.Column{{Name: "payment_intent_id"}}, DoNothing: true}).
+			Create(map[string]any{"payment_intent_id": c.paymentIntentID, "payment_id": p.ID, "stripe_event_id": db.NullIfEmpty(ev.ID)})
 		if res.Error != nil {
 			return db.Translate(res.Error, nil)
 		}
@@ -111,9 +115,10 @@ func (s *Service) confirm(ctx context.Context, ev EventRef, paymentID string, c 
 		}
 		now := s.now()
 		received := strings.ToLower(c.currency)
-		err = tx.Exec(`UPDATE payments SET status = 'succeeded', amount_received = ?, received_currency = ?, payment_intent_id = ?,
-				succeeded_at = ?, failure_reason = NULL, updated_at = ? WHERE id = ?`,
-			c.amountReceived, received, c.paymentIntentID, now, now, p.ID).Error
+		err = tx.WithContext(ctx).Model(&paymentRow{}).Where("id = ?", p.ID).Updates(map[string]any{
+			"status": string(Succeeded), "amount_received": c.amountReceived, "received_currency": received,
+			"payment_intent_id": c.paymentIntentID, "succeeded_at": now, "failure_reason": nil, "updated_at": now,
+		}).Error
 		if err != nil {
 			return db.Translate(err, map[string]errs.Code{"payments_payment_intent_id_key": errs.Conflict})
 		}

@@ -2,11 +2,12 @@ package payments
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"strings"
-	"time"
 
 	"gorm.io/gorm"
+	"gorm.io/gorm/clause"
 
 	"github.com/tallybilling/tally/internal/credits"
 	"github.com/tallybilling/tally/internal/db"
@@ -44,18 +45,6 @@ var disputeStages = map[string]int{
 }
 
 const stageWithdrawn = 4
-
-// disputeRow is the payment_disputes row of a dispute.
-type disputeRow struct {
-	StripeDisputeID     string
-	PaymentID           string
-	Amount              int64
-	Status              string
-	WithdrawnAt         *time.Time
-	CreditsRevoked      int64
-	CreditsShortfall    int64
-	RevokeTransactionID *string
-}
 
 // DisputeChanged applies charge.dispute.created, .updated, .closed,
 // .funds_withdrawn and .funds_reinstated, all by the dispute's status in
@@ -119,17 +108,20 @@ func (s *Service) DisputeChanged(ctx context.Context, ev EventRef, d Dispute) er
 		now := s.now()
 		if !found {
 			row = disputeRow{StripeDisputeID: d.ID, PaymentID: p.ID, Amount: d.Amount}
-			if err := tx.Exec(`INSERT INTO payment_disputes (stripe_dispute_id, payment_id, charge_id, amount, currency, reason, status, created_at, updated_at)
-				VALUES (?, ?, NULLIF(?, ''), ?, ?, NULLIF(?, ''), ?, ?, ?)`,
-				d.ID, p.ID, d.Charge, d.Amount, strings.ToLower(d.Currency), d.Reason, d.Status, now, now).Error; err != nil {
+			if err := tx.WithContext(ctx).Model(&disputeRow{}).Create(map[string]any{
+				"stripe_dispute_id": d.ID, "payment_id": p.ID, "charge_id": db.NullIfEmpty(d.Charge), "amount": d.Amount,
+				"currency": strings.ToLower(d.Currency), "reason": db.NullIfEmpty(d.Reason), "status": d.Status,
+				"created_at": now, "updated_at": now,
+			}).Error; err != nil {
 				return db.Translate(err, nil)
 			}
 		}
-		closed := d.Status == "won" || d.Status == "lost" || d.Status == "warning_closed" || d.Status == "prevented"
-		if err := tx.Exec(`UPDATE payment_disputes SET status = ?, updated_at = ?,
-				closed_at = CASE WHEN ? THEN ? ELSE closed_at END WHERE stripe_dispute_id = ?`,
-			d.Status, now, closed, now, d.ID).Error; err != nil {
-			return db.Translate(err, nil)
+		changed := map[string]any{"status": d.Status, "updated_at": now}
+		if d.Status == "won" || d.Status == "lost" || d.Status == "warning_closed" || d.Status == "prevented" {
+			changed["closed_at"] = now
+		}
+		if err := updateDispute(ctx, tx, d.ID, changed); err != nil {
+			return err
 		}
 		switch {
 		case stage < stageWithdrawn:
@@ -146,17 +138,15 @@ func (s *Service) DisputeChanged(ctx context.Context, ev EventRef, d Dispute) er
 }
 
 func loadDispute(ctx context.Context, tx *gorm.DB, id string) (disputeRow, bool, error) {
-	var rows []disputeRow
-	err := tx.WithContext(ctx).Raw(`SELECT stripe_dispute_id, payment_id, amount, status, withdrawn_at, credits_revoked,
-			credits_shortfall, revoke_transaction_id
-		FROM payment_disputes WHERE stripe_dispute_id = ? FOR UPDATE`, id).Scan(&rows).Error
+	var r disputeRow
+	err := tx.WithContext(ctx).Clauses(clause.Locking{Strength: "UPDATE"}).Where("stripe_dispute_id = ?", id).Take(&r).Error
+	if errors.Is(err, gorm.ErrRecordNotFound) {
+		return disputeRow{}, false, nil
+	}
 	if err != nil {
 		return disputeRow{}, false, db.Translate(err, nil)
 	}
-	if len(rows) == 0 {
-		return disputeRow{}, false, nil
-	}
-	return rows[0], true, nil
+	return r, true, nil
 }
 
 // disputeWithdrawn applies the withdrawal of a dispute's funds (and, for a
@@ -178,18 +168,21 @@ func (s *Service) disputeWithdrawn(ctx context.Context, tx *gorm.DB, p Payment, 
 		return err
 	}
 	now := s.now()
-	if err := tx.Exec(`UPDATE payment_disputes SET withdrawn_at = ?, credits_revoked = ?, credits_shortfall = ?,
-			revoke_transaction_id = NULLIF(?, '') WHERE stripe_dispute_id = ?`,
-		now, back.Taken, back.Shortfall, back.TransactionID, row.StripeDisputeID).Error; err != nil {
-		return db.Translate(err, nil)
+	if err := updateDispute(ctx, tx, row.StripeDisputeID, map[string]any{
+		"withdrawn_at": now, "credits_revoked": back.Taken, "credits_shortfall": back.Shortfall,
+		"revoke_transaction_id": db.NullIfEmpty(back.TransactionID),
+	}); err != nil {
+		return err
 	}
 	before := p.StatusBeforeDispute
 	if p.Status == Succeeded || p.Status == Refunded {
 		before = p.Status
 	}
-	if err := tx.Exec(`UPDATE payments SET status = ?, amount_disputed = amount_disputed + ?, status_before_dispute = ?, updated_at = ?
-		WHERE id = ?`, string(to), row.Amount, string(before), now, p.ID).Error; err != nil {
-		return db.Translate(err, nil)
+	if err := updatePayment(ctx, tx, p.ID, map[string]any{
+		"status": string(to), "amount_disputed": gorm.Expr("amount_disputed + ?", row.Amount),
+		"status_before_dispute": string(before), "updated_at": now,
+	}); err != nil {
+		return err
 	}
 	err = events.Append(ctx, tx, p.CustomerID, events.PaymentDisputed{
 		PaymentID: p.ID, DisputeID: row.StripeDisputeID, AmountDisputed: row.Amount, Currency: paidCurrency(p),
@@ -209,8 +202,8 @@ func (s *Service) disputeLost(ctx context.Context, tx *gorm.DB, p Payment, row d
 	if !ok {
 		return reject("payment %s is %s and cannot become %s", p.ID, p.Status, DisputeLost)
 	}
-	if err := tx.Exec(`UPDATE payments SET status = 'dispute_lost', updated_at = ? WHERE id = ?`, s.now(), p.ID).Error; err != nil {
-		return db.Translate(err, nil)
+	if err := updatePayment(ctx, tx, p.ID, map[string]any{"status": string(DisputeLost), "updated_at": s.now()}); err != nil {
+		return err
 	}
 	return appendDisputeLost(ctx, tx, p, row, ev)
 }
@@ -231,8 +224,9 @@ func (s *Service) disputeWon(ctx context.Context, tx *gorm.DB, p Payment, row di
 	}
 	// Another dispute of the payment still open (or lost) keeps it there.
 	var others []string
-	if err := tx.Raw(`SELECT status FROM payment_disputes WHERE payment_id = ? AND stripe_dispute_id <> ?
-		AND withdrawn_at IS NOT NULL AND status <> 'won'`, p.ID, row.StripeDisputeID).Scan(&others).Error; err != nil {
+	if err := tx.WithContext(ctx).Model(&disputeRow{}).
+		Where("payment_id = ? AND stripe_dispute_id <> ? AND withdrawn_at IS NOT NULL AND status <> 'won'", p.ID, row.StripeDisputeID).
+		Pluck("status", &others).Error; err != nil {
 		return db.Translate(err, nil)
 	}
 	to := p.StatusBeforeDispute
@@ -267,9 +261,10 @@ func (s *Service) disputeWon(ctx context.Context, tx *gorm.DB, p Payment, row di
 		}
 	}
 	now := s.now()
-	if err := tx.Exec(`UPDATE payment_disputes SET credits_restored = ?, credits_expired = ? WHERE stripe_dispute_id = ?`,
-		back.Restored, back.Expired, row.StripeDisputeID).Error; err != nil {
-		return db.Translate(err, nil)
+	if err := updateDispute(ctx, tx, row.StripeDisputeID, map[string]any{
+		"credits_restored": back.Restored, "credits_expired": back.Expired,
+	}); err != nil {
+		return err
 	}
 	var before *string
 	if to == Disputed || to == DisputeLost {
@@ -277,11 +272,12 @@ func (s *Service) disputeWon(ctx context.Context, tx *gorm.DB, p Payment, row di
 		before = &b
 	}
 	released := row.CreditsRevoked + row.CreditsShortfall
-	err = tx.Exec(`UPDATE payments SET status = ?, amount_disputed = amount_disputed - ?, credits_revoked = credits_revoked - ?,
-			status_before_dispute = ?, updated_at = ? WHERE id = ?`,
-		string(to), row.Amount, released, before, now, p.ID).Error
+	err = updatePayment(ctx, tx, p.ID, map[string]any{
+		"status": string(to), "amount_disputed": gorm.Expr("amount_disputed - ?", row.Amount),
+		"credits_revoked": gorm.Expr("credits_revoked - ?", released), "status_before_dispute": before, "updated_at": now,
+	})
 	if err != nil {
-		return db.Translate(err, nil)
+		return err
 	}
 	p.Status, p.CreditsRevoked = to, p.CreditsRevoked-released
 	kept, err := s.refundCatchUp(ctx, tx, p, back.Restored+back.ShortfallSettled, ev)

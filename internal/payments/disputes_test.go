@@ -64,9 +64,8 @@ func TestConcurrentDisputeEventsHaveOneEffect(t *testing.T) {
 		// Withdrawn then lost, or first seen lost: at most one move into disputed.
 		`SELECT (count(*) <= 1)::int FROM payment_transitions WHERE applied AND to_status = 'disputed'`: 1,
 	} {
-		var n int64
-		if err := db.ScanRow(gdb.Raw(q), &n); err != nil || n != want {
-			t.Errorf("%s = %d (%v), want %d", q, n, err, want)
+		if n := count(t, gdb, q); n != want {
+			t.Errorf("%s = %d, want %d", q, n, want)
 		}
 	}
 	if got := w.balance("rush"); got != 0 {
@@ -141,11 +140,11 @@ func TestDisputeWonReturnsCreditsWithTheirExpiry(t *testing.T) {
 		b.Grants[1].Source != credits.SourceDisputeWon || b.Grants[1].Remaining != 30 || b.Grants[1].ExpiresAt != nil {
 		t.Fatalf("balance after the win = %+v; want 20 expiring with the pack (%s) and 30 that never expire", b, pack)
 	}
-	var restored, expired int64
-	if err := db.ScanRow(gdb.Raw(`SELECT credits_restored, credits_expired FROM payment_disputes WHERE stripe_dispute_id = 'dp_back'`), &restored, &expired); err != nil {
-		t.Fatal(err)
+	var won struct{ CreditsRestored, CreditsExpired int64 }
+	if r := gdb.Raw(`SELECT credits_restored, credits_expired FROM payment_disputes WHERE stripe_dispute_id = 'dp_back'`).Scan(&won); r.Error != nil || r.RowsAffected != 1 {
+		t.Fatalf("dispute dp_back: %v (%d rows)", r.Error, r.RowsAffected)
 	}
-	if restored != 50 || expired != 50 {
+	if restored, expired := won.CreditsRestored, won.CreditsExpired; restored != 50 || expired != 50 {
 		t.Fatalf("restored %d and expired %d, want 50 and 50", restored, expired)
 	}
 	p, err := svc.Get(ctx, res.PaymentID)

@@ -6,7 +6,6 @@ import (
 
 	"gorm.io/gorm"
 
-	"github.com/tallybilling/tally/internal/db"
 	"github.com/tallybilling/tally/internal/events"
 )
 
@@ -76,9 +75,9 @@ func (s *Service) fail(ctx context.Context, ev EventRef, paymentID string, livem
 		if err != nil || !ok {
 			return err // a refused move is recorded and the event is done
 		}
-		err = tx.Exec(`UPDATE payments SET status = 'failed', failure_reason = ?, updated_at = ? WHERE id = ?`, reason, s.now(), p.ID).Error
+		err = updatePayment(ctx, tx, p.ID, map[string]any{"status": string(Failed), "failure_reason": reason, "updated_at": s.now()})
 		if err != nil {
-			return db.Translate(err, nil)
+			return err
 		}
 		return events.Append(ctx, tx, p.CustomerID, events.PaymentFailed{
 			PaymentID: p.ID, Item: p.Item, Reason: reason, StripeEventID: ev.ID,

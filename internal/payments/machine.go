@@ -6,6 +6,7 @@ import (
 	"slices"
 
 	"gorm.io/gorm"
+	"gorm.io/gorm/clause"
 
 	"github.com/tallybilling/tally/internal/db"
 )
@@ -63,11 +64,15 @@ func transition(ctx context.Context, tx *gorm.DB, p Payment, to Status, ev Event
 // stripe_event_id) keeps an event in it once; a second time is
 // errEventApplied, so the caller's transaction rolls back to a no-op.
 func record(ctx context.Context, tx *gorm.DB, p Payment, to Status, applied bool, ev EventRef, reason string) error {
-	res := tx.WithContext(ctx).Exec(`INSERT INTO payment_transitions
-		(payment_id, from_status, to_status, applied, stripe_event_id, stripe_event_type, reason)
-		VALUES (?, ?, ?, ?, NULLIF(?, ''), NULLIF(?, ''), NULLIF(?, ''))
-		ON CONFLICT (payment_id, stripe_event_id) WHERE stripe_event_id IS NOT NULL DO NOTHING`,
-		p.ID, string(p.Status), string(to), applied, ev.ID, ev.Type, reason)
+	// created_at is left to the database's clock.
+	res := tx.WithContext(ctx).Model(&transitionRow{}).Clauses(clause.OnConflict{
+		Columns:     []clause.Column{{Name: "payment_id"}, {Name: "stripe_event_id"}},
+		TargetWhere: clause.Where{Exprs: []clause.Expression{clause.Expr{SQL: "stripe_event_id IS NOT NULL"}}},
+		DoNothing:   true,
+	}).Create(map[string]any{
+		"payment_id": p.ID, "from_status": string(p.Status), "to_status": string(to), "applied": applied,
+		"stripe_event_id": db.NullIfEmpty(ev.ID), "stripe_event_type": db.NullIfEmpty(ev.Type), "reason": db.NullIfEmpty(reason),
+	})
 	if res.Error != nil {
 		return db.Translate(res.Error, nil)
 	}
@@ -83,7 +88,7 @@ func eventApplied(ctx context.Context, tx *gorm.DB, id string, ev EventRef) (boo
 		return false, nil
 	}
 	var n int64
-	err := db.ScanRow(tx.WithContext(ctx).Raw(`SELECT count(*) FROM payment_transitions WHERE payment_id = ? AND stripe_event_id = ?`, id, ev.ID), &n)
+	err := tx.WithContext(ctx).Model(&transitionRow{}).Where("payment_id = ? AND stripe_event_id = ?", id, ev.ID).Count(&n).Error
 	if err != nil {
 		return false, db.Translate(err, nil)
 	}

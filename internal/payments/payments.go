@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"gorm.io/gorm"
+	"gorm.io/gorm/clause"
 
 	"github.com/tallybilling/tally/internal/catalog"
 	"github.com/tallybilling/tally/internal/config"
@@ -207,57 +208,7 @@ func New(o Options) *Service {
 		revokeFrom: o.RevokeFrom, reservationLease: lease}
 }
 
-// row is the payments table as gorm scans it. A NULL text column the
-// domain reads as empty scans as "" (gorm leaves the zero value); the
-// columns whose NULL means something else stay pointers.
-type row struct {
-	ID                           string
-	CustomerID                   string
-	Item                         string
-	ItemKind                     string
-	Quantity                     int64
-	Status                       string
-	UnitAmount                   int64
-	Amount                       int64
-	Currency                     string
-	AmountReceived               *int64
-	AmountRefunded               int64
-	Credits                      int64
-	CreditsExpireAfterSeconds    *int64
-	CreditsExpireAfterMonths     *int
-	Livemode                     bool
-	CheckoutSessionID            string
-	PaymentIntentID              string
-	InvoiceID                    string
-	SubscriptionID               string
-	StripeCustomerID             string
-	CheckoutPaymentStatus        string
-	CheckoutCurrency             *string
-	CheckoutAmountSubtotal       *int64
-	CheckoutAmountTotal          *int64
-	CheckoutAmountTax            *int64
-	CheckoutSourceCurrency       *string
-	CheckoutSourceAmountSubtotal *int64
-	ReceivedCurrency             string
-	FailureReason                string
-	CreatedAt                    time.Time
-	UpdatedAt                    time.Time
-	SucceededAt                  *time.Time
-
-	CreditsRevoked      int64
-	AmountDisputed      int64
-	StatusBeforeDispute string
-}
-
-const columns = `id, customer_id, item, item_kind, quantity, status, unit_amount, amount, currency,
-	amount_received, amount_refunded, credits, credits_expire_after_seconds, credits_expire_after_months, livemode,
-	checkout_session_id, payment_intent_id, invoice_id, subscription_id, stripe_customer_id,
-	checkout_payment_status, checkout_currency, checkout_amount_subtotal, checkout_amount_total, checkout_amount_tax,
-	checkout_source_currency, checkout_source_amount_subtotal, received_currency,
-	failure_reason, created_at, updated_at, succeeded_at,
-	credits_revoked, amount_disputed, status_before_dispute`
-
-func (r row) payment() Payment {
+func (r paymentRow) payment() Payment {
 	p := Payment{
 		ID: r.ID, CustomerID: r.CustomerID, Item: r.Item, ItemKind: ItemKind(r.ItemKind), Quantity: r.Quantity,
 		Status: Status(r.Status), UnitAmount: r.UnitAmount, Amount: r.Amount, Currency: r.Currency,
@@ -295,18 +246,19 @@ func (p Payment) CreditsExpiry() catalog.Expiry {
 // load reads one payment through gdb; lock takes its row lock (gdb must then
 // be a transaction). Errors: errs.NotFound.
 func load(ctx context.Context, gdb *gorm.DB, id string, lock bool) (Payment, error) {
-	q := `SELECT ` + columns + ` FROM payments WHERE id = ?`
+	q := gdb.WithContext(ctx)
 	if lock {
-		q += ` FOR UPDATE`
+		q = q.Clauses(clause.Locking{Strength: "UPDATE"})
 	}
-	var rows []row
-	if err := gdb.WithContext(ctx).Raw(q, id).Scan(&rows).Error; err != nil {
-		return Payment{}, db.Translate(err, nil)
-	}
-	if len(rows) == 0 {
+	var r paymentRow
+	err := q.Where("id = ?", id).Take(&r).Error
+	if errors.Is(err, gorm.ErrRecordNotFound) {
 		return Payment{}, errs.E(errs.NotFound, "payment %s not found", id)
 	}
-	return rows[0].payment(), nil
+	if err != nil {
+		return Payment{}, db.Translate(err, nil)
+	}
+	return r.payment(), nil
 }
 
 // findID returns the id of the payment whose column equals value, "" if none.
@@ -314,15 +266,16 @@ func findID(ctx context.Context, gdb *gorm.DB, column, value string) (string, er
 	if value == "" {
 		return "", nil
 	}
-	var ids []string
+	var r paymentRow
 	// column is one of a fixed set chosen by this package, never input.
-	if err := gdb.WithContext(ctx).Raw(`SELECT id FROM payments WHERE `+column+` = ?`, value).Scan(&ids).Error; err != nil {
-		return "", db.Translate(err, nil)
-	}
-	if len(ids) == 0 {
+	err := gdb.WithContext(ctx).Select("id").Where(column+" = ?", value).Take(&r).Error
+	if errors.Is(err, gorm.ErrRecordNotFound) {
 		return "", nil
 	}
-	return ids[0], nil
+	if err != nil {
+		return "", db.Translate(err, nil)
+	}
+	return r.ID, nil
 }
 
 // Get returns the payment with its transition history, oldest first.
@@ -332,19 +285,8 @@ func (s *Service) Get(ctx context.Context, id string) (Payment, error) {
 	if err != nil {
 		return Payment{}, err
 	}
-	type trow struct { // NULL text scans as ""
-		FromStatus      string
-		ToStatus        string
-		Applied         bool
-		StripeEventID   string
-		StripeEventType string
-		Reason          string
-		CreatedAt       time.Time
-	}
-	var trs []trow
-	err = s.db.WithContext(ctx).Raw(`SELECT from_status, to_status, applied, stripe_event_id, stripe_event_type, reason, created_at
-		FROM payment_transitions WHERE payment_id = ? ORDER BY id`, id).Scan(&trs).Error
-	if err != nil {
+	var trs []transitionRow
+	if err := s.db.WithContext(ctx).Where("payment_id = ?", id).Order("id").Find(&trs).Error; err != nil {
 		return Payment{}, db.Translate(err, nil)
 	}
 	p.Transitions = make([]Transition, 0, len(trs))
@@ -384,10 +326,12 @@ func (s *Service) List(ctx context.Context, customerID, cursor string, limit int
 		return Page{}, err
 	}
 	// Ids are time-ordered (UUIDv7), so id order is creation order.
-	q := s.db.WithContext(ctx).Raw(`SELECT `+columns+` FROM payments WHERE customer_id = ? AND (? = '' OR id < ?)
-		ORDER BY id DESC LIMIT ?`, customerID, after, after, limit+1)
-	var rows []row
-	if err := q.Scan(&rows).Error; err != nil {
+	q := s.db.WithContext(ctx).Where("customer_id = ?", customerID)
+	if after != "" {
+		q = q.Where("id < ?", after)
+	}
+	var rows []paymentRow
+	if err := q.Order("id DESC").Limit(limit + 1).Find(&rows).Error; err != nil {
 		return Page{}, db.Translate(err, nil)
 	}
 	page := Page{Payments: make([]Payment, 0, min(len(rows), limit))}

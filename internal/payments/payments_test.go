@@ -3,6 +3,7 @@ package payments_test
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"reflect"
 	"strings"
@@ -15,6 +16,7 @@ import (
 	"github.com/tallybilling/tally/internal/catalog"
 	"github.com/tallybilling/tally/internal/config"
 	"github.com/tallybilling/tally/internal/credits"
+	"github.com/tallybilling/tally/internal/customers"
 	"github.com/tallybilling/tally/internal/db"
 	"github.com/tallybilling/tally/internal/db/dbtest"
 	"github.com/tallybilling/tally/internal/payments"
@@ -278,8 +280,8 @@ func TestCheckoutModes(t *testing.T) {
 	// no money through tally, so its amounts are 0, its currencies empty,
 	// and only payment_intent_id (it has none) is absent.
 	var data string
-	if err := db.ScanRow(gdb.Raw(`SELECT data::text FROM events WHERE type = 'payment.succeeded' AND data->>'payment_id' = ?`, plan.PaymentID), &data); err != nil {
-		t.Fatal(err)
+	if r := gdb.Raw(`SELECT data::text FROM events WHERE type = 'payment.succeeded' AND data->>'payment_id' = ?`, plan.PaymentID).Scan(&data); r.Error != nil || r.RowsAffected != 1 {
+		t.Fatalf("the plan's payment.succeeded: %v (%d rows)", r.Error, r.RowsAffected)
 	}
 	var gotData, wantData map[string]any
 	_ = json.Unmarshal([]byte(data), &gotData)
@@ -299,10 +301,48 @@ func TestCheckoutModes(t *testing.T) {
 		t.Fatal(err)
 	}
 	var status string
-	if err := db.ScanRow(gdb.Raw(`SELECT status FROM subscriptions WHERE stripe_subscription_id = 'sub_1'`), &status); err != nil || status != "active" {
+	if err := gdb.Raw(`SELECT status FROM subscriptions WHERE stripe_subscription_id = 'sub_1'`).Scan(&status).Error; err != nil || status != "active" {
 		t.Fatalf("subscription status = %q, %v; want active", status, err)
 	}
 	verifyClean(t, gdb)
+}
+
+// A subscription created outside tally's checkout carries none of tally's
+// metadata: its Stripe customer says whose it is. A Stripe customer tally
+// never linked is another integration's (ignored), and metadata naming a
+// customer tally does not know is refused; neither writes a status.
+func TestSubscriptionFoundByItsStripeCustomer(t *testing.T) {
+	gdb := dbtest.New(t)
+	_, stripe := fakeClient(t)
+	svc := newService(t, gdb, stripe, config.ConfirmOnPaymentIntent)
+	ctx := context.Background()
+	linked := "cus_linked"
+	if _, _, err := customers.New(customers.Options{DB: gdb}).Upsert(ctx, customers.UpsertInput{ID: "owner", StripeCustomerID: &linked}); err != nil {
+		t.Fatal(err)
+	}
+
+	if err := svc.SubscriptionChanged(ctx, payments.EventRef{ID: "evt_own", Created: 1},
+		payments.Subscription{ID: "sub_own", Customer: linked, Status: "active"}); err != nil {
+		t.Fatalf("subscription of a linked Stripe customer: %v", err)
+	}
+	var owner string
+	if err := gdb.Raw(`SELECT customer_id FROM subscriptions WHERE stripe_subscription_id = 'sub_own'`).Scan(&owner).Error; err != nil || owner != "owner" {
+		t.Fatalf("sub_own belongs to %q (%v), want owner", owner, err)
+	}
+	if err := svc.SubscriptionChanged(ctx, payments.EventRef{ID: "evt_stranger", Created: 1},
+		payments.Subscription{ID: "sub_stranger", Customer: "cus_stranger", Status: "active"}); !errors.Is(err, payments.ErrNotOurs) {
+		t.Fatalf("subscription of an unknown Stripe customer: %v, want ErrNotOurs", err)
+	}
+	if err := svc.SubscriptionChanged(ctx, payments.EventRef{ID: "evt_ghost", Created: 1},
+		payments.Subscription{ID: "sub_ghost", Customer: linked, Status: "active", Metadata: map[string]string{stripeapi.MetadataCustomerID: "ghost"}}); !payments.IsRejection(err) {
+		t.Fatalf("subscription naming an unknown customer: %v, want a rejection", err)
+	}
+	if n := count(t, gdb, `SELECT count(*) FROM subscriptions`); n != 1 {
+		t.Fatalf("%d subscriptions stored, want only sub_own", n)
+	}
+	if n := count(t, gdb, `SELECT count(*) FROM events WHERE type = 'subscription.updated'`); n != 1 {
+		t.Fatalf("%d subscription.updated events, want 1", n)
+	}
 }
 
 // The payments check must see a breach, or `tally verify` passing means nothing.
@@ -411,9 +451,8 @@ func TestForeignPaymentIntentIsRejected(t *testing.T) {
 	if p, err := svc.Get(ctx, pending.PaymentID); err != nil || p.Status != payments.Pending {
 		t.Fatalf("pending payment after foreign failures = %+v, %v; want pending", p, err)
 	}
-	var failedEvents int64
-	if err := db.ScanRow(gdb.Raw(`SELECT count(*) FROM events WHERE type = 'payment.failed'`), &failedEvents); err != nil || failedEvents != 0 {
-		t.Fatalf("%d payment.failed events (%v), want 0", failedEvents, err)
+	if n := count(t, gdb, `SELECT count(*) FROM events WHERE type = 'payment.failed'`); n != 0 {
+		t.Fatalf("%d payment.failed events, want 0", n)
 	}
 
 	// The real refund still applies.
@@ -456,11 +495,7 @@ func TestFailuresAreIdempotent(t *testing.T) {
 		}
 	}
 
-	var failedEvents int64
-	if err := db.ScanRow(gdb.Raw(`SELECT count(*) FROM events WHERE type = 'payment.failed' AND data->>'payment_id' = ?`, res.PaymentID), &failedEvents); err != nil {
-		t.Fatal(err)
-	}
-	if failedEvents != 1 {
+	if failedEvents := count(t, gdb, `SELECT count(*) FROM events WHERE type = 'payment.failed' AND data->>'payment_id' = ?`, res.PaymentID); failedEvents != 1 {
 		t.Errorf("%d payment.failed events, want 1", failedEvents)
 	}
 	p, err := svc.Get(ctx, res.PaymentID)

@@ -2,8 +2,11 @@ package payments
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"time"
+
+	"gorm.io/gorm"
 
 	"github.com/tallybilling/tally/internal/db"
 	"github.com/tallybilling/tally/internal/errs"
@@ -28,22 +31,35 @@ func (s *Service) allowCheckout(ctx context.Context, customerID string) error {
 	}
 	interval := rateWindow / time.Duration(limit)
 	now := s.now()
+	// One statement, so concurrent checkouts of a customer queue on its row.
+	// The checkout moves tat to max(tat, now) + interval, that is
+	// max(tat + interval, now + interval) (the value a first checkout
+	// inserts); it is allowed while that is within a minute from now, which
+	// for a tat in the past always holds, and otherwise means tat <= now +
+	// a minute - interval. A refused checkout updates nothing and returns no
+	// row. It stays SQL: gorm's builder has no conditional upsert.
 	var tats []time.Time
 	err := s.db.WithContext(ctx).Raw(`INSERT INTO checkout_rate_limits AS l (customer_id, tat) VALUES (?, ?)
-		ON CONFLICT (customer_id) DO UPDATE SET tat = GREATEST(l.tat, ?) + make_interval(secs => ?)
-		WHERE GREATEST(l.tat, ?) + make_interval(secs => ?) <= ?
+		ON CONFLICT (customer_id) DO UPDATE SET tat = GREATEST(l.tat + make_interval(secs => ?), EXCLUDED.tat)
+		WHERE l.tat <= ?
 		RETURNING tat`,
-		customerID, now.Add(interval), now, interval.Seconds(), now, interval.Seconds(), now.Add(rateWindow)).Scan(&tats).Error
+		customerID, now.Add(interval), interval.Seconds(), now.Add(rateWindow-interval)).Scan(&tats).Error
 	if err != nil {
 		return db.Translate(err, nil)
 	}
 	if len(tats) > 0 {
 		return nil
 	}
-	var tat time.Time
-	if err := db.ScanRow(s.db.WithContext(ctx).Raw(`SELECT tat FROM checkout_rate_limits WHERE customer_id = ?`, customerID), &tat); err != nil {
+	var r rateLimitRow
+	err = s.db.WithContext(ctx).Where("customer_id = ?", customerID).Take(&r).Error
+	if errors.Is(err, gorm.ErrRecordNotFound) {
+		// The refusal above found the row, and nothing deletes one.
+		return fmt.Errorf("payments: the checkout rate limit row of customer %s vanished after refusing a checkout", customerID)
+	}
+	if err != nil {
 		return db.Translate(err, nil)
 	}
+	tat := r.Tat
 	// The next checkout is allowed once now + a minute reaches max(tat, now) + interval.
 	wait := max(tat.Sub(now), 0) + interval - rateWindow
 	return &errs.Error{

@@ -75,13 +75,17 @@ func (s *Service) ChargeRefunded(ctx context.Context, ev EventRef, ch Charge) er
 			return err
 		}
 		// A won dispute returns a payment refunded meanwhile to refunded.
-		if err := tx.Exec(`UPDATE payments SET status = ?, amount_refunded = ?,
-				status_before_dispute = CASE WHEN status_before_dispute IS NULL THEN NULL ELSE 'refunded' END, updated_at = ? WHERE id = ?`,
-			string(to), ch.AmountRefunded, now, p.ID).Error; err != nil {
-			return db.Translate(err, nil)
+		changed := map[string]any{"status": string(to), "amount_refunded": ch.AmountRefunded, "updated_at": now}
+		if p.StatusBeforeDispute != "" {
+			changed["status_before_dispute"] = string(Refunded)
 		}
-		if err := tx.Exec(`INSERT INTO payment_refunds (payment_id, stripe_event_id, amount_refunded_total, amount_refunded_delta, credits_revoked, credits_shortfall)
-			VALUES (?, NULLIF(?, ''), ?, ?, ?, ?)`, p.ID, ev.ID, ch.AmountRefunded, delta, back.Taken, back.Shortfall).Error; err != nil {
+		if err := updatePayment(ctx, tx, p.ID, changed); err != nil {
+			return err
+		}
+		if err := tx.WithContext(ctx).Model(&refundRow{}).Create(map[string]any{
+			"payment_id": p.ID, "stripe_event_id": db.NullIfEmpty(ev.ID), "amount_refunded_total": ch.AmountRefunded,
+			"amount_refunded_delta": delta, "credits_revoked": back.Taken, "credits_shortfall": back.Shortfall,
+		}).Error; err != nil {
 			return db.Translate(err, nil)
 		}
 		return events.Append(ctx, tx, p.CustomerID, events.PaymentRefunded{

@@ -123,11 +123,11 @@ func TestRefundsRevokeTheirShareOnceFromTheWholeBalance(t *testing.T) {
 	if got := w.balance("ida"); got != 50 {
 		t.Fatalf("balance = %d, want 50", got)
 	}
-	var taken, short int64
-	if err := db.ScanRow(gdb.Raw(`SELECT sum(credits_revoked), sum(credits_shortfall) FROM payment_refunds WHERE payment_id = ?`, res.PaymentID), &taken, &short); err != nil {
+	var sums struct{ Taken, Short int64 }
+	if err := gdb.Raw(`SELECT sum(credits_revoked) AS taken, sum(credits_shortfall) AS short FROM payment_refunds WHERE payment_id = ?`, res.PaymentID).Scan(&sums).Error; err != nil {
 		t.Fatal(err)
 	}
-	if taken != 60 || short != 40 {
+	if taken, short := sums.Taken, sums.Short; taken != 60 || short != 40 {
 		t.Fatalf("refunds took %d and recorded %d short, want 60 and 40", taken, short)
 	}
 	rep, err := credits.Verify(context.Background(), gdb, payments.Verify)

@@ -50,12 +50,13 @@ func (s *Service) recordSession(ctx context.Context, tx *gorm.DB, p *Payment, cs
 	if !ok {
 		return nil
 	}
-	err := tx.Exec(`UPDATE payments SET checkout_currency = ?, checkout_amount_subtotal = ?, checkout_amount_total = ?,
-			checkout_amount_tax = ?, checkout_source_currency = NULLIF(?, ''), checkout_source_amount_subtotal = ?, updated_at = ?
-		WHERE id = ?`,
-		t.Currency, t.AmountSubtotal, t.AmountTotal, t.AmountTax, t.SourceCurrency, sourceAmount(t), s.now(), p.ID).Error
+	err := updatePayment(ctx, tx, p.ID, map[string]any{
+		"checkout_currency": t.Currency, "checkout_amount_subtotal": t.AmountSubtotal, "checkout_amount_total": t.AmountTotal,
+		"checkout_amount_tax": t.AmountTax, "checkout_source_currency": db.NullIfEmpty(t.SourceCurrency),
+		"checkout_source_amount_subtotal": sourceAmount(t), "updated_at": s.now(),
+	})
 	if err != nil {
-		return db.Translate(err, nil)
+		return err
 	}
 	p.Checkout = t
 	return nil
@@ -175,8 +176,9 @@ func (s *Service) applyLinks(ctx context.Context, tx *gorm.DB, p Payment, links 
 			continue
 		}
 		// col is from linkColumns, never input.
-		err := db.Translate(tx.Exec(`UPDATE payments SET `+col+` = ?, updated_at = ? WHERE id = ? AND `+col+` IS NULL`, v, s.now(), p.ID).Error,
-			map[string]errs.Code{"payments_checkout_session_id_key": errs.Conflict, "payments_payment_intent_id_key": errs.Conflict})
+		err := tx.WithContext(ctx).Model(&paymentRow{}).Where("id = ? AND "+col+" IS NULL", p.ID).
+			Updates(map[string]any{col: v, "updated_at": s.now()}).Error
+		err = db.Translate(err, map[string]errs.Code{"payments_checkout_session_id_key": errs.Conflict, "payments_payment_intent_id_key": errs.Conflict})
 		if errs.Is(err, errs.Conflict) {
 			return reject("%s %s already belongs to another payment than %s", col, v, p.ID)
 		}
@@ -185,8 +187,8 @@ func (s *Service) applyLinks(ctx context.Context, tx *gorm.DB, p Payment, links 
 		}
 	}
 	if v := links["checkout_payment_status"]; v != "" {
-		if err := tx.Exec(`UPDATE payments SET checkout_payment_status = ?, updated_at = ? WHERE id = ?`, v, s.now(), p.ID).Error; err != nil {
-			return db.Translate(err, nil)
+		if err := updatePayment(ctx, tx, p.ID, map[string]any{"checkout_payment_status": v, "updated_at": s.now()}); err != nil {
+			return err
 		}
 	}
 	return nil

@@ -5,7 +5,9 @@ import (
 
 	"gorm.io/gorm"
 
+	"github.com/tallybilling/tally/internal/customers"
 	"github.com/tallybilling/tally/internal/db"
+	"github.com/tallybilling/tally/internal/errs"
 	"github.com/tallybilling/tally/internal/events"
 	"github.com/tallybilling/tally/internal/stripeapi"
 )
@@ -25,9 +27,10 @@ func (s *Service) subscribed(ctx context.Context, ev EventRef, paymentID string,
 			return err
 		}
 		now := s.now()
-		if err := tx.Exec(`UPDATE payments SET status = 'succeeded', succeeded_at = ?, failure_reason = NULL, updated_at = ? WHERE id = ?`,
-			now, now, p.ID).Error; err != nil {
-			return db.Translate(err, nil)
+		if err := updatePayment(ctx, tx, p.ID, map[string]any{
+			"status": string(Succeeded), "succeeded_at": now, "failure_reason": nil, "updated_at": now,
+		}); err != nil {
+			return err
 		}
 		// A plan moves no money through tally: nothing received, no tax, no
 		// credits, no PaymentIntent (see events.PaymentSucceeded).
@@ -49,25 +52,27 @@ func (s *Service) SubscriptionChanged(ctx context.Context, ev EventRef, sub Subs
 	}
 	customerID := sub.Metadata[stripeapi.MetadataCustomerID]
 	if customerID == "" && sub.Customer != "" {
-		var ids []string
-		if err := s.db.WithContext(ctx).Raw(`SELECT id FROM customers WHERE stripe_customer_id = ?`, sub.Customer).Scan(&ids).Error; err != nil {
-			return db.Translate(err, nil)
-		}
-		if len(ids) > 0 {
-			customerID = ids[0]
+		c, err := customers.GetByStripeCustomer(ctx, s.db, sub.Customer)
+		switch {
+		case err == nil:
+			customerID = c.ID
+		case !errs.Is(err, errs.NotFound):
+			return err
 		}
 	}
 	if customerID == "" {
 		return ErrNotOurs
 	}
 	return db.InTx(ctx, s.db, func(tx *gorm.DB) error {
-		var known []string
-		if err := tx.Raw(`SELECT id FROM customers WHERE id = ?`, customerID).Scan(&known).Error; err != nil {
-			return db.Translate(err, nil)
-		}
-		if len(known) == 0 {
+		_, err := customers.Get(ctx, tx, customerID)
+		if errs.Is(err, errs.NotFound) {
 			return reject("subscription %s names customer %s, which tally does not know", sub.ID, customerID)
 		}
+		if err != nil {
+			return err
+		}
+		// A conditional upsert (only a newer event than the one applied
+		// overwrites the status) stays SQL.
 		res := tx.Exec(`INSERT INTO subscriptions (stripe_subscription_id, customer_id, status, plan, stripe_event_created, updated_at)
 			VALUES (?, ?, ?, NULLIF(?, ''), ?, ?)
 			ON CONFLICT (stripe_subscription_id) DO UPDATE SET status = EXCLUDED.status,

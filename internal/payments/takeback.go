@@ -27,9 +27,10 @@ func creditShare(credits, amount, paid int64) int64 {
 // and disputes are counted apart, so the order they arrive in does not
 // change what each takes; together they never exceed the payment's credits.
 func refundDue(ctx context.Context, tx *gorm.DB, p Payment, refundedTotal int64) (int64, error) {
+	// An aggregate over the payment's disputes: SQL, and always one row.
 	var byDisputes int64
-	err := db.ScanRow(tx.WithContext(ctx).Raw(`SELECT COALESCE(sum(credits_revoked + credits_shortfall), 0)::bigint
-		FROM payment_disputes WHERE payment_id = ? AND withdrawn_at IS NOT NULL AND status <> 'won'`, p.ID), &byDisputes)
+	err := tx.WithContext(ctx).Raw(`SELECT COALESCE(sum(credits_revoked + credits_shortfall), 0)::bigint
+		FROM payment_disputes WHERE payment_id = ? AND withdrawn_at IS NOT NULL AND status <> 'won'`, p.ID).Scan(&byDisputes).Error
 	if err != nil {
 		return 0, db.Translate(err, nil)
 	}
@@ -64,9 +65,8 @@ func (s *Service) takeBack(ctx context.Context, tx *gorm.DB, p Payment, due int6
 	if err != nil {
 		return credits.RevokeResult{}, err
 	}
-	if err := tx.WithContext(ctx).Exec(`UPDATE payments SET credits_revoked = credits_revoked + ? WHERE id = ?`,
-		r.Taken+r.Shortfall, p.ID).Error; err != nil {
-		return credits.RevokeResult{}, db.Translate(err, nil)
+	if err := updatePayment(ctx, tx, p.ID, map[string]any{"credits_revoked": gorm.Expr("credits_revoked + ?", r.Taken+r.Shortfall)}); err != nil {
+		return credits.RevokeResult{}, err
 	}
 	return r, nil
 }

@@ -46,6 +46,7 @@ func VerifyTakeBacks(ctx context.Context, gdb *gorm.DB) ([]credits.VerifyProblem
 		Ledger         int64
 	}
 	var rows []row
+	// An aggregate of the ledger joined to the payments: SQL.
 	err := gdb.WithContext(ctx).Raw(`
 		WITH l AS (SELECT payment_id, sum(-amount + COALESCE(shortfall, 0))::bigint AS revoked
 		           FROM credit_ledger WHERE kind = 'revoke' AND payment_id IS NOT NULL
@@ -87,6 +88,7 @@ func VerifyDisputes(ctx context.Context, gdb *gorm.DB) ([]credits.VerifyProblem,
 		Detail     string
 	}
 	var rows []row
+	// Three aggregates across disputes, payments, grants and the ledger: SQL.
 	err := gdb.WithContext(ctx).Raw(`
 		WITH open AS (SELECT payment_id, sum(amount)::bigint AS amount, count(*) AS n FROM payment_disputes
 		              WHERE withdrawn_at IS NOT NULL AND status <> 'won' GROUP BY 1),
@@ -129,14 +131,8 @@ func VerifyPurchases(ctx context.Context, gdb *gorm.DB) ([]credits.VerifyProblem
 	if err != nil {
 		return nil, 0, err
 	}
-	type prow struct {
-		ID         string
-		CustomerID string
-		ItemKind   string
-		Status     string
-	}
-	var rows []prow
-	if err := gdb.WithContext(ctx).Raw(`SELECT id, customer_id, item_kind, status FROM payments ORDER BY id`).Scan(&rows).Error; err != nil {
+	var rows []paymentRow
+	if err := gdb.WithContext(ctx).Select("id", "customer_id", "item_kind", "status").Order("id").Find(&rows).Error; err != nil {
 		return nil, 0, db.Translate(err, nil)
 	}
 	var problems []credits.VerifyProblem

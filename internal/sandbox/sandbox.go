@@ -32,9 +32,10 @@ import (
 	"log/slog"
 	"net/http"
 	"sort"
-	"strings"
 	"sync"
 	"time"
+
+	"github.com/tallybilling/tally/internal/config"
 )
 
 // APIVersion is the API version of the objects and events the sandbox
@@ -126,7 +127,7 @@ type Account struct {
 
 // New builds an Account and loads its state from opts.Store.
 func New(ctx context.Context, opts Options) (*Account, error) {
-	if strings.HasPrefix(opts.SecretKey, "sk_live_") || strings.HasPrefix(opts.SecretKey, "rk_live_") {
+	if (config.StripeConfig{SecretKey: opts.SecretKey}).Livemode() {
 		return nil, fmt.Errorf("sandbox: refusing a live key: the sandbox emulates test mode only")
 	}
 	if opts.RetryBase <= 0 {

@@ -36,12 +36,14 @@ func (c *clock) Add(d time.Duration) {
 }
 
 // endpoint is a webhook receiver that records what it was sent and
-// answers what answer says (200 by default).
+// answers what answer says (200 by default), with reply as the body
+// ({"received":true} by default).
 type endpoint struct {
 	srv    *httptest.Server
 	mu     sync.Mutex
 	got    []delivery
 	answer func(n int) int
+	reply  string
 }
 
 type delivery struct {
@@ -58,14 +60,17 @@ func newEndpoint(t *testing.T) *endpoint {
 		var ev struct{ ID, Type string }
 		_ = json.Unmarshal(body, &ev)
 		e.mu.Lock()
-		status := http.StatusOK
+		status, reply := http.StatusOK, `{"received":true}`
 		if e.answer != nil {
 			status = e.answer(len(e.got))
+		}
+		if e.reply != "" {
+			reply = e.reply
 		}
 		e.got = append(e.got, delivery{Type: ev.Type, ID: ev.ID, Signature: r.Header.Get("Stripe-Signature"), Body: body, Status: status})
 		e.mu.Unlock()
 		w.WriteHeader(status)
-		_, _ = io.WriteString(w, `{"received":true}`)
+		_, _ = io.WriteString(w, reply)
 	}))
 	t.Cleanup(e.srv.Close)
 	return e
@@ -511,8 +516,10 @@ func TestInvoiceLifecycle(t *testing.T) {
 }
 
 func TestLiveKeysAreRefused(t *testing.T) {
-	if _, err := sandbox.New(context.Background(), sandbox.Options{SecretKey: "sk_live_123"}); err == nil {
-		t.Fatal("the sandbox took a live key")
+	for _, key := range []string{"sk_live_123", "rk_live_123"} {
+		if _, err := sandbox.New(context.Background(), sandbox.Options{SecretKey: key}); err == nil {
+			t.Fatalf("the sandbox took the live key %s", key)
+		}
 	}
 	h := newHarness(t)
 	req, _ := http.NewRequest(http.MethodPost, h.api.URL+"/v1/customers", strings.NewReader(""))

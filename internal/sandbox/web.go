@@ -13,6 +13,8 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/tallybilling/tally/internal/text"
 )
 
 //go:embed templates/*.html
@@ -74,7 +76,7 @@ func NewWeb(opts WebOptions) *Web {
 		"str":   func(m map[string]any, k string) string { return str(m, k) },
 		"num":   func(m map[string]any, k string) int64 { return num(m, k) },
 		"sub":   func(m map[string]any, k string) map[string]any { return sub(m, k) },
-		"short": func(s string, n int) string { return shorten(s, n) },
+		"short": text.Truncate,
 		"deref": func(p any) any {
 			switch v := p.(type) {
 			case *int:
@@ -198,13 +200,6 @@ func money(amount int64, currency string) string {
 // zeroDecimal are Stripe's currencies without minor units.
 var zeroDecimal = map[string]bool{"bif": true, "clp": true, "djf": true, "gnf": true, "jpy": true, "kmf": true, "krw": true,
 	"mga": true, "pyg": true, "rwf": true, "ugx": true, "vnd": true, "vuv": true, "xaf": true, "xof": true, "xpf": true}
-
-func shorten(s string, n int) string {
-	if len(s) <= n {
-		return s
-	}
-	return s[:n] + "…"
-}
 
 func (w *Web) render(rw http.ResponseWriter, status int, name string, data any) {
 	rw.Header().Set("Content-Type", "text/html; charset=utf-8")

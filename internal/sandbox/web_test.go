@@ -8,6 +8,7 @@ import (
 	"net/url"
 	"strings"
 	"testing"
+	"unicode/utf8"
 
 	"github.com/tallybilling/tally/internal/sandbox"
 )
@@ -84,5 +85,35 @@ func TestEveryPageRendersWithTheBanner(t *testing.T) {
 	resp.Body.Close()
 	if resp.StatusCode != http.StatusBadRequest || !strings.Contains(string(body), "positive whole number") {
 		t.Fatalf("a bad refund amount: %d", resp.StatusCode)
+	}
+}
+
+// The dashboard shows a long answer of the host app cut to size on a
+// character boundary: a page cut inside a character is not UTF-8, and the
+// browser shows a broken character where the text ends.
+func TestDashboardCutsLongAnswersOnACharacter(t *testing.T) {
+	h := newHarness(t)
+	answer := "x" + strings.Repeat("é", 200) // the 120th byte is the first half of an é
+	h.hook.mu.Lock()
+	h.hook.reply = answer
+	h.hook.mu.Unlock()
+	if _, err := h.acct.Pay(context.Background(), h.session(t, nil), "4242424242424242", ""); err != nil {
+		t.Fatal(err)
+	}
+	h.deliverAll(t)
+
+	web := httptest.NewServer(sandbox.NewWeb(sandbox.WebOptions{Account: h.acct, API: sandbox.NewAPI(h.acct), APIURL: h.api.URL}))
+	defer web.Close()
+	resp, err := http.Get(web.URL + "/sandbox")
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if !utf8.Valid(body) {
+		t.Fatalf("the dashboard is not valid UTF-8: an answer was cut inside a character")
+	}
+	if !strings.Contains(string(body), "x"+strings.Repeat("é", 50)) || !strings.Contains(string(body), "…") || strings.Contains(string(body), answer) {
+		t.Fatalf("the dashboard does not show the answer cut short with an ellipsis:\n%s", body)
 	}
 }
