@@ -249,13 +249,6 @@ func metadataJSON(m map[string]string) (string, error) {
 	return string(b), nil
 }
 
-func nonEmpty(s string) *string {
-	if s == "" {
-		return nil
-	}
-	return &s
-}
-
 func insufficient(balance int64, amount int64) error {
 	e := errs.E(errs.InsufficientCredits, "insufficient credits: balance %d, %d requested", balance, amount)
 	e.Extra = map[string]any{"balance": balance}

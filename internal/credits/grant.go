@@ -77,7 +77,7 @@ func grantTx(ctx context.Context, tx *gorm.DB, clock func() time.Time, in GrantI
 	grantID := db.NewID("grt")
 	err = tx.WithContext(ctx).Create(&grantRow{
 		ID: grantID, CustomerID: in.CustomerID, Amount: in.Amount, Remaining: in.Amount, Source: string(in.Source),
-		PaymentID: nonEmpty(in.PaymentID), Reason: in.Reason, Metadata: meta, ExpiresAt: expiresAt, CreatedAt: now,
+		PaymentID: db.NullIfEmpty(in.PaymentID), Reason: in.Reason, Metadata: meta, ExpiresAt: expiresAt, CreatedAt: now,
 	}).Error
 	if err != nil {
 		return GrantResult{}, db.Translate(err, grantConstraints)
@@ -97,7 +97,7 @@ func grantTx(ctx context.Context, tx *gorm.DB, clock func() time.Time, in GrantI
 	}
 	if err := insertEntry(ctx, tx, entryRow{
 		ID: txID, CustomerID: in.CustomerID, Kind: KindGrant, Amount: in.Amount, BalanceAfter: a.balance,
-		Reason: in.Reason, Metadata: in.Metadata, GrantID: &grantID, PaymentID: nonEmpty(in.PaymentID),
+		Reason: in.Reason, Metadata: in.Metadata, GrantID: &grantID, PaymentID: db.NullIfEmpty(in.PaymentID),
 		IdempotencyKey: key, CreatedAt: now,
 	}); err != nil {
 		return GrantResult{}, err

@@ -140,14 +140,14 @@ func revoke(ctx context.Context, tx *gorm.DB, clock func() time.Time, in RevokeI
 	res.TransactionID = db.NewID("ctx")
 	if err := insertEntry(ctx, tx, entryRow{
 		ID: res.TransactionID, CustomerID: in.CustomerID, Kind: KindRevoke, Amount: -res.Taken, BalanceAfter: a.balance,
-		Reason: in.Reason, Metadata: in.Metadata, GrantID: purchaseGrant, PaymentID: nonEmpty(in.PaymentID),
+		Reason: in.Reason, Metadata: in.Metadata, GrantID: purchaseGrant, PaymentID: db.NullIfEmpty(in.PaymentID),
 		Draws: res.Draws, Shortfall: res.Shortfall, CreatedAt: now,
 	}); err != nil {
 		return RevokeResult{}, err
 	}
 	if res.Shortfall > 0 {
 		if err := tx.WithContext(ctx).Create(&shortfallRow{
-			LedgerEntryID: res.TransactionID, CustomerID: in.CustomerID, PaymentID: nonEmpty(in.PaymentID),
+			LedgerEntryID: res.TransactionID, CustomerID: in.CustomerID, PaymentID: db.NullIfEmpty(in.PaymentID),
 			Amount: res.Shortfall, CreatedAt: now,
 		}).Error; err != nil {
 			return RevokeResult{}, err
