@@ -367,3 +367,118 @@ func TestSweeperReleasesAnOverdueHold(t *testing.T) {
 	}
 	mustVerifyClean(t, s)
 }
+
+// Operators' tools over HTTP: void and adjust with replays, priority and
+// effective_at ordering, and the balance at a past time.
+func TestVoidAdjustPriorityScheduleAndBalanceAt(t *testing.T) {
+	s := startServer(t, baseEnv(t))
+	c := s.service(t)
+	admin := s.admin(t)
+	ctx := context.Background()
+	grant := func(key string, body client.GrantRequest) client.GrantResult {
+		t.Helper()
+		r, err := c.GrantCreditsWithResponse(ctx, "opal", &client.GrantCreditsParams{IdempotencyKey: key}, body)
+		if err != nil {
+			t.Fatal(err)
+		}
+		mustStatus(t, "grant", r.StatusCode(), r.Body, http.StatusCreated)
+		return *r.JSON201
+	}
+	low, promo := 10, client.GrantRequestCategoryPromotional
+	first := grant("g-first", client.GrantRequest{Amount: 5, Reason: "spent first", Priority: &low, Category: &promo})
+	normal := grant("g-normal", client.GrantRequest{Amount: 5, Reason: "default priority"})
+	later := time.Now().Add(time.Hour)
+	sched := grant("g-sched", client.GrantRequest{Amount: 7, Reason: "next month", EffectiveAt: &later})
+	if first.Priority != 10 || normal.Priority != 50 || normal.Category != client.GrantResultCategoryPromotional || sched.EffectiveAt == nil {
+		t.Fatalf("grant answers %+v %+v %+v", first, normal, sched)
+	}
+	b := balanceOverHTTP(t, c, "opal")
+	if b.Balance != 17 || b.Pending != 7 || b.Available != 10 || b.Grants[0].Id != first.GrantId {
+		t.Fatalf("balance %+v, want 17 owned, 7 pending, the priority-10 grant first", b)
+	}
+	beforeSpend := time.Now()
+	time.Sleep(10 * time.Millisecond)
+	r, err := c.ConsumeCreditsWithResponse(ctx, "opal", &client.ConsumeCreditsParams{IdempotencyKey: "c1"}, client.ConsumeRequest{Amount: 6, Reason: "call"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	mustStatus(t, "consume", r.StatusCode(), r.Body, http.StatusOK)
+	if r, _ := c.ConsumeCreditsWithResponse(ctx, "opal", &client.ConsumeCreditsParams{IdempotencyKey: "c2"}, client.ConsumeRequest{Amount: 5, Reason: "call"}); r.StatusCode() != http.StatusPaymentRequired {
+		t.Fatalf("consume of pending credits: %d %s", r.StatusCode(), r.Body)
+	}
+	e := ledgerOverHTTP(t, c, "opal")[0]
+	if (*e.Draws)[0].GrantId != first.GrantId || (*e.Draws)[0].Amount != 5 || (*e.Draws)[1].GrantId != normal.GrantId {
+		t.Fatalf("draws %+v, want the priority-10 grant's 5 first", *e.Draws)
+	}
+
+	// Void the normal grant's 4 left: replay, then 409; another customer's
+	// grant id is 404.
+	void := func(key, grantID string) *client.VoidGrantResponse {
+		r, err := c.VoidGrantWithResponse(ctx, "opal", grantID, &client.VoidGrantParams{IdempotencyKey: key}, client.VoidRequest{Reason: "mistake"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return r
+	}
+	v := void("v1", normal.GrantId)
+	mustStatus(t, "void", v.StatusCode(), v.Body, http.StatusOK)
+	if v.JSON200.Voided != 4 || v.JSON200.Balance != 7 {
+		t.Fatalf("void %+v", v.JSON200)
+	}
+	if again := void("v1", normal.GrantId); again.StatusCode() != http.StatusOK || string(again.Body) != string(v.Body) || again.HTTPResponse.Header.Get("Idempotent-Replayed") != "true" {
+		t.Fatalf("void replay: %d %s", again.StatusCode(), again.Body)
+	}
+	if again := void("v2", normal.GrantId); again.StatusCode() != http.StatusConflict {
+		t.Fatalf("second void: %d %s", again.StatusCode(), again.Body)
+	}
+	if other := void("v3", "grt_not_hers"); other.StatusCode() != http.StatusNotFound {
+		t.Fatalf("void of an unknown grant: %d", other.StatusCode())
+	}
+
+	// Adjustments: admin only, either sign, replayed, 402 when short.
+	adjust := func(cl *client.ClientWithResponses, key string, amount int64) *client.AdjustCreditsResponse {
+		r, err := cl.AdjustCreditsWithResponse(ctx, "opal", &client.AdjustCreditsParams{IdempotencyKey: key}, client.AdjustmentRequest{Amount: amount, Reason: "support ticket 42"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return r
+	}
+	if r := adjust(c, "a0", 5); r.StatusCode() != http.StatusForbidden {
+		t.Fatalf("service-key adjustment: %d", r.StatusCode())
+	}
+	if r := adjust(admin, "a1", 0); r.StatusCode() != http.StatusUnprocessableEntity {
+		t.Fatalf("zero adjustment: %d %s", r.StatusCode(), r.Body)
+	}
+	up := adjust(admin, "a2", 3)
+	mustStatus(t, "adjust up", up.StatusCode(), up.Body, http.StatusCreated)
+	if up.JSON201.Balance != 10 || up.JSON201.GrantId == nil {
+		t.Fatalf("adjust up %+v", up.JSON201)
+	}
+	if r := adjust(admin, "a3", -4); r.StatusCode() != http.StatusPaymentRequired {
+		t.Fatalf("adjust below available: %d %s", r.StatusCode(), r.Body)
+	}
+	down := adjust(admin, "a4", -3)
+	mustStatus(t, "adjust down", down.StatusCode(), down.Body, http.StatusCreated)
+	if again := adjust(admin, "a4", -3); string(again.Body) != string(down.Body) {
+		t.Fatalf("adjust replay: %s vs %s", again.Body, down.Body)
+	}
+
+	// The balance at a time before the consume, and now.
+	at, err := c.GetBalanceWithResponse(ctx, "opal", &client.GetBalanceParams{At: &beforeSpend})
+	if err != nil {
+		t.Fatal(err)
+	}
+	mustStatus(t, "balance at", at.StatusCode(), at.Body, http.StatusOK)
+	past, err := at.JSON200.AsBalanceAt()
+	if err != nil || past.Balance != 17 {
+		t.Fatalf("balance before the consume: %+v %v (%s)", past, err, at.Body)
+	}
+	if b := balanceOverHTTP(t, c, "opal"); b.Balance != 7 || b.Available != 0 {
+		t.Fatalf("balance now %+v, want the 7 scheduled", b)
+	}
+	future := time.Now().Add(time.Hour)
+	if r, _ := c.GetBalanceWithResponse(ctx, "opal", &client.GetBalanceParams{At: &future}); r.StatusCode() != http.StatusBadRequest {
+		t.Fatalf("balance at a future time: %d %s", r.StatusCode(), r.Body)
+	}
+	mustVerifyClean(t, s)
+}
