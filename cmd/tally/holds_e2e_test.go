@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"net/http"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -482,3 +483,112 @@ func TestVoidAdjustPriorityScheduleAndBalanceAt(t *testing.T) {
 	}
 	mustVerifyClean(t, s)
 }
+
+// Self-attack on the operators' tools: concurrent voids of one grant with
+// different keys void it once; a void races captures, consumes and new
+// holds without taking held credits; end users may neither void nor
+// adjust; hostile adjustment amounts are refused.
+func TestVoidsRacingHoldsAndHostileCorrections(t *testing.T) {
+	s := startServer(t, baseEnv(t))
+	c := s.wideClient(t)
+	ctx := context.Background()
+	g := grantOverHTTP(t, c, "rex", 100, "g1")
+	grantOverHTTP(t, c, "rex", 50, "g2")
+	h := mustHoldOverHTTP(t, s.service(t), "rex", 30, nil) // from g1, the older
+
+	var voided, conflicts atomic.Int64
+	var wg sync.WaitGroup
+	for i := range 24 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			switch i % 4 {
+			case 0:
+				r, err := c.VoidGrantWithResponse(ctx, "rex", g.GrantId, &client.VoidGrantParams{IdempotencyKey: fmt.Sprintf("v-%d", i)},
+					client.VoidRequest{Reason: "duplicate grant"})
+				switch {
+				case err != nil:
+					t.Error(err)
+				case r.StatusCode() == http.StatusOK:
+					voided.Add(1)
+				case r.StatusCode() == http.StatusConflict:
+					conflicts.Add(1)
+				default:
+					t.Errorf("void: %d %s", r.StatusCode(), r.Body)
+				}
+			case 1:
+				r, err := c.ConsumeCreditsWithResponse(ctx, "rex", &client.ConsumeCreditsParams{IdempotencyKey: fmt.Sprintf("c-%d", i)},
+					client.ConsumeRequest{Amount: 3, Reason: "call"})
+				if err != nil || (r.StatusCode() != http.StatusOK && r.StatusCode() != http.StatusPaymentRequired) {
+					t.Errorf("consume: %v %v", err, r)
+				}
+			case 2:
+				r := holdOverHTTP(t, c, "rex", 4, nil, fmt.Sprintf("h-%d", i))
+				if r.StatusCode() != http.StatusCreated && r.StatusCode() != http.StatusPaymentRequired {
+					t.Errorf("hold: %d %s", r.StatusCode(), r.Body)
+				}
+			case 3:
+				if i == 3 {
+					r := captureOverHTTP(t, c, "rex", h.HoldId, i64(10), "cap")
+					if r.StatusCode() != http.StatusOK {
+						t.Errorf("capture from a grant being voided: %d %s", r.StatusCode(), r.Body)
+					}
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	if voided.Load() != 1 || conflicts.Load() != 5 {
+		t.Fatalf("%d voids, %d conflicts; want 1 and 5", voided.Load(), conflicts.Load())
+	}
+	// The voided grant keeps nothing the balance shows, once holds end.
+	holds, err := c.ListHoldsWithResponse(ctx, "rex", &client.ListHoldsParams{Status: ptrTo(client.ListHoldsParamsStatusActive)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, ah := range holds.JSON200.Data {
+		mustStatus(t, "release", releaseOverHTTP(t, c, "rex", ah.Id).StatusCode(), nil, http.StatusOK)
+	}
+	for _, gs := range balanceOverHTTP(t, c, "rex").Grants {
+		if gs.Id == g.GrantId {
+			t.Fatalf("the voided grant still shows %+v", gs)
+		}
+	}
+
+	user := s.client(t, userToken(t, "rex", time.Now().Add(time.Hour)))
+	if r, err := user.VoidGrantWithResponse(ctx, "rex", g.GrantId, &client.VoidGrantParams{IdempotencyKey: "u"}, client.VoidRequest{Reason: "x"}); err != nil || r.StatusCode() != http.StatusForbidden {
+		t.Fatalf("end-user void: %v %d", err, r.StatusCode())
+	}
+	if r, err := user.AdjustCreditsWithResponse(ctx, "rex", &client.AdjustCreditsParams{IdempotencyKey: "u"}, client.AdjustmentRequest{Amount: 1000, Reason: "x"}); err != nil || r.StatusCode() != http.StatusForbidden {
+		t.Fatalf("end-user adjustment: %v %d", err, r.StatusCode())
+	}
+	admin := func(body string) int {
+		req, _ := http.NewRequest(http.MethodPost, s.URL+"/v1/customers/rex/credits/adjustments", strings.NewReader(body))
+		req.Header.Set("Authorization", "Bearer "+testAdminKey)
+		req.Header.Set("Content-Type", "application/json")
+		req.Header.Set("Idempotency-Key", fmt.Sprintf("adm-%d", rand.Int64()))
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		return resp.StatusCode
+	}
+	for body, want := range map[string]int{
+		`{"amount":0,"reason":"x"}`:                                      http.StatusUnprocessableEntity,
+		`{"amount":-1000000000001,"reason":"x"}`:                         http.StatusUnprocessableEntity,
+		`{"amount":1000000000001,"reason":"x"}`:                          http.StatusUnprocessableEntity,
+		`{"amount":"ten","reason":"x"}`:                                  http.StatusUnprocessableEntity,
+		`{"amount":1.5,"reason":"x"}`:                                    http.StatusUnprocessableEntity,
+		`{"amount":5}`:                                                   http.StatusUnprocessableEntity,
+		`{"amount":-5,"reason":"x","expires_at":"2099-01-01T00:00:00Z"}`: http.StatusUnprocessableEntity,
+		`{"amount":-1000000,"reason":"x"}`:                               http.StatusPaymentRequired,
+	} {
+		if got := admin(body); got != want {
+			t.Errorf("adjustment %s: %d, want %d", body, got, want)
+		}
+	}
+	mustVerifyClean(t, s)
+}
+
+func ptrTo[T any](v T) *T { return &v }

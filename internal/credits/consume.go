@@ -18,8 +18,9 @@ type consumeAnswer struct {
 	Balance       int64  `json:"balance"`
 }
 
-// Consume spends in.Amount credits of the customer, drawing from the grant
-// that expires soonest, then the oldest (never-expiring grants last). It
+// Consume spends in.Amount credits of the customer from what is available
+// (not held, effective, unexpired) in the draw order: lowest priority, then
+// soonest expiry (never-expiring last), then oldest. It
 // runs in one transaction guarded by key: the same key and request replays
 // the first answer with replayed=true, and a concurrent duplicate waits for
 // the first and replays its answer, so a key spends at most once.
@@ -29,7 +30,7 @@ type consumeAnswer struct {
 //
 // Errors: errs.Invalid (bad input, missing key); errs.NotFound for an unknown
 // customer (none is created); errs.InsufficientCredits with Extra["balance"]
-// the spendable balance; errs.IdempotencyKeyReused; errs.Unavailable.
+// and Extra["available"]; errs.IdempotencyKeyReused; errs.Unavailable.
 func (s *Service) Consume(ctx context.Context, in ConsumeInput, key db.IdempotencyKey) (ConsumeResult, bool, error) {
 	if err := in.Validate(); err != nil {
 		return ConsumeResult{}, false, err

@@ -1,8 +1,10 @@
 // Package credits is the prepaid wallet: grants of credits (bought or given,
-// optionally expiring), consumption that never overdraws and draws from the
-// grant expiring soonest, the append-only ledger of every change, the expiry
-// sweeper, low-balance and expiring-soon notices, and the invariant check
-// behind `tally verify`.
+// optionally expiring or scheduled for later, with a priority), consumption
+// that never overdraws and draws in the draw order (priority, soonest
+// expiry, oldest), holds that reserve credits for a long job until it is
+// captured or released, operators' voids and adjustments, the append-only
+// ledger of every change, the expiry sweeper, low-balance and expiring-soon
+// notices, and the invariant check behind `tally verify`.
 //
 // Every change to one customer's credits runs under a lock on that
 // customer's credit_balances row, so the balance check, the grant draws and
@@ -298,7 +300,7 @@ func New(o Options) *Service {
 		db: o.DB, cfg: o.Config, now: clockOr(o.Now), logger: loggerOr(o.Logger),
 		consumed: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "tally_credits_consumed_total",
-			Help: "Credits spent by successful consumes (replays not counted).",
+			Help: "Credits spent by successful consumes and hold captures (replays not counted).",
 		}),
 	}
 	if o.Registry != nil {

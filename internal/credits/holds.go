@@ -246,9 +246,13 @@ func (s *Service) Capture(ctx context.Context, in CaptureInput, key db.Idempoten
 	if in.Amount != nil && *in.Amount < 0 {
 		return HoldEnd{}, false, errs.InvalidField("/amount", "amount must not be negative")
 	}
-	return once(ctx, s, key, "capture", func(tx *gorm.DB, threshold *int64) (HoldEnd, error) {
+	end, replayed, err := once(ctx, s, key, "capture", func(tx *gorm.DB, threshold *int64) (HoldEnd, error) {
 		return endHold(ctx, tx, s.now, in.CustomerID, in.HoldID, true, in.Amount, threshold, key.Key)
 	})
+	if err == nil && !replayed {
+		s.consumed.Add(float64(end.Captured))
+	}
+	return end, replayed, err
 }
 
 // Release ends an active hold and gives all its credits back to their
