@@ -263,7 +263,9 @@ func TestConcurrentCapturesAndReleasesEndAHoldOnce(t *testing.T) {
 						return
 					}
 				case 3:
-					_, err = f.sweep.SweepOnce(f.ctx)
+					if _, err := f.sweep.SweepOnce(f.ctx); err != nil {
+						t.Error(err)
+					}
 					return
 				}
 				if err == nil {
