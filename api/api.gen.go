@@ -11,6 +11,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"net/http"
 	"net/url"
 	"path"
@@ -21,6 +22,36 @@ import (
 	"github.com/labstack/echo/v4"
 	"github.com/oapi-codegen/runtime"
 )
+
+// Defines values for CreditsAdjustedEventType.
+const (
+	CreditsAdjusted CreditsAdjustedEventType = "credits.adjusted"
+)
+
+// Valid indicates whether the value is a known member of the CreditsAdjustedEventType enum.
+func (e CreditsAdjustedEventType) Valid() bool {
+	switch e {
+	case CreditsAdjusted:
+		return true
+	default:
+		return false
+	}
+}
+
+// Defines values for CreditsCapturedEventType.
+const (
+	CreditsCaptured CreditsCapturedEventType = "credits.captured"
+)
+
+// Valid indicates whether the value is a known member of the CreditsCapturedEventType enum.
+func (e CreditsCapturedEventType) Valid() bool {
+	switch e {
+	case CreditsCaptured:
+		return true
+	default:
+		return false
+	}
+}
 
 // Defines values for CreditsExpiredEventType.
 const (
@@ -46,6 +77,24 @@ const (
 func (e CreditsExpiringEventType) Valid() bool {
 	switch e {
 	case CreditsExpiring:
+		return true
+	default:
+		return false
+	}
+}
+
+// Defines values for CreditsGrantedDataCategory.
+const (
+	CreditsGrantedDataCategoryPaid        CreditsGrantedDataCategory = "paid"
+	CreditsGrantedDataCategoryPromotional CreditsGrantedDataCategory = "promotional"
+)
+
+// Valid indicates whether the value is a known member of the CreditsGrantedDataCategory enum.
+func (e CreditsGrantedDataCategory) Valid() bool {
+	switch e {
+	case CreditsGrantedDataCategoryPaid:
+		return true
+	case CreditsGrantedDataCategoryPromotional:
 		return true
 	default:
 		return false
@@ -88,6 +137,36 @@ func (e CreditsGrantedEventType) Valid() bool {
 	}
 }
 
+// Defines values for CreditsHeldEventType.
+const (
+	CreditsHeld CreditsHeldEventType = "credits.held"
+)
+
+// Valid indicates whether the value is a known member of the CreditsHeldEventType enum.
+func (e CreditsHeldEventType) Valid() bool {
+	switch e {
+	case CreditsHeld:
+		return true
+	default:
+		return false
+	}
+}
+
+// Defines values for CreditsHoldExpiredEventType.
+const (
+	CreditsHoldExpired CreditsHoldExpiredEventType = "credits.hold_expired"
+)
+
+// Valid indicates whether the value is a known member of the CreditsHoldExpiredEventType enum.
+func (e CreditsHoldExpiredEventType) Valid() bool {
+	switch e {
+	case CreditsHoldExpired:
+		return true
+	default:
+		return false
+	}
+}
+
 // Defines values for CreditsLowBalanceEventType.
 const (
 	CreditsLowBalance CreditsLowBalanceEventType = "credits.low_balance"
@@ -103,6 +182,21 @@ func (e CreditsLowBalanceEventType) Valid() bool {
 	}
 }
 
+// Defines values for CreditsReleasedEventType.
+const (
+	CreditsReleased CreditsReleasedEventType = "credits.released"
+)
+
+// Valid indicates whether the value is a known member of the CreditsReleasedEventType enum.
+func (e CreditsReleasedEventType) Valid() bool {
+	switch e {
+	case CreditsReleased:
+		return true
+	default:
+		return false
+	}
+}
+
 // Defines values for CreditsRevokedEventType.
 const (
 	CreditsRevoked CreditsRevokedEventType = "credits.revoked"
@@ -112,6 +206,21 @@ const (
 func (e CreditsRevokedEventType) Valid() bool {
 	switch e {
 	case CreditsRevoked:
+		return true
+	default:
+		return false
+	}
+}
+
+// Defines values for CreditsVoidedEventType.
+const (
+	CreditsVoided CreditsVoidedEventType = "credits.voided"
+)
+
+// Valid indicates whether the value is a known member of the CreditsVoidedEventType enum.
+func (e CreditsVoidedEventType) Valid() bool {
+	switch e {
+	case CreditsVoided:
 		return true
 	default:
 		return false
@@ -202,6 +311,60 @@ func (e ErrorCode) Valid() bool {
 	}
 }
 
+// Defines values for GrantRequestCategory.
+const (
+	GrantRequestCategoryPaid        GrantRequestCategory = "paid"
+	GrantRequestCategoryPromotional GrantRequestCategory = "promotional"
+)
+
+// Valid indicates whether the value is a known member of the GrantRequestCategory enum.
+func (e GrantRequestCategory) Valid() bool {
+	switch e {
+	case GrantRequestCategoryPaid:
+		return true
+	case GrantRequestCategoryPromotional:
+		return true
+	default:
+		return false
+	}
+}
+
+// Defines values for GrantResultCategory.
+const (
+	GrantResultCategoryPaid        GrantResultCategory = "paid"
+	GrantResultCategoryPromotional GrantResultCategory = "promotional"
+)
+
+// Valid indicates whether the value is a known member of the GrantResultCategory enum.
+func (e GrantResultCategory) Valid() bool {
+	switch e {
+	case GrantResultCategoryPaid:
+		return true
+	case GrantResultCategoryPromotional:
+		return true
+	default:
+		return false
+	}
+}
+
+// Defines values for GrantSummaryCategory.
+const (
+	GrantSummaryCategoryPaid        GrantSummaryCategory = "paid"
+	GrantSummaryCategoryPromotional GrantSummaryCategory = "promotional"
+)
+
+// Valid indicates whether the value is a known member of the GrantSummaryCategory enum.
+func (e GrantSummaryCategory) Valid() bool {
+	switch e {
+	case GrantSummaryCategoryPaid:
+		return true
+	case GrantSummaryCategoryPromotional:
+		return true
+	default:
+		return false
+	}
+}
+
 // Defines values for GrantSummarySource.
 const (
 	DisputeWon GrantSummarySource = "dispute_won"
@@ -223,6 +386,63 @@ func (e GrantSummarySource) Valid() bool {
 	}
 }
 
+// Defines values for HoldStatus.
+const (
+	HoldStatusActive   HoldStatus = "active"
+	HoldStatusCaptured HoldStatus = "captured"
+	HoldStatusExpired  HoldStatus = "expired"
+	HoldStatusReleased HoldStatus = "released"
+)
+
+// Valid indicates whether the value is a known member of the HoldStatus enum.
+func (e HoldStatus) Valid() bool {
+	switch e {
+	case HoldStatusActive:
+		return true
+	case HoldStatusCaptured:
+		return true
+	case HoldStatusExpired:
+		return true
+	case HoldStatusReleased:
+		return true
+	default:
+		return false
+	}
+}
+
+// Defines values for HoldCreatedStatus.
+const (
+	HoldCreatedStatusActive HoldCreatedStatus = "active"
+)
+
+// Valid indicates whether the value is a known member of the HoldCreatedStatus enum.
+func (e HoldCreatedStatus) Valid() bool {
+	switch e {
+	case HoldCreatedStatusActive:
+		return true
+	default:
+		return false
+	}
+}
+
+// Defines values for HoldEndedStatus.
+const (
+	HoldEndedStatusCaptured HoldEndedStatus = "captured"
+	HoldEndedStatusReleased HoldEndedStatus = "released"
+)
+
+// Valid indicates whether the value is a known member of the HoldEndedStatus enum.
+func (e HoldEndedStatus) Valid() bool {
+	switch e {
+	case HoldEndedStatusCaptured:
+		return true
+	case HoldEndedStatusReleased:
+		return true
+	default:
+		return false
+	}
+}
+
 // Defines values for LedgerEntryKind.
 const (
 	Adjust  LedgerEntryKind = "adjust"
@@ -230,6 +450,7 @@ const (
 	Expire  LedgerEntryKind = "expire"
 	Grant   LedgerEntryKind = "grant"
 	Revoke  LedgerEntryKind = "revoke"
+	Void    LedgerEntryKind = "void"
 )
 
 // Valid indicates whether the value is a known member of the LedgerEntryKind enum.
@@ -244,6 +465,8 @@ func (e LedgerEntryKind) Valid() bool {
 	case Grant:
 		return true
 	case Revoke:
+		return true
+	case Void:
 		return true
 	default:
 		return false
@@ -574,19 +797,90 @@ func (e UsageStatus) Valid() bool {
 	}
 }
 
+// Defines values for ListHoldsParamsStatus.
+const (
+	ListHoldsParamsStatusActive   ListHoldsParamsStatus = "active"
+	ListHoldsParamsStatusCaptured ListHoldsParamsStatus = "captured"
+	ListHoldsParamsStatusExpired  ListHoldsParamsStatus = "expired"
+	ListHoldsParamsStatusReleased ListHoldsParamsStatus = "released"
+)
+
+// Valid indicates whether the value is a known member of the ListHoldsParamsStatus enum.
+func (e ListHoldsParamsStatus) Valid() bool {
+	switch e {
+	case ListHoldsParamsStatusActive:
+		return true
+	case ListHoldsParamsStatusCaptured:
+		return true
+	case ListHoldsParamsStatusExpired:
+		return true
+	case ListHoldsParamsStatusReleased:
+		return true
+	default:
+		return false
+	}
+}
+
+// AdjustmentRequest defines model for AdjustmentRequest.
+type AdjustmentRequest struct {
+	// Amount Non-zero; positive adds credits, negative removes them.
+	Amount int64 `json:"amount"`
+
+	// ExpiresAt For a positive adjustment: when its credits expire (omitted: never).
+	ExpiresAt *time.Time `json:"expires_at,omitempty"`
+
+	// Metadata Up to 50 string values, keys up to 40 characters, values up to 500.
+	Metadata *Metadata `json:"metadata,omitempty"`
+	Reason   string    `json:"reason"`
+}
+
+// AdjustmentResult defines model for AdjustmentResult.
+type AdjustmentResult struct {
+	Amount  int64 `json:"amount"`
+	Balance int64 `json:"balance"`
+
+	// GrantId The grant a positive adjustment added.
+	GrantId       *string `json:"grant_id,omitempty"`
+	TransactionId string  `json:"transaction_id"`
+}
+
 // Balance defines model for Balance.
 type Balance struct {
-	// Balance Spendable now: unspent credits of unexpired grants.
+	// Available What may be spent or held now: `balance - held - pending`.
+	Available int64 `json:"available"`
+
+	// Balance What the customer owns: unspent credits of unexpired grants (scheduled ones included) and what active holds keep.
 	Balance    int64      `json:"balance"`
 	CustomerId CustomerID `json:"customer_id"`
 
-	// Grants Grants with credits left, soonest expiry first.
-	Grants              []GrantSummary `json:"grants"`
-	LowBalanceThreshold int64          `json:"low_balance_threshold"`
+	// Grants Grants with credits left, in draw order.
+	Grants []GrantSummary `json:"grants"`
 
-	// NextExpiry When the soonest-expiring remaining credits expire.
+	// Held What active holds keep.
+	Held                int64 `json:"held"`
+	LowBalanceThreshold int64 `json:"low_balance_threshold"`
+
+	// NextExpiry When the soonest-expiring credits that no hold keeps expire.
 	NextExpiry       *time.Time `json:"next_expiry,omitempty"`
 	NextExpiryAmount *int64     `json:"next_expiry_amount,omitempty"`
+
+	// Pending Credits of grants whose `effective_at` is still ahead.
+	Pending int64 `json:"pending"`
+}
+
+// BalanceAt defines model for BalanceAt.
+type BalanceAt struct {
+	At time.Time `json:"at"`
+
+	// Balance The balance after the last ledger entry at or before `at`.
+	Balance    int64      `json:"balance"`
+	CustomerId CustomerID `json:"customer_id"`
+}
+
+// CaptureRequest defines model for CaptureRequest.
+type CaptureRequest struct {
+	// Amount Omitted: all of the hold. 0 spends nothing.
+	Amount *int64 `json:"amount,omitempty"`
 }
 
 // Catalog defines model for Catalog.
@@ -594,6 +888,20 @@ type Catalog struct {
 	CreditPacks []CreditPack `json:"credit_packs"`
 	Plans       []Plan       `json:"plans"`
 	Products    []Product    `json:"products"`
+}
+
+// CheckRequest defines model for CheckRequest.
+type CheckRequest struct {
+	Amount int64 `json:"amount"`
+}
+
+// CheckResult defines model for CheckResult.
+type CheckResult struct {
+	// Allowed `available >= amount`.
+	Allowed   bool  `json:"allowed"`
+	Amount    int64 `json:"amount"`
+	Available int64 `json:"available"`
+	Balance   int64 `json:"balance"`
 }
 
 // CheckoutSession defines model for CheckoutSession.
@@ -656,6 +964,50 @@ type CreditPack struct {
 	Name                string `json:"name"`
 }
 
+// CreditsAdjustedData defines model for CreditsAdjustedData.
+type CreditsAdjustedData struct {
+	// Amount Signed: positive added credits, negative removed them.
+	Amount     int64  `json:"amount"`
+	Balance    int64  `json:"balance"`
+	CustomerId string `json:"customer_id"`
+
+	// GrantId The grant a positive adjustment added.
+	GrantId       *string `json:"grant_id,omitempty"`
+	Reason        string  `json:"reason"`
+	TransactionId string  `json:"transaction_id"`
+}
+
+// CreditsAdjustedEvent An operator adjusted the balance, either way.
+type CreditsAdjustedEvent struct {
+	Data CreditsAdjustedData      `json:"data"`
+	Type CreditsAdjustedEventType `json:"type"`
+}
+
+// CreditsAdjustedEventType defines model for CreditsAdjustedEvent.Type.
+type CreditsAdjustedEventType string
+
+// CreditsCapturedData defines model for CreditsCapturedData.
+type CreditsCapturedData struct {
+	Available  int64  `json:"available"`
+	Balance    int64  `json:"balance"`
+	Captured   int64  `json:"captured"`
+	CustomerId string `json:"customer_id"`
+	HoldId     string `json:"hold_id"`
+	Released   int64  `json:"released"`
+
+	// TransactionId The consume entry; absent when nothing was captured.
+	TransactionId *string `json:"transaction_id,omitempty"`
+}
+
+// CreditsCapturedEvent A hold ended by spending `captured` of its credits and releasing the rest.
+type CreditsCapturedEvent struct {
+	Data CreditsCapturedData      `json:"data"`
+	Type CreditsCapturedEventType `json:"type"`
+}
+
+// CreditsCapturedEventType defines model for CreditsCapturedEvent.Type.
+type CreditsCapturedEventType string
+
 // CreditsExpiredData defines model for CreditsExpiredData.
 type CreditsExpiredData struct {
 	Amount        int64     `json:"amount"`
@@ -697,19 +1049,29 @@ type CreditsGrantedData struct {
 	Amount int64 `json:"amount"`
 
 	// Balance The balance after the grant.
-	Balance    int64  `json:"balance"`
-	CustomerId string `json:"customer_id"`
+	Balance    int64                      `json:"balance"`
+	Category   CreditsGrantedDataCategory `json:"category"`
+	CustomerId string                     `json:"customer_id"`
+
+	// EffectiveAt When a scheduled grant becomes spendable; absent for credits spendable at once.
+	EffectiveAt *time.Time `json:"effective_at,omitempty"`
 
 	// ExpiresAt Null for credits that never expire.
 	ExpiresAt *time.Time `json:"expires_at"`
 	GrantId   string     `json:"grant_id"`
 
 	// PaymentId The payment that bought or returned the credits; absent for a grant through the API.
-	PaymentId     *string                  `json:"payment_id,omitempty"`
+	PaymentId *string `json:"payment_id,omitempty"`
+
+	// Priority Draw order: lower is spent first.
+	Priority      int                      `json:"priority"`
 	Reason        string                   `json:"reason"`
 	Source        CreditsGrantedDataSource `json:"source"`
 	TransactionId string                   `json:"transaction_id"`
 }
+
+// CreditsGrantedDataCategory defines model for CreditsGrantedData.Category.
+type CreditsGrantedDataCategory string
 
 // CreditsGrantedDataSource defines model for CreditsGrantedData.Source.
 type CreditsGrantedDataSource string
@@ -722,6 +1084,44 @@ type CreditsGrantedEvent struct {
 
 // CreditsGrantedEventType defines model for CreditsGrantedEvent.Type.
 type CreditsGrantedEventType string
+
+// CreditsHeldData defines model for CreditsHeldData.
+type CreditsHeldData struct {
+	Amount     int64     `json:"amount"`
+	Available  int64     `json:"available"`
+	Balance    int64     `json:"balance"`
+	CustomerId string    `json:"customer_id"`
+	ExpiresAt  time.Time `json:"expires_at"`
+	HoldId     string    `json:"hold_id"`
+	Reason     string    `json:"reason"`
+}
+
+// CreditsHeldEvent A hold reserved credits; the balance is unchanged, `available` fell.
+type CreditsHeldEvent struct {
+	Data CreditsHeldData      `json:"data"`
+	Type CreditsHeldEventType `json:"type"`
+}
+
+// CreditsHeldEventType defines model for CreditsHeldEvent.Type.
+type CreditsHeldEventType string
+
+// CreditsHoldExpiredData defines model for CreditsHoldExpiredData.
+type CreditsHoldExpiredData struct {
+	Balance    int64     `json:"balance"`
+	CustomerId string    `json:"customer_id"`
+	ExpiresAt  time.Time `json:"expires_at"`
+	HoldId     string    `json:"hold_id"`
+	Released   int64     `json:"released"`
+}
+
+// CreditsHoldExpiredEvent A hold passed its `expires_at` without a capture or release; its credits were released.
+type CreditsHoldExpiredEvent struct {
+	Data CreditsHoldExpiredData      `json:"data"`
+	Type CreditsHoldExpiredEventType `json:"type"`
+}
+
+// CreditsHoldExpiredEventType defines model for CreditsHoldExpiredEvent.Type.
+type CreditsHoldExpiredEventType string
 
 // CreditsLowBalanceData defines model for CreditsLowBalanceData.
 type CreditsLowBalanceData struct {
@@ -738,6 +1138,24 @@ type CreditsLowBalanceEvent struct {
 
 // CreditsLowBalanceEventType defines model for CreditsLowBalanceEvent.Type.
 type CreditsLowBalanceEventType string
+
+// CreditsReleasedData defines model for CreditsReleasedData.
+type CreditsReleasedData struct {
+	Available  int64  `json:"available"`
+	Balance    int64  `json:"balance"`
+	CustomerId string `json:"customer_id"`
+	HoldId     string `json:"hold_id"`
+	Released   int64  `json:"released"`
+}
+
+// CreditsReleasedEvent A hold was released on request; all its credits are available again.
+type CreditsReleasedEvent struct {
+	Data CreditsReleasedData      `json:"data"`
+	Type CreditsReleasedEventType `json:"type"`
+}
+
+// CreditsReleasedEventType defines model for CreditsReleasedEvent.Type.
+type CreditsReleasedEventType string
 
 // CreditsRevokedData defines model for CreditsRevokedData.
 type CreditsRevokedData struct {
@@ -767,6 +1185,28 @@ type CreditsRevokedEvent struct {
 
 // CreditsRevokedEventType defines model for CreditsRevokedEvent.Type.
 type CreditsRevokedEventType string
+
+// CreditsVoidedData defines model for CreditsVoidedData.
+type CreditsVoidedData struct {
+	// Amount Credits taken now.
+	Amount     int64  `json:"amount"`
+	Balance    int64  `json:"balance"`
+	CustomerId string `json:"customer_id"`
+	GrantId    string `json:"grant_id"`
+	Reason     string `json:"reason"`
+
+	// TransactionId The void entry; absent when nothing was taken now.
+	TransactionId *string `json:"transaction_id,omitempty"`
+}
+
+// CreditsVoidedEvent A grant was voided (or credits a hold kept of a voided grant came back and were voided).
+type CreditsVoidedEvent struct {
+	Data CreditsVoidedData      `json:"data"`
+	Type CreditsVoidedEventType `json:"type"`
+}
+
+// CreditsVoidedEventType defines model for CreditsVoidedEvent.Type.
+type CreditsVoidedEventType string
 
 // Customer defines model for Customer.
 type Customer struct {
@@ -866,40 +1306,142 @@ type FieldError struct {
 
 // GrantRequest defines model for GrantRequest.
 type GrantRequest struct {
-	Amount int64 `json:"amount"`
+	Amount   int64                 `json:"amount"`
+	Category *GrantRequestCategory `json:"category,omitempty"`
+
+	// EffectiveAt A future time before which the credits are owned but not spendable (shown as `pending`); omitted means at once.
+	EffectiveAt *time.Time `json:"effective_at,omitempty"`
 
 	// ExpiresAt Must be in the future; omitted means never.
 	ExpiresAt *time.Time `json:"expires_at,omitempty"`
 
 	// Metadata Up to 50 string values, keys up to 40 characters, values up to 500.
 	Metadata *Metadata `json:"metadata,omitempty"`
-	Reason   string    `json:"reason"`
+
+	// Priority Draw order: lower is spent first.
+	Priority *int   `json:"priority,omitempty"`
+	Reason   string `json:"reason"`
 }
+
+// GrantRequestCategory defines model for GrantRequest.Category.
+type GrantRequestCategory string
 
 // GrantResult defines model for GrantResult.
 type GrantResult struct {
-	Amount        int64      `json:"amount"`
-	Balance       int64      `json:"balance"`
-	ExpiresAt     *time.Time `json:"expires_at,omitempty"`
-	GrantId       string     `json:"grant_id"`
-	TransactionId string     `json:"transaction_id"`
+	Amount        int64               `json:"amount"`
+	Balance       int64               `json:"balance"`
+	Category      GrantResultCategory `json:"category"`
+	EffectiveAt   *time.Time          `json:"effective_at,omitempty"`
+	ExpiresAt     *time.Time          `json:"expires_at,omitempty"`
+	GrantId       string              `json:"grant_id"`
+	Priority      int                 `json:"priority"`
+	TransactionId string              `json:"transaction_id"`
 }
+
+// GrantResultCategory defines model for GrantResult.Category.
+type GrantResultCategory string
 
 // GrantSummary defines model for GrantSummary.
 type GrantSummary struct {
-	Amount    int64      `json:"amount"`
-	CreatedAt time.Time  `json:"created_at"`
-	ExpiresAt *time.Time `json:"expires_at,omitempty"`
-	Id        string     `json:"id"`
-	PaymentId *string    `json:"payment_id,omitempty"`
-	Remaining int64      `json:"remaining"`
+	Amount    int64                `json:"amount"`
+	Category  GrantSummaryCategory `json:"category"`
+	CreatedAt time.Time            `json:"created_at"`
+
+	// EffectiveAt When a scheduled grant becomes spendable.
+	EffectiveAt *time.Time `json:"effective_at,omitempty"`
+	ExpiresAt   *time.Time `json:"expires_at,omitempty"`
+
+	// Held The part of `remaining` active holds keep.
+	Held      int64   `json:"held"`
+	Id        string  `json:"id"`
+	PaymentId *string `json:"payment_id,omitempty"`
+
+	// Priority Lower is spent first.
+	Priority  int   `json:"priority"`
+	Remaining int64 `json:"remaining"`
 
 	// Source `dispute_won`: credits a chargeback took back, returned when the dispute was won, with the expiry of the grant they came from.
 	Source GrantSummarySource `json:"source"`
 }
 
+// GrantSummaryCategory defines model for GrantSummary.Category.
+type GrantSummaryCategory string
+
 // GrantSummarySource `dispute_won`: credits a chargeback took back, returned when the dispute was won, with the expiry of the grant they came from.
 type GrantSummarySource string
+
+// Hold defines model for Hold.
+type Hold struct {
+	Amount     int64     `json:"amount"`
+	Captured   int64     `json:"captured"`
+	CreatedAt  time.Time `json:"created_at"`
+	CustomerId string    `json:"customer_id"`
+
+	// Draws What the hold kept of each grant, in draw order.
+	Draws     []LedgerDraw `json:"draws"`
+	EndedAt   *time.Time   `json:"ended_at,omitempty"`
+	ExpiresAt time.Time    `json:"expires_at"`
+	Id        string       `json:"id"`
+
+	// Metadata Up to 50 string values, keys up to 40 characters, values up to 500.
+	Metadata Metadata `json:"metadata"`
+	Reason   string   `json:"reason"`
+	Released int64    `json:"released"`
+
+	// Status An active hold past `expires_at` is shown `expired` even before the sweeper records it.
+	Status        HoldStatus `json:"status"`
+	TransactionId *string    `json:"transaction_id,omitempty"`
+}
+
+// HoldStatus An active hold past `expires_at` is shown `expired` even before the sweeper records it.
+type HoldStatus string
+
+// HoldCreated defines model for HoldCreated.
+type HoldCreated struct {
+	Amount    int64 `json:"amount"`
+	Available int64 `json:"available"`
+
+	// Balance Unchanged by a hold: the customer still owns the credits.
+	Balance   int64             `json:"balance"`
+	ExpiresAt time.Time         `json:"expires_at"`
+	HoldId    string            `json:"hold_id"`
+	Status    HoldCreatedStatus `json:"status"`
+}
+
+// HoldCreatedStatus defines model for HoldCreated.Status.
+type HoldCreatedStatus string
+
+// HoldEnded defines model for HoldEnded.
+type HoldEnded struct {
+	Available int64           `json:"available"`
+	Balance   int64           `json:"balance"`
+	Captured  int64           `json:"captured"`
+	HoldId    string          `json:"hold_id"`
+	Released  int64           `json:"released"`
+	Status    HoldEndedStatus `json:"status"`
+
+	// TransactionId The capture's consume entry; null when nothing was spent.
+	TransactionId *string `json:"transaction_id,omitempty"`
+}
+
+// HoldEndedStatus defines model for HoldEnded.Status.
+type HoldEndedStatus string
+
+// HoldPage defines model for HoldPage.
+type HoldPage struct {
+	Data       []Hold  `json:"data"`
+	NextCursor *string `json:"next_cursor"`
+}
+
+// HoldRequest defines model for HoldRequest.
+type HoldRequest struct {
+	Amount           int64 `json:"amount"`
+	ExpiresInSeconds *int  `json:"expires_in_seconds,omitempty"`
+
+	// Metadata Up to 50 string values, keys up to 40 characters, values up to 500.
+	Metadata *Metadata `json:"metadata,omitempty"`
+	Reason   string    `json:"reason"`
+}
 
 // LedgerDraw defines model for LedgerDraw.
 type LedgerDraw struct {
@@ -914,13 +1456,16 @@ type LedgerEntry struct {
 	BalanceAfter int64     `json:"balance_after"`
 	CreatedAt    time.Time `json:"created_at"`
 
-	// Draws For consume and revoke entries, the grants drawn from.
+	// Draws For consume, revoke and negative adjust entries, the grants drawn from.
 	Draws *[]LedgerDraw `json:"draws,omitempty"`
 
-	// GrantId The grant a grant, expire or revoke entry is about (for a revoke, the purchase grant of the refunded or disputed payment).
-	GrantId *string         `json:"grant_id,omitempty"`
-	Id      string          `json:"id"`
-	Kind    LedgerEntryKind `json:"kind"`
+	// GrantId The grant a grant, expire, void, revoke or positive adjust entry is about (for a revoke, the purchase grant of the refunded or disputed payment).
+	GrantId *string `json:"grant_id,omitempty"`
+
+	// HoldId For the consume entry of a capture: the hold it spent from.
+	HoldId *string         `json:"hold_id,omitempty"`
+	Id     string          `json:"id"`
+	Kind   LedgerEntryKind `json:"kind"`
 
 	// Metadata Up to 50 string values, keys up to 40 characters, values up to 500.
 	Metadata  Metadata `json:"metadata"`
@@ -1217,6 +1762,9 @@ type Plan struct {
 
 // Problem defines model for Problem.
 type Problem struct {
+	// Available What of the balance could be spent or held now, for `insufficient_credits`.
+	Available *int64 `json:"available,omitempty"`
+
 	// Balance The current balance, for `insufficient_credits`.
 	Balance *int64    `json:"balance,omitempty"`
 	Code    ErrorCode `json:"code"`
@@ -1500,8 +2048,28 @@ type VerifyReport struct {
 	Receivables []Receivable `json:"receivables"`
 }
 
+// VoidRequest defines model for VoidRequest.
+type VoidRequest struct {
+	Reason string `json:"reason"`
+}
+
+// VoidResult defines model for VoidResult.
+type VoidResult struct {
+	Balance int64  `json:"balance"`
+	GrantId string `json:"grant_id"`
+
+	// TransactionId The void ledger entry; null when nothing was taken now.
+	TransactionId *string `json:"transaction_id,omitempty"`
+
+	// Voided Credits taken now (what holds keep is voided when released).
+	Voided int64 `json:"voided"`
+}
+
 // Cursor defines model for Cursor.
 type Cursor = string
+
+// HoldID defines model for HoldID.
+type HoldID = string
 
 // IdempotencyKey defines model for IdempotencyKey.
 type IdempotencyKey = string
@@ -1535,6 +2103,22 @@ type CreateCheckoutSessionParams struct {
 	IdempotencyKey *IdempotencyKeyOptional `json:"Idempotency-Key,omitempty"`
 }
 
+// GetBalanceParams defines parameters for GetBalance.
+type GetBalanceParams struct {
+	// At A past time; the answer is then the balance the ledger showed at it.
+	At *time.Time `form:"at,omitempty" json:"at,omitempty"`
+}
+
+// GetBalance200JSONResponseBody defines parameters for GetBalance.
+type GetBalance200JSONResponseBody struct {
+	union json.RawMessage
+}
+
+// AdjustCreditsParams defines parameters for AdjustCredits.
+type AdjustCreditsParams struct {
+	IdempotencyKey IdempotencyKey `json:"Idempotency-Key"`
+}
+
 // ConsumeCreditsParams defines parameters for ConsumeCredits.
 type ConsumeCreditsParams struct {
 	IdempotencyKey IdempotencyKey `json:"Idempotency-Key"`
@@ -1543,6 +2127,38 @@ type ConsumeCreditsParams struct {
 // GrantCreditsParams defines parameters for GrantCredits.
 type GrantCreditsParams struct {
 	IdempotencyKey IdempotencyKey `json:"Idempotency-Key"`
+}
+
+// VoidGrantParams defines parameters for VoidGrant.
+type VoidGrantParams struct {
+	IdempotencyKey IdempotencyKey `json:"Idempotency-Key"`
+}
+
+// ListHoldsParams defines parameters for ListHolds.
+type ListHoldsParams struct {
+	Status *ListHoldsParamsStatus `form:"status,omitempty" json:"status,omitempty"`
+	Limit  *Limit                 `form:"limit,omitempty" json:"limit,omitempty"`
+
+	// Cursor The `next_cursor` of the previous page.
+	Cursor *Cursor `form:"cursor,omitempty" json:"cursor,omitempty"`
+}
+
+// ListHoldsParamsStatus defines parameters for ListHolds.
+type ListHoldsParamsStatus string
+
+// CreateHoldParams defines parameters for CreateHold.
+type CreateHoldParams struct {
+	IdempotencyKey IdempotencyKey `json:"Idempotency-Key"`
+}
+
+// CaptureHoldParams defines parameters for CaptureHold.
+type CaptureHoldParams struct {
+	IdempotencyKey IdempotencyKey `json:"Idempotency-Key"`
+}
+
+// ReleaseHoldParams defines parameters for ReleaseHold.
+type ReleaseHoldParams struct {
+	IdempotencyKey *IdempotencyKeyOptional `json:"Idempotency-Key,omitempty"`
 }
 
 // ListCreditTransactionsParams defines parameters for ListCreditTransactions.
@@ -1596,11 +2212,26 @@ type CreateCheckoutSessionJSONRequestBody = CheckoutSessionCreate
 // UpsertCustomerJSONRequestBody defines body for UpsertCustomer for application/json ContentType.
 type UpsertCustomerJSONRequestBody = CustomerUpsert
 
+// AdjustCreditsJSONRequestBody defines body for AdjustCredits for application/json ContentType.
+type AdjustCreditsJSONRequestBody = AdjustmentRequest
+
+// CheckCreditsJSONRequestBody defines body for CheckCredits for application/json ContentType.
+type CheckCreditsJSONRequestBody = CheckRequest
+
 // ConsumeCreditsJSONRequestBody defines body for ConsumeCredits for application/json ContentType.
 type ConsumeCreditsJSONRequestBody = ConsumeRequest
 
 // GrantCreditsJSONRequestBody defines body for GrantCredits for application/json ContentType.
 type GrantCreditsJSONRequestBody = GrantRequest
+
+// VoidGrantJSONRequestBody defines body for VoidGrant for application/json ContentType.
+type VoidGrantJSONRequestBody = VoidRequest
+
+// CreateHoldJSONRequestBody defines body for CreateHold for application/json ContentType.
+type CreateHoldJSONRequestBody = HoldRequest
+
+// CaptureHoldJSONRequestBody defines body for CaptureHold for application/json ContentType.
+type CaptureHoldJSONRequestBody = CaptureRequest
 
 // IngestUsageEventsJSONRequestBody defines body for IngestUsageEvents for application/json ContentType.
 type IngestUsageEventsJSONRequestBody = UsageBatch
@@ -2109,6 +2740,222 @@ func (t *Event) MergeCreditsRevokedEvent(v CreditsRevokedEvent) error {
 	return err
 }
 
+// AsCreditsHeldEvent returns the union data inside the Event as a CreditsHeldEvent
+func (t Event) AsCreditsHeldEvent() (CreditsHeldEvent, error) {
+	var body CreditsHeldEvent
+	err := json.Unmarshal(t.union, &body)
+	return body, err
+}
+
+// FromCreditsHeldEvent overwrites any union data inside the Event as the provided CreditsHeldEvent
+func (t *Event) FromCreditsHeldEvent(v CreditsHeldEvent) error {
+	t.Type = "credits.held"
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	b, err = runtime.JSONMerge(b, []byte(`{"type":"credits.held"}`))
+	t.union = b
+	return err
+}
+
+// MergeCreditsHeldEvent performs a merge with any union data inside the Event, using the provided CreditsHeldEvent
+func (t *Event) MergeCreditsHeldEvent(v CreditsHeldEvent) error {
+	t.Type = "credits.held"
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	b, err = runtime.JSONMerge(b, []byte(`{"type":"credits.held"}`))
+	if err != nil {
+		return err
+	}
+
+	merged, err := runtime.JSONMerge(t.union, b)
+	t.union = merged
+	return err
+}
+
+// AsCreditsCapturedEvent returns the union data inside the Event as a CreditsCapturedEvent
+func (t Event) AsCreditsCapturedEvent() (CreditsCapturedEvent, error) {
+	var body CreditsCapturedEvent
+	err := json.Unmarshal(t.union, &body)
+	return body, err
+}
+
+// FromCreditsCapturedEvent overwrites any union data inside the Event as the provided CreditsCapturedEvent
+func (t *Event) FromCreditsCapturedEvent(v CreditsCapturedEvent) error {
+	t.Type = "credits.captured"
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	b, err = runtime.JSONMerge(b, []byte(`{"type":"credits.captured"}`))
+	t.union = b
+	return err
+}
+
+// MergeCreditsCapturedEvent performs a merge with any union data inside the Event, using the provided CreditsCapturedEvent
+func (t *Event) MergeCreditsCapturedEvent(v CreditsCapturedEvent) error {
+	t.Type = "credits.captured"
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	b, err = runtime.JSONMerge(b, []byte(`{"type":"credits.captured"}`))
+	if err != nil {
+		return err
+	}
+
+	merged, err := runtime.JSONMerge(t.union, b)
+	t.union = merged
+	return err
+}
+
+// AsCreditsReleasedEvent returns the union data inside the Event as a CreditsReleasedEvent
+func (t Event) AsCreditsReleasedEvent() (CreditsReleasedEvent, error) {
+	var body CreditsReleasedEvent
+	err := json.Unmarshal(t.union, &body)
+	return body, err
+}
+
+// FromCreditsReleasedEvent overwrites any union data inside the Event as the provided CreditsReleasedEvent
+func (t *Event) FromCreditsReleasedEvent(v CreditsReleasedEvent) error {
+	t.Type = "credits.released"
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	b, err = runtime.JSONMerge(b, []byte(`{"type":"credits.released"}`))
+	t.union = b
+	return err
+}
+
+// MergeCreditsReleasedEvent performs a merge with any union data inside the Event, using the provided CreditsReleasedEvent
+func (t *Event) MergeCreditsReleasedEvent(v CreditsReleasedEvent) error {
+	t.Type = "credits.released"
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	b, err = runtime.JSONMerge(b, []byte(`{"type":"credits.released"}`))
+	if err != nil {
+		return err
+	}
+
+	merged, err := runtime.JSONMerge(t.union, b)
+	t.union = merged
+	return err
+}
+
+// AsCreditsHoldExpiredEvent returns the union data inside the Event as a CreditsHoldExpiredEvent
+func (t Event) AsCreditsHoldExpiredEvent() (CreditsHoldExpiredEvent, error) {
+	var body CreditsHoldExpiredEvent
+	err := json.Unmarshal(t.union, &body)
+	return body, err
+}
+
+// FromCreditsHoldExpiredEvent overwrites any union data inside the Event as the provided CreditsHoldExpiredEvent
+func (t *Event) FromCreditsHoldExpiredEvent(v CreditsHoldExpiredEvent) error {
+	t.Type = "credits.hold_expired"
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	b, err = runtime.JSONMerge(b, []byte(`{"type":"credits.hold_expired"}`))
+	t.union = b
+	return err
+}
+
+// MergeCreditsHoldExpiredEvent performs a merge with any union data inside the Event, using the provided CreditsHoldExpiredEvent
+func (t *Event) MergeCreditsHoldExpiredEvent(v CreditsHoldExpiredEvent) error {
+	t.Type = "credits.hold_expired"
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	b, err = runtime.JSONMerge(b, []byte(`{"type":"credits.hold_expired"}`))
+	if err != nil {
+		return err
+	}
+
+	merged, err := runtime.JSONMerge(t.union, b)
+	t.union = merged
+	return err
+}
+
+// AsCreditsVoidedEvent returns the union data inside the Event as a CreditsVoidedEvent
+func (t Event) AsCreditsVoidedEvent() (CreditsVoidedEvent, error) {
+	var body CreditsVoidedEvent
+	err := json.Unmarshal(t.union, &body)
+	return body, err
+}
+
+// FromCreditsVoidedEvent overwrites any union data inside the Event as the provided CreditsVoidedEvent
+func (t *Event) FromCreditsVoidedEvent(v CreditsVoidedEvent) error {
+	t.Type = "credits.voided"
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	b, err = runtime.JSONMerge(b, []byte(`{"type":"credits.voided"}`))
+	t.union = b
+	return err
+}
+
+// MergeCreditsVoidedEvent performs a merge with any union data inside the Event, using the provided CreditsVoidedEvent
+func (t *Event) MergeCreditsVoidedEvent(v CreditsVoidedEvent) error {
+	t.Type = "credits.voided"
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	b, err = runtime.JSONMerge(b, []byte(`{"type":"credits.voided"}`))
+	if err != nil {
+		return err
+	}
+
+	merged, err := runtime.JSONMerge(t.union, b)
+	t.union = merged
+	return err
+}
+
+// AsCreditsAdjustedEvent returns the union data inside the Event as a CreditsAdjustedEvent
+func (t Event) AsCreditsAdjustedEvent() (CreditsAdjustedEvent, error) {
+	var body CreditsAdjustedEvent
+	err := json.Unmarshal(t.union, &body)
+	return body, err
+}
+
+// FromCreditsAdjustedEvent overwrites any union data inside the Event as the provided CreditsAdjustedEvent
+func (t *Event) FromCreditsAdjustedEvent(v CreditsAdjustedEvent) error {
+	t.Type = "credits.adjusted"
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	b, err = runtime.JSONMerge(b, []byte(`{"type":"credits.adjusted"}`))
+	t.union = b
+	return err
+}
+
+// MergeCreditsAdjustedEvent performs a merge with any union data inside the Event, using the provided CreditsAdjustedEvent
+func (t *Event) MergeCreditsAdjustedEvent(v CreditsAdjustedEvent) error {
+	t.Type = "credits.adjusted"
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	b, err = runtime.JSONMerge(b, []byte(`{"type":"credits.adjusted"}`))
+	if err != nil {
+		return err
+	}
+
+	merged, err := runtime.JSONMerge(t.union, b)
+	t.union = merged
+	return err
+}
+
 // AsUsageDeadEvent returns the union data inside the Event as a UsageDeadEvent
 func (t Event) AsUsageDeadEvent() (UsageDeadEvent, error) {
 	var body UsageDeadEvent
@@ -2159,16 +3006,28 @@ func (t Event) ValueByDiscriminator() (interface{}, error) {
 		return nil, err
 	}
 	switch discriminator {
+	case "credits.adjusted":
+		return t.AsCreditsAdjustedEvent()
+	case "credits.captured":
+		return t.AsCreditsCapturedEvent()
 	case "credits.expired":
 		return t.AsCreditsExpiredEvent()
 	case "credits.expiring":
 		return t.AsCreditsExpiringEvent()
 	case "credits.granted":
 		return t.AsCreditsGrantedEvent()
+	case "credits.held":
+		return t.AsCreditsHeldEvent()
+	case "credits.hold_expired":
+		return t.AsCreditsHoldExpiredEvent()
 	case "credits.low_balance":
 		return t.AsCreditsLowBalanceEvent()
+	case "credits.released":
+		return t.AsCreditsReleasedEvent()
 	case "credits.revoked":
 		return t.AsCreditsRevokedEvent()
+	case "credits.voided":
+		return t.AsCreditsVoidedEvent()
 	case "customer.created":
 		return t.AsCustomerCreatedEvent()
 	case "customer.updated":
@@ -2275,6 +3134,68 @@ func (t *Event) UnmarshalJSON(b []byte) error {
 	return err
 }
 
+// AsBalance returns the union data inside the GetBalance200JSONResponseBody as a Balance
+func (t GetBalance200JSONResponseBody) AsBalance() (Balance, error) {
+	var body Balance
+	err := json.Unmarshal(t.union, &body)
+	return body, err
+}
+
+// FromBalance overwrites any union data inside the GetBalance200JSONResponseBody as the provided Balance
+func (t *GetBalance200JSONResponseBody) FromBalance(v Balance) error {
+	b, err := json.Marshal(v)
+	t.union = b
+	return err
+}
+
+// MergeBalance performs a merge with any union data inside the GetBalance200JSONResponseBody, using the provided Balance
+func (t *GetBalance200JSONResponseBody) MergeBalance(v Balance) error {
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+
+	merged, err := runtime.JSONMerge(t.union, b)
+	t.union = merged
+	return err
+}
+
+// AsBalanceAt returns the union data inside the GetBalance200JSONResponseBody as a BalanceAt
+func (t GetBalance200JSONResponseBody) AsBalanceAt() (BalanceAt, error) {
+	var body BalanceAt
+	err := json.Unmarshal(t.union, &body)
+	return body, err
+}
+
+// FromBalanceAt overwrites any union data inside the GetBalance200JSONResponseBody as the provided BalanceAt
+func (t *GetBalance200JSONResponseBody) FromBalanceAt(v BalanceAt) error {
+	b, err := json.Marshal(v)
+	t.union = b
+	return err
+}
+
+// MergeBalanceAt performs a merge with any union data inside the GetBalance200JSONResponseBody, using the provided BalanceAt
+func (t *GetBalance200JSONResponseBody) MergeBalanceAt(v BalanceAt) error {
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+
+	merged, err := runtime.JSONMerge(t.union, b)
+	t.union = merged
+	return err
+}
+
+func (t GetBalance200JSONResponseBody) MarshalJSON() ([]byte, error) {
+	b, err := t.union.MarshalJSON()
+	return b, err
+}
+
+func (t *GetBalance200JSONResponseBody) UnmarshalJSON(b []byte) error {
+	err := t.union.UnmarshalJSON(b)
+	return err
+}
+
 // ServerInterface represents all server handlers.
 type ServerInterface interface {
 	// CreateReconciliation Compare delivered usage with Stripe's meter event summaries
@@ -2307,15 +3228,39 @@ type ServerInterface interface {
 	// UpsertCustomer Create or update a customer
 	// (PUT /v1/customers/{customer_id})
 	UpsertCustomer(ctx echo.Context, customerId CustomerID) error
-	// GetBalance Spendable credits now, by grant
+	// GetBalance Credits now, by grant; or the balance at a past time
 	// (GET /v1/customers/{customer_id}/balance)
-	GetBalance(ctx echo.Context, customerId CustomerID) error
+	GetBalance(ctx echo.Context, customerId CustomerID, params GetBalanceParams) error
+	// AdjustCredits An operator's correction of a balance (admin)
+	// (POST /v1/customers/{customer_id}/credits/adjustments)
+	AdjustCredits(ctx echo.Context, customerId CustomerID, params AdjustCreditsParams) error
+	// CheckCredits Could the customer spend this much now? Writes nothing
+	// (POST /v1/customers/{customer_id}/credits/check)
+	CheckCredits(ctx echo.Context, customerId CustomerID) error
 	// ConsumeCredits Spend credits
 	// (POST /v1/customers/{customer_id}/credits/consume)
 	ConsumeCredits(ctx echo.Context, customerId CustomerID, params ConsumeCreditsParams) error
 	// GrantCredits Grant credits (promotion, manual adjustment)
 	// (POST /v1/customers/{customer_id}/credits/grants)
 	GrantCredits(ctx echo.Context, customerId CustomerID, params GrantCreditsParams) error
+	// VoidGrant Void a grant given by mistake
+	// (POST /v1/customers/{customer_id}/credits/grants/{grant_id}/void)
+	VoidGrant(ctx echo.Context, customerId CustomerID, grantId string, params VoidGrantParams) error
+	// ListHolds The customer's holds, newest first
+	// (GET /v1/customers/{customer_id}/credits/holds)
+	ListHolds(ctx echo.Context, customerId CustomerID, params ListHoldsParams) error
+	// CreateHold Reserve credits for a long job
+	// (POST /v1/customers/{customer_id}/credits/holds)
+	CreateHold(ctx echo.Context, customerId CustomerID, params CreateHoldParams) error
+	// GetHold One hold
+	// (GET /v1/customers/{customer_id}/credits/holds/{hold_id})
+	GetHold(ctx echo.Context, customerId CustomerID, holdId HoldID) error
+	// CaptureHold Spend what the job cost from a hold and release the rest
+	// (POST /v1/customers/{customer_id}/credits/holds/{hold_id}/capture)
+	CaptureHold(ctx echo.Context, customerId CustomerID, holdId HoldID, params CaptureHoldParams) error
+	// ReleaseHold Give a hold's credits back
+	// (POST /v1/customers/{customer_id}/credits/holds/{hold_id}/release)
+	ReleaseHold(ctx echo.Context, customerId CustomerID, holdId HoldID, params ReleaseHoldParams) error
 	// ListCreditTransactions The credit ledger, newest first
 	// (GET /v1/customers/{customer_id}/credits/transactions)
 	ListCreditTransactions(ctx echo.Context, customerId CustomerID, params ListCreditTransactionsParams) error
@@ -2532,8 +3477,71 @@ func (w *ServerInterfaceWrapper) GetBalance(ctx echo.Context) error {
 		return echo.NewHTTPError(http.StatusBadRequest, fmt.Sprintf("Invalid format for parameter customer_id: %s", err))
 	}
 
+	// Parameter object where we will unmarshal all parameters from the context
+	var params GetBalanceParams
+	// ------------- Optional query parameter "at" -------------
+
+	err = runtime.BindQueryParameterWithOptions("form", true, false, "at", ctx.QueryParams(), &params.At, runtime.BindQueryParameterOptions{Type: "string", Format: "date-time"})
+	if err != nil {
+		return echo.NewHTTPError(http.StatusBadRequest, fmt.Sprintf("Invalid format for parameter at: %s", err))
+	}
+
 	// Invoke the callback with all the unmarshaled arguments
-	err = w.Handler.GetBalance(ctx, customerId)
+	err = w.Handler.GetBalance(ctx, customerId, params)
+	return err
+}
+
+// AdjustCredits converts echo context to params.
+func (w *ServerInterfaceWrapper) AdjustCredits(ctx echo.Context) error {
+	var err error
+	// ------------- Path parameter "customer_id" -------------
+	var customerId CustomerID
+
+	err = runtime.BindStyledParameterWithOptions("simple", "customer_id", ctx.Param("customer_id"), &customerId, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationPath, Explode: false, Required: true, Type: "string", Format: "", ValueIsUnescaped: ctx.Request().URL.RawPath == ""})
+	if err != nil {
+		return echo.NewHTTPError(http.StatusBadRequest, fmt.Sprintf("Invalid format for parameter customer_id: %s", err))
+	}
+
+	// Parameter object where we will unmarshal all parameters from the context
+	var params AdjustCreditsParams
+
+	headers := ctx.Request().Header
+	// ------------- Required header parameter "Idempotency-Key" -------------
+	if valueList, found := headers[http.CanonicalHeaderKey("Idempotency-Key")]; found {
+		var IdempotencyKey IdempotencyKey
+		n := len(valueList)
+		if n != 1 {
+			return echo.NewHTTPError(http.StatusBadRequest, fmt.Sprintf("Expected one value for Idempotency-Key, got %d", n))
+		}
+
+		err = runtime.BindStyledParameterWithOptions("simple", "Idempotency-Key", valueList[0], &IdempotencyKey, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: true, Type: "string", Format: ""})
+		if err != nil {
+			return echo.NewHTTPError(http.StatusBadRequest, fmt.Sprintf("Invalid format for parameter Idempotency-Key: %s", err))
+		}
+
+		params.IdempotencyKey = IdempotencyKey
+	} else {
+		return echo.NewHTTPError(http.StatusBadRequest, fmt.Sprintf("Header parameter Idempotency-Key is required, but not found"))
+	}
+
+	// Invoke the callback with all the unmarshaled arguments
+	err = w.Handler.AdjustCredits(ctx, customerId, params)
+	return err
+}
+
+// CheckCredits converts echo context to params.
+func (w *ServerInterfaceWrapper) CheckCredits(ctx echo.Context) error {
+	var err error
+	// ------------- Path parameter "customer_id" -------------
+	var customerId CustomerID
+
+	err = runtime.BindStyledParameterWithOptions("simple", "customer_id", ctx.Param("customer_id"), &customerId, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationPath, Explode: false, Required: true, Type: "string", Format: "", ValueIsUnescaped: ctx.Request().URL.RawPath == ""})
+	if err != nil {
+		return echo.NewHTTPError(http.StatusBadRequest, fmt.Sprintf("Invalid format for parameter customer_id: %s", err))
+	}
+
+	// Invoke the callback with all the unmarshaled arguments
+	err = w.Handler.CheckCredits(ctx, customerId)
 	return err
 }
 
@@ -2610,6 +3618,243 @@ func (w *ServerInterfaceWrapper) GrantCredits(ctx echo.Context) error {
 
 	// Invoke the callback with all the unmarshaled arguments
 	err = w.Handler.GrantCredits(ctx, customerId, params)
+	return err
+}
+
+// VoidGrant converts echo context to params.
+func (w *ServerInterfaceWrapper) VoidGrant(ctx echo.Context) error {
+	var err error
+	// ------------- Path parameter "customer_id" -------------
+	var customerId CustomerID
+
+	err = runtime.BindStyledParameterWithOptions("simple", "customer_id", ctx.Param("customer_id"), &customerId, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationPath, Explode: false, Required: true, Type: "string", Format: "", ValueIsUnescaped: ctx.Request().URL.RawPath == ""})
+	if err != nil {
+		return echo.NewHTTPError(http.StatusBadRequest, fmt.Sprintf("Invalid format for parameter customer_id: %s", err))
+	}
+
+	// ------------- Path parameter "grant_id" -------------
+	var grantId string
+
+	err = runtime.BindStyledParameterWithOptions("simple", "grant_id", ctx.Param("grant_id"), &grantId, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationPath, Explode: false, Required: true, Type: "string", Format: "", ValueIsUnescaped: ctx.Request().URL.RawPath == ""})
+	if err != nil {
+		return echo.NewHTTPError(http.StatusBadRequest, fmt.Sprintf("Invalid format for parameter grant_id: %s", err))
+	}
+
+	// Parameter object where we will unmarshal all parameters from the context
+	var params VoidGrantParams
+
+	headers := ctx.Request().Header
+	// ------------- Required header parameter "Idempotency-Key" -------------
+	if valueList, found := headers[http.CanonicalHeaderKey("Idempotency-Key")]; found {
+		var IdempotencyKey IdempotencyKey
+		n := len(valueList)
+		if n != 1 {
+			return echo.NewHTTPError(http.StatusBadRequest, fmt.Sprintf("Expected one value for Idempotency-Key, got %d", n))
+		}
+
+		err = runtime.BindStyledParameterWithOptions("simple", "Idempotency-Key", valueList[0], &IdempotencyKey, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: true, Type: "string", Format: ""})
+		if err != nil {
+			return echo.NewHTTPError(http.StatusBadRequest, fmt.Sprintf("Invalid format for parameter Idempotency-Key: %s", err))
+		}
+
+		params.IdempotencyKey = IdempotencyKey
+	} else {
+		return echo.NewHTTPError(http.StatusBadRequest, fmt.Sprintf("Header parameter Idempotency-Key is required, but not found"))
+	}
+
+	// Invoke the callback with all the unmarshaled arguments
+	err = w.Handler.VoidGrant(ctx, customerId, grantId, params)
+	return err
+}
+
+// ListHolds converts echo context to params.
+func (w *ServerInterfaceWrapper) ListHolds(ctx echo.Context) error {
+	var err error
+	// ------------- Path parameter "customer_id" -------------
+	var customerId CustomerID
+
+	err = runtime.BindStyledParameterWithOptions("simple", "customer_id", ctx.Param("customer_id"), &customerId, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationPath, Explode: false, Required: true, Type: "string", Format: "", ValueIsUnescaped: ctx.Request().URL.RawPath == ""})
+	if err != nil {
+		return echo.NewHTTPError(http.StatusBadRequest, fmt.Sprintf("Invalid format for parameter customer_id: %s", err))
+	}
+
+	// Parameter object where we will unmarshal all parameters from the context
+	var params ListHoldsParams
+	// ------------- Optional query parameter "status" -------------
+
+	err = runtime.BindQueryParameterWithOptions("form", true, false, "status", ctx.QueryParams(), &params.Status, runtime.BindQueryParameterOptions{Type: "string", Format: ""})
+	if err != nil {
+		return echo.NewHTTPError(http.StatusBadRequest, fmt.Sprintf("Invalid format for parameter status: %s", err))
+	}
+
+	// ------------- Optional query parameter "limit" -------------
+
+	err = runtime.BindQueryParameterWithOptions("form", true, false, "limit", ctx.QueryParams(), &params.Limit, runtime.BindQueryParameterOptions{Type: "integer", Format: ""})
+	if err != nil {
+		return echo.NewHTTPError(http.StatusBadRequest, fmt.Sprintf("Invalid format for parameter limit: %s", err))
+	}
+
+	// ------------- Optional query parameter "cursor" -------------
+
+	err = runtime.BindQueryParameterWithOptions("form", true, false, "cursor", ctx.QueryParams(), &params.Cursor, runtime.BindQueryParameterOptions{Type: "string", Format: ""})
+	if err != nil {
+		return echo.NewHTTPError(http.StatusBadRequest, fmt.Sprintf("Invalid format for parameter cursor: %s", err))
+	}
+
+	// Invoke the callback with all the unmarshaled arguments
+	err = w.Handler.ListHolds(ctx, customerId, params)
+	return err
+}
+
+// CreateHold converts echo context to params.
+func (w *ServerInterfaceWrapper) CreateHold(ctx echo.Context) error {
+	var err error
+	// ------------- Path parameter "customer_id" -------------
+	var customerId CustomerID
+
+	err = runtime.BindStyledParameterWithOptions("simple", "customer_id", ctx.Param("customer_id"), &customerId, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationPath, Explode: false, Required: true, Type: "string", Format: "", ValueIsUnescaped: ctx.Request().URL.RawPath == ""})
+	if err != nil {
+		return echo.NewHTTPError(http.StatusBadRequest, fmt.Sprintf("Invalid format for parameter customer_id: %s", err))
+	}
+
+	// Parameter object where we will unmarshal all parameters from the context
+	var params CreateHoldParams
+
+	headers := ctx.Request().Header
+	// ------------- Required header parameter "Idempotency-Key" -------------
+	if valueList, found := headers[http.CanonicalHeaderKey("Idempotency-Key")]; found {
+		var IdempotencyKey IdempotencyKey
+		n := len(valueList)
+		if n != 1 {
+			return echo.NewHTTPError(http.StatusBadRequest, fmt.Sprintf("Expected one value for Idempotency-Key, got %d", n))
+		}
+
+		err = runtime.BindStyledParameterWithOptions("simple", "Idempotency-Key", valueList[0], &IdempotencyKey, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: true, Type: "string", Format: ""})
+		if err != nil {
+			return echo.NewHTTPError(http.StatusBadRequest, fmt.Sprintf("Invalid format for parameter Idempotency-Key: %s", err))
+		}
+
+		params.IdempotencyKey = IdempotencyKey
+	} else {
+		return echo.NewHTTPError(http.StatusBadRequest, fmt.Sprintf("Header parameter Idempotency-Key is required, but not found"))
+	}
+
+	// Invoke the callback with all the unmarshaled arguments
+	err = w.Handler.CreateHold(ctx, customerId, params)
+	return err
+}
+
+// GetHold converts echo context to params.
+func (w *ServerInterfaceWrapper) GetHold(ctx echo.Context) error {
+	var err error
+	// ------------- Path parameter "customer_id" -------------
+	var customerId CustomerID
+
+	err = runtime.BindStyledParameterWithOptions("simple", "customer_id", ctx.Param("customer_id"), &customerId, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationPath, Explode: false, Required: true, Type: "string", Format: "", ValueIsUnescaped: ctx.Request().URL.RawPath == ""})
+	if err != nil {
+		return echo.NewHTTPError(http.StatusBadRequest, fmt.Sprintf("Invalid format for parameter customer_id: %s", err))
+	}
+
+	// ------------- Path parameter "hold_id" -------------
+	var holdId HoldID
+
+	err = runtime.BindStyledParameterWithOptions("simple", "hold_id", ctx.Param("hold_id"), &holdId, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationPath, Explode: false, Required: true, Type: "string", Format: "", ValueIsUnescaped: ctx.Request().URL.RawPath == ""})
+	if err != nil {
+		return echo.NewHTTPError(http.StatusBadRequest, fmt.Sprintf("Invalid format for parameter hold_id: %s", err))
+	}
+
+	// Invoke the callback with all the unmarshaled arguments
+	err = w.Handler.GetHold(ctx, customerId, holdId)
+	return err
+}
+
+// CaptureHold converts echo context to params.
+func (w *ServerInterfaceWrapper) CaptureHold(ctx echo.Context) error {
+	var err error
+	// ------------- Path parameter "customer_id" -------------
+	var customerId CustomerID
+
+	err = runtime.BindStyledParameterWithOptions("simple", "customer_id", ctx.Param("customer_id"), &customerId, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationPath, Explode: false, Required: true, Type: "string", Format: "", ValueIsUnescaped: ctx.Request().URL.RawPath == ""})
+	if err != nil {
+		return echo.NewHTTPError(http.StatusBadRequest, fmt.Sprintf("Invalid format for parameter customer_id: %s", err))
+	}
+
+	// ------------- Path parameter "hold_id" -------------
+	var holdId HoldID
+
+	err = runtime.BindStyledParameterWithOptions("simple", "hold_id", ctx.Param("hold_id"), &holdId, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationPath, Explode: false, Required: true, Type: "string", Format: "", ValueIsUnescaped: ctx.Request().URL.RawPath == ""})
+	if err != nil {
+		return echo.NewHTTPError(http.StatusBadRequest, fmt.Sprintf("Invalid format for parameter hold_id: %s", err))
+	}
+
+	// Parameter object where we will unmarshal all parameters from the context
+	var params CaptureHoldParams
+
+	headers := ctx.Request().Header
+	// ------------- Required header parameter "Idempotency-Key" -------------
+	if valueList, found := headers[http.CanonicalHeaderKey("Idempotency-Key")]; found {
+		var IdempotencyKey IdempotencyKey
+		n := len(valueList)
+		if n != 1 {
+			return echo.NewHTTPError(http.StatusBadRequest, fmt.Sprintf("Expected one value for Idempotency-Key, got %d", n))
+		}
+
+		err = runtime.BindStyledParameterWithOptions("simple", "Idempotency-Key", valueList[0], &IdempotencyKey, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: true, Type: "string", Format: ""})
+		if err != nil {
+			return echo.NewHTTPError(http.StatusBadRequest, fmt.Sprintf("Invalid format for parameter Idempotency-Key: %s", err))
+		}
+
+		params.IdempotencyKey = IdempotencyKey
+	} else {
+		return echo.NewHTTPError(http.StatusBadRequest, fmt.Sprintf("Header parameter Idempotency-Key is required, but not found"))
+	}
+
+	// Invoke the callback with all the unmarshaled arguments
+	err = w.Handler.CaptureHold(ctx, customerId, holdId, params)
+	return err
+}
+
+// ReleaseHold converts echo context to params.
+func (w *ServerInterfaceWrapper) ReleaseHold(ctx echo.Context) error {
+	var err error
+	// ------------- Path parameter "customer_id" -------------
+	var customerId CustomerID
+
+	err = runtime.BindStyledParameterWithOptions("simple", "customer_id", ctx.Param("customer_id"), &customerId, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationPath, Explode: false, Required: true, Type: "string", Format: "", ValueIsUnescaped: ctx.Request().URL.RawPath == ""})
+	if err != nil {
+		return echo.NewHTTPError(http.StatusBadRequest, fmt.Sprintf("Invalid format for parameter customer_id: %s", err))
+	}
+
+	// ------------- Path parameter "hold_id" -------------
+	var holdId HoldID
+
+	err = runtime.BindStyledParameterWithOptions("simple", "hold_id", ctx.Param("hold_id"), &holdId, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationPath, Explode: false, Required: true, Type: "string", Format: "", ValueIsUnescaped: ctx.Request().URL.RawPath == ""})
+	if err != nil {
+		return echo.NewHTTPError(http.StatusBadRequest, fmt.Sprintf("Invalid format for parameter hold_id: %s", err))
+	}
+
+	// Parameter object where we will unmarshal all parameters from the context
+	var params ReleaseHoldParams
+
+	headers := ctx.Request().Header
+	// ------------- Optional header parameter "Idempotency-Key" -------------
+	if valueList, found := headers[http.CanonicalHeaderKey("Idempotency-Key")]; found {
+		var IdempotencyKey IdempotencyKeyOptional
+		n := len(valueList)
+		if n != 1 {
+			return echo.NewHTTPError(http.StatusBadRequest, fmt.Sprintf("Expected one value for Idempotency-Key, got %d", n))
+		}
+
+		err = runtime.BindStyledParameterWithOptions("simple", "Idempotency-Key", valueList[0], &IdempotencyKey, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "string", Format: ""})
+		if err != nil {
+			return echo.NewHTTPError(http.StatusBadRequest, fmt.Sprintf("Invalid format for parameter Idempotency-Key: %s", err))
+		}
+
+		params.IdempotencyKey = &IdempotencyKey
+	}
+
+	// Invoke the callback with all the unmarshaled arguments
+	err = w.Handler.ReleaseHold(ctx, customerId, holdId, params)
 	return err
 }
 
@@ -2858,6 +4103,14 @@ func RegisterHandlersWithOptions(router EchoRouter, si ServerInterface, options 
 	router.GET(options.BaseURL+"/v1/customers/:customer_id/balance", wrapper.GetBalance, options.OperationMiddlewares["getBalance"]...)
 	router.POST(options.BaseURL+"/v1/customers/:customer_id/credits/consume", wrapper.ConsumeCredits, options.OperationMiddlewares["consumeCredits"]...)
 	router.POST(options.BaseURL+"/v1/customers/:customer_id/credits/grants", wrapper.GrantCredits, options.OperationMiddlewares["grantCredits"]...)
+	router.POST(options.BaseURL+"/v1/customers/:customer_id/credits/grants/:grant_id/void", wrapper.VoidGrant, options.OperationMiddlewares["voidGrant"]...)
+	router.POST(options.BaseURL+"/v1/customers/:customer_id/credits/adjustments", wrapper.AdjustCredits, options.OperationMiddlewares["adjustCredits"]...)
+	router.POST(options.BaseURL+"/v1/customers/:customer_id/credits/check", wrapper.CheckCredits, options.OperationMiddlewares["checkCredits"]...)
+	router.GET(options.BaseURL+"/v1/customers/:customer_id/credits/holds", wrapper.ListHolds, options.OperationMiddlewares["listHolds"]...)
+	router.POST(options.BaseURL+"/v1/customers/:customer_id/credits/holds", wrapper.CreateHold, options.OperationMiddlewares["createHold"]...)
+	router.GET(options.BaseURL+"/v1/customers/:customer_id/credits/holds/:hold_id", wrapper.GetHold, options.OperationMiddlewares["getHold"]...)
+	router.POST(options.BaseURL+"/v1/customers/:customer_id/credits/holds/:hold_id/capture", wrapper.CaptureHold, options.OperationMiddlewares["captureHold"]...)
+	router.POST(options.BaseURL+"/v1/customers/:customer_id/credits/holds/:hold_id/release", wrapper.ReleaseHold, options.OperationMiddlewares["releaseHold"]...)
 	router.GET(options.BaseURL+"/v1/customers/:customer_id/credits/transactions", wrapper.ListCreditTransactions, options.OperationMiddlewares["listCreditTransactions"]...)
 	router.POST(options.BaseURL+"/v1/usage-events", wrapper.IngestUsageEvents, options.OperationMiddlewares["ingestUsageEvents"]...)
 	router.GET(options.BaseURL+"/v1/usage-events/:identifier", wrapper.GetUsageEvent, options.OperationMiddlewares["getUsageEvent"]...)
@@ -3337,18 +4590,19 @@ func (response UpsertCustomerdefaultApplicationProblemPlusJSONResponse) VisitUps
 
 type GetBalanceRequestObject struct {
 	CustomerId CustomerID `json:"customer_id"`
+	Params     GetBalanceParams
 }
 
 type GetBalanceResponseObject interface {
 	VisitGetBalanceResponse(w http.ResponseWriter) error
 }
 
-type GetBalance200JSONResponse Balance
+type GetBalance200JSONResponse = GetBalance200JSONResponseBody
 
 func (response GetBalance200JSONResponse) VisitGetBalanceResponse(w http.ResponseWriter) error {
 
 	var buf bytes.Buffer
-	if err := json.NewEncoder(&buf).Encode(response); err != nil {
+	if err := json.NewEncoder(&buf).Encode(response.union); err != nil {
 		return err
 	}
 	w.Header().Set("Content-Type", "application/json")
@@ -3364,6 +4618,119 @@ type GetBalancedefaultApplicationProblemPlusJSONResponse struct {
 }
 
 func (response GetBalancedefaultApplicationProblemPlusJSONResponse) VisitGetBalanceResponse(w http.ResponseWriter) error {
+
+	var buf bytes.Buffer
+	if err := json.NewEncoder(&buf).Encode(response.Body); err != nil {
+		return err
+	}
+	w.Header().Set("Content-Type", "application/problem+json")
+	if response.Headers.RetryAfter != nil {
+		w.Header().Set("Retry-After", fmt.Sprint(*response.Headers.RetryAfter))
+	}
+	w.WriteHeader(response.StatusCode)
+	_, err := buf.WriteTo(w)
+	return err
+}
+
+type AdjustCreditsRequestObject struct {
+	CustomerId CustomerID `json:"customer_id"`
+	Params     AdjustCreditsParams
+	Body       *AdjustCreditsJSONRequestBody
+}
+
+type AdjustCreditsResponseObject interface {
+	VisitAdjustCreditsResponse(w http.ResponseWriter) error
+}
+
+type AdjustCredits201ResponseHeaders struct {
+	IdempotentReplayed *bool
+}
+
+type AdjustCredits201JSONResponse struct {
+	Body    AdjustmentResult
+	Headers AdjustCredits201ResponseHeaders
+}
+
+func (response AdjustCredits201JSONResponse) VisitAdjustCreditsResponse(w http.ResponseWriter) error {
+
+	var buf bytes.Buffer
+	if err := json.NewEncoder(&buf).Encode(response.Body); err != nil {
+		return err
+	}
+	w.Header().Set("Content-Type", "application/json")
+	if response.Headers.IdempotentReplayed != nil {
+		w.Header().Set("Idempotent-Replayed", fmt.Sprint(*response.Headers.IdempotentReplayed))
+	}
+	w.WriteHeader(201)
+	_, err := buf.WriteTo(w)
+	return err
+}
+
+type AdjustCredits402ApplicationProblemPlusJSONResponse Problem
+
+func (response AdjustCredits402ApplicationProblemPlusJSONResponse) VisitAdjustCreditsResponse(w http.ResponseWriter) error {
+
+	var buf bytes.Buffer
+	if err := json.NewEncoder(&buf).Encode(response); err != nil {
+		return err
+	}
+	w.Header().Set("Content-Type", "application/problem+json")
+	w.WriteHeader(402)
+	_, err := buf.WriteTo(w)
+	return err
+}
+
+type AdjustCreditsdefaultApplicationProblemPlusJSONResponse struct {
+	Body       Problem
+	Headers    ProblemResponseHeaders
+	StatusCode int
+}
+
+func (response AdjustCreditsdefaultApplicationProblemPlusJSONResponse) VisitAdjustCreditsResponse(w http.ResponseWriter) error {
+
+	var buf bytes.Buffer
+	if err := json.NewEncoder(&buf).Encode(response.Body); err != nil {
+		return err
+	}
+	w.Header().Set("Content-Type", "application/problem+json")
+	if response.Headers.RetryAfter != nil {
+		w.Header().Set("Retry-After", fmt.Sprint(*response.Headers.RetryAfter))
+	}
+	w.WriteHeader(response.StatusCode)
+	_, err := buf.WriteTo(w)
+	return err
+}
+
+type CheckCreditsRequestObject struct {
+	CustomerId CustomerID `json:"customer_id"`
+	Body       *CheckCreditsJSONRequestBody
+}
+
+type CheckCreditsResponseObject interface {
+	VisitCheckCreditsResponse(w http.ResponseWriter) error
+}
+
+type CheckCredits200JSONResponse CheckResult
+
+func (response CheckCredits200JSONResponse) VisitCheckCreditsResponse(w http.ResponseWriter) error {
+
+	var buf bytes.Buffer
+	if err := json.NewEncoder(&buf).Encode(response); err != nil {
+		return err
+	}
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(200)
+	_, err := buf.WriteTo(w)
+	return err
+}
+
+type CheckCreditsdefaultApplicationProblemPlusJSONResponse struct {
+	Body       Problem
+	Headers    ProblemResponseHeaders
+	StatusCode int
+}
+
+func (response CheckCreditsdefaultApplicationProblemPlusJSONResponse) VisitCheckCreditsResponse(w http.ResponseWriter) error {
 
 	var buf bytes.Buffer
 	if err := json.NewEncoder(&buf).Encode(response.Body); err != nil {
@@ -3488,6 +4855,330 @@ type GrantCreditsdefaultApplicationProblemPlusJSONResponse struct {
 }
 
 func (response GrantCreditsdefaultApplicationProblemPlusJSONResponse) VisitGrantCreditsResponse(w http.ResponseWriter) error {
+
+	var buf bytes.Buffer
+	if err := json.NewEncoder(&buf).Encode(response.Body); err != nil {
+		return err
+	}
+	w.Header().Set("Content-Type", "application/problem+json")
+	if response.Headers.RetryAfter != nil {
+		w.Header().Set("Retry-After", fmt.Sprint(*response.Headers.RetryAfter))
+	}
+	w.WriteHeader(response.StatusCode)
+	_, err := buf.WriteTo(w)
+	return err
+}
+
+type VoidGrantRequestObject struct {
+	CustomerId CustomerID `json:"customer_id"`
+	GrantId    string     `json:"grant_id"`
+	Params     VoidGrantParams
+	Body       *VoidGrantJSONRequestBody
+}
+
+type VoidGrantResponseObject interface {
+	VisitVoidGrantResponse(w http.ResponseWriter) error
+}
+
+type VoidGrant200ResponseHeaders struct {
+	IdempotentReplayed *bool
+}
+
+type VoidGrant200JSONResponse struct {
+	Body    VoidResult
+	Headers VoidGrant200ResponseHeaders
+}
+
+func (response VoidGrant200JSONResponse) VisitVoidGrantResponse(w http.ResponseWriter) error {
+
+	var buf bytes.Buffer
+	if err := json.NewEncoder(&buf).Encode(response.Body); err != nil {
+		return err
+	}
+	w.Header().Set("Content-Type", "application/json")
+	if response.Headers.IdempotentReplayed != nil {
+		w.Header().Set("Idempotent-Replayed", fmt.Sprint(*response.Headers.IdempotentReplayed))
+	}
+	w.WriteHeader(200)
+	_, err := buf.WriteTo(w)
+	return err
+}
+
+type VoidGrantdefaultApplicationProblemPlusJSONResponse struct {
+	Body       Problem
+	Headers    ProblemResponseHeaders
+	StatusCode int
+}
+
+func (response VoidGrantdefaultApplicationProblemPlusJSONResponse) VisitVoidGrantResponse(w http.ResponseWriter) error {
+
+	var buf bytes.Buffer
+	if err := json.NewEncoder(&buf).Encode(response.Body); err != nil {
+		return err
+	}
+	w.Header().Set("Content-Type", "application/problem+json")
+	if response.Headers.RetryAfter != nil {
+		w.Header().Set("Retry-After", fmt.Sprint(*response.Headers.RetryAfter))
+	}
+	w.WriteHeader(response.StatusCode)
+	_, err := buf.WriteTo(w)
+	return err
+}
+
+type ListHoldsRequestObject struct {
+	CustomerId CustomerID `json:"customer_id"`
+	Params     ListHoldsParams
+}
+
+type ListHoldsResponseObject interface {
+	VisitListHoldsResponse(w http.ResponseWriter) error
+}
+
+type ListHolds200JSONResponse HoldPage
+
+func (response ListHolds200JSONResponse) VisitListHoldsResponse(w http.ResponseWriter) error {
+
+	var buf bytes.Buffer
+	if err := json.NewEncoder(&buf).Encode(response); err != nil {
+		return err
+	}
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(200)
+	_, err := buf.WriteTo(w)
+	return err
+}
+
+type ListHoldsdefaultApplicationProblemPlusJSONResponse struct {
+	Body       Problem
+	Headers    ProblemResponseHeaders
+	StatusCode int
+}
+
+func (response ListHoldsdefaultApplicationProblemPlusJSONResponse) VisitListHoldsResponse(w http.ResponseWriter) error {
+
+	var buf bytes.Buffer
+	if err := json.NewEncoder(&buf).Encode(response.Body); err != nil {
+		return err
+	}
+	w.Header().Set("Content-Type", "application/problem+json")
+	if response.Headers.RetryAfter != nil {
+		w.Header().Set("Retry-After", fmt.Sprint(*response.Headers.RetryAfter))
+	}
+	w.WriteHeader(response.StatusCode)
+	_, err := buf.WriteTo(w)
+	return err
+}
+
+type CreateHoldRequestObject struct {
+	CustomerId CustomerID `json:"customer_id"`
+	Params     CreateHoldParams
+	Body       *CreateHoldJSONRequestBody
+}
+
+type CreateHoldResponseObject interface {
+	VisitCreateHoldResponse(w http.ResponseWriter) error
+}
+
+type CreateHold201ResponseHeaders struct {
+	IdempotentReplayed *bool
+}
+
+type CreateHold201JSONResponse struct {
+	Body    HoldCreated
+	Headers CreateHold201ResponseHeaders
+}
+
+func (response CreateHold201JSONResponse) VisitCreateHoldResponse(w http.ResponseWriter) error {
+
+	var buf bytes.Buffer
+	if err := json.NewEncoder(&buf).Encode(response.Body); err != nil {
+		return err
+	}
+	w.Header().Set("Content-Type", "application/json")
+	if response.Headers.IdempotentReplayed != nil {
+		w.Header().Set("Idempotent-Replayed", fmt.Sprint(*response.Headers.IdempotentReplayed))
+	}
+	w.WriteHeader(201)
+	_, err := buf.WriteTo(w)
+	return err
+}
+
+type CreateHold402ApplicationProblemPlusJSONResponse Problem
+
+func (response CreateHold402ApplicationProblemPlusJSONResponse) VisitCreateHoldResponse(w http.ResponseWriter) error {
+
+	var buf bytes.Buffer
+	if err := json.NewEncoder(&buf).Encode(response); err != nil {
+		return err
+	}
+	w.Header().Set("Content-Type", "application/problem+json")
+	w.WriteHeader(402)
+	_, err := buf.WriteTo(w)
+	return err
+}
+
+type CreateHolddefaultApplicationProblemPlusJSONResponse struct {
+	Body       Problem
+	Headers    ProblemResponseHeaders
+	StatusCode int
+}
+
+func (response CreateHolddefaultApplicationProblemPlusJSONResponse) VisitCreateHoldResponse(w http.ResponseWriter) error {
+
+	var buf bytes.Buffer
+	if err := json.NewEncoder(&buf).Encode(response.Body); err != nil {
+		return err
+	}
+	w.Header().Set("Content-Type", "application/problem+json")
+	if response.Headers.RetryAfter != nil {
+		w.Header().Set("Retry-After", fmt.Sprint(*response.Headers.RetryAfter))
+	}
+	w.WriteHeader(response.StatusCode)
+	_, err := buf.WriteTo(w)
+	return err
+}
+
+type GetHoldRequestObject struct {
+	CustomerId CustomerID `json:"customer_id"`
+	HoldId     HoldID     `json:"hold_id"`
+}
+
+type GetHoldResponseObject interface {
+	VisitGetHoldResponse(w http.ResponseWriter) error
+}
+
+type GetHold200JSONResponse Hold
+
+func (response GetHold200JSONResponse) VisitGetHoldResponse(w http.ResponseWriter) error {
+
+	var buf bytes.Buffer
+	if err := json.NewEncoder(&buf).Encode(response); err != nil {
+		return err
+	}
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(200)
+	_, err := buf.WriteTo(w)
+	return err
+}
+
+type GetHolddefaultApplicationProblemPlusJSONResponse struct {
+	Body       Problem
+	Headers    ProblemResponseHeaders
+	StatusCode int
+}
+
+func (response GetHolddefaultApplicationProblemPlusJSONResponse) VisitGetHoldResponse(w http.ResponseWriter) error {
+
+	var buf bytes.Buffer
+	if err := json.NewEncoder(&buf).Encode(response.Body); err != nil {
+		return err
+	}
+	w.Header().Set("Content-Type", "application/problem+json")
+	if response.Headers.RetryAfter != nil {
+		w.Header().Set("Retry-After", fmt.Sprint(*response.Headers.RetryAfter))
+	}
+	w.WriteHeader(response.StatusCode)
+	_, err := buf.WriteTo(w)
+	return err
+}
+
+type CaptureHoldRequestObject struct {
+	CustomerId CustomerID `json:"customer_id"`
+	HoldId     HoldID     `json:"hold_id"`
+	Params     CaptureHoldParams
+	Body       *CaptureHoldJSONRequestBody
+}
+
+type CaptureHoldResponseObject interface {
+	VisitCaptureHoldResponse(w http.ResponseWriter) error
+}
+
+type CaptureHold200ResponseHeaders struct {
+	IdempotentReplayed *bool
+}
+
+type CaptureHold200JSONResponse struct {
+	Body    HoldEnded
+	Headers CaptureHold200ResponseHeaders
+}
+
+func (response CaptureHold200JSONResponse) VisitCaptureHoldResponse(w http.ResponseWriter) error {
+
+	var buf bytes.Buffer
+	if err := json.NewEncoder(&buf).Encode(response.Body); err != nil {
+		return err
+	}
+	w.Header().Set("Content-Type", "application/json")
+	if response.Headers.IdempotentReplayed != nil {
+		w.Header().Set("Idempotent-Replayed", fmt.Sprint(*response.Headers.IdempotentReplayed))
+	}
+	w.WriteHeader(200)
+	_, err := buf.WriteTo(w)
+	return err
+}
+
+type CaptureHolddefaultApplicationProblemPlusJSONResponse struct {
+	Body       Problem
+	Headers    ProblemResponseHeaders
+	StatusCode int
+}
+
+func (response CaptureHolddefaultApplicationProblemPlusJSONResponse) VisitCaptureHoldResponse(w http.ResponseWriter) error {
+
+	var buf bytes.Buffer
+	if err := json.NewEncoder(&buf).Encode(response.Body); err != nil {
+		return err
+	}
+	w.Header().Set("Content-Type", "application/problem+json")
+	if response.Headers.RetryAfter != nil {
+		w.Header().Set("Retry-After", fmt.Sprint(*response.Headers.RetryAfter))
+	}
+	w.WriteHeader(response.StatusCode)
+	_, err := buf.WriteTo(w)
+	return err
+}
+
+type ReleaseHoldRequestObject struct {
+	CustomerId CustomerID `json:"customer_id"`
+	HoldId     HoldID     `json:"hold_id"`
+	Params     ReleaseHoldParams
+}
+
+type ReleaseHoldResponseObject interface {
+	VisitReleaseHoldResponse(w http.ResponseWriter) error
+}
+
+type ReleaseHold200ResponseHeaders struct {
+	IdempotentReplayed *bool
+}
+
+type ReleaseHold200JSONResponse struct {
+	Body    HoldEnded
+	Headers ReleaseHold200ResponseHeaders
+}
+
+func (response ReleaseHold200JSONResponse) VisitReleaseHoldResponse(w http.ResponseWriter) error {
+
+	var buf bytes.Buffer
+	if err := json.NewEncoder(&buf).Encode(response.Body); err != nil {
+		return err
+	}
+	w.Header().Set("Content-Type", "application/json")
+	if response.Headers.IdempotentReplayed != nil {
+		w.Header().Set("Idempotent-Replayed", fmt.Sprint(*response.Headers.IdempotentReplayed))
+	}
+	w.WriteHeader(200)
+	_, err := buf.WriteTo(w)
+	return err
+}
+
+type ReleaseHolddefaultApplicationProblemPlusJSONResponse struct {
+	Body       Problem
+	Headers    ProblemResponseHeaders
+	StatusCode int
+}
+
+func (response ReleaseHolddefaultApplicationProblemPlusJSONResponse) VisitReleaseHoldResponse(w http.ResponseWriter) error {
 
 	var buf bytes.Buffer
 	if err := json.NewEncoder(&buf).Encode(response.Body); err != nil {
@@ -3849,15 +5540,39 @@ type StrictServerInterface interface {
 	// UpsertCustomer Create or update a customer
 	// (PUT /v1/customers/{customer_id})
 	UpsertCustomer(ctx context.Context, request UpsertCustomerRequestObject) (UpsertCustomerResponseObject, error)
-	// GetBalance Spendable credits now, by grant
+	// GetBalance Credits now, by grant; or the balance at a past time
 	// (GET /v1/customers/{customer_id}/balance)
 	GetBalance(ctx context.Context, request GetBalanceRequestObject) (GetBalanceResponseObject, error)
+	// AdjustCredits An operator's correction of a balance (admin)
+	// (POST /v1/customers/{customer_id}/credits/adjustments)
+	AdjustCredits(ctx context.Context, request AdjustCreditsRequestObject) (AdjustCreditsResponseObject, error)
+	// CheckCredits Could the customer spend this much now? Writes nothing
+	// (POST /v1/customers/{customer_id}/credits/check)
+	CheckCredits(ctx context.Context, request CheckCreditsRequestObject) (CheckCreditsResponseObject, error)
 	// ConsumeCredits Spend credits
 	// (POST /v1/customers/{customer_id}/credits/consume)
 	ConsumeCredits(ctx context.Context, request ConsumeCreditsRequestObject) (ConsumeCreditsResponseObject, error)
 	// GrantCredits Grant credits (promotion, manual adjustment)
 	// (POST /v1/customers/{customer_id}/credits/grants)
 	GrantCredits(ctx context.Context, request GrantCreditsRequestObject) (GrantCreditsResponseObject, error)
+	// VoidGrant Void a grant given by mistake
+	// (POST /v1/customers/{customer_id}/credits/grants/{grant_id}/void)
+	VoidGrant(ctx context.Context, request VoidGrantRequestObject) (VoidGrantResponseObject, error)
+	// ListHolds The customer's holds, newest first
+	// (GET /v1/customers/{customer_id}/credits/holds)
+	ListHolds(ctx context.Context, request ListHoldsRequestObject) (ListHoldsResponseObject, error)
+	// CreateHold Reserve credits for a long job
+	// (POST /v1/customers/{customer_id}/credits/holds)
+	CreateHold(ctx context.Context, request CreateHoldRequestObject) (CreateHoldResponseObject, error)
+	// GetHold One hold
+	// (GET /v1/customers/{customer_id}/credits/holds/{hold_id})
+	GetHold(ctx context.Context, request GetHoldRequestObject) (GetHoldResponseObject, error)
+	// CaptureHold Spend what the job cost from a hold and release the rest
+	// (POST /v1/customers/{customer_id}/credits/holds/{hold_id}/capture)
+	CaptureHold(ctx context.Context, request CaptureHoldRequestObject) (CaptureHoldResponseObject, error)
+	// ReleaseHold Give a hold's credits back
+	// (POST /v1/customers/{customer_id}/credits/holds/{hold_id}/release)
+	ReleaseHold(ctx context.Context, request ReleaseHoldRequestObject) (ReleaseHoldResponseObject, error)
 	// ListCreditTransactions The credit ledger, newest first
 	// (GET /v1/customers/{customer_id}/credits/transactions)
 	ListCreditTransactions(ctx context.Context, request ListCreditTransactionsRequestObject) (ListCreditTransactionsResponseObject, error)
@@ -4228,10 +5943,11 @@ func (sh *strictHandler) UpsertCustomer(ctx echo.Context, customerId CustomerID)
 }
 
 // GetBalance operation middleware
-func (sh *strictHandler) GetBalance(ctx echo.Context, customerId CustomerID) error {
+func (sh *strictHandler) GetBalance(ctx echo.Context, customerId CustomerID, params GetBalanceParams) error {
 	var request GetBalanceRequestObject
 
 	request.CustomerId = customerId
+	request.Params = params
 
 	handler := func(ctx echo.Context, request interface{}) (interface{}, error) {
 		return sh.ssi.GetBalance(ctx.Request().Context(), request.(GetBalanceRequestObject))
@@ -4246,6 +5962,103 @@ func (sh *strictHandler) GetBalance(ctx echo.Context, customerId CustomerID) err
 		return err
 	} else if validResponse, ok := response.(GetBalanceResponseObject); ok {
 		return validResponse.VisitGetBalanceResponse(ctx.Response())
+	} else if response != nil {
+		return fmt.Errorf("unexpected response type: %T", response)
+	}
+	return nil
+}
+
+// AdjustCredits operation middleware
+func (sh *strictHandler) AdjustCredits(ctx echo.Context, customerId CustomerID, params AdjustCreditsParams) error {
+	var request AdjustCreditsRequestObject
+
+	request.CustomerId = customerId
+	request.Params = params
+
+	var body AdjustCreditsJSONRequestBody
+	var err error
+	if binder, ok := ctx.Echo().Binder.(*echo.DefaultBinder); ok {
+		// A request validator built on kin-openapi's openapi3filter with
+		// KeepValidatedValue leaves the value it validated on the body. Bind
+		// that value, matching member names exactly, so the handler receives
+		// what was validated instead of a second, case-insensitive decode.
+		// Otherwise bind only the request body, so that path and query
+		// parameters are not also bound into the body struct.
+		if vb, ok := ctx.Request().Body.(interface{ ValidatedValue() any }); !ok || runtime.BindJSONValue(vb.ValidatedValue(), &body) != nil {
+			err = binder.BindBody(ctx, &body)
+		}
+	} else {
+		// A custom binder is installed on the Echo instance; defer to it
+		// entirely, since echo.Binder does not expose body-only binding and
+		// the binder may do more than decode (for example call ctx.Validate).
+		err = ctx.Bind(&body)
+	}
+	if err != nil {
+		return err
+	}
+	request.Body = &body
+
+	handler := func(ctx echo.Context, request interface{}) (interface{}, error) {
+		return sh.ssi.AdjustCredits(ctx.Request().Context(), request.(AdjustCreditsRequestObject))
+	}
+	for _, middleware := range sh.middlewares {
+		handler = middleware(handler, "AdjustCredits")
+	}
+
+	response, err := handler(ctx, request)
+
+	if err != nil {
+		return err
+	} else if validResponse, ok := response.(AdjustCreditsResponseObject); ok {
+		return validResponse.VisitAdjustCreditsResponse(ctx.Response())
+	} else if response != nil {
+		return fmt.Errorf("unexpected response type: %T", response)
+	}
+	return nil
+}
+
+// CheckCredits operation middleware
+func (sh *strictHandler) CheckCredits(ctx echo.Context, customerId CustomerID) error {
+	var request CheckCreditsRequestObject
+
+	request.CustomerId = customerId
+
+	var body CheckCreditsJSONRequestBody
+	var err error
+	if binder, ok := ctx.Echo().Binder.(*echo.DefaultBinder); ok {
+		// A request validator built on kin-openapi's openapi3filter with
+		// KeepValidatedValue leaves the value it validated on the body. Bind
+		// that value, matching member names exactly, so the handler receives
+		// what was validated instead of a second, case-insensitive decode.
+		// Otherwise bind only the request body, so that path and query
+		// parameters are not also bound into the body struct.
+		if vb, ok := ctx.Request().Body.(interface{ ValidatedValue() any }); !ok || runtime.BindJSONValue(vb.ValidatedValue(), &body) != nil {
+			err = binder.BindBody(ctx, &body)
+		}
+	} else {
+		// A custom binder is installed on the Echo instance; defer to it
+		// entirely, since echo.Binder does not expose body-only binding and
+		// the binder may do more than decode (for example call ctx.Validate).
+		err = ctx.Bind(&body)
+	}
+	if err != nil {
+		return err
+	}
+	request.Body = &body
+
+	handler := func(ctx echo.Context, request interface{}) (interface{}, error) {
+		return sh.ssi.CheckCredits(ctx.Request().Context(), request.(CheckCreditsRequestObject))
+	}
+	for _, middleware := range sh.middlewares {
+		handler = middleware(handler, "CheckCredits")
+	}
+
+	response, err := handler(ctx, request)
+
+	if err != nil {
+		return err
+	} else if validResponse, ok := response.(CheckCreditsResponseObject); ok {
+		return validResponse.VisitCheckCreditsResponse(ctx.Response())
 	} else if response != nil {
 		return fmt.Errorf("unexpected response type: %T", response)
 	}
@@ -4344,6 +6157,237 @@ func (sh *strictHandler) GrantCredits(ctx echo.Context, customerId CustomerID, p
 		return err
 	} else if validResponse, ok := response.(GrantCreditsResponseObject); ok {
 		return validResponse.VisitGrantCreditsResponse(ctx.Response())
+	} else if response != nil {
+		return fmt.Errorf("unexpected response type: %T", response)
+	}
+	return nil
+}
+
+// VoidGrant operation middleware
+func (sh *strictHandler) VoidGrant(ctx echo.Context, customerId CustomerID, grantId string, params VoidGrantParams) error {
+	var request VoidGrantRequestObject
+
+	request.CustomerId = customerId
+	request.GrantId = grantId
+	request.Params = params
+
+	var body VoidGrantJSONRequestBody
+	var err error
+	if binder, ok := ctx.Echo().Binder.(*echo.DefaultBinder); ok {
+		// A request validator built on kin-openapi's openapi3filter with
+		// KeepValidatedValue leaves the value it validated on the body. Bind
+		// that value, matching member names exactly, so the handler receives
+		// what was validated instead of a second, case-insensitive decode.
+		// Otherwise bind only the request body, so that path and query
+		// parameters are not also bound into the body struct.
+		if vb, ok := ctx.Request().Body.(interface{ ValidatedValue() any }); !ok || runtime.BindJSONValue(vb.ValidatedValue(), &body) != nil {
+			err = binder.BindBody(ctx, &body)
+		}
+	} else {
+		// A custom binder is installed on the Echo instance; defer to it
+		// entirely, since echo.Binder does not expose body-only binding and
+		// the binder may do more than decode (for example call ctx.Validate).
+		err = ctx.Bind(&body)
+	}
+	if err != nil {
+		return err
+	}
+	request.Body = &body
+
+	handler := func(ctx echo.Context, request interface{}) (interface{}, error) {
+		return sh.ssi.VoidGrant(ctx.Request().Context(), request.(VoidGrantRequestObject))
+	}
+	for _, middleware := range sh.middlewares {
+		handler = middleware(handler, "VoidGrant")
+	}
+
+	response, err := handler(ctx, request)
+
+	if err != nil {
+		return err
+	} else if validResponse, ok := response.(VoidGrantResponseObject); ok {
+		return validResponse.VisitVoidGrantResponse(ctx.Response())
+	} else if response != nil {
+		return fmt.Errorf("unexpected response type: %T", response)
+	}
+	return nil
+}
+
+// ListHolds operation middleware
+func (sh *strictHandler) ListHolds(ctx echo.Context, customerId CustomerID, params ListHoldsParams) error {
+	var request ListHoldsRequestObject
+
+	request.CustomerId = customerId
+	request.Params = params
+
+	handler := func(ctx echo.Context, request interface{}) (interface{}, error) {
+		return sh.ssi.ListHolds(ctx.Request().Context(), request.(ListHoldsRequestObject))
+	}
+	for _, middleware := range sh.middlewares {
+		handler = middleware(handler, "ListHolds")
+	}
+
+	response, err := handler(ctx, request)
+
+	if err != nil {
+		return err
+	} else if validResponse, ok := response.(ListHoldsResponseObject); ok {
+		return validResponse.VisitListHoldsResponse(ctx.Response())
+	} else if response != nil {
+		return fmt.Errorf("unexpected response type: %T", response)
+	}
+	return nil
+}
+
+// CreateHold operation middleware
+func (sh *strictHandler) CreateHold(ctx echo.Context, customerId CustomerID, params CreateHoldParams) error {
+	var request CreateHoldRequestObject
+
+	request.CustomerId = customerId
+	request.Params = params
+
+	var body CreateHoldJSONRequestBody
+	var err error
+	if binder, ok := ctx.Echo().Binder.(*echo.DefaultBinder); ok {
+		// A request validator built on kin-openapi's openapi3filter with
+		// KeepValidatedValue leaves the value it validated on the body. Bind
+		// that value, matching member names exactly, so the handler receives
+		// what was validated instead of a second, case-insensitive decode.
+		// Otherwise bind only the request body, so that path and query
+		// parameters are not also bound into the body struct.
+		if vb, ok := ctx.Request().Body.(interface{ ValidatedValue() any }); !ok || runtime.BindJSONValue(vb.ValidatedValue(), &body) != nil {
+			err = binder.BindBody(ctx, &body)
+		}
+	} else {
+		// A custom binder is installed on the Echo instance; defer to it
+		// entirely, since echo.Binder does not expose body-only binding and
+		// the binder may do more than decode (for example call ctx.Validate).
+		err = ctx.Bind(&body)
+	}
+	if err != nil {
+		return err
+	}
+	request.Body = &body
+
+	handler := func(ctx echo.Context, request interface{}) (interface{}, error) {
+		return sh.ssi.CreateHold(ctx.Request().Context(), request.(CreateHoldRequestObject))
+	}
+	for _, middleware := range sh.middlewares {
+		handler = middleware(handler, "CreateHold")
+	}
+
+	response, err := handler(ctx, request)
+
+	if err != nil {
+		return err
+	} else if validResponse, ok := response.(CreateHoldResponseObject); ok {
+		return validResponse.VisitCreateHoldResponse(ctx.Response())
+	} else if response != nil {
+		return fmt.Errorf("unexpected response type: %T", response)
+	}
+	return nil
+}
+
+// GetHold operation middleware
+func (sh *strictHandler) GetHold(ctx echo.Context, customerId CustomerID, holdId HoldID) error {
+	var request GetHoldRequestObject
+
+	request.CustomerId = customerId
+	request.HoldId = holdId
+
+	handler := func(ctx echo.Context, request interface{}) (interface{}, error) {
+		return sh.ssi.GetHold(ctx.Request().Context(), request.(GetHoldRequestObject))
+	}
+	for _, middleware := range sh.middlewares {
+		handler = middleware(handler, "GetHold")
+	}
+
+	response, err := handler(ctx, request)
+
+	if err != nil {
+		return err
+	} else if validResponse, ok := response.(GetHoldResponseObject); ok {
+		return validResponse.VisitGetHoldResponse(ctx.Response())
+	} else if response != nil {
+		return fmt.Errorf("unexpected response type: %T", response)
+	}
+	return nil
+}
+
+// CaptureHold operation middleware
+func (sh *strictHandler) CaptureHold(ctx echo.Context, customerId CustomerID, holdId HoldID, params CaptureHoldParams) error {
+	var request CaptureHoldRequestObject
+
+	request.CustomerId = customerId
+	request.HoldId = holdId
+	request.Params = params
+
+	var body CaptureHoldJSONRequestBody
+	var err error
+	if binder, ok := ctx.Echo().Binder.(*echo.DefaultBinder); ok {
+		// A request validator built on kin-openapi's openapi3filter with
+		// KeepValidatedValue leaves the value it validated on the body. Bind
+		// that value, matching member names exactly, so the handler receives
+		// what was validated instead of a second, case-insensitive decode.
+		// Otherwise bind only the request body, so that path and query
+		// parameters are not also bound into the body struct.
+		if vb, ok := ctx.Request().Body.(interface{ ValidatedValue() any }); !ok || runtime.BindJSONValue(vb.ValidatedValue(), &body) != nil {
+			err = binder.BindBody(ctx, &body)
+		}
+	} else {
+		// A custom binder is installed on the Echo instance; defer to it
+		// entirely, since echo.Binder does not expose body-only binding and
+		// the binder may do more than decode (for example call ctx.Validate).
+		err = ctx.Bind(&body)
+	}
+	if err != nil {
+		if !errors.Is(err, io.EOF) {
+			return err
+		}
+	} else {
+		request.Body = &body
+	}
+
+	handler := func(ctx echo.Context, request interface{}) (interface{}, error) {
+		return sh.ssi.CaptureHold(ctx.Request().Context(), request.(CaptureHoldRequestObject))
+	}
+	for _, middleware := range sh.middlewares {
+		handler = middleware(handler, "CaptureHold")
+	}
+
+	response, err := handler(ctx, request)
+
+	if err != nil {
+		return err
+	} else if validResponse, ok := response.(CaptureHoldResponseObject); ok {
+		return validResponse.VisitCaptureHoldResponse(ctx.Response())
+	} else if response != nil {
+		return fmt.Errorf("unexpected response type: %T", response)
+	}
+	return nil
+}
+
+// ReleaseHold operation middleware
+func (sh *strictHandler) ReleaseHold(ctx echo.Context, customerId CustomerID, holdId HoldID, params ReleaseHoldParams) error {
+	var request ReleaseHoldRequestObject
+
+	request.CustomerId = customerId
+	request.HoldId = holdId
+	request.Params = params
+
+	handler := func(ctx echo.Context, request interface{}) (interface{}, error) {
+		return sh.ssi.ReleaseHold(ctx.Request().Context(), request.(ReleaseHoldRequestObject))
+	}
+	for _, middleware := range sh.middlewares {
+		handler = middleware(handler, "ReleaseHold")
+	}
+
+	response, err := handler(ctx, request)
+
+	if err != nil {
+		return err
+	} else if validResponse, ok := response.(ReleaseHoldResponseObject); ok {
+		return validResponse.VisitReleaseHoldResponse(ctx.Response())
 	} else if response != nil {
 		return fmt.Errorf("unexpected response type: %T", response)
 	}
@@ -4556,204 +6600,252 @@ func (sh *strictHandler) GetUsageEvent(ctx echo.Context, identifier string) erro
 // const string: with thousands of chunks the chained `+` fold is several
 // times slower for the Go compiler than parsing a slice literal.
 var swaggerSpec = []string{
-	"1L3/khs3kif+Kgh+N0JNTzVFyZJ31R0b8e2RZY/WsqWQWuvbNXUsdBVIwl0EaADVbI5O/94D3CPek1wg",
-	"E0ChilVksZut8UyMQ2yyCj8zE/njk4nPg0wuV1IwYfTg7PNgwWjOFHx8nbPlShomzHu2KuiG5fbbnOlM",
-	"8ZXhUgzOBqlRJUvJesEEMQuuCRV6zRThmpgFIwpeJHJGqCCMqoIzRRT7o2TakDU3C3hK0yUj12wzGiQD",
-	"nS3YktqOzGbFBmeDKykLRsXgy5dk8J4ZtbmYGaa2R/JWEEqePX1BpCLPx98Ss6CGXAu51oSbM7JeyIIR",
-	"zTIpck2MJGvKDbliM6kYMWrDxXwi6JxyQU7CmES5vGKKUJzMSsmrgi0faZIqO5AptSOZujbT4WgiahNY",
-	"csGX5XJw9iTxk+HCsDlTgy92Niuq6JIZt9ovS6Vly7wuF4ykgt2aaQZPpHY1cTjshstSkxWdM7t03D7+",
-	"R8nUZpAMBF3aDvGd+rDo7Rsm5mYxOHs6HoehaaO4mMMyvyy1kUumXn/fPpyMFgVTjzSRa0F4TmZSEW40",
-	"KTVTYSArahbxOLDJKc8HycBSAFeWniz5xIP7F8Vmg7PB//e4osrH+Kt+HA3LjjKQZ7b5iW3sy9AvEnDV",
-	"c/TYqX1uV+/x0jx/ntgd9H8/aVuo+hDewhrR4oCh3L3rN3zJTeipsesF/Bg3n7MZLQszOHs+TmxfSJjP",
-	"7f7vI1PF9EoKzYBK3yEP2I+ZFFY22I90tSp4Ru30Hzsu+cvv2tLL555769uFHusUdyEIU0oqcvL+h5fk",
-	"xbPn/+o5keTMUF7ooSW6SHCBmDgNcqKtX/f040iifIG+3YDse3+lBRUZsx9XSq6YMhwX4ar6oT7UDysm",
-	"cnpVMCLk+oyUQq+YMCRTLLf8IWekFOx2ZYmPzBUVRtuRz6RaUoPL/t2zwfYuJDX2OYBLkgH2sj3SH+F7",
-	"FMF+eAWbmYRoKYWVzjDODZlxpQ0wtWFLva9zaPZDuVxStbHdu5lQpSj8Xcj11K3e1CwU0wtZwIx6rAHI",
-	"QBzV9nx+xQOI+eGfwoNczIliS8qF/eTniTtQW/mcGnZq+JJZHiqLwu6hFw8N3qsNZEqXskQe2JpBRzsV",
-	"b8WS6LeGhPQkFnawa+0+hYbl1e8sM3aAL6mhhZxvEy6uwHRFs2v4u9eevoSX3tHsum1HVwUV/dt6V9iT",
-	"vKUVJfMyMwc0hC9st9Vc1XjGUT9+4K3Lt2DZtSzNB6Y1RyHWWEb3wFTjE44rtwgFCU1PaZ1AYmLbemdF",
-	"N0smTFeTpSpavm9MOmojaR0stlMbYI+FeKkYNSD1aJ5zPOveRQszo4VmSXOtLL0WUzfumu7x7N/2HHP3",
-	"kHuWiLalxAXJkDUIzy3/R8P57tnewfxRUmG42dTO0yfN4+qjcKLeSiM7jBG5IP5Vq4ZqFkmijLEcniyo",
-	"mjNtJgL4nZw8ScbjcfzfMLGaLb6/Ujxj7m1N1lbT/WAUX7GJyBbQEOGCSMGIIwVy8uJF8gL/I0supCKl",
-	"HecwsZq6YrNSsxxOg4l49vQpSbm4oQXPp05XT72mTMXGLKww5ZqsFTeGCVR7t8RfUDKe7FMykoEus4xp",
-	"fTcq2SlHgQ7qHSQxTbaSvRS6XLL3OPUD6X3HgRCvSPW/fWuzZIbm1OzVoH72z8F6UKd9HapWxivpphKa",
-	"27lWGrjhc//V2J5pp1rlFDGi+HxhCFhdaGxm2HtPJcooKjTNTKfEbsy/8XxSLYgfaeuKVMfl/ZbDCYm+",
-	"T5dKWcNi90EEButSCrNo0Qn/JtdkScXG2ndWj1UEnyRXsrQL76WWNnRDdFB1T548JaUomNYTAXYpza6J",
-	"phtNpFkwteaaDUcEFLQrCRY/uAnyiUjr4/KGNKHKmt5FkYBk9N0KdsOUV95A5uzTsJoTdx20z7yQYr57",
-	"pgkYuhQnCO4FzYwmdCJm/JblJC8VmEBEUTtx+4hormWHsNw/kw59AA2+fZQM1AuPRkQcKKYitW561q/Q",
-	"bPneSaLjsPnhls9RdCw4YrsaPFRK1M+b0HTSQ3zsV8Bqa//qxpnbTdOHGrKmaL+Bqw1tS8cqoOjUt6vP",
-	"cdKy7UHX/jxgwp5XXr3WI9dVNIkumWp/TXAE+2bMxbyd3L46TQQbshfR9iWQqtWDCIGLeQclXLiN37Lq",
-	"HSmgvc8FSS8v3rz5r+nL96++f335Yfrqf7x7/f71Lz9Of3l7+frlq/ScaKszSnvmrpjCVu9PRn4/99GR",
-	"XZFjERI4JI4ttrY9ou7HoJuwas2OLuPqvf9SFgWcS36/4WCqnZV3dnTs5Im6obq9JN7ygPG4c1Uqopgp",
-	"lXBGjxvzOaFXQHF4viIRm4WyL8FzF+9ej9qYttJzt37SslRZjcZWpcoWVNuZa6ZuOAjgnOtVadh0XdNv",
-	"XTPJ4PbUvn16Q5U9PbVtZpuwPkBX76rmux75ELrteuJ7HM6vdjRf+yxyKxZWta9QcpPokEnuIbJm1nrM",
-	"c5aTE0r8XiRd221/WEtB3P480o5whvcSQ7E02CGF5vjY0YTQG7l2Jky7HDquRnSYX7WnF3KPw7E5zw5i",
-	"iEXljBUFuWKFXKMocB0/shLM9dU8h2bU2gQYpJOi2ETi1rdq9aArq59TkDb0St4wwu93eDW2bwfhRC7a",
-	"oxHPe3Yjr/efYO1cZ+i1Nbtodt3zKDouKeaKrnU7GaBbm6Q4g5RkdMnITMnlOWHLFXjKmCBCorfJbivM",
-	"pXck4g3L50x9r+i6zd8cn2ydR9cjHeQUDjecUzA2bsiCaiKkYKM7eHJ3nV0LqYwl9u6NlWuWI6FflYbQ",
-	"QjGao6lqHsgbUpcMNRdz9+lSzcQTQyxUdvmVasTfqe8qNitFDpzujwpipLwO2pAn/Tszf8x+Ozhf4WNH",
-	"4Hq3zK3BG2pYfpBVYy0MoKK9ut6hDvb+kbz9vo27uDi942PvxDQ4xqcNUbX3tXKVH7jabT6XMLMk3r5a",
-	"67uIACMu3eTvJwXy0XWQNFUpyx1SYCCXlJpZ/csHhYL+ZT+Ums4ZYbazu6pZbjww4E6WcQ+N3ICPxzNV",
-	"t+2wFb9aldqQLaiYsxH5gbMi11ak55JZmW5l+w0DTyTK/O0FCbz1FXnpuLzTk1cOofNd24Nwot0RiRU1",
-	"him7Y//zt4vT/6anfx+fvpiOzv7/009/+Zc2Cecb/4gctZdVHmkyw812oCUMnFXEgSSRfw0GcFLgeAzw",
-	"caWZOjRiFeg42pnnT562rHUnndYX+x1Tp2E5w3Ng3KctmnJKTsbE2naIshPS8IwROZvBGxjnca0NR+Tt",
-	"khvD4Mi3MpxcM7bSzoJQyipnN7Qo2TmhJBpDcIksaA5x0VIz95YUMz4vFcuJi+mO9kUzW2N344c+6Pbu",
-	"TjvzNtktYrCs1NOKyVr560sLsb1SSqqXMq/RdCNebI84QUuzkIr/neW4olc8zxnEbaSZzmQpAJ4gxazg",
-	"mX2DV/C46TXbTBUrNbzb/IGL6azg8wW8JHQ5m/GMW23UxzFAPy0kzadGyimE1q26SQ2bAjSOxSrsSskb",
-	"njM1BZQZjvyGctzKBLZPCVrgOIThM87UNAz7U8tOdAiht4KRq1JzwbTGY3ZEUvtyiuEyiOMv6GrFBMsJ",
-	"FTlZL3i2IEgVE5FakkjJTBaFXGuEqaZSsLezFA3phFyzjbULNq7d4YjAWDQcZNZkniAbgCMmIdZ8YWti",
-	"nwV56P72AnJGKPz2SBPs23LVQmozEfqaO7bDl+1o+VxI5dhqtn2gXgu5HpGfpWAbwjXhYiIiJIJHTPio",
-	"FLlimufWdk+CMm8n4bjJBdJybhd4yQU1iJ1d0tXK+embsYlegQ7cumTbId3Pv9183XuSermlmi/H3oS+",
-	"HopmG94u6WXkhJebGtqe066mpibb59ue12tHd+DLkXfNFlKbThgYPuvcpm+kNl2trIEFezTyqxQdbeT9",
-	"GtiayIzyYu/LP8BDzVfRvt378nv3WPN1gL2w/e9/8M/5BnR5FSTXvm38ED3b2EqwKEY5o50vf7RPfM+o",
-	"e+VLUE42vyCUGYTrl2QAcm5w9ls//atGkV+Sfi/VBr/vpfaV6/lWvNk9X6lvcc+X6hR52EuBDw57reLB",
-	"fe910s3e/WqRmj3faQrKnq/VxfshLx04vpog3vdOk3c+JUfwGB3qJ+kKQjibpwWq4DWcc6sdaFawzKDO",
-	"gPOyigBqG6N+PpbYOKq5WdosJViqd3Tegur3inkv93IQV03PcpSp02IZUa2tkpWCByIlRlr7w3BhDZZS",
-	"ONPTZ1MxyOyxuhJ4xPcvh1uCeAhtawDODtDiWxYBMiraA74SVOHtWf3Hh7e/EPcrJml892L8ZGhVNemy",
-	"wDDh60rmG0Cxgp1HlwxVzJAHtX+GfgyJH2jb/EAw/EnQm7tC9z+Xdk2sSosqc2lKxc6JdBbuklHhUG+d",
-	"IfytTfpzo0XdzhwXK9rj6R6AoPuBIe4NLY1i9b1QprVEm3vjTA+PKxxhQXvhSva2chg0K8aFNBJZI0Mh",
-	"PatMToKAegi1QWTJfkoqGEuQ1T78tKaarKVIqvRWl0nlDFwPd2CbKuZp+fvuMJXWUzFixwplFiAee07J",
-	"KHh6P9rawTSNQW8zQPfAXgmzm+obWXl8Llh+RlZSc8NvAIai/Q4nRLA5ha8VW8ob9F8sDwuXI774Afmt",
-	"I5D+g1QeAw8eGLT2CRNGcaaTit40sS2IQGwPHkJHKg/BJZQXiP8KQwQ3EL2SpSEniPzCH3Hc9dC75x5v",
-	"ENumvFnu4/UQtLqr2LnmIo8dmtAr+ift8gY0FHCUHaUl1Pz3Ure7AO9yDh8s+e4CIPihvgec6bMayp5G",
-	"MXUv0vRClkUOEbGJqCAlAD3I4CchTUKuWEZLzWpwHnC4YxYssNVExBggdEbOJdMOCfR3puQ5GgN+CgDC",
-	"B5S9YhnjN4jEL7g2ztP546tL8vjmyWOaL7l4fMMUn23SO+Ls2yQpUMb2sex4PoLLtQd7u8XYEcyQWB7u",
-	"N0b2kNTdrImfI0pv17TrsYuWkgNbKXQraxk9HxN8ACM6GrzbmpTw47MxHMw0M0zpxD3hfns+HrvkvngU",
-	"z8ftg2fqUhpM2m/ExW58TYx+YVg8ALZVQ9/6oVA8bNI3kPjxtO2Bc8H0PxKxigOmQmIyIRek4Y1PvSs+",
-	"TUKdDHrb82DEjqeV53TLFcDNAs+kq02kYzn8MoQrVkxYKVRIbcjJOOD+MhaBfTgoW8PDRoWCpHVUVSol",
-	"yWRRsAwQFS2L49uYhlUCOToRPmmWuKzZR5rADiZ29QgXWVHmLL9zHlCYgncMfz5g4obettACvfVTth9x",
-	"L3IiUa1tTgcWwy6Cn3eCW+JaUGwllZXMvD2Oun+CHcnVe4/DOzm7qhS7DvzkguuAZL8qN9oSotVVfCI5",
-	"qF2QSj7sDfbfkah353znGeVFqdi0UgqahL1xHiWcC8YkRuRCAETomm2IYjTXtYd8ZPSRngi5FoRmmSUj",
-	"aweRE9xwAGajd4fniSvUkckc9dEl05rO2fB8IqggTOSnpWaKGGlVCOwPcLy1yGdC2Gg+IqknhIlwlIAI",
-	"J/sBR5+OyKWv1LOQRa4RMGBNa455eLAYemey4F7FkIsbyTPW2x/qEs9bf5g2tcyoPEFVncAVJ2jVKwt+",
-	"w5Yu9t4skBRpkFCZpe+Q47z2HgS8Jfm60FYukGulZUPwpkAdcuZ0TaeCXpUbwOdYk3oighQWNwwkCtY8",
-	"smfVyUVOV2CyvVM842I+TAgrNIuOrJ57rg015f5iEy7Wgw9/qYfH+q5yiMXdy2lSUXeL1Hp1w9QmZgC7",
-	"ygy+9Cn+UrCEyCK3DIulXcgrgFtzATq17m0dukW5DL21KaDHQVG2pvRX/BRRcNjR9jzX5uG5radUZ0LE",
-	"a93gzfqG7FDNoujYLiR/TWG672HinUa9HG1dcCLQOnt5cGqQ8Kjv1kWu9qTZT79F7MT5ecUwK6Sld6s8",
-	"ntcONSZyTdIYXJDeDevXsbMtgL9WRMO9QX9b4dqOZFmk52mAwXTrOtSQnIMxTzK5ZM7Ir6x6ruqZxRCi",
-	"WC940bcCgx+LYtpI1Z/Kw2sQHZ3OpHI8rDtUePcryZllYgV+Wl6wLUct2BjBrUusnitnqI7YR9dcBE/v",
-	"gVMM/oseowXfltQsDDvOaAoOFpLJG6bICa18I311zntKgjAVzYwpWIfLr/LYxKu8oLkrLCYk1FhgCpJX",
-	"eo78rgf08YRXOFC2iDfZ4q22tdpNvvsI5i7yMSA39ovHtRR16chd+hwXJMWZo64WuwjRAwjBi7un17RL",
-	"rx7Cs1cI5DDZmR/1SK7v9oFvfZXUrwfUGrrsz2AtegLEB1sT576W5hEct80ta9uOuzDijmyEKqi4BkcY",
-	"WxNg+PNYeOZEL8ATNqvxX0iGPBr75T2ZLz8a5yECrp3vOk3oe2RU3ouknMUR6OUASoiRfi104MXuUt5Y",
-	"C1eS1Lk2yEnOsoKDOwTLlYEf0ugth5xXxoYjcuHqGxPnDUJ4DbYYutKgALvE2nsRT7SHO0jHoV+PRThH",
-	"CJp4b/k/KGDSAHTuPHtiN2+ddvzrREsyowrcsuBnPtQVjs1Mc1a05c39iqqwKxIocswcOFjd/+c8Ch/U",
-	"Qu70RTS2pK1Q1/FOqjqsuOPYrqLuS6kCaA/eP69rhlAUDc6sFXWFwaHwRxQ0PtGMEVpoWSWDudmkw3uJ",
-	"oxpD7RBIYcWPJZI+BBtlqyaxYjXtWhsqcj0i6YqJnIs5+b//+/+Q4Bgk/8s7tpOJcAdB/YnUWn+KGcVZ",
-	"TjKq8mFC0up9+6yfnX10ZpiaCCo27tvzyBHrn5oruXZ1oAtqrHEmmIazpNJRJgKBMTQaK8AIHFWEUj8y",
-	"OFZs/5Yi/J8T0arK8FiTgXwkDwSxTQ/PIzvFnn4TgdY4FPAHlIChhmElhrwqUVo3V4Ir43wiIq+Qba/V",
-	"GUQuBOHCUsGGnAiJeplT0+haDCeCu7CFYplUdgGstRQ5Ap33ORAebvYg8gEPMGLDsAxYkACRnrrHV1QR",
-	"n2+yPe/5AoJTjzSJXdYEt1NIsoRsrJAwToti4yM75IoXhcaYJuRxDM9cof9QtCMJ9GTorf0L3PNoMHrm",
-	"xmqOY0vRwTmPD8DD0+hLxRDonLjfm8GMFFbepWPDCvcLdncEdeNwbLIz/o2pdnF4gnRHJw6MRfcJybps",
-	"PUtlYUznZOxLpIgD3W/d56lLV3vgIOcDh8j2nNqtMbLtp+xW9sFNVMiIVhpqEHnP5au/1TrAA4N2LbrK",
-	"9swcycFDeJZDdrRaevp2J+h+mH6L9dQRr9kRprGs4Xdia03iQM0B+k4jX6tL4anPG6UkqD3YKZaArTik",
-	"AiuexLmqnp0cwB8C1RHyGyt601YJrQ21YuVeClH9aNihEVXH0rFUoigquG3arFYFbzNpfqCFZhWgGskQ",
-	"LWNnrp5Fh/6SZgsuWIhscgOucUMLwJnK0pzK2ak9n5WraZJgyQd0/NfO75MIUIQnfxJhjLxdAdtIQYub",
-	"o5jfjsDfBYUyU3J5IOKzb9WbmN8Pe8fTyv6ItNxv+MAM4dEkbP9ekCTcFbHtHGqX1934u8MrJGNbrUOq",
-	"br/peSPMZVSYwj2EZaTTtsIFfc+HzCFAdmaohTINX5JdaV0A2WnRCd7OZs5IwVz+MOz6xQC98QJR1lmL",
-	"48U11+3a27pvqx3anMZFHlJy8uzpiyGqk1FVh5ScPB9/O0RRcy3kWrj7wSZi5wVhCEFM0HqFQnBUkzS6",
-	"bagLdrzn9oNgP7ZUaeOmYAdkWF6Qj+9fE0GXdrjRpWVQpmH/we3EO/Yax74sHXVwBOhj90xB2qkuPlzl",
-	"87YZvQ8o88MLT6MjQ7d562LEfQPgbg1UHVIz+ihz+z1jQho43iD43avZneX+Yu+Sn2TH4kmR8YJT031z",
-	"TisIwXUH5vqKukFvT92flb2zITtOhSXXS2qyBet/5VB9bj+7BtqEGR6Jd0A7ech3fF76JauNef/ah/Ed",
-	"TMQ5n82Y5Y8W8eJUBHA0k1NSyIwWUw9Q70G58QsHGS53RtHX6bg+4FrbtYnvX9+75Rd78t1WEv7OlCSW",
-	"SMh4PH5yCv+/HI/P4P//Hd/Sc/Ls6dPhQRnBTDWSMPyVPLtuO0IibnBpQZcrDFQJuXZlUOvZy6Y2l7sO",
-	"ey9ftG/QHyUr2WvTpqH1UZlcAx+u+aqH4lRVg+qIDvhT3ZtbCpsHeXrNV6s+9lbUSWhyx9zvmPVeFFMs",
-	"0tIGKp7J1oTZC6sEuSmhgQUOYobAXqxctaQbrKOoGM0WLPceBggjwPUoT5+RhSyVJnQuMTQA3U39GnSY",
-	"WdWy1OX3gTS+pLev8dUnPpff/91yr1z3orcntIf9bgPq2uVC29alFhMfE5AKVE8u5qGWW0+9QMFAdHuy",
-	"DUmjRUsTvB2MKVJ9Cw4sj+YHw/kcAwOpJ5AUUzPtR7/lcL0EfHFCrbWuDYG1JFebqOlhbzMhZuKWo9Uz",
-	"zvY9CHTpskKbg8PbezeEKnYXRaiFa6uV3sGKQYq05mJQ4fwba+qVNewmTgUX0iBfWpEnp7JwhfQi/mj1",
-	"gCKXBQ9X0/3CpzdM+ZsN99r31Bi2XJkO+6RDhyioNq6eXp8+dmc1QEDdDeNe4PmVkhnT+p4Q/JD/cIiP",
-	"px+OMdq4CsvoDb3+pXAqDLzfuxqYPZ5AGwFHozgC2iImxn8Q4mJ7WWunsksGjOjDCisoZlgL1K2ouu7i",
-	"uO1aVu24jpVzau0IKxRU1Grgg7EY+4ZDRUUsodNRfl53RKUDEq/pbzalJicpzQy/YRDMszycl/DZQ5DS",
-	"hIxGo+EdYXutiTO7d7j5QkTcsJT9nP+dpcZ2Fwp22kptoaJK2/a08SWbcFR3c9d3EU+Lx761Lt+9nfZQ",
-	"SOyv3lo8pHRwSJHuJQqgH1j412JVmsM1sHhSO9KhQ2G09vM3dSTjLJP0jEQwF+1iPng6n1Dy7PZ2OCKp",
-	"O4DTM8KNnggr57WhyxXqGC5ZIJdr3xbNMrYympx8+5zkdKMTUjCNnh+r8GKsfSJc+WLpMxUIN0PvdOS+",
-	"usIVqxIZqvLuFOD0IVFOlobOIfThMzYwS9fVYfClFgyhzZLXo4n4AQGDDsFj1fYV1ZqcPL+9TcCSk6XR",
-	"CQFvKrZk9ZLTghnDVFBmJgKThrki4FPlBg1AxKtgBgbAhMLiQR3YaPXqwIn6PkVaUJsIDpveAajbqcb0",
-	"sQ7rVLXfAKzrQAf4psLy9FcvoP7BXdwjNfvSm9nYWjyQmiqRoRoRzW8nE3ZK2ui+ARCrEUm56oAczznt",
-	"wEWObvGyUUt1doOpASgSaM/6zlf91KmnRfJGpUyPI28jOXjgjdp7/Hd1sty6nPqPkvlrAE0V83ep3QmJ",
-	"jLiowsb59h5EdfLvStv1sX2P5deJkOvzMAwnPYkssCL2c7LkojRME7pgNMcM8D6+s98d6gell7JGIlhe",
-	"6/6etMBkTUKG2FFChBSnoZiUKJdXTAUwFayIL1MS17FuuMRkiVXHXefYyh6nZpNtIwLYTX1H0O6rxpoG",
-	"y9dV8atxdHljjhkzPdj1h9oAAvvKVcEzatASQ7KM6+AfzSW4tTWHnon3rx7bUueH5lO/E7QoepR0bhy7",
-	"n5I2b0rk9bHsbv/aLgYG/Ts16p6VCw84+Pe2tqSbKza18rW1SuglVNNX2qCEcy7WLs+qleyyNPZwpEKv",
-	"mSKaQuhaS6vMOlUOcUfPb2+H5wC2RSdui1cWIcGCsVyTFDxP6d2vE92B0TiWh6efmwVIKpJX/yh9a7cY",
-	"j7WvNo/OHvgMTPI1lGvrrLjqpVKHTowSSXf6r9eQtFxNCer5ObAUGFJXG0IF3AKPvHkOaFUHAl+C0oe5",
-	"tO3B3iAqOyRUEJ8dvwZv+IFHmVuvL3ss0Dahrtulut7jM44pMgboBeR4MyIwiGTZAOVqt1UEBc704ZHg",
-	"OwTb+y93VHrtmCH0Ok/FgXQ3vrbl/08oGtiJ7jq0JvoOzcGjm+9X9rYxZ4eq3VESGyf4Hopzdc9PTyN8",
-	"Ro94k7zeWYbo0OYcVKk/CdW3rRVV5rE8ehfkBIJcaE6KCpdTFQH2ZRmqkph6Iqq6DFbEbtXK2GDiE+ai",
-	"uVtv5BosEGkInYgrOLnP8NlcwtdL21Iqr1MClt+IvKFqXpXqAedIX6yKBzHtk2LyOjqJqi1r2cVoh+pL",
-	"u01x9ihmWam42XywQwqhp59YS7moqAgZbIXO5IqR1JU/Tu26p1DdM02IGwyEF40mH/52cfr0+XdkQfXC",
-	"HiKwAECOjCosn4gjWxizgopE2kqdawZeeHzoB0+a//Hr5SDZHluoW/Yfv16Sk799sP1JRd7bD8Nzkury",
-	"KoVMprjuKc97DOcL1BebtSAtMBXHnqfE2rng8LjiRQGqHK4L4VDPF2vjovp3RlaKQeadI92JcDeve6eh",
-	"UxNDErG1qX15Vn9rJNd4A7cUKHMnwsPbdQSMd4XbXIACIfJUKX4DF0tB8Tdw5KCbZyKqUiyKFZxeFZvI",
-	"nfBXNzU4FPRoIiYCbhWA4lXrBVMsIakW9JpNM6pZGjCp2C8X3p6uJWA4vp6I1x/eRvUKA0RfByscnZzw",
-	"1fsfXpJvv/32BQzim2/AJNTffANGewrg5QwAQI8dM/zldy1FivcevHj2/F+HrluijeUOklpzJx1NxBZ0",
-	"1m7vs/G4WkQfe8+osNLgigU/hbupziiamYmA28JOlrSwQpXlxC5VQii5onl1mYIlUUs6TCEA9tnTp9gT",
-	"hVbt2Cx15BtiJdE1VP4tC3ZOUkQE//YphQCTJlZOEVmHA1v+i+99cKv1AbQ5YtitGX3zDblkty6RBOkZ",
-	"lD1NTqDdhMDNgzrxdfqSifAldBPnHIwgCwmJroGDUrBDsnQ3KHy8/OH034Lt88vHNxMB16e5LyB7i+dc",
-	"sQx9bIQtr1huZ5MQecOU4q5gIdfSmjy41rLQE3Hy8S9Px08vTuGfVwmx/373Hfz53YthEoAu1wxmDQdE",
-	"QYEkneo7EZiEAJYVOjWd0gvOqyVV1xqaHbvmxz/AWD7+Zfzdk5d4BWlRQM0cXOSL0izssiAdfvONbTG9",
-	"cJftwXdn5K8gb8ikHI+/zaDeInxk6YhcuPqLrj69YpY5pTnVzNIO1tNWmJtJm8IPZd2/x2IuAVsUpIGR",
-	"ZbaYYO7TWlS3Np4TKjZ4kTeU6cOW94j8iXAyn5zAv9BNLlEkYGNeEC7pZujW5nVFI5YA3739cOmCGmgu",
-	"Wa5YyhtGtFwybAXV+IlIo3dPf2KbdEQ+0CWDMYKYhII3lmGc+9RayUQxu93+0juljSU9MLwROhMaNafv",
-	"4VGWnxGr1KXn2GJYAko8ABFvSiFcT4Tl2rT9YsR0RN6C/5tLAWEUa1pZ5rmiupZnNBEnrop54qrBB/YC",
-	"83DoXQXU0r3PVggmjWV1Z36Qmd2XMNXzcI9wKM3pGcK+oIn0iZKJ68IKvBdWFHbd6JiOyE9sQ/SKZkyf",
-	"ka2qoY80VoEGF6pxdUlPVkxV1JYQLVGrQl9vJovC8ne4j8Gqakzkj/S5K4548e71RNh9gBxlDQsJI4CM",
-	"ZB8FthTqerf9OY/5GYk7n4jo7h6zgGic3UoUpFB8ESpf+g4gpyLeixG5mAh/DgDdujxwJzpdIhTMEZIi",
-	"7K5wU00u0JQqhba8iEkLjj3ecG3sYQYqawppElBqBD3vz8eWmW/J8/EYzwzQiekfJVbW1FKlMP5A4uln",
-	"FNaRd/ZLek7S6G845eCmVldQuKDawMVGqM66BAdUeAbJIECTBk9G49EYzIwVE3TFB2eDb0fj0begmpoF",
-	"aJSPF4wWZvH3wdnnL8ng8ZIZxTPt/gJHhP8pFIhXNRgvWsVSdzjeXEyXazIrJB5tEt39IQ5xQh32laRG",
-	"wmyzgJKdCCHXyCvDc0w2Z1QV3J8Gdj1w9xWzIgLLRYMclwJo3EAt1FAe5uPlS5LTDbmSpcgpXvLgkuax",
-	"HcAyazxZcJMeaZJaMzjFMxEG6Vr20wuQe9gR6YXK6xwTCqhhDVx/yNf5q8w36FyHbNqQ3udUpN9duhqa",
-	"JYcB7D2U9UvdYHGOXMX0SgqNdsXT8fiBBoG977jeOFd8ZkZo9AMTdbUfBvw42KuAh3E3+Axe4h5EFQtx",
-	"Q4GxA2YHNTv0c+O7HFxOhs41uKQsiVt77PYUGOoUv8BVq7EBxtZPKwTHnMHY67tv5UWEnsKbdZ2CqcF1",
-	"b1sf/FEytfGJNmeVt7Lfkreg3rquvqs6f/zGCq9BjwdfYtToy6cHpJomZK6FbC7wNjc5c9qfw6geg3ac",
-	"1h2nb8O9NuvgOrg/iTz+7BFWXx6jzgOSs4UYrHCuaCHgsppMHFPHYfeOfUo6JHala51HRimbzVjm1G5e",
-	"FGReUkj6vcKK6C5j+TVQgTPb60yAeluMY/w6lNRGRZcBmgTJkMRBFqGU1/0J6R22BsbrFkmhInEnSgJR",
-	"1kfWVD74hxE1tcjPP5uQaQTud8qYCFtzFBHzMWrPco7Hi0Kpfgi+InBHD+9NII9dPLJbM/sZytfEQH+f",
-	"Q+ELK6XkRCqSNqMm6TAhPoJm1WzNTELykhEh12cV7E+Dvo5lfRpJE8qZDNC5FGwi6hkSzrYbkQuxiYPS",
-	"GCqrAd9QGnGhec7QqLoDgpB4AGFwsAGCMKMC3UeYVJBASWOGv5Kcs5zI2Yi8aaRHJKgisttVQblgeSM/",
-	"5MyvjiwN3M0O9okb9ElASA7P4ZL5Q/KB2iLTVuttzxJK6ykQdlO94921l7O8XDFr/lS7hy4KKKGMd45V",
-	"jVpLh1hqEHmFuATrjuUTYdY8Y2do6kYDrtsRaC9BCzg8RwiwMz7ADkFPKjZrujn3tfmFia68EdLn0qQ+",
-	"9yMdtmnlLsekLi4fRiev5ZV9dWU8TrBqEXhQ2mlNdUTp4Phzt50oqwC5DJujKFp2f2GDYvl6j4MRbyvr",
-	"PBIxwPVa3FDFqd/kB1rrWoiwQ/PA233ICRRAwOxPq2Bau9aHhs6JZhjDGh5jxa05toQqLK56BrIrMqOP",
-	"UGGoDd36EJmAgkGH7IZLvujciB+ZeekeecAt8F10rL7PECkktforVqJR9yFsF6ID7coH5377ZNWdKEz2",
-	"2yer1VRbAjznDhiMLkWL7RfyU1hZ5yE8dZf47HC4/Kq4YfUbiKiujnTIPXSXALnHGtGsiXA1cUfkZVWn",
-	"yZUv87XMIMhLSbqUOft3109K3OgwBAHmN9Q7Cw/GiRfhaSgV2LjVyDvDJwKyc5q+cPDDvaLZonKh2zdg",
-	"IwklrnCJR4/KWfCw2qGgy2kiTtLLizdv/mv68m+vXv709uPl9P3F5avpm9c/v75ME+K9eU/GCaGZklaf",
-	"R0XDAAPZ83lFtbG8a4KbCIJRT180C6igdlMrcUJ+9WG1LY95UpUbdmpWw29JTsBpaWnXcunQaRxY1HIT",
-	"XdKAiDffSMObTObM7PckO3qJWsOJwnVlPjWB5ptur5enK0dV2xbJHqMgWp6f2ObtCoNPzkg4/lndGC7O",
-	"od+R/eShBtEmy3BgYGhjgBIG0RIo6erLvVWtrwlvuO6+mjD84Bi3GVfHMqZeYrsSeEFIuqciKenxF48/",
-	"R2CjLzvPowoJ9nAHku+j60QK+elfd9XfQ1icRGC4sLR+IQefvhzKrvGNep+SgcvMaKPdJtZjBmaVT8tk",
-	"t1wbcvJ0/GRozRlM0/MRQlbkeiLm/IYJ+8h4OCJQGcslq1vasSadS6MCLOiI+Iy1iDbSiSi4uMYYre3Q",
-	"StdGYldSr+KJZobDZ4IZJgU7hxiRPYMc5MBnNIKY1My0icePK81UnQIfQJy55rGzr2167CJ9l6QJVH9U",
-	"2bmjzyA0jxBqCJFwJM39nLRbSj2Oqt91Sau/ukcecMd8Fx2yyg3ya4uqD1Z9BSBQFkpzraE6hr9hPCy4",
-	"q2d6T8G1Z69cL4/9vebbTvwDpWSrKv+9omssaVbdQY/yB2+r0ERLKZg2kZKGtxKOyC/sBkAzN0zBtfdn",
-	"LrgtJZmxNaDV6gvaUGLHTwFr1VJdkWRUYcTcRGUZU0cZaasiiMv0MtSavY8G+HCaH47yH+SlCb13eWnc",
-	"Aw+o8T0bP90xnRip139aFe9vTegXe8oLgEtukeNR/EwrcEUGotsWET25HOE+D8Tk/XWhDTPbYbUf7dj+",
-	"5IwFYzyIrZ4cu+8upvoRi0v/2ayoQMMwviCjT1ZKLiUixJZUlLQgNP+91GbJhBneh8QjoNvu2CKS2mX8",
-	"+KFU96cKB75h+Zyp/aHAAp7ztUe/tv5zGW7icAPpBCZ8Hf3H+4x3k4p7451/+J+aUOKbs3ZSil+br00j",
-	"taI7fhCddBJ28GEJBSI8EZU0qiiVSx0XZfHF+yD65MCyVbQ81ESpIsB6Ik58EBnhrN7+H47I9wEE5iOu",
-	"Rb6FGYTLcBA0SLxH+P2ry1e/XL5++8v044eLH19NX/3nq18uP6RD6OCarcCjnlMOYG1DCz0RUhQbgJMi",
-	"1tbf0OPCultwRfRUu4ccHBGj19VoMLpbReW5ri64ozF+cUNOEJsIYdJa83B5EN0kCFisrvupOhfs1gzP",
-	"I+3/kZ4I11wX0tHSnAfeVyZDwM2uF8wj9jGza8HIqlRzRhZUE1WKNhMh8sVBPLYfcMVn+7aCoPbXrrQc",
-	"1QA/iawoNb9xq3Qe4gDfjrGEhqsqZJelWTYjbaubkbZWb22bi8uyrKbSL29zK6v41s+Aibwav5DrI48X",
-	"0kEPHO2DA3tckm6b9wIxvV9ZKL+RGS1qqGKAg7jcIoBR4GYoKuZxvBUF53GE8xZkrFnxvyjk2hocV1ix",
-	"qqp6z264LDUcbY90A5FONUmpC2ZdTMRKFgWKOGe4aOlSB5Zca6ZDfasE/nH5WpEeORGZXC658feHQ77P",
-	"WVXjk65WjKpQ6mrGfPoc+FgBUDQRUYP+7p2yyO1MMpa7O840mXHB9cKKsC2QPS3WdKMnQjNzjmE3+xLE",
-	"PqnWsEg0u26TYFbl6QLdbTvS6h07YVxb8HMi7WoY6eOaLgWLzbkQ7tbRNr6EPemSiU+tTGyRIf00sYdk",
-	"356QvOOB8ewuyNLAIUquSs0F09rRmiWuxPnStlQnXzPP21ZelXr8uUo/3xl08lenPry22uXGDXdQ/UMi",
-	"Th6XAB5J8D2Gi47Iglum2/TUVFug0rVbs3qBpb97thcr7Xa6icBt9+gAMCFU0fGp1lIEGAMgnbSpEhIA",
-	"KABJMFgEayJqVbAgfnXuTgpEPu6t7DURUNrLvgV3s+CRMxyRC1dvI8CuFCMoeO2X/qaWoNkhtKDKp6iy",
-	"jZ0ctuJwroCJSoH6tVPTEVfgkIMpYDZiZKEr9RFnp3qkBeiakB9UVVQTcEmvPVkmAhBIqM6Axhkhq8kJ",
-	"fBPX464CebAGCa4nTiys6DCpbr5F1LZUQW+Prx67oiZbJHBUTEQa5oHasn9VZAxvwKyqunSUdHEoT7w8",
-	"yycuto/Yjqgarx+BL47iUCaZzFmMt52G388CfAROG2oCjU6EG7e/9BORHpBfB3etniMmkxu3xdRaldHk",
-	"7Fz9RELtJJKGwabEXbnh7A+3SCwG1GJBy2QirBGFq4zl8kL+cTD6KmAu1sSkGpEobafyazFnexDxfy78",
-	"SVRGtper9Olxe67VOurI28KNdpV4tuvd/2mdqQjLdNr4yRMry56Mx2MnCYct2neL3H/8uaL7nad8RXOD",
-	"r5LOEBIyutNdjqE2Oa9KSF6wmrpgMZS3jxXTcnDXinr1Orh7GPhwcq/Z1ULKa+1ysQZnn3epMFZjYerG",
-	"j7RUxeBs8Bj43U3rsx9yFd23io//0uNPo688VCn6Lqg18XPOeRt9hSsYfeG0j+gbROJuewJe0qLAswaP",
-	"3XPwxqwi58+cCYbFCnDGUIu74O52Ute8X72WHv4GecNQeiJH9RmUBZnBiaFurJQPWQ7b3UWdBO7R1mz9",
-	"fwEAAP//",
+	"5L37chs5lif8Kgh+E2GyOkXTt5qxFB3fqlx2laddZYctd+1M0auEmKCIUhJgAUjRbK//3QfYR9wn2cA5",
+	"ABKZzCSTF9nu2YnpKEvKROJycO7ndz71JnK+kIIJo3unn3ozRjOm4J8vMzZfSMOEecsWOV2xzP42Y3qi",
+	"+MJwKXqnvdSogqVkOWOCmBnXhAq9ZIpwTcyMEQUvEjklVBBGVc6ZIor9WTBtyJKbGTyl6ZyRG7Ya9pKe",
+	"nszYnNoPmdWC9U57V1LmjIre589J7y0zanU+NUytz+S1IJQ8fviUSEWejB4RM6OG3Ai51ISbU7KcyZwR",
+	"zSZSZJoYSZaUG3LFplIxYtSKi+uxoNeUC9IPcxLF/IopQnExCyWvcja/p0mq7EQuqZ3JpRszHQzHorKA",
+	"ORd8Xsx7pw8SvxguDLtmqvfZrmZBFZ0z43b7WaG0bFjXxYyRVLCP5nICT6R2N3E67JbLQpMFvWZ267h9",
+	"/M+CqVUv6Qk6tx/Ed6rToh9fMXFtZr3Th6NRmJo2iotr2OZnhTZyztTLH5unM6F5ztQ9TeRSEJ6RqVSE",
+	"G00KzVSYyIKaWTwPHPKSZ72kZymAK0tPlnziyf2LYtPeae//u19S5X38q74fTcvO8meZZzjDhu/NZJ5t",
+	"+1a0Ed8/Tuxx+R8fNO1KuA6T1d/YKnwXL0z55eixE/tcxxk8fPJk1ym8hjOh+Q5T2f/Tr/icm/ClGpXl",
+	"8Md4+IxNaZGb3umTUWK/hRfhiaW3bddCMb2QQjO4FW/wztl/TqSwvMj+ky4WOZ9Qu/z77lb+5Q9t6fNT",
+	"R1ry48IXqxR+LghTSirSf/viGXn6+Mm/+ptPMmYoz/XAEnnEKIEtnQS+1PRd9/T9iIN9hm+7Cdn3zrM/",
+	"Cm3mwG+BQ8JSs4zjMb9RcsGU4XZjpjTXLOktol996tG5LHB/qgv6VYqTfzAlz8hCam74LSM0yzSZKJZx",
+	"oxMi2DWFXys2l7cMuN3crnEq1ZwaPKDvH/eik3wwiv4vOtOT2h+EhAkxYf/4++jD5/UzT3rs44Irpi9p",
+	"w+RfSEVoPHG/R6codCzfcQshOA7pyzk3hmWnRLBbpgaVlWTUsBPD56y3RuVJb84MzajZSj2/+OeAXKmj",
+	"vF2vVMkXfvdnF4b7EF6QV3+wibFfiulDw+X61EoBaye3vutXNKdiwjo+fa2oMJajNkoE+GvzOVlaY5k9",
+	"A1HkOb3KmeeDa9tvFBWaTuy47kubN632fFLuol9b0zb+UK67tnu3lLsJ1tf4m1Um5nRFrhjRC7sqqciM",
+	"5RkRcnlKUvc9coK/PCELJjIurtPGW7TxLBo+bKW9F6BW5upTUgichid9OSWFQPrP8DQ06VtyzYqcZUQK",
+	"pgkXk7zIWDYgVGRkaUe2m3fLiJWWmtwwtug431ic7yC1HRnp9XX+hFMGldCvKWdTkxAuSKbokkiVOe3C",
+	"sLne9lUY710xn1O16pVMhypF4Wd7TC27ve+e5HJ56c7x0swU03aEjrcL9Ds4vlXTrEC5ZkRLe47mBB7k",
+	"4jrsFOi6QsKcYcqeF7ayvq13MZrR5Qa20jJOtDR3E9aX9awkXUewy5nUjKRsOmVwBpfUpNaS0IbnOaFW",
+	"hnY6ixqbqOqe/qo5GignmEQMIBBq27FuYCznTYy5unsbhVArL7CM1jMaMD2AKHKqDclZds0UYcKoFaHA",
+	"nZxpk1KT3u2l3rjbdBs3fkYXplDsuBrPa68A0Dz35pI9tiEZAfvONBHSzLi43k/LGTXSXMPaDM3l9To5",
+	"4L29XNDJDfzciaXhfXlDJzdNDG2RU9F9rDe5tagbRlEyKyZmh4HwhfWx6lQRrzj6jp94I2nM2OTmUMLY",
+	"/XAfbGUobvQNc25Rz/JcLhu9KIHzkHExGj1ifyX4Dbi6dUdIspueV1FrjqwX1jfGLbBBE4vn0bpxsjDv",
+	"mNYc9enanXEPXGp8ollDrBsT3Vjugq6sqto2ZKHy7cpoNEbSOFkcpzLBDhvxTDFq2I7kP7Fbnl+6eVcc",
+	"Po//bYthcoByZznGOnGfkwnyQcJBfO/idkl6fxZUGG5WFafCg7rN/l44TcJyejuNITkn/lWnV5RW4oSx",
+	"zMlOdc20GQu0X/oPEssKov8NEitK8f2F4hPm3taoPr8zii/YWExmMJDVVaVgxJEC6T99mjzF/5E5F1KR",
+	"ws5zkFilRrFpoVkGKu9YPH74kKRc3NKcZ5fOQZp6GU7FCoSVfW2prGgT6GvcyNw2s7Skp4vJhGm9H5Vs",
+	"FPpAB9UPJDFNNpK9FLqYs2+C3X/rjoCwV8f1AlSvlNNmieLXMxP0Ta7JBL/eUan8MjZ9pBsdth2OSXR9",
+	"ulCKiclqsyCCKMFcCjNrMHx/lksyp2JFJjRnIqOK4JPkShZ24z3X0oauUHcFNaH/4CEpRM60HgsIBtDJ",
+	"DdF0pYk0M6aWXLPBkIDleCUhzAKxmWws0uq8fPSCUMWIteYSdDe4z4IHzRuTwHO2W3yNH2heeS7F9eaV",
+	"JhBdoLhAsHM1M5rQsZjyjywjWaHAD0wUtQu3j4j6XrYwy+0radEH0Ou9jZKBeuHRiIgDxZSk1k7PGj1+",
+	"LPvRsaJu1s87fi2s8RN7e1nW6u7N2t29hzoNa5rE2kYewam4NmbJhg/2L1al2nbOtJlpV4/0+S1rOrtz",
+	"QewRU2OJ3j0KF9J9IyGMA50vKYRLqxTRRWQ1kVaw3oKn3lPn0E8iWlMb57Z/TXAOGzbAGfxtNH2HxorV",
+	"QfDbRyJfH2Rs+ptiOaO686fWSbMh7IqCF708Z4ReaXsTIArivBlkSTXxi2y4HRvpuwyZhm2KlrGDJVc9",
+	"5zZCR2clE5Y1XTmGb5eQ+q9DoDsO71CREZyPfQ7TC7Q56BZUiHHDLQg7cqxb8Bxd9dsY+xfnyPtYzzEX",
+	"PzLPDUN3Y7/bTOvK3rcQJsQA7D3K2dRA5ooTRC66chC9xce+gdzcp45LbVxcN5PbF6cJxeaUCxcUOMyb",
+	"HxFIOepOhMDFdSuLwoNfC0o5UsBwFRckvTh/9eo/Lp+9ff7jy4t3l8//+5uXb1/++tPlr68vXj57np4R",
+	"YNTSWlMLpnDUw8nIn+c2OrI7cixCgrDasdlWlyhH2LNOUt6wa4mRNL8jCwo0slByLl3WzIftrq/1qxCF",
+	"ploCdZSUYVeknys2kXOmS5smyG5r2gSzJ9h2FGmle9rCpvyJX4s8r3wHY4WxWbd3jHDjJa/6VNfP2DvJ",
+	"YD7OBJSKKGYKJZzS6+Zc2S/Pjs1M2ZfgufM3LxttgYXiUgXnYTyDH0NI+ZTk0mUsYkh9yhVqFeuUtcG2",
+	"0LJQk8olXBRqMqPa7qRm6paDhMq4XhSGXS4rVoIbJul9PLFvn9xSZQ1HbYdZv3nv4FNvyuHbHnkXPtv2",
+	"xI84nd/sbL60sHY7Fna1QsfR2UUXejtnamHlPta8ZMqbw31K/AklbURl/7CUgrhTu6cdeQ4O4t4xE93A",
+	"vK/xsaPx7p9ZfgzGfccW2h3oIpvNtJYb3dFUqrtra0S8o81kj2izvaSY5SWlN+csdg5YHlaIyYyKa5Yl",
+	"pIwqpmTK8vwgog3Us4FiIaHiaOQq82yjlfStE9YO9n9HYouM8UYq67abmwlsQbVmGdjdpafYpKDqysIQ",
+	"6v0LKKxhQmcVMx14rJ/qYTRXI4FNpGc36dhm0yu5dFGQL0GBu+WMdcxx2pyxtLbOFtqIdXLLScgVy+Wy",
+	"kpd4z2qW7lt1g2dK8zwhWFwhRb6K9Ho/qjW4r+jkxiUv0St5ywg/zEqqHd8G6olyvI5GPG/dDfgqfs4v",
+	"5bjcnXHtKBH9Lm5mWpZ6/DeIFL7C6AzyvyouRKv+hVwboMiDSKxyyBsILGzA8ajrVt7sGhjyWrChN0zA",
+	"dfsqUZ9M0aXeEPLRJHXZT2RC54xMlZyfETZfQCpHzdsNa+mcFvwK8iSt8deU/bY5HOUM1ns62A043aon",
+	"nhsyo5oIKdhwj1SjTRbmTCpjWemGVNoly5CNXllRnStGM3StmzsK11dvfCUHqt0GLFfiiWG3GJoj/lae",
+	"oNi0EBnIEW+6ESPlTWADnvQPuPfl9dt47eGxo936v0ueHXbphVx+9UjvYSHb9Yt5K3m2LShWWf2eTo29",
+	"4r14ZNs8zFTDKlhG+pGrjvqE/oULRLhn8CXgjagziQy1bvz7Yd6JiMY2UDZ+6QiE7Ta7MUeaGpbtZJCx",
+	"OeXAHre6LndNbexe3LE9q2Sf5DKfcrJ1YRpSEi9r93Hra8Ui23G3m7JdwsqS+Pgqo28iAsx1bb8soQYK",
+	"wtz4cFL32Vm2LwV6cUmhGelT4tNxg6PP/qPQ9JoRZj+2741x84EJt94Y99DQTfh4d6b8bHO6gN+t0tpC",
+	"19CQvOAsz7TVVTLJoBaCzOgtQ/UYOOj6hoS79QXv0nHvTse7sgudbzoerE3fnAu6oMYwZU/sf/x+fvKf",
+	"9OQfo5Onl8PT/3by4S//0sTh/ODv8UZtvSr3NJniYbsafUxZLonDeQu/xAVwXOB4F+D9QjO1a65woOPo",
+	"ZJ48eNiw1610Wt3sN0ydhO0Mz0GsKm1wMKSkPyKmUAJBJYQ0fMKInE7hDcywdaMNhsRVMtnTszzcFfeh",
+	"40Upq+rc0rxgZ4SSaA4hwjejUPtp+aB7S4opvy4Uy4jLpt+7AupuBd3W02m+vPXrFl2wSaEvy0vWeL+a",
+	"irieKyXVM5lVaLqWqW9FnKCFmUnF/wFujqlUVzzLGGTMSnM5lYWA1Coppjmf2Dd4ic5wecNWl4oV6CKp",
+	"/4GLy2nOr2fwktDFdMon3JpZPoMUDK9c0uzSSHkJRQ1WN6WGXQIyA4tts4WStzxj6hJADnDmUd2jPT4l",
+	"aI7zEIZPOVOXYdpNQfMWJvRaMHJVaC6Y1ihmhyS1L6eYqAwVFDO6WDDBMleSzCczglQxFqkliZRMZZ7L",
+	"pUZUllQK9nqaov8xITdshdljOO5gSGAu6OeRIl+N8RpAxC8h1i5nS2KfBX7ofvYM0mrY9m/3NMFvn4EG",
+	"rs1Y6Bvurh2+bGfLr4VU7lpN1wXqjTU2yC9SsBXhmnAxFlENiK9V8fnA5IppnjHCTVJxVrnb5FKYM243",
+	"eM4FNQgVM6eLhcujWUvY7Jb/iYeXrGe6dUucq7/uXfCd0qAaX4bldMp+qb/uA6adoq/1l7EgfGsIbO21",
+	"OO7QOZpRHyX2P3f1adfHKP22nTyW66+jq6KT36P+srMGuxiW4dW6WrxFxajYBsm6UrHl9Yq+FJjh0Kdj",
+	"5FKb1hJXfNalSryS2rSNsgS+12GQ36RoGSPrNsDaQqaU51tffgEP1V9Fb9nWl9+6x+qvQ5UX2/7+O/+c",
+	"H0AXV0FcbDvGd9GztaMEM26YMdr68nv7xI+Mulc+B41w9SvCF4FE+5z0QLj0Tn/vpvRWKPJz0u2lyuS3",
+	"vdS8cx3fig+74yvVI+74UpUid3sp3IPdXivv4Lb3Wulm63k1CIuO79RZdMfXqlJtl5d2nF+Fh3d8pxR9",
+	"HV+o6gedZxbLpq5Tq4vVju/F4qjjK1WdadtLdbbzITmCh3NXv15broGz0RtS371Gfma1Wc1yNjGo4+K6",
+	"rOKK2vGwm08wNuYrbsEmyx626g29bkBn8oZkpzhf4PT1EF8EpNhgyVOtrVGQgscsJUZae9lwYQ3skFjl",
+	"wS4ZAC9a3R5Ck9u3w21BPIWmPQDnHFidDZsAAHTN+bYSTLf1Vf37u9e/EvdXxLT7/unowcCaFtJV0SAe",
+	"55XMVlDvDn4JOmdoEgWYyu0r9HNI/ESb1gc89Rup845TxQO6QCVLPNk1hXxzivg5mRaQPWUvuK/vR7s3",
+	"LrsF+3Vp7eKrwoA5GZX+6plcCqBTjzI2OCMO847MGRX6uCnkvxSWOKwtirYuLKD+RTC07xZpr5rNHeFL",
+	"7p7a3YKTMNqc9H3Xdf3uZnxxbL8DCibq1L5fIUGH5MsDixEi0rkDjILNQeKumewVzLoDYQwOKIHZJ+56",
+	"lLKY/QtRjkE/zYiAmPijIP6ehgqzdG+QwE7FMlvn2l7X8mqHWpZdivDiApcadlXk/UhPo9wFBMWBBAVI",
+	"vrH/Ssr6nqBF+QydJdVkKUVS4oIj/KB3lfoKDbYq08KGsXzeud6mUV+NGHVZT+igAkPJStOV3qrc/uzC",
+	"Rwfd690K2A+3MLpm7wWg0krKCqOTmY+47wfkuTljD8rH71r0dDWqDgMNOhRBQBtqCt2IKBExK7Kg2lQz",
+	"+y2zAI3S/TZLIVoTsPGt6bdkbAHI/ROpIM4RXzwcvhU3oD0rv0nybjmwphtbQ5wMWYa4IVFpTpSe4tMO",
+	"N03ZVVd0uNXPvA/7a1VW1dHQvKl6tXJJZKdVEGFEVJVLF4T2fvxuMuzYpTIl5dYoaivDbqjDCqe+Vx0W",
+	"OJPQGf5NI5McEXlkffeb7kS3y9vUKgLGuqfr6CWQzbCWphlSlXdjAyUdhOM/DMPE0sER3FAg8bd7oXZb",
+	"bEc3kv32N+Jl8VeRiyoamDPhH30/iptEfD96/G//7Ah9kdZymEzYYNXWprVug7ZP7Lm9g4cBiu3VPqKV",
+	"SyJW3B1qtS1a6wupPGOypsmtvGGQ2xGWhNkUwLQ400lpiGhQZkWwQu68/MSjoTltGu9UAinfYepS1cHS",
+	"HCQ414ReycKQPkIo4PO4nGo1i7e2fFTYjulj074EZtCpm0Mko9Y33dTxrNDX7Lj2aWlJcONNWbfR+4Y8",
+	"brjIYikHq8WMLDuLoDHAxba7Yy8S7GEv6dldbpSBe/kxdzP29ysJegHluUAVjnhPqx7mqErGW+B6Jos8",
+	"g1TgsSiLxMAHPYE/CWkScsUmtNCsqlHOaOYOCm7/WMQ1o5iFdS2ZdpWj2I4GTAu/BMB9BGBHxSaM3yL4",
+	"Y84BAe9qRdKfnl+Q+7cP7tNszsX9W6b4dJXuCe3YZEYAgaw78BxrajYjttgGeN+PoEjEbPsr6RO/RJTe",
+	"rExUkzYbWoutoTYviJHkyYjgA5jKqiGtT5MC/vh4BH4kOjFM6cQ94f72ZDRyvvx4Fk9GzZNn6kIabJZV",
+	"Swi+9b3vuuWfo5xa14b96LsWzeKQfoDEz6fpDFwaRHfJjSo4om8jfjUXpJaGmPocxDQJNj/92FF+44cv",
+	"y+ylNb8QNzOUlFeryCXocIggzrVgwnKhXGpD+qNQJz5hUfkeB9/gYLdZISNhbY1efCq8zHM2gVKShs3x",
+	"Y1yGXQI+OhYep504oPZ7msAJJnb3Qq+dvaFnwxJ8ctanHRZu6McGWqAf/ZLtP/EsoFza8uH6cmAzoHTa",
+	"rTvBI3EjKLaQygBQxHC/Bbbg+W8Vh3v5NEtU55biyBnXAZHqqlhpS4hWVfKNKkArhFYVg87dVDZgQ+8N",
+	"sT+lPC8UuyyVgjphr1xqAq4F8wKH5FxAbdQNWxHFaKYrD/mU8Ht6LCC0PJlYMiJGStLHAwfoI0wTsPom",
+	"NsibyAzV5TnTml6zwdlYUEGYyE4KzRQx0qoQ+D3AfaikfCeEDa+HJPWEMBaOErC0y/4DZ58OyYXvyIkB",
+	"F6iUUFRojtDPsBl6Iz71Vv2Qi1vJJ6xzYo3rddD4h8u6shm1Pym7n7jmJ416Zc5v2dwVHaz3/wgaJHRE",
+	"7DrluJVCBwJe43xtZWYug91yyxrjTYE65NTpmk4FvSpWUJi0nDExFoELi1umPNoxyqr+eUYXYMy8UXzC",
+	"xfUgISzXLBJZHc+8dHJ1ybfEhz9XU1S77nLIhz0oLFFSdwPXen7L1Cq+AHaXGfzSd5WQgiVE5pm9sBgE",
+	"JM8BQIEL0Kl1Z5vVbcpF+FqTAnqc8tHGLhLlfYooOHL0NUGr14Xnup5SyoTorrVXrVYPZINqFmWobirT",
+	"ryhMhwoTH+PsFFtuq6MCrbOTo6kC8hB9u3GTyzOpf6fbJrYWOHrFcJJLS+9WeTyrCDXo8pXGCf7pfkWO",
+	"LSfbUOnYWFVwcLXjWsp0C4ov0nNZjNKu61BDMg7GPJlIDyIQWfVcVSGPIcVrOeN516Yffi6KaSN3Cle7",
+	"1yBD+XIqlbvDbQFn91eSMXuJFaQV8Jyt5RWAjRGyEIjVc+UU1RH76JKLkJiw4xKD/6LDbMG1JjUL044R",
+	"sIKDhUzkLVOkT0vfSFed80BOEJaimTE5a3FElh6beJdnNHMNO4WEth7QqrTzdu4roI/HvMrIUZ14k7W7",
+	"1bRXm8l3G8Hswx9D9cR29riUosoduYNb44KkuHLU1WIXIXoAA8zIMbin514dmGenjJ3deGd2VJFcPe0d",
+	"3/oiYE53qDW02Z/BWvQEiA82QmF9Kc0jOG7rR9Z0HPtcxA0wDGUO3BIcYWxJ4MKfxcwzI3oGnrBp5f6V",
+	"uEXHun5Zx8uXHe3mYRVa871rNaEPwEg7iKScxRHoZQdKiKvtGujAs13Xb0mS1Lk2SD9jk5yDOwQ75IEf",
+	"0ug1h5xXxgZDck4wjE6cNwhjZzhi+JSut7ndm3iiM9xAOq4C9ViEc4SgifeWf6WASa2ocqPsid28Vdrx",
+	"rxMtyZQqcMuCn3lXVzgOc5mxvAkwyKVvur6UIisbbP0/IArv1EJu9UXUjqSpN9zxJFW1tLdFbJdB/7lU",
+	"ofoL3j+raobQhw9k1oJyxLoBALooaNzXjBGaa1mi4LjVpIOD2FHlQm1gSGHHj8WS3rVk2P42Yy5PNvBe",
+	"Q0Wmh6FAi/yf//W/SXAMkv/pHdvJWDhBUH0itdafYkZxlpEJVdkgIWn5vn3Wr84+OjVMjQUVK/fbs8gR",
+	"65+6VnKJDWtITo01zgTTIEtKHWUsMH+HRnOFNAJHFaFlhwyOFft9SxH+x7FoVGV4rMkAEIvPQ7FDD84i",
+	"O8VKv7FAa1wTV6JoTRSG2KpZ2RW3aq4EV8bZWEReITteozOInAvChaWCFekLiXqZU9PoUgzGgruwBaY9",
+	"swyspcgR6LzPgfDwsHuRD7iHERuXhhg4QKSnbvEVlcTnh2wGfDuH4NQ9TWKXNcHjFJLMAYYmIOXRPF/5",
+	"yA654nmuMaYJWAqDUzgcbgIMbxLoydCP9idwz6PB6C83NhAdWYoOznl8AB6+jH6pGFbMJu7v9WBGCjvv",
+	"cOhgh7sFu1uCunE4NtkY/0aMoTg8QdqjEzvGoruEZB1MkaWyMKczMvJpsmJH91u7PHVIOXcc5LzjENkW",
+	"qd0YI2uqpGprQlXNmygzIxppqEbkHbev+lbjBHcM2jXoKusrcyQHD6EsB1g4Nff07STo9nrvBuupJV6z",
+	"IUxjr4Y/ibU9iQM1O+g7NcyUNoWnum7kkpiICB/FrsPlDSlzJftxpba/Tq5AGgLVUXI8NpGnjRxaG2rZ",
+	"ykEKUVU0bNCISrF0LJUoigqumzaLRc6bTJoXNNesrP9DMkTL2Jmrp5HQn9PJjAsWIpvcgGvc0BzyXWVh",
+	"TuT0BIrKHJhrgliX6PivyO9+lFCEkj+Jcoy8XQHHSEGLu0Y2vx6B3ycLZarkfMeMz65wv/F93+0dTyvb",
+	"I9Jyu+EDK4RHk3D8W5Mk31gGv+4caq2xa8m/270pN47VOCUlr3IUXhuKgNoiPPWYzhVzmbFSkRmDIM8S",
+	"25qnTXCO6e4A7W1ZGaZsG33w5yYuG2Uj7ErAyvycbMIqgfShBv3k9XTqDCYEVAzTrqBtpp1zFyIolQYn",
+	"kBuu3c1o1GpbE/sXdn4x0mZK+o8fPh2gahtBa6ak/2T0aIBs70bIpTgly5nM2Vi4wa2ts6TcBFVDrexO",
+	"QDpkgpY0YNtTTdK3dm4n5wBT05JiuLl8poy3NcAhcJOzHWCDzsn7ty+JoHPflnmB1wewMrcrEU7U4Ffj",
+	"OJylo5bbCbrhgaXUG1XXu2v837SityHjfffuvOhU0U2ewzj7v5Zsj9ALvqaii2K53UsnpAFRC4H4TsNu",
+	"7LwQe7r8Ils2T4oJzzlt1kMgv7AxIcJ9DlwHC1ptmR4t3cvtzsg2LRJqzvWcmsmsjH5sZWDVtf3iBmhi",
+	"Ziie98i88unnsez2W1aZ8/a9D/PbmYgzPp0yez8a2ItTV8DpTU5ILic0v/TJ8h0oN35hJyNq74z+Kh1X",
+	"J1wZu7Lw7fu7XzmnJ991JeEfTEkEohqNRg9O4P8vRqNT+P//JC4YYJXu/uOHDwc7oTsxVSsI8UhL7XWW",
+	"nohrtzSn8wUGzYRcuiZLVSQqU1nLvtPeei+aD+jPghXspWnSFruoTG6Adzd80UFxKiG5O1bSKxwe+OkN",
+	"Xyy62H7RR8KQG9a+Z5Fxnl8iaGtTgvNUNmLNnFslyC0JjT1wVjNMMkYYtTldYTMLxehkxjLv7ZgjmAUV",
+	"5OFjMpOF0oReSwxTwOcu/R60mHzltlT59440PqcfX+KrD3zptP+5ztU/b9r0ZpSwcN5NScN2u9DOdqg8",
+	"xMcnpALVk4vrAKjfUS9QMBHdXPhD0mjT0gRaESyYIuVvwZnmKwvAiD/DIEXqCSTFKlX7T3/k0IMfftGn",
+	"hsylNgT2klytoqEHnc2E+BI3iFZ/cdZ7q9O5K5CtT45qBCqiiu2jCDXc2nKnN1zFwEUa60KocL6WJfXK",
+	"Gn4mBnMR0uC9tCxPXsrcdTOI7kejNxZvWfC21V1B/PKWKc07ejWoMWy+MC32SYsOkVNtXFODLt/YXGEB",
+	"wX03jYMS+RdKTpjWB5YDhFqMXfxN3XIqo4Mr8yq9odcd37XMx/dnV0msjxfQRMDRLI6Q+RET41fK/ljf",
+	"1opUdoWJEX1YZgUdJSpBwwVVN203bh3bujnHZOEcbBtCHDkVlQ6bYCzGfurQ1gJxYVuaW7ZhUIWswLrv",
+	"2xSa9FOE+4HAor3DWQH/9ulQaUKGw+FgzxTCxiKezSdcfyEibtjKboGIVujxzd2anLZS2aio3ZmVNh7c",
+	"CWe1X+igjXgaogeNOP0HBxAAHfsHby3u0r8plGt3YgXwHdj4l2JRmN01sHhRG0qzA9p3s/xNHck4yyQ9",
+	"JVHKjXbxJ5TOfUoef/w4GJLUCeD0lHCjx8LyeW3ofIE6hitcyOTSj0UnE7YwmvQfPSEZXemE5Exrh6VR",
+	"KIz7j4XrISV91QThZuCdjtyUTutQVFH22KOQ2h+K9mRh6DWEYXz1CFYMO0wID/tgCK33HRuOxQtMXnTZ",
+	"RFZtX1CtSf/Jx48JWHKyMDoh4E3FkaxecpIzY5gKysxYYAEzVwR8qtygAYi5M1gNAilLYfOgGU+0e9Uk",
+	"juo5RVpQEwsOh96S3LdRjeliHVaparsBWNWBdvBNhe3prl4AFsM+7pGKfenNbBwtnkhFlZigGhGtb+Ml",
+	"bOW0UdNHYKsRSTnIe45yTrtEJ0e3hYCrRAWxB0wNpEWB9qz3blNfpZ4Gzhu1NjkOv4344G5Md5v/rkqW",
+	"dTRC/mfBwKpz965kV7KAXpylERehfZytn0HUrHBf2q5hhSMGGRFyeRam4bgnkTm2JXtC5lwUhmlCZ4xm",
+	"WI3exXf2h8tAQu6lrJEIlteyuyctXLI6IUPsKCFCipMAViWK+RVTIbELdsRDpsTNxGouMVlg6zf3cRxl",
+	"i1Ozfm0jAthMfUfQ7svB6gbLl1Xxy3m0eWOOGTPd2fWH2gAmGRaLnE+oQUsMyTJuRng0l+Da0ewqE+8C",
+	"sJjR7NKfBM3zDi2eamL3Q9LkTYm8Pva625/W8cng+06NOsgDsJPg3zranK6u2KXlr42I7RfQ0lBpgxzO",
+	"uVjbPKuWs8vCWOFIhV4yRTSF0LWWVpl1qhzmQD35+HFwBom/6MRt8MpierJgLNMkBc9Tuj8y/IZ8kWN5",
+	"eLq5WYCkIn71tfStzWw81r6aPDpbUnlgkS8BOq61jYXnSi06MXIk3eq/XkIBdbkkgDZ0iVtgSF2tCBXS",
+	"zHw62BlkzrrMnDmizEJdb3OwN7DKFg4V2GfLX4M3fEdR5vbr8xYLtImp62aurrf4jGOKjJMFQxZ7PSLQ",
+	"i3hZD/lqu1UEYGt690jwHsH27tsdwcAdM4RevVNxIN3Nr2n7/w4Ahq2ZZrs2+tqgOfhM68O6TtTW7DJ8",
+	"N/R5wgW+BaCw9vXpyyg/o0O8Sd5shETadTiXqtSdhKrH1phV5nN59KaUEwhyoTkpyrycsn+Gh4go4Tn1",
+	"WJQYEZbFruF2rLAIC+viXOthuQQLRBpCx+IKJPcpPptJ+PXcjpTKm5SA5Tckr6i6LmGDwDnSNVfFJzFt",
+	"42LyJpJE5ZE1nGJ0QtWtbaQ4yfeEvD4OMvQGQGicWrNI3A0pfmOfoy6Q7LeSZyQHQNHNYOxYseXM1a0M",
+	"yPcAboWd8aORPsLAhdY5VoTj2zgHj9c+2Cd0GsFguxmVmbLrB2PVNzYpFDerd5aMQ7jyb2zV2ErDg+jB",
+	"9dUTuWAkdd1mUntXU0CnTRPiCBhC0kaTdz+fnzx88j2ZUT2zy4JLAyyMUYXwnzizmTELQNTSVlLdMCBK",
+	"fOiF34p//+2il6zPLeDu/ftvF6T/8zv7PanIW/uPwRlJdXEF3T4quL086zCdz4CPN23IzsFSMquDkRmj",
+	"GTjJrnieg/qP+0I4oGQjtDSaDKdkoRhUjjp2NxZXsriemeBodqZFKIKnooQXdkVsM67tcUBWAcjpsfDl",
+	"GToq7HDAgy6ohSUeVCl+Cx3hAbwQnH/oGhyLEkpIsZzTq3wVuaB+cEsDRUIPx2IsoL0igK8tZ0yxhKRa",
+	"0Bt2OaGapSGPGb/LhffBVAqInCwYi5fvXkd4m6HERAfPDTrG4VdvXzwjjx49egqT+O47cCPo774DR08K",
+	"yfcTSBq77xjoX/7QUqTYAPLp4yf/OnCfJdpAW8HUmsjpcCzW0q3t8T4ejcpN9PkaEyqsBLliwbflYL2N",
+	"ohMzFtDmvz+nub3ELCN2qxJCyRXNyq6SmBVPM6Ywafrxw4f4JQqj2rlZ6shWxEqvG0CuLnJ2RlLMIv/9",
+	"QwpBSY3NhmQ1hdzev7gBptutd2ABEMM+muF335EL9tEVQiE9g4GgSR/GTQibU57rxONMJmPhIaAT51CO",
+	"0lwS+8N8IQ2AIt6wlR6Queug+P7ixcm/BXv51/evxsIu2f8CSgd4xhWboNwibH7FMruahMhbphR3gJtc",
+	"S2sm417LXI9F//1fHo4enp/Af54nxP73++/hx++fDpKQHHXDYNWgVOQUSNKZS2OBRTRgjaMj3BlK4PCc",
+	"U3WjYdiRG370Auby/i+j7x88A7qjeQ6YT7jJ54WZ2W1BOvzuOztian8pFf8H/O6U/AD8hoyL0ejRBPBC",
+	"4Z8sHZJzhx/q2oEpZi+nNCeaWdpBOHqFtcW0zvyQ1/01ZnMJ+C+AGxhZTGZjrN1bivDQ4IxQsUL5BzCT",
+	"OPIWlj8WjueTPvwXPpNJZAk4mGeEc7oauL15WdKIJcA3r99duEAYmtj2VszlLSNazhmOgqbfWKTRuyd/",
+	"Y6t0SN7ROYM5ApsEwCZ7YZzL/eFjMiOK2ePGGwqanSU9cNZgulUY1Jy8hUdZdkqsqE/PcMSwBZT4pFVs",
+	"GUu4Hgt7a9OI8C9v2OpSMYh1DslriJlwKSD0Zs1xe3muqK7UyY1FP/RiwB4L4XqBS2Hg3UvU0r2vcAlm",
+	"sL3qzmQlU3suYalnxGPMBmhZfyHsC5pIX+ibuE9YhvfUssLairi4nOb8embSIfkbWxG9oBOmT8ka6u09",
+	"jSjm4HY3Dle3v2CqpLaEaImaOMYHJjLP7f0O7e+ses9Edk+fOXDP8zcvx8KeA9TYa9hImAFU1PvMAUuh",
+	"7uv2ey7Kckrij49F1MTYzCCCa48SGSmAhwJyq/8A1OHEZzEk52Ph5QDQrcMxcKzT6ZGwRiiksafCTbm4",
+	"QFOqENreRSx0cdfjFdfGCjMwc1IorQGoHIzWPBnZy/yRPBmNUGaAHUX/LBAZVkuVwvwDiaefkFlHHv3P",
+	"6RlJo59ByoEe7ACxc6oNdHhGE8gVxaDCY5VLn87WezAcDUdgmi6YoAveO+09Go6Gj8CcMTPQKO/PGM3N",
+	"7B+900+fk979OTOKT7T7CZxX/k+hwYGqpH6jJ0XqFmetywPgmkxziaJNYogoxK761LceTo2E1U5CZvVY",
+	"WL0c7srgDMESGFU599LA7geevmKWRSDcOfBxKYDGDWD5Bnij9xfPSEZX5EoWIqPYOsWBPuA4kP+uUbLg",
+	"Id3TJJ0qOU9RJsIk3ch+eaFMA05EeqbyMkMzgxpWqwUJNV4/yGyFARmoBg/lqU5F+sMZf2jK7laU4Q3O",
+	"z1VLxDn/FdMLKTTaFQ9HozuaBH691s2cqZMg/zLFp2aIjiLXdql5/DDh+8HHATlUritt7xmeQYS4iQcK",
+	"FzvkeaFmh7ERfJeDm9LQaw1uTEvi1h77eAIX6gR/gbtWuQaYj3FSZv1cM5h79fQtv4gy7jRmzlHvHvz9",
+	"U8+O3vuzYNCoE+u4Sg93ty1vyJT8nDS/Un78/ivLvHodHnyGkcbPH+6Qaupplg1kc45t7eXUaX8ur/kY",
+	"tOO07hh+ANpHLYO76XASuf/JZ+V9vo86D3DOBmKwzLmkhZDLV7/EMXXs5hz6kLRw7FLXOouMUmyijGo3",
+	"z3NyXVAoWr9CRH9Xcf8SqMCZ7dVLgHpbnPv6ZSipiYouQjobFNASl+YKUHSHE9IbHA2M1zWSQkViL0oC",
+	"VtaF15Rxm7thNZVo4T8bk6kle2zkMVE+1lFYzPtoPHtzfI4xtJqAgD0me+nBwQRy38Ww2zWzXwB+KS4O",
+	"8XU3HhgsJX2pSFqPtKWDhPioq1WzNTMJyQpGhFyelqmiGvR1hKWqFdooZzLAx6VgY1GtqnG23ZCci1Wc",
+	"yIDh1UqyJHIjLjTPGBpVe2SdEp90GhxskHU6oQLdR1iIkgAkN8O/koyzjMjpkLyqldQkqCKyj4uccsGy",
+	"Wk3Rqd8dWRg7abRP3KT7Iat2cDYWO9aQNWUzWK23ubIsrZbN2EP1wRo3XsayYsGs+VOeHrooAAIcW/aV",
+	"g1pLh1hqEFmZpQvWHcvGwiz5hJ2iqRtNuGpHoL0EI+D0HCHAyfikDAiUU7Fa0tWZ7y0hTNSySUhff5X6",
+	"eqF00KSVu7qkKru8G528Uov4xZXxuCivgeEBOMiS6ojSwfHnuvUoqwC5qqyjKFr2fOGAYv56gGDEbnut",
+	"IhGDoi/FLVWc+kO+o72uhJVbNA/sTkX6AJqBFcNWwbR2rQ8nnhHNMO45OMaOW3NsDihCLtiE1xUvo49q",
+	"YngW3foQmQDAq11OwxXstB7ET8w8c4/c4RH4T7Tsvq8qyiW1+isiKalDCNuF6EC78sG53z9YdScKk/3+",
+	"wWo15ZHAnXMCBqNL0Wb7jfwQdtZ5CE9cE6oNDpffFDes2kGL6lKkQ72qa2LlHqtFs8bCYToPybMSZ8zB",
+	"73ksPkgMoCSdy4z91X0nJW52GIIA8xvw+sKDcbFOeBqgLmtdubwzfCygoqvuCwc/3HM6mZUudPsGHCSh",
+	"xIHd+IxjOQ0eVjsVdDmNRT+9OH/16j8un/38/NnfXr+/uHx7fvH88tXLX15epAnx3rwHo4TQiZJWn0dF",
+	"w8AFsvJ5QbWxd9cENxEEox4+rYPuoHZTgcUhv/mw2prHPCnhsp2aVfNbkj44LS3t2ls6cBoHgrKuoiYj",
+	"mCXpB6l5k8k1M9s9yY5eotFwodBuz5ez0GzV7vXydOWoat0i2WIURNvzN7Z6vcDgkzMSji+ra9PFNXQT",
+	"2Q/uahJNvAwnBoY2BihhEg2BkrZvubfK/TXhDfe5L8YM37mLW4+rIwyv59gOwjEwSfdUxCV9zs79T1GC",
+	"2ueN8qjMHrw7geS/0SaRAqbBl931txAWJ1ECZdhav5G9D593va5xR8gPSc9V8zTRbj3XYwpmlS/lZR+5",
+	"NqT/cPRgYM0ZLO30EUKWZ3osrvktE/aR0WBIAE3NARxY2oHcHSy9g/zhIfFVjhFtpGORc3GDMVr7Qctd",
+	"a8WASRWFFs0Ml9MLZpgU7AxiRFYGuZQDXwULbFIz08Qe3y80U1UKvAN25obHj31p02MT6bvCXqD6o/LO",
+	"Dd8MTPMIoYYQCUfS3H6TNnOp+1GineNW65AllrBTatLTsjtYuD9yKTTpp26YdIDuCqv9cEOwiH0sory2",
+	"fjpjeZY6m3syY1lhVQ6MbZMlh2BjvsKsDG31R8x2wQqIftAoB95adHWyTYCSpJ8GrEHy17HwEJQn+MQJ",
+	"iQYLQVg3Ey5IpugS8VdA80PwFmpcvtCjR4+eYhJpBXlpcErSeIcTQk0SPv3ZIbf4mbj0IJd5qI2UYBtg",
+	"2g2fM9IfuSpk9DJFRfGoF0GyYqOb4SdmfnBnu8ZM1z2PrqzlrKZVBi3MTzie7QxaUFDjij2bXLzQJrK8",
+	"QJ3yyA91w0rBOpQz+b1p8w/Xnjs3vc8fWiRp6OgPFPdDeROsHmEcyaRhoIOM671EbglGuAQ8ICDxMzu9",
+	"Ci0aaG3hKCHmJg5s+kCpvIURua/cp9kfhTZzH244TA3YZKvSSsKv5Vg3XGQkxQk48wnTzqmW4tTujtQc",
+	"OZpvA0BoltmhsDdkf6HkXKKpkJCF4tIeFnkyOqspHXosPHgFn5I5hyiQZWkkFK5CRpCiS0SkREbHNQkM",
+	"zeoQNwzzfjA/CJPgyOPRwxZU2+D2wXpuYCmKWUtYyEJMGKQrhs4kuA8sS5u4yzn88VmAIT/EuLozo+o8",
+	"kNJOPtAHdzKBNjfoudvmuzOpHo8eblhRnArbfWUlU2oIZAUaLu8yyam69qkza7R8DM3ovIQhuKfJRCqX",
+	"MYrY9Z7JYT7ioIm7bXYybuFaYBbeEb+yMuYadT2PuT+hea49Pgk4oKBAQaqbIXlpIB6ibpkeiwAeH/gE",
+	"oWQu3ZGY4MKyetdVQF4ZkgvpB0k8qyIU6hMaXS529SUzuDMHyVcKZbhvt93gMl/riwt2CHhVRAuozFgI",
+	"MC8mMyvz/3/iJJ4jhkbR3pXOkYjuiNJ/3CDvSN/q2jOXv460mLgEEQ5kWgjfDtCr5KUGf0pyCSk1qZfK",
+	"KWrQpadxLFCIg/KNI2mipRT2tT7ko57Ar+1Vy6k2g8hLiW3lh2PxK0Rq5S1TILxPnWEhJZmyZbSasm1Y",
+	"xYs7egjFBk3Ce0IVpoyaCMs+GF6Y21naO41S+xme3jcutt0sv9Zl919vu+7ugf86AvtXae1IKCAKBren",
+	"z6NEXoEllS1r9mY+aJrfEe/p7h1cMbOeaPaTnds3frFgjl9JFXbfbrtUP2G7oG8trhBoGOYXmHZp5yVk",
+	"TkVB80jVHRxO4vc/+ZLNz/dvJRat7k/ySWNyZ1QU2im58/vHe+d2XtAbplGiKzanXGjfFAYlrjNcvXxP",
+	"fE1NateejkXFTo8b7A2xnDX1MWPt9AKXWYVOSG3oaiwmdGEKZVnbWVm0B8+60lqNKT4+n8pX3xophy5c",
+	"6UEkUhchcpN3Tnn3vHTFQz5oCpGBvndNjoOKckYejx5XBrJ2igPpiCLOa4zm75JnQI3fKpeJK86/sOyO",
+	"KsobeMzf4YS+WRZjpxeIAYNMVysy59rQG3YITwHv+8bU3Z/hiX2TdktwLauI95Ie3jUH0I11672k5yi/",
+	"EVjrnyuZ127X9jRe2PYvbRFeVIMEMIfWcoIjOXY3s/3gKW0265J1Ww09mcDCx4KbUzT6vOy17Ny/4706",
+	"V0VceO1s1CyBF8fCdYtCBo15wECKUcoKCAI7LSDhspOh5ckNdmFG5owKfD2M1SpTBsOxeO4a88JfnXhz",
+	"1wSlQ1bG1v6QV2QCXXrdMGidKqbNgLgWwfD7ITnHAUE3Fa4wInW26yXFMnV/Bcei7zK/3RNZOvDlsD4/",
+	"Cbc+NBNeOR8RxpUhH7YWhfKCuDUP52dEy/8mJZWd21dSh+2nXVi4iYv8zPL/kvblmv/jOHmm4KgMHAKV",
+	"qlyKa3uVDpac9z/Z/2xL6XF0fqcyp835CG7ZLyxoXgv87tHFyXYRb7dil4hi7RTvO757sFHVdZqtHgeU",
+	"U5GI9NXcp5D1CebLAOUmyI5IDHobCc0SO0xaDWcGb2Hq1o3l3xXJBDn2w7H4JRRrwCcgm/RhJFzgLkHZ",
+	"vJOOTr8LAipLxpHvFdI7SWkunZU5opVK97UUVCvjaogM3rHeJF9wFt+ygHFTjGTM5ztmEc+hm36T19Kd",
+	"2Tdr/rxrVoKQ/J1ZHxFwoN8j8vf7buyvzhmeiwySA92FC0qjLAy6aLm4HtZuWTW4PxaVO5t4sHYIDAE0",
+	"VcONbMwKx+qvXS7mW9zFI1zMWtr117g3bjHfsGcSAu1AI6U+DkWVh9yMCIJms+sAHW8X8eO7nvk3Zdu/",
+	"AiG63bqPhC1nX8fMxzIZnMhd2/hbyMZXc20mFffGG//wPzWhuFVspxS/N1+aRiotlPwkWukknODdEgrU",
+	"XrYmG78r5jpuseNbMUKmr4OxKuvYQ4ebsjZbj0Xfl3cj0JTPzB8MyY8BnsXXQufZGpqP1UEdnA/xtVpv",
+	"n188//Xi5etfL9+/O//p+eXzvz//9eJdOoAP3LAF1LpllAOMmqG5Hgsp8hUAPSEKlo93uILrNSAhrCFz",
+	"DzmgIPS1lLPBuuuyXp77xpVGEhojC61IH1GDgsMmDG9FQ0ZXCUIJGbn+ccE+mkGcBnxPj4Ubrg2DyNKc",
+	"h8Sr5A6jnr+cMY+lhzi9M0YWhbpmZEY1UYVoSV8ORQRAM5280x67vTGCtb0Tqb1RNVgSMckLbUUs7NJZ",
+	"qNB7NMKGKM5XZrel3gQlbeqCkjb24m1ai8PM3jF7em0Fzz/6FTCRlfMXcnnk+QK49xfO9d4KueEg15sc",
+	"J4i29YWZ8is5oXkF7wuAGhzqJwAc4GEoKq7jqA8yzuMw5zUwl+rOvJB5LpfWlLjC/mM+6Wih2C2XhQbR",
+	"dk/XsOKoJil1ZabnY7GQeY4sziVQaOlA/eZca6ZDt7IE/uMc6JEeORYTOZ9zrKuSU5/HFTq20sWCURUa",
+	"l02ZB7aF6ieA+hiLaEAHJQkpcwvFJiyDUlLLg6ZccD2zLGwN/o7mS7rSY6GZOcOCWChsERl2ZrObRCc3",
+	"TRzMqjxtcDjrPrzqhx0zrmz4GZF2N4z0FccOHJVdcyEARKilBmO6gSc+tDxx73DcXV7fjmA5x4PJsacg",
+	"CwNClFwVmgtrMCOtWeJKXJLfmurkOyB628qrUvc/lc0ENvqOnSrZu3tttc2D7Cb6lWpBPWJAqLiAWws4",
+	"9WTG7aVbddRUG/JcooYOx8t0cSddx8Zq8ebQyazsieRB0KUIAAMQoNSmhAqEEn6Ap8SWZmNR6WkGlaVn",
+	"TlIgJtHWPm1jAY3a7Fs3ALwKuzYYknPXPSUAoihGkPHaXzr1plQHsei/RDosccBDTHZyc63gEhUC9Wun",
+	"pmPFv8P0SaGmLsb8cY1bYtxoj4EAuiYgd5b98URmJYqVLGMBafuozoDGGWGekT78Ju6uXpbYwh4kuJ+4",
+	"sLCjgyRk9jg8NamC3u6WiqjC1ExmCYiKsUjDOlBb9q+KCZTZxD16Whr0OPwle/YlpHDzjKGAK8zXzyBy",
+	"CNrrNJEZi5GwLsPfT0OOEkgbagKNjoWbN3VRa/T4AfKtoSLDNoSZFX54xNRaldHi7Fr9QkInLJKGyaZk",
+	"bnfNRSHCJrEY6grbkyZjYY0o3GVsfhiQwYPRV0JmYYdTqtEP2iSVX4prtgWr7ttChoiaAneKUT887pcr",
+	"nataEFXxoF1fJUjo8CjIWD37rbpOETDJaeP9B5aXPRiNRo4TDhq07wa+f/9TSfcbpXxJc70vAjQYoBLb",
+	"gSiPoTY5r0qAFbSaumAxyFYXK6ZBcFdatHUS3B0MfJDcS3Y1k/JGO5TU3umnTSqM1ViYuvUzLVTeO+3d",
+	"h/vulvXJT7msu7eKj/+lR4aKfuVBRKLfBbUmfs45b6Nf4Q5Gv3DaR/QbLF9b9wQ8o3mOsgbF7hl4YxaR",
+	"8+eaCYZtBHDF0Fk950Ap4Vz87jV84WdA9IamEBmqz6AsyAlIDHVruXzAH1z/XPSRcHu0NVv/bwAAAP//",
 }
 
 // decodeSpec returns the embedded OpenAPI spec as raw JSON bytes,

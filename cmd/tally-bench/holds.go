@@ -96,3 +96,14 @@ func holdCaptureOp(svc *service, p population) op {
 		return out
 	}
 }
+
+// inTurn runs first, then second, as one operation: second only when first
+// succeeded, as a capture only follows a hold that was granted.
+func inTurn(first, second op) op {
+	return func(ctx context.Context, w *worker) outcome {
+		if out := first(ctx, w); !out.ok {
+			return out
+		}
+		return second(ctx, w)
+	}
+}

@@ -196,7 +196,12 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 				progress("%s: skipped: %s", name, why)
 				rep.Scenarios = append(rep.Scenarios, skippedScenario(name, what, why))
 			default:
-				rep.Scenarios = append(rep.Scenarios, measure(name, "http", what, nil, holdCaptureOp(svc, pop)))
+				// Its baseline is what a hold and its capture write at the
+				// least: two debits, each its own transaction.
+				paired(name, what, nil, holdCaptureOp(svc, pop), "two of the sql consume-many debits in a row ("+sqlDebit+"), "+perCustomer,
+					func() op {
+						return inTurn(base.consumeOp(pop, "sql-"+name+"-hold", pop.pick), base.consumeOp(pop, "sql-"+name+"-capture", pop.pick))
+					})
 			}
 		case scenarioWebhookParked:
 			rep.Scenarios = append(rep.Scenarios, measure(name, "http",

@@ -18,6 +18,9 @@ var targets = []target{
 	{Scenario: scenarioConsumeMany, Baseline: "sql " + scenarioConsumeMany, Workers: 64, MinRatio: 1.5, P99AtMostBaseline: true},
 	{Scenario: scenarioConsumeHot, Baseline: "sql " + scenarioConsumeHot, Workers: 64, MinRatio: 5},
 	{Scenario: scenarioBalance, Baseline: "sql " + scenarioBalance, Workers: 16, MinRatio: 0.5},
+	// A hold and its capture together as fast as two raw debits: the same
+	// bar as consume-many's, for the long-job path.
+	{Scenario: scenarioHoldCapture, Baseline: "sql " + scenarioHoldCapture, Workers: 16, MinRatio: 1.0},
 	{Scenario: scenarioWebhookCredited, Workers: 16, MinRate: webhookCreditedTarget, Unit: unitCredited},
 	{Scenario: scenarioUsage, Workers: 16, MinRate: usageEventsTarget, Unit: unitEvents},
 }

@@ -341,7 +341,7 @@ func TestEndUserTokenWithAStringExpIsRefused(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		r, err := s.client(t, tok).GetBalanceWithResponse(ctx, "alice")
+		r, err := s.client(t, tok).GetBalanceWithResponse(ctx, "alice", nil)
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -53,12 +53,16 @@ func grantOverHTTP(t testing.TB, c *client.ClientWithResponses, customerID strin
 
 func balanceOverHTTP(t testing.TB, c *client.ClientWithResponses, customerID string) client.Balance {
 	t.Helper()
-	r, err := c.GetBalanceWithResponse(context.Background(), customerID)
+	r, err := c.GetBalanceWithResponse(context.Background(), customerID, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
 	mustStatus(t, "balance", r.StatusCode(), r.Body, http.StatusOK)
-	return *r.JSON200
+	b, err := r.JSON200.AsBalance()
+	if err != nil {
+		t.Fatalf("balance: %v: %s", err, r.Body)
+	}
+	return b
 }
 
 func ledgerOverHTTP(t testing.TB, c *client.ClientWithResponses, customerID string) []client.LedgerEntry {
@@ -336,7 +340,7 @@ func TestCreditsEndUsersReadTheirOwnButNeverSpendOrGrant(t *testing.T) {
 		call func() (int, []byte, error)
 	}{
 		{"another customer's balance", func() (int, []byte, error) {
-			r, err := user.GetBalanceWithResponse(context.Background(), "vic")
+			r, err := user.GetBalanceWithResponse(context.Background(), "vic", nil)
 			return status(r, err)
 		}},
 		{"another customer's ledger", func() (int, []byte, error) {

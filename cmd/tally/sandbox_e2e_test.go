@@ -245,7 +245,7 @@ func TestSandboxDemoBackend(t *testing.T) {
 	if b := balanceOverHTTP(t, s.client(t, tok), "demo-spender"); b.Balance != 500 {
 		t.Fatalf("the user's own balance: %d", b.Balance)
 	}
-	if r, err := s.client(t, tok).GetBalanceWithResponse(context.Background(), "walker"); err != nil || r.StatusCode() != http.StatusForbidden {
+	if r, err := s.client(t, tok).GetBalanceWithResponse(context.Background(), "walker", nil); err != nil || r.StatusCode() != http.StatusForbidden {
 		t.Fatalf("another customer's balance with the demo token: %v %d", err, r.StatusCode())
 	}
 	spend := func(amount, key string) (int, string) {

@@ -19,8 +19,9 @@ func Verify(ctx context.Context, gdb *gorm.DB) (credits.VerifyReport, error) {
 
 // verifyCheckers lists the checks other capabilities contribute to the
 // report (payments: every succeeded credit-pack payment credited exactly
-// once, refunds and disputes took back their share). Add one line per
-// capability.
+// once, refunds and disputes took back their share), and the checks that
+// need the real clock (credits: no hold left active long past its expiry).
+// Add one line per capability.
 func verifyCheckers() []credits.Checker {
-	return []credits.Checker{payments.Verify}
+	return []credits.Checker{payments.Verify, credits.CheckOverdueHolds}
 }

@@ -109,7 +109,8 @@ const (
 	RevokeFromPurchaseGrant = "purchase_grant"
 )
 
-// CreditsConfig holds wallet defaults and the expiry sweeper period.
+// CreditsConfig holds wallet defaults and the sweeper period (expiries,
+// and holds past their expires_at).
 type CreditsConfig struct {
 	// DefaultLowBalanceThreshold of 0 means no low-balance notice.
 	DefaultLowBalanceThreshold int64

@@ -24,7 +24,11 @@ type account struct {
 	// balance, because lockAccount expires whatever is due first.
 	balance    int64
 	nextExpiry sql.NullTime
-	notified   bool
+	// held is the part of balance that active holds keep (not spendable);
+	// nextHoldExpiry a lower bound of their soonest expires_at.
+	held           int64
+	nextHoldExpiry sql.NullTime
+	notified       bool
 	// threshold is the low-balance threshold in force (0: none).
 	threshold int64
 	// defaultThreshold is the configured default when the caller has one
@@ -39,10 +43,12 @@ type account struct {
 }
 
 // lockAccount locks customerID's balance row (found=false when it has none:
-// the customer never had a grant), reads "now" from clock (see account.now)
-// and expires the remainder of every grant whose expiry instant has passed,
-// so that a credit is never spendable after it expires even when the
-// sweeper has not run yet.
+// the customer never had a grant), reads "now" from clock (see account.now),
+// releases every hold past its expires_at, and expires the remainder of
+// every grant whose expiry instant has passed, so that a credit is never
+// spendable after it expires, nor kept by a hold after the hold expires,
+// even when the sweeper has not run yet. While nothing is due this costs
+// no query beyond the lock: the row's expiry bounds say so.
 //
 // Lock order, everywhere in this package: the balance row first, then the
 // customer's grants. The sweeper keeps it too, so no two writers deadlock.
@@ -55,14 +61,16 @@ func lockAccountAt(ctx context.Context, tx *gorm.DB, customerID string, clock fu
 	// The money lock: the balance row, joined to the customer for its
 	// threshold, locked for the rest of tx.
 	var locked struct {
-		Balance    int64
-		NextExpiry sql.NullTime
-		Notified   bool
-		Threshold  int64
-		UpdatedAt  time.Time
+		Balance        int64
+		NextExpiry     sql.NullTime
+		Held           int64
+		NextHoldExpiry sql.NullTime
+		Notified       bool
+		Threshold      int64
+		UpdatedAt      time.Time
 	}
 	res := tx.WithContext(ctx).Raw(`
-		SELECT b.balance, b.next_expiry, b.low_balance_notified AS notified,
+		SELECT b.balance, b.next_expiry, b.held, b.next_hold_expiry, b.low_balance_notified AS notified,
 		       COALESCE(c.low_balance_threshold, ?::bigint, b.default_low_balance_threshold) AS threshold, b.updated_at
 		FROM credit_balances b JOIN customers c ON c.id = b.customer_id
 		WHERE b.customer_id = ?
@@ -74,6 +82,7 @@ func lockAccountAt(ctx context.Context, tx *gorm.DB, customerID string, clock fu
 		return nil, false, nil
 	}
 	a.balance, a.nextExpiry, a.notified, a.threshold = locked.Balance, locked.NextExpiry, locked.Notified, locked.Threshold
+	a.held, a.nextHoldExpiry = locked.Held, locked.NextHoldExpiry
 	lastChange := locked.UpdatedAt
 	// Every change saves its time as updated_at, so the row holds the time
 	// of the customer's latest ledger entry.
@@ -81,12 +90,30 @@ func lockAccountAt(ctx context.Context, tx *gorm.DB, customerID string, clock fu
 	if lastChange.After(a.now) {
 		a.now = lastChange
 	}
-	if expire && a.nextExpiry.Valid && !a.nextExpiry.Time.After(a.now) {
+	if !expire {
+		return a, true, nil
+	}
+	if a.holdsDue() {
+		// Releasing settles what it gives back, expiries included.
+		if _, _, err := a.releaseOverdueHolds(ctx, tx); err != nil {
+			return nil, false, err
+		}
+	} else if a.expiryDue() {
 		if _, err := a.expireDue(ctx, tx, false); err != nil {
 			return nil, false, err
 		}
 	}
 	return a, true, nil
+}
+
+// holdsDue reports whether an active hold may be past its expires_at.
+func (a *account) holdsDue() bool {
+	return a.nextHoldExpiry.Valid && !a.nextHoldExpiry.Time.After(a.now)
+}
+
+// expiryDue reports whether a grant's unheld credits may be past expiry.
+func (a *account) expiryDue() bool {
+	return a.nextExpiry.Valid && !a.nextExpiry.Time.After(a.now)
 }
 
 // ensureAccount creates customerID's balance row if missing (the customer
@@ -116,6 +143,8 @@ func (a *account) save(ctx context.Context, tx *gorm.DB) error {
 		"balance":              a.balance,
 		"next_expiry":          a.nextExpiry,
 		"low_balance_notified": a.notified,
+		"held":                 a.held,
+		"next_hold_expiry":     a.nextHoldExpiry,
 		// Only a caller with configuration (a Service) refreshes the default.
 		"default_low_balance_threshold": gorm.Expr("COALESCE(?::bigint, default_low_balance_threshold)", a.defaultThreshold),
 		"updated_at":                    a.now,
@@ -138,17 +167,27 @@ func (a *account) lowBalance(mayFire bool) bool {
 	return false
 }
 
-func (a *account) appendLowBalance(ctx context.Context, tx *gorm.DB) error {
+// afterLowering runs once for every change that lowered the customer's
+// balance or what is available of it (consume, capture, hold, expiry,
+// revoke, void, negative adjustment), inside that change's transaction,
+// after the change is written and with a holding the new numbers. It is
+// the one place for what follows a fall: today the credits.low_balance
+// notice, when fire (a.lowBalance's decision for this change) says so.
+func (a *account) afterLowering(ctx context.Context, tx *gorm.DB, fire bool) error {
+	if !fire {
+		return nil
+	}
 	return events.Append(ctx, tx, a.customerID, events.CreditsLowBalance{
 		CustomerID: a.customerID, Balance: a.balance, Threshold: a.threshold,
 	})
 }
 
-// expireDue writes an expire entry for the remainder of each of the
-// account's grants whose expiry instant is at or before a.now, recomputes the
-// expiry bound, fires credits.low_balance if that crossed the threshold, and
-// saves the account. With skipLocked (the sweeper) grants another
-// transaction holds are left for later.
+// expireDue writes an expire entry for the unheld remainder of each of the
+// account's grants whose expiry instant is at or before a.now (what active
+// holds keep of such a grant stays until they end: see releaseHeld),
+// recomputes the expiry bound, fires credits.low_balance if that crossed
+// the threshold, and saves the account. With skipLocked (the sweeper)
+// grants another transaction holds are left for later.
 func (a *account) expireDue(ctx context.Context, tx *gorm.DB, skipLocked bool) (int, error) {
 	now := a.now
 	lock := clause.Locking{Strength: "UPDATE"}
@@ -158,46 +197,54 @@ func (a *account) expireDue(ctx context.Context, tx *gorm.DB, skipLocked bool) (
 	type due struct {
 		ID        string
 		Remaining int64
+		Held      int64
 		ExpiresAt time.Time
 	}
 	var grants []due
 	err := tx.WithContext(ctx).Model(&grantRow{}).Clauses(lock).
-		Where("customer_id = ? AND remaining > 0 AND expires_at <= ?", a.customerID, now).
+		Where("customer_id = ? AND remaining > held AND expires_at <= ?", a.customerID, now).
 		Order("expires_at, created_at, id").Find(&grants).Error
 	if err != nil {
 		return 0, err
 	}
 	for _, g := range grants {
+		gone := g.Remaining - g.Held
 		if err := tx.WithContext(ctx).Model(&grantRow{}).Where("id = ?", g.ID).
-			Updates(map[string]any{"remaining": 0, "expired_at": now}).Error; err != nil {
+			Updates(map[string]any{"remaining": g.Held, "expired_at": now}).Error; err != nil {
 			return 0, err
 		}
-		a.balance -= g.Remaining
+		a.balance -= gone
 		txID := db.NewID("ctx")
 		if err := insertEntry(ctx, tx, entryRow{
-			ID: txID, CustomerID: a.customerID, Kind: KindExpire, Amount: -g.Remaining, BalanceAfter: a.balance,
+			ID: txID, CustomerID: a.customerID, Kind: KindExpire, Amount: -gone, BalanceAfter: a.balance,
 			Reason: "expired", GrantID: &g.ID, CreatedAt: now,
 		}); err != nil {
 			return 0, err
 		}
 		if err := events.Append(ctx, tx, a.customerID, events.CreditsExpired{
 			CustomerID: a.customerID, GrantID: g.ID, TransactionID: txID,
-			Amount: g.Remaining, Balance: a.balance, ExpiresAt: g.ExpiresAt.UTC(),
+			Amount: gone, Balance: a.balance, ExpiresAt: g.ExpiresAt.UTC(),
 		}); err != nil {
 			return 0, err
 		}
 	}
+	// Held credits of an expired grant are not counted: releaseHeld lowers
+	// the bound again when a hold gives them back.
 	err = tx.WithContext(ctx).Raw(`SELECT min(expires_at) FROM credit_grants
-		WHERE customer_id = ? AND remaining > 0 AND expires_at IS NOT NULL`, a.customerID).Scan(&a.nextExpiry).Error
+		WHERE customer_id = ? AND remaining > held AND expires_at IS NOT NULL`, a.customerID).Scan(&a.nextExpiry).Error
 	if err != nil {
 		return 0, err
 	}
-	if a.lowBalance(true) {
-		if err := a.appendLowBalance(ctx, tx); err != nil {
+	fire := a.lowBalance(true)
+	if err := a.save(ctx, tx); err != nil {
+		return 0, err
+	}
+	if len(grants) > 0 {
+		if err := a.afterLowering(ctx, tx, fire); err != nil {
 			return 0, err
 		}
 	}
-	return len(grants), a.save(ctx, tx)
+	return len(grants), nil
 }
 
 // entryRow is a credit_ledger row to insert.
@@ -212,6 +259,8 @@ type entryRow struct {
 	GrantID        *string
 	PaymentID      *string
 	IdempotencyKey *string
+	// HoldID names the hold a capture's consume entry spent from.
+	HoldID *string
 	// Draws are the grants a revoke took from; Shortfall what it could not.
 	Draws     []Draw
 	Shortfall int64
@@ -234,7 +283,7 @@ func insertEntry(ctx context.Context, tx *gorm.DB, e entryRow) error {
 	return tx.WithContext(ctx).Create(&ledgerRow{
 		ID: e.ID, CustomerID: e.CustomerID, Kind: e.Kind, Amount: e.Amount, BalanceAfter: e.BalanceAfter,
 		Reason: e.Reason, Metadata: meta, GrantID: e.GrantID, PaymentID: e.PaymentID, Draws: draws,
-		IdempotencyKey: e.IdempotencyKey, Shortfall: shortfall, CreatedAt: e.CreatedAt,
+		IdempotencyKey: e.IdempotencyKey, Shortfall: shortfall, HoldID: e.HoldID, CreatedAt: e.CreatedAt,
 	}).Error
 }
 
@@ -249,15 +298,32 @@ func metadataJSON(m map[string]string) (string, error) {
 	return string(b), nil
 }
 
-func nonEmpty(s string) *string {
-	if s == "" {
-		return nil
-	}
-	return &s
+// insufficient is the insufficient_credits error: the customer owns
+// balance credits, of which available may be spent or held now.
+func insufficient(balance, available, amount int64) error {
+	e := errs.E(errs.InsufficientCredits, "insufficient credits: %d available (balance %d), %d requested", available, balance, amount)
+	e.Extra = map[string]any{"balance": balance, "available": available}
+	return e
 }
 
-func insufficient(balance int64, amount int64) error {
-	e := errs.E(errs.InsufficientCredits, "insufficient credits: balance %d, %d requested", balance, amount)
-	e.Extra = map[string]any{"balance": balance}
-	return e
+// available is what the locked account may spend or hold now: the unheld
+// remainder of its effective, unexpired grants. (The balance row does not
+// know which grants are not effective yet, so this asks the grants; only
+// answers that report it and refusals call it.)
+func (a *account) available(ctx context.Context, tx *gorm.DB) (int64, error) {
+	var n int64
+	err := tx.WithContext(ctx).Raw(`SELECT COALESCE(sum(remaining - held), 0)::bigint FROM credit_grants
+		WHERE customer_id = ? AND remaining > held AND (expires_at IS NULL OR expires_at > ?)
+		  AND (effective_at IS NULL OR effective_at <= ?)`, a.customerID, a.now, a.now).Scan(&n).Error
+	return n, err
+}
+
+// refuse is insufficient for the locked account, with what it has
+// available. Errors: the insufficient_credits error, or the query's.
+func (a *account) refuse(ctx context.Context, tx *gorm.DB, amount int64) error {
+	avail, err := a.available(ctx, tx)
+	if err != nil {
+		return err
+	}
+	return insufficient(a.balance, avail, amount)
 }

@@ -18,8 +18,9 @@ type consumeAnswer struct {
 	Balance       int64  `json:"balance"`
 }
 
-// Consume spends in.Amount credits of the customer, drawing from the grant
-// that expires soonest, then the oldest (never-expiring grants last). It
+// Consume spends in.Amount credits of the customer from what is available
+// (not held, effective, unexpired) in the draw order: lowest priority, then
+// soonest expiry (never-expiring last), then oldest. It
 // runs in one transaction guarded by key: the same key and request replays
 // the first answer with replayed=true, and a concurrent duplicate waits for
 // the first and replays its answer, so a key spends at most once.
@@ -29,7 +30,7 @@ type consumeAnswer struct {
 //
 // Errors: errs.Invalid (bad input, missing key); errs.NotFound for an unknown
 // customer (none is created); errs.InsufficientCredits with Extra["balance"]
-// the spendable balance; errs.IdempotencyKeyReused; errs.Unavailable.
+// and Extra["available"]; errs.IdempotencyKeyReused; errs.Unavailable.
 func (s *Service) Consume(ctx context.Context, in ConsumeInput, key db.IdempotencyKey) (ConsumeResult, bool, error) {
 	if err := in.Validate(); err != nil {
 		return ConsumeResult{}, false, err
@@ -47,26 +48,31 @@ func (s *Service) Consume(ctx context.Context, in ConsumeInput, key db.Idempoten
 	return ConsumeResult(a), replayed, nil
 }
 
-// consumeSQL draws amount from the customer's unexpired grants in draw order,
-// lowers the balance row and appends the ledger entry, in one statement.
-// The caller holds the balance row's lock, which every writer of the
+// consumeSQL draws amount from what is available of the customer's
+// effective, unexpired grants (remaining less what holds keep) in draw
+// order, lowers the balance row and appends the ledger entry, in one
+// statement. When the available credits do not cover amount (some of the
+// balance is held, or not effective yet) it changes nothing and returns no
+// row. The caller holds the balance row's lock, which every writer of the
 // customer's grants takes first, so the snapshot the CTEs read is current.
 // p binds each value once; NOT MATERIALIZED lets the planner see them as
 // the constants they are (the draw-order index is used, as with literals).
 const consumeSQL = `
 WITH p AS NOT MATERIALIZED (
 	SELECT ?::text AS customer, ?::timestamptz AS now, ?::bigint AS amount, ?::boolean AS notified,
-	       ?::bigint AS default_threshold, ?::text AS id, ?::text AS reason, ?::jsonb AS metadata, ?::text AS key
+	       ?::bigint AS default_threshold, ?::text AS id, ?::text AS reason, ?::jsonb AS metadata, ?::text AS key,
+	       ?::text AS kind
 ), cand AS (
-	SELECT g.id, g.remaining,
-	       (sum(g.remaining) OVER w)::bigint AS run,
+	SELECT g.id, g.remaining - g.held AS free,
+	       (sum(g.remaining - g.held) OVER w)::bigint AS run,
 	       row_number() OVER w AS rn
 	FROM credit_grants g, p
-	WHERE g.customer_id = p.customer AND g.remaining > 0 AND (g.expires_at IS NULL OR g.expires_at > p.now)
-	WINDOW w AS (ORDER BY g.expires_at NULLS LAST, g.created_at, g.id)
+	WHERE g.customer_id = p.customer AND g.remaining > g.held
+	  AND (g.expires_at IS NULL OR g.expires_at > p.now) AND (g.effective_at IS NULL OR g.effective_at <= p.now)
+	WINDOW w AS (ORDER BY g.priority, g.expires_at NULLS LAST, g.created_at, g.id)
 ), draws AS (
-	SELECT cand.id, cand.rn, LEAST(cand.remaining, p.amount - (cand.run - cand.remaining)) AS take
-	FROM cand, p WHERE cand.run - cand.remaining < p.amount
+	SELECT cand.id, cand.rn, LEAST(cand.free, p.amount - (cand.run - cand.free)) AS take
+	FROM cand, p WHERE cand.run - cand.free < p.amount AND (SELECT max(run) FROM cand) >= p.amount
 ), drawn AS (
 	UPDATE credit_grants g SET remaining = g.remaining - d.take
 	FROM draws d WHERE g.id = d.id
@@ -77,11 +83,11 @@ WITH p AS NOT MATERIALIZED (
 	    default_low_balance_threshold = COALESCE(p.default_threshold, b.default_low_balance_threshold),
 	    updated_at = p.now
 	FROM p
-	WHERE b.customer_id = p.customer
+	WHERE b.customer_id = p.customer AND EXISTS (SELECT 1 FROM draws)
 	RETURNING b.balance
 )
 INSERT INTO credit_ledger (id, customer_id, kind, amount, balance_after, reason, metadata, draws, idempotency_key, created_at)
-SELECT p.id, p.customer, 'consume', -p.amount, bal.balance, p.reason, p.metadata,
+SELECT p.id, p.customer, p.kind, -p.amount, bal.balance, p.reason, p.metadata,
        (SELECT jsonb_agg(jsonb_build_object('grant_id', d.id, 'amount', d.take) ORDER BY d.rn) FROM draws d),
        p.key, p.now
 FROM bal, p
@@ -90,6 +96,12 @@ RETURNING balance_after,
 	(SELECT count(*) FROM drawn) AS drawn_grants`
 
 func consume(ctx context.Context, tx *gorm.DB, clock func() time.Time, in ConsumeInput, defaultThreshold *int64, idemKey string) (ConsumeResult, error) {
+	return spend(ctx, tx, clock, in, KindConsume, defaultThreshold, idemKey)
+}
+
+// spend draws in.Amount like a consume and records it as a ledger entry of
+// kind (consume, or adjust for a negative adjustment).
+func spend(ctx context.Context, tx *gorm.DB, clock func() time.Time, in ConsumeInput, kind string, defaultThreshold *int64, idemKey string) (ConsumeResult, error) {
 	a, found, err := lockAccount(ctx, tx, in.CustomerID, clock, defaultThreshold)
 	if err != nil {
 		return ConsumeResult{}, err
@@ -99,10 +111,10 @@ func consume(ctx context.Context, tx *gorm.DB, clock func() time.Time, in Consum
 		if _, err := customers.Get(ctx, tx, in.CustomerID); err != nil {
 			return ConsumeResult{}, err
 		}
-		return ConsumeResult{}, insufficient(0, in.Amount)
+		return ConsumeResult{}, insufficient(0, 0, in.Amount)
 	}
-	if a.balance < in.Amount {
-		return ConsumeResult{}, insufficient(a.balance, in.Amount)
+	if a.balance-a.held < in.Amount {
+		return ConsumeResult{}, a.refuse(ctx, tx, in.Amount)
 	}
 	a.balance -= in.Amount
 	fire := a.lowBalance(true)
@@ -113,21 +125,25 @@ func consume(ctx context.Context, tx *gorm.DB, clock func() time.Time, in Consum
 	id := db.NewID("ctx")
 	var out struct{ BalanceAfter, DrawnTotal, DrawnGrants int64 }
 	res := tx.WithContext(ctx).Raw(consumeSQL, in.CustomerID, a.now, in.Amount, a.notified,
-		defaultThreshold, id, in.Reason, meta, idemKey).Scan(&out)
+		defaultThreshold, id, in.Reason, meta, db.NullIfEmpty(idemKey), kind).Scan(&out)
 	if res.Error != nil {
 		return ConsumeResult{}, res.Error
+	}
+	if res.RowsAffected == 0 {
+		// The balance less what is held covers it, but some of it is not
+		// effective yet: nothing was written.
+		a.balance += in.Amount
+		return ConsumeResult{}, a.refuse(ctx, tx, in.Amount)
 	}
 	balanceAfter, drawnTotal, drawnGrants := out.BalanceAfter, out.DrawnTotal, out.DrawnGrants
 	// The balance row and the grants must agree; if they ever do not, refuse
 	// (rolling back) rather than record a consume the grants cannot back.
 	if balanceAfter != a.balance || drawnTotal != in.Amount || drawnGrants == 0 {
-		return ConsumeResult{}, fmt.Errorf("credits: consume of %d for %s drew %d from %d grants, balance %d, expected %d: balance row and grants disagree",
-			in.Amount, in.CustomerID, drawnTotal, drawnGrants, balanceAfter, a.balance)
+		return ConsumeResult{}, fmt.Errorf("credits: %s of %d for %s drew %d from %d grants, balance %d, expected %d: balance row and grants disagree",
+			kind, in.Amount, in.CustomerID, drawnTotal, drawnGrants, balanceAfter, a.balance)
 	}
-	if fire {
-		if err := a.appendLowBalance(ctx, tx); err != nil {
-			return ConsumeResult{}, err
-		}
+	if err := a.afterLowering(ctx, tx, fire); err != nil {
+		return ConsumeResult{}, err
 	}
 	return ConsumeResult{TransactionID: id, Amount: in.Amount, Balance: a.balance}, nil
 }

@@ -1,8 +1,10 @@
 // Package credits is the prepaid wallet: grants of credits (bought or given,
-// optionally expiring), consumption that never overdraws and draws from the
-// grant expiring soonest, the append-only ledger of every change, the expiry
-// sweeper, low-balance and expiring-soon notices, and the invariant check
-// behind `tally verify`.
+// optionally expiring or scheduled for later, with a priority), consumption
+// that never overdraws and draws in the draw order (priority, soonest
+// expiry, oldest), holds that reserve credits for a long job until it is
+// captured or released, operators' voids and adjustments, the append-only
+// ledger of every change, the expiry sweeper, low-balance and expiring-soon
+// notices, and the invariant check behind `tally verify`.
 //
 // Every change to one customer's credits runs under a lock on that
 // customer's credit_balances row, so the balance check, the grant draws and
@@ -57,6 +59,7 @@ const (
 	KindExpire  = "expire"
 	KindRevoke  = "revoke"
 	KindAdjust  = "adjust"
+	KindVoid    = "void"
 )
 
 // GrantInput adds credits to a customer.
@@ -71,6 +74,45 @@ type GrantInput struct {
 	// ExpiresAt, when set, must lie in the future; nil means never.
 	ExpiresAt *time.Time
 	Metadata  map[string]string
+	// Priority places the grant in the draw order: lower is spent first
+	// (0 to 100; nil for DefaultPriority).
+	Priority *int
+	// Category is CategoryPaid or CategoryPromotional; "" for the
+	// source's default (paid for purchases and their returns, promotional
+	// otherwise).
+	Category string
+	// EffectiveAt, when set and in the future, schedules the grant: its
+	// credits are owned (in the balance) but not spendable before then.
+	EffectiveAt *time.Time
+}
+
+// Grant categories.
+const (
+	CategoryPaid        = "paid"
+	CategoryPromotional = "promotional"
+)
+
+// DefaultPriority is a grant's priority unless it says otherwise.
+const DefaultPriority = 50
+
+// priority is the grant's priority, DefaultPriority when unset.
+func (in GrantInput) priority() int {
+	if in.Priority == nil {
+		return DefaultPriority
+	}
+	return *in.Priority
+}
+
+// category is the grant's category, its source's default when unset.
+func (in GrantInput) category() string {
+	switch {
+	case in.Category != "":
+		return in.Category
+	case in.Source == SourcePurchase || in.Source == SourceDisputeWon:
+		return CategoryPaid
+	default:
+		return CategoryPromotional
+	}
 }
 
 // Validate checks the input without touching the database or the clock
@@ -92,6 +134,15 @@ func (in GrantInput) Validate() error {
 	default:
 		return errs.InvalidField("/source", "source must be purchase, service or dispute_won")
 	}
+	if p := in.priority(); p < 0 || p > 100 {
+		return errs.InvalidField("/priority", "priority must be a whole number from 0 to 100")
+	}
+	if c := in.category(); c != CategoryPaid && c != CategoryPromotional {
+		return errs.InvalidField("/category", "category must be paid or promotional")
+	}
+	if in.EffectiveAt != nil && in.ExpiresAt != nil && !in.EffectiveAt.Before(*in.ExpiresAt) {
+		return errs.InvalidField("/effective_at", "effective_at must be before expires_at")
+	}
 	return nil
 }
 
@@ -100,9 +151,12 @@ type GrantResult struct {
 	TransactionID string
 	GrantID       string
 	Amount        int64
-	// Balance is the spendable balance right after the grant.
-	Balance   int64
-	ExpiresAt *time.Time
+	// Balance is what the customer owns right after the grant.
+	Balance     int64
+	ExpiresAt   *time.Time
+	Priority    int
+	Category    string
+	EffectiveAt *time.Time
 }
 
 // ConsumeInput spends credits.
@@ -142,11 +196,19 @@ type ConsumeResult struct {
 	Balance int64
 }
 
-// Balance is a customer's spendable credits now.
+// Balance is a customer's credits now.
 type Balance struct {
 	CustomerID string
-	// Balance is the unspent remainder of unexpired grants.
+	// Balance is what the customer owns: the unspent remainder of
+	// unexpired grants (scheduled ones included), and what active holds
+	// keep.
 	Balance int64
+	// Held is what active holds keep; Pending what grants not effective yet
+	// hold; Available = Balance - Held - Pending is what may be spent or
+	// held now.
+	Held      int64
+	Pending   int64
+	Available int64
 	// Grants with credits left, soonest expiry first (never-expiring last).
 	Grants []GrantSummary
 	// NextExpiry is when the soonest-expiring remaining credits expire
@@ -162,10 +224,15 @@ type GrantSummary struct {
 	ID        string
 	Amount    int64
 	Remaining int64
-	Source    Source
-	PaymentID string
-	ExpiresAt *time.Time
-	CreatedAt time.Time
+	// Held is the part of Remaining that active holds keep.
+	Held        int64
+	Source      Source
+	PaymentID   string
+	ExpiresAt   *time.Time
+	Priority    int
+	Category    string
+	EffectiveAt *time.Time
+	CreatedAt   time.Time
 }
 
 // Draw is how much a consume took from one grant.
@@ -189,6 +256,8 @@ type LedgerEntry struct {
 	// Shortfall is what a revoke could not take back: the customer had
 	// already spent it. It stays a receivable (VerifyReport.Receivables).
 	Shortfall int64
+	// HoldID names the hold a capture's consume entry spent from.
+	HoldID    string
 	CreatedAt time.Time
 }
 
@@ -231,7 +300,7 @@ func New(o Options) *Service {
 		db: o.DB, cfg: o.Config, now: clockOr(o.Now), logger: loggerOr(o.Logger),
 		consumed: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "tally_credits_consumed_total",
-			Help: "Credits spent by successful consumes (replays not counted).",
+			Help: "Credits spent by successful consumes and hold captures (replays not counted).",
 		}),
 	}
 	if o.Registry != nil {

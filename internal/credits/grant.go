@@ -39,10 +39,10 @@ func grant(ctx context.Context, tx *gorm.DB, clock func() time.Time, in GrantInp
 	}
 	// Checked before any write; grantTx checks again with the time it
 	// stamps the grant with.
-	if err := validateExpiry(in.ExpiresAt, clock()); err != nil {
+	if err := validateTimes(in, clock()); err != nil {
 		return GrantResult{}, err
 	}
-	res, err := grantTx(ctx, tx, clock, in, defaultThreshold, idemKey)
+	res, err := grantTx(ctx, tx, clock, in, KindGrant, defaultThreshold, idemKey)
 	return res, db.Translate(err, grantConstraints)
 }
 
@@ -53,7 +53,21 @@ func validateExpiry(at *time.Time, now time.Time) error {
 	return nil
 }
 
-func grantTx(ctx context.Context, tx *gorm.DB, clock func() time.Time, in GrantInput, defaultThreshold *int64, idemKey string) (GrantResult, error) {
+// validateTimes checks a grant's expiry and schedule against now.
+func validateTimes(in GrantInput, now time.Time) error {
+	if err := validateExpiry(in.ExpiresAt, now); err != nil {
+		return err
+	}
+	if in.EffectiveAt != nil && !in.EffectiveAt.After(now) {
+		return errs.InvalidField("/effective_at", "effective_at must be in the future; omit it for credits spendable at once")
+	}
+	return nil
+}
+
+// grantTx writes the grant and its ledger entry of kind (grant, or adjust
+// for a positive adjustment, which announces itself as credits.adjusted
+// instead of credits.granted).
+func grantTx(ctx context.Context, tx *gorm.DB, clock func() time.Time, in GrantInput, kind string, defaultThreshold *int64, idemKey string) (GrantResult, error) {
 	if _, err := customers.Ensure(ctx, tx, in.CustomerID, clock()); err != nil {
 		return GrantResult{}, err
 	}
@@ -62,8 +76,13 @@ func grantTx(ctx context.Context, tx *gorm.DB, clock func() time.Time, in GrantI
 		return GrantResult{}, err
 	}
 	now := a.now
-	if err := validateExpiry(in.ExpiresAt, now); err != nil {
+	if err := validateTimes(in, now); err != nil {
 		return GrantResult{}, err
+	}
+	var effectiveAt *time.Time
+	if in.EffectiveAt != nil {
+		t := in.EffectiveAt.UTC()
+		effectiveAt = &t
 	}
 	meta, err := metadataJSON(in.Metadata)
 	if err != nil {
@@ -77,7 +96,8 @@ func grantTx(ctx context.Context, tx *gorm.DB, clock func() time.Time, in GrantI
 	grantID := db.NewID("grt")
 	err = tx.WithContext(ctx).Create(&grantRow{
 		ID: grantID, CustomerID: in.CustomerID, Amount: in.Amount, Remaining: in.Amount, Source: string(in.Source),
-		PaymentID: nonEmpty(in.PaymentID), Reason: in.Reason, Metadata: meta, ExpiresAt: expiresAt, CreatedAt: now,
+		PaymentID: db.NullIfEmpty(in.PaymentID), Reason: in.Reason, Metadata: meta, ExpiresAt: expiresAt, CreatedAt: now,
+		Priority: in.priority(), Category: in.category(), EffectiveAt: effectiveAt,
 	}).Error
 	if err != nil {
 		return GrantResult{}, db.Translate(err, grantConstraints)
@@ -96,19 +116,26 @@ func grantTx(ctx context.Context, tx *gorm.DB, clock func() time.Time, in GrantI
 		key = &idemKey
 	}
 	if err := insertEntry(ctx, tx, entryRow{
-		ID: txID, CustomerID: in.CustomerID, Kind: KindGrant, Amount: in.Amount, BalanceAfter: a.balance,
-		Reason: in.Reason, Metadata: in.Metadata, GrantID: &grantID, PaymentID: nonEmpty(in.PaymentID),
+		ID: txID, CustomerID: in.CustomerID, Kind: kind, Amount: in.Amount, BalanceAfter: a.balance,
+		Reason: in.Reason, Metadata: in.Metadata, GrantID: &grantID, PaymentID: db.NullIfEmpty(in.PaymentID),
 		IdempotencyKey: key, CreatedAt: now,
 	}); err != nil {
 		return GrantResult{}, err
 	}
-	if err := events.Append(ctx, tx, in.CustomerID, events.CreditsGranted{
+	var ev events.Payload = events.CreditsGranted{
 		CustomerID: in.CustomerID, GrantID: grantID, TransactionID: txID, Amount: in.Amount, Balance: a.balance,
 		Source: string(in.Source), Reason: in.Reason, ExpiresAt: expiresAt, PaymentID: in.PaymentID,
-	}); err != nil {
+		Priority: in.priority(), Category: in.category(), EffectiveAt: effectiveAt,
+	}
+	if kind == KindAdjust {
+		ev = events.CreditsAdjusted{CustomerID: in.CustomerID, TransactionID: txID, Amount: in.Amount, Balance: a.balance,
+			Reason: in.Reason, GrantID: grantID}
+	}
+	if err := events.Append(ctx, tx, in.CustomerID, ev); err != nil {
 		return GrantResult{}, err
 	}
-	return GrantResult{TransactionID: txID, GrantID: grantID, Amount: in.Amount, Balance: a.balance, ExpiresAt: expiresAt}, nil
+	return GrantResult{TransactionID: txID, GrantID: grantID, Amount: in.Amount, Balance: a.balance, ExpiresAt: expiresAt,
+		Priority: in.priority(), Category: in.category(), EffectiveAt: effectiveAt}, nil
 }
 
 // grantAnswer is a GrantResult as stored for idempotent replay.
@@ -118,6 +145,9 @@ type grantAnswer struct {
 	Amount        int64      `json:"amount"`
 	Balance       int64      `json:"balance"`
 	ExpiresAt     *time.Time `json:"expires_at,omitempty"`
+	Priority      int        `json:"priority"`
+	Category      string     `json:"category"`
+	EffectiveAt   *time.Time `json:"effective_at,omitempty"`
 }
 
 // Grant adds credits for an HTTP request (source service unless in says

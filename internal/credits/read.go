@@ -13,10 +13,13 @@ import (
 	"github.com/tallybilling/tally/internal/errs"
 )
 
-// Balance returns the customer's spendable credits now: the unspent
-// remainder of grants whose expiry instant has not passed (whether or not
-// the sweeper has recorded the expiry yet), with those grants soonest expiry
-// first. A known customer without grants has balance 0.
+// Balance returns the customer's credits now: what it owns (the unspent
+// remainder of grants whose expiry instant has not passed, whether or not
+// the sweeper has recorded the expiry yet, plus what active holds keep),
+// what of that is held and pending, and what is available, with the grants
+// in draw order. A hold past its expires_at counts as released, as the
+// next write to the customer will record. A known customer without grants
+// has balance 0.
 //
 // Errors: errs.Invalid for a malformed id, errs.NotFound for an unknown
 // customer, errs.Unavailable.
@@ -30,18 +33,31 @@ func (s *Service) Balance(ctx context.Context, customerID string) (Balance, erro
 	}
 	now := s.now()
 	type row struct {
-		ID        string
-		Amount    int64
-		Remaining int64
-		Source    string
-		PaymentID *string
-		ExpiresAt *time.Time
-		CreatedAt time.Time
+		ID          string
+		Amount      int64
+		Remaining   int64
+		LiveHeld    int64
+		Source      string
+		PaymentID   *string
+		ExpiresAt   *time.Time
+		Priority    int
+		Category    string
+		EffectiveAt *time.Time
+		VoidedAt    *time.Time
+		CreatedAt   time.Time
 	}
 	var rows []row
-	err = s.db.WithContext(ctx).Model(&grantRow{}).
-		Where("customer_id = ? AND remaining > 0 AND (expires_at IS NULL OR expires_at > ?)", customerID, now).
-		Order("expires_at NULLS LAST, created_at, id").Find(&rows).Error
+	err = s.db.WithContext(ctx).Raw(`
+		WITH live AS (
+			SELECT d.grant_id, sum(d.amount)::bigint AS held
+			FROM credit_holds h, jsonb_to_recordset(h.draws) AS d(grant_id text, amount bigint)
+			WHERE h.customer_id = ? AND h.status = 'active' AND h.expires_at > ?
+			GROUP BY d.grant_id)
+		SELECT g.id, g.amount, g.remaining, COALESCE(live.held, 0) AS live_held, g.source, g.payment_id, g.expires_at,
+		       g.priority, g.category, g.effective_at, g.voided_at, g.created_at
+		FROM credit_grants g LEFT JOIN live ON live.grant_id = g.id
+		WHERE g.customer_id = ? AND g.remaining > 0
+		ORDER BY g.priority, g.expires_at NULLS LAST, g.created_at, g.id`, customerID, now, customerID).Scan(&rows).Error
 	if err != nil {
 		return Balance{}, db.Translate(err, nil)
 	}
@@ -50,25 +66,44 @@ func (s *Service) Balance(ctx context.Context, customerID string) (Balance, erro
 		b.LowBalanceThreshold = *c.LowBalanceThreshold
 	}
 	for _, r := range rows {
-		g := GrantSummary{ID: r.ID, Amount: r.Amount, Remaining: r.Remaining, Source: Source(r.Source), CreatedAt: r.CreatedAt.UTC()}
+		owned := r.Remaining
+		if r.VoidedAt != nil || (r.ExpiresAt != nil && !r.ExpiresAt.After(now)) {
+			// A dead grant keeps only what live holds keep of it.
+			owned = r.LiveHeld
+		}
+		if owned == 0 {
+			continue
+		}
+		g := GrantSummary{ID: r.ID, Amount: r.Amount, Remaining: owned, Held: r.LiveHeld, Source: Source(r.Source),
+			Priority: r.Priority, Category: r.Category, CreatedAt: r.CreatedAt.UTC()}
 		if r.PaymentID != nil {
 			g.PaymentID = *r.PaymentID
+		}
+		if r.EffectiveAt != nil {
+			t := r.EffectiveAt.UTC()
+			g.EffectiveAt = &t
+			if t.After(now) {
+				b.Pending += owned
+			}
 		}
 		if r.ExpiresAt != nil {
 			t := r.ExpiresAt.UTC()
 			g.ExpiresAt = &t
-			switch {
-			case b.NextExpiry == nil:
-				b.NextExpiry = &t
-				n := r.Remaining
-				b.NextExpiryAmount = &n
-			case b.NextExpiry.Equal(t):
-				*b.NextExpiryAmount += r.Remaining
+			if free := owned - r.LiveHeld; free > 0 && t.After(now) {
+				switch {
+				case b.NextExpiry == nil || t.Before(*b.NextExpiry):
+					b.NextExpiry = &t
+					b.NextExpiryAmount = &free
+				case b.NextExpiry.Equal(t):
+					*b.NextExpiryAmount += free
+				}
 			}
 		}
-		b.Balance += r.Remaining
+		b.Balance += owned
+		b.Held += r.LiveHeld
 		b.Grants = append(b.Grants, g)
 	}
+	b.Available = b.Balance - b.Held - b.Pending
 	return b, nil
 }
 
@@ -118,6 +153,9 @@ func (s *Service) Ledger(ctx context.Context, customerID, cursor string, limit i
 		}
 		if r.Shortfall != nil {
 			e.Shortfall = *r.Shortfall
+		}
+		if r.HoldID != nil {
+			e.HoldID = *r.HoldID
 		}
 		if r.Draws != nil {
 			if err := json.Unmarshal([]byte(*r.Draws), &e.Draws); err != nil {

@@ -85,16 +85,18 @@ func revoke(ctx context.Context, tx *gorm.DB, clock func() time.Time, in RevokeI
 	}
 	// The payment's own grants first (its purchase grant, and what won
 	// disputes gave back of it: only those grants name a payment), then
-	// (from the balance) the others in consume's draw order. lockAccount
-	// expired what was due.
+	// (from the balance) the others in the draw order. lockAccount expired
+	// what was due. Credits active holds keep are not taken: the hold's
+	// capture may still spend them, so what they would have covered is
+	// part of the shortfall. Grants not effective yet are owned, and taken.
 	var grants []candidate
 	err = tx.WithContext(ctx).Raw(`
 		WITH p AS NOT MATERIALIZED (SELECT ?::text AS payment, ?::text AS customer, ?::timestamptz AS now, ?::text AS take_from)
-		SELECT g.id, g.remaining
+		SELECT g.id, g.remaining - g.held AS remaining
 		FROM credit_grants g, p
-		WHERE g.customer_id = p.customer AND g.remaining > 0 AND (g.expires_at IS NULL OR g.expires_at > p.now)
+		WHERE g.customer_id = p.customer AND g.remaining > g.held AND (g.expires_at IS NULL OR g.expires_at > p.now)
 		  AND (p.take_from = 'balance' OR g.payment_id = p.payment)
-		ORDER BY (g.payment_id IS NOT DISTINCT FROM p.payment) DESC, g.source <> 'purchase', g.expires_at NULLS LAST, g.created_at, g.id
+		ORDER BY (g.payment_id IS NOT DISTINCT FROM p.payment) DESC, g.source <> 'purchase', g.priority, g.expires_at NULLS LAST, g.created_at, g.id
 		FOR UPDATE OF g`, in.PaymentID, in.CustomerID, now, in.From).Scan(&grants).Error
 	if err != nil {
 		return RevokeResult{}, err
@@ -140,14 +142,14 @@ func revoke(ctx context.Context, tx *gorm.DB, clock func() time.Time, in RevokeI
 	res.TransactionID = db.NewID("ctx")
 	if err := insertEntry(ctx, tx, entryRow{
 		ID: res.TransactionID, CustomerID: in.CustomerID, Kind: KindRevoke, Amount: -res.Taken, BalanceAfter: a.balance,
-		Reason: in.Reason, Metadata: in.Metadata, GrantID: purchaseGrant, PaymentID: nonEmpty(in.PaymentID),
+		Reason: in.Reason, Metadata: in.Metadata, GrantID: purchaseGrant, PaymentID: db.NullIfEmpty(in.PaymentID),
 		Draws: res.Draws, Shortfall: res.Shortfall, CreatedAt: now,
 	}); err != nil {
 		return RevokeResult{}, err
 	}
 	if res.Shortfall > 0 {
 		if err := tx.WithContext(ctx).Create(&shortfallRow{
-			LedgerEntryID: res.TransactionID, CustomerID: in.CustomerID, PaymentID: nonEmpty(in.PaymentID),
+			LedgerEntryID: res.TransactionID, CustomerID: in.CustomerID, PaymentID: db.NullIfEmpty(in.PaymentID),
 			Amount: res.Shortfall, CreatedAt: now,
 		}).Error; err != nil {
 			return RevokeResult{}, err
@@ -166,10 +168,8 @@ func revoke(ctx context.Context, tx *gorm.DB, clock func() time.Time, in RevokeI
 	if err := events.Append(ctx, tx, in.CustomerID, revoked); err != nil {
 		return RevokeResult{}, err
 	}
-	if fire {
-		if err := a.appendLowBalance(ctx, tx); err != nil {
-			return RevokeResult{}, err
-		}
+	if err := a.afterLowering(ctx, tx, fire); err != nil {
+		return RevokeResult{}, err
 	}
 	return res, nil
 }
@@ -274,7 +274,7 @@ func restore(ctx context.Context, tx *gorm.DB, clock func() time.Time, in Restor
 		if err := gi.Validate(); err != nil {
 			return RestoreResult{}, err
 		}
-		g, err := grantTx(ctx, tx, clock, gi, nil, "")
+		g, err := grantTx(ctx, tx, clock, gi, KindGrant, nil, "")
 		if err != nil {
 			return RestoreResult{}, err
 		}

@@ -17,6 +17,8 @@ type balanceRow struct {
 	NextExpiry                 sql.NullTime
 	LowBalanceNotified         bool
 	DefaultLowBalanceThreshold int64
+	Held                       int64
+	NextHoldExpiry             sql.NullTime
 	UpdatedAt                  time.Time `gorm:"autoUpdateTime:false"`
 }
 
@@ -28,6 +30,7 @@ type grantRow struct {
 	CustomerID         string
 	Amount             int64
 	Remaining          int64
+	Held               int64
 	Revoked            int64
 	Source             string
 	PaymentID          *string
@@ -36,6 +39,11 @@ type grantRow struct {
 	ExpiresAt          *time.Time
 	ExpiringNotifiedAt *time.Time
 	ExpiredAt          *time.Time
+	Priority           int
+	Category           string
+	EffectiveAt        *time.Time
+	Voided             int64
+	VoidedAt           *time.Time
 	CreatedAt          time.Time `gorm:"autoCreateTime:false"`
 }
 
@@ -57,6 +65,7 @@ type ledgerRow struct {
 	Draws          *string
 	IdempotencyKey *string
 	Shortfall      *int64
+	HoldID         *string
 	CreatedAt      time.Time `gorm:"autoCreateTime:false"`
 }
 
@@ -75,3 +84,24 @@ type shortfallRow struct {
 }
 
 func (shortfallRow) TableName() string { return "credit_shortfalls" }
+
+// holdRow is a row of credit_holds. Draws is the JSON of []Draw: what the
+// hold keeps of each grant, in draw order.
+type holdRow struct {
+	ID             string `gorm:"primaryKey"`
+	CustomerID     string
+	Amount         int64
+	Status         string
+	Reason         string
+	Metadata       string
+	Draws          string
+	Captured       int64
+	Released       int64
+	TransactionID  *string
+	IdempotencyKey *string
+	ExpiresAt      time.Time
+	CreatedAt      time.Time `gorm:"autoCreateTime:false"`
+	EndedAt        *time.Time
+}
+
+func (holdRow) TableName() string { return "credit_holds" }

@@ -16,8 +16,9 @@ import (
 // backlog never means one long transaction or many held locks.
 const sweepBatch = 200
 
-// Sweeper is the background worker that records expiries (an expire entry
-// for what is left of each grant past its expiry instant) and sends
+// Sweeper is the background worker that releases holds past their
+// expires_at, records expiries (an expire entry for what is left of each
+// grant past its expiry instant, less what holds keep) and sends
 // credits.expiring once per grant ahead of its expiry. Every replica may run
 // one: grants are claimed with FOR UPDATE SKIP LOCKED and each customer's
 // expiries are written under its balance row's lock, so an expiry is
@@ -60,7 +61,7 @@ func (w *Sweeper) Run(ctx context.Context) error {
 			}
 			w.logger.Error("credits sweep failed", "error", err)
 		} else if n > 0 {
-			w.logger.Info("credits expired", "grants", n)
+			w.logger.Info("credits expired", "grants_and_holds", n)
 		}
 		select {
 		case <-ctx.Done():
@@ -70,8 +71,9 @@ func (w *Sweeper) Run(ctx context.Context) error {
 	}
 }
 
-// SweepOnce sends the due credits.expiring notices and records every expiry
-// due now, and returns how many grants it expired. Safe to call from many
+// SweepOnce sends the due credits.expiring notices, releases every hold
+// past its expires_at and records every expiry due now, and returns how
+// many grants it expired plus holds it released. Safe to call from many
 // goroutines and replicas at once.
 func (w *Sweeper) SweepOnce(ctx context.Context) (int, error) {
 	if err := w.notifyExpiring(ctx); err != nil {
@@ -81,9 +83,15 @@ func (w *Sweeper) SweepOnce(ctx context.Context) (int, error) {
 	// Bounded rounds: a grant skipped because another transaction held it
 	// is picked up at the next tick rather than spun on here.
 	for range 100 {
+		// Customers with a grant's unheld credits past expiry, or a hold
+		// past its expires_at.
 		var customerIDs []string
-		err := w.db.WithContext(ctx).Model(&grantRow{}).Distinct("customer_id").
-			Where("remaining > 0 AND expires_at <= ?", w.now()).Limit(sweepBatch).Pluck("customer_id", &customerIDs).Error
+		now := w.now()
+		err := w.db.WithContext(ctx).Raw(`SELECT customer_id FROM (
+				(SELECT DISTINCT customer_id FROM credit_grants WHERE remaining > held AND expires_at <= ? LIMIT ?)
+				UNION
+				(SELECT DISTINCT customer_id FROM credit_holds WHERE status = 'active' AND expires_at <= ? LIMIT ?)) due
+			LIMIT ?`, now, sweepBatch, now, sweepBatch, sweepBatch).Scan(&customerIDs).Error
 		if err != nil {
 			return total, db.Translate(err, nil)
 		}
@@ -115,7 +123,15 @@ func (w *Sweeper) expireCustomer(ctx context.Context, customerID string) (int, e
 		if err != nil || !found {
 			return err
 		}
-		n, err = a.expireDue(ctx, tx, true)
+		// Asked of the holds themselves, as expireDue asks the grants, so
+		// a stale bound cannot hide an overdue hold.
+		released, expired, err := a.releaseOverdueHolds(ctx, tx)
+		if err != nil {
+			return err
+		}
+		n += released + expired
+		expired, err = a.expireDue(ctx, tx, true)
+		n += expired
 		return err
 	})
 	return n, err

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"slices"
 	"strings"
+	"time"
 
 	"gorm.io/gorm"
 
@@ -22,7 +23,17 @@ const (
 	ProblemDuplicatePurchase     = "duplicate_purchase_grant"
 	ProblemDuplicateConsume      = "duplicate_consume_for_key"
 	ProblemRevokeAccounting      = "revoke_accounting"
+	ProblemHeldMismatch          = "held_mismatch"
+	ProblemHoldAccounting        = "hold_accounting"
+	ProblemOverdueHold           = "overdue_hold"
+	ProblemVoidedGrantLeft       = "voided_grant_not_empty"
 )
+
+// OverdueHoldGrace is how long past its expires_at an active hold may
+// stay unreleased before Verify reports it: the sweeper releases overdue
+// holds every TALLY_CREDITS_SWEEP_INTERVAL (a minute by default), so twice
+// that means it is not doing its work.
+const OverdueHoldGrace = 2 * time.Minute
 
 // VerifyReport is the invariant report of `tally verify` and
 // GET /v1/admin/verify. Other packages contribute problems through Checkers.
@@ -79,7 +90,12 @@ type Checker func(ctx context.Context, tx *gorm.DB) (problems []VerifyProblem, p
 //   - at most one purchase grant per payment;
 //   - one consume entry per idempotency key (within the key's retention);
 //   - every revoke's draws add up to what it took, and its shortfall is
-//     recorded as a receivable.
+//     recorded as a receivable;
+//   - what is held, per grant and per customer, is what active holds keep,
+//     never more than is there; a voided grant has nothing left but that;
+//   - every hold's draws add up to its amount, an ended hold's captured and
+//     released add up to it, and what it captured is its one consume
+//     entry; no active hold is overdue by more than OverdueHoldGrace.
 //
 // It also lists the open receivables (customers' unrecovered shortfalls),
 // which are not breaches.
@@ -90,7 +106,8 @@ func Verify(ctx context.Context, gdb *gorm.DB, extra ...Checker) (VerifyReport, 
 	var rep VerifyReport
 	err := db.InSnapshot(ctx, gdb, func(tx *gorm.DB) error {
 		rep = VerifyReport{}
-		checks := append([]Checker{checkBalances, checkChain, checkGrants, checkPurchases, checkConsumeKeys, checkRevokes}, extra...)
+		checks := append([]Checker{checkBalances, checkChain, checkGrants, checkPurchases, checkConsumeKeys, checkRevokes,
+			checkHeld, checkHolds}, extra...)
 		for _, check := range checks {
 			problems, payments, err := check(ctx, tx)
 			if err != nil {
@@ -216,13 +233,14 @@ func checkGrants(ctx context.Context, tx *gorm.DB) ([]VerifyProblem, int64, erro
 	err := tx.WithContext(ctx).Raw(`
 		WITH d AS (SELECT x->>'grant_id' AS grant_id, sum((x->>'amount')::bigint)::bigint AS amount
 		           FROM credit_ledger, jsonb_array_elements(draws) x
-		           WHERE kind IN ('consume', 'revoke') AND draws IS NOT NULL GROUP BY 1),
-		     -- Expiries, and revokes from before revokes named their draws
-		     -- (they took from the grant they name).
+		           WHERE kind IN ('consume', 'revoke', 'adjust') AND amount < 0 AND draws IS NOT NULL GROUP BY 1),
+		     -- Expiries, voids, and revokes from before revokes named their
+		     -- draws (they took from the grant they name).
 		     e AS (SELECT grant_id, (-sum(amount))::bigint AS amount FROM credit_ledger
-		           WHERE (kind = 'expire' OR (kind = 'revoke' AND draws IS NULL)) AND grant_id IS NOT NULL GROUP BY 1),
+		           WHERE (kind IN ('expire', 'void') OR (kind = 'revoke' AND draws IS NULL)) AND grant_id IS NOT NULL GROUP BY 1),
+		     -- A grant is created by a grant entry, or a positive adjustment.
 		     ge AS (SELECT grant_id, count(*) AS entries, sum(amount)::bigint AS amount FROM credit_ledger
-		            WHERE kind = 'grant' AND grant_id IS NOT NULL GROUP BY 1)
+		            WHERE (kind = 'grant' OR (kind = 'adjust' AND amount > 0)) AND grant_id IS NOT NULL GROUP BY 1)
 		SELECT g.id, g.customer_id, g.amount, g.remaining, COALESCE(d.amount, 0) AS drawn,
 		       COALESCE(e.amount, 0) AS removed, COALESCE(ge.entries, 0) AS grant_entries, COALESCE(ge.amount, 0) AS granted
 		FROM credit_grants g
@@ -321,6 +339,136 @@ func checkRevokes(ctx context.Context, tx *gorm.DB) ([]VerifyProblem, int64, err
 		out = append(out, VerifyProblem{Kind: ProblemRevokeAccounting, CustomerID: r.CustomerID,
 			Detail: fmt.Sprintf("revoke %s took %d with draws of %d, and is short %d with %d recorded as receivable",
 				r.ID, r.Taken, drawn, r.Shortfall, recorded)})
+	}
+	return out, 0, nil
+}
+
+// checkHeld checks what holds keep against what the grants and balance
+// rows say is held: per grant, held equals the sum of active holds' draws
+// of it and never exceeds remaining (nothing is held that is not there, so
+// no grant has less than nothing available); per customer, the balance
+// row's held equals the active holds' amounts and the grants' held, and
+// never exceeds the balance. A voided grant has nothing left but what
+// holds keep.
+func checkHeld(ctx context.Context, tx *gorm.DB) ([]VerifyProblem, int64, error) {
+	type grantRow struct {
+		ID, CustomerID           string
+		Remaining, Held, ByHolds int64
+		Voided                   bool
+	}
+	var grants []grantRow
+	err := tx.WithContext(ctx).Raw(`
+		WITH hd AS (SELECT d.grant_id, sum(d.amount)::bigint AS amount
+		            FROM credit_holds h, jsonb_to_recordset(h.draws) AS d(grant_id text, amount bigint)
+		            WHERE h.status = 'active' GROUP BY 1)
+		SELECT g.id, g.customer_id, g.remaining, g.held, COALESCE(hd.amount, 0) AS by_holds, g.voided_at IS NOT NULL AS voided
+		FROM credit_grants g LEFT JOIN hd ON hd.grant_id = g.id
+		WHERE g.held <> COALESCE(hd.amount, 0) OR g.held > g.remaining OR g.held < 0
+		   OR (g.voided_at IS NOT NULL AND g.remaining <> g.held)
+		ORDER BY g.customer_id, g.id`).Scan(&grants).Error
+	if err != nil {
+		return nil, 0, err
+	}
+	var out []VerifyProblem
+	for _, g := range grants {
+		if g.Held != g.ByHolds || g.Held > g.Remaining || g.Held < 0 {
+			out = append(out, VerifyProblem{Kind: ProblemHeldMismatch, CustomerID: g.CustomerID,
+				Detail: fmt.Sprintf("grant %s has %d held of %d remaining, but active holds keep %d of it", g.ID, g.Held, g.Remaining, g.ByHolds)})
+		}
+		if g.Voided && g.Remaining != g.Held {
+			out = append(out, VerifyProblem{Kind: ProblemVoidedGrantLeft, CustomerID: g.CustomerID,
+				Detail: fmt.Sprintf("voided grant %s has %d left, of which only %d is held", g.ID, g.Remaining, g.Held)})
+		}
+	}
+	type customerRow struct {
+		CustomerID                      string
+		Balance, Held, ByHolds, ByGrant int64
+	}
+	var rows []customerRow
+	err = tx.WithContext(ctx).Raw(`
+		WITH h AS (SELECT customer_id, sum(amount)::bigint AS amount FROM credit_holds WHERE status = 'active' GROUP BY 1),
+		     g AS (SELECT customer_id, sum(held)::bigint AS held FROM credit_grants WHERE held > 0 GROUP BY 1)
+		SELECT b.customer_id, b.balance, b.held, COALESCE(h.amount, 0) AS by_holds, COALESCE(g.held, 0) AS by_grant
+		FROM credit_balances b LEFT JOIN h ON h.customer_id = b.customer_id LEFT JOIN g ON g.customer_id = b.customer_id
+		WHERE b.held <> COALESCE(h.amount, 0) OR b.held <> COALESCE(g.held, 0) OR b.held > b.balance OR b.held < 0
+		UNION ALL
+		SELECT h.customer_id, 0, 0, h.amount, 0 FROM h WHERE NOT EXISTS (SELECT 1 FROM credit_balances b WHERE b.customer_id = h.customer_id)
+		ORDER BY 1`).Scan(&rows).Error
+	if err != nil {
+		return nil, 0, err
+	}
+	for _, r := range rows {
+		out = append(out, VerifyProblem{Kind: ProblemHeldMismatch, CustomerID: r.CustomerID,
+			Detail: fmt.Sprintf("balance row holds %d of balance %d, but active holds keep %d and the grants say %d", r.Held, r.Balance, r.ByHolds, r.ByGrant)})
+	}
+	return out, 0, nil
+}
+
+// checkHolds checks each hold's own accounts: its draws add up to its
+// amount; an ended hold's captured and released add up to its amount, and
+// what it captured is exactly its one consume entry; and no active hold is
+// past its expiry at the customer's last write (which releases overdue
+// holds first).
+func checkHolds(ctx context.Context, tx *gorm.DB) ([]VerifyProblem, int64, error) {
+	type row struct {
+		ID, CustomerID, Status      string
+		Amount, Drawn               int64
+		Captured, Released, Entries int64
+		Spent                       int64
+		Overdue                     bool
+	}
+	var rows []row
+	err := tx.WithContext(ctx).Raw(`
+		WITH l AS (SELECT hold_id, count(*) AS entries, (-sum(amount))::bigint AS spent, min(id) AS entry_id
+		           FROM credit_ledger WHERE hold_id IS NOT NULL GROUP BY 1),
+		     x AS (SELECT h.*, (SELECT COALESCE(sum((d->>'amount')::bigint), 0) FROM jsonb_array_elements(h.draws) d)::bigint AS drawn,
+		                  COALESCE(l.entries, 0) AS entries, COALESCE(l.spent, 0) AS spent, l.entry_id,
+		                  (h.status = 'active' AND h.expires_at <= b.updated_at) AS overdue
+		           FROM credit_holds h LEFT JOIN l ON l.hold_id = h.id LEFT JOIN credit_balances b ON b.customer_id = h.customer_id)
+		SELECT id, customer_id, status, amount, drawn, captured, released, entries, spent, overdue FROM x
+		WHERE drawn <> amount OR (status <> 'active' AND captured + released <> amount)
+		   OR (status = 'active' AND (captured <> 0 OR released <> 0))
+		   OR spent <> captured OR entries > 1 OR transaction_id IS DISTINCT FROM entry_id OR overdue
+		ORDER BY customer_id, id`).Scan(&rows).Error
+	if err != nil {
+		return nil, 0, err
+	}
+	var out []VerifyProblem
+	for _, r := range rows {
+		if r.Overdue {
+			out = append(out, VerifyProblem{Kind: ProblemOverdueHold, CustomerID: r.CustomerID,
+				Detail: fmt.Sprintf("hold %s of %d is still active, but a later write to the customer should have released it", r.ID, r.Amount)})
+			continue
+		}
+		out = append(out, VerifyProblem{Kind: ProblemHoldAccounting, CustomerID: r.CustomerID,
+			Detail: fmt.Sprintf("hold %s (%s) of %d drew %d, captured %d and released %d; %d consume entries spent %d",
+				r.ID, r.Status, r.Amount, r.Drawn, r.Captured, r.Released, r.Entries, r.Spent)})
+	}
+	return out, 0, nil
+}
+
+// CheckOverdueHolds is the Checker for a live system: no active hold is
+// still active more than OverdueHoldGrace past its expiry by the
+// database's clock, which the sweeper would have prevented. (The built-in
+// checks do not use the clock, so they also hold for tests that set one.)
+func CheckOverdueHolds(ctx context.Context, tx *gorm.DB) ([]VerifyProblem, int64, error) {
+	type row struct {
+		ID, CustomerID string
+		Amount         int64
+		ExpiresAt      time.Time
+	}
+	var rows []row
+	err := tx.WithContext(ctx).Raw(`SELECT id, customer_id, amount, expires_at FROM credit_holds
+		WHERE status = 'active' AND expires_at < now() - make_interval(secs => ?)
+		ORDER BY customer_id, id`, OverdueHoldGrace.Seconds()).Scan(&rows).Error
+	if err != nil {
+		return nil, 0, err
+	}
+	var out []VerifyProblem
+	for _, r := range rows {
+		out = append(out, VerifyProblem{Kind: ProblemOverdueHold, CustomerID: r.CustomerID,
+			Detail: fmt.Sprintf("hold %s of %d expired at %s and is still active after more than %s: is the sweeper running?",
+				r.ID, r.Amount, r.ExpiresAt.UTC().Format(time.RFC3339), OverdueHoldGrace)})
 	}
 	return out, 0, nil
 }

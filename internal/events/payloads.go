@@ -31,6 +31,7 @@ func Payloads() []Payload {
 		PaymentDisputed{}, PaymentDisputeWon{}, PaymentDisputeLost{},
 		SubscriptionUpdated{},
 		CreditsGranted{}, CreditsLowBalance{}, CreditsExpiring{}, CreditsExpired{}, CreditsRevoked{},
+		CreditsHeld{}, CreditsCaptured{}, CreditsReleased{}, CreditsHoldExpired{}, CreditsVoided{}, CreditsAdjusted{},
 		UsageDead{},
 	}
 }
@@ -172,6 +173,11 @@ type CreditsGranted struct {
 	// ExpiresAt is null for credits that never expire.
 	ExpiresAt *time.Time `json:"expires_at"`
 	PaymentID string     `json:"payment_id,omitempty"`
+	// Priority and Category place the grant in the draw order; EffectiveAt,
+	// when present, is when a scheduled grant becomes spendable.
+	Priority    int        `json:"priority"`
+	Category    string     `json:"category"`
+	EffectiveAt *time.Time `json:"effective_at,omitempty"`
 }
 
 // CreditsLowBalance is credits.low_balance: the balance fell below the
@@ -224,6 +230,75 @@ type Draw struct {
 	Amount  int64  `json:"amount"`
 }
 
+// CreditsHeld is credits.held: a hold reserved credits for a long job.
+// Balance is unchanged (the customer still owns them); Available fell.
+type CreditsHeld struct {
+	CustomerID string    `json:"customer_id"`
+	HoldID     string    `json:"hold_id"`
+	Amount     int64     `json:"amount"`
+	Reason     string    `json:"reason"`
+	ExpiresAt  time.Time `json:"expires_at"`
+	Balance    int64     `json:"balance"`
+	Available  int64     `json:"available"`
+}
+
+// CreditsCaptured is credits.captured: a hold ended by spending Captured of
+// its credits (TransactionID is the consume entry, absent when it captured
+// none) and releasing the rest.
+type CreditsCaptured struct {
+	CustomerID    string `json:"customer_id"`
+	HoldID        string `json:"hold_id"`
+	Captured      int64  `json:"captured"`
+	Released      int64  `json:"released"`
+	TransactionID string `json:"transaction_id,omitempty"`
+	Balance       int64  `json:"balance"`
+	Available     int64  `json:"available"`
+}
+
+// CreditsReleased is credits.released: a hold ended by releasing all its
+// credits on request.
+type CreditsReleased struct {
+	CustomerID string `json:"customer_id"`
+	HoldID     string `json:"hold_id"`
+	Released   int64  `json:"released"`
+	Balance    int64  `json:"balance"`
+	Available  int64  `json:"available"`
+}
+
+// CreditsHoldExpired is credits.hold_expired: a hold passed its expires_at
+// without a capture or release, and its credits were released.
+type CreditsHoldExpired struct {
+	CustomerID string    `json:"customer_id"`
+	HoldID     string    `json:"hold_id"`
+	Released   int64     `json:"released"`
+	ExpiresAt  time.Time `json:"expires_at"`
+	Balance    int64     `json:"balance"`
+}
+
+// CreditsVoided is credits.voided: an operator voided a grant (or credits
+// a hold kept of a voided grant came back and went with it). Amount is
+// what was taken now; TransactionID its void entry, absent when 0.
+type CreditsVoided struct {
+	CustomerID    string `json:"customer_id"`
+	GrantID       string `json:"grant_id"`
+	Amount        int64  `json:"amount"`
+	TransactionID string `json:"transaction_id,omitempty"`
+	Balance       int64  `json:"balance"`
+	Reason        string `json:"reason"`
+}
+
+// CreditsAdjusted is credits.adjusted: an operator's adjustment, positive
+// (a new grant, GrantID) or negative (drawn like a consume, Draws).
+type CreditsAdjusted struct {
+	CustomerID    string `json:"customer_id"`
+	TransactionID string `json:"transaction_id"`
+	// Amount is signed: positive added credits, negative removed them.
+	Amount  int64  `json:"amount"`
+	Balance int64  `json:"balance"`
+	Reason  string `json:"reason"`
+	GrantID string `json:"grant_id,omitempty"`
+}
+
 // UsageDead is usage.dead: a usage event was dead-lettered and will not be
 // sent to Stripe unless an operator requeues it.
 type UsageDead struct {
@@ -251,6 +326,12 @@ func (CreditsLowBalance) Type() string   { return "credits.low_balance" }
 func (CreditsExpiring) Type() string     { return "credits.expiring" }
 func (CreditsExpired) Type() string      { return "credits.expired" }
 func (CreditsRevoked) Type() string      { return "credits.revoked" }
+func (CreditsHeld) Type() string         { return "credits.held" }
+func (CreditsCaptured) Type() string     { return "credits.captured" }
+func (CreditsReleased) Type() string     { return "credits.released" }
+func (CreditsHoldExpired) Type() string  { return "credits.hold_expired" }
+func (CreditsVoided) Type() string       { return "credits.voided" }
+func (CreditsAdjusted) Type() string     { return "credits.adjusted" }
 func (UsageDead) Type() string           { return "usage.dead" }
 
 func (CustomerCreated) payload()     {}
@@ -267,4 +348,10 @@ func (CreditsLowBalance) payload()   {}
 func (CreditsExpiring) payload()     {}
 func (CreditsExpired) payload()      {}
 func (CreditsRevoked) payload()      {}
+func (CreditsHeld) payload()         {}
+func (CreditsCaptured) payload()     {}
+func (CreditsReleased) payload()     {}
+func (CreditsHoldExpired) payload()  {}
+func (CreditsVoided) payload()       {}
+func (CreditsAdjusted) payload()     {}
 func (UsageDead) payload()           {}

@@ -126,6 +126,10 @@ func fromAPIGrant(customerID string, b *api.GrantRequest) credits.GrantInput {
 		return in
 	}
 	in.Amount, in.Reason, in.ExpiresAt = b.Amount, b.Reason, b.ExpiresAt
+	in.Priority, in.EffectiveAt = b.Priority, b.EffectiveAt
+	if b.Category != nil {
+		in.Category = string(*b.Category)
+	}
 	if b.Metadata != nil {
 		in.Metadata = map[string]string(*b.Metadata)
 	}
@@ -133,13 +137,73 @@ func fromAPIGrant(customerID string, b *api.GrantRequest) credits.GrantInput {
 }
 
 func toAPIGrantResult(r credits.GrantResult) api.GrantResult {
-	return api.GrantResult{TransactionId: r.TransactionID, GrantId: r.GrantID, Amount: r.Amount, Balance: r.Balance, ExpiresAt: r.ExpiresAt}
+	return api.GrantResult{TransactionId: r.TransactionID, GrantId: r.GrantID, Amount: r.Amount, Balance: r.Balance, ExpiresAt: r.ExpiresAt,
+		Priority: r.Priority, Category: api.GrantResultCategory(r.Category), EffectiveAt: r.EffectiveAt}
+}
+
+func fromAPIHold(customerID string, b *api.HoldRequest) credits.HoldInput {
+	in := credits.HoldInput{CustomerID: customerID}
+	if b == nil {
+		return in
+	}
+	in.Amount, in.Reason = b.Amount, b.Reason
+	if b.ExpiresInSeconds != nil {
+		// The schema bounds it (1..604800); a value it lets through that
+		// Validate refuses cannot come from here.
+		in.ExpiresIn = time.Duration(*b.ExpiresInSeconds) * time.Second
+	}
+	if b.Metadata != nil {
+		in.Metadata = map[string]string(*b.Metadata)
+	}
+	return in
+}
+
+func toAPIHoldEnded(e credits.HoldEnd) api.HoldEnded {
+	return api.HoldEnded{HoldId: e.HoldID, Status: api.HoldEndedStatus(e.Status), Captured: e.Captured, Released: e.Released,
+		TransactionId: ptrIfSet(e.TransactionID), Balance: e.Balance, Available: e.Available}
+}
+
+func toAPIHold(h credits.Hold) api.Hold {
+	meta := api.Metadata(h.Metadata)
+	if meta == nil {
+		meta = api.Metadata{}
+	}
+	out := api.Hold{Id: h.ID, CustomerId: h.CustomerID, Amount: h.Amount, Status: api.HoldStatus(h.Status), Reason: h.Reason,
+		Metadata: meta, Draws: make([]api.LedgerDraw, 0, len(h.Draws)), Captured: h.Captured, Released: h.Released,
+		TransactionId: ptrIfSet(h.TransactionID), ExpiresAt: h.ExpiresAt, CreatedAt: h.CreatedAt, EndedAt: h.EndedAt}
+	for _, d := range h.Draws {
+		out.Draws = append(out.Draws, api.LedgerDraw{GrantId: d.GrantID, Amount: d.Amount})
+	}
+	return out
+}
+
+func toAPIHoldPage(p credits.HoldPage) api.HoldPage {
+	out := api.HoldPage{Data: make([]api.Hold, 0, len(p.Holds)), NextCursor: ptrIfSet(p.NextCursor)}
+	for _, h := range p.Holds {
+		out.Data = append(out.Data, toAPIHold(h))
+	}
+	return out
+}
+
+func fromAPIAdjustment(customerID string, b *api.AdjustmentRequest) credits.AdjustInput {
+	in := credits.AdjustInput{CustomerID: customerID}
+	if b == nil {
+		return in
+	}
+	in.Amount, in.Reason, in.ExpiresAt = b.Amount, b.Reason, b.ExpiresAt
+	if b.Metadata != nil {
+		in.Metadata = map[string]string(*b.Metadata)
+	}
+	return in
 }
 
 func toAPIBalance(b credits.Balance) api.Balance {
 	out := api.Balance{
 		CustomerId:          b.CustomerID,
 		Balance:             b.Balance,
+		Held:                b.Held,
+		Pending:             b.Pending,
+		Available:           b.Available,
 		Grants:              make([]api.GrantSummary, 0, len(b.Grants)),
 		NextExpiry:          b.NextExpiry,
 		NextExpiryAmount:    b.NextExpiryAmount,
@@ -147,8 +211,9 @@ func toAPIBalance(b credits.Balance) api.Balance {
 	}
 	for _, g := range b.Grants {
 		out.Grants = append(out.Grants, api.GrantSummary{
-			Id: g.ID, Amount: g.Amount, Remaining: g.Remaining, Source: api.GrantSummarySource(g.Source),
+			Id: g.ID, Amount: g.Amount, Remaining: g.Remaining, Held: g.Held, Source: api.GrantSummarySource(g.Source),
 			PaymentId: ptrIfSet(g.PaymentID), ExpiresAt: g.ExpiresAt, CreatedAt: g.CreatedAt,
+			Priority: g.Priority, Category: api.GrantSummaryCategory(g.Category), EffectiveAt: g.EffectiveAt,
 		})
 	}
 	return out
@@ -164,7 +229,7 @@ func toAPILedgerPage(p credits.LedgerPage) api.LedgerPage {
 		entry := api.LedgerEntry{
 			Id: e.ID, Kind: api.LedgerEntryKind(e.Kind), Amount: e.Amount, BalanceAfter: e.BalanceAfter,
 			Reason: e.Reason, Metadata: meta, GrantId: ptrIfSet(e.GrantID), PaymentId: ptrIfSet(e.PaymentID),
-			CreatedAt: e.CreatedAt,
+			HoldId: ptrIfSet(e.HoldID), CreatedAt: e.CreatedAt,
 		}
 		if e.Shortfall > 0 {
 			entry.Shortfall = &e.Shortfall

@@ -75,6 +75,11 @@ var problemExtensions = map[string]func(p *api.Problem, v any){
 			p.Balance = &n
 		}
 	},
+	"available": func(p *api.Problem, v any) {
+		if n, ok := v.(int64); ok {
+			p.Available = &n
+		}
+	},
 }
 
 // errorHandler writes every error as application/problem+json. Internal

@@ -18,6 +18,36 @@ import (
 	"github.com/oapi-codegen/runtime"
 )
 
+// Defines values for CreditsAdjustedEventType.
+const (
+	CreditsAdjusted CreditsAdjustedEventType = "credits.adjusted"
+)
+
+// Valid indicates whether the value is a known member of the CreditsAdjustedEventType enum.
+func (e CreditsAdjustedEventType) Valid() bool {
+	switch e {
+	case CreditsAdjusted:
+		return true
+	default:
+		return false
+	}
+}
+
+// Defines values for CreditsCapturedEventType.
+const (
+	CreditsCaptured CreditsCapturedEventType = "credits.captured"
+)
+
+// Valid indicates whether the value is a known member of the CreditsCapturedEventType enum.
+func (e CreditsCapturedEventType) Valid() bool {
+	switch e {
+	case CreditsCaptured:
+		return true
+	default:
+		return false
+	}
+}
+
 // Defines values for CreditsExpiredEventType.
 const (
 	CreditsExpired CreditsExpiredEventType = "credits.expired"
@@ -42,6 +72,24 @@ const (
 func (e CreditsExpiringEventType) Valid() bool {
 	switch e {
 	case CreditsExpiring:
+		return true
+	default:
+		return false
+	}
+}
+
+// Defines values for CreditsGrantedDataCategory.
+const (
+	CreditsGrantedDataCategoryPaid        CreditsGrantedDataCategory = "paid"
+	CreditsGrantedDataCategoryPromotional CreditsGrantedDataCategory = "promotional"
+)
+
+// Valid indicates whether the value is a known member of the CreditsGrantedDataCategory enum.
+func (e CreditsGrantedDataCategory) Valid() bool {
+	switch e {
+	case CreditsGrantedDataCategoryPaid:
+		return true
+	case CreditsGrantedDataCategoryPromotional:
 		return true
 	default:
 		return false
@@ -84,6 +132,36 @@ func (e CreditsGrantedEventType) Valid() bool {
 	}
 }
 
+// Defines values for CreditsHeldEventType.
+const (
+	CreditsHeld CreditsHeldEventType = "credits.held"
+)
+
+// Valid indicates whether the value is a known member of the CreditsHeldEventType enum.
+func (e CreditsHeldEventType) Valid() bool {
+	switch e {
+	case CreditsHeld:
+		return true
+	default:
+		return false
+	}
+}
+
+// Defines values for CreditsHoldExpiredEventType.
+const (
+	CreditsHoldExpired CreditsHoldExpiredEventType = "credits.hold_expired"
+)
+
+// Valid indicates whether the value is a known member of the CreditsHoldExpiredEventType enum.
+func (e CreditsHoldExpiredEventType) Valid() bool {
+	switch e {
+	case CreditsHoldExpired:
+		return true
+	default:
+		return false
+	}
+}
+
 // Defines values for CreditsLowBalanceEventType.
 const (
 	CreditsLowBalance CreditsLowBalanceEventType = "credits.low_balance"
@@ -99,6 +177,21 @@ func (e CreditsLowBalanceEventType) Valid() bool {
 	}
 }
 
+// Defines values for CreditsReleasedEventType.
+const (
+	CreditsReleased CreditsReleasedEventType = "credits.released"
+)
+
+// Valid indicates whether the value is a known member of the CreditsReleasedEventType enum.
+func (e CreditsReleasedEventType) Valid() bool {
+	switch e {
+	case CreditsReleased:
+		return true
+	default:
+		return false
+	}
+}
+
 // Defines values for CreditsRevokedEventType.
 const (
 	CreditsRevoked CreditsRevokedEventType = "credits.revoked"
@@ -108,6 +201,21 @@ const (
 func (e CreditsRevokedEventType) Valid() bool {
 	switch e {
 	case CreditsRevoked:
+		return true
+	default:
+		return false
+	}
+}
+
+// Defines values for CreditsVoidedEventType.
+const (
+	CreditsVoided CreditsVoidedEventType = "credits.voided"
+)
+
+// Valid indicates whether the value is a known member of the CreditsVoidedEventType enum.
+func (e CreditsVoidedEventType) Valid() bool {
+	switch e {
+	case CreditsVoided:
 		return true
 	default:
 		return false
@@ -198,6 +306,60 @@ func (e ErrorCode) Valid() bool {
 	}
 }
 
+// Defines values for GrantRequestCategory.
+const (
+	GrantRequestCategoryPaid        GrantRequestCategory = "paid"
+	GrantRequestCategoryPromotional GrantRequestCategory = "promotional"
+)
+
+// Valid indicates whether the value is a known member of the GrantRequestCategory enum.
+func (e GrantRequestCategory) Valid() bool {
+	switch e {
+	case GrantRequestCategoryPaid:
+		return true
+	case GrantRequestCategoryPromotional:
+		return true
+	default:
+		return false
+	}
+}
+
+// Defines values for GrantResultCategory.
+const (
+	GrantResultCategoryPaid        GrantResultCategory = "paid"
+	GrantResultCategoryPromotional GrantResultCategory = "promotional"
+)
+
+// Valid indicates whether the value is a known member of the GrantResultCategory enum.
+func (e GrantResultCategory) Valid() bool {
+	switch e {
+	case GrantResultCategoryPaid:
+		return true
+	case GrantResultCategoryPromotional:
+		return true
+	default:
+		return false
+	}
+}
+
+// Defines values for GrantSummaryCategory.
+const (
+	GrantSummaryCategoryPaid        GrantSummaryCategory = "paid"
+	GrantSummaryCategoryPromotional GrantSummaryCategory = "promotional"
+)
+
+// Valid indicates whether the value is a known member of the GrantSummaryCategory enum.
+func (e GrantSummaryCategory) Valid() bool {
+	switch e {
+	case GrantSummaryCategoryPaid:
+		return true
+	case GrantSummaryCategoryPromotional:
+		return true
+	default:
+		return false
+	}
+}
+
 // Defines values for GrantSummarySource.
 const (
 	DisputeWon GrantSummarySource = "dispute_won"
@@ -237,6 +399,63 @@ func (e HealthStatus) Valid() bool {
 	}
 }
 
+// Defines values for HoldStatus.
+const (
+	HoldStatusActive   HoldStatus = "active"
+	HoldStatusCaptured HoldStatus = "captured"
+	HoldStatusExpired  HoldStatus = "expired"
+	HoldStatusReleased HoldStatus = "released"
+)
+
+// Valid indicates whether the value is a known member of the HoldStatus enum.
+func (e HoldStatus) Valid() bool {
+	switch e {
+	case HoldStatusActive:
+		return true
+	case HoldStatusCaptured:
+		return true
+	case HoldStatusExpired:
+		return true
+	case HoldStatusReleased:
+		return true
+	default:
+		return false
+	}
+}
+
+// Defines values for HoldCreatedStatus.
+const (
+	HoldCreatedStatusActive HoldCreatedStatus = "active"
+)
+
+// Valid indicates whether the value is a known member of the HoldCreatedStatus enum.
+func (e HoldCreatedStatus) Valid() bool {
+	switch e {
+	case HoldCreatedStatusActive:
+		return true
+	default:
+		return false
+	}
+}
+
+// Defines values for HoldEndedStatus.
+const (
+	HoldEndedStatusCaptured HoldEndedStatus = "captured"
+	HoldEndedStatusReleased HoldEndedStatus = "released"
+)
+
+// Valid indicates whether the value is a known member of the HoldEndedStatus enum.
+func (e HoldEndedStatus) Valid() bool {
+	switch e {
+	case HoldEndedStatusCaptured:
+		return true
+	case HoldEndedStatusReleased:
+		return true
+	default:
+		return false
+	}
+}
+
 // Defines values for LedgerEntryKind.
 const (
 	Adjust  LedgerEntryKind = "adjust"
@@ -244,6 +463,7 @@ const (
 	Expire  LedgerEntryKind = "expire"
 	Grant   LedgerEntryKind = "grant"
 	Revoke  LedgerEntryKind = "revoke"
+	Void    LedgerEntryKind = "void"
 )
 
 // Valid indicates whether the value is a known member of the LedgerEntryKind enum.
@@ -258,6 +478,8 @@ func (e LedgerEntryKind) Valid() bool {
 	case Grant:
 		return true
 	case Revoke:
+		return true
+	case Void:
 		return true
 	default:
 		return false
@@ -588,19 +810,90 @@ func (e UsageStatus) Valid() bool {
 	}
 }
 
+// Defines values for ListHoldsParamsStatus.
+const (
+	ListHoldsParamsStatusActive   ListHoldsParamsStatus = "active"
+	ListHoldsParamsStatusCaptured ListHoldsParamsStatus = "captured"
+	ListHoldsParamsStatusExpired  ListHoldsParamsStatus = "expired"
+	ListHoldsParamsStatusReleased ListHoldsParamsStatus = "released"
+)
+
+// Valid indicates whether the value is a known member of the ListHoldsParamsStatus enum.
+func (e ListHoldsParamsStatus) Valid() bool {
+	switch e {
+	case ListHoldsParamsStatusActive:
+		return true
+	case ListHoldsParamsStatusCaptured:
+		return true
+	case ListHoldsParamsStatusExpired:
+		return true
+	case ListHoldsParamsStatusReleased:
+		return true
+	default:
+		return false
+	}
+}
+
+// AdjustmentRequest defines model for AdjustmentRequest.
+type AdjustmentRequest struct {
+	// Amount Non-zero; positive adds credits, negative removes them.
+	Amount int64 `json:"amount"`
+
+	// ExpiresAt For a positive adjustment: when its credits expire (omitted: never).
+	ExpiresAt *time.Time `json:"expires_at,omitempty"`
+
+	// Metadata Up to 50 string values, keys up to 40 characters, values up to 500.
+	Metadata *Metadata `json:"metadata,omitempty"`
+	Reason   string    `json:"reason"`
+}
+
+// AdjustmentResult defines model for AdjustmentResult.
+type AdjustmentResult struct {
+	Amount  int64 `json:"amount"`
+	Balance int64 `json:"balance"`
+
+	// GrantId The grant a positive adjustment added.
+	GrantId       *string `json:"grant_id,omitempty"`
+	TransactionId string  `json:"transaction_id"`
+}
+
 // Balance defines model for Balance.
 type Balance struct {
-	// Balance Spendable now: unspent credits of unexpired grants.
+	// Available What may be spent or held now: `balance - held - pending`.
+	Available int64 `json:"available"`
+
+	// Balance What the customer owns: unspent credits of unexpired grants (scheduled ones included) and what active holds keep.
 	Balance    int64      `json:"balance"`
 	CustomerId CustomerID `json:"customer_id"`
 
-	// Grants Grants with credits left, soonest expiry first.
-	Grants              []GrantSummary `json:"grants"`
-	LowBalanceThreshold int64          `json:"low_balance_threshold"`
+	// Grants Grants with credits left, in draw order.
+	Grants []GrantSummary `json:"grants"`
 
-	// NextExpiry When the soonest-expiring remaining credits expire.
+	// Held What active holds keep.
+	Held                int64 `json:"held"`
+	LowBalanceThreshold int64 `json:"low_balance_threshold"`
+
+	// NextExpiry When the soonest-expiring credits that no hold keeps expire.
 	NextExpiry       *time.Time `json:"next_expiry,omitempty"`
 	NextExpiryAmount *int64     `json:"next_expiry_amount,omitempty"`
+
+	// Pending Credits of grants whose `effective_at` is still ahead.
+	Pending int64 `json:"pending"`
+}
+
+// BalanceAt defines model for BalanceAt.
+type BalanceAt struct {
+	At time.Time `json:"at"`
+
+	// Balance The balance after the last ledger entry at or before `at`.
+	Balance    int64      `json:"balance"`
+	CustomerId CustomerID `json:"customer_id"`
+}
+
+// CaptureRequest defines model for CaptureRequest.
+type CaptureRequest struct {
+	// Amount Omitted: all of the hold. 0 spends nothing.
+	Amount *int64 `json:"amount,omitempty"`
 }
 
 // Catalog defines model for Catalog.
@@ -608,6 +901,20 @@ type Catalog struct {
 	CreditPacks []CreditPack `json:"credit_packs"`
 	Plans       []Plan       `json:"plans"`
 	Products    []Product    `json:"products"`
+}
+
+// CheckRequest defines model for CheckRequest.
+type CheckRequest struct {
+	Amount int64 `json:"amount"`
+}
+
+// CheckResult defines model for CheckResult.
+type CheckResult struct {
+	// Allowed `available >= amount`.
+	Allowed   bool  `json:"allowed"`
+	Amount    int64 `json:"amount"`
+	Available int64 `json:"available"`
+	Balance   int64 `json:"balance"`
 }
 
 // CheckoutSession defines model for CheckoutSession.
@@ -670,6 +977,50 @@ type CreditPack struct {
 	Name                string `json:"name"`
 }
 
+// CreditsAdjustedData defines model for CreditsAdjustedData.
+type CreditsAdjustedData struct {
+	// Amount Signed: positive added credits, negative removed them.
+	Amount     int64  `json:"amount"`
+	Balance    int64  `json:"balance"`
+	CustomerId string `json:"customer_id"`
+
+	// GrantId The grant a positive adjustment added.
+	GrantId       *string `json:"grant_id,omitempty"`
+	Reason        string  `json:"reason"`
+	TransactionId string  `json:"transaction_id"`
+}
+
+// CreditsAdjustedEvent An operator adjusted the balance, either way.
+type CreditsAdjustedEvent struct {
+	Data CreditsAdjustedData      `json:"data"`
+	Type CreditsAdjustedEventType `json:"type"`
+}
+
+// CreditsAdjustedEventType defines model for CreditsAdjustedEvent.Type.
+type CreditsAdjustedEventType string
+
+// CreditsCapturedData defines model for CreditsCapturedData.
+type CreditsCapturedData struct {
+	Available  int64  `json:"available"`
+	Balance    int64  `json:"balance"`
+	Captured   int64  `json:"captured"`
+	CustomerId string `json:"customer_id"`
+	HoldId     string `json:"hold_id"`
+	Released   int64  `json:"released"`
+
+	// TransactionId The consume entry; absent when nothing was captured.
+	TransactionId *string `json:"transaction_id,omitempty"`
+}
+
+// CreditsCapturedEvent A hold ended by spending `captured` of its credits and releasing the rest.
+type CreditsCapturedEvent struct {
+	Data CreditsCapturedData      `json:"data"`
+	Type CreditsCapturedEventType `json:"type"`
+}
+
+// CreditsCapturedEventType defines model for CreditsCapturedEvent.Type.
+type CreditsCapturedEventType string
+
 // CreditsExpiredData defines model for CreditsExpiredData.
 type CreditsExpiredData struct {
 	Amount        int64     `json:"amount"`
@@ -711,19 +1062,29 @@ type CreditsGrantedData struct {
 	Amount int64 `json:"amount"`
 
 	// Balance The balance after the grant.
-	Balance    int64  `json:"balance"`
-	CustomerId string `json:"customer_id"`
+	Balance    int64                      `json:"balance"`
+	Category   CreditsGrantedDataCategory `json:"category"`
+	CustomerId string                     `json:"customer_id"`
+
+	// EffectiveAt When a scheduled grant becomes spendable; absent for credits spendable at once.
+	EffectiveAt *time.Time `json:"effective_at,omitempty"`
 
 	// ExpiresAt Null for credits that never expire.
 	ExpiresAt *time.Time `json:"expires_at"`
 	GrantId   string     `json:"grant_id"`
 
 	// PaymentId The payment that bought or returned the credits; absent for a grant through the API.
-	PaymentId     *string                  `json:"payment_id,omitempty"`
+	PaymentId *string `json:"payment_id,omitempty"`
+
+	// Priority Draw order: lower is spent first.
+	Priority      int                      `json:"priority"`
 	Reason        string                   `json:"reason"`
 	Source        CreditsGrantedDataSource `json:"source"`
 	TransactionId string                   `json:"transaction_id"`
 }
+
+// CreditsGrantedDataCategory defines model for CreditsGrantedData.Category.
+type CreditsGrantedDataCategory string
 
 // CreditsGrantedDataSource defines model for CreditsGrantedData.Source.
 type CreditsGrantedDataSource string
@@ -736,6 +1097,44 @@ type CreditsGrantedEvent struct {
 
 // CreditsGrantedEventType defines model for CreditsGrantedEvent.Type.
 type CreditsGrantedEventType string
+
+// CreditsHeldData defines model for CreditsHeldData.
+type CreditsHeldData struct {
+	Amount     int64     `json:"amount"`
+	Available  int64     `json:"available"`
+	Balance    int64     `json:"balance"`
+	CustomerId string    `json:"customer_id"`
+	ExpiresAt  time.Time `json:"expires_at"`
+	HoldId     string    `json:"hold_id"`
+	Reason     string    `json:"reason"`
+}
+
+// CreditsHeldEvent A hold reserved credits; the balance is unchanged, `available` fell.
+type CreditsHeldEvent struct {
+	Data CreditsHeldData      `json:"data"`
+	Type CreditsHeldEventType `json:"type"`
+}
+
+// CreditsHeldEventType defines model for CreditsHeldEvent.Type.
+type CreditsHeldEventType string
+
+// CreditsHoldExpiredData defines model for CreditsHoldExpiredData.
+type CreditsHoldExpiredData struct {
+	Balance    int64     `json:"balance"`
+	CustomerId string    `json:"customer_id"`
+	ExpiresAt  time.Time `json:"expires_at"`
+	HoldId     string    `json:"hold_id"`
+	Released   int64     `json:"released"`
+}
+
+// CreditsHoldExpiredEvent A hold passed its `expires_at` without a capture or release; its credits were released.
+type CreditsHoldExpiredEvent struct {
+	Data CreditsHoldExpiredData      `json:"data"`
+	Type CreditsHoldExpiredEventType `json:"type"`
+}
+
+// CreditsHoldExpiredEventType defines model for CreditsHoldExpiredEvent.Type.
+type CreditsHoldExpiredEventType string
 
 // CreditsLowBalanceData defines model for CreditsLowBalanceData.
 type CreditsLowBalanceData struct {
@@ -752,6 +1151,24 @@ type CreditsLowBalanceEvent struct {
 
 // CreditsLowBalanceEventType defines model for CreditsLowBalanceEvent.Type.
 type CreditsLowBalanceEventType string
+
+// CreditsReleasedData defines model for CreditsReleasedData.
+type CreditsReleasedData struct {
+	Available  int64  `json:"available"`
+	Balance    int64  `json:"balance"`
+	CustomerId string `json:"customer_id"`
+	HoldId     string `json:"hold_id"`
+	Released   int64  `json:"released"`
+}
+
+// CreditsReleasedEvent A hold was released on request; all its credits are available again.
+type CreditsReleasedEvent struct {
+	Data CreditsReleasedData      `json:"data"`
+	Type CreditsReleasedEventType `json:"type"`
+}
+
+// CreditsReleasedEventType defines model for CreditsReleasedEvent.Type.
+type CreditsReleasedEventType string
 
 // CreditsRevokedData defines model for CreditsRevokedData.
 type CreditsRevokedData struct {
@@ -781,6 +1198,28 @@ type CreditsRevokedEvent struct {
 
 // CreditsRevokedEventType defines model for CreditsRevokedEvent.Type.
 type CreditsRevokedEventType string
+
+// CreditsVoidedData defines model for CreditsVoidedData.
+type CreditsVoidedData struct {
+	// Amount Credits taken now.
+	Amount     int64  `json:"amount"`
+	Balance    int64  `json:"balance"`
+	CustomerId string `json:"customer_id"`
+	GrantId    string `json:"grant_id"`
+	Reason     string `json:"reason"`
+
+	// TransactionId The void entry; absent when nothing was taken now.
+	TransactionId *string `json:"transaction_id,omitempty"`
+}
+
+// CreditsVoidedEvent A grant was voided (or credits a hold kept of a voided grant came back and were voided).
+type CreditsVoidedEvent struct {
+	Data CreditsVoidedData      `json:"data"`
+	Type CreditsVoidedEventType `json:"type"`
+}
+
+// CreditsVoidedEventType defines model for CreditsVoidedEvent.Type.
+type CreditsVoidedEventType string
 
 // Customer defines model for Customer.
 type Customer struct {
@@ -880,37 +1319,66 @@ type FieldError struct {
 
 // GrantRequest defines model for GrantRequest.
 type GrantRequest struct {
-	Amount int64 `json:"amount"`
+	Amount   int64                 `json:"amount"`
+	Category *GrantRequestCategory `json:"category,omitempty"`
+
+	// EffectiveAt A future time before which the credits are owned but not spendable (shown as `pending`); omitted means at once.
+	EffectiveAt *time.Time `json:"effective_at,omitempty"`
 
 	// ExpiresAt Must be in the future; omitted means never.
 	ExpiresAt *time.Time `json:"expires_at,omitempty"`
 
 	// Metadata Up to 50 string values, keys up to 40 characters, values up to 500.
 	Metadata *Metadata `json:"metadata,omitempty"`
-	Reason   string    `json:"reason"`
+
+	// Priority Draw order: lower is spent first.
+	Priority *int   `json:"priority,omitempty"`
+	Reason   string `json:"reason"`
 }
+
+// GrantRequestCategory defines model for GrantRequest.Category.
+type GrantRequestCategory string
 
 // GrantResult defines model for GrantResult.
 type GrantResult struct {
-	Amount        int64      `json:"amount"`
-	Balance       int64      `json:"balance"`
-	ExpiresAt     *time.Time `json:"expires_at,omitempty"`
-	GrantId       string     `json:"grant_id"`
-	TransactionId string     `json:"transaction_id"`
+	Amount        int64               `json:"amount"`
+	Balance       int64               `json:"balance"`
+	Category      GrantResultCategory `json:"category"`
+	EffectiveAt   *time.Time          `json:"effective_at,omitempty"`
+	ExpiresAt     *time.Time          `json:"expires_at,omitempty"`
+	GrantId       string              `json:"grant_id"`
+	Priority      int                 `json:"priority"`
+	TransactionId string              `json:"transaction_id"`
 }
+
+// GrantResultCategory defines model for GrantResult.Category.
+type GrantResultCategory string
 
 // GrantSummary defines model for GrantSummary.
 type GrantSummary struct {
-	Amount    int64      `json:"amount"`
-	CreatedAt time.Time  `json:"created_at"`
-	ExpiresAt *time.Time `json:"expires_at,omitempty"`
-	Id        string     `json:"id"`
-	PaymentId *string    `json:"payment_id,omitempty"`
-	Remaining int64      `json:"remaining"`
+	Amount    int64                `json:"amount"`
+	Category  GrantSummaryCategory `json:"category"`
+	CreatedAt time.Time            `json:"created_at"`
+
+	// EffectiveAt When a scheduled grant becomes spendable.
+	EffectiveAt *time.Time `json:"effective_at,omitempty"`
+	ExpiresAt   *time.Time `json:"expires_at,omitempty"`
+
+	// Held The part of `remaining` active holds keep.
+	Held      int64   `json:"held"`
+	Id        string  `json:"id"`
+	PaymentId *string `json:"payment_id,omitempty"`
+
+	// Priority Lower is spent first.
+	Priority  int   `json:"priority"`
+	Remaining int64 `json:"remaining"`
 
 	// Source `dispute_won`: credits a chargeback took back, returned when the dispute was won, with the expiry of the grant they came from.
 	Source GrantSummarySource `json:"source"`
 }
+
+// GrantSummaryCategory defines model for GrantSummary.Category.
+type GrantSummaryCategory string
 
 // GrantSummarySource `dispute_won`: credits a chargeback took back, returned when the dispute was won, with the expiry of the grant they came from.
 type GrantSummarySource string
@@ -923,6 +1391,79 @@ type Health struct {
 
 // HealthStatus defines model for Health.Status.
 type HealthStatus string
+
+// Hold defines model for Hold.
+type Hold struct {
+	Amount     int64     `json:"amount"`
+	Captured   int64     `json:"captured"`
+	CreatedAt  time.Time `json:"created_at"`
+	CustomerId string    `json:"customer_id"`
+
+	// Draws What the hold kept of each grant, in draw order.
+	Draws     []LedgerDraw `json:"draws"`
+	EndedAt   *time.Time   `json:"ended_at,omitempty"`
+	ExpiresAt time.Time    `json:"expires_at"`
+	Id        string       `json:"id"`
+
+	// Metadata Up to 50 string values, keys up to 40 characters, values up to 500.
+	Metadata Metadata `json:"metadata"`
+	Reason   string   `json:"reason"`
+	Released int64    `json:"released"`
+
+	// Status An active hold past `expires_at` is shown `expired` even before the sweeper records it.
+	Status        HoldStatus `json:"status"`
+	TransactionId *string    `json:"transaction_id,omitempty"`
+}
+
+// HoldStatus An active hold past `expires_at` is shown `expired` even before the sweeper records it.
+type HoldStatus string
+
+// HoldCreated defines model for HoldCreated.
+type HoldCreated struct {
+	Amount    int64 `json:"amount"`
+	Available int64 `json:"available"`
+
+	// Balance Unchanged by a hold: the customer still owns the credits.
+	Balance   int64             `json:"balance"`
+	ExpiresAt time.Time         `json:"expires_at"`
+	HoldId    string            `json:"hold_id"`
+	Status    HoldCreatedStatus `json:"status"`
+}
+
+// HoldCreatedStatus defines model for HoldCreated.Status.
+type HoldCreatedStatus string
+
+// HoldEnded defines model for HoldEnded.
+type HoldEnded struct {
+	Available int64           `json:"available"`
+	Balance   int64           `json:"balance"`
+	Captured  int64           `json:"captured"`
+	HoldId    string          `json:"hold_id"`
+	Released  int64           `json:"released"`
+	Status    HoldEndedStatus `json:"status"`
+
+	// TransactionId The capture's consume entry; null when nothing was spent.
+	TransactionId *string `json:"transaction_id,omitempty"`
+}
+
+// HoldEndedStatus defines model for HoldEnded.Status.
+type HoldEndedStatus string
+
+// HoldPage defines model for HoldPage.
+type HoldPage struct {
+	Data       []Hold  `json:"data"`
+	NextCursor *string `json:"next_cursor"`
+}
+
+// HoldRequest defines model for HoldRequest.
+type HoldRequest struct {
+	Amount           int64 `json:"amount"`
+	ExpiresInSeconds *int  `json:"expires_in_seconds,omitempty"`
+
+	// Metadata Up to 50 string values, keys up to 40 characters, values up to 500.
+	Metadata *Metadata `json:"metadata,omitempty"`
+	Reason   string    `json:"reason"`
+}
 
 // LedgerDraw defines model for LedgerDraw.
 type LedgerDraw struct {
@@ -937,13 +1478,16 @@ type LedgerEntry struct {
 	BalanceAfter int64     `json:"balance_after"`
 	CreatedAt    time.Time `json:"created_at"`
 
-	// Draws For consume and revoke entries, the grants drawn from.
+	// Draws For consume, revoke and negative adjust entries, the grants drawn from.
 	Draws *[]LedgerDraw `json:"draws,omitempty"`
 
-	// GrantId The grant a grant, expire or revoke entry is about (for a revoke, the purchase grant of the refunded or disputed payment).
-	GrantId *string         `json:"grant_id,omitempty"`
-	Id      string          `json:"id"`
-	Kind    LedgerEntryKind `json:"kind"`
+	// GrantId The grant a grant, expire, void, revoke or positive adjust entry is about (for a revoke, the purchase grant of the refunded or disputed payment).
+	GrantId *string `json:"grant_id,omitempty"`
+
+	// HoldId For the consume entry of a capture: the hold it spent from.
+	HoldId *string         `json:"hold_id,omitempty"`
+	Id     string          `json:"id"`
+	Kind   LedgerEntryKind `json:"kind"`
 
 	// Metadata Up to 50 string values, keys up to 40 characters, values up to 500.
 	Metadata  Metadata `json:"metadata"`
@@ -1240,6 +1784,9 @@ type Plan struct {
 
 // Problem defines model for Problem.
 type Problem struct {
+	// Available What of the balance could be spent or held now, for `insufficient_credits`.
+	Available *int64 `json:"available,omitempty"`
+
 	// Balance The current balance, for `insufficient_credits`.
 	Balance *int64    `json:"balance,omitempty"`
 	Code    ErrorCode `json:"code"`
@@ -1523,8 +2070,28 @@ type VerifyReport struct {
 	Receivables []Receivable `json:"receivables"`
 }
 
+// VoidRequest defines model for VoidRequest.
+type VoidRequest struct {
+	Reason string `json:"reason"`
+}
+
+// VoidResult defines model for VoidResult.
+type VoidResult struct {
+	Balance int64  `json:"balance"`
+	GrantId string `json:"grant_id"`
+
+	// TransactionId The void ledger entry; null when nothing was taken now.
+	TransactionId *string `json:"transaction_id,omitempty"`
+
+	// Voided Credits taken now (what holds keep is voided when released).
+	Voided int64 `json:"voided"`
+}
+
 // Cursor defines model for Cursor.
 type Cursor = string
+
+// HoldID defines model for HoldID.
+type HoldID = string
 
 // IdempotencyKey defines model for IdempotencyKey.
 type IdempotencyKey = string
@@ -1558,6 +2125,22 @@ type CreateCheckoutSessionParams struct {
 	IdempotencyKey *IdempotencyKeyOptional `json:"Idempotency-Key,omitempty"`
 }
 
+// GetBalanceParams defines parameters for GetBalance.
+type GetBalanceParams struct {
+	// At A past time; the answer is then the balance the ledger showed at it.
+	At *time.Time `form:"at,omitempty" json:"at,omitempty"`
+}
+
+// GetBalance200JSONResponseBody defines parameters for GetBalance.
+type GetBalance200JSONResponseBody struct {
+	union json.RawMessage
+}
+
+// AdjustCreditsParams defines parameters for AdjustCredits.
+type AdjustCreditsParams struct {
+	IdempotencyKey IdempotencyKey `json:"Idempotency-Key"`
+}
+
 // ConsumeCreditsParams defines parameters for ConsumeCredits.
 type ConsumeCreditsParams struct {
 	IdempotencyKey IdempotencyKey `json:"Idempotency-Key"`
@@ -1566,6 +2149,38 @@ type ConsumeCreditsParams struct {
 // GrantCreditsParams defines parameters for GrantCredits.
 type GrantCreditsParams struct {
 	IdempotencyKey IdempotencyKey `json:"Idempotency-Key"`
+}
+
+// VoidGrantParams defines parameters for VoidGrant.
+type VoidGrantParams struct {
+	IdempotencyKey IdempotencyKey `json:"Idempotency-Key"`
+}
+
+// ListHoldsParams defines parameters for ListHolds.
+type ListHoldsParams struct {
+	Status *ListHoldsParamsStatus `form:"status,omitempty" json:"status,omitempty"`
+	Limit  *Limit                 `form:"limit,omitempty" json:"limit,omitempty"`
+
+	// Cursor The `next_cursor` of the previous page.
+	Cursor *Cursor `form:"cursor,omitempty" json:"cursor,omitempty"`
+}
+
+// ListHoldsParamsStatus defines parameters for ListHolds.
+type ListHoldsParamsStatus string
+
+// CreateHoldParams defines parameters for CreateHold.
+type CreateHoldParams struct {
+	IdempotencyKey IdempotencyKey `json:"Idempotency-Key"`
+}
+
+// CaptureHoldParams defines parameters for CaptureHold.
+type CaptureHoldParams struct {
+	IdempotencyKey IdempotencyKey `json:"Idempotency-Key"`
+}
+
+// ReleaseHoldParams defines parameters for ReleaseHold.
+type ReleaseHoldParams struct {
+	IdempotencyKey *IdempotencyKeyOptional `json:"Idempotency-Key,omitempty"`
 }
 
 // ListCreditTransactionsParams defines parameters for ListCreditTransactions.
@@ -1619,11 +2234,26 @@ type CreateCheckoutSessionJSONRequestBody = CheckoutSessionCreate
 // UpsertCustomerJSONRequestBody defines body for UpsertCustomer for application/json ContentType.
 type UpsertCustomerJSONRequestBody = CustomerUpsert
 
+// AdjustCreditsJSONRequestBody defines body for AdjustCredits for application/json ContentType.
+type AdjustCreditsJSONRequestBody = AdjustmentRequest
+
+// CheckCreditsJSONRequestBody defines body for CheckCredits for application/json ContentType.
+type CheckCreditsJSONRequestBody = CheckRequest
+
 // ConsumeCreditsJSONRequestBody defines body for ConsumeCredits for application/json ContentType.
 type ConsumeCreditsJSONRequestBody = ConsumeRequest
 
 // GrantCreditsJSONRequestBody defines body for GrantCredits for application/json ContentType.
 type GrantCreditsJSONRequestBody = GrantRequest
+
+// VoidGrantJSONRequestBody defines body for VoidGrant for application/json ContentType.
+type VoidGrantJSONRequestBody = VoidRequest
+
+// CreateHoldJSONRequestBody defines body for CreateHold for application/json ContentType.
+type CreateHoldJSONRequestBody = HoldRequest
+
+// CaptureHoldJSONRequestBody defines body for CaptureHold for application/json ContentType.
+type CaptureHoldJSONRequestBody = CaptureRequest
 
 // IngestUsageEventsJSONRequestBody defines body for IngestUsageEvents for application/json ContentType.
 type IngestUsageEventsJSONRequestBody = UsageBatch
@@ -2132,6 +2762,222 @@ func (t *Event) MergeCreditsRevokedEvent(v CreditsRevokedEvent) error {
 	return err
 }
 
+// AsCreditsHeldEvent returns the union data inside the Event as a CreditsHeldEvent
+func (t Event) AsCreditsHeldEvent() (CreditsHeldEvent, error) {
+	var body CreditsHeldEvent
+	err := json.Unmarshal(t.union, &body)
+	return body, err
+}
+
+// FromCreditsHeldEvent overwrites any union data inside the Event as the provided CreditsHeldEvent
+func (t *Event) FromCreditsHeldEvent(v CreditsHeldEvent) error {
+	t.Type = "credits.held"
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	b, err = runtime.JSONMerge(b, []byte(`{"type":"credits.held"}`))
+	t.union = b
+	return err
+}
+
+// MergeCreditsHeldEvent performs a merge with any union data inside the Event, using the provided CreditsHeldEvent
+func (t *Event) MergeCreditsHeldEvent(v CreditsHeldEvent) error {
+	t.Type = "credits.held"
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	b, err = runtime.JSONMerge(b, []byte(`{"type":"credits.held"}`))
+	if err != nil {
+		return err
+	}
+
+	merged, err := runtime.JSONMerge(t.union, b)
+	t.union = merged
+	return err
+}
+
+// AsCreditsCapturedEvent returns the union data inside the Event as a CreditsCapturedEvent
+func (t Event) AsCreditsCapturedEvent() (CreditsCapturedEvent, error) {
+	var body CreditsCapturedEvent
+	err := json.Unmarshal(t.union, &body)
+	return body, err
+}
+
+// FromCreditsCapturedEvent overwrites any union data inside the Event as the provided CreditsCapturedEvent
+func (t *Event) FromCreditsCapturedEvent(v CreditsCapturedEvent) error {
+	t.Type = "credits.captured"
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	b, err = runtime.JSONMerge(b, []byte(`{"type":"credits.captured"}`))
+	t.union = b
+	return err
+}
+
+// MergeCreditsCapturedEvent performs a merge with any union data inside the Event, using the provided CreditsCapturedEvent
+func (t *Event) MergeCreditsCapturedEvent(v CreditsCapturedEvent) error {
+	t.Type = "credits.captured"
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	b, err = runtime.JSONMerge(b, []byte(`{"type":"credits.captured"}`))
+	if err != nil {
+		return err
+	}
+
+	merged, err := runtime.JSONMerge(t.union, b)
+	t.union = merged
+	return err
+}
+
+// AsCreditsReleasedEvent returns the union data inside the Event as a CreditsReleasedEvent
+func (t Event) AsCreditsReleasedEvent() (CreditsReleasedEvent, error) {
+	var body CreditsReleasedEvent
+	err := json.Unmarshal(t.union, &body)
+	return body, err
+}
+
+// FromCreditsReleasedEvent overwrites any union data inside the Event as the provided CreditsReleasedEvent
+func (t *Event) FromCreditsReleasedEvent(v CreditsReleasedEvent) error {
+	t.Type = "credits.released"
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	b, err = runtime.JSONMerge(b, []byte(`{"type":"credits.released"}`))
+	t.union = b
+	return err
+}
+
+// MergeCreditsReleasedEvent performs a merge with any union data inside the Event, using the provided CreditsReleasedEvent
+func (t *Event) MergeCreditsReleasedEvent(v CreditsReleasedEvent) error {
+	t.Type = "credits.released"
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	b, err = runtime.JSONMerge(b, []byte(`{"type":"credits.released"}`))
+	if err != nil {
+		return err
+	}
+
+	merged, err := runtime.JSONMerge(t.union, b)
+	t.union = merged
+	return err
+}
+
+// AsCreditsHoldExpiredEvent returns the union data inside the Event as a CreditsHoldExpiredEvent
+func (t Event) AsCreditsHoldExpiredEvent() (CreditsHoldExpiredEvent, error) {
+	var body CreditsHoldExpiredEvent
+	err := json.Unmarshal(t.union, &body)
+	return body, err
+}
+
+// FromCreditsHoldExpiredEvent overwrites any union data inside the Event as the provided CreditsHoldExpiredEvent
+func (t *Event) FromCreditsHoldExpiredEvent(v CreditsHoldExpiredEvent) error {
+	t.Type = "credits.hold_expired"
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	b, err = runtime.JSONMerge(b, []byte(`{"type":"credits.hold_expired"}`))
+	t.union = b
+	return err
+}
+
+// MergeCreditsHoldExpiredEvent performs a merge with any union data inside the Event, using the provided CreditsHoldExpiredEvent
+func (t *Event) MergeCreditsHoldExpiredEvent(v CreditsHoldExpiredEvent) error {
+	t.Type = "credits.hold_expired"
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	b, err = runtime.JSONMerge(b, []byte(`{"type":"credits.hold_expired"}`))
+	if err != nil {
+		return err
+	}
+
+	merged, err := runtime.JSONMerge(t.union, b)
+	t.union = merged
+	return err
+}
+
+// AsCreditsVoidedEvent returns the union data inside the Event as a CreditsVoidedEvent
+func (t Event) AsCreditsVoidedEvent() (CreditsVoidedEvent, error) {
+	var body CreditsVoidedEvent
+	err := json.Unmarshal(t.union, &body)
+	return body, err
+}
+
+// FromCreditsVoidedEvent overwrites any union data inside the Event as the provided CreditsVoidedEvent
+func (t *Event) FromCreditsVoidedEvent(v CreditsVoidedEvent) error {
+	t.Type = "credits.voided"
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	b, err = runtime.JSONMerge(b, []byte(`{"type":"credits.voided"}`))
+	t.union = b
+	return err
+}
+
+// MergeCreditsVoidedEvent performs a merge with any union data inside the Event, using the provided CreditsVoidedEvent
+func (t *Event) MergeCreditsVoidedEvent(v CreditsVoidedEvent) error {
+	t.Type = "credits.voided"
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	b, err = runtime.JSONMerge(b, []byte(`{"type":"credits.voided"}`))
+	if err != nil {
+		return err
+	}
+
+	merged, err := runtime.JSONMerge(t.union, b)
+	t.union = merged
+	return err
+}
+
+// AsCreditsAdjustedEvent returns the union data inside the Event as a CreditsAdjustedEvent
+func (t Event) AsCreditsAdjustedEvent() (CreditsAdjustedEvent, error) {
+	var body CreditsAdjustedEvent
+	err := json.Unmarshal(t.union, &body)
+	return body, err
+}
+
+// FromCreditsAdjustedEvent overwrites any union data inside the Event as the provided CreditsAdjustedEvent
+func (t *Event) FromCreditsAdjustedEvent(v CreditsAdjustedEvent) error {
+	t.Type = "credits.adjusted"
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	b, err = runtime.JSONMerge(b, []byte(`{"type":"credits.adjusted"}`))
+	t.union = b
+	return err
+}
+
+// MergeCreditsAdjustedEvent performs a merge with any union data inside the Event, using the provided CreditsAdjustedEvent
+func (t *Event) MergeCreditsAdjustedEvent(v CreditsAdjustedEvent) error {
+	t.Type = "credits.adjusted"
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	b, err = runtime.JSONMerge(b, []byte(`{"type":"credits.adjusted"}`))
+	if err != nil {
+		return err
+	}
+
+	merged, err := runtime.JSONMerge(t.union, b)
+	t.union = merged
+	return err
+}
+
 // AsUsageDeadEvent returns the union data inside the Event as a UsageDeadEvent
 func (t Event) AsUsageDeadEvent() (UsageDeadEvent, error) {
 	var body UsageDeadEvent
@@ -2182,16 +3028,28 @@ func (t Event) ValueByDiscriminator() (interface{}, error) {
 		return nil, err
 	}
 	switch discriminator {
+	case "credits.adjusted":
+		return t.AsCreditsAdjustedEvent()
+	case "credits.captured":
+		return t.AsCreditsCapturedEvent()
 	case "credits.expired":
 		return t.AsCreditsExpiredEvent()
 	case "credits.expiring":
 		return t.AsCreditsExpiringEvent()
 	case "credits.granted":
 		return t.AsCreditsGrantedEvent()
+	case "credits.held":
+		return t.AsCreditsHeldEvent()
+	case "credits.hold_expired":
+		return t.AsCreditsHoldExpiredEvent()
 	case "credits.low_balance":
 		return t.AsCreditsLowBalanceEvent()
+	case "credits.released":
+		return t.AsCreditsReleasedEvent()
 	case "credits.revoked":
 		return t.AsCreditsRevokedEvent()
+	case "credits.voided":
+		return t.AsCreditsVoidedEvent()
 	case "customer.created":
 		return t.AsCustomerCreatedEvent()
 	case "customer.updated":
@@ -2295,6 +3153,68 @@ func (t *Event) UnmarshalJSON(b []byte) error {
 		}
 	}
 
+	return err
+}
+
+// AsBalance returns the union data inside the GetBalance200JSONResponseBody as a Balance
+func (t GetBalance200JSONResponseBody) AsBalance() (Balance, error) {
+	var body Balance
+	err := json.Unmarshal(t.union, &body)
+	return body, err
+}
+
+// FromBalance overwrites any union data inside the GetBalance200JSONResponseBody as the provided Balance
+func (t *GetBalance200JSONResponseBody) FromBalance(v Balance) error {
+	b, err := json.Marshal(v)
+	t.union = b
+	return err
+}
+
+// MergeBalance performs a merge with any union data inside the GetBalance200JSONResponseBody, using the provided Balance
+func (t *GetBalance200JSONResponseBody) MergeBalance(v Balance) error {
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+
+	merged, err := runtime.JSONMerge(t.union, b)
+	t.union = merged
+	return err
+}
+
+// AsBalanceAt returns the union data inside the GetBalance200JSONResponseBody as a BalanceAt
+func (t GetBalance200JSONResponseBody) AsBalanceAt() (BalanceAt, error) {
+	var body BalanceAt
+	err := json.Unmarshal(t.union, &body)
+	return body, err
+}
+
+// FromBalanceAt overwrites any union data inside the GetBalance200JSONResponseBody as the provided BalanceAt
+func (t *GetBalance200JSONResponseBody) FromBalanceAt(v BalanceAt) error {
+	b, err := json.Marshal(v)
+	t.union = b
+	return err
+}
+
+// MergeBalanceAt performs a merge with any union data inside the GetBalance200JSONResponseBody, using the provided BalanceAt
+func (t *GetBalance200JSONResponseBody) MergeBalanceAt(v BalanceAt) error {
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+
+	merged, err := runtime.JSONMerge(t.union, b)
+	t.union = merged
+	return err
+}
+
+func (t GetBalance200JSONResponseBody) MarshalJSON() ([]byte, error) {
+	b, err := t.union.MarshalJSON()
+	return b, err
+}
+
+func (t *GetBalance200JSONResponseBody) UnmarshalJSON(b []byte) error {
+	err := t.union.UnmarshalJSON(b)
 	return err
 }
 
@@ -2549,16 +3469,76 @@ type ClientInterface interface {
 	// Corresponds with PUT /v1/customers/{customer_id} (the `UpsertCustomer` operationId).
 	UpsertCustomer(ctx context.Context, customerId CustomerID, body UpsertCustomerJSONRequestBody, reqEditors ...RequestEditorFn) (*http.Response, error)
 
-	// GetBalance Spendable credits now, by grant
+	// GetBalance Credits now, by grant; or the balance at a past time
+	//
+	// Without `at`: what the customer owns (`balance`), what of it active
+	// holds keep (`held`) and scheduled grants will only make spendable
+	// later (`pending`), and what may be spent or held now (`available =
+	// balance - held - pending`), with the grants in draw order.
+	//
+	// With `at` (RFC 3339, not in the future): `{customer_id, at,
+	// balance}`, the balance as the ledger stood at that time (0 before
+	// the customer's first entry).
 	//
 	// Corresponds with GET /v1/customers/{customer_id}/balance (the `GetBalance` operationId).
-	GetBalance(ctx context.Context, customerId CustomerID, reqEditors ...RequestEditorFn) (*http.Response, error)
+	GetBalance(ctx context.Context, customerId CustomerID, params *GetBalanceParams, reqEditors ...RequestEditorFn) (*http.Response, error)
+
+	// AdjustCreditsWithBody An operator's correction of a balance (admin)
+	//
+	// Writes a ledger entry of kind `adjust` with its reason: a positive
+	// `amount` adds a grant (promotional, priority 50; the customer is
+	// created if missing), a negative one draws from what is available
+	// like a consume, and is 402 `insufficient_credits` when it is not
+	// there. Announced as `credits.adjusted`.
+	//
+	// Takes any type of body and a specified content type.
+	//
+	// Corresponds with POST /v1/customers/{customer_id}/credits/adjustments (the `AdjustCredits` operationId).
+	AdjustCreditsWithBody(ctx context.Context, customerId CustomerID, params *AdjustCreditsParams, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*http.Response, error)
+
+	// AdjustCredits An operator's correction of a balance (admin)
+	//
+	// Writes a ledger entry of kind `adjust` with its reason: a positive
+	// `amount` adds a grant (promotional, priority 50; the customer is
+	// created if missing), a negative one draws from what is available
+	// like a consume, and is 402 `insufficient_credits` when it is not
+	// there. Announced as `credits.adjusted`.
+	//
+	// Takes a body of the `application/json` content type.
+	//
+	// Corresponds with POST /v1/customers/{customer_id}/credits/adjustments (the `AdjustCredits` operationId).
+	AdjustCredits(ctx context.Context, customerId CustomerID, params *AdjustCreditsParams, body AdjustCreditsJSONRequestBody, reqEditors ...RequestEditorFn) (*http.Response, error)
+
+	// CheckCreditsWithBody Could the customer spend this much now? Writes nothing
+	//
+	// The gate a product calls before starting work. It reserves
+	// nothing: a consume a moment later may still be refused. To reserve,
+	// create a hold.
+	//
+	// Takes any type of body and a specified content type.
+	//
+	// Corresponds with POST /v1/customers/{customer_id}/credits/check (the `CheckCredits` operationId).
+	CheckCreditsWithBody(ctx context.Context, customerId CustomerID, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*http.Response, error)
+
+	// CheckCredits Could the customer spend this much now? Writes nothing
+	//
+	// The gate a product calls before starting work. It reserves
+	// nothing: a consume a moment later may still be refused. To reserve,
+	// create a hold.
+	//
+	// Takes a body of the `application/json` content type.
+	//
+	// Corresponds with POST /v1/customers/{customer_id}/credits/check (the `CheckCredits` operationId).
+	CheckCredits(ctx context.Context, customerId CustomerID, body CheckCreditsJSONRequestBody, reqEditors ...RequestEditorFn) (*http.Response, error)
 
 	// ConsumeCreditsWithBody Spend credits
 	//
-	// Draws from the grant that expires soonest, then the oldest. Never
-	// overdraws: with too few spendable credits the answer is 402
-	// `insufficient_credits` carrying the current `balance`.
+	// Draws from what is available (not held by a hold, effective,
+	// unexpired) in the draw order: lowest `priority` first, then the
+	// grant that expires soonest (never-expiring last), then the oldest.
+	// Never overdraws: with too few available credits the answer is 402
+	// `insufficient_credits` carrying the current `balance` and
+	// `available`.
 	//
 	// Takes any type of body and a specified content type.
 	//
@@ -2567,9 +3547,12 @@ type ClientInterface interface {
 
 	// ConsumeCredits Spend credits
 	//
-	// Draws from the grant that expires soonest, then the oldest. Never
-	// overdraws: with too few spendable credits the answer is 402
-	// `insufficient_credits` carrying the current `balance`.
+	// Draws from what is available (not held by a hold, effective,
+	// unexpired) in the draw order: lowest `priority` first, then the
+	// grant that expires soonest (never-expiring last), then the oldest.
+	// Never overdraws: with too few available credits the answer is 402
+	// `insufficient_credits` carrying the current `balance` and
+	// `available`.
 	//
 	// Takes a body of the `application/json` content type.
 	//
@@ -2593,6 +3576,109 @@ type ClientInterface interface {
 	//
 	// Corresponds with POST /v1/customers/{customer_id}/credits/grants (the `GrantCredits` operationId).
 	GrantCredits(ctx context.Context, customerId CustomerID, params *GrantCreditsParams, body GrantCreditsJSONRequestBody, reqEditors ...RequestEditorFn) (*http.Response, error)
+
+	// VoidGrantWithBody Void a grant given by mistake
+	//
+	// Takes what remains of the grant and is not held, with a `void`
+	// ledger entry and `credits.voided`. Credits a hold keeps of it stay
+	// capturable; when the hold releases them they are voided too. 409
+	// `conflict` for a grant already voided or with nothing left (spent or
+	// expired); 404 for a grant of another customer.
+	//
+	// Takes any type of body and a specified content type.
+	//
+	// Corresponds with POST /v1/customers/{customer_id}/credits/grants/{grant_id}/void (the `VoidGrant` operationId).
+	VoidGrantWithBody(ctx context.Context, customerId CustomerID, grantId string, params *VoidGrantParams, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*http.Response, error)
+
+	// VoidGrant Void a grant given by mistake
+	//
+	// Takes what remains of the grant and is not held, with a `void`
+	// ledger entry and `credits.voided`. Credits a hold keeps of it stay
+	// capturable; when the hold releases them they are voided too. 409
+	// `conflict` for a grant already voided or with nothing left (spent or
+	// expired); 404 for a grant of another customer.
+	//
+	// Takes a body of the `application/json` content type.
+	//
+	// Corresponds with POST /v1/customers/{customer_id}/credits/grants/{grant_id}/void (the `VoidGrant` operationId).
+	VoidGrant(ctx context.Context, customerId CustomerID, grantId string, params *VoidGrantParams, body VoidGrantJSONRequestBody, reqEditors ...RequestEditorFn) (*http.Response, error)
+
+	// ListHolds The customer's holds, newest first
+	//
+	// Corresponds with GET /v1/customers/{customer_id}/credits/holds (the `ListHolds` operationId).
+	ListHolds(ctx context.Context, customerId CustomerID, params *ListHoldsParams, reqEditors ...RequestEditorFn) (*http.Response, error)
+
+	// CreateHoldWithBody Reserve credits for a long job
+	//
+	// Takes `amount` from what is available, in the draw order, and keeps
+	// it: held credits stay in the balance but cannot be consumed, held
+	// again, voided, or expire while the hold is active (credits of a
+	// grant that expired meanwhile expire when the hold releases them).
+	// End the hold with a capture (spend what the job cost, release the
+	// rest) or a release. A hold not ended by `expires_at` is released
+	// (status `expired`) within a minute, and before any later change to
+	// the customer's credits.
+	//
+	// Takes any type of body and a specified content type.
+	//
+	// Corresponds with POST /v1/customers/{customer_id}/credits/holds (the `CreateHold` operationId).
+	CreateHoldWithBody(ctx context.Context, customerId CustomerID, params *CreateHoldParams, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*http.Response, error)
+
+	// CreateHold Reserve credits for a long job
+	//
+	// Takes `amount` from what is available, in the draw order, and keeps
+	// it: held credits stay in the balance but cannot be consumed, held
+	// again, voided, or expire while the hold is active (credits of a
+	// grant that expired meanwhile expire when the hold releases them).
+	// End the hold with a capture (spend what the job cost, release the
+	// rest) or a release. A hold not ended by `expires_at` is released
+	// (status `expired`) within a minute, and before any later change to
+	// the customer's credits.
+	//
+	// Takes a body of the `application/json` content type.
+	//
+	// Corresponds with POST /v1/customers/{customer_id}/credits/holds (the `CreateHold` operationId).
+	CreateHold(ctx context.Context, customerId CustomerID, params *CreateHoldParams, body CreateHoldJSONRequestBody, reqEditors ...RequestEditorFn) (*http.Response, error)
+
+	// GetHold One hold
+	//
+	// Corresponds with GET /v1/customers/{customer_id}/credits/holds/{hold_id} (the `GetHold` operationId).
+	GetHold(ctx context.Context, customerId CustomerID, holdId HoldID, reqEditors ...RequestEditorFn) (*http.Response, error)
+
+	// CaptureHoldWithBody Spend what the job cost from a hold and release the rest
+	//
+	// Consumes `amount` (default: all of it) from the held credits, with a
+	// `consume` ledger entry carrying `hold_id`, and releases the rest.
+	// More than held is 422. A hold no longer active (captured, released,
+	// expired) is 409 `conflict`; a retry with the same `Idempotency-Key`
+	// replays the first answer.
+	//
+	// Takes any type of body and a specified content type.
+	//
+	// Corresponds with POST /v1/customers/{customer_id}/credits/holds/{hold_id}/capture (the `CaptureHold` operationId).
+	CaptureHoldWithBody(ctx context.Context, customerId CustomerID, holdId HoldID, params *CaptureHoldParams, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*http.Response, error)
+
+	// CaptureHold Spend what the job cost from a hold and release the rest
+	//
+	// Consumes `amount` (default: all of it) from the held credits, with a
+	// `consume` ledger entry carrying `hold_id`, and releases the rest.
+	// More than held is 422. A hold no longer active (captured, released,
+	// expired) is 409 `conflict`; a retry with the same `Idempotency-Key`
+	// replays the first answer.
+	//
+	// Takes a body of the `application/json` content type.
+	//
+	// Corresponds with POST /v1/customers/{customer_id}/credits/holds/{hold_id}/capture (the `CaptureHold` operationId).
+	CaptureHold(ctx context.Context, customerId CustomerID, holdId HoldID, params *CaptureHoldParams, body CaptureHoldJSONRequestBody, reqEditors ...RequestEditorFn) (*http.Response, error)
+
+	// ReleaseHold Give a hold's credits back
+	//
+	// Ends an active hold without spending. 409 `conflict` when it is no
+	// longer active, unless this is a retry with the same
+	// `Idempotency-Key`, which replays the first answer.
+	//
+	// Corresponds with POST /v1/customers/{customer_id}/credits/holds/{hold_id}/release (the `ReleaseHold` operationId).
+	ReleaseHold(ctx context.Context, customerId CustomerID, holdId HoldID, params *ReleaseHoldParams, reqEditors ...RequestEditorFn) (*http.Response, error)
 
 	// ListCreditTransactions The credit ledger, newest first
 	//
@@ -3033,11 +4119,108 @@ func (c *Client) UpsertCustomer(ctx context.Context, customerId CustomerID, body
 	return c.Client.Do(req)
 }
 
-// GetBalance Spendable credits now, by grant
+// GetBalance Credits now, by grant; or the balance at a past time
+//
+// Without `at`: what the customer owns (`balance`), what of it active
+// holds keep (`held`) and scheduled grants will only make spendable
+// later (`pending`), and what may be spent or held now (`available =
+// balance - held - pending`), with the grants in draw order.
+//
+// With `at` (RFC 3339, not in the future): `{customer_id, at,
+// balance}`, the balance as the ledger stood at that time (0 before
+// the customer's first entry).
 //
 // Corresponds with GET /v1/customers/{customer_id}/balance (the `GetBalance` operationId).
-func (c *Client) GetBalance(ctx context.Context, customerId CustomerID, reqEditors ...RequestEditorFn) (*http.Response, error) {
-	req, err := NewGetBalanceRequest(c.Server, customerId)
+func (c *Client) GetBalance(ctx context.Context, customerId CustomerID, params *GetBalanceParams, reqEditors ...RequestEditorFn) (*http.Response, error) {
+	req, err := NewGetBalanceRequest(c.Server, customerId, params)
+	if err != nil {
+		return nil, err
+	}
+	req = req.WithContext(ctx)
+	if err := c.applyEditors(ctx, req, reqEditors); err != nil {
+		return nil, err
+	}
+	return c.Client.Do(req)
+}
+
+// AdjustCreditsWithBody An operator's correction of a balance (admin)
+//
+// Writes a ledger entry of kind `adjust` with its reason: a positive
+// `amount` adds a grant (promotional, priority 50; the customer is
+// created if missing), a negative one draws from what is available
+// like a consume, and is 402 `insufficient_credits` when it is not
+// there. Announced as `credits.adjusted`.
+//
+// Takes any type of body and a specified content type.
+//
+// Corresponds with POST /v1/customers/{customer_id}/credits/adjustments (the `AdjustCredits` operationId).
+func (c *Client) AdjustCreditsWithBody(ctx context.Context, customerId CustomerID, params *AdjustCreditsParams, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*http.Response, error) {
+	req, err := NewAdjustCreditsRequestWithBody(c.Server, customerId, params, contentType, body)
+	if err != nil {
+		return nil, err
+	}
+	req = req.WithContext(ctx)
+	if err := c.applyEditors(ctx, req, reqEditors); err != nil {
+		return nil, err
+	}
+	return c.Client.Do(req)
+}
+
+// AdjustCredits An operator's correction of a balance (admin)
+//
+// Writes a ledger entry of kind `adjust` with its reason: a positive
+// `amount` adds a grant (promotional, priority 50; the customer is
+// created if missing), a negative one draws from what is available
+// like a consume, and is 402 `insufficient_credits` when it is not
+// there. Announced as `credits.adjusted`.
+//
+// Takes a body of the `application/json` content type.
+//
+// Corresponds with POST /v1/customers/{customer_id}/credits/adjustments (the `AdjustCredits` operationId).
+func (c *Client) AdjustCredits(ctx context.Context, customerId CustomerID, params *AdjustCreditsParams, body AdjustCreditsJSONRequestBody, reqEditors ...RequestEditorFn) (*http.Response, error) {
+	req, err := NewAdjustCreditsRequest(c.Server, customerId, params, body)
+	if err != nil {
+		return nil, err
+	}
+	req = req.WithContext(ctx)
+	if err := c.applyEditors(ctx, req, reqEditors); err != nil {
+		return nil, err
+	}
+	return c.Client.Do(req)
+}
+
+// CheckCreditsWithBody Could the customer spend this much now? Writes nothing
+//
+// The gate a product calls before starting work. It reserves
+// nothing: a consume a moment later may still be refused. To reserve,
+// create a hold.
+//
+// Takes any type of body and a specified content type.
+//
+// Corresponds with POST /v1/customers/{customer_id}/credits/check (the `CheckCredits` operationId).
+func (c *Client) CheckCreditsWithBody(ctx context.Context, customerId CustomerID, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*http.Response, error) {
+	req, err := NewCheckCreditsRequestWithBody(c.Server, customerId, contentType, body)
+	if err != nil {
+		return nil, err
+	}
+	req = req.WithContext(ctx)
+	if err := c.applyEditors(ctx, req, reqEditors); err != nil {
+		return nil, err
+	}
+	return c.Client.Do(req)
+}
+
+// CheckCredits Could the customer spend this much now? Writes nothing
+//
+// The gate a product calls before starting work. It reserves
+// nothing: a consume a moment later may still be refused. To reserve,
+// create a hold.
+//
+// Takes a body of the `application/json` content type.
+//
+// Corresponds with POST /v1/customers/{customer_id}/credits/check (the `CheckCredits` operationId).
+func (c *Client) CheckCredits(ctx context.Context, customerId CustomerID, body CheckCreditsJSONRequestBody, reqEditors ...RequestEditorFn) (*http.Response, error) {
+	req, err := NewCheckCreditsRequest(c.Server, customerId, body)
 	if err != nil {
 		return nil, err
 	}
@@ -3050,9 +4233,12 @@ func (c *Client) GetBalance(ctx context.Context, customerId CustomerID, reqEdito
 
 // ConsumeCreditsWithBody Spend credits
 //
-// Draws from the grant that expires soonest, then the oldest. Never
-// overdraws: with too few spendable credits the answer is 402
-// `insufficient_credits` carrying the current `balance`.
+// Draws from what is available (not held by a hold, effective,
+// unexpired) in the draw order: lowest `priority` first, then the
+// grant that expires soonest (never-expiring last), then the oldest.
+// Never overdraws: with too few available credits the answer is 402
+// `insufficient_credits` carrying the current `balance` and
+// `available`.
 //
 // Takes any type of body and a specified content type.
 //
@@ -3071,9 +4257,12 @@ func (c *Client) ConsumeCreditsWithBody(ctx context.Context, customerId Customer
 
 // ConsumeCredits Spend credits
 //
-// Draws from the grant that expires soonest, then the oldest. Never
-// overdraws: with too few spendable credits the answer is 402
-// `insufficient_credits` carrying the current `balance`.
+// Draws from what is available (not held by a hold, effective,
+// unexpired) in the draw order: lowest `priority` first, then the
+// grant that expires soonest (never-expiring last), then the oldest.
+// Never overdraws: with too few available credits the answer is 402
+// `insufficient_credits` carrying the current `balance` and
+// `available`.
 //
 // Takes a body of the `application/json` content type.
 //
@@ -3118,6 +4307,199 @@ func (c *Client) GrantCreditsWithBody(ctx context.Context, customerId CustomerID
 // Corresponds with POST /v1/customers/{customer_id}/credits/grants (the `GrantCredits` operationId).
 func (c *Client) GrantCredits(ctx context.Context, customerId CustomerID, params *GrantCreditsParams, body GrantCreditsJSONRequestBody, reqEditors ...RequestEditorFn) (*http.Response, error) {
 	req, err := NewGrantCreditsRequest(c.Server, customerId, params, body)
+	if err != nil {
+		return nil, err
+	}
+	req = req.WithContext(ctx)
+	if err := c.applyEditors(ctx, req, reqEditors); err != nil {
+		return nil, err
+	}
+	return c.Client.Do(req)
+}
+
+// VoidGrantWithBody Void a grant given by mistake
+//
+// Takes what remains of the grant and is not held, with a `void`
+// ledger entry and `credits.voided`. Credits a hold keeps of it stay
+// capturable; when the hold releases them they are voided too. 409
+// `conflict` for a grant already voided or with nothing left (spent or
+// expired); 404 for a grant of another customer.
+//
+// Takes any type of body and a specified content type.
+//
+// Corresponds with POST /v1/customers/{customer_id}/credits/grants/{grant_id}/void (the `VoidGrant` operationId).
+func (c *Client) VoidGrantWithBody(ctx context.Context, customerId CustomerID, grantId string, params *VoidGrantParams, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*http.Response, error) {
+	req, err := NewVoidGrantRequestWithBody(c.Server, customerId, grantId, params, contentType, body)
+	if err != nil {
+		return nil, err
+	}
+	req = req.WithContext(ctx)
+	if err := c.applyEditors(ctx, req, reqEditors); err != nil {
+		return nil, err
+	}
+	return c.Client.Do(req)
+}
+
+// VoidGrant Void a grant given by mistake
+//
+// Takes what remains of the grant and is not held, with a `void`
+// ledger entry and `credits.voided`. Credits a hold keeps of it stay
+// capturable; when the hold releases them they are voided too. 409
+// `conflict` for a grant already voided or with nothing left (spent or
+// expired); 404 for a grant of another customer.
+//
+// Takes a body of the `application/json` content type.
+//
+// Corresponds with POST /v1/customers/{customer_id}/credits/grants/{grant_id}/void (the `VoidGrant` operationId).
+func (c *Client) VoidGrant(ctx context.Context, customerId CustomerID, grantId string, params *VoidGrantParams, body VoidGrantJSONRequestBody, reqEditors ...RequestEditorFn) (*http.Response, error) {
+	req, err := NewVoidGrantRequest(c.Server, customerId, grantId, params, body)
+	if err != nil {
+		return nil, err
+	}
+	req = req.WithContext(ctx)
+	if err := c.applyEditors(ctx, req, reqEditors); err != nil {
+		return nil, err
+	}
+	return c.Client.Do(req)
+}
+
+// ListHolds The customer's holds, newest first
+//
+// Corresponds with GET /v1/customers/{customer_id}/credits/holds (the `ListHolds` operationId).
+func (c *Client) ListHolds(ctx context.Context, customerId CustomerID, params *ListHoldsParams, reqEditors ...RequestEditorFn) (*http.Response, error) {
+	req, err := NewListHoldsRequest(c.Server, customerId, params)
+	if err != nil {
+		return nil, err
+	}
+	req = req.WithContext(ctx)
+	if err := c.applyEditors(ctx, req, reqEditors); err != nil {
+		return nil, err
+	}
+	return c.Client.Do(req)
+}
+
+// CreateHoldWithBody Reserve credits for a long job
+//
+// Takes `amount` from what is available, in the draw order, and keeps
+// it: held credits stay in the balance but cannot be consumed, held
+// again, voided, or expire while the hold is active (credits of a
+// grant that expired meanwhile expire when the hold releases them).
+// End the hold with a capture (spend what the job cost, release the
+// rest) or a release. A hold not ended by `expires_at` is released
+// (status `expired`) within a minute, and before any later change to
+// the customer's credits.
+//
+// Takes any type of body and a specified content type.
+//
+// Corresponds with POST /v1/customers/{customer_id}/credits/holds (the `CreateHold` operationId).
+func (c *Client) CreateHoldWithBody(ctx context.Context, customerId CustomerID, params *CreateHoldParams, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*http.Response, error) {
+	req, err := NewCreateHoldRequestWithBody(c.Server, customerId, params, contentType, body)
+	if err != nil {
+		return nil, err
+	}
+	req = req.WithContext(ctx)
+	if err := c.applyEditors(ctx, req, reqEditors); err != nil {
+		return nil, err
+	}
+	return c.Client.Do(req)
+}
+
+// CreateHold Reserve credits for a long job
+//
+// Takes `amount` from what is available, in the draw order, and keeps
+// it: held credits stay in the balance but cannot be consumed, held
+// again, voided, or expire while the hold is active (credits of a
+// grant that expired meanwhile expire when the hold releases them).
+// End the hold with a capture (spend what the job cost, release the
+// rest) or a release. A hold not ended by `expires_at` is released
+// (status `expired`) within a minute, and before any later change to
+// the customer's credits.
+//
+// Takes a body of the `application/json` content type.
+//
+// Corresponds with POST /v1/customers/{customer_id}/credits/holds (the `CreateHold` operationId).
+func (c *Client) CreateHold(ctx context.Context, customerId CustomerID, params *CreateHoldParams, body CreateHoldJSONRequestBody, reqEditors ...RequestEditorFn) (*http.Response, error) {
+	req, err := NewCreateHoldRequest(c.Server, customerId, params, body)
+	if err != nil {
+		return nil, err
+	}
+	req = req.WithContext(ctx)
+	if err := c.applyEditors(ctx, req, reqEditors); err != nil {
+		return nil, err
+	}
+	return c.Client.Do(req)
+}
+
+// GetHold One hold
+//
+// Corresponds with GET /v1/customers/{customer_id}/credits/holds/{hold_id} (the `GetHold` operationId).
+func (c *Client) GetHold(ctx context.Context, customerId CustomerID, holdId HoldID, reqEditors ...RequestEditorFn) (*http.Response, error) {
+	req, err := NewGetHoldRequest(c.Server, customerId, holdId)
+	if err != nil {
+		return nil, err
+	}
+	req = req.WithContext(ctx)
+	if err := c.applyEditors(ctx, req, reqEditors); err != nil {
+		return nil, err
+	}
+	return c.Client.Do(req)
+}
+
+// CaptureHoldWithBody Spend what the job cost from a hold and release the rest
+//
+// Consumes `amount` (default: all of it) from the held credits, with a
+// `consume` ledger entry carrying `hold_id`, and releases the rest.
+// More than held is 422. A hold no longer active (captured, released,
+// expired) is 409 `conflict`; a retry with the same `Idempotency-Key`
+// replays the first answer.
+//
+// Takes any type of body and a specified content type.
+//
+// Corresponds with POST /v1/customers/{customer_id}/credits/holds/{hold_id}/capture (the `CaptureHold` operationId).
+func (c *Client) CaptureHoldWithBody(ctx context.Context, customerId CustomerID, holdId HoldID, params *CaptureHoldParams, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*http.Response, error) {
+	req, err := NewCaptureHoldRequestWithBody(c.Server, customerId, holdId, params, contentType, body)
+	if err != nil {
+		return nil, err
+	}
+	req = req.WithContext(ctx)
+	if err := c.applyEditors(ctx, req, reqEditors); err != nil {
+		return nil, err
+	}
+	return c.Client.Do(req)
+}
+
+// CaptureHold Spend what the job cost from a hold and release the rest
+//
+// Consumes `amount` (default: all of it) from the held credits, with a
+// `consume` ledger entry carrying `hold_id`, and releases the rest.
+// More than held is 422. A hold no longer active (captured, released,
+// expired) is 409 `conflict`; a retry with the same `Idempotency-Key`
+// replays the first answer.
+//
+// Takes a body of the `application/json` content type.
+//
+// Corresponds with POST /v1/customers/{customer_id}/credits/holds/{hold_id}/capture (the `CaptureHold` operationId).
+func (c *Client) CaptureHold(ctx context.Context, customerId CustomerID, holdId HoldID, params *CaptureHoldParams, body CaptureHoldJSONRequestBody, reqEditors ...RequestEditorFn) (*http.Response, error) {
+	req, err := NewCaptureHoldRequest(c.Server, customerId, holdId, params, body)
+	if err != nil {
+		return nil, err
+	}
+	req = req.WithContext(ctx)
+	if err := c.applyEditors(ctx, req, reqEditors); err != nil {
+		return nil, err
+	}
+	return c.Client.Do(req)
+}
+
+// ReleaseHold Give a hold's credits back
+//
+// Ends an active hold without spending. 409 `conflict` when it is no
+// longer active, unless this is a retry with the same
+// `Idempotency-Key`, which replays the first answer.
+//
+// Corresponds with POST /v1/customers/{customer_id}/credits/holds/{hold_id}/release (the `ReleaseHold` operationId).
+func (c *Client) ReleaseHold(ctx context.Context, customerId CustomerID, holdId HoldID, params *ReleaseHoldParams, reqEditors ...RequestEditorFn) (*http.Response, error) {
+	req, err := NewReleaseHoldRequest(c.Server, customerId, holdId, params)
 	if err != nil {
 		return nil, err
 	}
@@ -3841,7 +5223,7 @@ func NewUpsertCustomerRequestWithBody(server string, customerId CustomerID, cont
 }
 
 // NewGetBalanceRequest constructs an http.Request for the GetBalance method
-func NewGetBalanceRequest(server string, customerId CustomerID) (*http.Request, error) {
+func NewGetBalanceRequest(server string, customerId CustomerID, params *GetBalanceParams) (*http.Request, error) {
 	var err error
 
 	var pathParam0 string
@@ -3866,10 +5248,144 @@ func NewGetBalanceRequest(server string, customerId CustomerID) (*http.Request, 
 		return nil, err
 	}
 
+	if params != nil {
+		// queryValues collects non-styled parameters (passthrough, JSON)
+		// that are safe to round-trip through url.Values.Encode().
+		queryValues := queryURL.Query()
+		// rawQueryFragments collects pre-encoded query fragments from
+		// styled parameters, preserving literal commas as delimiters
+		// per the OpenAPI spec (e.g. "color=blue,black,brown").
+		var rawQueryFragments []string
+
+		if params.At != nil {
+
+			if queryFrag, err := runtime.StyleParamWithOptions("form", true, "at", *params.At, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationQuery, Type: "string", Format: "date-time"}); err != nil {
+				return nil, err
+			} else {
+				for _, qp := range strings.Split(queryFrag, "&") {
+					rawQueryFragments = append(rawQueryFragments, qp)
+				}
+			}
+
+		}
+
+		if encoded := queryValues.Encode(); encoded != "" {
+			rawQueryFragments = append(rawQueryFragments, encoded)
+		}
+		queryURL.RawQuery = strings.Join(rawQueryFragments, "&")
+	}
+
 	req, err := http.NewRequest(http.MethodGet, queryURL.String(), nil)
 	if err != nil {
 		return nil, err
 	}
+
+	return req, nil
+}
+
+// NewAdjustCreditsRequest calls the generic AdjustCredits builder with application/json body
+func NewAdjustCreditsRequest(server string, customerId CustomerID, params *AdjustCreditsParams, body AdjustCreditsJSONRequestBody) (*http.Request, error) {
+	var bodyReader io.Reader
+	buf, err := json.Marshal(body)
+	if err != nil {
+		return nil, err
+	}
+	bodyReader = bytes.NewReader(buf)
+	return NewAdjustCreditsRequestWithBody(server, customerId, params, "application/json", bodyReader)
+}
+
+// NewAdjustCreditsRequestWithBody constructs an http.Request for the AdjustCredits method, with any body, and a specified content type
+func NewAdjustCreditsRequestWithBody(server string, customerId CustomerID, params *AdjustCreditsParams, contentType string, body io.Reader) (*http.Request, error) {
+	var err error
+
+	var pathParam0 string
+
+	pathParam0, err = runtime.StyleParamWithOptions("simple", false, "customer_id", customerId, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationPath, Type: "string", Format: ""})
+	if err != nil {
+		return nil, err
+	}
+
+	serverURL, err := url.Parse(server)
+	if err != nil {
+		return nil, err
+	}
+
+	operationPath := fmt.Sprintf("/v1/customers/%s/credits/adjustments", pathParam0)
+	if operationPath[0] == '/' {
+		operationPath = "." + operationPath
+	}
+
+	queryURL, err := serverURL.Parse(operationPath)
+	if err != nil {
+		return nil, err
+	}
+
+	req, err := http.NewRequest(http.MethodPost, queryURL.String(), body)
+	if err != nil {
+		return nil, err
+	}
+
+	req.Header.Add("Content-Type", contentType)
+
+	if params != nil {
+
+		var headerParam0 string
+
+		headerParam0, err = runtime.StyleParamWithOptions("simple", false, "Idempotency-Key", params.IdempotencyKey, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationHeader, Type: "string", Format: ""})
+		if err != nil {
+			return nil, err
+		}
+
+		req.Header.Set("Idempotency-Key", headerParam0)
+
+	}
+
+	return req, nil
+}
+
+// NewCheckCreditsRequest calls the generic CheckCredits builder with application/json body
+func NewCheckCreditsRequest(server string, customerId CustomerID, body CheckCreditsJSONRequestBody) (*http.Request, error) {
+	var bodyReader io.Reader
+	buf, err := json.Marshal(body)
+	if err != nil {
+		return nil, err
+	}
+	bodyReader = bytes.NewReader(buf)
+	return NewCheckCreditsRequestWithBody(server, customerId, "application/json", bodyReader)
+}
+
+// NewCheckCreditsRequestWithBody constructs an http.Request for the CheckCredits method, with any body, and a specified content type
+func NewCheckCreditsRequestWithBody(server string, customerId CustomerID, contentType string, body io.Reader) (*http.Request, error) {
+	var err error
+
+	var pathParam0 string
+
+	pathParam0, err = runtime.StyleParamWithOptions("simple", false, "customer_id", customerId, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationPath, Type: "string", Format: ""})
+	if err != nil {
+		return nil, err
+	}
+
+	serverURL, err := url.Parse(server)
+	if err != nil {
+		return nil, err
+	}
+
+	operationPath := fmt.Sprintf("/v1/customers/%s/credits/check", pathParam0)
+	if operationPath[0] == '/' {
+		operationPath = "." + operationPath
+	}
+
+	queryURL, err := serverURL.Parse(operationPath)
+	if err != nil {
+		return nil, err
+	}
+
+	req, err := http.NewRequest(http.MethodPost, queryURL.String(), body)
+	if err != nil {
+		return nil, err
+	}
+
+	req.Header.Add("Content-Type", contentType)
 
 	return req, nil
 }
@@ -3988,6 +5504,382 @@ func NewGrantCreditsRequestWithBody(server string, customerId CustomerID, params
 		}
 
 		req.Header.Set("Idempotency-Key", headerParam0)
+
+	}
+
+	return req, nil
+}
+
+// NewVoidGrantRequest calls the generic VoidGrant builder with application/json body
+func NewVoidGrantRequest(server string, customerId CustomerID, grantId string, params *VoidGrantParams, body VoidGrantJSONRequestBody) (*http.Request, error) {
+	var bodyReader io.Reader
+	buf, err := json.Marshal(body)
+	if err != nil {
+		return nil, err
+	}
+	bodyReader = bytes.NewReader(buf)
+	return NewVoidGrantRequestWithBody(server, customerId, grantId, params, "application/json", bodyReader)
+}
+
+// NewVoidGrantRequestWithBody constructs an http.Request for the VoidGrant method, with any body, and a specified content type
+func NewVoidGrantRequestWithBody(server string, customerId CustomerID, grantId string, params *VoidGrantParams, contentType string, body io.Reader) (*http.Request, error) {
+	var err error
+
+	var pathParam0 string
+
+	pathParam0, err = runtime.StyleParamWithOptions("simple", false, "customer_id", customerId, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationPath, Type: "string", Format: ""})
+	if err != nil {
+		return nil, err
+	}
+
+	var pathParam1 string
+
+	pathParam1, err = runtime.StyleParamWithOptions("simple", false, "grant_id", grantId, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationPath, Type: "string", Format: ""})
+	if err != nil {
+		return nil, err
+	}
+
+	serverURL, err := url.Parse(server)
+	if err != nil {
+		return nil, err
+	}
+
+	operationPath := fmt.Sprintf("/v1/customers/%s/credits/grants/%s/void", pathParam0, pathParam1)
+	if operationPath[0] == '/' {
+		operationPath = "." + operationPath
+	}
+
+	queryURL, err := serverURL.Parse(operationPath)
+	if err != nil {
+		return nil, err
+	}
+
+	req, err := http.NewRequest(http.MethodPost, queryURL.String(), body)
+	if err != nil {
+		return nil, err
+	}
+
+	req.Header.Add("Content-Type", contentType)
+
+	if params != nil {
+
+		var headerParam0 string
+
+		headerParam0, err = runtime.StyleParamWithOptions("simple", false, "Idempotency-Key", params.IdempotencyKey, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationHeader, Type: "string", Format: ""})
+		if err != nil {
+			return nil, err
+		}
+
+		req.Header.Set("Idempotency-Key", headerParam0)
+
+	}
+
+	return req, nil
+}
+
+// NewListHoldsRequest constructs an http.Request for the ListHolds method
+func NewListHoldsRequest(server string, customerId CustomerID, params *ListHoldsParams) (*http.Request, error) {
+	var err error
+
+	var pathParam0 string
+
+	pathParam0, err = runtime.StyleParamWithOptions("simple", false, "customer_id", customerId, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationPath, Type: "string", Format: ""})
+	if err != nil {
+		return nil, err
+	}
+
+	serverURL, err := url.Parse(server)
+	if err != nil {
+		return nil, err
+	}
+
+	operationPath := fmt.Sprintf("/v1/customers/%s/credits/holds", pathParam0)
+	if operationPath[0] == '/' {
+		operationPath = "." + operationPath
+	}
+
+	queryURL, err := serverURL.Parse(operationPath)
+	if err != nil {
+		return nil, err
+	}
+
+	if params != nil {
+		// queryValues collects non-styled parameters (passthrough, JSON)
+		// that are safe to round-trip through url.Values.Encode().
+		queryValues := queryURL.Query()
+		// rawQueryFragments collects pre-encoded query fragments from
+		// styled parameters, preserving literal commas as delimiters
+		// per the OpenAPI spec (e.g. "color=blue,black,brown").
+		var rawQueryFragments []string
+
+		if params.Status != nil {
+
+			if queryFrag, err := runtime.StyleParamWithOptions("form", true, "status", *params.Status, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationQuery, Type: "string", Format: ""}); err != nil {
+				return nil, err
+			} else {
+				for _, qp := range strings.Split(queryFrag, "&") {
+					rawQueryFragments = append(rawQueryFragments, qp)
+				}
+			}
+
+		}
+
+		if params.Limit != nil {
+
+			if queryFrag, err := runtime.StyleParamWithOptions("form", true, "limit", *params.Limit, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationQuery, Type: "integer", Format: ""}); err != nil {
+				return nil, err
+			} else {
+				for _, qp := range strings.Split(queryFrag, "&") {
+					rawQueryFragments = append(rawQueryFragments, qp)
+				}
+			}
+
+		}
+
+		if params.Cursor != nil {
+
+			if queryFrag, err := runtime.StyleParamWithOptions("form", true, "cursor", *params.Cursor, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationQuery, Type: "string", Format: ""}); err != nil {
+				return nil, err
+			} else {
+				for _, qp := range strings.Split(queryFrag, "&") {
+					rawQueryFragments = append(rawQueryFragments, qp)
+				}
+			}
+
+		}
+
+		if encoded := queryValues.Encode(); encoded != "" {
+			rawQueryFragments = append(rawQueryFragments, encoded)
+		}
+		queryURL.RawQuery = strings.Join(rawQueryFragments, "&")
+	}
+
+	req, err := http.NewRequest(http.MethodGet, queryURL.String(), nil)
+	if err != nil {
+		return nil, err
+	}
+
+	return req, nil
+}
+
+// NewCreateHoldRequest calls the generic CreateHold builder with application/json body
+func NewCreateHoldRequest(server string, customerId CustomerID, params *CreateHoldParams, body CreateHoldJSONRequestBody) (*http.Request, error) {
+	var bodyReader io.Reader
+	buf, err := json.Marshal(body)
+	if err != nil {
+		return nil, err
+	}
+	bodyReader = bytes.NewReader(buf)
+	return NewCreateHoldRequestWithBody(server, customerId, params, "application/json", bodyReader)
+}
+
+// NewCreateHoldRequestWithBody constructs an http.Request for the CreateHold method, with any body, and a specified content type
+func NewCreateHoldRequestWithBody(server string, customerId CustomerID, params *CreateHoldParams, contentType string, body io.Reader) (*http.Request, error) {
+	var err error
+
+	var pathParam0 string
+
+	pathParam0, err = runtime.StyleParamWithOptions("simple", false, "customer_id", customerId, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationPath, Type: "string", Format: ""})
+	if err != nil {
+		return nil, err
+	}
+
+	serverURL, err := url.Parse(server)
+	if err != nil {
+		return nil, err
+	}
+
+	operationPath := fmt.Sprintf("/v1/customers/%s/credits/holds", pathParam0)
+	if operationPath[0] == '/' {
+		operationPath = "." + operationPath
+	}
+
+	queryURL, err := serverURL.Parse(operationPath)
+	if err != nil {
+		return nil, err
+	}
+
+	req, err := http.NewRequest(http.MethodPost, queryURL.String(), body)
+	if err != nil {
+		return nil, err
+	}
+
+	req.Header.Add("Content-Type", contentType)
+
+	if params != nil {
+
+		var headerParam0 string
+
+		headerParam0, err = runtime.StyleParamWithOptions("simple", false, "Idempotency-Key", params.IdempotencyKey, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationHeader, Type: "string", Format: ""})
+		if err != nil {
+			return nil, err
+		}
+
+		req.Header.Set("Idempotency-Key", headerParam0)
+
+	}
+
+	return req, nil
+}
+
+// NewGetHoldRequest constructs an http.Request for the GetHold method
+func NewGetHoldRequest(server string, customerId CustomerID, holdId HoldID) (*http.Request, error) {
+	var err error
+
+	var pathParam0 string
+
+	pathParam0, err = runtime.StyleParamWithOptions("simple", false, "customer_id", customerId, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationPath, Type: "string", Format: ""})
+	if err != nil {
+		return nil, err
+	}
+
+	var pathParam1 string
+
+	pathParam1, err = runtime.StyleParamWithOptions("simple", false, "hold_id", holdId, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationPath, Type: "string", Format: ""})
+	if err != nil {
+		return nil, err
+	}
+
+	serverURL, err := url.Parse(server)
+	if err != nil {
+		return nil, err
+	}
+
+	operationPath := fmt.Sprintf("/v1/customers/%s/credits/holds/%s", pathParam0, pathParam1)
+	if operationPath[0] == '/' {
+		operationPath = "." + operationPath
+	}
+
+	queryURL, err := serverURL.Parse(operationPath)
+	if err != nil {
+		return nil, err
+	}
+
+	req, err := http.NewRequest(http.MethodGet, queryURL.String(), nil)
+	if err != nil {
+		return nil, err
+	}
+
+	return req, nil
+}
+
+// NewCaptureHoldRequest calls the generic CaptureHold builder with application/json body
+func NewCaptureHoldRequest(server string, customerId CustomerID, holdId HoldID, params *CaptureHoldParams, body CaptureHoldJSONRequestBody) (*http.Request, error) {
+	var bodyReader io.Reader
+	buf, err := json.Marshal(body)
+	if err != nil {
+		return nil, err
+	}
+	bodyReader = bytes.NewReader(buf)
+	return NewCaptureHoldRequestWithBody(server, customerId, holdId, params, "application/json", bodyReader)
+}
+
+// NewCaptureHoldRequestWithBody constructs an http.Request for the CaptureHold method, with any body, and a specified content type
+func NewCaptureHoldRequestWithBody(server string, customerId CustomerID, holdId HoldID, params *CaptureHoldParams, contentType string, body io.Reader) (*http.Request, error) {
+	var err error
+
+	var pathParam0 string
+
+	pathParam0, err = runtime.StyleParamWithOptions("simple", false, "customer_id", customerId, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationPath, Type: "string", Format: ""})
+	if err != nil {
+		return nil, err
+	}
+
+	var pathParam1 string
+
+	pathParam1, err = runtime.StyleParamWithOptions("simple", false, "hold_id", holdId, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationPath, Type: "string", Format: ""})
+	if err != nil {
+		return nil, err
+	}
+
+	serverURL, err := url.Parse(server)
+	if err != nil {
+		return nil, err
+	}
+
+	operationPath := fmt.Sprintf("/v1/customers/%s/credits/holds/%s/capture", pathParam0, pathParam1)
+	if operationPath[0] == '/' {
+		operationPath = "." + operationPath
+	}
+
+	queryURL, err := serverURL.Parse(operationPath)
+	if err != nil {
+		return nil, err
+	}
+
+	req, err := http.NewRequest(http.MethodPost, queryURL.String(), body)
+	if err != nil {
+		return nil, err
+	}
+
+	req.Header.Add("Content-Type", contentType)
+
+	if params != nil {
+
+		var headerParam0 string
+
+		headerParam0, err = runtime.StyleParamWithOptions("simple", false, "Idempotency-Key", params.IdempotencyKey, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationHeader, Type: "string", Format: ""})
+		if err != nil {
+			return nil, err
+		}
+
+		req.Header.Set("Idempotency-Key", headerParam0)
+
+	}
+
+	return req, nil
+}
+
+// NewReleaseHoldRequest constructs an http.Request for the ReleaseHold method
+func NewReleaseHoldRequest(server string, customerId CustomerID, holdId HoldID, params *ReleaseHoldParams) (*http.Request, error) {
+	var err error
+
+	var pathParam0 string
+
+	pathParam0, err = runtime.StyleParamWithOptions("simple", false, "customer_id", customerId, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationPath, Type: "string", Format: ""})
+	if err != nil {
+		return nil, err
+	}
+
+	var pathParam1 string
+
+	pathParam1, err = runtime.StyleParamWithOptions("simple", false, "hold_id", holdId, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationPath, Type: "string", Format: ""})
+	if err != nil {
+		return nil, err
+	}
+
+	serverURL, err := url.Parse(server)
+	if err != nil {
+		return nil, err
+	}
+
+	operationPath := fmt.Sprintf("/v1/customers/%s/credits/holds/%s/release", pathParam0, pathParam1)
+	if operationPath[0] == '/' {
+		operationPath = "." + operationPath
+	}
+
+	queryURL, err := serverURL.Parse(operationPath)
+	if err != nil {
+		return nil, err
+	}
+
+	req, err := http.NewRequest(http.MethodPost, queryURL.String(), nil)
+	if err != nil {
+		return nil, err
+	}
+
+	if params != nil {
+
+		if params.IdempotencyKey != nil {
+			var headerParam0 string
+
+			headerParam0, err = runtime.StyleParamWithOptions("simple", false, "Idempotency-Key", *params.IdempotencyKey, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationHeader, Type: "string", Format: ""})
+			if err != nil {
+				return nil, err
+			}
+
+			req.Header.Set("Idempotency-Key", headerParam0)
+		}
 
 	}
 
@@ -4653,18 +6545,78 @@ type ClientWithResponsesInterface interface {
 	// Corresponds with PUT /v1/customers/{customer_id} (the `UpsertCustomer` operationId).
 	UpsertCustomerWithResponse(ctx context.Context, customerId CustomerID, body UpsertCustomerJSONRequestBody, reqEditors ...RequestEditorFn) (*UpsertCustomerResponse, error)
 
-	// GetBalanceWithResponse Spendable credits now, by grant
+	// GetBalanceWithResponse Credits now, by grant; or the balance at a past time
+	//
+	// Without `at`: what the customer owns (`balance`), what of it active
+	// holds keep (`held`) and scheduled grants will only make spendable
+	// later (`pending`), and what may be spent or held now (`available =
+	// balance - held - pending`), with the grants in draw order.
+	//
+	// With `at` (RFC 3339, not in the future): `{customer_id, at,
+	// balance}`, the balance as the ledger stood at that time (0 before
+	// the customer's first entry).
 	//
 	// Returns a wrapper object for the known response body format(s).
 	//
 	// Corresponds with GET /v1/customers/{customer_id}/balance (the `GetBalance` operationId).
-	GetBalanceWithResponse(ctx context.Context, customerId CustomerID, reqEditors ...RequestEditorFn) (*GetBalanceResponse, error)
+	GetBalanceWithResponse(ctx context.Context, customerId CustomerID, params *GetBalanceParams, reqEditors ...RequestEditorFn) (*GetBalanceResponse, error)
+
+	// AdjustCreditsWithBodyWithResponse An operator's correction of a balance (admin)
+	//
+	// Writes a ledger entry of kind `adjust` with its reason: a positive
+	// `amount` adds a grant (promotional, priority 50; the customer is
+	// created if missing), a negative one draws from what is available
+	// like a consume, and is 402 `insufficient_credits` when it is not
+	// there. Announced as `credits.adjusted`.
+	//
+	// Takes any type of body and a specified content type, and returns a wrapper object for the known response body format(s).
+	//
+	// Corresponds with POST /v1/customers/{customer_id}/credits/adjustments (the `AdjustCredits` operationId).
+	AdjustCreditsWithBodyWithResponse(ctx context.Context, customerId CustomerID, params *AdjustCreditsParams, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*AdjustCreditsResponse, error)
+
+	// AdjustCreditsWithResponse An operator's correction of a balance (admin)
+	//
+	// Writes a ledger entry of kind `adjust` with its reason: a positive
+	// `amount` adds a grant (promotional, priority 50; the customer is
+	// created if missing), a negative one draws from what is available
+	// like a consume, and is 402 `insufficient_credits` when it is not
+	// there. Announced as `credits.adjusted`.
+	//
+	// Takes a body of the `application/json` content type, and returns a wrapper object for the known response body format(s).
+	//
+	// Corresponds with POST /v1/customers/{customer_id}/credits/adjustments (the `AdjustCredits` operationId).
+	AdjustCreditsWithResponse(ctx context.Context, customerId CustomerID, params *AdjustCreditsParams, body AdjustCreditsJSONRequestBody, reqEditors ...RequestEditorFn) (*AdjustCreditsResponse, error)
+
+	// CheckCreditsWithBodyWithResponse Could the customer spend this much now? Writes nothing
+	//
+	// The gate a product calls before starting work. It reserves
+	// nothing: a consume a moment later may still be refused. To reserve,
+	// create a hold.
+	//
+	// Takes any type of body and a specified content type, and returns a wrapper object for the known response body format(s).
+	//
+	// Corresponds with POST /v1/customers/{customer_id}/credits/check (the `CheckCredits` operationId).
+	CheckCreditsWithBodyWithResponse(ctx context.Context, customerId CustomerID, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*CheckCreditsResponse, error)
+
+	// CheckCreditsWithResponse Could the customer spend this much now? Writes nothing
+	//
+	// The gate a product calls before starting work. It reserves
+	// nothing: a consume a moment later may still be refused. To reserve,
+	// create a hold.
+	//
+	// Takes a body of the `application/json` content type, and returns a wrapper object for the known response body format(s).
+	//
+	// Corresponds with POST /v1/customers/{customer_id}/credits/check (the `CheckCredits` operationId).
+	CheckCreditsWithResponse(ctx context.Context, customerId CustomerID, body CheckCreditsJSONRequestBody, reqEditors ...RequestEditorFn) (*CheckCreditsResponse, error)
 
 	// ConsumeCreditsWithBodyWithResponse Spend credits
 	//
-	// Draws from the grant that expires soonest, then the oldest. Never
-	// overdraws: with too few spendable credits the answer is 402
-	// `insufficient_credits` carrying the current `balance`.
+	// Draws from what is available (not held by a hold, effective,
+	// unexpired) in the draw order: lowest `priority` first, then the
+	// grant that expires soonest (never-expiring last), then the oldest.
+	// Never overdraws: with too few available credits the answer is 402
+	// `insufficient_credits` carrying the current `balance` and
+	// `available`.
 	//
 	// Takes any type of body and a specified content type, and returns a wrapper object for the known response body format(s).
 	//
@@ -4673,9 +6625,12 @@ type ClientWithResponsesInterface interface {
 
 	// ConsumeCreditsWithResponse Spend credits
 	//
-	// Draws from the grant that expires soonest, then the oldest. Never
-	// overdraws: with too few spendable credits the answer is 402
-	// `insufficient_credits` carrying the current `balance`.
+	// Draws from what is available (not held by a hold, effective,
+	// unexpired) in the draw order: lowest `priority` first, then the
+	// grant that expires soonest (never-expiring last), then the oldest.
+	// Never overdraws: with too few available credits the answer is 402
+	// `insufficient_credits` carrying the current `balance` and
+	// `available`.
 	//
 	// Takes a body of the `application/json` content type, and returns a wrapper object for the known response body format(s).
 	//
@@ -4699,6 +6654,115 @@ type ClientWithResponsesInterface interface {
 	//
 	// Corresponds with POST /v1/customers/{customer_id}/credits/grants (the `GrantCredits` operationId).
 	GrantCreditsWithResponse(ctx context.Context, customerId CustomerID, params *GrantCreditsParams, body GrantCreditsJSONRequestBody, reqEditors ...RequestEditorFn) (*GrantCreditsResponse, error)
+
+	// VoidGrantWithBodyWithResponse Void a grant given by mistake
+	//
+	// Takes what remains of the grant and is not held, with a `void`
+	// ledger entry and `credits.voided`. Credits a hold keeps of it stay
+	// capturable; when the hold releases them they are voided too. 409
+	// `conflict` for a grant already voided or with nothing left (spent or
+	// expired); 404 for a grant of another customer.
+	//
+	// Takes any type of body and a specified content type, and returns a wrapper object for the known response body format(s).
+	//
+	// Corresponds with POST /v1/customers/{customer_id}/credits/grants/{grant_id}/void (the `VoidGrant` operationId).
+	VoidGrantWithBodyWithResponse(ctx context.Context, customerId CustomerID, grantId string, params *VoidGrantParams, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*VoidGrantResponse, error)
+
+	// VoidGrantWithResponse Void a grant given by mistake
+	//
+	// Takes what remains of the grant and is not held, with a `void`
+	// ledger entry and `credits.voided`. Credits a hold keeps of it stay
+	// capturable; when the hold releases them they are voided too. 409
+	// `conflict` for a grant already voided or with nothing left (spent or
+	// expired); 404 for a grant of another customer.
+	//
+	// Takes a body of the `application/json` content type, and returns a wrapper object for the known response body format(s).
+	//
+	// Corresponds with POST /v1/customers/{customer_id}/credits/grants/{grant_id}/void (the `VoidGrant` operationId).
+	VoidGrantWithResponse(ctx context.Context, customerId CustomerID, grantId string, params *VoidGrantParams, body VoidGrantJSONRequestBody, reqEditors ...RequestEditorFn) (*VoidGrantResponse, error)
+
+	// ListHoldsWithResponse The customer's holds, newest first
+	//
+	// Returns a wrapper object for the known response body format(s).
+	//
+	// Corresponds with GET /v1/customers/{customer_id}/credits/holds (the `ListHolds` operationId).
+	ListHoldsWithResponse(ctx context.Context, customerId CustomerID, params *ListHoldsParams, reqEditors ...RequestEditorFn) (*ListHoldsResponse, error)
+
+	// CreateHoldWithBodyWithResponse Reserve credits for a long job
+	//
+	// Takes `amount` from what is available, in the draw order, and keeps
+	// it: held credits stay in the balance but cannot be consumed, held
+	// again, voided, or expire while the hold is active (credits of a
+	// grant that expired meanwhile expire when the hold releases them).
+	// End the hold with a capture (spend what the job cost, release the
+	// rest) or a release. A hold not ended by `expires_at` is released
+	// (status `expired`) within a minute, and before any later change to
+	// the customer's credits.
+	//
+	// Takes any type of body and a specified content type, and returns a wrapper object for the known response body format(s).
+	//
+	// Corresponds with POST /v1/customers/{customer_id}/credits/holds (the `CreateHold` operationId).
+	CreateHoldWithBodyWithResponse(ctx context.Context, customerId CustomerID, params *CreateHoldParams, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*CreateHoldResponse, error)
+
+	// CreateHoldWithResponse Reserve credits for a long job
+	//
+	// Takes `amount` from what is available, in the draw order, and keeps
+	// it: held credits stay in the balance but cannot be consumed, held
+	// again, voided, or expire while the hold is active (credits of a
+	// grant that expired meanwhile expire when the hold releases them).
+	// End the hold with a capture (spend what the job cost, release the
+	// rest) or a release. A hold not ended by `expires_at` is released
+	// (status `expired`) within a minute, and before any later change to
+	// the customer's credits.
+	//
+	// Takes a body of the `application/json` content type, and returns a wrapper object for the known response body format(s).
+	//
+	// Corresponds with POST /v1/customers/{customer_id}/credits/holds (the `CreateHold` operationId).
+	CreateHoldWithResponse(ctx context.Context, customerId CustomerID, params *CreateHoldParams, body CreateHoldJSONRequestBody, reqEditors ...RequestEditorFn) (*CreateHoldResponse, error)
+
+	// GetHoldWithResponse One hold
+	//
+	// Returns a wrapper object for the known response body format(s).
+	//
+	// Corresponds with GET /v1/customers/{customer_id}/credits/holds/{hold_id} (the `GetHold` operationId).
+	GetHoldWithResponse(ctx context.Context, customerId CustomerID, holdId HoldID, reqEditors ...RequestEditorFn) (*GetHoldResponse, error)
+
+	// CaptureHoldWithBodyWithResponse Spend what the job cost from a hold and release the rest
+	//
+	// Consumes `amount` (default: all of it) from the held credits, with a
+	// `consume` ledger entry carrying `hold_id`, and releases the rest.
+	// More than held is 422. A hold no longer active (captured, released,
+	// expired) is 409 `conflict`; a retry with the same `Idempotency-Key`
+	// replays the first answer.
+	//
+	// Takes any type of body and a specified content type, and returns a wrapper object for the known response body format(s).
+	//
+	// Corresponds with POST /v1/customers/{customer_id}/credits/holds/{hold_id}/capture (the `CaptureHold` operationId).
+	CaptureHoldWithBodyWithResponse(ctx context.Context, customerId CustomerID, holdId HoldID, params *CaptureHoldParams, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*CaptureHoldResponse, error)
+
+	// CaptureHoldWithResponse Spend what the job cost from a hold and release the rest
+	//
+	// Consumes `amount` (default: all of it) from the held credits, with a
+	// `consume` ledger entry carrying `hold_id`, and releases the rest.
+	// More than held is 422. A hold no longer active (captured, released,
+	// expired) is 409 `conflict`; a retry with the same `Idempotency-Key`
+	// replays the first answer.
+	//
+	// Takes a body of the `application/json` content type, and returns a wrapper object for the known response body format(s).
+	//
+	// Corresponds with POST /v1/customers/{customer_id}/credits/holds/{hold_id}/capture (the `CaptureHold` operationId).
+	CaptureHoldWithResponse(ctx context.Context, customerId CustomerID, holdId HoldID, params *CaptureHoldParams, body CaptureHoldJSONRequestBody, reqEditors ...RequestEditorFn) (*CaptureHoldResponse, error)
+
+	// ReleaseHoldWithResponse Give a hold's credits back
+	//
+	// Ends an active hold without spending. 409 `conflict` when it is no
+	// longer active, unless this is a retry with the same
+	// `Idempotency-Key`, which replays the first answer.
+	//
+	// Returns a wrapper object for the known response body format(s).
+	//
+	// Corresponds with POST /v1/customers/{customer_id}/credits/holds/{hold_id}/release (the `ReleaseHold` operationId).
+	ReleaseHoldWithResponse(ctx context.Context, customerId CustomerID, holdId HoldID, params *ReleaseHoldParams, reqEditors ...RequestEditorFn) (*ReleaseHoldResponse, error)
 
 	// ListCreditTransactionsWithResponse The credit ledger, newest first
 	//
@@ -5514,7 +7578,7 @@ type GetBalanceResponse struct {
 	Body         []byte
 	HTTPResponse *http.Response
 	// JSON200 the response for an HTTP 200 `application/json` response
-	JSON200 *Balance
+	JSON200 *GetBalance200JSONResponseBody
 	// ApplicationproblemJSONDefault the response for an HTTP default `application/problem+json` response
 	ApplicationproblemJSONDefault *Problem
 	// HeadersDefault the parsed response headers for an HTTP default response
@@ -5522,7 +7586,7 @@ type GetBalanceResponse struct {
 }
 
 // GetJSON200 returns the response for an HTTP 200 `application/json` response
-func (r GetBalanceResponse) GetJSON200() *Balance {
+func (r GetBalanceResponse) GetJSON200() *GetBalance200JSONResponseBody {
 	return r.JSON200
 }
 
@@ -5554,6 +7618,130 @@ func (r GetBalanceResponse) StatusCode() int {
 
 // ContentType is a convenience method to retrieve the Content-Type value from the HTTP response headers
 func (r GetBalanceResponse) ContentType() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Header.Get("Content-Type")
+	}
+	return ""
+}
+
+// AdjustCreditsResponse201Headers the declared response headers of an HTTP 201 response for AdjustCredits
+type AdjustCreditsResponse201Headers struct {
+	IdempotentReplayed *bool
+}
+
+// AdjustCreditsResponseDefaultHeaders the declared response headers of an HTTP default response for AdjustCredits
+type AdjustCreditsResponseDefaultHeaders struct {
+	RetryAfter *int
+}
+
+type AdjustCreditsResponse struct {
+	Body         []byte
+	HTTPResponse *http.Response
+	// JSON201 the response for an HTTP 201 `application/json` response
+	JSON201 *AdjustmentResult
+	// ApplicationproblemJSON402 the response for an HTTP 402 `application/problem+json` response
+	ApplicationproblemJSON402 *Problem
+	// ApplicationproblemJSONDefault the response for an HTTP default `application/problem+json` response
+	ApplicationproblemJSONDefault *Problem
+	// Headers201 the parsed response headers for an HTTP 201 response
+	Headers201 *AdjustCreditsResponse201Headers
+	// HeadersDefault the parsed response headers for an HTTP default response
+	HeadersDefault *AdjustCreditsResponseDefaultHeaders
+}
+
+// GetJSON201 returns the response for an HTTP 201 `application/json` response
+func (r AdjustCreditsResponse) GetJSON201() *AdjustmentResult {
+	return r.JSON201
+}
+
+// GetApplicationproblemJSON402 returns the response for an HTTP 402 `application/problem+json` response
+func (r AdjustCreditsResponse) GetApplicationproblemJSON402() *Problem {
+	return r.ApplicationproblemJSON402
+}
+
+// GetApplicationproblemJSONDefault returns the response for an HTTP default `application/problem+json` response
+func (r AdjustCreditsResponse) GetApplicationproblemJSONDefault() *Problem {
+	return r.ApplicationproblemJSONDefault
+}
+
+// GetBody returns the raw response body bytes
+func (r AdjustCreditsResponse) GetBody() []byte {
+	return r.Body
+}
+
+// Status returns HTTPResponse.Status
+func (r AdjustCreditsResponse) Status() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Status
+	}
+	return http.StatusText(0)
+}
+
+// StatusCode returns HTTPResponse.StatusCode
+func (r AdjustCreditsResponse) StatusCode() int {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.StatusCode
+	}
+	return 0
+}
+
+// ContentType is a convenience method to retrieve the Content-Type value from the HTTP response headers
+func (r AdjustCreditsResponse) ContentType() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Header.Get("Content-Type")
+	}
+	return ""
+}
+
+// CheckCreditsResponseDefaultHeaders the declared response headers of an HTTP default response for CheckCredits
+type CheckCreditsResponseDefaultHeaders struct {
+	RetryAfter *int
+}
+
+type CheckCreditsResponse struct {
+	Body         []byte
+	HTTPResponse *http.Response
+	// JSON200 the response for an HTTP 200 `application/json` response
+	JSON200 *CheckResult
+	// ApplicationproblemJSONDefault the response for an HTTP default `application/problem+json` response
+	ApplicationproblemJSONDefault *Problem
+	// HeadersDefault the parsed response headers for an HTTP default response
+	HeadersDefault *CheckCreditsResponseDefaultHeaders
+}
+
+// GetJSON200 returns the response for an HTTP 200 `application/json` response
+func (r CheckCreditsResponse) GetJSON200() *CheckResult {
+	return r.JSON200
+}
+
+// GetApplicationproblemJSONDefault returns the response for an HTTP default `application/problem+json` response
+func (r CheckCreditsResponse) GetApplicationproblemJSONDefault() *Problem {
+	return r.ApplicationproblemJSONDefault
+}
+
+// GetBody returns the raw response body bytes
+func (r CheckCreditsResponse) GetBody() []byte {
+	return r.Body
+}
+
+// Status returns HTTPResponse.Status
+func (r CheckCreditsResponse) Status() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Status
+	}
+	return http.StatusText(0)
+}
+
+// StatusCode returns HTTPResponse.StatusCode
+func (r CheckCreditsResponse) StatusCode() int {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.StatusCode
+	}
+	return 0
+}
+
+// ContentType is a convenience method to retrieve the Content-Type value from the HTTP response headers
+func (r CheckCreditsResponse) ContentType() string {
 	if r.HTTPResponse != nil {
 		return r.HTTPResponse.Header.Get("Content-Type")
 	}
@@ -5685,6 +7873,371 @@ func (r GrantCreditsResponse) StatusCode() int {
 
 // ContentType is a convenience method to retrieve the Content-Type value from the HTTP response headers
 func (r GrantCreditsResponse) ContentType() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Header.Get("Content-Type")
+	}
+	return ""
+}
+
+// VoidGrantResponse200Headers the declared response headers of an HTTP 200 response for VoidGrant
+type VoidGrantResponse200Headers struct {
+	IdempotentReplayed *bool
+}
+
+// VoidGrantResponseDefaultHeaders the declared response headers of an HTTP default response for VoidGrant
+type VoidGrantResponseDefaultHeaders struct {
+	RetryAfter *int
+}
+
+type VoidGrantResponse struct {
+	Body         []byte
+	HTTPResponse *http.Response
+	// JSON200 the response for an HTTP 200 `application/json` response
+	JSON200 *VoidResult
+	// ApplicationproblemJSONDefault the response for an HTTP default `application/problem+json` response
+	ApplicationproblemJSONDefault *Problem
+	// Headers200 the parsed response headers for an HTTP 200 response
+	Headers200 *VoidGrantResponse200Headers
+	// HeadersDefault the parsed response headers for an HTTP default response
+	HeadersDefault *VoidGrantResponseDefaultHeaders
+}
+
+// GetJSON200 returns the response for an HTTP 200 `application/json` response
+func (r VoidGrantResponse) GetJSON200() *VoidResult {
+	return r.JSON200
+}
+
+// GetApplicationproblemJSONDefault returns the response for an HTTP default `application/problem+json` response
+func (r VoidGrantResponse) GetApplicationproblemJSONDefault() *Problem {
+	return r.ApplicationproblemJSONDefault
+}
+
+// GetBody returns the raw response body bytes
+func (r VoidGrantResponse) GetBody() []byte {
+	return r.Body
+}
+
+// Status returns HTTPResponse.Status
+func (r VoidGrantResponse) Status() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Status
+	}
+	return http.StatusText(0)
+}
+
+// StatusCode returns HTTPResponse.StatusCode
+func (r VoidGrantResponse) StatusCode() int {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.StatusCode
+	}
+	return 0
+}
+
+// ContentType is a convenience method to retrieve the Content-Type value from the HTTP response headers
+func (r VoidGrantResponse) ContentType() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Header.Get("Content-Type")
+	}
+	return ""
+}
+
+// ListHoldsResponseDefaultHeaders the declared response headers of an HTTP default response for ListHolds
+type ListHoldsResponseDefaultHeaders struct {
+	RetryAfter *int
+}
+
+type ListHoldsResponse struct {
+	Body         []byte
+	HTTPResponse *http.Response
+	// JSON200 the response for an HTTP 200 `application/json` response
+	JSON200 *HoldPage
+	// ApplicationproblemJSONDefault the response for an HTTP default `application/problem+json` response
+	ApplicationproblemJSONDefault *Problem
+	// HeadersDefault the parsed response headers for an HTTP default response
+	HeadersDefault *ListHoldsResponseDefaultHeaders
+}
+
+// GetJSON200 returns the response for an HTTP 200 `application/json` response
+func (r ListHoldsResponse) GetJSON200() *HoldPage {
+	return r.JSON200
+}
+
+// GetApplicationproblemJSONDefault returns the response for an HTTP default `application/problem+json` response
+func (r ListHoldsResponse) GetApplicationproblemJSONDefault() *Problem {
+	return r.ApplicationproblemJSONDefault
+}
+
+// GetBody returns the raw response body bytes
+func (r ListHoldsResponse) GetBody() []byte {
+	return r.Body
+}
+
+// Status returns HTTPResponse.Status
+func (r ListHoldsResponse) Status() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Status
+	}
+	return http.StatusText(0)
+}
+
+// StatusCode returns HTTPResponse.StatusCode
+func (r ListHoldsResponse) StatusCode() int {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.StatusCode
+	}
+	return 0
+}
+
+// ContentType is a convenience method to retrieve the Content-Type value from the HTTP response headers
+func (r ListHoldsResponse) ContentType() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Header.Get("Content-Type")
+	}
+	return ""
+}
+
+// CreateHoldResponse201Headers the declared response headers of an HTTP 201 response for CreateHold
+type CreateHoldResponse201Headers struct {
+	IdempotentReplayed *bool
+}
+
+// CreateHoldResponseDefaultHeaders the declared response headers of an HTTP default response for CreateHold
+type CreateHoldResponseDefaultHeaders struct {
+	RetryAfter *int
+}
+
+type CreateHoldResponse struct {
+	Body         []byte
+	HTTPResponse *http.Response
+	// JSON201 the response for an HTTP 201 `application/json` response
+	JSON201 *HoldCreated
+	// ApplicationproblemJSON402 the response for an HTTP 402 `application/problem+json` response
+	ApplicationproblemJSON402 *Problem
+	// ApplicationproblemJSONDefault the response for an HTTP default `application/problem+json` response
+	ApplicationproblemJSONDefault *Problem
+	// Headers201 the parsed response headers for an HTTP 201 response
+	Headers201 *CreateHoldResponse201Headers
+	// HeadersDefault the parsed response headers for an HTTP default response
+	HeadersDefault *CreateHoldResponseDefaultHeaders
+}
+
+// GetJSON201 returns the response for an HTTP 201 `application/json` response
+func (r CreateHoldResponse) GetJSON201() *HoldCreated {
+	return r.JSON201
+}
+
+// GetApplicationproblemJSON402 returns the response for an HTTP 402 `application/problem+json` response
+func (r CreateHoldResponse) GetApplicationproblemJSON402() *Problem {
+	return r.ApplicationproblemJSON402
+}
+
+// GetApplicationproblemJSONDefault returns the response for an HTTP default `application/problem+json` response
+func (r CreateHoldResponse) GetApplicationproblemJSONDefault() *Problem {
+	return r.ApplicationproblemJSONDefault
+}
+
+// GetBody returns the raw response body bytes
+func (r CreateHoldResponse) GetBody() []byte {
+	return r.Body
+}
+
+// Status returns HTTPResponse.Status
+func (r CreateHoldResponse) Status() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Status
+	}
+	return http.StatusText(0)
+}
+
+// StatusCode returns HTTPResponse.StatusCode
+func (r CreateHoldResponse) StatusCode() int {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.StatusCode
+	}
+	return 0
+}
+
+// ContentType is a convenience method to retrieve the Content-Type value from the HTTP response headers
+func (r CreateHoldResponse) ContentType() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Header.Get("Content-Type")
+	}
+	return ""
+}
+
+// GetHoldResponseDefaultHeaders the declared response headers of an HTTP default response for GetHold
+type GetHoldResponseDefaultHeaders struct {
+	RetryAfter *int
+}
+
+type GetHoldResponse struct {
+	Body         []byte
+	HTTPResponse *http.Response
+	// JSON200 the response for an HTTP 200 `application/json` response
+	JSON200 *Hold
+	// ApplicationproblemJSONDefault the response for an HTTP default `application/problem+json` response
+	ApplicationproblemJSONDefault *Problem
+	// HeadersDefault the parsed response headers for an HTTP default response
+	HeadersDefault *GetHoldResponseDefaultHeaders
+}
+
+// GetJSON200 returns the response for an HTTP 200 `application/json` response
+func (r GetHoldResponse) GetJSON200() *Hold {
+	return r.JSON200
+}
+
+// GetApplicationproblemJSONDefault returns the response for an HTTP default `application/problem+json` response
+func (r GetHoldResponse) GetApplicationproblemJSONDefault() *Problem {
+	return r.ApplicationproblemJSONDefault
+}
+
+// GetBody returns the raw response body bytes
+func (r GetHoldResponse) GetBody() []byte {
+	return r.Body
+}
+
+// Status returns HTTPResponse.Status
+func (r GetHoldResponse) Status() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Status
+	}
+	return http.StatusText(0)
+}
+
+// StatusCode returns HTTPResponse.StatusCode
+func (r GetHoldResponse) StatusCode() int {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.StatusCode
+	}
+	return 0
+}
+
+// ContentType is a convenience method to retrieve the Content-Type value from the HTTP response headers
+func (r GetHoldResponse) ContentType() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Header.Get("Content-Type")
+	}
+	return ""
+}
+
+// CaptureHoldResponse200Headers the declared response headers of an HTTP 200 response for CaptureHold
+type CaptureHoldResponse200Headers struct {
+	IdempotentReplayed *bool
+}
+
+// CaptureHoldResponseDefaultHeaders the declared response headers of an HTTP default response for CaptureHold
+type CaptureHoldResponseDefaultHeaders struct {
+	RetryAfter *int
+}
+
+type CaptureHoldResponse struct {
+	Body         []byte
+	HTTPResponse *http.Response
+	// JSON200 the response for an HTTP 200 `application/json` response
+	JSON200 *HoldEnded
+	// ApplicationproblemJSONDefault the response for an HTTP default `application/problem+json` response
+	ApplicationproblemJSONDefault *Problem
+	// Headers200 the parsed response headers for an HTTP 200 response
+	Headers200 *CaptureHoldResponse200Headers
+	// HeadersDefault the parsed response headers for an HTTP default response
+	HeadersDefault *CaptureHoldResponseDefaultHeaders
+}
+
+// GetJSON200 returns the response for an HTTP 200 `application/json` response
+func (r CaptureHoldResponse) GetJSON200() *HoldEnded {
+	return r.JSON200
+}
+
+// GetApplicationproblemJSONDefault returns the response for an HTTP default `application/problem+json` response
+func (r CaptureHoldResponse) GetApplicationproblemJSONDefault() *Problem {
+	return r.ApplicationproblemJSONDefault
+}
+
+// GetBody returns the raw response body bytes
+func (r CaptureHoldResponse) GetBody() []byte {
+	return r.Body
+}
+
+// Status returns HTTPResponse.Status
+func (r CaptureHoldResponse) Status() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Status
+	}
+	return http.StatusText(0)
+}
+
+// StatusCode returns HTTPResponse.StatusCode
+func (r CaptureHoldResponse) StatusCode() int {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.StatusCode
+	}
+	return 0
+}
+
+// ContentType is a convenience method to retrieve the Content-Type value from the HTTP response headers
+func (r CaptureHoldResponse) ContentType() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Header.Get("Content-Type")
+	}
+	return ""
+}
+
+// ReleaseHoldResponse200Headers the declared response headers of an HTTP 200 response for ReleaseHold
+type ReleaseHoldResponse200Headers struct {
+	IdempotentReplayed *bool
+}
+
+// ReleaseHoldResponseDefaultHeaders the declared response headers of an HTTP default response for ReleaseHold
+type ReleaseHoldResponseDefaultHeaders struct {
+	RetryAfter *int
+}
+
+type ReleaseHoldResponse struct {
+	Body         []byte
+	HTTPResponse *http.Response
+	// JSON200 the response for an HTTP 200 `application/json` response
+	JSON200 *HoldEnded
+	// ApplicationproblemJSONDefault the response for an HTTP default `application/problem+json` response
+	ApplicationproblemJSONDefault *Problem
+	// Headers200 the parsed response headers for an HTTP 200 response
+	Headers200 *ReleaseHoldResponse200Headers
+	// HeadersDefault the parsed response headers for an HTTP default response
+	HeadersDefault *ReleaseHoldResponseDefaultHeaders
+}
+
+// GetJSON200 returns the response for an HTTP 200 `application/json` response
+func (r ReleaseHoldResponse) GetJSON200() *HoldEnded {
+	return r.JSON200
+}
+
+// GetApplicationproblemJSONDefault returns the response for an HTTP default `application/problem+json` response
+func (r ReleaseHoldResponse) GetApplicationproblemJSONDefault() *Problem {
+	return r.ApplicationproblemJSONDefault
+}
+
+// GetBody returns the raw response body bytes
+func (r ReleaseHoldResponse) GetBody() []byte {
+	return r.Body
+}
+
+// Status returns HTTPResponse.Status
+func (r ReleaseHoldResponse) Status() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Status
+	}
+	return http.StatusText(0)
+}
+
+// StatusCode returns HTTPResponse.StatusCode
+func (r ReleaseHoldResponse) StatusCode() int {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.StatusCode
+	}
+	return 0
+}
+
+// ContentType is a convenience method to retrieve the Content-Type value from the HTTP response headers
+func (r ReleaseHoldResponse) ContentType() string {
 	if r.HTTPResponse != nil {
 		return r.HTTPResponse.Header.Get("Content-Type")
 	}
@@ -6380,24 +8933,108 @@ func (c *ClientWithResponses) UpsertCustomerWithResponse(ctx context.Context, cu
 	return ParseUpsertCustomerResponse(rsp)
 }
 
-// GetBalanceWithResponse Spendable credits now, by grant
+// GetBalanceWithResponse Credits now, by grant; or the balance at a past time
+//
+// Without `at`: what the customer owns (`balance`), what of it active
+// holds keep (`held`) and scheduled grants will only make spendable
+// later (`pending`), and what may be spent or held now (`available =
+// balance - held - pending`), with the grants in draw order.
+//
+// With `at` (RFC 3339, not in the future): `{customer_id, at,
+// balance}`, the balance as the ledger stood at that time (0 before
+// the customer's first entry).
 //
 // Returns a wrapper object for the known response body format(s).
 //
 // Corresponds with GET /v1/customers/{customer_id}/balance (the `GetBalance` operationId).
-func (c *ClientWithResponses) GetBalanceWithResponse(ctx context.Context, customerId CustomerID, reqEditors ...RequestEditorFn) (*GetBalanceResponse, error) {
-	rsp, err := c.GetBalance(ctx, customerId, reqEditors...)
+func (c *ClientWithResponses) GetBalanceWithResponse(ctx context.Context, customerId CustomerID, params *GetBalanceParams, reqEditors ...RequestEditorFn) (*GetBalanceResponse, error) {
+	rsp, err := c.GetBalance(ctx, customerId, params, reqEditors...)
 	if err != nil {
 		return nil, err
 	}
 	return ParseGetBalanceResponse(rsp)
 }
 
+// AdjustCreditsWithBodyWithResponse An operator's correction of a balance (admin)
+//
+// Writes a ledger entry of kind `adjust` with its reason: a positive
+// `amount` adds a grant (promotional, priority 50; the customer is
+// created if missing), a negative one draws from what is available
+// like a consume, and is 402 `insufficient_credits` when it is not
+// there. Announced as `credits.adjusted`.
+//
+// Takes any type of body and a specified content type, and returns a wrapper object for the known response body format(s).
+//
+// Corresponds with POST /v1/customers/{customer_id}/credits/adjustments (the `AdjustCredits` operationId).
+func (c *ClientWithResponses) AdjustCreditsWithBodyWithResponse(ctx context.Context, customerId CustomerID, params *AdjustCreditsParams, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*AdjustCreditsResponse, error) {
+	rsp, err := c.AdjustCreditsWithBody(ctx, customerId, params, contentType, body, reqEditors...)
+	if err != nil {
+		return nil, err
+	}
+	return ParseAdjustCreditsResponse(rsp)
+}
+
+// AdjustCreditsWithResponse An operator's correction of a balance (admin)
+//
+// Writes a ledger entry of kind `adjust` with its reason: a positive
+// `amount` adds a grant (promotional, priority 50; the customer is
+// created if missing), a negative one draws from what is available
+// like a consume, and is 402 `insufficient_credits` when it is not
+// there. Announced as `credits.adjusted`.
+//
+// Takes a body of the `application/json` content type, and returns a wrapper object for the known response body format(s).
+//
+// Corresponds with POST /v1/customers/{customer_id}/credits/adjustments (the `AdjustCredits` operationId).
+func (c *ClientWithResponses) AdjustCreditsWithResponse(ctx context.Context, customerId CustomerID, params *AdjustCreditsParams, body AdjustCreditsJSONRequestBody, reqEditors ...RequestEditorFn) (*AdjustCreditsResponse, error) {
+	rsp, err := c.AdjustCredits(ctx, customerId, params, body, reqEditors...)
+	if err != nil {
+		return nil, err
+	}
+	return ParseAdjustCreditsResponse(rsp)
+}
+
+// CheckCreditsWithBodyWithResponse Could the customer spend this much now? Writes nothing
+//
+// The gate a product calls before starting work. It reserves
+// nothing: a consume a moment later may still be refused. To reserve,
+// create a hold.
+//
+// Takes any type of body and a specified content type, and returns a wrapper object for the known response body format(s).
+//
+// Corresponds with POST /v1/customers/{customer_id}/credits/check (the `CheckCredits` operationId).
+func (c *ClientWithResponses) CheckCreditsWithBodyWithResponse(ctx context.Context, customerId CustomerID, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*CheckCreditsResponse, error) {
+	rsp, err := c.CheckCreditsWithBody(ctx, customerId, contentType, body, reqEditors...)
+	if err != nil {
+		return nil, err
+	}
+	return ParseCheckCreditsResponse(rsp)
+}
+
+// CheckCreditsWithResponse Could the customer spend this much now? Writes nothing
+//
+// The gate a product calls before starting work. It reserves
+// nothing: a consume a moment later may still be refused. To reserve,
+// create a hold.
+//
+// Takes a body of the `application/json` content type, and returns a wrapper object for the known response body format(s).
+//
+// Corresponds with POST /v1/customers/{customer_id}/credits/check (the `CheckCredits` operationId).
+func (c *ClientWithResponses) CheckCreditsWithResponse(ctx context.Context, customerId CustomerID, body CheckCreditsJSONRequestBody, reqEditors ...RequestEditorFn) (*CheckCreditsResponse, error) {
+	rsp, err := c.CheckCredits(ctx, customerId, body, reqEditors...)
+	if err != nil {
+		return nil, err
+	}
+	return ParseCheckCreditsResponse(rsp)
+}
+
 // ConsumeCreditsWithBodyWithResponse Spend credits
 //
-// Draws from the grant that expires soonest, then the oldest. Never
-// overdraws: with too few spendable credits the answer is 402
-// `insufficient_credits` carrying the current `balance`.
+// Draws from what is available (not held by a hold, effective,
+// unexpired) in the draw order: lowest `priority` first, then the
+// grant that expires soonest (never-expiring last), then the oldest.
+// Never overdraws: with too few available credits the answer is 402
+// `insufficient_credits` carrying the current `balance` and
+// `available`.
 //
 // Takes any type of body and a specified content type, and returns a wrapper object for the known response body format(s).
 //
@@ -6412,9 +9049,12 @@ func (c *ClientWithResponses) ConsumeCreditsWithBodyWithResponse(ctx context.Con
 
 // ConsumeCreditsWithResponse Spend credits
 //
-// Draws from the grant that expires soonest, then the oldest. Never
-// overdraws: with too few spendable credits the answer is 402
-// `insufficient_credits` carrying the current `balance`.
+// Draws from what is available (not held by a hold, effective,
+// unexpired) in the draw order: lowest `priority` first, then the
+// grant that expires soonest (never-expiring last), then the oldest.
+// Never overdraws: with too few available credits the answer is 402
+// `insufficient_credits` carrying the current `balance` and
+// `available`.
 //
 // Takes a body of the `application/json` content type, and returns a wrapper object for the known response body format(s).
 //
@@ -6455,6 +9095,169 @@ func (c *ClientWithResponses) GrantCreditsWithResponse(ctx context.Context, cust
 		return nil, err
 	}
 	return ParseGrantCreditsResponse(rsp)
+}
+
+// VoidGrantWithBodyWithResponse Void a grant given by mistake
+//
+// Takes what remains of the grant and is not held, with a `void`
+// ledger entry and `credits.voided`. Credits a hold keeps of it stay
+// capturable; when the hold releases them they are voided too. 409
+// `conflict` for a grant already voided or with nothing left (spent or
+// expired); 404 for a grant of another customer.
+//
+// Takes any type of body and a specified content type, and returns a wrapper object for the known response body format(s).
+//
+// Corresponds with POST /v1/customers/{customer_id}/credits/grants/{grant_id}/void (the `VoidGrant` operationId).
+func (c *ClientWithResponses) VoidGrantWithBodyWithResponse(ctx context.Context, customerId CustomerID, grantId string, params *VoidGrantParams, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*VoidGrantResponse, error) {
+	rsp, err := c.VoidGrantWithBody(ctx, customerId, grantId, params, contentType, body, reqEditors...)
+	if err != nil {
+		return nil, err
+	}
+	return ParseVoidGrantResponse(rsp)
+}
+
+// VoidGrantWithResponse Void a grant given by mistake
+//
+// Takes what remains of the grant and is not held, with a `void`
+// ledger entry and `credits.voided`. Credits a hold keeps of it stay
+// capturable; when the hold releases them they are voided too. 409
+// `conflict` for a grant already voided or with nothing left (spent or
+// expired); 404 for a grant of another customer.
+//
+// Takes a body of the `application/json` content type, and returns a wrapper object for the known response body format(s).
+//
+// Corresponds with POST /v1/customers/{customer_id}/credits/grants/{grant_id}/void (the `VoidGrant` operationId).
+func (c *ClientWithResponses) VoidGrantWithResponse(ctx context.Context, customerId CustomerID, grantId string, params *VoidGrantParams, body VoidGrantJSONRequestBody, reqEditors ...RequestEditorFn) (*VoidGrantResponse, error) {
+	rsp, err := c.VoidGrant(ctx, customerId, grantId, params, body, reqEditors...)
+	if err != nil {
+		return nil, err
+	}
+	return ParseVoidGrantResponse(rsp)
+}
+
+// ListHoldsWithResponse The customer's holds, newest first
+//
+// Returns a wrapper object for the known response body format(s).
+//
+// Corresponds with GET /v1/customers/{customer_id}/credits/holds (the `ListHolds` operationId).
+func (c *ClientWithResponses) ListHoldsWithResponse(ctx context.Context, customerId CustomerID, params *ListHoldsParams, reqEditors ...RequestEditorFn) (*ListHoldsResponse, error) {
+	rsp, err := c.ListHolds(ctx, customerId, params, reqEditors...)
+	if err != nil {
+		return nil, err
+	}
+	return ParseListHoldsResponse(rsp)
+}
+
+// CreateHoldWithBodyWithResponse Reserve credits for a long job
+//
+// Takes `amount` from what is available, in the draw order, and keeps
+// it: held credits stay in the balance but cannot be consumed, held
+// again, voided, or expire while the hold is active (credits of a
+// grant that expired meanwhile expire when the hold releases them).
+// End the hold with a capture (spend what the job cost, release the
+// rest) or a release. A hold not ended by `expires_at` is released
+// (status `expired`) within a minute, and before any later change to
+// the customer's credits.
+//
+// Takes any type of body and a specified content type, and returns a wrapper object for the known response body format(s).
+//
+// Corresponds with POST /v1/customers/{customer_id}/credits/holds (the `CreateHold` operationId).
+func (c *ClientWithResponses) CreateHoldWithBodyWithResponse(ctx context.Context, customerId CustomerID, params *CreateHoldParams, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*CreateHoldResponse, error) {
+	rsp, err := c.CreateHoldWithBody(ctx, customerId, params, contentType, body, reqEditors...)
+	if err != nil {
+		return nil, err
+	}
+	return ParseCreateHoldResponse(rsp)
+}
+
+// CreateHoldWithResponse Reserve credits for a long job
+//
+// Takes `amount` from what is available, in the draw order, and keeps
+// it: held credits stay in the balance but cannot be consumed, held
+// again, voided, or expire while the hold is active (credits of a
+// grant that expired meanwhile expire when the hold releases them).
+// End the hold with a capture (spend what the job cost, release the
+// rest) or a release. A hold not ended by `expires_at` is released
+// (status `expired`) within a minute, and before any later change to
+// the customer's credits.
+//
+// Takes a body of the `application/json` content type, and returns a wrapper object for the known response body format(s).
+//
+// Corresponds with POST /v1/customers/{customer_id}/credits/holds (the `CreateHold` operationId).
+func (c *ClientWithResponses) CreateHoldWithResponse(ctx context.Context, customerId CustomerID, params *CreateHoldParams, body CreateHoldJSONRequestBody, reqEditors ...RequestEditorFn) (*CreateHoldResponse, error) {
+	rsp, err := c.CreateHold(ctx, customerId, params, body, reqEditors...)
+	if err != nil {
+		return nil, err
+	}
+	return ParseCreateHoldResponse(rsp)
+}
+
+// GetHoldWithResponse One hold
+//
+// Returns a wrapper object for the known response body format(s).
+//
+// Corresponds with GET /v1/customers/{customer_id}/credits/holds/{hold_id} (the `GetHold` operationId).
+func (c *ClientWithResponses) GetHoldWithResponse(ctx context.Context, customerId CustomerID, holdId HoldID, reqEditors ...RequestEditorFn) (*GetHoldResponse, error) {
+	rsp, err := c.GetHold(ctx, customerId, holdId, reqEditors...)
+	if err != nil {
+		return nil, err
+	}
+	return ParseGetHoldResponse(rsp)
+}
+
+// CaptureHoldWithBodyWithResponse Spend what the job cost from a hold and release the rest
+//
+// Consumes `amount` (default: all of it) from the held credits, with a
+// `consume` ledger entry carrying `hold_id`, and releases the rest.
+// More than held is 422. A hold no longer active (captured, released,
+// expired) is 409 `conflict`; a retry with the same `Idempotency-Key`
+// replays the first answer.
+//
+// Takes any type of body and a specified content type, and returns a wrapper object for the known response body format(s).
+//
+// Corresponds with POST /v1/customers/{customer_id}/credits/holds/{hold_id}/capture (the `CaptureHold` operationId).
+func (c *ClientWithResponses) CaptureHoldWithBodyWithResponse(ctx context.Context, customerId CustomerID, holdId HoldID, params *CaptureHoldParams, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*CaptureHoldResponse, error) {
+	rsp, err := c.CaptureHoldWithBody(ctx, customerId, holdId, params, contentType, body, reqEditors...)
+	if err != nil {
+		return nil, err
+	}
+	return ParseCaptureHoldResponse(rsp)
+}
+
+// CaptureHoldWithResponse Spend what the job cost from a hold and release the rest
+//
+// Consumes `amount` (default: all of it) from the held credits, with a
+// `consume` ledger entry carrying `hold_id`, and releases the rest.
+// More than held is 422. A hold no longer active (captured, released,
+// expired) is 409 `conflict`; a retry with the same `Idempotency-Key`
+// replays the first answer.
+//
+// Takes a body of the `application/json` content type, and returns a wrapper object for the known response body format(s).
+//
+// Corresponds with POST /v1/customers/{customer_id}/credits/holds/{hold_id}/capture (the `CaptureHold` operationId).
+func (c *ClientWithResponses) CaptureHoldWithResponse(ctx context.Context, customerId CustomerID, holdId HoldID, params *CaptureHoldParams, body CaptureHoldJSONRequestBody, reqEditors ...RequestEditorFn) (*CaptureHoldResponse, error) {
+	rsp, err := c.CaptureHold(ctx, customerId, holdId, params, body, reqEditors...)
+	if err != nil {
+		return nil, err
+	}
+	return ParseCaptureHoldResponse(rsp)
+}
+
+// ReleaseHoldWithResponse Give a hold's credits back
+//
+// Ends an active hold without spending. 409 `conflict` when it is no
+// longer active, unless this is a retry with the same
+// `Idempotency-Key`, which replays the first answer.
+//
+// Returns a wrapper object for the known response body format(s).
+//
+// Corresponds with POST /v1/customers/{customer_id}/credits/holds/{hold_id}/release (the `ReleaseHold` operationId).
+func (c *ClientWithResponses) ReleaseHoldWithResponse(ctx context.Context, customerId CustomerID, holdId HoldID, params *ReleaseHoldParams, reqEditors ...RequestEditorFn) (*ReleaseHoldResponse, error) {
+	rsp, err := c.ReleaseHold(ctx, customerId, holdId, params, reqEditors...)
+	if err != nil {
+		return nil, err
+	}
+	return ParseReleaseHoldResponse(rsp)
 }
 
 // ListCreditTransactionsWithResponse The credit ledger, newest first
@@ -7198,7 +10001,7 @@ func ParseGetBalanceResponse(rsp *http.Response) (*GetBalanceResponse, error) {
 
 	switch {
 	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 200:
-		var dest Balance
+		var dest GetBalance200JSONResponseBody
 		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
 			return nil, err
 		}
@@ -7216,6 +10019,115 @@ func ParseGetBalanceResponse(rsp *http.Response) (*GetBalanceResponse, error) {
 	switch {
 	case true:
 		var headers GetBalanceResponseDefaultHeaders
+		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
+			var value int
+			if err := runtime.BindStyledParameterWithOptions("simple", "Retry-After", values[0], &value, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "integer", Format: ""}); err != nil {
+				return nil, err
+			}
+			headers.RetryAfter = &value
+		}
+		response.HeadersDefault = &headers
+	}
+
+	return response, nil
+}
+
+// ParseAdjustCreditsResponse parses an HTTP response from a AdjustCreditsWithResponse call
+func ParseAdjustCreditsResponse(rsp *http.Response) (*AdjustCreditsResponse, error) {
+	bodyBytes, err := io.ReadAll(rsp.Body)
+	defer func() { _ = rsp.Body.Close() }()
+	if err != nil {
+		return nil, err
+	}
+
+	response := &AdjustCreditsResponse{
+		Body:         bodyBytes,
+		HTTPResponse: rsp,
+	}
+
+	switch {
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 201:
+		var dest AdjustmentResult
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON201 = &dest
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 402:
+		var dest Problem
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.ApplicationproblemJSON402 = &dest
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && true:
+		var dest Problem
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.ApplicationproblemJSONDefault = &dest
+
+	}
+
+	switch {
+	case rsp.StatusCode == 201:
+		var headers AdjustCreditsResponse201Headers
+		if values := rsp.Header.Values("Idempotent-Replayed"); len(values) > 0 {
+			var value bool
+			if err := runtime.BindStyledParameterWithOptions("simple", "Idempotent-Replayed", values[0], &value, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "boolean", Format: ""}); err != nil {
+				return nil, err
+			}
+			headers.IdempotentReplayed = &value
+		}
+		response.Headers201 = &headers
+	case true:
+		var headers AdjustCreditsResponseDefaultHeaders
+		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
+			var value int
+			if err := runtime.BindStyledParameterWithOptions("simple", "Retry-After", values[0], &value, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "integer", Format: ""}); err != nil {
+				return nil, err
+			}
+			headers.RetryAfter = &value
+		}
+		response.HeadersDefault = &headers
+	}
+
+	return response, nil
+}
+
+// ParseCheckCreditsResponse parses an HTTP response from a CheckCreditsWithResponse call
+func ParseCheckCreditsResponse(rsp *http.Response) (*CheckCreditsResponse, error) {
+	bodyBytes, err := io.ReadAll(rsp.Body)
+	defer func() { _ = rsp.Body.Close() }()
+	if err != nil {
+		return nil, err
+	}
+
+	response := &CheckCreditsResponse{
+		Body:         bodyBytes,
+		HTTPResponse: rsp,
+	}
+
+	switch {
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 200:
+		var dest CheckResult
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON200 = &dest
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && true:
+		var dest Problem
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.ApplicationproblemJSONDefault = &dest
+
+	}
+
+	switch {
+	case true:
+		var headers CheckCreditsResponseDefaultHeaders
 		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
 			var value int
 			if err := runtime.BindStyledParameterWithOptions("simple", "Retry-After", values[0], &value, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "integer", Format: ""}); err != nil {
@@ -7335,6 +10247,329 @@ func ParseGrantCreditsResponse(rsp *http.Response) (*GrantCreditsResponse, error
 		response.Headers201 = &headers
 	case true:
 		var headers GrantCreditsResponseDefaultHeaders
+		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
+			var value int
+			if err := runtime.BindStyledParameterWithOptions("simple", "Retry-After", values[0], &value, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "integer", Format: ""}); err != nil {
+				return nil, err
+			}
+			headers.RetryAfter = &value
+		}
+		response.HeadersDefault = &headers
+	}
+
+	return response, nil
+}
+
+// ParseVoidGrantResponse parses an HTTP response from a VoidGrantWithResponse call
+func ParseVoidGrantResponse(rsp *http.Response) (*VoidGrantResponse, error) {
+	bodyBytes, err := io.ReadAll(rsp.Body)
+	defer func() { _ = rsp.Body.Close() }()
+	if err != nil {
+		return nil, err
+	}
+
+	response := &VoidGrantResponse{
+		Body:         bodyBytes,
+		HTTPResponse: rsp,
+	}
+
+	switch {
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 200:
+		var dest VoidResult
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON200 = &dest
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && true:
+		var dest Problem
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.ApplicationproblemJSONDefault = &dest
+
+	}
+
+	switch {
+	case rsp.StatusCode == 200:
+		var headers VoidGrantResponse200Headers
+		if values := rsp.Header.Values("Idempotent-Replayed"); len(values) > 0 {
+			var value bool
+			if err := runtime.BindStyledParameterWithOptions("simple", "Idempotent-Replayed", values[0], &value, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "boolean", Format: ""}); err != nil {
+				return nil, err
+			}
+			headers.IdempotentReplayed = &value
+		}
+		response.Headers200 = &headers
+	case true:
+		var headers VoidGrantResponseDefaultHeaders
+		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
+			var value int
+			if err := runtime.BindStyledParameterWithOptions("simple", "Retry-After", values[0], &value, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "integer", Format: ""}); err != nil {
+				return nil, err
+			}
+			headers.RetryAfter = &value
+		}
+		response.HeadersDefault = &headers
+	}
+
+	return response, nil
+}
+
+// ParseListHoldsResponse parses an HTTP response from a ListHoldsWithResponse call
+func ParseListHoldsResponse(rsp *http.Response) (*ListHoldsResponse, error) {
+	bodyBytes, err := io.ReadAll(rsp.Body)
+	defer func() { _ = rsp.Body.Close() }()
+	if err != nil {
+		return nil, err
+	}
+
+	response := &ListHoldsResponse{
+		Body:         bodyBytes,
+		HTTPResponse: rsp,
+	}
+
+	switch {
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 200:
+		var dest HoldPage
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON200 = &dest
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && true:
+		var dest Problem
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.ApplicationproblemJSONDefault = &dest
+
+	}
+
+	switch {
+	case true:
+		var headers ListHoldsResponseDefaultHeaders
+		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
+			var value int
+			if err := runtime.BindStyledParameterWithOptions("simple", "Retry-After", values[0], &value, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "integer", Format: ""}); err != nil {
+				return nil, err
+			}
+			headers.RetryAfter = &value
+		}
+		response.HeadersDefault = &headers
+	}
+
+	return response, nil
+}
+
+// ParseCreateHoldResponse parses an HTTP response from a CreateHoldWithResponse call
+func ParseCreateHoldResponse(rsp *http.Response) (*CreateHoldResponse, error) {
+	bodyBytes, err := io.ReadAll(rsp.Body)
+	defer func() { _ = rsp.Body.Close() }()
+	if err != nil {
+		return nil, err
+	}
+
+	response := &CreateHoldResponse{
+		Body:         bodyBytes,
+		HTTPResponse: rsp,
+	}
+
+	switch {
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 201:
+		var dest HoldCreated
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON201 = &dest
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 402:
+		var dest Problem
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.ApplicationproblemJSON402 = &dest
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && true:
+		var dest Problem
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.ApplicationproblemJSONDefault = &dest
+
+	}
+
+	switch {
+	case rsp.StatusCode == 201:
+		var headers CreateHoldResponse201Headers
+		if values := rsp.Header.Values("Idempotent-Replayed"); len(values) > 0 {
+			var value bool
+			if err := runtime.BindStyledParameterWithOptions("simple", "Idempotent-Replayed", values[0], &value, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "boolean", Format: ""}); err != nil {
+				return nil, err
+			}
+			headers.IdempotentReplayed = &value
+		}
+		response.Headers201 = &headers
+	case true:
+		var headers CreateHoldResponseDefaultHeaders
+		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
+			var value int
+			if err := runtime.BindStyledParameterWithOptions("simple", "Retry-After", values[0], &value, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "integer", Format: ""}); err != nil {
+				return nil, err
+			}
+			headers.RetryAfter = &value
+		}
+		response.HeadersDefault = &headers
+	}
+
+	return response, nil
+}
+
+// ParseGetHoldResponse parses an HTTP response from a GetHoldWithResponse call
+func ParseGetHoldResponse(rsp *http.Response) (*GetHoldResponse, error) {
+	bodyBytes, err := io.ReadAll(rsp.Body)
+	defer func() { _ = rsp.Body.Close() }()
+	if err != nil {
+		return nil, err
+	}
+
+	response := &GetHoldResponse{
+		Body:         bodyBytes,
+		HTTPResponse: rsp,
+	}
+
+	switch {
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 200:
+		var dest Hold
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON200 = &dest
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && true:
+		var dest Problem
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.ApplicationproblemJSONDefault = &dest
+
+	}
+
+	switch {
+	case true:
+		var headers GetHoldResponseDefaultHeaders
+		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
+			var value int
+			if err := runtime.BindStyledParameterWithOptions("simple", "Retry-After", values[0], &value, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "integer", Format: ""}); err != nil {
+				return nil, err
+			}
+			headers.RetryAfter = &value
+		}
+		response.HeadersDefault = &headers
+	}
+
+	return response, nil
+}
+
+// ParseCaptureHoldResponse parses an HTTP response from a CaptureHoldWithResponse call
+func ParseCaptureHoldResponse(rsp *http.Response) (*CaptureHoldResponse, error) {
+	bodyBytes, err := io.ReadAll(rsp.Body)
+	defer func() { _ = rsp.Body.Close() }()
+	if err != nil {
+		return nil, err
+	}
+
+	response := &CaptureHoldResponse{
+		Body:         bodyBytes,
+		HTTPResponse: rsp,
+	}
+
+	switch {
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 200:
+		var dest HoldEnded
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON200 = &dest
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && true:
+		var dest Problem
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.ApplicationproblemJSONDefault = &dest
+
+	}
+
+	switch {
+	case rsp.StatusCode == 200:
+		var headers CaptureHoldResponse200Headers
+		if values := rsp.Header.Values("Idempotent-Replayed"); len(values) > 0 {
+			var value bool
+			if err := runtime.BindStyledParameterWithOptions("simple", "Idempotent-Replayed", values[0], &value, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "boolean", Format: ""}); err != nil {
+				return nil, err
+			}
+			headers.IdempotentReplayed = &value
+		}
+		response.Headers200 = &headers
+	case true:
+		var headers CaptureHoldResponseDefaultHeaders
+		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
+			var value int
+			if err := runtime.BindStyledParameterWithOptions("simple", "Retry-After", values[0], &value, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "integer", Format: ""}); err != nil {
+				return nil, err
+			}
+			headers.RetryAfter = &value
+		}
+		response.HeadersDefault = &headers
+	}
+
+	return response, nil
+}
+
+// ParseReleaseHoldResponse parses an HTTP response from a ReleaseHoldWithResponse call
+func ParseReleaseHoldResponse(rsp *http.Response) (*ReleaseHoldResponse, error) {
+	bodyBytes, err := io.ReadAll(rsp.Body)
+	defer func() { _ = rsp.Body.Close() }()
+	if err != nil {
+		return nil, err
+	}
+
+	response := &ReleaseHoldResponse{
+		Body:         bodyBytes,
+		HTTPResponse: rsp,
+	}
+
+	switch {
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 200:
+		var dest HoldEnded
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON200 = &dest
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && true:
+		var dest Problem
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.ApplicationproblemJSONDefault = &dest
+
+	}
+
+	switch {
+	case rsp.StatusCode == 200:
+		var headers ReleaseHoldResponse200Headers
+		if values := rsp.Header.Values("Idempotent-Replayed"); len(values) > 0 {
+			var value bool
+			if err := runtime.BindStyledParameterWithOptions("simple", "Idempotent-Replayed", values[0], &value, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "boolean", Format: ""}); err != nil {
+				return nil, err
+			}
+			headers.IdempotentReplayed = &value
+		}
+		response.Headers200 = &headers
+	case true:
+		var headers ReleaseHoldResponseDefaultHeaders
 		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
 			var value int
 			if err := runtime.BindStyledParameterWithOptions("simple", "Retry-After", values[0], &value, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "integer", Format: ""}); err != nil {
