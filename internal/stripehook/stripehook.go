@@ -358,6 +358,12 @@ func (h *Intake) dispatch(ctx context.Context, ev Event) (confirms string, err e
 			return "", err
 		}
 		return "", h.payments.DisputeChanged(ctx, ref, o.domain())
+	case "invoice.finalized", "invoice.paid", "invoice.voided", "invoice.marked_uncollectible":
+		var o invoiceObject
+		if err := decodeObject(ev, &o, func() string { return o.ID }); err != nil {
+			return "", err
+		}
+		return "", h.payments.InvoiceChanged(ctx, ref, o.domain())
 	case "customer.subscription.created", "customer.subscription.updated", "customer.subscription.deleted":
 		var o subscriptionObject
 		if err := decodeObject(ev, &o, func() string { return o.ID }); err != nil {
