@@ -11,6 +11,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"net/http"
 	"net/url"
 	"path"
@@ -21,6 +22,24 @@ import (
 	"github.com/labstack/echo/v4"
 	"github.com/oapi-codegen/runtime"
 )
+
+// Defines values for CreditPackConfirmOn.
+const (
+	CreditPackConfirmOnCheckoutSession CreditPackConfirmOn = "checkout_session"
+	CreditPackConfirmOnPaymentIntent   CreditPackConfirmOn = "payment_intent"
+)
+
+// Valid indicates whether the value is a known member of the CreditPackConfirmOn enum.
+func (e CreditPackConfirmOn) Valid() bool {
+	switch e {
+	case CreditPackConfirmOnCheckoutSession:
+		return true
+	case CreditPackConfirmOnPaymentIntent:
+		return true
+	default:
+		return false
+	}
+}
 
 // Defines values for CreditsExpiredEventType.
 const (
@@ -250,6 +269,48 @@ func (e LedgerEntryKind) Valid() bool {
 	}
 }
 
+// Defines values for PaymentConfirmOn.
+const (
+	PaymentConfirmOnCheckoutSession PaymentConfirmOn = "checkout_session"
+	PaymentConfirmOnPaymentIntent   PaymentConfirmOn = "payment_intent"
+)
+
+// Valid indicates whether the value is a known member of the PaymentConfirmOn enum.
+func (e PaymentConfirmOn) Valid() bool {
+	switch e {
+	case PaymentConfirmOnCheckoutSession:
+		return true
+	case PaymentConfirmOnPaymentIntent:
+		return true
+	default:
+		return false
+	}
+}
+
+// Defines values for PaymentConfirmedBy.
+const (
+	PaymentConfirmedByCheckoutSession PaymentConfirmedBy = "checkout_session"
+	PaymentConfirmedByInvoice         PaymentConfirmedBy = "invoice"
+	PaymentConfirmedByPaymentIntent   PaymentConfirmedBy = "payment_intent"
+	PaymentConfirmedBySync            PaymentConfirmedBy = "sync"
+)
+
+// Valid indicates whether the value is a known member of the PaymentConfirmedBy enum.
+func (e PaymentConfirmedBy) Valid() bool {
+	switch e {
+	case PaymentConfirmedByCheckoutSession:
+		return true
+	case PaymentConfirmedByInvoice:
+		return true
+	case PaymentConfirmedByPaymentIntent:
+		return true
+	case PaymentConfirmedBySync:
+		return true
+	default:
+		return false
+	}
+}
+
 // Defines values for PaymentItemKind.
 const (
 	PaymentItemKindCreditPack PaymentItemKind = "credit_pack"
@@ -265,6 +326,27 @@ func (e PaymentItemKind) Valid() bool {
 	case PaymentItemKindPlan:
 		return true
 	case PaymentItemKindProduct:
+		return true
+	default:
+		return false
+	}
+}
+
+// Defines values for PaymentMethod.
+const (
+	PaymentMethodAutoTopUp PaymentMethod = "auto_top_up"
+	PaymentMethodCheckout  PaymentMethod = "checkout"
+	PaymentMethodInvoice   PaymentMethod = "invoice"
+)
+
+// Valid indicates whether the value is a known member of the PaymentMethod enum.
+func (e PaymentMethod) Valid() bool {
+	switch e {
+	case PaymentMethodAutoTopUp:
+		return true
+	case PaymentMethodCheckout:
+		return true
+	case PaymentMethodInvoice:
 		return true
 	default:
 		return false
@@ -376,6 +458,30 @@ func (e PaymentStatus) Valid() bool {
 	}
 }
 
+// Defines values for PaymentSucceededDataConfirmedBy.
+const (
+	PaymentSucceededDataConfirmedByCheckoutSession PaymentSucceededDataConfirmedBy = "checkout_session"
+	PaymentSucceededDataConfirmedByInvoice         PaymentSucceededDataConfirmedBy = "invoice"
+	PaymentSucceededDataConfirmedByPaymentIntent   PaymentSucceededDataConfirmedBy = "payment_intent"
+	PaymentSucceededDataConfirmedBySync            PaymentSucceededDataConfirmedBy = "sync"
+)
+
+// Valid indicates whether the value is a known member of the PaymentSucceededDataConfirmedBy enum.
+func (e PaymentSucceededDataConfirmedBy) Valid() bool {
+	switch e {
+	case PaymentSucceededDataConfirmedByCheckoutSession:
+		return true
+	case PaymentSucceededDataConfirmedByInvoice:
+		return true
+	case PaymentSucceededDataConfirmedByPaymentIntent:
+		return true
+	case PaymentSucceededDataConfirmedBySync:
+		return true
+	default:
+		return false
+	}
+}
+
 // Defines values for PaymentSucceededDataItemKind.
 const (
 	PaymentSucceededDataItemKindCreditPack PaymentSucceededDataItemKind = "credit_pack"
@@ -397,6 +503,27 @@ func (e PaymentSucceededDataItemKind) Valid() bool {
 	}
 }
 
+// Defines values for PaymentSucceededDataMethod.
+const (
+	PaymentSucceededDataMethodAutoTopUp PaymentSucceededDataMethod = "auto_top_up"
+	PaymentSucceededDataMethodCheckout  PaymentSucceededDataMethod = "checkout"
+	PaymentSucceededDataMethodInvoice   PaymentSucceededDataMethod = "invoice"
+)
+
+// Valid indicates whether the value is a known member of the PaymentSucceededDataMethod enum.
+func (e PaymentSucceededDataMethod) Valid() bool {
+	switch e {
+	case PaymentSucceededDataMethodAutoTopUp:
+		return true
+	case PaymentSucceededDataMethodCheckout:
+		return true
+	case PaymentSucceededDataMethodInvoice:
+		return true
+	default:
+		return false
+	}
+}
+
 // Defines values for PaymentSucceededEventType.
 const (
 	PaymentSucceeded PaymentSucceededEventType = "payment.succeeded"
@@ -406,6 +533,48 @@ const (
 func (e PaymentSucceededEventType) Valid() bool {
 	switch e {
 	case PaymentSucceeded:
+		return true
+	default:
+		return false
+	}
+}
+
+// Defines values for PaymentTransitionSource.
+const (
+	PaymentTransitionSourceApi      PaymentTransitionSource = "api"
+	PaymentTransitionSourceOperator PaymentTransitionSource = "operator"
+	PaymentTransitionSourceSync     PaymentTransitionSource = "sync"
+	PaymentTransitionSourceWebhook  PaymentTransitionSource = "webhook"
+)
+
+// Valid indicates whether the value is a known member of the PaymentTransitionSource enum.
+func (e PaymentTransitionSource) Valid() bool {
+	switch e {
+	case PaymentTransitionSourceApi:
+		return true
+	case PaymentTransitionSourceOperator:
+		return true
+	case PaymentTransitionSourceSync:
+		return true
+	case PaymentTransitionSourceWebhook:
+		return true
+	default:
+		return false
+	}
+}
+
+// Defines values for ProductConfirmOn.
+const (
+	ProductConfirmOnCheckoutSession ProductConfirmOn = "checkout_session"
+	ProductConfirmOnPaymentIntent   ProductConfirmOn = "payment_intent"
+)
+
+// Valid indicates whether the value is a known member of the ProductConfirmOn enum.
+func (e ProductConfirmOn) Valid() bool {
+	switch e {
+	case ProductConfirmOnCheckoutSession:
+		return true
+	case ProductConfirmOnPaymentIntent:
 		return true
 	default:
 		return false
@@ -451,8 +620,24 @@ func (e RequeueSkipCode) Valid() bool {
 	}
 }
 
+// Defines values for StripeEventDismissedEventType.
+const (
+	StripeEventDismissed StripeEventDismissedEventType = "stripe_event.dismissed"
+)
+
+// Valid indicates whether the value is a known member of the StripeEventDismissedEventType enum.
+func (e StripeEventDismissedEventType) Valid() bool {
+	switch e {
+	case StripeEventDismissed:
+		return true
+	default:
+		return false
+	}
+}
+
 // Defines values for StripeEventStatus.
 const (
+	StripeEventStatusDismissed StripeEventStatus = "dismissed"
 	StripeEventStatusFailed    StripeEventStatus = "failed"
 	StripeEventStatusIgnored   StripeEventStatus = "ignored"
 	StripeEventStatusParked    StripeEventStatus = "parked"
@@ -463,6 +648,8 @@ const (
 // Valid indicates whether the value is a known member of the StripeEventStatus enum.
 func (e StripeEventStatus) Valid() bool {
 	switch e {
+	case StripeEventStatusDismissed:
+		return true
 	case StripeEventStatusFailed:
 		return true
 	case StripeEventStatusIgnored:
@@ -589,6 +776,33 @@ type Balance struct {
 	NextExpiryAmount *int64     `json:"next_expiry_amount,omitempty"`
 }
 
+// BillingDetails What invoices show and Stripe's Customer holds. Every field is
+// optional; a `billing` object replaces the one stored (send all of
+// it). The Stripe Customer is kept in step (name, email, address)
+// when it exists, and created with them (and the tax id) otherwise.
+type BillingDetails struct {
+	Address *struct {
+		City *string `json:"city,omitempty"`
+
+		// Country ISO 3166-1 alpha-2.
+		Country    *string `json:"country,omitempty"`
+		Line1      *string `json:"line1,omitempty"`
+		Line2      *string `json:"line2,omitempty"`
+		PostalCode *string `json:"postal_code,omitempty"`
+		State      *string `json:"state,omitempty"`
+	} `json:"address,omitempty"`
+	Email *string `json:"email,omitempty"`
+
+	// InvoiceAlways Every Checkout of this customer asks Stripe for an invoice, whatever the item and TALLY_CHECKOUT_INVOICE_CREATION say.
+	InvoiceAlways *bool   `json:"invoice_always,omitempty"`
+	Name          *string `json:"name,omitempty"`
+	TaxId         *struct {
+		// Type Stripe's tax id type, e.g. eu_vat.
+		Type  string `json:"type"`
+		Value string `json:"value"`
+	} `json:"tax_id,omitempty"`
+}
+
 // Catalog defines model for Catalog.
 type Catalog struct {
 	CreditPacks []CreditPack `json:"credit_packs"`
@@ -640,9 +854,12 @@ type ConsumeResult struct {
 
 // CreditPack defines model for CreditPack.
 type CreditPack struct {
-	Amount   int64  `json:"amount"`
-	Credits  int64  `json:"credits"`
-	Currency string `json:"currency"`
+	Amount int64 `json:"amount"`
+
+	// ConfirmOn The confirmation strategy its new Checkout payments are created under; null follows TALLY_CONFIRM_ON.
+	ConfirmOn *CreditPackConfirmOn `json:"confirm_on,omitempty"`
+	Credits   int64                `json:"credits"`
+	Currency  string               `json:"currency"`
 
 	// ExpiresAfterMonths How many calendar months bought credits stay spendable (12 unless
 	// the pack says otherwise). When both this and
@@ -653,8 +870,14 @@ type CreditPack struct {
 	// fixed duration rather than calendar months.
 	ExpiresAfterSeconds *int64 `json:"expires_after_seconds,omitempty"`
 	Id                  string `json:"id"`
-	Name                string `json:"name"`
+
+	// Invoice Whether a Checkout of it asks Stripe for an invoice; null follows TALLY_CHECKOUT_INVOICE_CREATION.
+	Invoice *bool  `json:"invoice,omitempty"`
+	Name    string `json:"name"`
 }
+
+// CreditPackConfirmOn The confirmation strategy its new Checkout payments are created under; null follows TALLY_CONFIRM_ON.
+type CreditPackConfirmOn string
 
 // CreditsExpiredData defines model for CreditsExpiredData.
 type CreditsExpiredData struct {
@@ -770,10 +993,15 @@ type CreditsRevokedEventType string
 
 // Customer defines model for Customer.
 type Customer struct {
-	CreatedAt           time.Time  `json:"created_at"`
-	Email               *string    `json:"email,omitempty"`
-	Id                  CustomerID `json:"id"`
-	LowBalanceThreshold *int64     `json:"low_balance_threshold,omitempty"`
+	// Billing What invoices show and Stripe's Customer holds. Every field is
+	// optional; a `billing` object replaces the one stored (send all of
+	// it). The Stripe Customer is kept in step (name, email, address)
+	// when it exists, and created with them (and the tax id) otherwise.
+	Billing             *BillingDetails `json:"billing,omitempty"`
+	CreatedAt           time.Time       `json:"created_at"`
+	Email               *string         `json:"email,omitempty"`
+	Id                  CustomerID      `json:"id"`
+	LowBalanceThreshold *int64          `json:"low_balance_threshold,omitempty"`
 
 	// Metadata Up to 50 string values, keys up to 40 characters, values up to 500.
 	Metadata         Metadata  `json:"metadata"`
@@ -819,7 +1047,12 @@ type CustomerUpdatedEventType string
 
 // CustomerUpsert defines model for CustomerUpsert.
 type CustomerUpsert struct {
-	Email *string `json:"email,omitempty"`
+	// Billing What invoices show and Stripe's Customer holds. Every field is
+	// optional; a `billing` object replaces the one stored (send all of
+	// it). The Stripe Customer is kept in step (name, email, address)
+	// when it exists, and created with them (and the tax id) otherwise.
+	Billing *BillingDetails `json:"billing,omitempty"`
+	Email   *string         `json:"email,omitempty"`
 
 	// LowBalanceThreshold Per-customer threshold for `credits.low_balance` (0 turns the notice off for this customer). Omitted or null keeps the current value; a customer that never had one uses the configured default.
 	LowBalanceThreshold *int64 `json:"low_balance_threshold,omitempty"`
@@ -901,6 +1134,43 @@ type GrantSummary struct {
 // GrantSummarySource `dispute_won`: credits a chargeback took back, returned when the dispute was won, with the expiry of the grant they came from.
 type GrantSummarySource string
 
+// InvoicePayment defines model for InvoicePayment.
+type InvoicePayment struct {
+	Amount   int64  `json:"amount"`
+	Credits  int64  `json:"credits"`
+	Currency string `json:"currency"`
+
+	// Invoice The payment's Stripe invoice, as `invoice.finalized` and `invoice.paid` (or its creation) last told it.
+	Invoice   PaymentInvoice `json:"invoice"`
+	PaymentId string         `json:"payment_id"`
+
+	// Status Where the payment stands. `pending → succeeded | failed`,
+	// `failed → succeeded` (a retried card), `succeeded → refunded` (after
+	// any refund; `amount_refunded` grows with later ones). A chargeback
+	// moves a succeeded or refunded payment to `disputed` (its disputed
+	// share of the credits is taken back, as for a refund); closed won, it
+	// returns to the state it had before and the credits come back;
+	// closed lost, it ends `dispute_lost`. An inquiry (no funds withdrawn)
+	// is only recorded in `transitions`.
+	Status PaymentStatus `json:"status"`
+}
+
+// InvoicePaymentCreate defines model for InvoicePaymentCreate.
+type InvoicePaymentCreate struct {
+	// DaysUntilDue Default 30.
+	DaysUntilDue *int64 `json:"days_until_due,omitempty"`
+
+	// Item A credit pack or product id (not a plan).
+	Item string `json:"item"`
+
+	// Memo The invoice's description.
+	Memo *string `json:"memo,omitempty"`
+
+	// PurchaseOrder Shown on the invoice as the custom field `PO number`.
+	PurchaseOrder *string `json:"purchase_order,omitempty"`
+	Quantity      *int64  `json:"quantity,omitempty"`
+}
+
 // LedgerDraw defines model for LedgerDraw.
 type LedgerDraw struct {
 	Amount  int64  `json:"amount"`
@@ -967,9 +1237,15 @@ type Payment struct {
 	AmountRefunded int64  `json:"amount_refunded"`
 
 	// AmountTax Tax Stripe Tax charged on the Checkout Session, in its currency, once Stripe reported it.
-	AmountTax         *int64    `json:"amount_tax,omitempty"`
-	CheckoutSessionId *string   `json:"checkout_session_id,omitempty"`
-	CreatedAt         time.Time `json:"created_at"`
+	AmountTax         *int64  `json:"amount_tax,omitempty"`
+	CheckoutSessionId *string `json:"checkout_session_id,omitempty"`
+
+	// ConfirmOn The strategy a Checkout payment is confirmed under, fixed when it was created.
+	ConfirmOn *PaymentConfirmOn `json:"confirm_on,omitempty"`
+
+	// ConfirmedBy What confirmed it; `sync` when tally found Stripe's word by looking, without a webhook.
+	ConfirmedBy *PaymentConfirmedBy `json:"confirmed_by,omitempty"`
+	CreatedAt   time.Time           `json:"created_at"`
 
 	// Credits Credits this payment buys (0 for products and plans).
 	Credits    int64      `json:"credits"`
@@ -980,14 +1256,19 @@ type Payment struct {
 	// own account too (Stripe's request id, error code and message);
 	// an end-user token reads only what happened, e.g. `checkout
 	// session creation failed`. The same holds for transition reasons.
-	FailureReason   *string         `json:"failure_reason,omitempty"`
-	Id              string          `json:"id"`
-	InvoiceId       *string         `json:"invoice_id,omitempty"`
-	Item            string          `json:"item"`
-	ItemKind        PaymentItemKind `json:"item_kind"`
-	Livemode        bool            `json:"livemode"`
-	PaymentIntentId *string         `json:"payment_intent_id,omitempty"`
-	Quantity        int64           `json:"quantity"`
+	FailureReason *string         `json:"failure_reason,omitempty"`
+	Id            string          `json:"id"`
+	Invoice       *PaymentInvoice `json:"invoice,omitempty"`
+	InvoiceId     *string         `json:"invoice_id,omitempty"`
+	Item          string          `json:"item"`
+	ItemKind      PaymentItemKind `json:"item_kind"`
+	Livemode      bool            `json:"livemode"`
+
+	// Method How it is paid.
+	Method          PaymentMethod `json:"method"`
+	PaymentIntentId *string       `json:"payment_intent_id,omitempty"`
+	PurchaseOrder   *string       `json:"purchase_order,omitempty"`
+	Quantity        int64         `json:"quantity"`
 
 	// ReceivedCurrency The currency of `amount_received` and of refunds: the buyer's when
 	// Stripe converted the price (Adaptive Pricing), else `currency`.
@@ -1010,8 +1291,17 @@ type Payment struct {
 	UpdatedAt   time.Time           `json:"updated_at"`
 }
 
+// PaymentConfirmOn The strategy a Checkout payment is confirmed under, fixed when it was created.
+type PaymentConfirmOn string
+
+// PaymentConfirmedBy What confirmed it; `sync` when tally found Stripe's word by looking, without a webhook.
+type PaymentConfirmedBy string
+
 // PaymentItemKind defines model for Payment.ItemKind.
 type PaymentItemKind string
+
+// PaymentMethod How it is paid.
+type PaymentMethod string
 
 // PaymentDisputeLostData defines model for PaymentDisputeLostData.
 type PaymentDisputeLostData struct {
@@ -1111,6 +1401,17 @@ type PaymentFailedEvent struct {
 // PaymentFailedEventType defines model for PaymentFailedEvent.Type.
 type PaymentFailedEventType string
 
+// PaymentInvoice The payment's Stripe invoice, as `invoice.finalized` and `invoice.paid` (or its creation) last told it.
+type PaymentInvoice struct {
+	HostedInvoiceUrl *string `json:"hosted_invoice_url,omitempty"`
+	Id               string  `json:"id"`
+	InvoicePdf       *string `json:"invoice_pdf,omitempty"`
+	Number           *string `json:"number,omitempty"`
+
+	// Status draft, open, paid, void or uncollectible.
+	Status *string `json:"status,omitempty"`
+}
+
 // PaymentPage defines model for PaymentPage.
 type PaymentPage struct {
 	Data       []Payment `json:"data"`
@@ -1161,13 +1462,18 @@ type PaymentSucceededData struct {
 	Amount int64 `json:"amount"`
 
 	// AmountTax Tax Stripe Tax added, in `currency`; 0 when none.
-	AmountTax int64 `json:"amount_tax"`
+	AmountTax   int64                            `json:"amount_tax"`
+	ConfirmedBy *PaymentSucceededDataConfirmedBy `json:"confirmed_by,omitempty"`
 
 	// Credits Credits granted (0 for products and plans).
-	Credits         int64                        `json:"credits"`
-	Currency        string                       `json:"currency"`
+	Credits  int64  `json:"credits"`
+	Currency string `json:"currency"`
+
+	// InvoiceId The invoice that confirmed a pay-by-invoice payment.
+	InvoiceId       *string                      `json:"invoice_id,omitempty"`
 	Item            string                       `json:"item"`
 	ItemKind        PaymentSucceededDataItemKind `json:"item_kind"`
+	Method          *PaymentSucceededDataMethod  `json:"method,omitempty"`
 	PaymentId       string                       `json:"payment_id"`
 	PaymentIntentId *string                      `json:"payment_intent_id,omitempty"`
 
@@ -1176,12 +1482,18 @@ type PaymentSucceededData struct {
 	PriceCurrency string `json:"price_currency"`
 	Quantity      int64  `json:"quantity"`
 
-	// StripeEventId The Stripe event that confirmed the payment.
+	// StripeEventId The Stripe event that confirmed the payment (empty when a sync did).
 	StripeEventId string `json:"stripe_event_id"`
 }
 
+// PaymentSucceededDataConfirmedBy defines model for PaymentSucceededData.ConfirmedBy.
+type PaymentSucceededDataConfirmedBy string
+
 // PaymentSucceededDataItemKind defines model for PaymentSucceededData.ItemKind.
 type PaymentSucceededDataItemKind string
+
+// PaymentSucceededDataMethod defines model for PaymentSucceededData.Method.
+type PaymentSucceededDataMethod string
 
 // PaymentSucceededEvent Stripe confirmed the money of a credit pack or product purchase (credits are granted in the same transaction), or a plan's subscription started.
 type PaymentSucceededEvent struct {
@@ -1199,14 +1511,20 @@ type PaymentSucceededEventType string
 // PaymentTransition defines model for PaymentTransition.
 type PaymentTransition struct {
 	// Applied False when the event moved nothing: the state machine refused it (a stale or out-of-order event), or it was only recorded (a dispute inquiry, a dispute already in that stage).
-	Applied         bool      `json:"applied"`
-	CreatedAt       time.Time `json:"created_at"`
-	From            *string   `json:"from"`
-	Reason          *string   `json:"reason,omitempty"`
-	StripeEventId   *string   `json:"stripe_event_id,omitempty"`
-	StripeEventType *string   `json:"stripe_event_type,omitempty"`
-	To              string    `json:"to"`
+	Applied   bool      `json:"applied"`
+	CreatedAt time.Time `json:"created_at"`
+	From      *string   `json:"from"`
+	Reason    *string   `json:"reason,omitempty"`
+
+	// Source Where the change came from (null in history older than this field).
+	Source          *PaymentTransitionSource `json:"source,omitempty"`
+	StripeEventId   *string                  `json:"stripe_event_id,omitempty"`
+	StripeEventType *string                  `json:"stripe_event_type,omitempty"`
+	To              string                   `json:"to"`
 }
+
+// PaymentTransitionSource Where the change came from (null in history older than this field).
+type PaymentTransitionSource string
 
 // Plan defines model for Plan.
 type Plan struct {
@@ -1238,11 +1556,20 @@ type Problem struct {
 
 // Product defines model for Product.
 type Product struct {
-	Amount   int64  `json:"amount"`
-	Currency string `json:"currency"`
-	Id       string `json:"id"`
-	Name     string `json:"name"`
+	Amount int64 `json:"amount"`
+
+	// ConfirmOn The confirmation strategy its new Checkout payments are created under; null follows TALLY_CONFIRM_ON.
+	ConfirmOn *ProductConfirmOn `json:"confirm_on,omitempty"`
+	Currency  string            `json:"currency"`
+	Id        string            `json:"id"`
+
+	// Invoice Whether a Checkout of it asks Stripe for an invoice; null follows TALLY_CHECKOUT_INVOICE_CREATION.
+	Invoice *bool  `json:"invoice,omitempty"`
+	Name    string `json:"name"`
 }
+
+// ProductConfirmOn The confirmation strategy its new Checkout payments are created under; null follows TALLY_CONFIRM_ON.
+type ProductConfirmOn string
 
 // Receivable defines model for Receivable.
 type Receivable struct {
@@ -1323,17 +1650,46 @@ type RequeueSkipCode string
 
 // StripeEvent defines model for StripeEvent.
 type StripeEvent struct {
-	ApiVersion    *string           `json:"api_version,omitempty"`
-	Attempts      int               `json:"attempts"`
-	Id            string            `json:"id"`
-	LastError     *string           `json:"last_error,omitempty"`
-	Livemode      bool              `json:"livemode"`
-	NextAttemptAt *time.Time        `json:"next_attempt_at,omitempty"`
-	ProcessedAt   *time.Time        `json:"processed_at,omitempty"`
-	ReceivedAt    time.Time         `json:"received_at"`
-	Status        StripeEventStatus `json:"status"`
-	Type          string            `json:"type"`
+	ApiVersion *string `json:"api_version,omitempty"`
+	Attempts   int     `json:"attempts"`
+
+	// Created Stripe's creation time of the event.
+	Created         *time.Time        `json:"created,omitempty"`
+	DismissedAt     *time.Time        `json:"dismissed_at,omitempty"`
+	DismissedBy     *string           `json:"dismissed_by,omitempty"`
+	DismissedReason *string           `json:"dismissed_reason,omitempty"`
+	Id              string            `json:"id"`
+	LastError       *string           `json:"last_error,omitempty"`
+	Livemode        bool              `json:"livemode"`
+	NextAttemptAt   *time.Time        `json:"next_attempt_at,omitempty"`
+	ProcessedAt     *time.Time        `json:"processed_at,omitempty"`
+	ReceivedAt      time.Time         `json:"received_at"`
+	Status          StripeEventStatus `json:"status"`
+	Type            string            `json:"type"`
 }
+
+// StripeEventDismiss defines model for StripeEventDismiss.
+type StripeEventDismiss struct {
+	Reason string `json:"reason"`
+}
+
+// StripeEventDismissedData defines model for StripeEventDismissedData.
+type StripeEventDismissedData struct {
+	// DismissedBy The admin key's name, or the first characters of its hash.
+	DismissedBy     string `json:"dismissed_by"`
+	Reason          string `json:"reason"`
+	StripeEventId   string `json:"stripe_event_id"`
+	StripeEventType string `json:"stripe_event_type"`
+}
+
+// StripeEventDismissedEvent An operator dismissed a parked or failed Stripe event (no customer).
+type StripeEventDismissedEvent struct {
+	Data StripeEventDismissedData      `json:"data"`
+	Type StripeEventDismissedEventType `json:"type"`
+}
+
+// StripeEventDismissedEventType defines model for StripeEventDismissedEvent.Type.
+type StripeEventDismissedEventType string
 
 // StripeEventPage defines model for StripeEventPage.
 type StripeEventPage struct {
@@ -1343,6 +1699,20 @@ type StripeEventPage struct {
 
 // StripeEventStatus defines model for StripeEventStatus.
 type StripeEventStatus string
+
+// StripeSyncRequest defines model for StripeSyncRequest.
+type StripeSyncRequest struct {
+	// Since List events created since then (at most 30 days back).
+	Since *time.Time `json:"since,omitempty"`
+}
+
+// StripeSyncResult defines model for StripeSyncResult.
+type StripeSyncResult struct {
+	EventsListed    int `json:"events_listed"`
+	EventsNew       int `json:"events_new"`
+	PaymentsChanged int `json:"payments_changed"`
+	PaymentsChecked int `json:"payments_checked"`
+}
 
 // SubscriptionUpdatedData defines model for SubscriptionUpdatedData.
 type SubscriptionUpdatedData struct {
@@ -1553,6 +1923,11 @@ type ListCreditTransactionsParams struct {
 	Cursor *Cursor `form:"cursor,omitempty" json:"cursor,omitempty"`
 }
 
+// CreateInvoicePaymentParams defines parameters for CreateInvoicePayment.
+type CreateInvoicePaymentParams struct {
+	IdempotencyKey IdempotencyKey `json:"Idempotency-Key"`
+}
+
 // ListCustomerPaymentsParams defines parameters for ListCustomerPayments.
 type ListCustomerPaymentsParams struct {
 	Limit *Limit `form:"limit,omitempty" json:"limit,omitempty"`
@@ -1587,6 +1962,12 @@ type IngestUsageEventsParams struct {
 // CreateReconciliationJSONRequestBody defines body for CreateReconciliation for application/json ContentType.
 type CreateReconciliationJSONRequestBody = ReconciliationRequest
 
+// DismissStripeEventJSONRequestBody defines body for DismissStripeEvent for application/json ContentType.
+type DismissStripeEventJSONRequestBody = StripeEventDismiss
+
+// SyncStripeJSONRequestBody defines body for SyncStripe for application/json ContentType.
+type SyncStripeJSONRequestBody = StripeSyncRequest
+
 // RequeueUsageEventsJSONRequestBody defines body for RequeueUsageEvents for application/json ContentType.
 type RequeueUsageEventsJSONRequestBody = RequeueRequest
 
@@ -1601,6 +1982,9 @@ type ConsumeCreditsJSONRequestBody = ConsumeRequest
 
 // GrantCreditsJSONRequestBody defines body for GrantCredits for application/json ContentType.
 type GrantCreditsJSONRequestBody = GrantRequest
+
+// CreateInvoicePaymentJSONRequestBody defines body for CreateInvoicePayment for application/json ContentType.
+type CreateInvoicePaymentJSONRequestBody = InvoicePaymentCreate
 
 // IngestUsageEventsJSONRequestBody defines body for IngestUsageEvents for application/json ContentType.
 type IngestUsageEventsJSONRequestBody = UsageBatch
@@ -2145,6 +2529,42 @@ func (t *Event) MergeUsageDeadEvent(v UsageDeadEvent) error {
 	return err
 }
 
+// AsStripeEventDismissedEvent returns the union data inside the Event as a StripeEventDismissedEvent
+func (t Event) AsStripeEventDismissedEvent() (StripeEventDismissedEvent, error) {
+	var body StripeEventDismissedEvent
+	err := json.Unmarshal(t.union, &body)
+	return body, err
+}
+
+// FromStripeEventDismissedEvent overwrites any union data inside the Event as the provided StripeEventDismissedEvent
+func (t *Event) FromStripeEventDismissedEvent(v StripeEventDismissedEvent) error {
+	t.Type = "stripe_event.dismissed"
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	b, err = runtime.JSONMerge(b, []byte(`{"type":"stripe_event.dismissed"}`))
+	t.union = b
+	return err
+}
+
+// MergeStripeEventDismissedEvent performs a merge with any union data inside the Event, using the provided StripeEventDismissedEvent
+func (t *Event) MergeStripeEventDismissedEvent(v StripeEventDismissedEvent) error {
+	t.Type = "stripe_event.dismissed"
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	b, err = runtime.JSONMerge(b, []byte(`{"type":"stripe_event.dismissed"}`))
+	if err != nil {
+		return err
+	}
+
+	merged, err := runtime.JSONMerge(t.union, b)
+	t.union = merged
+	return err
+}
+
 func (t Event) Discriminator() (string, error) {
 	var discriminator struct {
 		Discriminator string `json:"type"`
@@ -2185,6 +2605,8 @@ func (t Event) ValueByDiscriminator() (interface{}, error) {
 		return t.AsPaymentRefundedEvent()
 	case "payment.succeeded":
 		return t.AsPaymentSucceededEvent()
+	case "stripe_event.dismissed":
+		return t.AsStripeEventDismissedEvent()
 	case "subscription.updated":
 		return t.AsSubscriptionUpdatedEvent()
 	case "usage.dead":
@@ -2283,9 +2705,15 @@ type ServerInterface interface {
 	// ListStripeEvents Stored Stripe events, newest first
 	// (GET /v1/admin/stripe-events)
 	ListStripeEvents(ctx echo.Context, params ListStripeEventsParams) error
+	// DismissStripeEvent Decide that a parked or failed Stripe event needs nothing more
+	// (POST /v1/admin/stripe-events/{event_id}/dismiss)
+	DismissStripeEvent(ctx echo.Context, eventId string) error
 	// ReplayStripeEvent Process a stored Stripe event again
 	// (POST /v1/admin/stripe-events/{event_id}/replay)
 	ReplayStripeEvent(ctx echo.Context, eventId string) error
+	// SyncStripe Catch up with Stripe now
+	// (POST /v1/admin/stripe-sync)
+	SyncStripe(ctx echo.Context) error
 	// ListUsageEvents Usage events by status (e.g. dead letters)
 	// (GET /v1/admin/usage-events)
 	ListUsageEvents(ctx echo.Context, params ListUsageEventsParams) error
@@ -2319,6 +2747,9 @@ type ServerInterface interface {
 	// ListCreditTransactions The credit ledger, newest first
 	// (GET /v1/customers/{customer_id}/credits/transactions)
 	ListCreditTransactions(ctx echo.Context, customerId CustomerID, params ListCreditTransactionsParams) error
+	// CreateInvoicePayment Sell a catalog item on net terms, by a Stripe invoice
+	// (POST /v1/customers/{customer_id}/invoice-payments)
+	CreateInvoicePayment(ctx echo.Context, customerId CustomerID, params CreateInvoicePaymentParams) error
 	// ListCustomerPayments A customer's payments, newest first
 	// (GET /v1/customers/{customer_id}/payments)
 	ListCustomerPayments(ctx echo.Context, customerId CustomerID, params ListCustomerPaymentsParams) error
@@ -2385,6 +2816,22 @@ func (w *ServerInterfaceWrapper) ListStripeEvents(ctx echo.Context) error {
 	return err
 }
 
+// DismissStripeEvent converts echo context to params.
+func (w *ServerInterfaceWrapper) DismissStripeEvent(ctx echo.Context) error {
+	var err error
+	// ------------- Path parameter "event_id" -------------
+	var eventId string
+
+	err = runtime.BindStyledParameterWithOptions("simple", "event_id", ctx.Param("event_id"), &eventId, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationPath, Explode: false, Required: true, Type: "string", Format: "", ValueIsUnescaped: ctx.Request().URL.RawPath == ""})
+	if err != nil {
+		return echo.NewHTTPError(http.StatusBadRequest, fmt.Sprintf("Invalid format for parameter event_id: %s", err))
+	}
+
+	// Invoke the callback with all the unmarshaled arguments
+	err = w.Handler.DismissStripeEvent(ctx, eventId)
+	return err
+}
+
 // ReplayStripeEvent converts echo context to params.
 func (w *ServerInterfaceWrapper) ReplayStripeEvent(ctx echo.Context) error {
 	var err error
@@ -2398,6 +2845,15 @@ func (w *ServerInterfaceWrapper) ReplayStripeEvent(ctx echo.Context) error {
 
 	// Invoke the callback with all the unmarshaled arguments
 	err = w.Handler.ReplayStripeEvent(ctx, eventId)
+	return err
+}
+
+// SyncStripe converts echo context to params.
+func (w *ServerInterfaceWrapper) SyncStripe(ctx echo.Context) error {
+	var err error
+
+	// Invoke the callback with all the unmarshaled arguments
+	err = w.Handler.SyncStripe(ctx)
 	return err
 }
 
@@ -2645,6 +3101,44 @@ func (w *ServerInterfaceWrapper) ListCreditTransactions(ctx echo.Context) error 
 	return err
 }
 
+// CreateInvoicePayment converts echo context to params.
+func (w *ServerInterfaceWrapper) CreateInvoicePayment(ctx echo.Context) error {
+	var err error
+	// ------------- Path parameter "customer_id" -------------
+	var customerId CustomerID
+
+	err = runtime.BindStyledParameterWithOptions("simple", "customer_id", ctx.Param("customer_id"), &customerId, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationPath, Explode: false, Required: true, Type: "string", Format: "", ValueIsUnescaped: ctx.Request().URL.RawPath == ""})
+	if err != nil {
+		return echo.NewHTTPError(http.StatusBadRequest, fmt.Sprintf("Invalid format for parameter customer_id: %s", err))
+	}
+
+	// Parameter object where we will unmarshal all parameters from the context
+	var params CreateInvoicePaymentParams
+
+	headers := ctx.Request().Header
+	// ------------- Required header parameter "Idempotency-Key" -------------
+	if valueList, found := headers[http.CanonicalHeaderKey("Idempotency-Key")]; found {
+		var IdempotencyKey IdempotencyKey
+		n := len(valueList)
+		if n != 1 {
+			return echo.NewHTTPError(http.StatusBadRequest, fmt.Sprintf("Expected one value for Idempotency-Key, got %d", n))
+		}
+
+		err = runtime.BindStyledParameterWithOptions("simple", "Idempotency-Key", valueList[0], &IdempotencyKey, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: true, Type: "string", Format: ""})
+		if err != nil {
+			return echo.NewHTTPError(http.StatusBadRequest, fmt.Sprintf("Invalid format for parameter Idempotency-Key: %s", err))
+		}
+
+		params.IdempotencyKey = IdempotencyKey
+	} else {
+		return echo.NewHTTPError(http.StatusBadRequest, fmt.Sprintf("Header parameter Idempotency-Key is required, but not found"))
+	}
+
+	// Invoke the callback with all the unmarshaled arguments
+	err = w.Handler.CreateInvoicePayment(ctx, customerId, params)
+	return err
+}
+
 // ListCustomerPayments converts echo context to params.
 func (w *ServerInterfaceWrapper) ListCustomerPayments(ctx echo.Context) error {
 	var err error
@@ -2853,6 +3347,7 @@ func RegisterHandlersWithOptions(router EchoRouter, si ServerInterface, options 
 	router.PUT(options.BaseURL+"/v1/customers/:customer_id", wrapper.UpsertCustomer, options.OperationMiddlewares["upsertCustomer"]...)
 	router.GET(options.BaseURL+"/v1/catalog", wrapper.GetCatalog, options.OperationMiddlewares["getCatalog"]...)
 	router.POST(options.BaseURL+"/v1/checkout-sessions", wrapper.CreateCheckoutSession, options.OperationMiddlewares["createCheckoutSession"]...)
+	router.POST(options.BaseURL+"/v1/customers/:customer_id/invoice-payments", wrapper.CreateInvoicePayment, options.OperationMiddlewares["createInvoicePayment"]...)
 	router.GET(options.BaseURL+"/v1/payments/:payment_id", wrapper.GetPayment, options.OperationMiddlewares["getPayment"]...)
 	router.GET(options.BaseURL+"/v1/customers/:customer_id/payments", wrapper.ListCustomerPayments, options.OperationMiddlewares["listCustomerPayments"]...)
 	router.GET(options.BaseURL+"/v1/customers/:customer_id/balance", wrapper.GetBalance, options.OperationMiddlewares["getBalance"]...)
@@ -2865,6 +3360,8 @@ func RegisterHandlersWithOptions(router EchoRouter, si ServerInterface, options 
 	router.GET(options.BaseURL+"/v1/events", wrapper.ListEvents, options.OperationMiddlewares["listEvents"]...)
 	router.GET(options.BaseURL+"/v1/admin/stripe-events", wrapper.ListStripeEvents, options.OperationMiddlewares["listStripeEvents"]...)
 	router.POST(options.BaseURL+"/v1/admin/stripe-events/:event_id/replay", wrapper.ReplayStripeEvent, options.OperationMiddlewares["replayStripeEvent"]...)
+	router.POST(options.BaseURL+"/v1/admin/stripe-events/:event_id/dismiss", wrapper.DismissStripeEvent, options.OperationMiddlewares["dismissStripeEvent"]...)
+	router.POST(options.BaseURL+"/v1/admin/stripe-sync", wrapper.SyncStripe, options.OperationMiddlewares["syncStripe"]...)
 	router.GET(options.BaseURL+"/v1/admin/usage-events", wrapper.ListUsageEvents, options.OperationMiddlewares["listUsageEvents"]...)
 	router.POST(options.BaseURL+"/v1/admin/usage-events/requeue", wrapper.RequeueUsageEvents, options.OperationMiddlewares["requeueUsageEvents"]...)
 	router.POST(options.BaseURL+"/v1/admin/reconciliations", wrapper.CreateReconciliation, options.OperationMiddlewares["createReconciliation"]...)
@@ -2967,6 +3464,50 @@ func (response ListStripeEventsdefaultApplicationProblemPlusJSONResponse) VisitL
 	return err
 }
 
+type DismissStripeEventRequestObject struct {
+	EventId string `json:"event_id"`
+	Body    *DismissStripeEventJSONRequestBody
+}
+
+type DismissStripeEventResponseObject interface {
+	VisitDismissStripeEventResponse(w http.ResponseWriter) error
+}
+
+type DismissStripeEvent200JSONResponse StripeEvent
+
+func (response DismissStripeEvent200JSONResponse) VisitDismissStripeEventResponse(w http.ResponseWriter) error {
+
+	var buf bytes.Buffer
+	if err := json.NewEncoder(&buf).Encode(response); err != nil {
+		return err
+	}
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(200)
+	_, err := buf.WriteTo(w)
+	return err
+}
+
+type DismissStripeEventdefaultApplicationProblemPlusJSONResponse struct {
+	Body       Problem
+	Headers    ProblemResponseHeaders
+	StatusCode int
+}
+
+func (response DismissStripeEventdefaultApplicationProblemPlusJSONResponse) VisitDismissStripeEventResponse(w http.ResponseWriter) error {
+
+	var buf bytes.Buffer
+	if err := json.NewEncoder(&buf).Encode(response.Body); err != nil {
+		return err
+	}
+	w.Header().Set("Content-Type", "application/problem+json")
+	if response.Headers.RetryAfter != nil {
+		w.Header().Set("Retry-After", fmt.Sprint(*response.Headers.RetryAfter))
+	}
+	w.WriteHeader(response.StatusCode)
+	_, err := buf.WriteTo(w)
+	return err
+}
+
 type ReplayStripeEventRequestObject struct {
 	EventId string `json:"event_id"`
 }
@@ -2996,6 +3537,49 @@ type ReplayStripeEventdefaultApplicationProblemPlusJSONResponse struct {
 }
 
 func (response ReplayStripeEventdefaultApplicationProblemPlusJSONResponse) VisitReplayStripeEventResponse(w http.ResponseWriter) error {
+
+	var buf bytes.Buffer
+	if err := json.NewEncoder(&buf).Encode(response.Body); err != nil {
+		return err
+	}
+	w.Header().Set("Content-Type", "application/problem+json")
+	if response.Headers.RetryAfter != nil {
+		w.Header().Set("Retry-After", fmt.Sprint(*response.Headers.RetryAfter))
+	}
+	w.WriteHeader(response.StatusCode)
+	_, err := buf.WriteTo(w)
+	return err
+}
+
+type SyncStripeRequestObject struct {
+	Body *SyncStripeJSONRequestBody
+}
+
+type SyncStripeResponseObject interface {
+	VisitSyncStripeResponse(w http.ResponseWriter) error
+}
+
+type SyncStripe200JSONResponse StripeSyncResult
+
+func (response SyncStripe200JSONResponse) VisitSyncStripeResponse(w http.ResponseWriter) error {
+
+	var buf bytes.Buffer
+	if err := json.NewEncoder(&buf).Encode(response); err != nil {
+		return err
+	}
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(200)
+	_, err := buf.WriteTo(w)
+	return err
+}
+
+type SyncStripedefaultApplicationProblemPlusJSONResponse struct {
+	Body       Problem
+	Headers    ProblemResponseHeaders
+	StatusCode int
+}
+
+func (response SyncStripedefaultApplicationProblemPlusJSONResponse) VisitSyncStripeResponse(w http.ResponseWriter) error {
 
 	var buf bytes.Buffer
 	if err := json.NewEncoder(&buf).Encode(response.Body); err != nil {
@@ -3546,6 +4130,61 @@ func (response ListCreditTransactionsdefaultApplicationProblemPlusJSONResponse) 
 	return err
 }
 
+type CreateInvoicePaymentRequestObject struct {
+	CustomerId CustomerID `json:"customer_id"`
+	Params     CreateInvoicePaymentParams
+	Body       *CreateInvoicePaymentJSONRequestBody
+}
+
+type CreateInvoicePaymentResponseObject interface {
+	VisitCreateInvoicePaymentResponse(w http.ResponseWriter) error
+}
+
+type CreateInvoicePayment201ResponseHeaders struct {
+	IdempotentReplayed *bool
+}
+
+type CreateInvoicePayment201JSONResponse struct {
+	Body    InvoicePayment
+	Headers CreateInvoicePayment201ResponseHeaders
+}
+
+func (response CreateInvoicePayment201JSONResponse) VisitCreateInvoicePaymentResponse(w http.ResponseWriter) error {
+
+	var buf bytes.Buffer
+	if err := json.NewEncoder(&buf).Encode(response.Body); err != nil {
+		return err
+	}
+	w.Header().Set("Content-Type", "application/json")
+	if response.Headers.IdempotentReplayed != nil {
+		w.Header().Set("Idempotent-Replayed", fmt.Sprint(*response.Headers.IdempotentReplayed))
+	}
+	w.WriteHeader(201)
+	_, err := buf.WriteTo(w)
+	return err
+}
+
+type CreateInvoicePaymentdefaultApplicationProblemPlusJSONResponse struct {
+	Body       Problem
+	Headers    ProblemResponseHeaders
+	StatusCode int
+}
+
+func (response CreateInvoicePaymentdefaultApplicationProblemPlusJSONResponse) VisitCreateInvoicePaymentResponse(w http.ResponseWriter) error {
+
+	var buf bytes.Buffer
+	if err := json.NewEncoder(&buf).Encode(response.Body); err != nil {
+		return err
+	}
+	w.Header().Set("Content-Type", "application/problem+json")
+	if response.Headers.RetryAfter != nil {
+		w.Header().Set("Retry-After", fmt.Sprint(*response.Headers.RetryAfter))
+	}
+	w.WriteHeader(response.StatusCode)
+	_, err := buf.WriteTo(w)
+	return err
+}
+
 type ListCustomerPaymentsRequestObject struct {
 	CustomerId CustomerID `json:"customer_id"`
 	Params     ListCustomerPaymentsParams
@@ -3825,9 +4464,15 @@ type StrictServerInterface interface {
 	// ListStripeEvents Stored Stripe events, newest first
 	// (GET /v1/admin/stripe-events)
 	ListStripeEvents(ctx context.Context, request ListStripeEventsRequestObject) (ListStripeEventsResponseObject, error)
+	// DismissStripeEvent Decide that a parked or failed Stripe event needs nothing more
+	// (POST /v1/admin/stripe-events/{event_id}/dismiss)
+	DismissStripeEvent(ctx context.Context, request DismissStripeEventRequestObject) (DismissStripeEventResponseObject, error)
 	// ReplayStripeEvent Process a stored Stripe event again
 	// (POST /v1/admin/stripe-events/{event_id}/replay)
 	ReplayStripeEvent(ctx context.Context, request ReplayStripeEventRequestObject) (ReplayStripeEventResponseObject, error)
+	// SyncStripe Catch up with Stripe now
+	// (POST /v1/admin/stripe-sync)
+	SyncStripe(ctx context.Context, request SyncStripeRequestObject) (SyncStripeResponseObject, error)
 	// ListUsageEvents Usage events by status (e.g. dead letters)
 	// (GET /v1/admin/usage-events)
 	ListUsageEvents(ctx context.Context, request ListUsageEventsRequestObject) (ListUsageEventsResponseObject, error)
@@ -3861,6 +4506,9 @@ type StrictServerInterface interface {
 	// ListCreditTransactions The credit ledger, newest first
 	// (GET /v1/customers/{customer_id}/credits/transactions)
 	ListCreditTransactions(ctx context.Context, request ListCreditTransactionsRequestObject) (ListCreditTransactionsResponseObject, error)
+	// CreateInvoicePayment Sell a catalog item on net terms, by a Stripe invoice
+	// (POST /v1/customers/{customer_id}/invoice-payments)
+	CreateInvoicePayment(ctx context.Context, request CreateInvoicePaymentRequestObject) (CreateInvoicePaymentResponseObject, error)
 	// ListCustomerPayments A customer's payments, newest first
 	// (GET /v1/customers/{customer_id}/payments)
 	ListCustomerPayments(ctx context.Context, request ListCustomerPaymentsRequestObject) (ListCustomerPaymentsResponseObject, error)
@@ -3964,6 +4612,54 @@ func (sh *strictHandler) ListStripeEvents(ctx echo.Context, params ListStripeEve
 	return nil
 }
 
+// DismissStripeEvent operation middleware
+func (sh *strictHandler) DismissStripeEvent(ctx echo.Context, eventId string) error {
+	var request DismissStripeEventRequestObject
+
+	request.EventId = eventId
+
+	var body DismissStripeEventJSONRequestBody
+	var err error
+	if binder, ok := ctx.Echo().Binder.(*echo.DefaultBinder); ok {
+		// A request validator built on kin-openapi's openapi3filter with
+		// KeepValidatedValue leaves the value it validated on the body. Bind
+		// that value, matching member names exactly, so the handler receives
+		// what was validated instead of a second, case-insensitive decode.
+		// Otherwise bind only the request body, so that path and query
+		// parameters are not also bound into the body struct.
+		if vb, ok := ctx.Request().Body.(interface{ ValidatedValue() any }); !ok || runtime.BindJSONValue(vb.ValidatedValue(), &body) != nil {
+			err = binder.BindBody(ctx, &body)
+		}
+	} else {
+		// A custom binder is installed on the Echo instance; defer to it
+		// entirely, since echo.Binder does not expose body-only binding and
+		// the binder may do more than decode (for example call ctx.Validate).
+		err = ctx.Bind(&body)
+	}
+	if err != nil {
+		return err
+	}
+	request.Body = &body
+
+	handler := func(ctx echo.Context, request interface{}) (interface{}, error) {
+		return sh.ssi.DismissStripeEvent(ctx.Request().Context(), request.(DismissStripeEventRequestObject))
+	}
+	for _, middleware := range sh.middlewares {
+		handler = middleware(handler, "DismissStripeEvent")
+	}
+
+	response, err := handler(ctx, request)
+
+	if err != nil {
+		return err
+	} else if validResponse, ok := response.(DismissStripeEventResponseObject); ok {
+		return validResponse.VisitDismissStripeEventResponse(ctx.Response())
+	} else if response != nil {
+		return fmt.Errorf("unexpected response type: %T", response)
+	}
+	return nil
+}
+
 // ReplayStripeEvent operation middleware
 func (sh *strictHandler) ReplayStripeEvent(ctx echo.Context, eventId string) error {
 	var request ReplayStripeEventRequestObject
@@ -3983,6 +4679,55 @@ func (sh *strictHandler) ReplayStripeEvent(ctx echo.Context, eventId string) err
 		return err
 	} else if validResponse, ok := response.(ReplayStripeEventResponseObject); ok {
 		return validResponse.VisitReplayStripeEventResponse(ctx.Response())
+	} else if response != nil {
+		return fmt.Errorf("unexpected response type: %T", response)
+	}
+	return nil
+}
+
+// SyncStripe operation middleware
+func (sh *strictHandler) SyncStripe(ctx echo.Context) error {
+	var request SyncStripeRequestObject
+
+	var body SyncStripeJSONRequestBody
+	var err error
+	if binder, ok := ctx.Echo().Binder.(*echo.DefaultBinder); ok {
+		// A request validator built on kin-openapi's openapi3filter with
+		// KeepValidatedValue leaves the value it validated on the body. Bind
+		// that value, matching member names exactly, so the handler receives
+		// what was validated instead of a second, case-insensitive decode.
+		// Otherwise bind only the request body, so that path and query
+		// parameters are not also bound into the body struct.
+		if vb, ok := ctx.Request().Body.(interface{ ValidatedValue() any }); !ok || runtime.BindJSONValue(vb.ValidatedValue(), &body) != nil {
+			err = binder.BindBody(ctx, &body)
+		}
+	} else {
+		// A custom binder is installed on the Echo instance; defer to it
+		// entirely, since echo.Binder does not expose body-only binding and
+		// the binder may do more than decode (for example call ctx.Validate).
+		err = ctx.Bind(&body)
+	}
+	if err != nil {
+		if !errors.Is(err, io.EOF) {
+			return err
+		}
+	} else {
+		request.Body = &body
+	}
+
+	handler := func(ctx echo.Context, request interface{}) (interface{}, error) {
+		return sh.ssi.SyncStripe(ctx.Request().Context(), request.(SyncStripeRequestObject))
+	}
+	for _, middleware := range sh.middlewares {
+		handler = middleware(handler, "SyncStripe")
+	}
+
+	response, err := handler(ctx, request)
+
+	if err != nil {
+		return err
+	} else if validResponse, ok := response.(SyncStripeResponseObject); ok {
+		return validResponse.VisitSyncStripeResponse(ctx.Response())
 	} else if response != nil {
 		return fmt.Errorf("unexpected response type: %T", response)
 	}
@@ -4376,6 +5121,55 @@ func (sh *strictHandler) ListCreditTransactions(ctx echo.Context, customerId Cus
 	return nil
 }
 
+// CreateInvoicePayment operation middleware
+func (sh *strictHandler) CreateInvoicePayment(ctx echo.Context, customerId CustomerID, params CreateInvoicePaymentParams) error {
+	var request CreateInvoicePaymentRequestObject
+
+	request.CustomerId = customerId
+	request.Params = params
+
+	var body CreateInvoicePaymentJSONRequestBody
+	var err error
+	if binder, ok := ctx.Echo().Binder.(*echo.DefaultBinder); ok {
+		// A request validator built on kin-openapi's openapi3filter with
+		// KeepValidatedValue leaves the value it validated on the body. Bind
+		// that value, matching member names exactly, so the handler receives
+		// what was validated instead of a second, case-insensitive decode.
+		// Otherwise bind only the request body, so that path and query
+		// parameters are not also bound into the body struct.
+		if vb, ok := ctx.Request().Body.(interface{ ValidatedValue() any }); !ok || runtime.BindJSONValue(vb.ValidatedValue(), &body) != nil {
+			err = binder.BindBody(ctx, &body)
+		}
+	} else {
+		// A custom binder is installed on the Echo instance; defer to it
+		// entirely, since echo.Binder does not expose body-only binding and
+		// the binder may do more than decode (for example call ctx.Validate).
+		err = ctx.Bind(&body)
+	}
+	if err != nil {
+		return err
+	}
+	request.Body = &body
+
+	handler := func(ctx echo.Context, request interface{}) (interface{}, error) {
+		return sh.ssi.CreateInvoicePayment(ctx.Request().Context(), request.(CreateInvoicePaymentRequestObject))
+	}
+	for _, middleware := range sh.middlewares {
+		handler = middleware(handler, "CreateInvoicePayment")
+	}
+
+	response, err := handler(ctx, request)
+
+	if err != nil {
+		return err
+	} else if validResponse, ok := response.(CreateInvoicePaymentResponseObject); ok {
+		return validResponse.VisitCreateInvoicePaymentResponse(ctx.Response())
+	} else if response != nil {
+		return fmt.Errorf("unexpected response type: %T", response)
+	}
+	return nil
+}
+
 // ListCustomerPayments operation middleware
 func (sh *strictHandler) ListCustomerPayments(ctx echo.Context, customerId CustomerID, params ListCustomerPaymentsParams) error {
 	var request ListCustomerPaymentsRequestObject
@@ -4556,204 +5350,240 @@ func (sh *strictHandler) GetUsageEvent(ctx echo.Context, identifier string) erro
 // const string: with thousands of chunks the chained `+` fold is several
 // times slower for the Go compiler than parsing a slice literal.
 var swaggerSpec = []string{
-	"1L3/khs3kif+Kgh+N0JNTzVFyZJ31R0b8e2RZY/WsqWQWuvbNXUsdBVIwl0EaADVbI5O/94D3CPek1wg",
-	"E0ChilVksZut8UyMQ2yyCj8zE/njk4nPg0wuV1IwYfTg7PNgwWjOFHx8nbPlShomzHu2KuiG5fbbnOlM",
-	"8ZXhUgzOBqlRJUvJesEEMQuuCRV6zRThmpgFIwpeJHJGqCCMqoIzRRT7o2TakDU3C3hK0yUj12wzGiQD",
-	"nS3YktqOzGbFBmeDKykLRsXgy5dk8J4ZtbmYGaa2R/JWEEqePX1BpCLPx98Ss6CGXAu51oSbM7JeyIIR",
-	"zTIpck2MJGvKDbliM6kYMWrDxXwi6JxyQU7CmES5vGKKUJzMSsmrgi0faZIqO5AptSOZujbT4WgiahNY",
-	"csGX5XJw9iTxk+HCsDlTgy92Niuq6JIZt9ovS6Vly7wuF4ykgt2aaQZPpHY1cTjshstSkxWdM7t03D7+",
-	"R8nUZpAMBF3aDvGd+rDo7Rsm5mYxOHs6HoehaaO4mMMyvyy1kUumXn/fPpyMFgVTjzSRa0F4TmZSEW40",
-	"KTVTYSArahbxOLDJKc8HycBSAFeWniz5xIP7F8Vmg7PB//e4osrH+Kt+HA3LjjKQZ7b5iW3sy9AvEnDV",
-	"c/TYqX1uV+/x0jx/ntgd9H8/aVuo+hDewhrR4oCh3L3rN3zJTeipsesF/Bg3n7MZLQszOHs+TmxfSJjP",
-	"7f7vI1PF9EoKzYBK3yEP2I+ZFFY22I90tSp4Ru30Hzsu+cvv2tLL555769uFHusUdyEIU0oqcvL+h5fk",
-	"xbPn/+o5keTMUF7ooSW6SHCBmDgNcqKtX/f040iifIG+3YDse3+lBRUZsx9XSq6YMhwX4ar6oT7UDysm",
-	"cnpVMCLk+oyUQq+YMCRTLLf8IWekFOx2ZYmPzBUVRtuRz6RaUoPL/t2zwfYuJDX2OYBLkgH2sj3SH+F7",
-	"FMF+eAWbmYRoKYWVzjDODZlxpQ0wtWFLva9zaPZDuVxStbHdu5lQpSj8Xcj11K3e1CwU0wtZwIx6rAHI",
-	"QBzV9nx+xQOI+eGfwoNczIliS8qF/eTniTtQW/mcGnZq+JJZHiqLwu6hFw8N3qsNZEqXskQe2JpBRzsV",
-	"b8WS6LeGhPQkFnawa+0+hYbl1e8sM3aAL6mhhZxvEy6uwHRFs2v4u9eevoSX3tHsum1HVwUV/dt6V9iT",
-	"vKUVJfMyMwc0hC9st9Vc1XjGUT9+4K3Lt2DZtSzNB6Y1RyHWWEb3wFTjE44rtwgFCU1PaZ1AYmLbemdF",
-	"N0smTFeTpSpavm9MOmojaR0stlMbYI+FeKkYNSD1aJ5zPOveRQszo4VmSXOtLL0WUzfumu7x7N/2HHP3",
-	"kHuWiLalxAXJkDUIzy3/R8P57tnewfxRUmG42dTO0yfN4+qjcKLeSiM7jBG5IP5Vq4ZqFkmijLEcniyo",
-	"mjNtJgL4nZw8ScbjcfzfMLGaLb6/Ujxj7m1N1lbT/WAUX7GJyBbQEOGCSMGIIwVy8uJF8gL/I0supCKl",
-	"HecwsZq6YrNSsxxOg4l49vQpSbm4oQXPp05XT72mTMXGLKww5ZqsFTeGCVR7t8RfUDKe7FMykoEus4xp",
-	"fTcq2SlHgQ7qHSQxTbaSvRS6XLL3OPUD6X3HgRCvSPW/fWuzZIbm1OzVoH72z8F6UKd9HapWxivpphKa",
-	"27lWGrjhc//V2J5pp1rlFDGi+HxhCFhdaGxm2HtPJcooKjTNTKfEbsy/8XxSLYgfaeuKVMfl/ZbDCYm+",
-	"T5dKWcNi90EEButSCrNo0Qn/JtdkScXG2ndWj1UEnyRXsrQL76WWNnRDdFB1T548JaUomNYTAXYpza6J",
-	"phtNpFkwteaaDUcEFLQrCRY/uAnyiUjr4/KGNKHKmt5FkYBk9N0KdsOUV95A5uzTsJoTdx20z7yQYr57",
-	"pgkYuhQnCO4FzYwmdCJm/JblJC8VmEBEUTtx+4hormWHsNw/kw59AA2+fZQM1AuPRkQcKKYitW561q/Q",
-	"bPneSaLjsPnhls9RdCw4YrsaPFRK1M+b0HTSQ3zsV8Bqa//qxpnbTdOHGrKmaL+Bqw1tS8cqoOjUt6vP",
-	"cdKy7UHX/jxgwp5XXr3WI9dVNIkumWp/TXAE+2bMxbyd3L46TQQbshfR9iWQqtWDCIGLeQclXLiN37Lq",
-	"HSmgvc8FSS8v3rz5r+nL96++f335Yfrqf7x7/f71Lz9Of3l7+frlq/ScaKszSnvmrpjCVu9PRn4/99GR",
-	"XZFjERI4JI4ttrY9ou7HoJuwas2OLuPqvf9SFgWcS36/4WCqnZV3dnTs5Im6obq9JN7ygPG4c1Uqopgp",
-	"lXBGjxvzOaFXQHF4viIRm4WyL8FzF+9ej9qYttJzt37SslRZjcZWpcoWVNuZa6ZuOAjgnOtVadh0XdNv",
-	"XTPJ4PbUvn16Q5U9PbVtZpuwPkBX76rmux75ELrteuJ7HM6vdjRf+yxyKxZWta9QcpPokEnuIbJm1nrM",
-	"c5aTE0r8XiRd221/WEtB3P480o5whvcSQ7E02CGF5vjY0YTQG7l2Jky7HDquRnSYX7WnF3KPw7E5zw5i",
-	"iEXljBUFuWKFXKMocB0/shLM9dU8h2bU2gQYpJOi2ETi1rdq9aArq59TkDb0St4wwu93eDW2bwfhRC7a",
-	"oxHPe3Yjr/efYO1cZ+i1Nbtodt3zKDouKeaKrnU7GaBbm6Q4g5RkdMnITMnlOWHLFXjKmCBCorfJbivM",
-	"pXck4g3L50x9r+i6zd8cn2ydR9cjHeQUDjecUzA2bsiCaiKkYKM7eHJ3nV0LqYwl9u6NlWuWI6FflYbQ",
-	"QjGao6lqHsgbUpcMNRdz9+lSzcQTQyxUdvmVasTfqe8qNitFDpzujwpipLwO2pAn/Tszf8x+Ozhf4WNH",
-	"4Hq3zK3BG2pYfpBVYy0MoKK9ut6hDvb+kbz9vo27uDi942PvxDQ4xqcNUbX3tXKVH7jabT6XMLMk3r5a",
-	"67uIACMu3eTvJwXy0XWQNFUpyx1SYCCXlJpZ/csHhYL+ZT+Ums4ZYbazu6pZbjww4E6WcQ+N3ICPxzNV",
-	"t+2wFb9aldqQLaiYsxH5gbMi11ak55JZmW5l+w0DTyTK/O0FCbz1FXnpuLzTk1cOofNd24Nwot0RiRU1",
-	"him7Y//zt4vT/6anfx+fvpiOzv7/009/+Zc2Cecb/4gctZdVHmkyw812oCUMnFXEgSSRfw0GcFLgeAzw",
-	"caWZOjRiFeg42pnnT562rHUnndYX+x1Tp2E5w3Ng3KctmnJKTsbE2naIshPS8IwROZvBGxjnca0NR+Tt",
-	"khvD4Mi3MpxcM7bSzoJQyipnN7Qo2TmhJBpDcIksaA5x0VIz95YUMz4vFcuJi+mO9kUzW2N344c+6Pbu",
-	"TjvzNtktYrCs1NOKyVr560sLsb1SSqqXMq/RdCNebI84QUuzkIr/neW4olc8zxnEbaSZzmQpAJ4gxazg",
-	"mX2DV/C46TXbTBUrNbzb/IGL6azg8wW8JHQ5m/GMW23UxzFAPy0kzadGyimE1q26SQ2bAjSOxSrsSskb",
-	"njM1BZQZjvyGctzKBLZPCVrgOIThM87UNAz7U8tOdAiht4KRq1JzwbTGY3ZEUvtyiuEyiOMv6GrFBMsJ",
-	"FTlZL3i2IEgVE5FakkjJTBaFXGuEqaZSsLezFA3phFyzjbULNq7d4YjAWDQcZNZkniAbgCMmIdZ8YWti",
-	"nwV56P72AnJGKPz2SBPs23LVQmozEfqaO7bDl+1o+VxI5dhqtn2gXgu5HpGfpWAbwjXhYiIiJIJHTPio",
-	"FLlimufWdk+CMm8n4bjJBdJybhd4yQU1iJ1d0tXK+embsYlegQ7cumTbId3Pv9183XuSermlmi/H3oS+",
-	"HopmG94u6WXkhJebGtqe066mpibb59ue12tHd+DLkXfNFlKbThgYPuvcpm+kNl2trIEFezTyqxQdbeT9",
-	"GtiayIzyYu/LP8BDzVfRvt378nv3WPN1gL2w/e9/8M/5BnR5FSTXvm38ED3b2EqwKEY5o50vf7RPfM+o",
-	"e+VLUE42vyCUGYTrl2QAcm5w9ls//atGkV+Sfi/VBr/vpfaV6/lWvNk9X6lvcc+X6hR52EuBDw57reLB",
-	"fe910s3e/WqRmj3faQrKnq/VxfshLx04vpog3vdOk3c+JUfwGB3qJ+kKQjibpwWq4DWcc6sdaFawzKDO",
-	"gPOyigBqG6N+PpbYOKq5WdosJViqd3Tegur3inkv93IQV03PcpSp02IZUa2tkpWCByIlRlr7w3BhDZZS",
-	"ONPTZ1MxyOyxuhJ4xPcvh1uCeAhtawDODtDiWxYBMiraA74SVOHtWf3Hh7e/EPcrJml892L8ZGhVNemy",
-	"wDDh60rmG0Cxgp1HlwxVzJAHtX+GfgyJH2jb/EAw/EnQm7tC9z+Xdk2sSosqc2lKxc6JdBbuklHhUG+d",
-	"IfytTfpzo0XdzhwXK9rj6R6AoPuBIe4NLY1i9b1QprVEm3vjTA+PKxxhQXvhSva2chg0K8aFNBJZI0Mh",
-	"PatMToKAegi1QWTJfkoqGEuQ1T78tKaarKVIqvRWl0nlDFwPd2CbKuZp+fvuMJXWUzFixwplFiAee07J",
-	"KHh6P9rawTSNQW8zQPfAXgmzm+obWXl8Llh+RlZSc8NvAIai/Q4nRLA5ha8VW8ob9F8sDwuXI774Afmt",
-	"I5D+g1QeAw8eGLT2CRNGcaaTit40sS2IQGwPHkJHKg/BJZQXiP8KQwQ3EL2SpSEniPzCH3Hc9dC75x5v",
-	"ENumvFnu4/UQtLqr2LnmIo8dmtAr+ift8gY0FHCUHaUl1Pz3Ure7AO9yDh8s+e4CIPihvgec6bMayp5G",
-	"MXUv0vRClkUOEbGJqCAlAD3I4CchTUKuWEZLzWpwHnC4YxYssNVExBggdEbOJdMOCfR3puQ5GgN+CgDC",
-	"B5S9YhnjN4jEL7g2ztP546tL8vjmyWOaL7l4fMMUn23SO+Ls2yQpUMb2sex4PoLLtQd7u8XYEcyQWB7u",
-	"N0b2kNTdrImfI0pv17TrsYuWkgNbKXQraxk9HxN8ACM6GrzbmpTw47MxHMw0M0zpxD3hfns+HrvkvngU",
-	"z8ftg2fqUhpM2m/ExW58TYx+YVg8ALZVQ9/6oVA8bNI3kPjxtO2Bc8H0PxKxigOmQmIyIRek4Y1PvSs+",
-	"TUKdDHrb82DEjqeV53TLFcDNAs+kq02kYzn8MoQrVkxYKVRIbcjJOOD+MhaBfTgoW8PDRoWCpHVUVSol",
-	"yWRRsAwQFS2L49uYhlUCOToRPmmWuKzZR5rADiZ29QgXWVHmLL9zHlCYgncMfz5g4obettACvfVTth9x",
-	"L3IiUa1tTgcWwy6Cn3eCW+JaUGwllZXMvD2Oun+CHcnVe4/DOzm7qhS7DvzkguuAZL8qN9oSotVVfCI5",
-	"qF2QSj7sDfbfkah353znGeVFqdi0UgqahL1xHiWcC8YkRuRCAETomm2IYjTXtYd8ZPSRngi5FoRmmSUj",
-	"aweRE9xwAGajd4fniSvUkckc9dEl05rO2fB8IqggTOSnpWaKGGlVCOwPcLy1yGdC2Gg+IqknhIlwlIAI",
-	"J/sBR5+OyKWv1LOQRa4RMGBNa455eLAYemey4F7FkIsbyTPW2x/qEs9bf5g2tcyoPEFVncAVJ2jVKwt+",
-	"w5Yu9t4skBRpkFCZpe+Q47z2HgS8Jfm60FYukGulZUPwpkAdcuZ0TaeCXpUbwOdYk3oighQWNwwkCtY8",
-	"smfVyUVOV2CyvVM842I+TAgrNIuOrJ57rg015f5iEy7Wgw9/qYfH+q5yiMXdy2lSUXeL1Hp1w9QmZgC7",
-	"ygy+9Cn+UrCEyCK3DIulXcgrgFtzATq17m0dukW5DL21KaDHQVG2pvRX/BRRcNjR9jzX5uG5radUZ0LE",
-	"a93gzfqG7FDNoujYLiR/TWG672HinUa9HG1dcCLQOnt5cGqQ8Kjv1kWu9qTZT79F7MT5ecUwK6Sld6s8",
-	"ntcONSZyTdIYXJDeDevXsbMtgL9WRMO9QX9b4dqOZFmk52mAwXTrOtSQnIMxTzK5ZM7Ir6x6ruqZxRCi",
-	"WC940bcCgx+LYtpI1Z/Kw2sQHZ3OpHI8rDtUePcryZllYgV+Wl6wLUct2BjBrUusnitnqI7YR9dcBE/v",
-	"gVMM/oseowXfltQsDDvOaAoOFpLJG6bICa18I311zntKgjAVzYwpWIfLr/LYxKu8oLkrLCYk1FhgCpJX",
-	"eo78rgf08YRXOFC2iDfZ4q22tdpNvvsI5i7yMSA39ovHtRR16chd+hwXJMWZo64WuwjRAwjBi7un17RL",
-	"rx7Cs1cI5DDZmR/1SK7v9oFvfZXUrwfUGrrsz2AtegLEB1sT576W5hEct80ta9uOuzDijmyEKqi4BkcY",
-	"WxNg+PNYeOZEL8ATNqvxX0iGPBr75T2ZLz8a5yECrp3vOk3oe2RU3ouknMUR6OUASoiRfi104MXuUt5Y",
-	"C1eS1Lk2yEnOsoKDOwTLlYEf0ugth5xXxoYjcuHqGxPnDUJ4DbYYutKgALvE2nsRT7SHO0jHoV+PRThH",
-	"CJp4b/k/KGDSAHTuPHtiN2+ddvzrREsyowrcsuBnPtQVjs1Mc1a05c39iqqwKxIocswcOFjd/+c8Ch/U",
-	"Qu70RTS2pK1Q1/FOqjqsuOPYrqLuS6kCaA/eP69rhlAUDc6sFXWFwaHwRxQ0PtGMEVpoWSWDudmkw3uJ",
-	"oxpD7RBIYcWPJZI+BBtlqyaxYjXtWhsqcj0i6YqJnIs5+b//+/+Q4Bgk/8s7tpOJcAdB/YnUWn+KGcVZ",
-	"TjKq8mFC0up9+6yfnX10ZpiaCCo27tvzyBHrn5oruXZ1oAtqrHEmmIazpNJRJgKBMTQaK8AIHFWEUj8y",
-	"OFZs/5Yi/J8T0arK8FiTgXwkDwSxTQ/PIzvFnn4TgdY4FPAHlIChhmElhrwqUVo3V4Ir43wiIq+Qba/V",
-	"GUQuBOHCUsGGnAiJeplT0+haDCeCu7CFYplUdgGstRQ5Ap33ORAebvYg8gEPMGLDsAxYkACRnrrHV1QR",
-	"n2+yPe/5AoJTjzSJXdYEt1NIsoRsrJAwToti4yM75IoXhcaYJuRxDM9cof9QtCMJ9GTorf0L3PNoMHrm",
-	"xmqOY0vRwTmPD8DD0+hLxRDonLjfm8GMFFbepWPDCvcLdncEdeNwbLIz/o2pdnF4gnRHJw6MRfcJybps",
-	"PUtlYUznZOxLpIgD3W/d56lLV3vgIOcDh8j2nNqtMbLtp+xW9sFNVMiIVhpqEHnP5au/1TrAA4N2LbrK",
-	"9swcycFDeJZDdrRaevp2J+h+mH6L9dQRr9kRprGs4Xdia03iQM0B+k4jX6tL4anPG6UkqD3YKZaArTik",
-	"AiuexLmqnp0cwB8C1RHyGyt601YJrQ21YuVeClH9aNihEVXH0rFUoigquG3arFYFbzNpfqCFZhWgGskQ",
-	"LWNnrp5Fh/6SZgsuWIhscgOucUMLwJnK0pzK2ak9n5WraZJgyQd0/NfO75MIUIQnfxJhjLxdAdtIQYub",
-	"o5jfjsDfBYUyU3J5IOKzb9WbmN8Pe8fTyv6ItNxv+MAM4dEkbP9ekCTcFbHtHGqX1934u8MrJGNbrUOq",
-	"br/peSPMZVSYwj2EZaTTtsIFfc+HzCFAdmaohTINX5JdaV0A2WnRCd7OZs5IwVz+MOz6xQC98QJR1lmL",
-	"48U11+3a27pvqx3anMZFHlJy8uzpiyGqk1FVh5ScPB9/O0RRcy3kWrj7wSZi5wVhCEFM0HqFQnBUkzS6",
-	"bagLdrzn9oNgP7ZUaeOmYAdkWF6Qj+9fE0GXdrjRpWVQpmH/we3EO/Yax74sHXVwBOhj90xB2qkuPlzl",
-	"87YZvQ8o88MLT6MjQ7d562LEfQPgbg1UHVIz+ihz+z1jQho43iD43avZneX+Yu+Sn2TH4kmR8YJT031z",
-	"TisIwXUH5vqKukFvT92flb2zITtOhSXXS2qyBet/5VB9bj+7BtqEGR6Jd0A7ech3fF76JauNef/ah/Ed",
-	"TMQ5n82Y5Y8W8eJUBHA0k1NSyIwWUw9Q70G58QsHGS53RtHX6bg+4FrbtYnvX9+75Rd78t1WEv7OlCSW",
-	"SMh4PH5yCv+/HI/P4P//Hd/Sc/Ls6dPhQRnBTDWSMPyVPLtuO0IibnBpQZcrDFQJuXZlUOvZy6Y2l7sO",
-	"ey9ftG/QHyUr2WvTpqH1UZlcAx+u+aqH4lRVg+qIDvhT3ZtbCpsHeXrNV6s+9lbUSWhyx9zvmPVeFFMs",
-	"0tIGKp7J1oTZC6sEuSmhgQUOYobAXqxctaQbrKOoGM0WLPceBggjwPUoT5+RhSyVJnQuMTQA3U39GnSY",
-	"WdWy1OX3gTS+pLev8dUnPpff/91yr1z3orcntIf9bgPq2uVC29alFhMfE5AKVE8u5qGWW0+9QMFAdHuy",
-	"DUmjRUsTvB2MKVJ9Cw4sj+YHw/kcAwOpJ5AUUzPtR7/lcL0EfHFCrbWuDYG1JFebqOlhbzMhZuKWo9Uz",
-	"zvY9CHTpskKbg8PbezeEKnYXRaiFa6uV3sGKQYq05mJQ4fwba+qVNewmTgUX0iBfWpEnp7JwhfQi/mj1",
-	"gCKXBQ9X0/3CpzdM+ZsN99r31Bi2XJkO+6RDhyioNq6eXp8+dmc1QEDdDeNe4PmVkhnT+p4Q/JD/cIiP",
-	"px+OMdq4CsvoDb3+pXAqDLzfuxqYPZ5AGwFHozgC2iImxn8Q4mJ7WWunsksGjOjDCisoZlgL1K2ouu7i",
-	"uO1aVu24jpVzau0IKxRU1Grgg7EY+4ZDRUUsodNRfl53RKUDEq/pbzalJicpzQy/YRDMszycl/DZQ5DS",
-	"hIxGo+EdYXutiTO7d7j5QkTcsJT9nP+dpcZ2Fwp22kptoaJK2/a08SWbcFR3c9d3EU+Lx761Lt+9nfZQ",
-	"SOyv3lo8pHRwSJHuJQqgH1j412JVmsM1sHhSO9KhQ2G09vM3dSTjLJP0jEQwF+1iPng6n1Dy7PZ2OCKp",
-	"O4DTM8KNnggr57WhyxXqGC5ZIJdr3xbNMrYympx8+5zkdKMTUjCNnh+r8GKsfSJc+WLpMxUIN0PvdOS+",
-	"usIVqxIZqvLuFOD0IVFOlobOIfThMzYwS9fVYfClFgyhzZLXo4n4AQGDDsFj1fYV1ZqcPL+9TcCSk6XR",
-	"CQFvKrZk9ZLTghnDVFBmJgKThrki4FPlBg1AxKtgBgbAhMLiQR3YaPXqwIn6PkVaUJsIDpveAajbqcb0",
-	"sQ7rVLXfAKzrQAf4psLy9FcvoP7BXdwjNfvSm9nYWjyQmiqRoRoRzW8nE3ZK2ui+ARCrEUm56oAczznt",
-	"wEWObvGyUUt1doOpASgSaM/6zlf91KmnRfJGpUyPI28jOXjgjdp7/Hd1sty6nPqPkvlrAE0V83ep3QmJ",
-	"jLiowsb59h5EdfLvStv1sX2P5deJkOvzMAwnPYkssCL2c7LkojRME7pgNMcM8D6+s98d6gell7JGIlhe",
-	"6/6etMBkTUKG2FFChBSnoZiUKJdXTAUwFayIL1MS17FuuMRkiVXHXefYyh6nZpNtIwLYTX1H0O6rxpoG",
-	"y9dV8atxdHljjhkzPdj1h9oAAvvKVcEzatASQ7KM6+AfzSW4tTWHnon3rx7bUueH5lO/E7QoepR0bhy7",
-	"n5I2b0rk9bHsbv/aLgYG/Ts16p6VCw84+Pe2tqSbKza18rW1SuglVNNX2qCEcy7WLs+qleyyNPZwpEKv",
-	"mSKaQuhaS6vMOlUOcUfPb2+H5wC2RSdui1cWIcGCsVyTFDxP6d2vE92B0TiWh6efmwVIKpJX/yh9a7cY",
-	"j7WvNo/OHvgMTPI1lGvrrLjqpVKHTowSSXf6r9eQtFxNCer5ObAUGFJXG0IF3AKPvHkOaFUHAl+C0oe5",
-	"tO3B3iAqOyRUEJ8dvwZv+IFHmVuvL3ss0Dahrtulut7jM44pMgboBeR4MyIwiGTZAOVqt1UEBc704ZHg",
-	"OwTb+y93VHrtmCH0Ok/FgXQ3vrbl/08oGtiJ7jq0JvoOzcGjm+9X9rYxZ4eq3VESGyf4Hopzdc9PTyN8",
-	"Ro94k7zeWYbo0OYcVKk/CdW3rRVV5rE8ehfkBIJcaE6KCpdTFQH2ZRmqkph6Iqq6DFbEbtXK2GDiE+ai",
-	"uVtv5BosEGkInYgrOLnP8NlcwtdL21Iqr1MClt+IvKFqXpXqAedIX6yKBzHtk2LyOjqJqi1r2cVoh+pL",
-	"u01x9ihmWam42XywQwqhp59YS7moqAgZbIXO5IqR1JU/Tu26p1DdM02IGwyEF40mH/52cfr0+XdkQfXC",
-	"HiKwAECOjCosn4gjWxizgopE2kqdawZeeHzoB0+a//Hr5SDZHluoW/Yfv16Sk799sP1JRd7bD8Nzkury",
-	"KoVMprjuKc97DOcL1BebtSAtMBXHnqfE2rng8LjiRQGqHK4L4VDPF2vjovp3RlaKQeadI92JcDeve6eh",
-	"UxNDErG1qX15Vn9rJNd4A7cUKHMnwsPbdQSMd4XbXIACIfJUKX4DF0tB8Tdw5KCbZyKqUiyKFZxeFZvI",
-	"nfBXNzU4FPRoIiYCbhWA4lXrBVMsIakW9JpNM6pZGjCp2C8X3p6uJWA4vp6I1x/eRvUKA0RfByscnZzw",
-	"1fsfXpJvv/32BQzim2/AJNTffANGewrg5QwAQI8dM/zldy1FivcevHj2/F+HrluijeUOklpzJx1NxBZ0",
-	"1m7vs/G4WkQfe8+osNLgigU/hbupziiamYmA28JOlrSwQpXlxC5VQii5onl1mYIlUUs6TCEA9tnTp9gT",
-	"hVbt2Cx15BtiJdE1VP4tC3ZOUkQE//YphQCTJlZOEVmHA1v+i+99cKv1AbQ5YtitGX3zDblkty6RBOkZ",
-	"lD1NTqDdhMDNgzrxdfqSifAldBPnHIwgCwmJroGDUrBDsnQ3KHy8/OH034Lt88vHNxMB16e5LyB7i+dc",
-	"sQx9bIQtr1huZ5MQecOU4q5gIdfSmjy41rLQE3Hy8S9Px08vTuGfVwmx/373Hfz53YthEoAu1wxmDQdE",
-	"QYEkneo7EZiEAJYVOjWd0gvOqyVV1xqaHbvmxz/AWD7+Zfzdk5d4BWlRQM0cXOSL0izssiAdfvONbTG9",
-	"cJftwXdn5K8gb8ikHI+/zaDeInxk6YhcuPqLrj69YpY5pTnVzNIO1tNWmJtJm8IPZd2/x2IuAVsUpIGR",
-	"ZbaYYO7TWlS3Np4TKjZ4kTeU6cOW94j8iXAyn5zAv9BNLlEkYGNeEC7pZujW5nVFI5YA3739cOmCGmgu",
-	"Wa5YyhtGtFwybAXV+IlIo3dPf2KbdEQ+0CWDMYKYhII3lmGc+9RayUQxu93+0juljSU9MLwROhMaNafv",
-	"4VGWnxGr1KXn2GJYAko8ABFvSiFcT4Tl2rT9YsR0RN6C/5tLAWEUa1pZ5rmiupZnNBEnrop54qrBB/YC",
-	"83DoXQXU0r3PVggmjWV1Z36Qmd2XMNXzcI9wKM3pGcK+oIn0iZKJ68IKvBdWFHbd6JiOyE9sQ/SKZkyf",
-	"ka2qoY80VoEGF6pxdUlPVkxV1JYQLVGrQl9vJovC8ne4j8Gqakzkj/S5K4548e71RNh9gBxlDQsJI4CM",
-	"ZB8FthTqerf9OY/5GYk7n4jo7h6zgGic3UoUpFB8ESpf+g4gpyLeixG5mAh/DgDdujxwJzpdIhTMEZIi",
-	"7K5wU00u0JQqhba8iEkLjj3ecG3sYQYqawppElBqBD3vz8eWmW/J8/EYzwzQiekfJVbW1FKlMP5A4uln",
-	"FNaRd/ZLek7S6G845eCmVldQuKDawMVGqM66BAdUeAbJIECTBk9G49EYzIwVE3TFB2eDb0fj0begmpoF",
-	"aJSPF4wWZvH3wdnnL8ng8ZIZxTPt/gJHhP8pFIhXNRgvWsVSdzjeXEyXazIrJB5tEt39IQ5xQh32laRG",
-	"wmyzgJKdCCHXyCvDc0w2Z1QV3J8Gdj1w9xWzIgLLRYMclwJo3EAt1FAe5uPlS5LTDbmSpcgpXvLgkuax",
-	"HcAyazxZcJMeaZJaMzjFMxEG6Vr20wuQe9gR6YXK6xwTCqhhDVx/yNf5q8w36FyHbNqQ3udUpN9duhqa",
-	"JYcB7D2U9UvdYHGOXMX0SgqNdsXT8fiBBoG977jeOFd8ZkZo9AMTdbUfBvw42KuAh3E3+Axe4h5EFQtx",
-	"Q4GxA2YHNTv0c+O7HFxOhs41uKQsiVt77PYUGOoUv8BVq7EBxtZPKwTHnMHY67tv5UWEnsKbdZ2CqcF1",
-	"b1sf/FEytfGJNmeVt7Lfkreg3rquvqs6f/zGCq9BjwdfYtToy6cHpJomZK6FbC7wNjc5c9qfw6geg3ac",
-	"1h2nb8O9NuvgOrg/iTz+7BFWXx6jzgOSs4UYrHCuaCHgsppMHFPHYfeOfUo6JHala51HRimbzVjm1G5e",
-	"FGReUkj6vcKK6C5j+TVQgTPb60yAeluMY/w6lNRGRZcBmgTJkMRBFqGU1/0J6R22BsbrFkmhInEnSgJR",
-	"1kfWVD74hxE1tcjPP5uQaQTud8qYCFtzFBHzMWrPco7Hi0Kpfgi+InBHD+9NII9dPLJbM/sZytfEQH+f",
-	"Q+ELK6XkRCqSNqMm6TAhPoJm1WzNTELykhEh12cV7E+Dvo5lfRpJE8qZDNC5FGwi6hkSzrYbkQuxiYPS",
-	"GCqrAd9QGnGhec7QqLoDgpB4AGFwsAGCMKMC3UeYVJBASWOGv5Kcs5zI2Yi8aaRHJKgisttVQblgeSM/",
-	"5MyvjiwN3M0O9okb9ElASA7P4ZL5Q/KB2iLTVuttzxJK6ykQdlO94921l7O8XDFr/lS7hy4KKKGMd45V",
-	"jVpLh1hqEHmFuATrjuUTYdY8Y2do6kYDrtsRaC9BCzg8RwiwMz7ADkFPKjZrujn3tfmFia68EdLn0qQ+",
-	"9yMdtmnlLsekLi4fRiev5ZV9dWU8TrBqEXhQ2mlNdUTp4Phzt50oqwC5DJujKFp2f2GDYvl6j4MRbyvr",
-	"PBIxwPVa3FDFqd/kB1rrWoiwQ/PA233ICRRAwOxPq2Bau9aHhs6JZhjDGh5jxa05toQqLK56BrIrMqOP",
-	"UGGoDd36EJmAgkGH7IZLvujciB+ZeekeecAt8F10rL7PECkktforVqJR9yFsF6ID7coH5377ZNWdKEz2",
-	"2yer1VRbAjznDhiMLkWL7RfyU1hZ5yE8dZf47HC4/Kq4YfUbiKiujnTIPXSXALnHGtGsiXA1cUfkZVWn",
-	"yZUv87XMIMhLSbqUOft3109K3OgwBAHmN9Q7Cw/GiRfhaSgV2LjVyDvDJwKyc5q+cPDDvaLZonKh2zdg",
-	"IwklrnCJR4/KWfCw2qGgy2kiTtLLizdv/mv68m+vXv709uPl9P3F5avpm9c/v75ME+K9eU/GCaGZklaf",
-	"R0XDAAPZ83lFtbG8a4KbCIJRT180C6igdlMrcUJ+9WG1LY95UpUbdmpWw29JTsBpaWnXcunQaRxY1HIT",
-	"XdKAiDffSMObTObM7PckO3qJWsOJwnVlPjWB5ptur5enK0dV2xbJHqMgWp6f2ObtCoNPzkg4/lndGC7O",
-	"od+R/eShBtEmy3BgYGhjgBIG0RIo6erLvVWtrwlvuO6+mjD84Bi3GVfHMqZeYrsSeEFIuqciKenxF48/",
-	"R2CjLzvPowoJ9nAHku+j60QK+elfd9XfQ1icRGC4sLR+IQefvhzKrvGNep+SgcvMaKPdJtZjBmaVT8tk",
-	"t1wbcvJ0/GRozRlM0/MRQlbkeiLm/IYJ+8h4OCJQGcslq1vasSadS6MCLOiI+Iy1iDbSiSi4uMYYre3Q",
-	"StdGYldSr+KJZobDZ4IZJgU7hxiRPYMc5MBnNIKY1My0icePK81UnQIfQJy55rGzr2167CJ9l6QJVH9U",
-	"2bmjzyA0jxBqCJFwJM39nLRbSj2Oqt91Sau/ukcecMd8Fx2yyg3ya4uqD1Z9BSBQFkpzraE6hr9hPCy4",
-	"q2d6T8G1Z69cL4/9vebbTvwDpWSrKv+9omssaVbdQY/yB2+r0ERLKZg2kZKGtxKOyC/sBkAzN0zBtfdn",
-	"LrgtJZmxNaDV6gvaUGLHTwFr1VJdkWRUYcTcRGUZU0cZaasiiMv0MtSavY8G+HCaH47yH+SlCb13eWnc",
-	"Aw+o8T0bP90xnRip139aFe9vTegXe8oLgEtukeNR/EwrcEUGotsWET25HOE+D8Tk/XWhDTPbYbUf7dj+",
-	"5IwFYzyIrZ4cu+8upvoRi0v/2ayoQMMwviCjT1ZKLiUixJZUlLQgNP+91GbJhBneh8QjoNvu2CKS2mX8",
-	"+KFU96cKB75h+Zyp/aHAAp7ztUe/tv5zGW7icAPpBCZ8Hf3H+4x3k4p7451/+J+aUOKbs3ZSil+br00j",
-	"taI7fhCddBJ28GEJBSI8EZU0qiiVSx0XZfHF+yD65MCyVbQ81ESpIsB6Ik58EBnhrN7+H47I9wEE5iOu",
-	"Rb6FGYTLcBA0SLxH+P2ry1e/XL5++8v044eLH19NX/3nq18uP6RD6OCarcCjnlMOYG1DCz0RUhQbgJMi",
-	"1tbf0OPCultwRfRUu4ccHBGj19VoMLpbReW5ri64ozF+cUNOEJsIYdJa83B5EN0kCFisrvupOhfs1gzP",
-	"I+3/kZ4I11wX0tHSnAfeVyZDwM2uF8wj9jGza8HIqlRzRhZUE1WKNhMh8sVBPLYfcMVn+7aCoPbXrrQc",
-	"1QA/iawoNb9xq3Qe4gDfjrGEhqsqZJelWTYjbaubkbZWb22bi8uyrKbSL29zK6v41s+Aibwav5DrI48X",
-	"0kEPHO2DA3tckm6b9wIxvV9ZKL+RGS1qqGKAg7jcIoBR4GYoKuZxvBUF53GE8xZkrFnxvyjk2hocV1ix",
-	"qqp6z264LDUcbY90A5FONUmpC2ZdTMRKFgWKOGe4aOlSB5Zca6ZDfasE/nH5WpEeORGZXC658feHQ77P",
-	"WVXjk65WjKpQ6mrGfPoc+FgBUDQRUYP+7p2yyO1MMpa7O840mXHB9cKKsC2QPS3WdKMnQjNzjmE3+xLE",
-	"PqnWsEg0u26TYFbl6QLdbTvS6h07YVxb8HMi7WoY6eOaLgWLzbkQ7tbRNr6EPemSiU+tTGyRIf00sYdk",
-	"356QvOOB8ewuyNLAIUquSs0F09rRmiWuxPnStlQnXzPP21ZelXr8uUo/3xl08lenPry22uXGDXdQ/UMi",
-	"Th6XAB5J8D2Gi47Iglum2/TUVFug0rVbs3qBpb97thcr7Xa6icBt9+gAMCFU0fGp1lIEGAMgnbSpEhIA",
-	"KABJMFgEayJqVbAgfnXuTgpEPu6t7DURUNrLvgV3s+CRMxyRC1dvI8CuFCMoeO2X/qaWoNkhtKDKp6iy",
-	"jZ0ctuJwroCJSoH6tVPTEVfgkIMpYDZiZKEr9RFnp3qkBeiakB9UVVQTcEmvPVkmAhBIqM6Axhkhq8kJ",
-	"fBPX464CebAGCa4nTiys6DCpbr5F1LZUQW+Prx67oiZbJHBUTEQa5oHasn9VZAxvwKyqunSUdHEoT7w8",
-	"yycuto/Yjqgarx+BL47iUCaZzFmMt52G388CfAROG2oCjU6EG7e/9BORHpBfB3etniMmkxu3xdRaldHk",
-	"7Fz9RELtJJKGwabEXbnh7A+3SCwG1GJBy2QirBGFq4zl8kL+cTD6KmAu1sSkGpEobafyazFnexDxfy78",
-	"SVRGtper9Olxe67VOurI28KNdpV4tuvd/2mdqQjLdNr4yRMry56Mx2MnCYct2neL3H/8uaL7nad8RXOD",
-	"r5LOEBIyutNdjqE2Oa9KSF6wmrpgMZS3jxXTcnDXinr1Orh7GPhwcq/Z1ULKa+1ysQZnn3epMFZjYerG",
-	"j7RUxeBs8Bj43U3rsx9yFd23io//0uNPo688VCn6Lqg18XPOeRt9hSsYfeG0j+gbROJuewJe0qLAswaP",
-	"3XPwxqwi58+cCYbFCnDGUIu74O52Ute8X72WHv4GecNQeiJH9RmUBZnBiaFurJQPWQ7b3UWdBO7R1mz9",
-	"fwEAAP//",
+	"7L19c9u4lif8VVB6pipSX1px0knPxK6penzz0tdz00kqdm7vTCsrwiRkoU0BagC0rM7m3/0A+xH3k2zh",
+	"HAAEKVKi/JLuW7tTc6tjmwTxcnBef+ecL4NMLpZSMGH04OjLYM5ozhT88zRni6U0TJiPbFnQNcvtb3Om",
+	"M8WXhksxOBqkRpUsJas5E8TMuSZU6BVThGti5owoeJHIGaGCMKoKzhRR7LeSaUNW3MzhKU0XjFyx9XiQ",
+	"DHQ2ZwtqP2TWSzY4GlxIWTAqBl+/JoOPzKj1ycwwtTmT94JQ8uzpCyIVeX74PTFzasiVkCtNuDkiq7ks",
+	"GNEskyLXxEiyotyQCzaTihGj1lxcTgS9pFyQYZiTKBcXTBGKi1kqeVGwxSNNUmUnMqV2JlM3ZjoaT0Rt",
+	"AQsu+KJcDI6eJH4xXBh2ydTgq13Nkiq6YMbt9stSadmyrvM5I6lgN2aawROp3U2cDrvmstRkSS+Z3Tpu",
+	"H/+tZGo9SAaCLuwH8Z36tOjNWyYuzXxw9PTwMExNG8XFJWzzy1IbuWDq9FX7dDJaFEw90kSuBOE5mUlF",
+	"uNGk1EyFiSypmcfzwCGnPB8kA0sBXFl6suQTT+5fFJsNjgb/3+OKKh/jX/XjaFp2loE8s/Xf2dq+DN9F",
+	"Aq6+HD12YJ/b9vV4a54/T+wJ+p+ftG1UfQrvYY9oscdUbv/pt3zBTfhS49QL+GM8fM5mtCzM4Oj5YWK/",
+	"hYT53J7/LjJVTC+l0Ayo9APeAfvPTArLG+w/6XJZ8Iza5T92t+Qvv2pLL196nq0fF75Yp7gTQZhSUpHh",
+	"xzcvyYtnz//V30SSM0N5oUeW6CLGBWziIPCJtu+6px9HHOUrfNtNyL73V1pQkTH7z6WSS6YMx024qP5Q",
+	"n+rZkomcXhSMCLk6IqXQSyYMyRTL7f2QM1IKdrO0xEcuFRVG25nPpFpQg9v+w7PB5ikkteuzxy1JBviV",
+	"zZn+CL9HFuynV7CZSYiWUljuDPNckxlX2sClNmyhd30chj0rFwuq1vbzbiVUKQo/F3I1dbs3NXPF9FwW",
+	"sKIeewA8EGe1uZ6fUQAxP/0DeJCLS6LYgnJh/+XXiSdQ2/mcGnZg+ILZO1QWhT1Dzx4ad682kSldyBLv",
+	"wMYKOsap7lbMiX5pcEhPYuEEu/bucxhYXvzKMmMn+FdeFFxcvsLbARc0zzkypw8RJc9ooVmysZPUEC6u",
+	"Jc+YJnouV4SKnJwZxZfskSaevoj9vB6T19cMyIQVOeF6IqTjgseEkvQCZ5ISnBzqA3Zce1RSMKKNtJdh",
+	"qJnICS0KImcTwc1oTKygwY9Wn+SaXLGlnR7Rhi3J0PK7hNgTLhJC81wxrUcTAeoItzTMtdEJLCBTjBqW",
+	"B61jQYb213Yiht4Qno+INHOmVlwzlOT1S+9G37mb9bcybtY9hG4yyCwdtVH26dl78v2TH344eEJosZzT",
+	"g6eWcpfUGKbs3//7LycH//X5y9Ov/zJoGbbggj3pNQH75NNeTy6lNrSYZjJnjeeftT2uDTWsn+KxQclw",
+	"so13nz952vIVR7FTWqzouoXhIZm+nLPsSpYGdSiuib91hOor7enN6jNU+EuQkNWcGnbNFBCL5YNAUOcn",
+	"b9/+5/Tl316//Pv7T+fT03f/eH/68vX05cfXJ+en798RTUGhbaqxXkg3RP4PLWsy9MYx/D0oDkfZkEz+",
+	"+iKtE/tUQtj4ckxYOb2mpklU9OB3S1RT+4/p5y9PkyeH7RR2TYuyuZwfnu1WYGLeB3/1Q21ytDbKeEkN",
+	"LeTlpnBGLj9d0uwKfu4lt17CSx9odtUmtZYFFf3H+lDgMW+MomReZmaPgfCFzbGakiNecfQdP/E2EeEv",
+	"whnTmqOi1thG98BU4xOOEDeOH4WpntK6EIwF6iYDoesFE6ZryFIVLb9vLDoaI2mdLI5Tm2CPjXgJUmJf",
+	"Jm9lcjF1866xuWf/tuMm3EG3s0S0edNPSIZXg/DcXup9rmUy+K2kwjiZFWyGJ00d4ZNw6qxniGNyQvyr",
+	"1tTWLNK2MsZQzhZUXTJtJgJ0GjJ8khweHsb/GyXWesf3l4pnzL2tgQU79jwR2RwGsmqA1SEcKZDhixfJ",
+	"C/wfWXAhFSntPEeJ1RsUm5Xaif+JePb0KUm5uKYFz6fOH5F6bwAVazO3CiPXZKW4MUygQrCh4gVD6sku",
+	"QyoZ6DLLmNa3o5KtuiLQQf0DSUyTrWQvhS4X7CMufU9636L0xjtS/d+uvVkwQ3NqdlqJP/nnYD+oszD3",
+	"NZ3jnXRLCcNt3SsNt+FL/93YXGmn6eiMTaL45dwQ8Cw5DQW/3tNQNIoKTTPTybGbkrf+fFJtiJ9p645U",
+	"4vJu25FJMeNqMcWDbPE04d/Bs0C0UdSwyzX4mgRbVdqc4wCaUMWCol+KnKljYs0wMpNFIVfa62zv3705",
+	"/fjT9P07u6tMWLqMJAq6NTalit2KncahY3t9118qxUS23i5awc24kMLMWxTbv8kVWVCxJhktmMipIvgk",
+	"uZClJSXPh7Wha6KDg2L45CkpRcG0ngjwJtLsyqqsurKCRmMCZvWFBIsJnLv5RKT1eXn3J+y93Z4EeL3/",
+	"rADF2ZncwEV32cXNhbsPtK+8kOJy+0oTVOdxgeAU1sxSykTM+A3LSV4qJC9F7cLtI6K5lx3sf/dKOjQc",
+	"Z1m0ujFgErRmqXCzxTxpp/Auq2TcPe0WC2U77wB+AY9GbCNQdHUVujmIfo3OsFeO998PY93fn3YvWi0o",
+	"NV0D7suX6xI+DJ30YNi7Vd7a3r++dk7cFjfQiqJXEAI46LF0VxlUy/px9RHgLccerJsvgRM7whm7T0WL",
+	"2G4/wgx2rZiLy3Zy++Y0ETyTvYi2L4FUo+5FCFxcdlDCiTv4DV+xIwX0InNBUsd7Pr5+dXp+Nn393z6c",
+	"fjx99+P03fvz05ev02OirZYurZazZApHvTsZ+fPcRUd2R+6LkMDNfd9sa1P7cX8M2iCr9uzeeVz96+9Q",
+	"pKhw3iA4a7L81u7zrXei7hrY3BJv68F8nNyXiihmSiWcmenmfEzoBVAcyn8kYjNX9iV47uTD6bjt0laW",
+	"xaYvU5Yqq9HYslTZnGq7cs3UNQcGnHO9LA2brmoWhRsmGdwc2LcPrqmy0lPbYTYJ6ww+9aEavuuRs/DZ",
+	"ride4XR+trP51rLI7VjY1b5MyS2igye5h8iKWXs9z1lOhpT4s0i6jtv+YSUFcefzSDvCGd2JDcXcYAsX",
+	"usTH7o0JvZUrZzS286H71Yj2i9b1jG1tD2NtrLODGGJWOWNFQS5YIVfICtyHH1kO5r7VlEMzam0WhH5I",
+	"UawjdutHtXrQhbUfKHAbeiGvGeF3E16N49tCOFHg796I5yO7lle7JVj7rTP0ypqFNLvqKYrulxRzRVe6",
+	"nQwwWEpSXEFKMrpgZKbk4piwxRJ8k0wQIdG/Z48V1tI7vv2W5ZdMvVJ01ebhjyVbp+h6pAOfwukGOeWj",
+	"lnOqiZCCjW/hO98mu+ZSGUvs3QcrVyxHQr8oDaGFYjRHU9o8kP+pzhlqTv1u6VKtxBNDzFS2efJqxN+p",
+	"7yo2K0UON92LCmKkvArakCf9W1/++PptufkKH7uHW++2uUVKYIR+17wbkAJ0dFHD8r3MoRDO3akk7hsL",
+	"6Q8s2e20uY032ntMdi5Mgw9n2uBxO18rl/meu93mrAkrqx1fbfRt1IPBse57E4LplrG6DyRNHcxeKykQ",
+	"V0RKzazi5j2tQXGz/yg1vWSE2Y/dVj9z84EJd94199DYTfj+Llv12XbfdoAeBH0jm1NxycbkDWdFrq0s",
+	"yCWzwsAKhWsGLlYUFpsbEu7WN7xL93t3et6Vfeh82/EgunV78KgBs6EHvx8evJiOj/7/g89/aUVD+ME/",
+	"4Y3aeVUeaYROaeIwtM7HG4gDSSL/FhfAcYH7uwCflpqpfYOLtxZI/bFCnQReP6UPTB2EcwjPgTshbdHN",
+	"UzI8JNaaRHSbkIZnjMjZDN6ooY1GY/J+wY1hoGSA//6KsaV2NotSVh0ENMwxoSSaQ3DCzGkOse9SOzAd",
+	"RMouS8Vy4uL2410R69b47OFDS8idp9N+65v3NLqZWamn1e1svZhtCKLXSkn10oHY/GVoYAKsbBS0NHOp",
+	"+O8sxx294HnOIJIlzXQmSwEQFClmBc/sG7yCeU+v2HqqWKnh3eYfuJjOCn45h5eELmcznnGr//rICWjE",
+	"haT51Eg5BfiEVXCpYVOAeLNYaV4qec1zpqaAlsaZX1OOR5nA8SlBC5yHMHzGmZqGaX9uOYkO7vVeMHJR",
+	"ai6Y1iifxyS1L6cYQASsxpwul0ywHKByqznP5gSpYiJSSxJpiFhBukUqBXs/S9F0T8gVW1tLZO3GHQHM",
+	"1Ad4rZE+wWsArp+EUIwH22eBkbqfPWedEQp/e6QJftveqrnUZiL0FXfXDl+2s+WXQip3rWabkvhKyNWY",
+	"/CQFWxOuCRcTEaFNPCrGx8HIBdM8Z4SbJJgPdhHuNrnQYs7tBi+4oAZzQBZ0uXRcsBkN6RVawaNLNl3g",
+	"/Tzqzde976qXI6z5cuy/6OsTaY7hLaFeZlV4uana7RCTNf022RSMO16vyfxwL8feGVxIbTqhfvisc9S+",
+	"ldp0jbKCK9hjkJ+l6Bgj7zfAxkJmlBc7X34DDzVfRYt658sf3WPN1wHaxHa/f+af8wM4WYJMKud6wbXu",
+	"HgV1L1SW/LNhpPIi8MBdBHEWPdsgCjBqxjmjnS9/sk+8YtS98jXoR+t3mNwDbPprMgCOOTj6pZ8KWKPt",
+	"r0m/l2qT3/VS+xn0fCsmm56v1Iml50t12t7vpXCj9nutus273uukm53n1cJ/e77TZLk9X6sLin1e2nN+",
+	"NZa+652Nu7Njvzvv+9fPySasfG93175Onq7QSyui/+dYyzq2GopmBcsM6i24RKuMoMYz7ucgii27mo+o",
+	"zcyDrfpAL1sy5Lxx0MupHhhd058eZb22WGdUa6vopeA+SYmR1gYyXFijqRTObvaZyQyyZK2+BnGA3dvh",
+	"tiCeQtsegKcGLImWTQDbtD3MLUEd31zVf5y9f0fcXzHh8YcXh09GVl2ULqMak6cvZL4GtDTYmnTBUM0N",
+	"OcW7V+jnkPiJtq0PWMqfBCW8DbDwU2n3xKrVqLaXplTsmEhnZS8YFQ6L2Alc2DikPzcq2Z3M/WKSezzd",
+	"AwZ1NwjInSHMEUKhF5q5lrR6RzzzbYIi97ChvdA0O0fZD5AWo2EaRSEiYyU9qsxegokbEGCEeJr9V1KB",
+	"dwKv9kG3FdVkJUVSlYpwWcnOyPYgD7auIr01SPfe4JxWqRhdxwpbF4AtO6TkKcJ0nU54d/q6L3R5hEHu",
+	"ocu6VfSIQGtDTal7DnuGD29N7nIDbscYV+vZfQa3yvHK6VpPS2F4Mc3LFpp/hU5X8v3hdr/r9z88r3tb",
+	"W0DjXXldsFYEsktFXJ4f4TkZCmms8C8oQpn2y/lasIVsD1G5PX2kSfS3xgeet+cIu5s3lSpv03PO5nIl",
+	"iMTr7j7j66yg2uxSytMP710ZlrTx4Set2cZxAtsd8rWabMAeSRtlRYCQu93sLSKxMZdN8dY9sdc+p7wf",
+	"wOeMXwqWH5Gl1Nzwa4DWac+/EyLYJYVfK7aQ1+ghXewHAcKcjgeUph3goDdS+Uwq8PGiP5EwYRRnOqmk",
+	"iSZ2BBFEyYPDglCGhbg3agOIaQ1TBEczvZClIUNEs+Ifcd51OJGXjd7lZofyjj+PQRqN76BUXHGRxyET",
+	"+CpGQOz2BoQnyEs7S0uo+a+lbg8y3EbL3luvuQ0o6k39DDjTR7XMJhrhhLzCoueyLHII1k9EBZMDOFUG",
+	"fxLSJOSCZbTUrAZRhJAe1ouBazURMa4Rwx2XkmmHbvydKXmMpr5fAiQ+QWaTYhnj15j9VHBtXCzlx9fn",
+	"5PH1k8c0X3Dx+JopPlunt8xtatOTgDI2lW535yMIcDsOpZuN3YOTIeaHu10NO0jqdr6CnyJKb9c8vuwW",
+	"rI1E7CUxkjw/JPgAxow1xM80KeGPzw5B7aaZYUon7gn3t+eHh06oxrN4ftg+eabOpcHyVg3oybWvHtcP",
+	"IYICYNPw86PvCy/GIf0AiZ9P2xn0UMPb6p1hQj2mpHNBGvG+1CukaRIqytGbnoIRPzytYjMbjj5u5iiT",
+	"LtaRBeVyMiAgumTCcqFCakOGhwHLbFWqwJo4mFKj/WaFjKR1VlVCPslkUbAMwF4tm+PHmIZdAj46ESHF",
+	"0dVeeKQJnGCCRUpEVpQ5y2+dexmW4ENPX/ZYuKE3LbRAb/yS7T/xLHKvxTaXA5thN8GvO8EjcSMotpTK",
+	"cmbejtTYvcCOEh27U5R3JF2HPGu6kWFNMCHdvu4zrBOCebQevRxh/x4gu9p/e3qx7qDJanrcHJNUr0Xm",
+	"61PSolgTAGxU5axWUoFwLKS84uISXQ12xZSs2MVcyqv9VlEZosnAfrtv0vj+wYXKFdCB0p9zHc7tolxr",
+	"yxpmleGIYAcoETPqnVK2xaFw6zomM8qLUrFppaY1j3XtPPi4FoxDj8mJADzpFVsTxWiuaw95NMwjPRHW",
+	"1KQZVNgiRkoyDKfvvek8T1yRwUzmaCEsmNb0ko2OJ4IKwkR+UGqmiJFWqcPvQbZIDe3iSiqlniwmwtEF",
+	"Xgn7D5x9igXOoMooFFJDkJiiQnPMRofN0FtT5neq6pGPhxZFj2hx09uzQbxRpa2+QS3nzWj9w7RpTES1",
+	"jKpSRq6SUav5UPBrtnAgrs1E9gUzc5m3lw7gwM2WlNf4lD+52kWmpZFTI5fTctk6iTpb6Lszmz6Sna9s",
+	"9W5s3tcN0duFRHZYJSuuG5I/hcsgZ87YcTbQRbkG7KrlqxMR1ABxzUCkYXlaqywNT3K6BJ/BB8UzLi5H",
+	"CWGFZpHO1JPEb+VXrOM2+h5MgJvcySdfXebOcnTRfbe7zOCXvlKRFCwhssgtf8IqnOQ15DBxAUad7u2e",
+	"cJtyHr7WZgHdT4ZBa2Wi6qZHFBw5dt0tbffwNtW4TY059gIHdtCd4VA/mS1GQoTf2JYnV1Pd7ypEfXCi",
+	"V0CnCzoL9k8vX2LN0R59u3WTqzNpfqffJnaC4b2JkhXSEr41Y45rwpyJXJM0BtKltwPEd5xsCyq+Fb13",
+	"Z2T8BqCooxQF0vM0QD67dTxqSM7BrUQyuWDO3VT5l7iq1+2AUPhqzou+FaX8XBTDWq37RaqmDrg5nUnl",
+	"7rDuUNzdX0nO7CVWYFLwgm0EBMHaDeFD4mrkgBpmH11xESKKey4xeNJ6zBa8rFKzMO04Xzi4+kgmr5ki",
+	"Q1p56frq2nfkBGEpmhlTsA7nc+U7jHd5TnNXDFpIqLDEFKSG9pz5bSX1/TGvIFk2iDfZuFtte7WdfHcR",
+	"zG34Y8AW7maPKynq3JG75HQuSIorR6UtdlajLxqC5LdPXm3nXj2YZ69Q+368M79XkVw/7T3f+iaJ1Q+o",
+	"NXTZ3cFK9gSID7ampX8rzSOEEJpH1nYct7mIW1L2KvDKClyybEXgwh/HzDMneg4+2Vnt/oVSA/d2/fKe",
+	"ly+/t5uHGO32e9dp5d+hXsGdSMqZHoFe9qCEGIveQgee7S7ktTV1JUmdS4cMc5YVHNxAWH4VPOJGb7iG",
+	"vTI2GpMT15OGOC8YwjhxxPApDQqwK1txJ+KJznAL6bhMj/sinNOucof1shjOjRDKrlMNNXrtD+MZF7Tg",
+	"v3t/RPj9knK78S551jvZRqSg2hAji7y1TMtcamsMek+WK8l7Ry/bdJnPeg2DcJae1QK8KlXfuFxRq55Z",
+	"VTgBF1ZCriWHUHQpXDiGX6COv18sc/vVuIdArI/A/UFB2EbyyFYtIg4d1fffv060JDOqINQDsat9w2s4",
+	"zDRnRVuZgJ/RqHHlq0WO+Y57G27/nErNg/o6Or1KjSNpAxven85RT2HqUMAqJM9CqgDzh/eP6zo+FLcF",
+	"7cOyBIgoQIG0CIgy1IwRWmhZpbC71aSjOwmW2oXaIlrCjt+XcDnrYJE/z2HpkZ2kDRW5HpN0yUTOxSX5",
+	"3//zf5Hg6yX/w4dmkolwIr3+RGrteMWM4iwnGVX5KCFp9b591q/OPjozTE0EFWv32+PIt+6fulRy5bow",
+	"FdRYM1swDVpBpW1OBILtaDRXgCY5qgglEWVwkdnvW4rwP05Eq1LKY50U5K0Hl9mhR8eRxWn1mIlAvwq0",
+	"zwPkkaGGYcWqvCqeXzc8g1PqeCIi/14C7Xla3HrkRBAuLBWsyVBI1LCdwk1XYjQR3AXeFMukshtg7d7I",
+	"pesCCoHw8LAHkVt/gDFHhuVSAweILI4dXr+K+PyQ7WVeTiC8+kiTOApB8DiFJAvIIQ/1cSA87WKT5IIX",
+	"hUacBOSMjo5cm71Q3CwJ9GTojf0JIi5OP3Lbj1W5Dy1Fh3gLPgAPT6NfKoapUYn7ezOklcLOu+ozbf2R",
+	"OgA0HUCRGOKRbMXUYIGAOOJEugNOe+Jb+sA8XI0BS2VhTsfk0JeSE70dqQ3swt0wBfvjAVwO/wOjAOrR",
+	"4U5IOQqrCqsBIu3gYn3g/+7lxeDbh5SroPH9BIV3OGXimPHmU6rTcKqj0ircWettalz3niddf6t1gntG",
+	"pFu0ts2VucsHDzUJJRbow6imIyX2ZpCc56MeqY8tnoKOIOWWkKRlHv6ENvYqDkruoRE2sue7VML6fqAc",
+	"AcWwI0ckQMSHcQ0SzxFc0iSAUaJsOuzGQ1tlmDZUmduWpWoVnlt0xkpw35fSGIXCN42/5bLgbUbfG1po",
+	"ViWpIXmiF8i5Zo4itWhBszkXLITzuYEwkKEFoPtlaQ7k7ACgH67IXYI1wDDIVdNwhhGME3WjJEJ2essL",
+	"jpGCnnvJRu29526DNJspudgTZ7/bsdGROlhp7ZjAXeX1kSHUyeKCzLk2Uq0BG+H6dYCNDAlDoxjMQ5d8",
+	"kAwcjs8Lz2RgTxsK7XxOehdsjDnWfu94qt4NGJG7jVg4C3g0CYS6E0QPHek2XbbtEqcbn71/VxAcq3VK",
+	"VR/hnr11z6PSaO4hbO2StpXOSnsrZfnOFMiqUNjXZFtSPwAIWxSw97OZMzixmlSYdr39WG84T1RzoMWJ",
+	"5obrdrhvdC5vT31J4zJjKRk+e/pihKZBVFcsJcPnh9+PkCleCbkSrtP6RGxttY4Q9QQ9EVD8mGqSRn2b",
+	"u9JSdvRYC76AlsrE3BRsj/oaJ+TTx1Mi6MJON2r/DoXCdqsYThDhV+OItKWjjhsBiun/a6jVhBVvszb+",
+	"7+2v1EZDH0Pe1/7tbdANqNt83XEOXCPlLJMLpkOyZB8DYLdfWUgDqg+AgHoNu7WoeOyb9Yvs2DwpMl5w",
+	"aro7oraCsdznwNm1pG7Sm0v3elTv6iMdcnjB9YKabM76t5Ktr+0nN0Cb+EAl5BbwT5+EFWsofstqc969",
+	"92F+exNxzmczZu9Hy913ShmEacgBKWRGi6lPGetBufELexm7t85rq9NxfcK1sWsL372/t6vn48l3U6j8",
+	"zpQklkjI4eHhkwP4//PDwyP4//+Ku68Onz19OtqrAg9TjbRIn7q/raKBaaln8LKgiyUG7IVcuXSlerUg",
+	"U1vLbae98160H9BvJSvZqWnTifsoqW6Asyu+7KGqVhVgd9Tw8LJc4fDAT6/4ctnHFo8+EobcsvZbVpkq",
+	"iimWU2zL/5jJVivzxKqdbklofEN4hWGmA1arXdA1Fl1XjGZz5lPGMAgHRufTZ2QuS6UJvZQYWIPPTf0e",
+	"dJjg1bbU+feeNL6gN6f46hNfO8v/3NIvvHvT2wtIhfNuy1yw24V+D1fKh/iImlSg7HNxGeo399QLFExE",
+	"t6e/kjTatDTBrs9Mkeq34PT02VzgVDnGsFrqCSTFYgn2n/7IoYkd/GJIDVlIbQjsJblYR0OPehtm8SVu",
+	"Ea3+4mx2W6MLV6ehOTmsiLK2avhtFKGWW1vt9JarGLhIay4eFc73taJeWcPPxMq/kAbvpWV5cioLVzw7",
+	"uh+tXvOoJmOba45Pr5nyHet32g7UGLZYmg6LMFQF7gQ+hqQ9EAgueorFZG/d/i5Uob1TclE1CgaT9nhh",
+	"Dy9dh5ZVUG1clfE+o2xP0QPAjjuoO23JUsmM3XljQ8rcPh7Sfoj3iLQr1Lt3PvQvzlnVw/LUXUt7ihfQ",
+	"dsU3i57uKXFbSxwGGdS7xuGW0oZtdVnbgVrNa7Cpm0KtE3LF1o80lMkMNTOxAU1VGgMdAZrMqZ7v3RZy",
+	"Jxapwye8fYuaw7YN0mAFyb772gVzFcR7yUn4ANYXvUJZ5RAytVjdUMiox8WtYkOdZ98SH+qo7n3nIFE0",
+	"h3sAPMYS7Q8CPW5ynppq72p8RCzUajzQBaGGlcHDj0luiwg/W4vsdiq95q32+1uujVeOvEsSHrXXWVQq",
+	"3PeHJKdrzInZx2jr2DVcR7uWjLOZYomldiXDPSLYqv3v3tM6dQWLdz4VnFA7dL/63GoTaRmvZSKthLRZ",
+	"obydMS9dyGkLbKGgotaVERyLcYw5dNzA8sYdDRG7INJBiWvGrU2pyTClmeHXDGBTVpvJS/i3h+2nCRmP",
+	"x6Nbprq0Zp3vYPWNFyIxD1vZD0TQWUB+ewcqx8NrGxWVcbHc3pfTxlndkrV3EE8bZ2/rtnBnvg7l4f/q",
+	"PYt7cKSqwFUvjg/fgY0/FcvS7G+tb97j7vW8YjRvt9VSRzLOi5UekQhQrB12xAluSp7d3IzGJHXGWnpk",
+	"laGJsNxSG7pYoj3qEmxzufJj0SxjS6PJ8PvnwHYTUjCNUYK5LBWiGifCtbeSPruXcDPyIUHua+NdsCr5",
+	"t+obSCEFNVSZkKWhlwCh8FnOWGPJVdHzhfIMoc1eauOJeINJNg4rvaBrsqRak+Hzm5sEjDxZGp0QiHXi",
+	"SNaGPSiYMUwFw3cisOQTVwQinlhJxCODMWsZANlh86BPULR7dYhq/Zwii7lNuoZD70hd2G7y9vAk1qlq",
+	"t7Owbg3uEccI29Pf0ILqdbdxpdd8kd4li6PFE6kZVRkaVNH6tl7CTk4bNbIEthqRlOvcwFHOaQfjdnRb",
+	"CrhKNFLFnadF37r5dJ16Wjhv1KDmfvhtxAf3Y7q7Yj11smzURRT8t5KBB9Ddu4pdyRL6i1YOv8gIPN48",
+	"g6gB421pu71StJCr4zANxz2JLLBj2nOy4KI0TBM6ZzTHalF94iy/Onw1ci/FaA7d0OSqf9QlXLImIQOy",
+	"IyFCioNQChiT2QJsHXbEF5mM+5w1NHFZYlc693GXErc9ANa8thEBbKe+ezDiqsGarptva8lV8+iySe4T",
+	"0bR3mAi1AbQRy2XBM2rQJ4VkGfdJvLfw0cbR7CsT797Zp6VKK82n/iT6lV5riN3PSZvnPYoQ2Otuf9pE",
+	"nMD3nRp1x64Sewj+naMt6PqCTS1/be3gch58csDhXDiuKwoXqjQKQoVeMUU0BWCZllaZdaoc4pef39yM",
+	"jiGtCQN+LRE8TL4SjOWapBClSG/v4d+CoLwvX3c/hzOQVMSv/ih9azsbj7WvNt/2DnArLPIUim13dsPx",
+	"XKlDJ0aOpDtjnSso9FMtCaqxO9A1GFIXa0KFBGQZ3M1jyAtyAaMFKH1Yf6YdGBRYZQeHCuyz468hcrqn",
+	"KHP79XWHBdrG1HU7V9c74osxRcZA/5Cj14weDyJeNkC+2m0VQXlqvT9q6BbArP7bHRXOvk+4Vf1OxaAr",
+	"N7+27f8HlHzvxF7v269ui+bgk7Du1pKosWaXnbOlXRku8COUVu5eX82N2gObIK/aQ5dtXtleWVWw//1J",
+	"qH5srZhvj/vU2+CJAIhAc1JUGM6qQZMvZVY1NNATUdUysyx2o77cGlPMMevfdUWWK7BApCF0Ii5Ach/h",
+	"s7mEXy/sSKm8SglYfmPylqrLqs4lOEf64ho94HUXF4MEkE0KaPeF+xOqb+0mxVlRzLJScbM+s1MKMIW/",
+	"s3VrUM0XLIaj0JlcMpK61lSp3fcU4pVpQtxkAIpiNDn728nB0+c/hOgkbACQI6MKi9/jzObGLKGcp7Zc",
+	"54qBFx4feuNJ8z9+Ph8km3MLNY7/4+dzMvzbmf2eVOSj/cfomKS6vEghZzzuWoHVc3dM5ytgsmctqDxM",
+	"erbylFg7FxweF9jan7h9IRy6sWBnE1T/jshSMahx4Eh3Ii5keTk3wWno1MSA8rY2tW+u4dKt51zb4wA0",
+	"EfDcifBpcnGRc1fk2QUoMNWOKsWvofE4FIoGRw66eSaiKl+oWMHpRbGO3Al/dUsDoaDHEzER0PERKr+u",
+	"5kyxhKRa0Cs2zahmacgYwe9y4e3pWoKnu9cTcXr2Pqo2H1L9dLDC0ckJv/r45iX5/vvvX8AkvvsOTEL9",
+	"3XdgtKeQWpQB9uWxuwx/+VVLkWJPyhfPnv/ryH2WaGNvB0mtuZOOJ2IjscUe77PDw2oTPU4ro8JygwsW",
+	"/BQGUxSMopmZCOgmP1zQwjJVlhO7VQmh5ILmVaNLS6KWdJjC9JRnT5/6jFA7qp2bpY58TSwnuoK+LWXB",
+	"jkmK+Tq/fE4hwKSJ5VNE1pN17P2Le3K63ToDbY4YdmPG331HztmNS1RFegZlT5MhjJsQtqC80Imv6Z1M",
+	"hG+AkjjnYARvS+wPi6U0UJH5iq31iCxcd8tP528O/i3YPu8+vZ0IaK/vfgF58jznimXoYyNsccHyHOra",
+	"y2umFHfFzbmW1uTBvZaFnojhp788PXx6cgD/eZ0Q+98ffoAff3gxSgIo8orBqkFAFBRI0qm+E4HJjGBZ",
+	"oVPTKb3gvFpQdaVh2EM3/OEbmMunvxz+8OQl0B0tCqgziZt8Upq53Rakw+++syOm9pdS8d/hd0fkr8Bv",
+	"yKQ8PPw+g9rs8E+WjsmJq9XuegcqZi+nNAeaWdrBbkgKq2DQJvNDXvfvMZtLwBYFbmBkmc0nmFu9EhXi",
+	"4ZhQsYZEUKxxjSPvYPkT4Xg+GSJWxX4ml8gScDDPCBd0PXJ7c1rRiCXAD+/Pzl1QA80leysW8poRLRcM",
+	"R0E1fiLS6N2Dv7N1OiZndMFgjsAmoUikvTDOfWqtZKKYPW5dQWcs6YHhjTDLMKg5+AiPsvyIWKUuPcYR",
+	"wxZQ4sHq2MWWcD0R9tamEeFPr9h6qhjErcbkPfi/uRQQRrGmlb08F1TX8pUnYuh6UCWul1e4XmAejryr",
+	"gFq697mEwaSxV92ZH2RmzyUs9Zj4zKWACPQXwr6gifQlKRL3CcvwXlhW2FgRF9NZwS/nJh2Tv7M10Uua",
+	"MX1ENjoMPNLYwwdcqMb1MBgumaqoLSFaolaFvt5MFoW936FXplXVmMgf6WNXWfzkw+lE2HOAajAaNhJm",
+	"ALVffBTYUqj7uv2e85gfkfjjExH1VTZziMbZo0RGCpXLoWy8/wDkVMVnMSYnE+HlANCtwxM51ukSqmGN",
+	"kLJoT4WbanGBplQptL2LmFLorsdbro0VZqCyppDECOX50PP+/NBe5hvy/PAQZQboxPS3EsvSa6lSmH8g",
+	"8fQLMuvIO/s1PSZp9DNIOcgUc+1goALdkl4yVGdd+iEqPINkEGCsgyfjw/EhmBlLJuiSD44G348Px9+D",
+	"amrmoFE+njNamPnvg6MvX5PB4wUzimfa/QSOCP+n0N5L1VI+0CqWusPx5mK6XJNZIVG0SXT3hzjEkLo8",
+	"CZIaCavNQkbFRAi5wrsyOsayPoyqglfp2cydvmKWRWCzH+DjUgCNG2gkEEoqfjp/SXK6JheyFDnFFn2u",
+	"PBGOA3kvGiULHtIjTVJrBqcoE2GSbmS/vJCeBSciPVM5zTH5jBrWyAEL2bR/lfkaneuYy+jLBDgV6VcH",
+	"DESzZL9kLI+R+lo3WJwjVzG9lEKjXfH08PCBJoFfbzRYZ+ogyL9c8ZkZo9EPl6hr/DDhx8FeBTyM6648",
+	"eIlnEFX5xgOFix0wO6jZoZ8b3+XgcjL0UoNLypK4tcduDuBCHeAvcNdq1wBj6wcVguOSwdzrp2/5RQSS",
+	"0wh2o97V88uXgR198FvJ1NonZR5V3sp+W96C//2atL9SffzxW8u8Bj0efIlRo6+fH5BqmsjIFrI5wU77",
+	"cua0PwfZuw/acVp3DDmFrqSr4Dq4O4k8/uIRVl8f5xU+uo0aLHeuiCFC6dZvcUwe+zWF/5x0sOyfQJeu",
+	"4DtpAGSmiasaYuXlai6xeFYbCDrSbzpQ0CgbV3NXEgxaHOXQXzJtR96mRJYGWLZLkiAnEXg4RK2EnAhX",
+	"Vd5hZhIioPVSKVyrSlQsAGpMC6YMoCSsYqwNLwpywazygFrmmLy3OjklKb6AbhRfktcVabGihFVzmYjh",
+	"s8MX1mRFt3VKwIJZcc1Gx/4xyGcSVXmV6G2v5HETAQRahIpDMMcI4IcRKS2g/m8sT2oo502ucO5pNan2",
+	"8T5YwiuWWZ0XWyHuQKdjeM9plhAFvF92gRT55+MWlWl2HPmw2GzGMmel2zt1WVKoNeRuXyjdbODWgpev",
+	"Ttxo5jVp+w8mLwKVTYgDskO17LsT2QccDXxdGxII7Y67UBJUJepUz8GUqTQjB4B3uWiWBrRzOs2pyAvW",
+	"wMZbXm3/W1k/WKPKCc1YREf5bg7EScVEzGWpjv2CEcXpAPYoHpy9BkUEXfaA/WmNgDYYfiLWDDpb08xY",
+	"Tq0Jn1X63zHC9wspr6AtLZqqVc1WXhQT4Uu2pu58UyzD8eH1u1en737EchzTkzfnrz+mpCo3OYxrr09E",
+	"6MvpqoW7Ah8jL90KzjT2kfGm8FyudOQwZhMBZie4NzExMJtTjs274P7YxYXGkWQYVSUFBdeeBhS+OoJq",
+	"dekIDRhrqF8qkJtYxE76Ohv2a7AhE+GWfHb+8fTD6+nZf757OT19d/764z9O3qZj0hBniEH1MWkY1NrJ",
+	"bTLqbC0yXO+DyqY4HeSrk00PyiuivI0WhvGzbxcEe4M9Qe0p5vxexNJLarK5pebIrCFCrm7FJsBA6mPB",
+	"VJH9hzFganiSfzbTpQEH3Gq5RIjdezFcPkXjWQHrs1CgWShAuhAOrEd3JpDHDuXULVB+gvLDcaq5z+Kv",
+	"uOzQ6tBNLEY6SojH5Vj9W1uunpdA2EeVNYImBpZlbqTtK8fd4eNSsImo5+g7j/GYnIh1DHVDAE4NTo9K",
+	"Cxea5wxNmVvkJRCflhDCdpCXkFGBQSlMa09AKDD8K8m51TBnY/K2kaCfoOOJ3SwLygXLGxUKjoLoLo0O",
+	"Oqub9DDkXYyOJ2LPihRteLeJ6KpTkdaT8O2h+nC+Gy9neblkeiKi08PABzQzoxf2S9WglnMSSw0ir/I4",
+	"nC03EWbFrbgDB3o04bp30qkSdgScniMEOBkP2wMoFRXrFV0f+3aZwkRt0K3GgdUcUl99IB21iTxX5aDO",
+	"Lh/G01erbPLNXXxxiY8uIbiiOqJ0Z/G7MK0ONR7uxX1jzxcOKOavd9CfrwEX0ykSETZzKq6p4tQf8gPt",
+	"dQ141GGgYMd3MoSih75d+oyLXPvagpB/gMiY0X3s+EdmHy5N6EyI1xUvY6jxBwAeBAsA3iHb1y52KZ2d",
+	"B/EjMy/dIw94BP4THbvv804LSa2Zi3Vy1V0I2wF/QLvykJ9fPlt1JwLf/PLZajXVkWCPehQwiFmJNttv",
+	"5Oews854OXAVE7eEcX5W3LB6D3SqK5GeoJmFxqGOU2I2DKQxeVlVkQ6mHRaLB+gYJelC5uzf3XdS4maH",
+	"wAZw6kNB+fBgnM4ZnoZWD42+6j7EPhGQ89uMsEN07zXN5lVgHp2CVBlCiStW6nNS5CzEbe1UMJA1EcO0",
+	"UcPx48n56+nb059Oz9OE+Bjhk8OE0ExJawajomHgAln5vKTa2LtrQvAJIC5PXzSLpqJ2UytrSn72YJ2N",
+	"OHxSNf5yalYjGkqGEAq1tGtv6chpHNiUZB21S0Wvrh+kEaMml8zsjk87eolGw4XaD4eER5qvu2Npnq7O",
+	"QheDhkWywyiItufvbP1+iZAWZyTcv6xuTBfX0E9kP3moSbTxMpwY+OMQ9gSTaIFfdH3LvVXtrwlvuM99",
+	"M2Z45i5uE62HbWg8x3YF+gOT9M0YKi7pUZ2Pv0QQ5q9b5VGFL384geS/0SWRQoW0b7vrHwFsRyKIfdha",
+	"v5GDz1/3va5+taev4Iq6fM822m0iSKEAbyj2wG64NmT49PDJCNrZQfK/xx2xItcTccmvmbCPHI7GBKph",
+	"u3JplnasSeeSsyHDZEx8tCqijXQiCi6uEPllP2i5ayNdPKm3SUEzw8WCwAyTgh0D8sTKIAdk9HUSgE1q",
+	"ZtrY46elZqpOgQ/Aztzw+LFvbXpsI31X+gGo/l5555ZvBqZ5D669gK9D0tx9k7ZzqcdRxfsubvVX98gD",
+	"npj/RAevcpP81qzqzKqvAC/OQnHoFdRnBIBfvOGu28odGdeOs3Jfeexwhi2xvj25ZKsq/0rRFRbVBraH",
+	"/fuB/2DfWE20lIJpEylpssiZNmPyjl0DFPeaqdwOc+Qgc1KSGVsBBr6+oQ0l9vApILhbOiqQjCrE4Zmo",
+	"FUPqKCNtVQRxm16GTjh30QAfTvPDWf5BXprw9S4vjXvgATW+Z4dPtywnxv/3X1Z19zcW9M5KeQExtQ1y",
+	"vBc/0xJckYHoNllEz1uOIOIHuuT9daE1M5vR9x/t3P7kFwvmuNe1enLf3+66VD9i66s/mxUVaBjmF3j0",
+	"cKnkQmJkfkFFSQtC819LbRZMmNFdSDyCz2+PLSKpnceP70t1f6pw4FuWXzK1OxRYwHO++8W31n/OQydV",
+	"N5FOuOO30X8cZOLA+44fiDe+QftfLpZUrMlFCVpHuAzYlA7tshGRoVPLmFQ+0InwTtAqqIneOOzueORf",
+	"8o6ueZUB4TJoqJgI341ymPqm6lJMcYR/10yEFvKuJnnBBaY6WKbODVtEqV4kBf/5tEqAdp1Y8dexcYqV",
+	"yn0yos+rorGscNlp6Yf3ztuZjhLim+RDQxsfUOMGomixmHlU5VhCalronw8/OVBK5WEttZNE6G70aAZA",
+	"01n7GYYwEj9nJDhpo87+kCoQRxcSDH40evhjTqUOGR4TgT1vkiij0Zc59nmXuLHsZumKHq1cex943Z/d",
+	"imrsh32xhq7NCbmg4goTh2aYP7hA3CA85XoCXVCRu2RGmOS15NCxGY7M/xLfm9Za7qfgw8V2f2Iian8j",
+	"VXdTnruiIxjIdi0O9TGhBD8FBCVQm7cKwWhMIrHtsyGCg/tol/PYTgXT86pUr4JR7Czt3vQNFzt9uqc4",
+	"f9/D/0+qd9Rn+cd4chs71WFWuw1PfAMFDMDaqwh1yDyd/XP4euuWOyuKhg/XsmrBDDFMLTQY8cHzW3XV",
+	"3dvL+ziWRd3qi3vjg3/4n1p5cavYrb34vfnWekutvKyfRKfuEk7wYZUXQB1EVNKoF1wudFx+1Lc0AUSE",
+	"SwutEFyh+meFStITMfTAJkzc9D7p0Zi8CulOHgUUNy9lvnhASI8jPkr58fX563fnp+/fTT+dnfz4evr6",
+	"H6/fnZ+lI/jAFVtClDenHNKSDS30REhRrCFxErNKPVbYQY02EvMweuoecol3qC9Us0HEUYUU474BjJGE",
+	"xpl6azLELLygdIThLVfL6TrB1DwjNz8u2I0ZHUceqUd6ItxwXTl9luZ8innlxgrgWacRWB0Ka5igYnXJ",
+	"QOFTpWiTdVF8CDBC/cCUvq5VK37/SY/2CBu4fZEVpebXbpeOQ2w6VDjH+rl2W5oFItO2CpFpa0+rtrW4",
+	"ekLVUvpVKNqon3XjV8BEXs1fyNU9zxcKH+052wcHm7pyVG2iH7NXvzFTfiszWtTyZwGi6KpoALQPD0NR",
+	"cRnLYmSc98OcN2DMTcuvKOTKas8XWJu56r7KrrksNYi2R7qRe001SakDWJxMxNKq3Apd5uBM09IlyUPm",
+	"kQ6VnBP4j6tMEvk2JiKTiwU33hoAC+yo6nxEl0tGVSjqPGO+UAzE/RxiPxrQd7Evi9yuJGM5GGmWB824",
+	"4HpuWdhGOjktVnStJ0Izc4zavLfsoGq13SSaXbVxMKvydAHBN7XQ+ocdM65t+DGRCzAkPdbGFRthl1wI",
+	"yLJpv5dwJl088anliS08pJ8m9pDXtydM/P4A4vYUQu7kRam5YNrl+gBxJS6+s6E6+erwXkn2qtTjL5Wf",
+	"YSsQojLlHlpb3WED/UEoCO+kALcDxMNCzo5vNN9TU23J8ouK3fXM8/vh2c40P3fSzayQdk8agOVC5q0v",
+	"KiZFgNYB+labKsEMwGtQ7gHLPU9Erd4zYCqOnaRANP7OGtYTAUWs7VvQIxxFzmhMTlxlyQAFVowg44U8",
+	"YNcxPGh26H+qKgdUdbUcH44SqYKzA9V0xLo5NHsKLqoY7e6KWsZ1mDz6D3RNqIRR1Q4XuZUoVrJMBLjv",
+	"UJ3x6Vo+KZAM4Tdxl8IKXAJ7kOB+4sLCjo6SADRxCXpSBb3dLRWr9FCTzRMQFRORhnWkVWYeetwAahnV",
+	"L+0oXuoyD+zZVyV62mcMXbTCfP0MogQ0e50ymbM4B2Qa/n4UII0gbagJNDoRbt6wIwF9CJVkDBU5lmjP",
+	"MfUa3KLQubz6iF2rX0ioEkzSMNmUuEbEzv5wm8TiJA9s3ZBMhDWicJfRIRMqbQWjr0oWwe4PVCM6sk0q",
+	"n4pLtiNL68+FiYwapvRynz293y/Xqvp2VCjBg3Y1Zze7gP5pA3yYKuC08eETy8ueHB4eOk44atG+W/j+",
+	"4y8V3W+V8hXNDb5Jil1IEuzO1L6f7H8QBSGhzmrqgsXpJX2smBbBXStf3Utw9zDwQXK73GDtkr8HR192",
+	"uVSZuvYzLVUxOBo8hvvulvXFT7lCnFnFx//S50REv/KO1eh3Qa2Jn3MBxehXuIPRL5z2Ef0Gs0M2PQEv",
+	"aVGgrEGxewzemGXk/LlkgmFZPlwxdJ0quOu16ob3u9fyhb9BhSwospij+gzKgsxAYqhrlkeZd5ufiz4S",
+	"bo+2Zuv/CQAA//8=",
 }
 
 // decodeSpec returns the embedded OpenAPI spec as raw JSON bytes,

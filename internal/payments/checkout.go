@@ -83,9 +83,10 @@ func (s *Service) resolveItem(customerID, itemID string, quantity *int64) (item,
 	}
 	var it item
 	if p, ok := s.catalog.Pack(itemID); ok {
-		it = item{kind: KindCreditPack, name: p.Name, unitAmount: p.Amount, currency: p.Currency, credits: p.Credits, expiry: p.Expiry}
+		it = item{kind: KindCreditPack, name: p.Name, unitAmount: p.Amount, currency: p.Currency, credits: p.Credits, expiry: p.Expiry,
+			confirmOn: p.ConfirmOn, invoice: p.Invoice}
 	} else if p, ok := s.catalog.Product(itemID); ok {
-		it = item{kind: KindProduct, name: p.Name, unitAmount: p.Amount, currency: p.Currency}
+		it = item{kind: KindProduct, name: p.Name, unitAmount: p.Amount, currency: p.Currency, confirmOn: p.ConfirmOn, invoice: p.Invoice}
 	} else if p, ok := s.catalog.Plan(itemID); ok {
 		it = item{kind: KindPlan, name: p.Name, stripePrice: p.StripePrice}
 	} else {
@@ -192,6 +193,7 @@ func (s *Service) startCheckout(ctx context.Context, in CheckoutInput, it item, 
 	now := s.now()
 	paymentID := db.NewID("pay")
 	var stripeCustomer string
+	var invoiceAlways bool
 	err := db.InTx(ctx, s.db, func(tx *gorm.DB) error {
 		if _, err := customers.Ensure(ctx, tx, in.CustomerID, now); err != nil {
 			return err
@@ -201,6 +203,7 @@ func (s *Service) startCheckout(ctx context.Context, in CheckoutInput, it item, 
 			return err
 		}
 		stripeCustomer = c.StripeCustomerID
+		invoiceAlways = c.Billing != nil && c.Billing.InvoiceAlways
 		return insertPayment(ctx, tx, newPayment{id: paymentID, customerID: in.CustomerID, item: in.Item, quantity: in.Quantity, it: it,
 			method: MethodCheckout, confirmOn: s.confirmOnFor(it), livemode: s.livemode, now: now, reason: "checkout requested"})
 	})
@@ -216,7 +219,7 @@ func (s *Service) startCheckout(ctx context.Context, in CheckoutInput, it item, 
 	if r != nil {
 		release = s.holdReservation(work, *r, stop)
 	}
-	res, err := s.createSession(work, in, it, paymentID, stripeCustomer, now)
+	res, err := s.createSession(work, in, it, paymentID, stripeCustomer, invoiceAlways, now)
 	// Renewals end before the reservation is completed or released.
 	release()
 	if err != nil {
@@ -310,7 +313,7 @@ type createdSession struct {
 
 // createSession links the Stripe customer when needed and creates the
 // payment's Checkout Session.
-func (s *Service) createSession(ctx context.Context, in CheckoutInput, it item, paymentID, stripeCustomer string, now time.Time) (createdSession, error) {
+func (s *Service) createSession(ctx context.Context, in CheckoutInput, it item, paymentID, stripeCustomer string, invoiceAlways bool, now time.Time) (createdSession, error) {
 	if stripeCustomer == "" {
 		var err error
 		stripeCustomer, err = s.linkStripeCustomer(ctx, in.CustomerID)
@@ -336,8 +339,14 @@ func (s *Service) createSession(ctx context.Context, in CheckoutInput, it item, 
 		sin.LineItem = stripeapi.LineItem{StripePrice: it.stripePrice}
 	default:
 		sin.LineItem = stripeapi.LineItem{Name: it.name, UnitAmount: it.unitAmount, Currency: it.currency, Quantity: in.Quantity}
-		// Every one-time payment, credit packs included (design/PRODUCT.md).
+		// Every one-time payment may have one, credit packs included: the
+		// item's choice, else the global one; a customer that always wants
+		// one gets one.
 		sin.InvoiceCreation = s.checkout.InvoiceCreation
+		if it.invoice != nil {
+			sin.InvoiceCreation = *it.invoice
+		}
+		sin.InvoiceCreation = sin.InvoiceCreation || invoiceAlways
 	}
 	cs, err := s.stripe.CreateCheckoutSession(ctx, sin)
 	if err != nil {
@@ -400,7 +409,11 @@ func (s *Service) holdReservation(ctx context.Context, r db.Reservation, lost co
 // Stripe by our id) and records it; when another request linked one first,
 // that one wins.
 func (s *Service) linkStripeCustomer(ctx context.Context, customerID string) (string, error) {
-	sc, err := s.stripe.CreateCustomer(ctx, stripeapi.CustomerInput{TallyCustomerID: customerID})
+	c, err := customers.Get(ctx, s.db, customerID)
+	if err != nil {
+		return "", err
+	}
+	sc, err := s.stripe.CreateCustomer(ctx, stripeCustomerInput(c))
 	if err != nil {
 		return "", err
 	}
@@ -417,6 +430,47 @@ func (s *Service) linkStripeCustomer(ctx context.Context, customerID string) (st
 		return "", err
 	}
 	return sc.ID, nil
+}
+
+// stripeCustomerInput is what the Stripe Customer of c holds: the billing
+// details when given, else the customer's own name and email.
+func stripeCustomerInput(c customers.Customer) stripeapi.CustomerInput {
+	in := stripeapi.CustomerInput{TallyCustomerID: c.ID, Email: c.Email, Name: c.Name}
+	if b := c.Billing; b != nil {
+		if b.Name != "" {
+			in.Name = b.Name
+		}
+		if b.Email != "" {
+			in.Email = b.Email
+		}
+		if a := b.Address; a != nil {
+			in.Address = &stripeapi.Address{Line1: a.Line1, Line2: a.Line2, City: a.City, State: a.State, PostalCode: a.PostalCode, Country: a.Country}
+		}
+		if t := b.TaxID; t != nil {
+			in.TaxID = &stripeapi.TaxID{Type: t.Type, Value: t.Value}
+		}
+	}
+	return in
+}
+
+// SyncStripeCustomer keeps the Stripe Customer of customerID in step with
+// its billing details (name, email, address) after they changed; a
+// customer not linked to Stripe yet gets them when its Stripe Customer is
+// created. The tax id is sent at creation only (Stripe keeps tax ids as
+// objects of their own). Errors: errs.NotFound, Stripe's *Error,
+// errs.Unavailable (no Stripe key, for a linked customer).
+func (s *Service) SyncStripeCustomer(ctx context.Context, customerID string) error {
+	c, err := customers.Get(ctx, s.db, customerID)
+	if err != nil {
+		return err
+	}
+	if c.StripeCustomerID == "" {
+		return nil
+	}
+	if s.stripe == nil {
+		return errs.E(errs.Unavailable, "billing details were saved but cannot reach Stripe: no Stripe key is configured")
+	}
+	return s.stripe.UpdateCustomer(ctx, c.StripeCustomerID, stripeCustomerInput(c))
 }
 
 // markCreationFailed records that Stripe never gave the payment a session.

@@ -215,7 +215,8 @@ func (s *Service) confirm(ctx context.Context, ev EventRef, paymentID string, c 
 			PaymentID: p.ID, Item: p.Item, ItemKind: string(p.ItemKind), Quantity: p.Quantity,
 			Amount: c.amountReceived, Currency: received, AmountTax: p.Checkout.AmountTax,
 			Price: p.Amount, PriceCurrency: p.Currency, Credits: p.Credits,
-			PaymentIntentID: c.paymentIntentID, StripeEventID: ev.ID,
+			PaymentIntentID: c.paymentIntentID, InvoiceID: c.invoiceID, Method: string(p.Method), ConfirmedBy: string(c.by),
+			StripeEventID: ev.ID,
 		})
 	})
 }

@@ -110,8 +110,13 @@ func (s *Service) CreateInvoicePayment(ctx context.Context, in InvoicePaymentInp
 	if err != nil {
 		return InvoicePaymentResult{}, false, err
 	}
-	if _, err := customers.Get(ctx, s.db, in.CustomerID); err != nil {
+	c, err := customers.Get(ctx, s.db, in.CustomerID)
+	if err != nil {
 		return InvoicePaymentResult{}, false, err
+	}
+	if c.InvoiceEmail() == "" {
+		return InvoicePaymentResult{}, false, errs.UnprocessableField("/customer_id",
+			fmt.Sprintf("customer %s has no billing email (or email) to send the invoice to; set billing.email with PUT /v1/customers/%s", c.ID, c.ID))
 	}
 	if s.stripe == nil {
 		return InvoicePaymentResult{}, false, errs.E(errs.Unavailable, "pay by invoice is not available: no Stripe key is configured (TALLY_STRIPE_SECRET_KEY)")
