@@ -54,14 +54,14 @@ func (h *Intake) CatchUp(ctx context.Context, since time.Time) (CatchUpResult, e
 	}
 	now := h.now()
 	if since.IsZero() {
-		var newest *time.Time
-		err := h.db.WithContext(ctx).Model(&eventRow{}).Select("max(stripe_created)").Scan(&newest).Error
+		var newest struct{ At *time.Time }
+		err := h.db.WithContext(ctx).Model(&eventRow{}).Select("max(stripe_created) AS at").Scan(&newest).Error
 		if err != nil {
 			return res, db.Translate(err, nil)
 		}
 		since = now.Add(-72 * time.Hour)
-		if newest != nil && !newest.IsZero() {
-			since = newest.Add(-catchUpOverlap)
+		if newest.At != nil && !newest.At.IsZero() {
+			since = newest.At.Add(-catchUpOverlap)
 		}
 	}
 	if oldest := now.Add(-StripeRetention); since.Before(oldest) {
