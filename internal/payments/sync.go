@@ -129,11 +129,14 @@ func (s *Service) syncPayment(ctx context.Context, id string) (bool, error) {
 	return after.Status != before.Status, nil
 }
 
-// OldestPending is the creation time of the oldest pending payment, zero
-// when none is pending. Errors: errs.Unavailable.
+// OldestPending is the creation time of the oldest pending payment that
+// should settle within the hour (a Checkout or a top-up: not a
+// pay-by-invoice payment, which waits on its terms), zero when none is
+// pending. Errors: errs.Unavailable.
 func (s *Service) OldestPending(ctx context.Context) (time.Time, error) {
 	var r paymentRow
-	err := s.db.WithContext(ctx).Select("created_at").Where("status = ?", string(Pending)).Order("created_at").Limit(1).Find(&r).Error
+	err := s.db.WithContext(ctx).Select("created_at").Where("status = ? AND method <> ?", string(Pending), string(MethodInvoice)).
+		Order("created_at").Limit(1).Find(&r).Error
 	if err != nil {
 		return time.Time{}, db.Translate(err, nil)
 	}

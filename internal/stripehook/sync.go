@@ -111,6 +111,7 @@ type Syncer struct {
 	pendingAfter time.Duration
 	interval     time.Duration
 	runs         *prometheus.CounterVec
+	found        *prometheus.CounterVec
 }
 
 // SyncerOptions configure NewSyncer.
@@ -129,13 +130,21 @@ func NewSyncer(h *Intake, o SyncerOptions) *Syncer {
 	s := &Syncer{intake: h, payments: h.payments, db: h.db, pendingAfter: o.PendingCheckAfter, interval: o.Interval,
 		runs: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "tally_stripe_sync_runs_total", Help: "Syncs with Stripe (missed events, pending payments), by result: ok, error, skipped (another replica was syncing).",
-		}, []string{"result"})}
+		}, []string{"result"}),
+		found: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "tally_stripe_sync_found_total",
+			Help: "Drift from Stripe that syncs caught up with: events never delivered (what=events_new), pending payments Stripe had settled (what=payments_changed).",
+		}, []string{"what"})}
 	for _, r := range []string{"ok", "error", "skipped"} {
 		s.runs.WithLabelValues(r)
 	}
+	for _, w := range []string{"events_new", "payments_changed"} {
+		s.found.WithLabelValues(w)
+	}
 	if o.Registry != nil {
-		o.Registry.MustRegister(s.runs, prometheus.NewGaugeFunc(prometheus.GaugeOpts{
-			Name: "tally_payments_pending_oldest_seconds", Help: "Age of the oldest pending payment (0 when none is pending).",
+		o.Registry.MustRegister(s.runs, s.found, prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "tally_payments_pending_oldest_seconds",
+			Help: "Age of the oldest pending Checkout or top-up payment (0 when none is pending); pay-by-invoice payments wait on their terms and are left out.",
 		}, s.pendingAge))
 	}
 	return s
@@ -184,6 +193,8 @@ func (s *Syncer) Sync(ctx context.Context, since time.Time) (SyncResult, error) 
 		return res, err
 	}
 	s.runs.WithLabelValues("ok").Inc()
+	s.found.WithLabelValues("events_new").Add(float64(res.EventsNew))
+	s.found.WithLabelValues("payments_changed").Add(float64(res.PaymentsChanged))
 	s.intake.logger.InfoContext(ctx, "synced with Stripe", "events_listed", res.EventsListed, "events_new", res.EventsNew,
 		"payments_checked", res.PaymentsChecked, "payments_changed", res.PaymentsChanged)
 	return res, nil
