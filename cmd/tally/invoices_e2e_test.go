@@ -278,6 +278,20 @@ func TestInvoiceVoidAndUncollectible(t *testing.T) {
 		t.Fatalf("balance %d, want %d", bal, starterCredits)
 	}
 	assertInvariants(t, s)
+
+	// tally verify covers invoices: a void invoice's payment marked
+	// succeeded, and a paid invoice's confirmation taken away, are named.
+	if err := gdb.Exec(`UPDATE payments SET status = 'succeeded' WHERE id = ?`, voidPay).Error; err != nil {
+		t.Fatal(err)
+	}
+	if err := gdb.Exec(`DELETE FROM payment_confirmations WHERE payment_id = ?`, latePay).Error; err != nil {
+		t.Fatal(err)
+	}
+	out, err := s.tallyCmd(t, "verify")
+	if exitCode(err) != 2 || !strings.Contains(out, "BREACH unpaid_invoice_credited customer=umbrella payment="+voidPay) ||
+		!strings.Contains(out, "BREACH invoice_payment_unconfirmed customer=umbrella payment="+latePay) {
+		t.Fatalf("tally verify after tampering with invoice payments: %v\n%s", err, out)
+	}
 }
 
 // Bad requests change nothing: a plan, an unknown item, a customer without
