@@ -348,11 +348,19 @@ func TestCheckoutInvoiceIsShownNeverCredits(t *testing.T) {
 		sessions[len(sessions)-1].Get("invoice_creation[invoice_data][metadata][tally_payment_id]") != pay {
 		t.Fatalf("the session did not ask for an invoice carrying our ids: %v", sessions[len(sessions)-1])
 	}
+	stripeCustomer := strOrEmpty(readCustomer(t, s, "checkout-inv").StripeCustomerId)
 	invoice := map[string]any{
 		"id": "in_checkout_" + pay, "object": "invoice", "status": "paid", "number": "INV-0042", "currency": "usd",
-		"amount_due": starterAmount, "amount_paid": starterAmount, "livemode": false, "customer": nil,
+		"amount_due": starterAmount, "amount_paid": starterAmount, "livemode": false, "customer": stripeCustomer,
 		"hosted_invoice_url": "https://invoice.stripe.com/i/x", "invoice_pdf": "https://pay.stripe.com/invoice/x/pdf",
 		"metadata": map[string]string{stripeapi.MetadataPaymentID: pay, stripeapi.MetadataCustomerID: "checkout-inv"},
+	}
+	// An invoice of another Stripe customer carrying the payment's
+	// metadata never becomes its invoice.
+	foreign := newEventID()
+	deliver(t, s, stripeEvent(foreign, "invoice.paid", withFields(invoice, map[string]any{"id": "in_foreign", "customer": "cus_someone_else"})))
+	if status, lastErr := eventStatus(t, gdb, foreign); status != "parked" || !strings.Contains(lastErr, "cus_someone_else") {
+		t.Fatalf("a foreign invoice naming the payment: %s (%s), want parked", status, lastErr)
 	}
 	deliver(t, s, stripeEvent(newEventID(), "invoice.paid", invoice))
 	deliver(t, s, stripeEvent(newEventID(), "invoice.finalized", withFields(invoice, map[string]any{"status": "open", "amount_paid": 0})))
@@ -375,4 +383,14 @@ func TestCheckoutInvoiceIsShownNeverCredits(t *testing.T) {
 // confirmations counts the guard's rows of a payment.
 func confirmations(t testing.TB, gdb *gorm.DB, pay string) int64 {
 	return countRows(t, gdb, `SELECT count(*) FROM payment_confirmations WHERE payment_id = ?`, pay)
+}
+
+func readCustomer(t testing.TB, s *server, id string) client.Customer {
+	t.Helper()
+	r, err := s.service(t).GetCustomerWithResponse(context.Background(), id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	mustStatus(t, "get customer", r.StatusCode(), r.Body, http.StatusOK)
+	return *r.JSON200
 }

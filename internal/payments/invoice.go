@@ -309,6 +309,11 @@ func ownInvoice(p Payment, inv StripeInvoice) error {
 	if p.InvoiceID == "" && p.Method == MethodInvoice {
 		return reject("invoice %s names payment %s, which has no invoice on record", inv.ID, p.ID)
 	}
+	if p.InvoiceID == "" && (p.StripeCustomerID == "" || inv.Customer != p.StripeCustomerID) {
+		// Linked by nothing tally created: only an invoice of the payment's
+		// own Stripe customer may become its invoice.
+		return reject("invoice %s names payment %s but is for Stripe customer %q, not the payment's %q", inv.ID, p.ID, inv.Customer, p.StripeCustomerID)
+	}
 	if p.StripeCustomerID != "" && inv.Customer != "" && inv.Customer != p.StripeCustomerID {
 		return reject("invoice %s is for Stripe customer %s, but payment %s is %s's", inv.ID, inv.Customer, p.ID, p.StripeCustomerID)
 	}
