@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net/mail"
 	"regexp"
+	"unicode"
 
 	"github.com/tallybilling/tally/internal/errs"
 	"github.com/tallybilling/tally/internal/text"
@@ -59,11 +60,27 @@ var (
 	taxTypePattern = regexp.MustCompile(`^[a-z]{2}_[a-z_]{2,10}$`)
 )
 
-// validate checks b as the API's schema does, for callers that bypass it.
+// SingleLine reports whether s is printable text on one line (text.Check,
+// and no control character at all): what invoices print and Stripe stores.
+func SingleLine(s string) bool {
+	if text.Check(s) != nil {
+		return false
+	}
+	for _, r := range s {
+		if unicode.IsControl(r) {
+			return false
+		}
+	}
+	return true
+}
+
+// validate checks b as the API's schema does, for callers that bypass it,
+// and that every field is one line of printable text: it is printed on
+// invoices.
 func (b Billing) validate() error {
 	for field, v := range map[string]string{"name": b.Name, "email": b.Email} {
-		if err := text.Check(v); err != nil || len(v) > 512 {
-			return errs.InvalidField("/billing/"+field, field+" must be at most 512 characters of printable text")
+		if !SingleLine(v) || len(v) > 512 {
+			return errs.InvalidField("/billing/"+field, field+" must be at most 512 characters of printable text on one line")
 		}
 	}
 	if b.Email != "" {
@@ -73,8 +90,8 @@ func (b Billing) validate() error {
 	}
 	if a := b.Address; a != nil {
 		for field, v := range map[string]string{"line1": a.Line1, "line2": a.Line2, "city": a.City, "state": a.State, "postal_code": a.PostalCode} {
-			if err := text.Check(v); err != nil || len(v) > 200 {
-				return errs.InvalidField("/billing/address/"+field, field+" must be at most 200 characters of printable text")
+			if !SingleLine(v) || len(v) > 200 {
+				return errs.InvalidField("/billing/address/"+field, field+" must be at most 200 characters of printable text on one line")
 			}
 		}
 		if a.Country != "" && !countryPattern.MatchString(a.Country) {
@@ -85,7 +102,7 @@ func (b Billing) validate() error {
 		if !taxTypePattern.MatchString(t.Type) {
 			return errs.InvalidField("/billing/tax_id/type", "type must be a Stripe tax id type such as eu_vat")
 		}
-		if err := text.Check(t.Value); err != nil || t.Value == "" || len(t.Value) > 64 {
+		if !SingleLine(t.Value) || t.Value == "" || len(t.Value) > 64 {
 			return errs.InvalidField("/billing/tax_id/value", "value must be 1 to 64 characters of printable text")
 		}
 	}

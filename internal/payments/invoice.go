@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"strings"
+	"unicode"
 	"unicode/utf8"
 
 	"gorm.io/gorm"
@@ -83,15 +84,19 @@ func (in *InvoicePaymentInput) validate(s *Service) (item, int64, error) {
 	if days < 0 || days > MaxDaysUntilDue {
 		return item{}, 0, errs.InvalidField("/days_until_due", fmt.Sprintf("days_until_due must be between 0 and %d", MaxDaysUntilDue))
 	}
-	if err := text.Check(in.Memo); err != nil || utf8.RuneCountInString(in.Memo) > 500 {
-		return item{}, 0, errs.InvalidField("/memo", "memo must be at most 500 characters of printable text")
+	if err := text.Check(in.Memo); err != nil || utf8.RuneCountInString(in.Memo) > 500 || strings.ContainsFunc(in.Memo, memoControl) {
+		return item{}, 0, errs.InvalidField("/memo", "memo must be at most 500 characters of printable text (lines and tabs allowed)")
 	}
-	// Stripe's custom field values hold at most 140 characters.
-	if err := text.Check(in.PurchaseOrder); err != nil || utf8.RuneCountInString(in.PurchaseOrder) > 140 {
-		return item{}, 0, errs.InvalidField("/purchase_order", "purchase_order must be at most 140 characters of printable text")
+	// Stripe's custom field values hold at most 140 characters, on one line.
+	if !customers.SingleLine(in.PurchaseOrder) || utf8.RuneCountInString(in.PurchaseOrder) > 140 {
+		return item{}, 0, errs.InvalidField("/purchase_order", "purchase_order must be at most 140 characters of printable text on one line")
 	}
 	return it, days, nil
 }
+
+// memoControl refuses the control characters a printed memo cannot hold
+// (line breaks and tabs it can).
+func memoControl(r rune) bool { return unicode.IsControl(r) && r != '\n' && r != '\r' && r != '\t' }
 
 // CreateInvoicePayment writes a pending payment with method=invoice for a
 // catalog pack or product, then creates its Stripe invoice (one line for
