@@ -394,3 +394,63 @@ func readCustomer(t testing.TB, s *server, id string) client.Customer {
 	mustStatus(t, "get customer", r.StatusCode(), r.Body, http.StatusOK)
 	return *r.JSON200
 }
+
+// Billing details given before the Stripe Customer exists are sent when
+// it is created (tax id included); changed afterwards, the Stripe Customer
+// is updated in step. A customer with invoice_always gets an invoice with
+// every Checkout, whatever the item says.
+func TestBillingDetailsKeepTheStripeCustomerInStep(t *testing.T) {
+	fake := stripefake.New(t)
+	s := startServer(t, payEnv(t, fake.URL()))
+	ctx := context.Background()
+	vat, always := "DE123456789", true
+	r, err := s.service(t).UpsertCustomerWithResponse(ctx, "initrode", client.CustomerUpsert{Billing: &client.BillingDetails{
+		Name: ptr("Initrode GmbH"), Email: ptr("ap@initrode.example"), InvoiceAlways: &always,
+		TaxId: &struct {
+			Type  string `json:"type"`
+			Value string `json:"value"`
+		}{Type: "eu_vat", Value: vat},
+	}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	mustStatus(t, "create with billing", r.StatusCode(), r.Body, http.StatusCreated)
+	pay := checkout(t, s, "initrode", "starter", 1)
+	created := fake.Customers()
+	last := created[len(created)-1]
+	if last.Get("name") != "Initrode GmbH" || last.Get("email") != "ap@initrode.example" || last.Get("tax_id_data[0][value]") != vat {
+		t.Fatalf("the Stripe Customer was created with %v", last)
+	}
+	sessions := fake.CheckoutSessions()
+	if sessions[len(sessions)-1].Get("invoice_creation[enabled]") != "true" {
+		t.Fatalf("invoice_always did not ask for an invoice: %v", sessions[len(sessions)-1])
+	}
+	stripeID := strOrEmpty(readCustomer(t, s, "initrode").StripeCustomerId)
+	if stripeID == "" || strOrEmpty(getPayment(t, s, pay).CheckoutSessionId) == "" {
+		t.Fatal("no Stripe Customer linked")
+	}
+	country, line1 := "FR", "3 rue de la Paix"
+	upd, err := s.service(t).UpsertCustomerWithResponse(ctx, "initrode", client.CustomerUpsert{Billing: &client.BillingDetails{
+		Name: ptr("Initrode SAS"), Email: ptr("compta@initrode.example"),
+		Address: &struct {
+			City       *string `json:"city,omitempty"`
+			Country    *string `json:"country,omitempty"`
+			Line1      *string `json:"line1,omitempty"`
+			Line2      *string `json:"line2,omitempty"`
+			PostalCode *string `json:"postal_code,omitempty"`
+			State      *string `json:"state,omitempty"`
+		}{Country: &country, Line1: &line1},
+	}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	mustStatus(t, "update billing", upd.StatusCode(), upd.Body, http.StatusOK)
+	at := fake.Sandbox().Object(stripeID)
+	addr, _ := at["address"].(map[string]any)
+	if at["name"] != "Initrode SAS" || at["email"] != "compta@initrode.example" || addr["country"] != "FR" || addr["line1"] != line1 {
+		t.Fatalf("the Stripe Customer after the update: %v", at)
+	}
+	if b := upd.JSON200.Billing; b == nil || b.InvoiceAlways != nil || strOrEmpty(b.Name) != "Initrode SAS" {
+		t.Fatalf("billing after replacing it: %+v", b)
+	}
+}
