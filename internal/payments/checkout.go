@@ -457,18 +457,15 @@ func stripeCustomerInput(c customers.Customer) stripeapi.CustomerInput {
 // its billing details (name, email, address) after they changed; a
 // customer not linked to Stripe yet gets them when its Stripe Customer is
 // created. The tax id is sent at creation only (Stripe keeps tax ids as
-// objects of their own). Errors: errs.NotFound, Stripe's *Error,
-// errs.Unavailable (no Stripe key, for a linked customer).
+// objects of their own). Without a Stripe key there is nothing to keep in
+// step. Errors: errs.NotFound, Stripe's *Error.
 func (s *Service) SyncStripeCustomer(ctx context.Context, customerID string) error {
 	c, err := customers.Get(ctx, s.db, customerID)
 	if err != nil {
 		return err
 	}
-	if c.StripeCustomerID == "" {
+	if c.StripeCustomerID == "" || s.stripe == nil {
 		return nil
-	}
-	if s.stripe == nil {
-		return errs.E(errs.Unavailable, "billing details were saved but cannot reach Stripe: no Stripe key is configured")
 	}
 	return s.stripe.UpdateCustomer(ctx, c.StripeCustomerID, stripeCustomerInput(c))
 }
