@@ -23,6 +23,24 @@ import (
 	"github.com/oapi-codegen/runtime"
 )
 
+// Defines values for CreditPackConfirmOn.
+const (
+	CreditPackConfirmOnCheckoutSession CreditPackConfirmOn = "checkout_session"
+	CreditPackConfirmOnPaymentIntent   CreditPackConfirmOn = "payment_intent"
+)
+
+// Valid indicates whether the value is a known member of the CreditPackConfirmOn enum.
+func (e CreditPackConfirmOn) Valid() bool {
+	switch e {
+	case CreditPackConfirmOnCheckoutSession:
+		return true
+	case CreditPackConfirmOnPaymentIntent:
+		return true
+	default:
+		return false
+	}
+}
+
 // Defines values for CreditsAdjustedEventType.
 const (
 	CreditsAdjusted CreditsAdjustedEventType = "credits.adjusted"
@@ -473,6 +491,48 @@ func (e LedgerEntryKind) Valid() bool {
 	}
 }
 
+// Defines values for PaymentConfirmOn.
+const (
+	PaymentConfirmOnCheckoutSession PaymentConfirmOn = "checkout_session"
+	PaymentConfirmOnPaymentIntent   PaymentConfirmOn = "payment_intent"
+)
+
+// Valid indicates whether the value is a known member of the PaymentConfirmOn enum.
+func (e PaymentConfirmOn) Valid() bool {
+	switch e {
+	case PaymentConfirmOnCheckoutSession:
+		return true
+	case PaymentConfirmOnPaymentIntent:
+		return true
+	default:
+		return false
+	}
+}
+
+// Defines values for PaymentConfirmedBy.
+const (
+	PaymentConfirmedByCheckoutSession PaymentConfirmedBy = "checkout_session"
+	PaymentConfirmedByInvoice         PaymentConfirmedBy = "invoice"
+	PaymentConfirmedByPaymentIntent   PaymentConfirmedBy = "payment_intent"
+	PaymentConfirmedBySync            PaymentConfirmedBy = "sync"
+)
+
+// Valid indicates whether the value is a known member of the PaymentConfirmedBy enum.
+func (e PaymentConfirmedBy) Valid() bool {
+	switch e {
+	case PaymentConfirmedByCheckoutSession:
+		return true
+	case PaymentConfirmedByInvoice:
+		return true
+	case PaymentConfirmedByPaymentIntent:
+		return true
+	case PaymentConfirmedBySync:
+		return true
+	default:
+		return false
+	}
+}
+
 // Defines values for PaymentItemKind.
 const (
 	PaymentItemKindCreditPack PaymentItemKind = "credit_pack"
@@ -488,6 +548,27 @@ func (e PaymentItemKind) Valid() bool {
 	case PaymentItemKindPlan:
 		return true
 	case PaymentItemKindProduct:
+		return true
+	default:
+		return false
+	}
+}
+
+// Defines values for PaymentMethod.
+const (
+	PaymentMethodAutoTopUp PaymentMethod = "auto_top_up"
+	PaymentMethodCheckout  PaymentMethod = "checkout"
+	PaymentMethodInvoice   PaymentMethod = "invoice"
+)
+
+// Valid indicates whether the value is a known member of the PaymentMethod enum.
+func (e PaymentMethod) Valid() bool {
+	switch e {
+	case PaymentMethodAutoTopUp:
+		return true
+	case PaymentMethodCheckout:
+		return true
+	case PaymentMethodInvoice:
 		return true
 	default:
 		return false
@@ -599,6 +680,30 @@ func (e PaymentStatus) Valid() bool {
 	}
 }
 
+// Defines values for PaymentSucceededDataConfirmedBy.
+const (
+	PaymentSucceededDataConfirmedByCheckoutSession PaymentSucceededDataConfirmedBy = "checkout_session"
+	PaymentSucceededDataConfirmedByInvoice         PaymentSucceededDataConfirmedBy = "invoice"
+	PaymentSucceededDataConfirmedByPaymentIntent   PaymentSucceededDataConfirmedBy = "payment_intent"
+	PaymentSucceededDataConfirmedBySync            PaymentSucceededDataConfirmedBy = "sync"
+)
+
+// Valid indicates whether the value is a known member of the PaymentSucceededDataConfirmedBy enum.
+func (e PaymentSucceededDataConfirmedBy) Valid() bool {
+	switch e {
+	case PaymentSucceededDataConfirmedByCheckoutSession:
+		return true
+	case PaymentSucceededDataConfirmedByInvoice:
+		return true
+	case PaymentSucceededDataConfirmedByPaymentIntent:
+		return true
+	case PaymentSucceededDataConfirmedBySync:
+		return true
+	default:
+		return false
+	}
+}
+
 // Defines values for PaymentSucceededDataItemKind.
 const (
 	PaymentSucceededDataItemKindCreditPack PaymentSucceededDataItemKind = "credit_pack"
@@ -620,6 +725,27 @@ func (e PaymentSucceededDataItemKind) Valid() bool {
 	}
 }
 
+// Defines values for PaymentSucceededDataMethod.
+const (
+	PaymentSucceededDataMethodAutoTopUp PaymentSucceededDataMethod = "auto_top_up"
+	PaymentSucceededDataMethodCheckout  PaymentSucceededDataMethod = "checkout"
+	PaymentSucceededDataMethodInvoice   PaymentSucceededDataMethod = "invoice"
+)
+
+// Valid indicates whether the value is a known member of the PaymentSucceededDataMethod enum.
+func (e PaymentSucceededDataMethod) Valid() bool {
+	switch e {
+	case PaymentSucceededDataMethodAutoTopUp:
+		return true
+	case PaymentSucceededDataMethodCheckout:
+		return true
+	case PaymentSucceededDataMethodInvoice:
+		return true
+	default:
+		return false
+	}
+}
+
 // Defines values for PaymentSucceededEventType.
 const (
 	PaymentSucceeded PaymentSucceededEventType = "payment.succeeded"
@@ -629,6 +755,48 @@ const (
 func (e PaymentSucceededEventType) Valid() bool {
 	switch e {
 	case PaymentSucceeded:
+		return true
+	default:
+		return false
+	}
+}
+
+// Defines values for PaymentTransitionSource.
+const (
+	PaymentTransitionSourceApi      PaymentTransitionSource = "api"
+	PaymentTransitionSourceOperator PaymentTransitionSource = "operator"
+	PaymentTransitionSourceSync     PaymentTransitionSource = "sync"
+	PaymentTransitionSourceWebhook  PaymentTransitionSource = "webhook"
+)
+
+// Valid indicates whether the value is a known member of the PaymentTransitionSource enum.
+func (e PaymentTransitionSource) Valid() bool {
+	switch e {
+	case PaymentTransitionSourceApi:
+		return true
+	case PaymentTransitionSourceOperator:
+		return true
+	case PaymentTransitionSourceSync:
+		return true
+	case PaymentTransitionSourceWebhook:
+		return true
+	default:
+		return false
+	}
+}
+
+// Defines values for ProductConfirmOn.
+const (
+	ProductConfirmOnCheckoutSession ProductConfirmOn = "checkout_session"
+	ProductConfirmOnPaymentIntent   ProductConfirmOn = "payment_intent"
+)
+
+// Valid indicates whether the value is a known member of the ProductConfirmOn enum.
+func (e ProductConfirmOn) Valid() bool {
+	switch e {
+	case ProductConfirmOnCheckoutSession:
+		return true
+	case ProductConfirmOnPaymentIntent:
 		return true
 	default:
 		return false
@@ -674,8 +842,24 @@ func (e RequeueSkipCode) Valid() bool {
 	}
 }
 
+// Defines values for StripeEventDismissedEventType.
+const (
+	StripeEventDismissed StripeEventDismissedEventType = "stripe_event.dismissed"
+)
+
+// Valid indicates whether the value is a known member of the StripeEventDismissedEventType enum.
+func (e StripeEventDismissedEventType) Valid() bool {
+	switch e {
+	case StripeEventDismissed:
+		return true
+	default:
+		return false
+	}
+}
+
 // Defines values for StripeEventStatus.
 const (
+	StripeEventStatusDismissed StripeEventStatus = "dismissed"
 	StripeEventStatusFailed    StripeEventStatus = "failed"
 	StripeEventStatusIgnored   StripeEventStatus = "ignored"
 	StripeEventStatusParked    StripeEventStatus = "parked"
@@ -686,6 +870,8 @@ const (
 // Valid indicates whether the value is a known member of the StripeEventStatus enum.
 func (e StripeEventStatus) Valid() bool {
 	switch e {
+	case StripeEventStatusDismissed:
+		return true
 	case StripeEventStatusFailed:
 		return true
 	case StripeEventStatusIgnored:
@@ -877,6 +1063,33 @@ type BalanceAt struct {
 	CustomerId CustomerID `json:"customer_id"`
 }
 
+// BillingDetails What invoices show and Stripe's Customer holds. Every field is
+// optional; a `billing` object replaces the one stored (send all of
+// it). The Stripe Customer is kept in step (name, email, address)
+// when it exists, and created with them (and the tax id) otherwise.
+type BillingDetails struct {
+	Address *struct {
+		City *string `json:"city,omitempty"`
+
+		// Country ISO 3166-1 alpha-2.
+		Country    *string `json:"country,omitempty"`
+		Line1      *string `json:"line1,omitempty"`
+		Line2      *string `json:"line2,omitempty"`
+		PostalCode *string `json:"postal_code,omitempty"`
+		State      *string `json:"state,omitempty"`
+	} `json:"address,omitempty"`
+	Email *string `json:"email,omitempty"`
+
+	// InvoiceAlways Every Checkout of this customer asks Stripe for an invoice, whatever the item and TALLY_CHECKOUT_INVOICE_CREATION say.
+	InvoiceAlways *bool   `json:"invoice_always,omitempty"`
+	Name          *string `json:"name,omitempty"`
+	TaxId         *struct {
+		// Type Stripe's tax id type, e.g. eu_vat.
+		Type  string `json:"type"`
+		Value string `json:"value"`
+	} `json:"tax_id,omitempty"`
+}
+
 // CaptureRequest defines model for CaptureRequest.
 type CaptureRequest struct {
 	// Amount Omitted: all of the hold. 0 spends nothing.
@@ -948,9 +1161,12 @@ type ConsumeResult struct {
 
 // CreditPack defines model for CreditPack.
 type CreditPack struct {
-	Amount   int64  `json:"amount"`
-	Credits  int64  `json:"credits"`
-	Currency string `json:"currency"`
+	Amount int64 `json:"amount"`
+
+	// ConfirmOn The confirmation strategy its new Checkout payments are created under; null follows TALLY_CONFIRM_ON.
+	ConfirmOn *CreditPackConfirmOn `json:"confirm_on,omitempty"`
+	Credits   int64                `json:"credits"`
+	Currency  string               `json:"currency"`
 
 	// ExpiresAfterMonths How many calendar months bought credits stay spendable (12 unless
 	// the pack says otherwise). When both this and
@@ -961,8 +1177,14 @@ type CreditPack struct {
 	// fixed duration rather than calendar months.
 	ExpiresAfterSeconds *int64 `json:"expires_after_seconds,omitempty"`
 	Id                  string `json:"id"`
-	Name                string `json:"name"`
+
+	// Invoice Whether a Checkout of it asks Stripe for an invoice; null follows TALLY_CHECKOUT_INVOICE_CREATION.
+	Invoice *bool  `json:"invoice,omitempty"`
+	Name    string `json:"name"`
 }
+
+// CreditPackConfirmOn The confirmation strategy its new Checkout payments are created under; null follows TALLY_CONFIRM_ON.
+type CreditPackConfirmOn string
 
 // CreditsAdjustedData defines model for CreditsAdjustedData.
 type CreditsAdjustedData struct {
@@ -1210,10 +1432,15 @@ type CreditsVoidedEventType string
 
 // Customer defines model for Customer.
 type Customer struct {
-	CreatedAt           time.Time  `json:"created_at"`
-	Email               *string    `json:"email,omitempty"`
-	Id                  CustomerID `json:"id"`
-	LowBalanceThreshold *int64     `json:"low_balance_threshold,omitempty"`
+	// Billing What invoices show and Stripe's Customer holds. Every field is
+	// optional; a `billing` object replaces the one stored (send all of
+	// it). The Stripe Customer is kept in step (name, email, address)
+	// when it exists, and created with them (and the tax id) otherwise.
+	Billing             *BillingDetails `json:"billing,omitempty"`
+	CreatedAt           time.Time       `json:"created_at"`
+	Email               *string         `json:"email,omitempty"`
+	Id                  CustomerID      `json:"id"`
+	LowBalanceThreshold *int64          `json:"low_balance_threshold,omitempty"`
 
 	// Metadata Up to 50 string values, keys up to 40 characters, values up to 500.
 	Metadata         Metadata  `json:"metadata"`
@@ -1259,7 +1486,12 @@ type CustomerUpdatedEventType string
 
 // CustomerUpsert defines model for CustomerUpsert.
 type CustomerUpsert struct {
-	Email *string `json:"email,omitempty"`
+	// Billing What invoices show and Stripe's Customer holds. Every field is
+	// optional; a `billing` object replaces the one stored (send all of
+	// it). The Stripe Customer is kept in step (name, email, address)
+	// when it exists, and created with them (and the tax id) otherwise.
+	Billing *BillingDetails `json:"billing,omitempty"`
+	Email   *string         `json:"email,omitempty"`
 
 	// LowBalanceThreshold Per-customer threshold for `credits.low_balance` (0 turns the notice off for this customer). Omitted or null keeps the current value; a customer that never had one uses the configured default.
 	LowBalanceThreshold *int64 `json:"low_balance_threshold,omitempty"`
@@ -1443,6 +1675,43 @@ type HoldRequest struct {
 	Reason   string    `json:"reason"`
 }
 
+// InvoicePayment defines model for InvoicePayment.
+type InvoicePayment struct {
+	Amount   int64  `json:"amount"`
+	Credits  int64  `json:"credits"`
+	Currency string `json:"currency"`
+
+	// Invoice The payment's Stripe invoice, as `invoice.finalized` and `invoice.paid` (or its creation) last told it.
+	Invoice   PaymentInvoice `json:"invoice"`
+	PaymentId string         `json:"payment_id"`
+
+	// Status Where the payment stands. `pending → succeeded | failed`,
+	// `failed → succeeded` (a retried card), `succeeded → refunded` (after
+	// any refund; `amount_refunded` grows with later ones). A chargeback
+	// moves a succeeded or refunded payment to `disputed` (its disputed
+	// share of the credits is taken back, as for a refund); closed won, it
+	// returns to the state it had before and the credits come back;
+	// closed lost, it ends `dispute_lost`. An inquiry (no funds withdrawn)
+	// is only recorded in `transitions`.
+	Status PaymentStatus `json:"status"`
+}
+
+// InvoicePaymentCreate defines model for InvoicePaymentCreate.
+type InvoicePaymentCreate struct {
+	// DaysUntilDue Default 30.
+	DaysUntilDue *int64 `json:"days_until_due,omitempty"`
+
+	// Item A credit pack or product id (not a plan).
+	Item string `json:"item"`
+
+	// Memo The invoice's description.
+	Memo *string `json:"memo,omitempty"`
+
+	// PurchaseOrder Shown on the invoice as the custom field `PO number`.
+	PurchaseOrder *string `json:"purchase_order,omitempty"`
+	Quantity      *int64  `json:"quantity,omitempty"`
+}
+
 // LedgerDraw defines model for LedgerDraw.
 type LedgerDraw struct {
 	Amount  int64  `json:"amount"`
@@ -1512,9 +1781,15 @@ type Payment struct {
 	AmountRefunded int64  `json:"amount_refunded"`
 
 	// AmountTax Tax Stripe Tax charged on the Checkout Session, in its currency, once Stripe reported it.
-	AmountTax         *int64    `json:"amount_tax,omitempty"`
-	CheckoutSessionId *string   `json:"checkout_session_id,omitempty"`
-	CreatedAt         time.Time `json:"created_at"`
+	AmountTax         *int64  `json:"amount_tax,omitempty"`
+	CheckoutSessionId *string `json:"checkout_session_id,omitempty"`
+
+	// ConfirmOn The strategy a Checkout payment is confirmed under, fixed when it was created.
+	ConfirmOn *PaymentConfirmOn `json:"confirm_on,omitempty"`
+
+	// ConfirmedBy What confirmed it; `sync` when tally found Stripe's word by looking, without a webhook.
+	ConfirmedBy *PaymentConfirmedBy `json:"confirmed_by,omitempty"`
+	CreatedAt   time.Time           `json:"created_at"`
 
 	// Credits Credits this payment buys (0 for products and plans).
 	Credits    int64      `json:"credits"`
@@ -1525,14 +1800,19 @@ type Payment struct {
 	// own account too (Stripe's request id, error code and message);
 	// an end-user token reads only what happened, e.g. `checkout
 	// session creation failed`. The same holds for transition reasons.
-	FailureReason   *string         `json:"failure_reason,omitempty"`
-	Id              string          `json:"id"`
-	InvoiceId       *string         `json:"invoice_id,omitempty"`
-	Item            string          `json:"item"`
-	ItemKind        PaymentItemKind `json:"item_kind"`
-	Livemode        bool            `json:"livemode"`
-	PaymentIntentId *string         `json:"payment_intent_id,omitempty"`
-	Quantity        int64           `json:"quantity"`
+	FailureReason *string         `json:"failure_reason,omitempty"`
+	Id            string          `json:"id"`
+	Invoice       *PaymentInvoice `json:"invoice,omitempty"`
+	InvoiceId     *string         `json:"invoice_id,omitempty"`
+	Item          string          `json:"item"`
+	ItemKind      PaymentItemKind `json:"item_kind"`
+	Livemode      bool            `json:"livemode"`
+
+	// Method How it is paid.
+	Method          PaymentMethod `json:"method"`
+	PaymentIntentId *string       `json:"payment_intent_id,omitempty"`
+	PurchaseOrder   *string       `json:"purchase_order,omitempty"`
+	Quantity        int64         `json:"quantity"`
 
 	// ReceivedCurrency The currency of `amount_received` and of refunds: the buyer's when
 	// Stripe converted the price (Adaptive Pricing), else `currency`.
@@ -1555,8 +1835,17 @@ type Payment struct {
 	UpdatedAt   time.Time           `json:"updated_at"`
 }
 
+// PaymentConfirmOn The strategy a Checkout payment is confirmed under, fixed when it was created.
+type PaymentConfirmOn string
+
+// PaymentConfirmedBy What confirmed it; `sync` when tally found Stripe's word by looking, without a webhook.
+type PaymentConfirmedBy string
+
 // PaymentItemKind defines model for Payment.ItemKind.
 type PaymentItemKind string
+
+// PaymentMethod How it is paid.
+type PaymentMethod string
 
 // PaymentDisputeLostData defines model for PaymentDisputeLostData.
 type PaymentDisputeLostData struct {
@@ -1656,6 +1945,17 @@ type PaymentFailedEvent struct {
 // PaymentFailedEventType defines model for PaymentFailedEvent.Type.
 type PaymentFailedEventType string
 
+// PaymentInvoice The payment's Stripe invoice, as `invoice.finalized` and `invoice.paid` (or its creation) last told it.
+type PaymentInvoice struct {
+	HostedInvoiceUrl *string `json:"hosted_invoice_url,omitempty"`
+	Id               string  `json:"id"`
+	InvoicePdf       *string `json:"invoice_pdf,omitempty"`
+	Number           *string `json:"number,omitempty"`
+
+	// Status draft, open, paid, void or uncollectible.
+	Status *string `json:"status,omitempty"`
+}
+
 // PaymentPage defines model for PaymentPage.
 type PaymentPage struct {
 	Data       []Payment `json:"data"`
@@ -1706,13 +2006,18 @@ type PaymentSucceededData struct {
 	Amount int64 `json:"amount"`
 
 	// AmountTax Tax Stripe Tax added, in `currency`; 0 when none.
-	AmountTax int64 `json:"amount_tax"`
+	AmountTax   int64                            `json:"amount_tax"`
+	ConfirmedBy *PaymentSucceededDataConfirmedBy `json:"confirmed_by,omitempty"`
 
 	// Credits Credits granted (0 for products and plans).
-	Credits         int64                        `json:"credits"`
-	Currency        string                       `json:"currency"`
+	Credits  int64  `json:"credits"`
+	Currency string `json:"currency"`
+
+	// InvoiceId The invoice that confirmed a pay-by-invoice payment.
+	InvoiceId       *string                      `json:"invoice_id,omitempty"`
 	Item            string                       `json:"item"`
 	ItemKind        PaymentSucceededDataItemKind `json:"item_kind"`
+	Method          *PaymentSucceededDataMethod  `json:"method,omitempty"`
 	PaymentId       string                       `json:"payment_id"`
 	PaymentIntentId *string                      `json:"payment_intent_id,omitempty"`
 
@@ -1721,12 +2026,18 @@ type PaymentSucceededData struct {
 	PriceCurrency string `json:"price_currency"`
 	Quantity      int64  `json:"quantity"`
 
-	// StripeEventId The Stripe event that confirmed the payment.
+	// StripeEventId The Stripe event that confirmed the payment (empty when a sync did).
 	StripeEventId string `json:"stripe_event_id"`
 }
 
+// PaymentSucceededDataConfirmedBy defines model for PaymentSucceededData.ConfirmedBy.
+type PaymentSucceededDataConfirmedBy string
+
 // PaymentSucceededDataItemKind defines model for PaymentSucceededData.ItemKind.
 type PaymentSucceededDataItemKind string
+
+// PaymentSucceededDataMethod defines model for PaymentSucceededData.Method.
+type PaymentSucceededDataMethod string
 
 // PaymentSucceededEvent Stripe confirmed the money of a credit pack or product purchase (credits are granted in the same transaction), or a plan's subscription started.
 type PaymentSucceededEvent struct {
@@ -1744,14 +2055,20 @@ type PaymentSucceededEventType string
 // PaymentTransition defines model for PaymentTransition.
 type PaymentTransition struct {
 	// Applied False when the event moved nothing: the state machine refused it (a stale or out-of-order event), or it was only recorded (a dispute inquiry, a dispute already in that stage).
-	Applied         bool      `json:"applied"`
-	CreatedAt       time.Time `json:"created_at"`
-	From            *string   `json:"from"`
-	Reason          *string   `json:"reason,omitempty"`
-	StripeEventId   *string   `json:"stripe_event_id,omitempty"`
-	StripeEventType *string   `json:"stripe_event_type,omitempty"`
-	To              string    `json:"to"`
+	Applied   bool      `json:"applied"`
+	CreatedAt time.Time `json:"created_at"`
+	From      *string   `json:"from"`
+	Reason    *string   `json:"reason,omitempty"`
+
+	// Source Where the change came from (null in history older than this field).
+	Source          *PaymentTransitionSource `json:"source,omitempty"`
+	StripeEventId   *string                  `json:"stripe_event_id,omitempty"`
+	StripeEventType *string                  `json:"stripe_event_type,omitempty"`
+	To              string                   `json:"to"`
 }
+
+// PaymentTransitionSource Where the change came from (null in history older than this field).
+type PaymentTransitionSource string
 
 // Plan defines model for Plan.
 type Plan struct {
@@ -1786,11 +2103,20 @@ type Problem struct {
 
 // Product defines model for Product.
 type Product struct {
-	Amount   int64  `json:"amount"`
-	Currency string `json:"currency"`
-	Id       string `json:"id"`
-	Name     string `json:"name"`
+	Amount int64 `json:"amount"`
+
+	// ConfirmOn The confirmation strategy its new Checkout payments are created under; null follows TALLY_CONFIRM_ON.
+	ConfirmOn *ProductConfirmOn `json:"confirm_on,omitempty"`
+	Currency  string            `json:"currency"`
+	Id        string            `json:"id"`
+
+	// Invoice Whether a Checkout of it asks Stripe for an invoice; null follows TALLY_CHECKOUT_INVOICE_CREATION.
+	Invoice *bool  `json:"invoice,omitempty"`
+	Name    string `json:"name"`
 }
+
+// ProductConfirmOn The confirmation strategy its new Checkout payments are created under; null follows TALLY_CONFIRM_ON.
+type ProductConfirmOn string
 
 // Receivable defines model for Receivable.
 type Receivable struct {
@@ -1871,17 +2197,46 @@ type RequeueSkipCode string
 
 // StripeEvent defines model for StripeEvent.
 type StripeEvent struct {
-	ApiVersion    *string           `json:"api_version,omitempty"`
-	Attempts      int               `json:"attempts"`
-	Id            string            `json:"id"`
-	LastError     *string           `json:"last_error,omitempty"`
-	Livemode      bool              `json:"livemode"`
-	NextAttemptAt *time.Time        `json:"next_attempt_at,omitempty"`
-	ProcessedAt   *time.Time        `json:"processed_at,omitempty"`
-	ReceivedAt    time.Time         `json:"received_at"`
-	Status        StripeEventStatus `json:"status"`
-	Type          string            `json:"type"`
+	ApiVersion *string `json:"api_version,omitempty"`
+	Attempts   int     `json:"attempts"`
+
+	// Created Stripe's creation time of the event.
+	Created         *time.Time        `json:"created,omitempty"`
+	DismissedAt     *time.Time        `json:"dismissed_at,omitempty"`
+	DismissedBy     *string           `json:"dismissed_by,omitempty"`
+	DismissedReason *string           `json:"dismissed_reason,omitempty"`
+	Id              string            `json:"id"`
+	LastError       *string           `json:"last_error,omitempty"`
+	Livemode        bool              `json:"livemode"`
+	NextAttemptAt   *time.Time        `json:"next_attempt_at,omitempty"`
+	ProcessedAt     *time.Time        `json:"processed_at,omitempty"`
+	ReceivedAt      time.Time         `json:"received_at"`
+	Status          StripeEventStatus `json:"status"`
+	Type            string            `json:"type"`
 }
+
+// StripeEventDismiss defines model for StripeEventDismiss.
+type StripeEventDismiss struct {
+	Reason string `json:"reason"`
+}
+
+// StripeEventDismissedData defines model for StripeEventDismissedData.
+type StripeEventDismissedData struct {
+	// DismissedBy The admin key's name, or the first characters of its hash.
+	DismissedBy     string `json:"dismissed_by"`
+	Reason          string `json:"reason"`
+	StripeEventId   string `json:"stripe_event_id"`
+	StripeEventType string `json:"stripe_event_type"`
+}
+
+// StripeEventDismissedEvent An operator dismissed a parked or failed Stripe event (no customer).
+type StripeEventDismissedEvent struct {
+	Data StripeEventDismissedData      `json:"data"`
+	Type StripeEventDismissedEventType `json:"type"`
+}
+
+// StripeEventDismissedEventType defines model for StripeEventDismissedEvent.Type.
+type StripeEventDismissedEventType string
 
 // StripeEventPage defines model for StripeEventPage.
 type StripeEventPage struct {
@@ -1891,6 +2246,20 @@ type StripeEventPage struct {
 
 // StripeEventStatus defines model for StripeEventStatus.
 type StripeEventStatus string
+
+// StripeSyncRequest defines model for StripeSyncRequest.
+type StripeSyncRequest struct {
+	// Since List events created since then (at most 30 days back).
+	Since *time.Time `json:"since,omitempty"`
+}
+
+// StripeSyncResult defines model for StripeSyncResult.
+type StripeSyncResult struct {
+	EventsListed    int `json:"events_listed"`
+	EventsNew       int `json:"events_new"`
+	PaymentsChanged int `json:"payments_changed"`
+	PaymentsChecked int `json:"payments_checked"`
+}
 
 // SubscriptionUpdatedData defines model for SubscriptionUpdatedData.
 type SubscriptionUpdatedData struct {
@@ -2169,6 +2538,11 @@ type ListCreditTransactionsParams struct {
 	Cursor *Cursor `form:"cursor,omitempty" json:"cursor,omitempty"`
 }
 
+// CreateInvoicePaymentParams defines parameters for CreateInvoicePayment.
+type CreateInvoicePaymentParams struct {
+	IdempotencyKey IdempotencyKey `json:"Idempotency-Key"`
+}
+
 // ListCustomerPaymentsParams defines parameters for ListCustomerPayments.
 type ListCustomerPaymentsParams struct {
 	Limit *Limit `form:"limit,omitempty" json:"limit,omitempty"`
@@ -2203,6 +2577,12 @@ type IngestUsageEventsParams struct {
 // CreateReconciliationJSONRequestBody defines body for CreateReconciliation for application/json ContentType.
 type CreateReconciliationJSONRequestBody = ReconciliationRequest
 
+// DismissStripeEventJSONRequestBody defines body for DismissStripeEvent for application/json ContentType.
+type DismissStripeEventJSONRequestBody = StripeEventDismiss
+
+// SyncStripeJSONRequestBody defines body for SyncStripe for application/json ContentType.
+type SyncStripeJSONRequestBody = StripeSyncRequest
+
 // RequeueUsageEventsJSONRequestBody defines body for RequeueUsageEvents for application/json ContentType.
 type RequeueUsageEventsJSONRequestBody = RequeueRequest
 
@@ -2232,6 +2612,9 @@ type CreateHoldJSONRequestBody = HoldRequest
 
 // CaptureHoldJSONRequestBody defines body for CaptureHold for application/json ContentType.
 type CaptureHoldJSONRequestBody = CaptureRequest
+
+// CreateInvoicePaymentJSONRequestBody defines body for CreateInvoicePayment for application/json ContentType.
+type CreateInvoicePaymentJSONRequestBody = InvoicePaymentCreate
 
 // IngestUsageEventsJSONRequestBody defines body for IngestUsageEvents for application/json ContentType.
 type IngestUsageEventsJSONRequestBody = UsageBatch
@@ -2992,6 +3375,42 @@ func (t *Event) MergeUsageDeadEvent(v UsageDeadEvent) error {
 	return err
 }
 
+// AsStripeEventDismissedEvent returns the union data inside the Event as a StripeEventDismissedEvent
+func (t Event) AsStripeEventDismissedEvent() (StripeEventDismissedEvent, error) {
+	var body StripeEventDismissedEvent
+	err := json.Unmarshal(t.union, &body)
+	return body, err
+}
+
+// FromStripeEventDismissedEvent overwrites any union data inside the Event as the provided StripeEventDismissedEvent
+func (t *Event) FromStripeEventDismissedEvent(v StripeEventDismissedEvent) error {
+	t.Type = "stripe_event.dismissed"
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	b, err = runtime.JSONMerge(b, []byte(`{"type":"stripe_event.dismissed"}`))
+	t.union = b
+	return err
+}
+
+// MergeStripeEventDismissedEvent performs a merge with any union data inside the Event, using the provided StripeEventDismissedEvent
+func (t *Event) MergeStripeEventDismissedEvent(v StripeEventDismissedEvent) error {
+	t.Type = "stripe_event.dismissed"
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	b, err = runtime.JSONMerge(b, []byte(`{"type":"stripe_event.dismissed"}`))
+	if err != nil {
+		return err
+	}
+
+	merged, err := runtime.JSONMerge(t.union, b)
+	t.union = merged
+	return err
+}
+
 func (t Event) Discriminator() (string, error) {
 	var discriminator struct {
 		Discriminator string `json:"type"`
@@ -3044,6 +3463,8 @@ func (t Event) ValueByDiscriminator() (interface{}, error) {
 		return t.AsPaymentRefundedEvent()
 	case "payment.succeeded":
 		return t.AsPaymentSucceededEvent()
+	case "stripe_event.dismissed":
+		return t.AsStripeEventDismissedEvent()
 	case "subscription.updated":
 		return t.AsSubscriptionUpdatedEvent()
 	case "usage.dead":
@@ -3204,9 +3625,15 @@ type ServerInterface interface {
 	// ListStripeEvents Stored Stripe events, newest first
 	// (GET /v1/admin/stripe-events)
 	ListStripeEvents(ctx echo.Context, params ListStripeEventsParams) error
+	// DismissStripeEvent Decide that a parked or failed Stripe event needs nothing more
+	// (POST /v1/admin/stripe-events/{event_id}/dismiss)
+	DismissStripeEvent(ctx echo.Context, eventId string) error
 	// ReplayStripeEvent Process a stored Stripe event again
 	// (POST /v1/admin/stripe-events/{event_id}/replay)
 	ReplayStripeEvent(ctx echo.Context, eventId string) error
+	// SyncStripe Catch up with Stripe now
+	// (POST /v1/admin/stripe-sync)
+	SyncStripe(ctx echo.Context) error
 	// ListUsageEvents Usage events by status (e.g. dead letters)
 	// (GET /v1/admin/usage-events)
 	ListUsageEvents(ctx echo.Context, params ListUsageEventsParams) error
@@ -3264,6 +3691,9 @@ type ServerInterface interface {
 	// ListCreditTransactions The credit ledger, newest first
 	// (GET /v1/customers/{customer_id}/credits/transactions)
 	ListCreditTransactions(ctx echo.Context, customerId CustomerID, params ListCreditTransactionsParams) error
+	// CreateInvoicePayment Sell a catalog item on net terms, by a Stripe invoice
+	// (POST /v1/customers/{customer_id}/invoice-payments)
+	CreateInvoicePayment(ctx echo.Context, customerId CustomerID, params CreateInvoicePaymentParams) error
 	// ListCustomerPayments A customer's payments, newest first
 	// (GET /v1/customers/{customer_id}/payments)
 	ListCustomerPayments(ctx echo.Context, customerId CustomerID, params ListCustomerPaymentsParams) error
@@ -3330,6 +3760,22 @@ func (w *ServerInterfaceWrapper) ListStripeEvents(ctx echo.Context) error {
 	return err
 }
 
+// DismissStripeEvent converts echo context to params.
+func (w *ServerInterfaceWrapper) DismissStripeEvent(ctx echo.Context) error {
+	var err error
+	// ------------- Path parameter "event_id" -------------
+	var eventId string
+
+	err = runtime.BindStyledParameterWithOptions("simple", "event_id", ctx.Param("event_id"), &eventId, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationPath, Explode: false, Required: true, Type: "string", Format: "", ValueIsUnescaped: ctx.Request().URL.RawPath == ""})
+	if err != nil {
+		return echo.NewHTTPError(http.StatusBadRequest, fmt.Sprintf("Invalid format for parameter event_id: %s", err))
+	}
+
+	// Invoke the callback with all the unmarshaled arguments
+	err = w.Handler.DismissStripeEvent(ctx, eventId)
+	return err
+}
+
 // ReplayStripeEvent converts echo context to params.
 func (w *ServerInterfaceWrapper) ReplayStripeEvent(ctx echo.Context) error {
 	var err error
@@ -3343,6 +3789,15 @@ func (w *ServerInterfaceWrapper) ReplayStripeEvent(ctx echo.Context) error {
 
 	// Invoke the callback with all the unmarshaled arguments
 	err = w.Handler.ReplayStripeEvent(ctx, eventId)
+	return err
+}
+
+// SyncStripe converts echo context to params.
+func (w *ServerInterfaceWrapper) SyncStripe(ctx echo.Context) error {
+	var err error
+
+	// Invoke the callback with all the unmarshaled arguments
+	err = w.Handler.SyncStripe(ctx)
 	return err
 }
 
@@ -3890,6 +4345,44 @@ func (w *ServerInterfaceWrapper) ListCreditTransactions(ctx echo.Context) error 
 	return err
 }
 
+// CreateInvoicePayment converts echo context to params.
+func (w *ServerInterfaceWrapper) CreateInvoicePayment(ctx echo.Context) error {
+	var err error
+	// ------------- Path parameter "customer_id" -------------
+	var customerId CustomerID
+
+	err = runtime.BindStyledParameterWithOptions("simple", "customer_id", ctx.Param("customer_id"), &customerId, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationPath, Explode: false, Required: true, Type: "string", Format: "", ValueIsUnescaped: ctx.Request().URL.RawPath == ""})
+	if err != nil {
+		return echo.NewHTTPError(http.StatusBadRequest, fmt.Sprintf("Invalid format for parameter customer_id: %s", err))
+	}
+
+	// Parameter object where we will unmarshal all parameters from the context
+	var params CreateInvoicePaymentParams
+
+	headers := ctx.Request().Header
+	// ------------- Required header parameter "Idempotency-Key" -------------
+	if valueList, found := headers[http.CanonicalHeaderKey("Idempotency-Key")]; found {
+		var IdempotencyKey IdempotencyKey
+		n := len(valueList)
+		if n != 1 {
+			return echo.NewHTTPError(http.StatusBadRequest, fmt.Sprintf("Expected one value for Idempotency-Key, got %d", n))
+		}
+
+		err = runtime.BindStyledParameterWithOptions("simple", "Idempotency-Key", valueList[0], &IdempotencyKey, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: true, Type: "string", Format: ""})
+		if err != nil {
+			return echo.NewHTTPError(http.StatusBadRequest, fmt.Sprintf("Invalid format for parameter Idempotency-Key: %s", err))
+		}
+
+		params.IdempotencyKey = IdempotencyKey
+	} else {
+		return echo.NewHTTPError(http.StatusBadRequest, fmt.Sprintf("Header parameter Idempotency-Key is required, but not found"))
+	}
+
+	// Invoke the callback with all the unmarshaled arguments
+	err = w.Handler.CreateInvoicePayment(ctx, customerId, params)
+	return err
+}
+
 // ListCustomerPayments converts echo context to params.
 func (w *ServerInterfaceWrapper) ListCustomerPayments(ctx echo.Context) error {
 	var err error
@@ -4098,6 +4591,7 @@ func RegisterHandlersWithOptions(router EchoRouter, si ServerInterface, options 
 	router.PUT(options.BaseURL+"/v1/customers/:customer_id", wrapper.UpsertCustomer, options.OperationMiddlewares["upsertCustomer"]...)
 	router.GET(options.BaseURL+"/v1/catalog", wrapper.GetCatalog, options.OperationMiddlewares["getCatalog"]...)
 	router.POST(options.BaseURL+"/v1/checkout-sessions", wrapper.CreateCheckoutSession, options.OperationMiddlewares["createCheckoutSession"]...)
+	router.POST(options.BaseURL+"/v1/customers/:customer_id/invoice-payments", wrapper.CreateInvoicePayment, options.OperationMiddlewares["createInvoicePayment"]...)
 	router.GET(options.BaseURL+"/v1/payments/:payment_id", wrapper.GetPayment, options.OperationMiddlewares["getPayment"]...)
 	router.GET(options.BaseURL+"/v1/customers/:customer_id/payments", wrapper.ListCustomerPayments, options.OperationMiddlewares["listCustomerPayments"]...)
 	router.GET(options.BaseURL+"/v1/customers/:customer_id/balance", wrapper.GetBalance, options.OperationMiddlewares["getBalance"]...)
@@ -4118,6 +4612,8 @@ func RegisterHandlersWithOptions(router EchoRouter, si ServerInterface, options 
 	router.GET(options.BaseURL+"/v1/events", wrapper.ListEvents, options.OperationMiddlewares["listEvents"]...)
 	router.GET(options.BaseURL+"/v1/admin/stripe-events", wrapper.ListStripeEvents, options.OperationMiddlewares["listStripeEvents"]...)
 	router.POST(options.BaseURL+"/v1/admin/stripe-events/:event_id/replay", wrapper.ReplayStripeEvent, options.OperationMiddlewares["replayStripeEvent"]...)
+	router.POST(options.BaseURL+"/v1/admin/stripe-events/:event_id/dismiss", wrapper.DismissStripeEvent, options.OperationMiddlewares["dismissStripeEvent"]...)
+	router.POST(options.BaseURL+"/v1/admin/stripe-sync", wrapper.SyncStripe, options.OperationMiddlewares["syncStripe"]...)
 	router.GET(options.BaseURL+"/v1/admin/usage-events", wrapper.ListUsageEvents, options.OperationMiddlewares["listUsageEvents"]...)
 	router.POST(options.BaseURL+"/v1/admin/usage-events/requeue", wrapper.RequeueUsageEvents, options.OperationMiddlewares["requeueUsageEvents"]...)
 	router.POST(options.BaseURL+"/v1/admin/reconciliations", wrapper.CreateReconciliation, options.OperationMiddlewares["createReconciliation"]...)
@@ -4220,6 +4716,50 @@ func (response ListStripeEventsdefaultApplicationProblemPlusJSONResponse) VisitL
 	return err
 }
 
+type DismissStripeEventRequestObject struct {
+	EventId string `json:"event_id"`
+	Body    *DismissStripeEventJSONRequestBody
+}
+
+type DismissStripeEventResponseObject interface {
+	VisitDismissStripeEventResponse(w http.ResponseWriter) error
+}
+
+type DismissStripeEvent200JSONResponse StripeEvent
+
+func (response DismissStripeEvent200JSONResponse) VisitDismissStripeEventResponse(w http.ResponseWriter) error {
+
+	var buf bytes.Buffer
+	if err := json.NewEncoder(&buf).Encode(response); err != nil {
+		return err
+	}
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(200)
+	_, err := buf.WriteTo(w)
+	return err
+}
+
+type DismissStripeEventdefaultApplicationProblemPlusJSONResponse struct {
+	Body       Problem
+	Headers    ProblemResponseHeaders
+	StatusCode int
+}
+
+func (response DismissStripeEventdefaultApplicationProblemPlusJSONResponse) VisitDismissStripeEventResponse(w http.ResponseWriter) error {
+
+	var buf bytes.Buffer
+	if err := json.NewEncoder(&buf).Encode(response.Body); err != nil {
+		return err
+	}
+	w.Header().Set("Content-Type", "application/problem+json")
+	if response.Headers.RetryAfter != nil {
+		w.Header().Set("Retry-After", fmt.Sprint(*response.Headers.RetryAfter))
+	}
+	w.WriteHeader(response.StatusCode)
+	_, err := buf.WriteTo(w)
+	return err
+}
+
 type ReplayStripeEventRequestObject struct {
 	EventId string `json:"event_id"`
 }
@@ -4249,6 +4789,49 @@ type ReplayStripeEventdefaultApplicationProblemPlusJSONResponse struct {
 }
 
 func (response ReplayStripeEventdefaultApplicationProblemPlusJSONResponse) VisitReplayStripeEventResponse(w http.ResponseWriter) error {
+
+	var buf bytes.Buffer
+	if err := json.NewEncoder(&buf).Encode(response.Body); err != nil {
+		return err
+	}
+	w.Header().Set("Content-Type", "application/problem+json")
+	if response.Headers.RetryAfter != nil {
+		w.Header().Set("Retry-After", fmt.Sprint(*response.Headers.RetryAfter))
+	}
+	w.WriteHeader(response.StatusCode)
+	_, err := buf.WriteTo(w)
+	return err
+}
+
+type SyncStripeRequestObject struct {
+	Body *SyncStripeJSONRequestBody
+}
+
+type SyncStripeResponseObject interface {
+	VisitSyncStripeResponse(w http.ResponseWriter) error
+}
+
+type SyncStripe200JSONResponse StripeSyncResult
+
+func (response SyncStripe200JSONResponse) VisitSyncStripeResponse(w http.ResponseWriter) error {
+
+	var buf bytes.Buffer
+	if err := json.NewEncoder(&buf).Encode(response); err != nil {
+		return err
+	}
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(200)
+	_, err := buf.WriteTo(w)
+	return err
+}
+
+type SyncStripedefaultApplicationProblemPlusJSONResponse struct {
+	Body       Problem
+	Headers    ProblemResponseHeaders
+	StatusCode int
+}
+
+func (response SyncStripedefaultApplicationProblemPlusJSONResponse) VisitSyncStripeResponse(w http.ResponseWriter) error {
 
 	var buf bytes.Buffer
 	if err := json.NewEncoder(&buf).Encode(response.Body); err != nil {
@@ -5237,6 +5820,61 @@ func (response ListCreditTransactionsdefaultApplicationProblemPlusJSONResponse) 
 	return err
 }
 
+type CreateInvoicePaymentRequestObject struct {
+	CustomerId CustomerID `json:"customer_id"`
+	Params     CreateInvoicePaymentParams
+	Body       *CreateInvoicePaymentJSONRequestBody
+}
+
+type CreateInvoicePaymentResponseObject interface {
+	VisitCreateInvoicePaymentResponse(w http.ResponseWriter) error
+}
+
+type CreateInvoicePayment201ResponseHeaders struct {
+	IdempotentReplayed *bool
+}
+
+type CreateInvoicePayment201JSONResponse struct {
+	Body    InvoicePayment
+	Headers CreateInvoicePayment201ResponseHeaders
+}
+
+func (response CreateInvoicePayment201JSONResponse) VisitCreateInvoicePaymentResponse(w http.ResponseWriter) error {
+
+	var buf bytes.Buffer
+	if err := json.NewEncoder(&buf).Encode(response.Body); err != nil {
+		return err
+	}
+	w.Header().Set("Content-Type", "application/json")
+	if response.Headers.IdempotentReplayed != nil {
+		w.Header().Set("Idempotent-Replayed", fmt.Sprint(*response.Headers.IdempotentReplayed))
+	}
+	w.WriteHeader(201)
+	_, err := buf.WriteTo(w)
+	return err
+}
+
+type CreateInvoicePaymentdefaultApplicationProblemPlusJSONResponse struct {
+	Body       Problem
+	Headers    ProblemResponseHeaders
+	StatusCode int
+}
+
+func (response CreateInvoicePaymentdefaultApplicationProblemPlusJSONResponse) VisitCreateInvoicePaymentResponse(w http.ResponseWriter) error {
+
+	var buf bytes.Buffer
+	if err := json.NewEncoder(&buf).Encode(response.Body); err != nil {
+		return err
+	}
+	w.Header().Set("Content-Type", "application/problem+json")
+	if response.Headers.RetryAfter != nil {
+		w.Header().Set("Retry-After", fmt.Sprint(*response.Headers.RetryAfter))
+	}
+	w.WriteHeader(response.StatusCode)
+	_, err := buf.WriteTo(w)
+	return err
+}
+
 type ListCustomerPaymentsRequestObject struct {
 	CustomerId CustomerID `json:"customer_id"`
 	Params     ListCustomerPaymentsParams
@@ -5516,9 +6154,15 @@ type StrictServerInterface interface {
 	// ListStripeEvents Stored Stripe events, newest first
 	// (GET /v1/admin/stripe-events)
 	ListStripeEvents(ctx context.Context, request ListStripeEventsRequestObject) (ListStripeEventsResponseObject, error)
+	// DismissStripeEvent Decide that a parked or failed Stripe event needs nothing more
+	// (POST /v1/admin/stripe-events/{event_id}/dismiss)
+	DismissStripeEvent(ctx context.Context, request DismissStripeEventRequestObject) (DismissStripeEventResponseObject, error)
 	// ReplayStripeEvent Process a stored Stripe event again
 	// (POST /v1/admin/stripe-events/{event_id}/replay)
 	ReplayStripeEvent(ctx context.Context, request ReplayStripeEventRequestObject) (ReplayStripeEventResponseObject, error)
+	// SyncStripe Catch up with Stripe now
+	// (POST /v1/admin/stripe-sync)
+	SyncStripe(ctx context.Context, request SyncStripeRequestObject) (SyncStripeResponseObject, error)
 	// ListUsageEvents Usage events by status (e.g. dead letters)
 	// (GET /v1/admin/usage-events)
 	ListUsageEvents(ctx context.Context, request ListUsageEventsRequestObject) (ListUsageEventsResponseObject, error)
@@ -5576,6 +6220,9 @@ type StrictServerInterface interface {
 	// ListCreditTransactions The credit ledger, newest first
 	// (GET /v1/customers/{customer_id}/credits/transactions)
 	ListCreditTransactions(ctx context.Context, request ListCreditTransactionsRequestObject) (ListCreditTransactionsResponseObject, error)
+	// CreateInvoicePayment Sell a catalog item on net terms, by a Stripe invoice
+	// (POST /v1/customers/{customer_id}/invoice-payments)
+	CreateInvoicePayment(ctx context.Context, request CreateInvoicePaymentRequestObject) (CreateInvoicePaymentResponseObject, error)
 	// ListCustomerPayments A customer's payments, newest first
 	// (GET /v1/customers/{customer_id}/payments)
 	ListCustomerPayments(ctx context.Context, request ListCustomerPaymentsRequestObject) (ListCustomerPaymentsResponseObject, error)
@@ -5679,6 +6326,54 @@ func (sh *strictHandler) ListStripeEvents(ctx echo.Context, params ListStripeEve
 	return nil
 }
 
+// DismissStripeEvent operation middleware
+func (sh *strictHandler) DismissStripeEvent(ctx echo.Context, eventId string) error {
+	var request DismissStripeEventRequestObject
+
+	request.EventId = eventId
+
+	var body DismissStripeEventJSONRequestBody
+	var err error
+	if binder, ok := ctx.Echo().Binder.(*echo.DefaultBinder); ok {
+		// A request validator built on kin-openapi's openapi3filter with
+		// KeepValidatedValue leaves the value it validated on the body. Bind
+		// that value, matching member names exactly, so the handler receives
+		// what was validated instead of a second, case-insensitive decode.
+		// Otherwise bind only the request body, so that path and query
+		// parameters are not also bound into the body struct.
+		if vb, ok := ctx.Request().Body.(interface{ ValidatedValue() any }); !ok || runtime.BindJSONValue(vb.ValidatedValue(), &body) != nil {
+			err = binder.BindBody(ctx, &body)
+		}
+	} else {
+		// A custom binder is installed on the Echo instance; defer to it
+		// entirely, since echo.Binder does not expose body-only binding and
+		// the binder may do more than decode (for example call ctx.Validate).
+		err = ctx.Bind(&body)
+	}
+	if err != nil {
+		return err
+	}
+	request.Body = &body
+
+	handler := func(ctx echo.Context, request interface{}) (interface{}, error) {
+		return sh.ssi.DismissStripeEvent(ctx.Request().Context(), request.(DismissStripeEventRequestObject))
+	}
+	for _, middleware := range sh.middlewares {
+		handler = middleware(handler, "DismissStripeEvent")
+	}
+
+	response, err := handler(ctx, request)
+
+	if err != nil {
+		return err
+	} else if validResponse, ok := response.(DismissStripeEventResponseObject); ok {
+		return validResponse.VisitDismissStripeEventResponse(ctx.Response())
+	} else if response != nil {
+		return fmt.Errorf("unexpected response type: %T", response)
+	}
+	return nil
+}
+
 // ReplayStripeEvent operation middleware
 func (sh *strictHandler) ReplayStripeEvent(ctx echo.Context, eventId string) error {
 	var request ReplayStripeEventRequestObject
@@ -5698,6 +6393,55 @@ func (sh *strictHandler) ReplayStripeEvent(ctx echo.Context, eventId string) err
 		return err
 	} else if validResponse, ok := response.(ReplayStripeEventResponseObject); ok {
 		return validResponse.VisitReplayStripeEventResponse(ctx.Response())
+	} else if response != nil {
+		return fmt.Errorf("unexpected response type: %T", response)
+	}
+	return nil
+}
+
+// SyncStripe operation middleware
+func (sh *strictHandler) SyncStripe(ctx echo.Context) error {
+	var request SyncStripeRequestObject
+
+	var body SyncStripeJSONRequestBody
+	var err error
+	if binder, ok := ctx.Echo().Binder.(*echo.DefaultBinder); ok {
+		// A request validator built on kin-openapi's openapi3filter with
+		// KeepValidatedValue leaves the value it validated on the body. Bind
+		// that value, matching member names exactly, so the handler receives
+		// what was validated instead of a second, case-insensitive decode.
+		// Otherwise bind only the request body, so that path and query
+		// parameters are not also bound into the body struct.
+		if vb, ok := ctx.Request().Body.(interface{ ValidatedValue() any }); !ok || runtime.BindJSONValue(vb.ValidatedValue(), &body) != nil {
+			err = binder.BindBody(ctx, &body)
+		}
+	} else {
+		// A custom binder is installed on the Echo instance; defer to it
+		// entirely, since echo.Binder does not expose body-only binding and
+		// the binder may do more than decode (for example call ctx.Validate).
+		err = ctx.Bind(&body)
+	}
+	if err != nil {
+		if !errors.Is(err, io.EOF) {
+			return err
+		}
+	} else {
+		request.Body = &body
+	}
+
+	handler := func(ctx echo.Context, request interface{}) (interface{}, error) {
+		return sh.ssi.SyncStripe(ctx.Request().Context(), request.(SyncStripeRequestObject))
+	}
+	for _, middleware := range sh.middlewares {
+		handler = middleware(handler, "SyncStripe")
+	}
+
+	response, err := handler(ctx, request)
+
+	if err != nil {
+		return err
+	} else if validResponse, ok := response.(SyncStripeResponseObject); ok {
+		return validResponse.VisitSyncStripeResponse(ctx.Response())
 	} else if response != nil {
 		return fmt.Errorf("unexpected response type: %T", response)
 	}
@@ -6420,6 +7164,55 @@ func (sh *strictHandler) ListCreditTransactions(ctx echo.Context, customerId Cus
 	return nil
 }
 
+// CreateInvoicePayment operation middleware
+func (sh *strictHandler) CreateInvoicePayment(ctx echo.Context, customerId CustomerID, params CreateInvoicePaymentParams) error {
+	var request CreateInvoicePaymentRequestObject
+
+	request.CustomerId = customerId
+	request.Params = params
+
+	var body CreateInvoicePaymentJSONRequestBody
+	var err error
+	if binder, ok := ctx.Echo().Binder.(*echo.DefaultBinder); ok {
+		// A request validator built on kin-openapi's openapi3filter with
+		// KeepValidatedValue leaves the value it validated on the body. Bind
+		// that value, matching member names exactly, so the handler receives
+		// what was validated instead of a second, case-insensitive decode.
+		// Otherwise bind only the request body, so that path and query
+		// parameters are not also bound into the body struct.
+		if vb, ok := ctx.Request().Body.(interface{ ValidatedValue() any }); !ok || runtime.BindJSONValue(vb.ValidatedValue(), &body) != nil {
+			err = binder.BindBody(ctx, &body)
+		}
+	} else {
+		// A custom binder is installed on the Echo instance; defer to it
+		// entirely, since echo.Binder does not expose body-only binding and
+		// the binder may do more than decode (for example call ctx.Validate).
+		err = ctx.Bind(&body)
+	}
+	if err != nil {
+		return err
+	}
+	request.Body = &body
+
+	handler := func(ctx echo.Context, request interface{}) (interface{}, error) {
+		return sh.ssi.CreateInvoicePayment(ctx.Request().Context(), request.(CreateInvoicePaymentRequestObject))
+	}
+	for _, middleware := range sh.middlewares {
+		handler = middleware(handler, "CreateInvoicePayment")
+	}
+
+	response, err := handler(ctx, request)
+
+	if err != nil {
+		return err
+	} else if validResponse, ok := response.(CreateInvoicePaymentResponseObject); ok {
+		return validResponse.VisitCreateInvoicePaymentResponse(ctx.Response())
+	} else if response != nil {
+		return fmt.Errorf("unexpected response type: %T", response)
+	}
+	return nil
+}
+
 // ListCustomerPayments operation middleware
 func (sh *strictHandler) ListCustomerPayments(ctx echo.Context, customerId CustomerID, params ListCustomerPaymentsParams) error {
 	var request ListCustomerPaymentsRequestObject
@@ -6600,252 +7393,290 @@ func (sh *strictHandler) GetUsageEvent(ctx echo.Context, identifier string) erro
 // const string: with thousands of chunks the chained `+` fold is several
 // times slower for the Go compiler than parsing a slice literal.
 var swaggerSpec = []string{
-	"5L37chs5lif8Kgh+E2GyOkXTt5qxFB3fqlx2laddZYctd+1M0auEmKCIUhJgAUjRbK//3QfYR9wn2cA5",
-	"ABKZzCSTF9nu2YnpKEvKROJycO7ndz71JnK+kIIJo3unn3ozRjOm4J8vMzZfSMOEecsWOV2xzP42Y3qi",
-	"+MJwKXqnvdSogqVkOWOCmBnXhAq9ZIpwTcyMEQUvEjklVBBGVc6ZIor9WTBtyJKbGTyl6ZyRG7Ya9pKe",
-	"nszYnNoPmdWC9U57V1LmjIre589J7y0zanU+NUytz+S1IJQ8fviUSEWejB4RM6OG3Ai51ISbU7KcyZwR",
-	"zSZSZJoYSZaUG3LFplIxYtSKi+uxoNeUC9IPcxLF/IopQnExCyWvcja/p0mq7EQuqZ3JpRszHQzHorKA",
-	"ORd8Xsx7pw8SvxguDLtmqvfZrmZBFZ0z43b7WaG0bFjXxYyRVLCP5nICT6R2N3E67JbLQpMFvWZ267h9",
-	"/M+CqVUv6Qk6tx/Ed6rToh9fMXFtZr3Th6NRmJo2iotr2OZnhTZyztTLH5unM6F5ztQ9TeRSEJ6RqVSE",
-	"G00KzVSYyIKaWTwPHPKSZ72kZymAK0tPlnziyf2LYtPeae//u19S5X38q74fTcvO8meZZzjDhu/NZJ5t",
-	"+1a0Ed8/Tuxx+R8fNO1KuA6T1d/YKnwXL0z55eixE/tcxxk8fPJk1ym8hjOh+Q5T2f/Tr/icm/ClGpXl",
-	"8Md4+IxNaZGb3umTUWK/hRfhiaW3bddCMb2QQjO4FW/wztl/TqSwvMj+ky4WOZ9Qu/z77lb+5Q9t6fNT",
-	"R1ry48IXqxR+LghTSirSf/viGXn6+Mm/+ptPMmYoz/XAEnnEKIEtnQS+1PRd9/T9iIN9hm+7Cdn3zrM/",
-	"Cm3mwG+BQ8JSs4zjMb9RcsGU4XZjpjTXLOktol996tG5LHB/qgv6VYqTfzAlz8hCam74LSM0yzSZKJZx",
-	"oxMi2DWFXys2l7cMuN3crnEq1ZwaPKDvH/eik3wwiv4vOtOT2h+EhAkxYf/4++jD5/UzT3rs44Irpi9p",
-	"w+RfSEVoPHG/R6codCzfcQshOA7pyzk3hmWnRLBbpgaVlWTUsBPD56y3RuVJb84MzajZSj2/+OeAXKmj",
-	"vF2vVMkXfvdnF4b7EF6QV3+wibFfiulDw+X61EoBaye3vutXNKdiwjo+fa2oMJajNkoE+GvzOVlaY5k9",
-	"A1HkOb3KmeeDa9tvFBWaTuy47kubN632fFLuol9b0zb+UK67tnu3lLsJ1tf4m1Um5nRFrhjRC7sqqciM",
-	"5RkRcnlKUvc9coK/PCELJjIurtPGW7TxLBo+bKW9F6BW5upTUgichid9OSWFQPrP8DQ06VtyzYqcZUQK",
-	"pgkXk7zIWDYgVGRkaUe2m3fLiJWWmtwwtug431ic7yC1HRnp9XX+hFMGldCvKWdTkxAuSKbokkiVOe3C",
-	"sLne9lUY710xn1O16pVMhypF4Wd7TC27ve+e5HJ56c7x0swU03aEjrcL9Ds4vlXTrEC5ZkRLe47mBB7k",
-	"4jrsFOi6QsKcYcqeF7ayvq13MZrR5Qa20jJOtDR3E9aX9awkXUewy5nUjKRsOmVwBpfUpNaS0IbnOaFW",
-	"hnY6ixqbqOqe/qo5GignmEQMIBBq27FuYCznTYy5unsbhVArL7CM1jMaMD2AKHKqDclZds0UYcKoFaHA",
-	"nZxpk1KT3u2l3rjbdBs3fkYXplDsuBrPa68A0Dz35pI9tiEZAfvONBHSzLi43k/LGTXSXMPaDM3l9To5",
-	"4L29XNDJDfzciaXhfXlDJzdNDG2RU9F9rDe5tagbRlEyKyZmh4HwhfWx6lQRrzj6jp94I2nM2OTmUMLY",
-	"/XAfbGUobvQNc25Rz/JcLhu9KIHzkHExGj1ifyX4Dbi6dUdIspueV1FrjqwX1jfGLbBBE4vn0bpxsjDv",
-	"mNYc9enanXEPXGp8ollDrBsT3Vjugq6sqto2ZKHy7cpoNEbSOFkcpzLBDhvxTDFq2I7kP7Fbnl+6eVcc",
-	"Po//bYthcoByZznGOnGfkwnyQcJBfO/idkl6fxZUGG5WFafCg7rN/l44TcJyejuNITkn/lWnV5RW4oSx",
-	"zMlOdc20GQu0X/oPEssKov8NEitK8f2F4hPm3taoPr8zii/YWExmMJDVVaVgxJEC6T99mjzF/5E5F1KR",
-	"ws5zkFilRrFpoVkGKu9YPH74kKRc3NKcZ5fOQZp6GU7FCoSVfW2prGgT6GvcyNw2s7Skp4vJhGm9H5Vs",
-	"FPpAB9UPJDFNNpK9FLqYs2+C3X/rjoCwV8f1AlSvlNNmieLXMxP0Ta7JBL/eUan8MjZ9pBsdth2OSXR9",
-	"ulCKiclqsyCCKMFcCjNrMHx/lksyp2JFJjRnIqOK4JPkShZ24z3X0oauUHcFNaH/4CEpRM60HgsIBtDJ",
-	"DdF0pYk0M6aWXLPBkIDleCUhzAKxmWws0uq8fPSCUMWIteYSdDe4z4IHzRuTwHO2W3yNH2heeS7F9eaV",
-	"JhBdoLhAsHM1M5rQsZjyjywjWaHAD0wUtQu3j4j6XrYwy+0radEH0Ou9jZKBeuHRiIgDxZSk1k7PGj1+",
-	"LPvRsaJu1s87fi2s8RN7e1nW6u7N2t29hzoNa5rE2kYewam4NmbJhg/2L1al2nbOtJlpV4/0+S1rOrtz",
-	"QewRU2OJ3j0KF9J9IyGMA50vKYRLqxTRRWQ1kVaw3oKn3lPn0E8iWlMb57Z/TXAOGzbAGfxtNH2HxorV",
-	"QfDbRyJfH2Rs+ptiOaO686fWSbMh7IqCF708Z4ReaXsTIArivBlkSTXxi2y4HRvpuwyZhm2KlrGDJVc9",
-	"5zZCR2clE5Y1XTmGb5eQ+q9DoDsO71CREZyPfQ7TC7Q56BZUiHHDLQg7cqxb8Bxd9dsY+xfnyPtYzzEX",
-	"PzLPDUN3Y7/bTOvK3rcQJsQA7D3K2dRA5ooTRC66chC9xce+gdzcp45LbVxcN5PbF6cJxeaUCxcUOMyb",
-	"HxFIOepOhMDFdSuLwoNfC0o5UsBwFRckvTh/9eo/Lp+9ff7jy4t3l8//+5uXb1/++tPlr68vXj57np4R",
-	"YNTSWlMLpnDUw8nIn+c2OrI7cixCgrDasdlWlyhH2LNOUt6wa4mRNL8jCwo0slByLl3WzIftrq/1qxCF",
-	"ploCdZSUYVeknys2kXOmS5smyG5r2gSzJ9h2FGmle9rCpvyJX4s8r3wHY4WxWbd3jHDjJa/6VNfP2DvJ",
-	"YD7OBJSKKGYKJZzS6+Zc2S/Pjs1M2ZfgufM3LxttgYXiUgXnYTyDH0NI+ZTk0mUsYkh9yhVqFeuUtcG2",
-	"0LJQk8olXBRqMqPa7qRm6paDhMq4XhSGXS4rVoIbJul9PLFvn9xSZQ1HbYdZv3nv4FNvyuHbHnkXPtv2",
-	"xI84nd/sbL60sHY7Fna1QsfR2UUXejtnamHlPta8ZMqbw31K/AklbURl/7CUgrhTu6cdeQ4O4t4xE93A",
-	"vK/xsaPx7p9ZfgzGfccW2h3oIpvNtJYb3dFUqrtra0S8o81kj2izvaSY5SWlN+csdg5YHlaIyYyKa5Yl",
-	"pIwqpmTK8vwgog3Us4FiIaHiaOQq82yjlfStE9YO9n9HYouM8UYq67abmwlsQbVmGdjdpafYpKDqysIQ",
-	"6v0LKKxhQmcVMx14rJ/qYTRXI4FNpGc36dhm0yu5dFGQL0GBu+WMdcxx2pyxtLbOFtqIdXLLScgVy+Wy",
-	"kpd4z2qW7lt1g2dK8zwhWFwhRb6K9Ho/qjW4r+jkxiUv0St5ywg/zEqqHd8G6olyvI5GPG/dDfgqfs4v",
-	"5bjcnXHtKBH9Lm5mWpZ6/DeIFL7C6AzyvyouRKv+hVwboMiDSKxyyBsILGzA8ajrVt7sGhjyWrChN0zA",
-	"dfsqUZ9M0aXeEPLRJHXZT2RC54xMlZyfETZfQCpHzdsNa+mcFvwK8iSt8deU/bY5HOUM1ns62A043aon",
-	"nhsyo5oIKdhwj1SjTRbmTCpjWemGVNoly5CNXllRnStGM3StmzsK11dvfCUHqt0GLFfiiWG3GJoj/lae",
-	"oNi0EBnIEW+6ESPlTWADnvQPuPfl9dt47eGxo936v0ueHXbphVx+9UjvYSHb9Yt5K3m2LShWWf2eTo29",
-	"4r14ZNs8zFTDKlhG+pGrjvqE/oULRLhn8CXgjagziQy1bvz7Yd6JiMY2UDZ+6QiE7Ta7MUeaGpbtZJCx",
-	"OeXAHre6LndNbexe3LE9q2Sf5DKfcrJ1YRpSEi9r93Hra8Ui23G3m7JdwsqS+Pgqo28iAsx1bb8soQYK",
-	"wtz4cFL32Vm2LwV6cUmhGelT4tNxg6PP/qPQ9JoRZj+2741x84EJt94Y99DQTfh4d6b8bHO6gN+t0tpC",
-	"19CQvOAsz7TVVTLJoBaCzOgtQ/UYOOj6hoS79QXv0nHvTse7sgudbzoerE3fnAu6oMYwZU/sf/x+fvKf",
-	"9OQfo5Onl8PT/3by4S//0sTh/ODv8UZtvSr3NJniYbsafUxZLonDeQu/xAVwXOB4F+D9QjO1a65woOPo",
-	"ZJ48eNiw1610Wt3sN0ydhO0Mz0GsKm1wMKSkPyKmUAJBJYQ0fMKInE7hDcywdaMNhsRVMtnTszzcFfeh",
-	"40Upq+rc0rxgZ4SSaA4hwjejUPtp+aB7S4opvy4Uy4jLpt+7AupuBd3W02m+vPXrFl2wSaEvy0vWeL+a",
-	"irieKyXVM5lVaLqWqW9FnKCFmUnF/wFujqlUVzzLGGTMSnM5lYWA1Coppjmf2Dd4ic5wecNWl4oV6CKp",
-	"/4GLy2nOr2fwktDFdMon3JpZPoMUDK9c0uzSSHkJRQ1WN6WGXQIyA4tts4WStzxj6hJADnDmUd2jPT4l",
-	"aI7zEIZPOVOXYdpNQfMWJvRaMHJVaC6Y1ihmhyS1L6eYqAwVFDO6WDDBMleSzCczglQxFqkliZRMZZ7L",
-	"pUZUllQK9nqaov8xITdshdljOO5gSGAu6OeRIl+N8RpAxC8h1i5nS2KfBX7ofvYM0mrY9m/3NMFvn4EG",
-	"rs1Y6Bvurh2+bGfLr4VU7lpN1wXqjTU2yC9SsBXhmnAxFlENiK9V8fnA5IppnjHCTVJxVrnb5FKYM243",
-	"eM4FNQgVM6eLhcujWUvY7Jb/iYeXrGe6dUucq7/uXfCd0qAaX4bldMp+qb/uA6adoq/1l7EgfGsIbO21",
-	"OO7QOZpRHyX2P3f1adfHKP22nTyW66+jq6KT36P+srMGuxiW4dW6WrxFxajYBsm6UrHl9Yq+FJjh0Kdj",
-	"5FKb1hJXfNalSryS2rSNsgS+12GQ36RoGSPrNsDaQqaU51tffgEP1V9Fb9nWl9+6x+qvQ5UX2/7+O/+c",
-	"H0AXV0FcbDvGd9GztaMEM26YMdr68nv7xI+Mulc+B41w9SvCF4FE+5z0QLj0Tn/vpvRWKPJz0u2lyuS3",
-	"vdS8cx3fig+74yvVI+74UpUid3sp3IPdXivv4Lb3Wulm63k1CIuO79RZdMfXqlJtl5d2nF+Fh3d8pxR9",
-	"HV+o6gedZxbLpq5Tq4vVju/F4qjjK1WdadtLdbbzITmCh3NXv15broGz0RtS371Gfma1Wc1yNjGo4+K6",
-	"rOKK2vGwm08wNuYrbsEmyx626g29bkBn8oZkpzhf4PT1EF8EpNhgyVOtrVGQgscsJUZae9lwYQ3skFjl",
-	"wS4ZAC9a3R5Ck9u3w21BPIWmPQDnHFidDZsAAHTN+bYSTLf1Vf37u9e/EvdXxLT7/unowcCaFtJV0SAe",
-	"55XMVlDvDn4JOmdoEgWYyu0r9HNI/ESb1gc89Rup845TxQO6QCVLPNk1hXxzivg5mRaQPWUvuK/vR7s3",
-	"LrsF+3Vp7eKrwoA5GZX+6plcCqBTjzI2OCMO847MGRX6uCnkvxSWOKwtirYuLKD+RTC07xZpr5rNHeFL",
-	"7p7a3YKTMNqc9H3Xdf3uZnxxbL8DCibq1L5fIUGH5MsDixEi0rkDjILNQeKumewVzLoDYQwOKIHZJ+56",
-	"lLKY/QtRjkE/zYiAmPijIP6ehgqzdG+QwE7FMlvn2l7X8mqHWpZdivDiApcadlXk/UhPo9wFBMWBBAVI",
-	"vrH/Ssr6nqBF+QydJdVkKUVS4oIj/KB3lfoKDbYq08KGsXzeud6mUV+NGHVZT+igAkPJStOV3qrc/uzC",
-	"Rwfd690K2A+3MLpm7wWg0krKCqOTmY+47wfkuTljD8rH71r0dDWqDgMNOhRBQBtqCt2IKBExK7Kg2lQz",
-	"+y2zAI3S/TZLIVoTsPGt6bdkbAHI/ROpIM4RXzwcvhU3oD0rv0nybjmwphtbQ5wMWYa4IVFpTpSe4tMO",
-	"N03ZVVd0uNXPvA/7a1VW1dHQvKl6tXJJZKdVEGFEVJVLF4T2fvxuMuzYpTIl5dYoaivDbqjDCqe+Vx0W",
-	"OJPQGf5NI5McEXlkffeb7kS3y9vUKgLGuqfr6CWQzbCWphlSlXdjAyUdhOM/DMPE0sER3FAg8bd7oXZb",
-	"bEc3kv32N+Jl8VeRiyoamDPhH30/iptEfD96/G//7Ah9kdZymEzYYNXWprVug7ZP7Lm9g4cBiu3VPqKV",
-	"SyJW3B1qtS1a6wupPGOypsmtvGGQ2xGWhNkUwLQ400lpiGhQZkWwQu68/MSjoTltGu9UAinfYepS1cHS",
-	"HCQ414ReycKQPkIo4PO4nGo1i7e2fFTYjulj074EZtCpm0Mko9Y33dTxrNDX7Lj2aWlJcONNWbfR+4Y8",
-	"brjIYikHq8WMLDuLoDHAxba7Yy8S7GEv6dldbpSBe/kxdzP29ysJegHluUAVjnhPqx7mqErGW+B6Jos8",
-	"g1TgsSiLxMAHPYE/CWkScsUmtNCsqlHOaOYOCm7/WMQ1o5iFdS2ZdpWj2I4GTAu/BMB9BGBHxSaM3yL4",
-	"Y84BAe9qRdKfnl+Q+7cP7tNszsX9W6b4dJXuCe3YZEYAgaw78BxrajYjttgGeN+PoEjEbPsr6RO/RJTe",
-	"rExUkzYbWoutoTYviJHkyYjgA5jKqiGtT5MC/vh4BH4kOjFM6cQ94f72ZDRyvvx4Fk9GzZNn6kIabJZV",
-	"Swi+9b3vuuWfo5xa14b96LsWzeKQfoDEz6fpDFwaRHfJjSo4om8jfjUXpJaGmPocxDQJNj/92FF+44cv",
-	"y+ylNb8QNzOUlFeryCXocIggzrVgwnKhXGpD+qNQJz5hUfkeB9/gYLdZISNhbY1efCq8zHM2gVKShs3x",
-	"Y1yGXQI+OhYep504oPZ7msAJJnb3Qq+dvaFnwxJ8ctanHRZu6McGWqAf/ZLtP/EsoFza8uH6cmAzoHTa",
-	"rTvBI3EjKLaQygBQxHC/Bbbg+W8Vh3v5NEtU55biyBnXAZHqqlhpS4hWVfKNKkArhFYVg87dVDZgQ+8N",
-	"sT+lPC8UuyyVgjphr1xqAq4F8wKH5FxAbdQNWxHFaKYrD/mU8Ht6LCC0PJlYMiJGStLHAwfoI0wTsPom",
-	"NsibyAzV5TnTml6zwdlYUEGYyE4KzRQx0qoQ+D3AfaikfCeEDa+HJPWEMBaOErC0y/4DZ58OyYXvyIkB",
-	"F6iUUFRojtDPsBl6Iz71Vv2Qi1vJJ6xzYo3rddD4h8u6shm1Pym7n7jmJ416Zc5v2dwVHaz3/wgaJHRE",
-	"7DrluJVCBwJe43xtZWYug91yyxrjTYE65NTpmk4FvSpWUJi0nDExFoELi1umPNoxyqr+eUYXYMy8UXzC",
-	"xfUgISzXLBJZHc+8dHJ1ybfEhz9XU1S77nLIhz0oLFFSdwPXen7L1Cq+AHaXGfzSd5WQgiVE5pm9sBgE",
-	"JM8BQIEL0Kl1Z5vVbcpF+FqTAnqc8tHGLhLlfYooOHL0NUGr14Xnup5SyoTorrVXrVYPZINqFmWobirT",
-	"ryhMhwoTH+PsFFtuq6MCrbOTo6kC8hB9u3GTyzOpf6fbJrYWOHrFcJJLS+9WeTyrCDXo8pXGCf7pfkWO",
-	"LSfbUOnYWFVwcLXjWsp0C4ov0nNZjNKu61BDMg7GPJlIDyIQWfVcVSGPIcVrOeN516Yffi6KaSN3Cle7",
-	"1yBD+XIqlbvDbQFn91eSMXuJFaQV8Jyt5RWAjRGyEIjVc+UU1RH76JKLkJiw4xKD/6LDbMG1JjUL044R",
-	"sIKDhUzkLVOkT0vfSFed80BOEJaimTE5a3FElh6beJdnNHMNO4WEth7QqrTzdu4roI/HvMrIUZ14k7W7",
-	"1bRXm8l3G8Hswx9D9cR29riUosoduYNb44KkuHLU1WIXIXoAA8zIMbin514dmGenjJ3deGd2VJFcPe0d",
-	"3/oiYE53qDW02Z/BWvQEiA82QmF9Kc0jOG7rR9Z0HPtcxA0wDGUO3BIcYWxJ4MKfxcwzI3oGnrBp5f6V",
-	"uEXHun5Zx8uXHe3mYRVa871rNaEPwEg7iKScxRHoZQdKiKvtGujAs13Xb0mS1Lk2SD9jk5yDOwQ75IEf",
-	"0ug1h5xXxgZDck4wjE6cNwhjZzhi+JSut7ndm3iiM9xAOq4C9ViEc4SgifeWf6WASa2ocqPsid28Vdrx",
-	"rxMtyZQqcMuCn3lXVzgOc5mxvAkwyKVvur6UIisbbP0/IArv1EJu9UXUjqSpN9zxJFW1tLdFbJdB/7lU",
-	"ofoL3j+raobQhw9k1oJyxLoBALooaNzXjBGaa1mi4LjVpIOD2FHlQm1gSGHHj8WS3rVk2P42Yy5PNvBe",
-	"Q0Wmh6FAi/yf//W/SXAMkv/pHdvJWDhBUH0itdafYkZxlpEJVdkgIWn5vn3Wr84+OjVMjQUVK/fbs8gR",
-	"65+6VnKJDWtITo01zgTTIEtKHWUsMH+HRnOFNAJHFaFlhwyOFft9SxH+x7FoVGV4rMkAEIvPQ7FDD84i",
-	"O8VKv7FAa1wTV6JoTRSG2KpZ2RW3aq4EV8bZWEReITteozOInAvChaWCFekLiXqZU9PoUgzGgruwBaY9",
-	"swyspcgR6LzPgfDwsHuRD7iHERuXhhg4QKSnbvEVlcTnh2wGfDuH4NQ9TWKXNcHjFJLMAYYmIOXRPF/5",
-	"yA654nmuMaYJWAqDUzgcbgIMbxLoydCP9idwz6PB6C83NhAdWYoOznl8AB6+jH6pGFbMJu7v9WBGCjvv",
-	"cOhgh7sFu1uCunE4NtkY/0aMoTg8QdqjEzvGoruEZB1MkaWyMKczMvJpsmJH91u7PHVIOXcc5LzjENkW",
-	"qd0YI2uqpGprQlXNmygzIxppqEbkHbev+lbjBHcM2jXoKusrcyQHD6EsB1g4Nff07STo9nrvBuupJV6z",
-	"IUxjr4Y/ibU9iQM1O+g7NcyUNoWnum7kkpiICB/FrsPlDSlzJftxpba/Tq5AGgLVUXI8NpGnjRxaG2rZ",
-	"ykEKUVU0bNCISrF0LJUoigqumzaLRc6bTJoXNNesrP9DMkTL2Jmrp5HQn9PJjAsWIpvcgGvc0BzyXWVh",
-	"TuT0BIrKHJhrgliX6PivyO9+lFCEkj+Jcoy8XQHHSEGLu0Y2vx6B3ycLZarkfMeMz65wv/F93+0dTyvb",
-	"I9Jyu+EDK4RHk3D8W5Mk31gGv+4caq2xa8m/270pN47VOCUlr3IUXhuKgNoiPPWYzhVzmbFSkRmDIM8S",
-	"25qnTXCO6e4A7W1ZGaZsG33w5yYuG2Uj7ErAyvycbMIqgfShBv3k9XTqDCYEVAzTrqBtpp1zFyIolQYn",
-	"kBuu3c1o1GpbE/sXdn4x0mZK+o8fPh2gahtBa6ak/2T0aIBs70bIpTgly5nM2Vi4wa2ts6TcBFVDrexO",
-	"QDpkgpY0YNtTTdK3dm4n5wBT05JiuLl8poy3NcAhcJOzHWCDzsn7ty+JoHPflnmB1wewMrcrEU7U4Ffj",
-	"OJylo5bbCbrhgaXUG1XXu2v837SityHjfffuvOhU0U2ewzj7v5Zsj9ALvqaii2K53UsnpAFRC4H4TsNu",
-	"7LwQe7r8Ils2T4oJzzlt1kMgv7AxIcJ9DlwHC1ptmR4t3cvtzsg2LRJqzvWcmsmsjH5sZWDVtf3iBmhi",
-	"Ziie98i88unnsez2W1aZ8/a9D/PbmYgzPp0yez8a2ItTV8DpTU5ILic0v/TJ8h0oN35hJyNq74z+Kh1X",
-	"J1wZu7Lw7fu7XzmnJ991JeEfTEkEohqNRg9O4P8vRqNT+P//JC4YYJXu/uOHDwc7oTsxVSsI8UhL7XWW",
-	"nohrtzSn8wUGzYRcuiZLVSQqU1nLvtPeei+aD+jPghXspWnSFruoTG6Adzd80UFxKiG5O1bSKxwe+OkN",
-	"Xyy62H7RR8KQG9a+Z5Fxnl8iaGtTgvNUNmLNnFslyC0JjT1wVjNMMkYYtTldYTMLxehkxjLv7ZgjmAUV",
-	"5OFjMpOF0oReSwxTwOcu/R60mHzltlT59440PqcfX+KrD3zptP+5ztU/b9r0ZpSwcN5NScN2u9DOdqg8",
-	"xMcnpALVk4vrAKjfUS9QMBHdXPhD0mjT0gRaESyYIuVvwZnmKwvAiD/DIEXqCSTFKlX7T3/k0IMfftGn",
-	"hsylNgT2klytoqEHnc2E+BI3iFZ/cdZ7q9O5K5CtT45qBCqiiu2jCDXc2nKnN1zFwEUa60KocL6WJfXK",
-	"Gn4mBnMR0uC9tCxPXsrcdTOI7kejNxZvWfC21V1B/PKWKc07ejWoMWy+MC32SYsOkVNtXFODLt/YXGEB",
-	"wX03jYMS+RdKTpjWB5YDhFqMXfxN3XIqo4Mr8yq9odcd37XMx/dnV0msjxfQRMDRLI6Q+RET41fK/ljf",
-	"1opUdoWJEX1YZgUdJSpBwwVVN203bh3bujnHZOEcbBtCHDkVlQ6bYCzGfurQ1gJxYVuaW7ZhUIWswLrv",
-	"2xSa9FOE+4HAor3DWQH/9ulQaUKGw+FgzxTCxiKezSdcfyEibtjKboGIVujxzd2anLZS2aio3ZmVNh7c",
-	"CWe1X+igjXgaogeNOP0HBxAAHfsHby3u0r8plGt3YgXwHdj4l2JRmN01sHhRG0qzA9p3s/xNHck4yyQ9",
-	"JVHKjXbxJ5TOfUoef/w4GJLUCeD0lHCjx8LyeW3ofIE6hitcyOTSj0UnE7YwmvQfPSEZXemE5Exrh6VR",
-	"KIz7j4XrISV91QThZuCdjtyUTutQVFH22KOQ2h+K9mRh6DWEYXz1CFYMO0wID/tgCK33HRuOxQtMXnTZ",
-	"RFZtX1CtSf/Jx48JWHKyMDoh4E3FkaxecpIzY5gKysxYYAEzVwR8qtygAYi5M1gNAilLYfOgGU+0e9Uk",
-	"juo5RVpQEwsOh96S3LdRjeliHVaparsBWNWBdvBNhe3prl4AFsM+7pGKfenNbBwtnkhFlZigGhGtb+Ml",
-	"bOW0UdNHYKsRSTnIe45yTrtEJ0e3hYCrRAWxB0wNpEWB9qz3blNfpZ4Gzhu1NjkOv4344G5Md5v/rkqW",
-	"dTRC/mfBwKpz965kV7KAXpylERehfZytn0HUrHBf2q5hhSMGGRFyeRam4bgnkTm2JXtC5lwUhmlCZ4xm",
-	"WI3exXf2h8tAQu6lrJEIlteyuyctXLI6IUPsKCFCipMAViWK+RVTIbELdsRDpsTNxGouMVlg6zf3cRxl",
-	"i1Ozfm0jAthMfUfQ7svB6gbLl1Xxy3m0eWOOGTPd2fWH2gAmGRaLnE+oQUsMyTJuRng0l+Da0ewqE+8C",
-	"sJjR7NKfBM3zDi2eamL3Q9LkTYm8Pva625/W8cng+06NOsgDsJPg3zranK6u2KXlr42I7RfQ0lBpgxzO",
-	"uVjbPKuWs8vCWOFIhV4yRTSF0LWWVpl1qhzmQD35+HFwBom/6MRt8MpierJgLNMkBc9Tuj8y/IZ8kWN5",
-	"eLq5WYCkIn71tfStzWw81r6aPDpbUnlgkS8BOq61jYXnSi06MXIk3eq/XkIBdbkkgDZ0iVtgSF2tCBXS",
-	"zHw62BlkzrrMnDmizEJdb3OwN7DKFg4V2GfLX4M3fEdR5vbr8xYLtImp62aurrf4jGOKjJMFQxZ7PSLQ",
-	"i3hZD/lqu1UEYGt690jwHsH27tsdwcAdM4RevVNxIN3Nr2n7/w4Ahq2ZZrs2+tqgOfhM68O6TtTW7DJ8",
-	"N/R5wgW+BaCw9vXpyyg/o0O8Sd5shETadTiXqtSdhKrH1phV5nN59KaUEwhyoTkpyrycsn+Gh4go4Tn1",
-	"WJQYEZbFruF2rLAIC+viXOthuQQLRBpCx+IKJPcpPptJ+PXcjpTKm5SA5Tckr6i6LmGDwDnSNVfFJzFt",
-	"42LyJpJE5ZE1nGJ0QtWtbaQ4yfeEvD4OMvQGQGicWrNI3A0pfmOfoy6Q7LeSZyQHQNHNYOxYseXM1a0M",
-	"yPcAboWd8aORPsLAhdY5VoTj2zgHj9c+2Cd0GsFguxmVmbLrB2PVNzYpFDerd5aMQ7jyb2zV2ErDg+jB",
-	"9dUTuWAkdd1mUntXU0CnTRPiCBhC0kaTdz+fnzx88j2ZUT2zy4JLAyyMUYXwnzizmTELQNTSVlLdMCBK",
-	"fOiF34p//+2il6zPLeDu/ftvF6T/8zv7PanIW/uPwRlJdXEF3T4quL086zCdz4CPN23IzsFSMquDkRmj",
-	"GTjJrnieg/qP+0I4oGQjtDSaDKdkoRhUjjp2NxZXsriemeBodqZFKIKnooQXdkVsM67tcUBWAcjpsfDl",
-	"GToq7HDAgy6ohSUeVCl+Cx3hAbwQnH/oGhyLEkpIsZzTq3wVuaB+cEsDRUIPx2IsoL0igK8tZ0yxhKRa",
-	"0Bt2OaGapSGPGb/LhffBVAqInCwYi5fvXkd4m6HERAfPDTrG4VdvXzwjjx49egqT+O47cCPo774DR08K",
-	"yfcTSBq77xjoX/7QUqTYAPLp4yf/OnCfJdpAW8HUmsjpcCzW0q3t8T4ejcpN9PkaEyqsBLliwbflYL2N",
-	"ohMzFtDmvz+nub3ELCN2qxJCyRXNyq6SmBVPM6Ywafrxw4f4JQqj2rlZ6shWxEqvG0CuLnJ2RlLMIv/9",
-	"QwpBSY3NhmQ1hdzev7gBptutd2ABEMM+muF335EL9tEVQiE9g4GgSR/GTQibU57rxONMJmPhIaAT51CO",
-	"0lwS+8N8IQ2AIt6wlR6Queug+P7ixcm/BXv51/evxsIu2f8CSgd4xhWboNwibH7FMruahMhbphR3gJtc",
-	"S2sm417LXI9F//1fHo4enp/Af54nxP73++/hx++fDpKQHHXDYNWgVOQUSNKZS2OBRTRgjaMj3BlK4PCc",
-	"U3WjYdiRG370Auby/i+j7x88A7qjeQ6YT7jJ54WZ2W1BOvzuOztian8pFf8H/O6U/AD8hoyL0ejRBPBC",
-	"4Z8sHZJzhx/q2oEpZi+nNCeaWdpBOHqFtcW0zvyQ1/01ZnMJ+C+AGxhZTGZjrN1bivDQ4IxQsUL5BzCT",
-	"OPIWlj8WjueTPvwXPpNJZAk4mGeEc7oauL15WdKIJcA3r99duEAYmtj2VszlLSNazhmOgqbfWKTRuyd/",
-	"Y6t0SN7ROYM5ApsEwCZ7YZzL/eFjMiOK2ePGGwqanSU9cNZgulUY1Jy8hUdZdkqsqE/PcMSwBZT4pFVs",
-	"GUu4Hgt7a9OI8C9v2OpSMYh1DslriJlwKSD0Zs1xe3muqK7UyY1FP/RiwB4L4XqBS2Hg3UvU0r2vcAlm",
-	"sL3qzmQlU3suYalnxGPMBmhZfyHsC5pIX+ibuE9YhvfUssLairi4nOb8embSIfkbWxG9oBOmT8ka6u09",
-	"jSjm4HY3Dle3v2CqpLaEaImaOMYHJjLP7f0O7e+ses9Edk+fOXDP8zcvx8KeA9TYa9hImAFU1PvMAUuh",
-	"7uv2ey7Kckrij49F1MTYzCCCa48SGSmAhwJyq/8A1OHEZzEk52Ph5QDQrcMxcKzT6ZGwRiiksafCTbm4",
-	"QFOqENreRSx0cdfjFdfGCjMwc1IorQGoHIzWPBnZy/yRPBmNUGaAHUX/LBAZVkuVwvwDiaefkFlHHv3P",
-	"6RlJo59ByoEe7ACxc6oNdHhGE8gVxaDCY5VLn87WezAcDUdgmi6YoAveO+09Go6Gj8CcMTPQKO/PGM3N",
-	"7B+900+fk979OTOKT7T7CZxX/k+hwYGqpH6jJ0XqFmetywPgmkxziaJNYogoxK761LceTo2E1U5CZvVY",
-	"WL0c7srgDMESGFU599LA7geevmKWRSDcOfBxKYDGDWD5Bnij9xfPSEZX5EoWIqPYOsWBPuA4kP+uUbLg",
-	"Id3TJJ0qOU9RJsIk3ch+eaFMA05EeqbyMkMzgxpWqwUJNV4/yGyFARmoBg/lqU5F+sMZf2jK7laU4Q3O",
-	"z1VLxDn/FdMLKTTaFQ9HozuaBH691s2cqZMg/zLFp2aIjiLXdql5/DDh+8HHATlUritt7xmeQYS4iQcK",
-	"FzvkeaFmh7ERfJeDm9LQaw1uTEvi1h77eAIX6gR/gbtWuQaYj3FSZv1cM5h79fQtv4gy7jRmzlHvHvz9",
-	"U8+O3vuzYNCoE+u4Sg93ty1vyJT8nDS/Un78/ivLvHodHnyGkcbPH+6Qaupplg1kc45t7eXUaX8ur/kY",
-	"tOO07hh+ANpHLYO76XASuf/JZ+V9vo86D3DOBmKwzLmkhZDLV7/EMXXs5hz6kLRw7FLXOouMUmyijGo3",
-	"z3NyXVAoWr9CRH9Xcf8SqMCZ7dVLgHpbnPv6ZSipiYouQjobFNASl+YKUHSHE9IbHA2M1zWSQkViL0oC",
-	"VtaF15Rxm7thNZVo4T8bk6kle2zkMVE+1lFYzPtoPHtzfI4xtJqAgD0me+nBwQRy38Ww2zWzXwB+KS4O",
-	"8XU3HhgsJX2pSFqPtKWDhPioq1WzNTMJyQpGhFyelqmiGvR1hKWqFdooZzLAx6VgY1GtqnG23ZCci1Wc",
-	"yIDh1UqyJHIjLjTPGBpVe2SdEp90GhxskHU6oQLdR1iIkgAkN8O/koyzjMjpkLyqldQkqCKyj4uccsGy",
-	"Wk3Rqd8dWRg7abRP3KT7Iat2cDYWO9aQNWUzWK23ubIsrZbN2EP1wRo3XsayYsGs+VOeHrooAAIcW/aV",
-	"g1pLh1hqEFmZpQvWHcvGwiz5hJ2iqRtNuGpHoL0EI+D0HCHAyfikDAiUU7Fa0tWZ7y0hTNSySUhff5X6",
-	"eqF00KSVu7qkKru8G528Uov4xZXxuCivgeEBOMiS6ojSwfHnuvUoqwC5qqyjKFr2fOGAYv56gGDEbnut",
-	"IhGDoi/FLVWc+kO+o72uhJVbNA/sTkX6AJqBFcNWwbR2rQ8nnhHNMO45OMaOW3NsDihCLtiE1xUvo49q",
-	"YngW3foQmQDAq11OwxXstB7ET8w8c4/c4RH4T7Tsvq8qyiW1+isiKalDCNuF6EC78sG53z9YdScKk/3+",
-	"wWo15ZHAnXMCBqNL0Wb7jfwQdtZ5CE9cE6oNDpffFDes2kGL6lKkQ72qa2LlHqtFs8bCYToPybMSZ8zB",
-	"73ksPkgMoCSdy4z91X0nJW52GIIA8xvw+sKDcbFOeBqgLmtdubwzfCygoqvuCwc/3HM6mZUudPsGHCSh",
-	"xIHd+IxjOQ0eVjsVdDmNRT+9OH/16j8un/38/NnfXr+/uHx7fvH88tXLX15epAnx3rwHo4TQiZJWn0dF",
-	"w8AFsvJ5QbWxd9cENxEEox4+rYPuoHZTgcUhv/mw2prHPCnhsp2aVfNbkj44LS3t2ls6cBoHgrKuoiYj",
-	"mCXpB6l5k8k1M9s9yY5eotFwodBuz5ez0GzV7vXydOWoat0i2WIURNvzN7Z6vcDgkzMSji+ra9PFNXQT",
-	"2Q/uahJNvAwnBoY2BihhEg2BkrZvubfK/TXhDfe5L8YM37mLW4+rIwyv59gOwjEwSfdUxCV9zs79T1GC",
-	"2ueN8qjMHrw7geS/0SaRAqbBl931txAWJ1ECZdhav5G9D593va5xR8gPSc9V8zTRbj3XYwpmlS/lZR+5",
-	"NqT/cPRgYM0ZLO30EUKWZ3osrvktE/aR0WBIAE3NARxY2oHcHSy9g/zhIfFVjhFtpGORc3GDMVr7Qctd",
-	"a8WASRWFFs0Ml9MLZpgU7AxiRFYGuZQDXwULbFIz08Qe3y80U1UKvAN25obHj31p02MT6bvCXqD6o/LO",
-	"Dd8MTPMIoYYQCUfS3H6TNnOp+1GineNW65AllrBTatLTsjtYuD9yKTTpp26YdIDuCqv9cEOwiH0sory2",
-	"fjpjeZY6m3syY1lhVQ6MbZMlh2BjvsKsDG31R8x2wQqIftAoB95adHWyTYCSpJ8GrEHy17HwEJQn+MQJ",
-	"iQYLQVg3Ey5IpugS8VdA80PwFmpcvtCjR4+eYhJpBXlpcErSeIcTQk0SPv3ZIbf4mbj0IJd5qI2UYBtg",
-	"2g2fM9IfuSpk9DJFRfGoF0GyYqOb4SdmfnBnu8ZM1z2PrqzlrKZVBi3MTzie7QxaUFDjij2bXLzQJrK8",
-	"QJ3yyA91w0rBOpQz+b1p8w/Xnjs3vc8fWiRp6OgPFPdDeROsHmEcyaRhoIOM671EbglGuAQ8ICDxMzu9",
-	"Ci0aaG3hKCHmJg5s+kCpvIURua/cp9kfhTZzH244TA3YZKvSSsKv5Vg3XGQkxQk48wnTzqmW4tTujtQc",
-	"OZpvA0BoltmhsDdkf6HkXKKpkJCF4tIeFnkyOqspHXosPHgFn5I5hyiQZWkkFK5CRpCiS0SkREbHNQkM",
-	"zeoQNwzzfjA/CJPgyOPRwxZU2+D2wXpuYCmKWUtYyEJMGKQrhs4kuA8sS5u4yzn88VmAIT/EuLozo+o8",
-	"kNJOPtAHdzKBNjfoudvmuzOpHo8eblhRnArbfWUlU2oIZAUaLu8yyam69qkza7R8DM3ovIQhuKfJRCqX",
-	"MYrY9Z7JYT7ioIm7bXYybuFaYBbeEb+yMuYadT2PuT+hea49Pgk4oKBAQaqbIXlpIB6ibpkeiwAeH/gE",
-	"oWQu3ZGY4MKyetdVQF4ZkgvpB0k8qyIU6hMaXS529SUzuDMHyVcKZbhvt93gMl/riwt2CHhVRAuozFgI",
-	"MC8mMyvz/3/iJJ4jhkbR3pXOkYjuiNJ/3CDvSN/q2jOXv460mLgEEQ5kWgjfDtCr5KUGf0pyCSk1qZfK",
-	"KWrQpadxLFCIg/KNI2mipRT2tT7ko57Ar+1Vy6k2g8hLiW3lh2PxK0Rq5S1TILxPnWEhJZmyZbSasm1Y",
-	"xYs7egjFBk3Ce0IVpoyaCMs+GF6Y21naO41S+xme3jcutt0sv9Zl919vu+7ugf86AvtXae1IKCAKBren",
-	"z6NEXoEllS1r9mY+aJrfEe/p7h1cMbOeaPaTnds3frFgjl9JFXbfbrtUP2G7oG8trhBoGOYXmHZp5yVk",
-	"TkVB80jVHRxO4vc/+ZLNz/dvJRat7k/ySWNyZ1QU2im58/vHe+d2XtAbplGiKzanXGjfFAYlrjNcvXxP",
-	"fE1NateejkXFTo8b7A2xnDX1MWPt9AKXWYVOSG3oaiwmdGEKZVnbWVm0B8+60lqNKT4+n8pX3xophy5c",
-	"6UEkUhchcpN3Tnn3vHTFQz5oCpGBvndNjoOKckYejx5XBrJ2igPpiCLOa4zm75JnQI3fKpeJK86/sOyO",
-	"KsobeMzf4YS+WRZjpxeIAYNMVysy59rQG3YITwHv+8bU3Z/hiX2TdktwLauI95Ie3jUH0I11672k5yi/",
-	"EVjrnyuZ127X9jRe2PYvbRFeVIMEMIfWcoIjOXY3s/3gKW0265J1Ww09mcDCx4KbUzT6vOy17Ny/4706",
-	"V0VceO1s1CyBF8fCdYtCBo15wECKUcoKCAI7LSDhspOh5ckNdmFG5owKfD2M1SpTBsOxeO4a88JfnXhz",
-	"1wSlQ1bG1v6QV2QCXXrdMGidKqbNgLgWwfD7ITnHAUE3Fa4wInW26yXFMnV/Bcei7zK/3RNZOvDlsD4/",
-	"Cbc+NBNeOR8RxpUhH7YWhfKCuDUP52dEy/8mJZWd21dSh+2nXVi4iYv8zPL/kvblmv/jOHmm4KgMHAKV",
-	"qlyKa3uVDpac9z/Z/2xL6XF0fqcyp835CG7ZLyxoXgv87tHFyXYRb7dil4hi7RTvO757sFHVdZqtHgeU",
-	"U5GI9NXcp5D1CebLAOUmyI5IDHobCc0SO0xaDWcGb2Hq1o3l3xXJBDn2w7H4JRRrwCcgm/RhJFzgLkHZ",
-	"vJOOTr8LAipLxpHvFdI7SWkunZU5opVK97UUVCvjaogM3rHeJF9wFt+ygHFTjGTM5ztmEc+hm36T19Kd",
-	"2Tdr/rxrVoKQ/J1ZHxFwoN8j8vf7buyvzhmeiwySA92FC0qjLAy6aLm4HtZuWTW4PxaVO5t4sHYIDAE0",
-	"VcONbMwKx+qvXS7mW9zFI1zMWtr117g3bjHfsGcSAu1AI6U+DkWVh9yMCIJms+sAHW8X8eO7nvk3Zdu/",
-	"AiG63bqPhC1nX8fMxzIZnMhd2/hbyMZXc20mFffGG//wPzWhuFVspxS/N1+aRiotlPwkWukknODdEgrU",
-	"XrYmG78r5jpuseNbMUKmr4OxKuvYQ4ebsjZbj0Xfl3cj0JTPzB8MyY8BnsXXQufZGpqP1UEdnA/xtVpv",
-	"n188//Xi5etfL9+/O//p+eXzvz//9eJdOoAP3LAF1LpllAOMmqG5Hgsp8hUAPSEKlo93uILrNSAhrCFz",
-	"DzmgIPS1lLPBuuuyXp77xpVGEhojC61IH1GDgsMmDG9FQ0ZXCUIJGbn+ccE+mkGcBnxPj4Ubrg2DyNKc",
-	"h8Sr5A6jnr+cMY+lhzi9M0YWhbpmZEY1UYVoSV8ORQRAM5280x67vTGCtb0Tqb1RNVgSMckLbUUs7NJZ",
-	"qNB7NMKGKM5XZrel3gQlbeqCkjb24m1ai8PM3jF7em0Fzz/6FTCRlfMXcnnk+QK49xfO9d4KueEg15sc",
-	"J4i29YWZ8is5oXkF7wuAGhzqJwAc4GEoKq7jqA8yzuMw5zUwl+rOvJB5LpfWlLjC/mM+6Wih2C2XhQbR",
-	"dk/XsOKoJil1ZabnY7GQeY4sziVQaOlA/eZca6ZDt7IE/uMc6JEeORYTOZ9zrKuSU5/HFTq20sWCURUa",
-	"l02ZB7aF6ieA+hiLaEAHJQkpcwvFJiyDUlLLg6ZccD2zLGwN/o7mS7rSY6GZOcOCWChsERl2ZrObRCc3",
-	"TRzMqjxtcDjrPrzqhx0zrmz4GZF2N4z0FccOHJVdcyEARKilBmO6gSc+tDxx73DcXV7fjmA5x4PJsacg",
-	"CwNClFwVmgtrMCOtWeJKXJLfmurkOyB628qrUvc/lc0ENvqOnSrZu3tttc2D7Cb6lWpBPWJAqLiAWws4",
-	"9WTG7aVbddRUG/JcooYOx8t0cSddx8Zq8ebQyazsieRB0KUIAAMQoNSmhAqEEn6Ap8SWZmNR6WkGlaVn",
-	"TlIgJtHWPm1jAY3a7Fs3ALwKuzYYknPXPSUAoihGkPHaXzr1plQHsei/RDosccBDTHZyc63gEhUC9Wun",
-	"pmPFv8P0SaGmLsb8cY1bYtxoj4EAuiYgd5b98URmJYqVLGMBafuozoDGGWGekT78Ju6uXpbYwh4kuJ+4",
-	"sLCjgyRk9jg8NamC3u6WiqjC1ExmCYiKsUjDOlBb9q+KCZTZxD16Whr0OPwle/YlpHDzjKGAK8zXzyBy",
-	"CNrrNJEZi5GwLsPfT0OOEkgbagKNjoWbN3VRa/T4AfKtoSLDNoSZFX54xNRaldHi7Fr9QkInLJKGyaZk",
-	"bnfNRSHCJrEY6grbkyZjYY0o3GVsfhiQwYPRV0JmYYdTqtEP2iSVX4prtgWr7ttChoiaAneKUT887pcr",
-	"nataEFXxoF1fJUjo8CjIWD37rbpOETDJaeP9B5aXPRiNRo4TDhq07wa+f/9TSfcbpXxJc70vAjQYoBLb",
-	"gSiPoTY5r0qAFbSaumAxyFYXK6ZBcFdatHUS3B0MfJDcS3Y1k/JGO5TU3umnTSqM1ViYuvUzLVTeO+3d",
-	"h/vulvXJT7msu7eKj/+lR4aKfuVBRKLfBbUmfs45b6Nf4Q5Gv3DaR/QbLF9b9wQ8o3mOsgbF7hl4YxaR",
-	"8+eaCYZtBHDF0Fk950Ap4Vz87jV84WdA9IamEBmqz6AsyAlIDHVruXzAH1z/XPSRcHu0NVv/bwAAAP//",
+	"5L19c9s4tjf4VVDapypSD60oTtLPbbumdt1pp9sz6SQVO917bysrQiJkoU0BGgK0os7m3/0A+xH3k2zh",
+	"HAAEKVKiXpxk7nPrTnVskyBeDs77+Z1PnYmcL6RgQqvO2afOjNGEZfDPq4TNF1Izod+xRUpXLDG/TZia",
+	"ZHyhuRSds06ss5zFZDljgugZV4QKtWQZ4YroGSMZvEjklFBBGM1SzjKSsX/lTGmy5HoGTyk6Z+SOrfqd",
+	"qKMmMzan5kN6tWCds85YypRR0fn8Oeq8YzpbXUw1y9Zn8kYQSp6d/kBkRp4PnhI9o5rcCblUhOszspzJ",
+	"lBHFJlIkimhJlpRrMmZTmTGisxUXt0NBbykXpOvnJPL5mGWE4mIWmRynbP5IkTgzExlRM5ORHTPu9Yei",
+	"tIA5F3yezztnTyK3GC40u2VZ57NZzYJmdM603e0XeaZkzbpuZozEgn3Uowk8EZvdxOmwey5zRRb0lpmt",
+	"4+bxf+UsW3WijqBz80F8pzwt+vEVE7d61jk7HQz81JTOuLiFbX6RKy3nLLv6qX46E5qmLHukiFwKwhMy",
+	"lRnhWpFcscxPZEH1LJwHDjniSSfqGArgmaEnQz7h5P5Hxqads87/9rigysf4V/U4mJaZ5S8yTXCGNd+b",
+	"yTTZ9q1gI75/Fpnjcj8+qdsVfx0mq3+ylf8uXpjiy8FjJ+a5ljM4ff581ym8gTOh6Q5T2f/Tr/ica/+l",
+	"CpWl8Mdw+IRNaZ7qztnzQWS+hRfhuaG3bdciY2ohhWJwK97inTP/nEhheJH5J10sUj6hZvmP7a3825/K",
+	"0OenlrTkxoUvlin8QhCWZTIj3XcvX5Afnj3/n+7mk4RpylPVM0QeMEpgSyeeL9V91z79OOBgn+HbdkLm",
+	"vYvkz1zpOfBb4JCw1CTheMxvM7lgmeZmY6Y0VSzqLIJfferQucxxf8oLei3FyV8sk+dkIRXX/J4RmiSK",
+	"TDKWcK0iItgthV9nbC7vGXC7uVnjVGZzqvGAvn/WCU7yySD4v+BMTyp/EBImxIT54x+DD5/XzzzqsI8L",
+	"njE1ojWTfykzQsOJuz06Q6Fj+I5dCMFxSFfOudYsOSOC3bOsV1pJQjU70XzOOmtUHnXmTNOE6q3U86t7",
+	"DsiVWsrb9UoVfOEPd3Z+uA/+BTn+k020+VJIHwou16dGClg7ufVdH9OUiglr+fRtRoU2HLVWIsBf68/J",
+	"0BpLzBmIPE3pOGWOD65tv86oUHRixrVf2rxpleejYhfd2uq28cdi3ZXdu6fcTrC6xt+NMjGnKzJmRC3M",
+	"qmRGZixNiJDLMxLb75ET/OUJWTCRcHEb196ijWdR82Ej7Z0ANTJXnZFc4DQc6cspyQXSf4KnoUjXkGuS",
+	"pywhUjBFuJikecKSHqEiIUszstm8e0aMtFTkjrFFy/mG4nwHqW3JSK2v82ecMqiEbk0pm+qIcEGSjC6J",
+	"zBKrXWg2V9u+CuNd5/M5zVadgunQLKPwszmmht3ed09SuRzZcxzpWcaUGaHl7QL9Do5vVTcrUK4ZUdKc",
+	"oz6BB7m49TsFuq6QMGeYsuOFjaxv610MZjTawFYaxgmWZm/C+rJeFKRrCXY5k4qRmE2nDM5gRHVsLAml",
+	"eZoSamRoq7OosImy7umumqWBYoJRwAA8oTYd6wbGclHHmMu7t1EINfICw2gdowHTA4gipUqTlCW3LCNM",
+	"6GxFKHAna9rEVMcPe6k37jbdyo15mnJx+xNqVls1npr7ysW95BOmiJrJJbC2a53xBXukiJsmXuY+ubxn",
+	"2YpMueHRXA2FtBr0OaEkHuNMYoKTQ9t1gtqQYaBEaWm4a1cxkRCapkROh4LrXp+Yk8GPFp/khnkszPSI",
+	"0mxBukZXjgibU55GRihmTKneUFgthrCPXBllzCxgkjGqWeIt5Dnpml+biWj6kfCkR6SesWzJFUOrs0Ju",
+	"OPqO+uOE61ULAzHqTAw7qONUV9dvyNMn339/8oTQdDGjJ6eG9BZUa5aZv/9ff1yc/NeHT6ef/0cd4adc",
+	"sCetJmCePG315EIqTdPRRCas8vyzuseVppq1M5LXKBlOtvLu8yenNV+xFDui6ZKuaoQhkumLGZvcyVyj",
+	"vc9VoQJQdaccvRnbmwp3CSIQ60brBWIxohII6ubi1av/HL345fLFP9+8vxldvf7tzdWLy9GLd5cXN1dv",
+	"XhNFwflSdbk4A6+i235fp7vRj5Zv7EBxOEp1+f76Iq0T81REWP+2T1g+uqe6SlT05C9DVCPzj9GHT6fR",
+	"k0E9hd3TNGd7mP4lpdP81Q21ztHqKOMFXeg8Y8e16t44Iwc5EZy3YXN9MgAVNVFESD3j4nY/S25QK1dr",
+	"1qZpKm/XRR7qJqMFndzBz63UNtQJ3tLJXZ3StkipaD/W2xRJeG2UTCb5RO8wEL6wPlZV8oUrDr7jJl4n",
+	"/uCSH0oYux/uk61Kkx19w5wbTNA0lctaT7HXrsgwHwyesr8T/EZcz3l2smVLptuRbd/qxtgF1lib4Twa",
+	"N07m+popxdFnULkz9oGRwifqreCqw6SdWrmgK2OONw2ZZ+l2gzsYI6qdLI5TmmCLjXgB6s6u2orZ8nRk",
+	"512S18/+YwtLP8CANRxjnbgvyAT5IOFgouwiX6LOv3IqtFW+vOP0SVXZfS+steQke59cEPeqtZ0KT9iE",
+	"scTaB9ktU3oo0EfTfRIZVhD8rxcZcwHfX2R8wuzbCl0EKI2HYjKDgYw+a5RhSwqk+8MP0Q/4PzLnQmYk",
+	"N/PsRUYBztg0V1aPHYpnp6ck5uKepjwZ2SBQ7OwUKlYgrMxry8yINoGa7UbmtpmlRR2VTyZMqf2oZKNh",
+	"A3RQ/kAU0mQt2Uuh8jn7Jtj9t+7s9Ht1XE9n+UpZi51k/HamvU1tVG38ekvD+cv4LQPd6LDtmEgx5dl8",
+	"hAdZE97Dv0N4hSidUc1uV+BoF2xZmCWWAyhCM+Yt1lwkLDsnIk9TMpVGVCpnfLx5/fLq3a+jN6/NrtqA",
+	"QCFRMLazLlXMVmx1Vlm213b9eZYxMVltFq0Q251LoWc1FtovcknmVKzIhKZMJDQj+CQZy9yQkuPDStMV",
+	"auOg+HSfnJJcpEypoYAQLp3cGdtLFeZ8r0/A3zeWYPpDRD0Zirg8Lxdzhr032xOhk9h+FuIezgUIXHS7",
+	"n672A/UrT6W43bzSCO1SXCB4JxUzlDIUU/6RJSTJMySvjJqFm0dEdS8b2P/2lTRoONZErvWvwiRoyeTm",
+	"eoOdXU/hTeb1huBHjam9mXcAv4BHA7bhKbq4Cs0cRGEciSU/Webfzt685rfCmJthDJEljUHEpDmIeGgo",
+	"qqK7rR30EUJVa2MWgu/gqFVZj9guCzaLyfKRXt6zurO7EMQcMdWGiO2jwDDsNyLCOFyBJfqByhTRRkmo",
+	"Iy1vL/v4r6POvptEsKbN7haYw4YNsC6WJpp+QPPQaH347SORr0tdqftbxlJGVetPrZNmrbQ3qg7GDs4J",
+	"HStzE8Arbf1HZEkVcYusuR0b6btIxPHbFCxjB9u5fM5NhI4hMCYMaxpbgWSWELuvx8jbi6QBKhKC8zHP",
+	"YdKa0gfdghIxbrgFfkeOdQsuMQC8jbF/cY68j78i5OJH5rl+6Hbsd5szo7T3DYQJkSpzj1I2BfWCWkFk",
+	"Y/YH0Vt47BvIzX7quNTGxW09uX1xmsjYnHJhQ82HxYgDAilG3YkQuLhtZFF48GupDpYUMAmCCxJbrfLd",
+	"5U9XN9ejy//z7dW7q9c/j16/ubl6cRmfE2DU0tivC5bhqIeTkTvPbXRkduRYhATJGsdmW21i537PWkl5",
+	"zW4lRj0L6xVoZJHJubS5mB+2OxvXr0KQ8NCQ/kFJkcyD9DNmEzlnqrC5vOw2poo3y7ztSZFW2ifDbcrK",
+	"e43WT1bJQAnNzr0zTzZe8rIXe/2MnVsS5mNNVJmRjOk8E1bptXMu7Zdjx3qWmZfguYu3V7W2wCLjMvPu",
+	"2nAGP/lEpTOSSpsHj4laU56hVrFOWRtsCyXzbFK6hIs8m8yoMjupWHbPQUIlXC1yzUbLkpVgh4k6H0/M",
+	"2yf3NDOGozLDrN+8a/jU22L4pkeu/WebnvgJp/O7mc2XFtZ2x/yulug4OLvgQm/nTA2s3GUwLVnmzOEu",
+	"Je6EoiaiMn9YSkHsqT1Sljx7B3HvkIluYN63+NjRePcvLD0G435gC+0BdJHNZlrDjW5pKlUd5BUi3tFm",
+	"Mke02V7KmOElhTfnPHQOGB6Wi8mMiluWRKSI48ZkytL0IKL11LOBYiFN72jkKtNko5X0rRPWDvZ/S2IL",
+	"jPFaKmu3m5sJbEGVYgnY3YUnW8eg6spcE+r8CyisYULnJTMdeKyb6mE0VyGBTaRnNunYZtMrubRxpy9B",
+	"gbtlIrfMnN2cB7u2zgbaCHVyw0nImKVyWcp2f2Q0S/utqsEzpWkaESzZkyJdBXq9G9UY3GM6ubMpsXQs",
+	"7xnhh1lJlePbQD1B5vDRiOedvQFfxc/5pRyXuzOuHSWi28XNTMtQj/sGkcLVrZ5Dxl3JhWjUP5/dBBR5",
+	"EImVDnkDgfkNOB513cu7XQNDTgvW9I4JuG5fJeqTZHSpNoR8FIltvhmZ0Dkj00zOzwmbLyB5puLthrW0",
+	"LjZ5Bdn3xviryzfcHI6yBusj5e0GnG7ZE881mVFFhBSsv0dy1yYLcyYzbVjphgKNJUuQjY6NqE4zRhN0",
+	"resHSpAo3/hS1lmzDVisxBHDbjE0S/yNPCFj01wkIEec6Ua0lHeeDTjSP+DeF9dv47WHx45263+TPDns",
+	"0gu5/OqR3sNCtusX817yZFtQrLT6PZ0ae8V78ci2eZipglWwhHQDVx11ZWILG4iwz+BLwBtRZxIJat34",
+	"98O8EwGNbaBs/NIRCNtudo1yjUU+22ZdqUrCFCOqWbKTJecrQrb6PHfNQm1fa7g9XWafPECXq7J1YQqy",
+	"Z0aVi7z1tXyR7LjbdWkyfmWl4yuNvol6MC25+Zb5ehyIj+PDUdXZZ+SFFOj+JblipEuJy3HzHkLzj1zR",
+	"W0aY+di+V83OBybceNXsQ3074eNdtuKz9XkGvnrJm2noU+qTl5yliTJKTiIZlK2QGb1nqFcD613fEH+3",
+	"vuBdOu7daXlXdqHzTceDUCmb03YrlXr05K/ByQ+j/tn/cfLhb7UFVW7w93ijtl6VRwqrLxWxkDE2u84T",
+	"h3UzfokLYLnA8S7A+4Vi2a5p3XsLpPblho0EXj6ltyw78efgn4PoWFzj0ohJd0B0ngkskBVS8wkjcjqF",
+	"N0oFi70+sdVq5tghcxKL1NHVk2VGuYKCunNCSTAHH1OcUcAwMAzUviXFlN/mGUuIrZjYu8rtYSXk1tOp",
+	"v/XVexrczEmuRsXtrL2YdYV6l1kmsxe2DtZdhko1hpGNguZ6JjP+FzhWpjIb8yRhkEMs9WgqcwHJXFJM",
+	"Uz4xb/ACZWh0x1ajjOXolKn+gYvRNOW3M3hJqHw65RNuDDuXswqmXippMtJSjqBwxWjDVLMRIAyx0Bpc",
+	"ZPKeJywbAVgPzjyo3zfHlwma4jyE5lPOspGfdl2YvoF7vRGMjHPFBVMK5XOfxOblGFO3oUpmRhcLJlhi",
+	"oTX4ZEaQKoYiNiQR+1xhQBeLpWBvpjF6PCNyx1aYr4bj9qBS3aXWS5GuhngNIMYYEYqZ+OZZYKT2Z8dZ",
+	"jU5v/vZIEfz2Oej8Sg+FuuP22uHLZrb8VsjMXqvpuiS+M+YN+VUKtiJcES6GIqjzcfVILgOZjJniCSNc",
+	"RyX3mL1NNqk74WaD51xQjZBnc7pYWC64liLaLuMUDy9az61rl6pXfd05/VslXtW+DMtplW9Tfd2FaFvF",
+	"e6svI7DJ1qDb2mthpKN1/KQ6SujxbutFr45ReIpb+UjXX0fnSCtPS/Vla3+2MWX9q1V9eotuUjIqonVt",
+	"ZMvrJUXLM8O+SwBJpdKNZcz4rE3OeCWVbhplCXyvxSC/S9EwRtJugLWFTClPt778Eh6qvor+ua0vv7OP",
+	"VV+HSj62/f1r95wbwApwlAwJV3OuNpAvKryoobpn/Uj52AuebQRxHTxbIQqwJPsJo40vvzdP/MSofeWz",
+	"V0pXrxHQD2Tj56gDYqpz9kc7vbtE25+jdi+VJr/tpfozaPlWSDYtXykTS8uXyrS920v+Ru32WnGbt73X",
+	"SDdbz6tG7LR8p8rsW75Wlo+7vLTj/ErSoOU7hRBt+UJZ02g9s1DKtZ1aVUC3fC8UbC1fKWtf215aYztb",
+	"SLWRVX7+EK2jjezsnt3VKdmUYVELYvN7aBWcG41asZRNNOrZuESjPKOG3m/n0Aw9ESWfZp1bArbqLb2t",
+	"QTp0xmyr6KaXEdXAZgBKXONNoEoZwyQGd19MtDQ2u+bCGPk+ncwBRzMAMTb2BQRkt2+H3YJwCnV7AJ5F",
+	"sHxrNgF8KfVZxhLMx/VV/eP6zWti/4r4sN//MHjSM+aNtLVDiG09lskKcBXAN0LnDM0yD/m8fYVuDpGb",
+	"aN36gBt/I3gCYYK8R7Eo5cZHuybOb06MvyDTHHLGzAV3OBJoe4fF0GBDL41tPs41mLRBQbaayaUAOnWI",
+	"nb1zYvFjyZxRoY6bOP9rbojD2MNob8MCql8EY/9hUWvLOewBVvPuCe0NeByDzanuD40fYW/GF8fJPaBM",
+	"pErt+5VPtEg5PbAEIyCdB8DC2Bwab5u/X8J/PRAu44DCn32CxkcpBtq//OYY9FOProvpThlkHcS+ri7e",
+	"G3C3VYnQ1rk2V/O82qGCZ5fSw7Csp4KRFnhg4rMgYwPBlyAtA1KOzL+ioqrJa1EuL2lJFVlKERU9NhDK",
+	"17lrXV0KWxXJcCVYlp2rjGr11YBRF1WUFnbXF+rUXemtyu0vNoR10L3erWz/cAujbc6iB/0uJeowOpm5",
+	"dIH9QLE35ylC0fxDi562RtVh4FSH4iYoTXWuanE0AmZFFlTpcj0DRxRi4X6bxBAx8n1mjOm3ZGwBXXAm",
+	"MoNYS3jxcPhGtITmWoQ6ybvlwOpubAW92edW4oYEBUlBbo1Lttw0ZVtT0uJWv3B+9K9VT1ZF3XOm6nhl",
+	"U+fOyoD8iE4ulzYQ7mIJ7WTYsQuECsqtUNRWhl1TfeZPfa/qM3BDoUP+m8ZjOSLeyvru192Jdpe3ru0S",
+	"jPVIVTFbIKNiLTnVJ2jvxgYKOvDHfxhyi6GDI7ihQOJv90LtttiWbiTz7W/Ey+KuIhdljDZrwj/9fhA2",
+	"XPp+8Ow//t2RIK8Qcs0GPA5V+o6HFBjgybUI1NhVtCjWKJhIm0gYPrwRqNff4014ccV6tp/BXni9CV2p",
+	"US40T0dJXiNof0ISJk8HmzO5nn7/fJuXqRGjF9aKoIQyIxagm/CEdIUETLiUYhX+bvi9czaX9Szb7ukj",
+	"RYK/VT7wvL5xgbXARqDi18DxgZop0eyzn3GNClE1sX0u4rdvbB/DuPLhJ7UtEEIw4gOwd6vKpTmSOsoK",
+	"bJLDbvYGn1VlLusepuaJXbpGF/uDJO7VaK1RB0J8zge0WRts0pcyc2pHRDDJBrLH/JIwXwtUEs5UVLgZ",
+	"FJiqwvsYHrykziE8WlsZJWYEZSx+6ub6lwEgbfMcrggdy1yTLsLC4PO4nHKFnvOluLwTM6bLfnFlfb1W",
+	"fc8CDXR903UVow8jSVYnOyv8BFw7R5Xd6H0DmndcJKEOC6vFnE8zC28PgNg2u2MuEuxhJ+qYXa7VcPeK",
+	"UuzmytuvzPElQA4AVVjiPSvHj4LKP+dfUzOZpwlUKQxFUfgKEaYJ/ElIHZExm9BcsbK9OKOJPSi4/UMR",
+	"1sFjnuetZMpWw2PjRnAcuCUA1i6A6WZswvg9Au6mHFA9xysS/3x5Qx7fP3lMkzkXj+9ZxqereE843Ton",
+	"ARDIunvesqZ6J8EWyx/v+xHMhJBtfyVr4deA0usVpE/b5X/FC7EgWpLnA4IPYLK8gsRhRXL447MBeInp",
+	"RLNMRfYJ+7fng4GV/eEsng/qJ8+yG6mxrWyl5ubedYluVxqDcmrd1nWj7woEgEO6ASI3n7ozaGEt1BnY",
+	"2MMBuyBwQSqJzrHTm+PIe/Tox5byGz88KvIj17y+XM9QUo5XgcPfYqtBFHvBhOFCqVSadAce+8Jofp41",
+	"cfD893abFTIS1tQS0VXpyDRlE6hyq9kcN8bI7xLw0aHwqNq23ccjReAEI2zwZLtS7g337Zfg0j8/7bBw",
+	"TT/W0AL96JZs/olnkThlu7oc2AyAg7DrjvBI7AgZW8hMA/hNf78FNnSF2Y6KvwXn30P70zVQf4I9EMzr",
+	"DtQ/Igjd7vAIgqLHBwD0d98ejVcNNFlMj+tzEquVmLg+9DRNVwQqVYpWgEuZgXBMpbzj4jYKoIeWbDyT",
+	"8m63VRT2ctQx327bp2D3GFLhsWgowZ9x5c9tnK+UYQ3Twr7FKg9oQdVr3Qlyg99j79Y5U8rTPGOjQk2r",
+	"HuvKpoLhWjAXvE8uBBTS3rEVyRhNVOkhVwb0SA0FpPJMoDsh0VKSrj99l5ZlLABs7j2RCRowc6YUvWW9",
+	"86GggjCRnOSKZURLo9Th9wBdqFTmY9vRxY4shsLSBV4J8w+cfYzNIRWduwA3VMdlVCiODRBgM9TGLg1b",
+	"NfbAFUXTtEXGdtUptUa8QZfCttmR1ulS+4dR1aYIeqUVrdJsp7Ra8yHl92xuq9fWeyfMmZ7JpL5bBQdu",
+	"tqC8xKfcyZUuMs21HGm5GOWL2kmU2ULrDIM1V87WVzY6YeryDyqit6kE2xZpGXFdkfwxXAY5tcaOtYHG",
+	"+QqKdg1fHQqvBoh7lrkWAqgsdS8SugBr+m3GJ1zc9iLCUsUCnaklie/l/izXTrQ9GF/ycVDUu7jMja08",
+	"g/tudpnBL11zLClYRGSaGP6EOSbkElCJuACjTrV2mthNufFfq7OAjgOtUNsMq7jpAQUH/md7S+sd0VU1",
+	"bl1jDp3Vnh00QzuUT2aDkRDUUGwCwSmp7ocKUZdL0yqHqalmGOyfVi7PUjwg+HbtJhdnUv1Ou01sRAFw",
+	"JsoklYbwjRlzXhLm0LU0DovZ4v2QABpOtgYOoLaC7mBIgLWingaMfKTnovCyWcejmiQc3EpkIh1ET+Bf",
+	"4lm5oQCkEi9nPG3bxMzNJWPY53q3gNrI1l2OpjKzd7gpscn+lSTMXOIMTAqesrX8NbB2fbYbsW2Zli43",
+	"asmFT4DbcYnek9ZituDklYr5aYf4kt7VRybynmWkSwsvXVtd+0BO4JeimNYpa3CJF77DcJdnNIHOAxER",
+	"Epp6sQzA3lrOfF9JfTzmVWQoVIk3WrtbdXu1mXy3Ecw+/NHX921nj0spytyRWzBTLkiMK0elLXRWoy/a",
+	"g3gdg3s67tWCebbKDN2NdyZHFcnl097xrS8ClfiAWkOT3e2tZEeA+GAt0OSX0jx8CKF6ZHXHsc9F3IBV",
+	"VORaL8Ely5YELvx5yDwTombgk52W7l+BCnis65e0vHzJ0W4e1knX37tGK/8ABNKDSMqaHp5edqCEsB68",
+	"hg4c27XdDCWJrUuHdBM2STm4gbDjL3jEtVpzDTtlrNcnFwTTtYj1gmEUF0f0n1LVtv17E09whhtIx6It",
+	"HItwrpo6bJaBbq0bwbpdAM4mtj/0p1zQlP/l/BH+9wvKzcZb1DDnZOuRlCpNNIa/1zdsJpUxBp0ny3aB",
+	"PtDLNlok01bDYNZNS5jE+oTzJKNGPTOqcAQuLExjIBB4seEYbst9ds723nCSRwjEugjcVwrCVgAcNmoR",
+	"YeiovP/udaIkmdIMQj0Qu9o1vIbDjBKW1uEj2oIP2zFdJEUj0v8FlJoH9XU0epUqR1KXE3k8naMMI9Kg",
+	"gBWJRHOZ+XpxeP+8rONDP2XQPgxLgIgCAPUGiShdxRihqZIFdp9dTdw7SLCULtQG0eJ3/FjC5bqBRf4+",
+	"Y7ayxktRTUWi+r6km/x//8//S7yvl/zfLjQTDYUV6eUnYmPHZ0xnnCVkQrOkF5G4eN8861ZnHp1qlg0F",
+	"FSv72/PAt+6eus3kEhv7kZRqY2YLpkArKLTNocCcQBrMFVKTLFX41mbSu8jM9w1FuB+HolYp5aFOCvLW",
+	"5baZoXvngcVp9JihQL+KIhbUwEgnhhj0iUt8qBqe3il1PhSBf8+MV+vWIxeCcGGoYEW6QqKGbRVuuhS9",
+	"oeA28IaFUiwBuzdw6dqAgic8POxO4NbvYMzRFi54DhBYHFu8fgXxuSHr8W0vILz6SJEwCkHwOIUkcwDP",
+	"88DAEJ62sUky5mmqME8CcJt6Z3A4XPt2BZGnJ00/mp8g4mL1I7v92Ah+YCjax1vwAXh4FPwyY4ixEdm/",
+	"V0NaMey8hd2FHW6XQNOQKBKmeEQbc2oQGTGMOJHmgNOO+S1t0jwsuKKhMj+nczJwhTWitSO1krtwWE7B",
+	"7vkAFj7wgbMAytHhxsx3FFZFrgaItJPx6sT93cmLzpcPKRdB4+MEhbc4ZcKYcV0VepPhVM5KK/LOam9T",
+	"5bq3POnyW7UT3DEiXaO1ra/MXj54qEoooUDvBl1aKDE3gyQcGxLs7iloCFJuCEka5uFOaG2vwqDkDhph",
+	"BcGuSSUs7wfKEUz/ri9l8Rnq3RD9xnEECzoDyShBwWEvwqYmdTJMaZrpffG4a4XnBp2xENzHUhqDUPi6",
+	"8bdYpLzO6HtJU8UKTAUkT/QCWdfMWaAWzelkxgXz4XyuIQykaQpVBjLXJ3J6AqkfFt0/QvBzDHKVNJxu",
+	"kMaJulEUZHY6ywuOkYKee8vCWxAkxOyTaTbN5HzHPPvtjo0GpItCa8fy6gKGgnShnJULMuNKy2wFuRGA",
+	"Bi7QRoa6pl6pan7BO1HH5vE54Rl1zGkDwvCHqHWnipBj7faOo+rtCSNyuxELZwGPRp5QtybRvzWSbt1l",
+	"24iw0JCf3dCgoC4NBB51Y9VOKZPjFKX4hhLwprhrNdI6ZrZyQmZkxiD0uowQob4OUDzevSlRU9KUdjM5",
+	"wucmNo1tI+ieR2v/HG1CqoNkxhpl8M10ao1fhPT20y7hvcetU4sCIL0ah54drtn5r7MVVoeUi5arZThx",
+	"iPUek+6z0x96aKYE4O4x6T4fPO0hg74TcinOyHImUzYUdnBjty4p115ZylZmJyBdPkKvCPRzoorE78zc",
+	"Ti4ApLAhBX1z8XThuq0Bw+I6ZTuARl6Q9++uiKBzM120deD6AFr7dnXHCkX8ahgdN3TUcDtBST6wpnpL",
+	"nrn9O7UKhU06N8qJYMu11HNUWSynw9Rzi3DgEPRvLl69+s/RizevX169+3X05vUDpJ9vtHy25uCuiTo9",
+	"Y1mYZS+nRv5TdeeDIeCQEc5qql/wL5cv/vnm/c3o6vVvb65eXI5evLu8uLnC9TcsKdAIdufq6ypxHQ29",
+	"8zVoNflNW/CP0CWp6vzuYT1epfwNoc5clWMbY2S7j1tIDWoYJCS1GnZjf7fQT+wW2bB5Ukx4ymm9jgrU",
+	"W5sYZj8HjrcFtZNeX7rT6VojSTboBHOu5lRPZkUUeKvIKK/tVztAnfhAhWiPVFRXEBZqS27LSnPevvd+",
+	"fjsTccKnU2buR83dtwoihIzICUnlhKYjV77WgnLDF3YyvPeusSvTcXnCpbFLC9++v/vBpzjyXRcqf7FM",
+	"IvDrYDB4cgL/fzMYnMH//xexoTRjkHWfnZ72dkJTZVmlRNOhHWwCgdA1EBAvUjpfYPKAkEtbOlVGftWl",
+	"tew77a33ov6A/pWznF3pOv28jZJqB7i+44sWqmrRhqclclWGwwM/veOLRRu/QPARP+SGte8J6pOmI2yv",
+	"UFeLMpW1Fu+FUTvtktARAKEehlUXCFs8pyvsfJcxOpkxV76GAUEwgE+fkZnMM0XorcQgH3xu5PagwR1Q",
+	"bEuZf+9I43P68QpffeKgitzPVa7+edOm16Py+vOuq6Iw24U+GIuCSVx0T2ag7HNx65totdQLMpiIqi/F",
+	"JXGwaXEE7ccWLCPFb8EB6yrLwMFzjiG+2BFIjLgR5p/uyFM21fiLLtVkLpUmsJdkvAqG7rU2zMJLXCNa",
+	"3cVZW+JrOreQFdXJIYjMyqjh+yhCNbe22OkNV9Fzkdq6QCqsH25JnbKGnwmVfyE13kvD8uRIpraDWXA/",
+	"aj34QaOBOjchH92zTPGWHi+qNZsvdINFOCnQDRuSMH0BIQgE6wbB5jJ7Y/r6rjQHFToVo2Bga4cXdvAY",
+	"NmhZKVXatnprM8rmckFIHrIHddCWLDI5YQdvrC/f28Vb2y77PiDtIgPfOR/ad5woIMQcdZdKsMIF1F3x",
+	"9U4eO0rcWrQ5L4Naw81tQJmrazZSnzRWvQbruingrpA7tnqkoPeDbwSBXYALmA50BCgyo2pWGwE9KG22",
+	"wT+9eYuqw9YNUmEF0a772pRyK4jz2BP/AWyacYeyymbrlOKGXSGDRqN7xakaz74mVtXQ7evggFUwhyMk",
+	"X4YS7SslYK5znpJqb/FGAhZqNB5oRVnK28HDD0lugwi/XonJfiq94rX2+yuutFOOnEsSHjXXWRQq3NMB",
+	"SegK63N2Mdoadg3XUa8l42xGCPdUr2TYRwRb1v/deVpHFtp461PeCbVF9yvPrTSRmvFqJlJLSOsdy+oZ",
+	"88KGvzakUKRUnJMgmwAci2G827c9xZ49gvU7O6RreyWuGkPXuSLdGKGYIYXLaDNJDv92JQRxRPr9fm/P",
+	"spvaCvgtrL7yQiDmYSvbJTQ0NpTb3Abc8vDSRgWQMobbO+BtnNWerL2BeOo4e133xYP5OvQ8+9F5Fnfg",
+	"SAXYViuOD9+Bjb8Si1zvbq2v3+Pm9fzEaFJvq8WWZKwXKz4jQXKzsnksVnBT8uzjx16fxNZYi8+MMjQU",
+	"hlsqTecLtEdtsW8il24sOpmwhVak+/Q5sN2IpEwpi4SYZ5hhORS2x7h0lcaE654LCXJdhJR9IXLkczQp",
+	"lMN6xAuZa3oL6Ryu4hrxniyinwPt04RWG9r3h+IlFvzYvO05XZEFVYp0n3/8GIGRJ3OtIgKxThzJ2LAn",
+	"KdOaZd7wHQqEn+IZgYgnopq4LGWsoIbkcL950Kw52L1yumz5nAKLuU66+kNvKKPYbPK28CSWqWq7s7Bs",
+	"De4Qx/Db097QAiS9fVzpJV+kc8niaOFESkbVBA2qYH0bL2Ejp4Vc4sBlEpCUbUfIUc4pm1Ju6TYXcJVo",
+	"oIpbT4uqrbBqw4PL1FPDeYOGtcfhtwEf3I3pbov1lMmy2imC/ytn4AG0965gVzIXOiKBwy8wAs/Xz8BK",
+	"vv5uMboSbdeDawu5PPfTsNyTyBTb1j8ncy5yzRShM0YTRK5qE2f50+Z6I/fKGE2gJb1cto+6+EtWJWTI",
+	"7IiIkOLEQw1jYZ1PoYcdcYCXYbP5iiYu83EafNyW520OgFWvbUAAm6nvCEZcMVjVdfNlLbliHk02yTEz",
+	"mnYOE6E2gDZivkj5hGr0SSFZInDxNOUTfbzw0drR7CoTH6KZFKPJyJ1EOxi4itj9ENV53oMIgbnu5qf1",
+	"jBP4vlWjDvKF7iT4t442p6sxGxn+WttN78b75IDD2XBcUxTOI0YKQoVasowoCollShpl1qpymEv9/OPH",
+	"3jmUWGHAryaCh4VggrFEkRiiFPH+Hv4N2ZzH8nW3czgDSQX86mvpW5vZeKh91fm2tyTawiKvAPi7scWo",
+	"40oNOjFyJNUY61wC6FCxJACmtwngYEiNV4QKCZllcDfPoUbJBozm2AEIsHDqE4M8q2zgUJ59NvzVR053",
+	"FGV2vz5vsUDrmLqq5+pqS3wxpMiw6MDXC1ajx52Al3WQrzZbRQCVrXbPGtojMav9dgcg3sdMtyrfqTDp",
+	"ys6vbvt/A/j5xjzwXZuwb9AcXEHYYR1BK2u2lUIbenDjAt8BzHPz+kpu1Ba5CfKuPnRZ55VtVeEF+9+e",
+	"hMrHVpvz7fI+1ab0REiIQHNSFDmcRW9TB6tWNFdQQ1HgqhkWu4Z1t8Jyd0QgIL9iVdQSLBCpCR2KMUju",
+	"M3w2kfDruRkplncxAcuvT17R7LbA3ATnSNu8Rpfwuo2LQTHKOgXU+8LdCZW3tpbiJN+zHdlxunZtCPfh",
+	"1OpF4m5d/Db2oG7TLg+AUlJoB7G5UR7WxltzdSsDMsNuhGp0o5EuQkb7tsZGhOPbOAfXS6+3T5pN0MTI",
+	"zqioY1k/GKO+sUmecb26NmTsU1v+yVa1gVgHuA3XV03kgpHYdgKOzV2NIcYdR8QSMKQvaUWuf7k4OX3+",
+	"vY9ow6UBFsZohs0bcGYzrRcAR6uMpLpjQJT40Eu3Ff/4/aYTrc/NY3T/4/cb0v3l2nxPZuSd+UfvnMQq",
+	"H0Mn1lLXFUR/3jKdz5DHP63J5MSifaODkRmjCTjJxjxNQf3HfSEcehxhYyA0Gc7IImOA0WHZ3VCMZX47",
+	"097RbE0LXxlARdEcxsIFzLgyxwEZaCCnh8KVeYYg/Rak3Aa1sFSUZhm/N3wRgc7B+YeuwaEo4DczlnI6",
+	"TleBC+pHuzRQJFR/KIbiH9dvXiNy8XLGMhaRWAl6x0YTqljsq4zwu1w4H0ypQNnKgqG4un4TdEvwparK",
+	"e27QMQ6/evfyBXn69OkPMInvvgM3gvruO3D0xFAaN4F8qceWgf7tTyVFTLrmvR+ePf+fPftZorS51yQ2",
+	"JnLcH4q1YihzvM8Gg2ITXW7fhAojQcbM+7ZsUyad0YkeCkVXinTnNDWXmCXEbFVEKBnThCxoRtFBBTVr",
+	"NGEZljQ9Oz11Fc1mVDM3Qx3JihjpdQd9h/KUnZMYa7z++BBDUFJhI2hZLvAy9w9OaCHNHmZ2t67BAiCa",
+	"fdT9774jN+yjLbRGegYDQZEujBsRNqc8VZHDpI+GwjXwiaxDOUiJjMwP84XUgCh+x1aqR+a5gm16f/Py",
+	"5D+8vfz6/auhMEt2v4DCPp7wjE1QbhE2H7Mkgb4M8p5lGbfg/FxJYybjXstUDUX3/d9OB6cXJ/Cfy4iY",
+	"/37/Pfz4/Q+9yCfS3jFYNSgVKQWStObSUGAxLljj6Ai3hhI4POc0u1Mw7MAOP3gJc3n/t8H3T14A3dE0",
+	"BZxU3OSLXM/MtiAdfvedGTE2v5QZ/wt+d0Z+BH5Dhvlg8HQCvQXgnyzukwvba8C2as+YuZxSnyhmaAeb",
+	"iWWI4kKrzA953d9DNheB/wK4gZb5ZDZEbIClKLJkzgkVK5R/gNGOI29h+UNheT7pYn6T+UwikSXgYI4R",
+	"zumqZ/fmqqARQ4Bv31zf2EAYmtjmVszlPSNKzhmOgqbfUMTBuyf/ZKu4T67pnMEcgU0CyKm5MNblfvqM",
+	"zEjGzHGrIt3KkB44azA11w+qT97Boyw5I0bUx+c4ot8CSlyBg8bPcDUU5tbGAeGP7thqlDGIdfbJG4iZ",
+	"cCkg9GbMcXN5xlSV6u2Hous76WGHPH+9wKXQc+4lauje1Z96M9hcdWuykqk5F7/Uc+Kq3XwWqbsQ5gVF",
+	"pINUiewnDMP7wbDCyoq4GE1TfjvTcZ/8k62IWtAJU2dkrUPGI4U9qMDtrm0Pju6CZQW1RURJ1MQxPjCR",
+	"aWrut6V3VO+ZSB6pc4uMf/H2aijMOQCakYKNhBkAdpHLHDAUar9uvmejLGck/PhQeGa+oHoGEVxzlMhI",
+	"AXkf2h64D0AdXngWfXIxFE4OAN3aHDTLOq0eCWuEMldzKlwXi/M0leVCmbuIZaj2erziShthBmZODIWv",
+	"AC+J0ZrnA3OZP5LngwHKDLCj6L9ybKugZBbD/D2Jx5+QWQce/c/xOYmDn0HKgR5s2xkBguKC3jI0gWzJ",
+	"Kio8Rrl0qc+dJ/1BfwCm6YIJuuCds87T/qD/FMwZPQON8vGM0VTP/uqcffocdR7Pmc74RNmfwHnl/uTb",
+	"02WlMiH0pEjV4Ky1eQBckWkqUbRJDBH52FWX2toaEmsJq534KpyhMHo53JXeOcJSMZqlvIAXYPb0M2ZY",
+	"BDarAj4uBdC4hkYYHhL0/c0LktAVGctcJBQbX1p4LRwHaqUUShY8pEeKxNNMzmOUiTBJO7Jbni/pgxOR",
+	"jqlcJWhmUM0qdYO+AvtHmawwIIP1rw7mwqpIf1rjD03Z3Qr4nMH5uWyJWOd/xtRCCoV2xelg8ECTwK+X",
+	"6eIty068/EsyPtV9dBTZltj14/sJP/Y+Dsihms9ptjL7jGcQoNTjgcLF9nleqNlhbATf5eCm1PRWgRvT",
+	"kLixxz6ewIU6wV/grpWuAeZjnBRZP7cM5l4+fcMvgsRKhQmS1LkH//jUMaN3/pWzbOUKec8KD3e7La/J",
+	"Gf8c1b9SfPzxK8O8Oi0efIGRxs8fHpBqqtm0NWRzAUzP2Gqo/dk0z2PQjtW6wzRlaP679O6mw0nk8SeX",
+	"lff5cVLk1NdRg+HOBTEEmd3lWxySx27eoQ9RA8v+FXTpIuUr9km8cWRRb8AJM5MI/laXOB/oNw2Z8ygb",
+	"lzMLaQctuhLojxrXZ2vHROYaWLYtrCEXQcK5j3QKORS2K4LNs4qIgNZhubCtVlGxgPR0mrJMQ2aNUYyV",
+	"5mlKxswoD6hl9skbo5NTEuML6EZxkNIWZMiIElbMZSi6zwY/GJMVQx0xAQtmyRXrnbvHoAZOFPBAwdtO",
+	"yeM6SCqpESo26z3MGn8YkVJTCPKF5UkpM36dK9w4Wo2KfTwGS/iJTYzOi608t1Q0YEjYeSjnEjotH5Fd",
+	"IEV+e9yiMM3OAx8Wm07ZxFrp5k7d5hSwsuzt89DjGm4tePnKxI1mXpW2vzJ5EUDDIbb4AdDeDyeytzga",
+	"+LrWJBDaHYdQEqBqNarnYMoUmpEtmrD1i4YGlHU6zahIUlappzC82vy3sH4QY80KzVBEBzWSNvGXiqGY",
+	"yTw7dwvGzF9blIHiwdprAIJpK07MTytMgoThh2LFoF88nWjDqRXh00L/O8eSj1TKO2irjKZqgTnM03Qo",
+	"HORwbM83RuiWt5evf7p6/TNCuIwuXt5cvotJAZfaDXsHDIXvK2vR7i0oTM9Jt5QzhX2QnCk8k0sVOIzZ",
+	"UIDZCe5NLCadzCjH5nNwf8zifONT0g1QdUHBNacBwG1ngLYY99CAMYb6bQZyE0EYpcNmMV+DDRkKu+Tr",
+	"m3dXby9H1//5+sXo6vXN5bvfLl7FfVIRZ5i37PIYYFBjJ9fJqOuVmOB6H1Q2hSVEn61selBeEdT61DCM",
+	"3127K9gb7GlrTjHhRxFLL6iezAw1B2YNEXK5F5sAA6mNBVNkgzyMAVPKQfp3M10qKaQbLZcgy/sohsv7",
+	"YDwjYF3lEjS7hTRATCFXvYMJ5LHNjGsWKL8CfHYIT+CQHwou2zU6dDV/J+5FxOVyGf1bGa6e5EDYZ4U1",
+	"giYGwopXoB4yy93h41KwoSjjOliPcZ9ciFWYHolJW6USDFRauFA8YWjK7FHLQlwpiw/bQS3LhAoMSiEU",
+	"QgRCgeFfScKNhjntk1cVUIcIHU/s4yKlXLCkgmpx5kV3rpXXWe2ku75Wp3c+FDuimNTlSA5FE7ZJXAZu",
+	"MIfqUkDseAlL8gVTQxGcHgY+oBkfHZsvFYMazkkMNYikqP2xttxQ6CU34g4c6MGEy95Jq0qYEXB6lhDg",
+	"ZFyqJ6TfUbFa0tW5a/cqdNDG32gciAASO8SKuFcn8iwyRpldPoynr4SG88VdfCEsTJMQXFIVULq1+G2Y",
+	"VnlckKO4b8z5wgGF/PUA/fkecqkaRSKmWl2Je5px6g75gfa6lKzWYKBk8FfSBaBM1+5/ykWiHB4l1Kxg",
+	"NlXvGDv+jpmHc+3xXvG64mX0uJCQ9IXJApDvMNnVLrZlwI0H8TPTL+wjD3gE7hMNu+9qlVNJjZmLOM/Z",
+	"IYRtE39Au3IpP398MOpOkHzzxwej1RRHAnfOChjMWQk2223kB7+z1ng5sSibG8I4v2dcs3IPf6oKkR6h",
+	"mYXGoQrLqNYMpD55UaCge9MOmx1AuiEl8Vwm7O/2OzGxs8PEBnDqQ0ME/2BYAuyfhlYl5ainD7EPBdSJ",
+	"VyPsEN27pJNZEZhHpyDNNKHEAty6OiY59XFbMxUMZA1FN67gfr67uLkcvbr69eomjoiLET4ZRIROMmnM",
+	"YFQ0NFwgI58XVGlzd7UPPkGKy+kPVaBd1G5KULjkd5essxaHj4rGdVbNqkRDSRdCoYZ2zS3tWY0Dm+qs",
+	"gna/6NV1g1Ri1OSW6e3xaUsvwWi4UPNhXyRLk1VzLM3R1bXvwlGxSLYYBcH2/JOt3iwwpcUaCceX1ZXp",
+	"4hraiewnDzWJOl6GEwN/HKY9wSRq0i+avmXfKvZX+zfs574YM7y2F7earYdtlBzHtg0mPJN0zUQKLuky",
+	"gR9/CtLeP2+UR0VNwsMJJPeNJonkUfW+7K6/g2Q7EpRl+K11G9n58HnX6+pWe/UTXFFbI1xHu9UMUgBt",
+	"9gAh7CNXmnRPB0960I4RACNc3hFLEzUUt/yeCfPIoNcngKBuIfYM7UBGMBb0Q1VSn7hoVUAb8VCkXNxh",
+	"5pf5oOGuFYiBqNzmB80MGwsCM0wKdg6ZJ0YG2URGh60BbFIxXcce3y8Uy8oU+ADszA6PH/vSpscm0rdw",
+	"IUD1R+WdG77pmeYRXHs+vw5Jc/tN2sylHgfp+5ZbrYNmGsKOqY7Pij79/v7IpVCkG9th4h66KxwWOkDj",
+	"DEWQLd+NZyxNYmtzT2YsyY3KgRlzZMkhhSldYa6nMvoj5tBiXWXXa5Q9Zy1SH2BdayJBurHvL0D+PhSu",
+	"7cQJPnFCgsF8apedCRckyegSEUBB80P4UKptFvLTp09/wNKUEvZv74zE4Q5HhOrIf/qzxQ51M7FJx7ae",
+	"QWkpwTbAZF4+Z6Q7sNgm6GUKoHZQL4ISiFo3w89M/2jPdo2ZrnsebbHseUWr9FqYm3A42xm0EKXaQkjU",
+	"uXipLrl3W1WnHeqGlYK1KJJ2e9PkH648d6E7nz80SFK3N0hxPxY3wegR2pJM7Ac6yLjeS+QWcPhLQKQF",
+	"Ej938IWeFjGGbSkh5Ca2FdaBUnkLI7JfeUyTP3Ol5y7ccJgasMlWpaUyIsOx7rhISIwTsOYTFrNRJcWZ",
+	"2R2pOHI018aR0CQxQ8GWku4ik3OJpkJEFhmX5rDI88F5RelQQ+ECpXxKbL6HYWnEw2FAnnFGl9gTARkd",
+	"V8QzNKND3DHMJsasY0ytJ88Gpw2dbLzbB1FigKVkzFjCQuZiwiCA6DvL4j6wJK7jLhfwxxe+SdohxtWD",
+	"GVUXnpR28oE+eZAJNLlBL+w2P5xJ9WxwumFFYYFN+5UVTKkmkOVpuLjLJKXZrUvIXaPlY2hGAc7oI0Um",
+	"MrN1KNhZzzE5rHLo1XG3zU7GLVwLzMIH4ldGxtyiruc6Ak5omiqHegYOKMi4k9ldn1xpiIdk90wNhW9t",
+	"5/kEoWQu7ZFo78LCvDaH59YnN9INEjlWRShUPda6XMzqC2bwYA6SrxTKsN9uusFFFvgXF+wQ8CqJFlCZ",
+	"sbxwnk9mRub/78RKPEsMtaK9LZ0jET0Qpf+0Qd6RrtG1Z7YqDmkxsnlkHMg0F+zjAtolOJW80ODPSCoh",
+	"5yh2UjlGDbrwNA4FCnFQvnEkRZSUwrzWhSqXE/i1uWopVboXeCllmjCoN38NkVp5zzIQ3mfWsJCSTNky",
+	"WE3R9r3kxR2cQgljnfCe0AwLUXTQv84bXlgxUtg7tVL7BZ7eNy627Sy/1mV3X2+67vaB/z4C+7U0diRk",
+	"mXmD29HnUSKvwJKKhrp7Mx80zR+I97T3Dq6YXs9H/dnM7Ru/WDDHr6QK2283XaqfsZnxtxZX8DQM8/NM",
+	"u7DzIjKnIqdpoOr2Difxx58cEMTnx/cSoTD2J/moNgc8gJpolQP+/bO9U8Bv6J3Lbc3YnHLhM4hR4lrD",
+	"1cn3yFXqxmbt8VCU7HQor3PcCUEyYhczVlYvsJlV6IRUmq6GYkIXOs8MazsvoADgWQvYoTDFx+VTOUwP",
+	"LWXfhiuLBFeMENnJW6e8fV7akmQXNIXIQNe5JodeRTknzwbPSgMZO8WmzAYR5zVG85vkCVDjt8plQhyb",
+	"Lyy7A5yaGh7zG5zQN8tizPQ8MWCQabwic640vWOH8BTwvm9M3f0Fntg3abeA7DSKeCfq4F2zLaIQDacT",
+	"dSzl18J1/nsl85rt2p7GC9v+pS3Cm3KQAObQWKR4JMfuZrbvPaX1Zl20bquhJxNY+FBwfYZGn5O9hp27",
+	"d5xXZ5yHcC7WRk0ieHEobIdoZNCYBwykGKSsgCAw0wISJl33McOTa+zChMwZFfi6H6tRpvT6Q3EpkuKv",
+	"VrzZa4LSISlia3/KMZlIY5raYdA6zZjSPcyxtb/vkwscEHRTYeunYmu7jiiC37grOBRdm/ltn0jingPZ",
+	"cPlJuPXWr0TFyvqIbDd/LdeiUE4QN+bh/IL92r5JSWXm9pXUYfNpGxau4yK/sPS/pX255v84Tp4pOCo9",
+	"h0ClKpXi1lylgyXn40/mP9tSeiydP6jMaXI+glv2CwuaNwK/e3Rxsl3Em63YJaJYOcXHlu8ebFS1nWaj",
+	"xwHlVCAiiypJmqZovvRQboLsCMSgs5HQLDHDxOVwpvcWxnbdCCpTkkyQY98fil99sQZ8ArJJTwPhQmy9",
+	"vJeOVr/zAiqJhoHvVVXqAc+LHNESfs5aCqorq1driZ+18gVn8S0LGDvFL1R5aHbi0mgBtV5Le2bfrPlz",
+	"Xa8EIflbsz4gYE+/R+Tvj+3YX50zXALShXAXziuNMtfoouXitqbqNgjue4wLHCJyLWAgMASAlzU3sjYr",
+	"HKu/drmY73AXj3AxK2nXX+Pe2MV8w55JCLQDjRT6OBRVHnIzAmC7za4DdLzdhI/veubflG3/CoTodus+",
+	"ELacfR0zH8tkcCIPbeNvIRsLZnDiqroeKEbzEjPz5XxhbNNxDgqOd8rDH22GRI9I4SAW+qSoThoKV55U",
+	"lBtjncyc6ZlMztxLrgRlVmATujQIMRT2IdKNJzJNMdFkhCP8XTGRjIpRpGAk5QJBCA375JrNAxBWEkPS",
+	"yaiAs4/Rx42/DtPGMXfUwQQ7xFMaxqwsbmz89o2tQ4p7EZlyQVP+F1TO+FJXruvseYd+DKCxsKVma+En",
+	"CxdR1D7lykbEsBDI4QwAzg0Vdggt8XNaQhLtTVAgxlW57i9CERa7Y1tQ2AtAO1ZeUg0FastRgDXsmlY7",
+	"RGTcWPZxYVtYLWcM/Orwuju7JVUEUJzHoC0nERlTcYeQnlNE9p0jog88BQXOU/NMYmGGYZI2AoFH5n6J",
+	"741y4ahjnLIYqqvMtncNBZX+5ogOv4Q+F8zJUflkYjbU6NAuwiAYYm4ORSKZ6vVJIDQdTqEvPTvbVtZl",
+	"poLAuQUIa8roPWRI2jftiTV7ea5w/ha251tVx8uz/Do1VpWdarDo7YZHLkPdJndqhV3lHJ39e1RhlYuu",
+	"WJpWqqsMqxZME82yuYowu8cyE7vQfeqvHoeyqFl9sW+8dQ//WysvdhXbtRe3N19abyk1C3aTaNRd/Ak+",
+	"rPICeACNBTDX+VyFzWTtjcTqEwvYXGCr+F6uBV6IGoqugxxBSGVXLdbrk588EKnD50iTNdzaofDAtcTV",
+	"D7+7vLl8fXP15vXo/fXFz5ejy98uX99cxz34wB1bQP11QjkAhmuaqqGQIl0BpDHiPbsYvAUBWYPMxbpm",
+	"+5CFxEV9oZgNYoEUGC5cEY+iS0MM3RXpIj6uVzr88IarJXQVIWiulusfF+yj7oWlKY/UUNjhmtB2Dc05",
+	"8PdSPQv6nqxGYHQo7EiDitUtA4Uvy0VDSY0vbAOaaRUxdV3KarMqntgWzpu6tKwh6olJmitj9sEunfuq",
+	"cd+vHuM3Zluq7T7jun6fNkyErZy7z05Pe031PLY71I4VPWsruPzoVsBEUsxfyOWR5wttrL5w/dFWGCjb",
+	"XKxO9COu9Bdmyq/khKYlZGsAD7L9LQB0Bw8jo+I2lMXIOI/DnNcAxqqWX5rKpdGex9hp2yXCLjJ2z2Wu",
+	"QLQ9UhVUdKpITC30wcVQLIzKnWEkF5L6lLTw9YAJqnxf7gj+Y4O6gW9jKCZyPufaWQM2t9i9Bii1NPMt",
+	"uqfMtXCBilyLpRcMaJsmQBr3ImMTloCRZnjQlAuuZoaFrQG903RJV2ooFNPnqM07yw56kJtNopO7Og5m",
+	"VJ4miLZ1LbT8YcuMSxt+TuQcDEmHgmHbgLBbLgTgXzbUBU438MRTwxP3ThF5yOvbEsDteNBt5hQ8qvE4",
+	"V1wwZVE4gbgim3i+pjq5Xv9OSXaq1ONPhZ9hYzyzMOUeWlvdYgN9JXwC56TwVYAFmiaZcXPpVi011Zrc",
+	"y6B14fGyL+1JV/EaGyIMdDIrMLFduy8pPOgNJM0oXUC/AqwMNGLA5t1DUereDWgH51ZSIE7e1o7kQwEt",
+	"yc1bd9BiBHat1ycXtk+oB+nKGEHGCwjdqN4U6iD6nwpM/6Ljlc8T8hCn3tmBajqi0FicuRhcVCEOnW1R",
+	"GnZIcrg8oGtCj4qiE7xIjEQxkmUowH2H6owDUnVwvaQLvykGjQLYB9iDCPcTF+Z3tBf5bFMLnSszr7fb",
+	"pWL/HKonswhExVDEfh1xgZmLHjcAQQq60Ta0orWYgObsi+Y59TOGomI/XzeDIEhlrtNEJixEZxz5v5/5",
+	"vFmQNlR7Gh0KO29qM6kwCgU9XjQVCTbcTxAUHdyixqoMFmfW6hbiez6T2E82JnOzaw771m0SC+EXFawt",
+	"GgpjROEuo0PG98DyRl8B4wgY84A7bNZRJ5WvxC3bgp/6baEVwVR/NMtv5z47Pe6XSz2aG3qH4EHbDsKQ",
+	"ZOj6/SCiw7cazkMQP6uNd58YXvZkMBhYTtir0b5r+P7jTwXdb5TyBc11vgj4rYfvbcZQPw4uP4gCD3Vr",
+	"NHXBQuDHNlZMjeAuNSNvJbhbGPgguS1qt7Kw7J2zT9tcqiy7dzPNs7Rz1nkM990u65ObcoEFYxQf90uH",
+	"Vhj8yjlWg995tSZ8zgYUg1/hDga/sNpH8BssqV73BLygaYqyBsXuOXhjFoHz55YJhg3zcMVGwkxSDpTi",
+	"z8XtXs0XfoHeVdD+MEH1GZQFOQGJkd2zJMDEXf9c8BF/e5QxW///AAAA//8=",
 }
 
 // decodeSpec returns the embedded OpenAPI spec as raw JSON bytes,

@@ -79,6 +79,7 @@ func commands() []command {
 		{"serve", "run the HTTP API and the background workers (default)", serve},
 		{"migrate", "apply the database migrations and exit", migrate},
 		{"verify", "check the invariants (balances, ledger, credited payments); exit 2 on any breach", verifyCmd},
+		{"sync", "catch up with Stripe: process missed events, look up pending payments", syncCmd},
 		{"reconcile", "compare delivered usage with Stripe's meter event summaries (exit 2 on drift)", reconcile},
 		{"forecast", "forecast customers' daily consumption from a CSV file, or backtest the model (no database)", forecastCmd},
 		{"healthcheck", "exit 0 when the local server answers /healthz (for container healthchecks)", healthcheck},

@@ -149,9 +149,16 @@ func New(ctx context.Context, opts Options) (*App, error) {
 	stripeHook := stripehook.New(stripehook.Options{
 		DB: gdb, Payments: paymentsSvc, Secrets: cfg.Stripe.WebhookSecrets,
 		MaxAttempts: cfg.Stripe.EventMaxAttempts, RetryInterval: cfg.Stripe.EventRetryInterval,
-		Registry: reg, Logger: logger, Now: now,
+		Registry: reg, Logger: logger, Now: now, Stripe: stripeClient,
 	})
 	a.workers = append(a.workers, stripehook.NewWorker(stripeHook))
+	syncer := stripehook.NewSyncer(stripeHook, stripehook.SyncerOptions{
+		PendingCheckAfter: cfg.Stripe.PendingCheckAfter, Interval: cfg.Stripe.SyncInterval, Registry: reg,
+	})
+	if stripeClient != nil {
+		a.workers = append(a.workers, syncer)
+	}
+	a.workers = append(a.workers, newVerifier(gdb, logger, cfg.Stripe.VerifyInterval, reg))
 
 	wallet := credits.New(credits.Options{DB: gdb, Config: cfg.Credits, Logger: logger, Now: now, Registry: reg})
 	a.workers = append(a.workers, credits.NewSweeper(credits.SweeperOptions{DB: gdb, Config: cfg.Credits, Logger: logger, Now: now}))
@@ -167,6 +174,7 @@ func New(ctx context.Context, opts Options) (*App, error) {
 
 		Payments:   paymentsSvc,
 		StripeHook: stripeHook,
+		StripeSync: syncer,
 
 		Credits: wallet,
 		Verify:  func(ctx context.Context) (credits.VerifyReport, error) { return Verify(ctx, gdb) },

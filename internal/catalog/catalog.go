@@ -43,6 +43,21 @@ type CreditPack struct {
 	// Expiry is how long purchased credits stay spendable: DefaultExpiryMonths
 	// calendar months unless the pack says otherwise.
 	Expiry Expiry
+	// Invoice and ConfirmOn are the pack's own settings (see ItemSettings).
+	ItemSettings
+}
+
+// ItemSettings are what one pack or product may set for itself rather than
+// follow the global setting.
+type ItemSettings struct {
+	// Invoice says whether a Checkout of the item asks Stripe for an
+	// invoice; nil follows TALLY_CHECKOUT_INVOICE_CREATION.
+	Invoice *bool
+	// ConfirmOn is the confirmation strategy new Checkout payments of the
+	// item are created under (payment_intent or checkout_session); empty
+	// follows TALLY_CONFIRM_ON. Payments keep the strategy they were
+	// created under, so changing it moves only new payments.
+	ConfirmOn string
 }
 
 // DefaultExpiryMonths is how many calendar months credits bought with a
@@ -121,6 +136,7 @@ type Product struct {
 	Name     string
 	Amount   int64 // minor units of Currency
 	Currency string
+	ItemSettings
 }
 
 // Plan is a metered subscription: a Stripe metered price and the meter whose
@@ -132,6 +148,14 @@ type Plan struct {
 	Meter         string // the meter event name
 	StripeMeterID string
 }
+
+// The confirmation strategies an item's confirm_on may name (the values of
+// TALLY_CONFIRM_ON; catalog imports nothing of tally's, so they are
+// spelled here too).
+const (
+	ConfirmOnPaymentIntent   = "payment_intent"
+	ConfirmOnCheckoutSession = "checkout_session"
+)
 
 // MaxChargeMinorUnits is the largest amount in minor units that Stripe
 // charges in one payment (99,999,999, e.g. $999,999.99): the most a catalog
@@ -166,13 +190,17 @@ type creditPackDoc struct {
 	Currency     string  `yaml:"currency"`
 	Credits      yamlInt `yaml:"credits"`
 	ExpiresAfter string  `yaml:"expires_after"`
+	Invoice      *bool   `yaml:"invoice"`
+	ConfirmOn    string  `yaml:"confirm_on"`
 }
 
 type productDoc struct {
-	ID       string  `yaml:"id"`
-	Name     string  `yaml:"name"`
-	Amount   yamlInt `yaml:"amount"`
-	Currency string  `yaml:"currency"`
+	ID        string  `yaml:"id"`
+	Name      string  `yaml:"name"`
+	Amount    yamlInt `yaml:"amount"`
+	Currency  string  `yaml:"currency"`
+	Invoice   *bool   `yaml:"invoice"`
+	ConfirmOn string  `yaml:"confirm_on"`
 }
 
 // yamlInt refuses anything but a YAML integer: yaml.v3 would otherwise
@@ -239,11 +267,12 @@ func Parse(data []byte) (Catalog, error) {
 		}
 		c.CreditPacks = append(c.CreditPacks, CreditPack{
 			ID: p.ID, Name: p.Name, Amount: int64(p.Amount), Currency: p.Currency,
-			Credits: int64(p.Credits), Expiry: exp,
+			Credits: int64(p.Credits), Expiry: exp, ItemSettings: ItemSettings{Invoice: p.Invoice, ConfirmOn: p.ConfirmOn},
 		})
 	}
 	for _, p := range doc.Products {
-		c.Products = append(c.Products, Product{ID: p.ID, Name: p.Name, Amount: int64(p.Amount), Currency: p.Currency})
+		c.Products = append(c.Products, Product{ID: p.ID, Name: p.Name, Amount: int64(p.Amount), Currency: p.Currency,
+			ItemSettings: ItemSettings{Invoice: p.Invoice, ConfirmOn: p.ConfirmOn}})
 	}
 	for _, p := range doc.Plans {
 		c.Plans = append(c.Plans, Plan(p))
@@ -294,8 +323,14 @@ func (c Catalog) Validate() error {
 			bad(fmt.Sprintf("redirect_url_prefixes[%d]", i), "%q: %v", p, err)
 		}
 	}
+	checkSettings := func(where string, st ItemSettings) {
+		if st.ConfirmOn != "" && st.ConfirmOn != ConfirmOnPaymentIntent && st.ConfirmOn != ConfirmOnCheckoutSession {
+			bad(where+".confirm_on", "%q is not %s or %s", st.ConfirmOn, ConfirmOnPaymentIntent, ConfirmOnCheckoutSession)
+		}
+	}
 	for i, p := range c.CreditPacks {
 		where := fmt.Sprintf("credit_packs[%d]", i)
+		checkSettings(where, p.ItemSettings)
 		checkID(where, p.ID)
 		checkName(where, p.Name)
 		checkMoney(where, p.Amount, p.Currency)
@@ -308,6 +343,7 @@ func (c Catalog) Validate() error {
 	}
 	for i, p := range c.Products {
 		where := fmt.Sprintf("products[%d]", i)
+		checkSettings(where, p.ItemSettings)
 		checkID(where, p.ID)
 		checkName(where, p.Name)
 		checkMoney(where, p.Amount, p.Currency)

@@ -372,10 +372,10 @@ func toDoc(c Catalog) catalogDoc {
 	d.RedirectURLPrefixes = c.RedirectURLPrefixes
 	for _, p := range c.CreditPacks {
 		exp := p.Expiry.String()
-		d.CreditPacks = append(d.CreditPacks, creditPackDoc{p.ID, p.Name, yamlInt(p.Amount), p.Currency, yamlInt(p.Credits), exp})
+		d.CreditPacks = append(d.CreditPacks, creditPackDoc{p.ID, p.Name, yamlInt(p.Amount), p.Currency, yamlInt(p.Credits), exp, p.Invoice, p.ConfirmOn})
 	}
 	for _, p := range c.Products {
-		d.Products = append(d.Products, productDoc{p.ID, p.Name, yamlInt(p.Amount), p.Currency})
+		d.Products = append(d.Products, productDoc{p.ID, p.Name, yamlInt(p.Amount), p.Currency, p.Invoice, p.ConfirmOn})
 	}
 	for _, p := range c.Plans {
 		d.Plans = append(d.Plans, planDoc(p))

@@ -66,6 +66,13 @@ type StripeConfig struct {
 	WebhookMaxBodyBytes int64
 	EventMaxAttempts    int
 	EventRetryInterval  time.Duration
+	// PendingCheckAfter is how long a payment stays pending before a sync
+	// looks it up at Stripe; SyncInterval how often the background sync
+	// runs (0: never); VerifyInterval how often the invariant check runs
+	// in the background (0: never).
+	PendingCheckAfter time.Duration
+	SyncInterval      time.Duration
+	VerifyInterval    time.Duration
 	// Sandbox runs the offline Stripe sandbox inside tally instead of
 	// talking to Stripe (development only).
 	Sandbox SandboxConfig
@@ -244,6 +251,9 @@ func Default() Config {
 			WebhookMaxBodyBytes: 512 << 10,
 			EventMaxAttempts:    8,
 			EventRetryInterval:  10 * time.Second,
+			PendingCheckAfter:   15 * time.Minute,
+			SyncInterval:        5 * time.Minute,
+			VerifyInterval:      15 * time.Minute,
 		},
 		Credits: CreditsConfig{
 			ExpiringNotice: 168 * time.Hour,
@@ -437,6 +447,9 @@ func Load(getenv func(string) string) (Config, error) {
 	p.int64("TALLY_WEBHOOK_MAX_BODY_BYTES", &c.Stripe.WebhookMaxBodyBytes)
 	p.integer("TALLY_STRIPE_EVENT_MAX_ATTEMPTS", &c.Stripe.EventMaxAttempts)
 	p.duration("TALLY_STRIPE_EVENT_RETRY_INTERVAL", &c.Stripe.EventRetryInterval)
+	p.duration("TALLY_PENDING_CHECK_AFTER", &c.Stripe.PendingCheckAfter)
+	p.duration("TALLY_STRIPE_SYNC_INTERVAL", &c.Stripe.SyncInterval)
+	p.duration("TALLY_VERIFY_INTERVAL", &c.Stripe.VerifyInterval)
 	p.boolean("TALLY_STRIPE_SANDBOX", &c.Stripe.Sandbox.Enabled)
 	p.str("TALLY_STRIPE_SANDBOX_URL", &c.Stripe.Sandbox.URL)
 	p.str("TALLY_STRIPE_SANDBOX_DEMO_KEY", &c.Stripe.Sandbox.DemoKey)
@@ -728,6 +741,15 @@ func (s StripeConfig) check(p *problems) {
 	}
 	if s.EventRetryInterval <= 0 {
 		p.add("TALLY_STRIPE_EVENT_RETRY_INTERVAL", "must be positive, got %s", s.EventRetryInterval)
+	}
+	if s.PendingCheckAfter < 0 {
+		p.add("TALLY_PENDING_CHECK_AFTER", "must not be negative, got %s", s.PendingCheckAfter)
+	}
+	if s.SyncInterval < 0 {
+		p.add("TALLY_STRIPE_SYNC_INTERVAL", "must not be negative (0 disables the background sync), got %s", s.SyncInterval)
+	}
+	if s.VerifyInterval < 0 {
+		p.add("TALLY_VERIFY_INTERVAL", "must not be negative (0 disables the background verify), got %s", s.VerifyInterval)
 	}
 }
 

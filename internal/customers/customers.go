@@ -31,8 +31,10 @@ type Customer struct {
 	LowBalanceThreshold *int64
 	Metadata            map[string]string
 	StripeCustomerID    string
-	CreatedAt           time.Time
-	UpdatedAt           time.Time
+	// Billing is nil until billing details are given.
+	Billing   *Billing
+	CreatedAt time.Time
+	UpdatedAt time.Time
 }
 
 // UpsertInput creates or updates a customer. Nil fields keep their value.
@@ -43,6 +45,8 @@ type UpsertInput struct {
 	LowBalanceThreshold *int64
 	Metadata            map[string]string
 	StripeCustomerID    *string
+	// Billing, when given, replaces the stored billing details.
+	Billing *Billing
 }
 
 var idPattern = regexp.MustCompile(`^[A-Za-z0-9_.:@-]{1,255}$`)
@@ -76,6 +80,11 @@ func (in UpsertInput) Validate() error {
 			return errs.InvalidField("/name", "name "+err.Error())
 		}
 	}
+	if in.Billing != nil {
+		if err := in.Billing.validate(); err != nil {
+			return err
+		}
+	}
 	for k, v := range in.Metadata {
 		if n := utf8.RuneCountInString(k); n == 0 || n > 40 || utf8.RuneCountInString(v) > 500 {
 			return errs.InvalidField("/metadata", "metadata keys must be 1 to 40 characters and values at most 500")
@@ -98,6 +107,8 @@ type customerRow struct {
 	LowBalanceThreshold *int64
 	Metadata            string
 	StripeCustomerID    *string
+	Billing             *string
+	InvoiceAlways       bool
 	CreatedAt           time.Time `gorm:"autoCreateTime:false"`
 	UpdatedAt           time.Time `gorm:"autoUpdateTime:false"`
 }
@@ -118,6 +129,11 @@ func (r customerRow) customer() (Customer, error) {
 	if err := json.Unmarshal([]byte(r.Metadata), &c.Metadata); err != nil {
 		return Customer{}, fmt.Errorf("customers: metadata of %s: %w", r.ID, err)
 	}
+	b, err := billingFrom(r.Billing, r.InvoiceAlways)
+	if err != nil {
+		return Customer{}, err
+	}
+	c.Billing = b
 	return c, nil
 }
 
@@ -131,16 +147,18 @@ var constraints = map[string]errs.Code{
 // last parameter says whether it was). xmax = 0 tells an inserted row from
 // an updated one.
 const upsertSQL = `
-INSERT INTO customers (id, email, name, low_balance_threshold, metadata, stripe_customer_id, created_at, updated_at)
-VALUES (?, ?, ?, ?, COALESCE(?::jsonb, '{}'), ?, ?, ?)
+INSERT INTO customers (id, email, name, low_balance_threshold, metadata, stripe_customer_id, billing, invoice_always, created_at, updated_at)
+VALUES (?, ?, ?, ?, COALESCE(?::jsonb, '{}'), ?, ?::jsonb, COALESCE(?, false), ?, ?)
 ON CONFLICT (id) DO UPDATE SET
+	billing = COALESCE(EXCLUDED.billing, customers.billing),
+	invoice_always = CASE WHEN ?::boolean IS NULL THEN customers.invoice_always ELSE EXCLUDED.invoice_always END,
 	email = COALESCE(EXCLUDED.email, customers.email),
 	name = COALESCE(EXCLUDED.name, customers.name),
 	low_balance_threshold = COALESCE(EXCLUDED.low_balance_threshold, customers.low_balance_threshold),
 	metadata = CASE WHEN ? THEN EXCLUDED.metadata ELSE customers.metadata END,
 	stripe_customer_id = COALESCE(EXCLUDED.stripe_customer_id, customers.stripe_customer_id),
 	updated_at = EXCLUDED.updated_at
-RETURNING id, email, name, low_balance_threshold, metadata, stripe_customer_id, created_at, updated_at, (xmax = 0) AS created`
+RETURNING id, email, name, low_balance_threshold, metadata, stripe_customer_id, billing, invoice_always, created_at, updated_at, (xmax = 0) AS created`
 
 // Service reads and writes customers.
 type Service struct {
@@ -194,8 +212,14 @@ func (s *Service) Upsert(ctx context.Context, in UpsertInput) (c Customer, creat
 			Row     customerRow `gorm:"embedded"`
 			Created bool
 		}
-		err := tx.Raw(upsertSQL, in.ID, in.Email, in.Name, in.LowBalanceThreshold, meta, in.StripeCustomerID, now, now, meta != nil).
-			Scan(&r).Error
+		var billing *string
+		var invoiceAlways *bool
+		if in.Billing != nil {
+			doc := in.Billing.doc()
+			billing, invoiceAlways = &doc, &in.Billing.InvoiceAlways
+		}
+		err := tx.Raw(upsertSQL, in.ID, in.Email, in.Name, in.LowBalanceThreshold, meta, in.StripeCustomerID, billing, invoiceAlways,
+			now, now, invoiceAlways, meta != nil).Scan(&r).Error
 		if err != nil {
 			return db.Translate(err, constraints)
 		}

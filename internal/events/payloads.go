@@ -33,6 +33,7 @@ func Payloads() []Payload {
 		CreditsGranted{}, CreditsLowBalance{}, CreditsExpiring{}, CreditsExpired{}, CreditsRevoked{},
 		CreditsHeld{}, CreditsCaptured{}, CreditsReleased{}, CreditsHoldExpired{}, CreditsVoided{}, CreditsAdjusted{},
 		UsageDead{},
+		StripeEventDismissed{},
 	}
 }
 
@@ -77,7 +78,13 @@ type PaymentSucceeded struct {
 	PriceCurrency   string `json:"price_currency"`
 	Credits         int64  `json:"credits"`
 	PaymentIntentID string `json:"payment_intent_id,omitempty"`
-	StripeEventID   string `json:"stripe_event_id"`
+	// InvoiceID is the invoice that confirmed a pay-by-invoice payment.
+	InvoiceID string `json:"invoice_id,omitempty"`
+	// Method is how it was paid; ConfirmedBy what confirmed it.
+	Method      string `json:"method,omitempty"`
+	ConfirmedBy string `json:"confirmed_by,omitempty"`
+	// StripeEventID is empty when a sync with Stripe confirmed it.
+	StripeEventID string `json:"stripe_event_id"`
 }
 
 // PaymentFailed is payment.failed: a payment moved to failed (declined,
@@ -311,6 +318,18 @@ type UsageDead struct {
 	Code      string `json:"code"`
 	LastError string `json:"last_error"`
 }
+
+// StripeEventDismissed is stripe_event.dismissed: an operator decided that
+// a parked or failed Stripe event needs nothing more. It names no customer.
+type StripeEventDismissed struct {
+	StripeEventID   string `json:"stripe_event_id"`
+	StripeEventType string `json:"stripe_event_type"`
+	DismissedBy     string `json:"dismissed_by"`
+	Reason          string `json:"reason"`
+}
+
+func (StripeEventDismissed) Type() string { return "stripe_event.dismissed" }
+func (StripeEventDismissed) payload()     {}
 
 func (CustomerCreated) Type() string     { return "customer.created" }
 func (CustomerUpdated) Type() string     { return "customer.updated" }

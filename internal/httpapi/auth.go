@@ -5,6 +5,7 @@ import (
 	"crypto/rsa"
 	"crypto/sha256"
 	"crypto/subtle"
+	"encoding/hex"
 	"errors"
 	"strings"
 	"time"
@@ -23,6 +24,20 @@ type principal struct {
 	scope config.Scope
 	// customerID is the end user's own customer (the token's sub).
 	customerID string
+	// keyHash is the first hex characters of an API key's SHA-256: how
+	// operator decisions name who made them (keys have no names).
+	keyHash string
+}
+
+// name says who the caller is, for records of operator decisions.
+func (p principal) name() string {
+	switch {
+	case p.isUser():
+		return "user:" + p.customerID
+	case p.keyHash != "":
+		return string(p.scope) + " key " + p.keyHash
+	}
+	return "unknown"
 }
 
 func (p principal) isUser() bool  { return p.customerID != "" }
@@ -95,7 +110,7 @@ func (a *authenticator) apiKey(token string) (principal, error) {
 	if found == nil {
 		return principal{}, errUnauthenticated
 	}
-	return principal{scope: found.Scope}, nil
+	return principal{scope: found.Scope, keyHash: hex.EncodeToString(found.Hash[:6])}, nil
 }
 
 func (a *authenticator) user(token string) (principal, error) {

@@ -37,9 +37,53 @@ func toAPICustomer(c customers.Customer) api.Customer {
 		LowBalanceThreshold: c.LowBalanceThreshold,
 		Metadata:            meta,
 		StripeCustomerId:    ptrIfSet(c.StripeCustomerID),
+		Billing:             toAPIBilling(c.Billing),
 		CreatedAt:           c.CreatedAt,
 		UpdatedAt:           c.UpdatedAt,
 	}
+}
+
+func toAPIBilling(b *customers.Billing) *api.BillingDetails {
+	if b == nil {
+		return nil
+	}
+	out := &api.BillingDetails{Name: ptrIfSet(b.Name), Email: ptrIfSet(b.Email)}
+	if b.InvoiceAlways {
+		out.InvoiceAlways = &b.InvoiceAlways
+	}
+	if a := b.Address; a != nil {
+		out.Address = &struct {
+			City       *string `json:"city,omitempty"`
+			Country    *string `json:"country,omitempty"`
+			Line1      *string `json:"line1,omitempty"`
+			Line2      *string `json:"line2,omitempty"`
+			PostalCode *string `json:"postal_code,omitempty"`
+			State      *string `json:"state,omitempty"`
+		}{City: ptrIfSet(a.City), Country: ptrIfSet(a.Country), Line1: ptrIfSet(a.Line1), Line2: ptrIfSet(a.Line2),
+			PostalCode: ptrIfSet(a.PostalCode), State: ptrIfSet(a.State)}
+	}
+	if t := b.TaxID; t != nil {
+		out.TaxId = &struct {
+			Type  string `json:"type"`
+			Value string `json:"value"`
+		}{Type: t.Type, Value: t.Value}
+	}
+	return out
+}
+
+func fromAPIBilling(b *api.BillingDetails) *customers.Billing {
+	if b == nil {
+		return nil
+	}
+	out := &customers.Billing{Name: strOr(b.Name), Email: strOr(b.Email), InvoiceAlways: b.InvoiceAlways != nil && *b.InvoiceAlways}
+	if a := b.Address; a != nil {
+		out.Address = &customers.Address{Line1: strOr(a.Line1), Line2: strOr(a.Line2), City: strOr(a.City), State: strOr(a.State),
+			PostalCode: strOr(a.PostalCode), Country: strOr(a.Country)}
+	}
+	if t := b.TaxId; t != nil {
+		out.TaxID = &customers.TaxID{Type: t.Type, Value: t.Value}
+	}
+	return out
 }
 
 func fromAPIUpsert(id string, b *api.CustomerUpsert) customers.UpsertInput {
@@ -54,13 +98,18 @@ func fromAPIUpsert(id string, b *api.CustomerUpsert) customers.UpsertInput {
 		in.Metadata = map[string]string(*b.Metadata)
 	}
 	in.StripeCustomerID = b.StripeCustomerId
+	in.Billing = fromAPIBilling(b.Billing)
 	return in
 }
 
 func toAPICatalog(c catalog.Catalog) api.Catalog {
 	out := api.Catalog{CreditPacks: []api.CreditPack{}, Products: []api.Product{}, Plans: []api.Plan{}}
 	for _, p := range c.CreditPacks {
-		pack := api.CreditPack{Id: p.ID, Name: p.Name, Amount: p.Amount, Currency: p.Currency, Credits: p.Credits}
+		pack := api.CreditPack{Id: p.ID, Name: p.Name, Amount: p.Amount, Currency: p.Currency, Credits: p.Credits, Invoice: p.Invoice}
+		if p.ConfirmOn != "" {
+			v := api.CreditPackConfirmOn(p.ConfirmOn)
+			pack.ConfirmOn = &v
+		}
 		if m := p.Expiry.Months; m > 0 {
 			pack.ExpiresAfterMonths = &m
 		}
@@ -71,7 +120,12 @@ func toAPICatalog(c catalog.Catalog) api.Catalog {
 		out.CreditPacks = append(out.CreditPacks, pack)
 	}
 	for _, p := range c.Products {
-		out.Products = append(out.Products, api.Product{Id: p.ID, Name: p.Name, Amount: p.Amount, Currency: p.Currency})
+		prod := api.Product{Id: p.ID, Name: p.Name, Amount: p.Amount, Currency: p.Currency, Invoice: p.Invoice}
+		if p.ConfirmOn != "" {
+			v := api.ProductConfirmOn(p.ConfirmOn)
+			prod.ConfirmOn = &v
+		}
+		out.Products = append(out.Products, prod)
 	}
 	for _, p := range c.Plans {
 		out.Plans = append(out.Plans, api.Plan{Id: p.ID, Name: p.Name, Meter: p.Meter})
@@ -286,6 +340,20 @@ func toAPIPayment(p payments.Payment) api.Payment {
 		Transitions: make([]api.PaymentTransition, 0, len(p.Transitions)),
 	}
 	out.ReceivedCurrency = ptrIfSet(p.ReceivedCurrency)
+	out.Method = api.PaymentMethod(p.Method)
+	if p.ConfirmedBy != "" {
+		v := api.PaymentConfirmedBy(p.ConfirmedBy)
+		out.ConfirmedBy = &v
+	}
+	if p.ConfirmOn != "" {
+		v := api.PaymentConfirmOn(p.ConfirmOn)
+		out.ConfirmOn = &v
+	}
+	if p.Invoice != nil {
+		inv := toAPIInvoice(*p.Invoice)
+		out.Invoice = &inv
+	}
+	out.PurchaseOrder = ptrIfSet(p.PurchaseOrder)
 	if p.Checkout.Known() {
 		tax := p.Checkout.AmountTax
 		out.AmountTax = &tax
@@ -296,8 +364,17 @@ func toAPIPayment(p payments.Payment) api.Payment {
 			StripeEventId: ptrIfSet(t.StripeEventID), StripeEventType: ptrIfSet(t.StripeEventType),
 			Reason: ptrIfSet(t.Reason), CreatedAt: t.CreatedAt,
 		})
+		if t.Source != "" {
+			v := api.PaymentTransitionSource(t.Source)
+			out.Transitions[len(out.Transitions)-1].Source = &v
+		}
 	}
 	return out
+}
+
+func toAPIInvoice(i payments.Invoice) api.PaymentInvoice {
+	return api.PaymentInvoice{Id: i.ID, Number: ptrIfSet(i.Number), Status: ptrIfSet(i.Status),
+		HostedInvoiceUrl: ptrIfSet(i.HostedURL), InvoicePdf: ptrIfSet(i.PDF)}
 }
 
 func toAPIStripeEvent(e stripehook.Stored) api.StripeEvent {
@@ -305,6 +382,7 @@ func toAPIStripeEvent(e stripehook.Stored) api.StripeEvent {
 		Id: e.ID, Type: e.Type, Status: api.StripeEventStatus(e.Status), Attempts: e.Attempts,
 		LastError: ptrIfSet(e.LastError), ApiVersion: ptrIfSet(e.APIVersion), Livemode: e.Livemode,
 		ReceivedAt: e.ReceivedAt, ProcessedAt: e.ProcessedAt, NextAttemptAt: e.NextAttemptAt,
+		Created: e.Created, DismissedBy: ptrIfSet(e.DismissedBy), DismissedReason: ptrIfSet(e.DismissedReason), DismissedAt: e.DismissedAt,
 	}
 }
 

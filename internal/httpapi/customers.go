@@ -12,6 +12,14 @@ func (s *Server) UpsertCustomer(ctx context.Context, r api.UpsertCustomerRequest
 	if err != nil {
 		return nil, err
 	}
+	// Keep the Stripe Customer in step with what invoices show. The change
+	// is saved either way; when Stripe cannot be reached the error says so
+	// and the same PUT, retried, pushes it again.
+	if b := r.Body; b != nil && (b.Billing != nil || b.Email != nil || b.Name != nil) && c.StripeCustomerID != "" && s.d.Payments != nil {
+		if err := s.d.Payments.SyncStripeCustomer(ctx, c.ID); err != nil {
+			return nil, err
+		}
+	}
 	if created {
 		return api.UpsertCustomer201JSONResponse(toAPICustomer(c)), nil
 	}

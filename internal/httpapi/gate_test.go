@@ -1,6 +1,8 @@
 package httpapi
 
 import (
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
 	"log/slog"
 	"net/http"
@@ -167,7 +169,7 @@ func TestGateDecisions(t *testing.T) {
 		{name: "no token", method: http.MethodGet, path: "/things/alice", status: 401, code: "unauthorized"},
 		{name: "unknown key", method: http.MethodGet, path: "/things/alice", token: "nope", status: 401, code: "unauthorized"},
 		{name: "service key", method: http.MethodGet, path: "/things/alice", token: "svc-key", status: 200,
-			caller: principal{scope: config.ScopeService}},
+			caller: principal{scope: config.ScopeService, keyHash: keyPrefix("svc-key")}},
 		{name: "end user on its own customer", method: http.MethodGet, path: "/things/alice", token: alice, status: 200,
 			caller: principal{customerID: "alice"}},
 		{name: "end user on another customer", method: http.MethodGet, path: "/things/bob", token: alice, status: 403, code: "forbidden"},
@@ -176,7 +178,7 @@ func TestGateDecisions(t *testing.T) {
 		{name: "service key on an admin operation", method: http.MethodGet, path: "/admin", token: "svc-key", status: 403, code: "forbidden"},
 		{name: "end user on an admin operation", method: http.MethodGet, path: "/admin", token: alice, status: 403, code: "forbidden"},
 		{name: "admin key on an admin operation", method: http.MethodGet, path: "/admin", token: "adm-key", status: 200,
-			caller: principal{scope: config.ScopeAdmin}},
+			caller: principal{scope: config.ScopeAdmin, keyHash: keyPrefix("adm-key")}},
 		{name: "a raw operation is the handler's to guard", method: http.MethodPost, path: "/raw", status: 200},
 		{name: "no such path", method: http.MethodGet, path: "/nowhere", token: "svc-key", status: 404, code: "not_found"},
 		{name: "no such method", method: http.MethodDelete, path: "/things/alice", token: "svc-key", status: 405, code: "invalid_request"},
@@ -202,7 +204,7 @@ func TestGateDecisions(t *testing.T) {
 		{name: "a bad path parameter is 400", method: http.MethodGet, path: "/things/ALICE", token: "svc-key",
 			status: 400, code: "invalid_request", pointers: []string{"path:customer_id"}},
 		{name: "a good body passes", method: http.MethodPut, path: "/things/alice", token: "svc-key",
-			body: `{"name":"ok","count":2}`, status: 200, caller: principal{scope: config.ScopeService}},
+			body: `{"name":"ok","count":2}`, status: 200, caller: principal{scope: config.ScopeService, keyHash: keyPrefix("svc-key")}},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			got := throughGate(t, nil, c.method, c.path, c.token, c.body)
@@ -269,4 +271,10 @@ func TestGateBodyOverTheLimit(t *testing.T) {
 	if !strings.Contains(rec.Body.String(), `"code":"payload_too_large"`) {
 		t.Fatalf("body %s", rec.Body)
 	}
+}
+
+// keyPrefix is how a principal names an API key: its hash's first 12 hex digits.
+func keyPrefix(key string) string {
+	sum := sha256.Sum256([]byte(key))
+	return hex.EncodeToString(sum[:6])
 }

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"io"
 	"net/http"
+	"time"
 
 	"github.com/labstack/echo/v4"
 
@@ -28,6 +29,54 @@ func (s *Server) CreateCheckoutSession(ctx context.Context, r api.CreateCheckout
 		Body:    toAPICheckoutSession(res),
 		Headers: api.CreateCheckoutSession201ResponseHeaders{IdempotentReplayed: replayedHeader(replayed)},
 	}, nil
+}
+
+// CreateInvoicePayment sells a catalog item on invoice (service key only:
+// the gate refuses end-user tokens for this operation).
+func (s *Server) CreateInvoicePayment(ctx context.Context, r api.CreateInvoicePaymentRequestObject) (api.CreateInvoicePaymentResponseObject, error) {
+	key := string(r.Params.IdempotencyKey)
+	ik := idempotencyKey(ctx, r.CustomerId, "createInvoicePayment", &key, r.Body)
+	in := payments.InvoicePaymentInput{CustomerID: r.CustomerId, Item: r.Body.Item, DaysUntilDue: r.Body.DaysUntilDue,
+		Memo: strOr(r.Body.Memo), PurchaseOrder: strOr(r.Body.PurchaseOrder)}
+	if r.Body.Quantity != nil {
+		in.Quantity = *r.Body.Quantity
+	}
+	res, replayed, err := s.d.Payments.CreateInvoicePayment(ctx, in, ik)
+	if err != nil {
+		return nil, err
+	}
+	return api.CreateInvoicePayment201JSONResponse{
+		Body: api.InvoicePayment{PaymentId: res.PaymentID, Status: api.PaymentStatus(res.Status), Amount: res.Amount,
+			Currency: res.Currency, Credits: res.Credits, Invoice: toAPIInvoice(res.Invoice)},
+		Headers: api.CreateInvoicePayment201ResponseHeaders{IdempotentReplayed: replayedHeader(replayed)},
+	}, nil
+}
+
+// DismissStripeEvent records an operator's decision on a parked event.
+func (s *Server) DismissStripeEvent(ctx context.Context, r api.DismissStripeEventRequestObject) (api.DismissStripeEventResponseObject, error) {
+	caller, _ := principalFrom(ctx)
+	e, err := s.d.StripeHook.Dismiss(ctx, r.EventId, caller.name(), r.Body.Reason)
+	if err != nil {
+		return nil, err
+	}
+	return api.DismissStripeEvent200JSONResponse(toAPIStripeEvent(e)), nil
+}
+
+// SyncStripe catches up with Stripe now.
+func (s *Server) SyncStripe(ctx context.Context, r api.SyncStripeRequestObject) (api.SyncStripeResponseObject, error) {
+	if s.d.StripeSync == nil {
+		return nil, errs.E(errs.Unavailable, "syncing with Stripe needs a Stripe key (TALLY_STRIPE_SECRET_KEY)")
+	}
+	var since time.Time
+	if r.Body != nil && r.Body.Since != nil {
+		since = *r.Body.Since
+	}
+	res, err := s.d.StripeSync.Sync(ctx, since)
+	if err != nil {
+		return nil, err
+	}
+	return api.SyncStripe200JSONResponse{EventsListed: res.EventsListed, EventsNew: res.EventsNew,
+		PaymentsChecked: res.PaymentsChecked, PaymentsChanged: res.PaymentsChanged}, nil
 }
 
 // GetPayment reads one payment with its transitions; an end user only its own.

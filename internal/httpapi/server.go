@@ -49,6 +49,8 @@ type Options struct {
 	// Stripe's webhooks and serves the stored-event admin operations.
 	Payments   *payments.Service
 	StripeHook *stripehook.Intake
+	// StripeSync catches up with Stripe on demand; nil without a Stripe key.
+	StripeSync *stripehook.Syncer
 
 	// Credits is the wallet; Verify is the invariant report of
 	// GET /v1/admin/verify (app.Verify: credits plus other packages' checks).

@@ -13,7 +13,6 @@ import (
 	"github.com/tallybilling/tally/internal/db"
 	"github.com/tallybilling/tally/internal/errs"
 	"github.com/tallybilling/tally/internal/stripeapi"
-	"github.com/tallybilling/tally/internal/text"
 )
 
 // MaxQuantity is the most units of a pack or product one checkout buys.
@@ -55,45 +54,61 @@ type item struct {
 	credits     int64
 	expiry      catalog.Expiry
 	stripePrice string
+	// confirmOn is the item's own confirmation strategy, "" for the
+	// global one; invoice its own choice of a Checkout invoice, nil for
+	// the global one.
+	confirmOn string
+	invoice   *bool
 }
 
 func (s *Service) resolve(in *CheckoutInput) (item, error) {
-	if err := customers.ValidateID(in.CustomerID); err != nil {
-		return item{}, errs.InvalidField("/customer_id", "customer_id must be 1 to 255 characters of A-Za-z0-9_.:@-")
-	}
-	var it item
-	if p, ok := s.catalog.Pack(in.Item); ok {
-		it = item{kind: KindCreditPack, name: p.Name, unitAmount: p.Amount, currency: p.Currency, credits: p.Credits, expiry: p.Expiry}
-	} else if p, ok := s.catalog.Product(in.Item); ok {
-		it = item{kind: KindProduct, name: p.Name, unitAmount: p.Amount, currency: p.Currency}
-	} else if p, ok := s.catalog.Plan(in.Item); ok {
-		it = item{kind: KindPlan, name: p.Name, stripePrice: p.StripePrice}
-	} else {
-		return item{}, errs.InvalidField("/item", fmt.Sprintf("%q is not in the catalog", in.Item))
-	}
-	if in.Quantity == 0 {
-		in.Quantity = 1
-	}
-	if in.Quantity < 1 || in.Quantity > MaxQuantity {
-		return item{}, errs.InvalidField("/quantity", fmt.Sprintf("quantity must be between 1 and %d", MaxQuantity))
-	}
-	if it.kind == KindPlan && in.Quantity != 1 {
-		return item{}, errs.InvalidField("/quantity", "a plan is subscribed to once; quantity must be 1")
-	}
-	// Both products fit in int64: credits ≤ 1e12 and amounts < 1e8, times at most MaxQuantity.
-	if it.credits*in.Quantity > catalog.MaxCreditsPerMove {
-		return item{}, errs.UnprocessableField("/quantity", fmt.Sprintf("%d × %s is %d credits, more than the largest grant (%d); buy at most %d",
-			in.Quantity, in.Item, it.credits*in.Quantity, int64(catalog.MaxCreditsPerMove), catalog.MaxCreditsPerMove/it.credits))
-	}
-	if it.unitAmount*in.Quantity > catalog.MaxChargeMinorUnits {
-		return item{}, errs.UnprocessableField("/quantity", fmt.Sprintf("%d × %s costs %d, more than Stripe charges in one payment (%d); buy at most %d",
-			in.Quantity, in.Item, it.unitAmount*in.Quantity, catalog.MaxChargeMinorUnits, catalog.MaxChargeMinorUnits/it.unitAmount))
+	it, err := s.resolveItem(in.CustomerID, in.Item, &in.Quantity)
+	if err != nil {
+		return item{}, err
 	}
 	if !s.catalog.RedirectAllowed(in.SuccessURL) {
 		return item{}, errs.InvalidField("/success_url", "success_url is not under an allowed redirect prefix")
 	}
 	if !s.catalog.RedirectAllowed(in.CancelURL) {
 		return item{}, errs.InvalidField("/cancel_url", "cancel_url is not under an allowed redirect prefix")
+	}
+	return it, nil
+}
+
+// resolveItem checks a customer id, a catalog item and a quantity (0 means
+// 1, and is set so) and resolves the item from the catalog.
+func (s *Service) resolveItem(customerID, itemID string, quantity *int64) (item, error) {
+	if err := customers.ValidateID(customerID); err != nil {
+		return item{}, errs.InvalidField("/customer_id", "customer_id must be 1 to 255 characters of A-Za-z0-9_.:@-")
+	}
+	var it item
+	if p, ok := s.catalog.Pack(itemID); ok {
+		it = item{kind: KindCreditPack, name: p.Name, unitAmount: p.Amount, currency: p.Currency, credits: p.Credits, expiry: p.Expiry,
+			confirmOn: p.ConfirmOn, invoice: p.Invoice}
+	} else if p, ok := s.catalog.Product(itemID); ok {
+		it = item{kind: KindProduct, name: p.Name, unitAmount: p.Amount, currency: p.Currency, confirmOn: p.ConfirmOn, invoice: p.Invoice}
+	} else if p, ok := s.catalog.Plan(itemID); ok {
+		it = item{kind: KindPlan, name: p.Name, stripePrice: p.StripePrice}
+	} else {
+		return item{}, errs.InvalidField("/item", fmt.Sprintf("%q is not in the catalog", itemID))
+	}
+	if *quantity == 0 {
+		*quantity = 1
+	}
+	if *quantity < 1 || *quantity > MaxQuantity {
+		return item{}, errs.InvalidField("/quantity", fmt.Sprintf("quantity must be between 1 and %d", MaxQuantity))
+	}
+	if it.kind == KindPlan && *quantity != 1 {
+		return item{}, errs.InvalidField("/quantity", "a plan is subscribed to once; quantity must be 1")
+	}
+	// Both products fit in int64: credits ≤ 1e12 and amounts < 1e8, times at most MaxQuantity.
+	if it.credits**quantity > catalog.MaxCreditsPerMove {
+		return item{}, errs.UnprocessableField("/quantity", fmt.Sprintf("%d × %s is %d credits, more than the largest grant (%d); buy at most %d",
+			*quantity, itemID, it.credits**quantity, int64(catalog.MaxCreditsPerMove), catalog.MaxCreditsPerMove/it.credits))
+	}
+	if it.unitAmount**quantity > catalog.MaxChargeMinorUnits {
+		return item{}, errs.UnprocessableField("/quantity", fmt.Sprintf("%d × %s costs %d, more than Stripe charges in one payment (%d); buy at most %d",
+			*quantity, itemID, it.unitAmount**quantity, catalog.MaxChargeMinorUnits, catalog.MaxChargeMinorUnits/it.unitAmount))
 	}
 	return it, nil
 }
@@ -178,6 +193,7 @@ func (s *Service) startCheckout(ctx context.Context, in CheckoutInput, it item, 
 	now := s.now()
 	paymentID := db.NewID("pay")
 	var stripeCustomer string
+	var invoiceAlways bool
 	err := db.InTx(ctx, s.db, func(tx *gorm.DB) error {
 		if _, err := customers.Ensure(ctx, tx, in.CustomerID, now); err != nil {
 			return err
@@ -187,30 +203,9 @@ func (s *Service) startCheckout(ctx context.Context, in CheckoutInput, it item, 
 			return err
 		}
 		stripeCustomer = c.StripeCustomerID
-		var expireSeconds *int64
-		var expireMonths *int
-		switch {
-		case it.kind != KindCreditPack:
-		case it.expiry.Months > 0:
-			expireMonths = &it.expiry.Months
-		case it.expiry.Duration > 0:
-			secs := int64((it.expiry.Duration + time.Second - 1) / time.Second)
-			expireSeconds = &secs
-		}
-		// What Stripe tells later (its ids, amounts, the outcome) starts NULL.
-		err = tx.Model(&paymentRow{}).Create(map[string]any{
-			"id": paymentID, "customer_id": in.CustomerID, "item": in.Item, "item_kind": string(it.kind),
-			"quantity": in.Quantity, "status": string(Pending), "unit_amount": it.unitAmount, "amount": it.unitAmount * in.Quantity,
-			"currency": it.currency, "credits": it.credits * in.Quantity, "credits_expire_after_seconds": expireSeconds,
-			"credits_expire_after_months": expireMonths, "livemode": s.livemode, "created_at": now, "updated_at": now,
-		}).Error
-		if err != nil {
-			return db.Translate(err, nil)
-		}
-		return db.Translate(tx.Model(&transitionRow{}).Create(map[string]any{
-			"payment_id": paymentID, "from_status": nil, "to_status": string(Pending), "applied": true,
-			"reason": "checkout requested", "created_at": now,
-		}).Error, nil)
+		invoiceAlways = c.Billing != nil && c.Billing.InvoiceAlways
+		return insertPayment(ctx, tx, newPayment{id: paymentID, customerID: in.CustomerID, item: in.Item, quantity: in.Quantity, it: it,
+			method: MethodCheckout, confirmOn: s.confirmOnFor(it), livemode: s.livemode, now: now, reason: "checkout requested"})
 	})
 	if err != nil {
 		return CheckoutResult{}, err
@@ -224,7 +219,7 @@ func (s *Service) startCheckout(ctx context.Context, in CheckoutInput, it item, 
 	if r != nil {
 		release = s.holdReservation(work, *r, stop)
 	}
-	res, err := s.createSession(work, in, it, paymentID, stripeCustomer, now)
+	res, err := s.createSession(work, in, it, paymentID, stripeCustomer, invoiceAlways, now)
 	// Renewals end before the reservation is completed or released.
 	release()
 	if err != nil {
@@ -257,6 +252,57 @@ func (s *Service) startCheckout(ctx context.Context, in CheckoutInput, it item, 
 	return res.CheckoutResult, nil
 }
 
+// newPayment is a payment about to be written, pending.
+type newPayment struct {
+	id, customerID, item string
+	quantity             int64
+	it                   item
+	method               Method
+	confirmOn            string // "" for payments not confirmed by a PaymentIntent
+	purchaseOrder        string
+	livemode             bool
+	now                  time.Time
+	reason               string
+}
+
+// insertPayment writes p pending, with the first line of its history, in
+// tx. What Stripe tells later (its ids, amounts, the outcome) starts NULL.
+func insertPayment(ctx context.Context, tx *gorm.DB, p newPayment) error {
+	var expireSeconds *int64
+	var expireMonths *int
+	switch {
+	case p.it.kind != KindCreditPack:
+	case p.it.expiry.Months > 0:
+		expireMonths = &p.it.expiry.Months
+	case p.it.expiry.Duration > 0:
+		secs := int64((p.it.expiry.Duration + time.Second - 1) / time.Second)
+		expireSeconds = &secs
+	}
+	err := tx.WithContext(ctx).Model(&paymentRow{}).Create(map[string]any{
+		"id": p.id, "customer_id": p.customerID, "item": p.item, "item_kind": string(p.it.kind),
+		"quantity": p.quantity, "status": string(Pending), "unit_amount": p.it.unitAmount, "amount": p.it.unitAmount * p.quantity,
+		"currency": p.it.currency, "credits": p.it.credits * p.quantity, "credits_expire_after_seconds": expireSeconds,
+		"credits_expire_after_months": expireMonths, "livemode": p.livemode, "created_at": p.now, "updated_at": p.now,
+		"method": string(p.method), "confirm_on": db.NullIfEmpty(p.confirmOn), "purchase_order": db.NullIfEmpty(p.purchaseOrder),
+	}).Error
+	if err != nil {
+		return db.Translate(err, nil)
+	}
+	return db.Translate(tx.WithContext(ctx).Model(&transitionRow{}).Create(map[string]any{
+		"payment_id": p.id, "from_status": nil, "to_status": string(Pending), "applied": true,
+		"reason": p.reason, "source": SourceAPI, "created_at": p.now,
+	}).Error, nil)
+}
+
+// confirmOnFor is the confirmation strategy a new Checkout payment of it is
+// created under: the item's own, or TALLY_CONFIRM_ON.
+func (s *Service) confirmOnFor(it item) string {
+	if it.confirmOn != "" {
+		return it.confirmOn
+	}
+	return s.checkout.ConfirmOn
+}
+
 // createdSession is a Checkout Session Stripe created for a payment, with
 // what the payment learns from it.
 type createdSession struct {
@@ -267,7 +313,7 @@ type createdSession struct {
 
 // createSession links the Stripe customer when needed and creates the
 // payment's Checkout Session.
-func (s *Service) createSession(ctx context.Context, in CheckoutInput, it item, paymentID, stripeCustomer string, now time.Time) (createdSession, error) {
+func (s *Service) createSession(ctx context.Context, in CheckoutInput, it item, paymentID, stripeCustomer string, invoiceAlways bool, now time.Time) (createdSession, error) {
 	if stripeCustomer == "" {
 		var err error
 		stripeCustomer, err = s.linkStripeCustomer(ctx, in.CustomerID)
@@ -293,8 +339,14 @@ func (s *Service) createSession(ctx context.Context, in CheckoutInput, it item, 
 		sin.LineItem = stripeapi.LineItem{StripePrice: it.stripePrice}
 	default:
 		sin.LineItem = stripeapi.LineItem{Name: it.name, UnitAmount: it.unitAmount, Currency: it.currency, Quantity: in.Quantity}
-		// Every one-time payment, credit packs included (design/PRODUCT.md).
+		// Every one-time payment may have one, credit packs included: the
+		// item's choice, else the global one; a customer that always wants
+		// one gets one.
 		sin.InvoiceCreation = s.checkout.InvoiceCreation
+		if it.invoice != nil {
+			sin.InvoiceCreation = *it.invoice
+		}
+		sin.InvoiceCreation = sin.InvoiceCreation || invoiceAlways
 	}
 	cs, err := s.stripe.CreateCheckoutSession(ctx, sin)
 	if err != nil {
@@ -357,7 +409,11 @@ func (s *Service) holdReservation(ctx context.Context, r db.Reservation, lost co
 // Stripe by our id) and records it; when another request linked one first,
 // that one wins.
 func (s *Service) linkStripeCustomer(ctx context.Context, customerID string) (string, error) {
-	sc, err := s.stripe.CreateCustomer(ctx, stripeapi.CustomerInput{TallyCustomerID: customerID})
+	c, err := customers.Get(ctx, s.db, customerID)
+	if err != nil {
+		return "", err
+	}
+	sc, err := s.stripe.CreateCustomer(ctx, stripeCustomerInput(c))
 	if err != nil {
 		return "", err
 	}
@@ -376,24 +432,47 @@ func (s *Service) linkStripeCustomer(ctx context.Context, customerID string) (st
 	return sc.ID, nil
 }
 
+// stripeCustomerInput is what the Stripe Customer of c holds: the billing
+// details when given, else the customer's own name and email.
+func stripeCustomerInput(c customers.Customer) stripeapi.CustomerInput {
+	in := stripeapi.CustomerInput{TallyCustomerID: c.ID, Email: c.Email, Name: c.Name}
+	if b := c.Billing; b != nil {
+		if b.Name != "" {
+			in.Name = b.Name
+		}
+		if b.Email != "" {
+			in.Email = b.Email
+		}
+		if a := b.Address; a != nil {
+			in.Address = &stripeapi.Address{Line1: a.Line1, Line2: a.Line2, City: a.City, State: a.State, PostalCode: a.PostalCode, Country: a.Country}
+		}
+		if t := b.TaxID; t != nil {
+			in.TaxID = &stripeapi.TaxID{Type: t.Type, Value: t.Value}
+		}
+	}
+	return in
+}
+
+// SyncStripeCustomer keeps the Stripe Customer of customerID in step with
+// its billing details (name, email, address) after they changed; a
+// customer not linked to Stripe yet gets them when its Stripe Customer is
+// created. The tax id is sent at creation only (Stripe keeps tax ids as
+// objects of their own). Without a Stripe key there is nothing to keep in
+// step. Errors: errs.NotFound, Stripe's *Error.
+func (s *Service) SyncStripeCustomer(ctx context.Context, customerID string) error {
+	c, err := customers.Get(ctx, s.db, customerID)
+	if err != nil {
+		return err
+	}
+	if c.StripeCustomerID == "" || s.stripe == nil {
+		return nil
+	}
+	return s.stripe.UpdateCustomer(ctx, c.StripeCustomerID, stripeCustomerInput(c))
+}
+
 // markCreationFailed records that Stripe never gave the payment a session.
 // A session Stripe did create despite the error (a lost answer) can still
 // succeed later: failed → succeeded is allowed.
 func (s *Service) markCreationFailed(ctx context.Context, paymentID string, cause error) {
-	ctx = context.WithoutCancel(ctx)
-	reason := creationFailed + ": " + text.Truncate(cause.Error(), 1000)
-	err := db.InTx(ctx, s.db, func(tx *gorm.DB) error {
-		p, err := load(ctx, tx, paymentID, true)
-		if err != nil {
-			return err
-		}
-		ok, err := transition(ctx, tx, p, Failed, EventRef{}, reason)
-		if err != nil || !ok {
-			return err
-		}
-		return updatePayment(ctx, tx, paymentID, map[string]any{"status": string(Failed), "failure_reason": reason, "updated_at": s.now()})
-	})
-	if err != nil {
-		s.logger.ErrorContext(ctx, "mark payment failed after a Stripe error", "payment_id", paymentID, "error", err)
-	}
+	s.markFailed(ctx, paymentID, creationFailed, cause)
 }

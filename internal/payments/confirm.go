@@ -17,9 +17,12 @@ import (
 	"github.com/tallybilling/tally/internal/stripeapi"
 )
 
-// confirmation is what a confirming event claims arrived.
+// confirmation is what a confirming event (or a sync) claims arrived. It is
+// keyed by exactly one of paymentIntentID (Checkout, auto top-up) and
+// invoiceID (pay by invoice): the key of the guard's row.
 type confirmation struct {
 	paymentIntentID string
+	invoiceID       string
 	amountReceived  int64
 	currency        string
 	livemode        bool
@@ -30,10 +33,16 @@ type confirmation struct {
 	// one retrieved from Stripe because the payment did not know yet which
 	// PaymentIntent its session names or what it charged.
 	session *CheckoutSession
+	// invoice, for an invoice confirmation, is the invoice as the event or
+	// Stripe showed it.
+	invoice *StripeInvoice
+	// by is what confirms: recorded as the payment's confirmed_by.
+	by ConfirmedBy
 }
 
-// PaymentIntentSucceeded is the only event that credits or fulfils under
-// confirm_on=payment_intent. Before money moves the validation chain runs:
+// PaymentIntentSucceeded is the only event that credits or fulfils a
+// Checkout payment created under confirm_on=payment_intent. Before money
+// moves the validation chain runs:
 // the metadata names a payment of ours (and, when it names a customer, that
 // payment's customer); the PaymentIntent is the one the Checkout Session
 // tally created for the payment names (when the payment does not know yet,
@@ -54,7 +63,11 @@ func (s *Service) PaymentIntentSucceeded(ctx context.Context, ev EventRef, pi Pa
 	if err != nil {
 		return err
 	}
-	if s.checkout.ConfirmOn != config.ConfirmOnPaymentIntent {
+	strategy, err := s.strategyOf(ctx, id)
+	if err != nil {
+		return err
+	}
+	if strategy != config.ConfirmOnPaymentIntent {
 		// Legacy strategy: the Checkout Session events credit. The
 		// PaymentIntent is linked by them, from the session tally created.
 		return s.inEventTx(ctx, ev, id, pi.Livemode, pi.ID, func(*gorm.DB, Payment) error { return nil })
@@ -64,16 +77,55 @@ func (s *Service) PaymentIntentSucceeded(ctx context.Context, ev EventRef, pi Pa
 		return err
 	}
 	return s.confirm(ctx, ev, id, confirmation{paymentIntentID: pi.ID, amountReceived: pi.AmountReceived, currency: pi.Currency,
-		livemode: pi.Livemode, customerID: pi.Metadata[stripeapi.MetadataCustomerID], session: session})
+		livemode: pi.Livemode, customerID: pi.Metadata[stripeapi.MetadataCustomerID], session: session, by: ByPaymentIntent})
 }
 
+// strategyOf is the confirmation strategy of payment id: the one it was
+// created under, or TALLY_CONFIRM_ON for a payment older than that record.
+// It never changes once the payment exists, so it is read without a lock.
+// An unknown payment answers the global one (lockForEvent refuses it).
+func (s *Service) strategyOf(ctx context.Context, id string) (string, error) {
+	p, err := load(ctx, s.db, id, false)
+	if errs.Is(err, errs.NotFound) {
+		return s.checkout.ConfirmOn, nil
+	}
+	if err != nil {
+		return "", err
+	}
+	return s.strategy(p), nil
+}
+
+// strategy is p's confirmation strategy (see strategyOf).
+func (s *Service) strategy(p Payment) string {
+	if p.ConfirmOn != "" {
+		return p.ConfirmOn
+	}
+	return s.checkout.ConfirmOn
+}
+
+// confirm is the one guard every confirmation goes through, whatever
+// confirms: a PaymentIntent, a Checkout Session, an invoice, or a sync
+// with Stripe. In one transaction on the locked payment it checks what c
+// claims against what the payment expects, writes the guard's row (keyed
+// by the PaymentIntent or the invoice; payment_id is unique too, so a
+// payment is confirmed once whatever the key), moves the payment to
+// succeeded, grants a pack's credits and appends payment.succeeded.
+// A confirmation by the key already on record is a no-op.
 func (s *Service) confirm(ctx context.Context, ev EventRef, paymentID string, c confirmation) error {
 	return s.inEventTx(ctx, ev, paymentID, c.livemode, c.paymentIntentID, func(tx *gorm.DB, p Payment) error {
-		if c.paymentIntentID == "" {
-			return reject("no PaymentIntent to confirm payment %s by", p.ID)
+		byInvoice := c.invoiceID != ""
+		if byInvoice == (c.paymentIntentID != "") {
+			return reject("no PaymentIntent or invoice (exactly one) to confirm payment %s by", p.ID)
 		}
 		if c.customerID != "" && c.customerID != p.CustomerID {
 			return reject("metadata names customer %s, but payment %s belongs to %s", c.customerID, p.ID, p.CustomerID)
+		}
+		if byInvoice != (p.Method == MethodInvoice) {
+			what := "PaymentIntent " + c.paymentIntentID
+			if byInvoice {
+				what = "invoice " + c.invoiceID
+			}
+			return reject("payment %s is paid by %s and cannot be confirmed by %s", p.ID, p.Method, what)
 		}
 		var confirmed confirmationRow
 		err := tx.WithContext(ctx).Where("payment_id = ?", p.ID).Take(&confirmed).Error
@@ -81,30 +133,42 @@ func (s *Service) confirm(ctx context.Context, ev EventRef, paymentID string, c 
 		case errors.Is(err, gorm.ErrRecordNotFound): // not confirmed yet
 		case err != nil:
 			return db.Translate(err, nil)
-		case confirmed.PaymentIntentID == c.paymentIntentID:
-			return nil // already confirmed: a redelivery, a replay or the other strategy
+		case byInvoice && confirmed.InvoiceID != nil && *confirmed.InvoiceID == c.invoiceID,
+			!byInvoice && confirmed.PaymentIntentID != nil && *confirmed.PaymentIntentID == c.paymentIntentID:
+			return nil // already confirmed: a redelivery, a replay, a sync or the other strategy
 		default:
-			return reject("payment %s was already confirmed by PaymentIntent %s", p.ID, confirmed.PaymentIntentID)
+			return reject("payment %s was already confirmed by %s", p.ID, confirmed.key())
 		}
-		if c.session != nil {
-			if err := s.sessionNames(c.session, p, c.paymentIntentID); err != nil {
+		if byInvoice {
+			if err := checkInvoice(p, c); err != nil {
 				return err
 			}
-			if err := s.recordSession(ctx, tx, &p, *c.session); err != nil {
+			if err := s.recordInvoice(ctx, tx, &p, *c.invoice); err != nil {
+				return err
+			}
+		} else {
+			if c.session != nil {
+				if err := s.sessionNames(c.session, p, c.paymentIntentID); err != nil {
+					return err
+				}
+				if err := s.recordSession(ctx, tx, &p, *c.session); err != nil {
+					return err
+				}
+			}
+			if err := checkAmounts(p, c); err != nil {
 				return err
 			}
 		}
-		if err := checkAmounts(p, c); err != nil {
-			return err
-		}
-		res := tx.WithContext(ctx).Model(&confirmationRow{}).
-			Clauses(clause.OnConflict{Columns: []clause.Column{{Name: "payment_intent_id"}}, DoNothing: true}).
-			Create(map[string]any{"payment_intent_id": c.paymentIntentID, "payment_id": p.ID, "stripe_event_id": db.NullIfEmpty(ev.ID)})
+		// No conflict target: a second row for the key or for the payment
+		// (any of the unique constraints) inserts nothing.
+		res := tx.WithContext(ctx).Model(&confirmationRow{}).Clauses(clause.OnConflict{DoNothing: true}).
+			Create(map[string]any{"payment_intent_id": db.NullIfEmpty(c.paymentIntentID), "invoice_id": db.NullIfEmpty(c.invoiceID),
+				"payment_id": p.ID, "stripe_event_id": db.NullIfEmpty(ev.ID)})
 		if res.Error != nil {
 			return db.Translate(res.Error, nil)
 		}
 		if res.RowsAffected == 0 {
-			return reject("PaymentIntent %s already confirmed another payment", c.paymentIntentID)
+			return reject("%s already confirmed another payment than %s", c.key(), p.ID)
 		}
 		ok, err := transition(ctx, tx, p, Succeeded, ev, "payment received")
 		if err != nil {
@@ -115,15 +179,25 @@ func (s *Service) confirm(ctx context.Context, ev EventRef, paymentID string, c 
 		}
 		now := s.now()
 		received := strings.ToLower(c.currency)
-		err = tx.WithContext(ctx).Model(&paymentRow{}).Where("id = ?", p.ID).Updates(map[string]any{
+		columns := map[string]any{
 			"status": string(Succeeded), "amount_received": c.amountReceived, "received_currency": received,
-			"payment_intent_id": c.paymentIntentID, "succeeded_at": now, "failure_reason": nil, "updated_at": now,
-		}).Error
+			"succeeded_at": now, "failure_reason": nil, "updated_at": now, "confirmed_by": string(c.by),
+		}
+		if !byInvoice {
+			columns["payment_intent_id"] = c.paymentIntentID
+		}
+		err = tx.WithContext(ctx).Model(&paymentRow{}).Where("id = ?", p.ID).Updates(columns).Error
 		if err != nil {
 			return db.Translate(err, map[string]errs.Code{"payments_payment_intent_id_key": errs.Conflict})
 		}
 		if p.ItemKind == KindCreditPack && p.Credits > 0 {
 			expires := p.CreditsExpiry().After(now)
+			meta := map[string]string{"payment_id": p.ID, "item": p.Item}
+			if byInvoice {
+				meta["invoice_id"] = c.invoiceID
+			} else {
+				meta["payment_intent_id"] = c.paymentIntentID
+			}
 			_, err := credits.Grant(ctx, tx, s.now, credits.GrantInput{
 				CustomerID: p.CustomerID,
 				Amount:     p.Credits,
@@ -131,7 +205,7 @@ func (s *Service) confirm(ctx context.Context, ev EventRef, paymentID string, c 
 				Source:     credits.SourcePurchase,
 				PaymentID:  p.ID,
 				ExpiresAt:  expires,
-				Metadata:   map[string]string{"payment_id": p.ID, "item": p.Item, "payment_intent_id": c.paymentIntentID},
+				Metadata:   meta,
 			})
 			if err != nil {
 				return err
@@ -141,9 +215,29 @@ func (s *Service) confirm(ctx context.Context, ev EventRef, paymentID string, c 
 			PaymentID: p.ID, Item: p.Item, ItemKind: string(p.ItemKind), Quantity: p.Quantity,
 			Amount: c.amountReceived, Currency: received, AmountTax: p.Checkout.AmountTax,
 			Price: p.Amount, PriceCurrency: p.Currency, Credits: p.Credits,
-			PaymentIntentID: c.paymentIntentID, StripeEventID: ev.ID,
+			PaymentIntentID: c.paymentIntentID, InvoiceID: c.invoiceID, Method: string(p.Method), ConfirmedBy: string(c.by),
+			StripeEventID: ev.ID,
 		})
 	})
+}
+
+// key names what confirmed a payment, for messages.
+func (r confirmationRow) key() string {
+	if r.InvoiceID != nil {
+		return "invoice " + *r.InvoiceID
+	}
+	if r.PaymentIntentID != nil {
+		return "PaymentIntent " + *r.PaymentIntentID
+	}
+	return "nothing on record"
+}
+
+// key names what c confirms by, for messages.
+func (c confirmation) key() string {
+	if c.invoiceID != "" {
+		return "invoice " + c.invoiceID
+	}
+	return "PaymentIntent " + c.paymentIntentID
 }
 
 // CheckoutSessionCompleted links the session to its PaymentIntent, Stripe
@@ -164,8 +258,12 @@ func (s *Service) CheckoutSessionCompleted(ctx context.Context, ev EventRef, cs 
 		}
 		return nil
 	}
-	if s.checkout.ConfirmOn == config.ConfirmOnCheckoutSession && cs.PaymentStatus == "paid" {
-		return s.confirmSession(ctx, ev, id, cs)
+	strategy, err := s.strategyOf(ctx, id)
+	if err != nil {
+		return err
+	}
+	if strategy == config.ConfirmOnCheckoutSession && cs.PaymentStatus == "paid" {
+		return s.confirmSession(ctx, ev, id, cs, ByCheckoutSession)
 	}
 	return nil
 }
@@ -178,8 +276,12 @@ func (s *Service) CheckoutSessionAsyncSucceeded(ctx context.Context, ev EventRef
 	if err != nil {
 		return err
 	}
-	if s.checkout.ConfirmOn == config.ConfirmOnCheckoutSession && cs.Mode != "subscription" {
-		return s.confirmSession(ctx, ev, id, cs)
+	strategy, err := s.strategyOf(ctx, id)
+	if err != nil {
+		return err
+	}
+	if strategy == config.ConfirmOnCheckoutSession && cs.Mode != "subscription" {
+		return s.confirmSession(ctx, ev, id, cs, ByCheckoutSession)
 	}
 	return nil
 }
@@ -198,10 +300,15 @@ func (s *Service) linkSession(ctx context.Context, ev EventRef, cs CheckoutSessi
 	})
 }
 
-func (s *Service) confirmSession(ctx context.Context, ev EventRef, paymentID string, cs CheckoutSession) error {
+// confirmSession confirms the payment by its own paid Checkout Session cs
+// (its PaymentIntent is the guard's key), as a session event or a sync saw it.
+func (s *Service) confirmSession(ctx context.Context, ev EventRef, paymentID string, cs CheckoutSession, by ConfirmedBy) error {
 	if cs.AmountTotal == nil {
 		return reject("checkout session %s has no amount_total", cs.ID)
 	}
+	if cs.PaymentIntent == "" {
+		return reject("checkout session %s names no PaymentIntent to confirm payment %s by", cs.ID, paymentID)
+	}
 	return s.confirm(ctx, ev, paymentID, confirmation{paymentIntentID: cs.PaymentIntent, amountReceived: *cs.AmountTotal, currency: cs.Currency,
-		livemode: cs.Livemode, customerID: cs.Metadata[stripeapi.MetadataCustomerID], session: &cs})
+		livemode: cs.Livemode, customerID: cs.Metadata[stripeapi.MetadataCustomerID], session: &cs, by: by})
 }

@@ -18,7 +18,7 @@ func (s *Service) paymentFor(ctx context.Context, metadata map[string]string, by
 	if id := metadata[stripeapi.MetadataPaymentID]; id != "" {
 		return id, nil
 	}
-	for _, col := range []string{"payment_intent_id", "checkout_session_id", "id"} {
+	for _, col := range []string{"payment_intent_id", "checkout_session_id", "invoice_id", "id"} {
 		if v, ok := byColumn[col]; ok && v != "" {
 			id, err := findID(ctx, s.db, col, v)
 			if err != nil || id != "" {

@@ -44,6 +44,29 @@ type EventRef struct {
 	Type string
 	// Created is Stripe's event creation time (unix seconds).
 	Created int64
+	// Source is where the change comes from when it is not a webhook's
+	// event: SourceSync for what a sync with Stripe found. Empty means a
+	// webhook (with an ID) or the API (without).
+	Source string
+}
+
+// The sources of a transition (payment_transitions.source).
+const (
+	SourceAPI      = "api"
+	SourceWebhook  = "webhook"
+	SourceSync     = "sync"
+	SourceOperator = "operator"
+)
+
+// source is where the change ev stands for comes from.
+func (ev EventRef) source() string {
+	switch {
+	case ev.Source != "":
+		return ev.Source
+	case ev.ID != "":
+		return SourceWebhook
+	}
+	return SourceAPI
 }
 
 // errEventApplied says the Stripe event is already in the payment's
@@ -72,6 +95,7 @@ func record(ctx context.Context, tx *gorm.DB, p Payment, to Status, applied bool
 	}).Create(map[string]any{
 		"payment_id": p.ID, "from_status": string(p.Status), "to_status": string(to), "applied": applied,
 		"stripe_event_id": db.NullIfEmpty(ev.ID), "stripe_event_type": db.NullIfEmpty(ev.Type), "reason": db.NullIfEmpty(reason),
+		"source": ev.source(),
 	})
 	if res.Error != nil {
 		return db.Translate(res.Error, nil)

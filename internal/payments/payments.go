@@ -52,6 +52,39 @@ const (
 	KindPlan       ItemKind = "plan"
 )
 
+// Method is how a payment is made.
+type Method string
+
+// The payment methods. MethodAutoTopUp payments are charged off-session by
+// tally; they confirm by their PaymentIntent as Checkout payments do.
+const (
+	MethodCheckout  Method = "checkout"
+	MethodInvoice   Method = "invoice"
+	MethodAutoTopUp Method = "auto_top_up"
+)
+
+// ConfirmedBy names what confirmed a payment.
+type ConfirmedBy string
+
+// What may confirm a payment: its PaymentIntent's success, its Checkout
+// Session's completion, its invoice's payment, or a sync that found
+// Stripe's word on it without a webhook.
+const (
+	ByPaymentIntent   ConfirmedBy = "payment_intent"
+	ByCheckoutSession ConfirmedBy = "checkout_session"
+	ByInvoice         ConfirmedBy = "invoice"
+	BySync            ConfirmedBy = "sync"
+)
+
+// Invoice is the Stripe invoice of a payment, as Stripe last told it.
+type Invoice struct {
+	ID        string
+	Number    string
+	Status    string // draft, open, paid, void, uncollectible
+	HostedURL string
+	PDF       string
+}
+
 // Payment is one purchase of a catalog item, as tally tracks it.
 type Payment struct {
 	ID         string
@@ -60,6 +93,16 @@ type Payment struct {
 	ItemKind   ItemKind
 	Quantity   int64
 	Status     Status
+	// Method is how it is paid; ConfirmedBy what confirmed it (empty until
+	// then); ConfirmOn the strategy a Checkout payment is confirmed under,
+	// fixed when it was created.
+	Method      Method
+	ConfirmedBy ConfirmedBy
+	ConfirmOn   string
+	// Invoice is its Stripe invoice, once one is known (Invoice.ID is
+	// InvoiceID); PurchaseOrder the buyer's reference on a pay-by-invoice.
+	Invoice       *Invoice
+	PurchaseOrder string
 	// UnitAmount and Amount (UnitAmount × Quantity, what Stripe must collect)
 	// are in minor units of Currency.
 	UnitAmount     int64
@@ -140,7 +183,10 @@ type Transition struct {
 	StripeEventID   string
 	StripeEventType string
 	Reason          string
-	CreatedAt       time.Time
+	// Source is api, webhook, sync or operator ("" for history written
+	// before tally recorded it).
+	Source    string
+	CreatedAt time.Time
 }
 
 // Options are what New needs.
@@ -235,6 +281,13 @@ func (r paymentRow) payment() Payment {
 		}
 	}
 	p.ReceivedCurrency = r.ReceivedCurrency
+	p.Method, p.ConfirmedBy, p.ConfirmOn, p.PurchaseOrder = Method(r.Method), ConfirmedBy(r.ConfirmedBy), r.ConfirmOn, r.PurchaseOrder
+	if p.Method == "" {
+		p.Method = MethodCheckout
+	}
+	if r.InvoiceID != "" {
+		p.Invoice = &Invoice{ID: r.InvoiceID, Number: r.InvoiceNumber, Status: r.InvoiceStatus, HostedURL: r.InvoiceHostedURL, PDF: r.InvoicePDF}
+	}
 	return p
 }
 
@@ -294,7 +347,7 @@ func (s *Service) Get(ctx context.Context, id string) (Payment, error) {
 		p.Transitions = append(p.Transitions, Transition{
 			From: Status(t.FromStatus), To: Status(t.ToStatus), Applied: t.Applied,
 			StripeEventID: t.StripeEventID, StripeEventType: t.StripeEventType,
-			Reason: t.Reason, CreatedAt: t.CreatedAt,
+			Reason: t.Reason, Source: t.Source, CreatedAt: t.CreatedAt,
 		})
 	}
 	return p, nil

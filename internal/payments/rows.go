@@ -55,6 +55,15 @@ type paymentRow struct {
 	CreditsRevoked      int64
 	AmountDisputed      int64
 	StatusBeforeDispute string
+
+	Method           string
+	ConfirmedBy      string
+	ConfirmOn        string
+	InvoiceNumber    string
+	InvoiceStatus    string
+	InvoiceHostedURL string
+	InvoicePDF       string `gorm:"column:invoice_pdf"`
+	PurchaseOrder    string
 }
 
 func (paymentRow) TableName() string { return "payments" }
@@ -75,15 +84,18 @@ type transitionRow struct {
 	StripeEventID   string
 	StripeEventType string
 	Reason          string
+	Source          string
 	CreatedAt       time.Time `gorm:"autoCreateTime:false"`
 }
 
 func (transitionRow) TableName() string { return "payment_transitions" }
 
 // confirmationRow is a row of payment_confirmations, the money guard: one
-// per PaymentIntent that confirmed a payment.
+// per confirmed payment, keyed by the PaymentIntent or the invoice that
+// confirmed it (exactly one of the two).
 type confirmationRow struct {
-	PaymentIntentID string
+	PaymentIntentID *string
+	InvoiceID       *string
 	PaymentID       string
 	StripeEventID   string
 	CreatedAt       time.Time `gorm:"autoCreateTime:false"`

@@ -103,3 +103,26 @@ type Subscription struct {
 	Livemode bool
 	Metadata map[string]string
 }
+
+// StripeInvoice is a Stripe invoice (invoice.* events, or retrieved by a
+// sync). AmountPaid is what the buyer paid, in Currency's minor unit.
+type StripeInvoice struct {
+	ID               string
+	Number           string
+	Status           string
+	HostedInvoiceURL string
+	InvoicePDF       string
+	Customer         string
+	Currency         string
+	AmountDue        int64
+	AmountPaid       int64
+	Livemode         bool
+	Metadata         map[string]string
+}
+
+// invoiceFromStripe is a retrieved invoice as the confirmation reads it.
+func invoiceFromStripe(in stripeapi.Invoice) StripeInvoice {
+	return StripeInvoice{ID: in.ID, Number: in.Number, Status: in.Status, HostedInvoiceURL: in.HostedInvoiceURL,
+		InvoicePDF: in.InvoicePDF, Customer: in.Customer, Currency: in.Currency, AmountDue: in.AmountDue,
+		AmountPaid: in.AmountPaid, Livemode: in.Livemode, Metadata: in.Metadata}
+}

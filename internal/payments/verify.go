@@ -20,7 +20,7 @@ func Verify(ctx context.Context, tx *gorm.DB) ([]credits.VerifyProblem, int64, e
 	if err != nil {
 		return nil, 0, err
 	}
-	for _, check := range []func(context.Context, *gorm.DB) ([]credits.VerifyProblem, error){VerifyTakeBacks, VerifyDisputes} {
+	for _, check := range []func(context.Context, *gorm.DB) ([]credits.VerifyProblem, error){VerifyTakeBacks, VerifyDisputes, VerifyInvoices} {
 		more, err := check(ctx, tx)
 		if err != nil {
 			return nil, 0, err
@@ -28,6 +28,55 @@ func Verify(ctx context.Context, tx *gorm.DB) ([]credits.VerifyProblem, int64, e
 		problems = append(problems, more...)
 	}
 	return problems, checked, nil
+}
+
+// VerifyInvoices checks pay-by-invoice payments against their invoices
+// and the guard: a paid invoice's credit-pack payment has exactly one
+// purchase grant and a confirmation keyed by that invoice; an open, draft,
+// void or uncollectible invoice's payment has no grant, no confirmation
+// and has not succeeded; and no invoice confirms a payment not paid by
+// invoice.
+func VerifyInvoices(ctx context.Context, gdb *gorm.DB) ([]credits.VerifyProblem, error) {
+	counts, err := credits.PurchaseGrantCounts(ctx, gdb)
+	if err != nil {
+		return nil, err
+	}
+	type row struct {
+		ID, CustomerID, ItemKind, Status, Method   string
+		InvoiceID, InvoiceStatus, ConfirmedInvoice string
+	}
+	var rows []row
+	// payments beside their guard rows: SQL.
+	err = gdb.WithContext(ctx).Raw(`
+		SELECT p.id, p.customer_id, p.item_kind, p.status, p.method, COALESCE(p.invoice_id, '') AS invoice_id,
+		       COALESCE(p.invoice_status, '') AS invoice_status, COALESCE(c.invoice_id, '') AS confirmed_invoice
+		FROM payments p LEFT JOIN payment_confirmations c ON c.payment_id = p.id
+		WHERE p.method = 'invoice' OR c.invoice_id IS NOT NULL
+		ORDER BY p.id`).Scan(&rows).Error
+	if err != nil {
+		return nil, db.Translate(err, nil)
+	}
+	var problems []credits.VerifyProblem
+	add := func(r row, kind, format string, args ...any) {
+		problems = append(problems, credits.VerifyProblem{Kind: kind, CustomerID: r.CustomerID, PaymentID: r.ID, Detail: fmt.Sprintf(format, args...)})
+	}
+	for _, r := range rows {
+		paid := r.Status != string(Pending) && r.Status != string(Failed)
+		n := counts[r.ID]
+		switch {
+		case r.Method != string(MethodInvoice):
+			add(r, "invoice_confirms_non_invoice_payment", "invoice %s confirmed a %s payment", r.ConfirmedInvoice, r.Method)
+		case r.InvoiceStatus == "paid" && r.ItemKind == string(KindCreditPack) && n != 1:
+			add(r, "paid_invoice_grants", "invoice %s is paid and its %s payment has %d purchase grants, want exactly 1", r.InvoiceID, r.Status, n)
+		case r.InvoiceStatus != "paid" && (n != 0 || paid):
+			add(r, "unpaid_invoice_credited", "invoice %s is %q but its payment is %s with %d purchase grants", r.InvoiceID, r.InvoiceStatus, r.Status, n)
+		case paid && r.ConfirmedInvoice != r.InvoiceID:
+			add(r, "invoice_payment_unconfirmed", "%s payment has no confirmation by its invoice %s (confirmed by %q)", r.Status, r.InvoiceID, r.ConfirmedInvoice)
+		case !paid && r.ConfirmedInvoice != "":
+			add(r, "unpaid_invoice_confirmed", "%s payment has a confirmation by invoice %s", r.Status, r.ConfirmedInvoice)
+		}
+	}
+	return problems, nil
 }
 
 // VerifyTakeBacks checks what refunds and disputes took back of each

@@ -25,8 +25,10 @@ func (p Payment) ForCustomer() Payment {
 }
 
 func customerReason(reason string) string {
-	if strings.HasPrefix(reason, creationFailed) {
-		return creationFailed
+	for _, prefix := range []string{creationFailed, invoiceCreationFailed} {
+		if strings.HasPrefix(reason, prefix) {
+			return prefix
+		}
 	}
 	return reason
 }

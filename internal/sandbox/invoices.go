@@ -179,11 +179,15 @@ func (a *Account) openInvoice(id string) (*object, error) {
 	return inv, nil
 }
 
-// sendInvoice is POST /v1/invoices/{id}/send: invoice.sent.
+// sendInvoice is POST /v1/invoices/{id}/send: invoice.sent. As at Stripe,
+// the customer needs an email to send it to.
 func (a *Account) sendInvoice(id string, req requestRef) (*object, error) {
 	inv, err := a.openInvoice(id)
 	if err != nil {
 		return nil, err
+	}
+	if c := a.get("customer", str(inv.data, "customer")); c == nil || str(c.data, "email") == "" {
+		return nil, invalid("", "Missing email. In order to send an invoice, the customer %s must have a valid email.", str(inv.data, "customer"))
 	}
 	a.emit("invoice.sent", inv, req)
 	return inv, nil

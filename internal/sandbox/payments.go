@@ -95,15 +95,46 @@ type lineItem struct {
 
 // CreateCustomer creates a customer from Stripe's form parameters.
 func (a *Account) createCustomer(form url.Values) *object {
-	return a.create("customer", newID("cus"), map[string]any{
+	c := a.create("customer", newID("cus"), map[string]any{
 		"email":            nullable(form.Get("email")),
 		"name":             nullable(form.Get("name")),
 		"description":      nullable(form.Get("description")),
 		"metadata":         stringMap(bracketMap(form, "metadata")),
 		"invoice_settings": map[string]any{"default_payment_method": nil},
-		"address":          nil,
+		"address":          formAddress(form),
 		"tax_exempt":       "none",
 	})
+	// tax_id_data creates the customer's tax ids with it; the sandbox keeps
+	// them on the customer (Stripe lists them under tax_ids).
+	var ids []any
+	for i := 0; ; i++ {
+		typ := form.Get(fmt.Sprintf("tax_id_data[%d][type]", i))
+		if typ == "" {
+			break
+		}
+		ids = append(ids, map[string]any{"object": "tax_id", "type": typ, "value": form.Get(fmt.Sprintf("tax_id_data[%d][value]", i))})
+	}
+	c.data["tax_ids"] = map[string]any{"object": "list", "data": ids, "has_more": false}
+	return c
+}
+
+// addressFields are the fields of a Stripe address hash.
+var addressFields = []string{"line1", "line2", "city", "state", "postal_code", "country"}
+
+// formAddress is the address[...] parameters as Stripe stores them, nil
+// when none is given.
+func formAddress(form url.Values) any {
+	addr := map[string]any{}
+	given := false
+	for _, k := range addressFields {
+		_, ok := form["address["+k+"]"]
+		given = given || ok
+		addr[k] = nullable(form.Get("address[" + k + "]"))
+	}
+	if !given {
+		return nil
+	}
+	return addr
 }
 
 // updateCustomer applies Stripe's form parameters to customer id.
@@ -116,6 +147,9 @@ func (a *Account) updateCustomer(id string, form url.Values) (*object, error) {
 		if _, ok := form[k]; ok {
 			o.data[k] = nullable(form.Get(k))
 		}
+	}
+	if addr := formAddress(form); addr != nil {
+		o.data["address"] = addr
 	}
 	meta := sub(o.data, "metadata")
 	if meta == nil {

@@ -481,7 +481,19 @@ func TestSessionsExpireWithTheirPaymentIntent(t *testing.T) {
 
 func TestInvoiceLifecycle(t *testing.T) {
 	h := newHarness(t)
-	_, cus, _ := h.call(t, http.MethodPost, "/v1/customers", "", url.Values{"name": {"Acme"}})
+	_, nomail, _ := h.call(t, http.MethodPost, "/v1/customers", "", url.Values{"name": {"No Mail"}})
+	_, cus, _ := h.call(t, http.MethodPost, "/v1/customers", "", url.Values{"name": {"Acme"}, "email": {"ap@acme.example"},
+		"address[line1]": {"1 Main St"}, "address[country]": {"DE"}, "tax_id_data[0][type]": {"eu_vat"}, "tax_id_data[0][value]": {"DE123456789"}})
+	if addr, _ := cus["address"].(map[string]any); addr["line1"] != "1 Main St" || addr["country"] != "DE" {
+		t.Fatalf("customer address %v", cus["address"])
+	}
+	// As at Stripe, an invoice is sent only to a customer with an email.
+	_, lone, _ := h.call(t, http.MethodPost, "/v1/invoices", "", url.Values{"customer": {nomail["id"].(string)}, "collection_method": {"send_invoice"}, "days_until_due": {"1"}})
+	h.call(t, http.MethodPost, "/v1/invoiceitems", "", url.Values{"invoice": {lone["id"].(string)}, "amount": {"100"}, "currency": {"usd"}})
+	h.call(t, http.MethodPost, "/v1/invoices/"+lone["id"].(string)+"/finalize", "", url.Values{})
+	if status, out, _ := h.call(t, http.MethodPost, "/v1/invoices/"+lone["id"].(string)+"/send", "", url.Values{}); status != 400 {
+		t.Fatalf("sent to a customer without an email: %d %v", status, out)
+	}
 	status, inv, _ := h.call(t, http.MethodPost, "/v1/invoices", "", url.Values{"customer": {cus["id"].(string)}, "collection_method": {"send_invoice"},
 		"days_until_due": {"30"}, "metadata[tally_payment_id]": {"pay_9"}, "custom_fields[0][name]": {"PO"}, "custom_fields[0][value]": {"PO-1"}})
 	if status != 200 {
@@ -505,12 +517,13 @@ func TestInvoiceLifecycle(t *testing.T) {
 	}
 	h.deliverAll(t)
 	got := h.hook.typesOK()
-	wantTypes(t, "an invoice paid", got[1:], []string{"invoice.created", "invoiceitem.created", "invoice.finalized", "invoice.sent", "invoice.paid", "invoice.payment_succeeded"})
+	// The two customer.created, and the unsent invoice's three events, first.
+	wantTypes(t, "an invoice paid", got[5:], []string{"invoice.created", "invoiceitem.created", "invoice.finalized", "invoice.sent", "invoice.paid", "invoice.payment_succeeded"})
 
 	// The event list shows them too, newest first, filtered by type.
 	_, list, _ := h.call(t, http.MethodGet, "/v1/events?types[]=invoice.paid&types[]=invoice.finalized&limit=10", "", nil)
 	data := list["data"].([]any)
-	if len(data) != 2 || data[0].(map[string]any)["type"] != "invoice.paid" {
+	if len(data) != 3 || data[0].(map[string]any)["type"] != "invoice.paid" {
 		t.Fatalf("GET /v1/events: %v", list)
 	}
 }

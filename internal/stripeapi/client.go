@@ -87,6 +87,23 @@ type Client interface {
 	// minute aligned, as Stripe requires; invalid_request otherwise.
 	// Errors: *Error (rate_limited, unavailable, payment_provider_error).
 	MeterEventSummaries(ctx context.Context, in SummaryInput) ([]Summary, error)
+
+	// UpdateCustomer keeps a Stripe Customer's billing details in step
+	// with tally's (name, email, address). Errors: *Error.
+	UpdateCustomer(ctx context.Context, stripeCustomerID string, in CustomerInput) error
+
+	// CreateInvoice creates the draft invoice of a pay-by-invoice payment
+	// with its one line; FinalizeAndSendInvoice finalizes and sends it;
+	// GetInvoice retrieves one. Idempotency keys derive from the payment
+	// id (see invoices.go). Errors: *Error; invalid_request for bad input.
+	CreateInvoice(ctx context.Context, in InvoiceInput) (Invoice, error)
+	FinalizeAndSendInvoice(ctx context.Context, paymentID, invoiceID string) (Invoice, error)
+	GetInvoice(ctx context.Context, id string) (Invoice, error)
+
+	// ListEvents lists Stripe's events of up to 20 types created since a
+	// time (Stripe keeps 30 days), oldest first, each re-encoded as a
+	// webhook body. Errors: *Error.
+	ListEvents(ctx context.Context, since time.Time, types []string) ([]RawEvent, error)
 }
 
 // MaxStreamEvents is the most events Stripe accepts in one v2 meter event
@@ -98,6 +115,8 @@ type CustomerInput struct {
 	TallyCustomerID string
 	Email           string // optional
 	Name            string // optional
+	Address         *Address
+	TaxID           *TaxID // sent when the Stripe Customer is created
 }
 
 // Customer is a created Stripe Customer.
@@ -320,6 +339,10 @@ func (c *client) CreateCustomer(ctx context.Context, in CustomerInput) (Customer
 	if in.Name != "" {
 		params.Name = stripe.String(in.Name)
 	}
+	params.Address = in.Address.params()
+	if t := in.TaxID; t != nil && t.Type != "" && t.Value != "" {
+		params.TaxIDData = []*stripe.CustomerCreateTaxIDDataParams{{Type: stripe.String(t.Type), Value: stripe.String(t.Value)}}
+	}
 	params.SetIdempotencyKey("tally-customer-" + in.TallyCustomerID)
 
 	ctx, capture := withCapture(ctx)
@@ -407,7 +430,10 @@ func (c *client) CreateCheckoutSession(ctx context.Context, in CheckoutSessionIn
 	case ModePayment:
 		params.PaymentIntentData = &stripe.CheckoutSessionCreatePaymentIntentDataParams{Metadata: maps.Clone(metadata)}
 		if in.InvoiceCreation {
-			params.InvoiceCreation = &stripe.CheckoutSessionCreateInvoiceCreationParams{Enabled: stripe.Bool(true)}
+			// The invoice carries our ids too, so invoice.finalized and
+			// invoice.paid can show it on the payment.
+			params.InvoiceCreation = &stripe.CheckoutSessionCreateInvoiceCreationParams{Enabled: stripe.Bool(true),
+				InvoiceData: &stripe.CheckoutSessionCreateInvoiceCreationInvoiceDataParams{Metadata: maps.Clone(metadata)}}
 		}
 	case ModeSubscription:
 		params.SubscriptionData = &stripe.CheckoutSessionCreateSubscriptionDataParams{Metadata: maps.Clone(metadata)}

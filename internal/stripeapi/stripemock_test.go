@@ -110,3 +110,47 @@ func TestStripeMockMeterEventsAndSummaries(t *testing.T) {
 		t.Fatalf("no summaries returned")
 	}
 }
+
+// The invoice, customer-update and event-listing calls are requests
+// stripe-mock's OpenAPI validation accepts: every parameter tally sends
+// exists, with the right type.
+func TestStripeMockInvoicesAndEvents(t *testing.T) {
+	c := newMockClient(t)
+	ctx := context.Background()
+	cus, err := c.CreateCustomer(ctx, stripeapi.CustomerInput{TallyCustomerID: "c-inv", Email: "ap@acme.example", Name: "Acme",
+		Address: &stripeapi.Address{Line1: "1 Main St", City: "Berlin", PostalCode: "10115", Country: "DE"},
+		TaxID:   &stripeapi.TaxID{Type: "eu_vat", Value: "DE123456789"}})
+	if err != nil {
+		t.Fatalf("CreateCustomer with billing details: %v", err)
+	}
+	if err := c.UpdateCustomer(ctx, cus.ID, stripeapi.CustomerInput{TallyCustomerID: "c-inv", Email: "billing@acme.example",
+		Address: &stripeapi.Address{Line1: "2 Main St", Country: "DE"}}); err != nil {
+		t.Fatalf("UpdateCustomer: %v", err)
+	}
+	inv, err := c.CreateInvoice(ctx, stripeapi.InvoiceInput{PaymentID: "pay-inv-1", TallyCustomerID: "c-inv", StripeCustomerID: cus.ID,
+		Description: "10 × Pro pack", Amount: 50000, Currency: "usd", DaysUntilDue: 30, Memo: "Q3 credits", PurchaseOrder: "PO-1"})
+	if err != nil {
+		t.Fatalf("CreateInvoice: %v", err)
+	}
+	if !strings.HasPrefix(inv.ID, "in_") {
+		t.Fatalf("invoice id %q", inv.ID)
+	}
+	if _, err := c.FinalizeAndSendInvoice(ctx, "pay-inv-1", inv.ID); err != nil {
+		t.Fatalf("FinalizeAndSendInvoice: %v", err)
+	}
+	if got, err := c.GetInvoice(ctx, inv.ID); err != nil || got.ID == "" {
+		t.Fatalf("GetInvoice: %+v, %v", got, err)
+	}
+	evs, err := c.ListEvents(ctx, time.Now().Add(-time.Hour), []string{"invoice.paid", "payment_intent.succeeded"})
+	if err != nil {
+		t.Fatalf("ListEvents: %v", err)
+	}
+	for _, ev := range evs {
+		if ev.ID == "" || len(ev.Payload) == 0 {
+			t.Fatalf("listed event %+v", ev)
+		}
+	}
+	if _, err := c.ListEvents(ctx, time.Now(), make([]string, 21)); err == nil {
+		t.Fatal("21 types were listed; Stripe allows 20")
+	}
+}

@@ -226,6 +226,32 @@ func (o disputeObject) domain() payments.Dispute {
 		Currency: o.Currency, Status: o.Status, Reason: o.Reason, Livemode: o.Livemode, Metadata: o.Metadata}
 }
 
+type invoiceObject struct {
+	ID               string   `json:"id"`
+	Number           *string  `json:"number"`
+	Status           string   `json:"status"`
+	HostedInvoiceURL *string  `json:"hosted_invoice_url"`
+	InvoicePDF       *string  `json:"invoice_pdf"`
+	Customer         ref      `json:"customer"`
+	Currency         string   `json:"currency"`
+	AmountDue        int64    `json:"amount_due"`
+	AmountPaid       int64    `json:"amount_paid"`
+	Livemode         bool     `json:"livemode"`
+	Metadata         metadata `json:"metadata"`
+}
+
+func (o invoiceObject) domain() payments.StripeInvoice {
+	deref := func(s *string) string {
+		if s == nil {
+			return ""
+		}
+		return *s
+	}
+	return payments.StripeInvoice{ID: o.ID, Number: deref(o.Number), Status: o.Status, HostedInvoiceURL: deref(o.HostedInvoiceURL),
+		InvoicePDF: deref(o.InvoicePDF), Customer: string(o.Customer), Currency: o.Currency, AmountDue: o.AmountDue,
+		AmountPaid: o.AmountPaid, Livemode: o.Livemode, Metadata: o.Metadata}
+}
+
 type subscriptionObject struct {
 	ID       string   `json:"id"`
 	Customer ref      `json:"customer"`

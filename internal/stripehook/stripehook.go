@@ -43,12 +43,15 @@ const (
 	Ignored   Status = "ignored"
 	Failed    Status = "failed"
 	Parked    Status = "parked"
+	// Dismissed: an operator decided a parked or failed event needs
+	// nothing more (Dismiss). It is not retried; it may be replayed.
+	Dismissed Status = "dismissed"
 )
 
 // ValidStatus reports whether s names a stored event status.
 func ValidStatus(s string) bool {
 	switch Status(s) {
-	case Received, Processed, Ignored, Failed, Parked:
+	case Received, Processed, Ignored, Failed, Parked, Dismissed:
 		return true
 	}
 	return false
@@ -71,6 +74,8 @@ type Options struct {
 	Registry      prometheus.Registerer
 	Logger        *slog.Logger
 	Now           func() time.Time
+	// Stripe lists missed events (CatchUp); nil when no key is configured.
+	Stripe stripeapi.Client
 }
 
 // Intake receives, stores, processes and replays Stripe events.
@@ -84,6 +89,8 @@ type Intake struct {
 	logger        *slog.Logger
 	now           func() time.Time
 	total         *prometheus.CounterVec
+	lag           *prometheus.HistogramVec
+	stripe        stripeapi.Client
 }
 
 // processTimeout bounds one processing attempt, which continues even if
@@ -114,7 +121,7 @@ func New(o Options) *Intake {
 			o.MaxAttempts, o.RetryInterval))
 	}
 	h := &Intake{db: o.DB, payments: o.Payments, secrets: o.Secrets, tolerance: o.Tolerance, maxAttempts: o.MaxAttempts,
-		retryInterval: o.RetryInterval, logger: o.Logger, now: o.Now}
+		retryInterval: o.RetryInterval, logger: o.Logger, now: o.Now, stripe: o.Stripe}
 	if h.tolerance == 0 {
 		h.tolerance = stripeapi.WebhookTolerance
 	}
@@ -127,9 +134,16 @@ func New(o Options) *Intake {
 	h.total = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "tally_stripe_events_total", Help: "Stripe event processing outcomes, by event type and resulting status.",
 	}, []string{"type", "status"})
+	h.lag = prometheus.NewHistogramVec(prometheus.HistogramOpts{
+		Name: "tally_stripe_event_lag_seconds",
+		Help: "From Stripe's creation of an event to tally's processing of it, by event type (processed events only).",
+		// Seconds for a live webhook, minutes for a retry, hours to days
+		// for an event a catch-up found missed.
+		Buckets: []float64{0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 4 * 3600, 24 * 3600, 3 * 24 * 3600},
+	}, []string{"type"})
 	if o.Registry != nil {
-		o.Registry.MustRegister(h.total, prometheus.NewGaugeFunc(prometheus.GaugeOpts{
-			Name: "tally_stripe_events_parked", Help: "Stored Stripe events parked for an operator.",
+		o.Registry.MustRegister(h.total, h.lag, prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "tally_stripe_events_parked", Help: "Stored Stripe events parked for an operator (dismissed ones are not).",
 		}, h.parkedCount))
 	}
 	return h
@@ -169,16 +183,45 @@ func (h *Intake) Receive(ctx context.Context, payload []byte, signature string) 
 		return Ack{}, err
 	}
 	now := h.now()
+	stored, status, err := h.store(ctx, ev, payload, sourceWebhook, now)
+	if err != nil {
+		return Ack{}, err
+	}
+	if !stored {
+		return Ack{Status: status, Duplicate: true}, nil
+	}
+	pctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), processTimeout)
+	defer cancel()
+	status, _ = h.process(pctx, ev, 0, now)
+	return Ack{Status: status}, nil
+}
+
+// Where a stored event came from (stripe_events.source).
+const (
+	sourceWebhook = "webhook"
+	sourceSync    = "sync"
+)
+
+// store writes ev (its signed body, or its re-encoding from Stripe's event
+// list) unless its id is stored already; then it answers stored=false
+// and the stored status.
+// Errors: errs.Unavailable (the database refused it).
+func (h *Intake) store(ctx context.Context, ev Event, payload []byte, source string, now time.Time) (bool, Status, error) {
 	var apiVersion *string
 	if ev.APIVersion != "" {
 		apiVersion = &ev.APIVersion
+	}
+	var created *time.Time
+	if ev.Created > 0 {
+		t := time.Unix(ev.Created, 0).UTC()
+		created = &t
 	}
 	// The signed bytes are stored as they came, as text: ParseEvent found
 	// them UTF-8 JSON, which holds no NUL byte, so text can keep them.
 	next := now.Add(lease)
 	res := h.db.WithContext(ctx).Clauses(clause.OnConflict{DoNothing: true}).Create(&eventRow{
 		ID: ev.ID, Type: ev.Type, APIVersion: apiVersion, Livemode: ev.Livemode, Payload: string(payload),
-		Status: string(Received), NextAttemptAt: &next, ReceivedAt: now,
+		Status: string(Received), NextAttemptAt: &next, ReceivedAt: now, StripeCreated: created, Source: source,
 	})
 	if res.Error != nil {
 		err := db.Translate(res.Error, nil)
@@ -187,19 +230,16 @@ func (h *Intake) Receive(ctx context.Context, payload []byte, signature string) 
 			// which retries, and visible in our logs.
 			err = errs.Wrap(err, errs.Unavailable, "the event could not be stored")
 		}
-		return Ack{}, err
+		return false, "", err
 	}
 	if res.RowsAffected == 0 {
 		var stored eventRow
 		if err := h.db.WithContext(ctx).Select("status").Where("id = ?", ev.ID).Take(&stored).Error; err != nil {
-			return Ack{}, db.Translate(err, nil)
+			return false, "", db.Translate(err, nil)
 		}
-		return Ack{Status: Status(stored.Status), Duplicate: true}, nil
+		return false, Status(stored.Status), nil
 	}
-	pctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), processTimeout)
-	defer cancel()
-	status, _ := h.process(pctx, ev, 0, now)
-	return Ack{Status: status}, nil
+	return true, Received, nil
 }
 
 // process dispatches ev and records the outcome; attempts is how many
@@ -281,6 +321,9 @@ func (h *Intake) process(ctx context.Context, ev Event, attempts int, receivedAt
 		return Received, db.Translate(uerr, nil)
 	}
 	h.total.WithLabelValues(ev.Type, string(status)).Inc()
+	if status == Processed && ev.Created > 0 {
+		h.lag.WithLabelValues(ev.Type).Observe(max(0, now.Sub(time.Unix(ev.Created, 0)).Seconds()))
+	}
 	if status == Processed && confirms != "" {
 		h.wakeWaiting(ctx, confirms)
 	}
@@ -358,6 +401,12 @@ func (h *Intake) dispatch(ctx context.Context, ev Event) (confirms string, err e
 			return "", err
 		}
 		return "", h.payments.DisputeChanged(ctx, ref, o.domain())
+	case "invoice.finalized", "invoice.paid", "invoice.voided", "invoice.marked_uncollectible":
+		var o invoiceObject
+		if err := decodeObject(ev, &o, func() string { return o.ID }); err != nil {
+			return "", err
+		}
+		return "", h.payments.InvoiceChanged(ctx, ref, o.domain())
 	case "customer.subscription.created", "customer.subscription.updated", "customer.subscription.deleted":
 		var o subscriptionObject
 		if err := decodeObject(ev, &o, func() string { return o.ID }); err != nil {
@@ -380,23 +429,36 @@ type Stored struct {
 	ReceivedAt    time.Time
 	ProcessedAt   *time.Time
 	NextAttemptAt *time.Time
+	// Created is Stripe's creation time of the event (nil for events
+	// stored before tally recorded it); Source is webhook or sync.
+	Created *time.Time
+	Source  string
+	// Dismissed*: who dismissed it, why and when (Status Dismissed).
+	DismissedBy     string
+	DismissedReason string
+	DismissedAt     *time.Time
 }
 
 // eventRow is a row of stripe_events. Payload, the signed body as
 // received, is read only where it is processed (Omit it elsewhere).
 type eventRow struct {
-	ID            string `gorm:"primaryKey"`
-	Type          string
-	APIVersion    *string
-	Livemode      bool
-	Payload       string
-	Status        string
-	Attempts      int
-	LastError     *string
-	NextAttemptAt *time.Time
-	ReceivedAt    time.Time
-	ProcessedAt   *time.Time
-	WaitingFor    *string
+	ID              string `gorm:"primaryKey"`
+	Type            string
+	APIVersion      *string
+	Livemode        bool
+	Payload         string
+	Status          string
+	Attempts        int
+	LastError       *string
+	NextAttemptAt   *time.Time
+	ReceivedAt      time.Time
+	ProcessedAt     *time.Time
+	WaitingFor      *string
+	StripeCreated   *time.Time
+	Source          string
+	DismissedBy     *string
+	DismissedReason *string
+	DismissedAt     *time.Time
 }
 
 func (eventRow) TableName() string { return "stripe_events" }
@@ -412,6 +474,13 @@ func (r eventRow) stored() Stored {
 	}
 	if r.Status == string(Failed) || r.Status == string(Received) {
 		s.NextAttemptAt = r.NextAttemptAt
+	}
+	s.Created, s.Source, s.DismissedAt = r.StripeCreated, r.Source, r.DismissedAt
+	if r.DismissedBy != nil {
+		s.DismissedBy = *r.DismissedBy
+	}
+	if r.DismissedReason != nil {
+		s.DismissedReason = *r.DismissedReason
 	}
 	return s
 }
@@ -445,7 +514,7 @@ type Page struct {
 // status. Errors: errs.Invalid (status, cursor, limit), errs.Unavailable.
 func (h *Intake) List(ctx context.Context, status, cursor string, limit int) (Page, error) {
 	if status != "" && !ValidStatus(status) {
-		return Page{}, errs.InvalidField("status", "status must be received, processed, ignored, failed or parked")
+		return Page{}, errs.InvalidField("status", "status must be received, processed, ignored, failed, parked or dismissed")
 	}
 	if err := db.CheckPageSize(limit); err != nil {
 		return Page{}, err

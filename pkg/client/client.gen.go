@@ -18,6 +18,24 @@ import (
 	"github.com/oapi-codegen/runtime"
 )
 
+// Defines values for CreditPackConfirmOn.
+const (
+	CreditPackConfirmOnCheckoutSession CreditPackConfirmOn = "checkout_session"
+	CreditPackConfirmOnPaymentIntent   CreditPackConfirmOn = "payment_intent"
+)
+
+// Valid indicates whether the value is a known member of the CreditPackConfirmOn enum.
+func (e CreditPackConfirmOn) Valid() bool {
+	switch e {
+	case CreditPackConfirmOnCheckoutSession:
+		return true
+	case CreditPackConfirmOnPaymentIntent:
+		return true
+	default:
+		return false
+	}
+}
+
 // Defines values for CreditsAdjustedEventType.
 const (
 	CreditsAdjusted CreditsAdjustedEventType = "credits.adjusted"
@@ -486,6 +504,48 @@ func (e LedgerEntryKind) Valid() bool {
 	}
 }
 
+// Defines values for PaymentConfirmOn.
+const (
+	PaymentConfirmOnCheckoutSession PaymentConfirmOn = "checkout_session"
+	PaymentConfirmOnPaymentIntent   PaymentConfirmOn = "payment_intent"
+)
+
+// Valid indicates whether the value is a known member of the PaymentConfirmOn enum.
+func (e PaymentConfirmOn) Valid() bool {
+	switch e {
+	case PaymentConfirmOnCheckoutSession:
+		return true
+	case PaymentConfirmOnPaymentIntent:
+		return true
+	default:
+		return false
+	}
+}
+
+// Defines values for PaymentConfirmedBy.
+const (
+	PaymentConfirmedByCheckoutSession PaymentConfirmedBy = "checkout_session"
+	PaymentConfirmedByInvoice         PaymentConfirmedBy = "invoice"
+	PaymentConfirmedByPaymentIntent   PaymentConfirmedBy = "payment_intent"
+	PaymentConfirmedBySync            PaymentConfirmedBy = "sync"
+)
+
+// Valid indicates whether the value is a known member of the PaymentConfirmedBy enum.
+func (e PaymentConfirmedBy) Valid() bool {
+	switch e {
+	case PaymentConfirmedByCheckoutSession:
+		return true
+	case PaymentConfirmedByInvoice:
+		return true
+	case PaymentConfirmedByPaymentIntent:
+		return true
+	case PaymentConfirmedBySync:
+		return true
+	default:
+		return false
+	}
+}
+
 // Defines values for PaymentItemKind.
 const (
 	PaymentItemKindCreditPack PaymentItemKind = "credit_pack"
@@ -501,6 +561,27 @@ func (e PaymentItemKind) Valid() bool {
 	case PaymentItemKindPlan:
 		return true
 	case PaymentItemKindProduct:
+		return true
+	default:
+		return false
+	}
+}
+
+// Defines values for PaymentMethod.
+const (
+	PaymentMethodAutoTopUp PaymentMethod = "auto_top_up"
+	PaymentMethodCheckout  PaymentMethod = "checkout"
+	PaymentMethodInvoice   PaymentMethod = "invoice"
+)
+
+// Valid indicates whether the value is a known member of the PaymentMethod enum.
+func (e PaymentMethod) Valid() bool {
+	switch e {
+	case PaymentMethodAutoTopUp:
+		return true
+	case PaymentMethodCheckout:
+		return true
+	case PaymentMethodInvoice:
 		return true
 	default:
 		return false
@@ -612,6 +693,30 @@ func (e PaymentStatus) Valid() bool {
 	}
 }
 
+// Defines values for PaymentSucceededDataConfirmedBy.
+const (
+	PaymentSucceededDataConfirmedByCheckoutSession PaymentSucceededDataConfirmedBy = "checkout_session"
+	PaymentSucceededDataConfirmedByInvoice         PaymentSucceededDataConfirmedBy = "invoice"
+	PaymentSucceededDataConfirmedByPaymentIntent   PaymentSucceededDataConfirmedBy = "payment_intent"
+	PaymentSucceededDataConfirmedBySync            PaymentSucceededDataConfirmedBy = "sync"
+)
+
+// Valid indicates whether the value is a known member of the PaymentSucceededDataConfirmedBy enum.
+func (e PaymentSucceededDataConfirmedBy) Valid() bool {
+	switch e {
+	case PaymentSucceededDataConfirmedByCheckoutSession:
+		return true
+	case PaymentSucceededDataConfirmedByInvoice:
+		return true
+	case PaymentSucceededDataConfirmedByPaymentIntent:
+		return true
+	case PaymentSucceededDataConfirmedBySync:
+		return true
+	default:
+		return false
+	}
+}
+
 // Defines values for PaymentSucceededDataItemKind.
 const (
 	PaymentSucceededDataItemKindCreditPack PaymentSucceededDataItemKind = "credit_pack"
@@ -633,6 +738,27 @@ func (e PaymentSucceededDataItemKind) Valid() bool {
 	}
 }
 
+// Defines values for PaymentSucceededDataMethod.
+const (
+	PaymentSucceededDataMethodAutoTopUp PaymentSucceededDataMethod = "auto_top_up"
+	PaymentSucceededDataMethodCheckout  PaymentSucceededDataMethod = "checkout"
+	PaymentSucceededDataMethodInvoice   PaymentSucceededDataMethod = "invoice"
+)
+
+// Valid indicates whether the value is a known member of the PaymentSucceededDataMethod enum.
+func (e PaymentSucceededDataMethod) Valid() bool {
+	switch e {
+	case PaymentSucceededDataMethodAutoTopUp:
+		return true
+	case PaymentSucceededDataMethodCheckout:
+		return true
+	case PaymentSucceededDataMethodInvoice:
+		return true
+	default:
+		return false
+	}
+}
+
 // Defines values for PaymentSucceededEventType.
 const (
 	PaymentSucceeded PaymentSucceededEventType = "payment.succeeded"
@@ -642,6 +768,48 @@ const (
 func (e PaymentSucceededEventType) Valid() bool {
 	switch e {
 	case PaymentSucceeded:
+		return true
+	default:
+		return false
+	}
+}
+
+// Defines values for PaymentTransitionSource.
+const (
+	PaymentTransitionSourceApi      PaymentTransitionSource = "api"
+	PaymentTransitionSourceOperator PaymentTransitionSource = "operator"
+	PaymentTransitionSourceSync     PaymentTransitionSource = "sync"
+	PaymentTransitionSourceWebhook  PaymentTransitionSource = "webhook"
+)
+
+// Valid indicates whether the value is a known member of the PaymentTransitionSource enum.
+func (e PaymentTransitionSource) Valid() bool {
+	switch e {
+	case PaymentTransitionSourceApi:
+		return true
+	case PaymentTransitionSourceOperator:
+		return true
+	case PaymentTransitionSourceSync:
+		return true
+	case PaymentTransitionSourceWebhook:
+		return true
+	default:
+		return false
+	}
+}
+
+// Defines values for ProductConfirmOn.
+const (
+	ProductConfirmOnCheckoutSession ProductConfirmOn = "checkout_session"
+	ProductConfirmOnPaymentIntent   ProductConfirmOn = "payment_intent"
+)
+
+// Valid indicates whether the value is a known member of the ProductConfirmOn enum.
+func (e ProductConfirmOn) Valid() bool {
+	switch e {
+	case ProductConfirmOnCheckoutSession:
+		return true
+	case ProductConfirmOnPaymentIntent:
 		return true
 	default:
 		return false
@@ -687,8 +855,24 @@ func (e RequeueSkipCode) Valid() bool {
 	}
 }
 
+// Defines values for StripeEventDismissedEventType.
+const (
+	StripeEventDismissed StripeEventDismissedEventType = "stripe_event.dismissed"
+)
+
+// Valid indicates whether the value is a known member of the StripeEventDismissedEventType enum.
+func (e StripeEventDismissedEventType) Valid() bool {
+	switch e {
+	case StripeEventDismissed:
+		return true
+	default:
+		return false
+	}
+}
+
 // Defines values for StripeEventStatus.
 const (
+	StripeEventStatusDismissed StripeEventStatus = "dismissed"
 	StripeEventStatusFailed    StripeEventStatus = "failed"
 	StripeEventStatusIgnored   StripeEventStatus = "ignored"
 	StripeEventStatusParked    StripeEventStatus = "parked"
@@ -699,6 +883,8 @@ const (
 // Valid indicates whether the value is a known member of the StripeEventStatus enum.
 func (e StripeEventStatus) Valid() bool {
 	switch e {
+	case StripeEventStatusDismissed:
+		return true
 	case StripeEventStatusFailed:
 		return true
 	case StripeEventStatusIgnored:
@@ -890,6 +1076,33 @@ type BalanceAt struct {
 	CustomerId CustomerID `json:"customer_id"`
 }
 
+// BillingDetails What invoices show and Stripe's Customer holds. Every field is
+// optional; a `billing` object replaces the one stored (send all of
+// it). The Stripe Customer is kept in step (name, email, address)
+// when it exists, and created with them (and the tax id) otherwise.
+type BillingDetails struct {
+	Address *struct {
+		City *string `json:"city,omitempty"`
+
+		// Country ISO 3166-1 alpha-2.
+		Country    *string `json:"country,omitempty"`
+		Line1      *string `json:"line1,omitempty"`
+		Line2      *string `json:"line2,omitempty"`
+		PostalCode *string `json:"postal_code,omitempty"`
+		State      *string `json:"state,omitempty"`
+	} `json:"address,omitempty"`
+	Email *string `json:"email,omitempty"`
+
+	// InvoiceAlways Every Checkout of this customer asks Stripe for an invoice, whatever the item and TALLY_CHECKOUT_INVOICE_CREATION say.
+	InvoiceAlways *bool   `json:"invoice_always,omitempty"`
+	Name          *string `json:"name,omitempty"`
+	TaxId         *struct {
+		// Type Stripe's tax id type, e.g. eu_vat.
+		Type  string `json:"type"`
+		Value string `json:"value"`
+	} `json:"tax_id,omitempty"`
+}
+
 // CaptureRequest defines model for CaptureRequest.
 type CaptureRequest struct {
 	// Amount Omitted: all of the hold. 0 spends nothing.
@@ -961,9 +1174,12 @@ type ConsumeResult struct {
 
 // CreditPack defines model for CreditPack.
 type CreditPack struct {
-	Amount   int64  `json:"amount"`
-	Credits  int64  `json:"credits"`
-	Currency string `json:"currency"`
+	Amount int64 `json:"amount"`
+
+	// ConfirmOn The confirmation strategy its new Checkout payments are created under; null follows TALLY_CONFIRM_ON.
+	ConfirmOn *CreditPackConfirmOn `json:"confirm_on,omitempty"`
+	Credits   int64                `json:"credits"`
+	Currency  string               `json:"currency"`
 
 	// ExpiresAfterMonths How many calendar months bought credits stay spendable (12 unless
 	// the pack says otherwise). When both this and
@@ -974,8 +1190,14 @@ type CreditPack struct {
 	// fixed duration rather than calendar months.
 	ExpiresAfterSeconds *int64 `json:"expires_after_seconds,omitempty"`
 	Id                  string `json:"id"`
-	Name                string `json:"name"`
+
+	// Invoice Whether a Checkout of it asks Stripe for an invoice; null follows TALLY_CHECKOUT_INVOICE_CREATION.
+	Invoice *bool  `json:"invoice,omitempty"`
+	Name    string `json:"name"`
 }
+
+// CreditPackConfirmOn The confirmation strategy its new Checkout payments are created under; null follows TALLY_CONFIRM_ON.
+type CreditPackConfirmOn string
 
 // CreditsAdjustedData defines model for CreditsAdjustedData.
 type CreditsAdjustedData struct {
@@ -1223,10 +1445,15 @@ type CreditsVoidedEventType string
 
 // Customer defines model for Customer.
 type Customer struct {
-	CreatedAt           time.Time  `json:"created_at"`
-	Email               *string    `json:"email,omitempty"`
-	Id                  CustomerID `json:"id"`
-	LowBalanceThreshold *int64     `json:"low_balance_threshold,omitempty"`
+	// Billing What invoices show and Stripe's Customer holds. Every field is
+	// optional; a `billing` object replaces the one stored (send all of
+	// it). The Stripe Customer is kept in step (name, email, address)
+	// when it exists, and created with them (and the tax id) otherwise.
+	Billing             *BillingDetails `json:"billing,omitempty"`
+	CreatedAt           time.Time       `json:"created_at"`
+	Email               *string         `json:"email,omitempty"`
+	Id                  CustomerID      `json:"id"`
+	LowBalanceThreshold *int64          `json:"low_balance_threshold,omitempty"`
 
 	// Metadata Up to 50 string values, keys up to 40 characters, values up to 500.
 	Metadata         Metadata  `json:"metadata"`
@@ -1272,7 +1499,12 @@ type CustomerUpdatedEventType string
 
 // CustomerUpsert defines model for CustomerUpsert.
 type CustomerUpsert struct {
-	Email *string `json:"email,omitempty"`
+	// Billing What invoices show and Stripe's Customer holds. Every field is
+	// optional; a `billing` object replaces the one stored (send all of
+	// it). The Stripe Customer is kept in step (name, email, address)
+	// when it exists, and created with them (and the tax id) otherwise.
+	Billing *BillingDetails `json:"billing,omitempty"`
+	Email   *string         `json:"email,omitempty"`
 
 	// LowBalanceThreshold Per-customer threshold for `credits.low_balance` (0 turns the notice off for this customer). Omitted or null keeps the current value; a customer that never had one uses the configured default.
 	LowBalanceThreshold *int64 `json:"low_balance_threshold,omitempty"`
@@ -1465,6 +1697,43 @@ type HoldRequest struct {
 	Reason   string    `json:"reason"`
 }
 
+// InvoicePayment defines model for InvoicePayment.
+type InvoicePayment struct {
+	Amount   int64  `json:"amount"`
+	Credits  int64  `json:"credits"`
+	Currency string `json:"currency"`
+
+	// Invoice The payment's Stripe invoice, as `invoice.finalized` and `invoice.paid` (or its creation) last told it.
+	Invoice   PaymentInvoice `json:"invoice"`
+	PaymentId string         `json:"payment_id"`
+
+	// Status Where the payment stands. `pending → succeeded | failed`,
+	// `failed → succeeded` (a retried card), `succeeded → refunded` (after
+	// any refund; `amount_refunded` grows with later ones). A chargeback
+	// moves a succeeded or refunded payment to `disputed` (its disputed
+	// share of the credits is taken back, as for a refund); closed won, it
+	// returns to the state it had before and the credits come back;
+	// closed lost, it ends `dispute_lost`. An inquiry (no funds withdrawn)
+	// is only recorded in `transitions`.
+	Status PaymentStatus `json:"status"`
+}
+
+// InvoicePaymentCreate defines model for InvoicePaymentCreate.
+type InvoicePaymentCreate struct {
+	// DaysUntilDue Default 30.
+	DaysUntilDue *int64 `json:"days_until_due,omitempty"`
+
+	// Item A credit pack or product id (not a plan).
+	Item string `json:"item"`
+
+	// Memo The invoice's description.
+	Memo *string `json:"memo,omitempty"`
+
+	// PurchaseOrder Shown on the invoice as the custom field `PO number`.
+	PurchaseOrder *string `json:"purchase_order,omitempty"`
+	Quantity      *int64  `json:"quantity,omitempty"`
+}
+
 // LedgerDraw defines model for LedgerDraw.
 type LedgerDraw struct {
 	Amount  int64  `json:"amount"`
@@ -1534,9 +1803,15 @@ type Payment struct {
 	AmountRefunded int64  `json:"amount_refunded"`
 
 	// AmountTax Tax Stripe Tax charged on the Checkout Session, in its currency, once Stripe reported it.
-	AmountTax         *int64    `json:"amount_tax,omitempty"`
-	CheckoutSessionId *string   `json:"checkout_session_id,omitempty"`
-	CreatedAt         time.Time `json:"created_at"`
+	AmountTax         *int64  `json:"amount_tax,omitempty"`
+	CheckoutSessionId *string `json:"checkout_session_id,omitempty"`
+
+	// ConfirmOn The strategy a Checkout payment is confirmed under, fixed when it was created.
+	ConfirmOn *PaymentConfirmOn `json:"confirm_on,omitempty"`
+
+	// ConfirmedBy What confirmed it; `sync` when tally found Stripe's word by looking, without a webhook.
+	ConfirmedBy *PaymentConfirmedBy `json:"confirmed_by,omitempty"`
+	CreatedAt   time.Time           `json:"created_at"`
 
 	// Credits Credits this payment buys (0 for products and plans).
 	Credits    int64      `json:"credits"`
@@ -1547,14 +1822,19 @@ type Payment struct {
 	// own account too (Stripe's request id, error code and message);
 	// an end-user token reads only what happened, e.g. `checkout
 	// session creation failed`. The same holds for transition reasons.
-	FailureReason   *string         `json:"failure_reason,omitempty"`
-	Id              string          `json:"id"`
-	InvoiceId       *string         `json:"invoice_id,omitempty"`
-	Item            string          `json:"item"`
-	ItemKind        PaymentItemKind `json:"item_kind"`
-	Livemode        bool            `json:"livemode"`
-	PaymentIntentId *string         `json:"payment_intent_id,omitempty"`
-	Quantity        int64           `json:"quantity"`
+	FailureReason *string         `json:"failure_reason,omitempty"`
+	Id            string          `json:"id"`
+	Invoice       *PaymentInvoice `json:"invoice,omitempty"`
+	InvoiceId     *string         `json:"invoice_id,omitempty"`
+	Item          string          `json:"item"`
+	ItemKind      PaymentItemKind `json:"item_kind"`
+	Livemode      bool            `json:"livemode"`
+
+	// Method How it is paid.
+	Method          PaymentMethod `json:"method"`
+	PaymentIntentId *string       `json:"payment_intent_id,omitempty"`
+	PurchaseOrder   *string       `json:"purchase_order,omitempty"`
+	Quantity        int64         `json:"quantity"`
 
 	// ReceivedCurrency The currency of `amount_received` and of refunds: the buyer's when
 	// Stripe converted the price (Adaptive Pricing), else `currency`.
@@ -1577,8 +1857,17 @@ type Payment struct {
 	UpdatedAt   time.Time           `json:"updated_at"`
 }
 
+// PaymentConfirmOn The strategy a Checkout payment is confirmed under, fixed when it was created.
+type PaymentConfirmOn string
+
+// PaymentConfirmedBy What confirmed it; `sync` when tally found Stripe's word by looking, without a webhook.
+type PaymentConfirmedBy string
+
 // PaymentItemKind defines model for Payment.ItemKind.
 type PaymentItemKind string
+
+// PaymentMethod How it is paid.
+type PaymentMethod string
 
 // PaymentDisputeLostData defines model for PaymentDisputeLostData.
 type PaymentDisputeLostData struct {
@@ -1678,6 +1967,17 @@ type PaymentFailedEvent struct {
 // PaymentFailedEventType defines model for PaymentFailedEvent.Type.
 type PaymentFailedEventType string
 
+// PaymentInvoice The payment's Stripe invoice, as `invoice.finalized` and `invoice.paid` (or its creation) last told it.
+type PaymentInvoice struct {
+	HostedInvoiceUrl *string `json:"hosted_invoice_url,omitempty"`
+	Id               string  `json:"id"`
+	InvoicePdf       *string `json:"invoice_pdf,omitempty"`
+	Number           *string `json:"number,omitempty"`
+
+	// Status draft, open, paid, void or uncollectible.
+	Status *string `json:"status,omitempty"`
+}
+
 // PaymentPage defines model for PaymentPage.
 type PaymentPage struct {
 	Data       []Payment `json:"data"`
@@ -1728,13 +2028,18 @@ type PaymentSucceededData struct {
 	Amount int64 `json:"amount"`
 
 	// AmountTax Tax Stripe Tax added, in `currency`; 0 when none.
-	AmountTax int64 `json:"amount_tax"`
+	AmountTax   int64                            `json:"amount_tax"`
+	ConfirmedBy *PaymentSucceededDataConfirmedBy `json:"confirmed_by,omitempty"`
 
 	// Credits Credits granted (0 for products and plans).
-	Credits         int64                        `json:"credits"`
-	Currency        string                       `json:"currency"`
+	Credits  int64  `json:"credits"`
+	Currency string `json:"currency"`
+
+	// InvoiceId The invoice that confirmed a pay-by-invoice payment.
+	InvoiceId       *string                      `json:"invoice_id,omitempty"`
 	Item            string                       `json:"item"`
 	ItemKind        PaymentSucceededDataItemKind `json:"item_kind"`
+	Method          *PaymentSucceededDataMethod  `json:"method,omitempty"`
 	PaymentId       string                       `json:"payment_id"`
 	PaymentIntentId *string                      `json:"payment_intent_id,omitempty"`
 
@@ -1743,12 +2048,18 @@ type PaymentSucceededData struct {
 	PriceCurrency string `json:"price_currency"`
 	Quantity      int64  `json:"quantity"`
 
-	// StripeEventId The Stripe event that confirmed the payment.
+	// StripeEventId The Stripe event that confirmed the payment (empty when a sync did).
 	StripeEventId string `json:"stripe_event_id"`
 }
 
+// PaymentSucceededDataConfirmedBy defines model for PaymentSucceededData.ConfirmedBy.
+type PaymentSucceededDataConfirmedBy string
+
 // PaymentSucceededDataItemKind defines model for PaymentSucceededData.ItemKind.
 type PaymentSucceededDataItemKind string
+
+// PaymentSucceededDataMethod defines model for PaymentSucceededData.Method.
+type PaymentSucceededDataMethod string
 
 // PaymentSucceededEvent Stripe confirmed the money of a credit pack or product purchase (credits are granted in the same transaction), or a plan's subscription started.
 type PaymentSucceededEvent struct {
@@ -1766,14 +2077,20 @@ type PaymentSucceededEventType string
 // PaymentTransition defines model for PaymentTransition.
 type PaymentTransition struct {
 	// Applied False when the event moved nothing: the state machine refused it (a stale or out-of-order event), or it was only recorded (a dispute inquiry, a dispute already in that stage).
-	Applied         bool      `json:"applied"`
-	CreatedAt       time.Time `json:"created_at"`
-	From            *string   `json:"from"`
-	Reason          *string   `json:"reason,omitempty"`
-	StripeEventId   *string   `json:"stripe_event_id,omitempty"`
-	StripeEventType *string   `json:"stripe_event_type,omitempty"`
-	To              string    `json:"to"`
+	Applied   bool      `json:"applied"`
+	CreatedAt time.Time `json:"created_at"`
+	From      *string   `json:"from"`
+	Reason    *string   `json:"reason,omitempty"`
+
+	// Source Where the change came from (null in history older than this field).
+	Source          *PaymentTransitionSource `json:"source,omitempty"`
+	StripeEventId   *string                  `json:"stripe_event_id,omitempty"`
+	StripeEventType *string                  `json:"stripe_event_type,omitempty"`
+	To              string                   `json:"to"`
 }
+
+// PaymentTransitionSource Where the change came from (null in history older than this field).
+type PaymentTransitionSource string
 
 // Plan defines model for Plan.
 type Plan struct {
@@ -1808,11 +2125,20 @@ type Problem struct {
 
 // Product defines model for Product.
 type Product struct {
-	Amount   int64  `json:"amount"`
-	Currency string `json:"currency"`
-	Id       string `json:"id"`
-	Name     string `json:"name"`
+	Amount int64 `json:"amount"`
+
+	// ConfirmOn The confirmation strategy its new Checkout payments are created under; null follows TALLY_CONFIRM_ON.
+	ConfirmOn *ProductConfirmOn `json:"confirm_on,omitempty"`
+	Currency  string            `json:"currency"`
+	Id        string            `json:"id"`
+
+	// Invoice Whether a Checkout of it asks Stripe for an invoice; null follows TALLY_CHECKOUT_INVOICE_CREATION.
+	Invoice *bool  `json:"invoice,omitempty"`
+	Name    string `json:"name"`
 }
+
+// ProductConfirmOn The confirmation strategy its new Checkout payments are created under; null follows TALLY_CONFIRM_ON.
+type ProductConfirmOn string
 
 // Receivable defines model for Receivable.
 type Receivable struct {
@@ -1893,17 +2219,46 @@ type RequeueSkipCode string
 
 // StripeEvent defines model for StripeEvent.
 type StripeEvent struct {
-	ApiVersion    *string           `json:"api_version,omitempty"`
-	Attempts      int               `json:"attempts"`
-	Id            string            `json:"id"`
-	LastError     *string           `json:"last_error,omitempty"`
-	Livemode      bool              `json:"livemode"`
-	NextAttemptAt *time.Time        `json:"next_attempt_at,omitempty"`
-	ProcessedAt   *time.Time        `json:"processed_at,omitempty"`
-	ReceivedAt    time.Time         `json:"received_at"`
-	Status        StripeEventStatus `json:"status"`
-	Type          string            `json:"type"`
+	ApiVersion *string `json:"api_version,omitempty"`
+	Attempts   int     `json:"attempts"`
+
+	// Created Stripe's creation time of the event.
+	Created         *time.Time        `json:"created,omitempty"`
+	DismissedAt     *time.Time        `json:"dismissed_at,omitempty"`
+	DismissedBy     *string           `json:"dismissed_by,omitempty"`
+	DismissedReason *string           `json:"dismissed_reason,omitempty"`
+	Id              string            `json:"id"`
+	LastError       *string           `json:"last_error,omitempty"`
+	Livemode        bool              `json:"livemode"`
+	NextAttemptAt   *time.Time        `json:"next_attempt_at,omitempty"`
+	ProcessedAt     *time.Time        `json:"processed_at,omitempty"`
+	ReceivedAt      time.Time         `json:"received_at"`
+	Status          StripeEventStatus `json:"status"`
+	Type            string            `json:"type"`
 }
+
+// StripeEventDismiss defines model for StripeEventDismiss.
+type StripeEventDismiss struct {
+	Reason string `json:"reason"`
+}
+
+// StripeEventDismissedData defines model for StripeEventDismissedData.
+type StripeEventDismissedData struct {
+	// DismissedBy The admin key's name, or the first characters of its hash.
+	DismissedBy     string `json:"dismissed_by"`
+	Reason          string `json:"reason"`
+	StripeEventId   string `json:"stripe_event_id"`
+	StripeEventType string `json:"stripe_event_type"`
+}
+
+// StripeEventDismissedEvent An operator dismissed a parked or failed Stripe event (no customer).
+type StripeEventDismissedEvent struct {
+	Data StripeEventDismissedData      `json:"data"`
+	Type StripeEventDismissedEventType `json:"type"`
+}
+
+// StripeEventDismissedEventType defines model for StripeEventDismissedEvent.Type.
+type StripeEventDismissedEventType string
 
 // StripeEventPage defines model for StripeEventPage.
 type StripeEventPage struct {
@@ -1913,6 +2268,20 @@ type StripeEventPage struct {
 
 // StripeEventStatus defines model for StripeEventStatus.
 type StripeEventStatus string
+
+// StripeSyncRequest defines model for StripeSyncRequest.
+type StripeSyncRequest struct {
+	// Since List events created since then (at most 30 days back).
+	Since *time.Time `json:"since,omitempty"`
+}
+
+// StripeSyncResult defines model for StripeSyncResult.
+type StripeSyncResult struct {
+	EventsListed    int `json:"events_listed"`
+	EventsNew       int `json:"events_new"`
+	PaymentsChanged int `json:"payments_changed"`
+	PaymentsChecked int `json:"payments_checked"`
+}
 
 // SubscriptionUpdatedData defines model for SubscriptionUpdatedData.
 type SubscriptionUpdatedData struct {
@@ -2191,6 +2560,11 @@ type ListCreditTransactionsParams struct {
 	Cursor *Cursor `form:"cursor,omitempty" json:"cursor,omitempty"`
 }
 
+// CreateInvoicePaymentParams defines parameters for CreateInvoicePayment.
+type CreateInvoicePaymentParams struct {
+	IdempotencyKey IdempotencyKey `json:"Idempotency-Key"`
+}
+
 // ListCustomerPaymentsParams defines parameters for ListCustomerPayments.
 type ListCustomerPaymentsParams struct {
 	Limit *Limit `form:"limit,omitempty" json:"limit,omitempty"`
@@ -2225,6 +2599,12 @@ type IngestUsageEventsParams struct {
 // CreateReconciliationJSONRequestBody defines body for CreateReconciliation for application/json ContentType.
 type CreateReconciliationJSONRequestBody = ReconciliationRequest
 
+// DismissStripeEventJSONRequestBody defines body for DismissStripeEvent for application/json ContentType.
+type DismissStripeEventJSONRequestBody = StripeEventDismiss
+
+// SyncStripeJSONRequestBody defines body for SyncStripe for application/json ContentType.
+type SyncStripeJSONRequestBody = StripeSyncRequest
+
 // RequeueUsageEventsJSONRequestBody defines body for RequeueUsageEvents for application/json ContentType.
 type RequeueUsageEventsJSONRequestBody = RequeueRequest
 
@@ -2254,6 +2634,9 @@ type CreateHoldJSONRequestBody = HoldRequest
 
 // CaptureHoldJSONRequestBody defines body for CaptureHold for application/json ContentType.
 type CaptureHoldJSONRequestBody = CaptureRequest
+
+// CreateInvoicePaymentJSONRequestBody defines body for CreateInvoicePayment for application/json ContentType.
+type CreateInvoicePaymentJSONRequestBody = InvoicePaymentCreate
 
 // IngestUsageEventsJSONRequestBody defines body for IngestUsageEvents for application/json ContentType.
 type IngestUsageEventsJSONRequestBody = UsageBatch
@@ -3014,6 +3397,42 @@ func (t *Event) MergeUsageDeadEvent(v UsageDeadEvent) error {
 	return err
 }
 
+// AsStripeEventDismissedEvent returns the union data inside the Event as a StripeEventDismissedEvent
+func (t Event) AsStripeEventDismissedEvent() (StripeEventDismissedEvent, error) {
+	var body StripeEventDismissedEvent
+	err := json.Unmarshal(t.union, &body)
+	return body, err
+}
+
+// FromStripeEventDismissedEvent overwrites any union data inside the Event as the provided StripeEventDismissedEvent
+func (t *Event) FromStripeEventDismissedEvent(v StripeEventDismissedEvent) error {
+	t.Type = "stripe_event.dismissed"
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	b, err = runtime.JSONMerge(b, []byte(`{"type":"stripe_event.dismissed"}`))
+	t.union = b
+	return err
+}
+
+// MergeStripeEventDismissedEvent performs a merge with any union data inside the Event, using the provided StripeEventDismissedEvent
+func (t *Event) MergeStripeEventDismissedEvent(v StripeEventDismissedEvent) error {
+	t.Type = "stripe_event.dismissed"
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	b, err = runtime.JSONMerge(b, []byte(`{"type":"stripe_event.dismissed"}`))
+	if err != nil {
+		return err
+	}
+
+	merged, err := runtime.JSONMerge(t.union, b)
+	t.union = merged
+	return err
+}
+
 func (t Event) Discriminator() (string, error) {
 	var discriminator struct {
 		Discriminator string `json:"type"`
@@ -3066,6 +3485,8 @@ func (t Event) ValueByDiscriminator() (interface{}, error) {
 		return t.AsPaymentRefundedEvent()
 	case "payment.succeeded":
 		return t.AsPaymentSucceededEvent()
+	case "stripe_event.dismissed":
+		return t.AsStripeEventDismissedEvent()
 	case "subscription.updated":
 		return t.AsSubscriptionUpdatedEvent()
 	case "usage.dead":
@@ -3342,12 +3763,76 @@ type ClientInterface interface {
 	// Corresponds with GET /v1/admin/stripe-events (the `ListStripeEvents` operationId).
 	ListStripeEvents(ctx context.Context, params *ListStripeEventsParams, reqEditors ...RequestEditorFn) (*http.Response, error)
 
+	// DismissStripeEventWithBody Decide that a parked or failed Stripe event needs nothing more
+	//
+	// Marks the event `dismissed`, recording who (the admin key's name, or
+	// the first characters of its hash) and why, and appends a
+	// `stripe_event.dismissed` outbound event. A dismissed event is no
+	// longer retried, nor counted by the parked alert; it may still be
+	// replayed. Only a `parked` or `failed` event may be dismissed
+	// (409 `conflict` otherwise); dismissing one already dismissed
+	// answers it unchanged.
+	//
+	// Takes any type of body and a specified content type.
+	//
+	// Corresponds with POST /v1/admin/stripe-events/{event_id}/dismiss (the `DismissStripeEvent` operationId).
+	DismissStripeEventWithBody(ctx context.Context, eventId string, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*http.Response, error)
+
+	// DismissStripeEvent Decide that a parked or failed Stripe event needs nothing more
+	//
+	// Marks the event `dismissed`, recording who (the admin key's name, or
+	// the first characters of its hash) and why, and appends a
+	// `stripe_event.dismissed` outbound event. A dismissed event is no
+	// longer retried, nor counted by the parked alert; it may still be
+	// replayed. Only a `parked` or `failed` event may be dismissed
+	// (409 `conflict` otherwise); dismissing one already dismissed
+	// answers it unchanged.
+	//
+	// Takes a body of the `application/json` content type.
+	//
+	// Corresponds with POST /v1/admin/stripe-events/{event_id}/dismiss (the `DismissStripeEvent` operationId).
+	DismissStripeEvent(ctx context.Context, eventId string, body DismissStripeEventJSONRequestBody, reqEditors ...RequestEditorFn) (*http.Response, error)
+
 	// ReplayStripeEvent Process a stored Stripe event again
 	//
 	// Idempotent; the money effect is still guarded by the PaymentIntent id.
 	//
 	// Corresponds with POST /v1/admin/stripe-events/{event_id}/replay (the `ReplayStripeEvent` operationId).
 	ReplayStripeEvent(ctx context.Context, eventId string, reqEditors ...RequestEditorFn) (*http.Response, error)
+
+	// SyncStripeWithBody Catch up with Stripe now
+	//
+	// Lists Stripe's events of the types tally handles created since
+	// `since` (default: the newest stored event's creation, less an
+	// hour; Stripe keeps 30 days) and stores and processes any not stored
+	// yet, exactly as if delivered; then looks up every payment still
+	// `pending` after `TALLY_PENDING_CHECK_AFTER` at Stripe (its Checkout
+	// Session, or its invoice) and applies what Stripe shows through the
+	// same validation chain and guard as a webhook (transitions with
+	// `source: sync`). The background sync does the same every
+	// `TALLY_STRIPE_SYNC_INTERVAL`. 409 `conflict` while another sync runs.
+	//
+	// Takes any type of body and a specified content type.
+	//
+	// Corresponds with POST /v1/admin/stripe-sync (the `SyncStripe` operationId).
+	SyncStripeWithBody(ctx context.Context, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*http.Response, error)
+
+	// SyncStripe Catch up with Stripe now
+	//
+	// Lists Stripe's events of the types tally handles created since
+	// `since` (default: the newest stored event's creation, less an
+	// hour; Stripe keeps 30 days) and stores and processes any not stored
+	// yet, exactly as if delivered; then looks up every payment still
+	// `pending` after `TALLY_PENDING_CHECK_AFTER` at Stripe (its Checkout
+	// Session, or its invoice) and applies what Stripe shows through the
+	// same validation chain and guard as a webhook (transitions with
+	// `source: sync`). The background sync does the same every
+	// `TALLY_STRIPE_SYNC_INTERVAL`. 409 `conflict` while another sync runs.
+	//
+	// Takes a body of the `application/json` content type.
+	//
+	// Corresponds with POST /v1/admin/stripe-sync (the `SyncStripe` operationId).
+	SyncStripe(ctx context.Context, body SyncStripeJSONRequestBody, reqEditors ...RequestEditorFn) (*http.Response, error)
 
 	// ListUsageEvents Usage events by status (e.g. dead letters)
 	//
@@ -3685,6 +4170,52 @@ type ClientInterface interface {
 	// Corresponds with GET /v1/customers/{customer_id}/credits/transactions (the `ListCreditTransactions` operationId).
 	ListCreditTransactions(ctx context.Context, customerId CustomerID, params *ListCreditTransactionsParams, reqEditors ...RequestEditorFn) (*http.Response, error)
 
+	// CreateInvoicePaymentWithBody Sell a catalog item on net terms, by a Stripe invoice
+	//
+	// For a company buying credits (or a product) on invoice. Writes the
+	// payment `pending` with `method: invoice`, then has Stripe create an
+	// invoice (`collection_method=send_invoice`, one line for the item,
+	// metadata `tally_payment_id` and `tally_customer_id`, the purchase
+	// order as the custom field `PO number`), finalize it and send it to
+	// the customer's billing email (or its email). The customer must exist
+	// and Stripe needs an email to send to.
+	//
+	// The payment is credited once, when `invoice.paid` arrives with the
+	// amount, currency, livemode and metadata expected, whether the
+	// invoice was paid by card, bank transfer or marked paid out of band.
+	// `invoice.voided` and `invoice.marked_uncollectible` fail it (an
+	// uncollectible invoice paid later still succeeds; a voided one never
+	// does). Idempotency as for checkouts: a failed attempt stores nothing
+	// under the key and leaves a failed payment.
+	//
+	// Takes any type of body and a specified content type.
+	//
+	// Corresponds with POST /v1/customers/{customer_id}/invoice-payments (the `CreateInvoicePayment` operationId).
+	CreateInvoicePaymentWithBody(ctx context.Context, customerId CustomerID, params *CreateInvoicePaymentParams, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*http.Response, error)
+
+	// CreateInvoicePayment Sell a catalog item on net terms, by a Stripe invoice
+	//
+	// For a company buying credits (or a product) on invoice. Writes the
+	// payment `pending` with `method: invoice`, then has Stripe create an
+	// invoice (`collection_method=send_invoice`, one line for the item,
+	// metadata `tally_payment_id` and `tally_customer_id`, the purchase
+	// order as the custom field `PO number`), finalize it and send it to
+	// the customer's billing email (or its email). The customer must exist
+	// and Stripe needs an email to send to.
+	//
+	// The payment is credited once, when `invoice.paid` arrives with the
+	// amount, currency, livemode and metadata expected, whether the
+	// invoice was paid by card, bank transfer or marked paid out of band.
+	// `invoice.voided` and `invoice.marked_uncollectible` fail it (an
+	// uncollectible invoice paid later still succeeds; a voided one never
+	// does). Idempotency as for checkouts: a failed attempt stores nothing
+	// under the key and leaves a failed payment.
+	//
+	// Takes a body of the `application/json` content type.
+	//
+	// Corresponds with POST /v1/customers/{customer_id}/invoice-payments (the `CreateInvoicePayment` operationId).
+	CreateInvoicePayment(ctx context.Context, customerId CustomerID, params *CreateInvoicePaymentParams, body CreateInvoicePaymentJSONRequestBody, reqEditors ...RequestEditorFn) (*http.Response, error)
+
 	// ListCustomerPayments A customer's payments, newest first
 	//
 	// Corresponds with GET /v1/customers/{customer_id}/payments (the `ListCustomerPayments` operationId).
@@ -3882,6 +4413,56 @@ func (c *Client) ListStripeEvents(ctx context.Context, params *ListStripeEventsP
 	return c.Client.Do(req)
 }
 
+// DismissStripeEventWithBody Decide that a parked or failed Stripe event needs nothing more
+//
+// Marks the event `dismissed`, recording who (the admin key's name, or
+// the first characters of its hash) and why, and appends a
+// `stripe_event.dismissed` outbound event. A dismissed event is no
+// longer retried, nor counted by the parked alert; it may still be
+// replayed. Only a `parked` or `failed` event may be dismissed
+// (409 `conflict` otherwise); dismissing one already dismissed
+// answers it unchanged.
+//
+// Takes any type of body and a specified content type.
+//
+// Corresponds with POST /v1/admin/stripe-events/{event_id}/dismiss (the `DismissStripeEvent` operationId).
+func (c *Client) DismissStripeEventWithBody(ctx context.Context, eventId string, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*http.Response, error) {
+	req, err := NewDismissStripeEventRequestWithBody(c.Server, eventId, contentType, body)
+	if err != nil {
+		return nil, err
+	}
+	req = req.WithContext(ctx)
+	if err := c.applyEditors(ctx, req, reqEditors); err != nil {
+		return nil, err
+	}
+	return c.Client.Do(req)
+}
+
+// DismissStripeEvent Decide that a parked or failed Stripe event needs nothing more
+//
+// Marks the event `dismissed`, recording who (the admin key's name, or
+// the first characters of its hash) and why, and appends a
+// `stripe_event.dismissed` outbound event. A dismissed event is no
+// longer retried, nor counted by the parked alert; it may still be
+// replayed. Only a `parked` or `failed` event may be dismissed
+// (409 `conflict` otherwise); dismissing one already dismissed
+// answers it unchanged.
+//
+// Takes a body of the `application/json` content type.
+//
+// Corresponds with POST /v1/admin/stripe-events/{event_id}/dismiss (the `DismissStripeEvent` operationId).
+func (c *Client) DismissStripeEvent(ctx context.Context, eventId string, body DismissStripeEventJSONRequestBody, reqEditors ...RequestEditorFn) (*http.Response, error) {
+	req, err := NewDismissStripeEventRequest(c.Server, eventId, body)
+	if err != nil {
+		return nil, err
+	}
+	req = req.WithContext(ctx)
+	if err := c.applyEditors(ctx, req, reqEditors); err != nil {
+		return nil, err
+	}
+	return c.Client.Do(req)
+}
+
 // ReplayStripeEvent Process a stored Stripe event again
 //
 // Idempotent; the money effect is still guarded by the PaymentIntent id.
@@ -3889,6 +4470,60 @@ func (c *Client) ListStripeEvents(ctx context.Context, params *ListStripeEventsP
 // Corresponds with POST /v1/admin/stripe-events/{event_id}/replay (the `ReplayStripeEvent` operationId).
 func (c *Client) ReplayStripeEvent(ctx context.Context, eventId string, reqEditors ...RequestEditorFn) (*http.Response, error) {
 	req, err := NewReplayStripeEventRequest(c.Server, eventId)
+	if err != nil {
+		return nil, err
+	}
+	req = req.WithContext(ctx)
+	if err := c.applyEditors(ctx, req, reqEditors); err != nil {
+		return nil, err
+	}
+	return c.Client.Do(req)
+}
+
+// SyncStripeWithBody Catch up with Stripe now
+//
+// Lists Stripe's events of the types tally handles created since
+// `since` (default: the newest stored event's creation, less an
+// hour; Stripe keeps 30 days) and stores and processes any not stored
+// yet, exactly as if delivered; then looks up every payment still
+// `pending` after `TALLY_PENDING_CHECK_AFTER` at Stripe (its Checkout
+// Session, or its invoice) and applies what Stripe shows through the
+// same validation chain and guard as a webhook (transitions with
+// `source: sync`). The background sync does the same every
+// `TALLY_STRIPE_SYNC_INTERVAL`. 409 `conflict` while another sync runs.
+//
+// Takes any type of body and a specified content type.
+//
+// Corresponds with POST /v1/admin/stripe-sync (the `SyncStripe` operationId).
+func (c *Client) SyncStripeWithBody(ctx context.Context, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*http.Response, error) {
+	req, err := NewSyncStripeRequestWithBody(c.Server, contentType, body)
+	if err != nil {
+		return nil, err
+	}
+	req = req.WithContext(ctx)
+	if err := c.applyEditors(ctx, req, reqEditors); err != nil {
+		return nil, err
+	}
+	return c.Client.Do(req)
+}
+
+// SyncStripe Catch up with Stripe now
+//
+// Lists Stripe's events of the types tally handles created since
+// `since` (default: the newest stored event's creation, less an
+// hour; Stripe keeps 30 days) and stores and processes any not stored
+// yet, exactly as if delivered; then looks up every payment still
+// `pending` after `TALLY_PENDING_CHECK_AFTER` at Stripe (its Checkout
+// Session, or its invoice) and applies what Stripe shows through the
+// same validation chain and guard as a webhook (transitions with
+// `source: sync`). The background sync does the same every
+// `TALLY_STRIPE_SYNC_INTERVAL`. 409 `conflict` while another sync runs.
+//
+// Takes a body of the `application/json` content type.
+//
+// Corresponds with POST /v1/admin/stripe-sync (the `SyncStripe` operationId).
+func (c *Client) SyncStripe(ctx context.Context, body SyncStripeJSONRequestBody, reqEditors ...RequestEditorFn) (*http.Response, error) {
+	req, err := NewSyncStripeRequest(c.Server, body)
 	if err != nil {
 		return nil, err
 	}
@@ -4525,6 +5160,72 @@ func (c *Client) ListCreditTransactions(ctx context.Context, customerId Customer
 	return c.Client.Do(req)
 }
 
+// CreateInvoicePaymentWithBody Sell a catalog item on net terms, by a Stripe invoice
+//
+// For a company buying credits (or a product) on invoice. Writes the
+// payment `pending` with `method: invoice`, then has Stripe create an
+// invoice (`collection_method=send_invoice`, one line for the item,
+// metadata `tally_payment_id` and `tally_customer_id`, the purchase
+// order as the custom field `PO number`), finalize it and send it to
+// the customer's billing email (or its email). The customer must exist
+// and Stripe needs an email to send to.
+//
+// The payment is credited once, when `invoice.paid` arrives with the
+// amount, currency, livemode and metadata expected, whether the
+// invoice was paid by card, bank transfer or marked paid out of band.
+// `invoice.voided` and `invoice.marked_uncollectible` fail it (an
+// uncollectible invoice paid later still succeeds; a voided one never
+// does). Idempotency as for checkouts: a failed attempt stores nothing
+// under the key and leaves a failed payment.
+//
+// Takes any type of body and a specified content type.
+//
+// Corresponds with POST /v1/customers/{customer_id}/invoice-payments (the `CreateInvoicePayment` operationId).
+func (c *Client) CreateInvoicePaymentWithBody(ctx context.Context, customerId CustomerID, params *CreateInvoicePaymentParams, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*http.Response, error) {
+	req, err := NewCreateInvoicePaymentRequestWithBody(c.Server, customerId, params, contentType, body)
+	if err != nil {
+		return nil, err
+	}
+	req = req.WithContext(ctx)
+	if err := c.applyEditors(ctx, req, reqEditors); err != nil {
+		return nil, err
+	}
+	return c.Client.Do(req)
+}
+
+// CreateInvoicePayment Sell a catalog item on net terms, by a Stripe invoice
+//
+// For a company buying credits (or a product) on invoice. Writes the
+// payment `pending` with `method: invoice`, then has Stripe create an
+// invoice (`collection_method=send_invoice`, one line for the item,
+// metadata `tally_payment_id` and `tally_customer_id`, the purchase
+// order as the custom field `PO number`), finalize it and send it to
+// the customer's billing email (or its email). The customer must exist
+// and Stripe needs an email to send to.
+//
+// The payment is credited once, when `invoice.paid` arrives with the
+// amount, currency, livemode and metadata expected, whether the
+// invoice was paid by card, bank transfer or marked paid out of band.
+// `invoice.voided` and `invoice.marked_uncollectible` fail it (an
+// uncollectible invoice paid later still succeeds; a voided one never
+// does). Idempotency as for checkouts: a failed attempt stores nothing
+// under the key and leaves a failed payment.
+//
+// Takes a body of the `application/json` content type.
+//
+// Corresponds with POST /v1/customers/{customer_id}/invoice-payments (the `CreateInvoicePayment` operationId).
+func (c *Client) CreateInvoicePayment(ctx context.Context, customerId CustomerID, params *CreateInvoicePaymentParams, body CreateInvoicePaymentJSONRequestBody, reqEditors ...RequestEditorFn) (*http.Response, error) {
+	req, err := NewCreateInvoicePaymentRequest(c.Server, customerId, params, body)
+	if err != nil {
+		return nil, err
+	}
+	req = req.WithContext(ctx)
+	if err := c.applyEditors(ctx, req, reqEditors); err != nil {
+		return nil, err
+	}
+	return c.Client.Do(req)
+}
+
 // ListCustomerPayments A customer's payments, newest first
 //
 // Corresponds with GET /v1/customers/{customer_id}/payments (the `ListCustomerPayments` operationId).
@@ -4880,6 +5581,53 @@ func NewListStripeEventsRequest(server string, params *ListStripeEventsParams) (
 	return req, nil
 }
 
+// NewDismissStripeEventRequest calls the generic DismissStripeEvent builder with application/json body
+func NewDismissStripeEventRequest(server string, eventId string, body DismissStripeEventJSONRequestBody) (*http.Request, error) {
+	var bodyReader io.Reader
+	buf, err := json.Marshal(body)
+	if err != nil {
+		return nil, err
+	}
+	bodyReader = bytes.NewReader(buf)
+	return NewDismissStripeEventRequestWithBody(server, eventId, "application/json", bodyReader)
+}
+
+// NewDismissStripeEventRequestWithBody constructs an http.Request for the DismissStripeEvent method, with any body, and a specified content type
+func NewDismissStripeEventRequestWithBody(server string, eventId string, contentType string, body io.Reader) (*http.Request, error) {
+	var err error
+
+	var pathParam0 string
+
+	pathParam0, err = runtime.StyleParamWithOptions("simple", false, "event_id", eventId, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationPath, Type: "string", Format: ""})
+	if err != nil {
+		return nil, err
+	}
+
+	serverURL, err := url.Parse(server)
+	if err != nil {
+		return nil, err
+	}
+
+	operationPath := fmt.Sprintf("/v1/admin/stripe-events/%s/dismiss", pathParam0)
+	if operationPath[0] == '/' {
+		operationPath = "." + operationPath
+	}
+
+	queryURL, err := serverURL.Parse(operationPath)
+	if err != nil {
+		return nil, err
+	}
+
+	req, err := http.NewRequest(http.MethodPost, queryURL.String(), body)
+	if err != nil {
+		return nil, err
+	}
+
+	req.Header.Add("Content-Type", contentType)
+
+	return req, nil
+}
+
 // NewReplayStripeEventRequest constructs an http.Request for the ReplayStripeEvent method
 func NewReplayStripeEventRequest(server string, eventId string) (*http.Request, error) {
 	var err error
@@ -4910,6 +5658,46 @@ func NewReplayStripeEventRequest(server string, eventId string) (*http.Request, 
 	if err != nil {
 		return nil, err
 	}
+
+	return req, nil
+}
+
+// NewSyncStripeRequest calls the generic SyncStripe builder with application/json body
+func NewSyncStripeRequest(server string, body SyncStripeJSONRequestBody) (*http.Request, error) {
+	var bodyReader io.Reader
+	buf, err := json.Marshal(body)
+	if err != nil {
+		return nil, err
+	}
+	bodyReader = bytes.NewReader(buf)
+	return NewSyncStripeRequestWithBody(server, "application/json", bodyReader)
+}
+
+// NewSyncStripeRequestWithBody constructs an http.Request for the SyncStripe method, with any body, and a specified content type
+func NewSyncStripeRequestWithBody(server string, contentType string, body io.Reader) (*http.Request, error) {
+	var err error
+
+	serverURL, err := url.Parse(server)
+	if err != nil {
+		return nil, err
+	}
+
+	operationPath := fmt.Sprintf("/v1/admin/stripe-sync")
+	if operationPath[0] == '/' {
+		operationPath = "." + operationPath
+	}
+
+	queryURL, err := serverURL.Parse(operationPath)
+	if err != nil {
+		return nil, err
+	}
+
+	req, err := http.NewRequest(http.MethodPost, queryURL.String(), body)
+	if err != nil {
+		return nil, err
+	}
+
+	req.Header.Add("Content-Type", contentType)
 
 	return req, nil
 }
@@ -5959,6 +6747,66 @@ func NewListCreditTransactionsRequest(server string, customerId CustomerID, para
 	return req, nil
 }
 
+// NewCreateInvoicePaymentRequest calls the generic CreateInvoicePayment builder with application/json body
+func NewCreateInvoicePaymentRequest(server string, customerId CustomerID, params *CreateInvoicePaymentParams, body CreateInvoicePaymentJSONRequestBody) (*http.Request, error) {
+	var bodyReader io.Reader
+	buf, err := json.Marshal(body)
+	if err != nil {
+		return nil, err
+	}
+	bodyReader = bytes.NewReader(buf)
+	return NewCreateInvoicePaymentRequestWithBody(server, customerId, params, "application/json", bodyReader)
+}
+
+// NewCreateInvoicePaymentRequestWithBody constructs an http.Request for the CreateInvoicePayment method, with any body, and a specified content type
+func NewCreateInvoicePaymentRequestWithBody(server string, customerId CustomerID, params *CreateInvoicePaymentParams, contentType string, body io.Reader) (*http.Request, error) {
+	var err error
+
+	var pathParam0 string
+
+	pathParam0, err = runtime.StyleParamWithOptions("simple", false, "customer_id", customerId, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationPath, Type: "string", Format: ""})
+	if err != nil {
+		return nil, err
+	}
+
+	serverURL, err := url.Parse(server)
+	if err != nil {
+		return nil, err
+	}
+
+	operationPath := fmt.Sprintf("/v1/customers/%s/invoice-payments", pathParam0)
+	if operationPath[0] == '/' {
+		operationPath = "." + operationPath
+	}
+
+	queryURL, err := serverURL.Parse(operationPath)
+	if err != nil {
+		return nil, err
+	}
+
+	req, err := http.NewRequest(http.MethodPost, queryURL.String(), body)
+	if err != nil {
+		return nil, err
+	}
+
+	req.Header.Add("Content-Type", contentType)
+
+	if params != nil {
+
+		var headerParam0 string
+
+		headerParam0, err = runtime.StyleParamWithOptions("simple", false, "Idempotency-Key", params.IdempotencyKey, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationHeader, Type: "string", Format: ""})
+		if err != nil {
+			return nil, err
+		}
+
+		req.Header.Set("Idempotency-Key", headerParam0)
+
+	}
+
+	return req, nil
+}
+
 // NewListCustomerPaymentsRequest constructs an http.Request for the ListCustomerPayments method
 func NewListCustomerPaymentsRequest(server string, customerId CustomerID, params *ListCustomerPaymentsParams) (*http.Request, error) {
 	var err error
@@ -6408,6 +7256,36 @@ type ClientWithResponsesInterface interface {
 	// Corresponds with GET /v1/admin/stripe-events (the `ListStripeEvents` operationId).
 	ListStripeEventsWithResponse(ctx context.Context, params *ListStripeEventsParams, reqEditors ...RequestEditorFn) (*ListStripeEventsResponse, error)
 
+	// DismissStripeEventWithBodyWithResponse Decide that a parked or failed Stripe event needs nothing more
+	//
+	// Marks the event `dismissed`, recording who (the admin key's name, or
+	// the first characters of its hash) and why, and appends a
+	// `stripe_event.dismissed` outbound event. A dismissed event is no
+	// longer retried, nor counted by the parked alert; it may still be
+	// replayed. Only a `parked` or `failed` event may be dismissed
+	// (409 `conflict` otherwise); dismissing one already dismissed
+	// answers it unchanged.
+	//
+	// Takes any type of body and a specified content type, and returns a wrapper object for the known response body format(s).
+	//
+	// Corresponds with POST /v1/admin/stripe-events/{event_id}/dismiss (the `DismissStripeEvent` operationId).
+	DismissStripeEventWithBodyWithResponse(ctx context.Context, eventId string, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*DismissStripeEventResponse, error)
+
+	// DismissStripeEventWithResponse Decide that a parked or failed Stripe event needs nothing more
+	//
+	// Marks the event `dismissed`, recording who (the admin key's name, or
+	// the first characters of its hash) and why, and appends a
+	// `stripe_event.dismissed` outbound event. A dismissed event is no
+	// longer retried, nor counted by the parked alert; it may still be
+	// replayed. Only a `parked` or `failed` event may be dismissed
+	// (409 `conflict` otherwise); dismissing one already dismissed
+	// answers it unchanged.
+	//
+	// Takes a body of the `application/json` content type, and returns a wrapper object for the known response body format(s).
+	//
+	// Corresponds with POST /v1/admin/stripe-events/{event_id}/dismiss (the `DismissStripeEvent` operationId).
+	DismissStripeEventWithResponse(ctx context.Context, eventId string, body DismissStripeEventJSONRequestBody, reqEditors ...RequestEditorFn) (*DismissStripeEventResponse, error)
+
 	// ReplayStripeEventWithResponse Process a stored Stripe event again
 	//
 	// Idempotent; the money effect is still guarded by the PaymentIntent id.
@@ -6416,6 +7294,40 @@ type ClientWithResponsesInterface interface {
 	//
 	// Corresponds with POST /v1/admin/stripe-events/{event_id}/replay (the `ReplayStripeEvent` operationId).
 	ReplayStripeEventWithResponse(ctx context.Context, eventId string, reqEditors ...RequestEditorFn) (*ReplayStripeEventResponse, error)
+
+	// SyncStripeWithBodyWithResponse Catch up with Stripe now
+	//
+	// Lists Stripe's events of the types tally handles created since
+	// `since` (default: the newest stored event's creation, less an
+	// hour; Stripe keeps 30 days) and stores and processes any not stored
+	// yet, exactly as if delivered; then looks up every payment still
+	// `pending` after `TALLY_PENDING_CHECK_AFTER` at Stripe (its Checkout
+	// Session, or its invoice) and applies what Stripe shows through the
+	// same validation chain and guard as a webhook (transitions with
+	// `source: sync`). The background sync does the same every
+	// `TALLY_STRIPE_SYNC_INTERVAL`. 409 `conflict` while another sync runs.
+	//
+	// Takes any type of body and a specified content type, and returns a wrapper object for the known response body format(s).
+	//
+	// Corresponds with POST /v1/admin/stripe-sync (the `SyncStripe` operationId).
+	SyncStripeWithBodyWithResponse(ctx context.Context, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*SyncStripeResponse, error)
+
+	// SyncStripeWithResponse Catch up with Stripe now
+	//
+	// Lists Stripe's events of the types tally handles created since
+	// `since` (default: the newest stored event's creation, less an
+	// hour; Stripe keeps 30 days) and stores and processes any not stored
+	// yet, exactly as if delivered; then looks up every payment still
+	// `pending` after `TALLY_PENDING_CHECK_AFTER` at Stripe (its Checkout
+	// Session, or its invoice) and applies what Stripe shows through the
+	// same validation chain and guard as a webhook (transitions with
+	// `source: sync`). The background sync does the same every
+	// `TALLY_STRIPE_SYNC_INTERVAL`. 409 `conflict` while another sync runs.
+	//
+	// Takes a body of the `application/json` content type, and returns a wrapper object for the known response body format(s).
+	//
+	// Corresponds with POST /v1/admin/stripe-sync (the `SyncStripe` operationId).
+	SyncStripeWithResponse(ctx context.Context, body SyncStripeJSONRequestBody, reqEditors ...RequestEditorFn) (*SyncStripeResponse, error)
 
 	// ListUsageEventsWithResponse Usage events by status (e.g. dead letters)
 	//
@@ -6771,6 +7683,52 @@ type ClientWithResponsesInterface interface {
 	// Corresponds with GET /v1/customers/{customer_id}/credits/transactions (the `ListCreditTransactions` operationId).
 	ListCreditTransactionsWithResponse(ctx context.Context, customerId CustomerID, params *ListCreditTransactionsParams, reqEditors ...RequestEditorFn) (*ListCreditTransactionsResponse, error)
 
+	// CreateInvoicePaymentWithBodyWithResponse Sell a catalog item on net terms, by a Stripe invoice
+	//
+	// For a company buying credits (or a product) on invoice. Writes the
+	// payment `pending` with `method: invoice`, then has Stripe create an
+	// invoice (`collection_method=send_invoice`, one line for the item,
+	// metadata `tally_payment_id` and `tally_customer_id`, the purchase
+	// order as the custom field `PO number`), finalize it and send it to
+	// the customer's billing email (or its email). The customer must exist
+	// and Stripe needs an email to send to.
+	//
+	// The payment is credited once, when `invoice.paid` arrives with the
+	// amount, currency, livemode and metadata expected, whether the
+	// invoice was paid by card, bank transfer or marked paid out of band.
+	// `invoice.voided` and `invoice.marked_uncollectible` fail it (an
+	// uncollectible invoice paid later still succeeds; a voided one never
+	// does). Idempotency as for checkouts: a failed attempt stores nothing
+	// under the key and leaves a failed payment.
+	//
+	// Takes any type of body and a specified content type, and returns a wrapper object for the known response body format(s).
+	//
+	// Corresponds with POST /v1/customers/{customer_id}/invoice-payments (the `CreateInvoicePayment` operationId).
+	CreateInvoicePaymentWithBodyWithResponse(ctx context.Context, customerId CustomerID, params *CreateInvoicePaymentParams, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*CreateInvoicePaymentResponse, error)
+
+	// CreateInvoicePaymentWithResponse Sell a catalog item on net terms, by a Stripe invoice
+	//
+	// For a company buying credits (or a product) on invoice. Writes the
+	// payment `pending` with `method: invoice`, then has Stripe create an
+	// invoice (`collection_method=send_invoice`, one line for the item,
+	// metadata `tally_payment_id` and `tally_customer_id`, the purchase
+	// order as the custom field `PO number`), finalize it and send it to
+	// the customer's billing email (or its email). The customer must exist
+	// and Stripe needs an email to send to.
+	//
+	// The payment is credited once, when `invoice.paid` arrives with the
+	// amount, currency, livemode and metadata expected, whether the
+	// invoice was paid by card, bank transfer or marked paid out of band.
+	// `invoice.voided` and `invoice.marked_uncollectible` fail it (an
+	// uncollectible invoice paid later still succeeds; a voided one never
+	// does). Idempotency as for checkouts: a failed attempt stores nothing
+	// under the key and leaves a failed payment.
+	//
+	// Takes a body of the `application/json` content type, and returns a wrapper object for the known response body format(s).
+	//
+	// Corresponds with POST /v1/customers/{customer_id}/invoice-payments (the `CreateInvoicePayment` operationId).
+	CreateInvoicePaymentWithResponse(ctx context.Context, customerId CustomerID, params *CreateInvoicePaymentParams, body CreateInvoicePaymentJSONRequestBody, reqEditors ...RequestEditorFn) (*CreateInvoicePaymentResponse, error)
+
 	// ListCustomerPaymentsWithResponse A customer's payments, newest first
 	//
 	// Returns a wrapper object for the known response body format(s).
@@ -7115,6 +8073,61 @@ func (r ListStripeEventsResponse) ContentType() string {
 	return ""
 }
 
+// DismissStripeEventResponseDefaultHeaders the declared response headers of an HTTP default response for DismissStripeEvent
+type DismissStripeEventResponseDefaultHeaders struct {
+	RetryAfter *int
+}
+
+type DismissStripeEventResponse struct {
+	Body         []byte
+	HTTPResponse *http.Response
+	// JSON200 the response for an HTTP 200 `application/json` response
+	JSON200 *StripeEvent
+	// ApplicationproblemJSONDefault the response for an HTTP default `application/problem+json` response
+	ApplicationproblemJSONDefault *Problem
+	// HeadersDefault the parsed response headers for an HTTP default response
+	HeadersDefault *DismissStripeEventResponseDefaultHeaders
+}
+
+// GetJSON200 returns the response for an HTTP 200 `application/json` response
+func (r DismissStripeEventResponse) GetJSON200() *StripeEvent {
+	return r.JSON200
+}
+
+// GetApplicationproblemJSONDefault returns the response for an HTTP default `application/problem+json` response
+func (r DismissStripeEventResponse) GetApplicationproblemJSONDefault() *Problem {
+	return r.ApplicationproblemJSONDefault
+}
+
+// GetBody returns the raw response body bytes
+func (r DismissStripeEventResponse) GetBody() []byte {
+	return r.Body
+}
+
+// Status returns HTTPResponse.Status
+func (r DismissStripeEventResponse) Status() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Status
+	}
+	return http.StatusText(0)
+}
+
+// StatusCode returns HTTPResponse.StatusCode
+func (r DismissStripeEventResponse) StatusCode() int {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.StatusCode
+	}
+	return 0
+}
+
+// ContentType is a convenience method to retrieve the Content-Type value from the HTTP response headers
+func (r DismissStripeEventResponse) ContentType() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Header.Get("Content-Type")
+	}
+	return ""
+}
+
 // ReplayStripeEventResponseDefaultHeaders the declared response headers of an HTTP default response for ReplayStripeEvent
 type ReplayStripeEventResponseDefaultHeaders struct {
 	RetryAfter *int
@@ -7164,6 +8177,61 @@ func (r ReplayStripeEventResponse) StatusCode() int {
 
 // ContentType is a convenience method to retrieve the Content-Type value from the HTTP response headers
 func (r ReplayStripeEventResponse) ContentType() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Header.Get("Content-Type")
+	}
+	return ""
+}
+
+// SyncStripeResponseDefaultHeaders the declared response headers of an HTTP default response for SyncStripe
+type SyncStripeResponseDefaultHeaders struct {
+	RetryAfter *int
+}
+
+type SyncStripeResponse struct {
+	Body         []byte
+	HTTPResponse *http.Response
+	// JSON200 the response for an HTTP 200 `application/json` response
+	JSON200 *StripeSyncResult
+	// ApplicationproblemJSONDefault the response for an HTTP default `application/problem+json` response
+	ApplicationproblemJSONDefault *Problem
+	// HeadersDefault the parsed response headers for an HTTP default response
+	HeadersDefault *SyncStripeResponseDefaultHeaders
+}
+
+// GetJSON200 returns the response for an HTTP 200 `application/json` response
+func (r SyncStripeResponse) GetJSON200() *StripeSyncResult {
+	return r.JSON200
+}
+
+// GetApplicationproblemJSONDefault returns the response for an HTTP default `application/problem+json` response
+func (r SyncStripeResponse) GetApplicationproblemJSONDefault() *Problem {
+	return r.ApplicationproblemJSONDefault
+}
+
+// GetBody returns the raw response body bytes
+func (r SyncStripeResponse) GetBody() []byte {
+	return r.Body
+}
+
+// Status returns HTTPResponse.Status
+func (r SyncStripeResponse) Status() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Status
+	}
+	return http.StatusText(0)
+}
+
+// StatusCode returns HTTPResponse.StatusCode
+func (r SyncStripeResponse) StatusCode() int {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.StatusCode
+	}
+	return 0
+}
+
+// ContentType is a convenience method to retrieve the Content-Type value from the HTTP response headers
+func (r SyncStripeResponse) ContentType() string {
 	if r.HTTPResponse != nil {
 		return r.HTTPResponse.Header.Get("Content-Type")
 	}
@@ -8299,6 +9367,68 @@ func (r ListCreditTransactionsResponse) ContentType() string {
 	return ""
 }
 
+// CreateInvoicePaymentResponse201Headers the declared response headers of an HTTP 201 response for CreateInvoicePayment
+type CreateInvoicePaymentResponse201Headers struct {
+	IdempotentReplayed *bool
+}
+
+// CreateInvoicePaymentResponseDefaultHeaders the declared response headers of an HTTP default response for CreateInvoicePayment
+type CreateInvoicePaymentResponseDefaultHeaders struct {
+	RetryAfter *int
+}
+
+type CreateInvoicePaymentResponse struct {
+	Body         []byte
+	HTTPResponse *http.Response
+	// JSON201 the response for an HTTP 201 `application/json` response
+	JSON201 *InvoicePayment
+	// ApplicationproblemJSONDefault the response for an HTTP default `application/problem+json` response
+	ApplicationproblemJSONDefault *Problem
+	// Headers201 the parsed response headers for an HTTP 201 response
+	Headers201 *CreateInvoicePaymentResponse201Headers
+	// HeadersDefault the parsed response headers for an HTTP default response
+	HeadersDefault *CreateInvoicePaymentResponseDefaultHeaders
+}
+
+// GetJSON201 returns the response for an HTTP 201 `application/json` response
+func (r CreateInvoicePaymentResponse) GetJSON201() *InvoicePayment {
+	return r.JSON201
+}
+
+// GetApplicationproblemJSONDefault returns the response for an HTTP default `application/problem+json` response
+func (r CreateInvoicePaymentResponse) GetApplicationproblemJSONDefault() *Problem {
+	return r.ApplicationproblemJSONDefault
+}
+
+// GetBody returns the raw response body bytes
+func (r CreateInvoicePaymentResponse) GetBody() []byte {
+	return r.Body
+}
+
+// Status returns HTTPResponse.Status
+func (r CreateInvoicePaymentResponse) Status() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Status
+	}
+	return http.StatusText(0)
+}
+
+// StatusCode returns HTTPResponse.StatusCode
+func (r CreateInvoicePaymentResponse) StatusCode() int {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.StatusCode
+	}
+	return 0
+}
+
+// ContentType is a convenience method to retrieve the Content-Type value from the HTTP response headers
+func (r CreateInvoicePaymentResponse) ContentType() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Header.Get("Content-Type")
+	}
+	return ""
+}
+
 // ListCustomerPaymentsResponseDefaultHeaders the declared response headers of an HTTP default response for ListCustomerPayments
 type ListCustomerPaymentsResponseDefaultHeaders struct {
 	RetryAfter *int
@@ -8730,6 +9860,48 @@ func (c *ClientWithResponses) ListStripeEventsWithResponse(ctx context.Context, 
 	return ParseListStripeEventsResponse(rsp)
 }
 
+// DismissStripeEventWithBodyWithResponse Decide that a parked or failed Stripe event needs nothing more
+//
+// Marks the event `dismissed`, recording who (the admin key's name, or
+// the first characters of its hash) and why, and appends a
+// `stripe_event.dismissed` outbound event. A dismissed event is no
+// longer retried, nor counted by the parked alert; it may still be
+// replayed. Only a `parked` or `failed` event may be dismissed
+// (409 `conflict` otherwise); dismissing one already dismissed
+// answers it unchanged.
+//
+// Takes any type of body and a specified content type, and returns a wrapper object for the known response body format(s).
+//
+// Corresponds with POST /v1/admin/stripe-events/{event_id}/dismiss (the `DismissStripeEvent` operationId).
+func (c *ClientWithResponses) DismissStripeEventWithBodyWithResponse(ctx context.Context, eventId string, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*DismissStripeEventResponse, error) {
+	rsp, err := c.DismissStripeEventWithBody(ctx, eventId, contentType, body, reqEditors...)
+	if err != nil {
+		return nil, err
+	}
+	return ParseDismissStripeEventResponse(rsp)
+}
+
+// DismissStripeEventWithResponse Decide that a parked or failed Stripe event needs nothing more
+//
+// Marks the event `dismissed`, recording who (the admin key's name, or
+// the first characters of its hash) and why, and appends a
+// `stripe_event.dismissed` outbound event. A dismissed event is no
+// longer retried, nor counted by the parked alert; it may still be
+// replayed. Only a `parked` or `failed` event may be dismissed
+// (409 `conflict` otherwise); dismissing one already dismissed
+// answers it unchanged.
+//
+// Takes a body of the `application/json` content type, and returns a wrapper object for the known response body format(s).
+//
+// Corresponds with POST /v1/admin/stripe-events/{event_id}/dismiss (the `DismissStripeEvent` operationId).
+func (c *ClientWithResponses) DismissStripeEventWithResponse(ctx context.Context, eventId string, body DismissStripeEventJSONRequestBody, reqEditors ...RequestEditorFn) (*DismissStripeEventResponse, error) {
+	rsp, err := c.DismissStripeEvent(ctx, eventId, body, reqEditors...)
+	if err != nil {
+		return nil, err
+	}
+	return ParseDismissStripeEventResponse(rsp)
+}
+
 // ReplayStripeEventWithResponse Process a stored Stripe event again
 //
 // Idempotent; the money effect is still guarded by the PaymentIntent id.
@@ -8743,6 +9915,52 @@ func (c *ClientWithResponses) ReplayStripeEventWithResponse(ctx context.Context,
 		return nil, err
 	}
 	return ParseReplayStripeEventResponse(rsp)
+}
+
+// SyncStripeWithBodyWithResponse Catch up with Stripe now
+//
+// Lists Stripe's events of the types tally handles created since
+// `since` (default: the newest stored event's creation, less an
+// hour; Stripe keeps 30 days) and stores and processes any not stored
+// yet, exactly as if delivered; then looks up every payment still
+// `pending` after `TALLY_PENDING_CHECK_AFTER` at Stripe (its Checkout
+// Session, or its invoice) and applies what Stripe shows through the
+// same validation chain and guard as a webhook (transitions with
+// `source: sync`). The background sync does the same every
+// `TALLY_STRIPE_SYNC_INTERVAL`. 409 `conflict` while another sync runs.
+//
+// Takes any type of body and a specified content type, and returns a wrapper object for the known response body format(s).
+//
+// Corresponds with POST /v1/admin/stripe-sync (the `SyncStripe` operationId).
+func (c *ClientWithResponses) SyncStripeWithBodyWithResponse(ctx context.Context, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*SyncStripeResponse, error) {
+	rsp, err := c.SyncStripeWithBody(ctx, contentType, body, reqEditors...)
+	if err != nil {
+		return nil, err
+	}
+	return ParseSyncStripeResponse(rsp)
+}
+
+// SyncStripeWithResponse Catch up with Stripe now
+//
+// Lists Stripe's events of the types tally handles created since
+// `since` (default: the newest stored event's creation, less an
+// hour; Stripe keeps 30 days) and stores and processes any not stored
+// yet, exactly as if delivered; then looks up every payment still
+// `pending` after `TALLY_PENDING_CHECK_AFTER` at Stripe (its Checkout
+// Session, or its invoice) and applies what Stripe shows through the
+// same validation chain and guard as a webhook (transitions with
+// `source: sync`). The background sync does the same every
+// `TALLY_STRIPE_SYNC_INTERVAL`. 409 `conflict` while another sync runs.
+//
+// Takes a body of the `application/json` content type, and returns a wrapper object for the known response body format(s).
+//
+// Corresponds with POST /v1/admin/stripe-sync (the `SyncStripe` operationId).
+func (c *ClientWithResponses) SyncStripeWithResponse(ctx context.Context, body SyncStripeJSONRequestBody, reqEditors ...RequestEditorFn) (*SyncStripeResponse, error) {
+	rsp, err := c.SyncStripe(ctx, body, reqEditors...)
+	if err != nil {
+		return nil, err
+	}
+	return ParseSyncStripeResponse(rsp)
 }
 
 // ListUsageEventsWithResponse Usage events by status (e.g. dead letters)
@@ -9273,6 +10491,64 @@ func (c *ClientWithResponses) ListCreditTransactionsWithResponse(ctx context.Con
 	return ParseListCreditTransactionsResponse(rsp)
 }
 
+// CreateInvoicePaymentWithBodyWithResponse Sell a catalog item on net terms, by a Stripe invoice
+//
+// For a company buying credits (or a product) on invoice. Writes the
+// payment `pending` with `method: invoice`, then has Stripe create an
+// invoice (`collection_method=send_invoice`, one line for the item,
+// metadata `tally_payment_id` and `tally_customer_id`, the purchase
+// order as the custom field `PO number`), finalize it and send it to
+// the customer's billing email (or its email). The customer must exist
+// and Stripe needs an email to send to.
+//
+// The payment is credited once, when `invoice.paid` arrives with the
+// amount, currency, livemode and metadata expected, whether the
+// invoice was paid by card, bank transfer or marked paid out of band.
+// `invoice.voided` and `invoice.marked_uncollectible` fail it (an
+// uncollectible invoice paid later still succeeds; a voided one never
+// does). Idempotency as for checkouts: a failed attempt stores nothing
+// under the key and leaves a failed payment.
+//
+// Takes any type of body and a specified content type, and returns a wrapper object for the known response body format(s).
+//
+// Corresponds with POST /v1/customers/{customer_id}/invoice-payments (the `CreateInvoicePayment` operationId).
+func (c *ClientWithResponses) CreateInvoicePaymentWithBodyWithResponse(ctx context.Context, customerId CustomerID, params *CreateInvoicePaymentParams, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*CreateInvoicePaymentResponse, error) {
+	rsp, err := c.CreateInvoicePaymentWithBody(ctx, customerId, params, contentType, body, reqEditors...)
+	if err != nil {
+		return nil, err
+	}
+	return ParseCreateInvoicePaymentResponse(rsp)
+}
+
+// CreateInvoicePaymentWithResponse Sell a catalog item on net terms, by a Stripe invoice
+//
+// For a company buying credits (or a product) on invoice. Writes the
+// payment `pending` with `method: invoice`, then has Stripe create an
+// invoice (`collection_method=send_invoice`, one line for the item,
+// metadata `tally_payment_id` and `tally_customer_id`, the purchase
+// order as the custom field `PO number`), finalize it and send it to
+// the customer's billing email (or its email). The customer must exist
+// and Stripe needs an email to send to.
+//
+// The payment is credited once, when `invoice.paid` arrives with the
+// amount, currency, livemode and metadata expected, whether the
+// invoice was paid by card, bank transfer or marked paid out of band.
+// `invoice.voided` and `invoice.marked_uncollectible` fail it (an
+// uncollectible invoice paid later still succeeds; a voided one never
+// does). Idempotency as for checkouts: a failed attempt stores nothing
+// under the key and leaves a failed payment.
+//
+// Takes a body of the `application/json` content type, and returns a wrapper object for the known response body format(s).
+//
+// Corresponds with POST /v1/customers/{customer_id}/invoice-payments (the `CreateInvoicePayment` operationId).
+func (c *ClientWithResponses) CreateInvoicePaymentWithResponse(ctx context.Context, customerId CustomerID, params *CreateInvoicePaymentParams, body CreateInvoicePaymentJSONRequestBody, reqEditors ...RequestEditorFn) (*CreateInvoicePaymentResponse, error) {
+	rsp, err := c.CreateInvoicePayment(ctx, customerId, params, body, reqEditors...)
+	if err != nil {
+		return nil, err
+	}
+	return ParseCreateInvoicePaymentResponse(rsp)
+}
+
 // ListCustomerPaymentsWithResponse A customer's payments, newest first
 //
 // Returns a wrapper object for the known response body format(s).
@@ -9601,6 +10877,52 @@ func ParseListStripeEventsResponse(rsp *http.Response) (*ListStripeEventsRespons
 	return response, nil
 }
 
+// ParseDismissStripeEventResponse parses an HTTP response from a DismissStripeEventWithResponse call
+func ParseDismissStripeEventResponse(rsp *http.Response) (*DismissStripeEventResponse, error) {
+	bodyBytes, err := io.ReadAll(rsp.Body)
+	defer func() { _ = rsp.Body.Close() }()
+	if err != nil {
+		return nil, err
+	}
+
+	response := &DismissStripeEventResponse{
+		Body:         bodyBytes,
+		HTTPResponse: rsp,
+	}
+
+	switch {
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 200:
+		var dest StripeEvent
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON200 = &dest
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && true:
+		var dest Problem
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.ApplicationproblemJSONDefault = &dest
+
+	}
+
+	switch {
+	case true:
+		var headers DismissStripeEventResponseDefaultHeaders
+		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
+			var value int
+			if err := runtime.BindStyledParameterWithOptions("simple", "Retry-After", values[0], &value, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "integer", Format: ""}); err != nil {
+				return nil, err
+			}
+			headers.RetryAfter = &value
+		}
+		response.HeadersDefault = &headers
+	}
+
+	return response, nil
+}
+
 // ParseReplayStripeEventResponse parses an HTTP response from a ReplayStripeEventWithResponse call
 func ParseReplayStripeEventResponse(rsp *http.Response) (*ReplayStripeEventResponse, error) {
 	bodyBytes, err := io.ReadAll(rsp.Body)
@@ -9634,6 +10956,52 @@ func ParseReplayStripeEventResponse(rsp *http.Response) (*ReplayStripeEventRespo
 	switch {
 	case true:
 		var headers ReplayStripeEventResponseDefaultHeaders
+		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
+			var value int
+			if err := runtime.BindStyledParameterWithOptions("simple", "Retry-After", values[0], &value, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "integer", Format: ""}); err != nil {
+				return nil, err
+			}
+			headers.RetryAfter = &value
+		}
+		response.HeadersDefault = &headers
+	}
+
+	return response, nil
+}
+
+// ParseSyncStripeResponse parses an HTTP response from a SyncStripeWithResponse call
+func ParseSyncStripeResponse(rsp *http.Response) (*SyncStripeResponse, error) {
+	bodyBytes, err := io.ReadAll(rsp.Body)
+	defer func() { _ = rsp.Body.Close() }()
+	if err != nil {
+		return nil, err
+	}
+
+	response := &SyncStripeResponse{
+		Body:         bodyBytes,
+		HTTPResponse: rsp,
+	}
+
+	switch {
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 200:
+		var dest StripeSyncResult
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON200 = &dest
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && true:
+		var dest Problem
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.ApplicationproblemJSONDefault = &dest
+
+	}
+
+	switch {
+	case true:
+		var headers SyncStripeResponseDefaultHeaders
 		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
 			var value int
 			if err := runtime.BindStyledParameterWithOptions("simple", "Retry-After", values[0], &value, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "integer", Format: ""}); err != nil {
@@ -10616,6 +11984,62 @@ func ParseListCreditTransactionsResponse(rsp *http.Response) (*ListCreditTransac
 	switch {
 	case true:
 		var headers ListCreditTransactionsResponseDefaultHeaders
+		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
+			var value int
+			if err := runtime.BindStyledParameterWithOptions("simple", "Retry-After", values[0], &value, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "integer", Format: ""}); err != nil {
+				return nil, err
+			}
+			headers.RetryAfter = &value
+		}
+		response.HeadersDefault = &headers
+	}
+
+	return response, nil
+}
+
+// ParseCreateInvoicePaymentResponse parses an HTTP response from a CreateInvoicePaymentWithResponse call
+func ParseCreateInvoicePaymentResponse(rsp *http.Response) (*CreateInvoicePaymentResponse, error) {
+	bodyBytes, err := io.ReadAll(rsp.Body)
+	defer func() { _ = rsp.Body.Close() }()
+	if err != nil {
+		return nil, err
+	}
+
+	response := &CreateInvoicePaymentResponse{
+		Body:         bodyBytes,
+		HTTPResponse: rsp,
+	}
+
+	switch {
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 201:
+		var dest InvoicePayment
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON201 = &dest
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && true:
+		var dest Problem
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.ApplicationproblemJSONDefault = &dest
+
+	}
+
+	switch {
+	case rsp.StatusCode == 201:
+		var headers CreateInvoicePaymentResponse201Headers
+		if values := rsp.Header.Values("Idempotent-Replayed"); len(values) > 0 {
+			var value bool
+			if err := runtime.BindStyledParameterWithOptions("simple", "Idempotent-Replayed", values[0], &value, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "boolean", Format: ""}); err != nil {
+				return nil, err
+			}
+			headers.IdempotentReplayed = &value
+		}
+		response.Headers201 = &headers
+	case true:
+		var headers CreateInvoicePaymentResponseDefaultHeaders
 		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
 			var value int
 			if err := runtime.BindStyledParameterWithOptions("simple", "Retry-After", values[0], &value, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "integer", Format: ""}); err != nil {

@@ -1,0 +1,224 @@
+package stripehook
+
+import (
+	"context"
+	"fmt"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"gorm.io/gorm"
+
+	"github.com/tallybilling/tally/internal/db"
+	"github.com/tallybilling/tally/internal/errs"
+	"github.com/tallybilling/tally/internal/payments"
+)
+
+// HandledTypes are the Stripe event types dispatch acts on: what the
+// endpoint must subscribe to, and what a catch-up lists (Stripe allows 20
+// types in one listing; this is 20).
+var HandledTypes = []string{
+	"payment_intent.succeeded", "payment_intent.payment_failed", "payment_intent.canceled",
+	"checkout.session.completed", "checkout.session.async_payment_succeeded",
+	"checkout.session.async_payment_failed", "checkout.session.expired",
+	"charge.refunded",
+	"charge.dispute.created", "charge.dispute.updated", "charge.dispute.closed",
+	"charge.dispute.funds_withdrawn", "charge.dispute.funds_reinstated",
+	"customer.subscription.created", "customer.subscription.updated", "customer.subscription.deleted",
+	"invoice.finalized", "invoice.paid", "invoice.voided", "invoice.marked_uncollectible",
+}
+
+// StripeRetention is how long Stripe keeps events to list.
+const StripeRetention = 30 * 24 * time.Hour
+
+// catchUpOverlap is how far before the newest stored event a catch-up
+// starts listing by default: events are not stored in the order Stripe
+// created them, so a missed one may be older than the newest stored.
+const catchUpOverlap = time.Hour
+
+// CatchUpResult counts what CatchUp found.
+type CatchUpResult struct {
+	Listed int
+	New    int
+}
+
+// CatchUp lists Stripe's events of HandledTypes created since since (zero:
+// the newest stored event's creation less an hour, or 72 hours back when
+// none is stored; never more than Stripe's 30 days), and stores and
+// processes, oldest first, those not stored yet, exactly as a delivery
+// would (source sync). Errors: errs.Unavailable (no Stripe key), Stripe's
+// *Error, database errors.
+func (h *Intake) CatchUp(ctx context.Context, since time.Time) (CatchUpResult, error) {
+	var res CatchUpResult
+	if h.stripe == nil {
+		return res, errs.E(errs.Unavailable, "catching up needs a Stripe key (TALLY_STRIPE_SECRET_KEY)")
+	}
+	now := h.now()
+	if since.IsZero() {
+		var newest struct{ At *time.Time }
+		err := h.db.WithContext(ctx).Model(&eventRow{}).Select("max(stripe_created) AS at").Scan(&newest).Error
+		if err != nil {
+			return res, db.Translate(err, nil)
+		}
+		since = now.Add(-72 * time.Hour)
+		if newest.At != nil && !newest.At.IsZero() {
+			since = newest.At.Add(-catchUpOverlap)
+		}
+	}
+	if oldest := now.Add(-StripeRetention); since.Before(oldest) {
+		since = oldest
+	}
+	listed, err := h.stripe.ListEvents(ctx, since, HandledTypes)
+	if err != nil {
+		return res, err
+	}
+	res.Listed = len(listed)
+	for _, raw := range listed {
+		ev, err := ParseEvent(raw.Payload)
+		if err != nil {
+			h.logger.WarnContext(ctx, "a listed Stripe event does not parse", "event_id", raw.ID, "error", err)
+			continue
+		}
+		stored, _, err := h.store(ctx, ev, raw.Payload, sourceSync, h.now())
+		if err != nil {
+			return res, err
+		}
+		if !stored {
+			continue
+		}
+		res.New++
+		h.logger.InfoContext(ctx, "a missed Stripe event was found by listing", "event_id", ev.ID, "type", ev.Type)
+		pctx, cancel := context.WithTimeout(ctx, processTimeout)
+		_, _ = h.process(pctx, ev, 0, h.now())
+		cancel()
+	}
+	return res, nil
+}
+
+// SyncResult is what one Sync found and did.
+type SyncResult struct {
+	EventsListed    int
+	EventsNew       int
+	PaymentsChecked int
+	PaymentsChanged int
+}
+
+// Syncer catches tally up with Stripe: missed events (CatchUp), then
+// pending payments (payments.SyncPending), one replica at a time.
+type Syncer struct {
+	intake       *Intake
+	payments     *payments.Service
+	db           *gorm.DB
+	pendingAfter time.Duration
+	interval     time.Duration
+	runs         *prometheus.CounterVec
+	found        *prometheus.CounterVec
+}
+
+// SyncerOptions configure NewSyncer.
+type SyncerOptions struct {
+	// PendingCheckAfter is how long a payment stays pending before a sync
+	// looks it up (TALLY_PENDING_CHECK_AFTER); Interval the background
+	// period (TALLY_STRIPE_SYNC_INTERVAL, 0: no background sync).
+	PendingCheckAfter time.Duration
+	Interval          time.Duration
+	Registry          prometheus.Registerer
+}
+
+// NewSyncer builds the Syncer of h and registers its metrics: the sync
+// runs by result and the age of the oldest pending payment.
+func NewSyncer(h *Intake, o SyncerOptions) *Syncer {
+	s := &Syncer{intake: h, payments: h.payments, db: h.db, pendingAfter: o.PendingCheckAfter, interval: o.Interval,
+		runs: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "tally_stripe_sync_runs_total", Help: "Syncs with Stripe (missed events, pending payments), by result: ok, error, skipped (another replica was syncing).",
+		}, []string{"result"}),
+		found: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "tally_stripe_sync_found_total",
+			Help: "Drift from Stripe that syncs caught up with: events never delivered (what=events_new), pending payments Stripe had settled (what=payments_changed).",
+		}, []string{"what"})}
+	for _, r := range []string{"ok", "error", "skipped"} {
+		s.runs.WithLabelValues(r)
+	}
+	for _, w := range []string{"events_new", "payments_changed"} {
+		s.found.WithLabelValues(w)
+	}
+	if o.Registry != nil {
+		o.Registry.MustRegister(s.runs, s.found, prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "tally_payments_pending_oldest_seconds",
+			Help: "Age of the oldest pending Checkout or top-up payment (0 when none is pending); pay-by-invoice payments wait on their terms and are left out.",
+		}, s.pendingAge))
+	}
+	return s
+}
+
+func (s *Syncer) pendingAge() float64 {
+	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+	defer cancel()
+	t, err := s.payments.OldestPending(ctx)
+	if err != nil {
+		return -1
+	}
+	if t.IsZero() {
+		return 0
+	}
+	return max(0, s.intake.now().Sub(t).Seconds())
+}
+
+// syncLock keys the advisory lock that lets one replica sync at a time.
+var syncLock = db.LockKey("stripe sync")
+
+// Sync runs one catch-up: missed events since since (zero: see CatchUp),
+// then the pending payments. Errors: errs.Conflict when another replica
+// is syncing; otherwise as CatchUp and SyncPending.
+func (s *Syncer) Sync(ctx context.Context, since time.Time) (SyncResult, error) {
+	var res SyncResult
+	ran, err := db.TryExclusive(ctx, s.db, syncLock, func(ctx context.Context) error {
+		ev, err := s.intake.CatchUp(ctx, since)
+		res.EventsListed, res.EventsNew = ev.Listed, ev.New
+		if err != nil {
+			return fmt.Errorf("list missed events: %w", err)
+		}
+		pr, err := s.payments.SyncPending(ctx, s.pendingAfter)
+		res.PaymentsChecked, res.PaymentsChanged = pr.Checked, pr.Changed
+		if err != nil {
+			return fmt.Errorf("look up pending payments: %w", err)
+		}
+		return nil
+	})
+	switch {
+	case !ran && err == nil:
+		s.runs.WithLabelValues("skipped").Inc()
+		return res, errs.E(errs.Conflict, "another sync with Stripe is running")
+	case err != nil:
+		s.runs.WithLabelValues("error").Inc()
+		return res, err
+	}
+	s.runs.WithLabelValues("ok").Inc()
+	s.found.WithLabelValues("events_new").Add(float64(res.EventsNew))
+	s.found.WithLabelValues("payments_changed").Add(float64(res.PaymentsChanged))
+	s.intake.logger.InfoContext(ctx, "synced with Stripe", "events_listed", res.EventsListed, "events_new", res.EventsNew,
+		"payments_checked", res.PaymentsChecked, "payments_changed", res.PaymentsChanged)
+	return res, nil
+}
+
+// Name names the worker in logs.
+func (s *Syncer) Name() string { return "stripe-sync" }
+
+// Run syncs every Interval until ctx ends (never when Interval is 0).
+func (s *Syncer) Run(ctx context.Context) error {
+	if s.interval <= 0 {
+		<-ctx.Done()
+		return ctx.Err()
+	}
+	t := time.NewTicker(s.interval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-t.C:
+		}
+		if _, err := s.Sync(ctx, time.Time{}); err != nil && !errs.Is(err, errs.Conflict) && ctx.Err() == nil {
+			s.intake.logger.WarnContext(ctx, "sync with Stripe failed", "error", err)
+		}
+	}
+}
