@@ -37,6 +37,20 @@ const (
 	// StatusDead: Stripe refused it, or attempts ran out; an operator may
 	// requeue it.
 	StatusDead Status = "dead"
+	// StatusHistorical: imported with a timestamp older than Stripe
+	// accepts; it counts in tally's totals and is never sent.
+	StatusHistorical Status = "historical"
+	// StatusShadow: its plan's delivery is shadow; stored and counted,
+	// never sent.
+	StatusShadow Status = "shadow"
+	// StatusLegacyPeriod: timestamped before its plan's live_from for this
+	// customer; the legacy system bills it, tally never sends it.
+	StatusLegacyPeriod Status = "legacy_period"
+	// StatusCancelPending: cancelled after it may have reached Stripe; a
+	// meter event adjustment is on its way (cancel.go).
+	StatusCancelPending Status = "cancel_pending"
+	// StatusCancelled: cancelled, and never sent or cancelled at Stripe.
+	StatusCancelled Status = "cancelled"
 )
 
 // DeadCode says why a usage event is dead.
@@ -53,14 +67,20 @@ const (
 	DeadTooOld DeadCode = "too_old"
 )
 
-// Valid reports whether s is one of the four statuses.
+// Valid reports whether s is one of the statuses.
 func (s Status) Valid() bool {
 	switch s {
-	case StatusPending, StatusWaitingCustomer, StatusDelivered, StatusDead:
+	case StatusPending, StatusWaitingCustomer, StatusDelivered, StatusDead,
+		StatusHistorical, StatusShadow, StatusLegacyPeriod, StatusCancelPending, StatusCancelled:
 		return true
 	}
 	return false
 }
+
+// countedStatuses are the statuses of events that count in a customer's
+// totals: everything but dead (Stripe does not have them) and cancelled
+// ones (cancel_pending included: the caller took it back).
+const countedStatuses = `('pending', 'waiting_customer', 'delivered', 'historical', 'shadow', 'legacy_period')`
 
 // Service is the metering capability: intake, reads, requeue and
 // reconciliation. Delivery is the Worker's.
