@@ -250,6 +250,24 @@ func (e LedgerEntryKind) Valid() bool {
 	}
 }
 
+// Defines values for MeterTotalDelivery.
+const (
+	MeterTotalDeliveryLive   MeterTotalDelivery = "live"
+	MeterTotalDeliveryShadow MeterTotalDelivery = "shadow"
+)
+
+// Valid indicates whether the value is a known member of the MeterTotalDelivery enum.
+func (e MeterTotalDelivery) Valid() bool {
+	switch e {
+	case MeterTotalDeliveryLive:
+		return true
+	case MeterTotalDeliveryShadow:
+		return true
+	default:
+		return false
+	}
+}
+
 // Defines values for PaymentItemKind.
 const (
 	PaymentItemKindCreditPack PaymentItemKind = "credit_pack"
@@ -412,6 +430,45 @@ func (e PaymentSucceededEventType) Valid() bool {
 	}
 }
 
+// Defines values for ReconciliationRequestPeriod.
+const (
+	Current  ReconciliationRequestPeriod = "current"
+	Previous ReconciliationRequestPeriod = "previous"
+)
+
+// Valid indicates whether the value is a known member of the ReconciliationRequestPeriod enum.
+func (e ReconciliationRequestPeriod) Valid() bool {
+	switch e {
+	case Current:
+		return true
+	case Previous:
+		return true
+	default:
+		return false
+	}
+}
+
+// Defines values for ReconciliationRunKind.
+const (
+	Manual    ReconciliationRunKind = "manual"
+	Period    ReconciliationRunKind = "period"
+	Scheduled ReconciliationRunKind = "scheduled"
+)
+
+// Valid indicates whether the value is a known member of the ReconciliationRunKind enum.
+func (e ReconciliationRunKind) Valid() bool {
+	switch e {
+	case Manual:
+		return true
+	case Period:
+		return true
+	case Scheduled:
+		return true
+	default:
+		return false
+	}
+}
+
 // Defines values for RequeueItemStatus.
 const (
 	Requeued RequeueItemStatus = "requeued"
@@ -552,20 +609,35 @@ func (e UsageEventResultStatus) Valid() bool {
 
 // Defines values for UsageStatus.
 const (
+	UsageStatusCancelPending   UsageStatus = "cancel_pending"
+	UsageStatusCancelled       UsageStatus = "cancelled"
 	UsageStatusDead            UsageStatus = "dead"
 	UsageStatusDelivered       UsageStatus = "delivered"
+	UsageStatusHistorical      UsageStatus = "historical"
+	UsageStatusLegacyPeriod    UsageStatus = "legacy_period"
 	UsageStatusPending         UsageStatus = "pending"
+	UsageStatusShadow          UsageStatus = "shadow"
 	UsageStatusWaitingCustomer UsageStatus = "waiting_customer"
 )
 
 // Valid indicates whether the value is a known member of the UsageStatus enum.
 func (e UsageStatus) Valid() bool {
 	switch e {
+	case UsageStatusCancelPending:
+		return true
+	case UsageStatusCancelled:
+		return true
 	case UsageStatusDead:
 		return true
 	case UsageStatusDelivered:
 		return true
+	case UsageStatusHistorical:
+		return true
+	case UsageStatusLegacyPeriod:
+		return true
 	case UsageStatusPending:
+		return true
+	case UsageStatusShadow:
 		return true
 	case UsageStatusWaitingCustomer:
 		return true
@@ -948,10 +1020,23 @@ type Metadata map[string]string
 
 // MeterTotal defines model for MeterTotal.
 type MeterTotal struct {
-	Events int64  `json:"events"`
-	Meter  string `json:"meter"`
-	Total  int64  `json:"total"`
+	// Delivery The plan's delivery.
+	Delivery *MeterTotalDelivery `json:"delivery,omitempty"`
+	Events   int64               `json:"events"`
+
+	// LiveFrom This customer's cut-over on the meter: events timestamped before
+	// it are stored as `legacy_period` and never sent. An RFC 3339
+	// time; `next_period` while the plan cuts over at the customer's
+	// next billing period and that has not been decided yet (it is
+	// decided before their first event is sent); null when the plan
+	// has no `live_from`.
+	LiveFrom *string `json:"live_from,omitempty"`
+	Meter    string  `json:"meter"`
+	Total    int64   `json:"total"`
 }
+
+// MeterTotalDelivery The plan's delivery.
+type MeterTotalDelivery string
 
 // Payment defines model for Payment.
 type Payment struct {
@@ -1258,8 +1343,11 @@ type Receivable struct {
 // Reconciliation defines model for Reconciliation.
 type Reconciliation struct {
 	// Checked Customers compared.
-	Checked    int                      `json:"checked"`
-	From       time.Time                `json:"from"`
+	Checked int       `json:"checked"`
+	From    time.Time `json:"from"`
+
+	// Id The stored run.
+	Id         *string                  `json:"id,omitempty"`
 	Meter      string                   `json:"meter"`
 	Mismatches []ReconciliationMismatch `json:"mismatches"`
 	To         time.Time                `json:"to"`
@@ -1275,14 +1363,45 @@ type ReconciliationMismatch struct {
 	StripeTotal int64 `json:"stripe_total"`
 }
 
-// ReconciliationRequest defines model for ReconciliationRequest.
+// ReconciliationRequest Either `from` and `to` (every customer), or `customer_id` and `period` (one customer's Stripe billing period).
 type ReconciliationRequest struct {
+	CustomerId *string `json:"customer_id,omitempty"`
+
 	// From The zero time 0001-01-01T00:00:00Z is refused (422).
-	From  time.Time `json:"from"`
-	Meter string    `json:"meter"`
+	From   *time.Time                   `json:"from,omitempty"`
+	Meter  string                       `json:"meter"`
+	Period *ReconciliationRequestPeriod `json:"period,omitempty"`
 
 	// To Clamped to now when in the future; the zero time is refused (422).
-	To time.Time `json:"to"`
+	To *time.Time `json:"to,omitempty"`
+}
+
+// ReconciliationRequestPeriod defines model for ReconciliationRequest.Period.
+type ReconciliationRequestPeriod string
+
+// ReconciliationRun defines model for ReconciliationRun.
+type ReconciliationRun struct {
+	Checked    int       `json:"checked"`
+	CreatedAt  time.Time `json:"created_at"`
+	CustomerId *string   `json:"customer_id,omitempty"`
+
+	// Drift The summed absolute difference of the mismatches.
+	Drift      int64                    `json:"drift"`
+	From       time.Time                `json:"from"`
+	Id         string                   `json:"id"`
+	Kind       ReconciliationRunKind    `json:"kind"`
+	Meter      string                   `json:"meter"`
+	Mismatches []ReconciliationMismatch `json:"mismatches"`
+	To         time.Time                `json:"to"`
+}
+
+// ReconciliationRunKind defines model for ReconciliationRun.Kind.
+type ReconciliationRunKind string
+
+// ReconciliationRunPage defines model for ReconciliationRunPage.
+type ReconciliationRunPage struct {
+	Data       []ReconciliationRun `json:"data"`
+	NextCursor *string             `json:"next_cursor"`
 }
 
 // RequeueItem defines model for RequeueItem.
@@ -1369,6 +1488,34 @@ type UsageBatch struct {
 	Events []UsageEventInput `json:"events"`
 }
 
+// UsageComparison defines model for UsageComparison.
+type UsageComparison struct {
+	// Compared Customers compared: those in the legacy list and those with usage in tally.
+	Compared   int       `json:"compared"`
+	From       time.Time `json:"from"`
+	Meter      string    `json:"meter"`
+	Mismatches []struct {
+		CustomerId string `json:"customer_id"`
+
+		// Difference tally_total - legacy_total
+		Difference  int64 `json:"difference"`
+		LegacyTotal int64 `json:"legacy_total"`
+		TallyTotal  int64 `json:"tally_total"`
+	} `json:"mismatches"`
+	To time.Time `json:"to"`
+}
+
+// UsageComparisonRequest defines model for UsageComparisonRequest.
+type UsageComparisonRequest struct {
+	From   time.Time `json:"from"`
+	Legacy []struct {
+		CustomerId string `json:"customer_id"`
+		Total      int64  `json:"total"`
+	} `json:"legacy"`
+	Meter string    `json:"meter"`
+	To    time.Time `json:"to"`
+}
+
 // UsageDeadCode `stripe_refused`: Stripe refused the event (a 4xx). `too_old`: its
 // timestamp left the window Stripe accepts (35 days, less the hour tally
 // keeps to deliver it) before it could be delivered, through a long
@@ -1449,12 +1596,20 @@ type UsageEventStatus struct {
 	LastError   *string        `json:"last_error,omitempty"`
 
 	// MaybeSentAt The first time a send may have reached Stripe without an answer saying so (a timeout or a 5xx); a requeue more than 24 hours later needs `force`.
-	MaybeSentAt   *time.Time  `json:"maybe_sent_at,omitempty"`
-	Meter         string      `json:"meter"`
-	NextAttemptAt *time.Time  `json:"next_attempt_at,omitempty"`
-	Status        UsageStatus `json:"status"`
-	Timestamp     time.Time   `json:"timestamp"`
-	Value         int64       `json:"value"`
+	MaybeSentAt   *time.Time `json:"maybe_sent_at,omitempty"`
+	Meter         string     `json:"meter"`
+	NextAttemptAt *time.Time `json:"next_attempt_at,omitempty"`
+
+	// Status `historical`: imported with a timestamp older than Stripe accepts;
+	// counted, never sent. `shadow`: its plan's delivery is shadow; counted,
+	// never sent. `legacy_period`: timestamped before its plan's
+	// `live_from` for this customer; the legacy system bills it, never
+	// sent. `cancel_pending`: cancelled after it may have reached Stripe; a
+	// meter event adjustment is on its way. `cancelled`: cancelled; left
+	// out of totals and reconciliation.
+	Status    UsageStatus `json:"status"`
+	Timestamp time.Time   `json:"timestamp"`
+	Value     int64       `json:"value"`
 }
 
 // UsageIntakeResult defines model for UsageIntakeResult.
@@ -1468,7 +1623,13 @@ type UsageIntakeResult struct {
 	Results    []UsageEventResult `json:"results"`
 }
 
-// UsageStatus defines model for UsageStatus.
+// UsageStatus `historical`: imported with a timestamp older than Stripe accepts;
+// counted, never sent. `shadow`: its plan's delivery is shadow; counted,
+// never sent. `legacy_period`: timestamped before its plan's
+// `live_from` for this customer; the legacy system bills it, never
+// sent. `cancel_pending`: cancelled after it may have reached Stripe; a
+// meter event adjustment is on its way. `cancelled`: cancelled; left
+// out of totals and reconciliation.
 type UsageStatus string
 
 // UsageTotals defines model for UsageTotals.
@@ -1511,6 +1672,15 @@ type IdempotencyKeyOptional = string
 
 // Limit defines model for Limit.
 type Limit = int
+
+// ListReconciliationsParams defines parameters for ListReconciliations.
+type ListReconciliationsParams struct {
+	Meter *string `form:"meter,omitempty" json:"meter,omitempty"`
+	Limit *Limit  `form:"limit,omitempty" json:"limit,omitempty"`
+
+	// Cursor The `next_cursor` of the previous page.
+	Cursor *Cursor `form:"cursor,omitempty" json:"cursor,omitempty"`
+}
 
 // ListStripeEventsParams defines parameters for ListStripeEvents.
 type ListStripeEventsParams struct {
@@ -1586,6 +1756,9 @@ type IngestUsageEventsParams struct {
 
 // CreateReconciliationJSONRequestBody defines body for CreateReconciliation for application/json ContentType.
 type CreateReconciliationJSONRequestBody = ReconciliationRequest
+
+// CompareUsageJSONRequestBody defines body for CompareUsage for application/json ContentType.
+type CompareUsageJSONRequestBody = UsageComparisonRequest
 
 // RequeueUsageEventsJSONRequestBody defines body for RequeueUsageEvents for application/json ContentType.
 type RequeueUsageEventsJSONRequestBody = RequeueRequest
@@ -2277,6 +2450,9 @@ func (t *Event) UnmarshalJSON(b []byte) error {
 
 // ServerInterface represents all server handlers.
 type ServerInterface interface {
+	// ListReconciliations Stored reconciliation runs, newest first
+	// (GET /v1/admin/reconciliations)
+	ListReconciliations(ctx echo.Context, params ListReconciliationsParams) error
 	// CreateReconciliation Compare delivered usage with Stripe's meter event summaries
 	// (POST /v1/admin/reconciliations)
 	CreateReconciliation(ctx echo.Context) error
@@ -2286,6 +2462,9 @@ type ServerInterface interface {
 	// ReplayStripeEvent Process a stored Stripe event again
 	// (POST /v1/admin/stripe-events/{event_id}/replay)
 	ReplayStripeEvent(ctx echo.Context, eventId string) error
+	// CompareUsage Compare tally's totals with a legacy system's
+	// (POST /v1/admin/usage-comparisons)
+	CompareUsage(ctx echo.Context) error
 	// ListUsageEvents Usage events by status (e.g. dead letters)
 	// (GET /v1/admin/usage-events)
 	ListUsageEvents(ctx echo.Context, params ListUsageEventsParams) error
@@ -2337,11 +2516,46 @@ type ServerInterface interface {
 	// GetUsageEvent Delivery status of one usage event
 	// (GET /v1/usage-events/{identifier})
 	GetUsageEvent(ctx echo.Context, identifier string) error
+	// CancelUsageEvent Cancel a usage event, before or after delivery
+	// (POST /v1/usage-events/{identifier}/cancel)
+	CancelUsageEvent(ctx echo.Context, identifier string) error
 }
 
 // ServerInterfaceWrapper converts echo contexts to parameters.
 type ServerInterfaceWrapper struct {
 	Handler ServerInterface
+}
+
+// ListReconciliations converts echo context to params.
+func (w *ServerInterfaceWrapper) ListReconciliations(ctx echo.Context) error {
+	var err error
+
+	// Parameter object where we will unmarshal all parameters from the context
+	var params ListReconciliationsParams
+	// ------------- Optional query parameter "meter" -------------
+
+	err = runtime.BindQueryParameterWithOptions("form", true, false, "meter", ctx.QueryParams(), &params.Meter, runtime.BindQueryParameterOptions{Type: "string", Format: ""})
+	if err != nil {
+		return echo.NewHTTPError(http.StatusBadRequest, fmt.Sprintf("Invalid format for parameter meter: %s", err))
+	}
+
+	// ------------- Optional query parameter "limit" -------------
+
+	err = runtime.BindQueryParameterWithOptions("form", true, false, "limit", ctx.QueryParams(), &params.Limit, runtime.BindQueryParameterOptions{Type: "integer", Format: ""})
+	if err != nil {
+		return echo.NewHTTPError(http.StatusBadRequest, fmt.Sprintf("Invalid format for parameter limit: %s", err))
+	}
+
+	// ------------- Optional query parameter "cursor" -------------
+
+	err = runtime.BindQueryParameterWithOptions("form", true, false, "cursor", ctx.QueryParams(), &params.Cursor, runtime.BindQueryParameterOptions{Type: "string", Format: ""})
+	if err != nil {
+		return echo.NewHTTPError(http.StatusBadRequest, fmt.Sprintf("Invalid format for parameter cursor: %s", err))
+	}
+
+	// Invoke the callback with all the unmarshaled arguments
+	err = w.Handler.ListReconciliations(ctx, params)
+	return err
 }
 
 // CreateReconciliation converts echo context to params.
@@ -2398,6 +2612,15 @@ func (w *ServerInterfaceWrapper) ReplayStripeEvent(ctx echo.Context) error {
 
 	// Invoke the callback with all the unmarshaled arguments
 	err = w.Handler.ReplayStripeEvent(ctx, eventId)
+	return err
+}
+
+// CompareUsage converts echo context to params.
+func (w *ServerInterfaceWrapper) CompareUsage(ctx echo.Context) error {
+	var err error
+
+	// Invoke the callback with all the unmarshaled arguments
+	err = w.Handler.CompareUsage(ctx)
 	return err
 }
 
@@ -2802,6 +3025,22 @@ func (w *ServerInterfaceWrapper) GetUsageEvent(ctx echo.Context) error {
 	return err
 }
 
+// CancelUsageEvent converts echo context to params.
+func (w *ServerInterfaceWrapper) CancelUsageEvent(ctx echo.Context) error {
+	var err error
+	// ------------- Path parameter "identifier" -------------
+	var identifier string
+
+	err = runtime.BindStyledParameterWithOptions("simple", "identifier", ctx.Param("identifier"), &identifier, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationPath, Explode: false, Required: true, Type: "string", Format: "", ValueIsUnescaped: ctx.Request().URL.RawPath == ""})
+	if err != nil {
+		return echo.NewHTTPError(http.StatusBadRequest, fmt.Sprintf("Invalid format for parameter identifier: %s", err))
+	}
+
+	// Invoke the callback with all the unmarshaled arguments
+	err = w.Handler.CancelUsageEvent(ctx, identifier)
+	return err
+}
+
 // This is a simple interface which specifies echo.Route addition functions which
 // are present on both echo.Echo and echo.Group, since we want to allow using
 // either of them for path registration
@@ -2861,12 +3100,15 @@ func RegisterHandlersWithOptions(router EchoRouter, si ServerInterface, options 
 	router.GET(options.BaseURL+"/v1/customers/:customer_id/credits/transactions", wrapper.ListCreditTransactions, options.OperationMiddlewares["listCreditTransactions"]...)
 	router.POST(options.BaseURL+"/v1/usage-events", wrapper.IngestUsageEvents, options.OperationMiddlewares["ingestUsageEvents"]...)
 	router.GET(options.BaseURL+"/v1/usage-events/:identifier", wrapper.GetUsageEvent, options.OperationMiddlewares["getUsageEvent"]...)
+	router.POST(options.BaseURL+"/v1/usage-events/:identifier/cancel", wrapper.CancelUsageEvent, options.OperationMiddlewares["cancelUsageEvent"]...)
 	router.GET(options.BaseURL+"/v1/customers/:customer_id/usage", wrapper.GetCustomerUsage, options.OperationMiddlewares["getCustomerUsage"]...)
 	router.GET(options.BaseURL+"/v1/events", wrapper.ListEvents, options.OperationMiddlewares["listEvents"]...)
 	router.GET(options.BaseURL+"/v1/admin/stripe-events", wrapper.ListStripeEvents, options.OperationMiddlewares["listStripeEvents"]...)
 	router.POST(options.BaseURL+"/v1/admin/stripe-events/:event_id/replay", wrapper.ReplayStripeEvent, options.OperationMiddlewares["replayStripeEvent"]...)
 	router.GET(options.BaseURL+"/v1/admin/usage-events", wrapper.ListUsageEvents, options.OperationMiddlewares["listUsageEvents"]...)
 	router.POST(options.BaseURL+"/v1/admin/usage-events/requeue", wrapper.RequeueUsageEvents, options.OperationMiddlewares["requeueUsageEvents"]...)
+	router.POST(options.BaseURL+"/v1/admin/usage-comparisons", wrapper.CompareUsage, options.OperationMiddlewares["compareUsage"]...)
+	router.GET(options.BaseURL+"/v1/admin/reconciliations", wrapper.ListReconciliations, options.OperationMiddlewares["listReconciliations"]...)
 	router.POST(options.BaseURL+"/v1/admin/reconciliations", wrapper.CreateReconciliation, options.OperationMiddlewares["createReconciliation"]...)
 	router.GET(options.BaseURL+"/v1/admin/verify", wrapper.VerifyInvariants, options.OperationMiddlewares["verifyInvariants"]...)
 
@@ -2879,6 +3121,49 @@ type ProblemApplicationProblemPlusJSONResponse struct {
 	Body Problem
 
 	Headers ProblemResponseHeaders
+}
+
+type ListReconciliationsRequestObject struct {
+	Params ListReconciliationsParams
+}
+
+type ListReconciliationsResponseObject interface {
+	VisitListReconciliationsResponse(w http.ResponseWriter) error
+}
+
+type ListReconciliations200JSONResponse ReconciliationRunPage
+
+func (response ListReconciliations200JSONResponse) VisitListReconciliationsResponse(w http.ResponseWriter) error {
+
+	var buf bytes.Buffer
+	if err := json.NewEncoder(&buf).Encode(response); err != nil {
+		return err
+	}
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(200)
+	_, err := buf.WriteTo(w)
+	return err
+}
+
+type ListReconciliationsdefaultApplicationProblemPlusJSONResponse struct {
+	Body       Problem
+	Headers    ProblemResponseHeaders
+	StatusCode int
+}
+
+func (response ListReconciliationsdefaultApplicationProblemPlusJSONResponse) VisitListReconciliationsResponse(w http.ResponseWriter) error {
+
+	var buf bytes.Buffer
+	if err := json.NewEncoder(&buf).Encode(response.Body); err != nil {
+		return err
+	}
+	w.Header().Set("Content-Type", "application/problem+json")
+	if response.Headers.RetryAfter != nil {
+		w.Header().Set("Retry-After", fmt.Sprint(*response.Headers.RetryAfter))
+	}
+	w.WriteHeader(response.StatusCode)
+	_, err := buf.WriteTo(w)
+	return err
 }
 
 type CreateReconciliationRequestObject struct {
@@ -2996,6 +3281,49 @@ type ReplayStripeEventdefaultApplicationProblemPlusJSONResponse struct {
 }
 
 func (response ReplayStripeEventdefaultApplicationProblemPlusJSONResponse) VisitReplayStripeEventResponse(w http.ResponseWriter) error {
+
+	var buf bytes.Buffer
+	if err := json.NewEncoder(&buf).Encode(response.Body); err != nil {
+		return err
+	}
+	w.Header().Set("Content-Type", "application/problem+json")
+	if response.Headers.RetryAfter != nil {
+		w.Header().Set("Retry-After", fmt.Sprint(*response.Headers.RetryAfter))
+	}
+	w.WriteHeader(response.StatusCode)
+	_, err := buf.WriteTo(w)
+	return err
+}
+
+type CompareUsageRequestObject struct {
+	Body *CompareUsageJSONRequestBody
+}
+
+type CompareUsageResponseObject interface {
+	VisitCompareUsageResponse(w http.ResponseWriter) error
+}
+
+type CompareUsage200JSONResponse UsageComparison
+
+func (response CompareUsage200JSONResponse) VisitCompareUsageResponse(w http.ResponseWriter) error {
+
+	var buf bytes.Buffer
+	if err := json.NewEncoder(&buf).Encode(response); err != nil {
+		return err
+	}
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(200)
+	_, err := buf.WriteTo(w)
+	return err
+}
+
+type CompareUsagedefaultApplicationProblemPlusJSONResponse struct {
+	Body       Problem
+	Headers    ProblemResponseHeaders
+	StatusCode int
+}
+
+func (response CompareUsagedefaultApplicationProblemPlusJSONResponse) VisitCompareUsageResponse(w http.ResponseWriter) error {
 
 	var buf bytes.Buffer
 	if err := json.NewEncoder(&buf).Encode(response.Body); err != nil {
@@ -3817,8 +4145,54 @@ func (response GetUsageEventdefaultApplicationProblemPlusJSONResponse) VisitGetU
 	return err
 }
 
+type CancelUsageEventRequestObject struct {
+	Identifier string `json:"identifier"`
+}
+
+type CancelUsageEventResponseObject interface {
+	VisitCancelUsageEventResponse(w http.ResponseWriter) error
+}
+
+type CancelUsageEvent200JSONResponse UsageEventStatus
+
+func (response CancelUsageEvent200JSONResponse) VisitCancelUsageEventResponse(w http.ResponseWriter) error {
+
+	var buf bytes.Buffer
+	if err := json.NewEncoder(&buf).Encode(response); err != nil {
+		return err
+	}
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(200)
+	_, err := buf.WriteTo(w)
+	return err
+}
+
+type CancelUsageEventdefaultApplicationProblemPlusJSONResponse struct {
+	Body       Problem
+	Headers    ProblemResponseHeaders
+	StatusCode int
+}
+
+func (response CancelUsageEventdefaultApplicationProblemPlusJSONResponse) VisitCancelUsageEventResponse(w http.ResponseWriter) error {
+
+	var buf bytes.Buffer
+	if err := json.NewEncoder(&buf).Encode(response.Body); err != nil {
+		return err
+	}
+	w.Header().Set("Content-Type", "application/problem+json")
+	if response.Headers.RetryAfter != nil {
+		w.Header().Set("Retry-After", fmt.Sprint(*response.Headers.RetryAfter))
+	}
+	w.WriteHeader(response.StatusCode)
+	_, err := buf.WriteTo(w)
+	return err
+}
+
 // StrictServerInterface represents all server handlers.
 type StrictServerInterface interface {
+	// ListReconciliations Stored reconciliation runs, newest first
+	// (GET /v1/admin/reconciliations)
+	ListReconciliations(ctx context.Context, request ListReconciliationsRequestObject) (ListReconciliationsResponseObject, error)
 	// CreateReconciliation Compare delivered usage with Stripe's meter event summaries
 	// (POST /v1/admin/reconciliations)
 	CreateReconciliation(ctx context.Context, request CreateReconciliationRequestObject) (CreateReconciliationResponseObject, error)
@@ -3828,6 +4202,9 @@ type StrictServerInterface interface {
 	// ReplayStripeEvent Process a stored Stripe event again
 	// (POST /v1/admin/stripe-events/{event_id}/replay)
 	ReplayStripeEvent(ctx context.Context, request ReplayStripeEventRequestObject) (ReplayStripeEventResponseObject, error)
+	// CompareUsage Compare tally's totals with a legacy system's
+	// (POST /v1/admin/usage-comparisons)
+	CompareUsage(ctx context.Context, request CompareUsageRequestObject) (CompareUsageResponseObject, error)
 	// ListUsageEvents Usage events by status (e.g. dead letters)
 	// (GET /v1/admin/usage-events)
 	ListUsageEvents(ctx context.Context, request ListUsageEventsRequestObject) (ListUsageEventsResponseObject, error)
@@ -3879,6 +4256,9 @@ type StrictServerInterface interface {
 	// GetUsageEvent Delivery status of one usage event
 	// (GET /v1/usage-events/{identifier})
 	GetUsageEvent(ctx context.Context, request GetUsageEventRequestObject) (GetUsageEventResponseObject, error)
+	// CancelUsageEvent Cancel a usage event, before or after delivery
+	// (POST /v1/usage-events/{identifier}/cancel)
+	CancelUsageEvent(ctx context.Context, request CancelUsageEventRequestObject) (CancelUsageEventResponseObject, error)
 }
 
 type StrictHandlerFunc func(ctx echo.Context, request any) (any, error)
@@ -3891,6 +4271,31 @@ func NewStrictHandler(ssi StrictServerInterface, middlewares []StrictMiddlewareF
 type strictHandler struct {
 	ssi         StrictServerInterface
 	middlewares []StrictMiddlewareFunc
+}
+
+// ListReconciliations operation middleware
+func (sh *strictHandler) ListReconciliations(ctx echo.Context, params ListReconciliationsParams) error {
+	var request ListReconciliationsRequestObject
+
+	request.Params = params
+
+	handler := func(ctx echo.Context, request interface{}) (interface{}, error) {
+		return sh.ssi.ListReconciliations(ctx.Request().Context(), request.(ListReconciliationsRequestObject))
+	}
+	for _, middleware := range sh.middlewares {
+		handler = middleware(handler, "ListReconciliations")
+	}
+
+	response, err := handler(ctx, request)
+
+	if err != nil {
+		return err
+	} else if validResponse, ok := response.(ListReconciliationsResponseObject); ok {
+		return validResponse.VisitListReconciliationsResponse(ctx.Response())
+	} else if response != nil {
+		return fmt.Errorf("unexpected response type: %T", response)
+	}
+	return nil
 }
 
 // CreateReconciliation operation middleware
@@ -3983,6 +4388,52 @@ func (sh *strictHandler) ReplayStripeEvent(ctx echo.Context, eventId string) err
 		return err
 	} else if validResponse, ok := response.(ReplayStripeEventResponseObject); ok {
 		return validResponse.VisitReplayStripeEventResponse(ctx.Response())
+	} else if response != nil {
+		return fmt.Errorf("unexpected response type: %T", response)
+	}
+	return nil
+}
+
+// CompareUsage operation middleware
+func (sh *strictHandler) CompareUsage(ctx echo.Context) error {
+	var request CompareUsageRequestObject
+
+	var body CompareUsageJSONRequestBody
+	var err error
+	if binder, ok := ctx.Echo().Binder.(*echo.DefaultBinder); ok {
+		// A request validator built on kin-openapi's openapi3filter with
+		// KeepValidatedValue leaves the value it validated on the body. Bind
+		// that value, matching member names exactly, so the handler receives
+		// what was validated instead of a second, case-insensitive decode.
+		// Otherwise bind only the request body, so that path and query
+		// parameters are not also bound into the body struct.
+		if vb, ok := ctx.Request().Body.(interface{ ValidatedValue() any }); !ok || runtime.BindJSONValue(vb.ValidatedValue(), &body) != nil {
+			err = binder.BindBody(ctx, &body)
+		}
+	} else {
+		// A custom binder is installed on the Echo instance; defer to it
+		// entirely, since echo.Binder does not expose body-only binding and
+		// the binder may do more than decode (for example call ctx.Validate).
+		err = ctx.Bind(&body)
+	}
+	if err != nil {
+		return err
+	}
+	request.Body = &body
+
+	handler := func(ctx echo.Context, request interface{}) (interface{}, error) {
+		return sh.ssi.CompareUsage(ctx.Request().Context(), request.(CompareUsageRequestObject))
+	}
+	for _, middleware := range sh.middlewares {
+		handler = middleware(handler, "CompareUsage")
+	}
+
+	response, err := handler(ctx, request)
+
+	if err != nil {
+		return err
+	} else if validResponse, ok := response.(CompareUsageResponseObject); ok {
+		return validResponse.VisitCompareUsageResponse(ctx.Response())
 	} else if response != nil {
 		return fmt.Errorf("unexpected response type: %T", response)
 	}
@@ -4551,209 +5002,253 @@ func (sh *strictHandler) GetUsageEvent(ctx echo.Context, identifier string) erro
 	return nil
 }
 
+// CancelUsageEvent operation middleware
+func (sh *strictHandler) CancelUsageEvent(ctx echo.Context, identifier string) error {
+	var request CancelUsageEventRequestObject
+
+	request.Identifier = identifier
+
+	handler := func(ctx echo.Context, request interface{}) (interface{}, error) {
+		return sh.ssi.CancelUsageEvent(ctx.Request().Context(), request.(CancelUsageEventRequestObject))
+	}
+	for _, middleware := range sh.middlewares {
+		handler = middleware(handler, "CancelUsageEvent")
+	}
+
+	response, err := handler(ctx, request)
+
+	if err != nil {
+		return err
+	} else if validResponse, ok := response.(CancelUsageEventResponseObject); ok {
+		return validResponse.VisitCancelUsageEventResponse(ctx.Response())
+	} else if response != nil {
+		return fmt.Errorf("unexpected response type: %T", response)
+	}
+	return nil
+}
+
 // Base64 encoded, compressed with deflate, json marshaled OpenAPI spec.
 // Stored as a slice of fixed-width chunks rather than one concatenated
 // const string: with thousands of chunks the chained `+` fold is several
 // times slower for the Go compiler than parsing a slice literal.
 var swaggerSpec = []string{
-	"1L3/khs3kif+Kgh+N0JNTzVFyZJ31R0b8e2RZY/WsqWQWuvbNXUsdBVIwl0EaADVbI5O/94D3CPek1wg",
-	"E0ChilVksZut8UyMQ2yyCj8zE/njk4nPg0wuV1IwYfTg7PNgwWjOFHx8nbPlShomzHu2KuiG5fbbnOlM",
-	"8ZXhUgzOBqlRJUvJesEEMQuuCRV6zRThmpgFIwpeJHJGqCCMqoIzRRT7o2TakDU3C3hK0yUj12wzGiQD",
-	"nS3YktqOzGbFBmeDKykLRsXgy5dk8J4ZtbmYGaa2R/JWEEqePX1BpCLPx98Ss6CGXAu51oSbM7JeyIIR",
-	"zTIpck2MJGvKDbliM6kYMWrDxXwi6JxyQU7CmES5vGKKUJzMSsmrgi0faZIqO5AptSOZujbT4WgiahNY",
-	"csGX5XJw9iTxk+HCsDlTgy92Niuq6JIZt9ovS6Vly7wuF4ykgt2aaQZPpHY1cTjshstSkxWdM7t03D7+",
-	"R8nUZpAMBF3aDvGd+rDo7Rsm5mYxOHs6HoehaaO4mMMyvyy1kUumXn/fPpyMFgVTjzSRa0F4TmZSEW40",
-	"KTVTYSArahbxOLDJKc8HycBSAFeWniz5xIP7F8Vmg7PB//e4osrH+Kt+HA3LjjKQZ7b5iW3sy9AvEnDV",
-	"c/TYqX1uV+/x0jx/ntgd9H8/aVuo+hDewhrR4oCh3L3rN3zJTeipsesF/Bg3n7MZLQszOHs+TmxfSJjP",
-	"7f7vI1PF9EoKzYBK3yEP2I+ZFFY22I90tSp4Ru30Hzsu+cvv2tLL555769uFHusUdyEIU0oqcvL+h5fk",
-	"xbPn/+o5keTMUF7ooSW6SHCBmDgNcqKtX/f040iifIG+3YDse3+lBRUZsx9XSq6YMhwX4ar6oT7UDysm",
-	"cnpVMCLk+oyUQq+YMCRTLLf8IWekFOx2ZYmPzBUVRtuRz6RaUoPL/t2zwfYuJDX2OYBLkgH2sj3SH+F7",
-	"FMF+eAWbmYRoKYWVzjDODZlxpQ0wtWFLva9zaPZDuVxStbHdu5lQpSj8Xcj11K3e1CwU0wtZwIx6rAHI",
-	"QBzV9nx+xQOI+eGfwoNczIliS8qF/eTniTtQW/mcGnZq+JJZHiqLwu6hFw8N3qsNZEqXskQe2JpBRzsV",
-	"b8WS6LeGhPQkFnawa+0+hYbl1e8sM3aAL6mhhZxvEy6uwHRFs2v4u9eevoSX3tHsum1HVwUV/dt6V9iT",
-	"vKUVJfMyMwc0hC9st9Vc1XjGUT9+4K3Lt2DZtSzNB6Y1RyHWWEb3wFTjE44rtwgFCU1PaZ1AYmLbemdF",
-	"N0smTFeTpSpavm9MOmojaR0stlMbYI+FeKkYNSD1aJ5zPOveRQszo4VmSXOtLL0WUzfumu7x7N/2HHP3",
-	"kHuWiLalxAXJkDUIzy3/R8P57tnewfxRUmG42dTO0yfN4+qjcKLeSiM7jBG5IP5Vq4ZqFkmijLEcniyo",
-	"mjNtJgL4nZw8ScbjcfzfMLGaLb6/Ujxj7m1N1lbT/WAUX7GJyBbQEOGCSMGIIwVy8uJF8gL/I0supCKl",
-	"HecwsZq6YrNSsxxOg4l49vQpSbm4oQXPp05XT72mTMXGLKww5ZqsFTeGCVR7t8RfUDKe7FMykoEus4xp",
-	"fTcq2SlHgQ7qHSQxTbaSvRS6XLL3OPUD6X3HgRCvSPW/fWuzZIbm1OzVoH72z8F6UKd9HapWxivpphKa",
-	"27lWGrjhc//V2J5pp1rlFDGi+HxhCFhdaGxm2HtPJcooKjTNTKfEbsy/8XxSLYgfaeuKVMfl/ZbDCYm+",
-	"T5dKWcNi90EEButSCrNo0Qn/JtdkScXG2ndWj1UEnyRXsrQL76WWNnRDdFB1T548JaUomNYTAXYpza6J",
-	"phtNpFkwteaaDUcEFLQrCRY/uAnyiUjr4/KGNKHKmt5FkYBk9N0KdsOUV95A5uzTsJoTdx20z7yQYr57",
-	"pgkYuhQnCO4FzYwmdCJm/JblJC8VmEBEUTtx+4hormWHsNw/kw59AA2+fZQM1AuPRkQcKKYitW561q/Q",
-	"bPneSaLjsPnhls9RdCw4YrsaPFRK1M+b0HTSQ3zsV8Bqa//qxpnbTdOHGrKmaL+Bqw1tS8cqoOjUt6vP",
-	"cdKy7UHX/jxgwp5XXr3WI9dVNIkumWp/TXAE+2bMxbyd3L46TQQbshfR9iWQqtWDCIGLeQclXLiN37Lq",
-	"HSmgvc8FSS8v3rz5r+nL96++f335Yfrqf7x7/f71Lz9Of3l7+frlq/ScaKszSnvmrpjCVu9PRn4/99GR",
-	"XZFjERI4JI4ttrY9ou7HoJuwas2OLuPqvf9SFgWcS36/4WCqnZV3dnTs5Im6obq9JN7ygPG4c1Uqopgp",
-	"lXBGjxvzOaFXQHF4viIRm4WyL8FzF+9ej9qYttJzt37SslRZjcZWpcoWVNuZa6ZuOAjgnOtVadh0XdNv",
-	"XTPJ4PbUvn16Q5U9PbVtZpuwPkBX76rmux75ELrteuJ7HM6vdjRf+yxyKxZWta9QcpPokEnuIbJm1nrM",
-	"c5aTE0r8XiRd221/WEtB3P480o5whvcSQ7E02CGF5vjY0YTQG7l2Jky7HDquRnSYX7WnF3KPw7E5zw5i",
-	"iEXljBUFuWKFXKMocB0/shLM9dU8h2bU2gQYpJOi2ETi1rdq9aArq59TkDb0St4wwu93eDW2bwfhRC7a",
-	"oxHPe3Yjr/efYO1cZ+i1Nbtodt3zKDouKeaKrnU7GaBbm6Q4g5RkdMnITMnlOWHLFXjKmCBCorfJbivM",
-	"pXck4g3L50x9r+i6zd8cn2ydR9cjHeQUDjecUzA2bsiCaiKkYKM7eHJ3nV0LqYwl9u6NlWuWI6FflYbQ",
-	"QjGao6lqHsgbUpcMNRdz9+lSzcQTQyxUdvmVasTfqe8qNitFDpzujwpipLwO2pAn/Tszf8x+Ozhf4WNH",
-	"4Hq3zK3BG2pYfpBVYy0MoKK9ut6hDvb+kbz9vo27uDi942PvxDQ4xqcNUbX3tXKVH7jabT6XMLMk3r5a",
-	"67uIACMu3eTvJwXy0XWQNFUpyx1SYCCXlJpZ/csHhYL+ZT+Ums4ZYbazu6pZbjww4E6WcQ+N3ICPxzNV",
-	"t+2wFb9aldqQLaiYsxH5gbMi11ak55JZmW5l+w0DTyTK/O0FCbz1FXnpuLzTk1cOofNd24Nwot0RiRU1",
-	"him7Y//zt4vT/6anfx+fvpiOzv7/009/+Zc2Cecb/4gctZdVHmkyw812oCUMnFXEgSSRfw0GcFLgeAzw",
-	"caWZOjRiFeg42pnnT562rHUnndYX+x1Tp2E5w3Ng3KctmnJKTsbE2naIshPS8IwROZvBGxjnca0NR+Tt",
-	"khvD4Mi3MpxcM7bSzoJQyipnN7Qo2TmhJBpDcIksaA5x0VIz95YUMz4vFcuJi+mO9kUzW2N344c+6Pbu",
-	"TjvzNtktYrCs1NOKyVr560sLsb1SSqqXMq/RdCNebI84QUuzkIr/neW4olc8zxnEbaSZzmQpAJ4gxazg",
-	"mX2DV/C46TXbTBUrNbzb/IGL6azg8wW8JHQ5m/GMW23UxzFAPy0kzadGyimE1q26SQ2bAjSOxSrsSskb",
-	"njM1BZQZjvyGctzKBLZPCVrgOIThM87UNAz7U8tOdAiht4KRq1JzwbTGY3ZEUvtyiuEyiOMv6GrFBMsJ",
-	"FTlZL3i2IEgVE5FakkjJTBaFXGuEqaZSsLezFA3phFyzjbULNq7d4YjAWDQcZNZkniAbgCMmIdZ8YWti",
-	"nwV56P72AnJGKPz2SBPs23LVQmozEfqaO7bDl+1o+VxI5dhqtn2gXgu5HpGfpWAbwjXhYiIiJIJHTPio",
-	"FLlimufWdk+CMm8n4bjJBdJybhd4yQU1iJ1d0tXK+embsYlegQ7cumTbId3Pv9183XuSermlmi/H3oS+",
-	"HopmG94u6WXkhJebGtqe066mpibb59ue12tHd+DLkXfNFlKbThgYPuvcpm+kNl2trIEFezTyqxQdbeT9",
-	"GtiayIzyYu/LP8BDzVfRvt378nv3WPN1gL2w/e9/8M/5BnR5FSTXvm38ED3b2EqwKEY5o50vf7RPfM+o",
-	"e+VLUE42vyCUGYTrl2QAcm5w9ls//atGkV+Sfi/VBr/vpfaV6/lWvNk9X6lvcc+X6hR52EuBDw57reLB",
-	"fe910s3e/WqRmj3faQrKnq/VxfshLx04vpog3vdOk3c+JUfwGB3qJ+kKQjibpwWq4DWcc6sdaFawzKDO",
-	"gPOyigBqG6N+PpbYOKq5WdosJViqd3Tegur3inkv93IQV03PcpSp02IZUa2tkpWCByIlRlr7w3BhDZZS",
-	"ONPTZ1MxyOyxuhJ4xPcvh1uCeAhtawDODtDiWxYBMiraA74SVOHtWf3Hh7e/EPcrJml892L8ZGhVNemy",
-	"wDDh60rmG0Cxgp1HlwxVzJAHtX+GfgyJH2jb/EAw/EnQm7tC9z+Xdk2sSosqc2lKxc6JdBbuklHhUG+d",
-	"IfytTfpzo0XdzhwXK9rj6R6AoPuBIe4NLY1i9b1QprVEm3vjTA+PKxxhQXvhSva2chg0K8aFNBJZI0Mh",
-	"PatMToKAegi1QWTJfkoqGEuQ1T78tKaarKVIqvRWl0nlDFwPd2CbKuZp+fvuMJXWUzFixwplFiAee07J",
-	"KHh6P9rawTSNQW8zQPfAXgmzm+obWXl8Llh+RlZSc8NvAIai/Q4nRLA5ha8VW8ob9F8sDwuXI774Afmt",
-	"I5D+g1QeAw8eGLT2CRNGcaaTit40sS2IQGwPHkJHKg/BJZQXiP8KQwQ3EL2SpSEniPzCH3Hc9dC75x5v",
-	"ENumvFnu4/UQtLqr2LnmIo8dmtAr+ift8gY0FHCUHaUl1Pz3Ure7AO9yDh8s+e4CIPihvgec6bMayp5G",
-	"MXUv0vRClkUOEbGJqCAlAD3I4CchTUKuWEZLzWpwHnC4YxYssNVExBggdEbOJdMOCfR3puQ5GgN+CgDC",
-	"B5S9YhnjN4jEL7g2ztP546tL8vjmyWOaL7l4fMMUn23SO+Ls2yQpUMb2sex4PoLLtQd7u8XYEcyQWB7u",
-	"N0b2kNTdrImfI0pv17TrsYuWkgNbKXQraxk9HxN8ACM6GrzbmpTw47MxHMw0M0zpxD3hfns+HrvkvngU",
-	"z8ftg2fqUhpM2m/ExW58TYx+YVg8ALZVQ9/6oVA8bNI3kPjxtO2Bc8H0PxKxigOmQmIyIRek4Y1PvSs+",
-	"TUKdDHrb82DEjqeV53TLFcDNAs+kq02kYzn8MoQrVkxYKVRIbcjJOOD+MhaBfTgoW8PDRoWCpHVUVSol",
-	"yWRRsAwQFS2L49uYhlUCOToRPmmWuKzZR5rADiZ29QgXWVHmLL9zHlCYgncMfz5g4obettACvfVTth9x",
-	"L3IiUa1tTgcWwy6Cn3eCW+JaUGwllZXMvD2Oun+CHcnVe4/DOzm7qhS7DvzkguuAZL8qN9oSotVVfCI5",
-	"qF2QSj7sDfbfkah353znGeVFqdi0UgqahL1xHiWcC8YkRuRCAETomm2IYjTXtYd8ZPSRngi5FoRmmSUj",
-	"aweRE9xwAGajd4fniSvUkckc9dEl05rO2fB8IqggTOSnpWaKGGlVCOwPcLy1yGdC2Gg+IqknhIlwlIAI",
-	"J/sBR5+OyKWv1LOQRa4RMGBNa455eLAYemey4F7FkIsbyTPW2x/qEs9bf5g2tcyoPEFVncAVJ2jVKwt+",
-	"w5Yu9t4skBRpkFCZpe+Q47z2HgS8Jfm60FYukGulZUPwpkAdcuZ0TaeCXpUbwOdYk3oighQWNwwkCtY8",
-	"smfVyUVOV2CyvVM842I+TAgrNIuOrJ57rg015f5iEy7Wgw9/qYfH+q5yiMXdy2lSUXeL1Hp1w9QmZgC7",
-	"ygy+9Cn+UrCEyCK3DIulXcgrgFtzATq17m0dukW5DL21KaDHQVG2pvRX/BRRcNjR9jzX5uG5radUZ0LE",
-	"a93gzfqG7FDNoujYLiR/TWG672HinUa9HG1dcCLQOnt5cGqQ8Kjv1kWu9qTZT79F7MT5ecUwK6Sld6s8",
-	"ntcONSZyTdIYXJDeDevXsbMtgL9WRMO9QX9b4dqOZFmk52mAwXTrOtSQnIMxTzK5ZM7Ir6x6ruqZxRCi",
-	"WC940bcCgx+LYtpI1Z/Kw2sQHZ3OpHI8rDtUePcryZllYgV+Wl6wLUct2BjBrUusnitnqI7YR9dcBE/v",
-	"gVMM/oseowXfltQsDDvOaAoOFpLJG6bICa18I311zntKgjAVzYwpWIfLr/LYxKu8oLkrLCYk1FhgCpJX",
-	"eo78rgf08YRXOFC2iDfZ4q22tdpNvvsI5i7yMSA39ovHtRR16chd+hwXJMWZo64WuwjRAwjBi7un17RL",
-	"rx7Cs1cI5DDZmR/1SK7v9oFvfZXUrwfUGrrsz2AtegLEB1sT576W5hEct80ta9uOuzDijmyEKqi4BkcY",
-	"WxNg+PNYeOZEL8ATNqvxX0iGPBr75T2ZLz8a5yECrp3vOk3oe2RU3ouknMUR6OUASoiRfi104MXuUt5Y",
-	"C1eS1Lk2yEnOsoKDOwTLlYEf0ugth5xXxoYjcuHqGxPnDUJ4DbYYutKgALvE2nsRT7SHO0jHoV+PRThH",
-	"CJp4b/k/KGDSAHTuPHtiN2+ddvzrREsyowrcsuBnPtQVjs1Mc1a05c39iqqwKxIocswcOFjd/+c8Ch/U",
-	"Qu70RTS2pK1Q1/FOqjqsuOPYrqLuS6kCaA/eP69rhlAUDc6sFXWFwaHwRxQ0PtGMEVpoWSWDudmkw3uJ",
-	"oxpD7RBIYcWPJZI+BBtlqyaxYjXtWhsqcj0i6YqJnIs5+b//+/+Q4Bgk/8s7tpOJcAdB/YnUWn+KGcVZ",
-	"TjKq8mFC0up9+6yfnX10ZpiaCCo27tvzyBHrn5oruXZ1oAtqrHEmmIazpNJRJgKBMTQaK8AIHFWEUj8y",
-	"OFZs/5Yi/J8T0arK8FiTgXwkDwSxTQ/PIzvFnn4TgdY4FPAHlIChhmElhrwqUVo3V4Ir43wiIq+Qba/V",
-	"GUQuBOHCUsGGnAiJeplT0+haDCeCu7CFYplUdgGstRQ5Ap33ORAebvYg8gEPMGLDsAxYkACRnrrHV1QR",
-	"n2+yPe/5AoJTjzSJXdYEt1NIsoRsrJAwToti4yM75IoXhcaYJuRxDM9cof9QtCMJ9GTorf0L3PNoMHrm",
-	"xmqOY0vRwTmPD8DD0+hLxRDonLjfm8GMFFbepWPDCvcLdncEdeNwbLIz/o2pdnF4gnRHJw6MRfcJybps",
-	"PUtlYUznZOxLpIgD3W/d56lLV3vgIOcDh8j2nNqtMbLtp+xW9sFNVMiIVhpqEHnP5au/1TrAA4N2LbrK",
-	"9swcycFDeJZDdrRaevp2J+h+mH6L9dQRr9kRprGs4Xdia03iQM0B+k4jX6tL4anPG6UkqD3YKZaArTik",
-	"AiuexLmqnp0cwB8C1RHyGyt601YJrQ21YuVeClH9aNihEVXH0rFUoigquG3arFYFbzNpfqCFZhWgGskQ",
-	"LWNnrp5Fh/6SZgsuWIhscgOucUMLwJnK0pzK2ak9n5WraZJgyQd0/NfO75MIUIQnfxJhjLxdAdtIQYub",
-	"o5jfjsDfBYUyU3J5IOKzb9WbmN8Pe8fTyv6ItNxv+MAM4dEkbP9ekCTcFbHtHGqX1934u8MrJGNbrUOq",
-	"br/peSPMZVSYwj2EZaTTtsIFfc+HzCFAdmaohTINX5JdaV0A2WnRCd7OZs5IwVz+MOz6xQC98QJR1lmL",
-	"48U11+3a27pvqx3anMZFHlJy8uzpiyGqk1FVh5ScPB9/O0RRcy3kWrj7wSZi5wVhCEFM0HqFQnBUkzS6",
-	"bagLdrzn9oNgP7ZUaeOmYAdkWF6Qj+9fE0GXdrjRpWVQpmH/we3EO/Yax74sHXVwBOhj90xB2qkuPlzl",
-	"87YZvQ8o88MLT6MjQ7d562LEfQPgbg1UHVIz+ihz+z1jQho43iD43avZneX+Yu+Sn2TH4kmR8YJT031z",
-	"TisIwXUH5vqKukFvT92flb2zITtOhSXXS2qyBet/5VB9bj+7BtqEGR6Jd0A7ech3fF76JauNef/ah/Ed",
-	"TMQ5n82Y5Y8W8eJUBHA0k1NSyIwWUw9Q70G58QsHGS53RtHX6bg+4FrbtYnvX9+75Rd78t1WEv7OlCSW",
-	"SMh4PH5yCv+/HI/P4P//Hd/Sc/Ls6dPhQRnBTDWSMPyVPLtuO0IibnBpQZcrDFQJuXZlUOvZy6Y2l7sO",
-	"ey9ftG/QHyUr2WvTpqH1UZlcAx+u+aqH4lRVg+qIDvhT3ZtbCpsHeXrNV6s+9lbUSWhyx9zvmPVeFFMs",
-	"0tIGKp7J1oTZC6sEuSmhgQUOYobAXqxctaQbrKOoGM0WLPceBggjwPUoT5+RhSyVJnQuMTQA3U39GnSY",
-	"WdWy1OX3gTS+pLev8dUnPpff/91yr1z3orcntIf9bgPq2uVC29alFhMfE5AKVE8u5qGWW0+9QMFAdHuy",
-	"DUmjRUsTvB2MKVJ9Cw4sj+YHw/kcAwOpJ5AUUzPtR7/lcL0EfHFCrbWuDYG1JFebqOlhbzMhZuKWo9Uz",
-	"zvY9CHTpskKbg8PbezeEKnYXRaiFa6uV3sGKQYq05mJQ4fwba+qVNewmTgUX0iBfWpEnp7JwhfQi/mj1",
-	"gCKXBQ9X0/3CpzdM+ZsN99r31Bi2XJkO+6RDhyioNq6eXp8+dmc1QEDdDeNe4PmVkhnT+p4Q/JD/cIiP",
-	"px+OMdq4CsvoDb3+pXAqDLzfuxqYPZ5AGwFHozgC2iImxn8Q4mJ7WWunsksGjOjDCisoZlgL1K2ouu7i",
-	"uO1aVu24jpVzau0IKxRU1Grgg7EY+4ZDRUUsodNRfl53RKUDEq/pbzalJicpzQy/YRDMszycl/DZQ5DS",
-	"hIxGo+EdYXutiTO7d7j5QkTcsJT9nP+dpcZ2Fwp22kptoaJK2/a08SWbcFR3c9d3EU+Lx761Lt+9nfZQ",
-	"SOyv3lo8pHRwSJHuJQqgH1j412JVmsM1sHhSO9KhQ2G09vM3dSTjLJP0jEQwF+1iPng6n1Dy7PZ2OCKp",
-	"O4DTM8KNnggr57WhyxXqGC5ZIJdr3xbNMrYympx8+5zkdKMTUjCNnh+r8GKsfSJc+WLpMxUIN0PvdOS+",
-	"usIVqxIZqvLuFOD0IVFOlobOIfThMzYwS9fVYfClFgyhzZLXo4n4AQGDDsFj1fYV1ZqcPL+9TcCSk6XR",
-	"CQFvKrZk9ZLTghnDVFBmJgKThrki4FPlBg1AxKtgBgbAhMLiQR3YaPXqwIn6PkVaUJsIDpveAajbqcb0",
-	"sQ7rVLXfAKzrQAf4psLy9FcvoP7BXdwjNfvSm9nYWjyQmiqRoRoRzW8nE3ZK2ui+ARCrEUm56oAczznt",
-	"wEWObvGyUUt1doOpASgSaM/6zlf91KmnRfJGpUyPI28jOXjgjdp7/Hd1sty6nPqPkvlrAE0V83ep3QmJ",
-	"jLiowsb59h5EdfLvStv1sX2P5deJkOvzMAwnPYkssCL2c7LkojRME7pgNMcM8D6+s98d6gell7JGIlhe",
-	"6/6etMBkTUKG2FFChBSnoZiUKJdXTAUwFayIL1MS17FuuMRkiVXHXefYyh6nZpNtIwLYTX1H0O6rxpoG",
-	"y9dV8atxdHljjhkzPdj1h9oAAvvKVcEzatASQ7KM6+AfzSW4tTWHnon3rx7bUueH5lO/E7QoepR0bhy7",
-	"n5I2b0rk9bHsbv/aLgYG/Ts16p6VCw84+Pe2tqSbKza18rW1SuglVNNX2qCEcy7WLs+qleyyNPZwpEKv",
-	"mSKaQuhaS6vMOlUOcUfPb2+H5wC2RSdui1cWIcGCsVyTFDxP6d2vE92B0TiWh6efmwVIKpJX/yh9a7cY",
-	"j7WvNo/OHvgMTPI1lGvrrLjqpVKHTowSSXf6r9eQtFxNCer5ObAUGFJXG0IF3AKPvHkOaFUHAl+C0oe5",
-	"tO3B3iAqOyRUEJ8dvwZv+IFHmVuvL3ss0Dahrtulut7jM44pMgboBeR4MyIwiGTZAOVqt1UEBc704ZHg",
-	"OwTb+y93VHrtmCH0Ok/FgXQ3vrbl/08oGtiJ7jq0JvoOzcGjm+9X9rYxZ4eq3VESGyf4Hopzdc9PTyN8",
-	"Ro94k7zeWYbo0OYcVKk/CdW3rRVV5rE8ehfkBIJcaE6KCpdTFQH2ZRmqkph6Iqq6DFbEbtXK2GDiE+ai",
-	"uVtv5BosEGkInYgrOLnP8NlcwtdL21Iqr1MClt+IvKFqXpXqAedIX6yKBzHtk2LyOjqJqi1r2cVoh+pL",
-	"u01x9ihmWam42XywQwqhp59YS7moqAgZbIXO5IqR1JU/Tu26p1DdM02IGwyEF40mH/52cfr0+XdkQfXC",
-	"HiKwAECOjCosn4gjWxizgopE2kqdawZeeHzoB0+a//Hr5SDZHluoW/Yfv16Sk799sP1JRd7bD8Nzkury",
-	"KoVMprjuKc97DOcL1BebtSAtMBXHnqfE2rng8LjiRQGqHK4L4VDPF2vjovp3RlaKQeadI92JcDeve6eh",
-	"UxNDErG1qX15Vn9rJNd4A7cUKHMnwsPbdQSMd4XbXIACIfJUKX4DF0tB8Tdw5KCbZyKqUiyKFZxeFZvI",
-	"nfBXNzU4FPRoIiYCbhWA4lXrBVMsIakW9JpNM6pZGjCp2C8X3p6uJWA4vp6I1x/eRvUKA0RfByscnZzw",
-	"1fsfXpJvv/32BQzim2/AJNTffANGewrg5QwAQI8dM/zldy1FivcevHj2/F+HrluijeUOklpzJx1NxBZ0",
-	"1m7vs/G4WkQfe8+osNLgigU/hbupziiamYmA28JOlrSwQpXlxC5VQii5onl1mYIlUUs6TCEA9tnTp9gT",
-	"hVbt2Cx15BtiJdE1VP4tC3ZOUkQE//YphQCTJlZOEVmHA1v+i+99cKv1AbQ5YtitGX3zDblkty6RBOkZ",
-	"lD1NTqDdhMDNgzrxdfqSifAldBPnHIwgCwmJroGDUrBDsnQ3KHy8/OH034Lt88vHNxMB16e5LyB7i+dc",
-	"sQx9bIQtr1huZ5MQecOU4q5gIdfSmjy41rLQE3Hy8S9Px08vTuGfVwmx/373Hfz53YthEoAu1wxmDQdE",
-	"QYEkneo7EZiEAJYVOjWd0gvOqyVV1xqaHbvmxz/AWD7+Zfzdk5d4BWlRQM0cXOSL0izssiAdfvONbTG9",
-	"cJftwXdn5K8gb8ikHI+/zaDeInxk6YhcuPqLrj69YpY5pTnVzNIO1tNWmJtJm8IPZd2/x2IuAVsUpIGR",
-	"ZbaYYO7TWlS3Np4TKjZ4kTeU6cOW94j8iXAyn5zAv9BNLlEkYGNeEC7pZujW5nVFI5YA3739cOmCGmgu",
-	"Wa5YyhtGtFwybAXV+IlIo3dPf2KbdEQ+0CWDMYKYhII3lmGc+9RayUQxu93+0juljSU9MLwROhMaNafv",
-	"4VGWnxGr1KXn2GJYAko8ABFvSiFcT4Tl2rT9YsR0RN6C/5tLAWEUa1pZ5rmiupZnNBEnrop54qrBB/YC",
-	"83DoXQXU0r3PVggmjWV1Z36Qmd2XMNXzcI9wKM3pGcK+oIn0iZKJ68IKvBdWFHbd6JiOyE9sQ/SKZkyf",
-	"ka2qoY80VoEGF6pxdUlPVkxV1JYQLVGrQl9vJovC8ne4j8Gqakzkj/S5K4548e71RNh9gBxlDQsJI4CM",
-	"ZB8FthTqerf9OY/5GYk7n4jo7h6zgGic3UoUpFB8ESpf+g4gpyLeixG5mAh/DgDdujxwJzpdIhTMEZIi",
-	"7K5wU00u0JQqhba8iEkLjj3ecG3sYQYqawppElBqBD3vz8eWmW/J8/EYzwzQiekfJVbW1FKlMP5A4uln",
-	"FNaRd/ZLek7S6G845eCmVldQuKDawMVGqM66BAdUeAbJIECTBk9G49EYzIwVE3TFB2eDb0fj0begmpoF",
-	"aJSPF4wWZvH3wdnnL8ng8ZIZxTPt/gJHhP8pFIhXNRgvWsVSdzjeXEyXazIrJB5tEt39IQ5xQh32laRG",
-	"wmyzgJKdCCHXyCvDc0w2Z1QV3J8Gdj1w9xWzIgLLRYMclwJo3EAt1FAe5uPlS5LTDbmSpcgpXvLgkuax",
-	"HcAyazxZcJMeaZJaMzjFMxEG6Vr20wuQe9gR6YXK6xwTCqhhDVx/yNf5q8w36FyHbNqQ3udUpN9duhqa",
-	"JYcB7D2U9UvdYHGOXMX0SgqNdsXT8fiBBoG977jeOFd8ZkZo9AMTdbUfBvw42KuAh3E3+Axe4h5EFQtx",
-	"Q4GxA2YHNTv0c+O7HFxOhs41uKQsiVt77PYUGOoUv8BVq7EBxtZPKwTHnMHY67tv5UWEnsKbdZ2CqcF1",
-	"b1sf/FEytfGJNmeVt7Lfkreg3rquvqs6f/zGCq9BjwdfYtToy6cHpJomZK6FbC7wNjc5c9qfw6geg3ac",
-	"1h2nb8O9NuvgOrg/iTz+7BFWXx6jzgOSs4UYrHCuaCHgsppMHFPHYfeOfUo6JHala51HRimbzVjm1G5e",
-	"FGReUkj6vcKK6C5j+TVQgTPb60yAeluMY/w6lNRGRZcBmgTJkMRBFqGU1/0J6R22BsbrFkmhInEnSgJR",
-	"1kfWVD74hxE1tcjPP5uQaQTud8qYCFtzFBHzMWrPco7Hi0Kpfgi+InBHD+9NII9dPLJbM/sZytfEQH+f",
-	"Q+ELK6XkRCqSNqMm6TAhPoJm1WzNTELykhEh12cV7E+Dvo5lfRpJE8qZDNC5FGwi6hkSzrYbkQuxiYPS",
-	"GCqrAd9QGnGhec7QqLoDgpB4AGFwsAGCMKMC3UeYVJBASWOGv5Kcs5zI2Yi8aaRHJKgisttVQblgeSM/",
-	"5MyvjiwN3M0O9okb9ElASA7P4ZL5Q/KB2iLTVuttzxJK6ykQdlO94921l7O8XDFr/lS7hy4KKKGMd45V",
-	"jVpLh1hqEHmFuATrjuUTYdY8Y2do6kYDrtsRaC9BCzg8RwiwMz7ADkFPKjZrujn3tfmFia68EdLn0qQ+",
-	"9yMdtmnlLsekLi4fRiev5ZV9dWU8TrBqEXhQ2mlNdUTp4Phzt50oqwC5DJujKFp2f2GDYvl6j4MRbyvr",
-	"PBIxwPVa3FDFqd/kB1rrWoiwQ/PA233ICRRAwOxPq2Bau9aHhs6JZhjDGh5jxa05toQqLK56BrIrMqOP",
-	"UGGoDd36EJmAgkGH7IZLvujciB+ZeekeecAt8F10rL7PECkktforVqJR9yFsF6ID7coH5377ZNWdKEz2",
-	"2yer1VRbAjznDhiMLkWL7RfyU1hZ5yE8dZf47HC4/Kq4YfUbiKiujnTIPXSXALnHGtGsiXA1cUfkZVWn",
-	"yZUv87XMIMhLSbqUOft3109K3OgwBAHmN9Q7Cw/GiRfhaSgV2LjVyDvDJwKyc5q+cPDDvaLZonKh2zdg",
-	"IwklrnCJR4/KWfCw2qGgy2kiTtLLizdv/mv68m+vXv709uPl9P3F5avpm9c/v75ME+K9eU/GCaGZklaf",
-	"R0XDAAPZ83lFtbG8a4KbCIJRT180C6igdlMrcUJ+9WG1LY95UpUbdmpWw29JTsBpaWnXcunQaRxY1HIT",
-	"XdKAiDffSMObTObM7PckO3qJWsOJwnVlPjWB5ptur5enK0dV2xbJHqMgWp6f2ObtCoNPzkg4/lndGC7O",
-	"od+R/eShBtEmy3BgYGhjgBIG0RIo6erLvVWtrwlvuO6+mjD84Bi3GVfHMqZeYrsSeEFIuqciKenxF48/",
-	"R2CjLzvPowoJ9nAHku+j60QK+elfd9XfQ1icRGC4sLR+IQefvhzKrvGNep+SgcvMaKPdJtZjBmaVT8tk",
-	"t1wbcvJ0/GRozRlM0/MRQlbkeiLm/IYJ+8h4OCJQGcslq1vasSadS6MCLOiI+Iy1iDbSiSi4uMYYre3Q",
-	"StdGYldSr+KJZobDZ4IZJgU7hxiRPYMc5MBnNIKY1My0icePK81UnQIfQJy55rGzr2167CJ9l6QJVH9U",
-	"2bmjzyA0jxBqCJFwJM39nLRbSj2Oqt91Sau/ukcecMd8Fx2yyg3ya4uqD1Z9BSBQFkpzraE6hr9hPCy4",
-	"q2d6T8G1Z69cL4/9vebbTvwDpWSrKv+9omssaVbdQY/yB2+r0ERLKZg2kZKGtxKOyC/sBkAzN0zBtfdn",
-	"LrgtJZmxNaDV6gvaUGLHTwFr1VJdkWRUYcTcRGUZU0cZaasiiMv0MtSavY8G+HCaH47yH+SlCb13eWnc",
-	"Aw+o8T0bP90xnRip139aFe9vTegXe8oLgEtukeNR/EwrcEUGotsWET25HOE+D8Tk/XWhDTPbYbUf7dj+",
-	"5IwFYzyIrZ4cu+8upvoRi0v/2ayoQMMwviCjT1ZKLiUixJZUlLQgNP+91GbJhBneh8QjoNvu2CKS2mX8",
-	"+KFU96cKB75h+Zyp/aHAAp7ztUe/tv5zGW7icAPpBCZ8Hf3H+4x3k4p7451/+J+aUOKbs3ZSil+br00j",
-	"taI7fhCddBJ28GEJBSI8EZU0qiiVSx0XZfHF+yD65MCyVbQ81ESpIsB6Ik58EBnhrN7+H47I9wEE5iOu",
-	"Rb6FGYTLcBA0SLxH+P2ry1e/XL5++8v044eLH19NX/3nq18uP6RD6OCarcCjnlMOYG1DCz0RUhQbgJMi",
-	"1tbf0OPCultwRfRUu4ccHBGj19VoMLpbReW5ri64ozF+cUNOEJsIYdJa83B5EN0kCFisrvupOhfs1gzP",
-	"I+3/kZ4I11wX0tHSnAfeVyZDwM2uF8wj9jGza8HIqlRzRhZUE1WKNhMh8sVBPLYfcMVn+7aCoPbXrrQc",
-	"1QA/iawoNb9xq3Qe4gDfjrGEhqsqZJelWTYjbaubkbZWb22bi8uyrKbSL29zK6v41s+Aibwav5DrI48X",
-	"0kEPHO2DA3tckm6b9wIxvV9ZKL+RGS1qqGKAg7jcIoBR4GYoKuZxvBUF53GE8xZkrFnxvyjk2hocV1ix",
-	"qqp6z264LDUcbY90A5FONUmpC2ZdTMRKFgWKOGe4aOlSB5Zca6ZDfasE/nH5WpEeORGZXC658feHQ77P",
-	"WVXjk65WjKpQ6mrGfPoc+FgBUDQRUYP+7p2yyO1MMpa7O840mXHB9cKKsC2QPS3WdKMnQjNzjmE3+xLE",
-	"PqnWsEg0u26TYFbl6QLdbTvS6h07YVxb8HMi7WoY6eOaLgWLzbkQ7tbRNr6EPemSiU+tTGyRIf00sYdk",
-	"356QvOOB8ewuyNLAIUquSs0F09rRmiWuxPnStlQnXzPP21ZelXr8uUo/3xl08lenPry22uXGDXdQ/UMi",
-	"Th6XAB5J8D2Gi47Iglum2/TUVFug0rVbs3qBpb97thcr7Xa6icBt9+gAMCFU0fGp1lIEGAMgnbSpEhIA",
-	"KABJMFgEayJqVbAgfnXuTgpEPu6t7DURUNrLvgV3s+CRMxyRC1dvI8CuFCMoeO2X/qaWoNkhtKDKp6iy",
-	"jZ0ctuJwroCJSoH6tVPTEVfgkIMpYDZiZKEr9RFnp3qkBeiakB9UVVQTcEmvPVkmAhBIqM6Axhkhq8kJ",
-	"fBPX464CebAGCa4nTiys6DCpbr5F1LZUQW+Prx67oiZbJHBUTEQa5oHasn9VZAxvwKyqunSUdHEoT7w8",
-	"yycuto/Yjqgarx+BL47iUCaZzFmMt52G388CfAROG2oCjU6EG7e/9BORHpBfB3etniMmkxu3xdRaldHk",
-	"7Fz9RELtJJKGwabEXbnh7A+3SCwG1GJBy2QirBGFq4zl8kL+cTD6KmAu1sSkGpEobafyazFnexDxfy78",
-	"SVRGtper9Olxe67VOurI28KNdpV4tuvd/2mdqQjLdNr4yRMry56Mx2MnCYct2neL3H/8uaL7nad8RXOD",
-	"r5LOEBIyutNdjqE2Oa9KSF6wmrpgMZS3jxXTcnDXinr1Orh7GPhwcq/Z1ULKa+1ysQZnn3epMFZjYerG",
-	"j7RUxeBs8Bj43U3rsx9yFd23io//0uNPo688VCn6Lqg18XPOeRt9hSsYfeG0j+gbROJuewJe0qLAswaP",
-	"3XPwxqwi58+cCYbFCnDGUIu74O52Ute8X72WHv4GecNQeiJH9RmUBZnBiaFurJQPWQ7b3UWdBO7R1mz9",
-	"fwEAAP//",
+	"3H39ktu4neCroHRbZWnClmWPPbvurq26ju2ZOPGMXXZ753ZHPhESIQlpClAAsNWKz//eA9wj3pNc4fcD",
+	"QJAiJapb7UwulSmrJRKfv+/PL72ZXK2lYMLo3vmX3pLRjCn4+CZjq7U0TJgPbJ3TLcvstxnTM8XXhkvR",
+	"O++lRhUsJZslE8QsuSZU6A1ThGtilowoeJHIOaGCMKpyzhRR7G8F04ZsuFnCU5quGLlm22Ev6enZkq2o",
+	"nchs16x33ptKmTMqel+/Jr0PzKjt5dwwtbuSd4JQ8uzpCyIVeT76npglNeRayI0m3JyTzVLmjGg2kyLT",
+	"xEiyodyQKZtLxYhRWy4WY0EXlAvSD2sSxWrKFKG4mbWS05ytHmmSKruQCbUrmbgx08FwLCobWHHBV8Wq",
+	"d/4k8ZvhwrAFU72vdjdrquiKGXfaLwulZcO+rpaMpILdmskMnkjtaeJy2A2XhSZrumD26Lh9/G8FU9te",
+	"0hN0ZSfEd6rLordvmViYZe/86WgUlqaN4mIBx/yy0EaumHrzqnk5M5rnTD3SRG4E4RmZS0W40aTQTIWF",
+	"rKlZxuvAISc86yU9CwFcWXiy4BMv7l8Um/fOe//tcQmVj/FX/Thall1lAM/Z9i9sa1+GeRGAy5mjx87s",
+	"c/tmj4/m+fPE3qD/+0nTQVWX8A7OiOZHLOXuU7/lK27CTLVbz+HHePiMzWmRm97581Fi50LAfG7v/xCY",
+	"KqbXUmgGUPoeccB+nElhaYP9SNfrnM+o3f5jhyV/+Ku28PKl4936cWHGKsRdCsKUkor0P/z4krx49vxf",
+	"PSaSjBnKcz2wQBcRLiATZ4FONM3rnn4cUZSvMLdbkH3vjzSnYsbsx7WSa6YMx0OYlj9Ul/pxzURGpzkj",
+	"Qm7OSSH0mglDZoplFj/knBSC3a4t8JGFosJou/K5VCtq8Nh/eNbbvYWkgj5HYEnSw1l2V/oTfI8k2C8v",
+	"Z3OTEC2lsNQZ1rklc660AaQ2bKUPTQ7DfixWK6q2dnq3E6oUhb9zuZm405uYpWJ6KXPYUYczABqIq9rd",
+	"z6/IgJhf/hk8yMWCKLaiXNhPfp94A5WTz6hhZ4avmMWhIs/tHXryUMO9ykImdCULxIGdHbSMU+JWTIl+",
+	"q1FID2LhBtvO7nMYWE7/ymbGLvAlNTSXi13AxROYrOnsGv7udKcv4aX3dHbddKPrnIruY73PLSdvGEXJ",
+	"rJiZIwbCF3bHqp9qvONoHr/wxuNbstm1LMxHpjVHIlY7RvfAROMTDit3AAUBTU9oFUBiYNt5Z023KyZM",
+	"25CFyhu+r206GiNpXCyOU1lgh4N4qRg1QPVolnHkde+jg5nTXLOkflYWXvOJW3dF9nj2bwfY3D3ongWi",
+	"XSpxSWaIGoRnFv+j5fzw7OBi/lZQYbjZVvjpkzq7+iQcqbfUyC5jSC6Jf9WKoZpFlGjGWAZP5lQtmDZj",
+	"AfhO+k+S0WgU/zdIrGSL768VnzH3tiYbK+l+NIqv2VjMljAQ4YJIwYgDBdJ/8SJ5gf+RFRdSkcKuc5BY",
+	"SV2xeaFZBtxgLJ49fUpSLm5ozrOJk9VTLylTsTVLS0y5JhvFjWECxd4d8heEjCeHhIykp4vZjGl9NyjZ",
+	"S0cBDqoTJDFMNoK9FLpYsQ+49SPhfQ9DiE+k/N+hs1kxQzNqDkpQP/vn4Dyok76OFSvjk3RbCcPtPSsN",
+	"2PCl+2ns7rRVrHKCGFF8sTQEtC5UNmc4e0chyigqNJ2ZVopd23/t+aQ8EL/SxhMp2eX9jsMRia5PF0pZ",
+	"xWI/IwKFdSWFWTbIhH+SG7KiYmv1OyvHKoJPkqks7MF7qqUN3RIdRN3+k6ekEDnTeixAL6Wza6LpVhNp",
+	"lkxtuGaDIQEBbSpB4wczQTYWaXVdXpEmVFnVO88ToIx+WsFumPLCG9CcQxJWfeNuguad51Is9u80AUWX",
+	"4gbBvKCZ0YSOxZzfsoxkhQIViChqN24fEfWzbCGWh3fSIg+gwncIkgF64dEIiAPElKDWDs/6Naotrxwl",
+	"Og2aH6/5nETGAhbbNuCxVKLKb8LQSQfycVgAq5z96xunbtdVH2rIhqL+BqY21C0dqoCgU72uLuyk4dqD",
+	"rP2lx4TlV1681kM3VbSJNppqf01wBYd2zMWiGdy+OUwEHbIT0HYFkHLUowCBi0ULJFy6i9/R6h0ooL7P",
+	"BUmvLt++/c/Jyw+vX725+jh5/T/ev/nw5pefJr+8u3rz8nV6QbSVGaXluWumcNT7g5G/z0NwZE/kVIAE",
+	"BolTk61di6j7McgmrDyzk9O46uy/FHkOfMnfNzCmCq+8s6FjL05UFdXdI/GaB6zH8VWpiGKmUMIpPW7N",
+	"F4ROAeKQvyIQm6WyL8Fzl+/fDJuQtpRzd37SslCzCoytCzVbUm13rpm64UCAM67XhWGTTUW+dcMkvdsz",
+	"+/bZDVWWe2o7zC5gfYSp3pfDtz3yMUzb9sQrXM6vdjXfmhe5Ewun2pUouU200CT3ENkwqz1mGctInxJ/",
+	"F0nbddsfNlIQdz+PtAOcwb3IUEwN9lChBT52MiL0Vm6cCtNMh04rER1nV+1ohTxgcKzvswUYYlI5Z3lO",
+	"piyXGyQFbuJHloK5uep8aE6tToBOOinybURu/ahWDppa+ZwCtaFTecMIvx/zql3fHsCJTLQnA54P7EZe",
+	"H+ZgzVhn6LVVu+jsuiMrOi0oZopudDMYoFmbpLiDlMzoipG5kqsLwlZrsJQxQYREa5O9VthLZ0/EW5Yt",
+	"mHql6KbJ3hxztlbW9UgHOoXLDXwK1sYNWVJNhBRseAdL7j7etZTKWGBvv1i5YRkC+rQwhOaK0QxVVfNA",
+	"1pAqZaiYmNu5S7kTDwwxUdlnV6oAf6u8q9i8EBlgumcVxEh5HaQhD/p3Rv4Y/fZgvsLHToD17pgbnTfU",
+	"sOworcZqGABFB2W9Yw3s3T15h20bdzFxesPHwY1pMIxPaqTq4GvFOjvytJtsLmFnSXx9ldH3AQF6XNrB",
+	"328K6KObIKmLUhY7pEBHLik0s/KXdwoF+ct+KDRdMMLsZHcVs9x6YMGtKOMeGroFnw5nymmbw1b8aZVi",
+	"w2xJxYINyY+c5Zm2JD2TzNJ0S9tvGFgikebvHkjArW+IS6fFnY64cgyc77seDCfa75FYU2OYsjf2P3+7",
+	"PPsvevb30dmLyfD8v599/sO/NFE4P/gnxKiDqPJIkzletgtaQsdZCRwIEtm3QABHBU6HAJ/WmqljPVYB",
+	"jqObef7kacNZt8Jp9bDfM3UWjjM8B8p92iApp6Q/Ila3wyg7IQ2fMSLnc3gD/TxutMGQvFtxYxiwfEvD",
+	"yTVja+00CKWscHZD84JdEEqiNQSTyJJm4BctNHNvSTHni0KxjDif7vCQN7PRdzd6aEZ38HaakbeObhGC",
+	"zQo9KZGsEb++NgDba6WkeimzCkzX/MWWxQlamKVU/O8swxOd8ixj4LeRZjKXhYDwBCnmOZ/ZN3gZHje5",
+	"ZtuJYoWGd+s/cDGZ53yxhJeELuZzPuNWGvV+DJBPc0mziZFyAq51K25SwyYQGsdiEXat5A3PmJpAlBmu",
+	"/IZyvMoErk8JmuM6hOFzztQkLPtzw020EKF3gpFpoblgWiObHZLUvpyiuwz8+Eu6XjPBMkJFRjZLPlsS",
+	"hIqxSC1IpGQu81xuNIapplKwd/MUFemEXLOt1Qu2btzBkMBaNDAyqzKPEQ3AEJMQq76wDbHPAj10f3sC",
+	"OScUfnukCc5tsWoptRkLfc0d2uHLdrV8IaRyaDXfZajXQm6G5Gcp2JZwTbgYiygSwUdMeK8UmTLNM6u7",
+	"J0GYt5tw2OQcaRm3B7zighqMnV3R9drZ6eu+iU6ODry6ZNcg3c2+XX/dW5I6maXqL8fWhK4WivoYXi/p",
+	"pOSEl+sS2gFuVxFTk13+duD1CusOeDn0ptlcatMaBobPOrPpW6lN2ygbQMEOg/wqRcsYWbcBdjYypzw/",
+	"+PKP8FD9VdRvD778wT1Wfx3CXtjh9z/65/wAupgGynXoGj9Gz9auEjSKYcZo68uf7BOvGHWvfA3CyfYX",
+	"DGUG4vo16QGd653/1k3+qkDk16TbS5XFH3qp+eQ6vhVfdsdXqlfc8aUqRB73UsCD414rcfDQe61wc/C+",
+	"Gqhmx3fqhLLja1XyfsxLR66vQogPvVPHnc/JCSxGx9pJ2pwQTudpCFXwEs6FlQ40y9nMoMyA+7KCAEob",
+	"w242llg5qphZmjQlOKr3dNEQ1e8F807m5UCu6pblKFOnQTOiWlshKwULREqMtPqH4cIqLIVwqqfPpmKQ",
+	"2WNlJbCIHz4OdwTxEprOAIwdIMU3HAJkVDQ7fCWIwru7+vPHd78Q9ysmafzwYvRkYEU16bLAMOFrKrMt",
+	"RLGCnkdXDEXMkAd1eId+DYlfaNP+gDD8TqI397nufy7smViRFkXmwhSKXRDpNNwVo8JFvbW68Hcu6fcd",
+	"Lepu5rSxoh2e7hAQdL9giHuHlka++k5RppVEm3vHmR7vVzjBgXaKKzk4ynGhWXFcSC2RNVIU0vNS5SQY",
+	"UA+uNvAs2U9JGcYSaLV3P22oJhspkjK91WVSOQXXhzuwbenztPh99zCVRq4YoWMZZRZCPA5wych5ej/Y",
+	"2oM0tUXvIkD7wl4Lsx/qa1l5fCFYdk7WUnPDbyAMRfsbTohgCwpfK7aSN2i/WB3nLsf44gfEtxZH+o9S",
+	"+Rh4sMCgtk+YMIoznZTwpokdQQRge3AXOkJ5cC4hvcD4r7BEMAPRqSwM6WPkF/6I66663j32eIXYDuXV",
+	"cu+vB6fVXcnONRdZbNCEWdE+aY83REMBRtlVWkDN/lroZhPgXfjw0ZTvLgEEP1bvgDN9Xomyp5FP3ZM0",
+	"vZRFnoFHbCzKkBIIPZjBT0KahEzZjBaaVcJ5wOCOWbCAVmMRxwChMXIhmXaRQH9nSl6gMuC3AEH4EGWv",
+	"2IzxG4zEz7k2ztL50+sr8vjmyWOarbh4fMMUn2/TO8bZN1FSgIxdtuxwPgqXa3b2tpOxE6ghMT08rIwc",
+	"AKm7aRM/R5DeLGlXfRcNJQd2UujWVjN6PiL4AHp0NFi3NSngx2cjYMx0ZpjSiXvC/fZ8NHLJffEqno+a",
+	"F8/UlTSYtF9XhXJ+w5qSjSFGKKfikSb+oZiD228g9oVmctNIHcD43zWzxw43sYS7aSGRc+yR/WjOpEUp",
+	"iTIJaFXn6GvQxDIXbehqbREH0vnGghuwqmsjFctANc3Zgs62kzVTXGYpsBVEU/CCk0tBrIb3/fffvxgL",
+	"O+KFq07hX9gseY40wB6RXZImsCZqaoF+Y2FfJFOe5/aWcQCY0KCdAP0GU8YEydiMW7K/ZYb0uSFcj4X/",
+	"zhfxWDKuXJgD7NiyF7vowQW6Cku1OqdiLHB8kobzTfdmFVVoOzL7XTXAQ9KxYZc4pB8gAEgTvjlzW3fx",
+	"Byt2YNorJo5yQWqel9S7XdIkHCe97SgE4cST0kq+Y/bhZonyx3QbydMuVh1cU2smLMfJpTakPwoxnjMW",
+	"BXZxEKwHx60KmUbjqsq0WTKTec5mED3TcDh+jEk4JeCZY+ETpInLkH6kCdxgYk+PcDHLi4xld875Clvw",
+	"ToAvR2zc0NsGWKC3fsv2I95F5slFfTtwGPYQ/L4TvBI3gmJrqSwX5s0+88MbbEmkP4iBdzJslumULbGy",
+	"lpj6rIVpsdUWEK1c6osGAGmCsgGDzokde5Iy75zbPqc8LxSblAJgHbC3znqIe0H/E5Duy/dvLBclitFM",
+	"Vx7yXnBLluVGEDqbWTCyOi/p44VDED5a8niWuKIsM5mh7rFiWtMFG1yMBRWEieys0EwRI624iPNBzHbF",
+	"y50QNlwMSeoBYSwcJGA0m/2Aq0+H5MpXZVrKPNMYHKKo0BxzLuEwdEcS3qIEcHEj+Yx1tn27IgONP0zq",
+	"GkVUiqKsROEKUTRKCZYxrVycRb0YVqQtQBWerkuOaxh0AOAdytcWWeec9pZa1ggvihBy7vQKp25Miy1I",
+	"LJYnj0WgwuKGAUXB+laWV/UvM7oG9fy94jMuFoOEsFyziGV1vHNtqCkOFxZxfj18+GvVFdr1lIPf9V4G",
+	"shK6G6jWayt1xghgT5nBl76cgxQsITLPLMJiGR/yGkLruQD9SXe2BLhDuQqzNSkbp4mYbSzfUOJTBMHh",
+	"RptzmuvMc1dOKXlChGvtgbrVC9kjmkWe0H1ZGxWB6b7MxBsIOxlV20LHQOrsZK2rhP9Hczcecnkn9Xm6",
+	"HWJrTKcXDGe5tPBuhceLClNjItMkjQNJ0rvFdbbcbENwZ2P0yr0DPHdc8y2J0QjPkxDy1C7rUEMyDoYb",
+	"MpMr5gw6pQWHq2oWObijQLfrKvu4tSiGyuVxVS8mLnBpMpfK4bBuEeHdr14VB5u8V0FjozzoGMGET6yc",
+	"K+cojthHN1wEq/6RWwy2qg6rBTum1CwsO85eC8Y0MgOVuU9LO1hXmfOelCBsRTNjctZi3i2tc/EpL2nm",
+	"isgJCfU0mIJEpY4rvyuDPh3xCgxlB3iTHdxqOqv94HsIYO5CH0OUzmHyuJGiSh25S5XkgqS489RZX0pz",
+	"MFp7wVF191SqZurVgXh2cncdRzuzk7Lk6m0f+dY3SfN7QKmhTf8M2qIHQHywMUnyW0kewUhfv7Km67gL",
+	"Iu7JPCkdyBswhLENAYS/iIlnRvQSLGHzCv6FxNeToV/WEfmyk2EeRjs2412rCn2P7Nl7gZTTOAK8HAEJ",
+	"cVRnAxx4sruSN1bDlSR1pg3Sz9gs52AOwdJ0YIc0escg54WxwZBculrWxFmDMJQKRwxTaRCAXRL1vYAn",
+	"usM9oOMinU8FOCdwkHlr+T/IOVYL3t3Le2IzbxV2/OtESzKnCsyyYGc+1hSOw0wyljflSP6KorArCCky",
+	"zBI5Wtz/52SFD6oht9oialfSVJTtdJyqGkLewrbLCIuVVCFAE96/qEqGUAAPeNaauiLwUOQlChDoa8YI",
+	"zbUsE//cbtLBvchRBaH2EKRw4qciSR+DjrJTf1qxinStDRWZHpJ0zUTGxYL83//9f0gwDJL/5Q3byVg4",
+	"RlB9IrXan2JGcZaRGVXZICFp+b591u/OPjo3TI0FFVv37UVkiPVPLZTcuJrfOTXgJmYaeEkpo4wFBkHR",
+	"aK0QMuKgIpR1ksGwYue3EOH/HItGUYbHkgzknvmgHzv04CLSUyz3GwvUxqFZA0SEGGoYVt3IynK0VXUl",
+	"mDIuxiKyCtnxGo1B5FIQLiwUbElfSJTLnJhGN2IwFty5LRSbSWUPwGpLkSHQWZ8D4OFl9yIbcA89NgxL",
+	"vgUKEMmpB2xFJfD5IZtz3C99UEJssiZ4nUKSFWTeheIANM+33rMDPniNPk3I2Rmcu6YOoUBLEuDJ0Fv7",
+	"F5jnUWH0yI2VO0cWooNxHh+AhyfRl4phUHvifq87M1I4eZd6Dyfczdnd4tSN3bHJXv83plXG7gnS7p04",
+	"0hfdxSXrMjMtlIU1XZCRL4cjjjS/tfNTl5r4wE7OB3aRHeDajT6y3afsVXaJmygjIxphqAbkHY+v+lbj",
+	"Ao902jXIKrs7cyCHgTLAyyETXq08fDsOejglo0F7avHX7HHTWNTwN7FzJrGj5gh5p5ab1ybwVPeNVBLE",
+	"HpwUy/2WGFIGpvbjvGSPTi6ZAxzVUZQ/Vm+njRRaG2rJyr0Eoipr2CMRlWzpVCJR5BXcVW3W65w3qTQ/",
+	"0lyzMiILwRA1Y6eunkdMf0VnSy5Y8GxyA6ZxQ3OIKZaFOZPzM8uflatfk2B5DzT8V/h3PwooQs6fRDFG",
+	"Xq+Aa6QgxS2QzO964O8SheLj+I6I7u1a4SjG9+Pe8bBy2CMtDys+sEN4NAnXfzAgFvqC7BqHmul1e/zd",
+	"8dWwcazGJZWdjjp2/7mKipC4h7BkeNpUpKIrf5i5CJC92YihJMfXZF8KH4TsNMgE7+Zzp6Rg3Yaw7GoT",
+	"iM7xAlGGYYPhxQ3Xbtrb6a3WHMaexgU9UtJ/9vTFAMXJqIJHSvrPR98PkNRcC7kRrhfcWOxtBochiAlq",
+	"r1D0j2qSRp2l2kLMD3S6CPpjQ0U+bnJ2RDbtJfn04Q0RdGWXGzWog5Ichxm3I+84a+z7snDUghEgj90z",
+	"3WyvuPhwVe6bdvQhZBQcX2QcDRm6yVoXZ1fUkhmsgqpDGk4XYe6wZUxIA+wNnN+dht1b2jG2LvlNthye",
+	"FDOec2rauyQ1BiG46UBdX1O36N2te17ZjbO2CboutF0VzQ6odmay4npFzWzJunelqh7Jz26AJhqInPQO",
+	"QVI+Ujxms/6kK2s+fGVhfUfDfsbnc2bRqoEqOckC7NPkjORyRvOJj2vvku4QvXCUvnPn4Psq+FcXXBm7",
+	"svHD59s1Bb0W2MeheUgKGQnIzoxMSR9j+0IlNBBw02jp3tLi0jD6UlSKKkeGnjLZosEIe6B82D2r9bWl",
+	"sTDI/IIMFTIajZ6cwf+vRqNz+P9/xV2q+s+ePh0clRHPVG0rviXVvm5feELVun0g28GRYevVRpsEonaN",
+	"5OWYdmMkEXLj6gdX0/5N5RDuut9GatEBVIv9BPw0WazH1hbJFJ+3JLToYmU1djrVMrd6W4mY3uxcksKO",
+	"nPYu7OZgGqnlDFmBxt8VFQVQEQdan/8/YEe++ucOT3LWn0bW5G/2oFq4A6Qn8AjvAv4/yDcM7KFgb0yT",
+	"ktlF63MDfLzm6w66X1m8sMXB6RUTD7oKhweR8Jqv111MRtEkYcg9e79jkZY8n2BNsaa8iLlsrO9wafU4",
+	"tyWfEEkhQAKjQPlsSVZ0i2V/FaMWbz3TXGF6IRXk6TOylIXShC4kejdhuok/gxZLUXksVeQ9kiWt6O0b",
+	"fPWJLz3j/25og9p+6M31V8J9N+Ua2ONC85yrhEG8W1Mq0J65WITSox0JroKF6OZ8QZJGh5Ym2MySKVJ+",
+	"CzZ4n5AEtr8L9G2mHkBSrCRgP/orh25I8EWfGrKS2hA4SzLdRkMPOls6YiRuoCMecXbb9tCVK2JQXxw2",
+	"m98SqthddLkGrC1Peg8qBirSmE5GhTPRbqjXN3GaOO9ZSIN4aVmAnMjc1X2N8KOR5yGWBSN93YLMJzdM",
+	"+Ua8B2UGK5Gu1qbFxNLCtXOqjSv/2mWO/YlZQPfdMu6V/7NWcsa0vmcWUUjhOkZS6xaKHV1cGY7tbVXd",
+	"K7eVaTz+7ir5OPEGmgA4WsUJxIMYGP9BgsHusVa4sstnjuDDEiuovVuJNVhTdd2GcbulF5tD09bOLr/H",
+	"M5pTUWnZAvau2L0VCgBjxbeWbim6JbAmBBPXXWam0KSf0pnhNwziESwOZwV89lGUaUKGw+HgjpHHjbl/",
+	"+2+4/kIE3HCU3fyXrZUx99e1d9JK5aCixhCW2/gKg7iqu3kc24CnwenYWEb23n5HqHv5R2+5OqbSfSi7",
+	"0YkUwDxw8G/EujDHS2DxpvZUdIB5XoIplOtGS6ozk3YxpZ679CJnXcBqHpDu6YKl7I8gJmG7D/sczfPt",
+	"KUywRyuvp7M6wh5KoyPWMDnG6hi/0c3sGE15f6tjPFhtNQetjg9rW/awd9C4XAPju+l2xwEcnlMFpI6Y",
+	"6yhT5+lqvdQuHoZpOs8qrYnKJoWLvqtp86QA4u6gFSJeMZo1Kxap44XO0JmekygEWbt4HFQ7+pQ8u70d",
+	"DEnqNIv0nHCjsQIR1DRC5cklcmZy48eisxlbG0363z8nGd3qhORMo1fOavJI/MbCtRGRPouUcDPwDmHu",
+	"q5xNWZlkWrZZopDqGIoYyMJYuipVyKbFCiquHpoveWYIrbeeGY7Fj5jM4aKrV3RL1lRr0n9+e5uAYVgW",
+	"RicEPN04klW4znJmDFNBSxsLLOjCFQF/N9RLCrHEmB3L44JQ2I8hOr1qUGv1niL1rkm2DJfekuywVz/r",
+	"YvaqQtVhy1ZVuTummpM/nu4ECeqQ3YUoVAxnHs1wtHghFR1phvpRtL+9SNgqQkZ9v0BejEDKVenmKMBr",
+	"F/jt4Bab/luosxdMDYSJg1lA37nlZhV6GkTKqKXAaQTJSMC7F/s4YHCtVbgT/G8F8+24TRmP6cruJCSy",
+	"TkWV7i527yDqV3VX2K6u7RW2QSJCbi7CMhz1JDLHCm3PyYqLwjBN6JLRDKvzdPHh/dVFZCP1UoxC1Tkh",
+	"N909egHJ6oAMcT0JEVKchaKuolhNmQqB7nAivlxg3E+m5mGTBXb/cZPjKAdYeR1tIwDYD30nMFuUg9Ut",
+	"Md/WdlGuo83MfMp4tqN9GigNYNJFsc75jBo0MSFYxv2oTubr2LmaY3ni/T2tDfU2aTbxN0HzvENrlRrb",
+	"/Zw0mYkjc7ZFd/vXblFemN+JUfesIH4E4z9c1pFup2xi6Wtjtf4r6GqltEEK53xHbS4jS9llYXVuQoXe",
+	"MEU0hbBCLa0w60Q5jAl/fns7uIBEKPRONbibMF1LMJZpkoJJPb17W/898bOnMl13sx8DSEX06h8lb+0n",
+	"47H01WSqPuDDhk2+gbLJrZ0PPFVqkYmRIulWx9wGLT5hS1BX2wWygyI13RIqJMQVAW5eQCaRi5RYgdCH",
+	"YXLNVqBAKlsoVCCfLb8GN9+RrMyd19cDprUmoq6bqbo+4AyLIXJXX11ye0p8RnOrfq5c9UswptFImZJ5",
+	"hk0nRU0JvRgLkO5K+Qdr6qZYKhh12nplYahiC79fEP/2WFRer5bsPW8o9BsNPBZRxdvdFpsXsdlQb7Vh",
+	"K5cdyI1b9Vi4edHMPnGe4PTcVS/IWeZa7HLTRiAvCB0LFMaQW2AtdV+XRmLd0Q3dhmlysBCEzxeg8I+F",
+	"K+MEZhTtiuDHAR5t6Zl1n3UvYko9ZJC9pFfeeFnQOZjnXBhP0queQ/giZ3s0ZCg6fQcj6B0sst1RLyqH",
+	"fUq7YpW+xsYjt74mVPwPKOTemoVxdCxZuxTpY7bu14qktmcX/7SnTRFu8AMU0W3fn55EYXgdrNLyem+5",
+	"0GOHcykF3UGoem2N2R8+5l7v82cgVRVYtS2EpJeNWXz5tLJNgQbq6uqnWXa7U9NuiwUKsGaE60QqN0CN",
+	"pbEEaQpE6hyfzSR8vbIjpfI6JWAFGJK3VC3KkppAXroGnvlkg0McTV5HUkl5ZQ23GN1Q9Wh3Ic6KZWxW",
+	"KG62H+2SQnzFX1hDWdeoWDBchZ7JNSOpa0mTQvQxdFxIE+IWAzE0RpOPf7o8e/r8B7KkemkFCjgAAEdG",
+	"FZY5x5UtjVlD5VBtqc41A9cXPvSjB80//3rVS3bXFuoL//nXK9L/00c7n1Tkg/0wuCCpLqYpVByIe1Hw",
+	"rMNyvkId4Lls8TGBbEWWjGZg/PLx1O5cCIceK9ivBDndOVkrBhUyHOiOxVQWi6UJBmQnJIRiP5aJ+ZYZ",
+	"vpM/1/Y6IAwKaO5Y+DRUHSWwugLLzguPqaxUKX4DzX6hSDMY9dDkNxZlyUTFck6n+TYyLf3RbQ2Ygh6O",
+	"xVhApzcIRN8smWIJSbWg12wyo5qlIXcM5+XC21YqidIOr8fizcd3UV3xkEqrg0UGDd7wle84AIv47jsw",
+	"D+jvvgMDTgpJhjNg9o8dMvzhr1qKFHvRvXj2/F8HXkjTxmIHSa3qmw7HYifFzV7vs9GoPEQfYDajApsR",
+	"BJuV6x5uFJ2ZsYAOzv0VzS1RZRmxR5UQSqY0KxvcWRC1oMMUJqo9e/oUZ6Iwql2bhY5sSywluoZuLEXO",
+	"LkiKmXu/fU4hikITS6eIrKbtWfyLe/G50/qICTCG3Zrhd9+RK3brEr4RnkHw16QP4yYEusHrxNfTTkBK",
+	"gwYfifcYl3F5CYlac0N7jgFZua52n65+PPu3oAf/8untWEBLa/cFVFngGVdshvZWwlZTltndJNAvQnFX",
+	"WJxradVfPGuZ67Hof/rD09HTyzP453VC7L8//AB//vBikIRozmsGuwYGkVMASacGjQUmC4OQjgZupwCB",
+	"IXNF1bWGYUdu+NGPsJZPfxj98OQlwB3Nc6htiYd8WZilPRaEw+++syOml64BOnx3Tv4I9IaMi9Ho+xnU",
+	"RYePLB2SS1cn3fUMU8wipzRnmlnYwR5HCmuo0DrxQ1r37zGZS0DsBmpgZDFbjrFGwUaU+SMXhIotJFpj",
+	"OW0c+QDJHwtH80kf/oVpMokkAQfzhHBFtwN3Nm9KGLEA+P7dxyvn4ELV2WLFSt4wouWK4SioMI1FGr17",
+	"9he2TYfkI10xWCOQSShMaRHGmdKfPiNLopi9bt+IXGljQQ+MMBgfGgY1Zx/gUQibUAVLL3DEcAQ0JBZg",
+	"90roO2KxNm1uVp8OyTvwhXApwKVm1WyLPFOqK/UAxqLvOkslrkNXQC8wFQy82YhauPdZxUG9tajuNBir",
+	"wo1F2OoF8bX0Qwl9jxD2BVCtkMAnbgpL8F5YUtjWZT8dkr+wLdFrOmP6nOxU93+ksTMPRT0T+wf010zF",
+	"2UpaolSFiutM5rnF79Ajz4pqTGSP9IUrYn75/s1Y2HuAWkIaDhJWAJWDfKiThVA3u53PeU/OSTz5WET9",
+	"VM0SPLP2KpGQQpF0qFDvJwCdOL6LIbkcC88HAG5dvSZHOl3BAtgjJC/bW+Gm3FyAKVUIjT13FpQLhx5v",
+	"uTaWmYHImkI6M5QERC/M85FF5lvyfDRCngEyMf1bgRXwtVQprD+AePoFiXVkqf+a+iY97g1w6BV57ht/",
+	"5FQbaDaL4qxLREaBp5f0Qvxt78lwNByBmrFmgq5577z3/XA0/B5EU7MEifLxktHcLP/eO//yNek9XjGj",
+	"+Ey7v8Ao5X8KTbuqKjuMsmCgFEmPTW+y3nnPHtWH2rMQ6Ei9ovvblx63C/1bwdTWpwOfB5seyuJHh0y0",
+	"dWIuZ3781t5br8ODL9F58vUzWKLWUmgUxJ+ORugegVo1oXiGE2z+6gLDyg0cleMCHiYQbXerUi7AEGhB",
+	"c4iKMgBe2xRhzY+DjgeBkq4Tac9JG9UbhdEtSG6C4gQxTwsN9jsLA1ZhuT0DiDvDL7yvYC11izneRXpw",
+	"Tea5RCFHohMweCf71CXYYRYl12QWUvHGQsgNrmZwgeXBGFU593KBxQykA4rZO8EGP8DRpQBqZ6B7RSjo",
+	"+enqJcnolkxlITKKLRhdmTMcB61UKGMguj7SLtMTpSNYpBvZby8kSRPMi2jN+RwLLrSx0qmc1/NHMYGi",
+	"0ioMWQoUtsFsRkdVx6LWkatvh3LxJJXgUleYDQD7EdoXB8AhyyVjmwpViFLEIv2UZykSs7KN30+vr5D4",
+	"VDEeG/nXUs1DCYk/ymz7UEjjwte+VnVzB5PfCHObUPY9U2dB1IM8ulOgLcbtRfFNDmKBh4UY7Nhgi+9y",
+	"sLR3wuQKxceQorMyIreV3kfR8B2JfXDSdDvyhiyGfzZ6X0+B2EvpHRbi0Z+Q5McVxe5I7NtB5PEXHzH/",
+	"9TGK92AybQAGK4eUsBDi7OtI3CILdGh7/rmNJZVqxUVkf2HzOZs5DZPnOVkUFOpQTbFJlyui9QagwFmo",
+	"qkiAKkqcl/JtIKkJiq5CRCY6eFwKClSXvj8gvcfRwE6zA1IoM98JkoCUnc1CaDK6XRrv8H2kOCRoIfFN",
+	"/SpNNbGl5W+WMybEyIGrzxAcfLjm8zheFBPmElL6lBLn2ENWCE6lsXBMF0qz4p61iX1yuJYFv2FiSEp7",
+	"OReEcTRtYLC/YkFyuLBapGcZKw73BTVoUCiwK9ZkZCdRrJEJ4zjgt3og5tsSPP6NuW89E6MFA2allwI8",
+	"7875iKaCU3LjCvx522nVOftI3wMlOrDf0hv/MNy3EgPyz8Z3ayF8e9luFGV7Eq77KRrPMhOfEgcNFSEM",
+	"C0N49eDeAPLYRSa1k82fochwnMvs08R9+euU9KUiad3tng4S4mNpxkIxzUxCsoIRITfnZQKABmsNFl+u",
+	"5YUrZzCCyaVgY1FNAneWvSG5FNs4PM2hbhwCjwyaC80zhia1O+QSEJ9KENwrkEswowKdB54NbJbUMPyV",
+	"ZJxZpW1I3tYywBNUC9ntOqdcsKyWAh9aO8vC2EWjdcotuh9yJQYXY3FkyYOmGDWr6TYXQkirWd72Ur3b",
+	"1Y2XsaxYMz0W0e2hgRp7Q0/tTOWgIgOXCKw15F441joWZsNn7BwNndGCqzYHVDBhBFyeAwS4GR9qB+FP",
+	"VGw3dHvhOygKEzUmFtKXC0h9ens6aOKRLo2+Si4fRk2tlM745vppXEOigeBBAe4N1RGkg9vH9aRVVidw",
+	"RQROonvY+4ULiunrvWVFDO7SdTvlDQQ3tPJLjH14I26o4tRDwANdRCV6pEVOwQbNpA81LLHmlFXIRKZ9",
+	"qUhIKMDwhsEpruMDsw8XJrS0Q1xGTPXBCxiFgR5fcFpDzedjrsoln7dexE/MvHSPPOAV+CnapESXIZ9L",
+	"avU9LCas7gP1LnoDRC8ft/HbZysLRREUv322Ik95JYCQjvtg4EF02P4gP4eTdc6jM9eHeY+q9KvihlWb",
+	"SFNd8nuoveL6OLvHaoEOY+HaGg3Jy7LUtqtA78vRQ/wPJelKZuzf3TwpcatLXAwhcyXrw4OxmTI8Dd0e",
+	"ao2pvZ90LKA6Qd1NCi6a13S2jPQnusWLtJI41p71SSZyHpxvdilogx6Lfnp1+fbtf05e/un1y7+8+3Q1",
+	"+XB59Xry9s3Pb67ShHhHz5NRQuhMSav/ohRiAIEs815TbSzummA3hjiFpy/qNXBR9KlUqUWrMRUNztSk",
+	"7BjlZLCaS4v0wZ9lYddi6cCJI9iXZBv12cTAeD9IzdFIFswcdjI6eIlGw41Cx3mfwUizbbuV2MOVg6pd",
+	"deWAxhAdz1/Y9t0a4xKcBnF6Rl5bLu6hGz9/8lCLaKJluDAwTGHsCiyiwYfeNpd7qzxfE95w030zYvjR",
+	"IW495Ao70XiK7boYBCLpnoqopDcAPP4SeWO+7uVHZZzxwzEkP8cBu8W3ZkEfIGKKRKHW4Wj9QfY+fz0W",
+	"Xf1u37wCFHUJnE2wWw8DnIPO5cvSsFuuDek/HT0ZWF0Hy5T44BGWZ3oswNpmHxkNhgSKm7tiXRZ2rL7n",
+	"vGOQMjIkPrE99tSNRc7FNYbv2Aktda3lfyfVRiyog7g0DtDRpGAXED5geZCLRvMVXYBMamaayOOntWaq",
+	"CoEPQM7c8DjZt9ZL9oG+K1IDUH9S2rlnzkA0T2AMDEFSCJqHMWk/lXocNTBoo1Z/dI884I35KVpolVvk",
+	"tyZVH634CjGis1BdfQPVASFKKz5w15LmnoTrwF25WR67YLEGp9eRVLJRlH+l6Aar0gPZw8bvQH+w4agm",
+	"WkrBtImENJlnTJsh+QVTguQNU5kd5tzFPUlJ5mwDgczVA60JsaOnEIbb0CCDzKjCYCoTddZIHWSkzZ4K",
+	"OKaXoV3QfSTAh5P8cJX/IBNOmL3NhOMeeECJ79no6Z7txEHc3bdV4v7Ohn6xXF5AJP0OOJ7ECLUGO2UA",
+	"ul0S0RHLMRL0gZC8uyy0ZWbXDf2TXdvvHLFgjUeh1ZNTz92GVD9hf7DfmxYVYBjWF2h0f63kSmLwMJYt",
+	"jxI0B/cB8SgGer/jEUHtKn78WKj7XfkK37JswdRhP2EOz/n2Md9a/rkKzVTdQloDeb6N/ONtxvtBxb3x",
+	"3j/8Tw0ocfPzvZDiz+Zbw0il6KhfRCuchBt8WEABv00EJbUqssVKx7E4vng5uKZcHkXpSg+l00r3sB6L",
+	"vvcwY6aD1/8HQ/IqBE16d2xZASAEEUM/Y4wiJt4i/OH11etfrt68+2Xy6ePlT68nr//j9S9XH9MBTHDN",
+	"1mBRzyjPXdiPHgsp8i1kGmAahu924Xy+O/HLaKl2D7n4ZHRtl6tB12/psue+1LuRhMYBzVvSd2HFRuIg",
+	"YXjo/0y3CUYwlx2by8kFuzWDi0j6h1IEtS43tdBn7PIRx0v7nE5IqdgsmU/mwqTfJSPrQi0YWVINHZ8a",
+	"VITIFucDmr5NAkEtWFDM8kLzG3dKF8EP8P0IK225wg32WOrVtdKm8lppY8+Ypr24BPxyK91S+neKj9z6",
+	"HTCRlesXcnPi9UKlgCNX++BRP65+Q5P1AoP8vzFRfitnNK+kGUCsSBSsiBEdRFGxiP2tSDhPQ5x34snq",
+	"TRvzXG6swjHFwpZl40KXgWBZ2yNdS1aimqTUObMux2It8xxJnFNctHRZZSuuNdOhDGYC/7hU3kiOhPyE",
+	"FUfrrZxj74jzsscBXa8ZVaEi5pz5zGqwsbo4z2hA3z65yDO7kxnLXJt6TeZccL20JGwn/4rmG7rVY6GZ",
+	"uUC3m30JfJ9UazgkOrtuomBW5GmLyNs1pFUndsS4cuAXRNrTMNL7NV12LltwISC0txkv4U7aaOLTqGDt",
+	"8WlUD4m+HeP1ThepZ29BFgaYKJkWmgumtYM1C1yJs6XtiE6+ZrjXrbwo9fhLWZlkr9PJiZK9h5dW28y4",
+	"oY34P8Tj5OMSwCIJtsfQq9qFYW87SqoNqQWVxuedkgt+eHYwt8DddD08t9miA4EJodier8LhaidZ8dWH",
+	"j4cEHggUgKw4rJU5FpVimeC/uqgUszpYAHQsoAKofQva6yLLGQzJpSvLFWKyMCJ9xY0p61KV4iCGFpT5",
+	"R2UhCkeHLTlcKECiQqB87cR0jCtwYYUpxGzEYYeuIlhcuMBHWoCsCQmDZeFVkVmOYjnLWGBpfBBnQOKM",
+	"MhFIH76J+xGVjjw4gwTPEzcWTnSQBKeey3KQKsjtcff4KTWzZQKsYizSsA+Ulv2rYsYgrCUq/tZS+c2F",
+	"gGL/c5/T3rxiu6JyvX4FvoaaizKZyYzFwbiT8Pt5CB8BbkNNgNGxcOvGVgQ+0gNSrw0VGda3hf7ueMXU",
+	"apXR5uxe/UZCiUWShsWmxFWod/qHOyQWR9ti3etkLKwShaeMVXVDaYqg9JVRu1g6m2qMRGniym/Egh0I",
+	"l/99xZ9EbTQ6mUqfnnbmSknEljxHvGhXsG+339fv1piKYZlOGu8/sbTsyWg0cpRw0CB9N9D9x19KuN/L",
+	"5UuY632TXIeQrdGeHnYKsemVL4DoMhuspC5YHOfbRYtpYNyV2p+dGHcHBf/zoRt8jEUBu6UtPswS2zxD",
+	"l17zERKcP0gO+1Eo527eRhKqViZjEVfGTOr1KLFTMUTORzQb6HzocrCkN2Agi3MQgPFExR99FCIwj7j+",
+	"5TvBwkhjMWX2QZ8VUMoTUa11KHfx9HtMNkjIlGHhGktq+GJpoC5AEprzYaZjyIcYkCnDLu679S8pslHP",
+	"oaKalv3U3sa/4xvpgCys4lqKOGWhL6cq3Lo0FuQ82vndMQwyOpNhiCGCr3QwQEJIa1QTB9Iq5JxgiTin",
+	"d6/QkOiqC+MQ6JN/UeH3GMJNLYPzrH1IXuIiwIoK8pCvJhOSdsYi8Ev/dFUaDCFUlQKeFg52K3jW/Pww",
+	"3O+Q8DloAR8rrPEkEUB4MzSmfYmXoKVyc/qCsS3cZcOmSymvtcur7p1/2adeWW2KqRtPogqV9857j0EW",
+	"cYN/8bSqjDyySpn/0sfGR1/5MMrou6Byxc85x1L0Fe4j+sJpRtE3mCWwa6V8SQHqpttQeNYSuXVkmF4w",
+	"wbDGFu4Y+qTlHLhYIMj+9Bpm+BOUu4GKaRmq9qDIyBlIs+rGSqAhPWt3umiSAOO69/Xz1/8XAAD//w==",
 }
 
 // decodeSpec returns the embedded OpenAPI spec as raw JSON bytes,

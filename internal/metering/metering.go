@@ -92,6 +92,9 @@ type Service struct {
 	log     *slog.Logger
 	// summaryLimiter paces reconciliation's summary requests.
 	summaryLimiter *rate.Limiter
+	// turn, when set, waits for a request's turn in the delivery worker's
+	// share of the meter rate limit (Worker.Turn).
+	turn func(context.Context) error
 	// retention is how long delivered events are kept as rows
 	// (retention.go); 0 keeps them.
 	retention time.Duration
@@ -114,12 +117,17 @@ type Options struct {
 	// (TALLY_RETENTION_USAGE_EVENTS, see retention.go); 0 keeps them:
 	// PurgeDelivered deletes nothing and windows are never moved.
 	UsageRetention time.Duration
+	// MeterTurn, when set, is waited on before every Stripe request the
+	// Service makes (reconciliation's summaries, billing periods), so they
+	// count in the shared meter rate limit (Worker.Turn); the Service's
+	// own pace (summaryRate) keeps them to a part of it.
+	MeterTurn func(context.Context) error
 }
 
 // New returns the metering Service.
 func New(o Options) *Service {
 	s := &Service{db: o.DB, stripe: o.Stripe, catalog: o.Catalog, now: o.Now, log: o.Logger,
-		summaryLimiter: rate.NewLimiter(paced(summaryRate), 1), retention: max(o.UsageRetention, 0)}
+		summaryLimiter: rate.NewLimiter(paced(summaryRate), 1), retention: max(o.UsageRetention, 0), turn: o.MeterTurn}
 	if s.now == nil {
 		s.now = time.Now
 	}

@@ -87,6 +87,21 @@ type Client interface {
 	// minute aligned, as Stripe requires; invalid_request otherwise.
 	// Errors: *Error (rate_limited, unavailable, payment_provider_error).
 	MeterEventSummaries(ctx context.Context, in SummaryInput) ([]Summary, error)
+
+	// CancelMeterEvent cancels one meter event at Stripe with a meter event
+	// adjustment of type cancel (POST /v1/billing/meter_event_adjustments),
+	// idempotency key "tally-cancel-<identifier>". Stripe cancels events
+	// only within 24 hours of receiving them. It is never retried here.
+	// Errors: *Error, as for CreateMeterEvent; invalid_request when the
+	// event name or identifier is missing.
+	CancelMeterEvent(ctx context.Context, eventName, identifier string) error
+
+	// BillingPeriod returns the current billing period of the Stripe
+	// customer's active (or trialing) subscription to price
+	// (GET /v1/subscriptions?customer=&price=); ok is false when there is
+	// none. Errors: *Error (rate_limited, unavailable,
+	// payment_provider_error); invalid_request when an argument is empty.
+	BillingPeriod(ctx context.Context, stripeCustomerID, price string) (period Period, ok bool, err error)
 }
 
 // MaxStreamEvents is the most events Stripe accepts in one v2 meter event

@@ -26,6 +26,8 @@ CREATE TABLE usage_reconciliations (
 );
 CREATE INDEX usage_reconciliations_meter_created ON usage_reconciliations (meter, created_at DESC, id DESC);
 CREATE INDEX usage_reconciliations_created ON usage_reconciliations (created_at DESC, id DESC);
+-- One scheduled run per meter and window, whichever replica gets there.
+CREATE UNIQUE INDEX usage_reconciliations_scheduled_window ON usage_reconciliations (meter, from_t) WHERE kind = 'scheduled';
 
 -- +goose Down
 DROP TABLE usage_reconciliations;
