@@ -706,6 +706,16 @@ type CheckoutSessionCreate struct {
 	SuccessUrl string `json:"success_url"`
 }
 
+// ComparisonMismatch defines model for ComparisonMismatch.
+type ComparisonMismatch struct {
+	CustomerId string `json:"customer_id"`
+
+	// Difference tally_total - legacy_total
+	Difference  int64 `json:"difference"`
+	LegacyTotal int64 `json:"legacy_total"`
+	TallyTotal  int64 `json:"tally_total"`
+}
+
 // ConsumeRequest defines model for ConsumeRequest.
 type ConsumeRequest struct {
 	Amount int64 `json:"amount"`
@@ -1036,6 +1046,12 @@ type LedgerEntryKind string
 type LedgerPage struct {
 	Data       []LedgerEntry `json:"data"`
 	NextCursor *string       `json:"next_cursor"`
+}
+
+// LegacyTotal defines model for LegacyTotal.
+type LegacyTotal struct {
+	CustomerId string `json:"customer_id"`
+	Total      int64  `json:"total"`
 }
 
 // Metadata Up to 50 string values, keys up to 40 characters, values up to 500.
@@ -1514,29 +1530,19 @@ type UsageBatch struct {
 // UsageComparison defines model for UsageComparison.
 type UsageComparison struct {
 	// Compared Customers compared: those in the legacy list and those with usage in tally.
-	Compared   int       `json:"compared"`
-	From       time.Time `json:"from"`
-	Meter      string    `json:"meter"`
-	Mismatches []struct {
-		CustomerId string `json:"customer_id"`
-
-		// Difference tally_total - legacy_total
-		Difference  int64 `json:"difference"`
-		LegacyTotal int64 `json:"legacy_total"`
-		TallyTotal  int64 `json:"tally_total"`
-	} `json:"mismatches"`
-	To time.Time `json:"to"`
+	Compared   int                  `json:"compared"`
+	From       time.Time            `json:"from"`
+	Meter      string               `json:"meter"`
+	Mismatches []ComparisonMismatch `json:"mismatches"`
+	To         time.Time            `json:"to"`
 }
 
 // UsageComparisonRequest defines model for UsageComparisonRequest.
 type UsageComparisonRequest struct {
-	From   time.Time `json:"from"`
-	Legacy []struct {
-		CustomerId string `json:"customer_id"`
-		Total      int64  `json:"total"`
-	} `json:"legacy"`
-	Meter string    `json:"meter"`
-	To    time.Time `json:"to"`
+	From   time.Time     `json:"from"`
+	Legacy []LegacyTotal `json:"legacy"`
+	Meter  string        `json:"meter"`
+	To     time.Time     `json:"to"`
 }
 
 // UsageDeadCode `stripe_refused`: Stripe refused the event (a 4xx). `too_old`: its
