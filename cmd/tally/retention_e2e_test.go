@@ -81,7 +81,7 @@ func TestRetentionPurgesAndAnswersStayTheSame(t *testing.T) {
 			}
 		}
 		rec, err := admin.CreateReconciliationWithResponse(ctx, client.ReconciliationRequest{Meter: "api_calls",
-			From: now.Add(-300 * 24 * time.Hour), To: now.Add(-time.Minute)})
+			From: ptrTo(now.Add(-300 * 24 * time.Hour)), To: ptrTo(now.Add(-time.Minute))})
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -378,7 +378,7 @@ func toDoc(c Catalog) catalogDoc {
 		d.Products = append(d.Products, productDoc{p.ID, p.Name, yamlInt(p.Amount), p.Currency})
 	}
 	for _, p := range c.Plans {
-		d.Plans = append(d.Plans, planDoc(p))
+		d.Plans = append(d.Plans, planDoc{p.ID, p.Name, p.StripePrice, p.Meter, p.StripeMeterID, p.Delivery, p.LiveFromText()})
 	}
 	return d
 }
