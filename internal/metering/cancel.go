@@ -40,11 +40,13 @@ func (s *Service) Cancel(ctx context.Context, identifier string) (UsageEvent, er
 	var out eventRow
 	err := db.InTx(ctx, s.db, func(tx *gorm.DB) error {
 		var r struct {
-			eventRow
-			ClaimedBy *string
+			Status      string
+			DeliveredAt *time.Time
+			MaybeSentAt *time.Time
+			ClaimedBy   *string
 		}
-		err := tx.WithContext(ctx).Model(&eventRow{}).Clauses(clause.Locking{Strength: "UPDATE"}).
-			Where("identifier = ?", identifier).Take(&r).Error
+		err := tx.WithContext(ctx).Model(&eventRow{}).Select("status, delivered_at, maybe_sent_at, claimed_by").
+			Clauses(clause.Locking{Strength: "UPDATE"}).Where("identifier = ?", identifier).Take(&r).Error
 		if errors.Is(err, gorm.ErrRecordNotFound) {
 			return errs.E(errs.NotFound, "usage event %q not found", identifier)
 		}
@@ -54,8 +56,7 @@ func (s *Service) Cancel(ctx context.Context, identifier string) (UsageEvent, er
 		next := StatusCancelled
 		switch Status(r.Status) {
 		case StatusCancelled, StatusCancelPending:
-			out = r.eventRow
-			return nil
+			return tx.WithContext(ctx).Where("identifier = ?", identifier).Take(&out).Error
 		case StatusDelivered:
 			if r.DeliveredAt != nil && now.Sub(*r.DeliveredAt) > CancelWindow {
 				return errs.E(errs.Conflict, "usage event %q was delivered to Stripe at %s, more than %s ago; Stripe cancels meter events only "+
