@@ -6,6 +6,7 @@ import (
 	"mime"
 	"net/http"
 	"strconv"
+	"time"
 
 	"github.com/labstack/echo/v4"
 
@@ -16,6 +17,9 @@ import (
 
 // MaxImportBytes is the largest body POST /v1/admin/usage-imports takes.
 const MaxImportBytes = 100 << 20
+
+// importStall is how long an import's body may stop arriving.
+const importStall = time.Minute
 
 // importSummary is the body of an import's answer (UsageImportSummary in
 // openapi.yaml; the operation lives outside the strict server, which would
@@ -75,8 +79,15 @@ func (s *Server) importUsage(c echo.Context) error {
 		}
 		dry = b
 	}
+	// An import outlasts the server's read and write timeouts, which are
+	// sized for ordinary requests: the body may take as long as the import
+	// needs, as long as it keeps arriving (importStall between batches).
+	rc := http.NewResponseController(c.Response().Writer)
+	_ = rc.SetWriteDeadline(time.Time{})
+	_ = rc.SetReadDeadline(time.Now().Add(importStall))
 	body := http.MaxBytesReader(c.Response(), req.Body, MaxImportBytes)
-	sum, err := s.d.Metering.Import(req.Context(), body, metering.ImportOptions{Format: format, DryRun: dry})
+	sum, err := s.d.Metering.Import(req.Context(), body, metering.ImportOptions{Format: format, DryRun: dry,
+		Progress: func(int64, int64) { _ = rc.SetReadDeadline(time.Now().Add(importStall)) }})
 	if err != nil {
 		var mbe *http.MaxBytesError
 		if errors.As(err, &mbe) {
@@ -85,7 +96,8 @@ func (s *Server) importUsage(c echo.Context) error {
 				MaxImportBytes, sum.Read, sum.Accepted)
 		}
 		if _, ok := errs.As(err); !ok {
-			return errs.Wrap(err, errs.Invalid, "the request body could not be read")
+			return errs.Wrap(err, errs.Invalid, "the request body could not be read after %d rows (%d accepted; send the file again to resume): %v",
+				sum.Read, sum.Accepted, err)
 		}
 		return err
 	}

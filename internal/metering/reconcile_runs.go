@@ -307,7 +307,9 @@ func (r *Reconciler) Name() string { return "usage-reconciler" }
 // Run reconciles every interval until ctx ends.
 func (r *Reconciler) Run(ctx context.Context) error {
 	r.log.Info("usage reconciliation started", "interval", r.interval.String())
-	t := time.NewTicker(min(r.interval, time.Minute))
+	// Looking often is cheap (a count per meter): a window is run soon
+	// after it settles, once.
+	t := time.NewTicker(min(r.interval, 10*time.Second))
 	defer t.Stop()
 	for {
 		if err := r.RunOnce(ctx); err != nil && ctx.Err() == nil {
