@@ -237,7 +237,7 @@ func TestUsageMigrationEndToEnd(t *testing.T) {
 	// settles next; Stripe counts 5 more for rec-b.
 	link("reca")
 	link("recb")
-	end := time.Now().Add(-10*time.Minute).Truncate(time.Minute)
+	end := time.Now().Add(-10 * time.Minute).Truncate(time.Minute)
 	ts := end.Add(20 * time.Second)
 	ingest(event("reca", "api_calls", "reca-1", 7, &ts), event("recb", "api_calls", "recb-1", 8, &ts))
 	waitUsageStatus(t, svc, "reca-1", client.UsageStatusDelivered)

@@ -7,7 +7,9 @@ import (
 
 // MeterEventAdjustments returns how many meter event adjustments named
 // identifier.
-func (f *Fake) MeterEventAdjustments(identifier string) int { return f.acct.MeterEventAdjustments(identifier) }
+func (f *Fake) MeterEventAdjustments(identifier string) int {
+	return f.acct.MeterEventAdjustments(identifier)
+}
 
 // StartSubscription gives the Stripe customer an active subscription to
 // price whose current period is [start, end).
