@@ -306,6 +306,14 @@ func readImport(ctx context.Context, r io.Reader, format ImportFormat, parse fun
 	for {
 		line, tooLong, n, err := readLine(br)
 		bytesRead.Add(int64(n))
+		if err != nil && err != io.EOF {
+			// The stream broke: the line read last may be cut short (a
+			// value or identifier missing its end), so it is dropped; the
+			// whole rows before it are stored, and running the import
+			// again picks up from there.
+			send()
+			return err
+		}
 		if n > 0 {
 			lineNo++
 		}
@@ -337,9 +345,6 @@ func readImport(ctx context.Context, r io.Reader, format ImportFormat, parse fun
 				return ctx.Err()
 			}
 			return nil
-		}
-		if err != nil {
-			return err
 		}
 	}
 }

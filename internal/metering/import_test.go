@@ -201,3 +201,23 @@ func (f *failingReader) Read(p []byte) (int, error) {
 	f.read += n
 	return n, err
 }
+
+// A stream cut in the middle of a row: the whole rows before the cut are
+// stored, the cut row is not (its value or identifier may be cut short),
+// and the import answers the read error.
+func TestImportCutMidRowStoresOnlyWholeRows(t *testing.T) {
+	e := newEnv(t)
+	recent := time.Now().Add(-time.Hour).UTC().Format(time.RFC3339)
+	body := metering.ImportCSVHeader + "\nann,api_calls,5," + recent + ",cut-1\nann,api_calls,7," + recent + ",cut-2\nann,api_calls,12"
+	cut := &failingReader{r: strings.NewReader(body), after: len(body)}
+	sum, err := e.svc.Import(context.Background(), cut, metering.ImportOptions{Format: metering.ImportCSV})
+	if err == nil {
+		t.Fatal("a cut stream imported without an error")
+	}
+	if sum.Accepted != 2 || sum.Read != 2 {
+		t.Errorf("summary %+v, want the 2 whole rows read and accepted", sum)
+	}
+	if n := countRows(t, e.db, `true`); n != 2 {
+		t.Errorf("%d rows stored, want 2", n)
+	}
+}
