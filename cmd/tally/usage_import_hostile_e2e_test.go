@@ -158,3 +158,74 @@ func TestUsageImportHostileEndToEnd(t *testing.T) {
 		t.Errorf("%d rows stored, want 20004", n)
 	}
 }
+
+// An import during a Stripe outage: the import itself never calls Stripe,
+// so it completes; its recent rows wait and are delivered once each when
+// Stripe is back; a cancel during the outage keeps its row from ever
+// reaching Stripe.
+func TestUsageImportDuringStripeOutageEndToEnd(t *testing.T) {
+	fake := stripefake.New(t)
+	fake.SetMeter("mtr_api_calls", "api_calls")
+	env := meteringEnv(t, fake.URL())
+	env["TALLY_METER_BACKOFF_MAX"] = "20ms"
+	env["TALLY_METER_RATE_LIMIT"] = "200"
+	s := startServer(t, env)
+	ctx := context.Background()
+	svc := s.service(t)
+	sid := "cus_outage"
+	if res, err := svc.UpsertCustomerWithResponse(ctx, "outage", client.CustomerUpsert{StripeCustomerId: &sid}); err != nil || res.StatusCode() != http.StatusCreated {
+		t.Fatalf("link: %v", err)
+	}
+	var down sync.Mutex
+	isDown := true
+	fake.SetFault(func(r *http.Request) (int, string, bool) {
+		down.Lock()
+		defer down.Unlock()
+		if isDown {
+			return http.StatusServiceUnavailable, `{"error":{"type":"api_error","message":"Stripe is down."}}`, true
+		}
+		return 0, "", false
+	})
+	recent := time.Now().Add(-time.Hour).UTC().Format(time.RFC3339)
+	var b strings.Builder
+	b.WriteString("customer_id,meter,value,timestamp,identifier\n")
+	for i := range 50 {
+		fmt.Fprintf(&b, "outage,api_calls,%d,%s,out-%02d\n", i+1, recent, i)
+	}
+	res, err := s.admin(t).ImportUsageWithBodyWithResponse(ctx, &client.ImportUsageParams{}, "text/csv", strings.NewReader(b.String()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	mustStatus(t, "import during the outage", res.StatusCode(), res.Body, http.StatusOK)
+	if res.JSON200.Accepted != 50 || res.JSON200.Queued != 50 {
+		t.Fatalf("import %s, want 50 queued", res.Body)
+	}
+	cancelled, err := svc.CancelUsageEventWithResponse(ctx, "out-07")
+	if err != nil {
+		t.Fatal(err)
+	}
+	mustStatus(t, "cancel during the outage", cancelled.StatusCode(), cancelled.Body, http.StatusOK)
+	time.Sleep(500 * time.Millisecond) // sends fail meanwhile
+	down.Lock()
+	isDown = false
+	down.Unlock()
+	for i := range 50 {
+		if i != 7 {
+			waitUsageStatus(t, svc, fmt.Sprintf("out-%02d", i), client.UsageStatusDelivered)
+		}
+	}
+	waitUsageStatus(t, svc, "out-07", client.UsageStatusCancelled)
+	for i := range 50 {
+		id := fmt.Sprintf("out-%02d", i)
+		want := 1
+		if i == 7 {
+			want = 0 // cancelled before any send reached Stripe, or adjusted
+			if fake.Count(id) == 1 && fake.MeterEventAdjustments(id) == 1 {
+				want = 1
+			}
+		}
+		if got := fake.Count(id); got != want {
+			t.Errorf("%s reached Stripe %d times, want %d", id, got, want)
+		}
+	}
+}
