@@ -32,8 +32,8 @@ func TestPlanDeliveryAndLiveFrom(t *testing.T) {
 		t.Fatalf("a fixed live_from: %+v, %v", c.Plans, err)
 	}
 	for extra, want := range map[string]string{
-		"    delivery: sometimes\n":  "plans[0].delivery",
-		"    live_from: tomorrow\n":  "plans[0].live_from",
+		"    delivery: sometimes\n":   "plans[0].delivery",
+		"    live_from: tomorrow\n":   "plans[0].live_from",
 		"    live_from: 2027-01-01\n": "plans[0].live_from",
 	} {
 		if _, err := Parse([]byte(planYAML + extra)); err == nil || !strings.Contains(err.Error(), want) {
