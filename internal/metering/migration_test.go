@@ -273,3 +273,42 @@ func TestTotalsPastInt64AreRefused(t *testing.T) {
 		t.Errorf("a total of 1100 × 2^53: %v, want invalid_request saying it is past the range", err)
 	}
 }
+
+// One customer's billing period reconciled whole: the current one finds
+// Stripe's extra usage, the previous one (no usage on either side) is
+// compared too, and both runs are stored.
+func TestReconcilePeriod(t *testing.T) {
+	e := newEnv(t)
+	link(t, e.db, "pia")
+	start := time.Now().Add(-2 * time.Hour).Truncate(time.Minute)
+	e.fake.StartSubscription("cus_pia", "price_api", start, start.AddDate(0, 1, 0))
+	ts := time.Now().Add(-30 * time.Minute)
+	a := ev("pia", "pp-1", 4)
+	a.Timestamp = &ts
+	ingest(t, e.svc, a)
+	stop := startWorker(t, metering.NewWorker(e.workerOptions(t, fastConfig())))
+	waitFor(t, "delivery", 20*time.Second, func() bool { return e.status(t, "pp-1") == metering.StatusDelivered })
+	stop()
+	e.fake.SetSummaryOverride("cus_pia", 6)
+	cur, err := e.svc.ReconcilePeriod(context.Background(), testMeter, "pia", metering.PeriodCurrent)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !cur.From.Equal(start) || cur.Checked != 1 || len(cur.Mismatches) != 1 || cur.Mismatches[0].Difference != 2 || cur.ID == "" {
+		t.Errorf("current period %+v, want from %s, pia off by 2, stored", cur, start)
+	}
+	prev, err := e.svc.ReconcilePeriod(context.Background(), testMeter, "pia", metering.PeriodPrevious)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !prev.To.Equal(start) || !prev.From.Equal(start.AddDate(0, -1, 0)) || prev.Checked != 1 {
+		t.Errorf("previous period %+v, want [%s, %s) with pia compared", prev, start.AddDate(0, -1, 0), start)
+	}
+	if _, err := e.svc.ReconcilePeriod(context.Background(), testMeter, "nobody", metering.PeriodCurrent); !errs.Is(err, errs.NotFound) {
+		t.Errorf("an unknown customer: %v, want not_found", err)
+	}
+	link(t, e.db, "nosub")
+	if _, err := e.svc.ReconcilePeriod(context.Background(), testMeter, "nosub", metering.PeriodCurrent); !errs.Is(err, errs.Conflict) {
+		t.Errorf("a customer without a subscription: %v, want conflict", err)
+	}
+}

@@ -120,6 +120,21 @@ func (s *Service) reconcile(ctx context.Context, meter string, from, to time.Tim
 	if err != nil {
 		return Reconciliation{}, db.Translate(err, nil)
 	}
+	if customerID != "" && len(rows) == 0 {
+		// One customer asked for by name is compared even without usage
+		// in tally: Stripe may hold some.
+		var stripeID *string
+		if err := s.db.WithContext(ctx).Raw(`SELECT stripe_customer_id FROM customers WHERE id = ?`, customerID).Scan(&stripeID).Error; err != nil {
+			return Reconciliation{}, db.Translate(err, nil)
+		}
+		if stripeID != nil {
+			rows = append(rows, struct {
+				CustomerID       string
+				StripeCustomerID string
+				Total            string
+			}{customerID, *stripeID, "0"})
+		}
+	}
 	out := Reconciliation{Meter: meter, From: from, To: to, Mismatches: []Mismatch{}}
 	for _, r := range rows {
 		local, err := int64Total(r.Total, "customer "+r.CustomerID+"'s delivered usage on meter "+meter)
