@@ -119,41 +119,6 @@ func TestUsageMigrationEndToEnd(t *testing.T) {
 	svc, admin := s.service(t), s.admin(t)
 	now := time.Now().UTC()
 
-	// Import, twice.
-	body, totals := importFile(now)
-	first := postImport(t, s, body)
-	if first.Read != 200_000 || first.Accepted != 199_000 || first.Duplicates != 500 || first.Conflicts != 300 ||
-		first.Rejected != 200 || first.Historical != 100_000 || first.Queued != 99_000 || len(first.Errors) != 100 {
-		t.Fatalf("first import %+v (%d errors)", first, len(first.Errors))
-	}
-	second := postImport(t, s, body)
-	if second.Read != 200_000 || second.Accepted != 0 || second.Duplicates != 199_500 || second.Conflicts != 300 || second.Rejected != 200 {
-		t.Fatalf("second import %+v, want nothing new", second)
-	}
-	gdb := openDB(t, s)
-	var n int64
-	if err := gdb.Raw(`SELECT count(*) FROM usage_events`).Scan(&n).Error; err != nil || n != 199_000 {
-		t.Fatalf("%d usage rows after two imports (%v), want 199000", n, err)
-	}
-
-	// The legacy system agrees with tally but for one customer.
-	var legacy []client.LegacyTotal
-	for cust, total := range totals {
-		if cust == "imp-042" {
-			total++
-		}
-		legacy = append(legacy, client.LegacyTotal{CustomerId: cust, Total: total})
-	}
-	cmp, err := admin.CompareUsageWithResponse(ctx, client.UsageComparisonRequest{Meter: "api_calls", From: now.Add(-90 * 24 * time.Hour), To: now, Legacy: legacy})
-	if err != nil {
-		t.Fatal(err)
-	}
-	mustStatus(t, "comparison", cmp.StatusCode(), cmp.Body, http.StatusOK)
-	if cmp.JSON200.Compared != 100 || len(cmp.JSON200.Mismatches) != 1 || cmp.JSON200.Mismatches[0].CustomerId != "imp-042" || cmp.JSON200.Mismatches[0].Difference != -1 {
-		t.Errorf("comparison %s, want imp-042 alone, tally one below", cmp.Body)
-	}
-
-	// A shadow meter: stored and counted, never sent.
 	link := func(id string) {
 		sid := "cus_" + id
 		res, err := svc.UpsertCustomerWithResponse(ctx, id, client.CustomerUpsert{StripeCustomerId: &sid})
@@ -178,6 +143,53 @@ func TestUsageMigrationEndToEnd(t *testing.T) {
 	event := func(cust, meter, id string, v float64, ts *time.Time) client.UsageEventInput {
 		return client.UsageEventInput{CustomerId: cust, Meter: meter, Value: v, Identifier: id, Timestamp: ts}
 	}
+	// The scheduled reconciliation, first, so that its window settles while
+	// the rest runs: two customers' usage in the window that settles next;
+	// Stripe counts 5 more for recb.
+	link("reca")
+	link("recb")
+	end := time.Now().Add(-10 * time.Minute).Truncate(time.Minute)
+	ts := end.Add(20 * time.Second)
+	ingest(event("reca", "api_calls", "reca-1", 7, &ts), event("recb", "api_calls", "recb-1", 8, &ts))
+	waitUsageStatus(t, svc, "reca-1", client.UsageStatusDelivered)
+	waitUsageStatus(t, svc, "recb-1", client.UsageStatusDelivered)
+	fake.SetSummaryOverride("cus_recb", 13)
+
+	// Import, twice.
+	body, totals := importFile(now)
+	first := postImport(t, s, body)
+	if first.Read != 200_000 || first.Accepted != 199_000 || first.Duplicates != 500 || first.Conflicts != 300 ||
+		first.Rejected != 200 || first.Historical != 100_000 || first.Queued != 99_000 || len(first.Errors) != 100 {
+		t.Fatalf("first import %+v (%d errors)", first, len(first.Errors))
+	}
+	second := postImport(t, s, body)
+	if second.Read != 200_000 || second.Accepted != 0 || second.Duplicates != 199_500 || second.Conflicts != 300 || second.Rejected != 200 {
+		t.Fatalf("second import %+v, want nothing new", second)
+	}
+	gdb := openDB(t, s)
+	var n int64
+	if err := gdb.Raw(`SELECT count(*) FROM usage_events WHERE identifier LIKE 'e2e-%'`).Scan(&n).Error; err != nil || n != 199_000 {
+		t.Fatalf("%d usage rows after two imports (%v), want 199000", n, err)
+	}
+
+	// The legacy system agrees with tally but for one customer.
+	legacy := []client.LegacyTotal{{CustomerId: "reca", Total: 7}, {CustomerId: "recb", Total: 8}}
+	for cust, total := range totals {
+		if cust == "imp-042" {
+			total++
+		}
+		legacy = append(legacy, client.LegacyTotal{CustomerId: cust, Total: total})
+	}
+	cmp, err := admin.CompareUsageWithResponse(ctx, client.UsageComparisonRequest{Meter: "api_calls", From: now.Add(-90 * 24 * time.Hour), To: now, Legacy: legacy})
+	if err != nil {
+		t.Fatal(err)
+	}
+	mustStatus(t, "comparison", cmp.StatusCode(), cmp.Body, http.StatusOK)
+	if cmp.JSON200.Compared != 102 || len(cmp.JSON200.Mismatches) != 1 || cmp.JSON200.Mismatches[0].CustomerId != "imp-042" || cmp.JSON200.Mismatches[0].Difference != -1 {
+		t.Errorf("comparison %s, want imp-042 alone, tally one below", cmp.Body)
+	}
+
+	// A shadow meter: stored and counted, never sent.
 	link("sha")
 	ingest(event("sha", "legacy_calls", "sh-1", 4, nil))
 	waitUsageStatus(t, svc, "sh-1", client.UsageStatusShadow)
@@ -233,16 +245,7 @@ func TestUsageMigrationEndToEnd(t *testing.T) {
 	}
 	mustStatus(t, "cancel with an end user's token", forbidden.StatusCode(), forbidden.Body, http.StatusForbidden)
 
-	// The scheduled reconciliation: two customers' usage in the window that
-	// settles next; Stripe counts 5 more for rec-b.
-	link("reca")
-	link("recb")
-	end := time.Now().Add(-10 * time.Minute).Truncate(time.Minute)
-	ts := end.Add(20 * time.Second)
-	ingest(event("reca", "api_calls", "reca-1", 7, &ts), event("recb", "api_calls", "recb-1", 8, &ts))
-	waitUsageStatus(t, svc, "reca-1", client.UsageStatusDelivered)
-	waitUsageStatus(t, svc, "recb-1", client.UsageStatusDelivered)
-	fake.SetSummaryOverride("cus_recb", 13)
+	// The window settles about a minute after the usage was sent.
 	deadline := time.Now().Add(150 * time.Second)
 	meter := "api_calls"
 	for {
