@@ -491,6 +491,24 @@ func (e LedgerEntryKind) Valid() bool {
 	}
 }
 
+// Defines values for MeterTotalDelivery.
+const (
+	MeterTotalDeliveryLive   MeterTotalDelivery = "live"
+	MeterTotalDeliveryShadow MeterTotalDelivery = "shadow"
+)
+
+// Valid indicates whether the value is a known member of the MeterTotalDelivery enum.
+func (e MeterTotalDelivery) Valid() bool {
+	switch e {
+	case MeterTotalDeliveryLive:
+		return true
+	case MeterTotalDeliveryShadow:
+		return true
+	default:
+		return false
+	}
+}
+
 // Defines values for PaymentConfirmOn.
 const (
 	PaymentConfirmOnCheckoutSession PaymentConfirmOn = "checkout_session"
@@ -803,6 +821,45 @@ func (e ProductConfirmOn) Valid() bool {
 	}
 }
 
+// Defines values for ReconciliationRequestPeriod.
+const (
+	Current  ReconciliationRequestPeriod = "current"
+	Previous ReconciliationRequestPeriod = "previous"
+)
+
+// Valid indicates whether the value is a known member of the ReconciliationRequestPeriod enum.
+func (e ReconciliationRequestPeriod) Valid() bool {
+	switch e {
+	case Current:
+		return true
+	case Previous:
+		return true
+	default:
+		return false
+	}
+}
+
+// Defines values for ReconciliationRunKind.
+const (
+	Manual    ReconciliationRunKind = "manual"
+	Period    ReconciliationRunKind = "period"
+	Scheduled ReconciliationRunKind = "scheduled"
+)
+
+// Valid indicates whether the value is a known member of the ReconciliationRunKind enum.
+func (e ReconciliationRunKind) Valid() bool {
+	switch e {
+	case Manual:
+		return true
+	case Period:
+		return true
+	case Scheduled:
+		return true
+	default:
+		return false
+	}
+}
+
 // Defines values for RequeueItemStatus.
 const (
 	Requeued RequeueItemStatus = "requeued"
@@ -961,20 +1018,35 @@ func (e UsageEventResultStatus) Valid() bool {
 
 // Defines values for UsageStatus.
 const (
+	UsageStatusCancelPending   UsageStatus = "cancel_pending"
+	UsageStatusCancelled       UsageStatus = "cancelled"
 	UsageStatusDead            UsageStatus = "dead"
 	UsageStatusDelivered       UsageStatus = "delivered"
+	UsageStatusHistorical      UsageStatus = "historical"
+	UsageStatusLegacyPeriod    UsageStatus = "legacy_period"
 	UsageStatusPending         UsageStatus = "pending"
+	UsageStatusShadow          UsageStatus = "shadow"
 	UsageStatusWaitingCustomer UsageStatus = "waiting_customer"
 )
 
 // Valid indicates whether the value is a known member of the UsageStatus enum.
 func (e UsageStatus) Valid() bool {
 	switch e {
+	case UsageStatusCancelPending:
+		return true
+	case UsageStatusCancelled:
+		return true
 	case UsageStatusDead:
 		return true
 	case UsageStatusDelivered:
 		return true
+	case UsageStatusHistorical:
+		return true
+	case UsageStatusLegacyPeriod:
+		return true
 	case UsageStatusPending:
+		return true
+	case UsageStatusShadow:
 		return true
 	case UsageStatusWaitingCustomer:
 		return true
@@ -1139,6 +1211,16 @@ type CheckoutSessionCreate struct {
 	// 422 `invalid_request` before anything is written.
 	Quantity   *int64 `json:"quantity,omitempty"`
 	SuccessUrl string `json:"success_url"`
+}
+
+// ComparisonMismatch defines model for ComparisonMismatch.
+type ComparisonMismatch struct {
+	CustomerId string `json:"customer_id"`
+
+	// Difference tally_total - legacy_total
+	Difference  int64 `json:"difference"`
+	LegacyTotal int64 `json:"legacy_total"`
+	TallyTotal  int64 `json:"tally_total"`
 }
 
 // ConsumeRequest defines model for ConsumeRequest.
@@ -1757,15 +1839,34 @@ type LedgerPage struct {
 	NextCursor *string       `json:"next_cursor"`
 }
 
+// LegacyTotal defines model for LegacyTotal.
+type LegacyTotal struct {
+	CustomerId string `json:"customer_id"`
+	Total      int64  `json:"total"`
+}
+
 // Metadata Up to 50 string values, keys up to 40 characters, values up to 500.
 type Metadata map[string]string
 
 // MeterTotal defines model for MeterTotal.
 type MeterTotal struct {
-	Events int64  `json:"events"`
-	Meter  string `json:"meter"`
-	Total  int64  `json:"total"`
+	// Delivery The plan's delivery.
+	Delivery *MeterTotalDelivery `json:"delivery,omitempty"`
+	Events   int64               `json:"events"`
+
+	// LiveFrom This customer's cut-over on the meter: events timestamped before
+	// it are stored as `legacy_period` and never sent. An RFC 3339
+	// time; `next_period` while the plan cuts over at the customer's
+	// next billing period and that has not been decided yet (it is
+	// decided before their first event is sent); null when the plan
+	// has no `live_from`.
+	LiveFrom *string `json:"live_from,omitempty"`
+	Meter    string  `json:"meter"`
+	Total    int64   `json:"total"`
 }
+
+// MeterTotalDelivery The plan's delivery.
+type MeterTotalDelivery string
 
 // Payment defines model for Payment.
 type Payment struct {
@@ -2132,8 +2233,11 @@ type Receivable struct {
 // Reconciliation defines model for Reconciliation.
 type Reconciliation struct {
 	// Checked Customers compared.
-	Checked    int                      `json:"checked"`
-	From       time.Time                `json:"from"`
+	Checked int       `json:"checked"`
+	From    time.Time `json:"from"`
+
+	// Id The stored run.
+	Id         *string                  `json:"id,omitempty"`
 	Meter      string                   `json:"meter"`
 	Mismatches []ReconciliationMismatch `json:"mismatches"`
 	To         time.Time                `json:"to"`
@@ -2149,14 +2253,45 @@ type ReconciliationMismatch struct {
 	StripeTotal int64 `json:"stripe_total"`
 }
 
-// ReconciliationRequest defines model for ReconciliationRequest.
+// ReconciliationRequest Either `from` and `to` (every customer), or `customer_id` and `period` (one customer's Stripe billing period).
 type ReconciliationRequest struct {
+	CustomerId *string `json:"customer_id,omitempty"`
+
 	// From The zero time 0001-01-01T00:00:00Z is refused (422).
-	From  time.Time `json:"from"`
-	Meter string    `json:"meter"`
+	From   *time.Time                   `json:"from,omitempty"`
+	Meter  string                       `json:"meter"`
+	Period *ReconciliationRequestPeriod `json:"period,omitempty"`
 
 	// To Clamped to now when in the future; the zero time is refused (422).
-	To time.Time `json:"to"`
+	To *time.Time `json:"to,omitempty"`
+}
+
+// ReconciliationRequestPeriod defines model for ReconciliationRequest.Period.
+type ReconciliationRequestPeriod string
+
+// ReconciliationRun defines model for ReconciliationRun.
+type ReconciliationRun struct {
+	Checked    int       `json:"checked"`
+	CreatedAt  time.Time `json:"created_at"`
+	CustomerId *string   `json:"customer_id,omitempty"`
+
+	// Drift The summed absolute difference of the mismatches.
+	Drift      int64                    `json:"drift"`
+	From       time.Time                `json:"from"`
+	Id         string                   `json:"id"`
+	Kind       ReconciliationRunKind    `json:"kind"`
+	Meter      string                   `json:"meter"`
+	Mismatches []ReconciliationMismatch `json:"mismatches"`
+	To         time.Time                `json:"to"`
+}
+
+// ReconciliationRunKind defines model for ReconciliationRun.Kind.
+type ReconciliationRunKind string
+
+// ReconciliationRunPage defines model for ReconciliationRunPage.
+type ReconciliationRunPage struct {
+	Data       []ReconciliationRun `json:"data"`
+	NextCursor *string             `json:"next_cursor"`
 }
 
 // RequeueItem defines model for RequeueItem.
@@ -2286,6 +2421,24 @@ type UsageBatch struct {
 	Events []UsageEventInput `json:"events"`
 }
 
+// UsageComparison defines model for UsageComparison.
+type UsageComparison struct {
+	// Compared Customers compared: those in the legacy list and those with usage in tally.
+	Compared   int                  `json:"compared"`
+	From       time.Time            `json:"from"`
+	Meter      string               `json:"meter"`
+	Mismatches []ComparisonMismatch `json:"mismatches"`
+	To         time.Time            `json:"to"`
+}
+
+// UsageComparisonRequest defines model for UsageComparisonRequest.
+type UsageComparisonRequest struct {
+	From   time.Time     `json:"from"`
+	Legacy []LegacyTotal `json:"legacy"`
+	Meter  string        `json:"meter"`
+	To     time.Time     `json:"to"`
+}
+
 // UsageDeadCode `stripe_refused`: Stripe refused the event (a 4xx). `too_old`: its
 // timestamp left the window Stripe accepts (35 days, less the hour tally
 // keeps to deliver it) before it could be delivered, through a long
@@ -2366,12 +2519,20 @@ type UsageEventStatus struct {
 	LastError   *string        `json:"last_error,omitempty"`
 
 	// MaybeSentAt The first time a send may have reached Stripe without an answer saying so (a timeout or a 5xx); a requeue more than 24 hours later needs `force`.
-	MaybeSentAt   *time.Time  `json:"maybe_sent_at,omitempty"`
-	Meter         string      `json:"meter"`
-	NextAttemptAt *time.Time  `json:"next_attempt_at,omitempty"`
-	Status        UsageStatus `json:"status"`
-	Timestamp     time.Time   `json:"timestamp"`
-	Value         int64       `json:"value"`
+	MaybeSentAt   *time.Time `json:"maybe_sent_at,omitempty"`
+	Meter         string     `json:"meter"`
+	NextAttemptAt *time.Time `json:"next_attempt_at,omitempty"`
+
+	// Status `historical`: imported with a timestamp older than Stripe accepts;
+	// counted, never sent. `shadow`: its plan's delivery is shadow; counted,
+	// never sent. `legacy_period`: timestamped before its plan's
+	// `live_from` for this customer; the legacy system bills it, never
+	// sent. `cancel_pending`: cancelled after it may have reached Stripe; a
+	// meter event adjustment is on its way. `cancelled`: cancelled; left
+	// out of totals and reconciliation.
+	Status    UsageStatus `json:"status"`
+	Timestamp time.Time   `json:"timestamp"`
+	Value     int64       `json:"value"`
 }
 
 // UsageIntakeResult defines model for UsageIntakeResult.
@@ -2385,7 +2546,13 @@ type UsageIntakeResult struct {
 	Results    []UsageEventResult `json:"results"`
 }
 
-// UsageStatus defines model for UsageStatus.
+// UsageStatus `historical`: imported with a timestamp older than Stripe accepts;
+// counted, never sent. `shadow`: its plan's delivery is shadow; counted,
+// never sent. `legacy_period`: timestamped before its plan's
+// `live_from` for this customer; the legacy system bills it, never
+// sent. `cancel_pending`: cancelled after it may have reached Stripe; a
+// meter event adjustment is on its way. `cancelled`: cancelled; left
+// out of totals and reconciliation.
 type UsageStatus string
 
 // UsageTotals defines model for UsageTotals.
@@ -2448,6 +2615,15 @@ type IdempotencyKeyOptional = string
 
 // Limit defines model for Limit.
 type Limit = int
+
+// ListReconciliationsParams defines parameters for ListReconciliations.
+type ListReconciliationsParams struct {
+	Meter *string `form:"meter,omitempty" json:"meter,omitempty"`
+	Limit *Limit  `form:"limit,omitempty" json:"limit,omitempty"`
+
+	// Cursor The `next_cursor` of the previous page.
+	Cursor *Cursor `form:"cursor,omitempty" json:"cursor,omitempty"`
+}
 
 // ListStripeEventsParams defines parameters for ListStripeEvents.
 type ListStripeEventsParams struct {
@@ -2582,6 +2758,9 @@ type DismissStripeEventJSONRequestBody = StripeEventDismiss
 
 // SyncStripeJSONRequestBody defines body for SyncStripe for application/json ContentType.
 type SyncStripeJSONRequestBody = StripeSyncRequest
+
+// CompareUsageJSONRequestBody defines body for CompareUsage for application/json ContentType.
+type CompareUsageJSONRequestBody = UsageComparisonRequest
 
 // RequeueUsageEventsJSONRequestBody defines body for RequeueUsageEvents for application/json ContentType.
 type RequeueUsageEventsJSONRequestBody = RequeueRequest
@@ -3619,6 +3798,9 @@ func (t *GetBalance200JSONResponseBody) UnmarshalJSON(b []byte) error {
 
 // ServerInterface represents all server handlers.
 type ServerInterface interface {
+	// ListReconciliations Stored reconciliation runs, newest first
+	// (GET /v1/admin/reconciliations)
+	ListReconciliations(ctx echo.Context, params ListReconciliationsParams) error
 	// CreateReconciliation Compare delivered usage with Stripe's meter event summaries
 	// (POST /v1/admin/reconciliations)
 	CreateReconciliation(ctx echo.Context) error
@@ -3634,6 +3816,9 @@ type ServerInterface interface {
 	// SyncStripe Catch up with Stripe now
 	// (POST /v1/admin/stripe-sync)
 	SyncStripe(ctx echo.Context) error
+	// CompareUsage Compare tally's totals with a legacy system's
+	// (POST /v1/admin/usage-comparisons)
+	CompareUsage(ctx echo.Context) error
 	// ListUsageEvents Usage events by status (e.g. dead letters)
 	// (GET /v1/admin/usage-events)
 	ListUsageEvents(ctx echo.Context, params ListUsageEventsParams) error
@@ -3712,11 +3897,46 @@ type ServerInterface interface {
 	// GetUsageEvent Delivery status of one usage event
 	// (GET /v1/usage-events/{identifier})
 	GetUsageEvent(ctx echo.Context, identifier string) error
+	// CancelUsageEvent Cancel a usage event, before or after delivery
+	// (POST /v1/usage-events/{identifier}/cancel)
+	CancelUsageEvent(ctx echo.Context, identifier string) error
 }
 
 // ServerInterfaceWrapper converts echo contexts to parameters.
 type ServerInterfaceWrapper struct {
 	Handler ServerInterface
+}
+
+// ListReconciliations converts echo context to params.
+func (w *ServerInterfaceWrapper) ListReconciliations(ctx echo.Context) error {
+	var err error
+
+	// Parameter object where we will unmarshal all parameters from the context
+	var params ListReconciliationsParams
+	// ------------- Optional query parameter "meter" -------------
+
+	err = runtime.BindQueryParameterWithOptions("form", true, false, "meter", ctx.QueryParams(), &params.Meter, runtime.BindQueryParameterOptions{Type: "string", Format: ""})
+	if err != nil {
+		return echo.NewHTTPError(http.StatusBadRequest, fmt.Sprintf("Invalid format for parameter meter: %s", err))
+	}
+
+	// ------------- Optional query parameter "limit" -------------
+
+	err = runtime.BindQueryParameterWithOptions("form", true, false, "limit", ctx.QueryParams(), &params.Limit, runtime.BindQueryParameterOptions{Type: "integer", Format: ""})
+	if err != nil {
+		return echo.NewHTTPError(http.StatusBadRequest, fmt.Sprintf("Invalid format for parameter limit: %s", err))
+	}
+
+	// ------------- Optional query parameter "cursor" -------------
+
+	err = runtime.BindQueryParameterWithOptions("form", true, false, "cursor", ctx.QueryParams(), &params.Cursor, runtime.BindQueryParameterOptions{Type: "string", Format: ""})
+	if err != nil {
+		return echo.NewHTTPError(http.StatusBadRequest, fmt.Sprintf("Invalid format for parameter cursor: %s", err))
+	}
+
+	// Invoke the callback with all the unmarshaled arguments
+	err = w.Handler.ListReconciliations(ctx, params)
+	return err
 }
 
 // CreateReconciliation converts echo context to params.
@@ -3798,6 +4018,15 @@ func (w *ServerInterfaceWrapper) SyncStripe(ctx echo.Context) error {
 
 	// Invoke the callback with all the unmarshaled arguments
 	err = w.Handler.SyncStripe(ctx)
+	return err
+}
+
+// CompareUsage converts echo context to params.
+func (w *ServerInterfaceWrapper) CompareUsage(ctx echo.Context) error {
+	var err error
+
+	// Invoke the callback with all the unmarshaled arguments
+	err = w.Handler.CompareUsage(ctx)
 	return err
 }
 
@@ -4540,6 +4769,22 @@ func (w *ServerInterfaceWrapper) GetUsageEvent(ctx echo.Context) error {
 	return err
 }
 
+// CancelUsageEvent converts echo context to params.
+func (w *ServerInterfaceWrapper) CancelUsageEvent(ctx echo.Context) error {
+	var err error
+	// ------------- Path parameter "identifier" -------------
+	var identifier string
+
+	err = runtime.BindStyledParameterWithOptions("simple", "identifier", ctx.Param("identifier"), &identifier, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationPath, Explode: false, Required: true, Type: "string", Format: "", ValueIsUnescaped: ctx.Request().URL.RawPath == ""})
+	if err != nil {
+		return echo.NewHTTPError(http.StatusBadRequest, fmt.Sprintf("Invalid format for parameter identifier: %s", err))
+	}
+
+	// Invoke the callback with all the unmarshaled arguments
+	err = w.Handler.CancelUsageEvent(ctx, identifier)
+	return err
+}
+
 // This is a simple interface which specifies echo.Route addition functions which
 // are present on both echo.Echo and echo.Group, since we want to allow using
 // either of them for path registration
@@ -4608,6 +4853,7 @@ func RegisterHandlersWithOptions(router EchoRouter, si ServerInterface, options 
 	router.GET(options.BaseURL+"/v1/customers/:customer_id/credits/transactions", wrapper.ListCreditTransactions, options.OperationMiddlewares["listCreditTransactions"]...)
 	router.POST(options.BaseURL+"/v1/usage-events", wrapper.IngestUsageEvents, options.OperationMiddlewares["ingestUsageEvents"]...)
 	router.GET(options.BaseURL+"/v1/usage-events/:identifier", wrapper.GetUsageEvent, options.OperationMiddlewares["getUsageEvent"]...)
+	router.POST(options.BaseURL+"/v1/usage-events/:identifier/cancel", wrapper.CancelUsageEvent, options.OperationMiddlewares["cancelUsageEvent"]...)
 	router.GET(options.BaseURL+"/v1/customers/:customer_id/usage", wrapper.GetCustomerUsage, options.OperationMiddlewares["getCustomerUsage"]...)
 	router.GET(options.BaseURL+"/v1/events", wrapper.ListEvents, options.OperationMiddlewares["listEvents"]...)
 	router.GET(options.BaseURL+"/v1/admin/stripe-events", wrapper.ListStripeEvents, options.OperationMiddlewares["listStripeEvents"]...)
@@ -4616,6 +4862,8 @@ func RegisterHandlersWithOptions(router EchoRouter, si ServerInterface, options 
 	router.POST(options.BaseURL+"/v1/admin/stripe-sync", wrapper.SyncStripe, options.OperationMiddlewares["syncStripe"]...)
 	router.GET(options.BaseURL+"/v1/admin/usage-events", wrapper.ListUsageEvents, options.OperationMiddlewares["listUsageEvents"]...)
 	router.POST(options.BaseURL+"/v1/admin/usage-events/requeue", wrapper.RequeueUsageEvents, options.OperationMiddlewares["requeueUsageEvents"]...)
+	router.POST(options.BaseURL+"/v1/admin/usage-comparisons", wrapper.CompareUsage, options.OperationMiddlewares["compareUsage"]...)
+	router.GET(options.BaseURL+"/v1/admin/reconciliations", wrapper.ListReconciliations, options.OperationMiddlewares["listReconciliations"]...)
 	router.POST(options.BaseURL+"/v1/admin/reconciliations", wrapper.CreateReconciliation, options.OperationMiddlewares["createReconciliation"]...)
 	router.GET(options.BaseURL+"/v1/admin/verify", wrapper.VerifyInvariants, options.OperationMiddlewares["verifyInvariants"]...)
 
@@ -4628,6 +4876,49 @@ type ProblemApplicationProblemPlusJSONResponse struct {
 	Body Problem
 
 	Headers ProblemResponseHeaders
+}
+
+type ListReconciliationsRequestObject struct {
+	Params ListReconciliationsParams
+}
+
+type ListReconciliationsResponseObject interface {
+	VisitListReconciliationsResponse(w http.ResponseWriter) error
+}
+
+type ListReconciliations200JSONResponse ReconciliationRunPage
+
+func (response ListReconciliations200JSONResponse) VisitListReconciliationsResponse(w http.ResponseWriter) error {
+
+	var buf bytes.Buffer
+	if err := json.NewEncoder(&buf).Encode(response); err != nil {
+		return err
+	}
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(200)
+	_, err := buf.WriteTo(w)
+	return err
+}
+
+type ListReconciliationsdefaultApplicationProblemPlusJSONResponse struct {
+	Body       Problem
+	Headers    ProblemResponseHeaders
+	StatusCode int
+}
+
+func (response ListReconciliationsdefaultApplicationProblemPlusJSONResponse) VisitListReconciliationsResponse(w http.ResponseWriter) error {
+
+	var buf bytes.Buffer
+	if err := json.NewEncoder(&buf).Encode(response.Body); err != nil {
+		return err
+	}
+	w.Header().Set("Content-Type", "application/problem+json")
+	if response.Headers.RetryAfter != nil {
+		w.Header().Set("Retry-After", fmt.Sprint(*response.Headers.RetryAfter))
+	}
+	w.WriteHeader(response.StatusCode)
+	_, err := buf.WriteTo(w)
+	return err
 }
 
 type CreateReconciliationRequestObject struct {
@@ -4832,6 +5123,49 @@ type SyncStripedefaultApplicationProblemPlusJSONResponse struct {
 }
 
 func (response SyncStripedefaultApplicationProblemPlusJSONResponse) VisitSyncStripeResponse(w http.ResponseWriter) error {
+
+	var buf bytes.Buffer
+	if err := json.NewEncoder(&buf).Encode(response.Body); err != nil {
+		return err
+	}
+	w.Header().Set("Content-Type", "application/problem+json")
+	if response.Headers.RetryAfter != nil {
+		w.Header().Set("Retry-After", fmt.Sprint(*response.Headers.RetryAfter))
+	}
+	w.WriteHeader(response.StatusCode)
+	_, err := buf.WriteTo(w)
+	return err
+}
+
+type CompareUsageRequestObject struct {
+	Body *CompareUsageJSONRequestBody
+}
+
+type CompareUsageResponseObject interface {
+	VisitCompareUsageResponse(w http.ResponseWriter) error
+}
+
+type CompareUsage200JSONResponse UsageComparison
+
+func (response CompareUsage200JSONResponse) VisitCompareUsageResponse(w http.ResponseWriter) error {
+
+	var buf bytes.Buffer
+	if err := json.NewEncoder(&buf).Encode(response); err != nil {
+		return err
+	}
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(200)
+	_, err := buf.WriteTo(w)
+	return err
+}
+
+type CompareUsagedefaultApplicationProblemPlusJSONResponse struct {
+	Body       Problem
+	Headers    ProblemResponseHeaders
+	StatusCode int
+}
+
+func (response CompareUsagedefaultApplicationProblemPlusJSONResponse) VisitCompareUsageResponse(w http.ResponseWriter) error {
 
 	var buf bytes.Buffer
 	if err := json.NewEncoder(&buf).Encode(response.Body); err != nil {
@@ -6146,8 +6480,54 @@ func (response GetUsageEventdefaultApplicationProblemPlusJSONResponse) VisitGetU
 	return err
 }
 
+type CancelUsageEventRequestObject struct {
+	Identifier string `json:"identifier"`
+}
+
+type CancelUsageEventResponseObject interface {
+	VisitCancelUsageEventResponse(w http.ResponseWriter) error
+}
+
+type CancelUsageEvent200JSONResponse UsageEventStatus
+
+func (response CancelUsageEvent200JSONResponse) VisitCancelUsageEventResponse(w http.ResponseWriter) error {
+
+	var buf bytes.Buffer
+	if err := json.NewEncoder(&buf).Encode(response); err != nil {
+		return err
+	}
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(200)
+	_, err := buf.WriteTo(w)
+	return err
+}
+
+type CancelUsageEventdefaultApplicationProblemPlusJSONResponse struct {
+	Body       Problem
+	Headers    ProblemResponseHeaders
+	StatusCode int
+}
+
+func (response CancelUsageEventdefaultApplicationProblemPlusJSONResponse) VisitCancelUsageEventResponse(w http.ResponseWriter) error {
+
+	var buf bytes.Buffer
+	if err := json.NewEncoder(&buf).Encode(response.Body); err != nil {
+		return err
+	}
+	w.Header().Set("Content-Type", "application/problem+json")
+	if response.Headers.RetryAfter != nil {
+		w.Header().Set("Retry-After", fmt.Sprint(*response.Headers.RetryAfter))
+	}
+	w.WriteHeader(response.StatusCode)
+	_, err := buf.WriteTo(w)
+	return err
+}
+
 // StrictServerInterface represents all server handlers.
 type StrictServerInterface interface {
+	// ListReconciliations Stored reconciliation runs, newest first
+	// (GET /v1/admin/reconciliations)
+	ListReconciliations(ctx context.Context, request ListReconciliationsRequestObject) (ListReconciliationsResponseObject, error)
 	// CreateReconciliation Compare delivered usage with Stripe's meter event summaries
 	// (POST /v1/admin/reconciliations)
 	CreateReconciliation(ctx context.Context, request CreateReconciliationRequestObject) (CreateReconciliationResponseObject, error)
@@ -6163,6 +6543,9 @@ type StrictServerInterface interface {
 	// SyncStripe Catch up with Stripe now
 	// (POST /v1/admin/stripe-sync)
 	SyncStripe(ctx context.Context, request SyncStripeRequestObject) (SyncStripeResponseObject, error)
+	// CompareUsage Compare tally's totals with a legacy system's
+	// (POST /v1/admin/usage-comparisons)
+	CompareUsage(ctx context.Context, request CompareUsageRequestObject) (CompareUsageResponseObject, error)
 	// ListUsageEvents Usage events by status (e.g. dead letters)
 	// (GET /v1/admin/usage-events)
 	ListUsageEvents(ctx context.Context, request ListUsageEventsRequestObject) (ListUsageEventsResponseObject, error)
@@ -6241,6 +6624,9 @@ type StrictServerInterface interface {
 	// GetUsageEvent Delivery status of one usage event
 	// (GET /v1/usage-events/{identifier})
 	GetUsageEvent(ctx context.Context, request GetUsageEventRequestObject) (GetUsageEventResponseObject, error)
+	// CancelUsageEvent Cancel a usage event, before or after delivery
+	// (POST /v1/usage-events/{identifier}/cancel)
+	CancelUsageEvent(ctx context.Context, request CancelUsageEventRequestObject) (CancelUsageEventResponseObject, error)
 }
 
 type StrictHandlerFunc func(ctx echo.Context, request any) (any, error)
@@ -6253,6 +6639,31 @@ func NewStrictHandler(ssi StrictServerInterface, middlewares []StrictMiddlewareF
 type strictHandler struct {
 	ssi         StrictServerInterface
 	middlewares []StrictMiddlewareFunc
+}
+
+// ListReconciliations operation middleware
+func (sh *strictHandler) ListReconciliations(ctx echo.Context, params ListReconciliationsParams) error {
+	var request ListReconciliationsRequestObject
+
+	request.Params = params
+
+	handler := func(ctx echo.Context, request interface{}) (interface{}, error) {
+		return sh.ssi.ListReconciliations(ctx.Request().Context(), request.(ListReconciliationsRequestObject))
+	}
+	for _, middleware := range sh.middlewares {
+		handler = middleware(handler, "ListReconciliations")
+	}
+
+	response, err := handler(ctx, request)
+
+	if err != nil {
+		return err
+	} else if validResponse, ok := response.(ListReconciliationsResponseObject); ok {
+		return validResponse.VisitListReconciliationsResponse(ctx.Response())
+	} else if response != nil {
+		return fmt.Errorf("unexpected response type: %T", response)
+	}
+	return nil
 }
 
 // CreateReconciliation operation middleware
@@ -6442,6 +6853,52 @@ func (sh *strictHandler) SyncStripe(ctx echo.Context) error {
 		return err
 	} else if validResponse, ok := response.(SyncStripeResponseObject); ok {
 		return validResponse.VisitSyncStripeResponse(ctx.Response())
+	} else if response != nil {
+		return fmt.Errorf("unexpected response type: %T", response)
+	}
+	return nil
+}
+
+// CompareUsage operation middleware
+func (sh *strictHandler) CompareUsage(ctx echo.Context) error {
+	var request CompareUsageRequestObject
+
+	var body CompareUsageJSONRequestBody
+	var err error
+	if binder, ok := ctx.Echo().Binder.(*echo.DefaultBinder); ok {
+		// A request validator built on kin-openapi's openapi3filter with
+		// KeepValidatedValue leaves the value it validated on the body. Bind
+		// that value, matching member names exactly, so the handler receives
+		// what was validated instead of a second, case-insensitive decode.
+		// Otherwise bind only the request body, so that path and query
+		// parameters are not also bound into the body struct.
+		if vb, ok := ctx.Request().Body.(interface{ ValidatedValue() any }); !ok || runtime.BindJSONValue(vb.ValidatedValue(), &body) != nil {
+			err = binder.BindBody(ctx, &body)
+		}
+	} else {
+		// A custom binder is installed on the Echo instance; defer to it
+		// entirely, since echo.Binder does not expose body-only binding and
+		// the binder may do more than decode (for example call ctx.Validate).
+		err = ctx.Bind(&body)
+	}
+	if err != nil {
+		return err
+	}
+	request.Body = &body
+
+	handler := func(ctx echo.Context, request interface{}) (interface{}, error) {
+		return sh.ssi.CompareUsage(ctx.Request().Context(), request.(CompareUsageRequestObject))
+	}
+	for _, middleware := range sh.middlewares {
+		handler = middleware(handler, "CompareUsage")
+	}
+
+	response, err := handler(ctx, request)
+
+	if err != nil {
+		return err
+	} else if validResponse, ok := response.(CompareUsageResponseObject); ok {
+		return validResponse.VisitCompareUsageResponse(ctx.Response())
 	} else if response != nil {
 		return fmt.Errorf("unexpected response type: %T", response)
 	}
@@ -7388,295 +7845,342 @@ func (sh *strictHandler) GetUsageEvent(ctx echo.Context, identifier string) erro
 	return nil
 }
 
+// CancelUsageEvent operation middleware
+func (sh *strictHandler) CancelUsageEvent(ctx echo.Context, identifier string) error {
+	var request CancelUsageEventRequestObject
+
+	request.Identifier = identifier
+
+	handler := func(ctx echo.Context, request interface{}) (interface{}, error) {
+		return sh.ssi.CancelUsageEvent(ctx.Request().Context(), request.(CancelUsageEventRequestObject))
+	}
+	for _, middleware := range sh.middlewares {
+		handler = middleware(handler, "CancelUsageEvent")
+	}
+
+	response, err := handler(ctx, request)
+
+	if err != nil {
+		return err
+	} else if validResponse, ok := response.(CancelUsageEventResponseObject); ok {
+		return validResponse.VisitCancelUsageEventResponse(ctx.Response())
+	} else if response != nil {
+		return fmt.Errorf("unexpected response type: %T", response)
+	}
+	return nil
+}
+
 // Base64 encoded, compressed with deflate, json marshaled OpenAPI spec.
 // Stored as a slice of fixed-width chunks rather than one concatenated
 // const string: with thousands of chunks the chained `+` fold is several
 // times slower for the Go compiler than parsing a slice literal.
 var swaggerSpec = []string{
-	"5L19c9s4tjf4VVDapypSD60oTtLPbbumdt1pp9sz6SQVO917bysrQiJkoU0BGgK0os7m3/0A+xH3k2zh",
-	"HAAEKVKiXpxk7nPrTnVskyBeDs77+Z1PnYmcL6RgQqvO2afOjNGEZfDPq4TNF1Izod+xRUpXLDG/TZia",
-	"ZHyhuRSds06ss5zFZDljgugZV4QKtWQZ4YroGSMZvEjklFBBGM1SzjKSsX/lTGmy5HoGTyk6Z+SOrfqd",
-	"qKMmMzan5kN6tWCds85YypRR0fn8Oeq8YzpbXUw1y9Zn8kYQSp6d/kBkRp4PnhI9o5rcCblUhOszspzJ",
-	"lBHFJlIkimhJlpRrMmZTmTGisxUXt0NBbykXpOvnJPL5mGWE4mIWmRynbP5IkTgzExlRM5ORHTPu9Yei",
-	"tIA5F3yezztnTyK3GC40u2VZ57NZzYJmdM603e0XeaZkzbpuZozEgn3Uowk8EZvdxOmwey5zRRb0lpmt",
-	"4+bxf+UsW3WijqBz80F8pzwt+vEVE7d61jk7HQz81JTOuLiFbX6RKy3nLLv6qX46E5qmLHukiFwKwhMy",
-	"lRnhWpFcscxPZEH1LJwHDjniSSfqGArgmaEnQz7h5P5Hxqads87/9rigysf4V/U4mJaZ5S8yTXCGNd+b",
-	"yTTZ9q1gI75/Fpnjcj8+qdsVfx0mq3+ylf8uXpjiy8FjJ+a5ljM4ff581ym8gTOh6Q5T2f/Tr/ica/+l",
-	"CpWl8Mdw+IRNaZ7qztnzQWS+hRfhuaG3bdciY2ohhWJwK97inTP/nEhheJH5J10sUj6hZvmP7a3825/K",
-	"0OenlrTkxoUvlin8QhCWZTIj3XcvX5Afnj3/n+7mk4RpylPVM0QeMEpgSyeeL9V91z79OOBgn+HbdkLm",
-	"vYvkz1zpOfBb4JCw1CTheMxvM7lgmeZmY6Y0VSzqLIJfferQucxxf8oLei3FyV8sk+dkIRXX/J4RmiSK",
-	"TDKWcK0iItgthV9nbC7vGXC7uVnjVGZzqvGAvn/WCU7yySD4v+BMTyp/EBImxIT54x+DD5/XzzzqsI8L",
-	"njE1ojWTfykzQsOJuz06Q6Fj+I5dCMFxSFfOudYsOSOC3bOsV1pJQjU70XzOOmtUHnXmTNOE6q3U86t7",
-	"DsiVWsrb9UoVfOEPd3Z+uA/+BTn+k020+VJIHwou16dGClg7ufVdH9OUiglr+fRtRoU2HLVWIsBf68/J",
-	"0BpLzBmIPE3pOGWOD65tv86oUHRixrVf2rxpleejYhfd2uq28cdi3ZXdu6fcTrC6xt+NMjGnKzJmRC3M",
-	"qmRGZixNiJDLMxLb75ET/OUJWTCRcHEb196ijWdR82Ej7Z0ANTJXnZFc4DQc6cspyQXSf4KnoUjXkGuS",
-	"pywhUjBFuJikecKSHqEiIUszstm8e0aMtFTkjrFFy/mG4nwHqW3JSK2v82ecMqiEbk0pm+qIcEGSjC6J",
-	"zBKrXWg2V9u+CuNd5/M5zVadgunQLKPwszmmht3ed09SuRzZcxzpWcaUGaHl7QL9Do5vVTcrUK4ZUdKc",
-	"oz6BB7m49TsFuq6QMGeYsuOFjaxv610MZjTawFYaxgmWZm/C+rJeFKRrCXY5k4qRmE2nDM5gRHVsLAml",
-	"eZoSamRoq7OosImy7umumqWBYoJRwAA8oTYd6wbGclHHmMu7t1EINfICw2gdowHTA4gipUqTlCW3LCNM",
-	"6GxFKHAna9rEVMcPe6k37jbdyo15mnJx+xNqVls1npr7ysW95BOmiJrJJbC2a53xBXukiJsmXuY+ubxn",
-	"2YpMueHRXA2FtBr0OaEkHuNMYoKTQ9t1gtqQYaBEaWm4a1cxkRCapkROh4LrXp+Yk8GPFp/khnkszPSI",
-	"0mxBukZXjgibU55GRihmTKneUFgthrCPXBllzCxgkjGqWeIt5Dnpml+biWj6kfCkR6SesWzJFUOrs0Ju",
-	"OPqO+uOE61ULAzHqTAw7qONUV9dvyNMn339/8oTQdDGjJ6eG9BZUa5aZv/9ff1yc/NeHT6ef/0cd4adc",
-	"sCetJmCePG315EIqTdPRRCas8vyzuseVppq1M5LXKBlOtvLu8yenNV+xFDui6ZKuaoQhkumLGZvcyVyj",
-	"vc9VoQJQdaccvRnbmwp3CSIQ60brBWIxohII6ubi1av/HL345fLFP9+8vxldvf7tzdWLy9GLd5cXN1dv",
-	"XhNFwflSdbk4A6+i235fp7vRj5Zv7EBxOEp1+f76Iq0T81REWP+2T1g+uqe6SlT05C9DVCPzj9GHT6fR",
-	"k0E9hd3TNGd7mP4lpdP81Q21ztHqKOMFXeg8Y8e16t44Iwc5EZy3YXN9MgAVNVFESD3j4nY/S25QK1dr",
-	"1qZpKm/XRR7qJqMFndzBz63UNtQJ3tLJXZ3StkipaD/W2xRJeG2UTCb5RO8wEL6wPlZV8oUrDr7jJl4n",
-	"/uCSH0oYux/uk61Kkx19w5wbTNA0lctaT7HXrsgwHwyesr8T/EZcz3l2smVLptuRbd/qxtgF1lib4Twa",
-	"N07m+popxdFnULkz9oGRwifqreCqw6SdWrmgK2OONw2ZZ+l2gzsYI6qdLI5TmmCLjXgB6s6u2orZ8nRk",
-	"512S18/+YwtLP8CANRxjnbgvyAT5IOFgouwiX6LOv3IqtFW+vOP0SVXZfS+steQke59cEPeqtZ0KT9iE",
-	"scTaB9ktU3oo0EfTfRIZVhD8rxcZcwHfX2R8wuzbCl0EKI2HYjKDgYw+a5RhSwqk+8MP0Q/4PzLnQmYk",
-	"N/PsRUYBztg0V1aPHYpnp6ck5uKepjwZ2SBQ7OwUKlYgrMxry8yINoGa7UbmtpmlRR2VTyZMqf2oZKNh",
-	"A3RQ/kAU0mQt2Uuh8jn7Jtj9t+7s9Ht1XE9n+UpZi51k/HamvU1tVG38ekvD+cv4LQPd6LDtmEgx5dl8",
-	"hAdZE97Dv0N4hSidUc1uV+BoF2xZmCWWAyhCM+Yt1lwkLDsnIk9TMpVGVCpnfLx5/fLq3a+jN6/NrtqA",
-	"QCFRMLazLlXMVmx1Vlm213b9eZYxMVltFq0Q251LoWc1FtovcknmVKzIhKZMJDQj+CQZy9yQkuPDStMV",
-	"auOg+HSfnJJcpEypoYAQLp3cGdtLFeZ8r0/A3zeWYPpDRD0Zirg8Lxdzhr032xOhk9h+FuIezgUIXHS7",
-	"n672A/UrT6W43bzSCO1SXCB4JxUzlDIUU/6RJSTJMySvjJqFm0dEdS8b2P/2lTRoONZErvWvwiRoyeTm",
-	"eoOdXU/hTeb1huBHjam9mXcAv4BHA7bhKbq4Cs0cRGEciSU/Webfzt685rfCmJthDJEljUHEpDmIeGgo",
-	"qqK7rR30EUJVa2MWgu/gqFVZj9guCzaLyfKRXt6zurO7EMQcMdWGiO2jwDDsNyLCOFyBJfqByhTRRkmo",
-	"Iy1vL/v4r6POvptEsKbN7haYw4YNsC6WJpp+QPPQaH347SORr0tdqftbxlJGVetPrZNmrbQ3qg7GDs4J",
-	"HStzE8Arbf1HZEkVcYusuR0b6btIxPHbFCxjB9u5fM5NhI4hMCYMaxpbgWSWELuvx8jbi6QBKhKC8zHP",
-	"YdKa0gfdghIxbrgFfkeOdQsuMQC8jbF/cY68j78i5OJH5rl+6Hbsd5szo7T3DYQJkSpzj1I2BfWCWkFk",
-	"Y/YH0Vt47BvIzX7quNTGxW09uX1xmsjYnHJhQ82HxYgDAilG3YkQuLhtZFF48GupDpYUMAmCCxJbrfLd",
-	"5U9XN9ejy//z7dW7q9c/j16/ubl6cRmfE2DU0tivC5bhqIeTkTvPbXRkduRYhATJGsdmW21i537PWkl5",
-	"zW4lRj0L6xVoZJHJubS5mB+2OxvXr0KQ8NCQ/kFJkcyD9DNmEzlnqrC5vOw2poo3y7ztSZFW2ifDbcrK",
-	"e43WT1bJQAnNzr0zTzZe8rIXe/2MnVsS5mNNVJmRjOk8E1bptXMu7Zdjx3qWmZfguYu3V7W2wCLjMvPu",
-	"2nAGP/lEpTOSSpsHj4laU56hVrFOWRtsCyXzbFK6hIs8m8yoMjupWHbPQUIlXC1yzUbLkpVgh4k6H0/M",
-	"2yf3NDOGozLDrN+8a/jU22L4pkeu/WebnvgJp/O7mc2XFtZ2x/yulug4OLvgQm/nTA2s3GUwLVnmzOEu",
-	"Je6EoiaiMn9YSkHsqT1Sljx7B3HvkIluYN63+NjRePcvLD0G435gC+0BdJHNZlrDjW5pKlUd5BUi3tFm",
-	"Mke02V7KmOElhTfnPHQOGB6Wi8mMiluWRKSI48ZkytL0IKL11LOBYiFN72jkKtNko5X0rRPWDvZ/S2IL",
-	"jPFaKmu3m5sJbEGVYgnY3YUnW8eg6spcE+r8CyisYULnJTMdeKyb6mE0VyGBTaRnNunYZtMrubRxpy9B",
-	"gbtlIrfMnN2cB7u2zgbaCHVyw0nImKVyWcp2f2Q0S/utqsEzpWkaESzZkyJdBXq9G9UY3GM6ubMpsXQs",
-	"7xnhh1lJlePbQD1B5vDRiOedvQFfxc/5pRyXuzOuHSWi28XNTMtQj/sGkcLVrZ5Dxl3JhWjUP5/dBBR5",
-	"EImVDnkDgfkNOB513cu7XQNDTgvW9I4JuG5fJeqTZHSpNoR8FIltvhmZ0Dkj00zOzwmbLyB5puLthrW0",
-	"LjZ5Bdn3xviryzfcHI6yBusj5e0GnG7ZE881mVFFhBSsv0dy1yYLcyYzbVjphgKNJUuQjY6NqE4zRhN0",
-	"resHSpAo3/hS1lmzDVisxBHDbjE0S/yNPCFj01wkIEec6Ua0lHeeDTjSP+DeF9dv47WHx45263+TPDns",
-	"0gu5/OqR3sNCtusX817yZFtQrLT6PZ0ae8V78ci2eZipglWwhHQDVx11ZWILG4iwz+BLwBtRZxIJat34",
-	"98O8EwGNbaBs/NIRCNtudo1yjUU+22ZdqUrCFCOqWbKTJecrQrb6PHfNQm1fa7g9XWafPECXq7J1YQqy",
-	"Z0aVi7z1tXyR7LjbdWkyfmWl4yuNvol6MC25+Zb5ehyIj+PDUdXZZ+SFFOj+JblipEuJy3HzHkLzj1zR",
-	"W0aY+di+V83OBybceNXsQ3074eNdtuKz9XkGvnrJm2noU+qTl5yliTJKTiIZlK2QGb1nqFcD613fEH+3",
-	"vuBdOu7daXlXdqHzTceDUCmb03YrlXr05K/ByQ+j/tn/cfLhb7UFVW7w93ijtl6VRwqrLxWxkDE2u84T",
-	"h3UzfokLYLnA8S7A+4Vi2a5p3XsLpPblho0EXj6ltyw78efgn4PoWFzj0ohJd0B0ngkskBVS8wkjcjqF",
-	"N0oFi70+sdVq5tghcxKL1NHVk2VGuYKCunNCSTAHH1OcUcAwMAzUviXFlN/mGUuIrZjYu8rtYSXk1tOp",
-	"v/XVexrczEmuRsXtrL2YdYV6l1kmsxe2DtZdhko1hpGNguZ6JjP+FzhWpjIb8yRhkEMs9WgqcwHJXFJM",
-	"Uz4xb/ACZWh0x1ajjOXolKn+gYvRNOW3M3hJqHw65RNuDDuXswqmXippMtJSjqBwxWjDVLMRIAyx0Bpc",
-	"ZPKeJywbAVgPzjyo3zfHlwma4jyE5lPOspGfdl2YvoF7vRGMjHPFBVMK5XOfxOblGFO3oUpmRhcLJlhi",
-	"oTX4ZEaQKoYiNiQR+1xhQBeLpWBvpjF6PCNyx1aYr4bj9qBS3aXWS5GuhngNIMYYEYqZ+OZZYKT2Z8dZ",
-	"jU5v/vZIEfz2Oej8Sg+FuuP22uHLZrb8VsjMXqvpuiS+M+YN+VUKtiJcES6GIqjzcfVILgOZjJniCSNc",
-	"RyX3mL1NNqk74WaD51xQjZBnc7pYWC64liLaLuMUDy9az61rl6pXfd05/VslXtW+DMtplW9Tfd2FaFvF",
-	"e6svI7DJ1qDb2mthpKN1/KQ6SujxbutFr45ReIpb+UjXX0fnSCtPS/Vla3+2MWX9q1V9eotuUjIqonVt",
-	"ZMvrJUXLM8O+SwBJpdKNZcz4rE3OeCWVbhplCXyvxSC/S9EwRtJugLWFTClPt778Eh6qvor+ua0vv7OP",
-	"VV+HSj62/f1r95wbwApwlAwJV3OuNpAvKryoobpn/Uj52AuebQRxHTxbIQqwJPsJo40vvzdP/MSofeWz",
-	"V0pXrxHQD2Tj56gDYqpz9kc7vbtE25+jdi+VJr/tpfozaPlWSDYtXykTS8uXyrS920v+Ru32WnGbt73X",
-	"SDdbz6tG7LR8p8rsW75Wlo+7vLTj/ErSoOU7hRBt+UJZ02g9s1DKtZ1aVUC3fC8UbC1fKWtf215aYztb",
-	"SLWRVX7+EK2jjezsnt3VKdmUYVELYvN7aBWcG41asZRNNOrZuESjPKOG3m/n0Aw9ESWfZp1bArbqLb2t",
-	"QTp0xmyr6KaXEdXAZgBKXONNoEoZwyQGd19MtDQ2u+bCGPk+ncwBRzMAMTb2BQRkt2+H3YJwCnV7AJ5F",
-	"sHxrNgF8KfVZxhLMx/VV/eP6zWti/4r4sN//MHjSM+aNtLVDiG09lskKcBXAN0LnDM0yD/m8fYVuDpGb",
-	"aN36gBt/I3gCYYK8R7Eo5cZHuybOb06MvyDTHHLGzAV3OBJoe4fF0GBDL41tPs41mLRBQbaayaUAOnWI",
-	"nb1zYvFjyZxRoY6bOP9rbojD2MNob8MCql8EY/9hUWvLOewBVvPuCe0NeByDzanuD40fYW/GF8fJPaBM",
-	"pErt+5VPtEg5PbAEIyCdB8DC2Bwab5u/X8J/PRAu44DCn32CxkcpBtq//OYY9FOProvpThlkHcS+ri7e",
-	"G3C3VYnQ1rk2V/O82qGCZ5fSw7Csp4KRFnhg4rMgYwPBlyAtA1KOzL+ioqrJa1EuL2lJFVlKERU9NhDK",
-	"17lrXV0KWxXJcCVYlp2rjGr11YBRF1WUFnbXF+rUXemtyu0vNoR10L3erWz/cAujbc6iB/0uJeowOpm5",
-	"dIH9QLE35ylC0fxDi562RtVh4FSH4iYoTXWuanE0AmZFFlTpcj0DRxRi4X6bxBAx8n1mjOm3ZGwBXXAm",
-	"MoNYS3jxcPhGtITmWoQ6ybvlwOpubAW92edW4oYEBUlBbo1Lttw0ZVtT0uJWv3B+9K9VT1ZF3XOm6nhl",
-	"U+fOyoD8iE4ulzYQ7mIJ7WTYsQuECsqtUNRWhl1TfeZPfa/qM3BDoUP+m8ZjOSLeyvru192Jdpe3ru0S",
-	"jPVIVTFbIKNiLTnVJ2jvxgYKOvDHfxhyi6GDI7ihQOJv90LtttiWbiTz7W/Ey+KuIhdljDZrwj/9fhA2",
-	"XPp+8Ow//t2RIK8Qcs0GPA5V+o6HFBjgybUI1NhVtCjWKJhIm0gYPrwRqNff4014ccV6tp/BXni9CV2p",
-	"US40T0dJXiNof0ISJk8HmzO5nn7/fJuXqRGjF9aKoIQyIxagm/CEdIUETLiUYhX+bvi9czaX9Szb7ukj",
-	"RYK/VT7wvL5xgbXARqDi18DxgZop0eyzn3GNClE1sX0u4rdvbB/DuPLhJ7UtEEIw4gOwd6vKpTmSOsoK",
-	"bJLDbvYGn1VlLusepuaJXbpGF/uDJO7VaK1RB0J8zge0WRts0pcyc2pHRDDJBrLH/JIwXwtUEs5UVLgZ",
-	"FJiqwvsYHrykziE8WlsZJWYEZSx+6ub6lwEgbfMcrggdy1yTLsLC4PO4nHKFnvOluLwTM6bLfnFlfb1W",
-	"fc8CDXR903UVow8jSVYnOyv8BFw7R5Xd6H0DmndcJKEOC6vFnE8zC28PgNg2u2MuEuxhJ+qYXa7VcPeK",
-	"UuzmytuvzPElQA4AVVjiPSvHj4LKP+dfUzOZpwlUKQxFUfgKEaYJ/ElIHZExm9BcsbK9OKOJPSi4/UMR",
-	"1sFjnuetZMpWw2PjRnAcuCUA1i6A6WZswvg9Au6mHFA9xysS/3x5Qx7fP3lMkzkXj+9ZxqereE843Ton",
-	"ARDIunvesqZ6J8EWyx/v+xHMhJBtfyVr4deA0usVpE/b5X/FC7EgWpLnA4IPYLK8gsRhRXL447MBeInp",
-	"RLNMRfYJ+7fng4GV/eEsng/qJ8+yG6mxrWyl5ubedYluVxqDcmrd1nWj7woEgEO6ASI3n7ozaGEt1BnY",
-	"2MMBuyBwQSqJzrHTm+PIe/Tox5byGz88KvIj17y+XM9QUo5XgcPfYqtBFHvBhOFCqVSadAce+8Jofp41",
-	"cfD893abFTIS1tQS0VXpyDRlE6hyq9kcN8bI7xLw0aHwqNq23ccjReAEI2zwZLtS7g337Zfg0j8/7bBw",
-	"TT/W0AL96JZs/olnkThlu7oc2AyAg7DrjvBI7AgZW8hMA/hNf78FNnSF2Y6KvwXn30P70zVQf4I9EMzr",
-	"DtQ/Igjd7vAIgqLHBwD0d98ejVcNNFlMj+tzEquVmLg+9DRNVwQqVYpWgEuZgXBMpbzj4jYKoIeWbDyT",
-	"8m63VRT2ctQx327bp2D3GFLhsWgowZ9x5c9tnK+UYQ3Twr7FKg9oQdVr3Qlyg99j79Y5U8rTPGOjQk2r",
-	"HuvKpoLhWjAXvE8uBBTS3rEVyRhNVOkhVwb0SA0FpPJMoDsh0VKSrj99l5ZlLABs7j2RCRowc6YUvWW9",
-	"86GggjCRnOSKZURLo9Th9wBdqFTmY9vRxY4shsLSBV4J8w+cfYzNIRWduwA3VMdlVCiODRBgM9TGLg1b",
-	"NfbAFUXTtEXGdtUptUa8QZfCttmR1ulS+4dR1aYIeqUVrdJsp7Ra8yHl92xuq9fWeyfMmZ7JpL5bBQdu",
-	"tqC8xKfcyZUuMs21HGm5GOWL2kmU2ULrDIM1V87WVzY6YeryDyqit6kE2xZpGXFdkfwxXAY5tcaOtYHG",
-	"+QqKdg1fHQqvBoh7lrkWAqgsdS8SugBr+m3GJ1zc9iLCUsUCnaklie/l/izXTrQ9GF/ycVDUu7jMja08",
-	"g/tudpnBL11zLClYRGSaGP6EOSbkElCJuACjTrV2mthNufFfq7OAjgOtUNsMq7jpAQUH/md7S+sd0VU1",
-	"bl1jDp3Vnh00QzuUT2aDkRDUUGwCwSmp7ocKUZdL0yqHqalmGOyfVi7PUjwg+HbtJhdnUv1Ou01sRAFw",
-	"JsoklYbwjRlzXhLm0LU0DovZ4v2QABpOtgYOoLaC7mBIgLWingaMfKTnovCyWcejmiQc3EpkIh1ET+Bf",
-	"4lm5oQCkEi9nPG3bxMzNJWPY53q3gNrI1l2OpjKzd7gpscn+lSTMXOIMTAqesrX8NbB2fbYbsW2Zli43",
-	"asmFT4DbcYnek9ZituDklYr5aYf4kt7VRybynmWkSwsvXVtd+0BO4JeimNYpa3CJF77DcJdnNIHOAxER",
-	"Epp6sQzA3lrOfF9JfTzmVWQoVIk3WrtbdXu1mXy3Ecw+/NHX921nj0spytyRWzBTLkiMK0elLXRWoy/a",
-	"g3gdg3s67tWCebbKDN2NdyZHFcnl097xrS8ClfiAWkOT3e2tZEeA+GAt0OSX0jx8CKF6ZHXHsc9F3IBV",
-	"VORaL8Ely5YELvx5yDwTombgk52W7l+BCnis65e0vHzJ0W4e1knX37tGK/8ABNKDSMqaHp5edqCEsB68",
-	"hg4c27XdDCWJrUuHdBM2STm4gbDjL3jEtVpzDTtlrNcnFwTTtYj1gmEUF0f0n1LVtv17E09whhtIx6It",
-	"HItwrpo6bJaBbq0bwbpdAM4mtj/0p1zQlP/l/BH+9wvKzcZb1DDnZOuRlCpNNIa/1zdsJpUxBp0ny3aB",
-	"PtDLNlok01bDYNZNS5jE+oTzJKNGPTOqcAQuLExjIBB4seEYbst9ds723nCSRwjEugjcVwrCVgAcNmoR",
-	"YeiovP/udaIkmdIMQj0Qu9o1vIbDjBKW1uEj2oIP2zFdJEUj0v8FlJoH9XU0epUqR1KXE3k8naMMI9Kg",
-	"gBWJRHOZ+XpxeP+8rONDP2XQPgxLgIgCAPUGiShdxRihqZIFdp9dTdw7SLCULtQG0eJ3/FjC5bqBRf4+",
-	"Y7ayxktRTUWi+r6km/x//8//S7yvl/zfLjQTDYUV6eUnYmPHZ0xnnCVkQrOkF5G4eN8861ZnHp1qlg0F",
-	"FSv72/PAt+6eus3kEhv7kZRqY2YLpkArKLTNocCcQBrMFVKTLFX41mbSu8jM9w1FuB+HolYp5aFOCvLW",
-	"5baZoXvngcVp9JihQL+KIhbUwEgnhhj0iUt8qBqe3il1PhSBf8+MV+vWIxeCcGGoYEW6QqKGbRVuuhS9",
-	"oeA28IaFUiwBuzdw6dqAgic8POxO4NbvYMzRFi54DhBYHFu8fgXxuSHr8W0vILz6SJEwCkHwOIUkcwDP",
-	"88DAEJ62sUky5mmqME8CcJt6Z3A4XPt2BZGnJ00/mp8g4mL1I7v92Ah+YCjax1vwAXh4FPwyY4ixEdm/",
-	"V0NaMey8hd2FHW6XQNOQKBKmeEQbc2oQGTGMOJHmgNOO+S1t0jwsuKKhMj+nczJwhTWitSO1krtwWE7B",
-	"7vkAFj7wgbMAytHhxsx3FFZFrgaItJPx6sT93cmLzpcPKRdB4+MEhbc4ZcKYcV0VepPhVM5KK/LOam9T",
-	"5bq3POnyW7UT3DEiXaO1ra/MXj54qEoooUDvBl1aKDE3gyQcGxLs7iloCFJuCEka5uFOaG2vwqDkDhph",
-	"BcGuSSUs7wfKEUz/ri9l8Rnq3RD9xnEECzoDyShBwWEvwqYmdTJMaZrpffG4a4XnBp2xENzHUhqDUPi6",
-	"8bdYpLzO6HtJU8UKTAUkT/QCWdfMWaAWzelkxgXz4XyuIQykaQpVBjLXJ3J6AqkfFt0/QvBzDHKVNJxu",
-	"kMaJulEUZHY6ywuOkYKee8vCWxAkxOyTaTbN5HzHPPvtjo0GpItCa8fy6gKGgnShnJULMuNKy2wFuRGA",
-	"Bi7QRoa6pl6pan7BO1HH5vE54Rl1zGkDwvCHqHWnipBj7faOo+rtCSNyuxELZwGPRp5QtybRvzWSbt1l",
-	"24iw0JCf3dCgoC4NBB51Y9VOKZPjFKX4hhLwprhrNdI6ZrZyQmZkxiD0uowQob4OUDzevSlRU9KUdjM5",
-	"wucmNo1tI+ieR2v/HG1CqoNkxhpl8M10ao1fhPT20y7hvcetU4sCIL0ah54drtn5r7MVVoeUi5arZThx",
-	"iPUek+6z0x96aKYE4O4x6T4fPO0hg74TcinOyHImUzYUdnBjty4p115ZylZmJyBdPkKvCPRzoorE78zc",
-	"Ti4ApLAhBX1z8XThuq0Bw+I6ZTuARl6Q9++uiKBzM120deD6AFr7dnXHCkX8ahgdN3TUcDtBST6wpnpL",
-	"nrn9O7UKhU06N8qJYMu11HNUWSynw9Rzi3DgEPRvLl69+s/RizevX169+3X05vUDpJ9vtHy25uCuiTo9",
-	"Y1mYZS+nRv5TdeeDIeCQEc5qql/wL5cv/vnm/c3o6vVvb65eXI5evLu8uLnC9TcsKdAIdufq6ypxHQ29",
-	"8zVoNflNW/CP0CWp6vzuYT1epfwNoc5clWMbY2S7j1tIDWoYJCS1GnZjf7fQT+wW2bB5Ukx4ymm9jgrU",
-	"W5sYZj8HjrcFtZNeX7rT6VojSTboBHOu5lRPZkUUeKvIKK/tVztAnfhAhWiPVFRXEBZqS27LSnPevvd+",
-	"fjsTccKnU2buR83dtwoihIzICUnlhKYjV77WgnLDF3YyvPeusSvTcXnCpbFLC9++v/vBpzjyXRcqf7FM",
-	"IvDrYDB4cgL/fzMYnMH//xexoTRjkHWfnZ72dkJTZVmlRNOhHWwCgdA1EBAvUjpfYPKAkEtbOlVGftWl",
-	"tew77a33ov6A/pWznF3pOv28jZJqB7i+44sWqmrRhqclclWGwwM/veOLRRu/QPARP+SGte8J6pOmI2yv",
-	"UFeLMpW1Fu+FUTvtktARAKEehlUXCFs8pyvsfJcxOpkxV76GAUEwgE+fkZnMM0XorcQgH3xu5PagwR1Q",
-	"bEuZf+9I43P68QpffeKgitzPVa7+edOm16Py+vOuq6Iw24U+GIuCSVx0T2ag7HNx65totdQLMpiIqi/F",
-	"JXGwaXEE7ccWLCPFb8EB6yrLwMFzjiG+2BFIjLgR5p/uyFM21fiLLtVkLpUmsJdkvAqG7rU2zMJLXCNa",
-	"3cVZW+JrOreQFdXJIYjMyqjh+yhCNbe22OkNV9Fzkdq6QCqsH25JnbKGnwmVfyE13kvD8uRIpraDWXA/",
-	"aj34QaOBOjchH92zTPGWHi+qNZsvdINFOCnQDRuSMH0BIQgE6wbB5jJ7Y/r6rjQHFToVo2Bga4cXdvAY",
-	"NmhZKVXatnprM8rmckFIHrIHddCWLDI5YQdvrC/f28Vb2y77PiDtIgPfOR/ad5woIMQcdZdKsMIF1F3x",
-	"9U4eO0rcWrQ5L4Naw81tQJmrazZSnzRWvQbruingrpA7tnqkoPeDbwSBXYALmA50BCgyo2pWGwE9KG22",
-	"wT+9eYuqw9YNUmEF0a772pRyK4jz2BP/AWyacYeyymbrlOKGXSGDRqN7xakaz74mVtXQ7evggFUwhyMk",
-	"X4YS7SslYK5znpJqb/FGAhZqNB5oRVnK28HDD0lugwi/XonJfiq94rX2+yuutFOOnEsSHjXXWRQq3NMB",
-	"SegK63N2Mdoadg3XUa8l42xGCPdUr2TYRwRb1v/deVpHFtp461PeCbVF9yvPrTSRmvFqJlJLSOsdy+oZ",
-	"88KGvzakUKRUnJMgmwAci2G827c9xZ49gvU7O6RreyWuGkPXuSLdGKGYIYXLaDNJDv92JQRxRPr9fm/P",
-	"spvaCvgtrL7yQiDmYSvbJTQ0NpTb3Abc8vDSRgWQMobbO+BtnNWerL2BeOo4e133xYP5OvQ8+9F5Fnfg",
-	"SAXYViuOD9+Bjb8Si1zvbq2v3+Pm9fzEaFJvq8WWZKwXKz4jQXKzsnksVnBT8uzjx16fxNZYi8+MMjQU",
-	"hlsqTecLtEdtsW8il24sOpmwhVak+/Q5sN2IpEwpi4SYZ5hhORS2x7h0lcaE654LCXJdhJR9IXLkczQp",
-	"lMN6xAuZa3oL6Ryu4hrxniyinwPt04RWG9r3h+IlFvzYvO05XZEFVYp0n3/8GIGRJ3OtIgKxThzJ2LAn",
-	"KdOaZd7wHQqEn+IZgYgnopq4LGWsoIbkcL950Kw52L1yumz5nAKLuU66+kNvKKPYbPK28CSWqWq7s7Bs",
-	"De4Qx/Db097QAiS9fVzpJV+kc8niaOFESkbVBA2qYH0bL2Ejp4Vc4sBlEpCUbUfIUc4pm1Ju6TYXcJVo",
-	"oIpbT4uqrbBqw4PL1FPDeYOGtcfhtwEf3I3pbov1lMmy2imC/ytn4AG0965gVzIXOiKBwy8wAs/Xz8BK",
-	"vv5uMboSbdeDawu5PPfTsNyTyBTb1j8ncy5yzRShM0YTRK5qE2f50+Z6I/fKGE2gJb1cto+6+EtWJWTI",
-	"7IiIkOLEQw1jYZ1PoYcdcYCXYbP5iiYu83EafNyW520OgFWvbUAAm6nvCEZcMVjVdfNlLbliHk02yTEz",
-	"mnYOE6E2gDZivkj5hGr0SSFZInDxNOUTfbzw0drR7CoTH6KZFKPJyJ1EOxi4itj9ENV53oMIgbnu5qf1",
-	"jBP4vlWjDvKF7iT4t442p6sxGxn+WttN78b75IDD2XBcUxTOI0YKQoVasowoCollShpl1qpymEv9/OPH",
-	"3jmUWGHAryaCh4VggrFEkRiiFPH+Hv4N2ZzH8nW3czgDSQX86mvpW5vZeKh91fm2tyTawiKvAPi7scWo",
-	"40oNOjFyJNUY61wC6FCxJACmtwngYEiNV4QKCZllcDfPoUbJBozm2AEIsHDqE4M8q2zgUJ59NvzVR053",
-	"FGV2vz5vsUDrmLqq5+pqS3wxpMiw6MDXC1ajx52Al3WQrzZbRQCVrXbPGtojMav9dgcg3sdMtyrfqTDp",
-	"ys6vbvt/A/j5xjzwXZuwb9AcXEHYYR1BK2u2lUIbenDjAt8BzHPz+kpu1Ba5CfKuPnRZ55VtVeEF+9+e",
-	"hMrHVpvz7fI+1ab0REiIQHNSFDmcRW9TB6tWNFdQQ1HgqhkWu4Z1t8Jyd0QgIL9iVdQSLBCpCR2KMUju",
-	"M3w2kfDruRkplncxAcuvT17R7LbA3ATnSNu8Rpfwuo2LQTHKOgXU+8LdCZW3tpbiJN+zHdlxunZtCPfh",
-	"1OpF4m5d/Db2oG7TLg+AUlJoB7G5UR7WxltzdSsDMsNuhGp0o5EuQkb7tsZGhOPbOAfXS6+3T5pN0MTI",
-	"zqioY1k/GKO+sUmecb26NmTsU1v+yVa1gVgHuA3XV03kgpHYdgKOzV2NIcYdR8QSMKQvaUWuf7k4OX3+",
-	"vY9ow6UBFsZohs0bcGYzrRcAR6uMpLpjQJT40Eu3Ff/4/aYTrc/NY3T/4/cb0v3l2nxPZuSd+UfvnMQq",
-	"H0Mn1lLXFUR/3jKdz5DHP63J5MSifaODkRmjCTjJxjxNQf3HfSEcehxhYyA0Gc7IImOA0WHZ3VCMZX47",
-	"097RbE0LXxlARdEcxsIFzLgyxwEZaCCnh8KVeYYg/Rak3Aa1sFSUZhm/N3wRgc7B+YeuwaEo4DczlnI6",
-	"TleBC+pHuzRQJFR/KIbiH9dvXiNy8XLGMhaRWAl6x0YTqljsq4zwu1w4H0ypQNnKgqG4un4TdEvwparK",
-	"e27QMQ6/evfyBXn69OkPMInvvgM3gvruO3D0xFAaN4F8qceWgf7tTyVFTLrmvR+ePf+fPftZorS51yQ2",
-	"JnLcH4q1YihzvM8Gg2ITXW7fhAojQcbM+7ZsUyad0YkeCkVXinTnNDWXmCXEbFVEKBnThCxoRtFBBTVr",
-	"NGEZljQ9Oz11Fc1mVDM3Qx3JihjpdQd9h/KUnZMYa7z++BBDUFJhI2hZLvAy9w9OaCHNHmZ2t67BAiCa",
-	"fdT9774jN+yjLbRGegYDQZEujBsRNqc8VZHDpI+GwjXwiaxDOUiJjMwP84XUgCh+x1aqR+a5gm16f/Py",
-	"5D+8vfz6/auhMEt2v4DCPp7wjE1QbhE2H7Mkgb4M8p5lGbfg/FxJYybjXstUDUX3/d9OB6cXJ/Cfy4iY",
-	"/37/Pfz4/Q+9yCfS3jFYNSgVKQWStObSUGAxLljj6Ai3hhI4POc0u1Mw7MAOP3gJc3n/t8H3T14A3dE0",
-	"BZxU3OSLXM/MtiAdfvedGTE2v5QZ/wt+d0Z+BH5Dhvlg8HQCvQXgnyzukwvba8C2as+YuZxSnyhmaAeb",
-	"iWWI4kKrzA953d9DNheB/wK4gZb5ZDZEbIClKLJkzgkVK5R/gNGOI29h+UNheT7pYn6T+UwikSXgYI4R",
-	"zumqZ/fmqqARQ4Bv31zf2EAYmtjmVszlPSNKzhmOgqbfUMTBuyf/ZKu4T67pnMEcgU0CyKm5MNblfvqM",
-	"zEjGzHGrIt3KkB44azA11w+qT97Boyw5I0bUx+c4ot8CSlyBg8bPcDUU5tbGAeGP7thqlDGIdfbJG4iZ",
-	"cCkg9GbMcXN5xlSV6u2Hous76WGHPH+9wKXQc+4lauje1Z96M9hcdWuykqk5F7/Uc+Kq3XwWqbsQ5gVF",
-	"pINUiewnDMP7wbDCyoq4GE1TfjvTcZ/8k62IWtAJU2dkrUPGI4U9qMDtrm0Pju6CZQW1RURJ1MQxPjCR",
-	"aWrut6V3VO+ZSB6pc4uMf/H2aijMOQCakYKNhBkAdpHLHDAUar9uvmejLGck/PhQeGa+oHoGEVxzlMhI",
-	"AXkf2h64D0AdXngWfXIxFE4OAN3aHDTLOq0eCWuEMldzKlwXi/M0leVCmbuIZaj2erziShthBmZODIWv",
-	"AC+J0ZrnA3OZP5LngwHKDLCj6L9ybKugZBbD/D2Jx5+QWQce/c/xOYmDn0HKgR5s2xkBguKC3jI0gWzJ",
-	"Kio8Rrl0qc+dJ/1BfwCm6YIJuuCds87T/qD/FMwZPQON8vGM0VTP/uqcffocdR7Pmc74RNmfwHnl/uTb",
-	"02WlMiH0pEjV4Ky1eQBckWkqUbRJDBH52FWX2toaEmsJq534KpyhMHo53JXeOcJSMZqlvIAXYPb0M2ZY",
-	"BDarAj4uBdC4hkYYHhL0/c0LktAVGctcJBQbX1p4LRwHaqUUShY8pEeKxNNMzmOUiTBJO7Jbni/pgxOR",
-	"jqlcJWhmUM0qdYO+AvtHmawwIIP1rw7mwqpIf1rjD03Z3Qr4nMH5uWyJWOd/xtRCCoV2xelg8ECTwK+X",
-	"6eIty068/EsyPtV9dBTZltj14/sJP/Y+Dsihms9ptjL7jGcQoNTjgcLF9nleqNlhbATf5eCm1PRWgRvT",
-	"kLixxz6ewIU6wV/grpWuAeZjnBRZP7cM5l4+fcMvgsRKhQmS1LkH//jUMaN3/pWzbOUKec8KD3e7La/J",
-	"Gf8c1b9SfPzxK8O8Oi0efIGRxs8fHpBqqtm0NWRzAUzP2Gqo/dk0z2PQjtW6wzRlaP679O6mw0nk8SeX",
-	"lff5cVLk1NdRg+HOBTEEmd3lWxySx27eoQ9RA8v+FXTpIuUr9km8cWRRb8AJM5MI/laXOB/oNw2Z8ygb",
-	"lzMLaQctuhLojxrXZ2vHROYaWLYtrCEXQcK5j3QKORS2K4LNs4qIgNZhubCtVlGxgPR0mrJMQ2aNUYyV",
-	"5mlKxswoD6hl9skbo5NTEuML6EZxkNIWZMiIElbMZSi6zwY/GJMVQx0xAQtmyRXrnbvHoAZOFPBAwdtO",
-	"yeM6SCqpESo26z3MGn8YkVJTCPKF5UkpM36dK9w4Wo2KfTwGS/iJTYzOi608t1Q0YEjYeSjnEjotH5Fd",
-	"IEV+e9yiMM3OAx8Wm07ZxFrp5k7d5hSwsuzt89DjGm4tePnKxI1mXpW2vzJ5EUDDIbb4AdDeDyeytzga",
-	"+LrWJBDaHYdQEqBqNarnYMoUmpEtmrD1i4YGlHU6zahIUlappzC82vy3sH4QY80KzVBEBzWSNvGXiqGY",
-	"yTw7dwvGzF9blIHiwdprAIJpK07MTytMgoThh2LFoF88nWjDqRXh00L/O8eSj1TKO2irjKZqgTnM03Qo",
-	"HORwbM83RuiWt5evf7p6/TNCuIwuXt5cvotJAZfaDXsHDIXvK2vR7i0oTM9Jt5QzhX2QnCk8k0sVOIzZ",
-	"UIDZCe5NLCadzCjH5nNwf8zifONT0g1QdUHBNacBwG1ngLYY99CAMYb6bQZyE0EYpcNmMV+DDRkKu+Tr",
-	"m3dXby9H1//5+sXo6vXN5bvfLl7FfVIRZ5i37PIYYFBjJ9fJqOuVmOB6H1Q2hSVEn61selBeEdT61DCM",
-	"3127K9gb7GlrTjHhRxFLL6iezAw1B2YNEXK5F5sAA6mNBVNkgzyMAVPKQfp3M10qKaQbLZcgy/sohsv7",
-	"YDwjYF3lEjS7hTRATCFXvYMJ5LHNjGsWKL8CfHYIT+CQHwou2zU6dDV/J+5FxOVyGf1bGa6e5EDYZ4U1",
-	"giYGwopXoB4yy93h41KwoSjjOliPcZ9ciFWYHolJW6USDFRauFA8YWjK7FHLQlwpiw/bQS3LhAoMSiEU",
-	"QgRCgeFfScKNhjntk1cVUIcIHU/s4yKlXLCkgmpx5kV3rpXXWe2ku75Wp3c+FDuimNTlSA5FE7ZJXAZu",
-	"MIfqUkDseAlL8gVTQxGcHgY+oBkfHZsvFYMazkkMNYikqP2xttxQ6CU34g4c6MGEy95Jq0qYEXB6lhDg",
-	"ZFyqJ6TfUbFa0tW5a/cqdNDG32gciAASO8SKuFcn8iwyRpldPoynr4SG88VdfCEsTJMQXFIVULq1+G2Y",
-	"VnlckKO4b8z5wgGF/PUA/fkecqkaRSKmWl2Je5px6g75gfa6lKzWYKBk8FfSBaBM1+5/ykWiHB4l1Kxg",
-	"NlXvGDv+jpmHc+3xXvG64mX0uJCQ9IXJApDvMNnVLrZlwI0H8TPTL+wjD3gE7hMNu+9qlVNJjZmLOM/Z",
-	"IYRtE39Au3IpP398MOpOkHzzxwej1RRHAnfOChjMWQk2223kB7+z1ng5sSibG8I4v2dcs3IPf6oKkR6h",
-	"mYXGoQrLqNYMpD55UaCge9MOmx1AuiEl8Vwm7O/2OzGxs8PEBnDqQ0ME/2BYAuyfhlYl5ainD7EPBdSJ",
-	"VyPsEN27pJNZEZhHpyDNNKHEAty6OiY59XFbMxUMZA1FN67gfr67uLkcvbr69eomjoiLET4ZRIROMmnM",
-	"YFQ0NFwgI58XVGlzd7UPPkGKy+kPVaBd1G5KULjkd5essxaHj4rGdVbNqkRDSRdCoYZ2zS3tWY0Dm+qs",
-	"gna/6NV1g1Ri1OSW6e3xaUsvwWi4UPNhXyRLk1VzLM3R1bXvwlGxSLYYBcH2/JOt3iwwpcUaCceX1ZXp",
-	"4hraiewnDzWJOl6GEwN/HKY9wSRq0i+avmXfKvZX+zfs574YM7y2F7earYdtlBzHtg0mPJN0zUQKLuky",
-	"gR9/CtLeP2+UR0VNwsMJJPeNJonkUfW+7K6/g2Q7EpRl+K11G9n58HnX6+pWe/UTXFFbI1xHu9UMUgBt",
-	"9gAh7CNXmnRPB0960I4RACNc3hFLEzUUt/yeCfPIoNcngKBuIfYM7UBGMBb0Q1VSn7hoVUAb8VCkXNxh",
-	"5pf5oOGuFYiBqNzmB80MGwsCM0wKdg6ZJ0YG2URGh60BbFIxXcce3y8Uy8oU+ADszA6PH/vSpscm0rdw",
-	"IUD1R+WdG77pmeYRXHs+vw5Jc/tN2sylHgfp+5ZbrYNmGsKOqY7Pij79/v7IpVCkG9th4h66KxwWOkDj",
-	"DEWQLd+NZyxNYmtzT2YsyY3KgRlzZMkhhSldYa6nMvoj5tBiXWXXa5Q9Zy1SH2BdayJBurHvL0D+PhSu",
-	"7cQJPnFCgsF8apedCRckyegSEUBB80P4UKptFvLTp09/wNKUEvZv74zE4Q5HhOrIf/qzxQ51M7FJx7ae",
-	"QWkpwTbAZF4+Z6Q7sNgm6GUKoHZQL4ISiFo3w89M/2jPdo2ZrnsebbHseUWr9FqYm3A42xm0EKXaQkjU",
-	"uXipLrl3W1WnHeqGlYK1KJJ2e9PkH648d6E7nz80SFK3N0hxPxY3wegR2pJM7Ac6yLjeS+QWcPhLQKQF",
-	"Ej938IWeFjGGbSkh5Ca2FdaBUnkLI7JfeUyTP3Ol5y7ccJgasMlWpaUyIsOx7rhISIwTsOYTFrNRJcWZ",
-	"2R2pOHI018aR0CQxQ8GWku4ik3OJpkJEFhmX5rDI88F5RelQQ+ECpXxKbL6HYWnEw2FAnnFGl9gTARkd",
-	"V8QzNKND3DHMJsasY0ytJ88Gpw2dbLzbB1FigKVkzFjCQuZiwiCA6DvL4j6wJK7jLhfwxxe+SdohxtWD",
-	"GVUXnpR28oE+eZAJNLlBL+w2P5xJ9WxwumFFYYFN+5UVTKkmkOVpuLjLJKXZrUvIXaPlY2hGAc7oI0Um",
-	"MrN1KNhZzzE5rHLo1XG3zU7GLVwLzMIH4ldGxtyiruc6Ak5omiqHegYOKMi4k9ldn1xpiIdk90wNhW9t",
-	"5/kEoWQu7ZFo78LCvDaH59YnN9INEjlWRShUPda6XMzqC2bwYA6SrxTKsN9uusFFFvgXF+wQ8CqJFlCZ",
-	"sbxwnk9mRub/78RKPEsMtaK9LZ0jET0Qpf+0Qd6RrtG1Z7YqDmkxsnlkHMg0F+zjAtolOJW80ODPSCoh",
-	"5yh2UjlGDbrwNA4FCnFQvnEkRZSUwrzWhSqXE/i1uWopVboXeCllmjCoN38NkVp5zzIQ3mfWsJCSTNky",
-	"WE3R9r3kxR2cQgljnfCe0AwLUXTQv84bXlgxUtg7tVL7BZ7eNy627Sy/1mV3X2+67vaB/z4C+7U0diRk",
-	"mXmD29HnUSKvwJKKhrp7Mx80zR+I97T3Dq6YXs9H/dnM7Ru/WDDHr6QK2283XaqfsZnxtxZX8DQM8/NM",
-	"u7DzIjKnIqdpoOr2Difxx58cEMTnx/cSoTD2J/moNgc8gJpolQP+/bO9U8Bv6J3Lbc3YnHLhM4hR4lrD",
-	"1cn3yFXqxmbt8VCU7HQor3PcCUEyYhczVlYvsJlV6IRUmq6GYkIXOs8MazsvoADgWQvYoTDFx+VTOUwP",
-	"LWXfhiuLBFeMENnJW6e8fV7akmQXNIXIQNe5JodeRTknzwbPSgMZO8WmzAYR5zVG85vkCVDjt8plQhyb",
-	"Lyy7A5yaGh7zG5zQN8tizPQ8MWCQabwic640vWOH8BTwvm9M3f0Fntg3abeA7DSKeCfq4F2zLaIQDacT",
-	"dSzl18J1/nsl85rt2p7GC9v+pS3Cm3KQAObQWKR4JMfuZrbvPaX1Zl20bquhJxNY+FBwfYZGn5O9hp27",
-	"d5xXZ5yHcC7WRk0ieHEobIdoZNCYBwykGKSsgCAw0wISJl33McOTa+zChMwZFfi6H6tRpvT6Q3EpkuKv",
-	"VrzZa4LSISlia3/KMZlIY5raYdA6zZjSPcyxtb/vkwscEHRTYeunYmu7jiiC37grOBRdm/ltn0jingPZ",
-	"cPlJuPXWr0TFyvqIbDd/LdeiUE4QN+bh/IL92r5JSWXm9pXUYfNpGxau4yK/sPS/pX255v84Tp4pOCo9",
-	"h0ClKpXi1lylgyXn40/mP9tSeiydP6jMaXI+glv2CwuaNwK/e3Rxsl3Em63YJaJYOcXHlu8ebFS1nWaj",
-	"xwHlVCAiiypJmqZovvRQboLsCMSgs5HQLDHDxOVwpvcWxnbdCCpTkkyQY98fil99sQZ8ArJJTwPhQmy9",
-	"vJeOVr/zAiqJhoHvVVXqAc+LHNESfs5aCqorq1driZ+18gVn8S0LGDvFL1R5aHbi0mgBtV5Le2bfrPlz",
-	"Xa8EIflbsz4gYE+/R+Tvj+3YX50zXALShXAXziuNMtfoouXitqbqNgjue4wLHCJyLWAgMASAlzU3sjYr",
-	"HKu/drmY73AXj3AxK2nXX+Pe2MV8w55JCLQDjRT6OBRVHnIzAmC7za4DdLzdhI/veubflG3/CoTodus+",
-	"ELacfR0zH8tkcCIPbeNvIRsLZnDiqroeKEbzEjPz5XxhbNNxDgqOd8rDH22GRI9I4SAW+qSoThoKV55U",
-	"lBtjncyc6ZlMztxLrgRlVmATujQIMRT2IdKNJzJNMdFkhCP8XTGRjIpRpGAk5QJBCA375JrNAxBWEkPS",
-	"yaiAs4/Rx42/DtPGMXfUwQQ7xFMaxqwsbmz89o2tQ4p7EZlyQVP+F1TO+FJXruvseYd+DKCxsKVma+En",
-	"CxdR1D7lykbEsBDI4QwAzg0Vdggt8XNaQhLtTVAgxlW57i9CERa7Y1tQ2AtAO1ZeUg0FastRgDXsmlY7",
-	"RGTcWPZxYVtYLWcM/Orwuju7JVUEUJzHoC0nERlTcYeQnlNE9p0jog88BQXOU/NMYmGGYZI2AoFH5n6J",
-	"741y4ahjnLIYqqvMtncNBZX+5ogOv4Q+F8zJUflkYjbU6NAuwiAYYm4ORSKZ6vVJIDQdTqEvPTvbVtZl",
-	"poLAuQUIa8roPWRI2jftiTV7ea5w/ha251tVx8uz/Do1VpWdarDo7YZHLkPdJndqhV3lHJ39e1RhlYuu",
-	"WJpWqqsMqxZME82yuYowu8cyE7vQfeqvHoeyqFl9sW+8dQ//WysvdhXbtRe3N19abyk1C3aTaNRd/Ak+",
-	"rPICeACNBTDX+VyFzWTtjcTqEwvYXGCr+F6uBV6IGoqugxxBSGVXLdbrk588EKnD50iTNdzaofDAtcTV",
-	"D7+7vLl8fXP15vXo/fXFz5ejy98uX99cxz34wB1bQP11QjkAhmuaqqGQIl0BpDHiPbsYvAUBWYPMxbpm",
-	"+5CFxEV9oZgNYoEUGC5cEY+iS0MM3RXpIj6uVzr88IarJXQVIWiulusfF+yj7oWlKY/UUNjhmtB2Dc05",
-	"8PdSPQv6nqxGYHQo7EiDitUtA4Uvy0VDSY0vbAOaaRUxdV3KarMqntgWzpu6tKwh6olJmitj9sEunfuq",
-	"cd+vHuM3Zluq7T7jun6fNkyErZy7z05Pe031PLY71I4VPWsruPzoVsBEUsxfyOWR5wttrL5w/dFWGCjb",
-	"XKxO9COu9Bdmyq/khKYlZGsAD7L9LQB0Bw8jo+I2lMXIOI/DnNcAxqqWX5rKpdGex9hp2yXCLjJ2z2Wu",
-	"QLQ9UhVUdKpITC30wcVQLIzKnWEkF5L6lLTw9YAJqnxf7gj+Y4O6gW9jKCZyPufaWQM2t9i9Bii1NPMt",
-	"uqfMtXCBilyLpRcMaJsmQBr3ImMTloCRZnjQlAuuZoaFrQG903RJV2ooFNPnqM07yw56kJtNopO7Og5m",
-	"VJ4miLZ1LbT8YcuMSxt+TuQcDEmHgmHbgLBbLgTgXzbUBU438MRTwxP3ThF5yOvbEsDteNBt5hQ8qvE4",
-	"V1wwZVE4gbgim3i+pjq5Xv9OSXaq1ONPhZ9hYzyzMOUeWlvdYgN9JXwC56TwVYAFmiaZcXPpVi011Zrc",
-	"y6B14fGyL+1JV/EaGyIMdDIrMLFduy8pPOgNJM0oXUC/AqwMNGLA5t1DUereDWgH51ZSIE7e1o7kQwEt",
-	"yc1bd9BiBHat1ycXtk+oB+nKGEHGCwjdqN4U6iD6nwpM/6Ljlc8T8hCn3tmBajqi0FicuRhcVCEOnW1R",
-	"GnZIcrg8oGtCj4qiE7xIjEQxkmUowH2H6owDUnVwvaQLvykGjQLYB9iDCPcTF+Z3tBf5bFMLnSszr7fb",
-	"pWL/HKonswhExVDEfh1xgZmLHjcAQQq60Ta0orWYgObsi+Y59TOGomI/XzeDIEhlrtNEJixEZxz5v5/5",
-	"vFmQNlR7Gh0KO29qM6kwCgU9XjQVCTbcTxAUHdyixqoMFmfW6hbiez6T2E82JnOzaw771m0SC+EXFawt",
-	"GgpjROEuo0PG98DyRl8B4wgY84A7bNZRJ5WvxC3bgp/6baEVwVR/NMtv5z47Pe6XSz2aG3qH4EHbDsKQ",
-	"ZOj6/SCiw7cazkMQP6uNd58YXvZkMBhYTtir0b5r+P7jTwXdb5TyBc11vgj4rYfvbcZQPw4uP4gCD3Vr",
-	"NHXBQuDHNlZMjeAuNSNvJbhbGPgguS1qt7Kw7J2zT9tcqiy7dzPNs7Rz1nkM990u65ObcoEFYxQf90uH",
-	"Vhj8yjlWg995tSZ8zgYUg1/hDga/sNpH8BssqV73BLygaYqyBsXuOXhjFoHz55YJhg3zcMVGwkxSDpTi",
-	"z8XtXs0XfoHeVdD+MEH1GZQFOQGJkd2zJMDEXf9c8BF/e5QxW///AAAA//8=",
+	"5L19c9s4tjf4VVDepyrSDK04b/3ctmtq15N2d3smnaQS9/Te28qKkAhZGFOAhoCsqLP5dz/AfsT9JFs4",
+	"5wAEKVKibDnJ3OfWnerYJkG8HJz38zufjiZ6vtBKKGuOTj8dzQTPRAH/vMzEfKGtUPadWOR8LTL320yY",
+	"SSEXVmp1dHqU2mIpUraaCcXsTBrGlVmJgknD7EywAl5kesq4YoIXuRQFK8S/lsJYtpJ2Bk8ZPhfsRqwH",
+	"R8mRmczEnLsP2fVCHJ0ejbXOBVdHnz8nR++ELdbnUyuKzZm8UYyz50+/Z7pgL06eMTvjlt0ovTJM2lO2",
+	"mulcMCMmWmWGWc1WXFo2FlNdCGaLtVTXQ8WvuVSsF+aklvOxKBjHxSwKPc7F/JFhaeEmMuJuJiMaM+0P",
+	"hqqygLlUcr6cH50+SfxipLLiWhRHn91qFrzgc2Fpt18uC6Mb1nU1EyxV4qMdTeCJ1O0mTkfcSr00bMGv",
+	"hds66R7/11IU66PkSPG5+yC+U50W//hKqGs7Ozp9enISpmZsIdU1bPPLpbF6LorLH5qnM+F5LopHhumV",
+	"YjJjU10waQ1bGlGEiSy4ncXzwCFHMjtKjhwFyMLRkyOfeHL/oxDTo9Oj/+1xSZWP8a/mcTQtN8ufdZ7h",
+	"DBu+N9N5tutb0UZ89zxxx+V/fNK0K+E6TNZ/F+vwXbww5Zejx47dcx1n8PTFi32n8AbOhOd7TOXun34l",
+	"59KGL9WoLIc/xsNnYsqXuT06fXGSuG/hRXjh6G3XtSiEWWhlBNyKt3jn3D8nWjle5P7JF4tcTrhb/mO6",
+	"lX/+p3H0+akjLflx4YtVCj9XTBSFLljv3Y8v2ffPX/xPf/NZJiyXuek7Io8YJbCl48CXmr5LTz+OONhn",
+	"+DZNyL13nv1zaewc+C1wSFhqlkk85reFXojCSrcxU54bkRwtol99OuJzvcT9qS7otVbHf4hCn7GFNtLK",
+	"W8F4lhk2KUQmrUmYEtccfl2Iub4VwO3mbo1TXcy5xQP67vlRdJJPTqL/i870uPYHpWFCQrk//n7y4fPm",
+	"mSdH4uNCFsKMeMPkf9QF4/HE/R6dotBxfIcWwnAc1tNzaa3ITpkSt6LoV1aScSuOrZyLow0qT47mwvKM",
+	"253U84t/DsiVE+Xte6VKvvC7P7sw3Ifwgh7/U0ys+1JMHwYu16dWCtg4uc1dH/Ocq4no+PR1wZV1HLVR",
+	"IsBfm8/J0ZrI3BmoZZ7zcS48H9zYfltwZfjEjUtf2r5pteeTchf92pq28a/lumu7d8slTbC+xt+cMjHn",
+	"azYWzCzcqnTBZiLPmNKrU5bS99gx/vKYLYTKpLpOG2/R1rNo+LCT9l6AOplrTtlS4TQ86espWyqk/wxP",
+	"w7CeI9dsmYuMaSUMk2qSLzOR9RlXGVu5kd3m3QrmpKVhN0IsOs43Fud7SG0iI7O5zp9wyqAS+jXlYmoT",
+	"JhXLCr5iushIu7BibnZ9FcZ7v5zPebE+KpkOLwoOP7tjatntu+5JrlcjOseRnRXCuBE63i7Q7+D41k2z",
+	"AuVaMKPdOdpjeFCq67BToOsqDXOGKXte2Mr6dt7FaEajLWylZZxoaXQTNpf1siRdItjVTBvBUjGdCjiD",
+	"EbepsySMlXnOuJOhnc6ixiaquqe/akQD5QSTiAEEQm071i2M5byJMVd3b6sQauUFjtF6RgOmBxBFzo1l",
+	"uciuRcGEssWaceBOZNqk3KYPe6m37jbfyY1lnkt1/QNqVjs1nob7KtWtlhNhmJnpFbC297aQC/HIMD9N",
+	"vMwDdnErijWbSsejpRkqTRr0GeMsHeNMUoaTQ9t1gtqQY6DMWO24a88IlTGe50xPh0ra/oC5k8GPlp+U",
+	"jnks3PSYsWLBek5XTpiYc5knTigWwpj+UJEWw8RHaZwy5hYwKQS3IgsW8pz13K/dRCz/yGTWZ9rORLGS",
+	"RqDVWSM3HH1P/XEi7bqDgZgcTRw7aOJUl+/fsGdPvvvu+Anj+WLGj5860ltwa0Xh/v5//X5+/F8fPj39",
+	"/D+aCD+XSjzpNAH35NNOTy60sTwfTXQmas8/b3rcWG5FNyN5g5LhZGvvvnjytOErRLEjnq/4ukEYIpm+",
+	"nInJjV5atPelKVUAbm6Mpzdne3PlL0ECYt1pvUAsTlQCQV2dv3r1n6OXP1+8/PubX69Gl6//8eby5cXo",
+	"5buL86vLN6+Z4eB8qbtcvIFX022/a9Ld+EfiG3tQHI5SX364vkjrzD2VMDG4HjCxHN1yWycqfvyHI6qR",
+	"+8fow6enyZOTZgq75flS3MH0ryid7q9+qE2O1kQZL/nCLgtxWKvujTdykBPBeTs2N2AnoKJmhiltZ1Jd",
+	"382SO2mUqw1rszzX15siD3WT0YJPbuDnTmob6gRv+eSmSWlb5Fx1H+ttjiS8MUqhs+XE7jEQvrA5Vl3y",
+	"xSuOvuMn3iT+4JLflzD2P9wnO5UmGn3LnFtM0DzXq0ZPcdCu2HB5cvJM/IXhN9JmzrOXLVsx3Q5s+9Y3",
+	"hhbYYG3G82jdOL2074UxEn0GtTtDD4wMPtFsBdcdJt3UygVfO3O8bchlke82uKMxksbJ4jiVCXbYiJeg",
+	"7uyrrbgtz0c074q8fv4fO1j6PQxYxzE2ifucTZAPMgkmyj7yJTn615IrS8pXcJw+qSu7vyqylrxkH7Bz",
+	"5l8l26n0hE2EyMg+KK6FsUOFPprek8Sxguh//cSZC/j+opATQW8bdBGgNB6qyQwGcvqsU4aJFFjv+++T",
+	"7/F/bC6VLtjSzbOfOAW4ENOlIT12qJ4/fcpSqW55LrMRBYFSb6dwtQZh5V5bFU60KdRstzK37SwtOTLL",
+	"yUQYczcq2WrYAB1UP5DENNlI9nq+4IU0Wv0izZzbyayBBVQJc4NWMjmdikI0GoiW5/l6ZLXlOTtmubjm",
+	"E/qxowcjfqMbI40+eRdmWt3TeLDabCoLb95bZZZz8U2I0m/dkRz26rBe5CoxkjeEFfJ6ZoO/wpkx+PWO",
+	"Tokv4xOO9M77bcdEq6ks5iM8yIbQKf4dQlfM2IJbcb2GIIYSq9LkI+5qGC9E8AYsVSaKM6aWec6m2qkh",
+	"xht2b17/ePnul9Gb125XKdhSSmuMm21KbLcVOx2BJFK6rn9ZuDu63q62QNx8rpWdNVi/P+sVm3O1ZhOe",
+	"C5XxguGTbKyXjpS8jDOWr9HSAaWy9+QpW6pcGDNUEB7nkxtn15rSVdIfMPCljjW4VSBbIRuqtDovH8+H",
+	"vXfbk6ADnj4LMSXvXgUJtdsH2viB5pXnWl1vX2mCNj8uEDy/RjhKGaqp/Cgyli0LJK+Cu4W7R1R9L1tE",
+	"6+6VtEglcj80+q5hErzizpB2iw+jmcLbXBdbAksNboztvAP4BTwasY1A0eVVaOcgBmN0IvuBmH83W/69",
+	"vFbOlI/jsyJrDdBm7QHa+4b5dqkfBwgDboxZCr57RwRr+sROWbBdTFaP9OJWNJ3duWLuiLl1REyPAsOg",
+	"byRMSLgCK/SxVSmii5LQRFrBFxFi6546B34S0Zq2u7JgDls2gNxXbTT9gKa306jx2wciX58W1PS3QuSC",
+	"m86f2iTNRmnvVB2My5wxPjbuJoDHn3xzbMUN84tsuB1b6btMcgrbFC1jD79E9ZzbCB3Di0I51jQmgeSW",
+	"kPqvp8jby4QMrjKG83HPYUKgsfe6BRVi3HILwo4c6hZcYHB9F2P/4hz5Lr6gmIsfmOeGobux312Oosre",
+	"txAmRAHdPcrFFNQLToKI8iHuRW/xsW8hN/rUYalNqutmcvviNFGIOZeKwvj3M/IjAilH3YsQpLpuZVF4",
+	"8BtpJEQKmGAiFUtJq3x38cPl1fvRxf/59vLd5eufRq/fXF2+vEjPGDBq7ezXhShw1PuTkT/PXXTkduRQ",
+	"hASJMIdmW13yEsKedZLyVlxrjCiX1ivQyKLQc015rh92O3I3r0KUTNKSWsNZmSiF9DMWEz0XprS5gux2",
+	"pkowy4LtyZFWuicabst4fI3WT1HL7onNzjtn9Wy95NUIweYZe5cvzIdMVF2wQthloUjppTlX9suzYzsr",
+	"3Evw3Pnby0ZbYFFIXQRXeDyDH0IS2CnLNdUYYBLcVBaoVWxS1hbbwuhlMalcwsWymMy4cTtpRHErQUJl",
+	"0iyWVoxWFSuBhkmOPh67t49veeEMR+OG2bx57+FTb8vh2x55Hz7b9sQPOJ3f3Gy+tLCmHQu7WqHj6Oyi",
+	"C72bM7Wwcp8dthKFN4d7nPkTStqIyv1hpRWjU3tkiDz79+LeMRPdwryv8bGD8e6fRX4Ixv3AFtoD6CLb",
+	"zbSWG93RVKo7yGtEvKfN5I5ou71UCMdLSm/OWewccDxsqSYzrq5FlrAyRp6yqcjzexFtoJ4tFAspkAcj",
+	"V51nW62kb52w9rD/OxJbZIw3Ulm33dxOYAtujMjA7i492TYFVVcvLePev4DCGiZ0VjHTgcf6qd6P5mok",
+	"sI303CYd2mx6pVcUd/oSFLhflnfHrOTtOcYb62yhjVgnd5yEjUWuV5VKgkdOs6Rv1Q2eKc/zhGE5pFb5",
+	"OtLr/ajO4B7zyQ2lG/OxvhVM3s9Kqh3fFuqJsrIPRjzv6AZ8FT/nl3Jc7s+49pSIfhe3My1HPf4bTCtf",
+	"E3wG2YwVF6JT/0LmGFDkvUiscshbCCxswOGo61bf7BsY8lqw5TdCwXX7KlGfrOArsyXkY1hKuXxswueC",
+	"TQs9P2NivoDEpJq3G9bSuZDnFVQ2OOOvKZdzeziKDNZHJtgNON2qJ15aNuOGKa3E4A6Jc9sszJkurGOl",
+	"W4pfViJDNjp2ojovBM/QtW4fKEGieuMrGX3tNmC5Ek8M+8XQiPhbeUIhpkuVgRzxphuzWt8ENuBJ/x73",
+	"vrx+W689PHawW/8PLbP7XXqlV1890nu/kO3mxbzVMtsVFKus/o5OjTvFe/HIdnmYuYFViIz1Ilcd9yV4",
+	"CwpE0DP4EvBG1JlUhlo3/v1+3omIxrZQNn7pAIRNm92gXGMB1a5Z1yq+MMWIW5HtZcmFapudPs99M3y7",
+	"13HuTpe5Sx6gz1XZuTAD2TOj2kXe+dpyke25201pMmFlleOrjL6NejDlu/2WhVoniI/jw0nd2efkhVbo",
+	"/mVLI1iPM5/jFjyE7h9Lw68FE+5jd71qNB+YcOtVo4cGNOHDXbbys815BqEyLJhp6FMasB+lyDPjlJxM",
+	"CygJYjN+K1CvBta7uSHhbn3Bu3TYu9PxruxD59uOB2Fotqft1qog+fEfJ8ffjwan/8fxhz83Fqv5wX/F",
+	"G7XzqjwyWNlqGMHxUHZdIA5yM36JC0Bc4HAX4NeFEcW+ad13FkjdSzlbCbx6Sm9FcRzOITwH0bG0waWR",
+	"st4Js8tCYfGx0lZOBNPTKbxRKQbtDxhVArpjh8xJBABAV09ROOUKihXPGGfRHEJMccYBH8IxUHpLq6m8",
+	"XhYiY1SNcucKwoeVkDtPp/nW1+9pdDMnSzMqb2fjxWwqgrwoCl28pBpjfxlqlS5ONiq+tDNdyD/AsTLV",
+	"xVhmmYAcYm1HU71UkMyl1TSXE/eGLBGcRjdiPSrEEp0y9T9INZrm8noGLymznE7lRDrDzuesgqmXa56N",
+	"rNYjKApy2jC3YgToTSK2BheFvpWZKEYAhIQzj7AR3PEVCqoyZCaUlVMpilGYdlOYvoV7vVGCjZdGKmEM",
+	"yucBS93LKaZuQwXSjC8WQomMYEvkZMaQKoYqdSSRhlxhQG5LtRJvpil6PBN2I9aYr4bj9gEFwKfWa5Wv",
+	"h3gNIMaYMI6Z+O5ZYKT0s+esTqd3f3tkGH77DHR+Y4fK3Ei6dviym628VrqgazXdlMQ3zrxhv2gl1kwa",
+	"JtVQRTVUvtbLZyCzsTAyE0zapOIeo9tESd2ZdBs8l4pbhJOb88WCuOBGimi3jFM8vGQzt65bql79de/0",
+	"75R41fgyLKdTvk39dR+i7RTvrb+MoDE7g24br8WRjs7xk/oosce7qxe9PkbpKe7kI918HZ0jnTwt9ZfJ",
+	"/uxiyoZX6/r0Dt2kYlQkm9rIjtcrilZghgOfAJJrY1tLxPFZSs54pY1tG2UFfK/DIL9p1TJG1m2AjYVM",
+	"ucx3vvwjPFR/Ff1zO19+R4/VX4cqSbH7/ff+OT8ACXCUDJk0c2m2kC8qvKih+mfDSMtxEDy7COJ99GyN",
+	"KMCSHGSCt778q3viB8Hplc9BKV2/RrBEkI2fkyMQU0env3fTuyu0/Tnp9lJl8rteaj6Djm/FZNPxlSqx",
+	"dHypStv7vRRu1H6vlbd513utdLPzvBrETsd36sy+42tV+bjPS3vOryINOr5TCtGOL1Q1jc4zi6Vc16nV",
+	"BXTH92LB1vGVqva166UNtrODVFtZ5ecPySaSy97u2X2dkm0ZFo0AQb/FVsGZ06iNyMXEop6NS3TKM2ro",
+	"g24OzdgTUfFpNrklYKve8usGFElvzHaKbgYZUQ9sRoDPDd4EbowzTFJw96XMamezW6mckR/SyTwotwCA",
+	"aGdfQEB293bQFsRTaNoD8CyC5duwCeBLac4y1mA+bq7qb+/fvGb0V8Te/e77kyd9Z95oqh1C3PCxztaA",
+	"WQG+ET4XaJYFOO3dK/RzSPxEm9YH3PgbwROIE+QDQkglNz7ZN3F+e2L8OZsuIWfMXXCP0YG2d1wMDTb0",
+	"ytnm46UFkzYqyDYzvVJApx4NtX/GCJuXzQVX5rCJ878sHXE4exjtbVhA/Ytg7D8sInA1hz3Cwd4/ob0F",
+	"6+Rke6r7Q+NH0M344hjE9ygTqVP73conOqSc3rMEIyKdB8DC2B4a75q/X8HWvSdcxj0Kf+4SND5IMdDd",
+	"y28OQT/NyMWY7lRA1kEa6urSO4MZdyoR2jnX9mqeV3tU8OxTehiX9dTw5yIPTHoaZWwgsBWkZUDKkftX",
+	"UlY1BS3K5yWtuGErrZKyfwnCJHt3ra9LEesyGa4Cy7J3lVGjvhox6rKKkiCNQ6FO05Xeqdz+TCGse93r",
+	"/cr2729hdM1ZDIDqlUQdwSczny5wN8Dx7XmKUDT/0KKnq1F1P3Cq++ImGMvt0jTiaETMii24sdV6BokI",
+	"z8r/NkshYhR6+DjTbyXEAjoMTXQBsZb44uHwrWgJ7bUITZJ3x4E13dgaMnbIrcQNiQqSotwan2y5bcpU",
+	"U9LhVr/0fvSvVU9WRzT0pup4Talzp9VmB4j8rlcUCPexhG4y7NAFQiXl1ihqJ8NuqD4Lp36n6jNwQ6FD",
+	"/pvGYzkg3srm7jfdiW6Xt6mlFYz1yNQxWyCjYiM5NSRo78cGSjoIx38/5BZHBwdwQ4HE3+2F2m+xHd1I",
+	"7tvfiJfFX0WpqhhtZMI/++4kbmb13cnz//h3R4K8RMg1CnjcV+k7HFJghCfXIVBDq+hQrFEykS6RMHx4",
+	"KwhyuMfb8OLK9ew+gzthIWd8bUZLZWU+ypYNgvYHJGH27GR7Jtez717s8jK14h/DWhGUUBeMwM+ZzFhP",
+	"acCEyzlW4e+HjTwXc93MsmlPHxkW/a32gRfNTSHIAhuBit8Axwdqpkazjz7jm0CiakI9RNK3b6hHZFr7",
+	"8JPG9hIx0PM9cI3ryqU7kibKimyS+93sLT6r2lw2PUztE7vwTUTuDpJ4pyZ2rToQ4nM+oM3aYpP+qAuv",
+	"diQMk2wgeywsCfO1QCWRwiSlm8GAqaqCj+HBS+o8wiPZyigxEyhjCVN3178KAEmNiaRhfKyXlvUQFgaf",
+	"x+VUK/S8L8XnnbgxffaLL+vrd+opF2mgm5tu6xh9GEkiney09BNI6x1VtNF3DWjeSJXFOiysFnM+3SyC",
+	"PQBi2+2Ou0iwh0fJkdvlRg33TlGK/Vx5dytz/BEgB4AqiHhPq/GjqPLP+9fMTC/zDKoUhqosfIUI0wT+",
+	"pLRN2FhM+NKIqr044xkdFNz+oYrr4DHP81oLQ9Xw2BQTHAd+CYC1C2C6hZgIeYuAu7kEVM/xmqU/XVyx",
+	"x7dPHvNsLtXjW1HI6Tq9I5xuk5MACGTTPU+sqdlJsMPyx/t+ADMhZttfyVp4BaDwVx5vfp9+EduTwHeo",
+	"Ie0I9zsa5mxBp4Uhmxb5S3Sdm1f4abeSU3O1LJjV7MUJwwewIsBAdrRhS/jj8xNwhfOJFYVJ6An624uT",
+	"E1Jw4lm8OGmevCjCAdXTAnJ5K5o6h0H8IucKtDl8KHbd5ei4MzOe6VVzgO/WdzDv0uhA3oqRY+VNE4mK",
+	"Kx65f9pj7fgGqYOQYXCKueoGouPG8vnCcQfwQw6VtBAWp25x3LCUOhksRCF1lpJod2NC+RU7V+zdjy/Z",
+	"s2fPvh8qN+IZNfz2L6xmMkdG57bITckwmFOtN+gjM1TuRUaFLwwHYNg7jvs6d8vGQiiWiQnUpq6FZT1p",
+	"oSGe/13pU5UF1dfBisEJ62Rv7BjxExsqHJ+lYX/TrQjpFQGGitceF2/HZcMh/QCBQJruWwfzt8ljhA1f",
+	"sGWKVKyWuZ96QzBNwnbyjx0VUvzwqEz43QhjSDtD1W+8jiJYBBYIaRkLoZxYzbWxrHcSwFycKRNkrYRQ",
+	"Vn+/WaFkFG39U33Zmc5zMYGyzYbN8WOMwi6BYjBUASaeegM9MgxOMMFucNTC9s749WEJPp/50x4Lt/xj",
+	"Ay3wj37J7p94FplnF/XlwGYAvgmtO8EjoREKsdCFBTSnwd0W2NJCanebhx2NK0KvCr7RpYJhUw/3uu9S",
+	"kTDsReABNqIq3gfoUOG/PRqvW2iynJ60Zyw1azVJiXnxPF8zKL0q+4audAHaXq71jVTXSYSltRLjmdY3",
+	"+62idAAlR+7bXRtv7B8ULV1wLZgSTrz5cxsv18axhmnpsMGyJehX1+/cNnaLI+/OfbamXObLQoxKu6N+",
+	"rGvKbcS1YHEDCNPzt5dOr2GF4JmpPOTr2pyghNy0CbQyZVZr1gun7/MMnUkLBXBsojO0yOfCGH4t+mdD",
+	"xRUTKjteGlEwq52Vgt8DuKxK3Rr1rkw9WQwV0QVeCfcPnH2KnWQNn/uMDSj3LLgyEjt6wGaYjkJ1d68O",
+	"nucdShDqXtYN4o1amnZN9yUvYuMfRnUjOWqsWPZVpLaKjcqg0z/mVI652QxkLuxMZ83tV0APYgsuK3zK",
+	"n1zlIvOl1SOrF6PlonESVbbQOWVmwze585WtXsWmhJqa6G3DFKCqQyeua5IfdVg9JeudjPrxcg0qs+Or",
+	"QxXUAHUrCt8TA5Wl3nnGF+AeelvIiVTX/YSJ3IhIZ+pI4nfy51eLgboeTKhhulcaR3mZW/v+Rvfd7bKA",
+	"X/pOelqJhOk8c/wJk6bYBcBsSQVeCtPZC0ibchW+1mTSHwYrpLFzXnnTIwqOAip0S5sjK3U1blNjjqMv",
+	"gR20Y5VUT2aLkRAVBW1Ddaqo7vcVoj45rFNSXlsRPNg/nXz4lQBX9O3GTS7PpP6dbpvYCmvhTZRJrh3h",
+	"OzPmrCLMocVxGldnpneDtmg52QZ8i8aS0HtjXGxUqbU0fUB6LiuJ23U8blkmwU/KJtpjTkUOU1lUO2RA",
+	"bjx4GbrqfDSXQqCbY78I8YgKiUdTXdAdbsvUo796pxCYFN4ZEidkgrUb0jcZ9Rlb+WS/lVQho3PPJQbX",
+	"cIfZQtRCGxGmHQOmBt81m4DzpsdLt3NXXfuenCAsxQhrc9ES4ymd4fEuz3gGrTQSpjR0qRMFoBd2nPld",
+	"JfXhmFeZclMn3mTjbjXt1Xby3UUwd+GPoWB1N3tcaVXljpLQeaViKa48JT9gGX3B4EpApTsE9/TcqwPz",
+	"7JTqvB/vzA4qkqunvedbXwT78wG1hja7O1jJngDxwUbk1C+leYSYWP3Imo7jLhdxC/hWWTywApesWDG4",
+	"8Gcx88yYmYFPdlq5fyXM5aGuX9bx8mUHu3lY+N9871qt/HtA6t6LpMj0CPSyByXEAAcNdODZLrXn1Cwl",
+	"lw7rZWKSS3ADYXtw8Ihbs+Ea9spYf8DOGeYfMvKCYVoCjhg+ZUABpqzUexFPdIZbSIfgQw5FOJdtLWOr",
+	"yM3kRiC3C+AzpfTDYCoVz+Uf3h8Rfr/g0m08weB5J1uf5dxYZjGfY3PDZto4Y9B7sqhl/D29bKNFNu00",
+	"DKaRdcT9bK6gyAru1DOnCifgwsK8HAaBFwrHSKpf27t8YctJHiCzwEfgvlJWQQ2RZKsWEYeOqvvvX2dG",
+	"sykvINQDsat9w2s4zCgTeRPgJ1UwSeNzZ0Jn3f8FlJoH9XW0epVqR9KU5Hs4naOKi9OigJWZcXNdBAAE",
+	"eP+squNDg3DQPhxLgIgCIE9HmVU9IwTjudElGCWtJu3fS7BULtQW0RJ2/FDC5X0Li/xtJqhULEhRy1Vm",
+	"BgGjgP1//8//y4Kvl/3fPjSTDBWJ9OoTqbPjC2ELKTI24UXWT1havu+e9atzj06tKIaKqzX99izyrfun",
+	"rgu9wk6VLOcWUk+EAa2g1DaHCpNceTRXyLUjqgi9+nRwkbnvO4rwPw5Vo1IqY50U5K1P1nRD988ii9Pp",
+	"MUOFfhXDCKXDSSeBTRVCHknd8AxOqbOhivx7brxGtx47V0wqRwVr1lMaNWxSuPlK9YdKUuANK/9EBnZv",
+	"5NKlgEIgPDzso8itf4QxR6rECRwgsjh2eP1K4vNDNgM2n/tEpzgKwfA4lWZzQIMMSNcQnqbYJOT1GMyT",
+	"ACCy/ikcjrSh/0YS6Mnyj+4niLiQfkTbn0J+yImj6BBvwQfg4VH0y0IgaExCf6+HtFLYecKRhh3ulkDT",
+	"kigSp3gkW3NqEOozjjix9oDTnvktXdI8CC3UUVmY0xk78ZViqrMjtZa7cL+cgv3zAQgP84GzAKrR4dZS",
+	"DhRWZa4GiLTj8frY/93Li6MvH1Iug8aHCQrvcMrEMeMmWIU2w6malVbmnTXeptp173jS1bcaJ7hnRLpB",
+	"a9tcGV0+TEOsEUos0HtR2yHO3M1gmcQOG/t7ClqClFtCko55+BPa2Ks4KLmHRliDZGxTCav7gXIE6xma",
+	"a7NCyUUvhnPyHIFQlCAZJaqg7SfYpadJhhnLC3tXgPlG4blFZywF96GUxigUvmn8LRa5bDL6fuS5EWUe",
+	"LJIneoHINXMaqUVzPplJJUI4X1oIA1meQ9mMXtpjPT2G1A9qV5Egmj8GuSoaTi9K40TdKIkyO73lBcfI",
+	"Qc+9FvEtiBJi7pJp5rOn9ygc2e3YaIFuKbV2xAsocVVYD9KQpWIzaawu1pAbAfD2Cm1kKNTrV2AgFvIo",
+	"OaI8Pi88kyN32gCZ/SHp3Hol5lj7veOpenfCiN5txMJZwKNJINSdVSFvnaTbdNm2Qoa05Ge3dNxoSgOB",
+	"R/1YjVMq9DhHKb4F06At7lqPtI4FlQLpgs0EhF5XCbZcaELIT/fvstWWNGX9TA7wuQmlsW1FkQztBz4n",
+	"26AXIZmxQRl8M52S8YsY9WHalQYGaefUoggZssGhR8O1O/9tscZyp2oVfr2uLI2bF6Ss9/zp9300U6Ju",
+	"BSnrvTh51kcGfaP0Sp2y1UznYqhocGe3rri0QVkq1m4nIF0+Qa8INCjjhqXv3NyOzwF1syUFfTsaQOm6",
+	"bUB3kzYXe6CgnrNf310yxeduumjrwPWB9gO71R0SivjVODru6KjldoKSfE+QgB155vR3TgoFJZ075USJ",
+	"1UbqOaosxOkw9ZwqU3xLiKvzV6/+c/TyzesfL9/9Mnrz+gHSz7daPjtzcDdEnZ2JIs6y11Mn/7m5CcEQ",
+	"cMgobzU1L/jni5d/f/Pr1ejy9T/eXL68GL18d3F+dYnrb1lSpBHsz9U3VeImGnoXiiob8pt2AHqhS9I0",
+	"+d3jAtNaPSdi9/my3S7GyG4ft9IW1DBISOo07NZCwNhP7BfZsnlaTWQuebOOCtTbmBhGnwPH24LTpDeX",
+	"7nW6fdDFmipFoPCtWDYnBbSrEnNp5txOZmXweKekqW7JLzRAk9RBPeoOGay+jixWsvxOV+a8+8jC/Pam",
+	"/UxOp8JdqwaWQXolRJrYMcv1hOcjX/XWpRgyemEve/3OpXlV8q9OuDJ2ZeG797crjFAt61oCx02hXhEV",
+	"CKtT1sPE69BnCwyxNJq695lSkWZPq0pv9chlW5ZiNoRT9qpL3ruJXFuRq4Did0R3Pjk5eXIM/391cnIK",
+	"//9fjMKLzkjtPX/6tL8XZLIoakvxkCbbSqxxh6rt5ECbhi0Tt1IvTTO+VwNAzMsci3Ktdmo/1aFVcaFt",
+	"ZRPuut5GbtGBVJfbGfiDYGTuVGWyQk5byl3Ncg4u2bHR+dIKVl5Mb32VrLCjpL2LuNkJqBHQe6FcXS2B",
+	"ixBpffhvII58U8oNmUReykbR5E92p1Ngg0gPkNuxSfhfKcsDxMNSXNomF0MXO5sGeH8jFx2s7bI1Xkc0",
+	"yQKHB5XwRi4WXVyb0UfCkFvWfkegvTwfYcujpnK6qW502p07y5mW5OESOCStYWa+nMzYnK+xG20huLu3",
+	"XmjOEXyAK/b0OZvpZWEYv9aYpwCfG/k9aPFolttSvbx7iqQ5/3iJrz7x8IH+5zoJf9626c1I+eG8mwrB",
+	"3HahG5mQqZlPUNAF+Cukug6NLTsy3AImYprRBFgabVqaQEvQhShY+VuIIfniWPBRn2GWQuoJJEUsJ/dP",
+	"f+S5mFr8RY9bNtfGMthLNl5HQ/c7+5biS9zAR/zF2Vjiaz4nGKn65BDYbc14Ie5iyzXc2nKnt1zFwEUa",
+	"S5u5olDCint7Ez8T+y+UtngvnQjQI51TV9HofjTKvKj5T1OkQ45uRWFkR6e900jnC2u2ai1b8shDDTSo",
+	"YaRLYMO3O+Psh05x96rVLEfB2PweL+wR9GjRa3JuLLVf7TLK9opnkIx0UPfakkWhJ+LeGxsqkPfRZbsV",
+	"EEWkXRYRef9p9y5QJaynp+5KFWm8gKYrvtlda0+J24gAG2RQZwjYLcivTQ3AmvNe69dg0zYALDR2I9aP",
+	"DPRjCs2ZEDmoRJVCX6ZhM25mjc6he2X+t4TYtm9RfdimQWqsINl3X9uqBhTzQUcWPoCNrG5QVlHCYSX1",
+	"oad01Pz7TqH21rNvCLe3dOC8d8w9msMBbIxYon0l62KT81RUe4JMilio03igPXQl9RAPPya5LSL8/VpN",
+	"7qbSG9noS3wlPdJXwOth8Ki7zqpU4Z6dsIyvscRwH1dJy67hOpq1ZJzNCCEYm5UMekSJVfPffbBoRO0G",
+	"dj7V6oapkUZ1bpWJNIzXMJFGQtrsItrMmBcUwd+SBZZzdcaihCiIjcQpO6EVOfbRU2JwtEfFSVDi6mlA",
+	"dmlYL8X2CJCF6rSZbAn/9lVQacIGg0H/jpWDjSAeO1h97YVIzMNWdsvJam3y2lQduOEOrmxUhIrluL1v",
+	"hoGzuiNrbyGeJs7e1BH53nwd+pD+1Uc59uBIJYBjJ44P34GNv1SLpd3fWt+8x+3reQlhM2kao24UUusS",
+	"djsleADyRCMuJOC2UIq8+yOY1JDeDc/xPF8fIlx3UEdnuSFfLubm93ln0K12ZHcTkPttLp7kHkC6JYrt",
+	"BuFGaK5hJ+8aUznoCdAiW7f8B8GzZo9GSoyVIizpKYuqmAwlrJJ6y9nzjx/7A5aSSyM9dSYDAqMC1Cp6",
+	"bQjVI9MrPxafTMTCGtZ79gKUk4TlwhjC8F4WeJOG6kaIBST9EKQIk7bvc3+kLXPHAuJIEooxOOBeBGgr",
+	"vbTukuoiQKsgsCNhUXu4act4qE3w/rqh+hEre6lAa87XbMGNYb0XHz8m4ArRS2sSBklNOFImeHacC2tF",
+	"EdxDQ4U4k7JgkNqE8GW+HAmhUmSMU+v+TNwHd69aF1M9p8iv1KSDhkNvqZfc7hjq4G+vUtVul3rVZ7IP",
+	"yKzfnu43HuCR7xL8rnjs/TXD0eKJVFwPE3Q7ROvbeglb9RGUKqVjMSIpaqQtURs0VDtGdLtUcJV4ZLCS",
+	"P9I0llJ30VSq1NOgn8BkB+DfPIxWEmkL94IO3xHpqfc4k/9aolCne1eyK71UNmGRWzxylZxtngHph3tm",
+	"1VRou7ktjNKrszAN4p5M5wgc/YLNpVpaYRifCZ4hRGWX5IF/UlEXcq9CcADDVnrVPZUgXLI6IUMKZ8KU",
+	"VsehSQZW0IdaOdgRj2LOHXPHC1mraMr0cpxHH6c6/O0pK/VrGxHAduo7gKujHKzu4Pyy/o5yHm2W+yFT",
+	"l/cOpqI2gJ6U5SKXE27Rc4tkiS03prmc2MMFWTeOZl+Z+BBtUAXPRv4kuuG91sTuh6QpPhXF0dx1dz9t",
+	"ppbC90mNulfEYC/Bvxttnq/HYuT4a2Mf6KvguQYOR0Hrtlh1gIZWjCuzEgUzHDLIjXbKLKlyWDT14uPH",
+	"/hnUUmNYvCHOjRXfSojMsBRieend42BbyjYOFRHqFpYBkor41dfSt7az8Vj7aooA7UiegUVeQsua1ub4",
+	"niu16MTIkUxrRsAK3QdhSdBSiSq9wJAarxlXGhIa4W6eQTEyhVXn2LsS8nObXQqBVbZwqMA+W/4a8gv2",
+	"FGW0X593+GmamLpp5upmRxQ+pshNexWryeSE5878nBMoP3hmeGRMRcVmVSP0bKhAuyv1H2z1kWIHE7Rp",
+	"6w1PsMOx+/sZ828PVeX1aieR04b+I9HAQxU14kAo8bi5yVnsgzJrY8WcAAakpVkPFX0XfbYjSkFJTwnK",
+	"KhcZg0odZzq0MMgzxocKlTGUFtjOyoMUamyHsOLr8JkcPATh32dg8A8V1UJAZjAWqBeVzLI2hId6ssxR",
+	"JJSOUEAeJUfliZd9ZrzLg/YburXG+xB+kYstFjK4ecz+Od93cO91v3pRl55DOu6q/DV2HtH8mq7iP6CJ",
+	"Vmvx395JrO1apE8W3VGWv5++TImX9Nn2Bb6D3h7t66sEnjpkc+mb5mSPpjhWp7J+2P/uJFQ9tsZCP1/s",
+	"Y7Y5x5GrKoTwDbUwpwEsxmPpli3iDHBXAtN14nYD4HiNGEcIO8V+wVL4FXBjbR1DGgOTOsVnMw2/nruR",
+	"Un2TMvACDNgrXlyXQOvAXrpmvPoqp10SDSqQNymgOXroT6i6tY0Up+UdmyofpvfwlgQJnFqzerRfL/It",
+	"XUm7Nf0GdLwcmtptb/eNgEjkutjJgNywW/G5/Wish31CoNXHjRDgncW3cQ6+I3j/LomJUStWmlFZvLx5",
+	"ME6VF5NlIe36vSPjkAz4d7FuTF3xXVbg+pqJXgiWGlHcAtyQLlgKWUFpwoiAIeHTGvb+5/Pjpy++CzlA",
+	"cGmAhQleYMcunNnM2gX0IDBOUt0IIEp86Ee/FX/77eoo2ZxbaMzyt9+uWO/n9+57umDv3D/6Zyw1y3EK",
+	"QFdx70hs+bFjOp+heHPaUHGCSE1OH2czwTNwmPriH9oXJqFTK7Y3Re3olC0KAcBsxO6GaqyX1zMbgg6k",
+	"WIZyUKf4+BaXhBHltLrzt5eQswtyeqg8tkfcmYk601AaAOKD8KKQt44vYncbcASjm3ioSsz1QuSSj/N1",
+	"5I78Ky0NFAkzGKqh+tv7N6+xXcVqJgqRsNQofiNGE25EGkrL8btSeX9cBZWGZMFQXb5/E7XICvgkJnjx",
+	"MEgCv/LN82ASf/oTuJTMn/4ETr8U8BAmoCA+Jgb6538arVLWc+99//zF/+x7xd5Yd69ZOtGZSAdDtVEB",
+	"7473+clJuYk+G3rCFfbVC35Oai1rCz6xQ2X42rDenOfuEouMua1KGGdjnrEFLzjqxwBUwDNRYB3786dP",
+	"PYyNG9XNzVFHtmZOet1A99RlLs5YioX9v39IIY3DMCfbmK5W9bv7Bye00G4PC9qt91itacVHO/jTn9iV",
+	"+EjoOkjPYCwa1oNxEybmXOYm8Y2IEtDsoVdl4kPWZRJ54n6YL7SFNjI3Ym36bL40sE2/Xv14/B/Bd/L6",
+	"11dD5ZbsfwFoDjKThZig3GJiPhZZBs249K0oCkkdmaTRObe01zo3Q9X79c9PT56eH8N/LhLm/vvdd/Dj",
+	"d9/3k1B6cCNg1aBU5BxIkkznoUIEFjDsMChCRjM4v+e8uDEw7AkNf/IjzOXXP5989+Ql0B3PcwDHx00+",
+	"X9qZ2xakwz/9yY2Yul/qQv4BvztlfwV+w4bLk5NnE2goBf8U6YCdU4MpIFM7K4S7nNoeG+FoB1siFwjd",
+	"x+vMD3ndX2I2l4CpBtzA6uVkNkRAqJUq8wrPGFdrlH/QmAdH3sHyh4p4PuthRqj7TKaRJeBgnhHO+bpP",
+	"e3NZ0ogjwLdv3l9RUBTdLe5WzPWtYEbPBY6CRvZQpdG7x38X63TA3vO5gDkCmwRke3dhKPzy9DmbsUK4",
+	"4zZlgqojPXDcYTFDGNQev4NHIW+jWIr0DEcMW8BDFZzFz0gzVO7WphHhj27EelQIiHsP2BuIn0mtIAyr",
+	"lWDu8oy5qYAsDVUv9APHPt/heoF7qe9djdzRvQcdCS4Rd9XJ6nVm/1CFpZ4xD3EQ8u79hXAvgDmODD6h",
+	"TziG971jhbUVSTWa5vJ6ZtMB+7tYM7PgE2FO2UZbtEcGm8xy9E1g47XeQhRxaa3RqImjs2Oi89zdb6J3",
+	"VO+Fyh6ZM2qHdP72cqjcOQCEpYGNhBkAYKXPtXIUSl9336OI2ymLPz5UZQ9TbmcQzXdHiYwU2i1Bryv/",
+	"AfCjxGcxYOdD5eUA0C1l7RLrJD0S1gjYJu5UpC0XF2iqWCqD7WOvuVR0PV5JY50wAzMnBbQTwBTHyN2L",
+	"E3eZP7IXJycoM8CO4v9aYi8to4sU5h9IPP2EzDqK7nxOfb9ZegOCwE4Pph6WAJu94NcCTSDCKUGFxymX",
+	"vljk6MngZHACpulCKL6QR6dHzwYng2dgztgZaJSPZ4LndvbH0emnz8nR47mwhZwY+gkcmf5Pocl21c0D",
+	"o1wLsB60v02XGSWvvqs9Cwm13DtHfv90JN1E/7UUxdpjV5wGPzDab3un2XxOms3B8suPX7lzO+rw4EsM",
+	"uH3+AN7LhVYGFfGnJycYUkOoEo9IRorNP8lkKxewV0EmRCVBtd2Etb8G57EjzQE6V4Dw2j4R5vw4+AUg",
+	"U3M+58UaEkYRG6IyAxjdkeQqGNuOzPi1AZ+vowFnsHw8Boo7xl/4+NJCm5YQDmUHScOmuUYlR2PgOES0",
+	"e5yqwbHkXxo2CXXjQ+UsNJhN/wxRaQUvclmiiwniA4VwZ4K9akGiawXczkIfvNAR4NerlyzjazbWS5Xx",
+	"Qjp9itB1cRz0bKKOgdf1kSFYAtSOYJI0sl9eQPRgWMTXClAwVFIZ67RTPa2DHWC1X6XrNYoUQAvE0nvi",
+	"qkNVay7dAxw2zEGqZLcSHjAQ9iP0SfdBQpZTxoZ3xVKVKhbrpTJLkZmVbfd/urhC5lO98S9BQ6jhogSE",
+	"qb/qbP1Ql4Z8K5+rRjfR5Be6uU1X9q0ojoOqB0Xfh7i2mEwZ5cQRxYIMC0ngsZMf35UQnel0kyscH9PQ",
+	"jsuU4FZ+H1VddGT2IbDXbcsbCsr+3fh9vdRmK6enW4hbf0CWH9cw3ZHZt5PI408+Zf/z46wsuGuiBqeI",
+	"lMQQlX1Vb3GLMtDBEfqhTSb9AmZjmemahgqfNCFUT/A3zjSCWzdV1UWqfEtZHXLO1Ywgu6EFcWYYH6q0",
+	"uZQrZXppQSZR1S07j6rRQoKH0kNFXd8ovTRhClojQ6DSMWnUoaF2jeeisGc+KmiszHM2Fk5PRoNqwN44",
+	"85OzFF9Aj6FvmUMgqk5WinIuQ9V7fvI9S32EN2VgrK+kEf0z/xgUyKsS/jR629sz0ka5dA1ChUri4pKy",
+	"hxEpDVWiX1ieVMrmNrnClafVpNzHQ7CEH8TEmXdgLO0qd8RMGO+Mn+tCHJZdIEV+e9yi9EKcRe5aMZ2K",
+	"CTmk3J26XnLAAqbbF1orWbi14NCuEjd6NOq0/ZXJi3IIqDISulndn8je4mjg1t2QQGhi34eSADXYUU3j",
+	"6YHVXmpGVFFJ4AaOBgz5V2dcZbmoFVs6Xu3+Wxr6iCFNQjMW0RGAAtU7cDVUM70szvyCseCBKjZRPJBr",
+	"AkD+qRzV/bTG3G8YfqjWwiZMfOQT6zi1YXJa6n9nWA+aa31j2HJBXpmyp4rM86HyLVVSOt8UoSnfXrz+",
+	"4fL1TwhROTr/8eriXcrKdhC9uDfaUFFzNILBNh70su+lWy6FwT6v3usz0ysTxUbEUIGHBTz5aG9OZlxi",
+	"c224P25xnBEgNOtFXUNAwXWnAcDUp4Amn/bRQhvzyc11AXITQea1x550X4MNGSpa8vurd5dvL0bv//P1",
+	"y9Hl66uLd/84f5UOWE2cYbmGT9+CQcHubpBR79dqgut9UNkU1xd/Jtn0oLwiKgRuYBi/+Xa+sDdT2Ht3",
+	"ipk8iFh6ye1k5qg5MmuYgjyg/dkEGEjHk1CFZtqZxdvIHZkgX3hk0BvgXXAUH7oVBfvd2dsJs7pPEIUh",
+	"1Qw5wmlcuYSYMQkrs5sSSjFDAxvSm4aKTHnoM4Ss0dg4Owznci1vhRqwMnNDKiYkBkywhrEQwR9xxngZ",
+	"c/CaGbgKwNXgZmzYiftIIRpNexwHMqgeiMZb6gS/sA5WLzBtEZSTMl8GckApDQ4DEIe08Sv05yOy1TTB",
+	"R+YeV6KDUV/mhT6MTV/JRv53s+ZrxSRbjfmo3usgtvyv0XhO5/SV/mJwPcCCACwmM/17E8hjypFvZ5u/",
+	"QMesGM7LI6WVikfPmZX1BNC0nzCf1e1MUuMUnWwJvP60NNDR6sZOYjVotIIUHvi4VmKoqjhoFC8csHO1",
+	"jgsl6OrGxZiox0tlZCbQur9DVSvzRa0haQOqWidcYUqCFwNOTxL4V5ZJZ3RNB+xVDQQtQWez+LjIuVQi",
+	"q6HAnQZtdmlNMONo0r1Qtds/G6o9Uf+aqiWGqg0LMK0CnblD9QmANF4msuVCmKGKTg/D3iBI+dh9qRzU",
+	"KRPMUYPKyipgEq1DZVfSaYAQPo0mXI1kkHbtRsDpESHAyfiiD0jE52q94uszeJ62Cc3hQoASjoh5qUd4",
+	"S/tNMpKQ5Krs8mGc3xX0yC/u9Y5hFNv0whU3EaWTE4ySdEzA0TuIR9OdLxxQzF/vYVIi38MyA1OPft5C",
+	"mm2rvMQs3Et1ywvJPQU80EFU8phb9JQC/sp60DgDYZctm0qVGd+fAkpbMdG2f4jjeCfcw0sb+r/gXcab",
+	"GvpEQD4w5pFBKtxkXz8SYeq0HsRPwr6kRx7wCPwn2rREAv7JNc9ExrDvU3EfqqecUFC9fDbo7x+cLhTl",
+	"Zf7+wak85ZHAhSTpg+mM0Wb7jfwQdpaM/WPqurHFVPqtkJbMbO9s4KaU9wm6JdCZYuJq6w2HwoC9LLui",
+	"BVcINj+ETHTO0rnOxF/oOymj2SVUzSKoQWJ4MA5+hqehdWk1ISZkXw0VgC7Vk68g8eOCT2aR/QROdF5Y",
+	"p4ljwxtf7qynIaXHTQUj20PVS2t9QN6dX12MXl3+cnmVJsynjzw5SRifFNoYxlELsXCBnPBecGPd3bUh",
+	"Gg3Zj0+/rzfeQdWn0hoHY9FcNaRoJWUje9LBaokyrAdZMo523S3tkzqCTXbX5CQpoyB+kFr6ErsWdnfq",
+	"EtFLNBou1H04YGnwbN0ee/Z09T505ayZKzsshmh7/i7WbxaY7UgWxOEFeW26uIZu8vzJQ02iiZfhxMB/",
+	"jRmxMImGzLy2b9Fb5f7a8AZ97osxw/d0ceuJ3NhW2XNsajgZmKRvLlpySe8AePwpyvH4vFUelRVvDyeQ",
+	"/Dd2+C2+tAh6B3nYLCr6C1vrN/Low+d9r6tf7eUPcEUJSqSJduvFBdDEKaDtiY/SWNZ7evKk72wdRF/z",
+	"Kakiz8xQgbfNPXLSHzDoqEZ41Y52oFgEc26geHnAfHQ3zv8ZqlyqG0wKdh903LWGRJRU2/6iDUKxU7DR",
+	"tBJnkJToZBDluHugOmCTRtgm9vjrwoiiSoEPwM5oePzYl7ZLtpE+Ye8B1R+Ud275ZmCaB3AGhtRrJM3d",
+	"N2k7l3ocVXYRt9pEoHeEnXKbnmI8p3J/9EoZ1ktpmLSPvgzfGw1wJocqKqTqpTOR+zyy0BOEkqnZSkJ2",
+	"a77GMgDj9Ecsr0D4hV7QKPvelOQhIWGjqSTrpaHfIPvLUPk2lMf4xDGLBgtZvzQTqVhW8BXC6YPmh2l8",
+	"3FKByrNnz77HqsVK+5r+KUvjHU4Yt0n49GcC4vczoXoUKnUzVmuwDbDOQ84F651Q+Ti6oKJMQNSLoDqu",
+	"0Qfxk7B/pbPdYKabbknC1DiraZVBC/MTjmc70ys0ZRBpqsn/y23F99upcPm+PlqtRAcsFb83bc7j2nPn",
+	"9ujzhxZJ6vcGKe6v5U1weoQlkknDQPcyru8kcsv2eCto7wAkfuaxwAMtYs4HUULMTag19j2l8g5GRF95",
+	"XKIQNKWK7akGbLNVeaXC1HGsG6kyluIEyHzCOmdutDp1u6ONRI6WYlvFlPEsc0PBlrLeotBzjaZCwhaF",
+	"1O6w2IuTs5rSYYbKJxbIqY/COZbGAmoWlKAUfIU9EpHRScMCQ3M6xI3AQhMsSMGqK/b85GlLZ9vg9kEw",
+	"OWAphXCWsNJLNREQcE/p6QHug8jSJu5yDn98GZqm38e4ejCj6jyQ0l4O0icPMoE2H+k5bfPDmVTPT55u",
+	"WVFce9l9ZSVTaohyBRqOEEVyXlz7DP0NWj6EZhSB9j8ybKILKlHETvueyWEBXL+Ju213Mu7gWmAWPhC/",
+	"cjLmGnU9sgfYhOe58cAy4ICCDFVd3AzYpYVgSXErzFCFVveBTzDO5pqOxAYXFuaBetjXAbvSfpDEsyrG",
+	"oSC+0eXiVl8ygwdzkHylOAd9u+0Gl2UhX1ywQzSsIlpAZcbK8/lyMnMy/39nJPGIGBpFe1c6RyJ6IEr/",
+	"YYu8Yz2na8+oYBppMaG8SwlkulTi4wJ6j3mVvNTgT1muIUcv9VI5RQ269DQOFQpxUL5xJMOM1sq91oMC",
+	"yGP4tbtqOTe2H3kpdZ4JgCJ5DWFcfSsKEN6nZFhozaZiFa3GV87XvLgnT6G6vUl4T3iBNYo26mcfDC8s",
+	"JiztnbQ5dwdO7xsX2zTLr3XZ/dfbrjs98N9HYL/Wzo6ErMxgcHv6PEhYFljSJBDdnZkPmuYPxHu6ewfX",
+	"wm7mb//k5vaNXyyY41dShenbbZcK/vztxRUCDcP8AtMu7byEYS/bSNXt35/EH3/yGEGfH99qREm6O8kn",
+	"jTUTEQpRp5qJ757fuWTiit/4XPBCzLlUIeMeJS4Zrl6+Jz63MXVrT4eqYqdDaaznToiflPqYsSG9gNKu",
+	"0AlpLF8P1YQv7LJwrO2sRImBZwnLyWD+j0+28nBPVusBhSvLhHCMENHkySlPz2tCq/BBU4gM9LxrchhU",
+	"lDP2/OR5ZSBnp1CKeRRx3mA0/9AyA2r8VrlMDHH2hWV3BGHWwGP+ASf0zbIYN71ADBhkGq/ZXBrLb8R9",
+	"eAp437fm9f4MT9w1o7dE9naKOGBvurtG/VYRKO0oOSLKb0T1/vfK9HXbtTvHF7b9S1uEV9UgAcyhtaj3",
+	"QI7d7Ww/eEqbzbpk01ZDTyaw8KGS9hSNPi97HTv373ivzngZI32RjZol8OJQQf5fQgwak4SBFKOUFRAE",
+	"blpAwqznP+Z4coNdmLG54ApfD2O1ypT+YKguVFb+lcQbXROUDlkZW/unHrOJdqYpDYPWaSGM7WMCLv1+",
+	"wM5xQNBNFdUbpmS7jjjiovkrOFQ9SgunJ7K07/GXfH4Sbj35lbhak48I48qQLFuLQnlB3JqH8zM2P/4m",
+	"JZWb21dSh92nKSzcxEV+Fvl/S/tyw/9xmDxTcFQGDoFKVa7VtbtK95acjz+5/+xK6SE6f1CZ0+Z8BLfs",
+	"FxY0bxR+9+DiZLeId1uxT0SxdoqPie/e26jqOs1WjwPKqUhEllXFPM/RfOkzD+NTEYPeRkKzxA2TVsOZ",
+	"wVuY0roRb6wimSABfzBUv4RKDvgEZJM+jYQLI3yJIB1JvwsCKkuGke/V1Opnz8oc0Qq02kYKqoehMBuJ",
+	"n43yBWfxLQsYmuIXqtR1O3HhtIBGryWd2Tdr/rxvVoKQ/Mmsjwg40O8B+ftjGvurc4YLQIZR/sIFpVEv",
+	"LbpopbpuqFKPgvsBEwaHSHynOAgMARZyw41szArH0rB9LuY73MUDXMxa2vXXuDe0mG/YMwmBdqCRUh+H",
+	"isv73IwI83S76wAdb1fx4/ue+Tdl278CIbrbuo+ErRRfx8zHMhmcyEPb+DvIhsA/jn1V1wPFaH7EzHw9",
+	"XzjbdLwEBSc45eGPlCHRh/41OKsBK6uThsqXJ5W1yFgnMxd2prNT/5IvQZmVsLU+DUINFT3EeulE5zkm",
+	"moxwhL8YobJROYpWguVSCerzI6CgIMLnZikknYzKTice/hF+HaeNY+6oR5D3YNg8jlkRpHj69g3VIaX9",
+	"hE2l4rn8AypnQh2stE32vMeQBDxx2FK3tfATwauUtU9LQxExLATyuByAC8UVDWE1fs5qSKK9igrEpKnW",
+	"/SUowlJ/bAsOewFA+CZIqqFCbTmJYOhzeSvmmoDHw8aKjwvqdLmaCfCrw+v+7FbcMAD4H4O2nCVszNUN",
+	"oj1PEfR9jghY8BR1ORpzlRECPUySIhB4ZP6X+N5oqTx1jHORQnWV2/aeo6DK3zzR4ZfQ54I5OWY5mbgN",
+	"dTq0jzAo4ZtAZVqY/oBFQtMDl4bSs9NdZV1uKoipXuJz54LfQoYkvUkn1u7lucT5E8zVt6qOV2f5dWqs",
+	"ajvVYtHThic+Q52SO63B5rOezv49qrCqRVciz2vVVY5VK2GZFcXcJJjdQ8yEFnqX+qvHsSxqV1/ojbf+",
+	"4X9r5YVWsVt78XvzpfWW81jW+Em06i7hBB9WeYEq/9YCmPfLuYmRm+hGYvUJYfmXwCuh5XsJJmKGqufx",
+	"SBBt31eL9QfshwDc68E7ys6FAch6qAKSNfP1w+8uri5eX12+eT369f35Txeji39cvL56n/bhAzdiAfXX",
+	"GZc5gUSZodIqXwPaPbYC8DF4QgjZwNDGumZ6iDCyUV8oZ4NAISXAizQswGrzGFR7zXoEbe2VjjC842oZ",
+	"XyeIok3g1JWPK/HR9uPSFGihWEXKrsNvO5rzfUEq9SzoeyKNwOlQ2KwMFatrAQpfsVQtJTWhsI3gr74M",
+	"iH0NgVJN8qVxZh/s0lmoGicoQR+/cdtS7wqeNrUFpzARpP6y3vOnT/tt9TzUOHDPip6NFVx89CsQKivn",
+	"r/TqwPOFDodfuP5oJ0YU9Z1sEv0INP+FmfIrPeF5BeoekIUiaDvE/2EFV9exLEbGeRjmvIE+Vrf88lyv",
+	"nPY8XrMFR9Q6uLQeBd+Jtkem1jCDG5Zygj44H6qFU7kLjORCUp/R1NkEMHTRbEFcXfcfCupGvg3AyJ9L",
+	"660Byi32rwGqM0cAPvCUCd/dCypyCRUwGpD66UAa96IQE5GBkeZ40FQqaWaOhW30AOH5iq/NUBlhz1Cb",
+	"95ad2xnYJD65aeJgTuVpw2/b1EKrHyZmXNnwM6bnYEh6FAzqECWupVKAF9tSFzjdwhOfOp545xSRh7y+",
+	"HdHdDofr5k4hoICPl0YqYQi1FogrocTzDdWJrlNQkr0q9fhT6WfYGs8sTbmH1lZ32EBfCZ/AOylCFWCJ",
+	"PkugneuOmmpD7mXU1fZw2Zd00nUwx5YIA5/MSgx53wmSej479dWDjQaoZICVgc4s0KolGSql1XEo9QK0",
+	"g7NKE25u2Vwbywggj/kIzgvf5mWouDNE3Vs30H0Kdq0/YOfUTjwgeCF+6VxaW/bTLtVB9D+VPTDKZogh",
+	"TyhAAgdnB6rpiEJDIHQpuKhikDrqZB43z/O4PKBrQtMaal+FNrrRIFmGCtx3qM544GEPb8168Jty0CSC",
+	"fYA9SHA/cWFhR/tJyDYlqGldBL2dloqt1bidzBIQFUOVhnWkJcY0etwABClqWt/SsZ4AA93Zl33VmmcM",
+	"RcVhvn4GUZDKXaeJzkQM3TgKfz8NebMgbbgNNDpUNG9OmVQYhYL2X5arDMDL0K2JR8ydVRktzq3VL8TH",
+	"0jhLw2RTNne75rGi/SaJGJvRwNqSoXJGFO4yOmRCe8Rg9JUYj9CTAXC63TqapPKluhY7wFW/LbQimOpf",
+	"3fK7uc+eHvbLl9DfrT3R960okAGyAp4xkGToW8EhosO3Gs5DED/SxntPHC97cnJyQpyw36B9N/D9x59K",
+	"ut8q5UuaO/oiyLgB27e958Bh+liAKAg4uE5TVyJGhexixTQI7nJbuwruDgb+h10n+HjC1UTk3XphPMwU",
+	"2yJy597yURoKo5Ad9iLgv02U34SlCHWeJkOVlgjo7g8IZz2i1miQrJsCzmrEszGe5IFfZvwWHGQxYi0I",
+	"nhR3DRrXEGYdCA80+Ax01HmjRBhpqMYibndQ6hOUJBtaLj59htC0CRsLbJ7qWI28nlnoTQezBo8ftlcI",
+	"6Ll9NhYTDRlfOLeR36ZTxlGMegkVVc73Uncaf8E30j67hn4GQcWJGiqgqfCRQI9R8hiKY2JiSLQngxDW",
+	"hF+VvTAAADHqywogvHrKsLU92d1zdCT6/GAYgjK/KvIeAT+5E3BetA/YS5wEeFGvseMDdgAKEM9DFeSl",
+	"f7qqDQbALacnoM8CCmCrsL/NaWNuuG+Q8RG1QEAW5niY1glwMjzmfYnXoHVB3yRSX7dIF+rAYajFytHp",
+	"p13hHlHceha1LPKj06PHoIvQ4J88rypxqpxR5n/pkVSjX/mgT/S7YHLFz1GyQ/QrXEf0C7KMot8g3MOm",
+	"l/IlB6obr+mmnAGTW0SO6WuhBPZ5xhW7HZ3kEqRYYMh+9xq+8DO0XIWu3Rma9mDI6Alos8WtyCIw783P",
+	"RR8JNG6OPn/4/P8HAAD//w==",
 }
 
 // decodeSpec returns the embedded OpenAPI spec as raw JSON bytes,

@@ -591,4 +591,3 @@ func TestVoidsRacingHoldsAndHostileCorrections(t *testing.T) {
 	mustVerifyClean(t, s)
 }
 
-func ptrTo[T any](v T) *T { return &v }

@@ -70,6 +70,7 @@ type command struct {
 // environment is what a subcommand may touch of the outside world.
 type environment struct {
 	getenv func(string) string
+	stdin  io.Reader
 	stdout io.Writer
 	stderr io.Writer
 }
@@ -80,6 +81,8 @@ func commands() []command {
 		{"migrate", "apply the database migrations and exit", migrate},
 		{"verify", "check the invariants (balances, ledger, credited payments); exit 2 on any breach", verifyCmd},
 		{"sync", "catch up with Stripe: process missed events, look up pending payments", syncCmd},
+
+		{"usage", "import usage history (CSV, NDJSON) or compare totals with a legacy system's", usageCmd},
 		{"reconcile", "compare delivered usage with Stripe's meter event summaries (exit 2 on drift)", reconcile},
 		{"forecast", "forecast customers' daily consumption from a CSV file, or backtest the model (no database)", forecastCmd},
 		{"healthcheck", "exit 0 when the local server answers /healthz (for container healthchecks)", healthcheck},
@@ -91,7 +94,7 @@ func commands() []command {
 // getenv and writes only to stdout and stderr, returning errors rather than
 // exiting, so tests can run the real binary in-process.
 func run(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) error {
-	env := environment{getenv: getenv, stdout: stdout, stderr: stderr}
+	env := environment{getenv: getenv, stdin: os.Stdin, stdout: stdout, stderr: stderr}
 	name, rest := "serve", []string{}
 	if len(args) > 1 {
 		name, rest = args[1], args[2:]

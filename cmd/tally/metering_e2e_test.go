@@ -270,7 +270,7 @@ func TestReconcileEndToEnd(t *testing.T) {
 
 	fromT, _ := time.Parse(time.RFC3339, from)
 	toT, _ := time.Parse(time.RFC3339, to)
-	api, err := s.admin(t).CreateReconciliationWithResponse(ctx, client.ReconciliationRequest{Meter: "api_calls", From: fromT, To: toT})
+	api, err := s.admin(t).CreateReconciliationWithResponse(ctx, client.ReconciliationRequest{Meter: "api_calls", From: &fromT, To: &toT})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -392,7 +392,7 @@ func TestZeroTimestampsAreRefused(t *testing.T) {
 			t.Errorf("totals with %s=0001-01-01T00:00:00Z: %d %s, want 422 invalid_request naming the zero time", param, resp.StatusCode, body)
 		}
 	}
-	rec, err := s.admin(t).CreateReconciliationWithResponse(ctx, client.ReconciliationRequest{Meter: "api_calls", From: zero, To: time.Now()})
+	rec, err := s.admin(t).CreateReconciliationWithResponse(ctx, client.ReconciliationRequest{Meter: "api_calls", From: &zero, To: ptrTo(time.Now())})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -404,3 +404,5 @@ func TestZeroTimestampsAreRefused(t *testing.T) {
 		t.Errorf("Stripe got %d requests for a refused reconciliation", n)
 	}
 }
+
+func ptrTo[T any](v T) *T { return &v }

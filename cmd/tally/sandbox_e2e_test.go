@@ -199,7 +199,7 @@ func TestSandboxMeterSummariesReconcile(t *testing.T) {
 		waitUsageStatus(t, svc, id, client.UsageStatusDelivered)
 	}
 	from, to := time.Now().Add(-time.Hour).Truncate(time.Minute), time.Now().Add(time.Hour)
-	rec, err := s.admin(t).CreateReconciliationWithResponse(ctx, client.ReconciliationRequest{Meter: "api_calls", From: from, To: to})
+	rec, err := s.admin(t).CreateReconciliationWithResponse(ctx, client.ReconciliationRequest{Meter: "api_calls", From: &from, To: &to})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -181,13 +181,25 @@ func New(ctx context.Context, opts Options) (*App, error) {
 	}
 
 	// Metering: intake always; delivery only with a Stripe key.
+	var meterTurn func(context.Context) error
+	var delivery *metering.Worker
+	if stripeClient != nil {
+		delivery = metering.NewWorker(metering.WorkerOptions{
+			DB: gdb, Stripe: stripeClient, Catalog: cfg.Catalog, Config: cfg.Metering, Logger: logger, Now: now, Registry: reg,
+		})
+		// Reconciliation's Stripe requests wait their turn in the delivery
+		// worker's share of the meter rate limit.
+		meterTurn = delivery.Turn
+	}
 	deps.Metering = metering.New(metering.Options{
 		DB: gdb, Stripe: stripeClient, Catalog: cfg.Catalog, Logger: logger, Now: now, UsageRetention: cfg.Retention.UsageEvents,
+		MeterTurn: meterTurn,
 	})
-	if stripeClient != nil {
-		a.workers = append(a.workers, metering.NewWorker(metering.WorkerOptions{
-			DB: gdb, Stripe: stripeClient, Config: cfg.Metering, Logger: logger, Now: now, Registry: reg,
-		}))
+	if delivery != nil {
+		a.workers = append(a.workers, delivery)
+		if cfg.Metering.ReconcileInterval > 0 {
+			a.workers = append(a.workers, metering.NewReconciler(deps.Metering, cfg.Metering.ReconcileInterval, logger, reg))
+		}
 	} else {
 		logger.Warn("TALLY_STRIPE_SECRET_KEY is not set: usage events are accepted but not delivered")
 	}

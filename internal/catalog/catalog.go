@@ -147,6 +147,42 @@ type Plan struct {
 	StripePrice   string
 	Meter         string // the meter event name
 	StripeMeterID string
+	// Delivery is DeliveryLive (the default: events are sent to Stripe) or
+	// DeliveryShadow (events are stored and counted, never sent), for
+	// running beside a legacy usage system before switching to tally.
+	Delivery string
+	// LiveFrom, when set, is the cut-over: events timestamped before it
+	// are stored and never sent (the legacy system bills them).
+	LiveFrom *time.Time
+	// LiveFromNextPeriod sets each customer's cut-over to the start of
+	// their next Stripe billing period (their subscription to StripePrice),
+	// decided once per customer.
+	LiveFromNextPeriod bool
+}
+
+// Plan delivery modes (plans[].delivery).
+const (
+	DeliveryLive   = "live"
+	DeliveryShadow = "shadow"
+)
+
+// LiveFromNextPeriod is how plans[].live_from names the cut-over at each
+// customer's next billing period.
+const LiveFromNextPeriod = "next_period"
+
+// Shadow reports whether the plan's events are stored and never sent.
+func (p Plan) Shadow() bool { return p.Delivery == DeliveryShadow }
+
+// LiveFromText is live_from as the catalog says it: "" (always live), an
+// RFC 3339 time or next_period.
+func (p Plan) LiveFromText() string {
+	switch {
+	case p.LiveFromNextPeriod:
+		return LiveFromNextPeriod
+	case p.LiveFrom != nil:
+		return p.LiveFrom.UTC().Format(time.RFC3339)
+	}
+	return ""
 }
 
 // The confirmation strategies an item's confirm_on may name (the values of
@@ -225,6 +261,8 @@ type planDoc struct {
 	StripePrice   string `yaml:"stripe_price"`
 	Meter         string `yaml:"meter"`
 	StripeMeterID string `yaml:"stripe_meter_id"`
+	Delivery      string `yaml:"delivery"`
+	LiveFrom      string `yaml:"live_from"`
 }
 
 // Load reads and validates the catalog file at path.
@@ -274,8 +312,26 @@ func Parse(data []byte) (Catalog, error) {
 		c.Products = append(c.Products, Product{ID: p.ID, Name: p.Name, Amount: int64(p.Amount), Currency: p.Currency,
 			ItemSettings: ItemSettings{Invoice: p.Invoice, ConfirmOn: p.ConfirmOn}})
 	}
-	for _, p := range doc.Plans {
-		c.Plans = append(c.Plans, Plan(p))
+	for i, p := range doc.Plans {
+		plan := Plan{ID: p.ID, Name: p.Name, StripePrice: p.StripePrice, Meter: p.Meter, StripeMeterID: p.StripeMeterID,
+			Delivery: strings.TrimSpace(p.Delivery)}
+		if plan.Delivery == "" {
+			plan.Delivery = DeliveryLive
+		}
+		switch lf := strings.TrimSpace(p.LiveFrom); {
+		case lf == "":
+		case lf == LiveFromNextPeriod:
+			plan.LiveFromNextPeriod = true
+		default:
+			t, err := time.Parse(time.RFC3339, lf)
+			if err != nil {
+				problems = append(problems, fmt.Errorf("plans[%d].live_from: %q is neither an RFC 3339 time nor %s", i, lf, LiveFromNextPeriod))
+				break
+			}
+			t = t.UTC()
+			plan.LiveFrom = &t
+		}
+		c.Plans = append(c.Plans, plan)
 	}
 	if err := c.Validate(); err != nil {
 		problems = append(problems, err)
@@ -358,6 +414,12 @@ func (c Catalog) Validate() error {
 		}
 		if strings.TrimSpace(p.StripeMeterID) == "" {
 			bad(where+".stripe_meter_id", "must not be empty")
+		}
+		if p.Delivery != "" && p.Delivery != DeliveryLive && p.Delivery != DeliveryShadow {
+			bad(where+".delivery", "%q must be %s or %s", p.Delivery, DeliveryLive, DeliveryShadow)
+		}
+		if p.LiveFrom != nil && p.LiveFromNextPeriod {
+			bad(where+".live_from", "is either a time or %s, not both", LiveFromNextPeriod)
 		}
 		switch first, dup := meters[p.Meter]; {
 		case strings.TrimSpace(p.Meter) == "":

@@ -48,7 +48,7 @@ func TestParseGood(t *testing.T) {
 			{ID: "forever", Name: "Forever pack", Amount: 99999999, Currency: "eur", Credits: 5, Expiry: Expiry{Months: DefaultExpiryMonths}},
 		},
 		Products: []Product{{ID: "ebook", Name: "The e-book", Amount: 1900, Currency: "usd"}},
-		Plans:    []Plan{{ID: "api", Name: "API usage", StripePrice: "price_123", Meter: "api_calls", StripeMeterID: "mtr_123"}},
+		Plans:    []Plan{{ID: "api", Name: "API usage", StripePrice: "price_123", Meter: "api_calls", StripeMeterID: "mtr_123", Delivery: DeliveryLive}},
 	}
 	if !reflect.DeepEqual(c, want) {
 		t.Fatalf("got  %+v\nwant %+v", c, want)
@@ -378,7 +378,7 @@ func toDoc(c Catalog) catalogDoc {
 		d.Products = append(d.Products, productDoc{p.ID, p.Name, yamlInt(p.Amount), p.Currency, p.Invoice, p.ConfirmOn})
 	}
 	for _, p := range c.Plans {
-		d.Plans = append(d.Plans, planDoc(p))
+		d.Plans = append(d.Plans, planDoc{p.ID, p.Name, p.StripePrice, p.Meter, p.StripeMeterID, p.Delivery, p.LiveFromText()})
 	}
 	return d
 }

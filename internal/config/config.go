@@ -163,6 +163,10 @@ type MeteringConfig struct {
 	BackoffMax   time.Duration
 	BatchSize    int
 	PollInterval time.Duration
+	// ReconcileInterval is how often every meter is reconciled with
+	// Stripe's summaries over the last settled window of that length
+	// (TALLY_RECONCILE_INTERVAL); 0 disables it.
+	ReconcileInterval time.Duration
 }
 
 // The shortest retentions accepted (Validate refuses less, rather than
@@ -271,6 +275,8 @@ func Default() Config {
 			BackoffMax:   10 * time.Minute,
 			BatchSize:    100,
 			PollInterval: time.Second,
+
+			ReconcileInterval: time.Hour,
 		},
 		Retention: RetentionConfig{
 			StripeEvents:    90 * 24 * time.Hour,
@@ -486,6 +492,7 @@ func Load(getenv func(string) string) (Config, error) {
 	}
 	p.integer("TALLY_METER_BATCH_SIZE", &c.Metering.BatchSize)
 	p.duration("TALLY_METER_POLL_INTERVAL", &c.Metering.PollInterval)
+	p.duration("TALLY_RECONCILE_INTERVAL", &c.Metering.ReconcileInterval)
 
 	p.duration("TALLY_RETENTION_STRIPE_EVENTS", &c.Retention.StripeEvents)
 	p.duration("TALLY_RETENTION_USAGE_EVENTS", &c.Retention.UsageEvents)
@@ -812,6 +819,9 @@ func (m MeteringConfig) check(p *problems) {
 	}
 	if m.PollInterval <= 0 {
 		p.add("TALLY_METER_POLL_INTERVAL", "must be positive, got %s", m.PollInterval)
+	}
+	if d := m.ReconcileInterval; d != 0 && (d < time.Minute || d > 7*24*time.Hour || d%time.Minute != 0) {
+		p.add("TALLY_RECONCILE_INTERVAL", "must be 0 (off) or whole minutes from 1m to 168h, got %s", d)
 	}
 }
 

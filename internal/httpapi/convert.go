@@ -464,6 +464,18 @@ func toAPIUsageTotals(t metering.Totals) api.UsageTotals {
 	out := api.UsageTotals{CustomerId: t.CustomerID, From: t.From, To: t.To, Meters: make([]api.MeterTotal, len(t.Meters))}
 	for i, m := range t.Meters {
 		out.Meters[i] = api.MeterTotal{Meter: m.Meter, Total: m.Total, Events: m.Events}
+		if m.Delivery != "" {
+			d := api.MeterTotalDelivery(m.Delivery)
+			out.Meters[i].Delivery = &d
+		}
+		switch {
+		case m.LiveFrom != nil:
+			lf := m.LiveFrom.UTC().Format(time.RFC3339)
+			out.Meters[i].LiveFrom = &lf
+		case m.LiveFromNextPeriod:
+			lf := catalog.LiveFromNextPeriod
+			out.Meters[i].LiveFrom = &lf
+		}
 	}
 	return out
 }
@@ -471,7 +483,7 @@ func toAPIUsageTotals(t metering.Totals) api.UsageTotals {
 // ToAPIReconciliation is r as the contract shapes it: the body of
 // POST /v1/admin/reconciliations, which `tally reconcile --json` prints too.
 func ToAPIReconciliation(r metering.Reconciliation) api.Reconciliation {
-	out := api.Reconciliation{Meter: r.Meter, From: r.From, To: r.To, Checked: r.Checked,
+	out := api.Reconciliation{Id: ptrIfSet(r.ID), Meter: r.Meter, From: r.From, To: r.To, Checked: r.Checked,
 		Mismatches: make([]api.ReconciliationMismatch, len(r.Mismatches))}
 	for i, m := range r.Mismatches {
 		out.Mismatches[i] = api.ReconciliationMismatch{CustomerId: m.CustomerID, LocalTotal: m.LocalTotal,

@@ -87,7 +87,17 @@ func (s *Server) RequeueUsageEvents(ctx context.Context, r api.RequeueUsageEvent
 
 // CreateReconciliation compares delivered usage with Stripe's summaries.
 func (s *Server) CreateReconciliation(ctx context.Context, r api.CreateReconciliationRequestObject) (api.CreateReconciliationResponseObject, error) {
-	rec, err := s.d.Metering.Reconcile(ctx, r.Body.Meter, r.Body.From, r.Body.To)
+	b := r.Body
+	var rec metering.Reconciliation
+	var err error
+	switch {
+	case b.CustomerId != nil && b.Period != nil && b.From == nil && b.To == nil:
+		rec, err = s.d.Metering.ReconcilePeriod(ctx, b.Meter, *b.CustomerId, string(*b.Period))
+	case b.CustomerId == nil && b.Period == nil && b.From != nil && b.To != nil:
+		rec, err = s.d.Metering.Reconcile(ctx, b.Meter, *b.From, *b.To)
+	default:
+		return nil, unprocessable(errs.E(errs.Invalid, "give either from and to, or customer_id and period"))
+	}
 	if err != nil {
 		return nil, unprocessable(err)
 	}

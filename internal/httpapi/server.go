@@ -123,14 +123,15 @@ func New(d Options) (*echo.Echo, error) {
 
 	v1 := e.Group("", limitBody(d.Config.MaxBodyBytes), g.middleware)
 	api.RegisterHandlers(v1, api.NewStrictHandler(s, nil))
-	s.registerRaw(e)
+	s.registerRaw(e, auth)
 	return e, nil
 }
 
 // registerRaw adds the routes that live outside the strict server (Stripe's
 // webhook needs its raw body). Capabilities that own such routes add them here.
-func (s *Server) registerRaw(e *echo.Echo) {
+func (s *Server) registerRaw(e *echo.Echo, auth *authenticator) {
 	e.POST("/webhooks/stripe", s.stripeWebhook)
+	e.POST("/v1/admin/usage-imports", s.importUsage, adminOnly(auth))
 	if s.d.Sandbox != nil {
 		h := echo.WrapHandler(s.d.Sandbox)
 		e.Any("/sandbox", h)

@@ -69,17 +69,26 @@ type event struct {
 	// TimestampGiven is false when the caller omitted the timestamp (it is
 	// then the time of intake).
 	TimestampGiven bool `json:"-"`
+	// Status is the status the event is stored with when its plan or its
+	// age decides it (historical, shadow, legacy_period); "" leaves it to
+	// the customer's Stripe link and cut-over (insertEvents).
+	Status Status `json:"status"`
+	// NextPeriod says the plan's cut-over is each customer's next billing
+	// period (usage_cutovers).
+	NextPeriod bool `json:"next_period"`
 }
 
 // Validate checks one event on its own against the catalog and Stripe's
 // limits, with timestamps judged against now. Errors: errs.Invalid naming
 // the offending field (customer_id, meter, value, timestamp, identifier).
 func (in EventInput) Validate(catalog catalog.Catalog, now time.Time) error {
-	_, err := in.normalize(catalog, now)
+	_, err := in.normalize(catalog, now, false)
 	return err
 }
 
-func (in EventInput) normalize(catalog catalog.Catalog, now time.Time) (event, error) {
+// normalize validates in. An imported event must carry its timestamp and
+// may be older than Stripe accepts: it is then historical.
+func (in EventInput) normalize(catalog catalog.Catalog, now time.Time, imported bool) (event, error) {
 	n := utf8.RuneCountInString(in.Identifier)
 	switch {
 	case n < 1 || n > MaxIdentifierLen:
@@ -109,6 +118,9 @@ func (in EventInput) normalize(catalog catalog.Catalog, now time.Time) (event, e
 		return event{}, errs.InvalidField("/value", fmt.Sprintf("value must be at most %d, got %.0f", int64(MaxValue), v))
 	}
 	ts := now
+	if imported && in.Timestamp == nil {
+		return event{}, errs.InvalidField("/timestamp", "timestamp is required in an import (RFC 3339)")
+	}
 	if in.Timestamp != nil {
 		if err := refuseZeroTime("/timestamp", "timestamp", *in.Timestamp, "omit timestamp to mean now"); err != nil {
 			return event{}, err
@@ -118,12 +130,22 @@ func (in EventInput) normalize(catalog catalog.Catalog, now time.Time) (event, e
 	// PostgreSQL keeps microseconds: truncating here makes the stored time
 	// and the one compared with it (sameEvent) the same.
 	ts = ts.UTC().Truncate(time.Microsecond)
+	var status Status
 	switch {
+	case imported && ts.Before(now.Add(-DeliveryWindow)):
+		status = StatusHistorical
 	case ts.Before(now.Add(-DeliveryWindow)):
 		return event{}, errs.InvalidField("/timestamp", fmt.Sprintf("timestamp %s is more than 35 days old (less the %s tally keeps to deliver it); Stripe refuses it",
 			ts.UTC().Format(time.RFC3339), DeliveryMargin))
 	case ts.After(now.Add(MaxAhead)):
 		return event{}, errs.InvalidField("/timestamp", fmt.Sprintf("timestamp %s is more than 5 minutes in the future; Stripe refuses it", ts.UTC().Format(time.RFC3339)))
+	}
+	switch {
+	case status != "":
+	case plan.Shadow():
+		status = StatusShadow
+	case plan.LiveFrom != nil && ts.Before(*plan.LiveFrom):
+		status = StatusLegacyPeriod
 	}
 	return event{
 		Identifier:      in.Identifier,
@@ -133,6 +155,8 @@ func (in EventInput) normalize(catalog catalog.Catalog, now time.Time) (event, e
 		Value:           int64(v),
 		OccurredAt:      ts,
 		TimestampGiven:  in.Timestamp != nil,
+		Status:          status,
+		NextPeriod:      plan.LiveFromNextPeriod && !plan.Shadow(),
 	}, nil
 }
 
@@ -226,7 +250,7 @@ func (s *Service) Ingest(ctx context.Context, evs []EventInput, key db.Idempoten
 	var valid []event
 	var validAt []int
 	for i, in := range evs {
-		ev, err := in.normalize(s.catalog, now)
+		ev, err := in.normalize(s.catalog, now, false)
 		if err != nil {
 			e, _ := errs.As(err)
 			base.Results[i] = EventResult{Identifier: in.Identifier, Status: ResultRejected, Code: e.Code, Detail: e.Message}
@@ -240,7 +264,7 @@ func (s *Service) Ingest(ctx context.Context, evs []EventInput, key db.Idempoten
 	// from the validated results every time.
 	run := func(tx *gorm.DB) (IntakeResult, error) {
 		res := IntakeResult{Results: slices.Clone(base.Results)}
-		statuses, err := s.store(ctx, tx, valid, now)
+		statuses, _, err := s.store(ctx, tx, valid, now)
 		if err != nil {
 			return IntakeResult{}, err
 		}
@@ -317,10 +341,10 @@ func sameEvent(ev, ref event) bool {
 // those identifiers between the look-up and the insert, that event ends a
 // duplicate or a conflict, and its customer exists anyway (as it would have
 // after any request naming it).
-func (s *Service) store(ctx context.Context, tx *gorm.DB, evs []event, now time.Time) ([]ResultStatus, error) {
+func (s *Service) store(ctx context.Context, tx *gorm.DB, evs []event, now time.Time) ([]ResultStatus, map[string]Status, error) {
 	out := make([]ResultStatus, len(evs))
 	if len(evs) == 0 {
-		return out, nil
+		return out, nil, nil
 	}
 	tx = tx.WithContext(ctx)
 	var customerIDs []string
@@ -329,7 +353,7 @@ func (s *Service) store(ctx context.Context, tx *gorm.DB, evs []event, now time.
 	}
 	known, err := knownCustomers(tx, customerIDs)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	var newcomers []string
 	for _, ev := range evs {
@@ -340,7 +364,7 @@ func (s *Service) store(ctx context.Context, tx *gorm.DB, evs []event, now time.
 	stored := map[string]event{}
 	if len(newcomers) > 0 {
 		if stored, err = storedEvents(tx, newcomers); err != nil {
-			return nil, err
+			return nil, nil, err
 		}
 	}
 	first := map[string]event{}
@@ -361,25 +385,25 @@ func (s *Service) store(ctx context.Context, tx *gorm.DB, evs []event, now time.
 	slices.Sort(create)
 	for _, id := range slices.Compact(create) {
 		if _, err := customers.Ensure(ctx, tx, id, now); err != nil {
-			return nil, err
+			return nil, nil, err
 		}
 	}
 	inserted, err := insertEvents(tx, fresh, now)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	if len(inserted) < len(fresh) {
 		// Already stored, or stored by a concurrent batch meanwhile: ON
 		// CONFLICT waited for it, so its rows are visible to a new statement.
 		var taken []string
 		for _, ev := range fresh {
-			if !inserted[ev.Identifier] {
+			if _, ok := inserted[ev.Identifier]; !ok {
 				taken = append(taken, ev.Identifier)
 			}
 		}
 		more, err := storedEvents(tx, taken)
 		if err != nil {
-			return nil, err
+			return nil, nil, err
 		}
 		maps.Copy(stored, more)
 	}
@@ -399,7 +423,7 @@ func (s *Service) store(ctx context.Context, tx *gorm.DB, evs []event, now time.
 			out[i] = ResultDuplicate
 		}
 	}
-	return out, nil
+	return out, inserted, nil
 }
 
 // knownCustomers reports which of ids are customers already.
@@ -444,12 +468,12 @@ func storedEvents(tx *gorm.DB, identifiers []string) (map[string]event, error) {
 
 // insertEvents inserts evs (one per identifier, of existing customers),
 // skipping identifiers already stored, inside tx, and returns the
-// identifiers it inserted. Customers and events are written in sorted
+// identifiers it inserted with the status each was stored with. Customers and events are written in sorted
 // order so that two concurrent batches take their locks in the same order
 // and cannot deadlock.
-func insertEvents(tx *gorm.DB, evs []event, now time.Time) (map[string]bool, error) {
+func insertEvents(tx *gorm.DB, evs []event, now time.Time) (map[string]Status, error) {
 	if len(evs) == 0 {
-		return map[string]bool{}, nil
+		return map[string]Status{}, nil
 	}
 	rows := slices.Clone(evs)
 	slices.SortFunc(rows, func(a, b event) int { return strings.Compare(a.Identifier, b.Identifier) })
@@ -457,27 +481,38 @@ func insertEvents(tx *gorm.DB, evs []event, now time.Time) (map[string]bool, err
 	if err != nil {
 		return nil, fmt.Errorf("metering: encode events: %w", err)
 	}
-	var inserted []string
+	var inserted []struct {
+		Identifier string
+		Status     Status
+	}
 	err = tx.Raw(`
 		INSERT INTO usage_events (identifier, customer_id, meter, stripe_event_name, value, occurred_at,
 			status, next_attempt_at, created_at, updated_at)
 		SELECT r.identifier, r.customer_id, r.meter, r.stripe_event_name, r.value, r.occurred_at,
-			CASE WHEN c.stripe_customer_id IS NULL THEN 'waiting_customer' ELSE 'pending' END, ?, ?, ?
+			`+statusCase+`, ?, ?, ?
 		FROM jsonb_to_recordset(?::jsonb) AS r(identifier text, customer_id text, meter text,
-			stripe_event_name text, value bigint, occurred_at timestamptz)
+			stripe_event_name text, value bigint, occurred_at timestamptz, status text, next_period boolean)
 		JOIN customers c ON c.id = r.customer_id
+		LEFT JOIN usage_cutovers cut ON r.next_period AND cut.customer_id = r.customer_id AND cut.meter = r.meter
 		ORDER BY r.identifier
 		ON CONFLICT (identifier) DO NOTHING
-		RETURNING identifier`, now, now, now, string(rowsJSON)).Scan(&inserted).Error
+		RETURNING identifier, status`, now, now, now, string(rowsJSON)).Scan(&inserted).Error
 	if err != nil {
 		return nil, db.Translate(err, constraints)
 	}
-	out := make(map[string]bool, len(inserted))
-	for _, id := range inserted {
-		out[id] = true
+	out := make(map[string]Status, len(inserted))
+	for _, r := range inserted {
+		out[r.Identifier] = r.Status
 	}
 	return out, nil
 }
+
+// statusCase is the status an event r of customer c is stored with (cut
+// being its usage_cutovers row, if any): the one normalize decided, else
+// legacy_period before the customer's cut-over, else by the Stripe link.
+const statusCase = `CASE WHEN r.status <> '' THEN r.status
+			WHEN cut.live_from IS NOT NULL AND r.occurred_at < cut.live_from THEN 'legacy_period'
+			WHEN c.stripe_customer_id IS NULL THEN 'waiting_customer' ELSE 'pending' END`
 
 var constraints = map[string]errs.Code{
 	"usage_events_value_nonnegative": errs.Invalid,

@@ -37,6 +37,20 @@ const (
 	// StatusDead: Stripe refused it, or attempts ran out; an operator may
 	// requeue it.
 	StatusDead Status = "dead"
+	// StatusHistorical: imported with a timestamp older than Stripe
+	// accepts; it counts in tally's totals and is never sent.
+	StatusHistorical Status = "historical"
+	// StatusShadow: its plan's delivery is shadow; stored and counted,
+	// never sent.
+	StatusShadow Status = "shadow"
+	// StatusLegacyPeriod: timestamped before its plan's live_from for this
+	// customer; the legacy system bills it, tally never sends it.
+	StatusLegacyPeriod Status = "legacy_period"
+	// StatusCancelPending: cancelled after it may have reached Stripe; a
+	// meter event adjustment is on its way (cancel.go).
+	StatusCancelPending Status = "cancel_pending"
+	// StatusCancelled: cancelled, and never sent or cancelled at Stripe.
+	StatusCancelled Status = "cancelled"
 )
 
 // DeadCode says why a usage event is dead.
@@ -53,14 +67,20 @@ const (
 	DeadTooOld DeadCode = "too_old"
 )
 
-// Valid reports whether s is one of the four statuses.
+// Valid reports whether s is one of the statuses.
 func (s Status) Valid() bool {
 	switch s {
-	case StatusPending, StatusWaitingCustomer, StatusDelivered, StatusDead:
+	case StatusPending, StatusWaitingCustomer, StatusDelivered, StatusDead,
+		StatusHistorical, StatusShadow, StatusLegacyPeriod, StatusCancelPending, StatusCancelled:
 		return true
 	}
 	return false
 }
+
+// countedStatuses are the statuses of events that count in a customer's
+// totals: everything but dead (Stripe does not have them) and cancelled
+// ones (cancel_pending included: the caller took it back).
+const countedStatuses = `('pending', 'waiting_customer', 'delivered', 'historical', 'shadow', 'legacy_period')`
 
 // Service is the metering capability: intake, reads, requeue and
 // reconciliation. Delivery is the Worker's.
@@ -72,6 +92,9 @@ type Service struct {
 	log     *slog.Logger
 	// summaryLimiter paces reconciliation's summary requests.
 	summaryLimiter *rate.Limiter
+	// turn, when set, waits for a request's turn in the delivery worker's
+	// share of the meter rate limit (Worker.Turn).
+	turn func(context.Context) error
 	// retention is how long delivered events are kept as rows
 	// (retention.go); 0 keeps them.
 	retention time.Duration
@@ -94,12 +117,17 @@ type Options struct {
 	// (TALLY_RETENTION_USAGE_EVENTS, see retention.go); 0 keeps them:
 	// PurgeDelivered deletes nothing and windows are never moved.
 	UsageRetention time.Duration
+	// MeterTurn, when set, is waited on before every Stripe request the
+	// Service makes (reconciliation's summaries, billing periods), so they
+	// count in the shared meter rate limit (Worker.Turn); the Service's
+	// own pace (summaryRate) keeps them to a part of it.
+	MeterTurn func(context.Context) error
 }
 
 // New returns the metering Service.
 func New(o Options) *Service {
 	s := &Service{db: o.DB, stripe: o.Stripe, catalog: o.Catalog, now: o.Now, log: o.Logger,
-		summaryLimiter: rate.NewLimiter(paced(summaryRate), 1), retention: max(o.UsageRetention, 0)}
+		summaryLimiter: rate.NewLimiter(paced(summaryRate), 1), retention: max(o.UsageRetention, 0), turn: o.MeterTurn}
 	if s.now == nil {
 		s.now = time.Now
 	}

@@ -23,6 +23,9 @@ type metrics struct {
 	waiting       prometheus.Gauge
 	waitingOldest prometheus.Gauge
 	deliveries    *prometheus.CounterVec
+	cancels       *prometheus.CounterVec
+	deliveryLag   prometheus.Histogram
+	oldestPending prometheus.Gauge
 }
 
 // newMetrics builds the worker's metrics and registers them on reg (nil:
@@ -49,6 +52,19 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 			Name: "tally_usage_deliveries_total",
 			Help: "Usage event send outcomes by result (delivered, duplicate, retry, rate_limited, dead).",
 		}, []string{"result"}),
+		cancels: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "tally_usage_cancels_total",
+			Help: "Meter event adjustments (cancels) sent to Stripe, by result (cancelled, retry, rate_limited, refused).",
+		}, []string{"result"}),
+		deliveryLag: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name:    "tally_usage_delivery_lag_seconds",
+			Help:    "Time from a usage event's acceptance to its delivery to Stripe.",
+			Buckets: []float64{.1, .25, .5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900, 1800, 3600, 4 * 3600, 24 * 3600},
+		}),
+		oldestPending: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "tally_usage_oldest_pending_seconds",
+			Help: "Age, since it was accepted, of the oldest usage event waiting to be sent (status pending; 0 when none).",
+		}),
 	}
 	if reg != nil {
 		m.pending = register(reg, m.pending)
@@ -56,6 +72,9 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 		m.waiting = register(reg, m.waiting)
 		m.waitingOldest = register(reg, m.waitingOldest)
 		m.deliveries = register(reg, m.deliveries)
+		m.cancels = register(reg, m.cancels)
+		m.deliveryLag = register(reg, m.deliveryLag)
+		m.oldestPending = register(reg, m.oldestPending)
 	}
 	return m
 }
@@ -94,11 +113,13 @@ func (w *Worker) refreshGauges(ctx context.Context) {
 	var counts struct {
 		Pending, Dead int64
 		OldestWaiting *time.Time
+		OldestPending *time.Time
 	}
 	err := w.db.WithContext(ctx).Raw(`
 		SELECT count(*) FILTER (WHERE status = 'pending') AS pending,
 		       count(*) FILTER (WHERE status = 'dead') AS dead,
-		       (SELECT min(occurred_at) FROM usage_events WHERE status = 'waiting_customer') AS oldest_waiting
+		       (SELECT min(occurred_at) FROM usage_events WHERE status = 'waiting_customer') AS oldest_waiting,
+		       min(created_at) FILTER (WHERE status = 'pending') AS oldest_pending
 		FROM usage_events WHERE status IN ('pending', 'dead')`).Scan(&counts).Error
 	var waiting int64
 	if err == nil && countWaiting {
@@ -120,6 +141,11 @@ func (w *Worker) refreshGauges(ctx context.Context) {
 		oldest = max(0, now.Sub(*counts.OldestWaiting).Seconds())
 	}
 	w.m.waitingOldest.Set(oldest)
+	pendingAge := 0.0
+	if counts.OldestPending != nil {
+		pendingAge = max(0, now.Sub(*counts.OldestPending).Seconds())
+	}
+	w.m.oldestPending.Set(pendingAge)
 }
 
 // waitingCountEvery is how often the waiting events are counted.

@@ -147,6 +147,10 @@ func (w *Worker) delivered(ctx context.Context, evs []claimedEvent, result strin
 		return
 	}
 	w.m.deliveries.WithLabelValues(result).Add(float64(len(evs)))
+	for _, ev := range evs {
+		w.m.deliveryLag.Observe(max(0, now.Sub(ev.CreatedAt).Seconds()))
+	}
+	w.clearCancelClaims(ctx, evs, true)
 }
 
 // release hands unsent claimed events back, due at retryAt, without
@@ -168,6 +172,7 @@ func (w *Worker) releaseWithError(ctx context.Context, c *claim, evs []claimedEv
 	if err != nil {
 		w.log.Error("release usage events", "error", err, "count", len(evs))
 	}
+	w.clearCancelClaims(ctx, evs, false)
 }
 
 func (w *Worker) backToWaiting(ctx context.Context, c *claim, evs []claimedEvent) {
@@ -179,6 +184,7 @@ func (w *Worker) backToWaiting(ctx context.Context, c *claim, evs []claimedEvent
 	if err != nil {
 		w.log.Error("return usage events to waiting_customer", "error", err, "count", len(evs))
 	}
+	w.clearCancelClaims(ctx, evs, false)
 }
 
 // settledRow is a usage event as an outcome left it; NULL text scans as "".
@@ -227,6 +233,7 @@ func (w *Worker) retry(ctx context.Context, c *claim, evs []claimedEvent, msg st
 			now, cut, tooOldMessage, msg, maybeSent, DeliveryWindow.Seconds(), w.cfg.BackoffMax.Seconds(), w.opts.BackoffBase.Seconds(),
 			identifiersJSON(evs), c.token)
 	})
+	w.clearCancelClaims(ctx, evs, false)
 }
 
 // dead dead-letters events Stripe refused for good.
@@ -240,6 +247,7 @@ func (w *Worker) dead(ctx context.Context, c *claim, evs []claimedEvent, msg str
 			RETURNING `+settledColumns,
 			now, msg, now, identifiersJSON(evs), c.token)
 	})
+	w.clearCancelClaims(ctx, evs, false)
 }
 
 // settleRows runs update (at most n rows) in a transaction and appends

@@ -87,6 +87,14 @@ type MeterTotal struct {
 	Meter  string
 	Total  int64
 	Events int64
+	// Delivery is the plan's delivery (live or shadow).
+	Delivery string
+	// LiveFrom is the customer's cut-over on this meter: events before it
+	// are never sent. nil when the plan has no live_from, or when it is
+	// next_period and the customer's has not been decided yet
+	// (LiveFromNextPeriod then says so).
+	LiveFrom           *time.Time
+	LiveFromNextPeriod bool
 }
 
 // Totals is a customer's usage per meter over [From, To).
@@ -137,22 +145,23 @@ func (s *Service) Totals(ctx context.Context, q TotalsQuery) (Totals, error) {
 	from, to = s.window(from, to, s.now())
 	var rows []struct {
 		Meter  string
-		Total  int64
+		Total  string
 		Events int64
 	}
 	// One statement, so one snapshot: a purge moving rows into daily
-	// totals meanwhile is seen either before or after, never half.
+	// totals meanwhile is seen either before or after, never half. Sums
+	// are numeric: bigint values can add up past the bigint range.
 	err := s.db.WithContext(ctx).Raw(`
 		WITH p AS NOT MATERIALIZED (
 			SELECT ?::text AS customer, ?::text AS meter, ?::timestamptz AS from_t, ?::timestamptz AS to_t)
-		SELECT meter, COALESCE(sum(total), 0)::bigint AS total, COALESCE(sum(events), 0)::bigint AS events
+		SELECT meter, COALESCE(sum(total), 0)::text AS total, COALESCE(sum(events), 0)::bigint AS events
 		FROM (
-			SELECT e.meter, e.value AS total, 1 AS events FROM usage_events e, p
+			SELECT e.meter, e.value::numeric AS total, 1 AS events FROM usage_events e, p
 			WHERE e.customer_id = p.customer AND (p.meter = '' OR e.meter = p.meter)
 			  AND e.occurred_at >= p.from_t AND e.occurred_at < p.to_t
-			  AND e.status IN ('pending', 'waiting_customer', 'delivered')
+			  AND e.status IN `+countedStatuses+`
 			UNION ALL
-			SELECT d.meter, d.total, d.events FROM usage_daily_totals d, p
+			SELECT d.meter, d.total::numeric, d.events FROM usage_daily_totals d, p
 			WHERE d.customer_id = p.customer AND (p.meter = '' OR d.meter = p.meter) AND d.day >= p.from_t AND d.day < p.to_t
 		) u
 		GROUP BY meter
@@ -162,10 +171,17 @@ func (s *Service) Totals(ctx context.Context, q TotalsQuery) (Totals, error) {
 	}
 	out := Totals{CustomerID: q.CustomerID, From: from.UTC(), To: to.UTC(), Meters: []MeterTotal{}}
 	for _, r := range rows {
-		out.Meters = append(out.Meters, MeterTotal(r))
+		total, err := int64Total(r.Total, "the usage of meter "+r.Meter)
+		if err != nil {
+			return Totals{}, err
+		}
+		out.Meters = append(out.Meters, MeterTotal{Meter: r.Meter, Total: total, Events: r.Events})
 	}
 	if q.Meter != "" && len(out.Meters) == 0 {
 		out.Meters = append(out.Meters, MeterTotal{Meter: q.Meter})
+	}
+	if err := s.annotateLiveFrom(ctx, q.CustomerID, out.Meters); err != nil {
+		return Totals{}, err
 	}
 	return out, nil
 }

@@ -14,6 +14,8 @@ import (
 // Reconciliation compares, per customer, the usage we delivered to Stripe in
 // [From, To) with Stripe's meter event summaries.
 type Reconciliation struct {
+	// ID is the stored run's.
+	ID       string
 	Meter    string
 	From, To time.Time
 	// Checked is how many customers were compared.
@@ -56,6 +58,16 @@ type Mismatch struct {
 // minute, the zero time as from or to), errs.Unavailable (Stripe not configured, database or Stripe
 // unreachable), errs.RateLimited, errs.PaymentProviderError.
 func (s *Service) Reconcile(ctx context.Context, meter string, from, to time.Time) (Reconciliation, error) {
+	rec, err := s.reconcile(ctx, meter, from, to, "")
+	if err != nil {
+		return Reconciliation{}, err
+	}
+	return rec, s.storeRun(ctx, &rec, runManual, "")
+}
+
+// reconcile compares meter over [from, to) for every customer, or for
+// customerID alone.
+func (s *Service) reconcile(ctx context.Context, meter string, from, to time.Time, customerID string) (Reconciliation, error) {
 	plan, ok := s.catalog.PlanByMeter(meter)
 	if !ok {
 		return Reconciliation{}, errs.InvalidField("/meter", unknownMeter(s.catalog, meter))
@@ -84,26 +96,51 @@ func (s *Service) Reconcile(ctx context.Context, meter string, from, to time.Tim
 	var rows []struct {
 		CustomerID       string
 		StripeCustomerID string
-		Total            int64
+		Total            string
 	}
+	// What Stripe should hold: delivered events, and cancelled-after-
+	// delivery ones whose adjustment has not gone yet. Events never sent
+	// (historical, shadow, legacy period, cancelled before sending) count
+	// 0 but still name their customer. Sums are numeric (see int64Total).
 	err := s.db.WithContext(ctx).Raw(`
-		WITH p AS NOT MATERIALIZED (SELECT ?::text AS meter, ?::timestamptz AS from_t, ?::timestamptz AS to_t)
-		SELECT x.customer_id, c.stripe_customer_id, COALESCE(sum(x.total), 0)::bigint AS total
+		WITH p AS NOT MATERIALIZED (SELECT ?::text AS meter, ?::timestamptz AS from_t, ?::timestamptz AS to_t, ?::text AS customer)
+		SELECT x.customer_id, c.stripe_customer_id, COALESCE(sum(x.total), 0)::text AS total
 		FROM (
-			SELECT e.customer_id, CASE WHEN e.status = 'delivered' THEN e.value ELSE 0 END AS total
+			SELECT e.customer_id, CASE WHEN e.status = 'delivered' OR (e.status = 'cancel_pending' AND e.delivered_at IS NOT NULL)
+				THEN e.value ELSE 0 END::numeric AS total
 			FROM usage_events e, p WHERE e.meter = p.meter AND e.occurred_at >= p.from_t AND e.occurred_at < p.to_t
+			  AND (p.customer = '' OR e.customer_id = p.customer)
 			UNION ALL
-			SELECT d.customer_id, d.total FROM usage_daily_totals d, p
-			WHERE d.meter = p.meter AND d.day >= p.from_t AND d.day < p.to_t
+			SELECT d.customer_id, d.total::numeric FROM usage_daily_totals d, p
+			WHERE d.meter = p.meter AND d.day >= p.from_t AND d.day < p.to_t AND (p.customer = '' OR d.customer_id = p.customer)
 		) x JOIN customers c ON c.id = x.customer_id
 		WHERE c.stripe_customer_id IS NOT NULL
 		GROUP BY x.customer_id, c.stripe_customer_id
-		ORDER BY x.customer_id`, meter, from, to).Scan(&rows).Error
+		ORDER BY x.customer_id`, meter, from, to, customerID).Scan(&rows).Error
 	if err != nil {
 		return Reconciliation{}, db.Translate(err, nil)
 	}
+	if customerID != "" && len(rows) == 0 {
+		// One customer asked for by name is compared even without usage
+		// in tally: Stripe may hold some.
+		var stripeID *string
+		if err := s.db.WithContext(ctx).Raw(`SELECT stripe_customer_id FROM customers WHERE id = ?`, customerID).Scan(&stripeID).Error; err != nil {
+			return Reconciliation{}, db.Translate(err, nil)
+		}
+		if stripeID != nil {
+			rows = append(rows, struct {
+				CustomerID       string
+				StripeCustomerID string
+				Total            string
+			}{customerID, *stripeID, "0"})
+		}
+	}
 	out := Reconciliation{Meter: meter, From: from, To: to, Mismatches: []Mismatch{}}
 	for _, r := range rows {
+		local, err := int64Total(r.Total, "customer "+r.CustomerID+"'s delivered usage on meter "+meter)
+		if err != nil {
+			return Reconciliation{}, err
+		}
 		sums, err := s.summaries(ctx, stripeapi.SummaryInput{
 			MeterID: plan.StripeMeterID, StripeCustomerID: r.StripeCustomerID, Start: from, End: to,
 		})
@@ -114,11 +151,17 @@ func (s *Service) Reconcile(ctx context.Context, meter string, from, to time.Tim
 		for _, sm := range sums {
 			stripeTotal += sm.AggregatedValue
 		}
+		// A float from outside: NaN, infinities and values past int64
+		// have no whole-number reading; converting them is undefined.
+		if math.IsNaN(stripeTotal) || math.IsInf(stripeTotal, 0) || math.Abs(stripeTotal) >= 1<<62 {
+			return Reconciliation{}, errs.E(errs.PaymentProviderError,
+				"reconciliation of meter %s: Stripe's summary for customer %s is %v, not a total tally can compare", meter, r.CustomerID, stripeTotal)
+		}
 		out.Checked++
 		st := int64(math.Round(stripeTotal))
-		if st != r.Total {
+		if st != local {
 			out.Mismatches = append(out.Mismatches, Mismatch{
-				CustomerID: r.CustomerID, LocalTotal: r.Total, StripeTotal: st, Difference: st - r.Total,
+				CustomerID: r.CustomerID, LocalTotal: local, StripeTotal: st, Difference: st - local,
 			})
 		}
 	}
@@ -126,11 +169,11 @@ func (s *Service) Reconcile(ctx context.Context, meter string, from, to time.Tim
 }
 
 // summaryRate is how many summary requests per second one Service sends at
-// most, across concurrent reconciliations: the default meter event rate
-// (TALLY_METER_RATE_LIMIT), well below Stripe's read limits, so a
-// reconciliation of many customers neither trips a 429 nor starves the
-// other Stripe calls of this account.
-const summaryRate = 20
+// most, across concurrent reconciliations: a quarter of the default meter
+// event rate (TALLY_METER_RATE_LIMIT). Each request also waits its turn in
+// the delivery worker's share of that limit (Options.MeterTurn), so
+// reconciliation counts in it and leaves delivery most of it.
+const summaryRate = 5
 
 // summaryAttempts is how often one customer's summary is asked for before
 // the reconciliation gives up.
@@ -150,6 +193,11 @@ func (s *Service) summaries(ctx context.Context, in stripeapi.SummaryInput) ([]s
 	for attempt := 1; ; attempt++ {
 		if err := s.summaryLimiter.Wait(ctx); err != nil {
 			return nil, errs.Wrap(err, errs.Unavailable, "waiting for the Stripe request pace")
+		}
+		if s.turn != nil {
+			if err := s.turn(ctx); err != nil {
+				return nil, errs.Wrap(err, errs.Unavailable, "waiting for a turn in the meter rate limit")
+			}
 		}
 		sums, err := s.stripe.MeterEventSummaries(ctx, in)
 		se, isStripe := stripeapi.AsError(err)

@@ -15,6 +15,7 @@ import (
 	"golang.org/x/time/rate"
 	"gorm.io/gorm"
 
+	"github.com/tallybilling/tally/internal/catalog"
 	"github.com/tallybilling/tally/internal/config"
 	"github.com/tallybilling/tally/internal/db"
 	"github.com/tallybilling/tally/internal/stripeapi"
@@ -27,6 +28,9 @@ import (
 type WorkerOptions struct {
 	DB     *gorm.DB
 	Stripe stripeapi.Client
+	// Catalog names the plans: which meters cut over at each customer's
+	// next billing period, and their prices.
+	Catalog catalog.Catalog
 	// Config holds the transport, rate limit, batch size, backoff cap and
 	// poll interval; it comes from config, which holds their defaults.
 	Config config.MeteringConfig
@@ -89,6 +93,9 @@ type Worker struct {
 	log    *slog.Logger
 	now    func() time.Time
 	m      *metrics
+	// nextPeriod are the meters whose plans cut over at each customer's
+	// next billing period.
+	nextPeriod []string
 
 	limiter *rate.Limiter
 	// waitMu lets one request at a time hold a reservation on limiter, so
@@ -156,6 +163,8 @@ func NewWorker(opts WorkerOptions) *Worker {
 		m:       newMetrics(opts.Registry),
 		limiter: rate.NewLimiter(paced(cfg.RateLimit), 1),
 		share:   cfg.RateLimit,
+
+		nextPeriod: nextPeriodMeters(opts.Catalog),
 	}
 }
 
@@ -229,11 +238,18 @@ func (w *Worker) RunOnce(ctx context.Context) (int, error) {
 	if w.pauseLeft() > 0 || w.holdLeft() > 0 {
 		return 0, nil
 	}
+	if err := w.resolveCutovers(ctx); err != nil {
+		w.log.Warn("decide usage cut-overs; the events wait for the next round", "error", err)
+	}
+	cancels, err := w.sendCancels(ctx)
+	if err != nil {
+		w.log.Warn("send meter event adjustments", "error", err)
+	}
 	now := w.now()
 	c := &claim{token: fmt.Sprintf("%s#%d", w.opts.Name, w.seq.Add(1)), leaseEnd: now.Add(w.lease())}
 	claimed, err := w.claim(ctx, c, now)
 	if err != nil || len(claimed) == 0 {
-		return 0, err
+		return cancels, err
 	}
 	var ready, unlinked []claimedEvent
 	for _, ev := range claimed {
@@ -251,7 +267,7 @@ func (w *Worker) RunOnce(ctx context.Context) (int, error) {
 	} else {
 		w.deliverEach(ctx, c, ready)
 	}
-	return len(claimed), nil
+	return len(claimed) + cancels, nil
 }
 
 type claim struct {
@@ -268,6 +284,7 @@ type claimedEvent struct {
 	OccurredAt       time.Time
 	Attempts         int
 	StripeCustomerID *string
+	CreatedAt        time.Time
 }
 
 func (ev claimedEvent) meterEvent() stripeapi.MeterEvent {
@@ -298,6 +315,10 @@ func (w *Worker) claim(ctx context.Context, c *claim, now time.Time) ([]claimedE
 		WITH due AS MATERIALIZED (
 			SELECT identifier FROM usage_events
 			WHERE status = 'pending' AND next_attempt_at <= ? AND occurred_at > ?
+			  -- On a plan cutting over at the next period, an event waits
+			  -- for its customer's cut-over to be decided (resolveCutovers).
+			  AND (meter <> ALL(?::text[]) OR EXISTS (SELECT 1 FROM usage_cutovers k
+				WHERE k.customer_id = usage_events.customer_id AND k.meter = usage_events.meter))
 			ORDER BY next_attempt_at
 			LIMIT ?
 			FOR UPDATE SKIP LOCKED
@@ -309,8 +330,8 @@ func (w *Worker) claim(ctx context.Context, c *claim, now time.Time) ([]claimedE
 		FROM due, customers c
 		WHERE u.identifier = due.identifier AND c.id = u.customer_id
 		RETURNING u.identifier, u.customer_id, u.meter, u.stripe_event_name, u.value, u.occurred_at,
-			u.attempts, c.stripe_customer_id`,
-		now, now.Add(-DeliveryWindow), w.cfg.BatchSize, c.token, c.leaseEnd, c.leaseEnd, now, now).Scan(&out).Error
+			u.attempts, c.stripe_customer_id, u.created_at`,
+		now, now.Add(-DeliveryWindow), pq(w.nextPeriod), w.cfg.BatchSize, c.token, c.leaseEnd, c.leaseEnd, now, now).Scan(&out).Error
 	if err != nil {
 		return nil, db.Translate(err, nil)
 	}
@@ -330,7 +351,10 @@ func (w *Worker) releaseWaiting(ctx context.Context) error {
 			WHERE e.status = 'waiting_customer' AND c.stripe_customer_id IS NOT NULL
 			LIMIT ?
 			FOR UPDATE OF e SKIP LOCKED)
-		UPDATE usage_events u SET status = 'pending', next_attempt_at = ?, updated_at = ?
-		FROM linked WHERE u.identifier = linked.identifier AND u.status = 'waiting_customer'`, releaseLimit, now, now).Error
+		UPDATE usage_events u SET status = CASE WHEN u.occurred_at < (SELECT k.live_from FROM usage_cutovers k
+				WHERE k.customer_id = u.customer_id AND k.meter = u.meter) THEN 'legacy_period' ELSE 'pending' END,
+			next_attempt_at = ?, updated_at = ?
+		FROM linked
+		WHERE u.identifier = linked.identifier AND u.status = 'waiting_customer'`, releaseLimit, now, now).Error
 	return db.Translate(err, nil)
 }

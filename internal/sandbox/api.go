@@ -29,7 +29,8 @@ import (
 //	POST /v1/refunds, POST /v1/disputes/{id}/close
 //	POST /v1/invoices, POST /v1/invoiceitems,
 //	POST /v1/invoices/{id}/finalize | send | pay | void | mark_uncollectible
-//	POST /v1/billing/meter_events (duplicate identifier: 400)
+//	POST /v1/billing/meter_events (duplicate identifier: 400),
+//	POST /v1/billing/meter_event_adjustments (cancel), GET /v1/subscriptions
 //	GET and POST /v1/billing/meters, GET /v1/billing/meters/{id}/event_summaries
 //	POST /v2/billing/meter_event_session, POST /v2/billing/meter_event_stream
 //
@@ -418,6 +419,8 @@ func (h *API) route(r *http.Request, path string, form url.Values, req requestRe
 		return func() (any, error) { return obj(a.invoiceAction(parts[2], parts[3], req)) }
 	case path == "/v1/billing/meter_events":
 		return func() (any, error) { return a.createMeterEvent(form) }
+	case path == "/v1/billing/meter_event_adjustments":
+		return func() (any, error) { return a.createMeterEventAdjustment(form) }
 	case path == "/v1/billing/meters":
 		return func() (any, error) {
 			name := form.Get("event_name")
@@ -529,6 +532,9 @@ func (h *API) get(w http.ResponseWriter, r *http.Request) {
 func (h *API) getLocked(w http.ResponseWriter, r *http.Request) {
 	a := h.acct
 	q := r.URL.Query()
+	if a.meterMigrationGET(w, r.URL.Path, q) {
+		return
+	}
 	parts := strings.Split(strings.Trim(r.URL.Path, "/"), "/")
 	switch {
 	case len(parts) == 3 && parts[0] == "v1" && retrievable[parts[1]] != "":

@@ -144,9 +144,10 @@ func (a *Account) eventName(meterID string) string {
 // [start, end) (a.mu held): the sum of the values of the events accepted.
 func (a *Account) summary(meterID, customer string, start, end int64) float64 {
 	name := a.eventName(meterID)
+	cancelled := a.cancelledMeterEvents()
 	var total float64
 	for _, ev := range a.meterEvents {
-		if ev.Duplicate || ev.EventName != name || ev.Payload["stripe_customer_id"] != customer {
+		if ev.Duplicate || cancelled[ev.Identifier] || ev.EventName != name || ev.Payload["stripe_customer_id"] != customer {
 			continue
 		}
 		if ts := ev.Timestamp.Unix(); ts < start || ts >= end {

@@ -104,6 +104,21 @@ type Client interface {
 	// time (Stripe keeps 30 days), oldest first, each re-encoded as a
 	// webhook body. Errors: *Error.
 	ListEvents(ctx context.Context, since time.Time, types []string) ([]RawEvent, error)
+
+	// CancelMeterEvent cancels one meter event at Stripe with a meter event
+	// adjustment of type cancel (POST /v1/billing/meter_event_adjustments),
+	// idempotency key "tally-cancel-<identifier>". Stripe cancels events
+	// only within 24 hours of receiving them. It is never retried here.
+	// Errors: *Error, as for CreateMeterEvent; invalid_request when the
+	// event name or identifier is missing.
+	CancelMeterEvent(ctx context.Context, eventName, identifier string) error
+
+	// BillingPeriod returns the current billing period of the Stripe
+	// customer's active (or trialing) subscription to price
+	// (GET /v1/subscriptions?customer=&price=); ok is false when there is
+	// none. Errors: *Error (rate_limited, unavailable,
+	// payment_provider_error); invalid_request when an argument is empty.
+	BillingPeriod(ctx context.Context, stripeCustomerID, price string) (period Period, ok bool, err error)
 }
 
 // MaxStreamEvents is the most events Stripe accepts in one v2 meter event

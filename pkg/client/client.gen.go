@@ -504,6 +504,24 @@ func (e LedgerEntryKind) Valid() bool {
 	}
 }
 
+// Defines values for MeterTotalDelivery.
+const (
+	MeterTotalDeliveryLive   MeterTotalDelivery = "live"
+	MeterTotalDeliveryShadow MeterTotalDelivery = "shadow"
+)
+
+// Valid indicates whether the value is a known member of the MeterTotalDelivery enum.
+func (e MeterTotalDelivery) Valid() bool {
+	switch e {
+	case MeterTotalDeliveryLive:
+		return true
+	case MeterTotalDeliveryShadow:
+		return true
+	default:
+		return false
+	}
+}
+
 // Defines values for PaymentConfirmOn.
 const (
 	PaymentConfirmOnCheckoutSession PaymentConfirmOn = "checkout_session"
@@ -816,6 +834,45 @@ func (e ProductConfirmOn) Valid() bool {
 	}
 }
 
+// Defines values for ReconciliationRequestPeriod.
+const (
+	Current  ReconciliationRequestPeriod = "current"
+	Previous ReconciliationRequestPeriod = "previous"
+)
+
+// Valid indicates whether the value is a known member of the ReconciliationRequestPeriod enum.
+func (e ReconciliationRequestPeriod) Valid() bool {
+	switch e {
+	case Current:
+		return true
+	case Previous:
+		return true
+	default:
+		return false
+	}
+}
+
+// Defines values for ReconciliationRunKind.
+const (
+	Manual    ReconciliationRunKind = "manual"
+	Period    ReconciliationRunKind = "period"
+	Scheduled ReconciliationRunKind = "scheduled"
+)
+
+// Valid indicates whether the value is a known member of the ReconciliationRunKind enum.
+func (e ReconciliationRunKind) Valid() bool {
+	switch e {
+	case Manual:
+		return true
+	case Period:
+		return true
+	case Scheduled:
+		return true
+	default:
+		return false
+	}
+}
+
 // Defines values for RequeueItemStatus.
 const (
 	Requeued RequeueItemStatus = "requeued"
@@ -974,20 +1031,35 @@ func (e UsageEventResultStatus) Valid() bool {
 
 // Defines values for UsageStatus.
 const (
+	UsageStatusCancelPending   UsageStatus = "cancel_pending"
+	UsageStatusCancelled       UsageStatus = "cancelled"
 	UsageStatusDead            UsageStatus = "dead"
 	UsageStatusDelivered       UsageStatus = "delivered"
+	UsageStatusHistorical      UsageStatus = "historical"
+	UsageStatusLegacyPeriod    UsageStatus = "legacy_period"
 	UsageStatusPending         UsageStatus = "pending"
+	UsageStatusShadow          UsageStatus = "shadow"
 	UsageStatusWaitingCustomer UsageStatus = "waiting_customer"
 )
 
 // Valid indicates whether the value is a known member of the UsageStatus enum.
 func (e UsageStatus) Valid() bool {
 	switch e {
+	case UsageStatusCancelPending:
+		return true
+	case UsageStatusCancelled:
+		return true
 	case UsageStatusDead:
 		return true
 	case UsageStatusDelivered:
 		return true
+	case UsageStatusHistorical:
+		return true
+	case UsageStatusLegacyPeriod:
+		return true
 	case UsageStatusPending:
+		return true
+	case UsageStatusShadow:
 		return true
 	case UsageStatusWaitingCustomer:
 		return true
@@ -1152,6 +1224,16 @@ type CheckoutSessionCreate struct {
 	// 422 `invalid_request` before anything is written.
 	Quantity   *int64 `json:"quantity,omitempty"`
 	SuccessUrl string `json:"success_url"`
+}
+
+// ComparisonMismatch defines model for ComparisonMismatch.
+type ComparisonMismatch struct {
+	CustomerId string `json:"customer_id"`
+
+	// Difference tally_total - legacy_total
+	Difference  int64 `json:"difference"`
+	LegacyTotal int64 `json:"legacy_total"`
+	TallyTotal  int64 `json:"tally_total"`
 }
 
 // ConsumeRequest defines model for ConsumeRequest.
@@ -1779,15 +1861,34 @@ type LedgerPage struct {
 	NextCursor *string       `json:"next_cursor"`
 }
 
+// LegacyTotal defines model for LegacyTotal.
+type LegacyTotal struct {
+	CustomerId string `json:"customer_id"`
+	Total      int64  `json:"total"`
+}
+
 // Metadata Up to 50 string values, keys up to 40 characters, values up to 500.
 type Metadata map[string]string
 
 // MeterTotal defines model for MeterTotal.
 type MeterTotal struct {
-	Events int64  `json:"events"`
-	Meter  string `json:"meter"`
-	Total  int64  `json:"total"`
+	// Delivery The plan's delivery.
+	Delivery *MeterTotalDelivery `json:"delivery,omitempty"`
+	Events   int64               `json:"events"`
+
+	// LiveFrom This customer's cut-over on the meter: events timestamped before
+	// it are stored as `legacy_period` and never sent. An RFC 3339
+	// time; `next_period` while the plan cuts over at the customer's
+	// next billing period and that has not been decided yet (it is
+	// decided before their first event is sent); null when the plan
+	// has no `live_from`.
+	LiveFrom *string `json:"live_from,omitempty"`
+	Meter    string  `json:"meter"`
+	Total    int64   `json:"total"`
 }
+
+// MeterTotalDelivery The plan's delivery.
+type MeterTotalDelivery string
 
 // Payment defines model for Payment.
 type Payment struct {
@@ -2154,8 +2255,11 @@ type Receivable struct {
 // Reconciliation defines model for Reconciliation.
 type Reconciliation struct {
 	// Checked Customers compared.
-	Checked    int                      `json:"checked"`
-	From       time.Time                `json:"from"`
+	Checked int       `json:"checked"`
+	From    time.Time `json:"from"`
+
+	// Id The stored run.
+	Id         *string                  `json:"id,omitempty"`
 	Meter      string                   `json:"meter"`
 	Mismatches []ReconciliationMismatch `json:"mismatches"`
 	To         time.Time                `json:"to"`
@@ -2171,14 +2275,45 @@ type ReconciliationMismatch struct {
 	StripeTotal int64 `json:"stripe_total"`
 }
 
-// ReconciliationRequest defines model for ReconciliationRequest.
+// ReconciliationRequest Either `from` and `to` (every customer), or `customer_id` and `period` (one customer's Stripe billing period).
 type ReconciliationRequest struct {
+	CustomerId *string `json:"customer_id,omitempty"`
+
 	// From The zero time 0001-01-01T00:00:00Z is refused (422).
-	From  time.Time `json:"from"`
-	Meter string    `json:"meter"`
+	From   *time.Time                   `json:"from,omitempty"`
+	Meter  string                       `json:"meter"`
+	Period *ReconciliationRequestPeriod `json:"period,omitempty"`
 
 	// To Clamped to now when in the future; the zero time is refused (422).
-	To time.Time `json:"to"`
+	To *time.Time `json:"to,omitempty"`
+}
+
+// ReconciliationRequestPeriod defines model for ReconciliationRequest.Period.
+type ReconciliationRequestPeriod string
+
+// ReconciliationRun defines model for ReconciliationRun.
+type ReconciliationRun struct {
+	Checked    int       `json:"checked"`
+	CreatedAt  time.Time `json:"created_at"`
+	CustomerId *string   `json:"customer_id,omitempty"`
+
+	// Drift The summed absolute difference of the mismatches.
+	Drift      int64                    `json:"drift"`
+	From       time.Time                `json:"from"`
+	Id         string                   `json:"id"`
+	Kind       ReconciliationRunKind    `json:"kind"`
+	Meter      string                   `json:"meter"`
+	Mismatches []ReconciliationMismatch `json:"mismatches"`
+	To         time.Time                `json:"to"`
+}
+
+// ReconciliationRunKind defines model for ReconciliationRun.Kind.
+type ReconciliationRunKind string
+
+// ReconciliationRunPage defines model for ReconciliationRunPage.
+type ReconciliationRunPage struct {
+	Data       []ReconciliationRun `json:"data"`
+	NextCursor *string             `json:"next_cursor"`
 }
 
 // RequeueItem defines model for RequeueItem.
@@ -2308,6 +2443,24 @@ type UsageBatch struct {
 	Events []UsageEventInput `json:"events"`
 }
 
+// UsageComparison defines model for UsageComparison.
+type UsageComparison struct {
+	// Compared Customers compared: those in the legacy list and those with usage in tally.
+	Compared   int                  `json:"compared"`
+	From       time.Time            `json:"from"`
+	Meter      string               `json:"meter"`
+	Mismatches []ComparisonMismatch `json:"mismatches"`
+	To         time.Time            `json:"to"`
+}
+
+// UsageComparisonRequest defines model for UsageComparisonRequest.
+type UsageComparisonRequest struct {
+	From   time.Time     `json:"from"`
+	Legacy []LegacyTotal `json:"legacy"`
+	Meter  string        `json:"meter"`
+	To     time.Time     `json:"to"`
+}
+
 // UsageDeadCode `stripe_refused`: Stripe refused the event (a 4xx). `too_old`: its
 // timestamp left the window Stripe accepts (35 days, less the hour tally
 // keeps to deliver it) before it could be delivered, through a long
@@ -2388,12 +2541,53 @@ type UsageEventStatus struct {
 	LastError   *string        `json:"last_error,omitempty"`
 
 	// MaybeSentAt The first time a send may have reached Stripe without an answer saying so (a timeout or a 5xx); a requeue more than 24 hours later needs `force`.
-	MaybeSentAt   *time.Time  `json:"maybe_sent_at,omitempty"`
-	Meter         string      `json:"meter"`
-	NextAttemptAt *time.Time  `json:"next_attempt_at,omitempty"`
-	Status        UsageStatus `json:"status"`
-	Timestamp     time.Time   `json:"timestamp"`
-	Value         int64       `json:"value"`
+	MaybeSentAt   *time.Time `json:"maybe_sent_at,omitempty"`
+	Meter         string     `json:"meter"`
+	NextAttemptAt *time.Time `json:"next_attempt_at,omitempty"`
+
+	// Status `historical`: imported with a timestamp older than Stripe accepts;
+	// counted, never sent. `shadow`: its plan's delivery is shadow; counted,
+	// never sent. `legacy_period`: timestamped before its plan's
+	// `live_from` for this customer; the legacy system bills it, never
+	// sent. `cancel_pending`: cancelled after it may have reached Stripe; a
+	// meter event adjustment is on its way. `cancelled`: cancelled; left
+	// out of totals and reconciliation.
+	Status    UsageStatus `json:"status"`
+	Timestamp time.Time   `json:"timestamp"`
+	Value     int64       `json:"value"`
+}
+
+// UsageImportError defines model for UsageImportError.
+type UsageImportError struct {
+	Code   ErrorCode `json:"code"`
+	Detail string    `json:"detail"`
+
+	// Line The line in the file (the CSV header is line 1).
+	Line int64 `json:"line"`
+}
+
+// UsageImportSummary defines model for UsageImportSummary.
+type UsageImportSummary struct {
+	Accepted int64 `json:"accepted"`
+
+	// Conflicts Another event holds the identifier; not stored.
+	Conflicts int64 `json:"conflicts"`
+
+	// Duplicates The same event is already stored; nothing changed.
+	Duplicates int64 `json:"duplicates"`
+
+	// Errors The first 100 rejected and conflicting rows.
+	Errors []UsageImportError `json:"errors"`
+
+	// Historical Accepted rows older than Stripe accepts: counted, never sent.
+	Historical int64 `json:"historical"`
+
+	// Queued Accepted rows to be sent to Stripe.
+	Queued int64 `json:"queued"`
+
+	// Read Rows read (not the CSV header, not blank lines).
+	Read     int64 `json:"read"`
+	Rejected int64 `json:"rejected"`
 }
 
 // UsageIntakeResult defines model for UsageIntakeResult.
@@ -2407,7 +2601,13 @@ type UsageIntakeResult struct {
 	Results    []UsageEventResult `json:"results"`
 }
 
-// UsageStatus defines model for UsageStatus.
+// UsageStatus `historical`: imported with a timestamp older than Stripe accepts;
+// counted, never sent. `shadow`: its plan's delivery is shadow; counted,
+// never sent. `legacy_period`: timestamped before its plan's
+// `live_from` for this customer; the legacy system bills it, never
+// sent. `cancel_pending`: cancelled after it may have reached Stripe; a
+// meter event adjustment is on its way. `cancelled`: cancelled; left
+// out of totals and reconciliation.
 type UsageStatus string
 
 // UsageTotals defines model for UsageTotals.
@@ -2471,6 +2671,15 @@ type IdempotencyKeyOptional = string
 // Limit defines model for Limit.
 type Limit = int
 
+// ListReconciliationsParams defines parameters for ListReconciliations.
+type ListReconciliationsParams struct {
+	Meter *string `form:"meter,omitempty" json:"meter,omitempty"`
+	Limit *Limit  `form:"limit,omitempty" json:"limit,omitempty"`
+
+	// Cursor The `next_cursor` of the previous page.
+	Cursor *Cursor `form:"cursor,omitempty" json:"cursor,omitempty"`
+}
+
 // ListStripeEventsParams defines parameters for ListStripeEvents.
 type ListStripeEventsParams struct {
 	Status *StripeEventStatus `form:"status,omitempty" json:"status,omitempty"`
@@ -2487,6 +2696,11 @@ type ListUsageEventsParams struct {
 
 	// Cursor The `next_cursor` of the previous page.
 	Cursor *Cursor `form:"cursor,omitempty" json:"cursor,omitempty"`
+}
+
+// ImportUsageParams defines parameters for ImportUsage.
+type ImportUsageParams struct {
+	DryRun *bool `form:"dry_run,omitempty" json:"dry_run,omitempty"`
 }
 
 // CreateCheckoutSessionParams defines parameters for CreateCheckoutSession.
@@ -2604,6 +2818,9 @@ type DismissStripeEventJSONRequestBody = StripeEventDismiss
 
 // SyncStripeJSONRequestBody defines body for SyncStripe for application/json ContentType.
 type SyncStripeJSONRequestBody = StripeSyncRequest
+
+// CompareUsageJSONRequestBody defines body for CompareUsage for application/json ContentType.
+type CompareUsageJSONRequestBody = UsageComparisonRequest
 
 // RequeueUsageEventsJSONRequestBody defines body for RequeueUsageEvents for application/json ContentType.
 type RequeueUsageEventsJSONRequestBody = RequeueRequest
@@ -3734,12 +3951,20 @@ type ClientInterface interface {
 	// Corresponds with GET /readyz (the `Readyz` operationId).
 	Readyz(ctx context.Context, reqEditors ...RequestEditorFn) (*http.Response, error)
 
+	// ListReconciliations Stored reconciliation runs, newest first
+	//
+	// Corresponds with GET /v1/admin/reconciliations (the `ListReconciliations` operationId).
+	ListReconciliations(ctx context.Context, params *ListReconciliationsParams, reqEditors ...RequestEditorFn) (*http.Response, error)
+
 	// CreateReconciliationWithBody Compare delivered usage with Stripe's meter event summaries
 	//
 	// The window is floored to whole minutes (a future `to` is clamped to
 	// now first); ends earlier than the usage retention's horizon are then
 	// moved to UTC day boundaries, as for usage totals. The answer's `from`
-	// and `to` are the window compared.
+	// and `to` are the window compared. With `customer_id` and `period`
+	// instead of `from` and `to`, one customer's current or previous Stripe
+	// billing period (from their subscription to the meter's plan) is
+	// compared. Every run is stored (`id`) and listed by GET.
 	//
 	// Takes any type of body and a specified content type.
 	//
@@ -3751,7 +3976,10 @@ type ClientInterface interface {
 	// The window is floored to whole minutes (a future `to` is clamped to
 	// now first); ends earlier than the usage retention's horizon are then
 	// moved to UTC day boundaries, as for usage totals. The answer's `from`
-	// and `to` are the window compared.
+	// and `to` are the window compared. With `customer_id` and `period`
+	// instead of `from` and `to`, one customer's current or previous Stripe
+	// billing period (from their subscription to the meter's plan) is
+	// compared. Every run is stored (`id`) and listed by GET.
 	//
 	// Takes a body of the `application/json` content type.
 	//
@@ -3834,6 +4062,30 @@ type ClientInterface interface {
 	// Corresponds with POST /v1/admin/stripe-sync (the `SyncStripe` operationId).
 	SyncStripe(ctx context.Context, body SyncStripeJSONRequestBody, reqEditors ...RequestEditorFn) (*http.Response, error)
 
+	// CompareUsageWithBody Compare tally's totals with a legacy system's
+	//
+	// Per customer, tally's total on the meter over [from, to) (every
+	// counted event: delivered, queued, historical, shadow and legacy
+	// period ones) against the legacy total given. Customers in either
+	// list are compared; a customer missing from one counts 0 there.
+	//
+	// Takes any type of body and a specified content type.
+	//
+	// Corresponds with POST /v1/admin/usage-comparisons (the `CompareUsage` operationId).
+	CompareUsageWithBody(ctx context.Context, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*http.Response, error)
+
+	// CompareUsage Compare tally's totals with a legacy system's
+	//
+	// Per customer, tally's total on the meter over [from, to) (every
+	// counted event: delivered, queued, historical, shadow and legacy
+	// period ones) against the legacy total given. Customers in either
+	// list are compared; a customer missing from one counts 0 there.
+	//
+	// Takes a body of the `application/json` content type.
+	//
+	// Corresponds with POST /v1/admin/usage-comparisons (the `CompareUsage` operationId).
+	CompareUsage(ctx context.Context, body CompareUsageJSONRequestBody, reqEditors ...RequestEditorFn) (*http.Response, error)
+
 	// ListUsageEvents Usage events by status (e.g. dead letters)
 	//
 	// Corresponds with GET /v1/admin/usage-events (the `ListUsageEvents` operationId).
@@ -3876,6 +4128,26 @@ type ClientInterface interface {
 	//
 	// Corresponds with POST /v1/admin/usage-events/requeue (the `RequeueUsageEvents` operationId).
 	RequeueUsageEvents(ctx context.Context, body RequeueUsageEventsJSONRequestBody, reqEditors ...RequestEditorFn) (*http.Response, error)
+
+	// ImportUsageWithBody Import usage history (CSV or NDJSON, streamed, up to 100 MB)
+	//
+	// Rows as `text/csv` (header `customer_id,meter,value,timestamp,identifier`)
+	// or `application/x-ndjson` (one JSON object a line with those fields).
+	// Each row is checked as a live event, except that `timestamp` is
+	// required and may be old: a row older than Stripe accepts is stored
+	// as `historical` (counted, never sent), a newer one is queued and
+	// delivered as a live event. Rows are stored in batches as they are
+	// read. Importing the same file again changes nothing (identifiers);
+	// an interrupted import resumes by sending it again. `dry_run=true`
+	// checks and classifies every row and stores nothing. A bad row is
+	// counted and listed (the first 100), never an error; a bad CSV header
+	// is 400 and a body over 100 MB 413 (the batches read before it stay
+	// stored).
+	//
+	// Takes any type of body and a specified content type.
+	//
+	// Corresponds with POST /v1/admin/usage-imports (the `ImportUsage` operationId).
+	ImportUsageWithBody(ctx context.Context, params *ImportUsageParams, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*http.Response, error)
 
 	// VerifyInvariants Recompute balances and check payments were credited once
 	//
@@ -4301,6 +4573,23 @@ type ClientInterface interface {
 	//
 	// Corresponds with GET /v1/usage-events/{identifier} (the `GetUsageEvent` operationId).
 	GetUsageEvent(ctx context.Context, identifier string, reqEditors ...RequestEditorFn) (*http.Response, error)
+
+	// CancelUsageEvent Cancel a usage event, before or after delivery
+	//
+	// An event not yet sent (`pending`, `waiting_customer`, `shadow`,
+	// `historical`, `legacy_period`, or `dead` without a send that may have
+	// reached Stripe) is `cancelled` at once and never sent. One that may
+	// be at Stripe (delivered within the last 23 hours, being sent right
+	// now, or dead after a timeout) becomes `cancel_pending`: a meter
+	// event adjustment (`type=cancel`) goes to Stripe through the outbox
+	// with retries, then it is `cancelled`. Stripe cancels events only
+	// within 24 hours of receiving them, so a later cancel is 409
+	// `conflict` and changes nothing. Cancelling again answers the event
+	// as it is. Cancelled events are left out of totals and
+	// reconciliation.
+	//
+	// Corresponds with POST /v1/usage-events/{identifier}/cancel (the `CancelUsageEvent` operationId).
+	CancelUsageEvent(ctx context.Context, identifier string, reqEditors ...RequestEditorFn) (*http.Response, error)
 }
 
 // Healthz Liveness
@@ -4354,12 +4643,30 @@ func (c *Client) Readyz(ctx context.Context, reqEditors ...RequestEditorFn) (*ht
 	return c.Client.Do(req)
 }
 
+// ListReconciliations Stored reconciliation runs, newest first
+//
+// Corresponds with GET /v1/admin/reconciliations (the `ListReconciliations` operationId).
+func (c *Client) ListReconciliations(ctx context.Context, params *ListReconciliationsParams, reqEditors ...RequestEditorFn) (*http.Response, error) {
+	req, err := NewListReconciliationsRequest(c.Server, params)
+	if err != nil {
+		return nil, err
+	}
+	req = req.WithContext(ctx)
+	if err := c.applyEditors(ctx, req, reqEditors); err != nil {
+		return nil, err
+	}
+	return c.Client.Do(req)
+}
+
 // CreateReconciliationWithBody Compare delivered usage with Stripe's meter event summaries
 //
 // The window is floored to whole minutes (a future `to` is clamped to
 // now first); ends earlier than the usage retention's horizon are then
 // moved to UTC day boundaries, as for usage totals. The answer's `from`
-// and `to` are the window compared.
+// and `to` are the window compared. With `customer_id` and `period`
+// instead of `from` and `to`, one customer's current or previous Stripe
+// billing period (from their subscription to the meter's plan) is
+// compared. Every run is stored (`id`) and listed by GET.
 //
 // Takes any type of body and a specified content type.
 //
@@ -4381,7 +4688,10 @@ func (c *Client) CreateReconciliationWithBody(ctx context.Context, contentType s
 // The window is floored to whole minutes (a future `to` is clamped to
 // now first); ends earlier than the usage retention's horizon are then
 // moved to UTC day boundaries, as for usage totals. The answer's `from`
-// and `to` are the window compared.
+// and `to` are the window compared. With `customer_id` and `period`
+// instead of `from` and `to`, one customer's current or previous Stripe
+// billing period (from their subscription to the meter's plan) is
+// compared. Every run is stored (`id`) and listed by GET.
 //
 // Takes a body of the `application/json` content type.
 //
@@ -4534,6 +4844,50 @@ func (c *Client) SyncStripe(ctx context.Context, body SyncStripeJSONRequestBody,
 	return c.Client.Do(req)
 }
 
+// CompareUsageWithBody Compare tally's totals with a legacy system's
+//
+// Per customer, tally's total on the meter over [from, to) (every
+// counted event: delivered, queued, historical, shadow and legacy
+// period ones) against the legacy total given. Customers in either
+// list are compared; a customer missing from one counts 0 there.
+//
+// Takes any type of body and a specified content type.
+//
+// Corresponds with POST /v1/admin/usage-comparisons (the `CompareUsage` operationId).
+func (c *Client) CompareUsageWithBody(ctx context.Context, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*http.Response, error) {
+	req, err := NewCompareUsageRequestWithBody(c.Server, contentType, body)
+	if err != nil {
+		return nil, err
+	}
+	req = req.WithContext(ctx)
+	if err := c.applyEditors(ctx, req, reqEditors); err != nil {
+		return nil, err
+	}
+	return c.Client.Do(req)
+}
+
+// CompareUsage Compare tally's totals with a legacy system's
+//
+// Per customer, tally's total on the meter over [from, to) (every
+// counted event: delivered, queued, historical, shadow and legacy
+// period ones) against the legacy total given. Customers in either
+// list are compared; a customer missing from one counts 0 there.
+//
+// Takes a body of the `application/json` content type.
+//
+// Corresponds with POST /v1/admin/usage-comparisons (the `CompareUsage` operationId).
+func (c *Client) CompareUsage(ctx context.Context, body CompareUsageJSONRequestBody, reqEditors ...RequestEditorFn) (*http.Response, error) {
+	req, err := NewCompareUsageRequest(c.Server, body)
+	if err != nil {
+		return nil, err
+	}
+	req = req.WithContext(ctx)
+	if err := c.applyEditors(ctx, req, reqEditors); err != nil {
+		return nil, err
+	}
+	return c.Client.Do(req)
+}
+
 // ListUsageEvents Usage events by status (e.g. dead letters)
 //
 // Corresponds with GET /v1/admin/usage-events (the `ListUsageEvents` operationId).
@@ -4597,6 +4951,36 @@ func (c *Client) RequeueUsageEventsWithBody(ctx context.Context, contentType str
 // Corresponds with POST /v1/admin/usage-events/requeue (the `RequeueUsageEvents` operationId).
 func (c *Client) RequeueUsageEvents(ctx context.Context, body RequeueUsageEventsJSONRequestBody, reqEditors ...RequestEditorFn) (*http.Response, error) {
 	req, err := NewRequeueUsageEventsRequest(c.Server, body)
+	if err != nil {
+		return nil, err
+	}
+	req = req.WithContext(ctx)
+	if err := c.applyEditors(ctx, req, reqEditors); err != nil {
+		return nil, err
+	}
+	return c.Client.Do(req)
+}
+
+// ImportUsageWithBody Import usage history (CSV or NDJSON, streamed, up to 100 MB)
+//
+// Rows as `text/csv` (header `customer_id,meter,value,timestamp,identifier`)
+// or `application/x-ndjson` (one JSON object a line with those fields).
+// Each row is checked as a live event, except that `timestamp` is
+// required and may be old: a row older than Stripe accepts is stored
+// as `historical` (counted, never sent), a newer one is queued and
+// delivered as a live event. Rows are stored in batches as they are
+// read. Importing the same file again changes nothing (identifiers);
+// an interrupted import resumes by sending it again. `dry_run=true`
+// checks and classifies every row and stores nothing. A bad row is
+// counted and listed (the first 100), never an error; a bad CSV header
+// is 400 and a body over 100 MB 413 (the batches read before it stay
+// stored).
+//
+// Takes any type of body and a specified content type.
+//
+// Corresponds with POST /v1/admin/usage-imports (the `ImportUsage` operationId).
+func (c *Client) ImportUsageWithBody(ctx context.Context, params *ImportUsageParams, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*http.Response, error) {
+	req, err := NewImportUsageRequestWithBody(c.Server, params, contentType, body)
 	if err != nil {
 		return nil, err
 	}
@@ -5382,6 +5766,33 @@ func (c *Client) GetUsageEvent(ctx context.Context, identifier string, reqEditor
 	return c.Client.Do(req)
 }
 
+// CancelUsageEvent Cancel a usage event, before or after delivery
+//
+// An event not yet sent (`pending`, `waiting_customer`, `shadow`,
+// `historical`, `legacy_period`, or `dead` without a send that may have
+// reached Stripe) is `cancelled` at once and never sent. One that may
+// be at Stripe (delivered within the last 23 hours, being sent right
+// now, or dead after a timeout) becomes `cancel_pending`: a meter
+// event adjustment (`type=cancel`) goes to Stripe through the outbox
+// with retries, then it is `cancelled`. Stripe cancels events only
+// within 24 hours of receiving them, so a later cancel is 409
+// `conflict` and changes nothing. Cancelling again answers the event
+// as it is. Cancelled events are left out of totals and
+// reconciliation.
+//
+// Corresponds with POST /v1/usage-events/{identifier}/cancel (the `CancelUsageEvent` operationId).
+func (c *Client) CancelUsageEvent(ctx context.Context, identifier string, reqEditors ...RequestEditorFn) (*http.Response, error) {
+	req, err := NewCancelUsageEventRequest(c.Server, identifier)
+	if err != nil {
+		return nil, err
+	}
+	req = req.WithContext(ctx)
+	if err := c.applyEditors(ctx, req, reqEditors); err != nil {
+		return nil, err
+	}
+	return c.Client.Do(req)
+}
+
 // NewHealthzRequest constructs an http.Request for the Healthz method
 func NewHealthzRequest(server string) (*http.Request, error) {
 	var err error
@@ -5453,6 +5864,84 @@ func NewReadyzRequest(server string) (*http.Request, error) {
 	queryURL, err := serverURL.Parse(operationPath)
 	if err != nil {
 		return nil, err
+	}
+
+	req, err := http.NewRequest(http.MethodGet, queryURL.String(), nil)
+	if err != nil {
+		return nil, err
+	}
+
+	return req, nil
+}
+
+// NewListReconciliationsRequest constructs an http.Request for the ListReconciliations method
+func NewListReconciliationsRequest(server string, params *ListReconciliationsParams) (*http.Request, error) {
+	var err error
+
+	serverURL, err := url.Parse(server)
+	if err != nil {
+		return nil, err
+	}
+
+	operationPath := fmt.Sprintf("/v1/admin/reconciliations")
+	if operationPath[0] == '/' {
+		operationPath = "." + operationPath
+	}
+
+	queryURL, err := serverURL.Parse(operationPath)
+	if err != nil {
+		return nil, err
+	}
+
+	if params != nil {
+		// queryValues collects non-styled parameters (passthrough, JSON)
+		// that are safe to round-trip through url.Values.Encode().
+		queryValues := queryURL.Query()
+		// rawQueryFragments collects pre-encoded query fragments from
+		// styled parameters, preserving literal commas as delimiters
+		// per the OpenAPI spec (e.g. "color=blue,black,brown").
+		var rawQueryFragments []string
+
+		if params.Meter != nil {
+
+			if queryFrag, err := runtime.StyleParamWithOptions("form", true, "meter", *params.Meter, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationQuery, Type: "string", Format: ""}); err != nil {
+				return nil, err
+			} else {
+				for _, qp := range strings.Split(queryFrag, "&") {
+					rawQueryFragments = append(rawQueryFragments, qp)
+				}
+			}
+
+		}
+
+		if params.Limit != nil {
+
+			if queryFrag, err := runtime.StyleParamWithOptions("form", true, "limit", *params.Limit, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationQuery, Type: "integer", Format: ""}); err != nil {
+				return nil, err
+			} else {
+				for _, qp := range strings.Split(queryFrag, "&") {
+					rawQueryFragments = append(rawQueryFragments, qp)
+				}
+			}
+
+		}
+
+		if params.Cursor != nil {
+
+			if queryFrag, err := runtime.StyleParamWithOptions("form", true, "cursor", *params.Cursor, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationQuery, Type: "string", Format: ""}); err != nil {
+				return nil, err
+			} else {
+				for _, qp := range strings.Split(queryFrag, "&") {
+					rawQueryFragments = append(rawQueryFragments, qp)
+				}
+			}
+
+		}
+
+		if encoded := queryValues.Encode(); encoded != "" {
+			rawQueryFragments = append(rawQueryFragments, encoded)
+		}
+		queryURL.RawQuery = strings.Join(rawQueryFragments, "&")
 	}
 
 	req, err := http.NewRequest(http.MethodGet, queryURL.String(), nil)
@@ -5702,6 +6191,46 @@ func NewSyncStripeRequestWithBody(server string, contentType string, body io.Rea
 	return req, nil
 }
 
+// NewCompareUsageRequest calls the generic CompareUsage builder with application/json body
+func NewCompareUsageRequest(server string, body CompareUsageJSONRequestBody) (*http.Request, error) {
+	var bodyReader io.Reader
+	buf, err := json.Marshal(body)
+	if err != nil {
+		return nil, err
+	}
+	bodyReader = bytes.NewReader(buf)
+	return NewCompareUsageRequestWithBody(server, "application/json", bodyReader)
+}
+
+// NewCompareUsageRequestWithBody constructs an http.Request for the CompareUsage method, with any body, and a specified content type
+func NewCompareUsageRequestWithBody(server string, contentType string, body io.Reader) (*http.Request, error) {
+	var err error
+
+	serverURL, err := url.Parse(server)
+	if err != nil {
+		return nil, err
+	}
+
+	operationPath := fmt.Sprintf("/v1/admin/usage-comparisons")
+	if operationPath[0] == '/' {
+		operationPath = "." + operationPath
+	}
+
+	queryURL, err := serverURL.Parse(operationPath)
+	if err != nil {
+		return nil, err
+	}
+
+	req, err := http.NewRequest(http.MethodPost, queryURL.String(), body)
+	if err != nil {
+		return nil, err
+	}
+
+	req.Header.Add("Content-Type", contentType)
+
+	return req, nil
+}
+
 // NewListUsageEventsRequest constructs an http.Request for the ListUsageEvents method
 func NewListUsageEventsRequest(server string, params *ListUsageEventsParams) (*http.Request, error) {
 	var err error
@@ -5808,6 +6337,62 @@ func NewRequeueUsageEventsRequestWithBody(server string, contentType string, bod
 	queryURL, err := serverURL.Parse(operationPath)
 	if err != nil {
 		return nil, err
+	}
+
+	req, err := http.NewRequest(http.MethodPost, queryURL.String(), body)
+	if err != nil {
+		return nil, err
+	}
+
+	req.Header.Add("Content-Type", contentType)
+
+	return req, nil
+}
+
+// NewImportUsageRequestWithBody constructs an http.Request for the ImportUsage method, with any body, and a specified content type
+func NewImportUsageRequestWithBody(server string, params *ImportUsageParams, contentType string, body io.Reader) (*http.Request, error) {
+	var err error
+
+	serverURL, err := url.Parse(server)
+	if err != nil {
+		return nil, err
+	}
+
+	operationPath := fmt.Sprintf("/v1/admin/usage-imports")
+	if operationPath[0] == '/' {
+		operationPath = "." + operationPath
+	}
+
+	queryURL, err := serverURL.Parse(operationPath)
+	if err != nil {
+		return nil, err
+	}
+
+	if params != nil {
+		// queryValues collects non-styled parameters (passthrough, JSON)
+		// that are safe to round-trip through url.Values.Encode().
+		queryValues := queryURL.Query()
+		// rawQueryFragments collects pre-encoded query fragments from
+		// styled parameters, preserving literal commas as delimiters
+		// per the OpenAPI spec (e.g. "color=blue,black,brown").
+		var rawQueryFragments []string
+
+		if params.DryRun != nil {
+
+			if queryFrag, err := runtime.StyleParamWithOptions("form", true, "dry_run", *params.DryRun, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationQuery, Type: "boolean", Format: ""}); err != nil {
+				return nil, err
+			} else {
+				for _, qp := range strings.Split(queryFrag, "&") {
+					rawQueryFragments = append(rawQueryFragments, qp)
+				}
+			}
+
+		}
+
+		if encoded := queryValues.Encode(); encoded != "" {
+			rawQueryFragments = append(rawQueryFragments, encoded)
+		}
+		queryURL.RawQuery = strings.Join(rawQueryFragments, "&")
 	}
 
 	req, err := http.NewRequest(http.MethodPost, queryURL.String(), body)
@@ -7154,6 +7739,40 @@ func NewGetUsageEventRequest(server string, identifier string) (*http.Request, e
 	return req, nil
 }
 
+// NewCancelUsageEventRequest constructs an http.Request for the CancelUsageEvent method
+func NewCancelUsageEventRequest(server string, identifier string) (*http.Request, error) {
+	var err error
+
+	var pathParam0 string
+
+	pathParam0, err = runtime.StyleParamWithOptions("simple", false, "identifier", identifier, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationPath, Type: "string", Format: ""})
+	if err != nil {
+		return nil, err
+	}
+
+	serverURL, err := url.Parse(server)
+	if err != nil {
+		return nil, err
+	}
+
+	operationPath := fmt.Sprintf("/v1/usage-events/%s/cancel", pathParam0)
+	if operationPath[0] == '/' {
+		operationPath = "." + operationPath
+	}
+
+	queryURL, err := serverURL.Parse(operationPath)
+	if err != nil {
+		return nil, err
+	}
+
+	req, err := http.NewRequest(http.MethodPost, queryURL.String(), nil)
+	if err != nil {
+		return nil, err
+	}
+
+	return req, nil
+}
+
 func (c *Client) applyEditors(ctx context.Context, req *http.Request, additionalEditors []RequestEditorFn) error {
 	for _, r := range c.RequestEditors {
 		if err := r(ctx, req); err != nil {
@@ -7225,12 +7844,22 @@ type ClientWithResponsesInterface interface {
 	// Corresponds with GET /readyz (the `Readyz` operationId).
 	ReadyzWithResponse(ctx context.Context, reqEditors ...RequestEditorFn) (*ReadyzResponse, error)
 
+	// ListReconciliationsWithResponse Stored reconciliation runs, newest first
+	//
+	// Returns a wrapper object for the known response body format(s).
+	//
+	// Corresponds with GET /v1/admin/reconciliations (the `ListReconciliations` operationId).
+	ListReconciliationsWithResponse(ctx context.Context, params *ListReconciliationsParams, reqEditors ...RequestEditorFn) (*ListReconciliationsResponse, error)
+
 	// CreateReconciliationWithBodyWithResponse Compare delivered usage with Stripe's meter event summaries
 	//
 	// The window is floored to whole minutes (a future `to` is clamped to
 	// now first); ends earlier than the usage retention's horizon are then
 	// moved to UTC day boundaries, as for usage totals. The answer's `from`
-	// and `to` are the window compared.
+	// and `to` are the window compared. With `customer_id` and `period`
+	// instead of `from` and `to`, one customer's current or previous Stripe
+	// billing period (from their subscription to the meter's plan) is
+	// compared. Every run is stored (`id`) and listed by GET.
 	//
 	// Takes any type of body and a specified content type, and returns a wrapper object for the known response body format(s).
 	//
@@ -7242,7 +7871,10 @@ type ClientWithResponsesInterface interface {
 	// The window is floored to whole minutes (a future `to` is clamped to
 	// now first); ends earlier than the usage retention's horizon are then
 	// moved to UTC day boundaries, as for usage totals. The answer's `from`
-	// and `to` are the window compared.
+	// and `to` are the window compared. With `customer_id` and `period`
+	// instead of `from` and `to`, one customer's current or previous Stripe
+	// billing period (from their subscription to the meter's plan) is
+	// compared. Every run is stored (`id`) and listed by GET.
 	//
 	// Takes a body of the `application/json` content type, and returns a wrapper object for the known response body format(s).
 	//
@@ -7329,6 +7961,30 @@ type ClientWithResponsesInterface interface {
 	// Corresponds with POST /v1/admin/stripe-sync (the `SyncStripe` operationId).
 	SyncStripeWithResponse(ctx context.Context, body SyncStripeJSONRequestBody, reqEditors ...RequestEditorFn) (*SyncStripeResponse, error)
 
+	// CompareUsageWithBodyWithResponse Compare tally's totals with a legacy system's
+	//
+	// Per customer, tally's total on the meter over [from, to) (every
+	// counted event: delivered, queued, historical, shadow and legacy
+	// period ones) against the legacy total given. Customers in either
+	// list are compared; a customer missing from one counts 0 there.
+	//
+	// Takes any type of body and a specified content type, and returns a wrapper object for the known response body format(s).
+	//
+	// Corresponds with POST /v1/admin/usage-comparisons (the `CompareUsage` operationId).
+	CompareUsageWithBodyWithResponse(ctx context.Context, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*CompareUsageResponse, error)
+
+	// CompareUsageWithResponse Compare tally's totals with a legacy system's
+	//
+	// Per customer, tally's total on the meter over [from, to) (every
+	// counted event: delivered, queued, historical, shadow and legacy
+	// period ones) against the legacy total given. Customers in either
+	// list are compared; a customer missing from one counts 0 there.
+	//
+	// Takes a body of the `application/json` content type, and returns a wrapper object for the known response body format(s).
+	//
+	// Corresponds with POST /v1/admin/usage-comparisons (the `CompareUsage` operationId).
+	CompareUsageWithResponse(ctx context.Context, body CompareUsageJSONRequestBody, reqEditors ...RequestEditorFn) (*CompareUsageResponse, error)
+
 	// ListUsageEventsWithResponse Usage events by status (e.g. dead letters)
 	//
 	// Returns a wrapper object for the known response body format(s).
@@ -7373,6 +8029,26 @@ type ClientWithResponsesInterface interface {
 	//
 	// Corresponds with POST /v1/admin/usage-events/requeue (the `RequeueUsageEvents` operationId).
 	RequeueUsageEventsWithResponse(ctx context.Context, body RequeueUsageEventsJSONRequestBody, reqEditors ...RequestEditorFn) (*RequeueUsageEventsResponse, error)
+
+	// ImportUsageWithBodyWithResponse Import usage history (CSV or NDJSON, streamed, up to 100 MB)
+	//
+	// Rows as `text/csv` (header `customer_id,meter,value,timestamp,identifier`)
+	// or `application/x-ndjson` (one JSON object a line with those fields).
+	// Each row is checked as a live event, except that `timestamp` is
+	// required and may be old: a row older than Stripe accepts is stored
+	// as `historical` (counted, never sent), a newer one is queued and
+	// delivered as a live event. Rows are stored in batches as they are
+	// read. Importing the same file again changes nothing (identifiers);
+	// an interrupted import resumes by sending it again. `dry_run=true`
+	// checks and classifies every row and stores nothing. A bad row is
+	// counted and listed (the first 100), never an error; a bad CSV header
+	// is 400 and a body over 100 MB 413 (the batches read before it stay
+	// stored).
+	//
+	// Takes any type of body and a specified content type, and returns a wrapper object for the known response body format(s).
+	//
+	// Corresponds with POST /v1/admin/usage-imports (the `ImportUsage` operationId).
+	ImportUsageWithBodyWithResponse(ctx context.Context, params *ImportUsageParams, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*ImportUsageResponse, error)
 
 	// VerifyInvariantsWithResponse Recompute balances and check payments were credited once
 	//
@@ -7824,6 +8500,25 @@ type ClientWithResponsesInterface interface {
 	//
 	// Corresponds with GET /v1/usage-events/{identifier} (the `GetUsageEvent` operationId).
 	GetUsageEventWithResponse(ctx context.Context, identifier string, reqEditors ...RequestEditorFn) (*GetUsageEventResponse, error)
+
+	// CancelUsageEventWithResponse Cancel a usage event, before or after delivery
+	//
+	// An event not yet sent (`pending`, `waiting_customer`, `shadow`,
+	// `historical`, `legacy_period`, or `dead` without a send that may have
+	// reached Stripe) is `cancelled` at once and never sent. One that may
+	// be at Stripe (delivered within the last 23 hours, being sent right
+	// now, or dead after a timeout) becomes `cancel_pending`: a meter
+	// event adjustment (`type=cancel`) goes to Stripe through the outbox
+	// with retries, then it is `cancelled`. Stripe cancels events only
+	// within 24 hours of receiving them, so a later cancel is 409
+	// `conflict` and changes nothing. Cancelling again answers the event
+	// as it is. Cancelled events are left out of totals and
+	// reconciliation.
+	//
+	// Returns a wrapper object for the known response body format(s).
+	//
+	// Corresponds with POST /v1/usage-events/{identifier}/cancel (the `CancelUsageEvent` operationId).
+	CancelUsageEventWithResponse(ctx context.Context, identifier string, reqEditors ...RequestEditorFn) (*CancelUsageEventResponse, error)
 }
 
 type HealthzResponse struct {
@@ -7957,6 +8652,61 @@ func (r ReadyzResponse) StatusCode() int {
 
 // ContentType is a convenience method to retrieve the Content-Type value from the HTTP response headers
 func (r ReadyzResponse) ContentType() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Header.Get("Content-Type")
+	}
+	return ""
+}
+
+// ListReconciliationsResponseDefaultHeaders the declared response headers of an HTTP default response for ListReconciliations
+type ListReconciliationsResponseDefaultHeaders struct {
+	RetryAfter *int
+}
+
+type ListReconciliationsResponse struct {
+	Body         []byte
+	HTTPResponse *http.Response
+	// JSON200 the response for an HTTP 200 `application/json` response
+	JSON200 *ReconciliationRunPage
+	// ApplicationproblemJSONDefault the response for an HTTP default `application/problem+json` response
+	ApplicationproblemJSONDefault *Problem
+	// HeadersDefault the parsed response headers for an HTTP default response
+	HeadersDefault *ListReconciliationsResponseDefaultHeaders
+}
+
+// GetJSON200 returns the response for an HTTP 200 `application/json` response
+func (r ListReconciliationsResponse) GetJSON200() *ReconciliationRunPage {
+	return r.JSON200
+}
+
+// GetApplicationproblemJSONDefault returns the response for an HTTP default `application/problem+json` response
+func (r ListReconciliationsResponse) GetApplicationproblemJSONDefault() *Problem {
+	return r.ApplicationproblemJSONDefault
+}
+
+// GetBody returns the raw response body bytes
+func (r ListReconciliationsResponse) GetBody() []byte {
+	return r.Body
+}
+
+// Status returns HTTPResponse.Status
+func (r ListReconciliationsResponse) Status() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Status
+	}
+	return http.StatusText(0)
+}
+
+// StatusCode returns HTTPResponse.StatusCode
+func (r ListReconciliationsResponse) StatusCode() int {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.StatusCode
+	}
+	return 0
+}
+
+// ContentType is a convenience method to retrieve the Content-Type value from the HTTP response headers
+func (r ListReconciliationsResponse) ContentType() string {
 	if r.HTTPResponse != nil {
 		return r.HTTPResponse.Header.Get("Content-Type")
 	}
@@ -8238,6 +8988,61 @@ func (r SyncStripeResponse) ContentType() string {
 	return ""
 }
 
+// CompareUsageResponseDefaultHeaders the declared response headers of an HTTP default response for CompareUsage
+type CompareUsageResponseDefaultHeaders struct {
+	RetryAfter *int
+}
+
+type CompareUsageResponse struct {
+	Body         []byte
+	HTTPResponse *http.Response
+	// JSON200 the response for an HTTP 200 `application/json` response
+	JSON200 *UsageComparison
+	// ApplicationproblemJSONDefault the response for an HTTP default `application/problem+json` response
+	ApplicationproblemJSONDefault *Problem
+	// HeadersDefault the parsed response headers for an HTTP default response
+	HeadersDefault *CompareUsageResponseDefaultHeaders
+}
+
+// GetJSON200 returns the response for an HTTP 200 `application/json` response
+func (r CompareUsageResponse) GetJSON200() *UsageComparison {
+	return r.JSON200
+}
+
+// GetApplicationproblemJSONDefault returns the response for an HTTP default `application/problem+json` response
+func (r CompareUsageResponse) GetApplicationproblemJSONDefault() *Problem {
+	return r.ApplicationproblemJSONDefault
+}
+
+// GetBody returns the raw response body bytes
+func (r CompareUsageResponse) GetBody() []byte {
+	return r.Body
+}
+
+// Status returns HTTPResponse.Status
+func (r CompareUsageResponse) Status() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Status
+	}
+	return http.StatusText(0)
+}
+
+// StatusCode returns HTTPResponse.StatusCode
+func (r CompareUsageResponse) StatusCode() int {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.StatusCode
+	}
+	return 0
+}
+
+// ContentType is a convenience method to retrieve the Content-Type value from the HTTP response headers
+func (r CompareUsageResponse) ContentType() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Header.Get("Content-Type")
+	}
+	return ""
+}
+
 // ListUsageEventsResponseDefaultHeaders the declared response headers of an HTTP default response for ListUsageEvents
 type ListUsageEventsResponseDefaultHeaders struct {
 	RetryAfter *int
@@ -8342,6 +9147,61 @@ func (r RequeueUsageEventsResponse) StatusCode() int {
 
 // ContentType is a convenience method to retrieve the Content-Type value from the HTTP response headers
 func (r RequeueUsageEventsResponse) ContentType() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Header.Get("Content-Type")
+	}
+	return ""
+}
+
+// ImportUsageResponseDefaultHeaders the declared response headers of an HTTP default response for ImportUsage
+type ImportUsageResponseDefaultHeaders struct {
+	RetryAfter *int
+}
+
+type ImportUsageResponse struct {
+	Body         []byte
+	HTTPResponse *http.Response
+	// JSON200 the response for an HTTP 200 `application/json` response
+	JSON200 *UsageImportSummary
+	// ApplicationproblemJSONDefault the response for an HTTP default `application/problem+json` response
+	ApplicationproblemJSONDefault *Problem
+	// HeadersDefault the parsed response headers for an HTTP default response
+	HeadersDefault *ImportUsageResponseDefaultHeaders
+}
+
+// GetJSON200 returns the response for an HTTP 200 `application/json` response
+func (r ImportUsageResponse) GetJSON200() *UsageImportSummary {
+	return r.JSON200
+}
+
+// GetApplicationproblemJSONDefault returns the response for an HTTP default `application/problem+json` response
+func (r ImportUsageResponse) GetApplicationproblemJSONDefault() *Problem {
+	return r.ApplicationproblemJSONDefault
+}
+
+// GetBody returns the raw response body bytes
+func (r ImportUsageResponse) GetBody() []byte {
+	return r.Body
+}
+
+// Status returns HTTPResponse.Status
+func (r ImportUsageResponse) Status() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Status
+	}
+	return http.StatusText(0)
+}
+
+// StatusCode returns HTTPResponse.StatusCode
+func (r ImportUsageResponse) StatusCode() int {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.StatusCode
+	}
+	return 0
+}
+
+// ContentType is a convenience method to retrieve the Content-Type value from the HTTP response headers
+func (r ImportUsageResponse) ContentType() string {
 	if r.HTTPResponse != nil {
 		return r.HTTPResponse.Header.Get("Content-Type")
 	}
@@ -9766,6 +10626,61 @@ func (r GetUsageEventResponse) ContentType() string {
 	return ""
 }
 
+// CancelUsageEventResponseDefaultHeaders the declared response headers of an HTTP default response for CancelUsageEvent
+type CancelUsageEventResponseDefaultHeaders struct {
+	RetryAfter *int
+}
+
+type CancelUsageEventResponse struct {
+	Body         []byte
+	HTTPResponse *http.Response
+	// JSON200 the response for an HTTP 200 `application/json` response
+	JSON200 *UsageEventStatus
+	// ApplicationproblemJSONDefault the response for an HTTP default `application/problem+json` response
+	ApplicationproblemJSONDefault *Problem
+	// HeadersDefault the parsed response headers for an HTTP default response
+	HeadersDefault *CancelUsageEventResponseDefaultHeaders
+}
+
+// GetJSON200 returns the response for an HTTP 200 `application/json` response
+func (r CancelUsageEventResponse) GetJSON200() *UsageEventStatus {
+	return r.JSON200
+}
+
+// GetApplicationproblemJSONDefault returns the response for an HTTP default `application/problem+json` response
+func (r CancelUsageEventResponse) GetApplicationproblemJSONDefault() *Problem {
+	return r.ApplicationproblemJSONDefault
+}
+
+// GetBody returns the raw response body bytes
+func (r CancelUsageEventResponse) GetBody() []byte {
+	return r.Body
+}
+
+// Status returns HTTPResponse.Status
+func (r CancelUsageEventResponse) Status() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Status
+	}
+	return http.StatusText(0)
+}
+
+// StatusCode returns HTTPResponse.StatusCode
+func (r CancelUsageEventResponse) StatusCode() int {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.StatusCode
+	}
+	return 0
+}
+
+// ContentType is a convenience method to retrieve the Content-Type value from the HTTP response headers
+func (r CancelUsageEventResponse) ContentType() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Header.Get("Content-Type")
+	}
+	return ""
+}
+
 // HealthzWithResponse Liveness
 //
 // Returns a wrapper object for the known response body format(s).
@@ -9811,12 +10726,28 @@ func (c *ClientWithResponses) ReadyzWithResponse(ctx context.Context, reqEditors
 	return ParseReadyzResponse(rsp)
 }
 
+// ListReconciliationsWithResponse Stored reconciliation runs, newest first
+//
+// Returns a wrapper object for the known response body format(s).
+//
+// Corresponds with GET /v1/admin/reconciliations (the `ListReconciliations` operationId).
+func (c *ClientWithResponses) ListReconciliationsWithResponse(ctx context.Context, params *ListReconciliationsParams, reqEditors ...RequestEditorFn) (*ListReconciliationsResponse, error) {
+	rsp, err := c.ListReconciliations(ctx, params, reqEditors...)
+	if err != nil {
+		return nil, err
+	}
+	return ParseListReconciliationsResponse(rsp)
+}
+
 // CreateReconciliationWithBodyWithResponse Compare delivered usage with Stripe's meter event summaries
 //
 // The window is floored to whole minutes (a future `to` is clamped to
 // now first); ends earlier than the usage retention's horizon are then
 // moved to UTC day boundaries, as for usage totals. The answer's `from`
-// and `to` are the window compared.
+// and `to` are the window compared. With `customer_id` and `period`
+// instead of `from` and `to`, one customer's current or previous Stripe
+// billing period (from their subscription to the meter's plan) is
+// compared. Every run is stored (`id`) and listed by GET.
 //
 // Takes any type of body and a specified content type, and returns a wrapper object for the known response body format(s).
 //
@@ -9834,7 +10765,10 @@ func (c *ClientWithResponses) CreateReconciliationWithBodyWithResponse(ctx conte
 // The window is floored to whole minutes (a future `to` is clamped to
 // now first); ends earlier than the usage retention's horizon are then
 // moved to UTC day boundaries, as for usage totals. The answer's `from`
-// and `to` are the window compared.
+// and `to` are the window compared. With `customer_id` and `period`
+// instead of `from` and `to`, one customer's current or previous Stripe
+// billing period (from their subscription to the meter's plan) is
+// compared. Every run is stored (`id`) and listed by GET.
 //
 // Takes a body of the `application/json` content type, and returns a wrapper object for the known response body format(s).
 //
@@ -9963,6 +10897,42 @@ func (c *ClientWithResponses) SyncStripeWithResponse(ctx context.Context, body S
 	return ParseSyncStripeResponse(rsp)
 }
 
+// CompareUsageWithBodyWithResponse Compare tally's totals with a legacy system's
+//
+// Per customer, tally's total on the meter over [from, to) (every
+// counted event: delivered, queued, historical, shadow and legacy
+// period ones) against the legacy total given. Customers in either
+// list are compared; a customer missing from one counts 0 there.
+//
+// Takes any type of body and a specified content type, and returns a wrapper object for the known response body format(s).
+//
+// Corresponds with POST /v1/admin/usage-comparisons (the `CompareUsage` operationId).
+func (c *ClientWithResponses) CompareUsageWithBodyWithResponse(ctx context.Context, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*CompareUsageResponse, error) {
+	rsp, err := c.CompareUsageWithBody(ctx, contentType, body, reqEditors...)
+	if err != nil {
+		return nil, err
+	}
+	return ParseCompareUsageResponse(rsp)
+}
+
+// CompareUsageWithResponse Compare tally's totals with a legacy system's
+//
+// Per customer, tally's total on the meter over [from, to) (every
+// counted event: delivered, queued, historical, shadow and legacy
+// period ones) against the legacy total given. Customers in either
+// list are compared; a customer missing from one counts 0 there.
+//
+// Takes a body of the `application/json` content type, and returns a wrapper object for the known response body format(s).
+//
+// Corresponds with POST /v1/admin/usage-comparisons (the `CompareUsage` operationId).
+func (c *ClientWithResponses) CompareUsageWithResponse(ctx context.Context, body CompareUsageJSONRequestBody, reqEditors ...RequestEditorFn) (*CompareUsageResponse, error) {
+	rsp, err := c.CompareUsage(ctx, body, reqEditors...)
+	if err != nil {
+		return nil, err
+	}
+	return ParseCompareUsageResponse(rsp)
+}
+
 // ListUsageEventsWithResponse Usage events by status (e.g. dead letters)
 //
 // Returns a wrapper object for the known response body format(s).
@@ -10024,6 +10994,32 @@ func (c *ClientWithResponses) RequeueUsageEventsWithResponse(ctx context.Context
 		return nil, err
 	}
 	return ParseRequeueUsageEventsResponse(rsp)
+}
+
+// ImportUsageWithBodyWithResponse Import usage history (CSV or NDJSON, streamed, up to 100 MB)
+//
+// Rows as `text/csv` (header `customer_id,meter,value,timestamp,identifier`)
+// or `application/x-ndjson` (one JSON object a line with those fields).
+// Each row is checked as a live event, except that `timestamp` is
+// required and may be old: a row older than Stripe accepts is stored
+// as `historical` (counted, never sent), a newer one is queued and
+// delivered as a live event. Rows are stored in batches as they are
+// read. Importing the same file again changes nothing (identifiers);
+// an interrupted import resumes by sending it again. `dry_run=true`
+// checks and classifies every row and stores nothing. A bad row is
+// counted and listed (the first 100), never an error; a bad CSV header
+// is 400 and a body over 100 MB 413 (the batches read before it stay
+// stored).
+//
+// Takes any type of body and a specified content type, and returns a wrapper object for the known response body format(s).
+//
+// Corresponds with POST /v1/admin/usage-imports (the `ImportUsage` operationId).
+func (c *ClientWithResponses) ImportUsageWithBodyWithResponse(ctx context.Context, params *ImportUsageParams, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*ImportUsageResponse, error) {
+	rsp, err := c.ImportUsageWithBody(ctx, params, contentType, body, reqEditors...)
+	if err != nil {
+		return nil, err
+	}
+	return ParseImportUsageResponse(rsp)
 }
 
 // VerifyInvariantsWithResponse Recompute balances and check payments were credited once
@@ -10687,6 +11683,31 @@ func (c *ClientWithResponses) GetUsageEventWithResponse(ctx context.Context, ide
 	return ParseGetUsageEventResponse(rsp)
 }
 
+// CancelUsageEventWithResponse Cancel a usage event, before or after delivery
+//
+// An event not yet sent (`pending`, `waiting_customer`, `shadow`,
+// `historical`, `legacy_period`, or `dead` without a send that may have
+// reached Stripe) is `cancelled` at once and never sent. One that may
+// be at Stripe (delivered within the last 23 hours, being sent right
+// now, or dead after a timeout) becomes `cancel_pending`: a meter
+// event adjustment (`type=cancel`) goes to Stripe through the outbox
+// with retries, then it is `cancelled`. Stripe cancels events only
+// within 24 hours of receiving them, so a later cancel is 409
+// `conflict` and changes nothing. Cancelling again answers the event
+// as it is. Cancelled events are left out of totals and
+// reconciliation.
+//
+// Returns a wrapper object for the known response body format(s).
+//
+// Corresponds with POST /v1/usage-events/{identifier}/cancel (the `CancelUsageEvent` operationId).
+func (c *ClientWithResponses) CancelUsageEventWithResponse(ctx context.Context, identifier string, reqEditors ...RequestEditorFn) (*CancelUsageEventResponse, error) {
+	rsp, err := c.CancelUsageEvent(ctx, identifier, reqEditors...)
+	if err != nil {
+		return nil, err
+	}
+	return ParseCancelUsageEventResponse(rsp)
+}
+
 // ParseHealthzResponse parses an HTTP response from a HealthzWithResponse call
 func ParseHealthzResponse(rsp *http.Response) (*HealthzResponse, error) {
 	bodyBytes, err := io.ReadAll(rsp.Body)
@@ -10780,6 +11801,52 @@ func ParseReadyzResponse(rsp *http.Response) (*ReadyzResponse, error) {
 		}
 		response.JSON503 = &dest
 
+	}
+
+	return response, nil
+}
+
+// ParseListReconciliationsResponse parses an HTTP response from a ListReconciliationsWithResponse call
+func ParseListReconciliationsResponse(rsp *http.Response) (*ListReconciliationsResponse, error) {
+	bodyBytes, err := io.ReadAll(rsp.Body)
+	defer func() { _ = rsp.Body.Close() }()
+	if err != nil {
+		return nil, err
+	}
+
+	response := &ListReconciliationsResponse{
+		Body:         bodyBytes,
+		HTTPResponse: rsp,
+	}
+
+	switch {
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 200:
+		var dest ReconciliationRunPage
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON200 = &dest
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && true:
+		var dest Problem
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.ApplicationproblemJSONDefault = &dest
+
+	}
+
+	switch {
+	case true:
+		var headers ListReconciliationsResponseDefaultHeaders
+		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
+			var value int
+			if err := runtime.BindStyledParameterWithOptions("simple", "Retry-After", values[0], &value, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "integer", Format: ""}); err != nil {
+				return nil, err
+			}
+			headers.RetryAfter = &value
+		}
+		response.HeadersDefault = &headers
 	}
 
 	return response, nil
@@ -11015,6 +12082,52 @@ func ParseSyncStripeResponse(rsp *http.Response) (*SyncStripeResponse, error) {
 	return response, nil
 }
 
+// ParseCompareUsageResponse parses an HTTP response from a CompareUsageWithResponse call
+func ParseCompareUsageResponse(rsp *http.Response) (*CompareUsageResponse, error) {
+	bodyBytes, err := io.ReadAll(rsp.Body)
+	defer func() { _ = rsp.Body.Close() }()
+	if err != nil {
+		return nil, err
+	}
+
+	response := &CompareUsageResponse{
+		Body:         bodyBytes,
+		HTTPResponse: rsp,
+	}
+
+	switch {
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 200:
+		var dest UsageComparison
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON200 = &dest
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && true:
+		var dest Problem
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.ApplicationproblemJSONDefault = &dest
+
+	}
+
+	switch {
+	case true:
+		var headers CompareUsageResponseDefaultHeaders
+		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
+			var value int
+			if err := runtime.BindStyledParameterWithOptions("simple", "Retry-After", values[0], &value, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "integer", Format: ""}); err != nil {
+				return nil, err
+			}
+			headers.RetryAfter = &value
+		}
+		response.HeadersDefault = &headers
+	}
+
+	return response, nil
+}
+
 // ParseListUsageEventsResponse parses an HTTP response from a ListUsageEventsWithResponse call
 func ParseListUsageEventsResponse(rsp *http.Response) (*ListUsageEventsResponse, error) {
 	bodyBytes, err := io.ReadAll(rsp.Body)
@@ -11094,6 +12207,52 @@ func ParseRequeueUsageEventsResponse(rsp *http.Response) (*RequeueUsageEventsRes
 	switch {
 	case true:
 		var headers RequeueUsageEventsResponseDefaultHeaders
+		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
+			var value int
+			if err := runtime.BindStyledParameterWithOptions("simple", "Retry-After", values[0], &value, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "integer", Format: ""}); err != nil {
+				return nil, err
+			}
+			headers.RetryAfter = &value
+		}
+		response.HeadersDefault = &headers
+	}
+
+	return response, nil
+}
+
+// ParseImportUsageResponse parses an HTTP response from a ImportUsageWithResponse call
+func ParseImportUsageResponse(rsp *http.Response) (*ImportUsageResponse, error) {
+	bodyBytes, err := io.ReadAll(rsp.Body)
+	defer func() { _ = rsp.Body.Close() }()
+	if err != nil {
+		return nil, err
+	}
+
+	response := &ImportUsageResponse{
+		Body:         bodyBytes,
+		HTTPResponse: rsp,
+	}
+
+	switch {
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 200:
+		var dest UsageImportSummary
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON200 = &dest
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && true:
+		var dest Problem
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.ApplicationproblemJSONDefault = &dest
+
+	}
+
+	switch {
+	case true:
+		var headers ImportUsageResponseDefaultHeaders
 		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
 			var value int
 			if err := runtime.BindStyledParameterWithOptions("simple", "Retry-After", values[0], &value, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "integer", Format: ""}); err != nil {
@@ -12326,6 +13485,52 @@ func ParseGetUsageEventResponse(rsp *http.Response) (*GetUsageEventResponse, err
 	switch {
 	case true:
 		var headers GetUsageEventResponseDefaultHeaders
+		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
+			var value int
+			if err := runtime.BindStyledParameterWithOptions("simple", "Retry-After", values[0], &value, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "integer", Format: ""}); err != nil {
+				return nil, err
+			}
+			headers.RetryAfter = &value
+		}
+		response.HeadersDefault = &headers
+	}
+
+	return response, nil
+}
+
+// ParseCancelUsageEventResponse parses an HTTP response from a CancelUsageEventWithResponse call
+func ParseCancelUsageEventResponse(rsp *http.Response) (*CancelUsageEventResponse, error) {
+	bodyBytes, err := io.ReadAll(rsp.Body)
+	defer func() { _ = rsp.Body.Close() }()
+	if err != nil {
+		return nil, err
+	}
+
+	response := &CancelUsageEventResponse{
+		Body:         bodyBytes,
+		HTTPResponse: rsp,
+	}
+
+	switch {
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 200:
+		var dest UsageEventStatus
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON200 = &dest
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && true:
+		var dest Problem
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.ApplicationproblemJSONDefault = &dest
+
+	}
+
+	switch {
+	case true:
+		var headers CancelUsageEventResponseDefaultHeaders
 		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
 			var value int
 			if err := runtime.BindStyledParameterWithOptions("simple", "Retry-After", values[0], &value, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "integer", Format: ""}); err != nil {
