@@ -153,8 +153,11 @@ func New(ctx context.Context, opts Options) (*App, error) {
 	})
 	a.workers = append(a.workers, stripehook.NewWorker(stripeHook))
 
-	wallet := credits.New(credits.Options{DB: gdb, Config: cfg.Credits, Logger: logger, Now: now, Registry: reg})
-	a.workers = append(a.workers, credits.NewSweeper(credits.SweeperOptions{DB: gdb, Config: cfg.Credits, Logger: logger, Now: now}))
+	// Every change that lowers a customer's credits may start its automatic
+	// top-up, in the change's own transaction (payments writes the payment).
+	wallet := credits.New(credits.Options{DB: gdb, Config: cfg.Credits, Logger: logger, Now: now, Registry: reg, TopUp: paymentsSvc.StartAutoTopUp})
+	a.workers = append(a.workers, credits.NewSweeper(credits.SweeperOptions{DB: gdb, Config: cfg.Credits, Logger: logger, Now: now, TopUp: paymentsSvc.StartAutoTopUp}))
+	a.workers = append(a.workers, payments.NewAutoTopUpWorker(paymentsSvc, 0))
 
 	deps := httpapi.Options{
 		Config:    cfg,

@@ -36,6 +36,34 @@ type account struct {
 	// when a writer waited for the lock or runs on a replica whose clock
 	// lags. Expiry decisions use it too.
 	now time.Time
+	// topUpBelow is the customer's automatic top-up threshold when a top-up
+	// may start now (enabled and active, a usable saved card, none in
+	// flight, the month's limit not reached), else 0; topUp starts one.
+	// See afterLowering.
+	topUpBelow int64
+	topUp      TopUpFunc
+}
+
+// TopUpFunc starts a customer's automatic top-up inside the transaction tx
+// of a change that left available credits below the customer's threshold
+// (payments.Service.StartAutoTopUp). It must itself re-check, under a lock,
+// that one may start: the account's view of the settings is a hint read
+// without one.
+type TopUpFunc func(ctx context.Context, tx *gorm.DB, customerID string, available int64, now time.Time) error
+
+// afterLowering is called after every change that lowered the customer's
+// spendable credits (consume, expiry, revoke; a hold's capture once there
+// is one), inside its transaction, once the change is written. When the
+// available balance is now below the automatic top-up threshold it starts
+// the top-up in that same transaction. It costs no statement when the
+// balance stays at or above the threshold, or when no top-up may start:
+// lockAccount read what it needs with the lock.
+func (a *account) afterLowering(ctx context.Context, tx *gorm.DB) error {
+	if a.topUp == nil || a.topUpBelow <= 0 || a.balance >= a.topUpBelow {
+		return nil
+	}
+	a.topUpBelow = 0 // at most once per transaction
+	return a.topUp(ctx, tx, a.customerID, a.balance, a.now)
 }
 
 // lockAccount locks customerID's balance row (found=false when it has none:
@@ -52,6 +80,8 @@ func lockAccount(ctx context.Context, tx *gorm.DB, customerID string, clock func
 
 func lockAccountAt(ctx context.Context, tx *gorm.DB, customerID string, clock func() time.Time, defaultThreshold *int64, expire bool) (*account, bool, error) {
 	a := &account{customerID: customerID, defaultThreshold: defaultThreshold}
+	// A hint for the top-up decision only; a.now is read once the lock is held.
+	clockNow := clock()
 	// The money lock: the balance row, joined to the customer for its
 	// threshold, locked for the rest of tx.
 	var locked struct {
@@ -60,13 +90,23 @@ func lockAccountAt(ctx context.Context, tx *gorm.DB, customerID string, clock fu
 		Notified   bool
 		Threshold  int64
 		UpdatedAt  time.Time
+		TopUpBelow int64
 	}
+	// The automatic top-up settings and the saved card (tables of
+	// internal/payments) are read in the same statement, so that deciding
+	// whether a change must start a top-up costs no round trip of its own.
 	res := tx.WithContext(ctx).Raw(`
 		SELECT b.balance, b.next_expiry, b.low_balance_notified AS notified,
-		       COALESCE(c.low_balance_threshold, ?::bigint, b.default_low_balance_threshold) AS threshold, b.updated_at
+		       COALESCE(c.low_balance_threshold, ?::bigint, b.default_low_balance_threshold) AS threshold, b.updated_at,
+		       COALESCE((SELECT t.threshold FROM auto_top_up_settings t
+		                 JOIN customer_payment_methods m ON m.customer_id = t.customer_id
+		                 WHERE t.customer_id = b.customer_id AND t.enabled AND t.status = 'active' AND t.in_flight_payment_id IS NULL
+		                   AND make_date(m.exp_year, m.exp_month, 1) + interval '1 month' > (?::timestamptz AT TIME ZONE 'UTC')
+		                   AND (t.monthly_limit IS NULL OR t.month_count < t.monthly_limit
+		                        OR t.month_start IS DISTINCT FROM date_trunc('month', ?::timestamptz AT TIME ZONE 'UTC')::date)), 0) AS top_up_below
 		FROM credit_balances b JOIN customers c ON c.id = b.customer_id
 		WHERE b.customer_id = ?
-		FOR UPDATE OF b`, defaultThreshold, customerID).Scan(&locked)
+		FOR UPDATE OF b`, defaultThreshold, clockNow, clockNow, customerID).Scan(&locked)
 	if res.Error != nil {
 		return nil, false, res.Error
 	}
@@ -74,6 +114,7 @@ func lockAccountAt(ctx context.Context, tx *gorm.DB, customerID string, clock fu
 		return nil, false, nil
 	}
 	a.balance, a.nextExpiry, a.notified, a.threshold = locked.Balance, locked.NextExpiry, locked.Notified, locked.Threshold
+	a.topUpBelow = locked.TopUpBelow
 	lastChange := locked.UpdatedAt
 	// Every change saves its time as updated_at, so the row holds the time
 	// of the customer's latest ledger entry.

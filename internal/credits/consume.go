@@ -35,7 +35,7 @@ func (s *Service) Consume(ctx context.Context, in ConsumeInput, key db.Idempoten
 		return ConsumeResult{}, false, err
 	}
 	a, replayed, err := once(ctx, s, key, "consume", func(tx *gorm.DB, threshold *int64) (consumeAnswer, error) {
-		r, err := consume(ctx, tx, s.now, in, threshold, key.Key)
+		r, err := consume(ctx, tx, s.now, in, threshold, key.Key, s.topUp)
 		return consumeAnswer(r), err
 	})
 	if err != nil {
@@ -89,10 +89,13 @@ RETURNING balance_after,
 	(SELECT COALESCE(sum(take), 0)::bigint FROM draws) AS drawn_total,
 	(SELECT count(*) FROM drawn) AS drawn_grants`
 
-func consume(ctx context.Context, tx *gorm.DB, clock func() time.Time, in ConsumeInput, defaultThreshold *int64, idemKey string) (ConsumeResult, error) {
+func consume(ctx context.Context, tx *gorm.DB, clock func() time.Time, in ConsumeInput, defaultThreshold *int64, idemKey string, topUp TopUpFunc) (ConsumeResult, error) {
 	a, found, err := lockAccount(ctx, tx, in.CustomerID, clock, defaultThreshold)
 	if err != nil {
 		return ConsumeResult{}, err
+	}
+	if found {
+		a.topUp = topUp
 	}
 	if !found {
 		// Never granted anything: unknown (404) or simply empty (402).
@@ -128,6 +131,9 @@ func consume(ctx context.Context, tx *gorm.DB, clock func() time.Time, in Consum
 		if err := a.appendLowBalance(ctx, tx); err != nil {
 			return ConsumeResult{}, err
 		}
+	}
+	if err := a.afterLowering(ctx, tx); err != nil {
+		return ConsumeResult{}, err
 	}
 	return ConsumeResult{TransactionID: id, Amount: in.Amount, Balance: a.balance}, nil
 }

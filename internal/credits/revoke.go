@@ -34,6 +34,9 @@ type RevokeInput struct {
 	// left of the payment's own grants; the rest is neither taken nor
 	// recorded).
 	From string
+	// TopUp starts an automatic top-up when the revoke leaves the customer
+	// below its threshold; nil: never (see afterLowering).
+	TopUp TopUpFunc
 }
 
 // RevokeResult is what a revoke did.
@@ -78,6 +81,7 @@ func revoke(ctx context.Context, tx *gorm.DB, clock func() time.Time, in RevokeI
 	if err != nil {
 		return RevokeResult{}, err
 	}
+	a.topUp = in.TopUp
 	now := a.now
 	type candidate struct {
 		ID        string
@@ -118,7 +122,8 @@ func revoke(ctx context.Context, tx *gorm.DB, clock func() time.Time, in RevokeI
 	}
 	if res.Taken == 0 && res.Shortfall == 0 {
 		res.Balance = a.balance
-		return res, nil
+		// ensureAccount may have expired credits.
+		return res, a.afterLowering(ctx, tx)
 	}
 	a.balance -= res.Taken
 	res.Balance = a.balance
@@ -171,7 +176,7 @@ func revoke(ctx context.Context, tx *gorm.DB, clock func() time.Time, in RevokeI
 			return RevokeResult{}, err
 		}
 	}
-	return res, nil
+	return res, a.afterLowering(ctx, tx)
 }
 
 // drawsJSON is the draws column of an entry: nil (SQL NULL) when none.

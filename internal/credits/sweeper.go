@@ -27,6 +27,7 @@ type Sweeper struct {
 	cfg    config.CreditsConfig
 	now    func() time.Time
 	logger *slog.Logger
+	topUp  TopUpFunc
 }
 
 // SweeperOptions are what NewSweeper needs; the fields mean what they mean
@@ -36,13 +37,15 @@ type SweeperOptions struct {
 	Config config.CreditsConfig
 	Logger *slog.Logger
 	Now    func() time.Time
+	// TopUp: as Options.TopUp, for what expiries leave below a threshold.
+	TopUp TopUpFunc
 }
 
 // NewSweeper returns the worker. It panics when o.Config does not
 // validate, as New does.
 func NewSweeper(o SweeperOptions) *Sweeper {
 	mustValidate("credits.NewSweeper", o.Config)
-	return &Sweeper{db: o.DB, cfg: o.Config, now: clockOr(o.Now), logger: loggerOr(o.Logger)}
+	return &Sweeper{db: o.DB, cfg: o.Config, now: clockOr(o.Now), logger: loggerOr(o.Logger), topUp: o.TopUp}
 }
 
 // Name identifies the worker in logs.
@@ -115,8 +118,12 @@ func (w *Sweeper) expireCustomer(ctx context.Context, customerID string) (int, e
 		if err != nil || !found {
 			return err
 		}
+		a.topUp = w.topUp
 		n, err = a.expireDue(ctx, tx, true)
-		return err
+		if err != nil || n == 0 {
+			return err
+		}
+		return a.afterLowering(ctx, tx)
 	})
 	return n, err
 }

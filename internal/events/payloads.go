@@ -31,6 +31,7 @@ func Payloads() []Payload {
 		PaymentDisputed{}, PaymentDisputeWon{}, PaymentDisputeLost{},
 		SubscriptionUpdated{},
 		CreditsGranted{}, CreditsLowBalance{}, CreditsExpiring{}, CreditsExpired{}, CreditsRevoked{},
+		CreditsAutoTopUpFailed{}, CreditsAutoTopUpDisabled{},
 		UsageDead{},
 	}
 }

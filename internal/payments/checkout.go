@@ -28,6 +28,9 @@ type CheckoutInput struct {
 	Quantity   int64
 	SuccessURL string
 	CancelURL  string
+	// SavePaymentMethod keeps the card for automatic top-up (credit packs
+	// only): Checkout with setup_future_usage=off_session.
+	SavePaymentMethod bool
 }
 
 // CheckoutResult is what the buyer's browser needs.
@@ -58,6 +61,25 @@ type item struct {
 }
 
 func (s *Service) resolve(in *CheckoutInput) (item, error) {
+	it, err := s.resolveAmounts(in)
+	if err != nil {
+		return item{}, err
+	}
+	if in.SavePaymentMethod && it.kind != KindCreditPack {
+		return item{}, errs.InvalidField("/save_payment_method", "only a credit pack checkout saves the card")
+	}
+	if !s.catalog.RedirectAllowed(in.SuccessURL) {
+		return item{}, errs.InvalidField("/success_url", "success_url is not under an allowed redirect prefix")
+	}
+	if !s.catalog.RedirectAllowed(in.CancelURL) {
+		return item{}, errs.InvalidField("/cancel_url", "cancel_url is not under an allowed redirect prefix")
+	}
+	return it, nil
+}
+
+// resolveAmounts resolves in's item and quantity (0 becomes 1) against the
+// catalog and the limits of one payment.
+func (s *Service) resolveAmounts(in *CheckoutInput) (item, error) {
 	if err := customers.ValidateID(in.CustomerID); err != nil {
 		return item{}, errs.InvalidField("/customer_id", "customer_id must be 1 to 255 characters of A-Za-z0-9_.:@-")
 	}
@@ -88,12 +110,6 @@ func (s *Service) resolve(in *CheckoutInput) (item, error) {
 	if it.unitAmount*in.Quantity > catalog.MaxChargeMinorUnits {
 		return item{}, errs.UnprocessableField("/quantity", fmt.Sprintf("%d × %s costs %d, more than Stripe charges in one payment (%d); buy at most %d",
 			in.Quantity, in.Item, it.unitAmount*in.Quantity, catalog.MaxChargeMinorUnits, catalog.MaxChargeMinorUnits/it.unitAmount))
-	}
-	if !s.catalog.RedirectAllowed(in.SuccessURL) {
-		return item{}, errs.InvalidField("/success_url", "success_url is not under an allowed redirect prefix")
-	}
-	if !s.catalog.RedirectAllowed(in.CancelURL) {
-		return item{}, errs.InvalidField("/cancel_url", "cancel_url is not under an allowed redirect prefix")
 	}
 	return it, nil
 }
@@ -187,23 +203,7 @@ func (s *Service) startCheckout(ctx context.Context, in CheckoutInput, it item, 
 			return err
 		}
 		stripeCustomer = c.StripeCustomerID
-		var expireSeconds *int64
-		var expireMonths *int
-		switch {
-		case it.kind != KindCreditPack:
-		case it.expiry.Months > 0:
-			expireMonths = &it.expiry.Months
-		case it.expiry.Duration > 0:
-			secs := int64((it.expiry.Duration + time.Second - 1) / time.Second)
-			expireSeconds = &secs
-		}
-		// What Stripe tells later (its ids, amounts, the outcome) starts NULL.
-		err = tx.Model(&paymentRow{}).Create(map[string]any{
-			"id": paymentID, "customer_id": in.CustomerID, "item": in.Item, "item_kind": string(it.kind),
-			"quantity": in.Quantity, "status": string(Pending), "unit_amount": it.unitAmount, "amount": it.unitAmount * in.Quantity,
-			"currency": it.currency, "credits": it.credits * in.Quantity, "credits_expire_after_seconds": expireSeconds,
-			"credits_expire_after_months": expireMonths, "livemode": s.livemode, "created_at": now, "updated_at": now,
-		}).Error
+		err = tx.Model(&paymentRow{}).Create(s.newPaymentRow(paymentID, in, it, MethodCheckout, in.SavePaymentMethod, now)).Error
 		if err != nil {
 			return db.Translate(err, nil)
 		}
@@ -257,6 +257,28 @@ func (s *Service) startCheckout(ctx context.Context, in CheckoutInput, it item, 
 	return res.CheckoutResult, nil
 }
 
+// newPaymentRow is the row of a new pending payment of in's item, whose
+// Stripe ids and outcome start NULL.
+func (s *Service) newPaymentRow(paymentID string, in CheckoutInput, it item, method Method, savePaymentMethod bool, now time.Time) map[string]any {
+	var expireSeconds *int64
+	var expireMonths *int
+	switch {
+	case it.kind != KindCreditPack:
+	case it.expiry.Months > 0:
+		expireMonths = &it.expiry.Months
+	case it.expiry.Duration > 0:
+		secs := int64((it.expiry.Duration + time.Second - 1) / time.Second)
+		expireSeconds = &secs
+	}
+	return map[string]any{
+		"id": paymentID, "customer_id": in.CustomerID, "method": string(method), "save_payment_method": savePaymentMethod,
+		"item": in.Item, "item_kind": string(it.kind),
+		"quantity": in.Quantity, "status": string(Pending), "unit_amount": it.unitAmount, "amount": it.unitAmount * in.Quantity,
+		"currency": it.currency, "credits": it.credits * in.Quantity, "credits_expire_after_seconds": expireSeconds,
+		"credits_expire_after_months": expireMonths, "livemode": s.livemode, "created_at": now, "updated_at": now,
+	}
+}
+
 // createdSession is a Checkout Session Stripe created for a payment, with
 // what the payment learns from it.
 type createdSession struct {
@@ -295,6 +317,7 @@ func (s *Service) createSession(ctx context.Context, in CheckoutInput, it item, 
 		sin.LineItem = stripeapi.LineItem{Name: it.name, UnitAmount: it.unitAmount, Currency: it.currency, Quantity: in.Quantity}
 		// Every one-time payment, credit packs included (design/PRODUCT.md).
 		sin.InvoiceCreation = s.checkout.InvoiceCreation
+		sin.SaveCard = in.SavePaymentMethod
 	}
 	cs, err := s.stripe.CreateCheckoutSession(ctx, sin)
 	if err != nil {

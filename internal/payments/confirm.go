@@ -63,8 +63,15 @@ func (s *Service) PaymentIntentSucceeded(ctx context.Context, ev EventRef, pi Pa
 	if err != nil {
 		return err
 	}
-	return s.confirm(ctx, ev, id, confirmation{paymentIntentID: pi.ID, amountReceived: pi.AmountReceived, currency: pi.Currency,
+	err = s.confirm(ctx, ev, id, confirmation{paymentIntentID: pi.ID, amountReceived: pi.AmountReceived, currency: pi.Currency,
 		livemode: pi.Livemode, customerID: pi.Metadata[stripeapi.MetadataCustomerID], session: session})
+	if err != nil {
+		return err
+	}
+	// Once credited, the card becomes the default when the buyer asked to
+	// save it; a failure here retries the event, whose confirmation is then
+	// a no-op.
+	return s.saveCardOfPayment(ctx, ev, id, pi)
 }
 
 func (s *Service) confirm(ctx context.Context, ev EventRef, paymentID string, c confirmation) error {
@@ -94,7 +101,11 @@ func (s *Service) confirm(ctx context.Context, ev EventRef, paymentID string, c 
 				return err
 			}
 		}
-		if err := checkAmounts(p, c); err != nil {
+		check := checkAmounts
+		if p.Method == MethodAutoTopUp {
+			check = checkOffSession
+		}
+		if err := check(p, c); err != nil {
 			return err
 		}
 		res := tx.WithContext(ctx).Model(&confirmationRow{}).
@@ -137,6 +148,11 @@ func (s *Service) confirm(ctx context.Context, ev EventRef, paymentID string, c 
 				return err
 			}
 		}
+		if p.Method == MethodAutoTopUp {
+			if err := s.autoTopUpSucceeded(ctx, tx, p); err != nil {
+				return err
+			}
+		}
 		return events.Append(ctx, tx, p.CustomerID, events.PaymentSucceeded{
 			PaymentID: p.ID, Item: p.Item, ItemKind: string(p.ItemKind), Quantity: p.Quantity,
 			Amount: c.amountReceived, Currency: received, AmountTax: p.Checkout.AmountTax,
@@ -153,6 +169,9 @@ func (s *Service) confirm(ctx context.Context, ev EventRef, paymentID string, c 
 // PaymentIntentSucceeded). A metered plan's subscription session succeeds
 // here (no money, no credits). Errors: as PaymentIntentSucceeded.
 func (s *Service) CheckoutSessionCompleted(ctx context.Context, ev EventRef, cs CheckoutSession) error {
+	if cs.Mode == "setup" {
+		return s.SetupSessionCompleted(ctx, ev, cs)
+	}
 	id, err := s.linkSession(ctx, ev, cs)
 	if err != nil {
 		return err

@@ -52,10 +52,27 @@ const (
 	KindPlan       ItemKind = "plan"
 )
 
+// Method is how a payment is collected.
+type Method string
+
+// The payment methods.
+const (
+	// MethodCheckout: the buyer pays on a hosted Checkout page.
+	MethodCheckout Method = "checkout"
+	// MethodAutoTopUp: tally charges the customer's saved card off-session
+	// because its balance fell below its automatic top-up threshold.
+	MethodAutoTopUp Method = "auto_top_up"
+)
+
 // Payment is one purchase of a catalog item, as tally tracks it.
 type Payment struct {
 	ID         string
 	CustomerID string
+	Method     Method
+	// SavePaymentMethod: the buyer asked to keep the card (Checkout with
+	// setup_future_usage=off_session); it becomes the customer's default
+	// once the payment succeeds.
+	SavePaymentMethod bool
 	Item       string
 	ItemKind   ItemKind
 	Quantity   int64
@@ -166,6 +183,10 @@ type Options struct {
 	// RevokeFrom is where refunds and disputes take credits back from:
 	// config.RevokeFromBalance or config.RevokeFromPurchaseGrant.
 	RevokeFrom string
+
+	// AutoTopUpMaxFailures is how many automatic top-ups may fail in a row
+	// before automatic top-up disables itself; 0 means DefaultAutoTopUpMaxFailures.
+	AutoTopUpMaxFailures int
 }
 
 // Service is the payments capability.
@@ -179,6 +200,7 @@ type Service struct {
 	now              func() time.Time
 	reservationLease time.Duration
 	revokeFrom       string
+	topUpMaxFailures int
 }
 
 // New builds the Service. Config and RevokeFrom come from config, which
@@ -204,13 +226,17 @@ func New(o Options) *Service {
 	if lease <= 0 {
 		lease = db.ReservationLease
 	}
+	maxFailures := o.AutoTopUpMaxFailures
+	if maxFailures <= 0 {
+		maxFailures = DefaultAutoTopUpMaxFailures
+	}
 	return &Service{db: o.DB, stripe: o.Stripe, catalog: o.Catalog, checkout: o.Config, livemode: o.Livemode, logger: logger, now: now,
-		revokeFrom: o.RevokeFrom, reservationLease: lease}
+		revokeFrom: o.RevokeFrom, reservationLease: lease, topUpMaxFailures: maxFailures}
 }
 
 func (r paymentRow) payment() Payment {
 	p := Payment{
-		ID: r.ID, CustomerID: r.CustomerID, Item: r.Item, ItemKind: ItemKind(r.ItemKind), Quantity: r.Quantity,
+		ID: r.ID, CustomerID: r.CustomerID, Method: Method(r.Method), SavePaymentMethod: r.SavePaymentMethod, Item: r.Item, ItemKind: ItemKind(r.ItemKind), Quantity: r.Quantity,
 		Status: Status(r.Status), UnitAmount: r.UnitAmount, Amount: r.Amount, Currency: r.Currency,
 		AmountReceived: r.AmountReceived, AmountRefunded: r.AmountRefunded, Credits: r.Credits, Livemode: r.Livemode,
 		CheckoutSessionID: r.CheckoutSessionID, PaymentIntentID: r.PaymentIntentID,

@@ -21,6 +21,8 @@ import (
 type paymentRow struct {
 	ID                           string
 	CustomerID                   string
+	Method                       string
+	SavePaymentMethod            bool
 	Item                         string
 	ItemKind                     string
 	Quantity                     int64

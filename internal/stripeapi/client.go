@@ -87,6 +87,8 @@ type Client interface {
 	// minute aligned, as Stripe requires; invalid_request otherwise.
 	// Errors: *Error (rate_limited, unavailable, payment_provider_error).
 	MeterEventSummaries(ctx context.Context, in SummaryInput) ([]Summary, error)
+
+	SavedCardClient
 }
 
 // MaxStreamEvents is the most events Stripe accepts in one v2 meter event
@@ -135,7 +137,10 @@ type CheckoutSessionInput struct {
 	ExpiresAt        time.Time // zero: Stripe's default (24 h)
 	// InvoiceCreation asks for an invoice after a one-time payment. It is
 	// ignored in subscription mode, where Stripe always invoices.
-	InvoiceCreation   bool
+	InvoiceCreation bool
+	// SaveCard keeps the card for later off-session charges
+	// (payment_intent_data[setup_future_usage]=off_session); payment mode only.
+	SaveCard          bool
 	Metadata          map[string]string
 	ClientReferenceID string // optional
 }
@@ -406,6 +411,9 @@ func (c *client) CreateCheckoutSession(ctx context.Context, in CheckoutSessionIn
 	switch in.Mode {
 	case ModePayment:
 		params.PaymentIntentData = &stripe.CheckoutSessionCreatePaymentIntentDataParams{Metadata: maps.Clone(metadata)}
+		if in.SaveCard {
+			params.PaymentIntentData.SetupFutureUsage = stripe.String("off_session")
+		}
 		if in.InvoiceCreation {
 			params.InvoiceCreation = &stripe.CheckoutSessionCreateInvoiceCreationParams{Enabled: stripe.Bool(true)}
 		}
