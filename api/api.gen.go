@@ -22,6 +22,57 @@ import (
 	"github.com/oapi-codegen/runtime"
 )
 
+// Defines values for AutoTopUpStatus.
+const (
+	AutoTopUpStatusActive             AutoTopUpStatus = "active"
+	AutoTopUpStatusDisabled           AutoTopUpStatus = "disabled"
+	AutoTopUpStatusNeedsPaymentMethod AutoTopUpStatus = "needs_payment_method"
+)
+
+// Valid indicates whether the value is a known member of the AutoTopUpStatus enum.
+func (e AutoTopUpStatus) Valid() bool {
+	switch e {
+	case AutoTopUpStatusActive:
+		return true
+	case AutoTopUpStatusDisabled:
+		return true
+	case AutoTopUpStatusNeedsPaymentMethod:
+		return true
+	default:
+		return false
+	}
+}
+
+// Defines values for CreditsAutoTopUpDisabledEventType.
+const (
+	CreditsAutoTopUpDisabled CreditsAutoTopUpDisabledEventType = "credits.auto_top_up_disabled"
+)
+
+// Valid indicates whether the value is a known member of the CreditsAutoTopUpDisabledEventType enum.
+func (e CreditsAutoTopUpDisabledEventType) Valid() bool {
+	switch e {
+	case CreditsAutoTopUpDisabled:
+		return true
+	default:
+		return false
+	}
+}
+
+// Defines values for CreditsAutoTopUpFailedEventType.
+const (
+	CreditsAutoTopUpFailed CreditsAutoTopUpFailedEventType = "credits.auto_top_up_failed"
+)
+
+// Valid indicates whether the value is a known member of the CreditsAutoTopUpFailedEventType enum.
+func (e CreditsAutoTopUpFailedEventType) Valid() bool {
+	switch e {
+	case CreditsAutoTopUpFailed:
+		return true
+	default:
+		return false
+	}
+}
+
 // Defines values for CreditsExpiredEventType.
 const (
 	CreditsExpired CreditsExpiredEventType = "credits.expired"
@@ -265,6 +316,24 @@ func (e PaymentItemKind) Valid() bool {
 	case PaymentItemKindPlan:
 		return true
 	case PaymentItemKindProduct:
+		return true
+	default:
+		return false
+	}
+}
+
+// Defines values for PaymentMethod.
+const (
+	PaymentMethodAutoTopUp PaymentMethod = "auto_top_up"
+	PaymentMethodCheckout  PaymentMethod = "checkout"
+)
+
+// Valid indicates whether the value is a known member of the PaymentMethod enum.
+func (e PaymentMethod) Valid() bool {
+	switch e {
+	case PaymentMethodAutoTopUp:
+		return true
+	case PaymentMethodCheckout:
 		return true
 	default:
 		return false
@@ -574,6 +643,46 @@ func (e UsageStatus) Valid() bool {
 	}
 }
 
+// AutoTopUp defines model for AutoTopUp.
+type AutoTopUp struct {
+	ConsecutiveFailures int        `json:"consecutive_failures"`
+	CustomerId          CustomerID `json:"customer_id"`
+	DisabledReason      *string    `json:"disabled_reason"`
+	Enabled             bool       `json:"enabled"`
+
+	// InFlightPaymentId The automatic top-up waiting for Stripe, if any.
+	InFlightPaymentId *string `json:"in_flight_payment_id"`
+	Item              string  `json:"item"`
+
+	// MonthCount Top-ups started this calendar month (UTC).
+	MonthCount   int   `json:"month_count"`
+	MonthlyLimit *int  `json:"monthly_limit"`
+	Quantity     int64 `json:"quantity"`
+
+	// Status `disabled`: turned off, or by tally after repeated failures (see `disabled_reason`); `needs_payment_method`: no saved card, or it expired.
+	Status    AutoTopUpStatus `json:"status"`
+	Threshold int64           `json:"threshold"`
+	UpdatedAt time.Time       `json:"updated_at"`
+}
+
+// AutoTopUpStatus `disabled`: turned off, or by tally after repeated failures (see `disabled_reason`); `needs_payment_method`: no saved card, or it expired.
+type AutoTopUpStatus string
+
+// AutoTopUpSettings defines model for AutoTopUpSettings.
+type AutoTopUpSettings struct {
+	Enabled bool `json:"enabled"`
+
+	// Item A credit pack of the catalog.
+	Item string `json:"item"`
+
+	// MonthlyLimit At most this many top-ups start per calendar month (UTC); absent or null for no limit.
+	MonthlyLimit *int   `json:"monthly_limit,omitempty"`
+	Quantity     *int64 `json:"quantity,omitempty"`
+
+	// Threshold A top-up starts when fewer credits than this are available.
+	Threshold int64 `json:"threshold"`
+}
+
 // Balance defines model for Balance.
 type Balance struct {
 	// Balance Spendable now: unspent credits of unexpired grants.
@@ -616,8 +725,11 @@ type CheckoutSessionCreate struct {
 	// grant (1,000,000,000,000), or whose price exceeds what Stripe
 	// charges in one payment (99,999,999 minor units), is refused with
 	// 422 `invalid_request` before anything is written.
-	Quantity   *int64 `json:"quantity,omitempty"`
-	SuccessUrl string `json:"success_url"`
+	Quantity *int64 `json:"quantity,omitempty"`
+
+	// SavePaymentMethod Credit packs only: keep the card (Checkout with `setup_future_usage=off_session`); once the payment succeeds it becomes the customer's default payment method, for automatic top-up.
+	SavePaymentMethod *bool  `json:"save_payment_method,omitempty"`
+	SuccessUrl        string `json:"success_url"`
 }
 
 // ConsumeRequest defines model for ConsumeRequest.
@@ -655,6 +767,38 @@ type CreditPack struct {
 	Id                  string `json:"id"`
 	Name                string `json:"name"`
 }
+
+// CreditsAutoTopUpDisabledData defines model for CreditsAutoTopUpDisabledData.
+type CreditsAutoTopUpDisabledData struct {
+	CustomerId string `json:"customer_id"`
+	Reason     string `json:"reason"`
+}
+
+// CreditsAutoTopUpDisabledEvent Automatic top-up disabled itself after failing three times in a row; bring the user back on-session to fix the card, then enable it again.
+type CreditsAutoTopUpDisabledEvent struct {
+	Data CreditsAutoTopUpDisabledData      `json:"data"`
+	Type CreditsAutoTopUpDisabledEventType `json:"type"`
+}
+
+// CreditsAutoTopUpDisabledEventType defines model for CreditsAutoTopUpDisabledEvent.Type.
+type CreditsAutoTopUpDisabledEventType string
+
+// CreditsAutoTopUpFailedData defines model for CreditsAutoTopUpFailedData.
+type CreditsAutoTopUpFailedData struct {
+	ConsecutiveFailures int    `json:"consecutive_failures"`
+	CustomerId          string `json:"customer_id"`
+	PaymentId           string `json:"payment_id"`
+	Reason              string `json:"reason"`
+}
+
+// CreditsAutoTopUpFailedEvent An automatic top-up's off-session charge was refused (a decline, or authentication the buyer is not there to give).
+type CreditsAutoTopUpFailedEvent struct {
+	Data CreditsAutoTopUpFailedData      `json:"data"`
+	Type CreditsAutoTopUpFailedEventType `json:"type"`
+}
+
+// CreditsAutoTopUpFailedEventType defines model for CreditsAutoTopUpFailedEvent.Type.
+type CreditsAutoTopUpFailedEventType string
 
 // CreditsExpiredData defines model for CreditsExpiredData.
 type CreditsExpiredData struct {
@@ -776,10 +920,13 @@ type Customer struct {
 	LowBalanceThreshold *int64     `json:"low_balance_threshold,omitempty"`
 
 	// Metadata Up to 50 string values, keys up to 40 characters, values up to 500.
-	Metadata         Metadata  `json:"metadata"`
-	Name             *string   `json:"name,omitempty"`
-	StripeCustomerId *string   `json:"stripe_customer_id,omitempty"`
-	UpdatedAt        time.Time `json:"updated_at"`
+	Metadata Metadata `json:"metadata"`
+	Name     *string  `json:"name,omitempty"`
+
+	// PaymentMethod The default payment method Stripe confirmed (a setup Checkout, or a pack checkout with `save_payment_method`); null when none.
+	PaymentMethod    *SavedPaymentMethod `json:"payment_method,omitempty"`
+	StripeCustomerId *string             `json:"stripe_customer_id,omitempty"`
+	UpdatedAt        time.Time           `json:"updated_at"`
 }
 
 // CustomerCreatedEvent A customer was created, through the API or on first use (a checkout, a grant, a usage event).
@@ -980,14 +1127,17 @@ type Payment struct {
 	// own account too (Stripe's request id, error code and message);
 	// an end-user token reads only what happened, e.g. `checkout
 	// session creation failed`. The same holds for transition reasons.
-	FailureReason   *string         `json:"failure_reason,omitempty"`
-	Id              string          `json:"id"`
-	InvoiceId       *string         `json:"invoice_id,omitempty"`
-	Item            string          `json:"item"`
-	ItemKind        PaymentItemKind `json:"item_kind"`
-	Livemode        bool            `json:"livemode"`
-	PaymentIntentId *string         `json:"payment_intent_id,omitempty"`
-	Quantity        int64           `json:"quantity"`
+	FailureReason *string         `json:"failure_reason,omitempty"`
+	Id            string          `json:"id"`
+	InvoiceId     *string         `json:"invoice_id,omitempty"`
+	Item          string          `json:"item"`
+	ItemKind      PaymentItemKind `json:"item_kind"`
+	Livemode      bool            `json:"livemode"`
+
+	// Method `checkout`: the buyer paid on a Checkout page; `auto_top_up`: tally charged the saved card off-session.
+	Method          *PaymentMethod `json:"method,omitempty"`
+	PaymentIntentId *string        `json:"payment_intent_id,omitempty"`
+	Quantity        int64          `json:"quantity"`
 
 	// ReceivedCurrency The currency of `amount_received` and of refunds: the buyer's when
 	// Stripe converted the price (Adaptive Pricing), else `currency`.
@@ -1012,6 +1162,9 @@ type Payment struct {
 
 // PaymentItemKind defines model for Payment.ItemKind.
 type PaymentItemKind string
+
+// PaymentMethod `checkout`: the buyer paid on a Checkout page; `auto_top_up`: tally charged the saved card off-session.
+type PaymentMethod string
 
 // PaymentDisputeLostData defines model for PaymentDisputeLostData.
 type PaymentDisputeLostData struct {
@@ -1110,6 +1263,19 @@ type PaymentFailedEvent struct {
 
 // PaymentFailedEventType defines model for PaymentFailedEvent.Type.
 type PaymentFailedEventType string
+
+// PaymentMethodSetup defines model for PaymentMethodSetup.
+type PaymentMethodSetup struct {
+	CheckoutSessionId string    `json:"checkout_session_id"`
+	ExpiresAt         time.Time `json:"expires_at"`
+	Url               string    `json:"url"`
+}
+
+// PaymentMethodSetupCreate defines model for PaymentMethodSetupCreate.
+type PaymentMethodSetupCreate struct {
+	CancelUrl  string `json:"cancel_url"`
+	SuccessUrl string `json:"success_url"`
+}
 
 // PaymentPage defines model for PaymentPage.
 type PaymentPage struct {
@@ -1320,6 +1486,14 @@ type RequeueResult struct {
 
 // RequeueSkipCode Why an event was not requeued.
 type RequeueSkipCode string
+
+// SavedPaymentMethod defines model for SavedPaymentMethod.
+type SavedPaymentMethod struct {
+	Brand    string `json:"brand"`
+	ExpMonth int    `json:"exp_month"`
+	ExpYear  int    `json:"exp_year"`
+	Last4    string `json:"last4"`
+}
 
 // StripeEvent defines model for StripeEvent.
 type StripeEvent struct {
@@ -1596,11 +1770,17 @@ type CreateCheckoutSessionJSONRequestBody = CheckoutSessionCreate
 // UpsertCustomerJSONRequestBody defines body for UpsertCustomer for application/json ContentType.
 type UpsertCustomerJSONRequestBody = CustomerUpsert
 
+// PutAutoTopUpJSONRequestBody defines body for PutAutoTopUp for application/json ContentType.
+type PutAutoTopUpJSONRequestBody = AutoTopUpSettings
+
 // ConsumeCreditsJSONRequestBody defines body for ConsumeCredits for application/json ContentType.
 type ConsumeCreditsJSONRequestBody = ConsumeRequest
 
 // GrantCreditsJSONRequestBody defines body for GrantCredits for application/json ContentType.
 type GrantCreditsJSONRequestBody = GrantRequest
+
+// CreatePaymentMethodSetupJSONRequestBody defines body for CreatePaymentMethodSetup for application/json ContentType.
+type CreatePaymentMethodSetupJSONRequestBody = PaymentMethodSetupCreate
 
 // IngestUsageEventsJSONRequestBody defines body for IngestUsageEvents for application/json ContentType.
 type IngestUsageEventsJSONRequestBody = UsageBatch
@@ -2109,6 +2289,78 @@ func (t *Event) MergeCreditsRevokedEvent(v CreditsRevokedEvent) error {
 	return err
 }
 
+// AsCreditsAutoTopUpFailedEvent returns the union data inside the Event as a CreditsAutoTopUpFailedEvent
+func (t Event) AsCreditsAutoTopUpFailedEvent() (CreditsAutoTopUpFailedEvent, error) {
+	var body CreditsAutoTopUpFailedEvent
+	err := json.Unmarshal(t.union, &body)
+	return body, err
+}
+
+// FromCreditsAutoTopUpFailedEvent overwrites any union data inside the Event as the provided CreditsAutoTopUpFailedEvent
+func (t *Event) FromCreditsAutoTopUpFailedEvent(v CreditsAutoTopUpFailedEvent) error {
+	t.Type = "credits.auto_top_up_failed"
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	b, err = runtime.JSONMerge(b, []byte(`{"type":"credits.auto_top_up_failed"}`))
+	t.union = b
+	return err
+}
+
+// MergeCreditsAutoTopUpFailedEvent performs a merge with any union data inside the Event, using the provided CreditsAutoTopUpFailedEvent
+func (t *Event) MergeCreditsAutoTopUpFailedEvent(v CreditsAutoTopUpFailedEvent) error {
+	t.Type = "credits.auto_top_up_failed"
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	b, err = runtime.JSONMerge(b, []byte(`{"type":"credits.auto_top_up_failed"}`))
+	if err != nil {
+		return err
+	}
+
+	merged, err := runtime.JSONMerge(t.union, b)
+	t.union = merged
+	return err
+}
+
+// AsCreditsAutoTopUpDisabledEvent returns the union data inside the Event as a CreditsAutoTopUpDisabledEvent
+func (t Event) AsCreditsAutoTopUpDisabledEvent() (CreditsAutoTopUpDisabledEvent, error) {
+	var body CreditsAutoTopUpDisabledEvent
+	err := json.Unmarshal(t.union, &body)
+	return body, err
+}
+
+// FromCreditsAutoTopUpDisabledEvent overwrites any union data inside the Event as the provided CreditsAutoTopUpDisabledEvent
+func (t *Event) FromCreditsAutoTopUpDisabledEvent(v CreditsAutoTopUpDisabledEvent) error {
+	t.Type = "credits.auto_top_up_disabled"
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	b, err = runtime.JSONMerge(b, []byte(`{"type":"credits.auto_top_up_disabled"}`))
+	t.union = b
+	return err
+}
+
+// MergeCreditsAutoTopUpDisabledEvent performs a merge with any union data inside the Event, using the provided CreditsAutoTopUpDisabledEvent
+func (t *Event) MergeCreditsAutoTopUpDisabledEvent(v CreditsAutoTopUpDisabledEvent) error {
+	t.Type = "credits.auto_top_up_disabled"
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	b, err = runtime.JSONMerge(b, []byte(`{"type":"credits.auto_top_up_disabled"}`))
+	if err != nil {
+		return err
+	}
+
+	merged, err := runtime.JSONMerge(t.union, b)
+	t.union = merged
+	return err
+}
+
 // AsUsageDeadEvent returns the union data inside the Event as a UsageDeadEvent
 func (t Event) AsUsageDeadEvent() (UsageDeadEvent, error) {
 	var body UsageDeadEvent
@@ -2159,6 +2411,10 @@ func (t Event) ValueByDiscriminator() (interface{}, error) {
 		return nil, err
 	}
 	switch discriminator {
+	case "credits.auto_top_up_disabled":
+		return t.AsCreditsAutoTopUpDisabledEvent()
+	case "credits.auto_top_up_failed":
+		return t.AsCreditsAutoTopUpFailedEvent()
 	case "credits.expired":
 		return t.AsCreditsExpiredEvent()
 	case "credits.expiring":
@@ -2307,6 +2563,12 @@ type ServerInterface interface {
 	// UpsertCustomer Create or update a customer
 	// (PUT /v1/customers/{customer_id})
 	UpsertCustomer(ctx echo.Context, customerId CustomerID) error
+	// GetAutoTopUp Read automatic top-up settings and status
+	// (GET /v1/customers/{customer_id}/auto-top-up)
+	GetAutoTopUp(ctx echo.Context, customerId CustomerID) error
+	// PutAutoTopUp Configure automatic top-up
+	// (PUT /v1/customers/{customer_id}/auto-top-up)
+	PutAutoTopUp(ctx echo.Context, customerId CustomerID) error
 	// GetBalance Spendable credits now, by grant
 	// (GET /v1/customers/{customer_id}/balance)
 	GetBalance(ctx echo.Context, customerId CustomerID) error
@@ -2319,6 +2581,9 @@ type ServerInterface interface {
 	// ListCreditTransactions The credit ledger, newest first
 	// (GET /v1/customers/{customer_id}/credits/transactions)
 	ListCreditTransactions(ctx echo.Context, customerId CustomerID, params ListCreditTransactionsParams) error
+	// CreatePaymentMethodSetup Save a card for automatic top-up (Checkout in setup mode)
+	// (POST /v1/customers/{customer_id}/payment-method-setups)
+	CreatePaymentMethodSetup(ctx echo.Context, customerId CustomerID) error
 	// ListCustomerPayments A customer's payments, newest first
 	// (GET /v1/customers/{customer_id}/payments)
 	ListCustomerPayments(ctx echo.Context, customerId CustomerID, params ListCustomerPaymentsParams) error
@@ -2521,6 +2786,38 @@ func (w *ServerInterfaceWrapper) UpsertCustomer(ctx echo.Context) error {
 	return err
 }
 
+// GetAutoTopUp converts echo context to params.
+func (w *ServerInterfaceWrapper) GetAutoTopUp(ctx echo.Context) error {
+	var err error
+	// ------------- Path parameter "customer_id" -------------
+	var customerId CustomerID
+
+	err = runtime.BindStyledParameterWithOptions("simple", "customer_id", ctx.Param("customer_id"), &customerId, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationPath, Explode: false, Required: true, Type: "string", Format: "", ValueIsUnescaped: ctx.Request().URL.RawPath == ""})
+	if err != nil {
+		return echo.NewHTTPError(http.StatusBadRequest, fmt.Sprintf("Invalid format for parameter customer_id: %s", err))
+	}
+
+	// Invoke the callback with all the unmarshaled arguments
+	err = w.Handler.GetAutoTopUp(ctx, customerId)
+	return err
+}
+
+// PutAutoTopUp converts echo context to params.
+func (w *ServerInterfaceWrapper) PutAutoTopUp(ctx echo.Context) error {
+	var err error
+	// ------------- Path parameter "customer_id" -------------
+	var customerId CustomerID
+
+	err = runtime.BindStyledParameterWithOptions("simple", "customer_id", ctx.Param("customer_id"), &customerId, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationPath, Explode: false, Required: true, Type: "string", Format: "", ValueIsUnescaped: ctx.Request().URL.RawPath == ""})
+	if err != nil {
+		return echo.NewHTTPError(http.StatusBadRequest, fmt.Sprintf("Invalid format for parameter customer_id: %s", err))
+	}
+
+	// Invoke the callback with all the unmarshaled arguments
+	err = w.Handler.PutAutoTopUp(ctx, customerId)
+	return err
+}
+
 // GetBalance converts echo context to params.
 func (w *ServerInterfaceWrapper) GetBalance(ctx echo.Context) error {
 	var err error
@@ -2642,6 +2939,22 @@ func (w *ServerInterfaceWrapper) ListCreditTransactions(ctx echo.Context) error 
 
 	// Invoke the callback with all the unmarshaled arguments
 	err = w.Handler.ListCreditTransactions(ctx, customerId, params)
+	return err
+}
+
+// CreatePaymentMethodSetup converts echo context to params.
+func (w *ServerInterfaceWrapper) CreatePaymentMethodSetup(ctx echo.Context) error {
+	var err error
+	// ------------- Path parameter "customer_id" -------------
+	var customerId CustomerID
+
+	err = runtime.BindStyledParameterWithOptions("simple", "customer_id", ctx.Param("customer_id"), &customerId, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationPath, Explode: false, Required: true, Type: "string", Format: "", ValueIsUnescaped: ctx.Request().URL.RawPath == ""})
+	if err != nil {
+		return echo.NewHTTPError(http.StatusBadRequest, fmt.Sprintf("Invalid format for parameter customer_id: %s", err))
+	}
+
+	// Invoke the callback with all the unmarshaled arguments
+	err = w.Handler.CreatePaymentMethodSetup(ctx, customerId)
 	return err
 }
 
@@ -2855,6 +3168,9 @@ func RegisterHandlersWithOptions(router EchoRouter, si ServerInterface, options 
 	router.POST(options.BaseURL+"/v1/checkout-sessions", wrapper.CreateCheckoutSession, options.OperationMiddlewares["createCheckoutSession"]...)
 	router.GET(options.BaseURL+"/v1/payments/:payment_id", wrapper.GetPayment, options.OperationMiddlewares["getPayment"]...)
 	router.GET(options.BaseURL+"/v1/customers/:customer_id/payments", wrapper.ListCustomerPayments, options.OperationMiddlewares["listCustomerPayments"]...)
+	router.POST(options.BaseURL+"/v1/customers/:customer_id/payment-method-setups", wrapper.CreatePaymentMethodSetup, options.OperationMiddlewares["createPaymentMethodSetup"]...)
+	router.GET(options.BaseURL+"/v1/customers/:customer_id/auto-top-up", wrapper.GetAutoTopUp, options.OperationMiddlewares["getAutoTopUp"]...)
+	router.PUT(options.BaseURL+"/v1/customers/:customer_id/auto-top-up", wrapper.PutAutoTopUp, options.OperationMiddlewares["putAutoTopUp"]...)
 	router.GET(options.BaseURL+"/v1/customers/:customer_id/balance", wrapper.GetBalance, options.OperationMiddlewares["getBalance"]...)
 	router.POST(options.BaseURL+"/v1/customers/:customer_id/credits/consume", wrapper.ConsumeCredits, options.OperationMiddlewares["consumeCredits"]...)
 	router.POST(options.BaseURL+"/v1/customers/:customer_id/credits/grants", wrapper.GrantCredits, options.OperationMiddlewares["grantCredits"]...)
@@ -3335,6 +3651,93 @@ func (response UpsertCustomerdefaultApplicationProblemPlusJSONResponse) VisitUps
 	return err
 }
 
+type GetAutoTopUpRequestObject struct {
+	CustomerId CustomerID `json:"customer_id"`
+}
+
+type GetAutoTopUpResponseObject interface {
+	VisitGetAutoTopUpResponse(w http.ResponseWriter) error
+}
+
+type GetAutoTopUp200JSONResponse AutoTopUp
+
+func (response GetAutoTopUp200JSONResponse) VisitGetAutoTopUpResponse(w http.ResponseWriter) error {
+
+	var buf bytes.Buffer
+	if err := json.NewEncoder(&buf).Encode(response); err != nil {
+		return err
+	}
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(200)
+	_, err := buf.WriteTo(w)
+	return err
+}
+
+type GetAutoTopUpdefaultApplicationProblemPlusJSONResponse struct {
+	Body       Problem
+	Headers    ProblemResponseHeaders
+	StatusCode int
+}
+
+func (response GetAutoTopUpdefaultApplicationProblemPlusJSONResponse) VisitGetAutoTopUpResponse(w http.ResponseWriter) error {
+
+	var buf bytes.Buffer
+	if err := json.NewEncoder(&buf).Encode(response.Body); err != nil {
+		return err
+	}
+	w.Header().Set("Content-Type", "application/problem+json")
+	if response.Headers.RetryAfter != nil {
+		w.Header().Set("Retry-After", fmt.Sprint(*response.Headers.RetryAfter))
+	}
+	w.WriteHeader(response.StatusCode)
+	_, err := buf.WriteTo(w)
+	return err
+}
+
+type PutAutoTopUpRequestObject struct {
+	CustomerId CustomerID `json:"customer_id"`
+	Body       *PutAutoTopUpJSONRequestBody
+}
+
+type PutAutoTopUpResponseObject interface {
+	VisitPutAutoTopUpResponse(w http.ResponseWriter) error
+}
+
+type PutAutoTopUp200JSONResponse AutoTopUp
+
+func (response PutAutoTopUp200JSONResponse) VisitPutAutoTopUpResponse(w http.ResponseWriter) error {
+
+	var buf bytes.Buffer
+	if err := json.NewEncoder(&buf).Encode(response); err != nil {
+		return err
+	}
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(200)
+	_, err := buf.WriteTo(w)
+	return err
+}
+
+type PutAutoTopUpdefaultApplicationProblemPlusJSONResponse struct {
+	Body       Problem
+	Headers    ProblemResponseHeaders
+	StatusCode int
+}
+
+func (response PutAutoTopUpdefaultApplicationProblemPlusJSONResponse) VisitPutAutoTopUpResponse(w http.ResponseWriter) error {
+
+	var buf bytes.Buffer
+	if err := json.NewEncoder(&buf).Encode(response.Body); err != nil {
+		return err
+	}
+	w.Header().Set("Content-Type", "application/problem+json")
+	if response.Headers.RetryAfter != nil {
+		w.Header().Set("Retry-After", fmt.Sprint(*response.Headers.RetryAfter))
+	}
+	w.WriteHeader(response.StatusCode)
+	_, err := buf.WriteTo(w)
+	return err
+}
+
 type GetBalanceRequestObject struct {
 	CustomerId CustomerID `json:"customer_id"`
 }
@@ -3532,6 +3935,50 @@ type ListCreditTransactionsdefaultApplicationProblemPlusJSONResponse struct {
 }
 
 func (response ListCreditTransactionsdefaultApplicationProblemPlusJSONResponse) VisitListCreditTransactionsResponse(w http.ResponseWriter) error {
+
+	var buf bytes.Buffer
+	if err := json.NewEncoder(&buf).Encode(response.Body); err != nil {
+		return err
+	}
+	w.Header().Set("Content-Type", "application/problem+json")
+	if response.Headers.RetryAfter != nil {
+		w.Header().Set("Retry-After", fmt.Sprint(*response.Headers.RetryAfter))
+	}
+	w.WriteHeader(response.StatusCode)
+	_, err := buf.WriteTo(w)
+	return err
+}
+
+type CreatePaymentMethodSetupRequestObject struct {
+	CustomerId CustomerID `json:"customer_id"`
+	Body       *CreatePaymentMethodSetupJSONRequestBody
+}
+
+type CreatePaymentMethodSetupResponseObject interface {
+	VisitCreatePaymentMethodSetupResponse(w http.ResponseWriter) error
+}
+
+type CreatePaymentMethodSetup201JSONResponse PaymentMethodSetup
+
+func (response CreatePaymentMethodSetup201JSONResponse) VisitCreatePaymentMethodSetupResponse(w http.ResponseWriter) error {
+
+	var buf bytes.Buffer
+	if err := json.NewEncoder(&buf).Encode(response); err != nil {
+		return err
+	}
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(201)
+	_, err := buf.WriteTo(w)
+	return err
+}
+
+type CreatePaymentMethodSetupdefaultApplicationProblemPlusJSONResponse struct {
+	Body       Problem
+	Headers    ProblemResponseHeaders
+	StatusCode int
+}
+
+func (response CreatePaymentMethodSetupdefaultApplicationProblemPlusJSONResponse) VisitCreatePaymentMethodSetupResponse(w http.ResponseWriter) error {
 
 	var buf bytes.Buffer
 	if err := json.NewEncoder(&buf).Encode(response.Body); err != nil {
@@ -3849,6 +4296,12 @@ type StrictServerInterface interface {
 	// UpsertCustomer Create or update a customer
 	// (PUT /v1/customers/{customer_id})
 	UpsertCustomer(ctx context.Context, request UpsertCustomerRequestObject) (UpsertCustomerResponseObject, error)
+	// GetAutoTopUp Read automatic top-up settings and status
+	// (GET /v1/customers/{customer_id}/auto-top-up)
+	GetAutoTopUp(ctx context.Context, request GetAutoTopUpRequestObject) (GetAutoTopUpResponseObject, error)
+	// PutAutoTopUp Configure automatic top-up
+	// (PUT /v1/customers/{customer_id}/auto-top-up)
+	PutAutoTopUp(ctx context.Context, request PutAutoTopUpRequestObject) (PutAutoTopUpResponseObject, error)
 	// GetBalance Spendable credits now, by grant
 	// (GET /v1/customers/{customer_id}/balance)
 	GetBalance(ctx context.Context, request GetBalanceRequestObject) (GetBalanceResponseObject, error)
@@ -3861,6 +4314,9 @@ type StrictServerInterface interface {
 	// ListCreditTransactions The credit ledger, newest first
 	// (GET /v1/customers/{customer_id}/credits/transactions)
 	ListCreditTransactions(ctx context.Context, request ListCreditTransactionsRequestObject) (ListCreditTransactionsResponseObject, error)
+	// CreatePaymentMethodSetup Save a card for automatic top-up (Checkout in setup mode)
+	// (POST /v1/customers/{customer_id}/payment-method-setups)
+	CreatePaymentMethodSetup(ctx context.Context, request CreatePaymentMethodSetupRequestObject) (CreatePaymentMethodSetupResponseObject, error)
 	// ListCustomerPayments A customer's payments, newest first
 	// (GET /v1/customers/{customer_id}/payments)
 	ListCustomerPayments(ctx context.Context, request ListCustomerPaymentsRequestObject) (ListCustomerPaymentsResponseObject, error)
@@ -4227,6 +4683,79 @@ func (sh *strictHandler) UpsertCustomer(ctx echo.Context, customerId CustomerID)
 	return nil
 }
 
+// GetAutoTopUp operation middleware
+func (sh *strictHandler) GetAutoTopUp(ctx echo.Context, customerId CustomerID) error {
+	var request GetAutoTopUpRequestObject
+
+	request.CustomerId = customerId
+
+	handler := func(ctx echo.Context, request interface{}) (interface{}, error) {
+		return sh.ssi.GetAutoTopUp(ctx.Request().Context(), request.(GetAutoTopUpRequestObject))
+	}
+	for _, middleware := range sh.middlewares {
+		handler = middleware(handler, "GetAutoTopUp")
+	}
+
+	response, err := handler(ctx, request)
+
+	if err != nil {
+		return err
+	} else if validResponse, ok := response.(GetAutoTopUpResponseObject); ok {
+		return validResponse.VisitGetAutoTopUpResponse(ctx.Response())
+	} else if response != nil {
+		return fmt.Errorf("unexpected response type: %T", response)
+	}
+	return nil
+}
+
+// PutAutoTopUp operation middleware
+func (sh *strictHandler) PutAutoTopUp(ctx echo.Context, customerId CustomerID) error {
+	var request PutAutoTopUpRequestObject
+
+	request.CustomerId = customerId
+
+	var body PutAutoTopUpJSONRequestBody
+	var err error
+	if binder, ok := ctx.Echo().Binder.(*echo.DefaultBinder); ok {
+		// A request validator built on kin-openapi's openapi3filter with
+		// KeepValidatedValue leaves the value it validated on the body. Bind
+		// that value, matching member names exactly, so the handler receives
+		// what was validated instead of a second, case-insensitive decode.
+		// Otherwise bind only the request body, so that path and query
+		// parameters are not also bound into the body struct.
+		if vb, ok := ctx.Request().Body.(interface{ ValidatedValue() any }); !ok || runtime.BindJSONValue(vb.ValidatedValue(), &body) != nil {
+			err = binder.BindBody(ctx, &body)
+		}
+	} else {
+		// A custom binder is installed on the Echo instance; defer to it
+		// entirely, since echo.Binder does not expose body-only binding and
+		// the binder may do more than decode (for example call ctx.Validate).
+		err = ctx.Bind(&body)
+	}
+	if err != nil {
+		return err
+	}
+	request.Body = &body
+
+	handler := func(ctx echo.Context, request interface{}) (interface{}, error) {
+		return sh.ssi.PutAutoTopUp(ctx.Request().Context(), request.(PutAutoTopUpRequestObject))
+	}
+	for _, middleware := range sh.middlewares {
+		handler = middleware(handler, "PutAutoTopUp")
+	}
+
+	response, err := handler(ctx, request)
+
+	if err != nil {
+		return err
+	} else if validResponse, ok := response.(PutAutoTopUpResponseObject); ok {
+		return validResponse.VisitPutAutoTopUpResponse(ctx.Response())
+	} else if response != nil {
+		return fmt.Errorf("unexpected response type: %T", response)
+	}
+	return nil
+}
+
 // GetBalance operation middleware
 func (sh *strictHandler) GetBalance(ctx echo.Context, customerId CustomerID) error {
 	var request GetBalanceRequestObject
@@ -4370,6 +4899,54 @@ func (sh *strictHandler) ListCreditTransactions(ctx echo.Context, customerId Cus
 		return err
 	} else if validResponse, ok := response.(ListCreditTransactionsResponseObject); ok {
 		return validResponse.VisitListCreditTransactionsResponse(ctx.Response())
+	} else if response != nil {
+		return fmt.Errorf("unexpected response type: %T", response)
+	}
+	return nil
+}
+
+// CreatePaymentMethodSetup operation middleware
+func (sh *strictHandler) CreatePaymentMethodSetup(ctx echo.Context, customerId CustomerID) error {
+	var request CreatePaymentMethodSetupRequestObject
+
+	request.CustomerId = customerId
+
+	var body CreatePaymentMethodSetupJSONRequestBody
+	var err error
+	if binder, ok := ctx.Echo().Binder.(*echo.DefaultBinder); ok {
+		// A request validator built on kin-openapi's openapi3filter with
+		// KeepValidatedValue leaves the value it validated on the body. Bind
+		// that value, matching member names exactly, so the handler receives
+		// what was validated instead of a second, case-insensitive decode.
+		// Otherwise bind only the request body, so that path and query
+		// parameters are not also bound into the body struct.
+		if vb, ok := ctx.Request().Body.(interface{ ValidatedValue() any }); !ok || runtime.BindJSONValue(vb.ValidatedValue(), &body) != nil {
+			err = binder.BindBody(ctx, &body)
+		}
+	} else {
+		// A custom binder is installed on the Echo instance; defer to it
+		// entirely, since echo.Binder does not expose body-only binding and
+		// the binder may do more than decode (for example call ctx.Validate).
+		err = ctx.Bind(&body)
+	}
+	if err != nil {
+		return err
+	}
+	request.Body = &body
+
+	handler := func(ctx echo.Context, request interface{}) (interface{}, error) {
+		return sh.ssi.CreatePaymentMethodSetup(ctx.Request().Context(), request.(CreatePaymentMethodSetupRequestObject))
+	}
+	for _, middleware := range sh.middlewares {
+		handler = middleware(handler, "CreatePaymentMethodSetup")
+	}
+
+	response, err := handler(ctx, request)
+
+	if err != nil {
+		return err
+	} else if validResponse, ok := response.(CreatePaymentMethodSetupResponseObject); ok {
+		return validResponse.VisitCreatePaymentMethodSetupResponse(ctx.Response())
 	} else if response != nil {
 		return fmt.Errorf("unexpected response type: %T", response)
 	}
@@ -4556,204 +5133,227 @@ func (sh *strictHandler) GetUsageEvent(ctx echo.Context, identifier string) erro
 // const string: with thousands of chunks the chained `+` fold is several
 // times slower for the Go compiler than parsing a slice literal.
 var swaggerSpec = []string{
-	"1L3/khs3kif+Kgh+N0JNTzVFyZJ31R0b8e2RZY/WsqWQWuvbNXUsdBVIwl0EaADVbI5O/94D3CPek1wg",
-	"E0ChilVksZut8UyMQ2yyCj8zE/njk4nPg0wuV1IwYfTg7PNgwWjOFHx8nbPlShomzHu2KuiG5fbbnOlM",
-	"8ZXhUgzOBqlRJUvJesEEMQuuCRV6zRThmpgFIwpeJHJGqCCMqoIzRRT7o2TakDU3C3hK0yUj12wzGiQD",
-	"nS3YktqOzGbFBmeDKykLRsXgy5dk8J4ZtbmYGaa2R/JWEEqePX1BpCLPx98Ss6CGXAu51oSbM7JeyIIR",
-	"zTIpck2MJGvKDbliM6kYMWrDxXwi6JxyQU7CmES5vGKKUJzMSsmrgi0faZIqO5AptSOZujbT4WgiahNY",
-	"csGX5XJw9iTxk+HCsDlTgy92Niuq6JIZt9ovS6Vly7wuF4ykgt2aaQZPpHY1cTjshstSkxWdM7t03D7+",
-	"R8nUZpAMBF3aDvGd+rDo7Rsm5mYxOHs6HoehaaO4mMMyvyy1kUumXn/fPpyMFgVTjzSRa0F4TmZSEW40",
-	"KTVTYSArahbxOLDJKc8HycBSAFeWniz5xIP7F8Vmg7PB//e4osrH+Kt+HA3LjjKQZ7b5iW3sy9AvEnDV",
-	"c/TYqX1uV+/x0jx/ntgd9H8/aVuo+hDewhrR4oCh3L3rN3zJTeipsesF/Bg3n7MZLQszOHs+TmxfSJjP",
-	"7f7vI1PF9EoKzYBK3yEP2I+ZFFY22I90tSp4Ru30Hzsu+cvv2tLL555769uFHusUdyEIU0oqcvL+h5fk",
-	"xbPn/+o5keTMUF7ooSW6SHCBmDgNcqKtX/f040iifIG+3YDse3+lBRUZsx9XSq6YMhwX4ar6oT7UDysm",
-	"cnpVMCLk+oyUQq+YMCRTLLf8IWekFOx2ZYmPzBUVRtuRz6RaUoPL/t2zwfYuJDX2OYBLkgH2sj3SH+F7",
-	"FMF+eAWbmYRoKYWVzjDODZlxpQ0wtWFLva9zaPZDuVxStbHdu5lQpSj8Xcj11K3e1CwU0wtZwIx6rAHI",
-	"QBzV9nx+xQOI+eGfwoNczIliS8qF/eTniTtQW/mcGnZq+JJZHiqLwu6hFw8N3qsNZEqXskQe2JpBRzsV",
-	"b8WS6LeGhPQkFnawa+0+hYbl1e8sM3aAL6mhhZxvEy6uwHRFs2v4u9eevoSX3tHsum1HVwUV/dt6V9iT",
-	"vKUVJfMyMwc0hC9st9Vc1XjGUT9+4K3Lt2DZtSzNB6Y1RyHWWEb3wFTjE44rtwgFCU1PaZ1AYmLbemdF",
-	"N0smTFeTpSpavm9MOmojaR0stlMbYI+FeKkYNSD1aJ5zPOveRQszo4VmSXOtLL0WUzfumu7x7N/2HHP3",
-	"kHuWiLalxAXJkDUIzy3/R8P57tnewfxRUmG42dTO0yfN4+qjcKLeSiM7jBG5IP5Vq4ZqFkmijLEcniyo",
-	"mjNtJgL4nZw8ScbjcfzfMLGaLb6/Ujxj7m1N1lbT/WAUX7GJyBbQEOGCSMGIIwVy8uJF8gL/I0supCKl",
-	"HecwsZq6YrNSsxxOg4l49vQpSbm4oQXPp05XT72mTMXGLKww5ZqsFTeGCVR7t8RfUDKe7FMykoEus4xp",
-	"fTcq2SlHgQ7qHSQxTbaSvRS6XLL3OPUD6X3HgRCvSPW/fWuzZIbm1OzVoH72z8F6UKd9HapWxivpphKa",
-	"27lWGrjhc//V2J5pp1rlFDGi+HxhCFhdaGxm2HtPJcooKjTNTKfEbsy/8XxSLYgfaeuKVMfl/ZbDCYm+",
-	"T5dKWcNi90EEButSCrNo0Qn/JtdkScXG2ndWj1UEnyRXsrQL76WWNnRDdFB1T548JaUomNYTAXYpza6J",
-	"phtNpFkwteaaDUcEFLQrCRY/uAnyiUjr4/KGNKHKmt5FkYBk9N0KdsOUV95A5uzTsJoTdx20z7yQYr57",
-	"pgkYuhQnCO4FzYwmdCJm/JblJC8VmEBEUTtx+4hormWHsNw/kw59AA2+fZQM1AuPRkQcKKYitW561q/Q",
-	"bPneSaLjsPnhls9RdCw4YrsaPFRK1M+b0HTSQ3zsV8Bqa//qxpnbTdOHGrKmaL+Bqw1tS8cqoOjUt6vP",
-	"cdKy7UHX/jxgwp5XXr3WI9dVNIkumWp/TXAE+2bMxbyd3L46TQQbshfR9iWQqtWDCIGLeQclXLiN37Lq",
-	"HSmgvc8FSS8v3rz5r+nL96++f335Yfrqf7x7/f71Lz9Of3l7+frlq/ScaKszSnvmrpjCVu9PRn4/99GR",
-	"XZFjERI4JI4ttrY9ou7HoJuwas2OLuPqvf9SFgWcS36/4WCqnZV3dnTs5Im6obq9JN7ygPG4c1Uqopgp",
-	"lXBGjxvzOaFXQHF4viIRm4WyL8FzF+9ej9qYttJzt37SslRZjcZWpcoWVNuZa6ZuOAjgnOtVadh0XdNv",
-	"XTPJ4PbUvn16Q5U9PbVtZpuwPkBX76rmux75ELrteuJ7HM6vdjRf+yxyKxZWta9QcpPokEnuIbJm1nrM",
-	"c5aTE0r8XiRd221/WEtB3P480o5whvcSQ7E02CGF5vjY0YTQG7l2Jky7HDquRnSYX7WnF3KPw7E5zw5i",
-	"iEXljBUFuWKFXKMocB0/shLM9dU8h2bU2gQYpJOi2ETi1rdq9aArq59TkDb0St4wwu93eDW2bwfhRC7a",
-	"oxHPe3Yjr/efYO1cZ+i1Nbtodt3zKDouKeaKrnU7GaBbm6Q4g5RkdMnITMnlOWHLFXjKmCBCorfJbivM",
-	"pXck4g3L50x9r+i6zd8cn2ydR9cjHeQUDjecUzA2bsiCaiKkYKM7eHJ3nV0LqYwl9u6NlWuWI6FflYbQ",
-	"QjGao6lqHsgbUpcMNRdz9+lSzcQTQyxUdvmVasTfqe8qNitFDpzujwpipLwO2pAn/Tszf8x+Ozhf4WNH",
-	"4Hq3zK3BG2pYfpBVYy0MoKK9ut6hDvb+kbz9vo27uDi942PvxDQ4xqcNUbX3tXKVH7jabT6XMLMk3r5a",
-	"67uIACMu3eTvJwXy0XWQNFUpyx1SYCCXlJpZ/csHhYL+ZT+Ums4ZYbazu6pZbjww4E6WcQ+N3ICPxzNV",
-	"t+2wFb9aldqQLaiYsxH5gbMi11ak55JZmW5l+w0DTyTK/O0FCbz1FXnpuLzTk1cOofNd24Nwot0RiRU1",
-	"him7Y//zt4vT/6anfx+fvpiOzv7/009/+Zc2Cecb/4gctZdVHmkyw812oCUMnFXEgSSRfw0GcFLgeAzw",
-	"caWZOjRiFeg42pnnT562rHUnndYX+x1Tp2E5w3Ng3KctmnJKTsbE2naIshPS8IwROZvBGxjnca0NR+Tt",
-	"khvD4Mi3MpxcM7bSzoJQyipnN7Qo2TmhJBpDcIksaA5x0VIz95YUMz4vFcuJi+mO9kUzW2N344c+6Pbu",
-	"TjvzNtktYrCs1NOKyVr560sLsb1SSqqXMq/RdCNebI84QUuzkIr/neW4olc8zxnEbaSZzmQpAJ4gxazg",
-	"mX2DV/C46TXbTBUrNbzb/IGL6azg8wW8JHQ5m/GMW23UxzFAPy0kzadGyimE1q26SQ2bAjSOxSrsSskb",
-	"njM1BZQZjvyGctzKBLZPCVrgOIThM87UNAz7U8tOdAiht4KRq1JzwbTGY3ZEUvtyiuEyiOMv6GrFBMsJ",
-	"FTlZL3i2IEgVE5FakkjJTBaFXGuEqaZSsLezFA3phFyzjbULNq7d4YjAWDQcZNZkniAbgCMmIdZ8YWti",
-	"nwV56P72AnJGKPz2SBPs23LVQmozEfqaO7bDl+1o+VxI5dhqtn2gXgu5HpGfpWAbwjXhYiIiJIJHTPio",
-	"FLlimufWdk+CMm8n4bjJBdJybhd4yQU1iJ1d0tXK+embsYlegQ7cumTbId3Pv9183XuSermlmi/H3oS+",
-	"HopmG94u6WXkhJebGtqe066mpibb59ue12tHd+DLkXfNFlKbThgYPuvcpm+kNl2trIEFezTyqxQdbeT9",
-	"GtiayIzyYu/LP8BDzVfRvt378nv3WPN1gL2w/e9/8M/5BnR5FSTXvm38ED3b2EqwKEY5o50vf7RPfM+o",
-	"e+VLUE42vyCUGYTrl2QAcm5w9ls//atGkV+Sfi/VBr/vpfaV6/lWvNk9X6lvcc+X6hR52EuBDw57reLB",
-	"fe910s3e/WqRmj3faQrKnq/VxfshLx04vpog3vdOk3c+JUfwGB3qJ+kKQjibpwWq4DWcc6sdaFawzKDO",
-	"gPOyigBqG6N+PpbYOKq5WdosJViqd3Tegur3inkv93IQV03PcpSp02IZUa2tkpWCByIlRlr7w3BhDZZS",
-	"ONPTZ1MxyOyxuhJ4xPcvh1uCeAhtawDODtDiWxYBMiraA74SVOHtWf3Hh7e/EPcrJml892L8ZGhVNemy",
-	"wDDh60rmG0Cxgp1HlwxVzJAHtX+GfgyJH2jb/EAw/EnQm7tC9z+Xdk2sSosqc2lKxc6JdBbuklHhUG+d",
-	"IfytTfpzo0XdzhwXK9rj6R6AoPuBIe4NLY1i9b1QprVEm3vjTA+PKxxhQXvhSva2chg0K8aFNBJZI0Mh",
-	"PatMToKAegi1QWTJfkoqGEuQ1T78tKaarKVIqvRWl0nlDFwPd2CbKuZp+fvuMJXWUzFixwplFiAee07J",
-	"KHh6P9rawTSNQW8zQPfAXgmzm+obWXl8Llh+RlZSc8NvAIai/Q4nRLA5ha8VW8ob9F8sDwuXI774Afmt",
-	"I5D+g1QeAw8eGLT2CRNGcaaTit40sS2IQGwPHkJHKg/BJZQXiP8KQwQ3EL2SpSEniPzCH3Hc9dC75x5v",
-	"ENumvFnu4/UQtLqr2LnmIo8dmtAr+ift8gY0FHCUHaUl1Pz3Ure7AO9yDh8s+e4CIPihvgec6bMayp5G",
-	"MXUv0vRClkUOEbGJqCAlAD3I4CchTUKuWEZLzWpwHnC4YxYssNVExBggdEbOJdMOCfR3puQ5GgN+CgDC",
-	"B5S9YhnjN4jEL7g2ztP546tL8vjmyWOaL7l4fMMUn23SO+Ls2yQpUMb2sex4PoLLtQd7u8XYEcyQWB7u",
-	"N0b2kNTdrImfI0pv17TrsYuWkgNbKXQraxk9HxN8ACM6GrzbmpTw47MxHMw0M0zpxD3hfns+HrvkvngU",
-	"z8ftg2fqUhpM2m/ExW58TYx+YVg8ALZVQ9/6oVA8bNI3kPjxtO2Bc8H0PxKxigOmQmIyIRek4Y1PvSs+",
-	"TUKdDHrb82DEjqeV53TLFcDNAs+kq02kYzn8MoQrVkxYKVRIbcjJOOD+MhaBfTgoW8PDRoWCpHVUVSol",
-	"yWRRsAwQFS2L49uYhlUCOToRPmmWuKzZR5rADiZ29QgXWVHmLL9zHlCYgncMfz5g4obettACvfVTth9x",
-	"L3IiUa1tTgcWwy6Cn3eCW+JaUGwllZXMvD2Oun+CHcnVe4/DOzm7qhS7DvzkguuAZL8qN9oSotVVfCI5",
-	"qF2QSj7sDfbfkah353znGeVFqdi0UgqahL1xHiWcC8YkRuRCAETomm2IYjTXtYd8ZPSRngi5FoRmmSUj",
-	"aweRE9xwAGajd4fniSvUkckc9dEl05rO2fB8IqggTOSnpWaKGGlVCOwPcLy1yGdC2Gg+IqknhIlwlIAI",
-	"J/sBR5+OyKWv1LOQRa4RMGBNa455eLAYemey4F7FkIsbyTPW2x/qEs9bf5g2tcyoPEFVncAVJ2jVKwt+",
-	"w5Yu9t4skBRpkFCZpe+Q47z2HgS8Jfm60FYukGulZUPwpkAdcuZ0TaeCXpUbwOdYk3oighQWNwwkCtY8",
-	"smfVyUVOV2CyvVM842I+TAgrNIuOrJ57rg015f5iEy7Wgw9/qYfH+q5yiMXdy2lSUXeL1Hp1w9QmZgC7",
-	"ygy+9Cn+UrCEyCK3DIulXcgrgFtzATq17m0dukW5DL21KaDHQVG2pvRX/BRRcNjR9jzX5uG5radUZ0LE",
-	"a93gzfqG7FDNoujYLiR/TWG672HinUa9HG1dcCLQOnt5cGqQ8Kjv1kWu9qTZT79F7MT5ecUwK6Sld6s8",
-	"ntcONSZyTdIYXJDeDevXsbMtgL9WRMO9QX9b4dqOZFmk52mAwXTrOtSQnIMxTzK5ZM7Ir6x6ruqZxRCi",
-	"WC940bcCgx+LYtpI1Z/Kw2sQHZ3OpHI8rDtUePcryZllYgV+Wl6wLUct2BjBrUusnitnqI7YR9dcBE/v",
-	"gVMM/oseowXfltQsDDvOaAoOFpLJG6bICa18I311zntKgjAVzYwpWIfLr/LYxKu8oLkrLCYk1FhgCpJX",
-	"eo78rgf08YRXOFC2iDfZ4q22tdpNvvsI5i7yMSA39ovHtRR16chd+hwXJMWZo64WuwjRAwjBi7un17RL",
-	"rx7Cs1cI5DDZmR/1SK7v9oFvfZXUrwfUGrrsz2AtegLEB1sT576W5hEct80ta9uOuzDijmyEKqi4BkcY",
-	"WxNg+PNYeOZEL8ATNqvxX0iGPBr75T2ZLz8a5yECrp3vOk3oe2RU3ouknMUR6OUASoiRfi104MXuUt5Y",
-	"C1eS1Lk2yEnOsoKDOwTLlYEf0ugth5xXxoYjcuHqGxPnDUJ4DbYYutKgALvE2nsRT7SHO0jHoV+PRThH",
-	"CJp4b/k/KGDSAHTuPHtiN2+ddvzrREsyowrcsuBnPtQVjs1Mc1a05c39iqqwKxIocswcOFjd/+c8Ch/U",
-	"Qu70RTS2pK1Q1/FOqjqsuOPYrqLuS6kCaA/eP69rhlAUDc6sFXWFwaHwRxQ0PtGMEVpoWSWDudmkw3uJ",
-	"oxpD7RBIYcWPJZI+BBtlqyaxYjXtWhsqcj0i6YqJnIs5+b//+/+Q4Bgk/8s7tpOJcAdB/YnUWn+KGcVZ",
-	"TjKq8mFC0up9+6yfnX10ZpiaCCo27tvzyBHrn5oruXZ1oAtqrHEmmIazpNJRJgKBMTQaK8AIHFWEUj8y",
-	"OFZs/5Yi/J8T0arK8FiTgXwkDwSxTQ/PIzvFnn4TgdY4FPAHlIChhmElhrwqUVo3V4Ir43wiIq+Qba/V",
-	"GUQuBOHCUsGGnAiJeplT0+haDCeCu7CFYplUdgGstRQ5Ap33ORAebvYg8gEPMGLDsAxYkACRnrrHV1QR",
-	"n2+yPe/5AoJTjzSJXdYEt1NIsoRsrJAwToti4yM75IoXhcaYJuRxDM9cof9QtCMJ9GTorf0L3PNoMHrm",
-	"xmqOY0vRwTmPD8DD0+hLxRDonLjfm8GMFFbepWPDCvcLdncEdeNwbLIz/o2pdnF4gnRHJw6MRfcJybps",
-	"PUtlYUznZOxLpIgD3W/d56lLV3vgIOcDh8j2nNqtMbLtp+xW9sFNVMiIVhpqEHnP5au/1TrAA4N2LbrK",
-	"9swcycFDeJZDdrRaevp2J+h+mH6L9dQRr9kRprGs4Xdia03iQM0B+k4jX6tL4anPG6UkqD3YKZaArTik",
-	"AiuexLmqnp0cwB8C1RHyGyt601YJrQ21YuVeClH9aNihEVXH0rFUoigquG3arFYFbzNpfqCFZhWgGskQ",
-	"LWNnrp5Fh/6SZgsuWIhscgOucUMLwJnK0pzK2ak9n5WraZJgyQd0/NfO75MIUIQnfxJhjLxdAdtIQYub",
-	"o5jfjsDfBYUyU3J5IOKzb9WbmN8Pe8fTyv6ItNxv+MAM4dEkbP9ekCTcFbHtHGqX1934u8MrJGNbrUOq",
-	"br/peSPMZVSYwj2EZaTTtsIFfc+HzCFAdmaohTINX5JdaV0A2WnRCd7OZs5IwVz+MOz6xQC98QJR1lmL",
-	"48U11+3a27pvqx3anMZFHlJy8uzpiyGqk1FVh5ScPB9/O0RRcy3kWrj7wSZi5wVhCEFM0HqFQnBUkzS6",
-	"bagLdrzn9oNgP7ZUaeOmYAdkWF6Qj+9fE0GXdrjRpWVQpmH/we3EO/Yax74sHXVwBOhj90xB2qkuPlzl",
-	"87YZvQ8o88MLT6MjQ7d562LEfQPgbg1UHVIz+ihz+z1jQho43iD43avZneX+Yu+Sn2TH4kmR8YJT031z",
-	"TisIwXUH5vqKukFvT92flb2zITtOhSXXS2qyBet/5VB9bj+7BtqEGR6Jd0A7ech3fF76JauNef/ah/Ed",
-	"TMQ5n82Y5Y8W8eJUBHA0k1NSyIwWUw9Q70G58QsHGS53RtHX6bg+4FrbtYnvX9+75Rd78t1WEv7OlCSW",
-	"SMh4PH5yCv+/HI/P4P//Hd/Sc/Ls6dPhQRnBTDWSMPyVPLtuO0IibnBpQZcrDFQJuXZlUOvZy6Y2l7sO",
-	"ey9ftG/QHyUr2WvTpqH1UZlcAx+u+aqH4lRVg+qIDvhT3ZtbCpsHeXrNV6s+9lbUSWhyx9zvmPVeFFMs",
-	"0tIGKp7J1oTZC6sEuSmhgQUOYobAXqxctaQbrKOoGM0WLPceBggjwPUoT5+RhSyVJnQuMTQA3U39GnSY",
-	"WdWy1OX3gTS+pLev8dUnPpff/91yr1z3orcntIf9bgPq2uVC29alFhMfE5AKVE8u5qGWW0+9QMFAdHuy",
-	"DUmjRUsTvB2MKVJ9Cw4sj+YHw/kcAwOpJ5AUUzPtR7/lcL0EfHFCrbWuDYG1JFebqOlhbzMhZuKWo9Uz",
-	"zvY9CHTpskKbg8PbezeEKnYXRaiFa6uV3sGKQYq05mJQ4fwba+qVNewmTgUX0iBfWpEnp7JwhfQi/mj1",
-	"gCKXBQ9X0/3CpzdM+ZsN99r31Bi2XJkO+6RDhyioNq6eXp8+dmc1QEDdDeNe4PmVkhnT+p4Q/JD/cIiP",
-	"px+OMdq4CsvoDb3+pXAqDLzfuxqYPZ5AGwFHozgC2iImxn8Q4mJ7WWunsksGjOjDCisoZlgL1K2ouu7i",
-	"uO1aVu24jpVzau0IKxRU1Grgg7EY+4ZDRUUsodNRfl53RKUDEq/pbzalJicpzQy/YRDMszycl/DZQ5DS",
-	"hIxGo+EdYXutiTO7d7j5QkTcsJT9nP+dpcZ2Fwp22kptoaJK2/a08SWbcFR3c9d3EU+Lx761Lt+9nfZQ",
-	"SOyv3lo8pHRwSJHuJQqgH1j412JVmsM1sHhSO9KhQ2G09vM3dSTjLJP0jEQwF+1iPng6n1Dy7PZ2OCKp",
-	"O4DTM8KNnggr57WhyxXqGC5ZIJdr3xbNMrYympx8+5zkdKMTUjCNnh+r8GKsfSJc+WLpMxUIN0PvdOS+",
-	"usIVqxIZqvLuFOD0IVFOlobOIfThMzYwS9fVYfClFgyhzZLXo4n4AQGDDsFj1fYV1ZqcPL+9TcCSk6XR",
-	"CQFvKrZk9ZLTghnDVFBmJgKThrki4FPlBg1AxKtgBgbAhMLiQR3YaPXqwIn6PkVaUJsIDpveAajbqcb0",
-	"sQ7rVLXfAKzrQAf4psLy9FcvoP7BXdwjNfvSm9nYWjyQmiqRoRoRzW8nE3ZK2ui+ARCrEUm56oAczznt",
-	"wEWObvGyUUt1doOpASgSaM/6zlf91KmnRfJGpUyPI28jOXjgjdp7/Hd1sty6nPqPkvlrAE0V83ep3QmJ",
-	"jLiowsb59h5EdfLvStv1sX2P5deJkOvzMAwnPYkssCL2c7LkojRME7pgNMcM8D6+s98d6gell7JGIlhe",
-	"6/6etMBkTUKG2FFChBSnoZiUKJdXTAUwFayIL1MS17FuuMRkiVXHXefYyh6nZpNtIwLYTX1H0O6rxpoG",
-	"y9dV8atxdHljjhkzPdj1h9oAAvvKVcEzatASQ7KM6+AfzSW4tTWHnon3rx7bUueH5lO/E7QoepR0bhy7",
-	"n5I2b0rk9bHsbv/aLgYG/Ts16p6VCw84+Pe2tqSbKza18rW1SuglVNNX2qCEcy7WLs+qleyyNPZwpEKv",
-	"mSKaQuhaS6vMOlUOcUfPb2+H5wC2RSdui1cWIcGCsVyTFDxP6d2vE92B0TiWh6efmwVIKpJX/yh9a7cY",
-	"j7WvNo/OHvgMTPI1lGvrrLjqpVKHTowSSXf6r9eQtFxNCer5ObAUGFJXG0IF3AKPvHkOaFUHAl+C0oe5",
-	"tO3B3iAqOyRUEJ8dvwZv+IFHmVuvL3ss0Dahrtulut7jM44pMgboBeR4MyIwiGTZAOVqt1UEBc704ZHg",
-	"OwTb+y93VHrtmCH0Ok/FgXQ3vrbl/08oGtiJ7jq0JvoOzcGjm+9X9rYxZ4eq3VESGyf4Hopzdc9PTyN8",
-	"Ro94k7zeWYbo0OYcVKk/CdW3rRVV5rE8ehfkBIJcaE6KCpdTFQH2ZRmqkph6Iqq6DFbEbtXK2GDiE+ai",
-	"uVtv5BosEGkInYgrOLnP8NlcwtdL21Iqr1MClt+IvKFqXpXqAedIX6yKBzHtk2LyOjqJqi1r2cVoh+pL",
-	"u01x9ihmWam42XywQwqhp59YS7moqAgZbIXO5IqR1JU/Tu26p1DdM02IGwyEF40mH/52cfr0+XdkQfXC",
-	"HiKwAECOjCosn4gjWxizgopE2kqdawZeeHzoB0+a//Hr5SDZHluoW/Yfv16Sk799sP1JRd7bD8Nzkury",
-	"KoVMprjuKc97DOcL1BebtSAtMBXHnqfE2rng8LjiRQGqHK4L4VDPF2vjovp3RlaKQeadI92JcDeve6eh",
-	"UxNDErG1qX15Vn9rJNd4A7cUKHMnwsPbdQSMd4XbXIACIfJUKX4DF0tB8Tdw5KCbZyKqUiyKFZxeFZvI",
-	"nfBXNzU4FPRoIiYCbhWA4lXrBVMsIakW9JpNM6pZGjCp2C8X3p6uJWA4vp6I1x/eRvUKA0RfByscnZzw",
-	"1fsfXpJvv/32BQzim2/AJNTffANGewrg5QwAQI8dM/zldy1FivcevHj2/F+HrluijeUOklpzJx1NxBZ0",
-	"1m7vs/G4WkQfe8+osNLgigU/hbupziiamYmA28JOlrSwQpXlxC5VQii5onl1mYIlUUs6TCEA9tnTp9gT",
-	"hVbt2Cx15BtiJdE1VP4tC3ZOUkQE//YphQCTJlZOEVmHA1v+i+99cKv1AbQ5YtitGX3zDblkty6RBOkZ",
-	"lD1NTqDdhMDNgzrxdfqSifAldBPnHIwgCwmJroGDUrBDsnQ3KHy8/OH034Lt88vHNxMB16e5LyB7i+dc",
-	"sQx9bIQtr1huZ5MQecOU4q5gIdfSmjy41rLQE3Hy8S9Px08vTuGfVwmx/373Hfz53YthEoAu1wxmDQdE",
-	"QYEkneo7EZiEAJYVOjWd0gvOqyVV1xqaHbvmxz/AWD7+Zfzdk5d4BWlRQM0cXOSL0izssiAdfvONbTG9",
-	"cJftwXdn5K8gb8ikHI+/zaDeInxk6YhcuPqLrj69YpY5pTnVzNIO1tNWmJtJm8IPZd2/x2IuAVsUpIGR",
-	"ZbaYYO7TWlS3Np4TKjZ4kTeU6cOW94j8iXAyn5zAv9BNLlEkYGNeEC7pZujW5nVFI5YA3739cOmCGmgu",
-	"Wa5YyhtGtFwybAXV+IlIo3dPf2KbdEQ+0CWDMYKYhII3lmGc+9RayUQxu93+0juljSU9MLwROhMaNafv",
-	"4VGWnxGr1KXn2GJYAko8ABFvSiFcT4Tl2rT9YsR0RN6C/5tLAWEUa1pZ5rmiupZnNBEnrop54qrBB/YC",
-	"83DoXQXU0r3PVggmjWV1Z36Qmd2XMNXzcI9wKM3pGcK+oIn0iZKJ68IKvBdWFHbd6JiOyE9sQ/SKZkyf",
-	"ka2qoY80VoEGF6pxdUlPVkxV1JYQLVGrQl9vJovC8ne4j8Gqakzkj/S5K4548e71RNh9gBxlDQsJI4CM",
-	"ZB8FthTqerf9OY/5GYk7n4jo7h6zgGic3UoUpFB8ESpf+g4gpyLeixG5mAh/DgDdujxwJzpdIhTMEZIi",
-	"7K5wU00u0JQqhba8iEkLjj3ecG3sYQYqawppElBqBD3vz8eWmW/J8/EYzwzQiekfJVbW1FKlMP5A4uln",
-	"FNaRd/ZLek7S6G845eCmVldQuKDawMVGqM66BAdUeAbJIECTBk9G49EYzIwVE3TFB2eDb0fj0begmpoF",
-	"aJSPF4wWZvH3wdnnL8ng8ZIZxTPt/gJHhP8pFIhXNRgvWsVSdzjeXEyXazIrJB5tEt39IQ5xQh32laRG",
-	"wmyzgJKdCCHXyCvDc0w2Z1QV3J8Gdj1w9xWzIgLLRYMclwJo3EAt1FAe5uPlS5LTDbmSpcgpXvLgkuax",
-	"HcAyazxZcJMeaZJaMzjFMxEG6Vr20wuQe9gR6YXK6xwTCqhhDVx/yNf5q8w36FyHbNqQ3udUpN9duhqa",
-	"JYcB7D2U9UvdYHGOXMX0SgqNdsXT8fiBBoG977jeOFd8ZkZo9AMTdbUfBvw42KuAh3E3+Axe4h5EFQtx",
-	"Q4GxA2YHNTv0c+O7HFxOhs41uKQsiVt77PYUGOoUv8BVq7EBxtZPKwTHnMHY67tv5UWEnsKbdZ2CqcF1",
-	"b1sf/FEytfGJNmeVt7Lfkreg3rquvqs6f/zGCq9BjwdfYtToy6cHpJomZK6FbC7wNjc5c9qfw6geg3ac",
-	"1h2nb8O9NuvgOrg/iTz+7BFWXx6jzgOSs4UYrHCuaCHgsppMHFPHYfeOfUo6JHala51HRimbzVjm1G5e",
-	"FGReUkj6vcKK6C5j+TVQgTPb60yAeluMY/w6lNRGRZcBmgTJkMRBFqGU1/0J6R22BsbrFkmhInEnSgJR",
-	"1kfWVD74hxE1tcjPP5uQaQTud8qYCFtzFBHzMWrPco7Hi0Kpfgi+InBHD+9NII9dPLJbM/sZytfEQH+f",
-	"Q+ELK6XkRCqSNqMm6TAhPoJm1WzNTELykhEh12cV7E+Dvo5lfRpJE8qZDNC5FGwi6hkSzrYbkQuxiYPS",
-	"GCqrAd9QGnGhec7QqLoDgpB4AGFwsAGCMKMC3UeYVJBASWOGv5Kcs5zI2Yi8aaRHJKgisttVQblgeSM/",
-	"5MyvjiwN3M0O9okb9ElASA7P4ZL5Q/KB2iLTVuttzxJK6ykQdlO94921l7O8XDFr/lS7hy4KKKGMd45V",
-	"jVpLh1hqEHmFuATrjuUTYdY8Y2do6kYDrtsRaC9BCzg8RwiwMz7ADkFPKjZrujn3tfmFia68EdLn0qQ+",
-	"9yMdtmnlLsekLi4fRiev5ZV9dWU8TrBqEXhQ2mlNdUTp4Phzt50oqwC5DJujKFp2f2GDYvl6j4MRbyvr",
-	"PBIxwPVa3FDFqd/kB1rrWoiwQ/PA233ICRRAwOxPq2Bau9aHhs6JZhjDGh5jxa05toQqLK56BrIrMqOP",
-	"UGGoDd36EJmAgkGH7IZLvujciB+ZeekeecAt8F10rL7PECkktforVqJR9yFsF6ID7coH5377ZNWdKEz2",
-	"2yer1VRbAjznDhiMLkWL7RfyU1hZ5yE8dZf47HC4/Kq4YfUbiKiujnTIPXSXALnHGtGsiXA1cUfkZVWn",
-	"yZUv87XMIMhLSbqUOft3109K3OgwBAHmN9Q7Cw/GiRfhaSgV2LjVyDvDJwKyc5q+cPDDvaLZonKh2zdg",
-	"IwklrnCJR4/KWfCw2qGgy2kiTtLLizdv/mv68m+vXv709uPl9P3F5avpm9c/v75ME+K9eU/GCaGZklaf",
-	"R0XDAAPZ83lFtbG8a4KbCIJRT180C6igdlMrcUJ+9WG1LY95UpUbdmpWw29JTsBpaWnXcunQaRxY1HIT",
-	"XdKAiDffSMObTObM7PckO3qJWsOJwnVlPjWB5ptur5enK0dV2xbJHqMgWp6f2ObtCoNPzkg4/lndGC7O",
-	"od+R/eShBtEmy3BgYGhjgBIG0RIo6erLvVWtrwlvuO6+mjD84Bi3GVfHMqZeYrsSeEFIuqciKenxF48/",
-	"R2CjLzvPowoJ9nAHku+j60QK+elfd9XfQ1icRGC4sLR+IQefvhzKrvGNep+SgcvMaKPdJtZjBmaVT8tk",
-	"t1wbcvJ0/GRozRlM0/MRQlbkeiLm/IYJ+8h4OCJQGcslq1vasSadS6MCLOiI+Iy1iDbSiSi4uMYYre3Q",
-	"StdGYldSr+KJZobDZ4IZJgU7hxiRPYMc5MBnNIKY1My0icePK81UnQIfQJy55rGzr2167CJ9l6QJVH9U",
-	"2bmjzyA0jxBqCJFwJM39nLRbSj2Oqt91Sau/ukcecMd8Fx2yyg3ya4uqD1Z9BSBQFkpzraE6hr9hPCy4",
-	"q2d6T8G1Z69cL4/9vebbTvwDpWSrKv+9omssaVbdQY/yB2+r0ERLKZg2kZKGtxKOyC/sBkAzN0zBtfdn",
-	"LrgtJZmxNaDV6gvaUGLHTwFr1VJdkWRUYcTcRGUZU0cZaasiiMv0MtSavY8G+HCaH47yH+SlCb13eWnc",
-	"Aw+o8T0bP90xnRip139aFe9vTegXe8oLgEtukeNR/EwrcEUGotsWET25HOE+D8Tk/XWhDTPbYbUf7dj+",
-	"5IwFYzyIrZ4cu+8upvoRi0v/2ayoQMMwviCjT1ZKLiUixJZUlLQgNP+91GbJhBneh8QjoNvu2CKS2mX8",
-	"+KFU96cKB75h+Zyp/aHAAp7ztUe/tv5zGW7icAPpBCZ8Hf3H+4x3k4p7451/+J+aUOKbs3ZSil+br00j",
-	"taI7fhCddBJ28GEJBSI8EZU0qiiVSx0XZfHF+yD65MCyVbQ81ESpIsB6Ik58EBnhrN7+H47I9wEE5iOu",
-	"Rb6FGYTLcBA0SLxH+P2ry1e/XL5++8v044eLH19NX/3nq18uP6RD6OCarcCjnlMOYG1DCz0RUhQbgJMi",
-	"1tbf0OPCultwRfRUu4ccHBGj19VoMLpbReW5ri64ozF+cUNOEJsIYdJa83B5EN0kCFisrvupOhfs1gzP",
-	"I+3/kZ4I11wX0tHSnAfeVyZDwM2uF8wj9jGza8HIqlRzRhZUE1WKNhMh8sVBPLYfcMVn+7aCoPbXrrQc",
-	"1QA/iawoNb9xq3Qe4gDfjrGEhqsqZJelWTYjbaubkbZWb22bi8uyrKbSL29zK6v41s+Aibwav5DrI48X",
-	"0kEPHO2DA3tckm6b9wIxvV9ZKL+RGS1qqGKAg7jcIoBR4GYoKuZxvBUF53GE8xZkrFnxvyjk2hocV1ix",
-	"qqp6z264LDUcbY90A5FONUmpC2ZdTMRKFgWKOGe4aOlSB5Zca6ZDfasE/nH5WpEeORGZXC658feHQ77P",
-	"WVXjk65WjKpQ6mrGfPoc+FgBUDQRUYP+7p2yyO1MMpa7O840mXHB9cKKsC2QPS3WdKMnQjNzjmE3+xLE",
-	"PqnWsEg0u26TYFbl6QLdbTvS6h07YVxb8HMi7WoY6eOaLgWLzbkQ7tbRNr6EPemSiU+tTGyRIf00sYdk",
-	"356QvOOB8ewuyNLAIUquSs0F09rRmiWuxPnStlQnXzPP21ZelXr8uUo/3xl08lenPry22uXGDXdQ/UMi",
-	"Th6XAB5J8D2Gi47Iglum2/TUVFug0rVbs3qBpb97thcr7Xa6icBt9+gAMCFU0fGp1lIEGAMgnbSpEhIA",
-	"KABJMFgEayJqVbAgfnXuTgpEPu6t7DURUNrLvgV3s+CRMxyRC1dvI8CuFCMoeO2X/qaWoNkhtKDKp6iy",
-	"jZ0ctuJwroCJSoH6tVPTEVfgkIMpYDZiZKEr9RFnp3qkBeiakB9UVVQTcEmvPVkmAhBIqM6Axhkhq8kJ",
-	"fBPX464CebAGCa4nTiys6DCpbr5F1LZUQW+Prx67oiZbJHBUTEQa5oHasn9VZAxvwKyqunSUdHEoT7w8",
-	"yycuto/Yjqgarx+BL47iUCaZzFmMt52G388CfAROG2oCjU6EG7e/9BORHpBfB3etniMmkxu3xdRaldHk",
-	"7Fz9RELtJJKGwabEXbnh7A+3SCwG1GJBy2QirBGFq4zl8kL+cTD6KmAu1sSkGpEobafyazFnexDxfy78",
-	"SVRGtper9Olxe67VOurI28KNdpV4tuvd/2mdqQjLdNr4yRMry56Mx2MnCYct2neL3H/8uaL7nad8RXOD",
-	"r5LOEBIyutNdjqE2Oa9KSF6wmrpgMZS3jxXTcnDXinr1Orh7GPhwcq/Z1ULKa+1ysQZnn3epMFZjYerG",
-	"j7RUxeBs8Bj43U3rsx9yFd23io//0uNPo688VCn6Lqg18XPOeRt9hSsYfeG0j+gbROJuewJe0qLAswaP",
-	"3XPwxqwi58+cCYbFCnDGUIu74O52Ute8X72WHv4GecNQeiJH9RmUBZnBiaFurJQPWQ7b3UWdBO7R1mz9",
-	"fwEAAP//",
+	"1L39chu3liD+Kij+pspkbouWHTszlmqqfrqOk+u5Tuyy5MnOhF421A2SiJoAA6BF83r97z7A/rMPtG+y",
+	"T7KFcwA0utlNNiXKydy6KYtkNz4ODs73x+dBJpcrKZgwenD2ebBgNGcK/nyds+VKGibMe7Yq6Ibl9tuc",
+	"6UzxleFSDM4GqVElS8l6wQQxC64JFXrNFOGamAUjCl4kckaoIIyqgjNFFPu9ZNqQNTcLeErTJSM3bDMe",
+	"JAOdLdiS2onMZsUGZ4NrKQtGxeDLl2Twnhm1uZgZprZX8lYQSp49fUGkIs9PvyVmQQ25EXKtCTdnZL2Q",
+	"BSOaZVLkmhhJ1pQbcs1mUjFi1IaL+UTQOeWCDMOaRLm8ZopQ3MxKyeuCLR9pkiq7kCm1K5m6MdPReCJq",
+	"G1hywZflcnD2JPGb4cKwOVODL3Y3K6rokhkH7Zel0rJlX1cLRlLBPplpBk+kFpq4HHbLZanJis6ZBR23",
+	"j/9eMrUZJANBl3ZCfKe+LPrpDRNzsxicPT09DUvTRnExBzC/LLWRS6Zef9++nIwWBVOPNJFrQXhOZlIR",
+	"bjQpNVNhIStqFvE6cMgpzwfJwGIAVxafLPrEi/snxWaDs8H/97jCysf4q34cLcuuMqBntvk729iXYV5E",
+	"4Grm6LET+9yu2WPQPH+e2BP0n5+0Aaq+hLcAI1ocsJS7T/2GL7kJMzVOvYAf4+FzNqNlYQZnz08TOxci",
+	"5nN7/vvQVDG9kkIzwNJ3eAfsn5kUljbYP+lqVfCM2u0/drfkL79piy+fe56tHxdmrGPchSBMKanI8P0P",
+	"L8mLZ8//2d9EkjNDeaFHFukiwgVk4iTQibZ53dOPI4ryBeZ2C7LvXZRGXsnVh5X9sFJyxZThCIbMAiQr",
+	"Db9l0xnlRanw+yb8khriH4DfySDnml4XLJ8qRh0oRVkU9juPuA2sSAZMwCtt1NPeyums4POFma7oZsmE",
+	"cUvavt+0NHJJDc+IkauTcgW0kos5XPRLo/iKJYRbmg4ke++yuEGM2fphKYVZTDNZIho1VgJza6INVYbl",
+	"yF4yWjCRU0XgVTL8cPUSTn8b8PBAsZkW/qJ0LDN65feSCsMN0JKZVEtq8PfvnrXOoA01pW7hif7o0jNi",
+	"SiVYTuRslljGdL0hhhbFhgDrsOyRUbs3j0NkqBkjaePs09G5ZQEs1+HolswspJ1ASKLpLctJRlUOc3BD",
+	"2KeVJXAWMEzYq/3rgGYWWQcVXtmDaxly8LF5gMng04kd5eSWKktftB0u3I1LAMKFH73x/ffVZI1ffrZz",
+	"v8Opf3Izf0kGZqGYXsgi73kG5Sq3AJxSU3vBfnli+JIN2mhnxQB+bTAmf4HihTj8jdCjiVwBFZJ2wrB9",
+	"mTtuY/1G1HZXHYu8/o1lxm6+Aikz9n4CLtI858iH3kUka0YLzZIGFdtNLtylbRBjkimWc0NWNLvxkkhG",
+	"DS3k3KJbxMa+e7aHi7Xc0cZkhiylNnjzl1RsHD1yNIGsmGolCOeEXmsmjL0N9tYD3RKSwDRulY7lnTY5",
+	"4GFUIrDVJ8k2tsaz7GazDbxvgtxRYdi0Rll7xqyUjWdhpVPqxW/FCL2lHPZgt7pzVdX/9ogB9Tuz45a0",
+	"oelfaUFFxra56HX1Q33Llyt7ptcFI0Kuz0gp9Moep9+unJFSOBpH5ooKo1u3ekRujLNsr/RH+B5VGb+8",
+	"gs1MQrSUwmo5sM4NmXGlAfcsmPS+yWHYy3K5pGoD6IE7oUpR+FzI9dRBb3ooyQRdAle1vZ9fUJFjfvkn",
+	"8KDl/YotKRf2L79PPIEa5GO6u1csiBYypUsvBGztYN+N3EnQPYqFE+yCXRvivkS61iL+AQSmlgbC515n",
+	"+hJeekezm7YTXRVU9B/rXYFEemsUJfMyMwcMhC9sj9WEarzjaB6/8FbwLVh2I0tzybTmKME2wOgemGp8",
+	"wt3KbbEWEE0fwOStch3LuFs/l6po+b6x6RpnblssjlNbYA9AvFRW6DuQV2cWX4upW3dNh3/2L3sZ7Z3p",
+	"XqcUgFeD8Pxwrt/FQOtzfBCO1FtqZJcxJhfEv0rWC6lZRIkyBhoCIwVVc6bNRMB9J8MnieVu0X8jEJLx",
+	"/ZXiGXNvW8ZKjVNvJiJbwECECyIFIw4VyPDFi+QF/keWXEhFSrvOUUK4JorNSs1y4AYT8ezpU5JycUsL",
+	"buU+sHml3uJExcYsLDHlmqwVN4YJNB/dS4qwmkBTno+B7DCrDuiXlUCniRTF5ozcMLZykp3KydDjL7K5",
+	"VDNTrqaz0pSKTUtN5+xf5Wzm74VVVqTIGNqoHNh0mSGMweaWySVDk5rHy0eauEWGV3D5CchuTYU00vgi",
+	"iRUm0fpud2QnF3EKQDxBEt/I1ksvhS6X7D0e/IG3fQc7vIv8lgyWzNCcmr12mJ/8cwAPb3g41DgVQ9Jt",
+	"JQy3E1Ya0PRzf2hs77RTqHRiKFFW63IKONoUcPaeIqRRVGirTXfxq8b+G88nFUD8SlshUgkL9wOHI5F9",
+	"ny6VYiLb7GbDYPYGfatFIv6bXKOuVtfMNLmWpQW8p9na0A3RQdAfPnlKSlEwrScCKUd2QzTdaCLNgqk1",
+	"12w0JiCeXkvwG4CzIZ+ItL4ub44HVcjKjglSGjetYLdMedEVKO5+ja91gvadF1LMd+/UUTTcIDgpNDOa",
+	"0ImY8U8sJ3mpwJBKFLUbR92uAcsOVrF/Jx3SEJqN92EyYC88GiFxwJgK1brxWQeLhTcMfe9oUkPYqYsr",
+	"W+utKNMhVHwXAepY3qtb1maavGgaSL19h3CjWTFz1GVGeWF5vNUyGLGSKsgTlCi5PifXCn9j4Dch12BQ",
+	"ESeOjRIjyYx/ClwYsFgQVL0tGwVf1XjQ5Bx9iPzOwwiawOdgO3QHO7ZseGrkalqupsGM+HEfA4BfE1xY",
+	"H9j/QHk3YtzV7n6ofnA3DKspDMHU17ro/pDowkGxJRY9svLyLGAQirBkTSvJdEhJzrKCCwZSMC0tUhnn",
+	"ugFcuy436L4V0tgvFLOYOOe3bHQcZIuOtyeqzeCNoyHaKzQctSPYXUWNw21PR9FyQcnpGvBQSaWOy2Ho",
+	"pIcIs18FrsG+A6V/sdzQomvBZgaCBtC6F/sz7oyA8bHvQDw31XGxjYv53Rjd0XEiWPF6IW1fBKlGPQgR",
+	"uJh3ETd38Ft2VYcKaHHlgqRXF2/e/Mf05ftX37++upy++m/vXr9//fOP05/fXr1++So9J+gHsHL/iikc",
+	"9f5o5M9zHx5ZiBwLkcAkfGyyte37dT8G/YhVMDs6javP/rP31EReDVOX1+9sat55J/a5w71FAtbjZHup",
+	"iGLOuRupF8HzhDI+IrFZKPsSPHfx7vW47dJ2yhvJQMtSZTUcW5UqW1Btd66ZuuWZ8+uuSsOm65qIu8uH",
+	"u41YlzDVu2r4rkcuw7RdT3yPy/nFruZr8yIHsUgE60eU3CY6aJJ7iKytTETzHMUpfxZJ13HbH9ZSEHc+",
+	"j7RDnPuJUzE12EGF5vjY0YjQG7l2ZpR2OnRciegwz1ZPP9Ael09znx3IEJPKGSsKcs0KuW7aNMNcTT40",
+	"o0WRoAoHJteI3PpRrRwEOiEFakOv5a3V++6FNY3j24E4kZPsaMjznt3Km/0crP3WGXrDBACkJys6Lirm",
+	"iq51OxqgY5GkuIOUZHTJyEzJ5TlhyxX4Kpiw6hTY++2xwl56+4LfsHzO1PeKrts8fjFn62Rdj3SgU7jc",
+	"wKdgbdyQBbUan2DjO/jSdvGuhVTGInv3wco1yxHRr0tDaKEYzdFcZh7IIrtDZ+/mLtVOPDLERGW/ackh",
+	"f6e8azV0kcNN96yCGClvgjTkUf/Olz++fjtuvsLHjnDrHZhb3ecHBm0lA6thFL2CIA91cfaPpdhvX72L",
+	"m8UbX/dubNuxR4vi7Wxw9uvuyS7pLcvroXZfPiYt1KLdBedcoiSTYsbVEsUe8AES7xhEYxKatLOGs3Db",
+	"JZmOzjEsyxFGpDr17UN4pZ122qDMe6F074hAjMPzB5TE2Lo3Is9jFrr4u2+73xSwAzdB0pQcLVClwMgh",
+	"Umpm4Z4FiDtx0/4BPljC7GR3lSrdemDBnRTCPTR2Cz4eiaimbc838NCqpKRsQcWcjckPnBXoVs4lQ6Pl",
+	"gt4yjIMDFrcNkEBKviLpOC6p2OazrXflEDzfdTyYB7LbCbyixjBlT+y//3px8p/05B+nJy+m47P//+Tj",
+	"X/6pjaD7wT/gjdp7VR5pMsPDdtkmnix55ECUyL/GBXBU4HgX4MNKM3VokEDA4+hknj952gLrTjytA/sd",
+	"UycBnOE5sGWkLYpBSoanEOCOsRxCGp4xImczeANd62600Zi8XXJjWB5icm8YW/kgEKUsu7mlRcnOCSXR",
+	"GoIFaEFzCMQptQ8dsexoXiqWe751t3DX04fm63tPp/3yNq9bdMGyUk+rS9Z6v760INsrpaR6KfMaTjcC",
+	"lCyLE7Q0C6n4PyDEdybVNc9zBq5yaaYzWYocvVqzgmf2DV7lNU1v2GaqWKnh3eYPIegdAuB1OZvxjFvB",
+	"wLuOQcgpJM2nRsopxHJZ6ZoahjHiLJbYV0re8pypKaQH4cp96DNMYOFFC1yHMHzGmZqGZX9sOYkOIvRW",
+	"MHJdai6Y1shmxyS1L6cYoQCBYwu6WjHBckJFTtYLni0IYsVEpBYlUjKTRSHXGvMLUynY21mKdoOE3LCN",
+	"VYM2btzRmMBaMKBbimIzwWsAdqeEWG2NrYl9Fuih++wJ5IxQ+O2RJji3vVULqc1E6Bvurh2+bFfL50Iq",
+	"d61m2wz1Rsj1mPwkBdsQrgkXExGFvoUkABcIQK6Z5jkj3CRBd7GbcLfJxS7k3AJ4yQU1mPS4pKuVc0vs",
+	"dDcf6NLGE012+RUP8ls2x/Puol6+p9aXYdO9XA7N171xr5elsPlybODpazRqjuFVxV56Z3i5KUXu4cg1",
+	"UTrZ5sF7Xq+JF4F2jL21vJDadMZG47POkv1GatM1yhrIRI9BfpGiY4y83wBbG9mNxO7lOu76V9HksPfl",
+	"9+6x5usupnPv+5f+OT+ALq8Ddd13jJfRs42jBK1nnDPa+fIH+8T3jLpXvgQBavMz5skCA/iSDIAW79Wj",
+	"WzHyS9Lvpdri973UDrmeb8WH3fOV+hH3fKmOkYe9FO7BYa9Vd3Dfe514s/e8Wqhmz3eahLLna3XyfshL",
+	"B66vRoh7vtPK/g59t86M973dvLUfkyOYDw+1InV5pJxG2BK34uW/cys7aVawzKBEhfuyYhLKYuN+FqhY",
+	"dawZodr0SADVOzpvSbLzaksvX0MglE03Q1SAokVvpFpbETQF+0xKjLTameHCqnOlcIq5LxLCoGCFlSTB",
+	"PbIfHA4E8RLaYACmINBxWoAAhQLavf8SFIXtXf3b5dufifsVaw989+L0ycgKstIVN8E6Jtcy34AFFLRg",
+	"umQogIfyHvt36NeQ+IW27Q9I0p8knWBXHMdPpYWJFfhRoYA8kXMinf6/ZFS4MOzOeI7tROE/dfqCO5nj",
+	"Ji/0eLpHdNj9ImPunesQBW70Snuo5b3eO/HhcCfTEQDaK8ho7yiHxenFQULbtSi8ipKeVQq5Cw4Gvyu4",
+	"Ge1fSRXTFGi190WuqSZrKZKqapNLbHbqv499YZvKAR7Xnzg8ZqmVK0bXsQo5DPE+e7hk5Em/H27tuDSN",
+	"RW9fgO6FvRJmN9Y3kuT5XLD8jKyk5obfQkyS9iecEMHmFL5WbClv0bqzPCx2AhNeHvC+dURV/CCVT8oC",
+	"+xTaGQgTRnGmkwrfNLEjiIBsDx5PgVgeXG9ILzAYMCwRjGT0WpaGDDEMEH/EddfjMPzt8aq4HcobBLwb",
+	"djS+B9m54SKPzb0wq8tJKJdV4DbcKLtKi6j5b6VuN5DehQ8fTPnuEk3yQ/0MONNntbQvGgVYeJKmF7Is",
+	"cvAXTkQVXwRxKBn8JKRJyDXLaKlZLbYL3BFYlAKu1UTEAWFoqp1Lpl1Y2D+YkueoDPgtQFYYpH0pljF+",
+	"i6lhBdfG2YF/fHVFHt8+eUzzJRePb5nis016x8SvNkoKmLHNlt2dj2In213h3WTsCGpITA/3KyN7UOpu",
+	"2sRPEaa3S9p1z05LJb2tjPaV1YyenxJ8AP1dGmz/mpTw47NTYMw0M0zpxD3hfnt+eupy7eNVPD9tXzxT",
+	"V9JgLbqG1/DWl3rs56RGBrAtGvrRD43LxCH9AIlfT9sZOONPf5Z4VRUjcrn9XJCGryL1joo0CeUf6aee",
+	"jBEnnlY22y1TADcL5EnXm0jGcsHs4MxZMWGpUCG1IcPTEASasSjyi4OwNTpsVUhIWldVVTYgmSwKlkG8",
+	"SQtw/BjTACWgoxMRagC4IhaPNIETTCz0CBdZUeYsv3NiatiCN0l/PmDjhn5qwQX6yW/Z/olnkROX5tbc",
+	"DgDDAsHvO8EjcSMotpJQhI63e5n3b7Cj1sledngnY1eV890RTLvgOkR5XZcbbRHRyiq+rguIXVDZZdQ7",
+	"82NH5vidy4+4dMmoBmITsTe1OhPoDRmTCwEBVDdsQxSjua495P3Gj/REyLUgNIN6a1YPIkM8cIjSR+sO",
+	"zxNXfzKTOcqjS6Y1nbPR+URQQZjITyCD10grQuB8ENRd8wsnhI3nY5J6RJiIkKdpj9j+gatPx+TKF6Bd",
+	"yCLXGE5hVWuOieEADL0ze32vYMjFreQZ620P7SrhaH+YNqXMqFpQVSzI1QpqlSsLfsuWLjJhu7BHXMmk",
+	"ptx6WCKRcrmrK8rhmtPqkq/onJ2TNHL+2jegEKOnC1jz1xdSjPNoYy3WT2gFp2qw1i0FsReqpPaF84El",
+	"KLfIdVcAnfPNWxLf4BYpoLScOQFZR6B8hMXmJqKKAL1lrhanL54zvMjpCvTMd4pnXMxHCWGFZhGf7Ymo",
+	"VTnNPq4xfPhL3ZvYF8rBdXkvS091JVtI7atbpjbxrbVQZvClT8aWkIVd5JbKYHk48goSBrgARUD3Vmkd",
+	"UK7CbG1S83ECY1sL41REoFYlM1TFbKsW0eT428JVxcgiAtEdj1s/kB3yZORM3JWLUpPy7ssBvaXrbtUI",
+	"XIQYiMq9zE61pIZo7lYgV2fSnKcfEDtDN700mxXS4ruVeM9rnJiJXJM0jsVI7xa+2XGyLTGcrQEg947j",
+	"3PJud6R7Iz5PQ9RQt4BGDck5WCBIJpfMWSYqUwRX9dx48KusF7zoW8fIr0UxbaTqj+XhNXAmT2dSuTus",
+	"O/QO9yvJmb3ECozLvGBb1mVQjIItmli+LWcoQ9lH11wE8/SBWwxGlx6rBYOc1CwsO87JC1YhkslbpiAR",
+	"wo/dV1C+JyUIW9HMmIJ12CkrM1MM5QXNXXFSIaFSEVOQftVz5Xdl0McjXlWZ5SbyJlt3qw1Wu9F3H8Lc",
+	"hT6GQJf95HEtRZ06cpcAygVJcecoq8V2TTRbgsfl7gli7dSrB/Hs5bc5jHbmR2XJ9dM+8K2vkrz4gFJD",
+	"l9IcVFyPgPhga+rn15I8qmJJjSNrO467XMQdCSaVJ3QN1ju2JnDhz2PimRO9APPdrHb/Qjrv0a5f3vPy",
+	"5Ue7ebsKbnXq/ffICb4XSjmNI+DLAZiwu5xWlfUob62GK0nq7DFk6Gpm5QnBop9gPDV6y4rohbHRmFy4",
+	"XkO+tQPGBOGIVVlUEIBdavi9kGd3Va1GsPCxEAeTSS+ZKVdft7hzr+rN9yjYvL2/P6Bm8zHL2R5Uudbt",
+	"/gh+PO/A+YN8eI3o5p2SRex5qFMG/zrRksyoAk8BuD4O9c7gMNOcFW2Jrr+gouPKSIscU30OVub+awo6",
+	"D2r/6LQ0NY6krZjp8eSQeox9h1BWBYIspQpxpPD+eV3uh8KxIJGAvXsmFRYmiuIYoJcQLbSssjfdbtLR",
+	"vZhN7ULtYDcB4sdiOJcdHZd+wTqVccFxQ0WuxyRdMZFzMSf/93/+LxLMvuR/eF9LMhGOzdefSK1ur5hR",
+	"3HkERglJq/fts3539tGZYWoiqNi4b88jM7t/aq7k2nUKKaixqrdgGiSFSgKdCIzVotFaIbLFYUUoRSaD",
+	"2czObzHCf5yIVkGVx3IqJBD62CQ79Og80kKtbDMRaGuBVongGzHUMKwUk1dF7OvKaDBUnU9EZPNLoCVV",
+	"i6mPXAjChcWCDRkKiVK3E8LpWowmgjtPmmKZVBYAVheOzLzOtxAQDw97EFn4B+hEZFimMFCASAvZYwms",
+	"kM8P2V6o4AL8pY80iR0SBI9TSLKE9MlQ4QF8T87ZSK55UWh0s0NS0+jMtVQMRYWSgE+GfrKfwPmC5gB/",
+	"ubHi9anF6OB6wQfg4Wn0pWIYe5+435uuqhQg7+onAIT7xV90xBnEEQLJzpAMzI2NnU+k2/d0YHhEnygB",
+	"l15rsSys6Zyc1iuVHFZ1vZ2futzNB/a7P7DXdg/XbvWAbj9lj7JPKE8VrNOKQw0k7wm++lutCzy4K+CW",
+	"rLK9M4dy8BDy8qq6TsTGemSOtOjGHd64HU44ezX8SWzBJHbDHSDvNJIXuwSe+r6RSoLYU+szF25IFT87",
+	"jJPL/XVyOScQOxElI4x8gaIWCu3aS95LIKqzhh0SUcWWjiUSRT7fbdVmtSp4m0rzg9VWqxh/REO0ezhj",
+	"xFnE9Jc0W3DBgt+aG3B8GFpA6LMszYmcnVj+rFwRIt+HEtw6Nf49jGLckPMnUdib1yvgGClIcXM2au/2",
+	"cpfAqJmSywODkHuELWzd98Pe8biyP95A7ld8YIfwaBKOf2/cLnQT2zb9tdPr7pDQw7tI4FitS6r6DPfs",
+	"GXgVVZJxD2GrjbSt0khf/pC5oKSdSZOhrsqXZFemIUSRtcgEb2czp6Rg8Y2w7HrrqN7RIFEiZIvhxQ3X",
+	"bbjd6mzeHm2fxlVZUjJ89vTFCMXJqAxLSobPT78dIam5EXItXCf2idjZih2jYhPUXqFQJdUkjfo6d0XC",
+	"7+mPFfTHliqS3BTsgKTfC/Lh/Wsi6NJ38fBNqe3j+xm3I+84a62BbM66bgTIY/fMitspLj5cd5i2Hb0P",
+	"iQ936QBzK2+YbrPWxUkgjZwLbDzms4X6CHP7LWNCGmBvENrQa9id5Uhj65LfZAfwpMh4wanp7q3YGmLi",
+	"pgN1fUXdore37nll7wTdDq6w5HpJTbZg/ZtS1vf2kxugjZghS7xDLJvPQoj5pQdZbc37YR/WdzAS53w2",
+	"Y/Z+tJAXJyKAoZmckEJmtJj6nIkemBu/cJDicufEjjoe1xdcG7u28f3wvVvKu0ffbSHhH0xJaMZETk9P",
+	"n5zA/69OT8/g//8Z93EcPnv6dHRQkjpTDVeNb9q4y9GDSNy4pQVdrtANKeTalWmuJ9Sb2l7uuuy996L9",
+	"gH4vWclemzYJrY/I5Aa4vOGrHoJTVb6twzvgubpXtxQOD/T0hq9WffStaJIw5I6937EQQ1FMsWJRW5z7",
+	"TLbmcF9YIchtCRUsMBAzDNvGUnNLusHCp4rRbMFC0V5wI0ALuafPyEKWShM6l+gagOmmHgYdalYFljr9",
+	"PhDHl/TTa3w1tFz3n1s6D3cDvb3GQjjvtjBsCy7UbV22O/E+AalA9ORiHoov9pQLFCxEt+d/kTQCWppg",
+	"/1imSPUtGLB8ggkozueuXLJHkBSzhe2f/sih/Q18MaSuMT7AklxvoqFHvdWE+BK3sFZ/cbb7tNClS1Ru",
+	"Lo5qLABAFbuLINRyaytI77iKgYq0pgdR4ewba+qFNZwmzusQ0uC9tCRPTrGhff1+tFpAW0prb2usiorO",
+	"0Adso9mukdifN4yq9l8Lqs2z/WI5zu4fj+eMJmgDLhKQYLxrWpb49JYp39Z7r+mCGsOWK9OhenWIR3bJ",
+	"rrZnnzl25xBBrIBbxr2yPlZKZkzre+aOhMSdQ8xX/QJwo4OrgnC9Dtu/8FSVvOHPrpaFEW9gD/ocIZAk",
+	"RsY/KJhkG6w1gcOl3kb4YekwFFat+SBXVN10EZPtmnXtISsrZ6/b4TEpqKi1HwE9ODZ7h+quWLCqo/OH",
+	"7nC4hxDSpindlJoMU5oZfsvAT2nvcF7C3z52Lk3IeDwe3THetDXja1/0U/2FCLkBlP38Gp0lBXcXLXeC",
+	"WA1QUdV/y0h9gTRc1d08EV3I0+KMaK2/eW9/BJTt+6tXhA8pYx4KEvQiBTAPAP61WJXmcOEy3tSO4gOh",
+	"DGG7aJE6lHFKV3pGogge7dxZKHgMKXn26dNoTFInW6RnhBs9EdAR2NDlCsUnl+WSy7Ufi2YZWxlNht8+",
+	"Jznd6IQUTKNRy8ryGEYwEa6UuvQpNoSbkbencl/L5JpVGThVqwkKeSAhw1OWhs7Bq+NTjTAn3lU98YVN",
+	"DKHN8vvjifjB9bZF343VSFZUazJ8/ulTAkqqLI1OCBiKcSQrcp0UzBimgpw2EZiizxUBczE3qNtiKA6m",
+	"DkEEVAAe1KSOoFePCamfUyTgtZHgcOgdsYI7xZg+im8dq/brtnUZ6ACzWwBPf/ECqo3cxfJTU529BQFH",
+	"ixdSEyUyFCOi/e28hJ2UNup9AmQ1QilXi9P1MtYubsrhLfaat1hnD5gaiLICxUDfuctaHXtaKG9Usvg4",
+	"9DaigweGJu8xTdbRslHHRvDfS+Y7sJoqnMEVUkhIpJ9G9WzOt88g6tlxV9yur+1718JIyPV5WIajnkQW",
+	"WJ3/OVlyURqmCV0wmmO9hT5mwd9cQBNSL2X1X1Aq1/2NhOGSNREZ3GIJEVKchNJtolxeMxXixAAivihQ",
+	"XFO/Ye2TJXZAcJPjKHvstc1rGyHAbuw7gnRfDdZUWL6uiF+to8vQdEx38MFWTZQGMGaxXBU8owY1MUTL",
+	"uCfH0aydW0dzKE+8f63mlqpaNJ/6k+jXAq3Bdre6n4GhKDJo2etuP7U2Jgti1D3rhB7A+PeOtqSbaza1",
+	"9LW1Ju8VdPZQ2iCFc9bjLqOxpeyyNJY5UqHXTBFNwSuvpRVmnSiHIVXPP30anUMcMdqnWwzOGO0sGMs1",
+	"ScGolt69k/OO8JNjWXj6mVkApSJ69UfJW7vJeCx9tVl09kQGwSZfQ3HEzvrGnip1yMRIkXSnaX4N2fbV",
+	"lqB6posDA0XqekOokGbho8vOIRDXxbcvQejDJPB2P3YglR0UKpDPjl+Dof9AVubg9WWPBtpG1HU7Vdd7",
+	"zOExRsaxhyEovunsGES0bIB0tVsrgnKC+nAn9x3iCPqDOyp0eMzogPqdimME3PrawP/vUKKzM3Dt0A4E",
+	"OyQHH7h9vyLTjT27gOEdBehxg++hFF73/vQ0Cj3p4UqTN+0Ge7eXQ4dzUVj9Uah+bK0Bcz5MSe+KpgH/",
+	"HaqTogo5qkpu+3oiVQFaPRFVQRFLYreKvGwwpwvT7FwHLrkGDUQaQifiGjj3GT6bS/h6aUdK5U1KQPMb",
+	"kzdUzasaU2Ac6RuG4+Oz9lExeRNxourIWk4xOqE6aLcxzrJilpWKm82lXVJwPf2dtdQ5i0r+wVHoTK4Y",
+	"SV2x8dTCPYVaumlC3GLAc2o0ufzbxcnT59+RBdULy0QAAICOjCosVoorWxizgvxjbanODQMrPD70g0fN",
+	"f/vlapBsry1UCfy3X67I8G+Xdj6pyHv7x+icpLq8TiFJK64yzPMey/kC1fxmLUEkmGVk+Smxei4YPK55",
+	"UYAoh3AhHKpnYyVqFP/OyEoxSCp0qDsR17KcL0wwGjoxMWS/W53aF0P2HWy5tscBzm+guRPhI/d1FPPv",
+	"yiQ6BwVG/1Ol+C00uYNSi2DIQTPPRFQ1hBQrOL0uNpE54a9ua8AU9HgiJgJ6eEDVtfWCKZaQVAt6w6YZ",
+	"1SwN4bY4Lxden67llrh7PRGvL99G1UFD9oEOWjgaOeGr9z+8JN9+++0LWMQ334BKqL/5BpT2FOKyM4ht",
+	"euwuw19+01Kk2GXkxbPn/zxy0xJt7O0gqVV30vFEbEUF2+N9dnpaAdGHFWRUWGpwzYKdwnXNNIpmZiKg",
+	"c+FwSQtLVFlOLKgSQsk1zavWJRZFLeowhbG9z54+xZkojGrXZrEj3xBLiW6gznZZsHOSYrDzrx9TcDBp",
+	"YukUkfVIZ3v/4i4rDlqXIM0Rwz6Z8TffkCv2yeXIID6DsKfJEMZNCHRB1YmviplMhC9YnTjjYBSNkZCo",
+	"JSUUXh6RpetX8uHqh5N/CbrPzx/eTAS0cnRfQGIaz7liGdrYCFtes9zuJiHylinFXXlQrqVVeRDWstAT",
+	"Mfzwl6enTy9O4J9XCbH/fvcdfPzuxSgJMTw3DHYNDKKggJJO9J0IzK8AzQqNmk7oBePVkqobDcOeuuFP",
+	"f4C1fPjL6XdPXmI75KKAYk8I5IvSLCxYEA+/+caOmF64xp/w3Rn5K9AbMilPT7/NoLop/MnSMblw1U5d",
+	"NwjF7OWU5kQziztYvV5h2iltEj+kdf8ak7kEdFGgBkaW2WKCaV1rUXWQPSdUbCA3BetL4sh7SP5EOJpP",
+	"hvAvTJNLJAk4mCeES7oZOdi8rnDEIuC7t5dXzqmB6pK9FUt5y4iWS4ajoBg/EWn07snf2SYdk0u6ZLBG",
+	"IJNQqcleGGc+tVoyUcwet2/AqbSxqAeKN0YFhUHNyXt4lOVnxAp16TmOGEBAiY+txL5EhOuJsLc2bW/S",
+	"mo7JW7B/cynAjWJVK3t5rqmupVBNxND1DEhc74VwvUA9HHlTAbV47xMxgkpjr7pTP8jMnkvY6nnVMd4X",
+	"wvUXwr6gifQ5oImbwhK8F5YUdnWXTcfk72xD9IpmTJ+RrRq9jzTWXAcTqnFVgIcrpipsS4iWKFWhrTeT",
+	"RWHvd+h+YkU1JvJH+txV9bx493oi7DlA+rUGQMIKINnae4EthrrZ7XzOYn5G4sknIuqUZRbgjbNHiYQU",
+	"qoZCyVY/AaSLxGcxJhcT4fkA4K1LcXek0+V4wR4h38OeCjfV5gJOqVJoexcxH8NdjzdcG8vMQGRNIQME",
+	"auSg5f35qb3Mn8jz01PkGSAT099LLAmrpUph/QHF089IrCPr7Jf0nKTRZ+By0DXale8uqMaqvijOutwN",
+	"FHgGySCEJg2ejE/Hp6BmrJigKz44G3w7Ph1/C6KpWYBE+XjBaGEW/xicff6SDB4vmVE80+4TGCL8T6Ed",
+	"g6pFKKNWLHWH4c35dLkms0Iia5No7g9+iCF1Yb0kNRJ2m4UA4IkQco13ZXSOefSMqoJ7bmDhgaevmCUR",
+	"WJwd6LgUgOMGiviGukYfrl6SnG7ItSxFTrGliqsHgONAmLZGzoKH9EiT1KrBKfJEWKQb2W8vZBPAiUhP",
+	"VF7nmCtBDWukLIRUpL/KfIPGdUgUDpmLTkT6zWXioVpyWO6Aj9L9UldYnCFXMb2SQqNe8fT09IEWgbPv",
+	"aLWeKz4zY1T64RJ1jR8W/DjoqxAP4/plDV7iGUSlNvFA4WKHmB2U7NDOje9yMDkZOtdgkrIobvWxTydw",
+	"oU7wC4Ra7Rqgb/2kiuCYM1h7/fQtvYiip7DLtxMwNZju7eiD30umNj6H6KyyVvYDeUvUW1ejyWryx28s",
+	"8Rr0ePAleo2+fHxArGmGzLWgzQX2TpQzJ/258Ntj4I6TuuPMdOgitQ6mg/ujyOPPPsLqy2OUeYBytiCD",
+	"Jc4VLoS4rOYljrHjsC5/H5MOil3JWueRUspmM5Y5sZsXBZmXFPKZr7H/gAsBfg1Y4NT2+iVAuS2OY/w6",
+	"mNSGRVchNAnyPIkLWYQadPdHpHc4GiivWyiFgsSdMAlIWR9aU9ngH4bU1Dw//9WITMNxv5PGRLE1RyEx",
+	"H6Lx7M3x8aLQGAOcrxi4o0f3RpDHzh/ZLZn9BJV54hwGnx7ia0alZCgVSZtek3SUEO9Bs2K2ZiYhecmI",
+	"kOuzKuxPg7yOFYsa+SDKqQwwuRRsIurJH063G5MLsYmd0ugqqwW+ITXiQvOcoVJ1hwhC4gMIg4ENIggz",
+	"KtB8hPkSCdTiZvgryTnLiZyNyZtG5keCIiL7tCooFyxvpL6ceejI0thFo37iFj0MEZKj84k4MNWpzTNt",
+	"pd72BKi0nt1hD9Ub3t14OcvLFbPqT3V6aKKA2t/Y4a8a1Go6xGKDyKuIS9DuWD4RZs0zdoaqbrTguh6B",
+	"+hKMgMtziAAn4x3s4PSkYrOmm3PfVEKYqMGUkD5NKPVpLemoTSp36TN1cvkwMnktZe6rC+Nx7lgLwYOq",
+	"VWuqI0wHw5/rLaSsAOSSh44iaNnzhQOK6es9GCP2Buxkiejgei1uqeLUH/IDwbrmIuyQPLCXFhlCbQdM",
+	"bLUCptVrvWvonGiGPqzRMSBu1bElFJhxhUHwuuJl9B4qdLWhWR88E1AL6ZDTcMkXnQfxIzMv3SMPeAR+",
+	"ig7o+wyRQlIrv2KRHXUfxHYuOpCuvHPu149W3IncZL9+tFJNdSRw5xyDQe9SBGwPyI8Bss5C6Fsy7TC4",
+	"/KK4YfV+X1RXLB3SKl3LLfdYw5s1Ea6Y85i8rEpQucpsvkwbOHkpSZcyZ//q5kmJWx26IED9hlJu4cE4",
+	"8SI8DVUQGz3EvDF8IiA7p2kLBzvcK5otKhO6fQMOklDiarL46FE5CxZWuxQ0OU3EML26ePPmP6Yv//bq",
+	"5d/ffriavr+4ejV98/qn11dpQrw178lpQmimpJXnUdAwcIEsf15RbezdNcFMBM6opy+atWFQuqlVbyG/",
+	"eLfalsU8qepkOzGrYbckQzBaWty1t3TkJA6s17mJuotgxJsfpGFNJnNm9luSHb5Eo+FGoTmgT02g+abb",
+	"6uXxymHVtkayRymIwPN3tnm7QueTUxKOz6sby3V1r3ux7CcPtYg2WoYLA0UbHZSwiBZHSddc7q0Kvia8",
+	"4ab7asTw0l3cpl8dK7R6iu2q+wUi6VvRVVTSx188/hwFG33ZyY+qSLCHY0h+ji6OFFLvvy7U34NbnETB",
+	"cAG0HpCDj18Ova5x/8qPycBlZrThbjPWYwZqlU/LZJ+4NmT49PTJyKozmKbnPYSsyPVEzPktE/aR09GY",
+	"QNEvl4dvcceqdC6NCmJBx8RnrEW4kU5EwcUN+mjthJa6NhK7knqBUlQzXHwmqGFSsHPwEVke5EIOfEYj",
+	"kEnNTBt5/LDSTNUx8AHImRseJ/vaqscu1HdJmoD1R6WdO+YMRPMIrobgCUfU3H+TdlOpx7Q08sTI1Qk2",
+	"k+iiWBelkVdy9WH1kCSrmqSDZmlm7F1BqdCn7f4R5Ks0ckkNzwhCrm1h8XG4Qq4PQ9Z+wcAgvPtIKAoJ",
+	"/vq4h9oQAgQwkIC6jimbBBvh38obNiIFo7dMkxlbexdnahaK6YUs8rQKvPI1BhOfBguNjFNf8TYl/+d/",
+	"k9QyTajlHpWTHXkvcpSlDa1fJyKjKk/i5q9n4GZ3wLWUD2xMVYZbCrU0is3UucGpHaNgIqeKwE9k+OHq",
+	"5Qh9qV4hGabY0faMxB1pRxCrESmgPjSuXikX0hPJRcgzhna1bAlxDKHOfzTu1FW6P3fGfgjW8V1pIOSD",
+	"EiXXE7GFSznXEJpp9Q9WzMiwdXj3FNqYLumtZSEo8DMBP3gjlmInUBcA+BjHqMGsYNThh1sRxMQKMyZu",
+	"KFBqKtEfIzZZMWvjKO/KBnk4Pj8J41+6i/a1WUp/0gQofRyvspjxeanYFrlpJS176HxUwLWLxv/VPfKA",
+	"YPRTdADRLfJr0/TLlaUc10XVUkHINRR4gpCr41PyPWflZnnsCHaLs/ZAttFqsvle0TVW5QRCgG1NgX24",
+	"Nk1ESymYNpEyjm2Tx+RndgvBkbdM5XaYMxfEJKXlHxCVXAdow1hx+hRialsKBFvCipFRJqosnDrMSFsV",
+	"fgTTy1Au/T6a/sNp+LjKP8gaH2bvssa7Bx5Qs392+nTHduKI7P7bqu7+1oZ+ttqcgLD4LXQ8ij9hBS6n",
+	"gHQHU2R/yzGs84EueX+dd8PMdvjEj3Ztf/KLBWs86Fo9OfbcXZfqR+yP8GezlgUchvUFGj1cKbmUGAm8",
+	"pKKkBaH5b6U2Vnoe3QfFo4Dm3TEkiGpX8eOHYt2fKuzjDcvnTO0P+SjgOV8++2vLP1ehmZRbSGcA2teR",
+	"f5zCdoLq2olmplw9NIHcNgP75qLQB9ouISVLmTOMNYFeSfa8rJ5NvQbr1SWuXXOxfEx+adclsdAoaJHX",
+	"DAqkYxxJpBx7Z1DokArgIEO9kGvRVKYJtYqoz0TFR9OQ47KlZOLydKxzg7I8ERWXiIqlCeeGKTUbk5dW",
+	"U3Sec20aKv1EhLwCRQ1Dr1i3m6alpenDcInO3qJfmWO0bPhBLIZ3U4ToLVgULVaCF6SJNsNwO7ggcCng",
+	"Tozu4iDx13wPR3BvvPMP/5fmB3GP150MwcPma2NArYaiX0QnOwgn+LD8AAJ2IixpFMUslzqusefLTEMw",
+	"kct9qoIfQ4m7KqBPT8TQxwRidpJ354zG5PsQ0+8D6Ip8KwUE2jZiDgjxDv73r65e/Xz1+u3P0w+XFz++",
+	"mr7691c/X12mI5jghq0gQCKnHHLvDC30REhRbCA7CFOnfC9JF6W3lX2CgQfuIZddgkykWg0G61VBllxX",
+	"jbZpnI6yIUNMNYGot9rw0OaSbhLMP6kaU1aTC/bJjM4jJd/yATdcV+KKxTmfR1lZBkIa1HrBfAImJuov",
+	"GFmVas7IgmqiStHGUyLXKoTX9YtD9sVbWmPa91dZtzeqEcsusqLU/NZB6Txw8m9PsSKaKxJpwdKsgpa2",
+	"lUFLW/sMtO3FFc2ottKvDMdWkZhPfgdM5NX6hVwfeb1Q3ePA1T54nLarudJmpMQUra9MlN/IjBa1JDGI",
+	"7nWp4hAVi4ehqJjH4XNIOI9DnLcyAJq9qYpCrgk3lsiuKKQ1uP5M7JbLUgNre6QbCYZUk5S62KSLiVjJ",
+	"okAS5+wTWrpM0CXXmulQrjSBf1z6faQuTkQml0uOzng5wyr/Z1U1erpagevDN/Vg3uUDLnOID5+IaEDf",
+	"JbIscruTjOWuG68mMy64XlgStpUzSYs13eiJ0MycYxSV97xAaVYLJJrdtFEwK/J05VBs28vrEztiXAP4",
+	"OZEWGkb6MDWXUc/mXAjIPGm/l3AmXTTxqaWJLTSknyT2kNe3Z4bF8XIr7CnI0gATJdel5oJp7XDNIlfi",
+	"TOZbopMvgeyFZC9KPf5cVRPaGUPkm/w/vLTa5a0J3VL/kAAirxWD4wFcDKElJ1lwe+k2PSXVlsy3Wn/X",
+	"Xrlv3z3bm/rmTrqZUNVul4A401AU0VfOkSJEpXr1O+SXgqYNOc1Y03QiakVNIRzp3HEKTGTZW6h1IqBS",
+	"q30LuggiyxmNyYUrnxai6BUjSHjtl76nYJDsMFK0So+tisc4OmzJ4VzBJSoFytdOTMcwUZcIkkIIbpwo",
+	"4iq3xcVGfOAsyJqQ7l0VyBW55SiWs0wEhC+gOAMSZ5QoR4bwTdw5porLAhgkCE/cWIDoKAkxWi4JT6og",
+	"t8dNcq+pyRYJsIqJSMM+Uhc/gq+KjGGv9qpIX0eFPpe0g21efR2K9hXbFVXr9Svwte5c0HAmcxanT03D",
+	"72fBxgXchpqAoxPh1u3b06PFCMolGCpyrEMMbWzxiKnVKqPN2b36jYRSmCQNi02Jaw7n9A8HJBbnR2F9",
+	"8mQirBKFUMbqx6GcTFD6qjwrLHFONQYWt3Hl12LO9iQ4/rnCiaOuAL3sW0+PO3OtdGVHGj4etCusuN2Z",
+	"6U/rM8EsGyeND59YWvbk9PTUUcJRi/TdQvcff67wfieXr3Bu8FWyU0N+bXf28jHEJmdVCbmoVlIXLM7M",
+	"6qPFtDDuWo3WXoy7h4IPnHvNrhdS3miXWj84+7xLhLESC1O3fqWlKgZng8dw3922PvslV8GaVvDxX/p0",
+	"ougrb1iNvgtiTfyc89FEXyEEoy+c9BF9g4lV25aAl7QokNcg2z0Ha8wqMv7MmWBYewp3DK1VCu766Lvh",
+	"PfRaZvgblIGBSmI5is8gLMgMOIa6tVQ+JK1uTxdNEm6Ptmrr/wsAAP//",
 }
 
 // decodeSpec returns the embedded OpenAPI spec as raw JSON bytes,

@@ -203,16 +203,57 @@ func fromAPICheckout(b *api.CheckoutSessionCreate) payments.CheckoutInput {
 	if b.Quantity != nil {
 		in.Quantity = *b.Quantity
 	}
+	if b.SavePaymentMethod != nil {
+		in.SavePaymentMethod = *b.SavePaymentMethod
+	}
 	return in
+}
+
+func fromAPISetup(customerID string, b *api.PaymentMethodSetupCreate) payments.SetupInput {
+	return payments.SetupInput{CustomerID: customerID, SuccessURL: b.SuccessUrl, CancelURL: b.CancelUrl}
+}
+
+func toAPISetup(r payments.SetupResult) api.PaymentMethodSetup {
+	return api.PaymentMethodSetup{CheckoutSessionId: r.CheckoutSessionID, Url: r.URL, ExpiresAt: r.ExpiresAt}
+}
+
+func toAPISavedCard(c payments.SavedCard) *api.SavedPaymentMethod {
+	return &api.SavedPaymentMethod{Brand: c.Brand, Last4: c.Last4, ExpMonth: c.ExpMonth, ExpYear: c.ExpYear}
+}
+
+func fromAPIAutoTopUp(customerID string, b *api.AutoTopUpSettings) payments.AutoTopUpInput {
+	in := payments.AutoTopUpInput{CustomerID: customerID, Enabled: b.Enabled, Threshold: b.Threshold, Item: b.Item, MonthlyLimit: b.MonthlyLimit}
+	if b.Quantity != nil {
+		in.Quantity = *b.Quantity
+	}
+	return in
+}
+
+func toAPIAutoTopUp(a payments.AutoTopUp) api.AutoTopUp {
+	return api.AutoTopUp{
+		CustomerId: a.CustomerID, Enabled: a.Enabled, Threshold: a.Threshold, Item: a.Item, Quantity: a.Quantity,
+		MonthlyLimit: a.MonthlyLimit, Status: api.AutoTopUpStatus(a.Status), ConsecutiveFailures: a.ConsecutiveFailures,
+		DisabledReason: ptrIfSet(a.DisabledReason), InFlightPaymentId: ptrIfSet(a.InFlightPaymentID), MonthCount: a.MonthCount,
+		UpdatedAt: a.UpdatedAt,
+	}
 }
 
 func toAPICheckoutSession(r payments.CheckoutResult) api.CheckoutSession {
 	return api.CheckoutSession{PaymentId: r.PaymentID, CheckoutSessionId: r.CheckoutSessionID, Url: r.URL, ExpiresAt: r.ExpiresAt}
 }
 
+func paymentMethodOf(p payments.Payment) *api.PaymentMethod {
+	if p.Method == "" {
+		return nil
+	}
+	m := api.PaymentMethod(p.Method)
+	return &m
+}
+
 func toAPIPayment(p payments.Payment) api.Payment {
 	out := api.Payment{
 		Id: p.ID, CustomerId: p.CustomerID, Item: p.Item, ItemKind: api.PaymentItemKind(p.ItemKind), Quantity: p.Quantity,
+		Method: paymentMethodOf(p),
 		Status: api.PaymentStatus(p.Status), Amount: p.Amount, Currency: p.Currency, AmountReceived: p.AmountReceived,
 		AmountRefunded: p.AmountRefunded, AmountDisputed: p.AmountDisputed, Credits: p.Credits, Livemode: p.Livemode,
 		CheckoutSessionId: ptrIfSet(p.CheckoutSessionID), PaymentIntentId: ptrIfSet(p.PaymentIntentID),

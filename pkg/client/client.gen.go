@@ -18,6 +18,57 @@ import (
 	"github.com/oapi-codegen/runtime"
 )
 
+// Defines values for AutoTopUpStatus.
+const (
+	AutoTopUpStatusActive             AutoTopUpStatus = "active"
+	AutoTopUpStatusDisabled           AutoTopUpStatus = "disabled"
+	AutoTopUpStatusNeedsPaymentMethod AutoTopUpStatus = "needs_payment_method"
+)
+
+// Valid indicates whether the value is a known member of the AutoTopUpStatus enum.
+func (e AutoTopUpStatus) Valid() bool {
+	switch e {
+	case AutoTopUpStatusActive:
+		return true
+	case AutoTopUpStatusDisabled:
+		return true
+	case AutoTopUpStatusNeedsPaymentMethod:
+		return true
+	default:
+		return false
+	}
+}
+
+// Defines values for CreditsAutoTopUpDisabledEventType.
+const (
+	CreditsAutoTopUpDisabled CreditsAutoTopUpDisabledEventType = "credits.auto_top_up_disabled"
+)
+
+// Valid indicates whether the value is a known member of the CreditsAutoTopUpDisabledEventType enum.
+func (e CreditsAutoTopUpDisabledEventType) Valid() bool {
+	switch e {
+	case CreditsAutoTopUpDisabled:
+		return true
+	default:
+		return false
+	}
+}
+
+// Defines values for CreditsAutoTopUpFailedEventType.
+const (
+	CreditsAutoTopUpFailed CreditsAutoTopUpFailedEventType = "credits.auto_top_up_failed"
+)
+
+// Valid indicates whether the value is a known member of the CreditsAutoTopUpFailedEventType enum.
+func (e CreditsAutoTopUpFailedEventType) Valid() bool {
+	switch e {
+	case CreditsAutoTopUpFailed:
+		return true
+	default:
+		return false
+	}
+}
+
 // Defines values for CreditsExpiredEventType.
 const (
 	CreditsExpired CreditsExpiredEventType = "credits.expired"
@@ -279,6 +330,24 @@ func (e PaymentItemKind) Valid() bool {
 	case PaymentItemKindPlan:
 		return true
 	case PaymentItemKindProduct:
+		return true
+	default:
+		return false
+	}
+}
+
+// Defines values for PaymentMethod.
+const (
+	PaymentMethodAutoTopUp PaymentMethod = "auto_top_up"
+	PaymentMethodCheckout  PaymentMethod = "checkout"
+)
+
+// Valid indicates whether the value is a known member of the PaymentMethod enum.
+func (e PaymentMethod) Valid() bool {
+	switch e {
+	case PaymentMethodAutoTopUp:
+		return true
+	case PaymentMethodCheckout:
 		return true
 	default:
 		return false
@@ -588,6 +657,46 @@ func (e UsageStatus) Valid() bool {
 	}
 }
 
+// AutoTopUp defines model for AutoTopUp.
+type AutoTopUp struct {
+	ConsecutiveFailures int        `json:"consecutive_failures"`
+	CustomerId          CustomerID `json:"customer_id"`
+	DisabledReason      *string    `json:"disabled_reason"`
+	Enabled             bool       `json:"enabled"`
+
+	// InFlightPaymentId The automatic top-up waiting for Stripe, if any.
+	InFlightPaymentId *string `json:"in_flight_payment_id"`
+	Item              string  `json:"item"`
+
+	// MonthCount Top-ups started this calendar month (UTC).
+	MonthCount   int   `json:"month_count"`
+	MonthlyLimit *int  `json:"monthly_limit"`
+	Quantity     int64 `json:"quantity"`
+
+	// Status `disabled`: turned off, or by tally after repeated failures (see `disabled_reason`); `needs_payment_method`: no saved card, or it expired.
+	Status    AutoTopUpStatus `json:"status"`
+	Threshold int64           `json:"threshold"`
+	UpdatedAt time.Time       `json:"updated_at"`
+}
+
+// AutoTopUpStatus `disabled`: turned off, or by tally after repeated failures (see `disabled_reason`); `needs_payment_method`: no saved card, or it expired.
+type AutoTopUpStatus string
+
+// AutoTopUpSettings defines model for AutoTopUpSettings.
+type AutoTopUpSettings struct {
+	Enabled bool `json:"enabled"`
+
+	// Item A credit pack of the catalog.
+	Item string `json:"item"`
+
+	// MonthlyLimit At most this many top-ups start per calendar month (UTC); absent or null for no limit.
+	MonthlyLimit *int   `json:"monthly_limit,omitempty"`
+	Quantity     *int64 `json:"quantity,omitempty"`
+
+	// Threshold A top-up starts when fewer credits than this are available.
+	Threshold int64 `json:"threshold"`
+}
+
 // Balance defines model for Balance.
 type Balance struct {
 	// Balance Spendable now: unspent credits of unexpired grants.
@@ -630,8 +739,11 @@ type CheckoutSessionCreate struct {
 	// grant (1,000,000,000,000), or whose price exceeds what Stripe
 	// charges in one payment (99,999,999 minor units), is refused with
 	// 422 `invalid_request` before anything is written.
-	Quantity   *int64 `json:"quantity,omitempty"`
-	SuccessUrl string `json:"success_url"`
+	Quantity *int64 `json:"quantity,omitempty"`
+
+	// SavePaymentMethod Credit packs only: keep the card (Checkout with `setup_future_usage=off_session`); once the payment succeeds it becomes the customer's default payment method, for automatic top-up.
+	SavePaymentMethod *bool  `json:"save_payment_method,omitempty"`
+	SuccessUrl        string `json:"success_url"`
 }
 
 // ConsumeRequest defines model for ConsumeRequest.
@@ -669,6 +781,38 @@ type CreditPack struct {
 	Id                  string `json:"id"`
 	Name                string `json:"name"`
 }
+
+// CreditsAutoTopUpDisabledData defines model for CreditsAutoTopUpDisabledData.
+type CreditsAutoTopUpDisabledData struct {
+	CustomerId string `json:"customer_id"`
+	Reason     string `json:"reason"`
+}
+
+// CreditsAutoTopUpDisabledEvent Automatic top-up disabled itself after failing three times in a row; bring the user back on-session to fix the card, then enable it again.
+type CreditsAutoTopUpDisabledEvent struct {
+	Data CreditsAutoTopUpDisabledData      `json:"data"`
+	Type CreditsAutoTopUpDisabledEventType `json:"type"`
+}
+
+// CreditsAutoTopUpDisabledEventType defines model for CreditsAutoTopUpDisabledEvent.Type.
+type CreditsAutoTopUpDisabledEventType string
+
+// CreditsAutoTopUpFailedData defines model for CreditsAutoTopUpFailedData.
+type CreditsAutoTopUpFailedData struct {
+	ConsecutiveFailures int    `json:"consecutive_failures"`
+	CustomerId          string `json:"customer_id"`
+	PaymentId           string `json:"payment_id"`
+	Reason              string `json:"reason"`
+}
+
+// CreditsAutoTopUpFailedEvent An automatic top-up's off-session charge was refused (a decline, or authentication the buyer is not there to give).
+type CreditsAutoTopUpFailedEvent struct {
+	Data CreditsAutoTopUpFailedData      `json:"data"`
+	Type CreditsAutoTopUpFailedEventType `json:"type"`
+}
+
+// CreditsAutoTopUpFailedEventType defines model for CreditsAutoTopUpFailedEvent.Type.
+type CreditsAutoTopUpFailedEventType string
 
 // CreditsExpiredData defines model for CreditsExpiredData.
 type CreditsExpiredData struct {
@@ -790,10 +934,13 @@ type Customer struct {
 	LowBalanceThreshold *int64     `json:"low_balance_threshold,omitempty"`
 
 	// Metadata Up to 50 string values, keys up to 40 characters, values up to 500.
-	Metadata         Metadata  `json:"metadata"`
-	Name             *string   `json:"name,omitempty"`
-	StripeCustomerId *string   `json:"stripe_customer_id,omitempty"`
-	UpdatedAt        time.Time `json:"updated_at"`
+	Metadata Metadata `json:"metadata"`
+	Name     *string  `json:"name,omitempty"`
+
+	// PaymentMethod The default payment method Stripe confirmed (a setup Checkout, or a pack checkout with `save_payment_method`); null when none.
+	PaymentMethod    *SavedPaymentMethod `json:"payment_method,omitempty"`
+	StripeCustomerId *string             `json:"stripe_customer_id,omitempty"`
+	UpdatedAt        time.Time           `json:"updated_at"`
 }
 
 // CustomerCreatedEvent A customer was created, through the API or on first use (a checkout, a grant, a usage event).
@@ -1003,14 +1150,17 @@ type Payment struct {
 	// own account too (Stripe's request id, error code and message);
 	// an end-user token reads only what happened, e.g. `checkout
 	// session creation failed`. The same holds for transition reasons.
-	FailureReason   *string         `json:"failure_reason,omitempty"`
-	Id              string          `json:"id"`
-	InvoiceId       *string         `json:"invoice_id,omitempty"`
-	Item            string          `json:"item"`
-	ItemKind        PaymentItemKind `json:"item_kind"`
-	Livemode        bool            `json:"livemode"`
-	PaymentIntentId *string         `json:"payment_intent_id,omitempty"`
-	Quantity        int64           `json:"quantity"`
+	FailureReason *string         `json:"failure_reason,omitempty"`
+	Id            string          `json:"id"`
+	InvoiceId     *string         `json:"invoice_id,omitempty"`
+	Item          string          `json:"item"`
+	ItemKind      PaymentItemKind `json:"item_kind"`
+	Livemode      bool            `json:"livemode"`
+
+	// Method `checkout`: the buyer paid on a Checkout page; `auto_top_up`: tally charged the saved card off-session.
+	Method          *PaymentMethod `json:"method,omitempty"`
+	PaymentIntentId *string        `json:"payment_intent_id,omitempty"`
+	Quantity        int64          `json:"quantity"`
 
 	// ReceivedCurrency The currency of `amount_received` and of refunds: the buyer's when
 	// Stripe converted the price (Adaptive Pricing), else `currency`.
@@ -1035,6 +1185,9 @@ type Payment struct {
 
 // PaymentItemKind defines model for Payment.ItemKind.
 type PaymentItemKind string
+
+// PaymentMethod `checkout`: the buyer paid on a Checkout page; `auto_top_up`: tally charged the saved card off-session.
+type PaymentMethod string
 
 // PaymentDisputeLostData defines model for PaymentDisputeLostData.
 type PaymentDisputeLostData struct {
@@ -1133,6 +1286,19 @@ type PaymentFailedEvent struct {
 
 // PaymentFailedEventType defines model for PaymentFailedEvent.Type.
 type PaymentFailedEventType string
+
+// PaymentMethodSetup defines model for PaymentMethodSetup.
+type PaymentMethodSetup struct {
+	CheckoutSessionId string    `json:"checkout_session_id"`
+	ExpiresAt         time.Time `json:"expires_at"`
+	Url               string    `json:"url"`
+}
+
+// PaymentMethodSetupCreate defines model for PaymentMethodSetupCreate.
+type PaymentMethodSetupCreate struct {
+	CancelUrl  string `json:"cancel_url"`
+	SuccessUrl string `json:"success_url"`
+}
 
 // PaymentPage defines model for PaymentPage.
 type PaymentPage struct {
@@ -1343,6 +1509,14 @@ type RequeueResult struct {
 
 // RequeueSkipCode Why an event was not requeued.
 type RequeueSkipCode string
+
+// SavedPaymentMethod defines model for SavedPaymentMethod.
+type SavedPaymentMethod struct {
+	Brand    string `json:"brand"`
+	ExpMonth int    `json:"exp_month"`
+	ExpYear  int    `json:"exp_year"`
+	Last4    string `json:"last4"`
+}
 
 // StripeEvent defines model for StripeEvent.
 type StripeEvent struct {
@@ -1619,11 +1793,17 @@ type CreateCheckoutSessionJSONRequestBody = CheckoutSessionCreate
 // UpsertCustomerJSONRequestBody defines body for UpsertCustomer for application/json ContentType.
 type UpsertCustomerJSONRequestBody = CustomerUpsert
 
+// PutAutoTopUpJSONRequestBody defines body for PutAutoTopUp for application/json ContentType.
+type PutAutoTopUpJSONRequestBody = AutoTopUpSettings
+
 // ConsumeCreditsJSONRequestBody defines body for ConsumeCredits for application/json ContentType.
 type ConsumeCreditsJSONRequestBody = ConsumeRequest
 
 // GrantCreditsJSONRequestBody defines body for GrantCredits for application/json ContentType.
 type GrantCreditsJSONRequestBody = GrantRequest
+
+// CreatePaymentMethodSetupJSONRequestBody defines body for CreatePaymentMethodSetup for application/json ContentType.
+type CreatePaymentMethodSetupJSONRequestBody = PaymentMethodSetupCreate
 
 // IngestUsageEventsJSONRequestBody defines body for IngestUsageEvents for application/json ContentType.
 type IngestUsageEventsJSONRequestBody = UsageBatch
@@ -2132,6 +2312,78 @@ func (t *Event) MergeCreditsRevokedEvent(v CreditsRevokedEvent) error {
 	return err
 }
 
+// AsCreditsAutoTopUpFailedEvent returns the union data inside the Event as a CreditsAutoTopUpFailedEvent
+func (t Event) AsCreditsAutoTopUpFailedEvent() (CreditsAutoTopUpFailedEvent, error) {
+	var body CreditsAutoTopUpFailedEvent
+	err := json.Unmarshal(t.union, &body)
+	return body, err
+}
+
+// FromCreditsAutoTopUpFailedEvent overwrites any union data inside the Event as the provided CreditsAutoTopUpFailedEvent
+func (t *Event) FromCreditsAutoTopUpFailedEvent(v CreditsAutoTopUpFailedEvent) error {
+	t.Type = "credits.auto_top_up_failed"
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	b, err = runtime.JSONMerge(b, []byte(`{"type":"credits.auto_top_up_failed"}`))
+	t.union = b
+	return err
+}
+
+// MergeCreditsAutoTopUpFailedEvent performs a merge with any union data inside the Event, using the provided CreditsAutoTopUpFailedEvent
+func (t *Event) MergeCreditsAutoTopUpFailedEvent(v CreditsAutoTopUpFailedEvent) error {
+	t.Type = "credits.auto_top_up_failed"
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	b, err = runtime.JSONMerge(b, []byte(`{"type":"credits.auto_top_up_failed"}`))
+	if err != nil {
+		return err
+	}
+
+	merged, err := runtime.JSONMerge(t.union, b)
+	t.union = merged
+	return err
+}
+
+// AsCreditsAutoTopUpDisabledEvent returns the union data inside the Event as a CreditsAutoTopUpDisabledEvent
+func (t Event) AsCreditsAutoTopUpDisabledEvent() (CreditsAutoTopUpDisabledEvent, error) {
+	var body CreditsAutoTopUpDisabledEvent
+	err := json.Unmarshal(t.union, &body)
+	return body, err
+}
+
+// FromCreditsAutoTopUpDisabledEvent overwrites any union data inside the Event as the provided CreditsAutoTopUpDisabledEvent
+func (t *Event) FromCreditsAutoTopUpDisabledEvent(v CreditsAutoTopUpDisabledEvent) error {
+	t.Type = "credits.auto_top_up_disabled"
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	b, err = runtime.JSONMerge(b, []byte(`{"type":"credits.auto_top_up_disabled"}`))
+	t.union = b
+	return err
+}
+
+// MergeCreditsAutoTopUpDisabledEvent performs a merge with any union data inside the Event, using the provided CreditsAutoTopUpDisabledEvent
+func (t *Event) MergeCreditsAutoTopUpDisabledEvent(v CreditsAutoTopUpDisabledEvent) error {
+	t.Type = "credits.auto_top_up_disabled"
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	b, err = runtime.JSONMerge(b, []byte(`{"type":"credits.auto_top_up_disabled"}`))
+	if err != nil {
+		return err
+	}
+
+	merged, err := runtime.JSONMerge(t.union, b)
+	t.union = merged
+	return err
+}
+
 // AsUsageDeadEvent returns the union data inside the Event as a UsageDeadEvent
 func (t Event) AsUsageDeadEvent() (UsageDeadEvent, error) {
 	var body UsageDeadEvent
@@ -2182,6 +2434,10 @@ func (t Event) ValueByDiscriminator() (interface{}, error) {
 		return nil, err
 	}
 	switch discriminator {
+	case "credits.auto_top_up_disabled":
+		return t.AsCreditsAutoTopUpDisabledEvent()
+	case "credits.auto_top_up_failed":
+		return t.AsCreditsAutoTopUpFailedEvent()
 	case "credits.expired":
 		return t.AsCreditsExpiredEvent()
 	case "credits.expiring":
@@ -2549,6 +2805,47 @@ type ClientInterface interface {
 	// Corresponds with PUT /v1/customers/{customer_id} (the `UpsertCustomer` operationId).
 	UpsertCustomer(ctx context.Context, customerId CustomerID, body UpsertCustomerJSONRequestBody, reqEditors ...RequestEditorFn) (*http.Response, error)
 
+	// GetAutoTopUp Read automatic top-up settings and status
+	//
+	// Corresponds with GET /v1/customers/{customer_id}/auto-top-up (the `GetAutoTopUp` operationId).
+	GetAutoTopUp(ctx context.Context, customerId CustomerID, reqEditors ...RequestEditorFn) (*http.Response, error)
+
+	// PutAutoTopUpWithBody Configure automatic top-up
+	//
+	// When a change that lowers the balance (a consume, an expiry, a
+	// revoke) leaves fewer than `threshold` credits available, tally
+	// buys `quantity` × `item` (a credit pack) on the customer's saved
+	// card, off-session: one top-up at a time, at most `monthly_limit` a
+	// calendar month (UTC). The payment (`method: auto_top_up`) is
+	// credited only when Stripe confirms it. A refused card emits
+	// `credits.auto_top_up_failed`; after three failures in a row
+	// automatic top-up disables itself (`credits.auto_top_up_disabled`).
+	// Saving with `enabled: true` re-activates it and clears the failure
+	// count. Saving starts nothing by itself.
+	//
+	// Takes any type of body and a specified content type.
+	//
+	// Corresponds with PUT /v1/customers/{customer_id}/auto-top-up (the `PutAutoTopUp` operationId).
+	PutAutoTopUpWithBody(ctx context.Context, customerId CustomerID, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*http.Response, error)
+
+	// PutAutoTopUp Configure automatic top-up
+	//
+	// When a change that lowers the balance (a consume, an expiry, a
+	// revoke) leaves fewer than `threshold` credits available, tally
+	// buys `quantity` × `item` (a credit pack) on the customer's saved
+	// card, off-session: one top-up at a time, at most `monthly_limit` a
+	// calendar month (UTC). The payment (`method: auto_top_up`) is
+	// credited only when Stripe confirms it. A refused card emits
+	// `credits.auto_top_up_failed`; after three failures in a row
+	// automatic top-up disables itself (`credits.auto_top_up_disabled`).
+	// Saving with `enabled: true` re-activates it and clears the failure
+	// count. Saving starts nothing by itself.
+	//
+	// Takes a body of the `application/json` content type.
+	//
+	// Corresponds with PUT /v1/customers/{customer_id}/auto-top-up (the `PutAutoTopUp` operationId).
+	PutAutoTopUp(ctx context.Context, customerId CustomerID, body PutAutoTopUpJSONRequestBody, reqEditors ...RequestEditorFn) (*http.Response, error)
+
 	// GetBalance Spendable credits now, by grant
 	//
 	// Corresponds with GET /v1/customers/{customer_id}/balance (the `GetBalance` operationId).
@@ -2598,6 +2895,34 @@ type ClientInterface interface {
 	//
 	// Corresponds with GET /v1/customers/{customer_id}/credits/transactions (the `ListCreditTransactions` operationId).
 	ListCreditTransactions(ctx context.Context, customerId CustomerID, params *ListCreditTransactionsParams, reqEditors ...RequestEditorFn) (*http.Response, error)
+
+	// CreatePaymentMethodSetupWithBody Save a card for automatic top-up (Checkout in setup mode)
+	//
+	// Creates a Stripe Checkout Session in `setup` mode: the buyer enters a
+	// card, nothing is charged. When Stripe confirms it, the card becomes
+	// the customer's default payment method (shown on the customer as
+	// `payment_method`), which automatic top-up charges off-session. The
+	// customer is created on first use. Counts against the customer's
+	// checkout rate limit.
+	//
+	// Takes any type of body and a specified content type.
+	//
+	// Corresponds with POST /v1/customers/{customer_id}/payment-method-setups (the `CreatePaymentMethodSetup` operationId).
+	CreatePaymentMethodSetupWithBody(ctx context.Context, customerId CustomerID, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*http.Response, error)
+
+	// CreatePaymentMethodSetup Save a card for automatic top-up (Checkout in setup mode)
+	//
+	// Creates a Stripe Checkout Session in `setup` mode: the buyer enters a
+	// card, nothing is charged. When Stripe confirms it, the card becomes
+	// the customer's default payment method (shown on the customer as
+	// `payment_method`), which automatic top-up charges off-session. The
+	// customer is created on first use. Counts against the customer's
+	// checkout rate limit.
+	//
+	// Takes a body of the `application/json` content type.
+	//
+	// Corresponds with POST /v1/customers/{customer_id}/payment-method-setups (the `CreatePaymentMethodSetup` operationId).
+	CreatePaymentMethodSetup(ctx context.Context, customerId CustomerID, body CreatePaymentMethodSetupJSONRequestBody, reqEditors ...RequestEditorFn) (*http.Response, error)
 
 	// ListCustomerPayments A customer's payments, newest first
 	//
@@ -3033,6 +3358,77 @@ func (c *Client) UpsertCustomer(ctx context.Context, customerId CustomerID, body
 	return c.Client.Do(req)
 }
 
+// GetAutoTopUp Read automatic top-up settings and status
+//
+// Corresponds with GET /v1/customers/{customer_id}/auto-top-up (the `GetAutoTopUp` operationId).
+func (c *Client) GetAutoTopUp(ctx context.Context, customerId CustomerID, reqEditors ...RequestEditorFn) (*http.Response, error) {
+	req, err := NewGetAutoTopUpRequest(c.Server, customerId)
+	if err != nil {
+		return nil, err
+	}
+	req = req.WithContext(ctx)
+	if err := c.applyEditors(ctx, req, reqEditors); err != nil {
+		return nil, err
+	}
+	return c.Client.Do(req)
+}
+
+// PutAutoTopUpWithBody Configure automatic top-up
+//
+// When a change that lowers the balance (a consume, an expiry, a
+// revoke) leaves fewer than `threshold` credits available, tally
+// buys `quantity` × `item` (a credit pack) on the customer's saved
+// card, off-session: one top-up at a time, at most `monthly_limit` a
+// calendar month (UTC). The payment (`method: auto_top_up`) is
+// credited only when Stripe confirms it. A refused card emits
+// `credits.auto_top_up_failed`; after three failures in a row
+// automatic top-up disables itself (`credits.auto_top_up_disabled`).
+// Saving with `enabled: true` re-activates it and clears the failure
+// count. Saving starts nothing by itself.
+//
+// Takes any type of body and a specified content type.
+//
+// Corresponds with PUT /v1/customers/{customer_id}/auto-top-up (the `PutAutoTopUp` operationId).
+func (c *Client) PutAutoTopUpWithBody(ctx context.Context, customerId CustomerID, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*http.Response, error) {
+	req, err := NewPutAutoTopUpRequestWithBody(c.Server, customerId, contentType, body)
+	if err != nil {
+		return nil, err
+	}
+	req = req.WithContext(ctx)
+	if err := c.applyEditors(ctx, req, reqEditors); err != nil {
+		return nil, err
+	}
+	return c.Client.Do(req)
+}
+
+// PutAutoTopUp Configure automatic top-up
+//
+// When a change that lowers the balance (a consume, an expiry, a
+// revoke) leaves fewer than `threshold` credits available, tally
+// buys `quantity` × `item` (a credit pack) on the customer's saved
+// card, off-session: one top-up at a time, at most `monthly_limit` a
+// calendar month (UTC). The payment (`method: auto_top_up`) is
+// credited only when Stripe confirms it. A refused card emits
+// `credits.auto_top_up_failed`; after three failures in a row
+// automatic top-up disables itself (`credits.auto_top_up_disabled`).
+// Saving with `enabled: true` re-activates it and clears the failure
+// count. Saving starts nothing by itself.
+//
+// Takes a body of the `application/json` content type.
+//
+// Corresponds with PUT /v1/customers/{customer_id}/auto-top-up (the `PutAutoTopUp` operationId).
+func (c *Client) PutAutoTopUp(ctx context.Context, customerId CustomerID, body PutAutoTopUpJSONRequestBody, reqEditors ...RequestEditorFn) (*http.Response, error) {
+	req, err := NewPutAutoTopUpRequest(c.Server, customerId, body)
+	if err != nil {
+		return nil, err
+	}
+	req = req.WithContext(ctx)
+	if err := c.applyEditors(ctx, req, reqEditors); err != nil {
+		return nil, err
+	}
+	return c.Client.Do(req)
+}
+
 // GetBalance Spendable credits now, by grant
 //
 // Corresponds with GET /v1/customers/{customer_id}/balance (the `GetBalance` operationId).
@@ -3133,6 +3529,54 @@ func (c *Client) GrantCredits(ctx context.Context, customerId CustomerID, params
 // Corresponds with GET /v1/customers/{customer_id}/credits/transactions (the `ListCreditTransactions` operationId).
 func (c *Client) ListCreditTransactions(ctx context.Context, customerId CustomerID, params *ListCreditTransactionsParams, reqEditors ...RequestEditorFn) (*http.Response, error) {
 	req, err := NewListCreditTransactionsRequest(c.Server, customerId, params)
+	if err != nil {
+		return nil, err
+	}
+	req = req.WithContext(ctx)
+	if err := c.applyEditors(ctx, req, reqEditors); err != nil {
+		return nil, err
+	}
+	return c.Client.Do(req)
+}
+
+// CreatePaymentMethodSetupWithBody Save a card for automatic top-up (Checkout in setup mode)
+//
+// Creates a Stripe Checkout Session in `setup` mode: the buyer enters a
+// card, nothing is charged. When Stripe confirms it, the card becomes
+// the customer's default payment method (shown on the customer as
+// `payment_method`), which automatic top-up charges off-session. The
+// customer is created on first use. Counts against the customer's
+// checkout rate limit.
+//
+// Takes any type of body and a specified content type.
+//
+// Corresponds with POST /v1/customers/{customer_id}/payment-method-setups (the `CreatePaymentMethodSetup` operationId).
+func (c *Client) CreatePaymentMethodSetupWithBody(ctx context.Context, customerId CustomerID, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*http.Response, error) {
+	req, err := NewCreatePaymentMethodSetupRequestWithBody(c.Server, customerId, contentType, body)
+	if err != nil {
+		return nil, err
+	}
+	req = req.WithContext(ctx)
+	if err := c.applyEditors(ctx, req, reqEditors); err != nil {
+		return nil, err
+	}
+	return c.Client.Do(req)
+}
+
+// CreatePaymentMethodSetup Save a card for automatic top-up (Checkout in setup mode)
+//
+// Creates a Stripe Checkout Session in `setup` mode: the buyer enters a
+// card, nothing is charged. When Stripe confirms it, the card becomes
+// the customer's default payment method (shown on the customer as
+// `payment_method`), which automatic top-up charges off-session. The
+// customer is created on first use. Counts against the customer's
+// checkout rate limit.
+//
+// Takes a body of the `application/json` content type.
+//
+// Corresponds with POST /v1/customers/{customer_id}/payment-method-setups (the `CreatePaymentMethodSetup` operationId).
+func (c *Client) CreatePaymentMethodSetup(ctx context.Context, customerId CustomerID, body CreatePaymentMethodSetupJSONRequestBody, reqEditors ...RequestEditorFn) (*http.Response, error) {
+	req, err := NewCreatePaymentMethodSetupRequest(c.Server, customerId, body)
 	if err != nil {
 		return nil, err
 	}
@@ -3840,6 +4284,87 @@ func NewUpsertCustomerRequestWithBody(server string, customerId CustomerID, cont
 	return req, nil
 }
 
+// NewGetAutoTopUpRequest constructs an http.Request for the GetAutoTopUp method
+func NewGetAutoTopUpRequest(server string, customerId CustomerID) (*http.Request, error) {
+	var err error
+
+	var pathParam0 string
+
+	pathParam0, err = runtime.StyleParamWithOptions("simple", false, "customer_id", customerId, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationPath, Type: "string", Format: ""})
+	if err != nil {
+		return nil, err
+	}
+
+	serverURL, err := url.Parse(server)
+	if err != nil {
+		return nil, err
+	}
+
+	operationPath := fmt.Sprintf("/v1/customers/%s/auto-top-up", pathParam0)
+	if operationPath[0] == '/' {
+		operationPath = "." + operationPath
+	}
+
+	queryURL, err := serverURL.Parse(operationPath)
+	if err != nil {
+		return nil, err
+	}
+
+	req, err := http.NewRequest(http.MethodGet, queryURL.String(), nil)
+	if err != nil {
+		return nil, err
+	}
+
+	return req, nil
+}
+
+// NewPutAutoTopUpRequest calls the generic PutAutoTopUp builder with application/json body
+func NewPutAutoTopUpRequest(server string, customerId CustomerID, body PutAutoTopUpJSONRequestBody) (*http.Request, error) {
+	var bodyReader io.Reader
+	buf, err := json.Marshal(body)
+	if err != nil {
+		return nil, err
+	}
+	bodyReader = bytes.NewReader(buf)
+	return NewPutAutoTopUpRequestWithBody(server, customerId, "application/json", bodyReader)
+}
+
+// NewPutAutoTopUpRequestWithBody constructs an http.Request for the PutAutoTopUp method, with any body, and a specified content type
+func NewPutAutoTopUpRequestWithBody(server string, customerId CustomerID, contentType string, body io.Reader) (*http.Request, error) {
+	var err error
+
+	var pathParam0 string
+
+	pathParam0, err = runtime.StyleParamWithOptions("simple", false, "customer_id", customerId, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationPath, Type: "string", Format: ""})
+	if err != nil {
+		return nil, err
+	}
+
+	serverURL, err := url.Parse(server)
+	if err != nil {
+		return nil, err
+	}
+
+	operationPath := fmt.Sprintf("/v1/customers/%s/auto-top-up", pathParam0)
+	if operationPath[0] == '/' {
+		operationPath = "." + operationPath
+	}
+
+	queryURL, err := serverURL.Parse(operationPath)
+	if err != nil {
+		return nil, err
+	}
+
+	req, err := http.NewRequest(http.MethodPut, queryURL.String(), body)
+	if err != nil {
+		return nil, err
+	}
+
+	req.Header.Add("Content-Type", contentType)
+
+	return req, nil
+}
+
 // NewGetBalanceRequest constructs an http.Request for the GetBalance method
 func NewGetBalanceRequest(server string, customerId CustomerID) (*http.Request, error) {
 	var err error
@@ -4063,6 +4588,53 @@ func NewListCreditTransactionsRequest(server string, customerId CustomerID, para
 	if err != nil {
 		return nil, err
 	}
+
+	return req, nil
+}
+
+// NewCreatePaymentMethodSetupRequest calls the generic CreatePaymentMethodSetup builder with application/json body
+func NewCreatePaymentMethodSetupRequest(server string, customerId CustomerID, body CreatePaymentMethodSetupJSONRequestBody) (*http.Request, error) {
+	var bodyReader io.Reader
+	buf, err := json.Marshal(body)
+	if err != nil {
+		return nil, err
+	}
+	bodyReader = bytes.NewReader(buf)
+	return NewCreatePaymentMethodSetupRequestWithBody(server, customerId, "application/json", bodyReader)
+}
+
+// NewCreatePaymentMethodSetupRequestWithBody constructs an http.Request for the CreatePaymentMethodSetup method, with any body, and a specified content type
+func NewCreatePaymentMethodSetupRequestWithBody(server string, customerId CustomerID, contentType string, body io.Reader) (*http.Request, error) {
+	var err error
+
+	var pathParam0 string
+
+	pathParam0, err = runtime.StyleParamWithOptions("simple", false, "customer_id", customerId, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationPath, Type: "string", Format: ""})
+	if err != nil {
+		return nil, err
+	}
+
+	serverURL, err := url.Parse(server)
+	if err != nil {
+		return nil, err
+	}
+
+	operationPath := fmt.Sprintf("/v1/customers/%s/payment-method-setups", pathParam0)
+	if operationPath[0] == '/' {
+		operationPath = "." + operationPath
+	}
+
+	queryURL, err := serverURL.Parse(operationPath)
+	if err != nil {
+		return nil, err
+	}
+
+	req, err := http.NewRequest(http.MethodPost, queryURL.String(), body)
+	if err != nil {
+		return nil, err
+	}
+
+	req.Header.Add("Content-Type", contentType)
 
 	return req, nil
 }
@@ -4653,6 +5225,49 @@ type ClientWithResponsesInterface interface {
 	// Corresponds with PUT /v1/customers/{customer_id} (the `UpsertCustomer` operationId).
 	UpsertCustomerWithResponse(ctx context.Context, customerId CustomerID, body UpsertCustomerJSONRequestBody, reqEditors ...RequestEditorFn) (*UpsertCustomerResponse, error)
 
+	// GetAutoTopUpWithResponse Read automatic top-up settings and status
+	//
+	// Returns a wrapper object for the known response body format(s).
+	//
+	// Corresponds with GET /v1/customers/{customer_id}/auto-top-up (the `GetAutoTopUp` operationId).
+	GetAutoTopUpWithResponse(ctx context.Context, customerId CustomerID, reqEditors ...RequestEditorFn) (*GetAutoTopUpResponse, error)
+
+	// PutAutoTopUpWithBodyWithResponse Configure automatic top-up
+	//
+	// When a change that lowers the balance (a consume, an expiry, a
+	// revoke) leaves fewer than `threshold` credits available, tally
+	// buys `quantity` × `item` (a credit pack) on the customer's saved
+	// card, off-session: one top-up at a time, at most `monthly_limit` a
+	// calendar month (UTC). The payment (`method: auto_top_up`) is
+	// credited only when Stripe confirms it. A refused card emits
+	// `credits.auto_top_up_failed`; after three failures in a row
+	// automatic top-up disables itself (`credits.auto_top_up_disabled`).
+	// Saving with `enabled: true` re-activates it and clears the failure
+	// count. Saving starts nothing by itself.
+	//
+	// Takes any type of body and a specified content type, and returns a wrapper object for the known response body format(s).
+	//
+	// Corresponds with PUT /v1/customers/{customer_id}/auto-top-up (the `PutAutoTopUp` operationId).
+	PutAutoTopUpWithBodyWithResponse(ctx context.Context, customerId CustomerID, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*PutAutoTopUpResponse, error)
+
+	// PutAutoTopUpWithResponse Configure automatic top-up
+	//
+	// When a change that lowers the balance (a consume, an expiry, a
+	// revoke) leaves fewer than `threshold` credits available, tally
+	// buys `quantity` × `item` (a credit pack) on the customer's saved
+	// card, off-session: one top-up at a time, at most `monthly_limit` a
+	// calendar month (UTC). The payment (`method: auto_top_up`) is
+	// credited only when Stripe confirms it. A refused card emits
+	// `credits.auto_top_up_failed`; after three failures in a row
+	// automatic top-up disables itself (`credits.auto_top_up_disabled`).
+	// Saving with `enabled: true` re-activates it and clears the failure
+	// count. Saving starts nothing by itself.
+	//
+	// Takes a body of the `application/json` content type, and returns a wrapper object for the known response body format(s).
+	//
+	// Corresponds with PUT /v1/customers/{customer_id}/auto-top-up (the `PutAutoTopUp` operationId).
+	PutAutoTopUpWithResponse(ctx context.Context, customerId CustomerID, body PutAutoTopUpJSONRequestBody, reqEditors ...RequestEditorFn) (*PutAutoTopUpResponse, error)
+
 	// GetBalanceWithResponse Spendable credits now, by grant
 	//
 	// Returns a wrapper object for the known response body format(s).
@@ -4706,6 +5321,34 @@ type ClientWithResponsesInterface interface {
 	//
 	// Corresponds with GET /v1/customers/{customer_id}/credits/transactions (the `ListCreditTransactions` operationId).
 	ListCreditTransactionsWithResponse(ctx context.Context, customerId CustomerID, params *ListCreditTransactionsParams, reqEditors ...RequestEditorFn) (*ListCreditTransactionsResponse, error)
+
+	// CreatePaymentMethodSetupWithBodyWithResponse Save a card for automatic top-up (Checkout in setup mode)
+	//
+	// Creates a Stripe Checkout Session in `setup` mode: the buyer enters a
+	// card, nothing is charged. When Stripe confirms it, the card becomes
+	// the customer's default payment method (shown on the customer as
+	// `payment_method`), which automatic top-up charges off-session. The
+	// customer is created on first use. Counts against the customer's
+	// checkout rate limit.
+	//
+	// Takes any type of body and a specified content type, and returns a wrapper object for the known response body format(s).
+	//
+	// Corresponds with POST /v1/customers/{customer_id}/payment-method-setups (the `CreatePaymentMethodSetup` operationId).
+	CreatePaymentMethodSetupWithBodyWithResponse(ctx context.Context, customerId CustomerID, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*CreatePaymentMethodSetupResponse, error)
+
+	// CreatePaymentMethodSetupWithResponse Save a card for automatic top-up (Checkout in setup mode)
+	//
+	// Creates a Stripe Checkout Session in `setup` mode: the buyer enters a
+	// card, nothing is charged. When Stripe confirms it, the card becomes
+	// the customer's default payment method (shown on the customer as
+	// `payment_method`), which automatic top-up charges off-session. The
+	// customer is created on first use. Counts against the customer's
+	// checkout rate limit.
+	//
+	// Takes a body of the `application/json` content type, and returns a wrapper object for the known response body format(s).
+	//
+	// Corresponds with POST /v1/customers/{customer_id}/payment-method-setups (the `CreatePaymentMethodSetup` operationId).
+	CreatePaymentMethodSetupWithResponse(ctx context.Context, customerId CustomerID, body CreatePaymentMethodSetupJSONRequestBody, reqEditors ...RequestEditorFn) (*CreatePaymentMethodSetupResponse, error)
 
 	// ListCustomerPaymentsWithResponse A customer's payments, newest first
 	//
@@ -5505,6 +6148,116 @@ func (r UpsertCustomerResponse) ContentType() string {
 	return ""
 }
 
+// GetAutoTopUpResponseDefaultHeaders the declared response headers of an HTTP default response for GetAutoTopUp
+type GetAutoTopUpResponseDefaultHeaders struct {
+	RetryAfter *int
+}
+
+type GetAutoTopUpResponse struct {
+	Body         []byte
+	HTTPResponse *http.Response
+	// JSON200 the response for an HTTP 200 `application/json` response
+	JSON200 *AutoTopUp
+	// ApplicationproblemJSONDefault the response for an HTTP default `application/problem+json` response
+	ApplicationproblemJSONDefault *Problem
+	// HeadersDefault the parsed response headers for an HTTP default response
+	HeadersDefault *GetAutoTopUpResponseDefaultHeaders
+}
+
+// GetJSON200 returns the response for an HTTP 200 `application/json` response
+func (r GetAutoTopUpResponse) GetJSON200() *AutoTopUp {
+	return r.JSON200
+}
+
+// GetApplicationproblemJSONDefault returns the response for an HTTP default `application/problem+json` response
+func (r GetAutoTopUpResponse) GetApplicationproblemJSONDefault() *Problem {
+	return r.ApplicationproblemJSONDefault
+}
+
+// GetBody returns the raw response body bytes
+func (r GetAutoTopUpResponse) GetBody() []byte {
+	return r.Body
+}
+
+// Status returns HTTPResponse.Status
+func (r GetAutoTopUpResponse) Status() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Status
+	}
+	return http.StatusText(0)
+}
+
+// StatusCode returns HTTPResponse.StatusCode
+func (r GetAutoTopUpResponse) StatusCode() int {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.StatusCode
+	}
+	return 0
+}
+
+// ContentType is a convenience method to retrieve the Content-Type value from the HTTP response headers
+func (r GetAutoTopUpResponse) ContentType() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Header.Get("Content-Type")
+	}
+	return ""
+}
+
+// PutAutoTopUpResponseDefaultHeaders the declared response headers of an HTTP default response for PutAutoTopUp
+type PutAutoTopUpResponseDefaultHeaders struct {
+	RetryAfter *int
+}
+
+type PutAutoTopUpResponse struct {
+	Body         []byte
+	HTTPResponse *http.Response
+	// JSON200 the response for an HTTP 200 `application/json` response
+	JSON200 *AutoTopUp
+	// ApplicationproblemJSONDefault the response for an HTTP default `application/problem+json` response
+	ApplicationproblemJSONDefault *Problem
+	// HeadersDefault the parsed response headers for an HTTP default response
+	HeadersDefault *PutAutoTopUpResponseDefaultHeaders
+}
+
+// GetJSON200 returns the response for an HTTP 200 `application/json` response
+func (r PutAutoTopUpResponse) GetJSON200() *AutoTopUp {
+	return r.JSON200
+}
+
+// GetApplicationproblemJSONDefault returns the response for an HTTP default `application/problem+json` response
+func (r PutAutoTopUpResponse) GetApplicationproblemJSONDefault() *Problem {
+	return r.ApplicationproblemJSONDefault
+}
+
+// GetBody returns the raw response body bytes
+func (r PutAutoTopUpResponse) GetBody() []byte {
+	return r.Body
+}
+
+// Status returns HTTPResponse.Status
+func (r PutAutoTopUpResponse) Status() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Status
+	}
+	return http.StatusText(0)
+}
+
+// StatusCode returns HTTPResponse.StatusCode
+func (r PutAutoTopUpResponse) StatusCode() int {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.StatusCode
+	}
+	return 0
+}
+
+// ContentType is a convenience method to retrieve the Content-Type value from the HTTP response headers
+func (r PutAutoTopUpResponse) ContentType() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Header.Get("Content-Type")
+	}
+	return ""
+}
+
 // GetBalanceResponseDefaultHeaders the declared response headers of an HTTP default response for GetBalance
 type GetBalanceResponseDefaultHeaders struct {
 	RetryAfter *int
@@ -5740,6 +6493,61 @@ func (r ListCreditTransactionsResponse) StatusCode() int {
 
 // ContentType is a convenience method to retrieve the Content-Type value from the HTTP response headers
 func (r ListCreditTransactionsResponse) ContentType() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Header.Get("Content-Type")
+	}
+	return ""
+}
+
+// CreatePaymentMethodSetupResponseDefaultHeaders the declared response headers of an HTTP default response for CreatePaymentMethodSetup
+type CreatePaymentMethodSetupResponseDefaultHeaders struct {
+	RetryAfter *int
+}
+
+type CreatePaymentMethodSetupResponse struct {
+	Body         []byte
+	HTTPResponse *http.Response
+	// JSON201 the response for an HTTP 201 `application/json` response
+	JSON201 *PaymentMethodSetup
+	// ApplicationproblemJSONDefault the response for an HTTP default `application/problem+json` response
+	ApplicationproblemJSONDefault *Problem
+	// HeadersDefault the parsed response headers for an HTTP default response
+	HeadersDefault *CreatePaymentMethodSetupResponseDefaultHeaders
+}
+
+// GetJSON201 returns the response for an HTTP 201 `application/json` response
+func (r CreatePaymentMethodSetupResponse) GetJSON201() *PaymentMethodSetup {
+	return r.JSON201
+}
+
+// GetApplicationproblemJSONDefault returns the response for an HTTP default `application/problem+json` response
+func (r CreatePaymentMethodSetupResponse) GetApplicationproblemJSONDefault() *Problem {
+	return r.ApplicationproblemJSONDefault
+}
+
+// GetBody returns the raw response body bytes
+func (r CreatePaymentMethodSetupResponse) GetBody() []byte {
+	return r.Body
+}
+
+// Status returns HTTPResponse.Status
+func (r CreatePaymentMethodSetupResponse) Status() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Status
+	}
+	return http.StatusText(0)
+}
+
+// StatusCode returns HTTPResponse.StatusCode
+func (r CreatePaymentMethodSetupResponse) StatusCode() int {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.StatusCode
+	}
+	return 0
+}
+
+// ContentType is a convenience method to retrieve the Content-Type value from the HTTP response headers
+func (r CreatePaymentMethodSetupResponse) ContentType() string {
 	if r.HTTPResponse != nil {
 		return r.HTTPResponse.Header.Get("Content-Type")
 	}
@@ -6380,6 +7188,67 @@ func (c *ClientWithResponses) UpsertCustomerWithResponse(ctx context.Context, cu
 	return ParseUpsertCustomerResponse(rsp)
 }
 
+// GetAutoTopUpWithResponse Read automatic top-up settings and status
+//
+// Returns a wrapper object for the known response body format(s).
+//
+// Corresponds with GET /v1/customers/{customer_id}/auto-top-up (the `GetAutoTopUp` operationId).
+func (c *ClientWithResponses) GetAutoTopUpWithResponse(ctx context.Context, customerId CustomerID, reqEditors ...RequestEditorFn) (*GetAutoTopUpResponse, error) {
+	rsp, err := c.GetAutoTopUp(ctx, customerId, reqEditors...)
+	if err != nil {
+		return nil, err
+	}
+	return ParseGetAutoTopUpResponse(rsp)
+}
+
+// PutAutoTopUpWithBodyWithResponse Configure automatic top-up
+//
+// When a change that lowers the balance (a consume, an expiry, a
+// revoke) leaves fewer than `threshold` credits available, tally
+// buys `quantity` × `item` (a credit pack) on the customer's saved
+// card, off-session: one top-up at a time, at most `monthly_limit` a
+// calendar month (UTC). The payment (`method: auto_top_up`) is
+// credited only when Stripe confirms it. A refused card emits
+// `credits.auto_top_up_failed`; after three failures in a row
+// automatic top-up disables itself (`credits.auto_top_up_disabled`).
+// Saving with `enabled: true` re-activates it and clears the failure
+// count. Saving starts nothing by itself.
+//
+// Takes any type of body and a specified content type, and returns a wrapper object for the known response body format(s).
+//
+// Corresponds with PUT /v1/customers/{customer_id}/auto-top-up (the `PutAutoTopUp` operationId).
+func (c *ClientWithResponses) PutAutoTopUpWithBodyWithResponse(ctx context.Context, customerId CustomerID, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*PutAutoTopUpResponse, error) {
+	rsp, err := c.PutAutoTopUpWithBody(ctx, customerId, contentType, body, reqEditors...)
+	if err != nil {
+		return nil, err
+	}
+	return ParsePutAutoTopUpResponse(rsp)
+}
+
+// PutAutoTopUpWithResponse Configure automatic top-up
+//
+// When a change that lowers the balance (a consume, an expiry, a
+// revoke) leaves fewer than `threshold` credits available, tally
+// buys `quantity` × `item` (a credit pack) on the customer's saved
+// card, off-session: one top-up at a time, at most `monthly_limit` a
+// calendar month (UTC). The payment (`method: auto_top_up`) is
+// credited only when Stripe confirms it. A refused card emits
+// `credits.auto_top_up_failed`; after three failures in a row
+// automatic top-up disables itself (`credits.auto_top_up_disabled`).
+// Saving with `enabled: true` re-activates it and clears the failure
+// count. Saving starts nothing by itself.
+//
+// Takes a body of the `application/json` content type, and returns a wrapper object for the known response body format(s).
+//
+// Corresponds with PUT /v1/customers/{customer_id}/auto-top-up (the `PutAutoTopUp` operationId).
+func (c *ClientWithResponses) PutAutoTopUpWithResponse(ctx context.Context, customerId CustomerID, body PutAutoTopUpJSONRequestBody, reqEditors ...RequestEditorFn) (*PutAutoTopUpResponse, error) {
+	rsp, err := c.PutAutoTopUp(ctx, customerId, body, reqEditors...)
+	if err != nil {
+		return nil, err
+	}
+	return ParsePutAutoTopUpResponse(rsp)
+}
+
 // GetBalanceWithResponse Spendable credits now, by grant
 //
 // Returns a wrapper object for the known response body format(s).
@@ -6468,6 +7337,46 @@ func (c *ClientWithResponses) ListCreditTransactionsWithResponse(ctx context.Con
 		return nil, err
 	}
 	return ParseListCreditTransactionsResponse(rsp)
+}
+
+// CreatePaymentMethodSetupWithBodyWithResponse Save a card for automatic top-up (Checkout in setup mode)
+//
+// Creates a Stripe Checkout Session in `setup` mode: the buyer enters a
+// card, nothing is charged. When Stripe confirms it, the card becomes
+// the customer's default payment method (shown on the customer as
+// `payment_method`), which automatic top-up charges off-session. The
+// customer is created on first use. Counts against the customer's
+// checkout rate limit.
+//
+// Takes any type of body and a specified content type, and returns a wrapper object for the known response body format(s).
+//
+// Corresponds with POST /v1/customers/{customer_id}/payment-method-setups (the `CreatePaymentMethodSetup` operationId).
+func (c *ClientWithResponses) CreatePaymentMethodSetupWithBodyWithResponse(ctx context.Context, customerId CustomerID, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*CreatePaymentMethodSetupResponse, error) {
+	rsp, err := c.CreatePaymentMethodSetupWithBody(ctx, customerId, contentType, body, reqEditors...)
+	if err != nil {
+		return nil, err
+	}
+	return ParseCreatePaymentMethodSetupResponse(rsp)
+}
+
+// CreatePaymentMethodSetupWithResponse Save a card for automatic top-up (Checkout in setup mode)
+//
+// Creates a Stripe Checkout Session in `setup` mode: the buyer enters a
+// card, nothing is charged. When Stripe confirms it, the card becomes
+// the customer's default payment method (shown on the customer as
+// `payment_method`), which automatic top-up charges off-session. The
+// customer is created on first use. Counts against the customer's
+// checkout rate limit.
+//
+// Takes a body of the `application/json` content type, and returns a wrapper object for the known response body format(s).
+//
+// Corresponds with POST /v1/customers/{customer_id}/payment-method-setups (the `CreatePaymentMethodSetup` operationId).
+func (c *ClientWithResponses) CreatePaymentMethodSetupWithResponse(ctx context.Context, customerId CustomerID, body CreatePaymentMethodSetupJSONRequestBody, reqEditors ...RequestEditorFn) (*CreatePaymentMethodSetupResponse, error) {
+	rsp, err := c.CreatePaymentMethodSetup(ctx, customerId, body, reqEditors...)
+	if err != nil {
+		return nil, err
+	}
+	return ParseCreatePaymentMethodSetupResponse(rsp)
 }
 
 // ListCustomerPaymentsWithResponse A customer's payments, newest first
@@ -7183,6 +8092,98 @@ func ParseUpsertCustomerResponse(rsp *http.Response) (*UpsertCustomerResponse, e
 	return response, nil
 }
 
+// ParseGetAutoTopUpResponse parses an HTTP response from a GetAutoTopUpWithResponse call
+func ParseGetAutoTopUpResponse(rsp *http.Response) (*GetAutoTopUpResponse, error) {
+	bodyBytes, err := io.ReadAll(rsp.Body)
+	defer func() { _ = rsp.Body.Close() }()
+	if err != nil {
+		return nil, err
+	}
+
+	response := &GetAutoTopUpResponse{
+		Body:         bodyBytes,
+		HTTPResponse: rsp,
+	}
+
+	switch {
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 200:
+		var dest AutoTopUp
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON200 = &dest
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && true:
+		var dest Problem
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.ApplicationproblemJSONDefault = &dest
+
+	}
+
+	switch {
+	case true:
+		var headers GetAutoTopUpResponseDefaultHeaders
+		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
+			var value int
+			if err := runtime.BindStyledParameterWithOptions("simple", "Retry-After", values[0], &value, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "integer", Format: ""}); err != nil {
+				return nil, err
+			}
+			headers.RetryAfter = &value
+		}
+		response.HeadersDefault = &headers
+	}
+
+	return response, nil
+}
+
+// ParsePutAutoTopUpResponse parses an HTTP response from a PutAutoTopUpWithResponse call
+func ParsePutAutoTopUpResponse(rsp *http.Response) (*PutAutoTopUpResponse, error) {
+	bodyBytes, err := io.ReadAll(rsp.Body)
+	defer func() { _ = rsp.Body.Close() }()
+	if err != nil {
+		return nil, err
+	}
+
+	response := &PutAutoTopUpResponse{
+		Body:         bodyBytes,
+		HTTPResponse: rsp,
+	}
+
+	switch {
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 200:
+		var dest AutoTopUp
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON200 = &dest
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && true:
+		var dest Problem
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.ApplicationproblemJSONDefault = &dest
+
+	}
+
+	switch {
+	case true:
+		var headers PutAutoTopUpResponseDefaultHeaders
+		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
+			var value int
+			if err := runtime.BindStyledParameterWithOptions("simple", "Retry-After", values[0], &value, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "integer", Format: ""}); err != nil {
+				return nil, err
+			}
+			headers.RetryAfter = &value
+		}
+		response.HeadersDefault = &headers
+	}
+
+	return response, nil
+}
+
 // ParseGetBalanceResponse parses an HTTP response from a GetBalanceWithResponse call
 func ParseGetBalanceResponse(rsp *http.Response) (*GetBalanceResponse, error) {
 	bodyBytes, err := io.ReadAll(rsp.Body)
@@ -7381,6 +8382,52 @@ func ParseListCreditTransactionsResponse(rsp *http.Response) (*ListCreditTransac
 	switch {
 	case true:
 		var headers ListCreditTransactionsResponseDefaultHeaders
+		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
+			var value int
+			if err := runtime.BindStyledParameterWithOptions("simple", "Retry-After", values[0], &value, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "integer", Format: ""}); err != nil {
+				return nil, err
+			}
+			headers.RetryAfter = &value
+		}
+		response.HeadersDefault = &headers
+	}
+
+	return response, nil
+}
+
+// ParseCreatePaymentMethodSetupResponse parses an HTTP response from a CreatePaymentMethodSetupWithResponse call
+func ParseCreatePaymentMethodSetupResponse(rsp *http.Response) (*CreatePaymentMethodSetupResponse, error) {
+	bodyBytes, err := io.ReadAll(rsp.Body)
+	defer func() { _ = rsp.Body.Close() }()
+	if err != nil {
+		return nil, err
+	}
+
+	response := &CreatePaymentMethodSetupResponse{
+		Body:         bodyBytes,
+		HTTPResponse: rsp,
+	}
+
+	switch {
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 201:
+		var dest PaymentMethodSetup
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON201 = &dest
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && true:
+		var dest Problem
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.ApplicationproblemJSONDefault = &dest
+
+	}
+
+	switch {
+	case true:
+		var headers CreatePaymentMethodSetupResponseDefaultHeaders
 		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
 			var value int
 			if err := runtime.BindStyledParameterWithOptions("simple", "Retry-After", values[0], &value, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "integer", Format: ""}); err != nil {
