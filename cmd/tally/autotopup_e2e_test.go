@@ -282,6 +282,18 @@ func TestAutoTopUpCrashBetweenChargeAndRecordChargesOnce(t *testing.T) {
 
 	fake.DropAnswers(func(*http.Request) bool { return false })
 	s = startServer(t, env)
+	waitFor(t, "the worker to record the PaymentIntent", func() bool { return getPayment(t, s, tops[0].Id).PaymentIntentId != nil })
+	if status, lastErr := eventStatus(t, openDB(t, s), succeeded.ID); status == "parked" {
+		t.Fatalf("the success event was parked: %s", lastErr)
+	}
+	var row struct {
+		Status        string
+		Attempts      int
+		LastError     *string
+		NextAttemptAt *time.Time
+	}
+	openDB(t, s).Raw(`SELECT status, attempts, last_error, next_attempt_at FROM stripe_events WHERE id = ?`, succeeded.ID).Scan(&row)
+	t.Logf("event %+v %s now %s", row, strOrEmpty(row.LastError), time.Now())
 	waitPayment(t, s, tops[0].Id, client.PaymentStatusSucceeded)
 	waitFor(t, "the credits", func() bool { return balanceOf(t, openDB(t, s), "crash") == 400+starterCredits })
 	if n := len(fake.Sandbox().Objects("payment_intent")); n != 1 {

@@ -152,6 +152,7 @@ func New(ctx context.Context, opts Options) (*App, error) {
 		Registry: reg, Logger: logger, Now: now,
 	})
 	a.workers = append(a.workers, stripehook.NewWorker(stripeHook))
+	paymentsSvc.OnChargeRecorded(stripeHook.WakeWaiting)
 
 	// Every change that lowers a customer's credits may start its automatic
 	// top-up, in the change's own transaction (payments writes the payment).

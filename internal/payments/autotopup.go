@@ -328,11 +328,12 @@ func (s *Service) autoTopUpFailed(ctx context.Context, tx *gorm.DB, p Payment, r
 // (tally created it, off-session, on the saved card), and it must have
 // collected the payment's amount in its currency. A success that arrives
 // before the worker recorded its PaymentIntent (the worker died between
-// Stripe's answer and its commit) is an error to retry, not a refusal:
-// the worker's retry records it, under the same idempotency key.
+// Stripe's answer and its commit) waits, not counted against the retry
+// budget: the worker's retry records it, under the same idempotency key,
+// and then wakes the event (see OnChargeRecorded).
 func checkOffSession(p Payment, c confirmation) error {
 	if p.PaymentIntentID == "" {
-		return fmt.Errorf("payments: automatic top-up %s has not recorded its PaymentIntent yet; %s is retried", p.ID, c.paymentIntentID)
+		return waiting(c.paymentIntentID, "automatic top-up %s has not recorded its PaymentIntent %s yet", p.ID, c.paymentIntentID)
 	}
 	if p.PaymentIntentID != c.paymentIntentID {
 		return reject("PaymentIntent %s is not the one tally created for automatic top-up %s (%s)", c.paymentIntentID, p.ID, p.PaymentIntentID)

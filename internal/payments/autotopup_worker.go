@@ -99,6 +99,7 @@ func (s *Service) ChargeDueAutoTopUps(ctx context.Context) (int, error) {
 // top-up); any other error leaves it pending for the next round.
 func (s *Service) chargeAutoTopUp(ctx context.Context, id string) (bool, error) {
 	done := false
+	recorded := ""
 	err := db.InTx(ctx, s.db, func(tx *gorm.DB) error {
 		var r paymentRow
 		err := tx.WithContext(ctx).Clauses(clause.Locking{Strength: "UPDATE", Options: "SKIP LOCKED"}).
@@ -143,7 +144,19 @@ func (s *Service) chargeAutoTopUp(ctx context.Context, id string) (bool, error) 
 			done = false
 			return err
 		}
+		recorded = pi.ID
 		return s.applyLinks(ctx, tx, p, map[string]string{"payment_intent_id": pi.ID, "stripe_customer_id": card.StripeCustomerID})
 	})
+	if err == nil && recorded != "" && s.chargeRecorded != nil {
+		s.chargeRecorded(ctx, recorded)
+	}
 	return done, err
+}
+
+// OnChargeRecorded sets what runs once the worker recorded an automatic
+// top-up's PaymentIntent: the app wakes the Stripe events waiting for it
+// (a success that overtook the record), rather than leaving them to their
+// backoff. Call it before the workers start.
+func (s *Service) OnChargeRecorded(f func(ctx context.Context, paymentIntentID string)) {
+	s.chargeRecorded = f
 }

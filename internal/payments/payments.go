@@ -201,6 +201,7 @@ type Service struct {
 	reservationLease time.Duration
 	revokeFrom       string
 	topUpMaxFailures int
+	chargeRecorded   func(ctx context.Context, paymentIntentID string)
 }
 
 // New builds the Service. Config and RevokeFrom come from config, which
