@@ -20,6 +20,7 @@ import (
 	"github.com/getkin/kin-openapi/openapi3"
 	"github.com/labstack/echo/v4"
 	"github.com/oapi-codegen/runtime"
+	openapi_types "github.com/oapi-codegen/runtime/types"
 )
 
 // Defines values for AutoTopUpStatus.
@@ -73,6 +74,21 @@ func (e CreditsAutoTopUpFailedEventType) Valid() bool {
 	}
 }
 
+// Defines values for CreditsDepletionForecastEventType.
+const (
+	CreditsDepletionForecast CreditsDepletionForecastEventType = "credits.depletion_forecast"
+)
+
+// Valid indicates whether the value is a known member of the CreditsDepletionForecastEventType enum.
+func (e CreditsDepletionForecastEventType) Valid() bool {
+	switch e {
+	case CreditsDepletionForecast:
+		return true
+	default:
+		return false
+	}
+}
+
 // Defines values for CreditsExpiredEventType.
 const (
 	CreditsExpired CreditsExpiredEventType = "credits.expired"
@@ -97,6 +113,30 @@ const (
 func (e CreditsExpiringEventType) Valid() bool {
 	switch e {
 	case CreditsExpiring:
+		return true
+	default:
+		return false
+	}
+}
+
+// Defines values for CreditsForecastModel.
+const (
+	EtsWeeklyLinear CreditsForecastModel = "ets_weekly_linear"
+	EtsWeeklyLog    CreditsForecastModel = "ets_weekly_log"
+	NoConsumption   CreditsForecastModel = "no_consumption"
+	ShortHistory    CreditsForecastModel = "short_history"
+)
+
+// Valid indicates whether the value is a known member of the CreditsForecastModel enum.
+func (e CreditsForecastModel) Valid() bool {
+	switch e {
+	case EtsWeeklyLinear:
+		return true
+	case EtsWeeklyLog:
+		return true
+	case NoConsumption:
+		return true
+	case ShortHistory:
 		return true
 	default:
 		return false
@@ -800,6 +840,24 @@ type CreditsAutoTopUpFailedEvent struct {
 // CreditsAutoTopUpFailedEventType defines model for CreditsAutoTopUpFailedEvent.Type.
 type CreditsAutoTopUpFailedEventType string
 
+// CreditsDepletionForecastData defines model for CreditsDepletionForecastData.
+type CreditsDepletionForecastData struct {
+	Available  int64              `json:"available"`
+	CustomerId string             `json:"customer_id"`
+	DepletesOn openapi_types.Date `json:"depletes_on"`
+	RunwayDays int                `json:"runway_days"`
+	WarnDays   int                `json:"warn_days"`
+}
+
+// CreditsDepletionForecastEvent At the pessimistic pace of its forecast, the customer's available credits run out within `TALLY_FORECAST_WARN_DAYS` days; sent once when the runway first drops under it, again only after it rose back above.
+type CreditsDepletionForecastEvent struct {
+	Data CreditsDepletionForecastData      `json:"data"`
+	Type CreditsDepletionForecastEventType `json:"type"`
+}
+
+// CreditsDepletionForecastEventType defines model for CreditsDepletionForecastEvent.Type.
+type CreditsDepletionForecastEventType string
+
 // CreditsExpiredData defines model for CreditsExpiredData.
 type CreditsExpiredData struct {
 	Amount        int64     `json:"amount"`
@@ -835,6 +893,26 @@ type CreditsExpiringEvent struct {
 
 // CreditsExpiringEventType defines model for CreditsExpiringEvent.Type.
 type CreditsExpiringEventType string
+
+// CreditsForecast defines model for CreditsForecast.
+type CreditsForecast struct {
+	Available   int64                `json:"available"`
+	Balance     int64                `json:"balance"`
+	CustomerId  CustomerID           `json:"customer_id"`
+	Daily       []ForecastDay        `json:"daily"`
+	DepletesOn  ForecastDepletesOn   `json:"depletes_on"`
+	GeneratedAt time.Time            `json:"generated_at"`
+	HistoryDays int                  `json:"history_days"`
+	HorizonDays int                  `json:"horizon_days"`
+	Model       CreditsForecastModel `json:"model"`
+	RunwayDays  ForecastRunway       `json:"runway_days"`
+
+	// Suggestion The pack to buy; null when the available credits cover the pessimistic consumption of the next 30 days.
+	Suggestion *ForecastSuggestion `json:"suggestion"`
+}
+
+// CreditsForecastModel defines model for CreditsForecast.Model.
+type CreditsForecastModel string
 
 // CreditsGrantedData defines model for CreditsGrantedData.
 type CreditsGrantedData struct {
@@ -1009,6 +1087,44 @@ type FieldError struct {
 
 	// Pointer JSON pointer (RFC 6901) into the request body, or the name of a parameter.
 	Pointer string `json:"pointer"`
+}
+
+// ForecastDay defines model for ForecastDay.
+type ForecastDay struct {
+	Date openapi_types.Date `json:"date"`
+
+	// Expected Mean consumption of the day.
+	Expected float64 `json:"expected"`
+
+	// High 90% quantile.
+	High float64 `json:"high"`
+
+	// Low 10% quantile: with high, an 80% interval.
+	Low float64 `json:"low"`
+}
+
+// ForecastDepletesOn defines model for ForecastDepletesOn.
+type ForecastDepletesOn struct {
+	Expected    *openapi_types.Date `json:"expected"`
+	Pessimistic *openapi_types.Date `json:"pessimistic"`
+}
+
+// ForecastRunway defines model for ForecastRunway.
+type ForecastRunway struct {
+	// Expected Days covered in full from today at the expected pace; null beyond the horizon.
+	Expected *int `json:"expected"`
+
+	// Pessimistic The same at the pessimistic pace (the 90% bound of the consumption so far).
+	Pessimistic *int `json:"pessimistic"`
+}
+
+// ForecastSuggestion defines model for ForecastSuggestion.
+type ForecastSuggestion struct {
+	// CoversDays Days the available credits plus the suggested ones last at the pessimistic pace; null beyond the forecast.
+	CoversDays *int   `json:"covers_days"`
+	Item       string `json:"item"`
+	Quantity   int64  `json:"quantity"`
+	Reason     string `json:"reason"`
 }
 
 // GrantRequest defines model for GrantRequest.
@@ -1714,6 +1830,11 @@ type ConsumeCreditsParams struct {
 	IdempotencyKey IdempotencyKey `json:"Idempotency-Key"`
 }
 
+// GetCreditsForecastParams defines parameters for GetCreditsForecast.
+type GetCreditsForecastParams struct {
+	HorizonDays *int `form:"horizon_days,omitempty" json:"horizon_days,omitempty"`
+}
+
 // GrantCreditsParams defines parameters for GrantCredits.
 type GrantCreditsParams struct {
 	IdempotencyKey IdempotencyKey `json:"Idempotency-Key"`
@@ -2361,6 +2482,42 @@ func (t *Event) MergeCreditsAutoTopUpDisabledEvent(v CreditsAutoTopUpDisabledEve
 	return err
 }
 
+// AsCreditsDepletionForecastEvent returns the union data inside the Event as a CreditsDepletionForecastEvent
+func (t Event) AsCreditsDepletionForecastEvent() (CreditsDepletionForecastEvent, error) {
+	var body CreditsDepletionForecastEvent
+	err := json.Unmarshal(t.union, &body)
+	return body, err
+}
+
+// FromCreditsDepletionForecastEvent overwrites any union data inside the Event as the provided CreditsDepletionForecastEvent
+func (t *Event) FromCreditsDepletionForecastEvent(v CreditsDepletionForecastEvent) error {
+	t.Type = "credits.depletion_forecast"
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	b, err = runtime.JSONMerge(b, []byte(`{"type":"credits.depletion_forecast"}`))
+	t.union = b
+	return err
+}
+
+// MergeCreditsDepletionForecastEvent performs a merge with any union data inside the Event, using the provided CreditsDepletionForecastEvent
+func (t *Event) MergeCreditsDepletionForecastEvent(v CreditsDepletionForecastEvent) error {
+	t.Type = "credits.depletion_forecast"
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	b, err = runtime.JSONMerge(b, []byte(`{"type":"credits.depletion_forecast"}`))
+	if err != nil {
+		return err
+	}
+
+	merged, err := runtime.JSONMerge(t.union, b)
+	t.union = merged
+	return err
+}
+
 // AsUsageDeadEvent returns the union data inside the Event as a UsageDeadEvent
 func (t Event) AsUsageDeadEvent() (UsageDeadEvent, error) {
 	var body UsageDeadEvent
@@ -2415,6 +2572,8 @@ func (t Event) ValueByDiscriminator() (interface{}, error) {
 		return t.AsCreditsAutoTopUpDisabledEvent()
 	case "credits.auto_top_up_failed":
 		return t.AsCreditsAutoTopUpFailedEvent()
+	case "credits.depletion_forecast":
+		return t.AsCreditsDepletionForecastEvent()
 	case "credits.expired":
 		return t.AsCreditsExpiredEvent()
 	case "credits.expiring":
@@ -2575,6 +2734,9 @@ type ServerInterface interface {
 	// ConsumeCredits Spend credits
 	// (POST /v1/customers/{customer_id}/credits/consume)
 	ConsumeCredits(ctx echo.Context, customerId CustomerID, params ConsumeCreditsParams) error
+	// GetCreditsForecast Consumption forecast, runway and a top-up suggestion
+	// (GET /v1/customers/{customer_id}/credits/forecast)
+	GetCreditsForecast(ctx echo.Context, customerId CustomerID, params GetCreditsForecastParams) error
 	// GrantCredits Grant credits (promotion, manual adjustment)
 	// (POST /v1/customers/{customer_id}/credits/grants)
 	GrantCredits(ctx echo.Context, customerId CustomerID, params GrantCreditsParams) error
@@ -2869,6 +3031,31 @@ func (w *ServerInterfaceWrapper) ConsumeCredits(ctx echo.Context) error {
 
 	// Invoke the callback with all the unmarshaled arguments
 	err = w.Handler.ConsumeCredits(ctx, customerId, params)
+	return err
+}
+
+// GetCreditsForecast converts echo context to params.
+func (w *ServerInterfaceWrapper) GetCreditsForecast(ctx echo.Context) error {
+	var err error
+	// ------------- Path parameter "customer_id" -------------
+	var customerId CustomerID
+
+	err = runtime.BindStyledParameterWithOptions("simple", "customer_id", ctx.Param("customer_id"), &customerId, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationPath, Explode: false, Required: true, Type: "string", Format: "", ValueIsUnescaped: ctx.Request().URL.RawPath == ""})
+	if err != nil {
+		return echo.NewHTTPError(http.StatusBadRequest, fmt.Sprintf("Invalid format for parameter customer_id: %s", err))
+	}
+
+	// Parameter object where we will unmarshal all parameters from the context
+	var params GetCreditsForecastParams
+	// ------------- Optional query parameter "horizon_days" -------------
+
+	err = runtime.BindQueryParameterWithOptions("form", true, false, "horizon_days", ctx.QueryParams(), &params.HorizonDays, runtime.BindQueryParameterOptions{Type: "integer", Format: ""})
+	if err != nil {
+		return echo.NewHTTPError(http.StatusBadRequest, fmt.Sprintf("Invalid format for parameter horizon_days: %s", err))
+	}
+
+	// Invoke the callback with all the unmarshaled arguments
+	err = w.Handler.GetCreditsForecast(ctx, customerId, params)
 	return err
 }
 
@@ -3171,6 +3358,7 @@ func RegisterHandlersWithOptions(router EchoRouter, si ServerInterface, options 
 	router.POST(options.BaseURL+"/v1/customers/:customer_id/payment-method-setups", wrapper.CreatePaymentMethodSetup, options.OperationMiddlewares["createPaymentMethodSetup"]...)
 	router.GET(options.BaseURL+"/v1/customers/:customer_id/auto-top-up", wrapper.GetAutoTopUp, options.OperationMiddlewares["getAutoTopUp"]...)
 	router.PUT(options.BaseURL+"/v1/customers/:customer_id/auto-top-up", wrapper.PutAutoTopUp, options.OperationMiddlewares["putAutoTopUp"]...)
+	router.GET(options.BaseURL+"/v1/customers/:customer_id/credits/forecast", wrapper.GetCreditsForecast, options.OperationMiddlewares["getCreditsForecast"]...)
 	router.GET(options.BaseURL+"/v1/customers/:customer_id/balance", wrapper.GetBalance, options.OperationMiddlewares["getBalance"]...)
 	router.POST(options.BaseURL+"/v1/customers/:customer_id/credits/consume", wrapper.ConsumeCredits, options.OperationMiddlewares["consumeCredits"]...)
 	router.POST(options.BaseURL+"/v1/customers/:customer_id/credits/grants", wrapper.GrantCredits, options.OperationMiddlewares["grantCredits"]...)
@@ -3850,6 +4038,50 @@ func (response ConsumeCreditsdefaultApplicationProblemPlusJSONResponse) VisitCon
 	return err
 }
 
+type GetCreditsForecastRequestObject struct {
+	CustomerId CustomerID `json:"customer_id"`
+	Params     GetCreditsForecastParams
+}
+
+type GetCreditsForecastResponseObject interface {
+	VisitGetCreditsForecastResponse(w http.ResponseWriter) error
+}
+
+type GetCreditsForecast200JSONResponse CreditsForecast
+
+func (response GetCreditsForecast200JSONResponse) VisitGetCreditsForecastResponse(w http.ResponseWriter) error {
+
+	var buf bytes.Buffer
+	if err := json.NewEncoder(&buf).Encode(response); err != nil {
+		return err
+	}
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(200)
+	_, err := buf.WriteTo(w)
+	return err
+}
+
+type GetCreditsForecastdefaultApplicationProblemPlusJSONResponse struct {
+	Body       Problem
+	Headers    ProblemResponseHeaders
+	StatusCode int
+}
+
+func (response GetCreditsForecastdefaultApplicationProblemPlusJSONResponse) VisitGetCreditsForecastResponse(w http.ResponseWriter) error {
+
+	var buf bytes.Buffer
+	if err := json.NewEncoder(&buf).Encode(response.Body); err != nil {
+		return err
+	}
+	w.Header().Set("Content-Type", "application/problem+json")
+	if response.Headers.RetryAfter != nil {
+		w.Header().Set("Retry-After", fmt.Sprint(*response.Headers.RetryAfter))
+	}
+	w.WriteHeader(response.StatusCode)
+	_, err := buf.WriteTo(w)
+	return err
+}
+
 type GrantCreditsRequestObject struct {
 	CustomerId CustomerID `json:"customer_id"`
 	Params     GrantCreditsParams
@@ -4308,6 +4540,9 @@ type StrictServerInterface interface {
 	// ConsumeCredits Spend credits
 	// (POST /v1/customers/{customer_id}/credits/consume)
 	ConsumeCredits(ctx context.Context, request ConsumeCreditsRequestObject) (ConsumeCreditsResponseObject, error)
+	// GetCreditsForecast Consumption forecast, runway and a top-up suggestion
+	// (GET /v1/customers/{customer_id}/credits/forecast)
+	GetCreditsForecast(ctx context.Context, request GetCreditsForecastRequestObject) (GetCreditsForecastResponseObject, error)
 	// GrantCredits Grant credits (promotion, manual adjustment)
 	// (POST /v1/customers/{customer_id}/credits/grants)
 	GrantCredits(ctx context.Context, request GrantCreditsRequestObject) (GrantCreditsResponseObject, error)
@@ -4830,6 +5065,32 @@ func (sh *strictHandler) ConsumeCredits(ctx echo.Context, customerId CustomerID,
 	return nil
 }
 
+// GetCreditsForecast operation middleware
+func (sh *strictHandler) GetCreditsForecast(ctx echo.Context, customerId CustomerID, params GetCreditsForecastParams) error {
+	var request GetCreditsForecastRequestObject
+
+	request.CustomerId = customerId
+	request.Params = params
+
+	handler := func(ctx echo.Context, request interface{}) (interface{}, error) {
+		return sh.ssi.GetCreditsForecast(ctx.Request().Context(), request.(GetCreditsForecastRequestObject))
+	}
+	for _, middleware := range sh.middlewares {
+		handler = middleware(handler, "GetCreditsForecast")
+	}
+
+	response, err := handler(ctx, request)
+
+	if err != nil {
+		return err
+	} else if validResponse, ok := response.(GetCreditsForecastResponseObject); ok {
+		return validResponse.VisitGetCreditsForecastResponse(ctx.Response())
+	} else if response != nil {
+		return fmt.Errorf("unexpected response type: %T", response)
+	}
+	return nil
+}
+
 // GrantCredits operation middleware
 func (sh *strictHandler) GrantCredits(ctx echo.Context, customerId CustomerID, params GrantCreditsParams) error {
 	var request GrantCreditsRequestObject
@@ -5133,227 +5394,244 @@ func (sh *strictHandler) GetUsageEvent(ctx echo.Context, identifier string) erro
 // const string: with thousands of chunks the chained `+` fold is several
 // times slower for the Go compiler than parsing a slice literal.
 var swaggerSpec = []string{
-	"1L39chu3liD+Kij+pspkbouWHTszlmqqfrqOk+u5Tuyy5MnOhF421A2SiJoAA6BF83r97z7A/rMPtG+y",
-	"T7KFcwA0utlNNiXKydy6KYtkNz4ODs73x+dBJpcrKZgwenD2ebBgNGcK/nyds+VKGibMe7Yq6Ibl9tuc",
-	"6UzxleFSDM4GqVElS8l6wQQxC64JFXrNFOGamAUjCl4kckaoIIyqgjNFFPu9ZNqQNTcLeErTJSM3bDMe",
-	"JAOdLdiS2onMZsUGZ4NrKQtGxeDLl2Twnhm1uZgZprZX8lYQSp49fUGkIs9PvyVmQQ25EXKtCTdnZL2Q",
-	"BSOaZVLkmhhJ1pQbcs1mUjFi1IaL+UTQOeWCDMOaRLm8ZopQ3MxKyeuCLR9pkiq7kCm1K5m6MdPReCJq",
-	"G1hywZflcnD2JPGb4cKwOVODL3Y3K6rokhkH7Zel0rJlX1cLRlLBPplpBk+kFpq4HHbLZanJis6ZBR23",
-	"j/9eMrUZJANBl3ZCfKe+LPrpDRNzsxicPT09DUvTRnExBzC/LLWRS6Zef9++nIwWBVOPNJFrQXhOZlIR",
-	"bjQpNVNhIStqFvE6cMgpzwfJwGIAVxafLPrEi/snxWaDs8H/97jCysf4q34cLcuuMqBntvk729iXYV5E",
-	"4Grm6LET+9yu2WPQPH+e2BP0n5+0Aaq+hLcAI1ocsJS7T/2GL7kJMzVOvYAf4+FzNqNlYQZnz08TOxci",
-	"5nN7/vvQVDG9kkIzwNJ3eAfsn5kUljbYP+lqVfCM2u0/drfkL79piy+fe56tHxdmrGPchSBMKanI8P0P",
-	"L8mLZ8//2d9EkjNDeaFHFukiwgVk4iTQibZ53dOPI4ryBeZ2C7LvXZRGXsnVh5X9sFJyxZThCIbMAiQr",
-	"Db9l0xnlRanw+yb8khriH4DfySDnml4XLJ8qRh0oRVkU9juPuA2sSAZMwCtt1NPeyums4POFma7oZsmE",
-	"cUvavt+0NHJJDc+IkauTcgW0kos5XPRLo/iKJYRbmg4ke++yuEGM2fphKYVZTDNZIho1VgJza6INVYbl",
-	"yF4yWjCRU0XgVTL8cPUSTn8b8PBAsZkW/qJ0LDN65feSCsMN0JKZVEtq8PfvnrXOoA01pW7hif7o0jNi",
-	"SiVYTuRslljGdL0hhhbFhgDrsOyRUbs3j0NkqBkjaePs09G5ZQEs1+HolswspJ1ASKLpLctJRlUOc3BD",
-	"2KeVJXAWMEzYq/3rgGYWWQcVXtmDaxly8LF5gMng04kd5eSWKktftB0u3I1LAMKFH73x/ffVZI1ffrZz",
-	"v8Opf3Izf0kGZqGYXsgi73kG5Sq3AJxSU3vBfnli+JIN2mhnxQB+bTAmf4HihTj8jdCjiVwBFZJ2wrB9",
-	"mTtuY/1G1HZXHYu8/o1lxm6+Aikz9n4CLtI858iH3kUka0YLzZIGFdtNLtylbRBjkimWc0NWNLvxkkhG",
-	"DS3k3KJbxMa+e7aHi7Xc0cZkhiylNnjzl1RsHD1yNIGsmGolCOeEXmsmjL0N9tYD3RKSwDRulY7lnTY5",
-	"4GFUIrDVJ8k2tsaz7GazDbxvgtxRYdi0Rll7xqyUjWdhpVPqxW/FCL2lHPZgt7pzVdX/9ogB9Tuz45a0",
-	"oelfaUFFxra56HX1Q33Llyt7ptcFI0Kuz0gp9Moep9+unJFSOBpH5ooKo1u3ekRujLNsr/RH+B5VGb+8",
-	"gs1MQrSUwmo5sM4NmXGlAfcsmPS+yWHYy3K5pGoD6IE7oUpR+FzI9dRBb3ooyQRdAle1vZ9fUJFjfvkn",
-	"8KDl/YotKRf2L79PPIEa5GO6u1csiBYypUsvBGztYN+N3EnQPYqFE+yCXRvivkS61iL+AQSmlgbC515n",
-	"+hJeekezm7YTXRVU9B/rXYFEemsUJfMyMwcMhC9sj9WEarzjaB6/8FbwLVh2I0tzybTmKME2wOgemGp8",
-	"wt3KbbEWEE0fwOStch3LuFs/l6po+b6x6RpnblssjlNbYA9AvFRW6DuQV2cWX4upW3dNh3/2L3sZ7Z3p",
-	"XqcUgFeD8Pxwrt/FQOtzfBCO1FtqZJcxJhfEv0rWC6lZRIkyBhoCIwVVc6bNRMB9J8MnieVu0X8jEJLx",
-	"/ZXiGXNvW8ZKjVNvJiJbwECECyIFIw4VyPDFi+QF/keWXEhFSrvOUUK4JorNSs1y4AYT8ezpU5JycUsL",
-	"buU+sHml3uJExcYsLDHlmqwVN4YJNB/dS4qwmkBTno+B7DCrDuiXlUCniRTF5ozcMLZykp3KydDjL7K5",
-	"VDNTrqaz0pSKTUtN5+xf5Wzm74VVVqTIGNqoHNh0mSGMweaWySVDk5rHy0eauEWGV3D5CchuTYU00vgi",
-	"iRUm0fpud2QnF3EKQDxBEt/I1ksvhS6X7D0e/IG3fQc7vIv8lgyWzNCcmr12mJ/8cwAPb3g41DgVQ9Jt",
-	"JQy3E1Ya0PRzf2hs77RTqHRiKFFW63IKONoUcPaeIqRRVGirTXfxq8b+G88nFUD8SlshUgkL9wOHI5F9",
-	"ny6VYiLb7GbDYPYGfatFIv6bXKOuVtfMNLmWpQW8p9na0A3RQdAfPnlKSlEwrScCKUd2QzTdaCLNgqk1",
-	"12w0JiCeXkvwG4CzIZ+ItL4ub44HVcjKjglSGjetYLdMedEVKO5+ja91gvadF1LMd+/UUTTcIDgpNDOa",
-	"0ImY8U8sJ3mpwJBKFLUbR92uAcsOVrF/Jx3SEJqN92EyYC88GiFxwJgK1brxWQeLhTcMfe9oUkPYqYsr",
-	"W+utKNMhVHwXAepY3qtb1maavGgaSL19h3CjWTFz1GVGeWF5vNUyGLGSKsgTlCi5PifXCn9j4Dch12BQ",
-	"ESeOjRIjyYx/ClwYsFgQVL0tGwVf1XjQ5Bx9iPzOwwiawOdgO3QHO7ZseGrkalqupsGM+HEfA4BfE1xY",
-	"H9j/QHk3YtzV7n6ofnA3DKspDMHU17ro/pDowkGxJRY9svLyLGAQirBkTSvJdEhJzrKCCwZSMC0tUhnn",
-	"ugFcuy436L4V0tgvFLOYOOe3bHQcZIuOtyeqzeCNoyHaKzQctSPYXUWNw21PR9FyQcnpGvBQSaWOy2Ho",
-	"pIcIs18FrsG+A6V/sdzQomvBZgaCBtC6F/sz7oyA8bHvQDw31XGxjYv53Rjd0XEiWPF6IW1fBKlGPQgR",
-	"uJh3ETd38Ft2VYcKaHHlgqRXF2/e/Mf05ftX37++upy++m/vXr9//fOP05/fXr1++So9J+gHsHL/iikc",
-	"9f5o5M9zHx5ZiBwLkcAkfGyyte37dT8G/YhVMDs6javP/rP31EReDVOX1+9sat55J/a5w71FAtbjZHup",
-	"iGLOuRupF8HzhDI+IrFZKPsSPHfx7vW47dJ2yhvJQMtSZTUcW5UqW1Btd66ZuuWZ8+uuSsOm65qIu8uH",
-	"u41YlzDVu2r4rkcuw7RdT3yPy/nFruZr8yIHsUgE60eU3CY6aJJ7iKytTETzHMUpfxZJ13HbH9ZSEHc+",
-	"j7RDnPuJUzE12EGF5vjY0YjQG7l2ZpR2OnRciegwz1ZPP9Ael09znx3IEJPKGSsKcs0KuW7aNMNcTT40",
-	"o0WRoAoHJteI3PpRrRwEOiEFakOv5a3V++6FNY3j24E4kZPsaMjznt3Km/0crP3WGXrDBACkJys6Lirm",
-	"iq51OxqgY5GkuIOUZHTJyEzJ5TlhyxX4Kpiw6hTY++2xwl56+4LfsHzO1PeKrts8fjFn62Rdj3SgU7jc",
-	"wKdgbdyQBbUan2DjO/jSdvGuhVTGInv3wco1yxHRr0tDaKEYzdFcZh7IIrtDZ+/mLtVOPDLERGW/ackh",
-	"f6e8azV0kcNN96yCGClvgjTkUf/Olz++fjtuvsLHjnDrHZhb3ecHBm0lA6thFL2CIA91cfaPpdhvX72L",
-	"m8UbX/dubNuxR4vi7Wxw9uvuyS7pLcvroXZfPiYt1KLdBedcoiSTYsbVEsUe8AES7xhEYxKatLOGs3Db",
-	"JZmOzjEsyxFGpDr17UN4pZ122qDMe6F074hAjMPzB5TE2Lo3Is9jFrr4u2+73xSwAzdB0pQcLVClwMgh",
-	"Umpm4Z4FiDtx0/4BPljC7GR3lSrdemDBnRTCPTR2Cz4eiaimbc838NCqpKRsQcWcjckPnBXoVs4lQ6Pl",
-	"gt4yjIMDFrcNkEBKviLpOC6p2OazrXflEDzfdTyYB7LbCbyixjBlT+y//3px8p/05B+nJy+m47P//+Tj",
-	"X/6pjaD7wT/gjdp7VR5pMsPDdtkmnix55ECUyL/GBXBU4HgX4MNKM3VokEDA4+hknj952gLrTjytA/sd",
-	"UycBnOE5sGWkLYpBSoanEOCOsRxCGp4xImczeANd62600Zi8XXJjWB5icm8YW/kgEKUsu7mlRcnOCSXR",
-	"GoIFaEFzCMQptQ8dsexoXiqWe751t3DX04fm63tPp/3yNq9bdMGyUk+rS9Z6v760INsrpaR6KfMaTjcC",
-	"lCyLE7Q0C6n4PyDEdybVNc9zBq5yaaYzWYocvVqzgmf2DV7lNU1v2GaqWKnh3eYPIegdAuB1OZvxjFvB",
-	"wLuOQcgpJM2nRsopxHJZ6ZoahjHiLJbYV0re8pypKaQH4cp96DNMYOFFC1yHMHzGmZqGZX9sOYkOIvRW",
-	"MHJdai6Y1shmxyS1L6cYoQCBYwu6WjHBckJFTtYLni0IYsVEpBYlUjKTRSHXGvMLUynY21mKdoOE3LCN",
-	"VYM2btzRmMBaMKBbimIzwWsAdqeEWG2NrYl9Fuih++wJ5IxQ+O2RJji3vVULqc1E6Bvurh2+bFfL50Iq",
-	"d61m2wz1Rsj1mPwkBdsQrgkXExGFvoUkABcIQK6Z5jkj3CRBd7GbcLfJxS7k3AJ4yQU1mPS4pKuVc0vs",
-	"dDcf6NLGE012+RUP8ls2x/Puol6+p9aXYdO9XA7N171xr5elsPlybODpazRqjuFVxV56Z3i5KUXu4cg1",
-	"UTrZ5sF7Xq+JF4F2jL21vJDadMZG47POkv1GatM1yhrIRI9BfpGiY4y83wBbG9mNxO7lOu76V9HksPfl",
-	"9+6x5usupnPv+5f+OT+ALq8Ddd13jJfRs42jBK1nnDPa+fIH+8T3jLpXvgQBavMz5skCA/iSDIAW79Wj",
-	"WzHyS9Lvpdri973UDrmeb8WH3fOV+hH3fKmOkYe9FO7BYa9Vd3Dfe514s/e8Wqhmz3eahLLna3XyfshL",
-	"B66vRoh7vtPK/g59t86M973dvLUfkyOYDw+1InV5pJxG2BK34uW/cys7aVawzKBEhfuyYhLKYuN+FqhY",
-	"dawZodr0SADVOzpvSbLzaksvX0MglE03Q1SAokVvpFpbETQF+0xKjLTameHCqnOlcIq5LxLCoGCFlSTB",
-	"PbIfHA4E8RLaYACmINBxWoAAhQLavf8SFIXtXf3b5dufifsVaw989+L0ycgKstIVN8E6Jtcy34AFFLRg",
-	"umQogIfyHvt36NeQ+IW27Q9I0p8knWBXHMdPpYWJFfhRoYA8kXMinf6/ZFS4MOzOeI7tROE/dfqCO5nj",
-	"Ji/0eLpHdNj9ImPunesQBW70Snuo5b3eO/HhcCfTEQDaK8ho7yiHxenFQULbtSi8ipKeVQq5Cw4Gvyu4",
-	"Ge1fSRXTFGi190WuqSZrKZKqapNLbHbqv499YZvKAR7Xnzg8ZqmVK0bXsQo5DPE+e7hk5Em/H27tuDSN",
-	"RW9fgO6FvRJmN9Y3kuT5XLD8jKyk5obfQkyS9iecEMHmFL5WbClv0bqzPCx2AhNeHvC+dURV/CCVT8oC",
-	"+xTaGQgTRnGmkwrfNLEjiIBsDx5PgVgeXG9ILzAYMCwRjGT0WpaGDDEMEH/EddfjMPzt8aq4HcobBLwb",
-	"djS+B9m54SKPzb0wq8tJKJdV4DbcKLtKi6j5b6VuN5DehQ8fTPnuEk3yQ/0MONNntbQvGgVYeJKmF7Is",
-	"cvAXTkQVXwRxKBn8JKRJyDXLaKlZLbYL3BFYlAKu1UTEAWFoqp1Lpl1Y2D+YkueoDPgtQFYYpH0pljF+",
-	"i6lhBdfG2YF/fHVFHt8+eUzzJRePb5nis016x8SvNkoKmLHNlt2dj2In213h3WTsCGpITA/3KyN7UOpu",
-	"2sRPEaa3S9p1z05LJb2tjPaV1YyenxJ8AP1dGmz/mpTw47NTYMw0M0zpxD3hfnt+eupy7eNVPD9tXzxT",
-	"V9JgLbqG1/DWl3rs56RGBrAtGvrRD43LxCH9AIlfT9sZOONPf5Z4VRUjcrn9XJCGryL1joo0CeUf6aee",
-	"jBEnnlY22y1TADcL5EnXm0jGcsHs4MxZMWGpUCG1IcPTEASasSjyi4OwNTpsVUhIWldVVTYgmSwKlkG8",
-	"SQtw/BjTACWgoxMRagC4IhaPNIETTCz0CBdZUeYsv3NiatiCN0l/PmDjhn5qwQX6yW/Z/olnkROX5tbc",
-	"DgDDAsHvO8EjcSMotpJQhI63e5n3b7Cj1sledngnY1eV890RTLvgOkR5XZcbbRHRyiq+rguIXVDZZdQ7",
-	"82NH5vidy4+4dMmoBmITsTe1OhPoDRmTCwEBVDdsQxSjua495P3Gj/REyLUgNIN6a1YPIkM8cIjSR+sO",
-	"zxNXfzKTOcqjS6Y1nbPR+URQQZjITyCD10grQuB8ENRd8wsnhI3nY5J6RJiIkKdpj9j+gatPx+TKF6Bd",
-	"yCLXGE5hVWuOieEADL0ze32vYMjFreQZ620P7SrhaH+YNqXMqFpQVSzI1QpqlSsLfsuWLjJhu7BHXMmk",
-	"ptx6WCKRcrmrK8rhmtPqkq/onJ2TNHL+2jegEKOnC1jz1xdSjPNoYy3WT2gFp2qw1i0FsReqpPaF84El",
-	"KLfIdVcAnfPNWxLf4BYpoLScOQFZR6B8hMXmJqKKAL1lrhanL54zvMjpCvTMd4pnXMxHCWGFZhGf7Ymo",
-	"VTnNPq4xfPhL3ZvYF8rBdXkvS091JVtI7atbpjbxrbVQZvClT8aWkIVd5JbKYHk48goSBrgARUD3Vmkd",
-	"UK7CbG1S83ECY1sL41REoFYlM1TFbKsW0eT428JVxcgiAtEdj1s/kB3yZORM3JWLUpPy7ssBvaXrbtUI",
-	"XIQYiMq9zE61pIZo7lYgV2fSnKcfEDtDN700mxXS4ruVeM9rnJiJXJM0jsVI7xa+2XGyLTGcrQEg947j",
-	"3PJud6R7Iz5PQ9RQt4BGDck5WCBIJpfMWSYqUwRX9dx48KusF7zoW8fIr0UxbaTqj+XhNXAmT2dSuTus",
-	"O/QO9yvJmb3ECozLvGBb1mVQjIItmli+LWcoQ9lH11wE8/SBWwxGlx6rBYOc1CwsO87JC1YhkslbpiAR",
-	"wo/dV1C+JyUIW9HMmIJ12CkrM1MM5QXNXXFSIaFSEVOQftVz5Xdl0McjXlWZ5SbyJlt3qw1Wu9F3H8Lc",
-	"hT6GQJf95HEtRZ06cpcAygVJcecoq8V2TTRbgsfl7gli7dSrB/Hs5bc5jHbmR2XJ9dM+8K2vkrz4gFJD",
-	"l9IcVFyPgPhga+rn15I8qmJJjSNrO467XMQdCSaVJ3QN1ju2JnDhz2PimRO9APPdrHb/Qjrv0a5f3vPy",
-	"5Ue7ebsKbnXq/ffICb4XSjmNI+DLAZiwu5xWlfUob62GK0nq7DFk6Gpm5QnBop9gPDV6y4rohbHRmFy4",
-	"XkO+tQPGBOGIVVlUEIBdavi9kGd3Va1GsPCxEAeTSS+ZKVdft7hzr+rN9yjYvL2/P6Bm8zHL2R5Uudbt",
-	"/gh+PO/A+YN8eI3o5p2SRex5qFMG/zrRksyoAk8BuD4O9c7gMNOcFW2Jrr+gouPKSIscU30OVub+awo6",
-	"D2r/6LQ0NY6krZjp8eSQeox9h1BWBYIspQpxpPD+eV3uh8KxIJGAvXsmFRYmiuIYoJcQLbSssjfdbtLR",
-	"vZhN7ULtYDcB4sdiOJcdHZd+wTqVccFxQ0WuxyRdMZFzMSf/93/+LxLMvuR/eF9LMhGOzdefSK1ur5hR",
-	"3HkERglJq/fts3539tGZYWoiqNi4b88jM7t/aq7k2nUKKaixqrdgGiSFSgKdCIzVotFaIbLFYUUoRSaD",
-	"2czObzHCf5yIVkGVx3IqJBD62CQ79Og80kKtbDMRaGuBVongGzHUMKwUk1dF7OvKaDBUnU9EZPNLoCVV",
-	"i6mPXAjChcWCDRkKiVK3E8LpWowmgjtPmmKZVBYAVheOzLzOtxAQDw97EFn4B+hEZFimMFCASAvZYwms",
-	"kM8P2V6o4AL8pY80iR0SBI9TSLKE9MlQ4QF8T87ZSK55UWh0s0NS0+jMtVQMRYWSgE+GfrKfwPmC5gB/",
-	"ubHi9anF6OB6wQfg4Wn0pWIYe5+435uuqhQg7+onAIT7xV90xBnEEQLJzpAMzI2NnU+k2/d0YHhEnygB",
-	"l15rsSys6Zyc1iuVHFZ1vZ2futzNB/a7P7DXdg/XbvWAbj9lj7JPKE8VrNOKQw0k7wm++lutCzy4K+CW",
-	"rLK9M4dy8BDy8qq6TsTGemSOtOjGHd64HU44ezX8SWzBJHbDHSDvNJIXuwSe+r6RSoLYU+szF25IFT87",
-	"jJPL/XVyOScQOxElI4x8gaIWCu3aS95LIKqzhh0SUcWWjiUSRT7fbdVmtSp4m0rzg9VWqxh/REO0ezhj",
-	"xFnE9Jc0W3DBgt+aG3B8GFpA6LMszYmcnVj+rFwRIt+HEtw6Nf49jGLckPMnUdib1yvgGClIcXM2au/2",
-	"cpfAqJmSywODkHuELWzd98Pe8biyP95A7ld8YIfwaBKOf2/cLnQT2zb9tdPr7pDQw7tI4FitS6r6DPfs",
-	"GXgVVZJxD2GrjbSt0khf/pC5oKSdSZOhrsqXZFemIUSRtcgEb2czp6Rg8Y2w7HrrqN7RIFEiZIvhxQ3X",
-	"bbjd6mzeHm2fxlVZUjJ89vTFCMXJqAxLSobPT78dIam5EXItXCf2idjZih2jYhPUXqFQJdUkjfo6d0XC",
-	"7+mPFfTHliqS3BTsgKTfC/Lh/Wsi6NJ38fBNqe3j+xm3I+84a62BbM66bgTIY/fMitspLj5cd5i2Hb0P",
-	"iQ936QBzK2+YbrPWxUkgjZwLbDzms4X6CHP7LWNCGmBvENrQa9id5Uhj65LfZAfwpMh4wanp7q3YGmLi",
-	"pgN1fUXdore37nll7wTdDq6w5HpJTbZg/ZtS1vf2kxugjZghS7xDLJvPQoj5pQdZbc37YR/WdzAS53w2",
-	"Y/Z+tJAXJyKAoZmckEJmtJj6nIkemBu/cJDicufEjjoe1xdcG7u28f3wvVvKu0ffbSHhH0xJaMZETk9P",
-	"n5zA/69OT8/g//8Z93EcPnv6dHRQkjpTDVeNb9q4y9GDSNy4pQVdrtANKeTalWmuJ9Sb2l7uuuy996L9",
-	"gH4vWclemzYJrY/I5Aa4vOGrHoJTVb6twzvgubpXtxQOD/T0hq9WffStaJIw5I6937EQQ1FMsWJRW5z7",
-	"TLbmcF9YIchtCRUsMBAzDNvGUnNLusHCp4rRbMFC0V5wI0ALuafPyEKWShM6l+gagOmmHgYdalYFljr9",
-	"PhDHl/TTa3w1tFz3n1s6D3cDvb3GQjjvtjBsCy7UbV22O/E+AalA9ORiHoov9pQLFCxEt+d/kTQCWppg",
-	"/1imSPUtGLB8ggkozueuXLJHkBSzhe2f/sih/Q18MaSuMT7AklxvoqFHvdWE+BK3sFZ/cbb7tNClS1Ru",
-	"Lo5qLABAFbuLINRyaytI77iKgYq0pgdR4ewba+qFNZwmzusQ0uC9tCRPTrGhff1+tFpAW0prb2usiorO",
-	"0Adso9mukdifN4yq9l8Lqs2z/WI5zu4fj+eMJmgDLhKQYLxrWpb49JYp39Z7r+mCGsOWK9OhenWIR3bJ",
-	"rrZnnzl25xBBrIBbxr2yPlZKZkzre+aOhMSdQ8xX/QJwo4OrgnC9Dtu/8FSVvOHPrpaFEW9gD/ocIZAk",
-	"RsY/KJhkG6w1gcOl3kb4YekwFFat+SBXVN10EZPtmnXtISsrZ6/b4TEpqKi1HwE9ODZ7h+quWLCqo/OH",
-	"7nC4hxDSpindlJoMU5oZfsvAT2nvcF7C3z52Lk3IeDwe3THetDXja1/0U/2FCLkBlP38Gp0lBXcXLXeC",
-	"WA1QUdV/y0h9gTRc1d08EV3I0+KMaK2/eW9/BJTt+6tXhA8pYx4KEvQiBTAPAP61WJXmcOEy3tSO4gOh",
-	"DGG7aJE6lHFKV3pGogge7dxZKHgMKXn26dNoTFInW6RnhBs9EdAR2NDlCsUnl+WSy7Ufi2YZWxlNht8+",
-	"Jznd6IQUTKNRy8ryGEYwEa6UuvQpNoSbkbencl/L5JpVGThVqwkKeSAhw1OWhs7Bq+NTjTAn3lU98YVN",
-	"DKHN8vvjifjB9bZF343VSFZUazJ8/ulTAkqqLI1OCBiKcSQrcp0UzBimgpw2EZiizxUBczE3qNtiKA6m",
-	"DkEEVAAe1KSOoFePCamfUyTgtZHgcOgdsYI7xZg+im8dq/brtnUZ6ACzWwBPf/ECqo3cxfJTU529BQFH",
-	"ixdSEyUyFCOi/e28hJ2UNup9AmQ1QilXi9P1MtYubsrhLfaat1hnD5gaiLICxUDfuctaHXtaKG9Usvg4",
-	"9DaigweGJu8xTdbRslHHRvDfS+Y7sJoqnMEVUkhIpJ9G9WzOt88g6tlxV9yur+1718JIyPV5WIajnkQW",
-	"WJ3/OVlyURqmCV0wmmO9hT5mwd9cQBNSL2X1X1Aq1/2NhOGSNREZ3GIJEVKchNJtolxeMxXixAAivihQ",
-	"XFO/Ye2TJXZAcJPjKHvstc1rGyHAbuw7gnRfDdZUWL6uiF+to8vQdEx38MFWTZQGMGaxXBU8owY1MUTL",
-	"uCfH0aydW0dzKE+8f63mlqpaNJ/6k+jXAq3Bdre6n4GhKDJo2etuP7U2Jgti1D3rhB7A+PeOtqSbaza1",
-	"9LW1Ju8VdPZQ2iCFc9bjLqOxpeyyNJY5UqHXTBFNwSuvpRVmnSiHIVXPP30anUMcMdqnWwzOGO0sGMs1",
-	"ScGolt69k/OO8JNjWXj6mVkApSJ69UfJW7vJeCx9tVl09kQGwSZfQ3HEzvrGnip1yMRIkXSnaX4N2fbV",
-	"lqB6posDA0XqekOokGbho8vOIRDXxbcvQejDJPB2P3YglR0UKpDPjl+Dof9AVubg9WWPBtpG1HU7Vdd7",
-	"zOExRsaxhyEovunsGES0bIB0tVsrgnKC+nAn9x3iCPqDOyp0eMzogPqdimME3PrawP/vUKKzM3Dt0A4E",
-	"OyQHH7h9vyLTjT27gOEdBehxg++hFF73/vQ0Cj3p4UqTN+0Ge7eXQ4dzUVj9Uah+bK0Bcz5MSe+KpgH/",
-	"HaqTogo5qkpu+3oiVQFaPRFVQRFLYreKvGwwpwvT7FwHLrkGDUQaQifiGjj3GT6bS/h6aUdK5U1KQPMb",
-	"kzdUzasaU2Ac6RuG4+Oz9lExeRNxourIWk4xOqE6aLcxzrJilpWKm82lXVJwPf2dtdQ5i0r+wVHoTK4Y",
-	"SV2x8dTCPYVaumlC3GLAc2o0ufzbxcnT59+RBdULy0QAAICOjCosVoorWxizgvxjbanODQMrPD70g0fN",
-	"f/vlapBsry1UCfy3X67I8G+Xdj6pyHv7x+icpLq8TiFJK64yzPMey/kC1fxmLUEkmGVk+Smxei4YPK55",
-	"UYAoh3AhHKpnYyVqFP/OyEoxSCp0qDsR17KcL0wwGjoxMWS/W53aF0P2HWy5tscBzm+guRPhI/d1FPPv",
-	"yiQ6BwVG/1Ol+C00uYNSi2DIQTPPRFQ1hBQrOL0uNpE54a9ua8AU9HgiJgJ6eEDVtfWCKZaQVAt6w6YZ",
-	"1SwN4bY4Lxden67llrh7PRGvL99G1UFD9oEOWjgaOeGr9z+8JN9+++0LWMQ334BKqL/5BpT2FOKyM4ht",
-	"euwuw19+01Kk2GXkxbPn/zxy0xJt7O0gqVV30vFEbEUF2+N9dnpaAdGHFWRUWGpwzYKdwnXNNIpmZiKg",
-	"c+FwSQtLVFlOLKgSQsk1zavWJRZFLeowhbG9z54+xZkojGrXZrEj3xBLiW6gznZZsHOSYrDzrx9TcDBp",
-	"YukUkfVIZ3v/4i4rDlqXIM0Rwz6Z8TffkCv2yeXIID6DsKfJEMZNCHRB1YmviplMhC9YnTjjYBSNkZCo",
-	"JSUUXh6RpetX8uHqh5N/CbrPzx/eTAS0cnRfQGIaz7liGdrYCFtes9zuJiHylinFXXlQrqVVeRDWstAT",
-	"Mfzwl6enTy9O4J9XCbH/fvcdfPzuxSgJMTw3DHYNDKKggJJO9J0IzK8AzQqNmk7oBePVkqobDcOeuuFP",
-	"f4C1fPjL6XdPXmI75KKAYk8I5IvSLCxYEA+/+caOmF64xp/w3Rn5K9AbMilPT7/NoLop/MnSMblw1U5d",
-	"NwjF7OWU5kQziztYvV5h2iltEj+kdf8ak7kEdFGgBkaW2WKCaV1rUXWQPSdUbCA3BetL4sh7SP5EOJpP",
-	"hvAvTJNLJAk4mCeES7oZOdi8rnDEIuC7t5dXzqmB6pK9FUt5y4iWS4ajoBg/EWn07snf2SYdk0u6ZLBG",
-	"IJNQqcleGGc+tVoyUcwet2/AqbSxqAeKN0YFhUHNyXt4lOVnxAp16TmOGEBAiY+txL5EhOuJsLc2bW/S",
-	"mo7JW7B/cynAjWJVK3t5rqmupVBNxND1DEhc74VwvUA9HHlTAbV47xMxgkpjr7pTP8jMnkvY6nnVMd4X",
-	"wvUXwr6gifQ5oImbwhK8F5YUdnWXTcfk72xD9IpmTJ+RrRq9jzTWXAcTqnFVgIcrpipsS4iWKFWhrTeT",
-	"RWHvd+h+YkU1JvJH+txV9bx493oi7DlA+rUGQMIKINnae4EthrrZ7XzOYn5G4sknIuqUZRbgjbNHiYQU",
-	"qoZCyVY/AaSLxGcxJhcT4fkA4K1LcXek0+V4wR4h38OeCjfV5gJOqVJoexcxH8NdjzdcG8vMQGRNIQME",
-	"auSg5f35qb3Mn8jz01PkGSAT099LLAmrpUph/QHF089IrCPr7Jf0nKTRZ+By0DXale8uqMaqvijOutwN",
-	"FHgGySCEJg2ejE/Hp6BmrJigKz44G3w7Ph1/C6KpWYBE+XjBaGEW/xicff6SDB4vmVE80+4TGCL8T6Ed",
-	"g6pFKKNWLHWH4c35dLkms0Iia5No7g9+iCF1Yb0kNRJ2m4UA4IkQco13ZXSOefSMqoJ7bmDhgaevmCUR",
-	"WJwd6LgUgOMGiviGukYfrl6SnG7ItSxFTrGliqsHgONAmLZGzoKH9EiT1KrBKfJEWKQb2W8vZBPAiUhP",
-	"VF7nmCtBDWukLIRUpL/KfIPGdUgUDpmLTkT6zWXioVpyWO6Aj9L9UldYnCFXMb2SQqNe8fT09IEWgbPv",
-	"aLWeKz4zY1T64RJ1jR8W/DjoqxAP4/plDV7iGUSlNvFA4WKHmB2U7NDOje9yMDkZOtdgkrIobvWxTydw",
-	"oU7wC4Ra7Rqgb/2kiuCYM1h7/fQtvYiip7DLtxMwNZju7eiD30umNj6H6KyyVvYDeUvUW1ejyWryx28s",
-	"8Rr0ePAleo2+fHxArGmGzLWgzQX2TpQzJ/258Ntj4I6TuuPMdOgitQ6mg/ujyOPPPsLqy2OUeYBytiCD",
-	"Jc4VLoS4rOYljrHjsC5/H5MOil3JWueRUspmM5Y5sZsXBZmXFPKZr7H/gAsBfg1Y4NT2+iVAuS2OY/w6",
-	"mNSGRVchNAnyPIkLWYQadPdHpHc4GiivWyiFgsSdMAlIWR9aU9ngH4bU1Dw//9WITMNxv5PGRLE1RyEx",
-	"H6Lx7M3x8aLQGAOcrxi4o0f3RpDHzh/ZLZn9BJV54hwGnx7ia0alZCgVSZtek3SUEO9Bs2K2ZiYhecmI",
-	"kOuzKuxPg7yOFYsa+SDKqQwwuRRsIurJH063G5MLsYmd0ugqqwW+ITXiQvOcoVJ1hwhC4gMIg4ENIggz",
-	"KtB8hPkSCdTiZvgryTnLiZyNyZtG5keCIiL7tCooFyxvpL6ceejI0thFo37iFj0MEZKj84k4MNWpzTNt",
-	"pd72BKi0nt1hD9Ub3t14OcvLFbPqT3V6aKKA2t/Y4a8a1Go6xGKDyKuIS9DuWD4RZs0zdoaqbrTguh6B",
-	"+hKMgMtziAAn4x3s4PSkYrOmm3PfVEKYqMGUkD5NKPVpLemoTSp36TN1cvkwMnktZe6rC+Nx7lgLwYOq",
-	"VWuqI0wHw5/rLaSsAOSSh44iaNnzhQOK6es9GCP2Buxkiejgei1uqeLUH/IDwbrmIuyQPLCXFhlCbQdM",
-	"bLUCptVrvWvonGiGPqzRMSBu1bElFJhxhUHwuuJl9B4qdLWhWR88E1AL6ZDTcMkXnQfxIzMv3SMPeAR+",
-	"ig7o+wyRQlIrv2KRHXUfxHYuOpCuvHPu149W3IncZL9+tFJNdSRw5xyDQe9SBGwPyI8Bss5C6Fsy7TC4",
-	"/KK4YfV+X1RXLB3SKl3LLfdYw5s1Ea6Y85i8rEpQucpsvkwbOHkpSZcyZ//q5kmJWx26IED9hlJu4cE4",
-	"8SI8DVUQGz3EvDF8IiA7p2kLBzvcK5otKhO6fQMOklDiarL46FE5CxZWuxQ0OU3EML26ePPmP6Yv//bq",
-	"5d/ffriavr+4ejV98/qn11dpQrw178lpQmimpJXnUdAwcIEsf15RbezdNcFMBM6opy+atWFQuqlVbyG/",
-	"eLfalsU8qepkOzGrYbckQzBaWty1t3TkJA6s17mJuotgxJsfpGFNJnNm9luSHb5Eo+FGoTmgT02g+abb",
-	"6uXxymHVtkayRymIwPN3tnm7QueTUxKOz6sby3V1r3ux7CcPtYg2WoYLA0UbHZSwiBZHSddc7q0Kvia8",
-	"4ab7asTw0l3cpl8dK7R6iu2q+wUi6VvRVVTSx188/hwFG33ZyY+qSLCHY0h+ji6OFFLvvy7U34NbnETB",
-	"cAG0HpCDj18Ova5x/8qPycBlZrThbjPWYwZqlU/LZJ+4NmT49PTJyKozmKbnPYSsyPVEzPktE/aR09GY",
-	"QNEvl4dvcceqdC6NCmJBx8RnrEW4kU5EwcUN+mjthJa6NhK7knqBUlQzXHwmqGFSsHPwEVke5EIOfEYj",
-	"kEnNTBt5/LDSTNUx8AHImRseJ/vaqscu1HdJmoD1R6WdO+YMRPMIrobgCUfU3H+TdlOpx7Q08sTI1Qk2",
-	"k+iiWBelkVdy9WH1kCSrmqSDZmlm7F1BqdCn7f4R5Ks0ckkNzwhCrm1h8XG4Qq4PQ9Z+wcAgvPtIKAoJ",
-	"/vq4h9oQAgQwkIC6jimbBBvh38obNiIFo7dMkxlbexdnahaK6YUs8rQKvPI1BhOfBguNjFNf8TYl/+d/",
-	"k9QyTajlHpWTHXkvcpSlDa1fJyKjKk/i5q9n4GZ3wLWUD2xMVYZbCrU0is3UucGpHaNgIqeKwE9k+OHq",
-	"5Qh9qV4hGabY0faMxB1pRxCrESmgPjSuXikX0hPJRcgzhna1bAlxDKHOfzTu1FW6P3fGfgjW8V1pIOSD",
-	"EiXXE7GFSznXEJpp9Q9WzMiwdXj3FNqYLumtZSEo8DMBP3gjlmInUBcA+BjHqMGsYNThh1sRxMQKMyZu",
-	"KFBqKtEfIzZZMWvjKO/KBnk4Pj8J41+6i/a1WUp/0gQofRyvspjxeanYFrlpJS176HxUwLWLxv/VPfKA",
-	"YPRTdADRLfJr0/TLlaUc10XVUkHINRR4gpCr41PyPWflZnnsCHaLs/ZAttFqsvle0TVW5QRCgG1NgX24",
-	"Nk1ESymYNpEyjm2Tx+RndgvBkbdM5XaYMxfEJKXlHxCVXAdow1hx+hRialsKBFvCipFRJqosnDrMSFsV",
-	"fgTTy1Au/T6a/sNp+LjKP8gaH2bvssa7Bx5Qs392+nTHduKI7P7bqu7+1oZ+ttqcgLD4LXQ8ij9hBS6n",
-	"gHQHU2R/yzGs84EueX+dd8PMdvjEj3Ztf/KLBWs86Fo9OfbcXZfqR+yP8GezlgUchvUFGj1cKbmUGAm8",
-	"pKKkBaH5b6U2Vnoe3QfFo4Dm3TEkiGpX8eOHYt2fKuzjDcvnTO0P+SjgOV8++2vLP1ehmZRbSGcA2teR",
-	"f5zCdoLq2olmplw9NIHcNgP75qLQB9ouISVLmTOMNYFeSfa8rJ5NvQbr1SWuXXOxfEx+adclsdAoaJHX",
-	"DAqkYxxJpBx7Z1DokArgIEO9kGvRVKYJtYqoz0TFR9OQ47KlZOLydKxzg7I8ERWXiIqlCeeGKTUbk5dW",
-	"U3Sec20aKv1EhLwCRQ1Dr1i3m6alpenDcInO3qJfmWO0bPhBLIZ3U4ToLVgULVaCF6SJNsNwO7ggcCng",
-	"Tozu4iDx13wPR3BvvPMP/5fmB3GP150MwcPma2NArYaiX0QnOwgn+LD8AAJ2IixpFMUslzqusefLTEMw",
-	"kct9qoIfQ4m7KqBPT8TQxwRidpJ354zG5PsQ0+8D6Ip8KwUE2jZiDgjxDv73r65e/Xz1+u3P0w+XFz++",
-	"mr7691c/X12mI5jghq0gQCKnHHLvDC30REhRbCA7CFOnfC9JF6W3lX2CgQfuIZddgkykWg0G61VBllxX",
-	"jbZpnI6yIUNMNYGot9rw0OaSbhLMP6kaU1aTC/bJjM4jJd/yATdcV+KKxTmfR1lZBkIa1HrBfAImJuov",
-	"GFmVas7IgmqiStHGUyLXKoTX9YtD9sVbWmPa91dZtzeqEcsusqLU/NZB6Txw8m9PsSKaKxJpwdKsgpa2",
-	"lUFLW/sMtO3FFc2ottKvDMdWkZhPfgdM5NX6hVwfeb1Q3ePA1T54nLarudJmpMQUra9MlN/IjBa1JDGI",
-	"7nWp4hAVi4ehqJjH4XNIOI9DnLcyAJq9qYpCrgk3lsiuKKQ1uP5M7JbLUgNre6QbCYZUk5S62KSLiVjJ",
-	"okAS5+wTWrpM0CXXmulQrjSBf1z6faQuTkQml0uOzng5wyr/Z1U1erpagevDN/Vg3uUDLnOID5+IaEDf",
-	"JbIscruTjOWuG68mMy64XlgStpUzSYs13eiJ0MycYxSV97xAaVYLJJrdtFEwK/J05VBs28vrEztiXAP4",
-	"OZEWGkb6MDWXUc/mXAjIPGm/l3AmXTTxqaWJLTSknyT2kNe3Z4bF8XIr7CnI0gATJdel5oJp7XDNIlfi",
-	"TOZbopMvgeyFZC9KPf5cVRPaGUPkm/w/vLTa5a0J3VL/kAAirxWD4wFcDKElJ1lwe+k2PSXVlsy3Wn/X",
-	"Xrlv3z3bm/rmTrqZUNVul4A401AU0VfOkSJEpXr1O+SXgqYNOc1Y03QiakVNIRzp3HEKTGTZW6h1IqBS",
-	"q30LuggiyxmNyYUrnxai6BUjSHjtl76nYJDsMFK0So+tisc4OmzJ4VzBJSoFytdOTMcwUZcIkkIIbpwo",
-	"4iq3xcVGfOAsyJqQ7l0VyBW55SiWs0wEhC+gOAMSZ5QoR4bwTdw5porLAhgkCE/cWIDoKAkxWi4JT6og",
-	"t8dNcq+pyRYJsIqJSMM+Uhc/gq+KjGGv9qpIX0eFPpe0g21efR2K9hXbFVXr9Svwte5c0HAmcxanT03D",
-	"72fBxgXchpqAoxPh1u3b06PFCMolGCpyrEMMbWzxiKnVKqPN2b36jYRSmCQNi02Jaw7n9A8HJBbnR2F9",
-	"8mQirBKFUMbqx6GcTFD6qjwrLHFONQYWt3Hl12LO9iQ4/rnCiaOuAL3sW0+PO3OtdGVHGj4etCusuN2Z",
-	"6U/rM8EsGyeND59YWvbk9PTUUcJRi/TdQvcff67wfieXr3Bu8FWyU0N+bXf28jHEJmdVCbmoVlIXLM7M",
-	"6qPFtDDuWo3WXoy7h4IPnHvNrhdS3miXWj84+7xLhLESC1O3fqWlKgZng8dw3922PvslV8GaVvDxX/p0",
-	"ougrb1iNvgtiTfyc89FEXyEEoy+c9BF9g4lV25aAl7QokNcg2z0Ha8wqMv7MmWBYewp3DK1VCu766Lvh",
-	"PfRaZvgblIGBSmI5is8gLMgMOIa6tVQ+JK1uTxdNEm6Ptmrr/wsAAP//",
+	"1L3/kts4kif+Kgh9d8JSD0uW3XbvuCo24lvjtnu84247XOXt2235RBQJSeyiADYAlkrj87/3APfPPdC9",
+	"yT3JBTIBEKRIiapSuXsmpsMlicTPRCJ/fDLz8yARq0JwxrUanH4eLBlNmYQ/36RsVQjNuP7AipxuWGq+",
+	"TZlKZFboTPDB6SDWsmQxWS8ZJ3qZKUK5WjNJMkX0khEJLxIxJ5QTRmWeMUkk+61kSpN1ppfwlKIrRq7Z",
+	"ZjyIBipZshU1HelNwQangyshckb54MuXaPCBabk5n2smt0fyjhNKnj19QYQkzyffEr2kmlxzsVYk06dk",
+	"vRQ5I4olgqeKaEHWNNPkis2FZETLTcYXU04XNONk6MfEy9UVk4TiZAoprnK2eqRILM1AZtSMZGbbjEfj",
+	"Ka9NYJXxbFWuBqdPIjeZjGu2YHLwxcymoJKumLar/bKUSrTM63LJSMzZrZ4l8ERsVhOHw24yUSpS0AUz",
+	"S5eZx38rmdwMogGnK9MhvlMfFr19y/hCLwenTycTPzSlZcYXsMwvS6XFisk337cPJ6F5zuQjRcSakywl",
+	"cyFJphUpFZN+IAXVy3Ac2OQsSwfRwFBAJg09GfIJB/cvks0Hp4P/73FFlY/xV/U4GJYZpSfPZPN3tjEv",
+	"Q79IwFXPwWMn5rldvYdL8/x5ZHbQfX7StlD1IbyDNaL5AUO5e9dvs1WmfU+NXc/hx7D5lM1pmevB6fNJ",
+	"ZPpCwnxu9n8fmUqmCsEVAyp9j2fA/JkIbniD+ZMWRZ4l1Ez/sT0lf/5VGXr53HNvXbvQY53izjlhUgpJ",
+	"hh9evyQvnj3/V3cSSco0zXI1MkQXMC5gEyeeT7T1a59+HHCUL9C3HZB577zU4lIUHwvzoZCiYFJnuAyJ",
+	"WZCk1NkNm81plpcSv2+uX1Qj/APoOxqkmaJXOUtnklG7lLzMc/OdI9wGVUQDxuGVNu5pTuVsnmeLpZ4V",
+	"dLNiXNshbZ9vWmqxojpLiBbFSVkAr8z4Ag76hZZZwSKSGZ4OLHvvsDKNFLP1w0pwvZwlokQyaowE+lZE",
+	"aSo1S/F6SWjOeEolgVfJ8OPlS9j97YWHB/LNLHcHpWOYwSu/lZTrTAMvmQu5ohp//+5Zaw9KU12qljvR",
+	"bV18SnQpOUuJmM8jczFdbYimeb4hcHWY65FRMzdHQ2SoGCNxY+/j0Zm5Aliq/NatmF4K0wEXRNEblpKE",
+	"yhT6yDRht4VhcGZhGDdH+5cBTQyxDiq6MhvX0uTgU3MDo8HtiWnl5IZKw1+Uac6fjQtYhHPXeuP776vO",
+	"Gr/8ZPp+j13/aHv+Eg30UjK1FHnacw/KIjULOKO69oL58kRnKzZo453VBfBL42JyBygciKXfgDyaxOVJ",
+	"IWpnDNuHueM01k9EbXbVtoirX1mizeSrJWXanE+gRZqmGd5D7wOWNae5YlGDi+1mF/bQNpgxSSRLM00K",
+	"mlw7SSShmuZiYcgtuMa+e7bnFms5o43ONFkJpfHkryjfWH5keQIpmGxlCGeEXinGtTkN5tQD3+KCQDd2",
+	"lPbKmzRvwMO4hL9Wn0Tb1Br2svuabdB9c8ktF4ZJK5S158xI2bgXRjqlTvyWjNAbmsEczFR3jqr63x4x",
+	"oH5mdpySNjL9K80pT9j2LXpV/VCf8kVh9vQqZ4SL9SkpuSrMdrrpijkpueVxZCEp16p1qke8jbGX7ZH+",
+	"AN+jKuOGl7O5jogSghstB8a5IfNMKqA9s0xqX+fQ7EW5WlG5AfLAmVApKXzOxXpmV292KMsEXQJHtT2f",
+	"n1GRY274J/CgufslW9GMm7/cPHEHaisf8t29YkEwkBldOSFgawb7TuROhu5IzO9g19q1Ee5L5Gst4h+s",
+	"wMzwQPjca09fwkvvaXLdtqNFTnn/tt7nyKS3WpEiLRN9QEP4wnZbzVUNZxz04wbeunxLllyLUl8wpTKU",
+	"YBvLaB+YKXzCnsptsRYITR1wyRvlOpRxt34uZd7yfWPStZu5bbDYTm2APRbipTRC34F3dWLoNZ/Zcdd0",
+	"+Gd/2XvR3pnvdUoBeDRIlh5+63ddoPU+PnLL6g03MsMYk3PiXiXrpVAs4EQJAw2BkZzKBVN6yuG8k+GT",
+	"yNxuwX8jEJLx/UJmCbNvm4uVaqveTHmyhIZIxongjFhSIMMXL6IX+B9ZZVxIUppxjiKSKSLZvFQshdtg",
+	"yp89fUrijN/QPDNyH9i8Ymdxonyjl4aZZoqsZaY142g+upcUYTSBpjwfLrKlrPpCv6wEOkUEzzen5Jqx",
+	"wkp2MiVDR794zcWK6bKYzUtdSjYrFV2wfxPzuTsXRlkRPGFoo7LLpsoE1xhsbolYMTSpObp8pIgdpH8F",
+	"hx+B7NZUSAONL5BYoROl7nZGdt4iVgEIO4jCE9l66AVX5Yp9wI0/8LTvuA7vIr9FgxXTNKV6rx3mR/cc",
+	"rIczPBxqnApX0k7FN7dzrRSQ6ef+q7E9006h0oqhRBqtyyrgaFPA3nuKkFpSrow23XVfNebfeD6qFsSN",
+	"tHVFKmHhfsthWWTfp0spGU82u69hMHuDvtUiEf9NrFFXq2tmilyJ0iy849lK0w1RXtAfPnlKSp4zpaYc",
+	"OUdyTRTdKCL0ksl1pthoTEA8vRLgNwBnQzrlcX1czhwPqpCRHSPkNLZbzm6YdKIrcNz9Gl9rB+0zzwVf",
+	"7J6p5Wg4QXBSKKYVoVM+z25ZStJSgiGVSGomjrpdYy07ror9M+mQhtBsvI+SgXrh0YCIPcVUpNZNz8pb",
+	"LJxh6HvLkxrCTl1c2RpvxZkO4eK7GFDH8F7dsDbT5HnTQOrsOyTTiuVzy13mNMvNHW+0DEaMpAryBCVS",
+	"rM/IlcTfGPhNyBUYVPiJvUaJFmSe3fpbGKiYE1S9zTUKvqrxoHlz9GHyOzfDawKfve3QbuzYXMMzLYpZ",
+	"Wcy8GfHTvgsAfo1wYH3W/jXNugnjrnb3Q/WDu1FYTWHwpr7WQfdfiS4a5Fti0SMjL889BaEIS9a0kkyH",
+	"lKQsyTPOQAqmpSEqbV03QGtX5Qbdt1xo84VkhhIX2Q0bHYfYgu3tSWpzeONohPY9K3Jm5vtaSJZQpdtJ",
+	"zVvRel+duwkuhW6ZmiFZ1bTYNgVWlnxNN7OUbjoofE0l7/x5J5lWU6t3Ux9k2MMhy9lFrxo1AkOcq0wZ",
+	"qi1owoyGZy7JuX07auoFfrD+PpUlJ04byTiJL8/fvv3P2et3H169PL+4nP18/uGn2ffn/3kREzP2M4Km",
+	"YCP6rZ11C2eNRjmSSlEoUvLUEL6OkLOCJmT5eKaJNOoisGh6JW7YvY5COwHuOAype2HmVuloh+EVWlE7",
+	"jsAd5e4jnJa7mHxA4+9q8FCxvX5ifNNRD3l+vz2otvYd5+VnIxoa3p2zuQYEDZq6Q+fenUkw3PYdhGe7",
+	"Oi61ZXxxN6nv6DThTdq9iLYvgVStHkQIGV90cU678VtOBksKqsEJX3549f2by4vZq//2/s2HNz/9MPvp",
+	"3eWbl6/ikBMWTGKr9ycjt5/76MisyLEIyXHO+1/b92JbB6A5aJZvelvlq4uh1fvTECV6tWRfeQeWsgXj",
+	"TB7oN48Gy0xpIXeJJEshs38IvuOJlUhZHpII02q2Zuw638xyAUcm+CLjjAJ4bSmkntn+jRIqZmi0wSPy",
+	"ab/41GeNPsAraElcLJjS1mlB8/zdfHD6S79WLqp3v3yKWtA1qPgLI2mfoXvaiyXbsk4ibsAGUBecgsk7",
+	"Czlnt5p8OwGRZxuU09dJFkqGNSJxO9eggsaWOzrfLVYGq7vjiIML9NiSyfZu2B+9PZBVbPHoYky9958c",
+	"MiHw4uu6ferOrtWd194++JezwMN4rC1LSCKZBTMF5jSPtECbFt5TeinNS/Dc+fs341btpku/jgZKlDKp",
+	"XSNFKZMlVWbmismbLLE4pqLUbLZuYwCtmKVtwrqArt5XzXc9cuG77XriexzOz2Y0X1vctCsWmBz6yR12",
+	"Eh1ih32IrJlkhKYpmg/cXkRd221+WAtO7P48UpZw7mc+CLnBDkFjgY8dTc54K9bWbdDOh46r9ByG5OjJ",
+	"0vdAHJrz7CCGkFXOWZ6TK5aLdVNX9301Rc05zfMWxVoHrRpVBxVs4DagZpPsfvJpY/t2EE4ACjka8Xxg",
+	"N+J6/w3Wfuo0vWYcFqTnVXRcUkwlXat2MkAgDYlxBjFJ6IqRuRSrM8JWBfjmGSdcoH/bbCvMpTf26S1L",
+	"F0x+L+m6TfYNb7bOq+uR8nwKh+vvKRhbpsmSKsIFZ+M7YEd23V1GUDXE3r2xYs1SJPSrUhOaS0ZTdA/p",
+	"B/JA7rBRd98u1UwcMYRMZb8rxRJ/p0or2bzkKZx0d1UQLcS1l4Yc6d/58IfHb8fJl/jYEU69XeZWuNjB",
+	"yhZb0SzvBfo/VBXtjx3c70+8C6zAORv3TmwbyNJPE7ugNyytQ8vbNbF2yImFABkla57JFYo9gHkhDgiD",
+	"zhPU5JIGOGYbghOPQj3PcZ2GghbBxAs2a3Dmvat0bwQ84s7dBkUhte5FoDvKQkhb92l3k4LrwHYQNSVH",
+	"s6iCW6N8qZhZ98SvuBU3zR+AOSLMdHZXqdKOBwbcySHsQ2M74OOxiKrb9vg6t1qVlJQsKV+wMXmdsRxh",
+	"VKlg6KRb0huGuG+44rYXxLOSr8g6jssqtu/Z1rNyCJ3v2h6Me9wNeiqo1kyaHfvvv5yf/Bc9+cfk5MVs",
+	"fPr/n3z687+0MXTX+Ec8UXuPyiNF5rjZNrrSsSVHHEgS6dc4AJYLHO8AfCwUk4eC4jwdBzvz/MnTlrXu",
+	"pNP6Yr9n8sQvp38ObBlxi2IQk+EEAroQu8iFzsB/OYc3EEpmWxuNybtVpjVLfQzKNWOFAz1Kaa6bG5qX",
+	"7IxQEozBW4CWNAXgaakcVNJcR4tSstTdW3cL75g89L2+d3faD2/zuAUHLCnVrDpkrefrSwuxvZJSyJci",
+	"rdF0A5BrrjhOSw1mTAhpmQt5laUpA2iY0LO5KHmKKI55niXmjayK451ds81MslLBu80ffJAXBHypcj7P",
+	"kswIBg4qBUJOLmg600LMALtspGuqGcZEsVBiL6S4yVImZxAOiyMP7LVm+ySnOY6D62yeMTnzw24zkncw",
+	"oXeckatSZZwphdfsmMTm5RgReQCUXtKiYJylhPKUrJdZsiRIFVMeG5KIyVzkuVgrjKePBWfv5jHaDSJy",
+	"zTZGDdrYdkdjAmPBACbB880UjwHYnSJitDW2JuZZ4If2s2OQc0Lht0eKYN/mVC2F0lOurjN77PBlM9ps",
+	"wYW0x2q+faFec7Eekx8FZxuSKZLxKQ+g3j7ozQLfyBVTWcoAOeB0FzMJe5osVi/NzAKvMk41BvmvaFFY",
+	"z+NOeNWBEC7c0WgXjuYgnE6zvRYowoFgh2aLzsfcy2Hd+jIsYy8/ZfN1Zy7sZXtsvhyajPqaoZptOOWz",
+	"lybrX27KpXvu+JpwHm3f6nterwksnhuNnf09F900YJUwaxt/K6rdb7ayBsbTo5GfBe9oI+3XwNZEdh8L",
+	"+3L9NLhX0Yix9+UP9rHm6zYqYu/7F+4514Aqrzy/3reNF8Gzja0EPWqcMtr58kfzxPeM2le+eJFs8xNm",
+	"moAr5Us0AO6+VzNvpcgvUb+XaoPf91L7yvV8K9zsnq/Ut7jnS3WKPOwlfw4Oe606g/ve66SbvfvVwjV7",
+	"vtNklD1fq7P3Q146cHw1RtzzndYL9dB369d7z7c7rt59bzfP/KfoCObMQ61aXR4yq6G2QOWcPHpmZDnF",
+	"cpZolPBwXkZsQ9lw3M8iFqqyNaNYm14LS/WeLlqC3J0a1cv34dls0+0RJIBq0WOpUkYkjsFeFBMtjLao",
+	"M27Uy5JbQ0EFMynoghnJFtw1+5fDLkE4hLY1ANMU6FwtiwCJetrRCAIUl+1Z/fvFu5+I/RVz/3z3YvJk",
+	"ZARrYZOLYR6xK5FuwCILWjldMVQIfHqt/TN0Y4jcQFvnF4Cy2naZ9YJ1s9uCJbotldqPjPI2ZE9KN3Ug",
+	"iChR4bNtY5IyBGgtltvtvpj8ycbNNjJCdDeUi/V2O0+Cdk7R2m06jAjl5C+TP4HCI29o3quPbRKzuFlc",
+	"HByCndHOzahwbVt7Ei51c1/2Ox8quNUd3m8mzKjmFba7a2IWjLZzUvX9+d6o5oAXYynJOJkDvkiKFdEi",
+	"pRtCEYDvGgD0vXVMXLGN4AjssXiucS/3T2ORti3ZkEWPdiD/wS5gqPNKgCtw7uxc/gQoQeZUjsaHZ4G4",
+	"w4pf1EB/zbijGyaVRxO2LHw7fK/IS3sJYeMMjHqK5FTprnXZ3hOnavfblM5sWwemt+obArWdHSlcrZ2+",
+	"YpAR/yAR0rugej+W5pph5lTBfkDo+xkR1sS7YpTbyNJOyN527qM/dES23ZnjxmP3eLoHxv9+4Md7h28H",
+	"2Lxekdy1VD73juU+HEdwhAXthSPd28ph0RYhDnQ7vZ6zGcWnlc3VxjteIbxaXAOCJKpgq178dXCTNVVk",
+	"LXhUJaK1uZrsTeTgjWxTYZzClHqHw1JbFY3gOFaBIx7SuUfxCMBS96OtHYemMejtA9A9sFdc76b6Rt6v",
+	"bMFZekoKoTKd3QDsVLkdjghnCwpfS7YSN2jAXx0Gj8MY/gc8bx3AuddCujwT4IJAwy9hXMuMqaiiN0VM",
+	"C9wT24ND5pDKPboC+QXivf0QwQ9Cr0SpyRCR3vgjjrsOtXOnx9lGTVPOQuuQNqPxPdjOdcbT0KMHvdow",
+	"63JVhd/BiTKjNISa/lqqdh/YXe7hgznfXQCDr+t7kDF1WstkQQMMnWNpainKPAVIyJRXEFKAGibwExc6",
+	"IlcsoaViNfgueJwxzx4cqykPMb/ojVsIpizy9x9MijMUbd0UINEFZLKQLGHZDWa7yDMQe682JP7h1SV5",
+	"fPPkMU1XGX98w2Q238R3zGXRxkmBMravZXvmA3h8O9qpm40dwbIT8sP99p3D1MueBpofA0pvl7TrzvuW",
+	"5OBbSboKogV5PiH4AEIaFLh3FSnhx2cTuJhpoplUkX3C/vZ8MrHpw8JRPJ+0D57JS6ExvXZDJ75x2ev7",
+	"4ZDwAtgWDV3rh0LvsUnXQOTG07YH1hrf/0q8rPKr2nRlGScNd3TsfNFx5DPa09ueFyN2PKucaFvW1Uwv",
+	"8U662gQylo1XAn99wbjhQrlQmgwnHuefsADcm4GwNTpsVMhIWkdVJWsjichz0PajtsVxbcz8KgEfnXKf",
+	"1szm5XukCOxgZFaPZDzJy5Sld86146fgfISfD5i4prcttEBv3ZTNn7gXKbGZO5rTgcWAGEI77wi3xLYg",
+	"WSEgr3bWDiTaP8GO9I17r8M7+Q+qNFYd8RLLTHkg71W5UYYQjaziUlWC2AXJKke9g/t2JMO6cySwzQAT",
+	"pHVvEvamljoP3dNjcs4BI3vNNkQymqraQw4a9EhNuVhzQhNIIW30IDLEDYdALDSYZ2lkU+onIkV5dMWU",
+	"ogs2Optyygnj6QkkJdLCiBDYH8Tt1KA/EWHjxZjEjhCm3KeeMVts/sDRx2PirYFLkacKEXNGtc4w1xUs",
+	"htqZkGuvYJjxG5ElrLeLqctOZn6YNaXMIAFqlf/Upj9tlSvz7IatLPhsO1dhmJyxpty6tUQmZdPxFDSD",
+	"Y06rQ17QBTsjcYDvMW9AbnnHF7CMicsNH6YGCrVY16ERnKrGWqfkxV4o/NB3nQ82OzbYdRdG2sKvDItv",
+	"3BYxkLSYWwFZBUv5CPNnT3kF8r9htryAywc6PE9pAXrme5klGV+MIsJyxYJ7tiehVhUC+mAV8OEvdXhH",
+	"31X2WJJ7WXqqI9nCal/dMLkJT61ZZQZfuvxSAhJL5anhMpjxmryCmLCMgyKgequ0dlEufW9tUvNxYh9a",
+	"c31WTKBm2vaJ/tsS4DVv/G3hqrrIAgbRHXJR35Ad8mSA7tgVbliT8u57AzpL190SrFkQMIjKvcxOtbi1",
+	"oO/WRa72pNlPv0XsROc7aTbJhaF3I/Ge1W5ixlNF4hAcF98Nod+xsy0w/VZE3r2h+ltwo46kPUjPMw/j",
+	"7BbQqCZpBhYIkoiVTacVmCIyWc9wBH6V9TLL+6ZmdWORTGkh+1O5fw3QPbO5kPYMqw69w/5KUmYOsQTj",
+	"cpazLesyKEbeFg1Jy8QcZSjz6Drj3jx94BS90aXHaMEgJxTzww7Drr1VyKYaGdLKoNNXUL4nJ/BTUUzr",
+	"nHXYKSszU7jKS5raegtcQPJVJiHCtufI73pBH495VZVjmsQbbZ2ttrXaTb77COYu/NEjD/ezx7Xgde6Y",
+	"2Rj/jJMYZ46yWmjXRLMleFzuHgPczr16MM9efpvDeGd61Cu5vtsHvvVV4tMfUGroUpq9iusIEB9sje7/",
+	"WpJHlf+1sWVt23GXg7gjhrDyhK7BesfWBA78Wcg8U6KWYL6b186fz9hwtOOX9jx86dFO3q4cwp16/z3S",
+	"PtyLpKzG4enlAErYnSG4CmwXN0bDFSS29hgytGmA04hgHQMwnmq1ZUV0wthoTM5t+VRXrQ5hlthiVekB",
+	"BGCb/eNexLM7UXAjeuNYhIP5Ai6YLouvW6+mV0Gae9Sg2Z7f71CG5pgVOg4qxmFnfwQ/nnPg/E4+vEa4",
+	"yU7JIvQ81DmDe90CLMFTAK6PQ70z2MwsZXlbLoOfUdGxlXF4itGcBytz/5yCzoPaPzotTY0taavPcDw5",
+	"pB701CGUVUCQlZAemg/vn9XlfqiFARIJ2LvnQmLuuQDHAOVRaa5EFaBvZxOP7nXZ1A7UjuvGr/ixLpyL",
+	"jiKyP2Pq/bCGkqY8VWMSF4ynGV+Q//s//xfxZl/yP5yvJZpye83Xn4iNbi+Zlpn1CIwiElfvm2fd7Myj",
+	"c83klFO+sd+eBWZ299RCirUtfphTbVRvzhRICpUEOuWI1aLBWAHZYqnCZ5sU3mxm+jcU4T5OeaugmoVy",
+	"KsSIO2ySaXp0FmihRraZcrS1QPV38I1oqhkmA0urulx1ZdQbqs6mPLD5RVBlt8XUR845ybihgg0ZcoFS",
+	"txXC6ZqPpjyznjTJEiFThOrHgZnX+hY84eFmDwIL/wCdiAyTTXsOEGgheyyBFfG5Jttz0ZyDv/SRIqFD",
+	"guB2ckFWECHvk/iA78k6G8lVlucK3ewQZTo6tVXifd64yNOTprfmEzhf0BzgDjcW8ZkYivauF3wAHp4F",
+	"X0qG4UyR/b3pqoph5W2KHFjhfviLDpxBiBCIdkIyMMwhdD6Rbt/TgfCIPigBm0HBUJkf0xmZ1JNRHVZI",
+	"qv0+tcH0D+x3f2Cv7Z5bu9UDuv2U2co+UJ4KrNNKQw0i77l89beOEQnSIqtsz8ySHDyEd3mVQC24xnoE",
+	"47Xoxh3euB1OOHM03E5srUnohjtA3mlEk3cJPPV5I5cEsadWOtufkAo/Owzzh7jjZGNOADsRBCOMXA66",
+	"Fg5tK+bfSyCqXw07JKLqWjqWSBT4fLdVm6LIszaV5rXRViuMP5Ih2j2sMeI0uPRXNFlmnHm/dabB8aFp",
+	"DtBnUeoTMT8x97O0eeZcaX1w69Tu72GAccObPwpgb06vgG2kIMUtkM1vg0LuAoyaS7E6EITcA7awdd4P",
+	"e8fRyn68gdiv+MAM4dHIb/9e3C4USN42/bXz625I6OGF8bCt1iFJcZXj5dWzDPplkCzMPoTVA+O2ZFJ9",
+	"74fEgpJ2xqH71Flfol3B24Aia5EJ3s3nVknB/Ep+2PVquL3RIEFseYvhxTbXbbjVcrOveONrM74w8VZM",
+	"hs+evhihOBlk2orJ8Pnk2xGymmsu1vyUrJciZ1NuGzf6xZpCpVu83uXGrASgYiPUXiEXMVUk/mDGdnIO",
+	"cftdBYB3l/z1+mNLouBM5+yAPArn5OOHN4TTlStMWCDJQuqs/Re3Ze/Ya+jZNHTUcSJAHrtnVNxOcfHh",
+	"Cl62zeiDD3y4S1HLG3HNVJu1LgwCacRcYC1lFy3UR5jbbxnjQsP1BtCGXs3uzDgdWpfcJDsWT/AkyzOq",
+	"u8vFt0JMbHegrhfUDnp76u6u7B2g23ErrDK1ojpZsv519utz+9E20MbM8Eq8A5bNRSGE96VbstqY96+9",
+	"H9/BRJxm8zkz56OFvVgRAQzN5ITkIqH5zMVM9KDc8IWDFJc7B3bU6bg+4FrbtYnvX9+7hbw78t0WEv7B",
+	"pID6smQymTw5gf9fTian8P//CkvTD589fTo6KEidyYarxtWh3+XoQSJunNKcrgp0Q3Kxtpn46wH1ujaX",
+	"uw5777lo36DfSlayN7pNQusjMtkGLq6zoofgVGXo7PAOuFvdqVsSmwd+ep0VRR99K+jEN7lj7ndMxJDn",
+	"M0wh14Zzn4vWGO5zIwTZKaGCBQZihrBtzCa6ohvMbS0ZTZbM52UHNwJUxX76jCxFKRWhC4GuAehu5tag",
+	"Q82qlqXOvw+k8RW9fYOvPnHpJdznJlf/smvR23Ms+P1ug2Gb5ULd1ka7E+cTEBJEz4wvfH7dnnKBhIGo",
+	"9vgvEgeLFkeQmbhgklTfggHLBZiA4nxmM+I7AokxWtj86bYcihjCF0NqtHWlCawludoETY96qwnhIW65",
+	"Wt3B2S7FRVc2ULk5OKowAQCV7C6CUMuprVZ6x1H0XKQ1PIhya99YUyesYTdhXAcXGs+lYXliJnKb3Dg4",
+	"H60W0JbqCdsaq6S8E/owgxr17RqJ+XnDqGz/NadKP9svlmPv7vGwz6CDtsVFBuKNd03LUja7YVJlPY0k",
+	"VGu2KnSH6tUhHpkh2/TNffrYHUMEWAE7jHtFfRRSJEype8aO+MCdQ8xX/QC4wcZVIFynw/bP5VcFb7i9",
+	"q0VhhBPYQz5HAJKExPg7gUm2l7UmcNjQ24A+DB+G3Nk1H2RB5XUXM9lOItoOWSmsvW6HxySnvFZhCtNq",
+	"BWZvn8AbcwB2FHdSHQ53DyFtmtJ1qcgwponObhj4Kc0ZTkv422Hn4oiMx+PRHfGmrRFf+9BP9RcC4oal",
+	"7OfX6MzxursuhRXEagsVFHYxF6nLOYmjupsnoot4WpwRrQmR7+2PgEyof3WK8CGVKnxCgl6sAPqBhX/D",
+	"i1IfLlzWMt91Jx/wmV3bRYvYkoxVuuJTEiB4lHVnoeAxpOTZ7e1oTGIrW8SnJNNqyg2fV5quChSfbJRL",
+	"KtauLZokrNCKDL99DrVqI5IzpWzqwVIijGDKbbUM4UJsSKZHzp6auVwmV6yKwKmqCVGIA/ERnqLUdAFe",
+	"HRdqhDHxNuuJS2yiCW1WWBlP+WtEulpwktFICqoUGT6/vY1ASRWlVhEBQzG2ZESuk5xpzaSX06YcQ/Qz",
+	"ScBcnGnUbRGKg6FDgIDyiwdlB4LVq2NC6vsUCHhtLNhvegdWcKcY00fxrVPVft22LgMdYHbzy9NfvIBs",
+	"I3ex/NRUZ2dBwNbCgdREiQTFiGB+Ow9hJ6cNylsBWw1IyqY3zvCeUxY3Zem25HCUKCdmg6kGlBUoBurO",
+	"hTTr1NPCeYMc8sfhtwEfPBCavMc0WSfLRh4bnv1WMldHX1dwBptIISKBfhrksznb3oOgLNNdabuRXtRW",
+	"qeNifeaHYbknETkWYHlOVhkvNVOELhlNMd9CH7PgrxbQhNxLGv0XlMp1fyOhP2RNQga3WES44Cc+dRsm",
+	"APY4MVgRlxQoLJsyuksa4bq9tnlsAwLYTX1HkO6rxpoKy9cV8atxdBmajukOPtiqidIAYhbLIs8SzK7s",
+	"yDIsu3Q0a+fW1hx6J94//X1LVi2aztxO9Kty2bh2twpcgqEoMGiZ424+tdae9GLUPfOEHnDx721tRTdX",
+	"bGb4a2tO3kso3iSVRg5nrcddRmPD2UWpzeVIuVozSRQFr7wSRpi1ohxCqp7f3o7OAEeM9ukWgzOinTlj",
+	"qSIxGNXiuxfr3wE/OZaFp5+ZBUgq4Fe/l7y1m42H0lebRWcPMggm+QaSI3bmN3ZcqUMmRo6kOk3za4i2",
+	"r6YE2TMtDgwUqasNoVzopUOXnQEQ1+LbVyD0YRB4ux/bs8oODuXZZ8ev3tB/4FVm1+vLHg20jamrdq6u",
+	"9pjDQ4oMsYceFN90dgwCXjZAvtqtFUE6QXW4k/sOOIL+yx0kOjwmOqB+pkKMgB1f2/L/B6To7ASuHVrU",
+	"ZYfk4IDb90sy3ZizBQzvqOmBE/wAqfC656dmAfSkhytNXLcb7O1cDm3OorD6k1B921oBcw6mpHahacB/",
+	"h+okryBHVcptl0+kSkCrprxKKGJY7FaSlw3GdGGYnS2yKNaggQhN6JRfwc19is+mAr5emZZicR0T0PzG",
+	"5C2ViyrHFBhH+sJwHD5rHxcT18FNVG1Zyy4GO1Rf2m2KM1cxS0qZ6c2FGZJ3Pf2dteQ5C1L+wVaoRBSM",
+	"xDbZeGzWPYZcunFE7GDAc6oVufjb+cnT59+RJVVLc4nAAgA5MioxWSmObKl1AfHHynCdawZWeHzotSPN",
+	"f//5chBtj81nCfz3ny/J8G8Xpj8hyQfzx+iMxKq8iiFIK8wynKU9hvMFsvnNW0AkGGVk7lNi9FwweFxl",
+	"eQ6iHK4L1D6RAjNRo/h3SgrJIKjQku6UX4lysdTeaGjFRB/9bnRqlwzZFSnPlNkOcH4Dz51yh9xXAebf",
+	"pkm0DgpE/1MpsxuoYwqpFsGQg2aeKa9yCEmWZ/Qq3wTmhL/aqcGloMZTPuVQFgmyrq2XTLKIxIrTazZL",
+	"qGKxh9tivxl3+nQttsSe6yl/c/EuyA7qow+U18LRyAlffXj9knz77bcvYBDffAMqofrmG1DaY8BlJ4Bt",
+	"emwPw59/VYLHWLjpxbPn/zqy3RKloURKbNSdeDzlW6hgs73PJpNqER2sIKHccIMr5u0UtmCMljTRUw7F",
+	"aYcrmhumylJilioilFzRtKoGZUjUkA6TiO199vQp9kShVTM2Qx3phhhOdA15tsucnZEYwc6/fIrBwaSI",
+	"4VNE1JHO5vyFhavsal2ANEc0u9Xjb74hl+zWxsggPYOwp8gQ2o0IFLpWkcuKGU25S1gdWeNggMaISFB1",
+	"GBIvj8jK1iv5ePn65C9e9/np49sph2q99gsITMvSTLIEbWyEra5YamYTEXHDpMxsetBMCaPy4FqLXE35",
+	"8OOfn06enp/AP68iYv797jv4+N2LUeQxPNcMZg0XRE6BJK3oO+UYXwGaFRo1rdALxqsVldcKmp3Y5iev",
+	"YSwf/zz57slLrHif55DsCRf5vNRLsyxIh998Y1qMz21tZ/julPwV+A2ZlpPJtwlkN4U/WTwm5zbbqa0G",
+	"IZk5nEKfKGZoB7PXSww7pU3mh7zu30I2F4EuCtxAizJZTjGsa82rIuFnhPINxKZgfklseQ/Ln3LL88kQ",
+	"/oVuUoEsARtzjHBFNyO7Nm8qGjEE+P7dxaV1aqC6ZE7FStwwosSKYSsoxk95HLx78ne2icfkgq4YjBHY",
+	"JGRqMgfGmk+NlkwkM9vtaixLpQ3pgeKNqCDfqD75AI+y9JQYoS4+wxb9ElDisJVY6o1kasrNqY3b63DH",
+	"Y/IO7N+Z4OBGMaqVOTxXVNVCqKZ8aGsGRLb2gj9eoB6OnKmAGrp3gRhepTFH3aofZG72xU/1jLhEHT4R",
+	"rjsQ5gVFhIsBjWwXhuG9MKywq4B4PCZ/ZxuiCpowdUq2cvQ+UphzHUyo2mYBHhZMVtQWESVQqkJbbyLy",
+	"3JxvX/3EiGqMp4/Umc3qef7+zZSbfYDwawULCSOAYGvnBTYUans3/VmL+SkJO5/yoPigXoI3zmwlMlLI",
+	"GgopW10HEC4S7sWYnE+5uweAbm2Iu2WdNsYL5gjxHmZXMl1NztOULLkyZxHjMezxeJspbS4zEFljiACB",
+	"HDloeX8+MYf5ljyfTPDOAJmY/lZiSlglZAzj9yQef0ZmHVhnv8RnJA4+wy0Hhb5s+m4oCVbQBUNx1sZu",
+	"oMAziAYemjR4Mp6MJ6BmFIzTIhucDr4dT8bfgmiqlyBRPl4ymuvlPwann79Eg8crpmWWKPsJDBHuJ1+O",
+	"QdYQyqgVC9VheLM+3UyReS7wahNo7vd+iCG1sF4SawGzTTwAeMq5WONZGZ1hHD2jMs/cbWDWA3dfMsMi",
+	"MDm7LU0HNK4hia/Pa/Tx8iVJ6QYryVEsqWLzAWA7ANNWeLPgJj1SJDZqcIx3IgzStuym56MJYEeEYypv",
+	"UoyVoJo1QhZ8KNJfRbpB4zoECvvIRSsi/Woj8VAtOSx2wKF0v9QVFmvIlUwVgivUK55OJg80COy9UYWU",
+	"yRN//6Uym+sxKv1wiLra9wN+7PVVwMPYelmDl7gHQapN3FA42B6zg5Id2rnx3QxMTpouFJikDIkbfez2",
+	"BA7UCX6Bq1Y7BuhbP6kQHAsGY6/vvuEXAXpKIQqKOlPPL58HpvXBbyWTGxdDdFpZK/steQvqrat2b9X5",
+	"47eGeQ16PPgSvUZfPj0g1TQhcy1kc47laMXcSn8WfnsM2rFSdxiZDlWk1t50cH8SefzZIay+PEaZBzhn",
+	"CzEY5lzRgsdlNQ9xSB2HVfn7FHVw7ErWOguUUjafs8SK3Vmek0VJIZ75CusPWAjwG6ACq7bXDwHKbSGO",
+	"8etQUhsVXXpoEsR5EgtZhBx09yek99gaKK9bJIWCxJ0oCVhZH15T2eAfhtXUPD//bEym4bjfyWMCbM1R",
+	"WMzHoD1zchxeFApjgPMVgTtqdG8CeWz9kd2S2Y+QmSeMYXDhIS5nVEyGQpK46TWJRxFxHjQjZiumI5KW",
+	"jHCxPq1gfwrkdcxY1IgHkVZlgM4FZ1NeD/6wut2YnPNN6JRGV1kN+IbcKOMqSxkqVXdAEBIHIPQGNkAQ",
+	"JpSj+QjjJSLIxc3wV5JmLCViPiZvG5EfEYqI7LbIacZZ2gh9OXWrI0ptBo36iR300CMkR2dTfmCoU5tn",
+	"2ki97QFQcT26w2yqM7zb9lKWlgUz6k+1e2iigNzfWOGvatRoOsRQA08rxCVodyydcr3OEnaKqm4w4Loe",
+	"gfoStIDDs4QAO+Mc7OD0pHyzppszV1SC66DAFBcuTCh2YS3xqE0qt+EzdXb5MDJ5LWTuqwvjYexYC8OD",
+	"rFVrqgJKB8OfrS0kjQBkg4eOImiZ/YUNCvnrPS5GrA3YeSWig+sNv6Eyo26TH2itay7CDskDa2mRIeR2",
+	"wMBWI2Aavda5hs6IYujDGh1jxY06toIEMzYxCB5XPIzOQ4WuNjTrg2cCciEdshs2+KJzI35g+qV95AG3",
+	"wHXRsfouQiQX1MivmGRH3oewrYsOpCvnnPvlkxF3AjfZL5+MVFNtCZw5e8GgdylYbLeQn/zKWguhK8m0",
+	"w+Dys8w0q9f7oqq60iGs0pbcso81vFlTbpM5j8nLKgWVzczm0rSBk5eSeCVS9m+2n5jY0aELAtRvSOXm",
+	"HwwDL/zTkAWxUUPMGcOnHKJzmrZwsMO9osmyMqGbN2AjCSU2J4tDj4q5t7CaoaDJacqH8eX527f/OXv5",
+	"t1cv//7u4+Xsw/nlq9nbNz++uYwj4qx5TyYRoYkURp5HQUPDATL3c0GVNmdXezMROKOevmjmhkHpppa9",
+	"hfzs3GpbFvOoypNtxayG3ZIMwWhpaNec0pGVODBf5yaoLoKIN9dIw5pMFkzvtyRbeglaw4lCcUAXmkDT",
+	"TbfVy9GVpaptjWSPUhAsz9/Z5l2BzierJBz/rm4M1+a97nVlP3moQbTxMhwYKNrooIRBtDhKuvqyb1Xr",
+	"q/0btruvxgwv7MFt+tUxQ6vj2Da7n2eSrhRdxSUd/uLx5wBs9GXnfVQhwR7uQnJ9dN1IPvT+6676B3CL",
+	"kwAM55fWLeTg05dDj2tYv/JTNLCRGW2028R6zEGtcmGZ7DZTmgyfTp6MjDqDYXrOQ8jyVE35Irth3Dwy",
+	"GY0JJP2ycfiGdoxKZ8OoAAs6Ji5iLaCNeMrzjF+jj9Z0aLhrI7ArqicoRTXD4jNBDROcnYGPyNxBFnLg",
+	"IhqBTSqm29jjx0IxWafAB2Bntnns7GurHrtI3wZpAtUflXfu6NMzzSO4GrwnHElz/0nazaUe01KLEy2K",
+	"Eywm0cWxzkstLkXxsXhIllV10sGzFNPmrKBU6MJ2fw/2VWqxojpLCK5c28DC7bCJXB+Grf2MwCA8+8go",
+	"cgH++rCG2hAAAggkoLZiyibCQvg34pqNSM7oDVNkztbOxRnrpWRqKfI0roBXLsdg5MJgoZBx7DLexuT/",
+	"/G8Sm0sTcrkH6WRHzoscRGlD6dcpT6hMo7D46ym42e3iGs4HNqYqwi2GXBr5Zmbd4NS0kTOeUkngJzL8",
+	"ePlyhL5Up5AMY6xoe0rCirQjwGoECqiDxtUz5UJ4Ijn3ccZQrpatAMfg8/wH7c5spvsza+wHsI6rSgOQ",
+	"D0qkWE/5Fi2lmQJoptE/WD4nw9bm7VNoY7qgN+YKQYGfcfjBGbEkO4G8AHCPZYgaTHJGLX3YEQEmlusx",
+	"sU2BUlOJ/ojYZPm87UZ5XzbYw/HvE9/+hT1oX/tK6c+agKSP41Xm82xRSrbFblpZyx4+HyRw7eLxf7WP",
+	"POAyui46FtEO8mvz9IvCcI6rvCqpwMUaEjwB5Or4nHzPXtleHluG3eKsPfDaaDXZfC/pGrNyAiPAsqZw",
+	"fdgyTUQJwZnSgTKOZZPH5Cd2A+DIGyZT08ypBTEJYe4PQCXXF7RhrJg8BUxtS4Jgw1gRGaWDzMKxpYy4",
+	"VeHHZXrp06XfR9N/OA0fR/k7WeN9713WePvAA2r2zyZPd0wnRGT3n1Z19rcm9JPR5jjA4rfI8Sj+hAJc",
+	"Tp7oDubI7pTPhWQJxRNqWfNW2md4QDWlp5Rm+caKdZjhBk6zs1suM6WF3EBxjynHh6XI87JwoiBZ0Yxr",
+	"mnFVpSbZMKWZTOkmIkaEiiyHECndTLmRzABSntLNI2UYBUTL1cbgInL+MvkTYPTlDc2nfBjnYh1HJF5m",
+	"i2U8ishSrMmK8g3mCAD+4ERLzzUAb4iFiKfcdwbgSzA9ohG0MDLjyqjRCYiNUMzkxeRPiLSzEYtGwKnG",
+	"iDXFRlFVS8dlcAJnNFaGuLEy9JSHPYTN2GI/nN1q8u0EZ2IHZURwpbGGxnjKz4ks+ZpuyBXbCNunwwpa",
+	"kOUYzdV5TCBGwHpdzTcOs2mEuphpNVszdm2EX7HAAJvwu4wzKmMy1GtBzHeKiPmUO1oACLVkUFZpKaSe",
+	"2R/QPx5zMQvm18ptf2DaclpHl/3QHna2M7NINcyHP4ffTiCnECYSfzHZnVX8QdEazQl2iCvu5H5teeVl",
+	"eOLtGCJHYGiTd3ppuVgwZXGfv48Qg6j1B5Jh+pv0Nkxvo8N+MGP7g8sNMMaDpIYnx+67S2b4Acu//NGc",
+	"Af6cwPj8ZTIspFgJDHRYUV7SnND011LpFeN6dJ8bPIjX2A2RQ1K7DB8/lOr+UKi2tyxdMLkf0ZbDc646",
+	"wNdml5e+Vp4dSCe+9utwRmuPOkFr1IliuiwemkFue7lc7WQoc2+GEIOwgVA6KAVn9suIQNQZ6Jw1KFO2",
+	"dmI6Jj+3m8oiK1XJlFwxqP+AMLlQerW+bl8AGpaDDNXSCK8NWyGhasp9xTx8NPYhfFs2NByeCk2KYAuc",
+	"8uqWCHJBcutlLhUbk5ei9MAgpRsy95T7sClJNUOnf7cXuqVi88PcEp2lk7/yjdEy4QdxiNzNzkNvwGFi",
+	"qBKcvE2yGfrTkXEChwLOxOgu/l93zPfcCPaN9+7hf+r7ICxhvfNCcGvztSmgliLWDaLzOvA7+LD3AeAR",
+	"O7X/i3KlwhSiLos+YCVtaGeF7fYZPCu8spryoYM8Y/Cl81aPxuR7H7Lk8MF5uhXhBlVpMcSNOPzSh1eX",
+	"r366fPPup9nHi/MfXs1e/cerny4v4hF0cM0KwH+hzQHj2qZc8HwDwY8YGeq0ZwtC3gquQ1yVfcgGz+El",
+	"Uo0GscgVhjxzNQe0IDSMttuQIUbSAai31jxU8aWbCMPrqrq7VedGvx+dBTZMcw/Y5rri8gzNuTDxyvDp",
+	"ozzXS+biyzEPyZKRopQLRpZUGVWuS/V2jnWgmV6Kt8tN1Rqys7+IhDlRjVAdnuSlym7sKp35m9yZQGwO",
+	"XLMszSSPcVuWx7i1jErbXGxOoGoq/bIMbeXAunUzYDytxs/F+sjjheRFB472wcNQbEqpNqMGRqB+Zab8",
+	"ViQ0r8XAQvCCzYQBoH/cDEn5IkQHI+M8DnPeCnBq2mDzXKxJpg2TLShEbdnyc+wmE6WCq+2RasRPU0Vi",
+	"aqGX51NeiDxHFmftE0rYQPdVphRTPhtzBP/Y7CKBujjliVitMsQaiTkWMTmtim3QogDPrqtZxJxHGxBB",
+	"EP4y5UGDztRZ5qmZScJSW2xckXnGM7U0LGwrJJzma7pRU66YPkOQqHMsQ+Zps0g0uW7jYEbk6QoR27av",
+	"1Tu2zLi24GdEmNXQwqFwbcIQtsg4h8C69nMJe9LFE58antjCQ/pJYg95fHsGkB0vdMzsgig1GtKvSpVx",
+	"ppSlNUNckfUIbolOLsO7E5KdKPX4c5UsbSdE0oqSg4eXVrusu74Y9O+Cj3RaMXhTwIPqKw47x05PSbUl",
+	"sLdWvrpXaO93z/ZG9tqdbsaLttslAEbvc766xGCCe+eVU799+Dxo2pCyAVM2T3ktZzOgLc/sTYFxenvz",
+	"UE85JKI2b0GRVLxyRmNybrND+iAhyQgyXvOlK5nqJTsEwlfR/1VuLMuHDTtcSDhEJUf52orpiIK3cW4x",
+	"RBiEcXA2MWWYS8nFBYCsCdksqvzfPDU3irlZphzQWSjOgMQZxAGTIXwTFsaqYKewBhGuJ07Mr+go8hBU",
+	"G2MspJfbwxrgV1QnywiuiimP/TxiC4/DV3nCIAgjyEHakYDUxiRiFWuXZqd9xGZE1XjdCFwqTxsTkYiU",
+	"hdGhM//7qbdxwW1DtafRKbfjdh5DtBhBNhhNeYpp1qFKN24xNVplMDkzVzcRn+mXxH6wMbG1L63+YReJ",
+	"heGfWH4hmnKjROEqY3J3ny3LK31VGClWcKAK4ybabuU3fMH2xG//saIlgqInvexbT4/bcy0zb0eWEdxo",
+	"mzd2u/DcH9ZngkGEVhofPjG87MlkMrGccNQifbfw/cefK7rfectXNDf4KsH3Pn1Ad3KGY4hN1qriQ+2N",
+	"pM5ZGHjaR4tpubhrKah7Xdw9FHy4udfsainEtbKZQwann3eJMEZiYfLGjbSU+eB08BjOu53WZzfkCotu",
+	"BB/3pYuWDL5yhtXgOy/WhM9ZH03wFa5g8IWVPoJvMG502xLwkuY53jV47Z6BNaYIjD8Lxhmm1sMZQ+Wo",
+	"PANK8fviVq+lh79BlitIlJii+AzCgkjgxpA3hsv7mPzt7oJO/OlRRm39fwEAAP//",
 }
 
 // decodeSpec returns the embedded OpenAPI spec as raw JSON bytes,

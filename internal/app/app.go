@@ -159,6 +159,7 @@ func New(ctx context.Context, opts Options) (*App, error) {
 	wallet := credits.New(credits.Options{DB: gdb, Config: cfg.Credits, Logger: logger, Now: now, Registry: reg, TopUp: paymentsSvc.StartAutoTopUp})
 	a.workers = append(a.workers, credits.NewSweeper(credits.SweeperOptions{DB: gdb, Config: cfg.Credits, Logger: logger, Now: now, TopUp: paymentsSvc.StartAutoTopUp}))
 	a.workers = append(a.workers, payments.NewAutoTopUpWorker(paymentsSvc, 0))
+	a.workers = append(a.workers, credits.NewForecastWatcher(wallet))
 
 	deps := httpapi.Options{
 		Config:    cfg,

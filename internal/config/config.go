@@ -117,6 +117,12 @@ type CreditsConfig struct {
 	SweepInterval              time.Duration
 	// RevokeFrom is RevokeFromBalance or RevokeFromPurchaseGrant.
 	RevokeFrom string
+	// ForecastWarnDays: credits.depletion_forecast fires when the
+	// pessimistic runway drops under this many days (1 to 90).
+	ForecastWarnDays int
+	// ForecastInterval is how often the forecast watcher looks at the
+	// customers whose balance changed.
+	ForecastInterval time.Duration
 }
 
 // Checkout confirmation strategies (TALLY_CONFIRM_ON).
@@ -245,9 +251,11 @@ func Default() Config {
 			EventRetryInterval:  10 * time.Second,
 		},
 		Credits: CreditsConfig{
-			ExpiringNotice: 168 * time.Hour,
-			SweepInterval:  time.Minute,
-			RevokeFrom:     RevokeFromBalance,
+			ExpiringNotice:   168 * time.Hour,
+			SweepInterval:    time.Minute,
+			RevokeFrom:       RevokeFromBalance,
+			ForecastWarnDays: 7,
+			ForecastInterval: 10 * time.Minute,
 		},
 		Checkout: CheckoutConfig{
 			ExpiresAfter: time.Hour,
@@ -457,6 +465,8 @@ func Load(getenv func(string) string) (Config, error) {
 	p.duration("TALLY_CREDITS_EXPIRING_NOTICE", &c.Credits.ExpiringNotice)
 	p.duration("TALLY_CREDITS_SWEEP_INTERVAL", &c.Credits.SweepInterval)
 	p.str("TALLY_REVOKE_FROM", &c.Credits.RevokeFrom)
+	p.integer("TALLY_FORECAST_WARN_DAYS", &c.Credits.ForecastWarnDays)
+	p.duration("TALLY_FORECAST_CHECK_INTERVAL", &c.Credits.ForecastInterval)
 
 	p.duration("TALLY_CHECKOUT_EXPIRES_AFTER", &c.Checkout.ExpiresAfter)
 	p.boolean("TALLY_CHECKOUT_INVOICE_CREATION", &c.Checkout.InvoiceCreation)
@@ -747,6 +757,12 @@ func (c CreditsConfig) check(p *problems) {
 	}
 	if v := c.RevokeFrom; v != RevokeFromBalance && v != RevokeFromPurchaseGrant {
 		p.add("TALLY_REVOKE_FROM", "%q is not balance or purchase_grant", v)
+	}
+	if c.ForecastWarnDays < 1 || c.ForecastWarnDays > 90 {
+		p.add("TALLY_FORECAST_WARN_DAYS", "must be from 1 to 90, got %d", c.ForecastWarnDays)
+	}
+	if c.ForecastInterval <= 0 {
+		p.add("TALLY_FORECAST_CHECK_INTERVAL", "must be positive, got %s", c.ForecastInterval)
 	}
 }
 

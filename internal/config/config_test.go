@@ -50,7 +50,7 @@ func TestLoadDefaults(t *testing.T) {
 			EventMaxAttempts:    8,
 			EventRetryInterval:  10 * time.Second,
 		},
-		Credits:  CreditsConfig{ExpiringNotice: 168 * time.Hour, SweepInterval: time.Minute, RevokeFrom: "balance"},
+		Credits:  CreditsConfig{ExpiringNotice: 168 * time.Hour, SweepInterval: time.Minute, RevokeFrom: "balance", ForecastWarnDays: 7, ForecastInterval: 10 * time.Minute},
 		Checkout: CheckoutConfig{ExpiresAfter: time.Hour, ConfirmOn: "payment_intent", RateLimit: 10},
 		Metering: MeteringConfig{Transport: "v1", RateLimit: 20, BackoffMax: 10 * time.Minute, BatchSize: 100, PollInterval: time.Second},
 		Retention: RetentionConfig{StripeEvents: 2160 * time.Hour, UsageEvents: 2160 * time.Hour, Events: 2160 * time.Hour,
@@ -421,7 +421,7 @@ func TestSectionsValidateByTheRulesOfLoad(t *testing.T) {
 		err  error
 		want []string
 	}{
-		"Credits":  {CreditsConfig{}.Validate(), []string{"TALLY_CREDITS_SWEEP_INTERVAL", "TALLY_REVOKE_FROM"}},
+		"Credits":  {CreditsConfig{}.Validate(), []string{"TALLY_CREDITS_SWEEP_INTERVAL", "TALLY_REVOKE_FROM", "TALLY_FORECAST_WARN_DAYS", "TALLY_FORECAST_CHECK_INTERVAL"}},
 		"Checkout": {CheckoutConfig{}.Validate(), []string{"TALLY_CHECKOUT_EXPIRES_AFTER", "TALLY_CONFIRM_ON"}},
 		"Metering": {MeteringConfig{}.Validate(), []string{"TALLY_METER_TRANSPORT", "TALLY_METER_RATE_LIMIT",
 			"TALLY_METER_BACKOFF_MAX", "TALLY_METER_BATCH_SIZE", "TALLY_METER_POLL_INTERVAL"}},

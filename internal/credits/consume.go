@@ -48,7 +48,8 @@ func (s *Service) Consume(ctx context.Context, in ConsumeInput, key db.Idempoten
 }
 
 // consumeSQL draws amount from the customer's unexpired grants in draw order,
-// lowers the balance row and appends the ledger entry, in one statement.
+// lowers the balance row, adds amount to the day's consumption rollup (what
+// the forecast learns from) and appends the ledger entry, in one statement.
 // The caller holds the balance row's lock, which every writer of the
 // customer's grants takes first, so the snapshot the CTEs read is current.
 // p binds each value once; NOT MATERIALIZED lets the planner see them as
@@ -79,6 +80,10 @@ WITH p AS NOT MATERIALIZED (
 	FROM p
 	WHERE b.customer_id = p.customer
 	RETURNING b.balance
+), rollup AS (
+	INSERT INTO credit_consumption_daily AS r (customer_id, day, consumed)
+	SELECT p.customer, (p.now AT TIME ZONE 'UTC')::date, p.amount FROM p
+	ON CONFLICT (customer_id, day) DO UPDATE SET consumed = r.consumed + excluded.consumed
 )
 INSERT INTO credit_ledger (id, customer_id, kind, amount, balance_after, reason, metadata, draws, idempotency_key, created_at)
 SELECT p.id, p.customer, 'consume', -p.amount, bal.balance, p.reason, p.metadata,

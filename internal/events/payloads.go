@@ -31,7 +31,7 @@ func Payloads() []Payload {
 		PaymentDisputed{}, PaymentDisputeWon{}, PaymentDisputeLost{},
 		SubscriptionUpdated{},
 		CreditsGranted{}, CreditsLowBalance{}, CreditsExpiring{}, CreditsExpired{}, CreditsRevoked{},
-		CreditsAutoTopUpFailed{}, CreditsAutoTopUpDisabled{},
+		CreditsAutoTopUpFailed{}, CreditsAutoTopUpDisabled{}, CreditsDepletionForecast{},
 		UsageDead{},
 	}
 }

@@ -73,10 +73,10 @@ type Payment struct {
 	// setup_future_usage=off_session); it becomes the customer's default
 	// once the payment succeeds.
 	SavePaymentMethod bool
-	Item       string
-	ItemKind   ItemKind
-	Quantity   int64
-	Status     Status
+	Item              string
+	ItemKind          ItemKind
+	Quantity          int64
+	Status            Status
 	// UnitAmount and Amount (UnitAmount × Quantity, what Stripe must collect)
 	// are in minor units of Currency.
 	UnitAmount     int64

@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/oapi-codegen/runtime"
+	openapi_types "github.com/oapi-codegen/runtime/types"
 )
 
 // Defines values for AutoTopUpStatus.
@@ -69,6 +70,21 @@ func (e CreditsAutoTopUpFailedEventType) Valid() bool {
 	}
 }
 
+// Defines values for CreditsDepletionForecastEventType.
+const (
+	CreditsDepletionForecast CreditsDepletionForecastEventType = "credits.depletion_forecast"
+)
+
+// Valid indicates whether the value is a known member of the CreditsDepletionForecastEventType enum.
+func (e CreditsDepletionForecastEventType) Valid() bool {
+	switch e {
+	case CreditsDepletionForecast:
+		return true
+	default:
+		return false
+	}
+}
+
 // Defines values for CreditsExpiredEventType.
 const (
 	CreditsExpired CreditsExpiredEventType = "credits.expired"
@@ -93,6 +109,30 @@ const (
 func (e CreditsExpiringEventType) Valid() bool {
 	switch e {
 	case CreditsExpiring:
+		return true
+	default:
+		return false
+	}
+}
+
+// Defines values for CreditsForecastModel.
+const (
+	EtsWeeklyLinear CreditsForecastModel = "ets_weekly_linear"
+	EtsWeeklyLog    CreditsForecastModel = "ets_weekly_log"
+	NoConsumption   CreditsForecastModel = "no_consumption"
+	ShortHistory    CreditsForecastModel = "short_history"
+)
+
+// Valid indicates whether the value is a known member of the CreditsForecastModel enum.
+func (e CreditsForecastModel) Valid() bool {
+	switch e {
+	case EtsWeeklyLinear:
+		return true
+	case EtsWeeklyLog:
+		return true
+	case NoConsumption:
+		return true
+	case ShortHistory:
 		return true
 	default:
 		return false
@@ -814,6 +854,24 @@ type CreditsAutoTopUpFailedEvent struct {
 // CreditsAutoTopUpFailedEventType defines model for CreditsAutoTopUpFailedEvent.Type.
 type CreditsAutoTopUpFailedEventType string
 
+// CreditsDepletionForecastData defines model for CreditsDepletionForecastData.
+type CreditsDepletionForecastData struct {
+	Available  int64              `json:"available"`
+	CustomerId string             `json:"customer_id"`
+	DepletesOn openapi_types.Date `json:"depletes_on"`
+	RunwayDays int                `json:"runway_days"`
+	WarnDays   int                `json:"warn_days"`
+}
+
+// CreditsDepletionForecastEvent At the pessimistic pace of its forecast, the customer's available credits run out within `TALLY_FORECAST_WARN_DAYS` days; sent once when the runway first drops under it, again only after it rose back above.
+type CreditsDepletionForecastEvent struct {
+	Data CreditsDepletionForecastData      `json:"data"`
+	Type CreditsDepletionForecastEventType `json:"type"`
+}
+
+// CreditsDepletionForecastEventType defines model for CreditsDepletionForecastEvent.Type.
+type CreditsDepletionForecastEventType string
+
 // CreditsExpiredData defines model for CreditsExpiredData.
 type CreditsExpiredData struct {
 	Amount        int64     `json:"amount"`
@@ -849,6 +907,26 @@ type CreditsExpiringEvent struct {
 
 // CreditsExpiringEventType defines model for CreditsExpiringEvent.Type.
 type CreditsExpiringEventType string
+
+// CreditsForecast defines model for CreditsForecast.
+type CreditsForecast struct {
+	Available   int64                `json:"available"`
+	Balance     int64                `json:"balance"`
+	CustomerId  CustomerID           `json:"customer_id"`
+	Daily       []ForecastDay        `json:"daily"`
+	DepletesOn  ForecastDepletesOn   `json:"depletes_on"`
+	GeneratedAt time.Time            `json:"generated_at"`
+	HistoryDays int                  `json:"history_days"`
+	HorizonDays int                  `json:"horizon_days"`
+	Model       CreditsForecastModel `json:"model"`
+	RunwayDays  ForecastRunway       `json:"runway_days"`
+
+	// Suggestion The pack to buy; null when the available credits cover the pessimistic consumption of the next 30 days.
+	Suggestion *ForecastSuggestion `json:"suggestion"`
+}
+
+// CreditsForecastModel defines model for CreditsForecast.Model.
+type CreditsForecastModel string
 
 // CreditsGrantedData defines model for CreditsGrantedData.
 type CreditsGrantedData struct {
@@ -1023,6 +1101,44 @@ type FieldError struct {
 
 	// Pointer JSON pointer (RFC 6901) into the request body, or the name of a parameter.
 	Pointer string `json:"pointer"`
+}
+
+// ForecastDay defines model for ForecastDay.
+type ForecastDay struct {
+	Date openapi_types.Date `json:"date"`
+
+	// Expected Mean consumption of the day.
+	Expected float64 `json:"expected"`
+
+	// High 90% quantile.
+	High float64 `json:"high"`
+
+	// Low 10% quantile: with high, an 80% interval.
+	Low float64 `json:"low"`
+}
+
+// ForecastDepletesOn defines model for ForecastDepletesOn.
+type ForecastDepletesOn struct {
+	Expected    *openapi_types.Date `json:"expected"`
+	Pessimistic *openapi_types.Date `json:"pessimistic"`
+}
+
+// ForecastRunway defines model for ForecastRunway.
+type ForecastRunway struct {
+	// Expected Days covered in full from today at the expected pace; null beyond the horizon.
+	Expected *int `json:"expected"`
+
+	// Pessimistic The same at the pessimistic pace (the 90% bound of the consumption so far).
+	Pessimistic *int `json:"pessimistic"`
+}
+
+// ForecastSuggestion defines model for ForecastSuggestion.
+type ForecastSuggestion struct {
+	// CoversDays Days the available credits plus the suggested ones last at the pessimistic pace; null beyond the forecast.
+	CoversDays *int   `json:"covers_days"`
+	Item       string `json:"item"`
+	Quantity   int64  `json:"quantity"`
+	Reason     string `json:"reason"`
 }
 
 // GrantRequest defines model for GrantRequest.
@@ -1737,6 +1853,11 @@ type ConsumeCreditsParams struct {
 	IdempotencyKey IdempotencyKey `json:"Idempotency-Key"`
 }
 
+// GetCreditsForecastParams defines parameters for GetCreditsForecast.
+type GetCreditsForecastParams struct {
+	HorizonDays *int `form:"horizon_days,omitempty" json:"horizon_days,omitempty"`
+}
+
 // GrantCreditsParams defines parameters for GrantCredits.
 type GrantCreditsParams struct {
 	IdempotencyKey IdempotencyKey `json:"Idempotency-Key"`
@@ -2384,6 +2505,42 @@ func (t *Event) MergeCreditsAutoTopUpDisabledEvent(v CreditsAutoTopUpDisabledEve
 	return err
 }
 
+// AsCreditsDepletionForecastEvent returns the union data inside the Event as a CreditsDepletionForecastEvent
+func (t Event) AsCreditsDepletionForecastEvent() (CreditsDepletionForecastEvent, error) {
+	var body CreditsDepletionForecastEvent
+	err := json.Unmarshal(t.union, &body)
+	return body, err
+}
+
+// FromCreditsDepletionForecastEvent overwrites any union data inside the Event as the provided CreditsDepletionForecastEvent
+func (t *Event) FromCreditsDepletionForecastEvent(v CreditsDepletionForecastEvent) error {
+	t.Type = "credits.depletion_forecast"
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	b, err = runtime.JSONMerge(b, []byte(`{"type":"credits.depletion_forecast"}`))
+	t.union = b
+	return err
+}
+
+// MergeCreditsDepletionForecastEvent performs a merge with any union data inside the Event, using the provided CreditsDepletionForecastEvent
+func (t *Event) MergeCreditsDepletionForecastEvent(v CreditsDepletionForecastEvent) error {
+	t.Type = "credits.depletion_forecast"
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	b, err = runtime.JSONMerge(b, []byte(`{"type":"credits.depletion_forecast"}`))
+	if err != nil {
+		return err
+	}
+
+	merged, err := runtime.JSONMerge(t.union, b)
+	t.union = merged
+	return err
+}
+
 // AsUsageDeadEvent returns the union data inside the Event as a UsageDeadEvent
 func (t Event) AsUsageDeadEvent() (UsageDeadEvent, error) {
 	var body UsageDeadEvent
@@ -2438,6 +2595,8 @@ func (t Event) ValueByDiscriminator() (interface{}, error) {
 		return t.AsCreditsAutoTopUpDisabledEvent()
 	case "credits.auto_top_up_failed":
 		return t.AsCreditsAutoTopUpFailedEvent()
+	case "credits.depletion_forecast":
+		return t.AsCreditsDepletionForecastEvent()
 	case "credits.expired":
 		return t.AsCreditsExpiredEvent()
 	case "credits.expiring":
@@ -2872,6 +3031,22 @@ type ClientInterface interface {
 	//
 	// Corresponds with POST /v1/customers/{customer_id}/credits/consume (the `ConsumeCredits` operationId).
 	ConsumeCredits(ctx context.Context, customerId CustomerID, params *ConsumeCreditsParams, body ConsumeCreditsJSONRequestBody, reqEditors ...RequestEditorFn) (*http.Response, error)
+
+	// GetCreditsForecast Consumption forecast, runway and a top-up suggestion
+	//
+	// Forecasts the customer's daily consumption from its own history (the
+	// daily rollup consume maintains, through yesterday, UTC), from today
+	// on: each day's expected consumption with an 80% interval
+	// (`low`, `high`), how many days the available credits last at the
+	// expected pace and at the pessimistic one (the 90% bound of the
+	// consumption so far), and the catalog pack that covers the
+	// pessimistic consumption of the next 30 days at the lowest price.
+	// A runway beyond the horizon is null. `model` says which model
+	// answered: `ets_weekly_log` or `ets_weekly_linear` (two weeks of
+	// history or more), `short_history`, or `no_consumption`.
+	//
+	// Corresponds with GET /v1/customers/{customer_id}/credits/forecast (the `GetCreditsForecast` operationId).
+	GetCreditsForecast(ctx context.Context, customerId CustomerID, params *GetCreditsForecastParams, reqEditors ...RequestEditorFn) (*http.Response, error)
 
 	// GrantCreditsWithBody Grant credits (promotion, manual adjustment)
 	//
@@ -3476,6 +3651,32 @@ func (c *Client) ConsumeCreditsWithBody(ctx context.Context, customerId Customer
 // Corresponds with POST /v1/customers/{customer_id}/credits/consume (the `ConsumeCredits` operationId).
 func (c *Client) ConsumeCredits(ctx context.Context, customerId CustomerID, params *ConsumeCreditsParams, body ConsumeCreditsJSONRequestBody, reqEditors ...RequestEditorFn) (*http.Response, error) {
 	req, err := NewConsumeCreditsRequest(c.Server, customerId, params, body)
+	if err != nil {
+		return nil, err
+	}
+	req = req.WithContext(ctx)
+	if err := c.applyEditors(ctx, req, reqEditors); err != nil {
+		return nil, err
+	}
+	return c.Client.Do(req)
+}
+
+// GetCreditsForecast Consumption forecast, runway and a top-up suggestion
+//
+// Forecasts the customer's daily consumption from its own history (the
+// daily rollup consume maintains, through yesterday, UTC), from today
+// on: each day's expected consumption with an 80% interval
+// (`low`, `high`), how many days the available credits last at the
+// expected pace and at the pessimistic one (the 90% bound of the
+// consumption so far), and the catalog pack that covers the
+// pessimistic consumption of the next 30 days at the lowest price.
+// A runway beyond the horizon is null. `model` says which model
+// answered: `ets_weekly_log` or `ets_weekly_linear` (two weeks of
+// history or more), `short_history`, or `no_consumption`.
+//
+// Corresponds with GET /v1/customers/{customer_id}/credits/forecast (the `GetCreditsForecast` operationId).
+func (c *Client) GetCreditsForecast(ctx context.Context, customerId CustomerID, params *GetCreditsForecastParams, reqEditors ...RequestEditorFn) (*http.Response, error) {
+	req, err := NewGetCreditsForecastRequest(c.Server, customerId, params)
 	if err != nil {
 		return nil, err
 	}
@@ -4459,6 +4660,67 @@ func NewConsumeCreditsRequestWithBody(server string, customerId CustomerID, para
 	return req, nil
 }
 
+// NewGetCreditsForecastRequest constructs an http.Request for the GetCreditsForecast method
+func NewGetCreditsForecastRequest(server string, customerId CustomerID, params *GetCreditsForecastParams) (*http.Request, error) {
+	var err error
+
+	var pathParam0 string
+
+	pathParam0, err = runtime.StyleParamWithOptions("simple", false, "customer_id", customerId, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationPath, Type: "string", Format: ""})
+	if err != nil {
+		return nil, err
+	}
+
+	serverURL, err := url.Parse(server)
+	if err != nil {
+		return nil, err
+	}
+
+	operationPath := fmt.Sprintf("/v1/customers/%s/credits/forecast", pathParam0)
+	if operationPath[0] == '/' {
+		operationPath = "." + operationPath
+	}
+
+	queryURL, err := serverURL.Parse(operationPath)
+	if err != nil {
+		return nil, err
+	}
+
+	if params != nil {
+		// queryValues collects non-styled parameters (passthrough, JSON)
+		// that are safe to round-trip through url.Values.Encode().
+		queryValues := queryURL.Query()
+		// rawQueryFragments collects pre-encoded query fragments from
+		// styled parameters, preserving literal commas as delimiters
+		// per the OpenAPI spec (e.g. "color=blue,black,brown").
+		var rawQueryFragments []string
+
+		if params.HorizonDays != nil {
+
+			if queryFrag, err := runtime.StyleParamWithOptions("form", true, "horizon_days", *params.HorizonDays, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationQuery, Type: "integer", Format: ""}); err != nil {
+				return nil, err
+			} else {
+				for _, qp := range strings.Split(queryFrag, "&") {
+					rawQueryFragments = append(rawQueryFragments, qp)
+				}
+			}
+
+		}
+
+		if encoded := queryValues.Encode(); encoded != "" {
+			rawQueryFragments = append(rawQueryFragments, encoded)
+		}
+		queryURL.RawQuery = strings.Join(rawQueryFragments, "&")
+	}
+
+	req, err := http.NewRequest(http.MethodGet, queryURL.String(), nil)
+	if err != nil {
+		return nil, err
+	}
+
+	return req, nil
+}
+
 // NewGrantCreditsRequest calls the generic GrantCredits builder with application/json body
 func NewGrantCreditsRequest(server string, customerId CustomerID, params *GrantCreditsParams, body GrantCreditsJSONRequestBody) (*http.Request, error) {
 	var bodyReader io.Reader
@@ -5296,6 +5558,24 @@ type ClientWithResponsesInterface interface {
 	//
 	// Corresponds with POST /v1/customers/{customer_id}/credits/consume (the `ConsumeCredits` operationId).
 	ConsumeCreditsWithResponse(ctx context.Context, customerId CustomerID, params *ConsumeCreditsParams, body ConsumeCreditsJSONRequestBody, reqEditors ...RequestEditorFn) (*ConsumeCreditsResponse, error)
+
+	// GetCreditsForecastWithResponse Consumption forecast, runway and a top-up suggestion
+	//
+	// Forecasts the customer's daily consumption from its own history (the
+	// daily rollup consume maintains, through yesterday, UTC), from today
+	// on: each day's expected consumption with an 80% interval
+	// (`low`, `high`), how many days the available credits last at the
+	// expected pace and at the pessimistic one (the 90% bound of the
+	// consumption so far), and the catalog pack that covers the
+	// pessimistic consumption of the next 30 days at the lowest price.
+	// A runway beyond the horizon is null. `model` says which model
+	// answered: `ets_weekly_log` or `ets_weekly_linear` (two weeks of
+	// history or more), `short_history`, or `no_consumption`.
+	//
+	// Returns a wrapper object for the known response body format(s).
+	//
+	// Corresponds with GET /v1/customers/{customer_id}/credits/forecast (the `GetCreditsForecast` operationId).
+	GetCreditsForecastWithResponse(ctx context.Context, customerId CustomerID, params *GetCreditsForecastParams, reqEditors ...RequestEditorFn) (*GetCreditsForecastResponse, error)
 
 	// GrantCreditsWithBodyWithResponse Grant credits (promotion, manual adjustment)
 	//
@@ -6382,6 +6662,61 @@ func (r ConsumeCreditsResponse) ContentType() string {
 	return ""
 }
 
+// GetCreditsForecastResponseDefaultHeaders the declared response headers of an HTTP default response for GetCreditsForecast
+type GetCreditsForecastResponseDefaultHeaders struct {
+	RetryAfter *int
+}
+
+type GetCreditsForecastResponse struct {
+	Body         []byte
+	HTTPResponse *http.Response
+	// JSON200 the response for an HTTP 200 `application/json` response
+	JSON200 *CreditsForecast
+	// ApplicationproblemJSONDefault the response for an HTTP default `application/problem+json` response
+	ApplicationproblemJSONDefault *Problem
+	// HeadersDefault the parsed response headers for an HTTP default response
+	HeadersDefault *GetCreditsForecastResponseDefaultHeaders
+}
+
+// GetJSON200 returns the response for an HTTP 200 `application/json` response
+func (r GetCreditsForecastResponse) GetJSON200() *CreditsForecast {
+	return r.JSON200
+}
+
+// GetApplicationproblemJSONDefault returns the response for an HTTP default `application/problem+json` response
+func (r GetCreditsForecastResponse) GetApplicationproblemJSONDefault() *Problem {
+	return r.ApplicationproblemJSONDefault
+}
+
+// GetBody returns the raw response body bytes
+func (r GetCreditsForecastResponse) GetBody() []byte {
+	return r.Body
+}
+
+// Status returns HTTPResponse.Status
+func (r GetCreditsForecastResponse) Status() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Status
+	}
+	return http.StatusText(0)
+}
+
+// StatusCode returns HTTPResponse.StatusCode
+func (r GetCreditsForecastResponse) StatusCode() int {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.StatusCode
+	}
+	return 0
+}
+
+// ContentType is a convenience method to retrieve the Content-Type value from the HTTP response headers
+func (r GetCreditsForecastResponse) ContentType() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Header.Get("Content-Type")
+	}
+	return ""
+}
+
 // GrantCreditsResponse201Headers the declared response headers of an HTTP 201 response for GrantCredits
 type GrantCreditsResponse201Headers struct {
 	IdempotentReplayed *bool
@@ -7294,6 +7629,30 @@ func (c *ClientWithResponses) ConsumeCreditsWithResponse(ctx context.Context, cu
 		return nil, err
 	}
 	return ParseConsumeCreditsResponse(rsp)
+}
+
+// GetCreditsForecastWithResponse Consumption forecast, runway and a top-up suggestion
+//
+// Forecasts the customer's daily consumption from its own history (the
+// daily rollup consume maintains, through yesterday, UTC), from today
+// on: each day's expected consumption with an 80% interval
+// (`low`, `high`), how many days the available credits last at the
+// expected pace and at the pessimistic one (the 90% bound of the
+// consumption so far), and the catalog pack that covers the
+// pessimistic consumption of the next 30 days at the lowest price.
+// A runway beyond the horizon is null. `model` says which model
+// answered: `ets_weekly_log` or `ets_weekly_linear` (two weeks of
+// history or more), `short_history`, or `no_consumption`.
+//
+// Returns a wrapper object for the known response body format(s).
+//
+// Corresponds with GET /v1/customers/{customer_id}/credits/forecast (the `GetCreditsForecast` operationId).
+func (c *ClientWithResponses) GetCreditsForecastWithResponse(ctx context.Context, customerId CustomerID, params *GetCreditsForecastParams, reqEditors ...RequestEditorFn) (*GetCreditsForecastResponse, error) {
+	rsp, err := c.GetCreditsForecast(ctx, customerId, params, reqEditors...)
+	if err != nil {
+		return nil, err
+	}
+	return ParseGetCreditsForecastResponse(rsp)
 }
 
 // GrantCreditsWithBodyWithResponse Grant credits (promotion, manual adjustment)
@@ -8280,6 +8639,52 @@ func ParseConsumeCreditsResponse(rsp *http.Response) (*ConsumeCreditsResponse, e
 		response.Headers200 = &headers
 	case true:
 		var headers ConsumeCreditsResponseDefaultHeaders
+		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
+			var value int
+			if err := runtime.BindStyledParameterWithOptions("simple", "Retry-After", values[0], &value, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "integer", Format: ""}); err != nil {
+				return nil, err
+			}
+			headers.RetryAfter = &value
+		}
+		response.HeadersDefault = &headers
+	}
+
+	return response, nil
+}
+
+// ParseGetCreditsForecastResponse parses an HTTP response from a GetCreditsForecastWithResponse call
+func ParseGetCreditsForecastResponse(rsp *http.Response) (*GetCreditsForecastResponse, error) {
+	bodyBytes, err := io.ReadAll(rsp.Body)
+	defer func() { _ = rsp.Body.Close() }()
+	if err != nil {
+		return nil, err
+	}
+
+	response := &GetCreditsForecastResponse{
+		Body:         bodyBytes,
+		HTTPResponse: rsp,
+	}
+
+	switch {
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 200:
+		var dest CreditsForecast
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON200 = &dest
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && true:
+		var dest Problem
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.ApplicationproblemJSONDefault = &dest
+
+	}
+
+	switch {
+	case true:
+		var headers GetCreditsForecastResponseDefaultHeaders
 		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
 			var value int
 			if err := runtime.BindStyledParameterWithOptions("simple", "Retry-After", values[0], &value, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "integer", Format: ""}); err != nil {
