@@ -117,22 +117,22 @@ func (e CreditsExpiringEventType) Valid() bool {
 
 // Defines values for CreditsForecastModel.
 const (
-	EtsWeeklyLinear CreditsForecastModel = "ets_weekly_linear"
-	EtsWeeklyLog    CreditsForecastModel = "ets_weekly_log"
-	NoConsumption   CreditsForecastModel = "no_consumption"
-	ShortHistory    CreditsForecastModel = "short_history"
+	ForecastModelETSWeeklyLinear CreditsForecastModel = "ets_weekly_linear"
+	ForecastModelETSWeeklyLog    CreditsForecastModel = "ets_weekly_log"
+	ForecastModelNoConsumption   CreditsForecastModel = "no_consumption"
+	ForecastModelShortHistory    CreditsForecastModel = "short_history"
 )
 
 // Valid indicates whether the value is a known member of the CreditsForecastModel enum.
 func (e CreditsForecastModel) Valid() bool {
 	switch e {
-	case EtsWeeklyLinear:
+	case ForecastModelETSWeeklyLinear:
 		return true
-	case EtsWeeklyLog:
+	case ForecastModelETSWeeklyLog:
 		return true
-	case NoConsumption:
+	case ForecastModelNoConsumption:
 		return true
-	case ShortHistory:
+	case ForecastModelShortHistory:
 		return true
 	default:
 		return false
