@@ -207,7 +207,7 @@ func New(ctx context.Context, opts Options) (*App, error) {
 	}
 	a.handler = e
 	a.workers = append(a.workers, events.NewPusher(events.PusherOptions{
-		DB: gdb, URL: cfg.EventsWebhook.URL, Secret: cfg.EventsWebhook.Secret, Logger: logger, Now: now,
+		DB: gdb, URL: cfg.EventsWebhook.URL, Secret: cfg.EventsWebhook.Secret, Logger: logger, Now: now, Registry: reg,
 	}))
 	a.workers = append(a.workers, janitor{db: gdb, logger: logger, now: now, cfg: cfg.Retention,
 		metering: deps.Metering, keepUnpushed: cfg.EventsWebhook.URL != ""})
