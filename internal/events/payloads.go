@@ -190,6 +190,9 @@ type CreditsExpiring struct {
 	GrantID    string    `json:"grant_id"`
 	Remaining  int64     `json:"remaining"`
 	ExpiresAt  time.Time `json:"expires_at"`
+	// NoticeSeconds is the notice horizon this is (one of
+	// TALLY_CREDITS_EXPIRING_NOTICE's), in seconds.
+	NoticeSeconds int64 `json:"notice_seconds"`
 }
 
 // CreditsExpired is credits.expired: what was left of a grant expired.

@@ -896,10 +896,13 @@ type CreditsExpiringData struct {
 	CustomerId string    `json:"customer_id"`
 	ExpiresAt  time.Time `json:"expires_at"`
 	GrantId    string    `json:"grant_id"`
-	Remaining  int64     `json:"remaining"`
+
+	// NoticeSeconds Which notice horizon of `TALLY_CREDITS_EXPIRING_NOTICE` this is, in seconds (each grant gets each notice once).
+	NoticeSeconds int64 `json:"notice_seconds"`
+	Remaining     int64 `json:"remaining"`
 }
 
-// CreditsExpiringEvent A grant with credits left expires within `TALLY_CREDITS_EXPIRING_NOTICE`; sent once per grant.
+// CreditsExpiringEvent A grant with credits left expires within one of the horizons of `TALLY_CREDITS_EXPIRING_NOTICE` (e.g. `720h,168h,24h`); sent once per grant and horizon.
 type CreditsExpiringEvent struct {
 	Data CreditsExpiringData      `json:"data"`
 	Type CreditsExpiringEventType `json:"type"`
