@@ -10,6 +10,7 @@ import (
 	"gorm.io/gorm"
 	"gorm.io/gorm/clause"
 
+	"github.com/tallybilling/tally/internal/customers"
 	"github.com/tallybilling/tally/internal/db"
 	"github.com/tallybilling/tally/internal/errs"
 	"github.com/tallybilling/tally/internal/events"
@@ -42,6 +43,11 @@ type account struct {
 	// See afterLowering.
 	topUpBelow int64
 	topUp      TopUpFunc
+	// thresholds are the customer's further low-balance thresholds, and
+	// startBalance the balance when the lock was taken: afterLowering fires
+	// credits.low_balance for each one the change crossed downwards.
+	thresholds   customers.Thresholds
+	startBalance int64
 }
 
 // TopUpFunc starts a customer's automatic top-up inside the transaction tx
@@ -59,6 +65,19 @@ type TopUpFunc func(ctx context.Context, tx *gorm.DB, customerID string, availab
 // balance stays at or above the threshold, or when no top-up may start:
 // lockAccount read what it needs with the lock.
 func (a *account) afterLowering(ctx context.Context, tx *gorm.DB) error {
+	// Each further threshold fires once per fall below it: when this change
+	// took the balance from at or above it to below it. Every change runs
+	// under the lock, so a fall is seen once, and a rise back re-arms it.
+	for _, t := range a.thresholds {
+		if t != a.threshold && a.startBalance >= t && a.balance < t {
+			if err := events.Append(ctx, tx, a.customerID, events.CreditsLowBalance{
+				CustomerID: a.customerID, Balance: a.balance, Threshold: t,
+			}); err != nil {
+				return err
+			}
+		}
+	}
+	a.startBalance = a.balance
 	if a.topUp == nil || a.topUpBelow <= 0 || a.balance >= a.topUpBelow {
 		return nil
 	}
@@ -91,6 +110,7 @@ func lockAccountAt(ctx context.Context, tx *gorm.DB, customerID string, clock fu
 		Threshold  int64
 		UpdatedAt  time.Time
 		TopUpBelow int64
+		Thresholds customers.Thresholds
 	}
 	// The automatic top-up settings and the saved card (tables of
 	// internal/payments) are read in the same statement, so that deciding
@@ -98,6 +118,7 @@ func lockAccountAt(ctx context.Context, tx *gorm.DB, customerID string, clock fu
 	res := tx.WithContext(ctx).Raw(`
 		SELECT b.balance, b.next_expiry, b.low_balance_notified AS notified,
 		       COALESCE(c.low_balance_threshold, ?::bigint, b.default_low_balance_threshold) AS threshold, b.updated_at,
+		       c.low_balance_thresholds AS thresholds,
 		       COALESCE((SELECT t.threshold FROM auto_top_up_settings t
 		                 JOIN customer_payment_methods m ON m.customer_id = t.customer_id
 		                 WHERE t.customer_id = b.customer_id AND t.enabled AND t.status = 'active' AND t.in_flight_payment_id IS NULL
@@ -115,6 +136,7 @@ func lockAccountAt(ctx context.Context, tx *gorm.DB, customerID string, clock fu
 	}
 	a.balance, a.nextExpiry, a.notified, a.threshold = locked.Balance, locked.NextExpiry, locked.Notified, locked.Threshold
 	a.topUpBelow = locked.TopUpBelow
+	a.thresholds, a.startBalance = locked.Thresholds, locked.Balance
 	lastChange := locked.UpdatedAt
 	// Every change saves its time as updated_at, so the row holds the time
 	// of the customer's latest ledger entry.

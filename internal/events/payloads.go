@@ -39,12 +39,14 @@ func Payloads() []Payload {
 // Customer is the customer as customer.created and customer.updated carry
 // it after the change.
 type Customer struct {
-	ID                  string            `json:"id"`
-	Email               string            `json:"email,omitempty"`
-	Name                string            `json:"name,omitempty"`
-	LowBalanceThreshold *int64            `json:"low_balance_threshold,omitempty"`
-	Metadata            map[string]string `json:"metadata"`
-	StripeCustomerID    string            `json:"stripe_customer_id,omitempty"`
+	ID                  string `json:"id"`
+	Email               string `json:"email,omitempty"`
+	Name                string `json:"name,omitempty"`
+	LowBalanceThreshold *int64 `json:"low_balance_threshold,omitempty"`
+	// LowBalanceThresholds: more thresholds, highest first.
+	LowBalanceThresholds []int64           `json:"low_balance_thresholds,omitempty"`
+	Metadata             map[string]string `json:"metadata"`
+	StripeCustomerID     string            `json:"stripe_customer_id,omitempty"`
 }
 
 // CustomerCreated is customer.created: a customer was created, by the API

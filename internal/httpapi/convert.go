@@ -25,20 +25,28 @@ func ptrIfSet(s string) *string {
 	return &s
 }
 
+func thresholdsOf(t []int64) *[]int64 {
+	if len(t) == 0 {
+		return nil
+	}
+	return &t
+}
+
 func toAPICustomer(c customers.Customer) api.Customer {
 	meta := api.Metadata(c.Metadata)
 	if meta == nil {
 		meta = api.Metadata{}
 	}
 	return api.Customer{
-		Id:                  c.ID,
-		Email:               ptrIfSet(c.Email),
-		Name:                ptrIfSet(c.Name),
-		LowBalanceThreshold: c.LowBalanceThreshold,
-		Metadata:            meta,
-		StripeCustomerId:    ptrIfSet(c.StripeCustomerID),
-		CreatedAt:           c.CreatedAt,
-		UpdatedAt:           c.UpdatedAt,
+		Id:                   c.ID,
+		Email:                ptrIfSet(c.Email),
+		Name:                 ptrIfSet(c.Name),
+		LowBalanceThreshold:  c.LowBalanceThreshold,
+		LowBalanceThresholds: thresholdsOf(c.LowBalanceThresholds),
+		Metadata:             meta,
+		StripeCustomerId:     ptrIfSet(c.StripeCustomerID),
+		CreatedAt:            c.CreatedAt,
+		UpdatedAt:            c.UpdatedAt,
 	}
 }
 
@@ -50,6 +58,7 @@ func fromAPIUpsert(id string, b *api.CustomerUpsert) customers.UpsertInput {
 	in.Email = b.Email
 	in.Name = b.Name
 	in.LowBalanceThreshold = b.LowBalanceThreshold
+	in.LowBalanceThresholds = b.LowBalanceThresholds
 	if b.Metadata != nil {
 		in.Metadata = map[string]string(*b.Metadata)
 	}

@@ -1014,6 +1014,9 @@ type Customer struct {
 	Id                  CustomerID `json:"id"`
 	LowBalanceThreshold *int64     `json:"low_balance_threshold,omitempty"`
 
+	// LowBalanceThresholds More low-balance thresholds, highest first.
+	LowBalanceThresholds *[]int64 `json:"low_balance_thresholds,omitempty"`
+
 	// Metadata Up to 50 string values, keys up to 40 characters, values up to 500.
 	Metadata Metadata `json:"metadata"`
 	Name     *string  `json:"name,omitempty"`
@@ -1036,9 +1039,10 @@ type CustomerCreatedEventType string
 
 // CustomerEventData The customer after the change. Fields it does not have are absent.
 type CustomerEventData struct {
-	Email               *string    `json:"email,omitempty"`
-	Id                  CustomerID `json:"id"`
-	LowBalanceThreshold *int64     `json:"low_balance_threshold,omitempty"`
+	Email                *string    `json:"email,omitempty"`
+	Id                   CustomerID `json:"id"`
+	LowBalanceThreshold  *int64     `json:"low_balance_threshold,omitempty"`
+	LowBalanceThresholds *[]int64   `json:"low_balance_thresholds,omitempty"`
 
 	// Metadata Up to 50 string values, keys up to 40 characters, values up to 500.
 	Metadata         Metadata `json:"metadata"`
@@ -1065,6 +1069,9 @@ type CustomerUpsert struct {
 
 	// LowBalanceThreshold Per-customer threshold for `credits.low_balance` (0 turns the notice off for this customer). Omitted or null keeps the current value; a customer that never had one uses the configured default.
 	LowBalanceThreshold *int64 `json:"low_balance_threshold,omitempty"`
+
+	// LowBalanceThresholds More thresholds, beside `low_balance_threshold`. Each fires `credits.low_balance` once when the available balance falls below it, and again only after the balance was back at or above it. Omitted keeps the list; `[]` clears it.
+	LowBalanceThresholds *[]int64 `json:"low_balance_thresholds,omitempty"`
 
 	// Metadata Up to 50 string values, keys up to 40 characters, values up to 500.
 	Metadata         *Metadata `json:"metadata,omitempty"`
