@@ -153,6 +153,13 @@ func TestAutoTopUpSettingsRacingConsumes(t *testing.T) {
 		AND NOT EXISTS (SELECT 1 FROM payments p WHERE p.id = t.in_flight_payment_id)`); n != 0 {
 		t.Fatal("the settings name a top-up that does not exist")
 	}
+	// Settled on: enabled, and one more consume below the threshold starts
+	// a top-up unless one is in flight already.
+	putAutoTopUp(t, s, "racer", client.AutoTopUpSettings{Enabled: true, Threshold: 3500, Item: "starter"})
+	spend(t, s, "racer", 10, "race-last")
+	if n := countRows(t, gdb, `SELECT count(*) FROM payments WHERE customer_id = 'racer' AND method = 'auto_top_up' AND status = 'pending'`); n != 1 {
+		t.Fatalf("%d top-ups pending after the last consume, want 1", n)
+	}
 	// Whatever started is charged and credited.
 	for _, p := range autoTopUps(t, s, "racer") {
 		waitCharged(t, s, p.Id)
