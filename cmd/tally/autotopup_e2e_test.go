@@ -148,7 +148,8 @@ const topUpCard = "4242424242424242"
 // delivered twice, concurrently.
 func TestAutoTopUpStormStartsOneTopUpCreditedOnce(t *testing.T) {
 	fake := stripefake.New(t)
-	s := startServer(t, payEnv(t, fake.URL()))
+	env := payEnv(t, fake.URL())
+	s := startServer(t, env)
 	evs := &stripeEvents{fake: fake}
 
 	card := saveCard(t, s, evs, "storm", topUpCard)
@@ -192,6 +193,9 @@ func TestAutoTopUpStormStartsOneTopUpCreditedOnce(t *testing.T) {
 	if st := spend(t, s, "storm", 10, "storm-more"); st != http.StatusOK {
 		t.Fatalf("consume while in flight: %d", st)
 	}
+	// The process dies between the charge and Stripe's webhook.
+	s.shutdown(t)
+	s = startServer(t, env)
 
 	var succeeded []byte
 	for _, ev := range evs.fake.Sandbox().Events() {
@@ -431,6 +435,54 @@ func TestAutoTopUpMonthlyLimit(t *testing.T) {
 	got := getAutoTopUp(t, s, "limited")
 	if got.MonthCount != 2 || got.InFlightPaymentId != nil {
 		t.Fatalf("settings %+v", got)
+	}
+	assertInvariants(t, s)
+}
+
+// A credit pack checkout with save_payment_method keeps the card: once
+// Stripe confirms the payment it is the customer's default, and automatic
+// top-up charges it. A checkout without it saves nothing.
+func TestPackCheckoutSavesTheCard(t *testing.T) {
+	fake := stripefake.New(t)
+	s := startServer(t, payEnv(t, fake.URL()))
+	evs := &stripeEvents{fake: fake}
+	buy := func(customer string, save bool) string {
+		t.Helper()
+		one := int64(1)
+		r, err := s.service(t).CreateCheckoutSessionWithResponse(context.Background(), &client.CreateCheckoutSessionParams{}, client.CheckoutSessionCreate{
+			CustomerId: customer, Item: "starter", Quantity: &one, SavePaymentMethod: &save,
+			SuccessUrl: "https://app.example.com/ok", CancelUrl: "https://app.example.com/no"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		mustStatus(t, "checkout", r.StatusCode(), r.Body, http.StatusCreated)
+		if res, err := fake.Sandbox().Pay(context.Background(), r.JSON201.CheckoutSessionId, "5555555555554444", customer+"@example.com"); err != nil || res.Outcome != "succeeds" {
+			t.Fatalf("pay: %+v %v", res, err)
+		}
+		evs.deliverNew(t, s)
+		waitPayment(t, s, r.JSON201.PaymentId, client.PaymentStatusSucceeded)
+		return r.JSON201.PaymentId
+	}
+	buy("plain", false)
+	if c := customerOverHTTP(t, s, "plain"); c.PaymentMethod != nil {
+		t.Fatalf("a checkout without save_payment_method saved %+v", c.PaymentMethod)
+	}
+	buy("saver", true)
+	c := customerOverHTTP(t, s, "saver")
+	if c.PaymentMethod == nil || c.PaymentMethod.Brand != "mastercard" || c.PaymentMethod.Last4 != "4444" {
+		t.Fatalf("saved card %+v", c.PaymentMethod)
+	}
+	putAutoTopUp(t, s, "saver", client.AutoTopUpSettings{Enabled: true, Threshold: 500, Item: "starter"})
+	spend(t, s, "saver", 600, "saver-1")
+	tops := autoTopUps(t, s, "saver")
+	if len(tops) != 1 {
+		t.Fatalf("%d top-ups", len(tops))
+	}
+	waitCharged(t, s, tops[0].Id)
+	evs.deliverNew(t, s)
+	waitPayment(t, s, tops[0].Id, client.PaymentStatusSucceeded)
+	if got := balanceOf(t, openDB(t, s), "saver"); got != 400+starterCredits {
+		t.Fatalf("balance %d", got)
 	}
 	assertInvariants(t, s)
 }
