@@ -856,11 +856,13 @@ type CreditsAutoTopUpFailedEventType string
 
 // CreditsDepletionForecastData defines model for CreditsDepletionForecastData.
 type CreditsDepletionForecastData struct {
-	Available  int64              `json:"available"`
-	CustomerId string             `json:"customer_id"`
-	DepletesOn openapi_types.Date `json:"depletes_on"`
-	RunwayDays int                `json:"runway_days"`
-	WarnDays   int                `json:"warn_days"`
+	Available  int64  `json:"available"`
+	CustomerId string `json:"customer_id"`
+
+	// DepletesOn The day the credits run out, YYYY-MM-DD (UTC).
+	DepletesOn string `json:"depletes_on"`
+	RunwayDays int    `json:"runway_days"`
+	WarnDays   int    `json:"warn_days"`
 }
 
 // CreditsDepletionForecastEvent At the pessimistic pace of its forecast, the customer's available credits run out within `TALLY_FORECAST_WARN_DAYS` days; sent once when the runway first drops under it, again only after it rose back above.
