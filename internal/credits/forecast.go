@@ -165,28 +165,43 @@ type forecastStateRow struct {
 
 func (forecastStateRow) TableName() string { return "credit_forecast_state" }
 
+// watchBatch is how many customers one round of the watcher reads.
+const watchBatch = 500
+
 // CheckOnce forecasts every customer whose balance changed since its last
-// check (at most 500 a round) and returns how many warnings it sent.
+// check (in rounds of watchBatch, at most 20 rounds) and returns how many
+// warnings it sent.
 func (w *ForecastWatcher) CheckOnce(ctx context.Context) (int, error) {
+	sent := 0
+	for range 20 {
+		n, more, err := w.checkRound(ctx)
+		sent += n
+		if err != nil || !more {
+			return sent, err
+		}
+	}
+	return sent, nil
+}
+
+func (w *ForecastWatcher) checkRound(ctx context.Context) (sent int, more bool, err error) {
 	var ids []string
-	err := w.s.db.WithContext(ctx).Raw(`SELECT b.customer_id FROM credit_balances b
+	err = w.s.db.WithContext(ctx).Raw(`SELECT b.customer_id FROM credit_balances b
 		LEFT JOIN credit_forecast_state f ON f.customer_id = b.customer_id
 		WHERE f.checked_at IS NULL OR b.updated_at > f.checked_at
-		ORDER BY b.updated_at LIMIT 500`).Scan(&ids).Error
+		ORDER BY b.updated_at LIMIT ?`, watchBatch).Scan(&ids).Error
 	if err != nil {
-		return 0, db.Translate(err, nil)
+		return 0, false, db.Translate(err, nil)
 	}
-	sent := 0
 	for _, id := range ids {
 		warned, err := w.check(ctx, id)
 		if err != nil {
-			return sent, fmt.Errorf("credits: depletion forecast of %s: %w", id, err)
+			return sent, false, fmt.Errorf("credits: depletion forecast of %s: %w", id, err)
 		}
 		if warned {
 			sent++
 		}
 	}
-	return sent, nil
+	return sent, len(ids) == watchBatch, nil
 }
 
 func (w *ForecastWatcher) check(ctx context.Context, customerID string) (bool, error) {
