@@ -490,3 +490,25 @@ func TestLoadSandbox(t *testing.T) {
 		})
 	}
 }
+
+// TALLY_CREDITS_EXPIRING_NOTICE takes one duration or a list: the longest
+// is ExpiringNotice, every horizon (longest first, duplicates once) is
+// ExpiringNotices; a bad entry names the variable.
+func TestExpiringNoticeList(t *testing.T) {
+	env := map[string]string{"TALLY_DATABASE_URL": "postgres://x/y", "TALLY_CREDITS_EXPIRING_NOTICE": "24h, 720h,168h,24h"}
+	c, err := Load(func(k string) string { return env[k] })
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.Credits.ExpiringNotice != 720*time.Hour || !reflect.DeepEqual(c.Credits.ExpiringNotices, []time.Duration{720 * time.Hour, 168 * time.Hour, 24 * time.Hour}) {
+		t.Fatalf("notices %v, %v", c.Credits.ExpiringNotice, c.Credits.ExpiringNotices)
+	}
+	env["TALLY_CREDITS_EXPIRING_NOTICE"] = "72h"
+	if c, err = Load(func(k string) string { return env[k] }); err != nil || c.Credits.ExpiringNotice != 72*time.Hour || c.Credits.ExpiringNotices != nil {
+		t.Fatalf("one notice: %v %v %v", c.Credits.ExpiringNotice, c.Credits.ExpiringNotices, err)
+	}
+	env["TALLY_CREDITS_EXPIRING_NOTICE"] = "168h,soon"
+	if _, err = Load(func(k string) string { return env[k] }); err == nil || !strings.Contains(err.Error(), "TALLY_CREDITS_EXPIRING_NOTICE") {
+		t.Fatalf("a bad entry: %v", err)
+	}
+}
