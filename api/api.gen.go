@@ -21,7 +21,29 @@ import (
 	"github.com/getkin/kin-openapi/openapi3"
 	"github.com/labstack/echo/v4"
 	"github.com/oapi-codegen/runtime"
+	openapi_types "github.com/oapi-codegen/runtime/types"
 )
+
+// Defines values for AutoTopUpStatus.
+const (
+	AutoTopUpStatusActive             AutoTopUpStatus = "active"
+	AutoTopUpStatusDisabled           AutoTopUpStatus = "disabled"
+	AutoTopUpStatusNeedsPaymentMethod AutoTopUpStatus = "needs_payment_method"
+)
+
+// Valid indicates whether the value is a known member of the AutoTopUpStatus enum.
+func (e AutoTopUpStatus) Valid() bool {
+	switch e {
+	case AutoTopUpStatusActive:
+		return true
+	case AutoTopUpStatusDisabled:
+		return true
+	case AutoTopUpStatusNeedsPaymentMethod:
+		return true
+	default:
+		return false
+	}
+}
 
 // Defines values for CreditPackConfirmOn.
 const (
@@ -56,6 +78,36 @@ func (e CreditsAdjustedEventType) Valid() bool {
 	}
 }
 
+// Defines values for CreditsAutoTopUpDisabledEventType.
+const (
+	CreditsAutoTopUpDisabled CreditsAutoTopUpDisabledEventType = "credits.auto_top_up_disabled"
+)
+
+// Valid indicates whether the value is a known member of the CreditsAutoTopUpDisabledEventType enum.
+func (e CreditsAutoTopUpDisabledEventType) Valid() bool {
+	switch e {
+	case CreditsAutoTopUpDisabled:
+		return true
+	default:
+		return false
+	}
+}
+
+// Defines values for CreditsAutoTopUpFailedEventType.
+const (
+	CreditsAutoTopUpFailed CreditsAutoTopUpFailedEventType = "credits.auto_top_up_failed"
+)
+
+// Valid indicates whether the value is a known member of the CreditsAutoTopUpFailedEventType enum.
+func (e CreditsAutoTopUpFailedEventType) Valid() bool {
+	switch e {
+	case CreditsAutoTopUpFailed:
+		return true
+	default:
+		return false
+	}
+}
+
 // Defines values for CreditsCapturedEventType.
 const (
 	CreditsCaptured CreditsCapturedEventType = "credits.captured"
@@ -65,6 +117,21 @@ const (
 func (e CreditsCapturedEventType) Valid() bool {
 	switch e {
 	case CreditsCaptured:
+		return true
+	default:
+		return false
+	}
+}
+
+// Defines values for CreditsDepletionForecastEventType.
+const (
+	CreditsDepletionForecast CreditsDepletionForecastEventType = "credits.depletion_forecast"
+)
+
+// Valid indicates whether the value is a known member of the CreditsDepletionForecastEventType enum.
+func (e CreditsDepletionForecastEventType) Valid() bool {
+	switch e {
+	case CreditsDepletionForecast:
 		return true
 	default:
 		return false
@@ -95,6 +162,30 @@ const (
 func (e CreditsExpiringEventType) Valid() bool {
 	switch e {
 	case CreditsExpiring:
+		return true
+	default:
+		return false
+	}
+}
+
+// Defines values for CreditsForecastModel.
+const (
+	ForecastModelETSWeeklyLinear CreditsForecastModel = "ets_weekly_linear"
+	ForecastModelETSWeeklyLog    CreditsForecastModel = "ets_weekly_log"
+	ForecastModelNoConsumption   CreditsForecastModel = "no_consumption"
+	ForecastModelShortHistory    CreditsForecastModel = "short_history"
+)
+
+// Valid indicates whether the value is a known member of the CreditsForecastModel enum.
+func (e CreditsForecastModel) Valid() bool {
+	switch e {
+	case ForecastModelETSWeeklyLinear:
+		return true
+	case ForecastModelETSWeeklyLog:
+		return true
+	case ForecastModelNoConsumption:
+		return true
+	case ForecastModelShortHistory:
 		return true
 	default:
 		return false
@@ -1102,6 +1193,46 @@ type AdjustmentResult struct {
 	TransactionId string  `json:"transaction_id"`
 }
 
+// AutoTopUp defines model for AutoTopUp.
+type AutoTopUp struct {
+	ConsecutiveFailures int        `json:"consecutive_failures"`
+	CustomerId          CustomerID `json:"customer_id"`
+	DisabledReason      *string    `json:"disabled_reason"`
+	Enabled             bool       `json:"enabled"`
+
+	// InFlightPaymentId The automatic top-up waiting for Stripe, if any.
+	InFlightPaymentId *string `json:"in_flight_payment_id"`
+	Item              string  `json:"item"`
+
+	// MonthCount Top-ups started this calendar month (UTC).
+	MonthCount   int   `json:"month_count"`
+	MonthlyLimit *int  `json:"monthly_limit"`
+	Quantity     int64 `json:"quantity"`
+
+	// Status `disabled`: turned off, or by tally after repeated failures (see `disabled_reason`); `needs_payment_method`: no saved card, or it expired.
+	Status    AutoTopUpStatus `json:"status"`
+	Threshold int64           `json:"threshold"`
+	UpdatedAt time.Time       `json:"updated_at"`
+}
+
+// AutoTopUpStatus `disabled`: turned off, or by tally after repeated failures (see `disabled_reason`); `needs_payment_method`: no saved card, or it expired.
+type AutoTopUpStatus string
+
+// AutoTopUpSettings defines model for AutoTopUpSettings.
+type AutoTopUpSettings struct {
+	Enabled bool `json:"enabled"`
+
+	// Item A credit pack of the catalog.
+	Item string `json:"item"`
+
+	// MonthlyLimit At most this many top-ups start per calendar month (UTC); absent or null for no limit.
+	MonthlyLimit *int   `json:"monthly_limit,omitempty"`
+	Quantity     *int64 `json:"quantity,omitempty"`
+
+	// Threshold A top-up starts when fewer credits than this are available.
+	Threshold int64 `json:"threshold"`
+}
+
 // Balance defines model for Balance.
 type Balance struct {
 	// Available What may be spent or held now: `balance - held - pending`.
@@ -1209,8 +1340,11 @@ type CheckoutSessionCreate struct {
 	// grant (1,000,000,000,000), or whose price exceeds what Stripe
 	// charges in one payment (99,999,999 minor units), is refused with
 	// 422 `invalid_request` before anything is written.
-	Quantity   *int64 `json:"quantity,omitempty"`
-	SuccessUrl string `json:"success_url"`
+	Quantity *int64 `json:"quantity,omitempty"`
+
+	// SavePaymentMethod Credit packs only: keep the card (Checkout with `setup_future_usage=off_session`); once the payment succeeds it becomes the customer's default payment method, for automatic top-up.
+	SavePaymentMethod *bool  `json:"save_payment_method,omitempty"`
+	SuccessUrl        string `json:"success_url"`
 }
 
 // ComparisonMismatch defines model for ComparisonMismatch.
@@ -1290,6 +1424,38 @@ type CreditsAdjustedEvent struct {
 // CreditsAdjustedEventType defines model for CreditsAdjustedEvent.Type.
 type CreditsAdjustedEventType string
 
+// CreditsAutoTopUpDisabledData defines model for CreditsAutoTopUpDisabledData.
+type CreditsAutoTopUpDisabledData struct {
+	CustomerId string `json:"customer_id"`
+	Reason     string `json:"reason"`
+}
+
+// CreditsAutoTopUpDisabledEvent Automatic top-up disabled itself after failing three times in a row; bring the user back on-session to fix the card, then enable it again.
+type CreditsAutoTopUpDisabledEvent struct {
+	Data CreditsAutoTopUpDisabledData      `json:"data"`
+	Type CreditsAutoTopUpDisabledEventType `json:"type"`
+}
+
+// CreditsAutoTopUpDisabledEventType defines model for CreditsAutoTopUpDisabledEvent.Type.
+type CreditsAutoTopUpDisabledEventType string
+
+// CreditsAutoTopUpFailedData defines model for CreditsAutoTopUpFailedData.
+type CreditsAutoTopUpFailedData struct {
+	ConsecutiveFailures int    `json:"consecutive_failures"`
+	CustomerId          string `json:"customer_id"`
+	PaymentId           string `json:"payment_id"`
+	Reason              string `json:"reason"`
+}
+
+// CreditsAutoTopUpFailedEvent An automatic top-up's off-session charge was refused (a decline, or authentication the buyer is not there to give).
+type CreditsAutoTopUpFailedEvent struct {
+	Data CreditsAutoTopUpFailedData      `json:"data"`
+	Type CreditsAutoTopUpFailedEventType `json:"type"`
+}
+
+// CreditsAutoTopUpFailedEventType defines model for CreditsAutoTopUpFailedEvent.Type.
+type CreditsAutoTopUpFailedEventType string
+
 // CreditsCapturedData defines model for CreditsCapturedData.
 type CreditsCapturedData struct {
 	Available  int64  `json:"available"`
@@ -1311,6 +1477,26 @@ type CreditsCapturedEvent struct {
 
 // CreditsCapturedEventType defines model for CreditsCapturedEvent.Type.
 type CreditsCapturedEventType string
+
+// CreditsDepletionForecastData defines model for CreditsDepletionForecastData.
+type CreditsDepletionForecastData struct {
+	Available  int64  `json:"available"`
+	CustomerId string `json:"customer_id"`
+
+	// DepletesOn The day the credits run out, YYYY-MM-DD (UTC).
+	DepletesOn string `json:"depletes_on"`
+	RunwayDays int    `json:"runway_days"`
+	WarnDays   int    `json:"warn_days"`
+}
+
+// CreditsDepletionForecastEvent At the pessimistic pace of its forecast, the customer's available credits run out within `TALLY_FORECAST_WARN_DAYS` days; sent once when the runway first drops under it, again only after it rose back above.
+type CreditsDepletionForecastEvent struct {
+	Data CreditsDepletionForecastData      `json:"data"`
+	Type CreditsDepletionForecastEventType `json:"type"`
+}
+
+// CreditsDepletionForecastEventType defines model for CreditsDepletionForecastEvent.Type.
+type CreditsDepletionForecastEventType string
 
 // CreditsExpiredData defines model for CreditsExpiredData.
 type CreditsExpiredData struct {
@@ -1336,10 +1522,13 @@ type CreditsExpiringData struct {
 	CustomerId string    `json:"customer_id"`
 	ExpiresAt  time.Time `json:"expires_at"`
 	GrantId    string    `json:"grant_id"`
-	Remaining  int64     `json:"remaining"`
+
+	// NoticeSeconds Which notice horizon of `TALLY_CREDITS_EXPIRING_NOTICE` this is, in seconds (each grant gets each notice once).
+	NoticeSeconds int64 `json:"notice_seconds"`
+	Remaining     int64 `json:"remaining"`
 }
 
-// CreditsExpiringEvent A grant with credits left expires within `TALLY_CREDITS_EXPIRING_NOTICE`; sent once per grant.
+// CreditsExpiringEvent A grant with credits left expires within one of the horizons of `TALLY_CREDITS_EXPIRING_NOTICE` (e.g. `720h,168h,24h`); sent once per grant and horizon.
 type CreditsExpiringEvent struct {
 	Data CreditsExpiringData      `json:"data"`
 	Type CreditsExpiringEventType `json:"type"`
@@ -1347,6 +1536,26 @@ type CreditsExpiringEvent struct {
 
 // CreditsExpiringEventType defines model for CreditsExpiringEvent.Type.
 type CreditsExpiringEventType string
+
+// CreditsForecast defines model for CreditsForecast.
+type CreditsForecast struct {
+	Available   int64                `json:"available"`
+	Balance     int64                `json:"balance"`
+	CustomerId  CustomerID           `json:"customer_id"`
+	Daily       []ForecastDay        `json:"daily"`
+	DepletesOn  ForecastDepletesOn   `json:"depletes_on"`
+	GeneratedAt time.Time            `json:"generated_at"`
+	HistoryDays int                  `json:"history_days"`
+	HorizonDays int                  `json:"horizon_days"`
+	Model       CreditsForecastModel `json:"model"`
+	RunwayDays  ForecastRunway       `json:"runway_days"`
+
+	// Suggestion The pack to buy; null when the available credits cover the pessimistic consumption of the next 30 days.
+	Suggestion *ForecastSuggestion `json:"suggestion"`
+}
+
+// CreditsForecastModel defines model for CreditsForecast.Model.
+type CreditsForecastModel string
 
 // CreditsGrantedData defines model for CreditsGrantedData.
 type CreditsGrantedData struct {
@@ -1429,12 +1638,14 @@ type CreditsHoldExpiredEventType string
 
 // CreditsLowBalanceData defines model for CreditsLowBalanceData.
 type CreditsLowBalanceData struct {
+	// Available What the threshold compared: `balance` less held and pending credits.
+	Available  int64  `json:"available"`
 	Balance    int64  `json:"balance"`
 	CustomerId string `json:"customer_id"`
 	Threshold  int64  `json:"threshold"`
 }
 
-// CreditsLowBalanceEvent The balance fell below the customer's threshold; sent once per fall, again only after the balance was back at or above it.
+// CreditsLowBalanceEvent What is available (the balance less held and pending credits) fell below one of the customer's thresholds; sent once per fall, again only after it was back at or above it.
 type CreditsLowBalanceEvent struct {
 	Data CreditsLowBalanceData      `json:"data"`
 	Type CreditsLowBalanceEventType `json:"type"`
@@ -1524,11 +1735,17 @@ type Customer struct {
 	Id                  CustomerID      `json:"id"`
 	LowBalanceThreshold *int64          `json:"low_balance_threshold,omitempty"`
 
+	// LowBalanceThresholds More low-balance thresholds, highest first.
+	LowBalanceThresholds *[]int64 `json:"low_balance_thresholds,omitempty"`
+
 	// Metadata Up to 50 string values, keys up to 40 characters, values up to 500.
-	Metadata         Metadata  `json:"metadata"`
-	Name             *string   `json:"name,omitempty"`
-	StripeCustomerId *string   `json:"stripe_customer_id,omitempty"`
-	UpdatedAt        time.Time `json:"updated_at"`
+	Metadata Metadata `json:"metadata"`
+	Name     *string  `json:"name,omitempty"`
+
+	// PaymentMethod The default payment method Stripe confirmed (a setup Checkout, or a pack checkout with `save_payment_method`); null when none.
+	PaymentMethod    *SavedPaymentMethod `json:"payment_method,omitempty"`
+	StripeCustomerId *string             `json:"stripe_customer_id,omitempty"`
+	UpdatedAt        time.Time           `json:"updated_at"`
 }
 
 // CustomerCreatedEvent A customer was created, through the API or on first use (a checkout, a grant, a usage event).
@@ -1543,9 +1760,10 @@ type CustomerCreatedEventType string
 
 // CustomerEventData The customer after the change. Fields it does not have are absent.
 type CustomerEventData struct {
-	Email               *string    `json:"email,omitempty"`
-	Id                  CustomerID `json:"id"`
-	LowBalanceThreshold *int64     `json:"low_balance_threshold,omitempty"`
+	Email                *string    `json:"email,omitempty"`
+	Id                   CustomerID `json:"id"`
+	LowBalanceThreshold  *int64     `json:"low_balance_threshold,omitempty"`
+	LowBalanceThresholds *[]int64   `json:"low_balance_thresholds,omitempty"`
 
 	// Metadata Up to 50 string values, keys up to 40 characters, values up to 500.
 	Metadata         Metadata `json:"metadata"`
@@ -1577,6 +1795,9 @@ type CustomerUpsert struct {
 
 	// LowBalanceThreshold Per-customer threshold for `credits.low_balance` (0 turns the notice off for this customer). Omitted or null keeps the current value; a customer that never had one uses the configured default.
 	LowBalanceThreshold *int64 `json:"low_balance_threshold,omitempty"`
+
+	// LowBalanceThresholds More thresholds, beside `low_balance_threshold`. Each fires `credits.low_balance` once when the available balance falls below it, and again only after the balance was back at or above it. Omitted keeps the list; `[]` clears it.
+	LowBalanceThresholds *[]int64 `json:"low_balance_thresholds,omitempty"`
 
 	// Metadata Up to 50 string values, keys up to 40 characters, values up to 500.
 	Metadata         *Metadata `json:"metadata,omitempty"`
@@ -1616,6 +1837,44 @@ type FieldError struct {
 
 	// Pointer JSON pointer (RFC 6901) into the request body, or the name of a parameter.
 	Pointer string `json:"pointer"`
+}
+
+// ForecastDay defines model for ForecastDay.
+type ForecastDay struct {
+	Date openapi_types.Date `json:"date"`
+
+	// Expected Mean consumption of the day.
+	Expected float64 `json:"expected"`
+
+	// High 90% quantile.
+	High float64 `json:"high"`
+
+	// Low 10% quantile: with high, an 80% interval.
+	Low float64 `json:"low"`
+}
+
+// ForecastDepletesOn defines model for ForecastDepletesOn.
+type ForecastDepletesOn struct {
+	Expected    *openapi_types.Date `json:"expected"`
+	Pessimistic *openapi_types.Date `json:"pessimistic"`
+}
+
+// ForecastRunway defines model for ForecastRunway.
+type ForecastRunway struct {
+	// Expected Days covered in full from today at the expected pace; null beyond the horizon.
+	Expected *int `json:"expected"`
+
+	// Pessimistic The same at the pessimistic pace (the 90% bound of the consumption so far).
+	Pessimistic *int `json:"pessimistic"`
+}
+
+// ForecastSuggestion defines model for ForecastSuggestion.
+type ForecastSuggestion struct {
+	// CoversDays Days the available credits plus the suggested ones last at the pessimistic pace; null beyond the forecast.
+	CoversDays *int   `json:"covers_days"`
+	Item       string `json:"item"`
+	Quantity   int64  `json:"quantity"`
+	Reason     string `json:"reason"`
 }
 
 // GrantRequest defines model for GrantRequest.
@@ -1909,7 +2168,7 @@ type Payment struct {
 	ItemKind      PaymentItemKind `json:"item_kind"`
 	Livemode      bool            `json:"livemode"`
 
-	// Method How it is paid.
+	// Method How it is paid: `checkout`, the buyer paid on a Checkout page; `invoice`, by a Stripe invoice; `auto_top_up`, tally charged the saved card off-session.
 	Method          PaymentMethod `json:"method"`
 	PaymentIntentId *string       `json:"payment_intent_id,omitempty"`
 	PurchaseOrder   *string       `json:"purchase_order,omitempty"`
@@ -1945,7 +2204,7 @@ type PaymentConfirmedBy string
 // PaymentItemKind defines model for Payment.ItemKind.
 type PaymentItemKind string
 
-// PaymentMethod How it is paid.
+// PaymentMethod How it is paid: `checkout`, the buyer paid on a Checkout page; `invoice`, by a Stripe invoice; `auto_top_up`, tally charged the saved card off-session.
 type PaymentMethod string
 
 // PaymentDisputeLostData defines model for PaymentDisputeLostData.
@@ -2055,6 +2314,19 @@ type PaymentInvoice struct {
 
 	// Status draft, open, paid, void or uncollectible.
 	Status *string `json:"status,omitempty"`
+}
+
+// PaymentMethodSetup defines model for PaymentMethodSetup.
+type PaymentMethodSetup struct {
+	CheckoutSessionId string    `json:"checkout_session_id"`
+	ExpiresAt         time.Time `json:"expires_at"`
+	Url               string    `json:"url"`
+}
+
+// PaymentMethodSetupCreate defines model for PaymentMethodSetupCreate.
+type PaymentMethodSetupCreate struct {
+	CancelUrl  string `json:"cancel_url"`
+	SuccessUrl string `json:"success_url"`
 }
 
 // PaymentPage defines model for PaymentPage.
@@ -2329,6 +2601,14 @@ type RequeueResult struct {
 
 // RequeueSkipCode Why an event was not requeued.
 type RequeueSkipCode string
+
+// SavedPaymentMethod defines model for SavedPaymentMethod.
+type SavedPaymentMethod struct {
+	Brand    string `json:"brand"`
+	ExpMonth int    `json:"exp_month"`
+	ExpYear  int    `json:"exp_year"`
+	Last4    string `json:"last4"`
+}
 
 // StripeEvent defines model for StripeEvent.
 type StripeEvent struct {
@@ -2669,6 +2949,11 @@ type ConsumeCreditsParams struct {
 	IdempotencyKey IdempotencyKey `json:"Idempotency-Key"`
 }
 
+// GetCreditsForecastParams defines parameters for GetCreditsForecast.
+type GetCreditsForecastParams struct {
+	HorizonDays *int `form:"horizon_days,omitempty" json:"horizon_days,omitempty"`
+}
+
 // GrantCreditsParams defines parameters for GrantCredits.
 type GrantCreditsParams struct {
 	IdempotencyKey IdempotencyKey `json:"Idempotency-Key"`
@@ -2771,6 +3056,9 @@ type CreateCheckoutSessionJSONRequestBody = CheckoutSessionCreate
 // UpsertCustomerJSONRequestBody defines body for UpsertCustomer for application/json ContentType.
 type UpsertCustomerJSONRequestBody = CustomerUpsert
 
+// PutAutoTopUpJSONRequestBody defines body for PutAutoTopUp for application/json ContentType.
+type PutAutoTopUpJSONRequestBody = AutoTopUpSettings
+
 // AdjustCreditsJSONRequestBody defines body for AdjustCredits for application/json ContentType.
 type AdjustCreditsJSONRequestBody = AdjustmentRequest
 
@@ -2794,6 +3082,9 @@ type CaptureHoldJSONRequestBody = CaptureRequest
 
 // CreateInvoicePaymentJSONRequestBody defines body for CreateInvoicePayment for application/json ContentType.
 type CreateInvoicePaymentJSONRequestBody = InvoicePaymentCreate
+
+// CreatePaymentMethodSetupJSONRequestBody defines body for CreatePaymentMethodSetup for application/json ContentType.
+type CreatePaymentMethodSetupJSONRequestBody = PaymentMethodSetupCreate
 
 // IngestUsageEventsJSONRequestBody defines body for IngestUsageEvents for application/json ContentType.
 type IngestUsageEventsJSONRequestBody = UsageBatch
@@ -3518,6 +3809,114 @@ func (t *Event) MergeCreditsAdjustedEvent(v CreditsAdjustedEvent) error {
 	return err
 }
 
+// AsCreditsAutoTopUpFailedEvent returns the union data inside the Event as a CreditsAutoTopUpFailedEvent
+func (t Event) AsCreditsAutoTopUpFailedEvent() (CreditsAutoTopUpFailedEvent, error) {
+	var body CreditsAutoTopUpFailedEvent
+	err := json.Unmarshal(t.union, &body)
+	return body, err
+}
+
+// FromCreditsAutoTopUpFailedEvent overwrites any union data inside the Event as the provided CreditsAutoTopUpFailedEvent
+func (t *Event) FromCreditsAutoTopUpFailedEvent(v CreditsAutoTopUpFailedEvent) error {
+	t.Type = "credits.auto_top_up_failed"
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	b, err = runtime.JSONMerge(b, []byte(`{"type":"credits.auto_top_up_failed"}`))
+	t.union = b
+	return err
+}
+
+// MergeCreditsAutoTopUpFailedEvent performs a merge with any union data inside the Event, using the provided CreditsAutoTopUpFailedEvent
+func (t *Event) MergeCreditsAutoTopUpFailedEvent(v CreditsAutoTopUpFailedEvent) error {
+	t.Type = "credits.auto_top_up_failed"
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	b, err = runtime.JSONMerge(b, []byte(`{"type":"credits.auto_top_up_failed"}`))
+	if err != nil {
+		return err
+	}
+
+	merged, err := runtime.JSONMerge(t.union, b)
+	t.union = merged
+	return err
+}
+
+// AsCreditsAutoTopUpDisabledEvent returns the union data inside the Event as a CreditsAutoTopUpDisabledEvent
+func (t Event) AsCreditsAutoTopUpDisabledEvent() (CreditsAutoTopUpDisabledEvent, error) {
+	var body CreditsAutoTopUpDisabledEvent
+	err := json.Unmarshal(t.union, &body)
+	return body, err
+}
+
+// FromCreditsAutoTopUpDisabledEvent overwrites any union data inside the Event as the provided CreditsAutoTopUpDisabledEvent
+func (t *Event) FromCreditsAutoTopUpDisabledEvent(v CreditsAutoTopUpDisabledEvent) error {
+	t.Type = "credits.auto_top_up_disabled"
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	b, err = runtime.JSONMerge(b, []byte(`{"type":"credits.auto_top_up_disabled"}`))
+	t.union = b
+	return err
+}
+
+// MergeCreditsAutoTopUpDisabledEvent performs a merge with any union data inside the Event, using the provided CreditsAutoTopUpDisabledEvent
+func (t *Event) MergeCreditsAutoTopUpDisabledEvent(v CreditsAutoTopUpDisabledEvent) error {
+	t.Type = "credits.auto_top_up_disabled"
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	b, err = runtime.JSONMerge(b, []byte(`{"type":"credits.auto_top_up_disabled"}`))
+	if err != nil {
+		return err
+	}
+
+	merged, err := runtime.JSONMerge(t.union, b)
+	t.union = merged
+	return err
+}
+
+// AsCreditsDepletionForecastEvent returns the union data inside the Event as a CreditsDepletionForecastEvent
+func (t Event) AsCreditsDepletionForecastEvent() (CreditsDepletionForecastEvent, error) {
+	var body CreditsDepletionForecastEvent
+	err := json.Unmarshal(t.union, &body)
+	return body, err
+}
+
+// FromCreditsDepletionForecastEvent overwrites any union data inside the Event as the provided CreditsDepletionForecastEvent
+func (t *Event) FromCreditsDepletionForecastEvent(v CreditsDepletionForecastEvent) error {
+	t.Type = "credits.depletion_forecast"
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	b, err = runtime.JSONMerge(b, []byte(`{"type":"credits.depletion_forecast"}`))
+	t.union = b
+	return err
+}
+
+// MergeCreditsDepletionForecastEvent performs a merge with any union data inside the Event, using the provided CreditsDepletionForecastEvent
+func (t *Event) MergeCreditsDepletionForecastEvent(v CreditsDepletionForecastEvent) error {
+	t.Type = "credits.depletion_forecast"
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	b, err = runtime.JSONMerge(b, []byte(`{"type":"credits.depletion_forecast"}`))
+	if err != nil {
+		return err
+	}
+
+	merged, err := runtime.JSONMerge(t.union, b)
+	t.union = merged
+	return err
+}
+
 // AsUsageDeadEvent returns the union data inside the Event as a UsageDeadEvent
 func (t Event) AsUsageDeadEvent() (UsageDeadEvent, error) {
 	var body UsageDeadEvent
@@ -3606,8 +4005,14 @@ func (t Event) ValueByDiscriminator() (interface{}, error) {
 	switch discriminator {
 	case "credits.adjusted":
 		return t.AsCreditsAdjustedEvent()
+	case "credits.auto_top_up_disabled":
+		return t.AsCreditsAutoTopUpDisabledEvent()
+	case "credits.auto_top_up_failed":
+		return t.AsCreditsAutoTopUpFailedEvent()
 	case "credits.captured":
 		return t.AsCreditsCapturedEvent()
+	case "credits.depletion_forecast":
+		return t.AsCreditsDepletionForecastEvent()
 	case "credits.expired":
 		return t.AsCreditsExpiredEvent()
 	case "credits.expiring":
@@ -3840,6 +4245,12 @@ type ServerInterface interface {
 	// UpsertCustomer Create or update a customer
 	// (PUT /v1/customers/{customer_id})
 	UpsertCustomer(ctx echo.Context, customerId CustomerID) error
+	// GetAutoTopUp Read automatic top-up settings and status
+	// (GET /v1/customers/{customer_id}/auto-top-up)
+	GetAutoTopUp(ctx echo.Context, customerId CustomerID) error
+	// PutAutoTopUp Configure automatic top-up
+	// (PUT /v1/customers/{customer_id}/auto-top-up)
+	PutAutoTopUp(ctx echo.Context, customerId CustomerID) error
 	// GetBalance Credits now, by grant; or the balance at a past time
 	// (GET /v1/customers/{customer_id}/balance)
 	GetBalance(ctx echo.Context, customerId CustomerID, params GetBalanceParams) error
@@ -3852,6 +4263,9 @@ type ServerInterface interface {
 	// ConsumeCredits Spend credits
 	// (POST /v1/customers/{customer_id}/credits/consume)
 	ConsumeCredits(ctx echo.Context, customerId CustomerID, params ConsumeCreditsParams) error
+	// GetCreditsForecast Consumption forecast, runway and a top-up suggestion
+	// (GET /v1/customers/{customer_id}/credits/forecast)
+	GetCreditsForecast(ctx echo.Context, customerId CustomerID, params GetCreditsForecastParams) error
 	// GrantCredits Grant credits (promotion, manual adjustment)
 	// (POST /v1/customers/{customer_id}/credits/grants)
 	GrantCredits(ctx echo.Context, customerId CustomerID, params GrantCreditsParams) error
@@ -3879,6 +4293,9 @@ type ServerInterface interface {
 	// CreateInvoicePayment Sell a catalog item on net terms, by a Stripe invoice
 	// (POST /v1/customers/{customer_id}/invoice-payments)
 	CreateInvoicePayment(ctx echo.Context, customerId CustomerID, params CreateInvoicePaymentParams) error
+	// CreatePaymentMethodSetup Save a card for automatic top-up (Checkout in setup mode)
+	// (POST /v1/customers/{customer_id}/payment-method-setups)
+	CreatePaymentMethodSetup(ctx echo.Context, customerId CustomerID) error
 	// ListCustomerPayments A customer's payments, newest first
 	// (GET /v1/customers/{customer_id}/payments)
 	ListCustomerPayments(ctx echo.Context, customerId CustomerID, params ListCustomerPaymentsParams) error
@@ -4150,6 +4567,38 @@ func (w *ServerInterfaceWrapper) UpsertCustomer(ctx echo.Context) error {
 	return err
 }
 
+// GetAutoTopUp converts echo context to params.
+func (w *ServerInterfaceWrapper) GetAutoTopUp(ctx echo.Context) error {
+	var err error
+	// ------------- Path parameter "customer_id" -------------
+	var customerId CustomerID
+
+	err = runtime.BindStyledParameterWithOptions("simple", "customer_id", ctx.Param("customer_id"), &customerId, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationPath, Explode: false, Required: true, Type: "string", Format: "", ValueIsUnescaped: ctx.Request().URL.RawPath == ""})
+	if err != nil {
+		return echo.NewHTTPError(http.StatusBadRequest, fmt.Sprintf("Invalid format for parameter customer_id: %s", err))
+	}
+
+	// Invoke the callback with all the unmarshaled arguments
+	err = w.Handler.GetAutoTopUp(ctx, customerId)
+	return err
+}
+
+// PutAutoTopUp converts echo context to params.
+func (w *ServerInterfaceWrapper) PutAutoTopUp(ctx echo.Context) error {
+	var err error
+	// ------------- Path parameter "customer_id" -------------
+	var customerId CustomerID
+
+	err = runtime.BindStyledParameterWithOptions("simple", "customer_id", ctx.Param("customer_id"), &customerId, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationPath, Explode: false, Required: true, Type: "string", Format: "", ValueIsUnescaped: ctx.Request().URL.RawPath == ""})
+	if err != nil {
+		return echo.NewHTTPError(http.StatusBadRequest, fmt.Sprintf("Invalid format for parameter customer_id: %s", err))
+	}
+
+	// Invoke the callback with all the unmarshaled arguments
+	err = w.Handler.PutAutoTopUp(ctx, customerId)
+	return err
+}
+
 // GetBalance converts echo context to params.
 func (w *ServerInterfaceWrapper) GetBalance(ctx echo.Context) error {
 	var err error
@@ -4264,6 +4713,31 @@ func (w *ServerInterfaceWrapper) ConsumeCredits(ctx echo.Context) error {
 
 	// Invoke the callback with all the unmarshaled arguments
 	err = w.Handler.ConsumeCredits(ctx, customerId, params)
+	return err
+}
+
+// GetCreditsForecast converts echo context to params.
+func (w *ServerInterfaceWrapper) GetCreditsForecast(ctx echo.Context) error {
+	var err error
+	// ------------- Path parameter "customer_id" -------------
+	var customerId CustomerID
+
+	err = runtime.BindStyledParameterWithOptions("simple", "customer_id", ctx.Param("customer_id"), &customerId, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationPath, Explode: false, Required: true, Type: "string", Format: "", ValueIsUnescaped: ctx.Request().URL.RawPath == ""})
+	if err != nil {
+		return echo.NewHTTPError(http.StatusBadRequest, fmt.Sprintf("Invalid format for parameter customer_id: %s", err))
+	}
+
+	// Parameter object where we will unmarshal all parameters from the context
+	var params GetCreditsForecastParams
+	// ------------- Optional query parameter "horizon_days" -------------
+
+	err = runtime.BindQueryParameterWithOptions("form", true, false, "horizon_days", ctx.QueryParams(), &params.HorizonDays, runtime.BindQueryParameterOptions{Type: "integer", Format: ""})
+	if err != nil {
+		return echo.NewHTTPError(http.StatusBadRequest, fmt.Sprintf("Invalid format for parameter horizon_days: %s", err))
+	}
+
+	// Invoke the callback with all the unmarshaled arguments
+	err = w.Handler.GetCreditsForecast(ctx, customerId, params)
 	return err
 }
 
@@ -4612,6 +5086,22 @@ func (w *ServerInterfaceWrapper) CreateInvoicePayment(ctx echo.Context) error {
 	return err
 }
 
+// CreatePaymentMethodSetup converts echo context to params.
+func (w *ServerInterfaceWrapper) CreatePaymentMethodSetup(ctx echo.Context) error {
+	var err error
+	// ------------- Path parameter "customer_id" -------------
+	var customerId CustomerID
+
+	err = runtime.BindStyledParameterWithOptions("simple", "customer_id", ctx.Param("customer_id"), &customerId, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationPath, Explode: false, Required: true, Type: "string", Format: "", ValueIsUnescaped: ctx.Request().URL.RawPath == ""})
+	if err != nil {
+		return echo.NewHTTPError(http.StatusBadRequest, fmt.Sprintf("Invalid format for parameter customer_id: %s", err))
+	}
+
+	// Invoke the callback with all the unmarshaled arguments
+	err = w.Handler.CreatePaymentMethodSetup(ctx, customerId)
+	return err
+}
+
 // ListCustomerPayments converts echo context to params.
 func (w *ServerInterfaceWrapper) ListCustomerPayments(ctx echo.Context) error {
 	var err error
@@ -4839,6 +5329,10 @@ func RegisterHandlersWithOptions(router EchoRouter, si ServerInterface, options 
 	router.POST(options.BaseURL+"/v1/customers/:customer_id/invoice-payments", wrapper.CreateInvoicePayment, options.OperationMiddlewares["createInvoicePayment"]...)
 	router.GET(options.BaseURL+"/v1/payments/:payment_id", wrapper.GetPayment, options.OperationMiddlewares["getPayment"]...)
 	router.GET(options.BaseURL+"/v1/customers/:customer_id/payments", wrapper.ListCustomerPayments, options.OperationMiddlewares["listCustomerPayments"]...)
+	router.POST(options.BaseURL+"/v1/customers/:customer_id/payment-method-setups", wrapper.CreatePaymentMethodSetup, options.OperationMiddlewares["createPaymentMethodSetup"]...)
+	router.GET(options.BaseURL+"/v1/customers/:customer_id/auto-top-up", wrapper.GetAutoTopUp, options.OperationMiddlewares["getAutoTopUp"]...)
+	router.PUT(options.BaseURL+"/v1/customers/:customer_id/auto-top-up", wrapper.PutAutoTopUp, options.OperationMiddlewares["putAutoTopUp"]...)
+	router.GET(options.BaseURL+"/v1/customers/:customer_id/credits/forecast", wrapper.GetCreditsForecast, options.OperationMiddlewares["getCreditsForecast"]...)
 	router.GET(options.BaseURL+"/v1/customers/:customer_id/balance", wrapper.GetBalance, options.OperationMiddlewares["getBalance"]...)
 	router.POST(options.BaseURL+"/v1/customers/:customer_id/credits/consume", wrapper.ConsumeCredits, options.OperationMiddlewares["consumeCredits"]...)
 	router.POST(options.BaseURL+"/v1/customers/:customer_id/credits/grants", wrapper.GrantCredits, options.OperationMiddlewares["grantCredits"]...)
@@ -5505,6 +5999,93 @@ func (response UpsertCustomerdefaultApplicationProblemPlusJSONResponse) VisitUps
 	return err
 }
 
+type GetAutoTopUpRequestObject struct {
+	CustomerId CustomerID `json:"customer_id"`
+}
+
+type GetAutoTopUpResponseObject interface {
+	VisitGetAutoTopUpResponse(w http.ResponseWriter) error
+}
+
+type GetAutoTopUp200JSONResponse AutoTopUp
+
+func (response GetAutoTopUp200JSONResponse) VisitGetAutoTopUpResponse(w http.ResponseWriter) error {
+
+	var buf bytes.Buffer
+	if err := json.NewEncoder(&buf).Encode(response); err != nil {
+		return err
+	}
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(200)
+	_, err := buf.WriteTo(w)
+	return err
+}
+
+type GetAutoTopUpdefaultApplicationProblemPlusJSONResponse struct {
+	Body       Problem
+	Headers    ProblemResponseHeaders
+	StatusCode int
+}
+
+func (response GetAutoTopUpdefaultApplicationProblemPlusJSONResponse) VisitGetAutoTopUpResponse(w http.ResponseWriter) error {
+
+	var buf bytes.Buffer
+	if err := json.NewEncoder(&buf).Encode(response.Body); err != nil {
+		return err
+	}
+	w.Header().Set("Content-Type", "application/problem+json")
+	if response.Headers.RetryAfter != nil {
+		w.Header().Set("Retry-After", fmt.Sprint(*response.Headers.RetryAfter))
+	}
+	w.WriteHeader(response.StatusCode)
+	_, err := buf.WriteTo(w)
+	return err
+}
+
+type PutAutoTopUpRequestObject struct {
+	CustomerId CustomerID `json:"customer_id"`
+	Body       *PutAutoTopUpJSONRequestBody
+}
+
+type PutAutoTopUpResponseObject interface {
+	VisitPutAutoTopUpResponse(w http.ResponseWriter) error
+}
+
+type PutAutoTopUp200JSONResponse AutoTopUp
+
+func (response PutAutoTopUp200JSONResponse) VisitPutAutoTopUpResponse(w http.ResponseWriter) error {
+
+	var buf bytes.Buffer
+	if err := json.NewEncoder(&buf).Encode(response); err != nil {
+		return err
+	}
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(200)
+	_, err := buf.WriteTo(w)
+	return err
+}
+
+type PutAutoTopUpdefaultApplicationProblemPlusJSONResponse struct {
+	Body       Problem
+	Headers    ProblemResponseHeaders
+	StatusCode int
+}
+
+func (response PutAutoTopUpdefaultApplicationProblemPlusJSONResponse) VisitPutAutoTopUpResponse(w http.ResponseWriter) error {
+
+	var buf bytes.Buffer
+	if err := json.NewEncoder(&buf).Encode(response.Body); err != nil {
+		return err
+	}
+	w.Header().Set("Content-Type", "application/problem+json")
+	if response.Headers.RetryAfter != nil {
+		w.Header().Set("Retry-After", fmt.Sprint(*response.Headers.RetryAfter))
+	}
+	w.WriteHeader(response.StatusCode)
+	_, err := buf.WriteTo(w)
+	return err
+}
+
 type GetBalanceRequestObject struct {
 	CustomerId CustomerID `json:"customer_id"`
 	Params     GetBalanceParams
@@ -5717,6 +6298,50 @@ type ConsumeCreditsdefaultApplicationProblemPlusJSONResponse struct {
 }
 
 func (response ConsumeCreditsdefaultApplicationProblemPlusJSONResponse) VisitConsumeCreditsResponse(w http.ResponseWriter) error {
+
+	var buf bytes.Buffer
+	if err := json.NewEncoder(&buf).Encode(response.Body); err != nil {
+		return err
+	}
+	w.Header().Set("Content-Type", "application/problem+json")
+	if response.Headers.RetryAfter != nil {
+		w.Header().Set("Retry-After", fmt.Sprint(*response.Headers.RetryAfter))
+	}
+	w.WriteHeader(response.StatusCode)
+	_, err := buf.WriteTo(w)
+	return err
+}
+
+type GetCreditsForecastRequestObject struct {
+	CustomerId CustomerID `json:"customer_id"`
+	Params     GetCreditsForecastParams
+}
+
+type GetCreditsForecastResponseObject interface {
+	VisitGetCreditsForecastResponse(w http.ResponseWriter) error
+}
+
+type GetCreditsForecast200JSONResponse CreditsForecast
+
+func (response GetCreditsForecast200JSONResponse) VisitGetCreditsForecastResponse(w http.ResponseWriter) error {
+
+	var buf bytes.Buffer
+	if err := json.NewEncoder(&buf).Encode(response); err != nil {
+		return err
+	}
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(200)
+	_, err := buf.WriteTo(w)
+	return err
+}
+
+type GetCreditsForecastdefaultApplicationProblemPlusJSONResponse struct {
+	Body       Problem
+	Headers    ProblemResponseHeaders
+	StatusCode int
+}
+
+func (response GetCreditsForecastdefaultApplicationProblemPlusJSONResponse) VisitGetCreditsForecastResponse(w http.ResponseWriter) error {
 
 	var buf bytes.Buffer
 	if err := json.NewEncoder(&buf).Encode(response.Body); err != nil {
@@ -6209,6 +6834,50 @@ func (response CreateInvoicePaymentdefaultApplicationProblemPlusJSONResponse) Vi
 	return err
 }
 
+type CreatePaymentMethodSetupRequestObject struct {
+	CustomerId CustomerID `json:"customer_id"`
+	Body       *CreatePaymentMethodSetupJSONRequestBody
+}
+
+type CreatePaymentMethodSetupResponseObject interface {
+	VisitCreatePaymentMethodSetupResponse(w http.ResponseWriter) error
+}
+
+type CreatePaymentMethodSetup201JSONResponse PaymentMethodSetup
+
+func (response CreatePaymentMethodSetup201JSONResponse) VisitCreatePaymentMethodSetupResponse(w http.ResponseWriter) error {
+
+	var buf bytes.Buffer
+	if err := json.NewEncoder(&buf).Encode(response); err != nil {
+		return err
+	}
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(201)
+	_, err := buf.WriteTo(w)
+	return err
+}
+
+type CreatePaymentMethodSetupdefaultApplicationProblemPlusJSONResponse struct {
+	Body       Problem
+	Headers    ProblemResponseHeaders
+	StatusCode int
+}
+
+func (response CreatePaymentMethodSetupdefaultApplicationProblemPlusJSONResponse) VisitCreatePaymentMethodSetupResponse(w http.ResponseWriter) error {
+
+	var buf bytes.Buffer
+	if err := json.NewEncoder(&buf).Encode(response.Body); err != nil {
+		return err
+	}
+	w.Header().Set("Content-Type", "application/problem+json")
+	if response.Headers.RetryAfter != nil {
+		w.Header().Set("Retry-After", fmt.Sprint(*response.Headers.RetryAfter))
+	}
+	w.WriteHeader(response.StatusCode)
+	_, err := buf.WriteTo(w)
+	return err
+}
+
 type ListCustomerPaymentsRequestObject struct {
 	CustomerId CustomerID `json:"customer_id"`
 	Params     ListCustomerPaymentsParams
@@ -6567,6 +7236,12 @@ type StrictServerInterface interface {
 	// UpsertCustomer Create or update a customer
 	// (PUT /v1/customers/{customer_id})
 	UpsertCustomer(ctx context.Context, request UpsertCustomerRequestObject) (UpsertCustomerResponseObject, error)
+	// GetAutoTopUp Read automatic top-up settings and status
+	// (GET /v1/customers/{customer_id}/auto-top-up)
+	GetAutoTopUp(ctx context.Context, request GetAutoTopUpRequestObject) (GetAutoTopUpResponseObject, error)
+	// PutAutoTopUp Configure automatic top-up
+	// (PUT /v1/customers/{customer_id}/auto-top-up)
+	PutAutoTopUp(ctx context.Context, request PutAutoTopUpRequestObject) (PutAutoTopUpResponseObject, error)
 	// GetBalance Credits now, by grant; or the balance at a past time
 	// (GET /v1/customers/{customer_id}/balance)
 	GetBalance(ctx context.Context, request GetBalanceRequestObject) (GetBalanceResponseObject, error)
@@ -6579,6 +7254,9 @@ type StrictServerInterface interface {
 	// ConsumeCredits Spend credits
 	// (POST /v1/customers/{customer_id}/credits/consume)
 	ConsumeCredits(ctx context.Context, request ConsumeCreditsRequestObject) (ConsumeCreditsResponseObject, error)
+	// GetCreditsForecast Consumption forecast, runway and a top-up suggestion
+	// (GET /v1/customers/{customer_id}/credits/forecast)
+	GetCreditsForecast(ctx context.Context, request GetCreditsForecastRequestObject) (GetCreditsForecastResponseObject, error)
 	// GrantCredits Grant credits (promotion, manual adjustment)
 	// (POST /v1/customers/{customer_id}/credits/grants)
 	GrantCredits(ctx context.Context, request GrantCreditsRequestObject) (GrantCreditsResponseObject, error)
@@ -6606,6 +7284,9 @@ type StrictServerInterface interface {
 	// CreateInvoicePayment Sell a catalog item on net terms, by a Stripe invoice
 	// (POST /v1/customers/{customer_id}/invoice-payments)
 	CreateInvoicePayment(ctx context.Context, request CreateInvoicePaymentRequestObject) (CreateInvoicePaymentResponseObject, error)
+	// CreatePaymentMethodSetup Save a card for automatic top-up (Checkout in setup mode)
+	// (POST /v1/customers/{customer_id}/payment-method-setups)
+	CreatePaymentMethodSetup(ctx context.Context, request CreatePaymentMethodSetupRequestObject) (CreatePaymentMethodSetupResponseObject, error)
 	// ListCustomerPayments A customer's payments, newest first
 	// (GET /v1/customers/{customer_id}/payments)
 	ListCustomerPayments(ctx context.Context, request ListCustomerPaymentsRequestObject) (ListCustomerPaymentsResponseObject, error)
@@ -7143,6 +7824,79 @@ func (sh *strictHandler) UpsertCustomer(ctx echo.Context, customerId CustomerID)
 	return nil
 }
 
+// GetAutoTopUp operation middleware
+func (sh *strictHandler) GetAutoTopUp(ctx echo.Context, customerId CustomerID) error {
+	var request GetAutoTopUpRequestObject
+
+	request.CustomerId = customerId
+
+	handler := func(ctx echo.Context, request interface{}) (interface{}, error) {
+		return sh.ssi.GetAutoTopUp(ctx.Request().Context(), request.(GetAutoTopUpRequestObject))
+	}
+	for _, middleware := range sh.middlewares {
+		handler = middleware(handler, "GetAutoTopUp")
+	}
+
+	response, err := handler(ctx, request)
+
+	if err != nil {
+		return err
+	} else if validResponse, ok := response.(GetAutoTopUpResponseObject); ok {
+		return validResponse.VisitGetAutoTopUpResponse(ctx.Response())
+	} else if response != nil {
+		return fmt.Errorf("unexpected response type: %T", response)
+	}
+	return nil
+}
+
+// PutAutoTopUp operation middleware
+func (sh *strictHandler) PutAutoTopUp(ctx echo.Context, customerId CustomerID) error {
+	var request PutAutoTopUpRequestObject
+
+	request.CustomerId = customerId
+
+	var body PutAutoTopUpJSONRequestBody
+	var err error
+	if binder, ok := ctx.Echo().Binder.(*echo.DefaultBinder); ok {
+		// A request validator built on kin-openapi's openapi3filter with
+		// KeepValidatedValue leaves the value it validated on the body. Bind
+		// that value, matching member names exactly, so the handler receives
+		// what was validated instead of a second, case-insensitive decode.
+		// Otherwise bind only the request body, so that path and query
+		// parameters are not also bound into the body struct.
+		if vb, ok := ctx.Request().Body.(interface{ ValidatedValue() any }); !ok || runtime.BindJSONValue(vb.ValidatedValue(), &body) != nil {
+			err = binder.BindBody(ctx, &body)
+		}
+	} else {
+		// A custom binder is installed on the Echo instance; defer to it
+		// entirely, since echo.Binder does not expose body-only binding and
+		// the binder may do more than decode (for example call ctx.Validate).
+		err = ctx.Bind(&body)
+	}
+	if err != nil {
+		return err
+	}
+	request.Body = &body
+
+	handler := func(ctx echo.Context, request interface{}) (interface{}, error) {
+		return sh.ssi.PutAutoTopUp(ctx.Request().Context(), request.(PutAutoTopUpRequestObject))
+	}
+	for _, middleware := range sh.middlewares {
+		handler = middleware(handler, "PutAutoTopUp")
+	}
+
+	response, err := handler(ctx, request)
+
+	if err != nil {
+		return err
+	} else if validResponse, ok := response.(PutAutoTopUpResponseObject); ok {
+		return validResponse.VisitPutAutoTopUpResponse(ctx.Response())
+	} else if response != nil {
+		return fmt.Errorf("unexpected response type: %T", response)
+	}
+	return nil
+}
+
 // GetBalance operation middleware
 func (sh *strictHandler) GetBalance(ctx echo.Context, customerId CustomerID, params GetBalanceParams) error {
 	var request GetBalanceRequestObject
@@ -7309,6 +8063,32 @@ func (sh *strictHandler) ConsumeCredits(ctx echo.Context, customerId CustomerID,
 		return err
 	} else if validResponse, ok := response.(ConsumeCreditsResponseObject); ok {
 		return validResponse.VisitConsumeCreditsResponse(ctx.Response())
+	} else if response != nil {
+		return fmt.Errorf("unexpected response type: %T", response)
+	}
+	return nil
+}
+
+// GetCreditsForecast operation middleware
+func (sh *strictHandler) GetCreditsForecast(ctx echo.Context, customerId CustomerID, params GetCreditsForecastParams) error {
+	var request GetCreditsForecastRequestObject
+
+	request.CustomerId = customerId
+	request.Params = params
+
+	handler := func(ctx echo.Context, request interface{}) (interface{}, error) {
+		return sh.ssi.GetCreditsForecast(ctx.Request().Context(), request.(GetCreditsForecastRequestObject))
+	}
+	for _, middleware := range sh.middlewares {
+		handler = middleware(handler, "GetCreditsForecast")
+	}
+
+	response, err := handler(ctx, request)
+
+	if err != nil {
+		return err
+	} else if validResponse, ok := response.(GetCreditsForecastResponseObject); ok {
+		return validResponse.VisitGetCreditsForecastResponse(ctx.Response())
 	} else if response != nil {
 		return fmt.Errorf("unexpected response type: %T", response)
 	}
@@ -7670,6 +8450,54 @@ func (sh *strictHandler) CreateInvoicePayment(ctx echo.Context, customerId Custo
 	return nil
 }
 
+// CreatePaymentMethodSetup operation middleware
+func (sh *strictHandler) CreatePaymentMethodSetup(ctx echo.Context, customerId CustomerID) error {
+	var request CreatePaymentMethodSetupRequestObject
+
+	request.CustomerId = customerId
+
+	var body CreatePaymentMethodSetupJSONRequestBody
+	var err error
+	if binder, ok := ctx.Echo().Binder.(*echo.DefaultBinder); ok {
+		// A request validator built on kin-openapi's openapi3filter with
+		// KeepValidatedValue leaves the value it validated on the body. Bind
+		// that value, matching member names exactly, so the handler receives
+		// what was validated instead of a second, case-insensitive decode.
+		// Otherwise bind only the request body, so that path and query
+		// parameters are not also bound into the body struct.
+		if vb, ok := ctx.Request().Body.(interface{ ValidatedValue() any }); !ok || runtime.BindJSONValue(vb.ValidatedValue(), &body) != nil {
+			err = binder.BindBody(ctx, &body)
+		}
+	} else {
+		// A custom binder is installed on the Echo instance; defer to it
+		// entirely, since echo.Binder does not expose body-only binding and
+		// the binder may do more than decode (for example call ctx.Validate).
+		err = ctx.Bind(&body)
+	}
+	if err != nil {
+		return err
+	}
+	request.Body = &body
+
+	handler := func(ctx echo.Context, request interface{}) (interface{}, error) {
+		return sh.ssi.CreatePaymentMethodSetup(ctx.Request().Context(), request.(CreatePaymentMethodSetupRequestObject))
+	}
+	for _, middleware := range sh.middlewares {
+		handler = middleware(handler, "CreatePaymentMethodSetup")
+	}
+
+	response, err := handler(ctx, request)
+
+	if err != nil {
+		return err
+	} else if validResponse, ok := response.(CreatePaymentMethodSetupResponseObject); ok {
+		return validResponse.VisitCreatePaymentMethodSetupResponse(ctx.Response())
+	} else if response != nil {
+		return fmt.Errorf("unexpected response type: %T", response)
+	}
+	return nil
+}
+
 // ListCustomerPayments operation middleware
 func (sh *strictHandler) ListCustomerPayments(ctx echo.Context, customerId CustomerID, params ListCustomerPaymentsParams) error {
 	var request ListCustomerPaymentsRequestObject
@@ -7875,312 +8703,358 @@ func (sh *strictHandler) CancelUsageEvent(ctx echo.Context, identifier string) e
 // const string: with thousands of chunks the chained `+` fold is several
 // times slower for the Go compiler than parsing a slice literal.
 var swaggerSpec = []string{
-	"5L19c9s4tjf4VVDepyrSDK04b/3ctmtq15N2d3smnaQS9/Te28qKkAhZGFOAhoCsqLP5dz/AfsT9JFs4",
-	"5wAEKVKibDnJ3OfWnerYJkG8HJz38zufjiZ6vtBKKGuOTj8dzQTPRAH/vMzEfKGtUPadWOR8LTL320yY",
-	"SSEXVmp1dHqU2mIpUraaCcXsTBrGlVmJgknD7EywAl5kesq4YoIXuRQFK8S/lsJYtpJ2Bk8ZPhfsRqwH",
-	"R8mRmczEnLsP2fVCHJ0ejbXOBVdHnz8nR++ELdbnUyuKzZm8UYyz50+/Z7pgL06eMTvjlt0ovTJM2lO2",
-	"mulcMCMmWmWGWc1WXFo2FlNdCGaLtVTXQ8WvuVSsF+aklvOxKBjHxSwKPc7F/JFhaeEmMuJuJiMaM+0P",
-	"hqqygLlUcr6cH50+SfxipLLiWhRHn91qFrzgc2Fpt18uC6Mb1nU1EyxV4qMdTeCJ1O0mTkfcSr00bMGv",
-	"hds66R7/11IU66PkSPG5+yC+U50W//hKqGs7Ozp9enISpmZsIdU1bPPLpbF6LorLH5qnM+F5LopHhumV",
-	"YjJjU10waQ1bGlGEiSy4ncXzwCFHMjtKjhwFyMLRkyOfeHL/oxDTo9Oj/+1xSZWP8a/mcTQtN8ufdZ7h",
-	"DBu+N9N5tutb0UZ89zxxx+V/fNK0K+E6TNZ/F+vwXbww5Zejx47dcx1n8PTFi32n8AbOhOd7TOXun34l",
-	"59KGL9WoLIc/xsNnYsqXuT06fXGSuG/hRXjh6G3XtSiEWWhlBNyKt3jn3D8nWjle5P7JF4tcTrhb/mO6",
-	"lX/+p3H0+akjLflx4YtVCj9XTBSFLljv3Y8v2ffPX/xPf/NZJiyXuek7Io8YJbCl48CXmr5LTz+OONhn",
-	"+DZNyL13nv1zaewc+C1wSFhqlkk85reFXojCSrcxU54bkRwtol99OuJzvcT9qS7otVbHf4hCn7GFNtLK",
-	"W8F4lhk2KUQmrUmYEtccfl2Iub4VwO3mbo1TXcy5xQP67vlRdJJPTqL/i870uPYHpWFCQrk//n7y4fPm",
-	"mSdH4uNCFsKMeMPkf9QF4/HE/R6dotBxfIcWwnAc1tNzaa3ITpkSt6LoV1aScSuOrZyLow0qT47mwvKM",
-	"253U84t/DsiVE+Xte6VKvvC7P7sw3Ifwgh7/U0ys+1JMHwYu16dWCtg4uc1dH/Ocq4no+PR1wZV1HLVR",
-	"IsBfm8/J0ZrI3BmoZZ7zcS48H9zYfltwZfjEjUtf2r5pteeTchf92pq28a/lumu7d8slTbC+xt+cMjHn",
-	"azYWzCzcqnTBZiLPmNKrU5bS99gx/vKYLYTKpLpOG2/R1rNo+LCT9l6AOplrTtlS4TQ86espWyqk/wxP",
-	"w7CeI9dsmYuMaSUMk2qSLzOR9RlXGVu5kd3m3QrmpKVhN0IsOs43Fud7SG0iI7O5zp9wyqAS+jXlYmoT",
-	"JhXLCr5iushIu7BibnZ9FcZ7v5zPebE+KpkOLwoOP7tjatntu+5JrlcjOseRnRXCuBE63i7Q7+D41k2z",
-	"AuVaMKPdOdpjeFCq67BToOsqDXOGKXte2Mr6dt7FaEajLWylZZxoaXQTNpf1siRdItjVTBvBUjGdCjiD",
-	"EbepsySMlXnOuJOhnc6ixiaquqe/akQD5QSTiAEEQm071i2M5byJMVd3b6sQauUFjtF6RgOmBxBFzo1l",
-	"uciuRcGEssWaceBOZNqk3KYPe6m37jbfyY1lnkt1/QNqVjs1nob7KtWtlhNhmJnpFbC297aQC/HIMD9N",
-	"vMwDdnErijWbSsejpRkqTRr0GeMsHeNMUoaTQ9t1gtqQY6DMWO24a88IlTGe50xPh0ra/oC5k8GPlp+U",
-	"jnks3PSYsWLBek5XTpiYc5knTigWwpj+UJEWw8RHaZwy5hYwKQS3IgsW8pz13K/dRCz/yGTWZ9rORLGS",
-	"RqDVWSM3HH1P/XEi7bqDgZgcTRw7aOJUl+/fsGdPvvvu+Anj+WLGj5860ltwa0Xh/v5//X5+/F8fPj39",
-	"/D+aCD+XSjzpNAH35NNOTy60sTwfTXQmas8/b3rcWG5FNyN5g5LhZGvvvnjytOErRLEjnq/4ukEYIpm+",
-	"nInJjV5atPelKVUAbm6Mpzdne3PlL0ECYt1pvUAsTlQCQV2dv3r1n6OXP1+8/PubX69Gl6//8eby5cXo",
-	"5buL86vLN6+Z4eB8qbtcvIFX022/a9Ld+EfiG3tQHI5SX364vkjrzD2VMDG4HjCxHN1yWycqfvyHI6qR",
-	"+8fow6enyZOTZgq75flS3MH0ryid7q9+qE2O1kQZL/nCLgtxWKvujTdykBPBeTs2N2AnoKJmhiltZ1Jd",
-	"382SO2mUqw1rszzX15siD3WT0YJPbuDnTmob6gRv+eSmSWlb5Fx1H+ttjiS8MUqhs+XE7jEQvrA5Vl3y",
-	"xSuOvuMn3iT+4JLflzD2P9wnO5UmGn3LnFtM0DzXq0ZPcdCu2HB5cvJM/IXhN9JmzrOXLVsx3Q5s+9Y3",
-	"hhbYYG3G82jdOL2074UxEn0GtTtDD4wMPtFsBdcdJt3UygVfO3O8bchlke82uKMxksbJ4jiVCXbYiJeg",
-	"7uyrrbgtz0c074q8fv4fO1j6PQxYxzE2ifucTZAPMgkmyj7yJTn615IrS8pXcJw+qSu7vyqylrxkH7Bz",
-	"5l8l26n0hE2EyMg+KK6FsUOFPprek8Sxguh//cSZC/j+opATQW8bdBGgNB6qyQwGcvqsU4aJFFjv+++T",
-	"7/F/bC6VLtjSzbOfOAW4ENOlIT12qJ4/fcpSqW55LrMRBYFSb6dwtQZh5V5bFU60KdRstzK37SwtOTLL",
-	"yUQYczcq2WrYAB1UP5DENNlI9nq+4IU0Wv0izZzbyayBBVQJc4NWMjmdikI0GoiW5/l6ZLXlOTtmubjm",
-	"E/qxowcjfqMbI40+eRdmWt3TeLDabCoLb95bZZZz8U2I0m/dkRz26rBe5CoxkjeEFfJ6ZoO/wpkx+PWO",
-	"Tokv4xOO9M77bcdEq6ks5iM8yIbQKf4dQlfM2IJbcb2GIIYSq9LkI+5qGC9E8AYsVSaKM6aWec6m2qkh",
-	"xht2b17/ePnul9Gb125XKdhSSmuMm21KbLcVOx2BJFK6rn9ZuDu63q62QNx8rpWdNVi/P+sVm3O1ZhOe",
-	"C5XxguGTbKyXjpS8jDOWr9HSAaWy9+QpW6pcGDNUEB7nkxtn15rSVdIfMPCljjW4VSBbIRuqtDovH8+H",
-	"vXfbk6ADnj4LMSXvXgUJtdsH2viB5pXnWl1vX2mCNj8uEDy/RjhKGaqp/Cgyli0LJK+Cu4W7R1R9L1tE",
-	"6+6VtEglcj80+q5hErzizpB2iw+jmcLbXBdbAksNboztvAP4BTwasY1A0eVVaOcgBmN0IvuBmH83W/69",
-	"vFbOlI/jsyJrDdBm7QHa+4b5dqkfBwgDboxZCr57RwRr+sROWbBdTFaP9OJWNJ3duWLuiLl1REyPAsOg",
-	"byRMSLgCK/SxVSmii5LQRFrBFxFi6546B34S0Zq2u7JgDls2gNxXbTT9gKa306jx2wciX58W1PS3QuSC",
-	"m86f2iTNRmnvVB2My5wxPjbuJoDHn3xzbMUN84tsuB1b6btMcgrbFC1jD79E9ZzbCB3Di0I51jQmgeSW",
-	"kPqvp8jby4QMrjKG83HPYUKgsfe6BRVi3HILwo4c6hZcYHB9F2P/4hz5Lr6gmIsfmOeGobux312Oosre",
-	"txAmRAHdPcrFFNQLToKI8iHuRW/xsW8hN/rUYalNqutmcvviNFGIOZeKwvj3M/IjAilH3YsQpLpuZVF4",
-	"8BtpJEQKmGAiFUtJq3x38cPl1fvRxf/59vLd5eufRq/fXF2+vEjPGDBq7ezXhShw1PuTkT/PXXTkduRQ",
-	"hASJMIdmW13yEsKedZLyVlxrjCiX1ivQyKLQc015rh92O3I3r0KUTNKSWsNZmSiF9DMWEz0XprS5gux2",
-	"pkowy4LtyZFWuicabst4fI3WT1HL7onNzjtn9Wy95NUIweYZe5cvzIdMVF2wQthloUjppTlX9suzYzsr",
-	"3Evw3Pnby0ZbYFFIXQRXeDyDH0IS2CnLNdUYYBLcVBaoVWxS1hbbwuhlMalcwsWymMy4cTtpRHErQUJl",
-	"0iyWVoxWFSuBhkmOPh67t49veeEMR+OG2bx57+FTb8vh2x55Hz7b9sQPOJ3f3Gy+tLCmHQu7WqHj6Oyi",
-	"C72bM7Wwcp8dthKFN4d7nPkTStqIyv1hpRWjU3tkiDz79+LeMRPdwryv8bGD8e6fRX4Ixv3AFtoD6CLb",
-	"zbSWG93RVKo7yGtEvKfN5I5ou71UCMdLSm/OWewccDxsqSYzrq5FlrAyRp6yqcjzexFtoJ4tFAspkAcj",
-	"V51nW62kb52w9rD/OxJbZIw3Ulm33dxOYAtujMjA7i492TYFVVcvLePev4DCGiZ0VjHTgcf6qd6P5mok",
-	"sI303CYd2mx6pVcUd/oSFLhflnfHrOTtOcYb62yhjVgnd5yEjUWuV5VKgkdOs6Rv1Q2eKc/zhGE5pFb5",
-	"OtLr/ajO4B7zyQ2lG/OxvhVM3s9Kqh3fFuqJsrIPRjzv6AZ8FT/nl3Jc7s+49pSIfhe3My1HPf4bTCtf",
-	"E3wG2YwVF6JT/0LmGFDkvUiscshbCCxswOGo61bf7BsY8lqw5TdCwXX7KlGfrOArsyXkY1hKuXxswueC",
-	"TQs9P2NivoDEpJq3G9bSuZDnFVQ2OOOvKZdzeziKDNZHJtgNON2qJ15aNuOGKa3E4A6Jc9sszJkurGOl",
-	"W4pfViJDNjp2ojovBM/QtW4fKEGieuMrGX3tNmC5Ek8M+8XQiPhbeUIhpkuVgRzxphuzWt8ENuBJ/x73",
-	"vrx+W689PHawW/8PLbP7XXqlV1890nu/kO3mxbzVMtsVFKus/o5OjTvFe/HIdnmYuYFViIz1Ilcd9yV4",
-	"CwpE0DP4EvBG1JlUhlo3/v1+3omIxrZQNn7pAIRNm92gXGMB1a5Z1yq+MMWIW5HtZcmFapudPs99M3y7",
-	"13HuTpe5Sx6gz1XZuTAD2TOj2kXe+dpyke25201pMmFlleOrjL6NejDlu/2WhVoniI/jw0nd2efkhVbo",
-	"/mVLI1iPM5/jFjyE7h9Lw68FE+5jd71qNB+YcOtVo4cGNOHDXbbys815BqEyLJhp6FMasB+lyDPjlJxM",
-	"CygJYjN+K1CvBta7uSHhbn3Bu3TYu9PxruxD59uOB2Fotqft1qog+fEfJ8ffjwan/8fxhz83Fqv5wX/F",
-	"G7XzqjwyWNlqGMHxUHZdIA5yM36JC0Bc4HAX4NeFEcW+ad13FkjdSzlbCbx6Sm9FcRzOITwH0bG0waWR",
-	"st4Js8tCYfGx0lZOBNPTKbxRKQbtDxhVArpjh8xJBABAV09ROOUKihXPGGfRHEJMccYBH8IxUHpLq6m8",
-	"XhYiY1SNcucKwoeVkDtPp/nW1+9pdDMnSzMqb2fjxWwqgrwoCl28pBpjfxlqlS5ONiq+tDNdyD/AsTLV",
-	"xVhmmYAcYm1HU71UkMyl1TSXE/eGLBGcRjdiPSrEEp0y9T9INZrm8noGLymznE7lRDrDzuesgqmXa56N",
-	"rNYjKApy2jC3YgToTSK2BheFvpWZKEYAhIQzj7AR3PEVCqoyZCaUlVMpilGYdlOYvoV7vVGCjZdGKmEM",
-	"yucBS93LKaZuQwXSjC8WQomMYEvkZMaQKoYqdSSRhlxhQG5LtRJvpil6PBN2I9aYr4bj9gEFwKfWa5Wv",
-	"h3gNIMaYMI6Z+O5ZYKT0s+esTqd3f3tkGH77DHR+Y4fK3Ei6dviym628VrqgazXdlMQ3zrxhv2gl1kwa",
-	"JtVQRTVUvtbLZyCzsTAyE0zapOIeo9tESd2ZdBs8l4pbhJOb88WCuOBGimi3jFM8vGQzt65bql79de/0",
-	"75R41fgyLKdTvk39dR+i7RTvrb+MoDE7g24br8WRjs7xk/oosce7qxe9PkbpKe7kI918HZ0jnTwt9ZfJ",
-	"/uxiyoZX6/r0Dt2kYlQkm9rIjtcrilZghgOfAJJrY1tLxPFZSs54pY1tG2UFfK/DIL9p1TJG1m2AjYVM",
-	"ucx3vvwjPFR/Ff1zO19+R4/VX4cqSbH7/ff+OT8ACXCUDJk0c2m2kC8qvKih+mfDSMtxEDy7COJ99GyN",
-	"KMCSHGSCt778q3viB8Hplc9BKV2/RrBEkI2fkyMQU0env3fTuyu0/Tnp9lJl8rteaj6Djm/FZNPxlSqx",
-	"dHypStv7vRRu1H6vlbd513utdLPzvBrETsd36sy+42tV+bjPS3vOryINOr5TCtGOL1Q1jc4zi6Vc16nV",
-	"BXTH92LB1vGVqva166UNtrODVFtZ5ecPySaSy97u2X2dkm0ZFo0AQb/FVsGZ06iNyMXEop6NS3TKM2ro",
-	"g24OzdgTUfFpNrklYKve8usGFElvzHaKbgYZUQ9sRoDPDd4EbowzTFJw96XMamezW6mckR/SyTwotwCA",
-	"aGdfQEB293bQFsRTaNoD8CyC5duwCeBLac4y1mA+bq7qb+/fvGb0V8Te/e77kyd9Z95oqh1C3PCxztaA",
-	"WQG+ET4XaJYFOO3dK/RzSPxEm9YH3PgbwROIE+QDQkglNz7ZN3F+e2L8OZsuIWfMXXCP0YG2d1wMDTb0",
-	"ytnm46UFkzYqyDYzvVJApx4NtX/GCJuXzQVX5rCJ878sHXE4exjtbVhA/Ytg7D8sInA1hz3Cwd4/ob0F",
-	"6+Rke6r7Q+NH0M344hjE9ygTqVP73conOqSc3rMEIyKdB8DC2B4a75q/X8HWvSdcxj0Kf+4SND5IMdDd",
-	"y28OQT/NyMWY7lRA1kEa6urSO4MZdyoR2jnX9mqeV3tU8OxTehiX9dTw5yIPTHoaZWwgsBWkZUDKkftX",
-	"UlY1BS3K5yWtuGErrZKyfwnCJHt3ra9LEesyGa4Cy7J3lVGjvhox6rKKkiCNQ6FO05Xeqdz+TCGse93r",
-	"/cr2729hdM1ZDIDqlUQdwSczny5wN8Dx7XmKUDT/0KKnq1F1P3Cq++ImGMvt0jTiaETMii24sdV6BokI",
-	"z8r/NkshYhR6+DjTbyXEAjoMTXQBsZb44uHwrWgJ7bUITZJ3x4E13dgaMnbIrcQNiQqSotwan2y5bcpU",
-	"U9LhVr/0fvSvVU9WRzT0pup4Talzp9VmB4j8rlcUCPexhG4y7NAFQiXl1ihqJ8NuqD4Lp36n6jNwQ6FD",
-	"/pvGYzkg3srm7jfdiW6Xt6mlFYz1yNQxWyCjYiM5NSRo78cGSjoIx38/5BZHBwdwQ4HE3+2F2m+xHd1I",
-	"7tvfiJfFX0WpqhhtZMI/++4kbmb13cnz//h3R4K8RMg1CnjcV+k7HFJghCfXIVBDq+hQrFEykS6RMHx4",
-	"KwhyuMfb8OLK9ew+gzthIWd8bUZLZWU+ypYNgvYHJGH27GR7Jtez717s8jK14h/DWhGUUBeMwM+ZzFhP",
-	"acCEyzlW4e+HjTwXc93MsmlPHxkW/a32gRfNTSHIAhuBit8Axwdqpkazjz7jm0CiakI9RNK3b6hHZFr7",
-	"8JPG9hIx0PM9cI3ryqU7kibKimyS+93sLT6r2lw2PUztE7vwTUTuDpJ4pyZ2rToQ4nM+oM3aYpP+qAuv",
-	"diQMk2wgeywsCfO1QCWRwiSlm8GAqaqCj+HBS+o8wiPZyigxEyhjCVN3178KAEmNiaRhfKyXlvUQFgaf",
-	"x+VUK/S8L8XnnbgxffaLL+vrd+opF2mgm5tu6xh9GEkiney09BNI6x1VtNF3DWjeSJXFOiysFnM+3SyC",
-	"PQBi2+2Ou0iwh0fJkdvlRg33TlGK/Vx5dytz/BEgB4AqiHhPq/GjqPLP+9fMTC/zDKoUhqosfIUI0wT+",
-	"pLRN2FhM+NKIqr044xkdFNz+oYrr4DHP81oLQ9Xw2BQTHAd+CYC1C2C6hZgIeYuAu7kEVM/xmqU/XVyx",
-	"x7dPHvNsLtXjW1HI6Tq9I5xuk5MACGTTPU+sqdlJsMPyx/t+ADMhZttfyVp4BaDwVx5vfp9+EduTwHeo",
-	"Ie0I9zsa5mxBp4Uhmxb5S3Sdm1f4abeSU3O1LJjV7MUJwwewIsBAdrRhS/jj8xNwhfOJFYVJ6An624uT",
-	"E1Jw4lm8OGmevCjCAdXTAnJ5K5o6h0H8IucKtDl8KHbd5ei4MzOe6VVzgO/WdzDv0uhA3oqRY+VNE4mK",
-	"Kx65f9pj7fgGqYOQYXCKueoGouPG8vnCcQfwQw6VtBAWp25x3LCUOhksRCF1lpJod2NC+RU7V+zdjy/Z",
-	"s2fPvh8qN+IZNfz2L6xmMkdG57bITckwmFOtN+gjM1TuRUaFLwwHYNg7jvs6d8vGQiiWiQnUpq6FZT1p",
-	"oSGe/13pU5UF1dfBisEJ62Rv7BjxExsqHJ+lYX/TrQjpFQGGitceF2/HZcMh/QCBQJruWwfzt8ljhA1f",
-	"sGWKVKyWuZ96QzBNwnbyjx0VUvzwqEz43QhjSDtD1W+8jiJYBBYIaRkLoZxYzbWxrHcSwFycKRNkrYRQ",
-	"Vn+/WaFkFG39U33Zmc5zMYGyzYbN8WOMwi6BYjBUASaeegM9MgxOMMFucNTC9s749WEJPp/50x4Lt/xj",
-	"Ay3wj37J7p94FplnF/XlwGYAvgmtO8EjoREKsdCFBTSnwd0W2NJCanebhx2NK0KvCr7RpYJhUw/3uu9S",
-	"kTDsReABNqIq3gfoUOG/PRqvW2iynJ60Zyw1azVJiXnxPF8zKL0q+4audAHaXq71jVTXSYSltRLjmdY3",
-	"+62idAAlR+7bXRtv7B8ULV1wLZgSTrz5cxsv18axhmnpsMGyJehX1+/cNnaLI+/OfbamXObLQoxKu6N+",
-	"rGvKbcS1YHEDCNPzt5dOr2GF4JmpPOTr2pyghNy0CbQyZVZr1gun7/MMnUkLBXBsojO0yOfCGH4t+mdD",
-	"xRUTKjteGlEwq52Vgt8DuKxK3Rr1rkw9WQwV0QVeCfcPnH2KnWQNn/uMDSj3LLgyEjt6wGaYjkJ1d68O",
-	"nucdShDqXtYN4o1amnZN9yUvYuMfRnUjOWqsWPZVpLaKjcqg0z/mVI652QxkLuxMZ83tV0APYgsuK3zK",
-	"n1zlIvOl1SOrF6PlonESVbbQOWVmwze585WtXsWmhJqa6G3DFKCqQyeua5IfdVg9JeudjPrxcg0qs+Or",
-	"QxXUAHUrCt8TA5Wl3nnGF+AeelvIiVTX/YSJ3IhIZ+pI4nfy51eLgboeTKhhulcaR3mZW/v+Rvfd7bKA",
-	"X/pOelqJhOk8c/wJk6bYBcBsSQVeCtPZC0ibchW+1mTSHwYrpLFzXnnTIwqOAip0S5sjK3U1blNjjqMv",
-	"gR20Y5VUT2aLkRAVBW1Ddaqo7vcVoj45rFNSXlsRPNg/nXz4lQBX9O3GTS7PpP6dbpvYCmvhTZRJrh3h",
-	"OzPmrCLMocVxGldnpneDtmg52QZ8i8aS0HtjXGxUqbU0fUB6LiuJ23U8blkmwU/KJtpjTkUOU1lUO2RA",
-	"bjx4GbrqfDSXQqCbY78I8YgKiUdTXdAdbsvUo796pxCYFN4ZEidkgrUb0jcZ9Rlb+WS/lVQho3PPJQbX",
-	"cIfZQtRCGxGmHQOmBt81m4DzpsdLt3NXXfuenCAsxQhrc9ES4ymd4fEuz3gGrTQSpjR0qRMFoBd2nPld",
-	"JfXhmFeZclMn3mTjbjXt1Xby3UUwd+GPoWB1N3tcaVXljpLQeaViKa48JT9gGX3B4EpApTsE9/TcqwPz",
-	"7JTqvB/vzA4qkqunvedbXwT78wG1hja7O1jJngDxwUbk1C+leYSYWP3Imo7jLhdxC/hWWTywApesWDG4",
-	"8Gcx88yYmYFPdlq5fyXM5aGuX9bx8mUHu3lY+N9871qt/HtA6t6LpMj0CPSyByXEAAcNdODZLrXn1Cwl",
-	"lw7rZWKSS3ADYXtw8Ihbs+Ea9spYf8DOGeYfMvKCYVoCjhg+ZUABpqzUexFPdIZbSIfgQw5FOJdtLWOr",
-	"yM3kRiC3C+AzpfTDYCoVz+Uf3h8Rfr/g0m08weB5J1uf5dxYZjGfY3PDZto4Y9B7sqhl/D29bKNFNu00",
-	"DKaRdcT9bK6gyAru1DOnCifgwsK8HAaBFwrHSKpf27t8YctJHiCzwEfgvlJWQQ2RZKsWEYeOqvvvX2dG",
-	"sykvINQDsat9w2s4zCgTeRPgJ1UwSeNzZ0Jn3f8FlJoH9XW0epVqR9KU5Hs4naOKi9OigJWZcXNdBAAE",
-	"eP+squNDg3DQPhxLgIgCIE9HmVU9IwTjudElGCWtJu3fS7BULtQW0RJ2/FDC5X0Li/xtJqhULEhRy1Vm",
-	"BgGjgP1//8//y4Kvl/3fPjSTDBWJ9OoTqbPjC2ELKTI24UXWT1havu+e9atzj06tKIaKqzX99izyrfun",
-	"rgu9wk6VLOcWUk+EAa2g1DaHCpNceTRXyLUjqgi9+nRwkbnvO4rwPw5Vo1IqY50U5K1P1nRD988ii9Pp",
-	"MUOFfhXDCKXDSSeBTRVCHknd8AxOqbOhivx7brxGtx47V0wqRwVr1lMaNWxSuPlK9YdKUuANK/9EBnZv",
-	"5NKlgEIgPDzso8itf4QxR6rECRwgsjh2eP1K4vNDNgM2n/tEpzgKwfA4lWZzQIMMSNcQnqbYJOT1GMyT",
-	"ACCy/ikcjrSh/0YS6Mnyj+4niLiQfkTbn0J+yImj6BBvwQfg4VH0y0IgaExCf6+HtFLYecKRhh3ulkDT",
-	"kigSp3gkW3NqEOozjjix9oDTnvktXdI8CC3UUVmY0xk78ZViqrMjtZa7cL+cgv3zAQgP84GzAKrR4dZS",
-	"DhRWZa4GiLTj8frY/93Li6MvH1Iug8aHCQrvcMrEMeMmWIU2w6malVbmnTXeptp173jS1bcaJ7hnRLpB",
-	"a9tcGV0+TEOsEUos0HtR2yHO3M1gmcQOG/t7ClqClFtCko55+BPa2Ks4KLmHRliDZGxTCav7gXIE6xma",
-	"a7NCyUUvhnPyHIFQlCAZJaqg7SfYpadJhhnLC3tXgPlG4blFZywF96GUxigUvmn8LRa5bDL6fuS5EWUe",
-	"LJIneoHINXMaqUVzPplJJUI4X1oIA1meQ9mMXtpjPT2G1A9qV5Egmj8GuSoaTi9K40TdKIkyO73lBcfI",
-	"Qc+9FvEtiBJi7pJp5rOn9ygc2e3YaIFuKbV2xAsocVVYD9KQpWIzaawu1pAbAfD2Cm1kKNTrV2AgFvIo",
-	"OaI8Pi88kyN32gCZ/SHp3Hol5lj7veOpenfCiN5txMJZwKNJINSdVSFvnaTbdNm2Qoa05Ge3dNxoSgOB",
-	"R/1YjVMq9DhHKb4F06At7lqPtI4FlQLpgs0EhF5XCbZcaELIT/fvstWWNGX9TA7wuQmlsW1FkQztBz4n",
-	"26AXIZmxQRl8M52S8YsY9WHalQYGaefUoggZssGhR8O1O/9tscZyp2oVfr2uLI2bF6Ss9/zp9300U6Ju",
-	"BSnrvTh51kcGfaP0Sp2y1UznYqhocGe3rri0QVkq1m4nIF0+Qa8INCjjhqXv3NyOzwF1syUFfTsaQOm6",
-	"bUB3kzYXe6CgnrNf310yxeduumjrwPWB9gO71R0SivjVODru6KjldoKSfE+QgB155vR3TgoFJZ075USJ",
-	"1UbqOaosxOkw9ZwqU3xLiKvzV6/+c/TyzesfL9/9Mnrz+gHSz7daPjtzcDdEnZ2JIs6y11Mn/7m5CcEQ",
-	"cMgobzU1L/jni5d/f/Pr1ejy9T/eXL68GL18d3F+dYnrb1lSpBHsz9U3VeImGnoXiiob8pt2AHqhS9I0",
-	"+d3jAtNaPSdi9/my3S7GyG4ft9IW1DBISOo07NZCwNhP7BfZsnlaTWQuebOOCtTbmBhGnwPH24LTpDeX",
-	"7nW6fdDFmipFoPCtWDYnBbSrEnNp5txOZmXweKekqW7JLzRAk9RBPeoOGay+jixWsvxOV+a8+8jC/Pam",
-	"/UxOp8JdqwaWQXolRJrYMcv1hOcjX/XWpRgyemEve/3OpXlV8q9OuDJ2ZeG797crjFAt61oCx02hXhEV",
-	"CKtT1sPE69BnCwyxNJq695lSkWZPq0pv9chlW5ZiNoRT9qpL3ruJXFuRq4Did0R3Pjk5eXIM/391cnIK",
-	"//9fjMKLzkjtPX/6tL8XZLIoakvxkCbbSqxxh6rt5ECbhi0Tt1IvTTO+VwNAzMsci3Ktdmo/1aFVcaFt",
-	"ZRPuut5GbtGBVJfbGfiDYGTuVGWyQk5byl3Ncg4u2bHR+dIKVl5Mb32VrLCjpL2LuNkJqBHQe6FcXS2B",
-	"ixBpffhvII58U8oNmUReykbR5E92p1Ngg0gPkNuxSfhfKcsDxMNSXNomF0MXO5sGeH8jFx2s7bI1Xkc0",
-	"yQKHB5XwRi4WXVyb0UfCkFvWfkegvTwfYcujpnK6qW502p07y5mW5OESOCStYWa+nMzYnK+xG20huLu3",
-	"XmjOEXyAK/b0OZvpZWEYv9aYpwCfG/k9aPFolttSvbx7iqQ5/3iJrz7x8IH+5zoJf9626c1I+eG8mwrB",
-	"3HahG5mQqZlPUNAF+Cukug6NLTsy3AImYprRBFgabVqaQEvQhShY+VuIIfniWPBRn2GWQuoJJEUsJ/dP",
-	"f+S5mFr8RY9bNtfGMthLNl5HQ/c7+5biS9zAR/zF2Vjiaz4nGKn65BDYbc14Ie5iyzXc2nKnt1zFwEUa",
-	"S5u5olDCint7Ez8T+y+UtngvnQjQI51TV9HofjTKvKj5T1OkQ45uRWFkR6e900jnC2u2ai1b8shDDTSo",
-	"YaRLYMO3O+Psh05x96rVLEfB2PweL+wR9GjRa3JuLLVf7TLK9opnkIx0UPfakkWhJ+LeGxsqkPfRZbsV",
-	"EEWkXRYRef9p9y5QJaynp+5KFWm8gKYrvtlda0+J24gAG2RQZwjYLcivTQ3AmvNe69dg0zYALDR2I9aP",
-	"DPRjCs2ZEDmoRJVCX6ZhM25mjc6he2X+t4TYtm9RfdimQWqsINl3X9uqBhTzQUcWPoCNrG5QVlHCYSX1",
-	"oad01Pz7TqH21rNvCLe3dOC8d8w9msMBbIxYon0l62KT81RUe4JMilio03igPXQl9RAPPya5LSL8/VpN",
-	"7qbSG9noS3wlPdJXwOth8Ki7zqpU4Z6dsIyvscRwH1dJy67hOpq1ZJzNCCEYm5UMekSJVfPffbBoRO0G",
-	"dj7V6oapkUZ1bpWJNIzXMJFGQtrsItrMmBcUwd+SBZZzdcaihCiIjcQpO6EVOfbRU2JwtEfFSVDi6mlA",
-	"dmlYL8X2CJCF6rSZbAn/9lVQacIGg0H/jpWDjSAeO1h97YVIzMNWdsvJam3y2lQduOEOrmxUhIrluL1v",
-	"hoGzuiNrbyGeJs7e1BH53nwd+pD+1Uc59uBIJYBjJ44P34GNv1SLpd3fWt+8x+3reQlhM2kao24UUusS",
-	"djsleADyRCMuJOC2UIq8+yOY1JDeDc/xPF8fIlx3UEdnuSFfLubm93ln0K12ZHcTkPttLp7kHkC6JYrt",
-	"BuFGaK5hJ+8aUznoCdAiW7f8B8GzZo9GSoyVIizpKYuqmAwlrJJ6y9nzjx/7A5aSSyM9dSYDAqMC1Cp6",
-	"bQjVI9MrPxafTMTCGtZ79gKUk4TlwhjC8F4WeJOG6kaIBST9EKQIk7bvc3+kLXPHAuJIEooxOOBeBGgr",
-	"vbTukuoiQKsgsCNhUXu4act4qE3w/rqh+hEre6lAa87XbMGNYb0XHz8m4ArRS2sSBklNOFImeHacC2tF",
-	"EdxDQ4U4k7JgkNqE8GW+HAmhUmSMU+v+TNwHd69aF1M9p8iv1KSDhkNvqZfc7hjq4G+vUtVul3rVZ7IP",
-	"yKzfnu43HuCR7xL8rnjs/TXD0eKJVFwPE3Q7ROvbeglb9RGUKqVjMSIpaqQtURs0VDtGdLtUcJV4ZLCS",
-	"P9I0llJ30VSq1NOgn8BkB+DfPIxWEmkL94IO3xHpqfc4k/9aolCne1eyK71UNmGRWzxylZxtngHph3tm",
-	"1VRou7ktjNKrszAN4p5M5wgc/YLNpVpaYRifCZ4hRGWX5IF/UlEXcq9CcADDVnrVPZUgXLI6IUMKZ8KU",
-	"VsehSQZW0IdaOdgRj2LOHXPHC1mraMr0cpxHH6c6/O0pK/VrGxHAduo7gKujHKzu4Pyy/o5yHm2W+yFT",
-	"l/cOpqI2gJ6U5SKXE27Rc4tkiS03prmc2MMFWTeOZl+Z+BBtUAXPRv4kuuG91sTuh6QpPhXF0dx1dz9t",
-	"ppbC90mNulfEYC/Bvxttnq/HYuT4a2Mf6KvguQYOR0Hrtlh1gIZWjCuzEgUzHDLIjXbKLKlyWDT14uPH",
-	"/hnUUmNYvCHOjRXfSojMsBRieend42BbyjYOFRHqFpYBkor41dfSt7az8Vj7aooA7UiegUVeQsua1ub4",
-	"niu16MTIkUxrRsAK3QdhSdBSiSq9wJAarxlXGhIa4W6eQTEyhVXn2LsS8nObXQqBVbZwqMA+W/4a8gv2",
-	"FGW0X593+GmamLpp5upmRxQ+pshNexWryeSE5878nBMoP3hmeGRMRcVmVSP0bKhAuyv1H2z1kWIHE7Rp",
-	"6w1PsMOx+/sZ828PVeX1aieR04b+I9HAQxU14kAo8bi5yVnsgzJrY8WcAAakpVkPFX0XfbYjSkFJTwnK",
-	"KhcZg0odZzq0MMgzxocKlTGUFtjOyoMUamyHsOLr8JkcPATh32dg8A8V1UJAZjAWqBeVzLI2hId6ssxR",
-	"JJSOUEAeJUfliZd9ZrzLg/YburXG+xB+kYstFjK4ecz+Od93cO91v3pRl55DOu6q/DV2HtH8mq7iP6CJ",
-	"Vmvx395JrO1apE8W3VGWv5++TImX9Nn2Bb6D3h7t66sEnjpkc+mb5mSPpjhWp7J+2P/uJFQ9tsZCP1/s",
-	"Y7Y5x5GrKoTwDbUwpwEsxmPpli3iDHBXAtN14nYD4HiNGEcIO8V+wVL4FXBjbR1DGgOTOsVnMw2/nruR",
-	"Un2TMvACDNgrXlyXQOvAXrpmvPoqp10SDSqQNymgOXroT6i6tY0Up+UdmyofpvfwlgQJnFqzerRfL/It",
-	"XUm7Nf0GdLwcmtptb/eNgEjkutjJgNywW/G5/Wish31CoNXHjRDgncW3cQ6+I3j/LomJUStWmlFZvLx5",
-	"ME6VF5NlIe36vSPjkAz4d7FuTF3xXVbg+pqJXgiWGlHcAtyQLlgKWUFpwoiAIeHTGvb+5/Pjpy++CzlA",
-	"cGmAhQleYMcunNnM2gX0IDBOUt0IIEp86Ee/FX/77eoo2ZxbaMzyt9+uWO/n9+57umDv3D/6Zyw1y3EK",
-	"QFdx70hs+bFjOp+heHPaUHGCSE1OH2czwTNwmPriH9oXJqFTK7Y3Re3olC0KAcBsxO6GaqyX1zMbgg6k",
-	"WIZyUKf4+BaXhBHltLrzt5eQswtyeqg8tkfcmYk601AaAOKD8KKQt44vYncbcASjm3ioSsz1QuSSj/N1",
-	"5I78Ky0NFAkzGKqh+tv7N6+xXcVqJgqRsNQofiNGE25EGkrL8btSeX9cBZWGZMFQXb5/E7XICvgkJnjx",
-	"MEgCv/LN82ASf/oTuJTMn/4ETr8U8BAmoCA+Jgb6538arVLWc+99//zF/+x7xd5Yd69ZOtGZSAdDtVEB",
-	"7473+clJuYk+G3rCFfbVC35Oai1rCz6xQ2X42rDenOfuEouMua1KGGdjnrEFLzjqxwBUwDNRYB3786dP",
-	"PYyNG9XNzVFHtmZOet1A99RlLs5YioX9v39IIY3DMCfbmK5W9bv7Bye00G4PC9qt91itacVHO/jTn9iV",
-	"+EjoOkjPYCwa1oNxEybmXOYm8Y2IEtDsoVdl4kPWZRJ54n6YL7SFNjI3Ym36bL40sE2/Xv14/B/Bd/L6",
-	"11dD5ZbsfwFoDjKThZig3GJiPhZZBs249K0oCkkdmaTRObe01zo3Q9X79c9PT56eH8N/LhLm/vvdd/Dj",
-	"d9/3k1B6cCNg1aBU5BxIkkznoUIEFjDsMChCRjM4v+e8uDEw7AkNf/IjzOXXP5989+Ql0B3PcwDHx00+",
-	"X9qZ2xakwz/9yY2Yul/qQv4BvztlfwV+w4bLk5NnE2goBf8U6YCdU4MpIFM7K4S7nNoeG+FoB1siFwjd",
-	"x+vMD3ndX2I2l4CpBtzA6uVkNkRAqJUq8wrPGFdrlH/QmAdH3sHyh4p4PuthRqj7TKaRJeBgnhHO+bpP",
-	"e3NZ0ogjwLdv3l9RUBTdLe5WzPWtYEbPBY6CRvZQpdG7x38X63TA3vO5gDkCmwRke3dhKPzy9DmbsUK4",
-	"4zZlgqojPXDcYTFDGNQev4NHIW+jWIr0DEcMW8BDFZzFz0gzVO7WphHhj27EelQIiHsP2BuIn0mtIAyr",
-	"lWDu8oy5qYAsDVUv9APHPt/heoF7qe9djdzRvQcdCS4Rd9XJ6nVm/1CFpZ4xD3EQ8u79hXAvgDmODD6h",
-	"TziG971jhbUVSTWa5vJ6ZtMB+7tYM7PgE2FO2UZbtEcGm8xy9E1g47XeQhRxaa3RqImjs2Oi89zdb6J3",
-	"VO+Fyh6ZM2qHdP72cqjcOQCEpYGNhBkAYKXPtXIUSl9336OI2ymLPz5UZQ9TbmcQzXdHiYwU2i1Bryv/",
-	"AfCjxGcxYOdD5eUA0C1l7RLrJD0S1gjYJu5UpC0XF2iqWCqD7WOvuVR0PV5JY50wAzMnBbQTwBTHyN2L",
-	"E3eZP7IXJycoM8CO4v9aYi8to4sU5h9IPP2EzDqK7nxOfb9ZegOCwE4Pph6WAJu94NcCTSDCKUGFxymX",
-	"vljk6MngZHACpulCKL6QR6dHzwYng2dgztgZaJSPZ4LndvbH0emnz8nR47mwhZwY+gkcmf5Pocl21c0D",
-	"o1wLsB60v02XGSWvvqs9Cwm13DtHfv90JN1E/7UUxdpjV5wGPzDab3un2XxOms3B8suPX7lzO+rw4EsM",
-	"uH3+AN7LhVYGFfGnJycYUkOoEo9IRorNP8lkKxewV0EmRCVBtd2Etb8G57EjzQE6V4Dw2j4R5vw4+AUg",
-	"U3M+58UaEkYRG6IyAxjdkeQqGNuOzPi1AZ+vowFnsHw8Boo7xl/4+NJCm5YQDmUHScOmuUYlR2PgOES0",
-	"e5yqwbHkXxo2CXXjQ+UsNJhN/wxRaQUvclmiiwniA4VwZ4K9akGiawXczkIfvNAR4NerlyzjazbWS5Xx",
-	"Qjp9itB1cRz0bKKOgdf1kSFYAtSOYJI0sl9eQPRgWMTXClAwVFIZ67RTPa2DHWC1X6XrNYoUQAvE0nvi",
-	"qkNVay7dAxw2zEGqZLcSHjAQ9iP0SfdBQpZTxoZ3xVKVKhbrpTJLkZmVbfd/urhC5lO98S9BQ6jhogSE",
-	"qb/qbP1Ql4Z8K5+rRjfR5Be6uU1X9q0ojoOqB0Xfh7i2mEwZ5cQRxYIMC0ngsZMf35UQnel0kyscH9PQ",
-	"jsuU4FZ+H1VddGT2IbDXbcsbCsr+3fh9vdRmK6enW4hbf0CWH9cw3ZHZt5PI408+Zf/z46wsuGuiBqeI",
-	"lMQQlX1Vb3GLMtDBEfqhTSb9AmZjmemahgqfNCFUT/A3zjSCWzdV1UWqfEtZHXLO1Ywgu6EFcWYYH6q0",
-	"uZQrZXppQSZR1S07j6rRQoKH0kNFXd8ovTRhClojQ6DSMWnUoaF2jeeisGc+KmiszHM2Fk5PRoNqwN44",
-	"85OzFF9Aj6FvmUMgqk5WinIuQ9V7fvI9S32EN2VgrK+kEf0z/xgUyKsS/jR629sz0ka5dA1ChUri4pKy",
-	"hxEpDVWiX1ieVMrmNrnClafVpNzHQ7CEH8TEmXdgLO0qd8RMGO+Mn+tCHJZdIEV+e9yi9EKcRe5aMZ2K",
-	"CTmk3J26XnLAAqbbF1orWbi14NCuEjd6NOq0/ZXJi3IIqDISulndn8je4mjg1t2QQGhi34eSADXYUU3j",
-	"6YHVXmpGVFFJ4AaOBgz5V2dcZbmoFVs6Xu3+Wxr6iCFNQjMW0RGAAtU7cDVUM70szvyCseCBKjZRPJBr",
-	"AkD+qRzV/bTG3G8YfqjWwiZMfOQT6zi1YXJa6n9nWA+aa31j2HJBXpmyp4rM86HyLVVSOt8UoSnfXrz+",
-	"4fL1TwhROTr/8eriXcrKdhC9uDfaUFFzNILBNh70su+lWy6FwT6v3usz0ysTxUbEUIGHBTz5aG9OZlxi",
-	"c224P25xnBEgNOtFXUNAwXWnAcDUp4Amn/bRQhvzyc11AXITQea1x550X4MNGSpa8vurd5dvL0bv//P1",
-	"y9Hl66uLd/84f5UOWE2cYbmGT9+CQcHubpBR79dqgut9UNkU1xd/Jtn0oLwiKgRuYBi/+Xa+sDdT2Ht3",
-	"ipk8iFh6ye1k5qg5MmuYgjyg/dkEGEjHk1CFZtqZxdvIHZkgX3hk0BvgXXAUH7oVBfvd2dsJs7pPEIUh",
-	"1Qw5wmlcuYSYMQkrs5sSSjFDAxvSm4aKTHnoM4Ss0dg4Owznci1vhRqwMnNDKiYkBkywhrEQwR9xxngZ",
-	"c/CaGbgKwNXgZmzYiftIIRpNexwHMqgeiMZb6gS/sA5WLzBtEZSTMl8GckApDQ4DEIe08Sv05yOy1TTB",
-	"R+YeV6KDUV/mhT6MTV/JRv53s+ZrxSRbjfmo3usgtvyv0XhO5/SV/mJwPcCCACwmM/17E8hjypFvZ5u/",
-	"QMesGM7LI6WVikfPmZX1BNC0nzCf1e1MUuMUnWwJvP60NNDR6sZOYjVotIIUHvi4VmKoqjhoFC8csHO1",
-	"jgsl6OrGxZiox0tlZCbQur9DVSvzRa0haQOqWidcYUqCFwNOTxL4V5ZJZ3RNB+xVDQQtQWez+LjIuVQi",
-	"q6HAnQZtdmlNMONo0r1Qtds/G6o9Uf+aqiWGqg0LMK0CnblD9QmANF4msuVCmKGKTg/D3iBI+dh9qRzU",
-	"KRPMUYPKyipgEq1DZVfSaYAQPo0mXI1kkHbtRsDpESHAyfiiD0jE52q94uszeJ62Cc3hQoASjoh5qUd4",
-	"S/tNMpKQ5Krs8mGc3xX0yC/u9Y5hFNv0whU3EaWTE4ySdEzA0TuIR9OdLxxQzF/vYVIi38MyA1OPft5C",
-	"mm2rvMQs3Et1ywvJPQU80EFU8phb9JQC/sp60DgDYZctm0qVGd+fAkpbMdG2f4jjeCfcw0sb+r/gXcab",
-	"GvpEQD4w5pFBKtxkXz8SYeq0HsRPwr6kRx7wCPwn2rREAv7JNc9ExrDvU3EfqqecUFC9fDbo7x+cLhTl",
-	"Zf7+wak85ZHAhSTpg+mM0Wb7jfwQdpaM/WPqurHFVPqtkJbMbO9s4KaU9wm6JdCZYuJq6w2HwoC9LLui",
-	"BVcINj+ETHTO0rnOxF/oOymj2SVUzSKoQWJ4MA5+hqehdWk1ISZkXw0VgC7Vk68g8eOCT2aR/QROdF5Y",
-	"p4ljwxtf7qynIaXHTQUj20PVS2t9QN6dX12MXl3+cnmVJsynjzw5SRifFNoYxlELsXCBnPBecGPd3bUh",
-	"Gg3Zj0+/rzfeQdWn0hoHY9FcNaRoJWUje9LBaokyrAdZMo523S3tkzqCTXbX5CQpoyB+kFr6ErsWdnfq",
-	"EtFLNBou1H04YGnwbN0ee/Z09T505ayZKzsshmh7/i7WbxaY7UgWxOEFeW26uIZu8vzJQ02iiZfhxMB/",
-	"jRmxMImGzLy2b9Fb5f7a8AZ97osxw/d0ceuJ3NhW2XNsajgZmKRvLlpySe8AePwpyvH4vFUelRVvDyeQ",
-	"/Dd2+C2+tAh6B3nYLCr6C1vrN/Low+d9r6tf7eUPcEUJSqSJduvFBdDEKaDtiY/SWNZ7evKk72wdRF/z",
-	"Kakiz8xQgbfNPXLSHzDoqEZ41Y52oFgEc26geHnAfHQ3zv8ZqlyqG0wKdh903LWGRJRU2/6iDUKxU7DR",
-	"tBJnkJToZBDluHugOmCTRtgm9vjrwoiiSoEPwM5oePzYl7ZLtpE+Ye8B1R+Ud275ZmCaB3AGhtRrJM3d",
-	"N2k7l3ocVXYRt9pEoHeEnXKbnmI8p3J/9EoZ1ktpmLSPvgzfGw1wJocqKqTqpTOR+zyy0BOEkqnZSkJ2",
-	"a77GMgDj9Ecsr0D4hV7QKPvelOQhIWGjqSTrpaHfIPvLUPk2lMf4xDGLBgtZvzQTqVhW8BXC6YPmh2l8",
-	"3FKByrNnz77HqsVK+5r+KUvjHU4Yt0n49GcC4vczoXoUKnUzVmuwDbDOQ84F651Q+Ti6oKJMQNSLoDqu",
-	"0Qfxk7B/pbPdYKabbknC1DiraZVBC/MTjmc70ys0ZRBpqsn/y23F99upcPm+PlqtRAcsFb83bc7j2nPn",
-	"9ujzhxZJ6vcGKe6v5U1weoQlkknDQPcyru8kcsv2eCto7wAkfuaxwAMtYs4HUULMTag19j2l8g5GRF95",
-	"XKIQNKWK7akGbLNVeaXC1HGsG6kyluIEyHzCOmdutDp1u6ONRI6WYlvFlPEsc0PBlrLeotBzjaZCwhaF",
-	"1O6w2IuTs5rSYYbKJxbIqY/COZbGAmoWlKAUfIU9EpHRScMCQ3M6xI3AQhMsSMGqK/b85GlLZ9vg9kEw",
-	"OWAphXCWsNJLNREQcE/p6QHug8jSJu5yDn98GZqm38e4ejCj6jyQ0l4O0icPMoE2H+k5bfPDmVTPT55u",
-	"WVFce9l9ZSVTaohyBRqOEEVyXlz7DP0NWj6EZhSB9j8ybKILKlHETvueyWEBXL+Ju213Mu7gWmAWPhC/",
-	"cjLmGnU9sgfYhOe58cAy4ICCDFVd3AzYpYVgSXErzFCFVveBTzDO5pqOxAYXFuaBetjXAbvSfpDEsyrG",
-	"oSC+0eXiVl8ygwdzkHylOAd9u+0Gl2UhX1ywQzSsIlpAZcbK8/lyMnMy/39nJPGIGBpFe1c6RyJ6IEr/",
-	"YYu8Yz2na8+oYBppMaG8SwlkulTi4wJ6j3mVvNTgT1muIUcv9VI5RQ269DQOFQpxUL5xJMOM1sq91oMC",
-	"yGP4tbtqOTe2H3kpdZ4JgCJ5DWFcfSsKEN6nZFhozaZiFa3GV87XvLgnT6G6vUl4T3iBNYo26mcfDC8s",
-	"JiztnbQ5dwdO7xsX2zTLr3XZ/dfbrjs98N9HYL/Wzo6ErMxgcHv6PEhYFljSJBDdnZkPmuYPxHu6ewfX",
-	"wm7mb//k5vaNXyyY41dShenbbZcK/vztxRUCDcP8AtMu7byEYS/bSNXt35/EH3/yGEGfH99qREm6O8kn",
-	"jTUTEQpRp5qJ757fuWTiit/4XPBCzLlUIeMeJS4Zrl6+Jz63MXVrT4eqYqdDaaznToiflPqYsSG9gNKu",
-	"0AlpLF8P1YQv7LJwrO2sRImBZwnLyWD+j0+28nBPVusBhSvLhHCMENHkySlPz2tCq/BBU4gM9LxrchhU",
-	"lDP2/OR5ZSBnp1CKeRRx3mA0/9AyA2r8VrlMDHH2hWV3BGHWwGP+ASf0zbIYN71ADBhkGq/ZXBrLb8R9",
-	"eAp437fm9f4MT9w1o7dE9naKOGBvurtG/VYRKO0oOSLKb0T1/vfK9HXbtTvHF7b9S1uEV9UgAcyhtaj3",
-	"QI7d7Ww/eEqbzbpk01ZDTyaw8KGS9hSNPi97HTv373ivzngZI32RjZol8OJQQf5fQgwak4SBFKOUFRAE",
-	"blpAwqznP+Z4coNdmLG54ApfD2O1ypT+YKguVFb+lcQbXROUDlkZW/unHrOJdqYpDYPWaSGM7WMCLv1+",
-	"wM5xQNBNFdUbpmS7jjjiovkrOFQ9SgunJ7K07/GXfH4Sbj35lbhak48I48qQLFuLQnlB3JqH8zM2P/4m",
-	"JZWb21dSh92nKSzcxEV+Fvl/S/tyw/9xmDxTcFQGDoFKVa7VtbtK95acjz+5/+xK6SE6f1CZ0+Z8BLfs",
-	"FxY0bxR+9+DiZLeId1uxT0SxdoqPie/e26jqOs1WjwPKqUhEllXFPM/RfOkzD+NTEYPeRkKzxA2TVsOZ",
-	"wVuY0roRb6wimSABfzBUv4RKDvgEZJM+jYQLI3yJIB1JvwsCKkuGke/V1Opnz8oc0Qq02kYKqoehMBuJ",
-	"n43yBWfxLQsYmuIXqtR1O3HhtIBGryWd2Tdr/rxvVoKQ/Mmsjwg40O8B+ftjGvurc4YLQIZR/sIFpVEv",
-	"LbpopbpuqFKPgvsBEwaHSHynOAgMARZyw41szArH0rB9LuY73MUDXMxa2vXXuDe0mG/YMwmBdqCRUh+H",
-	"isv73IwI83S76wAdb1fx4/ue+Tdl278CIbrbuo+ErRRfx8zHMhmcyEPb+DvIhsA/jn1V1wPFaH7EzHw9",
-	"XzjbdLwEBSc45eGPlCHRh/41OKsBK6uThsqXJ5W1yFgnMxd2prNT/5IvQZmVsLU+DUINFT3EeulE5zkm",
-	"moxwhL8YobJROYpWguVSCerzI6CgIMLnZikknYzKTice/hF+HaeNY+6oR5D3YNg8jlkRpHj69g3VIaX9",
-	"hE2l4rn8AypnQh2stE32vMeQBDxx2FK3tfATwauUtU9LQxExLATyuByAC8UVDWE1fs5qSKK9igrEpKnW",
-	"/SUowlJ/bAsOewFA+CZIqqFCbTmJYOhzeSvmmoDHw8aKjwvqdLmaCfCrw+v+7FbcMAD4H4O2nCVszNUN",
-	"oj1PEfR9jghY8BR1ORpzlRECPUySIhB4ZP6X+N5oqTx1jHORQnWV2/aeo6DK3zzR4ZfQ54I5OWY5mbgN",
-	"dTq0jzAo4ZtAZVqY/oBFQtMDl4bSs9NdZV1uKoipXuJz54LfQoYkvUkn1u7lucT5E8zVt6qOV2f5dWqs",
-	"ajvVYtHThic+Q52SO63B5rOezv49qrCqRVciz2vVVY5VK2GZFcXcJJjdQ8yEFnqX+qvHsSxqV1/ojbf+",
-	"4X9r5YVWsVt78XvzpfWW81jW+Em06i7hBB9WeYEq/9YCmPfLuYmRm+hGYvUJYfmXwCuh5XsJJmKGqufx",
-	"SBBt31eL9QfshwDc68E7ys6FAch6qAKSNfP1w+8uri5eX12+eT369f35Txeji39cvL56n/bhAzdiAfXX",
-	"GZc5gUSZodIqXwPaPbYC8DF4QgjZwNDGumZ6iDCyUV8oZ4NAISXAizQswGrzGFR7zXoEbe2VjjC842oZ",
-	"XyeIok3g1JWPK/HR9uPSFGihWEXKrsNvO5rzfUEq9SzoeyKNwOlQ2KwMFatrAQpfsVQtJTWhsI3gr74M",
-	"iH0NgVJN8qVxZh/s0lmoGicoQR+/cdtS7wqeNrUFpzARpP6y3vOnT/tt9TzUOHDPip6NFVx89CsQKivn",
-	"r/TqwPOFDodfuP5oJ0YU9Z1sEv0INP+FmfIrPeF5BeoekIUiaDvE/2EFV9exLEbGeRjmvIE+Vrf88lyv",
-	"nPY8XrMFR9Q6uLQeBd+Jtkem1jCDG5Zygj44H6qFU7kLjORCUp/R1NkEMHTRbEFcXfcfCupGvg3AyJ9L",
-	"660Byi32rwGqM0cAPvCUCd/dCypyCRUwGpD66UAa96IQE5GBkeZ40FQqaWaOhW30AOH5iq/NUBlhz1Cb",
-	"95ad2xnYJD65aeJgTuVpw2/b1EKrHyZmXNnwM6bnYEh6FAzqECWupVKAF9tSFzjdwhOfOp545xSRh7y+",
-	"HdHdDofr5k4hoICPl0YqYQi1FogrocTzDdWJrlNQkr0q9fhT6WfYGs8sTbmH1lZ32EBfCZ/AOylCFWCJ",
-	"PkugneuOmmpD7mXU1fZw2Zd00nUwx5YIA5/MSgx53wmSej479dWDjQaoZICVgc4s0KolGSql1XEo9QK0",
-	"g7NKE25u2Vwbywggj/kIzgvf5mWouDNE3Vs30H0Kdq0/YOfUTjwgeCF+6VxaW/bTLtVB9D+VPTDKZogh",
-	"TyhAAgdnB6rpiEJDIHQpuKhikDrqZB43z/O4PKBrQtMaal+FNrrRIFmGCtx3qM544GEPb8168Jty0CSC",
-	"fYA9SHA/cWFhR/tJyDYlqGldBL2dloqt1bidzBIQFUOVhnWkJcY0etwABClqWt/SsZ4AA93Zl33VmmcM",
-	"RcVhvn4GUZDKXaeJzkQM3TgKfz8NebMgbbgNNDpUNG9OmVQYhYL2X5arDMDL0K2JR8ydVRktzq3VL8TH",
-	"0jhLw2RTNne75rGi/SaJGJvRwNqSoXJGFO4yOmRCe8Rg9JUYj9CTAXC63TqapPKluhY7wFW/LbQimOpf",
-	"3fK7uc+eHvbLl9DfrT3R960okAGyAp4xkGToW8EhosO3Gs5DED/SxntPHC97cnJyQpyw36B9N/D9x59K",
-	"ut8q5UuaO/oiyLgB27e958Bh+liAKAg4uE5TVyJGhexixTQI7nJbuwruDgb+h10n+HjC1UTk3XphPMwU",
-	"2yJy597yURoKo5Ad9iLgv02U34SlCHWeJkOVlgjo7g8IZz2i1miQrJsCzmrEszGe5IFfZvwWHGQxYi0I",
-	"nhR3DRrXEGYdCA80+Ax01HmjRBhpqMYibndQ6hOUJBtaLj59htC0CRsLbJ7qWI28nlnoTQezBo8ftlcI",
-	"6Ll9NhYTDRlfOLeR36ZTxlGMegkVVc73Uncaf8E30j67hn4GQcWJGiqgqfCRQI9R8hiKY2JiSLQngxDW",
-	"hF+VvTAAADHqywogvHrKsLU92d1zdCT6/GAYgjK/KvIeAT+5E3BetA/YS5wEeFGvseMDdgAKEM9DFeSl",
-	"f7qqDQbALacnoM8CCmCrsL/NaWNuuG+Q8RG1QEAW5niY1glwMjzmfYnXoHVB3yRSX7dIF+rAYajFytHp",
-	"p13hHlHceha1LPKj06PHoIvQ4J88rypxqpxR5n/pkVSjX/mgT/S7YHLFz1GyQ/QrXEf0C7KMot8g3MOm",
-	"l/IlB6obr+mmnAGTW0SO6WuhBPZ5xhW7HZ3kEqRYYMh+9xq+8DO0XIWu3Rma9mDI6Alos8WtyCIw783P",
-	"RR8JNG6OPn/4/P8HAAD//w==",
+	"3L37cttIsjf4KhXa74TJGYiWb/1NSzGxq1G7p3XGt7Dk6Z3T9BIlokhiBFZxUAXRbK//3QfYf/aB9k32",
+	"STYqM6tQAAESpCjbc744X0xbBAp1ycp7/vLz0VjNF0oKafTR6eejmeCJyOE/LxMxXygjpHkvFhlficT+",
+	"NRF6nKcLkyp5dHoUm7wQMVvOhGRmlmrGpV6KnKWamZlgObzI1IRxyQTPs1TkLBf/KoQ2bJmaGTyl+Vyw",
+	"W7EaHEVHejwTc24/ZFYLcXR6dKNUJrg8+vIlOnovTL46nxiRr8/krWScPX/6I1M5e3HyjJkZN+xWqqVm",
+	"qTlly5nKBNNirGSimVFsyVPDbsRE5YKZfJXK6VDyKU8l6/k5yWJ+I3LGcTGLXN1kYv5Iszi3ExlxO5MR",
+	"jRn3B0NZWcA8lem8mB+dPoncYlJpxFTkR1/sahY853NhaLcvilyrhnVdzwSLpfhkRmN4Ira7idMRd6kq",
+	"NFvwqbBbl9rH/1WIfHUUHUk+tx/Ed6rT4p9eCTk1s6PTpycnfmra5KmcwjZfFNqoucgvf2qezphnmcgf",
+	"aaaWkqUJm6icpUazQovcT2TBzSycBw45SpOj6MhSQJpberLkE07uf+RicnR69L88LqnyMf6qHwfTsrP8",
+	"RWUJzrDhezOVJdu+FWzED88je1zun0+adsVfh/Hqb2Llv4sXpvxy8Nixfa7jDJ6+eLHrFN7CmfBsh6ns",
+	"/+lX6Tw1/ks1Ksvgx3D4REx4kZmj0xcnkf0WXoQXlt62XYtc6IWSWsCteId3zv7nWEnLi+x/8sUiS8fc",
+	"Lv8x3co//lNb+vzckZbcuPDFKoWfSybyXOWs9/7nC/bj8xf/0918lgjD00z3LZEHjBLY0rHnS03fpacf",
+	"BxzsC3ybJmTfO0/+WWgzB34LHBKWmiQpHvO7XC1EblK7MROeaREdLYI/fT7ic1Xg/lQX9EbJ499Frs7Y",
+	"QunUpHeC8STRbJyLJDU6YlJMOfw5F3N1J4Dbze0aJyqfc4MH9MPzo+Akn5wE/y840+PaD1LBhIS0P/52",
+	"8vHL+plHR+LTIs2FHvGGyf+scsbDibs9OkWhY/kOLYThOKyn5qkxIjllUtyJvF9ZScKNODbpXBytUXl0",
+	"NBeGJ9xspZ7X7jkgV06Ut+uVKvnCb+7s/HAf/Qvq5p9ibOyXQvrQcLk+t1LA2smt7/oNz7gci45PT3Mu",
+	"jeWojRIBfm0+J0trIrFnIIss4zeZcHxwbftNzqXmYzsufWnzptWej8pddGtr3MbCqGu1+LBY37+x5Tvj",
+	"wq5gNOFpVuT49/XtCOXZDmIrOkpSbfcgGZV0s3VfhIRXmpQiK2xHkyydzsxowVd2w1sPiRdGzblJx8yo",
+	"xXGxABUolVOQ31cmTxciYqlV1Vadjis1yJjXr5GSZjYaN3Oja/i2Ztrw3IgEtcYxz4RMeM7gVdb7cH0B",
+	"13Z94+GBbDXKnDxqmWbwyr8KLk1qVh0pXRtuCt2g6rqji0+ZKXIpEqYmk8jqmzcrZniWrRhohFbrFdyu",
+	"zdEQ62khWFw7+7h/ZjU7kWh/dHNhZsp+QCqm+Z1I2JjnCXwjNcTf4C4RQz2y1H9neZkb2x5cw5DBTaBz",
+	"io4+HdtRju94bsW4tsP5u3EFm3DuRq/9/afyY7Vf3thvv8NPv6Yv25s9y4W2OlnHMygWlk8nJBG6MO8a",
+	"a6jqm+4ChRMh+g3Io05cnhSiZsawfplbbmP1RlRWt5FBXQlj76feUQ/YzC7o0tZ0HpKhbMHHt87AGHPD",
+	"MzUdoNzvrCo33NHaxwybK23w5s+5XBE/Ip7AFiJvZAhnjN9oK1FUzuytB74lFYPPDOraSVXR3I1LeO31",
+	"yRYdaLM2W6P7+pYTF4ZFa9RmJsIaz06fMTPurOpcMH7HU1jDfppZk7ZdvTMbbkkTmf6l1B9qWoib6Pqi",
+	"f7VG+Zyv2I1gekFnORNZwqRanrKY5DY7xj8es4WQSSqnceOaN+o0DR8GoibGYG1XfcoKidNwW64mrJDE",
+	"Z1Grscx7PBNJkVmGL4VmqRxnRSKSPuMyYUs7MrJhZrdMs1shFh3nu7cagVNbX+dfccrgWnFrysTERCyV",
+	"LMn5kqk8ISvdiLne9lUY76qYz3m+OiqVd57nHP5tj6llt/fdk0wtR3SOo13lBvhJ4PhWTbMCJ5VgWtlz",
+	"NMfwoFWAggtnLEexX4QpO5ui1YTYqiQFMxptUM+38ye6CevLuihJlwh2OVNasFhMJgLOYMRNzFLLXtMs",
+	"Y9zaop3OYqNMdVeNaKCcYBQwAE+obce6gbGcNxk4nfWBDbzA6sKO0aDCZoki49qwTCRTkTMhTb5iHLgT",
+	"uQhjbuKHvdQbd5tvs2r+kmZZKqc/oYdiq8bQcF9TeafSsdBMz9QSWBvaBI80c9PEyzxgL+9EvmKT1PLo",
+	"VA+lIk/UGeMsvsGZxAwnhz7gMXoVLANl2ijLXXtayITxLGNqMpSp6Q+YPRn8aPnJ1DKPhZ0e00YsWM8q",
+	"qxETc55mkTUuc6F1fyjJG8DEp1QbHcECxjnq4c7TPGc9+2c7EcM/sTTpM2VmIl+mWqD3tkZuOPqO+teY",
+	"tIgtjlarVRaW0NYp9PLqLXv25Icfjp8wni1m/PipJb0FN0bk9vf/47fz4//6+Pnpl//RRPhZKsWTThOw",
+	"Tz7t9ORCacOz0Vglovb886bHreIsujmb1ygZTrb27osnT5sMUKTYEc+WfNUgDJFML2ZifKsKg2qtNTYd",
+	"aXF9qx29WV2SS3cJIhDr4o54gxWVQFDX569e/WN08cvLi7+9/XA9unzz97eXFy9HF+9fnl9fvn3DNF8F",
+	"ZmugdqOjtOYj+qHJB8I/Ed/YgeJwlPry/fVFWmf2qYiJwXTARDG646ZOVPz4d0tUI/sfo4+fn0ZPTpop",
+	"7I5nhdjDhV5x3thf3VDrHK2JMi74whS5OKx39K1zFiIngvO2bG7ATkBFTTSTysxSOd1P7z5plKsNawNj",
+	"q8EnBeJ9ZA0z+HcntQ11gnd8fNuktC0yLruP9S5DEl4bJVdJMTY7DIQvrI9Vl3zhioPvuIk3iT+45Pcl",
+	"jIcwqmj0DXNuceVmmVo2Rly9dsWGxcnJM/Fnht+ImznPTj7hiul2YB9yfWNogQ1e23AerRunCnMltE7R",
+	"h1q7M/TASOMTzd7keuChm1pZ9bKu/Vzk2XbHdcU31DRZHKcywQ4bcQHqzq7ait3ybETzrsjr53/a6urZ",
+	"24Bt9UMhH2Rpsrvfqc2FU/3GB0nWkpPsA3bO3KtkO5URpbEQCdkH+VRoM5QY6+g9iSwrCP5/H9y0+P4i",
+	"T8eC3tboIkBpPJTjGQxk9VmrDBMpsN6PP0Y/4v9n81SqnBV2nv3IKsC5mBSa9NihfP70KYtTecezNBlR",
+	"MkXs7BQuVyCs7GvL3Io2iZrtvfxYmt+Jukc53ORGq+KidClqpmS2OgWbmnyLecJ6XjUDBT3WwhSL0aSw",
+	"Qn5UaD4Vf1aTibsXcf+MKWuzQfIDbZsuxrjHkMwxVnOyMxxdPtKMJulfwelHqPHVQiLNLBQ+ovV+d2Sj",
+	"WUcu6PADUXgjGy+9mi94nmolX6d6zs141sAAq9dy7aYk6WQictFoHkMkY2SU4Rk7ZpmY8jH9s6P/Jnyj",
+	"mxgJPrmPKKnuaThYbTaVhTfvrdTFXHwXisT3Ho72e3XYWHSVGMkXxPJ0OjPeW2ONOPx6R5fM14ksB1r3",
+	"/bZjrOQkzecjPMiGBCz8HRJgmDY5N2K6glQIKZalwUscD8MHzhdSyETkZy6AYpUw7czat29+vnz/evT2",
+	"TRhh9LoKZt+s6yt2K7a6QUmgdl1/kds7utqstEH2HcSHGmz/X9QSY0vVSJJmN6qwpOQkvDZ8hXYeqNS9",
+	"J09ZITOh9VCinBnfWqtel46i/oCBJ/lGgVMJch6ToYyr83JZgbD3dnsilEv0WchMcc5lkM/bPcCNH2he",
+	"eabkdPNKSf7hAsHvrYWllKGcpJ9EwpIiR/LKuV04xqJqe9miWGxfSYtUIudLo+ceJsErzpzUbPDgNFN4",
+	"m+NmQ75DgxNnM+8AfgGPBmzDU3R5Fdo5iMZMH5H8RMy/myfjKp1KkZxWsrxE0prmlbSned03WWib+nGA",
+	"ZKK1MUvBd++8opo+sVUWbBaT1SN9eSeazu5cMnvE3FgipkeBYdA3IiZSuAJL9DBWKaKLktBEWt4T4zP0",
+	"HHUO3CTWE0daHHkwh00b4LIaXPJIM3FvI53WY954hh3Opz69toOqJ1G5HBArfkU2IR1lwtPMWmFmlgvB",
+	"TDpHi4+zXC3P2E2OvwlImWY3kHQhj0mgMqPYJP3k7SSQHJJheB643pSn8n5U0HgYm8ihMGpk1GJULEY+",
+	"1ejgpPEzT9sJY9/cvF09OPtRWMWl49OBGifdfSfamUXdcH2kmZpMPAWhk4Eteek76HGWiHGWSgF+Cl5Y",
+	"ojKURY2splhhvE0qyJXIhaXEaXon+ochtuB4O5LaBN44GKFRAKFNrj6g89Na9fjtA4lQV+DQTMGZ4Lrz",
+	"p9bFY6PFYc0tjIz7RCyIuVJ0BIjNLXKwY4JeWa7htylYxg6e4eo5t90fTPAQ0qpHN6QU2yXE7usx6pdl",
+	"ajmXCcP5OM6dC23udS0qxLjhPvgdOdQt+EksMmG34meVizHX5jDXYavPCT4rdKtVm/BVxUbKC8lUYSL2",
+	"j3/84x/Hr18f//TTWmZwQPSFXPLVKKFI8Pr8ljyXrT9vTr4I8lnCz1TXFH5hl91vI1LMV1tYjj5PtWX1",
+	"Cz4WjjAn9HZUd3eW4aHaPoKTNZUsRlvo57fvX16cX12Pfj1//2b00/k/rmJ7AvqMYY6lHAtX1icYrppN",
+	"0lwbluRqodGPwFIToToCDl5SflLDcqUF6jX8Rt2Je12UZnrdcGMS98LI7dLB7s5LTA3cZph9dYtqn0hW",
+	"aIUd2GbyQ3czn7aFuSp733JfIIfJyqBMTMA9wMmQDLLm9ybB8Ng3EB596rDUlsrpfqbSwWlCKpOORbvn",
+	"6ddZOp4xfIrNVJ7+rqQ9CeI4F+9f/nR5fTV6+b+/u3x/+eavozdvry8vXsboREs15Ki6Ct2e4OMZneBU",
+	"GM3g3zS2ZU79jp6LXMx5Kilz8n6RhYCqy1Er+7y2Rx0Ot1VJwcWvpfISQWvHz5UUZd4K7Lnusuk9SASK",
+	"/+fTk1n05Ic/zaKnz2dxP+T+C5E7X4xM3Nj3v0aOnrfdI7u5h7pITnJ8daV/7zIxnmarzpk1pWBsTNKu",
+	"aV6dRqJX3oLjcyqkyHcsyImOZqk2Kt+kkhFNbXhirhKRhSQijB4thbjNVqNMwe0L/pBKwaHYfaZyM6Lv",
+	"w6UcoQGDl6tbLZTbitd2Ci+vr36Fj7yCj7b85r5f+fnKTuYXP5fKb2/URTivdTW2y1m9h1cwUD2dCm0o",
+	"J4Zn2dvJ0elv3Ua5Kt/98jFqUM8xUqDYTbEi57pXD9d1zrFyuZOhAhscgmNZUnwy7NkJqJ7rXviuKeiV",
+	"jPOQWB0F1aixRnruvm1W74Pd3cBqoGLi0BpilwR2YNVdU9S5EVOFqcdloA8dWbmaKwIW+Lg942dd6wiq",
+	"DlpqMDgrK2pQwLjUDR+e8i6GiSrrocowHUcR1b2ye1OJ+RtXS1YtAwkjdHuXf2zUp7YV7LqMFZgPRfNU",
+	"znJB5aeBsVzZL6f5mlluX4Lnzt9dNprNizxVuc+ZCmfwk68WOmWZIlAXrJYCO3DQom61hmG0KvJxRd4v",
+	"inw849rupBb5XTqmStZFYcRo2ZlTr9+8K/jUu3L4tkeu/GfbnvgJp/Mr8eevahfRjgUO5Yqu6c8uuNDb",
+	"OVOLvunKiJYid5HDHmfuhKI2orI/LJVkdGqPNJHn/VzGIRPdoCdO8bGDqYm/iOwQjPur6pQHMfs2e5P3",
+	"iYeUHt16LlGNiHd07doj2uzWzYXlJWXg+yyMo1oeVsjxjMupSCJWJlPHbCKy7F5E66lnA8VCrdzByFVl",
+	"yUaH1PdOWDuEKToSWxAzaKSybru5mcAWXGuM97Iy6cfEYI+rwjDuwiAorGFCZ5VoAvBYN9X70VyNBDaR",
+	"nt2kQ3uoXqklpeh1CCK0lGT7alA2htRWkZSV4DHLhNZYDc5l4urB3U5+k+yV3YqS97BgNpfHru38Jodo",
+	"GgYEeiEj3LivfeCG7EZkahk6mII4g5+krvuMJjzLmqMCS64pKACKLIQGWHq/MFqNAjdcgKAC+WD0/54u",
+	"8TeJKH+tEPHuvHdHoe52cTPfxWwGfJIp6XAkz6ByrxKsDdEyDpAtUznkDQTmN+Bw1HWnbndNA3SKvOG3",
+	"QsJ1+yZcMsn5Um9I8NMspro1NuZzwSa5mp8xMV9AEU4trwDW0hm04hVU8Vv7tckbujn5kGzuR9qbPjjd",
+	"as5DatiMayaVFIM9isQ2GckzlRvLQTcAPSxFgmz0xmobWS54gkkM5oHS4TekOrWbseVKHDHsljFJxN/K",
+	"E3IxKWQCcsRZn8wodevZgCP9e9z78vptvPbw2MFu/d9Vmtzv0ku1/OZ5vfdL0F2/mHcqTbalH1VWv6df",
+	"Zq/sXjyybZE8rmEVImG9wNvIHdzMgsLW9Ay+BLwRdSaZoOGAv9/PwRLQ2AbKxi8dgLBpsxssVAQL2Tbr",
+	"GroJFpTsHJDyyBLboQ13DNd1xyzaXhzROFaDJH2tcsEytTx2Gn35cMRm6XQmdOCp9YKzi3ioScx96tBc",
+	"rcTWrV6vKu0Wt7ridyKpIg02x62a6z9d1QiVUqG3EwpQfY0J5sli3Gtcq1Rdr4eN+2FUzGkGtXBWBAtf",
+	"iFGNk27dpXsDIiIMoTugyv3ZCkjoaB3ry9vZnAdWgVRQfDiqO4ztpipJqWSFFnbfx37Hycts/wMKgJmw",
+	"H9uX19F8YMKtvI4eGtCED8ftys82p9R6GBofwkO/5ID9nIoMa5oTJTAfe8bvBBo2IPvWN8Qzt6/IzHZh",
+	"Xt+KATVgEzXdwF1uz6ZDR0T6zbW3NSAnfvz7yfGPo8Hp/3b88Y+NeDtu8A94T7dewEcawbk0I2R+x+wc",
+	"yZED/GtcK+Ith7tWHxZa5LvWZu+tZ3RHo2q9NtVTeifyY38OpetzonIWN3iqYtY7AbhhxDVwCXCTCbxR",
+	"wbPqDxiBGXmEVMQwRM9dnlvpB3hLZ4yzYA4+2j3jAHFp2TK9ZaXjtMhF4sTo3iBIB1Z8QmXnRug0ESxu",
+	"HCAesJd8PLMCR+iWLa4mO5euI6dZWStWkzcUMp5lsu7fDJ2rbY5Of0DlwWSpNmcs/u1jzMaZ4Lkmh2g7",
+	"v9wTTIB/usQhn5wclsNuvRnNHLfOIwOuOC70qOSMjUyxCUPrZZ6r/IIg6hwjqgGlWG1H8sJA/g/4Kicq",
+	"v0mTREjM3hxNVCETrN2aZOnYvpGWjTRGt2I1ykWBfs76Dx7+GaCgdTGZpOPU6oiu6Bf03UzxZGSUGgGm",
+	"jDUwuRGIlixCB8siV3dpIvIR9KPAmQdhAnu4uQRYizQR0qSTVOQjP+2m5J0WyfFWCnZT6FQKrVHjGrDY",
+	"vhxj7TsA2Mz4YiGkSAj1Nh3PGFLFUMaWJGJfbA1xhlhJ8XYS462J2K1YYbENjtsHEEmHTWBv0RBZEGQe",
+	"RIwjlIF9FoQY/dtJNWsm298eaYbfPgMzWpuh1Lcp3Sx82c42nUqVE0ubrOtWt1ItB+y1kmLFUs1SOZQB",
+	"BE8Z+8ASbsduLCMIPc5016gqPkntBs9TyQ129ZnzxYIk0FqNbbeSXTy8aHNN5o51n5vGpOK7nYr76uOV",
+	"VW+daqHqrzdUcuxYK1If0QVAO+X7N74Mh9gpzbn+uktX6ZT7Un8ZkZa3JiCsvRZGfTvHkuujhKGzruG4",
+	"+hhlyKlTsGX9dfSydnLZ1l8mR1YXn5h/tW4XbtGGK8ZxtK7/bnm9otp7ETBwyXCZaid9coJQotorVRJ9",
+	"fZQlcPsOg/yqZMsYSbcB1haymZnQy1Ue4l5FR//Wl9/TY/XXCSJs6/tX7jk3AKktKA+TVM9TvYF80cRC",
+	"m8g960cqbry43UYQV8GzNaIAj8ggEbz15Q/2iZ8Ep1e+eDNo9QY7dYFG8CU6AuG81cfWSNtfom4vVSa/",
+	"7aXmM+j4Vkg2HV+pEkvHl6q0vdtL/kbt9lp5m7e910o3W8+rQex0fKfO7Du+VpWPu7y04/wq0qDjO6UQ",
+	"7fhCVXfpPLNQynWdWl1Ad3wvFGwdX6nqnF1fatIFd323qpl2fLtF7dv29hq73HLFWln8l4/ROmzzzvGp",
+	"XYMCbflpjWjgv4Y23Jm1f7TIxNigVYRLhLpBsKcG3QIKoc+uElNocuDBVr3j04aWMc710Cm9w8u2uhMj",
+	"6JLa4HfjWlszMgZvTcyMYmMlTSoLcVamBJdeoAWfQrYwZKRs3w7agnAKTXsAnn3wUzRsAngdmytFFBj7",
+	"66v6z6u3bxj9ig0rf/jx5EnfGqOKYCqw2e6NSlYQ0AIvIp8LNKJ9D9rtK3RziNxEG9cXVCI2nbJYuw0t",
+	"1TpibJrQr18LLpvKyBKExSpHVgXlUuLY2MkXqxKns/Vxfzz5D8IArvVXah8oU8v1cZ4E45xisNB+MGJc",
+	"sj+d/Ac4CfI7nnX6xjqJUbE8bg5OgVa08TDKYs61Mwm3un4u22O3ZW3fHu/X20+V6wrH3bQwqnzcuKha",
+	"URNfUXGiSFgq2QRqv3I1Z0YlHHq+WHJyAwDkBsV1b8RKUfOQoBa6S+OeyiatBwKh1TRvgfsAX5qlzhsF",
+	"2U4T55f3N0ArNuHY5XTbZO6/41eVCtM6QtedyLUvXW3Y+OZa0UVWkBDCwV2fLejI07Iv62fiHETdDqW1",
+	"d+WOzSK7Fses9xoMd2tjihEo5t8JInFYN+rBvyslo9Gu9aSb60XPGcKBA4SewzhH53MIFQRO5KUUCaRE",
+	"SmVCSFc9U0sJot91k+ufMeoRzOaCS33YetLXhZW3wrIXIExYQP2L4O1+2M7E1dLOoB/37nWeLVjxJ5uv",
+	"xEMjUNPN+Oq9kO9RPV2n9v2qijtUYt2zMjkgnQdA096cbtm1rLXSm/CegNv3qIffJxHxIDXy+1elH4J+",
+	"mjs/Ygp9DpmssQfJifduBtmpcn67ntpa5P5qh8L2XXCEwmr39TbSzhkfnwZZwIjZeYMoG+oW8geistjf",
+	"G6Yu133JNVsqGfnudghWsHI6oivXFquywKIC7L5z8X2jCyBg1CUkErWE9PXrTVd6q7/gF8qfude93g10",
+	"8/5Om651ML76sZL8XYJe7duwdXPtC0BePrTo6eqnul97i/uinra1eT+XIbNiC2uEVMp8U+yQKd1fkxhS",
+	"JpxyCobMUogFNIIfqzxxGT1rPdubsU7bS3SbJO9uNjZCrFbBLX29jmt27uv0g3RhV8CzacpUat3hVl+4",
+	"kOq3glmod4Ry3r+bFZVjnFabRWPnXLWkLLzdqo8PXTdfUm6NorYy7AZQBn/qe4EyQEQCY7PfNZryAdGS",
+	"13e/6U50u7wNSeE41iNdR1wOSwvKgidf9LcbGyjpwB///XCXLR0cwLMPEn+7Y3+3xXb0zNtvfydeFncV",
+	"U1nF2iQT/tkPMIQb+oeT53/6d+8ldYlNWyj2fV+l73C9hoKONB1i9rSKDgXAJRPpkhSBD29sIunv8aaO",
+	"M+V6tp/BXr0kE77So0KaNBslRYOg/YlKsZ6dbE4jf/bDi21eptb+kWXTQaZyRs1jWZqwnlTQVSbjCE61",
+	"W2/JuZirZpZNewqdBsssn+oHXjQ31SYLbAQqfkNDH1AzqTsDfYbxsMEh9WCP371lGDSKax9+0tiee6OT",
+	"u3tfyCYfdxNlBTbJ/W72Bp9VbS7rHqb2ib10Tdj3b7OkW7ss6T26LGGHrwe0WVts0p9V7tSOiGG+JaRP",
+	"+yVhwjKoJKnQUelm0GCqSu9jeHCYBtcjimxllJgRlEb7qdvrX20hhcoUgOLcqMKwHqIl4vO4nCrqg/Ol",
+	"uBREO6ZLhHQFpf1BJ3dZqYGub7qpd9jA4DzpZKelnyA1zlFFG71vjshtKpNQh4XVUsOaYl5isoPYtrtj",
+	"LxLs4VF0ZHe5UcPdK0qxmytvP+iMnwGJC6iCiPe0Gj8K0CScf03PVJElUHg5lCWYCkSYxvCTVCZiN2LM",
+	"Cy2q9uKMJ3RQcPuHMoRsxUKHqRKupOh3kStEqfNLgG590I4vF2OR3mHLviyF6OjNisV/fXnNHt89ecyT",
+	"eSof34k8naziPRvyNTkJgEDW3fPEmpqdBFssf7zvBzATQrb9jayFV9BW9tp1rN2l3/bmKqgtakh7j9xN",
+	"6tLm/nYwZNMiXwfXuXmFn7crOTVXy4IZxV6cMHwAyxE1lAdpVsCPz0/AFc7HRuQ6oifotxcnJ6TghLN4",
+	"cdI8eZH7A6pnWmXpnchXLfGLjEvQ5vCh0HWXoeNOz3iils0BPqhq6lotDX3BcjVvmkhQ2fnI/qc5Bkxt",
+	"UgchaesUi7U0NpgzfL6w3AH8kEOZGgiLa6NykUD4m3ohL0SeqiQm0W7HhIpydi7Z+58v2LNnz34cSjvi",
+	"GYvhHrgXlrM0o/bbGZd2SprBnMiVXU53KAHXm6puGQ4AHzSYhoiFVzdCSJaIMeCdrIRhvdSwVA+l+1vp",
+	"U01zggyAFYMT1sreOhK5ndhQ4vgs9vsbb+yxWhFgqHjtcPG2XDYc0g3gCaTpvnUwf5s8RtgwH1vOp5LV",
+	"StdiZwjGkd9O/qmjQoofHpW1H2thjNTMUPW7WQURLMLQhrSMhZBWrGZKG9Y78XWz1pTxsjaFUFZ/t1mh",
+	"ZGycVdlwn41VlkGWU9S0OW6Mkd8lUAyG0jeavcKWeo80gxOM7O6xVI6zIhHJ3h1w/RJcacvnHRZu+KcG",
+	"WuCf3JLtf+JZJI5d1JcDmwGYebTuCI+ERsjFQuUGQE4H+y2w3iW6q363rfW173bN1/pcM2wLTnAu0J8q",
+	"YtjN2IG2BcAkD9Dj2n17dLNqoclyeqk5Y7FeyXFMzItn2YpB7TEdwiN7J3LQ9jKlblM5jQKI2aW4mSl1",
+	"u9sqSgdQdGS/3bV19+5B0dIF14JTZsWbO7ebYqUta5iUDhus27XcXHflChsdeXs3YqGunaPS7qgf64rS",
+	"xXEtWOcGwvT83aXVa1gueKIrD7nCbisoITdtPLYXmxmlWM+fvkvdtiYtVICzsUrQIp8LrflU9M+Gkksm",
+	"ZHIMjWSNslYKfg+QCSqF2xHDlj+OLIbStwu1R2z/A2cfD5jPS8WMDcCayLnUKfYEh83QHYXq9m7f3RCf",
+	"6l7Wjw3wSjRo5wqKtjRQ+8OobiQjVY8WfHyLiUGWUu1/ZVw2KoNW/5gTHsF6O/ES8Wq9gTvoQWzB0+S0",
+	"PLA4Cvq02t8sd6/wwanV2WgPrLy3bJJYuu+LHgc13nZEYDxOXIARygE9nedJ2FM25DRuQhWGEgzbuBlV",
+	"9tQ5dWfNR7r1lZ1TeGsqQBtcE5X/W7WhpoGgLq0m5EUg5wKck+XiMyGHssQbuxO56+6NSlvvPOELcFO9",
+	"y9NxKqf9iIlMi0B363jV9oorVOtTux6ML6u9VzpJyVQahMVLa36FfMfusoA/uq7GCtoZZ0mJdcdeAoRs",
+	"KsFbojt7I2lTrv3XmlwLh4Fhq9rflBpecpxKmrgP7BC3aI7w1NXJdc09jAJ5ttQOA1c9mQ3GSlCnugmx",
+	"tGJC3FeYuyS1/fp7h2XdnWIJlUBb8O3GTS7PpP6dbpvYiu3lTKVxpizhW3PqrKJUCJloFoeAAfF++F4t",
+	"J9sA8tWIUnBvoK+1wumW9pdIzyW4RbuuyQ1LUvDXsrFyeKqB4zbNq71CIUcfvB1ddU+aSy7Q3bJbpHpE",
+	"2BajicrpDrdlDNKvzjkFpo1zyoSJoWB1+zRSaP+rJqgO2keXqfSZpTsu0buoO8wWoidKCz/tECPL+9Cp",
+	"WVyPl+7vrjr/PTmBX4oWxmSiJdZUOuXDXZ7xBNpxRkwqlik5FTkgc3ec+b6S+nDMq0z9qRNvtHa3mvZq",
+	"M/luI5h9+KPHUNjOHpdKVrljSoBsqWQxrjwmf2QZBcIgj0dcPgT3dNyrA/PslHK9G+9MDiqSq6e941tf",
+	"Bdf+AbWGNvvfW+uOAPHBxq4AX0vz8LG5+pE1Hcc+F3EDAmlZxLAE17BYMrjwZyHzTJiegW94Url/JYT7",
+	"oa5f0vHyJQe7eQh90XzvWr0N92gXcS+SItPD08sOlBBCfDTQgQfbVnfW1FUsJtcS6yVinKXgjhpbPSAD",
+	"z7zRay5qp4z1B+yc2oIz8sZhegSO6D+lQQGm7Nh7EU9whhtIhxCtDkU4l6U7bFNXkqo3B4ASncNnMEkl",
+	"z9LfnT/C/33BU7vxhAXsnH19LLA2mFeyvmEzpa0x6DxqRZ7dB5TEDbNIJp2GIQyETp6IlkqOJOdWPbOq",
+	"cATuMswPYhAAorBQSnV0O5dRbDhJRKO/EqZYNFgtzXGRg9TZ0BFtaXzRMAF8tfLRbuvbK0sUr70jqDAB",
+	"4uT5n7ZmQIDfSev9Xq/tRThWFM5rw+oPkL/i4rzfKHelBoG2UUcMA5TV2+VeJ/wJCChChHTXIC4OM0pE",
+	"1oSUT3VyqXYZWgAQu7NZ/u+psj6oJ6vVZ1g7kqZU8sNplFUgvhb1usy/nKvcIxfB+2dVC85SC+qWEB+Z",
+	"qBx75gT5ez0tBOOZViUYOK0m7t9LbahcqA2Kg9/xQ6kOVy0C8NeZoIJEryMZLhM98EgY7P/7v/5v5j35",
+	"7P90AcBoKElhqz4Rsx5nuTB5ShGifsTi8n37rFudfXRiRD6UXK7or2dB5MQ9Nc3VUmMNc8YNJDgJDTpf",
+	"aUsMJaZS82CukNFJVOEbpSvvALXftxTh/jmUjSZHGlocoE25lGA7dP8s8CdYLXUo0WumGcFrWd1DYDs4",
+	"n61Udyt4l+PZUAbeWzteo9OWnUuWSksFK9aTCu0nMqf4UvaHMqXwLtaXIpJRHDjsKVzkCQ8P+ygI2hxh",
+	"ZJvqvTwHCOzJLT7dkvjckM2dTs5dOl0YY2J4nFKxOYBu+xYxEIukCDhkj2nMxgHk0/4pHE5qfOfAyNOT",
+	"4Z/svyCeRtovbX8MWUgnlqJ9NA0fgIdHwR9zgWhvEf1eD1jGsPPUgAV2uFuaVks6UphIFG3M3KLOrUE8",
+	"kbWHE3fMouqSTESg7JbK/JzO2Em11VEXYVfLkLlf5sruWScEwP3AuSbVHITWgiEUVmVGEIi045vVsfvd",
+	"yYujr5+4UKYmHCbkv8XlFmYENIF3tJnF1dzHMrux8TbVrnvHk66+dQjIsAatbX1ldPkw2bVGKKFA7wUN",
+	"UzmzN4MlKfYG3N0P1BKC3hBwtszDndDaXoUh5x00whoGdJtKWN0PlCNYNdNcAegLe3ohaJjjCITVBSlP",
+	"QZ123/WAa5Bh2vDc7NtDqVF4btAZS8F9KKUxSHRYN/4WiyxtMvp+tvZ8mW2N5Ik+PnK8nQZq0ZyPZ6kU",
+	"PlkjNRDkMzyD4ixVmGM1OYbEHurzFmHDKgxhVjScXpAsjLpRFOQPO8sLjpGDnjsV4S0I0q72yWd0Ofo7",
+	"lCdtd1u1AASVWjuiUpToPawHye6pZLNUG5WvIPMFOjhJtJGhHLRfARtZpEfREWWLOuEZHdnThs4kHztl",
+	"Fa1xrN3ecVS9PR1IbTdi4Szg0cgT6tbao3dW0q075FuBaVqqAFqayjUl+cCjbqzGKeXqJkMpvgE5oy2q",
+	"Xo+j3wgqOFM5dvWXahlhV7GmRkTx7v2B21LijJvJAT43pmTJjfDPvsvTl2gTZjKkzDYog28nEzJ+sRWQ",
+	"n3alT1TcOXEsgHRucOjRcO2hHZOvsKiuivVQr16Mwx5RMes9f/pjH82UoClUzHovTp71kUHfSrWUp2w5",
+	"U5kYShrc2q1LnhqvLOUruxNQlBGhVwRaK3PN4vd2bsfnAJfdUuiwGXOidMw3YAimJhM7wJefsw/vL5nk",
+	"cztdtHXg+kCXp+3qDglF/GqY+2DpqOV2gpJ8TyiKLdUM9DsnhYJKG6xyIsVyrcABVRbidFjgQPVPrvPW",
+	"9fmrV/8YXbx98/Pl+9ejt28eoMhho+WzNdN7TdSZmcjDHGY1sfKf61sf6gKHjCzzl5sW/MvLi7+9/XA9",
+	"unzz97eXFy9HF+9fnl9f4vpblhRoBLtz9XWVuImG3vvS3YY40BbYOHRJ6ia/e1jGXKsaRoRIVxzexRjZ",
+	"7uOWyoAaBulmnYbdWG4a+ondIls2T8lxmqW8BW3aUkxj2h99DhxvC06TXl+60+l2wbBrqkeC8sq8aE75",
+	"aFcl5qmeczOeCd05blTdktc0QJPUQT1qj/xkV60YKllupytz3n5kfn47036STibCXqsGlkF6JUSa2DHL",
+	"1JhnI1db2alBcfnCTvb63gWgVfKvTrgydmXh2/e3K1hVLac+BY4bQ1UsKhBGxayHafW+lSwYYnEwdecz",
+	"pVLgnpJhvS8LXLZlwW9DOGWn6ved+yS3lVILgFhADPGTk5Mnx/B/1ycnp/B//8UovGiN1N7zp0/7OwFz",
+	"i7y2FAecsymMjTtU7ZgM2jRsmbhLVaGbUeQaYIguMiz9Nsqq/VTtWEUfN5VN2He9jdyiA6kWmxn4gyCx",
+	"blVlkjydtBRV62IOLtkbrbLCCFZeTGd9laywo6TdR9xshW3xGNEAiiAL4CJEWh//G4gj13d9TSaRl7JR",
+	"NLmT3eoUWCPSA+R2rBP+N8ryAPFQiEvT5GLoYmfTAFe36aKDtV12IO6IWZrj8KAS3qaLRRfXZvARP+SG",
+	"te8J55hlI+yx2FS0OVGNTrtzaznTkhwoB4eURKy7SMczNucrQBNiueD23jqhOUeICy7Z0+dspopcMz5V",
+	"mKcAnxu5PWjxaJbbUr28O4qksEM4Pe7+XSfhL5s2vbkfgz/vpjI/u13oRib8c+YSFFQO/opUTn3/8I4M",
+	"N4eJ6GbMChYHmxZH0PV+IXJW/hViSK4EG3zUZ5ilEDsCoXJc+5/uyDMxMfiHHjdsrrRhsJfsZhUM3e/s",
+	"WwovcQMfcRdnbYlv+JzAyuqTQ/jAFeO52MeWa7i15U5vuIqeizQW0HNJoYQld/Ymfib0X0hl8F5aEaBG",
+	"KqPm7cH9aJR5V/xOJJXUxXXivMm5bM3DHM2VNLNmPcX+vBI8b/4149o83+5ZwK+7x8NvBh9o2tygIWFT",
+	"ECcd3Ylcpx3jEVbZni+M3qiQbSiA8CACoGGSmoTNc/duVOG77t6ryLgcBdMOdnhhh3hOi8pmD5Ua+HcZ",
+	"ZTNkAAh9Oqh7bckiV2Nx7431pfO7qOndKt8C0i6r35xruHtnyhIX11F3pfw5XMCWC0YdP3dUJhohlL14",
+	"7ZyovAE6uakpaXNKb/0arJs9ACbIbsXqkYYekb5hJEJvlbBs6KbVbMb1rNHvda+SlZbo4ZZc7tqwTYPU",
+	"WEG06762lbtI5uKpzH8Am2veohimXMpKVkdPqtLfsl8WQevZN2QStHQzv3c6QTCHA5hPoUT7RobTOuep",
+	"WC2EORawUKvMTSVVzvqsSjz8kOSatRP42tVKjvezVnTa6CZ9lTqoPA94xeBRe51lqZ0+O2EJX2Ft7C5e",
+	"oJZdw3U0GwA4mxFimLZoU/iIFMvm310cbET9OrY+1ephqnfCrMytMpGG8Rom0khI6x3ZmxnzgpITNiS4",
+	"ZVyesSDXC9tlBtlIiRKoOmNvXykGRzuUSnklrp7hZArNejH2F4EEW6vNJAX8tyvfiyM2GAz6e5a8NqLP",
+	"bCvbqb4QiHnYym7pZq0N85vKWtc83ZWNCmDlLLd33WRwVnuy9hbiaeLswaMDwnC5P1+H3uh/cQGcHThS",
+	"iYDaiePDd2DjL+WiMLs7Itbvcft6LiAimOrm9rUYLewSUTwlXAtysiOwKgAOUfa//RG8BZC5Ds/xLFsd",
+	"IhJ5UB9uuSFfL5zo9nlrPLF2ZPsJyN02F09yByTqEgZ6jXADOGS/k/uGiw56ArTI1i3/SfCk2VkTE2Ol",
+	"4FF8yoICLU25uKTecvb806f+gMXkrYlPrcmAyMKAVYwOKYKjSdTSjcXHY7EwmvWevQDlJGKZ0JpA8Isc",
+	"b9JQ3gqxgHwmwsJhqem7tKbUlGlxHion8nUmHABbPCabKoy9pCr3mECIjEpg7g6v3ZRget4VOZQ/Y0k6",
+	"1Z7N+YotuNas9+LTpwhcIaowOmKQr4UjJYInx5kwRuTe8zWUCNSa5gyythD/z1VaIcZPGgI925+J++Du",
+	"VUt+qucUuMyadFB/6C2loJsdQx1CCVWq2h4tqPpMdkFpdtvT/cYDvvg+cf1KMMJdMxwtnEjF9TBGt0Ow",
+	"vo2XsFUfQalS+kwDkhLJGVEPtMGmsjii20LCVeKBwUquVt2IAdBFU6lST4N+ApMdgOv2MFpJoC3cC3t/",
+	"SxCr3iQw/VeBQp3uXcmuVCFNxAKPf+AqOVs/A9IPd0wYqtB2c18lqZZnfhrEPZnKEHn9BZunsjBCMz4T",
+	"PEGM1y55Ef+kejXkXrnggCYv1bJ7loS/ZHVChuzUiEklj32XGYR+8GWAsCOuDQC3zB0vZK1YK1HFTRZ8",
+	"nAAkNmfj1K9tQACbqe8Aro5ysLqD8+v6O8p5tFnuh8zK3jlOjNoAelKKRZaOuUHPLZIl9qyZZOnYHC5+",
+	"vHY0u8rEh+gjLHgycifRDTC5JnY/Rk2htyBEaK+7/dd61ix8n9Soe0UMdhL829s18NWNGFn+2thI/dp7",
+	"roHDUTy+LQzvsdUl41IvRc40h+R4rawyS6oc1oO9+PSpfwZl4hjxbwjhYzG7FCLRLIYwZbx/HGxDRcqh",
+	"IkLdwjJAUgG/+lb61mY2HmpfTRGgLXlBsMhL6PnUxhI9V2rRiZEj6dZkhyW6D/ySoCcZFbGBIXWzYlwq",
+	"yNWEu3kGddYUVp1j81dIPW52KXhW2cKhPPts+dWnTuwoymi/vmzx0zQxdd3M1fWWBIOQItftVSyUS8c8",
+	"s+bnnLpagGeGB8ZUUEdXNULPhhK0u1L/wV45MbYAQpu23jEIW4Tb38+Ye3soK69XW/GcNjTwCQYeyqCT",
+	"DWLxh92BzkIflF5pI+aEnZAamvVQ0ncJ44iya+JTwmDLRMKgCMmaDi0M8ozxoURlDKUF9oNz6JoK+4ks",
+	"+cp/JgMPgf/vMzD4h5LKPCDpGWvv80rSXBt4RT0P6CgQSkcoII+io/LEy0ZNzuVB+11iPZWD+1m2W8jg",
+	"5tG7p7Pv4d7rfvWCNleHdNxV+WvoPKL5NV3Fv0MXuta6xp3zc9u1SJcHuwVxYDd9mXJK6bPtC3wPzXHa",
+	"11cJPHVIVFO3zckeTXGsTogFsP/dSah6bI01jK6OSW9yjiNXlYg97ct8Tj0OjgOBLnssauCuhAJtxe0a",
+	"MvcK4ZsQUYu9xir/JXBjZSxDugEmdYrPJgr+PLcjxeo2ZuAFGLBXPJ+WHQKAvXRN5nUFXNskGhRXr1NA",
+	"c/TQnVB1axspTqV7diU/TPPuDQkSOLVm9Wi3Zv4b2vp265oPsI4ZdIXc3C8fsZ7IdbGVAdlhNwLLu9FY",
+	"DxvtQK+cWyHAO4tv4xxcS/3+PjmXQS9jmlFZl71+MFaVF+MiT83qypKxTwb8m1g1pq64NkVwffVYLQSL",
+	"tcjvAElJ5SyGrKA4YkTAkMtqNLv65fz46YsffA4QXBpgYYLn2PIOZzYzZgHwlNpKqlsBRIkP/ey24j9/",
+	"vT6K1ufmOxv956/XrPfLlf2eytl7+x/9Mxbr4iYGDK+w+WqadJjOF6hLnTQU0yAIldXH2UzwBBymrq6J",
+	"9oWl0OoY+wOjdnTKFrkAzDlid0N5o4rpzPigAymWvtLVKj6uRyzBX1mt7vzdJaQjg5weSgdbErY2o9ZO",
+	"lAaA0Cc8z9M7yxexPRQ4gtFNPJRls4BcZCm/yVaBO/IvtDRQJPRgKIfyP6/evsE+K8uZyEXEYi35rRiN",
+	"uRaxr5rH76bS+eMqgDskC4by8upt0GPOQ69o78XDIAn8yXWfhEn84Q/gUtJ/+AM4/WKAehiDgviYGOgf",
+	"/6mVjFnPvvfj8xf/s+8Ue23svWbxWCUiHgzlWnG/Pd7nJyflJrpE7zGX2JjS+zmpN7PJ+dgMpeYrzXpz",
+	"ntlLLBJmtypinN3whC14zlE/BgwGnogcS/SfP33qEHrsqHZuljqSFbPS6xbaDxeZOGMxYhb89jGGNA7N",
+	"rGxjqgpYYO8fnNBC2T3MabeusBDViE9m8Ic/sGvxiYCDkJ7BWNSsB+NGTMx5munIdfKKQLOHZq+RC1mX",
+	"+fGR/cd8oQz0P7oVK91n80LDNn24/vn4T9538ubDq6G0S3Z/AKCKNElzMUa5xcT8RiQJdLNTdyLPU2pp",
+	"lmqVcUN7rTI9lL0Pf3x68vT8GP7nZcTs//7wA/zzhx/7ka+quBWwalAqMg4kSabzUCK4DBh2GBQhoxmc",
+	"33Oe32oY9oSGP/kZ5vLhjyc/PLkAuuNZBl0dcJPPCzOz24J0+Ic/2BFj+0eVp7/D307ZX4DfsGFxcvJs",
+	"DB3Z4D9FPGDn1KENyNTMcmEvpzLHWljawZ7iOaIS8jrzQ17355DNRWCqATcwqhjPhoh1tZRlXuEZ43KF",
+	"8g86SuHIW1j+UBLPZz3MCLWfSRSyBBzMMcI5X/Vpby5LGrEE+O7t1TUFRdHdYm/FXN0JptVc4ChoZA9l",
+	"HLx7/Dexigfsis8FzBHYJLRksBeGwi9Pn7MZy4U9bl0mqFrSA8cd1mn4Qc3xe3gU8jbyQsRnOKLfAu4L",
+	"/Ax+JtVDaW9tHBD+6FasRrmAuPeAvYX4WaokhGGVFMxenhuuK/hRQ9nzDfWxUb6/XuBe6jtXI7d07/BU",
+	"vEvEXnWyeq3ZP5R+qWfMoTf4vHt3IewLYI4jg4/oE5bh/WhZYW1FqRxNsnQ6M/GA/U2smF7wsdCnbK2v",
+	"4CONXZo5+iawc2FvIfKwalgr1MTR2TFWWWbvN9E7qvdCJo/0GfXxOn93OZT2HACdU8NGwgwAi9PlWlkK",
+	"pa/b71HE7ZSFHx/KsgkwNzOI5tujREYKfcKgSZv7APhRwrMYsPOhdHIA6Jaydol1kh4JawTYFnsqqSkX",
+	"52kqL6TG/stTnkq6Hq9SbawwAzMnBiAXAMPHyN2LE3uZP7EXJycoM8CO4v8qsAmcVnkM8/ckHn9GZh1E",
+	"d77ErmEzvQFBYKsHUxNYwHtf8KlAE4ggWFDhscqlKxY5ejI4GZyAaboQki/So9OjZ4OTwTMwZ8wMNMrH",
+	"M8EzM/v96PTzl+jo8VyYPB1r+hc4Mt1Pvkt91c0Do0wFWA/K3abLhJJX39eehYRa7pwjv30+Su1E/1WI",
+	"fOVgOU69Hxjtt53TbL5EzeZg+eXHr+y5HXV48AIDbl8+gvdyoaRGRfzpyQmG1BCFxYGtkWLzTzLZygXs",
+	"VGsKUUlQbdf7MUzBeWxJc4DOFSC8tk/4OT/2fgHI1JzPeb6ChFGEvajMAEa3JLn0xrYlMz7V4PO1NGAN",
+	"lk/HQHHH+AcXX1oo3RLCoeygVLNJplDJURg49hHtHqdCd0QzSDUb+5L4obQWGsymf4aAu4LnWVoCpwni",
+	"A7mwZ4LNnkGiKwnczkADR9/K4sP1BUv4it2oQiY8T60+RcDBOA56NlHHwOv6SBPiAmpHMEka2S3Pg5Uw",
+	"rE9sxV4YylRqY7VTNanjOGAhY6VtPIoUAEJEVAHiqkNZ687eA4g5zEGqZLcS1DEQ9iP0SfdBQpZTxk6N",
+	"eSFLFYv14jSJkZlhXrWVZn99eY3Mp3rjsY9ADfLFg2f9RSWrh7o05Fv5UjW6iSa/0s1turLvRH7sVT2o",
+	"Zz/EtcVkyiAnjigWZJhPAg+d/PhuCtGZTje5wvExDe24TAlu5fdB1UVHZu8De922vKGg7N+N39dLbTZy",
+	"erqFuPUHZPlhDdOezL6dRB5/din7Xx4nZcFdEzVYRaQkhqDsq3qLW5SBDo7Qj20y6TWYjWWma+wrfOKI",
+	"AEvB3zhTiNvdVFUXqPItZXXIOZczQiOHHt6JZnwo4+ZSrpipwoBMoqpbdh5Uo/kED6mGktoVUnppxCT0",
+	"FodApWXSqEND7RrPRG7OXFRQmzTL2I2wejIaVAP21pqfnMX4AnoMXa8nwoe1slKUcxnK3vOTH1nsIrwx",
+	"A2N9mWrRP3OPQe2/LJFdg7edPZOaIJeuQahQSVxYUvYwIqWhSvQry5NK2dw6V7h2tBqV+3gIlvCTGFvz",
+	"DoylbeWOmAnjnPFzlYvDsgukyO+PW5ReiLPAXSsmEzEmh5S9U9OCA8wx3T7fE8zArQWHdpW40aNRp+1v",
+	"TF6UQ0CVkdCG7f5E9g5HA7fumgRCE/s+lASAyJZqGk8PrPZSM6KKSgI3sDSgyb864zLJRK3Y0vJq+7+l",
+	"oY/w2CQ0QxEdAChQvQOXQzlTRX7mFowFD1SxieKBXBPQv4DKUe2/Vpj7DcMP5UqYiIlPfGwsp9YsnZT6",
+	"3xnWg2ZK3WpWLMgrU7aLSbNsKF23mJjON0bUzXcv3/x0+eaviL45Ov/5+uX7mJWdLnphU7+hpK5+hPCt",
+	"HZ5n30m3LBUaGxQ7r89MLXUQGxFDCR4W8OSjvTme8RS7wsP9sYvjjLCuWS9oiAIKrj0NwNw+BaD8uI8W",
+	"2g0f305zkJuIn68crKb9GmzIUNKSr67fX757Obr6x5uL0eWb65fv/37+Kh6wmjjDcg2XvgWDgt3dIKOu",
+	"VnKM631Q2RTWF38h2fSgvCIoBG5gGL+6PtSwNxPYe3uKSXoQsXTBzXhmqTkwa5iEPKDd2QQYSMdjX4Wm",
+	"25nFu8AdGSFfeKTRG+BccBQfuhM5+83a2xEzqk/oiz7VDDnCaVi5hHA4ESuzmyJKMUMDG9KbhpJMeWih",
+	"hKxRmzA7DOcyTe+EHLAycyOVTKQYMMEaxlx4f8QZ42XMwWlm4CoAV4OdsWYn9iO5aDTtcRzIoHogGm+p",
+	"E/zKOli9wLRFUI7LfBnIAaU0OAxAHNLGr9Cfi8hW0wQf6XtciQ5GfZkX+jA2fSUb+d/Nmq8Vk2w05oN6",
+	"r4PY8h+C8azO6Sr9xWA6wIIALCbT/XsTyGPKkW9nm6+hGViIVOZA4ErFo2fNynoCaNyPmMvqtiaptopO",
+	"UgCvPy0NdLS6sUlaDfUtJ4UHPq6kGMoqxBvFCwfsXK7CQgm6umExJurxqdRpItC636OqlbmiVp+0AVWt",
+	"Yy4xJcGJAasnCfyVJak1uiYD9qqG7xahs1l8WmQ8lSKpAdydem22MNqbcTTpnq/a7Z8N5Y6Ahk3VEkPZ",
+	"BnMYVzHc7KG6BEAaLxFJsRB6KIPTw7A3CFJ+Y79UDmqVCWapQSZlFTCJ1qE0y9RqgBA+DSZcjWSQdm1H",
+	"wOkRIcDJuKIPSMTncrXkqzN4nrYJzeFcgBKOYICxA6+L+00ykkDyquzyYZzfFWDMr+71DhEi2/TCJdcB",
+	"pZMTjJJ0tIcIPIhH054vHFDIX+9hUiLfwzIDXY9+3kGabau8xCzcS3nH85Q7Cnigg6jkMbfoKTn8ynrQ",
+	"EwQRpQ2bpDLRrvUGlLZiom3/EMfxXtiHC+Nb2+BdxpvqW2BAPjDmkUEq3HhXPxJh6rQexF+FuaBHHvAI",
+	"3CfatEQC/skUT0TCsKVVfh+qp5xQUL1cNuhvH60uFORl/vbRqjzlkcCFJOmD6YzBZruN/Oh3loz9Y2oo",
+	"ssFU+jVPDZnZztnAdSnvI3RLoDNFh9XWaw6FAbsoG755Vwj2dYRMdM7iuUrEn+k7MaPZRVTNIqj3o38w",
+	"DH76p6ErazUhxmdfDSWALtWTryDx4yUfzwL7CZzoPDdWE8dePq7cWU18So+dCka2h7IX11qcvD+/fjl6",
+	"dfn68jqOmEsfeXISMT7OldaMoxZi4AJZ4b3g2ti7a3w0GrIfn/5Y7ymEqk+l6w/GorlsSNGKGHd+XtLB",
+	"aokyrAdZMpZ27S3tkzqC/YNX5CQpoyBukFr6EpsKsz11ieglGA0Xaj/ssTR4smqPPTu6uvINR2vmyhaL",
+	"Idiev4nV2wVmO5IFcXhBXpsu9eHvJM+fPNQkmngZTgz815gRC5NoyMxr+xa9Ve6v8W/Q574aM7yii1tP",
+	"5MaO0Y5jUy9NzyRd39SSSzoHwOPPQY7Hl43yqKx4eziB5L6xxW/xtUXQe8jDZkHRn99at5FHH7/sel3d",
+	"ai9/gitKUCJNtFsvLoD+VB5tT3xKtWG9pydP+tbWQfQ1l5IqskQPJXjb7CMn/QGDZnEExW1pB4pFMOcG",
+	"ipcHzEV3w/yfocxSeYtJwfaDlrvWkIiiakdjtEEodgo2mpLiDJISrQyiHHcHVAdsUgvTxB4/LLTIqxT4",
+	"AOyMhsePfW27ZBPpE/YeUP1BeeeGb3qmeQBnoE+9RtLcfpM2c6nHvDDq2KjFcbHYxLHOC6Ou1eLD4iFZ",
+	"VvmRFp6lhbF3RVOsDNEYvwX7Koyac5OOGe5c08TC46C2yQ/D1n7FShRqLguMIlOQUBF2Fe1BRjpmrgPb",
+	"WWDL3aHEpm19lgl+JzSbiKXLpIzNLBd6prIkLit9XG/KyOG23RQrzWLXXzpm/+//w2IrNGP4ZqnL913M",
+	"JEhn1PxOJEM55nkSMTWZOEvjFIIRtLmQjGBSmDlhIcUAp5+tRpR3ze0YmZAJzxn8xHofri8oIOh7a8fY",
+	"Bv2UBX3OY0p9LA1QV4tV7UsNeFrs3APj2SkzMYfE+Zg2ZxCMO6KcmTOKsUJ1CCjYAC6XQvGQWg7lGi0l",
+	"qYb6UWt/iGzCeo3D01PogLrid5ChBAq/kPCD83Dl4hjgXkGOpVimNs4EJ/qgGVGsasBoKDBqStUfSwRF",
+	"NmmSKO+KGns4vDzx41/RRfvaIqU7awKSPkzcR07SaZGLNXbTyFq28Pmggpd4/HoTFavAxNzEpxi3r+hJ",
+	"aik168U0TNxHn7Vr7wl4wkMZFMz24pnIXL6wb2tFRTNsmUIVQ7bCci+9sFcXyugQZqfnPQd95zLkPvFs",
+	"rS8y68WeLbE/D6Xjecf4xDELBvPVHTSTVLIk50vsCAMWPqZrc0OFiM+ePfsRq9MrHdj6pywOd9jypsh/",
+	"+gv1knEzobpDKmnWRinwAWE9XzoXrHdCMCEYaghYJNq/UAXd6Gv+qzB/obNdky7r4SfCTjqreQ+8te0m",
+	"HM52ppboskJEwaY4HzeVGF8ngIr7xuKUFB0ws9zetAUJa8+dm6MvH1uuuNsbpLi/lDfB2ouGSCb2A93L",
+	"ibqXblJ2eF1ChyIg8TPX88HTIub2ESUcXk3ZwojoK49LtJmmlOAd9aJNPkleQRKwHOs2lQmLcQLkJkM8",
+	"C66t6sHZQukUOVqMnYFjxpPEDgVbynqLXM0VuoQitshTZQ+LvTg5qxmXqFlAAlk6cdkWlqUxj44IpYY5",
+	"X2KbX2R0aaBnWVvxVrCK+pZgvfPTlubs3r2PoKHAUnIxYOdSqkKOBSRWlVoF7INI4ibucg4/EmHd04n2",
+	"YM6zc09KOwXCnjzIBNpiYee0zQ/nOnt+8nTDisIa++4rK5lSQzaDp+EAOSrj+dTZD2u0fAi1KGjO8kiz",
+	"scqpFN1ebB6YO8k8lf0m7rY5mLSFa4H774H4lZUxU7Tpye/DxjzLtAMQA50c9HyV3w7YpYGgeH4n9FCS",
+	"on5a8gnG2VzRkRgfqsB8f2fFDNi1coNEjlUxDsAnja51u/qSGTyYI/wbxbPp2203uCz/++qCHbIeKqIF",
+	"VGZEGJkX45mV+f8rI4lHxLCPmeDpHInogSj9pw3yjvWsrj0jYAykxYjy61Mg00KC90IkfaeSlxr8Kfg+",
+	"tGGxk8oxatBlRGkoUYiD8o0jaaaVkva1HhS6H8Of7VXLuDb9IBqlskQA5NQbSNdRdyIH4X1KhoVSbCKW",
+	"wWqc36QWrTt5CigmTcJ7zHOsRcfzxnpPb3hh0Xhp78TNOZpwet+52KZZfqvL7r7edt3pgf8+AvuNsnYk",
+	"ZN97g9vR50HSb4AljT3R7c18rLQbc2Qcjc6Kn+kBXfcnJjzNViQBsdgZmIyL5GO29QrK+IYSH85VlhUL",
+	"LzXnPJWGp1KX3SVWQhuRJ3wVsQ/XF/0IxzQq4auhtAYDoPokfPVIW34CgKeVOTggvT+d/AfAJOV3PBvK",
+	"XpypZRyxeJZOZ9aMnKklm3O5Qph3YBhrbAQgH9A3M5T+Y4B/AcF49NoshNbpPNUmHYN9AWWLP578B5a4",
+	"U7nLUIZz1IpNeE7eFhO2qoLcTcgbsdxO46vhF8JhqJJGik9lLzKaFDHmRZ6OxWAoz1leyCV4dFaKvumK",
+	"9AnnYoAJHFnMAKaJkhTtX1zRoEhOWSyMHi2FuM1Wo0xNsWIx/FsqBc9j1jNLxezfNFOToXS0ACg2uehH",
+	"LAaMwxH9gOmksVSjYH1xiweGOK2jy27J0bTakd2kivvE38NnJ9CDJp0X86PTHxHuAv/xpAFl7iGTm+sL",
+	"bFGP3M39+gpScONpDpEjMMxScZGaYjoVmvAIvo3nAz2PD6RadQ9yr4RZL0P8q53bd643wBy/kaVP327T",
+	"GeDn7y89xt8TmJ8XJqUbK7KCp+BZYMn37yPBkcQff3ZQl18e3ykE+9yf5KPG0t8ATLNT6e8Pz/eu/L3m",
+	"t66kMRdWT/CFo2hQkF/OmS+RK9GJ7drjoay4IQHhxSlfCAMau9RHTWYPVQ9gjEUbq26M+cIUuVUJzkqw",
+	"Q3iWIEk1prG7mgGHWmqUGlDWXVnXiIlONHnKLaHnFYGuuQAgJLj0XORl6C2wM/b85HllIDXxlZJB4uQa",
+	"o/m7ShOgxu+Vy4RIvV/ZNAmQeBt4zN/hhL5bFmOn54kBc6VuVsyqivxW3IenQHBxY3naL/DEvoVpZYMa",
+	"k94JgJC3d00ga0G8X2zgD1Tw8d8ebsxu1/ZSNdj2r63PXVfNOphDKzbN4dJrNrB9Hwhq9lpF664oNKWA",
+	"hQ9lak7Rp+Vkr2Xn7h3ntL4pQsBaskiTCF4cSihjiYhBY60bkGKQeQ2CwE4LSJj13McsT25weyVsLrjE",
+	"1/1YrTKlPxjKl95Qy3zXDbomKB2SMnXgn+qGjRXo4TgMWo650KaPdWT09wE7xwFBN5UEmxGTa27EEd7X",
+	"XcGh7FF1Iz2RxH0HI+rS7HHryW1uLWp0gbsUKbUWZHeCuDWd3N6V71VS2bl9I3XYfpqyG5u4yC8i+2/p",
+	"PlvzyxymXAriMJ5DoFKVKTm1V+nekvPxZ/s/2zLTic4fVOa0OQ8g6vSVBc1bid89uDjZLuLtVuziNqid",
+	"4mPiu/c2qrpOs9XjgHIqEJElOA7PMjRf+syhUVbEoLOR0Cyxw8TVbA0fDIlp3QibW5FMUEc6GMrXviAZ",
+	"PgFFUU8D4cIIJs1LR9LvvIBKomEQWtI1GJizstSpghC8Vknl0NT0Wv1So3zBWXzPAoam+JUAZ+xOvLRa",
+	"QGNQhs7suzV/rpqVICR/MusDAvb0e0D+/pjG/uac4SUAHEp34bzSqAqDEahUThvAloLcJQ9tiENEruEx",
+	"xL2hpUfDjWwsbsTgwS4X8z3u4gEuZq168FvcG1rMd+yZhDwioJFSHwfgkPvcjAC6f7PrAB1v1+Hju575",
+	"d2XbvwIhut26D4RtKr6NmY8VIjiRh7bxt5ANYdgdO3CCB4rR/IwFpmq+sLbpTQEKjnfKw4+UAAY1MzSr",
+	"ASuL7IfSFbWUkDpY/eFKXOglV0k9K7svuCwvOZT0EOvFY5VlmEc3whH+rIVMRuUoSgqWpVJQu0oBdbFB",
+	"mxkWQ07dqGzY51DM4c9h9SOmxrtGSK6nCw9jVtQZJ373lsrp437EJqnkWfq7cFUsAOeSmiZ73kGhQ1sc",
+	"2FK7tfAvKgoqS/gLTRExrGd38HIAb8olDWEUfs4oqBEIy4pSXYWviFCExe7YFhz2Avo5aS+phhK15Sjo",
+	"ppSld2KuqH+O31gX5Ydxwa8Or7uzW3LNoE/VDWjLScRuuLzFpiUT7F00RyBXeIqadd5wmVAjJZgkRSDw",
+	"yNwf8b1RIR113GQihoohu+09S0GV3xzR4ZfQ54Iph7oYj+2GWh3aRRikcL1MEyV0f8ACoenw9z2Cwuk2",
+	"dAI7FWwNVLaZoYo2/yadWLuX5xLnT2it36s6Xp3lt4EKqO1Ui0VPGx65AhzKXTca2uZ6xvbvASZQxQ4Q",
+	"WVYDCbCsWgrDjMjnOsLkRWImtNB9YAQe0x4eI1s+1sIUi4dOHljHRCBICMBcgynEkIiDqGw3xQp1CJFr",
+	"LMXMsaEnhA4tf5zxfAqtMJoLKyPKOMoTdiPGai70Gkd3yCiO6+J2sJ6eqaWsV5YyrocydqIIH419h7G1",
+	"ikucng4LUEFIDGVQyeGRgJUk06HQYsAuEDAzxOYsZz2UvqtTbmUuVKu2sx+6Ta9hvld2lx8oyXr9Q9+G",
+	"izQs+EHK5/eDB+FgkQBVgi+2TjY9fztSyeBSwJ3o3+eab7FS6I137uF/axuFVrHdSHF787Up4DxkQG4S",
+	"rSaKP8GHtVEAk641M/aqmOsQZ5gEL9bQUue5EiYUgUosA/XQl3ooew49E3vDOWyT/oD95NvMOKjJss++",
+	"b7s0lL7vEnNoV+9fXr98c3359s3ow9X5X1+OXv795Zvrq7gPH7gVC0ALw3xchLcdSiWzFfRmw8Z1LtWG",
+	"8CzXOj4hChc9RB2dUIiUs0FYyxKONNXMN4HiYQuoFetRIyZnW/jhrfICqcDQ84laKVU+LsUn0w8LbKHh",
+	"f7WvU71ZlKU518WyUpWLLmZS/K2phK210X6aCrDr8kK2paU6GBYCa/46Lddq/RLkOCt0eke7dOYluUsP",
+	"pjCt3RbcgN9FrrAqOj45OXlyDP93fXJyCv/3XxQNRhiG3vOnT/ttVcnU5n7HuuS1Fbz85FYgZFLOX6rl",
+	"gecL/fi/chX1VkTja7iPjRo+tkX7ykz5lRrzrNKYDXBwAyB2BAthOZfTUOVGxnkY5ryGlV138GSZWloj",
+	"+WbFFhwx1uHSup5tVrQ90rX2jlyzmBNQ3/lQLqxlnWPCBuTuakV9OKHjC3onsAuM/R/K3QhcmNDRbZ4a",
+	"Z/RThZR7DXoQcYSLB4e4cPgngB9FGPbBgK4MoMgSu5KxSMAXY3nQJJWpnlkWttaxkmdLvtJDqYU5Q6Pd",
+	"OXDszsAm8fFtEwezKk8b2vi6sVn9MDHjyoafMTUHf5HDbKR+xmKaSgndTVrQDSYbeOJTyxP3zgR7yOvb",
+	"EYv8cCjk9hR8z6qbQqdSaOqxAsQVUfncmupE18kryU6Vevy5dCduTFsoPTYPra1ucXV8IzQ9ZxV7LIOy",
+	"V4oreuqoqTakWJdncMAkazrpeuuBlkAiH8/KjmdgVKEh7gq7nPntG/uApQ19RKGxaDSUUsljX7AO2Hxn",
+	"JCkQ8t1BSxGcO3OB2heuKelQ8png0D/jFnolw671B+wckOBLpZi6bcxTA/3XUL0p1UF0M5cdG8vW/T4d",
+	"0Dew8T5NVNMRM5Ug02PwRIeQ6thkWoet3h2KLOia0GKVmi2jK04rkCxDCV56VGdcmxzXjIn14C/loFEA",
+	"Ugh7EOF+4sL8jvYjn1ROjZFU7vV2Wio2AudmPItAVAxl7NcRlx2R0LEOkL3lNPzooFjdrMom8Tj5XtgF",
+	"vHnGAI3i5+tmEMSi7XUaq0SEjQZG/vdT7+MCacONp9GhpHm7ajr0GEGzasNlAlDbGL3AI+bWqgwWZ9fq",
+	"FuJC5pzFfrIxm9tdc52N3CaJsJOARtC0obRGFO4y+l19M39v9JUdCaCDIHSVsutoksqXciq2tAL5vrB1",
+	"Yap/scvv5t96etgvX0I38vZ8/nciRwbIcnhGQy6xa1yOuFTfa9QeIedJG+89sbzsycnJCXHCfoP23cD3",
+	"H38u6X6jlC9p7uir9HHxnWjaO+QdpusiiALftcVq6lKEPQy6WDENgrvc1q6Cu4OB/3HbCT4eczkWWbfO",
+	"jQ8zxbb4xrmzfKSC+kdkh70Apn69Jw3UBfNELeNoKOOyX5f9AZsvjaiRNxYMQ1eQgGdj2NjB1834HTjI",
+	"wv4qIHhi3DVos0oI6yA80ODT0P/1rRR+pKG8EWFzvlKfoFx4KLnm2rCnz7CRSsRuBEA7AqtJpzMDndRh",
+	"1uDxQ6BK3+ul72Ixbm4jt02njKMYdRIqwP/pxfY0/oxvxH02he57XsUJ2v+hqfCJWvSg5NGUroD5X8Ge",
+	"DHzUCP5Udm4EuH5asm8ZoybMmqfpHdndc3QkujIAGIISPCvyHttTcCvgnGgfsAucBHhRp9ifUHt4VZjG",
+	"UHp56Z6uaoMeHtrqCeizABiPapOa5uxQO9x3yPg8rKk7ksM0+oOT4SHvi5wGrXL6JpH6qkW6UL9ITQ1B",
+	"j04/b4vqivzOsagiz45Ojx6DLkKDf3a8qkRVtkaZ+6Pr+xH8yQV9gr95kyt8jnKagj/hOoI/kGUU/AVB",
+	"q9a9lBccqO5mRTflDJjcInBMT4W0pCUShiu2OzrOUpBiniG73Wv4wi+CZ2YWQecFNO3BkFFj0GbzO5EE",
+	"rafWPxd8xNO4Pvry8cv/HwAA//8=",
 }
 
 // decodeSpec returns the embedded OpenAPI spec as raw JSON bytes,

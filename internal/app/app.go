@@ -159,9 +159,14 @@ func New(ctx context.Context, opts Options) (*App, error) {
 		a.workers = append(a.workers, syncer)
 	}
 	a.workers = append(a.workers, newVerifier(gdb, logger, cfg.Stripe.VerifyInterval, reg))
+	paymentsSvc.OnChargeRecorded(stripeHook.WakeWaiting)
 
-	wallet := credits.New(credits.Options{DB: gdb, Config: cfg.Credits, Logger: logger, Now: now, Registry: reg})
-	a.workers = append(a.workers, credits.NewSweeper(credits.SweeperOptions{DB: gdb, Config: cfg.Credits, Logger: logger, Now: now}))
+	// Every change that lowers a customer's credits may start its automatic
+	// top-up, in the change's own transaction (payments writes the payment).
+	wallet := credits.New(credits.Options{DB: gdb, Config: cfg.Credits, Logger: logger, Now: now, Registry: reg, TopUp: paymentsSvc.StartAutoTopUp})
+	a.workers = append(a.workers, credits.NewSweeper(credits.SweeperOptions{DB: gdb, Config: cfg.Credits, Logger: logger, Now: now, TopUp: paymentsSvc.StartAutoTopUp}))
+	a.workers = append(a.workers, payments.NewAutoTopUpWorker(paymentsSvc, 0))
+	a.workers = append(a.workers, credits.NewForecastWatcher(wallet))
 
 	deps := httpapi.Options{
 		Config:    cfg,
@@ -222,7 +227,7 @@ func New(ctx context.Context, opts Options) (*App, error) {
 	}
 	a.handler = e
 	a.workers = append(a.workers, events.NewPusher(events.PusherOptions{
-		DB: gdb, URL: cfg.EventsWebhook.URL, Secret: cfg.EventsWebhook.Secret, Logger: logger, Now: now,
+		DB: gdb, URL: cfg.EventsWebhook.URL, Secret: cfg.EventsWebhook.Secret, Logger: logger, Now: now, Registry: reg,
 	}))
 	a.workers = append(a.workers, janitor{db: gdb, logger: logger, now: now, cfg: cfg.Retention,
 		metering: deps.Metering, keepUnpushed: cfg.EventsWebhook.URL != ""})

@@ -6,6 +6,7 @@
 package config
 
 import (
+	"cmp"
 	"crypto/rsa"
 	"crypto/sha256"
 	"crypto/x509"
@@ -19,6 +20,7 @@ import (
 	"net/netip"
 	"net/url"
 	"os"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -121,10 +123,20 @@ const (
 type CreditsConfig struct {
 	// DefaultLowBalanceThreshold of 0 means no low-balance notice.
 	DefaultLowBalanceThreshold int64
-	ExpiringNotice             time.Duration
-	SweepInterval              time.Duration
+	// ExpiringNotice is the longest expiry notice (0: none);
+	// ExpiringNotices every horizon, longest first, when
+	// TALLY_CREDITS_EXPIRING_NOTICE lists several (nil: ExpiringNotice only).
+	ExpiringNotice  time.Duration
+	ExpiringNotices []time.Duration
+	SweepInterval   time.Duration
 	// RevokeFrom is RevokeFromBalance or RevokeFromPurchaseGrant.
 	RevokeFrom string
+	// ForecastWarnDays: credits.depletion_forecast fires when the
+	// pessimistic runway drops under this many days (1 to 90).
+	ForecastWarnDays int
+	// ForecastInterval is how often the forecast watcher looks at the
+	// customers whose balance changed.
+	ForecastInterval time.Duration
 }
 
 // Checkout confirmation strategies (TALLY_CONFIRM_ON).
@@ -260,9 +272,11 @@ func Default() Config {
 			VerifyInterval:      15 * time.Minute,
 		},
 		Credits: CreditsConfig{
-			ExpiringNotice: 168 * time.Hour,
-			SweepInterval:  time.Minute,
-			RevokeFrom:     RevokeFromBalance,
+			ExpiringNotice:   168 * time.Hour,
+			SweepInterval:    time.Minute,
+			RevokeFrom:       RevokeFromBalance,
+			ForecastWarnDays: 7,
+			ForecastInterval: 10 * time.Minute,
 		},
 		Checkout: CheckoutConfig{
 			ExpiresAfter: time.Hour,
@@ -382,6 +396,31 @@ func (p *envParser) duration(name string, dst *time.Duration) {
 	*dst = d
 }
 
+// durations reads one duration or a comma-separated list: longest gets
+// the longest, all every one (longest first) when there are several.
+func (p *envParser) durations(name string, longest *time.Duration, all *[]time.Duration) {
+	v := strings.TrimSpace(p.getenv(name))
+	if v == "" {
+		return
+	}
+	var ds []time.Duration
+	for _, part := range strings.Split(v, ",") {
+		d, err := time.ParseDuration(strings.TrimSpace(part))
+		if err != nil {
+			p.fail(name, "%q is not a duration or a comma-separated list of them (examples: 168h, 720h,168h,24h)", v)
+			return
+		}
+		ds = append(ds, d)
+	}
+	slices.SortFunc(ds, func(a, b time.Duration) int { return cmp.Compare(b, a) })
+	ds = slices.Compact(ds)
+	*longest = ds[0]
+	*all = nil
+	if len(ds) > 1 {
+		*all = ds
+	}
+}
+
 // Load reads every TALLY_* variable through getenv, loads the catalog file and
 // the RS256 public key file when they are named, and validates the result.
 // The error joins one error per problem, each naming its variable.
@@ -474,9 +513,11 @@ func Load(getenv func(string) string) (Config, error) {
 	}
 
 	p.int64("TALLY_LOW_BALANCE_THRESHOLD", &c.Credits.DefaultLowBalanceThreshold)
-	p.duration("TALLY_CREDITS_EXPIRING_NOTICE", &c.Credits.ExpiringNotice)
+	p.durations("TALLY_CREDITS_EXPIRING_NOTICE", &c.Credits.ExpiringNotice, &c.Credits.ExpiringNotices)
 	p.duration("TALLY_CREDITS_SWEEP_INTERVAL", &c.Credits.SweepInterval)
 	p.str("TALLY_REVOKE_FROM", &c.Credits.RevokeFrom)
+	p.integer("TALLY_FORECAST_WARN_DAYS", &c.Credits.ForecastWarnDays)
+	p.duration("TALLY_FORECAST_CHECK_INTERVAL", &c.Credits.ForecastInterval)
 
 	p.duration("TALLY_CHECKOUT_EXPIRES_AFTER", &c.Checkout.ExpiresAfter)
 	p.boolean("TALLY_CHECKOUT_INVOICE_CREATION", &c.Checkout.InvoiceCreation)
@@ -772,11 +813,22 @@ func (c CreditsConfig) check(p *problems) {
 	if c.ExpiringNotice < 0 {
 		p.add("TALLY_CREDITS_EXPIRING_NOTICE", "must not be negative, got %s", c.ExpiringNotice)
 	}
+	for _, d := range c.ExpiringNotices {
+		if d <= 0 {
+			p.add("TALLY_CREDITS_EXPIRING_NOTICE", "every horizon of a list must be positive, got %s", d)
+		}
+	}
 	if c.SweepInterval <= 0 {
 		p.add("TALLY_CREDITS_SWEEP_INTERVAL", "must be positive, got %s", c.SweepInterval)
 	}
 	if v := c.RevokeFrom; v != RevokeFromBalance && v != RevokeFromPurchaseGrant {
 		p.add("TALLY_REVOKE_FROM", "%q is not balance or purchase_grant", v)
+	}
+	if c.ForecastWarnDays < 1 || c.ForecastWarnDays > 90 {
+		p.add("TALLY_FORECAST_WARN_DAYS", "must be from 1 to 90, got %d", c.ForecastWarnDays)
+	}
+	if c.ForecastInterval <= 0 {
+		p.add("TALLY_FORECAST_CHECK_INTERVAL", "must be positive, got %s", c.ForecastInterval)
 	}
 }
 

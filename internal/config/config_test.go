@@ -53,7 +53,7 @@ func TestLoadDefaults(t *testing.T) {
 			SyncInterval:        5 * time.Minute,
 			VerifyInterval:      15 * time.Minute,
 		},
-		Credits:  CreditsConfig{ExpiringNotice: 168 * time.Hour, SweepInterval: time.Minute, RevokeFrom: "balance"},
+		Credits:  CreditsConfig{ExpiringNotice: 168 * time.Hour, SweepInterval: time.Minute, RevokeFrom: "balance", ForecastWarnDays: 7, ForecastInterval: 10 * time.Minute},
 		Checkout: CheckoutConfig{ExpiresAfter: time.Hour, ConfirmOn: "payment_intent", RateLimit: 10},
 		Metering: MeteringConfig{Transport: "v1", RateLimit: 20, BackoffMax: 10 * time.Minute, BatchSize: 100, PollInterval: time.Second, ReconcileInterval: time.Hour},
 		Retention: RetentionConfig{StripeEvents: 2160 * time.Hour, UsageEvents: 2160 * time.Hour, Events: 2160 * time.Hour,
@@ -430,7 +430,7 @@ func TestSectionsValidateByTheRulesOfLoad(t *testing.T) {
 		err  error
 		want []string
 	}{
-		"Credits":  {CreditsConfig{}.Validate(), []string{"TALLY_CREDITS_SWEEP_INTERVAL", "TALLY_REVOKE_FROM"}},
+		"Credits":  {CreditsConfig{}.Validate(), []string{"TALLY_CREDITS_SWEEP_INTERVAL", "TALLY_REVOKE_FROM", "TALLY_FORECAST_WARN_DAYS", "TALLY_FORECAST_CHECK_INTERVAL"}},
 		"Checkout": {CheckoutConfig{}.Validate(), []string{"TALLY_CHECKOUT_EXPIRES_AFTER", "TALLY_CONFIRM_ON"}},
 		"Metering": {MeteringConfig{}.Validate(), []string{"TALLY_METER_TRANSPORT", "TALLY_METER_RATE_LIMIT",
 			"TALLY_METER_BACKOFF_MAX", "TALLY_METER_BATCH_SIZE", "TALLY_METER_POLL_INTERVAL"}},
@@ -497,5 +497,27 @@ func TestLoadSandbox(t *testing.T) {
 				t.Fatalf("Load = %v, want an error naming %q", err, tc.want)
 			}
 		})
+	}
+}
+
+// TALLY_CREDITS_EXPIRING_NOTICE takes one duration or a list: the longest
+// is ExpiringNotice, every horizon (longest first, duplicates once) is
+// ExpiringNotices; a bad entry names the variable.
+func TestExpiringNoticeList(t *testing.T) {
+	env := map[string]string{"TALLY_DATABASE_URL": "postgres://x/y", "TALLY_CREDITS_EXPIRING_NOTICE": "24h, 720h,168h,24h"}
+	c, err := Load(func(k string) string { return env[k] })
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.Credits.ExpiringNotice != 720*time.Hour || !reflect.DeepEqual(c.Credits.ExpiringNotices, []time.Duration{720 * time.Hour, 168 * time.Hour, 24 * time.Hour}) {
+		t.Fatalf("notices %v, %v", c.Credits.ExpiringNotice, c.Credits.ExpiringNotices)
+	}
+	env["TALLY_CREDITS_EXPIRING_NOTICE"] = "72h"
+	if c, err = Load(func(k string) string { return env[k] }); err != nil || c.Credits.ExpiringNotice != 72*time.Hour || c.Credits.ExpiringNotices != nil {
+		t.Fatalf("one notice: %v %v %v", c.Credits.ExpiringNotice, c.Credits.ExpiringNotices, err)
+	}
+	env["TALLY_CREDITS_EXPIRING_NOTICE"] = "168h,soon"
+	if _, err = Load(func(k string) string { return env[k] }); err == nil || !strings.Contains(err.Error(), "TALLY_CREDITS_EXPIRING_NOTICE") {
+		t.Fatalf("a bad entry: %v", err)
 	}
 }

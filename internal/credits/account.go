@@ -10,6 +10,7 @@ import (
 	"gorm.io/gorm"
 	"gorm.io/gorm/clause"
 
+	"github.com/tallybilling/tally/internal/customers"
 	"github.com/tallybilling/tally/internal/db"
 	"github.com/tallybilling/tally/internal/errs"
 	"github.com/tallybilling/tally/internal/events"
@@ -40,6 +41,37 @@ type account struct {
 	// when a writer waited for the lock or runs on a replica whose clock
 	// lags. Expiry decisions use it too.
 	now time.Time
+	// pending is the part of balance in grants not effective yet (scheduled
+	// credits), read with the lock; balance - held - pending is what may be
+	// spent now (spendable), which thresholds and the top-up compare.
+	pending int64
+	// topUpBelow is the customer's automatic top-up threshold when a top-up
+	// may start now (enabled and active, a usable saved card, none in
+	// flight, the month's limit not reached), else 0; topUp starts one.
+	// See afterLowering.
+	topUpBelow int64
+	topUp      TopUpFunc
+	// thresholds are the customer's further low-balance thresholds, and
+	// startAvailable what was spendable when the lock was taken (or at the
+	// last afterLowering): afterLowering fires credits.low_balance for each
+	// one the change crossed downwards.
+	thresholds     customers.Thresholds
+	startAvailable int64
+}
+
+// TopUpFunc starts a customer's automatic top-up inside the transaction tx
+// of a change that left available credits below the customer's threshold
+// (payments.Service.StartAutoTopUp). It must itself re-check, under a lock,
+// that one may start: the account's view of the settings is a hint read
+// without one.
+type TopUpFunc func(ctx context.Context, tx *gorm.DB, customerID string, available int64, now time.Time) error
+
+// spendable is what the locked account may spend or hold now, from the
+// numbers the lock read: balance less what holds keep and what is not
+// effective yet. It equals available (which asks the grants) while the
+// account is current; it costs no statement.
+func (a *account) spendable() int64 {
+	return a.balance - a.held - a.pending
 }
 
 // lockAccount locks customerID's balance row (found=false when it has none:
@@ -58,6 +90,8 @@ func lockAccount(ctx context.Context, tx *gorm.DB, customerID string, clock func
 
 func lockAccountAt(ctx context.Context, tx *gorm.DB, customerID string, clock func() time.Time, defaultThreshold *int64, expire bool) (*account, bool, error) {
 	a := &account{customerID: customerID, defaultThreshold: defaultThreshold}
+	// A hint for the top-up decision only; a.now is read once the lock is held.
+	clockNow := clock()
 	// The money lock: the balance row, joined to the customer for its
 	// threshold, locked for the rest of tx.
 	var locked struct {
@@ -68,13 +102,29 @@ func lockAccountAt(ctx context.Context, tx *gorm.DB, customerID string, clock fu
 		Notified       bool
 		Threshold      int64
 		UpdatedAt      time.Time
+		Pending        int64
+		TopUpBelow     int64
+		Thresholds     customers.Thresholds
 	}
+	// The automatic top-up settings and the saved card (tables of
+	// internal/payments) are read in the same statement, so that deciding
+	// whether a change must start a top-up costs no round trip of its own.
 	res := tx.WithContext(ctx).Raw(`
 		SELECT b.balance, b.next_expiry, b.held, b.next_hold_expiry, b.low_balance_notified AS notified,
-		       COALESCE(c.low_balance_threshold, ?::bigint, b.default_low_balance_threshold) AS threshold, b.updated_at
+		       COALESCE(c.low_balance_threshold, ?::bigint, b.default_low_balance_threshold) AS threshold, b.updated_at,
+		       c.low_balance_thresholds AS thresholds,
+		       COALESCE((SELECT sum(g.remaining)::bigint FROM credit_grants g
+		                 WHERE g.customer_id = b.customer_id AND g.effective_at IS NOT NULL AND g.remaining > 0
+		                   AND g.effective_at > ?::timestamptz), 0) AS pending,
+		       COALESCE((SELECT t.threshold FROM auto_top_up_settings t
+		                 JOIN customer_payment_methods m ON m.customer_id = t.customer_id
+		                 WHERE t.customer_id = b.customer_id AND t.enabled AND t.status = 'active' AND t.in_flight_payment_id IS NULL
+		                   AND make_date(m.exp_year, m.exp_month, 1) + interval '1 month' > (?::timestamptz AT TIME ZONE 'UTC')
+		                   AND (t.monthly_limit IS NULL OR t.month_count < t.monthly_limit
+		                        OR t.month_start IS DISTINCT FROM date_trunc('month', ?::timestamptz AT TIME ZONE 'UTC')::date)), 0) AS top_up_below
 		FROM credit_balances b JOIN customers c ON c.id = b.customer_id
 		WHERE b.customer_id = ?
-		FOR UPDATE OF b`, defaultThreshold, customerID).Scan(&locked)
+		FOR UPDATE OF b`, defaultThreshold, clockNow, clockNow, clockNow, customerID).Scan(&locked)
 	if res.Error != nil {
 		return nil, false, res.Error
 	}
@@ -82,7 +132,10 @@ func lockAccountAt(ctx context.Context, tx *gorm.DB, customerID string, clock fu
 		return nil, false, nil
 	}
 	a.balance, a.nextExpiry, a.notified, a.threshold = locked.Balance, locked.NextExpiry, locked.Notified, locked.Threshold
-	a.held, a.nextHoldExpiry = locked.Held, locked.NextHoldExpiry
+	a.held, a.nextHoldExpiry, a.pending = locked.Held, locked.NextHoldExpiry, locked.Pending
+	a.topUpBelow = locked.TopUpBelow
+	a.thresholds = locked.Thresholds
+	a.startAvailable = a.spendable()
 	lastChange := locked.UpdatedAt
 	// Every change saves its time as updated_at, so the row holds the time
 	// of the customer's latest ledger entry.
@@ -151,12 +204,12 @@ func (a *account) save(ctx context.Context, tx *gorm.DB) error {
 	}).Error
 }
 
-// lowBalance updates the notice flag for the balance the account now has
-// and reports whether credits.low_balance must fire: once per fall below the
+// lowBalance updates the notice flag for what the account now has
+// available (spendable: held and pending credits do not count) and reports whether credits.low_balance must fire: once per fall below the
 // threshold, re-armed when the balance is back at or above it. Grants pass
 // mayFire=false: a balance that rises did not fall below anything.
 func (a *account) lowBalance(mayFire bool) bool {
-	below := a.threshold > 0 && a.balance < a.threshold
+	below := a.threshold > 0 && a.spendable() < a.threshold
 	switch {
 	case below && !a.notified && mayFire:
 		a.notified = true
@@ -168,18 +221,49 @@ func (a *account) lowBalance(mayFire bool) bool {
 }
 
 // afterLowering runs once for every change that lowered the customer's
-// balance or what is available of it (consume, capture, hold, expiry,
-// revoke, void, negative adjustment), inside that change's transaction,
-// after the change is written and with a holding the new numbers. It is
-// the one place for what follows a fall: today the credits.low_balance
-// notice, when fire (a.lowBalance's decision for this change) says so.
+// balance or what is available of it (consume, a hold, a capture, expiry,
+// revoke, void, negative adjustment, voids on release), inside that
+// change's transaction, after the change is written and with a holding the
+// new numbers. It is the one place for what follows a fall, and compares
+// what is available (spendable), not the balance:
+//
+//   - credits.low_balance for the customer's threshold when fire (the
+//     decision a.lowBalance took for this change) says so;
+//   - credits.low_balance for each further threshold (low_balance_thresholds)
+//     this change crossed downwards: from at or above it to below it. Every
+//     change runs under the lock, so a fall is seen once, and a rise back
+//     re-arms it;
+//   - an automatic top-up, started in this same transaction, when what is
+//     available is now below the customer's top-up threshold and one may
+//     start (a.topUp re-checks under its own lock).
+//
+// It costs no statement while what is available stays at or above every
+// threshold, or when no top-up may start: lockAccount read what it needs
+// with the lock.
 func (a *account) afterLowering(ctx context.Context, tx *gorm.DB, fire bool) error {
-	if !fire {
+	avail := a.spendable()
+	if fire {
+		if err := events.Append(ctx, tx, a.customerID, events.CreditsLowBalance{
+			CustomerID: a.customerID, Balance: a.balance, Available: avail, Threshold: a.threshold,
+		}); err != nil {
+			return err
+		}
+	}
+	for _, t := range a.thresholds {
+		if t != a.threshold && a.startAvailable >= t && avail < t {
+			if err := events.Append(ctx, tx, a.customerID, events.CreditsLowBalance{
+				CustomerID: a.customerID, Balance: a.balance, Available: avail, Threshold: t,
+			}); err != nil {
+				return err
+			}
+		}
+	}
+	a.startAvailable = avail
+	if a.topUp == nil || a.topUpBelow <= 0 || avail >= a.topUpBelow {
 		return nil
 	}
-	return events.Append(ctx, tx, a.customerID, events.CreditsLowBalance{
-		CustomerID: a.customerID, Balance: a.balance, Threshold: a.threshold,
-	})
+	a.topUpBelow = 0 // at most once per transaction
+	return a.topUp(ctx, tx, a.customerID, avail, a.now)
 }
 
 // expireDue writes an expire entry for the unheld remainder of each of the

@@ -36,7 +36,7 @@ func (s *Service) Consume(ctx context.Context, in ConsumeInput, key db.Idempoten
 		return ConsumeResult{}, false, err
 	}
 	a, replayed, err := once(ctx, s, key, "consume", func(tx *gorm.DB, threshold *int64) (consumeAnswer, error) {
-		r, err := consume(ctx, tx, s.now, in, threshold, key.Key)
+		r, err := consume(ctx, tx, s.now, in, threshold, key.Key, s.topUp)
 		return consumeAnswer(r), err
 	})
 	if err != nil {
@@ -50,7 +50,9 @@ func (s *Service) Consume(ctx context.Context, in ConsumeInput, key db.Idempoten
 
 // consumeSQL draws amount from what is available of the customer's
 // effective, unexpired grants (remaining less what holds keep) in draw
-// order, lowers the balance row and appends the ledger entry, in one
+// order, lowers the balance row, adds amount to the day's consumption
+// rollup when it is a consume (what the forecast learns from; a negative
+// adjustment is not consumption) and appends the ledger entry, in one
 // statement. When the available credits do not cover amount (some of the
 // balance is held, or not effective yet) it changes nothing and returns no
 // row. The caller holds the balance row's lock, which every writer of the
@@ -85,6 +87,11 @@ WITH p AS NOT MATERIALIZED (
 	FROM p
 	WHERE b.customer_id = p.customer AND EXISTS (SELECT 1 FROM draws)
 	RETURNING b.balance
+), rollup AS (
+	INSERT INTO credit_consumption_daily AS r (customer_id, day, consumed)
+	SELECT p.customer, (p.now AT TIME ZONE 'UTC')::date, p.amount FROM p
+	WHERE p.kind = 'consume' AND EXISTS (SELECT 1 FROM draws)
+	ON CONFLICT (customer_id, day) DO UPDATE SET consumed = r.consumed + excluded.consumed
 )
 INSERT INTO credit_ledger (id, customer_id, kind, amount, balance_after, reason, metadata, draws, idempotency_key, created_at)
 SELECT p.id, p.customer, p.kind, -p.amount, bal.balance, p.reason, p.metadata,
@@ -95,16 +102,29 @@ RETURNING balance_after,
 	(SELECT COALESCE(sum(take), 0)::bigint FROM draws) AS drawn_total,
 	(SELECT count(*) FROM drawn) AS drawn_grants`
 
-func consume(ctx context.Context, tx *gorm.DB, clock func() time.Time, in ConsumeInput, defaultThreshold *int64, idemKey string) (ConsumeResult, error) {
-	return spend(ctx, tx, clock, in, KindConsume, defaultThreshold, idemKey)
+// addConsumption adds n credits spent outside consumeSQL (a hold's
+// capture) to the day's consumption rollup the forecast learns from, as
+// consumeSQL does for a consume.
+func addConsumption(ctx context.Context, tx *gorm.DB, customerID string, now time.Time, n int64) error {
+	return tx.WithContext(ctx).Exec(`INSERT INTO credit_consumption_daily AS r (customer_id, day, consumed)
+		VALUES (?, (?::timestamptz AT TIME ZONE 'UTC')::date, ?)
+		ON CONFLICT (customer_id, day) DO UPDATE SET consumed = r.consumed + excluded.consumed`, customerID, now, n).Error
+}
+
+func consume(ctx context.Context, tx *gorm.DB, clock func() time.Time, in ConsumeInput, defaultThreshold *int64, idemKey string, topUp TopUpFunc) (ConsumeResult, error) {
+	return spend(ctx, tx, clock, in, KindConsume, defaultThreshold, idemKey, topUp)
 }
 
 // spend draws in.Amount like a consume and records it as a ledger entry of
-// kind (consume, or adjust for a negative adjustment).
-func spend(ctx context.Context, tx *gorm.DB, clock func() time.Time, in ConsumeInput, kind string, defaultThreshold *int64, idemKey string) (ConsumeResult, error) {
+// kind (consume, or adjust for a negative adjustment); topUp (nil: none)
+// starts an automatic top-up when it leaves too little available.
+func spend(ctx context.Context, tx *gorm.DB, clock func() time.Time, in ConsumeInput, kind string, defaultThreshold *int64, idemKey string, topUp TopUpFunc) (ConsumeResult, error) {
 	a, found, err := lockAccount(ctx, tx, in.CustomerID, clock, defaultThreshold)
 	if err != nil {
 		return ConsumeResult{}, err
+	}
+	if found {
+		a.topUp = topUp
 	}
 	if !found {
 		// Never granted anything: unknown (404) or simply empty (402).

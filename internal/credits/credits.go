@@ -274,6 +274,7 @@ type Service struct {
 	cfg    config.CreditsConfig
 	now    func() time.Time
 	logger *slog.Logger
+	topUp  TopUpFunc
 
 	consumed prometheus.Counter
 }
@@ -288,6 +289,9 @@ type Options struct {
 	Now    func() time.Time
 	// Registry receives the wallet's metrics; nil leaves them unregistered.
 	Registry prometheus.Registerer
+	// TopUp starts an automatic top-up when a change leaves a customer
+	// below its threshold (see afterLowering); nil: never.
+	TopUp TopUpFunc
 }
 
 // New returns the wallet over o.DB and registers its metrics on o.Registry.
@@ -297,7 +301,7 @@ type Options struct {
 func New(o Options) *Service {
 	mustValidate("credits.New", o.Config)
 	s := &Service{
-		db: o.DB, cfg: o.Config, now: clockOr(o.Now), logger: loggerOr(o.Logger),
+		db: o.DB, cfg: o.Config, now: clockOr(o.Now), logger: loggerOr(o.Logger), topUp: o.TopUp,
 		consumed: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "tally_credits_consumed_total",
 			Help: "Credits spent by successful consumes and hold captures (replays not counted).",

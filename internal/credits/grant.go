@@ -103,6 +103,9 @@ func grantTx(ctx context.Context, tx *gorm.DB, clock func() time.Time, in GrantI
 		return GrantResult{}, db.Translate(err, grantConstraints)
 	}
 	a.balance += in.Amount
+	if effectiveAt != nil && effectiveAt.After(now) {
+		a.pending += in.Amount
+	}
 	if expiresAt != nil && (!a.nextExpiry.Valid || expiresAt.Before(a.nextExpiry.Time)) {
 		a.nextExpiry = sql.NullTime{Time: *expiresAt, Valid: true}
 	}

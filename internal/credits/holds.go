@@ -132,14 +132,17 @@ func (s *Service) Hold(ctx context.Context, in HoldInput, key db.IdempotencyKey)
 		return HoldResult{}, false, err
 	}
 	return once(ctx, s, key, "hold", func(tx *gorm.DB, threshold *int64) (HoldResult, error) {
-		return hold(ctx, tx, s.now, in, threshold, key.Key)
+		return hold(ctx, tx, s.now, in, threshold, key.Key, s.topUp)
 	})
 }
 
-func hold(ctx context.Context, tx *gorm.DB, clock func() time.Time, in HoldInput, defaultThreshold *int64, idemKey string) (HoldResult, error) {
+func hold(ctx context.Context, tx *gorm.DB, clock func() time.Time, in HoldInput, defaultThreshold *int64, idemKey string, topUp TopUpFunc) (HoldResult, error) {
 	a, found, err := lockAccount(ctx, tx, in.CustomerID, clock, defaultThreshold)
 	if err != nil {
 		return HoldResult{}, err
+	}
+	if found {
+		a.topUp = topUp
 	}
 	if !found {
 		if _, err := customers.Get(ctx, tx, in.CustomerID); err != nil {
@@ -247,7 +250,7 @@ func (s *Service) Capture(ctx context.Context, in CaptureInput, key db.Idempoten
 		return HoldEnd{}, false, errs.InvalidField("/amount", "amount must not be negative")
 	}
 	end, replayed, err := once(ctx, s, key, "capture", func(tx *gorm.DB, threshold *int64) (HoldEnd, error) {
-		return endHold(ctx, tx, s.now, in.CustomerID, in.HoldID, true, in.Amount, threshold, key.Key)
+		return endHold(ctx, tx, s.now, in.CustomerID, in.HoldID, true, in.Amount, threshold, key.Key, s.topUp)
 	})
 	if err == nil && !replayed {
 		s.consumed.Add(float64(end.Captured))
@@ -268,7 +271,7 @@ func (s *Service) Release(ctx context.Context, customerID, holdID string, key db
 	}
 	zero := int64(0)
 	do := func(tx *gorm.DB, threshold *int64) (HoldEnd, error) {
-		return endHold(ctx, tx, s.now, customerID, holdID, false, &zero, threshold, "")
+		return endHold(ctx, tx, s.now, customerID, holdID, false, &zero, threshold, "", s.topUp)
 	}
 	if key.Key != "" {
 		return once(ctx, s, key, "release", do)
@@ -285,12 +288,15 @@ func (s *Service) Release(ctx context.Context, customerID, holdID string, key db
 
 // endHold ends the hold: a capture spends amount of it (all when nil), a
 // release nothing, and the rest goes back to its grants.
-func endHold(ctx context.Context, tx *gorm.DB, clock func() time.Time, customerID, holdID string, capture bool, amount *int64, defaultThreshold *int64, idemKey string) (HoldEnd, error) {
+func endHold(ctx context.Context, tx *gorm.DB, clock func() time.Time, customerID, holdID string, capture bool, amount *int64, defaultThreshold *int64, idemKey string, topUp TopUpFunc) (HoldEnd, error) {
 	// Locking the account first releases the hold if it is overdue, so an
 	// expired hold is never captured.
 	a, found, err := lockAccount(ctx, tx, customerID, clock, defaultThreshold)
 	if err != nil {
 		return HoldEnd{}, err
+	}
+	if found {
+		a.topUp = topUp
 	}
 	if !found {
 		if _, err := customers.Get(ctx, tx, customerID); err != nil {
@@ -344,10 +350,11 @@ func endHold(ctx context.Context, tx *gorm.DB, clock func() time.Time, customerI
 	if capture {
 		end.Status = HoldCaptured
 	}
-	fire := false
+	// A capture spends what its hold kept, which was not available
+	// already; lowBalance still decides (a threshold may have changed since
+	// the hold), and a release re-arms the notice when enough came back.
 	if captured > 0 {
 		a.balance -= captured
-		fire = a.lowBalance(true)
 		end.TransactionID = db.NewID("ctx")
 		if err := insertEntry(ctx, tx, entryRow{
 			ID: end.TransactionID, CustomerID: customerID, Kind: KindConsume, Amount: -captured, BalanceAfter: a.balance,
@@ -357,6 +364,7 @@ func endHold(ctx context.Context, tx *gorm.DB, clock func() time.Time, customerI
 			return HoldEnd{}, err
 		}
 	}
+	fire := a.lowBalance(capture)
 	if err := tx.WithContext(ctx).Model(&holdRow{}).Where("id = ?", h.ID).Updates(map[string]any{
 		"status": end.Status, "captured": end.Captured, "released": end.Released,
 		"transaction_id": db.NullIfEmpty(end.TransactionID), "ended_at": a.now,
@@ -380,7 +388,14 @@ func endHold(ctx context.Context, tx *gorm.DB, clock func() time.Time, customerI
 	if err := events.Append(ctx, tx, customerID, ev); err != nil {
 		return HoldEnd{}, err
 	}
+	// A capture is a consume: the one guard after a fall runs for it
+	// (thresholds, automatic top-up), and the forecast's rollup counts it.
 	if captured > 0 {
+		if err := addConsumption(ctx, tx, customerID, a.now, captured); err != nil {
+			return HoldEnd{}, err
+		}
+	}
+	if capture || fire {
 		if err := a.afterLowering(ctx, tx, fire); err != nil {
 			return HoldEnd{}, err
 		}

@@ -53,15 +53,18 @@ func (s *Service) Void(ctx context.Context, in VoidInput, key db.IdempotencyKey)
 		return VoidResult{}, false, err
 	}
 	return once(ctx, s, key, "void", func(tx *gorm.DB, threshold *int64) (VoidResult, error) {
-		return void(ctx, tx, s.now, in, threshold, key.Key)
+		return void(ctx, tx, s.now, in, threshold, key.Key, s.topUp)
 	})
 }
 
-func void(ctx context.Context, tx *gorm.DB, clock func() time.Time, in VoidInput, defaultThreshold *int64, idemKey string) (VoidResult, error) {
+func void(ctx context.Context, tx *gorm.DB, clock func() time.Time, in VoidInput, defaultThreshold *int64, idemKey string, topUp TopUpFunc) (VoidResult, error) {
 	notFound := errs.E(errs.NotFound, "no grant %s for customer %s", in.GrantID, in.CustomerID)
 	a, found, err := lockAccount(ctx, tx, in.CustomerID, clock, defaultThreshold)
 	if err != nil {
 		return VoidResult{}, err
+	}
+	if found {
+		a.topUp = topUp
 	}
 	if !found {
 		if _, err := customers.Get(ctx, tx, in.CustomerID); err != nil {
@@ -89,6 +92,10 @@ func void(ctx context.Context, tx *gorm.DB, clock func() time.Time, in VoidInput
 		res.Voided = g.Remaining - g.Held
 		if res.TransactionID, err = a.voidRest(ctx, tx, g.ID, res.Voided, in.Reason, nil, idemKey); err != nil {
 			return VoidResult{}, err
+		}
+		if g.EffectiveAt != nil && g.EffectiveAt.After(a.now) {
+			// Scheduled credits were not available: what is available stays.
+			a.pending -= res.Voided
 		}
 		fire = a.lowBalance(true)
 	} else {
@@ -197,7 +204,7 @@ func (s *Service) Adjust(ctx context.Context, in AdjustInput, key db.Idempotency
 		return AdjustResult{}, false, err
 	}
 	return once(ctx, s, key, "adjust", func(tx *gorm.DB, threshold *int64) (AdjustResult, error) {
-		r, err := spend(ctx, tx, s.now, ci, KindAdjust, threshold, key.Key)
+		r, err := spend(ctx, tx, s.now, ci, KindAdjust, threshold, key.Key, s.topUp)
 		if err != nil {
 			return AdjustResult{}, err
 		}

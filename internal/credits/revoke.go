@@ -34,6 +34,9 @@ type RevokeInput struct {
 	// left of the payment's own grants; the rest is neither taken nor
 	// recorded).
 	From string
+	// TopUp starts an automatic top-up when the revoke leaves the customer
+	// below its threshold; nil: never (see afterLowering).
+	TopUp TopUpFunc
 }
 
 // RevokeResult is what a revoke did.
@@ -78,6 +81,7 @@ func revoke(ctx context.Context, tx *gorm.DB, clock func() time.Time, in RevokeI
 	if err != nil {
 		return RevokeResult{}, err
 	}
+	a.topUp = in.TopUp
 	now := a.now
 	type candidate struct {
 		ID        string
@@ -120,7 +124,9 @@ func revoke(ctx context.Context, tx *gorm.DB, clock func() time.Time, in RevokeI
 	}
 	if res.Taken == 0 && res.Shortfall == 0 {
 		res.Balance = a.balance
-		return res, nil
+		// ensureAccount may have expired credits (which fired their
+		// notices); a top-up may still be due.
+		return res, a.afterLowering(ctx, tx, false)
 	}
 	a.balance -= res.Taken
 	res.Balance = a.balance
@@ -168,10 +174,7 @@ func revoke(ctx context.Context, tx *gorm.DB, clock func() time.Time, in RevokeI
 	if err := events.Append(ctx, tx, in.CustomerID, revoked); err != nil {
 		return RevokeResult{}, err
 	}
-	if err := a.afterLowering(ctx, tx, fire); err != nil {
-		return RevokeResult{}, err
-	}
-	return res, nil
+	return res, a.afterLowering(ctx, tx, fire)
 }
 
 // drawsJSON is the draws column of an entry: nil (SQL NULL) when none.

@@ -28,6 +28,7 @@ type Sweeper struct {
 	cfg    config.CreditsConfig
 	now    func() time.Time
 	logger *slog.Logger
+	topUp  TopUpFunc
 }
 
 // SweeperOptions are what NewSweeper needs; the fields mean what they mean
@@ -37,13 +38,15 @@ type SweeperOptions struct {
 	Config config.CreditsConfig
 	Logger *slog.Logger
 	Now    func() time.Time
+	// TopUp: as Options.TopUp, for what expiries leave below a threshold.
+	TopUp TopUpFunc
 }
 
 // NewSweeper returns the worker. It panics when o.Config does not
 // validate, as New does.
 func NewSweeper(o SweeperOptions) *Sweeper {
 	mustValidate("credits.NewSweeper", o.Config)
-	return &Sweeper{db: o.DB, cfg: o.Config, now: clockOr(o.Now), logger: loggerOr(o.Logger)}
+	return &Sweeper{db: o.DB, cfg: o.Config, now: clockOr(o.Now), logger: loggerOr(o.Logger), topUp: o.TopUp}
 }
 
 // Name identifies the worker in logs.
@@ -123,8 +126,10 @@ func (w *Sweeper) expireCustomer(ctx context.Context, customerID string) (int, e
 		if err != nil || !found {
 			return err
 		}
+		a.topUp = w.topUp
 		// Asked of the holds themselves, as expireDue asks the grants, so
-		// a stale bound cannot hide an overdue hold.
+		// a stale bound cannot hide an overdue hold. Both run afterLowering
+		// (thresholds, automatic top-up) for what they lowered.
 		released, expired, err := a.releaseOverdueHolds(ctx, tx)
 		if err != nil {
 			return err
@@ -143,12 +148,61 @@ func lockAccountNoExpiry(ctx context.Context, tx *gorm.DB, customerID string, cl
 	return lockAccountAt(ctx, tx, customerID, clock, defaultThreshold, false)
 }
 
-// notifyExpiring appends credits.expiring for each grant with credits left
-// whose expiry is within cfg.ExpiringNotice, once per grant.
+// notifyExpiring appends credits.expiring for grants with credits left
+// whose expiry comes within a notice horizon, once per grant and horizon.
+// With several horizons (720h, 168h, 24h) each covers the span up to the
+// next shorter one: a grant is told once as it enters each span, and a
+// grant created inside a short span gets that notice only, not every
+// longer one at once. The longest horizon is recorded on the grant
+// (expiring_notified_at, as with a single horizon), the others in
+// credit_expiry_notices.
 func (w *Sweeper) notifyExpiring(ctx context.Context) error {
-	if w.cfg.ExpiringNotice <= 0 {
-		return nil
+	horizons := w.cfg.ExpiringNotices
+	if len(horizons) == 0 {
+		horizons = []time.Duration{w.cfg.ExpiringNotice}
 	}
+	for i, h := range horizons {
+		if h <= 0 {
+			continue
+		}
+		var shorter time.Duration // the span is (now + shorter, now + h]
+		if i+1 < len(horizons) {
+			shorter = horizons[i+1]
+		}
+		if err := w.notifyWithin(ctx, h, shorter, i == 0); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// claimOnGrant and claimInTable claim due notices of one horizon:
+// SKIP LOCKED, so sweepers on several replicas share them and none is sent
+// twice. Parameters: now (sent time), now + shorter, now + horizon, batch.
+const claimOnGrant = `UPDATE credit_grants SET expiring_notified_at = ?
+	WHERE id IN (
+		SELECT id FROM credit_grants
+		WHERE remaining > 0 AND expiring_notified_at IS NULL
+		  AND expires_at > ? AND expires_at <= ?
+		ORDER BY expires_at
+		LIMIT ?
+		FOR UPDATE SKIP LOCKED)
+	RETURNING id, customer_id, remaining, expires_at`
+
+const claimInTable = `WITH due AS (
+		SELECT g.id, g.customer_id, g.remaining, g.expires_at FROM credit_grants g
+		WHERE g.remaining > 0 AND g.expires_at > ? AND g.expires_at <= ?
+		  AND NOT EXISTS (SELECT 1 FROM credit_expiry_notices n WHERE n.grant_id = g.id AND n.notice_seconds = ?)
+		ORDER BY g.expires_at
+		LIMIT ?
+		FOR UPDATE OF g SKIP LOCKED
+	), sent AS (
+		INSERT INTO credit_expiry_notices (grant_id, notice_seconds, sent_at)
+		SELECT id, ?, ? FROM due ON CONFLICT DO NOTHING RETURNING grant_id
+	)
+	SELECT due.* FROM due JOIN sent ON sent.grant_id = due.id`
+
+func (w *Sweeper) notifyWithin(ctx context.Context, horizon, shorter time.Duration, longest bool) error {
 	for {
 		n := 0
 		err := db.InTx(ctx, w.db, func(tx *gorm.DB) error {
@@ -160,18 +214,13 @@ func (w *Sweeper) notifyExpiring(ctx context.Context) error {
 				ExpiresAt  time.Time
 			}
 			var grants []due
-			// A claim: SKIP LOCKED, so sweepers on several replicas share
-			// the notices and none is sent twice.
-			err := tx.WithContext(ctx).Raw(`UPDATE credit_grants SET expiring_notified_at = ?
-				WHERE id IN (
-					SELECT id FROM credit_grants
-					WHERE remaining > 0 AND expiring_notified_at IS NULL
-					  AND expires_at > ? AND expires_at <= ?
-					ORDER BY expires_at
-					LIMIT ?
-					FOR UPDATE SKIP LOCKED)
-				RETURNING id, customer_id, remaining, expires_at`,
-				now, now, now.Add(w.cfg.ExpiringNotice), sweepBatch).Scan(&grants).Error
+			var err error
+			if longest {
+				err = tx.WithContext(ctx).Raw(claimOnGrant, now, now.Add(shorter), now.Add(horizon), sweepBatch).Scan(&grants).Error
+			} else {
+				secs := int64(horizon / time.Second)
+				err = tx.WithContext(ctx).Raw(claimInTable, now.Add(shorter), now.Add(horizon), secs, sweepBatch, secs, now).Scan(&grants).Error
+			}
 			if err != nil {
 				return err
 			}
@@ -179,6 +228,7 @@ func (w *Sweeper) notifyExpiring(ctx context.Context) error {
 			for _, g := range grants {
 				if err := events.Append(ctx, tx, g.CustomerID, events.CreditsExpiring{
 					CustomerID: g.CustomerID, GrantID: g.ID, Remaining: g.Remaining, ExpiresAt: g.ExpiresAt.UTC(),
+					NoticeSeconds: int64(horizon / time.Second),
 				}); err != nil {
 					return err
 				}

@@ -29,8 +29,11 @@ type Customer struct {
 	Email               string
 	Name                string
 	LowBalanceThreshold *int64
-	Metadata            map[string]string
-	StripeCustomerID    string
+	// LowBalanceThresholds are more thresholds, highest first; each fires
+	// credits.low_balance once per fall below it.
+	LowBalanceThresholds []int64
+	Metadata             map[string]string
+	StripeCustomerID     string
 	// Billing is nil until billing details are given.
 	Billing   *Billing
 	CreatedAt time.Time
@@ -43,8 +46,10 @@ type UpsertInput struct {
 	Email               *string
 	Name                *string
 	LowBalanceThreshold *int64
-	Metadata            map[string]string
-	StripeCustomerID    *string
+	// LowBalanceThresholds replaces the list when not nil (empty clears it).
+	LowBalanceThresholds *[]int64
+	Metadata             map[string]string
+	StripeCustomerID     *string
 	// Billing, when given, replaces the stored billing details.
 	Billing *Billing
 }
@@ -75,6 +80,11 @@ func (in UpsertInput) Validate() error {
 	if in.LowBalanceThreshold != nil && *in.LowBalanceThreshold < 0 {
 		return errs.InvalidField("/low_balance_threshold", "low_balance_threshold must not be negative")
 	}
+	if in.LowBalanceThresholds != nil {
+		if _, err := normalizeThresholds(*in.LowBalanceThresholds); err != nil {
+			return err
+		}
+	}
 	if in.Name != nil {
 		if err := text.Check(*in.Name); err != nil {
 			return errs.InvalidField("/name", "name "+err.Error())
@@ -101,22 +111,23 @@ func (in UpsertInput) Validate() error {
 
 // customerRow is a row of customers. Metadata is the jsonb column's text.
 type customerRow struct {
-	ID                  string
-	Email               *string
-	Name                *string
-	LowBalanceThreshold *int64
-	Metadata            string
-	StripeCustomerID    *string
-	Billing             *string
-	InvoiceAlways       bool
-	CreatedAt           time.Time `gorm:"autoCreateTime:false"`
-	UpdatedAt           time.Time `gorm:"autoUpdateTime:false"`
+	ID                   string
+	Email                *string
+	Name                 *string
+	LowBalanceThreshold  *int64
+	LowBalanceThresholds Thresholds
+	Metadata             string
+	StripeCustomerID     *string
+	Billing              *string
+	InvoiceAlways        bool
+	CreatedAt            time.Time `gorm:"autoCreateTime:false"`
+	UpdatedAt            time.Time `gorm:"autoUpdateTime:false"`
 }
 
 func (customerRow) TableName() string { return "customers" }
 
 func (r customerRow) customer() (Customer, error) {
-	c := Customer{ID: r.ID, LowBalanceThreshold: r.LowBalanceThreshold, CreatedAt: r.CreatedAt, UpdatedAt: r.UpdatedAt}
+	c := Customer{ID: r.ID, LowBalanceThreshold: r.LowBalanceThreshold, LowBalanceThresholds: r.LowBalanceThresholds, CreatedAt: r.CreatedAt, UpdatedAt: r.UpdatedAt}
 	if r.Email != nil {
 		c.Email = *r.Email
 	}
@@ -147,18 +158,19 @@ var constraints = map[string]errs.Code{
 // last parameter says whether it was). xmax = 0 tells an inserted row from
 // an updated one.
 const upsertSQL = `
-INSERT INTO customers (id, email, name, low_balance_threshold, metadata, stripe_customer_id, billing, invoice_always, created_at, updated_at)
-VALUES (?, ?, ?, ?, COALESCE(?::jsonb, '{}'), ?, ?::jsonb, COALESCE(?, false), ?, ?)
+INSERT INTO customers (id, email, name, low_balance_threshold, low_balance_thresholds, metadata, stripe_customer_id, billing, invoice_always, created_at, updated_at)
+VALUES (?, ?, ?, ?, ?::bigint[], COALESCE(?::jsonb, '{}'), ?, ?::jsonb, COALESCE(?, false), ?, ?)
 ON CONFLICT (id) DO UPDATE SET
 	billing = COALESCE(EXCLUDED.billing, customers.billing),
 	invoice_always = CASE WHEN ?::boolean IS NULL THEN customers.invoice_always ELSE EXCLUDED.invoice_always END,
 	email = COALESCE(EXCLUDED.email, customers.email),
 	name = COALESCE(EXCLUDED.name, customers.name),
 	low_balance_threshold = COALESCE(EXCLUDED.low_balance_threshold, customers.low_balance_threshold),
+	low_balance_thresholds = COALESCE(EXCLUDED.low_balance_thresholds, customers.low_balance_thresholds),
 	metadata = CASE WHEN ? THEN EXCLUDED.metadata ELSE customers.metadata END,
 	stripe_customer_id = COALESCE(EXCLUDED.stripe_customer_id, customers.stripe_customer_id),
 	updated_at = EXCLUDED.updated_at
-RETURNING id, email, name, low_balance_threshold, metadata, stripe_customer_id, billing, invoice_always, created_at, updated_at, (xmax = 0) AS created`
+RETURNING id, email, name, low_balance_threshold, low_balance_thresholds, metadata, stripe_customer_id, billing, invoice_always, created_at, updated_at, (xmax = 0) AS created`
 
 // Service reads and writes customers.
 type Service struct {
@@ -218,7 +230,13 @@ func (s *Service) Upsert(ctx context.Context, in UpsertInput) (c Customer, creat
 			doc := in.Billing.doc()
 			billing, invoiceAlways = &doc, &in.Billing.InvoiceAlways
 		}
-		err := tx.Raw(upsertSQL, in.ID, in.Email, in.Name, in.LowBalanceThreshold, meta, in.StripeCustomerID, billing, invoiceAlways,
+		var thresholds *string
+		if in.LowBalanceThresholds != nil {
+			t, _ := normalizeThresholds(*in.LowBalanceThresholds) // validated
+			lit := t.String()
+			thresholds = &lit
+		}
+		err := tx.Raw(upsertSQL, in.ID, in.Email, in.Name, in.LowBalanceThreshold, thresholds, meta, in.StripeCustomerID, billing, invoiceAlways,
 			now, now, invoiceAlways, meta != nil).Scan(&r).Error
 		if err != nil {
 			return db.Translate(err, constraints)
@@ -318,6 +336,7 @@ func LinkStripe(ctx context.Context, tx *gorm.DB, id, stripeCustomerID string, n
 func eventData(c Customer) events.Customer {
 	return events.Customer{
 		ID: c.ID, Email: c.Email, Name: c.Name, LowBalanceThreshold: c.LowBalanceThreshold,
-		Metadata: c.Metadata, StripeCustomerID: c.StripeCustomerID,
+		LowBalanceThresholds: c.LowBalanceThresholds,
+		Metadata:             c.Metadata, StripeCustomerID: c.StripeCustomerID,
 	}
 }

@@ -32,6 +32,7 @@ func Payloads() []Payload {
 		SubscriptionUpdated{},
 		CreditsGranted{}, CreditsLowBalance{}, CreditsExpiring{}, CreditsExpired{}, CreditsRevoked{},
 		CreditsHeld{}, CreditsCaptured{}, CreditsReleased{}, CreditsHoldExpired{}, CreditsVoided{}, CreditsAdjusted{},
+		CreditsAutoTopUpFailed{}, CreditsAutoTopUpDisabled{}, CreditsDepletionForecast{},
 		UsageDead{},
 		StripeEventDismissed{},
 	}
@@ -40,12 +41,14 @@ func Payloads() []Payload {
 // Customer is the customer as customer.created and customer.updated carry
 // it after the change.
 type Customer struct {
-	ID                  string            `json:"id"`
-	Email               string            `json:"email,omitempty"`
-	Name                string            `json:"name,omitempty"`
-	LowBalanceThreshold *int64            `json:"low_balance_threshold,omitempty"`
-	Metadata            map[string]string `json:"metadata"`
-	StripeCustomerID    string            `json:"stripe_customer_id,omitempty"`
+	ID                  string `json:"id"`
+	Email               string `json:"email,omitempty"`
+	Name                string `json:"name,omitempty"`
+	LowBalanceThreshold *int64 `json:"low_balance_threshold,omitempty"`
+	// LowBalanceThresholds: more thresholds, highest first.
+	LowBalanceThresholds []int64           `json:"low_balance_thresholds,omitempty"`
+	Metadata             map[string]string `json:"metadata"`
+	StripeCustomerID     string            `json:"stripe_customer_id,omitempty"`
 }
 
 // CustomerCreated is customer.created: a customer was created, by the API
@@ -187,12 +190,15 @@ type CreditsGranted struct {
 	EffectiveAt *time.Time `json:"effective_at,omitempty"`
 }
 
-// CreditsLowBalance is credits.low_balance: the balance fell below the
-// customer's threshold (once per fall; re-armed when it is back above).
+// CreditsLowBalance is credits.low_balance: what is available fell below a
+// threshold of the customer (once per fall; re-armed when it is back above).
 type CreditsLowBalance struct {
 	CustomerID string `json:"customer_id"`
 	Balance    int64  `json:"balance"`
-	Threshold  int64  `json:"threshold"`
+	// Available is what the threshold compared: balance less held and
+	// pending credits.
+	Available int64 `json:"available"`
+	Threshold int64 `json:"threshold"`
 }
 
 // CreditsExpiring is credits.expiring: a grant with credits left expires
@@ -202,6 +208,9 @@ type CreditsExpiring struct {
 	GrantID    string    `json:"grant_id"`
 	Remaining  int64     `json:"remaining"`
 	ExpiresAt  time.Time `json:"expires_at"`
+	// NoticeSeconds is the notice horizon this is (one of
+	// TALLY_CREDITS_EXPIRING_NOTICE's), in seconds.
+	NoticeSeconds int64 `json:"notice_seconds"`
 }
 
 // CreditsExpired is credits.expired: what was left of a grant expired.

@@ -14,8 +14,10 @@ import (
 	"math/rand/v2"
 	"net/http"
 	"strconv"
+	"sync/atomic"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"gorm.io/gorm"
 
 	"github.com/tallybilling/tally/internal/db"
@@ -59,6 +61,9 @@ type PusherOptions struct {
 	Logger *slog.Logger
 	// Now is the clock; nil is time.Now.
 	Now func() time.Time
+	// Registry receives the push metrics (lag, failures, how long the
+	// receiver has been failing); nil leaves them unregistered.
+	Registry prometheus.Registerer
 }
 
 // Pusher delivers the event feed to the host application's webhook, in feed
@@ -73,6 +78,11 @@ type Pusher struct {
 	logger *slog.Logger
 	now    func() time.Time
 	holder string
+
+	failures prometheus.Counter
+	// failingSince is when the event being pushed first failed (unix
+	// nanoseconds), 0 while pushes succeed.
+	failingSince atomic.Int64
 }
 
 // NewPusher returns a Pusher; Run does nothing when o.URL is empty.
@@ -100,7 +110,53 @@ func NewPusher(o PusherOptions) *Pusher {
 	}
 	var b [8]byte
 	_, _ = crand.Read(b[:])
-	return &Pusher{db: o.DB, feed: NewFeed(o.DB), cfg: o, logger: o.Logger, now: o.Now, holder: hex.EncodeToString(b[:])}
+	p := &Pusher{db: o.DB, feed: NewFeed(o.DB), cfg: o, logger: o.Logger, now: o.Now, holder: hex.EncodeToString(b[:])}
+	p.failures = prometheus.NewCounter(prometheus.CounterOpts{
+		Name: "tally_events_push_failures_total",
+		Help: "Failed deliveries of business events to the host's webhook (each attempt counts).",
+	})
+	if o.Registry != nil && o.URL != "" {
+		o.Registry.MustRegister(p.failures,
+			prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+				Name: "tally_events_push_lag_seconds",
+				Help: "Age of the oldest business event not yet delivered to the host's webhook (0 when none waits).",
+			}, func() float64 {
+				ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+				defer cancel()
+				d, err := p.Lag(ctx)
+				if err != nil {
+					return 0
+				}
+				return d.Seconds()
+			}),
+			prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+				Name: "tally_events_push_failing_seconds",
+				Help: "How long this instance has been failing to deliver the same business event to the host's webhook (0 while deliveries succeed).",
+			}, func() float64 {
+				since := p.failingSince.Load()
+				if since == 0 {
+					return 0
+				}
+				return p.now().Sub(time.Unix(0, since)).Seconds()
+			}))
+	}
+	return p
+}
+
+// Lag is the age of the oldest event the push has not delivered yet, 0
+// when none waits. The feed's (txid, id) index answers it.
+func (p *Pusher) Lag(ctx context.Context) (time.Duration, error) {
+	var oldest []time.Time
+	err := p.db.WithContext(ctx).Raw(`SELECT e.created_at FROM events e, event_push_state s
+		WHERE s.id = 1 AND (e.txid, e.id) > (s.cursor_txid, s.cursor_id)
+		ORDER BY e.txid, e.id LIMIT 1`).Scan(&oldest).Error
+	if err != nil {
+		return 0, db.Translate(err, nil)
+	}
+	if len(oldest) == 0 {
+		return 0, nil
+	}
+	return max(p.now().Sub(oldest[0]), 0), nil
 }
 
 // Name names the worker in logs.
@@ -230,8 +286,11 @@ func (p *Pusher) deliverWithRetry(ctx context.Context, e Stored) error {
 	for attempt := 1; ; attempt++ {
 		err := p.deliver(ctx, e, body)
 		if err == nil {
+			p.failingSince.Store(0)
 			return nil
 		}
+		p.failures.Inc()
+		p.failingSince.CompareAndSwap(0, p.now().UnixNano())
 		p.logger.Warn("event push failed", "event_id", e.ID, "attempt", attempt, "error", err)
 		// Keep the lease through the wait; if it is gone, another instance
 		// has taken over and this one stops rather than push the same event.

@@ -10,9 +10,11 @@ import (
 	"net/http/httptest"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"gorm.io/gorm"
 
 	"github.com/tallybilling/tally/internal/db"
@@ -100,4 +102,67 @@ func TestPusherDeliversInOrderDespiteFailures(t *testing.T) {
 			t.Fatalf("accepted out of order or twice: %v", accepted)
 		}
 	}
+}
+
+// The push does not stall silently: while the host fails, the failures
+// count up, the failing time and the lag of the oldest undelivered event
+// grow; once the host answers again both are back to 0.
+func TestPusherMetricsShowAFailingReceiver(t *testing.T) {
+	gdb := dbtest.New(t)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	err := db.InTx(ctx, gdb, func(tx *gorm.DB) error {
+		return events.Append(ctx, tx, "c1", events.CreditsLowBalance{CustomerID: "c1", Balance: 1})
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var failing atomic.Bool
+	failing.Store(true)
+	host := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if failing.Load() {
+			w.WriteHeader(http.StatusServiceUnavailable)
+		}
+	}))
+	defer host.Close()
+	reg := prometheus.NewRegistry()
+	p := events.NewPusher(events.PusherOptions{DB: gdb, URL: host.URL, Secret: "s", MinBackoff: 10 * time.Millisecond,
+		MaxBackoff: 20 * time.Millisecond, Idle: 10 * time.Millisecond, Registry: reg})
+	done := make(chan struct{})
+	go func() { defer close(done); _ = p.Run(ctx) }()
+
+	metric := func(name string) float64 {
+		mfs, err := reg.Gather()
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, mf := range mfs {
+			if mf.GetName() == name {
+				m := mf.GetMetric()[0]
+				if m.Counter != nil {
+					return m.Counter.GetValue()
+				}
+				return m.Gauge.GetValue()
+			}
+		}
+		t.Fatalf("no metric %s", name)
+		return 0
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for metric("tally_events_push_failures_total") < 3 || metric("tally_events_push_failing_seconds") <= 0.05 || metric("tally_events_push_lag_seconds") <= 0 {
+		if time.Now().After(deadline) {
+			t.Fatalf("while failing: failures %v, failing %v s, lag %v s", metric("tally_events_push_failures_total"),
+				metric("tally_events_push_failing_seconds"), metric("tally_events_push_lag_seconds"))
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	failing.Store(false)
+	for metric("tally_events_push_failing_seconds") != 0 || metric("tally_events_push_lag_seconds") != 0 {
+		if time.Now().After(deadline) {
+			t.Fatalf("after recovery: failing %v s, lag %v s", metric("tally_events_push_failing_seconds"), metric("tally_events_push_lag_seconds"))
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	cancel()
+	<-done
 }

@@ -25,21 +25,29 @@ func ptrIfSet(s string) *string {
 	return &s
 }
 
+func thresholdsOf(t []int64) *[]int64 {
+	if len(t) == 0 {
+		return nil
+	}
+	return &t
+}
+
 func toAPICustomer(c customers.Customer) api.Customer {
 	meta := api.Metadata(c.Metadata)
 	if meta == nil {
 		meta = api.Metadata{}
 	}
 	return api.Customer{
-		Id:                  c.ID,
-		Email:               ptrIfSet(c.Email),
-		Name:                ptrIfSet(c.Name),
-		LowBalanceThreshold: c.LowBalanceThreshold,
-		Metadata:            meta,
-		StripeCustomerId:    ptrIfSet(c.StripeCustomerID),
-		Billing:             toAPIBilling(c.Billing),
-		CreatedAt:           c.CreatedAt,
-		UpdatedAt:           c.UpdatedAt,
+		Id:                   c.ID,
+		Email:                ptrIfSet(c.Email),
+		Name:                 ptrIfSet(c.Name),
+		LowBalanceThreshold:  c.LowBalanceThreshold,
+		LowBalanceThresholds: thresholdsOf(c.LowBalanceThresholds),
+		Metadata:             meta,
+		StripeCustomerId:     ptrIfSet(c.StripeCustomerID),
+		Billing:              toAPIBilling(c.Billing),
+		CreatedAt:            c.CreatedAt,
+		UpdatedAt:            c.UpdatedAt,
 	}
 }
 
@@ -94,6 +102,7 @@ func fromAPIUpsert(id string, b *api.CustomerUpsert) customers.UpsertInput {
 	in.Email = b.Email
 	in.Name = b.Name
 	in.LowBalanceThreshold = b.LowBalanceThreshold
+	in.LowBalanceThresholds = b.LowBalanceThresholds
 	if b.Metadata != nil {
 		in.Metadata = map[string]string(*b.Metadata)
 	}
@@ -322,7 +331,39 @@ func fromAPICheckout(b *api.CheckoutSessionCreate) payments.CheckoutInput {
 	if b.Quantity != nil {
 		in.Quantity = *b.Quantity
 	}
+	if b.SavePaymentMethod != nil {
+		in.SavePaymentMethod = *b.SavePaymentMethod
+	}
 	return in
+}
+
+func fromAPISetup(customerID string, b *api.PaymentMethodSetupCreate) payments.SetupInput {
+	return payments.SetupInput{CustomerID: customerID, SuccessURL: b.SuccessUrl, CancelURL: b.CancelUrl}
+}
+
+func toAPISetup(r payments.SetupResult) api.PaymentMethodSetup {
+	return api.PaymentMethodSetup{CheckoutSessionId: r.CheckoutSessionID, Url: r.URL, ExpiresAt: r.ExpiresAt}
+}
+
+func toAPISavedCard(c payments.SavedCard) *api.SavedPaymentMethod {
+	return &api.SavedPaymentMethod{Brand: c.Brand, Last4: c.Last4, ExpMonth: c.ExpMonth, ExpYear: c.ExpYear}
+}
+
+func fromAPIAutoTopUp(customerID string, b *api.AutoTopUpSettings) payments.AutoTopUpInput {
+	in := payments.AutoTopUpInput{CustomerID: customerID, Enabled: b.Enabled, Threshold: b.Threshold, Item: b.Item, MonthlyLimit: b.MonthlyLimit}
+	if b.Quantity != nil {
+		in.Quantity = *b.Quantity
+	}
+	return in
+}
+
+func toAPIAutoTopUp(a payments.AutoTopUp) api.AutoTopUp {
+	return api.AutoTopUp{
+		CustomerId: a.CustomerID, Enabled: a.Enabled, Threshold: a.Threshold, Item: a.Item, Quantity: a.Quantity,
+		MonthlyLimit: a.MonthlyLimit, Status: api.AutoTopUpStatus(a.Status), ConsecutiveFailures: a.ConsecutiveFailures,
+		DisabledReason: ptrIfSet(a.DisabledReason), InFlightPaymentId: ptrIfSet(a.InFlightPaymentID), MonthCount: a.MonthCount,
+		UpdatedAt: a.UpdatedAt,
+	}
 }
 
 func toAPICheckoutSession(r payments.CheckoutResult) api.CheckoutSession {

@@ -4,6 +4,7 @@ import (
 	"context"
 
 	"github.com/tallybilling/tally/api"
+	"github.com/tallybilling/tally/internal/errs"
 )
 
 // UpsertCustomer creates (201) or updates (200) a customer.
@@ -32,5 +33,13 @@ func (s *Server) GetCustomer(ctx context.Context, r api.GetCustomerRequestObject
 	if err != nil {
 		return nil, err
 	}
-	return api.GetCustomer200JSONResponse(toAPICustomer(c)), nil
+	out := toAPICustomer(c)
+	card, err := s.d.Payments.SavedPaymentMethod(ctx, c.ID)
+	switch {
+	case err == nil:
+		out.PaymentMethod = toAPISavedCard(card)
+	case !errs.Is(err, errs.NotFound):
+		return nil, err
+	}
+	return api.GetCustomer200JSONResponse(out), nil
 }

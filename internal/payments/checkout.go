@@ -27,6 +27,9 @@ type CheckoutInput struct {
 	Quantity   int64
 	SuccessURL string
 	CancelURL  string
+	// SavePaymentMethod keeps the card for automatic top-up (credit packs
+	// only): Checkout with setup_future_usage=off_session.
+	SavePaymentMethod bool
 }
 
 // CheckoutResult is what the buyer's browser needs.
@@ -65,6 +68,9 @@ func (s *Service) resolve(in *CheckoutInput) (item, error) {
 	it, err := s.resolveItem(in.CustomerID, in.Item, &in.Quantity)
 	if err != nil {
 		return item{}, err
+	}
+	if in.SavePaymentMethod && it.kind != KindCreditPack {
+		return item{}, errs.InvalidField("/save_payment_method", "only a credit pack checkout saves the card")
 	}
 	if !s.catalog.RedirectAllowed(in.SuccessURL) {
 		return item{}, errs.InvalidField("/success_url", "success_url is not under an allowed redirect prefix")
@@ -205,7 +211,8 @@ func (s *Service) startCheckout(ctx context.Context, in CheckoutInput, it item, 
 		stripeCustomer = c.StripeCustomerID
 		invoiceAlways = c.Billing != nil && c.Billing.InvoiceAlways
 		return insertPayment(ctx, tx, newPayment{id: paymentID, customerID: in.CustomerID, item: in.Item, quantity: in.Quantity, it: it,
-			method: MethodCheckout, confirmOn: s.confirmOnFor(it), livemode: s.livemode, now: now, reason: "checkout requested"})
+			method: MethodCheckout, confirmOn: s.confirmOnFor(it), savePaymentMethod: in.SavePaymentMethod,
+			livemode: s.livemode, now: now, reason: "checkout requested"})
 	})
 	if err != nil {
 		return CheckoutResult{}, err
@@ -260,14 +267,15 @@ type newPayment struct {
 	method               Method
 	confirmOn            string // "" for payments not confirmed by a PaymentIntent
 	purchaseOrder        string
+	savePaymentMethod    bool
 	livemode             bool
 	now                  time.Time
 	reason               string
 }
 
-// insertPayment writes p pending, with the first line of its history, in
-// tx. What Stripe tells later (its ids, amounts, the outcome) starts NULL.
-func insertPayment(ctx context.Context, tx *gorm.DB, p newPayment) error {
+// row is p's payments row. What Stripe tells later (its ids, amounts, the
+// outcome) starts NULL.
+func (p newPayment) row() map[string]any {
 	var expireSeconds *int64
 	var expireMonths *int
 	switch {
@@ -278,16 +286,27 @@ func insertPayment(ctx context.Context, tx *gorm.DB, p newPayment) error {
 		secs := int64((p.it.expiry.Duration + time.Second - 1) / time.Second)
 		expireSeconds = &secs
 	}
-	err := tx.WithContext(ctx).Model(&paymentRow{}).Create(map[string]any{
+	return map[string]any{
 		"id": p.id, "customer_id": p.customerID, "item": p.item, "item_kind": string(p.it.kind),
 		"quantity": p.quantity, "status": string(Pending), "unit_amount": p.it.unitAmount, "amount": p.it.unitAmount * p.quantity,
 		"currency": p.it.currency, "credits": p.it.credits * p.quantity, "credits_expire_after_seconds": expireSeconds,
 		"credits_expire_after_months": expireMonths, "livemode": p.livemode, "created_at": p.now, "updated_at": p.now,
 		"method": string(p.method), "confirm_on": db.NullIfEmpty(p.confirmOn), "purchase_order": db.NullIfEmpty(p.purchaseOrder),
-	}).Error
-	if err != nil {
+		"save_payment_method": p.savePaymentMethod,
+	}
+}
+
+// insertPayment writes p pending, with the first line of its history, in
+// tx.
+func insertPayment(ctx context.Context, tx *gorm.DB, p newPayment) error {
+	if err := tx.WithContext(ctx).Model(&paymentRow{}).Create(p.row()).Error; err != nil {
 		return db.Translate(err, nil)
 	}
+	return insertFirstTransition(ctx, tx, p)
+}
+
+// insertFirstTransition writes the first line of p's history.
+func insertFirstTransition(ctx context.Context, tx *gorm.DB, p newPayment) error {
 	return db.Translate(tx.WithContext(ctx).Model(&transitionRow{}).Create(map[string]any{
 		"payment_id": p.id, "from_status": nil, "to_status": string(Pending), "applied": true,
 		"reason": p.reason, "source": SourceAPI, "created_at": p.now,
@@ -347,6 +366,7 @@ func (s *Service) createSession(ctx context.Context, in CheckoutInput, it item, 
 			sin.InvoiceCreation = *it.invoice
 		}
 		sin.InvoiceCreation = sin.InvoiceCreation || invoiceAlways
+		sin.SaveCard = in.SavePaymentMethod
 	}
 	cs, err := s.stripe.CreateCheckoutSession(ctx, sin)
 	if err != nil {

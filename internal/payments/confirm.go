@@ -76,8 +76,15 @@ func (s *Service) PaymentIntentSucceeded(ctx context.Context, ev EventRef, pi Pa
 	if err != nil {
 		return err
 	}
-	return s.confirm(ctx, ev, id, confirmation{paymentIntentID: pi.ID, amountReceived: pi.AmountReceived, currency: pi.Currency,
+	err = s.confirm(ctx, ev, id, confirmation{paymentIntentID: pi.ID, amountReceived: pi.AmountReceived, currency: pi.Currency,
 		livemode: pi.Livemode, customerID: pi.Metadata[stripeapi.MetadataCustomerID], session: session, by: ByPaymentIntent})
+	if err != nil {
+		return err
+	}
+	// Once credited, the card becomes the default when the buyer asked to
+	// save it; a failure here retries the event, whose confirmation is then
+	// a no-op.
+	return s.saveCardOfPayment(ctx, ev, id, pi)
 }
 
 // strategyOf is the confirmation strategy of payment id: the one it was
@@ -97,6 +104,11 @@ func (s *Service) strategyOf(ctx context.Context, id string) (string, error) {
 
 // strategy is p's confirmation strategy (see strategyOf).
 func (s *Service) strategy(p Payment) string {
+	if p.Method == MethodAutoTopUp {
+		// Charged off-session without a Checkout Session: only its
+		// PaymentIntent can confirm it, whatever TALLY_CONFIRM_ON says.
+		return config.ConfirmOnPaymentIntent
+	}
 	if p.ConfirmOn != "" {
 		return p.ConfirmOn
 	}
@@ -155,7 +167,13 @@ func (s *Service) confirm(ctx context.Context, ev EventRef, paymentID string, c 
 					return err
 				}
 			}
-			if err := checkAmounts(p, c); err != nil {
+			// An automatic top-up has no Checkout Session: its PaymentIntent
+			// is the one tally created off-session, for the payment's amount.
+			check := checkAmounts
+			if p.Method == MethodAutoTopUp {
+				check = checkOffSession
+			}
+			if err := check(p, c); err != nil {
 				return err
 			}
 		}
@@ -211,6 +229,11 @@ func (s *Service) confirm(ctx context.Context, ev EventRef, paymentID string, c 
 				return err
 			}
 		}
+		if p.Method == MethodAutoTopUp {
+			if err := s.autoTopUpSucceeded(ctx, tx, p); err != nil {
+				return err
+			}
+		}
 		return events.Append(ctx, tx, p.CustomerID, events.PaymentSucceeded{
 			PaymentID: p.ID, Item: p.Item, ItemKind: string(p.ItemKind), Quantity: p.Quantity,
 			Amount: c.amountReceived, Currency: received, AmountTax: p.Checkout.AmountTax,
@@ -247,6 +270,9 @@ func (c confirmation) key() string {
 // PaymentIntentSucceeded). A metered plan's subscription session succeeds
 // here (no money, no credits). Errors: as PaymentIntentSucceeded.
 func (s *Service) CheckoutSessionCompleted(ctx context.Context, ev EventRef, cs CheckoutSession) error {
+	if cs.Mode == "setup" {
+		return s.SetupSessionCompleted(ctx, ev, cs)
+	}
 	id, err := s.linkSession(ctx, ev, cs)
 	if err != nil {
 		return err

@@ -66,21 +66,34 @@ func (s *Service) fail(ctx context.Context, ev EventRef, paymentID string, livem
 				}
 			}
 		}
-		if p.Status == Failed {
-			// Another failure of a failed payment (a second decline, then the
-			// session expiring) is history, not news: no second payment.failed.
-			return record(ctx, tx, p, Failed, false, ev, "already failed: "+reason)
-		}
-		ok, err := transition(ctx, tx, p, Failed, ev, reason)
-		if err != nil || !ok {
-			return err // a refused move is recorded and the event is done
-		}
-		err = updatePayment(ctx, tx, p.ID, map[string]any{"status": string(Failed), "failure_reason": reason, "updated_at": s.now()})
-		if err != nil {
-			return err
-		}
-		return events.Append(ctx, tx, p.CustomerID, events.PaymentFailed{
-			PaymentID: p.ID, Item: p.Item, Reason: reason, StripeEventID: ev.ID,
-		})
+		return s.failLocked(ctx, tx, p, ev, reason)
 	})
+}
+
+// failLocked moves p (locked by tx) to failed for reason, with
+// payment.failed and, for an automatic top-up, its failure count and
+// credits.auto_top_up_failed. A payment already failed only records ev.
+func (s *Service) failLocked(ctx context.Context, tx *gorm.DB, p Payment, ev EventRef, reason string) error {
+	if p.Status == Failed {
+		// Another failure of a failed payment (a second decline, then the
+		// session expiring) is history, not news: no second payment.failed.
+		return record(ctx, tx, p, Failed, false, ev, "already failed: "+reason)
+	}
+	ok, err := transition(ctx, tx, p, Failed, ev, reason)
+	if err != nil || !ok {
+		return err // a refused move is recorded and the event is done
+	}
+	err = updatePayment(ctx, tx, p.ID, map[string]any{"status": string(Failed), "failure_reason": reason, "updated_at": s.now()})
+	if err != nil {
+		return err
+	}
+	if err := events.Append(ctx, tx, p.CustomerID, events.PaymentFailed{
+		PaymentID: p.ID, Item: p.Item, Reason: reason, StripeEventID: ev.ID,
+	}); err != nil {
+		return err
+	}
+	if p.Method == MethodAutoTopUp {
+		return s.autoTopUpFailed(ctx, tx, p, reason)
+	}
+	return nil
 }

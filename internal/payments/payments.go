@@ -103,6 +103,10 @@ type Payment struct {
 	// InvoiceID); PurchaseOrder the buyer's reference on a pay-by-invoice.
 	Invoice       *Invoice
 	PurchaseOrder string
+	// SavePaymentMethod: the buyer asked to keep the card (Checkout with
+	// setup_future_usage=off_session); it becomes the customer's default
+	// once the payment succeeds.
+	SavePaymentMethod bool
 	// UnitAmount and Amount (UnitAmount × Quantity, what Stripe must collect)
 	// are in minor units of Currency.
 	UnitAmount     int64
@@ -212,6 +216,10 @@ type Options struct {
 	// RevokeFrom is where refunds and disputes take credits back from:
 	// config.RevokeFromBalance or config.RevokeFromPurchaseGrant.
 	RevokeFrom string
+
+	// AutoTopUpMaxFailures is how many automatic top-ups may fail in a row
+	// before automatic top-up disables itself; 0 means DefaultAutoTopUpMaxFailures.
+	AutoTopUpMaxFailures int
 }
 
 // Service is the payments capability.
@@ -225,6 +233,8 @@ type Service struct {
 	now              func() time.Time
 	reservationLease time.Duration
 	revokeFrom       string
+	topUpMaxFailures int
+	chargeRecorded   func(ctx context.Context, paymentIntentID string)
 }
 
 // New builds the Service. Config and RevokeFrom come from config, which
@@ -250,13 +260,17 @@ func New(o Options) *Service {
 	if lease <= 0 {
 		lease = db.ReservationLease
 	}
+	maxFailures := o.AutoTopUpMaxFailures
+	if maxFailures <= 0 {
+		maxFailures = DefaultAutoTopUpMaxFailures
+	}
 	return &Service{db: o.DB, stripe: o.Stripe, catalog: o.Catalog, checkout: o.Config, livemode: o.Livemode, logger: logger, now: now,
-		revokeFrom: o.RevokeFrom, reservationLease: lease}
+		revokeFrom: o.RevokeFrom, reservationLease: lease, topUpMaxFailures: maxFailures}
 }
 
 func (r paymentRow) payment() Payment {
 	p := Payment{
-		ID: r.ID, CustomerID: r.CustomerID, Item: r.Item, ItemKind: ItemKind(r.ItemKind), Quantity: r.Quantity,
+		ID: r.ID, CustomerID: r.CustomerID, Method: Method(r.Method), SavePaymentMethod: r.SavePaymentMethod, Item: r.Item, ItemKind: ItemKind(r.ItemKind), Quantity: r.Quantity,
 		Status: Status(r.Status), UnitAmount: r.UnitAmount, Amount: r.Amount, Currency: r.Currency,
 		AmountReceived: r.AmountReceived, AmountRefunded: r.AmountRefunded, Credits: r.Credits, Livemode: r.Livemode,
 		CheckoutSessionID: r.CheckoutSessionID, PaymentIntentID: r.PaymentIntentID,

@@ -21,6 +21,7 @@ import (
 type paymentRow struct {
 	ID                           string
 	CustomerID                   string
+	SavePaymentMethod            bool
 	Item                         string
 	ItemKind                     string
 	Quantity                     int64

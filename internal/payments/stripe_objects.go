@@ -21,6 +21,8 @@ type PaymentIntent struct {
 	// LastError is last_payment_error.message (or its code), for failures.
 	LastError          string
 	CancellationReason string
+	// PaymentMethod is the id of the card it charged.
+	PaymentMethod string
 }
 
 // CheckoutSession is a Stripe Checkout Session.
@@ -30,6 +32,7 @@ type CheckoutSession struct {
 	Status            string
 	PaymentStatus     string // paid, unpaid, no_payment_required
 	PaymentIntent     string
+	SetupIntent       string // setup mode
 	Customer          string
 	Invoice           string
 	Subscription      string

@@ -61,6 +61,7 @@ func (s *Service) takeBack(ctx context.Context, tx *gorm.DB, p Payment, due int6
 	}
 	r, err := credits.Revoke(ctx, tx, s.now, credits.RevokeInput{
 		CustomerID: p.CustomerID, PaymentID: p.ID, Credits: due, Reason: reason, From: s.revokeFrom, Metadata: meta,
+		TopUp: s.StartAutoTopUp,
 	})
 	if err != nil {
 		return credits.RevokeResult{}, err

@@ -119,6 +119,7 @@ type Client interface {
 	// none. Errors: *Error (rate_limited, unavailable,
 	// payment_provider_error); invalid_request when an argument is empty.
 	BillingPeriod(ctx context.Context, stripeCustomerID, price string) (period Period, ok bool, err error)
+	SavedCardClient
 }
 
 // MaxStreamEvents is the most events Stripe accepts in one v2 meter event
@@ -169,7 +170,10 @@ type CheckoutSessionInput struct {
 	ExpiresAt        time.Time // zero: Stripe's default (24 h)
 	// InvoiceCreation asks for an invoice after a one-time payment. It is
 	// ignored in subscription mode, where Stripe always invoices.
-	InvoiceCreation   bool
+	InvoiceCreation bool
+	// SaveCard keeps the card for later off-session charges
+	// (payment_intent_data[setup_future_usage]=off_session); payment mode only.
+	SaveCard          bool
 	Metadata          map[string]string
 	ClientReferenceID string // optional
 }
@@ -444,6 +448,9 @@ func (c *client) CreateCheckoutSession(ctx context.Context, in CheckoutSessionIn
 	switch in.Mode {
 	case ModePayment:
 		params.PaymentIntentData = &stripe.CheckoutSessionCreatePaymentIntentDataParams{Metadata: maps.Clone(metadata)}
+		if in.SaveCard {
+			params.PaymentIntentData.SetupFutureUsage = stripe.String("off_session")
+		}
 		if in.InvoiceCreation {
 			// The invoice carries our ids too, so invoice.finalized and
 			// invoice.paid can show it on the payment.

@@ -130,6 +130,7 @@ type paymentIntentObject struct {
 	Livemode           bool     `json:"livemode"`
 	Metadata           metadata `json:"metadata"`
 	CancellationReason *string  `json:"cancellation_reason"`
+	PaymentMethod      ref      `json:"payment_method"`
 	LastPaymentError   *struct {
 		Code        string `json:"code"`
 		DeclineCode string `json:"decline_code"`
@@ -139,7 +140,7 @@ type paymentIntentObject struct {
 
 func (o paymentIntentObject) domain() payments.PaymentIntent {
 	pi := payments.PaymentIntent{ID: o.ID, Amount: o.Amount, AmountReceived: o.AmountReceived, Currency: o.Currency,
-		Status: o.Status, Livemode: o.Livemode, Metadata: o.Metadata}
+		Status: o.Status, Livemode: o.Livemode, Metadata: o.Metadata, PaymentMethod: string(o.PaymentMethod)}
 	if o.CancellationReason != nil {
 		pi.CancellationReason = *o.CancellationReason
 	}
@@ -158,6 +159,7 @@ type checkoutSessionObject struct {
 	Status            string  `json:"status"`
 	PaymentStatus     string  `json:"payment_status"`
 	PaymentIntent     ref     `json:"payment_intent"`
+	SetupIntent       ref     `json:"setup_intent"`
 	Customer          ref     `json:"customer"`
 	Invoice           ref     `json:"invoice"`
 	Subscription      ref     `json:"subscription"`
@@ -179,7 +181,7 @@ type checkoutSessionObject struct {
 
 func (o checkoutSessionObject) domain() payments.CheckoutSession {
 	cs := payments.CheckoutSession{ID: o.ID, Mode: o.Mode, Status: o.Status, PaymentStatus: o.PaymentStatus,
-		PaymentIntent: string(o.PaymentIntent), Customer: string(o.Customer), Invoice: string(o.Invoice),
+		PaymentIntent: string(o.PaymentIntent), SetupIntent: string(o.SetupIntent), Customer: string(o.Customer), Invoice: string(o.Invoice),
 		Subscription: string(o.Subscription), AmountSubtotal: o.AmountSubtotal, AmountTotal: o.AmountTotal,
 		Currency: o.Currency, Livemode: o.Livemode, Metadata: o.Metadata}
 	if o.ClientReferenceID != nil {

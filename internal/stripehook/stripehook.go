@@ -330,6 +330,11 @@ func (h *Intake) process(ctx context.Context, ev Event, attempts int, receivedAt
 	return status, nil
 }
 
+// WakeWaiting processes now the events waiting for PaymentIntent pi, as
+// wakeWaiting: payments calls it once an automatic top-up recorded the
+// PaymentIntent whose success arrived first.
+func (h *Intake) WakeWaiting(ctx context.Context, pi string) { h.wakeWaiting(ctx, pi) }
+
 // wakeWaiting processes now the events waiting for the success of
 // PaymentIntent pi (a refund or dispute that overtook it), rather than at
 // their next backoff, and those parked after waiting a day for it: the

@@ -16,7 +16,29 @@ import (
 	"time"
 
 	"github.com/oapi-codegen/runtime"
+	openapi_types "github.com/oapi-codegen/runtime/types"
 )
+
+// Defines values for AutoTopUpStatus.
+const (
+	AutoTopUpStatusActive             AutoTopUpStatus = "active"
+	AutoTopUpStatusDisabled           AutoTopUpStatus = "disabled"
+	AutoTopUpStatusNeedsPaymentMethod AutoTopUpStatus = "needs_payment_method"
+)
+
+// Valid indicates whether the value is a known member of the AutoTopUpStatus enum.
+func (e AutoTopUpStatus) Valid() bool {
+	switch e {
+	case AutoTopUpStatusActive:
+		return true
+	case AutoTopUpStatusDisabled:
+		return true
+	case AutoTopUpStatusNeedsPaymentMethod:
+		return true
+	default:
+		return false
+	}
+}
 
 // Defines values for CreditPackConfirmOn.
 const (
@@ -51,6 +73,36 @@ func (e CreditsAdjustedEventType) Valid() bool {
 	}
 }
 
+// Defines values for CreditsAutoTopUpDisabledEventType.
+const (
+	CreditsAutoTopUpDisabled CreditsAutoTopUpDisabledEventType = "credits.auto_top_up_disabled"
+)
+
+// Valid indicates whether the value is a known member of the CreditsAutoTopUpDisabledEventType enum.
+func (e CreditsAutoTopUpDisabledEventType) Valid() bool {
+	switch e {
+	case CreditsAutoTopUpDisabled:
+		return true
+	default:
+		return false
+	}
+}
+
+// Defines values for CreditsAutoTopUpFailedEventType.
+const (
+	CreditsAutoTopUpFailed CreditsAutoTopUpFailedEventType = "credits.auto_top_up_failed"
+)
+
+// Valid indicates whether the value is a known member of the CreditsAutoTopUpFailedEventType enum.
+func (e CreditsAutoTopUpFailedEventType) Valid() bool {
+	switch e {
+	case CreditsAutoTopUpFailed:
+		return true
+	default:
+		return false
+	}
+}
+
 // Defines values for CreditsCapturedEventType.
 const (
 	CreditsCaptured CreditsCapturedEventType = "credits.captured"
@@ -60,6 +112,21 @@ const (
 func (e CreditsCapturedEventType) Valid() bool {
 	switch e {
 	case CreditsCaptured:
+		return true
+	default:
+		return false
+	}
+}
+
+// Defines values for CreditsDepletionForecastEventType.
+const (
+	CreditsDepletionForecast CreditsDepletionForecastEventType = "credits.depletion_forecast"
+)
+
+// Valid indicates whether the value is a known member of the CreditsDepletionForecastEventType enum.
+func (e CreditsDepletionForecastEventType) Valid() bool {
+	switch e {
+	case CreditsDepletionForecast:
 		return true
 	default:
 		return false
@@ -90,6 +157,30 @@ const (
 func (e CreditsExpiringEventType) Valid() bool {
 	switch e {
 	case CreditsExpiring:
+		return true
+	default:
+		return false
+	}
+}
+
+// Defines values for CreditsForecastModel.
+const (
+	ForecastModelETSWeeklyLinear CreditsForecastModel = "ets_weekly_linear"
+	ForecastModelETSWeeklyLog    CreditsForecastModel = "ets_weekly_log"
+	ForecastModelNoConsumption   CreditsForecastModel = "no_consumption"
+	ForecastModelShortHistory    CreditsForecastModel = "short_history"
+)
+
+// Valid indicates whether the value is a known member of the CreditsForecastModel enum.
+func (e CreditsForecastModel) Valid() bool {
+	switch e {
+	case ForecastModelETSWeeklyLinear:
+		return true
+	case ForecastModelETSWeeklyLog:
+		return true
+	case ForecastModelNoConsumption:
+		return true
+	case ForecastModelShortHistory:
 		return true
 	default:
 		return false
@@ -1115,6 +1206,46 @@ type AdjustmentResult struct {
 	TransactionId string  `json:"transaction_id"`
 }
 
+// AutoTopUp defines model for AutoTopUp.
+type AutoTopUp struct {
+	ConsecutiveFailures int        `json:"consecutive_failures"`
+	CustomerId          CustomerID `json:"customer_id"`
+	DisabledReason      *string    `json:"disabled_reason"`
+	Enabled             bool       `json:"enabled"`
+
+	// InFlightPaymentId The automatic top-up waiting for Stripe, if any.
+	InFlightPaymentId *string `json:"in_flight_payment_id"`
+	Item              string  `json:"item"`
+
+	// MonthCount Top-ups started this calendar month (UTC).
+	MonthCount   int   `json:"month_count"`
+	MonthlyLimit *int  `json:"monthly_limit"`
+	Quantity     int64 `json:"quantity"`
+
+	// Status `disabled`: turned off, or by tally after repeated failures (see `disabled_reason`); `needs_payment_method`: no saved card, or it expired.
+	Status    AutoTopUpStatus `json:"status"`
+	Threshold int64           `json:"threshold"`
+	UpdatedAt time.Time       `json:"updated_at"`
+}
+
+// AutoTopUpStatus `disabled`: turned off, or by tally after repeated failures (see `disabled_reason`); `needs_payment_method`: no saved card, or it expired.
+type AutoTopUpStatus string
+
+// AutoTopUpSettings defines model for AutoTopUpSettings.
+type AutoTopUpSettings struct {
+	Enabled bool `json:"enabled"`
+
+	// Item A credit pack of the catalog.
+	Item string `json:"item"`
+
+	// MonthlyLimit At most this many top-ups start per calendar month (UTC); absent or null for no limit.
+	MonthlyLimit *int   `json:"monthly_limit,omitempty"`
+	Quantity     *int64 `json:"quantity,omitempty"`
+
+	// Threshold A top-up starts when fewer credits than this are available.
+	Threshold int64 `json:"threshold"`
+}
+
 // Balance defines model for Balance.
 type Balance struct {
 	// Available What may be spent or held now: `balance - held - pending`.
@@ -1222,8 +1353,11 @@ type CheckoutSessionCreate struct {
 	// grant (1,000,000,000,000), or whose price exceeds what Stripe
 	// charges in one payment (99,999,999 minor units), is refused with
 	// 422 `invalid_request` before anything is written.
-	Quantity   *int64 `json:"quantity,omitempty"`
-	SuccessUrl string `json:"success_url"`
+	Quantity *int64 `json:"quantity,omitempty"`
+
+	// SavePaymentMethod Credit packs only: keep the card (Checkout with `setup_future_usage=off_session`); once the payment succeeds it becomes the customer's default payment method, for automatic top-up.
+	SavePaymentMethod *bool  `json:"save_payment_method,omitempty"`
+	SuccessUrl        string `json:"success_url"`
 }
 
 // ComparisonMismatch defines model for ComparisonMismatch.
@@ -1303,6 +1437,38 @@ type CreditsAdjustedEvent struct {
 // CreditsAdjustedEventType defines model for CreditsAdjustedEvent.Type.
 type CreditsAdjustedEventType string
 
+// CreditsAutoTopUpDisabledData defines model for CreditsAutoTopUpDisabledData.
+type CreditsAutoTopUpDisabledData struct {
+	CustomerId string `json:"customer_id"`
+	Reason     string `json:"reason"`
+}
+
+// CreditsAutoTopUpDisabledEvent Automatic top-up disabled itself after failing three times in a row; bring the user back on-session to fix the card, then enable it again.
+type CreditsAutoTopUpDisabledEvent struct {
+	Data CreditsAutoTopUpDisabledData      `json:"data"`
+	Type CreditsAutoTopUpDisabledEventType `json:"type"`
+}
+
+// CreditsAutoTopUpDisabledEventType defines model for CreditsAutoTopUpDisabledEvent.Type.
+type CreditsAutoTopUpDisabledEventType string
+
+// CreditsAutoTopUpFailedData defines model for CreditsAutoTopUpFailedData.
+type CreditsAutoTopUpFailedData struct {
+	ConsecutiveFailures int    `json:"consecutive_failures"`
+	CustomerId          string `json:"customer_id"`
+	PaymentId           string `json:"payment_id"`
+	Reason              string `json:"reason"`
+}
+
+// CreditsAutoTopUpFailedEvent An automatic top-up's off-session charge was refused (a decline, or authentication the buyer is not there to give).
+type CreditsAutoTopUpFailedEvent struct {
+	Data CreditsAutoTopUpFailedData      `json:"data"`
+	Type CreditsAutoTopUpFailedEventType `json:"type"`
+}
+
+// CreditsAutoTopUpFailedEventType defines model for CreditsAutoTopUpFailedEvent.Type.
+type CreditsAutoTopUpFailedEventType string
+
 // CreditsCapturedData defines model for CreditsCapturedData.
 type CreditsCapturedData struct {
 	Available  int64  `json:"available"`
@@ -1324,6 +1490,26 @@ type CreditsCapturedEvent struct {
 
 // CreditsCapturedEventType defines model for CreditsCapturedEvent.Type.
 type CreditsCapturedEventType string
+
+// CreditsDepletionForecastData defines model for CreditsDepletionForecastData.
+type CreditsDepletionForecastData struct {
+	Available  int64  `json:"available"`
+	CustomerId string `json:"customer_id"`
+
+	// DepletesOn The day the credits run out, YYYY-MM-DD (UTC).
+	DepletesOn string `json:"depletes_on"`
+	RunwayDays int    `json:"runway_days"`
+	WarnDays   int    `json:"warn_days"`
+}
+
+// CreditsDepletionForecastEvent At the pessimistic pace of its forecast, the customer's available credits run out within `TALLY_FORECAST_WARN_DAYS` days; sent once when the runway first drops under it, again only after it rose back above.
+type CreditsDepletionForecastEvent struct {
+	Data CreditsDepletionForecastData      `json:"data"`
+	Type CreditsDepletionForecastEventType `json:"type"`
+}
+
+// CreditsDepletionForecastEventType defines model for CreditsDepletionForecastEvent.Type.
+type CreditsDepletionForecastEventType string
 
 // CreditsExpiredData defines model for CreditsExpiredData.
 type CreditsExpiredData struct {
@@ -1349,10 +1535,13 @@ type CreditsExpiringData struct {
 	CustomerId string    `json:"customer_id"`
 	ExpiresAt  time.Time `json:"expires_at"`
 	GrantId    string    `json:"grant_id"`
-	Remaining  int64     `json:"remaining"`
+
+	// NoticeSeconds Which notice horizon of `TALLY_CREDITS_EXPIRING_NOTICE` this is, in seconds (each grant gets each notice once).
+	NoticeSeconds int64 `json:"notice_seconds"`
+	Remaining     int64 `json:"remaining"`
 }
 
-// CreditsExpiringEvent A grant with credits left expires within `TALLY_CREDITS_EXPIRING_NOTICE`; sent once per grant.
+// CreditsExpiringEvent A grant with credits left expires within one of the horizons of `TALLY_CREDITS_EXPIRING_NOTICE` (e.g. `720h,168h,24h`); sent once per grant and horizon.
 type CreditsExpiringEvent struct {
 	Data CreditsExpiringData      `json:"data"`
 	Type CreditsExpiringEventType `json:"type"`
@@ -1360,6 +1549,26 @@ type CreditsExpiringEvent struct {
 
 // CreditsExpiringEventType defines model for CreditsExpiringEvent.Type.
 type CreditsExpiringEventType string
+
+// CreditsForecast defines model for CreditsForecast.
+type CreditsForecast struct {
+	Available   int64                `json:"available"`
+	Balance     int64                `json:"balance"`
+	CustomerId  CustomerID           `json:"customer_id"`
+	Daily       []ForecastDay        `json:"daily"`
+	DepletesOn  ForecastDepletesOn   `json:"depletes_on"`
+	GeneratedAt time.Time            `json:"generated_at"`
+	HistoryDays int                  `json:"history_days"`
+	HorizonDays int                  `json:"horizon_days"`
+	Model       CreditsForecastModel `json:"model"`
+	RunwayDays  ForecastRunway       `json:"runway_days"`
+
+	// Suggestion The pack to buy; null when the available credits cover the pessimistic consumption of the next 30 days.
+	Suggestion *ForecastSuggestion `json:"suggestion"`
+}
+
+// CreditsForecastModel defines model for CreditsForecast.Model.
+type CreditsForecastModel string
 
 // CreditsGrantedData defines model for CreditsGrantedData.
 type CreditsGrantedData struct {
@@ -1442,12 +1651,14 @@ type CreditsHoldExpiredEventType string
 
 // CreditsLowBalanceData defines model for CreditsLowBalanceData.
 type CreditsLowBalanceData struct {
+	// Available What the threshold compared: `balance` less held and pending credits.
+	Available  int64  `json:"available"`
 	Balance    int64  `json:"balance"`
 	CustomerId string `json:"customer_id"`
 	Threshold  int64  `json:"threshold"`
 }
 
-// CreditsLowBalanceEvent The balance fell below the customer's threshold; sent once per fall, again only after the balance was back at or above it.
+// CreditsLowBalanceEvent What is available (the balance less held and pending credits) fell below one of the customer's thresholds; sent once per fall, again only after it was back at or above it.
 type CreditsLowBalanceEvent struct {
 	Data CreditsLowBalanceData      `json:"data"`
 	Type CreditsLowBalanceEventType `json:"type"`
@@ -1537,11 +1748,17 @@ type Customer struct {
 	Id                  CustomerID      `json:"id"`
 	LowBalanceThreshold *int64          `json:"low_balance_threshold,omitempty"`
 
+	// LowBalanceThresholds More low-balance thresholds, highest first.
+	LowBalanceThresholds *[]int64 `json:"low_balance_thresholds,omitempty"`
+
 	// Metadata Up to 50 string values, keys up to 40 characters, values up to 500.
-	Metadata         Metadata  `json:"metadata"`
-	Name             *string   `json:"name,omitempty"`
-	StripeCustomerId *string   `json:"stripe_customer_id,omitempty"`
-	UpdatedAt        time.Time `json:"updated_at"`
+	Metadata Metadata `json:"metadata"`
+	Name     *string  `json:"name,omitempty"`
+
+	// PaymentMethod The default payment method Stripe confirmed (a setup Checkout, or a pack checkout with `save_payment_method`); null when none.
+	PaymentMethod    *SavedPaymentMethod `json:"payment_method,omitempty"`
+	StripeCustomerId *string             `json:"stripe_customer_id,omitempty"`
+	UpdatedAt        time.Time           `json:"updated_at"`
 }
 
 // CustomerCreatedEvent A customer was created, through the API or on first use (a checkout, a grant, a usage event).
@@ -1556,9 +1773,10 @@ type CustomerCreatedEventType string
 
 // CustomerEventData The customer after the change. Fields it does not have are absent.
 type CustomerEventData struct {
-	Email               *string    `json:"email,omitempty"`
-	Id                  CustomerID `json:"id"`
-	LowBalanceThreshold *int64     `json:"low_balance_threshold,omitempty"`
+	Email                *string    `json:"email,omitempty"`
+	Id                   CustomerID `json:"id"`
+	LowBalanceThreshold  *int64     `json:"low_balance_threshold,omitempty"`
+	LowBalanceThresholds *[]int64   `json:"low_balance_thresholds,omitempty"`
 
 	// Metadata Up to 50 string values, keys up to 40 characters, values up to 500.
 	Metadata         Metadata `json:"metadata"`
@@ -1590,6 +1808,9 @@ type CustomerUpsert struct {
 
 	// LowBalanceThreshold Per-customer threshold for `credits.low_balance` (0 turns the notice off for this customer). Omitted or null keeps the current value; a customer that never had one uses the configured default.
 	LowBalanceThreshold *int64 `json:"low_balance_threshold,omitempty"`
+
+	// LowBalanceThresholds More thresholds, beside `low_balance_threshold`. Each fires `credits.low_balance` once when the available balance falls below it, and again only after the balance was back at or above it. Omitted keeps the list; `[]` clears it.
+	LowBalanceThresholds *[]int64 `json:"low_balance_thresholds,omitempty"`
 
 	// Metadata Up to 50 string values, keys up to 40 characters, values up to 500.
 	Metadata         *Metadata `json:"metadata,omitempty"`
@@ -1629,6 +1850,44 @@ type FieldError struct {
 
 	// Pointer JSON pointer (RFC 6901) into the request body, or the name of a parameter.
 	Pointer string `json:"pointer"`
+}
+
+// ForecastDay defines model for ForecastDay.
+type ForecastDay struct {
+	Date openapi_types.Date `json:"date"`
+
+	// Expected Mean consumption of the day.
+	Expected float64 `json:"expected"`
+
+	// High 90% quantile.
+	High float64 `json:"high"`
+
+	// Low 10% quantile: with high, an 80% interval.
+	Low float64 `json:"low"`
+}
+
+// ForecastDepletesOn defines model for ForecastDepletesOn.
+type ForecastDepletesOn struct {
+	Expected    *openapi_types.Date `json:"expected"`
+	Pessimistic *openapi_types.Date `json:"pessimistic"`
+}
+
+// ForecastRunway defines model for ForecastRunway.
+type ForecastRunway struct {
+	// Expected Days covered in full from today at the expected pace; null beyond the horizon.
+	Expected *int `json:"expected"`
+
+	// Pessimistic The same at the pessimistic pace (the 90% bound of the consumption so far).
+	Pessimistic *int `json:"pessimistic"`
+}
+
+// ForecastSuggestion defines model for ForecastSuggestion.
+type ForecastSuggestion struct {
+	// CoversDays Days the available credits plus the suggested ones last at the pessimistic pace; null beyond the forecast.
+	CoversDays *int   `json:"covers_days"`
+	Item       string `json:"item"`
+	Quantity   int64  `json:"quantity"`
+	Reason     string `json:"reason"`
 }
 
 // GrantRequest defines model for GrantRequest.
@@ -1931,7 +2190,7 @@ type Payment struct {
 	ItemKind      PaymentItemKind `json:"item_kind"`
 	Livemode      bool            `json:"livemode"`
 
-	// Method How it is paid.
+	// Method How it is paid: `checkout`, the buyer paid on a Checkout page; `invoice`, by a Stripe invoice; `auto_top_up`, tally charged the saved card off-session.
 	Method          PaymentMethod `json:"method"`
 	PaymentIntentId *string       `json:"payment_intent_id,omitempty"`
 	PurchaseOrder   *string       `json:"purchase_order,omitempty"`
@@ -1967,7 +2226,7 @@ type PaymentConfirmedBy string
 // PaymentItemKind defines model for Payment.ItemKind.
 type PaymentItemKind string
 
-// PaymentMethod How it is paid.
+// PaymentMethod How it is paid: `checkout`, the buyer paid on a Checkout page; `invoice`, by a Stripe invoice; `auto_top_up`, tally charged the saved card off-session.
 type PaymentMethod string
 
 // PaymentDisputeLostData defines model for PaymentDisputeLostData.
@@ -2077,6 +2336,19 @@ type PaymentInvoice struct {
 
 	// Status draft, open, paid, void or uncollectible.
 	Status *string `json:"status,omitempty"`
+}
+
+// PaymentMethodSetup defines model for PaymentMethodSetup.
+type PaymentMethodSetup struct {
+	CheckoutSessionId string    `json:"checkout_session_id"`
+	ExpiresAt         time.Time `json:"expires_at"`
+	Url               string    `json:"url"`
+}
+
+// PaymentMethodSetupCreate defines model for PaymentMethodSetupCreate.
+type PaymentMethodSetupCreate struct {
+	CancelUrl  string `json:"cancel_url"`
+	SuccessUrl string `json:"success_url"`
 }
 
 // PaymentPage defines model for PaymentPage.
@@ -2351,6 +2623,14 @@ type RequeueResult struct {
 
 // RequeueSkipCode Why an event was not requeued.
 type RequeueSkipCode string
+
+// SavedPaymentMethod defines model for SavedPaymentMethod.
+type SavedPaymentMethod struct {
+	Brand    string `json:"brand"`
+	ExpMonth int    `json:"exp_month"`
+	ExpYear  int    `json:"exp_year"`
+	Last4    string `json:"last4"`
+}
 
 // StripeEvent defines model for StripeEvent.
 type StripeEvent struct {
@@ -2729,6 +3009,11 @@ type ConsumeCreditsParams struct {
 	IdempotencyKey IdempotencyKey `json:"Idempotency-Key"`
 }
 
+// GetCreditsForecastParams defines parameters for GetCreditsForecast.
+type GetCreditsForecastParams struct {
+	HorizonDays *int `form:"horizon_days,omitempty" json:"horizon_days,omitempty"`
+}
+
 // GrantCreditsParams defines parameters for GrantCredits.
 type GrantCreditsParams struct {
 	IdempotencyKey IdempotencyKey `json:"Idempotency-Key"`
@@ -2831,6 +3116,9 @@ type CreateCheckoutSessionJSONRequestBody = CheckoutSessionCreate
 // UpsertCustomerJSONRequestBody defines body for UpsertCustomer for application/json ContentType.
 type UpsertCustomerJSONRequestBody = CustomerUpsert
 
+// PutAutoTopUpJSONRequestBody defines body for PutAutoTopUp for application/json ContentType.
+type PutAutoTopUpJSONRequestBody = AutoTopUpSettings
+
 // AdjustCreditsJSONRequestBody defines body for AdjustCredits for application/json ContentType.
 type AdjustCreditsJSONRequestBody = AdjustmentRequest
 
@@ -2854,6 +3142,9 @@ type CaptureHoldJSONRequestBody = CaptureRequest
 
 // CreateInvoicePaymentJSONRequestBody defines body for CreateInvoicePayment for application/json ContentType.
 type CreateInvoicePaymentJSONRequestBody = InvoicePaymentCreate
+
+// CreatePaymentMethodSetupJSONRequestBody defines body for CreatePaymentMethodSetup for application/json ContentType.
+type CreatePaymentMethodSetupJSONRequestBody = PaymentMethodSetupCreate
 
 // IngestUsageEventsJSONRequestBody defines body for IngestUsageEvents for application/json ContentType.
 type IngestUsageEventsJSONRequestBody = UsageBatch
@@ -3578,6 +3869,114 @@ func (t *Event) MergeCreditsAdjustedEvent(v CreditsAdjustedEvent) error {
 	return err
 }
 
+// AsCreditsAutoTopUpFailedEvent returns the union data inside the Event as a CreditsAutoTopUpFailedEvent
+func (t Event) AsCreditsAutoTopUpFailedEvent() (CreditsAutoTopUpFailedEvent, error) {
+	var body CreditsAutoTopUpFailedEvent
+	err := json.Unmarshal(t.union, &body)
+	return body, err
+}
+
+// FromCreditsAutoTopUpFailedEvent overwrites any union data inside the Event as the provided CreditsAutoTopUpFailedEvent
+func (t *Event) FromCreditsAutoTopUpFailedEvent(v CreditsAutoTopUpFailedEvent) error {
+	t.Type = "credits.auto_top_up_failed"
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	b, err = runtime.JSONMerge(b, []byte(`{"type":"credits.auto_top_up_failed"}`))
+	t.union = b
+	return err
+}
+
+// MergeCreditsAutoTopUpFailedEvent performs a merge with any union data inside the Event, using the provided CreditsAutoTopUpFailedEvent
+func (t *Event) MergeCreditsAutoTopUpFailedEvent(v CreditsAutoTopUpFailedEvent) error {
+	t.Type = "credits.auto_top_up_failed"
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	b, err = runtime.JSONMerge(b, []byte(`{"type":"credits.auto_top_up_failed"}`))
+	if err != nil {
+		return err
+	}
+
+	merged, err := runtime.JSONMerge(t.union, b)
+	t.union = merged
+	return err
+}
+
+// AsCreditsAutoTopUpDisabledEvent returns the union data inside the Event as a CreditsAutoTopUpDisabledEvent
+func (t Event) AsCreditsAutoTopUpDisabledEvent() (CreditsAutoTopUpDisabledEvent, error) {
+	var body CreditsAutoTopUpDisabledEvent
+	err := json.Unmarshal(t.union, &body)
+	return body, err
+}
+
+// FromCreditsAutoTopUpDisabledEvent overwrites any union data inside the Event as the provided CreditsAutoTopUpDisabledEvent
+func (t *Event) FromCreditsAutoTopUpDisabledEvent(v CreditsAutoTopUpDisabledEvent) error {
+	t.Type = "credits.auto_top_up_disabled"
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	b, err = runtime.JSONMerge(b, []byte(`{"type":"credits.auto_top_up_disabled"}`))
+	t.union = b
+	return err
+}
+
+// MergeCreditsAutoTopUpDisabledEvent performs a merge with any union data inside the Event, using the provided CreditsAutoTopUpDisabledEvent
+func (t *Event) MergeCreditsAutoTopUpDisabledEvent(v CreditsAutoTopUpDisabledEvent) error {
+	t.Type = "credits.auto_top_up_disabled"
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	b, err = runtime.JSONMerge(b, []byte(`{"type":"credits.auto_top_up_disabled"}`))
+	if err != nil {
+		return err
+	}
+
+	merged, err := runtime.JSONMerge(t.union, b)
+	t.union = merged
+	return err
+}
+
+// AsCreditsDepletionForecastEvent returns the union data inside the Event as a CreditsDepletionForecastEvent
+func (t Event) AsCreditsDepletionForecastEvent() (CreditsDepletionForecastEvent, error) {
+	var body CreditsDepletionForecastEvent
+	err := json.Unmarshal(t.union, &body)
+	return body, err
+}
+
+// FromCreditsDepletionForecastEvent overwrites any union data inside the Event as the provided CreditsDepletionForecastEvent
+func (t *Event) FromCreditsDepletionForecastEvent(v CreditsDepletionForecastEvent) error {
+	t.Type = "credits.depletion_forecast"
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	b, err = runtime.JSONMerge(b, []byte(`{"type":"credits.depletion_forecast"}`))
+	t.union = b
+	return err
+}
+
+// MergeCreditsDepletionForecastEvent performs a merge with any union data inside the Event, using the provided CreditsDepletionForecastEvent
+func (t *Event) MergeCreditsDepletionForecastEvent(v CreditsDepletionForecastEvent) error {
+	t.Type = "credits.depletion_forecast"
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	b, err = runtime.JSONMerge(b, []byte(`{"type":"credits.depletion_forecast"}`))
+	if err != nil {
+		return err
+	}
+
+	merged, err := runtime.JSONMerge(t.union, b)
+	t.union = merged
+	return err
+}
+
 // AsUsageDeadEvent returns the union data inside the Event as a UsageDeadEvent
 func (t Event) AsUsageDeadEvent() (UsageDeadEvent, error) {
 	var body UsageDeadEvent
@@ -3666,8 +4065,14 @@ func (t Event) ValueByDiscriminator() (interface{}, error) {
 	switch discriminator {
 	case "credits.adjusted":
 		return t.AsCreditsAdjustedEvent()
+	case "credits.auto_top_up_disabled":
+		return t.AsCreditsAutoTopUpDisabledEvent()
+	case "credits.auto_top_up_failed":
+		return t.AsCreditsAutoTopUpFailedEvent()
 	case "credits.captured":
 		return t.AsCreditsCapturedEvent()
+	case "credits.depletion_forecast":
+		return t.AsCreditsDepletionForecastEvent()
 	case "credits.expired":
 		return t.AsCreditsExpiredEvent()
 	case "credits.expiring":
@@ -4226,6 +4631,47 @@ type ClientInterface interface {
 	// Corresponds with PUT /v1/customers/{customer_id} (the `UpsertCustomer` operationId).
 	UpsertCustomer(ctx context.Context, customerId CustomerID, body UpsertCustomerJSONRequestBody, reqEditors ...RequestEditorFn) (*http.Response, error)
 
+	// GetAutoTopUp Read automatic top-up settings and status
+	//
+	// Corresponds with GET /v1/customers/{customer_id}/auto-top-up (the `GetAutoTopUp` operationId).
+	GetAutoTopUp(ctx context.Context, customerId CustomerID, reqEditors ...RequestEditorFn) (*http.Response, error)
+
+	// PutAutoTopUpWithBody Configure automatic top-up
+	//
+	// When a change that lowers the balance (a consume, an expiry, a
+	// revoke) leaves fewer than `threshold` credits available, tally
+	// buys `quantity` × `item` (a credit pack) on the customer's saved
+	// card, off-session: one top-up at a time, at most `monthly_limit` a
+	// calendar month (UTC). The payment (`method: auto_top_up`) is
+	// credited only when Stripe confirms it. A refused card emits
+	// `credits.auto_top_up_failed`; after three failures in a row
+	// automatic top-up disables itself (`credits.auto_top_up_disabled`).
+	// Saving with `enabled: true` re-activates it and clears the failure
+	// count. Saving starts nothing by itself.
+	//
+	// Takes any type of body and a specified content type.
+	//
+	// Corresponds with PUT /v1/customers/{customer_id}/auto-top-up (the `PutAutoTopUp` operationId).
+	PutAutoTopUpWithBody(ctx context.Context, customerId CustomerID, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*http.Response, error)
+
+	// PutAutoTopUp Configure automatic top-up
+	//
+	// When a change that lowers the balance (a consume, an expiry, a
+	// revoke) leaves fewer than `threshold` credits available, tally
+	// buys `quantity` × `item` (a credit pack) on the customer's saved
+	// card, off-session: one top-up at a time, at most `monthly_limit` a
+	// calendar month (UTC). The payment (`method: auto_top_up`) is
+	// credited only when Stripe confirms it. A refused card emits
+	// `credits.auto_top_up_failed`; after three failures in a row
+	// automatic top-up disables itself (`credits.auto_top_up_disabled`).
+	// Saving with `enabled: true` re-activates it and clears the failure
+	// count. Saving starts nothing by itself.
+	//
+	// Takes a body of the `application/json` content type.
+	//
+	// Corresponds with PUT /v1/customers/{customer_id}/auto-top-up (the `PutAutoTopUp` operationId).
+	PutAutoTopUp(ctx context.Context, customerId CustomerID, body PutAutoTopUpJSONRequestBody, reqEditors ...RequestEditorFn) (*http.Response, error)
+
 	// GetBalance Credits now, by grant; or the balance at a past time
 	//
 	// Without `at`: what the customer owns (`balance`), what of it active
@@ -4315,6 +4761,22 @@ type ClientInterface interface {
 	//
 	// Corresponds with POST /v1/customers/{customer_id}/credits/consume (the `ConsumeCredits` operationId).
 	ConsumeCredits(ctx context.Context, customerId CustomerID, params *ConsumeCreditsParams, body ConsumeCreditsJSONRequestBody, reqEditors ...RequestEditorFn) (*http.Response, error)
+
+	// GetCreditsForecast Consumption forecast, runway and a top-up suggestion
+	//
+	// Forecasts the customer's daily consumption from its own history (the
+	// daily rollup consume maintains, through yesterday, UTC), from today
+	// on: each day's expected consumption with an 80% interval
+	// (`low`, `high`), how many days the available credits last at the
+	// expected pace and at the pessimistic one (the 90% bound of the
+	// consumption so far), and the catalog pack that covers the
+	// pessimistic consumption of the next 30 days at the lowest price.
+	// A runway beyond the horizon is null. `model` says which model
+	// answered: `ets_weekly_log` or `ets_weekly_linear` (two weeks of
+	// history or more), `short_history`, or `no_consumption`.
+	//
+	// Corresponds with GET /v1/customers/{customer_id}/credits/forecast (the `GetCreditsForecast` operationId).
+	GetCreditsForecast(ctx context.Context, customerId CustomerID, params *GetCreditsForecastParams, reqEditors ...RequestEditorFn) (*http.Response, error)
 
 	// GrantCreditsWithBody Grant credits (promotion, manual adjustment)
 	//
@@ -4487,6 +4949,34 @@ type ClientInterface interface {
 	//
 	// Corresponds with POST /v1/customers/{customer_id}/invoice-payments (the `CreateInvoicePayment` operationId).
 	CreateInvoicePayment(ctx context.Context, customerId CustomerID, params *CreateInvoicePaymentParams, body CreateInvoicePaymentJSONRequestBody, reqEditors ...RequestEditorFn) (*http.Response, error)
+
+	// CreatePaymentMethodSetupWithBody Save a card for automatic top-up (Checkout in setup mode)
+	//
+	// Creates a Stripe Checkout Session in `setup` mode: the buyer enters a
+	// card, nothing is charged. When Stripe confirms it, the card becomes
+	// the customer's default payment method (shown on the customer as
+	// `payment_method`), which automatic top-up charges off-session. The
+	// customer is created on first use. Counts against the customer's
+	// checkout rate limit.
+	//
+	// Takes any type of body and a specified content type.
+	//
+	// Corresponds with POST /v1/customers/{customer_id}/payment-method-setups (the `CreatePaymentMethodSetup` operationId).
+	CreatePaymentMethodSetupWithBody(ctx context.Context, customerId CustomerID, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*http.Response, error)
+
+	// CreatePaymentMethodSetup Save a card for automatic top-up (Checkout in setup mode)
+	//
+	// Creates a Stripe Checkout Session in `setup` mode: the buyer enters a
+	// card, nothing is charged. When Stripe confirms it, the card becomes
+	// the customer's default payment method (shown on the customer as
+	// `payment_method`), which automatic top-up charges off-session. The
+	// customer is created on first use. Counts against the customer's
+	// checkout rate limit.
+	//
+	// Takes a body of the `application/json` content type.
+	//
+	// Corresponds with POST /v1/customers/{customer_id}/payment-method-setups (the `CreatePaymentMethodSetup` operationId).
+	CreatePaymentMethodSetup(ctx context.Context, customerId CustomerID, body CreatePaymentMethodSetupJSONRequestBody, reqEditors ...RequestEditorFn) (*http.Response, error)
 
 	// ListCustomerPayments A customer's payments, newest first
 	//
@@ -5138,6 +5628,77 @@ func (c *Client) UpsertCustomer(ctx context.Context, customerId CustomerID, body
 	return c.Client.Do(req)
 }
 
+// GetAutoTopUp Read automatic top-up settings and status
+//
+// Corresponds with GET /v1/customers/{customer_id}/auto-top-up (the `GetAutoTopUp` operationId).
+func (c *Client) GetAutoTopUp(ctx context.Context, customerId CustomerID, reqEditors ...RequestEditorFn) (*http.Response, error) {
+	req, err := NewGetAutoTopUpRequest(c.Server, customerId)
+	if err != nil {
+		return nil, err
+	}
+	req = req.WithContext(ctx)
+	if err := c.applyEditors(ctx, req, reqEditors); err != nil {
+		return nil, err
+	}
+	return c.Client.Do(req)
+}
+
+// PutAutoTopUpWithBody Configure automatic top-up
+//
+// When a change that lowers the balance (a consume, an expiry, a
+// revoke) leaves fewer than `threshold` credits available, tally
+// buys `quantity` × `item` (a credit pack) on the customer's saved
+// card, off-session: one top-up at a time, at most `monthly_limit` a
+// calendar month (UTC). The payment (`method: auto_top_up`) is
+// credited only when Stripe confirms it. A refused card emits
+// `credits.auto_top_up_failed`; after three failures in a row
+// automatic top-up disables itself (`credits.auto_top_up_disabled`).
+// Saving with `enabled: true` re-activates it and clears the failure
+// count. Saving starts nothing by itself.
+//
+// Takes any type of body and a specified content type.
+//
+// Corresponds with PUT /v1/customers/{customer_id}/auto-top-up (the `PutAutoTopUp` operationId).
+func (c *Client) PutAutoTopUpWithBody(ctx context.Context, customerId CustomerID, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*http.Response, error) {
+	req, err := NewPutAutoTopUpRequestWithBody(c.Server, customerId, contentType, body)
+	if err != nil {
+		return nil, err
+	}
+	req = req.WithContext(ctx)
+	if err := c.applyEditors(ctx, req, reqEditors); err != nil {
+		return nil, err
+	}
+	return c.Client.Do(req)
+}
+
+// PutAutoTopUp Configure automatic top-up
+//
+// When a change that lowers the balance (a consume, an expiry, a
+// revoke) leaves fewer than `threshold` credits available, tally
+// buys `quantity` × `item` (a credit pack) on the customer's saved
+// card, off-session: one top-up at a time, at most `monthly_limit` a
+// calendar month (UTC). The payment (`method: auto_top_up`) is
+// credited only when Stripe confirms it. A refused card emits
+// `credits.auto_top_up_failed`; after three failures in a row
+// automatic top-up disables itself (`credits.auto_top_up_disabled`).
+// Saving with `enabled: true` re-activates it and clears the failure
+// count. Saving starts nothing by itself.
+//
+// Takes a body of the `application/json` content type.
+//
+// Corresponds with PUT /v1/customers/{customer_id}/auto-top-up (the `PutAutoTopUp` operationId).
+func (c *Client) PutAutoTopUp(ctx context.Context, customerId CustomerID, body PutAutoTopUpJSONRequestBody, reqEditors ...RequestEditorFn) (*http.Response, error) {
+	req, err := NewPutAutoTopUpRequest(c.Server, customerId, body)
+	if err != nil {
+		return nil, err
+	}
+	req = req.WithContext(ctx)
+	if err := c.applyEditors(ctx, req, reqEditors); err != nil {
+		return nil, err
+	}
+	return c.Client.Do(req)
+}
+
 // GetBalance Credits now, by grant; or the balance at a past time
 //
 // Without `at`: what the customer owns (`balance`), what of it active
@@ -5288,6 +5849,32 @@ func (c *Client) ConsumeCreditsWithBody(ctx context.Context, customerId Customer
 // Corresponds with POST /v1/customers/{customer_id}/credits/consume (the `ConsumeCredits` operationId).
 func (c *Client) ConsumeCredits(ctx context.Context, customerId CustomerID, params *ConsumeCreditsParams, body ConsumeCreditsJSONRequestBody, reqEditors ...RequestEditorFn) (*http.Response, error) {
 	req, err := NewConsumeCreditsRequest(c.Server, customerId, params, body)
+	if err != nil {
+		return nil, err
+	}
+	req = req.WithContext(ctx)
+	if err := c.applyEditors(ctx, req, reqEditors); err != nil {
+		return nil, err
+	}
+	return c.Client.Do(req)
+}
+
+// GetCreditsForecast Consumption forecast, runway and a top-up suggestion
+//
+// Forecasts the customer's daily consumption from its own history (the
+// daily rollup consume maintains, through yesterday, UTC), from today
+// on: each day's expected consumption with an 80% interval
+// (`low`, `high`), how many days the available credits last at the
+// expected pace and at the pessimistic one (the 90% bound of the
+// consumption so far), and the catalog pack that covers the
+// pessimistic consumption of the next 30 days at the lowest price.
+// A runway beyond the horizon is null. `model` says which model
+// answered: `ets_weekly_log` or `ets_weekly_linear` (two weeks of
+// history or more), `short_history`, or `no_consumption`.
+//
+// Corresponds with GET /v1/customers/{customer_id}/credits/forecast (the `GetCreditsForecast` operationId).
+func (c *Client) GetCreditsForecast(ctx context.Context, customerId CustomerID, params *GetCreditsForecastParams, reqEditors ...RequestEditorFn) (*http.Response, error) {
+	req, err := NewGetCreditsForecastRequest(c.Server, customerId, params)
 	if err != nil {
 		return nil, err
 	}
@@ -5600,6 +6187,54 @@ func (c *Client) CreateInvoicePaymentWithBody(ctx context.Context, customerId Cu
 // Corresponds with POST /v1/customers/{customer_id}/invoice-payments (the `CreateInvoicePayment` operationId).
 func (c *Client) CreateInvoicePayment(ctx context.Context, customerId CustomerID, params *CreateInvoicePaymentParams, body CreateInvoicePaymentJSONRequestBody, reqEditors ...RequestEditorFn) (*http.Response, error) {
 	req, err := NewCreateInvoicePaymentRequest(c.Server, customerId, params, body)
+	if err != nil {
+		return nil, err
+	}
+	req = req.WithContext(ctx)
+	if err := c.applyEditors(ctx, req, reqEditors); err != nil {
+		return nil, err
+	}
+	return c.Client.Do(req)
+}
+
+// CreatePaymentMethodSetupWithBody Save a card for automatic top-up (Checkout in setup mode)
+//
+// Creates a Stripe Checkout Session in `setup` mode: the buyer enters a
+// card, nothing is charged. When Stripe confirms it, the card becomes
+// the customer's default payment method (shown on the customer as
+// `payment_method`), which automatic top-up charges off-session. The
+// customer is created on first use. Counts against the customer's
+// checkout rate limit.
+//
+// Takes any type of body and a specified content type.
+//
+// Corresponds with POST /v1/customers/{customer_id}/payment-method-setups (the `CreatePaymentMethodSetup` operationId).
+func (c *Client) CreatePaymentMethodSetupWithBody(ctx context.Context, customerId CustomerID, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*http.Response, error) {
+	req, err := NewCreatePaymentMethodSetupRequestWithBody(c.Server, customerId, contentType, body)
+	if err != nil {
+		return nil, err
+	}
+	req = req.WithContext(ctx)
+	if err := c.applyEditors(ctx, req, reqEditors); err != nil {
+		return nil, err
+	}
+	return c.Client.Do(req)
+}
+
+// CreatePaymentMethodSetup Save a card for automatic top-up (Checkout in setup mode)
+//
+// Creates a Stripe Checkout Session in `setup` mode: the buyer enters a
+// card, nothing is charged. When Stripe confirms it, the card becomes
+// the customer's default payment method (shown on the customer as
+// `payment_method`), which automatic top-up charges off-session. The
+// customer is created on first use. Counts against the customer's
+// checkout rate limit.
+//
+// Takes a body of the `application/json` content type.
+//
+// Corresponds with POST /v1/customers/{customer_id}/payment-method-setups (the `CreatePaymentMethodSetup` operationId).
+func (c *Client) CreatePaymentMethodSetup(ctx context.Context, customerId CustomerID, body CreatePaymentMethodSetupJSONRequestBody, reqEditors ...RequestEditorFn) (*http.Response, error) {
+	req, err := NewCreatePaymentMethodSetupRequest(c.Server, customerId, body)
 	if err != nil {
 		return nil, err
 	}
@@ -6595,6 +7230,87 @@ func NewUpsertCustomerRequestWithBody(server string, customerId CustomerID, cont
 	return req, nil
 }
 
+// NewGetAutoTopUpRequest constructs an http.Request for the GetAutoTopUp method
+func NewGetAutoTopUpRequest(server string, customerId CustomerID) (*http.Request, error) {
+	var err error
+
+	var pathParam0 string
+
+	pathParam0, err = runtime.StyleParamWithOptions("simple", false, "customer_id", customerId, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationPath, Type: "string", Format: ""})
+	if err != nil {
+		return nil, err
+	}
+
+	serverURL, err := url.Parse(server)
+	if err != nil {
+		return nil, err
+	}
+
+	operationPath := fmt.Sprintf("/v1/customers/%s/auto-top-up", pathParam0)
+	if operationPath[0] == '/' {
+		operationPath = "." + operationPath
+	}
+
+	queryURL, err := serverURL.Parse(operationPath)
+	if err != nil {
+		return nil, err
+	}
+
+	req, err := http.NewRequest(http.MethodGet, queryURL.String(), nil)
+	if err != nil {
+		return nil, err
+	}
+
+	return req, nil
+}
+
+// NewPutAutoTopUpRequest calls the generic PutAutoTopUp builder with application/json body
+func NewPutAutoTopUpRequest(server string, customerId CustomerID, body PutAutoTopUpJSONRequestBody) (*http.Request, error) {
+	var bodyReader io.Reader
+	buf, err := json.Marshal(body)
+	if err != nil {
+		return nil, err
+	}
+	bodyReader = bytes.NewReader(buf)
+	return NewPutAutoTopUpRequestWithBody(server, customerId, "application/json", bodyReader)
+}
+
+// NewPutAutoTopUpRequestWithBody constructs an http.Request for the PutAutoTopUp method, with any body, and a specified content type
+func NewPutAutoTopUpRequestWithBody(server string, customerId CustomerID, contentType string, body io.Reader) (*http.Request, error) {
+	var err error
+
+	var pathParam0 string
+
+	pathParam0, err = runtime.StyleParamWithOptions("simple", false, "customer_id", customerId, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationPath, Type: "string", Format: ""})
+	if err != nil {
+		return nil, err
+	}
+
+	serverURL, err := url.Parse(server)
+	if err != nil {
+		return nil, err
+	}
+
+	operationPath := fmt.Sprintf("/v1/customers/%s/auto-top-up", pathParam0)
+	if operationPath[0] == '/' {
+		operationPath = "." + operationPath
+	}
+
+	queryURL, err := serverURL.Parse(operationPath)
+	if err != nil {
+		return nil, err
+	}
+
+	req, err := http.NewRequest(http.MethodPut, queryURL.String(), body)
+	if err != nil {
+		return nil, err
+	}
+
+	req.Header.Add("Content-Type", contentType)
+
+	return req, nil
+}
+
 // NewGetBalanceRequest constructs an http.Request for the GetBalance method
 func NewGetBalanceRequest(server string, customerId CustomerID, params *GetBalanceParams) (*http.Request, error) {
 	var err error
@@ -6818,6 +7534,67 @@ func NewConsumeCreditsRequestWithBody(server string, customerId CustomerID, para
 
 		req.Header.Set("Idempotency-Key", headerParam0)
 
+	}
+
+	return req, nil
+}
+
+// NewGetCreditsForecastRequest constructs an http.Request for the GetCreditsForecast method
+func NewGetCreditsForecastRequest(server string, customerId CustomerID, params *GetCreditsForecastParams) (*http.Request, error) {
+	var err error
+
+	var pathParam0 string
+
+	pathParam0, err = runtime.StyleParamWithOptions("simple", false, "customer_id", customerId, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationPath, Type: "string", Format: ""})
+	if err != nil {
+		return nil, err
+	}
+
+	serverURL, err := url.Parse(server)
+	if err != nil {
+		return nil, err
+	}
+
+	operationPath := fmt.Sprintf("/v1/customers/%s/credits/forecast", pathParam0)
+	if operationPath[0] == '/' {
+		operationPath = "." + operationPath
+	}
+
+	queryURL, err := serverURL.Parse(operationPath)
+	if err != nil {
+		return nil, err
+	}
+
+	if params != nil {
+		// queryValues collects non-styled parameters (passthrough, JSON)
+		// that are safe to round-trip through url.Values.Encode().
+		queryValues := queryURL.Query()
+		// rawQueryFragments collects pre-encoded query fragments from
+		// styled parameters, preserving literal commas as delimiters
+		// per the OpenAPI spec (e.g. "color=blue,black,brown").
+		var rawQueryFragments []string
+
+		if params.HorizonDays != nil {
+
+			if queryFrag, err := runtime.StyleParamWithOptions("form", true, "horizon_days", *params.HorizonDays, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationQuery, Type: "integer", Format: ""}); err != nil {
+				return nil, err
+			} else {
+				for _, qp := range strings.Split(queryFrag, "&") {
+					rawQueryFragments = append(rawQueryFragments, qp)
+				}
+			}
+
+		}
+
+		if encoded := queryValues.Encode(); encoded != "" {
+			rawQueryFragments = append(rawQueryFragments, encoded)
+		}
+		queryURL.RawQuery = strings.Join(rawQueryFragments, "&")
+	}
+
+	req, err := http.NewRequest(http.MethodGet, queryURL.String(), nil)
+	if err != nil {
+		return nil, err
 	}
 
 	return req, nil
@@ -7388,6 +8165,53 @@ func NewCreateInvoicePaymentRequestWithBody(server string, customerId CustomerID
 		req.Header.Set("Idempotency-Key", headerParam0)
 
 	}
+
+	return req, nil
+}
+
+// NewCreatePaymentMethodSetupRequest calls the generic CreatePaymentMethodSetup builder with application/json body
+func NewCreatePaymentMethodSetupRequest(server string, customerId CustomerID, body CreatePaymentMethodSetupJSONRequestBody) (*http.Request, error) {
+	var bodyReader io.Reader
+	buf, err := json.Marshal(body)
+	if err != nil {
+		return nil, err
+	}
+	bodyReader = bytes.NewReader(buf)
+	return NewCreatePaymentMethodSetupRequestWithBody(server, customerId, "application/json", bodyReader)
+}
+
+// NewCreatePaymentMethodSetupRequestWithBody constructs an http.Request for the CreatePaymentMethodSetup method, with any body, and a specified content type
+func NewCreatePaymentMethodSetupRequestWithBody(server string, customerId CustomerID, contentType string, body io.Reader) (*http.Request, error) {
+	var err error
+
+	var pathParam0 string
+
+	pathParam0, err = runtime.StyleParamWithOptions("simple", false, "customer_id", customerId, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationPath, Type: "string", Format: ""})
+	if err != nil {
+		return nil, err
+	}
+
+	serverURL, err := url.Parse(server)
+	if err != nil {
+		return nil, err
+	}
+
+	operationPath := fmt.Sprintf("/v1/customers/%s/payment-method-setups", pathParam0)
+	if operationPath[0] == '/' {
+		operationPath = "." + operationPath
+	}
+
+	queryURL, err := serverURL.Parse(operationPath)
+	if err != nil {
+		return nil, err
+	}
+
+	req, err := http.NewRequest(http.MethodPost, queryURL.String(), body)
+	if err != nil {
+		return nil, err
+	}
+
+	req.Header.Add("Content-Type", contentType)
 
 	return req, nil
 }
@@ -8133,6 +8957,49 @@ type ClientWithResponsesInterface interface {
 	// Corresponds with PUT /v1/customers/{customer_id} (the `UpsertCustomer` operationId).
 	UpsertCustomerWithResponse(ctx context.Context, customerId CustomerID, body UpsertCustomerJSONRequestBody, reqEditors ...RequestEditorFn) (*UpsertCustomerResponse, error)
 
+	// GetAutoTopUpWithResponse Read automatic top-up settings and status
+	//
+	// Returns a wrapper object for the known response body format(s).
+	//
+	// Corresponds with GET /v1/customers/{customer_id}/auto-top-up (the `GetAutoTopUp` operationId).
+	GetAutoTopUpWithResponse(ctx context.Context, customerId CustomerID, reqEditors ...RequestEditorFn) (*GetAutoTopUpResponse, error)
+
+	// PutAutoTopUpWithBodyWithResponse Configure automatic top-up
+	//
+	// When a change that lowers the balance (a consume, an expiry, a
+	// revoke) leaves fewer than `threshold` credits available, tally
+	// buys `quantity` × `item` (a credit pack) on the customer's saved
+	// card, off-session: one top-up at a time, at most `monthly_limit` a
+	// calendar month (UTC). The payment (`method: auto_top_up`) is
+	// credited only when Stripe confirms it. A refused card emits
+	// `credits.auto_top_up_failed`; after three failures in a row
+	// automatic top-up disables itself (`credits.auto_top_up_disabled`).
+	// Saving with `enabled: true` re-activates it and clears the failure
+	// count. Saving starts nothing by itself.
+	//
+	// Takes any type of body and a specified content type, and returns a wrapper object for the known response body format(s).
+	//
+	// Corresponds with PUT /v1/customers/{customer_id}/auto-top-up (the `PutAutoTopUp` operationId).
+	PutAutoTopUpWithBodyWithResponse(ctx context.Context, customerId CustomerID, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*PutAutoTopUpResponse, error)
+
+	// PutAutoTopUpWithResponse Configure automatic top-up
+	//
+	// When a change that lowers the balance (a consume, an expiry, a
+	// revoke) leaves fewer than `threshold` credits available, tally
+	// buys `quantity` × `item` (a credit pack) on the customer's saved
+	// card, off-session: one top-up at a time, at most `monthly_limit` a
+	// calendar month (UTC). The payment (`method: auto_top_up`) is
+	// credited only when Stripe confirms it. A refused card emits
+	// `credits.auto_top_up_failed`; after three failures in a row
+	// automatic top-up disables itself (`credits.auto_top_up_disabled`).
+	// Saving with `enabled: true` re-activates it and clears the failure
+	// count. Saving starts nothing by itself.
+	//
+	// Takes a body of the `application/json` content type, and returns a wrapper object for the known response body format(s).
+	//
+	// Corresponds with PUT /v1/customers/{customer_id}/auto-top-up (the `PutAutoTopUp` operationId).
+	PutAutoTopUpWithResponse(ctx context.Context, customerId CustomerID, body PutAutoTopUpJSONRequestBody, reqEditors ...RequestEditorFn) (*PutAutoTopUpResponse, error)
+
 	// GetBalanceWithResponse Credits now, by grant; or the balance at a past time
 	//
 	// Without `at`: what the customer owns (`balance`), what of it active
@@ -8224,6 +9091,24 @@ type ClientWithResponsesInterface interface {
 	//
 	// Corresponds with POST /v1/customers/{customer_id}/credits/consume (the `ConsumeCredits` operationId).
 	ConsumeCreditsWithResponse(ctx context.Context, customerId CustomerID, params *ConsumeCreditsParams, body ConsumeCreditsJSONRequestBody, reqEditors ...RequestEditorFn) (*ConsumeCreditsResponse, error)
+
+	// GetCreditsForecastWithResponse Consumption forecast, runway and a top-up suggestion
+	//
+	// Forecasts the customer's daily consumption from its own history (the
+	// daily rollup consume maintains, through yesterday, UTC), from today
+	// on: each day's expected consumption with an 80% interval
+	// (`low`, `high`), how many days the available credits last at the
+	// expected pace and at the pessimistic one (the 90% bound of the
+	// consumption so far), and the catalog pack that covers the
+	// pessimistic consumption of the next 30 days at the lowest price.
+	// A runway beyond the horizon is null. `model` says which model
+	// answered: `ets_weekly_log` or `ets_weekly_linear` (two weeks of
+	// history or more), `short_history`, or `no_consumption`.
+	//
+	// Returns a wrapper object for the known response body format(s).
+	//
+	// Corresponds with GET /v1/customers/{customer_id}/credits/forecast (the `GetCreditsForecast` operationId).
+	GetCreditsForecastWithResponse(ctx context.Context, customerId CustomerID, params *GetCreditsForecastParams, reqEditors ...RequestEditorFn) (*GetCreditsForecastResponse, error)
 
 	// GrantCreditsWithBodyWithResponse Grant credits (promotion, manual adjustment)
 	//
@@ -8404,6 +9289,34 @@ type ClientWithResponsesInterface interface {
 	//
 	// Corresponds with POST /v1/customers/{customer_id}/invoice-payments (the `CreateInvoicePayment` operationId).
 	CreateInvoicePaymentWithResponse(ctx context.Context, customerId CustomerID, params *CreateInvoicePaymentParams, body CreateInvoicePaymentJSONRequestBody, reqEditors ...RequestEditorFn) (*CreateInvoicePaymentResponse, error)
+
+	// CreatePaymentMethodSetupWithBodyWithResponse Save a card for automatic top-up (Checkout in setup mode)
+	//
+	// Creates a Stripe Checkout Session in `setup` mode: the buyer enters a
+	// card, nothing is charged. When Stripe confirms it, the card becomes
+	// the customer's default payment method (shown on the customer as
+	// `payment_method`), which automatic top-up charges off-session. The
+	// customer is created on first use. Counts against the customer's
+	// checkout rate limit.
+	//
+	// Takes any type of body and a specified content type, and returns a wrapper object for the known response body format(s).
+	//
+	// Corresponds with POST /v1/customers/{customer_id}/payment-method-setups (the `CreatePaymentMethodSetup` operationId).
+	CreatePaymentMethodSetupWithBodyWithResponse(ctx context.Context, customerId CustomerID, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*CreatePaymentMethodSetupResponse, error)
+
+	// CreatePaymentMethodSetupWithResponse Save a card for automatic top-up (Checkout in setup mode)
+	//
+	// Creates a Stripe Checkout Session in `setup` mode: the buyer enters a
+	// card, nothing is charged. When Stripe confirms it, the card becomes
+	// the customer's default payment method (shown on the customer as
+	// `payment_method`), which automatic top-up charges off-session. The
+	// customer is created on first use. Counts against the customer's
+	// checkout rate limit.
+	//
+	// Takes a body of the `application/json` content type, and returns a wrapper object for the known response body format(s).
+	//
+	// Corresponds with POST /v1/customers/{customer_id}/payment-method-setups (the `CreatePaymentMethodSetup` operationId).
+	CreatePaymentMethodSetupWithResponse(ctx context.Context, customerId CustomerID, body CreatePaymentMethodSetupJSONRequestBody, reqEditors ...RequestEditorFn) (*CreatePaymentMethodSetupResponse, error)
 
 	// ListCustomerPaymentsWithResponse A customer's payments, newest first
 	//
@@ -9497,6 +10410,116 @@ func (r UpsertCustomerResponse) ContentType() string {
 	return ""
 }
 
+// GetAutoTopUpResponseDefaultHeaders the declared response headers of an HTTP default response for GetAutoTopUp
+type GetAutoTopUpResponseDefaultHeaders struct {
+	RetryAfter *int
+}
+
+type GetAutoTopUpResponse struct {
+	Body         []byte
+	HTTPResponse *http.Response
+	// JSON200 the response for an HTTP 200 `application/json` response
+	JSON200 *AutoTopUp
+	// ApplicationproblemJSONDefault the response for an HTTP default `application/problem+json` response
+	ApplicationproblemJSONDefault *Problem
+	// HeadersDefault the parsed response headers for an HTTP default response
+	HeadersDefault *GetAutoTopUpResponseDefaultHeaders
+}
+
+// GetJSON200 returns the response for an HTTP 200 `application/json` response
+func (r GetAutoTopUpResponse) GetJSON200() *AutoTopUp {
+	return r.JSON200
+}
+
+// GetApplicationproblemJSONDefault returns the response for an HTTP default `application/problem+json` response
+func (r GetAutoTopUpResponse) GetApplicationproblemJSONDefault() *Problem {
+	return r.ApplicationproblemJSONDefault
+}
+
+// GetBody returns the raw response body bytes
+func (r GetAutoTopUpResponse) GetBody() []byte {
+	return r.Body
+}
+
+// Status returns HTTPResponse.Status
+func (r GetAutoTopUpResponse) Status() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Status
+	}
+	return http.StatusText(0)
+}
+
+// StatusCode returns HTTPResponse.StatusCode
+func (r GetAutoTopUpResponse) StatusCode() int {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.StatusCode
+	}
+	return 0
+}
+
+// ContentType is a convenience method to retrieve the Content-Type value from the HTTP response headers
+func (r GetAutoTopUpResponse) ContentType() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Header.Get("Content-Type")
+	}
+	return ""
+}
+
+// PutAutoTopUpResponseDefaultHeaders the declared response headers of an HTTP default response for PutAutoTopUp
+type PutAutoTopUpResponseDefaultHeaders struct {
+	RetryAfter *int
+}
+
+type PutAutoTopUpResponse struct {
+	Body         []byte
+	HTTPResponse *http.Response
+	// JSON200 the response for an HTTP 200 `application/json` response
+	JSON200 *AutoTopUp
+	// ApplicationproblemJSONDefault the response for an HTTP default `application/problem+json` response
+	ApplicationproblemJSONDefault *Problem
+	// HeadersDefault the parsed response headers for an HTTP default response
+	HeadersDefault *PutAutoTopUpResponseDefaultHeaders
+}
+
+// GetJSON200 returns the response for an HTTP 200 `application/json` response
+func (r PutAutoTopUpResponse) GetJSON200() *AutoTopUp {
+	return r.JSON200
+}
+
+// GetApplicationproblemJSONDefault returns the response for an HTTP default `application/problem+json` response
+func (r PutAutoTopUpResponse) GetApplicationproblemJSONDefault() *Problem {
+	return r.ApplicationproblemJSONDefault
+}
+
+// GetBody returns the raw response body bytes
+func (r PutAutoTopUpResponse) GetBody() []byte {
+	return r.Body
+}
+
+// Status returns HTTPResponse.Status
+func (r PutAutoTopUpResponse) Status() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Status
+	}
+	return http.StatusText(0)
+}
+
+// StatusCode returns HTTPResponse.StatusCode
+func (r PutAutoTopUpResponse) StatusCode() int {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.StatusCode
+	}
+	return 0
+}
+
+// ContentType is a convenience method to retrieve the Content-Type value from the HTTP response headers
+func (r PutAutoTopUpResponse) ContentType() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Header.Get("Content-Type")
+	}
+	return ""
+}
+
 // GetBalanceResponseDefaultHeaders the declared response headers of an HTTP default response for GetBalance
 type GetBalanceResponseDefaultHeaders struct {
 	RetryAfter *int
@@ -9739,6 +10762,61 @@ func (r ConsumeCreditsResponse) StatusCode() int {
 
 // ContentType is a convenience method to retrieve the Content-Type value from the HTTP response headers
 func (r ConsumeCreditsResponse) ContentType() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Header.Get("Content-Type")
+	}
+	return ""
+}
+
+// GetCreditsForecastResponseDefaultHeaders the declared response headers of an HTTP default response for GetCreditsForecast
+type GetCreditsForecastResponseDefaultHeaders struct {
+	RetryAfter *int
+}
+
+type GetCreditsForecastResponse struct {
+	Body         []byte
+	HTTPResponse *http.Response
+	// JSON200 the response for an HTTP 200 `application/json` response
+	JSON200 *CreditsForecast
+	// ApplicationproblemJSONDefault the response for an HTTP default `application/problem+json` response
+	ApplicationproblemJSONDefault *Problem
+	// HeadersDefault the parsed response headers for an HTTP default response
+	HeadersDefault *GetCreditsForecastResponseDefaultHeaders
+}
+
+// GetJSON200 returns the response for an HTTP 200 `application/json` response
+func (r GetCreditsForecastResponse) GetJSON200() *CreditsForecast {
+	return r.JSON200
+}
+
+// GetApplicationproblemJSONDefault returns the response for an HTTP default `application/problem+json` response
+func (r GetCreditsForecastResponse) GetApplicationproblemJSONDefault() *Problem {
+	return r.ApplicationproblemJSONDefault
+}
+
+// GetBody returns the raw response body bytes
+func (r GetCreditsForecastResponse) GetBody() []byte {
+	return r.Body
+}
+
+// Status returns HTTPResponse.Status
+func (r GetCreditsForecastResponse) Status() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Status
+	}
+	return http.StatusText(0)
+}
+
+// StatusCode returns HTTPResponse.StatusCode
+func (r GetCreditsForecastResponse) StatusCode() int {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.StatusCode
+	}
+	return 0
+}
+
+// ContentType is a convenience method to retrieve the Content-Type value from the HTTP response headers
+func (r GetCreditsForecastResponse) ContentType() string {
 	if r.HTTPResponse != nil {
 		return r.HTTPResponse.Header.Get("Content-Type")
 	}
@@ -10283,6 +11361,61 @@ func (r CreateInvoicePaymentResponse) StatusCode() int {
 
 // ContentType is a convenience method to retrieve the Content-Type value from the HTTP response headers
 func (r CreateInvoicePaymentResponse) ContentType() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Header.Get("Content-Type")
+	}
+	return ""
+}
+
+// CreatePaymentMethodSetupResponseDefaultHeaders the declared response headers of an HTTP default response for CreatePaymentMethodSetup
+type CreatePaymentMethodSetupResponseDefaultHeaders struct {
+	RetryAfter *int
+}
+
+type CreatePaymentMethodSetupResponse struct {
+	Body         []byte
+	HTTPResponse *http.Response
+	// JSON201 the response for an HTTP 201 `application/json` response
+	JSON201 *PaymentMethodSetup
+	// ApplicationproblemJSONDefault the response for an HTTP default `application/problem+json` response
+	ApplicationproblemJSONDefault *Problem
+	// HeadersDefault the parsed response headers for an HTTP default response
+	HeadersDefault *CreatePaymentMethodSetupResponseDefaultHeaders
+}
+
+// GetJSON201 returns the response for an HTTP 201 `application/json` response
+func (r CreatePaymentMethodSetupResponse) GetJSON201() *PaymentMethodSetup {
+	return r.JSON201
+}
+
+// GetApplicationproblemJSONDefault returns the response for an HTTP default `application/problem+json` response
+func (r CreatePaymentMethodSetupResponse) GetApplicationproblemJSONDefault() *Problem {
+	return r.ApplicationproblemJSONDefault
+}
+
+// GetBody returns the raw response body bytes
+func (r CreatePaymentMethodSetupResponse) GetBody() []byte {
+	return r.Body
+}
+
+// Status returns HTTPResponse.Status
+func (r CreatePaymentMethodSetupResponse) Status() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Status
+	}
+	return http.StatusText(0)
+}
+
+// StatusCode returns HTTPResponse.StatusCode
+func (r CreatePaymentMethodSetupResponse) StatusCode() int {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.StatusCode
+	}
+	return 0
+}
+
+// ContentType is a convenience method to retrieve the Content-Type value from the HTTP response headers
+func (r CreatePaymentMethodSetupResponse) ContentType() string {
 	if r.HTTPResponse != nil {
 		return r.HTTPResponse.Header.Get("Content-Type")
 	}
@@ -11147,6 +12280,67 @@ func (c *ClientWithResponses) UpsertCustomerWithResponse(ctx context.Context, cu
 	return ParseUpsertCustomerResponse(rsp)
 }
 
+// GetAutoTopUpWithResponse Read automatic top-up settings and status
+//
+// Returns a wrapper object for the known response body format(s).
+//
+// Corresponds with GET /v1/customers/{customer_id}/auto-top-up (the `GetAutoTopUp` operationId).
+func (c *ClientWithResponses) GetAutoTopUpWithResponse(ctx context.Context, customerId CustomerID, reqEditors ...RequestEditorFn) (*GetAutoTopUpResponse, error) {
+	rsp, err := c.GetAutoTopUp(ctx, customerId, reqEditors...)
+	if err != nil {
+		return nil, err
+	}
+	return ParseGetAutoTopUpResponse(rsp)
+}
+
+// PutAutoTopUpWithBodyWithResponse Configure automatic top-up
+//
+// When a change that lowers the balance (a consume, an expiry, a
+// revoke) leaves fewer than `threshold` credits available, tally
+// buys `quantity` × `item` (a credit pack) on the customer's saved
+// card, off-session: one top-up at a time, at most `monthly_limit` a
+// calendar month (UTC). The payment (`method: auto_top_up`) is
+// credited only when Stripe confirms it. A refused card emits
+// `credits.auto_top_up_failed`; after three failures in a row
+// automatic top-up disables itself (`credits.auto_top_up_disabled`).
+// Saving with `enabled: true` re-activates it and clears the failure
+// count. Saving starts nothing by itself.
+//
+// Takes any type of body and a specified content type, and returns a wrapper object for the known response body format(s).
+//
+// Corresponds with PUT /v1/customers/{customer_id}/auto-top-up (the `PutAutoTopUp` operationId).
+func (c *ClientWithResponses) PutAutoTopUpWithBodyWithResponse(ctx context.Context, customerId CustomerID, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*PutAutoTopUpResponse, error) {
+	rsp, err := c.PutAutoTopUpWithBody(ctx, customerId, contentType, body, reqEditors...)
+	if err != nil {
+		return nil, err
+	}
+	return ParsePutAutoTopUpResponse(rsp)
+}
+
+// PutAutoTopUpWithResponse Configure automatic top-up
+//
+// When a change that lowers the balance (a consume, an expiry, a
+// revoke) leaves fewer than `threshold` credits available, tally
+// buys `quantity` × `item` (a credit pack) on the customer's saved
+// card, off-session: one top-up at a time, at most `monthly_limit` a
+// calendar month (UTC). The payment (`method: auto_top_up`) is
+// credited only when Stripe confirms it. A refused card emits
+// `credits.auto_top_up_failed`; after three failures in a row
+// automatic top-up disables itself (`credits.auto_top_up_disabled`).
+// Saving with `enabled: true` re-activates it and clears the failure
+// count. Saving starts nothing by itself.
+//
+// Takes a body of the `application/json` content type, and returns a wrapper object for the known response body format(s).
+//
+// Corresponds with PUT /v1/customers/{customer_id}/auto-top-up (the `PutAutoTopUp` operationId).
+func (c *ClientWithResponses) PutAutoTopUpWithResponse(ctx context.Context, customerId CustomerID, body PutAutoTopUpJSONRequestBody, reqEditors ...RequestEditorFn) (*PutAutoTopUpResponse, error) {
+	rsp, err := c.PutAutoTopUp(ctx, customerId, body, reqEditors...)
+	if err != nil {
+		return nil, err
+	}
+	return ParsePutAutoTopUpResponse(rsp)
+}
+
 // GetBalanceWithResponse Credits now, by grant; or the balance at a past time
 //
 // Without `at`: what the customer owns (`balance`), what of it active
@@ -11279,6 +12473,30 @@ func (c *ClientWithResponses) ConsumeCreditsWithResponse(ctx context.Context, cu
 		return nil, err
 	}
 	return ParseConsumeCreditsResponse(rsp)
+}
+
+// GetCreditsForecastWithResponse Consumption forecast, runway and a top-up suggestion
+//
+// Forecasts the customer's daily consumption from its own history (the
+// daily rollup consume maintains, through yesterday, UTC), from today
+// on: each day's expected consumption with an 80% interval
+// (`low`, `high`), how many days the available credits last at the
+// expected pace and at the pessimistic one (the 90% bound of the
+// consumption so far), and the catalog pack that covers the
+// pessimistic consumption of the next 30 days at the lowest price.
+// A runway beyond the horizon is null. `model` says which model
+// answered: `ets_weekly_log` or `ets_weekly_linear` (two weeks of
+// history or more), `short_history`, or `no_consumption`.
+//
+// Returns a wrapper object for the known response body format(s).
+//
+// Corresponds with GET /v1/customers/{customer_id}/credits/forecast (the `GetCreditsForecast` operationId).
+func (c *ClientWithResponses) GetCreditsForecastWithResponse(ctx context.Context, customerId CustomerID, params *GetCreditsForecastParams, reqEditors ...RequestEditorFn) (*GetCreditsForecastResponse, error) {
+	rsp, err := c.GetCreditsForecast(ctx, customerId, params, reqEditors...)
+	if err != nil {
+		return nil, err
+	}
+	return ParseGetCreditsForecastResponse(rsp)
 }
 
 // GrantCreditsWithBodyWithResponse Grant credits (promotion, manual adjustment)
@@ -11543,6 +12761,46 @@ func (c *ClientWithResponses) CreateInvoicePaymentWithResponse(ctx context.Conte
 		return nil, err
 	}
 	return ParseCreateInvoicePaymentResponse(rsp)
+}
+
+// CreatePaymentMethodSetupWithBodyWithResponse Save a card for automatic top-up (Checkout in setup mode)
+//
+// Creates a Stripe Checkout Session in `setup` mode: the buyer enters a
+// card, nothing is charged. When Stripe confirms it, the card becomes
+// the customer's default payment method (shown on the customer as
+// `payment_method`), which automatic top-up charges off-session. The
+// customer is created on first use. Counts against the customer's
+// checkout rate limit.
+//
+// Takes any type of body and a specified content type, and returns a wrapper object for the known response body format(s).
+//
+// Corresponds with POST /v1/customers/{customer_id}/payment-method-setups (the `CreatePaymentMethodSetup` operationId).
+func (c *ClientWithResponses) CreatePaymentMethodSetupWithBodyWithResponse(ctx context.Context, customerId CustomerID, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*CreatePaymentMethodSetupResponse, error) {
+	rsp, err := c.CreatePaymentMethodSetupWithBody(ctx, customerId, contentType, body, reqEditors...)
+	if err != nil {
+		return nil, err
+	}
+	return ParseCreatePaymentMethodSetupResponse(rsp)
+}
+
+// CreatePaymentMethodSetupWithResponse Save a card for automatic top-up (Checkout in setup mode)
+//
+// Creates a Stripe Checkout Session in `setup` mode: the buyer enters a
+// card, nothing is charged. When Stripe confirms it, the card becomes
+// the customer's default payment method (shown on the customer as
+// `payment_method`), which automatic top-up charges off-session. The
+// customer is created on first use. Counts against the customer's
+// checkout rate limit.
+//
+// Takes a body of the `application/json` content type, and returns a wrapper object for the known response body format(s).
+//
+// Corresponds with POST /v1/customers/{customer_id}/payment-method-setups (the `CreatePaymentMethodSetup` operationId).
+func (c *ClientWithResponses) CreatePaymentMethodSetupWithResponse(ctx context.Context, customerId CustomerID, body CreatePaymentMethodSetupJSONRequestBody, reqEditors ...RequestEditorFn) (*CreatePaymentMethodSetupResponse, error) {
+	rsp, err := c.CreatePaymentMethodSetup(ctx, customerId, body, reqEditors...)
+	if err != nil {
+		return nil, err
+	}
+	return ParseCreatePaymentMethodSetupResponse(rsp)
 }
 
 // ListCustomerPaymentsWithResponse A customer's payments, newest first
@@ -12513,6 +13771,98 @@ func ParseUpsertCustomerResponse(rsp *http.Response) (*UpsertCustomerResponse, e
 	return response, nil
 }
 
+// ParseGetAutoTopUpResponse parses an HTTP response from a GetAutoTopUpWithResponse call
+func ParseGetAutoTopUpResponse(rsp *http.Response) (*GetAutoTopUpResponse, error) {
+	bodyBytes, err := io.ReadAll(rsp.Body)
+	defer func() { _ = rsp.Body.Close() }()
+	if err != nil {
+		return nil, err
+	}
+
+	response := &GetAutoTopUpResponse{
+		Body:         bodyBytes,
+		HTTPResponse: rsp,
+	}
+
+	switch {
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 200:
+		var dest AutoTopUp
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON200 = &dest
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && true:
+		var dest Problem
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.ApplicationproblemJSONDefault = &dest
+
+	}
+
+	switch {
+	case true:
+		var headers GetAutoTopUpResponseDefaultHeaders
+		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
+			var value int
+			if err := runtime.BindStyledParameterWithOptions("simple", "Retry-After", values[0], &value, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "integer", Format: ""}); err != nil {
+				return nil, err
+			}
+			headers.RetryAfter = &value
+		}
+		response.HeadersDefault = &headers
+	}
+
+	return response, nil
+}
+
+// ParsePutAutoTopUpResponse parses an HTTP response from a PutAutoTopUpWithResponse call
+func ParsePutAutoTopUpResponse(rsp *http.Response) (*PutAutoTopUpResponse, error) {
+	bodyBytes, err := io.ReadAll(rsp.Body)
+	defer func() { _ = rsp.Body.Close() }()
+	if err != nil {
+		return nil, err
+	}
+
+	response := &PutAutoTopUpResponse{
+		Body:         bodyBytes,
+		HTTPResponse: rsp,
+	}
+
+	switch {
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 200:
+		var dest AutoTopUp
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON200 = &dest
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && true:
+		var dest Problem
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.ApplicationproblemJSONDefault = &dest
+
+	}
+
+	switch {
+	case true:
+		var headers PutAutoTopUpResponseDefaultHeaders
+		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
+			var value int
+			if err := runtime.BindStyledParameterWithOptions("simple", "Retry-After", values[0], &value, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "integer", Format: ""}); err != nil {
+				return nil, err
+			}
+			headers.RetryAfter = &value
+		}
+		response.HeadersDefault = &headers
+	}
+
+	return response, nil
+}
+
 // ParseGetBalanceResponse parses an HTTP response from a GetBalanceWithResponse call
 func ParseGetBalanceResponse(rsp *http.Response) (*GetBalanceResponse, error) {
 	bodyBytes, err := io.ReadAll(rsp.Body)
@@ -12718,6 +14068,52 @@ func ParseConsumeCreditsResponse(rsp *http.Response) (*ConsumeCreditsResponse, e
 		response.Headers200 = &headers
 	case true:
 		var headers ConsumeCreditsResponseDefaultHeaders
+		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
+			var value int
+			if err := runtime.BindStyledParameterWithOptions("simple", "Retry-After", values[0], &value, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "integer", Format: ""}); err != nil {
+				return nil, err
+			}
+			headers.RetryAfter = &value
+		}
+		response.HeadersDefault = &headers
+	}
+
+	return response, nil
+}
+
+// ParseGetCreditsForecastResponse parses an HTTP response from a GetCreditsForecastWithResponse call
+func ParseGetCreditsForecastResponse(rsp *http.Response) (*GetCreditsForecastResponse, error) {
+	bodyBytes, err := io.ReadAll(rsp.Body)
+	defer func() { _ = rsp.Body.Close() }()
+	if err != nil {
+		return nil, err
+	}
+
+	response := &GetCreditsForecastResponse{
+		Body:         bodyBytes,
+		HTTPResponse: rsp,
+	}
+
+	switch {
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 200:
+		var dest CreditsForecast
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON200 = &dest
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && true:
+		var dest Problem
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.ApplicationproblemJSONDefault = &dest
+
+	}
+
+	switch {
+	case true:
+		var headers GetCreditsForecastResponseDefaultHeaders
 		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
 			var value int
 			if err := runtime.BindStyledParameterWithOptions("simple", "Retry-After", values[0], &value, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "integer", Format: ""}); err != nil {
@@ -13199,6 +14595,52 @@ func ParseCreateInvoicePaymentResponse(rsp *http.Response) (*CreateInvoicePaymen
 		response.Headers201 = &headers
 	case true:
 		var headers CreateInvoicePaymentResponseDefaultHeaders
+		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
+			var value int
+			if err := runtime.BindStyledParameterWithOptions("simple", "Retry-After", values[0], &value, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "integer", Format: ""}); err != nil {
+				return nil, err
+			}
+			headers.RetryAfter = &value
+		}
+		response.HeadersDefault = &headers
+	}
+
+	return response, nil
+}
+
+// ParseCreatePaymentMethodSetupResponse parses an HTTP response from a CreatePaymentMethodSetupWithResponse call
+func ParseCreatePaymentMethodSetupResponse(rsp *http.Response) (*CreatePaymentMethodSetupResponse, error) {
+	bodyBytes, err := io.ReadAll(rsp.Body)
+	defer func() { _ = rsp.Body.Close() }()
+	if err != nil {
+		return nil, err
+	}
+
+	response := &CreatePaymentMethodSetupResponse{
+		Body:         bodyBytes,
+		HTTPResponse: rsp,
+	}
+
+	switch {
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 201:
+		var dest PaymentMethodSetup
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON201 = &dest
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && true:
+		var dest Problem
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.ApplicationproblemJSONDefault = &dest
+
+	}
+
+	switch {
+	case true:
+		var headers CreatePaymentMethodSetupResponseDefaultHeaders
 		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
 			var value int
 			if err := runtime.BindStyledParameterWithOptions("simple", "Retry-After", values[0], &value, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "integer", Format: ""}); err != nil {
