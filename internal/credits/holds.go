@@ -208,6 +208,8 @@ func hold(ctx context.Context, tx *gorm.DB, clock func() time.Time, in HoldInput
 	if !a.nextHoldExpiry.Valid || h.ExpiresAt.Before(a.nextHoldExpiry.Time) {
 		a.nextHoldExpiry = sql.NullTime{Time: h.ExpiresAt, Valid: true}
 	}
+	// Held credits are not available: thresholds compare what is.
+	fire := a.lowBalance(true)
 	if err := a.save(ctx, tx); err != nil {
 		return HoldResult{}, err
 	}
@@ -219,7 +221,7 @@ func hold(ctx context.Context, tx *gorm.DB, clock func() time.Time, in HoldInput
 		return HoldResult{}, err
 	}
 	// What is available fell; the balance did not.
-	if err := a.afterLowering(ctx, tx, false); err != nil {
+	if err := a.afterLowering(ctx, tx, fire); err != nil {
 		return HoldResult{}, err
 	}
 	return HoldResult{HoldID: h.ID, Amount: in.Amount, Status: HoldActive, ExpiresAt: h.ExpiresAt.UTC(), Balance: a.balance, Available: available}, nil

@@ -150,7 +150,8 @@ func TestCaptureBelowTopUpThresholdStartsTopUp(t *testing.T) {
 }
 
 // credits.low_balance compares what is available: held credits take it
-// below the threshold although the balance stays above it.
+// below the threshold although the balance stays above it, whether a new
+// hold or a consume beside holds crosses it.
 func TestLowBalanceComparesAvailable(t *testing.T) {
 	f := newFixture(t, defaultCfg())
 	f.withTopUp("avail", 1)
@@ -168,6 +169,30 @@ func TestLowBalanceComparesAvailable(t *testing.T) {
 	if len(got) != 2 || got[0].Threshold != 700 || got[0].Available != 550 || got[0].Balance != 1000 ||
 		got[1].Threshold != 500 || got[1].Available != 450 || got[1].Balance != 900 {
 		t.Fatalf("credits.low_balance events %+v", got)
+	}
+	f.mustVerify()
+}
+
+// A new hold that takes what is available below the customer's threshold
+// fires credits.low_balance once; its release re-arms it.
+func TestHoldCrossingTheThresholdFiresLowBalance(t *testing.T) {
+	f := newFixture(t, defaultCfg())
+	f.withTopUp("hold-x", 1)
+	if err := f.db.Exec(`UPDATE customers SET low_balance_threshold = 500 WHERE id = 'hold-x'`).Error; err != nil {
+		t.Fatal(err)
+	}
+	f.grant("hold-x", 1000, nil)
+	h := f.mustHold("hold-x", 600, time.Hour) // available 400
+	f.mustHold("hold-x", 10, time.Hour)       // still below: nothing new
+	if n := f.countEvents("credits.low_balance"); n != 1 {
+		t.Fatalf("%d credits.low_balance after the holds, want 1", n)
+	}
+	if _, err := f.release("hold-x", h.HoldID); err != nil { // available 990: re-armed
+		t.Fatal(err)
+	}
+	f.mustHold("hold-x", 600, time.Hour) // 390
+	if n := f.countEvents("credits.low_balance"); n != 2 {
+		t.Fatalf("%d credits.low_balance after falling again, want 2", n)
 	}
 	f.mustVerify()
 }
