@@ -590,4 +590,3 @@ func TestVoidsRacingHoldsAndHostileCorrections(t *testing.T) {
 	}
 	mustVerifyClean(t, s)
 }
-
