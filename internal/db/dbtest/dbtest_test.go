@@ -74,3 +74,29 @@ func TestNewURLAndNewEmptyURL(t *testing.T) {
 		}
 	}
 }
+
+// New copies a template that carries the digest of the migration files in
+// its name, is marked a template and takes no connections, so a copy never
+// finds a session in it and a changed migration never reuses it.
+func TestNewCopiesTheTemplateOfTheseMigrations(t *testing.T) {
+	gdb := dbtest.New(t)
+	digest, err := db.MigrationsDigest()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var tmpl struct {
+		Datname       string
+		Datistemplate bool
+		Datallowconn  bool
+	}
+	if err := gdb.Raw(`SELECT datname, datistemplate, datallowconn FROM pg_database WHERE datname = ?`, "tally_template_"+digest[:16]).Scan(&tmpl).Error; err != nil {
+		t.Fatal(err)
+	}
+	if tmpl.Datname == "" || !tmpl.Datistemplate || tmpl.Datallowconn {
+		t.Fatalf("template for digest %s: %+v; want it present, marked a template, closed to connections", digest[:16], tmpl)
+	}
+	other, err := db.MigrationsDigest()
+	if err != nil || other != digest {
+		t.Fatalf("MigrationsDigest is not stable: %s then %s (%v)", digest, other, err)
+	}
+}
