@@ -241,9 +241,9 @@ func TestMetricsOnTheMainListenerNeedTheAdminKey(t *testing.T) {
 	}
 
 	env := baseEnv(t)
-	env["TALLY_METRICS_ADDR"] = freeAddr(t)
+	env["TALLY_METRICS_ADDR"] = "127.0.0.1:0"
 	own := startServer(t, env)
-	if status, body := getWithToken(t, "http://"+env["TALLY_METRICS_ADDR"]+"/metrics", ""); status != http.StatusOK || !strings.Contains(body, "tally_db_up") {
+	if status, body := getWithToken(t, own.MetricsURL+"/metrics", ""); status != http.StatusOK || !strings.Contains(body, "tally_db_up") {
 		t.Fatalf("/metrics on the cluster-only listener without a token: %d", status)
 	}
 	if status, _ := getWithToken(t, own.URL+"/metrics", testAdminKey); status != http.StatusNotFound {

@@ -29,31 +29,28 @@ func writeCatalog(t testing.TB, yaml string) string {
 }
 
 // serveRefuses runs `tally serve` with env and returns the error it refused
-// to start with; a server that starts and answers /healthz fails the test.
+// to start with; a server that starts listening fails the test.
 func serveRefuses(t testing.TB, env map[string]string) error {
 	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	var out syncBuffer
 	done := make(chan error, 1)
-	go func() {
-		done <- run(ctx, []string{"tally", "serve"}, func(k string) string { return env[k] }, &out, &out)
-	}()
-	for {
-		select {
-		case err := <-done:
-			if err == nil {
-				t.Fatalf("tally serve exited without an error\n%s", out.String())
-			}
-			return err
-		case <-time.After(50 * time.Millisecond):
+	listening := make(chan struct{}, 1)
+	renv := environment{getenv: func(k string) string { return env[k] }, stdout: &out, stderr: &out,
+		listening: func(string, string) { listening <- struct{}{} }}
+	go func() { done <- runIn(ctx, []string{"tally", "serve"}, renv) }()
+	select {
+	case err := <-done:
+		if err == nil {
+			t.Fatalf("tally serve exited without an error\n%s", out.String())
 		}
-		if resp, err := http.Get("http://" + env["TALLY_HTTP_ADDR"] + "/healthz"); err == nil {
-			resp.Body.Close()
-			cancel()
-			<-done
-			t.Fatalf("tally serve started\n%s", out.String())
-		}
+		return err
+	case <-listening:
+		cancel()
+		<-done
+		t.Fatalf("tally serve started\n%s", out.String())
+		return nil
 	}
 }
 
@@ -217,7 +214,6 @@ func TestCheckoutRateLimitAcrossInstances(t *testing.T) {
 	envA["TALLY_CHECKOUT_RATE_LIMIT"] = "3"
 	a := startServer(t, envA)
 	envB := maps.Clone(envA)
-	envB["TALLY_HTTP_ADDR"] = freeAddr(t)
 	b := startServer(t, envB)
 	gdb := openDB(t, a)
 	ctx := context.Background()

@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"fmt"
 	"math/rand/v2"
 	"net/http"
@@ -61,15 +62,18 @@ func buildTally(t *testing.T) string {
 }
 
 // startChild runs `tally serve` from bin with exactly env (nothing of the
-// test's own environment) and waits until /healthz answers. The process is
-// killed at cleanup whatever happened.
+// test's own environment), reads the address it bound from its start line
+// (env's TALLY_HTTP_ADDR may name port 0) and waits until /healthz answers.
+// The process is killed at cleanup whatever happened.
 func startChild(t *testing.T, bin string, env map[string]string) *tallyChild {
 	t.Helper()
-	c := &tallyChild{URL: "http://" + env["TALLY_HTTP_ADDR"], logs: &syncBuffer{}, done: make(chan struct{})}
+	c := &tallyChild{logs: &syncBuffer{}, done: make(chan struct{})}
 	c.cmd = exec.Command(bin, "serve")
 	for k, v := range env {
 		c.cmd.Env = append(c.cmd.Env, k+"="+v)
 	}
+	// The start line is logged at info.
+	c.cmd.Env = append(c.cmd.Env, "TALLY_LOG_LEVEL=info")
 	c.cmd.Stdout, c.cmd.Stderr = c.logs, c.logs
 	if err := c.cmd.Start(); err != nil {
 		t.Fatalf("start %s: %v", bin, err)
@@ -81,11 +85,16 @@ func startChild(t *testing.T, bin string, env map[string]string) *tallyChild {
 	t.Cleanup(c.kill)
 	deadline := time.Now().Add(15 * time.Second)
 	for {
-		resp, err := http.Get(c.URL + "/healthz")
-		if err == nil {
-			resp.Body.Close()
-			if resp.StatusCode == http.StatusOK {
-				return c
+		if c.URL == "" {
+			c.URL = startedAt(c.logs.String())
+		}
+		if c.URL != "" {
+			resp, err := http.Get(c.URL + "/healthz")
+			if err == nil {
+				resp.Body.Close()
+				if resp.StatusCode == http.StatusOK {
+					return c
+				}
 			}
 		}
 		select {
@@ -98,6 +107,21 @@ func startChild(t *testing.T, bin string, env map[string]string) *tallyChild {
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
+}
+
+// startedAt is the base URL in serve's "tally starting" log line, "" until
+// it is written.
+func startedAt(logs string) string {
+	for line := range strings.Lines(logs) {
+		var l struct {
+			Msg  string `json:"msg"`
+			Addr string `json:"addr"`
+		}
+		if json.Unmarshal([]byte(line), &l) == nil && l.Msg == "tally starting" && l.Addr != "" {
+			return "http://" + l.Addr
+		}
+	}
+	return ""
 }
 
 // kill sends SIGKILL (when the process still runs) and waits for its exit.
@@ -438,7 +462,6 @@ func TestCrashMidStormThenRestart(t *testing.T) {
 	for k, v := range env {
 		env2[k] = v
 	}
-	env2["TALLY_HTTP_ADDR"] = freeAddr(t)
 	second := startChild(t, bin, env2)
 	run.children = append(run.children, second)
 	srv2 := &server{URL: second.URL, DBURL: env2["TALLY_DATABASE_URL"], env: env2}

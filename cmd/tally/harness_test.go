@@ -7,7 +7,6 @@ import (
 	"encoding/hex"
 	"io"
 	"log/slog"
-	"net"
 	"net/http"
 	"path/filepath"
 	"runtime"
@@ -36,15 +35,19 @@ const (
 	testWebhookSecret = "whsec_tally_test"
 )
 
-// server is a running instance of the real `run`, on a random port, against
-// its own fresh PostgreSQL database.
+// server is a running instance of the real `run`, on a port of its own
+// (TALLY_HTTP_ADDR 127.0.0.1:0: the port it bound is in URL), against its
+// own fresh PostgreSQL database.
 type server struct {
-	URL   string
-	DBURL string
-	env   map[string]string
-	logs  *syncBuffer
-	stop  context.CancelFunc
-	done  chan error
+	URL string
+	// MetricsURL is the separate /metrics listener's (TALLY_METRICS_ADDR),
+	// "" when /metrics is served with the API.
+	MetricsURL string
+	DBURL      string
+	env        map[string]string
+	logs       *syncBuffer
+	stop       context.CancelFunc
+	done       chan error
 }
 
 type syncBuffer struct {
@@ -75,21 +78,11 @@ func repoFile(rel string) string {
 	return filepath.Join(filepath.Dir(here), "..", "..", rel)
 }
 
-func freeAddr(t testing.TB) string {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatalf("find a free port: %v", err)
-	}
-	defer ln.Close()
-	return ln.Addr().String()
-}
-
 // baseEnv is the configuration of a test server on a fresh database.
 func baseEnv(t testing.TB) map[string]string {
 	return map[string]string{
 		"TALLY_DATABASE_URL":           dbtest.NewURL(t),
-		"TALLY_HTTP_ADDR":              freeAddr(t),
+		"TALLY_HTTP_ADDR":              "127.0.0.1:0",
 		"TALLY_API_KEYS":               "service:" + sha256Hex(testServiceKey) + ",admin:" + sha256Hex(testAdminKey),
 		"TALLY_JWT_HS256_SECRET":       testJWTSecret,
 		"TALLY_CATALOG_FILE":           repoFile("deploy/catalog.example.yaml"),
@@ -103,15 +96,30 @@ func baseEnv(t testing.TB) map[string]string {
 	}
 }
 
-// startServer runs `tally serve` in-process with env (see baseEnv) and waits
-// until /healthz answers. It is stopped, and must stop cleanly, at cleanup.
+// startServer runs `tally serve` in-process with env (see baseEnv), learns
+// the address it bound and waits until /healthz answers. It is stopped, and
+// must stop cleanly, at cleanup.
 func startServer(t testing.TB, env map[string]string) *server {
 	t.Helper()
-	s := &server{URL: "http://" + env["TALLY_HTTP_ADDR"], DBURL: env["TALLY_DATABASE_URL"], env: env, logs: &syncBuffer{}, done: make(chan error, 1)}
+	s := &server{DBURL: env["TALLY_DATABASE_URL"], env: env, logs: &syncBuffer{}, done: make(chan error, 1)}
 	ctx, cancel := context.WithCancel(context.Background())
 	s.stop = cancel
-	getenv := func(k string) string { return env[k] }
-	go func() { s.done <- run(ctx, []string{"tally", "serve"}, getenv, s.logs, s.logs) }()
+	bound := make(chan [2]string, 1)
+	renv := environment{getenv: func(k string) string { return env[k] }, stdout: s.logs, stderr: s.logs,
+		listening: func(addr, metricsAddr string) { bound <- [2]string{addr, metricsAddr} }}
+	go func() { s.done <- runIn(ctx, []string{"tally", "serve"}, renv) }()
+	select {
+	case addrs := <-bound:
+		s.URL = "http://" + addrs[0]
+		if addrs[1] != "" {
+			s.MetricsURL = "http://" + addrs[1]
+		}
+	case err := <-s.done:
+		t.Fatalf("tally serve exited before it listened: %v\nlogs:\n%s", err, s.logs)
+	case <-time.After(15 * time.Second):
+		cancel()
+		t.Fatalf("tally serve did not listen within 15s\nlogs:\n%s", s.logs)
+	}
 	deadline := time.Now().Add(15 * time.Second)
 	for {
 		resp, err := http.Get(s.URL + "/healthz")
@@ -130,7 +138,7 @@ func startServer(t testing.TB, env map[string]string) *server {
 			cancel()
 			t.Fatalf("tally serve did not become healthy within 15s\nlogs:\n%s", s.logs)
 		}
-		time.Sleep(20 * time.Millisecond)
+		time.Sleep(10 * time.Millisecond)
 	}
 	t.Cleanup(func() {
 		s.checkFeed(t)

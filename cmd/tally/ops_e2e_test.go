@@ -72,12 +72,12 @@ func TestOperationalEndpoints(t *testing.T) {
 
 func TestMetricsOnTheirOwnListener(t *testing.T) {
 	env := baseEnv(t)
-	env["TALLY_METRICS_ADDR"] = freeAddr(t)
+	env["TALLY_METRICS_ADDR"] = "127.0.0.1:0"
 	s := startServer(t, env)
 	if status, _, _ := get(t, s.URL+"/metrics"); status != http.StatusNotFound {
 		t.Fatalf("/metrics on the API listener: %d, want 404", status)
 	}
-	if status, body, _ := get(t, "http://"+env["TALLY_METRICS_ADDR"]+"/metrics"); status != 200 || !strings.Contains(body, "tally_db_up") {
+	if status, body, _ := get(t, s.MetricsURL+"/metrics"); status != 200 || !strings.Contains(body, "tally_db_up") {
 		t.Fatalf("/metrics on the metrics listener: %d", status)
 	}
 }

@@ -27,7 +27,8 @@ type dbProxy struct {
 }
 
 func newDBProxy(t testing.TB, target string) *dbProxy {
-	p := &dbProxy{t: t, target: target, addr: freeAddr(t), conns: map[net.Conn]bool{}}
+	// The first up binds a port of its own; later ones take it again.
+	p := &dbProxy{t: t, target: target, addr: "127.0.0.1:0", conns: map[net.Conn]bool{}}
 	p.up()
 	t.Cleanup(p.down)
 	return p
@@ -48,6 +49,7 @@ func (p *dbProxy) up() {
 	}
 	p.mu.Lock()
 	p.ln = ln
+	p.addr = ln.Addr().String()
 	p.mu.Unlock()
 	go func() {
 		for {

@@ -221,7 +221,6 @@ func TestSameSuccessToTwoInstancesCreditsOnce(t *testing.T) {
 	for k, v := range envA {
 		envB[k] = v
 	}
-	envB["TALLY_HTTP_ADDR"] = freeAddr(t)
 	b := startServer(t, envB)
 	gdb := openDB(t, a)
 
@@ -959,7 +958,6 @@ func TestLegacyConfirmOnCheckoutSession(t *testing.T) {
 	// Switch back to the default strategy on the same database: the
 	// PaymentIntents' successes find their confirmations and credit nothing more.
 	env["TALLY_CONFIRM_ON"] = "payment_intent"
-	env["TALLY_HTTP_ADDR"] = freeAddr(t)
 	s = startServer(t, env)
 	for _, c := range []struct{ pay, customer string }{{pay, "legacy-1"}, {async, "legacy-2"}} {
 		deliver(t, s, stripeEvent(newEventID(), "payment_intent.succeeded", paymentIntent(c.pay, c.customer, "succeeded", starterAmount, starterAmount, "usd")))

@@ -18,7 +18,6 @@ import (
 func sandboxEnv(t testing.TB) map[string]string {
 	env := baseEnv(t)
 	env["TALLY_STRIPE_SANDBOX"] = "true"
-	env["TALLY_STRIPE_SANDBOX_URL"] = "http://" + env["TALLY_HTTP_ADDR"]
 	env["TALLY_STRIPE_SANDBOX_DEMO_KEY"] = testServiceKey
 	env["TALLY_STRIPE_EVENT_RETRY_INTERVAL"] = "100ms"
 	env["TALLY_METER_POLL_INTERVAL"] = "20ms"
@@ -166,6 +165,8 @@ func TestSandboxSurvivesARestartOfTally(t *testing.T) {
 	pay, page := sandboxCheckout(t, s, "restarter", "pro")
 	s.shutdown(t)
 
+	// Restarted where it was: the page's URL names its address.
+	env["TALLY_HTTP_ADDR"] = strings.TrimPrefix(s.URL, "http://")
 	s = startServer(t, env)
 	if status, _, body := postForm(t, page+"/pay", url.Values{"card": {"4242424242424242"}}); status != http.StatusSeeOther {
 		t.Fatalf("pay after the restart: %d %s", status, body)

@@ -449,7 +449,7 @@ func Load(getenv func(string) string) (Config, error) {
 			c.Stripe.WebhookSecrets = []string{SandboxWebhookSecret}
 		}
 		if c.Stripe.Sandbox.URL == "" {
-			c.Stripe.Sandbox.URL = sandboxURL(c.HTTPAddr)
+			c.Stripe.Sandbox.URL = SandboxURL(c.HTTPAddr)
 		}
 	}
 
@@ -612,7 +612,7 @@ func (c Config) Validate() error {
 	if c.MetricsAddr != "" {
 		if err := checkListenAddr(c.MetricsAddr); err != nil {
 			p.add("TALLY_METRICS_ADDR", "%v", err)
-		} else if c.MetricsAddr == c.HTTPAddr {
+		} else if c.MetricsAddr == c.HTTPAddr && !anyPort(c.HTTPAddr) {
 			p.add("TALLY_METRICS_ADDR", "must differ from TALLY_HTTP_ADDR (leave it empty to serve /metrics on the main listener)")
 		}
 	}
@@ -659,10 +659,12 @@ func (c Config) Validate() error {
 		if c.Stripe.APIURL != "" || c.Stripe.MeterEventsURL != "" {
 			p.add("TALLY_STRIPE_SANDBOX", "refused together with TALLY_STRIPE_API_URL or TALLY_STRIPE_METER_EVENTS_URL: the sandbox is tally's Stripe; unset one or the other")
 		}
-		if sb.URL == "" {
-			p.add("TALLY_STRIPE_SANDBOX_URL", "must be set when TALLY_HTTP_ADDR has no fixed port (%q)", c.HTTPAddr)
-		} else if err := checkHTTPURL(sb.URL); err != nil {
-			p.add("TALLY_STRIPE_SANDBOX_URL", "%v", err)
+		// Empty only when TALLY_HTTP_ADDR has no fixed port: the sandbox
+		// then takes the address tally bound (internal/app).
+		if sb.URL != "" {
+			if err := checkHTTPURL(sb.URL); err != nil {
+				p.add("TALLY_STRIPE_SANDBOX_URL", "%v", err)
+			}
 		}
 		if sb.DemoKey != "" {
 			sum := HashAPIKey(sb.DemoKey)
@@ -822,9 +824,9 @@ func validated(check func(*problems)) error {
 	return errors.Join(p...)
 }
 
-// sandboxURL is the base URL of a tally listening on addr, as a browser on
+// SandboxURL is the base URL of a tally listening on addr, as a browser on
 // the same machine reaches it; "" when addr has no fixed port.
-func sandboxURL(addr string) string {
+func SandboxURL(addr string) string {
 	host, port, err := net.SplitHostPort(addr)
 	if err != nil || port == "" || port == "0" {
 		return ""
@@ -843,6 +845,13 @@ func hasAnyPrefix(s string, prefixes ...string) bool {
 		}
 	}
 	return false
+}
+
+// anyPort reports whether addr asks for a port the system picks (port 0):
+// two such listeners never collide.
+func anyPort(addr string) bool {
+	_, port, err := net.SplitHostPort(addr)
+	return err == nil && port == "0"
 }
 
 func checkListenAddr(addr string) error {
