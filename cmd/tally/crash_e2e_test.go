@@ -33,10 +33,15 @@ const (
 	crashBatchSize      = 200 // usage events per batch: 3000 in all
 	crashUsagePosters   = 3   // goroutines posting usage batches
 	crashStripeHang     = 400 * time.Millisecond
-	// crashRecoveryWithin bounds the wait after the restart. A claim the
-	// dead process held is taken over only when its lease runs out: one
-	// minute for a stored Stripe event, about 50 s for a usage claim.
-	crashRecoveryWithin = 100 * time.Second
+	// The leases, short so a takeover comes within seconds: a stored
+	// Stripe event's (TALLY_STRIPE_EVENT_LEASE), and a usage claim's, which
+	// is 2.5 send timeouts (TALLY_METER_SEND_TIMEOUT, longer than the
+	// hang) plus the batch's time at the rate limit.
+	crashEventLease  = 2 * time.Second
+	crashSendTimeout = time.Second
+	// crashRecoveryWithin bounds the wait after the restart: a claim the
+	// dead process held is taken over only when its lease runs out.
+	crashRecoveryWithin = 45 * time.Second
 )
 
 // tallyChild is the real tally binary running as a child process, so it can be
@@ -215,10 +220,10 @@ func crashStatusCounts(t testing.TB, gdb *gorm.DB, table string) map[string]int6
 // processed, and every accepted usage event reaches Stripe exactly once
 // under its own identifier.
 //
-// It takes a little over a minute, on purpose: what the dead process had
-// claimed comes back only when its lease runs out (see crashRecoveryWithin),
-// and shortening that by rewriting due times in the database would skip the
-// very takeover this test is about.
+// What the dead process had claimed comes back only when its lease runs
+// out. The leases are configured short (crashEventLease, crashSendTimeout)
+// rather than shortened by rewriting due times in the database, which would
+// skip the very takeover this test is about.
 func TestCrashMidStormThenRestart(t *testing.T) {
 	started := time.Now()
 	bin := buildTally(t)
@@ -230,6 +235,8 @@ func TestCrashMidStormThenRestart(t *testing.T) {
 	env["TALLY_STRIPE_API_URL"] = fake.URL()
 	env["TALLY_STRIPE_METER_EVENTS_URL"] = fake.URL()
 	env["TALLY_STRIPE_EVENT_RETRY_INTERVAL"] = "100ms"
+	env["TALLY_STRIPE_EVENT_LEASE"] = crashEventLease.String()
+	env["TALLY_METER_SEND_TIMEOUT"] = crashSendTimeout.String()
 	env["TALLY_METER_POLL_INTERVAL"] = "50ms"
 	env["TALLY_METER_RATE_LIMIT"] = "1000"
 	env["TALLY_METER_BATCH_SIZE"] = "200"

@@ -181,7 +181,7 @@ func New(ctx context.Context, opts Options) (a *App, err error) {
 	})
 	stripeHook := stripehook.New(stripehook.Options{
 		DB: gdb, Payments: paymentsSvc, Secrets: cfg.Stripe.WebhookSecrets,
-		MaxAttempts: cfg.Stripe.EventMaxAttempts, RetryInterval: cfg.Stripe.EventRetryInterval,
+		MaxAttempts: cfg.Stripe.EventMaxAttempts, RetryInterval: cfg.Stripe.EventRetryInterval, Lease: cfg.Stripe.EventLease,
 		Registry: reg, Logger: logger, Now: now,
 	})
 	a.workers = append(a.workers, stripehook.NewWorker(stripeHook))

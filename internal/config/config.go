@@ -66,6 +66,10 @@ type StripeConfig struct {
 	WebhookMaxBodyBytes int64
 	EventMaxAttempts    int
 	EventRetryInterval  time.Duration
+	// EventLease is how long a stored event being processed belongs to the
+	// instance processing it; when it runs out (that instance died), the
+	// retry worker of any instance takes the event over.
+	EventLease time.Duration
 	// Sandbox runs the offline Stripe sandbox inside tally instead of
 	// talking to Stripe (development only).
 	Sandbox SandboxConfig
@@ -152,9 +156,17 @@ type MeteringConfig struct {
 	// BackoffMax caps the wait between two attempts at an event that failed
 	// retryably (5xx, timeout, network). There is no attempt limit: an event
 	// is retried while Stripe still accepts its timestamp.
-	BackoffMax   time.Duration
+	BackoffMax time.Duration
+	// BackoffBase is the first of those waits; each retry may wait up to
+	// twice as long as the one before (jittered), up to BackoffMax.
+	BackoffBase  time.Duration
 	BatchSize    int
 	PollInterval time.Duration
+	// SendTimeout bounds one request to Stripe. It also sizes the lease on
+	// a claimed batch (the batch's time at the rate limit, plus two and a
+	// half SendTimeouts), after which a claim of a worker that died is
+	// taken over by another.
+	SendTimeout time.Duration
 }
 
 // The shortest retentions accepted (Validate refuses less, rather than
@@ -243,6 +255,7 @@ func Default() Config {
 			WebhookMaxBodyBytes: 512 << 10,
 			EventMaxAttempts:    8,
 			EventRetryInterval:  10 * time.Second,
+			EventLease:          time.Minute,
 		},
 		Credits: CreditsConfig{
 			ExpiringNotice: 168 * time.Hour,
@@ -258,8 +271,10 @@ func Default() Config {
 			Transport:    MeterTransportV1,
 			RateLimit:    20,
 			BackoffMax:   10 * time.Minute,
+			BackoffBase:  2 * time.Second,
 			BatchSize:    100,
 			PollInterval: time.Second,
+			SendTimeout:  20 * time.Second,
 		},
 		Retention: RetentionConfig{
 			StripeEvents:    90 * 24 * time.Hour,
@@ -436,6 +451,7 @@ func Load(getenv func(string) string) (Config, error) {
 	p.int64("TALLY_WEBHOOK_MAX_BODY_BYTES", &c.Stripe.WebhookMaxBodyBytes)
 	p.integer("TALLY_STRIPE_EVENT_MAX_ATTEMPTS", &c.Stripe.EventMaxAttempts)
 	p.duration("TALLY_STRIPE_EVENT_RETRY_INTERVAL", &c.Stripe.EventRetryInterval)
+	p.duration("TALLY_STRIPE_EVENT_LEASE", &c.Stripe.EventLease)
 	p.boolean("TALLY_STRIPE_SANDBOX", &c.Stripe.Sandbox.Enabled)
 	p.str("TALLY_STRIPE_SANDBOX_URL", &c.Stripe.Sandbox.URL)
 	p.str("TALLY_STRIPE_SANDBOX_DEMO_KEY", &c.Stripe.Sandbox.DemoKey)
@@ -470,8 +486,10 @@ func Load(getenv func(string) string) (Config, error) {
 		c.Obsolete = append(c.Obsolete, "TALLY_METER_MAX_ATTEMPTS is no longer used and is ignored: usage delivery "+
 			"retries for as long as Stripe accepts the event's timestamp, waiting at most TALLY_METER_BACKOFF_MAX between attempts")
 	}
+	p.duration("TALLY_METER_BACKOFF_BASE", &c.Metering.BackoffBase)
 	p.integer("TALLY_METER_BATCH_SIZE", &c.Metering.BatchSize)
 	p.duration("TALLY_METER_POLL_INTERVAL", &c.Metering.PollInterval)
+	p.duration("TALLY_METER_SEND_TIMEOUT", &c.Metering.SendTimeout)
 
 	p.duration("TALLY_RETENTION_STRIPE_EVENTS", &c.Retention.StripeEvents)
 	p.duration("TALLY_RETENTION_USAGE_EVENTS", &c.Retention.UsageEvents)
@@ -730,6 +748,9 @@ func (s StripeConfig) check(p *problems) {
 	if s.EventRetryInterval <= 0 {
 		p.add("TALLY_STRIPE_EVENT_RETRY_INTERVAL", "must be positive, got %s", s.EventRetryInterval)
 	}
+	if d := s.EventLease; d <= 0 || d > time.Hour {
+		p.add("TALLY_STRIPE_EVENT_LEASE", "must be positive and at most 1h, got %s", d)
+	}
 }
 
 // Validate checks the credits settings as Config.Validate does. The
@@ -791,6 +812,12 @@ func (m MeteringConfig) check(p *problems) {
 	}
 	if m.PollInterval <= 0 {
 		p.add("TALLY_METER_POLL_INTERVAL", "must be positive, got %s", m.PollInterval)
+	}
+	if d := m.BackoffBase; d <= 0 || (m.BackoffMax > 0 && d > m.BackoffMax) {
+		p.add("TALLY_METER_BACKOFF_BASE", "must be positive and at most TALLY_METER_BACKOFF_MAX (%s), got %s", m.BackoffMax, d)
+	}
+	if d := m.SendTimeout; d <= 0 || d > 5*time.Minute {
+		p.add("TALLY_METER_SEND_TIMEOUT", "must be positive and at most 5m, got %s", d)
 	}
 }
 

@@ -49,10 +49,12 @@ func TestLoadDefaults(t *testing.T) {
 			WebhookMaxBodyBytes: 524288,
 			EventMaxAttempts:    8,
 			EventRetryInterval:  10 * time.Second,
+			EventLease:          time.Minute,
 		},
 		Credits:  CreditsConfig{ExpiringNotice: 168 * time.Hour, SweepInterval: time.Minute, RevokeFrom: "balance"},
 		Checkout: CheckoutConfig{ExpiresAfter: time.Hour, ConfirmOn: "payment_intent", RateLimit: 10},
-		Metering: MeteringConfig{Transport: "v1", RateLimit: 20, BackoffMax: 10 * time.Minute, BatchSize: 100, PollInterval: time.Second},
+		Metering: MeteringConfig{Transport: "v1", RateLimit: 20, BackoffMax: 10 * time.Minute, BackoffBase: 2 * time.Second, BatchSize: 100,
+			PollInterval: time.Second, SendTimeout: 20 * time.Second},
 		Retention: RetentionConfig{StripeEvents: 2160 * time.Hour, UsageEvents: 2160 * time.Hour, Events: 2160 * time.Hour,
 			IdempotencyKeys: 48 * time.Hour, Interval: time.Hour, BatchSize: 1000},
 	}
@@ -124,6 +126,9 @@ func TestLoadEveryVariable(t *testing.T) {
 		"TALLY_CHECKOUT_RATE_LIMIT":         "3",
 		"TALLY_STRIPE_EVENT_MAX_ATTEMPTS":   "3",
 		"TALLY_STRIPE_EVENT_RETRY_INTERVAL": "5s",
+		"TALLY_STRIPE_EVENT_LEASE":          "2s",
+		"TALLY_METER_BACKOFF_BASE":          "50ms",
+		"TALLY_METER_SEND_TIMEOUT":          "3s",
 		"TALLY_METER_TRANSPORT":             "v2",
 		"TALLY_METER_RATE_LIMIT":            "12.5",
 		"TALLY_METER_BACKOFF_MAX":           "90s",
@@ -183,6 +188,9 @@ func TestLoadEveryVariable(t *testing.T) {
 		{"Checkout.RateLimit", c.Checkout.RateLimit, 3},
 		{"Stripe.EventMaxAttempts", c.Stripe.EventMaxAttempts, 3},
 		{"Stripe.EventRetryInterval", c.Stripe.EventRetryInterval, 5 * time.Second},
+		{"Stripe.EventLease", c.Stripe.EventLease, 2 * time.Second},
+		{"Metering.BackoffBase", c.Metering.BackoffBase, 50 * time.Millisecond},
+		{"Metering.SendTimeout", c.Metering.SendTimeout, 3 * time.Second},
 		{"Metering.Transport", c.Metering.Transport, "v2"},
 		{"Metering.RateLimit", c.Metering.RateLimit, 12.5},
 		{"Metering.BackoffMax", c.Metering.BackoffMax, 90 * time.Second},
@@ -424,7 +432,7 @@ func TestSectionsValidateByTheRulesOfLoad(t *testing.T) {
 		"Credits":  {CreditsConfig{}.Validate(), []string{"TALLY_CREDITS_SWEEP_INTERVAL", "TALLY_REVOKE_FROM"}},
 		"Checkout": {CheckoutConfig{}.Validate(), []string{"TALLY_CHECKOUT_EXPIRES_AFTER", "TALLY_CONFIRM_ON"}},
 		"Metering": {MeteringConfig{}.Validate(), []string{"TALLY_METER_TRANSPORT", "TALLY_METER_RATE_LIMIT",
-			"TALLY_METER_BACKOFF_MAX", "TALLY_METER_BATCH_SIZE", "TALLY_METER_POLL_INTERVAL"}},
+			"TALLY_METER_BACKOFF_MAX", "TALLY_METER_BATCH_SIZE", "TALLY_METER_POLL_INTERVAL", "TALLY_METER_BACKOFF_BASE", "TALLY_METER_SEND_TIMEOUT"}},
 	} {
 		if tc.err == nil {
 			t.Errorf("a zero %sConfig validates", name)

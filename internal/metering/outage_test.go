@@ -64,7 +64,7 @@ func TestLongOutageRetriesByTimeUntilStripesWindowEnds(t *testing.T) {
 	cfg.BackoffMax = backoffMax
 	opts := e.workerOptions(t, cfg)
 	opts.Now = clock.Now
-	opts.SendTimeout = 2 * time.Second
+	opts.Config.SendTimeout = 2 * time.Second
 	opts.Stripe = newClient(t, e.fake, 150*time.Millisecond)
 	w := metering.NewWorker(opts)
 

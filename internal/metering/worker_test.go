@@ -114,7 +114,7 @@ func TestDeliverySurvivesStripeOutage(t *testing.T) {
 	cfg := fastConfig()
 	cfg.RateLimit, cfg.BatchSize = limit, 50
 	opts := e.workerOptions(t, cfg)
-	opts.SendTimeout = 300 * time.Millisecond
+	opts.Config.SendTimeout = 300 * time.Millisecond
 
 	all := ids("out", 80)
 	var evs []metering.EventInput

@@ -23,7 +23,7 @@ func defaultOptions(t *testing.T, gdb *gorm.DB, secrets ...string) stripehook.Op
 	cfg := config.Default()
 	pay := payments.New(payments.Options{DB: gdb, Config: cfg.Checkout, RevokeFrom: cfg.Credits.RevokeFrom})
 	return stripehook.Options{DB: gdb, Payments: pay, Secrets: secrets, MaxAttempts: cfg.Stripe.EventMaxAttempts,
-		RetryInterval: cfg.Stripe.EventRetryInterval, Logger: dbtest.Logger(t)}
+		RetryInterval: cfg.Stripe.EventRetryInterval, Lease: cfg.Stripe.EventLease, Logger: dbtest.Logger(t)}
 }
 
 // Settings come from config, which holds every default: an unset attempt
@@ -33,6 +33,7 @@ func TestNewRefusesUnsetSettings(t *testing.T) {
 	for name, tweak := range map[string]func(*stripehook.Options){
 		"MaxAttempts":   func(o *stripehook.Options) { o.MaxAttempts = 0 },
 		"RetryInterval": func(o *stripehook.Options) { o.RetryInterval = 0 },
+		"Lease":         func(o *stripehook.Options) { o.Lease = 0 },
 	} {
 		t.Run(name, func(t *testing.T) {
 			o := defaultOptions(t, nil)
