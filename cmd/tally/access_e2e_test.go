@@ -23,6 +23,7 @@ import (
 // t= in front of its Stripe-Signature header. The HMAC covers only the old
 // timestamp, so the delivery is refused and nothing is stored or credited.
 func TestWebhookReplayBehindAFreshTimestamp(t *testing.T) {
+	t.Parallel()
 	fake := stripefake.New(t)
 	s := startServer(t, payEnv(t, fake.URL()))
 	gdb := openDB(t, s)
@@ -64,6 +65,7 @@ func TestWebhookReplayBehindAFreshTimestamp(t *testing.T) {
 // Stripe scopes keys per account), so a retry after a key rotation is still
 // a replay.
 func TestIdempotencyKeySpaces(t *testing.T) {
+	t.Parallel()
 	ctx := context.Background()
 	const otherServiceKey = "tally_test_second_service_key"
 	fake := stripefake.New(t)
@@ -175,6 +177,7 @@ func getWithToken(t testing.TB, u, token string) (int, string) {
 // when the database is gone it says which check failed and nothing about
 // the database (user, name, address); the detail goes to the log.
 func TestReadinessTellsNoOneWhereTheDatabaseIs(t *testing.T) {
+	t.Parallel()
 	env := baseEnv(t)
 	u, err := url.Parse(env["TALLY_DATABASE_URL"])
 	if err != nil {
@@ -217,6 +220,7 @@ func TestReadinessTellsNoOneWhereTheDatabaseIs(t *testing.T) {
 // Prometheus sends as its bearer token); the separate TALLY_METRICS_ADDR
 // listener, reachable only inside the cluster, stays open.
 func TestMetricsOnTheMainListenerNeedTheAdminKey(t *testing.T) {
+	t.Parallel()
 	s := startServer(t, baseEnv(t))
 	for _, c := range []struct {
 		who, token string
@@ -273,6 +277,7 @@ func remoteIPs(t testing.TB, s *server, path string) []string {
 // comes from a proxy listed in TALLY_TRUSTED_PROXIES (none by default), and
 // then takes the last address no trusted proxy added.
 func TestRemoteIPTrustsOnlyConfiguredProxies(t *testing.T) {
+	t.Parallel()
 	send := func(s *server, path string, headers map[string]string) {
 		t.Helper()
 		req, _ := http.NewRequest(http.MethodGet, s.URL+path, nil)
@@ -330,6 +335,7 @@ func startServerErr(env map[string]string) (string, error) {
 // TestEndUserTokenWithAStringExpIsRefused: "exp":"<seconds>" is not a
 // NumericDate (RFC 7519 §2); such a token is refused, not read as a date.
 func TestEndUserTokenWithAStringExpIsRefused(t *testing.T) {
+	t.Parallel()
 	s := startServer(t, baseEnv(t))
 	ctx := context.Background()
 	createCustomer(t, s, "alice")
@@ -362,6 +368,7 @@ func createCustomer(t testing.TB, s *server, id string) {
 // payment records why; the backend (a service key) reads Stripe's request
 // id and message there, the end user reads only that creation failed.
 func TestEndUsersSeeNoProviderInternals(t *testing.T) {
+	t.Parallel()
 	ctx := context.Background()
 	fake := stripefake.New(t)
 	fake.SetFault(func(r *http.Request) (int, string, bool) {
@@ -453,6 +460,7 @@ func rawJSON(t testing.TB, s *server, method, path, key, body string) (int, clie
 // written. The invisible marks U+200E/U+200F, which right-to-left text
 // needs, stay allowed.
 func TestBidiControlsAreRefusedWhereverTextIsStored(t *testing.T) {
+	t.Parallel()
 	s := startServer(t, baseEnv(t))
 	gdb := openDB(t, s)
 	createCustomer(t, s, "dana")

@@ -193,6 +193,7 @@ func latestPayment(t *testing.T, s *server, customer string) client.Payment {
 }
 
 func TestBrowserDemoWalk(t *testing.T) {
+	t.Parallel()
 	s := startServer(t, sandboxEnv(t))
 	b := browser(t)
 

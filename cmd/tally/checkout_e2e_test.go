@@ -67,6 +67,7 @@ func checkoutBody(customer, item string, quantity int64) client.CheckoutSessionC
 // checkout of so many packs that their credits exceed it is answered 422
 // before anything is written or Stripe is called.
 func TestPacksTooLargeToCreditAreRefused(t *testing.T) {
+	t.Parallel()
 	fake := stripefake.New(t)
 
 	env := payEnv(t, fake.URL())
@@ -117,6 +118,7 @@ credit_packs:
 // told it is in flight or replay it. Stripe's own 429 reaches the caller
 // with its Retry-After.
 func TestCheckoutRetryAfterAFailure(t *testing.T) {
+	t.Parallel()
 	fake := stripefake.New(t)
 	s := startServer(t, payEnv(t, fake.URL()))
 	ctx := context.Background()
@@ -209,6 +211,7 @@ func TestCheckoutRetryAfterAFailure(t *testing.T) {
 // database, so two instances together allow it once; past it the answer is
 // 429 rate_limited with Retry-After, and other customers are not affected.
 func TestCheckoutRateLimitAcrossInstances(t *testing.T) {
+	t.Parallel()
 	fake := stripefake.New(t)
 	envA := payEnv(t, fake.URL())
 	envA["TALLY_CHECKOUT_RATE_LIMIT"] = "3"
@@ -273,6 +276,7 @@ func paidAtStripe(t testing.TB, fake *stripefake.Fake, s *server, pay string) ma
 // the right amount, is parked and credits nothing: the Checkout Session
 // tally created for the payment names another one. The genuine one credits.
 func TestPaymentIntentTallyDidNotCreateIsParked(t *testing.T) {
+	t.Parallel()
 	fake := stripefake.New(t)
 	s := startServer(t, payEnv(t, fake.URL()))
 	gdb := openDB(t, s)
@@ -310,6 +314,7 @@ func TestPaymentIntentTallyDidNotCreateIsParked(t *testing.T) {
 // currency, the PaymentIntent with the session's total. A real mismatch
 // is still parked. The refund comes in the buyer's currency.
 func TestTaxAndAdaptivePricingAreCredited(t *testing.T) {
+	t.Parallel()
 	fake := stripefake.New(t)
 	s := startServer(t, payEnv(t, fake.URL()))
 	gdb := openDB(t, s)
@@ -387,6 +392,7 @@ func TestTaxAndAdaptivePricingAreCredited(t *testing.T) {
 // calendar months after the purchase; a pack may say they never expire.
 // The catalog tells clients which rule applies.
 func TestPackCreditsExpireAfterTwelveMonthsByDefault(t *testing.T) {
+	t.Parallel()
 	fake := stripefake.New(t)
 	s := startServer(t, payEnv(t, fake.URL())) // deploy/catalog.example.yaml: starter by default, pro never
 	ctx := context.Background()

@@ -225,6 +225,7 @@ func crashStatusCounts(t testing.TB, gdb *gorm.DB, table string) map[string]int6
 // rather than shortened by rewriting due times in the database, which would
 // skip the very takeover this test is about.
 func TestCrashMidStormThenRestart(t *testing.T) {
+	t.Parallel()
 	started := time.Now()
 	bin := buildTally(t)
 	t.Logf("built the binary in %s", time.Since(started).Round(time.Millisecond))
@@ -240,7 +241,7 @@ func TestCrashMidStormThenRestart(t *testing.T) {
 	env["TALLY_METER_POLL_INTERVAL"] = "50ms"
 	env["TALLY_METER_RATE_LIMIT"] = "1000"
 	env["TALLY_METER_BATCH_SIZE"] = "200"
-	env["TALLY_DB_MAX_OPEN_CONNS"] = "30"
+	env["TALLY_DB_MAX_OPEN_CONNS"] = "10"
 	env["TALLY_LOG_LEVEL"] = "info" // for the failure message
 
 	hc := &http.Client{Timeout: 30 * time.Second, Transport: &http.Transport{MaxIdleConnsPerHost: 64}}

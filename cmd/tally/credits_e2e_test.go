@@ -84,6 +84,7 @@ func mustVerifyClean(t testing.TB, s *server) {
 // The bad day of QUALITY.md: a thousand concurrent consumes of 1 credit
 // against a balance of 100, over HTTP.
 func TestThousandConcurrentConsumesSpendExactlyTheBalance(t *testing.T) {
+	t.Parallel()
 	s := startServer(t, baseEnv(t))
 	c := s.wideClient(t)
 	grantOverHTTP(t, c, "hot", 100, "grant-1")
@@ -139,6 +140,7 @@ func TestThousandConcurrentConsumesSpendExactlyTheBalance(t *testing.T) {
 }
 
 func TestConsumeRetriedConcurrentlyWithOneKeySpendsOnce(t *testing.T) {
+	t.Parallel()
 	s := startServer(t, baseEnv(t))
 	c := s.wideClient(t)
 	grantOverHTTP(t, c, "retry", 50, "grant-1")
@@ -254,6 +256,7 @@ func rawPost(t testing.TB, url, key string, body string) (int, client.Problem, s
 }
 
 func TestCreditsBadInputIsRefusedAndWritesNothing(t *testing.T) {
+	t.Parallel()
 	s := startServer(t, baseEnv(t))
 	c := s.service(t)
 	grantOverHTTP(t, c, "careful", 10, "grant-1")
@@ -308,6 +311,7 @@ func TestCreditsBadInputIsRefusedAndWritesNothing(t *testing.T) {
 }
 
 func TestCreditsEndUsersReadTheirOwnButNeverSpendOrGrant(t *testing.T) {
+	t.Parallel()
 	s := startServer(t, baseEnv(t))
 	svc := s.service(t)
 	expires := time.Now().Add(30 * 24 * time.Hour).UTC().Truncate(time.Second)
@@ -406,6 +410,7 @@ func openDB(t testing.TB, s *server) *gorm.DB {
 }
 
 func TestVerifyNamesATamperedBalanceAndExitsNonZero(t *testing.T) {
+	t.Parallel()
 	s := startServer(t, baseEnv(t))
 	c := s.service(t)
 	grantOverHTTP(t, c, "tampered", 10, "g1")
@@ -458,6 +463,7 @@ func TestVerifyNamesATamperedBalanceAndExitsNonZero(t *testing.T) {
 // The sweeper runs inside `tally serve`: a grant that expires is recorded
 // without any request touching the customer, once, with its notices.
 func TestSweeperRecordsExpiriesInARunningServer(t *testing.T) {
+	t.Parallel()
 	env := baseEnv(t)
 	env["TALLY_CREDITS_SWEEP_INTERVAL"] = "200ms"
 	env["TALLY_CREDITS_EXPIRING_NOTICE"] = "1h"

@@ -52,6 +52,7 @@ func moves(p client.Payment) string {
 // the payment ends dispute_lost. Inquiries only record, and redeliveries,
 // reordering and replays have one effect each.
 func TestDisputes(t *testing.T) {
+	t.Parallel()
 	fake := stripefake.New(t)
 	s := startServer(t, payEnv(t, fake.URL()))
 	gdb := openDB(t, s)

@@ -92,7 +92,7 @@ func baseEnv(t testing.TB) map[string]string {
 		"TALLY_LOG_LEVEL":              "warn",
 		// Small pools: test packages run in parallel against one server whose
 		// max_connections is 100 by default.
-		"TALLY_DB_MAX_OPEN_CONNS": "10",
+		"TALLY_DB_MAX_OPEN_CONNS": "5",
 	}
 }
 

@@ -49,6 +49,7 @@ func waitUsageStatus(t *testing.T, c *client.ClientWithResponses, identifier str
 // Intake through pkg/client, delivery to stripe-mock through the v1 API,
 // and every way a batch or an event can be refused.
 func TestUsageEndToEndAgainstStripeMock(t *testing.T) {
+	t.Parallel()
 	s := startServer(t, meteringEnv(t, stripemock.Start(t)))
 	ctx := context.Background()
 	svc := s.service(t)
@@ -207,6 +208,7 @@ func TestUsageEndToEndAgainstStripeMock(t *testing.T) {
 // `tally reconcile` and POST /v1/admin/reconciliations against a fake Stripe
 // whose summary drifts for one customer.
 func TestReconcileEndToEnd(t *testing.T) {
+	t.Parallel()
 	fake := stripefake.New(t)
 	fake.SetMeter("mtr_api_calls", "api_calls")
 	s := startServer(t, meteringEnv(t, fake.URL()))
@@ -288,6 +290,7 @@ func TestReconcileEndToEnd(t *testing.T) {
 // of it is stored, alice's event stands and reaches Stripe once; only the
 // same event again is a duplicate, within one batch too.
 func TestUsageIdentifierConflictEndToEnd(t *testing.T) {
+	t.Parallel()
 	fake := stripefake.New(t)
 	s := startServer(t, meteringEnv(t, fake.URL()))
 	ctx := context.Background()
@@ -355,6 +358,7 @@ func TestUsageIdentifierConflictEndToEnd(t *testing.T) {
 // silently read as "absent": on a usage event it is rejected, as from or to
 // of usage totals and of a reconciliation it is a 422 naming the field.
 func TestZeroTimestampsAreRefused(t *testing.T) {
+	t.Parallel()
 	fake := stripefake.New(t)
 	fake.SetMeter("mtr_api_calls", "api_calls")
 	s := startServer(t, meteringEnv(t, fake.URL()))

@@ -116,6 +116,7 @@ func waitStatus(t testing.TB, u string, want int, within time.Duration) time.Dur
 // With the database gone, tally stays alive, reports not ready and answers
 // 503 problem+json; when the database returns it recovers without a restart.
 func TestDatabaseOutageAndRecovery(t *testing.T) {
+	t.Parallel()
 	env := baseEnv(t)
 	u, err := url.Parse(env["TALLY_DATABASE_URL"])
 	if err != nil {

@@ -214,6 +214,7 @@ func eventStatus(t testing.TB, gdb *gorm.DB, id string) (status, lastError strin
 // instances on one database, under two event ids (the event, and the same
 // PaymentIntent in a second event as a replay or strategy switch would).
 func TestSameSuccessToTwoInstancesCreditsOnce(t *testing.T) {
+	t.Parallel()
 	fake := stripefake.New(t)
 	envA := payEnv(t, fake.URL())
 	a := startServer(t, envA)
@@ -280,6 +281,7 @@ func TestSameSuccessToTwoInstancesCreditsOnce(t *testing.T) {
 // TestPaymentEventOrders shows the out-of-order and failure days: each case
 // drives one payment through its events and checks the final state and credits.
 func TestPaymentEventOrders(t *testing.T) {
+	t.Parallel()
 	fake := stripefake.New(t)
 	s := startServer(t, payEnv(t, fake.URL()))
 	gdb := openDB(t, s)
@@ -398,6 +400,7 @@ func strOrEmpty(p *string) string {
 // currency that does not match the payment credits nothing and parks the
 // event, listed by the admin API; fixed, a replay credits once.
 func TestMismatchParksAndReplay(t *testing.T) {
+	t.Parallel()
 	fake := stripefake.New(t)
 	s := startServer(t, payEnv(t, fake.URL()))
 	gdb := openDB(t, s)
@@ -494,6 +497,7 @@ func TestMismatchParksAndReplay(t *testing.T) {
 // problem+json and stores nothing; an unknown type is stored as ignored
 // and acknowledged; an event of another API version is processed.
 func TestWebhookRefusesBadDeliveries(t *testing.T) {
+	t.Parallel()
 	fake := stripefake.New(t)
 	env := payEnv(t, fake.URL())
 	env["TALLY_WEBHOOK_MAX_BODY_BYTES"] = "8192"
@@ -592,6 +596,7 @@ func TestWebhookRefusesBadDeliveries(t *testing.T) {
 // TestRefundsRevokeProportionally: half the amount refunded revokes half
 // the credits; a later full refund revokes only the increase, never below zero.
 func TestRefundsRevokeProportionally(t *testing.T) {
+	t.Parallel()
 	fake := stripefake.New(t)
 	s := startServer(t, payEnv(t, fake.URL()))
 	gdb := openDB(t, s)
@@ -657,6 +662,7 @@ func waitFor(t testing.TB, what string, cond func() bool) {
 // against the fake the session carries our metadata and idempotency key;
 // bad requests are refused and write nothing.
 func TestCheckoutCreation(t *testing.T) {
+	t.Parallel()
 	ctx := context.Background()
 	t.Run("stripe-mock", func(t *testing.T) {
 		s := startServer(t, payEnv(t, stripemock.Start(t)))
@@ -867,6 +873,7 @@ func containsStr(list []string, s string) bool {
 // delivery is answered 503 (Stripe retries it); once it is back, the same
 // delivery is stored and processed.
 func TestWebhookDatabaseDownAnswers503(t *testing.T) {
+	t.Parallel()
 	fake := stripefake.New(t)
 	s := startServer(t, payEnv(t, fake.URL()))
 	gdb := openDB(t, s)
@@ -924,6 +931,7 @@ func TestWebhookDatabaseDownAnswers503(t *testing.T) {
 // and the PaymentIntent's own success (as after switching back) adds nothing,
 // because both strategies meet in the PaymentIntent-keyed guard.
 func TestLegacyConfirmOnCheckoutSession(t *testing.T) {
+	t.Parallel()
 	fake := stripefake.New(t)
 	env := payEnv(t, fake.URL())
 	env["TALLY_CONFIRM_ON"] = "checkout_session"
@@ -972,6 +980,7 @@ func TestLegacyConfirmOnCheckoutSession(t *testing.T) {
 // payment_intent.payment_failed (twice) changes nothing more: the host app
 // hears payment.failed once and the history holds the event once.
 func TestPaymentFailedReplayIsIdempotent(t *testing.T) {
+	t.Parallel()
 	fake := stripefake.New(t)
 	s := startServer(t, payEnv(t, fake.URL()))
 	gdb := openDB(t, s)
@@ -1012,6 +1021,7 @@ func TestPaymentFailedReplayIsIdempotent(t *testing.T) {
 // with 200 and processed (or ignored), and an operator can replay it;
 // otherwise the delivery fails forever and Stripe disables the endpoint.
 func TestWebhookStoresEventsWithNULEscapes(t *testing.T) {
+	t.Parallel()
 	fake := stripefake.New(t)
 	s := startServer(t, payEnv(t, fake.URL()))
 	gdb := openDB(t, s)

@@ -40,6 +40,7 @@ func buyStarter(t testing.TB, fake *stripefake.Fake, s *server, customer string)
 // of the purchase and then the rest from other grants; what the balance
 // cannot cover is recorded as a shortfall and listed as a receivable.
 func TestRefundAfterSpendingRevokesFromTheWholeBalance(t *testing.T) {
+	t.Parallel()
 	fake := stripefake.New(t)
 	s := startServer(t, payEnv(t, fake.URL()))
 	svc := s.service(t)
@@ -92,6 +93,7 @@ func TestRefundAfterSpendingRevokesFromTheWholeBalance(t *testing.T) {
 // TestRefundFromThePurchaseGrantOnly: TALLY_REVOKE_FROM=purchase_grant keeps
 // tally's first behaviour: only what is left of the purchase goes.
 func TestRefundFromThePurchaseGrantOnly(t *testing.T) {
+	t.Parallel()
 	fake := stripefake.New(t)
 	env := payEnv(t, fake.URL())
 	env["TALLY_REVOKE_FROM"] = "purchase_grant"
@@ -143,6 +145,7 @@ func eventAttempts(t testing.TB, gdb *gorm.DB, id string) int64 {
 // past the retry budget, and applies as soon as the success is processed.
 // Only a day after Stripe created it is it parked.
 func TestRefundBeforeSuccessWaitsForIt(t *testing.T) {
+	t.Parallel()
 	fake := stripefake.New(t)
 	env := payEnv(t, fake.URL())
 	env["TALLY_STRIPE_EVENT_MAX_ATTEMPTS"] = "3"

@@ -97,6 +97,7 @@ func waitBalance(t testing.TB, s *server, customer string, want int64) {
 // dashboard's form endpoints take the credits back; tally verify is clean
 // and no event was parked.
 func TestSandboxBuyDeclineRefundDispute(t *testing.T) {
+	t.Parallel()
 	s := startServer(t, sandboxEnv(t))
 
 	pay, page := sandboxCheckout(t, s, "walker", "starter")
@@ -160,6 +161,7 @@ func TestSandboxBuyDeclineRefundDispute(t *testing.T) {
 // TestSandboxSurvivesARestartOfTally: a session started before tally
 // restarts is paid after it, and credited.
 func TestSandboxSurvivesARestartOfTally(t *testing.T) {
+	t.Parallel()
 	env := sandboxEnv(t)
 	s := startServer(t, env)
 	pay, page := sandboxCheckout(t, s, "restarter", "pro")
@@ -179,6 +181,7 @@ func TestSandboxSurvivesARestartOfTally(t *testing.T) {
 // TestSandboxMeterSummariesReconcile: usage delivered to the sandbox's
 // meters reconciles with tally's own totals, through tally's reconciliation.
 func TestSandboxMeterSummariesReconcile(t *testing.T) {
+	t.Parallel()
 	s := startServer(t, sandboxEnv(t))
 	ctx := context.Background()
 	svc := s.service(t)
@@ -224,6 +227,7 @@ func TestSandboxMeterSummariesReconcile(t *testing.T) {
 // key, as a product's backend would; tally still refuses a user's token on
 // consume itself.
 func TestSandboxDemoBackend(t *testing.T) {
+	t.Parallel()
 	s := startServer(t, sandboxEnv(t))
 	token := func(customer string) (int, string) {
 		resp, err := http.Post(s.URL+"/sandbox/demo/token", "application/json", strings.NewReader(`{"customer_id":"`+customer+`"}`))

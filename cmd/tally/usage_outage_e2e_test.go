@@ -35,6 +35,7 @@ func meterIdentifier(r *http.Request) string {
 // exactly once. Then requeue: a refused event goes back without force, one
 // whose 5xx is over 24 hours old needs force, a too_old one never goes.
 func TestUsageSurvivesALongStripeOutageEndToEnd(t *testing.T) {
+	t.Parallel()
 	fake := stripefake.New(t)
 	env := meteringEnv(t, fake.URL())
 	env["TALLY_METER_BACKOFF_MAX"] = "20ms"

