@@ -4,7 +4,6 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
-	"io"
 	"net/http"
 	"net/url"
 	"strconv"
@@ -152,25 +151,6 @@ func TestIdempotencyKeySpaces(t *testing.T) {
 		}
 	}
 	mustVerifyClean(t, s)
-}
-
-// getWithToken GETs u with a bearer token (none when empty).
-func getWithToken(t testing.TB, u, token string) (int, string) {
-	t.Helper()
-	req, err := http.NewRequest(http.MethodGet, u, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if token != "" {
-		req.Header.Set("Authorization", "Bearer "+token)
-	}
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer resp.Body.Close()
-	b, _ := io.ReadAll(resp.Body)
-	return resp.StatusCode, string(b)
 }
 
 // TestReadinessTellsNoOneWhereTheDatabaseIs: /readyz answers anyone, so

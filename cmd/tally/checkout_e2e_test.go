@@ -255,23 +255,6 @@ func TestCheckoutRateLimitAcrossInstances(t *testing.T) {
 	assertInvariants(t, a)
 }
 
-// paidAtStripe is the buyer paying payment pay's Checkout Session with
-// PaymentIntent piID(pay): from then on the fake's session names it, as
-// Stripe's does. It returns the session object as Stripe now shows it
-// (what checkout.session.completed carries).
-func paidAtStripe(t testing.TB, fake *stripefake.Fake, s *server, pay string) map[string]any {
-	t.Helper()
-	p := getPayment(t, s, pay)
-	if p.CheckoutSessionId == nil {
-		t.Fatalf("payment %s has no Checkout Session", pay)
-	}
-	obj := fake.PayCheckoutSession(*p.CheckoutSessionId, piID(pay))
-	if obj == nil {
-		t.Fatalf("Stripe has no Checkout Session %s", *p.CheckoutSessionId)
-	}
-	return obj
-}
-
 // A PaymentIntent tally did not create, carrying a payment's metadata and
 // the right amount, is parked and credits nothing: the Checkout Session
 // tally created for the payment names another one. The genuine one credits.

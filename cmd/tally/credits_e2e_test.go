@@ -12,10 +12,6 @@ import (
 	"testing"
 	"time"
 
-	"gorm.io/gorm"
-
-	"github.com/tallybilling/tally/internal/db"
-	"github.com/tallybilling/tally/internal/db/dbtest"
 	"github.com/tallybilling/tally/pkg/client"
 )
 
@@ -38,47 +34,6 @@ func (s *server) wideClient(t testing.TB) *client.ClientWithResponses {
 		t.Fatalf("client: %v", err)
 	}
 	return c
-}
-
-func grantOverHTTP(t testing.TB, c *client.ClientWithResponses, customerID string, amount int64, key string) client.GrantResult {
-	t.Helper()
-	r, err := c.GrantCreditsWithResponse(context.Background(), customerID, &client.GrantCreditsParams{IdempotencyKey: key},
-		client.GrantRequest{Amount: amount, Reason: "welcome"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	mustStatus(t, "grant", r.StatusCode(), r.Body, http.StatusCreated)
-	return *r.JSON201
-}
-
-func balanceOverHTTP(t testing.TB, c *client.ClientWithResponses, customerID string) client.Balance {
-	t.Helper()
-	r, err := c.GetBalanceWithResponse(context.Background(), customerID)
-	if err != nil {
-		t.Fatal(err)
-	}
-	mustStatus(t, "balance", r.StatusCode(), r.Body, http.StatusOK)
-	return *r.JSON200
-}
-
-func ledgerOverHTTP(t testing.TB, c *client.ClientWithResponses, customerID string) []client.LedgerEntry {
-	t.Helper()
-	limit := 500
-	r, err := c.ListCreditTransactionsWithResponse(context.Background(), customerID, &client.ListCreditTransactionsParams{Limit: &limit})
-	if err != nil {
-		t.Fatal(err)
-	}
-	mustStatus(t, "transactions", r.StatusCode(), r.Body, http.StatusOK)
-	return r.JSON200.Data
-}
-
-// mustVerifyClean runs `tally verify` against the server's database.
-func mustVerifyClean(t testing.TB, s *server) {
-	t.Helper()
-	out, err := s.tallyCmd(t, "verify")
-	if err != nil || !strings.Contains(out, "ok: every invariant holds") {
-		t.Fatalf("tally verify: %v\n%s", err, out)
-	}
 }
 
 // The bad day of QUALITY.md: a thousand concurrent consumes of 1 credit
@@ -397,18 +352,6 @@ func status[R statusResponse](r R, err error) (int, []byte, error) {
 	return r.StatusCode(), body, nil
 }
 
-// openDB is a direct handle on the server's database, for checks and for
-// tampering behind the API's back.
-func openDB(t testing.TB, s *server) *gorm.DB {
-	t.Helper()
-	gdb, err := db.Open(context.Background(), s.DBURL, 2, dbtest.Logger(t))
-	if err != nil {
-		t.Fatalf("open %s: %v", s.DBURL, err)
-	}
-	t.Cleanup(func() { _ = db.Close(gdb) })
-	return gdb
-}
-
 func TestVerifyNamesATamperedBalanceAndExitsNonZero(t *testing.T) {
 	t.Parallel()
 	s := startServer(t, baseEnv(t))
@@ -519,14 +462,4 @@ func TestSweeperRecordsExpiriesInARunningServer(t *testing.T) {
 		t.Fatalf("event counts %v, want one expiring, one expired, two granted", counts)
 	}
 	mustVerifyClean(t, s)
-}
-
-// metricsText is /metrics of s's API listener, read with the admin key.
-func metricsText(t testing.TB, s *server) string {
-	t.Helper()
-	status, body := getWithToken(t, s.URL+"/metrics", testAdminKey)
-	if status != http.StatusOK {
-		t.Fatalf("/metrics: %d %s", status, body)
-	}
-	return body
 }

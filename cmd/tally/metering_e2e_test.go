@@ -15,37 +15,6 @@ import (
 	"github.com/tallybilling/tally/pkg/client"
 )
 
-// meteringEnv is a server whose delivery worker polls quickly.
-func meteringEnv(t *testing.T, stripeURL string) map[string]string {
-	env := baseEnv(t)
-	env["TALLY_STRIPE_API_URL"] = stripeURL
-	env["TALLY_METER_POLL_INTERVAL"] = "20ms"
-	return env
-}
-
-func usageEvent(customer, identifier string, value float64) client.UsageEventInput {
-	return client.UsageEventInput{CustomerId: customer, Meter: "api_calls", Value: value, Identifier: identifier}
-}
-
-// waitUsageStatus polls GET /v1/usage-events/{identifier} until it reports want.
-func waitUsageStatus(t *testing.T, c *client.ClientWithResponses, identifier string, want client.UsageStatus) client.UsageEventStatus {
-	t.Helper()
-	deadline := time.Now().Add(30 * time.Second)
-	for {
-		res, err := c.GetUsageEventWithResponse(context.Background(), identifier)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if res.JSON200 != nil && res.JSON200.Status == want {
-			return *res.JSON200
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("usage event %s: still %s after 30s, want %s", identifier, res.Body, want)
-		}
-		time.Sleep(25 * time.Millisecond)
-	}
-}
-
 // Intake through pkg/client, delivery to stripe-mock through the v1 API,
 // and every way a batch or an event can be refused.
 func TestUsageEndToEndAgainstStripeMock(t *testing.T) {

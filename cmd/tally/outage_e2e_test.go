@@ -3,91 +3,13 @@ package main
 import (
 	"context"
 	"encoding/json"
-	"io"
-	"net"
 	"net/http"
 	"net/url"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/tallybilling/tally/pkg/client"
 )
-
-// dbProxy stands between tally and PostgreSQL so a test can take the
-// database away (every connection cut, new ones refused) and bring it back on
-// the same address, as a database restart or failover looks to the service.
-type dbProxy struct {
-	t      testing.TB
-	target string
-	addr   string
-	mu     sync.Mutex
-	ln     net.Listener
-	conns  map[net.Conn]bool
-}
-
-func newDBProxy(t testing.TB, target string) *dbProxy {
-	// The first up binds a port of its own; later ones take it again.
-	p := &dbProxy{t: t, target: target, addr: "127.0.0.1:0", conns: map[net.Conn]bool{}}
-	p.up()
-	t.Cleanup(p.down)
-	return p
-}
-
-func (p *dbProxy) up() {
-	p.t.Helper()
-	var ln net.Listener
-	var err error
-	for range 50 { // the port may linger briefly after down
-		if ln, err = net.Listen("tcp", p.addr); err == nil {
-			break
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-	if err != nil {
-		p.t.Fatalf("proxy listen: %v", err)
-	}
-	p.mu.Lock()
-	p.ln = ln
-	p.addr = ln.Addr().String()
-	p.mu.Unlock()
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go p.pipe(c)
-		}
-	}()
-}
-
-func (p *dbProxy) pipe(c net.Conn) {
-	s, err := net.Dial("tcp", p.target)
-	if err != nil {
-		c.Close()
-		return
-	}
-	p.mu.Lock()
-	p.conns[c], p.conns[s] = true, true
-	p.mu.Unlock()
-	go func() { _, _ = io.Copy(s, c); s.Close() }()
-	_, _ = io.Copy(c, s)
-	c.Close()
-}
-
-func (p *dbProxy) down() {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	if p.ln != nil {
-		p.ln.Close()
-		p.ln = nil
-	}
-	for c := range p.conns {
-		c.Close()
-	}
-	p.conns = map[net.Conn]bool{}
-}
 
 func getStatus(t testing.TB, u string) int {
 	t.Helper()

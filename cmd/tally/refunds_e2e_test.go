@@ -2,38 +2,14 @@ package main
 
 import (
 	"context"
-	"encoding/json"
 	"net/http"
 	"strings"
 	"testing"
 	"time"
 
-	"gorm.io/gorm"
-
 	"github.com/tallybilling/tally/internal/stripeapi/stripefake"
 	"github.com/tallybilling/tally/pkg/client"
 )
-
-// consumeOverHTTP spends amount of customer's credits with a fresh key.
-func consumeOverHTTP(t testing.TB, s *server, customer string, amount int64) {
-	t.Helper()
-	r, err := s.service(t).ConsumeCreditsWithResponse(context.Background(), customer,
-		&client.ConsumeCreditsParams{IdempotencyKey: newEventID()}, client.ConsumeRequest{Amount: amount, Reason: "usage"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	mustStatus(t, "consume", r.StatusCode(), r.Body, http.StatusOK)
-}
-
-// buyStarter checks out one starter pack for customer and delivers its
-// success, and returns the payment id.
-func buyStarter(t testing.TB, fake *stripefake.Fake, s *server, customer string) string {
-	t.Helper()
-	pay := checkout(t, s, customer, "starter", 1)
-	paidAtStripe(t, fake, s, pay)
-	deliver(t, s, stripeEvent(newEventID(), "payment_intent.succeeded", paymentIntent(pay, customer, "succeeded", starterAmount, starterAmount, "usd")))
-	return pay
-}
 
 // TestRefundAfterSpendingRevokesFromTheWholeBalance: a customer who spent
 // 950 of 1000 bought credits and is refunded in full gives back the 50 left
@@ -119,25 +95,6 @@ func TestRefundFromThePurchaseGrantOnly(t *testing.T) {
 		t.Fatalf("verify report %s, want ok without receivables", r.Body)
 	}
 	assertInvariants(t, s)
-}
-
-// stripeEventCreated is stripeEvent as Stripe created it at created.
-func stripeEventCreated(id, typ string, created time.Time, object map[string]any) []byte {
-	var ev map[string]any
-	if err := json.Unmarshal(stripeEvent(id, typ, object), &ev); err != nil {
-		panic(err)
-	}
-	ev["created"] = created.Unix()
-	b, err := json.Marshal(ev)
-	if err != nil {
-		panic(err)
-	}
-	return b
-}
-
-func eventAttempts(t testing.TB, gdb *gorm.DB, id string) int64 {
-	t.Helper()
-	return countRows(t, gdb, `SELECT attempts FROM stripe_events WHERE id = ?`, id)
 }
 
 // TestRefundBeforeSuccessWaitsForIt: a refund (or dispute) that overtakes

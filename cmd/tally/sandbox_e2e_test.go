@@ -13,17 +13,6 @@ import (
 	"github.com/tallybilling/tally/pkg/client"
 )
 
-// sandboxEnv is a server running the offline Stripe sandbox: no Stripe
-// URL, its own webhooks to its own /webhooks/stripe.
-func sandboxEnv(t testing.TB) map[string]string {
-	env := baseEnv(t)
-	env["TALLY_STRIPE_SANDBOX"] = "true"
-	env["TALLY_STRIPE_SANDBOX_DEMO_KEY"] = testServiceKey
-	env["TALLY_STRIPE_EVENT_RETRY_INTERVAL"] = "100ms"
-	env["TALLY_METER_POLL_INTERVAL"] = "20ms"
-	return env
-}
-
 // noRedirects is a browser-less client that shows redirects instead of following them.
 var noRedirects = &http.Client{Timeout: 30 * time.Second, CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}
 
@@ -57,23 +46,6 @@ func postForm(t testing.TB, target string, form url.Values) (int, string, string
 	defer resp.Body.Close()
 	body, _ := io.ReadAll(resp.Body)
 	return resp.StatusCode, resp.Header.Get("Location"), string(body)
-}
-
-// waitPayment polls the payment until it has status want (webhooks arrive
-// asynchronously, as from Stripe).
-func waitPayment(t testing.TB, s *server, id string, want client.PaymentStatus) client.Payment {
-	t.Helper()
-	deadline := time.Now().Add(15 * time.Second)
-	for {
-		p := getPayment(t, s, id)
-		if p.Status == want {
-			return p
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("payment %s is %s after 15s, want %s; transitions %+v", id, p.Status, want, p.Transitions)
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
 }
 
 func waitBalance(t testing.TB, s *server, customer string, want int64) {
