@@ -813,8 +813,9 @@ func (m MeteringConfig) check(p *problems) {
 	if m.PollInterval <= 0 {
 		p.add("TALLY_METER_POLL_INTERVAL", "must be positive, got %s", m.PollInterval)
 	}
-	if d := m.BackoffBase; d <= 0 || (m.BackoffMax > 0 && d > m.BackoffMax) {
-		p.add("TALLY_METER_BACKOFF_BASE", "must be positive and at most TALLY_METER_BACKOFF_MAX (%s), got %s", m.BackoffMax, d)
+	// A base above the cap only means every wait is capped.
+	if d := m.BackoffBase; d <= 0 || d > 24*time.Hour {
+		p.add("TALLY_METER_BACKOFF_BASE", "must be positive and at most 24h, got %s", d)
 	}
 	if d := m.SendTimeout; d <= 0 || d > 5*time.Minute {
 		p.add("TALLY_METER_SEND_TIMEOUT", "must be positive and at most 5m, got %s", d)
