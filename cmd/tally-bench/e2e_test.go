@@ -65,6 +65,7 @@ func realTally(t *testing.T) (url, dbURL string) {
 // verify after the load passes, and a target line is printed for each
 // target.
 func TestBenchAgainstTheRealServer(t *testing.T) {
+	t.Parallel()
 	url, dbURL := realTally(t)
 	var out, errOut bytes.Buffer
 	err := run(t.Context(), []string{

@@ -213,7 +213,7 @@ func crashStatusCounts(t testing.TB, gdb *gorm.DB, table string) map[string]int6
 	return out
 }
 
-// The bad day of QUALITY.md: the process is killed (SIGKILL) in the middle
+// The worst day (docs/guarantees.md, "Nothing lost"): the process is killed (SIGKILL) in the middle
 // of a webhook storm and a usage backlog, then restarted on the same
 // database. After Stripe's redelivery and the client's retries, every
 // payment is credited exactly once, every acknowledged Stripe event is

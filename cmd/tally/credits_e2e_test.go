@@ -36,8 +36,8 @@ func (s *server) wideClient(t testing.TB) *client.ClientWithResponses {
 	return c
 }
 
-// The bad day of QUALITY.md: a thousand concurrent consumes of 1 credit
-// against a balance of 100, over HTTP.
+// A bad day (docs/guarantees.md, "Never overdrawn"): a thousand concurrent
+// consumes of 1 credit against a balance of 100, over HTTP.
 func TestThousandConcurrentConsumesSpendExactlyTheBalance(t *testing.T) {
 	t.Parallel()
 	s := startServer(t, baseEnv(t))

@@ -15,6 +15,7 @@ import (
 // An embedder that passes no logger gets a working App that logs nowhere,
 // not a panic at the first line it would log.
 func TestNewWithoutALogger(t *testing.T) {
+	t.Parallel()
 	cfg := config.Default()
 	cfg.DatabaseURL = dbtest.NewURL(t)
 	cfg.DBMaxOpenConns = 2

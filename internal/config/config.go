@@ -31,7 +31,7 @@ import (
 // Scope is what an API key may do.
 type Scope string
 
-// The API key scopes of design/PRODUCT.md.
+// The API key scopes (docs/guarantees.md, "Access").
 const (
 	// ScopeService is for the product's backend services.
 	ScopeService Scope = "service"

@@ -34,6 +34,7 @@ func envOf(m map[string]string) func(string) string {
 }
 
 func TestLoadDefaults(t *testing.T) {
+	t.Parallel()
 	c, err := Load(envOf(nil))
 	if err != nil {
 		t.Fatalf("Load of an empty environment: %v", err)
@@ -84,6 +85,7 @@ func writeRSAPublicKey(t *testing.T, dir string) (*rsa.PrivateKey, string) {
 }
 
 func TestLoadEveryVariable(t *testing.T) {
+	t.Parallel()
 	dir := t.TempDir()
 	rsaKey, rsaPath := writeRSAPublicKey(t, dir)
 	catPath := filepath.Join(dir, "catalog.yaml")
@@ -209,6 +211,7 @@ func TestLoadEveryVariable(t *testing.T) {
 }
 
 func TestLoadLivemodeFollowsKeyPrefix(t *testing.T) {
+	t.Parallel()
 	for key, live := range map[string]bool{
 		"sk_test_123": false, "rk_test_123": false, "sk_live_123": true, "rk_live_123": true, "": false,
 	} {
@@ -228,6 +231,7 @@ func TestLoadLivemodeFollowsKeyPrefix(t *testing.T) {
 
 // Each case sets one bad variable; the error must name it.
 func TestLoadRejectsEachBadValue(t *testing.T) {
+	t.Parallel()
 	okHash := strings.Repeat("ab", 32)
 	cases := []struct {
 		name, value string
@@ -303,6 +307,7 @@ func TestLoadRejectsEachBadValue(t *testing.T) {
 }
 
 func TestLoadReportsEveryProblemAtOnce(t *testing.T) {
+	t.Parallel()
 	env := map[string]string{
 		"TALLY_METER_BATCH_SIZE":       "5000",      // validation
 		"TALLY_METER_RATE_LIMIT":       "fast",      // parse
@@ -336,6 +341,7 @@ func TestLoadReportsEveryProblemAtOnce(t *testing.T) {
 }
 
 func TestLoadRejectsBadCatalogFileWithItsProblems(t *testing.T) {
+	t.Parallel()
 	path := filepath.Join(t.TempDir(), "catalog.yaml")
 	bad := "credit_packs:\n  - id: Starter\n    name: x\n    amount: 0\n    currency: usd\n    credits: 1\n"
 	if err := os.WriteFile(path, []byte(bad), 0o600); err != nil {
@@ -353,6 +359,7 @@ func TestLoadRejectsBadCatalogFileWithItsProblems(t *testing.T) {
 }
 
 func TestParseRSAPublicKeyFormats(t *testing.T) {
+	t.Parallel()
 	key, err := rsa.GenerateKey(rand.Reader, 2048)
 	if err != nil {
 		t.Fatal(err)
@@ -380,6 +387,7 @@ func TestParseRSAPublicKeyFormats(t *testing.T) {
 }
 
 func TestValidateOnHandBuiltConfig(t *testing.T) {
+	t.Parallel()
 	c := Default()
 	if err := c.Validate(); err != nil {
 		t.Fatalf("Default() does not validate: %v", err)
@@ -393,6 +401,7 @@ func TestValidateOnHandBuiltConfig(t *testing.T) {
 }
 
 func TestHashAPIKey(t *testing.T) {
+	t.Parallel()
 	if HashAPIKey("k") != sha256.Sum256([]byte("k")) {
 		t.Fatal("HashAPIKey is not SHA-256 of the key")
 	}
@@ -401,6 +410,7 @@ func TestHashAPIKey(t *testing.T) {
 // Usage delivery retries by time now; a deployment still setting the old
 // attempt limit starts, and is told the setting is ignored.
 func TestLoadNamesObsoleteSettings(t *testing.T) {
+	t.Parallel()
 	c, err := Load(envOf(map[string]string{"TALLY_METER_MAX_ATTEMPTS": "10"}))
 	if err != nil {
 		t.Fatalf("Load with TALLY_METER_MAX_ATTEMPTS: %v", err)
@@ -417,6 +427,7 @@ func TestLoadNamesObsoleteSettings(t *testing.T) {
 // checks them: the defaults pass, and a zero section names every setting
 // it leaves unset.
 func TestSectionsValidateByTheRulesOfLoad(t *testing.T) {
+	t.Parallel()
 	d := Default()
 	for name, err := range map[string]error{
 		"Credits": d.Credits.Validate(), "Checkout": d.Checkout.Validate(), "Metering": d.Metering.Validate(),
@@ -451,6 +462,7 @@ func TestSectionsValidateByTheRulesOfLoad(t *testing.T) {
 }
 
 func TestLoadSandbox(t *testing.T) {
+	t.Parallel()
 	serviceKey := "tally_dev_service_key"
 	sum := sha256.Sum256([]byte(serviceKey))
 	keys := "service:" + hex.EncodeToString(sum[:])

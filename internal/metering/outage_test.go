@@ -45,6 +45,7 @@ func (c *simClock) Set(t time.Time) {
 // dead-lettered too_old; once Stripe is back the backlog drains, each event
 // accepted by Stripe exactly once.
 func TestLongOutageRetriesByTimeUntilStripesWindowEnds(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t)
 	ctx := context.Background()
 	clock := &simClock{t: time.Now()}
@@ -154,6 +155,7 @@ func TestLongOutageRetriesByTimeUntilStripesWindowEnds(t *testing.T) {
 // alert long before the event leaves Stripe's window. One that does leave
 // it is dead-lettered too_old, and reported as such.
 func TestWaitingEventsAreGaugedAndExpireTooOld(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t)
 	ctx := context.Background()
 	t0 := time.Now()

@@ -81,31 +81,39 @@ func TestRateLimitHoldsAcrossInstances(t *testing.T) {
 	}
 	t.Logf("requests per instance: %v", sentBy)
 	mu.Unlock()
-	// What the limiter guarantees, not what a quiet machine happens to
-	// show. Each instance paces its requests as a GCRA with a burst of one
-	// at share/(1s+JitterMargin) (paced), and the shares add up to the
-	// limit (share.go). A GCRA with burst b and rate r lets at most
-	// b + r·W requests leave within any window of W. Requests that arrive
-	// within W left within W plus the spread of their transit times, which
-	// pacing leaves JitterMargin for. So within any window of W at most
-	//   instances·1 + limit·(W+JitterMargin)/(1s+JitterMargin)
-	// arrive: the limit plus one per instance for one second, and less
-	// than the limit per second over longer windows, where a limiter that
-	// let each instance take the whole limit would show three times it.
+	assertPaced(t, e.fake, 3, limit)
+}
+
+// assertPaced checks the meter event requests the fake received against
+// what pacing guarantees, not against what a quiet machine happens to
+// show. Each of the instances paces its requests as a GCRA with a burst of
+// one at share/(1s+JitterMargin) (paced), and the shares add up to the
+// limit (share.go). A GCRA with burst b and rate r lets at most b + r·W
+// requests leave within any window of W. Requests that arrive within W
+// left within W plus the spread of their transit times, which pacing
+// leaves JitterMargin for. So within any window of W at most
+//
+//	instances·1 + limit·(W+JitterMargin)/(1s+JitterMargin)
+//
+// arrive: the limit plus one per instance for one second, and less than
+// the limit per second over longer windows, where a limiter that let each
+// of three instances take the whole limit would show three times it.
+func assertPaced(t *testing.T, fake *stripefake.Fake, instances int, limit float64) {
+	t.Helper()
 	var arrivals []time.Time
-	for _, r := range e.fake.Requests() {
+	for _, r := range fake.Requests() {
 		if r.Path == "/v1/billing/meter_events" {
 			arrivals = append(arrivals, r.Time)
 		}
 	}
-	const instances, burst = 3, 1
+	const burst = 1
 	for _, window := range []time.Duration{time.Second, 3 * time.Second} {
 		bound := instances*burst + int(math.Floor(limit*float64(window+metering.JitterMargin)/float64(time.Second+metering.JitterMargin)))
 		got := maxWithin(arrivals, window)
-		t.Logf("Stripe saw at most %d meter event requests within %s (limit %d/s; the limiter allows %d)", got, window, limit, bound)
+		t.Logf("Stripe saw at most %d meter event requests within %s (%d instances, limit %v/s; pacing allows %d)", got, window, instances, limit, bound)
 		if got > bound {
-			t.Errorf("Stripe saw %d meter event requests within %s across the instances; pacing at a limit of %d/s allows at most %d",
-				got, window, limit, bound)
+			t.Errorf("Stripe saw %d meter event requests within %s from %d instances; pacing at a limit of %v/s allows at most %d",
+				got, window, instances, limit, bound)
 		}
 	}
 }

@@ -293,7 +293,8 @@ func (s *Service) createSession(ctx context.Context, in CheckoutInput, it item, 
 		sin.LineItem = stripeapi.LineItem{StripePrice: it.stripePrice}
 	default:
 		sin.LineItem = stripeapi.LineItem{Name: it.name, UnitAmount: it.unitAmount, Currency: it.currency, Quantity: in.Quantity}
-		// Every one-time payment, credit packs included (design/PRODUCT.md).
+		// Every one-time payment, credit packs included
+		// (TALLY_CHECKOUT_INVOICE_CREATION in the README).
 		sin.InvoiceCreation = s.checkout.InvoiceCreation
 	}
 	cs, err := s.stripe.CreateCheckoutSession(ctx, sin)

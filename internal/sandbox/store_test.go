@@ -16,6 +16,7 @@ import (
 // knows its sessions, payments, events and their deliveries, meter events
 // and idempotency keys, and carries on from there.
 func TestStateSurvivesARestart(t *testing.T) {
+	t.Parallel()
 	ctx := context.Background()
 	gdb := dbtest.New(t)
 	hook := newEndpoint(t)

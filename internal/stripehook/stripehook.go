@@ -36,7 +36,9 @@ import (
 // Status is where a stored event stands.
 type Status string
 
-// The stored event statuses of design/API.md.
+// The stored event statuses, as the admin API lists them (StripeEventStatus
+// in openapi.yaml; docs/guarantees.md, "Nothing lost", says what each
+// promises).
 const (
 	Received  Status = "received"
 	Processed Status = "processed"

@@ -30,6 +30,7 @@ func defaultOptions(t *testing.T, gdb *gorm.DB, secrets ...string) stripehook.Op
 // limit or retry interval in hand-built Options is a programming error that
 // New refuses, rather than quietly choosing a value of its own.
 func TestNewRefusesUnsetSettings(t *testing.T) {
+	t.Parallel()
 	for name, tweak := range map[string]func(*stripehook.Options){
 		"MaxAttempts":   func(o *stripehook.Options) { o.MaxAttempts = 0 },
 		"RetryInterval": func(o *stripehook.Options) { o.RetryInterval = 0 },
@@ -51,6 +52,7 @@ func TestNewRefusesUnsetSettings(t *testing.T) {
 // Replicas retrying at once never take the same event: every due event is
 // claimed by exactly one RetryDue call and processed once.
 func TestRetryClaimsNeverOverlap(t *testing.T) {
+	t.Parallel()
 	gdb := dbtest.New(t)
 	ctx := context.Background()
 	past := time.Now().Add(-time.Minute)

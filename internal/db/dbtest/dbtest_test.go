@@ -11,6 +11,7 @@ import (
 )
 
 func TestNewGivesMigratedDatabaseDroppedAfterTest(t *testing.T) {
+	t.Parallel()
 	var name string
 	t.Run("inner", func(t *testing.T) {
 		gdb := dbtest.New(t)
@@ -36,6 +37,7 @@ func TestNewGivesMigratedDatabaseDroppedAfterTest(t *testing.T) {
 }
 
 func TestDatabasesAreIsolated(t *testing.T) {
+	t.Parallel()
 	a, b := dbtest.New(t), dbtest.New(t)
 	if err := a.Exec(`CREATE TABLE only_in_a (x int)`).Error; err != nil {
 		t.Fatal(err)
@@ -50,6 +52,7 @@ func TestDatabasesAreIsolated(t *testing.T) {
 }
 
 func TestNewURLAndNewEmptyURL(t *testing.T) {
+	t.Parallel()
 	ctx := context.Background()
 	for _, tc := range []struct {
 		name    string
@@ -79,6 +82,7 @@ func TestNewURLAndNewEmptyURL(t *testing.T) {
 // its name, is marked a template and takes no connections, so a copy never
 // finds a session in it and a changed migration never reuses it.
 func TestNewCopiesTheTemplateOfTheseMigrations(t *testing.T) {
+	t.Parallel()
 	gdb := dbtest.New(t)
 	digest, err := db.MigrationsDigest()
 	if err != nil {
