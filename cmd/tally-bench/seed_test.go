@@ -57,6 +57,9 @@ func seedAndCount(t *testing.T, dbURL string, plan seedPlan) (seedResult, map[st
 // and a second seed with the same flags loads nothing more.
 func TestSeedLoadsConsistentRowsAndResumes(t *testing.T) {
 	t.Parallel()
+	if testing.Short() {
+		t.Skip("loads a large data set (skipped by -short; make test runs it)")
+	}
 	dbURL := dbtest.NewURL(t)
 	plan := seedPlan{customers: 2*seedChunk + 3, ledger: 3*(2*seedChunk+3) + 2, usage: 7, meter: "api_calls", workers: 2}
 	res, counts := seedAndCount(t, dbURL, plan)

@@ -323,6 +323,9 @@ func scratchLeft(t *testing.T, state string) []string {
 
 func TestNoServerStartsAPrivateOneForTheCommandAndStopsIt(t *testing.T) {
 	t.Parallel()
+	if testing.Short() {
+		t.Skip("starts PostgreSQL servers (skipped by -short; make test runs it)")
+	}
 	state := stateDir(t)
 	configured := deadURL(t, "postgres")
 	h := startHelper(t, []string{"-url", configured, "-state", state, "-max-connections", "123"}, "exit=7")
@@ -405,6 +408,9 @@ func TestAnAnsweringServerIsUsedAndAMissingDatabaseCreated(t *testing.T) {
 
 func TestAKeptServerKeepsItsDataAndRecoversFromKills(t *testing.T) {
 	t.Parallel()
+	if testing.Short() {
+		t.Skip("starts PostgreSQL servers (skipped by -short; make test runs it)")
+	}
 	state := stateDir(t)
 	flags := []string{"-url", deadURL(t, "tally"), "-state", state, "-keep", "run", "-create"}
 
@@ -497,6 +503,9 @@ func serverUserAttr(t *testing.T) *syscall.SysProcAttr {
 
 func TestAnInterruptReachesTheCommandOnceAndStopsTheServer(t *testing.T) {
 	t.Parallel()
+	if testing.Short() {
+		t.Skip("starts PostgreSQL servers (skipped by -short; make test runs it)")
+	}
 	state := stateDir(t)
 	h := startHelper(t, []string{"-url", deadURL(t, "postgres"), "-state", state}, "hold")
 	r := h.report()
@@ -521,6 +530,9 @@ func TestAnInterruptReachesTheCommandOnceAndStopsTheServer(t *testing.T) {
 
 func TestConcurrentRuns(t *testing.T) {
 	t.Parallel()
+	if testing.Short() {
+		t.Skip("starts PostgreSQL servers (skipped by -short; make test runs it)")
+	}
 	state := stateDir(t)
 	dead := deadURL(t, "tally")
 
@@ -571,6 +583,9 @@ func TestConcurrentRuns(t *testing.T) {
 
 func TestAStateDirectoryTheServerUserCannotEnterFallsBack(t *testing.T) {
 	t.Parallel()
+	if testing.Short() {
+		t.Skip("starts PostgreSQL servers (skipped by -short; make test runs it)")
+	}
 	if os.Geteuid() != 0 {
 		t.Skip("only a run as root starts the server as another user")
 	}

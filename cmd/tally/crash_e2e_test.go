@@ -57,6 +57,7 @@ type tallyChild struct {
 // buildTally compiles ./cmd/tally (without -race) into a fresh directory.
 func buildTally(t *testing.T) string {
 	t.Helper()
+	skipShort(t)
 	bin := filepath.Join(t.TempDir(), "tally")
 	cmd := exec.Command("go", "build", "-o", bin, "./cmd/tally")
 	cmd.Dir = repoFile(".")

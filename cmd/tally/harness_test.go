@@ -106,11 +106,21 @@ func baseEnv(t testing.TB) map[string]string {
 	}
 }
 
+// skipShort skips an end-to-end test under go test -short (make
+// test-short, the quick loop); make test runs every one.
+func skipShort(t testing.TB) {
+	t.Helper()
+	if testing.Short() {
+		t.Skip("end-to-end: runs the server (skipped by -short; make test runs it)")
+	}
+}
+
 // startServer runs `tally serve` in-process with env (see baseEnv), learns
 // the address it bound and waits until /healthz answers. It is stopped, and
 // must stop cleanly, at cleanup.
 func startServer(t testing.TB, env map[string]string) *server {
 	t.Helper()
+	skipShort(t)
 	s := &server{DBURL: env["TALLY_DATABASE_URL"], env: env, logs: &syncBuffer{}, done: make(chan error, 1)}
 	ctx, cancel := context.WithCancel(context.Background())
 	s.stop = cancel
