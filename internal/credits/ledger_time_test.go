@@ -36,6 +36,12 @@ func ledgerOutOfOrder(t *testing.T, gdb *gorm.DB, customerID string) int64 {
 // backwards along it.
 func TestLedgerTimesFollowTheSequenceUnderConcurrency(t *testing.T) {
 	t.Parallel()
+	if testing.Short() {
+		t.Skip("slow: many rounds or real seconds of pacing (skipped by -short; make test runs it)")
+	}
+	if testing.Short() {
+		t.Skip("slow: many rounds or real seconds of pacing (skipped by -short; make test runs it)")
+	}
 	for _, c := range []struct {
 		name  string
 		clock func() time.Time

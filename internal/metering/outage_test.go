@@ -46,6 +46,12 @@ func (c *simClock) Set(t time.Time) {
 // accepted by Stripe exactly once.
 func TestLongOutageRetriesByTimeUntilStripesWindowEnds(t *testing.T) {
 	t.Parallel()
+	if testing.Short() {
+		t.Skip("slow: many rounds or real seconds of pacing (skipped by -short; make test runs it)")
+	}
+	if testing.Short() {
+		t.Skip("slow: many rounds or real seconds of pacing (skipped by -short; make test runs it)")
+	}
 	e := newEnv(t)
 	ctx := context.Background()
 	clock := &simClock{t: time.Now()}

@@ -21,6 +21,12 @@ import (
 // ones: each identifier is stored once and reaches Stripe exactly once.
 func TestTenThousandEventsDeliveredExactlyOnce(t *testing.T) {
 	t.Parallel()
+	if testing.Short() {
+		t.Skip("slow: many rounds or real seconds of pacing (skipped by -short; make test runs it)")
+	}
+	if testing.Short() {
+		t.Skip("slow: many rounds or real seconds of pacing (skipped by -short; make test runs it)")
+	}
 	e := newEnv(t)
 	const customers = 50
 	for c := range customers {
@@ -108,6 +114,12 @@ func gauge(t *testing.T, reg *prometheus.Registry, name string) float64 {
 // client's timeout: nothing is lost, nothing is accepted twice, the backlog
 // drains once Stripe recovers, and the rate limit holds throughout.
 func TestDeliverySurvivesStripeOutage(t *testing.T) {
+	if testing.Short() {
+		t.Skip("slow: many rounds or real seconds of pacing (skipped by -short; make test runs it)")
+	}
+	if testing.Short() {
+		t.Skip("slow: many rounds or real seconds of pacing (skipped by -short; make test runs it)")
+	}
 	e := newEnv(t)
 	link(t, e.db, "frank")
 	link(t, e.db, "grace")
@@ -177,6 +189,9 @@ func TestDeliverySurvivesStripeOutage(t *testing.T) {
 // Three instances on one database: every event is sent once.
 func TestThreeWorkersSendEachEventOnce(t *testing.T) {
 	t.Parallel()
+	if testing.Short() {
+		t.Skip("slow: many rounds or real seconds of pacing (skipped by -short; make test runs it)")
+	}
 	e := newEnv(t)
 	for c := range 9 {
 		link(t, e.db, fmt.Sprintf("multi-%d", c))
