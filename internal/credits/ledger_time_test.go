@@ -39,9 +39,6 @@ func TestLedgerTimesFollowTheSequenceUnderConcurrency(t *testing.T) {
 	if testing.Short() {
 		t.Skip("slow: many rounds or real seconds of pacing (skipped by -short; make test runs it)")
 	}
-	if testing.Short() {
-		t.Skip("slow: many rounds or real seconds of pacing (skipped by -short; make test runs it)")
-	}
 	for _, c := range []struct {
 		name  string
 		clock func() time.Time

@@ -49,9 +49,6 @@ func TestLongOutageRetriesByTimeUntilStripesWindowEnds(t *testing.T) {
 	if testing.Short() {
 		t.Skip("slow: many rounds or real seconds of pacing (skipped by -short; make test runs it)")
 	}
-	if testing.Short() {
-		t.Skip("slow: many rounds or real seconds of pacing (skipped by -short; make test runs it)")
-	}
 	e := newEnv(t)
 	ctx := context.Background()
 	clock := &simClock{t: time.Now()}

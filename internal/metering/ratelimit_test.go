@@ -34,9 +34,6 @@ func TestRateLimitHoldsAcrossInstances(t *testing.T) {
 	if testing.Short() {
 		t.Skip("slow: many rounds or real seconds of pacing (skipped by -short; make test runs it)")
 	}
-	if testing.Short() {
-		t.Skip("slow: many rounds or real seconds of pacing (skipped by -short; make test runs it)")
-	}
 	e := newEnv(t)
 	const customers = 30
 	for c := range customers {
@@ -151,9 +148,6 @@ func liveRows(t *testing.T, gdb *gorm.DB) []string {
 // A worker that stops deletes its row, and the others take over its part
 // of the limit; a row nobody refreshes (a crashed worker) stops counting.
 func TestStoppedWorkerHandsItsShareBack(t *testing.T) {
-	if testing.Short() {
-		t.Skip("slow: many rounds or real seconds of pacing (skipped by -short; make test runs it)")
-	}
 	if testing.Short() {
 		t.Skip("slow: many rounds or real seconds of pacing (skipped by -short; make test runs it)")
 	}

@@ -24,9 +24,6 @@ func TestTenThousandEventsDeliveredExactlyOnce(t *testing.T) {
 	if testing.Short() {
 		t.Skip("slow: many rounds or real seconds of pacing (skipped by -short; make test runs it)")
 	}
-	if testing.Short() {
-		t.Skip("slow: many rounds or real seconds of pacing (skipped by -short; make test runs it)")
-	}
 	e := newEnv(t)
 	const customers = 50
 	for c := range customers {
@@ -114,9 +111,6 @@ func gauge(t *testing.T, reg *prometheus.Registry, name string) float64 {
 // client's timeout: nothing is lost, nothing is accepted twice, the backlog
 // drains once Stripe recovers, and the rate limit holds throughout.
 func TestDeliverySurvivesStripeOutage(t *testing.T) {
-	if testing.Short() {
-		t.Skip("slow: many rounds or real seconds of pacing (skipped by -short; make test runs it)")
-	}
 	if testing.Short() {
 		t.Skip("slow: many rounds or real seconds of pacing (skipped by -short; make test runs it)")
 	}
