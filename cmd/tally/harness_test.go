@@ -37,6 +37,13 @@ import (
 	"github.com/tallybilling/tally/pkg/client"
 )
 
+// patience bounds the waits for what takes a moment on a quiet machine (a
+// server to start, an event to show in the feed, a worker's round): only a
+// failing test waits that long, and a machine running several suites at
+// once (load averages of 20 on two cores were seen) does not fail a passing
+// one.
+const patience = time.Minute
+
 // The keys and secrets every end-to-end server is configured with.
 const (
 	testServiceKey    = "tally_test_service_key"
@@ -136,11 +143,11 @@ func startServer(t testing.TB, env map[string]string) *server {
 		}
 	case err := <-s.done:
 		t.Fatalf("tally serve exited before it listened: %v\nlogs:\n%s", err, s.logs)
-	case <-time.After(15 * time.Second):
+	case <-time.After(patience):
 		cancel()
-		t.Fatalf("tally serve did not listen within 15s\nlogs:\n%s", s.logs)
+		t.Fatalf("tally serve did not listen within %s\nlogs:\n%s", patience, s.logs)
 	}
-	deadline := time.Now().Add(15 * time.Second)
+	deadline := time.Now().Add(patience)
 	for {
 		resp, err := http.Get(s.URL + "/healthz")
 		if err == nil {
@@ -156,7 +163,7 @@ func startServer(t testing.TB, env map[string]string) *server {
 		}
 		if time.Now().After(deadline) {
 			cancel()
-			t.Fatalf("tally serve did not become healthy within 15s\nlogs:\n%s", s.logs)
+			t.Fatalf("tally serve did not become healthy within %s\nlogs:\n%s", patience, s.logs)
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
@@ -316,7 +323,7 @@ func (c checkedTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 func pollEvents(t testing.TB, c *client.ClientWithResponses, after string, want int) client.EventPage {
 	t.Helper()
 	page := client.EventPage{NextCursor: after}
-	deadline := time.Now().Add(15 * time.Second)
+	deadline := time.Now().Add(patience)
 	for len(page.Data) < want {
 		r, err := c.ListEventsWithResponse(context.Background(), &client.ListEventsParams{After: &page.NextCursor})
 		if err != nil {
@@ -329,14 +336,16 @@ func pollEvents(t testing.TB, c *client.ClientWithResponses, after string, want 
 			break
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("feed showed %d events within 15s, want %d", len(page.Data), want)
+			t.Fatalf("feed showed %d events within %s, want %d", len(page.Data), patience, want)
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
 	return page
 }
 
-// Money flows: the catalog's starter pack, Stripe objects and events as Stripe sends them, checkouts, payments and the checks every flow ends with.
+// Money flows: the catalog's starter pack, Stripe objects and events as
+// Stripe sends them, checkouts, payments and the checks every flow ends
+// with.
 
 // The catalog's starter pack (deploy/catalog.example.yaml): $10.00 for 1000 credits.
 const (
@@ -536,7 +545,7 @@ func metrics(t testing.TB, s *server) string {
 
 func waitFor(t testing.TB, what string, cond func() bool) {
 	t.Helper()
-	deadline := time.Now().Add(20 * time.Second)
+	deadline := time.Now().Add(patience)
 	for !cond() {
 		if time.Now().After(deadline) {
 			t.Fatalf("timed out waiting for %s", what)
@@ -761,14 +770,14 @@ func sandboxEnv(t testing.TB) map[string]string {
 // asynchronously, as from Stripe).
 func waitPayment(t testing.TB, s *server, id string, want client.PaymentStatus) client.Payment {
 	t.Helper()
-	deadline := time.Now().Add(15 * time.Second)
+	deadline := time.Now().Add(patience)
 	for {
 		p := getPayment(t, s, id)
 		if p.Status == want {
 			return p
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("payment %s is %s after 15s, want %s; transitions %+v", id, p.Status, want, p.Transitions)
+			t.Fatalf("payment %s is %s after %s, want %s; transitions %+v", id, p.Status, patience, want, p.Transitions)
 		}
 		time.Sleep(50 * time.Millisecond)
 	}

@@ -50,6 +50,9 @@ func TestDatabaseOutageAndRecovery(t *testing.T) {
 	s := startServer(t, env)
 	ctx := context.Background()
 
+	// Ready once the readiness check (a ping within a second) answers; a
+	// loaded machine may miss the first.
+	waitStatus(t, s.URL+"/readyz", http.StatusOK, patience)
 	if got := getStatus(t, s.URL+"/readyz"); got != http.StatusOK {
 		t.Fatalf("readyz before the outage = %d", got)
 	}
