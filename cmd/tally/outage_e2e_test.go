@@ -77,7 +77,7 @@ func TestDatabaseOutageAndRecovery(t *testing.T) {
 	}
 
 	proxy.up()
-	took = waitStatus(t, s.URL+"/readyz", http.StatusOK, 10*time.Second)
+	took = waitStatus(t, s.URL+"/readyz", http.StatusOK, patience)
 	t.Logf("readyz back to 200 %s after the database returned", took)
 	r, err = s.service(t).GetCustomerWithResponse(ctx, "dave")
 	if err != nil {

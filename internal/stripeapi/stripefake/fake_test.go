@@ -103,6 +103,12 @@ func TestSetHangBeyondTheClientTimeout(t *testing.T) {
 		t.Fatalf("err = %v, want a network error", err)
 	}
 	f.SetHang(0)
+	// Answered again, to a client whose timeout a loaded machine cannot
+	// run out (100ms did, with tests running in parallel).
+	c, err = stripeapi.New(stripeapi.Config{SecretKey: "sk_test_x", APIURL: f.URL()})
+	if err != nil {
+		t.Fatal(err)
+	}
 	if err := c.CreateMeterEvent(context.Background(), stripeapi.MeterEvent{EventName: "e", StripeCustomerID: "cus_a", Identifier: "h-2", Value: 1}); err != nil {
 		t.Fatalf("after the hang: %v", err)
 	}
