@@ -545,10 +545,17 @@ func metrics(t testing.TB, s *server) string {
 
 func waitFor(t testing.TB, what string, cond func() bool) {
 	t.Helper()
-	deadline := time.Now().Add(patience)
+	waitForWithin(t, what, patience, cond)
+}
+
+// waitForWithin is waitFor with its own bound, for what takes many rounds
+// of a worker even on a quiet machine.
+func waitForWithin(t testing.TB, what string, within time.Duration, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(within)
 	for !cond() {
 		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
+			t.Fatalf("timed out after %s waiting for %s", within, what)
 		}
 		time.Sleep(50 * time.Millisecond)
 	}

@@ -112,7 +112,9 @@ func TestUsageSurvivesALongStripeOutageEndToEnd(t *testing.T) {
 	}
 	// Many more attempts than the old limit of ten, and none dead but edge
 	// and the event Stripe refuses for good.
-	waitFor(t, "every event tried over 30 times", func() bool { return attempts(`identifier LIKE 'outage-%'`) > 30 })
+	// Thirty rounds of backoff: about half a minute alone, more with the
+	// suite running beside it.
+	waitForWithin(t, "every event tried over 30 times", 3*time.Minute, func() bool { return attempts(`identifier LIKE 'outage-%'`) > 30 })
 	if n := countRows(t, gdb, `SELECT count(*) FROM usage_events WHERE status = 'dead' AND identifier NOT IN ('edge', 'refused')`); n != 0 {
 		t.Fatalf("%d events dead-lettered during the outage, want none", n)
 	}
