@@ -15,6 +15,7 @@ import (
 // ledger row per success, a refusal once the balance is spent) under many
 // concurrent workers, and leave nothing behind in tally's database.
 func TestBaselineDebitsWithoutOverdraftAndCleansUp(t *testing.T) {
+	t.Parallel()
 	ctx := context.Background()
 	dbURL := dbtest.NewURL(t) // a migrated tally database, as in production
 	runID := strconv.FormatInt(time.Now().UnixNano(), 36)

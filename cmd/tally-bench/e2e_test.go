@@ -12,6 +12,7 @@ import (
 	"runtime"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/tallybilling/tally/internal/app"
 	"github.com/tallybilling/tally/internal/config"
@@ -65,11 +66,19 @@ func realTally(t *testing.T) (url, dbURL string) {
 // verify after the load passes, and a target line is printed for each
 // target.
 func TestBenchAgainstTheRealServer(t *testing.T) {
+	t.Parallel()
+	if testing.Short() {
+		t.Skip("runs the server under load (skipped by -short; make test runs it)")
+	}
 	url, dbURL := realTally(t)
+	// Long enough that webhook-credited operations (two deliveries each,
+	// processed) complete within it on a loaded machine, some of them sent
+	// twice: at 400ms a run under a load average of 18 measured none.
+	const measured = 2 * time.Second
 	var out, errOut bytes.Buffer
 	err := run(t.Context(), []string{
 		"-url", url, "-key", e2eServiceKey, "-admin-key", e2eAdminKey, "-webhook-secret", e2eWebhookSecret, "-db", dbURL,
-		"-concurrency", "4", "-duration", "400ms", "-warmup", "50ms", "-customers", "10", "-usage-batch", "50",
+		"-concurrency", "4", "-duration", measured.String(), "-warmup", "50ms", "-customers", "10", "-usage-batch", "50",
 		"-payments", "300", "-json",
 	}, env(nil), &out, &errOut)
 	if err != nil {
@@ -94,8 +103,8 @@ func TestBenchAgainstTheRealServer(t *testing.T) {
 		}
 	}
 	wc := byName["webhook-credited"]
-	if wc.RateUnit != unitCredited || wc.Rate <= 0 || wc.Rate > float64(wc.OK)/0.4+0.001 {
-		t.Errorf("webhook-credited rate %v %s for %d payments acknowledged in 400ms", wc.Rate, wc.RateUnit, wc.OK)
+	if wc.RateUnit != unitCredited || wc.Rate <= 0 || wc.Rate > float64(wc.OK)/measured.Seconds()+0.001 {
+		t.Errorf("webhook-credited rate %v %s for %d payments acknowledged in %s", wc.Rate, wc.RateUnit, wc.OK, measured)
 	}
 	// stripe-mock gives every session one PaymentIntent, which tally keeps
 	// to one payment: then the first payment comes through checkout and the

@@ -13,6 +13,7 @@ func env(vars map[string]string) func(string) string {
 }
 
 func TestSettingsDefaultsComeFromTheEnvironmentMakeBenchSets(t *testing.T) {
+	t.Parallel()
 	s, err := parseSettings(nil, env(map[string]string{
 		"TALLY_BENCH_URL":            "http://127.0.0.1:18181",
 		"TALLY_BENCH_API_KEY":        "svc",
@@ -42,6 +43,7 @@ func TestSettingsDefaultsComeFromTheEnvironmentMakeBenchSets(t *testing.T) {
 // Every scenario of the target table runs by default; webhook-parked, which
 // leaves parked events behind, only when named.
 func TestDefaultScenariosCoverEveryTarget(t *testing.T) {
+	t.Parallel()
 	for _, tg := range targets {
 		for _, name := range []string{tg.Scenario, strings.TrimPrefix(tg.Baseline, "sql ")} {
 			if name != "" && !slices.Contains(defaultScenarios, name) {
@@ -55,6 +57,7 @@ func TestDefaultScenariosCoverEveryTarget(t *testing.T) {
 }
 
 func TestFlagsOverrideTheEnvironment(t *testing.T) {
+	t.Parallel()
 	s, err := parseSettings([]string{
 		"-url", "https://tally.example.com/", "-key", "k2", "-concurrency", "4", "-duration", "3s",
 		"-warmup", "0s", "-scenarios", " consume-hot , balance ", "-customers", "10", "-json", "-rand-seed", "42", "-db", "",
@@ -75,6 +78,7 @@ func TestFlagsOverrideTheEnvironment(t *testing.T) {
 }
 
 func TestSettingsReportEveryProblemAtOnce(t *testing.T) {
+	t.Parallel()
 	_, err := parseSettings([]string{
 		"-url", "127.0.0.1:8080", "-concurrency", "0", "-duration", "0s", "-warmup", "-1s",
 		"-scenarios", "consume-many,teleport,consume-many", "-customers", "0", "-usage-batch", "1001",
@@ -92,6 +96,7 @@ func TestSettingsReportEveryProblemAtOnce(t *testing.T) {
 }
 
 func TestWebhookScenariosNeedTheSecret(t *testing.T) {
+	t.Parallel()
 	_, err := parseSettings([]string{"-key", "k", "-scenarios", "webhook-parked"}, env(nil), io.Discard)
 	if err == nil || !strings.Contains(err.Error(), "-webhook-secret") {
 		t.Fatalf("err = %v, want a -webhook-secret problem", err)
@@ -104,6 +109,7 @@ func TestWebhookScenariosNeedTheSecret(t *testing.T) {
 // webhook-credited checks its payments in the database, and -verify db
 // runs there: both need -db.
 func TestDatabaseChecksNeedTheDatabase(t *testing.T) {
+	t.Parallel()
 	_, err := parseSettings([]string{"-key", "k", "-scenarios", "webhook-credited", "-webhook-secret", "whsec_a", "-verify", "db", "-db", ""}, env(nil), io.Discard)
 	if err == nil || !strings.Contains(err.Error(), "webhook-credited checks in the database") || !strings.Contains(err.Error(), "-verify db: needs -db") {
 		t.Fatalf("err = %v, want both -db problems", err)
@@ -112,6 +118,7 @@ func TestDatabaseChecksNeedTheDatabase(t *testing.T) {
 
 // -seed needs only the database: no key, no server.
 func TestSeedModeNeedsOnlyTheDatabase(t *testing.T) {
+	t.Parallel()
 	s, err := parseSettings([]string{"-seed", "-seed-customers", "2000", "-seed-ledger", "20000", "-seed-usage", "5", "-seed-workers", "3"},
 		env(map[string]string{"TALLY_BENCH_DATABASE_URL": "postgres://x"}), io.Discard)
 	if err != nil {
@@ -140,6 +147,7 @@ func TestSeedModeNeedsOnlyTheDatabase(t *testing.T) {
 }
 
 func TestStrayArgumentsAreRefused(t *testing.T) {
+	t.Parallel()
 	if _, err := parseSettings([]string{"-key", "k", "consume-many"}, env(nil), io.Discard); err == nil {
 		t.Fatal("a positional argument was silently ignored")
 	}

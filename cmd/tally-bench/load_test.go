@@ -8,6 +8,7 @@ import (
 )
 
 func TestPercentileIsNearestRank(t *testing.T) {
+	t.Parallel()
 	ms := func(n int) time.Duration { return time.Duration(n) * time.Millisecond }
 	var hundred []time.Duration
 	for i := 1; i <= 100; i++ {
@@ -39,6 +40,7 @@ func TestPercentileIsNearestRank(t *testing.T) {
 // drive must count every measured operation exactly once, in the bucket its
 // outcome names, merged over all workers, with latencies sorted.
 func TestDriveMergesOutcomesOfAllWorkers(t *testing.T) {
+	t.Parallel()
 	do := func(ctx context.Context, w *worker) outcome {
 		switch w.seq % 4 {
 		case 0:
@@ -76,6 +78,7 @@ func TestDriveMergesOutcomesOfAllWorkers(t *testing.T) {
 // Operations that start during the warmup are performed but not recorded;
 // those that start in the measured window are, with their own duration.
 func TestDriveRecordsOnlyTheMeasuredWindow(t *testing.T) {
+	t.Parallel()
 	var performed int64 // one worker: no race, and drive waits for it
 	r := drive(context.Background(), tickingClock(), 1, 10*time.Millisecond, 50*time.Millisecond, 1, func(ctx context.Context, w *worker) outcome {
 		performed++

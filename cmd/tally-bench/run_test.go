@@ -149,6 +149,7 @@ func startFake(t *testing.T) (*fakeTally, string) {
 // reported as a failed scenario with its reason (and exit status 1), and a
 // missing endpoint as a skipped one.
 func TestRunReportsEveryScenarioAndFailsOnA503Endpoint(t *testing.T) {
+	t.Parallel()
 	f, url := startFake(t)
 	var out, errOut bytes.Buffer
 	err := run(t.Context(), []string{
@@ -228,6 +229,7 @@ func TestRunReportsEveryScenarioAndFailsOnA503Endpoint(t *testing.T) {
 // A 202 in which the server rejected events is not a success: a wrong meter
 // must show as errors, not as a fast usage scenario.
 func TestUsageWithRejectedEventsCountsAsErrors(t *testing.T) {
+	t.Parallel()
 	_, url := startFake(t)
 	var out bytes.Buffer
 	err := run(t.Context(), []string{
@@ -244,6 +246,7 @@ func TestUsageWithRejectedEventsCountsAsErrors(t *testing.T) {
 }
 
 func TestRunRefusesWhenNoServerAnswers(t *testing.T) {
+	t.Parallel()
 	srv := httptest.NewServer(http.NotFoundHandler())
 	srv.Close() // nothing listens at this address any more
 	err := run(t.Context(), []string{"-url", srv.URL, "-key", "svc", "-scenarios", "consume-many", "-db", ""}, env(nil), io.Discard, io.Discard)

@@ -56,6 +56,10 @@ func seedAndCount(t *testing.T, dbURL string, plan seedPlan) (seedResult, map[st
 // exactly what was asked, in rows the project's verify finds consistent,
 // and a second seed with the same flags loads nothing more.
 func TestSeedLoadsConsistentRowsAndResumes(t *testing.T) {
+	t.Parallel()
+	if testing.Short() {
+		t.Skip("loads a large data set (skipped by -short; make test runs it)")
+	}
 	dbURL := dbtest.NewURL(t)
 	plan := seedPlan{customers: 2*seedChunk + 3, ledger: 3*(2*seedChunk+3) + 2, usage: 7, meter: "api_calls", workers: 2}
 	res, counts := seedAndCount(t, dbURL, plan)
@@ -103,6 +107,7 @@ func TestSeedLoadsConsistentRowsAndResumes(t *testing.T) {
 // Fewer ledger entries than customers leaves some customers without any
 // credits (a customer row only), which verify must also accept.
 func TestSeedWithFewerEntriesThanCustomers(t *testing.T) {
+	t.Parallel()
 	_, counts := seedAndCount(t, dbtest.NewURL(t), seedPlan{customers: 10, ledger: 4, usage: 0, meter: "api_calls", workers: 1})
 	if counts["customers"] != 10 || counts["credit_balances"] != 4 || counts["credit_ledger"] != 4 || counts["usage_events"] != 0 {
 		t.Errorf("counts %v, want 10 customers, 4 of them with one grant each, no usage", counts)
@@ -111,6 +116,7 @@ func TestSeedWithFewerEntriesThanCustomers(t *testing.T) {
 
 // The seed refuses a database the server never migrated, naming the fix.
 func TestSeedRefusesAnUnmigratedDatabase(t *testing.T) {
+	t.Parallel()
 	var out strings.Builder
 	err := run(t.Context(), []string{"-seed", "-db", dbtest.NewEmptyURL(t), "-seed-customers", "1", "-seed-ledger", "1", "-seed-usage", "1"}, env(nil), &out, &out)
 	if err == nil || !strings.Contains(err.Error(), "make run migrates it") {

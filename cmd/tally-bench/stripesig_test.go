@@ -13,6 +13,7 @@ import (
 )
 
 func TestStripeSignatureHasStripesFormat(t *testing.T) {
+	t.Parallel()
 	sig := sandbox.Sign([]byte(`{"id":"evt_1"}`), "whsec_test", time.Unix(1700000000, 0))
 	if !regexp.MustCompile(`^t=1700000000,v1=[0-9a-f]{64}$`).MatchString(sig) {
 		t.Fatalf("signature %q, want t=<unix>,v1=<64 hex>", sig)
@@ -22,6 +23,7 @@ func TestStripeSignatureHasStripesFormat(t *testing.T) {
 // The server verifies with stripe-go; so does this test, and an event the
 // tool builds must parse as a Stripe event of this stripe-go's API version.
 func TestSignedEventIsAcceptedByStripeGo(t *testing.T) {
+	t.Parallel()
 	const secret = "whsec_bench"
 	now := time.Now()
 	payload, err := json.Marshal(stripeEvent("evt_bench_run_3_7", "payment_intent.succeeded", "bench-run-1", now))

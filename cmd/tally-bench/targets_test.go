@@ -28,6 +28,7 @@ func verdictOf(t *testing.T, results []targetResult, prefix string) targetResult
 }
 
 func TestTargetsJudgeRatiosAndRatesFromGivenNumbers(t *testing.T) {
+	t.Parallel()
 	var at16 []scenarioResult
 	at16 = append(at16, measured(ok("sql consume-many", 1000, 10), ok("consume-many", 1100, 30))...)
 	at16 = append(at16, measured(ok("sql balance", 10000, 1), ok("balance", 4000, 5))...)
@@ -63,6 +64,7 @@ func TestTargetsJudgeRatiosAndRatesFromGivenNumbers(t *testing.T) {
 // At 64 workers consume-many must also keep its p99 at or under the
 // baseline's, and consume-hot beat its baseline five times.
 func TestTargetsAt64WorkersCheckTheTailToo(t *testing.T) {
+	t.Parallel()
 	var run []scenarioResult
 	run = append(run, measured(ok("sql consume-many", 1000, 40), ok("consume-many", 1600, 50))...)
 	run = append(run, measured(ok("sql consume-hot", 500, 90), ok("consume-hot", 2600, 20))...)
@@ -84,6 +86,7 @@ func TestTargetsAt64WorkersCheckTheTailToo(t *testing.T) {
 // Only a clean scenario can pass; one that did not run, failed or was
 // skipped is not measured.
 func TestTargetsNeedACleanMeasuredScenario(t *testing.T) {
+	t.Parallel()
 	withErrors := ok("consume-many", 5000, 1)
 	withErrors.Status, withErrors.Errors = statusErrors, 3
 	credited := scenarioResult{Name: "webhook-credited", Status: statusFailed, Failure: "setup: no catalog"}
@@ -109,6 +112,7 @@ func TestTargetsNeedACleanMeasuredScenario(t *testing.T) {
 // The text report prints one line per target with its verdict, and says
 // where the invariant check ran and what it found.
 func TestTextReportPrintsTargetsAndVerify(t *testing.T) {
+	t.Parallel()
 	rep := report{
 		Scenarios: measured(ok("sql consume-many", 1000, 10), ok("consume-many", 900, 20)),
 		Verify:    verifyReport{How: "GET /v1/admin/verify", Checked: true, OK: true, Summary: "ok (3 customers, 0 payments checked)"},
@@ -134,6 +138,7 @@ func TestTextReportPrintsTargetsAndVerify(t *testing.T) {
 }
 
 func TestThousands(t *testing.T) {
+	t.Parallel()
 	for v, want := range map[float64]string{0: "0.0", 12.34: "12.3", 100: "100", 1000: "1,000", 51234.4: "51,234", 1234567: "1,234,567"} {
 		if got := thousands(v); got != want {
 			t.Errorf("thousands(%v) = %q, want %q", v, got, want)

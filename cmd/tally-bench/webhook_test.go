@@ -18,6 +18,7 @@ import (
 )
 
 func TestCreditStateJudge(t *testing.T) {
+	t.Parallel()
 	cases := []struct {
 		name  string
 		state creditState
@@ -43,6 +44,7 @@ func TestCreditStateJudge(t *testing.T) {
 
 // The exactly-once rule per payment, by what the run did with it.
 func TestJudgeRunAppliesExactlyOncePerPayment(t *testing.T) {
+	t.Parallel()
 	credited := creditState{Found: true, Status: "succeeded", Credits: 10, Grants: 1, Granted: 10, Confirmations: 1}
 	pending := creditState{Found: true, Status: "pending", Credits: 10}
 	twice := creditState{Found: true, Status: "succeeded", Credits: 10, Grants: 2, Granted: 20, Confirmations: 1}
@@ -85,6 +87,7 @@ func TestJudgeRunAppliesExactlyOncePerPayment(t *testing.T) {
 // Payments written as checkout writes them satisfy the schema and verify,
 // and the crediting query reads each one's state from the real tables.
 func TestPendingPaymentsAndTheCreditingQuery(t *testing.T) {
+	t.Parallel()
 	ctx := context.Background()
 	dbURL := dbtest.NewURL(t)
 	pool, err := openPool(ctx, dbURL, 2)
@@ -172,6 +175,7 @@ func TestPendingPaymentsAndTheCreditingQuery(t *testing.T) {
 // what tally's validation chain compares (payment, customer, amount,
 // currency, livemode), and name the same PaymentIntent.
 func TestCreditEventsCarryWhatTheValidationChainChecks(t *testing.T) {
+	t.Parallel()
 	p := pendingPayment{ID: "pay_1", CustomerID: "bench-x-1", SessionID: "cs_bench_1", PaymentIntentID: "pi_bench_1",
 		Amount: 1000, Credits: 1000, Currency: "usd", Item: "starter"}
 	now := time.Now()

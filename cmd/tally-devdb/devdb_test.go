@@ -322,6 +322,10 @@ func scratchLeft(t *testing.T, state string) []string {
 }
 
 func TestNoServerStartsAPrivateOneForTheCommandAndStopsIt(t *testing.T) {
+	t.Parallel()
+	if testing.Short() {
+		t.Skip("starts PostgreSQL servers (skipped by -short; make test runs it)")
+	}
 	state := stateDir(t)
 	configured := deadURL(t, "postgres")
 	h := startHelper(t, []string{"-url", configured, "-state", state, "-max-connections", "123"}, "exit=7")
@@ -368,6 +372,7 @@ func configuredURL() string {
 }
 
 func TestAnAnsweringServerIsUsedAndAMissingDatabaseCreated(t *testing.T) {
+	t.Parallel()
 	state := stateDir(t)
 	base, err := url.Parse(configuredURL())
 	if err != nil {
@@ -402,6 +407,10 @@ func TestAnAnsweringServerIsUsedAndAMissingDatabaseCreated(t *testing.T) {
 }
 
 func TestAKeptServerKeepsItsDataAndRecoversFromKills(t *testing.T) {
+	t.Parallel()
+	if testing.Short() {
+		t.Skip("starts PostgreSQL servers (skipped by -short; make test runs it)")
+	}
 	state := stateDir(t)
 	flags := []string{"-url", deadURL(t, "tally"), "-state", state, "-keep", "run", "-create"}
 
@@ -493,6 +502,10 @@ func serverUserAttr(t *testing.T) *syscall.SysProcAttr {
 }
 
 func TestAnInterruptReachesTheCommandOnceAndStopsTheServer(t *testing.T) {
+	t.Parallel()
+	if testing.Short() {
+		t.Skip("starts PostgreSQL servers (skipped by -short; make test runs it)")
+	}
 	state := stateDir(t)
 	h := startHelper(t, []string{"-url", deadURL(t, "postgres"), "-state", state}, "hold")
 	r := h.report()
@@ -516,6 +529,10 @@ func TestAnInterruptReachesTheCommandOnceAndStopsTheServer(t *testing.T) {
 }
 
 func TestConcurrentRuns(t *testing.T) {
+	t.Parallel()
+	if testing.Short() {
+		t.Skip("starts PostgreSQL servers (skipped by -short; make test runs it)")
+	}
 	state := stateDir(t)
 	dead := deadURL(t, "tally")
 
@@ -565,6 +582,10 @@ func TestConcurrentRuns(t *testing.T) {
 }
 
 func TestAStateDirectoryTheServerUserCannotEnterFallsBack(t *testing.T) {
+	t.Parallel()
+	if testing.Short() {
+		t.Skip("starts PostgreSQL servers (skipped by -short; make test runs it)")
+	}
 	if os.Geteuid() != 0 {
 		t.Skip("only a run as root starts the server as another user")
 	}

@@ -4,7 +4,6 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
-	"io"
 	"net/http"
 	"net/url"
 	"strconv"
@@ -23,6 +22,7 @@ import (
 // t= in front of its Stripe-Signature header. The HMAC covers only the old
 // timestamp, so the delivery is refused and nothing is stored or credited.
 func TestWebhookReplayBehindAFreshTimestamp(t *testing.T) {
+	t.Parallel()
 	fake := stripefake.New(t)
 	s := startServer(t, payEnv(t, fake.URL()))
 	gdb := openDB(t, s)
@@ -64,6 +64,7 @@ func TestWebhookReplayBehindAFreshTimestamp(t *testing.T) {
 // Stripe scopes keys per account), so a retry after a key rotation is still
 // a replay.
 func TestIdempotencyKeySpaces(t *testing.T) {
+	t.Parallel()
 	ctx := context.Background()
 	const otherServiceKey = "tally_test_second_service_key"
 	fake := stripefake.New(t)
@@ -152,29 +153,11 @@ func TestIdempotencyKeySpaces(t *testing.T) {
 	mustVerifyClean(t, s)
 }
 
-// getWithToken GETs u with a bearer token (none when empty).
-func getWithToken(t testing.TB, u, token string) (int, string) {
-	t.Helper()
-	req, err := http.NewRequest(http.MethodGet, u, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if token != "" {
-		req.Header.Set("Authorization", "Bearer "+token)
-	}
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer resp.Body.Close()
-	b, _ := io.ReadAll(resp.Body)
-	return resp.StatusCode, string(b)
-}
-
 // TestReadinessTellsNoOneWhereTheDatabaseIs: /readyz answers anyone, so
 // when the database is gone it says which check failed and nothing about
 // the database (user, name, address); the detail goes to the log.
 func TestReadinessTellsNoOneWhereTheDatabaseIs(t *testing.T) {
+	t.Parallel()
 	env := baseEnv(t)
 	u, err := url.Parse(env["TALLY_DATABASE_URL"])
 	if err != nil {
@@ -217,6 +200,7 @@ func TestReadinessTellsNoOneWhereTheDatabaseIs(t *testing.T) {
 // Prometheus sends as its bearer token); the separate TALLY_METRICS_ADDR
 // listener, reachable only inside the cluster, stays open.
 func TestMetricsOnTheMainListenerNeedTheAdminKey(t *testing.T) {
+	t.Parallel()
 	s := startServer(t, baseEnv(t))
 	for _, c := range []struct {
 		who, token string
@@ -241,9 +225,9 @@ func TestMetricsOnTheMainListenerNeedTheAdminKey(t *testing.T) {
 	}
 
 	env := baseEnv(t)
-	env["TALLY_METRICS_ADDR"] = freeAddr(t)
+	env["TALLY_METRICS_ADDR"] = "127.0.0.1:0"
 	own := startServer(t, env)
-	if status, body := getWithToken(t, "http://"+env["TALLY_METRICS_ADDR"]+"/metrics", ""); status != http.StatusOK || !strings.Contains(body, "tally_db_up") {
+	if status, body := getWithToken(t, own.MetricsURL+"/metrics", ""); status != http.StatusOK || !strings.Contains(body, "tally_db_up") {
 		t.Fatalf("/metrics on the cluster-only listener without a token: %d", status)
 	}
 	if status, _ := getWithToken(t, own.URL+"/metrics", testAdminKey); status != http.StatusNotFound {
@@ -273,6 +257,7 @@ func remoteIPs(t testing.TB, s *server, path string) []string {
 // comes from a proxy listed in TALLY_TRUSTED_PROXIES (none by default), and
 // then takes the last address no trusted proxy added.
 func TestRemoteIPTrustsOnlyConfiguredProxies(t *testing.T) {
+	t.Parallel()
 	send := func(s *server, path string, headers map[string]string) {
 		t.Helper()
 		req, _ := http.NewRequest(http.MethodGet, s.URL+path, nil)
@@ -330,6 +315,7 @@ func startServerErr(env map[string]string) (string, error) {
 // TestEndUserTokenWithAStringExpIsRefused: "exp":"<seconds>" is not a
 // NumericDate (RFC 7519 §2); such a token is refused, not read as a date.
 func TestEndUserTokenWithAStringExpIsRefused(t *testing.T) {
+	t.Parallel()
 	s := startServer(t, baseEnv(t))
 	ctx := context.Background()
 	createCustomer(t, s, "alice")
@@ -362,6 +348,7 @@ func createCustomer(t testing.TB, s *server, id string) {
 // payment records why; the backend (a service key) reads Stripe's request
 // id and message there, the end user reads only that creation failed.
 func TestEndUsersSeeNoProviderInternals(t *testing.T) {
+	t.Parallel()
 	ctx := context.Background()
 	fake := stripefake.New(t)
 	fake.SetFault(func(r *http.Request) (int, string, bool) {
@@ -453,6 +440,7 @@ func rawJSON(t testing.TB, s *server, method, path, key, body string) (int, clie
 // written. The invisible marks U+200E/U+200F, which right-to-left text
 // needs, stay allowed.
 func TestBidiControlsAreRefusedWhereverTextIsStored(t *testing.T) {
+	t.Parallel()
 	s := startServer(t, baseEnv(t))
 	gdb := openDB(t, s)
 	createCustomer(t, s, "dana")

@@ -12,6 +12,7 @@ import (
 )
 
 func TestAuthentication(t *testing.T) {
+	t.Parallel()
 	s := startServer(t, baseEnv(t))
 	ctx := context.Background()
 	if r, err := s.service(t).UpsertCustomerWithResponse(ctx, "alice", client.CustomerUpsert{}); err != nil || r.StatusCode() != http.StatusCreated {

@@ -56,6 +56,7 @@ func chromium(t *testing.T) string {
 // profile, and closes it at the end.
 func browser(t *testing.T) context.Context {
 	t.Helper()
+	skipShort(t)
 	alloc, cancelAlloc := chromedp.NewExecAllocator(context.Background(),
 		chromedp.ExecPath(chromium(t)),
 		chromedp.Headless, chromedp.NoSandbox, chromedp.DisableGPU, chromedp.NoFirstRun,
@@ -193,6 +194,7 @@ func latestPayment(t *testing.T, s *server, customer string) client.Payment {
 }
 
 func TestBrowserDemoWalk(t *testing.T) {
+	t.Parallel()
 	s := startServer(t, sandboxEnv(t))
 	b := browser(t)
 

@@ -29,31 +29,28 @@ func writeCatalog(t testing.TB, yaml string) string {
 }
 
 // serveRefuses runs `tally serve` with env and returns the error it refused
-// to start with; a server that starts and answers /healthz fails the test.
+// to start with; a server that starts listening fails the test.
 func serveRefuses(t testing.TB, env map[string]string) error {
 	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	var out syncBuffer
 	done := make(chan error, 1)
-	go func() {
-		done <- run(ctx, []string{"tally", "serve"}, func(k string) string { return env[k] }, &out, &out)
-	}()
-	for {
-		select {
-		case err := <-done:
-			if err == nil {
-				t.Fatalf("tally serve exited without an error\n%s", out.String())
-			}
-			return err
-		case <-time.After(50 * time.Millisecond):
+	listening := make(chan struct{}, 1)
+	renv := environment{getenv: func(k string) string { return env[k] }, stdout: &out, stderr: &out,
+		listening: func(string, string) { listening <- struct{}{} }}
+	go func() { done <- runIn(ctx, []string{"tally", "serve"}, renv) }()
+	select {
+	case err := <-done:
+		if err == nil {
+			t.Fatalf("tally serve exited without an error\n%s", out.String())
 		}
-		if resp, err := http.Get("http://" + env["TALLY_HTTP_ADDR"] + "/healthz"); err == nil {
-			resp.Body.Close()
-			cancel()
-			<-done
-			t.Fatalf("tally serve started\n%s", out.String())
-		}
+		return err
+	case <-listening:
+		cancel()
+		<-done
+		t.Fatalf("tally serve started\n%s", out.String())
+		return nil
 	}
 }
 
@@ -70,6 +67,7 @@ func checkoutBody(customer, item string, quantity int64) client.CheckoutSessionC
 // checkout of so many packs that their credits exceed it is answered 422
 // before anything is written or Stripe is called.
 func TestPacksTooLargeToCreditAreRefused(t *testing.T) {
+	t.Parallel()
 	fake := stripefake.New(t)
 
 	env := payEnv(t, fake.URL())
@@ -120,6 +118,7 @@ credit_packs:
 // told it is in flight or replay it. Stripe's own 429 reaches the caller
 // with its Retry-After.
 func TestCheckoutRetryAfterAFailure(t *testing.T) {
+	t.Parallel()
 	fake := stripefake.New(t)
 	s := startServer(t, payEnv(t, fake.URL()))
 	ctx := context.Background()
@@ -212,12 +211,12 @@ func TestCheckoutRetryAfterAFailure(t *testing.T) {
 // database, so two instances together allow it once; past it the answer is
 // 429 rate_limited with Retry-After, and other customers are not affected.
 func TestCheckoutRateLimitAcrossInstances(t *testing.T) {
+	t.Parallel()
 	fake := stripefake.New(t)
 	envA := payEnv(t, fake.URL())
 	envA["TALLY_CHECKOUT_RATE_LIMIT"] = "3"
 	a := startServer(t, envA)
 	envB := maps.Clone(envA)
-	envB["TALLY_HTTP_ADDR"] = freeAddr(t)
 	b := startServer(t, envB)
 	gdb := openDB(t, a)
 	ctx := context.Background()
@@ -256,27 +255,11 @@ func TestCheckoutRateLimitAcrossInstances(t *testing.T) {
 	assertInvariants(t, a)
 }
 
-// paidAtStripe is the buyer paying payment pay's Checkout Session with
-// PaymentIntent piID(pay): from then on the fake's session names it, as
-// Stripe's does. It returns the session object as Stripe now shows it
-// (what checkout.session.completed carries).
-func paidAtStripe(t testing.TB, fake *stripefake.Fake, s *server, pay string) map[string]any {
-	t.Helper()
-	p := getPayment(t, s, pay)
-	if p.CheckoutSessionId == nil {
-		t.Fatalf("payment %s has no Checkout Session", pay)
-	}
-	obj := fake.PayCheckoutSession(*p.CheckoutSessionId, piID(pay))
-	if obj == nil {
-		t.Fatalf("Stripe has no Checkout Session %s", *p.CheckoutSessionId)
-	}
-	return obj
-}
-
 // A PaymentIntent tally did not create, carrying a payment's metadata and
 // the right amount, is parked and credits nothing: the Checkout Session
 // tally created for the payment names another one. The genuine one credits.
 func TestPaymentIntentTallyDidNotCreateIsParked(t *testing.T) {
+	t.Parallel()
 	fake := stripefake.New(t)
 	s := startServer(t, payEnv(t, fake.URL()))
 	gdb := openDB(t, s)
@@ -314,6 +297,7 @@ func TestPaymentIntentTallyDidNotCreateIsParked(t *testing.T) {
 // currency, the PaymentIntent with the session's total. A real mismatch
 // is still parked. The refund comes in the buyer's currency.
 func TestTaxAndAdaptivePricingAreCredited(t *testing.T) {
+	t.Parallel()
 	fake := stripefake.New(t)
 	s := startServer(t, payEnv(t, fake.URL()))
 	gdb := openDB(t, s)
@@ -391,6 +375,7 @@ func TestTaxAndAdaptivePricingAreCredited(t *testing.T) {
 // calendar months after the purchase; a pack may say they never expire.
 // The catalog tells clients which rule applies.
 func TestPackCreditsExpireAfterTwelveMonthsByDefault(t *testing.T) {
+	t.Parallel()
 	fake := stripefake.New(t)
 	s := startServer(t, payEnv(t, fake.URL())) // deploy/catalog.example.yaml: starter by default, pro never
 	ctx := context.Background()

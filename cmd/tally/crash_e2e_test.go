@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"fmt"
 	"math/rand/v2"
 	"net/http"
@@ -32,10 +33,17 @@ const (
 	crashBatchSize      = 200 // usage events per batch: 3000 in all
 	crashUsagePosters   = 3   // goroutines posting usage batches
 	crashStripeHang     = 400 * time.Millisecond
-	// crashRecoveryWithin bounds the wait after the restart. A claim the
-	// dead process held is taken over only when its lease runs out: one
-	// minute for a stored Stripe event, about 50 s for a usage claim.
-	crashRecoveryWithin = 100 * time.Second
+	// The leases, short so a takeover comes within seconds: a stored
+	// Stripe event's (TALLY_STRIPE_EVENT_LEASE), and a usage claim's, which
+	// is 2.5 send timeouts (TALLY_METER_SEND_TIMEOUT, longer than the
+	// hang) plus the batch's time at the rate limit.
+	crashEventLease  = 2 * time.Second
+	crashSendTimeout = time.Second
+	// crashRecoveryWithin bounds the wait after the restart: a claim the
+	// dead process held is taken over only when its lease runs out, and
+	// the backlog drains at the rate limit. About 15 s on a quiet machine;
+	// the bound leaves room for a loaded one.
+	crashRecoveryWithin = 2 * time.Minute
 )
 
 // tallyChild is the real tally binary running as a child process, so it can be
@@ -51,6 +59,7 @@ type tallyChild struct {
 // buildTally compiles ./cmd/tally (without -race) into a fresh directory.
 func buildTally(t *testing.T) string {
 	t.Helper()
+	skipShort(t)
 	bin := filepath.Join(t.TempDir(), "tally")
 	cmd := exec.Command("go", "build", "-o", bin, "./cmd/tally")
 	cmd.Dir = repoFile(".")
@@ -61,15 +70,18 @@ func buildTally(t *testing.T) string {
 }
 
 // startChild runs `tally serve` from bin with exactly env (nothing of the
-// test's own environment) and waits until /healthz answers. The process is
-// killed at cleanup whatever happened.
+// test's own environment), reads the address it bound from its start line
+// (env's TALLY_HTTP_ADDR may name port 0) and waits until /healthz answers.
+// The process is killed at cleanup whatever happened.
 func startChild(t *testing.T, bin string, env map[string]string) *tallyChild {
 	t.Helper()
-	c := &tallyChild{URL: "http://" + env["TALLY_HTTP_ADDR"], logs: &syncBuffer{}, done: make(chan struct{})}
+	c := &tallyChild{logs: &syncBuffer{}, done: make(chan struct{})}
 	c.cmd = exec.Command(bin, "serve")
 	for k, v := range env {
 		c.cmd.Env = append(c.cmd.Env, k+"="+v)
 	}
+	// The start line is logged at info.
+	c.cmd.Env = append(c.cmd.Env, "TALLY_LOG_LEVEL=info")
 	c.cmd.Stdout, c.cmd.Stderr = c.logs, c.logs
 	if err := c.cmd.Start(); err != nil {
 		t.Fatalf("start %s: %v", bin, err)
@@ -79,13 +91,18 @@ func startChild(t *testing.T, bin string, env map[string]string) *tallyChild {
 		close(c.done)
 	}()
 	t.Cleanup(c.kill)
-	deadline := time.Now().Add(15 * time.Second)
+	deadline := time.Now().Add(patience)
 	for {
-		resp, err := http.Get(c.URL + "/healthz")
-		if err == nil {
-			resp.Body.Close()
-			if resp.StatusCode == http.StatusOK {
-				return c
+		if c.URL == "" {
+			c.URL = startedAt(c.logs.String())
+		}
+		if c.URL != "" {
+			resp, err := http.Get(c.URL + "/healthz")
+			if err == nil {
+				resp.Body.Close()
+				if resp.StatusCode == http.StatusOK {
+					return c
+				}
 			}
 		}
 		select {
@@ -94,10 +111,25 @@ func startChild(t *testing.T, bin string, env map[string]string) *tallyChild {
 		default:
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("tally serve did not become healthy within 15s\n%s", c.tail(50))
+			t.Fatalf("tally serve did not become healthy within %s\n%s", patience, c.tail(50))
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
+}
+
+// startedAt is the base URL in serve's "tally starting" log line, "" until
+// it is written.
+func startedAt(logs string) string {
+	for line := range strings.Lines(logs) {
+		var l struct {
+			Msg  string `json:"msg"`
+			Addr string `json:"addr"`
+		}
+		if json.Unmarshal([]byte(line), &l) == nil && l.Msg == "tally starting" && l.Addr != "" {
+			return "http://" + l.Addr
+		}
+	}
+	return ""
 }
 
 // kill sends SIGKILL (when the process still runs) and waits for its exit.
@@ -184,18 +216,19 @@ func crashStatusCounts(t testing.TB, gdb *gorm.DB, table string) map[string]int6
 	return out
 }
 
-// The bad day of QUALITY.md: the process is killed (SIGKILL) in the middle
+// The worst day (docs/guarantees.md, "Nothing lost"): the process is killed (SIGKILL) in the middle
 // of a webhook storm and a usage backlog, then restarted on the same
 // database. After Stripe's redelivery and the client's retries, every
 // payment is credited exactly once, every acknowledged Stripe event is
 // processed, and every accepted usage event reaches Stripe exactly once
 // under its own identifier.
 //
-// It takes a little over a minute, on purpose: what the dead process had
-// claimed comes back only when its lease runs out (see crashRecoveryWithin),
-// and shortening that by rewriting due times in the database would skip the
-// very takeover this test is about.
+// What the dead process had claimed comes back only when its lease runs
+// out. The leases are configured short (crashEventLease, crashSendTimeout)
+// rather than shortened by rewriting due times in the database, which would
+// skip the very takeover this test is about.
 func TestCrashMidStormThenRestart(t *testing.T) {
+	t.Parallel()
 	started := time.Now()
 	bin := buildTally(t)
 	t.Logf("built the binary in %s", time.Since(started).Round(time.Millisecond))
@@ -206,10 +239,12 @@ func TestCrashMidStormThenRestart(t *testing.T) {
 	env["TALLY_STRIPE_API_URL"] = fake.URL()
 	env["TALLY_STRIPE_METER_EVENTS_URL"] = fake.URL()
 	env["TALLY_STRIPE_EVENT_RETRY_INTERVAL"] = "100ms"
+	env["TALLY_STRIPE_EVENT_LEASE"] = crashEventLease.String()
+	env["TALLY_METER_SEND_TIMEOUT"] = crashSendTimeout.String()
 	env["TALLY_METER_POLL_INTERVAL"] = "50ms"
 	env["TALLY_METER_RATE_LIMIT"] = "1000"
 	env["TALLY_METER_BATCH_SIZE"] = "200"
-	env["TALLY_DB_MAX_OPEN_CONNS"] = "30"
+	env["TALLY_DB_MAX_OPEN_CONNS"] = "10"
 	env["TALLY_LOG_LEVEL"] = "info" // for the failure message
 
 	hc := &http.Client{Timeout: 30 * time.Second, Transport: &http.Transport{MaxIdleConnsPerHost: 64}}
@@ -438,7 +473,6 @@ func TestCrashMidStormThenRestart(t *testing.T) {
 	for k, v := range env {
 		env2[k] = v
 	}
-	env2["TALLY_HTTP_ADDR"] = freeAddr(t)
 	second := startChild(t, bin, env2)
 	run.children = append(run.children, second)
 	srv2 := &server{URL: second.URL, DBURL: env2["TALLY_DATABASE_URL"], env: env2}

@@ -12,10 +12,6 @@ import (
 	"testing"
 	"time"
 
-	"gorm.io/gorm"
-
-	"github.com/tallybilling/tally/internal/db"
-	"github.com/tallybilling/tally/internal/db/dbtest"
 	"github.com/tallybilling/tally/pkg/client"
 )
 
@@ -29,7 +25,9 @@ func (s *server) wideClient(t testing.TB) *client.ClientWithResponses {
 	tr.MaxIdleConnsPerHost = 64
 	t.Cleanup(tr.CloseIdleConnections)
 	c, err := client.NewClientWithResponses(s.URL,
-		client.WithHTTPClient(&http.Client{Transport: tr, Timeout: 2 * time.Minute}),
+		// A request may queue behind a thousand others on one row lock; on a
+		// loaded machine that took over two minutes.
+		client.WithHTTPClient(&http.Client{Transport: tr, Timeout: 5 * time.Minute}),
 		client.WithRequestEditorFn(func(ctx context.Context, req *http.Request) error {
 			req.Header.Set("Authorization", "Bearer "+testServiceKey)
 			return nil
@@ -40,54 +38,10 @@ func (s *server) wideClient(t testing.TB) *client.ClientWithResponses {
 	return c
 }
 
-func grantOverHTTP(t testing.TB, c *client.ClientWithResponses, customerID string, amount int64, key string) client.GrantResult {
-	t.Helper()
-	r, err := c.GrantCreditsWithResponse(context.Background(), customerID, &client.GrantCreditsParams{IdempotencyKey: key},
-		client.GrantRequest{Amount: amount, Reason: "welcome"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	mustStatus(t, "grant", r.StatusCode(), r.Body, http.StatusCreated)
-	return *r.JSON201
-}
-
-func balanceOverHTTP(t testing.TB, c *client.ClientWithResponses, customerID string) client.Balance {
-	t.Helper()
-	r, err := c.GetBalanceWithResponse(context.Background(), customerID, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	mustStatus(t, "balance", r.StatusCode(), r.Body, http.StatusOK)
-	b, err := r.JSON200.AsBalance()
-	if err != nil {
-		t.Fatalf("balance: %v: %s", err, r.Body)
-	}
-	return b
-}
-
-func ledgerOverHTTP(t testing.TB, c *client.ClientWithResponses, customerID string) []client.LedgerEntry {
-	t.Helper()
-	limit := 500
-	r, err := c.ListCreditTransactionsWithResponse(context.Background(), customerID, &client.ListCreditTransactionsParams{Limit: &limit})
-	if err != nil {
-		t.Fatal(err)
-	}
-	mustStatus(t, "transactions", r.StatusCode(), r.Body, http.StatusOK)
-	return r.JSON200.Data
-}
-
-// mustVerifyClean runs `tally verify` against the server's database.
-func mustVerifyClean(t testing.TB, s *server) {
-	t.Helper()
-	out, err := s.tallyCmd(t, "verify")
-	if err != nil || !strings.Contains(out, "ok: every invariant holds") {
-		t.Fatalf("tally verify: %v\n%s", err, out)
-	}
-}
-
-// The bad day of QUALITY.md: a thousand concurrent consumes of 1 credit
-// against a balance of 100, over HTTP.
+// A bad day (docs/guarantees.md, "Never overdrawn"): a thousand concurrent
+// consumes of 1 credit against a balance of 100, over HTTP.
 func TestThousandConcurrentConsumesSpendExactlyTheBalance(t *testing.T) {
+	t.Parallel()
 	s := startServer(t, baseEnv(t))
 	c := s.wideClient(t)
 	grantOverHTTP(t, c, "hot", 100, "grant-1")
@@ -143,6 +97,7 @@ func TestThousandConcurrentConsumesSpendExactlyTheBalance(t *testing.T) {
 }
 
 func TestConsumeRetriedConcurrentlyWithOneKeySpendsOnce(t *testing.T) {
+	t.Parallel()
 	s := startServer(t, baseEnv(t))
 	c := s.wideClient(t)
 	grantOverHTTP(t, c, "retry", 50, "grant-1")
@@ -258,6 +213,7 @@ func rawPost(t testing.TB, url, key string, body string) (int, client.Problem, s
 }
 
 func TestCreditsBadInputIsRefusedAndWritesNothing(t *testing.T) {
+	t.Parallel()
 	s := startServer(t, baseEnv(t))
 	c := s.service(t)
 	grantOverHTTP(t, c, "careful", 10, "grant-1")
@@ -312,6 +268,7 @@ func TestCreditsBadInputIsRefusedAndWritesNothing(t *testing.T) {
 }
 
 func TestCreditsEndUsersReadTheirOwnButNeverSpendOrGrant(t *testing.T) {
+	t.Parallel()
 	s := startServer(t, baseEnv(t))
 	svc := s.service(t)
 	expires := time.Now().Add(30 * 24 * time.Hour).UTC().Truncate(time.Second)
@@ -397,19 +354,8 @@ func status[R statusResponse](r R, err error) (int, []byte, error) {
 	return r.StatusCode(), body, nil
 }
 
-// openDB is a direct handle on the server's database, for checks and for
-// tampering behind the API's back.
-func openDB(t testing.TB, s *server) *gorm.DB {
-	t.Helper()
-	gdb, err := db.Open(context.Background(), s.DBURL, 2, dbtest.Logger(t))
-	if err != nil {
-		t.Fatalf("open %s: %v", s.DBURL, err)
-	}
-	t.Cleanup(func() { _ = db.Close(gdb) })
-	return gdb
-}
-
 func TestVerifyNamesATamperedBalanceAndExitsNonZero(t *testing.T) {
+	t.Parallel()
 	s := startServer(t, baseEnv(t))
 	c := s.service(t)
 	grantOverHTTP(t, c, "tampered", 10, "g1")
@@ -462,6 +408,7 @@ func TestVerifyNamesATamperedBalanceAndExitsNonZero(t *testing.T) {
 // The sweeper runs inside `tally serve`: a grant that expires is recorded
 // without any request touching the customer, once, with its notices.
 func TestSweeperRecordsExpiriesInARunningServer(t *testing.T) {
+	t.Parallel()
 	env := baseEnv(t)
 	env["TALLY_CREDITS_SWEEP_INTERVAL"] = "200ms"
 	env["TALLY_CREDITS_EXPIRING_NOTICE"] = "1h"
@@ -476,7 +423,7 @@ func TestSweeperRecordsExpiriesInARunningServer(t *testing.T) {
 	mustStatus(t, "grant", r.StatusCode(), r.Body, http.StatusCreated)
 	grantOverHTTP(t, c, "sweep", 5, "g2")
 
-	deadline := time.Now().Add(30 * time.Second)
+	deadline := time.Now().Add(patience)
 	var entries []client.LedgerEntry
 	for {
 		entries = ledgerOverHTTP(t, c, "sweep")
@@ -484,7 +431,7 @@ func TestSweeperRecordsExpiriesInARunningServer(t *testing.T) {
 			break
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("no expire entry 30s after the grant expired; ledger: %+v\nlogs:\n%s", entries, s.logs)
+			t.Fatalf("no expire entry %s after the grant expired; ledger: %+v\nlogs:\n%s", patience, entries, s.logs)
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
@@ -517,14 +464,4 @@ func TestSweeperRecordsExpiriesInARunningServer(t *testing.T) {
 		t.Fatalf("event counts %v, want one expiring, one expired, two granted", counts)
 	}
 	mustVerifyClean(t, s)
-}
-
-// metricsText is /metrics of s's API listener, read with the admin key.
-func metricsText(t testing.TB, s *server) string {
-	t.Helper()
-	status, body := getWithToken(t, s.URL+"/metrics", testAdminKey)
-	if status != http.StatusOK {
-		t.Fatalf("/metrics: %d %s", status, body)
-	}
-	return body
 }

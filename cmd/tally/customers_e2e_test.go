@@ -12,6 +12,7 @@ import (
 )
 
 func TestCustomersEndToEnd(t *testing.T) {
+	t.Parallel()
 	s := startServer(t, baseEnv(t))
 	ctx := context.Background()
 	svc := s.service(t)
@@ -72,6 +73,7 @@ func TestCustomersEndToEnd(t *testing.T) {
 // A request that breaks the contract is refused before any handler runs and
 // writes nothing: no customer, no event.
 func TestContractViolationsWriteNothing(t *testing.T) {
+	t.Parallel()
 	s := startServer(t, baseEnv(t))
 	cases := []struct {
 		name, body string

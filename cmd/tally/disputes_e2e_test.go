@@ -2,11 +2,9 @@ package main
 
 import (
 	"context"
-	"fmt"
 	"net/http"
 	"strings"
 	"testing"
-	"time"
 
 	"gorm.io/gorm"
 
@@ -14,22 +12,6 @@ import (
 	"github.com/tallybilling/tally/internal/stripeapi/stripefake"
 	"github.com/tallybilling/tally/pkg/client"
 )
-
-// dispute is a Stripe Dispute on our payment's charge.
-func dispute(paymentID, id, status string, amount int64) map[string]any {
-	return map[string]any{
-		"id": id, "object": "dispute", "amount": amount, "currency": "usd", "status": status, "reason": "fraudulent",
-		"charge": "ch_" + strings.TrimPrefix(paymentID, "pay_"), "payment_intent": piID(paymentID),
-		"livemode": false, "is_charge_refundable": strings.HasPrefix(status, "warning_"), "created": time.Now().Unix(),
-		"metadata": map[string]string{}, "balance_transactions": []any{},
-		"evidence_details": map[string]any{"due_by": time.Now().Add(7 * 24 * time.Hour).Unix(), "has_evidence": false, "past_due": false, "submission_count": 0},
-	}
-}
-
-// disputeEvent is a charge.dispute.* event (type is the part after "charge.dispute.").
-func disputeEvent(typ string, d map[string]any) []byte {
-	return stripeEvent(newEventID(), "charge.dispute."+typ, d)
-}
 
 func paymentEvents(t testing.TB, gdb *gorm.DB, pay, typ string) int64 {
 	t.Helper()
@@ -40,7 +22,7 @@ func moves(p client.Payment) string {
 	var out []string
 	for _, tr := range p.Transitions {
 		if tr.Applied {
-			out = append(out, fmt.Sprintf("%s>%s", strOrEmpty(tr.From), tr.To))
+			out = append(out, move(tr))
 		}
 	}
 	return strings.Join(out, " ")
@@ -52,6 +34,7 @@ func moves(p client.Payment) string {
 // the payment ends dispute_lost. Inquiries only record, and redeliveries,
 // reordering and replays have one effect each.
 func TestDisputes(t *testing.T) {
+	t.Parallel()
 	fake := stripefake.New(t)
 	s := startServer(t, payEnv(t, fake.URL()))
 	gdb := openDB(t, s)

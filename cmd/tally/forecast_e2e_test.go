@@ -52,6 +52,7 @@ func usageCSV() string {
 // the model and one {date, expected, low, high} per day after the
 // customer's own last date.
 func TestForecastCommandJSON(t *testing.T) {
+	t.Parallel()
 	path := writeFile(t, "usage.csv", usageCSV())
 	stdout, _, err := runTally(t, "forecast", "--input", path, "--horizon", "10", "--format", "json")
 	if err != nil {
@@ -113,6 +114,7 @@ func TestForecastCommandJSON(t *testing.T) {
 }
 
 func TestForecastCommandText(t *testing.T) {
+	t.Parallel()
 	path := writeFile(t, "usage.csv", usageCSV())
 	stdout, _, err := runTally(t, "forecast", "--input", path, "--horizon", "3")
 	if err != nil {
@@ -134,6 +136,7 @@ func TestForecastCommandText(t *testing.T) {
 // Bad input is an error naming the file and the line, printed nothing, and
 // exits 1; bad flags say which.
 func TestForecastCommandRefusesBadInput(t *testing.T) {
+	t.Parallel()
 	bad := writeFile(t, "bad.csv", "customer_id,date,consumed\nada,2026-03-02,1\nada,2026-03-32,1\nada,2026-03-04,-2\n")
 	stdout, _, err := runTally(t, "forecast", "--input", bad)
 	if err == nil || stdout != "" {
@@ -169,6 +172,7 @@ func TestForecastCommandRefusesBadInput(t *testing.T) {
 // tally forecast backtest prints, for the model and both baselines, MASE,
 // bias, pinball losses and coverage, overall and per group of ids.
 func TestForecastBacktestCommand(t *testing.T) {
+	t.Parallel()
 	var picked []synth.Series
 	for _, s := range synth.Set() {
 		switch s.ID {

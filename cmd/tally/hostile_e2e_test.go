@@ -23,6 +23,7 @@ import (
 // may come back, whichever TALLY_REVOKE_FROM is set. Delivered the other
 // way round the same balances result.
 func TestDisputeWonKeepsWhatARefundTookBack(t *testing.T) {
+	t.Parallel()
 	fake := stripefake.New(t)
 	for _, from := range []string{"balance", "purchase_grant"} {
 		t.Run(from, func(t *testing.T) {
@@ -68,6 +69,7 @@ func TestDisputeWonKeepsWhatARefundTookBack(t *testing.T) {
 // arrives and credits the payment, the parked refund is applied with it,
 // rather than leaving credits that were paid back.
 func TestRefundParkedAfterADayAppliesWhenTheSuccessComes(t *testing.T) {
+	t.Parallel()
 	fake := stripefake.New(t)
 	s := startServer(t, payEnv(t, fake.URL()))
 	gdb := openDB(t, s)
@@ -101,6 +103,7 @@ func TestRefundParkedAfterADayAppliesWhenTheSuccessComes(t *testing.T) {
 // it): it is retried, beyond the retry budget, and credits once Stripe
 // answers again.
 func TestStripeOutageDuringConfirmationIsRetriedNotParked(t *testing.T) {
+	t.Parallel()
 	fake := stripefake.New(t)
 	env := payEnv(t, fake.URL())
 	env["TALLY_STRIPE_EVENT_MAX_ATTEMPTS"] = "3"

@@ -103,7 +103,6 @@ func TestPayByInvoiceCreditsOnceOnInvoicePaid(t *testing.T) {
 	env := payEnv(t, fake.URL())
 	a := startServer(t, env)
 	envB := maps.Clone(env)
-	envB["TALLY_HTTP_ADDR"] = freeAddr(t)
 	b := startServer(t, envB)
 	gdb := openDB(t, a)
 
@@ -114,7 +113,7 @@ func TestPayByInvoiceCreditsOnceOnInvoicePaid(t *testing.T) {
 	if got.Status != client.PaymentStatusPending || got.Amount != 2*proAmount || got.Credits != 2*proCredits || got.Currency != "usd" {
 		t.Fatalf("invoice payment answer %+v", got)
 	}
-	if got.Invoice.Number == nil || got.Invoice.HostedInvoiceUrl == nil || strOrEmpty(got.Invoice.Status) != "open" {
+	if got.Invoice.Number == nil || got.Invoice.HostedInvoiceUrl == nil || deref(got.Invoice.Status) != "open" {
 		t.Fatalf("invoice %+v, want an open, numbered invoice with a hosted page", got.Invoice)
 	}
 	again := payByInvoice(t, a, "acme", "pro", 2, "inv-acme-1", "PO-4711")
@@ -170,11 +169,11 @@ func TestPayByInvoiceCreditsOnceOnInvoicePaid(t *testing.T) {
 	if p.Status != client.PaymentStatusSucceeded || p.Method != client.PaymentMethodInvoice || p.ConfirmedBy == nil || *p.ConfirmedBy != client.PaymentConfirmedByInvoice {
 		t.Fatalf("payment %+v", p)
 	}
-	if p.Invoice == nil || strOrEmpty(p.Invoice.Status) != "paid" || p.Invoice.Number == nil || p.Invoice.InvoicePdf == nil && p.Invoice.HostedInvoiceUrl == nil {
+	if p.Invoice == nil || deref(p.Invoice.Status) != "paid" || p.Invoice.Number == nil || p.Invoice.InvoicePdf == nil && p.Invoice.HostedInvoiceUrl == nil {
 		t.Fatalf("payment's invoice %+v, want paid with its number (the late finalized must not undo it)", p.Invoice)
 	}
-	if strOrEmpty(p.PurchaseOrder) != "PO-4711" || p.PaymentIntentId != nil {
-		t.Fatalf("purchase order %q, PaymentIntent %v", strOrEmpty(p.PurchaseOrder), p.PaymentIntentId)
+	if deref(p.PurchaseOrder) != "PO-4711" || p.PaymentIntentId != nil {
+		t.Fatalf("purchase order %q, PaymentIntent %v", deref(p.PurchaseOrder), p.PaymentIntentId)
 	}
 	if n := countRows(t, gdb, `SELECT count(*) FROM payment_confirmations WHERE invoice_id = ?`, got.Invoice.Id); n != 1 {
 		t.Fatalf("%d confirmations of the invoice", n)
@@ -249,8 +248,8 @@ func TestInvoiceVoidAndUncollectible(t *testing.T) {
 	deliver(t, s, stripeEvent(voidEvent, "invoice.voided", voided))
 	deliver(t, s, stripeEvent(voidEvent, "invoice.voided", voided)) // redelivered
 	p := getPayment(t, s, voidPay)
-	if p.Status != client.PaymentStatusFailed || strOrEmpty(p.FailureReason) != "invoice voided" || strOrEmpty(p.Invoice.Status) != "void" {
-		t.Fatalf("after invoice.voided: %s (%s), invoice %+v", p.Status, strOrEmpty(p.FailureReason), p.Invoice)
+	if p.Status != client.PaymentStatusFailed || deref(p.FailureReason) != "invoice voided" || deref(p.Invoice.Status) != "void" {
+		t.Fatalf("after invoice.voided: %s (%s), invoice %+v", p.Status, deref(p.FailureReason), p.Invoice)
 	}
 	forged := newEventID()
 	deliver(t, s, stripeEvent(forged, "invoice.paid", withFields(open, map[string]any{"status": "paid", "amount_paid": starterAmount})))
@@ -348,7 +347,7 @@ func TestCheckoutInvoiceIsShownNeverCredits(t *testing.T) {
 		sessions[len(sessions)-1].Get("invoice_creation[invoice_data][metadata][tally_payment_id]") != pay {
 		t.Fatalf("the session did not ask for an invoice carrying our ids: %v", sessions[len(sessions)-1])
 	}
-	stripeCustomer := strOrEmpty(readCustomer(t, s, "checkout-inv").StripeCustomerId)
+	stripeCustomer := deref(readCustomer(t, s, "checkout-inv").StripeCustomerId)
 	invoice := map[string]any{
 		"id": "in_checkout_" + pay, "object": "invoice", "status": "paid", "number": "INV-0042", "currency": "usd",
 		"amount_due": starterAmount, "amount_paid": starterAmount, "livemode": false, "customer": stripeCustomer,
@@ -365,8 +364,8 @@ func TestCheckoutInvoiceIsShownNeverCredits(t *testing.T) {
 	deliver(t, s, stripeEvent(newEventID(), "invoice.paid", invoice))
 	deliver(t, s, stripeEvent(newEventID(), "invoice.finalized", withFields(invoice, map[string]any{"status": "open", "amount_paid": 0})))
 	p := getPayment(t, s, pay)
-	if p.Status != client.PaymentStatusPending || p.Invoice == nil || strOrEmpty(p.Invoice.Number) != "INV-0042" || strOrEmpty(p.Invoice.Status) != "paid" ||
-		strOrEmpty(p.Invoice.InvoicePdf) == "" {
+	if p.Status != client.PaymentStatusPending || p.Invoice == nil || deref(p.Invoice.Number) != "INV-0042" || deref(p.Invoice.Status) != "paid" ||
+		deref(p.Invoice.InvoicePdf) == "" {
 		t.Fatalf("after the invoice events: %s, invoice %+v", p.Status, p.Invoice)
 	}
 	if bal := balanceOf(t, gdb, "checkout-inv"); bal != 0 {
@@ -425,8 +424,8 @@ func TestBillingDetailsKeepTheStripeCustomerInStep(t *testing.T) {
 	if sessions[len(sessions)-1].Get("invoice_creation[enabled]") != "true" {
 		t.Fatalf("invoice_always did not ask for an invoice: %v", sessions[len(sessions)-1])
 	}
-	stripeID := strOrEmpty(readCustomer(t, s, "initrode").StripeCustomerId)
-	if stripeID == "" || strOrEmpty(getPayment(t, s, pay).CheckoutSessionId) == "" {
+	stripeID := deref(readCustomer(t, s, "initrode").StripeCustomerId)
+	if stripeID == "" || deref(getPayment(t, s, pay).CheckoutSessionId) == "" {
 		t.Fatal("no Stripe Customer linked")
 	}
 	country, line1 := "FR", "3 rue de la Paix"
@@ -450,7 +449,7 @@ func TestBillingDetailsKeepTheStripeCustomerInStep(t *testing.T) {
 	if at["name"] != "Initrode SAS" || at["email"] != "compta@initrode.example" || addr["country"] != "FR" || addr["line1"] != line1 {
 		t.Fatalf("the Stripe Customer after the update: %v", at)
 	}
-	if b := upd.JSON200.Billing; b == nil || b.InvoiceAlways != nil || strOrEmpty(b.Name) != "Initrode SAS" {
+	if b := upd.JSON200.Billing; b == nil || b.InvoiceAlways != nil || deref(b.Name) != "Initrode SAS" {
 		t.Fatalf("billing after replacing it: %+v", b)
 	}
 }

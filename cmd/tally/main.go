@@ -11,6 +11,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"net/http"
 	"os"
 	"os/signal"
@@ -73,6 +74,10 @@ type environment struct {
 	stdin  io.Reader
 	stdout io.Writer
 	stderr io.Writer
+	// listening, when set, is told the addresses serve bound (the API's,
+	// and /metrics' or ""), once they accept connections: tests that run
+	// serve in-process on port 0 learn where it is.
+	listening func(addr, metricsAddr string)
 }
 
 func commands() []command {
@@ -94,13 +99,17 @@ func commands() []command {
 // getenv and writes only to stdout and stderr, returning errors rather than
 // exiting, so tests can run the real binary in-process.
 func run(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) error {
-	env := environment{getenv: getenv, stdin: os.Stdin, stdout: stdout, stderr: stderr}
+	return runIn(ctx, args, environment{getenv: getenv, stdin: os.Stdin, stdout: stdout, stderr: stderr})
+}
+
+// runIn is run in an environment a test may add to (see listening).
+func runIn(ctx context.Context, args []string, env environment) error {
 	name, rest := "serve", []string{}
 	if len(args) > 1 {
 		name, rest = args[1], args[2:]
 	}
 	if name == "help" || name == "-h" || name == "--help" {
-		usage(stdout)
+		usage(env.stdout)
 		return nil
 	}
 	if strings.HasPrefix(name, "-") {
@@ -111,7 +120,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 			return c.run(ctx, rest, env)
 		}
 	}
-	usage(stderr)
+	usage(env.stderr)
 	return fmt.Errorf("unknown command %q", name)
 }
 
@@ -162,11 +171,27 @@ func serve(ctx context.Context, args []string, env environment) error {
 		return fmt.Errorf("configuration:\n%w", err)
 	}
 	logger := newLogger(cfg, env.stderr)
-	a, err := app.New(ctx, app.Options{Config: cfg, Logger: logger})
+	// Listening before the app is built lets TALLY_HTTP_ADDR name port 0:
+	// the address bound is logged (and is the sandbox's URL when it has
+	// none of its own).
+	opts := app.Options{Config: cfg, Logger: logger}
+	if opts.Listener, err = net.Listen("tcp", cfg.HTTPAddr); err != nil {
+		return fmt.Errorf("listen on %s: %w", cfg.HTTPAddr, err)
+	}
+	if cfg.MetricsAddr != "" {
+		if opts.MetricsListener, err = net.Listen("tcp", cfg.MetricsAddr); err != nil {
+			opts.Listener.Close()
+			return fmt.Errorf("listen on %s: %w", cfg.MetricsAddr, err)
+		}
+	}
+	a, err := app.New(ctx, opts)
 	if err != nil {
 		return err
 	}
-	logger.Info("tally starting", "version", version, "addr", cfg.HTTPAddr, "livemode", cfg.Stripe.Livemode())
+	logger.Info("tally starting", "version", version, "addr", a.Addr(), "metrics_addr", a.MetricsAddr(), "livemode", cfg.Stripe.Livemode())
+	if env.listening != nil {
+		env.listening(a.Addr(), a.MetricsAddr())
+	}
 	return a.Run(ctx)
 }
 

@@ -15,40 +15,10 @@ import (
 	"github.com/tallybilling/tally/pkg/client"
 )
 
-// meteringEnv is a server whose delivery worker polls quickly.
-func meteringEnv(t *testing.T, stripeURL string) map[string]string {
-	env := baseEnv(t)
-	env["TALLY_STRIPE_API_URL"] = stripeURL
-	env["TALLY_METER_POLL_INTERVAL"] = "20ms"
-	return env
-}
-
-func usageEvent(customer, identifier string, value float64) client.UsageEventInput {
-	return client.UsageEventInput{CustomerId: customer, Meter: "api_calls", Value: value, Identifier: identifier}
-}
-
-// waitUsageStatus polls GET /v1/usage-events/{identifier} until it reports want.
-func waitUsageStatus(t *testing.T, c *client.ClientWithResponses, identifier string, want client.UsageStatus) client.UsageEventStatus {
-	t.Helper()
-	deadline := time.Now().Add(30 * time.Second)
-	for {
-		res, err := c.GetUsageEventWithResponse(context.Background(), identifier)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if res.JSON200 != nil && res.JSON200.Status == want {
-			return *res.JSON200
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("usage event %s: still %s after 30s, want %s", identifier, res.Body, want)
-		}
-		time.Sleep(25 * time.Millisecond)
-	}
-}
-
 // Intake through pkg/client, delivery to stripe-mock through the v1 API,
 // and every way a batch or an event can be refused.
 func TestUsageEndToEndAgainstStripeMock(t *testing.T) {
+	t.Parallel()
 	s := startServer(t, meteringEnv(t, stripemock.Start(t)))
 	ctx := context.Background()
 	svc := s.service(t)
@@ -207,6 +177,7 @@ func TestUsageEndToEndAgainstStripeMock(t *testing.T) {
 // `tally reconcile` and POST /v1/admin/reconciliations against a fake Stripe
 // whose summary drifts for one customer.
 func TestReconcileEndToEnd(t *testing.T) {
+	t.Parallel()
 	fake := stripefake.New(t)
 	fake.SetMeter("mtr_api_calls", "api_calls")
 	s := startServer(t, meteringEnv(t, fake.URL()))
@@ -288,6 +259,7 @@ func TestReconcileEndToEnd(t *testing.T) {
 // of it is stored, alice's event stands and reaches Stripe once; only the
 // same event again is a duplicate, within one batch too.
 func TestUsageIdentifierConflictEndToEnd(t *testing.T) {
+	t.Parallel()
 	fake := stripefake.New(t)
 	s := startServer(t, meteringEnv(t, fake.URL()))
 	ctx := context.Background()
@@ -355,6 +327,7 @@ func TestUsageIdentifierConflictEndToEnd(t *testing.T) {
 // silently read as "absent": on a usage event it is rejected, as from or to
 // of usage totals and of a reconciliation it is a 422 naming the field.
 func TestZeroTimestampsAreRefused(t *testing.T) {
+	t.Parallel()
 	fake := stripefake.New(t)
 	fake.SetMeter("mtr_api_calls", "api_calls")
 	s := startServer(t, meteringEnv(t, fake.URL()))

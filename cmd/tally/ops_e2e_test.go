@@ -29,6 +29,7 @@ func get(t *testing.T, u string) (int, string, http.Header) {
 // The contract, its rendering and the metrics are served by the binary
 // itself, with nothing fetched from elsewhere when viewed.
 func TestOperationalEndpoints(t *testing.T) {
+	t.Parallel()
 	s := startServer(t, baseEnv(t))
 
 	status, body, hdr := get(t, s.URL+"/openapi.yaml")
@@ -71,13 +72,14 @@ func TestOperationalEndpoints(t *testing.T) {
 }
 
 func TestMetricsOnTheirOwnListener(t *testing.T) {
+	t.Parallel()
 	env := baseEnv(t)
-	env["TALLY_METRICS_ADDR"] = freeAddr(t)
+	env["TALLY_METRICS_ADDR"] = "127.0.0.1:0"
 	s := startServer(t, env)
 	if status, _, _ := get(t, s.URL+"/metrics"); status != http.StatusNotFound {
 		t.Fatalf("/metrics on the API listener: %d, want 404", status)
 	}
-	if status, body, _ := get(t, "http://"+env["TALLY_METRICS_ADDR"]+"/metrics"); status != 200 || !strings.Contains(body, "tally_db_up") {
+	if status, body, _ := get(t, s.MetricsURL+"/metrics"); status != 200 || !strings.Contains(body, "tally_db_up") {
 		t.Fatalf("/metrics on the metrics listener: %d", status)
 	}
 }
@@ -86,6 +88,7 @@ func TestMetricsOnTheirOwnListener(t *testing.T) {
 // second run changes nothing; a server on a database with pending
 // migrations is alive but not ready.
 func TestMigrateCommandAndReadiness(t *testing.T) {
+	t.Parallel()
 	env := baseEnv(t)
 	env["TALLY_DATABASE_URL"] = dbtest.NewEmptyURL(t)
 	getenv := func(k string) string { return env[k] }
@@ -110,6 +113,7 @@ func TestMigrateCommandAndReadiness(t *testing.T) {
 // SIGTERM (here: the run context ending) lets a request already in flight
 // finish with its answer before the process exits, and refuses new ones.
 func TestShutdownFinishesInFlightRequests(t *testing.T) {
+	t.Parallel()
 	s := startServer(t, baseEnv(t))
 	c := s.service(t)
 	grantOverHTTP(t, c, "ivy", 10, "ivy-grant")
@@ -170,6 +174,7 @@ func TestShutdownFinishesInFlightRequests(t *testing.T) {
 
 // The single-page app's origin may call tally from the browser; others may not.
 func TestCORSAllowList(t *testing.T) {
+	t.Parallel()
 	env := baseEnv(t)
 	env["TALLY_CORS_ORIGINS"] = "https://app.example.com"
 	s := startServer(t, env)

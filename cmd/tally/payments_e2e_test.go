@@ -5,215 +5,28 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
-	"io"
 	"log/slog"
 	"net/http"
 	"net/url"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"testing"
 	"time"
-
-	"github.com/stripe/stripe-go/v82/webhook"
-	"gorm.io/gorm"
 
 	"github.com/tallybilling/tally/internal/config"
 	"github.com/tallybilling/tally/internal/credits"
 	"github.com/tallybilling/tally/internal/db"
-	"github.com/tallybilling/tally/internal/stripeapi"
 	"github.com/tallybilling/tally/internal/stripeapi/stripefake"
 	"github.com/tallybilling/tally/internal/stripeapi/stripemock"
 	"github.com/tallybilling/tally/pkg/client"
 )
-
-// The catalog's starter pack (deploy/catalog.example.yaml): $10.00 for 1000 credits.
-const (
-	starterAmount  = 1000
-	starterCredits = 1000
-)
-
-// payEnv is a test server's configuration with Stripe's API at stripeURL
-// and a quick retry worker.
-func payEnv(t testing.TB, stripeURL string) map[string]string {
-	env := baseEnv(t)
-	env["TALLY_STRIPE_API_URL"] = stripeURL
-	env["TALLY_STRIPE_EVENT_RETRY_INTERVAL"] = "100ms"
-	return env
-}
-
-// assertInvariants runs `tally verify` against the server's database and
-// fails on any breach (or when it checked no payment at all).
-func assertInvariants(t testing.TB, s *server) {
-	t.Helper()
-	out, err := s.tallyCmd(t, "verify")
-	if err != nil || !strings.Contains(out, "ok: every invariant holds") {
-		t.Fatalf("tally verify: %v\n%s", err, out)
-	}
-	if strings.Contains(out, " and 0 payments") {
-		t.Fatalf("tally verify checked no payments:\n%s", out)
-	}
-}
-
-func balanceOf(t testing.TB, gdb *gorm.DB, customerID string) int64 {
-	t.Helper()
-	b, err := credits.New(credits.Options{DB: gdb, Config: config.Default().Credits}).Balance(context.Background(), customerID)
-	if err != nil {
-		t.Fatalf("balance of %s: %v", customerID, err)
-	}
-	return b.Balance
-}
-
-func countRows(t testing.TB, gdb *gorm.DB, query string, args ...any) int64 {
-	t.Helper()
-	var n int64
-	if err := gdb.Raw(query, args...).Scan(&n).Error; err != nil {
-		t.Fatalf("%s: %v", query, err)
-	}
-	return n
-}
-
-// checkout starts a checkout of quantity × item for customer and returns the payment id.
-func checkout(t testing.TB, s *server, customer, item string, quantity int64) string {
-	t.Helper()
-	r, err := s.service(t).CreateCheckoutSessionWithResponse(context.Background(), &client.CreateCheckoutSessionParams{}, client.CheckoutSessionCreate{
-		CustomerId: customer, Item: item, Quantity: &quantity,
-		SuccessUrl: "https://app.example.com/paid", CancelUrl: "https://app.example.com/cancel",
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	mustStatus(t, "checkout", r.StatusCode(), r.Body, http.StatusCreated)
-	return r.JSON201.PaymentId
-}
-
-func getPayment(t testing.TB, s *server, id string) client.Payment {
-	t.Helper()
-	r, err := s.service(t).GetPaymentWithResponse(context.Background(), id)
-	if err != nil {
-		t.Fatal(err)
-	}
-	mustStatus(t, "get payment", r.StatusCode(), r.Body, http.StatusOK)
-	return *r.JSON200
-}
-
-var eventSeq atomic.Int64
-
-func newEventID() string {
-	return fmt.Sprintf("evt_test_%d_%d", time.Now().UnixNano(), eventSeq.Add(1))
-}
-
-// stripeEvent is an event as Stripe sends it (API version of our endpoint).
-func stripeEvent(id, typ string, object map[string]any) []byte {
-	return stripeEventVersion(id, typ, "2025-03-31.basil", object)
-}
-
-func stripeEventVersion(id, typ, apiVersion string, object map[string]any) []byte {
-	b, err := json.Marshal(map[string]any{
-		"id": id, "object": "event", "api_version": apiVersion, "created": time.Now().Unix(),
-		"livemode": false, "pending_webhooks": 1, "type": typ,
-		"request": map[string]any{"id": nil, "idempotency_key": nil},
-		"data":    map[string]any{"object": object},
-	})
-	if err != nil {
-		panic(err)
-	}
-	return b
-}
-
-func piID(paymentID string) string { return "pi_" + strings.TrimPrefix(paymentID, "pay_") }
-
-// paymentIntent is a PaymentIntent object for our payment; received is
-// amount_received (0 unless it succeeded).
-func paymentIntent(paymentID, customer, status string, amount, received int64, currency string) map[string]any {
-	pi := map[string]any{
-		"id": piID(paymentID), "object": "payment_intent", "amount": amount, "amount_capturable": 0,
-		"amount_received": received, "currency": currency, "livemode": false, "status": status,
-		"capture_method": "automatic", "confirmation_method": "automatic", "created": time.Now().Unix(),
-		"customer": "cus_test", "latest_charge": "ch_" + strings.TrimPrefix(paymentID, "pay_"),
-		"metadata":             map[string]string{stripeapi.MetadataPaymentID: paymentID, stripeapi.MetadataCustomerID: customer, stripeapi.MetadataItem: "starter"},
-		"payment_method_types": []string{"card"}, "last_payment_error": nil, "cancellation_reason": nil,
-	}
-	if status == "requires_payment_method" {
-		pi["last_payment_error"] = map[string]any{"type": "card_error", "code": "card_declined", "decline_code": "generic_decline", "message": "Your card was declined."}
-	}
-	return pi
-}
-
-// checkoutSession is a Checkout Session object for our payment.
-func checkoutSession(paymentID, customer, sessionID, status, paymentStatus string, amount int64) map[string]any {
-	return map[string]any{
-		"id": sessionID, "object": "checkout.session", "mode": "payment", "status": status, "payment_status": paymentStatus,
-		"payment_intent": piID(paymentID), "customer": "cus_test", "invoice": nil, "subscription": nil,
-		"client_reference_id": paymentID, "amount_total": amount, "amount_subtotal": amount, "currency": "usd",
-		"livemode": false, "expires_at": time.Now().Add(time.Hour).Unix(), "created": time.Now().Unix(),
-		"metadata": map[string]string{stripeapi.MetadataPaymentID: paymentID, stripeapi.MetadataCustomerID: customer, stripeapi.MetadataItem: "starter"},
-		"url":      nil,
-	}
-}
-
-// refundedCharge is the charge of charge.refunded, amount_refunded cumulative.
-func refundedCharge(paymentID string, amount, refunded int64) map[string]any {
-	return map[string]any{
-		"id": "ch_" + strings.TrimPrefix(paymentID, "pay_"), "object": "charge", "amount": amount, "amount_captured": amount,
-		"amount_refunded": refunded, "refunded": refunded == amount, "currency": "usd", "livemode": false,
-		"paid": true, "status": "succeeded", "payment_intent": piID(paymentID), "metadata": map[string]string{},
-	}
-}
-
-// postWebhook POSTs body to /webhooks/stripe with the given signature
-// header (none when empty).
-func postWebhook(t testing.TB, s *server, body []byte, signature string) (int, []byte) {
-	t.Helper()
-	req, err := http.NewRequest(http.MethodPost, s.URL+"/webhooks/stripe", bytes.NewReader(body))
-	if err != nil {
-		t.Fatal(err)
-	}
-	req.Header.Set("Content-Type", "application/json; charset=utf-8")
-	if signature != "" {
-		req.Header.Set("Stripe-Signature", signature)
-	}
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer resp.Body.Close()
-	out, _ := io.ReadAll(resp.Body)
-	return resp.StatusCode, out
-}
-
-func sign(body []byte, secret string, at time.Time) string {
-	return webhook.GenerateTestSignedPayload(&webhook.UnsignedPayload{Payload: body, Secret: secret, Timestamp: at}).Header
-}
-
-// deliver sends a correctly signed event and expects Stripe's 200.
-func deliver(t testing.TB, s *server, body []byte) {
-	t.Helper()
-	status, out := postWebhook(t, s, body, sign(body, testWebhookSecret, time.Now()))
-	mustStatus(t, "webhook delivery", status, out, http.StatusOK)
-}
-
-func eventStatus(t testing.TB, gdb *gorm.DB, id string) (status, lastError string) {
-	t.Helper()
-	var stored struct {
-		Status    string
-		LastError *string
-	}
-	res := gdb.Raw(`SELECT status, last_error FROM stripe_events WHERE id = ?`, id).Scan(&stored)
-	if res.Error != nil || res.RowsAffected == 0 {
-		t.Fatalf("stored event %s: %v (%d rows)", id, res.Error, res.RowsAffected)
-	}
-	if stored.LastError != nil {
-		lastError = *stored.LastError
-	}
-	return stored.Status, lastError
-}
 
 // TestSameSuccessToTwoInstancesCreditsOnce delivers one payment's
 // payment_intent.succeeded five times, concurrently, to each of two server
 // instances on one database, under two event ids (the event, and the same
 // PaymentIntent in a second event as a replay or strategy switch would).
 func TestSameSuccessToTwoInstancesCreditsOnce(t *testing.T) {
+	t.Parallel()
 	fake := stripefake.New(t)
 	envA := payEnv(t, fake.URL())
 	a := startServer(t, envA)
@@ -221,7 +34,6 @@ func TestSameSuccessToTwoInstancesCreditsOnce(t *testing.T) {
 	for k, v := range envA {
 		envB[k] = v
 	}
-	envB["TALLY_HTTP_ADDR"] = freeAddr(t)
 	b := startServer(t, envB)
 	gdb := openDB(t, a)
 
@@ -281,6 +93,7 @@ func TestSameSuccessToTwoInstancesCreditsOnce(t *testing.T) {
 // TestPaymentEventOrders shows the out-of-order and failure days: each case
 // drives one payment through its events and checks the final state and credits.
 func TestPaymentEventOrders(t *testing.T) {
+	t.Parallel()
 	fake := stripefake.New(t)
 	s := startServer(t, payEnv(t, fake.URL()))
 	gdb := openDB(t, s)
@@ -340,7 +153,7 @@ func TestPaymentEventOrders(t *testing.T) {
 		}
 		var moves []string
 		for _, tr := range p.Transitions {
-			moves = append(moves, fmt.Sprintf("%s>%s:%t", strOrEmpty(tr.From), tr.To, tr.Applied))
+			moves = append(moves, fmt.Sprintf("%s:%t", move(tr), tr.Applied))
 		}
 		if strings.Join(moves, " ") != ">pending:true pending>failed:true failed>succeeded:true" {
 			t.Fatalf("transitions = %v", moves)
@@ -388,17 +201,11 @@ func TestPaymentEventOrders(t *testing.T) {
 	assertInvariants(t, s)
 }
 
-func strOrEmpty(p *string) string {
-	if p == nil {
-		return ""
-	}
-	return *p
-}
-
 // TestMismatchParksAndReplay shows the validation chain: an amount or
 // currency that does not match the payment credits nothing and parks the
 // event, listed by the admin API; fixed, a replay credits once.
 func TestMismatchParksAndReplay(t *testing.T) {
+	t.Parallel()
 	fake := stripefake.New(t)
 	s := startServer(t, payEnv(t, fake.URL()))
 	gdb := openDB(t, s)
@@ -495,6 +302,7 @@ func TestMismatchParksAndReplay(t *testing.T) {
 // problem+json and stores nothing; an unknown type is stored as ignored
 // and acknowledged; an event of another API version is processed.
 func TestWebhookRefusesBadDeliveries(t *testing.T) {
+	t.Parallel()
 	fake := stripefake.New(t)
 	env := payEnv(t, fake.URL())
 	env["TALLY_WEBHOOK_MAX_BODY_BYTES"] = "8192"
@@ -516,7 +324,7 @@ func TestWebhookRefusesBadDeliveries(t *testing.T) {
 		{"wrong secret", good, sign(good, "whsec_someone_else", time.Now()), http.StatusBadRequest},
 		{"tampered body", bytes.Replace(good, []byte(`"amount_received":1000`), []byte(`"amount_received":1001`), 1), sign(good, testWebhookSecret, time.Now()), http.StatusBadRequest},
 		{"stale timestamp", good, sign(good, testWebhookSecret, time.Now().Add(-301*time.Second)), http.StatusBadRequest},
-		{"future timestamp", good, sign(good, testWebhookSecret, time.Now().Add(301*time.Second)), http.StatusBadRequest},
+		{"future timestamp", good, sign(good, testWebhookSecret, time.Now().Add(6*time.Minute)), http.StatusBadRequest},
 		{"missing header", good, "", http.StatusBadRequest},
 		{"garbage header", good, "t=abc,v1=zz", http.StatusBadRequest},
 		{"oversized body", big, sign(big, testWebhookSecret, time.Now()), http.StatusRequestEntityTooLarge},
@@ -593,6 +401,7 @@ func TestWebhookRefusesBadDeliveries(t *testing.T) {
 // TestRefundsRevokeProportionally: half the amount refunded revokes half
 // the credits; a later full refund revokes only the increase, never below zero.
 func TestRefundsRevokeProportionally(t *testing.T) {
+	t.Parallel()
 	fake := stripefake.New(t)
 	s := startServer(t, payEnv(t, fake.URL()))
 	gdb := openDB(t, s)
@@ -638,26 +447,11 @@ func TestRefundsRevokeProportionally(t *testing.T) {
 	assertInvariants(t, s)
 }
 
-func metrics(t testing.TB, s *server) string {
-	t.Helper()
-	return metricsText(t, s)
-}
-
-func waitFor(t testing.TB, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(20 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
-}
-
 // TestCheckoutCreation: against stripe-mock a checkout answers a URL;
 // against the fake the session carries our metadata and idempotency key;
 // bad requests are refused and write nothing.
 func TestCheckoutCreation(t *testing.T) {
+	t.Parallel()
 	ctx := context.Background()
 	t.Run("stripe-mock", func(t *testing.T) {
 		s := startServer(t, payEnv(t, stripemock.Start(t)))
@@ -855,19 +649,11 @@ func TestCheckoutCreation(t *testing.T) {
 	})
 }
 
-func containsStr(list []string, s string) bool {
-	for _, v := range list {
-		if v == s {
-			return true
-		}
-	}
-	return false
-}
-
 // TestWebhookDatabaseDownAnswers503: while PostgreSQL refuses connections a
 // delivery is answered 503 (Stripe retries it); once it is back, the same
 // delivery is stored and processed.
 func TestWebhookDatabaseDownAnswers503(t *testing.T) {
+	t.Parallel()
 	fake := stripefake.New(t)
 	s := startServer(t, payEnv(t, fake.URL()))
 	gdb := openDB(t, s)
@@ -925,6 +711,7 @@ func TestWebhookDatabaseDownAnswers503(t *testing.T) {
 // and the PaymentIntent's own success (as after switching back) adds nothing,
 // because both strategies meet in the PaymentIntent-keyed guard.
 func TestLegacyConfirmOnCheckoutSession(t *testing.T) {
+	t.Parallel()
 	fake := stripefake.New(t)
 	env := payEnv(t, fake.URL())
 	env["TALLY_CONFIRM_ON"] = "checkout_session"
@@ -959,7 +746,6 @@ func TestLegacyConfirmOnCheckoutSession(t *testing.T) {
 	// Switch back to the default strategy on the same database: the
 	// PaymentIntents' successes find their confirmations and credit nothing more.
 	env["TALLY_CONFIRM_ON"] = "payment_intent"
-	env["TALLY_HTTP_ADDR"] = freeAddr(t)
 	s = startServer(t, env)
 	for _, c := range []struct{ pay, customer string }{{pay, "legacy-1"}, {async, "legacy-2"}} {
 		deliver(t, s, stripeEvent(newEventID(), "payment_intent.succeeded", paymentIntent(c.pay, c.customer, "succeeded", starterAmount, starterAmount, "usd")))
@@ -974,6 +760,7 @@ func TestLegacyConfirmOnCheckoutSession(t *testing.T) {
 // payment_intent.payment_failed (twice) changes nothing more: the host app
 // hears payment.failed once and the history holds the event once.
 func TestPaymentFailedReplayIsIdempotent(t *testing.T) {
+	t.Parallel()
 	fake := stripefake.New(t)
 	s := startServer(t, payEnv(t, fake.URL()))
 	gdb := openDB(t, s)
@@ -1014,6 +801,7 @@ func TestPaymentFailedReplayIsIdempotent(t *testing.T) {
 // with 200 and processed (or ignored), and an operator can replay it;
 // otherwise the delivery fails forever and Stripe disables the endpoint.
 func TestWebhookStoresEventsWithNULEscapes(t *testing.T) {
+	t.Parallel()
 	fake := stripefake.New(t)
 	s := startServer(t, payEnv(t, fake.URL()))
 	gdb := openDB(t, s)

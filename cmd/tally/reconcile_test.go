@@ -13,6 +13,7 @@ import (
 // text is pinned byte for byte, the --json report member for member, and
 // it is the body POST /v1/admin/reconciliations answers, indented.
 func TestReconciliationOutput(t *testing.T) {
+	t.Parallel()
 	from := time.Date(2026, 3, 1, 0, 0, 0, 0, time.UTC)
 	to := time.Date(2026, 3, 2, 12, 30, 0, 0, time.UTC)
 	for _, c := range []struct {

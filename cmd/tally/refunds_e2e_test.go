@@ -2,44 +2,21 @@ package main
 
 import (
 	"context"
-	"encoding/json"
 	"net/http"
 	"strings"
 	"testing"
 	"time"
 
-	"gorm.io/gorm"
-
 	"github.com/tallybilling/tally/internal/stripeapi/stripefake"
 	"github.com/tallybilling/tally/pkg/client"
 )
-
-// consumeOverHTTP spends amount of customer's credits with a fresh key.
-func consumeOverHTTP(t testing.TB, s *server, customer string, amount int64) {
-	t.Helper()
-	r, err := s.service(t).ConsumeCreditsWithResponse(context.Background(), customer,
-		&client.ConsumeCreditsParams{IdempotencyKey: newEventID()}, client.ConsumeRequest{Amount: amount, Reason: "usage"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	mustStatus(t, "consume", r.StatusCode(), r.Body, http.StatusOK)
-}
-
-// buyStarter checks out one starter pack for customer and delivers its
-// success, and returns the payment id.
-func buyStarter(t testing.TB, fake *stripefake.Fake, s *server, customer string) string {
-	t.Helper()
-	pay := checkout(t, s, customer, "starter", 1)
-	paidAtStripe(t, fake, s, pay)
-	deliver(t, s, stripeEvent(newEventID(), "payment_intent.succeeded", paymentIntent(pay, customer, "succeeded", starterAmount, starterAmount, "usd")))
-	return pay
-}
 
 // TestRefundAfterSpendingRevokesFromTheWholeBalance: a customer who spent
 // 950 of 1000 bought credits and is refunded in full gives back the 50 left
 // of the purchase and then the rest from other grants; what the balance
 // cannot cover is recorded as a shortfall and listed as a receivable.
 func TestRefundAfterSpendingRevokesFromTheWholeBalance(t *testing.T) {
+	t.Parallel()
 	fake := stripefake.New(t)
 	s := startServer(t, payEnv(t, fake.URL()))
 	svc := s.service(t)
@@ -92,6 +69,7 @@ func TestRefundAfterSpendingRevokesFromTheWholeBalance(t *testing.T) {
 // TestRefundFromThePurchaseGrantOnly: TALLY_REVOKE_FROM=purchase_grant keeps
 // tally's first behaviour: only what is left of the purchase goes.
 func TestRefundFromThePurchaseGrantOnly(t *testing.T) {
+	t.Parallel()
 	fake := stripefake.New(t)
 	env := payEnv(t, fake.URL())
 	env["TALLY_REVOKE_FROM"] = "purchase_grant"
@@ -119,30 +97,12 @@ func TestRefundFromThePurchaseGrantOnly(t *testing.T) {
 	assertInvariants(t, s)
 }
 
-// stripeEventCreated is stripeEvent as Stripe created it at created.
-func stripeEventCreated(id, typ string, created time.Time, object map[string]any) []byte {
-	var ev map[string]any
-	if err := json.Unmarshal(stripeEvent(id, typ, object), &ev); err != nil {
-		panic(err)
-	}
-	ev["created"] = created.Unix()
-	b, err := json.Marshal(ev)
-	if err != nil {
-		panic(err)
-	}
-	return b
-}
-
-func eventAttempts(t testing.TB, gdb *gorm.DB, id string) int64 {
-	t.Helper()
-	return countRows(t, gdb, `SELECT attempts FROM stripe_events WHERE id = ?`, id)
-}
-
 // TestRefundBeforeSuccessWaitsForIt: a refund (or dispute) that overtakes
 // the success it is about is not an operator's problem: it keeps waiting,
 // past the retry budget, and applies as soon as the success is processed.
 // Only a day after Stripe created it is it parked.
 func TestRefundBeforeSuccessWaitsForIt(t *testing.T) {
+	t.Parallel()
 	fake := stripefake.New(t)
 	env := payEnv(t, fake.URL())
 	env["TALLY_STRIPE_EVENT_MAX_ATTEMPTS"] = "3"

@@ -19,6 +19,7 @@ import (
 // totals, so usage totals and reconciliation answer the same over HTTP
 // before and after; young, unsettled and unpushed rows stay.
 func TestRetentionPurgesAndAnswersStayTheSame(t *testing.T) {
+	t.Parallel()
 	fake := stripefake.New(t)
 	fake.SetMeter("mtr_api_calls", "api_calls")
 	env := meteringEnv(t, fake.URL())

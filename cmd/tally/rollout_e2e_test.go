@@ -69,7 +69,6 @@ func TestConfirmStrategiesSideBySide(t *testing.T) {
 	restart := func(flowA, flowB string) {
 		s.shutdown(t)
 		env["TALLY_CATALOG_FILE"] = writeCatalog(t, rolloutCatalog(flowA, flowB))
-		env["TALLY_HTTP_ADDR"] = freeAddr(t)
 		s = startServer(t, env)
 	}
 

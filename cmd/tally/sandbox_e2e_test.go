@@ -13,18 +13,6 @@ import (
 	"github.com/tallybilling/tally/pkg/client"
 )
 
-// sandboxEnv is a server running the offline Stripe sandbox: no Stripe
-// URL, its own webhooks to its own /webhooks/stripe.
-func sandboxEnv(t testing.TB) map[string]string {
-	env := baseEnv(t)
-	env["TALLY_STRIPE_SANDBOX"] = "true"
-	env["TALLY_STRIPE_SANDBOX_URL"] = "http://" + env["TALLY_HTTP_ADDR"]
-	env["TALLY_STRIPE_SANDBOX_DEMO_KEY"] = testServiceKey
-	env["TALLY_STRIPE_EVENT_RETRY_INTERVAL"] = "100ms"
-	env["TALLY_METER_POLL_INTERVAL"] = "20ms"
-	return env
-}
-
 // noRedirects is a browser-less client that shows redirects instead of following them.
 var noRedirects = &http.Client{Timeout: 30 * time.Second, CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}
 
@@ -60,23 +48,6 @@ func postForm(t testing.TB, target string, form url.Values) (int, string, string
 	return resp.StatusCode, resp.Header.Get("Location"), string(body)
 }
 
-// waitPayment polls the payment until it has status want (webhooks arrive
-// asynchronously, as from Stripe).
-func waitPayment(t testing.TB, s *server, id string, want client.PaymentStatus) client.Payment {
-	t.Helper()
-	deadline := time.Now().Add(15 * time.Second)
-	for {
-		p := getPayment(t, s, id)
-		if p.Status == want {
-			return p
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("payment %s is %s after 15s, want %s; transitions %+v", id, p.Status, want, p.Transitions)
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
-}
-
 func waitBalance(t testing.TB, s *server, customer string, want int64) {
 	t.Helper()
 	deadline := time.Now().Add(15 * time.Second)
@@ -98,6 +69,7 @@ func waitBalance(t testing.TB, s *server, customer string, want int64) {
 // dashboard's form endpoints take the credits back; tally verify is clean
 // and no event was parked.
 func TestSandboxBuyDeclineRefundDispute(t *testing.T) {
+	t.Parallel()
 	s := startServer(t, sandboxEnv(t))
 
 	pay, page := sandboxCheckout(t, s, "walker", "starter")
@@ -161,11 +133,14 @@ func TestSandboxBuyDeclineRefundDispute(t *testing.T) {
 // TestSandboxSurvivesARestartOfTally: a session started before tally
 // restarts is paid after it, and credited.
 func TestSandboxSurvivesARestartOfTally(t *testing.T) {
+	t.Parallel()
 	env := sandboxEnv(t)
 	s := startServer(t, env)
 	pay, page := sandboxCheckout(t, s, "restarter", "pro")
 	s.shutdown(t)
 
+	// Restarted where it was: the page's URL names its address.
+	env["TALLY_HTTP_ADDR"] = strings.TrimPrefix(s.URL, "http://")
 	s = startServer(t, env)
 	if status, _, body := postForm(t, page+"/pay", url.Values{"card": {"4242424242424242"}}); status != http.StatusSeeOther {
 		t.Fatalf("pay after the restart: %d %s", status, body)
@@ -178,6 +153,7 @@ func TestSandboxSurvivesARestartOfTally(t *testing.T) {
 // TestSandboxMeterSummariesReconcile: usage delivered to the sandbox's
 // meters reconciles with tally's own totals, through tally's reconciliation.
 func TestSandboxMeterSummariesReconcile(t *testing.T) {
+	t.Parallel()
 	s := startServer(t, sandboxEnv(t))
 	ctx := context.Background()
 	svc := s.service(t)
@@ -223,6 +199,7 @@ func TestSandboxMeterSummariesReconcile(t *testing.T) {
 // key, as a product's backend would; tally still refuses a user's token on
 // consume itself.
 func TestSandboxDemoBackend(t *testing.T) {
+	t.Parallel()
 	s := startServer(t, sandboxEnv(t))
 	token := func(customer string) (int, string) {
 		resp, err := http.Post(s.URL+"/sandbox/demo/token", "application/json", strings.NewReader(`{"customer_id":"`+customer+`"}`))

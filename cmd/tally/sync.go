@@ -41,7 +41,7 @@ func syncCmd(ctx context.Context, args []string, env environment) error {
 	pay := payments.New(payments.Options{DB: gdb, Stripe: client, Catalog: cfg.Catalog, Config: cfg.Checkout,
 		Livemode: cfg.Stripe.Livemode(), RevokeFrom: cfg.Credits.RevokeFrom, Logger: logger})
 	hook := stripehook.New(stripehook.Options{DB: gdb, Payments: pay, Secrets: cfg.Stripe.WebhookSecrets,
-		MaxAttempts: cfg.Stripe.EventMaxAttempts, RetryInterval: cfg.Stripe.EventRetryInterval, Logger: logger, Stripe: client})
+		MaxAttempts: cfg.Stripe.EventMaxAttempts, RetryInterval: cfg.Stripe.EventRetryInterval, Lease: cfg.Stripe.EventLease, Logger: logger, Stripe: client})
 	syncer := stripehook.NewSyncer(hook, stripehook.SyncerOptions{PendingCheckAfter: cfg.Stripe.PendingCheckAfter})
 	var from time.Time
 	if *since > 0 {

@@ -180,8 +180,8 @@ func TestDismissParkedEvent(t *testing.T) {
 		t.Fatal(err)
 	}
 	mustStatus(t, "dismiss", r.StatusCode(), r.Body, http.StatusOK)
-	if r.JSON200.Status != client.StripeEventStatusDismissed || !strings.HasPrefix(strOrEmpty(r.JSON200.DismissedBy), "admin key ") ||
-		strOrEmpty(r.JSON200.DismissedReason) == "" || r.JSON200.DismissedAt == nil {
+	if r.JSON200.Status != client.StripeEventStatusDismissed || !strings.HasPrefix(deref(r.JSON200.DismissedBy), "admin key ") ||
+		deref(r.JSON200.DismissedReason) == "" || r.JSON200.DismissedAt == nil {
 		t.Fatalf("dismissed event %+v", r.JSON200)
 	}
 	if m := metrics(t, s); !strings.Contains(m, "tally_stripe_events_parked 0") {

@@ -35,6 +35,7 @@ func meterIdentifier(r *http.Request) string {
 // exactly once. Then requeue: a refused event goes back without force, one
 // whose 5xx is over 24 hours old needs force, a too_old one never goes.
 func TestUsageSurvivesALongStripeOutageEndToEnd(t *testing.T) {
+	t.Parallel()
 	fake := stripefake.New(t)
 	env := meteringEnv(t, fake.URL())
 	env["TALLY_METER_BACKOFF_MAX"] = "20ms"
@@ -111,7 +112,9 @@ func TestUsageSurvivesALongStripeOutageEndToEnd(t *testing.T) {
 	}
 	// Many more attempts than the old limit of ten, and none dead but edge
 	// and the event Stripe refuses for good.
-	waitFor(t, "every event tried over 30 times", func() bool { return attempts(`identifier LIKE 'outage-%'`) > 30 })
+	// Thirty rounds of backoff: about half a minute alone, more with the
+	// suite running beside it.
+	waitForWithin(t, "every event tried over 30 times", 3*time.Minute, func() bool { return attempts(`identifier LIKE 'outage-%'`) > 30 })
 	if n := countRows(t, gdb, `SELECT count(*) FROM usage_events WHERE status = 'dead' AND identifier NOT IN ('edge', 'refused')`); n != 0 {
 		t.Fatalf("%d events dead-lettered during the outage, want none", n)
 	}

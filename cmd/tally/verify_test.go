@@ -15,6 +15,7 @@ import (
 // member (jsonBody is what it printed before it used the API's type) and
 // is the body GET /v1/admin/verify answers, indented.
 func TestVerifyReportOutput(t *testing.T) {
+	t.Parallel()
 	breached := credits.VerifyReport{
 		CustomersChecked: 3, PaymentsChecked: 2,
 		Problems: []credits.VerifyProblem{

@@ -45,6 +45,9 @@ type App struct {
 	handler http.Handler
 	metrics http.Handler
 	workers []Worker
+	// ln and metricsLn are the listeners Options gave, nil until Run
+	// listens itself.
+	ln, metricsLn net.Listener
 }
 
 // Options are what New needs.
@@ -54,12 +57,37 @@ type Options struct {
 	Logger *slog.Logger
 	// Now is the clock; nil means time.Now.
 	Now func() time.Time
+	// Listener, when set, is where Run serves the API instead of listening
+	// on Config.HTTPAddr itself, so the caller knows the address before
+	// Run (bound to port 0, say: see Addr). Without
+	// TALLY_STRIPE_SANDBOX_URL the sandbox's public URL is its address.
+	// Run closes it; so does New when it fails.
+	Listener net.Listener
+	// MetricsListener is the same for /metrics and Config.MetricsAddr
+	// (used only when that is set).
+	MetricsListener net.Listener
 }
 
 // New opens the database (applying migrations when Config.AutoMigrate), and
-// builds every service, the HTTP handler and the workers. It does not listen.
-func New(ctx context.Context, opts Options) (*App, error) {
+// builds every service, the HTTP handler and the workers. It does not
+// listen: Run does, on the listeners of opts or on the configured addresses.
+func New(ctx context.Context, opts Options) (a *App, err error) {
+	defer func() {
+		if err != nil {
+			for _, ln := range []net.Listener{opts.Listener, opts.MetricsListener} {
+				if ln != nil {
+					_ = ln.Close()
+				}
+			}
+		}
+	}()
 	cfg := opts.Config
+	if cfg.Stripe.Sandbox.Enabled && cfg.Stripe.Sandbox.URL == "" {
+		if opts.Listener == nil {
+			return nil, errors.New("stripe sandbox: TALLY_STRIPE_SANDBOX_URL must be set when TALLY_HTTP_ADDR has no fixed port")
+		}
+		cfg.Stripe.Sandbox.URL = config.SandboxURL(opts.Listener.Addr().String())
+	}
 	now := opts.Now
 	if now == nil {
 		now = time.Now
@@ -108,7 +136,12 @@ func New(ctx context.Context, opts Options) (*App, error) {
 		return d.Seconds()
 	}))
 
-	a := &App{cfg: cfg, logger: logger, db: gdb}
+	a = &App{cfg: cfg, logger: logger, db: gdb, ln: opts.Listener}
+	if cfg.MetricsAddr != "" {
+		a.metricsLn = opts.MetricsListener
+	} else if opts.MetricsListener != nil {
+		_ = opts.MetricsListener.Close() // /metrics is served with the API
+	}
 
 	// The sandbox is tally's Stripe when TALLY_STRIPE_SANDBOX is on: the
 	// client below talks to it over HTTP, as it would to Stripe.
@@ -123,7 +156,7 @@ func New(ctx context.Context, opts Options) (*App, error) {
 		cfg.Catalog = withSandboxRedirects(cfg.Catalog, cfg.Stripe.Sandbox.URL)
 		a.workers = append(a.workers, sandboxWorker{sb: sb})
 		defer func() {
-			if a.handler == nil { // New failed: the sandbox will never run
+			if err != nil { // New failed: the sandbox will never run
 				sb.close()
 			}
 		}()
@@ -148,7 +181,7 @@ func New(ctx context.Context, opts Options) (*App, error) {
 	})
 	stripeHook := stripehook.New(stripehook.Options{
 		DB: gdb, Payments: paymentsSvc, Secrets: cfg.Stripe.WebhookSecrets,
-		MaxAttempts: cfg.Stripe.EventMaxAttempts, RetryInterval: cfg.Stripe.EventRetryInterval,
+		MaxAttempts: cfg.Stripe.EventMaxAttempts, RetryInterval: cfg.Stripe.EventRetryInterval, Lease: cfg.Stripe.EventLease,
 		Registry: reg, Logger: logger, Now: now, Stripe: stripeClient,
 	})
 	a.workers = append(a.workers, stripehook.NewWorker(stripeHook))
@@ -234,6 +267,23 @@ func New(ctx context.Context, opts Options) (*App, error) {
 	return a, nil
 }
 
+// Addr is the address the API is served on: the listener's that Options
+// gave (its real port when bound to port 0), else Config.HTTPAddr.
+func (a *App) Addr() string {
+	if a.ln != nil {
+		return a.ln.Addr().String()
+	}
+	return a.cfg.HTTPAddr
+}
+
+// MetricsAddr is Addr for /metrics: "" when it is served with the API.
+func (a *App) MetricsAddr() string {
+	if a.metricsLn != nil {
+		return a.metricsLn.Addr().String()
+	}
+	return a.cfg.MetricsAddr
+}
+
 // Handler is the HTTP handler (for tests that serve it themselves).
 func (a *App) Handler() http.Handler { return a.handler }
 
@@ -261,17 +311,26 @@ func closeDB(gdb *gorm.DB) { _ = db.Close(gdb) }
 // within cfg.ShutdownTimeout, and closes the database.
 func (a *App) Run(ctx context.Context) error {
 	defer closeDB(a.db)
-	ln, err := net.Listen("tcp", a.cfg.HTTPAddr)
-	if err != nil {
-		return fmt.Errorf("listen on %s: %w", a.cfg.HTTPAddr, err)
+	ln := a.ln
+	if ln == nil {
+		var err error
+		if ln, err = net.Listen("tcp", a.cfg.HTTPAddr); err != nil {
+			if a.metricsLn != nil {
+				a.metricsLn.Close()
+			}
+			return fmt.Errorf("listen on %s: %w", a.cfg.HTTPAddr, err)
+		}
 	}
 	servers := []*http.Server{newServer(a.handler)}
 	listeners := []net.Listener{ln}
 	if a.metrics != nil {
-		mln, err := net.Listen("tcp", a.cfg.MetricsAddr)
-		if err != nil {
-			ln.Close()
-			return fmt.Errorf("listen on %s: %w", a.cfg.MetricsAddr, err)
+		mln := a.metricsLn
+		if mln == nil {
+			var err error
+			if mln, err = net.Listen("tcp", a.cfg.MetricsAddr); err != nil {
+				ln.Close()
+				return fmt.Errorf("listen on %s: %w", a.cfg.MetricsAddr, err)
+			}
 		}
 		servers = append(servers, newServer(a.metrics))
 		listeners = append(listeners, mln)

@@ -37,6 +37,7 @@ plans:
 `
 
 func TestParseGood(t *testing.T) {
+	t.Parallel()
 	c, err := Parse([]byte(goodCatalog))
 	if err != nil {
 		t.Fatalf("Parse: %v", err)
@@ -78,6 +79,7 @@ func TestParseGood(t *testing.T) {
 }
 
 func TestParseEmptyAndZeroExpiry(t *testing.T) {
+	t.Parallel()
 	for _, doc := range []string{"", "\n# nothing yet\n", "{}"} {
 		c, err := Parse([]byte(doc))
 		if err != nil {
@@ -92,6 +94,7 @@ func TestParseEmptyAndZeroExpiry(t *testing.T) {
 // A pack says how long its credits last: omitted, 12 calendar months; a
 // number of calendar months; a fixed duration; or never (never, 0).
 func TestParsePackExpiry(t *testing.T) {
+	t.Parallel()
 	for _, c := range []struct {
 		field string
 		want  Expiry
@@ -130,6 +133,7 @@ func TestParsePackExpiry(t *testing.T) {
 // Calendar months end on the same day of the month, or on the month's last
 // day when it has no such day; durations are exact; never is nil.
 func TestExpiryAfter(t *testing.T) {
+	t.Parallel()
 	at := func(s string) time.Time {
 		t.Helper()
 		v, err := time.Parse(time.RFC3339, s)
@@ -165,6 +169,7 @@ func TestExpiryAfter(t *testing.T) {
 // A pack of exactly the largest grant loads; one credit more would take the
 // money and then never be granted, so it is refused at load.
 func TestParseLargestPack(t *testing.T) {
+	t.Parallel()
 	c, err := Parse([]byte("credit_packs:\n- {id: a, name: A, amount: 1, currency: usd, credits: 1000000000000}\n"))
 	if err != nil {
 		t.Fatalf("a pack of the largest grant: %v", err)
@@ -179,6 +184,7 @@ func TestParseLargestPack(t *testing.T) {
 }
 
 func TestDeployExampleCatalogParses(t *testing.T) {
+	t.Parallel()
 	c, err := Load("../../deploy/catalog.example.yaml")
 	if err != nil {
 		t.Fatalf("deploy/catalog.example.yaml: %v", err)
@@ -198,6 +204,7 @@ func TestDeployExampleCatalogParses(t *testing.T) {
 }
 
 func TestParseRejects(t *testing.T) {
+	t.Parallel()
 	pack := func(fields string) string {
 		base := map[string]string{"id": "p", "name": "P", "amount": "100", "currency": "usd", "credits": "10"}
 		for _, kv := range strings.Split(fields, ";") {
@@ -273,6 +280,7 @@ func TestParseRejects(t *testing.T) {
 }
 
 func TestParseReportsEveryProblem(t *testing.T) {
+	t.Parallel()
 	doc := `
 redirect_url_prefixes: [nope]
 credit_packs:
@@ -296,6 +304,7 @@ plans:
 }
 
 func TestRedirectAllowed(t *testing.T) {
+	t.Parallel()
 	c := Catalog{RedirectURLPrefixes: []string{
 		"https://app.example.com",          // host only
 		"http://localhost:3000/",           // host with port

@@ -33,7 +33,7 @@ import (
 // Scope is what an API key may do.
 type Scope string
 
-// The API key scopes of design/PRODUCT.md.
+// The API key scopes (docs/guarantees.md, "Access").
 const (
 	// ScopeService is for the product's backend services.
 	ScopeService Scope = "service"
@@ -75,6 +75,10 @@ type StripeConfig struct {
 	PendingCheckAfter time.Duration
 	SyncInterval      time.Duration
 	VerifyInterval    time.Duration
+	// EventLease is how long a stored event being processed belongs to the
+	// instance processing it; when it runs out (that instance died), the
+	// retry worker of any instance takes the event over.
+	EventLease time.Duration
 	// Sandbox runs the offline Stripe sandbox inside tally instead of
 	// talking to Stripe (development only).
 	Sandbox SandboxConfig
@@ -172,13 +176,21 @@ type MeteringConfig struct {
 	// BackoffMax caps the wait between two attempts at an event that failed
 	// retryably (5xx, timeout, network). There is no attempt limit: an event
 	// is retried while Stripe still accepts its timestamp.
-	BackoffMax   time.Duration
+	BackoffMax time.Duration
+	// BackoffBase is the first of those waits; each retry may wait up to
+	// twice as long as the one before (jittered), up to BackoffMax.
+	BackoffBase  time.Duration
 	BatchSize    int
 	PollInterval time.Duration
 	// ReconcileInterval is how often every meter is reconciled with
 	// Stripe's summaries over the last settled window of that length
 	// (TALLY_RECONCILE_INTERVAL); 0 disables it.
 	ReconcileInterval time.Duration
+	// SendTimeout bounds one request to Stripe. It also sizes the lease on
+	// a claimed batch (the batch's time at the rate limit, plus two and a
+	// half SendTimeouts), after which a claim of a worker that died is
+	// taken over by another.
+	SendTimeout time.Duration
 }
 
 // The shortest retentions accepted (Validate refuses less, rather than
@@ -270,6 +282,7 @@ func Default() Config {
 			PendingCheckAfter:   15 * time.Minute,
 			SyncInterval:        5 * time.Minute,
 			VerifyInterval:      15 * time.Minute,
+			EventLease:          time.Minute,
 		},
 		Credits: CreditsConfig{
 			ExpiringNotice:   168 * time.Hour,
@@ -287,10 +300,12 @@ func Default() Config {
 			Transport:    MeterTransportV1,
 			RateLimit:    20,
 			BackoffMax:   10 * time.Minute,
+			BackoffBase:  2 * time.Second,
 			BatchSize:    100,
 			PollInterval: time.Second,
 
 			ReconcileInterval: time.Hour,
+			SendTimeout:       20 * time.Second,
 		},
 		Retention: RetentionConfig{
 			StripeEvents:    90 * 24 * time.Hour,
@@ -495,6 +510,7 @@ func Load(getenv func(string) string) (Config, error) {
 	p.duration("TALLY_PENDING_CHECK_AFTER", &c.Stripe.PendingCheckAfter)
 	p.duration("TALLY_STRIPE_SYNC_INTERVAL", &c.Stripe.SyncInterval)
 	p.duration("TALLY_VERIFY_INTERVAL", &c.Stripe.VerifyInterval)
+	p.duration("TALLY_STRIPE_EVENT_LEASE", &c.Stripe.EventLease)
 	p.boolean("TALLY_STRIPE_SANDBOX", &c.Stripe.Sandbox.Enabled)
 	p.str("TALLY_STRIPE_SANDBOX_URL", &c.Stripe.Sandbox.URL)
 	p.str("TALLY_STRIPE_SANDBOX_DEMO_KEY", &c.Stripe.Sandbox.DemoKey)
@@ -508,7 +524,7 @@ func Load(getenv func(string) string) (Config, error) {
 			c.Stripe.WebhookSecrets = []string{SandboxWebhookSecret}
 		}
 		if c.Stripe.Sandbox.URL == "" {
-			c.Stripe.Sandbox.URL = sandboxURL(c.HTTPAddr)
+			c.Stripe.Sandbox.URL = SandboxURL(c.HTTPAddr)
 		}
 	}
 
@@ -531,9 +547,11 @@ func Load(getenv func(string) string) (Config, error) {
 		c.Obsolete = append(c.Obsolete, "TALLY_METER_MAX_ATTEMPTS is no longer used and is ignored: usage delivery "+
 			"retries for as long as Stripe accepts the event's timestamp, waiting at most TALLY_METER_BACKOFF_MAX between attempts")
 	}
+	p.duration("TALLY_METER_BACKOFF_BASE", &c.Metering.BackoffBase)
 	p.integer("TALLY_METER_BATCH_SIZE", &c.Metering.BatchSize)
 	p.duration("TALLY_METER_POLL_INTERVAL", &c.Metering.PollInterval)
 	p.duration("TALLY_RECONCILE_INTERVAL", &c.Metering.ReconcileInterval)
+	p.duration("TALLY_METER_SEND_TIMEOUT", &c.Metering.SendTimeout)
 
 	p.duration("TALLY_RETENTION_STRIPE_EVENTS", &c.Retention.StripeEvents)
 	p.duration("TALLY_RETENTION_USAGE_EVENTS", &c.Retention.UsageEvents)
@@ -674,7 +692,7 @@ func (c Config) Validate() error {
 	if c.MetricsAddr != "" {
 		if err := checkListenAddr(c.MetricsAddr); err != nil {
 			p.add("TALLY_METRICS_ADDR", "%v", err)
-		} else if c.MetricsAddr == c.HTTPAddr {
+		} else if c.MetricsAddr == c.HTTPAddr && !anyPort(c.HTTPAddr) {
 			p.add("TALLY_METRICS_ADDR", "must differ from TALLY_HTTP_ADDR (leave it empty to serve /metrics on the main listener)")
 		}
 	}
@@ -721,10 +739,12 @@ func (c Config) Validate() error {
 		if c.Stripe.APIURL != "" || c.Stripe.MeterEventsURL != "" {
 			p.add("TALLY_STRIPE_SANDBOX", "refused together with TALLY_STRIPE_API_URL or TALLY_STRIPE_METER_EVENTS_URL: the sandbox is tally's Stripe; unset one or the other")
 		}
-		if sb.URL == "" {
-			p.add("TALLY_STRIPE_SANDBOX_URL", "must be set when TALLY_HTTP_ADDR has no fixed port (%q)", c.HTTPAddr)
-		} else if err := checkHTTPURL(sb.URL); err != nil {
-			p.add("TALLY_STRIPE_SANDBOX_URL", "%v", err)
+		// Empty only when TALLY_HTTP_ADDR has no fixed port: the sandbox
+		// then takes the address tally bound (internal/app).
+		if sb.URL != "" {
+			if err := checkHTTPURL(sb.URL); err != nil {
+				p.add("TALLY_STRIPE_SANDBOX_URL", "%v", err)
+			}
 		}
 		if sb.DemoKey != "" {
 			sum := HashAPIKey(sb.DemoKey)
@@ -798,6 +818,9 @@ func (s StripeConfig) check(p *problems) {
 	}
 	if s.VerifyInterval < 0 {
 		p.add("TALLY_VERIFY_INTERVAL", "must not be negative (0 disables the background verify), got %s", s.VerifyInterval)
+	}
+	if d := s.EventLease; d <= 0 || d > time.Hour {
+		p.add("TALLY_STRIPE_EVENT_LEASE", "must be positive and at most 1h, got %s", d)
 	}
 }
 
@@ -875,6 +898,13 @@ func (m MeteringConfig) check(p *problems) {
 	if d := m.ReconcileInterval; d != 0 && (d < time.Minute || d > 7*24*time.Hour || d%time.Minute != 0) {
 		p.add("TALLY_RECONCILE_INTERVAL", "must be 0 (off) or whole minutes from 1m to 168h, got %s", d)
 	}
+	// A base above the cap only means every wait is capped.
+	if d := m.BackoffBase; d <= 0 || d > 24*time.Hour {
+		p.add("TALLY_METER_BACKOFF_BASE", "must be positive and at most 24h, got %s", d)
+	}
+	if d := m.SendTimeout; d <= 0 || d > 5*time.Minute {
+		p.add("TALLY_METER_SEND_TIMEOUT", "must be positive and at most 5m, got %s", d)
+	}
 }
 
 func (r RetentionConfig) check(p *problems) {
@@ -907,9 +937,9 @@ func validated(check func(*problems)) error {
 	return errors.Join(p...)
 }
 
-// sandboxURL is the base URL of a tally listening on addr, as a browser on
+// SandboxURL is the base URL of a tally listening on addr, as a browser on
 // the same machine reaches it; "" when addr has no fixed port.
-func sandboxURL(addr string) string {
+func SandboxURL(addr string) string {
 	host, port, err := net.SplitHostPort(addr)
 	if err != nil || port == "" || port == "0" {
 		return ""
@@ -928,6 +958,13 @@ func hasAnyPrefix(s string, prefixes ...string) bool {
 		}
 	}
 	return false
+}
+
+// anyPort reports whether addr asks for a port the system picks (port 0):
+// two such listeners never collide.
+func anyPort(addr string) bool {
+	_, port, err := net.SplitHostPort(addr)
+	return err == nil && port == "0"
 }
 
 func checkListenAddr(addr string) error {

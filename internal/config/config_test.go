@@ -34,6 +34,7 @@ func envOf(m map[string]string) func(string) string {
 }
 
 func TestLoadDefaults(t *testing.T) {
+	t.Parallel()
 	c, err := Load(envOf(nil))
 	if err != nil {
 		t.Fatalf("Load of an empty environment: %v", err)
@@ -52,10 +53,12 @@ func TestLoadDefaults(t *testing.T) {
 			PendingCheckAfter:   15 * time.Minute,
 			SyncInterval:        5 * time.Minute,
 			VerifyInterval:      15 * time.Minute,
+			EventLease:          time.Minute,
 		},
 		Credits:  CreditsConfig{ExpiringNotice: 168 * time.Hour, SweepInterval: time.Minute, RevokeFrom: "balance", ForecastWarnDays: 7, ForecastInterval: 10 * time.Minute},
 		Checkout: CheckoutConfig{ExpiresAfter: time.Hour, ConfirmOn: "payment_intent", RateLimit: 10},
-		Metering: MeteringConfig{Transport: "v1", RateLimit: 20, BackoffMax: 10 * time.Minute, BatchSize: 100, PollInterval: time.Second, ReconcileInterval: time.Hour},
+		Metering: MeteringConfig{Transport: "v1", RateLimit: 20, BackoffMax: 10 * time.Minute, BatchSize: 100, PollInterval: time.Second, ReconcileInterval: time.Hour,
+			BackoffBase: 2 * time.Second, SendTimeout: 20 * time.Second},
 		Retention: RetentionConfig{StripeEvents: 2160 * time.Hour, UsageEvents: 2160 * time.Hour, Events: 2160 * time.Hour,
 			IdempotencyKeys: 48 * time.Hour, Interval: time.Hour, BatchSize: 1000},
 	}
@@ -85,6 +88,7 @@ func writeRSAPublicKey(t *testing.T, dir string) (*rsa.PrivateKey, string) {
 }
 
 func TestLoadEveryVariable(t *testing.T) {
+	t.Parallel()
 	dir := t.TempDir()
 	rsaKey, rsaPath := writeRSAPublicKey(t, dir)
 	catPath := filepath.Join(dir, "catalog.yaml")
@@ -130,6 +134,9 @@ func TestLoadEveryVariable(t *testing.T) {
 		"TALLY_PENDING_CHECK_AFTER":         "30m",
 		"TALLY_STRIPE_SYNC_INTERVAL":        "0",
 		"TALLY_VERIFY_INTERVAL":             "1h",
+		"TALLY_STRIPE_EVENT_LEASE":          "2s",
+		"TALLY_METER_BACKOFF_BASE":          "50ms",
+		"TALLY_METER_SEND_TIMEOUT":          "3s",
 		"TALLY_METER_TRANSPORT":             "v2",
 		"TALLY_METER_RATE_LIMIT":            "12.5",
 		"TALLY_METER_BACKOFF_MAX":           "90s",
@@ -192,6 +199,9 @@ func TestLoadEveryVariable(t *testing.T) {
 		{"Stripe.PendingCheckAfter", c.Stripe.PendingCheckAfter, 30 * time.Minute},
 		{"Stripe.SyncInterval", c.Stripe.SyncInterval, time.Duration(0)},
 		{"Stripe.VerifyInterval", c.Stripe.VerifyInterval, time.Hour},
+		{"Stripe.EventLease", c.Stripe.EventLease, 2 * time.Second},
+		{"Metering.BackoffBase", c.Metering.BackoffBase, 50 * time.Millisecond},
+		{"Metering.SendTimeout", c.Metering.SendTimeout, 3 * time.Second},
 		{"Metering.Transport", c.Metering.Transport, "v2"},
 		{"Metering.RateLimit", c.Metering.RateLimit, 12.5},
 		{"Metering.BackoffMax", c.Metering.BackoffMax, 90 * time.Second},
@@ -210,6 +220,7 @@ func TestLoadEveryVariable(t *testing.T) {
 }
 
 func TestLoadLivemodeFollowsKeyPrefix(t *testing.T) {
+	t.Parallel()
 	for key, live := range map[string]bool{
 		"sk_test_123": false, "rk_test_123": false, "sk_live_123": true, "rk_live_123": true, "": false,
 	} {
@@ -229,6 +240,7 @@ func TestLoadLivemodeFollowsKeyPrefix(t *testing.T) {
 
 // Each case sets one bad variable; the error must name it.
 func TestLoadRejectsEachBadValue(t *testing.T) {
+	t.Parallel()
 	okHash := strings.Repeat("ab", 32)
 	cases := []struct {
 		name, value string
@@ -304,6 +316,7 @@ func TestLoadRejectsEachBadValue(t *testing.T) {
 }
 
 func TestLoadReportsEveryProblemAtOnce(t *testing.T) {
+	t.Parallel()
 	env := map[string]string{
 		"TALLY_METER_BATCH_SIZE":       "5000",      // validation
 		"TALLY_METER_RATE_LIMIT":       "fast",      // parse
@@ -337,6 +350,7 @@ func TestLoadReportsEveryProblemAtOnce(t *testing.T) {
 }
 
 func TestLoadRejectsBadCatalogFileWithItsProblems(t *testing.T) {
+	t.Parallel()
 	path := filepath.Join(t.TempDir(), "catalog.yaml")
 	bad := "credit_packs:\n  - id: Starter\n    name: x\n    amount: 0\n    currency: usd\n    credits: 1\n"
 	if err := os.WriteFile(path, []byte(bad), 0o600); err != nil {
@@ -354,6 +368,7 @@ func TestLoadRejectsBadCatalogFileWithItsProblems(t *testing.T) {
 }
 
 func TestParseRSAPublicKeyFormats(t *testing.T) {
+	t.Parallel()
 	key, err := rsa.GenerateKey(rand.Reader, 2048)
 	if err != nil {
 		t.Fatal(err)
@@ -381,6 +396,7 @@ func TestParseRSAPublicKeyFormats(t *testing.T) {
 }
 
 func TestValidateOnHandBuiltConfig(t *testing.T) {
+	t.Parallel()
 	c := Default()
 	if err := c.Validate(); err != nil {
 		t.Fatalf("Default() does not validate: %v", err)
@@ -394,6 +410,7 @@ func TestValidateOnHandBuiltConfig(t *testing.T) {
 }
 
 func TestHashAPIKey(t *testing.T) {
+	t.Parallel()
 	if HashAPIKey("k") != sha256.Sum256([]byte("k")) {
 		t.Fatal("HashAPIKey is not SHA-256 of the key")
 	}
@@ -402,6 +419,7 @@ func TestHashAPIKey(t *testing.T) {
 // Usage delivery retries by time now; a deployment still setting the old
 // attempt limit starts, and is told the setting is ignored.
 func TestLoadNamesObsoleteSettings(t *testing.T) {
+	t.Parallel()
 	c, err := Load(envOf(map[string]string{"TALLY_METER_MAX_ATTEMPTS": "10"}))
 	if err != nil {
 		t.Fatalf("Load with TALLY_METER_MAX_ATTEMPTS: %v", err)
@@ -418,6 +436,7 @@ func TestLoadNamesObsoleteSettings(t *testing.T) {
 // checks them: the defaults pass, and a zero section names every setting
 // it leaves unset.
 func TestSectionsValidateByTheRulesOfLoad(t *testing.T) {
+	t.Parallel()
 	d := Default()
 	for name, err := range map[string]error{
 		"Credits": d.Credits.Validate(), "Checkout": d.Checkout.Validate(), "Metering": d.Metering.Validate(),
@@ -433,7 +452,7 @@ func TestSectionsValidateByTheRulesOfLoad(t *testing.T) {
 		"Credits":  {CreditsConfig{}.Validate(), []string{"TALLY_CREDITS_SWEEP_INTERVAL", "TALLY_REVOKE_FROM", "TALLY_FORECAST_WARN_DAYS", "TALLY_FORECAST_CHECK_INTERVAL"}},
 		"Checkout": {CheckoutConfig{}.Validate(), []string{"TALLY_CHECKOUT_EXPIRES_AFTER", "TALLY_CONFIRM_ON"}},
 		"Metering": {MeteringConfig{}.Validate(), []string{"TALLY_METER_TRANSPORT", "TALLY_METER_RATE_LIMIT",
-			"TALLY_METER_BACKOFF_MAX", "TALLY_METER_BATCH_SIZE", "TALLY_METER_POLL_INTERVAL"}},
+			"TALLY_METER_BACKOFF_MAX", "TALLY_METER_BATCH_SIZE", "TALLY_METER_POLL_INTERVAL", "TALLY_METER_BACKOFF_BASE", "TALLY_METER_SEND_TIMEOUT"}},
 	} {
 		if tc.err == nil {
 			t.Errorf("a zero %sConfig validates", name)
@@ -452,6 +471,7 @@ func TestSectionsValidateByTheRulesOfLoad(t *testing.T) {
 }
 
 func TestLoadSandbox(t *testing.T) {
+	t.Parallel()
 	serviceKey := "tally_dev_service_key"
 	sum := sha256.Sum256([]byte(serviceKey))
 	keys := "service:" + hex.EncodeToString(sum[:])
@@ -477,6 +497,12 @@ func TestLoadSandbox(t *testing.T) {
 		t.Fatalf("sandbox with settings: %+v", c.Stripe)
 	}
 
+	// Without a fixed port the URL is left to the address tally binds.
+	c, err = Load(envOf(map[string]string{"TALLY_STRIPE_SANDBOX": "true", "TALLY_HTTP_ADDR": "127.0.0.1:0"}))
+	if err != nil || c.Stripe.Sandbox.URL != "" {
+		t.Fatalf("sandbox on port 0: URL %q, %v; want it empty and no error", c.Stripe.Sandbox.URL, err)
+	}
+
 	for _, tc := range []struct {
 		name string
 		env  map[string]string
@@ -485,7 +511,6 @@ func TestLoadSandbox(t *testing.T) {
 		{"a live secret key", map[string]string{"TALLY_STRIPE_SANDBOX": "true", "TALLY_STRIPE_SECRET_KEY": "sk_live_123"}, "TALLY_STRIPE_SANDBOX: refused with a live"},
 		{"a live restricted key", map[string]string{"TALLY_STRIPE_SANDBOX": "true", "TALLY_STRIPE_SECRET_KEY": "rk_live_123"}, "TALLY_STRIPE_SANDBOX: refused with a live"},
 		{"an API URL", map[string]string{"TALLY_STRIPE_SANDBOX": "true", "TALLY_STRIPE_API_URL": "http://127.0.0.1:12111"}, "refused together with TALLY_STRIPE_API_URL"},
-		{"no fixed port", map[string]string{"TALLY_STRIPE_SANDBOX": "true", "TALLY_HTTP_ADDR": "127.0.0.1:0"}, "TALLY_STRIPE_SANDBOX_URL: must be set"},
 		{"a bad URL", map[string]string{"TALLY_STRIPE_SANDBOX": "true", "TALLY_STRIPE_SANDBOX_URL": "localhost:8080"}, "TALLY_STRIPE_SANDBOX_URL"},
 		{"a demo key not configured", map[string]string{"TALLY_STRIPE_SANDBOX": "true", "TALLY_STRIPE_SANDBOX_DEMO_KEY": "unknown"}, "TALLY_STRIPE_SANDBOX_DEMO_KEY: its SHA-256 is not a service key"},
 		{"a URL without the sandbox", map[string]string{"TALLY_STRIPE_SANDBOX_URL": "http://localhost:8080"}, "TALLY_STRIPE_SANDBOX_URL: is set but"},

@@ -159,6 +159,7 @@ func (f *fixture) mustVerify() {
 func ptr[T any](v T) *T { return &v }
 
 func TestConsumeDrawsFromSoonestExpiringGrantFirst(t *testing.T) {
+	t.Parallel()
 	f := newFixture(t, defaultCfg())
 	now := f.clock.Now()
 	later := f.grant("alice", 10, ptr(now.Add(30*24*time.Hour)))
@@ -193,6 +194,7 @@ func TestConsumeDrawsFromSoonestExpiringGrantFirst(t *testing.T) {
 }
 
 func TestExpiredGrantIsNotSpendableBeforeTheSweeperRuns(t *testing.T) {
+	t.Parallel()
 	f := newFixture(t, defaultCfg())
 	start := f.clock.Now()
 	expiry := start.Add(time.Hour)
@@ -260,6 +262,7 @@ func TestExpiredGrantIsNotSpendableBeforeTheSweeperRuns(t *testing.T) {
 }
 
 func TestConsumeAfterExpiryRecordsTheExpiryFirst(t *testing.T) {
+	t.Parallel()
 	f := newFixture(t, defaultCfg())
 	expiry := f.clock.Now().Add(time.Minute)
 	f.grant("carol", 10, &expiry)
@@ -281,6 +284,7 @@ func TestConsumeAfterExpiryRecordsTheExpiryFirst(t *testing.T) {
 }
 
 func TestLowBalanceNoticeFiresOncePerCrossing(t *testing.T) {
+	t.Parallel()
 	cfg := defaultCfg()
 	cfg.DefaultLowBalanceThreshold = 10
 	f := newFixture(t, cfg)
@@ -334,6 +338,7 @@ func TestLowBalanceNoticeFiresOncePerCrossing(t *testing.T) {
 }
 
 func TestLowBalanceNoticeFiresWhenExpiryCrossesTheThreshold(t *testing.T) {
+	t.Parallel()
 	cfg := defaultCfg()
 	cfg.DefaultLowBalanceThreshold = 10
 	f := newFixture(t, cfg)
@@ -355,6 +360,7 @@ func TestLowBalanceNoticeFiresWhenExpiryCrossesTheThreshold(t *testing.T) {
 }
 
 func TestExpiringNoticeFiresOncePerGrant(t *testing.T) {
+	t.Parallel()
 	cfg := defaultCfg()
 	cfg.ExpiringNotice = 7 * 24 * time.Hour
 	f := newFixture(t, cfg)
@@ -411,6 +417,7 @@ func purchase(t *testing.T, f *fixture, customerID, paymentID string, amount int
 }
 
 func TestPurchaseGrantIsCreditedOncePerPayment(t *testing.T) {
+	t.Parallel()
 	f := newFixture(t, defaultCfg())
 	purchase(t, f, "gus", "pay_1", 100)
 	err := db.InTx(f.ctx, f.db, func(tx *gorm.DB) error {
@@ -433,6 +440,7 @@ func TestPurchaseGrantIsCreditedOncePerPayment(t *testing.T) {
 }
 
 func TestConcurrentConsumesNeverOverdraw(t *testing.T) {
+	t.Parallel()
 	f := newFixture(t, defaultCfg())
 	now := f.clock.Now()
 	f.grant("ivy", 40, ptr(now.Add(48*time.Hour)))
@@ -480,6 +488,7 @@ func TestConcurrentConsumesNeverOverdraw(t *testing.T) {
 }
 
 func TestConsumeWithOneKeyConcurrentlySpendsOnce(t *testing.T) {
+	t.Parallel()
 	f := newFixture(t, defaultCfg())
 	f.grant("jo", 100, nil)
 	in := credits.ConsumeInput{CustomerID: "jo", Amount: 7, Reason: "export", Metadata: map[string]string{"job": "42"}}
@@ -527,6 +536,7 @@ func TestConsumeWithOneKeyConcurrentlySpendsOnce(t *testing.T) {
 }
 
 func TestRefusedConsumeIsNotStoredSoARetryAfterTopUpSucceeds(t *testing.T) {
+	t.Parallel()
 	f := newFixture(t, defaultCfg())
 	f.grant("kim", 5, nil)
 	in := credits.ConsumeInput{CustomerID: "kim", Amount: 8, Reason: "render"}
@@ -545,6 +555,7 @@ func TestRefusedConsumeIsNotStoredSoARetryAfterTopUpSucceeds(t *testing.T) {
 // A grant retried after its expires_at has passed still replays its first
 // answer: within 24 h the same key and body always get the same response.
 func TestGrantReplayAfterItsExpiryPassedReplaysTheFirstAnswer(t *testing.T) {
+	t.Parallel()
 	f := newFixture(t, defaultCfg())
 	exp := f.clock.Now().Add(time.Hour)
 	in := credits.GrantInput{CustomerID: "lee", Amount: 10, Reason: "promo", ExpiresAt: &exp}
@@ -567,6 +578,7 @@ func TestGrantReplayAfterItsExpiryPassedReplaysTheFirstAnswer(t *testing.T) {
 }
 
 func TestBadInputChangesNothing(t *testing.T) {
+	t.Parallel()
 	f := newFixture(t, defaultCfg())
 	f.grant("lee", 10, nil)
 	past := f.clock.Now().Add(-time.Second)
@@ -640,6 +652,7 @@ func TestBadInputChangesNothing(t *testing.T) {
 }
 
 func TestConsumeOfKnownCustomerWithoutGrantsIsInsufficient(t *testing.T) {
+	t.Parallel()
 	f := newFixture(t, defaultCfg())
 	if err := f.db.Exec(`INSERT INTO customers (id) VALUES ('mia')`).Error; err != nil {
 		t.Fatal(err)
@@ -654,6 +667,7 @@ func TestConsumeOfKnownCustomerWithoutGrantsIsInsufficient(t *testing.T) {
 }
 
 func TestLedgerPagesNewestFirst(t *testing.T) {
+	t.Parallel()
 	f := newFixture(t, defaultCfg())
 	f.grant("ned", 100, nil)
 	for i := range 6 {
@@ -698,6 +712,7 @@ func TestLedgerPagesNewestFirst(t *testing.T) {
 }
 
 func TestVerifyDetectsATamperedBalance(t *testing.T) {
+	t.Parallel()
 	f := newFixture(t, defaultCfg())
 	f.grant("oli", 10, nil)
 	f.mustConsume("oli", 3)
@@ -737,6 +752,7 @@ func TestVerifyDetectsATamperedBalance(t *testing.T) {
 }
 
 func TestVerifyRunsExtraCheckersInTheSameSnapshot(t *testing.T) {
+	t.Parallel()
 	f := newFixture(t, defaultCfg())
 	purchase(t, f, "pam", "pay_x", 10)
 	extra := func(ctx context.Context, tx *gorm.DB) ([]credits.VerifyProblem, int64, error) {
@@ -759,6 +775,7 @@ func TestVerifyRunsExtraCheckersInTheSameSnapshot(t *testing.T) {
 // hand-built CreditsConfig is a programming error that the constructors
 // refuse, naming it, rather than quietly choosing a value of their own.
 func TestConstructorsRefuseUnsetSettings(t *testing.T) {
+	t.Parallel()
 	for name, build := range map[string]func(config.CreditsConfig){
 		"New":        func(cfg config.CreditsConfig) { credits.New(credits.Options{Config: cfg}) },
 		"NewSweeper": func(cfg config.CreditsConfig) { credits.NewSweeper(credits.SweeperOptions{Config: cfg}) },

@@ -35,6 +35,10 @@ func ledgerOutOfOrder(t *testing.T, gdb *gorm.DB, customerID string) int64 {
 // whose clocks drift). Entries are listed by seq; their times must never go
 // backwards along it.
 func TestLedgerTimesFollowTheSequenceUnderConcurrency(t *testing.T) {
+	t.Parallel()
+	if testing.Short() {
+		t.Skip("slow: many rounds or real seconds of pacing (skipped by -short; make test runs it)")
+	}
 	for _, c := range []struct {
 		name  string
 		clock func() time.Time
@@ -98,6 +102,7 @@ func TestLedgerTimesFollowTheSequenceUnderConcurrency(t *testing.T) {
 // only after it must not spend the expired credits: "now" is taken once the
 // lock is held, for the expiry decision as for the entry's time.
 func TestExpiryIsDecidedAfterTheLock(t *testing.T) {
+	t.Parallel()
 	f := newFixture(t, defaultCfg())
 	start := f.clock.Now()
 	expiry := start.Add(time.Minute)

@@ -46,6 +46,7 @@ func (f *fixture) verifyReport() credits.VerifyReport {
 // what is left of the purchase grant, then the other grants in draw order,
 // never below zero, and records the rest as a shortfall.
 func TestRevokeTakesFromTheWholeBalanceAndRecordsTheShortfall(t *testing.T) {
+	t.Parallel()
 	f := newFixture(t, defaultCfg())
 	now := f.clock.Now()
 	bought := purchase(t, f, "hal", "pay_a", 100)
@@ -108,6 +109,7 @@ func TestRevokeTakesFromTheWholeBalanceAndRecordsTheShortfall(t *testing.T) {
 // TALLY_REVOKE_FROM=purchase_grant: only what is left of the purchase grant
 // is taken; other grants are untouched and nothing is recorded short.
 func TestRevokeFromThePurchaseGrantOnly(t *testing.T) {
+	t.Parallel()
 	f := newFixture(t, defaultCfg())
 	bought := purchase(t, f, "ida", "pay_b", 100)
 	f.grant("ida", 50, nil)
@@ -131,6 +133,7 @@ func TestRevokeFromThePurchaseGrantOnly(t *testing.T) {
 
 // Expired credits are gone already: a revoke neither takes them nor counts them.
 func TestRevokeSkipsExpiredGrants(t *testing.T) {
+	t.Parallel()
 	f := newFixture(t, defaultCfg())
 	start := f.clock.Now()
 	var bought credits.GrantResult
@@ -153,6 +156,7 @@ func TestRevokeSkipsExpiredGrants(t *testing.T) {
 }
 
 func TestRevokeRefusesBadInput(t *testing.T) {
+	t.Parallel()
 	f := newFixture(t, defaultCfg())
 	purchase(t, f, "kim", "pay_d", 10)
 	for _, in := range []credits.RevokeInput{

@@ -21,6 +21,7 @@ import (
 )
 
 func TestTranslateRealConstraintViolations(t *testing.T) {
+	t.Parallel()
 	gdb := newItemsDB(t)
 	mustExec(t, gdb, `INSERT INTO items (id, qty, sku) VALUES (1, 1, 'a')`)
 
@@ -81,6 +82,7 @@ func TestTranslateRealConstraintViolations(t *testing.T) {
 }
 
 func TestTranslateClassifies(t *testing.T) {
+	t.Parallel()
 	coded := errs.E(errs.NotFound, "x")
 	plain := errors.New("plain")
 	cases := []struct {
@@ -130,6 +132,7 @@ func TestTranslateClassifies(t *testing.T) {
 }
 
 func TestOpenUnreachableIsUnavailable(t *testing.T) {
+	t.Parallel()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	// Port 1 on loopback: nothing listens, the connection is refused at once.
@@ -143,6 +146,7 @@ func TestOpenUnreachableIsUnavailable(t *testing.T) {
 }
 
 func TestOpenTimeoutWhileConnectingIsUnavailable(t *testing.T) {
+	t.Parallel()
 	// A listener that accepts and never answers: the connect deadline expires.
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -167,6 +171,7 @@ func TestOpenTimeoutWhileConnectingIsUnavailable(t *testing.T) {
 }
 
 func TestOpenRejectsBadInput(t *testing.T) {
+	t.Parallel()
 	ctx := context.Background()
 	if _, err := db.Open(ctx, "postgres://host:notaport/x", 2, slog.New(slog.DiscardHandler)); !errs.Is(err, errs.Invalid) {
 		t.Errorf("bad URL -> %v, want invalid_request", err)
@@ -177,6 +182,7 @@ func TestOpenRejectsBadInput(t *testing.T) {
 }
 
 func TestOpenLogsFailedQueriesWithoutArguments(t *testing.T) {
+	t.Parallel()
 	dbURL := dbtest.NewURL(t)
 	var buf bytes.Buffer
 	logger := slog.New(slog.NewJSONHandler(&buf, &slog.HandlerOptions{Level: slog.LevelDebug}))

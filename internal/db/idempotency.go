@@ -19,8 +19,9 @@ import (
 )
 
 // IdempotencyRetention is how long a key's first answer is replayed
-// (design/API.md: same key and body within 24 h). An older row counts as
-// absent and is replaced by the next request with that key.
+// (docs/guarantees.md, "Idempotency": same key and body within 24 h). An
+// older row counts as absent and is replaced by the next request with
+// that key.
 const IdempotencyRetention = 24 * time.Hour
 
 // ReservationLease is the default lease of a reservation: how long a Reserve

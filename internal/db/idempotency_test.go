@@ -29,6 +29,7 @@ func newLedgerDB(t *testing.T) *gorm.DB {
 }
 
 func TestOnceConcurrentDuplicatesRunOnce(t *testing.T) {
+	t.Parallel()
 	gdb := newLedgerDB(t)
 	k := key("k-concurrent", `{"amount":1}`)
 	var runs atomic.Int32
@@ -96,6 +97,7 @@ func TestOnceConcurrentDuplicatesRunOnce(t *testing.T) {
 }
 
 func TestOnceReplaysAndRejectsReuse(t *testing.T) {
+	t.Parallel()
 	gdb := newLedgerDB(t)
 	ctx := context.Background()
 	runs := 0
@@ -130,6 +132,7 @@ func TestOnceReplaysAndRejectsReuse(t *testing.T) {
 }
 
 func TestOnceEmptyResultReplays(t *testing.T) {
+	t.Parallel()
 	gdb := newLedgerDB(t)
 	ctx := context.Background()
 	runs := 0
@@ -144,6 +147,7 @@ func TestOnceEmptyResultReplays(t *testing.T) {
 }
 
 func TestOnceFailureStoresNothing(t *testing.T) {
+	t.Parallel()
 	gdb := newLedgerDB(t)
 	ctx := context.Background()
 	boom := errs.E(errs.PaymentProviderError, "boom")
@@ -173,6 +177,7 @@ func TestOnceFailureStoresNothing(t *testing.T) {
 }
 
 func TestOnceExpiredKeyIsReplaced(t *testing.T) {
+	t.Parallel()
 	gdb := newLedgerDB(t)
 	ctx := context.Background()
 	if _, _, err := db.Once(ctx, gdb, key("old", "a"), func(*gorm.DB) ([]byte, error) { return []byte("first"), nil }); err != nil {
@@ -196,6 +201,7 @@ func TestOnceExpiredKeyIsReplaced(t *testing.T) {
 }
 
 func TestOnceInsideCallerTransaction(t *testing.T) {
+	t.Parallel()
 	gdb := newLedgerDB(t)
 	ctx := context.Background()
 	// The caller's transaction rolls back: the key must vanish with the effect.
@@ -216,6 +222,7 @@ func TestOnceInsideCallerTransaction(t *testing.T) {
 }
 
 func TestIdempotencyKeyValidation(t *testing.T) {
+	t.Parallel()
 	gdb := newLedgerDB(t)
 	ctx := context.Background()
 	fn := func(*gorm.DB) ([]byte, error) { return nil, nil }
@@ -254,6 +261,7 @@ func reserve(t *testing.T, gdb *gorm.DB, k db.IdempotencyKey) db.Reservation {
 }
 
 func TestReserveCompleteRelease(t *testing.T) {
+	t.Parallel()
 	gdb := newLedgerDB(t)
 	ctx := context.Background()
 	k := key("checkout-1", `{"item":"starter"}`)
@@ -316,6 +324,7 @@ func TestReserveCompleteRelease(t *testing.T) {
 // its key for a day: once its lease lapses the key is taken over, while a
 // live reservation still answers in_flight and a completed one still replays.
 func TestReserveAbandonedAfterLease(t *testing.T) {
+	t.Parallel()
 	gdb := newLedgerDB(t)
 	ctx := context.Background()
 	k := key("abandoned", "a")
@@ -356,6 +365,7 @@ func TestReserveAbandonedAfterLease(t *testing.T) {
 // A holder that renews keeps its key however long it works: a reservation
 // whose first lease has long passed but was renewed is still in flight.
 func TestReserveRenewedOutlivesItsFirstLease(t *testing.T) {
+	t.Parallel()
 	gdb := newLedgerDB(t)
 	ctx := context.Background()
 	k := key("renewed", "a")
@@ -376,6 +386,7 @@ func TestReserveRenewedOutlivesItsFirstLease(t *testing.T) {
 }
 
 func TestReserveConcurrentOneWinner(t *testing.T) {
+	t.Parallel()
 	gdb := newLedgerDB(t)
 	k := key("race", "a")
 	const callers = 30
@@ -406,6 +417,7 @@ func TestReserveConcurrentOneWinner(t *testing.T) {
 }
 
 func TestPurgeIdempotencyKeys(t *testing.T) {
+	t.Parallel()
 	gdb := newLedgerDB(t)
 	ctx := context.Background()
 	for i := range 7 {
@@ -440,6 +452,7 @@ func TestPurgeIdempotencyKeys(t *testing.T) {
 }
 
 func TestHashRequest(t *testing.T) {
+	t.Parallel()
 	if bytes.Equal(db.HashRequest([]byte("ab"), []byte("c")), db.HashRequest([]byte("a"), []byte("bc"))) {
 		t.Fatal("part boundaries do not change the hash")
 	}

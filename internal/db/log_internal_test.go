@@ -3,6 +3,7 @@ package db
 import "testing"
 
 func TestMaskLiterals(t *testing.T) {
+	t.Parallel()
 	for _, c := range []struct{ in, quotes, want string }{
 		{`SELECT * FROM "people" WHERE email = $1 AND id = $2`, `'`, `SELECT * FROM "people" WHERE email = $1 AND id = $2`},
 		{`WHERE email = 'it''s secret' AND note = 'x'`, `'`, `WHERE email = '?' AND note = '?'`},

@@ -41,6 +41,7 @@ func (b *lockedBuffer) take() string {
 // PostgreSQL cannot read) with customer data bound to them, and checks that
 // the failure is logged and no bound value is.
 func TestFailedQueriesNeverLogBoundValues(t *testing.T) {
+	t.Parallel()
 	dbURL := dbtest.NewURL(t)
 	var out lockedBuffer
 	logger := slog.New(slog.NewJSONHandler(&out, &slog.HandlerOptions{Level: slog.LevelDebug}))
@@ -159,6 +160,7 @@ func TestFailedQueriesNeverLogBoundValues(t *testing.T) {
 // PostgreSQL received, its placeholders in place of the values and the
 // literals the code wrote kept, so an operator can find the query.
 func TestFailedQueryLogsTheStatementAsSent(t *testing.T) {
+	t.Parallel()
 	dbURL := dbtest.NewURL(t)
 	var out lockedBuffer
 	logger := slog.New(slog.NewJSONHandler(&out, &slog.HandlerOptions{Level: slog.LevelDebug}))

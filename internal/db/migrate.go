@@ -2,8 +2,10 @@ package db
 
 import (
 	"context"
+	"crypto/sha256"
 	"database/sql"
 	"embed"
+	"encoding/hex"
 	"fmt"
 	"io/fs"
 
@@ -105,4 +107,25 @@ func MigrationsCurrent(ctx context.Context, gdb *gorm.DB) (bool, error) {
 		return false, err
 	}
 	return applied.Valid && applied.Int64 >= latest, nil
+}
+
+// MigrationsDigest is a hex SHA-256 over the names and contents of the
+// embedded migration files: two binaries with the same digest build the
+// same schema. Tests key their template database by it (internal/db/dbtest),
+// so a changed or added migration builds a new template.
+func MigrationsDigest() (string, error) {
+	entries, err := fs.ReadDir(migrationsFS(), ".") // sorted by name
+	if err != nil {
+		return "", err
+	}
+	h := sha256.New()
+	for _, e := range entries {
+		body, err := fs.ReadFile(migrationsFS(), e.Name())
+		if err != nil {
+			return "", err
+		}
+		fmt.Fprintf(h, "%s\x00%d\x00", e.Name(), len(body))
+		h.Write(body)
+	}
+	return hex.EncodeToString(h.Sum(nil)), nil
 }

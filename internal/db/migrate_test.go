@@ -24,6 +24,7 @@ func openURL(t *testing.T, dbURL string) *gorm.DB {
 }
 
 func TestMigrationsCurrentAfterMigrate(t *testing.T) {
+	t.Parallel()
 	gdb := openURL(t, dbtest.NewEmptyURL(t))
 	ctx := context.Background()
 
@@ -48,6 +49,7 @@ func TestMigrationsCurrentAfterMigrate(t *testing.T) {
 }
 
 func TestMigrationsCurrentFalseWhenBehind(t *testing.T) {
+	t.Parallel()
 	gdb := dbtest.New(t)
 	latest, err := db.LatestMigration()
 	if err != nil {
@@ -62,6 +64,7 @@ func TestMigrationsCurrentFalseWhenBehind(t *testing.T) {
 }
 
 func TestLatestMigrationMatchesFiles(t *testing.T) {
+	t.Parallel()
 	latest, err := db.LatestMigration()
 	if err != nil {
 		t.Fatalf("LatestMigration: %v", err)
@@ -72,6 +75,7 @@ func TestLatestMigrationMatchesFiles(t *testing.T) {
 }
 
 func TestMigrateConcurrentReplicas(t *testing.T) {
+	t.Parallel()
 	dbURL := dbtest.NewEmptyURL(t)
 	const replicas = 4
 	handles := make([]*gorm.DB, replicas)
@@ -106,6 +110,7 @@ func TestMigrateConcurrentReplicas(t *testing.T) {
 }
 
 func TestMigrationsCurrentOnVanishedDatabaseIsUnavailable(t *testing.T) {
+	t.Parallel()
 	dbURL := dbtest.NewURL(t)
 	gdb := openURL(t, dbURL)
 	other := dbtest.New(t)

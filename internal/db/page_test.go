@@ -10,6 +10,7 @@ import (
 // Every list takes 1 to MaxPageSize rows per page (openapi.yaml's Limit);
 // anything else is invalid_request naming the limit parameter.
 func TestCheckPageSize(t *testing.T) {
+	t.Parallel()
 	for _, n := range []int{1, 50, db.MaxPageSize} {
 		if err := db.CheckPageSize(n); err != nil {
 			t.Errorf("limit %d: %v", n, err)

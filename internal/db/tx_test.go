@@ -40,6 +40,7 @@ func newItemsDB(t *testing.T) *gorm.DB {
 }
 
 func TestInTxCommits(t *testing.T) {
+	t.Parallel()
 	gdb := newItemsDB(t)
 	err := db.InTx(context.Background(), gdb, func(tx *gorm.DB) error {
 		if err := tx.Exec(`INSERT INTO items (id, qty) VALUES (1, 5)`).Error; err != nil {
@@ -56,6 +57,7 @@ func TestInTxCommits(t *testing.T) {
 }
 
 func TestInTxRollsBackOnError(t *testing.T) {
+	t.Parallel()
 	gdb := newItemsDB(t)
 	want := errs.E(errs.NotFound, "nope")
 	err := db.InTx(context.Background(), gdb, func(tx *gorm.DB) error {
@@ -73,6 +75,7 @@ func TestInTxRollsBackOnError(t *testing.T) {
 }
 
 func TestInTxRollsBackOnPanicAndRepanics(t *testing.T) {
+	t.Parallel()
 	gdb := newItemsDB(t)
 	func() {
 		defer func() {
@@ -100,6 +103,7 @@ func TestInTxRollsBackOnPanicAndRepanics(t *testing.T) {
 }
 
 func TestInTxReturnsCommitError(t *testing.T) {
+	t.Parallel()
 	gdb := dbtest.New(t)
 	// A deferred constraint is checked at COMMIT, so only the commit fails.
 	mustExec(t, gdb, `CREATE TABLE d (k int CONSTRAINT d_k_key UNIQUE DEFERRABLE INITIALLY DEFERRED)`)
@@ -115,6 +119,7 @@ func TestInTxReturnsCommitError(t *testing.T) {
 }
 
 func TestInTxReturnsErrorOfCommitAfterSwallowedFailure(t *testing.T) {
+	t.Parallel()
 	gdb := newItemsDB(t)
 	// fn ignores a failed statement; PostgreSQL then turns COMMIT into
 	// ROLLBACK, and InTx must say so instead of reporting success.
@@ -131,6 +136,7 @@ const raiseSerialization = `DO $$ BEGIN RAISE EXCEPTION 'simulated' USING ERRCOD
 const raiseDeadlock = `DO $$ BEGIN RAISE EXCEPTION 'simulated' USING ERRCODE = '40P01'; END $$`
 
 func TestInTxRetriesSerializationFailure(t *testing.T) {
+	t.Parallel()
 	gdb := newItemsDB(t)
 	attempts := 0
 	err := db.InTx(context.Background(), gdb, func(tx *gorm.DB) error {
@@ -158,6 +164,7 @@ func TestInTxRetriesSerializationFailure(t *testing.T) {
 }
 
 func TestInTxGivesUpAfterBoundedRetries(t *testing.T) {
+	t.Parallel()
 	gdb := newItemsDB(t)
 	attempts := 0
 	err := db.InTx(context.Background(), gdb, func(tx *gorm.DB) error {
@@ -174,6 +181,7 @@ func TestInTxGivesUpAfterBoundedRetries(t *testing.T) {
 }
 
 func TestInTxDoesNotRetryOtherErrors(t *testing.T) {
+	t.Parallel()
 	gdb := newItemsDB(t)
 	attempts := 0
 	_ = db.InTx(context.Background(), gdb, func(tx *gorm.DB) error {
@@ -191,6 +199,7 @@ func TestInTxDoesNotRetryOtherErrors(t *testing.T) {
 // inside an outer transaction PostgreSQL may have aborted). It is refused
 // before fn runs, and the outer transaction is unharmed.
 func TestInTxRefusesToNest(t *testing.T) {
+	t.Parallel()
 	gdb := newItemsDB(t)
 	innerRan := false
 	var inner error
@@ -219,6 +228,7 @@ func TestInTxRefusesToNest(t *testing.T) {
 }
 
 func TestInTxConnectionKilledIsUnavailable(t *testing.T) {
+	t.Parallel()
 	gdb := dbtest.New(t)
 	err := db.InTx(context.Background(), gdb, func(tx *gorm.DB) error {
 		return tx.Exec(`SELECT pg_terminate_backend(pg_backend_pid())`).Error
@@ -233,6 +243,7 @@ func TestInTxConnectionKilledIsUnavailable(t *testing.T) {
 }
 
 func TestInTxCancelledContext(t *testing.T) {
+	t.Parallel()
 	gdb := dbtest.New(t)
 	ctx, cancel := context.WithCancel(context.Background())
 	cancel()

@@ -11,6 +11,7 @@ import (
 // A code survives wrapping, and anything without one is internal: the HTTP
 // layer answers by CodeOf, so a lost code would be a 500 or a leak.
 func TestCodeOf(t *testing.T) {
+	t.Parallel()
 	cause := errors.New("db down")
 	for _, c := range []struct {
 		name string
@@ -42,6 +43,7 @@ func TestCodeOf(t *testing.T) {
 }
 
 func TestFieldErrors(t *testing.T) {
+	t.Parallel()
 	e := errs.InvalidField("/amount", "must be positive")
 	if e.Code != errs.Invalid || e.Unprocessable || len(e.Fields) != 1 || e.Fields[0] != (errs.FieldError{Pointer: "/amount", Detail: "must be positive"}) {
 		t.Errorf("InvalidField = %+v", e)

@@ -20,6 +20,7 @@ import (
 // commits late) while one poller follows the cursor: the poller must see every
 // committed event exactly once and never an event of a rolled-back transaction.
 func TestFeedPollerMissesNothingUnderConcurrentWriters(t *testing.T) {
+	t.Parallel()
 	gdb := dbtest.New(t)
 	ctx := context.Background()
 	feed := events.NewFeed(gdb)
@@ -126,6 +127,7 @@ func TestFeedPollerMissesNothingUnderConcurrentWriters(t *testing.T) {
 }
 
 func TestCursorRoundTripAndMalformed(t *testing.T) {
+	t.Parallel()
 	c := events.Cursor{TxID: 12345, ID: 678}
 	got, err := events.ParseCursor(c.String())
 	if err != nil || got != c {
@@ -158,6 +160,7 @@ func FuzzParseCursor(f *testing.F) {
 // from the feed, and HeldBack says for how long; once that transaction ends
 // the event shows and nothing waits.
 func TestHeldBackMeasuresEventsWaitingForOlderTransactions(t *testing.T) {
+	t.Parallel()
 	gdb := dbtest.New(t)
 	ctx := context.Background()
 	feed := events.NewFeed(gdb)

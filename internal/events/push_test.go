@@ -25,6 +25,7 @@ import (
 // Two instances push the feed to a host that fails at first: the host gets
 // every event, correctly signed, in feed order, each accepted exactly once.
 func TestPusherDeliversInOrderDespiteFailures(t *testing.T) {
+	t.Parallel()
 	gdb := dbtest.New(t)
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()

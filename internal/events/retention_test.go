@@ -17,6 +17,7 @@ import (
 // goes on from the next one; with the push configured, events it has not
 // delivered stay whatever their age.
 func TestPurgeOldEvents(t *testing.T) {
+	t.Parallel()
 	gdb := dbtest.New(t)
 	ctx := context.Background()
 	feed := events.NewFeed(gdb)

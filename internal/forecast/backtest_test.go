@@ -11,6 +11,7 @@ import (
 func near(a, b float64) bool { return math.Abs(a-b) < 1e-12 }
 
 func TestPinball(t *testing.T) {
+	t.Parallel()
 	for _, c := range []struct{ q, b, a, want float64 }{
 		{0.1, 8, 11, 0.3},  // above a low bound: 10% of the miss
 		{0.1, 8, 5, 2.7},   // below it: 90% of the miss
@@ -26,6 +27,7 @@ func TestPinball(t *testing.T) {
 
 // One origin's figures, worked out by hand: scale 2, two days.
 func TestScoreDays(t *testing.T) {
+	t.Parallel()
 	days := []Day{{Expected: 10, Low: 8, High: 12}, {Expected: 5, Low: 4, High: 6}}
 	got := scoreDays(days, []float64{11, 7}, 2)
 	want := Scores{
@@ -42,6 +44,7 @@ func TestScoreDays(t *testing.T) {
 }
 
 func TestSeasonalNaiveMAE(t *testing.T) {
+	t.Parallel()
 	y := []float64{1, 2, 3, 4, 5, 6, 7, 3, 2, 3}
 	if got, want := seasonalNaiveMAE(y), (2+0+0)/3.0; !near(got, want) {
 		t.Errorf("got %v, want %v", got, want)
@@ -52,6 +55,7 @@ func TestSeasonalNaiveMAE(t *testing.T) {
 }
 
 func TestBacktestOrigins(t *testing.T) {
+	t.Parallel()
 	o := BacktestOptions{Horizon: 14}.withDefaults()
 	if got := backtestOrigins(33, o); !reflect.DeepEqual(got, []int{3, 10, 17}) {
 		t.Errorf("a new customer of 33 days, 14 ahead: %v", got)
@@ -78,6 +82,7 @@ func TestBacktestOrigins(t *testing.T) {
 // the mean of the last 7 days is 3; its one past error (day 2 forecast
 // from day 1: 4 - 2) is both quantiles, so the interval is [5, 5].
 func TestBaselineIntervalsFromPastErrors(t *testing.T) {
+	t.Parallel()
 	days := baselineMean7([]float64{2, 4}, 2)
 	for _, d := range days {
 		if d.Expected != 3 || d.Low != 5 || d.High != 5 {
@@ -103,6 +108,7 @@ func TestBaselineIntervalsFromPastErrors(t *testing.T) {
 // weeks 1..7, 2..8, 3..9 (every lag-7 difference is 1, so the in-sample
 // scale is 1), then one day to forecast, 8.
 func TestBacktestScoresByHand(t *testing.T) {
+	t.Parallel()
 	var y []float64
 	for w := range 3 {
 		for d := range 7 {
@@ -170,6 +176,7 @@ func TestBacktestScoresByHand(t *testing.T) {
 // An idle series has no scale: forecast, but not scored, and left out of
 // the aggregate rather than counted as perfect.
 func TestBacktestLeavesIdleSeriesUnscored(t *testing.T) {
+	t.Parallel()
 	idle, err := Backtest("idle", History{Start: monday, Daily: make([]float64, 60)}, BacktestOptions{Horizon: 7})
 	if err != nil {
 		t.Fatal(err)
@@ -189,6 +196,7 @@ func TestBacktestLeavesIdleSeriesUnscored(t *testing.T) {
 // holding between 70% and 90% of the days. A change to the model that
 // loses either fails here before it reaches a customer.
 func TestSeriesSetMeetsTargets(t *testing.T) {
+	t.Parallel()
 	f, err := os.Open("testdata/series.csv")
 	if err != nil {
 		t.Fatal(err)

@@ -10,6 +10,7 @@ import (
 // Rows in any order, with or without a header, become one history per
 // customer in the order of first appearance, missing days at 0.
 func TestReadCSV(t *testing.T) {
+	t.Parallel()
 	for _, header := range []string{"customer_id,date,consumed\n", " Customer_ID , Date , Consumed \n", ""} {
 		in := header + "bob,2026-03-04,7\nada,2026-03-02,10\n\nada,2026-03-05,12.5\nbob,2026-03-02, 3\n"
 		got, err := ReadCSV(strings.NewReader(in))
@@ -31,6 +32,7 @@ func TestReadCSV(t *testing.T) {
 // Every bad row is reported with its line number, together, so one run
 // shows what to fix.
 func TestReadCSVReportsBadRowsByLine(t *testing.T) {
+	t.Parallel()
 	in := strings.Join([]string{
 		"customer_id,date,consumed",
 		"ada,2026-03-02,10",

@@ -93,6 +93,7 @@ func mean(xs []float64) float64 {
 // Every series of the committed set, from several origins and horizons,
 // gives a forecast that keeps the promises of checkForecast.
 func TestPredictKeepsItsPromisesOnEveryShape(t *testing.T) {
+	t.Parallel()
 	for _, s := range synth.Set() {
 		h, err := NewHistory(s.Start, s.Daily)
 		if err != nil {
@@ -118,6 +119,7 @@ func TestPredictKeepsItsPromisesOnEveryShape(t *testing.T) {
 
 // A steady customer is forecast at its level with a narrow interval.
 func TestPredictConstantSeries(t *testing.T) {
+	t.Parallel()
 	daily := make([]float64, 8*7)
 	for i := range daily {
 		daily[i] = 100
@@ -136,6 +138,7 @@ func TestPredictConstantSeries(t *testing.T) {
 // The weekly cycle is learnt: weekends forecast low, weekdays high, in
 // about the true proportion.
 func TestPredictRecoversWeeklyPattern(t *testing.T) {
+	t.Parallel()
 	daily := noisy(1, 12*7, 100, office, 0.1)
 	f := predict(t, daily, 14)
 	var weekday, weekend []float64
@@ -157,6 +160,7 @@ func TestPredictRecoversWeeklyPattern(t *testing.T) {
 // Growth continues in the forecast: a customer that doubled over 12 weeks
 // is not forecast at its average.
 func TestPredictFollowsTrend(t *testing.T) {
+	t.Parallel()
 	daily := noisy(2, 12*7, 1, flat, 0.05)
 	for i := range daily {
 		daily[i] = math.Round(daily[i] * (50 + 50*float64(i)/float64(len(daily)-1)))
@@ -169,6 +173,7 @@ func TestPredictFollowsTrend(t *testing.T) {
 
 // A sudden change of level is followed within days, not weeks.
 func TestPredictFollowsLevelShift(t *testing.T) {
+	t.Parallel()
 	daily := append(noisy(3, 8*7, 100, flat, 0.1), noisy(4, 5, 300, flat, 0.1)...)
 	f := predict(t, daily, 7)
 	if m := mean(expecteds(f)); m < 250 || m > 350 {
@@ -181,6 +186,7 @@ func TestPredictFollowsLevelShift(t *testing.T) {
 // rises only by the burst's share of the weeks learnt from, the chance of
 // another one, far from the burst itself.
 func TestPredictIgnoresBurst(t *testing.T) {
+	t.Parallel()
 	daily := noisy(5, 8*7, 100, flat, 0.1)
 	daily[len(daily)-3] = 2000
 	f := predict(t, daily, 7)
@@ -195,6 +201,7 @@ func TestPredictIgnoresBurst(t *testing.T) {
 // A customer busy on 30% of days at 50 is expected at its mean, 15 a day
 // (not at its typical day, 0), with idle days inside the interval.
 func TestPredictIntermittent(t *testing.T) {
+	t.Parallel()
 	r := rand.New(rand.NewPCG(6, 1))
 	daily := make([]float64, 16*7)
 	for i := range daily {
@@ -222,6 +229,7 @@ func TestPredictIntermittent(t *testing.T) {
 // averages in its old day-to-day noise, floored at 0, an error on the
 // side of a shorter runway.)
 func TestPredictStoppedCustomer(t *testing.T) {
+	t.Parallel()
 	daily := append(noisy(7, 8*7, 80, office, 0.1), make([]float64, 14)...)
 	f := predict(t, daily, 14)
 	if m := mean(expecteds(f)); m > 8 {
@@ -232,6 +240,7 @@ func TestPredictStoppedCustomer(t *testing.T) {
 // Three days of history: the short-history model, the mean of the days,
 // and an interval wider than the full model's.
 func TestPredictShortHistory(t *testing.T) {
+	t.Parallel()
 	f := predict(t, []float64{90, 110, 100}, 30)
 	if f.Model != ModelShortHistory {
 		t.Errorf("model %s, want %s", f.Model, ModelShortHistory)
@@ -248,6 +257,7 @@ func TestPredictShortHistory(t *testing.T) {
 
 // A customer that never consumed, or has no history, is forecast at 0.
 func TestPredictNoConsumption(t *testing.T) {
+	t.Parallel()
 	for _, daily := range [][]float64{nil, {0}, make([]float64, 200)} {
 		f := predict(t, daily, 10)
 		if f.Model != ModelNoConsumption {
@@ -263,6 +273,7 @@ func TestPredictNoConsumption(t *testing.T) {
 
 // The same history gives the same forecast, so the API and the CLI agree.
 func TestPredictIsDeterministic(t *testing.T) {
+	t.Parallel()
 	daily := noisy(8, 10*7, 40, office, 0.3)
 	a, b := predict(t, daily, 30), predict(t, daily, 30)
 	if !reflect.DeepEqual(a, b) {
@@ -271,6 +282,7 @@ func TestPredictIsDeterministic(t *testing.T) {
 }
 
 func TestPredictRefusesHorizon(t *testing.T) {
+	t.Parallel()
 	for _, h := range []int{0, -1, MaxHorizon + 1} {
 		if _, err := Predict(History{Start: monday}, h); !errors.Is(err, ErrHorizon) {
 			t.Errorf("horizon %d: %v, want ErrHorizon", h, err)

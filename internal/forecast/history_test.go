@@ -21,6 +21,7 @@ func date(s string) time.Time {
 // day with the missing days at 0, from the first day through the last or
 // through the day asked.
 func TestHistoryFromDaysFillsMissingDays(t *testing.T) {
+	t.Parallel()
 	days := []DayTotal{
 		{Date: date("2026-03-05"), Consumed: 4},
 		{Date: date("2026-03-02"), Consumed: 1},
@@ -55,6 +56,7 @@ func TestHistoryFromDaysFillsMissingDays(t *testing.T) {
 }
 
 func TestHistoryFromDaysRefuses(t *testing.T) {
+	t.Parallel()
 	for _, c := range []struct {
 		name          string
 		days          []DayTotal
@@ -80,6 +82,7 @@ func TestHistoryFromDaysRefuses(t *testing.T) {
 }
 
 func TestNewHistoryChecksValues(t *testing.T) {
+	t.Parallel()
 	if _, err := NewHistory(date("2026-03-02"), []float64{1, math.Inf(1)}); err == nil || !strings.Contains(err.Error(), "2026-03-03") {
 		t.Errorf("infinite day: %v, want an error naming 2026-03-03", err)
 	}

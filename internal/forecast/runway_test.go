@@ -23,6 +23,7 @@ func steady(days int, exp, high float64) Forecast {
 }
 
 func TestRunway(t *testing.T) {
+	t.Parallel()
 	f := steady(10, 5, 8) // expected totals 5, 10, 15...; pessimistic 8, 16, 24...
 	for _, c := range []struct {
 		available         float64
@@ -58,6 +59,7 @@ func TestRunway(t *testing.T) {
 // customer idle on most days, the pessimistic runway is far longer than
 // the sum of the days' high bounds would make it.
 func TestRunwayOfIntermittentCustomerReadsTheTotal(t *testing.T) {
+	t.Parallel()
 	daily := make([]float64, 16*7)
 	for i := range daily {
 		if i%5 == 0 {
@@ -85,6 +87,7 @@ func TestRunwayOfIntermittentCustomerReadsTheTotal(t *testing.T) {
 // A forecast cut to the horizon asked has no runway beyond it, though the
 // longer forecast it was cut from has.
 func TestRunwayWithinHead(t *testing.T) {
+	t.Parallel()
 	f := steady(30, 5, 8)
 	if r := f.Runway(60); r.PessimisticDays == nil || *r.PessimisticDays != 7 {
 		t.Fatalf("30 days: %v", r.PessimisticDays)
@@ -105,6 +108,7 @@ func TestRunwayWithinHead(t *testing.T) {
 }
 
 func TestNeed(t *testing.T) {
+	t.Parallel()
 	f := steady(30, 5, 8)
 	if n, err := f.Need(100, 30); err != nil || n != 240-100 {
 		t.Errorf("need %v, %v; want 140", n, err)
@@ -124,6 +128,7 @@ var packs = []catalog.CreditPack{
 }
 
 func TestSuggest(t *testing.T) {
+	t.Parallel()
 	limits := CheckoutLimits{MaxQuantity: 100}
 	for _, c := range []struct {
 		name                 string
@@ -186,6 +191,7 @@ func TestSuggest(t *testing.T) {
 }
 
 func TestSuggestRefuses(t *testing.T) {
+	t.Parallel()
 	mixed := append([]catalog.CreditPack{{ID: "eur", Amount: 900, Currency: "eur", Credits: 1000}}, packs...)
 	if _, err := steady(30, 10, 20).Suggest(0, mixed, CheckoutLimits{}); !errors.Is(err, ErrMixedCurrencies) {
 		t.Errorf("mixed currencies: %v", err)

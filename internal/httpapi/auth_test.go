@@ -38,6 +38,7 @@ func sign(t testing.TB, method jwt.SigningMethod, key any, claims jwt.Registered
 }
 
 func TestAuthenticate(t *testing.T) {
+	t.Parallel()
 	priv, err := rsa.GenerateKey(rand.Reader, 2048)
 	if err != nil {
 		t.Fatal(err)
@@ -103,6 +104,7 @@ func TestAuthenticate(t *testing.T) {
 // as a string is a malformed token, refused like any other, whatever
 // value it spells.
 func TestAuthenticateRefusesDatesAsStrings(t *testing.T) {
+	t.Parallel()
 	secret := []byte("0123456789abcdef0123456789abcdef")
 	a := testAuthenticator(t, secret, nil, "", "")
 	later := authNow.Add(time.Hour).Unix()

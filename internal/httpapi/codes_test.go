@@ -109,6 +109,7 @@ func specErrorCodes(t *testing.T) []string {
 // contract's ErrorCode enum spelled the same way; the enum has no value
 // that no code produces, and the map no row for a code that is gone.
 func TestEveryCodeIsInTheContract(t *testing.T) {
+	t.Parallel()
 	declared := stringConsts(t, "errs", ofType("Code"))
 	enum := specErrorCodes(t)
 	for value, name := range declared {

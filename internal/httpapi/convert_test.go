@@ -28,6 +28,7 @@ func ptr[T any](v T) *T { return &v }
 // A customer read back answers what the upsert named; absent optional
 // text is absent (not ""), and metadata is {} rather than null.
 func TestCustomerConversion(t *testing.T) {
+	t.Parallel()
 	meta := api.Metadata{"plan": "pro"}
 	body := &api.CustomerUpsert{Email: ptr("ada@example.com"), Name: ptr("Ada"), LowBalanceThreshold: ptr(int64(0)),
 		Metadata: &meta, StripeCustomerId: ptr("cus_1")}
@@ -62,6 +63,7 @@ func TestCustomerConversion(t *testing.T) {
 }
 
 func TestCatalogConversion(t *testing.T) {
+	t.Parallel()
 	out := toAPICatalog(catalog.Catalog{
 		CreditPacks: []catalog.CreditPack{
 			{ID: "months", Credits: 10, Expiry: catalog.Expiry{Months: 12}},
@@ -91,6 +93,7 @@ func TestCatalogConversion(t *testing.T) {
 }
 
 func TestEventConversion(t *testing.T) {
+	t.Parallel()
 	out, err := toAPIEvent(events.Stored{ID: 42, Type: "credits.granted", CustomerID: "ada", Data: json.RawMessage(`{"amount":5}`), CreatedAt: convT0})
 	if err != nil {
 		t.Fatal(err)
@@ -118,6 +121,7 @@ func TestEventConversion(t *testing.T) {
 // the domain, which refuses it: turning it into nil would read a zero
 // expiry as "never" and a zero timestamp as "now".
 func TestRequestsKeepZeroTimesAndNilPointers(t *testing.T) {
+	t.Parallel()
 	g := fromAPIGrant("ada", &api.GrantRequest{Amount: 5, Reason: "r", ExpiresAt: &convZero})
 	if g.ExpiresAt == nil || !g.ExpiresAt.IsZero() || g.Source != credits.SourceService || g.CustomerID != "ada" {
 		t.Errorf("grant with a zero expiry = %+v", g)
@@ -159,6 +163,7 @@ func TestRequestsKeepZeroTimesAndNilPointers(t *testing.T) {
 // Lists are [] and absent optional members are absent, never "" or 0:
 // clients tell "none" from "zero" by presence.
 func TestResponsesOmitWhatIsNotThere(t *testing.T) {
+	t.Parallel()
 	bal, _ := json.Marshal(toAPIBalance(credits.Balance{CustomerID: "ada"}))
 	if !strings.Contains(string(bal), `"grants":[]`) {
 		t.Errorf("balance without grants: %s", bal)
@@ -222,6 +227,7 @@ func TestResponsesOmitWhatIsNotThere(t *testing.T) {
 }
 
 func TestUsageConversion(t *testing.T) {
+	t.Parallel()
 	local := time.FixedZone("CET", 3600)
 	ev := toAPIUsageEvent(metering.UsageEvent{Identifier: "u1", CustomerID: "ada", Meter: "m", Value: 3,
 		Timestamp: time.Date(2026, 3, 1, 13, 0, 0, 0, local), Status: metering.StatusPending})
@@ -271,6 +277,7 @@ func TestUsageConversion(t *testing.T) {
 // a status added in a capability package without openapi.yaml fails here,
 // not in a client that meets it.
 func TestDomainEnumsAreInTheContract(t *testing.T) {
+	t.Parallel()
 	check := func(what string, values map[string]string, valid func(string) bool) {
 		for v := range values {
 			if !valid(v) {

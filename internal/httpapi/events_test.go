@@ -21,6 +21,7 @@ import (
 // payload's fields, requiring those the payload always sends. A payload
 // added or changed without its schema fails here.
 func TestEveryEventTypeHasItsSchema(t *testing.T) {
+	t.Parallel()
 	doc := specDoc(t)
 	event := doc.Components.Schemas["Event"].Value
 	if event.Discriminator == nil || event.Discriminator.PropertyName != "type" {
@@ -106,6 +107,7 @@ func checkPayloadSchema(t *testing.T, p events.Payload, schema, event *openapi3.
 // the end-to-end tests' response validation catches a type emitted without
 // its schema.
 func TestAnUnknownEventTypeBreaksTheContract(t *testing.T) {
+	t.Parallel()
 	event := specDoc(t).Components.Schemas["Event"].Value
 	envelope := map[string]any{"id": "evt_1", "type": "payment.teleported", "created_at": "2025-01-02T03:04:05Z", "data": map[string]any{}}
 	if err := event.VisitJSON(envelope, openapi3.VisitAsResponse()); err == nil {

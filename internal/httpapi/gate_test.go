@@ -154,6 +154,7 @@ func pointers(body map[string]any) []string {
 // Authentication, then authorization, then validation: nothing reaches a
 // handler unless all three pass, and the first refusal is the answer.
 func TestGateDecisions(t *testing.T) {
+	t.Parallel()
 	alice := userJWT(t, "alice")
 	for _, c := range []struct {
 		name                string
@@ -231,6 +232,7 @@ func TestGateDecisions(t *testing.T) {
 // rule the readable body broke (422, like the schema's); one naming a
 // parameter or nothing stays 400; other errors pass untouched.
 func TestGateHandlerRefusals(t *testing.T) {
+	t.Parallel()
 	for _, c := range []struct {
 		name   string
 		err    error
@@ -253,6 +255,7 @@ func TestGateHandlerRefusals(t *testing.T) {
 
 // A body cut by the size limit is answered 413, not as a schema failure.
 func TestGateBodyOverTheLimit(t *testing.T) {
+	t.Parallel()
 	g := testGate(t)
 	req := httptest.NewRequest(http.MethodPut, "/things/alice", strings.NewReader(`{"name":"`+strings.Repeat("x", 100)+`"}`))
 	req.ContentLength = -1 // streamed: only reading it finds it too long

@@ -21,6 +21,7 @@ import (
 // header and members a client can rely on; the table covers each rule of
 // errorHandler.
 func TestProblemAnswers(t *testing.T) {
+	t.Parallel()
 	for _, c := range []struct {
 		name       string
 		err        error
@@ -201,6 +202,7 @@ func TestProblemAnswers(t *testing.T) {
 // idempotent replay must match the first answer), so the members, their
 // order and which empty ones are present are pinned here.
 func TestProblemBodyBytes(t *testing.T) {
+	t.Parallel()
 	for _, c := range []struct {
 		name string
 		err  error
@@ -257,6 +259,7 @@ func serveError(t *testing.T, method, rid string, err error) *httptest.ResponseR
 // A HEAD request gets the problem's status and headers without a body; a
 // response already written is left as it is.
 func TestProblemHeadAndCommitted(t *testing.T) {
+	t.Parallel()
 	rec := serveError(t, http.MethodHead, "req_1", errs.E(errs.NotFound, "gone"))
 	if rec.Code != http.StatusNotFound || rec.Body.Len() != 0 || rec.Header().Get("Content-Type") != "application/problem+json" {
 		t.Errorf("HEAD: status %d, %d body bytes, Content-Type %q", rec.Code, rec.Body.Len(), rec.Header().Get("Content-Type"))
@@ -275,6 +278,7 @@ func TestProblemHeadAndCommitted(t *testing.T) {
 }
 
 func TestRetryAfterSeconds(t *testing.T) {
+	t.Parallel()
 	for d, want := range map[time.Duration]int64{
 		-time.Second: 0, 0: 0, time.Nanosecond: 1, time.Second: 1, time.Second + time.Millisecond: 2, 90 * time.Second: 90,
 	} {

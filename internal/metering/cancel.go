@@ -124,7 +124,7 @@ func (w *Worker) sendCancels(ctx context.Context) (int, error) {
 			}
 			break
 		}
-		sctx, cancel := withTimeout(ctx, w.opts.SendTimeout)
+		sctx, cancel := withTimeout(ctx, w.cfg.SendTimeout)
 		err := w.client.CancelMeterEvent(sctx, r.StripeEventName, r.Identifier)
 		cancel()
 		if err == nil {
@@ -155,7 +155,7 @@ func (w *Worker) sendCancels(ctx context.Context) (int, error) {
 
 // backoff is the jittered delay before attempt n+1 (full jitter, capped).
 func (w *Worker) backoff(n int) time.Duration {
-	d := w.opts.BackoffBase << min(max(n-1, 0), 30)
+	d := w.cfg.BackoffBase << min(max(n-1, 0), 30)
 	if d <= 0 || d > w.cfg.BackoffMax {
 		d = w.cfg.BackoffMax
 	}

@@ -153,7 +153,7 @@ func (w *Worker) resolveCutovers(ctx context.Context) error {
 		if ok, _ := w.acquire(ctx, c); !ok {
 			return nil
 		}
-		sctx, cancel := withTimeout(ctx, w.opts.SendTimeout)
+		sctx, cancel := withTimeout(ctx, w.cfg.SendTimeout)
 		period, found, err := w.client.BillingPeriod(sctx, p.StripeCustomerID, plan.StripePrice)
 		cancel()
 		if err != nil {

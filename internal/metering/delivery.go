@@ -54,7 +54,7 @@ func (w *Worker) acquire(ctx context.Context, c *claim) (bool, time.Time) {
 	if p := max(w.pauseLeft(), w.holdLeft()); p > 0 {
 		return false, w.now().Add(p)
 	}
-	if w.now().Add(w.opts.SendTimeout).After(c.leaseEnd) {
+	if w.now().Add(w.cfg.SendTimeout).After(c.leaseEnd) {
 		return false, w.now()
 	}
 	w.waitMu.Lock()
@@ -120,7 +120,7 @@ func (w *Worker) sendGroup(ctx context.Context, c *claim, g []claimedEvent) {
 			w.release(ctx, c, g[i:], retryAt)
 			return
 		}
-		sctx, cancel := withTimeout(ctx, w.opts.SendTimeout)
+		sctx, cancel := withTimeout(ctx, w.cfg.SendTimeout)
 		err := w.client.CreateMeterEvent(sctx, ev.meterEvent())
 		cancel()
 		switch {
@@ -191,7 +191,7 @@ func (w *Worker) sendStream(ctx context.Context, c *claim, chunk []claimedEvent)
 		if err != nil {
 			return err
 		}
-		sctx, cancel := withTimeout(ctx, w.opts.SendTimeout)
+		sctx, cancel := withTimeout(ctx, w.cfg.SendTimeout)
 		defer cancel()
 		return w.client.SendMeterEventStream(sctx, sess, mes)
 	}
@@ -221,7 +221,7 @@ func (w *Worker) streamSession(ctx context.Context, c *claim, fresh bool) (strip
 	if ok, _ := w.acquire(ctx, c); !ok {
 		return stripeapi.MeterEventSession{}, errReleased
 	}
-	sctx, cancel := withTimeout(ctx, w.opts.SendTimeout)
+	sctx, cancel := withTimeout(ctx, w.cfg.SendTimeout)
 	defer cancel()
 	sess, err := w.client.OpenMeterEventSession(sctx)
 	if err != nil {

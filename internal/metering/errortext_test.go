@@ -17,6 +17,7 @@ import (
 // inside a character, PostgreSQL refused the text, the outcome was never
 // recorded and the event was sent again and again.
 func TestLongStripeErrorsAreStoredCutOnACharacter(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t)
 	link(t, e.db, "jo")
 	e.fake.SetFault(func(r *http.Request) (int, string, bool) {

@@ -67,6 +67,8 @@ func fastConfig() config.MeteringConfig {
 	cfg := config.Default().Metering
 	cfg.RateLimit = 2000
 	cfg.BackoffMax = 100 * time.Millisecond
+	cfg.BackoffBase = 5 * time.Millisecond
+	cfg.SendTimeout = 5 * time.Second
 	cfg.BatchSize = 200
 	cfg.PollInterval = 10 * time.Millisecond
 	return cfg
@@ -76,12 +78,10 @@ func fastConfig() config.MeteringConfig {
 // to the fake through a client with stripeapi's default timeout.
 func (e *env) workerOptions(t *testing.T, cfg config.MeteringConfig) metering.WorkerOptions {
 	return metering.WorkerOptions{
-		DB:          e.db,
-		Stripe:      newClient(t, e.fake, 0),
-		Config:      cfg,
-		Logger:      dbtest.Logger(t),
-		BackoffBase: 5 * time.Millisecond,
-		SendTimeout: 5 * time.Second,
+		DB:     e.db,
+		Stripe: newClient(t, e.fake, 0),
+		Config: cfg,
+		Logger: dbtest.Logger(t),
 		// Workers that join others wait two heartbeats and about two
 		// seconds before sending; keep the heartbeats short.
 		HeartbeatInterval: 200 * time.Millisecond,

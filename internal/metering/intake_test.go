@@ -14,6 +14,7 @@ import (
 )
 
 func TestIngestRejectsEachBadEventAndStoresTheRest(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t)
 	now := time.Now()
 	link(t, e.db, "alice")
@@ -68,6 +69,7 @@ func TestIngestRejectsEachBadEventAndStoresTheRest(t *testing.T) {
 }
 
 func TestIngestBatchOutsideLimitsStoresNothing(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t)
 	for _, n := range []int{0, metering.MaxBatch + 1} {
 		evs := make([]metering.EventInput, n)
@@ -90,6 +92,7 @@ func TestIngestBatchOutsideLimitsStoresNothing(t *testing.T) {
 }
 
 func TestIngestDuplicatesAreStoredOnce(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t)
 	res := ingest(t, e.svc, ev("carol", "d-1", 1), ev("carol", "d-2", 2), ev("carol", "d-1", 1))
 	if res.Accepted != 2 || res.Duplicates != 1 || res.Results[2].Status != metering.ResultDuplicate {
@@ -109,6 +112,7 @@ func TestIngestDuplicatesAreStoredOnce(t *testing.T) {
 // Many clients posting overlapping batches at once: every identifier is
 // stored once, and exactly one post reports it accepted.
 func TestIngestConcurrentOverlappingBatches(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t)
 	const posters, perBatch = 12, 100
 	var mu sync.Mutex
@@ -152,6 +156,7 @@ func TestIngestConcurrentOverlappingBatches(t *testing.T) {
 }
 
 func TestIngestIdempotencyKeyReplaysWholeBatch(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t)
 	key := func(body string) db.IdempotencyKey {
 		return db.IdempotencyKey{Scope: "key:test", Key: "batch-1", RequestHash: db.HashRequest([]byte(body))}
@@ -175,6 +180,7 @@ func TestIngestIdempotencyKeyReplaysWholeBatch(t *testing.T) {
 }
 
 func TestIngestUnknownCustomerIsCreatedAndWaits(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t)
 	ingest(t, e.svc, ev("erin", "w-1", 4))
 	got, err := e.svc.Get(context.Background(), "w-1")
@@ -233,6 +239,7 @@ func FuzzValidateEvent(f *testing.F) {
 // event again is a duplicate; a repeat that omits the timestamp matches the
 // stored one whatever its time (a retried batch without timestamps).
 func TestIngestIdentifierConflicts(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t)
 	ts := time.Now().Add(-time.Hour).Truncate(time.Second)
 	at := func(d time.Duration) *time.Time { t := ts.Add(d); return &t }
@@ -290,6 +297,7 @@ func TestIngestIdentifierConflicts(t *testing.T) {
 // exactly one event is stored, every other post is answered conflict, and
 // the stored event is the one answered accepted.
 func TestIngestConcurrentConflictsStoreOneEvent(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t)
 	const posters = 16
 	results := make([]metering.IntakeResult, posters)

@@ -45,6 +45,10 @@ func (c *simClock) Set(t time.Time) {
 // dead-lettered too_old; once Stripe is back the backlog drains, each event
 // accepted by Stripe exactly once.
 func TestLongOutageRetriesByTimeUntilStripesWindowEnds(t *testing.T) {
+	t.Parallel()
+	if testing.Short() {
+		t.Skip("slow: many rounds or real seconds of pacing (skipped by -short; make test runs it)")
+	}
 	e := newEnv(t)
 	ctx := context.Background()
 	clock := &simClock{t: time.Now()}
@@ -64,7 +68,7 @@ func TestLongOutageRetriesByTimeUntilStripesWindowEnds(t *testing.T) {
 	cfg.BackoffMax = backoffMax
 	opts := e.workerOptions(t, cfg)
 	opts.Now = clock.Now
-	opts.SendTimeout = 2 * time.Second
+	opts.Config.SendTimeout = 2 * time.Second
 	opts.Stripe = newClient(t, e.fake, 150*time.Millisecond)
 	w := metering.NewWorker(opts)
 
@@ -154,6 +158,7 @@ func TestLongOutageRetriesByTimeUntilStripesWindowEnds(t *testing.T) {
 // alert long before the event leaves Stripe's window. One that does leave
 // it is dead-lettered too_old, and reported as such.
 func TestWaitingEventsAreGaugedAndExpireTooOld(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t)
 	ctx := context.Background()
 	t0 := time.Now()

@@ -230,7 +230,7 @@ func (w *Worker) retry(ctx context.Context, c *claim, evs []claimedEvent, msg st
 			FROM p
 			WHERE u.identifier IN (SELECT jsonb_array_elements_text(?::jsonb)) AND u.claimed_by = ? AND u.status = 'pending'
 			RETURNING `+settledColumns,
-			now, cut, tooOldMessage, msg, maybeSent, DeliveryWindow.Seconds(), w.cfg.BackoffMax.Seconds(), w.opts.BackoffBase.Seconds(),
+			now, cut, tooOldMessage, msg, maybeSent, DeliveryWindow.Seconds(), w.cfg.BackoffMax.Seconds(), w.cfg.BackoffBase.Seconds(),
 			identifiersJSON(evs), c.token)
 	})
 	w.clearCancelClaims(ctx, evs, false)

@@ -14,6 +14,7 @@ import (
 // Stripe's summary differs for one customer: the reconciliation names that
 // customer, and only that one, with the difference.
 func TestReconcileNamesTheDriftingCustomer(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t)
 	ctx := context.Background()
 	now := time.Now()
@@ -70,6 +71,7 @@ func TestReconcileNamesTheDriftingCustomer(t *testing.T) {
 }
 
 func TestTotalsCountEverythingButDead(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t)
 	ctx := context.Background()
 	now := time.Now()
@@ -113,6 +115,7 @@ func TestTotalsCountEverythingButDead(t *testing.T) {
 // reconciliation exists to find: compared, and reported with local total 0.
 // A customer with only pending usage is compared too, and agrees.
 func TestReconcileComparesCustomersWithoutDeliveredUsage(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t)
 	ctx := context.Background()
 	now := time.Now()
@@ -149,6 +152,7 @@ func TestReconcileComparesCustomersWithoutDeliveredUsage(t *testing.T) {
 // reconciliation fails naming that customer instead of reporting the
 // customers it did compare as if that were all of them.
 func TestReconcileRetriesStripeAndNeverAnswersPartially(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t)
 	ctx := context.Background()
 	now := time.Now()

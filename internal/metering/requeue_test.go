@@ -17,6 +17,7 @@ import (
 // identifiers only over about 24 hours; an event outside the window stays
 // dead whatever. Each is explained per identifier.
 func TestRequeueNeedsForceOnlyWhereStripeMayHoldTheEvent(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t)
 	ctx := context.Background()
 	link(t, e.db, "uma")

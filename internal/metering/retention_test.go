@@ -20,6 +20,7 @@ import (
 // windows inside the retention, straddling its horizon and wholly before it.
 // Pending, waiting and dead events are never purged.
 func TestPurgeKeepsTotalsAndReconciliationAnswers(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t)
 	ctx := context.Background()
 	t0 := time.Now().UTC()

@@ -10,6 +10,7 @@ import (
 // worker's share never grows when another joins: what lets workers that
 // briefly see different sets of live workers stay under the limit together.
 func TestSharesAddUpAndShrinkAsWorkersJoin(t *testing.T) {
+	t.Parallel()
 	for _, limit := range []float64{1, 20, 25, 25.5, 1000} {
 		var ids []string
 		prev := map[string]float64{}

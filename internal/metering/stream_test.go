@@ -18,6 +18,7 @@ import (
 // queue with it: the chunk is resent one event at a time and only the
 // poisoned event dies.
 func TestStreamRefusalDeadLettersOnlyThePoisonedEvent(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t)
 	link(t, e.db, "vera")
 	link(t, e.db, "walt")

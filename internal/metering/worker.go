@@ -31,8 +31,9 @@ type WorkerOptions struct {
 	// Catalog names the plans: which meters cut over at each customer's
 	// next billing period, and their prices.
 	Catalog catalog.Catalog
-	// Config holds the transport, rate limit, batch size, backoff cap and
-	// poll interval; it comes from config, which holds their defaults.
+	// Config holds the transport, rate limit, batch size, backoff, poll
+	// interval and send timeout (which sizes the claims' lease); it comes
+	// from config, which holds their defaults.
 	Config config.MeteringConfig
 
 	// Logger is nil to discard the logs.
@@ -43,13 +44,6 @@ type WorkerOptions struct {
 	Registry prometheus.Registerer
 	// Name identifies this instance in claimed_by; default a fresh id.
 	Name string
-	// BackoffBase shapes the retry delay after a 5xx, timeout or network
-	// failure: a uniformly random delay in [0, min(cfg.BackoffMax,
-	// BackoffBase·2^(attempts-1))] ("full jitter"); default 2s.
-	BackoffBase time.Duration
-	// SendTimeout bounds one Stripe request, including one still in flight
-	// when shutdown begins; default 20s.
-	SendTimeout time.Duration
 	// SessionRenewBefore is how long before its expiry a v2 meter event
 	// session is replaced; default 1m.
 	SessionRenewBefore time.Duration
@@ -142,8 +136,6 @@ func NewWorker(opts WorkerOptions) *Worker {
 	if opts.Name == "" {
 		opts.Name = db.NewID("wrk")
 	}
-	opts.BackoffBase = cmp.Or(opts.BackoffBase, 2*time.Second)
-	opts.SendTimeout = cmp.Or(opts.SendTimeout, 20*time.Second)
 	opts.SessionRenewBefore = cmp.Or(opts.SessionRenewBefore, time.Minute)
 	if opts.Concurrency == 0 {
 		// Enough requests in flight to reach the rate limit at ~250ms per
@@ -170,14 +162,17 @@ func NewWorker(opts WorkerOptions) *Worker {
 
 // lease is how long a claim made now lasts. It must outlive the sends it
 // covers: the batch at this worker's current share of the rate limit, plus
-// a request in flight on either side. Sends stop one SendTimeout before it
-// ends, so no two instances ever send the same claim at once.
+// a request in flight on either side and half a SendTimeout of slack for
+// recording the outcomes. Sends stop one SendTimeout before it ends, so no
+// two instances ever send the same claim at once. At the defaults (100
+// events at 20/s, 20s) it is about 56s; tests that kill a worker shorten
+// it through TALLY_METER_SEND_TIMEOUT.
 func (w *Worker) lease() time.Duration {
 	w.mu.Lock()
 	share := w.share
 	w.mu.Unlock()
 	batchTime := time.Duration(float64(w.cfg.BatchSize) / share * float64(time.Second+jitterMargin))
-	return batchTime + 2*w.opts.SendTimeout + 10*time.Second
+	return batchTime + 2*w.cfg.SendTimeout + w.cfg.SendTimeout/2
 }
 
 // Name is the worker's name for logs.

@@ -20,6 +20,10 @@ import (
 // 10,000 events in batches of 1,000, a third of them repeats of earlier
 // ones: each identifier is stored once and reaches Stripe exactly once.
 func TestTenThousandEventsDeliveredExactlyOnce(t *testing.T) {
+	t.Parallel()
+	if testing.Short() {
+		t.Skip("slow: many rounds or real seconds of pacing (skipped by -short; make test runs it)")
+	}
 	e := newEnv(t)
 	const customers = 50
 	for c := range customers {
@@ -107,6 +111,9 @@ func gauge(t *testing.T, reg *prometheus.Registry, name string) float64 {
 // client's timeout: nothing is lost, nothing is accepted twice, the backlog
 // drains once Stripe recovers, and the rate limit holds throughout.
 func TestDeliverySurvivesStripeOutage(t *testing.T) {
+	if testing.Short() {
+		t.Skip("slow: many rounds or real seconds of pacing (skipped by -short; make test runs it)")
+	}
 	e := newEnv(t)
 	link(t, e.db, "frank")
 	link(t, e.db, "grace")
@@ -114,7 +121,7 @@ func TestDeliverySurvivesStripeOutage(t *testing.T) {
 	cfg := fastConfig()
 	cfg.RateLimit, cfg.BatchSize = limit, 50
 	opts := e.workerOptions(t, cfg)
-	opts.SendTimeout = 300 * time.Millisecond
+	opts.Config.SendTimeout = 300 * time.Millisecond
 
 	all := ids("out", 80)
 	var evs []metering.EventInput
@@ -170,13 +177,15 @@ func TestDeliverySurvivesStripeOutage(t *testing.T) {
 			break
 		}
 	}
-	if got := e.fake.MaxRequestsPerSecond("/v1/billing/meter_events"); got > limit {
-		t.Errorf("Stripe saw %d requests within one second, limit %d", got, limit)
-	}
+	assertPaced(t, e.fake, 1, limit)
 }
 
 // Three instances on one database: every event is sent once.
 func TestThreeWorkersSendEachEventOnce(t *testing.T) {
+	t.Parallel()
+	if testing.Short() {
+		t.Skip("slow: many rounds or real seconds of pacing (skipped by -short; make test runs it)")
+	}
 	e := newEnv(t)
 	for c := range 9 {
 		link(t, e.db, fmt.Sprintf("multi-%d", c))
@@ -206,20 +215,41 @@ func TestThreeWorkersSendEachEventOnce(t *testing.T) {
 	}
 }
 
+// The v2 stream renews its session before it ends and reopens one Stripe
+// expired early. Renewal is decided on the worker's clock, which the test
+// moves forward, so no round depends on how fast a loaded machine runs: the
+// sessions themselves live an hour.
 func TestStreamTransportRenewsSessions(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t)
 	link(t, e.db, "hana")
 	link(t, e.db, "ivan")
-	e.fake.SetSessionLifetime(1500 * time.Millisecond)
+	const lifetime = time.Hour
+	e.fake.SetSessionLifetime(lifetime)
+	var ahead atomic.Int64 // how far the worker's clock runs ahead of the real one
 	cfg := fastConfig()
 	cfg.Transport = config.MeterTransportV2
 	cfg.BatchSize = 250
 	opts := e.workerOptions(t, cfg)
-	opts.SessionRenewBefore = 500 * time.Millisecond
+	opts.SessionRenewBefore = time.Minute
+	opts.Now = func() time.Time { return time.Now().Add(time.Duration(ahead.Load())) }
 	startWorker(t, metering.NewWorker(opts))
 
+	opens := func() int {
+		n := 0
+		for _, r := range e.fake.Requests() {
+			if r.Path == "/v2/billing/meter_event_session" {
+				n++
+			}
+		}
+		return n
+	}
 	var all []string
+	var openedBefore int
 	for round := range 4 {
+		if round == 3 {
+			openedBefore = opens()
+		}
 		batch := ids(fmt.Sprintf("v2-%d", round), 250)
 		var evs []metering.EventInput
 		for i, id := range batch {
@@ -231,11 +261,20 @@ func TestStreamTransportRenewsSessions(t *testing.T) {
 			return countRows(t, e.db, `status = 'delivered'`) == int64(len(all))
 		})
 		switch round {
+		case 0:
+			if n := opens(); n != 1 {
+				t.Fatalf("%d sessions opened for the first round, want 1 (reused for every request)", n)
+			}
 		case 1:
 			e.fake.ExpireSessions() // the cached token dies early: reopened and resent
 		case 2:
-			time.Sleep(1200 * time.Millisecond) // within SessionRenewBefore of expiry: renewed first
+			// Within SessionRenewBefore of the session's end by the worker's
+			// clock: the next round renews before it sends.
+			ahead.Store(int64(lifetime - opts.SessionRenewBefore/2))
 		}
+	}
+	if opens() <= openedBefore {
+		t.Errorf("no session opened in the round within SessionRenewBefore of the end, want it renewed first")
 	}
 	assertDeliveredOnce(t, e, all)
 	var opened, expired, streamed int
@@ -280,6 +319,7 @@ func TestStreamTransportRenewsSessions(t *testing.T) {
 // usage.dead event; one Stripe answers 502 keeps being retried; once the
 // cause is fixed a requeue sends the dead one again.
 func TestRefusedEventsAreDeadLetteredAndRequeued(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t)
 	link(t, e.db, "jo")
 	cfg := fastConfig()
@@ -359,6 +399,7 @@ func TestRefusedEventsAreDeadLetteredAndRequeued(t *testing.T) {
 }
 
 func TestWaitingEventsAreDeliveredOnceTheCustomerIsLinked(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t)
 	ingest(t, e.svc, ev("kim", "wait-1", 1), ev("kim", "wait-2", 2))
 	w := metering.NewWorker(e.workerOptions(t, fastConfig()))
@@ -389,6 +430,7 @@ func TestWaitingEventsAreDeliveredOnceTheCustomerIsLinked(t *testing.T) {
 // Shutdown while a request hangs at Stripe: Run waits for it, records the
 // outcome and returns; nothing stays claimed.
 func TestShutdownFinishesInFlightSend(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t)
 	link(t, e.db, "lee")
 	ingest(t, e.svc, ev("lee", "inflight-1", 1), ev("lee", "inflight-2", 1))
@@ -416,6 +458,7 @@ func TestShutdownFinishesInFlightSend(t *testing.T) {
 // A claim whose worker died (its lease ran out) is taken over; a live
 // claim is left alone.
 func TestExpiredLeaseIsTakenOver(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t)
 	link(t, e.db, "max")
 	ingest(t, e.svc, ev("max", "crashed", 1), ev("max", "held", 1))
@@ -440,6 +483,7 @@ func TestExpiredLeaseIsTakenOver(t *testing.T) {
 // request taking 30ms, arrivals of one customer's events are never closer
 // than that, while different customers do go in parallel.
 func TestOneCallAtATimePerCustomerAndMeter(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t)
 	customers := []string{"nia", "omar", "pat"}
 	var evs []metering.EventInput
@@ -481,6 +525,7 @@ func TestOneCallAtATimePerCustomerAndMeter(t *testing.T) {
 // new session and goes through at once, without the pause a refused key
 // would cause.
 func TestStreamReopensSessionAfterUnauthorizedToken(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t)
 	link(t, e.db, "quinn")
 	var refused atomic.Bool
@@ -516,6 +561,7 @@ func TestStreamReopensSessionAfterUnauthorizedToken(t *testing.T) {
 // hand-built MeteringConfig is a programming error that NewWorker refuses,
 // naming it, rather than quietly choosing a value of its own.
 func TestNewWorkerRefusesUnsetSettings(t *testing.T) {
+	t.Parallel()
 	cfg := fastConfig()
 	cfg.BatchSize = 0
 	defer func() {

@@ -52,6 +52,7 @@ func count(t *testing.T, gdb *gorm.DB, query string, args ...any) int64 {
 // or sent to Stripe, so money is never taken for credits that cannot be
 // granted; the largest quantity that fits goes through.
 func TestCheckoutRefusesQuantityBeyondTheLargestGrant(t *testing.T) {
+	t.Parallel()
 	gdb := dbtest.New(t)
 	fake, stripe := fakeClient(t)
 	svc := newServiceWith(t, gdb, stripe, whaleCatalog, nil)
@@ -97,6 +98,7 @@ credit_packs:
 // months after the purchase is confirmed; a pack may say otherwise, or
 // never. The payment remembers the rule it was sold under.
 func TestPurchasedCreditsExpireByThePacksRule(t *testing.T) {
+	t.Parallel()
 	gdb := dbtest.New(t)
 	fake, stripe := fakeClient(t)
 	confirmedAt := time.Date(2028, 2, 29, 12, 0, 0, 0, time.UTC)
@@ -162,6 +164,7 @@ func failFirstSessions(fake *stripefake.Fake, n int32) {
 // Checkout Session and every other one is told it is in flight or replays
 // that one answer.
 func TestFailedCheckoutFreesItsKeyForConcurrentRetries(t *testing.T) {
+	t.Parallel()
 	gdb := dbtest.New(t)
 	fake, stripe := fakeClient(t)
 	svc := newService(t, gdb, stripe, config.ConfirmOnPaymentIntent)
@@ -232,6 +235,7 @@ func TestFailedCheckoutFreesItsKeyForConcurrentRetries(t *testing.T) {
 // is told it is in flight instead of creating a second Checkout Session, and
 // once the first answers, the retry replays it.
 func TestSlowCheckoutIsNotOvertakenByItsRetry(t *testing.T) {
+	t.Parallel()
 	gdb := dbtest.New(t)
 	fake, stripe := fakeClient(t)
 	const lease = 300 * time.Millisecond
@@ -315,6 +319,7 @@ func waitUntil(t *testing.T, what string, cond func() bool) {
 // is exactly when it is allowed again. Refused, invalid and replayed
 // requests spend nothing, and other customers are not affected.
 func TestCheckoutRateLimitPerCustomer(t *testing.T) {
+	t.Parallel()
 	gdb := dbtest.New(t)
 	fake, stripe := fakeClient(t)
 	now := time.Date(2027, 5, 1, 12, 0, 0, 0, time.UTC)

@@ -25,6 +25,7 @@ func disputeOf(res payments.CheckoutResult, pi, id, status string, amount int64)
 // repeated event ids and in every order, to services sharing a database:
 // one withdrawal, one loss, one event each.
 func TestConcurrentDisputeEventsHaveOneEffect(t *testing.T) {
+	t.Parallel()
 	gdb := dbtest.New(t)
 	fake, stripe := fakeClient(t)
 	svc := newService(t, gdb, stripe, config.ConfirmOnPaymentIntent)
@@ -78,6 +79,7 @@ func TestConcurrentDisputeEventsHaveOneEffect(t *testing.T) {
 // credits whose grant expired while the dispute ran do not come back
 // (they would have expired anyway; nothing returns already expired).
 func TestDisputeWonReturnsCreditsWithTheirExpiry(t *testing.T) {
+	t.Parallel()
 	gdb := dbtest.New(t)
 	fake, stripe := fakeClient(t)
 	cat, err := catalog.Parse([]byte(catalogYAML))
@@ -156,6 +158,7 @@ func TestDisputeWonReturnsCreditsWithTheirExpiry(t *testing.T) {
 
 // verify names a payment whose dispute bookkeeping disagrees.
 func TestVerifyChecksDisputes(t *testing.T) {
+	t.Parallel()
 	gdb := dbtest.New(t)
 	fake, stripe := fakeClient(t)
 	svc := newService(t, gdb, stripe, config.ConfirmOnPaymentIntent)

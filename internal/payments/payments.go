@@ -29,7 +29,8 @@ import (
 // Status is where a payment stands in the state machine.
 type Status string
 
-// The payment states of design/PRODUCT.md.
+// The payment states (docs/guarantees.md, "Money only when it arrived";
+// machine.go holds the moves between them).
 const (
 	Pending   Status = "pending"
 	Succeeded Status = "succeeded"

@@ -97,6 +97,7 @@ func verifyClean(t *testing.T, gdb *gorm.DB) {
 }
 
 func TestTransitionTable(t *testing.T) {
+	t.Parallel()
 	all := []payments.Status{payments.Pending, payments.Succeeded, payments.Failed, payments.Refunded, payments.Disputed, payments.DisputeLost}
 	want := map[[2]payments.Status]bool{
 		{payments.Pending, payments.Succeeded}:       true,
@@ -127,6 +128,7 @@ func TestTransitionTable(t *testing.T) {
 // Both confirmation strategies racing on one payment (as during a switch
 // of confirm_on across replicas), many times over: one grant.
 func TestConfirmationGuardAcrossStrategies(t *testing.T) {
+	t.Parallel()
 	gdb := dbtest.New(t)
 	fake, stripe := fakeClient(t)
 	byIntent := newService(t, gdb, stripe, config.ConfirmOnPaymentIntent)
@@ -184,6 +186,7 @@ func TestConfirmationGuardAcrossStrategies(t *testing.T) {
 // A confirmation for a payment another PaymentIntent already paid is
 // refused, not credited a second time.
 func TestSecondPaymentIntentIsRejected(t *testing.T) {
+	t.Parallel()
 	gdb := dbtest.New(t)
 	fake, stripe := fakeClient(t)
 	svc := newService(t, gdb, stripe, config.ConfirmOnPaymentIntent)
@@ -217,6 +220,7 @@ func TestSecondPaymentIntentIsRejected(t *testing.T) {
 // payments (products, credit packs) ask for an invoice when configured; the
 // session carries our ids.
 func TestCheckoutModes(t *testing.T) {
+	t.Parallel()
 	gdb := dbtest.New(t)
 	fake, stripe := fakeClient(t)
 	svc := newService(t, gdb, stripe, config.ConfirmOnPaymentIntent)
@@ -247,7 +251,8 @@ func TestCheckoutModes(t *testing.T) {
 		t.Fatalf("%d Stripe customers created for one tally customer", len(fake.Customers()))
 	}
 	// Invoice creation, when configured, is for every one-time payment
-	// (design/PRODUCT.md): credit packs too, never a subscription.
+	// (TALLY_CHECKOUT_INVOICE_CREATION in the README): credit packs too,
+	// never a subscription.
 	pack := buy(t, svc, "sub-1", "starter", 1)
 	forms = fake.CheckoutSessions()
 	if len(forms) != 3 {
@@ -312,6 +317,7 @@ func TestCheckoutModes(t *testing.T) {
 // never linked is another integration's (ignored), and metadata naming a
 // customer tally does not know is refused; neither writes a status.
 func TestSubscriptionFoundByItsStripeCustomer(t *testing.T) {
+	t.Parallel()
 	gdb := dbtest.New(t)
 	_, stripe := fakeClient(t)
 	svc := newService(t, gdb, stripe, config.ConfirmOnPaymentIntent)
@@ -347,6 +353,7 @@ func TestSubscriptionFoundByItsStripeCustomer(t *testing.T) {
 
 // The payments check must see a breach, or `tally verify` passing means nothing.
 func TestVerifyPurchasesFindsBreaches(t *testing.T) {
+	t.Parallel()
 	gdb := dbtest.New(t)
 	fake, stripe := fakeClient(t)
 	svc := newService(t, gdb, stripe, config.ConfirmOnPaymentIntent)
@@ -386,6 +393,7 @@ func TestVerifyPurchasesFindsBreaches(t *testing.T) {
 // not refund or fail that payment, nor may a charge whose amounts do not
 // fit what was paid. The event is refused (parked), and nothing moves.
 func TestForeignPaymentIntentIsRejected(t *testing.T) {
+	t.Parallel()
 	gdb := dbtest.New(t)
 	fake, stripe := fakeClient(t)
 	svc := newService(t, gdb, stripe, config.ConfirmOnPaymentIntent)
@@ -471,6 +479,7 @@ func TestForeignPaymentIntentIsRejected(t *testing.T) {
 // failed tell the host app once: one payment.failed, one applied move into
 // failed, each Stripe event in the history at most once.
 func TestFailuresAreIdempotent(t *testing.T) {
+	t.Parallel()
 	gdb := dbtest.New(t)
 	fake, stripe := fakeClient(t)
 	svc := newService(t, gdb, stripe, config.ConfirmOnPaymentIntent)
@@ -538,6 +547,7 @@ func TestFailuresAreIdempotent(t *testing.T) {
 // A Stripe id already linked to one payment cannot be linked to another:
 // the event is refused (parked), not a 500 nor a silent second owner.
 func TestStripeIDOfAnotherPaymentIsRejected(t *testing.T) {
+	t.Parallel()
 	gdb := dbtest.New(t)
 	_, stripe := fakeClient(t)
 	svc := newService(t, gdb, stripe, config.ConfirmOnPaymentIntent)
@@ -566,6 +576,7 @@ func TestStripeIDOfAnotherPaymentIsRejected(t *testing.T) {
 // that New refuses, naming it, rather than quietly choosing a value
 // of its own.
 func TestNewRefusesUnsetSettings(t *testing.T) {
+	t.Parallel()
 	for name, tc := range map[string]struct {
 		tweak func(*payments.Options)
 		want  string

@@ -83,6 +83,7 @@ func refund(t *testing.T, svc *payments.Service, res payments.CheckoutResult, pi
 // increase paid for, from the whole balance; what was recorded short is
 // never asked for again.
 func TestRefundsRevokeTheirShareOnceFromTheWholeBalance(t *testing.T) {
+	t.Parallel()
 	gdb := dbtest.New(t)
 	fake, stripe := fakeClient(t)
 	svc := newService(t, gdb, stripe, config.ConfirmOnPaymentIntent)
@@ -140,6 +141,7 @@ func TestRefundsRevokeTheirShareOnceFromTheWholeBalance(t *testing.T) {
 // the purchase grant; what it could not take is not counted, so a later
 // refund of the same payment tries again (tally's first behaviour).
 func TestRefundsFromThePurchaseGrantOnly(t *testing.T) {
+	t.Parallel()
 	gdb := dbtest.New(t)
 	fake, stripe := fakeClient(t)
 	cat, err := catalog.Parse([]byte(catalogYAML))
@@ -168,6 +170,7 @@ func TestRefundsFromThePurchaseGrantOnly(t *testing.T) {
 // A refund or dispute that overtakes the success of its payment is told to
 // wait for that PaymentIntent, not refused: it changes nothing meanwhile.
 func TestRefundAndDisputeBeforeTheSuccessWait(t *testing.T) {
+	t.Parallel()
 	gdb := dbtest.New(t)
 	_, stripe := fakeClient(t)
 	svc := newService(t, gdb, stripe, config.ConfirmOnPaymentIntent)

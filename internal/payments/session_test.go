@@ -43,6 +43,7 @@ func sessionGets(fake *stripefake.Fake) int {
 // session that is not the payment's cannot link one either, nor can a
 // PaymentIntent's failure. The genuine PaymentIntent still credits once.
 func TestPaymentIntentTallyDidNotCreateIsRefused(t *testing.T) {
+	t.Parallel()
 	gdb := dbtest.New(t)
 	fake, stripe := fakeClient(t)
 	svc := newService(t, gdb, stripe, config.ConfirmOnPaymentIntent)
@@ -104,6 +105,7 @@ func TestPaymentIntentTallyDidNotCreateIsRefused(t *testing.T) {
 // catalog currency, and the PaymentIntent with the session's total. A real
 // mismatch is still refused.
 func TestTaxAndLocalCurrencies(t *testing.T) {
+	t.Parallel()
 	gdb := dbtest.New(t)
 	fake, stripe := fakeClient(t)
 	svc := newService(t, gdb, stripe, config.ConfirmOnPaymentIntent)
@@ -182,6 +184,7 @@ func TestTaxAndLocalCurrencies(t *testing.T) {
 // success arrives; a success that must ask Stripe while Stripe is down is
 // retried, not refused.
 func TestSessionFactsSpareAStripeCall(t *testing.T) {
+	t.Parallel()
 	gdb := dbtest.New(t)
 	fake, stripe := fakeClient(t)
 	svc := newService(t, gdb, stripe, config.ConfirmOnPaymentIntent)

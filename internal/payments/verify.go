@@ -171,7 +171,8 @@ func VerifyDisputes(ctx context.Context, gdb *gorm.DB) ([]credits.VerifyProblem,
 	return problems, nil
 }
 
-// VerifyPurchases checks invariant 2 of design/QUALITY.md: every succeeded
+// VerifyPurchases checks invariant 2 of docs/guarantees.md ("Checked, not
+// trusted"): every succeeded
 // (or since refunded or disputed) credit-pack payment has exactly one
 // purchase grant, and no pending or failed payment has one. It returns one problem per
 // breach and the number of payments checked; `tally verify` runs it.

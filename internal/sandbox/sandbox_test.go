@@ -180,6 +180,7 @@ func wantTypes(t *testing.T, what string, got, want []string) {
 }
 
 func TestCardPaymentSendsStripesEventsInOrder(t *testing.T) {
+	t.Parallel()
 	h := newHarness(t)
 	id := h.session(t, nil)
 	res, err := h.acct.Pay(context.Background(), id, "4242 4242 4242 4242", "ada@example.com")
@@ -198,6 +199,7 @@ func TestCardPaymentSendsStripesEventsInOrder(t *testing.T) {
 }
 
 func TestDeclinedCardsLeaveTheSessionOpen(t *testing.T) {
+	t.Parallel()
 	h := newHarness(t)
 	id := h.session(t, nil)
 	for _, c := range []struct{ card, code, msg string }{
@@ -250,6 +252,7 @@ func TestDeclinedCardsLeaveTheSessionOpen(t *testing.T) {
 }
 
 func TestAuthenticationApprovedOrFailed(t *testing.T) {
+	t.Parallel()
 	h := newHarness(t)
 	failed := h.session(t, nil)
 	res, err := h.acct.Pay(context.Background(), failed, "4000002760003184", "")
@@ -277,6 +280,7 @@ func TestAuthenticationApprovedOrFailed(t *testing.T) {
 }
 
 func TestRefundsAndDisputesInStripesOrder(t *testing.T) {
+	t.Parallel()
 	h := newHarness(t)
 	ctx := context.Background()
 	pay := func() string {
@@ -341,6 +345,7 @@ func TestRefundsAndDisputesInStripesOrder(t *testing.T) {
 }
 
 func TestEveryDeliveryIsSignedWithTheEndpointSecret(t *testing.T) {
+	t.Parallel()
 	h := newHarness(t)
 	if _, err := h.acct.Pay(context.Background(), h.session(t, nil), "4242424242424242", ""); err != nil {
 		t.Fatal(err)
@@ -363,6 +368,7 @@ func TestEveryDeliveryIsSignedWithTheEndpointSecret(t *testing.T) {
 }
 
 func TestDeliveriesAreRetriedWhileTheEndpointFails(t *testing.T) {
+	t.Parallel()
 	h := newHarness(t)
 	down := true
 	var mu sync.Mutex
@@ -418,6 +424,7 @@ func TestDeliveriesAreRetriedWhileTheEndpointFails(t *testing.T) {
 }
 
 func TestIdempotencyKeysAreHonoured(t *testing.T) {
+	t.Parallel()
 	h := newHarness(t)
 	form := url.Values{"mode": {"payment"}, "success_url": {"http://app.test/ok"},
 		"line_items[0][price_data][currency]": {"usd"}, "line_items[0][price_data][unit_amount]": {"500"}, "line_items[0][price_data][product_data][name]": {"X"}}
@@ -462,6 +469,7 @@ func TestIdempotencyKeysAreHonoured(t *testing.T) {
 }
 
 func TestSessionsExpireWithTheirPaymentIntent(t *testing.T) {
+	t.Parallel()
 	h := newHarness(t)
 	id := h.session(t, url.Values{"expires_at": {itoa(h.clock.Now().Add(time.Hour).Unix())}})
 	if _, err := h.acct.Pay(context.Background(), id, "4000000000000002", ""); err != nil {
@@ -480,6 +488,7 @@ func TestSessionsExpireWithTheirPaymentIntent(t *testing.T) {
 }
 
 func TestInvoiceLifecycle(t *testing.T) {
+	t.Parallel()
 	h := newHarness(t)
 	_, nomail, _ := h.call(t, http.MethodPost, "/v1/customers", "", url.Values{"name": {"No Mail"}})
 	_, cus, _ := h.call(t, http.MethodPost, "/v1/customers", "", url.Values{"name": {"Acme"}, "email": {"ap@acme.example"},
@@ -529,6 +538,7 @@ func TestInvoiceLifecycle(t *testing.T) {
 }
 
 func TestLiveKeysAreRefused(t *testing.T) {
+	t.Parallel()
 	for _, key := range []string{"sk_live_123", "rk_live_123"} {
 		if _, err := sandbox.New(context.Background(), sandbox.Options{SecretKey: key}); err == nil {
 			t.Fatalf("the sandbox took the live key %s", key)
@@ -550,6 +560,7 @@ func TestLiveKeysAreRefused(t *testing.T) {
 func itoa(n int64) string { return strconv.FormatInt(n, 10) }
 
 func TestSavedCardsPayOffSession(t *testing.T) {
+	t.Parallel()
 	h := newHarness(t)
 	ctx := context.Background()
 	_, cus, _ := h.call(t, http.MethodPost, "/v1/customers", "", url.Values{"email": {"ada@example.com"}})

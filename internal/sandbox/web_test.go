@@ -16,6 +16,7 @@ import (
 // Every page renders whole, with the sandbox banner, whatever the account
 // holds: a template that fails halfway would show a cut page.
 func TestEveryPageRendersWithTheBanner(t *testing.T) {
+	t.Parallel()
 	h := newHarness(t)
 	ctx := context.Background()
 	paid := h.session(t, nil)
@@ -92,6 +93,7 @@ func TestEveryPageRendersWithTheBanner(t *testing.T) {
 // character boundary: a page cut inside a character is not UTF-8, and the
 // browser shows a broken character where the text ends.
 func TestDashboardCutsLongAnswersOnACharacter(t *testing.T) {
+	t.Parallel()
 	h := newHarness(t)
 	answer := "x" + strings.Repeat("é", 200) // the 120th byte is the first half of an é
 	h.hook.mu.Lock()

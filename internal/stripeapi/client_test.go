@@ -65,6 +65,7 @@ func meterEvent(id string) stripeapi.MeterEvent {
 }
 
 func TestNewNeedsAKey(t *testing.T) {
+	t.Parallel()
 	if _, err := stripeapi.New(stripeapi.Config{}); errs.CodeOf(err) != errs.Invalid {
 		t.Fatalf("New without key: err = %v, want invalid_request", err)
 	}
@@ -76,6 +77,7 @@ func TestNewNeedsAKey(t *testing.T) {
 }
 
 func TestCreateCustomerSendsIdempotencyKeyAndMetadata(t *testing.T) {
+	t.Parallel()
 	f := stripefake.New(t)
 	c := newFakeClient(t, f)
 	ctx := context.Background()
@@ -116,6 +118,7 @@ func TestCreateCustomerSendsIdempotencyKeyAndMetadata(t *testing.T) {
 }
 
 func TestCreateCheckoutSessionPaymentMode(t *testing.T) {
+	t.Parallel()
 	f := stripefake.New(t)
 	c := newFakeClient(t, f)
 	expires := time.Now().Add(time.Hour).Truncate(time.Second)
@@ -173,6 +176,7 @@ func TestCreateCheckoutSessionPaymentMode(t *testing.T) {
 // charged: before tax and after, in the buyer's currency, with Adaptive
 // Pricing's amounts in the currency it was created in.
 func TestGetCheckoutSession(t *testing.T) {
+	t.Parallel()
 	f := stripefake.New(t)
 	c := newFakeClient(t, f)
 	ctx := context.Background()
@@ -219,6 +223,7 @@ func TestGetCheckoutSession(t *testing.T) {
 }
 
 func TestCreateCheckoutSessionSubscriptionMode(t *testing.T) {
+	t.Parallel()
 	f := stripefake.New(t)
 	c := newFakeClient(t, f)
 	_, err := c.CreateCheckoutSession(context.Background(), stripeapi.CheckoutSessionInput{
@@ -253,6 +258,7 @@ func TestCreateCheckoutSessionSubscriptionMode(t *testing.T) {
 }
 
 func TestCreateCheckoutSessionRejectsIncompleteInputWithoutCallingStripe(t *testing.T) {
+	t.Parallel()
 	f := stripefake.New(t)
 	c := newFakeClient(t, f)
 	bad := []stripeapi.CheckoutSessionInput{
@@ -272,6 +278,7 @@ func TestCreateCheckoutSessionRejectsIncompleteInputWithoutCallingStripe(t *test
 }
 
 func TestCreateMeterEventSendsIdentifierAndPayload(t *testing.T) {
+	t.Parallel()
 	f := stripefake.New(t)
 	c := newFakeClient(t, f)
 	if err := c.CreateMeterEvent(context.Background(), meterEvent("usage-1")); err != nil {
@@ -293,6 +300,7 @@ func TestCreateMeterEventSendsIdentifierAndPayload(t *testing.T) {
 }
 
 func TestMeterEventRateLimitedCarriesRetryAfter(t *testing.T) {
+	t.Parallel()
 	f := stripefake.New(t)
 	c := newFakeClient(t, f)
 	f.FailNext(1, http.StatusTooManyRequests, "7")
@@ -311,6 +319,7 @@ func TestMeterEventRateLimitedCarriesRetryAfter(t *testing.T) {
 }
 
 func TestMeterEventServerErrorIsNotRetried(t *testing.T) {
+	t.Parallel()
 	f := stripefake.New(t)
 	c := newFakeClient(t, f)
 	ctx := context.Background()
@@ -346,6 +355,7 @@ func TestMeterEventServerErrorIsNotRetried(t *testing.T) {
 }
 
 func TestCustomerRequestsAreRetriedButMeterEventsAreNot(t *testing.T) {
+	t.Parallel()
 	f := stripefake.New(t)
 	f.SetFault(func(r *http.Request) (int, string, bool) {
 		return http.StatusServiceUnavailable, "upstream unavailable", true
@@ -366,6 +376,7 @@ func TestCustomerRequestsAreRetriedButMeterEventsAreNot(t *testing.T) {
 }
 
 func TestMeterEventTimeoutIsANetworkErrorAndNotRetried(t *testing.T) {
+	t.Parallel()
 	f := stripefake.New(t)
 	c := newFakeClient(t, f, func(c *stripeapi.Config) { c.Timeout = 200 * time.Millisecond })
 	release := f.HangUntilReleased()
@@ -399,6 +410,7 @@ func TestMeterEventTimeoutIsANetworkErrorAndNotRetried(t *testing.T) {
 }
 
 func TestMeterEventDuplicateIdentifier(t *testing.T) {
+	t.Parallel()
 	f := stripefake.New(t)
 	c := newFakeClient(t, f)
 	ctx := context.Background()
@@ -416,6 +428,7 @@ func TestMeterEventDuplicateIdentifier(t *testing.T) {
 }
 
 func TestMeterEventRefusalsAreClassifiedByStatusCodeAndMessage(t *testing.T) {
+	t.Parallel()
 	cases := []struct {
 		name   string
 		status int
@@ -444,6 +457,7 @@ func TestMeterEventRefusalsAreClassifiedByStatusCodeAndMessage(t *testing.T) {
 }
 
 func TestMeterEventStreamRoundTrip(t *testing.T) {
+	t.Parallel()
 	f := stripefake.New(t)
 	f.SetSessionLifetime(2 * time.Minute)
 	c := newFakeClient(t, f)
@@ -491,6 +505,7 @@ func TestMeterEventStreamRoundTrip(t *testing.T) {
 }
 
 func TestMeterEventStreamExpiredSession(t *testing.T) {
+	t.Parallel()
 	f := stripefake.New(t)
 	c := newFakeClient(t, f)
 	ctx := context.Background()
@@ -522,6 +537,7 @@ func TestMeterEventStreamExpiredSession(t *testing.T) {
 }
 
 func TestMeterEventStreamIsNotRetriedAndKeepsRetryAfter(t *testing.T) {
+	t.Parallel()
 	f := stripefake.New(t)
 	c := newFakeClient(t, f)
 	ctx := context.Background()
@@ -547,6 +563,7 @@ func TestMeterEventStreamIsNotRetriedAndKeepsRetryAfter(t *testing.T) {
 }
 
 func TestMeterEventsURLRoutesTheStreamOnly(t *testing.T) {
+	t.Parallel()
 	api := stripefake.New(t)
 	stream := stripefake.New(t)
 	c := newFakeClient(t, api, func(c *stripeapi.Config) { c.MeterEventsURL = stream.URL() })
@@ -568,6 +585,7 @@ func TestMeterEventsURLRoutesTheStreamOnly(t *testing.T) {
 }
 
 func TestMeterEventSummaries(t *testing.T) {
+	t.Parallel()
 	f := stripefake.New(t)
 	f.SetMeter("mtr_calls", "api_calls")
 	c := newFakeClient(t, f)
@@ -613,6 +631,7 @@ func TestMeterEventSummaries(t *testing.T) {
 // Many concurrent calls share one client; each must get the answer to its
 // own request (the response capture travels per request).
 func TestConcurrentCallsGetTheirOwnErrors(t *testing.T) {
+	t.Parallel()
 	f := stripefake.New(t)
 	f.SetFault(func(r *http.Request) (int, string, bool) {
 		if err := r.ParseForm(); err != nil {
@@ -656,6 +675,7 @@ func TestConcurrentCallsGetTheirOwnErrors(t *testing.T) {
 }
 
 func TestCallerHTTPClientIsNotModified(t *testing.T) {
+	t.Parallel()
 	f := stripefake.New(t)
 	hc := &http.Client{Timeout: 3 * time.Second}
 	c := newFakeClient(t, f, func(c *stripeapi.Config) { c.HTTPClient = hc; c.Timeout = 0 })

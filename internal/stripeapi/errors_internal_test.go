@@ -7,6 +7,7 @@ import (
 )
 
 func TestParseRetryAfter(t *testing.T) {
+	t.Parallel()
 	now := time.Date(2026, 1, 1, 12, 0, 0, 0, time.UTC)
 	cases := map[string]time.Duration{
 		"":     0,
@@ -26,6 +27,7 @@ func TestParseRetryAfter(t *testing.T) {
 }
 
 func TestKindFor(t *testing.T) {
+	t.Parallel()
 	cases := []struct {
 		status     int
 		code, msg  string

@@ -23,12 +23,14 @@ import (
 // tally's client must work against its API as against Stripe.
 
 func TestSandboxSpeaksStripesAPIVersion(t *testing.T) {
+	t.Parallel()
 	if sandbox.APIVersion != stripe.APIVersion {
 		t.Fatalf("the sandbox writes API version %q, stripe-go pins %q", sandbox.APIVersion, stripe.APIVersion)
 	}
 }
 
 func TestSandboxWebhooksVerifyAndDecodeWithStripeGo(t *testing.T) {
+	t.Parallel()
 	const secret = "whsec_stripe_go_check"
 	var (
 		mu     sync.Mutex
@@ -157,6 +159,7 @@ func TestSandboxWebhooksVerifyAndDecodeWithStripeGo(t *testing.T) {
 }
 
 func TestSandboxMeterSummariesAreWhatWasSent(t *testing.T) {
+	t.Parallel()
 	acct, err := sandbox.New(context.Background(), sandbox.Options{Meters: map[string]string{"mtr_1": "api_calls"}})
 	if err != nil {
 		t.Fatal(err)

@@ -24,6 +24,7 @@ func newMockClient(t *testing.T) stripeapi.Client {
 }
 
 func TestStripeMockCreateCustomer(t *testing.T) {
+	t.Parallel()
 	c := newMockClient(t)
 	cus, err := c.CreateCustomer(context.Background(), stripeapi.CustomerInput{
 		TallyCustomerID: "c-1", Email: "ada@example.com", Name: "Ada",
@@ -37,6 +38,7 @@ func TestStripeMockCreateCustomer(t *testing.T) {
 }
 
 func TestStripeMockCreateCheckoutSession(t *testing.T) {
+	t.Parallel()
 	c := newMockClient(t)
 	expires := time.Now().Add(time.Hour).Truncate(time.Second)
 	cases := map[string]stripeapi.CheckoutSessionInput{
@@ -79,6 +81,7 @@ func TestStripeMockCreateCheckoutSession(t *testing.T) {
 // confirmation reads (stripe-mock is stateless: its PaymentIntent is the
 // fixture's, not one of ours).
 func TestStripeMockGetCheckoutSession(t *testing.T) {
+	t.Parallel()
 	c := newMockClient(t)
 	s, err := c.GetCheckoutSession(context.Background(), "cs_test_123")
 	if err != nil {
@@ -90,6 +93,7 @@ func TestStripeMockGetCheckoutSession(t *testing.T) {
 }
 
 func TestStripeMockMeterEventsAndSummaries(t *testing.T) {
+	t.Parallel()
 	c := newMockClient(t)
 	ctx := context.Background()
 	err := c.CreateMeterEvent(ctx, stripeapi.MeterEvent{

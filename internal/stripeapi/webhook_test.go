@@ -14,6 +14,7 @@ import (
 )
 
 func TestVerifyWebhook(t *testing.T) {
+	t.Parallel()
 	now := time.Unix(1_800_000_000, 0)
 	// An event in an API version stripe-go would refuse in ConstructEvent.
 	payload := []byte(`{"id":"evt_1","object":"event","api_version":"2017-01-01","type":"payment_intent.succeeded","data":{"object":{"id":"pi_1"}}}`)

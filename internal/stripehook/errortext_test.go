@@ -19,6 +19,7 @@ import (
 // PostgreSQL refused it, the outcome was never recorded and the event was
 // processed again and again.
 func TestLongReasonsAreStoredCutOnACharacter(t *testing.T) {
+	t.Parallel()
 	gdb := dbtest.New(t)
 	ctx := context.Background()
 	const secret = "whsec_errortext"

@@ -50,6 +50,7 @@ func FuzzParseEvent(f *testing.F) {
 }
 
 func TestParseEvent(t *testing.T) {
+	t.Parallel()
 	ev, err := ParseEvent([]byte(seedEvents[0]))
 	if err != nil {
 		t.Fatal(err)
@@ -67,6 +68,7 @@ func TestParseEvent(t *testing.T) {
 // Objects may arrive with expandable fields expanded and with metadata
 // values that are not strings; neither must stop us reading what we need.
 func TestDecodeTolerates(t *testing.T) {
+	t.Parallel()
 	ev, err := ParseEvent([]byte(seedEvents[1]))
 	if err != nil {
 		t.Fatal(err)

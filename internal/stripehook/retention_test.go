@@ -15,6 +15,7 @@ import (
 // Settled events older than the cutoff go, in batches of the size asked;
 // younger ones, and old ones still failed, parked or unprocessed, stay.
 func TestPurgeSettledKeepsWhatIsStillNeeded(t *testing.T) {
+	t.Parallel()
 	gdb := dbtest.New(t)
 	ctx := context.Background()
 	now := time.Now()

@@ -36,7 +36,9 @@ import (
 // Status is where a stored event stands.
 type Status string
 
-// The stored event statuses of design/API.md.
+// The stored event statuses, as the admin API lists them (StripeEventStatus
+// in openapi.yaml; docs/guarantees.md, "Nothing lost", says what each
+// promises).
 const (
 	Received  Status = "received"
 	Processed Status = "processed"
@@ -71,9 +73,14 @@ type Options struct {
 	// RetryInterval is the retry worker's poll period and the first backoff
 	// (config's Stripe.EventRetryInterval); positive.
 	RetryInterval time.Duration
-	Registry      prometheus.Registerer
-	Logger        *slog.Logger
-	Now           func() time.Time
+	// Lease is how long a received or claimed event is left to the
+	// instance processing it before the retry worker of any instance may
+	// take it over (that instance may have died between storing and
+	// processing); config's Stripe.EventLease, positive.
+	Lease    time.Duration
+	Registry prometheus.Registerer
+	Logger   *slog.Logger
+	Now      func() time.Time
 	// Stripe lists missed events (CatchUp); nil when no key is configured.
 	Stripe stripeapi.Client
 }
@@ -86,6 +93,7 @@ type Intake struct {
 	tolerance     time.Duration
 	maxAttempts   int
 	retryInterval time.Duration
+	lease         time.Duration
 	logger        *slog.Logger
 	now           func() time.Time
 	total         *prometheus.CounterVec
@@ -94,13 +102,12 @@ type Intake struct {
 }
 
 // processTimeout bounds one processing attempt, which continues even if
-// Stripe hangs up on the delivery.
+// Stripe hangs up on the delivery; a lease shorter than it bounds the
+// attempt instead, so an attempt never outlives its claim.
 const processTimeout = 30 * time.Second
 
-// lease is how long a received or claimed event is left to the instance
-// processing it before the retry worker may take it over (that instance
-// may have died between storing and processing).
-const lease = time.Minute
+// attemptTimeout is how long one processing attempt may take.
+func (h *Intake) attemptTimeout() time.Duration { return min(processTimeout, h.lease) }
 
 // maxBackoff caps the wait between two attempts.
 const maxBackoff = time.Hour
@@ -113,15 +120,15 @@ const maxBackoff = time.Hour
 const waitForSuccess = 24 * time.Hour
 
 // New builds the Intake and registers its metrics on o.Registry (when set).
-// MaxAttempts and RetryInterval come from config, which holds their
-// defaults: it panics when either is unset (a programming error).
+// MaxAttempts, RetryInterval and Lease come from config, which holds their
+// defaults: it panics when one is unset (a programming error).
 func New(o Options) *Intake {
-	if o.MaxAttempts < 1 || o.RetryInterval <= 0 {
-		panic(fmt.Sprintf("stripehook.New: MaxAttempts (%d) must be at least 1 and RetryInterval (%s) positive; take them from config.StripeConfig",
-			o.MaxAttempts, o.RetryInterval))
+	if o.MaxAttempts < 1 || o.RetryInterval <= 0 || o.Lease <= 0 {
+		panic(fmt.Sprintf("stripehook.New: MaxAttempts (%d) must be at least 1, RetryInterval (%s) and Lease (%s) positive; take them from config.StripeConfig",
+			o.MaxAttempts, o.RetryInterval, o.Lease))
 	}
 	h := &Intake{db: o.DB, payments: o.Payments, secrets: o.Secrets, tolerance: o.Tolerance, maxAttempts: o.MaxAttempts,
-		retryInterval: o.RetryInterval, logger: o.Logger, now: o.Now, stripe: o.Stripe}
+		retryInterval: o.RetryInterval, lease: o.Lease, logger: o.Logger, now: o.Now, stripe: o.Stripe}
 	if h.tolerance == 0 {
 		h.tolerance = stripeapi.WebhookTolerance
 	}
@@ -190,7 +197,7 @@ func (h *Intake) Receive(ctx context.Context, payload []byte, signature string) 
 	if !stored {
 		return Ack{Status: status, Duplicate: true}, nil
 	}
-	pctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), processTimeout)
+	pctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), h.attemptTimeout())
 	defer cancel()
 	status, _ = h.process(pctx, ev, 0, now)
 	return Ack{Status: status}, nil
@@ -218,7 +225,7 @@ func (h *Intake) store(ctx context.Context, ev Event, payload []byte, source str
 	}
 	// The signed bytes are stored as they came, as text: ParseEvent found
 	// them UTF-8 JSON, which holds no NUL byte, so text can keep them.
-	next := now.Add(lease)
+	next := now.Add(h.lease)
 	res := h.db.WithContext(ctx).Clauses(clause.OnConflict{DoNothing: true}).Create(&eventRow{
 		ID: ev.ID, Type: ev.Type, APIVersion: apiVersion, Livemode: ev.Livemode, Payload: string(payload),
 		Status: string(Received), NextAttemptAt: &next, ReceivedAt: now, StripeCreated: created, Source: source,
@@ -604,7 +611,7 @@ func (h *Intake) claimAndProcess(ctx context.Context, where string, args []any, 
 	err := h.db.WithContext(ctx).Raw(`UPDATE stripe_events SET next_attempt_at = ?
 		WHERE id IN (SELECT id FROM stripe_events WHERE `+where+`
 			ORDER BY next_attempt_at LIMIT ? FOR UPDATE SKIP LOCKED)
-		RETURNING id, attempts, received_at, payload`, append(append([]any{h.now().Add(lease)}, args...), batch)...).Scan(&rows).Error
+		RETURNING id, attempts, received_at, payload`, append(append([]any{h.now().Add(h.lease)}, args...), batch)...).Scan(&rows).Error
 	if err != nil {
 		return 0, db.Translate(err, nil)
 	}
@@ -614,7 +621,7 @@ func (h *Intake) claimAndProcess(ctx context.Context, where string, args []any, 
 			h.logger.ErrorContext(ctx, "stored stripe event no longer parses", "event_id", r.ID, "error", err)
 			continue
 		}
-		pctx, cancel := context.WithTimeout(ctx, processTimeout)
+		pctx, cancel := context.WithTimeout(ctx, h.attemptTimeout())
 		_, _ = h.process(pctx, ev, r.Attempts, r.ReceivedAt)
 		cancel()
 	}

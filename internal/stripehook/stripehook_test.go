@@ -23,16 +23,18 @@ func defaultOptions(t *testing.T, gdb *gorm.DB, secrets ...string) stripehook.Op
 	cfg := config.Default()
 	pay := payments.New(payments.Options{DB: gdb, Config: cfg.Checkout, RevokeFrom: cfg.Credits.RevokeFrom})
 	return stripehook.Options{DB: gdb, Payments: pay, Secrets: secrets, MaxAttempts: cfg.Stripe.EventMaxAttempts,
-		RetryInterval: cfg.Stripe.EventRetryInterval, Logger: dbtest.Logger(t)}
+		RetryInterval: cfg.Stripe.EventRetryInterval, Lease: cfg.Stripe.EventLease, Logger: dbtest.Logger(t)}
 }
 
 // Settings come from config, which holds every default: an unset attempt
 // limit or retry interval in hand-built Options is a programming error that
 // New refuses, rather than quietly choosing a value of its own.
 func TestNewRefusesUnsetSettings(t *testing.T) {
+	t.Parallel()
 	for name, tweak := range map[string]func(*stripehook.Options){
 		"MaxAttempts":   func(o *stripehook.Options) { o.MaxAttempts = 0 },
 		"RetryInterval": func(o *stripehook.Options) { o.RetryInterval = 0 },
+		"Lease":         func(o *stripehook.Options) { o.Lease = 0 },
 	} {
 		t.Run(name, func(t *testing.T) {
 			o := defaultOptions(t, nil)
@@ -50,6 +52,7 @@ func TestNewRefusesUnsetSettings(t *testing.T) {
 // Replicas retrying at once never take the same event: every due event is
 // claimed by exactly one RetryDue call and processed once.
 func TestRetryClaimsNeverOverlap(t *testing.T) {
+	t.Parallel()
 	gdb := dbtest.New(t)
 	ctx := context.Background()
 	past := time.Now().Add(-time.Minute)

@@ -9,6 +9,7 @@ import (
 )
 
 func TestTruncate(t *testing.T) {
+	t.Parallel()
 	for _, c := range []struct {
 		in   string
 		max  int
@@ -58,6 +59,7 @@ func FuzzTruncate(f *testing.F) {
 }
 
 func TestCheck(t *testing.T) {
+	t.Parallel()
 	for _, c := range []struct {
 		in   string
 		want string // "" when accepted

@@ -11,6 +11,7 @@ import (
 )
 
 func TestNewGivesMigratedDatabaseDroppedAfterTest(t *testing.T) {
+	t.Parallel()
 	var name string
 	t.Run("inner", func(t *testing.T) {
 		gdb := dbtest.New(t)
@@ -36,6 +37,7 @@ func TestNewGivesMigratedDatabaseDroppedAfterTest(t *testing.T) {
 }
 
 func TestDatabasesAreIsolated(t *testing.T) {
+	t.Parallel()
 	a, b := dbtest.New(t), dbtest.New(t)
 	if err := a.Exec(`CREATE TABLE only_in_a (x int)`).Error; err != nil {
 		t.Fatal(err)
@@ -50,6 +52,7 @@ func TestDatabasesAreIsolated(t *testing.T) {
 }
 
 func TestNewURLAndNewEmptyURL(t *testing.T) {
+	t.Parallel()
 	ctx := context.Background()
 	for _, tc := range []struct {
 		name    string
@@ -72,5 +75,32 @@ func TestNewURLAndNewEmptyURL(t *testing.T) {
 		if err != nil || current != tc.current {
 			t.Fatalf("%s: MigrationsCurrent = %v, %v; want %v", tc.name, current, err, tc.current)
 		}
+	}
+}
+
+// New copies a template that carries the digest of the migration files in
+// its name, is marked a template and takes no connections, so a copy never
+// finds a session in it and a changed migration never reuses it.
+func TestNewCopiesTheTemplateOfTheseMigrations(t *testing.T) {
+	t.Parallel()
+	gdb := dbtest.New(t)
+	digest, err := db.MigrationsDigest()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var tmpl struct {
+		Datname       string
+		Datistemplate bool
+		Datallowconn  bool
+	}
+	if err := gdb.Raw(`SELECT datname, datistemplate, datallowconn FROM pg_database WHERE datname = ?`, "tally_template_"+digest[:16]).Scan(&tmpl).Error; err != nil {
+		t.Fatal(err)
+	}
+	if tmpl.Datname == "" || !tmpl.Datistemplate || tmpl.Datallowconn {
+		t.Fatalf("template for digest %s: %+v; want it present, marked a template, closed to connections", digest[:16], tmpl)
+	}
+	other, err := db.MigrationsDigest()
+	if err != nil || other != digest {
+		t.Fatalf("MigrationsDigest is not stable: %s then %s (%v)", digest, other, err)
 	}
 }

@@ -14,6 +14,7 @@ var update = flag.Bool("update", false, "rewrite testdata/series.csv and testdat
 // BENCHMARKS.md are reproducible from the generator, and a change to the
 // generator cannot leave a stale file behind.
 func TestCommittedSetIsGenerated(t *testing.T) {
+	t.Parallel()
 	set := Set()
 	var csv, index bytes.Buffer
 	if err := WriteCSV(&csv, set); err != nil {
@@ -42,6 +43,7 @@ func TestCommittedSetIsGenerated(t *testing.T) {
 
 // Set is deterministic: two calls give the same days.
 func TestSetIsDeterministic(t *testing.T) {
+	t.Parallel()
 	a, b := Set(), Set()
 	if len(a) != len(b) {
 		t.Fatalf("%d series, then %d", len(a), len(b))

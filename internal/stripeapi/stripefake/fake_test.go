@@ -39,6 +39,7 @@ func post(t *testing.T, f *stripefake.Fake, path, idemKey string, form url.Value
 }
 
 func TestIdempotencyKeyReusedWithOtherParametersIsRefused(t *testing.T) {
+	t.Parallel()
 	f := stripefake.New(t)
 	status, first := post(t, f, "/v1/customers", "k1", url.Values{"name": {"Ada"}})
 	if status != 200 {
@@ -59,6 +60,7 @@ func TestIdempotencyKeyReusedWithOtherParametersIsRefused(t *testing.T) {
 }
 
 func TestRequestsWithoutAKeyAreRefused(t *testing.T) {
+	t.Parallel()
 	f := stripefake.New(t)
 	resp, err := http.Post(f.URL()+"/v1/customers", "application/x-www-form-urlencoded", strings.NewReader("name=Ada"))
 	if err != nil {
@@ -71,6 +73,7 @@ func TestRequestsWithoutAKeyAreRefused(t *testing.T) {
 }
 
 func TestMaxRequestsPerSecondCountsTheBusiestWindow(t *testing.T) {
+	t.Parallel()
 	f := stripefake.New(t)
 	for range 5 {
 		post(t, f, "/v1/billing/meter_events", "", url.Values{"event_name": {"e"}, "payload[value]": {"1"}, "payload[stripe_customer_id]": {"cus_a"}})
@@ -88,6 +91,7 @@ func TestMaxRequestsPerSecondCountsTheBusiestWindow(t *testing.T) {
 }
 
 func TestSetHangBeyondTheClientTimeout(t *testing.T) {
+	t.Parallel()
 	f := stripefake.New(t)
 	f.SetHang(time.Second)
 	c, err := stripeapi.New(stripeapi.Config{SecretKey: "sk_test_x", APIURL: f.URL(), Timeout: 100 * time.Millisecond})
@@ -99,12 +103,19 @@ func TestSetHangBeyondTheClientTimeout(t *testing.T) {
 		t.Fatalf("err = %v, want a network error", err)
 	}
 	f.SetHang(0)
+	// Answered again, to a client whose timeout a loaded machine cannot
+	// run out (100ms did, with tests running in parallel).
+	c, err = stripeapi.New(stripeapi.Config{SecretKey: "sk_test_x", APIURL: f.URL()})
+	if err != nil {
+		t.Fatal(err)
+	}
 	if err := c.CreateMeterEvent(context.Background(), stripeapi.MeterEvent{EventName: "e", StripeCustomerID: "cus_a", Identifier: "h-2", Value: 1}); err != nil {
 		t.Fatalf("after the hang: %v", err)
 	}
 }
 
 func TestStreamRejectsTheSecretKeyAndV1RejectsSessionTokens(t *testing.T) {
+	t.Parallel()
 	f := stripefake.New(t)
 	status, session := post(t, f, "/v2/billing/meter_event_session", "", url.Values{})
 	if status != 200 {
@@ -139,6 +150,7 @@ func TestStreamRejectsTheSecretKeyAndV1RejectsSessionTokens(t *testing.T) {
 // A dropped answer: the client sees a network failure, the fake keeps the
 // meter event, and a resend is told it already exists.
 func TestDropAnswersKeepsTheEffectAndLosesTheAnswer(t *testing.T) {
+	t.Parallel()
 	f := stripefake.New(t)
 	f.DropAnswers(func(r *http.Request) bool { return r.URL.Path == "/v1/billing/meter_events" })
 	c, err := stripeapi.New(stripeapi.Config{SecretKey: "sk_test_x", APIURL: f.URL(), MaxNetworkRetries: -1})

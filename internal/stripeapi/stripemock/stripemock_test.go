@@ -18,6 +18,7 @@ func TestFindExplainsHowToInstall(t *testing.T) {
 // Without Main, the process is shared while tests hold it and stopped when
 // the last one's cleanup runs.
 func TestStartSharesOneProcessAndStopsItAfterTheLastUser(t *testing.T) {
+	t.Parallel()
 	var first *process
 	t.Run("holders", func(t *testing.T) {
 		url := Start(t)

@@ -1,0 +1,5 @@
+package metering
+
+// JitterMargin is jitterMargin, for the tests that check what pacing
+// guarantees.
+const JitterMargin = jitterMargin
