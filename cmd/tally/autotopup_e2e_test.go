@@ -297,7 +297,7 @@ func TestAutoTopUpCrashBetweenChargeAndRecordChargesOnce(t *testing.T) {
 		NextAttemptAt *time.Time
 	}
 	openDB(t, s).Raw(`SELECT status, attempts, last_error, next_attempt_at FROM stripe_events WHERE id = ?`, succeeded.ID).Scan(&row)
-	t.Logf("event %+v %s now %s", row, strOrEmpty(row.LastError), time.Now())
+	t.Logf("event %+v %s now %s", row, deref(row.LastError), time.Now())
 	waitPayment(t, s, tops[0].Id, client.PaymentStatusSucceeded)
 	waitFor(t, "the credits", func() bool { return balanceOf(t, openDB(t, s), "crash") == 400+starterCredits })
 	if n := len(fake.Sandbox().Objects("payment_intent")); n != 1 {
