@@ -26,6 +26,7 @@ import (
 // saves nothing; a PaymentIntent tally did not create for a top-up is
 // parked and credits nothing.
 func TestAutoTopUpAttacksOnAnotherCustomer(t *testing.T) {
+	t.Parallel()
 	fake := stripefake.New(t)
 	s := startServer(t, payEnv(t, fake.URL()))
 	evs := &stripeEvents{fake: fake}
@@ -119,6 +120,7 @@ func TestAutoTopUpAttacksOnAnotherCustomer(t *testing.T) {
 // Settings changed while consumes race: never two top-ups in flight, and
 // what the settings say is in flight is the pending top-up.
 func TestAutoTopUpSettingsRacingConsumes(t *testing.T) {
+	t.Parallel()
 	fake := stripefake.New(t)
 	s := startServer(t, payEnv(t, fake.URL()))
 	evs := &stripeEvents{fake: fake}
@@ -172,6 +174,7 @@ func TestAutoTopUpSettingsRacingConsumes(t *testing.T) {
 // The monthly limit holds while consumes, grants and Stripe's webhooks
 // race: with a limit of 2, at most two top-ups start this month.
 func TestAutoTopUpMonthlyLimitUnderConcurrency(t *testing.T) {
+	t.Parallel()
 	fake := stripefake.New(t)
 	s := startServer(t, payEnv(t, fake.URL()))
 	evs := &stripeEvents{fake: fake}
@@ -223,6 +226,7 @@ func TestAutoTopUpMonthlyLimitUnderConcurrency(t *testing.T) {
 // A saved card that has expired is not charged: the settings say
 // needs_payment_method and a crossing starts nothing; a new card fixes it.
 func TestAutoTopUpExpiredCard(t *testing.T) {
+	t.Parallel()
 	fake := stripefake.New(t)
 	s := startServer(t, payEnv(t, fake.URL()))
 	evs := &stripeEvents{fake: fake}
@@ -258,6 +262,7 @@ func TestAutoTopUpExpiredCard(t *testing.T) {
 
 // Hostile input to the new endpoints gets a clear 4xx and writes nothing.
 func TestAutoTopUpBadInputWritesNothing(t *testing.T) {
+	t.Parallel()
 	fake := stripefake.New(t)
 	s := startServer(t, payEnv(t, fake.URL()))
 	grantOverHTTP(t, s.service(t), "careful", 10, "grant-careful")

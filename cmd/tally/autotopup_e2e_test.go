@@ -147,6 +147,7 @@ const topUpCard = "4242424242424242"
 // charged once and credited once, even with payment_intent.succeeded
 // delivered twice, concurrently.
 func TestAutoTopUpStormStartsOneTopUpCreditedOnce(t *testing.T) {
+	t.Parallel()
 	fake := stripefake.New(t)
 	env := payEnv(t, fake.URL())
 	s := startServer(t, env)
@@ -250,6 +251,7 @@ func getCustomerRaw(t testing.TB, s *server, id string) string {
 // idempotency key, gets the same PaymentIntent and records it; the card is
 // charged once and credited once.
 func TestAutoTopUpCrashBetweenChargeAndRecordChargesOnce(t *testing.T) {
+	t.Parallel()
 	fake := stripefake.New(t)
 	env := payEnv(t, fake.URL())
 	s := startServer(t, env)
@@ -318,6 +320,7 @@ func TestAutoTopUpCrashBetweenChargeAndRecordChargesOnce(t *testing.T) {
 // payment_intent.payment_failed, delivered too, counts no second failure.
 // A card that asks for authentication off-session fails the same way.
 func TestAutoTopUpDeclinedThreeTimesDisablesItself(t *testing.T) {
+	t.Parallel()
 	fake := stripefake.New(t)
 	s := startServer(t, payEnv(t, fake.URL()))
 	evs := &stripeEvents{fake: fake}
@@ -400,6 +403,7 @@ func TestAutoTopUpDeclinedThreeTimesDisablesItself(t *testing.T) {
 // The monthly limit holds: with a limit of 2, the third crossing of the
 // month starts nothing, and the settings say so.
 func TestAutoTopUpMonthlyLimit(t *testing.T) {
+	t.Parallel()
 	fake := stripefake.New(t)
 	s := startServer(t, payEnv(t, fake.URL()))
 	evs := &stripeEvents{fake: fake}
@@ -443,6 +447,7 @@ func TestAutoTopUpMonthlyLimit(t *testing.T) {
 // Stripe confirms the payment it is the customer's default, and automatic
 // top-up charges it. A checkout without it saves nothing.
 func TestPackCheckoutSavesTheCard(t *testing.T) {
+	t.Parallel()
 	fake := stripefake.New(t)
 	s := startServer(t, payEnv(t, fake.URL()))
 	evs := &stripeEvents{fake: fake}

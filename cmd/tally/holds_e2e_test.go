@@ -56,6 +56,7 @@ func i64(n int64) *int64 { return &n }
 // Exactly 100 are granted, the rest are 402 with nothing available, and
 // nothing overdraws.
 func TestFiveHundredConcurrentHoldsOfOneAgainstAHundred(t *testing.T) {
+	t.Parallel()
 	s := startServer(t, baseEnv(t))
 	c := s.wideClient(t)
 	grantOverHTTP(t, c, "busy", 100, "grant-1")
@@ -99,6 +100,7 @@ func TestFiveHundredConcurrentHoldsOfOneAgainstAHundred(t *testing.T) {
 // hold ended twice, and the balance is exactly what the successful answers
 // say was spent.
 func TestHoldsRaceConsumesCapturesReleasesAndTheSweeper(t *testing.T) {
+	t.Parallel()
 	env := baseEnv(t)
 	env["TALLY_CREDITS_SWEEP_INTERVAL"] = "100ms"
 	s := startServer(t, env)
@@ -207,6 +209,7 @@ func TestHoldsRaceConsumesCapturesReleasesAndTheSweeper(t *testing.T) {
 // an end user reads its own holds and nothing else, and cannot make or
 // end one.
 func TestHoldCaptureReplaysConflictsAndHostileInput(t *testing.T) {
+	t.Parallel()
 	s := startServer(t, baseEnv(t))
 	c := s.service(t)
 	grantOverHTTP(t, c, "ivy", 50, "g-ivy")
@@ -318,6 +321,7 @@ func TestHoldCaptureReplaysConflictsAndHostileInput(t *testing.T) {
 // A hold outlives its grant's expiry: the capture still spends what it
 // kept, and what it releases expires at once.
 func TestHoldAcrossItsGrantsExpiry(t *testing.T) {
+	t.Parallel()
 	s := startServer(t, baseEnv(t))
 	c := s.service(t)
 	exp := time.Now().Add(2 * time.Second)
@@ -349,6 +353,7 @@ func TestHoldAcrossItsGrantsExpiry(t *testing.T) {
 
 // The sweeper releases an overdue hold by itself within its interval.
 func TestSweeperReleasesAnOverdueHold(t *testing.T) {
+	t.Parallel()
 	env := baseEnv(t)
 	env["TALLY_CREDITS_SWEEP_INTERVAL"] = "200ms"
 	s := startServer(t, env)
@@ -372,6 +377,7 @@ func TestSweeperReleasesAnOverdueHold(t *testing.T) {
 // Operators' tools over HTTP: void and adjust with replays, priority and
 // effective_at ordering, and the balance at a past time.
 func TestVoidAdjustPriorityScheduleAndBalanceAt(t *testing.T) {
+	t.Parallel()
 	s := startServer(t, baseEnv(t))
 	c := s.service(t)
 	admin := s.admin(t)
@@ -489,6 +495,7 @@ func TestVoidAdjustPriorityScheduleAndBalanceAt(t *testing.T) {
 // holds without taking held credits; end users may neither void nor
 // adjust; hostile adjustment amounts are refused.
 func TestVoidsRacingHoldsAndHostileCorrections(t *testing.T) {
+	t.Parallel()
 	s := startServer(t, baseEnv(t))
 	c := s.wideClient(t)
 	ctx := context.Background()

@@ -18,6 +18,7 @@ import (
 // prometheus package, or Prometheus's release). Without promtool the test
 // is skipped, saying so: the rules are then unchecked on this machine.
 func TestAlertRulesPassPromtool(t *testing.T) {
+	t.Parallel()
 	promtool, err := exec.LookPath("promtool")
 	if err != nil {
 		t.Skip("SKIPPED: promtool is not installed (apt-get install prometheus); deploy/prometheus/alerts.yaml is unchecked here")
@@ -59,6 +60,7 @@ var metricName = regexp.MustCompile(`\btally_[a-z_]+\b`)
 // event delivered, the background verify); and each signal the issue names
 // has its panel.
 func TestDashboardQueriesNameExportedMetrics(t *testing.T) {
+	t.Parallel()
 	raw, err := os.ReadFile(repoFile("deploy/grafana/tally.json"))
 	if err != nil {
 		t.Fatal(err)

@@ -31,6 +31,7 @@ func newKeyedClient(t *testing.T, fake *stripefake.Fake, key string) stripeapi.C
 // never sees more than the limit within one second, also while instances
 // join one after the other, and every event arrives exactly once.
 func TestRateLimitHoldsAcrossInstances(t *testing.T) {
+	t.Parallel()
 	if testing.Short() {
 		t.Skip("slow: many rounds or real seconds of pacing (skipped by -short; make test runs it)")
 	}
@@ -148,6 +149,7 @@ func liveRows(t *testing.T, gdb *gorm.DB) []string {
 // A worker that stops deletes its row, and the others take over its part
 // of the limit; a row nobody refreshes (a crashed worker) stops counting.
 func TestStoppedWorkerHandsItsShareBack(t *testing.T) {
+	t.Parallel()
 	if testing.Short() {
 		t.Skip("slow: many rounds or real seconds of pacing (skipped by -short; make test runs it)")
 	}

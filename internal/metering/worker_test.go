@@ -111,6 +111,7 @@ func gauge(t *testing.T, reg *prometheus.Registry, name string) float64 {
 // client's timeout: nothing is lost, nothing is accepted twice, the backlog
 // drains once Stripe recovers, and the rate limit holds throughout.
 func TestDeliverySurvivesStripeOutage(t *testing.T) {
+	t.Parallel()
 	if testing.Short() {
 		t.Skip("slow: many rounds or real seconds of pacing (skipped by -short; make test runs it)")
 	}
