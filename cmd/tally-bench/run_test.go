@@ -155,7 +155,7 @@ func TestRunReportsEveryScenarioAndFailsOnA503Endpoint(t *testing.T) {
 	err := run(t.Context(), []string{
 		"-url", url, "-key", "svc", "-webhook-secret", f.secret, "-db", dbtest.NewURL(t),
 		"-scenarios", "consume-many,consume-hot,balance,usage,hold-capture,webhook-parked", "-usage-batch", "100",
-		"-concurrency", "4", "-duration", "200ms", "-warmup", "20ms", "-customers", "20", "-json",
+		"-concurrency", "4", "-duration", "1s", "-warmup", "20ms", "-customers", "20", "-json",
 	}, env(nil), &out, &errOut)
 	if !errors.Is(err, errNotClean) {
 		t.Fatalf("run = %v, want errNotClean because balance answered 503; stderr:\n%s", err, errOut.String())
