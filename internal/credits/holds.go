@@ -367,6 +367,12 @@ func endHold(ctx context.Context, tx *gorm.DB, clock func() time.Time, customerI
 		}
 	}
 	fire := a.lowBalance(capture)
+	// What comes back pays the revokes that claimed it first.
+	paid, err := a.payClaims(ctx, tx, h, parts)
+	if err != nil {
+		return HoldEnd{}, err
+	}
+	fire = fire || paid
 	if err := tx.WithContext(ctx).Model(&holdRow{}).Where("id = ?", h.ID).Updates(map[string]any{
 		"status": end.Status, "captured": end.Captured, "released": end.Released,
 		"transaction_id": db.NullIfEmpty(end.TransactionID), "ended_at": a.now,
@@ -513,16 +519,17 @@ func (a *account) releaseOverdueHolds(ctx context.Context, tx *gorm.DB) (release
 		return 0, 0, err
 	}
 	var dead []deadGrant
-	for _, h := range overdue {
+	parts := make([][]heldPart, len(overdue))
+	for i, h := range overdue {
 		var draws []Draw
 		if err := json.Unmarshal([]byte(h.Draws), &draws); err != nil {
 			return 0, 0, fmt.Errorf("credits: draws of hold %s: %w", h.ID, err)
 		}
-		parts := make([]heldPart, 0, len(draws))
+		parts[i] = make([]heldPart, 0, len(draws))
 		for _, d := range draws {
-			parts = append(parts, heldPart{GrantID: d.GrantID, Held: d.Amount})
+			parts[i] = append(parts[i], heldPart{GrantID: d.GrantID, Held: d.Amount})
 		}
-		d, err := a.unhold(ctx, tx, parts)
+		d, err := a.unhold(ctx, tx, parts[i])
 		if err != nil {
 			return 0, 0, err
 		}
@@ -541,7 +548,21 @@ func (a *account) releaseOverdueHolds(ctx context.Context, tx *gorm.DB) (release
 			return 0, 0, err
 		}
 	}
-	expired, err = a.settleReleased(ctx, tx, dead)
+	// What came back pays the revokes that claimed it first.
+	fire := false
+	for i, h := range overdue {
+		paid, err := a.payClaims(ctx, tx, h, parts[i])
+		if err != nil {
+			return 0, 0, err
+		}
+		fire = fire || paid
+	}
+	if expired, err = a.settleReleased(ctx, tx, dead); err != nil {
+		return 0, 0, err
+	}
+	if fire {
+		err = a.afterLowering(ctx, tx, fire)
+	}
 	return len(overdue), expired, err
 }
 
