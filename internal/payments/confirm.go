@@ -59,6 +59,12 @@ type confirmation struct {
 // *Rejection (the chain refused it), errs.Unavailable, others (retry; also
 // when Stripe cannot be asked for the session).
 func (s *Service) PaymentIntentSucceeded(ctx context.Context, ev EventRef, pi PaymentIntent) error {
+	return s.paymentIntentSucceeded(ctx, ev, pi, ByPaymentIntent)
+}
+
+// paymentIntentSucceeded is PaymentIntentSucceeded, the confirmation
+// recorded as by (ByPaymentIntent, or BySync when a sync retrieved it).
+func (s *Service) paymentIntentSucceeded(ctx context.Context, ev EventRef, pi PaymentIntent, by ConfirmedBy) error {
 	id, err := s.paymentFor(ctx, pi.Metadata, map[string]string{"payment_intent_id": pi.ID})
 	if err != nil {
 		return err
@@ -77,7 +83,7 @@ func (s *Service) PaymentIntentSucceeded(ctx context.Context, ev EventRef, pi Pa
 		return err
 	}
 	err = s.confirm(ctx, ev, id, confirmation{paymentIntentID: pi.ID, amountReceived: pi.AmountReceived, currency: pi.Currency,
-		livemode: pi.Livemode, customerID: pi.Metadata[stripeapi.MetadataCustomerID], session: session, by: ByPaymentIntent})
+		livemode: pi.Livemode, customerID: pi.Metadata[stripeapi.MetadataCustomerID], session: session, by: by})
 	if err != nil {
 		return err
 	}
