@@ -26,9 +26,7 @@ import (
 // saves nothing; a PaymentIntent tally did not create for a top-up is
 // parked and credits nothing.
 func TestAutoTopUpAttacksOnAnotherCustomer(t *testing.T) {
-	fake := stripefake.New(t)
-	s := startServer(t, payEnv(t, fake.URL()))
-	evs := &stripeEvents{fake: fake}
+	fake, s, evs := cardServer(t)
 	saveCard(t, s, evs, "mallory", topUpCard)
 	grantOverHTTP(t, s.service(t), "victim", 1000, "grant-victim")
 
@@ -119,9 +117,7 @@ func TestAutoTopUpAttacksOnAnotherCustomer(t *testing.T) {
 // Settings changed while consumes race: never two top-ups in flight, and
 // what the settings say is in flight is the pending top-up.
 func TestAutoTopUpSettingsRacingConsumes(t *testing.T) {
-	fake := stripefake.New(t)
-	s := startServer(t, payEnv(t, fake.URL()))
-	evs := &stripeEvents{fake: fake}
+	_, s, evs := cardServer(t)
 	saveCard(t, s, evs, "racer", topUpCard)
 	grantOverHTTP(t, s.service(t), "racer", 5000, "grant-racer")
 
@@ -172,9 +168,7 @@ func TestAutoTopUpSettingsRacingConsumes(t *testing.T) {
 // The monthly limit holds while consumes, grants and Stripe's webhooks
 // race: with a limit of 2, at most two top-ups start this month.
 func TestAutoTopUpMonthlyLimitUnderConcurrency(t *testing.T) {
-	fake := stripefake.New(t)
-	s := startServer(t, payEnv(t, fake.URL()))
-	evs := &stripeEvents{fake: fake}
+	_, s, evs := cardServer(t)
 	saveCard(t, s, evs, "busy", topUpCard)
 	grantOverHTTP(t, s.service(t), "busy", 600, "grant-busy")
 	limit := 2
@@ -223,9 +217,7 @@ func TestAutoTopUpMonthlyLimitUnderConcurrency(t *testing.T) {
 // A saved card that has expired is not charged: the settings say
 // needs_payment_method and a crossing starts nothing; a new card fixes it.
 func TestAutoTopUpExpiredCard(t *testing.T) {
-	fake := stripefake.New(t)
-	s := startServer(t, payEnv(t, fake.URL()))
-	evs := &stripeEvents{fake: fake}
+	_, s, evs := cardServer(t)
 	saveCard(t, s, evs, "expiring", topUpCard)
 	gdb := openDB(t, s)
 	last := time.Now().UTC().AddDate(0, -1, 0)
@@ -338,9 +330,7 @@ func rawPut(t testing.TB, url, key, body string) (int, client.Problem, string) {
 // revoke leaves the customer below the threshold, and charging the same
 // card again at once would repeat what its owner just took back.
 func TestAutoTopUpRefundedOrDisputedTurnsItselfOff(t *testing.T) {
-	fake := stripefake.New(t)
-	s := startServer(t, payEnv(t, fake.URL()))
-	evs := &stripeEvents{fake: fake}
+	_, s, evs := cardServer(t)
 	gdb := openDB(t, s)
 	for _, tc := range []struct {
 		customer, why string
@@ -357,9 +347,7 @@ func TestAutoTopUpRefundedOrDisputedTurnsItselfOff(t *testing.T) {
 			return disputeEvent("created", d)
 		}},
 	} {
-		saveCard(t, s, evs, tc.customer, topUpCard)
-		grantOverHTTP(t, s.service(t), tc.customer, 1000, "grant-"+tc.customer)
-		putAutoTopUp(t, s, tc.customer, client.AutoTopUpSettings{Enabled: true, Threshold: 500, Item: "starter"})
+		withAutoTopUp(t, s, evs, tc.customer, topUpCard, 1000, client.AutoTopUpSettings{Enabled: true, Threshold: 500, Item: "starter"})
 		spend(t, s, tc.customer, 600, tc.customer+"-1")
 		tops := autoTopUps(t, s, tc.customer)
 		if len(tops) != 1 {

@@ -220,9 +220,7 @@ func TestSyncSettlesAnAutomaticTopUpWhoseWebhookWasLost(t *testing.T) {
 	s := startServer(t, syncEnv(t, fake.URL()))
 	evs := &stripeEvents{fake: fake}
 	gdb := openDB(t, s)
-	saveCard(t, s, evs, "lost", topUpCard)
-	grantOverHTTP(t, s.service(t), "lost", 1000, "grant-lost")
-	putAutoTopUp(t, s, "lost", client.AutoTopUpSettings{Enabled: true, Threshold: 500, Item: "starter"})
+	withAutoTopUp(t, s, evs, "lost", topUpCard, 1000, client.AutoTopUpSettings{Enabled: true, Threshold: 500, Item: "starter"})
 	spend(t, s, "lost", 600, "lost-1")
 	tops := autoTopUps(t, s, "lost")
 	if len(tops) != 1 {
