@@ -462,8 +462,13 @@ func storedEvents(tx *gorm.DB, identifiers []string) (map[string]event, error) {
 // are the cheapest way to carry a batch in one statement: no JSON to write
 // here nor to parse in PostgreSQL, and no text to parse for the numbers
 // and timestamps.
+// An empty one has no dimension, as PostgreSQL writes '{}'.
 func pgArray[T any](vs []T) pgtype.Array[T] {
-	return pgtype.Array[T]{Elements: vs, Dims: []pgtype.ArrayDimension{{Length: int32(len(vs)), LowerBound: 1}}, Valid: true}
+	a := pgtype.Array[T]{Elements: vs, Valid: true}
+	if len(vs) > 0 {
+		a.Dims = []pgtype.ArrayDimension{{Length: int32(len(vs)), LowerBound: 1}}
+	}
+	return a
 }
 
 // insertEvents inserts evs (one per identifier), skipping identifiers
