@@ -9,6 +9,7 @@ import (
 
 	"github.com/tallybilling/tally/internal/customers"
 	"github.com/tallybilling/tally/internal/db"
+	"github.com/tallybilling/tally/internal/errs"
 )
 
 // consumeAnswer is a ConsumeResult as stored for idempotent replay.
@@ -35,6 +36,24 @@ func (s *Service) Consume(ctx context.Context, in ConsumeInput, key db.Idempoten
 	if err := in.Validate(); err != nil {
 		return ConsumeResult{}, false, err
 	}
+	if key.Key == "" {
+		return ConsumeResult{}, false, errs.InvalidField("Idempotency-Key", "the Idempotency-Key header is required")
+	}
+	if err := key.Validate(); err != nil {
+		return ConsumeResult{}, false, err
+	}
+	meta, err := metadataJSON(in.Metadata)
+	if err != nil {
+		return ConsumeResult{}, false, err
+	}
+	// Group commit (batch.go): the consume joins its shard's next batch.
+	d := s.batch.do(&consumeCall{ctx: ctx, in: in, key: key, meta: meta, done: make(chan consumeDone, 1)})
+	return d.res, d.replayed, d.err
+}
+
+// consumeOnce is the full path of one consume, in a transaction of its
+// own: what a batch hands over for whatever needs more than a draw.
+func (s *Service) consumeOnce(ctx context.Context, in ConsumeInput, key db.IdempotencyKey) (ConsumeResult, bool, error) {
 	a, replayed, err := once(ctx, s, key, "consume", func(tx *gorm.DB, threshold *int64) (consumeAnswer, error) {
 		r, err := consume(ctx, tx, s.now, in, threshold, key.Key, s.topUp)
 		return consumeAnswer(r), err

@@ -1,0 +1,208 @@
+-- Group commit for consumes (internal/credits/batch.go): one call of
+-- credits_consume_batch applies a batch of consumes gathered from
+-- concurrent requests, in order, each with its own idempotency record and
+-- its own answer, in the one implicit transaction of the statement that
+-- calls it. It is the whole of a consume in one round trip: the key's
+-- claim (or the replay of its stored answer), the balance row's lock, the
+-- expiry and hold-expiry checks, the draws in draw order (priority, then
+-- soonest expiry, then oldest) from what holds do not keep, the balance,
+-- the day's consumption rollup, the ledger entry and the stored answer.
+--
+-- A consume that is refused (insufficient credits, unknown customer, a key
+-- reused with another request, a key in flight) writes nothing and does
+-- not stop its neighbours. A consume that needs more than a draw (grants or
+-- holds due to expire first, a low-balance notice to fire, an automatic
+-- top-up to start, a key to take over) is answered 'defer' having written
+-- nothing, and so is every later consume of the same customer in the
+-- batch: the Go side then runs them, in order, through the full path
+-- (credits.consume inside db.Once), which does all of that.
+--
+-- items: [{"customer","scope","key","hash" (hex),"amount","reason",
+-- "metadata" (object),"id" (the ledger entry's id)}]. Answers, one row per
+-- item in input order: status ok (result is the stored answer), replay
+-- (result is the stored answer of the key's first request), reused,
+-- inflight, insufficient (balance, available), notfound, defer.
+
+-- +goose Up
+-- +goose StatementBegin
+CREATE FUNCTION credits_consume_batch(items jsonb, p_now timestamptz, p_default_threshold bigint, p_top_up boolean,
+                                      p_lease double precision, p_retention double precision)
+RETURNS TABLE (status text, result text, balance bigint, available bigint)
+LANGUAGE plpgsql AS $$
+DECLARE
+    it jsonb;
+    v_customer text; v_scope text; v_key text; v_hash bytea; v_amount bigint; v_id text;
+    deferred text[] := '{}';
+    n bigint;
+    k_hash bytea; k_result bytea; k_done boolean; k_expired boolean; k_abandoned boolean;
+    b_balance bigint; b_next_expiry timestamptz; b_held bigint; b_next_hold_expiry timestamptz;
+    b_notified boolean; b_threshold bigint; b_updated_at timestamptz; b_thresholds bigint[];
+    b_pending bigint; b_top_up_below bigint;
+    v_now timestamptz; v_spendable bigint; v_after bigint; v_below boolean;
+    v_bal_after bigint; v_drawn bigint; v_grants bigint; v_answer text;
+BEGIN
+    FOR it IN SELECT value FROM jsonb_array_elements(items) LOOP
+        v_customer := it->>'customer'; v_scope := it->>'scope'; v_key := it->>'key';
+        v_hash := decode(it->>'hash', 'hex'); v_amount := (it->>'amount')::bigint; v_id := it->>'id';
+        status := NULL; result := NULL; balance := NULL; available := NULL;
+        IF v_customer = ANY (deferred) THEN
+            status := 'defer'; RETURN NEXT; CONTINUE;
+        END IF;
+
+        -- The claim, as db.Once makes it: the INSERT waits for another
+        -- transaction holding the same key, then the row is ours or a
+        -- committed (or, within this batch, an earlier item's) one.
+        INSERT INTO idempotency_keys AS k (scope, key, request_hash, lease_expires_at)
+        VALUES (v_scope, v_key, v_hash, now() + make_interval(secs => p_lease))
+        ON CONFLICT DO NOTHING;
+        GET DIAGNOSTICS n = ROW_COUNT;
+        IF n = 0 THEN
+            SELECT k.request_hash, k.result, k.completed_at IS NOT NULL,
+                   k.created_at < now() - make_interval(secs => p_retention),
+                   COALESCE(k.lease_expires_at, k.created_at + make_interval(secs => p_lease)) < now()
+            INTO k_hash, k_result, k_done, k_expired, k_abandoned
+            FROM idempotency_keys k WHERE k.scope = v_scope AND k.key = v_key FOR UPDATE;
+            IF NOT FOUND OR k_expired OR (NOT k_done AND k_abandoned) THEN
+                -- Purged meanwhile, or to be taken over: the full path does it.
+                deferred := deferred || v_customer; status := 'defer'; RETURN NEXT; CONTINUE;
+            END IF;
+            IF k_hash <> v_hash THEN
+                status := 'reused';
+            ELSIF NOT k_done THEN
+                status := 'inflight';
+            ELSE
+                status := 'replay'; result := convert_from(k_result, 'UTF8');
+            END IF;
+            RETURN NEXT; CONTINUE;
+        END IF;
+
+        -- The money lock, and what lockAccount reads with it.
+        SELECT b.balance, b.next_expiry, b.held, b.next_hold_expiry, b.low_balance_notified,
+               COALESCE(c.low_balance_threshold, p_default_threshold, b.default_low_balance_threshold), b.updated_at,
+               c.low_balance_thresholds
+        INTO b_balance, b_next_expiry, b_held, b_next_hold_expiry, b_notified, b_threshold, b_updated_at, b_thresholds
+        FROM credit_balances b JOIN customers c ON c.id = b.customer_id
+        WHERE b.customer_id = v_customer
+        FOR UPDATE OF b SKIP LOCKED;
+        IF NOT FOUND AND EXISTS (SELECT 1 FROM credit_balances b WHERE b.customer_id = v_customer) THEN
+            -- Another transaction (a grant, a hold, the sweeper) has the
+            -- row. The full path waits for it and reads the clock once it
+            -- holds the lock, so that expiry is decided at the time the
+            -- consume happens (a batch's clock was read before it began).
+            DELETE FROM idempotency_keys k WHERE k.scope = v_scope AND k.key = v_key;
+            deferred := deferred || v_customer; status := 'defer'; RETURN NEXT; CONTINUE;
+        END IF;
+        IF NOT FOUND THEN
+            DELETE FROM idempotency_keys k WHERE k.scope = v_scope AND k.key = v_key;
+            IF EXISTS (SELECT 1 FROM customers c WHERE c.id = v_customer) THEN
+                status := 'insufficient'; balance := 0; available := 0;
+            ELSE
+                status := 'notfound';
+            END IF;
+            RETURN NEXT; CONTINUE;
+        END IF;
+        -- The batch's time: the clock read as it began (no lock was waited
+        -- for: see SKIP LOCKED above), never before the row's last change.
+        v_now := greatest(p_now, b_updated_at);
+        IF b_next_hold_expiry <= v_now OR b_next_expiry <= v_now THEN
+            -- Holds or grants to expire first: the full path writes those.
+            DELETE FROM idempotency_keys k WHERE k.scope = v_scope AND k.key = v_key;
+            deferred := deferred || v_customer; status := 'defer'; RETURN NEXT; CONTINUE;
+        END IF;
+        SELECT COALESCE(sum(g.remaining), 0)::bigint INTO b_pending FROM credit_grants g
+        WHERE g.customer_id = v_customer AND g.effective_at IS NOT NULL AND g.remaining > 0 AND g.effective_at > v_now;
+        v_spendable := b_balance - b_held - b_pending;
+        IF v_spendable < v_amount THEN
+            DELETE FROM idempotency_keys k WHERE k.scope = v_scope AND k.key = v_key;
+            status := 'insufficient'; balance := b_balance;
+            SELECT COALESCE(sum(g.remaining - g.held), 0)::bigint INTO available FROM credit_grants g
+            WHERE g.customer_id = v_customer AND g.remaining > g.held AND (g.expires_at IS NULL OR g.expires_at > v_now)
+              AND (g.effective_at IS NULL OR g.effective_at <= v_now);
+            RETURN NEXT; CONTINUE;
+        END IF;
+        v_after := v_spendable - v_amount;
+        v_below := b_threshold > 0 AND v_after < b_threshold;
+        b_top_up_below := 0;
+        IF p_top_up THEN
+            SELECT COALESCE((SELECT t.threshold FROM auto_top_up_settings t
+                             JOIN customer_payment_methods m ON m.customer_id = t.customer_id
+                             WHERE t.customer_id = v_customer AND t.enabled AND t.status = 'active' AND t.in_flight_payment_id IS NULL
+                               AND make_date(m.exp_year, m.exp_month, 1) + interval '1 month' > (v_now AT TIME ZONE 'UTC')
+                               AND (t.monthly_limit IS NULL OR t.month_count < t.monthly_limit
+                                    OR t.month_start IS DISTINCT FROM date_trunc('month', v_now AT TIME ZONE 'UTC')::date)), 0)
+            INTO b_top_up_below;
+        END IF;
+        IF (v_below AND NOT b_notified)
+           OR EXISTS (SELECT 1 FROM unnest(b_thresholds) t WHERE t <> b_threshold AND v_spendable >= t AND v_after < t)
+           OR (b_top_up_below > 0 AND v_after < b_top_up_below) THEN
+            -- A notice to fire or a top-up to start: the full path's
+            -- afterLowering does it in the consume's transaction.
+            DELETE FROM idempotency_keys k WHERE k.scope = v_scope AND k.key = v_key;
+            deferred := deferred || v_customer; status := 'defer'; RETURN NEXT; CONTINUE;
+        END IF;
+
+        -- The draws, the balance, the rollup and the ledger entry, as
+        -- credits.consumeSQL writes them.
+        WITH cand AS (
+            SELECT g.id, g.remaining - g.held AS free,
+                   (sum(g.remaining - g.held) OVER w)::bigint AS run,
+                   row_number() OVER w AS rn
+            FROM credit_grants g
+            WHERE g.customer_id = v_customer AND g.remaining > g.held
+              AND (g.expires_at IS NULL OR g.expires_at > v_now) AND (g.effective_at IS NULL OR g.effective_at <= v_now)
+            WINDOW w AS (ORDER BY g.priority, g.expires_at NULLS LAST, g.created_at, g.id)
+        ), draws AS (
+            SELECT cand.id, cand.rn, LEAST(cand.free, v_amount - (cand.run - cand.free)) AS take
+            FROM cand WHERE cand.run - cand.free < v_amount AND (SELECT max(run) FROM cand) >= v_amount
+        ), drawn AS (
+            UPDATE credit_grants g SET remaining = g.remaining - d.take
+            FROM draws d WHERE g.id = d.id
+            RETURNING g.id
+        ), bal AS (
+            UPDATE credit_balances b
+            SET balance = b.balance - v_amount, low_balance_notified = (v_below AND b_notified),
+                default_low_balance_threshold = COALESCE(p_default_threshold, b.default_low_balance_threshold),
+                updated_at = v_now
+            WHERE b.customer_id = v_customer AND EXISTS (SELECT 1 FROM draws)
+            RETURNING b.balance
+        ), rollup AS (
+            INSERT INTO credit_consumption_daily AS r (customer_id, day, consumed)
+            SELECT v_customer, (v_now AT TIME ZONE 'UTC')::date, v_amount
+            WHERE EXISTS (SELECT 1 FROM draws)
+            ON CONFLICT (customer_id, day) DO UPDATE SET consumed = r.consumed + excluded.consumed
+        )
+        INSERT INTO credit_ledger (id, customer_id, kind, amount, balance_after, reason, metadata, draws, idempotency_key, created_at)
+        SELECT v_id, v_customer, 'consume', -v_amount, bal.balance, it->>'reason', COALESCE(it->'metadata', '{}'::jsonb),
+               (SELECT jsonb_agg(jsonb_build_object('grant_id', d.id, 'amount', d.take) ORDER BY d.rn) FROM draws d),
+               v_key, v_now
+        FROM bal
+        RETURNING balance_after, (SELECT COALESCE(sum(take), 0)::bigint FROM draws), (SELECT count(*) FROM drawn)
+        INTO v_bal_after, v_drawn, v_grants;
+        IF NOT FOUND THEN
+            -- What holds do not keep covers it, but not all of it is
+            -- effective yet or unexpired: nothing was written.
+            DELETE FROM idempotency_keys k WHERE k.scope = v_scope AND k.key = v_key;
+            status := 'insufficient'; balance := b_balance;
+            SELECT COALESCE(sum(g.remaining - g.held), 0)::bigint INTO available FROM credit_grants g
+            WHERE g.customer_id = v_customer AND g.remaining > g.held AND (g.expires_at IS NULL OR g.expires_at > v_now)
+              AND (g.effective_at IS NULL OR g.effective_at <= v_now);
+            RETURN NEXT; CONTINUE;
+        END IF;
+        IF v_bal_after <> b_balance - v_amount OR v_drawn <> v_amount OR v_grants = 0 THEN
+            -- Fails the whole batch; the Go side then runs each consume on
+            -- its own, where this one fails alone.
+            RAISE EXCEPTION 'credits: consume of % for % drew % from % grants, balance %, expected %: balance row and grants disagree',
+                v_amount, v_customer, v_drawn, v_grants, v_bal_after, b_balance - v_amount;
+        END IF;
+        v_answer := jsonb_build_object('transaction_id', v_id, 'amount', v_amount, 'balance', v_bal_after)::text;
+        UPDATE idempotency_keys k SET result = convert_to(v_answer, 'UTF8'), completed_at = now()
+        WHERE k.scope = v_scope AND k.key = v_key;
+        status := 'ok'; result := v_answer; balance := v_bal_after;
+        RETURN NEXT;
+    END LOOP;
+END;
+$$;
+-- +goose StatementEnd
+
+-- +goose Down
+DROP FUNCTION credits_consume_batch(jsonb, timestamptz, bigint, boolean, double precision, double precision);
