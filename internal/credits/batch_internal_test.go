@@ -1,0 +1,241 @@
+package credits
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"strings"
+	"sync"
+	"testing"
+
+	"gorm.io/gorm"
+
+	"github.com/tallybilling/tally/internal/config"
+	"github.com/tallybilling/tally/internal/db"
+	"github.com/tallybilling/tally/internal/db/dbtest"
+	"github.com/tallybilling/tally/internal/errs"
+)
+
+// These tests drive the group commit itself: batches built by hand, so
+// that what shares one statement is certain, not a matter of timing.
+
+func batchService(t *testing.T) (*Service, *gorm.DB) {
+	t.Helper()
+	gdb := dbtest.New(t)
+	return New(Options{DB: gdb, Config: config.Default().Credits}), gdb
+}
+
+func batchKey(customer, k string, in ConsumeInput) db.IdempotencyKey {
+	b, _ := json.Marshal(in)
+	return db.IdempotencyKey{Scope: "customer:" + customer, Key: k, RequestHash: db.HashRequest(b)}
+}
+
+func batchGrant(t *testing.T, s *Service, customer string, amount int64) {
+	t.Helper()
+	in := GrantInput{CustomerID: customer, Amount: amount, Reason: "promo", Source: SourceService}
+	b, _ := json.Marshal(in)
+	if _, _, err := s.Grant(context.Background(), in, db.IdempotencyKey{Scope: "customer:" + customer, Key: "grant-" + db.NewID("k"), RequestHash: db.HashRequest(b)}); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func call(customer string, amount int64, k string) *consumeCall {
+	in := ConsumeInput{CustomerID: customer, Amount: amount, Reason: "api call"}
+	return &consumeCall{ctx: context.Background(), in: in, key: batchKey(customer, k, in), meta: "{}", done: make(chan consumeDone, 1)}
+}
+
+func balanceOf(t *testing.T, gdb *gorm.DB, customer string) int64 {
+	t.Helper()
+	var n int64
+	if err := gdb.Raw(`SELECT balance FROM credit_balances WHERE customer_id = ?`, customer).Scan(&n).Error; err != nil {
+		t.Fatal(err)
+	}
+	return n
+}
+
+func mustVerifyDB(t *testing.T, gdb *gorm.DB) {
+	t.Helper()
+	rep, err := Verify(context.Background(), gdb)
+	if err != nil || !rep.OK {
+		t.Fatalf("verify: %v %+v", err, rep.Problems)
+	}
+}
+
+// One batch: refusals (402, 404, a reused key) write nothing and fail no
+// neighbour; a duplicate key in the same batch spends once and replays the
+// first answer; a refused key is not stored, so it can succeed later.
+func TestOneBatchAnswersEachConsumeOnItsOwn(t *testing.T) {
+	t.Parallel()
+	s, gdb := batchService(t)
+	batchGrant(t, s, "rich", 10)
+	batchGrant(t, s, "poor", 1)
+	reusedBody := call("rich", 2, "a")
+	reusedBody.key.RequestHash = db.HashRequest([]byte("another body"))
+	batch := []*consumeCall{
+		call("rich", 3, "a"),
+		call("poor", 5, "b"), // 402
+		call("rich", 3, "a"), // the same request again: a replay
+		call("rich", 4, "c"),
+		reusedBody,             // key a with another body
+		call("ghost", 1, "g"),  // no such customer
+		call("rich", 4, "d"),   // 3 left: 402
+		call("poor", 1, "e"),   // the poor one's neighbours still run
+		call("rich", 3, "f"),   // exactly what is left
+		call("rich", 1, "h"),   // nothing left: 402
+		call("poor", 1, "e"),   // replay of e
+		call("poor", 1, "b2"),  // nothing left
+		call("rich", 3, "a"),   // replay again, later in the batch
+		call("ghost", 1, "g2"), // still no such customer
+	}
+	s.batch.run(batch)
+	got := make([]consumeDone, len(batch))
+	for i, c := range batch {
+		got[i] = <-c.done
+	}
+	wantOK := func(i int, balance int64, replayed bool) {
+		t.Helper()
+		if got[i].err != nil || got[i].res.Balance != balance || got[i].replayed != replayed {
+			t.Errorf("item %d: %+v, want balance %d replayed %t", i, got[i], balance, replayed)
+		}
+	}
+	wantErr := func(i int, code errs.Code) {
+		t.Helper()
+		if e, ok := errs.As(got[i].err); !ok || e.Code != code {
+			t.Errorf("item %d: %+v, want %s", i, got[i], code)
+		}
+	}
+	wantOK(0, 7, false)
+	wantErr(1, errs.InsufficientCredits)
+	wantOK(2, 7, true)
+	if got[2].res != got[0].res || got[12].res != got[0].res {
+		t.Errorf("replays %+v and %+v of %+v", got[2].res, got[12].res, got[0].res)
+	}
+	wantOK(3, 3, false)
+	wantErr(4, errs.IdempotencyKeyReused)
+	wantErr(5, errs.NotFound)
+	wantErr(6, errs.InsufficientCredits)
+	if e, _ := errs.As(got[6].err); e.Extra["available"] != int64(3) || e.Extra["balance"] != int64(3) {
+		t.Errorf("402 of item 6 says %v, want balance and available 3", e.Extra)
+	}
+	wantOK(7, 0, false)
+	wantOK(8, 0, false)
+	wantErr(9, errs.InsufficientCredits)
+	wantOK(10, 0, true)
+	wantErr(11, errs.InsufficientCredits)
+	wantOK(12, 7, true)
+	wantErr(13, errs.NotFound)
+	if b := balanceOf(t, gdb, "rich"); b != 0 {
+		t.Errorf("rich has %d, want 0", b)
+	}
+	var keys []string
+	if err := gdb.Raw(`SELECT key FROM idempotency_keys WHERE scope IN ('customer:rich', 'customer:poor', 'customer:ghost') AND key NOT LIKE 'grant-%' ORDER BY key`).Scan(&keys).Error; err != nil {
+		t.Fatal(err)
+	}
+	if fmt.Sprint(keys) != "[a c e f]" {
+		t.Errorf("stored keys %v, want those of the consumes that spent: [a c e f]", keys)
+	}
+	// A refused key was not stored: after a top-up it spends.
+	batchGrant(t, s, "poor", 5)
+	retry := call("poor", 5, "b")
+	s.batch.run([]*consumeCall{retry})
+	if d := <-retry.done; d.err != nil || d.replayed || d.res.Balance != 0 {
+		t.Fatalf("retry of the refused key after a top-up: %+v", d)
+	}
+	mustVerifyDB(t, gdb)
+}
+
+// A batch whose statement fails runs each of its consumes on its own: the
+// one that fails fails alone, and the others spend once.
+func TestAFailedBatchFailsOnlyTheConsumeThatFails(t *testing.T) {
+	t.Parallel()
+	s, gdb := batchService(t)
+	for _, c := range []string{"left", "cursed", "right"} {
+		batchGrant(t, s, c, 10)
+	}
+	// A ledger that refuses the cursed customer's entries, as a broken
+	// constraint would.
+	if err := gdb.Exec(`CREATE FUNCTION curse() RETURNS trigger LANGUAGE plpgsql AS $$
+		BEGIN IF NEW.customer_id = 'cursed' AND NEW.kind = 'consume' THEN RAISE EXCEPTION 'cursed'; END IF; RETURN NEW; END $$;
+		CREATE TRIGGER curse BEFORE INSERT ON credit_ledger FOR EACH ROW EXECUTE FUNCTION curse()`).Error; err != nil {
+		t.Fatal(err)
+	}
+	batch := []*consumeCall{call("left", 1, "l"), call("cursed", 1, "c"), call("right", 1, "r"), call("left", 1, "l")}
+	s.batch.run(batch)
+	for i, c := range batch {
+		d := <-c.done
+		if (i == 1) != (d.err != nil) {
+			t.Errorf("item %d: %+v", i, d)
+		}
+	}
+	if balanceOf(t, gdb, "left") != 9 || balanceOf(t, gdb, "right") != 9 || balanceOf(t, gdb, "cursed") != 10 {
+		t.Fatalf("balances %d %d %d, want 9 9 10", balanceOf(t, gdb, "left"), balanceOf(t, gdb, "right"), balanceOf(t, gdb, "cursed"))
+	}
+}
+
+// Many goroutines, many duplicates: each key spends once, every copy gets
+// the same answer, and exactly one copy is not a replay.
+func TestConcurrentDuplicatesThroughTheBatchesSpendOnce(t *testing.T) {
+	t.Parallel()
+	s, gdb := batchService(t)
+	customers := []string{"hot", "c1", "c2", "c3"}
+	for _, c := range customers {
+		batchGrant(t, s, c, 1000)
+	}
+	const keys, copies = 40, 5
+	type answer struct {
+		d   consumeDone
+		key string
+	}
+	out := make(chan answer, keys*copies)
+	var wg sync.WaitGroup
+	for k := range keys {
+		customer := customers[0]
+		if k%2 == 1 {
+			customer = customers[1+k%3]
+		}
+		for range copies {
+			wg.Go(func() {
+				in := ConsumeInput{CustomerID: customer, Amount: 3, Reason: "api call"}
+				res, replayed, err := s.Consume(context.Background(), in, batchKey(customer, fmt.Sprint("k", k), in))
+				out <- answer{consumeDone{res: res, replayed: replayed, err: err}, customer + "/" + fmt.Sprint(k)}
+			})
+		}
+	}
+	wg.Wait()
+	close(out)
+	first := map[string]ConsumeResult{}
+	fresh := map[string]int{}
+	for a := range out {
+		if a.d.err != nil {
+			t.Fatalf("%s: %v", a.key, a.d.err)
+		}
+		if r, ok := first[a.key]; ok && r != a.d.res {
+			t.Fatalf("%s answered %+v and %+v", a.key, r, a.d.res)
+		}
+		first[a.key] = a.d.res
+		if !a.d.replayed {
+			fresh[a.key]++
+		}
+	}
+	spent := map[string]int64{}
+	for k, n := range fresh {
+		if n != 1 {
+			t.Fatalf("%s applied %d times", k, n)
+		}
+	}
+	for k := range first {
+		c, _, _ := strings.Cut(k, "/")
+		spent[c] += 3
+	}
+	for _, c := range customers {
+		if b := balanceOf(t, gdb, c); b != 1000-spent[c] {
+			t.Errorf("%s has %d, want %d", c, b, 1000-spent[c])
+		}
+		var entries int64
+		gdb.Raw(`SELECT count(*) FROM credit_ledger WHERE customer_id = ? AND kind = 'consume'`, c).Scan(&entries)
+		if entries*3 != spent[c] {
+			t.Errorf("%s has %d consume entries for %d spent", c, entries, spent[c])
+		}
+	}
+	mustVerifyDB(t, gdb)
+}
