@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"hash/fnv"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/tallybilling/tally/internal/db"
@@ -47,29 +48,39 @@ const (
 	consumeBatchTimeout = 30 * time.Second
 )
 
-// consumeCall is one consume waiting for its batch.
-type consumeCall struct {
+// batchCall is one consume or capture waiting for its batch.
+type batchCall struct {
 	ctx  context.Context
-	in   ConsumeInput
-	key  db.IdempotencyKey
-	meta string
-	done chan consumeDone // buffered: the answer is sent once
+	item batchItem
+	// full runs the operation through the full path in a transaction of
+	// its own and returns its answer as stored for replay.
+	full func(ctx context.Context) ([]byte, bool, error)
+	done chan batchDone // buffered: the answer is sent once
 }
 
-type consumeDone struct {
-	res      ConsumeResult
+// batchDone is a call's answer: the JSON answer (as stored under its key),
+// whether it is a replay, or the error.
+type batchDone struct {
+	answer   []byte
 	replayed bool
 	err      error
+}
+
+func newBatchCall(ctx context.Context, item batchItem, full func(ctx context.Context) ([]byte, bool, error)) *batchCall {
+	return &batchCall{ctx: ctx, item: item, full: full, done: make(chan batchDone, 1)}
 }
 
 type consumeBatcher struct {
 	s      *Service
 	shards [consumeShards]consumeShard
+	// What went the full path: operations a batch deferred, and those of
+	// batches whose statement failed (for tests and the logs).
+	deferred, fellBack atomic.Int64
 }
 
 type consumeShard struct {
 	mu      sync.Mutex
-	queue   []*consumeCall
+	queue   []*batchCall
 	running bool
 }
 
@@ -83,8 +94,8 @@ func shardOf(customerID string) int {
 // still queued is taken out and applies nothing; once its batch has it, it
 // waits for the batch's answer (bounded by consumeBatchTimeout), so what it
 // returns is what happened.
-func (b *consumeBatcher) do(c *consumeCall) consumeDone {
-	sh := &b.shards[shardOf(c.in.CustomerID)]
+func (b *consumeBatcher) do(c *batchCall) batchDone {
+	sh := &b.shards[shardOf(c.item.Customer)]
 	sh.mu.Lock()
 	sh.queue = append(sh.queue, c)
 	if !sh.running {
@@ -102,7 +113,7 @@ func (b *consumeBatcher) do(c *consumeCall) consumeDone {
 		if q == c {
 			sh.queue = append(sh.queue[:i:i], sh.queue[i+1:]...)
 			sh.mu.Unlock()
-			return consumeDone{err: db.Translate(c.ctx.Err(), nil)}
+			return batchDone{err: db.Translate(c.ctx.Err(), nil)}
 		}
 	}
 	sh.mu.Unlock()
@@ -120,22 +131,32 @@ func (b *consumeBatcher) drain(sh *consumeShard) {
 			return
 		}
 		batch := sh.queue[:n:n]
-		sh.queue = append([]*consumeCall(nil), sh.queue[n:]...)
+		sh.queue = append([]*batchCall(nil), sh.queue[n:]...)
 		sh.mu.Unlock()
 		b.run(batch)
 	}
 }
 
-// batchItem is one consume as credits_consume_batch reads it.
+// batchItem is one operation as credits_consume_batch reads it.
 type batchItem struct {
-	Customer string          `json:"customer"`
-	Scope    string          `json:"scope"`
-	Key      string          `json:"key"`
-	Hash     string          `json:"hash"`
-	Amount   int64           `json:"amount"`
-	Reason   string          `json:"reason"`
-	Metadata json.RawMessage `json:"metadata"`
-	ID       string          `json:"id"`
+	Kind     string `json:"kind"` // KindConsume or "capture"
+	Customer string `json:"customer"`
+	Scope    string `json:"scope"`
+	Key      string `json:"key"`
+	Hash     string `json:"hash"`
+	// Amount is a consume's; a capture's, or null to capture all.
+	Amount   *int64          `json:"amount"`
+	Reason   string          `json:"reason,omitempty"`
+	Metadata json.RawMessage `json:"metadata,omitempty"`
+	Hold     string          `json:"hold,omitempty"`
+	// ID is the ledger entry's, made here.
+	ID string `json:"id"`
+}
+
+const kindCapture = "capture"
+
+func newBatchItem(kind, customer string, key db.IdempotencyKey) batchItem {
+	return batchItem{Kind: kind, Customer: customer, Scope: key.Scope, Key: key.Key, Hash: hex.EncodeToString(key.RequestHash)}
 }
 
 // batchAnswer is one row credits_consume_batch returns.
@@ -147,9 +168,9 @@ type batchAnswer struct {
 }
 
 // run applies batch and answers every call in it, whatever happens.
-func (b *consumeBatcher) run(batch []*consumeCall) {
+func (b *consumeBatcher) run(batch []*batchCall) {
 	answered := make([]bool, len(batch))
-	answer := func(i int, d consumeDone) {
+	answer := func(i int, d batchDone) {
 		if !answered[i] {
 			answered[i] = true
 			batch[i].done <- d
@@ -158,7 +179,7 @@ func (b *consumeBatcher) run(batch []*consumeCall) {
 	defer func() {
 		if p := recover(); p != nil {
 			for i := range batch {
-				answer(i, consumeDone{err: fmt.Errorf("credits: consume batch panicked: %v", p)})
+				answer(i, batchDone{err: fmt.Errorf("credits: consume batch panicked: %v", p)})
 			}
 		}
 	}()
@@ -167,10 +188,8 @@ func (b *consumeBatcher) run(batch []*consumeCall) {
 	defer cancel()
 	items := make([]batchItem, len(batch))
 	for i, c := range batch {
-		items[i] = batchItem{
-			Customer: c.in.CustomerID, Scope: c.key.Scope, Key: c.key.Key, Hash: hex.EncodeToString(c.key.RequestHash),
-			Amount: c.in.Amount, Reason: c.in.Reason, Metadata: json.RawMessage(c.meta), ID: db.NewID("ctx"),
-		}
+		items[i] = c.item
+		items[i].ID = db.NewID("ctx")
 	}
 	js, err := json.Marshal(items)
 	var rows []batchAnswer
@@ -186,60 +205,66 @@ func (b *consumeBatcher) run(batch []*consumeCall) {
 		err = fmt.Errorf("credits: consume batch of %d answered %d rows", len(batch), len(rows))
 	}
 	if err != nil {
-		// Nothing is known of the batch: each consume runs on its own,
+		// Nothing is known of the batch: each operation runs on its own,
 		// where a committed one replays and a failure is its own.
-		s.logger.Warn("credits: consume batch failed; running its consumes one by one", "size", len(batch), "err", err)
+		s.logger.Warn("credits: consume batch failed; running its operations one by one", "size", len(batch), "err", err)
+		b.fellBack.Add(int64(len(batch)))
 		for i, c := range batch {
-			answer(i, b.full(ctx, c))
+			answer(i, full(ctx, c))
 		}
 		return
 	}
 	var later []int
 	for i, r := range rows {
-		c := batch[i]
+		it := batch[i].item
 		switch r.Status {
 		case "ok", "replay":
-			var a consumeAnswer
 			if r.Result == nil {
-				answer(i, consumeDone{err: fmt.Errorf("credits: consume batch answered %s without a result", r.Status)})
+				answer(i, batchDone{err: fmt.Errorf("credits: consume batch answered %s without a result", r.Status)})
 				continue
 			}
-			if err := json.Unmarshal([]byte(*r.Result), &a); err != nil {
-				answer(i, consumeDone{err: fmt.Errorf("credits: stored consume answer: %w", err)})
-				continue
-			}
-			if r.Status == "ok" {
-				s.consumed.Add(float64(a.Amount))
-			}
-			answer(i, consumeDone{res: ConsumeResult(a), replayed: r.Status == "replay"})
+			answer(i, batchDone{answer: []byte(*r.Result), replayed: r.Status == "replay"})
 		case "reused":
-			answer(i, consumeDone{err: db.KeyReusedError()})
+			answer(i, batchDone{err: db.KeyReusedError()})
 		case "inflight":
-			answer(i, consumeDone{err: db.KeyInFlightError()})
+			answer(i, batchDone{err: db.KeyInFlightError()})
 		case "insufficient":
-			answer(i, consumeDone{err: insufficient(deref(r.Balance), deref(r.Available), c.in.Amount)})
+			answer(i, batchDone{err: insufficient(deref(r.Balance), deref(r.Available), deref(it.Amount))})
 		case "notfound":
-			answer(i, consumeDone{err: errs.E(errs.NotFound, "customer %s not found", c.in.CustomerID)})
+			answer(i, batchDone{err: errs.E(errs.NotFound, "customer %s not found", it.Customer)})
+		case "hold_notfound":
+			answer(i, batchDone{err: errs.E(errs.NotFound, "no hold %s for customer %s", it.Hold, it.Customer)})
+		case "hold_ended":
+			answer(i, batchDone{err: errs.E(errs.Conflict, "hold %s is %s, no longer active", it.Hold, derefString(r.Result))})
+		case "too_much":
+			answer(i, batchDone{err: errs.InvalidField("/amount", fmt.Sprintf("amount %d is more than the %d credits held", deref(it.Amount), deref(r.Balance)))})
 		case "defer":
 			later = append(later, i)
 		default:
-			answer(i, consumeDone{err: fmt.Errorf("credits: consume batch answered %q", r.Status)})
+			answer(i, batchDone{err: fmt.Errorf("credits: consume batch answered %q", r.Status)})
 		}
 	}
+	b.deferred.Add(int64(len(later)))
 	for _, i := range later {
-		answer(i, b.full(ctx, batch[i]))
+		answer(i, full(ctx, batch[i]))
 	}
 }
 
-// full runs one consume through the full path in a transaction of its own.
-func (b *consumeBatcher) full(ctx context.Context, c *consumeCall) consumeDone {
-	res, replayed, err := b.s.consumeOnce(ctx, c.in, c.key)
-	return consumeDone{res: res, replayed: replayed, err: err}
+func full(ctx context.Context, c *batchCall) batchDone {
+	a, replayed, err := c.full(ctx)
+	return batchDone{answer: a, replayed: replayed, err: err}
 }
 
 func deref(p *int64) int64 {
 	if p == nil {
 		return 0
+	}
+	return *p
+}
+
+func derefString(p *string) string {
+	if p == nil {
+		return ""
 	}
 	return *p
 }

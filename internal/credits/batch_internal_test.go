@@ -7,6 +7,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"gorm.io/gorm"
 
@@ -39,9 +40,23 @@ func batchGrant(t *testing.T, s *Service, customer string, amount int64) {
 	}
 }
 
-func call(customer string, amount int64, k string) *consumeCall {
-	in := ConsumeInput{CustomerID: customer, Amount: amount, Reason: "api call"}
-	return &consumeCall{ctx: context.Background(), in: in, key: batchKey(customer, k, in), meta: "{}", done: make(chan consumeDone, 1)}
+// result is a call's answer, decoded.
+type result struct {
+	res      ConsumeResult
+	replayed bool
+	err      error
+}
+
+func wait(c *batchCall) result {
+	d := <-c.done
+	if d.err != nil {
+		return result{err: d.err}
+	}
+	var a consumeAnswer
+	if err := json.Unmarshal(d.answer, &a); err != nil {
+		return result{err: err}
+	}
+	return result{res: ConsumeResult(a), replayed: d.replayed}
 }
 
 func balanceOf(t *testing.T, gdb *gorm.DB, customer string) int64 {
@@ -67,11 +82,15 @@ func mustVerifyDB(t *testing.T, gdb *gorm.DB) {
 func TestOneBatchAnswersEachConsumeOnItsOwn(t *testing.T) {
 	t.Parallel()
 	s, gdb := batchService(t)
+	call := func(customer string, amount int64, k string) *batchCall {
+		in := ConsumeInput{CustomerID: customer, Amount: amount, Reason: "api call"}
+		return s.consumeCall(context.Background(), in, batchKey(customer, k, in), "{}")
+	}
 	batchGrant(t, s, "rich", 10)
 	batchGrant(t, s, "poor", 1)
 	reusedBody := call("rich", 2, "a")
-	reusedBody.key.RequestHash = db.HashRequest([]byte("another body"))
-	batch := []*consumeCall{
+	reusedBody.item.Hash = "00"
+	batch := []*batchCall{
 		call("rich", 3, "a"),
 		call("poor", 5, "b"), // 402
 		call("rich", 3, "a"), // the same request again: a replay
@@ -88,9 +107,12 @@ func TestOneBatchAnswersEachConsumeOnItsOwn(t *testing.T) {
 		call("ghost", 1, "g2"), // still no such customer
 	}
 	s.batch.run(batch)
-	got := make([]consumeDone, len(batch))
+	if n, m := s.batch.deferred.Load(), s.batch.fellBack.Load(); n != 0 || m != 0 {
+		t.Errorf("%d consumes deferred, %d fell back: the batch did not apply them itself", n, m)
+	}
+	got := make([]result, len(batch))
 	for i, c := range batch {
-		got[i] = <-c.done
+		got[i] = wait(c)
 	}
 	wantOK := func(i int, balance int64, replayed bool) {
 		t.Helper()
@@ -137,8 +159,8 @@ func TestOneBatchAnswersEachConsumeOnItsOwn(t *testing.T) {
 	// A refused key was not stored: after a top-up it spends.
 	batchGrant(t, s, "poor", 5)
 	retry := call("poor", 5, "b")
-	s.batch.run([]*consumeCall{retry})
-	if d := <-retry.done; d.err != nil || d.replayed || d.res.Balance != 0 {
+	s.batch.run([]*batchCall{retry})
+	if d := wait(retry); d.err != nil || d.replayed || d.res.Balance != 0 {
 		t.Fatalf("retry of the refused key after a top-up: %+v", d)
 	}
 	mustVerifyDB(t, gdb)
@@ -149,6 +171,10 @@ func TestOneBatchAnswersEachConsumeOnItsOwn(t *testing.T) {
 func TestAFailedBatchFailsOnlyTheConsumeThatFails(t *testing.T) {
 	t.Parallel()
 	s, gdb := batchService(t)
+	call := func(customer string, amount int64, k string) *batchCall {
+		in := ConsumeInput{CustomerID: customer, Amount: amount, Reason: "api call"}
+		return s.consumeCall(context.Background(), in, batchKey(customer, k, in), "{}")
+	}
 	for _, c := range []string{"left", "cursed", "right"} {
 		batchGrant(t, s, c, 10)
 	}
@@ -159,10 +185,10 @@ func TestAFailedBatchFailsOnlyTheConsumeThatFails(t *testing.T) {
 		CREATE TRIGGER curse BEFORE INSERT ON credit_ledger FOR EACH ROW EXECUTE FUNCTION curse()`).Error; err != nil {
 		t.Fatal(err)
 	}
-	batch := []*consumeCall{call("left", 1, "l"), call("cursed", 1, "c"), call("right", 1, "r"), call("left", 1, "l")}
+	batch := []*batchCall{call("left", 1, "l"), call("cursed", 1, "c"), call("right", 1, "r"), call("left", 1, "l")}
 	s.batch.run(batch)
 	for i, c := range batch {
-		d := <-c.done
+		d := wait(c)
 		if (i == 1) != (d.err != nil) {
 			t.Errorf("item %d: %+v", i, d)
 		}
@@ -183,7 +209,7 @@ func TestConcurrentDuplicatesThroughTheBatchesSpendOnce(t *testing.T) {
 	}
 	const keys, copies = 40, 5
 	type answer struct {
-		d   consumeDone
+		d   result
 		key string
 	}
 	out := make(chan answer, keys*copies)
@@ -197,7 +223,7 @@ func TestConcurrentDuplicatesThroughTheBatchesSpendOnce(t *testing.T) {
 			wg.Go(func() {
 				in := ConsumeInput{CustomerID: customer, Amount: 3, Reason: "api call"}
 				res, replayed, err := s.Consume(context.Background(), in, batchKey(customer, fmt.Sprint("k", k), in))
-				out <- answer{consumeDone{res: res, replayed: replayed, err: err}, customer + "/" + fmt.Sprint(k)}
+				out <- answer{result{res: res, replayed: replayed, err: err}, customer + "/" + fmt.Sprint(k)}
 			})
 		}
 	}
@@ -236,6 +262,116 @@ func TestConcurrentDuplicatesThroughTheBatchesSpendOnce(t *testing.T) {
 		if entries*3 != spent[c] {
 			t.Errorf("%s has %d consume entries for %d spent", c, entries, spent[c])
 		}
+	}
+	mustVerifyDB(t, gdb)
+}
+
+// snapshot is what a customer's credits look like in the database, with
+// the customer's own ids left out, so two customers can be compared.
+func snapshot(t *testing.T, gdb *gorm.DB, customer string) string {
+	t.Helper()
+	var out []string
+	for _, q := range []string{
+		`SELECT balance, held, next_expiry, next_hold_expiry, low_balance_notified, updated_at FROM credit_balances WHERE customer_id = ?`,
+		`SELECT amount, remaining, held, expires_at FROM credit_grants WHERE customer_id = ? ORDER BY created_at, amount`,
+		`SELECT l.kind, l.amount, l.balance_after, l.reason, l.metadata, l.hold_id IS NOT NULL AS for_hold, l.idempotency_key,
+		        (SELECT jsonb_agg(jsonb_build_object('amount', d->'amount', 'grant', g.amount)) FROM jsonb_array_elements(l.draws) d
+		         JOIN credit_grants g ON g.id = d->>'grant_id') AS draws, l.created_at
+		 FROM credit_ledger l WHERE customer_id = ? ORDER BY seq`,
+		`SELECT status, amount, captured, released, transaction_id IS NOT NULL AS has_tx, ended_at FROM credit_holds WHERE customer_id = ? ORDER BY created_at`,
+		`SELECT type, data - 'id' - 'customer_id' - 'hold_id' - 'transaction_id' - 'grant_id' AS data FROM events WHERE customer_id = ? ORDER BY id`,
+		`SELECT day, consumed FROM credit_consumption_daily WHERE customer_id = ?`,
+	} {
+		var rows []map[string]any
+		if err := gdb.Raw(q, customer).Scan(&rows).Error; err != nil {
+			t.Fatal(err)
+		}
+		out = append(out, fmt.Sprint(rows))
+	}
+	return strings.Join(out, "\n")
+}
+
+// A capture in a batch (credits_capture_one) writes exactly what the full
+// path (endHold) writes: balance row, grants, ledger entry, hold, events,
+// rollup. Refusals in the same batch (an ended hold, too much, no such
+// hold) write nothing, and a duplicate key replays.
+func TestCaptureInABatchWritesWhatTheFullPathWrites(t *testing.T) {
+	t.Parallel()
+	gdb := dbtest.New(t)
+	clock := time.Date(2026, 5, 1, 12, 0, 0, 0, time.UTC)
+	s := New(Options{DB: gdb, Config: config.Default().Credits, Now: func() time.Time { return clock }})
+	later := clock.Add(48 * time.Hour)
+	holds := map[string]string{}
+	for _, c := range []string{"fast", "slow"} {
+		for _, g := range []GrantInput{
+			{CustomerID: c, Amount: 5, Reason: "never expires", Source: SourceService},
+			{CustomerID: c, Amount: 10, Reason: "expires", Source: SourceService, ExpiresAt: &later},
+		} {
+			b, _ := json.Marshal(g)
+			if _, _, err := s.Grant(context.Background(), g, db.IdempotencyKey{Scope: "customer:" + c, Key: "g" + g.Reason, RequestHash: db.HashRequest(b)}); err != nil {
+				t.Fatal(err)
+			}
+		}
+		in := HoldInput{CustomerID: c, Amount: 12, Reason: "job", Metadata: map[string]string{"job": "7"}}
+		b, _ := json.Marshal(in)
+		h, _, err := s.Hold(context.Background(), in, db.IdempotencyKey{Scope: "customer:" + c, Key: "h", RequestHash: db.HashRequest(b)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		holds[c] = h.HoldID
+	}
+	clock = clock.Add(time.Minute)
+	capture := func(customer, hold, k string, amount *int64) *batchCall {
+		in := CaptureInput{CustomerID: customer, HoldID: hold, Amount: amount}
+		b, _ := json.Marshal(in)
+		key := db.IdempotencyKey{Scope: "customer:" + customer, Key: k, RequestHash: db.HashRequest(b)}
+		item := newBatchItem(kindCapture, customer, key)
+		item.Amount, item.Hold = amount, hold
+		return newBatchCall(context.Background(), item, func(ctx context.Context) ([]byte, bool, error) {
+			return onceRaw(ctx, s, key, func(tx *gorm.DB, threshold *int64) (HoldEnd, error) {
+				return endHold(ctx, tx, s.now, customer, hold, true, amount, threshold, key.Key, s.topUp)
+			})
+		})
+	}
+	eleven, nine := int64(11), int64(13)
+	slow := capture("slow", holds["slow"], "c", &eleven)
+	if d := full(context.Background(), slow); d.err != nil {
+		t.Fatal(d.err)
+	}
+	batch := []*batchCall{
+		capture("fast", holds["fast"], "x", &nine),     // more than held
+		capture("fast", "hld_nosuch", "y", nil),        // no such hold
+		capture("fast", holds["fast"], "c", &eleven),   // the capture
+		capture("fast", holds["fast"], "c", &eleven),   // its duplicate: a replay
+		capture("fast", holds["fast"], "z", nil),       // the hold has ended
+		capture("nobody", holds["fast"], "n", &eleven), // no such customer
+	}
+	s.batch.run(batch)
+	if n, m := s.batch.deferred.Load(), s.batch.fellBack.Load(); n != 0 || m != 0 {
+		t.Errorf("%d operations deferred, %d fell back: the batch did not apply them itself", n, m)
+	}
+	var answers []batchDone
+	for _, c := range batch {
+		answers = append(answers, <-c.done)
+	}
+	for i, code := range map[int]errs.Code{0: errs.Invalid, 1: errs.NotFound, 4: errs.Conflict, 5: errs.NotFound} {
+		if e, ok := errs.As(answers[i].err); !ok || e.Code != code {
+			t.Errorf("item %d: %+v, want %s", i, answers[i], code)
+		}
+	}
+	if answers[2].err != nil || answers[2].replayed || answers[3].err != nil || !answers[3].replayed || string(answers[2].answer) != string(answers[3].answer) {
+		t.Fatalf("capture and its duplicate: %+v / %+v", answers[2], answers[3])
+	}
+	var fast, slowEnd HoldEnd
+	_ = json.Unmarshal(answers[2].answer, &fast)
+	d := full(context.Background(), slow) // a replay now
+	_ = json.Unmarshal(d.answer, &slowEnd)
+	fast.HoldID, fast.TransactionID, slowEnd.HoldID, slowEnd.TransactionID = "", "", "", ""
+	if fast != slowEnd || fast.Captured != 11 || fast.Released != 1 || fast.Balance != 4 || fast.Available != 4 {
+		t.Errorf("batch answered %+v, the full path %+v", fast, slowEnd)
+	}
+	if a, b := snapshot(t, gdb, "fast"), snapshot(t, gdb, "slow"); a != b {
+		t.Errorf("the batch wrote\n%s\nthe full path\n%s", a, b)
 	}
 	mustVerifyDB(t, gdb)
 }

@@ -2,6 +2,7 @@ package credits
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"time"
 
@@ -47,24 +48,30 @@ func (s *Service) Consume(ctx context.Context, in ConsumeInput, key db.Idempoten
 		return ConsumeResult{}, false, err
 	}
 	// Group commit (batch.go): the consume joins its shard's next batch.
-	d := s.batch.do(&consumeCall{ctx: ctx, in: in, key: key, meta: meta, done: make(chan consumeDone, 1)})
-	return d.res, d.replayed, d.err
-}
-
-// consumeOnce is the full path of one consume, in a transaction of its
-// own: what a batch hands over for whatever needs more than a draw.
-func (s *Service) consumeOnce(ctx context.Context, in ConsumeInput, key db.IdempotencyKey) (ConsumeResult, bool, error) {
-	a, replayed, err := once(ctx, s, key, "consume", func(tx *gorm.DB, threshold *int64) (consumeAnswer, error) {
-		r, err := consume(ctx, tx, s.now, in, threshold, key.Key, s.topUp)
-		return consumeAnswer(r), err
-	})
-	if err != nil {
-		return ConsumeResult{}, false, err
+	d := s.batch.do(s.consumeCall(ctx, in, key, meta))
+	if d.err != nil {
+		return ConsumeResult{}, false, d.err
 	}
-	if !replayed {
+	var a consumeAnswer
+	if err := json.Unmarshal(d.answer, &a); err != nil {
+		return ConsumeResult{}, false, fmt.Errorf("credits: stored consume answer: %w", err)
+	}
+	if !d.replayed {
 		s.consumed.Add(float64(a.Amount))
 	}
-	return ConsumeResult(a), replayed, nil
+	return ConsumeResult(a), d.replayed, nil
+}
+
+// consumeCall is the consume as a batch takes it, with its full path.
+func (s *Service) consumeCall(ctx context.Context, in ConsumeInput, key db.IdempotencyKey, meta string) *batchCall {
+	item := newBatchItem(KindConsume, in.CustomerID, key)
+	item.Amount, item.Reason, item.Metadata = &in.Amount, in.Reason, json.RawMessage(meta)
+	return newBatchCall(ctx, item, func(ctx context.Context) ([]byte, bool, error) {
+		return onceRaw(ctx, s, key, func(tx *gorm.DB, threshold *int64) (consumeAnswer, error) {
+			r, err := consume(ctx, tx, s.now, in, threshold, key.Key, s.topUp)
+			return consumeAnswer(r), err
+		})
+	})
 }
 
 // consumeSQL draws amount from what is available of the customer's

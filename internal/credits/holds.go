@@ -251,13 +251,32 @@ func (s *Service) Capture(ctx context.Context, in CaptureInput, key db.Idempoten
 	if in.Amount != nil && *in.Amount < 0 {
 		return HoldEnd{}, false, errs.InvalidField("/amount", "amount must not be negative")
 	}
-	end, replayed, err := once(ctx, s, key, "capture", func(tx *gorm.DB, threshold *int64) (HoldEnd, error) {
-		return endHold(ctx, tx, s.now, in.CustomerID, in.HoldID, true, in.Amount, threshold, key.Key, s.topUp)
-	})
-	if err == nil && !replayed {
+	if key.Key == "" {
+		return HoldEnd{}, false, errs.InvalidField("Idempotency-Key", "the Idempotency-Key header is required")
+	}
+	if err := key.Validate(); err != nil {
+		return HoldEnd{}, false, err
+	}
+	// A capture spends like a consume, through the same batches (batch.go,
+	// credits_capture_one).
+	item := newBatchItem(kindCapture, in.CustomerID, key)
+	item.Amount, item.Hold = in.Amount, in.HoldID
+	d := s.batch.do(newBatchCall(ctx, item, func(ctx context.Context) ([]byte, bool, error) {
+		return onceRaw(ctx, s, key, func(tx *gorm.DB, threshold *int64) (HoldEnd, error) {
+			return endHold(ctx, tx, s.now, in.CustomerID, in.HoldID, true, in.Amount, threshold, key.Key, s.topUp)
+		})
+	}))
+	if d.err != nil {
+		return HoldEnd{}, false, d.err
+	}
+	var end HoldEnd
+	if err := json.Unmarshal(d.answer, &end); err != nil {
+		return HoldEnd{}, false, fmt.Errorf("credits: stored capture answer: %w", err)
+	}
+	if !d.replayed {
 		s.consumed.Add(float64(end.Captured))
 	}
-	return end, replayed, err
+	return end, d.replayed, nil
 }
 
 // Release ends an active hold and gives all its credits back to their

@@ -17,13 +17,309 @@
 -- batch: the Go side then runs them, in order, through the full path
 -- (credits.consume inside db.Once), which does all of that.
 --
--- items: [{"customer","scope","key","hash" (hex),"amount","reason",
--- "metadata" (object),"id" (the ledger entry's id)}]. Answers, one row per
--- item in input order: status ok (result is the stored answer), replay
--- (result is the stored answer of the key's first request), reused,
--- inflight, insufficient (balance, available), notfound, defer.
+-- A hold's capture is a consume too (it spends with a consume entry) and
+-- is applied by the same call: credits_capture_one, beside
+-- credits_consume_one, with the same claim before and the same answers.
+--
+-- items: [{"kind" (consume, capture),"customer","scope","key","hash"
+-- (hex),"id" (the ledger entry's id), and for a consume "amount","reason",
+-- "metadata" (object); for a capture "hold","amount" (null: all)}].
+-- Answers, one row per item in input order: status ok (result is the
+-- stored answer), replay (result is the stored answer of the key's first
+-- request), reused, inflight, insufficient (balance, available), notfound
+-- (the customer), defer; for a capture also hold_notfound, hold_ended
+-- (result: the hold's status), too_much (balance: what the hold has).
 
 -- +goose Up
+-- +goose StatementBegin
+CREATE FUNCTION credits_consume_one(it jsonb, p_now timestamptz, p_default_threshold bigint, p_top_up boolean,
+                                    OUT status text, OUT result text, OUT balance bigint, OUT available bigint)
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_customer text := it->>'customer'; v_scope text := it->>'scope'; v_key text := it->>'key';
+    v_amount bigint := (it->>'amount')::bigint; v_id text := it->>'id';
+    b_balance bigint; b_next_expiry timestamptz; b_held bigint; b_next_hold_expiry timestamptz;
+    b_notified boolean; b_threshold bigint; b_updated_at timestamptz; b_thresholds bigint[];
+    b_pending bigint; b_top_up_below bigint;
+    v_now timestamptz; v_spendable bigint; v_after bigint; v_below boolean;
+    v_bal_after bigint; v_drawn bigint; v_grants bigint; v_answer text;
+BEGIN
+    -- The money lock, and what lockAccount reads with it.
+    SELECT b.balance, b.next_expiry, b.held, b.next_hold_expiry, b.low_balance_notified,
+           COALESCE(c.low_balance_threshold, p_default_threshold, b.default_low_balance_threshold), b.updated_at,
+           c.low_balance_thresholds
+    INTO b_balance, b_next_expiry, b_held, b_next_hold_expiry, b_notified, b_threshold, b_updated_at, b_thresholds
+    FROM credit_balances b JOIN customers c ON c.id = b.customer_id
+    WHERE b.customer_id = v_customer
+    FOR UPDATE OF b SKIP LOCKED;
+    IF NOT FOUND AND EXISTS (SELECT 1 FROM credit_balances b WHERE b.customer_id = v_customer) THEN
+        -- Another transaction (a grant, a hold, the sweeper) has the
+        -- row. The full path waits for it and reads the clock once it
+        -- holds the lock, so that expiry is decided at the time the
+        -- consume happens (a batch's clock was read before it began).
+        DELETE FROM idempotency_keys k WHERE k.scope = v_scope AND k.key = v_key;
+        status := 'defer'; RETURN;
+    END IF;
+    IF NOT FOUND THEN
+        DELETE FROM idempotency_keys k WHERE k.scope = v_scope AND k.key = v_key;
+        IF EXISTS (SELECT 1 FROM customers c WHERE c.id = v_customer) THEN
+            status := 'insufficient'; balance := 0; available := 0;
+        ELSE
+            status := 'notfound';
+        END IF;
+        RETURN;
+    END IF;
+    -- The batch's time: the clock read as it began (no lock was waited
+    -- for: see SKIP LOCKED above), never before the row's last change.
+    v_now := greatest(p_now, b_updated_at);
+    IF b_next_hold_expiry <= v_now OR b_next_expiry <= v_now THEN
+        -- Holds or grants to expire first: the full path writes those.
+        DELETE FROM idempotency_keys k WHERE k.scope = v_scope AND k.key = v_key;
+        status := 'defer'; RETURN;
+    END IF;
+    SELECT COALESCE(sum(g.remaining), 0)::bigint INTO b_pending FROM credit_grants g
+    WHERE g.customer_id = v_customer AND g.effective_at IS NOT NULL AND g.remaining > 0 AND g.effective_at > v_now;
+    v_spendable := b_balance - b_held - b_pending;
+    IF v_spendable < v_amount THEN
+        DELETE FROM idempotency_keys k WHERE k.scope = v_scope AND k.key = v_key;
+        status := 'insufficient'; balance := b_balance;
+        SELECT COALESCE(sum(g.remaining - g.held), 0)::bigint INTO available FROM credit_grants g
+        WHERE g.customer_id = v_customer AND g.remaining > g.held AND (g.expires_at IS NULL OR g.expires_at > v_now)
+          AND (g.effective_at IS NULL OR g.effective_at <= v_now);
+        RETURN;
+    END IF;
+    v_after := v_spendable - v_amount;
+    v_below := b_threshold > 0 AND v_after < b_threshold;
+    b_top_up_below := 0;
+    IF p_top_up THEN
+        SELECT COALESCE((SELECT t.threshold FROM auto_top_up_settings t
+                         JOIN customer_payment_methods m ON m.customer_id = t.customer_id
+                         WHERE t.customer_id = v_customer AND t.enabled AND t.status = 'active' AND t.in_flight_payment_id IS NULL
+                           AND make_date(m.exp_year, m.exp_month, 1) + interval '1 month' > (v_now AT TIME ZONE 'UTC')
+                           AND (t.monthly_limit IS NULL OR t.month_count < t.monthly_limit
+                                OR t.month_start IS DISTINCT FROM date_trunc('month', v_now AT TIME ZONE 'UTC')::date)), 0)
+        INTO b_top_up_below;
+    END IF;
+    IF (v_below AND NOT b_notified)
+       OR EXISTS (SELECT 1 FROM unnest(b_thresholds) t WHERE t <> b_threshold AND v_spendable >= t AND v_after < t)
+       OR (b_top_up_below > 0 AND v_after < b_top_up_below) THEN
+        -- A notice to fire or a top-up to start: the full path's
+        -- afterLowering does it in the consume's transaction.
+        DELETE FROM idempotency_keys k WHERE k.scope = v_scope AND k.key = v_key;
+        status := 'defer'; RETURN;
+    END IF;
+
+    -- The draws, the balance, the rollup and the ledger entry, as
+    -- credits.consumeSQL writes them.
+    WITH cand AS (
+        SELECT g.id, g.remaining - g.held AS free,
+               (sum(g.remaining - g.held) OVER w)::bigint AS run,
+               row_number() OVER w AS rn
+        FROM credit_grants g
+        WHERE g.customer_id = v_customer AND g.remaining > g.held
+          AND (g.expires_at IS NULL OR g.expires_at > v_now) AND (g.effective_at IS NULL OR g.effective_at <= v_now)
+        WINDOW w AS (ORDER BY g.priority, g.expires_at NULLS LAST, g.created_at, g.id)
+    ), draws AS (
+        SELECT cand.id, cand.rn, LEAST(cand.free, v_amount - (cand.run - cand.free)) AS take
+        FROM cand WHERE cand.run - cand.free < v_amount AND (SELECT max(run) FROM cand) >= v_amount
+    ), drawn AS (
+        UPDATE credit_grants g SET remaining = g.remaining - d.take
+        FROM draws d WHERE g.id = d.id
+        RETURNING g.id
+    ), bal AS (
+        UPDATE credit_balances b
+        SET balance = b.balance - v_amount, low_balance_notified = (v_below AND b_notified),
+            default_low_balance_threshold = COALESCE(p_default_threshold, b.default_low_balance_threshold),
+            updated_at = v_now
+        WHERE b.customer_id = v_customer AND EXISTS (SELECT 1 FROM draws)
+        RETURNING b.balance
+    ), rollup AS (
+        INSERT INTO credit_consumption_daily AS r (customer_id, day, consumed)
+        SELECT v_customer, (v_now AT TIME ZONE 'UTC')::date, v_amount
+        WHERE EXISTS (SELECT 1 FROM draws)
+        ON CONFLICT (customer_id, day) DO UPDATE SET consumed = r.consumed + excluded.consumed
+    )
+    INSERT INTO credit_ledger (id, customer_id, kind, amount, balance_after, reason, metadata, draws, idempotency_key, created_at)
+    SELECT v_id, v_customer, 'consume', -v_amount, bal.balance, it->>'reason', COALESCE(it->'metadata', '{}'::jsonb),
+           (SELECT jsonb_agg(jsonb_build_object('grant_id', d.id, 'amount', d.take) ORDER BY d.rn) FROM draws d),
+           v_key, v_now
+    FROM bal
+    RETURNING balance_after, (SELECT COALESCE(sum(take), 0)::bigint FROM draws), (SELECT count(*) FROM drawn)
+    INTO v_bal_after, v_drawn, v_grants;
+    IF NOT FOUND THEN
+        -- What holds do not keep covers it, but not all of it is
+        -- effective yet or unexpired: nothing was written.
+        DELETE FROM idempotency_keys k WHERE k.scope = v_scope AND k.key = v_key;
+        status := 'insufficient'; balance := b_balance;
+        SELECT COALESCE(sum(g.remaining - g.held), 0)::bigint INTO available FROM credit_grants g
+        WHERE g.customer_id = v_customer AND g.remaining > g.held AND (g.expires_at IS NULL OR g.expires_at > v_now)
+          AND (g.effective_at IS NULL OR g.effective_at <= v_now);
+        RETURN;
+    END IF;
+    IF v_bal_after <> b_balance - v_amount OR v_drawn <> v_amount OR v_grants = 0 THEN
+        -- Fails the whole batch; the Go side then runs each consume on
+        -- its own, where this one fails alone.
+        RAISE EXCEPTION 'credits: consume of % for % drew % from % grants, balance %, expected %: balance row and grants disagree',
+            v_amount, v_customer, v_drawn, v_grants, v_bal_after, b_balance - v_amount;
+    END IF;
+    v_answer := jsonb_build_object('transaction_id', v_id, 'amount', v_amount, 'balance', v_bal_after)::text;
+    UPDATE idempotency_keys k SET result = convert_to(v_answer, 'UTF8'), completed_at = now()
+    WHERE k.scope = v_scope AND k.key = v_key;
+    status := 'ok'; result := v_answer; balance := v_bal_after;
+END;
+$$;
+-- +goose StatementEnd
+
+-- +goose StatementBegin
+CREATE FUNCTION credits_capture_one(it jsonb, p_now timestamptz, p_default_threshold bigint, p_top_up boolean,
+                                    OUT status text, OUT result text, OUT balance bigint, OUT available bigint)
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_customer text := it->>'customer'; v_scope text := it->>'scope'; v_key text := it->>'key';
+    v_hold text := it->>'hold'; v_id text := it->>'id';
+    b_balance bigint; b_next_expiry timestamptz; b_held bigint; b_next_hold_expiry timestamptz;
+    b_notified boolean; b_threshold bigint; b_updated_at timestamptz; b_thresholds bigint[];
+    b_pending bigint; b_top_up_below bigint;
+    h credit_holds%ROWTYPE;
+    v_now timestamptz; v_captured bigint; v_before bigint; v_after bigint; v_below boolean; v_fire boolean;
+    v_parts jsonb; v_spent jsonb; v_next_expiry timestamptz; v_answer text; v_tx text;
+BEGIN
+    SELECT b.balance, b.next_expiry, b.held, b.next_hold_expiry, b.low_balance_notified,
+           COALESCE(c.low_balance_threshold, p_default_threshold, b.default_low_balance_threshold), b.updated_at,
+           c.low_balance_thresholds
+    INTO b_balance, b_next_expiry, b_held, b_next_hold_expiry, b_notified, b_threshold, b_updated_at, b_thresholds
+    FROM credit_balances b JOIN customers c ON c.id = b.customer_id
+    WHERE b.customer_id = v_customer
+    FOR UPDATE OF b SKIP LOCKED;
+    IF NOT FOUND AND EXISTS (SELECT 1 FROM credit_balances b WHERE b.customer_id = v_customer) THEN
+        -- Locked by another transaction: as for a consume.
+        DELETE FROM idempotency_keys k WHERE k.scope = v_scope AND k.key = v_key;
+        status := 'defer'; RETURN;
+    END IF;
+    IF NOT FOUND THEN
+        DELETE FROM idempotency_keys k WHERE k.scope = v_scope AND k.key = v_key;
+        IF EXISTS (SELECT 1 FROM customers c WHERE c.id = v_customer) THEN
+            status := 'hold_notfound';
+        ELSE
+            status := 'notfound';
+        END IF;
+        RETURN;
+    END IF;
+    v_now := greatest(p_now, b_updated_at);
+    IF b_next_hold_expiry <= v_now OR b_next_expiry <= v_now THEN
+        -- Holds or grants to expire first (an expired hold is never
+        -- captured): the full path releases and expires them.
+        DELETE FROM idempotency_keys k WHERE k.scope = v_scope AND k.key = v_key;
+        status := 'defer'; RETURN;
+    END IF;
+    SELECT * INTO h FROM credit_holds WHERE id = v_hold AND customer_id = v_customer FOR UPDATE;
+    IF NOT FOUND THEN
+        DELETE FROM idempotency_keys k WHERE k.scope = v_scope AND k.key = v_key;
+        status := 'hold_notfound'; RETURN;
+    END IF;
+    IF h.status <> 'active' THEN
+        DELETE FROM idempotency_keys k WHERE k.scope = v_scope AND k.key = v_key;
+        status := 'hold_ended'; result := h.status; RETURN;
+    END IF;
+    v_captured := COALESCE((it->>'amount')::bigint, h.amount);
+    IF v_captured > h.amount THEN
+        DELETE FROM idempotency_keys k WHERE k.scope = v_scope AND k.key = v_key;
+        status := 'too_much'; balance := h.amount; RETURN;
+    END IF;
+    -- What the hold kept of each grant, and what the capture takes of it,
+    -- spent from the hold's draws in their order.
+    SELECT COALESCE(jsonb_agg(jsonb_build_object('grant_id', d.grant_id, 'held', d.amount,
+                        'take', LEAST(d.amount, GREATEST(v_captured - (d.run - d.amount), 0))) ORDER BY d.ord), '[]'::jsonb)
+    INTO v_parts
+    FROM (SELECT x.d->>'grant_id' AS grant_id, (x.d->>'amount')::bigint AS amount, x.ord,
+                 sum((x.d->>'amount')::bigint) OVER (ORDER BY x.ord) AS run
+          FROM jsonb_array_elements(h.draws::jsonb) WITH ORDINALITY AS x(d, ord)) d;
+    -- Credits that go back to a grant voided or expired meanwhile must be
+    -- voided or expired: the full path does that.
+    IF EXISTS (SELECT 1 FROM jsonb_to_recordset(v_parts) AS p(grant_id text, held bigint, take bigint)
+               JOIN credit_grants g ON g.id = p.grant_id
+               WHERE p.held > p.take AND (g.voided_at IS NOT NULL OR g.expires_at <= v_now)) THEN
+        DELETE FROM idempotency_keys k WHERE k.scope = v_scope AND k.key = v_key;
+        status := 'defer'; RETURN;
+    END IF;
+    SELECT COALESCE(sum(g.remaining), 0)::bigint INTO b_pending FROM credit_grants g
+    WHERE g.customer_id = v_customer AND g.effective_at IS NOT NULL AND g.remaining > 0 AND g.effective_at > v_now;
+    v_before := b_balance - b_held - b_pending;
+    v_after := (b_balance - v_captured) - (b_held - h.amount) - b_pending;
+    v_below := b_threshold > 0 AND v_after < b_threshold;
+    v_fire := v_below AND NOT b_notified;
+    b_top_up_below := 0;
+    IF p_top_up THEN
+        SELECT COALESCE((SELECT t.threshold FROM auto_top_up_settings t
+                         JOIN customer_payment_methods m ON m.customer_id = t.customer_id
+                         WHERE t.customer_id = v_customer AND t.enabled AND t.status = 'active' AND t.in_flight_payment_id IS NULL
+                           AND make_date(m.exp_year, m.exp_month, 1) + interval '1 month' > (v_now AT TIME ZONE 'UTC')
+                           AND (t.monthly_limit IS NULL OR t.month_count < t.monthly_limit
+                                OR t.month_start IS DISTINCT FROM date_trunc('month', v_now AT TIME ZONE 'UTC')::date)), 0)
+        INTO b_top_up_below;
+    END IF;
+    IF v_fire
+       OR EXISTS (SELECT 1 FROM unnest(b_thresholds) t WHERE t <> b_threshold AND v_before >= t AND v_after < t)
+       OR (b_top_up_below > 0 AND v_after < b_top_up_below) THEN
+        -- A notice to fire or a top-up to start: the full path.
+        DELETE FROM idempotency_keys k WHERE k.scope = v_scope AND k.key = v_key;
+        status := 'defer'; RETURN;
+    END IF;
+
+    -- The hold ends: each grant's held falls by its part, its remaining
+    -- by what is taken; an unexpired grant with credits back may lower the
+    -- expiry bound.
+    WITH back AS (
+        UPDATE credit_grants g SET held = g.held - p.held, remaining = g.remaining - p.take
+        FROM (SELECT grant_id, sum(held)::bigint AS held, sum(take)::bigint AS take
+              FROM jsonb_to_recordset(v_parts) AS x(grant_id text, held bigint, take bigint) GROUP BY grant_id) p
+        WHERE g.id = p.grant_id AND g.customer_id = v_customer
+        RETURNING g.remaining, g.held, g.expires_at)
+    SELECT min(back.expires_at) INTO v_next_expiry FROM back
+    WHERE back.remaining > back.held AND back.expires_at IS NOT NULL;
+    IF v_next_expiry IS NOT NULL AND (b_next_expiry IS NULL OR v_next_expiry < b_next_expiry) THEN
+        b_next_expiry := v_next_expiry;
+    END IF;
+    b_held := b_held - h.amount;
+    SELECT min(ch.expires_at) INTO b_next_hold_expiry FROM credit_holds ch
+    WHERE ch.customer_id = v_customer AND ch.status = 'active' AND ch.id <> h.id;
+    IF v_captured > 0 THEN
+        b_balance := b_balance - v_captured;
+        v_tx := v_id;
+        SELECT jsonb_agg(jsonb_build_object('grant_id', p.d->>'grant_id', 'amount', (p.d->>'take')::bigint) ORDER BY p.ord) INTO v_spent
+        FROM jsonb_array_elements(v_parts) WITH ORDINALITY AS p(d, ord)
+        WHERE (p.d->>'take')::bigint > 0;
+        INSERT INTO credit_ledger (id, customer_id, kind, amount, balance_after, reason, metadata, draws, idempotency_key, hold_id, created_at)
+        VALUES (v_tx, v_customer, 'consume', -v_captured, b_balance, h.reason, h.metadata::jsonb, v_spent, v_key, h.id, v_now);
+    END IF;
+    UPDATE credit_holds ch SET status = 'captured', captured = v_captured, released = h.amount - v_captured,
+           transaction_id = v_tx, ended_at = v_now
+    WHERE ch.id = h.id;
+    UPDATE credit_balances b
+    SET balance = b_balance, next_expiry = b_next_expiry, low_balance_notified = (v_below AND b_notified),
+        held = b_held, next_hold_expiry = b_next_hold_expiry,
+        default_low_balance_threshold = COALESCE(p_default_threshold, b.default_low_balance_threshold),
+        updated_at = v_now
+    WHERE b.customer_id = v_customer;
+    SELECT COALESCE(sum(g.remaining - g.held), 0)::bigint INTO available FROM credit_grants g
+    WHERE g.customer_id = v_customer AND g.remaining > g.held AND (g.expires_at IS NULL OR g.expires_at > v_now)
+      AND (g.effective_at IS NULL OR g.effective_at <= v_now);
+    balance := b_balance;
+    v_answer := jsonb_strip_nulls(jsonb_build_object('hold_id', h.id, 'status', 'captured', 'captured', v_captured,
+        'released', h.amount - v_captured, 'transaction_id', v_tx, 'balance', b_balance, 'available', available))::text;
+    INSERT INTO events (type, customer_id, data) VALUES ('credits.captured', v_customer, v_answer::jsonb - 'status' || jsonb_build_object('customer_id', v_customer));
+    IF v_captured > 0 THEN
+        INSERT INTO credit_consumption_daily AS r (customer_id, day, consumed)
+        VALUES (v_customer, (v_now AT TIME ZONE 'UTC')::date, v_captured)
+        ON CONFLICT (customer_id, day) DO UPDATE SET consumed = r.consumed + excluded.consumed;
+    END IF;
+    UPDATE idempotency_keys k SET result = convert_to(v_answer, 'UTF8'), completed_at = now()
+    WHERE k.scope = v_scope AND k.key = v_key;
+    status := 'ok'; result := v_answer;
+END;
+$$;
+-- +goose StatementEnd
+
 -- +goose StatementBegin
 CREATE FUNCTION credits_consume_batch(items jsonb, p_now timestamptz, p_default_threshold bigint, p_top_up boolean,
                                       p_lease double precision, p_retention double precision)
@@ -31,21 +327,18 @@ RETURNS TABLE (status text, result text, balance bigint, available bigint)
 LANGUAGE plpgsql AS $$
 DECLARE
     it jsonb;
-    v_customer text; v_scope text; v_key text; v_hash bytea; v_amount bigint; v_id text;
+    v_customer text; v_scope text; v_key text; v_hash bytea;
     deferred text[] := '{}';
     n bigint;
     k_hash bytea; k_result bytea; k_done boolean; k_expired boolean; k_abandoned boolean;
-    b_balance bigint; b_next_expiry timestamptz; b_held bigint; b_next_hold_expiry timestamptz;
-    b_notified boolean; b_threshold bigint; b_updated_at timestamptz; b_thresholds bigint[];
-    b_pending bigint; b_top_up_below bigint;
-    v_now timestamptz; v_spendable bigint; v_after bigint; v_below boolean;
-    v_bal_after bigint; v_drawn bigint; v_grants bigint; v_answer text;
 BEGIN
     FOR it IN SELECT value FROM jsonb_array_elements(items) LOOP
         v_customer := it->>'customer'; v_scope := it->>'scope'; v_key := it->>'key';
-        v_hash := decode(it->>'hash', 'hex'); v_amount := (it->>'amount')::bigint; v_id := it->>'id';
+        v_hash := decode(it->>'hash', 'hex');
         status := NULL; result := NULL; balance := NULL; available := NULL;
         IF v_customer = ANY (deferred) THEN
+            -- After a deferred one, the customer's later items keep their
+            -- order by following it.
             status := 'defer'; RETURN NEXT; CONTINUE;
         END IF;
 
@@ -76,128 +369,14 @@ BEGIN
             RETURN NEXT; CONTINUE;
         END IF;
 
-        -- The money lock, and what lockAccount reads with it.
-        SELECT b.balance, b.next_expiry, b.held, b.next_hold_expiry, b.low_balance_notified,
-               COALESCE(c.low_balance_threshold, p_default_threshold, b.default_low_balance_threshold), b.updated_at,
-               c.low_balance_thresholds
-        INTO b_balance, b_next_expiry, b_held, b_next_hold_expiry, b_notified, b_threshold, b_updated_at, b_thresholds
-        FROM credit_balances b JOIN customers c ON c.id = b.customer_id
-        WHERE b.customer_id = v_customer
-        FOR UPDATE OF b SKIP LOCKED;
-        IF NOT FOUND AND EXISTS (SELECT 1 FROM credit_balances b WHERE b.customer_id = v_customer) THEN
-            -- Another transaction (a grant, a hold, the sweeper) has the
-            -- row. The full path waits for it and reads the clock once it
-            -- holds the lock, so that expiry is decided at the time the
-            -- consume happens (a batch's clock was read before it began).
-            DELETE FROM idempotency_keys k WHERE k.scope = v_scope AND k.key = v_key;
-            deferred := deferred || v_customer; status := 'defer'; RETURN NEXT; CONTINUE;
+        IF it->>'kind' = 'capture' THEN
+            SELECT * INTO status, result, balance, available FROM credits_capture_one(it, p_now, p_default_threshold, p_top_up);
+        ELSE
+            SELECT * INTO status, result, balance, available FROM credits_consume_one(it, p_now, p_default_threshold, p_top_up);
         END IF;
-        IF NOT FOUND THEN
-            DELETE FROM idempotency_keys k WHERE k.scope = v_scope AND k.key = v_key;
-            IF EXISTS (SELECT 1 FROM customers c WHERE c.id = v_customer) THEN
-                status := 'insufficient'; balance := 0; available := 0;
-            ELSE
-                status := 'notfound';
-            END IF;
-            RETURN NEXT; CONTINUE;
+        IF status = 'defer' THEN
+            deferred := deferred || v_customer;
         END IF;
-        -- The batch's time: the clock read as it began (no lock was waited
-        -- for: see SKIP LOCKED above), never before the row's last change.
-        v_now := greatest(p_now, b_updated_at);
-        IF b_next_hold_expiry <= v_now OR b_next_expiry <= v_now THEN
-            -- Holds or grants to expire first: the full path writes those.
-            DELETE FROM idempotency_keys k WHERE k.scope = v_scope AND k.key = v_key;
-            deferred := deferred || v_customer; status := 'defer'; RETURN NEXT; CONTINUE;
-        END IF;
-        SELECT COALESCE(sum(g.remaining), 0)::bigint INTO b_pending FROM credit_grants g
-        WHERE g.customer_id = v_customer AND g.effective_at IS NOT NULL AND g.remaining > 0 AND g.effective_at > v_now;
-        v_spendable := b_balance - b_held - b_pending;
-        IF v_spendable < v_amount THEN
-            DELETE FROM idempotency_keys k WHERE k.scope = v_scope AND k.key = v_key;
-            status := 'insufficient'; balance := b_balance;
-            SELECT COALESCE(sum(g.remaining - g.held), 0)::bigint INTO available FROM credit_grants g
-            WHERE g.customer_id = v_customer AND g.remaining > g.held AND (g.expires_at IS NULL OR g.expires_at > v_now)
-              AND (g.effective_at IS NULL OR g.effective_at <= v_now);
-            RETURN NEXT; CONTINUE;
-        END IF;
-        v_after := v_spendable - v_amount;
-        v_below := b_threshold > 0 AND v_after < b_threshold;
-        b_top_up_below := 0;
-        IF p_top_up THEN
-            SELECT COALESCE((SELECT t.threshold FROM auto_top_up_settings t
-                             JOIN customer_payment_methods m ON m.customer_id = t.customer_id
-                             WHERE t.customer_id = v_customer AND t.enabled AND t.status = 'active' AND t.in_flight_payment_id IS NULL
-                               AND make_date(m.exp_year, m.exp_month, 1) + interval '1 month' > (v_now AT TIME ZONE 'UTC')
-                               AND (t.monthly_limit IS NULL OR t.month_count < t.monthly_limit
-                                    OR t.month_start IS DISTINCT FROM date_trunc('month', v_now AT TIME ZONE 'UTC')::date)), 0)
-            INTO b_top_up_below;
-        END IF;
-        IF (v_below AND NOT b_notified)
-           OR EXISTS (SELECT 1 FROM unnest(b_thresholds) t WHERE t <> b_threshold AND v_spendable >= t AND v_after < t)
-           OR (b_top_up_below > 0 AND v_after < b_top_up_below) THEN
-            -- A notice to fire or a top-up to start: the full path's
-            -- afterLowering does it in the consume's transaction.
-            DELETE FROM idempotency_keys k WHERE k.scope = v_scope AND k.key = v_key;
-            deferred := deferred || v_customer; status := 'defer'; RETURN NEXT; CONTINUE;
-        END IF;
-
-        -- The draws, the balance, the rollup and the ledger entry, as
-        -- credits.consumeSQL writes them.
-        WITH cand AS (
-            SELECT g.id, g.remaining - g.held AS free,
-                   (sum(g.remaining - g.held) OVER w)::bigint AS run,
-                   row_number() OVER w AS rn
-            FROM credit_grants g
-            WHERE g.customer_id = v_customer AND g.remaining > g.held
-              AND (g.expires_at IS NULL OR g.expires_at > v_now) AND (g.effective_at IS NULL OR g.effective_at <= v_now)
-            WINDOW w AS (ORDER BY g.priority, g.expires_at NULLS LAST, g.created_at, g.id)
-        ), draws AS (
-            SELECT cand.id, cand.rn, LEAST(cand.free, v_amount - (cand.run - cand.free)) AS take
-            FROM cand WHERE cand.run - cand.free < v_amount AND (SELECT max(run) FROM cand) >= v_amount
-        ), drawn AS (
-            UPDATE credit_grants g SET remaining = g.remaining - d.take
-            FROM draws d WHERE g.id = d.id
-            RETURNING g.id
-        ), bal AS (
-            UPDATE credit_balances b
-            SET balance = b.balance - v_amount, low_balance_notified = (v_below AND b_notified),
-                default_low_balance_threshold = COALESCE(p_default_threshold, b.default_low_balance_threshold),
-                updated_at = v_now
-            WHERE b.customer_id = v_customer AND EXISTS (SELECT 1 FROM draws)
-            RETURNING b.balance
-        ), rollup AS (
-            INSERT INTO credit_consumption_daily AS r (customer_id, day, consumed)
-            SELECT v_customer, (v_now AT TIME ZONE 'UTC')::date, v_amount
-            WHERE EXISTS (SELECT 1 FROM draws)
-            ON CONFLICT (customer_id, day) DO UPDATE SET consumed = r.consumed + excluded.consumed
-        )
-        INSERT INTO credit_ledger (id, customer_id, kind, amount, balance_after, reason, metadata, draws, idempotency_key, created_at)
-        SELECT v_id, v_customer, 'consume', -v_amount, bal.balance, it->>'reason', COALESCE(it->'metadata', '{}'::jsonb),
-               (SELECT jsonb_agg(jsonb_build_object('grant_id', d.id, 'amount', d.take) ORDER BY d.rn) FROM draws d),
-               v_key, v_now
-        FROM bal
-        RETURNING balance_after, (SELECT COALESCE(sum(take), 0)::bigint FROM draws), (SELECT count(*) FROM drawn)
-        INTO v_bal_after, v_drawn, v_grants;
-        IF NOT FOUND THEN
-            -- What holds do not keep covers it, but not all of it is
-            -- effective yet or unexpired: nothing was written.
-            DELETE FROM idempotency_keys k WHERE k.scope = v_scope AND k.key = v_key;
-            status := 'insufficient'; balance := b_balance;
-            SELECT COALESCE(sum(g.remaining - g.held), 0)::bigint INTO available FROM credit_grants g
-            WHERE g.customer_id = v_customer AND g.remaining > g.held AND (g.expires_at IS NULL OR g.expires_at > v_now)
-              AND (g.effective_at IS NULL OR g.effective_at <= v_now);
-            RETURN NEXT; CONTINUE;
-        END IF;
-        IF v_bal_after <> b_balance - v_amount OR v_drawn <> v_amount OR v_grants = 0 THEN
-            -- Fails the whole batch; the Go side then runs each consume on
-            -- its own, where this one fails alone.
-            RAISE EXCEPTION 'credits: consume of % for % drew % from % grants, balance %, expected %: balance row and grants disagree',
-                v_amount, v_customer, v_drawn, v_grants, v_bal_after, b_balance - v_amount;
-        END IF;
-        v_answer := jsonb_build_object('transaction_id', v_id, 'amount', v_amount, 'balance', v_bal_after)::text;
-        UPDATE idempotency_keys k SET result = convert_to(v_answer, 'UTF8'), completed_at = now()
-        WHERE k.scope = v_scope AND k.key = v_key;
-        status := 'ok'; result := v_answer; balance := v_bal_after;
         RETURN NEXT;
     END LOOP;
 END;
@@ -206,3 +385,5 @@ $$;
 
 -- +goose Down
 DROP FUNCTION credits_consume_batch(jsonb, timestamptz, bigint, boolean, double precision, double precision);
+DROP FUNCTION credits_capture_one(jsonb, timestamptz, bigint, boolean);
+DROP FUNCTION credits_consume_one(jsonb, timestamptz, bigint, boolean);
