@@ -5,7 +5,6 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"fmt"
-	"hash/fnv"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -16,33 +15,38 @@ import (
 
 // Group commit for consumes.
 //
-// Concurrent consumes are gathered per shard (a customer always lands in
-// the same shard) and applied by one call of the database function
+// Concurrent consumes (and hold captures, which spend the same way) are
+// gathered into batches, each applied by one call of the database function
 // credits_consume_batch (migration 00035): one round trip and one commit
 // for the whole batch, instead of six round trips and a commit each. Each
-// consume keeps its own idempotency record, its own answer and its own
-// refusal: a 402 or a reused key writes nothing for that consume and does
-// not touch its neighbours. Consumes that need more than a draw (expiry or
-// hold expiry due, a low-balance notice, an automatic top-up, a key to
-// take over) come back 'defer' having written nothing and run, in order,
-// through the full path (consume inside db.Once), before the shard's next
-// batch; so does every consume of a batch whose statement failed, each in
-// its own transaction, where a failure stays its own and a batch that did
+// operation keeps its own idempotency record, its own answer and its own
+// refusal: a 402 or a reused key writes nothing for that operation and
+// does not touch its neighbours. Operations that need more than a draw
+// (expiry or hold expiry due, a low-balance notice, an automatic top-up, a
+// key to take over, a balance row another transaction holds) come back
+// 'defer' having written nothing and run, in order, through the full path
+// (consume or endHold inside db.Once) before their customer's next batch;
+// so does every operation of a batch whose statement failed, each in its
+// own transaction, where a failure stays its own and a batch that did
 // commit after all is replayed from its stored answers.
 //
-// There is no timer: a shard runs a batch as soon as one is waiting and
-// none is running, so a batch holds whatever arrived while the previous one
-// ran. An idle shard costs nothing, and nothing lingers when load falls.
-// Because a customer's consumes never run in two batches at once, batches
-// never wait on each other's balance locks.
+// There is no timer. A batch starts as soon as operations wait and fewer
+// than maxConsumeBatches run, and takes every waiting operation whose
+// customer is in no running batch: a customer is in at most one batch at a
+// time, in arrival order, so batches never wait on each other's balance
+// locks. Many customers so get a statement each at once, committed
+// together by PostgreSQL's group commit; a hot customer's consumes pile up
+// while its batch runs and go in the next one together, past the one
+// commit per row lock that bounds a transaction per consume.
 
 const (
-	// consumeShards is how many batches may run at once: enough that one
-	// batch's commit overlaps others' work, few enough that batches grow.
-	consumeShards = 8
+	// maxConsumeBatches is how many batches run at once: each holds a
+	// pooled connection (the pool is TALLY_DB_MAX_OPEN_CONNS, 20 by
+	// default), so some are left for everything else.
+	maxConsumeBatches = 12
 	// maxConsumeBatch bounds one statement's work (and a hot customer's
 	// lock hold).
-	maxConsumeBatch = 128
+	maxConsumeBatch = 256
 	// consumeBatchTimeout bounds one batch and the full path after it; it
 	// does not follow a request's context, whose batch holds others too.
 	consumeBatchTimeout = 30 * time.Second
@@ -71,70 +75,82 @@ func newBatchCall(ctx context.Context, item batchItem, full func(ctx context.Con
 }
 
 type consumeBatcher struct {
-	s      *Service
-	shards [consumeShards]consumeShard
+	s *Service
+
+	mu    sync.Mutex
+	queue []*batchCall
+	// busy counts the running batches' operations of each customer.
+	busy    map[string]bool
+	running int
+
 	// What went the full path: operations a batch deferred, and those of
 	// batches whose statement failed (for tests and the logs).
 	deferred, fellBack atomic.Int64
 }
 
-type consumeShard struct {
-	mu      sync.Mutex
-	queue   []*batchCall
-	running bool
-}
-
-func shardOf(customerID string) int {
-	h := fnv.New32a()
-	h.Write([]byte(customerID))
-	return int(h.Sum32() % consumeShards)
-}
-
 // do queues c and waits for its answer. A request whose context ends while
-// still queued is taken out and applies nothing; once its batch has it, it
+// still queued is taken out and applies nothing; once a batch has it, it
 // waits for the batch's answer (bounded by consumeBatchTimeout), so what it
 // returns is what happened.
 func (b *consumeBatcher) do(c *batchCall) batchDone {
-	sh := &b.shards[shardOf(c.item.Customer)]
-	sh.mu.Lock()
-	sh.queue = append(sh.queue, c)
-	if !sh.running {
-		sh.running = true
-		go b.drain(sh)
-	}
-	sh.mu.Unlock()
+	b.mu.Lock()
+	b.queue = append(b.queue, c)
+	b.dispatch()
+	b.mu.Unlock()
 	select {
 	case d := <-c.done:
 		return d
 	case <-c.ctx.Done():
 	}
-	sh.mu.Lock()
-	for i, q := range sh.queue {
+	b.mu.Lock()
+	for i, q := range b.queue {
 		if q == c {
-			sh.queue = append(sh.queue[:i:i], sh.queue[i+1:]...)
-			sh.mu.Unlock()
+			b.queue = append(b.queue[:i:i], b.queue[i+1:]...)
+			b.mu.Unlock()
 			return batchDone{err: db.Translate(c.ctx.Err(), nil)}
 		}
 	}
-	sh.mu.Unlock()
+	b.mu.Unlock()
 	return <-c.done
 }
 
-// drain runs the shard's batches until its queue is empty.
-func (b *consumeBatcher) drain(sh *consumeShard) {
-	for {
-		sh.mu.Lock()
-		n := min(len(sh.queue), maxConsumeBatch)
-		if n == 0 {
-			sh.running = false
-			sh.mu.Unlock()
+// dispatch starts batches while operations wait and fewer than
+// maxConsumeBatches run. A batch takes, in arrival order, the waiting
+// operations of customers in no running batch. b.mu is held.
+func (b *consumeBatcher) dispatch() {
+	if b.busy == nil {
+		b.busy = map[string]bool{}
+	}
+	for b.running < maxConsumeBatches && len(b.queue) > 0 {
+		var batch, rest []*batchCall
+		for _, c := range b.queue {
+			if len(batch) < maxConsumeBatch && !b.busy[c.item.Customer] {
+				batch = append(batch, c)
+			} else {
+				rest = append(rest, c)
+			}
+		}
+		if len(batch) == 0 {
 			return
 		}
-		batch := sh.queue[:n:n]
-		sh.queue = append([]*batchCall(nil), sh.queue[n:]...)
-		sh.mu.Unlock()
-		b.run(batch)
+		for _, c := range batch {
+			b.busy[c.item.Customer] = true
+		}
+		b.queue = rest
+		b.running++
+		go b.runThenDispatch(batch)
 	}
+}
+
+func (b *consumeBatcher) runThenDispatch(batch []*batchCall) {
+	b.run(batch)
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.running--
+	for _, c := range batch {
+		delete(b.busy, c.item.Customer)
+	}
+	b.dispatch()
 }
 
 // batchItem is one operation as credits_consume_batch reads it.

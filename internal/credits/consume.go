@@ -47,7 +47,7 @@ func (s *Service) Consume(ctx context.Context, in ConsumeInput, key db.Idempoten
 	if err != nil {
 		return ConsumeResult{}, false, err
 	}
-	// Group commit (batch.go): the consume joins its shard's next batch.
+	// Group commit (batch.go): the consume joins the next batch that can take it.
 	d := s.batch.do(s.consumeCall(ctx, in, key, meta))
 	if d.err != nil {
 		return ConsumeResult{}, false, d.err
