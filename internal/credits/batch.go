@@ -165,11 +165,16 @@ type batchItem struct {
 	Reason   string          `json:"reason,omitempty"`
 	Metadata json.RawMessage `json:"metadata,omitempty"`
 	Hold     string          `json:"hold,omitempty"`
+	// ExpiresIn is a new hold's lifetime in seconds.
+	ExpiresIn int64 `json:"expires_in,omitempty"`
 	// ID is the ledger entry's, made here.
 	ID string `json:"id"`
 }
 
-const kindCapture = "capture"
+const (
+	kindCapture = "capture"
+	kindHold    = "hold"
+)
 
 func newBatchItem(kind, customer string, key db.IdempotencyKey) batchItem {
 	return batchItem{Kind: kind, Customer: customer, Scope: key.Scope, Key: key.Key, Hash: hex.EncodeToString(key.RequestHash)}

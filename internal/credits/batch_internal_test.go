@@ -291,17 +291,18 @@ func snapshot(t *testing.T, gdb *gorm.DB, customer string) string {
 	return strings.Join(out, "\n")
 }
 
-// A capture in a batch (credits_capture_one) writes exactly what the full
-// path (endHold) writes: balance row, grants, ledger entry, hold, events,
-// rollup. Refusals in the same batch (an ended hold, too much, no such
+// A hold and a capture in a batch (credits_hold_one, credits_capture_one)
+// write exactly what the full path (hold, endHold) writes: balance row,
+// grants, ledger entry, hold, events, rollup, answers. Refusals in the same batch (an ended hold, too much, no such
 // hold) write nothing, and a duplicate key replays.
-func TestCaptureInABatchWritesWhatTheFullPathWrites(t *testing.T) {
+func TestHoldAndCaptureInABatchWriteWhatTheFullPathWrites(t *testing.T) {
 	t.Parallel()
 	gdb := dbtest.New(t)
 	clock := time.Date(2026, 5, 1, 12, 0, 0, 0, time.UTC)
 	s := New(Options{DB: gdb, Config: config.Default().Credits, Now: func() time.Time { return clock }})
 	later := clock.Add(48 * time.Hour)
 	holds := map[string]string{}
+	var heldAnswers []HoldResult
 	for _, c := range []string{"fast", "slow"} {
 		for _, g := range []GrantInput{
 			{CustomerID: c, Amount: 5, Reason: "never expires", Source: SourceService},
@@ -312,13 +313,29 @@ func TestCaptureInABatchWritesWhatTheFullPathWrites(t *testing.T) {
 				t.Fatal(err)
 			}
 		}
-		in := HoldInput{CustomerID: c, Amount: 12, Reason: "job", Metadata: map[string]string{"job": "7"}}
+		in := HoldInput{CustomerID: c, Amount: 12, Reason: "job", Metadata: map[string]string{"job": "7"}, ExpiresIn: 90 * time.Minute}
 		b, _ := json.Marshal(in)
-		h, _, err := s.Hold(context.Background(), in, db.IdempotencyKey{Scope: "customer:" + c, Key: "h", RequestHash: db.HashRequest(b)})
+		key := db.IdempotencyKey{Scope: "customer:" + c, Key: "h", RequestHash: db.HashRequest(b)}
+		var h HoldResult
+		var err error
+		if c == "fast" {
+			h, _, err = s.Hold(context.Background(), in, key)
+		} else {
+			var raw []byte
+			raw, _, err = onceRaw(context.Background(), s, key, func(tx *gorm.DB, threshold *int64) (HoldResult, error) {
+				return hold(context.Background(), tx, s.now, in, threshold, key.Key, s.topUp)
+			})
+			_ = json.Unmarshal(raw, &h)
+		}
 		if err != nil {
 			t.Fatal(err)
 		}
 		holds[c] = h.HoldID
+		h.HoldID = ""
+		heldAnswers = append(heldAnswers, h)
+	}
+	if heldAnswers[0] != heldAnswers[1] || heldAnswers[0].Available != 3 {
+		t.Errorf("the batch's hold answered %+v, the full path's %+v", heldAnswers[0], heldAnswers[1])
 	}
 	clock = clock.Add(time.Minute)
 	capture := func(customer, hold, k string, amount *int64) *batchCall {

@@ -131,9 +131,38 @@ func (s *Service) Hold(ctx context.Context, in HoldInput, key db.IdempotencyKey)
 	if err := in.Validate(); err != nil {
 		return HoldResult{}, false, err
 	}
-	return once(ctx, s, key, "hold", func(tx *gorm.DB, threshold *int64) (HoldResult, error) {
-		return hold(ctx, tx, s.now, in, threshold, key.Key, s.topUp)
-	})
+	if key.Key == "" {
+		return HoldResult{}, false, errs.InvalidField("Idempotency-Key", "the Idempotency-Key header is required")
+	}
+	if err := key.Validate(); err != nil {
+		return HoldResult{}, false, err
+	}
+	meta, err := metadataJSON(in.Metadata)
+	if err != nil {
+		return HoldResult{}, false, err
+	}
+	// A hold draws as a consume does, through the same batches (batch.go,
+	// credits_hold_one).
+	lifetime := in.ExpiresIn
+	if lifetime == 0 {
+		lifetime = DefaultHoldLifetime
+	}
+	item := newBatchItem(kindHold, in.CustomerID, key)
+	item.Amount, item.Reason, item.Metadata = &in.Amount, in.Reason, json.RawMessage(meta)
+	item.Hold, item.ExpiresIn = db.NewID("hld"), int64(lifetime/time.Second)
+	d := s.batch.do(newBatchCall(ctx, item, func(ctx context.Context) ([]byte, bool, error) {
+		return onceRaw(ctx, s, key, func(tx *gorm.DB, threshold *int64) (HoldResult, error) {
+			return hold(ctx, tx, s.now, in, threshold, key.Key, s.topUp)
+		})
+	}))
+	if d.err != nil {
+		return HoldResult{}, false, d.err
+	}
+	var h HoldResult
+	if err := json.Unmarshal(d.answer, &h); err != nil {
+		return HoldResult{}, false, fmt.Errorf("credits: stored hold answer: %w", err)
+	}
+	return h, d.replayed, nil
 }
 
 func hold(ctx context.Context, tx *gorm.DB, clock func() time.Time, in HoldInput, defaultThreshold *int64, idemKey string, topUp TopUpFunc) (HoldResult, error) {

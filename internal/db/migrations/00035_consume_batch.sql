@@ -17,13 +17,16 @@
 -- batch: the Go side then runs them, in order, through the full path
 -- (credits.consume inside db.Once), which does all of that.
 --
--- A hold's capture is a consume too (it spends with a consume entry) and
--- is applied by the same call: credits_capture_one, beside
--- credits_consume_one, with the same claim before and the same answers.
+-- A hold's capture is a consume too (it spends with a consume entry), and
+-- a new hold draws as a consume does: both are applied by the same call,
+-- credits_capture_one and credits_hold_one beside credits_consume_one,
+-- with the same claim before and the same answers.
 --
--- items: [{"kind" (consume, capture),"customer","scope","key","hash"
+-- items: [{"kind" (consume, capture, hold),"customer","scope","key","hash"
 -- (hex),"id" (the ledger entry's id), and for a consume "amount","reason",
--- "metadata" (object); for a capture "hold","amount" (null: all)}].
+-- "metadata" (object); for a capture "hold","amount" (null: all); for a
+-- hold "hold" (its new id),"amount","reason","metadata","expires_in"
+-- (seconds)}].
 -- Answers, one row per item in input order: status ok (result is the
 -- stored answer), replay (result is the stored answer of the key's first
 -- request), reused, inflight, insufficient (balance, available), notfound
@@ -321,6 +324,120 @@ $$;
 -- +goose StatementEnd
 
 -- +goose StatementBegin
+-- go_time is a time as Go's encoding/json writes it (RFC 3339, UTC, the
+-- fraction without trailing zeros), so that what the batch stores and
+-- emits reads as what the full path's json.Marshal writes.
+CREATE FUNCTION credits_go_time(t timestamptz) RETURNS text LANGUAGE sql IMMUTABLE AS $$
+    SELECT regexp_replace(to_char(t AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US'), '\.?0+$', '') || 'Z'
+$$;
+-- +goose StatementEnd
+
+-- +goose StatementBegin
+CREATE FUNCTION credits_hold_one(it jsonb, p_now timestamptz, p_default_threshold bigint, p_top_up boolean,
+                                 OUT status text, OUT result text, OUT balance bigint, OUT available bigint)
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_customer text := it->>'customer'; v_scope text := it->>'scope'; v_key text := it->>'key';
+    v_amount bigint := (it->>'amount')::bigint; v_hold text := it->>'hold';
+    b_balance bigint; b_next_expiry timestamptz; b_held bigint; b_next_hold_expiry timestamptz;
+    b_notified boolean; b_threshold bigint; b_updated_at timestamptz; b_thresholds bigint[];
+    b_pending bigint; b_top_up_below bigint;
+    v_now timestamptz; v_total bigint; v_draws jsonb; v_before bigint; v_after bigint; v_below boolean;
+    v_expires timestamptz; v_answer jsonb;
+BEGIN
+    SELECT b.balance, b.next_expiry, b.held, b.next_hold_expiry, b.low_balance_notified,
+           COALESCE(c.low_balance_threshold, p_default_threshold, b.default_low_balance_threshold), b.updated_at,
+           c.low_balance_thresholds
+    INTO b_balance, b_next_expiry, b_held, b_next_hold_expiry, b_notified, b_threshold, b_updated_at, b_thresholds
+    FROM credit_balances b JOIN customers c ON c.id = b.customer_id
+    WHERE b.customer_id = v_customer
+    FOR UPDATE OF b SKIP LOCKED;
+    IF NOT FOUND AND EXISTS (SELECT 1 FROM credit_balances b WHERE b.customer_id = v_customer) THEN
+        DELETE FROM idempotency_keys k WHERE k.scope = v_scope AND k.key = v_key;
+        status := 'defer'; RETURN;
+    END IF;
+    IF NOT FOUND THEN
+        DELETE FROM idempotency_keys k WHERE k.scope = v_scope AND k.key = v_key;
+        IF EXISTS (SELECT 1 FROM customers c WHERE c.id = v_customer) THEN
+            status := 'insufficient'; balance := 0; available := 0;
+        ELSE
+            status := 'notfound';
+        END IF;
+        RETURN;
+    END IF;
+    v_now := greatest(p_now, b_updated_at);
+    IF b_next_hold_expiry <= v_now OR b_next_expiry <= v_now THEN
+        DELETE FROM idempotency_keys k WHERE k.scope = v_scope AND k.key = v_key;
+        status := 'defer'; RETURN;
+    END IF;
+    -- What is available of each grant in draw order, and what the hold
+    -- keeps of each (hold() in holds.go).
+    WITH cand AS (
+        SELECT g.id, g.remaining - g.held AS free,
+               (sum(g.remaining - g.held) OVER w)::bigint AS run,
+               row_number() OVER w AS rn
+        FROM credit_grants g
+        WHERE g.customer_id = v_customer AND g.remaining > g.held
+          AND (g.expires_at IS NULL OR g.expires_at > v_now) AND (g.effective_at IS NULL OR g.effective_at <= v_now)
+        WINDOW w AS (ORDER BY g.priority, g.expires_at NULLS LAST, g.created_at, g.id)
+    )
+    SELECT COALESCE((SELECT max(run) FROM cand), 0),
+           (SELECT jsonb_agg(jsonb_build_object('grant_id', cand.id, 'amount', LEAST(cand.free, v_amount - (cand.run - cand.free))) ORDER BY cand.rn)
+            FROM cand WHERE cand.run - cand.free < v_amount)
+    INTO v_total, v_draws;
+    IF v_total < v_amount THEN
+        DELETE FROM idempotency_keys k WHERE k.scope = v_scope AND k.key = v_key;
+        status := 'insufficient'; balance := b_balance; available := v_total; RETURN;
+    END IF;
+    SELECT COALESCE(sum(g.remaining), 0)::bigint INTO b_pending FROM credit_grants g
+    WHERE g.customer_id = v_customer AND g.effective_at IS NOT NULL AND g.remaining > 0 AND g.effective_at > v_now;
+    v_before := b_balance - b_held - b_pending;
+    v_after := v_before - v_amount;
+    v_below := b_threshold > 0 AND v_after < b_threshold;
+    b_top_up_below := 0;
+    IF p_top_up THEN
+        SELECT COALESCE((SELECT t.threshold FROM auto_top_up_settings t
+                         JOIN customer_payment_methods m ON m.customer_id = t.customer_id
+                         WHERE t.customer_id = v_customer AND t.enabled AND t.status = 'active' AND t.in_flight_payment_id IS NULL
+                           AND make_date(m.exp_year, m.exp_month, 1) + interval '1 month' > (v_now AT TIME ZONE 'UTC')
+                           AND (t.monthly_limit IS NULL OR t.month_count < t.monthly_limit
+                                OR t.month_start IS DISTINCT FROM date_trunc('month', v_now AT TIME ZONE 'UTC')::date)), 0)
+        INTO b_top_up_below;
+    END IF;
+    IF (v_below AND NOT b_notified)
+       OR EXISTS (SELECT 1 FROM unnest(b_thresholds) t WHERE t <> b_threshold AND v_before >= t AND v_after < t)
+       OR (b_top_up_below > 0 AND v_after < b_top_up_below) THEN
+        DELETE FROM idempotency_keys k WHERE k.scope = v_scope AND k.key = v_key;
+        status := 'defer'; RETURN;
+    END IF;
+    UPDATE credit_grants g SET held = g.held + (d.d->>'amount')::bigint
+    FROM jsonb_array_elements(v_draws) AS d(d) WHERE g.id = d.d->>'grant_id';
+    v_expires := v_now + make_interval(secs => (it->>'expires_in')::double precision);
+    INSERT INTO credit_holds (id, customer_id, amount, status, reason, metadata, draws, idempotency_key, expires_at, created_at)
+    VALUES (v_hold, v_customer, v_amount, 'active', it->>'reason', COALESCE(it->'metadata', '{}'::jsonb), v_draws, v_key, v_expires, v_now);
+    b_held := b_held + v_amount;
+    IF b_next_hold_expiry IS NULL OR v_expires < b_next_hold_expiry THEN
+        b_next_hold_expiry := v_expires;
+    END IF;
+    UPDATE credit_balances b
+    SET held = b_held, next_hold_expiry = b_next_hold_expiry, low_balance_notified = (v_below AND b_notified),
+        default_low_balance_threshold = COALESCE(p_default_threshold, b.default_low_balance_threshold),
+        updated_at = v_now
+    WHERE b.customer_id = v_customer;
+    available := v_total - v_amount; balance := b_balance;
+    INSERT INTO events (type, customer_id, data) VALUES ('credits.held', v_customer, jsonb_build_object(
+        'customer_id', v_customer, 'hold_id', v_hold, 'amount', v_amount, 'reason', it->>'reason',
+        'expires_at', credits_go_time(v_expires), 'balance', b_balance, 'available', available));
+    v_answer := jsonb_build_object('hold_id', v_hold, 'amount', v_amount, 'status', 'active',
+        'expires_at', credits_go_time(v_expires), 'balance', b_balance, 'available', available);
+    UPDATE idempotency_keys k SET result = convert_to(v_answer::text, 'UTF8'), completed_at = now()
+    WHERE k.scope = v_scope AND k.key = v_key;
+    status := 'ok'; result := v_answer::text;
+END;
+$$;
+-- +goose StatementEnd
+
+-- +goose StatementBegin
 CREATE FUNCTION credits_consume_batch(items jsonb, p_now timestamptz, p_default_threshold bigint, p_top_up boolean,
                                       p_lease double precision, p_retention double precision)
 RETURNS TABLE (status text, result text, balance bigint, available bigint)
@@ -371,6 +488,8 @@ BEGIN
 
         IF it->>'kind' = 'capture' THEN
             SELECT * INTO status, result, balance, available FROM credits_capture_one(it, p_now, p_default_threshold, p_top_up);
+        ELSIF it->>'kind' = 'hold' THEN
+            SELECT * INTO status, result, balance, available FROM credits_hold_one(it, p_now, p_default_threshold, p_top_up);
         ELSE
             SELECT * INTO status, result, balance, available FROM credits_consume_one(it, p_now, p_default_threshold, p_top_up);
         END IF;
@@ -386,4 +505,6 @@ $$;
 -- +goose Down
 DROP FUNCTION credits_consume_batch(jsonb, timestamptz, bigint, boolean, double precision, double precision);
 DROP FUNCTION credits_capture_one(jsonb, timestamptz, bigint, boolean);
+DROP FUNCTION credits_hold_one(jsonb, timestamptz, bigint, boolean);
+DROP FUNCTION credits_go_time(timestamptz);
 DROP FUNCTION credits_consume_one(jsonb, timestamptz, bigint, boolean);
