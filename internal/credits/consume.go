@@ -95,7 +95,7 @@ WITH p AS NOT MATERIALIZED (
 	       (sum(g.remaining - g.held) OVER w)::bigint AS run,
 	       row_number() OVER w AS rn
 	FROM credit_grants g, p
-	WHERE g.customer_id = p.customer AND g.remaining > g.held
+	WHERE g.customer_id = p.customer AND g.remaining > 0 AND g.remaining > g.held
 	  AND (g.expires_at IS NULL OR g.expires_at > p.now) AND (g.effective_at IS NULL OR g.effective_at <= p.now)
 	WINDOW w AS (ORDER BY g.priority, g.expires_at NULLS LAST, g.created_at, g.id)
 ), draws AS (

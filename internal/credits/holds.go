@@ -189,7 +189,7 @@ func hold(ctx context.Context, tx *gorm.DB, clock func() time.Time, in HoldInput
 	}
 	var grants []free
 	err = tx.WithContext(ctx).Raw(`SELECT id, remaining - held AS free FROM credit_grants
-		WHERE customer_id = ? AND remaining > held AND (expires_at IS NULL OR expires_at > ?) AND (effective_at IS NULL OR effective_at <= ?)
+		WHERE customer_id = ? AND remaining > 0 AND remaining > held AND (expires_at IS NULL OR expires_at > ?) AND (effective_at IS NULL OR effective_at <= ?)
 		ORDER BY priority, expires_at NULLS LAST, created_at, id`, in.CustomerID, a.now, a.now).Scan(&grants).Error
 	if err != nil {
 		return HoldResult{}, err

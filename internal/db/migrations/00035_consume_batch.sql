@@ -87,7 +87,7 @@ BEGIN
         DELETE FROM idempotency_keys k WHERE k.scope = v_scope AND k.key = v_key;
         status := 'insufficient'; balance := b_balance;
         SELECT COALESCE(sum(g.remaining - g.held), 0)::bigint INTO available FROM credit_grants g
-        WHERE g.customer_id = v_customer AND g.remaining > g.held AND (g.expires_at IS NULL OR g.expires_at > v_now)
+        WHERE g.customer_id = v_customer AND g.remaining > 0 AND g.remaining > g.held AND (g.expires_at IS NULL OR g.expires_at > v_now)
           AND (g.effective_at IS NULL OR g.effective_at <= v_now);
         RETURN;
     END IF;
@@ -119,7 +119,7 @@ BEGIN
                (sum(g.remaining - g.held) OVER w)::bigint AS run,
                row_number() OVER w AS rn
         FROM credit_grants g
-        WHERE g.customer_id = v_customer AND g.remaining > g.held
+        WHERE g.customer_id = v_customer AND g.remaining > 0 AND g.remaining > g.held
           AND (g.expires_at IS NULL OR g.expires_at > v_now) AND (g.effective_at IS NULL OR g.effective_at <= v_now)
         WINDOW w AS (ORDER BY g.priority, g.expires_at NULLS LAST, g.created_at, g.id)
     ), draws AS (
@@ -155,7 +155,7 @@ BEGIN
         DELETE FROM idempotency_keys k WHERE k.scope = v_scope AND k.key = v_key;
         status := 'insufficient'; balance := b_balance;
         SELECT COALESCE(sum(g.remaining - g.held), 0)::bigint INTO available FROM credit_grants g
-        WHERE g.customer_id = v_customer AND g.remaining > g.held AND (g.expires_at IS NULL OR g.expires_at > v_now)
+        WHERE g.customer_id = v_customer AND g.remaining > 0 AND g.remaining > g.held AND (g.expires_at IS NULL OR g.expires_at > v_now)
           AND (g.effective_at IS NULL OR g.effective_at <= v_now);
         RETURN;
     END IF;
@@ -305,7 +305,7 @@ BEGIN
         updated_at = v_now
     WHERE b.customer_id = v_customer;
     SELECT COALESCE(sum(g.remaining - g.held), 0)::bigint INTO available FROM credit_grants g
-    WHERE g.customer_id = v_customer AND g.remaining > g.held AND (g.expires_at IS NULL OR g.expires_at > v_now)
+    WHERE g.customer_id = v_customer AND g.remaining > 0 AND g.remaining > g.held AND (g.expires_at IS NULL OR g.expires_at > v_now)
       AND (g.effective_at IS NULL OR g.effective_at <= v_now);
     balance := b_balance;
     v_answer := jsonb_strip_nulls(jsonb_build_object('hold_id', h.id, 'status', 'captured', 'captured', v_captured,
@@ -377,7 +377,7 @@ BEGIN
                (sum(g.remaining - g.held) OVER w)::bigint AS run,
                row_number() OVER w AS rn
         FROM credit_grants g
-        WHERE g.customer_id = v_customer AND g.remaining > g.held
+        WHERE g.customer_id = v_customer AND g.remaining > 0 AND g.remaining > g.held
           AND (g.expires_at IS NULL OR g.expires_at > v_now) AND (g.effective_at IS NULL OR g.effective_at <= v_now)
         WINDOW w AS (ORDER BY g.priority, g.expires_at NULLS LAST, g.created_at, g.id)
     )
