@@ -45,7 +45,7 @@ DECLARE
     b_notified boolean; b_threshold bigint; b_updated_at timestamptz; b_thresholds bigint[];
     b_pending bigint; b_top_up_below bigint;
     v_now timestamptz; v_spendable bigint; v_after bigint; v_below boolean;
-    v_bal_after bigint; v_drawn bigint; v_grants bigint; v_answer text;
+    v_bal_after bigint; v_drawn bigint; v_grants bigint; v_answer text; v_gid text; v_free bigint;
 BEGIN
     -- The money lock, and what lockAccount reads with it.
     SELECT b.balance, b.next_expiry, b.held, b.next_hold_expiry, b.low_balance_notified,
@@ -112,52 +112,77 @@ BEGIN
         status := 'defer'; RETURN;
     END IF;
 
-    -- The draws, the balance, the rollup and the ledger entry, as
-    -- credits.consumeSQL writes them.
-    WITH cand AS (
-        SELECT g.id, g.remaining - g.held AS free,
-               (sum(g.remaining - g.held) OVER w)::bigint AS run,
-               row_number() OVER w AS rn
-        FROM credit_grants g
-        WHERE g.customer_id = v_customer AND g.remaining > 0 AND g.remaining > g.held
-          AND (g.expires_at IS NULL OR g.expires_at > v_now) AND (g.effective_at IS NULL OR g.effective_at <= v_now)
-        WINDOW w AS (ORDER BY g.priority, g.expires_at NULLS LAST, g.created_at, g.id)
-    ), draws AS (
-        SELECT cand.id, cand.rn, LEAST(cand.free, v_amount - (cand.run - cand.free)) AS take
-        FROM cand WHERE cand.run - cand.free < v_amount AND (SELECT max(run) FROM cand) >= v_amount
-    ), drawn AS (
-        UPDATE credit_grants g SET remaining = g.remaining - d.take
-        FROM draws d WHERE g.id = d.id
-        RETURNING g.id
-    ), bal AS (
+    -- The common case costs least: the first grant in draw order covers
+    -- the amount, so the draw is one row.
+    SELECT g.id, g.remaining - g.held INTO v_gid, v_free
+    FROM credit_grants g
+    WHERE g.customer_id = v_customer AND g.remaining > 0 AND g.remaining > g.held
+      AND (g.expires_at IS NULL OR g.expires_at > v_now) AND (g.effective_at IS NULL OR g.effective_at <= v_now)
+    ORDER BY g.priority, g.expires_at NULLS LAST, g.created_at, g.id
+    LIMIT 1;
+    IF v_free >= v_amount THEN
+        UPDATE credit_grants g SET remaining = g.remaining - v_amount WHERE g.id = v_gid;
         UPDATE credit_balances b
         SET balance = b.balance - v_amount, low_balance_notified = (v_below AND b_notified),
             default_low_balance_threshold = COALESCE(p_default_threshold, b.default_low_balance_threshold),
             updated_at = v_now
-        WHERE b.customer_id = v_customer AND EXISTS (SELECT 1 FROM draws)
-        RETURNING b.balance
-    ), rollup AS (
+        WHERE b.customer_id = v_customer
+        RETURNING b.balance INTO v_bal_after;
         INSERT INTO credit_consumption_daily AS r (customer_id, day, consumed)
-        SELECT v_customer, (v_now AT TIME ZONE 'UTC')::date, v_amount
-        WHERE EXISTS (SELECT 1 FROM draws)
-        ON CONFLICT (customer_id, day) DO UPDATE SET consumed = r.consumed + excluded.consumed
-    )
-    INSERT INTO credit_ledger (id, customer_id, kind, amount, balance_after, reason, metadata, draws, idempotency_key, created_at)
-    SELECT v_id, v_customer, 'consume', -v_amount, bal.balance, it->>'reason', COALESCE(it->'metadata', '{}'::jsonb),
-           (SELECT jsonb_agg(jsonb_build_object('grant_id', d.id, 'amount', d.take) ORDER BY d.rn) FROM draws d),
-           v_key, v_now
-    FROM bal
-    RETURNING balance_after, (SELECT COALESCE(sum(take), 0)::bigint FROM draws), (SELECT count(*) FROM drawn)
-    INTO v_bal_after, v_drawn, v_grants;
-    IF NOT FOUND THEN
-        -- What holds do not keep covers it, but not all of it is
-        -- effective yet or unexpired: nothing was written.
-        DELETE FROM idempotency_keys k WHERE k.scope = v_scope AND k.key = v_key;
-        status := 'insufficient'; balance := b_balance;
-        SELECT COALESCE(sum(g.remaining - g.held), 0)::bigint INTO available FROM credit_grants g
-        WHERE g.customer_id = v_customer AND g.remaining > 0 AND g.remaining > g.held AND (g.expires_at IS NULL OR g.expires_at > v_now)
-          AND (g.effective_at IS NULL OR g.effective_at <= v_now);
-        RETURN;
+        VALUES (v_customer, (v_now AT TIME ZONE 'UTC')::date, v_amount)
+        ON CONFLICT (customer_id, day) DO UPDATE SET consumed = r.consumed + excluded.consumed;
+        INSERT INTO credit_ledger (id, customer_id, kind, amount, balance_after, reason, metadata, draws, idempotency_key, created_at)
+        VALUES (v_id, v_customer, 'consume', -v_amount, v_bal_after, it->>'reason', COALESCE(it->'metadata', '{}'::jsonb),
+                jsonb_build_array(jsonb_build_object('grant_id', v_gid, 'amount', v_amount)), v_key, v_now);
+        v_drawn := v_amount; v_grants := 1;
+    ELSE
+        -- The draws, the balance, the rollup and the ledger entry, as
+        -- credits.consumeSQL writes them.
+        WITH cand AS (
+            SELECT g.id, g.remaining - g.held AS free,
+                   (sum(g.remaining - g.held) OVER w)::bigint AS run,
+                   row_number() OVER w AS rn
+            FROM credit_grants g
+            WHERE g.customer_id = v_customer AND g.remaining > 0 AND g.remaining > g.held
+              AND (g.expires_at IS NULL OR g.expires_at > v_now) AND (g.effective_at IS NULL OR g.effective_at <= v_now)
+            WINDOW w AS (ORDER BY g.priority, g.expires_at NULLS LAST, g.created_at, g.id)
+        ), draws AS (
+            SELECT cand.id, cand.rn, LEAST(cand.free, v_amount - (cand.run - cand.free)) AS take
+            FROM cand WHERE cand.run - cand.free < v_amount AND (SELECT max(run) FROM cand) >= v_amount
+        ), drawn AS (
+            UPDATE credit_grants g SET remaining = g.remaining - d.take
+            FROM draws d WHERE g.id = d.id
+            RETURNING g.id
+        ), bal AS (
+            UPDATE credit_balances b
+            SET balance = b.balance - v_amount, low_balance_notified = (v_below AND b_notified),
+                default_low_balance_threshold = COALESCE(p_default_threshold, b.default_low_balance_threshold),
+                updated_at = v_now
+            WHERE b.customer_id = v_customer AND EXISTS (SELECT 1 FROM draws)
+            RETURNING b.balance
+        ), rollup AS (
+            INSERT INTO credit_consumption_daily AS r (customer_id, day, consumed)
+            SELECT v_customer, (v_now AT TIME ZONE 'UTC')::date, v_amount
+            WHERE EXISTS (SELECT 1 FROM draws)
+            ON CONFLICT (customer_id, day) DO UPDATE SET consumed = r.consumed + excluded.consumed
+        )
+        INSERT INTO credit_ledger (id, customer_id, kind, amount, balance_after, reason, metadata, draws, idempotency_key, created_at)
+        SELECT v_id, v_customer, 'consume', -v_amount, bal.balance, it->>'reason', COALESCE(it->'metadata', '{}'::jsonb),
+               (SELECT jsonb_agg(jsonb_build_object('grant_id', d.id, 'amount', d.take) ORDER BY d.rn) FROM draws d),
+               v_key, v_now
+        FROM bal
+        RETURNING balance_after, (SELECT COALESCE(sum(take), 0)::bigint FROM draws), (SELECT count(*) FROM drawn)
+        INTO v_bal_after, v_drawn, v_grants;
+        IF NOT FOUND THEN
+            -- What holds do not keep covers it, but not all of it is
+            -- effective yet or unexpired: nothing was written.
+            DELETE FROM idempotency_keys k WHERE k.scope = v_scope AND k.key = v_key;
+            status := 'insufficient'; balance := b_balance;
+            SELECT COALESCE(sum(g.remaining - g.held), 0)::bigint INTO available FROM credit_grants g
+            WHERE g.customer_id = v_customer AND g.remaining > 0 AND g.remaining > g.held AND (g.expires_at IS NULL OR g.expires_at > v_now)
+              AND (g.effective_at IS NULL OR g.effective_at <= v_now);
+            RETURN;
+        END IF;
     END IF;
     IF v_bal_after <> b_balance - v_amount OR v_drawn <> v_amount OR v_grants = 0 THEN
         -- Fails the whole batch; the Go side then runs each consume on
