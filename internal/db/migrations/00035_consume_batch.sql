@@ -35,6 +35,30 @@
 
 -- +goose Up
 -- +goose StatementBegin
+-- What lockAccount reads beside the lock, for the functions below: the
+-- credits not effective yet, what may be spent or held now (account.go's
+-- available), and the automatic top-up threshold when a top-up may start
+-- now (0 when none may).
+CREATE FUNCTION credits_pending(p_customer text, p_now timestamptz) RETURNS bigint LANGUAGE sql STABLE AS $$
+    SELECT COALESCE(sum(g.remaining), 0)::bigint FROM credit_grants g
+    WHERE g.customer_id = p_customer AND g.effective_at IS NOT NULL AND g.remaining > 0 AND g.effective_at > p_now
+$$;
+CREATE FUNCTION credits_available(p_customer text, p_now timestamptz) RETURNS bigint LANGUAGE sql STABLE AS $$
+    SELECT COALESCE(sum(g.remaining - g.held), 0)::bigint FROM credit_grants g
+    WHERE g.customer_id = p_customer AND g.remaining > 0 AND g.remaining > g.held
+      AND (g.expires_at IS NULL OR g.expires_at > p_now) AND (g.effective_at IS NULL OR g.effective_at <= p_now)
+$$;
+CREATE FUNCTION credits_top_up_below(p_customer text, p_now timestamptz) RETURNS bigint LANGUAGE sql STABLE AS $$
+    SELECT COALESCE((SELECT t.threshold FROM auto_top_up_settings t
+                     JOIN customer_payment_methods m ON m.customer_id = t.customer_id
+                     WHERE t.customer_id = p_customer AND t.enabled AND t.status = 'active' AND t.in_flight_payment_id IS NULL
+                       AND make_date(m.exp_year, m.exp_month, 1) + interval '1 month' > (p_now AT TIME ZONE 'UTC')
+                       AND (t.monthly_limit IS NULL OR t.month_count < t.monthly_limit
+                            OR t.month_start IS DISTINCT FROM date_trunc('month', p_now AT TIME ZONE 'UTC')::date)), 0)
+$$;
+-- +goose StatementEnd
+
+-- +goose StatementBegin
 CREATE FUNCTION credits_consume_one(it jsonb, p_now timestamptz, p_default_threshold bigint, p_top_up boolean,
                                     OUT status text, OUT result text, OUT balance bigint, OUT available bigint)
 LANGUAGE plpgsql AS $$
@@ -80,28 +104,19 @@ BEGIN
         DELETE FROM idempotency_keys k WHERE k.scope = v_scope AND k.key = v_key;
         status := 'defer'; RETURN;
     END IF;
-    SELECT COALESCE(sum(g.remaining), 0)::bigint INTO b_pending FROM credit_grants g
-    WHERE g.customer_id = v_customer AND g.effective_at IS NOT NULL AND g.remaining > 0 AND g.effective_at > v_now;
+    b_pending := credits_pending(v_customer, v_now);
     v_spendable := b_balance - b_held - b_pending;
     IF v_spendable < v_amount THEN
         DELETE FROM idempotency_keys k WHERE k.scope = v_scope AND k.key = v_key;
         status := 'insufficient'; balance := b_balance;
-        SELECT COALESCE(sum(g.remaining - g.held), 0)::bigint INTO available FROM credit_grants g
-        WHERE g.customer_id = v_customer AND g.remaining > 0 AND g.remaining > g.held AND (g.expires_at IS NULL OR g.expires_at > v_now)
-          AND (g.effective_at IS NULL OR g.effective_at <= v_now);
+        available := credits_available(v_customer, v_now);
         RETURN;
     END IF;
     v_after := v_spendable - v_amount;
     v_below := b_threshold > 0 AND v_after < b_threshold;
     b_top_up_below := 0;
     IF p_top_up THEN
-        SELECT COALESCE((SELECT t.threshold FROM auto_top_up_settings t
-                         JOIN customer_payment_methods m ON m.customer_id = t.customer_id
-                         WHERE t.customer_id = v_customer AND t.enabled AND t.status = 'active' AND t.in_flight_payment_id IS NULL
-                           AND make_date(m.exp_year, m.exp_month, 1) + interval '1 month' > (v_now AT TIME ZONE 'UTC')
-                           AND (t.monthly_limit IS NULL OR t.month_count < t.monthly_limit
-                                OR t.month_start IS DISTINCT FROM date_trunc('month', v_now AT TIME ZONE 'UTC')::date)), 0)
-        INTO b_top_up_below;
+        b_top_up_below := credits_top_up_below(v_customer, v_now);
     END IF;
     IF (v_below AND NOT b_notified)
        OR EXISTS (SELECT 1 FROM unnest(b_thresholds) t WHERE t <> b_threshold AND v_spendable >= t AND v_after < t)
@@ -178,9 +193,7 @@ BEGIN
             -- effective yet or unexpired: nothing was written.
             DELETE FROM idempotency_keys k WHERE k.scope = v_scope AND k.key = v_key;
             status := 'insufficient'; balance := b_balance;
-            SELECT COALESCE(sum(g.remaining - g.held), 0)::bigint INTO available FROM credit_grants g
-            WHERE g.customer_id = v_customer AND g.remaining > 0 AND g.remaining > g.held AND (g.expires_at IS NULL OR g.expires_at > v_now)
-              AND (g.effective_at IS NULL OR g.effective_at <= v_now);
+            available := credits_available(v_customer, v_now);
             RETURN;
         END IF;
     END IF;
@@ -270,21 +283,14 @@ BEGIN
         DELETE FROM idempotency_keys k WHERE k.scope = v_scope AND k.key = v_key;
         status := 'defer'; RETURN;
     END IF;
-    SELECT COALESCE(sum(g.remaining), 0)::bigint INTO b_pending FROM credit_grants g
-    WHERE g.customer_id = v_customer AND g.effective_at IS NOT NULL AND g.remaining > 0 AND g.effective_at > v_now;
+    b_pending := credits_pending(v_customer, v_now);
     v_before := b_balance - b_held - b_pending;
     v_after := (b_balance - v_captured) - (b_held - h.amount) - b_pending;
     v_below := b_threshold > 0 AND v_after < b_threshold;
     v_fire := v_below AND NOT b_notified;
     b_top_up_below := 0;
     IF p_top_up THEN
-        SELECT COALESCE((SELECT t.threshold FROM auto_top_up_settings t
-                         JOIN customer_payment_methods m ON m.customer_id = t.customer_id
-                         WHERE t.customer_id = v_customer AND t.enabled AND t.status = 'active' AND t.in_flight_payment_id IS NULL
-                           AND make_date(m.exp_year, m.exp_month, 1) + interval '1 month' > (v_now AT TIME ZONE 'UTC')
-                           AND (t.monthly_limit IS NULL OR t.month_count < t.monthly_limit
-                                OR t.month_start IS DISTINCT FROM date_trunc('month', v_now AT TIME ZONE 'UTC')::date)), 0)
-        INTO b_top_up_below;
+        b_top_up_below := credits_top_up_below(v_customer, v_now);
     END IF;
     IF v_fire
        OR EXISTS (SELECT 1 FROM unnest(b_thresholds) t WHERE t <> b_threshold AND v_before >= t AND v_after < t)
@@ -329,9 +335,7 @@ BEGIN
         default_low_balance_threshold = COALESCE(p_default_threshold, b.default_low_balance_threshold),
         updated_at = v_now
     WHERE b.customer_id = v_customer;
-    SELECT COALESCE(sum(g.remaining - g.held), 0)::bigint INTO available FROM credit_grants g
-    WHERE g.customer_id = v_customer AND g.remaining > 0 AND g.remaining > g.held AND (g.expires_at IS NULL OR g.expires_at > v_now)
-      AND (g.effective_at IS NULL OR g.effective_at <= v_now);
+    available := credits_available(v_customer, v_now);
     balance := b_balance;
     v_answer := jsonb_strip_nulls(jsonb_build_object('hold_id', h.id, 'status', 'captured', 'captured', v_captured,
         'released', h.amount - v_captured, 'transaction_id', v_tx, 'balance', b_balance, 'available', available))::text;
@@ -414,20 +418,13 @@ BEGIN
         DELETE FROM idempotency_keys k WHERE k.scope = v_scope AND k.key = v_key;
         status := 'insufficient'; balance := b_balance; available := v_total; RETURN;
     END IF;
-    SELECT COALESCE(sum(g.remaining), 0)::bigint INTO b_pending FROM credit_grants g
-    WHERE g.customer_id = v_customer AND g.effective_at IS NOT NULL AND g.remaining > 0 AND g.effective_at > v_now;
+    b_pending := credits_pending(v_customer, v_now);
     v_before := b_balance - b_held - b_pending;
     v_after := v_before - v_amount;
     v_below := b_threshold > 0 AND v_after < b_threshold;
     b_top_up_below := 0;
     IF p_top_up THEN
-        SELECT COALESCE((SELECT t.threshold FROM auto_top_up_settings t
-                         JOIN customer_payment_methods m ON m.customer_id = t.customer_id
-                         WHERE t.customer_id = v_customer AND t.enabled AND t.status = 'active' AND t.in_flight_payment_id IS NULL
-                           AND make_date(m.exp_year, m.exp_month, 1) + interval '1 month' > (v_now AT TIME ZONE 'UTC')
-                           AND (t.monthly_limit IS NULL OR t.month_count < t.monthly_limit
-                                OR t.month_start IS DISTINCT FROM date_trunc('month', v_now AT TIME ZONE 'UTC')::date)), 0)
-        INTO b_top_up_below;
+        b_top_up_below := credits_top_up_below(v_customer, v_now);
     END IF;
     IF (v_below AND NOT b_notified)
        OR EXISTS (SELECT 1 FROM unnest(b_thresholds) t WHERE t <> b_threshold AND v_before >= t AND v_after < t)
@@ -548,16 +545,9 @@ BEGIN
                 DELETE FROM idempotency_keys k WHERE k.scope = v_scope AND k.key = v_key;
                 stop := true; status := 'defer'; RETURN NEXT; CONTINUE;
             END IF;
-            SELECT COALESCE(sum(g.remaining), 0)::bigint INTO b_pending FROM credit_grants g
-            WHERE g.customer_id = v_customer AND g.effective_at IS NOT NULL AND g.remaining > 0 AND g.effective_at > v_now;
+            b_pending := credits_pending(v_customer, v_now);
             IF p_top_up THEN
-                SELECT COALESCE((SELECT t.threshold FROM auto_top_up_settings t
-                                 JOIN customer_payment_methods m ON m.customer_id = t.customer_id
-                                 WHERE t.customer_id = v_customer AND t.enabled AND t.status = 'active' AND t.in_flight_payment_id IS NULL
-                                   AND make_date(m.exp_year, m.exp_month, 1) + interval '1 month' > (v_now AT TIME ZONE 'UTC')
-                                   AND (t.monthly_limit IS NULL OR t.month_count < t.monthly_limit
-                                        OR t.month_start IS DISTINCT FROM date_trunc('month', v_now AT TIME ZONE 'UTC')::date)), 0)
-                INTO b_top_up_below;
+                b_top_up_below := credits_top_up_below(v_customer, v_now);
             END IF;
             SELECT COALESCE(array_agg(g.id ORDER BY g.priority, g.expires_at NULLS LAST, g.created_at, g.id), '{}'),
                    COALESCE(array_agg(g.remaining - g.held ORDER BY g.priority, g.expires_at NULLS LAST, g.created_at, g.id), '{}')
@@ -722,4 +712,7 @@ DROP FUNCTION credits_consume_run(jsonb, timestamptz, bigint, boolean, double pr
 DROP FUNCTION credits_capture_one(jsonb, timestamptz, bigint, boolean);
 DROP FUNCTION credits_hold_one(jsonb, timestamptz, bigint, boolean);
 DROP FUNCTION credits_go_time(timestamptz);
+DROP FUNCTION credits_top_up_below(text, timestamptz);
+DROP FUNCTION credits_available(text, timestamptz);
+DROP FUNCTION credits_pending(text, timestamptz);
 DROP FUNCTION credits_consume_one(jsonb, timestamptz, bigint, boolean);
