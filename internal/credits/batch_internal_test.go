@@ -457,3 +457,68 @@ func TestAHotCustomersBatchWritesWhatOneByOneWrites(t *testing.T) {
 }
 
 func ptr[T any](v T) *T { return &v }
+
+// A consume whose request ends while it waits for its customer's running
+// batch is taken out of the queue and applies nothing; the batch it waited
+// behind still completes.
+func TestAConsumeCanceledWhileQueuedAppliesNothing(t *testing.T) {
+	t.Parallel()
+	s, gdb := batchService(t)
+	batchGrant(t, s, "x", 10)
+	// An open transaction holds key k1, so the batch that claims it waits.
+	blocker := gdb.Begin()
+	defer blocker.Rollback()
+	if err := blocker.Exec(`INSERT INTO idempotency_keys (scope, key, request_hash) VALUES ('customer:x', 'k1', '\x00')`).Error; err != nil {
+		t.Fatal(err)
+	}
+	first := make(chan error, 1)
+	go func() {
+		in := ConsumeInput{CustomerID: "x", Amount: 1, Reason: "api call"}
+		_, _, err := s.Consume(context.Background(), in, batchKey("x", "k1", in))
+		first <- err
+	}()
+	waitFor(t, func() bool {
+		var n int64
+		gdb.Raw(`SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'`).Scan(&n)
+		return n > 0
+	})
+	ctx, cancel := context.WithCancel(context.Background())
+	second := make(chan error, 1)
+	go func() {
+		in := ConsumeInput{CustomerID: "x", Amount: 1, Reason: "api call"}
+		_, _, err := s.Consume(ctx, in, batchKey("x", "k2", in))
+		second <- err
+	}()
+	waitFor(t, func() bool {
+		s.batch.mu.Lock()
+		defer s.batch.mu.Unlock()
+		return len(s.batch.queue) == 1
+	})
+	cancel()
+	if err := <-second; err == nil {
+		t.Fatal("a consume canceled while queued answered success")
+	}
+	if err := blocker.Rollback().Error; err != nil {
+		t.Fatal(err)
+	}
+	if err := <-first; err != nil {
+		t.Fatal(err)
+	}
+	var entries int64
+	gdb.Raw(`SELECT count(*) FROM credit_ledger WHERE customer_id = 'x' AND kind = 'consume'`).Scan(&entries)
+	if entries != 1 || balanceOf(t, gdb, "x") != 9 {
+		t.Fatalf("%d consume entries, balance %d: want the first consume only", entries, balanceOf(t, gdb, "x"))
+	}
+	mustVerifyDB(t, gdb)
+}
+
+func waitFor(t *testing.T, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(time.Minute)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatal("condition not met within a minute")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
