@@ -131,9 +131,38 @@ func (s *Service) Hold(ctx context.Context, in HoldInput, key db.IdempotencyKey)
 	if err := in.Validate(); err != nil {
 		return HoldResult{}, false, err
 	}
-	return once(ctx, s, key, "hold", func(tx *gorm.DB, threshold *int64) (HoldResult, error) {
-		return hold(ctx, tx, s.now, in, threshold, key.Key, s.topUp)
-	})
+	if key.Key == "" {
+		return HoldResult{}, false, errs.InvalidField("Idempotency-Key", "the Idempotency-Key header is required")
+	}
+	if err := key.Validate(); err != nil {
+		return HoldResult{}, false, err
+	}
+	meta, err := metadataJSON(in.Metadata)
+	if err != nil {
+		return HoldResult{}, false, err
+	}
+	// A hold draws as a consume does, through the same batches (batch.go,
+	// credits_hold_one).
+	lifetime := in.ExpiresIn
+	if lifetime == 0 {
+		lifetime = DefaultHoldLifetime
+	}
+	item := newBatchItem(kindHold, in.CustomerID, key)
+	item.Amount, item.Reason, item.Metadata = &in.Amount, in.Reason, json.RawMessage(meta)
+	item.Hold, item.ExpiresIn = db.NewID("hld"), int64(lifetime/time.Second)
+	d := s.batch.do(newBatchCall(ctx, item, func(ctx context.Context) ([]byte, bool, error) {
+		return onceRaw(ctx, s, key, func(tx *gorm.DB, threshold *int64) (HoldResult, error) {
+			return hold(ctx, tx, s.now, in, threshold, key.Key, s.topUp)
+		})
+	}))
+	if d.err != nil {
+		return HoldResult{}, false, d.err
+	}
+	var h HoldResult
+	if err := json.Unmarshal(d.answer, &h); err != nil {
+		return HoldResult{}, false, fmt.Errorf("credits: stored hold answer: %w", err)
+	}
+	return h, d.replayed, nil
 }
 
 func hold(ctx context.Context, tx *gorm.DB, clock func() time.Time, in HoldInput, defaultThreshold *int64, idemKey string, topUp TopUpFunc) (HoldResult, error) {
@@ -160,7 +189,7 @@ func hold(ctx context.Context, tx *gorm.DB, clock func() time.Time, in HoldInput
 	}
 	var grants []free
 	err = tx.WithContext(ctx).Raw(`SELECT id, remaining - held AS free FROM credit_grants
-		WHERE customer_id = ? AND remaining > held AND (expires_at IS NULL OR expires_at > ?) AND (effective_at IS NULL OR effective_at <= ?)
+		WHERE customer_id = ? AND remaining > 0 AND remaining > held AND (expires_at IS NULL OR expires_at > ?) AND (effective_at IS NULL OR effective_at <= ?)
 		ORDER BY priority, expires_at NULLS LAST, created_at, id`, in.CustomerID, a.now, a.now).Scan(&grants).Error
 	if err != nil {
 		return HoldResult{}, err
@@ -251,13 +280,32 @@ func (s *Service) Capture(ctx context.Context, in CaptureInput, key db.Idempoten
 	if in.Amount != nil && *in.Amount < 0 {
 		return HoldEnd{}, false, errs.InvalidField("/amount", "amount must not be negative")
 	}
-	end, replayed, err := once(ctx, s, key, "capture", func(tx *gorm.DB, threshold *int64) (HoldEnd, error) {
-		return endHold(ctx, tx, s.now, in.CustomerID, in.HoldID, true, in.Amount, threshold, key.Key, s.topUp)
-	})
-	if err == nil && !replayed {
+	if key.Key == "" {
+		return HoldEnd{}, false, errs.InvalidField("Idempotency-Key", "the Idempotency-Key header is required")
+	}
+	if err := key.Validate(); err != nil {
+		return HoldEnd{}, false, err
+	}
+	// A capture spends like a consume, through the same batches (batch.go,
+	// credits_capture_one).
+	item := newBatchItem(kindCapture, in.CustomerID, key)
+	item.Amount, item.Hold = in.Amount, in.HoldID
+	d := s.batch.do(newBatchCall(ctx, item, func(ctx context.Context) ([]byte, bool, error) {
+		return onceRaw(ctx, s, key, func(tx *gorm.DB, threshold *int64) (HoldEnd, error) {
+			return endHold(ctx, tx, s.now, in.CustomerID, in.HoldID, true, in.Amount, threshold, key.Key, s.topUp)
+		})
+	}))
+	if d.err != nil {
+		return HoldEnd{}, false, d.err
+	}
+	var end HoldEnd
+	if err := json.Unmarshal(d.answer, &end); err != nil {
+		return HoldEnd{}, false, fmt.Errorf("credits: stored capture answer: %w", err)
+	}
+	if !d.replayed {
 		s.consumed.Add(float64(end.Captured))
 	}
-	return end, replayed, err
+	return end, d.replayed, nil
 }
 
 // Release ends an active hold and gives all its credits back to their

@@ -98,7 +98,7 @@ func revoke(ctx context.Context, tx *gorm.DB, clock func() time.Time, in RevokeI
 		WITH p AS NOT MATERIALIZED (SELECT ?::text AS payment, ?::text AS customer, ?::timestamptz AS now, ?::text AS take_from)
 		SELECT g.id, g.remaining - g.held AS remaining
 		FROM credit_grants g, p
-		WHERE g.customer_id = p.customer AND g.remaining > g.held AND (g.expires_at IS NULL OR g.expires_at > p.now)
+		WHERE g.customer_id = p.customer AND g.remaining > 0 AND g.remaining > g.held AND (g.expires_at IS NULL OR g.expires_at > p.now)
 		  AND (p.take_from = 'balance' OR g.payment_id = p.payment)
 		ORDER BY (g.payment_id IS NOT DISTINCT FROM p.payment) DESC, g.source <> 'purchase', g.priority, g.expires_at NULLS LAST, g.created_at, g.id
 		FOR UPDATE OF g`, in.PaymentID, in.CustomerID, now, in.From).Scan(&grants).Error
