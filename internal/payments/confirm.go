@@ -63,16 +63,27 @@ func (s *Service) PaymentIntentSucceeded(ctx context.Context, ev EventRef, pi Pa
 	if err != nil {
 		return err
 	}
-	strategy, err := s.strategyOf(ctx, id)
-	if err != nil {
+	// One read outside the transaction serves the strategy and the
+	// question whether Stripe must be asked for the session: neither may
+	// wait under the payment's lock, and lockForEvent checks again.
+	p, err := load(ctx, s.db, id, false)
+	var known *Payment
+	switch {
+	case err == nil:
+		known = &p
+	case !errs.Is(err, errs.NotFound):
 		return err
+	}
+	strategy := s.checkout.ConfirmOn // an unknown payment: lockForEvent refuses it
+	if known != nil {
+		strategy = s.strategy(p)
 	}
 	if strategy != config.ConfirmOnPaymentIntent {
 		// Legacy strategy: the Checkout Session events credit. The
 		// PaymentIntent is linked by them, from the session tally created.
 		return s.inEventTx(ctx, ev, id, pi.Livemode, pi.ID, func(*gorm.DB, Payment) error { return nil })
 	}
-	session, err := s.sessionToVerify(ctx, id, pi.ID)
+	session, err := s.sessionToVerify(ctx, known, id, pi.ID)
 	if err != nil {
 		return err
 	}
@@ -273,7 +284,7 @@ func (s *Service) CheckoutSessionCompleted(ctx context.Context, ev EventRef, cs 
 	if cs.Mode == "setup" {
 		return s.SetupSessionCompleted(ctx, ev, cs)
 	}
-	id, err := s.linkSession(ctx, ev, cs)
+	id, strategy, err := s.linkSession(ctx, ev, cs)
 	if err != nil {
 		return err
 	}
@@ -283,10 +294,6 @@ func (s *Service) CheckoutSessionCompleted(ctx context.Context, ev EventRef, cs 
 			return s.subscribed(ctx, ev, id, cs)
 		}
 		return nil
-	}
-	strategy, err := s.strategyOf(ctx, id)
-	if err != nil {
-		return err
 	}
 	if strategy == config.ConfirmOnCheckoutSession && cs.PaymentStatus == "paid" {
 		return s.confirmSession(ctx, ev, id, cs, ByCheckoutSession)
@@ -298,11 +305,7 @@ func (s *Service) CheckoutSessionCompleted(ctx context.Context, ev EventRef, cs 
 // (a delayed payment method cleared); otherwise it only links ids, since
 // payment_intent.succeeded does the crediting.
 func (s *Service) CheckoutSessionAsyncSucceeded(ctx context.Context, ev EventRef, cs CheckoutSession) error {
-	id, err := s.linkSession(ctx, ev, cs)
-	if err != nil {
-		return err
-	}
-	strategy, err := s.strategyOf(ctx, id)
+	id, strategy, err := s.linkSession(ctx, ev, cs)
 	if err != nil {
 		return err
 	}
@@ -315,15 +318,29 @@ func (s *Service) CheckoutSessionAsyncSucceeded(ctx context.Context, ev EventRef
 // linkSession finds the payment a session event names and records the
 // session's Stripe ids and amounts on it, as every successful session event
 // does first; the session must be the one tally created for the payment.
+// It answers the payment and its confirmation strategy (strategyOf).
 // Errors: ErrNotOurs, *Rejection, errs.Unavailable.
-func (s *Service) linkSession(ctx context.Context, ev EventRef, cs CheckoutSession) (string, error) {
-	id, err := s.sessionPayment(ctx, cs)
+func (s *Service) linkSession(ctx context.Context, ev EventRef, cs CheckoutSession) (id, strategy string, err error) {
+	id, err = s.sessionPayment(ctx, cs)
 	if err != nil {
-		return "", err
+		return "", "", err
 	}
-	return id, s.inEventTx(ctx, ev, id, cs.Livemode, cs.PaymentIntent, func(tx *gorm.DB, p Payment) error {
+	err = s.inEventTx(ctx, ev, id, cs.Livemode, cs.PaymentIntent, func(tx *gorm.DB, p Payment) error {
+		// The strategy never changes once the payment exists: read here,
+		// under the lock the link takes anyway, it costs no extra query.
+		strategy = s.strategy(p)
 		return s.recordSession(ctx, tx, &p, cs)
 	})
+	if err != nil {
+		return "", "", err
+	}
+	if strategy == "" {
+		// A redelivery: the link was made already and fn did not run.
+		if strategy, err = s.strategyOf(ctx, id); err != nil {
+			return "", "", err
+		}
+	}
+	return id, strategy, nil
 }
 
 // confirmSession confirms the payment by its own paid Checkout Session cs

@@ -77,15 +77,12 @@ func sourceAmount(t CheckoutTotals) *int64 {
 // transaction; nil means the payment already knows (or the confirmation
 // will refuse the event for another reason). A Stripe error is returned
 // as is, so the event is retried rather than parked.
-func (s *Service) sessionToVerify(ctx context.Context, paymentID, piID string) (*CheckoutSession, error) {
-	p, err := load(ctx, s.db, paymentID, false)
-	if errs.Is(err, errs.NotFound) {
-		return nil, nil // lockForEvent refuses it
-	}
-	if err != nil {
-		return nil, err
-	}
+// p is the payment as read outside the transaction, nil when it does not
+// exist (lockForEvent refuses that).
+func (s *Service) sessionToVerify(ctx context.Context, p *Payment, paymentID, piID string) (*CheckoutSession, error) {
 	switch {
+	case p == nil:
+		return nil, nil // lockForEvent refuses it
 	case p.PaymentIntentID != "" && p.PaymentIntentID != piID:
 		return nil, nil // lockForEvent refuses it
 	case p.PaymentIntentID == piID && (p.Checkout.Known() || p.Status == Succeeded || p.Status == Refunded):
