@@ -150,17 +150,15 @@ func (s *Service) confirm(ctx context.Context, ev EventRef, paymentID string, c 
 			}
 			return reject("payment %s is paid by %s and cannot be confirmed by %s", p.ID, p.Method, what)
 		}
-		var confirmed confirmationRow
-		err := tx.WithContext(ctx).Where("payment_id = ?", p.ID).Take(&confirmed).Error
-		switch {
-		case errors.Is(err, gorm.ErrRecordNotFound): // not confirmed yet
-		case err != nil:
-			return db.Translate(err, nil)
-		case byInvoice && confirmed.InvoiceID != nil && *confirmed.InvoiceID == c.invoiceID,
-			!byInvoice && confirmed.PaymentIntentID != nil && *confirmed.PaymentIntentID == c.paymentIntentID:
-			return nil // already confirmed: a redelivery, a replay, a sync or the other strategy
-		default:
-			return reject("payment %s was already confirmed by %s", p.ID, confirmed.key())
+		// The guard's row is written only here, in the transaction that sets
+		// succeeded_at: a payment that never succeeded has none, so it is
+		// looked for only when succeeded_at is set (one round trip less for
+		// every first confirmation). Should one exist all the same, the
+		// insert below finds it.
+		if p.SucceededAt != nil {
+			if done, err := confirmedBefore(ctx, tx, p, c); done || err != nil {
+				return err
+			}
 		}
 		if byInvoice {
 			if err := checkInvoice(p, c); err != nil {
@@ -197,6 +195,15 @@ func (s *Service) confirm(ctx context.Context, ev EventRef, paymentID string, c 
 			return db.Translate(res.Error, nil)
 		}
 		if res.RowsAffected == 0 {
+			if p.SucceededAt == nil {
+				if done, err := confirmedBefore(ctx, tx, p, c); done || err != nil {
+					if err == nil {
+						// Found only now: roll back what was written since.
+						err = errEventApplied
+					}
+					return err
+				}
+			}
 			return reject("%s already confirmed another payment than %s", c.key(), p.ID)
 		}
 		ok, err := transition(ctx, tx, p, Succeeded, ev, "payment received")
@@ -253,6 +260,24 @@ func (s *Service) confirm(ctx context.Context, ev EventRef, paymentID string, c 
 			StripeEventID: ev.ID,
 		})
 	})
+}
+
+// confirmedBefore looks for payment p's confirmation: by c's key already
+// (done: a redelivery, a replay, a sync or the other strategy; nothing to
+// do), by another key (a *Rejection), or none (not done).
+func confirmedBefore(ctx context.Context, tx *gorm.DB, p Payment, c confirmation) (done bool, err error) {
+	var confirmed confirmationRow
+	err = tx.WithContext(ctx).Where("payment_id = ?", p.ID).Take(&confirmed).Error
+	switch {
+	case errors.Is(err, gorm.ErrRecordNotFound): // not confirmed yet
+		return false, nil
+	case err != nil:
+		return false, db.Translate(err, nil)
+	case c.invoiceID != "" && confirmed.InvoiceID != nil && *confirmed.InvoiceID == c.invoiceID,
+		c.invoiceID == "" && confirmed.PaymentIntentID != nil && *confirmed.PaymentIntentID == c.paymentIntentID:
+		return true, nil
+	}
+	return false, reject("payment %s was already confirmed by %s", p.ID, confirmed.key())
 }
 
 // key names what confirmed a payment, for messages.
