@@ -88,10 +88,13 @@ WHERE c.n >= 1`)
 // Entry k of a customer: k = 1 is the grant, every later one a consume of 1
 // drawn from it (as the service writes one: draws, an idempotency key, no
 // grant_id); after entry k the balance is the grant's amount - (k - 1).
-// Rows are inserted in (customer, k) order, so seq follows that order.
+// Rows are inserted in (customer, k) order, so seq follows that order, and
+// so do the ids: zero-padded, they sort as they are inserted, and each
+// chunk appends to the unique index on id instead of touching pages all
+// over it (likewise the usage events' identifiers below).
 var seedLedgerSQL = seedSQL(`
 INSERT INTO credit_ledger (id, customer_id, kind, amount, balance_after, reason, grant_id, draws, idempotency_key, created_at)
-SELECT 'ctx_seed_' || c.i || '_' || k,
+SELECT 'ctx_seed_' || lpad(c.i::text, 9, '0') || '_' || lpad(k::text, 4, '0'),
        '@prefix' || c.i,
        CASE WHEN k = 1 THEN 'grant' ELSE 'consume' END,
        CASE WHEN k = 1 THEN @remaining + c.n - 1 ELSE -1 END,
@@ -108,7 +111,7 @@ ORDER BY c.i, k`)
 var seedUsageSQL = seedSQL(`
 INSERT INTO usage_events (identifier, customer_id, meter, stripe_event_name, value, occurred_at, status, attempts,
 	next_attempt_at, first_attempt_at, delivered_at, created_at, updated_at)
-SELECT '@prefix' || 'u-' || c.i || '-' || k, '@prefix' || c.i, $7, $7, 1, ts.t, 'delivered', 1,
+SELECT '@prefix' || 'u-' || lpad(c.i::text, 9, '0') || '-' || lpad(k::text, 4, '0'), '@prefix' || c.i, $7, $7, 1, ts.t, 'delivered', 1,
        ts.t, ts.t, ts.t + interval '1 second', ts.t, ts.t + interval '1 second'
 FROM (` + seedPerCustomer + `) c CROSS JOIN LATERAL generate_series(1, c.u) k
 CROSS JOIN LATERAL (SELECT $6::timestamptz - interval '30 days' + k * interval '1 minute' AS t) ts`)
