@@ -52,6 +52,8 @@ type seedResult struct {
 	customers       int   // loaded by this run
 	ledger, usage   int64 // loaded by this run
 	load, analyze   time.Duration
+	// indexes is how many secondary indexes were built after the load.
+	indexes int
 }
 
 // Each statement covers the customers $1..$2 (1-based indexes) of a seed of
@@ -149,11 +151,21 @@ func seed(ctx context.Context, pool *pgxpool.Pool, plan seedPlan, now time.Time,
 	if err != nil {
 		return res, err
 	}
-	if missing {
+	// Nor does one while something else is connected (a server: its
+	// workers poll usage_events and would scan the whole table each time).
+	others, err := otherConnections(ctx, pool)
+	if err != nil {
+		return res, err
+	}
+	switch {
+	case missing && others > 0:
+		progress("seed: %d other connections to the database (a server?): the indexes stay, which makes the load slower; stop it for a faster seed", others)
+	case missing:
 		if dropped, err = dropSeedIndexes(ctx, pool); err != nil {
 			return res, err
 		}
 	}
+	res.indexes = dropped
 	if dropped > 0 {
 		progress("seed: %d secondary indexes of %s dropped for the load, built again after it", dropped, strings.Join(seedIndexedTables, " and "))
 	}
@@ -220,6 +232,18 @@ feed:
 	}
 	res.analyze = time.Since(started)
 	return res, nil
+}
+
+// otherConnections counts the client connections to the database that are
+// not the tool's own.
+func otherConnections(ctx context.Context, pool *pgxpool.Pool) (int, error) {
+	var n int
+	err := pool.QueryRow(ctx, `SELECT count(*) FROM pg_stat_activity
+		WHERE datname = current_database() AND backend_type = 'client backend' AND application_name <> $1`, benchAppName).Scan(&n)
+	if err != nil {
+		return 0, fmt.Errorf("seed: look for other connections: %w", err)
+	}
+	return n, nil
 }
 
 // seedMissing reports whether a chunk of plan is not loaded yet (its first

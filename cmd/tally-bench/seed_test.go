@@ -159,7 +159,11 @@ func TestSeedBuildsTheIndexesItDropped(t *testing.T) {
 		t.Fatalf("only %d indexes on %v: %q", len(before), seedIndexedTables, before)
 	}
 	plan := seedPlan{customers: 5, ledger: 20, usage: 20, meter: "api_calls", workers: 2}
-	seedAndCount(t, dbURL, plan)
+	// All but the three that back constraints: the two primary keys and
+	// the ledger's unique id.
+	if res, _ := seedAndCount(t, dbURL, plan); res.indexes != len(before)-3 {
+		t.Fatalf("the seed built %d indexes, want every one but the three behind constraints (%d)", res.indexes, len(before)-3)
+	}
 	if after := indexDefs(t, pool); strings.Join(after, "\n") != strings.Join(before, "\n") {
 		t.Fatalf("indexes after the seed:\n%s\nwant:\n%s", strings.Join(after, "\n"), strings.Join(before, "\n"))
 	}
@@ -182,5 +186,25 @@ func TestSeedBuildsTheIndexesItDropped(t *testing.T) {
 	var left bool
 	if err := pool.QueryRow(context.Background(), `SELECT to_regclass($1) IS NOT NULL`, seedIndexTable).Scan(&left); err != nil || left {
 		t.Fatalf("%s still exists (%v)", seedIndexTable, err)
+	}
+}
+
+// While something else is connected to the database (a server, whose
+// workers would scan whole tables without them), the seed keeps the
+// indexes.
+func TestSeedKeepsTheIndexesWhileAServerIsConnected(t *testing.T) {
+	t.Parallel()
+	dbURL := dbtest.NewURL(t)
+	server, err := db.Open(context.Background(), dbURL, 1, slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close(server)
+	if err := db.Ping(context.Background(), server); err != nil {
+		t.Fatal(err)
+	}
+	res, counts := seedAndCount(t, dbURL, seedPlan{customers: 5, ledger: 20, usage: 20, meter: "api_calls", workers: 2})
+	if res.indexes != 0 || counts["credit_ledger"] != 20 || counts["usage_events"] != 20 {
+		t.Fatalf("with a server connected: %d indexes dropped and built, counts %v; want none, every row", res.indexes, counts)
 	}
 }
