@@ -1,8 +1,11 @@
 package main
 
 import (
+	"context"
+	"fmt"
 	"net/http"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -72,4 +75,114 @@ func TestAutoTopUpRefundStopsAnUnchargedTopUp(t *testing.T) {
 		t.Fatalf("balance %d, want 0", b)
 	}
 	assertInvariants(t, s)
+}
+
+// Two servers on one database; one customer with three paid packs and many
+// holds. Releases, captures, the sweeper's expiries, refunds in steps
+// (each delivered twice), a dispute won and a dispute lost all race. When
+// every hold has ended, nothing refunded or lost is spendable: what the
+// customer still has, less what it owes, is exactly what it paid for less
+// what it spent and what was taken back; and both verify paths are clean.
+func TestHeldCreditsRefundDisputeStormOnTwoServers(t *testing.T) {
+	fake := stripefake.New(t)
+	env := payEnv(t, fake.URL())
+	env["TALLY_CREDITS_SWEEP_INTERVAL"] = "200ms"
+	s1 := startServer(t, env)
+	s2 := startServer(t, env)
+	servers := []*server{s1, s2}
+	c := s1.wideClient(t)
+	gdb := openDB(t, s1)
+	const who = "storm"
+	pays := []string{buyStarter(t, fake, s1, who), buyStarter(t, fake, s1, who), buyStarter(t, fake, s1, who)}
+	short, long := 1, 3600
+	var holds []client.HoldCreated
+	for i := range 20 {
+		exp := &long
+		if i >= 10 && i < 15 {
+			exp = &short
+		}
+		holds = append(holds, mustHoldOverHTTP(t, c, who, 100, exp))
+	}
+	consumeOverHTTP(t, s1, who, 500)
+
+	var wg sync.WaitGroup
+	run := func(f func(i int)) {
+		for i := range 2 {
+			wg.Add(1)
+			go func() { defer wg.Done(); f(i) }()
+		}
+	}
+	for i, h := range holds {
+		if i >= 10 {
+			continue
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			cl := servers[i%2].service(t)
+			if i < 5 {
+				mustStatus(t, "release", releaseOverHTTP(t, cl, who, h.HoldId).StatusCode(), nil, http.StatusOK)
+				return
+			}
+			r := captureOverHTTP(t, cl, who, h.HoldId, i64(50), "cap-"+h.HoldId)
+			mustStatus(t, "capture", r.StatusCode(), r.Body, http.StatusOK)
+		}()
+	}
+	// P1 refunded in three steps, each delivered to both servers.
+	run(func(i int) {
+		for _, total := range []int64{300, 600, starterAmount} {
+			deliver(t, servers[i], stripeEvent(fmt.Sprintf("evt_r1_%d", total), "charge.refunded", refundedCharge(pays[0], starterAmount, total)))
+		}
+	})
+	// P2 disputed, then won; P3 half refunded and disputed, then lost.
+	wg.Add(2)
+	go func() {
+		defer wg.Done()
+		d := dispute(pays[1], "dp_storm_won", "needs_response", starterAmount)
+		deliver(t, s1, disputeEvent("created", d))
+		d["status"] = "won"
+		deliver(t, s2, disputeEvent("closed", d))
+	}()
+	go func() {
+		defer wg.Done()
+		deliver(t, s2, stripeEvent(newEventID(), "charge.refunded", refundedCharge(pays[2], starterAmount, 500)))
+		d := dispute(pays[2], "dp_storm_lost", "needs_response", starterAmount/2)
+		deliver(t, s1, disputeEvent("created", d))
+		d["status"] = "lost"
+		deliver(t, s1, disputeEvent("closed", d))
+	}()
+	wg.Wait()
+	waitFor(t, "every Stripe event to be processed", func() bool {
+		return countRows(t, gdb, `SELECT count(*) FROM stripe_events WHERE status <> 'processed'`) == 0
+	})
+	for _, h := range holds[15:] {
+		mustStatus(t, "release", releaseOverHTTP(t, c, who, h.HoldId).StatusCode(), nil, http.StatusOK)
+	}
+	waitFor(t, "the sweeper to expire the short holds", func() bool {
+		return countRows(t, gdb, `SELECT count(*) FROM credit_holds WHERE customer_id = ? AND status = 'active'`, who) == 0
+	})
+	b := balanceOverHTTP(t, c, who)
+	if b.Balance < 0 || b.Held != 0 || b.Available != b.Balance {
+		t.Fatalf("balance %+v after every hold ended", b)
+	}
+	r, err := s2.admin(t).VerifyInvariantsWithResponse(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	mustStatus(t, "verify", r.StatusCode(), r.Body, http.StatusOK)
+	var owed int64
+	for _, rc := range r.JSON200.Receivables {
+		if rc.CustomerId == who {
+			owed = rc.Shortfall
+		}
+	}
+	// 3,000 bought; 500 consumed and 5×50 captured; P1 refunded (1,000),
+	// P3 half refunded and half lost (1,000); P2's dispute won.
+	if want := int64(3*starterCredits - 500 - 250 - 2*starterCredits); b.Balance-owed != want {
+		t.Fatalf("balance %d, owed %d: net %d, want %d\nverify: %s", b.Balance, owed, b.Balance-owed, want, r.Body)
+	}
+	if !r.JSON200.Ok {
+		t.Fatalf("verify: %s", r.Body)
+	}
+	assertInvariants(t, s1)
 }
