@@ -4,6 +4,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/tallybilling/tally/internal/config"
 	"github.com/tallybilling/tally/internal/credits"
 )
 
@@ -43,4 +44,52 @@ func TestTwoExpiredHoldsOfOneVoidedGrant(t *testing.T) {
 		}
 		f.verifyReport()
 	}
+}
+
+// A hold keeps credits of a grant that expired before the refund and of the
+// refunded purchase. The refund claims only the purchase's part (the
+// expired credits would never come back spendable); when the hold ends, it
+// is paid from that part, never from the expired credits, which expire.
+func TestAClaimIsNotPaidWithCreditsDeadBeforeIt(t *testing.T) {
+	t.Parallel()
+	f := newFixture(t, defaultCfg())
+	soon := f.clock.Now().Add(time.Minute)
+	f.grant("exa", 800, &soon)
+	purchase(t, f, "exa", "pay_ex", 200)
+	h := f.mustHold("exa", 1000, time.Hour)
+	f.clock.Set(f.clock.Now().Add(2 * time.Minute))
+	if r := f.revoke("exa", "pay_ex", 200, config.RevokeFromBalance); r.Taken != 0 || r.Shortfall != 200 {
+		t.Fatalf("revoke = %+v, want 200 short", r)
+	}
+	if _, err := f.release("exa", h.HoldID); err != nil {
+		t.Fatal(err)
+	}
+	if b := f.balance("exa"); b.Balance != 0 || b.Available != 0 {
+		t.Fatalf("balance %+v after the release, want 0: the refunded credits came back spendable", b)
+	}
+	if got := f.receivable("exa"); got != 0 {
+		t.Fatalf("receivable %d, want 0", got)
+	}
+	f.verifyReport()
+}
+// A refund claims what a hold keeps of a grant that is voided later: the
+// release voids it, and the refund still counts it as taken back, as it
+// would have taken it had the hold not been there. The customer never owes
+// credits it no longer has.
+func TestClaimedCreditsOfAVoidedGrantAreNotOwedTwice(t *testing.T) {
+	t.Parallel()
+	f := newFixture(t, defaultCfg())
+	bought, h, _ := heldRefund(t, f, "val", "pay_rv", 0)
+	f.clock.Set(f.clock.Now().Add(time.Second))
+	f.mustVoid("val", bought.GrantID)
+	if _, err := f.release("val", h.HoldID); err != nil {
+		t.Fatal(err)
+	}
+	if b := f.balance("val"); b.Balance != 0 {
+		t.Fatalf("balance %+v after the release, want 0", b)
+	}
+	if got := f.receivable("val"); got != 200 {
+		t.Fatalf("receivable %d, want only the 200 spent before the refund (800 came back and are gone)", got)
+	}
+	f.verifyReport()
 }
