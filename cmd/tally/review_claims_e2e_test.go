@@ -186,3 +186,89 @@ func TestHeldCreditsRefundDisputeStormOnTwoServers(t *testing.T) {
 	}
 	assertInvariants(t, s1)
 }
+
+// Syncs on two servers race the top-up's late webhook delivered to both:
+// credited once. A top-up whose PaymentIntent Stripe reports canceled is
+// failed by the sync, nothing credited, and the next crossing tops up again.
+func TestSyncRacingTheLateTopUpWebhookAndACanceledTopUp(t *testing.T) {
+	fake := stripefake.New(t)
+	env := syncEnv(t, fake.URL())
+	s1 := startServer(t, env)
+	s2 := startServer(t, env)
+	evs := &stripeEvents{fake: fake}
+	gdb := openDB(t, s1)
+	saveCard(t, s1, evs, "late", topUpCard)
+	grantOverHTTP(t, s1.service(t), "late", 1000, "grant-late")
+	putAutoTopUp(t, s1, "late", client.AutoTopUpSettings{Enabled: true, Threshold: 500, Item: "starter"})
+	spend(t, s1, "late", 600, "late-1")
+	tops := autoTopUps(t, s1, "late")
+	if len(tops) != 1 {
+		t.Fatalf("%d top-ups, want 1", len(tops))
+	}
+	waitCharged(t, s1, tops[0].Id)
+	all := fake.Sandbox().Events()
+	var wg sync.WaitGroup
+	for i := range 6 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			s := []*server{s1, s2}[i%2]
+			if i < 4 {
+				// One sync runs at a time; the others are refused (409).
+				r, err := s.admin(t).SyncStripeWithResponse(context.Background(), client.StripeSyncRequest{Since: future()})
+				if err != nil || (r.StatusCode() != http.StatusOK && r.StatusCode() != http.StatusConflict) {
+					t.Errorf("sync: %v %v", err, r)
+				}
+				return
+			}
+			for _, ev := range all[evs.sent:] {
+				deliver(t, s, ev.Payload)
+			}
+		}()
+	}
+	wg.Wait()
+	evs.sent = len(all)
+	waitPayment(t, s1, tops[0].Id, client.PaymentStatusSucceeded)
+	waitFor(t, "every Stripe event to be processed", func() bool {
+		return countRows(t, gdb, `SELECT count(*) FROM stripe_events WHERE status IN ('received', 'failed', 'parked')`) == 0
+	})
+	if bal := balanceOf(t, gdb, "late"); bal != 400+starterCredits {
+		t.Fatalf("balance %d, want %d", bal, 400+starterCredits)
+	}
+	if n := confirmations(t, gdb, tops[0].Id); n != 1 {
+		t.Fatalf("%d confirmations", n)
+	}
+
+	// The next top-up's PaymentIntent is canceled at Stripe.
+	spend(t, s1, "late", 400+starterCredits-100, "late-2")
+	var second string
+	for _, p := range autoTopUps(t, s1, "late") {
+		if p.Id != tops[0].Id {
+			second = p.Id
+		}
+	}
+	got := waitCharged(t, s1, second)
+	fake.SetFault(func(r *http.Request) (int, string, bool) {
+		if r.Method == http.MethodGet && r.URL.Path == "/v1/payment_intents/"+*got.PaymentIntentId {
+			return http.StatusOK, fmt.Sprintf(`{"id":%q,"object":"payment_intent","status":"canceled","amount":%d,"amount_received":0,"currency":"usd","livemode":false,"cancellation_reason":"abandoned","metadata":{"tally_payment_id":%q,"tally_customer_id":"late"}}`,
+				*got.PaymentIntentId, starterAmount, second), true
+		}
+		return 0, "", false
+	})
+	stripeSync(t, s2, future())
+	if p := getPayment(t, s1, second); p.Status != client.PaymentStatusFailed {
+		t.Fatalf("the canceled top-up is %s after the sync, want failed", p.Status)
+	}
+	if bal := balanceOf(t, gdb, "late"); bal != 100 {
+		t.Fatalf("balance %d, want 100", bal)
+	}
+	if a := getAutoTopUp(t, s1, "late"); a.InFlightPaymentId != nil {
+		t.Fatalf("settings %+v, want nothing in flight", a)
+	}
+	fake.SetFault(nil)
+	spend(t, s1, "late", 10, "late-3")
+	if n := len(autoTopUps(t, s1, "late")); n != 3 {
+		t.Fatalf("%d top-ups after the next crossing, want 3", n)
+	}
+	assertInvariants(t, s1)
+}
