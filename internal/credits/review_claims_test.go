@@ -93,3 +93,29 @@ func TestClaimedCreditsOfAVoidedGrantAreNotOwedTwice(t *testing.T) {
 	}
 	f.verifyReport()
 }
+
+// The capture spends the refunded purchase's credits the hold kept (drawn
+// first) and gives back only credits of a grant that expired before the
+// refund: those never pay the claim, so what was spent stays owed.
+func TestCapturedRefundedCreditsStayOwedWhenOnlyDeadCreditsComeBack(t *testing.T) {
+	t.Parallel()
+	f := newFixture(t, defaultCfg())
+	purchase(t, f, "cap", "pay_cap", 500)
+	soon, late := f.clock.Now().Add(time.Minute), 90
+	f.grantWith(credits.GrantInput{CustomerID: "cap", Amount: 500, ExpiresAt: &soon, Priority: &late})
+	h := f.mustHold("cap", 1000, time.Hour)
+	f.clock.Set(f.clock.Now().Add(2 * time.Minute))
+	if r := f.revoke("cap", "pay_cap", 500, config.RevokeFromBalance); r.Shortfall != 500 {
+		t.Fatalf("revoke = %+v, want 500 short", r)
+	}
+	if _, _, err := f.capture("cap", h.HoldID, ptr(int64(500)), "cap-500"); err != nil {
+		t.Fatal(err)
+	}
+	if b := f.balance("cap"); b.Balance != 0 {
+		t.Fatalf("balance %+v, want 0", b)
+	}
+	if got := f.receivable("cap"); got != 500 {
+		t.Fatalf("receivable %d, want the 500 refunded credits the capture spent", got)
+	}
+	f.verifyReport()
+}
