@@ -72,6 +72,7 @@ func TestAClaimIsNotPaidWithCreditsDeadBeforeIt(t *testing.T) {
 	}
 	f.verifyReport()
 }
+
 // A refund claims what a hold keeps of a grant that is voided later: the
 // release voids it, and the refund still counts it as taken back, as it
 // would have taken it had the hold not been there. The customer never owes
