@@ -278,3 +278,30 @@ func TestSyncRacingTheLateTopUpWebhookAndACanceledTopUp(t *testing.T) {
 	}
 	assertInvariants(t, s1)
 }
+
+// A dispute finds the credits held, the hold's release pays its claim, and
+// then the dispute is won: everything it took comes back, what the hold
+// paid included (more than the dispute's own revoke took).
+func TestDisputeWonAfterTheHoldPaidItsClaim(t *testing.T) {
+	fake := stripefake.New(t)
+	s := startServer(t, payEnv(t, fake.URL()))
+	svc := s.service(t)
+	pay := buyStarter(t, fake, s, "won")
+	long := 3600
+	h := mustHoldOverHTTP(t, svc, "won", 800, &long)
+	consumeOverHTTP(t, s, "won", 200)
+	d := dispute(pay, "dp_won_held", "needs_response", starterAmount)
+	deliver(t, s, disputeEvent("created", d))
+	waitPayment(t, s, pay, client.PaymentStatusDisputed)
+	mustStatus(t, "release", releaseOverHTTP(t, svc, "won", h.HoldId).StatusCode(), nil, http.StatusOK)
+	if b := balanceOverHTTP(t, svc, "won"); b.Balance != 0 {
+		t.Fatalf("balance %+v after the release, want the held credits taken by the dispute", b)
+	}
+	d["status"] = "won"
+	deliver(t, s, disputeEvent("closed", d))
+	waitPayment(t, s, pay, client.PaymentStatusSucceeded)
+	if b := balanceOverHTTP(t, svc, "won"); b.Balance != 800 || b.Available != 800 {
+		t.Fatalf("balance %+v after the dispute was won, want the 800 the hold paid back", b)
+	}
+	assertInvariants(t, s)
+}
