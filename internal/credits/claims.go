@@ -79,9 +79,9 @@ func (a *account) claimHeld(ctx context.Context, tx *gorm.DB, entryID string, sh
 
 // payClaims ends hold h's open claims as the hold ends: each, oldest first,
 // takes what it claims of back (what the hold gave back to each grant, in
-// draw order, after unhold) with a revoke entry naming the revoke it pays
-// for and the hold, and adds it to that shortfall's recovered. Credits
-// given back to a voided grant are not taken (settleReleased voids them).
+// draw order, after unhold; only grants alive at the claim: see aliveAt)
+// with a revoke entry naming the revoke it pays for and the hold, and adds
+// it to that shortfall's recovered.
 // It lowers a.balance; the caller saves the account. It reports whether
 // that crossed the low-balance threshold.
 func (a *account) payClaims(ctx context.Context, tx *gorm.DB, h holdRow, back []heldPart) (bool, error) {
@@ -100,16 +100,30 @@ func (a *account) payClaims(ctx context.Context, tx *gorm.DB, h holdRow, back []
 		}
 		return claims[i].LedgerEntryID < claims[j].LedgerEntryID
 	})
-	// What came back to each grant, still to be taken.
+	// What came back to each grant, still to be taken, and when each grant
+	// died (expired or voided), if it has.
 	free := make([]Draw, 0, len(back))
+	ids := make([]string, 0, len(back))
 	for _, p := range back {
 		if n := p.Held - p.Take; n > 0 {
 			free = append(free, Draw{GrantID: p.GrantID, Amount: n})
+			ids = append(ids, p.GrantID)
 		}
+	}
+	if len(free) == 0 {
+		return false, nil // a capture spent everything: the claims stay owed
+	}
+	var deaths []grantDeath
+	if err := tx.WithContext(ctx).Raw(`SELECT id, expires_at, voided_at FROM credit_grants WHERE id IN ?`, ids).Scan(&deaths).Error; err != nil {
+		return false, err
+	}
+	died := make(map[string]grantDeath, len(deaths))
+	for _, d := range deaths {
+		died[d.ID] = d
 	}
 	fire := false
 	for _, c := range claims {
-		draws, err := a.takeBack(ctx, tx, free, c.Amount)
+		draws, err := a.takeBack(ctx, tx, free, c, died)
 		if err != nil {
 			return false, err
 		}
@@ -124,26 +138,46 @@ func (a *account) payClaims(ctx context.Context, tx *gorm.DB, h holdRow, back []
 	return fire, nil
 }
 
-// takeBack takes up to n credits from free (updated in place) as a revoke
-// does, skipping grants voided meanwhile, and returns the draws.
-func (a *account) takeBack(ctx context.Context, tx *gorm.DB, free []Draw, n int64) ([]Draw, error) {
+// grantDeath is when a grant expires and when it was voided, if ever.
+type grantDeath struct {
+	ID        string
+	ExpiresAt *time.Time
+	VoidedAt  *time.Time
+}
+
+// aliveAt reports whether the grant's credits were spendable-to-be at t: a
+// claim made at t counted only those (claimHeld), and only those pay it.
+// Credits of a grant that died before the claim would never have come back
+// to the customer; taking them instead would leave live credits spendable.
+// A grant that dies after the claim pays it like a live one: the revoke
+// would have taken those credits at once had the hold not kept them. A
+// void at the very instant of the claim counts as before it.
+func (d grantDeath) aliveAt(t time.Time) bool {
+	return (d.ExpiresAt == nil || d.ExpiresAt.After(t)) && (d.VoidedAt == nil || d.VoidedAt.After(t))
+}
+
+// takeBack takes up to claim c's amount from free (updated in place) as a
+// revoke does, only from grants alive at the claim, and returns the draws.
+// What comes back to a grant voided since is taken before settleReleased
+// voids the rest of it.
+func (a *account) takeBack(ctx context.Context, tx *gorm.DB, free []Draw, c claim, died map[string]grantDeath) ([]Draw, error) {
 	var draws []Draw
+	n := c.Amount
 	for i := range free {
 		if n == 0 {
 			break
 		}
 		take := min(free[i].Amount, n)
-		if take == 0 {
+		if take == 0 || !died[free[i].GrantID].aliveAt(c.CreatedAt) {
 			continue
 		}
 		res := tx.WithContext(ctx).Exec(`UPDATE credit_grants SET remaining = remaining - ?, revoked = revoked + ?
-			WHERE id = ? AND customer_id = ? AND voided_at IS NULL AND remaining - held >= ?`, take, take, free[i].GrantID, a.customerID, take)
+			WHERE id = ? AND customer_id = ? AND remaining - held >= ?`, take, take, free[i].GrantID, a.customerID, take)
 		if res.Error != nil {
 			return nil, res.Error
 		}
-		if res.RowsAffected == 0 {
-			free[i].Amount = 0 // voided: settleReleased voids what came back
-			continue
+		if res.RowsAffected != 1 {
+			return nil, fmt.Errorf("credits: grant %s does not have the %d credits hold gave back", free[i].GrantID, take)
 		}
 		free[i].Amount -= take
 		n -= take

@@ -469,9 +469,7 @@ type heldPart struct {
 
 // deadGrant is a grant voided before a hold gave credits back to it.
 type deadGrant struct {
-	ID        string
-	Remaining int64
-	Held      int64
+	ID string
 }
 
 // unhold ends what a hold kept of each grant: the grant's held falls by
@@ -509,7 +507,7 @@ func (a *account) unhold(ctx context.Context, tx *gorm.DB, parts []heldPart) ([]
 		}
 		switch {
 		case g.VoidedAt != nil:
-			dead = append(dead, deadGrant{ID: g.ID, Remaining: g.Remaining, Held: g.Held})
+			dead = append(dead, deadGrant{ID: g.ID})
 		case g.ExpiresAt != nil && (!a.nextExpiry.Valid || g.ExpiresAt.Before(a.nextExpiry.Time)):
 			a.nextExpiry = sql.NullTime{Time: *g.ExpiresAt, Valid: true}
 		}
@@ -522,8 +520,22 @@ func (a *account) unhold(ctx context.Context, tx *gorm.DB, parts []heldPart) ([]
 // returns how many grants it expired.
 func (a *account) settleReleased(ctx context.Context, tx *gorm.DB, dead []deadGrant) (int, error) {
 	fire := false
+	// Several holds ending together may give back to one grant (each
+	// listed it): what it has unheld now is voided, once.
+	seen := make(map[string]bool, len(dead))
 	for _, g := range dead {
-		if _, err := a.voidRest(ctx, tx, g.ID, g.Remaining-g.Held, "voided grant: released from a hold", nil, ""); err != nil {
+		if seen[g.ID] {
+			continue
+		}
+		seen[g.ID] = true
+		var left int64
+		if err := tx.WithContext(ctx).Raw(`SELECT remaining - held FROM credit_grants WHERE id = ?`, g.ID).Scan(&left).Error; err != nil {
+			return 0, err
+		}
+		if left <= 0 {
+			continue
+		}
+		if _, err := a.voidRest(ctx, tx, g.ID, left, "voided grant: released from a hold", nil, ""); err != nil {
 			return 0, err
 		}
 		fire = a.lowBalance(true) || fire
