@@ -320,6 +320,9 @@ func runSeed(ctx context.Context, s settings, stdout io.Writer, progress func(st
 	return nil
 }
 
+// benchAppName is the application_name of the tool's connections.
+const benchAppName = "tally-bench"
+
 // openPool connects to dbURL with at most conns connections.
 func openPool(ctx context.Context, dbURL string, conns int) (*pgxpool.Pool, error) {
 	cfg, err := pgxpool.ParseConfig(dbURL)
@@ -327,6 +330,8 @@ func openPool(ctx context.Context, dbURL string, conns int) (*pgxpool.Pool, erro
 		return nil, fmt.Errorf("-db: %w", err)
 	}
 	cfg.MaxConns = int32(conns)
+	// Named, so that -seed can tell its own connections from a server's.
+	cfg.ConnConfig.RuntimeParams["application_name"] = benchAppName
 	pool, err := pgxpool.NewWithConfig(ctx, cfg)
 	if err != nil {
 		return nil, fmt.Errorf("-db: %w", err)

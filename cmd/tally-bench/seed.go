@@ -52,6 +52,8 @@ type seedResult struct {
 	customers       int   // loaded by this run
 	ledger, usage   int64 // loaded by this run
 	load, analyze   time.Duration
+	// indexes is how many secondary indexes were built after the load.
+	indexes int
 }
 
 // Each statement covers the customers $1..$2 (1-based indexes) of a seed of
@@ -88,10 +90,13 @@ WHERE c.n >= 1`)
 // Entry k of a customer: k = 1 is the grant, every later one a consume of 1
 // drawn from it (as the service writes one: draws, an idempotency key, no
 // grant_id); after entry k the balance is the grant's amount - (k - 1).
-// Rows are inserted in (customer, k) order, so seq follows that order.
+// Rows are inserted in (customer, k) order, so seq follows that order, and
+// so do the ids: zero-padded, they sort as they are inserted, and each
+// chunk appends to the unique index on id instead of touching pages all
+// over it (likewise the usage events' identifiers below).
 var seedLedgerSQL = seedSQL(`
 INSERT INTO credit_ledger (id, customer_id, kind, amount, balance_after, reason, grant_id, draws, idempotency_key, created_at)
-SELECT 'ctx_seed_' || c.i || '_' || k,
+SELECT 'ctx_seed_' || lpad(c.i::text, 9, '0') || '_' || lpad(k::text, 4, '0'),
        '@prefix' || c.i,
        CASE WHEN k = 1 THEN 'grant' ELSE 'consume' END,
        CASE WHEN k = 1 THEN @remaining + c.n - 1 ELSE -1 END,
@@ -108,7 +113,7 @@ ORDER BY c.i, k`)
 var seedUsageSQL = seedSQL(`
 INSERT INTO usage_events (identifier, customer_id, meter, stripe_event_name, value, occurred_at, status, attempts,
 	next_attempt_at, first_attempt_at, delivered_at, created_at, updated_at)
-SELECT '@prefix' || 'u-' || c.i || '-' || k, '@prefix' || c.i, $7, $7, 1, ts.t, 'delivered', 1,
+SELECT '@prefix' || 'u-' || lpad(c.i::text, 9, '0') || '-' || lpad(k::text, 4, '0'), '@prefix' || c.i, $7, $7, 1, ts.t, 'delivered', 1,
        ts.t, ts.t, ts.t + interval '1 second', ts.t, ts.t + interval '1 second'
 FROM (` + seedPerCustomer + `) c CROSS JOIN LATERAL generate_series(1, c.u) k
 CROSS JOIN LATERAL (SELECT $6::timestamptz - interval '30 days' + k * interval '1 minute' AS t) ts`)
@@ -133,6 +138,37 @@ func seed(ctx context.Context, pool *pgxpool.Pool, plan seedPlan, now time.Time,
 	var res seedResult
 	res.chunks = chunks
 	started := time.Now()
+
+	// The secondary indexes of the two big tables are dropped for the load
+	// and built again afterwards: one sorted build of each costs far less
+	// than ten million scattered insertions into it once the index no
+	// longer fits in shared_buffers. Their definitions wait in
+	// seedIndexTable, so an interrupted seed leaves them for the next one
+	// to build.
+	// A seed with nothing left to load leaves them alone.
+	var dropped int
+	missing, err := seedMissing(ctx, pool, plan, chunks)
+	if err != nil {
+		return res, err
+	}
+	// Nor does one while something else is connected (a server: its
+	// workers poll usage_events and would scan the whole table each time).
+	others, err := otherConnections(ctx, pool)
+	if err != nil {
+		return res, err
+	}
+	switch {
+	case missing && others > 0:
+		progress("seed: %d other connections to the database (a server?): the indexes stay, which makes the load slower; stop it for a faster seed", others)
+	case missing:
+		if dropped, err = dropSeedIndexes(ctx, pool); err != nil {
+			return res, err
+		}
+	}
+	res.indexes = dropped
+	if dropped > 0 {
+		progress("seed: %d secondary indexes of %s dropped for the load, built again after it", dropped, strings.Join(seedIndexedTables, " and "))
+	}
 
 	jobs := make(chan int)
 	var mu sync.Mutex
@@ -173,10 +209,16 @@ feed:
 	}
 	close(jobs)
 	wg.Wait()
+	if first == nil {
+		first = ctx.Err()
+	}
 	if first != nil {
+		if dropped > 0 {
+			progress("seed: interrupted with the secondary indexes dropped; the next -seed builds them (their definitions wait in table %s)", seedIndexTable)
+		}
 		return res, first
 	}
-	if err := ctx.Err(); err != nil {
+	if err := restoreSeedIndexes(ctx, pool, plan.workers, progress); err != nil {
 		return res, err
 	}
 	res.load = time.Since(started)
@@ -190,6 +232,32 @@ feed:
 	}
 	res.analyze = time.Since(started)
 	return res, nil
+}
+
+// otherConnections counts the client connections to the database that are
+// not the tool's own.
+func otherConnections(ctx context.Context, pool *pgxpool.Pool) (int, error) {
+	var n int
+	err := pool.QueryRow(ctx, `SELECT count(*) FROM pg_stat_activity
+		WHERE datname = current_database() AND backend_type = 'client backend' AND application_name <> $1`, benchAppName).Scan(&n)
+	if err != nil {
+		return 0, fmt.Errorf("seed: look for other connections: %w", err)
+	}
+	return n, nil
+}
+
+// seedMissing reports whether a chunk of plan is not loaded yet (its first
+// customer does not exist).
+func seedMissing(ctx context.Context, pool *pgxpool.Pool, plan seedPlan, chunks int) (bool, error) {
+	firsts := make([]string, chunks)
+	for c := range chunks {
+		firsts[c] = fmt.Sprintf("%s%d", seedPrefix, c*seedChunk+1)
+	}
+	var loaded int
+	if err := pool.QueryRow(ctx, `SELECT count(*) FROM customers WHERE id = ANY ($1)`, firsts).Scan(&loaded); err != nil {
+		return false, fmt.Errorf("seed: find what is loaded: %w", err)
+	}
+	return loaded < chunks, nil
 }
 
 // seedRange loads customers lo..hi with all their rows in one transaction,
@@ -227,4 +295,132 @@ func seedRange(ctx context.Context, pool *pgxpool.Pool, plan seedPlan, lo, hi in
 		return nil
 	})
 	return loaded, ledger, usage, err
+}
+
+// seedIndexTable holds the definitions of the indexes a seed dropped until
+// they are built again.
+const seedIndexTable = "tally_bench_seed_dropped_indexes"
+
+// seedIndexedTables are the tables whose secondary indexes a seed drops.
+var seedIndexedTables = []string{"credit_ledger", "usage_events"}
+
+// dropSeedIndexes records the definition of every index of
+// seedIndexedTables that backs no constraint (primary keys and unique
+// constraints stay, so the load is still checked by them) in
+// seedIndexTable, and drops those indexes, in one transaction. It returns
+// how many indexes wait to be built, including any an interrupted seed left.
+func dropSeedIndexes(ctx context.Context, pool *pgxpool.Pool) (int, error) {
+	var waiting int
+	err := pgx.BeginFunc(ctx, pool, func(tx pgx.Tx) error {
+		if _, err := tx.Exec(ctx, `CREATE TABLE IF NOT EXISTS `+seedIndexTable+` (name text PRIMARY KEY, definition text NOT NULL)`); err != nil {
+			return err
+		}
+		rows, err := tx.Query(ctx, `INSERT INTO `+seedIndexTable+` (name, definition)
+			SELECT i.indexrelid::regclass::text, pg_get_indexdef(i.indexrelid)
+			FROM pg_index i
+			WHERE i.indrelid = ANY ($1::regclass[])
+			  AND NOT EXISTS (SELECT 1 FROM pg_constraint c WHERE c.conindid = i.indexrelid)
+			ON CONFLICT (name) DO NOTHING
+			RETURNING name`, seedIndexedTables)
+		if err != nil {
+			return err
+		}
+		names, err := pgx.CollectRows(rows, pgx.RowTo[string])
+		if err != nil {
+			return err
+		}
+		for _, name := range names {
+			// name is regclass text: quoted as an identifier already.
+			if _, err := tx.Exec(ctx, `DROP INDEX `+name); err != nil {
+				return err
+			}
+		}
+		return tx.QueryRow(ctx, `SELECT count(*) FROM `+seedIndexTable).Scan(&waiting)
+	})
+	if err != nil {
+		return 0, fmt.Errorf("seed: drop the secondary indexes for the load: %w", err)
+	}
+	return waiting, nil
+}
+
+// restoreSeedIndexes builds every index seedIndexTable holds, on up to
+// workers connections, forgetting each once it is built, then drops the
+// table.
+func restoreSeedIndexes(ctx context.Context, pool *pgxpool.Pool, workers int, progress func(string, ...any)) error {
+	var waiting bool
+	if err := pool.QueryRow(ctx, `SELECT to_regclass($1) IS NOT NULL`, seedIndexTable).Scan(&waiting); err != nil {
+		return fmt.Errorf("seed: look for %s: %w", seedIndexTable, err)
+	}
+	if !waiting {
+		return nil
+	}
+	type index struct{ name, definition string }
+	rows, err := pool.Query(ctx, `SELECT name, definition FROM `+seedIndexTable+` ORDER BY name`)
+	if err != nil {
+		return fmt.Errorf("seed: list the indexes to build: %w", err)
+	}
+	list, err := pgx.CollectRows(rows, func(r pgx.CollectableRow) (index, error) {
+		var i index
+		return i, r.Scan(&i.name, &i.definition)
+	})
+	if err != nil {
+		return fmt.Errorf("seed: list the indexes to build: %w", err)
+	}
+	jobs := make(chan index, len(list))
+	for _, i := range list {
+		jobs <- i
+	}
+	close(jobs)
+	errc := make(chan error, len(list))
+	var wg sync.WaitGroup
+	for range min(workers, len(list)) {
+		wg.Go(func() {
+			for i := range jobs {
+				started := time.Now()
+				errc <- buildSeedIndex(ctx, pool, i.name, i.definition)
+				progress("seed: index %s built in %s", i.name, time.Since(started).Round(time.Millisecond))
+			}
+		})
+	}
+	wg.Wait()
+	close(errc)
+	for err := range errc {
+		if err != nil {
+			return err
+		}
+	}
+	if _, err := pool.Exec(ctx, `DROP TABLE IF EXISTS `+seedIndexTable); err != nil {
+		return fmt.Errorf("seed: drop %s: %w", seedIndexTable, err)
+	}
+	return nil
+}
+
+// buildSeedIndex builds one dropped index from its definition (as
+// pg_get_indexdef wrote it) and forgets it, in one transaction; an index
+// that exists already (a build that committed just before an
+// interruption could not forget it) is only forgotten.
+func buildSeedIndex(ctx context.Context, pool *pgxpool.Pool, name, definition string) error {
+	def, ok := strings.CutPrefix(definition, "CREATE INDEX ")
+	if ok {
+		def = "CREATE INDEX IF NOT EXISTS " + def
+	} else if def, ok = strings.CutPrefix(definition, "CREATE UNIQUE INDEX "); ok {
+		def = "CREATE UNIQUE INDEX IF NOT EXISTS " + def
+	} else {
+		return fmt.Errorf("seed: index %s: unexpected definition %q", name, definition)
+	}
+	err := pgx.BeginFunc(ctx, pool, func(tx pgx.Tx) error {
+		// A sort in memory builds an index of ten million rows fastest.
+		if _, err := tx.Exec(ctx, `SET LOCAL maintenance_work_mem = '256MB'`); err != nil {
+			return err
+		}
+		if _, err := tx.Exec(ctx, def); err != nil {
+			return err
+		}
+		_, err := tx.Exec(ctx, `DELETE FROM `+seedIndexTable+` WHERE name = $1`, name)
+		return err
+	})
+	if err != nil {
+		return fmt.Errorf("seed: build index %s: %w", name, err)
+	}
+	return nil
 }

@@ -7,6 +7,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+
 	"github.com/tallybilling/tally/internal/app"
 	"github.com/tallybilling/tally/internal/db"
 	"github.com/tallybilling/tally/internal/db/dbtest"
@@ -121,5 +124,87 @@ func TestSeedRefusesAnUnmigratedDatabase(t *testing.T) {
 	err := run(t.Context(), []string{"-seed", "-db", dbtest.NewEmptyURL(t), "-seed-customers", "1", "-seed-ledger", "1", "-seed-usage", "1"}, env(nil), &out, &out)
 	if err == nil || !strings.Contains(err.Error(), "make run migrates it") {
 		t.Fatalf("run -seed on an empty database = %v, want a hint to migrate", err)
+	}
+}
+
+// indexDefs lists the definitions of the indexes of the tables the seed
+// drops indexes of.
+func indexDefs(t *testing.T, pool *pgxpool.Pool) []string {
+	t.Helper()
+	rows, err := pool.Query(context.Background(), `SELECT indexdef FROM pg_indexes
+		WHERE tablename = ANY ($1) ORDER BY indexname`, seedIndexedTables)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defs, err := pgx.CollectRows(rows, pgx.RowTo[string])
+	if err != nil {
+		t.Fatal(err)
+	}
+	return defs
+}
+
+// The seed drops the secondary indexes of the big tables for the load and
+// builds every one of them again, as the migrations defined it; indexes a
+// seed interrupted left dropped are built by the next seed.
+func TestSeedBuildsTheIndexesItDropped(t *testing.T) {
+	t.Parallel()
+	dbURL := dbtest.NewURL(t)
+	pool, err := openPool(context.Background(), dbURL, 2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pool.Close()
+	before := indexDefs(t, pool)
+	if len(before) < 8 {
+		t.Fatalf("only %d indexes on %v: %q", len(before), seedIndexedTables, before)
+	}
+	plan := seedPlan{customers: 5, ledger: 20, usage: 20, meter: "api_calls", workers: 2}
+	// All but the three that back constraints: the two primary keys and
+	// the ledger's unique id.
+	if res, _ := seedAndCount(t, dbURL, plan); res.indexes != len(before)-3 {
+		t.Fatalf("the seed built %d indexes, want every one but the three behind constraints (%d)", res.indexes, len(before)-3)
+	}
+	if after := indexDefs(t, pool); strings.Join(after, "\n") != strings.Join(before, "\n") {
+		t.Fatalf("indexes after the seed:\n%s\nwant:\n%s", strings.Join(after, "\n"), strings.Join(before, "\n"))
+	}
+
+	// An interrupted seed: indexes dropped, their definitions waiting.
+	waiting, err := dropSeedIndexes(context.Background(), pool)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if waiting == 0 || len(indexDefs(t, pool)) != len(before)-waiting {
+		t.Fatalf("%d indexes waiting, %d left of %d", waiting, len(indexDefs(t, pool)), len(before))
+	}
+	again, _ := seedAndCount(t, dbURL, plan)
+	if again.customers != 0 {
+		t.Fatalf("the second seed loaded %d customers, want none", again.customers)
+	}
+	if after := indexDefs(t, pool); strings.Join(after, "\n") != strings.Join(before, "\n") {
+		t.Fatalf("indexes after the resumed seed:\n%s\nwant:\n%s", strings.Join(after, "\n"), strings.Join(before, "\n"))
+	}
+	var left bool
+	if err := pool.QueryRow(context.Background(), `SELECT to_regclass($1) IS NOT NULL`, seedIndexTable).Scan(&left); err != nil || left {
+		t.Fatalf("%s still exists (%v)", seedIndexTable, err)
+	}
+}
+
+// While something else is connected to the database (a server, whose
+// workers would scan whole tables without them), the seed keeps the
+// indexes.
+func TestSeedKeepsTheIndexesWhileAServerIsConnected(t *testing.T) {
+	t.Parallel()
+	dbURL := dbtest.NewURL(t)
+	server, err := db.Open(context.Background(), dbURL, 1, slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close(server)
+	if err := db.Ping(context.Background(), server); err != nil {
+		t.Fatal(err)
+	}
+	res, counts := seedAndCount(t, dbURL, seedPlan{customers: 5, ledger: 20, usage: 20, meter: "api_calls", workers: 2})
+	if res.indexes != 0 || counts["credit_ledger"] != 20 || counts["usage_events"] != 20 {
+		t.Fatalf("with a server connected: %d indexes dropped and built, counts %v; want none, every row", res.indexes, counts)
 	}
 }

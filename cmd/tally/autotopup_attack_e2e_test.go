@@ -27,9 +27,7 @@ import (
 // parked and credits nothing.
 func TestAutoTopUpAttacksOnAnotherCustomer(t *testing.T) {
 	t.Parallel()
-	fake := stripefake.New(t)
-	s := startServer(t, payEnv(t, fake.URL()))
-	evs := &stripeEvents{fake: fake}
+	fake, s, evs := cardServer(t)
 	saveCard(t, s, evs, "mallory", topUpCard)
 	grantOverHTTP(t, s.service(t), "victim", 1000, "grant-victim")
 
@@ -121,9 +119,7 @@ func TestAutoTopUpAttacksOnAnotherCustomer(t *testing.T) {
 // what the settings say is in flight is the pending top-up.
 func TestAutoTopUpSettingsRacingConsumes(t *testing.T) {
 	t.Parallel()
-	fake := stripefake.New(t)
-	s := startServer(t, payEnv(t, fake.URL()))
-	evs := &stripeEvents{fake: fake}
+	_, s, evs := cardServer(t)
 	saveCard(t, s, evs, "racer", topUpCard)
 	grantOverHTTP(t, s.service(t), "racer", 5000, "grant-racer")
 
@@ -175,9 +171,7 @@ func TestAutoTopUpSettingsRacingConsumes(t *testing.T) {
 // race: with a limit of 2, at most two top-ups start this month.
 func TestAutoTopUpMonthlyLimitUnderConcurrency(t *testing.T) {
 	t.Parallel()
-	fake := stripefake.New(t)
-	s := startServer(t, payEnv(t, fake.URL()))
-	evs := &stripeEvents{fake: fake}
+	_, s, evs := cardServer(t)
 	saveCard(t, s, evs, "busy", topUpCard)
 	grantOverHTTP(t, s.service(t), "busy", 600, "grant-busy")
 	limit := 2
@@ -227,9 +221,7 @@ func TestAutoTopUpMonthlyLimitUnderConcurrency(t *testing.T) {
 // needs_payment_method and a crossing starts nothing; a new card fixes it.
 func TestAutoTopUpExpiredCard(t *testing.T) {
 	t.Parallel()
-	fake := stripefake.New(t)
-	s := startServer(t, payEnv(t, fake.URL()))
-	evs := &stripeEvents{fake: fake}
+	_, s, evs := cardServer(t)
 	saveCard(t, s, evs, "expiring", topUpCard)
 	gdb := openDB(t, s)
 	last := time.Now().UTC().AddDate(0, -1, 0)
@@ -337,4 +329,60 @@ func rawPut(t testing.TB, url, key, body string) (int, client.Problem, string) {
 	_ = json.NewDecoder(resp.Body).Decode(&raw)
 	_ = json.Unmarshal(raw, &p)
 	return resp.StatusCode, p, string(raw)
+}
+
+// A refunded or disputed automatic top-up turns automatic top-up off: the
+// revoke leaves the customer below the threshold, and charging the same
+// card again at once would repeat what its owner just took back.
+func TestAutoTopUpRefundedOrDisputedTurnsItselfOff(t *testing.T) {
+	t.Parallel()
+	_, s, evs := cardServer(t)
+	gdb := openDB(t, s)
+	for _, tc := range []struct {
+		customer, why string
+		takeBack      func(p client.Payment) []byte
+	}{
+		{"refunded", "refunded", func(p client.Payment) []byte {
+			ch := refundedCharge(p.Id, starterAmount, starterAmount)
+			ch["payment_intent"] = *p.PaymentIntentId
+			return stripeEvent(newEventID(), "charge.refunded", ch)
+		}},
+		{"disputed", "disputed", func(p client.Payment) []byte {
+			d := dispute(p.Id, "dp_"+p.Id, "needs_response", starterAmount)
+			d["payment_intent"] = *p.PaymentIntentId
+			return disputeEvent("created", d)
+		}},
+	} {
+		withAutoTopUp(t, s, evs, tc.customer, topUpCard, 1000, client.AutoTopUpSettings{Enabled: true, Threshold: 500, Item: "starter"})
+		spend(t, s, tc.customer, 600, tc.customer+"-1")
+		tops := autoTopUps(t, s, tc.customer)
+		if len(tops) != 1 {
+			t.Fatalf("%s: %d top-ups after the crossing, want 1", tc.customer, len(tops))
+		}
+		waitCharged(t, s, tops[0].Id)
+		evs.deliverNew(t, s)
+		p := waitPayment(t, s, tops[0].Id, client.PaymentStatusSucceeded)
+
+		deliver(t, s, tc.takeBack(p))
+		if b := balanceOf(t, gdb, tc.customer); b != 400 {
+			t.Fatalf("%s: balance %d after the top-up was taken back, want 400", tc.customer, b)
+		}
+		got := getAutoTopUp(t, s, tc.customer)
+		if got.Status != client.AutoTopUpStatusDisabled || got.DisabledReason == nil || !strings.Contains(*got.DisabledReason, tc.why) {
+			t.Fatalf("%s: settings %+v, want disabled because the top-up was %s", tc.customer, got, tc.why)
+		}
+		spend(t, s, tc.customer, 10, tc.customer+"-2")
+		time.Sleep(300 * time.Millisecond)
+		if n := len(autoTopUps(t, s, tc.customer)); n != 1 {
+			t.Fatalf("%s: %d top-ups, want no new one charged to the same card", tc.customer, n)
+		}
+		if n := countRows(t, gdb, `SELECT count(*) FROM events WHERE type = 'credits.auto_top_up_disabled' AND customer_id = ?`, tc.customer); n != 1 {
+			t.Fatalf("%s: %d credits.auto_top_up_disabled, want 1", tc.customer, n)
+		}
+		// Turned on again by the customer, it works as before.
+		if a := putAutoTopUp(t, s, tc.customer, client.AutoTopUpSettings{Enabled: true, Threshold: 500, Item: "starter"}); a.Status != client.AutoTopUpStatusActive {
+			t.Fatalf("%s: re-enabled %+v", tc.customer, a)
+		}
+	}
+	assertInvariants(t, s)
 }

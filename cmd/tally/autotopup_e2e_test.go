@@ -73,6 +73,23 @@ func saveCard(t testing.TB, s *server, evs *stripeEvents, customer, card string)
 	return *c.PaymentMethod
 }
 
+// cardServer starts a server paying through a fake Stripe, and the feed of
+// the events that fake sends.
+func cardServer(t testing.TB) (*stripefake.Fake, *server, *stripeEvents) {
+	t.Helper()
+	fake := stripefake.New(t)
+	return fake, startServer(t, payEnv(t, fake.URL())), &stripeEvents{fake: fake}
+}
+
+// withAutoTopUp saves card for customer, grants it credits, and turns
+// automatic top-up on with settings.
+func withAutoTopUp(t testing.TB, s *server, evs *stripeEvents, customer, card string, credits int64, settings client.AutoTopUpSettings) {
+	t.Helper()
+	saveCard(t, s, evs, customer, card)
+	grantOverHTTP(t, s.service(t), customer, credits, "grant-"+customer)
+	putAutoTopUp(t, s, customer, settings)
+}
+
 func customerOverHTTP(t testing.TB, s *server, id string) client.Customer {
 	t.Helper()
 	r, err := s.service(t).GetCustomerWithResponse(context.Background(), id)
@@ -256,9 +273,7 @@ func TestAutoTopUpCrashBetweenChargeAndRecordChargesOnce(t *testing.T) {
 	env := payEnv(t, fake.URL())
 	s := startServer(t, env)
 	evs := &stripeEvents{fake: fake}
-	saveCard(t, s, evs, "crash", topUpCard)
-	grantOverHTTP(t, s.service(t), "crash", 600, "grant-crash")
-	putAutoTopUp(t, s, "crash", client.AutoTopUpSettings{Enabled: true, Threshold: 500, Item: "starter"})
+	withAutoTopUp(t, s, evs, "crash", topUpCard, 600, client.AutoTopUpSettings{Enabled: true, Threshold: 500, Item: "starter"})
 
 	// Stripe acts on every charge request, but its answers are lost.
 	fake.DropAnswers(func(r *http.Request) bool { return r.URL.Path == "/v1/payment_intents" })
@@ -321,12 +336,8 @@ func TestAutoTopUpCrashBetweenChargeAndRecordChargesOnce(t *testing.T) {
 // A card that asks for authentication off-session fails the same way.
 func TestAutoTopUpDeclinedThreeTimesDisablesItself(t *testing.T) {
 	t.Parallel()
-	fake := stripefake.New(t)
-	s := startServer(t, payEnv(t, fake.URL()))
-	evs := &stripeEvents{fake: fake}
-	saveCard(t, s, evs, "decliner", "4000000000000341")
-	grantOverHTTP(t, s.service(t), "decliner", 1000, "grant-decliner")
-	putAutoTopUp(t, s, "decliner", client.AutoTopUpSettings{Enabled: true, Threshold: 500, Item: "starter"})
+	_, s, evs := cardServer(t)
+	withAutoTopUp(t, s, evs, "decliner", "4000000000000341", 1000, client.AutoTopUpSettings{Enabled: true, Threshold: 500, Item: "starter"})
 
 	if st := spend(t, s, "decliner", 600, "decl-0"); st != http.StatusOK {
 		t.Fatalf("consume: %d", st)
@@ -382,9 +393,7 @@ func TestAutoTopUpDeclinedThreeTimesDisablesItself(t *testing.T) {
 	}
 
 	// Authentication required off-session.
-	saveCard(t, s, evs, "authn", "4000002760003184")
-	grantOverHTTP(t, s.service(t), "authn", 600, "grant-authn")
-	putAutoTopUp(t, s, "authn", client.AutoTopUpSettings{Enabled: true, Threshold: 500, Item: "starter"})
+	withAutoTopUp(t, s, evs, "authn", "4000002760003184", 600, client.AutoTopUpSettings{Enabled: true, Threshold: 500, Item: "starter"})
 	spend(t, s, "authn", 200, "authn-1")
 	tops := autoTopUps(t, s, "authn")
 	if len(tops) != 1 {
@@ -404,9 +413,7 @@ func TestAutoTopUpDeclinedThreeTimesDisablesItself(t *testing.T) {
 // month starts nothing, and the settings say so.
 func TestAutoTopUpMonthlyLimit(t *testing.T) {
 	t.Parallel()
-	fake := stripefake.New(t)
-	s := startServer(t, payEnv(t, fake.URL()))
-	evs := &stripeEvents{fake: fake}
+	_, s, evs := cardServer(t)
 	saveCard(t, s, evs, "limited", topUpCard)
 	grantOverHTTP(t, s.service(t), "limited", 600, "grant-limited")
 	limit := 2
@@ -448,9 +455,7 @@ func TestAutoTopUpMonthlyLimit(t *testing.T) {
 // top-up charges it. A checkout without it saves nothing.
 func TestPackCheckoutSavesTheCard(t *testing.T) {
 	t.Parallel()
-	fake := stripefake.New(t)
-	s := startServer(t, payEnv(t, fake.URL()))
-	evs := &stripeEvents{fake: fake}
+	fake, s, evs := cardServer(t)
 	buy := func(customer string, save bool) string {
 		t.Helper()
 		one := int64(1)

@@ -379,6 +379,25 @@ func assertInvariants(t testing.TB, s *server) {
 	}
 }
 
+// receivablesOverHTTP runs GET /v1/admin/verify, fails unless it is ok, and
+// returns what each customer owes (open shortfalls) and the body.
+func receivablesOverHTTP(t testing.TB, s *server) (map[string]int64, string) {
+	t.Helper()
+	r, err := s.admin(t).VerifyInvariantsWithResponse(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	mustStatus(t, "verify", r.StatusCode(), r.Body, http.StatusOK)
+	if !r.JSON200.Ok {
+		t.Fatalf("verify found problems: %s", r.Body)
+	}
+	owed := map[string]int64{}
+	for _, rc := range r.JSON200.Receivables {
+		owed[rc.CustomerId] = rc.Shortfall
+	}
+	return owed, string(r.Body)
+}
+
 func balanceOf(t testing.TB, gdb *gorm.DB, customerID string) int64 {
 	t.Helper()
 	b, err := credits.New(credits.Options{DB: gdb, Config: config.Default().Credits}).Balance(context.Background(), customerID)

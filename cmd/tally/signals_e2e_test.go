@@ -15,15 +15,17 @@ import (
 )
 
 // The alert rules load and their unit tests pass, with promtool (Debian's
-// prometheus package, or Prometheus's release). Without promtool the test
-// fails, saying how to install it: it never skips, so the rules are never
-// left unchecked by a machine that lacks the tool.
+// prometheus package, or Prometheus's release). CI installs it (.ci/run)
+// and fails without it; elsewhere the test is skipped, saying so, and the
+// rules are then unchecked on that machine.
 func TestAlertRulesPassPromtool(t *testing.T) {
 	t.Parallel()
 	promtool, err := exec.LookPath("promtool")
 	if err != nil {
-		t.Fatal("the alert rule tests need promtool, which is not on the PATH: apt-get install -y prometheus " +
-			"(or put the promtool of a Prometheus release on the PATH). .ci/run installs it.")
+		if os.Getenv("CI") != "" {
+			t.Fatal("promtool is not installed, and CI must check deploy/prometheus/alerts.yaml (.ci/run installs Debian's prometheus)")
+		}
+		t.Skip("SKIPPED: promtool is not installed (apt-get install prometheus); deploy/prometheus/alerts.yaml is unchecked here")
 	}
 	dir := repoFile("deploy/prometheus")
 	for _, args := range [][]string{{"check", "rules", "alerts.yaml"}, {"test", "rules", "alerts_test.yaml"}} {

@@ -213,3 +213,51 @@ func TestDismissParkedEvent(t *testing.T) {
 }
 
 func ptr[T any](v T) *T { return &v }
+
+// An automatic top-up whose payment_intent.succeeded never arrives stays
+// pending, and while it is in flight no other top-up starts: the sync looks
+// its PaymentIntent up and credits it once (confirmed_by sync), so the next
+// crossing can top up again.
+func TestSyncSettlesAnAutomaticTopUpWhoseWebhookWasLost(t *testing.T) {
+	t.Parallel()
+	fake := stripefake.New(t)
+	s := startServer(t, syncEnv(t, fake.URL()))
+	evs := &stripeEvents{fake: fake}
+	gdb := openDB(t, s)
+	withAutoTopUp(t, s, evs, "lost", topUpCard, 1000, client.AutoTopUpSettings{Enabled: true, Threshold: 500, Item: "starter"})
+	spend(t, s, "lost", 600, "lost-1")
+	tops := autoTopUps(t, s, "lost")
+	if len(tops) != 1 {
+		t.Fatalf("%d top-ups, want 1", len(tops))
+	}
+	waitCharged(t, s, tops[0].Id) // charged at Stripe; its webhook is never delivered
+
+	res := stripeSync(t, s, future())
+	if res.PaymentsChanged < 1 {
+		t.Fatalf("sync %+v, want the top-up changed", res)
+	}
+	p := getPayment(t, s, tops[0].Id)
+	if p.Status != client.PaymentStatusSucceeded || p.ConfirmedBy == nil || *p.ConfirmedBy != client.PaymentConfirmedBySync {
+		t.Fatalf("the top-up after the sync: %s confirmed by %v", p.Status, p.ConfirmedBy)
+	}
+	if bal := balanceOf(t, gdb, "lost"); bal != 400+starterCredits {
+		t.Fatalf("balance %d, want %d", bal, 400+starterCredits)
+	}
+	if a := getAutoTopUp(t, s, "lost"); a.InFlightPaymentId != nil || a.Status != client.AutoTopUpStatusActive {
+		t.Fatalf("settings after the sync %+v, want nothing in flight", a)
+	}
+	// The webhook, delivered at last, credits nothing more.
+	evs.deliverNew(t, s)
+	if bal := balanceOf(t, gdb, "lost"); bal != 400+starterCredits {
+		t.Fatalf("balance %d after the late webhook", bal)
+	}
+	if n := confirmations(t, gdb, p.Id); n != 1 {
+		t.Fatalf("%d confirmations", n)
+	}
+	// The next crossing tops up again.
+	spend(t, s, "lost", 1000, "lost-2")
+	if n := len(autoTopUps(t, s, "lost")); n != 2 {
+		t.Fatalf("%d top-ups after the next crossing, want 2", n)
+	}
+	assertInvariants(t, s)
+}

@@ -286,7 +286,7 @@ func (a *account) expireDue(ctx context.Context, tx *gorm.DB, skipLocked bool) (
 	}
 	var grants []due
 	err := tx.WithContext(ctx).Model(&grantRow{}).Clauses(lock).
-		Where("customer_id = ? AND remaining > held AND expires_at <= ?", a.customerID, now).
+		Where("customer_id = ? AND remaining > 0 AND remaining > held AND expires_at <= ?", a.customerID, now).
 		Order("expires_at, created_at, id").Find(&grants).Error
 	if err != nil {
 		return 0, err
@@ -315,7 +315,7 @@ func (a *account) expireDue(ctx context.Context, tx *gorm.DB, skipLocked bool) (
 	// Held credits of an expired grant are not counted: releaseHeld lowers
 	// the bound again when a hold gives them back.
 	err = tx.WithContext(ctx).Raw(`SELECT min(expires_at) FROM credit_grants
-		WHERE customer_id = ? AND remaining > held AND expires_at IS NOT NULL`, a.customerID).Scan(&a.nextExpiry).Error
+		WHERE customer_id = ? AND remaining > 0 AND remaining > held AND expires_at IS NOT NULL`, a.customerID).Scan(&a.nextExpiry).Error
 	if err != nil {
 		return 0, err
 	}
@@ -397,7 +397,7 @@ func insufficient(balance, available, amount int64) error {
 func (a *account) available(ctx context.Context, tx *gorm.DB) (int64, error) {
 	var n int64
 	err := tx.WithContext(ctx).Raw(`SELECT COALESCE(sum(remaining - held), 0)::bigint FROM credit_grants
-		WHERE customer_id = ? AND remaining > held AND (expires_at IS NULL OR expires_at > ?)
+		WHERE customer_id = ? AND remaining > 0 AND remaining > held AND (expires_at IS NULL OR expires_at > ?)
 		  AND (effective_at IS NULL OR effective_at <= ?)`, a.customerID, a.now, a.now).Scan(&n).Error
 	return n, err
 }

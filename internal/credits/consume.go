@@ -2,6 +2,7 @@ package credits
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"time"
 
@@ -9,6 +10,7 @@ import (
 
 	"github.com/tallybilling/tally/internal/customers"
 	"github.com/tallybilling/tally/internal/db"
+	"github.com/tallybilling/tally/internal/errs"
 )
 
 // consumeAnswer is a ConsumeResult as stored for idempotent replay.
@@ -35,17 +37,41 @@ func (s *Service) Consume(ctx context.Context, in ConsumeInput, key db.Idempoten
 	if err := in.Validate(); err != nil {
 		return ConsumeResult{}, false, err
 	}
-	a, replayed, err := once(ctx, s, key, "consume", func(tx *gorm.DB, threshold *int64) (consumeAnswer, error) {
-		r, err := consume(ctx, tx, s.now, in, threshold, key.Key, s.topUp)
-		return consumeAnswer(r), err
-	})
+	if key.Key == "" {
+		return ConsumeResult{}, false, errs.InvalidField("Idempotency-Key", "the Idempotency-Key header is required")
+	}
+	if err := key.Validate(); err != nil {
+		return ConsumeResult{}, false, err
+	}
+	meta, err := metadataJSON(in.Metadata)
 	if err != nil {
 		return ConsumeResult{}, false, err
 	}
-	if !replayed {
+	// Group commit (batch.go): the consume joins the next batch that can take it.
+	d := s.batch.do(s.consumeCall(ctx, in, key, meta))
+	if d.err != nil {
+		return ConsumeResult{}, false, d.err
+	}
+	var a consumeAnswer
+	if err := json.Unmarshal(d.answer, &a); err != nil {
+		return ConsumeResult{}, false, fmt.Errorf("credits: stored consume answer: %w", err)
+	}
+	if !d.replayed {
 		s.consumed.Add(float64(a.Amount))
 	}
-	return ConsumeResult(a), replayed, nil
+	return ConsumeResult(a), d.replayed, nil
+}
+
+// consumeCall is the consume as a batch takes it, with its full path.
+func (s *Service) consumeCall(ctx context.Context, in ConsumeInput, key db.IdempotencyKey, meta string) *batchCall {
+	item := newBatchItem(KindConsume, in.CustomerID, key)
+	item.Amount, item.Reason, item.Metadata = &in.Amount, in.Reason, json.RawMessage(meta)
+	return newBatchCall(ctx, item, func(ctx context.Context) ([]byte, bool, error) {
+		return onceRaw(ctx, s, key, func(tx *gorm.DB, threshold *int64) (consumeAnswer, error) {
+			r, err := consume(ctx, tx, s.now, in, threshold, key.Key, s.topUp)
+			return consumeAnswer(r), err
+		})
+	})
 }
 
 // consumeSQL draws amount from what is available of the customer's
@@ -69,7 +95,7 @@ WITH p AS NOT MATERIALIZED (
 	       (sum(g.remaining - g.held) OVER w)::bigint AS run,
 	       row_number() OVER w AS rn
 	FROM credit_grants g, p
-	WHERE g.customer_id = p.customer AND g.remaining > g.held
+	WHERE g.customer_id = p.customer AND g.remaining > 0 AND g.remaining > g.held
 	  AND (g.expires_at IS NULL OR g.expires_at > p.now) AND (g.effective_at IS NULL OR g.effective_at <= p.now)
 	WINDOW w AS (ORDER BY g.priority, g.expires_at NULLS LAST, g.created_at, g.id)
 ), draws AS (

@@ -275,6 +275,8 @@ type Service struct {
 	now    func() time.Time
 	logger *slog.Logger
 	topUp  TopUpFunc
+	// batch gathers concurrent consumes into one statement (batch.go).
+	batch *consumeBatcher
 
 	consumed prometheus.Counter
 }
@@ -307,6 +309,7 @@ func New(o Options) *Service {
 			Help: "Credits spent by successful consumes and hold captures (replays not counted).",
 		}),
 	}
+	s.batch = &consumeBatcher{s: s}
 	if o.Registry != nil {
 		o.Registry.MustRegister(s.consumed)
 	}

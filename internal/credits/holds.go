@@ -131,9 +131,38 @@ func (s *Service) Hold(ctx context.Context, in HoldInput, key db.IdempotencyKey)
 	if err := in.Validate(); err != nil {
 		return HoldResult{}, false, err
 	}
-	return once(ctx, s, key, "hold", func(tx *gorm.DB, threshold *int64) (HoldResult, error) {
-		return hold(ctx, tx, s.now, in, threshold, key.Key, s.topUp)
-	})
+	if key.Key == "" {
+		return HoldResult{}, false, errs.InvalidField("Idempotency-Key", "the Idempotency-Key header is required")
+	}
+	if err := key.Validate(); err != nil {
+		return HoldResult{}, false, err
+	}
+	meta, err := metadataJSON(in.Metadata)
+	if err != nil {
+		return HoldResult{}, false, err
+	}
+	// A hold draws as a consume does, through the same batches (batch.go,
+	// credits_hold_one).
+	lifetime := in.ExpiresIn
+	if lifetime == 0 {
+		lifetime = DefaultHoldLifetime
+	}
+	item := newBatchItem(kindHold, in.CustomerID, key)
+	item.Amount, item.Reason, item.Metadata = &in.Amount, in.Reason, json.RawMessage(meta)
+	item.Hold, item.ExpiresIn = db.NewID("hld"), int64(lifetime/time.Second)
+	d := s.batch.do(newBatchCall(ctx, item, func(ctx context.Context) ([]byte, bool, error) {
+		return onceRaw(ctx, s, key, func(tx *gorm.DB, threshold *int64) (HoldResult, error) {
+			return hold(ctx, tx, s.now, in, threshold, key.Key, s.topUp)
+		})
+	}))
+	if d.err != nil {
+		return HoldResult{}, false, d.err
+	}
+	var h HoldResult
+	if err := json.Unmarshal(d.answer, &h); err != nil {
+		return HoldResult{}, false, fmt.Errorf("credits: stored hold answer: %w", err)
+	}
+	return h, d.replayed, nil
 }
 
 func hold(ctx context.Context, tx *gorm.DB, clock func() time.Time, in HoldInput, defaultThreshold *int64, idemKey string, topUp TopUpFunc) (HoldResult, error) {
@@ -160,7 +189,7 @@ func hold(ctx context.Context, tx *gorm.DB, clock func() time.Time, in HoldInput
 	}
 	var grants []free
 	err = tx.WithContext(ctx).Raw(`SELECT id, remaining - held AS free FROM credit_grants
-		WHERE customer_id = ? AND remaining > held AND (expires_at IS NULL OR expires_at > ?) AND (effective_at IS NULL OR effective_at <= ?)
+		WHERE customer_id = ? AND remaining > 0 AND remaining > held AND (expires_at IS NULL OR expires_at > ?) AND (effective_at IS NULL OR effective_at <= ?)
 		ORDER BY priority, expires_at NULLS LAST, created_at, id`, in.CustomerID, a.now, a.now).Scan(&grants).Error
 	if err != nil {
 		return HoldResult{}, err
@@ -251,13 +280,32 @@ func (s *Service) Capture(ctx context.Context, in CaptureInput, key db.Idempoten
 	if in.Amount != nil && *in.Amount < 0 {
 		return HoldEnd{}, false, errs.InvalidField("/amount", "amount must not be negative")
 	}
-	end, replayed, err := once(ctx, s, key, "capture", func(tx *gorm.DB, threshold *int64) (HoldEnd, error) {
-		return endHold(ctx, tx, s.now, in.CustomerID, in.HoldID, true, in.Amount, threshold, key.Key, s.topUp)
-	})
-	if err == nil && !replayed {
+	if key.Key == "" {
+		return HoldEnd{}, false, errs.InvalidField("Idempotency-Key", "the Idempotency-Key header is required")
+	}
+	if err := key.Validate(); err != nil {
+		return HoldEnd{}, false, err
+	}
+	// A capture spends like a consume, through the same batches (batch.go,
+	// credits_capture_one).
+	item := newBatchItem(kindCapture, in.CustomerID, key)
+	item.Amount, item.Hold = in.Amount, in.HoldID
+	d := s.batch.do(newBatchCall(ctx, item, func(ctx context.Context) ([]byte, bool, error) {
+		return onceRaw(ctx, s, key, func(tx *gorm.DB, threshold *int64) (HoldEnd, error) {
+			return endHold(ctx, tx, s.now, in.CustomerID, in.HoldID, true, in.Amount, threshold, key.Key, s.topUp)
+		})
+	}))
+	if d.err != nil {
+		return HoldEnd{}, false, d.err
+	}
+	var end HoldEnd
+	if err := json.Unmarshal(d.answer, &end); err != nil {
+		return HoldEnd{}, false, fmt.Errorf("credits: stored capture answer: %w", err)
+	}
+	if !d.replayed {
 		s.consumed.Add(float64(end.Captured))
 	}
-	return end, replayed, err
+	return end, d.replayed, nil
 }
 
 // Release ends an active hold and gives all its credits back to their
@@ -367,6 +415,12 @@ func endHold(ctx context.Context, tx *gorm.DB, clock func() time.Time, customerI
 		}
 	}
 	fire := a.lowBalance(capture)
+	// What comes back pays the revokes that claimed it first.
+	paid, err := a.payClaims(ctx, tx, h, parts)
+	if err != nil {
+		return HoldEnd{}, err
+	}
+	fire = fire || paid
 	if err := tx.WithContext(ctx).Model(&holdRow{}).Where("id = ?", h.ID).Updates(map[string]any{
 		"status": end.Status, "captured": end.Captured, "released": end.Released,
 		"transaction_id": db.NullIfEmpty(end.TransactionID), "ended_at": a.now,
@@ -415,9 +469,7 @@ type heldPart struct {
 
 // deadGrant is a grant voided before a hold gave credits back to it.
 type deadGrant struct {
-	ID        string
-	Remaining int64
-	Held      int64
+	ID string
 }
 
 // unhold ends what a hold kept of each grant: the grant's held falls by
@@ -455,7 +507,7 @@ func (a *account) unhold(ctx context.Context, tx *gorm.DB, parts []heldPart) ([]
 		}
 		switch {
 		case g.VoidedAt != nil:
-			dead = append(dead, deadGrant{ID: g.ID, Remaining: g.Remaining, Held: g.Held})
+			dead = append(dead, deadGrant{ID: g.ID})
 		case g.ExpiresAt != nil && (!a.nextExpiry.Valid || g.ExpiresAt.Before(a.nextExpiry.Time)):
 			a.nextExpiry = sql.NullTime{Time: *g.ExpiresAt, Valid: true}
 		}
@@ -468,8 +520,22 @@ func (a *account) unhold(ctx context.Context, tx *gorm.DB, parts []heldPart) ([]
 // returns how many grants it expired.
 func (a *account) settleReleased(ctx context.Context, tx *gorm.DB, dead []deadGrant) (int, error) {
 	fire := false
+	// Several holds ending together may give back to one grant (each
+	// listed it): what it has unheld now is voided, once.
+	seen := make(map[string]bool, len(dead))
 	for _, g := range dead {
-		if _, err := a.voidRest(ctx, tx, g.ID, g.Remaining-g.Held, "voided grant: released from a hold", nil, ""); err != nil {
+		if seen[g.ID] {
+			continue
+		}
+		seen[g.ID] = true
+		var left int64
+		if err := tx.WithContext(ctx).Raw(`SELECT remaining - held FROM credit_grants WHERE id = ?`, g.ID).Scan(&left).Error; err != nil {
+			return 0, err
+		}
+		if left <= 0 {
+			continue
+		}
+		if _, err := a.voidRest(ctx, tx, g.ID, left, "voided grant: released from a hold", nil, ""); err != nil {
 			return 0, err
 		}
 		fire = a.lowBalance(true) || fire
@@ -513,16 +579,17 @@ func (a *account) releaseOverdueHolds(ctx context.Context, tx *gorm.DB) (release
 		return 0, 0, err
 	}
 	var dead []deadGrant
-	for _, h := range overdue {
+	parts := make([][]heldPart, len(overdue))
+	for i, h := range overdue {
 		var draws []Draw
 		if err := json.Unmarshal([]byte(h.Draws), &draws); err != nil {
 			return 0, 0, fmt.Errorf("credits: draws of hold %s: %w", h.ID, err)
 		}
-		parts := make([]heldPart, 0, len(draws))
+		parts[i] = make([]heldPart, 0, len(draws))
 		for _, d := range draws {
-			parts = append(parts, heldPart{GrantID: d.GrantID, Held: d.Amount})
+			parts[i] = append(parts[i], heldPart{GrantID: d.GrantID, Held: d.Amount})
 		}
-		d, err := a.unhold(ctx, tx, parts)
+		d, err := a.unhold(ctx, tx, parts[i])
 		if err != nil {
 			return 0, 0, err
 		}
@@ -541,7 +608,21 @@ func (a *account) releaseOverdueHolds(ctx context.Context, tx *gorm.DB) (release
 			return 0, 0, err
 		}
 	}
-	expired, err = a.settleReleased(ctx, tx, dead)
+	// What came back pays the revokes that claimed it first.
+	fire := false
+	for i, h := range overdue {
+		paid, err := a.payClaims(ctx, tx, h, parts[i])
+		if err != nil {
+			return 0, 0, err
+		}
+		fire = fire || paid
+	}
+	if expired, err = a.settleReleased(ctx, tx, dead); err != nil {
+		return 0, 0, err
+	}
+	if fire {
+		err = a.afterLowering(ctx, tx, fire)
+	}
 	return len(overdue), expired, err
 }
 

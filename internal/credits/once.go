@@ -20,17 +20,7 @@ import (
 //
 // Errors: errs.Invalid when key has no key; do's; those of db.Once.
 func once[A any](ctx context.Context, s *Service, key db.IdempotencyKey, what string, do func(tx *gorm.DB, defaultThreshold *int64) (A, error)) (answer A, replayed bool, err error) {
-	if key.Key == "" {
-		return answer, false, errs.InvalidField("Idempotency-Key", "the Idempotency-Key header is required")
-	}
-	threshold := s.cfg.DefaultLowBalanceThreshold
-	out, replayed, err := db.Once(ctx, s.db, key, func(tx *gorm.DB) ([]byte, error) {
-		a, err := do(tx, &threshold)
-		if err != nil {
-			return nil, err
-		}
-		return json.Marshal(a)
-	})
+	out, replayed, err := onceRaw(ctx, s, key, do)
 	if err != nil {
 		return answer, false, err
 	}
@@ -38,4 +28,19 @@ func once[A any](ctx context.Context, s *Service, key db.IdempotencyKey, what st
 		return answer, false, fmt.Errorf("credits: stored %s answer: %w", what, err)
 	}
 	return answer, replayed, nil
+}
+
+// onceRaw is once returning the answer as stored: JSON.
+func onceRaw[A any](ctx context.Context, s *Service, key db.IdempotencyKey, do func(tx *gorm.DB, defaultThreshold *int64) (A, error)) ([]byte, bool, error) {
+	if key.Key == "" {
+		return nil, false, errs.InvalidField("Idempotency-Key", "the Idempotency-Key header is required")
+	}
+	threshold := s.cfg.DefaultLowBalanceThreshold
+	return db.Once(ctx, s.db, key, func(tx *gorm.DB) ([]byte, error) {
+		a, err := do(tx, &threshold)
+		if err != nil {
+			return nil, err
+		}
+		return json.Marshal(a)
+	})
 }

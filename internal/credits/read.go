@@ -8,6 +8,8 @@ import (
 	"strconv"
 	"time"
 
+	"github.com/jackc/pgx/v5"
+
 	"github.com/tallybilling/tally/internal/customers"
 	"github.com/tallybilling/tally/internal/db"
 	"github.com/tallybilling/tally/internal/errs"
@@ -27,10 +29,6 @@ func (s *Service) Balance(ctx context.Context, customerID string) (Balance, erro
 	if err := customers.ValidateID(customerID); err != nil {
 		return Balance{}, err
 	}
-	c, err := customers.Get(ctx, s.db, customerID)
-	if err != nil {
-		return Balance{}, err
-	}
 	now := s.now()
 	type row struct {
 		ID          string
@@ -46,24 +44,55 @@ func (s *Service) Balance(ctx context.Context, customerID string) (Balance, erro
 		VoidedAt    *time.Time
 		CreatedAt   time.Time
 	}
-	var rows []row
-	err = s.db.WithContext(ctx).Raw(`
-		WITH live AS (
-			SELECT d.grant_id, sum(d.amount)::bigint AS held
-			FROM credit_holds h, jsonb_to_recordset(h.draws) AS d(grant_id text, amount bigint)
-			WHERE h.customer_id = ? AND h.status = 'active' AND h.expires_at > ?
-			GROUP BY d.grant_id)
-		SELECT g.id, g.amount, g.remaining, COALESCE(live.held, 0) AS live_held, g.source, g.payment_id, g.expires_at,
-		       g.priority, g.category, g.effective_at, g.voided_at, g.created_at
-		FROM credit_grants g LEFT JOIN live ON live.grant_id = g.id
-		WHERE g.customer_id = ? AND g.remaining > 0
-		ORDER BY g.priority, g.expires_at NULLS LAST, g.created_at, g.id`, customerID, now, customerID).Scan(&rows).Error
+	var (
+		rows      []row
+		known     bool
+		threshold *int64
+	)
+	// One statement answers whether the customer exists, its threshold and
+	// its grants with what live holds keep of each: a customer row with no
+	// grant comes back once with a NULL grant id, an unknown customer as no
+	// row. It is the hottest read of the service, so it takes the pgx
+	// connection beneath gorm's pool (db.Pgx says why).
+	err := db.Pgx(ctx, s.db, func(conn *pgx.Conn) error {
+		rs, err := conn.Query(ctx, balanceSQL, customerID, now)
+		if err != nil {
+			return err
+		}
+		defer rs.Close()
+		for rs.Next() {
+			var (
+				r  row
+				id *string
+				// The grant's non-null columns are NULL when the customer has no grant.
+				amount, remaining *int64
+				source, category  *string
+				priority          *int
+				createdAt         *time.Time
+			)
+			if err := rs.Scan(&threshold, &id, &amount, &remaining, &r.LiveHeld, &source, &r.PaymentID, &r.ExpiresAt,
+				&priority, &category, &r.EffectiveAt, &r.VoidedAt, &createdAt); err != nil {
+				return err
+			}
+			known = true
+			if id == nil {
+				continue
+			}
+			r.ID, r.Amount, r.Remaining, r.Source, r.Priority, r.Category, r.CreatedAt =
+				*id, *amount, *remaining, *source, *priority, *category, *createdAt
+			rows = append(rows, r)
+		}
+		return rs.Err()
+	})
 	if err != nil {
 		return Balance{}, db.Translate(err, nil)
 	}
+	if !known {
+		return Balance{}, errs.E(errs.NotFound, "customer %s not found", customerID)
+	}
 	b := Balance{CustomerID: customerID, Grants: make([]GrantSummary, 0, len(rows)), LowBalanceThreshold: s.cfg.DefaultLowBalanceThreshold}
-	if c.LowBalanceThreshold != nil {
-		b.LowBalanceThreshold = *c.LowBalanceThreshold
+	if threshold != nil {
+		b.LowBalanceThreshold = *threshold
 	}
 	for _, r := range rows {
 		owned := r.Remaining
@@ -106,6 +135,21 @@ func (s *Service) Balance(ctx context.Context, customerID string) (Balance, erro
 	b.Available = b.Balance - b.Held - b.Pending
 	return b, nil
 }
+
+// balanceSQL is Balance's statement: $1 the customer, $2 now.
+const balanceSQL = `
+	WITH live AS (
+		SELECT d.grant_id, sum(d.amount)::bigint AS held
+		FROM credit_holds h, jsonb_to_recordset(h.draws) AS d(grant_id text, amount bigint)
+		WHERE h.customer_id = $1 AND h.status = 'active' AND h.expires_at > $2
+		GROUP BY d.grant_id)
+	SELECT c.low_balance_threshold, g.id, g.amount, g.remaining, COALESCE(live.held, 0), g.source, g.payment_id, g.expires_at,
+	       g.priority, g.category, g.effective_at, g.voided_at, g.created_at
+	FROM customers c
+	LEFT JOIN credit_grants g ON g.customer_id = c.id AND g.remaining > 0
+	LEFT JOIN live ON live.grant_id = g.id
+	WHERE c.id = $1
+	ORDER BY g.priority, g.expires_at NULLS LAST, g.created_at, g.id`
 
 // Ledger returns a page of the customer's ledger, newest first, starting
 // after cursor ("" for the newest entry), limit (1..500) at a time.

@@ -98,7 +98,7 @@ func revoke(ctx context.Context, tx *gorm.DB, clock func() time.Time, in RevokeI
 		WITH p AS NOT MATERIALIZED (SELECT ?::text AS payment, ?::text AS customer, ?::timestamptz AS now, ?::text AS take_from)
 		SELECT g.id, g.remaining - g.held AS remaining
 		FROM credit_grants g, p
-		WHERE g.customer_id = p.customer AND g.remaining > g.held AND (g.expires_at IS NULL OR g.expires_at > p.now)
+		WHERE g.customer_id = p.customer AND g.remaining > 0 AND g.remaining > g.held AND (g.expires_at IS NULL OR g.expires_at > p.now)
 		  AND (p.take_from = 'balance' OR g.payment_id = p.payment)
 		ORDER BY (g.payment_id IS NOT DISTINCT FROM p.payment) DESC, g.source <> 'purchase', g.priority, g.expires_at NULLS LAST, g.created_at, g.id
 		FOR UPDATE OF g`, in.PaymentID, in.CustomerID, now, in.From).Scan(&grants).Error
@@ -160,6 +160,10 @@ func revoke(ctx context.Context, tx *gorm.DB, clock func() time.Time, in RevokeI
 		}).Error; err != nil {
 			return RevokeResult{}, err
 		}
+		// What active holds keep is part of the shortfall until they end.
+		if err := a.claimHeld(ctx, tx, res.TransactionID, res.Shortfall); err != nil {
+			return RevokeResult{}, err
+		}
 	}
 	revoked := events.CreditsRevoked{
 		CustomerID: in.CustomerID, PaymentID: in.PaymentID, TransactionID: res.TransactionID,
@@ -175,6 +179,18 @@ func revoke(ctx context.Context, tx *gorm.DB, clock func() time.Time, in RevokeI
 		return RevokeResult{}, err
 	}
 	return res, a.afterLowering(ctx, tx, fire)
+}
+
+// entryDraws decodes a ledger entry's draws.
+func entryDraws(e ledgerRow) ([]Draw, error) {
+	var draws []Draw
+	if e.Draws == nil {
+		return nil, nil
+	}
+	if err := json.Unmarshal([]byte(*e.Draws), &draws); err != nil {
+		return nil, fmt.Errorf("credits: draws of entry %s: %w", e.ID, err)
+	}
+	return draws, nil
 }
 
 // drawsJSON is the draws column of an entry: nil (SQL NULL) when none.
@@ -249,11 +265,26 @@ func restore(ctx context.Context, tx *gorm.DB, clock func() time.Time, in Restor
 	if err != nil {
 		return RestoreResult{}, err
 	}
-	var draws []Draw
-	if entry.Draws != nil {
-		if err := json.Unmarshal([]byte(*entry.Draws), &draws); err != nil {
-			return RestoreResult{}, fmt.Errorf("credits: draws of revoke %s: %w", in.RevokeTransactionID, err)
+	draws, err := entryDraws(entry)
+	if err != nil {
+		return RestoreResult{}, err
+	}
+	// Holds' claims of the revoke's shortfall end unpaid; what holds paid
+	// already is given back with what the revoke took.
+	paid, err := endClaims(ctx, tx, a.now, entry.ID)
+	if err != nil {
+		return RestoreResult{}, err
+	}
+	for _, id := range paid {
+		var recovery ledgerRow
+		if err := tx.WithContext(ctx).Where("id = ?", id).Take(&recovery).Error; err != nil {
+			return RestoreResult{}, fmt.Errorf("credits: revoke %s paying for %s: %w", id, entry.ID, err)
 		}
+		more, err := entryDraws(recovery)
+		if err != nil {
+			return RestoreResult{}, err
+		}
+		draws = append(draws, more...)
 	}
 	var res RestoreResult
 	for _, d := range draws {
@@ -287,8 +318,8 @@ func restore(ctx context.Context, tx *gorm.DB, clock func() time.Time, in Restor
 	// Settles and sums in one statement: what was open, and only that.
 	err = tx.WithContext(ctx).Raw(`WITH s AS (
 			UPDATE credit_shortfalls SET settled_at = ?, settled_reason = ?
-			WHERE ledger_entry_id = ? AND settled_at IS NULL RETURNING amount)
-		SELECT COALESCE(sum(amount), 0)::bigint FROM s`, a.now, in.Reason, in.RevokeTransactionID).Scan(&res.ShortfallSettled).Error
+			WHERE ledger_entry_id = ? AND settled_at IS NULL RETURNING amount - recovered AS owed)
+		SELECT COALESCE(sum(owed), 0)::bigint FROM s`, a.now, in.Reason, in.RevokeTransactionID).Scan(&res.ShortfallSettled).Error
 	if err != nil {
 		return RestoreResult{}, err
 	}

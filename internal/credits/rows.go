@@ -81,6 +81,8 @@ type shortfallRow struct {
 	CreatedAt     time.Time `gorm:"autoCreateTime:false"`
 	SettledAt     *time.Time
 	SettledReason *string
+	// Recovered is what holds open at the revoke paid of it since.
+	Recovered int64
 }
 
 func (shortfallRow) TableName() string { return "credit_shortfalls" }
@@ -102,6 +104,9 @@ type holdRow struct {
 	ExpiresAt      time.Time
 	CreatedAt      time.Time `gorm:"autoCreateTime:false"`
 	EndedAt        *time.Time
+	// Claimed is what revokes' shortfalls claim of what the hold gives back
+	// (see claims.go).
+	Claimed int64
 }
 
 func (holdRow) TableName() string { return "credit_holds" }

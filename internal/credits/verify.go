@@ -27,6 +27,7 @@ const (
 	ProblemHoldAccounting        = "hold_accounting"
 	ProblemOverdueHold           = "overdue_hold"
 	ProblemVoidedGrantLeft       = "voided_grant_not_empty"
+	ProblemHoldClaims            = "hold_claims"
 )
 
 // OverdueHoldGrace is how long past its expires_at an active hold may
@@ -95,7 +96,11 @@ type Checker func(ctx context.Context, tx *gorm.DB) (problems []VerifyProblem, p
 //     never more than is there; a voided grant has nothing left but that;
 //   - every hold's draws add up to its amount, an ended hold's captured and
 //     released add up to it, and what it captured is its one consume
-//     entry; no active hold is overdue by more than OverdueHoldGrace.
+//     entry; no active hold is overdue by more than OverdueHoldGrace;
+//   - a shortfall's claims on holds are open only on active holds, each
+//     hold's claimed is its open claims, a shortfall never claims more
+//     than it still owes, and what holds paid of it is its recovered and
+//     exactly the revoke entries that name it.
 //
 // It also lists the open receivables (customers' unrecovered shortfalls),
 // which are not breaches.
@@ -107,7 +112,7 @@ func Verify(ctx context.Context, gdb *gorm.DB, extra ...Checker) (VerifyReport, 
 	err := db.InSnapshot(ctx, gdb, func(tx *gorm.DB) error {
 		rep = VerifyReport{}
 		checks := append([]Checker{checkBalances, checkChain, checkGrants, checkPurchases, checkConsumeKeys, checkRevokes,
-			checkHeld, checkHolds}, extra...)
+			checkHeld, checkHolds, checkClaims}, extra...)
 		for _, check := range checks {
 			problems, payments, err := check(ctx, tx)
 			if err != nil {
@@ -473,10 +478,11 @@ func CheckOverdueHolds(ctx context.Context, tx *gorm.DB) ([]VerifyProblem, int64
 	return out, 0, nil
 }
 
-// receivables lists the customers with open shortfalls, largest first.
+// receivables lists the customers with open shortfalls (what holds have
+// not paid of them), largest first.
 func receivables(ctx context.Context, tx *gorm.DB) ([]Receivable, error) {
 	var out []Receivable
-	err := tx.WithContext(ctx).Raw(`SELECT customer_id, sum(amount)::bigint AS shortfall, count(*) AS revokes
+	err := tx.WithContext(ctx).Raw(`SELECT customer_id, sum(amount - recovered)::bigint AS shortfall, count(*) AS revokes
 		FROM credit_shortfalls WHERE settled_at IS NULL
 		GROUP BY customer_id ORDER BY shortfall DESC, customer_id`).Scan(&out).Error
 	return out, err

@@ -76,7 +76,14 @@ func HashRequest(parts ...[]byte) []byte {
 	return h.Sum(nil)
 }
 
-// Errors returned to callers whose key is taken.
+// Errors returned to callers whose key is taken. KeyReusedError and
+// KeyInFlightError are the same answers for code that claims keys its own
+// way (credits' batched consume, which claims them inside one statement).
+func KeyReusedError() error { return errKeyReused() }
+
+// KeyInFlightError: see KeyReusedError.
+func KeyInFlightError() error { return errKeyInFlight() }
+
 func errKeyReused() error {
 	return errs.E(errs.IdempotencyKeyReused, "this Idempotency-Key was already used with a different request")
 }

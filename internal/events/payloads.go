@@ -238,6 +238,10 @@ type CreditsRevoked struct {
 	Reason  string `json:"reason"`
 	// GrantID is the payment's purchase grant, absent when it has none.
 	GrantID string `json:"grant_id,omitempty"`
+	// RecoversTransactionID is set on a revoke that pays an earlier revoke's
+	// shortfall with credits a hold kept then and gave back now (HoldID).
+	RecoversTransactionID string `json:"recovers_transaction_id,omitempty"`
+	HoldID                string `json:"hold_id,omitempty"`
 }
 
 // Draw is what a revoke took from one grant.

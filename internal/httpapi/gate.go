@@ -24,6 +24,12 @@ import (
 type gate struct {
 	router routers.Router
 	auth   *authenticator
+	// routes finds an operation by the echo route that matched ("GET
+	// /v1/customers/:customer_id/balance"): a map lookup instead of the
+	// gorillamux router's regular expressions over every path of the spec,
+	// which a CPU profile of the balance read showed costing about a tenth
+	// of the request. router stays for whatever routes misses.
+	routes map[string]*routers.Route
 }
 
 func loadSpec(spec []byte) (*openapi3.T, error) {
@@ -46,13 +52,52 @@ func newGate(doc *openapi3.T, auth *authenticator) (*gate, error) {
 	if err != nil {
 		return nil, fmt.Errorf("httpapi: route openapi.yaml: %w", err)
 	}
-	return &gate{router: router, auth: auth}, nil
+	g := &gate{router: router, auth: auth, routes: map[string]*routers.Route{}}
+	for path, item := range routed.Paths.Map() {
+		for method, op := range item.Operations() {
+			g.routes[method+" "+echoPath(path)] = &routers.Route{Spec: &routed, Path: path, PathItem: item, Method: method, Operation: op}
+		}
+	}
+	return g, nil
+}
+
+// echoPath writes an OpenAPI path template as echo (and the generated
+// RegisterHandlers) writes it: /a/{id}/b is /a/:id/b.
+func echoPath(path string) string {
+	parts := strings.Split(path, "/")
+	for i, part := range parts {
+		if strings.HasPrefix(part, "{") && strings.HasSuffix(part, "}") {
+			parts[i] = ":" + part[1:len(part)-1]
+		}
+	}
+	return strings.Join(parts, "/")
+}
+
+// findRoute finds the operation of req and its path parameters. Echo
+// matched the route already; when the path holds no escaped character
+// (RawPath empty) echo's parameter values are exactly what the gorillamux
+// router would find, so the lookup by route is the same answer without the
+// regular expressions. Anything else goes through the router, as before.
+func (g *gate) findRoute(c echo.Context, req *http.Request) (*routers.Route, map[string]string, error) {
+	if req.URL.RawPath == "" {
+		if route, ok := g.routes[req.Method+" "+c.Path()]; ok {
+			names, values := c.ParamNames(), c.ParamValues()
+			params := make(map[string]string, len(names))
+			for i, name := range names {
+				if i < len(values) {
+					params[name] = values[i]
+				}
+			}
+			return route, params, nil
+		}
+	}
+	return g.router.FindRoute(req)
 }
 
 func (g *gate) middleware(next echo.HandlerFunc) echo.HandlerFunc {
 	return func(c echo.Context) error {
 		req := c.Request()
-		route, pathParams, err := g.router.FindRoute(req)
+		route, pathParams, err := g.findRoute(c, req)
 		if err != nil {
 			if errors.Is(err, routers.ErrMethodNotAllowed) {
 				return echo.ErrMethodNotAllowed

@@ -4,6 +4,7 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
+	"fmt"
 	"log/slog"
 	"net/http"
 	"net/http/httptest"
@@ -14,6 +15,7 @@ import (
 	"github.com/golang-jwt/jwt/v5"
 	"github.com/labstack/echo/v4"
 
+	"github.com/tallybilling/tally/api"
 	"github.com/tallybilling/tally/internal/config"
 	"github.com/tallybilling/tally/internal/errs"
 )
@@ -280,4 +282,54 @@ func TestGateBodyOverTheLimit(t *testing.T) {
 func keyPrefix(key string) string {
 	sum := sha256.Sum256([]byte(key))
 	return hex.EncodeToString(sum[:6])
+}
+
+// The gate finds an operation by the echo route that matched, without the
+// router's regular expressions; for every operation of the real contract
+// that answer is the router's, and it is found by route (not by falling
+// back to the router).
+func TestGateFindsEveryOperationByItsEchoRoute(t *testing.T) {
+	t.Parallel()
+	doc, err := loadSpec(api.SpecYAML)
+	if err != nil {
+		t.Fatal(err)
+	}
+	g, err := newGate(doc, testAuthenticator(t, gateSecret, nil, "", ""))
+	if err != nil {
+		t.Fatal(err)
+	}
+	e := echo.New()
+	checked := 0
+	api.RegisterHandlers(e, api.NewStrictHandler(&Server{}, nil))
+	for _, r := range e.Routes() {
+		if _, ok := g.routes[r.Method+" "+r.Path]; !ok {
+			t.Errorf("echo route %s %s has no operation in the gate's table", r.Method, r.Path)
+			continue
+		}
+		// A path with every parameter filled in, and a value for each.
+		path := strings.NewReplacer(":", "p-").Replace(r.Path)
+		req := httptest.NewRequest(r.Method, path, nil)
+		c := e.NewContext(req, httptest.NewRecorder())
+		e.Router().Find(r.Method, req.URL.Path, c)
+		fast, fastParams, err := g.findRoute(c, req)
+		if err != nil {
+			t.Errorf("%s %s: %v", r.Method, path, err)
+			continue
+		}
+		slow, slowParams, err := g.router.FindRoute(req)
+		if err != nil {
+			t.Errorf("%s %s: the router: %v", r.Method, path, err)
+			continue
+		}
+		if fast.Operation != slow.Operation || fast.Path != slow.Path || fast.Method != slow.Method {
+			t.Errorf("%s %s: by route %s %s, by the router %s %s", r.Method, path, fast.Method, fast.Path, slow.Method, slow.Path)
+		}
+		if fmt.Sprint(fastParams) != fmt.Sprint(slowParams) {
+			t.Errorf("%s %s: parameters by route %v, by the router %v", r.Method, path, fastParams, slowParams)
+		}
+		checked++
+	}
+	if checked < 30 {
+		t.Fatalf("only %d routes checked", checked)
+	}
 }

@@ -120,6 +120,7 @@ func New(d Options) (*echo.Echo, error) {
 		// open one, for scrapes from inside the cluster.
 		ops.GET("/metrics", echo.WrapHandler(promhttp.HandlerFor(d.Gatherer, promhttp.HandlerOpts{})), adminOnly(auth))
 	}
+	registerProfiling(ops, auth)
 
 	v1 := e.Group("", limitBody(d.Config.MaxBodyBytes), g.middleware)
 	api.RegisterHandlers(v1, api.NewStrictHandler(s, nil))

@@ -227,11 +227,11 @@ func (s *Service) importBatch(ctx context.Context, batch []importRow, dryRun boo
 		lines = append(lines, row.line)
 	}
 	var statuses []ResultStatus
-	var stored map[string]Status
+	var counts map[Status]int64
 	if len(valid) > 0 {
 		err := db.InTx(ctx, s.db, func(tx *gorm.DB) error {
 			var err error
-			statuses, stored, err = s.store(ctx, tx, valid, now)
+			statuses, counts, err = s.store(ctx, tx, valid, now)
 			if err == nil && dryRun {
 				return errDryRun
 			}
@@ -245,6 +245,8 @@ func (s *Service) importBatch(ctx context.Context, batch []importRow, dryRun boo
 	// summary as it was before it.
 	sum.Read += int64(len(batch))
 	sum.Rejected += int64(len(bad))
+	sum.Historical += counts[StatusHistorical]
+	sum.Queued += counts[StatusPending] + counts[StatusWaitingCustomer]
 	bi := 0
 	addBad := func(upTo int64) {
 		for ; bi < len(bad) && bad[bi].Line < upTo; bi++ {
@@ -256,12 +258,6 @@ func (s *Service) importBatch(ctx context.Context, batch []importRow, dryRun boo
 		switch statuses[i] {
 		case ResultAccepted:
 			sum.Accepted++
-			switch stored[ev.Identifier] {
-			case StatusHistorical:
-				sum.Historical++
-			case StatusPending, StatusWaitingCustomer:
-				sum.Queued++
-			}
 		case ResultDuplicate:
 			sum.Duplicates++
 		case ResultConflict:

@@ -342,3 +342,57 @@ func TestIngestConcurrentConflictsStoreOneEvent(t *testing.T) {
 		t.Errorf("%d rows, want %d", n, posters+1)
 	}
 }
+
+// One batch mixing every case the insert meets: known customers, a new
+// customer, an identifier a new customer names that is already taken (by
+// the same event and by another), and a copy within the batch. The new
+// customer whose only event is taken is not created.
+func TestIngestMixedBatchOfKnownAndNewCustomers(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	ingest(t, e.svc, ev("known", "m-taken-same", 1), ev("known", "m-taken-other", 2))
+	res := ingest(t, e.svc,
+		ev("known", "m-1", 3),
+		ev("fresh", "m-2", 4),
+		ev("ghost", "m-taken-same", 1),   // another customer: a conflict
+		ev("known", "m-taken-same", 1),   // the same event: a duplicate
+		ev("ghost2", "m-taken-other", 9), // a conflict, and ghost2 is never created
+		ev("fresh", "m-2", 4),            // a copy in the batch
+		ev("fresh", "m-3", 5),
+	)
+	want := []metering.ResultStatus{metering.ResultAccepted, metering.ResultAccepted, metering.ResultConflict,
+		metering.ResultDuplicate, metering.ResultConflict, metering.ResultDuplicate, metering.ResultAccepted}
+	for i, r := range res.Results {
+		if r.Status != want[i] {
+			t.Errorf("event %d (%s): %s, want %s", i, r.Identifier, r.Status, want[i])
+		}
+	}
+	if res.Accepted != 3 || res.Duplicates != 2 || res.Conflicts != 2 {
+		t.Errorf("counts %+v", res)
+	}
+	if n := countRows(t, e.db, "customer_id = 'fresh'"); n != 2 {
+		t.Errorf("fresh has %d events, want 2", n)
+	}
+	for _, c := range []string{"ghost", "ghost2"} {
+		var n int64
+		if err := e.db.Raw(`SELECT count(*) FROM customers WHERE id = ?`, c).Scan(&n).Error; err != nil || n != 0 {
+			t.Errorf("customer %s: %d rows (%v), want none: all its events were taken", c, n, err)
+		}
+	}
+}
+
+// Usage events have no foreign key to customers (migration 00043: the
+// insert joins customers instead); what the key also guarded, that a
+// customer with usage never goes, a trigger keeps.
+func TestCustomerWithUsageCannotBeDeleted(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	ingest(t, e.svc, ev("keeper", "k-1", 1))
+	err := e.db.Exec(`DELETE FROM customers WHERE id = 'keeper'`).Error
+	if err == nil || !strings.Contains(err.Error(), "has usage events") {
+		t.Fatalf("delete of a customer with usage: %v, want refused", err)
+	}
+	if n := countRows(t, e.db, "customer_id = 'keeper'"); n != 1 {
+		t.Errorf("keeper has %d events, want 1", n)
+	}
+}

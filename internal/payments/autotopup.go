@@ -273,13 +273,14 @@ func (s *Service) StartAutoTopUp(ctx context.Context, tx *gorm.DB, customerID st
 }
 
 // disableAutoTopUp turns a customer's automatic top-up off for reason,
-// inside tx, with credits.auto_top_up_disabled.
+// inside tx, with credits.auto_top_up_disabled; settings already off keep
+// their first reason, and no event.
 func (s *Service) disableAutoTopUp(ctx context.Context, tx *gorm.DB, customerID, reason string, now time.Time) error {
-	err := tx.WithContext(ctx).Model(&autoTopUpRow{}).Where("customer_id = ?", customerID).Updates(map[string]any{
+	res := tx.WithContext(ctx).Model(&autoTopUpRow{}).Where("customer_id = ? AND status <> ?", customerID, AutoTopUpDisabled).Updates(map[string]any{
 		"status": AutoTopUpDisabled, "disabled_reason": reason, "in_flight_payment_id": nil, "updated_at": now,
-	}).Error
-	if err != nil {
-		return db.Translate(err, nil)
+	})
+	if res.Error != nil || res.RowsAffected == 0 {
+		return db.Translate(res.Error, nil)
 	}
 	return events.Append(ctx, tx, customerID, events.CreditsAutoTopUpDisabled{CustomerID: customerID, Reason: reason})
 }

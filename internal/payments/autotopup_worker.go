@@ -113,6 +113,18 @@ func (s *Service) chargeAutoTopUp(ctx context.Context, id string) (bool, error) 
 		}
 		p := r.payment()
 		done = true
+		// Turned off by tally since it started (its payment was refunded
+		// or disputed: the card's owner took a top-up back): the card is
+		// not charged again. A customer's own PUT (enabled false) leaves
+		// the status, and a top-up already started, alone.
+		var settings autoTopUpRow
+		err = tx.WithContext(ctx).Where("customer_id = ?", p.CustomerID).Limit(1).Find(&settings).Error
+		if err != nil {
+			return db.Translate(err, nil)
+		}
+		if settings.Status == AutoTopUpDisabled {
+			return s.failLocked(ctx, tx, p, EventRef{}, "automatic top-up was turned off before it was charged: "+settings.DisabledReason)
+		}
 		card, err := s.SavedPaymentMethod(ctx, p.CustomerID)
 		if err == nil && card.Expired(s.now()) {
 			err = fmt.Errorf("the saved %s card ending %s expired at the end of %02d/%d", card.Brand, card.Last4, card.ExpMonth, card.ExpYear)

@@ -59,25 +59,42 @@ type confirmation struct {
 // *Rejection (the chain refused it), errs.Unavailable, others (retry; also
 // when Stripe cannot be asked for the session).
 func (s *Service) PaymentIntentSucceeded(ctx context.Context, ev EventRef, pi PaymentIntent) error {
+	return s.paymentIntentSucceeded(ctx, ev, pi, ByPaymentIntent)
+}
+
+// paymentIntentSucceeded is PaymentIntentSucceeded, the confirmation
+// recorded as by (ByPaymentIntent, or BySync when a sync retrieved it).
+func (s *Service) paymentIntentSucceeded(ctx context.Context, ev EventRef, pi PaymentIntent, by ConfirmedBy) error {
 	id, err := s.paymentFor(ctx, pi.Metadata, map[string]string{"payment_intent_id": pi.ID})
 	if err != nil {
 		return err
 	}
-	strategy, err := s.strategyOf(ctx, id)
-	if err != nil {
+	// One read outside the transaction serves the strategy and the
+	// question whether Stripe must be asked for the session: neither may
+	// wait under the payment's lock, and lockForEvent checks again.
+	p, err := load(ctx, s.db, id, false)
+	var known *Payment
+	switch {
+	case err == nil:
+		known = &p
+	case !errs.Is(err, errs.NotFound):
 		return err
+	}
+	strategy := s.checkout.ConfirmOn // an unknown payment: lockForEvent refuses it
+	if known != nil {
+		strategy = s.strategy(p)
 	}
 	if strategy != config.ConfirmOnPaymentIntent {
 		// Legacy strategy: the Checkout Session events credit. The
 		// PaymentIntent is linked by them, from the session tally created.
 		return s.inEventTx(ctx, ev, id, pi.Livemode, pi.ID, func(*gorm.DB, Payment) error { return nil })
 	}
-	session, err := s.sessionToVerify(ctx, id, pi.ID)
+	session, err := s.sessionToVerify(ctx, known, id, pi.ID)
 	if err != nil {
 		return err
 	}
 	err = s.confirm(ctx, ev, id, confirmation{paymentIntentID: pi.ID, amountReceived: pi.AmountReceived, currency: pi.Currency,
-		livemode: pi.Livemode, customerID: pi.Metadata[stripeapi.MetadataCustomerID], session: session, by: ByPaymentIntent})
+		livemode: pi.Livemode, customerID: pi.Metadata[stripeapi.MetadataCustomerID], session: session, by: by})
 	if err != nil {
 		return err
 	}
@@ -139,17 +156,15 @@ func (s *Service) confirm(ctx context.Context, ev EventRef, paymentID string, c 
 			}
 			return reject("payment %s is paid by %s and cannot be confirmed by %s", p.ID, p.Method, what)
 		}
-		var confirmed confirmationRow
-		err := tx.WithContext(ctx).Where("payment_id = ?", p.ID).Take(&confirmed).Error
-		switch {
-		case errors.Is(err, gorm.ErrRecordNotFound): // not confirmed yet
-		case err != nil:
-			return db.Translate(err, nil)
-		case byInvoice && confirmed.InvoiceID != nil && *confirmed.InvoiceID == c.invoiceID,
-			!byInvoice && confirmed.PaymentIntentID != nil && *confirmed.PaymentIntentID == c.paymentIntentID:
-			return nil // already confirmed: a redelivery, a replay, a sync or the other strategy
-		default:
-			return reject("payment %s was already confirmed by %s", p.ID, confirmed.key())
+		// The guard's row is written only here, in the transaction that sets
+		// succeeded_at: a payment that never succeeded has none, so it is
+		// looked for only when succeeded_at is set (one round trip less for
+		// every first confirmation). Should one exist all the same, the
+		// insert below finds it.
+		if p.SucceededAt != nil {
+			if done, err := confirmedBefore(ctx, tx, p, c); done || err != nil {
+				return err
+			}
 		}
 		if byInvoice {
 			if err := checkInvoice(p, c); err != nil {
@@ -186,6 +201,15 @@ func (s *Service) confirm(ctx context.Context, ev EventRef, paymentID string, c 
 			return db.Translate(res.Error, nil)
 		}
 		if res.RowsAffected == 0 {
+			if p.SucceededAt == nil {
+				if done, err := confirmedBefore(ctx, tx, p, c); done || err != nil {
+					if err == nil {
+						// Found only now: roll back what was written since.
+						err = errEventApplied
+					}
+					return err
+				}
+			}
 			return reject("%s already confirmed another payment than %s", c.key(), p.ID)
 		}
 		ok, err := transition(ctx, tx, p, Succeeded, ev, "payment received")
@@ -244,6 +268,24 @@ func (s *Service) confirm(ctx context.Context, ev EventRef, paymentID string, c 
 	})
 }
 
+// confirmedBefore looks for payment p's confirmation: by c's key already
+// (done: a redelivery, a replay, a sync or the other strategy; nothing to
+// do), by another key (a *Rejection), or none (not done).
+func confirmedBefore(ctx context.Context, tx *gorm.DB, p Payment, c confirmation) (done bool, err error) {
+	var confirmed confirmationRow
+	err = tx.WithContext(ctx).Where("payment_id = ?", p.ID).Take(&confirmed).Error
+	switch {
+	case errors.Is(err, gorm.ErrRecordNotFound): // not confirmed yet
+		return false, nil
+	case err != nil:
+		return false, db.Translate(err, nil)
+	case c.invoiceID != "" && confirmed.InvoiceID != nil && *confirmed.InvoiceID == c.invoiceID,
+		c.invoiceID == "" && confirmed.PaymentIntentID != nil && *confirmed.PaymentIntentID == c.paymentIntentID:
+		return true, nil
+	}
+	return false, reject("payment %s was already confirmed by %s", p.ID, confirmed.key())
+}
+
 // key names what confirmed a payment, for messages.
 func (r confirmationRow) key() string {
 	if r.InvoiceID != nil {
@@ -273,7 +315,7 @@ func (s *Service) CheckoutSessionCompleted(ctx context.Context, ev EventRef, cs 
 	if cs.Mode == "setup" {
 		return s.SetupSessionCompleted(ctx, ev, cs)
 	}
-	id, err := s.linkSession(ctx, ev, cs)
+	id, strategy, err := s.linkSession(ctx, ev, cs)
 	if err != nil {
 		return err
 	}
@@ -283,10 +325,6 @@ func (s *Service) CheckoutSessionCompleted(ctx context.Context, ev EventRef, cs 
 			return s.subscribed(ctx, ev, id, cs)
 		}
 		return nil
-	}
-	strategy, err := s.strategyOf(ctx, id)
-	if err != nil {
-		return err
 	}
 	if strategy == config.ConfirmOnCheckoutSession && cs.PaymentStatus == "paid" {
 		return s.confirmSession(ctx, ev, id, cs, ByCheckoutSession)
@@ -298,11 +336,7 @@ func (s *Service) CheckoutSessionCompleted(ctx context.Context, ev EventRef, cs 
 // (a delayed payment method cleared); otherwise it only links ids, since
 // payment_intent.succeeded does the crediting.
 func (s *Service) CheckoutSessionAsyncSucceeded(ctx context.Context, ev EventRef, cs CheckoutSession) error {
-	id, err := s.linkSession(ctx, ev, cs)
-	if err != nil {
-		return err
-	}
-	strategy, err := s.strategyOf(ctx, id)
+	id, strategy, err := s.linkSession(ctx, ev, cs)
 	if err != nil {
 		return err
 	}
@@ -315,15 +349,29 @@ func (s *Service) CheckoutSessionAsyncSucceeded(ctx context.Context, ev EventRef
 // linkSession finds the payment a session event names and records the
 // session's Stripe ids and amounts on it, as every successful session event
 // does first; the session must be the one tally created for the payment.
+// It answers the payment and its confirmation strategy (strategyOf).
 // Errors: ErrNotOurs, *Rejection, errs.Unavailable.
-func (s *Service) linkSession(ctx context.Context, ev EventRef, cs CheckoutSession) (string, error) {
-	id, err := s.sessionPayment(ctx, cs)
+func (s *Service) linkSession(ctx context.Context, ev EventRef, cs CheckoutSession) (id, strategy string, err error) {
+	id, err = s.sessionPayment(ctx, cs)
 	if err != nil {
-		return "", err
+		return "", "", err
 	}
-	return id, s.inEventTx(ctx, ev, id, cs.Livemode, cs.PaymentIntent, func(tx *gorm.DB, p Payment) error {
+	err = s.inEventTx(ctx, ev, id, cs.Livemode, cs.PaymentIntent, func(tx *gorm.DB, p Payment) error {
+		// The strategy never changes once the payment exists: read here,
+		// under the lock the link takes anyway, it costs no extra query.
+		strategy = s.strategy(p)
 		return s.recordSession(ctx, tx, &p, cs)
 	})
+	if err != nil {
+		return "", "", err
+	}
+	if strategy == "" {
+		// A redelivery: the link was made already and fn did not run.
+		if strategy, err = s.strategyOf(ctx, id); err != nil {
+			return "", "", err
+		}
+	}
+	return id, strategy, nil
 }
 
 // confirmSession confirms the payment by its own paid Checkout Session cs

@@ -562,8 +562,8 @@ func TestStripeIDOfAnotherPaymentIsRejected(t *testing.T) {
 	if err := completed(first, "evt_first"); err != nil {
 		t.Fatal(err)
 	}
-	if err := completed(second, "evt_second"); !payments.IsRejection(err) {
-		t.Fatalf("linking another payment's PaymentIntent: %v, want a rejection", err)
+	if err := completed(second, "evt_second"); !payments.IsRejection(err) || !strings.Contains(err.Error(), "payment_intent_id pi_shared already belongs to another payment") {
+		t.Fatalf("linking another payment's PaymentIntent: %v, want a rejection naming it", err)
 	}
 	p, err := svc.Get(ctx, second.PaymentID)
 	if err != nil || p.PaymentIntentID != "" || p.Status != payments.Pending {

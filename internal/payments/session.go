@@ -2,9 +2,11 @@ package payments
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"strings"
 
+	"github.com/jackc/pgx/v5/pgconn"
 	"gorm.io/gorm"
 
 	"github.com/tallybilling/tally/internal/db"
@@ -40,25 +42,25 @@ func (s *Service) recordSession(ctx context.Context, tx *gorm.DB, p *Payment, cs
 	if err := ownSession(*p, cs.ID); err != nil {
 		return err
 	}
-	if err := s.applyLinks(ctx, tx, *p, sessionLinks(cs)); err != nil {
+	// The links and the amounts in one statement.
+	t, ok := cs.totals()
+	var amounts map[string]any
+	if ok {
+		amounts = map[string]any{
+			"checkout_currency": t.Currency, "checkout_amount_subtotal": t.AmountSubtotal, "checkout_amount_total": t.AmountTotal,
+			"checkout_amount_tax": t.AmountTax, "checkout_source_currency": db.NullIfEmpty(t.SourceCurrency),
+			"checkout_source_amount_subtotal": sourceAmount(t),
+		}
+	}
+	if err := s.updateLinks(ctx, tx, *p, sessionLinks(cs), amounts); err != nil {
 		return err
 	}
 	if p.PaymentIntentID == "" {
 		p.PaymentIntentID = cs.PaymentIntent
 	}
-	t, ok := cs.totals()
-	if !ok {
-		return nil
+	if ok {
+		p.Checkout = t
 	}
-	err := updatePayment(ctx, tx, p.ID, map[string]any{
-		"checkout_currency": t.Currency, "checkout_amount_subtotal": t.AmountSubtotal, "checkout_amount_total": t.AmountTotal,
-		"checkout_amount_tax": t.AmountTax, "checkout_source_currency": db.NullIfEmpty(t.SourceCurrency),
-		"checkout_source_amount_subtotal": sourceAmount(t), "updated_at": s.now(),
-	})
-	if err != nil {
-		return err
-	}
-	p.Checkout = t
 	return nil
 }
 
@@ -77,15 +79,12 @@ func sourceAmount(t CheckoutTotals) *int64 {
 // transaction; nil means the payment already knows (or the confirmation
 // will refuse the event for another reason). A Stripe error is returned
 // as is, so the event is retried rather than parked.
-func (s *Service) sessionToVerify(ctx context.Context, paymentID, piID string) (*CheckoutSession, error) {
-	p, err := load(ctx, s.db, paymentID, false)
-	if errs.Is(err, errs.NotFound) {
-		return nil, nil // lockForEvent refuses it
-	}
-	if err != nil {
-		return nil, err
-	}
+// p is the payment as read outside the transaction, nil when it does not
+// exist (lockForEvent refuses that).
+func (s *Service) sessionToVerify(ctx context.Context, p *Payment, paymentID, piID string) (*CheckoutSession, error) {
 	switch {
+	case p == nil:
+		return nil, nil // lockForEvent refuses it
 	case p.PaymentIntentID != "" && p.PaymentIntentID != piID:
 		return nil, nil // lockForEvent refuses it
 	case p.PaymentIntentID == piID && (p.Checkout.Known() || p.Status == Succeeded || p.Status == Refunded):
@@ -167,29 +166,54 @@ func sessionLinks(cs CheckoutSession) map[string]string {
 var linkColumns = []string{"checkout_session_id", "payment_intent_id", "stripe_customer_id", "invoice_id", "subscription_id"}
 
 // applyLinks stores the Stripe ids of links not yet known, and the latest
-// Checkout payment_status. A Stripe id already taken by another payment
-// is a rejection.
+// Checkout payment_status, in one statement (a session event brings
+// several). A Stripe id already taken by another payment is a rejection.
 func (s *Service) applyLinks(ctx context.Context, tx *gorm.DB, p Payment, links map[string]string) error {
+	return s.updateLinks(ctx, tx, p, links, nil)
+}
+
+// updateLinks is applyLinks writing the columns of also (with updated_at)
+// in the same statement.
+func (s *Service) updateLinks(ctx context.Context, tx *gorm.DB, p Payment, links map[string]string, also map[string]any) error {
+	set := map[string]any{}
+	for col, v := range also {
+		set[col] = v
+	}
+	var unknown []string // "col IS NULL" of each link offered: it is set only then
 	for _, col := range linkColumns {
 		v := links[col]
 		if v == "" {
 			continue
 		}
 		// col is from linkColumns, never input.
-		err := tx.WithContext(ctx).Model(&paymentRow{}).Where("id = ? AND "+col+" IS NULL", p.ID).
-			Updates(map[string]any{col: v, "updated_at": s.now()}).Error
-		err = db.Translate(err, map[string]errs.Code{"payments_checkout_session_id_key": errs.Conflict, "payments_payment_intent_id_key": errs.Conflict})
-		if errs.Is(err, errs.Conflict) {
-			return reject("%s %s already belongs to another payment than %s", col, v, p.ID)
-		}
-		if err != nil {
-			return err
-		}
+		set[col] = gorm.Expr("COALESCE("+col+", ?)", v)
+		unknown = append(unknown, col+" IS NULL")
 	}
+	now := s.now()
 	if v := links["checkout_payment_status"]; v != "" {
-		if err := updatePayment(ctx, tx, p.ID, map[string]any{"checkout_payment_status": v, "updated_at": s.now()}); err != nil {
-			return err
+		set["checkout_payment_status"] = v
+	}
+	switch {
+	case len(set) > len(unknown):
+		set["updated_at"] = now
+	case len(unknown) > 0:
+		// Touched only when a link is new, as a statement per link did.
+		set["updated_at"] = gorm.Expr("CASE WHEN "+strings.Join(unknown, " OR ")+" THEN ?::timestamptz ELSE updated_at END", now)
+	default:
+		return nil
+	}
+	err := tx.WithContext(ctx).Model(&paymentRow{}).Where("id = ?", p.ID).Updates(set).Error
+	if err == nil {
+		return nil
+	}
+	var pgErr *pgconn.PgError
+	if errors.As(err, &pgErr) {
+		// The unique constraint on the id names the link.
+		for _, col := range linkColumns {
+			if pgErr.ConstraintName == "payments_"+col+"_key" {
+				return reject("%s %s already belongs to another payment than %s", col, links[col], p.ID)
+			}
 		}
 	}
-	return nil
+	return db.Translate(err, nil)
 }

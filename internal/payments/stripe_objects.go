@@ -129,3 +129,13 @@ func invoiceFromStripe(in stripeapi.Invoice) StripeInvoice {
 		InvoicePDF: in.InvoicePDF, Customer: in.Customer, Currency: in.Currency, AmountDue: in.AmountDue,
 		AmountPaid: in.AmountPaid, Livemode: in.Livemode, Metadata: in.Metadata}
 }
+
+// paymentIntentFromStripe is a retrieved PaymentIntent as the handlers
+// read a webhook's.
+func paymentIntentFromStripe(in stripeapi.PaymentIntent) PaymentIntent {
+	return PaymentIntent{
+		ID: in.ID, Amount: in.Amount, AmountReceived: in.AmountReceived, Currency: in.Currency, Status: in.Status,
+		Livemode: in.Livemode, Metadata: in.Metadata, LastError: in.LastError, CancellationReason: in.CancellationReason,
+		PaymentMethod: in.PaymentMethod,
+	}
+}

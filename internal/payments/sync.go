@@ -32,7 +32,9 @@ const maxSyncBatch = 500
 // now-olderThan (oldest first, at most 500): a Checkout payment by its
 // session (paid: confirmed, by the session's PaymentIntent, as
 // confirmed_by=sync; expired: failed); a pay-by-invoice payment by its
-// invoice (paid: confirmed by the invoice; void or uncollectible: failed).
+// invoice (paid: confirmed by the invoice; void or uncollectible: failed);
+// an automatic top-up by its PaymentIntent (succeeded: confirmed, as
+// confirmed_by=sync; canceled or refused: failed).
 // A Stripe error stops the run and is returned with what was done.
 // Errors: errs.Unavailable (also without a Stripe key), Stripe's *Error.
 func (s *Service) SyncPending(ctx context.Context, olderThan time.Duration) (SyncResult, error) {
@@ -115,6 +117,30 @@ func (s *Service) syncPayment(ctx context.Context, id string) (bool, error) {
 			err = s.CheckoutSessionFailed(ctx, ev, cs)
 		default:
 			return false, nil // open, or paid by a method that has not cleared
+		}
+		if err != nil {
+			return false, err
+		}
+	case before.Method == MethodAutoTopUp && before.PaymentIntentID != "":
+		got, err := s.stripe.GetPaymentIntent(ctx, before.PaymentIntentID)
+		if err != nil {
+			return false, err
+		}
+		pi := paymentIntentFromStripe(got)
+		ev := EventRef{Source: SourceSync, Created: s.now().Unix()}
+		switch pi.Status {
+		case "succeeded":
+			ev.Type = "payment_intent.succeeded"
+			err = s.paymentIntentSucceeded(ctx, ev, pi, BySync)
+		case "canceled":
+			ev.Type = "payment_intent.canceled"
+			err = s.PaymentIntentFailed(ctx, ev, pi)
+		case "requires_payment_method":
+			// Refused after the worker recorded it (a later decline).
+			ev.Type = "payment_intent.payment_failed"
+			err = s.PaymentIntentFailed(ctx, ev, pi)
+		default:
+			return false, nil // processing, or waiting on the customer
 		}
 		if err != nil {
 			return false, err

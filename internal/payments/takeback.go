@@ -2,6 +2,7 @@ package payments
 
 import (
 	"context"
+	"fmt"
 	"math/big"
 
 	"gorm.io/gorm"
@@ -55,6 +56,15 @@ func (s *Service) takeBack(ctx context.Context, tx *gorm.DB, p Payment, due int6
 	if p.ItemKind != KindCreditPack || due <= 0 {
 		return credits.RevokeResult{}, nil
 	}
+	if p.Method == MethodAutoTopUp {
+		// The card's owner took the top-up back: charging the same card
+		// again when the revoke leaves the customer below the threshold
+		// would repeat it. Off first, so the revoke starts nothing; the
+		// customer (or the product) turns it on again.
+		if err := s.disableAutoTopUp(ctx, tx, p.CustomerID, takenBackReason(p.ID, reason), s.now()); err != nil {
+			return credits.RevokeResult{}, err
+		}
+	}
 	meta := map[string]string{"payment_id": p.ID}
 	if ev.ID != "" {
 		meta["stripe_event_id"] = ev.ID
@@ -70,4 +80,14 @@ func (s *Service) takeBack(ctx context.Context, tx *gorm.DB, p Payment, due int6
 		return credits.RevokeResult{}, err
 	}
 	return r, nil
+}
+
+// takenBackReason is why automatic top-up turned itself off after its
+// payment was refunded or disputed.
+func takenBackReason(paymentID, reason string) string {
+	how := "refunded"
+	if reason == "dispute" {
+		how = "disputed"
+	}
+	return fmt.Sprintf("automatic top-up %s was %s", paymentID, how)
 }

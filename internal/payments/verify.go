@@ -99,6 +99,8 @@ func VerifyTakeBacks(ctx context.Context, gdb *gorm.DB) ([]credits.VerifyProblem
 	err := gdb.WithContext(ctx).Raw(`
 		WITH l AS (SELECT payment_id, sum(-amount + COALESCE(shortfall, 0))::bigint AS revoked
 		           FROM credit_ledger WHERE kind = 'revoke' AND payment_id IS NOT NULL
+		             -- a hold paying part of a shortfall later: counted in it already
+		             AND metadata->>'recovers_transaction_id' IS NULL
 		             AND id NOT IN (SELECT revoke_transaction_id FROM payment_disputes
 		                            WHERE status = 'won' AND revoke_transaction_id IS NOT NULL)
 		           GROUP BY 1)

@@ -117,6 +117,27 @@ type SavedCardClient interface {
 	// metadata. A refusal is an *Error of KindCard (see AsCardError).
 	// Errors: *Error; invalid_request for missing input.
 	ChargeOffSession(ctx context.Context, in OffSessionInput) (PaymentIntentResult, error)
+	// GetPaymentIntent retrieves a PaymentIntent (GET
+	// /v1/payment_intents/{id}) with what a confirmation or a failure
+	// reads: catching up with an automatic top-up whose webhooks were lost.
+	// Errors: *Error; invalid_request when id is empty.
+	GetPaymentIntent(ctx context.Context, id string) (PaymentIntent, error)
+}
+
+// PaymentIntent is what tally reads of a retrieved PaymentIntent.
+type PaymentIntent struct {
+	ID             string
+	Status         string
+	Amount         int64
+	AmountReceived int64
+	Currency       string
+	Livemode       bool
+	Metadata       map[string]string
+	// LastError is last_payment_error's message (or code);
+	// CancellationReason is set on a canceled one.
+	LastError          string
+	CancellationReason string
+	PaymentMethod      string
 }
 
 func (c *client) CreateSetupSession(ctx context.Context, in SetupSessionInput) (CheckoutSession, error) {
@@ -233,4 +254,30 @@ func (c *client) ChargeOffSession(ctx context.Context, in OffSessionInput) (Paym
 		return PaymentIntentResult{}, classify("charge off-session", err, capture, false)
 	}
 	return PaymentIntentResult{ID: pi.ID, Status: string(pi.Status), AmountReceived: pi.AmountReceived, Currency: string(pi.Currency)}, nil
+}
+
+func (c *client) GetPaymentIntent(ctx context.Context, id string) (PaymentIntent, error) {
+	if strings.TrimSpace(id) == "" {
+		return PaymentIntent{}, errs.E(errs.Invalid, "stripeapi: a PaymentIntent id is required")
+	}
+	ctx, capture := withCapture(ctx)
+	pi, err := c.api.V1PaymentIntents.Retrieve(ctx, id, &stripe.PaymentIntentRetrieveParams{})
+	if err != nil {
+		return PaymentIntent{}, classify("retrieve payment intent", err, capture, false)
+	}
+	out := PaymentIntent{
+		ID: pi.ID, Status: string(pi.Status), Amount: pi.Amount, AmountReceived: pi.AmountReceived,
+		Currency: string(pi.Currency), Livemode: pi.Livemode, Metadata: pi.Metadata,
+		CancellationReason: string(pi.CancellationReason),
+	}
+	if e := pi.LastPaymentError; e != nil {
+		out.LastError = e.Msg
+		if out.LastError == "" {
+			out.LastError = string(e.Code)
+		}
+	}
+	if pi.PaymentMethod != nil {
+		out.PaymentMethod = pi.PaymentMethod.ID
+	}
+	return out, nil
 }

@@ -315,14 +315,27 @@ func (h *Intake) process(ctx context.Context, ev Event, attempts int, receivedAt
 	if status == Processed || status == Ignored {
 		processedAt = &now
 	}
-	uerr := h.db.WithContext(ctx).Model(&eventRow{}).Where("id = ?", ev.ID).Updates(map[string]any{
-		"status":          string(status),
-		"attempts":        gorm.Expr("attempts + 1"),
-		"last_error":      gorm.Expr("NULLIF(?, '')", text.Truncate(lastErr, 2000)),
-		"next_attempt_at": next,
-		"processed_at":    gorm.Expr("COALESCE(?, processed_at)", processedAt),
-		"waiting_for":     gorm.Expr("NULLIF(?, '')", waitingFor),
-	}).Error
+	// One statement records the outcome and says whether an event waits
+	// for the PaymentIntent this one confirmed (wakeWaiting has work), so
+	// the common case, nothing waiting, costs no second round trip.
+	//
+	// Its commit does not wait for the WAL flush (synchronous_commit off for
+	// this statement's transaction only): losing the outcome in a database
+	// crash loses no money and no event. The row then stays as it was
+	// stored or claimed, received or failed under a lease, and the retry
+	// worker processes it again once the lease ends; the money effects are
+	// guarded by the PaymentIntent and the payment's history, so that run
+	// changes nothing and records the outcome. The stored event and the
+	// processing transaction keep synchronous commits.
+	var outcome []struct{ Wake bool }
+	uerr := h.db.WithContext(ctx).Raw(`UPDATE stripe_events
+		SET status = ?, attempts = attempts + 1, last_error = NULLIF(?, ''), next_attempt_at = ?,
+		    processed_at = COALESCE(?, processed_at), waiting_for = NULLIF(?, '')
+		FROM (SELECT set_config('synchronous_commit', 'off', true)) AS async_commit
+		WHERE id = ?
+		RETURNING ?::text <> '' AND EXISTS (SELECT 1 FROM stripe_events w
+			WHERE w.status IN ('failed', 'parked') AND w.waiting_for IS NOT NULL AND w.waiting_for = ?::text) AS wake`,
+		string(status), text.Truncate(lastErr, 2000), next, processedAt, waitingFor, ev.ID, confirms, confirms).Scan(&outcome).Error
 	if uerr != nil {
 		h.logger.ErrorContext(ctx, "record stripe event outcome", "event_id", ev.ID, "error", uerr)
 		return Received, db.Translate(uerr, nil)
@@ -331,7 +344,7 @@ func (h *Intake) process(ctx context.Context, ev Event, attempts int, receivedAt
 	if status == Processed && ev.Created > 0 {
 		h.lag.WithLabelValues(ev.Type).Observe(max(0, now.Sub(time.Unix(ev.Created, 0)).Seconds()))
 	}
-	if status == Processed && confirms != "" {
+	if status == Processed && confirms != "" && len(outcome) == 1 && outcome[0].Wake {
 		h.wakeWaiting(ctx, confirms)
 	}
 	return status, nil

@@ -12,6 +12,7 @@ import (
 	"gorm.io/gorm"
 
 	"github.com/tallybilling/tally/internal/config"
+	"github.com/tallybilling/tally/internal/db"
 	"github.com/tallybilling/tally/internal/db/dbtest"
 	"github.com/tallybilling/tally/internal/payments"
 	"github.com/tallybilling/tally/internal/stripehook"
@@ -97,5 +98,47 @@ func TestRetryClaimsNeverOverlap(t *testing.T) {
 	var wrong int64
 	if err := gdb.Raw(`SELECT count(*) FROM stripe_events WHERE status <> 'ignored' OR attempts <> 2`).Scan(&wrong).Error; err != nil || wrong != 0 {
 		t.Fatalf("%d events not processed exactly once (%v)", wrong, err)
+	}
+}
+
+// An outcome is recorded without waiting for the WAL flush, for its own
+// statement only: the pooled connection that recorded it still commits
+// synchronously afterwards, so the money transactions that run on it next
+// keep their durability.
+func TestOutcomeCommitLeavesTheConnectionSynchronous(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	// One connection: whatever the outcome's statement left on its
+	// session, the checks below see.
+	gdb, err := db.Open(ctx, dbtest.NewURL(t), 1, dbtest.Logger(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = db.Close(gdb) })
+	past := time.Now().Add(-time.Minute)
+	err = gdb.Exec(`INSERT INTO stripe_events (id, type, livemode, payload, status, attempts, next_attempt_at, received_at)
+		VALUES ('evt_sync_1', 'radar.early_fraud_warning.created', false,
+		'{"id":"evt_sync_1","object":"event","type":"radar.early_fraud_warning.created","data":{"object":{"id":"issfr_1"}}}',
+		'failed', 1, ?, ?)`, past, past).Error
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, err := stripehook.New(defaultOptions(t, gdb)).RetryDue(ctx, 5); err != nil || got != 1 {
+		t.Fatalf("RetryDue = %d, %v; want the one event", got, err)
+	}
+	var status string
+	var attempts int
+	if err := gdb.Raw(`SELECT status, attempts FROM stripe_events WHERE id = 'evt_sync_1'`).Row().Scan(&status, &attempts); err != nil {
+		t.Fatal(err)
+	}
+	if status != "ignored" || attempts != 2 {
+		t.Fatalf("event %s after %d attempts, want ignored after 2", status, attempts)
+	}
+	var setting string
+	if err := gdb.Raw(`SHOW synchronous_commit`).Row().Scan(&setting); err != nil {
+		t.Fatal(err)
+	}
+	if setting != "on" {
+		t.Fatalf("synchronous_commit on the connection afterwards = %q, want on", setting)
 	}
 }

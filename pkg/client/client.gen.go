@@ -1696,9 +1696,15 @@ type CreditsRevokedData struct {
 	Draws []LedgerDraw `json:"draws"`
 
 	// GrantId The payment's purchase grant; absent when it has none.
-	GrantId   *string `json:"grant_id,omitempty"`
+	GrantId *string `json:"grant_id,omitempty"`
+
+	// HoldId The hold whose returned credits paid the shortfall (with `recovers_transaction_id`).
+	HoldId    *string `json:"hold_id,omitempty"`
 	PaymentId string  `json:"payment_id"`
 	Reason    string  `json:"reason"`
+
+	// RecoversTransactionId Set on a revoke that pays part of an earlier revoke's shortfall: credits an active hold kept at that revoke (`hold_id`) came back when the hold ended, and went to the refund or dispute first.
+	RecoversTransactionId *string `json:"recovers_transaction_id,omitempty"`
 
 	// Shortfall Credits owed back but already spent.
 	Shortfall     int64  `json:"shortfall"`

@@ -1,0 +1,303 @@
+package credits
+
+import (
+	"context"
+	"encoding/hex"
+	"encoding/json"
+	"fmt"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/tallybilling/tally/internal/db"
+	"github.com/tallybilling/tally/internal/errs"
+)
+
+// Group commit for consumes.
+//
+// Concurrent consumes (and hold captures, which spend the same way) are
+// gathered into batches, each applied by one call of the database function
+// credits_consume_batch (migration 00036): one round trip and one commit
+// for the whole batch, instead of six round trips and a commit each. Each
+// operation keeps its own idempotency record, its own answer and its own
+// refusal: a 402 or a reused key writes nothing for that operation and
+// does not touch its neighbours. Operations that need more than a draw
+// (expiry or hold expiry due, a low-balance notice, an automatic top-up, a
+// key to take over, a balance row another transaction holds) come back
+// 'defer' having written nothing and run, in order, through the full path
+// (consume or endHold inside db.Once) before their customer's next batch;
+// so does every operation of a batch whose statement failed, each in its
+// own transaction, where a failure stays its own and a batch that did
+// commit after all is replayed from its stored answers.
+//
+// There is no timer. A batch starts as soon as operations wait and fewer
+// than maxConsumeBatches run, and takes every waiting operation whose
+// customer is in no running batch: a customer is in at most one batch at a
+// time, in arrival order, so batches never wait on each other's balance
+// locks. Many customers so get a statement each at once, committed
+// together by PostgreSQL's group commit; a hot customer's consumes pile up
+// while its batch runs and go in the next one together, past the one
+// commit per row lock that bounds a transaction per consume.
+
+const (
+	// maxConsumeBatches is how many batches run at once: each holds a
+	// pooled connection (the pool is TALLY_DB_MAX_OPEN_CONNS, 20 by
+	// default), so some are left for everything else.
+	maxConsumeBatches = 12
+	// maxConsumeBatch bounds one statement's work (and a hot customer's
+	// lock hold).
+	maxConsumeBatch = 256
+	// consumeBatchTimeout bounds one batch and the full path after it; it
+	// does not follow a request's context, whose batch holds others too.
+	consumeBatchTimeout = 30 * time.Second
+)
+
+// batchCall is one consume or capture waiting for its batch.
+type batchCall struct {
+	ctx  context.Context
+	item batchItem
+	// full runs the operation through the full path in a transaction of
+	// its own and returns its answer as stored for replay.
+	full func(ctx context.Context) ([]byte, bool, error)
+	done chan batchDone // buffered: the answer is sent once
+}
+
+// batchDone is a call's answer: the JSON answer (as stored under its key),
+// whether it is a replay, or the error.
+type batchDone struct {
+	answer   []byte
+	replayed bool
+	err      error
+}
+
+func newBatchCall(ctx context.Context, item batchItem, full func(ctx context.Context) ([]byte, bool, error)) *batchCall {
+	return &batchCall{ctx: ctx, item: item, full: full, done: make(chan batchDone, 1)}
+}
+
+type consumeBatcher struct {
+	s *Service
+
+	mu    sync.Mutex
+	queue []*batchCall
+	// busy counts the running batches' operations of each customer.
+	busy    map[string]bool
+	running int
+
+	// What went the full path: operations a batch deferred, and those of
+	// batches whose statement failed (for tests and the logs).
+	deferred, fellBack atomic.Int64
+}
+
+// do queues c and waits for its answer. A request whose context ends while
+// still queued is taken out and applies nothing; once a batch has it, it
+// waits for the batch's answer (bounded by consumeBatchTimeout), so what it
+// returns is what happened.
+func (b *consumeBatcher) do(c *batchCall) batchDone {
+	b.mu.Lock()
+	b.queue = append(b.queue, c)
+	b.dispatch()
+	b.mu.Unlock()
+	select {
+	case d := <-c.done:
+		return d
+	case <-c.ctx.Done():
+	}
+	b.mu.Lock()
+	for i, q := range b.queue {
+		if q == c {
+			b.queue = append(b.queue[:i:i], b.queue[i+1:]...)
+			b.mu.Unlock()
+			return batchDone{err: db.Translate(c.ctx.Err(), nil)}
+		}
+	}
+	b.mu.Unlock()
+	return <-c.done
+}
+
+// dispatch starts batches while operations wait and fewer than
+// maxConsumeBatches run. A batch takes, in arrival order, the waiting
+// operations of customers in no running batch. b.mu is held.
+func (b *consumeBatcher) dispatch() {
+	if b.busy == nil {
+		b.busy = map[string]bool{}
+	}
+	for b.running < maxConsumeBatches && len(b.queue) > 0 {
+		var batch, rest []*batchCall
+		for _, c := range b.queue {
+			if len(batch) < maxConsumeBatch && !b.busy[c.item.Customer] {
+				batch = append(batch, c)
+			} else {
+				rest = append(rest, c)
+			}
+		}
+		if len(batch) == 0 {
+			return
+		}
+		for _, c := range batch {
+			b.busy[c.item.Customer] = true
+		}
+		b.queue = rest
+		b.running++
+		go b.runThenDispatch(batch)
+	}
+}
+
+func (b *consumeBatcher) runThenDispatch(batch []*batchCall) {
+	b.run(batch)
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.running--
+	for _, c := range batch {
+		delete(b.busy, c.item.Customer)
+	}
+	b.dispatch()
+}
+
+// batchItem is one operation as credits_consume_batch reads it.
+type batchItem struct {
+	Kind     string `json:"kind"` // KindConsume or "capture"
+	Customer string `json:"customer"`
+	Scope    string `json:"scope"`
+	Key      string `json:"key"`
+	Hash     string `json:"hash"`
+	// Amount is a consume's; a capture's, or null to capture all.
+	Amount   *int64          `json:"amount"`
+	Reason   string          `json:"reason,omitempty"`
+	Metadata json.RawMessage `json:"metadata,omitempty"`
+	Hold     string          `json:"hold,omitempty"`
+	// ExpiresIn is a new hold's lifetime in seconds.
+	ExpiresIn int64 `json:"expires_in,omitempty"`
+	// ID is the ledger entry's, made here.
+	ID string `json:"id"`
+}
+
+const (
+	kindCapture = "capture"
+	kindHold    = "hold"
+)
+
+func newBatchItem(kind, customer string, key db.IdempotencyKey) batchItem {
+	return batchItem{Kind: kind, Customer: customer, Scope: key.Scope, Key: key.Key, Hash: hex.EncodeToString(key.RequestHash)}
+}
+
+// batchAnswer is one row credits_consume_batch returns.
+type batchAnswer struct {
+	Status    string
+	Result    *string
+	Balance   *int64
+	Available *int64
+}
+
+// run applies batch and answers every call in it, whatever happens.
+func (b *consumeBatcher) run(batch []*batchCall) {
+	answered := make([]bool, len(batch))
+	answer := func(i int, d batchDone) {
+		if !answered[i] {
+			answered[i] = true
+			batch[i].done <- d
+		}
+	}
+	defer func() {
+		if p := recover(); p != nil {
+			for i := range batch {
+				answer(i, batchDone{err: fmt.Errorf("credits: consume batch panicked: %v", p)})
+			}
+		}
+	}()
+	s := b.s
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(batch[0].ctx), consumeBatchTimeout)
+	defer cancel()
+	items := make([]batchItem, len(batch))
+	for i, c := range batch {
+		items[i] = c.item
+		items[i].ID = db.NewID("ctx")
+	}
+	js, err := json.Marshal(items)
+	var rows []batchAnswer
+	if err == nil {
+		threshold := s.cfg.DefaultLowBalanceThreshold
+		// One statement, so one implicit transaction: the batch commits or
+		// vanishes whole.
+		err = s.db.WithContext(ctx).Raw(`SELECT status, result, balance, available FROM credits_consume_batch(?::jsonb, ?, ?, ?, ?, ?)`,
+			string(js), s.now(), threshold, s.topUp != nil, db.ReservationLease.Seconds(), db.IdempotencyRetention.Seconds()).
+			Scan(&rows).Error
+	}
+	if err == nil && len(rows) != len(batch) {
+		err = fmt.Errorf("credits: consume batch of %d answered %d rows", len(batch), len(rows))
+	}
+	if err != nil && errs.Is(db.Translate(err, nil), errs.Unavailable) {
+		// The database is out of reach (or the batch ran out of time):
+		// running each operation on its own would wait as long again for
+		// each. Whether the batch committed is unknown, as for any request
+		// that loses its connection: a retry with the same key replays or
+		// applies once.
+		err = db.Translate(err, nil)
+		for i := range batch {
+			answer(i, batchDone{err: err})
+		}
+		return
+	}
+	if err != nil {
+		// Nothing is known of the batch: each operation runs on its own,
+		// where a committed one replays and a failure is its own.
+		s.logger.Warn("credits: consume batch failed; running its operations one by one", "size", len(batch), "err", err)
+		b.fellBack.Add(int64(len(batch)))
+		for i, c := range batch {
+			answer(i, full(ctx, c))
+		}
+		return
+	}
+	var later []int
+	for i, r := range rows {
+		it := batch[i].item
+		switch r.Status {
+		case "ok", "replay":
+			if r.Result == nil {
+				answer(i, batchDone{err: fmt.Errorf("credits: consume batch answered %s without a result", r.Status)})
+				continue
+			}
+			answer(i, batchDone{answer: []byte(*r.Result), replayed: r.Status == "replay"})
+		case "reused":
+			answer(i, batchDone{err: db.KeyReusedError()})
+		case "inflight":
+			answer(i, batchDone{err: db.KeyInFlightError()})
+		case "insufficient":
+			answer(i, batchDone{err: insufficient(deref(r.Balance), deref(r.Available), deref(it.Amount))})
+		case "notfound":
+			answer(i, batchDone{err: errs.E(errs.NotFound, "customer %s not found", it.Customer)})
+		case "hold_notfound":
+			answer(i, batchDone{err: errs.E(errs.NotFound, "no hold %s for customer %s", it.Hold, it.Customer)})
+		case "hold_ended":
+			answer(i, batchDone{err: errs.E(errs.Conflict, "hold %s is %s, no longer active", it.Hold, derefString(r.Result))})
+		case "too_much":
+			answer(i, batchDone{err: errs.InvalidField("/amount", fmt.Sprintf("amount %d is more than the %d credits held", deref(it.Amount), deref(r.Balance)))})
+		case "defer":
+			later = append(later, i)
+		default:
+			answer(i, batchDone{err: fmt.Errorf("credits: consume batch answered %q", r.Status)})
+		}
+	}
+	b.deferred.Add(int64(len(later)))
+	for _, i := range later {
+		answer(i, full(ctx, batch[i]))
+	}
+}
+
+func full(ctx context.Context, c *batchCall) batchDone {
+	a, replayed, err := c.full(ctx)
+	return batchDone{answer: a, replayed: replayed, err: err}
+}
+
+func deref(p *int64) int64 {
+	if p == nil {
+		return 0
+	}
+	return *p
+}
+
+func derefString(p *string) string {
+	if p == nil {
+		return ""
+	}
+	return *p
+}

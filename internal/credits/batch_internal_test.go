@@ -1,0 +1,524 @@
+package credits
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"gorm.io/gorm"
+
+	"github.com/tallybilling/tally/internal/config"
+	"github.com/tallybilling/tally/internal/db"
+	"github.com/tallybilling/tally/internal/db/dbtest"
+	"github.com/tallybilling/tally/internal/errs"
+)
+
+// These tests drive the group commit itself: batches built by hand, so
+// that what shares one statement is certain, not a matter of timing.
+
+func batchService(t *testing.T) (*Service, *gorm.DB) {
+	t.Helper()
+	gdb := dbtest.New(t)
+	return New(Options{DB: gdb, Config: config.Default().Credits}), gdb
+}
+
+func batchKey(customer, k string, in ConsumeInput) db.IdempotencyKey {
+	b, _ := json.Marshal(in)
+	return db.IdempotencyKey{Scope: "customer:" + customer, Key: k, RequestHash: db.HashRequest(b)}
+}
+
+func batchGrant(t *testing.T, s *Service, customer string, amount int64) {
+	t.Helper()
+	in := GrantInput{CustomerID: customer, Amount: amount, Reason: "promo", Source: SourceService}
+	b, _ := json.Marshal(in)
+	if _, _, err := s.Grant(context.Background(), in, db.IdempotencyKey{Scope: "customer:" + customer, Key: "grant-" + db.NewID("k"), RequestHash: db.HashRequest(b)}); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// result is a call's answer, decoded.
+type result struct {
+	res      ConsumeResult
+	replayed bool
+	err      error
+}
+
+func wait(c *batchCall) result {
+	d := <-c.done
+	if d.err != nil {
+		return result{err: d.err}
+	}
+	var a consumeAnswer
+	if err := json.Unmarshal(d.answer, &a); err != nil {
+		return result{err: err}
+	}
+	return result{res: ConsumeResult(a), replayed: d.replayed}
+}
+
+func balanceOf(t *testing.T, gdb *gorm.DB, customer string) int64 {
+	t.Helper()
+	var n int64
+	if err := gdb.Raw(`SELECT balance FROM credit_balances WHERE customer_id = ?`, customer).Scan(&n).Error; err != nil {
+		t.Fatal(err)
+	}
+	return n
+}
+
+func mustVerifyDB(t *testing.T, gdb *gorm.DB) {
+	t.Helper()
+	rep, err := Verify(context.Background(), gdb)
+	if err != nil || !rep.OK {
+		t.Fatalf("verify: %v %+v", err, rep.Problems)
+	}
+}
+
+// One batch: refusals (402, 404, a reused key) write nothing and fail no
+// neighbour; a duplicate key in the same batch spends once and replays the
+// first answer; a refused key is not stored, so it can succeed later.
+func TestOneBatchAnswersEachConsumeOnItsOwn(t *testing.T) {
+	t.Parallel()
+	s, gdb := batchService(t)
+	call := func(customer string, amount int64, k string) *batchCall {
+		in := ConsumeInput{CustomerID: customer, Amount: amount, Reason: "api call"}
+		return s.consumeCall(context.Background(), in, batchKey(customer, k, in), "{}")
+	}
+	batchGrant(t, s, "rich", 10)
+	batchGrant(t, s, "poor", 1)
+	reusedBody := call("rich", 2, "a")
+	reusedBody.item.Hash = "00"
+	batch := []*batchCall{
+		call("rich", 3, "a"),
+		call("poor", 5, "b"), // 402
+		call("rich", 3, "a"), // the same request again: a replay
+		call("rich", 4, "c"),
+		reusedBody,             // key a with another body
+		call("ghost", 1, "g"),  // no such customer
+		call("rich", 4, "d"),   // 3 left: 402
+		call("poor", 1, "e"),   // the poor one's neighbours still run
+		call("rich", 3, "f"),   // exactly what is left
+		call("rich", 1, "h"),   // nothing left: 402
+		call("poor", 1, "e"),   // replay of e
+		call("poor", 1, "b2"),  // nothing left
+		call("rich", 3, "a"),   // replay again, later in the batch
+		call("ghost", 1, "g2"), // still no such customer
+	}
+	s.batch.run(batch)
+	if n, m := s.batch.deferred.Load(), s.batch.fellBack.Load(); n != 0 || m != 0 {
+		t.Errorf("%d consumes deferred, %d fell back: the batch did not apply them itself", n, m)
+	}
+	got := make([]result, len(batch))
+	for i, c := range batch {
+		got[i] = wait(c)
+	}
+	wantOK := func(i int, balance int64, replayed bool) {
+		t.Helper()
+		if got[i].err != nil || got[i].res.Balance != balance || got[i].replayed != replayed {
+			t.Errorf("item %d: %+v, want balance %d replayed %t", i, got[i], balance, replayed)
+		}
+	}
+	wantErr := func(i int, code errs.Code) {
+		t.Helper()
+		if e, ok := errs.As(got[i].err); !ok || e.Code != code {
+			t.Errorf("item %d: %+v, want %s", i, got[i], code)
+		}
+	}
+	wantOK(0, 7, false)
+	wantErr(1, errs.InsufficientCredits)
+	wantOK(2, 7, true)
+	if got[2].res != got[0].res || got[12].res != got[0].res {
+		t.Errorf("replays %+v and %+v of %+v", got[2].res, got[12].res, got[0].res)
+	}
+	wantOK(3, 3, false)
+	wantErr(4, errs.IdempotencyKeyReused)
+	wantErr(5, errs.NotFound)
+	wantErr(6, errs.InsufficientCredits)
+	if e, _ := errs.As(got[6].err); e.Extra["available"] != int64(3) || e.Extra["balance"] != int64(3) {
+		t.Errorf("402 of item 6 says %v, want balance and available 3", e.Extra)
+	}
+	wantOK(7, 0, false)
+	wantOK(8, 0, false)
+	wantErr(9, errs.InsufficientCredits)
+	wantOK(10, 0, true)
+	wantErr(11, errs.InsufficientCredits)
+	wantOK(12, 7, true)
+	wantErr(13, errs.NotFound)
+	if b := balanceOf(t, gdb, "rich"); b != 0 {
+		t.Errorf("rich has %d, want 0", b)
+	}
+	var keys []string
+	if err := gdb.Raw(`SELECT key FROM idempotency_keys WHERE scope IN ('customer:rich', 'customer:poor', 'customer:ghost') AND key NOT LIKE 'grant-%' ORDER BY key`).Scan(&keys).Error; err != nil {
+		t.Fatal(err)
+	}
+	if fmt.Sprint(keys) != "[a c e f]" {
+		t.Errorf("stored keys %v, want those of the consumes that spent: [a c e f]", keys)
+	}
+	// A refused key was not stored: after a top-up it spends.
+	batchGrant(t, s, "poor", 5)
+	retry := call("poor", 5, "b")
+	s.batch.run([]*batchCall{retry})
+	if d := wait(retry); d.err != nil || d.replayed || d.res.Balance != 0 {
+		t.Fatalf("retry of the refused key after a top-up: %+v", d)
+	}
+	mustVerifyDB(t, gdb)
+}
+
+// A batch whose statement fails runs each of its consumes on its own: the
+// one that fails fails alone, and the others spend once.
+func TestAFailedBatchFailsOnlyTheConsumeThatFails(t *testing.T) {
+	t.Parallel()
+	s, gdb := batchService(t)
+	call := func(customer string, amount int64, k string) *batchCall {
+		in := ConsumeInput{CustomerID: customer, Amount: amount, Reason: "api call"}
+		return s.consumeCall(context.Background(), in, batchKey(customer, k, in), "{}")
+	}
+	for _, c := range []string{"left", "cursed", "right"} {
+		batchGrant(t, s, c, 10)
+	}
+	// A ledger that refuses the cursed customer's entries, as a broken
+	// constraint would.
+	if err := gdb.Exec(`CREATE FUNCTION curse() RETURNS trigger LANGUAGE plpgsql AS $$
+		BEGIN IF NEW.customer_id = 'cursed' AND NEW.kind = 'consume' THEN RAISE EXCEPTION 'cursed'; END IF; RETURN NEW; END $$;
+		CREATE TRIGGER curse BEFORE INSERT ON credit_ledger FOR EACH ROW EXECUTE FUNCTION curse()`).Error; err != nil {
+		t.Fatal(err)
+	}
+	batch := []*batchCall{call("left", 1, "l"), call("cursed", 1, "c"), call("right", 1, "r"), call("left", 1, "l")}
+	s.batch.run(batch)
+	for i, c := range batch {
+		d := wait(c)
+		if (i == 1) != (d.err != nil) {
+			t.Errorf("item %d: %+v", i, d)
+		}
+	}
+	if balanceOf(t, gdb, "left") != 9 || balanceOf(t, gdb, "right") != 9 || balanceOf(t, gdb, "cursed") != 10 {
+		t.Fatalf("balances %d %d %d, want 9 9 10", balanceOf(t, gdb, "left"), balanceOf(t, gdb, "right"), balanceOf(t, gdb, "cursed"))
+	}
+}
+
+// Many goroutines, many duplicates: each key spends once, every copy gets
+// the same answer, and exactly one copy is not a replay.
+func TestConcurrentDuplicatesThroughTheBatchesSpendOnce(t *testing.T) {
+	t.Parallel()
+	s, gdb := batchService(t)
+	customers := []string{"hot", "c1", "c2", "c3"}
+	for _, c := range customers {
+		batchGrant(t, s, c, 1000)
+	}
+	const keys, copies = 40, 5
+	type answer struct {
+		d   result
+		key string
+	}
+	out := make(chan answer, keys*copies)
+	var wg sync.WaitGroup
+	for k := range keys {
+		customer := customers[0]
+		if k%2 == 1 {
+			customer = customers[1+k%3]
+		}
+		for range copies {
+			wg.Go(func() {
+				in := ConsumeInput{CustomerID: customer, Amount: 3, Reason: "api call"}
+				res, replayed, err := s.Consume(context.Background(), in, batchKey(customer, fmt.Sprint("k", k), in))
+				out <- answer{result{res: res, replayed: replayed, err: err}, customer + "/" + fmt.Sprint(k)}
+			})
+		}
+	}
+	wg.Wait()
+	close(out)
+	first := map[string]ConsumeResult{}
+	fresh := map[string]int{}
+	for a := range out {
+		if a.d.err != nil {
+			t.Fatalf("%s: %v", a.key, a.d.err)
+		}
+		if r, ok := first[a.key]; ok && r != a.d.res {
+			t.Fatalf("%s answered %+v and %+v", a.key, r, a.d.res)
+		}
+		first[a.key] = a.d.res
+		if !a.d.replayed {
+			fresh[a.key]++
+		}
+	}
+	spent := map[string]int64{}
+	for k, n := range fresh {
+		if n != 1 {
+			t.Fatalf("%s applied %d times", k, n)
+		}
+	}
+	for k := range first {
+		c, _, _ := strings.Cut(k, "/")
+		spent[c] += 3
+	}
+	for _, c := range customers {
+		if b := balanceOf(t, gdb, c); b != 1000-spent[c] {
+			t.Errorf("%s has %d, want %d", c, b, 1000-spent[c])
+		}
+		var entries int64
+		gdb.Raw(`SELECT count(*) FROM credit_ledger WHERE customer_id = ? AND kind = 'consume'`, c).Scan(&entries)
+		if entries*3 != spent[c] {
+			t.Errorf("%s has %d consume entries for %d spent", c, entries, spent[c])
+		}
+	}
+	mustVerifyDB(t, gdb)
+}
+
+// snapshot is what a customer's credits look like in the database, with
+// the customer's own ids left out, so two customers can be compared.
+func snapshot(t *testing.T, gdb *gorm.DB, customer string) string {
+	t.Helper()
+	var out []string
+	for _, q := range []string{
+		`SELECT balance, held, next_expiry, next_hold_expiry, low_balance_notified, updated_at FROM credit_balances WHERE customer_id = ?`,
+		`SELECT amount, remaining, held, expires_at FROM credit_grants WHERE customer_id = ? ORDER BY created_at, amount`,
+		`SELECT l.kind, l.amount, l.balance_after, l.reason, l.metadata, l.hold_id IS NOT NULL AS for_hold, l.idempotency_key,
+		        (SELECT jsonb_agg(jsonb_build_object('amount', d->'amount', 'grant', g.amount)) FROM jsonb_array_elements(l.draws) d
+		         JOIN credit_grants g ON g.id = d->>'grant_id') AS draws, l.created_at
+		 FROM credit_ledger l WHERE customer_id = ? ORDER BY seq`,
+		`SELECT status, amount, captured, released, transaction_id IS NOT NULL AS has_tx, ended_at FROM credit_holds WHERE customer_id = ? ORDER BY created_at`,
+		`SELECT type, data - 'id' - 'customer_id' - 'hold_id' - 'transaction_id' - 'grant_id' AS data FROM events WHERE customer_id = ? ORDER BY id`,
+		`SELECT day, consumed FROM credit_consumption_daily WHERE customer_id = ?`,
+	} {
+		var rows []map[string]any
+		if err := gdb.Raw(q, customer).Scan(&rows).Error; err != nil {
+			t.Fatal(err)
+		}
+		out = append(out, fmt.Sprint(rows))
+	}
+	return strings.Join(out, "\n")
+}
+
+// A hold and a capture in a batch (credits_hold_one, credits_capture_one)
+// write exactly what the full path (hold, endHold) writes: balance row,
+// grants, ledger entry, hold, events, rollup, answers. Refusals in the same batch (an ended hold, too much, no such
+// hold) write nothing, and a duplicate key replays.
+func TestHoldAndCaptureInABatchWriteWhatTheFullPathWrites(t *testing.T) {
+	t.Parallel()
+	gdb := dbtest.New(t)
+	clock := time.Date(2026, 5, 1, 12, 0, 0, 0, time.UTC)
+	s := New(Options{DB: gdb, Config: config.Default().Credits, Now: func() time.Time { return clock }})
+	later := clock.Add(48 * time.Hour)
+	holds := map[string]string{}
+	var heldAnswers []HoldResult
+	for _, c := range []string{"fast", "slow"} {
+		for _, g := range []GrantInput{
+			{CustomerID: c, Amount: 5, Reason: "never expires", Source: SourceService},
+			{CustomerID: c, Amount: 10, Reason: "expires", Source: SourceService, ExpiresAt: &later},
+		} {
+			b, _ := json.Marshal(g)
+			if _, _, err := s.Grant(context.Background(), g, db.IdempotencyKey{Scope: "customer:" + c, Key: "g" + g.Reason, RequestHash: db.HashRequest(b)}); err != nil {
+				t.Fatal(err)
+			}
+		}
+		in := HoldInput{CustomerID: c, Amount: 12, Reason: "job", Metadata: map[string]string{"job": "7"}, ExpiresIn: 90 * time.Minute}
+		b, _ := json.Marshal(in)
+		key := db.IdempotencyKey{Scope: "customer:" + c, Key: "h", RequestHash: db.HashRequest(b)}
+		var h HoldResult
+		var err error
+		if c == "fast" {
+			h, _, err = s.Hold(context.Background(), in, key)
+		} else {
+			var raw []byte
+			raw, _, err = onceRaw(context.Background(), s, key, func(tx *gorm.DB, threshold *int64) (HoldResult, error) {
+				return hold(context.Background(), tx, s.now, in, threshold, key.Key, s.topUp)
+			})
+			_ = json.Unmarshal(raw, &h)
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		holds[c] = h.HoldID
+		h.HoldID = ""
+		heldAnswers = append(heldAnswers, h)
+	}
+	if heldAnswers[0] != heldAnswers[1] || heldAnswers[0].Available != 3 {
+		t.Errorf("the batch's hold answered %+v, the full path's %+v", heldAnswers[0], heldAnswers[1])
+	}
+	clock = clock.Add(time.Minute)
+	capture := func(customer, hold, k string, amount *int64) *batchCall {
+		in := CaptureInput{CustomerID: customer, HoldID: hold, Amount: amount}
+		b, _ := json.Marshal(in)
+		key := db.IdempotencyKey{Scope: "customer:" + customer, Key: k, RequestHash: db.HashRequest(b)}
+		item := newBatchItem(kindCapture, customer, key)
+		item.Amount, item.Hold = amount, hold
+		return newBatchCall(context.Background(), item, func(ctx context.Context) ([]byte, bool, error) {
+			return onceRaw(ctx, s, key, func(tx *gorm.DB, threshold *int64) (HoldEnd, error) {
+				return endHold(ctx, tx, s.now, customer, hold, true, amount, threshold, key.Key, s.topUp)
+			})
+		})
+	}
+	eleven, nine := int64(11), int64(13)
+	slow := capture("slow", holds["slow"], "c", &eleven)
+	if d := full(context.Background(), slow); d.err != nil {
+		t.Fatal(d.err)
+	}
+	batch := []*batchCall{
+		capture("fast", holds["fast"], "x", &nine),     // more than held
+		capture("fast", "hld_nosuch", "y", nil),        // no such hold
+		capture("fast", holds["fast"], "c", &eleven),   // the capture
+		capture("fast", holds["fast"], "c", &eleven),   // its duplicate: a replay
+		capture("fast", holds["fast"], "z", nil),       // the hold has ended
+		capture("nobody", holds["fast"], "n", &eleven), // no such customer
+	}
+	s.batch.run(batch)
+	if n, m := s.batch.deferred.Load(), s.batch.fellBack.Load(); n != 0 || m != 0 {
+		t.Errorf("%d operations deferred, %d fell back: the batch did not apply them itself", n, m)
+	}
+	var answers []batchDone
+	for _, c := range batch {
+		answers = append(answers, <-c.done)
+	}
+	for i, code := range map[int]errs.Code{0: errs.Invalid, 1: errs.NotFound, 4: errs.Conflict, 5: errs.NotFound} {
+		if e, ok := errs.As(answers[i].err); !ok || e.Code != code {
+			t.Errorf("item %d: %+v, want %s", i, answers[i], code)
+		}
+	}
+	if answers[2].err != nil || answers[2].replayed || answers[3].err != nil || !answers[3].replayed || string(answers[2].answer) != string(answers[3].answer) {
+		t.Fatalf("capture and its duplicate: %+v / %+v", answers[2], answers[3])
+	}
+	var fast, slowEnd HoldEnd
+	_ = json.Unmarshal(answers[2].answer, &fast)
+	d := full(context.Background(), slow) // a replay now
+	_ = json.Unmarshal(d.answer, &slowEnd)
+	fast.HoldID, fast.TransactionID, slowEnd.HoldID, slowEnd.TransactionID = "", "", "", ""
+	if fast != slowEnd || fast.Captured != 11 || fast.Released != 1 || fast.Balance != 4 || fast.Available != 4 {
+		t.Errorf("batch answered %+v, the full path %+v", fast, slowEnd)
+	}
+	if a, b := snapshot(t, gdb, "fast"), snapshot(t, gdb, "slow"); a != b {
+		t.Errorf("the batch wrote\n%s\nthe full path\n%s", a, b)
+	}
+	mustVerifyDB(t, gdb)
+}
+
+// A hot customer's batch (credits_consume_run: one read, one write of each
+// row for the whole run) writes and answers what the full path writes and
+// answers one consume at a time: draws across grants in draw order, a
+// duplicate key inside the run replayed, a refusal in the middle that
+// leaves the rest running.
+func TestAHotCustomersBatchWritesWhatOneByOneWrites(t *testing.T) {
+	t.Parallel()
+	gdb := dbtest.New(t)
+	clock := time.Date(2026, 5, 1, 12, 0, 0, 0, time.UTC)
+	s := New(Options{DB: gdb, Config: config.Default().Credits, Now: func() time.Time { return clock }})
+	later := clock.Add(48 * time.Hour)
+	for _, c := range []string{"fast", "slow"} {
+		for _, g := range []GrantInput{
+			{CustomerID: c, Amount: 5, Reason: "never expires", Source: SourceService},
+			{CustomerID: c, Amount: 10, Reason: "expires", Source: SourceService, ExpiresAt: &later},
+			{CustomerID: c, Amount: 4, Reason: "first", Source: SourceService, Priority: ptr(1)},
+		} {
+			b, _ := json.Marshal(g)
+			if _, _, err := s.Grant(context.Background(), g, db.IdempotencyKey{Scope: "customer:" + c, Key: "g" + g.Reason, RequestHash: db.HashRequest(b)}); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	clock = clock.Add(time.Minute)
+	type step struct {
+		key    string
+		amount int64
+	}
+	steps := []step{{"a", 3}, {"b", 4}, {"a", 3}, {"c", 50}, {"d", 6}, {"b", 4}, {"e", 5}, {"f", 1}, {"g", 1}}
+	calls := func(customer string) []*batchCall {
+		var out []*batchCall
+		for _, st := range steps {
+			in := ConsumeInput{CustomerID: customer, Amount: st.amount, Reason: "call " + st.key, Metadata: map[string]string{"k": st.key}}
+			meta, _ := metadataJSON(in.Metadata)
+			out = append(out, s.consumeCall(context.Background(), in, batchKey(customer, st.key, in), meta))
+		}
+		return out
+	}
+	fast, slow := calls("fast"), calls("slow")
+	s.batch.run(fast)
+	if n, m := s.batch.deferred.Load(), s.batch.fellBack.Load(); n != 0 || m != 0 {
+		t.Errorf("%d consumes deferred, %d fell back", n, m)
+	}
+	for i := range steps {
+		f, sl := wait(fast[i]), full(context.Background(), slow[i])
+		var a consumeAnswer
+		if sl.err == nil {
+			_ = json.Unmarshal(sl.answer, &a)
+		}
+		f.res.TransactionID, a.TransactionID = "", ""
+		fe, _ := errs.As(f.err)
+		se, _ := errs.As(sl.err)
+		if f.res != ConsumeResult(a) || f.replayed != sl.replayed || (f.err == nil) != (sl.err == nil) ||
+			(fe != nil && (fe.Code != se.Code || fmt.Sprint(fe.Extra) != fmt.Sprint(se.Extra))) {
+			t.Errorf("step %d %+v: the run answered %+v %v, one by one %+v %v", i, steps[i], f, f.err, a, sl.err)
+		}
+	}
+	if a, b := snapshot(t, gdb, "fast"), snapshot(t, gdb, "slow"); strings.ReplaceAll(a, "fast", "X") != strings.ReplaceAll(b, "slow", "X") {
+		t.Errorf("the run wrote\n%s\none by one\n%s", a, b)
+	}
+	mustVerifyDB(t, gdb)
+}
+
+func ptr[T any](v T) *T { return &v }
+
+// A consume whose request ends while it waits for its customer's running
+// batch is taken out of the queue and applies nothing; the batch it waited
+// behind still completes.
+func TestAConsumeCanceledWhileQueuedAppliesNothing(t *testing.T) {
+	t.Parallel()
+	s, gdb := batchService(t)
+	batchGrant(t, s, "x", 10)
+	// An open transaction holds key k1, so the batch that claims it waits.
+	blocker := gdb.Begin()
+	defer blocker.Rollback()
+	if err := blocker.Exec(`INSERT INTO idempotency_keys (scope, key, request_hash) VALUES ('customer:x', 'k1', '\x00')`).Error; err != nil {
+		t.Fatal(err)
+	}
+	first := make(chan error, 1)
+	go func() {
+		in := ConsumeInput{CustomerID: "x", Amount: 1, Reason: "api call"}
+		_, _, err := s.Consume(context.Background(), in, batchKey("x", "k1", in))
+		first <- err
+	}()
+	waitFor(t, func() bool {
+		var n int64
+		gdb.Raw(`SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'`).Scan(&n)
+		return n > 0
+	})
+	ctx, cancel := context.WithCancel(context.Background())
+	second := make(chan error, 1)
+	go func() {
+		in := ConsumeInput{CustomerID: "x", Amount: 1, Reason: "api call"}
+		_, _, err := s.Consume(ctx, in, batchKey("x", "k2", in))
+		second <- err
+	}()
+	waitFor(t, func() bool {
+		s.batch.mu.Lock()
+		defer s.batch.mu.Unlock()
+		return len(s.batch.queue) == 1
+	})
+	cancel()
+	if err := <-second; err == nil {
+		t.Fatal("a consume canceled while queued answered success")
+	}
+	if err := blocker.Rollback().Error; err != nil {
+		t.Fatal(err)
+	}
+	if err := <-first; err != nil {
+		t.Fatal(err)
+	}
+	var entries int64
+	gdb.Raw(`SELECT count(*) FROM credit_ledger WHERE customer_id = 'x' AND kind = 'consume'`).Scan(&entries)
+	if entries != 1 || balanceOf(t, gdb, "x") != 9 {
+		t.Fatalf("%d consume entries, balance %d: want the first consume only", entries, balanceOf(t, gdb, "x"))
+	}
+	mustVerifyDB(t, gdb)
+}
+
+func waitFor(t *testing.T, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(time.Minute)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatal("condition not met within a minute")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
