@@ -11,9 +11,6 @@
 // one, and test binaries running at once (go test ./... runs packages in
 // parallel, and other checkouts may share the server) build it under a
 // PostgreSQL advisory lock: one builds, the others wait and copy.
-//
-// A test database has synchronous_commit off: its commits are visible at
-// once as always, but do not wait for the disk on a server with fsync on.
 package dbtest
 
 import (
@@ -235,16 +232,6 @@ func create(t testing.TB, template string) string {
 			t.Errorf("dbtest: drop database %s: %v", name, err)
 		}
 	})
-	// Every session on a test database commits without waiting for its
-	// WAL to reach the disk. A commit is visible to other sessions at once
-	// either way; only a crash of the PostgreSQL server itself, which no
-	// test causes, could lose the last ones. On a server with fsync on (a
-	// shared development server) each commit would otherwise wait for a
-	// flush, which is most of the time of the tests that commit thousands
-	// of times.
-	if _, err := pool.ExecContext(ctx, "ALTER DATABASE "+name+" SET synchronous_commit = off"); err != nil {
-		t.Fatalf("dbtest: set synchronous_commit on %s: %v", name, err)
-	}
 	u := *base
 	u.Path = "/" + name
 	return u.String()

@@ -104,22 +104,3 @@ func TestNewCopiesTheTemplateOfTheseMigrations(t *testing.T) {
 		t.Fatalf("MigrationsDigest is not stable: %s then %s (%v)", digest, other, err)
 	}
 }
-
-// Test databases commit without waiting for the disk (a shared server runs
-// with fsync on, where each commit would wait for a flush): every session
-// on them, the tests' and a test server's, gets synchronous_commit off.
-func TestDatabasesCommitWithoutWaitingForTheDisk(t *testing.T) {
-	t.Parallel()
-	for name, u := range map[string]string{"NewURL": dbtest.NewURL(t), "NewEmptyURL": dbtest.NewEmptyURL(t)} {
-		gdb, err := db.Open(context.Background(), u, 1, dbtest.Logger(t))
-		if err != nil {
-			t.Fatalf("%s: open: %v", name, err)
-		}
-		var setting string
-		err = gdb.Raw(`SHOW synchronous_commit`).Scan(&setting).Error
-		_ = db.Close(gdb)
-		if err != nil || setting != "off" {
-			t.Fatalf("%s: synchronous_commit = %q (%v), want off", name, setting, err)
-		}
-	}
-}
