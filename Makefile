@@ -183,21 +183,28 @@ check-race:
 
 # Independent tests run in parallel (t.Parallel), TEST_PARALLEL at a time in
 # each package: most of an end-to-end test is waiting on its server, so more
-# than the CPU count pays. Test pools are small enough that the whole suite
-# fits PostgreSQL's default max_connections of 100, which is what a private
-# test server gets, so a suite that needs more fails here first.
+# than the CPU count pays. TEST_PACKAGES test binaries run at once (go test
+# -p, which also bounds the compiles and links; its default is the CPU
+# count): cmd/tally's binary runs for most of the suite while its tests wait
+# on their servers, and with two slots on two CPUs every other package was
+# compiled, linked and run one after another in the other, which took longer
+# than cmd/tally. Test pools are small enough that the whole suite fits
+# PostgreSQL's default max_connections of 100 (about 70 at the peak with
+# these settings), which is what a private test server gets, so a suite that
+# needs more fails here first.
 TEST_PARALLEL ?= 4
+TEST_PACKAGES ?= 3
 TEST_MAX_CONNECTIONS ?= 100
 
 test: check-race tools devdb fmt-check vet check-generated ## the test command: checks, then every test under the race detector
 	cd '$(ROOT)' && TALLY_STRIPE_MOCK_BIN='$(STRIPE_MOCK)' \
 	'$(DEVDB)' -url '$(TALLY_TEST_DATABASE_URL)' -state '$(PG_STATE)' -max-connections $(TEST_MAX_CONNECTIONS) -env TALLY_TEST_DATABASE_URL -- \
-		$(GO) test -race -count=1 -parallel $(TEST_PARALLEL) -timeout 20m ./...
+		$(GO) test -race -count=1 -p $(TEST_PACKAGES) -parallel $(TEST_PARALLEL) -timeout 20m ./...
 
 test-short: tools devdb ## the quick loop: unit and database tests under -short (no end-to-end servers), without the race detector
 	cd '$(ROOT)' && TALLY_STRIPE_MOCK_BIN='$(STRIPE_MOCK)' \
 	'$(DEVDB)' -url '$(TALLY_TEST_DATABASE_URL)' -state '$(PG_STATE)' -max-connections $(TEST_MAX_CONNECTIONS) -env TALLY_TEST_DATABASE_URL -- \
-		$(GO) test -short -count=1 -parallel $(TEST_PARALLEL) ./...
+		$(GO) test -short -count=1 -p $(TEST_PACKAGES) -parallel $(TEST_PARALLEL) ./...
 
 # Drives an already running server (for example `make run` in another shell)
 # and measures raw-SQL baselines on the same database.

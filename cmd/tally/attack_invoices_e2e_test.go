@@ -43,6 +43,7 @@ func rawRequest(t testing.TB, s *server, method, path, key, body string, headers
 
 // Hostile bodies for the new operations get a 4xx problem and write nothing.
 func TestAttackInvoicePaymentHostileInputs(t *testing.T) {
+	t.Parallel()
 	fake := stripefake.New(t)
 	s := startServer(t, payEnv(t, fake.URL()))
 	gdb := openDB(t, s)
@@ -114,6 +115,7 @@ func TestAttackInvoicePaymentHostileInputs(t *testing.T) {
 // payment is failed with the reason (Stripe's internals hidden from end
 // users), nothing is stored under the key, and the same key then succeeds.
 func TestAttackStripeFailsMidInvoice(t *testing.T) {
+	t.Parallel()
 	fake := stripefake.New(t)
 	s := startServer(t, payEnv(t, fake.URL()))
 	gdb := openDB(t, s)
@@ -155,6 +157,7 @@ func TestAttackStripeFailsMidInvoice(t *testing.T) {
 // invoice.paid. Every payment is credited exactly once; concurrent syncs
 // are refused with 409, never run twice at once.
 func TestAttackSyncRacingWebhooksOnManyInstances(t *testing.T) {
+	t.Parallel()
 	fake := stripefake.New(t)
 	env := syncEnv(t, fake.URL())
 	servers := []*server{startServer(t, env)}
@@ -247,6 +250,7 @@ func TestAttackSyncRacingWebhooksOnManyInstances(t *testing.T) {
 // customer A's pending invoice payment is parked; A's payment stays
 // pending and B gets nothing.
 func TestAttackInvoiceOfOneCustomerNamingAnothersPayment(t *testing.T) {
+	t.Parallel()
 	fake := stripefake.New(t)
 	s := startServer(t, payEnv(t, fake.URL()))
 	gdb := openDB(t, s)

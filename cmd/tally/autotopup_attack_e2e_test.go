@@ -26,6 +26,7 @@ import (
 // saves nothing; a PaymentIntent tally did not create for a top-up is
 // parked and credits nothing.
 func TestAutoTopUpAttacksOnAnotherCustomer(t *testing.T) {
+	t.Parallel()
 	fake, s, evs := cardServer(t)
 	saveCard(t, s, evs, "mallory", topUpCard)
 	grantOverHTTP(t, s.service(t), "victim", 1000, "grant-victim")
@@ -117,6 +118,7 @@ func TestAutoTopUpAttacksOnAnotherCustomer(t *testing.T) {
 // Settings changed while consumes race: never two top-ups in flight, and
 // what the settings say is in flight is the pending top-up.
 func TestAutoTopUpSettingsRacingConsumes(t *testing.T) {
+	t.Parallel()
 	_, s, evs := cardServer(t)
 	saveCard(t, s, evs, "racer", topUpCard)
 	grantOverHTTP(t, s.service(t), "racer", 5000, "grant-racer")
@@ -168,6 +170,7 @@ func TestAutoTopUpSettingsRacingConsumes(t *testing.T) {
 // The monthly limit holds while consumes, grants and Stripe's webhooks
 // race: with a limit of 2, at most two top-ups start this month.
 func TestAutoTopUpMonthlyLimitUnderConcurrency(t *testing.T) {
+	t.Parallel()
 	_, s, evs := cardServer(t)
 	saveCard(t, s, evs, "busy", topUpCard)
 	grantOverHTTP(t, s.service(t), "busy", 600, "grant-busy")
@@ -217,6 +220,7 @@ func TestAutoTopUpMonthlyLimitUnderConcurrency(t *testing.T) {
 // A saved card that has expired is not charged: the settings say
 // needs_payment_method and a crossing starts nothing; a new card fixes it.
 func TestAutoTopUpExpiredCard(t *testing.T) {
+	t.Parallel()
 	_, s, evs := cardServer(t)
 	saveCard(t, s, evs, "expiring", topUpCard)
 	gdb := openDB(t, s)
@@ -250,6 +254,7 @@ func TestAutoTopUpExpiredCard(t *testing.T) {
 
 // Hostile input to the new endpoints gets a clear 4xx and writes nothing.
 func TestAutoTopUpBadInputWritesNothing(t *testing.T) {
+	t.Parallel()
 	fake := stripefake.New(t)
 	s := startServer(t, payEnv(t, fake.URL()))
 	grantOverHTTP(t, s.service(t), "careful", 10, "grant-careful")
@@ -330,6 +335,7 @@ func rawPut(t testing.TB, url, key, body string) (int, client.Problem, string) {
 // revoke leaves the customer below the threshold, and charging the same
 // card again at once would repeat what its owner just took back.
 func TestAutoTopUpRefundedOrDisputedTurnsItselfOff(t *testing.T) {
+	t.Parallel()
 	_, s, evs := cardServer(t)
 	gdb := openDB(t, s)
 	for _, tc := range []struct {

@@ -164,6 +164,7 @@ const topUpCard = "4242424242424242"
 // charged once and credited once, even with payment_intent.succeeded
 // delivered twice, concurrently.
 func TestAutoTopUpStormStartsOneTopUpCreditedOnce(t *testing.T) {
+	t.Parallel()
 	fake := stripefake.New(t)
 	env := payEnv(t, fake.URL())
 	s := startServer(t, env)
@@ -267,6 +268,7 @@ func getCustomerRaw(t testing.TB, s *server, id string) string {
 // idempotency key, gets the same PaymentIntent and records it; the card is
 // charged once and credited once.
 func TestAutoTopUpCrashBetweenChargeAndRecordChargesOnce(t *testing.T) {
+	t.Parallel()
 	fake := stripefake.New(t)
 	env := payEnv(t, fake.URL())
 	s := startServer(t, env)
@@ -333,6 +335,7 @@ func TestAutoTopUpCrashBetweenChargeAndRecordChargesOnce(t *testing.T) {
 // payment_intent.payment_failed, delivered too, counts no second failure.
 // A card that asks for authentication off-session fails the same way.
 func TestAutoTopUpDeclinedThreeTimesDisablesItself(t *testing.T) {
+	t.Parallel()
 	_, s, evs := cardServer(t)
 	withAutoTopUp(t, s, evs, "decliner", "4000000000000341", 1000, client.AutoTopUpSettings{Enabled: true, Threshold: 500, Item: "starter"})
 
@@ -409,6 +412,7 @@ func TestAutoTopUpDeclinedThreeTimesDisablesItself(t *testing.T) {
 // The monthly limit holds: with a limit of 2, the third crossing of the
 // month starts nothing, and the settings say so.
 func TestAutoTopUpMonthlyLimit(t *testing.T) {
+	t.Parallel()
 	_, s, evs := cardServer(t)
 	saveCard(t, s, evs, "limited", topUpCard)
 	grantOverHTTP(t, s.service(t), "limited", 600, "grant-limited")
@@ -450,6 +454,7 @@ func TestAutoTopUpMonthlyLimit(t *testing.T) {
 // Stripe confirms the payment it is the customer's default, and automatic
 // top-up charges it. A checkout without it saves nothing.
 func TestPackCheckoutSavesTheCard(t *testing.T) {
+	t.Parallel()
 	fake, s, evs := cardServer(t)
 	buy := func(customer string, save bool) string {
 		t.Helper()

@@ -18,6 +18,7 @@ import (
 // starts exactly one automatic top-up, however many captures race, and the
 // top-up is then credited once.
 func TestAutoTopUpCaptureBelowThresholdStartsExactlyOne(t *testing.T) {
+	t.Parallel()
 	fake := stripefake.New(t)
 	env := payEnv(t, fake.URL())
 	s := startServer(t, env)
@@ -83,6 +84,7 @@ func TestAutoTopUpCaptureBelowThresholdStartsExactlyOne(t *testing.T) {
 // above the threshold but what is available below it starts the top-up, and
 // credits.low_balance fires on what is available too.
 func TestAutoTopUpHeldCreditsMakeAvailableCrossTheThreshold(t *testing.T) {
+	t.Parallel()
 	fake := stripefake.New(t)
 	env := payEnv(t, fake.URL())
 	s := startServer(t, env)

@@ -44,6 +44,7 @@ func forecastOverHTTP(t testing.TB, c *client.ClientWithResponses, customer stri
 // reads its own forecast only; bad horizons are refused. Consume keeps the
 // rollup the forecast reads.
 func TestForecastEndpoint(t *testing.T) {
+	t.Parallel()
 	env := baseEnv(t)
 	env["TALLY_FORECAST_CHECK_INTERVAL"] = "50ms"
 	s := startServer(t, env)

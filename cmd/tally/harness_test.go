@@ -95,8 +95,12 @@ func repoFile(rel string) string {
 	return filepath.Join(filepath.Dir(here), "..", "..", rel)
 }
 
-// baseEnv is the configuration of a test server on a fresh database.
+// baseEnv is the configuration of a test server on a fresh database. Only
+// end-to-end tests use it, so it skips under -short before it creates the
+// database (which took a second or two per skipped test).
 func baseEnv(t testing.TB) map[string]string {
+	t.Helper()
+	skipShort(t)
 	return map[string]string{
 		"TALLY_DATABASE_URL":           dbtest.NewURL(t),
 		"TALLY_HTTP_ADDR":              "127.0.0.1:0",

@@ -56,6 +56,7 @@ func i64(n int64) *int64 { return &n }
 // Exactly 100 are granted, the rest are 402 with nothing available, and
 // nothing overdraws.
 func TestFiveHundredConcurrentHoldsOfOneAgainstAHundred(t *testing.T) {
+	t.Parallel()
 	s := startServer(t, baseEnv(t))
 	c := s.wideClient(t)
 	grantOverHTTP(t, c, "busy", 100, "grant-1")
@@ -99,6 +100,7 @@ func TestFiveHundredConcurrentHoldsOfOneAgainstAHundred(t *testing.T) {
 // hold ended twice, and the balance is exactly what the successful answers
 // say was spent.
 func TestHoldsRaceConsumesCapturesReleasesAndTheSweeper(t *testing.T) {
+	t.Parallel()
 	env := baseEnv(t)
 	env["TALLY_CREDITS_SWEEP_INTERVAL"] = "100ms"
 	s := startServer(t, env)
@@ -207,6 +209,7 @@ func TestHoldsRaceConsumesCapturesReleasesAndTheSweeper(t *testing.T) {
 // an end user reads its own holds and nothing else, and cannot make or
 // end one.
 func TestHoldCaptureReplaysConflictsAndHostileInput(t *testing.T) {
+	t.Parallel()
 	s := startServer(t, baseEnv(t))
 	c := s.service(t)
 	grantOverHTTP(t, c, "ivy", 50, "g-ivy")
@@ -318,27 +321,47 @@ func TestHoldCaptureReplaysConflictsAndHostileInput(t *testing.T) {
 // A hold outlives its grant's expiry: the capture still spends what it
 // kept, and what it releases expires at once.
 func TestHoldAcrossItsGrantsExpiry(t *testing.T) {
+	t.Parallel()
 	s := startServer(t, baseEnv(t))
 	c := s.service(t)
-	exp := time.Now().Add(2 * time.Second)
-	r, err := c.GrantCreditsWithResponse(context.Background(), "eve", &client.GrantCreditsParams{IdempotencyKey: "g1"},
-		client.GrantRequest{Amount: 10, Reason: "trial", ExpiresAt: &exp})
-	if err != nil {
-		t.Fatal(err)
+	// The hold must be placed before the grant expires. A loaded machine
+	// (the suite runs beside other work) may take longer than the lead
+	// between the two requests: then the refusal is right, and the story
+	// starts again with a new customer and twice the lead. A refusal
+	// before the expiry is a failure.
+	var exp time.Time
+	var h client.HoldCreated
+	eve := ""
+	for lead := 2 * time.Second; ; lead *= 2 {
+		eve = fmt.Sprintf("eve-%s", lead)
+		exp = time.Now().Add(lead)
+		r, err := c.GrantCreditsWithResponse(context.Background(), eve, &client.GrantCreditsParams{IdempotencyKey: "g1"},
+			client.GrantRequest{Amount: 10, Reason: "trial", ExpiresAt: &exp})
+		if err != nil {
+			t.Fatal(err)
+		}
+		mustStatus(t, "grant", r.StatusCode(), r.Body, http.StatusCreated)
+		hr := holdOverHTTP(t, c, eve, 6, nil, fmt.Sprintf("hold-%d", rand.Int64()))
+		if hr.StatusCode() == http.StatusCreated {
+			h = *hr.JSON201
+			break
+		}
+		if time.Now().Before(exp) || lead >= patience {
+			mustStatus(t, "hold before the grant expired", hr.StatusCode(), hr.Body, http.StatusCreated)
+		}
+		t.Logf("the hold came %s after the grant, past its expiry: again with %s", lead, 2*lead)
 	}
-	mustStatus(t, "grant", r.StatusCode(), r.Body, http.StatusCreated)
-	h := mustHoldOverHTTP(t, c, "eve", 6, nil)
 	time.Sleep(time.Until(exp) + 200*time.Millisecond)
-	if b := balanceOverHTTP(t, c, "eve"); b.Balance != 6 || b.Held != 6 || b.Available != 0 {
+	if b := balanceOverHTTP(t, c, eve); b.Balance != 6 || b.Held != 6 || b.Available != 0 {
 		t.Fatalf("after the grant's expiry %+v, want the 6 held still owned", b)
 	}
-	cr := captureOverHTTP(t, c, "eve", h.HoldId, i64(4), "cap")
+	cr := captureOverHTTP(t, c, eve, h.HoldId, i64(4), "cap")
 	mustStatus(t, "capture", cr.StatusCode(), cr.Body, http.StatusOK)
 	if cr.JSON200.Captured != 4 || cr.JSON200.Balance != 0 {
 		t.Fatalf("capture after expiry %+v, want 4 spent and the released 2 expired", cr.JSON200)
 	}
 	kinds := []client.LedgerEntryKind{}
-	for _, e := range ledgerOverHTTP(t, c, "eve") {
+	for _, e := range ledgerOverHTTP(t, c, eve) {
 		kinds = append(kinds, e.Kind)
 	}
 	if fmt.Sprint(kinds) != "[expire consume expire grant]" {
@@ -349,6 +372,7 @@ func TestHoldAcrossItsGrantsExpiry(t *testing.T) {
 
 // The sweeper releases an overdue hold by itself within its interval.
 func TestSweeperReleasesAnOverdueHold(t *testing.T) {
+	t.Parallel()
 	env := baseEnv(t)
 	env["TALLY_CREDITS_SWEEP_INTERVAL"] = "200ms"
 	s := startServer(t, env)
@@ -372,6 +396,7 @@ func TestSweeperReleasesAnOverdueHold(t *testing.T) {
 // Operators' tools over HTTP: void and adjust with replays, priority and
 // effective_at ordering, and the balance at a past time.
 func TestVoidAdjustPriorityScheduleAndBalanceAt(t *testing.T) {
+	t.Parallel()
 	s := startServer(t, baseEnv(t))
 	c := s.service(t)
 	admin := s.admin(t)
@@ -489,6 +514,7 @@ func TestVoidAdjustPriorityScheduleAndBalanceAt(t *testing.T) {
 // holds without taking held credits; end users may neither void nor
 // adjust; hostile adjustment amounts are refused.
 func TestVoidsRacingHoldsAndHostileCorrections(t *testing.T) {
+	t.Parallel()
 	s := startServer(t, baseEnv(t))
 	c := s.wideClient(t)
 	ctx := context.Background()

@@ -99,6 +99,7 @@ func withFields(obj map[string]any, fields map[string]any) map[string]any {
 // invoice as paid with its number and links, and `tally verify` is clean.
 // The API answer of a repeated request is the first one.
 func TestPayByInvoiceCreditsOnceOnInvoicePaid(t *testing.T) {
+	t.Parallel()
 	fake := stripefake.New(t)
 	env := payEnv(t, fake.URL())
 	a := startServer(t, env)
@@ -186,6 +187,7 @@ func TestPayByInvoiceCreditsOnceOnInvoicePaid(t *testing.T) {
 // another invoice naming the payment, a status that is not paid): each is
 // parked and credits nothing; the genuine one then credits once.
 func TestInvoicePaidMismatchesAreParked(t *testing.T) {
+	t.Parallel()
 	fake := stripefake.New(t)
 	s := startServer(t, payEnv(t, fake.URL()))
 	gdb := openDB(t, s)
@@ -234,6 +236,7 @@ func TestInvoicePaidMismatchesAreParked(t *testing.T) {
 // invoice marked uncollectible fails its payment too, but paid later it
 // is credited once.
 func TestInvoiceVoidAndUncollectible(t *testing.T) {
+	t.Parallel()
 	fake := stripefake.New(t)
 	s := startServer(t, payEnv(t, fake.URL()))
 	gdb := openDB(t, s)
@@ -296,6 +299,7 @@ func TestInvoiceVoidAndUncollectible(t *testing.T) {
 // Bad requests change nothing: a plan, an unknown item, a customer without
 // an email, an unknown customer, a missing key, an end user's token.
 func TestInvoicePaymentRefusals(t *testing.T) {
+	t.Parallel()
 	fake := stripefake.New(t)
 	s := startServer(t, payEnv(t, fake.URL()))
 	gdb := openDB(t, s)
@@ -336,6 +340,7 @@ func TestInvoicePaymentRefusals(t *testing.T) {
 // (invoice.finalized, invoice.paid), but those events never credit it:
 // only its PaymentIntent does, once.
 func TestCheckoutInvoiceIsShownNeverCredits(t *testing.T) {
+	t.Parallel()
 	fake := stripefake.New(t)
 	env := payEnv(t, fake.URL())
 	env["TALLY_CHECKOUT_INVOICE_CREATION"] = "true"
@@ -399,6 +404,7 @@ func readCustomer(t testing.TB, s *server, id string) client.Customer {
 // is updated in step. A customer with invoice_always gets an invoice with
 // every Checkout, whatever the item says.
 func TestBillingDetailsKeepTheStripeCustomerInStep(t *testing.T) {
+	t.Parallel()
 	fake := stripefake.New(t)
 	s := startServer(t, payEnv(t, fake.URL()))
 	ctx := context.Background()

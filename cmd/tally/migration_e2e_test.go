@@ -110,6 +110,7 @@ func postImport(t *testing.T, s *server, body []byte) client.UsageImportSummary 
 // legacy totals, a cut-over at the next billing period, the scheduled
 // reconciliation finding drift, and cancels before and after delivery.
 func TestUsageMigrationEndToEnd(t *testing.T) {
+	t.Parallel()
 	fake := stripefake.New(t)
 	for id, name := range map[string]string{"mtr_api_calls": "api_calls", "mtr_metered": "metered_calls", "mtr_legacy": "legacy_calls"} {
 		fake.SetMeter(id, name)

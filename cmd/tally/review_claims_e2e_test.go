@@ -18,6 +18,7 @@ import (
 // not charged yet (Stripe was down when the worker tried) must not be
 // charged once Stripe answers again: it fails, naming why.
 func TestAutoTopUpRefundStopsAnUnchargedTopUp(t *testing.T) {
+	t.Parallel()
 	fake := stripefake.New(t)
 	s := startServer(t, payEnv(t, fake.URL()))
 	evs := &stripeEvents{fake: fake}
@@ -84,6 +85,7 @@ func TestAutoTopUpRefundStopsAnUnchargedTopUp(t *testing.T) {
 // customer still has, less what it owes, is exactly what it paid for less
 // what it spent and what was taken back; and both verify paths are clean.
 func TestHeldCreditsRefundDisputeStormOnTwoServers(t *testing.T) {
+	t.Parallel()
 	fake := stripefake.New(t)
 	env := payEnv(t, fake.URL())
 	env["TALLY_CREDITS_SWEEP_INTERVAL"] = "200ms"
@@ -197,6 +199,7 @@ func TestHeldCreditsRefundDisputeStormOnTwoServers(t *testing.T) {
 // credited once. A top-up whose PaymentIntent Stripe reports canceled is
 // failed by the sync, nothing credited, and the next crossing tops up again.
 func TestSyncRacingTheLateTopUpWebhookAndACanceledTopUp(t *testing.T) {
+	t.Parallel()
 	fake := stripefake.New(t)
 	env := syncEnv(t, fake.URL())
 	s1 := startServer(t, env)
@@ -283,6 +286,7 @@ func TestSyncRacingTheLateTopUpWebhookAndACanceledTopUp(t *testing.T) {
 // then the dispute is won: everything it took comes back, what the hold
 // paid included (more than the dispute's own revoke took).
 func TestDisputeWonAfterTheHoldPaidItsClaim(t *testing.T) {
+	t.Parallel()
 	fake := stripefake.New(t)
 	s := startServer(t, payEnv(t, fake.URL()))
 	svc := s.service(t)

@@ -22,6 +22,7 @@ credit_packs:
 // every payment is confirmed by the strategy it was created under (the
 // other strategy's event credits nothing), once.
 func TestConfirmStrategiesSideBySide(t *testing.T) {
+	t.Parallel()
 	fake := stripefake.New(t)
 	env := payEnv(t, fake.URL())
 	env["TALLY_CATALOG_FILE"] = writeCatalog(t, rolloutCatalog("payment_intent", "checkout_session"))

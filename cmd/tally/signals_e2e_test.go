@@ -19,6 +19,7 @@ import (
 // and fails without it; elsewhere the test is skipped, saying so, and the
 // rules are then unchecked on that machine.
 func TestAlertRulesPassPromtool(t *testing.T) {
+	t.Parallel()
 	promtool, err := exec.LookPath("promtool")
 	if err != nil {
 		if os.Getenv("CI") != "" {
@@ -63,6 +64,7 @@ var metricName = regexp.MustCompile(`\btally_[a-z_]+\b`)
 // event delivered, the background verify); and each signal the issue names
 // has its panel.
 func TestDashboardQueriesNameExportedMetrics(t *testing.T) {
+	t.Parallel()
 	raw, err := os.ReadFile(repoFile("deploy/grafana/tally.json"))
 	if err != nil {
 		t.Fatal(err)

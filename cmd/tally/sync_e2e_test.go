@@ -47,6 +47,7 @@ func future() *time.Time {
 // invoice payment paid at Stripe is credited by sync the same way, and an
 // expired session fails its payment.
 func TestSyncCreditsWithoutAnyWebhook(t *testing.T) {
+	t.Parallel()
 	fake := stripefake.New(t)
 	s := startServer(t, syncEnv(t, fake.URL()))
 	gdb := openDB(t, s)
@@ -104,6 +105,7 @@ func TestSyncCreditsWithoutAnyWebhook(t *testing.T) {
 // delivery would, so the payment is confirmed by its PaymentIntent. The
 // `tally sync` command does the same.
 func TestSyncFindsAMissedEventByListing(t *testing.T) {
+	t.Parallel()
 	fake := stripefake.New(t)
 	env := syncEnv(t, fake.URL())
 	env["TALLY_PENDING_CHECK_AFTER"] = "1h" // only the listing may find it
@@ -157,6 +159,7 @@ func grepLines(s, sub string) string {
 // record with who and why, out of the parked gauge, with an outbound
 // event; a processed event cannot be dismissed; an unknown one is 404.
 func TestDismissParkedEvent(t *testing.T) {
+	t.Parallel()
 	fake := stripefake.New(t)
 	s := startServer(t, payEnv(t, fake.URL()))
 	gdb := openDB(t, s)
@@ -216,6 +219,7 @@ func ptr[T any](v T) *T { return &v }
 // its PaymentIntent up and credits it once (confirmed_by sync), so the next
 // crossing can top up again.
 func TestSyncSettlesAnAutomaticTopUpWhoseWebhookWasLost(t *testing.T) {
+	t.Parallel()
 	fake := stripefake.New(t)
 	s := startServer(t, syncEnv(t, fake.URL()))
 	evs := &stripeEvents{fake: fake}

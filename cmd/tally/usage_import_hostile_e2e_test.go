@@ -41,6 +41,7 @@ func rawImport(t *testing.T, s *server, key, contentType string, body io.Reader)
 // imports of the same rows at once. Each is refused or counted, and what is
 // stored is exactly the good rows, once.
 func TestUsageImportHostileEndToEnd(t *testing.T) {
+	t.Parallel()
 	fake := stripefake.New(t)
 	fake.SetMeter("mtr_api_calls", "api_calls")
 	s := startServer(t, meteringEnv(t, fake.URL()))
@@ -164,6 +165,7 @@ func TestUsageImportHostileEndToEnd(t *testing.T) {
 // Stripe is back; a cancel during the outage keeps its row from ever
 // reaching Stripe.
 func TestUsageImportDuringStripeOutageEndToEnd(t *testing.T) {
+	t.Parallel()
 	fake := stripefake.New(t)
 	fake.SetMeter("mtr_api_calls", "api_calls")
 	env := meteringEnv(t, fake.URL())

@@ -89,8 +89,11 @@ func TestUsageSurvivesALongStripeOutageEndToEnd(t *testing.T) {
 		ev.Timestamp = &hourAgo
 		evs = append(evs, ev)
 	}
-	// edge leaves the window Stripe accepts three seconds from now.
-	edge := time.Now().Add(-metering.DeliveryWindow + 3*time.Second)
+	// edge leaves the window Stripe accepts fifteen seconds from now: it is
+	// tried (and fails, Stripe being down) before it leaves. With three
+	// seconds a loaded machine took longer than that to store it, and edge
+	// went dead untried, without the last error the test checks.
+	edge := time.Now().Add(-metering.DeliveryWindow + 15*time.Second)
 	evs = append(evs, client.UsageEventInput{CustomerId: "olive", Meter: "api_calls", Value: 99, Identifier: "edge", Timestamp: &edge},
 		usageEvent("olive", "refused", 1), usageEvent("olive", "flaky-refused", 2))
 	res, err := svc.IngestUsageEventsWithResponse(ctx, nil, client.UsageBatch{Events: evs})

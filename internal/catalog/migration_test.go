@@ -18,6 +18,7 @@ plans:
 // A plan's delivery and live_from: the defaults, each accepted form, and
 // every refused one named with its field.
 func TestPlanDeliveryAndLiveFrom(t *testing.T) {
+	t.Parallel()
 	c, err := Parse([]byte(planYAML))
 	if err != nil || c.Plans[0].Delivery != DeliveryLive || c.Plans[0].Shadow() || c.Plans[0].LiveFromText() != "" {
 		t.Fatalf("defaults: %+v, %v; want live, no live_from", c.Plans, err)

@@ -529,6 +529,7 @@ func TestLoadSandbox(t *testing.T) {
 // is ExpiringNotice, every horizon (longest first, duplicates once) is
 // ExpiringNotices; a bad entry names the variable.
 func TestExpiringNoticeList(t *testing.T) {
+	t.Parallel()
 	env := map[string]string{"TALLY_DATABASE_URL": "postgres://x/y", "TALLY_CREDITS_EXPIRING_NOTICE": "24h, 720h,168h,24h"}
 	c, err := Load(func(k string) string { return env[k] })
 	if err != nil {

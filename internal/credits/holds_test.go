@@ -44,6 +44,7 @@ func wantCode(t *testing.T, err error, code errs.Code) {
 }
 
 func TestHoldKeepsCreditsFromConsumeAndCaptureSpendsThem(t *testing.T) {
+	t.Parallel()
 	f := newFixture(t, defaultCfg())
 	f.grant("ann", 100, nil)
 	h := f.mustHold("ann", 70, 0)
@@ -95,6 +96,7 @@ func TestHoldKeepsCreditsFromConsumeAndCaptureSpendsThem(t *testing.T) {
 }
 
 func TestCaptureMoreThanHeldIsRefusedAndChangesNothing(t *testing.T) {
+	t.Parallel()
 	f := newFixture(t, defaultCfg())
 	f.grant("bo", 10, nil)
 	h := f.mustHold("bo", 5, 0)
@@ -119,6 +121,7 @@ func TestCaptureMoreThanHeldIsRefusedAndChangesNothing(t *testing.T) {
 }
 
 func TestReleaseGivesCreditsBackAndCaptureOfZeroSpendsNothing(t *testing.T) {
+	t.Parallel()
 	f := newFixture(t, defaultCfg())
 	f.grant("di", 10, nil)
 	h := f.mustHold("di", 10, 0)
@@ -143,6 +146,7 @@ func TestReleaseGivesCreditsBackAndCaptureOfZeroSpendsNothing(t *testing.T) {
 }
 
 func TestOverdueHoldIsReleasedByTheNextWriteAndByTheSweeper(t *testing.T) {
+	t.Parallel()
 	f := newFixture(t, defaultCfg())
 	f.grant("ed", 10, nil)
 	f.grant("fay", 10, nil)
@@ -172,6 +176,7 @@ func TestOverdueHoldIsReleasedByTheNextWriteAndByTheSweeper(t *testing.T) {
 }
 
 func TestHeldCreditsOutliveTheirGrantsExpiryAndExpireWhenReleased(t *testing.T) {
+	t.Parallel()
 	f := newFixture(t, defaultCfg())
 	exp := f.clock.Now().Add(time.Hour)
 	f.grant("gus", 10, &exp)
@@ -206,6 +211,7 @@ func TestHeldCreditsOutliveTheirGrantsExpiryAndExpireWhenReleased(t *testing.T) 
 }
 
 func TestConcurrentHoldsNeverOverdraw(t *testing.T) {
+	t.Parallel()
 	f := newFixture(t, defaultCfg())
 	f.grant("hal", 100, nil)
 	var ok, refused atomic.Int64
@@ -241,6 +247,7 @@ func TestConcurrentHoldsNeverOverdraw(t *testing.T) {
 }
 
 func TestConcurrentCapturesAndReleasesEndAHoldOnce(t *testing.T) {
+	t.Parallel()
 	f := newFixture(t, defaultCfg())
 	f.grant("ida", 100, nil)
 	for round := 0; round < 5; round++ {
@@ -288,6 +295,7 @@ func TestConcurrentCapturesAndReleasesEndAHoldOnce(t *testing.T) {
 }
 
 func TestCaptureWithOneKeyConcurrentlySpendsOnce(t *testing.T) {
+	t.Parallel()
 	f := newFixture(t, defaultCfg())
 	f.grant("jo", 10, nil)
 	h := f.mustHold("jo", 6, 0)
@@ -317,6 +325,7 @@ func TestCaptureWithOneKeyConcurrentlySpendsOnce(t *testing.T) {
 }
 
 func TestVerifyDetectsHeldThatNoHoldKeeps(t *testing.T) {
+	t.Parallel()
 	f := newFixture(t, defaultCfg())
 	g := f.grant("kai", 10, nil)
 	f.mustHold("kai", 4, 0)
@@ -334,6 +343,7 @@ func TestVerifyDetectsHeldThatNoHoldKeeps(t *testing.T) {
 }
 
 func TestVerifyDetectsAHoldLeftActiveAfterALaterWrite(t *testing.T) {
+	t.Parallel()
 	f := newFixture(t, defaultCfg())
 	f.grant("lu", 10, nil)
 	h := f.mustHold("lu", 4, time.Minute)
@@ -352,6 +362,7 @@ func TestVerifyDetectsAHoldLeftActiveAfterALaterWrite(t *testing.T) {
 }
 
 func TestHoldInputIsValidated(t *testing.T) {
+	t.Parallel()
 	f := newFixture(t, defaultCfg())
 	f.grant("mo", 10, nil)
 	for _, in := range []credits.HoldInput{

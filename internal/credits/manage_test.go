@@ -24,6 +24,7 @@ func (f *fixture) grantWith(in credits.GrantInput) credits.GrantResult {
 }
 
 func TestDrawOrderIsPriorityThenSoonestExpiryThenOldest(t *testing.T) {
+	t.Parallel()
 	f := newFixture(t, defaultCfg())
 	soon := f.clock.Now().Add(time.Hour)
 	later := f.clock.Now().Add(2 * time.Hour)
@@ -57,6 +58,7 @@ func TestDrawOrderIsPriorityThenSoonestExpiryThenOldest(t *testing.T) {
 }
 
 func TestScheduledGrantIsPendingUntilItsTime(t *testing.T) {
+	t.Parallel()
 	f := newFixture(t, defaultCfg())
 	f.grant("quin", 3, nil)
 	at := f.clock.Now().Add(time.Hour)
@@ -90,6 +92,7 @@ func TestScheduledGrantIsPendingUntilItsTime(t *testing.T) {
 }
 
 func TestVoidTakesWhatIsNotHeldAndTheRestWhenReleased(t *testing.T) {
+	t.Parallel()
 	f := newFixture(t, defaultCfg())
 	g := f.grant("rae", 10, nil)
 	f.grant("rae", 5, nil)
@@ -125,6 +128,7 @@ func TestVoidTakesWhatIsNotHeldAndTheRestWhenReleased(t *testing.T) {
 }
 
 func TestAdjustmentsEitherWay(t *testing.T) {
+	t.Parallel()
 	f := newFixture(t, defaultCfg())
 	add := credits.AdjustInput{CustomerID: "sid", Amount: 20, Reason: "goodwill"}
 	a, _, err := f.svc.Adjust(f.ctx, add, key("sid", "adj-1", add))
@@ -157,6 +161,7 @@ func TestAdjustmentsEitherWay(t *testing.T) {
 }
 
 func TestBalanceAtAPastTimeAndCheckWriteNothing(t *testing.T) {
+	t.Parallel()
 	f := newFixture(t, defaultCfg())
 	t0 := f.clock.Now()
 	f.grant("tia", 10, nil)

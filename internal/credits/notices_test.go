@@ -9,6 +9,7 @@ import (
 // notice once, as it enters each horizon; a grant already inside a short
 // horizon gets that notice only; sweepers running again send nothing new.
 func TestExpiryNoticesAtSeveralHorizons(t *testing.T) {
+	t.Parallel()
 	cfg := defaultCfg()
 	cfg.ExpiringNotice = 720 * time.Hour
 	cfg.ExpiringNotices = []time.Duration{720 * time.Hour, 168 * time.Hour, 24 * time.Hour}

@@ -11,6 +11,7 @@ import (
 // falls below it, re-armed when the balance is back at or above it; the
 // single threshold keeps working beside them.
 func TestSeveralLowBalanceThresholds(t *testing.T) {
+	t.Parallel()
 	f := newFixture(t, defaultCfg())
 	single := int64(300)
 	list := []int64{50, 500, 200, 500}

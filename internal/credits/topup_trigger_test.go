@@ -63,6 +63,7 @@ func (f *fixture) withTopUp(customerID string, threshold int64) *topUpCalls {
 // consume, a hold, a capture, a negative adjustment, a void, an expiry.
 // A capture that leaves too little available starts a top-up.
 func TestTopUpTriggerRunsOnEveryLoweringPathWithAvailable(t *testing.T) {
+	t.Parallel()
 	f := newFixture(t, defaultCfg())
 	calls := f.withTopUp("lower", 10_000)
 	expires := f.clock.Now().Add(time.Hour)
@@ -127,6 +128,7 @@ func TestTopUpTriggerRunsOnEveryLoweringPathWithAvailable(t *testing.T) {
 // raised while the hold was out: it starts the top-up, exactly once, and the
 // consumption rollup counts what it spent.
 func TestCaptureBelowTopUpThresholdStartsTopUp(t *testing.T) {
+	t.Parallel()
 	f := newFixture(t, defaultCfg())
 	calls := f.withTopUp("cap", 1)
 	f.grant("cap", 1000, nil)
@@ -153,6 +155,7 @@ func TestCaptureBelowTopUpThresholdStartsTopUp(t *testing.T) {
 // below the threshold although the balance stays above it, whether a new
 // hold or a consume beside holds crosses it.
 func TestLowBalanceComparesAvailable(t *testing.T) {
+	t.Parallel()
 	f := newFixture(t, defaultCfg())
 	f.withTopUp("avail", 1)
 	if err := f.db.Exec(`UPDATE customers SET low_balance_threshold = 500, low_balance_thresholds = '{700}' WHERE id = 'avail'`).Error; err != nil {
@@ -176,6 +179,7 @@ func TestLowBalanceComparesAvailable(t *testing.T) {
 // A new hold that takes what is available below the customer's threshold
 // fires credits.low_balance once; its release re-arms it.
 func TestHoldCrossingTheThresholdFiresLowBalance(t *testing.T) {
+	t.Parallel()
 	f := newFixture(t, defaultCfg())
 	f.withTopUp("hold-x", 1)
 	if err := f.db.Exec(`UPDATE customers SET low_balance_threshold = 500 WHERE id = 'hold-x'`).Error; err != nil {

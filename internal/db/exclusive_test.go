@@ -16,6 +16,7 @@ import (
 // the others hear ran=false; once it ends the lock is free again, also
 // after a run that failed.
 func TestTryExclusiveRunsOneAtATime(t *testing.T) {
+	t.Parallel()
 	gdb := dbtest.New(t)
 	ctx := context.Background()
 	key := db.LockKey("test job")

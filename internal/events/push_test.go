@@ -109,6 +109,7 @@ func TestPusherDeliversInOrderDespiteFailures(t *testing.T) {
 // count up, the failing time and the lag of the oldest undelivered event
 // grow; once the host answers again both are back to 0.
 func TestPusherMetricsShowAFailingReceiver(t *testing.T) {
+	t.Parallel()
 	gdb := dbtest.New(t)
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()

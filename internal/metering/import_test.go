@@ -36,6 +36,7 @@ func statusOf(t *testing.T, svc *metering.Service, id string) metering.Status {
 // every row is counted once, history is stored and not queued, recent rows
 // are queued, and importing the same file again changes nothing.
 func TestImportClassifiesRowsAndIsIdempotent(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t)
 	link(t, e.db, "alice")
 	now := time.Now().UTC()
@@ -102,6 +103,7 @@ func ptr[T any](v T) *T { return &v }
 
 // A dry run classifies the rows and stores nothing.
 func TestImportDryRunStoresNothing(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t)
 	recent := time.Now().Add(-time.Hour).UTC().Format(time.RFC3339)
 	sum := importCSV(t, e.svc, "identifier,timestamp,value,meter,customer_id\nd-1,"+recent+",3,api_calls,carol\n", true)
@@ -117,6 +119,7 @@ func TestImportDryRunStoresNothing(t *testing.T) {
 // broken header. The long line is one rejected row, read past without
 // holding it.
 func TestImportHostileLines(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t)
 	recent := time.Now().Add(-time.Hour).UTC().Format(time.RFC3339)
 	body := `{"customer_id":"dan","meter":"api_calls","value":1,"timestamp":"` + recent + `","identifier":"n-1"}` + "\n" +
@@ -148,6 +151,7 @@ func TestImportHostileLines(t *testing.T) {
 // Two imports of the same rows at once, and an import that fails half-way
 // then runs again: every row is stored once, and the rerun finishes it.
 func TestImportConcurrentAndResumed(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t)
 	recent := time.Now().Add(-time.Hour).UTC()
 	var b strings.Builder
@@ -206,6 +210,7 @@ func (f *failingReader) Read(p []byte) (int, error) {
 // stored, the cut row is not (its value or identifier may be cut short),
 // and the import answers the read error.
 func TestImportCutMidRowStoresOnlyWholeRows(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t)
 	recent := time.Now().Add(-time.Hour).UTC().Format(time.RFC3339)
 	body := metering.ImportCSVHeader + "\nann,api_calls,5," + recent + ",cut-1\nann,api_calls,7," + recent + ",cut-2\nann,api_calls,12"

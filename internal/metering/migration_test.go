@@ -20,6 +20,7 @@ func (e *env) status(t *testing.T, id string) metering.Status {
 // Cancel before delivery: never sent. Cancel after: one adjustment reaches
 // Stripe, the event stops counting there and in tally. Too late: 409.
 func TestCancelBeforeAndAfterDelivery(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t)
 	link(t, e.db, "ann")
 	ingest(t, e.svc, ev("ann", "c-before", 3), ev("ann", "c-after", 4), ev("ann", "c-kept", 5))
@@ -72,6 +73,7 @@ func TestCancelBeforeAndAfterDelivery(t *testing.T) {
 // cancelled, and each one Stripe received was adjusted exactly once, so
 // Stripe's total ends at zero.
 func TestCancelRacingDelivery(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t)
 	link(t, e.db, "race")
 	const n = 200
@@ -121,6 +123,7 @@ func migrationCatalog(liveFrom *time.Time, nextPeriod bool, delivery string) cat
 // A shadow meter stores and counts, never sends; a fixed live_from keeps
 // events before it as legacy_period.
 func TestShadowAndFixedLiveFrom(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t)
 	link(t, e.db, "sam")
 	shadow := metering.New(metering.Options{DB: e.db, Stripe: newClient(t, e.fake, 0), Catalog: migrationCatalog(nil, false, catalog.DeliveryShadow)})
@@ -153,6 +156,7 @@ func TestShadowAndFixedLiveFrom(t *testing.T) {
 // current Stripe billing period, decided once by the worker; events before
 // it are legacy_period, events after it are sent.
 func TestNextPeriodCutover(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t)
 	link(t, e.db, "nia")
 	link(t, e.db, "noa") // no subscription: live from the decision
@@ -197,6 +201,7 @@ func TestNextPeriodCutover(t *testing.T) {
 // The scheduled reconciliation stores its run once per window, names the
 // drifting customer, and the list pages through runs newest first.
 func TestScheduledReconciliationStoresRuns(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t)
 	link(t, e.db, "rex")
 	link(t, e.db, "roy")
@@ -241,6 +246,7 @@ func TestScheduledReconciliationStoresRuns(t *testing.T) {
 // The comparison with a legacy system names the customers who differ,
 // including ones only one side knows.
 func TestCompareWithLegacy(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t)
 	ingest(t, e.svc, ev("lea", "cmp-1", 10), ev("lou", "cmp-2", 20))
 	now := time.Now()
@@ -261,6 +267,7 @@ func TestCompareWithLegacy(t *testing.T) {
 
 // Totals past the int64 range are refused clearly, not wrapped or a 500.
 func TestTotalsPastInt64AreRefused(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t)
 	var evs []metering.EventInput
 	for i := range 1100 {
@@ -278,6 +285,7 @@ func TestTotalsPastInt64AreRefused(t *testing.T) {
 // Stripe's extra usage, the previous one (no usage on either side) is
 // compared too, and both runs are stored.
 func TestReconcilePeriod(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t)
 	link(t, e.db, "pia")
 	start := time.Now().Add(-2 * time.Hour).Truncate(time.Minute)

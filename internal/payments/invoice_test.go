@@ -18,6 +18,7 @@ import (
 // the payment up at Stripe: one grant, one confirmation, one
 // payment.succeeded, and the payment confirmed by whichever came first.
 func TestInvoiceGuardUnderConcurrency(t *testing.T) {
+	t.Parallel()
 	gdb := dbtest.New(t)
 	fake, stripe := fakeClient(t)
 	svc := newService(t, gdb, stripe, "payment_intent")
@@ -86,6 +87,7 @@ func TestInvoiceGuardUnderConcurrency(t *testing.T) {
 // A PaymentIntent whose metadata names a pay-by-invoice payment cannot
 // confirm it: only its invoice can.
 func TestInvoicePaymentRefusesAPaymentIntent(t *testing.T) {
+	t.Parallel()
 	gdb := dbtest.New(t)
 	_, stripe := fakeClient(t)
 	svc := newService(t, gdb, stripe, "payment_intent")

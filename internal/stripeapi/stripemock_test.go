@@ -119,6 +119,7 @@ func TestStripeMockMeterEventsAndSummaries(t *testing.T) {
 // stripe-mock's OpenAPI validation accepts: every parameter tally sends
 // exists, with the right type.
 func TestStripeMockInvoicesAndEvents(t *testing.T) {
+	t.Parallel()
 	c := newMockClient(t)
 	ctx := context.Background()
 	cus, err := c.CreateCustomer(ctx, stripeapi.CustomerInput{TallyCustomerID: "c-inv", Email: "ap@acme.example", Name: "Acme",
