@@ -40,10 +40,14 @@ import (
 // commit per row lock that bounds a transaction per consume.
 
 const (
-	// maxConsumeBatches is how many batches run at once: each holds a
-	// pooled connection (the pool is TALLY_DB_MAX_OPEN_CONNS, 20 by
-	// default), so some are left for everything else.
-	maxConsumeBatches = 12
+	// maxConsumeBatches is how many batches run at once. Two: one commits
+	// while the next gathers, so each commit carries the consumes that
+	// arrived meanwhile. More batches at once only made them smaller (1.2
+	// consumes a batch at 16 workers with 12) and the commits more: on the
+	// 2-core machine, consume-many at 16 workers went from 2,090 ops/s
+	// with 12 to 3,310 with 4 and 3,660 to 3,930 with 2 (1 did no better;
+	// BENCHMARKS.md, issue 11, quiet run). Each holds a pooled connection.
+	maxConsumeBatches = 2
 	// maxConsumeBatch bounds one statement's work (and a hot customer's
 	// lock hold).
 	maxConsumeBatch = 256
