@@ -34,6 +34,13 @@ STRIPE_MOCK_VERSION := v0.203.0
 STRIPE_MOCK := $(BIN)/stripe-mock
 STRIPE_MOCK_STAMP := $(BIN)/.stripe-mock.version
 
+# promtool checks deploy/prometheus's alert rules in the tests: the one on
+# PATH (Debian's prometheus package; .ci/run installs it), else `make tools`
+# builds this pinned one into bin/ (a few minutes, once). The tests find it
+# through TALLY_PROMTOOL_BIN.
+PROMTOOL_VERSION := v0.316.0
+PROMTOOL := $(or $(shell command -v promtool 2>/dev/null),$(BIN)/promtool)
+
 # PostgreSQL for `make run` and the tests: the server at PG_SERVER when it
 # accepts the postgres user without a password; otherwise bin/tally-devdb
 # starts a private server from the installed PostgreSQL binaries, with its
@@ -70,7 +77,7 @@ help: ## list the targets
 	@grep -hE '^[a-z][a-z-]*:.*## ' $(MAKEFILE_LIST) | \
 		awk 'BEGIN {FS = ":.*## "} {printf "  %-16s %s\n", $$1, $$2}'
 
-tools: ## install the pinned stripe-mock into bin/ (only when missing or another version)
+tools: ## install the pinned stripe-mock into bin/ (only when missing or another version), and promtool when none is on PATH
 	@if [ -x '$(STRIPE_MOCK)' ] && [ "$$(cat '$(STRIPE_MOCK_STAMP)' 2>/dev/null)" = '$(STRIPE_MOCK_VERSION)' ]; then \
 		echo 'stripe-mock $(STRIPE_MOCK_VERSION) is in bin/'; \
 	else \
@@ -78,6 +85,10 @@ tools: ## install the pinned stripe-mock into bin/ (only when missing or another
 		rm -f '$(STRIPE_MOCK_STAMP)'; \
 		cd '$(ROOT)' && GOBIN='$(BIN)' $(GO) install github.com/stripe/stripe-mock@$(STRIPE_MOCK_VERSION); \
 		echo '$(STRIPE_MOCK_VERSION)' > '$(STRIPE_MOCK_STAMP)'; \
+	fi
+	@if [ ! -x '$(PROMTOOL)' ]; then \
+		echo 'no promtool on PATH: building promtool $(PROMTOOL_VERSION) into bin/ from the Go module proxy (a few minutes, once)'; \
+		cd '$(ROOT)' && GOBIN='$(BIN)' GOFLAGS=-mod=mod $(GO) install github.com/prometheus/prometheus/cmd/promtool@$(PROMTOOL_VERSION); \
 	fi
 
 generate: ## regenerate api/ and pkg/client/ from openapi.yaml
@@ -197,12 +208,12 @@ TEST_PACKAGES ?= 3
 TEST_MAX_CONNECTIONS ?= 100
 
 test: check-race tools devdb fmt-check vet check-generated ## the test command: checks, then every test under the race detector
-	cd '$(ROOT)' && TALLY_STRIPE_MOCK_BIN='$(STRIPE_MOCK)' \
+	cd '$(ROOT)' && TALLY_STRIPE_MOCK_BIN='$(STRIPE_MOCK)' TALLY_PROMTOOL_BIN='$(PROMTOOL)' \
 	'$(DEVDB)' -url '$(TALLY_TEST_DATABASE_URL)' -state '$(PG_STATE)' -max-connections $(TEST_MAX_CONNECTIONS) -env TALLY_TEST_DATABASE_URL -- \
 		$(GO) test -race -count=1 -p $(TEST_PACKAGES) -parallel $(TEST_PARALLEL) -timeout 20m ./...
 
 test-short: tools devdb ## the quick loop: unit and database tests under -short (no end-to-end servers), without the race detector
-	cd '$(ROOT)' && TALLY_STRIPE_MOCK_BIN='$(STRIPE_MOCK)' \
+	cd '$(ROOT)' && TALLY_STRIPE_MOCK_BIN='$(STRIPE_MOCK)' TALLY_PROMTOOL_BIN='$(PROMTOOL)' \
 	'$(DEVDB)' -url '$(TALLY_TEST_DATABASE_URL)' -state '$(PG_STATE)' -max-connections $(TEST_MAX_CONNECTIONS) -env TALLY_TEST_DATABASE_URL -- \
 		$(GO) test -short -count=1 -p $(TEST_PACKAGES) -parallel $(TEST_PARALLEL) ./...
 
