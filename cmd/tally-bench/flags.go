@@ -18,6 +18,7 @@ const (
 	scenarioConsumeMany     = "consume-many"
 	scenarioConsumeHot      = "consume-hot"
 	scenarioBalance         = "balance"
+	scenarioHTTPFloor       = "http-floor"
 	scenarioWebhookCredited = "webhook-credited"
 	scenarioUsage           = "usage"
 	scenarioHoldCapture     = "hold-capture"
@@ -26,13 +27,14 @@ const (
 
 // allScenarios is every scenario in run order; defaultScenarios those a run
 // measures unless -scenarios says otherwise: the whole target table and the
-// hold-capture slot. webhook-parked is asked for by name only, because every
+// hold-capture slot, and http-floor, which says how far any HTTP endpoint can
+// go on the machine the run is on. webhook-parked is asked for by name only, because every
 // event it sends stays parked for an operator.
 var (
-	allScenarios = []string{scenarioConsumeMany, scenarioConsumeHot, scenarioBalance, scenarioWebhookCredited,
-		scenarioUsage, scenarioHoldCapture, scenarioWebhookParked}
-	defaultScenarios = []string{scenarioConsumeMany, scenarioConsumeHot, scenarioBalance, scenarioWebhookCredited,
-		scenarioUsage, scenarioHoldCapture}
+	allScenarios = []string{scenarioConsumeMany, scenarioConsumeHot, scenarioBalance, scenarioHTTPFloor,
+		scenarioWebhookCredited, scenarioUsage, scenarioHoldCapture, scenarioWebhookParked}
+	defaultScenarios = []string{scenarioConsumeMany, scenarioConsumeHot, scenarioBalance, scenarioHTTPFloor,
+		scenarioWebhookCredited, scenarioUsage, scenarioHoldCapture}
 )
 
 // How the invariant check runs after the load (-verify).

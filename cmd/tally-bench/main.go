@@ -174,6 +174,17 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		case scenarioBalance:
 			paired(name, "GET /v1/customers/{id}/balance, "+perCustomer, setupMany, balanceOp(svc, pop),
 				"a primary-key SELECT of the balance row through pgx, "+perCustomer, func() op { return base.balanceOp(pop) })
+		case scenarioHTTPFloor:
+			// No database, no authentication, no body to speak of: what one
+			// HTTP round trip costs the tool, the server and the kernel
+			// between them. No endpoint can be faster, so its ratio to sql
+			// balance is the ceiling of balance's.
+			r := measure(name, "http", "GET /healthz: an HTTP round trip that does no work (the ceiling of any endpoint "+
+				"on this machine; its ratio is to sql balance of this run)", nil, floorOp(svc))
+			if sql := rep.find("sql " + scenarioBalance); sql != nil {
+				r.compare(*sql)
+			}
+			rep.Scenarios = append(rep.Scenarios, r)
 		case scenarioWebhookCredited:
 			rep.Scenarios = append(rep.Scenarios, measureWebhookCredited(ctx, s, svc, pool, pop, runID, setupMany, progress))
 		case scenarioUsage:

@@ -199,6 +199,16 @@ type report struct {
 	Verify    verifyReport     `json:"verify"`
 }
 
+// find is the scenario of that name measured so far, or nil.
+func (r *report) find(name string) *scenarioResult {
+	for i := range r.Scenarios {
+		if r.Scenarios[i].Name == name {
+			return &r.Scenarios[i]
+		}
+	}
+	return nil
+}
+
 func (r report) writeJSON(w io.Writer) error {
 	enc := json.NewEncoder(w)
 	enc.SetIndent("", "  ")

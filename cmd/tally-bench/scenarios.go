@@ -118,6 +118,13 @@ func balanceOp(svc *service, p population) op {
 	}
 }
 
+// floorOp asks for /healthz, which answers from memory.
+func floorOp(svc *service) op {
+	return func(ctx context.Context, w *worker) outcome {
+		return svc.do(ctx, request{method: http.MethodGet, path: "/healthz", want: http.StatusOK})
+	}
+}
+
 // usageOp reports batches of size events with fresh identifiers. A 202
 // whose events were not all accepted is an error: a wrong meter would
 // otherwise look like a fast success.
