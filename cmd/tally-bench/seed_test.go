@@ -45,6 +45,9 @@ func seedAndCount(t *testing.T, dbURL string, plan seedPlan) (seedResult, map[st
 	for _, q := range []string{
 		"customers", "credit_balances", "credit_grants", "credit_ledger", "usage_events",
 		"credit_ledger WHERE kind = 'grant'", "usage_events WHERE status = 'delivered'",
+		// What the forecast watcher would look at (its own condition).
+		"credit_balances b LEFT JOIN credit_forecast_state f ON f.customer_id = b.customer_id " +
+			"WHERE f.checked_at IS NULL OR b.updated_at > f.checked_at",
 	} {
 		var n int64
 		if err := pool.QueryRow(ctx, "SELECT count(*) FROM "+q).Scan(&n); err != nil {
@@ -70,6 +73,9 @@ func TestSeedLoadsConsistentRowsAndResumes(t *testing.T) {
 		"customers": int64(plan.customers), "credit_balances": int64(plan.customers), "credit_grants": int64(plan.customers),
 		"credit_ledger": plan.ledger, "credit_ledger WHERE kind = 'grant'": int64(plan.customers),
 		"usage_events": plan.usage, "usage_events WHERE status = 'delivered'": plan.usage,
+		// As on a database whose server has run: the watcher has caught up.
+		"credit_balances b LEFT JOIN credit_forecast_state f ON f.customer_id = b.customer_id " +
+			"WHERE f.checked_at IS NULL OR b.updated_at > f.checked_at": 0,
 	}
 	for q, n := range want {
 		if counts[q] != n {
