@@ -191,7 +191,7 @@ func New(ctx context.Context, opts Options) (a *App, err error) {
 	if stripeClient != nil {
 		a.workers = append(a.workers, syncer)
 	}
-	a.workers = append(a.workers, newVerifier(gdb, logger, cfg.Stripe.VerifyInterval, reg))
+	a.workers = append(a.workers, newVerifier(gdb, logger, now, cfg.Stripe.VerifyInterval, reg))
 	paymentsSvc.OnChargeRecorded(stripeHook.WakeWaiting)
 
 	// Every change that lowers a customer's credits may start its automatic

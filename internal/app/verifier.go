@@ -14,24 +14,36 @@ import (
 // verifier runs the invariant check of `tally verify` every interval and
 // publishes what it found as tally_invariant_breaches, which an alert
 // watches. One replica at a time runs it (an advisory lock), and it is
-// paced: one run per interval (default 15 minutes), each a handful of
-// aggregate reads in one read-only snapshot, bounded by a timeout, so it
-// never weighs on the money paths.
+// paced: one run per interval (default 15 minutes) for the whole fleet,
+// across restarts (background_runs keeps when the last one started), each
+// a handful of aggregate reads in one read-only snapshot, bounded by a
+// timeout. Those reads scan the ledger, so on a large database a run
+// costs real CPU: starting one at every process start, as it once did,
+// put a full scan under the load of every deploy.
 type verifier struct {
 	db       *gorm.DB
 	logger   *slog.Logger
+	now      func() time.Time
 	interval time.Duration
 	breaches prometheus.Gauge
 	runs     *prometheus.CounterVec
 }
 
+// verifyCheckEvery is how often a replica asks whether a verify is due:
+// a replica that starts, or takes over from one that stopped, runs the
+// next one at most this late.
+const verifyCheckEvery = time.Minute
+
 // verifyTimeout bounds one background verify.
 const verifyTimeout = 2 * time.Minute
 
-var verifyLock = db.LockKey("background verify")
+// verifyJob names the background verify in background_runs and its lock.
+const verifyJob = "background verify"
 
-func newVerifier(gdb *gorm.DB, logger *slog.Logger, interval time.Duration, reg prometheus.Registerer) *verifier {
-	v := &verifier{db: gdb, logger: logger, interval: interval,
+var verifyLock = db.LockKey(verifyJob)
+
+func newVerifier(gdb *gorm.DB, logger *slog.Logger, now func() time.Time, interval time.Duration, reg prometheus.Registerer) *verifier {
+	v := &verifier{db: gdb, logger: logger, now: now, interval: interval,
 		breaches: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "tally_invariant_breaches", Help: "Invariant breaches the last background verify found (see tally verify); 0 when clean.",
 		}),
@@ -52,7 +64,7 @@ func (v *verifier) Run(ctx context.Context) error {
 		<-ctx.Done()
 		return nil
 	}
-	t := time.NewTicker(v.interval)
+	t := time.NewTicker(min(v.interval, verifyCheckEvery))
 	defer t.Stop()
 	for {
 		v.verifyOnce(ctx)
@@ -68,14 +80,30 @@ func (v *verifier) verifyOnce(ctx context.Context) {
 	ctx, cancel := context.WithTimeout(ctx, verifyTimeout)
 	defer cancel()
 	var problems int
+	due := false
 	ran, err := db.TryExclusive(ctx, v.db, verifyLock, func(ctx context.Context) error {
+		// Under the lock, so two replicas never both find it due. The
+		// start is recorded before the run: a run that fails or times out
+		// waits for the next interval instead of starting again in a
+		// minute.
+		now := v.now()
+		res := v.db.WithContext(ctx).Exec(`INSERT INTO background_runs AS r (name, last_run_at) VALUES (?, ?)
+			ON CONFLICT (name) DO UPDATE SET last_run_at = excluded.last_run_at
+			WHERE r.last_run_at <= excluded.last_run_at - make_interval(secs => ?)`,
+			verifyJob, now, v.interval.Seconds())
+		if res.Error != nil {
+			return db.Translate(res.Error, nil)
+		}
+		if due = res.RowsAffected == 1; !due {
+			return nil
+		}
 		rep, err := Verify(ctx, v.db)
 		problems = len(rep.Problems)
 		return err
 	})
 	switch {
-	case !ran && err == nil:
-		return // another replica verifies
+	case (!ran || !due) && err == nil:
+		return // another replica verifies, or one did less than an interval ago
 	case err != nil:
 		v.runs.WithLabelValues("error").Inc()
 		if ctx.Err() == nil {
