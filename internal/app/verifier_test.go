@@ -19,7 +19,9 @@ func TestBackgroundVerifyRunsOncePerIntervalAcrossRestarts(t *testing.T) {
 	gdb := dbtest.New(t)
 	now := time.Date(2026, 11, 30, 12, 0, 0, 0, time.UTC)
 	clock := func() time.Time { return now }
-	start := func() *verifier { return newVerifier(gdb, dbtest.Logger(t), clock, 15*time.Minute, prometheus.NewRegistry()) }
+	start := func() *verifier {
+		return newVerifier(gdb, dbtest.Logger(t), clock, 15*time.Minute, prometheus.NewRegistry())
+	}
 	runs := func(v *verifier) float64 { return testutil.ToFloat64(v.runs.WithLabelValues("ok")) }
 
 	first := start()
