@@ -87,15 +87,22 @@ func (s *Service) paymentIntentSucceeded(ctx context.Context, ev EventRef, pi Pa
 	if strategy != config.ConfirmOnPaymentIntent {
 		// Legacy strategy: the Checkout Session events credit. The
 		// PaymentIntent is linked by them, from the session tally created.
+		ev.completes(true)
 		return s.inEventTx(ctx, ev, id, pi.Livemode, pi.ID, func(*gorm.DB, Payment) error { return nil })
 	}
 	session, err := s.sessionToVerify(ctx, known, id, pi.ID)
 	if err != nil {
 		return err
 	}
+	// Whether a card is to be saved after the confirmation: without a
+	// payment method, or for a payment whose buyer did not ask (both never
+	// change once the payment exists), saveCardOfPayment has nothing to do,
+	// so the confirmation completes the event.
+	saveCard := pi.PaymentMethod != "" && (known == nil || (known.SavePaymentMethod && known.Method == MethodCheckout))
+	ev.completes(!saveCard)
 	err = s.confirm(ctx, ev, id, confirmation{paymentIntentID: pi.ID, amountReceived: pi.AmountReceived, currency: pi.Currency,
 		livemode: pi.Livemode, customerID: pi.Metadata[stripeapi.MetadataCustomerID], session: session, by: by})
-	if err != nil {
+	if err != nil || !saveCard {
 		return err
 	}
 	// Once credited, the card becomes the default when the buyer asked to
@@ -315,7 +322,17 @@ func (s *Service) CheckoutSessionCompleted(ctx context.Context, ev EventRef, cs 
 	if cs.Mode == "setup" {
 		return s.SetupSessionCompleted(ctx, ev, cs)
 	}
-	id, strategy, err := s.linkSession(ctx, ev, cs)
+	id, strategy, err := s.linkSession(ctx, ev, cs, func(strategy string) bool {
+		// Whether linking completes the event: nothing below moves money
+		// or subscribes (the conditions of the steps that follow).
+		switch {
+		case cs.Mode == "subscription":
+			return cs.PaymentStatus != "paid" && cs.PaymentStatus != "no_payment_required"
+		case strategy == config.ConfirmOnCheckoutSession:
+			return cs.PaymentStatus != "paid"
+		}
+		return true
+	})
 	if err != nil {
 		return err
 	}
@@ -336,7 +353,9 @@ func (s *Service) CheckoutSessionCompleted(ctx context.Context, ev EventRef, cs 
 // (a delayed payment method cleared); otherwise it only links ids, since
 // payment_intent.succeeded does the crediting.
 func (s *Service) CheckoutSessionAsyncSucceeded(ctx context.Context, ev EventRef, cs CheckoutSession) error {
-	id, strategy, err := s.linkSession(ctx, ev, cs)
+	id, strategy, err := s.linkSession(ctx, ev, cs, func(strategy string) bool {
+		return strategy != config.ConfirmOnCheckoutSession || cs.Mode == "subscription"
+	})
 	if err != nil {
 		return err
 	}
@@ -350,8 +369,10 @@ func (s *Service) CheckoutSessionAsyncSucceeded(ctx context.Context, ev EventRef
 // session's Stripe ids and amounts on it, as every successful session event
 // does first; the session must be the one tally created for the payment.
 // It answers the payment and its confirmation strategy (strategyOf).
+// last says, given the strategy, whether linking completes the event (no
+// step of the caller follows it: see EventRef.completes).
 // Errors: ErrNotOurs, *Rejection, errs.Unavailable.
-func (s *Service) linkSession(ctx context.Context, ev EventRef, cs CheckoutSession) (id, strategy string, err error) {
+func (s *Service) linkSession(ctx context.Context, ev EventRef, cs CheckoutSession, last func(strategy string) bool) (id, strategy string, err error) {
 	id, err = s.sessionPayment(ctx, cs)
 	if err != nil {
 		return "", "", err
@@ -360,6 +381,7 @@ func (s *Service) linkSession(ctx context.Context, ev EventRef, cs CheckoutSessi
 		// The strategy never changes once the payment exists: read here,
 		// under the lock the link takes anyway, it costs no extra query.
 		strategy = s.strategy(p)
+		ev.completes(last(strategy))
 		return s.recordSession(ctx, tx, &p, cs)
 	})
 	if err != nil {

@@ -7,7 +7,6 @@ import (
 	"gorm.io/gorm"
 
 	"github.com/tallybilling/tally/internal/db"
-	"github.com/tallybilling/tally/internal/errs"
 	"github.com/tallybilling/tally/internal/stripeapi"
 )
 
@@ -37,24 +36,30 @@ func (s *Service) paymentFor(ctx context.Context, metadata map[string]string, by
 // An event already in the payment's history is errEventApplied.
 // Errors: *Rejection, errEventApplied, errs.Unavailable.
 func (s *Service) lockForEvent(ctx context.Context, tx *gorm.DB, ev EventRef, paymentID string, livemode bool, paymentIntentID string) (Payment, error) {
-	p, err := load(ctx, tx, paymentID, true)
-	if errs.Is(err, errs.NotFound) {
+	// The lock and the question whether ev is in the payment's history
+	// (eventApplied) in one round trip.
+	var locked struct {
+		// Named: gorm skips an unexported embedded struct.
+		Row          paymentRow `gorm:"embedded"`
+		EventApplied bool
+	}
+	res := tx.WithContext(ctx).Raw(`SELECT p.*, EXISTS (SELECT 1 FROM payment_transitions t
+			WHERE t.payment_id = p.id AND t.stripe_event_id = ?) AS event_applied
+		FROM payments p WHERE p.id = ? FOR UPDATE OF p`, db.NullIfEmpty(ev.ID), paymentID).Scan(&locked)
+	if res.Error != nil {
+		return Payment{}, db.Translate(res.Error, nil)
+	}
+	if res.RowsAffected == 0 {
 		return Payment{}, reject("metadata names payment %s, which tally does not know", paymentID)
 	}
-	if err != nil {
-		return Payment{}, err
-	}
+	p := locked.Row.payment()
 	if livemode != s.livemode {
 		return Payment{}, reject("event livemode=%t does not match our Stripe key (livemode=%t)", livemode, s.livemode)
 	}
 	if paymentIntentID != "" && p.PaymentIntentID != "" && paymentIntentID != p.PaymentIntentID {
 		return Payment{}, reject("payment %s belongs to PaymentIntent %s, not %s", p.ID, p.PaymentIntentID, paymentIntentID)
 	}
-	seen, err := eventApplied(ctx, tx, p.ID, ev)
-	if err != nil {
-		return Payment{}, err
-	}
-	if seen {
+	if locked.EventApplied {
 		return Payment{}, errEventApplied
 	}
 	return p, nil
@@ -64,18 +69,83 @@ func (s *Service) lockForEvent(ctx context.Context, tx *gorm.DB, ev EventRef, pa
 // lockForEvent let it through. An event already applied to the payment
 // (found then, or by fn's transition) rolls back to a no-op: redeliveries
 // and operator replays change nothing.
+//
+// With ev.Inline (a webhook delivery not stored yet), the first such
+// transaction also stores the Stripe event, as its last statement: see
+// InlineStore.
 func (s *Service) inEventTx(ctx context.Context, ev EventRef, paymentID string, livemode bool, paymentIntentID string, fn func(tx *gorm.DB, p Payment) error) error {
+	inline := ev.Inline
+	if inline != nil && inline.stored {
+		inline = nil // an earlier step of the same event stored it
+	}
+	var processed bool
 	err := db.InTx(ctx, s.db, func(tx *gorm.DB) error {
 		p, err := s.lockForEvent(ctx, tx, ev, paymentID, livemode, paymentIntentID)
 		if err != nil {
 			return err
 		}
-		return fn(tx, p)
+		if err := fn(tx, p); err != nil {
+			return err
+		}
+		if inline == nil {
+			return nil
+		}
+		// Last, under the payment's lock: a copy of the delivery racing
+		// this one waits for that lock before it gets here, so it never
+		// holds the event's row while waiting for the payment (no deadlock),
+		// and finds the event stored (or, should this transaction roll
+		// back, stores and applies it itself).
+		processed = inline.final
+		return inline.Store(ctx, tx, processed)
 	})
+	if err == nil && inline != nil {
+		inline.stored, inline.processed = true, processed
+	}
 	if errors.Is(err, errEventApplied) {
 		return nil
 	}
 	return err
+}
+
+// InlineStore lets the webhook intake store a delivered Stripe event in
+// the transaction that applies it, rather than in a transaction (and a
+// synchronous commit) of its own before it: internal/stripehook sets it on
+// the EventRef of the event types whose processing begins with inEventTx,
+// and payments calls Store as the last statement of the first inEventTx
+// transaction of the event. The delivery is acknowledged only once that
+// transaction committed (Stored), so it is acknowledged only once durably
+// stored, as before; when the transaction rolls back, the event was not
+// stored either, and the intake stores it as it always did and records
+// what processing did (a failure is retried, a refusal parked).
+//
+// processed says whether that transaction completes the event: nothing of
+// it remains to be done afterwards (see EventRef.completes), so it is
+// stored as processed and no further statement records its outcome.
+// Otherwise it is stored as a delivery stored before processing is (under
+// a lease, for the retry worker should this instance die) and its outcome
+// is recorded after the remaining steps, as before.
+type InlineStore struct {
+	// Store inserts the event in tx (an error rolls tx back: Store
+	// answers one when a copy of the delivery stored the event first).
+	Store func(ctx context.Context, tx *gorm.DB, processed bool) error
+
+	final     bool
+	stored    bool
+	processed bool
+}
+
+// Stored reports whether a transaction that stored the event committed, and
+// whether it stored it as processed.
+func (s *InlineStore) Stored() (stored, processed bool) { return s.stored, s.processed }
+
+// completes says, before or inside the transaction that stores the event,
+// whether that transaction applies all of the event (final) or a step
+// follows it. Without it the event is stored as not done yet, which is
+// always safe: its outcome is then recorded once every step ran.
+func (ev EventRef) completes(final bool) {
+	if ev.Inline != nil && !ev.Inline.stored {
+		ev.Inline.final = final
+	}
 }
 
 // sessionPayment finds the payment a Checkout Session names, as paymentFor.

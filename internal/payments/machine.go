@@ -48,6 +48,9 @@ type EventRef struct {
 	// event: SourceSync for what a sync with Stripe found. Empty means a
 	// webhook (with an ID) or the API (without).
 	Source string
+	// Inline, when set, stores the event in the transaction that applies
+	// it (see InlineStore); nil when the event is stored already.
+	Inline *InlineStore
 }
 
 // The sources of a transition (payment_transitions.source).
@@ -104,17 +107,4 @@ func record(ctx context.Context, tx *gorm.DB, p Payment, to Status, applied bool
 		return errEventApplied
 	}
 	return nil
-}
-
-// eventApplied reports whether ev is already in the history of payment id.
-func eventApplied(ctx context.Context, tx *gorm.DB, id string, ev EventRef) (bool, error) {
-	if ev.ID == "" {
-		return false, nil
-	}
-	var n int64
-	err := tx.WithContext(ctx).Model(&transitionRow{}).Where("payment_id = ? AND stripe_event_id = ?", id, ev.ID).Count(&n).Error
-	if err != nil {
-		return false, db.Translate(err, nil)
-	}
-	return n > 0, nil
 }
