@@ -7,7 +7,6 @@ import (
 	"strings"
 
 	"gorm.io/gorm"
-	"gorm.io/gorm/clause"
 
 	"github.com/tallybilling/tally/internal/config"
 	"github.com/tallybilling/tally/internal/credits"
@@ -199,15 +198,48 @@ func (s *Service) confirm(ctx context.Context, ev EventRef, paymentID string, c 
 				return err
 			}
 		}
-		// No conflict target: a second row for the key or for the payment
-		// (any of the unique constraints) inserts nothing.
-		res := tx.WithContext(ctx).Model(&confirmationRow{}).Clauses(clause.OnConflict{DoNothing: true}).
-			Create(map[string]any{"payment_intent_id": db.NullIfEmpty(c.paymentIntentID), "invoice_id": db.NullIfEmpty(c.invoiceID),
-				"payment_id": p.ID, "stripe_event_id": db.NullIfEmpty(ev.ID)})
-		if res.Error != nil {
-			return db.Translate(res.Error, nil)
+		now := s.now()
+		received := strings.ToLower(c.currency)
+		allowed := Allowed(p.Status, Succeeded) // as transition decides
+		// The guard's row, the transition and the payment's new columns in
+		// one statement (one round trip instead of three), each write gated
+		// on the one before as the statements were: the transition only
+		// once the guard's row is in, the payment only once the transition
+		// is. The confirmation has no conflict target: a second row for the
+		// key or for the payment (any of the unique constraints) inserts
+		// nothing; the transition's unique (payment_id, stripe_event_id)
+		// keeps an event in the history once (see record), and a move the
+		// state machine refuses is recorded as refused (then rolled back
+		// with the refusal, as before).
+		setPaymentIntent := ""
+		var args []any
+		args = append(args, db.NullIfEmpty(c.paymentIntentID), db.NullIfEmpty(c.invoiceID), p.ID, db.NullIfEmpty(ev.ID),
+			p.ID, string(p.Status), string(Succeeded), allowed, db.NullIfEmpty(ev.ID), db.NullIfEmpty(ev.Type), "payment received", ev.source(),
+			string(Succeeded), c.amountReceived, received, now, now, string(c.by))
+		if !byInvoice {
+			setPaymentIntent = ", payment_intent_id = ?"
+			args = append(args, c.paymentIntentID)
 		}
-		if res.RowsAffected == 0 {
+		args = append(args, p.ID, allowed)
+		var wrote struct{ Confirmed, Recorded, Updated bool }
+		err := tx.WithContext(ctx).Raw(`WITH guard AS (
+				INSERT INTO payment_confirmations (payment_intent_id, invoice_id, payment_id, stripe_event_id)
+				VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING RETURNING 1
+			), history AS (
+				INSERT INTO payment_transitions (payment_id, from_status, to_status, applied, stripe_event_id, stripe_event_type, reason, source)
+				SELECT ?, ?, ?, ?::boolean, ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM guard)
+				ON CONFLICT (payment_id, stripe_event_id) WHERE stripe_event_id IS NOT NULL DO NOTHING RETURNING 1
+			), moved AS (
+				UPDATE payments SET status = ?, amount_received = ?, received_currency = ?, succeeded_at = ?, failure_reason = NULL,
+					updated_at = ?, confirmed_by = ?`+setPaymentIntent+`
+				WHERE id = ? AND ?::boolean AND EXISTS (SELECT 1 FROM history) RETURNING 1
+			)
+			SELECT EXISTS (SELECT 1 FROM guard) AS confirmed, EXISTS (SELECT 1 FROM history) AS recorded,
+				EXISTS (SELECT 1 FROM moved) AS updated`, args...).Scan(&wrote).Error
+		if err != nil {
+			return db.Translate(err, map[string]errs.Code{"payments_payment_intent_id_key": errs.Conflict})
+		}
+		if !wrote.Confirmed {
 			if p.SucceededAt == nil {
 				if done, err := confirmedBefore(ctx, tx, p, c); done || err != nil {
 					if err == nil {
@@ -219,25 +251,14 @@ func (s *Service) confirm(ctx context.Context, ev EventRef, paymentID string, c 
 			}
 			return reject("%s already confirmed another payment than %s", c.key(), p.ID)
 		}
-		ok, err := transition(ctx, tx, p, Succeeded, ev, "payment received")
-		if err != nil {
-			return err
+		if !wrote.Recorded {
+			return errEventApplied // as record: the event is in the history already
 		}
-		if !ok {
+		if !allowed {
 			return reject("payment %s is %s and cannot become succeeded", p.ID, p.Status)
 		}
-		now := s.now()
-		received := strings.ToLower(c.currency)
-		columns := map[string]any{
-			"status": string(Succeeded), "amount_received": c.amountReceived, "received_currency": received,
-			"succeeded_at": now, "failure_reason": nil, "updated_at": now, "confirmed_by": string(c.by),
-		}
-		if !byInvoice {
-			columns["payment_intent_id"] = c.paymentIntentID
-		}
-		err = tx.WithContext(ctx).Model(&paymentRow{}).Where("id = ?", p.ID).Updates(columns).Error
-		if err != nil {
-			return db.Translate(err, map[string]errs.Code{"payments_payment_intent_id_key": errs.Conflict})
+		if !wrote.Updated {
+			return fmt.Errorf("payments: payment %s vanished under its lock", p.ID)
 		}
 		if p.ItemKind == KindCreditPack && p.Credits > 0 {
 			expires := p.CreditsExpiry().After(now)
