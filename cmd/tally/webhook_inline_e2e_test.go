@@ -7,6 +7,8 @@ import (
 	"testing"
 	"time"
 
+	"gorm.io/gorm"
+
 	"github.com/tallybilling/tally/internal/stripeapi/stripefake"
 )
 
@@ -19,10 +21,10 @@ type storedEvent struct {
 	LastError     *string
 }
 
-func loadStoredEvent(t *testing.T, s *server, id string) storedEvent {
+func loadStoredEvent(t *testing.T, gdb *gorm.DB, id string) storedEvent {
 	t.Helper()
 	var e storedEvent
-	res := openDB(t, s).Raw(`SELECT status, attempts, next_attempt_at, processed_at, last_error FROM stripe_events WHERE id = ?`, id).Scan(&e)
+	res := gdb.Raw(`SELECT status, attempts, next_attempt_at, processed_at, last_error FROM stripe_events WHERE id = ?`, id).Scan(&e)
 	if res.Error != nil || res.RowsAffected != 1 {
 		t.Fatalf("stored event %s: %v (%d rows)", id, res.Error, res.RowsAffected)
 	}
@@ -93,7 +95,7 @@ func TestDeliveryStoredByThePaymentTransaction(t *testing.T) {
 			if len(first) != 1 || first[0] != "processed" {
 				t.Fatalf("%s: %d copies, the ones not answered as duplicates said %v; want exactly one, processed", ev.id, copies, first)
 			}
-			e := loadStoredEvent(t, a, ev.id)
+			e := loadStoredEvent(t, gdb, ev.id)
 			if e.Status != "processed" || e.Attempts != 1 || e.NextAttemptAt != nil || e.ProcessedAt == nil || e.LastError != nil {
 				t.Fatalf("%s stored as %+v; want processed after 1 attempt, nothing due", ev.id, e)
 			}
@@ -112,7 +114,7 @@ func TestDeliveryStoredByThePaymentTransaction(t *testing.T) {
 	paidAtStripe(t, fake, a, pay)
 	refused := newEventID()
 	deliver(t, a, stripeEvent(refused, "payment_intent.succeeded", paymentIntent(pay, "inline-refused", "succeeded", starterAmount-1, starterAmount-1, "usd")))
-	if e := loadStoredEvent(t, a, refused); e.Status != "parked" || e.Attempts != 1 || e.LastError == nil {
+	if e := loadStoredEvent(t, gdb, refused); e.Status != "parked" || e.Attempts != 1 || e.LastError == nil {
 		t.Fatalf("refused event stored as %+v; want parked after 1 attempt with its reason", e)
 	}
 	if got := balanceOf(t, gdb, "inline-refused"); got != 0 {
@@ -133,7 +135,7 @@ func TestDeliveryStoredByThePaymentTransaction(t *testing.T) {
 	lp := getPayment(t, s, legacy)
 	completed := newEventID()
 	deliver(t, s, stripeEvent(completed, "checkout.session.completed", checkoutSession(legacy, "inline-legacy", *lp.CheckoutSessionId, "complete", "paid", starterAmount)))
-	if e := loadStoredEvent(t, s, completed); e.Status != "processed" || e.Attempts != 1 || e.NextAttemptAt != nil || e.ProcessedAt == nil {
+	if e := loadStoredEvent(t, gdb, completed); e.Status != "processed" || e.Attempts != 1 || e.NextAttemptAt != nil || e.ProcessedAt == nil {
 		t.Fatalf("legacy completion stored as %+v; want processed after 1 attempt", e)
 	}
 	if got := balanceOf(t, gdb, "inline-legacy"); got != starterCredits {
