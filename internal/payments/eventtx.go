@@ -7,6 +7,7 @@ import (
 	"gorm.io/gorm"
 
 	"github.com/tallybilling/tally/internal/db"
+	"github.com/tallybilling/tally/internal/errs"
 	"github.com/tallybilling/tally/internal/stripeapi"
 )
 
@@ -36,30 +37,29 @@ func (s *Service) paymentFor(ctx context.Context, metadata map[string]string, by
 // An event already in the payment's history is errEventApplied.
 // Errors: *Rejection, errEventApplied, errs.Unavailable.
 func (s *Service) lockForEvent(ctx context.Context, tx *gorm.DB, ev EventRef, paymentID string, livemode bool, paymentIntentID string) (Payment, error) {
-	// The lock and the question whether ev is in the payment's history
-	// (eventApplied) in one round trip.
-	var locked struct {
-		// Named: gorm skips an unexported embedded struct.
-		Row          paymentRow `gorm:"embedded"`
-		EventApplied bool
-	}
-	res := tx.WithContext(ctx).Raw(`SELECT p.*, EXISTS (SELECT 1 FROM payment_transitions t
-			WHERE t.payment_id = p.id AND t.stripe_event_id = ?) AS event_applied
-		FROM payments p WHERE p.id = ? FOR UPDATE OF p`, db.NullIfEmpty(ev.ID), paymentID).Scan(&locked)
-	if res.Error != nil {
-		return Payment{}, db.Translate(res.Error, nil)
-	}
-	if res.RowsAffected == 0 {
+	p, err := load(ctx, tx, paymentID, true)
+	if errs.Is(err, errs.NotFound) {
 		return Payment{}, reject("metadata names payment %s, which tally does not know", paymentID)
 	}
-	p := locked.Row.payment()
+	if err != nil {
+		return Payment{}, err
+	}
 	if livemode != s.livemode {
 		return Payment{}, reject("event livemode=%t does not match our Stripe key (livemode=%t)", livemode, s.livemode)
 	}
 	if paymentIntentID != "" && p.PaymentIntentID != "" && paymentIntentID != p.PaymentIntentID {
 		return Payment{}, reject("payment %s belongs to PaymentIntent %s, not %s", p.ID, p.PaymentIntentID, paymentIntentID)
 	}
-	if locked.EventApplied {
+	// A statement of its own, after the lock: asked in the locking
+	// statement, it would read the history as of before that statement
+	// waited for the lock (READ COMMITTED takes the snapshot when a
+	// statement starts), and miss the event a transaction holding the lock
+	// just applied.
+	seen, err := eventApplied(ctx, tx, p.ID, ev)
+	if err != nil {
+		return Payment{}, err
+	}
+	if seen {
 		return Payment{}, errEventApplied
 	}
 	return p, nil

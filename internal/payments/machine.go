@@ -108,3 +108,16 @@ func record(ctx context.Context, tx *gorm.DB, p Payment, to Status, applied bool
 	}
 	return nil
 }
+
+// eventApplied reports whether ev is already in the history of payment id.
+func eventApplied(ctx context.Context, tx *gorm.DB, id string, ev EventRef) (bool, error) {
+	if ev.ID == "" {
+		return false, nil
+	}
+	var n int64
+	err := tx.WithContext(ctx).Model(&transitionRow{}).Where("payment_id = ? AND stripe_event_id = ?", id, ev.ID).Count(&n).Error
+	if err != nil {
+		return false, db.Translate(err, nil)
+	}
+	return n > 0, nil
+}
