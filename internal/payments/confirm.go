@@ -37,6 +37,11 @@ type confirmation struct {
 	invoice *StripeInvoice
 	// by is what confirms: recorded as the payment's confirmed_by.
 	by ConfirmedBy
+	// gate, when set, runs first in the transaction, on the locked
+	// payment, before anything is written: skip ends the confirmation
+	// there as a no-op (the event is still stored, see InlineStore), an
+	// error rolls it back.
+	gate func(p Payment) (skip bool, err error)
 }
 
 // PaymentIntentSucceeded is the only event that credits or fulfils a
@@ -68,6 +73,39 @@ func (s *Service) paymentIntentSucceeded(ctx context.Context, ev EventRef, pi Pa
 	if err != nil {
 		return err
 	}
+	// First straight into the confirmation's transaction: what the read
+	// below decides (the strategy, whether Stripe must be asked for the
+	// session, whether a card is to be saved) is decided there from the
+	// locked payment, before anything is written, which saves that read
+	// whenever Stripe need not be asked (the session's event linked the
+	// PaymentIntent first, as it usually does). When it must be, the
+	// transaction ends there, with nothing written, and the read, the
+	// question to Stripe and the confirmation follow as below: Stripe is
+	// never asked under the payment's lock.
+	saveCard := false
+	c := confirmation{paymentIntentID: pi.ID, amountReceived: pi.AmountReceived, currency: pi.Currency,
+		livemode: pi.Livemode, customerID: pi.Metadata[stripeapi.MetadataCustomerID], by: by,
+		gate: func(p Payment) (bool, error) {
+			if s.strategy(p) != config.ConfirmOnPaymentIntent {
+				// The legacy strategy, as below: nothing to write.
+				ev.completes(true)
+				return true, nil
+			}
+			if !sessionKnown(p, pi.ID) {
+				return false, errAskStripe
+			}
+			saveCard = pi.PaymentMethod != "" && p.SavePaymentMethod && p.Method == MethodCheckout
+			ev.completes(!saveCard)
+			return false, nil
+		}}
+	err = s.confirm(ctx, ev, id, c)
+	switch {
+	case errors.Is(err, errAskStripe):
+	case err != nil || !saveCard:
+		return err
+	default:
+		return s.saveCardOfPayment(ctx, ev, id, pi)
+	}
 	// One read outside the transaction serves the strategy and the
 	// question whether Stripe must be asked for the session: neither may
 	// wait under the payment's lock, and lockForEvent checks again.
@@ -97,10 +135,10 @@ func (s *Service) paymentIntentSucceeded(ctx context.Context, ev EventRef, pi Pa
 	// payment method, or for a payment whose buyer did not ask (both never
 	// change once the payment exists), saveCardOfPayment has nothing to do,
 	// so the confirmation completes the event.
-	saveCard := pi.PaymentMethod != "" && (known == nil || (known.SavePaymentMethod && known.Method == MethodCheckout))
+	saveCard = pi.PaymentMethod != "" && (known == nil || (known.SavePaymentMethod && known.Method == MethodCheckout))
 	ev.completes(!saveCard)
-	err = s.confirm(ctx, ev, id, confirmation{paymentIntentID: pi.ID, amountReceived: pi.AmountReceived, currency: pi.Currency,
-		livemode: pi.Livemode, customerID: pi.Metadata[stripeapi.MetadataCustomerID], session: session, by: by})
+	c.gate, c.session = nil, session
+	err = s.confirm(ctx, ev, id, c)
 	if err != nil || !saveCard {
 		return err
 	}
@@ -148,6 +186,11 @@ func (s *Service) strategy(p Payment) string {
 // A confirmation by the key already on record is a no-op.
 func (s *Service) confirm(ctx context.Context, ev EventRef, paymentID string, c confirmation) error {
 	return s.inEventTx(ctx, ev, paymentID, c.livemode, c.paymentIntentID, func(tx *gorm.DB, p Payment) error {
+		if c.gate != nil {
+			if skip, err := c.gate(p); skip || err != nil {
+				return err
+			}
+		}
 		byInvoice := c.invoiceID != ""
 		if byInvoice == (c.paymentIntentID != "") {
 			return reject("no PaymentIntent or invoice (exactly one) to confirm payment %s by", p.ID)
@@ -295,6 +338,10 @@ func (s *Service) confirm(ctx context.Context, ev EventRef, paymentID string, c 
 		})
 	})
 }
+
+// errAskStripe ends a confirmation's transaction whose gate found that the
+// Checkout Session must be retrieved from Stripe first (paymentIntentSucceeded).
+var errAskStripe = errors.New("payments: the Checkout Session must be asked for first")
 
 // confirmedBefore looks for payment p's confirmation: by c's key already
 // (done: a redelivery, a replay, a sync or the other strategy; nothing to
