@@ -80,6 +80,17 @@ func (s *Service) inEventTx(ctx context.Context, ev EventRef, paymentID string, 
 	}
 	var processed bool
 	err := db.InTx(ctx, s.db, func(tx *gorm.DB) error {
+		if inline != nil {
+			// First, before the payment's lock: a copy of the delivery
+			// racing this one waits here for this transaction, holding
+			// nothing (so no two wait for each other), and then finds the
+			// event stored (or, should this transaction roll back, stores
+			// and applies it itself); it costs the payment nothing. Stored
+			// as processed, unless fn says a step follows (below).
+			if err := inline.Store(ctx, tx, true); err != nil {
+				return err
+			}
+		}
 		p, err := s.lockForEvent(ctx, tx, ev, paymentID, livemode, paymentIntentID)
 		if err != nil {
 			return err
@@ -90,13 +101,10 @@ func (s *Service) inEventTx(ctx context.Context, ev EventRef, paymentID string, 
 		if inline == nil {
 			return nil
 		}
-		// Last, under the payment's lock: a copy of the delivery racing
-		// this one waits for that lock before it gets here, so it never
-		// holds the event's row while waiting for the payment (no deadlock),
-		// and finds the event stored (or, should this transaction roll
-		// back, stores and applies it itself).
-		processed = inline.final
-		return inline.Store(ctx, tx, processed)
+		if processed = inline.final; !processed {
+			return inline.Pending(ctx, tx)
+		}
+		return nil
 	})
 	if err == nil && inline != nil {
 		inline.stored, inline.processed = true, processed
@@ -111,23 +119,26 @@ func (s *Service) inEventTx(ctx context.Context, ev EventRef, paymentID string, 
 // the transaction that applies it, rather than in a transaction (and a
 // synchronous commit) of its own before it: internal/stripehook sets it on
 // the EventRef of the event types whose processing begins with inEventTx,
-// and payments calls Store as the last statement of the first inEventTx
+// and payments calls Store as the first statement of the first inEventTx
 // transaction of the event. The delivery is acknowledged only once that
 // transaction committed (Stored), so it is acknowledged only once durably
 // stored, as before; when the transaction rolls back, the event was not
 // stored either, and the intake stores it as it always did and records
 // what processing did (a failure is retried, a refusal parked).
 //
-// processed says whether that transaction completes the event: nothing of
-// it remains to be done afterwards (see EventRef.completes), so it is
-// stored as processed and no further statement records its outcome.
-// Otherwise it is stored as a delivery stored before processing is (under
-// a lease, for the retry worker should this instance die) and its outcome
-// is recorded after the remaining steps, as before.
+// The event is stored as processed, so no further statement records its
+// outcome, when that transaction completes it: nothing of it remains to be
+// done afterwards (see EventRef.completes). Otherwise Pending turns it, in
+// the same transaction, into what a delivery stored before processing is
+// (received, under a lease, for the retry worker should this instance
+// die), and its outcome is recorded after the remaining steps, as before.
 type InlineStore struct {
 	// Store inserts the event in tx (an error rolls tx back: Store
 	// answers one when a copy of the delivery stored the event first).
 	Store func(ctx context.Context, tx *gorm.DB, processed bool) error
+	// Pending turns the event Store inserted as processed into one still
+	// to be processed, in the same transaction tx.
+	Pending func(ctx context.Context, tx *gorm.DB) error
 
 	final     bool
 	stored    bool
@@ -138,10 +149,11 @@ type InlineStore struct {
 // whether it stored it as processed.
 func (s *InlineStore) Stored() (stored, processed bool) { return s.stored, s.processed }
 
-// completes says, before or inside the transaction that stores the event,
-// whether that transaction applies all of the event (final) or a step
-// follows it. Without it the event is stored as not done yet, which is
-// always safe: its outcome is then recorded once every step ran.
+// completes says, inside the transaction that stores the event (before
+// its fn returns), whether that transaction applies all of the event
+// (final) or a step follows it. Without it the event is stored as not done
+// yet, which is always safe: its outcome is then recorded once every step
+// ran.
 func (ev EventRef) completes(final bool) {
 	if ev.Inline != nil && !ev.Inline.stored {
 		ev.Inline.final = final

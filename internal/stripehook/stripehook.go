@@ -252,6 +252,9 @@ func (h *Intake) newRow(ev Event, payload []byte, source string, now time.Time) 
 
 // storeError is the answer to a delivery the database refused to store.
 func storeError(err error) error {
+	if err == nil {
+		return nil
+	}
 	err = db.Translate(err, nil)
 	if _, coded := errs.As(err); !coded {
 		// The database refused to store it: an outage from Stripe's side,
@@ -286,9 +289,10 @@ var errStoredFirst = errors.New("stripehook: a copy of the delivery stored the e
 //     failed, or ended before storing), by store as before, after which
 //     the outcome of this processing is recorded as process records it (a
 //     failure retried, a refusal parked);
-//   - a copy racing the first is a no-op: it waits for the payment's lock,
-//     then finds the event applied or stored (errStoredFirst) and answers
-//     as a duplicate; should the first roll back, the copy applies it;
+//   - a copy racing the first is a no-op: its insert waits for the first's
+//     transaction, then finds the event stored (errStoredFirst) and it
+//     answers as a duplicate; should the first roll back, the copy
+//     applies it;
 //   - an event stored as not done yet (a step of it follows the storing
 //     transaction) is stored under a lease, like any delivery, so the retry
 //     worker finishes it should this instance die, and its outcome is
@@ -324,6 +328,11 @@ func (h *Intake) receiveInline(ctx context.Context, ev Event, payload []byte, no
 		}
 		wake = inserted[0].Wake
 		return nil
+	}, Pending: func(ctx context.Context, tx *gorm.DB) error {
+		row := h.newRow(ev, payload, sourceWebhook, now)
+		err := tx.WithContext(ctx).Exec(`UPDATE stripe_events SET status = ?, attempts = 0, next_attempt_at = ?, processed_at = NULL
+			WHERE id = ?`, row.Status, row.NextAttemptAt, row.ID).Error
+		return storeError(err)
 	}}
 	err := r.apply(pctx, payments.EventRef{ID: ev.ID, Type: ev.Type, Created: ev.Created, Inline: inline})
 	stored, processed := inline.Stored()
