@@ -9,6 +9,7 @@ package payments
 
 import (
 	"context"
+	"database/sql"
 	"encoding/base64"
 	"errors"
 	"fmt"
@@ -16,7 +17,6 @@ import (
 	"time"
 
 	"gorm.io/gorm"
-	"gorm.io/gorm/clause"
 
 	"github.com/tallybilling/tally/internal/catalog"
 	"github.com/tallybilling/tally/internal/config"
@@ -314,13 +314,12 @@ func (p Payment) CreditsExpiry() catalog.Expiry {
 // load reads one payment through gdb; lock takes its row lock (gdb must then
 // be a transaction). Errors: errs.NotFound.
 func load(ctx context.Context, gdb *gorm.DB, id string, lock bool) (Payment, error) {
-	q := gdb.WithContext(ctx)
+	q := `SELECT ` + paymentColumns + ` FROM payments WHERE id = ?`
 	if lock {
-		q = q.Clauses(clause.Locking{Strength: "UPDATE"})
+		q += ` FOR UPDATE`
 	}
-	var r paymentRow
-	err := q.Where("id = ?", id).Take(&r).Error
-	if errors.Is(err, gorm.ErrRecordNotFound) {
+	r, err := scanPayment(gdb.WithContext(ctx).Raw(q, id).Row())
+	if errors.Is(err, sql.ErrNoRows) {
 		return Payment{}, errs.E(errs.NotFound, "payment %s not found", id)
 	}
 	if err != nil {
