@@ -14,6 +14,7 @@ package stripehook
 
 import (
 	"context"
+	"database/sql"
 	"encoding/base64"
 	"errors"
 	"fmt"
@@ -311,7 +312,6 @@ func (h *Intake) receiveInline(ctx context.Context, ev Event, payload []byte, no
 			// as process's outcome asks it.
 			confirms = r.confirms
 		}
-		var inserted []struct{ Wake bool }
 		err := tx.WithContext(ctx).Raw(`INSERT INTO stripe_events (id, type, api_version, livemode, payload, status, attempts,
 				next_attempt_at, received_at, processed_at, stripe_created, source)
 			VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
@@ -319,15 +319,11 @@ func (h *Intake) receiveInline(ctx context.Context, ev Event, payload []byte, no
 			RETURNING ?::text <> '' AND EXISTS (SELECT 1 FROM stripe_events w
 				WHERE w.status IN ('failed', 'parked') AND w.waiting_for IS NOT NULL AND w.waiting_for = ?::text) AS wake`,
 			row.ID, row.Type, row.APIVersion, row.Livemode, row.Payload, row.Status, row.Attempts,
-			row.NextAttemptAt, row.ReceivedAt, row.ProcessedAt, row.StripeCreated, row.Source, confirms, confirms).Scan(&inserted).Error
-		if err != nil {
-			return storeError(err)
+			row.NextAttemptAt, row.ReceivedAt, row.ProcessedAt, row.StripeCreated, row.Source, confirms, confirms).Row().Scan(&wake)
+		if errors.Is(err, sql.ErrNoRows) {
+			return errStoredFirst // nothing inserted: the id is stored
 		}
-		if len(inserted) == 0 {
-			return errStoredFirst
-		}
-		wake = inserted[0].Wake
-		return nil
+		return storeError(err)
 	}, Pending: func(ctx context.Context, tx *gorm.DB) error {
 		row := h.newRow(ev, payload, sourceWebhook, now)
 		err := tx.WithContext(ctx).Exec(`UPDATE stripe_events SET status = ?, attempts = 0, next_attempt_at = ?, processed_at = NULL
