@@ -3,6 +3,7 @@ package credits
 import (
 	"context"
 	"database/sql"
+	"slices"
 	"time"
 
 	"gorm.io/gorm"
@@ -30,10 +31,18 @@ var grantConstraints = map[string]errs.Code{
 // schema's backstop behind payments' idempotency table; PostgreSQL has then
 // aborted tx, so the caller must roll back); errs.Unavailable.
 func Grant(ctx context.Context, tx *gorm.DB, clock func() time.Time, in GrantInput) (GrantResult, error) {
-	return grant(ctx, tx, clock, in, nil, "")
+	return grant(ctx, tx, clock, in, nil, "", nil)
 }
 
-func grant(ctx context.Context, tx *gorm.DB, clock func() time.Time, in GrantInput, defaultThreshold *int64, idemKey string) (GrantResult, error) {
+// GrantThen is Grant, and appends then (an event about the same customer,
+// such as payments' payment.succeeded) right after credits.granted, in the
+// statement that writes the grant: one round trip less than an
+// events.Append after Grant, with the same order in the feed.
+func GrantThen(ctx context.Context, tx *gorm.DB, clock func() time.Time, in GrantInput, then events.Payload) (GrantResult, error) {
+	return grant(ctx, tx, clock, in, nil, "", then)
+}
+
+func grant(ctx context.Context, tx *gorm.DB, clock func() time.Time, in GrantInput, defaultThreshold *int64, idemKey string, then events.Payload) (GrantResult, error) {
 	if err := in.Validate(); err != nil {
 		return GrantResult{}, err
 	}
@@ -42,7 +51,7 @@ func grant(ctx context.Context, tx *gorm.DB, clock func() time.Time, in GrantInp
 	if err := validateTimes(in, clock()); err != nil {
 		return GrantResult{}, err
 	}
-	res, err := grantTx(ctx, tx, clock, in, KindGrant, defaultThreshold, idemKey)
+	res, err := grantTx(ctx, tx, clock, in, KindGrant, defaultThreshold, idemKey, then)
 	return res, db.Translate(err, grantConstraints)
 }
 
@@ -67,7 +76,7 @@ func validateTimes(in GrantInput, now time.Time) error {
 // grantTx writes the grant and its ledger entry of kind (grant, or adjust
 // for a positive adjustment, which announces itself as credits.adjusted
 // instead of credits.granted).
-func grantTx(ctx context.Context, tx *gorm.DB, clock func() time.Time, in GrantInput, kind string, defaultThreshold *int64, idemKey string) (GrantResult, error) {
+func grantTx(ctx context.Context, tx *gorm.DB, clock func() time.Time, in GrantInput, kind string, defaultThreshold *int64, idemKey string, then events.Payload) (GrantResult, error) {
 	// The balance row first: when it exists, so does the customer (its
 	// foreign key), and the two inserts that create them (each a round
 	// trip) are needed only for a customer's first grant.
@@ -128,6 +137,17 @@ func grantTx(ctx context.Context, tx *gorm.DB, clock func() time.Time, in GrantI
 	if err != nil {
 		return GrantResult{}, err
 	}
+	// The event rows: the grant's, then the caller's (GrantThen), in one
+	// VALUES list, whose rows are inserted, and their ids drawn, in order.
+	eventRows, eventArgs := "(?, ?, ?)", []any{evType, in.CustomerID, evData}
+	if then != nil {
+		thenType, thenData, err := events.Encode(then)
+		if err != nil {
+			return GrantResult{}, err
+		}
+		eventRows += ", (?, ?, ?)"
+		eventArgs = append(eventArgs, thenType, in.CustomerID, thenData)
+	}
 	// The grant, its ledger entry, its event and the balance in one
 	// statement (one round trip instead of four), with the same rows and
 	// columns as the grant, insertEntry, events.Append and account.save
@@ -143,17 +163,16 @@ func grantTx(ctx context.Context, tx *gorm.DB, clock func() time.Time, in GrantI
 				idempotency_key, created_at)
 			VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 		), event AS (
-			INSERT INTO events (type, customer_id, data) VALUES (?, ?, ?)
+			INSERT INTO events (type, customer_id, data) VALUES `+eventRows+`
 		)
 		UPDATE credit_balances SET balance = ?, next_expiry = ?, low_balance_notified = ?, held = ?, next_hold_expiry = ?,
 			default_low_balance_threshold = COALESCE(?::bigint, default_low_balance_threshold), updated_at = ?
 		WHERE customer_id = ?`,
-		grantID, in.CustomerID, in.Amount, in.Amount, string(in.Source), db.NullIfEmpty(in.PaymentID), in.Reason, meta,
-		expiresAt, now, in.priority(), in.category(), effectiveAt,
-		txID, in.CustomerID, kind, in.Amount, a.balance, in.Reason, meta, grantID, db.NullIfEmpty(in.PaymentID),
-		key, now,
-		evType, in.CustomerID, evData,
-		a.balance, a.nextExpiry, a.notified, a.held, a.nextHoldExpiry, a.defaultThreshold, a.now, in.CustomerID).Error
+		slices.Concat([]any{grantID, in.CustomerID, in.Amount, in.Amount, string(in.Source), db.NullIfEmpty(in.PaymentID), in.Reason, meta,
+			expiresAt, now, in.priority(), in.category(), effectiveAt,
+			txID, in.CustomerID, kind, in.Amount, a.balance, in.Reason, meta, grantID, db.NullIfEmpty(in.PaymentID),
+			key, now}, eventArgs,
+			[]any{a.balance, a.nextExpiry, a.notified, a.held, a.nextHoldExpiry, a.defaultThreshold, a.now, in.CustomerID})...).Error
 	if err != nil {
 		return GrantResult{}, db.Translate(err, grantConstraints)
 	}
@@ -190,7 +209,7 @@ func (s *Service) Grant(ctx context.Context, in GrantInput, key db.IdempotencyKe
 	// expires_at is checked inside Once (by grant), not here: a retry of a
 	// grant whose expiry has passed since must still replay its first answer.
 	a, replayed, err := once(ctx, s, key, "grant", func(tx *gorm.DB, threshold *int64) (grantAnswer, error) {
-		r, err := grant(ctx, tx, s.now, in, threshold, key.Key)
+		r, err := grant(ctx, tx, s.now, in, threshold, key.Key, nil)
 		return grantAnswer(r), err
 	})
 	if err != nil {

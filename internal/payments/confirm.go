@@ -303,6 +303,14 @@ func (s *Service) confirm(ctx context.Context, ev EventRef, paymentID string, c 
 		if !wrote.Updated {
 			return fmt.Errorf("payments: payment %s vanished under its lock", p.ID)
 		}
+		succeeded := events.PaymentSucceeded{
+			PaymentID: p.ID, Item: p.Item, ItemKind: string(p.ItemKind), Quantity: p.Quantity,
+			Amount: c.amountReceived, Currency: received, AmountTax: p.Checkout.AmountTax,
+			Price: p.Amount, PriceCurrency: p.Currency, Credits: p.Credits,
+			PaymentIntentID: c.paymentIntentID, InvoiceID: c.invoiceID, Method: string(p.Method), ConfirmedBy: string(c.by),
+			StripeEventID: ev.ID,
+		}
+		appended := false
 		if p.ItemKind == KindCreditPack && p.Credits > 0 {
 			expires := p.CreditsExpiry().After(now)
 			meta := map[string]string{"payment_id": p.ID, "item": p.Item}
@@ -311,7 +319,14 @@ func (s *Service) confirm(ctx context.Context, ev EventRef, paymentID string, c 
 			} else {
 				meta["payment_intent_id"] = c.paymentIntentID
 			}
-			_, err := credits.Grant(ctx, tx, s.now, credits.GrantInput{
+			// The grant's statement appends payment.succeeded too (one
+			// round trip less), unless an automatic top-up's bookkeeping
+			// comes between them in the feed.
+			var then events.Payload
+			if p.Method != MethodAutoTopUp {
+				then, appended = succeeded, true
+			}
+			_, err := credits.GrantThen(ctx, tx, s.now, credits.GrantInput{
 				CustomerID: p.CustomerID,
 				Amount:     p.Credits,
 				Reason:     fmt.Sprintf("purchase of %d × %s", p.Quantity, p.Item),
@@ -319,7 +334,7 @@ func (s *Service) confirm(ctx context.Context, ev EventRef, paymentID string, c 
 				PaymentID:  p.ID,
 				ExpiresAt:  expires,
 				Metadata:   meta,
-			})
+			}, then)
 			if err != nil {
 				return err
 			}
@@ -329,13 +344,10 @@ func (s *Service) confirm(ctx context.Context, ev EventRef, paymentID string, c 
 				return err
 			}
 		}
-		return events.Append(ctx, tx, p.CustomerID, events.PaymentSucceeded{
-			PaymentID: p.ID, Item: p.Item, ItemKind: string(p.ItemKind), Quantity: p.Quantity,
-			Amount: c.amountReceived, Currency: received, AmountTax: p.Checkout.AmountTax,
-			Price: p.Amount, PriceCurrency: p.Currency, Credits: p.Credits,
-			PaymentIntentID: c.paymentIntentID, InvoiceID: c.invoiceID, Method: string(p.Method), ConfirmedBy: string(c.by),
-			StripeEventID: ev.ID,
-		})
+		if appended {
+			return nil
+		}
+		return events.Append(ctx, tx, p.CustomerID, succeeded)
 	})
 }
 
