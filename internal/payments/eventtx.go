@@ -71,7 +71,7 @@ func (s *Service) lockForEvent(ctx context.Context, tx *gorm.DB, ev EventRef, pa
 // and operator replays change nothing.
 //
 // With ev.Inline (a webhook delivery not stored yet), the first such
-// transaction also stores the Stripe event, as its last statement: see
+// transaction also stores the Stripe event, as its first statement: see
 // InlineStore.
 func (s *Service) inEventTx(ctx context.Context, ev EventRef, paymentID string, livemode bool, paymentIntentID string, fn func(tx *gorm.DB, p Payment) error) error {
 	inline := ev.Inline
