@@ -35,9 +35,25 @@ func (s *Service) paymentFor(ctx context.Context, metadata map[string]string, by
 // PaymentIntent (when it names one) is the payment's (when it has one). A
 // Stripe object can carry a payment's metadata without being its payment.
 // An event already in the payment's history is errEventApplied.
+//
+// storedHere says tx stored the event itself, first (an InlineStore whose
+// insert went in): then no other transaction can be applying it (a copy of
+// the delivery waits on that insert, and the retry worker, a replay or a
+// catch-up only process stored events), so whatever applied it committed
+// before tx began, and the lock's statement may ask the history too, one
+// round trip less. Otherwise the history is asked after the lock: see
+// below.
 // Errors: *Rejection, errEventApplied, errs.Unavailable.
-func (s *Service) lockForEvent(ctx context.Context, tx *gorm.DB, ev EventRef, paymentID string, livemode bool, paymentIntentID string) (Payment, error) {
-	p, err := load(ctx, tx, paymentID, true)
+func (s *Service) lockForEvent(ctx context.Context, tx *gorm.DB, ev EventRef, paymentID string, livemode bool, paymentIntentID string, storedHere bool) (Payment, error) {
+	var p Payment
+	var seen bool
+	var err error
+	asked := storedHere && ev.ID != ""
+	if asked {
+		p, seen, err = loadLockedApplied(ctx, tx, paymentID, ev.ID)
+	} else {
+		p, err = load(ctx, tx, paymentID, true)
+	}
 	if errs.Is(err, errs.NotFound) {
 		return Payment{}, reject("metadata names payment %s, which tally does not know", paymentID)
 	}
@@ -55,9 +71,10 @@ func (s *Service) lockForEvent(ctx context.Context, tx *gorm.DB, ev EventRef, pa
 	// waited for the lock (READ COMMITTED takes the snapshot when a
 	// statement starts), and miss the event a transaction holding the lock
 	// just applied.
-	seen, err := eventApplied(ctx, tx, p.ID, ev)
-	if err != nil {
-		return Payment{}, err
+	if !asked {
+		if seen, err = eventApplied(ctx, tx, p.ID, ev); err != nil {
+			return Payment{}, err
+		}
 	}
 	if seen {
 		return Payment{}, errEventApplied
@@ -91,7 +108,7 @@ func (s *Service) inEventTx(ctx context.Context, ev EventRef, paymentID string, 
 				return err
 			}
 		}
-		p, err := s.lockForEvent(ctx, tx, ev, paymentID, livemode, paymentIntentID)
+		p, err := s.lockForEvent(ctx, tx, ev, paymentID, livemode, paymentIntentID, inline != nil)
 		if err != nil {
 			return err
 		}

@@ -328,6 +328,25 @@ func load(ctx context.Context, gdb *gorm.DB, id string, lock bool) (Payment, err
 	return r.payment(), nil
 }
 
+// loadLockedApplied is load with the row lock (tx a transaction), and
+// whether Stripe event eventID is in the payment's history, in one
+// statement. The history is read with that statement's snapshot, taken
+// before it waited for the lock: only a caller that knows no transaction
+// can have applied the event meanwhile may ask this way (see lockForEvent).
+func loadLockedApplied(ctx context.Context, tx *gorm.DB, id, eventID string) (Payment, bool, error) {
+	var applied bool
+	r, err := scanPayment(tx.WithContext(ctx).Raw(`SELECT `+paymentColumns+`,
+			EXISTS (SELECT 1 FROM payment_transitions t WHERE t.payment_id = payments.id AND t.stripe_event_id = ?)
+		FROM payments WHERE id = ? FOR UPDATE`, eventID, id).Row(), &applied)
+	if errors.Is(err, sql.ErrNoRows) {
+		return Payment{}, false, errs.E(errs.NotFound, "payment %s not found", id)
+	}
+	if err != nil {
+		return Payment{}, false, db.Translate(err, nil)
+	}
+	return r.payment(), applied, nil
+}
+
 // findID returns the id of the payment whose column equals value, "" if none.
 func findID(ctx context.Context, gdb *gorm.DB, column, value string) (string, error) {
 	if value == "" {
