@@ -482,6 +482,18 @@ func TestPackCheckoutSavesTheCard(t *testing.T) {
 	if c.PaymentMethod == nil || c.PaymentMethod.Brand != "mastercard" || c.PaymentMethod.Last4 != "4444" {
 		t.Fatalf("saved card %+v", c.PaymentMethod)
 	}
+	// The saver's success is stored by the confirmation's transaction as
+	// still to be processed (saving the card follows it), then recorded
+	// processed once the card is saved: each success ends processed after
+	// one attempt, nothing left due.
+	gdb := openDB(t, s)
+	if n := countRows(t, gdb, `SELECT count(*) FROM stripe_events WHERE type = 'payment_intent.succeeded'`); n != 2 {
+		t.Fatalf("%d payment_intent.succeeded stored, want 2", n)
+	}
+	if n := countRows(t, gdb, `SELECT count(*) FROM stripe_events WHERE type = 'payment_intent.succeeded'
+		AND (status <> 'processed' OR attempts <> 1 OR next_attempt_at IS NOT NULL OR processed_at IS NULL)`); n != 0 {
+		t.Fatalf("%d payment_intent.succeeded not processed after exactly one attempt", n)
+	}
 	putAutoTopUp(t, s, "saver", client.AutoTopUpSettings{Enabled: true, Threshold: 500, Item: "starter"})
 	spend(t, s, "saver", 600, "saver-1")
 	tops := autoTopUps(t, s, "saver")
@@ -491,7 +503,7 @@ func TestPackCheckoutSavesTheCard(t *testing.T) {
 	waitCharged(t, s, tops[0].Id)
 	evs.deliverNew(t, s)
 	waitPayment(t, s, tops[0].Id, client.PaymentStatusSucceeded)
-	if got := balanceOf(t, openDB(t, s), "saver"); got != 400+starterCredits {
+	if got := balanceOf(t, gdb, "saver"); got != 400+starterCredits {
 		t.Fatalf("balance %d", got)
 	}
 	assertInvariants(t, s)

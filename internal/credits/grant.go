@@ -3,6 +3,7 @@ package credits
 import (
 	"context"
 	"database/sql"
+	"slices"
 	"time"
 
 	"gorm.io/gorm"
@@ -30,10 +31,18 @@ var grantConstraints = map[string]errs.Code{
 // schema's backstop behind payments' idempotency table; PostgreSQL has then
 // aborted tx, so the caller must roll back); errs.Unavailable.
 func Grant(ctx context.Context, tx *gorm.DB, clock func() time.Time, in GrantInput) (GrantResult, error) {
-	return grant(ctx, tx, clock, in, nil, "")
+	return grant(ctx, tx, clock, in, nil, "", nil)
 }
 
-func grant(ctx context.Context, tx *gorm.DB, clock func() time.Time, in GrantInput, defaultThreshold *int64, idemKey string) (GrantResult, error) {
+// GrantThen is Grant, and appends then (an event about the same customer,
+// such as payments' payment.succeeded) right after credits.granted, in the
+// statement that writes the grant: one round trip less than an
+// events.Append after Grant, with the same order in the feed.
+func GrantThen(ctx context.Context, tx *gorm.DB, clock func() time.Time, in GrantInput, then events.Payload) (GrantResult, error) {
+	return grant(ctx, tx, clock, in, nil, "", then)
+}
+
+func grant(ctx context.Context, tx *gorm.DB, clock func() time.Time, in GrantInput, defaultThreshold *int64, idemKey string, then events.Payload) (GrantResult, error) {
 	if err := in.Validate(); err != nil {
 		return GrantResult{}, err
 	}
@@ -42,7 +51,7 @@ func grant(ctx context.Context, tx *gorm.DB, clock func() time.Time, in GrantInp
 	if err := validateTimes(in, clock()); err != nil {
 		return GrantResult{}, err
 	}
-	res, err := grantTx(ctx, tx, clock, in, KindGrant, defaultThreshold, idemKey)
+	res, err := grantTx(ctx, tx, clock, in, KindGrant, defaultThreshold, idemKey, then)
 	return res, db.Translate(err, grantConstraints)
 }
 
@@ -67,13 +76,21 @@ func validateTimes(in GrantInput, now time.Time) error {
 // grantTx writes the grant and its ledger entry of kind (grant, or adjust
 // for a positive adjustment, which announces itself as credits.adjusted
 // instead of credits.granted).
-func grantTx(ctx context.Context, tx *gorm.DB, clock func() time.Time, in GrantInput, kind string, defaultThreshold *int64, idemKey string) (GrantResult, error) {
-	if _, err := customers.Ensure(ctx, tx, in.CustomerID, clock()); err != nil {
-		return GrantResult{}, err
-	}
-	a, err := ensureAccount(ctx, tx, in.CustomerID, clock, defaultThreshold)
+func grantTx(ctx context.Context, tx *gorm.DB, clock func() time.Time, in GrantInput, kind string, defaultThreshold *int64, idemKey string, then events.Payload) (GrantResult, error) {
+	// The balance row first: when it exists, so does the customer (its
+	// foreign key), and the two inserts that create them (each a round
+	// trip) are needed only for a customer's first grant.
+	a, found, err := lockAccount(ctx, tx, in.CustomerID, clock, defaultThreshold)
 	if err != nil {
 		return GrantResult{}, err
+	}
+	if !found {
+		if _, err := customers.Ensure(ctx, tx, in.CustomerID, clock()); err != nil {
+			return GrantResult{}, err
+		}
+		if a, err = ensureAccount(ctx, tx, in.CustomerID, clock, defaultThreshold); err != nil {
+			return GrantResult{}, err
+		}
 	}
 	now := a.now
 	if err := validateTimes(in, now); err != nil {
@@ -94,14 +111,6 @@ func grantTx(ctx context.Context, tx *gorm.DB, clock func() time.Time, in GrantI
 		expiresAt = &t
 	}
 	grantID := db.NewID("grt")
-	err = tx.WithContext(ctx).Create(&grantRow{
-		ID: grantID, CustomerID: in.CustomerID, Amount: in.Amount, Remaining: in.Amount, Source: string(in.Source),
-		PaymentID: db.NullIfEmpty(in.PaymentID), Reason: in.Reason, Metadata: meta, ExpiresAt: expiresAt, CreatedAt: now,
-		Priority: in.priority(), Category: in.category(), EffectiveAt: effectiveAt,
-	}).Error
-	if err != nil {
-		return GrantResult{}, db.Translate(err, grantConstraints)
-	}
 	a.balance += in.Amount
 	if effectiveAt != nil && effectiveAt.After(now) {
 		a.pending += in.Amount
@@ -110,20 +119,10 @@ func grantTx(ctx context.Context, tx *gorm.DB, clock func() time.Time, in GrantI
 		a.nextExpiry = sql.NullTime{Time: *expiresAt, Valid: true}
 	}
 	a.lowBalance(false)
-	if err := a.save(ctx, tx); err != nil {
-		return GrantResult{}, err
-	}
 	txID := db.NewID("ctx")
 	var key *string
 	if idemKey != "" {
 		key = &idemKey
-	}
-	if err := insertEntry(ctx, tx, entryRow{
-		ID: txID, CustomerID: in.CustomerID, Kind: kind, Amount: in.Amount, BalanceAfter: a.balance,
-		Reason: in.Reason, Metadata: in.Metadata, GrantID: &grantID, PaymentID: db.NullIfEmpty(in.PaymentID),
-		IdempotencyKey: key, CreatedAt: now,
-	}); err != nil {
-		return GrantResult{}, err
 	}
 	var ev events.Payload = events.CreditsGranted{
 		CustomerID: in.CustomerID, GrantID: grantID, TransactionID: txID, Amount: in.Amount, Balance: a.balance,
@@ -134,8 +133,48 @@ func grantTx(ctx context.Context, tx *gorm.DB, clock func() time.Time, in GrantI
 		ev = events.CreditsAdjusted{CustomerID: in.CustomerID, TransactionID: txID, Amount: in.Amount, Balance: a.balance,
 			Reason: in.Reason, GrantID: grantID}
 	}
-	if err := events.Append(ctx, tx, in.CustomerID, ev); err != nil {
+	evType, evData, err := events.Encode(ev)
+	if err != nil {
 		return GrantResult{}, err
+	}
+	// The event rows: the grant's, then the caller's (GrantThen), in one
+	// VALUES list, whose rows are inserted, and their ids drawn, in order.
+	eventRows, eventArgs := "(?, ?, ?)", []any{evType, in.CustomerID, evData}
+	if then != nil {
+		thenType, thenData, err := events.Encode(then)
+		if err != nil {
+			return GrantResult{}, err
+		}
+		eventRows += ", (?, ?, ?)"
+		eventArgs = append(eventArgs, thenType, in.CustomerID, thenData)
+	}
+	// The grant, its ledger entry, its event and the balance in one
+	// statement (one round trip instead of four), with the same rows and
+	// columns as the grant, insertEntry, events.Append and account.save
+	// write: the ledger entry's foreign key to the grant is checked at the
+	// end of the statement, once both exist, and the event follows the
+	// entry in the feed as before (ids are drawn in the order written).
+	err = tx.WithContext(ctx).Exec(`WITH grant_row AS (
+			INSERT INTO credit_grants (id, customer_id, amount, remaining, source, payment_id, reason, metadata,
+				expires_at, created_at, priority, category, effective_at)
+			VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+		), entry AS (
+			INSERT INTO credit_ledger (id, customer_id, kind, amount, balance_after, reason, metadata, grant_id, payment_id,
+				idempotency_key, created_at)
+			VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+		), event AS (
+			INSERT INTO events (type, customer_id, data) VALUES `+eventRows+`
+		)
+		UPDATE credit_balances SET balance = ?, next_expiry = ?, low_balance_notified = ?, held = ?, next_hold_expiry = ?,
+			default_low_balance_threshold = COALESCE(?::bigint, default_low_balance_threshold), updated_at = ?
+		WHERE customer_id = ?`,
+		slices.Concat([]any{grantID, in.CustomerID, in.Amount, in.Amount, string(in.Source), db.NullIfEmpty(in.PaymentID), in.Reason, meta,
+			expiresAt, now, in.priority(), in.category(), effectiveAt,
+			txID, in.CustomerID, kind, in.Amount, a.balance, in.Reason, meta, grantID, db.NullIfEmpty(in.PaymentID),
+			key, now}, eventArgs,
+			[]any{a.balance, a.nextExpiry, a.notified, a.held, a.nextHoldExpiry, a.defaultThreshold, a.now, in.CustomerID})...).Error
+	if err != nil {
+		return GrantResult{}, db.Translate(err, grantConstraints)
 	}
 	return GrantResult{TransactionID: txID, GrantID: grantID, Amount: in.Amount, Balance: a.balance, ExpiresAt: expiresAt,
 		Priority: in.priority(), Category: in.category(), EffectiveAt: effectiveAt}, nil
@@ -170,7 +209,7 @@ func (s *Service) Grant(ctx context.Context, in GrantInput, key db.IdempotencyKe
 	// expires_at is checked inside Once (by grant), not here: a retry of a
 	// grant whose expiry has passed since must still replay its first answer.
 	a, replayed, err := once(ctx, s, key, "grant", func(tx *gorm.DB, threshold *int64) (grantAnswer, error) {
-		r, err := grant(ctx, tx, s.now, in, threshold, key.Key)
+		r, err := grant(ctx, tx, s.now, in, threshold, key.Key, nil)
 		return grantAnswer(r), err
 	})
 	if err != nil {

@@ -192,7 +192,7 @@ func (s *Service) Adjust(ctx context.Context, in AdjustInput, key db.Idempotency
 			if err := validateTimes(gi, s.now()); err != nil {
 				return AdjustResult{}, err
 			}
-			r, err := grantTx(ctx, tx, s.now, gi, KindAdjust, threshold, key.Key)
+			r, err := grantTx(ctx, tx, s.now, gi, KindAdjust, threshold, key.Key, nil)
 			if err != nil {
 				return AdjustResult{}, db.Translate(err, grantConstraints)
 			}

@@ -308,7 +308,7 @@ func restore(ctx context.Context, tx *gorm.DB, clock func() time.Time, in Restor
 		if err := gi.Validate(); err != nil {
 			return RestoreResult{}, err
 		}
-		g, err := grantTx(ctx, tx, clock, gi, KindGrant, nil, "")
+		g, err := grantTx(ctx, tx, clock, gi, KindGrant, nil, "", nil)
 		if err != nil {
 			return RestoreResult{}, err
 		}

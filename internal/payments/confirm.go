@@ -7,7 +7,6 @@ import (
 	"strings"
 
 	"gorm.io/gorm"
-	"gorm.io/gorm/clause"
 
 	"github.com/tallybilling/tally/internal/config"
 	"github.com/tallybilling/tally/internal/credits"
@@ -38,6 +37,11 @@ type confirmation struct {
 	invoice *StripeInvoice
 	// by is what confirms: recorded as the payment's confirmed_by.
 	by ConfirmedBy
+	// gate, when set, runs first in the transaction, on the locked
+	// payment, before anything is written: skip ends the confirmation
+	// there as a no-op (the event is still stored, see InlineStore), an
+	// error rolls it back.
+	gate func(p Payment) (skip bool, err error)
 }
 
 // PaymentIntentSucceeded is the only event that credits or fulfils a
@@ -69,6 +73,39 @@ func (s *Service) paymentIntentSucceeded(ctx context.Context, ev EventRef, pi Pa
 	if err != nil {
 		return err
 	}
+	// First straight into the confirmation's transaction: what the read
+	// below decides (the strategy, whether Stripe must be asked for the
+	// session, whether a card is to be saved) is decided there from the
+	// locked payment, before anything is written, which saves that read
+	// whenever Stripe need not be asked (the session's event linked the
+	// PaymentIntent first, as it usually does). When it must be, the
+	// transaction ends there, with nothing written, and the read, the
+	// question to Stripe and the confirmation follow as below: Stripe is
+	// never asked under the payment's lock.
+	saveCard := false
+	c := confirmation{paymentIntentID: pi.ID, amountReceived: pi.AmountReceived, currency: pi.Currency,
+		livemode: pi.Livemode, customerID: pi.Metadata[stripeapi.MetadataCustomerID], by: by,
+		gate: func(p Payment) (bool, error) {
+			if s.strategy(p) != config.ConfirmOnPaymentIntent {
+				// The legacy strategy, as below: nothing to write.
+				ev.completes(true)
+				return true, nil
+			}
+			if !sessionKnown(p, pi.ID) {
+				return false, errAskStripe
+			}
+			saveCard = pi.PaymentMethod != "" && p.SavePaymentMethod && p.Method == MethodCheckout
+			ev.completes(!saveCard)
+			return false, nil
+		}}
+	err = s.confirm(ctx, ev, id, c)
+	switch {
+	case errors.Is(err, errAskStripe):
+	case err != nil || !saveCard:
+		return err
+	default:
+		return s.saveCardOfPayment(ctx, ev, id, pi)
+	}
 	// One read outside the transaction serves the strategy and the
 	// question whether Stripe must be asked for the session: neither may
 	// wait under the payment's lock, and lockForEvent checks again.
@@ -87,15 +124,22 @@ func (s *Service) paymentIntentSucceeded(ctx context.Context, ev EventRef, pi Pa
 	if strategy != config.ConfirmOnPaymentIntent {
 		// Legacy strategy: the Checkout Session events credit. The
 		// PaymentIntent is linked by them, from the session tally created.
+		ev.completes(true)
 		return s.inEventTx(ctx, ev, id, pi.Livemode, pi.ID, func(*gorm.DB, Payment) error { return nil })
 	}
 	session, err := s.sessionToVerify(ctx, known, id, pi.ID)
 	if err != nil {
 		return err
 	}
-	err = s.confirm(ctx, ev, id, confirmation{paymentIntentID: pi.ID, amountReceived: pi.AmountReceived, currency: pi.Currency,
-		livemode: pi.Livemode, customerID: pi.Metadata[stripeapi.MetadataCustomerID], session: session, by: by})
-	if err != nil {
+	// Whether a card is to be saved after the confirmation: without a
+	// payment method, or for a payment whose buyer did not ask (both never
+	// change once the payment exists), saveCardOfPayment has nothing to do,
+	// so the confirmation completes the event.
+	saveCard = pi.PaymentMethod != "" && (known == nil || (known.SavePaymentMethod && known.Method == MethodCheckout))
+	ev.completes(!saveCard)
+	c.gate, c.session = nil, session
+	err = s.confirm(ctx, ev, id, c)
+	if err != nil || !saveCard {
 		return err
 	}
 	// Once credited, the card becomes the default when the buyer asked to
@@ -142,6 +186,11 @@ func (s *Service) strategy(p Payment) string {
 // A confirmation by the key already on record is a no-op.
 func (s *Service) confirm(ctx context.Context, ev EventRef, paymentID string, c confirmation) error {
 	return s.inEventTx(ctx, ev, paymentID, c.livemode, c.paymentIntentID, func(tx *gorm.DB, p Payment) error {
+		if c.gate != nil {
+			if skip, err := c.gate(p); skip || err != nil {
+				return err
+			}
+		}
 		byInvoice := c.invoiceID != ""
 		if byInvoice == (c.paymentIntentID != "") {
 			return reject("no PaymentIntent or invoice (exactly one) to confirm payment %s by", p.ID)
@@ -192,15 +241,48 @@ func (s *Service) confirm(ctx context.Context, ev EventRef, paymentID string, c 
 				return err
 			}
 		}
-		// No conflict target: a second row for the key or for the payment
-		// (any of the unique constraints) inserts nothing.
-		res := tx.WithContext(ctx).Model(&confirmationRow{}).Clauses(clause.OnConflict{DoNothing: true}).
-			Create(map[string]any{"payment_intent_id": db.NullIfEmpty(c.paymentIntentID), "invoice_id": db.NullIfEmpty(c.invoiceID),
-				"payment_id": p.ID, "stripe_event_id": db.NullIfEmpty(ev.ID)})
-		if res.Error != nil {
-			return db.Translate(res.Error, nil)
+		now := s.now()
+		received := strings.ToLower(c.currency)
+		allowed := Allowed(p.Status, Succeeded) // as transition decides
+		// The guard's row, the transition and the payment's new columns in
+		// one statement (one round trip instead of three), each write gated
+		// on the one before as the statements were: the transition only
+		// once the guard's row is in, the payment only once the transition
+		// is. The confirmation has no conflict target: a second row for the
+		// key or for the payment (any of the unique constraints) inserts
+		// nothing; the transition's unique (payment_id, stripe_event_id)
+		// keeps an event in the history once (see record), and a move the
+		// state machine refuses is recorded as refused (then rolled back
+		// with the refusal, as before).
+		setPaymentIntent := ""
+		var args []any
+		args = append(args, db.NullIfEmpty(c.paymentIntentID), db.NullIfEmpty(c.invoiceID), p.ID, db.NullIfEmpty(ev.ID),
+			p.ID, string(p.Status), string(Succeeded), allowed, db.NullIfEmpty(ev.ID), db.NullIfEmpty(ev.Type), "payment received", ev.source(),
+			string(Succeeded), c.amountReceived, received, now, now, string(c.by))
+		if !byInvoice {
+			setPaymentIntent = ", payment_intent_id = ?"
+			args = append(args, c.paymentIntentID)
 		}
-		if res.RowsAffected == 0 {
+		args = append(args, p.ID, allowed)
+		var wrote struct{ Confirmed, Recorded, Updated bool }
+		err := tx.WithContext(ctx).Raw(`WITH guard AS (
+				INSERT INTO payment_confirmations (payment_intent_id, invoice_id, payment_id, stripe_event_id)
+				VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING RETURNING 1
+			), history AS (
+				INSERT INTO payment_transitions (payment_id, from_status, to_status, applied, stripe_event_id, stripe_event_type, reason, source)
+				SELECT ?, ?, ?, ?::boolean, ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM guard)
+				ON CONFLICT (payment_id, stripe_event_id) WHERE stripe_event_id IS NOT NULL DO NOTHING RETURNING 1
+			), moved AS (
+				UPDATE payments SET status = ?, amount_received = ?, received_currency = ?, succeeded_at = ?, failure_reason = NULL,
+					updated_at = ?, confirmed_by = ?`+setPaymentIntent+`
+				WHERE id = ? AND ?::boolean AND EXISTS (SELECT 1 FROM history) RETURNING 1
+			)
+			SELECT EXISTS (SELECT 1 FROM guard) AS confirmed, EXISTS (SELECT 1 FROM history) AS recorded,
+				EXISTS (SELECT 1 FROM moved) AS updated`, args...).Scan(&wrote).Error
+		if err != nil {
+			return db.Translate(err, map[string]errs.Code{"payments_payment_intent_id_key": errs.Conflict})
+		}
+		if !wrote.Confirmed {
 			if p.SucceededAt == nil {
 				if done, err := confirmedBefore(ctx, tx, p, c); done || err != nil {
 					if err == nil {
@@ -212,26 +294,23 @@ func (s *Service) confirm(ctx context.Context, ev EventRef, paymentID string, c 
 			}
 			return reject("%s already confirmed another payment than %s", c.key(), p.ID)
 		}
-		ok, err := transition(ctx, tx, p, Succeeded, ev, "payment received")
-		if err != nil {
-			return err
+		if !wrote.Recorded {
+			return errEventApplied // as record: the event is in the history already
 		}
-		if !ok {
+		if !allowed {
 			return reject("payment %s is %s and cannot become succeeded", p.ID, p.Status)
 		}
-		now := s.now()
-		received := strings.ToLower(c.currency)
-		columns := map[string]any{
-			"status": string(Succeeded), "amount_received": c.amountReceived, "received_currency": received,
-			"succeeded_at": now, "failure_reason": nil, "updated_at": now, "confirmed_by": string(c.by),
+		if !wrote.Updated {
+			return fmt.Errorf("payments: payment %s vanished under its lock", p.ID)
 		}
-		if !byInvoice {
-			columns["payment_intent_id"] = c.paymentIntentID
+		succeeded := events.PaymentSucceeded{
+			PaymentID: p.ID, Item: p.Item, ItemKind: string(p.ItemKind), Quantity: p.Quantity,
+			Amount: c.amountReceived, Currency: received, AmountTax: p.Checkout.AmountTax,
+			Price: p.Amount, PriceCurrency: p.Currency, Credits: p.Credits,
+			PaymentIntentID: c.paymentIntentID, InvoiceID: c.invoiceID, Method: string(p.Method), ConfirmedBy: string(c.by),
+			StripeEventID: ev.ID,
 		}
-		err = tx.WithContext(ctx).Model(&paymentRow{}).Where("id = ?", p.ID).Updates(columns).Error
-		if err != nil {
-			return db.Translate(err, map[string]errs.Code{"payments_payment_intent_id_key": errs.Conflict})
-		}
+		appended := false
 		if p.ItemKind == KindCreditPack && p.Credits > 0 {
 			expires := p.CreditsExpiry().After(now)
 			meta := map[string]string{"payment_id": p.ID, "item": p.Item}
@@ -240,7 +319,14 @@ func (s *Service) confirm(ctx context.Context, ev EventRef, paymentID string, c 
 			} else {
 				meta["payment_intent_id"] = c.paymentIntentID
 			}
-			_, err := credits.Grant(ctx, tx, s.now, credits.GrantInput{
+			// The grant's statement appends payment.succeeded too (one
+			// round trip less), unless an automatic top-up's bookkeeping
+			// comes between them in the feed.
+			var then events.Payload
+			if p.Method != MethodAutoTopUp {
+				then, appended = succeeded, true
+			}
+			_, err := credits.GrantThen(ctx, tx, s.now, credits.GrantInput{
 				CustomerID: p.CustomerID,
 				Amount:     p.Credits,
 				Reason:     fmt.Sprintf("purchase of %d × %s", p.Quantity, p.Item),
@@ -248,7 +334,7 @@ func (s *Service) confirm(ctx context.Context, ev EventRef, paymentID string, c 
 				PaymentID:  p.ID,
 				ExpiresAt:  expires,
 				Metadata:   meta,
-			})
+			}, then)
 			if err != nil {
 				return err
 			}
@@ -258,15 +344,16 @@ func (s *Service) confirm(ctx context.Context, ev EventRef, paymentID string, c 
 				return err
 			}
 		}
-		return events.Append(ctx, tx, p.CustomerID, events.PaymentSucceeded{
-			PaymentID: p.ID, Item: p.Item, ItemKind: string(p.ItemKind), Quantity: p.Quantity,
-			Amount: c.amountReceived, Currency: received, AmountTax: p.Checkout.AmountTax,
-			Price: p.Amount, PriceCurrency: p.Currency, Credits: p.Credits,
-			PaymentIntentID: c.paymentIntentID, InvoiceID: c.invoiceID, Method: string(p.Method), ConfirmedBy: string(c.by),
-			StripeEventID: ev.ID,
-		})
+		if appended {
+			return nil
+		}
+		return events.Append(ctx, tx, p.CustomerID, succeeded)
 	})
 }
+
+// errAskStripe ends a confirmation's transaction whose gate found that the
+// Checkout Session must be retrieved from Stripe first (paymentIntentSucceeded).
+var errAskStripe = errors.New("payments: the Checkout Session must be asked for first")
 
 // confirmedBefore looks for payment p's confirmation: by c's key already
 // (done: a redelivery, a replay, a sync or the other strategy; nothing to
@@ -315,7 +402,17 @@ func (s *Service) CheckoutSessionCompleted(ctx context.Context, ev EventRef, cs 
 	if cs.Mode == "setup" {
 		return s.SetupSessionCompleted(ctx, ev, cs)
 	}
-	id, strategy, err := s.linkSession(ctx, ev, cs)
+	id, strategy, err := s.linkSession(ctx, ev, cs, func(strategy string) bool {
+		// Whether linking completes the event: nothing below moves money
+		// or subscribes (the conditions of the steps that follow).
+		switch {
+		case cs.Mode == "subscription":
+			return cs.PaymentStatus != "paid" && cs.PaymentStatus != "no_payment_required"
+		case strategy == config.ConfirmOnCheckoutSession:
+			return cs.PaymentStatus != "paid"
+		}
+		return true
+	})
 	if err != nil {
 		return err
 	}
@@ -336,7 +433,9 @@ func (s *Service) CheckoutSessionCompleted(ctx context.Context, ev EventRef, cs 
 // (a delayed payment method cleared); otherwise it only links ids, since
 // payment_intent.succeeded does the crediting.
 func (s *Service) CheckoutSessionAsyncSucceeded(ctx context.Context, ev EventRef, cs CheckoutSession) error {
-	id, strategy, err := s.linkSession(ctx, ev, cs)
+	id, strategy, err := s.linkSession(ctx, ev, cs, func(strategy string) bool {
+		return strategy != config.ConfirmOnCheckoutSession || cs.Mode == "subscription"
+	})
 	if err != nil {
 		return err
 	}
@@ -350,8 +449,10 @@ func (s *Service) CheckoutSessionAsyncSucceeded(ctx context.Context, ev EventRef
 // session's Stripe ids and amounts on it, as every successful session event
 // does first; the session must be the one tally created for the payment.
 // It answers the payment and its confirmation strategy (strategyOf).
+// last says, given the strategy, whether linking completes the event (no
+// step of the caller follows it: see EventRef.completes).
 // Errors: ErrNotOurs, *Rejection, errs.Unavailable.
-func (s *Service) linkSession(ctx context.Context, ev EventRef, cs CheckoutSession) (id, strategy string, err error) {
+func (s *Service) linkSession(ctx context.Context, ev EventRef, cs CheckoutSession, last func(strategy string) bool) (id, strategy string, err error) {
 	id, err = s.sessionPayment(ctx, cs)
 	if err != nil {
 		return "", "", err
@@ -360,6 +461,7 @@ func (s *Service) linkSession(ctx context.Context, ev EventRef, cs CheckoutSessi
 		// The strategy never changes once the payment exists: read here,
 		// under the lock the link takes anyway, it costs no extra query.
 		strategy = s.strategy(p)
+		ev.completes(last(strategy))
 		return s.recordSession(ctx, tx, &p, cs)
 	})
 	if err != nil {

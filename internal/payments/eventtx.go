@@ -35,9 +35,25 @@ func (s *Service) paymentFor(ctx context.Context, metadata map[string]string, by
 // PaymentIntent (when it names one) is the payment's (when it has one). A
 // Stripe object can carry a payment's metadata without being its payment.
 // An event already in the payment's history is errEventApplied.
+//
+// storedHere says tx stored the event itself, first (an InlineStore whose
+// insert went in): then no other transaction can be applying it (a copy of
+// the delivery waits on that insert, and the retry worker, a replay or a
+// catch-up only process stored events), so whatever applied it committed
+// before tx began, and the lock's statement may ask the history too, one
+// round trip less. Otherwise the history is asked after the lock: see
+// below.
 // Errors: *Rejection, errEventApplied, errs.Unavailable.
-func (s *Service) lockForEvent(ctx context.Context, tx *gorm.DB, ev EventRef, paymentID string, livemode bool, paymentIntentID string) (Payment, error) {
-	p, err := load(ctx, tx, paymentID, true)
+func (s *Service) lockForEvent(ctx context.Context, tx *gorm.DB, ev EventRef, paymentID string, livemode bool, paymentIntentID string, storedHere bool) (Payment, error) {
+	var p Payment
+	var seen bool
+	var err error
+	asked := storedHere && ev.ID != ""
+	if asked {
+		p, seen, err = loadLockedApplied(ctx, tx, paymentID, ev.ID)
+	} else {
+		p, err = load(ctx, tx, paymentID, true)
+	}
 	if errs.Is(err, errs.NotFound) {
 		return Payment{}, reject("metadata names payment %s, which tally does not know", paymentID)
 	}
@@ -50,9 +66,15 @@ func (s *Service) lockForEvent(ctx context.Context, tx *gorm.DB, ev EventRef, pa
 	if paymentIntentID != "" && p.PaymentIntentID != "" && paymentIntentID != p.PaymentIntentID {
 		return Payment{}, reject("payment %s belongs to PaymentIntent %s, not %s", p.ID, p.PaymentIntentID, paymentIntentID)
 	}
-	seen, err := eventApplied(ctx, tx, p.ID, ev)
-	if err != nil {
-		return Payment{}, err
+	// A statement of its own, after the lock: asked in the locking
+	// statement, it would read the history as of before that statement
+	// waited for the lock (READ COMMITTED takes the snapshot when a
+	// statement starts), and miss the event a transaction holding the lock
+	// just applied.
+	if !asked {
+		if seen, err = eventApplied(ctx, tx, p.ID, ev); err != nil {
+			return Payment{}, err
+		}
 	}
 	if seen {
 		return Payment{}, errEventApplied
@@ -64,18 +86,95 @@ func (s *Service) lockForEvent(ctx context.Context, tx *gorm.DB, ev EventRef, pa
 // lockForEvent let it through. An event already applied to the payment
 // (found then, or by fn's transition) rolls back to a no-op: redeliveries
 // and operator replays change nothing.
+//
+// With ev.Inline (a webhook delivery not stored yet), the first such
+// transaction also stores the Stripe event, as its first statement: see
+// InlineStore.
 func (s *Service) inEventTx(ctx context.Context, ev EventRef, paymentID string, livemode bool, paymentIntentID string, fn func(tx *gorm.DB, p Payment) error) error {
+	inline := ev.Inline
+	if inline != nil && inline.stored {
+		inline = nil // an earlier step of the same event stored it
+	}
+	var processed bool
 	err := db.InTx(ctx, s.db, func(tx *gorm.DB) error {
-		p, err := s.lockForEvent(ctx, tx, ev, paymentID, livemode, paymentIntentID)
+		if inline != nil {
+			// First, before the payment's lock: a copy of the delivery
+			// racing this one waits here for this transaction, holding
+			// nothing (so no two wait for each other), and then finds the
+			// event stored (or, should this transaction roll back, stores
+			// and applies it itself); it costs the payment nothing. Stored
+			// as processed, unless fn says a step follows (below).
+			if err := inline.Store(ctx, tx, true); err != nil {
+				return err
+			}
+		}
+		p, err := s.lockForEvent(ctx, tx, ev, paymentID, livemode, paymentIntentID, inline != nil)
 		if err != nil {
 			return err
 		}
-		return fn(tx, p)
+		if err := fn(tx, p); err != nil {
+			return err
+		}
+		if inline == nil {
+			return nil
+		}
+		if processed = inline.final; !processed {
+			return inline.Pending(ctx, tx)
+		}
+		return nil
 	})
+	if err == nil && inline != nil {
+		inline.stored, inline.processed = true, processed
+	}
 	if errors.Is(err, errEventApplied) {
 		return nil
 	}
 	return err
+}
+
+// InlineStore lets the webhook intake store a delivered Stripe event in
+// the transaction that applies it, rather than in a transaction (and a
+// synchronous commit) of its own before it: internal/stripehook sets it on
+// the EventRef of the event types whose processing begins with inEventTx,
+// and payments calls Store as the first statement of the first inEventTx
+// transaction of the event. The delivery is acknowledged only once that
+// transaction committed (Stored), so it is acknowledged only once durably
+// stored, as before; when the transaction rolls back, the event was not
+// stored either, and the intake stores it as it always did and records
+// what processing did (a failure is retried, a refusal parked).
+//
+// The event is stored as processed, so no further statement records its
+// outcome, when that transaction completes it: nothing of it remains to be
+// done afterwards (see EventRef.completes). Otherwise Pending turns it, in
+// the same transaction, into what a delivery stored before processing is
+// (received, under a lease, for the retry worker should this instance
+// die), and its outcome is recorded after the remaining steps, as before.
+type InlineStore struct {
+	// Store inserts the event in tx (an error rolls tx back: Store
+	// answers one when a copy of the delivery stored the event first).
+	Store func(ctx context.Context, tx *gorm.DB, processed bool) error
+	// Pending turns the event Store inserted as processed into one still
+	// to be processed, in the same transaction tx.
+	Pending func(ctx context.Context, tx *gorm.DB) error
+
+	final     bool
+	stored    bool
+	processed bool
+}
+
+// Stored reports whether a transaction that stored the event committed, and
+// whether it stored it as processed.
+func (s *InlineStore) Stored() (stored, processed bool) { return s.stored, s.processed }
+
+// completes says, inside the transaction that stores the event (before
+// its fn returns), whether that transaction applies all of the event
+// (final) or a step follows it. Without it the event is stored as not done
+// yet, which is always safe: its outcome is then recorded once every step
+// ran.
+func (ev EventRef) completes(final bool) {
+	if ev.Inline != nil && !ev.Inline.stored {
+		ev.Inline.final = final
+	}
 }
 
 // sessionPayment finds the payment a Checkout Session names, as paymentFor.

@@ -48,6 +48,9 @@ type EventRef struct {
 	// event: SourceSync for what a sync with Stripe found. Empty means a
 	// webhook (with an ID) or the API (without).
 	Source string
+	// Inline, when set, stores the event in the transaction that applies
+	// it (see InlineStore); nil when the event is stored already.
+	Inline *InlineStore
 }
 
 // The sources of a transition (payment_transitions.source).
@@ -111,10 +114,11 @@ func eventApplied(ctx context.Context, tx *gorm.DB, id string, ev EventRef) (boo
 	if ev.ID == "" {
 		return false, nil
 	}
-	var n int64
-	err := tx.WithContext(ctx).Model(&transitionRow{}).Where("payment_id = ? AND stripe_event_id = ?", id, ev.ID).Count(&n).Error
+	var applied bool
+	err := tx.WithContext(ctx).Raw(`SELECT EXISTS (SELECT 1 FROM payment_transitions WHERE payment_id = ? AND stripe_event_id = ?)`,
+		id, ev.ID).Row().Scan(&applied)
 	if err != nil {
 		return false, db.Translate(err, nil)
 	}
-	return n > 0, nil
+	return applied, nil
 }

@@ -9,6 +9,7 @@ package payments
 
 import (
 	"context"
+	"database/sql"
 	"encoding/base64"
 	"errors"
 	"fmt"
@@ -16,7 +17,6 @@ import (
 	"time"
 
 	"gorm.io/gorm"
-	"gorm.io/gorm/clause"
 
 	"github.com/tallybilling/tally/internal/catalog"
 	"github.com/tallybilling/tally/internal/config"
@@ -314,19 +314,37 @@ func (p Payment) CreditsExpiry() catalog.Expiry {
 // load reads one payment through gdb; lock takes its row lock (gdb must then
 // be a transaction). Errors: errs.NotFound.
 func load(ctx context.Context, gdb *gorm.DB, id string, lock bool) (Payment, error) {
-	q := gdb.WithContext(ctx)
+	q := `SELECT ` + paymentColumns + ` FROM payments WHERE id = ?`
 	if lock {
-		q = q.Clauses(clause.Locking{Strength: "UPDATE"})
+		q += ` FOR UPDATE`
 	}
-	var r paymentRow
-	err := q.Where("id = ?", id).Take(&r).Error
-	if errors.Is(err, gorm.ErrRecordNotFound) {
+	r, err := scanPayment(gdb.WithContext(ctx).Raw(q, id).Row())
+	if errors.Is(err, sql.ErrNoRows) {
 		return Payment{}, errs.E(errs.NotFound, "payment %s not found", id)
 	}
 	if err != nil {
 		return Payment{}, db.Translate(err, nil)
 	}
 	return r.payment(), nil
+}
+
+// loadLockedApplied is load with the row lock (tx a transaction), and
+// whether Stripe event eventID is in the payment's history, in one
+// statement. The history is read with that statement's snapshot, taken
+// before it waited for the lock: only a caller that knows no transaction
+// can have applied the event meanwhile may ask this way (see lockForEvent).
+func loadLockedApplied(ctx context.Context, tx *gorm.DB, id, eventID string) (Payment, bool, error) {
+	var applied bool
+	r, err := scanPayment(tx.WithContext(ctx).Raw(`SELECT `+paymentColumns+`,
+			EXISTS (SELECT 1 FROM payment_transitions t WHERE t.payment_id = payments.id AND t.stripe_event_id = ?)
+		FROM payments WHERE id = ? FOR UPDATE`, eventID, id).Row(), &applied)
+	if errors.Is(err, sql.ErrNoRows) {
+		return Payment{}, false, errs.E(errs.NotFound, "payment %s not found", id)
+	}
+	if err != nil {
+		return Payment{}, false, db.Translate(err, nil)
+	}
+	return r.payment(), applied, nil
 }
 
 // findID returns the id of the payment whose column equals value, "" if none.

@@ -85,12 +85,8 @@ func (s *Service) sessionToVerify(ctx context.Context, p *Payment, paymentID, pi
 	switch {
 	case p == nil:
 		return nil, nil // lockForEvent refuses it
-	case p.PaymentIntentID != "" && p.PaymentIntentID != piID:
-		return nil, nil // lockForEvent refuses it
-	case p.PaymentIntentID == piID && (p.Checkout.Known() || p.Status == Succeeded || p.Status == Refunded):
-		return nil, nil // linked by the session, or confirmed already
-	case p.CheckoutSessionID == "":
-		return nil, nil // nothing to ask Stripe about: checkAmounts refuses it
+	case sessionKnown(*p, piID):
+		return nil, nil
 	case s.stripe == nil:
 		return nil, errs.E(errs.Unavailable, "PaymentIntent %s of payment %s cannot be checked against its Checkout Session: no Stripe key is configured", piID, paymentID)
 	}
@@ -100,6 +96,20 @@ func (s *Service) sessionToVerify(ctx context.Context, p *Payment, paymentID, pi
 	}
 	cs := fromStripe(got)
 	return &cs, nil
+}
+
+// sessionKnown reports whether a success of PaymentIntent piID needs no
+// Checkout Session from Stripe to be checked against (sessionToVerify).
+func sessionKnown(p Payment, piID string) bool {
+	switch {
+	case p.PaymentIntentID != "" && p.PaymentIntentID != piID:
+		return true // lockForEvent refuses it
+	case p.PaymentIntentID == piID && (p.Checkout.Known() || p.Status == Succeeded || p.Status == Refunded):
+		return true // linked by the session, or confirmed already
+	case p.CheckoutSessionID == "":
+		return true // nothing to ask Stripe about: checkAmounts refuses it
+	}
+	return false
 }
 
 // sessionNames refuses a confirmation by PaymentIntent piID when the

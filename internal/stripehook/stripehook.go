@@ -14,6 +14,7 @@ package stripehook
 
 import (
 	"context"
+	"database/sql"
 	"encoding/base64"
 	"errors"
 	"fmt"
@@ -190,6 +191,9 @@ func (h *Intake) Receive(ctx context.Context, payload []byte, signature string) 
 		return Ack{}, err
 	}
 	now := h.now()
+	if r, rerr := h.route(ev); rerr == nil && r.inline {
+		return h.receiveInline(ctx, ev, payload, now, r)
+	}
 	stored, status, err := h.store(ctx, ev, payload, sourceWebhook, now)
 	if err != nil {
 		return Ack{}, err
@@ -214,6 +218,21 @@ const (
 // and the stored status.
 // Errors: errs.Unavailable (the database refused it).
 func (h *Intake) store(ctx context.Context, ev Event, payload []byte, source string, now time.Time) (bool, Status, error) {
+	row := h.newRow(ev, payload, source, now)
+	res := h.db.WithContext(ctx).Clauses(clause.OnConflict{DoNothing: true}).Create(&row)
+	if res.Error != nil {
+		return false, "", storeError(res.Error)
+	}
+	if res.RowsAffected == 0 {
+		status, err := h.storedStatus(ctx, ev.ID)
+		return false, status, err
+	}
+	return true, Received, nil
+}
+
+// newRow is ev's row as a delivery stores it before processing: received,
+// under a lease.
+func (h *Intake) newRow(ev Event, payload []byte, source string, now time.Time) eventRow {
 	var apiVersion *string
 	if ev.APIVersion != "" {
 		apiVersion = &ev.APIVersion
@@ -226,27 +245,121 @@ func (h *Intake) store(ctx context.Context, ev Event, payload []byte, source str
 	// The signed bytes are stored as they came, as text: ParseEvent found
 	// them UTF-8 JSON, which holds no NUL byte, so text can keep them.
 	next := now.Add(h.lease)
-	res := h.db.WithContext(ctx).Clauses(clause.OnConflict{DoNothing: true}).Create(&eventRow{
+	return eventRow{
 		ID: ev.ID, Type: ev.Type, APIVersion: apiVersion, Livemode: ev.Livemode, Payload: string(payload),
 		Status: string(Received), NextAttemptAt: &next, ReceivedAt: now, StripeCreated: created, Source: source,
-	})
-	if res.Error != nil {
-		err := db.Translate(res.Error, nil)
-		if _, coded := errs.As(err); !coded {
-			// The database refused to store it: an outage from Stripe's side,
-			// which retries, and visible in our logs.
-			err = errs.Wrap(err, errs.Unavailable, "the event could not be stored")
-		}
-		return false, "", err
 	}
-	if res.RowsAffected == 0 {
-		var stored eventRow
-		if err := h.db.WithContext(ctx).Select("status").Where("id = ?", ev.ID).Take(&stored).Error; err != nil {
-			return false, "", db.Translate(err, nil)
-		}
-		return false, Status(stored.Status), nil
+}
+
+// storeError is the answer to a delivery the database refused to store.
+func storeError(err error) error {
+	if err == nil {
+		return nil
 	}
-	return true, Received, nil
+	err = db.Translate(err, nil)
+	if _, coded := errs.As(err); !coded {
+		// The database refused to store it: an outage from Stripe's side,
+		// which retries, and visible in our logs.
+		err = errs.Wrap(err, errs.Unavailable, "the event could not be stored")
+	}
+	return err
+}
+
+// storedStatus is the status of the stored event id.
+func (h *Intake) storedStatus(ctx context.Context, id string) (Status, error) {
+	var stored eventRow
+	if err := h.db.WithContext(ctx).Select("status").Where("id = ?", id).Take(&stored).Error; err != nil {
+		return "", db.Translate(err, nil)
+	}
+	return Status(stored.Status), nil
+}
+
+// errStoredFirst is what an InlineStore's Store answers when a copy of the
+// delivery stored the event first: the copy's transaction committed, this
+// one rolls back, and the delivery is a duplicate.
+var errStoredFirst = errors.New("stripehook: a copy of the delivery stored the event first")
+
+// receiveInline handles a delivery of an event whose processing begins with
+// the payment's transaction (route's inline): that transaction stores the
+// event too (payments.InlineStore), as processed when it completes the
+// event, so that a delivery costs one transaction and one synchronous
+// commit instead of three transactions (store, process, record the
+// outcome) and two. What a delivery promises stays as it was:
+//   - it is acknowledged only once the event is durably stored: by the
+//     processing transaction, or, when that one did not store it (it
+//     failed, or ended before storing), by store as before, after which
+//     the outcome of this processing is recorded as process records it (a
+//     failure retried, a refusal parked);
+//   - a copy racing the first is a no-op: its insert waits for the first's
+//     transaction, then finds the event stored (errStoredFirst) and it
+//     answers as a duplicate; should the first roll back, the copy
+//     applies it;
+//   - an event stored as not done yet (a step of it follows the storing
+//     transaction) is stored under a lease, like any delivery, so the retry
+//     worker finishes it should this instance die, and its outcome is
+//     recorded after the last step, as before.
+func (h *Intake) receiveInline(ctx context.Context, ev Event, payload []byte, now time.Time, r routed) (Ack, error) {
+	pctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), h.attemptTimeout())
+	defer cancel()
+	var wake bool
+	inline := &payments.InlineStore{Store: func(ctx context.Context, tx *gorm.DB, processed bool) error {
+		row := h.newRow(ev, payload, sourceWebhook, now)
+		confirms := ""
+		if processed {
+			row.Status, row.Attempts, row.NextAttemptAt, row.ProcessedAt = string(Processed), 1, nil, &now
+			// Whether an event waits for the PaymentIntent this one
+			// confirms (wakeWaiting has work), asked by the same statement
+			// as process's outcome asks it.
+			confirms = r.confirms
+		}
+		err := tx.WithContext(ctx).Raw(`INSERT INTO stripe_events (id, type, api_version, livemode, payload, status, attempts,
+				next_attempt_at, received_at, processed_at, stripe_created, source)
+			VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+			ON CONFLICT DO NOTHING
+			RETURNING ?::text <> '' AND EXISTS (SELECT 1 FROM stripe_events w
+				WHERE w.status IN ('failed', 'parked') AND w.waiting_for IS NOT NULL AND w.waiting_for = ?::text) AS wake`,
+			row.ID, row.Type, row.APIVersion, row.Livemode, row.Payload, row.Status, row.Attempts,
+			row.NextAttemptAt, row.ReceivedAt, row.ProcessedAt, row.StripeCreated, row.Source, confirms, confirms).Row().Scan(&wake)
+		if errors.Is(err, sql.ErrNoRows) {
+			return errStoredFirst // nothing inserted: the id is stored
+		}
+		return storeError(err)
+	}, Pending: func(ctx context.Context, tx *gorm.DB) error {
+		row := h.newRow(ev, payload, sourceWebhook, now)
+		err := tx.WithContext(ctx).Exec(`UPDATE stripe_events SET status = ?, attempts = 0, next_attempt_at = ?, processed_at = NULL
+			WHERE id = ?`, row.Status, row.NextAttemptAt, row.ID).Error
+		return storeError(err)
+	}}
+	err := r.apply(pctx, payments.EventRef{ID: ev.ID, Type: ev.Type, Created: ev.Created, Inline: inline})
+	stored, processed := inline.Stored()
+	switch {
+	case errors.Is(err, errStoredFirst):
+		status, serr := h.storedStatus(ctx, ev.ID)
+		if serr != nil {
+			return Ack{}, serr
+		}
+		return Ack{Status: status, Duplicate: true}, nil
+	case stored && processed && err == nil:
+		h.processed(ev, h.now())
+		if wake {
+			h.wakeWaiting(pctx, r.confirms)
+		}
+		return Ack{Status: Processed}, nil
+	case stored:
+		status, _ := h.record(pctx, ev, r.confirms, err, 0, now)
+		return Ack{Status: status}, nil
+	}
+	// The processing transaction did not store the event: store it now, as
+	// a delivery always was, then record what processing did.
+	ok, status, serr := h.store(ctx, ev, payload, sourceWebhook, now)
+	if serr != nil {
+		return Ack{}, serr
+	}
+	if !ok {
+		return Ack{Status: status, Duplicate: true}, nil
+	}
+	status, _ = h.record(pctx, ev, r.confirms, err, 0, now)
+	return Ack{Status: status}, nil
 }
 
 // process dispatches ev and records the outcome; attempts is how many
@@ -256,6 +369,12 @@ func (h *Intake) store(ctx context.Context, ev Event, payload []byte, source str
 // confirmed a payment then wakes the events waiting for it.
 func (h *Intake) process(ctx context.Context, ev Event, attempts int, receivedAt time.Time) (Status, error) {
 	confirms, err := h.dispatch(ctx, ev)
+	return h.record(ctx, ev, confirms, err, attempts, receivedAt)
+}
+
+// record records the outcome err of processing the stored event ev (see
+// process); confirms is the PaymentIntent it confirms, if any.
+func (h *Intake) record(ctx context.Context, ev Event, confirms string, err error, attempts int, receivedAt time.Time) (Status, error) {
 	status, lastErr, waitingFor := Processed, "", ""
 	var next *time.Time
 	var wait *payments.Waiting
@@ -340,14 +459,23 @@ func (h *Intake) process(ctx context.Context, ev Event, attempts int, receivedAt
 		h.logger.ErrorContext(ctx, "record stripe event outcome", "event_id", ev.ID, "error", uerr)
 		return Received, db.Translate(uerr, nil)
 	}
-	h.total.WithLabelValues(ev.Type, string(status)).Inc()
-	if status == Processed && ev.Created > 0 {
-		h.lag.WithLabelValues(ev.Type).Observe(max(0, now.Sub(time.Unix(ev.Created, 0)).Seconds()))
+	if status == Processed {
+		h.processed(ev, now)
+	} else {
+		h.total.WithLabelValues(ev.Type, string(status)).Inc()
 	}
 	if status == Processed && confirms != "" && len(outcome) == 1 && outcome[0].Wake {
 		h.wakeWaiting(ctx, confirms)
 	}
 	return status, nil
+}
+
+// processed counts ev processed at now, and its lag.
+func (h *Intake) processed(ev Event, now time.Time) {
+	h.total.WithLabelValues(ev.Type, string(Processed)).Inc()
+	if ev.Created > 0 {
+		h.lag.WithLabelValues(ev.Type).Observe(max(0, now.Sub(time.Unix(ev.Created, 0)).Seconds()))
+	}
 }
 
 // WakeWaiting processes now the events waiting for PaymentIntent pi, as
@@ -389,57 +517,106 @@ var errIgnored = errors.New("stripehook: event type not handled")
 // event that may confirm a payment it returns the PaymentIntent, whose
 // waiting events process wakes once this one is processed.
 func (h *Intake) dispatch(ctx context.Context, ev Event) (confirms string, err error) {
-	ref := payments.EventRef{ID: ev.ID, Type: ev.Type, Created: ev.Created}
+	r, err := h.route(ev)
+	if err != nil {
+		return "", err
+	}
+	if r.apply == nil {
+		return "", errIgnored
+	}
+	return r.confirms, r.apply(ctx, payments.EventRef{ID: ev.ID, Type: ev.Type, Created: ev.Created})
+}
+
+// routed is what route found an event to be.
+type routed struct {
+	// apply calls payments with the decoded object; nil for a type tally
+	// does not handle.
+	apply func(ctx context.Context, ref payments.EventRef) error
+	// confirms is the PaymentIntent the event may confirm (its waiting
+	// events are woken once it is processed).
+	confirms string
+	// inline: the processing begins with the payment's transaction
+	// (payments' inEventTx), with nothing written before it, so that
+	// transaction may store the event (receiveInline).
+	inline bool
+}
+
+// route decodes the object of a handled type and says what applies it.
+// Errors: errs.Invalid (the object does not decode).
+func (h *Intake) route(ev Event) (routed, error) {
 	switch ev.Type {
 	case "payment_intent.succeeded", "payment_intent.payment_failed", "payment_intent.canceled":
 		var o paymentIntentObject
 		if err := decodeObject(ev, &o, func() string { return o.ID }); err != nil {
-			return "", err
+			return routed{}, err
 		}
+		pi := o.domain()
 		if ev.Type == "payment_intent.succeeded" {
-			return o.ID, h.payments.PaymentIntentSucceeded(ctx, ref, o.domain())
+			return routed{confirms: o.ID, inline: true, apply: func(ctx context.Context, ref payments.EventRef) error {
+				return h.payments.PaymentIntentSucceeded(ctx, ref, pi)
+			}}, nil
 		}
-		return "", h.payments.PaymentIntentFailed(ctx, ref, o.domain())
+		return routed{apply: func(ctx context.Context, ref payments.EventRef) error {
+			return h.payments.PaymentIntentFailed(ctx, ref, pi)
+		}}, nil
 	case "checkout.session.completed", "checkout.session.async_payment_succeeded",
 		"checkout.session.async_payment_failed", "checkout.session.expired":
 		var o checkoutSessionObject
 		if err := decodeObject(ev, &o, func() string { return o.ID }); err != nil {
-			return "", err
+			return routed{}, err
 		}
+		cs := o.domain()
 		switch ev.Type {
 		case "checkout.session.completed":
-			return string(o.PaymentIntent), h.payments.CheckoutSessionCompleted(ctx, ref, o.domain())
+			// A setup session saves a card outside the payment's
+			// transaction; a payment or subscription session links its
+			// payment first.
+			return routed{confirms: string(o.PaymentIntent), inline: o.Mode == "payment", apply: func(ctx context.Context, ref payments.EventRef) error {
+				return h.payments.CheckoutSessionCompleted(ctx, ref, cs)
+			}}, nil
 		case "checkout.session.async_payment_succeeded":
-			return string(o.PaymentIntent), h.payments.CheckoutSessionAsyncSucceeded(ctx, ref, o.domain())
+			return routed{confirms: string(o.PaymentIntent), apply: func(ctx context.Context, ref payments.EventRef) error {
+				return h.payments.CheckoutSessionAsyncSucceeded(ctx, ref, cs)
+			}}, nil
 		}
-		return "", h.payments.CheckoutSessionFailed(ctx, ref, o.domain())
+		return routed{apply: func(ctx context.Context, ref payments.EventRef) error {
+			return h.payments.CheckoutSessionFailed(ctx, ref, cs)
+		}}, nil
 	case "charge.refunded":
 		var o chargeObject
 		if err := decodeObject(ev, &o, func() string { return o.ID }); err != nil {
-			return "", err
+			return routed{}, err
 		}
-		return "", h.payments.ChargeRefunded(ctx, ref, o.domain())
+		return routed{apply: func(ctx context.Context, ref payments.EventRef) error {
+			return h.payments.ChargeRefunded(ctx, ref, o.domain())
+		}}, nil
 	case "charge.dispute.created", "charge.dispute.updated", "charge.dispute.closed",
 		"charge.dispute.funds_withdrawn", "charge.dispute.funds_reinstated":
 		var o disputeObject
 		if err := decodeObject(ev, &o, func() string { return o.ID }); err != nil {
-			return "", err
+			return routed{}, err
 		}
-		return "", h.payments.DisputeChanged(ctx, ref, o.domain())
+		return routed{apply: func(ctx context.Context, ref payments.EventRef) error {
+			return h.payments.DisputeChanged(ctx, ref, o.domain())
+		}}, nil
 	case "invoice.finalized", "invoice.paid", "invoice.voided", "invoice.marked_uncollectible":
 		var o invoiceObject
 		if err := decodeObject(ev, &o, func() string { return o.ID }); err != nil {
-			return "", err
+			return routed{}, err
 		}
-		return "", h.payments.InvoiceChanged(ctx, ref, o.domain())
+		return routed{apply: func(ctx context.Context, ref payments.EventRef) error {
+			return h.payments.InvoiceChanged(ctx, ref, o.domain())
+		}}, nil
 	case "customer.subscription.created", "customer.subscription.updated", "customer.subscription.deleted":
 		var o subscriptionObject
 		if err := decodeObject(ev, &o, func() string { return o.ID }); err != nil {
-			return "", err
+			return routed{}, err
 		}
-		return "", h.payments.SubscriptionChanged(ctx, ref, o.domain())
+		return routed{apply: func(ctx context.Context, ref payments.EventRef) error {
+			return h.payments.SubscriptionChanged(ctx, ref, o.domain())
+		}}, nil
 	}
-	return "", errIgnored
+	return routed{}, nil
 }
 
 // Stored is an event as the admin API shows it.
