@@ -36,8 +36,15 @@ CREATE FUNCTION credits_consume_set(items jsonb, p_now timestamptz, p_default_th
                                     p_lease double precision)
 RETURNS TABLE (pos int, result text, balance bigint)
 LANGUAGE plpgsql
--- Plain index scans: see the first grant below.
+-- Plain index scans: see the first grant below. Generic plans: the
+-- statements below take arrays and a batch's JSON, whose sizes the
+-- planner cannot know anyway, and planning the first statement again at
+-- each call (a custom plan) cost more than the rest of a one-consume
+-- batch (0.62 against 0.44 ms of backend CPU for one consume, 0.19 against
+-- 0.15 a consume in batches of 8); the generic plans probe each table by
+-- its key as the custom ones do.
 SET enable_bitmapscan = off
+SET plan_cache_mode = force_generic_plan
 AS $$
 DECLARE
     e_pos int[]; e_customer text[]; e_scope text[]; e_key text[]; e_hash bytea[]; e_amount bigint[]; e_id text[];
