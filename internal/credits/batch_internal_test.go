@@ -666,3 +666,114 @@ func TestManyCustomersInOneBatchWriteWhatTheFullPathWrites(t *testing.T) {
 	}
 	mustVerifyDB(t, gdb)
 }
+
+// Many customers at once, as consume-many sends them, attacked: each key
+// sent three times at once (the copies meet in one batch, where their
+// customer is not alone and goes one by one, or in two, where the later
+// one finds the key taken), a copy with another body, and customers whose
+// balance runs out, so 402s stand next to successes. Each key spends once,
+// its copies replay its answer, the other body is refused, the balances
+// and the ledger agree.
+func TestManyCustomersConcurrentDuplicatesReusesAndRefusals(t *testing.T) {
+	t.Parallel()
+	s, gdb := batchService(t)
+	const customers, keysEach, copies = 60, 4, 3
+	for c := range customers {
+		// Every third customer can pay for only two of its four consumes.
+		amount := int64(100)
+		if c%3 == 0 {
+			amount = 4
+		}
+		batchGrant(t, s, fmt.Sprint("m", c), amount)
+	}
+	type answer struct {
+		key      string
+		res      ConsumeResult
+		replayed bool
+		err      error
+		other    bool
+	}
+	out := make(chan answer, customers*keysEach*(copies+1))
+	var wg sync.WaitGroup
+	for k := range keysEach {
+		for c := range customers {
+			customer := fmt.Sprint("m", c)
+			for i := range copies + 1 {
+				wg.Go(func() {
+					in := ConsumeInput{CustomerID: customer, Amount: 2, Reason: "api call"}
+					key := batchKey(customer, fmt.Sprint("k", k), in)
+					other := i == copies
+					if other {
+						key.RequestHash = db.HashRequest([]byte("another body"))
+					}
+					res, replayed, err := s.Consume(context.Background(), in, key)
+					out <- answer{customer + "/" + fmt.Sprint(k), res, replayed, err, other}
+				})
+			}
+		}
+	}
+	wg.Wait()
+	close(out)
+	// Per key: exactly one copy applied (not a replay), whichever body
+	// came first. The copies with the winner's body replay its answer;
+	// those with the other body are refused as a reused key. A 402 is
+	// not stored: its copies may each be refused, or (none applied) not.
+	byKey := map[string][]answer{}
+	for a := range out {
+		byKey[a.key] = append(byKey[a.key], a)
+	}
+	applied := map[string]bool{}
+	for k, as := range byKey {
+		var winner *answer
+		for i, a := range as {
+			if a.err == nil && !a.replayed {
+				if winner != nil {
+					t.Fatalf("%s applied twice: %+v and %+v", k, *winner, a)
+				}
+				winner = &as[i]
+			}
+		}
+		for _, a := range as {
+			e, _ := errs.As(a.err)
+			switch {
+			case winner == nil:
+				if e == nil || e.Code != errs.InsufficientCredits {
+					t.Errorf("%s: nothing applied, yet a copy answered %+v", k, a)
+				}
+			case a.other == winner.other:
+				if a.err != nil || a.res != winner.res {
+					t.Errorf("%s: a copy answered %+v, the winner %+v", k, a, *winner)
+				}
+			default:
+				if e == nil || e.Code != errs.IdempotencyKeyReused {
+					t.Errorf("%s: a copy with the other body answered %+v", k, a)
+				}
+			}
+		}
+		applied[k] = winner != nil
+	}
+	for c := range customers {
+		customer := fmt.Sprint("m", c)
+		var got struct{ Spent, Entries int64 }
+		if err := gdb.Raw(`SELECT COALESCE(-sum(amount), 0) AS spent, count(*) AS entries FROM credit_ledger WHERE customer_id = ? AND kind = 'consume'`, customer).Scan(&got).Error; err != nil {
+			t.Fatal(err)
+		}
+		var n int64
+		for k := range keysEach {
+			if applied[customer+"/"+fmt.Sprint(k)] {
+				n++
+			}
+		}
+		granted := int64(100)
+		if c%3 == 0 {
+			granted = 4
+		}
+		if b := balanceOf(t, gdb, customer); b != granted-2*n || got.Entries != n || got.Spent != 2*n {
+			t.Errorf("%s: balance %d, %d entries spending %d, %d keys applied, granted %d", customer, b, got.Entries, got.Spent, n, granted)
+		}
+		if want := min(int64(keysEach), granted/2); n != want {
+			t.Errorf("%s: %d keys applied, want %d", customer, n, want)
+		}
+	}
+	mustVerifyDB(t, gdb)
+}
