@@ -49,26 +49,42 @@ AS $$
 DECLARE
     e_pos int[]; e_customer text[]; e_scope text[]; e_key text[]; e_hash bytea[]; e_amount bigint[]; e_id text[];
     e_reason text[]; e_meta jsonb[]; e_gid text[]; e_after bigint[]; e_notified boolean[]; e_now timestamptz[];
-    e_answer text[]; c_ord bigint[]; n bigint;
+    e_answer text[]; c_ord bigint[]; n bigint; l_pos int[]; l_items jsonb[];
 BEGIN
+    -- The candidates, and the money locks, in one order, in a statement
+    -- of their own: the statement after it reads the grants in a snapshot
+    -- taken once the locks are held, so it sees whatever a writer of these
+    -- customers' grants (each takes the balance lock first) committed
+    -- before (in one statement, a grant committed between its snapshot and
+    -- its lock would be missed). A row another transaction holds is
+    -- skipped: its item goes one by one, where it defers.
     WITH it AS (
-        SELECT (x.ord - 1)::int AS pos, x.v, x.v->>'customer' AS customer,
+        SELECT (x.ord - 1)::int AS pos, x.v, x.v->>'customer' AS customer, x.v->>'kind' AS kind,
                count(*) OVER (PARTITION BY x.v->>'customer') AS n_customer,
                count(*) OVER (PARTITION BY x.v->>'scope', x.v->>'key') AS n_key
         FROM jsonb_array_elements(items) WITH ORDINALITY AS x(v, ord)
-    ), cand AS (
-        SELECT it.pos, it.v, it.customer, (it.v->>'amount')::bigint AS amount
-        FROM it WHERE it.v->>'kind' = 'consume' AND it.n_customer = 1 AND it.n_key = 1
+    ), cand AS MATERIALIZED (
+        SELECT it.pos, it.v, it.customer FROM it WHERE it.kind = 'consume' AND it.n_customer = 1 AND it.n_key = 1
+    )
+    SELECT array_agg(cand.pos), array_agg(cand.v) INTO l_pos, l_items
+    FROM cand JOIN (
+        SELECT b.customer_id FROM credit_balances b
+        WHERE b.customer_id IN (SELECT cand.customer FROM cand)
+        ORDER BY b.customer_id
+        FOR UPDATE OF b SKIP LOCKED) l ON l.customer_id = cand.customer;
+    IF l_pos IS NULL THEN
+        RETURN;
+    END IF;
+
+    WITH cand AS (
+        SELECT p.pos, p.v, p.v->>'customer' AS customer, (p.v->>'amount')::bigint AS amount
+        FROM unnest(l_pos, l_items) AS p(pos, v)
     ), lk AS MATERIALIZED (
-        -- The money locks, in one order; a row another transaction holds
-        -- is skipped (its item goes one by one, where it defers).
         SELECT b.customer_id, b.balance, b.held, b.next_expiry, b.next_hold_expiry, b.low_balance_notified,
                COALESCE(c.low_balance_threshold, p_default_threshold, b.default_low_balance_threshold) AS threshold,
                c.low_balance_thresholds, greatest(p_now, b.updated_at) AS now
         FROM credit_balances b JOIN customers c ON c.id = b.customer_id
         WHERE b.customer_id IN (SELECT cand.customer FROM cand)
-        ORDER BY b.customer_id
-        FOR UPDATE OF b SKIP LOCKED
     ), ev AS (
         SELECT cand.pos, cand.v, cand.customer, cand.amount, lk.balance, lk.low_balance_notified, lk.threshold,
                lk.low_balance_thresholds, lk.now, lk.balance - lk.held - pend.pending AS spendable,
