@@ -707,6 +707,12 @@ func TestCrashMidConsumeBatchThenRestart(t *testing.T) {
 		planned   = 3000 // keys; the kill comes long before they are done
 	)
 	customers := []string{"crash-hot", "crash-a", "crash-b", "crash-c"}
+	// And many customers with a consume or two at a time, whose consumes
+	// a batch applies together (credits_consume_set, migration 00049).
+	const many = 40
+	for i := range many {
+		customers = append(customers, fmt.Sprintf("crash-m%02d", i))
+	}
 	for _, c := range customers {
 		grantOverHTTP(t, srv.service(t), c, grantEach, "crash-grant-"+c)
 	}
@@ -716,9 +722,14 @@ func TestCrashMidConsumeBatchThenRestart(t *testing.T) {
 	}
 	keys := make([]key, planned)
 	for i := range keys {
-		c := customers[0]
-		if i%2 == 1 {
-			c = customers[1+i%3]
+		var c string
+		switch i % 3 {
+		case 0:
+			c = customers[0]
+		case 1:
+			c = customers[1+(i/3)%3]
+		default:
+			c = customers[4+(i/3)%many]
 		}
 		keys[i] = key{customer: c, key: fmt.Sprintf("crash-consume-%04d", i), amount: int64(1 + i%3)}
 	}

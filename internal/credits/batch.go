@@ -18,7 +18,11 @@ import (
 // Concurrent consumes (and hold captures, which spend the same way) are
 // gathered into batches, each applied by one call of the database function
 // credits_consume_batch (migration 00036): one round trip and one commit
-// for the whole batch, instead of six round trips and a commit each. Each
+// for the whole batch, instead of six round trips and a commit each. The
+// consumes of a batch that are their customer's only item (consume-many)
+// and need one draw are applied together, one statement per table, with
+// each key written once with its answer (credits_consume_set, migration
+// 00049); the rest go item by item as before. Each
 // operation keeps its own idempotency record, its own answer and its own
 // refusal: a 402 or a reused key writes nothing for that operation and
 // does not touch its neighbours. Operations that need more than a draw
@@ -46,7 +50,10 @@ const (
 	// consumes a batch at 16 workers with 12) and the commits more: on the
 	// 2-core machine, consume-many at 16 workers went from 2,090 ops/s
 	// with 12 to 3,310 with 4 and 3,660 to 3,930 with 2 (1 did no better;
-	// BENCHMARKS.md, issue 11, quiet run). Each holds a pooled connection.
+	// BENCHMARKS.md, issue 11, quiet run). Measured again with the
+	// set-based batch (00049), consume-many at 16 workers on the shared
+	// machine: 0.57x and 0.59x with 2, 0.27x to 0.43x with 1, 3 or 4.
+	// Each holds a pooled connection.
 	maxConsumeBatches = 2
 	// maxConsumeBatch bounds one statement's work (and a hot customer's
 	// lock hold).

@@ -522,3 +522,258 @@ func waitFor(t *testing.T, cond func() bool) {
 		time.Sleep(5 * time.Millisecond)
 	}
 }
+
+// A batch of many customers, one consume each (consume-many), goes through
+// credits_consume_set (migration 00049) where it can and one by one where
+// it cannot; either way each customer ends exactly as a twin that took the
+// same consume through the full path: rows, events, answers and refusals.
+// The cases: a plain draw, one beside a hold, one that needs two grants,
+// one that crosses the low-balance threshold, one with grants due to
+// expire, one whose credits are not effective yet, a 402, a replay, a key
+// reused with another body and an unknown customer.
+func TestManyCustomersInOneBatchWriteWhatTheFullPathWrites(t *testing.T) {
+	t.Parallel()
+	gdb := dbtest.New(t)
+	clock := time.Date(2026, 5, 1, 12, 0, 0, 0, time.UTC)
+	cfg := config.Default().Credits
+	cfg.DefaultLowBalanceThreshold = 5
+	s := New(Options{DB: gdb, Config: cfg, Now: func() time.Time { return clock }})
+	soon, tomorrow := clock.Add(time.Hour), clock.Add(24*time.Hour)
+	type grant struct {
+		amount   int64
+		priority *int
+		expires  *time.Time
+		from     *time.Time
+	}
+	type tcase struct {
+		name   string
+		grants []grant
+		hold   int64
+		amount int64
+		// before is a consume of this amount under the same key, applied
+		// first (a replay when equal to amount, a reused key when not).
+		before int64
+		// set: credits_consume_set applies it; otherwise it is left to
+		// the loop.
+		set bool
+	}
+	cases := []tcase{
+		{name: "plain", grants: []grant{{amount: 20}}, amount: 3, set: true},
+		{name: "beside-hold", grants: []grant{{amount: 20}}, hold: 4, amount: 6, set: true},
+		{name: "two-grants", grants: []grant{{amount: 2, priority: ptr(1)}, {amount: 20}}, amount: 5},
+		{name: "low", grants: []grant{{amount: 7}}, amount: 3},
+		{name: "expiring", grants: []grant{{amount: 20}, {amount: 4, expires: &soon}}, amount: 3},
+		{name: "scheduled", grants: []grant{{amount: 3}, {amount: 20, from: &tomorrow}}, amount: 5},
+		{name: "short", grants: []grant{{amount: 8}}, amount: 9},
+		{name: "replay", grants: []grant{{amount: 20}}, amount: 2, before: 2},
+		{name: "reused", grants: []grant{{amount: 20}}, amount: 2, before: 1},
+		{name: "ghost", amount: 1},
+	}
+	consume := func(customer string, amount int64, k string) *batchCall {
+		in := ConsumeInput{CustomerID: customer, Amount: amount, Reason: "api call", Metadata: map[string]string{"case": customer[:len(customer)-2]}}
+		meta, _ := metadataJSON(in.Metadata)
+		return s.consumeCall(context.Background(), in, batchKey(customer, k, in), meta)
+	}
+	for _, c := range cases {
+		for _, twin := range []string{"-f", "-s"} {
+			customer := c.name + twin
+			for i, g := range c.grants {
+				in := GrantInput{CustomerID: customer, Amount: g.amount, Reason: fmt.Sprint("grant ", i), Source: SourceService,
+					Priority: g.priority, ExpiresAt: g.expires, EffectiveAt: g.from}
+				b, _ := json.Marshal(in)
+				if _, _, err := s.Grant(context.Background(), in, db.IdempotencyKey{Scope: "customer:" + customer, Key: fmt.Sprint("g", i), RequestHash: db.HashRequest(b)}); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if c.hold > 0 {
+				in := HoldInput{CustomerID: customer, Amount: c.hold, Reason: "job", ExpiresIn: 3 * time.Hour}
+				b, _ := json.Marshal(in)
+				if _, _, err := s.Hold(context.Background(), in, db.IdempotencyKey{Scope: "customer:" + customer, Key: "h", RequestHash: db.HashRequest(b)}); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if c.before > 0 {
+				if d := full(context.Background(), consume(customer, c.before, "k")); d.err != nil {
+					t.Fatal(d.err)
+				}
+			}
+		}
+	}
+	clock = clock.Add(2 * time.Hour) // the expiring grant is due now
+
+	// What credits_consume_set itself takes of such a batch (rolled back).
+	var fast, slow []*batchCall
+	for _, c := range cases {
+		fast = append(fast, consume(c.name+"-f", c.amount, "k"))
+		slow = append(slow, consume(c.name+"-s", c.amount, "k"))
+	}
+	items := make([]batchItem, len(fast))
+	for i, c := range fast {
+		items[i] = c.item
+		items[i].ID = db.NewID("ctx")
+	}
+	js, _ := json.Marshal(items)
+	var took []int
+	rollback := fmt.Errorf("roll back")
+	err := gdb.Transaction(func(tx *gorm.DB) error {
+		if err := tx.Raw(`SELECT pos FROM credits_consume_set(?::jsonb, ?, ?, true, 120) ORDER BY pos`, string(js), clock, cfg.DefaultLowBalanceThreshold).Scan(&took).Error; err != nil {
+			return err
+		}
+		return rollback
+	})
+	if err != rollback {
+		t.Fatal(err)
+	}
+	var want []int
+	for i, c := range cases {
+		if c.set {
+			want = append(want, i)
+		}
+	}
+	if fmt.Sprint(took) != fmt.Sprint(want) {
+		t.Errorf("credits_consume_set applied items %v, want %v", took, want)
+	}
+
+	s.batch.run(fast)
+	if n, m := s.batch.deferred.Load(), s.batch.fellBack.Load(); n != 2 || m != 0 {
+		t.Errorf("%d consumes deferred, %d fell back: want the low and the expiring one deferred", n, m)
+	}
+	for i, c := range cases {
+		f, sl := <-fast[i].done, full(context.Background(), slow[i])
+		var fa, sa consumeAnswer
+		_ = json.Unmarshal(f.answer, &fa)
+		_ = json.Unmarshal(sl.answer, &sa)
+		if (fa.TransactionID == "") != (sa.TransactionID == "") {
+			t.Errorf("%s: transaction ids %q and %q", c.name, fa.TransactionID, sa.TransactionID)
+		}
+		fa.TransactionID, sa.TransactionID = "", ""
+		fe, _ := errs.As(f.err)
+		se, _ := errs.As(sl.err)
+		if fa != sa || f.replayed != sl.replayed || (f.err == nil) != (sl.err == nil) ||
+			(fe != nil && (se == nil || fe.Code != se.Code || fmt.Sprint(fe.Extra) != fmt.Sprint(se.Extra))) {
+			t.Errorf("%s: the batch answered %+v %v %v, the full path %+v %v %v", c.name, fa, f.replayed, f.err, sa, sl.replayed, sl.err)
+		}
+		if a, b := snapshot(t, gdb, c.name+"-f"), snapshot(t, gdb, c.name+"-s"); strings.ReplaceAll(a, c.name+"-f", "X") != strings.ReplaceAll(b, c.name+"-s", "X") {
+			t.Errorf("%s: the batch wrote\n%s\nthe full path\n%s", c.name, a, b)
+		}
+		// The stored answers replay alike.
+		var keys []string
+		gdb.Raw(`SELECT (result IS NOT NULL)::text || ' ' || (completed_at = created_at)::text || ' ' || (lease_expires_at > created_at)::text || ' ' || (holder IS NULL)::text
+			FROM idempotency_keys WHERE scope IN (?, ?) AND key = 'k' ORDER BY scope`, "customer:"+c.name+"-f", "customer:"+c.name+"-s").Scan(&keys)
+		if len(keys) == 2 && keys[0] != keys[1] {
+			t.Errorf("%s: key rows %v", c.name, keys)
+		}
+	}
+	mustVerifyDB(t, gdb)
+}
+
+// Many customers at once, as consume-many sends them, attacked: each key
+// sent three times at once (the copies meet in one batch, where their
+// customer is not alone and goes one by one, or in two, where the later
+// one finds the key taken), a copy with another body, and customers whose
+// balance runs out, so 402s stand next to successes. Each key spends once,
+// its copies replay its answer, the other body is refused, the balances
+// and the ledger agree.
+func TestManyCustomersConcurrentDuplicatesReusesAndRefusals(t *testing.T) {
+	t.Parallel()
+	s, gdb := batchService(t)
+	const customers, keysEach, copies = 60, 4, 3
+	for c := range customers {
+		// Every third customer can pay for only two of its four consumes.
+		amount := int64(100)
+		if c%3 == 0 {
+			amount = 4
+		}
+		batchGrant(t, s, fmt.Sprint("m", c), amount)
+	}
+	type answer struct {
+		key      string
+		res      ConsumeResult
+		replayed bool
+		err      error
+		other    bool
+	}
+	out := make(chan answer, customers*keysEach*(copies+1))
+	var wg sync.WaitGroup
+	for k := range keysEach {
+		for c := range customers {
+			customer := fmt.Sprint("m", c)
+			for i := range copies + 1 {
+				wg.Go(func() {
+					in := ConsumeInput{CustomerID: customer, Amount: 2, Reason: "api call"}
+					key := batchKey(customer, fmt.Sprint("k", k), in)
+					other := i == copies
+					if other {
+						key.RequestHash = db.HashRequest([]byte("another body"))
+					}
+					res, replayed, err := s.Consume(context.Background(), in, key)
+					out <- answer{customer + "/" + fmt.Sprint(k), res, replayed, err, other}
+				})
+			}
+		}
+	}
+	wg.Wait()
+	close(out)
+	// Per key: exactly one copy applied (not a replay), whichever body
+	// came first. The copies with the winner's body replay its answer;
+	// those with the other body are refused as a reused key. A 402 is
+	// not stored: its copies may each be refused, or (none applied) not.
+	byKey := map[string][]answer{}
+	for a := range out {
+		byKey[a.key] = append(byKey[a.key], a)
+	}
+	applied := map[string]bool{}
+	for k, as := range byKey {
+		var winner *answer
+		for i, a := range as {
+			if a.err == nil && !a.replayed {
+				if winner != nil {
+					t.Fatalf("%s applied twice: %+v and %+v", k, *winner, a)
+				}
+				winner = &as[i]
+			}
+		}
+		for _, a := range as {
+			e, _ := errs.As(a.err)
+			switch {
+			case winner == nil:
+				if e == nil || e.Code != errs.InsufficientCredits {
+					t.Errorf("%s: nothing applied, yet a copy answered %+v", k, a)
+				}
+			case a.other == winner.other:
+				if a.err != nil || a.res != winner.res {
+					t.Errorf("%s: a copy answered %+v, the winner %+v", k, a, *winner)
+				}
+			default:
+				if e == nil || e.Code != errs.IdempotencyKeyReused {
+					t.Errorf("%s: a copy with the other body answered %+v", k, a)
+				}
+			}
+		}
+		applied[k] = winner != nil
+	}
+	for c := range customers {
+		customer := fmt.Sprint("m", c)
+		var got struct{ Spent, Entries int64 }
+		if err := gdb.Raw(`SELECT COALESCE(-sum(amount), 0) AS spent, count(*) AS entries FROM credit_ledger WHERE customer_id = ? AND kind = 'consume'`, customer).Scan(&got).Error; err != nil {
+			t.Fatal(err)
+		}
+		var n int64
+		for k := range keysEach {
+			if applied[customer+"/"+fmt.Sprint(k)] {
+				n++
+			}
+		}
+		granted := int64(100)
+		if c%3 == 0 {
+			granted = 4
+		}
+		if b := balanceOf(t, gdb, customer); b != granted-2*n || got.Entries != n || got.Spent != 2*n {
+			t.Errorf("%s: balance %d, %d entries spending %d, %d keys applied, granted %d", customer, b, got.Entries, got.Spent, n, granted)
+		}
+		if want := min(int64(keysEach), granted/2); n != want {
+			t.Errorf("%s: %d keys applied, want %d", customer, n, want)
+		}
+	}
+	mustVerifyDB(t, gdb)
+}
