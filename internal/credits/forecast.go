@@ -165,6 +165,14 @@ type forecastStateRow struct {
 
 func (forecastStateRow) TableName() string { return "credit_forecast_state" }
 
+// watchAvailableSQL is what a customer may spend now. remaining > 0 says
+// what remaining > held implies (held is never negative) in the words of
+// the grants' partial indexes: without it the planner cannot use them, and
+// each customer's check scanned every grant of every customer.
+const watchAvailableSQL = `SELECT COALESCE(sum(remaining - held), 0)::bigint FROM credit_grants
+	WHERE customer_id = ? AND remaining > 0 AND remaining > held AND (expires_at IS NULL OR expires_at > ?)
+	  AND (effective_at IS NULL OR effective_at <= ?)`
+
 // watchBatch is how many customers one round of the watcher reads.
 const watchBatch = 500
 
@@ -222,9 +230,7 @@ func (w *ForecastWatcher) check(ctx context.Context, customerID string) (bool, e
 		// What may be spent now (as Balance's available): the unheld
 		// remainder of effective, unexpired grants.
 		var available int64
-		if err := tx.WithContext(ctx).Raw(`SELECT COALESCE(sum(remaining - held), 0)::bigint FROM credit_grants
-			WHERE customer_id = ? AND remaining > held AND (expires_at IS NULL OR expires_at > ?)
-			  AND (effective_at IS NULL OR effective_at <= ?)`, customerID, now, now).Scan(&available).Error; err != nil {
+		if err := tx.WithContext(ctx).Raw(watchAvailableSQL, customerID, now, now).Scan(&available).Error; err != nil {
 			return err
 		}
 		f, _, err := w.s.predict(ctx, customerID, now, w.warnDays)

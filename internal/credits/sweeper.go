@@ -90,11 +90,7 @@ func (w *Sweeper) SweepOnce(ctx context.Context) (int, error) {
 		// past its expires_at.
 		var customerIDs []string
 		now := w.now()
-		err := w.db.WithContext(ctx).Raw(`SELECT customer_id FROM (
-				(SELECT DISTINCT customer_id FROM credit_grants WHERE remaining > held AND expires_at <= ? LIMIT ?)
-				UNION
-				(SELECT DISTINCT customer_id FROM credit_holds WHERE status = 'active' AND expires_at <= ? LIMIT ?)) due
-			LIMIT ?`, now, sweepBatch, now, sweepBatch, sweepBatch).Scan(&customerIDs).Error
+		err := w.db.WithContext(ctx).Raw(sweepDueSQL, now, sweepBatch, now, sweepBatch, sweepBatch).Scan(&customerIDs).Error
 		if err != nil {
 			return total, db.Translate(err, nil)
 		}
@@ -175,6 +171,16 @@ func (w *Sweeper) notifyExpiring(ctx context.Context) error {
 	}
 	return nil
 }
+
+// sweepDueSQL finds customers with a grant's unheld credits past expiry,
+// or a hold past its expires_at. remaining > 0 (implied by remaining >
+// held) lets the planner use credit_grants_expiring; without it every
+// sweep scanned every grant. Parameters: now, batch, now, batch, batch.
+const sweepDueSQL = `SELECT customer_id FROM (
+		(SELECT DISTINCT customer_id FROM credit_grants WHERE remaining > 0 AND remaining > held AND expires_at <= ? LIMIT ?)
+		UNION
+		(SELECT DISTINCT customer_id FROM credit_holds WHERE status = 'active' AND expires_at <= ? LIMIT ?)) due
+	LIMIT ?`
 
 // claimOnGrant and claimInTable claim due notices of one horizon:
 // SKIP LOCKED, so sweepers on several replicas share them and none is sent
