@@ -1,0 +1,215 @@
+package main
+
+import (
+	"encoding/json"
+	"fmt"
+	"math/rand/v2"
+	"net/http"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/tallybilling/tally/internal/stripeapi/stripefake"
+)
+
+// delivery is one signed webhook body and whether its id is shared with
+// another body (a reused id: either may be the one stored).
+type delivery struct {
+	id   string
+	body []byte
+}
+
+// burst posts every delivery copies times, shuffled, spread over servers,
+// all at once; every copy must be acknowledged.
+func burst(t *testing.T, servers []*server, ds []delivery, copies int, rng *rand.Rand) {
+	t.Helper()
+	var all []delivery
+	for range copies {
+		all = append(all, ds...)
+	}
+	rng.Shuffle(len(all), func(i, j int) { all[i], all[j] = all[j], all[i] })
+	var wg sync.WaitGroup
+	sem := make(chan struct{}, 24)
+	for i, d := range all {
+		sem <- struct{}{}
+		wg.Go(func() {
+			defer func() { <-sem }()
+			st, out := postWebhook(t, servers[i%len(servers)], d.body, sign(d.body, testWebhookSecret, time.Now()))
+			if st != http.StatusOK {
+				t.Errorf("%s: a copy got %d: %s", d.id, st, out)
+			}
+		})
+	}
+	wg.Wait()
+}
+
+// settled waits until no stored event is left received or failed (every
+// acknowledged delivery processed, ignored or parked).
+func settled(t *testing.T, s *server) {
+	t.Helper()
+	gdb := openDB(t, s)
+	waitForWithin(t, "every stored event settled", 90*time.Second, func() bool {
+		return countRows(t, gdb, `SELECT count(*) FROM stripe_events WHERE status IN ('received', 'failed')`) == 0
+	})
+}
+
+// TestRevWhWebhookStormTwoInstances is a hostile storm of real signed
+// deliveries to two instances on one database: for each payment its
+// session's completion and its PaymentIntent's success in either order,
+// refunds and disputes racing the success, refused copies (wrong amount,
+// wrong livemode) racing good ones, an event id reused with another body,
+// each delivered many times at once. Every payment must be credited at
+// most once, exactly once when a good success was delivered, every stored
+// event must settle, and tally verify must stay clean.
+func TestRevWhWebhookStormTwoInstances(t *testing.T) {
+	t.Parallel()
+	fake := stripefake.New(t)
+	envA := payEnv(t, fake.URL())
+	a := startServer(t, envA)
+	envB := map[string]string{}
+	for k, v := range envA {
+		envB[k] = v
+	}
+	b := startServer(t, envB)
+	gdb := openDB(t, a)
+	rng := rand.New(rand.NewPCG(11, uint64(time.Now().UnixNano())))
+
+	type want struct {
+		pay, customer string
+		credited      bool  // a good success was delivered
+		refunded      int64 // amount refunded (cumulative, last word)
+		disputed      bool
+	}
+	var wants []want
+	var ds []delivery
+	const n = 8
+	for i := range n * 6 {
+		kind := i % 6
+		customer := fmt.Sprintf("storm-%d-%d", kind, i)
+		pay := checkout(t, a, customer, "starter", 1)
+		p := getPayment(t, a, pay)
+		paidAtStripe(t, fake, a, pay)
+		good := paymentIntent(pay, customer, "succeeded", starterAmount, starterAmount, "usd")
+		cs := checkoutSession(pay, customer, *p.CheckoutSessionId, "complete", "paid", starterAmount)
+		w := want{pay: pay, customer: customer, credited: true}
+		add := func(typ string, obj map[string]any) string {
+			id := newEventID()
+			ds = append(ds, delivery{id, stripeEvent(id, typ, obj)})
+			return id
+		}
+		switch kind {
+		case 0: // session and success, both orders at once
+			add("checkout.session.completed", cs)
+			add("payment_intent.succeeded", good)
+		case 1: // success only (Stripe asked for the session), plus a second success event
+			add("payment_intent.succeeded", good)
+			add("payment_intent.succeeded", good)
+		case 2: // a half refund racing the success (its PaymentIntent linked first: before that, a refund names no payment tally knows)
+			deliver(t, a, stripeEvent(newEventID(), "checkout.session.completed", cs))
+			add("payment_intent.succeeded", good)
+			add("charge.refunded", refundedCharge(pay, starterAmount, starterAmount/2))
+			w.refunded = starterAmount / 2
+		case 3: // a dispute racing the success (linked first, as above)
+			deliver(t, a, stripeEvent(newEventID(), "checkout.session.completed", cs))
+			add("payment_intent.succeeded", good)
+			ds = append(ds, func() delivery {
+				d := dispute(pay, "dp_"+pay, "needs_response", starterAmount)
+				id := newEventID()
+				return delivery{id, stripeEvent(id, "charge.dispute.created", d)}
+			}())
+			w.disputed = true
+		case 4: // refused copies (amount, livemode) racing a good one
+			bad := paymentIntent(pay, customer, "succeeded", starterAmount, starterAmount-1, "usd")
+			add("payment_intent.succeeded", bad)
+			live := paymentIntent(pay, customer, "succeeded", starterAmount, starterAmount, "usd")
+			live["livemode"] = true
+			add("payment_intent.succeeded", live)
+			add("payment_intent.succeeded", good)
+			add("checkout.session.completed", cs)
+		case 5: // one id, two bodies: the good success and a refused one
+			id := newEventID()
+			bad := paymentIntent(pay, customer, "succeeded", starterAmount, starterAmount-1, "usd")
+			ds = append(ds, delivery{id, stripeEvent(id, "payment_intent.succeeded", good)},
+				delivery{id, stripeEvent(id, "payment_intent.succeeded", bad)})
+			w.credited = false // decided by which body was stored
+		}
+		wants = append(wants, w)
+	}
+	burst(t, []*server{a, b}, ds, 5, rng)
+	settled(t, a)
+
+	for _, w := range wants {
+		grants := countRows(t, gdb, `SELECT count(*) FROM credit_grants WHERE payment_id = ?`, w.pay)
+		confirmations := countRows(t, gdb, `SELECT count(*) FROM payment_confirmations WHERE payment_id = ?`, w.pay)
+		succeeded := countRows(t, gdb, `SELECT count(*) FROM events WHERE type = 'payment.succeeded' AND data->>'payment_id' = ?`, w.pay)
+		if grants > 1 || confirmations > 1 || succeeded > 1 || grants != confirmations || grants != succeeded {
+			t.Errorf("%s: %d grants, %d confirmations, %d payment.succeeded; want the same, at most 1", w.pay, grants, confirmations, succeeded)
+		}
+		if w.credited && grants != 1 {
+			t.Errorf("%s: a good success was acknowledged but the payment has %d grants", w.pay, grants)
+		}
+		p := getPayment(t, a, w.pay)
+		if w.refunded > 0 && p.AmountRefunded != w.refunded {
+			t.Errorf("%s: refunded %d, want %d (%+v)", w.pay, p.AmountRefunded, w.refunded, p)
+		}
+		if w.refunded > 0 {
+			if got := balanceOf(t, gdb, w.customer); got != starterCredits-w.refunded {
+				t.Errorf("%s: balance %d after half a refund, want %d", w.customer, got, starterCredits-w.refunded)
+			}
+		}
+		if w.disputed && countRows(t, gdb, `SELECT count(*) FROM payment_disputes WHERE payment_id = ?`, w.pay) != 1 {
+			t.Errorf("%s: the dispute was not applied", w.pay)
+		}
+	}
+	// Every stored success whose body was the good one is processed and
+	// credited; a stored refused body is parked and credited nothing.
+	var stored []struct {
+		ID, Status string
+		Payload    string
+	}
+	if err := gdb.Raw(`SELECT id, status, payload FROM stripe_events WHERE type = 'payment_intent.succeeded'`).Scan(&stored).Error; err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range stored {
+		var ev struct {
+			Livemode bool `json:"livemode"`
+			Data     struct {
+				Object struct {
+					AmountReceived int64             `json:"amount_received"`
+					Metadata       map[string]string `json:"metadata"`
+					Livemode       bool              `json:"livemode"`
+				} `json:"object"`
+			} `json:"data"`
+		}
+		if err := json.Unmarshal([]byte(e.Payload), &ev); err != nil {
+			t.Fatal(err)
+		}
+		good := ev.Data.Object.AmountReceived == starterAmount && !ev.Data.Object.Livemode
+		pay := ev.Data.Object.Metadata["tally_payment_id"]
+		if good && e.Status != "processed" {
+			t.Errorf("%s (good body, payment %s) stored %s", e.ID, pay, e.Status)
+		}
+		grants := countRows(t, gdb, `SELECT count(*) FROM credit_grants WHERE payment_id = ?`, pay)
+		if good && grants != 1 {
+			t.Errorf("%s (good body, payment %s) stored and processed, but %d grants", e.ID, pay, grants)
+		}
+		// A refused body is parked, or (after the payment succeeded by
+		// another event) a no-op.
+		if !good && e.Status != "parked" && !(e.Status == "processed" && grants == 1) {
+			t.Errorf("%s (refused body, payment %s) stored %s with %d grants", e.ID, pay, e.Status, grants)
+		}
+	}
+	if t.Failed() {
+		var rows []struct {
+			ID, Type, Status, LastError string
+			Attempts                    int
+		}
+		gdb.Raw(`SELECT id, type, status, coalesce(last_error, '') AS last_error, attempts FROM stripe_events WHERE type NOT LIKE 'payment_intent%' AND type NOT LIKE 'checkout%'`).Scan(&rows)
+		for _, r := range rows {
+			t.Logf("%+v", r)
+		}
+		return
+	}
+	assertInvariants(t, a)
+	mustVerifyClean(t, b)
+}
