@@ -331,3 +331,46 @@ func TestRevWhKillMidInlineStormThenRestart(t *testing.T) {
 	}
 	assertInvariants(t, srvB)
 }
+
+// TestRevWhRefundRacingSuccessIsWoken: a refund that overtakes its
+// payment's success waits for it (payments.Waiting) and is applied as soon
+// as the success is processed (wakeWaiting), not at its next backoff: with
+// the retry interval as long as production's, each refund racing its
+// success must be applied within a few seconds of the success.
+func TestRevWhRefundRacingSuccessIsWoken(t *testing.T) {
+	t.Parallel()
+	fake := stripefake.New(t)
+	env := payEnv(t, fake.URL())
+	env["TALLY_STRIPE_EVENT_RETRY_INTERVAL"] = "30s"
+	a := startServer(t, env)
+	gdb := openDB(t, a)
+	const n = 12
+	var pays []string
+	var ds []delivery
+	for i := range n {
+		customer := fmt.Sprintf("woken-%d", i)
+		pay := checkout(t, a, customer, "starter", 1)
+		p := getPayment(t, a, pay)
+		paidAtStripe(t, fake, a, pay)
+		deliver(t, a, stripeEvent(newEventID(), "checkout.session.completed", checkoutSession(pay, customer, *p.CheckoutSessionId, "complete", "paid", starterAmount)))
+		pi, rf := newEventID(), newEventID()
+		ds = append(ds, delivery{pi, stripeEvent(pi, "payment_intent.succeeded", paymentIntent(pay, customer, "succeeded", starterAmount, starterAmount, "usd"))},
+			delivery{rf, stripeEvent(rf, "charge.refunded", refundedCharge(pay, starterAmount, starterAmount/2))})
+		pays = append(pays, pay)
+	}
+	// Each payment's refund and success at once (the refund a moment
+	// ahead, so that it usually holds the payment's lock first).
+	var wg sync.WaitGroup
+	for i := range n {
+		wg.Go(func() {
+			rf := ds[2*i+1]
+			go deliver(t, a, rf.body)
+			time.Sleep(time.Duration(i%4) * time.Millisecond)
+			deliver(t, a, ds[2*i].body)
+		})
+	}
+	wg.Wait()
+	waitForWithin(t, "every refund racing its success applied", 10*time.Second, func() bool {
+		return countRows(t, gdb, `SELECT count(*) FROM payments WHERE id IN ? AND amount_refunded = ?`, pays, starterAmount/2) == n
+	})
+}

@@ -301,25 +301,24 @@ var errStoredFirst = errors.New("stripehook: a copy of the delivery stored the e
 func (h *Intake) receiveInline(ctx context.Context, ev Event, payload []byte, now time.Time, r routed) (Ack, error) {
 	pctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), h.attemptTimeout())
 	defer cancel()
-	var wake bool
 	inline := &payments.InlineStore{Store: func(ctx context.Context, tx *gorm.DB, processed bool) error {
 		row := h.newRow(ev, payload, sourceWebhook, now)
-		confirms := ""
 		if processed {
 			row.Status, row.Attempts, row.NextAttemptAt, row.ProcessedAt = string(Processed), 1, nil, &now
-			// Whether an event waits for the PaymentIntent this one
-			// confirms (wakeWaiting has work), asked by the same statement
-			// as process's outcome asks it.
-			confirms = r.confirms
 		}
+		// Whether an event waits for the PaymentIntent this one confirms
+		// is not asked here: this statement's snapshot is taken before the
+		// payment's lock, so it misses a refund or dispute that held that
+		// lock, found the payment not succeeded yet and recorded its wait
+		// meanwhile (see the wake after the commit, below).
+		var inserted bool
 		err := tx.WithContext(ctx).Raw(`INSERT INTO stripe_events (id, type, api_version, livemode, payload, status, attempts,
 				next_attempt_at, received_at, processed_at, stripe_created, source)
 			VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 			ON CONFLICT DO NOTHING
-			RETURNING ?::text <> '' AND EXISTS (SELECT 1 FROM stripe_events w
-				WHERE w.status IN ('failed', 'parked') AND w.waiting_for IS NOT NULL AND w.waiting_for = ?::text) AS wake`,
+			RETURNING true`,
 			row.ID, row.Type, row.APIVersion, row.Livemode, row.Payload, row.Status, row.Attempts,
-			row.NextAttemptAt, row.ReceivedAt, row.ProcessedAt, row.StripeCreated, row.Source, confirms, confirms).Row().Scan(&wake)
+			row.NextAttemptAt, row.ReceivedAt, row.ProcessedAt, row.StripeCreated, row.Source).Row().Scan(&inserted)
 		if errors.Is(err, sql.ErrNoRows) {
 			return errStoredFirst // nothing inserted: the id is stored
 		}
@@ -341,7 +340,14 @@ func (h *Intake) receiveInline(ctx context.Context, ev Event, payload []byte, no
 		return Ack{Status: status, Duplicate: true}, nil
 	case stored && processed && err == nil:
 		h.processed(ev, h.now())
-		if wake {
+		// Asked after the commit, as process's outcome asks it: a refund
+		// or dispute that overtook this success typically held the
+		// payment's lock while this transaction waited for it, and records
+		// its wait just after its own commit, so only a statement after
+		// this transaction's commit reliably sees it (asked in the
+		// event's insert, the wait was missed and the refund left to its
+		// next backoff: TestRevWhRefundRacingSuccessIsWoken).
+		if r.confirms != "" && h.anyWaiting(pctx, r.confirms) {
 			h.wakeWaiting(pctx, r.confirms)
 		}
 		return Ack{Status: Processed}, nil
@@ -476,6 +482,20 @@ func (h *Intake) processed(ev Event, now time.Time) {
 	if ev.Created > 0 {
 		h.lag.WithLabelValues(ev.Type).Observe(max(0, now.Sub(time.Unix(ev.Created, 0)).Seconds()))
 	}
+}
+
+// anyWaiting reports whether an event waits for the success of
+// PaymentIntent pi (wakeWaiting has work): one read of the waiting index.
+// A failure answers false and leaves them to the retry worker.
+func (h *Intake) anyWaiting(ctx context.Context, pi string) bool {
+	var waiting bool
+	err := h.db.WithContext(ctx).Raw(`SELECT EXISTS (SELECT 1 FROM stripe_events
+		WHERE status IN ('failed', 'parked') AND waiting_for IS NOT NULL AND waiting_for = ?)`, pi).Row().Scan(&waiting)
+	if err != nil {
+		h.logger.WarnContext(ctx, "look for events waiting for a payment's success", "payment_intent_id", pi, "error", err)
+		return false
+	}
+	return waiting
 }
 
 // WakeWaiting processes now the events waiting for PaymentIntent pi, as
