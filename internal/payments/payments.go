@@ -347,6 +347,25 @@ func loadLockedApplied(ctx context.Context, tx *gorm.DB, id, eventID string) (Pa
 	return r.payment(), applied, nil
 }
 
+// WaitOver reports whether what an event waiting on PaymentIntent pi
+// (Waiting) waits for has happened since: the payment it names succeeded,
+// or the automatic top-up it confirms recorded it. The intake asks after
+// recording such a wait, because the success may have committed while the
+// waiting event was being processed and asked for waiters before the wait
+// was recorded (see stripehook's record). Errors: errs.Unavailable.
+func (s *Service) WaitOver(ctx context.Context, pi string) (bool, error) {
+	if pi == "" {
+		return false, nil
+	}
+	var over bool
+	err := s.db.WithContext(ctx).Raw(`SELECT EXISTS (SELECT 1 FROM payments WHERE payment_intent_id = ?
+		AND (succeeded_at IS NOT NULL OR method = ?))`, pi, string(MethodAutoTopUp)).Row().Scan(&over)
+	if err != nil {
+		return false, db.Translate(err, nil)
+	}
+	return over, nil
+}
+
 // findID returns the id of the payment whose column equals value, "" if none.
 func findID(ctx context.Context, gdb *gorm.DB, column, value string) (string, error) {
 	if value == "" {

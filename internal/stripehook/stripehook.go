@@ -473,8 +473,26 @@ func (h *Intake) record(ctx context.Context, ev Event, confirms string, err erro
 	if status == Processed && confirms != "" && len(outcome) == 1 && outcome[0].Wake {
 		h.wakeWaiting(ctx, confirms)
 	}
+	if waitingFor != "" && ctx.Value(wakingKey{}) == nil {
+		// The success this event waits for may have committed while it was
+		// processed (it waited for the payment's lock behind this event),
+		// and asked for waiting events, after its commit, before this wait
+		// was recorded: then neither saw the other, and the event would wait
+		// for its next backoff. Asked again now that the wait is recorded,
+		// one of the two questions sees the other's commit. Not from a wake
+		// (wakingKey): a wake that finds the wait not over stops there.
+		if over, werr := h.payments.WaitOver(ctx, waitingFor); werr != nil {
+			h.logger.WarnContext(ctx, "ask whether a waiting event's success came", "event_id", ev.ID, "error", werr)
+		} else if over {
+			h.wakeWaiting(ctx, waitingFor)
+		}
+	}
 	return status, nil
 }
+
+// wakingKey marks the context of a wake (wakeWaiting), whose outcomes do
+// not wake again (record).
+type wakingKey struct{}
 
 // processed counts ev processed at now, and its lag.
 func (h *Intake) processed(ev Event, now time.Time) {
@@ -510,6 +528,7 @@ func (h *Intake) WakeWaiting(ctx context.Context, pi string) { h.wakeWaiting(ctx
 // failure here leaves the failed ones to the retry worker and the parked
 // ones to an operator.
 func (h *Intake) wakeWaiting(ctx context.Context, pi string) {
+	ctx = context.WithValue(ctx, wakingKey{}, true)
 	if _, err := h.claimAndProcess(ctx, `status IN ('failed', 'parked') AND waiting_for = ?`, []any{pi}, 20); err != nil {
 		h.logger.WarnContext(ctx, "wake events waiting for a payment's success", "payment_intent_id", pi, "error", err)
 	}
