@@ -346,7 +346,7 @@ func (h *Intake) receiveInline(ctx context.Context, ev Event, payload []byte, no
 		// its wait just after its own commit, so only a statement after
 		// this transaction's commit reliably sees it (asked in the
 		// event's insert, the wait was missed and the refund left to its
-		// next backoff: TestRevWhRefundRacingSuccessIsWoken).
+		// next backoff: TestRefundRacingItsSuccessIsWoken).
 		if r.confirms != "" && h.anyWaiting(pctx, r.confirms) {
 			h.wakeWaiting(pctx, r.confirms)
 		}

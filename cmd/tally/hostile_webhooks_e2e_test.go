@@ -53,7 +53,7 @@ func settled(t *testing.T, s *server) {
 	})
 }
 
-// TestRevWhWebhookStormTwoInstances is a hostile storm of real signed
+// TestHostileWebhookStormToTwoInstances is a hostile storm of real signed
 // deliveries to two instances on one database: for each payment its
 // session's completion and its PaymentIntent's success in either order,
 // refunds and disputes racing the success, refused copies (wrong amount,
@@ -61,7 +61,7 @@ func settled(t *testing.T, s *server) {
 // each delivered many times at once. Every payment must be credited at
 // most once, exactly once when a good success was delivered, every stored
 // event must settle, and tally verify must stay clean.
-func TestRevWhWebhookStormTwoInstances(t *testing.T) {
+func TestHostileWebhookStormToTwoInstances(t *testing.T) {
 	t.Parallel()
 	fake := stripefake.New(t)
 	envA := payEnv(t, fake.URL())
@@ -214,7 +214,7 @@ func TestRevWhWebhookStormTwoInstances(t *testing.T) {
 	mustVerifyClean(t, b)
 }
 
-// TestRevWhKillMidInlineStormThenRestart: two instances of the real binary
+// TestKillMidStormOfBothStrategiesThenRestart: two instances of the real binary
 // on one database, one killed (SIGKILL) in the middle of a storm of
 // deliveries for payments of both strategies: legacy ones (the session's
 // completion is stored under a lease by the link's transaction and
@@ -222,7 +222,7 @@ func TestRevWhWebhookStormTwoInstances(t *testing.T) {
 // to ask a slow Stripe for the session first). After the restart and
 // Stripe's redelivery of what was never acknowledged, every acknowledged
 // event is processed, every payment credited exactly once, verify clean.
-func TestRevWhKillMidInlineStormThenRestart(t *testing.T) {
+func TestKillMidStormOfBothStrategiesThenRestart(t *testing.T) {
 	t.Parallel()
 	bin := buildTally(t)
 	fake := stripefake.New(t)
@@ -332,12 +332,12 @@ func TestRevWhKillMidInlineStormThenRestart(t *testing.T) {
 	assertInvariants(t, srvB)
 }
 
-// TestRevWhRefundRacingSuccessIsWoken: a refund that overtakes its
+// TestRefundRacingItsSuccessIsWoken: a refund that overtakes its
 // payment's success waits for it (payments.Waiting) and is applied as soon
 // as the success is processed (wakeWaiting), not at its next backoff: with
 // the retry interval as long as production's, each refund racing its
 // success must be applied within a few seconds of the success.
-func TestRevWhRefundRacingSuccessIsWoken(t *testing.T) {
+func TestRefundRacingItsSuccessIsWoken(t *testing.T) {
 	t.Parallel()
 	fake := stripefake.New(t)
 	env := payEnv(t, fake.URL())
