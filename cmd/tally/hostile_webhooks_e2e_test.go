@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"encoding/json"
 	"fmt"
 	"math/rand/v2"
@@ -10,6 +11,7 @@ import (
 	"time"
 
 	"github.com/tallybilling/tally/internal/stripeapi/stripefake"
+	"github.com/tallybilling/tally/pkg/client"
 )
 
 // delivery is one signed webhook body and whether its id is shared with
@@ -373,4 +375,79 @@ func TestRefundRacingItsSuccessIsWoken(t *testing.T) {
 	waitForWithin(t, "every refund racing its success applied", 10*time.Second, func() bool {
 		return countRows(t, gdb, `SELECT count(*) FROM payments WHERE id IN ? AND amount_refunded = ?`, pays, starterAmount/2) == n
 	})
+}
+
+// TestSavedCardAndTopUpEventsStormTwoInstances: the deliveries of a
+// checkout that saves the card (its success is stored under a lease, the
+// card saved in a step after the confirmation, against a slow Stripe) and
+// then of the automatic top-up charged on that card, each sent many times
+// at once to two instances on one database: each payment credited once,
+// the card saved, every stored event processed, verify clean.
+func TestSavedCardAndTopUpEventsStormTwoInstances(t *testing.T) {
+	t.Parallel()
+	fake := stripefake.New(t)
+	env := payEnv(t, fake.URL())
+	a := startServer(t, env)
+	envB := map[string]string{}
+	for k, v := range env {
+		envB[k] = v
+	}
+	b := startServer(t, envB)
+	gdb := openDB(t, a)
+	rng := rand.New(rand.NewPCG(12, uint64(time.Now().UnixNano())))
+	sent := 0
+	stormNew := func() {
+		t.Helper()
+		all := fake.Sandbox().Events()
+		var ds []delivery
+		for _, ev := range all[sent:] {
+			ds = append(ds, delivery{ev.ID, ev.Payload})
+		}
+		sent = len(all)
+		fake.SetHang(100 * time.Millisecond)
+		burst(t, []*server{a, b}, ds, 6, rng)
+		fake.SetHang(0)
+		settled(t, a)
+	}
+
+	one, save := int64(1), true
+	r, err := a.service(t).CreateCheckoutSessionWithResponse(context.Background(), &client.CreateCheckoutSessionParams{}, client.CheckoutSessionCreate{
+		CustomerId: "storm-saver", Item: "starter", Quantity: &one, SavePaymentMethod: &save,
+		SuccessUrl: "https://app.example.com/ok", CancelUrl: "https://app.example.com/no"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	mustStatus(t, "checkout", r.StatusCode(), r.Body, http.StatusCreated)
+	if res, err := fake.Sandbox().Pay(context.Background(), r.JSON201.CheckoutSessionId, "5555555555554444", "saver@example.com"); err != nil || res.Outcome != "succeeds" {
+		t.Fatalf("pay: %+v %v", res, err)
+	}
+	stormNew()
+	if c := customerOverHTTP(t, a, "storm-saver"); c.PaymentMethod == nil || c.PaymentMethod.Last4 != "4444" {
+		t.Fatalf("saved card %+v", c.PaymentMethod)
+	}
+	if got := balanceOf(t, gdb, "storm-saver"); got != starterCredits {
+		t.Fatalf("balance %d after the purchase, want %d", got, starterCredits)
+	}
+
+	putAutoTopUp(t, a, "storm-saver", client.AutoTopUpSettings{Enabled: true, Threshold: 500, Item: "starter"})
+	spend(t, a, "storm-saver", 600, "storm-saver-1")
+	tops := autoTopUps(t, a, "storm-saver")
+	if len(tops) != 1 {
+		t.Fatalf("%d top-ups", len(tops))
+	}
+	waitCharged(t, a, tops[0].Id)
+	stormNew()
+	waitPayment(t, b, tops[0].Id, client.PaymentStatusSucceeded)
+	if got := balanceOf(t, gdb, "storm-saver"); got != starterCredits-600+starterCredits {
+		t.Fatalf("balance %d after the top-up, want %d", got, 2*starterCredits-600)
+	}
+	for _, pay := range []string{r.JSON201.PaymentId, tops[0].Id} {
+		if n := countRows(t, gdb, `SELECT count(*) FROM credit_grants WHERE payment_id = ?`, pay); n != 1 {
+			t.Fatalf("%s: %d grants", pay, n)
+		}
+	}
+	if n := countRows(t, gdb, `SELECT count(*) FROM stripe_events WHERE status <> 'processed' AND status <> 'ignored'`); n != 0 {
+		t.Fatalf("%d stored events neither processed nor ignored", n)
+	}
+	assertInvariants(t, a)
 }
