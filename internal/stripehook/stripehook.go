@@ -310,7 +310,8 @@ func (h *Intake) receiveInline(ctx context.Context, ev Event, payload []byte, no
 		// is not asked here: this statement's snapshot is taken before the
 		// payment's lock, so it misses a refund or dispute that held that
 		// lock, found the payment not succeeded yet and recorded its wait
-		// meanwhile (see the wake after the commit, below).
+		// meanwhile. The confirmation's statement asks, under the lock
+		// (payments.InlineStore.Waiting).
 		var inserted bool
 		err := tx.WithContext(ctx).Raw(`INSERT INTO stripe_events (id, type, api_version, livemode, payload, status, attempts,
 				next_attempt_at, received_at, processed_at, stripe_created, source)
@@ -340,14 +341,12 @@ func (h *Intake) receiveInline(ctx context.Context, ev Event, payload []byte, no
 		return Ack{Status: status, Duplicate: true}, nil
 	case stored && processed && err == nil:
 		h.processed(ev, h.now())
-		// Asked after the commit, as process's outcome asks it: a refund
-		// or dispute that overtook this success typically held the
-		// payment's lock while this transaction waited for it, and records
-		// its wait just after its own commit, so only a statement after
-		// this transaction's commit reliably sees it (asked in the
-		// event's insert, the wait was missed and the refund left to its
-		// next backoff: TestRefundRacingItsSuccessIsWoken).
-		if r.confirms != "" && h.anyWaiting(pctx, r.confirms) {
+		// Asked by the confirmation's statement, under the payment's lock
+		// (asked in the event's insert, before the lock, it missed a refund
+		// that held the lock and recorded its wait meanwhile, left to its
+		// next backoff: TestRefundRacingItsSuccessIsWoken); a wait recorded
+		// after that statement finds the success itself (record).
+		if r.confirms != "" && inline.Waiting() {
 			h.wakeWaiting(pctx, r.confirms)
 		}
 		return Ack{Status: Processed}, nil
@@ -474,14 +473,15 @@ func (h *Intake) record(ctx context.Context, ev Event, confirms string, err erro
 		h.wakeWaiting(ctx, confirms)
 	}
 	if waitingFor != "" && ctx.Value(wakingKey{}) == nil {
-		// The success this event waits for may have committed while it was
-		// processed (it waited for the payment's lock behind this event),
-		// and asked for waiting events, after its commit, before this wait
-		// was recorded: then neither saw the other, and the event would wait
-		// for its next backoff. Asked again now that the wait is recorded,
-		// one of the two questions sees the other's commit. Not from a wake
-		// (wakingKey): a wake that finds the wait not over stops there.
-		if over, werr := h.payments.WaitOver(ctx, waitingFor); werr != nil {
+		// The success this event waits for may have been applied while it
+		// was processed (waiting for the payment's lock behind this event)
+		// and have asked for waiting events before this wait was recorded:
+		// then neither saw the other, and the event would wait for its
+		// next backoff. Asked again now that the wait is recorded (see
+		// payments.WaitOver for why one of the two questions sees the
+		// other). Not from a wake (wakingKey): a wake that finds the wait
+		// not over stops there.
+		if over, werr := h.payments.WaitOver(ctx, wait); werr != nil {
 			h.logger.WarnContext(ctx, "ask whether a waiting event's success came", "event_id", ev.ID, "error", werr)
 		} else if over {
 			h.wakeWaiting(ctx, waitingFor)
@@ -500,20 +500,6 @@ func (h *Intake) processed(ev Event, now time.Time) {
 	if ev.Created > 0 {
 		h.lag.WithLabelValues(ev.Type).Observe(max(0, now.Sub(time.Unix(ev.Created, 0)).Seconds()))
 	}
-}
-
-// anyWaiting reports whether an event waits for the success of
-// PaymentIntent pi (wakeWaiting has work): one read of the waiting index.
-// A failure answers false and leaves them to the retry worker.
-func (h *Intake) anyWaiting(ctx context.Context, pi string) bool {
-	var waiting bool
-	err := h.db.WithContext(ctx).Raw(`SELECT EXISTS (SELECT 1 FROM stripe_events
-		WHERE status IN ('failed', 'parked') AND waiting_for IS NOT NULL AND waiting_for = ?)`, pi).Row().Scan(&waiting)
-	if err != nil {
-		h.logger.WarnContext(ctx, "look for events waiting for a payment's success", "payment_intent_id", pi, "error", err)
-		return false
-	}
-	return waiting
 }
 
 // WakeWaiting processes now the events waiting for PaymentIntent pi, as
