@@ -334,7 +334,7 @@ func (s *Service) autoTopUpFailed(ctx context.Context, tx *gorm.DB, p Payment, r
 // and then wakes the event (see OnChargeRecorded).
 func checkOffSession(p Payment, c confirmation) error {
 	if p.PaymentIntentID == "" {
-		return waiting(c.paymentIntentID, "automatic top-up %s has not recorded its PaymentIntent %s yet", p.ID, c.paymentIntentID)
+		return waiting(p.ID, c.paymentIntentID, "automatic top-up %s has not recorded its PaymentIntent %s yet", p.ID, c.paymentIntentID)
 	}
 	if p.PaymentIntentID != c.paymentIntentID {
 		return reject("PaymentIntent %s is not the one tally created for automatic top-up %s (%s)", c.paymentIntentID, p.ID, p.PaymentIntentID)

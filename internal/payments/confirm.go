@@ -263,8 +263,19 @@ func (s *Service) confirm(ctx context.Context, ev EventRef, paymentID string, c 
 			setPaymentIntent = ", payment_intent_id = ?"
 			args = append(args, c.paymentIntentID)
 		}
-		args = append(args, p.ID, allowed)
-		var wrote struct{ Confirmed, Recorded, Updated bool }
+		// A delivery stored by this transaction (ev.Inline) records no
+		// outcome after it, whose statement would ask whether an event
+		// waits for this success (a refund or dispute that overtook it):
+		// this statement asks instead. Asked here, under the payment's
+		// lock, rather than in the event's insert (before the lock), it
+		// sees a wait recorded by an event that held the lock before this
+		// transaction; one recorded later sees this success (WaitOver).
+		wakeFor := ""
+		if ev.Inline != nil && !ev.Inline.stored {
+			wakeFor = c.paymentIntentID
+		}
+		args = append(args, p.ID, allowed, wakeFor, wakeFor)
+		var wrote struct{ Confirmed, Recorded, Updated, Waiting bool }
 		err := tx.WithContext(ctx).Raw(`WITH guard AS (
 				INSERT INTO payment_confirmations (payment_intent_id, invoice_id, payment_id, stripe_event_id)
 				VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING RETURNING 1
@@ -278,7 +289,9 @@ func (s *Service) confirm(ctx context.Context, ev EventRef, paymentID string, c 
 				WHERE id = ? AND ?::boolean AND EXISTS (SELECT 1 FROM history) RETURNING 1
 			)
 			SELECT EXISTS (SELECT 1 FROM guard) AS confirmed, EXISTS (SELECT 1 FROM history) AS recorded,
-				EXISTS (SELECT 1 FROM moved) AS updated`, args...).Scan(&wrote).Error
+				EXISTS (SELECT 1 FROM moved) AS updated,
+				?::text <> '' AND EXISTS (SELECT 1 FROM stripe_events w
+					WHERE w.status IN ('failed', 'parked') AND w.waiting_for IS NOT NULL AND w.waiting_for = ?::text) AS waiting`, args...).Scan(&wrote).Error
 		if err != nil {
 			return db.Translate(err, map[string]errs.Code{"payments_payment_intent_id_key": errs.Conflict})
 		}
@@ -302,6 +315,9 @@ func (s *Service) confirm(ctx context.Context, ev EventRef, paymentID string, c 
 		}
 		if !wrote.Updated {
 			return fmt.Errorf("payments: payment %s vanished under its lock", p.ID)
+		}
+		if wakeFor != "" {
+			ev.Inline.waiting = wrote.Waiting
 		}
 		succeeded := events.PaymentSucceeded{
 			PaymentID: p.ID, Item: p.Item, ItemKind: string(p.ItemKind), Quantity: p.Quantity,

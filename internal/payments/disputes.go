@@ -86,7 +86,7 @@ func (s *Service) DisputeChanged(ctx context.Context, ev EventRef, d Dispute) er
 			return reject("dispute %s is about %d", d.ID, d.Amount)
 		}
 		if p.Status == Pending || p.Status == Failed {
-			return waiting(d.PaymentIntent, "dispute %s of payment %s, which is %s: waiting for the success of PaymentIntent %s", d.ID, p.ID, p.Status, d.PaymentIntent)
+			return waiting(p.ID, d.PaymentIntent, "dispute %s of payment %s, which is %s: waiting for the success of PaymentIntent %s", d.ID, p.ID, p.Status, d.PaymentIntent)
 		}
 		if d.PaymentIntent != p.PaymentIntentID {
 			return reject("dispute %s belongs to PaymentIntent %s, not to payment %s's (%q)", d.ID, d.PaymentIntent, p.ID, p.PaymentIntentID)

@@ -160,7 +160,15 @@ type InlineStore struct {
 	final     bool
 	stored    bool
 	processed bool
+	// waiting: the confirmation in the storing transaction found events
+	// waiting for its PaymentIntent's success (see confirm).
+	waiting bool
 }
+
+// Waiting reports whether the transaction that stored the event confirmed
+// a payment some stored events wait for (a refund or dispute that overtook
+// its success): the intake wakes them once that transaction committed.
+func (s *InlineStore) Waiting() bool { return s.stored && s.waiting }
 
 // Stored reports whether a transaction that stored the event committed, and
 // whether it stored it as processed.

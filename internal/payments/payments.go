@@ -347,6 +347,30 @@ func loadLockedApplied(ctx context.Context, tx *gorm.DB, id, eventID string) (Pa
 	return r.payment(), applied, nil
 }
 
+// WaitOver reports whether what w waits for has happened since the
+// waiting event found it missing: its payment succeeded, or the automatic
+// top-up it confirms recorded its PaymentIntent. The intake asks once it
+// recorded the wait, because the success may have been applied while the
+// waiting event was processed (it waited for the payment's lock behind it)
+// and have asked for waiting events before the wait was recorded (see
+// stripehook's record). The payment's row is read under a share lock: a
+// transaction confirming it holds its lock from before it asked for
+// waiting events until its commit, so this read either waits for that
+// commit and sees the success, or comes before that transaction asked,
+// which then sees the recorded wait. Errors: errs.Unavailable.
+func (s *Service) WaitOver(ctx context.Context, w *Waiting) (bool, error) {
+	if w == nil || w.PaymentID == "" {
+		return false, nil
+	}
+	var over []bool
+	err := s.db.WithContext(ctx).Raw(`SELECT succeeded_at IS NOT NULL OR (method = ? AND payment_intent_id IS NOT NULL)
+		FROM payments WHERE id = ? FOR SHARE`, string(MethodAutoTopUp), w.PaymentID).Scan(&over).Error
+	if err != nil {
+		return false, db.Translate(err, nil)
+	}
+	return len(over) == 1 && over[0], nil
+}
+
 // findID returns the id of the payment whose column equals value, "" if none.
 func findID(ctx context.Context, gdb *gorm.DB, column, value string) (string, error) {
 	if value == "" {
@@ -455,13 +479,15 @@ func reject(format string, args ...any) error {
 // parks it only a day after Stripe created it.
 type Waiting struct {
 	PaymentIntentID string
-	Reason          string
+	// PaymentID is the payment waited on (WaitOver reads it).
+	PaymentID string
+	Reason    string
 }
 
 func (w *Waiting) Error() string { return w.Reason }
 
-func waiting(paymentIntentID, format string, args ...any) error {
-	return &Waiting{PaymentIntentID: paymentIntentID, Reason: fmt.Sprintf(format, args...)}
+func waiting(paymentID, paymentIntentID, format string, args ...any) error {
+	return &Waiting{PaymentIntentID: paymentIntentID, PaymentID: paymentID, Reason: fmt.Sprintf(format, args...)}
 }
 
 // IsRejection reports whether err is the validation chain's refusal.

@@ -41,7 +41,7 @@ func (s *Service) ChargeRefunded(ctx context.Context, ev EventRef, ch Charge) er
 		case Disputed, DisputeLost:
 			to = p.Status
 		default:
-			return waiting(ch.PaymentIntent, "refund of payment %s, which is %s: waiting for the success of PaymentIntent %s", p.ID, p.Status, ch.PaymentIntent)
+			return waiting(p.ID, ch.PaymentIntent, "refund of payment %s, which is %s: waiting for the success of PaymentIntent %s", p.ID, p.Status, ch.PaymentIntent)
 		}
 		// A succeeded payment knows its PaymentIntent (a plan's never has
 		// one), so only a charge of that very PaymentIntent may refund it.

@@ -301,25 +301,25 @@ var errStoredFirst = errors.New("stripehook: a copy of the delivery stored the e
 func (h *Intake) receiveInline(ctx context.Context, ev Event, payload []byte, now time.Time, r routed) (Ack, error) {
 	pctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), h.attemptTimeout())
 	defer cancel()
-	var wake bool
 	inline := &payments.InlineStore{Store: func(ctx context.Context, tx *gorm.DB, processed bool) error {
 		row := h.newRow(ev, payload, sourceWebhook, now)
-		confirms := ""
 		if processed {
 			row.Status, row.Attempts, row.NextAttemptAt, row.ProcessedAt = string(Processed), 1, nil, &now
-			// Whether an event waits for the PaymentIntent this one
-			// confirms (wakeWaiting has work), asked by the same statement
-			// as process's outcome asks it.
-			confirms = r.confirms
 		}
+		// Whether an event waits for the PaymentIntent this one confirms
+		// is not asked here: this statement's snapshot is taken before the
+		// payment's lock, so it misses a refund or dispute that held that
+		// lock, found the payment not succeeded yet and recorded its wait
+		// meanwhile. The confirmation's statement asks, under the lock
+		// (payments.InlineStore.Waiting).
+		var inserted bool
 		err := tx.WithContext(ctx).Raw(`INSERT INTO stripe_events (id, type, api_version, livemode, payload, status, attempts,
 				next_attempt_at, received_at, processed_at, stripe_created, source)
 			VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 			ON CONFLICT DO NOTHING
-			RETURNING ?::text <> '' AND EXISTS (SELECT 1 FROM stripe_events w
-				WHERE w.status IN ('failed', 'parked') AND w.waiting_for IS NOT NULL AND w.waiting_for = ?::text) AS wake`,
+			RETURNING true`,
 			row.ID, row.Type, row.APIVersion, row.Livemode, row.Payload, row.Status, row.Attempts,
-			row.NextAttemptAt, row.ReceivedAt, row.ProcessedAt, row.StripeCreated, row.Source, confirms, confirms).Row().Scan(&wake)
+			row.NextAttemptAt, row.ReceivedAt, row.ProcessedAt, row.StripeCreated, row.Source).Row().Scan(&inserted)
 		if errors.Is(err, sql.ErrNoRows) {
 			return errStoredFirst // nothing inserted: the id is stored
 		}
@@ -341,7 +341,12 @@ func (h *Intake) receiveInline(ctx context.Context, ev Event, payload []byte, no
 		return Ack{Status: status, Duplicate: true}, nil
 	case stored && processed && err == nil:
 		h.processed(ev, h.now())
-		if wake {
+		// Asked by the confirmation's statement, under the payment's lock
+		// (asked in the event's insert, before the lock, it missed a refund
+		// that held the lock and recorded its wait meanwhile, left to its
+		// next backoff: TestRefundRacingItsSuccessIsWoken); a wait recorded
+		// after that statement finds the success itself (record).
+		if r.confirms != "" && inline.Waiting() {
 			h.wakeWaiting(pctx, r.confirms)
 		}
 		return Ack{Status: Processed}, nil
@@ -467,8 +472,27 @@ func (h *Intake) record(ctx context.Context, ev Event, confirms string, err erro
 	if status == Processed && confirms != "" && len(outcome) == 1 && outcome[0].Wake {
 		h.wakeWaiting(ctx, confirms)
 	}
+	if waitingFor != "" && ctx.Value(wakingKey{}) == nil {
+		// The success this event waits for may have been applied while it
+		// was processed (waiting for the payment's lock behind this event)
+		// and have asked for waiting events before this wait was recorded:
+		// then neither saw the other, and the event would wait for its
+		// next backoff. Asked again now that the wait is recorded (see
+		// payments.WaitOver for why one of the two questions sees the
+		// other). Not from a wake (wakingKey): a wake that finds the wait
+		// not over stops there.
+		if over, werr := h.payments.WaitOver(ctx, wait); werr != nil {
+			h.logger.WarnContext(ctx, "ask whether a waiting event's success came", "event_id", ev.ID, "error", werr)
+		} else if over {
+			h.wakeWaiting(ctx, waitingFor)
+		}
+	}
 	return status, nil
 }
+
+// wakingKey marks the context of a wake (wakeWaiting), whose outcomes do
+// not wake again (record).
+type wakingKey struct{}
 
 // processed counts ev processed at now, and its lag.
 func (h *Intake) processed(ev Event, now time.Time) {
@@ -490,6 +514,7 @@ func (h *Intake) WakeWaiting(ctx context.Context, pi string) { h.wakeWaiting(ctx
 // failure here leaves the failed ones to the retry worker and the parked
 // ones to an operator.
 func (h *Intake) wakeWaiting(ctx context.Context, pi string) {
+	ctx = context.WithValue(ctx, wakingKey{}, true)
 	if _, err := h.claimAndProcess(ctx, `status IN ('failed', 'parked') AND waiting_for = ?`, []any{pi}, 20); err != nil {
 		h.logger.WarnContext(ctx, "wake events waiting for a payment's success", "payment_intent_id", pi, "error", err)
 	}
