@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"maps"
 	"net"
 	"net/http"
 	"path/filepath"
@@ -124,6 +125,13 @@ func skipShort(t testing.TB) {
 	if testing.Short() {
 		t.Skip("end-to-end: runs the server (skipped by -short; make test runs it)")
 	}
+}
+
+// twoServers starts two servers with env (each its own copy of it): two
+// replicas of one deployment on one database.
+func twoServers(t testing.TB, env map[string]string) (a, b *server) {
+	t.Helper()
+	return startServer(t, env), startServer(t, maps.Clone(env))
 }
 
 // startServer runs `tally serve` in-process with env (see baseEnv), learns

@@ -67,12 +67,7 @@ func TestHostileWebhookStormToTwoInstances(t *testing.T) {
 	t.Parallel()
 	fake := stripefake.New(t)
 	envA := payEnv(t, fake.URL())
-	a := startServer(t, envA)
-	envB := map[string]string{}
-	for k, v := range envA {
-		envB[k] = v
-	}
-	b := startServer(t, envB)
+	a, b := twoServers(t, envA)
 	gdb := openDB(t, a)
 	rng := rand.New(rand.NewPCG(11, uint64(time.Now().UnixNano())))
 
@@ -387,12 +382,7 @@ func TestSavedCardAndTopUpEventsStormTwoInstances(t *testing.T) {
 	t.Parallel()
 	fake := stripefake.New(t)
 	env := payEnv(t, fake.URL())
-	a := startServer(t, env)
-	envB := map[string]string{}
-	for k, v := range env {
-		envB[k] = v
-	}
-	b := startServer(t, envB)
+	a, b := twoServers(t, env)
 	gdb := openDB(t, a)
 	rng := rand.New(rand.NewPCG(12, uint64(time.Now().UnixNano())))
 	sent := 0

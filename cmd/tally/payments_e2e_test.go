@@ -29,12 +29,7 @@ func TestSameSuccessToTwoInstancesCreditsOnce(t *testing.T) {
 	t.Parallel()
 	fake := stripefake.New(t)
 	envA := payEnv(t, fake.URL())
-	a := startServer(t, envA)
-	envB := map[string]string{}
-	for k, v := range envA {
-		envB[k] = v
-	}
-	b := startServer(t, envB)
+	a, b := twoServers(t, envA)
 	gdb := openDB(t, a)
 
 	pay := checkout(t, a, "buyer-1", "starter", 1)

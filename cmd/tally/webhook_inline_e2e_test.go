@@ -45,12 +45,7 @@ func TestDeliveryStoredByThePaymentTransaction(t *testing.T) {
 	t.Parallel()
 	fake := stripefake.New(t)
 	envA := payEnv(t, fake.URL())
-	a := startServer(t, envA)
-	envB := map[string]string{}
-	for k, v := range envA {
-		envB[k] = v
-	}
-	b := startServer(t, envB)
+	a, b := twoServers(t, envA)
 	gdb := openDB(t, a)
 
 	for i, copies := range []int{1, 6} {
