@@ -48,6 +48,7 @@ func seedAndCount(t *testing.T, dbURL string, plan seedPlan) (seedResult, map[st
 		// What the forecast watcher would look at (its own condition).
 		"credit_balances b LEFT JOIN credit_forecast_state f ON f.customer_id = b.customer_id " +
 			"WHERE f.checked_at IS NULL OR b.updated_at > f.checked_at",
+		"background_runs WHERE name = '" + app.VerifyJob + "' AND last_run_at > now() - interval '1 hour'",
 	} {
 		var n int64
 		if err := pool.QueryRow(ctx, "SELECT count(*) FROM "+q).Scan(&n); err != nil {
@@ -76,6 +77,8 @@ func TestSeedLoadsConsistentRowsAndResumes(t *testing.T) {
 		// As on a database whose server has run: the watcher has caught up.
 		"credit_balances b LEFT JOIN credit_forecast_state f ON f.customer_id = b.customer_id " +
 			"WHERE f.checked_at IS NULL OR b.updated_at > f.checked_at": 0,
+		// and its last background verify was a moment ago.
+		"background_runs WHERE name = '" + app.VerifyJob + "' AND last_run_at > now() - interval '1 hour'": 1,
 	}
 	for q, n := range want {
 		if counts[q] != n {

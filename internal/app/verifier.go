@@ -37,10 +37,10 @@ const verifyCheckEvery = time.Minute
 // verifyTimeout bounds one background verify.
 const verifyTimeout = 2 * time.Minute
 
-// verifyJob names the background verify in background_runs and its lock.
-const verifyJob = "background verify"
+// VerifyJob names the background verify in background_runs and its lock.
+const VerifyJob = "background verify"
 
-var verifyLock = db.LockKey(verifyJob)
+var verifyLock = db.LockKey(VerifyJob)
 
 func newVerifier(gdb *gorm.DB, logger *slog.Logger, now func() time.Time, interval time.Duration, reg prometheus.Registerer) *verifier {
 	v := &verifier{db: gdb, logger: logger, now: now, interval: interval,
@@ -90,7 +90,7 @@ func (v *verifier) verifyOnce(ctx context.Context) {
 		res := v.db.WithContext(ctx).Exec(`INSERT INTO background_runs AS r (name, last_run_at) VALUES (?, ?)
 			ON CONFLICT (name) DO UPDATE SET last_run_at = excluded.last_run_at
 			WHERE r.last_run_at <= excluded.last_run_at - make_interval(secs => ?)`,
-			verifyJob, now, v.interval.Seconds())
+			VerifyJob, now, v.interval.Seconds())
 		if res.Error != nil {
 			return db.Translate(res.Error, nil)
 		}
