@@ -4,10 +4,15 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"strings"
+	"sync"
 	"testing"
 	"time"
 
+	"github.com/tallybilling/tally/internal/config"
 	"github.com/tallybilling/tally/internal/db"
+	"github.com/tallybilling/tally/internal/db/dbtest"
+	"github.com/tallybilling/tally/internal/errs"
 )
 
 // A consume's key held by another transaction that then waits for the
@@ -95,4 +100,112 @@ func testNoDeadlockWithKeyHolder(t *testing.T, split bool) {
 	if n := s.batch.fellBack.Load(); n != 0 || waited > 500*time.Millisecond {
 		t.Errorf("the batch fell back for %d consumes after %v: it deadlocked with the key's holder", n, waited)
 	}
+}
+
+// Two servers on one database (two Services, two batchers): each key sent
+// twice to each at once, some customers' first grant too small for the
+// amount (the set locks them and leaves them to the loop), and on some
+// customers a grant sent with a consume's key (the same scope). Each key
+// takes effect once, as a consume or as the grant; every copy of the
+// winner answers the same; the books agree.
+func TestTwoServersOnOneDatabaseApplyEachKeyOnce(t *testing.T) {
+	t.Parallel()
+	gdb := dbtest.New(t)
+	s1 := New(Options{DB: gdb, Config: config.Default().Credits})
+	s2 := New(Options{DB: gdb, Config: config.Default().Credits})
+	const customers, keys = 30, 4
+	for c := range customers {
+		customer := fmt.Sprint("two", c)
+		batchGrant(t, s1, customer, 100)
+		if c%2 == 1 {
+			in := GrantInput{CustomerID: customer, Amount: 1, Reason: "first", Source: SourceService, Priority: ptr(1)}
+			b, _ := json.Marshal(in)
+			if _, _, err := s1.Grant(context.Background(), in, db.IdempotencyKey{Scope: "customer:" + customer, Key: "g-first", RequestHash: db.HashRequest(b)}); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	type answer struct {
+		key      string
+		res      ConsumeResult
+		replayed bool
+		err      error
+		grant    bool
+	}
+	out := make(chan answer, customers*keys*5)
+	var wg sync.WaitGroup
+	for k := range keys {
+		for c := range customers {
+			customer := fmt.Sprint("two", c)
+			key := fmt.Sprint("k", k)
+			for i := range 4 {
+				s := []*Service{s1, s2}[i%2]
+				wg.Go(func() {
+					in := ConsumeInput{CustomerID: customer, Amount: 3, Reason: "api call"}
+					res, replayed, err := s.Consume(context.Background(), in, batchKey(customer, key, in))
+					out <- answer{key: customer + "/" + key, res: res, replayed: replayed, err: err}
+				})
+			}
+			if k == 1 && c%3 == 0 {
+				wg.Go(func() {
+					in := GrantInput{CustomerID: customer, Amount: 5, Reason: "same key", Source: SourceService}
+					b, _ := json.Marshal(in)
+					_, replayed, err := s2.Grant(context.Background(), in, db.IdempotencyKey{Scope: "customer:" + customer, Key: key, RequestHash: db.HashRequest(b)})
+					out <- answer{key: customer + "/" + key, replayed: replayed, err: err, grant: true}
+				})
+			}
+		}
+	}
+	start := time.Now()
+	wg.Wait()
+	close(out)
+	byKey := map[string][]answer{}
+	for a := range out {
+		byKey[a.key] = append(byKey[a.key], a)
+	}
+	spent, granted := map[string]int64{}, map[string]int64{}
+	for k, as := range byKey {
+		var winner *answer
+		for i, a := range as {
+			if a.err == nil && !a.replayed {
+				if winner != nil {
+					t.Fatalf("%s took effect twice: %+v and %+v", k, *winner, a)
+				}
+				winner = &as[i]
+			}
+		}
+		if winner == nil {
+			t.Fatalf("%s took no effect: %+v", k, as)
+		}
+		for _, a := range as {
+			e, _ := errs.As(a.err)
+			switch {
+			case a.grant == winner.grant:
+				if a.err != nil || a.res != winner.res {
+					t.Errorf("%s: a copy answered %+v, the winner %+v", k, a, *winner)
+				}
+			case e == nil || e.Code != errs.IdempotencyKeyReused:
+				t.Errorf("%s: the other operation answered %+v", k, a)
+			}
+		}
+		c, _, _ := strings.Cut(k, "/")
+		if winner.grant {
+			granted[c] += 5
+		} else {
+			spent[c] += 3
+		}
+	}
+	for c := range customers {
+		customer := fmt.Sprint("two", c)
+		want := 100 + granted[customer] - spent[customer]
+		if c%2 == 1 {
+			want++
+		}
+		if b := balanceOf(t, gdb, customer); b != want {
+			t.Errorf("%s: balance %d, want %d", customer, b, want)
+		}
+	}
+	mustVerifyDB(t, gdb)
+	t.Logf("%v; fell back: %d and %d, deferred: %d and %d", time.Since(start),
+		s1.batch.fellBack.Load(), s2.batch.fellBack.Load(), s1.batch.deferred.Load(), s2.batch.deferred.Load())
 }
