@@ -30,15 +30,18 @@ func TestABatchDoesNotHoldTheBalanceWhileWaitingForAKey(t *testing.T) {
 	// its own key statement), or one it locks and leaves to the loop (the
 	// first grant does not cover it: the loop claims the key with the
 	// balance row still held).
-	for _, split := range []bool{false, true} {
-		t.Run(fmt.Sprint("split=", split), func(t *testing.T) {
+	// takeover: the key is there already, past retention, and the other
+	// transaction takes it over (db.Once locks its row, then the balance
+	// row): the loop's read of the key waits for that row lock.
+	for _, c := range []struct{ split, takeover bool }{{false, false}, {true, false}, {false, true}} {
+		t.Run(fmt.Sprintf("split=%v,takeover=%v", c.split, c.takeover), func(t *testing.T) {
 			t.Parallel()
-			testNoDeadlockWithKeyHolder(t, split)
+			testNoDeadlockWithKeyHolder(t, c.split, c.takeover)
 		})
 	}
 }
 
-func testNoDeadlockWithKeyHolder(t *testing.T, split bool) {
+func testNoDeadlockWithKeyHolder(t *testing.T, split, takeover bool) {
 	s, gdb := batchService(t)
 	batchGrant(t, s, "x", 100)
 	if split {
@@ -58,7 +61,17 @@ func testNoDeadlockWithKeyHolder(t *testing.T, split bool) {
 	if err := other.Exec(`SET LOCAL lock_timeout = '5s'`).Error; err != nil {
 		t.Fatal(err)
 	}
-	if err := other.Exec(`INSERT INTO idempotency_keys (scope, key, request_hash, lease_expires_at) VALUES (?, ?, ?, now() + interval '2 minutes')`,
+	if takeover {
+		if err := gdb.Exec(`INSERT INTO idempotency_keys (scope, key, request_hash, lease_expires_at, result, completed_at, created_at)
+			VALUES (?, ?, ?, now() - interval '25 hours', '{}', now() - interval '25 hours', now() - interval '25 hours')`,
+			key.Scope, key.Key, key.RequestHash).Error; err != nil {
+			t.Fatal(err)
+		}
+		// db.Once's claim reads the row FOR UPDATE, then takes it over.
+		if err := other.Exec(`SELECT 1 FROM idempotency_keys WHERE scope = ? AND key = ? FOR UPDATE`, key.Scope, key.Key).Error; err != nil {
+			t.Fatal(err)
+		}
+	} else if err := other.Exec(`INSERT INTO idempotency_keys (scope, key, request_hash, lease_expires_at) VALUES (?, ?, ?, now() + interval '2 minutes')`,
 		key.Scope, key.Key, key.RequestHash).Error; err != nil {
 		t.Fatal(err)
 	}
@@ -81,7 +94,7 @@ func testNoDeadlockWithKeyHolder(t *testing.T, split bool) {
 		t.Fatalf("the other transaction could not take the balance row: %v", err)
 	}
 	// It completes the key as a consume of its own would, and commits.
-	if err := other.Exec(`UPDATE idempotency_keys SET result = ?, completed_at = now() WHERE scope = ? AND key = ?`,
+	if err := other.Exec(`UPDATE idempotency_keys SET result = ?, created_at = now(), completed_at = now() WHERE scope = ? AND key = ?`,
 		[]byte(`{"transaction_id":"ctx_other","amount":3,"balance":97}`), key.Scope, key.Key).Error; err != nil {
 		t.Fatal(err)
 	}

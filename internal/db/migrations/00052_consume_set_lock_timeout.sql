@@ -212,8 +212,9 @@ BEGIN
     --     than its lock_timeout, in a block of its own, whose rollback
     --     releases the balance rows it took; every item then goes
     --     through the loop, which claims each key before its balance row;
-    --   * the loop's claim of an item the set locked but left (held):
-    --     that claim, too, waits no longer than 50 ms, in a block, and
+    --   * the loop's claim of an item the set locked but left (held),
+    --     and its lock of a key row already there: those, too, wait no
+    --     longer than 50 ms, in a block, and
     --     the item defers to the full path, which waits for the key
     --     without the balance row once this batch has committed.
     BEGIN
@@ -278,6 +279,13 @@ BEGIN
                 VALUES (v_scope, v_key, v_hash, now() + make_interval(secs => p_lease))
                 ON CONFLICT DO NOTHING;
                 GET DIAGNOSTICS n = ROW_COUNT;
+                IF n = 0 THEN
+                    -- The key is there: the read below locks its row, which
+                    -- a transaction taking it over (db.Once) holds before
+                    -- it waits for the balance row. Taken here, within
+                    -- the same bound; the read then has it already.
+                    PERFORM 1 FROM idempotency_keys k WHERE k.scope = v_scope AND k.key = v_key FOR UPDATE;
+                END IF;
                 PERFORM set_config('lock_timeout', v_lock_timeout, true);
             EXCEPTION WHEN lock_not_available THEN
                 deferred := deferred || v_customer; status := 'defer'; RETURN NEXT; CONTINUE;
