@@ -34,6 +34,17 @@ import (
 // own transaction, where a failure stays its own and a batch that did
 // commit after all is replayed from its stored answers.
 //
+// Lock order: db.Once (the full path, and every other endpoint with an
+// Idempotency-Key) claims the key, then waits for the balance row. The
+// set-based batch locks balance rows first and writes keys after, so
+// wherever a batch would wait for a key (or a key's row) with that
+// customer's balance row held, it waits 50 ms at most (migration 00052):
+// the set then rolls back and its items go one by one, an item the set
+// locked and left defers to the full path. Waiting longer deadlocked with a
+// copy of the request on another server, or with another endpoint sent the
+// same key, for a second (deadlock_timeout) and threw the whole batch onto
+// the full path.
+//
 // There is no timer. A batch starts as soon as operations wait and fewer
 // than maxConsumeBatches run, and takes every waiting operation whose
 // customer is in no running batch: a customer is in at most one batch at a

@@ -613,11 +613,24 @@ func TestManyCustomersInOneBatchWriteWhatTheFullPathWrites(t *testing.T) {
 		items[i].ID = db.NewID("ctx")
 	}
 	js, _ := json.Marshal(items)
-	var took []int
+	// It answers a row for each item it applied, and one with no result
+	// for each item whose balance row it locked but left (migration 00052).
+	var took, left []int
 	rollback := fmt.Errorf("roll back")
 	err := gdb.Transaction(func(tx *gorm.DB) error {
-		if err := tx.Raw(`SELECT pos FROM credits_consume_set(?::jsonb, ?, ?, true, 120) ORDER BY pos`, string(js), clock, cfg.DefaultLowBalanceThreshold).Scan(&took).Error; err != nil {
+		var rows []struct {
+			Pos     int
+			Applied bool
+		}
+		if err := tx.Raw(`SELECT pos, result IS NOT NULL AS applied FROM credits_consume_set(?::jsonb, ?, ?, true, 120) ORDER BY pos`, string(js), clock, cfg.DefaultLowBalanceThreshold).Scan(&rows).Error; err != nil {
 			return err
+		}
+		for _, r := range rows {
+			if r.Applied {
+				took = append(took, r.Pos)
+			} else {
+				left = append(left, r.Pos)
+			}
 		}
 		return rollback
 	})
@@ -632,6 +645,15 @@ func TestManyCustomersInOneBatchWriteWhatTheFullPathWrites(t *testing.T) {
 	}
 	if fmt.Sprint(took) != fmt.Sprint(want) {
 		t.Errorf("credits_consume_set applied items %v, want %v", took, want)
+	}
+	var wantLeft []int
+	for i, c := range cases {
+		if !c.set && c.name != "ghost" {
+			wantLeft = append(wantLeft, i)
+		}
+	}
+	if fmt.Sprint(left) != fmt.Sprint(wantLeft) {
+		t.Errorf("credits_consume_set locked and left items %v, want %v", left, wantLeft)
 	}
 
 	s.batch.run(fast)
