@@ -68,10 +68,13 @@ const stageWithdrawn = 4
 // recorded. A dispute of a payment not succeeded yet is *Waiting (it
 // applies once the success arrives).
 //
-// Errors: ErrNotOurs, *Waiting, *Rejection (livemode, currency, no or
+// A charge or dispute of a PaymentIntent nothing linked yet is found by
+// asking Stripe for it (chargePayment).
+// Errors: ErrNotOurs, *Waiting, *stripeapi.Error (Stripe not answering),
+// *Rejection (livemode, currency, no or
 // another PaymentIntent, a dispute of another payment), errs.Unavailable.
 func (s *Service) DisputeChanged(ctx context.Context, ev EventRef, d Dispute) error {
-	id, err := s.paymentFor(ctx, d.Metadata, map[string]string{"payment_intent_id": d.PaymentIntent})
+	id, err := s.chargePayment(ctx, d.Metadata, d.PaymentIntent)
 	if err != nil {
 		return err
 	}

@@ -3,6 +3,7 @@ package payments
 import (
 	"context"
 	"errors"
+	"net/http"
 
 	"gorm.io/gorm"
 
@@ -27,6 +28,55 @@ func (s *Service) paymentFor(ctx context.Context, metadata map[string]string, by
 		}
 	}
 	return "", ErrNotOurs
+}
+
+// chargePayment finds the payment a charge or a dispute names, as
+// paymentFor, and when neither its metadata nor a PaymentIntent we linked
+// names one, by asking Stripe for its PaymentIntent: a charge.refunded or
+// charge.dispute.* can arrive before anything linked the PaymentIntent to
+// its payment (Stripe redelivers out of order after a webhook outage), and
+// a dispute never carries our metadata, but the PaymentIntent does
+// (checkout and the top-up worker put tally_payment_id there). Ignored as
+// not ours, the event was lost for good: the success then granted the
+// credits and nothing took them back. Found this way, the event applies
+// (or waits for the success) exactly like one of a linked PaymentIntent;
+// lockForEvent still checks the event's livemode, and the refund or
+// dispute that the PaymentIntent is the payment's once it is linked.
+//
+// Called before any transaction, so Stripe is never asked under a
+// payment's lock. A PaymentIntent Stripe does not know (404) or without
+// tally metadata, or naming a payment this database does not hold (another
+// deployment sharing the Stripe account), stays ErrNotOurs: other
+// integrations share Stripe accounts. Stripe not answering is its
+// *stripeapi.Error, which the intake retries.
+// Errors: ErrNotOurs, *Rejection (livemode), *stripeapi.Error,
+// errs.Unavailable.
+func (s *Service) chargePayment(ctx context.Context, metadata map[string]string, paymentIntentID string) (string, error) {
+	id, err := s.paymentFor(ctx, metadata, map[string]string{"payment_intent_id": paymentIntentID})
+	if !errors.Is(err, ErrNotOurs) || paymentIntentID == "" || s.stripe == nil {
+		return id, err
+	}
+	pi, err := s.stripe.GetPaymentIntent(ctx, paymentIntentID)
+	if e, ok := stripeapi.AsError(err); ok && e.StatusCode == http.StatusNotFound {
+		return "", ErrNotOurs
+	}
+	if err != nil {
+		return "", err
+	}
+	named := pi.Metadata[stripeapi.MetadataPaymentID]
+	if named == "" {
+		return "", ErrNotOurs
+	}
+	if pi.Livemode != s.livemode {
+		return "", reject("PaymentIntent %s livemode=%t does not match our Stripe key (livemode=%t)", paymentIntentID, pi.Livemode, s.livemode)
+	}
+	if id, err = findID(ctx, s.db, "id", named); err != nil || id == "" {
+		if err == nil {
+			err = ErrNotOurs
+		}
+		return "", err
+	}
+	return id, nil
 }
 
 // lockForEvent locks the payment an event names (tx must be a transaction)

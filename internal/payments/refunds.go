@@ -18,11 +18,14 @@ import (
 // event takes nothing more. A refund of a payment not succeeded yet is
 // *Waiting (it applies once the success arrives). Only a charge of the
 // payment's own PaymentIntent, for the amount it paid, may refund it.
-// Errors: ErrNotOurs, *Waiting, *Rejection (livemode, currency, no or
+// A charge or dispute of a PaymentIntent nothing linked yet is found by
+// asking Stripe for it (chargePayment).
+// Errors: ErrNotOurs, *Waiting, *stripeapi.Error (Stripe not answering),
+// *Rejection (livemode, currency, no or
 // another PaymentIntent, charge amount not what was paid, more refunded
 // than charged), errs.Unavailable.
 func (s *Service) ChargeRefunded(ctx context.Context, ev EventRef, ch Charge) error {
-	id, err := s.paymentFor(ctx, ch.Metadata, map[string]string{"payment_intent_id": ch.PaymentIntent})
+	id, err := s.chargePayment(ctx, ch.Metadata, ch.PaymentIntent)
 	if err != nil {
 		return err
 	}

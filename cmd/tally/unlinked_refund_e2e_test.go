@@ -1,0 +1,124 @@
+package main
+
+import (
+	"fmt"
+	"net/http"
+	"strings"
+	"sync"
+	"testing"
+
+	"github.com/tallybilling/tally/internal/stripeapi/stripefake"
+	"github.com/tallybilling/tally/pkg/client"
+)
+
+// TestRefundOfUnlinkedPaymentIntentWaitsForIt: after a webhook outage
+// Stripe redelivers out of order, so a charge.refunded or
+// charge.dispute.created can come before anything linked its PaymentIntent
+// to a payment (no checkout.session.completed, no payment_intent.succeeded
+// yet). Neither carries our metadata (a dispute never does), but the
+// PaymentIntent does: tally asks Stripe for it, and the event waits for the
+// success like one whose PaymentIntent was linked. Ignoring it as not ours
+// granted the credits when the success came, and the refund or dispute
+// never took them back. A PaymentIntent without our metadata stays
+// another integration's (ignored); Stripe not answering is retried.
+func TestRefundOfUnlinkedPaymentIntentWaitsForIt(t *testing.T) {
+	t.Parallel()
+	fake := stripefake.New(t)
+	env := payEnv(t, fake.URL())
+	env["TALLY_STRIPE_EVENT_RETRY_INTERVAL"] = "1s"
+	s := startServer(t, env)
+	gdb := openDB(t, s)
+
+	// Stripe's PaymentIntents, as GET /v1/payment_intents/{id} answers them:
+	// ours carry tally's metadata (checkout puts it there).
+	var mu sync.Mutex
+	metadata := map[string]string{} // PaymentIntent -> metadata JSON
+	down := false
+	fake.SetFault(func(r *http.Request) (int, string, bool) {
+		if r.Method != http.MethodGet || !strings.HasPrefix(r.URL.Path, "/v1/payment_intents/") {
+			return 0, "", false
+		}
+		mu.Lock()
+		defer mu.Unlock()
+		if down {
+			return http.StatusServiceUnavailable, `{"error":{"type":"api_error","message":"down"}}`, true
+		}
+		id := strings.TrimPrefix(r.URL.Path, "/v1/payment_intents/")
+		md, ok := metadata[id]
+		if !ok {
+			md = `{}`
+		}
+		return http.StatusOK, fmt.Sprintf(`{"id":%q,"object":"payment_intent","status":"requires_payment_method","amount":%d,"amount_received":0,"currency":"usd","livemode":false,"metadata":%s}`,
+			id, starterAmount, md), true
+	})
+	started := func(customer string) string {
+		pay := checkout(t, s, customer, "starter", 1)
+		mu.Lock()
+		metadata[piID(pay)] = fmt.Sprintf(`{"tally_payment_id":%q,"tally_customer_id":%q}`, pay, customer)
+		mu.Unlock()
+		return pay
+	}
+	succeed := func(pay, customer string) {
+		p := getPayment(t, s, pay)
+		deliver(t, s, stripeEvent(newEventID(), "checkout.session.completed", checkoutSession(pay, customer, *p.CheckoutSessionId, "complete", "paid", starterAmount)))
+		deliver(t, s, stripeEvent(newEventID(), "payment_intent.succeeded", paymentIntent(pay, customer, "succeeded", starterAmount, starterAmount, "usd")))
+	}
+
+	// A chargeback, then a refund, each before anything of its payment.
+	disputed := started("unlinked-1")
+	chargeback := newEventID()
+	deliver(t, s, stripeEvent(chargeback, "charge.dispute.created", dispute(disputed, "dp_unlinked_1", "needs_response", starterAmount)))
+	refunded := started("unlinked-2")
+	refund := newEventID()
+	// Stripe does not answer at first: the refund is retried, not ignored.
+	mu.Lock()
+	down = true
+	mu.Unlock()
+	deliver(t, s, stripeEvent(refund, "charge.refunded", refundedCharge(refunded, starterAmount, starterAmount)))
+	if st, le := eventStatus(t, gdb, refund); st != "failed" {
+		t.Fatalf("refund while Stripe is down: %s %q, want failed (retried)", st, le)
+	}
+	mu.Lock()
+	down = false
+	mu.Unlock()
+
+	for _, id := range []string{chargeback, refund} {
+		waitFor(t, "the early event waiting for its success", func() bool {
+			st, le := eventStatus(t, gdb, id)
+			return st == "failed" && strings.Contains(le, "waiting for")
+		})
+	}
+
+	// The successes apply them at once, as if delivered in order.
+	succeed(disputed, "unlinked-1")
+	succeed(refunded, "unlinked-2")
+	for _, id := range []string{chargeback, refund} {
+		if st, le := eventStatus(t, gdb, id); st != "processed" {
+			t.Fatalf("event %s right after the success: %s %q, want processed", id, st, le)
+		}
+	}
+	if p := getPayment(t, s, disputed); p.Status != client.PaymentStatusDisputed || p.AmountDisputed != starterAmount {
+		t.Fatalf("disputed payment = %+v", p)
+	}
+	if p := getPayment(t, s, refunded); p.Status != client.PaymentStatusRefunded || p.AmountRefunded != starterAmount {
+		t.Fatalf("refunded payment = %+v", p)
+	}
+	for _, c := range []string{"unlinked-1", "unlinked-2"} {
+		if got := balanceOf(t, gdb, c); got != 0 {
+			t.Fatalf("balance of %s = %d, want 0 (the credits taken back)", c, got)
+		}
+	}
+
+	// A PaymentIntent without our metadata is another integration's.
+	foreign := newEventID()
+	deliver(t, s, stripeEvent(foreign, "charge.dispute.created", dispute("pay_someone_else", "dp_foreign", "needs_response", starterAmount)))
+	if st, le := eventStatus(t, gdb, foreign); st != "ignored" {
+		t.Fatalf("dispute of a foreign PaymentIntent: %s %q, want ignored", st, le)
+	}
+	foreignRefund := newEventID()
+	deliver(t, s, stripeEvent(foreignRefund, "charge.refunded", refundedCharge("pay_someone_else", starterAmount, starterAmount)))
+	if st, le := eventStatus(t, gdb, foreignRefund); st != "ignored" {
+		t.Fatalf("refund of a foreign PaymentIntent: %s %q, want ignored", st, le)
+	}
+	assertInvariants(t, s)
+}
