@@ -118,9 +118,6 @@ type Worker struct {
 // large backlog is moved in short statements.
 const releaseLimit = 5000
 
-// releaseCustomers bounds the linked customers one round releases events of.
-const releaseCustomers = 1000
-
 // NewWorker returns a Worker sending through opts.Stripe with
 // opts.Config's transport, rate limit, batch size, backoff cap and poll
 // interval. It panics when opts.Config does not validate (a zero setting in
@@ -340,38 +337,19 @@ func (w *Worker) claim(ctx context.Context, c *claim, now time.Time) ([]claimedE
 }
 
 // releaseWaiting makes the waiting events of customers that now have a
-// Stripe customer due. It first finds those customers by walking the
-// distinct customers of waiting events (a loose scan of
-// usage_events_waiting_customer, one index probe per waiting customer),
-// so that a backlog of events for customers still without a Stripe
-// customer costs nothing per event on every round.
+// Stripe customer due.
 func (w *Worker) releaseWaiting(ctx context.Context) error {
-	var linked []string
-	err := w.db.WithContext(ctx).Raw(`
-		WITH RECURSIVE waiting(customer_id) AS (
-			(SELECT customer_id FROM usage_events WHERE status = 'waiting_customer' ORDER BY customer_id LIMIT 1)
-			UNION ALL
-			SELECT (SELECT e.customer_id FROM usage_events e
-				WHERE e.status = 'waiting_customer' AND e.customer_id > waiting.customer_id
-				ORDER BY e.customer_id LIMIT 1)
-			FROM waiting WHERE waiting.customer_id IS NOT NULL)
-		SELECT c.id FROM waiting JOIN customers c ON c.id = waiting.customer_id
-		WHERE c.stripe_customer_id IS NOT NULL
-		LIMIT ?`, releaseCustomers).Scan(&linked).Error
-	if err != nil || len(linked) == 0 {
-		return db.Translate(err, nil)
-	}
 	now := w.now()
-	err = w.db.WithContext(ctx).Exec(`
+	err := w.db.WithContext(ctx).Exec(`
 		WITH linked AS MATERIALIZED (
-			SELECT e.identifier FROM usage_events e
-			WHERE e.status = 'waiting_customer' AND e.customer_id IN ?
+			SELECT e.identifier FROM usage_events e JOIN customers c ON c.id = e.customer_id
+			WHERE e.status = 'waiting_customer' AND c.stripe_customer_id IS NOT NULL
 			LIMIT ?
 			FOR UPDATE OF e SKIP LOCKED)
 		UPDATE usage_events u SET status = CASE WHEN u.occurred_at < (SELECT k.live_from FROM usage_cutovers k
 				WHERE k.customer_id = u.customer_id AND k.meter = u.meter) THEN 'legacy_period' ELSE 'pending' END,
 			next_attempt_at = ?, updated_at = ?
 		FROM linked
-		WHERE u.identifier = linked.identifier AND u.status = 'waiting_customer'`, linked, releaseLimit, now, now).Error
+		WHERE u.identifier = linked.identifier AND u.status = 'waiting_customer'`, releaseLimit, now, now).Error
 	return db.Translate(err, nil)
 }
