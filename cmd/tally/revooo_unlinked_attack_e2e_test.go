@@ -8,6 +8,8 @@ import (
 	"testing"
 	"time"
 
+	"gorm.io/gorm"
+
 	"github.com/tallybilling/tally/internal/stripeapi/stripefake"
 	"github.com/tallybilling/tally/pkg/client"
 )
@@ -64,7 +66,9 @@ func TestUnlinkedRefundAttacks(t *testing.T) {
 				wg.Add(1)
 				go func(srv *server, b []byte) {
 					defer wg.Done()
-					postWebhook(t, srv, b, sign(b, testWebhookSecret, time.Now()))
+					if code, out := postWebhook(t, srv, b, sign(b, testWebhookSecret, time.Now())); code != http.StatusOK {
+						t.Logf("delivery answered %d %s", code, out)
+					}
 				}([]*server{s, s2}[(i+j)%2], b)
 			}
 		}
@@ -133,6 +137,11 @@ func TestUnlinkedRefundAttacks(t *testing.T) {
 		p := getPayment(t, s, own)
 		return p.Status == client.PaymentStatusRefunded && p.AmountRefunded == starterAmount
 	})
+	if p := getPayment(t, s, victim); p.Status != client.PaymentStatusSucceeded {
+		t.Logf("victim right after the success storm: %s", p.Status)
+		dumpNonCharge(t, gdb)
+	}
+	waitFor(t, "victim succeeded", func() bool { return getPayment(t, s, victim).Status == client.PaymentStatusSucceeded })
 	if p := getPayment(t, s, victim); p.Status != client.PaymentStatusSucceeded || p.AmountRefunded != 0 || p.AmountDisputed != 0 {
 		t.Fatalf("victim's payment = %+v, want succeeded, untouched", p)
 	}
@@ -171,6 +180,11 @@ func TestUnlinkedRefundAttacks(t *testing.T) {
 	storm(stripeEvent(newEventID(), "charge.refunded", relink), stripeEvent(newEventID(), "charge.refunded", liveCh))
 	succeed(pendingOne, "ooo-live")
 	if got := balanceOf(t, gdb, "ooo-live"); got != starterCredits {
+		t.Logf("live-mismatch balance right after the success storm = %d", got)
+		dumpNonCharge(t, gdb)
+	}
+	waitFor(t, "live-mismatch credits", func() bool { return balanceOf(t, gdb, "ooo-live") == starterCredits })
+	if got := balanceOf(t, gdb, "ooo-live"); got != starterCredits {
 		t.Fatalf("live-mismatch balance = %d, want %d", got, starterCredits)
 	}
 	if got := balanceOf(t, gdb, "ooo-own"); got != 0 {
@@ -195,4 +209,12 @@ func sv(s *string) string {
 		return ""
 	}
 	return *s
+}
+
+func dumpNonCharge(t *testing.T, gdb *gorm.DB) {
+	var srows []struct{ ID, Type, Status, LastError *string }
+	gdb.Raw(`SELECT id, type, status, last_error FROM stripe_events WHERE type NOT LIKE 'charge.%' ORDER BY received_at`).Scan(&srows)
+	for _, r := range srows {
+		t.Logf("success: %v %v %v %v", *r.ID, *r.Type, *r.Status, sv(r.LastError))
+	}
 }
