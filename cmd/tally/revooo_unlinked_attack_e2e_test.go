@@ -1,6 +1,7 @@
 package main
 
 import (
+	"encoding/json"
 	"fmt"
 	"net/http"
 	"strings"
@@ -95,6 +96,28 @@ func TestUnlinkedRefundAttacks(t *testing.T) {
 	partial := stripeEvent(newEventID(), "charge.refunded", refundedCharge(own, starterAmount, starterAmount/4))
 	full := stripeEvent(newEventID(), "charge.refunded", refundedCharge(own, starterAmount, starterAmount))
 	storm(partial, full)
+
+	// A refund Stripe created two days ago (redelivered after an outage):
+	// parked at once as waiting past its day, still woken by the success.
+	late := started("ooo-late")
+	var lateEv map[string]any
+	if err := json.Unmarshal(stripeEvent(newEventID(), "charge.refunded", refundedCharge(late, starterAmount, starterAmount)), &lateEv); err != nil {
+		t.Fatal(err)
+	}
+	lateEv["created"] = time.Now().Add(-48 * time.Hour).Unix()
+	lateBody, _ := json.Marshal(lateEv)
+	storm(lateBody)
+	if st, le := eventStatus(t, gdb, lateEv["id"].(string)); st != "parked" {
+		t.Logf("late refund before its success: %s %q", st, le)
+	}
+	succeed(late, "ooo-late")
+	waitFor(t, "the late refund applied", func() bool {
+		p := getPayment(t, s, late)
+		return p.Status == client.PaymentStatusRefunded && p.AmountRefunded == starterAmount
+	})
+	if got := balanceOf(t, gdb, "ooo-late"); got != 0 {
+		t.Fatalf("late balance = %d, want 0", got)
+	}
 
 	// A chargeback opened, withdrawn and won, all before the link.
 	won := started("ooo-won")
