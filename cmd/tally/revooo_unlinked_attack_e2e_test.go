@@ -26,8 +26,7 @@ func TestUnlinkedRefundAttacks(t *testing.T) {
 	fake := stripefake.New(t)
 	env := payEnv(t, fake.URL())
 	env["TALLY_STRIPE_EVENT_RETRY_INTERVAL"] = "1s"
-	s := startServer(t, env)
-	s2 := startServer(t, env)
+	s, s2 := twoServers(t, env)
 	gdb := openDB(t, s)
 
 	var mu sync.Mutex
