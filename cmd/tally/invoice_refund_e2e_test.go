@@ -126,6 +126,28 @@ func TestRefundAndDisputeOfInvoicePayment(t *testing.T) {
 		t.Fatalf("a linked PaymentIntent's event asked Stripe for its invoice %d times", n)
 	}
 
+	// Nor does a late event of the invoice's PaymentIntent itself (Stripe's
+	// own, delivered after an outage) move the payment or need an
+	// operator: invoice.paid confirmed it, and nothing else fails it.
+	for _, typ := range []string{"payment_intent.succeeded", "payment_intent.payment_failed"} {
+		status := strings.TrimPrefix(typ, "payment_intent.")
+		if status == "payment_failed" {
+			status = "requires_payment_method"
+		}
+		late := newEventID()
+		deliver(t, s, stripeEvent(late, typ, map[string]any{"id": piID(refunded), "object": "payment_intent", "status": status,
+			"amount": proAmount, "amount_received": proAmount, "currency": "usd", "livemode": false, "metadata": map[string]string{}}))
+		if st, le := eventStatus(t, gdb, late); st != "processed" && st != "ignored" {
+			t.Fatalf("late %s of an invoice's PaymentIntent: %s %q, want processed or ignored", typ, st, le)
+		}
+	}
+	if p := getPayment(t, s, refunded); p.Status != client.PaymentStatusRefunded || p.AmountRefunded != proAmount {
+		t.Fatalf("refunded invoice payment after its PaymentIntent's late events = %+v", p)
+	}
+	if got := balanceOverHTTP(t, s.service(t), "inv-refund"); got.Balance != 0 {
+		t.Fatalf("balance after its PaymentIntent's late events = %d, want 0", got.Balance)
+	}
+
 	// Paid by invoice, then charged back: the credits go back.
 	disputed, disputedInvoice := invoiced("inv-dispute")
 	paid("inv-dispute", disputedInvoice)
