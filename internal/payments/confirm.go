@@ -59,7 +59,8 @@ type confirmation struct {
 // it and does nothing), the transition to succeeded, the credit grant for
 // packs and the payment.succeeded event. The PaymentIntent of a
 // pay-by-invoice payment (linked by a refund or dispute of it) confirms
-// nothing: its invoice does (the event is a no-op).
+// nothing: its invoice does (the event is a no-op); any other naming such
+// a payment is refused.
 //
 // Errors: ErrNotOurs (no tally metadata, no known PaymentIntent),
 // *Rejection (the chain refused it), errs.Unavailable, others (retry; also
@@ -88,10 +89,11 @@ func (s *Service) paymentIntentSucceeded(ctx context.Context, ev EventRef, pi Pa
 	c := confirmation{paymentIntentID: pi.ID, amountReceived: pi.AmountReceived, currency: pi.Currency,
 		livemode: pi.Livemode, customerID: pi.Metadata[stripeapi.MetadataCustomerID], by: by,
 		gate: func(p Payment) (bool, error) {
-			if p.Method == MethodInvoice {
+			if p.Method == MethodInvoice && pi.ID != "" && p.PaymentIntentID == pi.ID {
 				// Only the invoice confirms a pay-by-invoice payment: its
-				// PaymentIntent (Stripe's own, linked by a refund or a
-				// dispute of it) moves nothing.
+				// own PaymentIntent (Stripe's, linked by a refund or a
+				// dispute of it) moves nothing. Any other PaymentIntent
+				// naming it is refused below.
 				ev.completes(true)
 				return true, nil
 			}
