@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"fmt"
 	"net/http"
 	"strings"
@@ -71,7 +72,8 @@ func TestRefundAndDisputeOfInvoicePayment(t *testing.T) {
 		}
 		return 0, "", false
 	})
-	invoiced := func(customer string) (pay, invoice string) {
+	invoiced := func(t *testing.T, customer string) (pay, invoice string) {
+		t.Helper()
 		setBilling(t, s, customer)
 		r := payByInvoice(t, s, customer, "pro", 1, "inv-"+customer, "")
 		mustStatus(t, "invoice payment", r.StatusCode(), r.Body, http.StatusCreated)
@@ -81,7 +83,8 @@ func TestRefundAndDisputeOfInvoicePayment(t *testing.T) {
 		mu.Unlock()
 		return pay, invoice
 	}
-	paid := func(customer, invoice string) {
+	paid := func(t *testing.T, customer, invoice string) {
+		t.Helper()
 		deliver(t, s, stripeEvent(newEventID(), "invoice.paid", invoiceActionAt(t, fake, invoice, "pay")))
 		if got := balanceOf(t, gdb, customer); got != proCredits {
 			t.Fatalf("balance of %s after invoice.paid = %d, want %d", customer, got, proCredits)
@@ -96,118 +99,150 @@ func TestRefundAndDisputeOfInvoicePayment(t *testing.T) {
 		}
 		return n
 	}
-	processed := func(what, id string) {
+	processed := func(t *testing.T, what, id string) {
 		t.Helper()
 		if st, le := eventStatus(t, gdb, id); st != "processed" {
 			t.Fatalf("%s: %s %q, want processed", what, st, le)
 		}
 	}
 
-	// Paid by invoice, then refunded in full: the credits go back.
-	refunded, refundedInvoice := invoiced("inv-refund")
-	paid("inv-refund", refundedInvoice)
-	refund := newEventID()
-	deliver(t, s, stripeEvent(refund, "charge.refunded", refundedCharge(refunded, proAmount, proAmount)))
-	processed("refund of an invoice payment", refund)
-	p := getPayment(t, s, refunded)
-	if p.Status != client.PaymentStatusRefunded || p.AmountRefunded != proAmount || deref(p.PaymentIntentId) != piID(refunded) {
-		t.Fatalf("refunded invoice payment = %+v, want refunded %d by %s", p, proAmount, piID(refunded))
-	}
-	if got := balanceOverHTTP(t, s.service(t), "inv-refund"); got.Balance != 0 {
-		t.Fatalf("balance after the refund = %d, want 0", got.Balance)
-	}
-	// The PaymentIntent is linked now: a later event of it (a chargeback
-	// after the refund, say) finds the payment without asking Stripe.
-	before := lookups()
-	later := newEventID()
-	deliver(t, s, stripeEvent(later, "charge.dispute.created", dispute(refunded, "dp_inv_after_refund", "warning_needs_response", proAmount)))
-	processed("inquiry after the refund", later)
-	if n := lookups() - before; n != 0 {
-		t.Fatalf("a linked PaymentIntent's event asked Stripe for its invoice %d times", n)
-	}
-
-	// Nor does a late event of the invoice's PaymentIntent itself (Stripe's
-	// own, delivered after an outage) move the payment or need an
-	// operator: invoice.paid confirmed it, and nothing else fails it.
-	for _, typ := range []string{"payment_intent.succeeded", "payment_intent.payment_failed"} {
-		status := strings.TrimPrefix(typ, "payment_intent.")
-		if status == "payment_failed" {
-			status = "requires_payment_method"
+	t.Run("refund", func(t *testing.T) {
+		// Paid by invoice, then refunded in full: the credits go back.
+		refunded, refundedInvoice := invoiced(t, "inv-refund")
+		paid(t, "inv-refund", refundedInvoice)
+		refund := newEventID()
+		deliver(t, s, stripeEvent(refund, "charge.refunded", refundedCharge(refunded, proAmount, proAmount)))
+		processed(t, "refund of an invoice payment", refund)
+		p := getPayment(t, s, refunded)
+		if p.Status != client.PaymentStatusRefunded || p.AmountRefunded != proAmount || deref(p.PaymentIntentId) != piID(refunded) {
+			t.Fatalf("refunded invoice payment = %+v, want refunded %d by %s", p, proAmount, piID(refunded))
 		}
-		late := newEventID()
-		deliver(t, s, stripeEvent(late, typ, map[string]any{"id": piID(refunded), "object": "payment_intent", "status": status,
-			"amount": proAmount, "amount_received": proAmount, "currency": "usd", "livemode": false, "metadata": map[string]string{}}))
-		if st, le := eventStatus(t, gdb, late); st != "processed" && st != "ignored" {
-			t.Fatalf("late %s of an invoice's PaymentIntent: %s %q, want processed or ignored", typ, st, le)
+		if got := balanceOverHTTP(t, s.service(t), "inv-refund"); got.Balance != 0 {
+			t.Fatalf("balance after the refund = %d, want 0", got.Balance)
 		}
-	}
-	if p := getPayment(t, s, refunded); p.Status != client.PaymentStatusRefunded || p.AmountRefunded != proAmount {
-		t.Fatalf("refunded invoice payment after its PaymentIntent's late events = %+v", p)
-	}
-	if got := balanceOverHTTP(t, s.service(t), "inv-refund"); got.Balance != 0 {
-		t.Fatalf("balance after its PaymentIntent's late events = %d, want 0", got.Balance)
-	}
-
-	// Paid by invoice, then charged back: the credits go back.
-	disputed, disputedInvoice := invoiced("inv-dispute")
-	paid("inv-dispute", disputedInvoice)
-	chargeback := newEventID()
-	deliver(t, s, stripeEvent(chargeback, "charge.dispute.created", dispute(disputed, "dp_inv_1", "needs_response", proAmount)))
-	processed("dispute of an invoice payment", chargeback)
-	if p := getPayment(t, s, disputed); p.Status != client.PaymentStatusDisputed || p.AmountDisputed != proAmount {
-		t.Fatalf("disputed invoice payment = %+v", p)
-	}
-	if got := balanceOverHTTP(t, s.service(t), "inv-dispute"); got.Balance != 0 {
-		t.Fatalf("balance after the chargeback = %d, want 0", got.Balance)
-	}
-
-	// Refunded before tally saw invoice.paid (redelivered out of order):
-	// it waits, and the invoice's success applies it at once.
-	early, earlyInvoice := invoiced("inv-early")
-	earlyRefund := newEventID()
-	deliver(t, s, stripeEvent(earlyRefund, "charge.refunded", refundedCharge(early, proAmount, proAmount)))
-	if st, le := eventStatus(t, gdb, earlyRefund); st != "failed" || !strings.Contains(le, "waiting for") {
-		t.Fatalf("refund before invoice.paid: %s %q, want failed, waiting for the success", st, le)
-	}
-	deliver(t, s, stripeEvent(newEventID(), "invoice.paid", invoiceActionAt(t, fake, earlyInvoice, "pay")))
-	processed("the early refund right after invoice.paid", earlyRefund)
-	if p := getPayment(t, s, early); p.Status != client.PaymentStatusRefunded || p.AmountRefunded != proAmount {
-		t.Fatalf("early-refunded invoice payment = %+v", p)
-	}
-	if got := balanceOverHTTP(t, s.service(t), "inv-early"); got.Balance != 0 {
-		t.Fatalf("balance after the early refund = %d, want 0", got.Balance)
-	}
-
-	// A PaymentIntent that paid an invoice tally did not make, or none.
-	mu.Lock()
-	paidInvoice["pi_someone_elses"] = "in_someone_elses"
-	paidInvoice["pi_no_invoice"] = ""
-	mu.Unlock()
-	for _, pay := range []string{"pay_someone_elses", "pay_no_invoice"} {
-		foreign := newEventID()
-		deliver(t, s, stripeEvent(foreign, "charge.refunded", refundedCharge(pay, proAmount, proAmount)))
-		if st, le := eventStatus(t, gdb, foreign); st != "ignored" {
-			t.Fatalf("refund of %s: %s %q, want ignored", piID(pay), st, le)
+		// The PaymentIntent is linked now: a later event of it (a chargeback
+		// after the refund, say) finds the payment without asking Stripe.
+		before := lookups()
+		later := newEventID()
+		deliver(t, s, stripeEvent(later, "charge.dispute.created", dispute(refunded, "dp_inv_after_refund", "warning_needs_response", proAmount)))
+		processed(t, "inquiry after the refund", later)
+		if n := lookups() - before; n != 0 {
+			t.Fatalf("a linked PaymentIntent's event asked Stripe for its invoice %d times", n)
 		}
-	}
 
-	// Stripe does not answer which invoice: retried, not ignored.
-	outage, outageInvoice := invoiced("inv-outage")
-	paid("inv-outage", outageInvoice)
-	mu.Lock()
-	down = true
-	mu.Unlock()
-	unanswered := newEventID()
-	deliver(t, s, stripeEvent(unanswered, "charge.refunded", refundedCharge(outage, proAmount, proAmount)))
-	if st, le := eventStatus(t, gdb, unanswered); st != "failed" {
-		t.Fatalf("refund while Stripe is down: %s %q, want failed (retried)", st, le)
-	}
-	if n := countRows(t, gdb, `SELECT count(*) FROM stripe_events WHERE id = ? AND next_attempt_at IS NOT NULL`, unanswered); n != 1 {
-		t.Fatalf("refund while Stripe is down has no next attempt")
-	}
-	if p := getPayment(t, s, outage); p.Status != client.PaymentStatusSucceeded {
-		t.Fatalf("payment whose refund failed = %+v, want still succeeded", p)
-	}
+		// Nor does a late event of the invoice's PaymentIntent itself (Stripe's
+		// own, delivered after an outage) move the payment or need an
+		// operator: invoice.paid confirmed it, and nothing else fails it.
+		for _, typ := range []string{"payment_intent.succeeded", "payment_intent.payment_failed"} {
+			status := strings.TrimPrefix(typ, "payment_intent.")
+			if status == "payment_failed" {
+				status = "requires_payment_method"
+			}
+			late := newEventID()
+			deliver(t, s, stripeEvent(late, typ, map[string]any{"id": piID(refunded), "object": "payment_intent", "status": status,
+				"amount": proAmount, "amount_received": proAmount, "currency": "usd", "livemode": false, "metadata": map[string]string{}}))
+			if st, le := eventStatus(t, gdb, late); st != "processed" && st != "ignored" {
+				t.Fatalf("late %s of an invoice's PaymentIntent: %s %q, want processed or ignored", typ, st, le)
+			}
+		}
+		if p := getPayment(t, s, refunded); p.Status != client.PaymentStatusRefunded || p.AmountRefunded != proAmount {
+			t.Fatalf("refunded invoice payment after its PaymentIntent's late events = %+v", p)
+		}
+		if got := balanceOverHTTP(t, s.service(t), "inv-refund"); got.Balance != 0 {
+			t.Fatalf("balance after its PaymentIntent's late events = %d, want 0", got.Balance)
+		}
+
+	})
+
+	t.Run("dispute", func(t *testing.T) {
+		// Paid by invoice, then charged back: the credits go back.
+		disputed, disputedInvoice := invoiced(t, "inv-dispute")
+		paid(t, "inv-dispute", disputedInvoice)
+		chargeback := newEventID()
+		deliver(t, s, stripeEvent(chargeback, "charge.dispute.created", dispute(disputed, "dp_inv_1", "needs_response", proAmount)))
+		processed(t, "dispute of an invoice payment", chargeback)
+		if p := getPayment(t, s, disputed); p.Status != client.PaymentStatusDisputed || p.AmountDisputed != proAmount {
+			t.Fatalf("disputed invoice payment = %+v", p)
+		}
+		if got := balanceOverHTTP(t, s.service(t), "inv-dispute"); got.Balance != 0 {
+			t.Fatalf("balance after the chargeback = %d, want 0", got.Balance)
+		}
+
+	})
+
+	t.Run("refund before invoice.paid", func(t *testing.T) {
+		// Refunded before tally saw invoice.paid (redelivered out of order):
+		// it waits, and the invoice's success applies it at once.
+		early, earlyInvoice := invoiced(t, "inv-early")
+		earlyRefund := newEventID()
+		deliver(t, s, stripeEvent(earlyRefund, "charge.refunded", refundedCharge(early, proAmount, proAmount)))
+		if st, le := eventStatus(t, gdb, earlyRefund); st != "failed" || !strings.Contains(le, "waiting for") {
+			t.Fatalf("refund before invoice.paid: %s %q, want failed, waiting for the success", st, le)
+		}
+		deliver(t, s, stripeEvent(newEventID(), "invoice.paid", invoiceActionAt(t, fake, earlyInvoice, "pay")))
+		processed(t, "the early refund right after invoice.paid", earlyRefund)
+		if p := getPayment(t, s, early); p.Status != client.PaymentStatusRefunded || p.AmountRefunded != proAmount {
+			t.Fatalf("early-refunded invoice payment = %+v", p)
+		}
+		if got := balanceOverHTTP(t, s.service(t), "inv-early"); got.Balance != 0 {
+			t.Fatalf("balance after the early refund = %d, want 0", got.Balance)
+		}
+
+	})
+
+	t.Run("not ours", func(t *testing.T) {
+		// A PaymentIntent that paid an invoice tally did not make, or none.
+		mu.Lock()
+		paidInvoice["pi_someone_elses"] = "in_someone_elses"
+		paidInvoice["pi_no_invoice"] = ""
+		mu.Unlock()
+		for _, pay := range []string{"pay_someone_elses", "pay_no_invoice"} {
+			foreign := newEventID()
+			deliver(t, s, stripeEvent(foreign, "charge.refunded", refundedCharge(pay, proAmount, proAmount)))
+			if st, le := eventStatus(t, gdb, foreign); st != "ignored" {
+				t.Fatalf("refund of %s: %s %q, want ignored", piID(pay), st, le)
+			}
+		}
+
+	})
+
+	t.Run("Stripe down", func(t *testing.T) {
+		// Stripe does not answer which invoice: retried, not ignored.
+		outage, outageInvoice := invoiced(t, "inv-outage")
+		paid(t, "inv-outage", outageInvoice)
+		mu.Lock()
+		down = true
+		mu.Unlock()
+		unanswered := newEventID()
+		deliver(t, s, stripeEvent(unanswered, "charge.refunded", refundedCharge(outage, proAmount, proAmount)))
+		if st, le := eventStatus(t, gdb, unanswered); st != "failed" {
+			t.Fatalf("refund while Stripe is down: %s %q, want failed (retried)", st, le)
+		}
+		if n := countRows(t, gdb, `SELECT count(*) FROM stripe_events WHERE id = ? AND next_attempt_at IS NOT NULL`, unanswered); n != 1 {
+			t.Fatalf("refund while Stripe is down has no next attempt")
+		}
+		if p := getPayment(t, s, outage); p.Status != client.PaymentStatusSucceeded {
+			t.Fatalf("payment whose refund failed = %+v, want still succeeded", p)
+		}
+
+		// Once Stripe answers, the event applies (replayed here rather
+		// than waiting for its next attempt).
+		mu.Lock()
+		down = false
+		mu.Unlock()
+		rep, err := s.admin(t).ReplayStripeEventWithResponse(context.Background(), unanswered)
+		if err != nil {
+			t.Fatal(err)
+		}
+		mustStatus(t, "replay", rep.StatusCode(), rep.Body, http.StatusOK)
+		processed(t, "the refund once Stripe answers", unanswered)
+		if p := getPayment(t, s, outage); p.Status != client.PaymentStatusRefunded || p.AmountRefunded != proAmount {
+			t.Fatalf("payment refunded once Stripe answers = %+v", p)
+		}
+		if got := balanceOverHTTP(t, s.service(t), "inv-outage"); got.Balance != 0 {
+			t.Fatalf("balance once Stripe answers = %d, want 0", got.Balance)
+		}
+	})
 
 	receivablesOverHTTP(t, s)
 	assertInvariants(t, s)
