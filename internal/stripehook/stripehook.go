@@ -508,10 +508,10 @@ func (h *Intake) processed(ev Event, now time.Time) {
 // PaymentIntent whose success arrived first.
 func (h *Intake) WakeWaiting(ctx context.Context, pi string) { h.wakeWaiting(ctx, pi) }
 
-// wakeWaiting processes now the events waiting for the success keyed pi (a
-// PaymentIntent, or a pay-by-invoice payment's invoice; see
-// payments.Waiting.For) (a refund or dispute that overtook it), rather than at
-// their next backoff, and those parked after waiting a day for it: the
+// wakeWaiting processes now the events waiting for the success keyed pi
+// (a refund or dispute that overtook it; the key is a PaymentIntent, or a
+// pay-by-invoice payment's invoice: see payments.Waiting.For), rather than
+// at their next backoff, and those parked after waiting a day for it: the
 // success they waited for is what an operator would have looked for. A
 // failure here leaves the failed ones to the retry worker and the parked
 // ones to an operator.
