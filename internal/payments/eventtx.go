@@ -55,11 +55,12 @@ func (s *Service) paymentFor(ctx context.Context, metadata map[string]string, by
 //
 // Called before any transaction, so Stripe is never asked under a
 // payment's lock. A PaymentIntent Stripe does not know (404), or without
-// tally metadata and paying no invoice of ours (404, none, another
+// tally metadata and paying no invoice of ours (none, another
 // integration's invoice), or naming a payment this database does not hold
 // (another deployment sharing the Stripe account), stays ErrNotOurs: other
-// integrations share Stripe accounts. Stripe not answering is its
-// *stripeapi.Error, which the intake retries.
+// integrations share Stripe accounts. Stripe not answering (for the
+// invoice list, a 404 too) is its *stripeapi.Error, which the intake
+// retries.
 // Errors: ErrNotOurs, *Rejection (livemode, a PaymentIntent paying
 // invoices of two payments), *stripeapi.Error, errs.Unavailable.
 func (s *Service) chargePayment(ctx context.Context, metadata map[string]string, paymentIntentID string) (id string, viaInvoice bool, err error) {
@@ -94,13 +95,15 @@ func (s *Service) chargePayment(ctx context.Context, metadata map[string]string,
 // invoicePaidBy is the payment whose invoice PaymentIntent pi paid, as
 // Stripe's Invoice Payments answer (see chargePayment). An invoice payment
 // Stripe shows canceled, or of another PaymentIntent, proves nothing.
+// Stripe not answering the list, a 404 included, is its *stripeapi.Error.
 // Errors: ErrNotOurs, *Rejection, *stripeapi.Error, errs.Unavailable.
 func (s *Service) invoicePaidBy(ctx context.Context, pi stripeapi.PaymentIntent) (string, error) {
 	paid, err := s.stripe.InvoicesPaidBy(ctx, pi.ID)
-	if notFound(err) {
-		return "", ErrNotOurs
-	}
 	if err != nil {
+		// Even a 404: Stripe just returned the PaymentIntent, so the list
+		// not being found says nothing about whose it is. Ignored, the
+		// refund was lost for good; failed, it is retried (and parked for
+		// an operator after its retry budget).
 		return "", err
 	}
 	found, invoice := "", ""
