@@ -94,7 +94,8 @@ func (s *Service) chargePayment(ctx context.Context, metadata map[string]string,
 
 // invoicePaidBy is the payment whose invoice PaymentIntent pi paid, as
 // Stripe's Invoice Payments answer (see chargePayment). An invoice payment
-// Stripe shows canceled, or of another PaymentIntent, proves nothing.
+// Stripe shows canceled, or of another PaymentIntent, proves nothing; one
+// of our invoices not paid (open) is refused.
 // Stripe not answering the list, a 404 included, is its *stripeapi.Error.
 // Errors: ErrNotOurs, *Rejection, *stripeapi.Error, errs.Unavailable.
 func (s *Service) invoicePaidBy(ctx context.Context, pi stripeapi.PaymentIntent) (string, error) {
@@ -114,6 +115,12 @@ func (s *Service) invoicePaidBy(ctx context.Context, pi stripeapi.PaymentIntent)
 		id, err := findID(ctx, s.db, "invoice_id", ip.Invoice)
 		if err != nil {
 			return "", err
+		}
+		if id != "" && ip.Status != "paid" {
+			// Open: the PaymentIntent has not paid our invoice (yet), so
+			// its refund is no proof to take the credits back on, nor to
+			// forget. An operator looks.
+			return "", reject("PaymentIntent %s has a %s, not paid, invoice payment %s of invoice %s of payment %s", pi.ID, ip.Status, ip.ID, ip.Invoice, id)
 		}
 		switch {
 		case id == "" || id == found:
