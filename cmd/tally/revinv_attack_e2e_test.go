@@ -464,3 +464,53 @@ func TestRevInvConcurrentClaims(t *testing.T) {
 	receivablesOverHTTP(t, a)
 	assertInvariants(t, a)
 }
+
+// TestRevInvPlanInvoiceRefundStaysIgnored: a plan's Checkout Session links
+// its first invoice to the plan's payment (invoice_id), and that invoice's
+// PaymentIntent is Stripe's own, without tally metadata, like a
+// pay-by-invoice payment's. A plan moves no money through tally and has
+// no credits to take back: its refunds and chargebacks were ignored, and
+// must stay so, not be parked for an operator (an alert for every plan
+// refund) because Stripe says the PaymentIntent paid an invoice of ours.
+func TestRevInvPlanInvoiceRefundStaysIgnored(t *testing.T) {
+	t.Parallel()
+	fake := stripefake.New(t)
+	env := payEnv(t, fake.URL())
+	env["TALLY_STRIPE_EVENT_RETRY_INTERVAL"] = "10m"
+	s := startServer(t, env)
+	gdb := openDB(t, s)
+	st := newInvoiceStripe(fake)
+
+	pay := checkout(t, s, "plan-buyer", "api", 1)
+	p := getPayment(t, s, pay)
+	cs := checkoutSession(pay, "plan-buyer", deref(p.CheckoutSessionId), "complete", "paid", 2000)
+	cs["mode"], cs["invoice"], cs["subscription"], cs["payment_intent"] = "subscription", "in_plan_first", "sub_plan", nil
+	cs["metadata"].(map[string]string)["tally_item"] = "api"
+	completed := newEventID()
+	deliver(t, s, stripeEvent(completed, "checkout.session.completed", cs))
+	if status, le := eventStatus(t, gdb, completed); status != "processed" {
+		t.Fatalf("plan checkout: %s %q", status, le)
+	}
+	if p := getPayment(t, s, pay); p.Status != client.PaymentStatusSucceeded {
+		t.Fatalf("plan payment: %+v", p)
+	}
+	planPI := "pi_plan_first"
+	st.set(planPI, paidEntry("inpay_plan_first", "in_plan_first", planPI, "paid", 2000))
+	charge := refundedCharge(pay, 2000, 2000)
+	charge["payment_intent"], charge["id"] = planPI, "ch_plan_first"
+	refund := newEventID()
+	deliver(t, s, stripeEvent(refund, "charge.refunded", charge))
+	d := dispute(pay, "dp_plan_first", "needs_response", 2000)
+	d["payment_intent"], d["charge"] = planPI, "ch_plan_first"
+	chargeback := newEventID()
+	deliver(t, s, stripeEvent(chargeback, "charge.dispute.created", d))
+	for _, id := range []string{refund, chargeback} {
+		if status, le := eventStatus(t, gdb, id); status != "ignored" {
+			t.Fatalf("refund or dispute of a plan's first invoice: %s %q, want ignored as before", status, le)
+		}
+	}
+	if p := getPayment(t, s, pay); p.Status != client.PaymentStatusSucceeded || p.PaymentIntentId != nil {
+		t.Fatalf("plan payment after its invoice's refund: %+v", p)
+	}
+	assertInvariants(t, s)
+}
