@@ -92,10 +92,10 @@ func (s *Service) chargePayment(ctx context.Context, metadata map[string]string,
 	return id, false, nil
 }
 
-// invoicePaidBy is the payment whose invoice PaymentIntent pi paid, as
-// Stripe's Invoice Payments answer (see chargePayment). An invoice payment
-// Stripe shows canceled, or of another PaymentIntent, proves nothing; one
-// of our invoices not paid (open) is refused.
+// invoicePaidBy is the pay-by-invoice payment whose invoice PaymentIntent
+// pi paid, as Stripe's Invoice Payments answer (see chargePayment). An
+// invoice payment Stripe shows canceled, or of another PaymentIntent,
+// proves nothing; one of our invoices not paid (open) is refused.
 // Stripe not answering the list, a 404 included, is its *stripeapi.Error.
 // Errors: ErrNotOurs, *Rejection, *stripeapi.Error, errs.Unavailable.
 func (s *Service) invoicePaidBy(ctx context.Context, pi stripeapi.PaymentIntent) (string, error) {
@@ -112,7 +112,7 @@ func (s *Service) invoicePaidBy(ctx context.Context, pi stripeapi.PaymentIntent)
 		if ip.Invoice == "" || ip.Status == "canceled" || (ip.PaymentIntent != "" && ip.PaymentIntent != pi.ID) {
 			continue
 		}
-		id, err := findID(ctx, s.db, "invoice_id", ip.Invoice)
+		id, err := invoicePaymentID(ctx, s.db, ip.Invoice)
 		if err != nil {
 			return "", err
 		}
@@ -138,6 +138,20 @@ func (s *Service) invoicePaidBy(ctx context.Context, pi stripeapi.PaymentIntent)
 		return "", ErrNotOurs
 	}
 	return found, nil
+}
+
+// invoicePaymentID is the pay-by-invoice payment of invoice, "" when none:
+// another payment that learnt an invoice (a plan's first, a Checkout
+// Session's) has a PaymentIntent with our metadata or none to act on, and
+// its invoice's refund stays ignored. Errors: errs.Unavailable.
+func invoicePaymentID(ctx context.Context, gdb *gorm.DB, invoice string) (string, error) {
+	var ids []string
+	err := gdb.WithContext(ctx).Model(&paymentRow{}).Where("invoice_id = ? AND method = ?", invoice, string(MethodInvoice)).
+		Limit(1).Pluck("id", &ids).Error
+	if err != nil || len(ids) == 0 {
+		return "", db.Translate(err, nil)
+	}
+	return ids[0], nil
 }
 
 // notFound reports whether err is Stripe answering 404.
