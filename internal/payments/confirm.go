@@ -57,7 +57,10 @@ type confirmation struct {
 // matches our key (see checkAmounts). Then, in one transaction: the
 // confirmation row keyed by the PaymentIntent id (a second delivery finds
 // it and does nothing), the transition to succeeded, the credit grant for
-// packs and the payment.succeeded event.
+// packs and the payment.succeeded event. The PaymentIntent of a
+// pay-by-invoice payment (linked by a refund or dispute of it) confirms
+// nothing: its invoice does (the event is a no-op); any other naming such
+// a payment is refused.
 //
 // Errors: ErrNotOurs (no tally metadata, no known PaymentIntent),
 // *Rejection (the chain refused it), errs.Unavailable, others (retry; also
@@ -86,6 +89,14 @@ func (s *Service) paymentIntentSucceeded(ctx context.Context, ev EventRef, pi Pa
 	c := confirmation{paymentIntentID: pi.ID, amountReceived: pi.AmountReceived, currency: pi.Currency,
 		livemode: pi.Livemode, customerID: pi.Metadata[stripeapi.MetadataCustomerID], by: by,
 		gate: func(p Payment) (bool, error) {
+			if p.Method == MethodInvoice && pi.ID != "" && p.PaymentIntentID == pi.ID {
+				// Only the invoice confirms a pay-by-invoice payment: its
+				// own PaymentIntent (Stripe's, linked by a refund or a
+				// dispute of it) moves nothing. Any other PaymentIntent
+				// naming it is refused below.
+				ev.completes(true)
+				return true, nil
+			}
 			if s.strategy(p) != config.ConfirmOnPaymentIntent {
 				// The legacy strategy, as below: nothing to write.
 				ev.completes(true)
@@ -270,9 +281,10 @@ func (s *Service) confirm(ctx context.Context, ev EventRef, paymentID string, c 
 		// lock, rather than in the event's insert (before the lock), it
 		// sees a wait recorded by an event that held the lock before this
 		// transaction; one recorded later sees this success (WaitOver).
+		// Waits are keyed as the confirmation is (Waiting.For).
 		wakeFor := ""
 		if ev.Inline != nil && !ev.Inline.stored {
-			wakeFor = c.paymentIntentID
+			wakeFor = c.paymentIntentID + c.invoiceID // exactly one is set
 		}
 		args = append(args, p.ID, allowed, wakeFor, wakeFor)
 		var wrote struct{ Confirmed, Recorded, Updated, Waiting bool }

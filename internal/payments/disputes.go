@@ -69,12 +69,14 @@ const stageWithdrawn = 4
 // applies once the success arrives).
 //
 // A charge or dispute of a PaymentIntent nothing linked yet is found by
-// asking Stripe for it (chargePayment).
+// asking Stripe for it (chargePayment), and for an invoice's PaymentIntent
+// (no tally metadata) which invoice it paid: the dispute of a
+// pay-by-invoice payment links that PaymentIntent to it.
 // Errors: ErrNotOurs, *Waiting, *stripeapi.Error (Stripe not answering),
 // *Rejection (livemode, currency, no or
 // another PaymentIntent, a dispute of another payment), errs.Unavailable.
 func (s *Service) DisputeChanged(ctx context.Context, ev EventRef, d Dispute) error {
-	id, err := s.chargePayment(ctx, d.Metadata, d.PaymentIntent)
+	id, viaInvoice, err := s.chargePayment(ctx, d.Metadata, d.PaymentIntent)
 	if err != nil {
 		return err
 	}
@@ -89,7 +91,10 @@ func (s *Service) DisputeChanged(ctx context.Context, ev EventRef, d Dispute) er
 			return reject("dispute %s is about %d", d.ID, d.Amount)
 		}
 		if p.Status == Pending || p.Status == Failed {
-			return waiting(p.ID, d.PaymentIntent, "dispute %s of payment %s, which is %s: waiting for the success of PaymentIntent %s", d.ID, p.ID, p.Status, d.PaymentIntent)
+			return waitingForSuccess(p, d.PaymentIntent, "dispute "+d.ID)
+		}
+		if err := s.linkInvoicePaymentIntent(ctx, tx, &p, viaInvoice, d.PaymentIntent); err != nil {
+			return err
 		}
 		if d.PaymentIntent != p.PaymentIntentID {
 			return reject("dispute %s belongs to PaymentIntent %s, not to payment %s's (%q)", d.ID, d.PaymentIntent, p.ID, p.PaymentIntentID)

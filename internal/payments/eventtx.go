@@ -43,40 +43,140 @@ func (s *Service) paymentFor(ctx context.Context, metadata map[string]string, by
 // lockForEvent still checks the event's livemode, and the refund or
 // dispute that the PaymentIntent is the payment's once it is linked.
 //
+// A PaymentIntent without tally metadata may be an invoice's: Stripe
+// creates it when an invoice is finalized, with no metadata of ours, and a
+// pay-by-invoice payment (confirmed by invoice.paid) never learns it.
+// Stripe is then asked which invoice it paid (InvoicesPaidBy); when that
+// invoice is one of our payments', the event is that payment's, and
+// viaInvoice says Stripe proved the PaymentIntent paid its invoice: the
+// refund or dispute links it to a pay-by-invoice payment
+// (linkInvoicePaymentIntent), so later events of it find the payment
+// directly and the checks that the PaymentIntent is the payment's hold.
+//
 // Called before any transaction, so Stripe is never asked under a
-// payment's lock. A PaymentIntent Stripe does not know (404) or without
-// tally metadata, or naming a payment this database does not hold (another
-// deployment sharing the Stripe account), stays ErrNotOurs: other
-// integrations share Stripe accounts. Stripe not answering is its
-// *stripeapi.Error, which the intake retries.
-// Errors: ErrNotOurs, *Rejection (livemode), *stripeapi.Error,
-// errs.Unavailable.
-func (s *Service) chargePayment(ctx context.Context, metadata map[string]string, paymentIntentID string) (string, error) {
-	id, err := s.paymentFor(ctx, metadata, map[string]string{"payment_intent_id": paymentIntentID})
+// payment's lock. A PaymentIntent Stripe does not know (404), or without
+// tally metadata and paying no invoice of ours (none, another
+// integration's invoice), or naming a payment this database does not hold
+// (another deployment sharing the Stripe account), stays ErrNotOurs: other
+// integrations share Stripe accounts. Stripe not answering (for the
+// invoice list, a 404 too) is its *stripeapi.Error, which the intake
+// retries.
+// Errors: ErrNotOurs, *Rejection (livemode, a PaymentIntent paying
+// invoices of two payments), *stripeapi.Error, errs.Unavailable.
+func (s *Service) chargePayment(ctx context.Context, metadata map[string]string, paymentIntentID string) (id string, viaInvoice bool, err error) {
+	id, err = s.paymentFor(ctx, metadata, map[string]string{"payment_intent_id": paymentIntentID})
 	if !errors.Is(err, ErrNotOurs) || paymentIntentID == "" || s.stripe == nil {
-		return id, err
+		return id, false, err
 	}
 	pi, err := s.stripe.GetPaymentIntent(ctx, paymentIntentID)
-	if e, ok := stripeapi.AsError(err); ok && e.StatusCode == http.StatusNotFound {
-		return "", ErrNotOurs
+	if notFound(err) {
+		return "", false, ErrNotOurs
 	}
 	if err != nil {
-		return "", err
+		return "", false, err
 	}
 	named := pi.Metadata[stripeapi.MetadataPaymentID]
 	if named == "" {
-		return "", ErrNotOurs
+		id, err = s.invoicePaidBy(ctx, pi)
+		return id, err == nil, err
 	}
 	if pi.Livemode != s.livemode {
-		return "", reject("PaymentIntent %s livemode=%t does not match our Stripe key (livemode=%t)", paymentIntentID, pi.Livemode, s.livemode)
+		return "", false, reject("PaymentIntent %s livemode=%t does not match our Stripe key (livemode=%t)", paymentIntentID, pi.Livemode, s.livemode)
 	}
 	if id, err = findID(ctx, s.db, "id", named); err != nil || id == "" {
 		if err == nil {
 			err = ErrNotOurs
 		}
+		return "", false, err
+	}
+	return id, false, nil
+}
+
+// invoicePaidBy is the pay-by-invoice payment whose invoice PaymentIntent
+// pi paid, as Stripe's Invoice Payments answer (see chargePayment). An
+// invoice payment Stripe shows canceled, or of another PaymentIntent,
+// proves nothing; one of our invoices not paid (open) is refused.
+// Stripe not answering the list, a 404 included, is its *stripeapi.Error.
+// Errors: ErrNotOurs, *Rejection, *stripeapi.Error, errs.Unavailable.
+func (s *Service) invoicePaidBy(ctx context.Context, pi stripeapi.PaymentIntent) (string, error) {
+	paid, err := s.stripe.InvoicesPaidBy(ctx, pi.ID)
+	if err != nil {
+		// Even a 404: Stripe just returned the PaymentIntent, so the list
+		// not being found says nothing about whose it is. Ignored, the
+		// refund was lost for good; failed, it is retried (and parked for
+		// an operator after its retry budget).
 		return "", err
 	}
-	return id, nil
+	found, invoice := "", ""
+	for _, ip := range paid {
+		if ip.Invoice == "" || ip.Status == "canceled" || (ip.PaymentIntent != "" && ip.PaymentIntent != pi.ID) {
+			continue
+		}
+		id, err := invoicePaymentID(ctx, s.db, ip.Invoice)
+		if err != nil {
+			return "", err
+		}
+		if id != "" && ip.Status != "paid" {
+			// Open: the PaymentIntent has not paid our invoice (yet), so
+			// its refund is no proof to take the credits back on, nor to
+			// forget. An operator looks.
+			return "", reject("PaymentIntent %s has a %s, not paid, invoice payment %s of invoice %s of payment %s", pi.ID, ip.Status, ip.ID, ip.Invoice, id)
+		}
+		switch {
+		case id == "" || id == found:
+		case found != "":
+			return "", reject("PaymentIntent %s paid invoice %s of payment %s and invoice %s of payment %s", pi.ID, invoice, found, ip.Invoice, id)
+		default:
+			if pi.Livemode != s.livemode || ip.Livemode != s.livemode {
+				return "", reject("PaymentIntent %s (livemode=%t) paid invoice %s (livemode=%t), but our Stripe key is livemode=%t",
+					pi.ID, pi.Livemode, ip.Invoice, ip.Livemode, s.livemode)
+			}
+			found, invoice = id, ip.Invoice
+		}
+	}
+	if found == "" {
+		return "", ErrNotOurs
+	}
+	return found, nil
+}
+
+// invoicePaymentID is the pay-by-invoice payment of invoice, "" when none:
+// another payment that learnt an invoice (a plan's first, a Checkout
+// Session's) has a PaymentIntent with our metadata or none to act on, and
+// its invoice's refund stays ignored. Errors: errs.Unavailable.
+func invoicePaymentID(ctx context.Context, gdb *gorm.DB, invoice string) (string, error) {
+	var ids []string
+	err := gdb.WithContext(ctx).Model(&paymentRow{}).Where("invoice_id = ? AND method = ?", invoice, string(MethodInvoice)).
+		Limit(1).Pluck("id", &ids).Error
+	if err != nil || len(ids) == 0 {
+		return "", db.Translate(err, nil)
+	}
+	return ids[0], nil
+}
+
+// notFound reports whether err is Stripe answering 404.
+func notFound(err error) bool {
+	e, ok := stripeapi.AsError(err)
+	return ok && e.StatusCode == http.StatusNotFound
+}
+
+// linkInvoicePaymentIntent links PaymentIntent pi to pay-by-invoice
+// payment p (tx holds its lock) when viaInvoice says Stripe proved pi paid
+// p's invoice (chargePayment) and p has no PaymentIntent yet: a refund or
+// dispute of it then passes the checks that its PaymentIntent is the
+// payment's, and later events of pi find p without asking Stripe. Called
+// once p succeeded (a refund or dispute that waits rolls back anyway).
+// Another payment holding pi already is a *Rejection (the unique link).
+// Errors: *Rejection, errs.Unavailable.
+func (s *Service) linkInvoicePaymentIntent(ctx context.Context, tx *gorm.DB, p *Payment, viaInvoice bool, pi string) error {
+	if !viaInvoice || pi == "" || p.Method != MethodInvoice || p.PaymentIntentID != "" {
+		return nil
+	}
+	if err := s.applyLinks(ctx, tx, *p, map[string]string{"payment_intent_id": pi}); err != nil {
+		return err
+	}
+	p.PaymentIntentID = pi
+	return nil
 }
 
 // lockForEvent locks the payment an event names (tx must be a transaction)
@@ -211,7 +311,8 @@ type InlineStore struct {
 	stored    bool
 	processed bool
 	// waiting: the confirmation in the storing transaction found events
-	// waiting for its PaymentIntent's success (see confirm).
+	// waiting for its success (its PaymentIntent's or invoice's: see
+	// confirm).
 	waiting bool
 }
 

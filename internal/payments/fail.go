@@ -15,7 +15,9 @@ import (
 // Only the move into failed tells the host app; a payment already failed
 // records the event without effect, and an event already recorded (a
 // redelivery, a replay) does nothing.
-// A failure of another PaymentIntent than the payment's is refused.
+// A failure of another PaymentIntent than the payment's is refused. A
+// pay-by-invoice payment's own PaymentIntent (linked by a refund or
+// dispute of it) fails nothing: only its invoice does.
 // Errors: ErrNotOurs, *Rejection (livemode, another PaymentIntent),
 // errs.Unavailable.
 func (s *Service) PaymentIntentFailed(ctx context.Context, ev EventRef, pi PaymentIntent) error {
@@ -54,6 +56,13 @@ func (s *Service) CheckoutSessionFailed(ctx context.Context, ev EventRef, cs Che
 // payment's own, and teaches a payment still in play its ids).
 func (s *Service) fail(ctx context.Context, ev EventRef, paymentID string, livemode bool, paymentIntentID, reason string, session *CheckoutSession) error {
 	return s.inEventTx(ctx, ev, paymentID, livemode, paymentIntentID, func(tx *gorm.DB, p Payment) error {
+		if session == nil && p.Method == MethodInvoice && paymentIntentID != "" && p.PaymentIntentID == paymentIntentID {
+			// Only its invoice fails a pay-by-invoice payment (voided,
+			// uncollectible): a failed attempt of its PaymentIntent
+			// (Stripe's own, linked by a refund or a dispute of it) is not
+			// the payment failing.
+			return nil
+		}
 		if session != nil {
 			if err := ownSession(p, session.ID); err != nil {
 				return err

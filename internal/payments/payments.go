@@ -473,12 +473,15 @@ func reject(format string, args ...any) error {
 
 // Waiting says an event cannot apply yet because it is about a payment whose
 // success has not arrived (Stripe does not order its events: a refund or a
-// dispute may overtake the payment_intent.succeeded it follows). It is not
-// an operator's problem: stripehook retries it, outside its retry budget,
-// applies it as soon as the success of PaymentIntentID is processed, and
-// parks it only a day after Stripe created it.
+// dispute may overtake the payment_intent.succeeded, or the invoice.paid,
+// it follows). It is not an operator's problem: stripehook retries it,
+// outside its retry budget, applies it as soon as the success it waits for
+// (For) is processed, and parks it only a day after Stripe created it.
 type Waiting struct {
 	PaymentIntentID string
+	// InvoiceID, when set, is the invoice of the pay-by-invoice payment
+	// waited on: its invoice.paid is the success (see For).
+	InvoiceID string
 	// PaymentID is the payment waited on (WaitOver reads it).
 	PaymentID string
 	Reason    string
@@ -486,8 +489,30 @@ type Waiting struct {
 
 func (w *Waiting) Error() string { return w.Reason }
 
+// For is the key of the confirmation the event waits for, as the event
+// that confirms names it (stripehook's waiting_for): the invoice of a
+// pay-by-invoice payment, else the PaymentIntent.
+func (w *Waiting) For() string {
+	if w.InvoiceID != "" {
+		return w.InvoiceID
+	}
+	return w.PaymentIntentID
+}
+
 func waiting(paymentID, paymentIntentID, format string, args ...any) error {
 	return &Waiting{PaymentIntentID: paymentIntentID, PaymentID: paymentID, Reason: fmt.Sprintf(format, args...)}
+}
+
+// waitingForSuccess is a refund's or dispute's Waiting on payment p, not
+// succeeded yet, whose PaymentIntent is pi: a pay-by-invoice payment
+// succeeds by its invoice (invoice.paid, which names no PaymentIntent),
+// any other by pi. what says what waits.
+func waitingForSuccess(p Payment, pi, what string) error {
+	if p.Method == MethodInvoice && p.InvoiceID != "" {
+		return &Waiting{PaymentIntentID: pi, InvoiceID: p.InvoiceID, PaymentID: p.ID,
+			Reason: fmt.Sprintf("%s of payment %s, which is %s: waiting for invoice %s to be paid", what, p.ID, p.Status, p.InvoiceID)}
+	}
+	return waiting(p.ID, pi, "%s of payment %s, which is %s: waiting for the success of PaymentIntent %s", what, p.ID, p.Status, pi)
 }
 
 // IsRejection reports whether err is the validation chain's refusal.

@@ -19,13 +19,15 @@ import (
 // *Waiting (it applies once the success arrives). Only a charge of the
 // payment's own PaymentIntent, for the amount it paid, may refund it.
 // A charge or dispute of a PaymentIntent nothing linked yet is found by
-// asking Stripe for it (chargePayment).
+// asking Stripe for it (chargePayment), and for an invoice's PaymentIntent
+// (no tally metadata) which invoice it paid: the refund of a
+// pay-by-invoice payment links that PaymentIntent to it.
 // Errors: ErrNotOurs, *Waiting, *stripeapi.Error (Stripe not answering),
 // *Rejection (livemode, currency, no or
 // another PaymentIntent, charge amount not what was paid, more refunded
 // than charged), errs.Unavailable.
 func (s *Service) ChargeRefunded(ctx context.Context, ev EventRef, ch Charge) error {
-	id, err := s.chargePayment(ctx, ch.Metadata, ch.PaymentIntent)
+	id, viaInvoice, err := s.chargePayment(ctx, ch.Metadata, ch.PaymentIntent)
 	if err != nil {
 		return err
 	}
@@ -44,7 +46,10 @@ func (s *Service) ChargeRefunded(ctx context.Context, ev EventRef, ch Charge) er
 		case Disputed, DisputeLost:
 			to = p.Status
 		default:
-			return waiting(p.ID, ch.PaymentIntent, "refund of payment %s, which is %s: waiting for the success of PaymentIntent %s", p.ID, p.Status, ch.PaymentIntent)
+			return waitingForSuccess(p, ch.PaymentIntent, "refund")
+		}
+		if err := s.linkInvoicePaymentIntent(ctx, tx, &p, viaInvoice, ch.PaymentIntent); err != nil {
+			return err
 		}
 		// A succeeded payment knows its PaymentIntent (a plan's never has
 		// one), so only a charge of that very PaymentIntent may refund it.

@@ -26,6 +26,7 @@ import (
 //	GET /v1/payment_intents/{id}, /v1/charges/{id}, /v1/refunds/{id},
 //	/v1/disputes/{id}, /v1/invoices/{id}, /v1/invoiceitems/{id},
 //	/v1/subscriptions/{id}, /v1/events/{id}; GET /v1/events (newest first)
+//	GET /v1/invoice_payments?payment[type]=payment_intent&payment[payment_intent]=
 //	POST /v1/refunds, POST /v1/disputes/{id}/close
 //	POST /v1/invoices, POST /v1/invoiceitems,
 //	POST /v1/invoices/{id}/finalize | send | pay | void | mark_uncollectible
@@ -581,6 +582,13 @@ func (h *API) getLocked(w http.ResponseWriter, r *http.Request) {
 		writeRaw(w, http.StatusOK, ev.payload)
 	case r.URL.Path == "/v1/events":
 		a.listEvents(w, r, q)
+	case r.URL.Path == "/v1/invoice_payments":
+		out, err := a.invoicePayments(q)
+		if err != nil {
+			writeError(w, err)
+			return
+		}
+		writeJSON(w, http.StatusOK, out)
 	case r.URL.Path == "/v1/billing/meters":
 		var data []any
 		for _, m := range a.list("billing.meter") {

@@ -255,8 +255,38 @@ func (a *Account) paidInvoiceFor(cs, pi *object) *object {
 	inv.data["hosted_invoice_url"] = strings.TrimSuffix(a.opts.PublicURL, "/") + "/sandbox/invoices/" + inv.id
 	now := a.now().Unix()
 	inv.data["status_transitions"] = map[string]any{"finalized_at": now, "paid_at": now, "voided_at": nil, "marked_uncollectible_at": nil}
+	// Paid by the session's PaymentIntent: what GET /v1/invoice_payments
+	// answers for it.
+	inv.private["payment_intent"] = pi.id
 	a.put(inv)
 	return inv
+}
+
+// invoicePayments is GET /v1/invoice_payments filtered by
+// payment[payment_intent]: the invoices that PaymentIntent paid. Only
+// Checkout's invoices have one here (payInvoice settles out of band), so
+// a pay-by-invoice invoice has no invoice payment, and any other
+// PaymentIntent an empty list (a.mu held).
+func (a *Account) invoicePayments(q url.Values) (map[string]any, error) {
+	if q.Get("payment[type]") != "payment_intent" || q.Get("payment[payment_intent]") == "" {
+		return nil, invalid("payment", "The sandbox lists invoice payments only by payment[type]=payment_intent and payment[payment_intent].")
+	}
+	pi := q.Get("payment[payment_intent]")
+	data := []any{}
+	for _, inv := range a.list("invoice") {
+		if str(inv.private, "payment_intent") != pi {
+			continue
+		}
+		paidAt := sub(inv.data, "status_transitions")["paid_at"]
+		data = append(data, map[string]any{
+			"id": "inpay_" + strings.TrimPrefix(inv.id, "in_"), "object": "invoice_payment", "invoice": inv.id,
+			"amount_paid": inv.data["amount_paid"], "amount_requested": inv.data["total"], "currency": inv.data["currency"],
+			"is_default": true, "livemode": false, "status": "paid", "created": paidAt,
+			"payment":            map[string]any{"type": "payment_intent", "payment_intent": pi},
+			"status_transitions": map[string]any{"paid_at": paidAt, "canceled_at": nil},
+		})
+	}
+	return map[string]any{"object": "list", "data": data, "has_more": false, "url": "/v1/invoice_payments"}, nil
 }
 
 // InvoiceAction applies a dashboard action (finalize, send, pay, void,

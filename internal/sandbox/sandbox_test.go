@@ -537,6 +537,31 @@ func TestInvoiceLifecycle(t *testing.T) {
 	}
 }
 
+// GET /v1/invoice_payments answers which invoice a PaymentIntent paid:
+// Checkout's invoice for its PaymentIntent, nothing for any other.
+func TestInvoicePaymentsOfAPaymentIntent(t *testing.T) {
+	t.Parallel()
+	h := newHarness(t)
+	id := h.session(t, url.Values{"invoice_creation[enabled]": {"true"}})
+	if _, err := h.acct.Pay(context.Background(), id, "4242 4242 4242 4242", "ada@example.com"); err != nil {
+		t.Fatal(err)
+	}
+	_, cs, _ := h.call(t, http.MethodGet, "/v1/checkout/sessions/"+id, "", nil)
+	pi, inv := cs["payment_intent"].(string), cs["invoice"]
+	status, list, _ := h.call(t, http.MethodGet, "/v1/invoice_payments?payment[type]=payment_intent&payment[payment_intent]="+pi, "", nil)
+	data, _ := list["data"].([]any)
+	if status != http.StatusOK || len(data) != 1 || inv == nil {
+		t.Fatalf("invoice payments of %s: %d %v (session's invoice %v)", pi, status, list, inv)
+	}
+	if ip := data[0].(map[string]any); ip["invoice"] != inv || ip["status"] != "paid" || ip["payment"].(map[string]any)["payment_intent"] != pi {
+		t.Fatalf("invoice payment %v, want %v paid by %s", ip, inv, pi)
+	}
+	status, list, _ = h.call(t, http.MethodGet, "/v1/invoice_payments?payment[type]=payment_intent&payment[payment_intent]=pi_other", "", nil)
+	if data, _ := list["data"].([]any); status != http.StatusOK || len(data) != 0 {
+		t.Fatalf("invoice payments of another PaymentIntent: %d %v", status, list)
+	}
+}
+
 func TestLiveKeysAreRefused(t *testing.T) {
 	t.Parallel()
 	for _, key := range []string{"sk_live_123", "rk_live_123"} {

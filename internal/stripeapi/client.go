@@ -100,6 +100,14 @@ type Client interface {
 	FinalizeAndSendInvoice(ctx context.Context, paymentID, invoiceID string) (Invoice, error)
 	GetInvoice(ctx context.Context, id string) (Invoice, error)
 
+	// InvoicesPaidBy answers which invoices a PaymentIntent paid, through
+	// the Invoice Payments API (GET /v1/invoice_payments with
+	// payment[type]=payment_intent and payment[payment_intent]=id), at most
+	// MaxInvoicePayments of them: a refund or dispute of an invoice's
+	// PaymentIntent (Stripe's own, without tally's metadata) is traced to
+	// the invoice it paid. Errors: *Error; invalid_request when id is empty.
+	InvoicesPaidBy(ctx context.Context, paymentIntentID string) ([]InvoicePayment, error)
+
 	// ListEvents lists Stripe's events of up to 20 types created since a
 	// time (Stripe keeps 30 days), oldest first, each re-encoded as a
 	// webhook body. Errors: *Error.

@@ -156,6 +156,54 @@ func (c *client) GetInvoice(ctx context.Context, id string) (Invoice, error) {
 	return invoice(inv), nil
 }
 
+// InvoicePayment is Stripe's record that a payment paid (or is meant to
+// pay) an invoice: what tally reads of an Invoice Payment.
+type InvoicePayment struct {
+	ID            string
+	Invoice       string
+	PaymentIntent string
+	Status        string // open, paid, canceled
+	AmountPaid    int64
+	Currency      string
+	Livemode      bool
+}
+
+// MaxInvoicePayments bounds what InvoicesPaidBy reads: a PaymentIntent
+// pays one invoice, or a few at most.
+const MaxInvoicePayments = 20
+
+// InvoicesPaidBy lists the Invoice Payments of a PaymentIntent, following
+// pages up to MaxInvoicePayments. Errors: *Error; invalid_request when id
+// is empty.
+func (c *client) InvoicesPaidBy(ctx context.Context, paymentIntentID string) ([]InvoicePayment, error) {
+	if strings.TrimSpace(paymentIntentID) == "" {
+		return nil, errs.E(errs.Invalid, "stripeapi: a PaymentIntent id is required")
+	}
+	params := &stripe.InvoicePaymentListParams{Payment: &stripe.InvoicePaymentListPaymentParams{
+		Type: stripe.String(string(stripe.InvoicePaymentPaymentTypePaymentIntent)), PaymentIntent: stripe.String(paymentIntentID),
+	}}
+	params.Limit = stripe.Int64(MaxInvoicePayments)
+	ctx, capture := withCapture(ctx)
+	var out []InvoicePayment
+	for ip, err := range c.api.V1InvoicePayments.List(ctx, params) {
+		if err != nil {
+			return nil, classify("list invoice payments", err, capture, false)
+		}
+		p := InvoicePayment{ID: ip.ID, Status: ip.Status, AmountPaid: ip.AmountPaid, Currency: string(ip.Currency), Livemode: ip.Livemode}
+		if ip.Invoice != nil {
+			p.Invoice = ip.Invoice.ID
+		}
+		if ip.Payment != nil && ip.Payment.PaymentIntent != nil {
+			p.PaymentIntent = ip.Payment.PaymentIntent.ID
+		}
+		out = append(out, p)
+		if len(out) == MaxInvoicePayments {
+			break
+		}
+	}
+	return out, nil
+}
+
 func invoice(inv *stripe.Invoice) Invoice {
 	out := Invoice{ID: inv.ID, Number: inv.Number, Status: string(inv.Status), HostedInvoiceURL: inv.HostedInvoiceURL,
 		InvoicePDF: inv.InvoicePDF, Currency: string(inv.Currency), AmountDue: inv.AmountDue, AmountPaid: inv.AmountPaid,

@@ -159,3 +159,20 @@ func TestStripeMockInvoicesAndEvents(t *testing.T) {
 		t.Fatal("21 types were listed; Stripe allows 20")
 	}
 }
+
+// InvoicesPaidBy speaks the Invoice Payments API as Stripe's OpenAPI
+// description (stripe-mock) has it: the list filtered by the PaymentIntent.
+func TestStripeMockInvoicesPaidBy(t *testing.T) {
+	t.Parallel()
+	c := newMockClient(t)
+	got, err := c.InvoicesPaidBy(context.Background(), "pi_123")
+	if err != nil {
+		t.Fatalf("InvoicesPaidBy: %v", err)
+	}
+	if len(got) == 0 || got[0].Invoice == "" || got[0].ID == "" {
+		t.Fatalf("InvoicesPaidBy = %+v, want stripe-mock's invoice payment with its invoice", got)
+	}
+	if _, err := c.InvoicesPaidBy(context.Background(), " "); err == nil {
+		t.Fatal("InvoicesPaidBy without an id: no error")
+	}
+}

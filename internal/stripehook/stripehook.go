@@ -378,7 +378,8 @@ func (h *Intake) process(ctx context.Context, ev Event, attempts int, receivedAt
 }
 
 // record records the outcome err of processing the stored event ev (see
-// process); confirms is the PaymentIntent it confirms, if any.
+// process); confirms is the key of what it confirms (routed.confirms), if
+// any.
 func (h *Intake) record(ctx context.Context, ev Event, confirms string, err error, attempts int, receivedAt time.Time) (Status, error) {
 	status, lastErr, waitingFor := Processed, "", ""
 	var next *time.Time
@@ -400,7 +401,7 @@ func (h *Intake) record(ctx context.Context, ev Event, confirms string, err erro
 		// Parked or not, it still names the success it waits for: should
 		// that success come after all, it applies the event (wakeWaiting),
 		// which remains Stripe's word that money went back.
-		waitingFor = wait.PaymentIntentID
+		waitingFor = wait.For()
 		if !h.now().Before(deadline) {
 			status, lastErr = Parked, fmt.Sprintf("gave up after waiting a day (Stripe created the event at %s): %s",
 				created.UTC().Format(time.RFC3339), wait.Reason)
@@ -507,16 +508,17 @@ func (h *Intake) processed(ev Event, now time.Time) {
 // PaymentIntent whose success arrived first.
 func (h *Intake) WakeWaiting(ctx context.Context, pi string) { h.wakeWaiting(ctx, pi) }
 
-// wakeWaiting processes now the events waiting for the success of
-// PaymentIntent pi (a refund or dispute that overtook it), rather than at
-// their next backoff, and those parked after waiting a day for it: the
+// wakeWaiting processes now the events waiting for the success keyed pi
+// (a refund or dispute that overtook it; the key is a PaymentIntent, or a
+// pay-by-invoice payment's invoice: see payments.Waiting.For), rather than
+// at their next backoff, and those parked after waiting a day for it: the
 // success they waited for is what an operator would have looked for. A
 // failure here leaves the failed ones to the retry worker and the parked
 // ones to an operator.
 func (h *Intake) wakeWaiting(ctx context.Context, pi string) {
 	ctx = context.WithValue(ctx, wakingKey{}, true)
 	if _, err := h.claimAndProcess(ctx, `status IN ('failed', 'parked') AND waiting_for = ?`, []any{pi}, 20); err != nil {
-		h.logger.WarnContext(ctx, "wake events waiting for a payment's success", "payment_intent_id", pi, "error", err)
+		h.logger.WarnContext(ctx, "wake events waiting for a payment's success", "waiting_for", pi, "error", err)
 	}
 }
 
@@ -539,8 +541,9 @@ func (h *Intake) backoff(attempt int) time.Duration {
 var errIgnored = errors.New("stripehook: event type not handled")
 
 // dispatch decodes the object of a handled type and calls payments. For an
-// event that may confirm a payment it returns the PaymentIntent, whose
-// waiting events process wakes once this one is processed.
+// event that may confirm a payment it returns the key of the confirmation
+// (routed.confirms), whose waiting events process wakes once this one is
+// processed.
 func (h *Intake) dispatch(ctx context.Context, ev Event) (confirms string, err error) {
 	r, err := h.route(ev)
 	if err != nil {
@@ -557,8 +560,9 @@ type routed struct {
 	// apply calls payments with the decoded object; nil for a type tally
 	// does not handle.
 	apply func(ctx context.Context, ref payments.EventRef) error
-	// confirms is the PaymentIntent the event may confirm (its waiting
-	// events are woken once it is processed).
+	// confirms is the key of the confirmation the event may make: the
+	// PaymentIntent, or for invoice.paid the invoice (its waiting events,
+	// see payments.Waiting.For, are woken once it is processed).
 	confirms string
 	// inline: the processing begins with the payment's transaction
 	// (payments' inEventTx), with nothing written before it, so that
@@ -629,7 +633,13 @@ func (h *Intake) route(ev Event) (routed, error) {
 		if err := decodeObject(ev, &o, func() string { return o.ID }); err != nil {
 			return routed{}, err
 		}
-		return routed{apply: func(ctx context.Context, ref payments.EventRef) error {
+		// invoice.paid confirms a pay-by-invoice payment, keyed by its
+		// invoice: a refund or dispute that overtook it waits for that key.
+		confirms := ""
+		if ev.Type == "invoice.paid" {
+			confirms = o.ID
+		}
+		return routed{confirms: confirms, apply: func(ctx context.Context, ref payments.EventRef) error {
 			return h.payments.InvoiceChanged(ctx, ref, o.domain())
 		}}, nil
 	case "customer.subscription.created", "customer.subscription.updated", "customer.subscription.deleted":
