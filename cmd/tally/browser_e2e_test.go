@@ -204,9 +204,8 @@ func TestBrowserDemoWalk(t *testing.T) {
 		startBuying(t, ctx)
 		payWith(t, ctx, "4242 4242 4242 4242")
 		backWithCredits(t, ctx, starterCredits)
-		if !strings.Contains(text(t, ctx, "#ledger"), "purchase of 1 × starter") {
-			t.Fatalf("the ledger does not show the purchase: %q", text(t, ctx, "#ledger"))
-		}
+		// The ledger is fetched after the balance, so it is waited for too.
+		waitPage(t, ctx, "the ledger showing the purchase", `document.getElementById("ledger").textContent.includes("purchase of 1 × starter")`)
 		assertInvariants(t, s)
 
 		do(t, ctx, "spend 100", chromedp.SetValue(chromedp.CSS("#spend-amount"), "100"), chromedp.Click(chromedp.CSS("#spend")))

@@ -60,7 +60,10 @@ func TestRefundOrDisputeWhileHeldTakesWhatTheHoldGivesBack(t *testing.T) {
 	mustStatus(t, "capture", captureOverHTTP(t, svc, "cap", h.HoldId, i64(300), "cap-300").StatusCode(), nil, http.StatusOK)
 	wantNothingLeft("cap")
 
-	heldThenTaken("swept", 1, refund)
+	// Long enough to be active still when the refund applies on a loaded
+	// machine (a sweep before it made this test fail there), short enough
+	// that the sweeper then ends it within the test.
+	heldThenTaken("swept", 5, refund)
 	waitFor(t, "the sweeper to expire the hold", func() bool {
 		return countRows(t, gdb, `SELECT count(*) FROM credit_holds WHERE customer_id = 'swept' AND status = 'expired'`) == 1
 	})

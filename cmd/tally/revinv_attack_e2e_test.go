@@ -33,6 +33,17 @@ func newInvoiceStripe(fake *stripefake.Fake) *invoiceStripe {
 	return st
 }
 
+// invoiceStripeEnv is a fake Stripe whose PaymentIntents and invoice
+// payments st answers, and a server environment on it whose retry
+// interval (10 minutes) leaves only a wake to apply a waiting event
+// within a test.
+func invoiceStripeEnv(t *testing.T) (*stripefake.Fake, *invoiceStripe, map[string]string) {
+	fake := stripefake.New(t)
+	env := payEnv(t, fake.URL())
+	env["TALLY_STRIPE_EVENT_RETRY_INTERVAL"] = "10m"
+	return fake, newInvoiceStripe(fake), env
+}
+
 // paidEntry is an invoice_payment of invoice by pi in status.
 func paidEntry(id, invoice, pi, status string, amount int64) string {
 	return fmt.Sprintf(`{"id":%q,"object":"invoice_payment","amount_paid":%d,"amount_requested":%d,"currency":"usd","invoice":%q,"is_default":true,"livemode":false,"payment":{"type":"payment_intent","payment_intent":%q},"status":%q,"status_transitions":{"canceled_at":null,"paid_at":%d},"created":%d}`,
@@ -158,12 +169,9 @@ func wantBalance(t *testing.T, s *server, customer string, want int64) {
 // canceled, another PaymentIntent's) takes nothing.
 func TestRevInvStripeAnswers(t *testing.T) {
 	t.Parallel()
-	fake := stripefake.New(t)
-	env := payEnv(t, fake.URL())
-	env["TALLY_STRIPE_EVENT_RETRY_INTERVAL"] = "10m"
+	fake, st, env := invoiceStripeEnv(t)
 	s := startServer(t, env)
 	gdb := openDB(t, s)
-	st := newInvoiceStripe(fake)
 
 	t.Run("404 on invoice_payments is retried, not ignored", func(t *testing.T) {
 		pay, inv := invoicedPayment(t, s, st, "ra-404")
@@ -265,12 +273,9 @@ func TestRevInvStripeAnswers(t *testing.T) {
 // nothing.
 func TestRevInvMoneyBack(t *testing.T) {
 	t.Parallel()
-	fake := stripefake.New(t)
-	env := payEnv(t, fake.URL())
-	env["TALLY_STRIPE_EVENT_RETRY_INTERVAL"] = "10m"
+	fake, st, env := invoiceStripeEnv(t)
 	s := startServer(t, env)
 	gdb := openDB(t, s)
-	st := newInvoiceStripe(fake)
 
 	t.Run("partial then full, redelivered and reordered", func(t *testing.T) {
 		pay, inv := invoicedPayment(t, s, st, "mb-partial")
@@ -370,12 +375,9 @@ func TestRevInvMoneyBack(t *testing.T) {
 // claiming invoices of two of our payments takes nothing.
 func TestRevInvConcurrentClaims(t *testing.T) {
 	t.Parallel()
-	fake := stripefake.New(t)
-	env := payEnv(t, fake.URL())
-	env["TALLY_STRIPE_EVENT_RETRY_INTERVAL"] = "10m"
+	fake, st, env := invoiceStripeEnv(t)
 	a, b := twoServers(t, env)
 	gdb := openDB(t, a)
-	st := newInvoiceStripe(fake)
 
 	// Copies of one refund, and of one dispute, on both servers at once.
 	pay, inv := invoicedPayment(t, a, st, "cc-copies")
@@ -474,12 +476,9 @@ func TestRevInvConcurrentClaims(t *testing.T) {
 // refund) because Stripe says the PaymentIntent paid an invoice of ours.
 func TestRevInvPlanInvoiceRefundStaysIgnored(t *testing.T) {
 	t.Parallel()
-	fake := stripefake.New(t)
-	env := payEnv(t, fake.URL())
-	env["TALLY_STRIPE_EVENT_RETRY_INTERVAL"] = "10m"
+	_, st, env := invoiceStripeEnv(t)
 	s := startServer(t, env)
 	gdb := openDB(t, s)
-	st := newInvoiceStripe(fake)
 
 	pay := checkout(t, s, "plan-buyer", "api", 1)
 	p := getPayment(t, s, pay)
