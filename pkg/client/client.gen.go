@@ -2197,10 +2197,12 @@ type Payment struct {
 	Livemode      bool            `json:"livemode"`
 
 	// Method How it is paid: `checkout`, the buyer paid on a Checkout page; `invoice`, by a Stripe invoice; `auto_top_up`, tally charged the saved card off-session.
-	Method          PaymentMethod `json:"method"`
-	PaymentIntentId *string       `json:"payment_intent_id,omitempty"`
-	PurchaseOrder   *string       `json:"purchase_order,omitempty"`
-	Quantity        int64         `json:"quantity"`
+	Method PaymentMethod `json:"method"`
+
+	// PaymentIntentId The Stripe PaymentIntent that pays it. A pay-by-invoice payment learns its invoice's PaymentIntent only when a refund or dispute of it arrives (Stripe is asked which invoice it paid).
+	PaymentIntentId *string `json:"payment_intent_id,omitempty"`
+	PurchaseOrder   *string `json:"purchase_order,omitempty"`
+	Quantity        int64   `json:"quantity"`
 
 	// ReceivedCurrency The currency of `amount_received` and of refunds: the buyer's when
 	// Stripe converted the price (Adaptive Pricing), else `currency`.
