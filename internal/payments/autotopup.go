@@ -331,7 +331,7 @@ func (s *Service) autoTopUpFailed(ctx context.Context, tx *gorm.DB, p Payment, r
 // before the worker recorded its PaymentIntent (the worker died between
 // Stripe's answer and its commit) waits, not counted against the retry
 // budget: the worker's retry records it, under the same idempotency key,
-// and then wakes the event (see OnChargeRecorded).
+// and then wakes the event (see OnWaitOver).
 func checkOffSession(p Payment, c confirmation) error {
 	if p.PaymentIntentID == "" {
 		return waiting(p.ID, c.paymentIntentID, "automatic top-up %s has not recorded its PaymentIntent %s yet", p.ID, c.paymentIntentID)

@@ -159,16 +159,19 @@ func (s *Service) chargeAutoTopUp(ctx context.Context, id string) (bool, error) 
 		recorded = pi.ID
 		return s.applyLinks(ctx, tx, p, map[string]string{"payment_intent_id": pi.ID, "stripe_customer_id": card.StripeCustomerID})
 	})
-	if err == nil && recorded != "" && s.chargeRecorded != nil {
-		s.chargeRecorded(ctx, recorded)
+	if err == nil && recorded != "" && s.waitOver != nil {
+		s.waitOver(ctx, recorded)
 	}
 	return done, err
 }
 
-// OnChargeRecorded sets what runs once the worker recorded an automatic
-// top-up's PaymentIntent: the app wakes the Stripe events waiting for it
-// (a success that overtook the record), rather than leaving them to their
-// backoff. Call it before the workers start.
-func (s *Service) OnChargeRecorded(f func(ctx context.Context, paymentIntentID string)) {
-	s.chargeRecorded = f
+// OnWaitOver sets what runs when something other than a webhook records
+// what Stripe events may be waiting for, keyed as Waiting.For: the worker
+// recording an automatic top-up's PaymentIntent (a success that overtook
+// the record), or a sync confirming a payment (a refund or dispute that
+// overtook its success, waiting or parked after its day). The app wakes
+// those events, rather than leaving them to their backoff or, parked, to
+// an operator. Call it before the workers start.
+func (s *Service) OnWaitOver(f func(ctx context.Context, key string)) {
+	s.waitOver = f
 }

@@ -235,7 +235,7 @@ type Service struct {
 	reservationLease time.Duration
 	revokeFrom       string
 	topUpMaxFailures int
-	chargeRecorded   func(ctx context.Context, paymentIntentID string)
+	waitOver         func(ctx context.Context, key string)
 }
 
 // New builds the Service. Config and RevokeFrom come from config, which
@@ -513,6 +513,16 @@ func waitingForSuccess(p Payment, pi, what string) error {
 			Reason: fmt.Sprintf("%s of payment %s, which is %s: waiting for invoice %s to be paid", what, p.ID, p.Status, p.InvoiceID)}
 	}
 	return waiting(p.ID, pi, "%s of payment %s, which is %s: waiting for the success of PaymentIntent %s", what, p.ID, p.Status, pi)
+}
+
+// successKey is what an event waiting for p's success waits on
+// (Waiting.For): a pay-by-invoice payment's invoice, else its
+// PaymentIntent; "" when p has neither.
+func successKey(p Payment) string {
+	if p.Method == MethodInvoice && p.InvoiceID != "" {
+		return p.InvoiceID
+	}
+	return p.PaymentIntentID
 }
 
 // IsRejection reports whether err is the validation chain's refusal.

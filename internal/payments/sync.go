@@ -152,6 +152,15 @@ func (s *Service) syncPayment(ctx context.Context, id string) (bool, error) {
 	if err != nil {
 		return false, err
 	}
+	if after.Status == Succeeded && s.waitOver != nil {
+		// A refund or dispute that overtook this success waits for it (or
+		// was parked after its day, still naming it): a webhook's success
+		// wakes it, and so must the sync's, or it applies only at its next
+		// retry, and once parked never.
+		if key := successKey(after); key != "" {
+			s.waitOver(ctx, key)
+		}
+	}
 	return after.Status != before.Status, nil
 }
 
