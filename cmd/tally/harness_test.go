@@ -474,6 +474,54 @@ func stripeEventVersion(id, typ, apiVersion string, object map[string]any) []byt
 
 func piID(paymentID string) string { return "pi_" + strings.TrimPrefix(paymentID, "pay_") }
 
+// ourPaymentIntents answers GET /v1/payment_intents/{id} on a fake Stripe
+// as Stripe does for the PaymentIntents of tally's checkouts: with the
+// tally metadata checkout puts there (named), or none for any other; or
+// 503 while down. A refund or dispute of a PaymentIntent nothing linked
+// yet finds its payment that way.
+type ourPaymentIntents struct {
+	mu       sync.Mutex
+	metadata map[string]string // PaymentIntent -> metadata JSON
+	down     bool
+}
+
+func answerPaymentIntents(fake *stripefake.Fake) *ourPaymentIntents {
+	o := &ourPaymentIntents{metadata: map[string]string{}}
+	fake.SetFault(func(r *http.Request) (int, string, bool) {
+		id, ok := strings.CutPrefix(r.URL.Path, "/v1/payment_intents/")
+		if r.Method != http.MethodGet || !ok {
+			return 0, "", false
+		}
+		o.mu.Lock()
+		defer o.mu.Unlock()
+		if o.down {
+			return http.StatusServiceUnavailable, `{"error":{"type":"api_error","message":"down"}}`, true
+		}
+		md, ok := o.metadata[id]
+		if !ok {
+			md = `{}`
+		}
+		return http.StatusOK, fmt.Sprintf(`{"id":%q,"object":"payment_intent","status":"requires_payment_method","amount":%d,"amount_received":0,"currency":"usd","livemode":false,"metadata":%s}`,
+			id, starterAmount, md), true
+	})
+	return o
+}
+
+// name gives payment pay's PaymentIntent (piID) the metadata naming it
+// and its customer.
+func (o *ourPaymentIntents) name(pay, customer string) {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	o.metadata[piID(pay)] = fmt.Sprintf(`{"tally_payment_id":%q,"tally_customer_id":%q}`, pay, customer)
+}
+
+// setDown makes Stripe answer 503 (or answer again).
+func (o *ourPaymentIntents) setDown(down bool) {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	o.down = down
+}
+
 // paymentIntent is a PaymentIntent object for our payment; received is
 // amount_received (0 unless it succeeded).
 func paymentIntent(paymentID, customer, status string, amount, received int64, currency string) map[string]any {

@@ -2,10 +2,6 @@ package main
 
 import (
 	"encoding/json"
-	"fmt"
-	"net/http"
-	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -28,30 +24,11 @@ func TestSyncSuccessWakesTheRefundsWaitingForIt(t *testing.T) {
 	env["TALLY_STRIPE_EVENT_RETRY_INTERVAL"] = "10m"
 	s := startServer(t, env)
 	gdb := openDB(t, s)
-	// Stripe's PaymentIntents carry tally's metadata (checkout puts it
-	// there): the refund finds its payment by asking for its PaymentIntent.
-	var mu sync.Mutex
-	metadata := map[string]string{} // PaymentIntent -> metadata JSON
-	fake.SetFault(func(r *http.Request) (int, string, bool) {
-		id, ok := strings.CutPrefix(r.URL.Path, "/v1/payment_intents/")
-		if r.Method != http.MethodGet || !ok {
-			return 0, "", false
-		}
-		mu.Lock()
-		defer mu.Unlock()
-		md, ok := metadata[id]
-		if !ok {
-			return 0, "", false
-		}
-		return http.StatusOK, fmt.Sprintf(`{"id":%q,"object":"payment_intent","status":"succeeded","amount":%d,"amount_received":%d,"currency":"usd","livemode":false,"metadata":%s}`,
-			id, starterAmount, starterAmount, md), true
-	})
+	pis := answerPaymentIntents(fake)
 
 	refundFirst := func(customer string, created time.Time) (pay, event string) {
 		pay = checkout(t, s, customer, "starter", 1)
-		mu.Lock()
-		metadata[piID(pay)] = fmt.Sprintf(`{"tally_payment_id":%q,"tally_customer_id":%q}`, pay, customer)
-		mu.Unlock()
+		pis.name(pay, customer) // the refund finds its payment through its PaymentIntent
 		paidAtStripe(t, fake, s, pay)
 		var ev map[string]any
 		if err := json.Unmarshal(stripeEvent(newEventID(), "charge.refunded", refundedCharge(pay, starterAmount, starterAmount)), &ev); err != nil {

@@ -1,10 +1,7 @@
 package main
 
 import (
-	"fmt"
-	"net/http"
 	"strings"
-	"sync"
 	"testing"
 
 	"github.com/tallybilling/tally/internal/stripeapi/stripefake"
@@ -29,33 +26,10 @@ func TestRefundOfUnlinkedPaymentIntentWaitsForIt(t *testing.T) {
 	s := startServer(t, env)
 	gdb := openDB(t, s)
 
-	// Stripe's PaymentIntents, as GET /v1/payment_intents/{id} answers them:
-	// ours carry tally's metadata (checkout puts it there).
-	var mu sync.Mutex
-	metadata := map[string]string{} // PaymentIntent -> metadata JSON
-	down := false
-	fake.SetFault(func(r *http.Request) (int, string, bool) {
-		if r.Method != http.MethodGet || !strings.HasPrefix(r.URL.Path, "/v1/payment_intents/") {
-			return 0, "", false
-		}
-		mu.Lock()
-		defer mu.Unlock()
-		if down {
-			return http.StatusServiceUnavailable, `{"error":{"type":"api_error","message":"down"}}`, true
-		}
-		id := strings.TrimPrefix(r.URL.Path, "/v1/payment_intents/")
-		md, ok := metadata[id]
-		if !ok {
-			md = `{}`
-		}
-		return http.StatusOK, fmt.Sprintf(`{"id":%q,"object":"payment_intent","status":"requires_payment_method","amount":%d,"amount_received":0,"currency":"usd","livemode":false,"metadata":%s}`,
-			id, starterAmount, md), true
-	})
+	pis := answerPaymentIntents(fake)
 	started := func(customer string) string {
 		pay := checkout(t, s, customer, "starter", 1)
-		mu.Lock()
-		metadata[piID(pay)] = fmt.Sprintf(`{"tally_payment_id":%q,"tally_customer_id":%q}`, pay, customer)
-		mu.Unlock()
+		pis.name(pay, customer)
 		return pay
 	}
 	succeed := func(pay, customer string) {
@@ -71,16 +45,12 @@ func TestRefundOfUnlinkedPaymentIntentWaitsForIt(t *testing.T) {
 	refunded := started("unlinked-2")
 	refund := newEventID()
 	// Stripe does not answer at first: the refund is retried, not ignored.
-	mu.Lock()
-	down = true
-	mu.Unlock()
+	pis.setDown(true)
 	deliver(t, s, stripeEvent(refund, "charge.refunded", refundedCharge(refunded, starterAmount, starterAmount)))
 	if st, le := eventStatus(t, gdb, refund); st != "failed" {
 		t.Fatalf("refund while Stripe is down: %s %q, want failed (retried)", st, le)
 	}
-	mu.Lock()
-	down = false
-	mu.Unlock()
+	pis.setDown(false)
 
 	for _, id := range []string{chargeback, refund} {
 		waitFor(t, "the early event waiting for its success", func() bool {
