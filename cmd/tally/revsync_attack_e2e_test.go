@@ -1,7 +1,6 @@
 package main
 
 import (
-	"encoding/json"
 	"fmt"
 	"net/http"
 	"strings"
@@ -103,4 +102,195 @@ func TestRevSyncManyParkedEventsAllApply(t *testing.T) {
 	assertInvariants(t, s)
 }
 
-var _ = json.Marshal
+// TestRevSyncRaceRefundRetrySuccessWebhookAndSync: a refund waiting for
+// its payment's success is retried by its own backoff (every second here)
+// while the success arrives twice at once: a webhook to one server and a
+// sync on the other, sharing one database. The credits go back exactly
+// once, one refund is recorded, and verify stays clean.
+func TestRevSyncRaceRefundRetrySuccessWebhookAndSync(t *testing.T) {
+	t.Parallel()
+	fake := stripefake.New(t)
+	env := syncEnv(t, fake.URL())
+	env["TALLY_STRIPE_EVENT_RETRY_INTERVAL"] = "1s"
+	a, b := twoServers(t, env)
+	gdb := openDB(t, a)
+	m := newMetadataStripe(fake)
+	const rounds = 4
+	type bought struct{ customer, pay, refund string }
+	var all []bought
+	for i := range rounds {
+		customer := fmt.Sprintf("rs-race-%d", i)
+		pay := m.pendingPaidAtStripe(t, fake, a, customer)
+		refund := newEventID()
+		deliver(t, b, stripeEvent(refund, "charge.refunded", refundedCharge(pay, starterAmount, starterAmount)))
+		if st, le := eventStatus(t, gdb, refund); st != "failed" {
+			t.Fatalf("%s: refund before its success %s %q, want failed", customer, st, le)
+		}
+		all = append(all, bought{customer, pay, refund})
+	}
+	// Let the refunds' first retry come due, then race.
+	time.Sleep(900 * time.Millisecond)
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		stripeSync(t, a, future())
+	}()
+	for _, c := range all {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			obj := fake.CheckoutSession(*getPayment(t, b, c.pay).CheckoutSessionId)
+			deliver(t, b, stripeEvent(newEventID(), "checkout.session.completed", obj))
+		}()
+	}
+	wg.Wait()
+	for _, c := range all {
+		waitForWithin(t, "the refund of "+c.customer+" applied", 15*time.Second, func() bool {
+			st, _ := eventStatus(t, gdb, c.refund)
+			return st == "processed"
+		})
+		wantPayment(t, a, c.pay, client.PaymentStatusRefunded, starterAmount)
+		wantBalance(t, a, c.customer, 0)
+		if n := countRows(t, gdb, `SELECT count(*) FROM payment_refunds WHERE payment_id = ?`, c.pay); n != 1 {
+			t.Fatalf("%s: %d refunds recorded, want 1", c.customer, n)
+		}
+		if n := countRows(t, gdb, `SELECT count(*) FROM payment_confirmations WHERE payment_id = ?`, c.pay); n != 1 {
+			t.Fatalf("%s: %d confirmations, want 1", c.customer, n)
+		}
+	}
+	assertInvariants(t, a)
+	mustVerifyClean(t, b)
+}
+
+// TestRevSyncInvoicePaymentWakesRefundAndDispute: a pay-by-invoice payment
+// paid at Stripe whose invoice.paid never came; a partial refund and a
+// dispute of its PaymentIntent arrive first and wait keyed by the invoice.
+// The sync that finds the invoice paid credits it and applies both now.
+func TestRevSyncInvoicePaymentWakesRefundAndDispute(t *testing.T) {
+	t.Parallel()
+	fake, st, env := invoiceStripeEnv(t)
+	env["TALLY_PENDING_CHECK_AFTER"] = "0s"
+	env["TALLY_STRIPE_SYNC_INTERVAL"] = "0"
+	s := startServer(t, env)
+	gdb := openDB(t, s)
+	pay, inv := invoicedPayment(t, s, st, "rs-inv")
+	invoiceActionAt(t, fake, inv, "pay") // paid at Stripe; no webhook
+	refund := newEventID()
+	deliver(t, s, stripeEvent(refund, "charge.refunded", refundedCharge(pay, proAmount, 1000)))
+	dp := dispute(pay, "dp_rsinv", "needs_response", proAmount-1000)
+	disp := newEventID()
+	deliver(t, s, stripeEvent(disp, "charge.dispute.created", dp))
+	for _, id := range []string{refund, disp} {
+		status, le := eventStatus(t, gdb, id)
+		wantEvent(t, status, "failed", "before the invoice is paid", le)
+		if !strings.Contains(le, inv) {
+			t.Fatalf("event %s waits %q, not for invoice %s", id, le, inv)
+		}
+	}
+	wantBalance(t, s, "rs-inv", 0)
+	stripeSync(t, s, future())
+	for _, id := range []string{refund, disp} {
+		waitForWithin(t, "event "+id+" applied after the sync", 15*time.Second, func() bool {
+			status, _ := eventStatus(t, gdb, id)
+			return status == "processed"
+		})
+	}
+	p := wantPayment(t, s, pay, client.PaymentStatusDisputed, 1000)
+	if p.ConfirmedBy == nil {
+		t.Fatalf("payment %+v not confirmed", p)
+	}
+	bal := balanceOverHTTP(t, s.service(t), "rs-inv").Balance
+	t.Logf("balance after a refund of 1000 and a dispute of 4000 of 5000 (6000 credits): %d", bal)
+	if bal != 0 {
+		t.Fatalf("balance %d, want 0: the refund and the dispute took back every credit", bal)
+	}
+	assertInvariants(t, s)
+}
+
+// TestRevSyncFailedPaymentWakesNothing: a sync that fails the payment (its
+// session expired) must not apply the refund waiting for it: no credits
+// were given, none are taken, the payment stays failed with nothing
+// refunded.
+func TestRevSyncFailedPaymentWakesNothing(t *testing.T) {
+	t.Parallel()
+	fake := stripefake.New(t)
+	env := syncEnv(t, fake.URL())
+	env["TALLY_STRIPE_EVENT_RETRY_INTERVAL"] = "10m"
+	s := startServer(t, env)
+	gdb := openDB(t, s)
+	m := newMetadataStripe(fake)
+	grantOverHTTP(t, s.service(t), "rs-fail", 700, "grant-rs-fail")
+	pay := checkout(t, s, "rs-fail", "starter", 1)
+	m.mu.Lock()
+	m.metadata[piID(pay)] = fmt.Sprintf(`{"tally_payment_id":%q,"tally_customer_id":%q}`, pay, "rs-fail")
+	m.mu.Unlock()
+	refund := newEventID()
+	deliver(t, s, stripeEvent(refund, "charge.refunded", refundedCharge(pay, starterAmount, starterAmount)))
+	parked := newEventID()
+	deliver(t, s, stripeEventCreated(parked, "charge.refunded", time.Now().Add(-48*time.Hour), refundedCharge(pay, starterAmount, starterAmount)))
+	fake.UpdateCheckoutSession(*getPayment(t, s, pay).CheckoutSessionId, map[string]any{"status": "expired", "payment_status": "unpaid"})
+	stripeSync(t, s, future())
+	wantPayment(t, s, pay, client.PaymentStatusFailed, 0)
+	time.Sleep(time.Second)
+	if st, le := eventStatus(t, gdb, refund); st != "failed" {
+		t.Fatalf("the waiting refund after its payment failed: %s %q, want failed", st, le)
+	}
+	if st, le := eventStatus(t, gdb, parked); st != "parked" {
+		t.Fatalf("the parked refund after its payment failed: %s %q, want parked", st, le)
+	}
+	wantBalance(t, s, "rs-fail", 700)
+	if n := countRows(t, gdb, `SELECT count(*) FROM payment_refunds WHERE payment_id = ?`, pay); n != 0 {
+		t.Fatalf("%d refunds recorded of a failed payment", n)
+	}
+	assertInvariants(t, s)
+}
+
+// TestRevSyncAutoTopUpWakesRefund: an automatic top-up charged at Stripe
+// whose payment_intent.succeeded never came, refunded (in full, Stripe
+// created the refund two days ago so it parks) before anything said it
+// succeeded. The sync credits it and applies the refund: the credits go
+// back, once.
+func TestRevSyncAutoTopUpWakesRefund(t *testing.T) {
+	t.Parallel()
+	fake := stripefake.New(t)
+	env := syncEnv(t, fake.URL())
+	env["TALLY_STRIPE_EVENT_RETRY_INTERVAL"] = "10m"
+	s := startServer(t, env)
+	evs := &stripeEvents{fake: fake}
+	gdb := openDB(t, s)
+	withAutoTopUp(t, s, evs, "rs-top", topUpCard, 1000, client.AutoTopUpSettings{Enabled: true, Threshold: 500, Item: "starter"})
+	spend(t, s, "rs-top", 600, "rs-top-1")
+	tops := autoTopUps(t, s, "rs-top")
+	if len(tops) != 1 {
+		t.Fatalf("%d top-ups, want 1", len(tops))
+	}
+	p := waitCharged(t, s, tops[0].Id)
+	ch := refundedCharge(p.Id, starterAmount, starterAmount)
+	ch["payment_intent"] = *p.PaymentIntentId
+	waitingRefund := newEventID()
+	deliver(t, s, stripeEvent(waitingRefund, "charge.refunded", ch))
+	parkedRefund := newEventID()
+	deliver(t, s, stripeEventCreated(parkedRefund, "charge.refunded", time.Now().Add(-48*time.Hour), ch))
+	if st, le := eventStatus(t, gdb, waitingRefund); st != "failed" {
+		t.Fatalf("refund of a pending top-up: %s %q, want failed", st, le)
+	}
+	if st, le := eventStatus(t, gdb, parkedRefund); st != "parked" {
+		t.Fatalf("old refund of a pending top-up: %s %q, want parked", st, le)
+	}
+	stripeSync(t, s, future())
+	for _, id := range []string{waitingRefund, parkedRefund} {
+		waitForWithin(t, "refund "+id+" applied after the sync", 15*time.Second, func() bool {
+			st, _ := eventStatus(t, gdb, id)
+			return st == "processed"
+		})
+	}
+	wantPayment(t, s, p.Id, client.PaymentStatusRefunded, starterAmount)
+	if bal := balanceOf(t, gdb, "rs-top"); bal != 400 {
+		t.Fatalf("balance %d after the top-up was credited and refunded, want 400", bal)
+	}
+	if n := countRows(t, gdb, `SELECT count(*) FROM payment_refunds WHERE payment_id = ?`, p.Id); n != 1 {
+		t.Fatalf("%d refunds recorded, want 1", n)
+	}
+	assertInvariants(t, s)
+}
