@@ -294,3 +294,45 @@ func TestRevSyncAutoTopUpWakesRefund(t *testing.T) {
 	}
 	assertInvariants(t, s)
 }
+
+// TestRevSyncWakeThatFailsKeepsTheRetry: the wake a sync starts fails (a
+// parked refund of a pay-by-invoice payment asks Stripe which invoice its
+// PaymentIntent paid, and Stripe answers 500). The sync still reports the
+// payment credited, the refund is left failed with a next attempt (not
+// parked, not lost), and its retry applies it once Stripe answers.
+func TestRevSyncWakeThatFailsKeepsTheRetry(t *testing.T) {
+	t.Parallel()
+	fake, st, env := invoiceStripeEnv(t)
+	env["TALLY_PENDING_CHECK_AFTER"] = "0s"
+	env["TALLY_STRIPE_SYNC_INTERVAL"] = "0"
+	env["TALLY_STRIPE_EVENT_RETRY_INTERVAL"] = "1s"
+	s := startServer(t, env)
+	gdb := openDB(t, s)
+	pay, inv := invoicedPayment(t, s, st, "rs-wakefail")
+	invoiceActionAt(t, fake, inv, "pay") // paid at Stripe; no webhook
+	refund := newEventID()
+	deliver(t, s, stripeEventCreated(refund, "charge.refunded", time.Now().Add(-48*time.Hour), refundedCharge(pay, proAmount, proAmount)))
+	status, le := eventStatus(t, gdb, refund)
+	wantEvent(t, status, "parked", "an old refund before its invoice is paid", le)
+
+	st.setFail("ip:"+piID(pay), http.StatusInternalServerError)
+	res := stripeSync(t, s, future())
+	if res.PaymentsChanged != 1 {
+		t.Fatalf("sync %+v, want the payment changed", res)
+	}
+	wantPayment(t, s, pay, client.PaymentStatusSucceeded, 0)
+	status, le = eventStatus(t, gdb, refund)
+	if status != "failed" || countRows(t, gdb, `SELECT count(*) FROM stripe_events WHERE id = ? AND next_attempt_at IS NOT NULL`, refund) != 1 {
+		t.Fatalf("the refund whose wake failed: %s %q, want failed with a next attempt", status, le)
+	}
+	wantBalance(t, s, "rs-wakefail", proCredits)
+
+	st.setFail("ip:"+piID(pay), 0)
+	waitForWithin(t, "the refund retried once Stripe answers", 20*time.Second, func() bool {
+		status, _ := eventStatus(t, gdb, refund)
+		return status == "processed"
+	})
+	wantPayment(t, s, pay, client.PaymentStatusRefunded, proAmount)
+	wantBalance(t, s, "rs-wakefail", 0)
+	assertInvariants(t, s)
+}
