@@ -515,10 +515,32 @@ func (h *Intake) WakeWaiting(ctx context.Context, pi string) { h.wakeWaiting(ctx
 // success they waited for is what an operator would have looked for. A
 // failure here leaves the failed ones to the retry worker and the parked
 // ones to an operator.
+//
+// It claims batch after batch while a full one lowered how many still wait:
+// one batch left the rest of the parked ones parked for good. A batch that
+// lowered nothing (the success is not there after all) ends it.
 func (h *Intake) wakeWaiting(ctx context.Context, pi string) {
 	ctx = context.WithValue(ctx, wakingKey{}, true)
-	if _, err := h.claimAndProcess(ctx, `status IN ('failed', 'parked') AND waiting_for = ?`, []any{pi}, 20); err != nil {
-		h.logger.WarnContext(ctx, "wake events waiting for a payment's success", "waiting_for", pi, "error", err)
+	const where, batch = `status IN ('failed', 'parked') AND waiting_for = ?`, 20
+	left := int64(-1)
+	for {
+		n, err := h.claimAndProcess(ctx, where, []any{pi}, batch)
+		if err != nil {
+			h.logger.WarnContext(ctx, "wake events waiting for a payment's success", "waiting_for", pi, "error", err)
+			return
+		}
+		if n < batch {
+			return
+		}
+		var still int64
+		if err := h.db.WithContext(ctx).Raw(`SELECT count(*) FROM stripe_events WHERE `+where, pi).Scan(&still).Error; err != nil {
+			h.logger.WarnContext(ctx, "wake events waiting for a payment's success", "waiting_for", pi, "error", err)
+			return
+		}
+		if still == 0 || (left >= 0 && still >= left) {
+			return
+		}
+		left = still
 	}
 }
 
