@@ -152,11 +152,13 @@ func (s *Service) syncPayment(ctx context.Context, id string) (bool, error) {
 	if err != nil {
 		return false, err
 	}
-	if after.Status == Succeeded && s.waitOver != nil {
+	if after.Status != Pending && after.Status != Failed && s.waitOver != nil {
 		// A refund or dispute that overtook this success waits for it (or
 		// was parked after its day, still naming it): a webhook's success
 		// wakes it, and so must the sync's, or it applies only at its next
-		// retry, and once parked never.
+		// retry, and once parked never. Not only while succeeded: a
+		// waiting refund's own retry may have applied between the
+		// confirmation and the reload, and a dispute may still wait.
 		if key := successKey(after); key != "" {
 			s.waitOver(ctx, key)
 		}
