@@ -503,10 +503,12 @@ func (h *Intake) processed(ev Event, now time.Time) {
 	}
 }
 
-// WakeWaiting processes now the events waiting for PaymentIntent pi, as
-// wakeWaiting: payments calls it once an automatic top-up recorded the
-// PaymentIntent whose success arrived first.
-func (h *Intake) WakeWaiting(ctx context.Context, pi string) { h.wakeWaiting(ctx, pi) }
+// WakeWaiting processes now the events waiting for the success keyed key
+// (a PaymentIntent, or a pay-by-invoice payment's invoice), as
+// wakeWaiting: payments calls it (OnWaitOver) once an automatic top-up
+// recorded the PaymentIntent whose success arrived first, and once a sync
+// confirmed a payment.
+func (h *Intake) WakeWaiting(ctx context.Context, key string) { h.wakeWaiting(ctx, key) }
 
 // wakeWaiting processes now the events waiting for the success keyed pi
 // (a refund or dispute that overtook it; the key is a PaymentIntent, or a
