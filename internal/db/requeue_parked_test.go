@@ -61,7 +61,7 @@ func TestRequeueParkedWaitsMigration(t *testing.T) {
 	event("evt_nowait", "parked", "")
 	event("evt_retrying", "failed", "pi_ok") // already retried by the worker
 
-	mustExec(t, gdb, migrationUp(t, "00060_requeue_parked_waits.sql"))
+	mustExec(t, gdb, migrationUp(t, "00054_requeue_parked_waits.sql"))
 
 	want := map[string]string{
 		"evt_ok": "failed", "evt_refunded": "failed", "evt_invoice": "failed",
