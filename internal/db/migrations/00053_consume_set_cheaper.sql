@@ -1,8 +1,10 @@
 -- A consume batch's fixed cost (issue 11). Measured with pgbench, one
 -- client calling credits_consume_batch directly against a tally-bench
--- database (1,000 customers; 2-core machine, backend CPU per call):
--- about 1.16 ms for a batch of one, 1.65 ms of four, 2.26 ms of eight,
--- most of it the same for any size. Two things here:
+-- database (1,000 customers; 2-core machine shared with other work;
+-- backend CPU per call, runs vary by 5-8%): about 1.16 ms for a batch of
+-- one, 1.65 ms of four, 2.26 ms of eight. Most of it is the same for any
+-- size (about 0.14 ms a consume more), so at the 4.4 consumes a batch of
+-- consume-many it is most of a consume's cost. Two things here:
 --
 -- * credits_consume_set's generic plans scanned whole tables. The
 --   statements take arrays whose size the planner cannot know (it guesses
@@ -12,19 +14,22 @@
 --   balance UPDATE) from end to end, at every call, for a batch of a few
 --   rows; the plan is made once per session and kept (force_generic_plan)
 --   however the tables grow. enable_seqscan = off leaves it the index
---   probes by key it uses on a large database: 0.97 ms, 1.45 ms and
---   2.11 ms for batches of one, four and eight, same run as above.
+--   probes by key it uses on a large database: 0.97, 1.45 and 2.11 ms for
+--   batches of one, four and eight against 1.29, 1.79 and 2.24 ms in the
+--   run after it with whole-table scans.
 --   Its fourteen array_agg(... ORDER BY ok.pos) sorted the rows fourteen
 --   times (PostgreSQL 15 sorts per ordered aggregate); the order did not
 --   matter: the arrays are parallel because one aggregate node feeds each
 --   row to all of them in turn, and the ledger insert orders by position
---   itself.
+--   itself. (Within the runs' noise at one client.)
 --
 -- * The foreign keys of credit_ledger and credit_consumption_daily to
 --   customers go, as usage_events' did (migration 00043): each inserted
 --   row locked its customer row FOR KEY SHARE (a WAL record and a dirtied
 --   customers page, a MultiXact when two transactions name the customer)
---   to check what is already certain. Every writer of either table
+--   to check what is already certain (at one client, as above, the
+--   saving was within the runs' noise; the locks cost most where batches
+--   run side by side). Every writer of either table
 --   (consume, grant, expire, revoke, adjust, capture: the set, the batch
 --   loop and the Go paths) writes under the customer's credit_balances
 --   row lock (SELECT ... FOR UPDATE, or the UPDATE of that row), and
