@@ -5,6 +5,8 @@ import (
 	"encoding/json"
 	"net/http"
 	"net/url"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -59,6 +61,11 @@ func TestDatabaseOutageAndRecovery(t *testing.T) {
 	if r, err := s.service(t).UpsertCustomerWithResponse(ctx, "dave", client.CustomerUpsert{}); err != nil || r.StatusCode() != http.StatusCreated {
 		t.Fatalf("create dave: %v %v", err, r)
 	}
+	// Many connections in the pool, each used a moment ago: the ones a
+	// restarted database leaves dead without the pool knowing.
+	if bad := readConcurrently(t, s, "dave"); bad != 0 {
+		t.Fatalf("%d reads failed before the outage", bad)
+	}
 
 	proxy.down()
 	took := waitStatus(t, s.URL+"/readyz", http.StatusServiceUnavailable, 5*time.Second)
@@ -77,6 +84,14 @@ func TestDatabaseOutageAndRecovery(t *testing.T) {
 	}
 
 	proxy.up()
+	// The server saw the database go (the 503s above), so every pooled
+	// connection the outage killed is dropped before a request gets it:
+	// right after the database returns, no read fails on one, although
+	// each was used less than a second ago (when the pool would not check
+	// it on its own).
+	if bad := readConcurrently(t, s, "dave"); bad != 0 {
+		t.Fatalf("%d reads failed right after the database returned, on connections the outage had killed", bad)
+	}
 	took = waitStatus(t, s.URL+"/readyz", http.StatusOK, patience)
 	t.Logf("readyz back to 200 %s after the database returned", took)
 	r, err = s.service(t).GetCustomerWithResponse(ctx, "dave")
@@ -84,4 +99,24 @@ func TestDatabaseOutageAndRecovery(t *testing.T) {
 		t.Fatal(err)
 	}
 	mustStatus(t, "read after recovery", r.StatusCode(), r.Body, http.StatusOK)
+}
+
+// readConcurrently reads customer id from s in 16 goroutines, 5 times each,
+// and returns how many reads did not answer 200.
+func readConcurrently(t *testing.T, s *server, id string) int64 {
+	t.Helper()
+	var bad atomic.Int64
+	var wg sync.WaitGroup
+	for range 16 {
+		wg.Go(func() {
+			for range 5 {
+				r, err := s.service(t).GetCustomerWithResponse(context.Background(), id)
+				if err != nil || r.StatusCode() != http.StatusOK {
+					bad.Add(1)
+				}
+			}
+		})
+	}
+	wg.Wait()
+	return bad.Load()
 }

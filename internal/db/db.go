@@ -59,6 +59,7 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/stdlib"
 	"gorm.io/driver/postgres"
 	"gorm.io/gorm"
 
@@ -87,7 +88,9 @@ func Open(ctx context.Context, url string, maxOpenConns int, logger *slog.Logger
 	if _, err := pgconn.ParseConfig(url); err != nil {
 		return nil, errs.Wrap(err, errs.Invalid, "database URL does not parse")
 	}
-	gdb, err := gorm.Open(dialector{&postgres.Dialector{Config: &postgres.Config{DSN: url}}}, &gorm.Config{
+	gdb, err := gorm.Open(dialector{&postgres.Dialector{Config: &postgres.Config{DSN: url,
+		// Connections an outage killed are dropped before reuse (stale.go).
+		OptionOpenDB: []stdlib.OptionOpenDB{stdlib.OptionShouldPing(pingStale)}}}}, &gorm.Config{
 		SkipDefaultTransaction: true,
 		// pgx already prepares and caches every statement per connection
 		// (QueryExecModeCacheStatement); gorm's own cache on top re-prepared
@@ -132,7 +135,11 @@ func Ping(ctx context.Context, gdb *gorm.DB) error {
 	if err != nil {
 		return err
 	}
-	return sqlDB.PingContext(ctx)
+	err = sqlDB.PingContext(ctx)
+	if err != nil && !errors.Is(err, context.Canceled) {
+		noteConnectionLost()
+	}
+	return err
 }
 
 // Close releases gdb's pool.

@@ -53,6 +53,7 @@ func Translate(err error, byConstraint map[string]errs.Code) error {
 	// cannot be served now.
 	var connectErr *pgconn.ConnectError
 	if errors.As(err, &connectErr) {
+		noteConnectionLost()
 		return errs.Wrap(err, errs.Unavailable, "database unavailable")
 	}
 	var pgErr *pgconn.PgError
@@ -66,6 +67,7 @@ func Translate(err error, byConstraint map[string]errs.Code) error {
 		case pgErr.Code == checkViolation:
 			return errs.Wrap(err, errs.Conflict, "violates check constraint %s", pgErr.ConstraintName)
 		case unavailableSQLState(pgErr.Code):
+			noteConnectionLost()
 			return errs.Wrap(err, errs.Unavailable, "database unavailable")
 		case strings.HasPrefix(pgErr.Code, "22"):
 			return errs.Wrap(err, errs.Invalid, "a value cannot be stored: %s", pgErr.Message)
@@ -73,6 +75,7 @@ func Translate(err error, byConstraint map[string]errs.Code) error {
 		return err
 	}
 	if connectionFailure(err) {
+		noteConnectionLost()
 		return errs.Wrap(err, errs.Unavailable, "database unavailable")
 	}
 	return err
