@@ -6,6 +6,7 @@ import (
 	"net/http"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -106,6 +107,77 @@ func logDeadlocks(servers ...*server) int {
 	return n
 }
 
+// revKey is one consume a storm sends: its customer, key and amount.
+type revKey struct {
+	customer, key string
+	amount        int64
+}
+
+// stormBoth sends every key to both a and b at once (bothServers), from
+// workers goroutines that each take the next key, and returns each key's
+// two answers by its index in keys.
+func stormBoth(a, b *client.ClientWithResponses, workers int, keys []revKey) [][2]revAnswer {
+	out := make([][2]revAnswer, len(keys))
+	var next atomic.Int64
+	var wg sync.WaitGroup
+	for range workers {
+		wg.Go(func() {
+			for i := int(next.Add(1)) - 1; i < len(keys); i = int(next.Add(1)) - 1 {
+				k := keys[i]
+				out[i] = bothServers(a, b, k.customer, k.key, k.amount)
+			}
+		})
+	}
+	wg.Wait()
+	return out
+}
+
+// spentOnce checks each key's two answers: 200 twice with the same
+// answer, one the first and the other a replay, or, where refusals are
+// expected, 402 insufficient_credits twice. It returns what the applied
+// keys spent per customer, the keys refused and the slowest answer.
+func spentOnce(t testing.TB, keys []revKey, answers [][2]revAnswer, mayRefuse bool) (spent map[string]int64, refused []revKey, slowest time.Duration) {
+	t.Helper()
+	spent = map[string]int64{}
+	for i, k := range keys {
+		a0, a1 := answers[i][0], answers[i][1]
+		slowest = max(slowest, a0.took, a1.took)
+		switch {
+		case a0.err != nil || a1.err != nil:
+			t.Fatalf("%s: answered %v and %v", k.key, a0, a1)
+		case a0.status == http.StatusOK && a1.status == http.StatusOK:
+			if a0.res != a1.res || a0.res.Amount != k.amount {
+				t.Fatalf("%s (%d): the two servers answered %v and %v", k.key, k.amount, a0, a1)
+			}
+			if a0.replayed == a1.replayed {
+				t.Fatalf("%s: answered %v and %v, want one first answer and one replay", k.key, a0, a1)
+			}
+			spent[k.customer] += k.amount
+		case mayRefuse && a0.status == http.StatusPaymentRequired && a1.status == http.StatusPaymentRequired &&
+			a0.problem == string(client.ErrorCodeInsufficientCredits) && a1.problem == a0.problem:
+			refused = append(refused, k)
+		default:
+			t.Fatalf("%s (%d): answered %v and %v", k.key, k.amount, a0, a1)
+		}
+	}
+	return spent, refused, slowest
+}
+
+// ledgerSpentOnce checks customer's consume entries: one per applied key,
+// adding up to spent.
+func ledgerSpentOnce(t testing.TB, gdb *gorm.DB, customer string, keys int, spent int64) {
+	t.Helper()
+	if n := countRows(t, gdb, `SELECT count(*) FROM credit_ledger WHERE customer_id = ? AND kind = 'consume'`, customer); n != int64(keys) {
+		t.Errorf("%s: %d consume entries, want one per applied key: %d", customer, n, keys)
+	}
+	if n := countRows(t, gdb, `SELECT count(*) - count(DISTINCT idempotency_key) FROM credit_ledger WHERE customer_id = ? AND kind = 'consume'`, customer); n != 0 {
+		t.Errorf("%s: %d keys spent more than once", customer, n)
+	}
+	if n := countRows(t, gdb, `SELECT -COALESCE(sum(amount), 0) FROM credit_ledger WHERE customer_id = ? AND kind = 'consume'`, customer); n != spent {
+		t.Errorf("%s: the ledger spent %d, the answers %d", customer, n, spent)
+	}
+}
+
 // TestRevcDuplicatesBothServersNoDeadlock: two replicas on one database,
 // every consume sent to both at once (a client that retries against the
 // other replica before the first answers), over a few customers, so that
@@ -114,85 +186,43 @@ func logDeadlocks(servers ...*server) int {
 // its commit; waiting without a bound for a key the other server's batch
 // holds, while that batch waits for one this batch holds, is a deadlock,
 // which PostgreSQL breaks after deadlock_timeout (1 s) by failing one
-// whole batch. Each key spends once and both its answers are the same;
-// no deadlock happens; no answer waits anywhere near a second.
+// side (migration 00055). Each key spends once and both its answers are
+// the same; no deadlock happens; no answer waits anywhere near a second.
+//
+// Not parallel: it times its answers, so it runs while no other test of
+// the package does.
 func TestRevcDuplicatesBothServersNoDeadlock(t *testing.T) {
-	t.Parallel()
 	env := baseEnv(t)
 	env["TALLY_DB_MAX_OPEN_CONNS"] = "10"
 	a, b := twoServers(t, env)
 	gdb := openDB(t, a)
 	ca, cb := a.service(t), b.service(t)
-	const (
-		grant   = 1_000_000
-		workers = 32
-		perWkr  = 16
-	)
+	const grant = 1_000_000
 	customers := []string{"rc-dup-0", "rc-dup-1", "rc-dup-2", "rc-dup-3"}
 	for _, c := range customers {
 		grantOverHTTP(t, ca, c, grant, "rc-grant-"+c)
 	}
+	keys := make([]revKey, 512)
+	for i := range keys {
+		keys[i] = revKey{customer: customers[i%len(customers)], key: fmt.Sprintf("rc-dup-%03d", i), amount: int64(1 + i%3)}
+	}
 	before := databaseDeadlocks(t, gdb)
-
-	type sent struct {
-		customer, key string
-		amount        int64
-		answers       [2]revAnswer
-	}
-	all := make([][]sent, workers)
 	start := time.Now()
-	var wg sync.WaitGroup
-	for w := range workers {
-		wg.Go(func() {
-			for i := range perWkr {
-				k := sent{customer: customers[(w+i)%len(customers)], key: fmt.Sprintf("rc-dup-%02d-%02d", w, i), amount: int64(1 + (w+i)%3)}
-				k.answers = bothServers(ca, cb, k.customer, k.key, k.amount)
-				all[w] = append(all[w], k)
-			}
-		})
-	}
-	wg.Wait()
+	answers := stormBoth(ca, cb, 32, keys)
 	storm := time.Since(start)
 
-	spent := map[string]int64{}
-	var slowest time.Duration
-	for _, ks := range all {
-		for _, k := range ks {
-			a0, a1 := k.answers[0], k.answers[1]
-			for _, x := range k.answers {
-				slowest = max(slowest, x.took)
-				if x.err != nil || x.status != http.StatusOK {
-					t.Fatalf("%s: answered %v and %v, want 200 twice", k.key, a0, a1)
-				}
-			}
-			if a0.res != a1.res || a0.res.Amount != k.amount {
-				t.Fatalf("%s: the two servers answered %v and %v", k.key, a0, a1)
-			}
-			if a0.replayed == a1.replayed {
-				t.Fatalf("%s: answered %v and %v, want one first answer and one replay", k.key, a0, a1)
-			}
-			spent[k.customer] += k.amount
-		}
-	}
+	spent, _, slowest := spentOnce(t, keys, answers, false)
 	for _, c := range customers {
 		if bal := balanceOverHTTP(t, ca, c); bal.Balance != grant-spent[c] {
 			t.Errorf("%s: balance %d, want %d", c, bal.Balance, grant-spent[c])
 		}
-		if n, want := countRows(t, gdb, `SELECT count(*) FROM credit_ledger WHERE customer_id = ? AND kind = 'consume'`, c), int64(workers*perWkr/len(customers)); n != want {
-			t.Errorf("%s: %d consume entries, want one per key: %d", c, n, want)
-		}
-		if n := countRows(t, gdb, `SELECT count(*) - count(DISTINCT idempotency_key) FROM credit_ledger WHERE customer_id = ? AND kind = 'consume'`, c); n != 0 {
-			t.Errorf("%s: %d keys spent more than once", c, n)
-		}
-		if n := countRows(t, gdb, `SELECT -COALESCE(sum(amount), 0) FROM credit_ledger WHERE customer_id = ? AND kind = 'consume'`, c); n != spent[c] {
-			t.Errorf("%s: the ledger spent %d, the answers %d", c, n, spent[c])
-		}
+		ledgerSpentOnce(t, gdb, c, len(keys)/len(customers), spent[c])
 	}
 	receivablesOverHTTP(t, a)
 	fromLogs := logDeadlocks(a, b)
 	deadlocks := deadlocksOnceStopped(t, gdb, a, b) - before
 	t.Logf("%d keys, each to both servers, in %v: slowest answer %v; %d deadlocks (pg_stat_database), %d logged",
-		workers*perWkr, storm.Round(time.Millisecond), slowest.Round(time.Millisecond), deadlocks, fromLogs)
+		len(keys), storm.Round(time.Millisecond), slowest.Round(time.Millisecond), deadlocks, fromLogs)
 	if deadlocks != 0 || fromLogs != 0 {
 		t.Errorf("%d deadlocks in the database (%d in the servers' logs), want none", deadlocks, fromLogs)
 	}
