@@ -30,20 +30,28 @@ import (
 // key to take over, a balance row another transaction holds) come back
 // 'defer' having written nothing and run, in order, through the full path
 // (consume or endHold inside db.Once) before their customer's next batch;
-// so does every operation of a batch whose statement failed, each in its
-// own transaction, where a failure stays its own and a batch that did
-// commit after all is replayed from its stored answers.
+// so does every operation the set did not apply when the batch would have
+// waited for a lock (below), and every operation of a batch whose
+// statement failed, each in its own transaction, where a failure stays its
+// own and a batch that did commit after all is replayed from its stored
+// answers.
 //
 // Lock order: db.Once (the full path, and every other endpoint with an
-// Idempotency-Key) claims the key, then waits for the balance row. The
-// set-based batch locks balance rows first and writes keys after, so
-// wherever a batch would wait for a key (or a key's row) with that
-// customer's balance row held, it waits 50 ms at most (migration 00052):
-// the set then rolls back and its items go one by one, an item the set
-// locked and left defers to the full path. Waiting longer deadlocked with a
-// copy of the request on another server, or with another endpoint sent the
-// same key, for a second (deadlock_timeout) and threw the whole batch onto
-// the full path.
+// Idempotency-Key) claims one key, then waits for the balance row. A batch
+// keeps every key it claims, and every balance row it locks, to its
+// commit: the set-based part locks balance rows first and writes keys
+// after; the loop claims its operations' keys one after another, in
+// arrival order. So a batch waits for no lock longer than 50 ms
+// (migrations 00052 and 00055): when the set would, it rolls back and its
+// operations go through the loop; when the loop would, everything the loop
+// did rolls back, and every operation the set did not apply comes back
+// 'defer' and runs through the full path once the batch has committed,
+// where it waits for its key with no other key held. Waiting longer
+// deadlocked, for a second (deadlock_timeout) until PostgreSQL failed a
+// whole batch onto the full path: with the same request sent to another
+// server, whose batch held the same keys and claimed them in another order
+// (TestRevcDuplicatesBothServersNoDeadlock), or with another endpoint sent
+// the same key.
 //
 // There is no timer. A batch starts as soon as operations wait and fewer
 // than maxConsumeBatches run, and takes every waiting operation whose

@@ -121,6 +121,89 @@ func testNoDeadlockWithKeyHolder(t *testing.T, split, takeover bool) {
 	}
 }
 
+// The same request sent to two servers: each server's batch claims the
+// keys in its own arrival order and keeps every key it claimed until it
+// commits, with no balance row of the waiting item held. Here the other
+// server's transaction holds x's first key and, next, claims y's, which
+// this batch's set has already written; this batch, meanwhile, claims x's
+// keys (two consumes of x: a run, which the loop applies). Waiting for x's
+// key without a bound was a deadlock (migration 00055): PostgreSQL failed
+// the whole batch after deadlock_timeout. The batch must give up x's wait,
+// keep y's consume, and leave x's to the full path.
+func TestABatchDoesNotWaitForAKeyWhileHoldingOthers(t *testing.T) {
+	t.Parallel()
+	s, gdb := batchService(t)
+	batchGrant(t, s, "x", 100)
+	batchGrant(t, s, "y", 100)
+	iny := ConsumeInput{CustomerID: "y", Amount: 2, Reason: "api call"}
+	ky := batchKey("y", "k", iny)
+	inx := ConsumeInput{CustomerID: "x", Amount: 3, Reason: "api call"}
+	kx1, kx2 := batchKey("x", "k1", inx), batchKey("x", "k2", inx)
+
+	// The other server's transaction: x's first key, claimed as a batch
+	// (or db.Once) claims it.
+	other := gdb.Begin()
+	defer other.Rollback()
+	if err := other.Exec(`SET LOCAL lock_timeout = '5s'`).Error; err != nil {
+		t.Fatal(err)
+	}
+	if err := other.Exec(`INSERT INTO idempotency_keys (scope, key, request_hash, lease_expires_at) VALUES (?, ?, ?, now() + interval '2 minutes')`,
+		kx1.Scope, kx1.Key, kx1.RequestHash).Error; err != nil {
+		t.Fatal(err)
+	}
+	cy := s.consumeCall(context.Background(), iny, ky, "{}")
+	cx1 := s.consumeCall(context.Background(), inx, kx1, "{}")
+	cx2 := s.consumeCall(context.Background(), inx, kx2, "{}")
+	ran := make(chan struct{})
+	go func() { s.batch.run([]*batchCall{cy, cx1, cx2}); close(ran) }()
+	// Until the batch waits for x's first key (or, having waited its
+	// 50 ms already, is done).
+	waitFor(t, func() bool {
+		select {
+		case <-ran:
+			return true
+		default:
+		}
+		var n int64
+		gdb.Raw(`SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock' AND query LIKE '%credits_consume_batch%'`).Scan(&n)
+		return n > 0
+	})
+	// The other transaction now claims y's key, as the other server's
+	// batch claims its next item's.
+	start := time.Now()
+	if err := other.Exec(`INSERT INTO idempotency_keys (scope, key, request_hash, lease_expires_at) VALUES (?, ?, ?, now() + interval '2 minutes') ON CONFLICT DO NOTHING`,
+		ky.Scope, ky.Key, ky.RequestHash).Error; err != nil {
+		t.Fatalf("the other transaction could not claim y's key: %v", err)
+	}
+	if err := other.Exec(`UPDATE idempotency_keys SET result = ?, completed_at = now() WHERE scope = ? AND key = ?`,
+		[]byte(`{"transaction_id":"ctx_other","amount":3,"balance":97}`), kx1.Scope, kx1.Key).Error; err != nil {
+		t.Fatal(err)
+	}
+	if err := other.Commit().Error; err != nil {
+		t.Fatal(err)
+	}
+	<-ran
+	waited := time.Since(start)
+	ry, rx1, rx2 := wait(cy), wait(cx1), wait(cx2)
+	if ry.err != nil || ry.replayed || ry.res.Balance != 98 {
+		t.Errorf("y answered %+v (%v), want its consume applied", ry, ry.err)
+	}
+	if rx1.err != nil || !rx1.replayed || rx1.res.TransactionID != "ctx_other" {
+		t.Errorf("x's first key answered %+v (%v), want the other transaction's answer replayed", rx1, rx1.err)
+	}
+	if rx2.err != nil || rx2.replayed || rx2.res.Balance != 97 {
+		t.Errorf("x's second key answered %+v (%v), want its consume applied", rx2, rx2.err)
+	}
+	if b := balanceOf(t, gdb, "x"); b != 97 {
+		t.Errorf("x's balance %d, want 97", b)
+	}
+	// As above: a deadlock costs deadlock_timeout (1 s); without one this
+	// is the batch's 50 ms and the work of both.
+	if n := s.batch.fellBack.Load(); n != 0 || waited > 900*time.Millisecond {
+		t.Errorf("the batch fell back for %d consumes after %v: it deadlocked with the other server's keys", n, waited)
+	}
+}
+
 // Two servers on one database (two Services, two batchers): each key sent
 // twice to each at once, some customers' first grant too small for the
 // amount (the set locks them and leaves them to the loop), and on some
