@@ -201,10 +201,11 @@ func ledgerSpentOnce(t testing.TB, gdb *gorm.DB, customer string, keys int, spen
 // holds, while that batch waits for one this batch holds, is a deadlock,
 // which PostgreSQL breaks after deadlock_timeout (1 s) by failing one
 // side (migration 00055). Each key spends once and both its answers are
-// the same; no deadlock happens; no answer waits anywhere near a second.
+// the same; no deadlock happens (pg_stat_database counts them, also those
+// the full path retried without a word).
 //
-// Not parallel: it times its answers, so it runs while no other test of
-// the package does.
+// Not parallel, so that the package's other tests do not starve its
+// storm: the deadlock needs both servers' batches running at once.
 func TestRevcDuplicatesBothServersNoDeadlock(t *testing.T) {
 	env := baseEnv(t)
 	env["TALLY_DB_MAX_OPEN_CONNS"] = "10"
@@ -240,12 +241,11 @@ func TestRevcDuplicatesBothServersNoDeadlock(t *testing.T) {
 	if deadlocks != 0 || fromLogs != 0 {
 		t.Errorf("%d deadlocks in the database (%d in the servers' logs), want none", deadlocks, fromLogs)
 	}
-	// A deadlock costs deadlock_timeout (1 s) before PostgreSQL fails one
-	// side: the slowest answers took 1.2 to 2.4 s with them, 0.42 to
-	// 0.49 s without (-race, on two cores shared with other work).
-	if slowest >= time.Second {
-		t.Errorf("the slowest answer took %v, want under a second", slowest)
-	}
+	// The deadlocks are the signal, not the time: a deadlock costs
+	// deadlock_timeout (1 s) before PostgreSQL fails one side, and the
+	// slowest answer (logged above) took 1.2 to 2.4 s with them and 0.25 to
+	// 0.49 s without when this test ran alone, but 1.9 s without any in a
+	// full make test on two loaded cores.
 }
 
 // TestRevcDrawOrderStormOverTwoServers: grants of one customer in every
