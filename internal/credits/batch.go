@@ -321,8 +321,8 @@ func (b *consumeBatcher) run(batch []*batchCall) {
 // full path: each customer's one after another, in order, and up to
 // fullPathChains customers at once. When the loop of credits_consume_batch
 // gives up a wait (00055), every operation the set did not apply comes
-// here, up to a whole batch; one after another, 231 of them took a second
-// (TestTwoServersOnOneDatabaseApplyEachKeyOnce). Each full path operation
+// here, up to a whole batch; one after another, 231 of them took about a
+// second under -race (TestTwoServersOnOneDatabaseApplyEachKeyOnce). Each full path operation
 // claims its key before its customer's balance row, as db.Once always
 // does, so operations of different customers run side by side safely.
 func runFull(ctx context.Context, batch []*batchCall, idx []int, answer func(int, batchDone)) {
