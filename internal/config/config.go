@@ -266,6 +266,14 @@ type Config struct {
 	Obsolete []string
 }
 
+// MinDBOpenConns is the smallest pool tally runs with. Three background
+// jobs (the invariant check, the usage reconciliation and the Stripe sync)
+// each keep one pooled connection for their session advisory lock (one
+// replica at a time runs each) while they work through another; with two
+// connections two of them held both and waited for a third, and the
+// server hung on its first request (TestRevfTinyPoolDeferralStorm).
+const MinDBOpenConns = 4
+
 // Default returns the configuration of an empty environment.
 func Default() Config {
 	return Config{
@@ -683,8 +691,9 @@ func (c Config) Validate() error {
 	} else if _, err := pgconn.ParseConfig(c.DatabaseURL); err != nil {
 		p.add("TALLY_DATABASE_URL", "does not parse as a PostgreSQL URL: %v", err)
 	}
-	if c.DBMaxOpenConns < 1 {
-		p.add("TALLY_DB_MAX_OPEN_CONNS", "must be at least 1, got %d", c.DBMaxOpenConns)
+	if c.DBMaxOpenConns < MinDBOpenConns {
+		p.add("TALLY_DB_MAX_OPEN_CONNS", "must be at least %d (three background jobs each keep a connection for their lock while they work through another), got %d",
+			MinDBOpenConns, c.DBMaxOpenConns)
 	}
 	if err := checkListenAddr(c.HTTPAddr); err != nil {
 		p.add("TALLY_HTTP_ADDR", "%v", err)
