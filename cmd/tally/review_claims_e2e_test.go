@@ -6,6 +6,7 @@ import (
 	"net/http"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -307,5 +308,79 @@ func TestDisputeWonAfterTheHoldPaidItsClaim(t *testing.T) {
 	if b := balanceOverHTTP(t, svc, "won"); b.Balance != 800 || b.Available != 800 {
 		t.Fatalf("balance %+v after the dispute was won, want the 800 the hold paid back", b)
 	}
+	assertInvariants(t, s)
+}
+
+// The refund of an automatic top-up lands while the worker's charge of the
+// next one is on its way to Stripe (it read the settings before the
+// refund). The charge must not reach Stripe after the refund turned
+// automatic top-up off: the refund waits for the charge in flight, which
+// was started before it. (Written while looking for why
+// TestAutoTopUpRefundStopsAnUnchargedTopUp once saw a second PaymentIntent
+// in a loaded make test; this interleaving was already safe.)
+func TestAutoTopUpRefundWaitsForTheChargeInFlight(t *testing.T) {
+	t.Parallel()
+	fake := stripefake.New(t)
+	s := startServer(t, payEnv(t, fake.URL()))
+	evs := &stripeEvents{fake: fake}
+	saveCard(t, s, evs, "fly", topUpCard)
+	grantOverHTTP(t, s.service(t), "fly", 1000, "grant-fly")
+	putAutoTopUp(t, s, "fly", client.AutoTopUpSettings{Enabled: true, Threshold: 500, Item: "starter"})
+	spend(t, s, "fly", 600, "fly-1")
+	tops := autoTopUps(t, s, "fly")
+	if len(tops) != 1 {
+		t.Fatalf("%d top-ups after the first crossing, want 1", len(tops))
+	}
+	waitCharged(t, s, tops[0].Id)
+	evs.deliverNew(t, s)
+	first := waitPayment(t, s, tops[0].Id, client.PaymentStatusSucceeded)
+
+	// The next charge is held on its way to Stripe until released.
+	arrived, release := make(chan struct{}), make(chan struct{})
+	var once sync.Once
+	var passed atomic.Int64 // when the held charge went on to Stripe
+	fake.SetFault(func(r *http.Request) (int, string, bool) {
+		if r.Method == http.MethodPost && r.URL.Path == "/v1/payment_intents" {
+			once.Do(func() { close(arrived) })
+			select {
+			case <-release:
+			case <-time.After(patience):
+			}
+			passed.Store(time.Now().UnixNano())
+		}
+		return 0, "", false
+	})
+	spend(t, s, "fly", 400+starterCredits-100, "fly-2")
+	select {
+	case <-arrived:
+	case <-time.After(patience):
+		t.Fatal("the second top-up's charge never reached Stripe")
+	}
+	ch := refundedCharge(first.Id, starterAmount, starterAmount)
+	ch["payment_intent"] = *first.PaymentIntentId
+	body := stripeEvent(newEventID(), "charge.refunded", ch)
+	type answer struct {
+		status int
+		out    []byte
+		at     int64
+	}
+	done := make(chan answer, 1)
+	go func() {
+		status, out := postWebhook(t, s, body, sign(body, testWebhookSecret, time.Now()))
+		done <- answer{status, out, time.Now().UnixNano()}
+	}()
+	time.Sleep(500 * time.Millisecond) // the refund has time to commit, if it does not wait
+	close(release)
+	a := <-done
+	mustStatus(t, "refund delivery", a.status, a.out, http.StatusOK)
+	if a.at < passed.Load() {
+		t.Fatalf("the refund turned automatic top-up off %v before the charge in flight went on to Stripe",
+			time.Duration(passed.Load()-a.at))
+	}
+	if got := getAutoTopUp(t, s, "fly"); got.Status != client.AutoTopUpStatusDisabled {
+		t.Fatalf("settings %+v, want disabled by the refund", got)
+	}
+	fake.SetFault(nil)
+	evs.deliverNew(t, s)
 	assertInvariants(t, s)
 }
