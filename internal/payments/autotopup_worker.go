@@ -116,9 +116,18 @@ func (s *Service) chargeAutoTopUp(ctx context.Context, id string) (bool, error) 
 		// Turned off by tally since it started (its payment was refunded
 		// or disputed: the card's owner took a top-up back): the card is
 		// not charged again. A customer's own PUT (enabled false) leaves
-		// the status, and a top-up already started, alone.
+		// the status, and a top-up already started, alone. The settings
+		// are read FOR SHARE and so stay locked while Stripe is called: a
+		// refund or dispute turning them off waits for a charge already on
+		// its way, and a charge never goes out after they were turned off
+		// (it did, read without a lock, when the refund committed while
+		// the request was in flight:
+		// TestAutoTopUpRefundWaitsForTheChargeInFlight). Starting a top-up
+		// (StartAutoTopUp) does not wait: its UPDATE matches no row while
+		// one is in flight.
 		var settings autoTopUpRow
-		err = tx.WithContext(ctx).Where("customer_id = ?", p.CustomerID).Limit(1).Find(&settings).Error
+		err = tx.WithContext(ctx).Clauses(clause.Locking{Strength: "SHARE"}).
+			Where("customer_id = ?", p.CustomerID).Limit(1).Find(&settings).Error
 		if err != nil {
 			return db.Translate(err, nil)
 		}
