@@ -177,6 +177,18 @@ func spentOnce(t testing.TB, keys []revKey, answers [][2]revAnswer, mayRefuse bo
 	return spent, refused, slowest
 }
 
+// appliedPerCustomer counts, per customer, the keys whose consume was
+// answered 200 (spentOnce checked both answers of a key agree).
+func appliedPerCustomer(keys []revKey, answers [][2]revAnswer) map[string]int {
+	applied := map[string]int{}
+	for i, k := range keys {
+		if answers[i][0].status == http.StatusOK {
+			applied[k.customer]++
+		}
+	}
+	return applied
+}
+
 // ledgerSpentOnce checks customer's consume entries: one per applied key,
 // adding up to spent.
 func ledgerSpentOnce(t testing.TB, gdb *gorm.DB, customer string, keys int, spent int64) {
@@ -612,12 +624,7 @@ func TestRevcExhaustionOverTwoServers(t *testing.T) {
 	before := databaseDeadlocks(t, gdb)
 	answers := stormBoth(ca, cb, 32, keys)
 	spent, refused, _ := spentOnce(t, keys, answers, true)
-	applied := map[string]int{}
-	for i, k := range keys {
-		if answers[i][0].status == http.StatusOK {
-			applied[k.customer]++
-		}
-	}
+	applied := appliedPerCustomer(keys, answers)
 	for c := range customers {
 		customer := fmt.Sprintf("rc-empty-%d", c)
 		bal := balanceOverHTTP(t, ca, customer)

@@ -153,12 +153,7 @@ func TestRevfTinyPoolDeferralStorm(t *testing.T) {
 	spent, refused, slowest := spentOnce(t, keys, answers, true)
 	t.Logf("%d keys over both servers, %s connections each: %v, slowest answer %v, %d refused",
 		len(keys), conns, time.Since(start).Round(time.Millisecond), slowest.Round(time.Millisecond), len(refused))
-	applied := map[string]int{}
-	for i, k := range keys {
-		if answers[i][0].status == http.StatusOK {
-			applied[k.customer]++
-		}
-	}
+	applied := appliedPerCustomer(keys, answers)
 	for c := range customers {
 		customer := fmt.Sprintf("rf-tiny-%d", c)
 		bal := balanceOverHTTP(t, ca, customer).Balance

@@ -14,6 +14,24 @@ import (
 	"github.com/tallybilling/tally/pkg/client"
 )
 
+// firstAutoTopUp gives customer a saved card, 1,000 credits and automatic
+// top-up of a starter pack below 500, spends 600 and returns the top-up
+// that started, charged and confirmed.
+func firstAutoTopUp(t *testing.T, s *server, evs *stripeEvents, customer string) client.Payment {
+	t.Helper()
+	saveCard(t, s, evs, customer, topUpCard)
+	grantOverHTTP(t, s.service(t), customer, 1000, "grant-"+customer)
+	putAutoTopUp(t, s, customer, client.AutoTopUpSettings{Enabled: true, Threshold: 500, Item: "starter"})
+	spend(t, s, customer, 600, customer+"-1")
+	tops := autoTopUps(t, s, customer)
+	if len(tops) != 1 {
+		t.Fatalf("%d top-ups after the first crossing, want 1", len(tops))
+	}
+	waitCharged(t, s, tops[0].Id)
+	evs.deliverNew(t, s)
+	return waitPayment(t, s, tops[0].Id, client.PaymentStatusSucceeded)
+}
+
 // A refunded automatic top-up turns automatic top-up off so that the same
 // card is not charged again. A top-up started just before the refund and
 // not charged yet (Stripe was down when the worker tried) must not be
@@ -24,17 +42,7 @@ func TestAutoTopUpRefundStopsAnUnchargedTopUp(t *testing.T) {
 	s := startServer(t, payEnv(t, fake.URL()))
 	evs := &stripeEvents{fake: fake}
 	gdb := openDB(t, s)
-	saveCard(t, s, evs, "pend", topUpCard)
-	grantOverHTTP(t, s.service(t), "pend", 1000, "grant-pend")
-	putAutoTopUp(t, s, "pend", client.AutoTopUpSettings{Enabled: true, Threshold: 500, Item: "starter"})
-	spend(t, s, "pend", 600, "pend-1")
-	tops := autoTopUps(t, s, "pend")
-	if len(tops) != 1 {
-		t.Fatalf("%d top-ups after the first crossing, want 1", len(tops))
-	}
-	waitCharged(t, s, tops[0].Id)
-	evs.deliverNew(t, s)
-	first := waitPayment(t, s, tops[0].Id, client.PaymentStatusSucceeded)
+	first := firstAutoTopUp(t, s, evs, "pend")
 
 	// Stripe is down: the next top-up stays pending, uncharged.
 	fake.SetFault(func(r *http.Request) (int, string, bool) {
@@ -44,7 +52,7 @@ func TestAutoTopUpRefundStopsAnUnchargedTopUp(t *testing.T) {
 		return 0, "", false
 	})
 	spend(t, s, "pend", 400+starterCredits-100, "pend-2")
-	tops = autoTopUps(t, s, "pend")
+	tops := autoTopUps(t, s, "pend")
 	if len(tops) != 2 {
 		t.Fatalf("%d top-ups after the second crossing, want 2", len(tops))
 	}
@@ -324,17 +332,7 @@ func TestAutoTopUpRefundWaitsForTheChargeInFlight(t *testing.T) {
 	fake := stripefake.New(t)
 	s := startServer(t, payEnv(t, fake.URL()))
 	evs := &stripeEvents{fake: fake}
-	saveCard(t, s, evs, "fly", topUpCard)
-	grantOverHTTP(t, s.service(t), "fly", 1000, "grant-fly")
-	putAutoTopUp(t, s, "fly", client.AutoTopUpSettings{Enabled: true, Threshold: 500, Item: "starter"})
-	spend(t, s, "fly", 600, "fly-1")
-	tops := autoTopUps(t, s, "fly")
-	if len(tops) != 1 {
-		t.Fatalf("%d top-ups after the first crossing, want 1", len(tops))
-	}
-	waitCharged(t, s, tops[0].Id)
-	evs.deliverNew(t, s)
-	first := waitPayment(t, s, tops[0].Id, client.PaymentStatusSucceeded)
+	first := firstAutoTopUp(t, s, evs, "fly")
 
 	// The next charge is held on its way to Stripe until released.
 	arrived, release := make(chan struct{}), make(chan struct{})

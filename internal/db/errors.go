@@ -31,7 +31,8 @@ const (
 //     balance is insufficient_credits");
 //   - any other unique or check violation is errs.Conflict;
 //   - a lost, refused or shut-down connection is errs.Unavailable, so clients
-//     get 503 and retry;
+//     get 503 and retry, and is remembered so that the pool checks its
+//     other connections before reuse (stale.go);
 //   - a value the database cannot hold (SQLSTATE class 22: a NUL character,
 //     bytes that are not UTF-8, a number out of range, a malformed date)
 //     came from the caller, so it is errs.Invalid, not an internal error;
