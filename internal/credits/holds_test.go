@@ -382,3 +382,36 @@ func TestHoldInputIsValidated(t *testing.T) {
 		t.Fatalf("%d holds written by refusals", n)
 	}
 }
+
+// The balance shows, grant by grant, what the customer's live holds keep:
+// each hold's draws summed per grant, not another customer's holds nor a
+// hold past its expiry.
+func TestBalanceShowsWhatLiveHoldsKeepOfEachGrant(t *testing.T) {
+	t.Parallel()
+	f := newFixture(t, defaultCfg())
+	soon, later := f.clock.Now().Add(time.Hour), f.clock.Now().Add(2*time.Hour)
+	first := f.grant("hal", 10, &soon)
+	second := f.grant("hal", 10, &later)
+	f.grant("ivy", 10, &soon)
+	f.mustHold("hal", 15, time.Hour)    // 10 of the first grant, 5 of the second
+	f.mustHold("hal", 3, time.Hour)     // 3 more of the second
+	f.mustHold("hal", 1, 5*time.Minute) // past its expiry below
+	f.mustHold("ivy", 4, time.Hour)     // another customer's
+	f.clock.Set(f.clock.Now().Add(10 * time.Minute))
+	b := f.balance("hal")
+	type kept struct {
+		id              string
+		remaining, held int64
+	}
+	var got []kept
+	for _, g := range b.Grants {
+		got = append(got, kept{g.ID, g.Remaining, g.Held})
+	}
+	want := []kept{{first.GrantID, 10, 10}, {second.GrantID, 10, 8}}
+	if len(got) != len(want) || got[0] != want[0] || got[1] != want[1] {
+		t.Fatalf("grants (id, remaining, held) %v, want %v", got, want)
+	}
+	if b.Balance != 20 || b.Held != 18 || b.Available != 2 {
+		t.Errorf("balance %d held %d available %d, want 20, 18, 2", b.Balance, b.Held, b.Available)
+	}
+}
