@@ -11,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"gorm.io/gorm"
 
 	"github.com/tallybilling/tally/internal/config"
@@ -270,4 +271,83 @@ func TestAPanickingBatchAnswersEachCallAndTheBatcherGoesOn(t *testing.T) {
 		}
 	}
 	mustVerifyDB(t, gdb)
+}
+
+// What goes the full path is exported: the operations a batch deferred
+// (here three consumes of a customer whose grant is due to expire, beside
+// one the batch applies itself) and those of a batch whose statement failed.
+func TestFullPathOperationsAreCountedInTheMetrics(t *testing.T) {
+	t.Parallel()
+	gdb := dbtest.New(t)
+	clock := time.Date(2026, 5, 1, 12, 0, 0, 0, time.UTC)
+	reg := prometheus.NewRegistry()
+	s := New(Options{DB: gdb, Config: config.Default().Credits, Now: func() time.Time { return clock }, Registry: reg})
+	soon := clock.Add(time.Hour)
+	in := GrantInput{CustomerID: "expiring", Amount: 5, Reason: "trial", Source: SourceService, ExpiresAt: &soon}
+	b, _ := json.Marshal(in)
+	if _, _, err := s.Grant(context.Background(), in, db.IdempotencyKey{Scope: "customer:expiring", Key: "g", RequestHash: db.HashRequest(b)}); err != nil {
+		t.Fatal(err)
+	}
+	batchGrant(t, s, "expiring", 20)
+	batchGrant(t, s, "plain", 20)
+	clock = clock.Add(2 * time.Hour)
+	call := func(customer, k string) *batchCall {
+		in := ConsumeInput{CustomerID: customer, Amount: 1, Reason: "api call"}
+		return s.consumeCall(context.Background(), in, batchKey(customer, k, in), "{}")
+	}
+	for name, want := range map[string]float64{"tally_credits_batch_deferred_total": 0, "tally_credits_batch_fell_back_total": 0} {
+		if got := counterValue(t, reg, name); got != want {
+			t.Errorf("%s = %v before any batch, want %v", name, got, want)
+		}
+	}
+
+	batch := []*batchCall{call("expiring", "1"), call("plain", "1"), call("expiring", "2"), call("expiring", "3")}
+	s.batch.run(batch)
+	for _, c := range batch {
+		if d := waitAnswer(t, c); d.err != nil {
+			t.Fatal(d.err)
+		}
+	}
+	if got := counterValue(t, reg, "tally_credits_batch_deferred_total"); got != 3 {
+		t.Errorf("tally_credits_batch_deferred_total = %v after a batch that deferred 3, want 3", got)
+	}
+	if got := counterValue(t, reg, "tally_credits_batch_fell_back_total"); got != 0 {
+		t.Errorf("tally_credits_batch_fell_back_total = %v, want 0", got)
+	}
+
+	// A ledger that refuses the plain customer's consumes fails the batch's
+	// statement: both of its operations run one by one.
+	if err := gdb.Exec(`CREATE FUNCTION curse() RETURNS trigger LANGUAGE plpgsql AS $$
+		BEGIN IF NEW.customer_id = 'plain' AND NEW.kind = 'consume' THEN RAISE EXCEPTION 'cursed'; END IF; RETURN NEW; END $$;
+		CREATE TRIGGER curse BEFORE INSERT ON credit_ledger FOR EACH ROW EXECUTE FUNCTION curse()`).Error; err != nil {
+		t.Fatal(err)
+	}
+	batch = []*batchCall{call("plain", "2"), call("expiring", "4")}
+	s.batch.run(batch)
+	for _, c := range batch {
+		waitAnswer(t, c)
+	}
+	if got := counterValue(t, reg, "tally_credits_batch_fell_back_total"); got != 2 {
+		t.Errorf("tally_credits_batch_fell_back_total = %v after a failed batch of 2, want 2", got)
+	}
+	if got := counterValue(t, reg, "tally_credits_batch_deferred_total"); got != 3 {
+		t.Errorf("tally_credits_batch_deferred_total = %v, want still 3", got)
+	}
+}
+
+// counterValue reads the counter name from reg, failing the test when reg
+// does not export it.
+func counterValue(t *testing.T, reg *prometheus.Registry, name string) float64 {
+	t.Helper()
+	mfs, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, mf := range mfs {
+		if mf.GetName() == name && len(mf.GetMetric()) == 1 && mf.GetMetric()[0].GetCounter() != nil {
+			return mf.GetMetric()[0].GetCounter().GetValue()
+		}
+	}
+	t.Fatalf("the registry exports no counter %s", name)
+	return 0
 }
