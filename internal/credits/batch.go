@@ -118,7 +118,9 @@ type consumeBatcher struct {
 	running int
 
 	// What went the full path: operations a batch deferred, and those of
-	// batches whose statement failed (for tests and the logs).
+	// batches whose statement failed; exported as
+	// tally_credits_batch_deferred_total and
+	// tally_credits_batch_fell_back_total (New).
 	deferred, fellBack atomic.Int64
 }
 

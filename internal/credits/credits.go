@@ -311,7 +311,16 @@ func New(o Options) *Service {
 	}
 	s.batch = &consumeBatcher{s: s}
 	if o.Registry != nil {
-		o.Registry.MustRegister(s.consumed)
+		o.Registry.MustRegister(s.consumed,
+			prometheus.NewCounterFunc(prometheus.CounterOpts{
+				Name: "tally_credits_batch_deferred_total",
+				Help: "Consumes, holds and captures a batch left to the full path (an expiry due, a notice, a top-up, a key to take over, a lock it would wait for).",
+			}, func() float64 { return float64(s.batch.deferred.Load()) }),
+			prometheus.NewCounterFunc(prometheus.CounterOpts{
+				Name: "tally_credits_batch_fell_back_total",
+				Help: "Consumes, holds and captures run one by one through the full path because their batch's statement failed.",
+			}, func() float64 { return float64(s.batch.fellBack.Load()) }),
+		)
 	}
 	return s
 }

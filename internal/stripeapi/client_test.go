@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"net/url"
 	"strconv"
 	"strings"
 	"sync"
@@ -378,16 +379,24 @@ func TestCustomerRequestsAreRetriedButMeterEventsAreNot(t *testing.T) {
 func TestMeterEventTimeoutIsANetworkErrorAndNotRetried(t *testing.T) {
 	t.Parallel()
 	f := stripefake.New(t)
-	c := newFakeClient(t, f, func(c *stripeapi.Config) { c.Timeout = 200 * time.Millisecond })
 	release := f.HangUntilReleased()
 
+	// Config.Timeout bounds the one attempt. Whether the request reaches the
+	// fake before it runs out is up to the machine's load (on a loaded one it
+	// may not even be written), so the attempts are counted where they leave
+	// the client: stripe-go must not retry a meter event.
+	attempts := &countingTransport{base: http.DefaultTransport}
+	c := newFakeClient(t, f, func(c *stripeapi.Config) {
+		c.Timeout = 200 * time.Millisecond
+		c.HTTPClient = &http.Client{Transport: attempts}
+	})
 	err := c.CreateMeterEvent(context.Background(), meterEvent("usage-1"))
 	se := requireStripeError(t, err, stripeapi.KindNetwork, errs.Unavailable)
 	if !se.Retryable() || se.StatusCode != 0 {
 		t.Fatalf("error = %+v, want retryable with no status", se)
 	}
-	if n := len(requestsTo(f, "/v1/billing/meter_events")); n != 1 {
-		t.Fatalf("fake saw %d requests, want 1 (no retry)", n)
+	if n := attempts.count(); n != 1 {
+		t.Fatalf("client made %d attempts, want 1 (no retry)", n)
 	}
 
 	// The caller's context deadline counts as a network failure too.
@@ -400,13 +409,57 @@ func TestMeterEventTimeoutIsANetworkErrorAndNotRetried(t *testing.T) {
 		t.Errorf("errors.Is(err, context.DeadlineExceeded) = false for %v", err)
 	}
 
-	// Stripe may have acted on a request whose answer never came: once the
-	// fake lets the hung request through, a retry is a duplicate, which the
-	// caller counts as delivered.
+	// Stripe may have acted on a request whose answer never came. The caller
+	// gives up once the fake holds its request (not after a fixed time, which
+	// a loaded machine can run out before the request is sent); once the
+	// fake lets it through, a resend is a duplicate, which the caller counts
+	// as delivered.
+	ctx3, cancel3 := context.WithCancel(context.Background())
+	defer cancel3()
+	done := make(chan error, 1)
+	go func() { done <- c2.CreateMeterEvent(ctx3, meterEvent("usage-3")) }()
+	waitFor(t, func() bool { return len(meterEventRequests(f, "usage-3")) == 1 })
+	cancel3()
+	requireStripeError(t, <-done, stripeapi.KindNetwork, errs.Unavailable)
 	release()
-	waitFor(t, func() bool { return f.Count("usage-1") == 1 })
-	err = c.CreateMeterEvent(context.Background(), meterEvent("usage-1"))
+	waitFor(t, func() bool { return f.Count("usage-3") == 1 })
+	err = c2.CreateMeterEvent(context.Background(), meterEvent("usage-3"))
 	requireStripeError(t, err, stripeapi.KindDuplicate, errs.PaymentProviderError)
+	if n := len(meterEventRequests(f, "usage-3")); n != 2 {
+		t.Fatalf("fake saw %d requests for usage-3, want 2 (the hung one and the resend)", n)
+	}
+}
+
+// countingTransport counts the requests that leave the client.
+type countingTransport struct {
+	base http.RoundTripper
+	mu   sync.Mutex
+	n    int
+}
+
+func (c *countingTransport) RoundTrip(r *http.Request) (*http.Response, error) {
+	c.mu.Lock()
+	c.n++
+	c.mu.Unlock()
+	return c.base.RoundTrip(r)
+}
+
+func (c *countingTransport) count() int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.n
+}
+
+// meterEventRequests returns the v1 meter event requests the fake received
+// for identifier.
+func meterEventRequests(f *stripefake.Fake, identifier string) []stripefake.RecordedRequest {
+	var out []stripefake.RecordedRequest
+	for _, r := range requestsTo(f, "/v1/billing/meter_events") {
+		if form, err := url.ParseQuery(r.Body); err == nil && form.Get("identifier") == identifier {
+			out = append(out, r)
+		}
+	}
+	return out
 }
 
 func TestMeterEventDuplicateIdentifier(t *testing.T) {
