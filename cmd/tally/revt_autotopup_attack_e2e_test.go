@@ -1,0 +1,150 @@
+package main
+
+import (
+	"fmt"
+	"net/http"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/tallybilling/tally/internal/stripeapi/stripefake"
+	"github.com/tallybilling/tally/pkg/client"
+)
+
+// Hostile review of the automatic top-up worker's charge (chargeAutoTopUp),
+// which holds the top-up's payment row and reads the customer's settings
+// FOR SHARE while it calls Stripe: the take-backs, settings changes,
+// replicas, slow Stripe and lost answers that meet it.
+
+// revtHeldCharge holds every off-session charge on its way to Stripe until
+// release is called: arrived closes when the first one is held, passed
+// is when the last held one went on (UnixNano, 0 before).
+type revtHeldCharge struct {
+	arrived chan struct{}
+	release func()
+	passed  *atomic.Int64
+}
+
+func revtHoldCharges(fake *stripefake.Fake) revtHeldCharge {
+	h := revtHeldCharge{arrived: make(chan struct{}), passed: &atomic.Int64{}}
+	gate := make(chan struct{})
+	var once, rel sync.Once
+	h.release = func() { rel.Do(func() { close(gate) }) }
+	fake.SetFault(func(r *http.Request) (int, string, bool) {
+		if r.Method == http.MethodPost && r.URL.Path == "/v1/payment_intents" {
+			once.Do(func() { close(h.arrived) })
+			select {
+			case <-gate:
+			case <-time.After(patience):
+			}
+			h.passed.Store(time.Now().UnixNano())
+		}
+		return 0, "", false
+	})
+	return h
+}
+
+// revtPaymentIntentsOf counts the PaymentIntents Stripe holds for a tally
+// customer (by the metadata the worker sets).
+func revtPaymentIntentsOf(fake *stripefake.Fake, customer string) int {
+	n := 0
+	for _, pi := range fake.Sandbox().Objects("payment_intent") {
+		if md, ok := pi["metadata"].(map[string]any); ok && md["tally_customer_id"] == customer {
+			n++
+		}
+	}
+	return n
+}
+
+// revtTakeBack is the refund or the chargeback of an automatic top-up.
+func revtTakeBack(kind string, p client.Payment) []byte {
+	if kind == "refund" {
+		ch := refundedCharge(p.Id, starterAmount, starterAmount)
+		ch["payment_intent"] = *p.PaymentIntentId
+		return stripeEvent(newEventID(), "charge.refunded", ch)
+	}
+	d := dispute(p.Id, "dp_"+p.Id, "needs_response", starterAmount)
+	d["payment_intent"] = *p.PaymentIntentId
+	return disputeEvent("created", d)
+}
+
+// The refund or the chargeback of an automatic top-up arrives, at either
+// of two replicas that both run the worker, while the next top-up's
+// charge is on its way to Stripe from one of them. The take-back waits for
+// that charge (started before it), turns automatic top-up off, and no
+// charge reaches Stripe after it: each customer's card is charged exactly
+// twice (the first top-up and the one in flight), the one in flight is
+// credited once, and a later crossing of the threshold starts nothing.
+func TestAutoTopUpTakeBackWaitsForTheChargeInFlightOnEitherReplica(t *testing.T) {
+	t.Parallel()
+	fake := stripefake.New(t)
+	s1, s2 := twoServers(t, payEnv(t, fake.URL()))
+	evs := &stripeEvents{fake: fake}
+	gdb := openDB(t, s1)
+	for _, tc := range []struct {
+		kind string
+		to   *server
+	}{{"refund", s1}, {"refund", s2}, {"dispute", s1}, {"dispute", s2}} {
+		who := fmt.Sprintf("fly-%s-%s", tc.kind, map[*server]string{s1: "a", s2: "b"}[tc.to])
+		first := firstAutoTopUp(t, s1, evs, who)
+		held := revtHoldCharges(fake)
+		spend(t, s2, who, 400+starterCredits-100, who+"-2")
+		select {
+		case <-held.arrived:
+		case <-time.After(patience):
+			t.Fatalf("%s: the second top-up's charge never reached Stripe", who)
+		}
+		body := revtTakeBack(tc.kind, first)
+		type answer struct {
+			status int
+			out    []byte
+			at     int64
+		}
+		done := make(chan answer, 1)
+		go func() {
+			status, out := postWebhook(t, tc.to, body, sign(body, testWebhookSecret, time.Now()))
+			done <- answer{status, out, time.Now().UnixNano()}
+		}()
+		time.Sleep(500 * time.Millisecond) // the take-back has time to commit, if it does not wait
+		held.release()
+		a := <-done
+		mustStatus(t, who+": take-back delivery", a.status, a.out, http.StatusOK)
+		waitFor(t, who+": the held charge to go on", func() bool { return held.passed.Load() != 0 })
+		if a.at < held.passed.Load() {
+			t.Fatalf("%s: the %s turned automatic top-up off %v before the charge in flight went on to Stripe",
+				who, tc.kind, time.Duration(held.passed.Load()-a.at))
+		}
+		fake.SetFault(nil)
+		got := getAutoTopUp(t, s2, who)
+		if got.Status != client.AutoTopUpStatusDisabled || got.DisabledReason == nil || !strings.Contains(*got.DisabledReason, tc.kind) {
+			t.Fatalf("%s: settings %+v, want disabled by the %s", who, got, tc.kind)
+		}
+		tops := autoTopUps(t, s1, who)
+		if len(tops) != 2 {
+			t.Fatalf("%s: %d top-ups, want 2", who, len(tops))
+		}
+		second := waitCharged(t, s1, tops[1].Id)
+		if second.PaymentIntentId == nil {
+			t.Fatalf("%s: the charge in flight was not recorded: %+v", who, second)
+		}
+		evs.deliverNew(t, s2)
+		evs.deliverNew(t, s1) // nothing new: only what Stripe sent since
+		waitPayment(t, s1, second.Id, client.PaymentStatusSucceeded)
+		if n := countRows(t, gdb, `SELECT count(*) FROM credit_grants WHERE payment_id = ?`, second.Id); n != 1 {
+			t.Fatalf("%s: %d grants for the top-up in flight, want 1", who, n)
+		}
+		// Below the threshold again: off, so nothing starts.
+		spend(t, s1, who, 50, who+"-3")
+		time.Sleep(1500 * time.Millisecond) // more than a round of both workers
+		if n := len(autoTopUps(t, s1, who)); n != 2 {
+			t.Fatalf("%s: %d top-ups after the %s, want no new one", who, n, tc.kind)
+		}
+		if n := revtPaymentIntentsOf(fake, who); n != 2 {
+			t.Fatalf("%s: Stripe holds %d PaymentIntents of the customer, want 2", who, n)
+		}
+	}
+	receivablesOverHTTP(t, s2)
+	assertInvariants(t, s1)
+}
