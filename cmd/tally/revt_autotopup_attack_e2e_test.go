@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"fmt"
 	"net/http"
 	"strings"
@@ -8,6 +9,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"gorm.io/gorm"
 
 	"github.com/tallybilling/tally/internal/stripeapi/stripefake"
 	"github.com/tallybilling/tally/pkg/client"
@@ -147,4 +150,85 @@ func TestAutoTopUpTakeBackWaitsForTheChargeInFlightOnEitherReplica(t *testing.T)
 	}
 	receivablesOverHTTP(t, s2)
 	assertInvariants(t, s1)
+}
+
+// revtWaiting counts the server's backends waiting for a lock on a
+// statement containing what.
+func revtWaiting(t testing.TB, gdb *gorm.DB, what string) int64 {
+	t.Helper()
+	return countRows(t, gdb, `SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()
+		AND pid <> pg_backend_pid() AND wait_event_type = 'Lock' AND query LIKE ?`, "%"+what+"%")
+}
+
+// The customer saves its automatic top-up settings several times (a
+// settings page saving on each change) just as the worker takes the
+// settings for a charge, on a server with the smallest pool it accepts.
+// Each save waits for the charge in flight; the charge must not wait for
+// a save: the worker read the saved card on a second connection while it
+// held the settings, and with every other connection of the pool taken by
+// a save waiting for those settings, nobody ever went on.
+func TestAutoTopUpSettingsSavesDoNotStarveTheChargeInFlight(t *testing.T) {
+	t.Parallel()
+	fake := stripefake.New(t)
+	env := payEnv(t, fake.URL())
+	env["TALLY_DB_MAX_OPEN_CONNS"] = "4"
+	s := startServer(t, env)
+	evs := &stripeEvents{fake: fake}
+	gdb := openDB(t, s)
+	settings := client.AutoTopUpSettings{Enabled: true, Threshold: 500, Item: "starter"}
+	withAutoTopUp(t, s, evs, "saver", topUpCard, 1000, settings)
+
+	// Stripe is down: the top-up stays pending and the worker comes back
+	// for it every round.
+	fake.SetFault(func(r *http.Request) (int, string, bool) {
+		if r.URL.Path == "/v1/payment_intents" {
+			return http.StatusServiceUnavailable, `{"error":{"type":"api_error","message":"down"}}`, true
+		}
+		return 0, "", false
+	})
+	spend(t, s, "saver", 600, "saver-1")
+	tops := autoTopUps(t, s, "saver")
+	if len(tops) != 1 {
+		t.Fatalf("%d top-ups, want 1", len(tops))
+	}
+	// A save holds the settings when the worker's next round comes.
+	tx := gdb.Begin()
+	defer tx.Rollback()
+	if err := tx.Exec(`SELECT 1 FROM auto_top_up_settings WHERE customer_id = 'saver' FOR UPDATE`).Error; err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "the worker to wait for the settings", func() bool { return revtWaiting(t, gdb, "FOR SHARE") == 1 })
+	fake.SetFault(nil)
+	const saves = 6
+	answers := make(chan int, saves)
+	for range saves {
+		go func() {
+			ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+			defer cancel()
+			r, err := s.service(t).PutAutoTopUpWithResponse(ctx, "saver", settings)
+			if err != nil {
+				answers <- 0
+				return
+			}
+			answers <- r.StatusCode()
+		}()
+	}
+	// Every connection of the pool but the worker's is a save waiting.
+	waitFor(t, "the saves to take the pool", func() bool { return revtWaiting(t, gdb, `INSERT INTO "auto_top_up_settings"`) >= 2 })
+	time.Sleep(300 * time.Millisecond)
+	t.Logf("%d saves wait on the database", revtWaiting(t, gdb, `INSERT INTO "auto_top_up_settings"`))
+	tx.Rollback() // the first save ends: the worker has the settings, the others wait for it
+	start := time.Now()
+	for i := range saves {
+		if st := <-answers; st != http.StatusOK {
+			t.Fatalf("save %d answered %d after %s: the saves and the charge in flight waited for each other", i, st, time.Since(start).Round(time.Millisecond))
+		}
+	}
+	p := waitCharged(t, s, tops[0].Id)
+	if p.PaymentIntentId == nil {
+		t.Fatalf("top-up %+v, want charged", p)
+	}
+	evs.deliverNew(t, s)
+	waitPayment(t, s, p.Id, client.PaymentStatusSucceeded)
+	assertInvariants(t, s)
 }

@@ -134,7 +134,12 @@ func (s *Service) chargeAutoTopUp(ctx context.Context, id string) (bool, error) 
 		if settings.Status == AutoTopUpDisabled {
 			return s.failLocked(ctx, tx, p, EventRef{}, "automatic top-up was turned off before it was charged: "+settings.DisabledReason)
 		}
-		card, err := s.SavedPaymentMethod(ctx, p.CustomerID)
+		// The card is read in the transaction, on its connection: while it
+		// holds the settings, saves of them and take-backs wait for it,
+		// each holding a connection of the pool, and with the pool full of
+		// them a read on a second connection waited for ever
+		// (TestAutoTopUpSettingsSavesDoNotStarveTheChargeInFlight).
+		card, err := savedPaymentMethod(ctx, tx, p.CustomerID)
 		if err == nil && card.Expired(s.now()) {
 			err = fmt.Errorf("the saved %s card ending %s expired at the end of %02d/%d", card.Brand, card.Last4, card.ExpMonth, card.ExpYear)
 		}
