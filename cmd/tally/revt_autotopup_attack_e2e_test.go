@@ -232,3 +232,62 @@ func TestAutoTopUpSettingsSavesDoNotStarveTheChargeInFlight(t *testing.T) {
 	waitPayment(t, s, p.Id, client.PaymentStatusSucceeded)
 	assertInvariants(t, s)
 }
+
+// Stripe charged the next top-up but its answer was lost (as when the
+// worker dies before it records the PaymentIntent); before the worker's
+// retry, the previous top-up is refunded and automatic top-up turns
+// itself off, so the retry fails the top-up without asking Stripe again.
+// The card was charged all the same, before the refund: Stripe's
+// payment_intent.succeeded for it must credit it (exactly once), not wait
+// for a PaymentIntent the worker will never record while the money stays
+// at Stripe.
+func TestAutoTopUpChargedButLostThenTurnedOffIsStillCredited(t *testing.T) {
+	t.Parallel()
+	fake := stripefake.New(t)
+	s := startServer(t, payEnv(t, fake.URL()))
+	evs := &stripeEvents{fake: fake}
+	gdb := openDB(t, s)
+	first := firstAutoTopUp(t, s, evs, "lost")
+
+	fake.DropAnswers(func(r *http.Request) bool { return r.URL.Path == "/v1/payment_intents" })
+	spend(t, s, "lost", 400+starterCredits-100, "lost-2")
+	tops := autoTopUps(t, s, "lost")
+	if len(tops) != 2 {
+		t.Fatalf("%d top-ups, want 2", len(tops))
+	}
+	second := tops[1].Id
+	waitFor(t, "Stripe to charge the second top-up", func() bool { return revtPaymentIntentsOf(fake, "lost") == 2 })
+
+	deliver(t, s, revtTakeBack("refund", first))
+	fake.DropAnswers(func(*http.Request) bool { return false })
+	if p := waitPayment(t, s, second, client.PaymentStatusFailed); p.PaymentIntentId != nil {
+		t.Fatalf("second top-up %+v", p)
+	}
+	var success string
+	for _, ev := range evs.deliverNew(t, s) {
+		if ev.Type == "payment_intent.succeeded" {
+			success = ev.ID
+			deliver(t, s, ev.Payload) // and once more: credited once
+		}
+	}
+	if success == "" {
+		t.Fatal("Stripe sent no payment_intent.succeeded for the second top-up")
+	}
+	if status, lastErr := eventStatus(t, gdb, success); status != "processed" {
+		t.Fatalf("the second top-up's success is %s (%s): the card was charged and nothing was credited", status, lastErr)
+	}
+	p := waitPayment(t, s, second, client.PaymentStatusSucceeded)
+	if p.PaymentIntentId == nil {
+		t.Fatalf("second top-up %+v names no PaymentIntent", p)
+	}
+	if n := countRows(t, gdb, `SELECT count(*) FROM credit_grants WHERE payment_id = ?`, second); n != 1 {
+		t.Fatalf("%d grants for the second top-up, want 1", n)
+	}
+	if n := revtPaymentIntentsOf(fake, "lost"); n != 2 {
+		t.Fatalf("Stripe holds %d PaymentIntents, want 2", n)
+	}
+	if got := getAutoTopUp(t, s, "lost"); got.Status != client.AutoTopUpStatusDisabled {
+		t.Fatalf("settings %+v, want still off after the refund", got)
+	}
+	assertInvariants(t, s)
+}
