@@ -291,3 +291,54 @@ func TestAutoTopUpChargedButLostThenTurnedOffIsStillCredited(t *testing.T) {
 	}
 	assertInvariants(t, s)
 }
+
+// The customer turns automatic top-up off while a top-up that started
+// before is still uncharged (Stripe was down when the worker tried). Once
+// Stripe answers again, that top-up must not be charged: the card's owner
+// withdrew its consent before any charge was made. It fails, naming why.
+func TestAutoTopUpTurnedOffByTheCustomerStopsAnUnchargedTopUp(t *testing.T) {
+	t.Parallel()
+	fake := stripefake.New(t)
+	s := startServer(t, payEnv(t, fake.URL()))
+	evs := &stripeEvents{fake: fake}
+	first := firstAutoTopUp(t, s, evs, "off")
+
+	fake.SetFault(func(r *http.Request) (int, string, bool) {
+		if r.URL.Path == "/v1/payment_intents" {
+			return http.StatusServiceUnavailable, `{"error":{"type":"api_error","message":"down"}}`, true
+		}
+		return 0, "", false
+	})
+	spend(t, s, "off", 400+starterCredits-100, "off-2")
+	tops := autoTopUps(t, s, "off")
+	if len(tops) != 2 || tops[0].Id != first.Id {
+		t.Fatalf("%d top-ups after the second crossing, want 2", len(tops))
+	}
+	second := tops[1].Id
+	if got := putAutoTopUp(t, s, "off", client.AutoTopUpSettings{Enabled: false, Threshold: 500, Item: "starter"}); got.Status != client.AutoTopUpStatusDisabled {
+		t.Fatalf("settings %+v after turning it off", got)
+	}
+	fake.SetFault(nil)
+	waitFor(t, "the uncharged top-up to settle", func() bool {
+		return revtPaymentIntentsOf(fake, "off") > 1 || getPayment(t, s, second).Status != client.PaymentStatusPending
+	})
+	time.Sleep(1500 * time.Millisecond) // more than a round of the worker
+	if n := revtPaymentIntentsOf(fake, "off"); n != 1 {
+		t.Fatalf("Stripe holds %d PaymentIntents: the card was charged after its owner turned automatic top-up off", n)
+	}
+	p := getPayment(t, s, second)
+	if p.Status != client.PaymentStatusFailed || p.FailureReason == nil || !strings.Contains(*p.FailureReason, "turned off") {
+		t.Fatalf("second top-up %s (%v), want failed because it was turned off", p.Status, deref(p.FailureReason))
+	}
+	// Turned on again, the next crossing charges the card as before.
+	putAutoTopUp(t, s, "off", client.AutoTopUpSettings{Enabled: true, Threshold: 500, Item: "starter"})
+	spend(t, s, "off", 10, "off-3")
+	tops = autoTopUps(t, s, "off")
+	if len(tops) != 3 {
+		t.Fatalf("%d top-ups after turning it on again, want 3", len(tops))
+	}
+	waitCharged(t, s, tops[2].Id)
+	evs.deliverNew(t, s)
+	waitPayment(t, s, tops[2].Id, client.PaymentStatusSucceeded)
+	assertInvariants(t, s)
+}
