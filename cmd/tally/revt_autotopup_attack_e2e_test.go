@@ -342,3 +342,119 @@ func TestAutoTopUpTurnedOffByTheCustomerStopsAnUnchargedTopUp(t *testing.T) {
 	waitPayment(t, s, tops[2].Id, client.PaymentStatusSucceeded)
 	assertInvariants(t, s)
 }
+
+// Stripe hangs on a top-up's charge while, at two replicas, the previous
+// top-up's refund arrives three times (one event, redelivered), a bought
+// pack's chargeback twice, consumes, balance reads and a save of the
+// settings pile up. Nothing deadlocks: once Stripe answers, every request
+// is answered, the refund is applied once and the chargeback once, the
+// charge in flight is credited once, no charge follows the refund, and
+// both verify paths are clean.
+func TestAutoTopUpStripeHangsWhileTakeBacksAndConsumesPileUp(t *testing.T) {
+	t.Parallel()
+	fake := stripefake.New(t)
+	s1, s2 := twoServers(t, payEnv(t, fake.URL()))
+	servers := []*server{s1, s2}
+	evs := &stripeEvents{fake: fake}
+	gdb := openDB(t, s1)
+	const who = "hang"
+	first := firstAutoTopUp(t, s1, evs, who) // 1,400 credits
+	bought := buyStarter(t, fake, s1, who)   // 2,400
+	held := revtHoldCharges(fake)
+	spend(t, s2, who, 2000, who+"-cross") // 400: the next top-up starts
+	select {
+	case <-held.arrived:
+	case <-time.After(patience):
+		t.Fatal("the second top-up's charge never reached Stripe")
+	}
+	refund := revtTakeBack("refund", first)
+	chargeback := disputeEvent("created", dispute(bought, "dp_hang", "needs_response", starterAmount))
+	var wg sync.WaitGroup
+	errs := make(chan string, 64)
+	post := func(s *server, body []byte, what string) {
+		defer wg.Done()
+		status, out := postWebhook(t, s, body, sign(body, testWebhookSecret, time.Now()))
+		if status != http.StatusOK {
+			errs <- fmt.Sprintf("%s: %d %s", what, status, out)
+		}
+	}
+	for i, s := range []*server{s1, s2, s1} {
+		wg.Add(1)
+		go post(s, refund, fmt.Sprintf("refund delivery %d", i))
+	}
+	for i, s := range servers {
+		wg.Add(1)
+		go post(s, chargeback, fmt.Sprintf("chargeback delivery %d", i))
+	}
+	var spent atomic.Int64
+	for i := range 10 {
+		wg.Go(func() {
+			switch st := spend(t, servers[i%2], who, 10, fmt.Sprintf("%s-pile-%d", who, i)); st {
+			case http.StatusOK:
+				spent.Add(10)
+			case http.StatusPaymentRequired:
+			default:
+				errs <- fmt.Sprintf("consume %d: %d", i, st)
+			}
+		})
+		wg.Go(func() { balanceOverHTTP(t, servers[(i+1)%2].service(t), who) })
+	}
+	wg.Go(func() {
+		putAutoTopUp(t, s2, who, client.AutoTopUpSettings{Enabled: true, Threshold: 600, Item: "starter"})
+	})
+	time.Sleep(2 * time.Second) // Stripe hangs; everything piles up
+	held.release()
+	answered := make(chan struct{})
+	go func() { wg.Wait(); close(answered) }()
+	select {
+	case <-answered:
+	case <-time.After(patience):
+		t.Fatal("requests still unanswered a minute after Stripe answered")
+	}
+	close(errs)
+	for e := range errs {
+		t.Error(e)
+	}
+	if t.Failed() {
+		t.FailNow()
+	}
+	fake.SetFault(nil)
+
+	tops := autoTopUps(t, s1, who)
+	if len(tops) != 2 {
+		t.Fatalf("%d top-ups, want 2", len(tops))
+	}
+	second := waitCharged(t, s1, tops[1].Id)
+	if second.PaymentIntentId == nil {
+		t.Fatalf("the charge in flight was not recorded: %+v", second)
+	}
+	evs.deliverNew(t, s2)
+	waitPayment(t, s1, second.Id, client.PaymentStatusSucceeded)
+	waitPayment(t, s1, first.Id, client.PaymentStatusRefunded)
+	waitPayment(t, s1, bought, client.PaymentStatusDisputed)
+	if n := countRows(t, gdb, `SELECT count(*) FROM credit_grants WHERE payment_id = ?`, second.Id); n != 1 {
+		t.Fatalf("%d grants for the top-up in flight, want 1", n)
+	}
+	if n := countRows(t, gdb, `SELECT count(*) FROM payment_transitions WHERE payment_id = ? AND to_status = 'refunded' AND applied`, first.Id); n != 1 {
+		t.Fatalf("the refund moved the top-up %d times, want once", n)
+	}
+	if n := countRows(t, gdb, `SELECT count(*) FROM payment_disputes WHERE payment_id = ?`, bought); n != 1 {
+		t.Fatalf("%d disputes recorded, want 1", n)
+	}
+	if got := getAutoTopUp(t, s1, who); got.Status != client.AutoTopUpStatusDisabled {
+		t.Fatalf("settings %+v, want disabled by the refund", got)
+	}
+	time.Sleep(1500 * time.Millisecond) // more than a round of both workers
+	if n := revtPaymentIntentsOf(fake, who); n != 2 {
+		t.Fatalf("Stripe holds %d PaymentIntents of the customer, want 2", n)
+	}
+	owed, body := receivablesOverHTTP(t, s2)
+	b := balanceOverHTTP(t, s1.service(t), who)
+	t.Logf("spent %d while Stripe hung; balance %d, owed %d", spent.Load(), b.Balance, owed[who])
+	// 400 after the crossing, less what was spent, less the refunded top-up
+	// and the charged-back pack, plus the top-up in flight.
+	if want := 400 - spent.Load() - 2*starterCredits + starterCredits; b.Balance-owed[who] != want {
+		t.Fatalf("balance %d less %d owed, want %d: %s", b.Balance, owed[who], want, body)
+	}
+	assertInvariants(t, s1)
+}
