@@ -371,9 +371,15 @@ func TestAutoTopUpStripeHangsWhileTakeBacksAndConsumesPileUp(t *testing.T) {
 	chargeback := disputeEvent("created", dispute(bought, "dp_hang", "needs_response", starterAmount))
 	var wg sync.WaitGroup
 	errs := make(chan string, 64)
+	// When the first refund delivery that applied it (not a duplicate,
+	// which is acknowledged once a copy stored the event) was answered.
+	var refundAnswered atomic.Int64
 	post := func(s *server, body []byte, what string) {
 		defer wg.Done()
 		status, out := postWebhook(t, s, body, sign(body, testWebhookSecret, time.Now()))
+		if strings.HasPrefix(what, "refund") && !strings.Contains(string(out), `"duplicate":true`) {
+			refundAnswered.CompareAndSwap(0, time.Now().UnixNano())
+		}
 		if status != http.StatusOK {
 			errs <- fmt.Sprintf("%s: %d %s", what, status, out)
 		}
@@ -417,6 +423,13 @@ func TestAutoTopUpStripeHangsWhileTakeBacksAndConsumesPileUp(t *testing.T) {
 	}
 	if t.Failed() {
 		t.FailNow()
+	}
+	if refundAnswered.Load() == 0 {
+		t.Fatal("every refund delivery was answered as a duplicate")
+	}
+	if refundAnswered.Load() < held.passed.Load() {
+		t.Fatalf("a refund delivery was answered %v before the charge in flight went on to Stripe",
+			time.Duration(held.passed.Load()-refundAnswered.Load()))
 	}
 	fake.SetFault(nil)
 
