@@ -471,3 +471,100 @@ func TestAutoTopUpStripeHangsWhileTakeBacksAndConsumesPileUp(t *testing.T) {
 	}
 	assertInvariants(t, s1)
 }
+
+// The customer saves its settings while a top-up's charge is on its way to
+// Stripe, and again right after the charge was recorded, before Stripe's
+// success arrives. A save turning automatic top-up off waits for the
+// charge in flight (it started before) and, once answered, no charge
+// follows; the top-up in flight is credited once whatever the settings
+// say by then. A save changing the pack or the threshold while a top-up
+// is charged leaves that top-up as it was (its amount was fixed when it
+// started) and applies from the next crossing.
+func TestAutoTopUpSettingsSavedWhileAChargeIsInFlight(t *testing.T) {
+	t.Parallel()
+	fake := stripefake.New(t)
+	s := startServer(t, payEnv(t, fake.URL()))
+	evs := &stripeEvents{fake: fake}
+	gdb := openDB(t, s)
+	const who = "saving"
+	firstAutoTopUp(t, s, evs, who) // 1,400 credits
+
+	// Turned off while the next charge is held on its way.
+	held := revtHoldCharges(fake)
+	spend(t, s, who, 1000, who+"-2") // 400
+	select {
+	case <-held.arrived:
+	case <-time.After(patience):
+		t.Fatal("the second top-up's charge never reached Stripe")
+	}
+	saved := make(chan int64, 1)
+	go func() {
+		putAutoTopUp(t, s, who, client.AutoTopUpSettings{Enabled: false, Threshold: 500, Item: "starter"})
+		saved <- time.Now().UnixNano()
+	}()
+	time.Sleep(500 * time.Millisecond) // the save has time to commit, if it does not wait
+	held.release()
+	at := <-saved
+	waitFor(t, "the held charge to go on", func() bool { return held.passed.Load() != 0 })
+	if at < held.passed.Load() {
+		t.Fatalf("the save turning automatic top-up off answered %v before the charge in flight went on",
+			time.Duration(held.passed.Load()-at))
+	}
+	fake.SetFault(nil)
+	tops := autoTopUps(t, s, who)
+	if len(tops) != 2 {
+		t.Fatalf("%d top-ups, want 2", len(tops))
+	}
+	second := waitCharged(t, s, tops[1].Id)
+	if second.PaymentIntentId == nil || second.Amount != starterAmount {
+		t.Fatalf("the charge in flight: %+v", second)
+	}
+	evs.deliverNew(t, s)
+	waitPayment(t, s, second.Id, client.PaymentStatusSucceeded) // 1,400
+	if got := getAutoTopUp(t, s, who); got.Status != client.AutoTopUpStatusDisabled || got.InFlightPaymentId != nil {
+		t.Fatalf("settings %+v, want off with nothing in flight", got)
+	}
+	spend(t, s, who, 1000, who+"-3") // 400: off, nothing starts
+	time.Sleep(1500 * time.Millisecond)
+	if n := revtPaymentIntentsOf(fake, who); n != 2 || len(autoTopUps(t, s, who)) != 2 {
+		t.Fatalf("Stripe holds %d PaymentIntents after automatic top-up was turned off, want 2", n)
+	}
+
+	// On again; the next top-up is charged, and right after the charge was
+	// recorded (its success not delivered yet) the customer switches to the
+	// pro pack below a higher threshold.
+	putAutoTopUp(t, s, who, client.AutoTopUpSettings{Enabled: true, Threshold: 500, Item: "starter"})
+	spend(t, s, who, 10, who+"-4") // 390: a starter pack starts
+	tops = autoTopUps(t, s, who)
+	if len(tops) != 3 {
+		t.Fatalf("%d top-ups after turning it on, want 3", len(tops))
+	}
+	third := waitCharged(t, s, tops[2].Id)
+	if third.PaymentIntentId == nil {
+		t.Fatalf("third top-up %+v", third)
+	}
+	putAutoTopUp(t, s, who, client.AutoTopUpSettings{Enabled: true, Threshold: 2000, Item: "pro"})
+	evs.deliverNew(t, s)
+	third = waitPayment(t, s, third.Id, client.PaymentStatusSucceeded) // 1,390
+	if third.Item != "starter" || third.Amount != starterAmount {
+		t.Fatalf("third top-up %+v, want the starter pack it started as", third)
+	}
+	if n := countRows(t, gdb, `SELECT count(*) FROM credit_grants WHERE payment_id = ?`, third.Id); n != 1 {
+		t.Fatalf("%d grants for the third top-up", n)
+	}
+	spend(t, s, who, 10, who+"-5") // 1,380 < 2,000: a pro pack starts
+	tops = autoTopUps(t, s, who)
+	if len(tops) != 4 || tops[3].Item != "pro" {
+		t.Fatalf("top-ups %+v, want a fourth, of the pro pack", tops)
+	}
+	waitCharged(t, s, tops[3].Id)
+	evs.deliverNew(t, s)
+	waitPayment(t, s, tops[3].Id, client.PaymentStatusSucceeded)
+	if b := balanceOf(t, gdb, who); b != 1380+6000 {
+		t.Fatalf("balance %d, want %d", b, 1380+6000)
+	}
+	if n := revtPaymentIntentsOf(fake, who); n != 4 {
+		t.Fatalf("Stripe holds %d PaymentIntents, want 4", n)
+	}
+	assertInvariants(t, s)
+}
