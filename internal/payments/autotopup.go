@@ -332,11 +332,23 @@ func (s *Service) autoTopUpFailed(ctx context.Context, tx *gorm.DB, p Payment, r
 // Stripe's answer and its commit) waits, not counted against the retry
 // budget: the worker's retry records it, under the same idempotency key,
 // and then wakes the event (see OnWaitOver).
+//
+// A top-up the worker failed without a PaymentIntent (turned off, or no
+// usable card, when it came back for it) will record none: when Stripe
+// says all the same that a PaymentIntent for it (its metadata names the
+// payment and its customer) succeeded, an earlier attempt did charge the
+// card and its answer was lost. That money arrived for this payment and
+// is credited, as a retried card of a failed Checkout is, rather than
+// waiting for ever while the card stays charged
+// (TestAutoTopUpChargedButLostThenTurnedOffIsStillCredited).
 func checkOffSession(p Payment, c confirmation) error {
-	if p.PaymentIntentID == "" {
+	if p.PaymentIntentID == "" && p.Status != Failed {
 		return waiting(p.ID, c.paymentIntentID, "automatic top-up %s has not recorded its PaymentIntent %s yet", p.ID, c.paymentIntentID)
 	}
-	if p.PaymentIntentID != c.paymentIntentID {
+	if p.PaymentIntentID == "" && c.customerID != p.CustomerID {
+		return reject("PaymentIntent %s does not name customer %s of failed automatic top-up %s in its metadata", c.paymentIntentID, p.CustomerID, p.ID)
+	}
+	if p.PaymentIntentID != "" && p.PaymentIntentID != c.paymentIntentID {
 		return reject("PaymentIntent %s is not the one tally created for automatic top-up %s (%s)", c.paymentIntentID, p.ID, p.PaymentIntentID)
 	}
 	if !strings.EqualFold(c.currency, p.Currency) {

@@ -113,15 +113,18 @@ func (s *Service) chargeAutoTopUp(ctx context.Context, id string) (bool, error) 
 		}
 		p := r.payment()
 		done = true
-		// Turned off by tally since it started (its payment was refunded
-		// or disputed: the card's owner took a top-up back): the card is
-		// not charged again. A customer's own PUT (enabled false) leaves
-		// the status, and a top-up already started, alone. The settings
-		// are read FOR SHARE and so stay locked while Stripe is called: a
-		// refund or dispute turning them off waits for a charge already on
-		// its way, and a charge never goes out after they were turned off
-		// (it did, read without a lock, when the refund committed while
-		// the request was in flight:
+		// Turned off since it started, by tally (its payment was refunded
+		// or disputed: the card's owner took a top-up back) or by the
+		// customer (enabled false): the card is not charged, since its
+		// owner withdrew consent before any charge was made (a customer's
+		// off was once left to charge a top-up Stripe had been too down to
+		// charge, whenever Stripe answered again:
+		// TestAutoTopUpTurnedOffByTheCustomerStopsAnUnchargedTopUp). The
+		// settings are read FOR SHARE and so stay locked while Stripe is
+		// called: a refund, dispute or save turning them off waits for a
+		// charge already on its way, and a charge never goes out after
+		// they were turned off (it did, read without a lock, when the
+		// refund committed while the request was in flight:
 		// TestAutoTopUpRefundWaitsForTheChargeInFlight). Starting a top-up
 		// (StartAutoTopUp) does not wait: its UPDATE matches no row while
 		// one is in flight.
@@ -134,7 +137,15 @@ func (s *Service) chargeAutoTopUp(ctx context.Context, id string) (bool, error) 
 		if settings.Status == AutoTopUpDisabled {
 			return s.failLocked(ctx, tx, p, EventRef{}, "automatic top-up was turned off before it was charged: "+settings.DisabledReason)
 		}
-		card, err := s.SavedPaymentMethod(ctx, p.CustomerID)
+		if !settings.Enabled {
+			return s.failLocked(ctx, tx, p, EventRef{}, "automatic top-up was turned off before it was charged: turned off by the customer")
+		}
+		// The card is read in the transaction, on its connection: while it
+		// holds the settings, saves of them and take-backs wait for it,
+		// each holding a connection of the pool, and with the pool full of
+		// them a read on a second connection waited for ever
+		// (TestAutoTopUpSettingsSavesDoNotStarveTheChargeInFlight).
+		card, err := savedPaymentMethod(ctx, tx, p.CustomerID)
 		if err == nil && card.Expired(s.now()) {
 			err = fmt.Errorf("the saved %s card ending %s expired at the end of %02d/%d", card.Brand, card.Last4, card.ExpMonth, card.ExpYear)
 		}
