@@ -134,7 +134,13 @@ func (s *Service) chargeAutoTopUp(ctx context.Context, id string) (bool, error) 
 		if settings.Status == AutoTopUpDisabled {
 			return s.failLocked(ctx, tx, p, EventRef{}, "automatic top-up was turned off before it was charged: "+settings.DisabledReason)
 		}
-		card, err := s.SavedPaymentMethod(ctx, p.CustomerID)
+		// Read in tx, which keeps its connection until Stripe answers:
+		// asked of the pool, it waited for a second connection, and on a
+		// small pool the saves of these settings waiting for the share
+		// lock, or the jobs that keep a connection for their advisory lock,
+		// held every other (TestAutoTopUpChargeWhileSettingsAreSaved,
+		// TestAutoTopUpChargeBesideTheLockKeepers).
+		card, err := savedPaymentMethod(ctx, tx, p.CustomerID)
 		if err == nil && card.Expired(s.now()) {
 			err = fmt.Errorf("the saved %s card ending %s expired at the end of %02d/%d", card.Brand, card.Last4, card.ExpMonth, card.ExpYear)
 		}

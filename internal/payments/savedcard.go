@@ -68,8 +68,14 @@ func (setupRow) TableName() string { return "payment_method_setups" }
 // SavedPaymentMethod returns the customer's default payment method.
 // Errors: errs.NotFound (none saved), errs.Unavailable.
 func (s *Service) SavedPaymentMethod(ctx context.Context, customerID string) (SavedCard, error) {
+	return savedPaymentMethod(ctx, s.db, customerID)
+}
+
+// savedPaymentMethod is SavedPaymentMethod read through gdb (the pool, or
+// the caller's transaction).
+func savedPaymentMethod(ctx context.Context, gdb *gorm.DB, customerID string) (SavedCard, error) {
 	var r savedCardRow
-	err := s.db.WithContext(ctx).Where("customer_id = ?", customerID).Take(&r).Error
+	err := gdb.WithContext(ctx).Where("customer_id = ?", customerID).Take(&r).Error
 	if errors.Is(err, gorm.ErrRecordNotFound) {
 		return SavedCard{}, errs.E(errs.NotFound, "customer %s has no saved payment method", customerID)
 	}
