@@ -271,7 +271,12 @@ type Config struct {
 // each keep one pooled connection for their session advisory lock (one
 // replica at a time runs each) while they work through another; with two
 // connections two of them held both and waited for a third, and the
-// server hung on its first request (TestRevfTinyPoolDeferralStorm).
+// server hung on its first request (TestRevfTinyPoolDeferralStorm). Four
+// leave one to share only while nothing else holds a connection while it
+// asks for another: every other job and request holds at most one at a
+// time (the forecast watcher and the automatic top-up charge did not:
+// TestForecastWatcherBesideTheLockKeepers,
+// TestAutoTopUpChargeBesideTheLockKeepers).
 const MinDBOpenConns = 4
 
 // Default returns the configuration of an empty environment.

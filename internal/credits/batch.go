@@ -327,6 +327,13 @@ func (b *consumeBatcher) run(batch []*batchCall) {
 // second under -race (TestTwoServersOnOneDatabaseApplyEachKeyOnce). Each full path operation
 // claims its key before its customer's balance row, as db.Once always
 // does, so operations of different customers run side by side safely.
+//
+// Up to maxConsumeBatches × fullPathChains operations may so want a pooled
+// connection at once, more than the smallest pool has; they wait for one
+// but cannot deadlock the pool: the batch's own statement has given its
+// connection back before runFull starts, and each operation holds one
+// connection (its db.Once transaction) and asks for no other, the
+// automatic top-up it may start included (it writes in that tx).
 func runFull(ctx context.Context, batch []*batchCall, idx []int, answer func(int, batchDone)) {
 	var chains [][]int
 	chainOf := map[string]int{}

@@ -63,7 +63,7 @@ func (s *Service) Forecast(ctx context.Context, customerID string, horizonDays i
 		return ForecastResult{}, err
 	}
 	now := s.now()
-	f, h, err := s.predict(ctx, customerID, now, max(horizonDays, forecast.SuggestionDays))
+	f, h, err := s.predict(ctx, s.db, customerID, now, max(horizonDays, forecast.SuggestionDays))
 	if err != nil {
 		return ForecastResult{}, err
 	}
@@ -89,15 +89,15 @@ func (s *Service) Forecast(ctx context.Context, customerID string, horizonDays i
 	return out, nil
 }
 
-// predict reads the customer's rollup through yesterday and forecasts
-// horizon days from today.
-func (s *Service) predict(ctx context.Context, customerID string, now time.Time, horizon int) (forecast.Forecast, forecast.History, error) {
+// predict reads the customer's rollup through yesterday from gdb (the
+// pool, or the caller's transaction) and forecasts horizon days from today.
+func (s *Service) predict(ctx context.Context, gdb *gorm.DB, customerID string, now time.Time, horizon int) (forecast.Forecast, forecast.History, error) {
 	today := forecast.DateOf(now.UTC())
 	var rows []struct {
 		Day      time.Time
 		Consumed int64
 	}
-	err := s.db.WithContext(ctx).Raw(`SELECT day, consumed FROM credit_consumption_daily
+	err := gdb.WithContext(ctx).Raw(`SELECT day, consumed FROM credit_consumption_daily
 		WHERE customer_id = ? AND day >= ?::date AND day < ?::date ORDER BY day`,
 		customerID, today.AddDate(0, 0, -historyReadDays).Format(time.DateOnly), today.Format(time.DateOnly)).Scan(&rows).Error
 	if err != nil {
@@ -233,7 +233,11 @@ func (w *ForecastWatcher) check(ctx context.Context, customerID string) (bool, e
 		if err := tx.WithContext(ctx).Raw(watchAvailableSQL, customerID, now, now).Scan(&available).Error; err != nil {
 			return err
 		}
-		f, _, err := w.s.predict(ctx, customerID, now, w.warnDays)
+		// Read in tx: asked of the pool while tx keeps a connection, it
+		// waited for a second one, and with the jobs that keep one for
+		// their advisory lock (db.TryExclusive) the smallest pool had none
+		// left (TestForecastWatcherBesideTheLockKeepers).
+		f, _, err := w.s.predict(ctx, tx, customerID, now, w.warnDays)
 		if err != nil {
 			return err
 		}

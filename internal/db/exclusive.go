@@ -19,6 +19,12 @@ func LockKey(name string) int64 { return int64(crc32.ChecksumIEEE([]byte("tally 
 // run the schedule. It answers ran=false at once when another holds it.
 // The lock lives on one pooled connection held for the whole run; if the
 // process dies the connection closes and PostgreSQL frees the lock.
+//
+// fn works through the pool meanwhile, so a run holds one connection and
+// asks for another. That cannot exhaust the pool only because few jobs do
+// it (config.MinDBOpenConns counts them) and nothing else does: a caller
+// that holds a connection (a transaction, a lock) never asks the pool for
+// a second.
 func TryExclusive(ctx context.Context, gdb *gorm.DB, key int64, fn func(ctx context.Context) error) (ran bool, err error) {
 	sqlDB, err := gdb.DB()
 	if err != nil {

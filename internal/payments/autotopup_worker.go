@@ -140,11 +140,14 @@ func (s *Service) chargeAutoTopUp(ctx context.Context, id string) (bool, error) 
 		if !settings.Enabled {
 			return s.failLocked(ctx, tx, p, EventRef{}, "automatic top-up was turned off before it was charged: turned off by the customer")
 		}
-		// The card is read in the transaction, on its connection: while it
-		// holds the settings, saves of them and take-backs wait for it,
-		// each holding a connection of the pool, and with the pool full of
-		// them a read on a second connection waited for ever
-		// (TestAutoTopUpSettingsSavesDoNotStarveTheChargeInFlight).
+		// The card is read in tx, which keeps its connection until Stripe
+		// answers: asked of the pool, it waited for a second connection,
+		// and on a small pool the saves of these settings and the
+		// take-backs waiting for the share lock, or the jobs that keep a
+		// connection for their advisory lock, held every other
+		// (TestAutoTopUpSettingsSavesDoNotStarveTheChargeInFlight,
+		// TestAutoTopUpChargeWhileSettingsAreSaved,
+		// TestAutoTopUpChargeBesideTheLockKeepers).
 		card, err := savedPaymentMethod(ctx, tx, p.CustomerID)
 		if err == nil && card.Expired(s.now()) {
 			err = fmt.Errorf("the saved %s card ending %s expired at the end of %02d/%d", card.Brand, card.Last4, card.ExpMonth, card.ExpYear)

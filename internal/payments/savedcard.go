@@ -71,8 +71,8 @@ func (s *Service) SavedPaymentMethod(ctx context.Context, customerID string) (Sa
 	return savedPaymentMethod(ctx, s.db, customerID)
 }
 
-// savedPaymentMethod is SavedPaymentMethod read through gdb (a transaction
-// that holds locks reads it on its own connection).
+// savedPaymentMethod is SavedPaymentMethod read through gdb (the pool, or
+// the caller's transaction).
 func savedPaymentMethod(ctx context.Context, gdb *gorm.DB, customerID string) (SavedCard, error) {
 	var r savedCardRow
 	err := gdb.WithContext(ctx).Where("customer_id = ?", customerID).Take(&r).Error
