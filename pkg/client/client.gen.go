@@ -4655,7 +4655,10 @@ type ClientInterface interface {
 	// `credits.auto_top_up_failed`; after three failures in a row
 	// automatic top-up disables itself (`credits.auto_top_up_disabled`).
 	// Saving with `enabled: true` re-activates it and clears the failure
-	// count. Saving starts nothing by itself.
+	// count. Saving starts nothing by itself. Saving with `enabled: false`
+	// also stops a top-up not yet charged (it fails with
+	// `credits.auto_top_up_failed`); a charge already on its way to Stripe
+	// is not stopped, and the save answers once Stripe has.
 	//
 	// Takes any type of body and a specified content type.
 	//
@@ -4673,7 +4676,10 @@ type ClientInterface interface {
 	// `credits.auto_top_up_failed`; after three failures in a row
 	// automatic top-up disables itself (`credits.auto_top_up_disabled`).
 	// Saving with `enabled: true` re-activates it and clears the failure
-	// count. Saving starts nothing by itself.
+	// count. Saving starts nothing by itself. Saving with `enabled: false`
+	// also stops a top-up not yet charged (it fails with
+	// `credits.auto_top_up_failed`); a charge already on its way to Stripe
+	// is not stopped, and the save answers once Stripe has.
 	//
 	// Takes a body of the `application/json` content type.
 	//
@@ -5662,7 +5668,10 @@ func (c *Client) GetAutoTopUp(ctx context.Context, customerId CustomerID, reqEdi
 // `credits.auto_top_up_failed`; after three failures in a row
 // automatic top-up disables itself (`credits.auto_top_up_disabled`).
 // Saving with `enabled: true` re-activates it and clears the failure
-// count. Saving starts nothing by itself.
+// count. Saving starts nothing by itself. Saving with `enabled: false`
+// also stops a top-up not yet charged (it fails with
+// `credits.auto_top_up_failed`); a charge already on its way to Stripe
+// is not stopped, and the save answers once Stripe has.
 //
 // Takes any type of body and a specified content type.
 //
@@ -5690,7 +5699,10 @@ func (c *Client) PutAutoTopUpWithBody(ctx context.Context, customerId CustomerID
 // `credits.auto_top_up_failed`; after three failures in a row
 // automatic top-up disables itself (`credits.auto_top_up_disabled`).
 // Saving with `enabled: true` re-activates it and clears the failure
-// count. Saving starts nothing by itself.
+// count. Saving starts nothing by itself. Saving with `enabled: false`
+// also stops a top-up not yet charged (it fails with
+// `credits.auto_top_up_failed`); a charge already on its way to Stripe
+// is not stopped, and the save answers once Stripe has.
 //
 // Takes a body of the `application/json` content type.
 //
@@ -8983,7 +8995,10 @@ type ClientWithResponsesInterface interface {
 	// `credits.auto_top_up_failed`; after three failures in a row
 	// automatic top-up disables itself (`credits.auto_top_up_disabled`).
 	// Saving with `enabled: true` re-activates it and clears the failure
-	// count. Saving starts nothing by itself.
+	// count. Saving starts nothing by itself. Saving with `enabled: false`
+	// also stops a top-up not yet charged (it fails with
+	// `credits.auto_top_up_failed`); a charge already on its way to Stripe
+	// is not stopped, and the save answers once Stripe has.
 	//
 	// Takes any type of body and a specified content type, and returns a wrapper object for the known response body format(s).
 	//
@@ -9001,7 +9016,10 @@ type ClientWithResponsesInterface interface {
 	// `credits.auto_top_up_failed`; after three failures in a row
 	// automatic top-up disables itself (`credits.auto_top_up_disabled`).
 	// Saving with `enabled: true` re-activates it and clears the failure
-	// count. Saving starts nothing by itself.
+	// count. Saving starts nothing by itself. Saving with `enabled: false`
+	// also stops a top-up not yet charged (it fails with
+	// `credits.auto_top_up_failed`); a charge already on its way to Stripe
+	// is not stopped, and the save answers once Stripe has.
 	//
 	// Takes a body of the `application/json` content type, and returns a wrapper object for the known response body format(s).
 	//
@@ -12312,7 +12330,10 @@ func (c *ClientWithResponses) GetAutoTopUpWithResponse(ctx context.Context, cust
 // `credits.auto_top_up_failed`; after three failures in a row
 // automatic top-up disables itself (`credits.auto_top_up_disabled`).
 // Saving with `enabled: true` re-activates it and clears the failure
-// count. Saving starts nothing by itself.
+// count. Saving starts nothing by itself. Saving with `enabled: false`
+// also stops a top-up not yet charged (it fails with
+// `credits.auto_top_up_failed`); a charge already on its way to Stripe
+// is not stopped, and the save answers once Stripe has.
 //
 // Takes any type of body and a specified content type, and returns a wrapper object for the known response body format(s).
 //
@@ -12336,7 +12357,10 @@ func (c *ClientWithResponses) PutAutoTopUpWithBodyWithResponse(ctx context.Conte
 // `credits.auto_top_up_failed`; after three failures in a row
 // automatic top-up disables itself (`credits.auto_top_up_disabled`).
 // Saving with `enabled: true` re-activates it and clears the failure
-// count. Saving starts nothing by itself.
+// count. Saving starts nothing by itself. Saving with `enabled: false`
+// also stops a top-up not yet charged (it fails with
+// `credits.auto_top_up_failed`); a charge already on its way to Stripe
+// is not stopped, and the save answers once Stripe has.
 //
 // Takes a body of the `application/json` content type, and returns a wrapper object for the known response body format(s).
 //
