@@ -159,7 +159,7 @@ func (s *Service) Balance(ctx context.Context, customerID string) (Balance, erro
 // runs once, and are summed per grant in Go: joining them to the grants in
 // SQL (an aggregate, a hash join and a sort of the holds' draws) cost
 // PostgreSQL about a third more per read with no hold at all, 94 to 110 µs
-// a read against 70 to 77 (pgbench, one client; BENCHMARKS.md).
+// a read against 71 to 77 (pgbench, one client; BENCHMARKS.md).
 const balanceSQL = `
 	SELECT c.low_balance_threshold,
 	       (SELECT jsonb_agg(h.draws) FROM credit_holds h
