@@ -6,7 +6,6 @@ import (
 	"net/http"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -335,51 +334,22 @@ func TestAutoTopUpRefundWaitsForTheChargeInFlight(t *testing.T) {
 	first := firstAutoTopUp(t, s, evs, "fly")
 
 	// The next charge is held on its way to Stripe until released.
-	arrived, release := make(chan struct{}), make(chan struct{})
-	var once sync.Once
-	var passed atomic.Int64 // when the held charge went on to Stripe
-	fake.SetFault(func(r *http.Request) (int, string, bool) {
-		if r.Method == http.MethodPost && r.URL.Path == "/v1/payment_intents" {
-			once.Do(func() { close(arrived) })
-			select {
-			case <-release:
-			case <-time.After(patience):
-			}
-			passed.Store(time.Now().UnixNano())
-		}
-		return 0, "", false
-	})
+	held := holdCharges(fake)
 	spend(t, s, "fly", 400+starterCredits-100, "fly-2")
 	select {
-	case <-arrived:
+	case <-held.arrived:
 	case <-time.After(patience):
 		t.Fatal("the second top-up's charge never reached Stripe")
 	}
-	ch := refundedCharge(first.Id, starterAmount, starterAmount)
-	ch["payment_intent"] = *first.PaymentIntentId
-	body := stripeEvent(newEventID(), "charge.refunded", ch)
-	type answer struct {
-		status int
-		out    []byte
-		at     int64
-	}
-	done := make(chan answer, 1)
-	go func() {
-		status, out := postWebhook(t, s, body, sign(body, testWebhookSecret, time.Now()))
-		done <- answer{status, out, time.Now().UnixNano()}
-	}()
+	done := deliverTimed(t, s, takeBack("refund", first))
 	time.Sleep(500 * time.Millisecond) // the refund has time to commit, if it does not wait
-	close(release)
+	held.release()
 	a := <-done
 	mustStatus(t, "refund delivery", a.status, a.out, http.StatusOK)
-	for deadline := time.Now().Add(patience); passed.Load() == 0; time.Sleep(10 * time.Millisecond) {
-		if time.Now().After(deadline) {
-			t.Fatal("the held charge never went on to Stripe")
-		}
-	}
-	if a.at < passed.Load() {
+	waitFor(t, "the held charge to go on to Stripe", func() bool { return held.passed.Load() != 0 })
+	if a.at < held.passed.Load() {
 		t.Fatalf("the refund turned automatic top-up off %v before the charge in flight went on to Stripe",
-			time.Duration(passed.Load()-a.at))
+			time.Duration(held.passed.Load()-a.at))
 	}
 	if got := getAutoTopUp(t, s, "fly"); got.Status != client.AutoTopUpStatusDisabled {
 		t.Fatalf("settings %+v, want disabled by the refund", got)

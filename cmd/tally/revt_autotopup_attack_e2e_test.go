@@ -21,17 +21,17 @@ import (
 // FOR SHARE while it calls Stripe: the take-backs, settings changes,
 // replicas, slow Stripe and lost answers that meet it.
 
-// revtHeldCharge holds every off-session charge on its way to Stripe until
+// heldCharges holds every off-session charge on its way to Stripe until
 // release is called: arrived closes when the first one is held, passed
 // is when the last held one went on (UnixNano, 0 before).
-type revtHeldCharge struct {
+type heldCharges struct {
 	arrived chan struct{}
 	release func()
 	passed  *atomic.Int64
 }
 
-func revtHoldCharges(fake *stripefake.Fake) revtHeldCharge {
-	h := revtHeldCharge{arrived: make(chan struct{}), passed: &atomic.Int64{}}
+func holdCharges(fake *stripefake.Fake) heldCharges {
+	h := heldCharges{arrived: make(chan struct{}), passed: &atomic.Int64{}}
 	gate := make(chan struct{})
 	var once, rel sync.Once
 	h.release = func() { rel.Do(func() { close(gate) }) }
@@ -49,9 +49,27 @@ func revtHoldCharges(fake *stripefake.Fake) revtHeldCharge {
 	return h
 }
 
-// revtPaymentIntentsOf counts the PaymentIntents Stripe holds for a tally
+// timedAnswer is a webhook delivery's answer and when it came (UnixNano).
+type timedAnswer struct {
+	status int
+	out    []byte
+	at     int64
+}
+
+// deliverTimed delivers the signed body to s in the background; the
+// answer comes on the channel with its time.
+func deliverTimed(t *testing.T, s *server, body []byte) <-chan timedAnswer {
+	done := make(chan timedAnswer, 1)
+	go func() {
+		status, out := postWebhook(t, s, body, sign(body, testWebhookSecret, time.Now()))
+		done <- timedAnswer{status, out, time.Now().UnixNano()}
+	}()
+	return done
+}
+
+// paymentIntentsOf counts the PaymentIntents Stripe holds for a tally
 // customer (by the metadata the worker sets).
-func revtPaymentIntentsOf(fake *stripefake.Fake, customer string) int {
+func paymentIntentsOf(fake *stripefake.Fake, customer string) int {
 	n := 0
 	for _, pi := range fake.Sandbox().Objects("payment_intent") {
 		if md, ok := pi["metadata"].(map[string]any); ok && md["tally_customer_id"] == customer {
@@ -61,8 +79,8 @@ func revtPaymentIntentsOf(fake *stripefake.Fake, customer string) int {
 	return n
 }
 
-// revtTakeBack is the refund or the chargeback of an automatic top-up.
-func revtTakeBack(kind string, p client.Payment) []byte {
+// takeBack is the refund or the chargeback of an automatic top-up.
+func takeBack(kind string, p client.Payment) []byte {
 	if kind == "refund" {
 		ch := refundedCharge(p.Id, starterAmount, starterAmount)
 		ch["payment_intent"] = *p.PaymentIntentId
@@ -92,24 +110,14 @@ func TestAutoTopUpTakeBackWaitsForTheChargeInFlightOnEitherReplica(t *testing.T)
 	}{{"refund", s1}, {"refund", s2}, {"dispute", s1}, {"dispute", s2}} {
 		who := fmt.Sprintf("fly-%s-%s", tc.kind, map[*server]string{s1: "a", s2: "b"}[tc.to])
 		first := firstAutoTopUp(t, s1, evs, who)
-		held := revtHoldCharges(fake)
+		held := holdCharges(fake)
 		spend(t, s2, who, 400+starterCredits-100, who+"-2")
 		select {
 		case <-held.arrived:
 		case <-time.After(patience):
 			t.Fatalf("%s: the second top-up's charge never reached Stripe", who)
 		}
-		body := revtTakeBack(tc.kind, first)
-		type answer struct {
-			status int
-			out    []byte
-			at     int64
-		}
-		done := make(chan answer, 1)
-		go func() {
-			status, out := postWebhook(t, tc.to, body, sign(body, testWebhookSecret, time.Now()))
-			done <- answer{status, out, time.Now().UnixNano()}
-		}()
+		done := deliverTimed(t, tc.to, takeBack(tc.kind, first))
 		time.Sleep(500 * time.Millisecond) // the take-back has time to commit, if it does not wait
 		held.release()
 		a := <-done
@@ -144,7 +152,7 @@ func TestAutoTopUpTakeBackWaitsForTheChargeInFlightOnEitherReplica(t *testing.T)
 		if n := len(autoTopUps(t, s1, who)); n != 2 {
 			t.Fatalf("%s: %d top-ups after the %s, want no new one", who, n, tc.kind)
 		}
-		if n := revtPaymentIntentsOf(fake, who); n != 2 {
+		if n := paymentIntentsOf(fake, who); n != 2 {
 			t.Fatalf("%s: Stripe holds %d PaymentIntents of the customer, want 2", who, n)
 		}
 	}
@@ -256,9 +264,9 @@ func TestAutoTopUpChargedButLostThenTurnedOffIsStillCredited(t *testing.T) {
 		t.Fatalf("%d top-ups, want 2", len(tops))
 	}
 	second := tops[1].Id
-	waitFor(t, "Stripe to charge the second top-up", func() bool { return revtPaymentIntentsOf(fake, "lost") == 2 })
+	waitFor(t, "Stripe to charge the second top-up", func() bool { return paymentIntentsOf(fake, "lost") == 2 })
 
-	deliver(t, s, revtTakeBack("refund", first))
+	deliver(t, s, takeBack("refund", first))
 	fake.DropAnswers(func(*http.Request) bool { return false })
 	if p := waitPayment(t, s, second, client.PaymentStatusFailed); p.PaymentIntentId != nil {
 		t.Fatalf("second top-up %+v", p)
@@ -283,7 +291,7 @@ func TestAutoTopUpChargedButLostThenTurnedOffIsStillCredited(t *testing.T) {
 	if n := countRows(t, gdb, `SELECT count(*) FROM credit_grants WHERE payment_id = ?`, second); n != 1 {
 		t.Fatalf("%d grants for the second top-up, want 1", n)
 	}
-	if n := revtPaymentIntentsOf(fake, "lost"); n != 2 {
+	if n := paymentIntentsOf(fake, "lost"); n != 2 {
 		t.Fatalf("Stripe holds %d PaymentIntents, want 2", n)
 	}
 	if got := getAutoTopUp(t, s, "lost"); got.Status != client.AutoTopUpStatusDisabled {
@@ -320,10 +328,10 @@ func TestAutoTopUpTurnedOffByTheCustomerStopsAnUnchargedTopUp(t *testing.T) {
 	}
 	fake.SetFault(nil)
 	waitFor(t, "the uncharged top-up to settle", func() bool {
-		return revtPaymentIntentsOf(fake, "off") > 1 || getPayment(t, s, second).Status != client.PaymentStatusPending
+		return paymentIntentsOf(fake, "off") > 1 || getPayment(t, s, second).Status != client.PaymentStatusPending
 	})
 	time.Sleep(1500 * time.Millisecond) // more than a round of the worker
-	if n := revtPaymentIntentsOf(fake, "off"); n != 1 {
+	if n := paymentIntentsOf(fake, "off"); n != 1 {
 		t.Fatalf("Stripe holds %d PaymentIntents: the card was charged after its owner turned automatic top-up off", n)
 	}
 	p := getPayment(t, s, second)
@@ -360,14 +368,14 @@ func TestAutoTopUpStripeHangsWhileTakeBacksAndConsumesPileUp(t *testing.T) {
 	const who = "hang"
 	first := firstAutoTopUp(t, s1, evs, who) // 1,400 credits
 	bought := buyStarter(t, fake, s1, who)   // 2,400
-	held := revtHoldCharges(fake)
+	held := holdCharges(fake)
 	spend(t, s2, who, 2000, who+"-cross") // 400: the next top-up starts
 	select {
 	case <-held.arrived:
 	case <-time.After(patience):
 		t.Fatal("the second top-up's charge never reached Stripe")
 	}
-	refund := revtTakeBack("refund", first)
+	refund := takeBack("refund", first)
 	chargeback := disputeEvent("created", dispute(bought, "dp_hang", "needs_response", starterAmount))
 	var wg sync.WaitGroup
 	errs := make(chan string, 64)
@@ -458,7 +466,7 @@ func TestAutoTopUpStripeHangsWhileTakeBacksAndConsumesPileUp(t *testing.T) {
 		t.Fatalf("settings %+v, want disabled by the refund", got)
 	}
 	time.Sleep(1500 * time.Millisecond) // more than a round of both workers
-	if n := revtPaymentIntentsOf(fake, who); n != 2 {
+	if n := paymentIntentsOf(fake, who); n != 2 {
 		t.Fatalf("Stripe holds %d PaymentIntents of the customer, want 2", n)
 	}
 	owed, body := receivablesOverHTTP(t, s2)
@@ -490,7 +498,7 @@ func TestAutoTopUpSettingsSavedWhileAChargeIsInFlight(t *testing.T) {
 	firstAutoTopUp(t, s, evs, who) // 1,400 credits
 
 	// Turned off while the next charge is held on its way.
-	held := revtHoldCharges(fake)
+	held := holdCharges(fake)
 	spend(t, s, who, 1000, who+"-2") // 400
 	select {
 	case <-held.arrived:
@@ -526,7 +534,7 @@ func TestAutoTopUpSettingsSavedWhileAChargeIsInFlight(t *testing.T) {
 	}
 	spend(t, s, who, 1000, who+"-3") // 400: off, nothing starts
 	time.Sleep(1500 * time.Millisecond)
-	if n := revtPaymentIntentsOf(fake, who); n != 2 || len(autoTopUps(t, s, who)) != 2 {
+	if n := paymentIntentsOf(fake, who); n != 2 || len(autoTopUps(t, s, who)) != 2 {
 		t.Fatalf("Stripe holds %d PaymentIntents after automatic top-up was turned off, want 2", n)
 	}
 
@@ -563,7 +571,7 @@ func TestAutoTopUpSettingsSavedWhileAChargeIsInFlight(t *testing.T) {
 	if b := balanceOf(t, gdb, who); b != 1380+6000 {
 		t.Fatalf("balance %d, want %d", b, 1380+6000)
 	}
-	if n := revtPaymentIntentsOf(fake, who); n != 4 {
+	if n := paymentIntentsOf(fake, who); n != 4 {
 		t.Fatalf("Stripe holds %d PaymentIntents, want 4", n)
 	}
 	assertInvariants(t, s)
