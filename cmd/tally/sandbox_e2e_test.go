@@ -3,12 +3,15 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"fmt"
 	"io"
 	"net/http"
 	"net/url"
 	"strings"
 	"testing"
 	"time"
+
+	"gorm.io/gorm"
 
 	"github.com/tallybilling/tally/pkg/client"
 )
@@ -254,4 +257,103 @@ func TestSandboxDemoBackend(t *testing.T) {
 	if err != nil || r.StatusCode() != http.StatusForbidden {
 		t.Fatalf("consume with the user's own token: %v %d, want 403 (services only)", err, r.StatusCode())
 	}
+}
+
+// TestSandboxChargesWhileSavesHoldThePool: with the sandbox as its Stripe,
+// on the smallest pool tally accepts, the customer saves its automatic
+// top-up settings several times just as the worker takes them for a
+// charge. Each save holds a pooled connection while it waits for the
+// charge in flight, and the charge waits for the sandbox's answer. The
+// sandbox committed through tally's own pool, so with every other
+// connection held by a save, it waited for one of them, and nobody went
+// on until the saves gave up.
+func TestSandboxChargesWhileSavesHoldThePool(t *testing.T) {
+	t.Parallel()
+	env := sandboxEnv(t)
+	env["TALLY_DB_MAX_OPEN_CONNS"] = "4"
+	s := startServer(t, env)
+	gdb := openDB(t, s)
+	settings := client.AutoTopUpSettings{Enabled: true, Threshold: 500, Item: "starter"}
+
+	// The worker looks for top-ups every second, so it may charge one
+	// before the test holds the settings: then try again with another
+	// customer.
+	var top string
+	var tx *gorm.DB
+	for i := 0; top == "" && i < 3; i++ {
+		customer := fmt.Sprintf("pooled-%d", i)
+		sandboxSaveCard(t, s, customer)
+		grantOverHTTP(t, s.service(t), customer, 1000, "grant-"+customer)
+		putAutoTopUp(t, s, customer, settings)
+		spend(t, s, customer, 600, customer+"-spend")
+		tx = gdb.Begin()
+		if err := tx.Exec(`SELECT 1 FROM auto_top_up_settings WHERE customer_id = ? FOR UPDATE`, customer).Error; err != nil {
+			t.Fatal(err)
+		}
+		var pending []string
+		if err := tx.Raw(`SELECT id FROM payments WHERE customer_id = ? AND method = 'auto_top_up' AND status = 'pending' AND payment_intent_id IS NULL`, customer).
+			Scan(&pending).Error; err != nil {
+			t.Fatal(err)
+		}
+		if len(pending) == 1 {
+			top = pending[0]
+			settings.Threshold = 400 // the saves below change something
+			break
+		}
+		tx.Rollback()
+		t.Logf("the worker charged %s's top-up before the test held its settings; again", customer)
+	}
+	if top == "" {
+		t.Fatal("the worker charged every top-up before the test could hold its settings")
+	}
+	defer tx.Rollback()
+	customer := getPayment(t, s, top).CustomerId
+	waitFor(t, "the worker to wait for the settings", func() bool { return revtWaiting(t, gdb, "FOR SHARE") == 1 })
+
+	const saves = 6
+	answers := make(chan int, saves)
+	for range saves {
+		go func() {
+			ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
+			defer cancel()
+			r, err := s.service(t).PutAutoTopUpWithResponse(ctx, customer, settings)
+			if err != nil {
+				answers <- 0
+				return
+			}
+			answers <- r.StatusCode()
+		}()
+	}
+	// Every connection of the pool but the worker's is a save waiting.
+	waitFor(t, "the saves to take the pool", func() bool { return revtWaiting(t, gdb, `INSERT INTO "auto_top_up_settings"`) >= 3 })
+	tx.Rollback() // the worker has the settings, the saves wait for its charge
+	start := time.Now()
+	for i := range saves {
+		if st := <-answers; st != http.StatusOK {
+			t.Fatalf("save %d answered %d after %s: the charge waited for a connection the saves held", i, st, time.Since(start).Round(time.Millisecond))
+		}
+	}
+	t.Logf("the saves answered %s after the charge went out", time.Since(start).Round(time.Millisecond))
+	if p := waitCharged(t, s, top); p.PaymentIntentId == nil {
+		t.Fatalf("top-up %+v, want charged", p)
+	}
+	waitPayment(t, s, top, client.PaymentStatusSucceeded)
+	assertInvariants(t, s)
+}
+
+// sandboxSaveCard saves the test card 4242 for customer on the sandbox's
+// hosted page, and waits for the webhook that records it.
+func sandboxSaveCard(t testing.TB, s *server, customer string) {
+	t.Helper()
+	r, err := s.service(t).CreatePaymentMethodSetupWithResponse(context.Background(), customer, client.PaymentMethodSetupCreate{
+		SuccessUrl: s.URL + "/sandbox/demo?setup=success", CancelUrl: s.URL + "/sandbox/demo?setup=cancel",
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	mustStatus(t, "payment method setup", r.StatusCode(), r.Body, http.StatusCreated)
+	if status, _, body := postForm(t, r.JSON201.Url+"/pay", url.Values{"card": {topUpCard}, "email": {customer + "@example.com"}}); status != http.StatusSeeOther {
+		t.Fatalf("saving the card on the hosted page: %d %s", status, body)
+	}
+	waitFor(t, "the saved card of "+customer, func() bool { return customerOverHTTP(t, s, customer).PaymentMethod != nil })
 }

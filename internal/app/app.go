@@ -147,7 +147,7 @@ func New(ctx context.Context, opts Options) (a *App, err error) {
 	// client below talks to it over HTTP, as it would to Stripe.
 	var sb *stripeSandbox
 	if cfg.Stripe.Sandbox.Enabled {
-		sb, err = newStripeSandbox(ctx, cfg, gdb, logger, now)
+		sb, err = newStripeSandbox(ctx, cfg, logger, now)
 		if err != nil {
 			closeDB(gdb)
 			return nil, fmt.Errorf("stripe sandbox: %w", err)

@@ -15,6 +15,7 @@ import (
 
 	"github.com/tallybilling/tally/internal/catalog"
 	"github.com/tallybilling/tally/internal/config"
+	"github.com/tallybilling/tally/internal/db"
 	"github.com/tallybilling/tally/internal/sandbox"
 )
 
@@ -31,11 +32,32 @@ type stripeSandbox struct {
 	api      *sandbox.API
 	listener net.Listener
 	apiURL   string
+	// db is the sandbox's own pool, apart from tally's: tally holds a
+	// pooled connection while it waits for Stripe (the automatic top-up's
+	// charge keeps its settings locked; the saves and take-backs waiting
+	// for them hold one each), and a sandbox committing its answer
+	// through that same pool waited for a connection that would be given
+	// back only after the answer came (TestSandboxChargesWhileSavesHoldThePool).
+	db *gorm.DB
 }
+
+// sandboxDBConns is the sandbox's pool: the account applies one operation
+// at a time (its mutex), so it never uses more than one connection; the
+// second serves the dashboard's reads while the first is in a commit.
+const sandboxDBConns = 2
 
 // newStripeSandbox builds the sandbox of cfg. Its webhooks go to tally's own
 // /webhooks/stripe, signed with the first configured secret.
-func newStripeSandbox(ctx context.Context, cfg config.Config, gdb *gorm.DB, logger *slog.Logger, now func() time.Time) (*stripeSandbox, error) {
+func newStripeSandbox(ctx context.Context, cfg config.Config, logger *slog.Logger, now func() time.Time) (sb *stripeSandbox, err error) {
+	gdb, err := db.Open(ctx, cfg.DatabaseURL, sandboxDBConns, logger.With("component", "stripe-sandbox"))
+	if err != nil {
+		return nil, err
+	}
+	defer func() {
+		if err != nil {
+			_ = db.Close(gdb)
+		}
+	}()
 	store, err := sandbox.OpenPostgresStore(ctx, gdb)
 	if err != nil {
 		return nil, err
@@ -74,13 +96,15 @@ func newStripeSandbox(ctx context.Context, cfg config.Config, gdb *gorm.DB, logg
 	web := sandbox.NewWeb(sandbox.WebOptions{Account: acct, API: api, APIURL: apiURL, Demo: demo, Logger: logger})
 	logger.Warn("the Stripe sandbox is on: tally talks to an emulated test-mode Stripe, not to Stripe",
 		"dashboard", base+"/sandbox", "demo", base+"/sandbox/demo", "stripe_api", apiURL)
-	return &stripeSandbox{account: acct, web: web, api: api, listener: ln, apiURL: apiURL}, nil
+	return &stripeSandbox{account: acct, web: web, api: api, listener: ln, apiURL: apiURL, db: gdb}, nil
 }
 
-// close releases the API's listener of a sandbox that will never run.
+// close releases the API's listener and the pool of a sandbox that will
+// never run.
 func (s *stripeSandbox) close() {
 	s.api.Close()
 	_ = s.listener.Close()
+	_ = db.Close(s.db)
 }
 
 // withSandboxRedirects lets Checkout send the buyer back to the demo app.
@@ -110,6 +134,7 @@ func (w sandboxWorker) Run(ctx context.Context) error {
 	if serr := <-served; serr != nil && !errors.Is(serr, http.ErrServerClosed) {
 		err = errors.Join(err, serr)
 	}
+	_ = db.Close(w.sb.db)
 	if err != nil && ctx.Err() == nil {
 		return fmt.Errorf("stripe sandbox: %w", err)
 	}
