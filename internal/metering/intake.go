@@ -373,11 +373,8 @@ func (s *Service) store(ctx context.Context, tx *gorm.DB, evs []event, now time.
 				create = append(create, ev.CustomerID)
 			}
 		}
-		slices.Sort(create)
-		for _, id := range slices.Compact(create) {
-			if _, err := customers.Ensure(ctx, tx, id, now); err != nil {
-				return nil, nil, err
-			}
+		if _, err := customers.EnsureMany(ctx, tx, create, now); err != nil {
+			return nil, nil, err
 		}
 		missedAgain, more, err := insertEvents(tx, again, now)
 		if err != nil {
