@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"net/mail"
 	"regexp"
+	"slices"
 	"strconv"
 	"time"
 	"unicode/utf8"
@@ -290,19 +291,40 @@ func getBy(ctx context.Context, gdb *gorm.DB, column, value, notFound string) (C
 // customers on first use: checkouts, grants and usage events. It returns
 // errs.Invalid for a malformed id.
 func Ensure(ctx context.Context, tx *gorm.DB, id string, now time.Time) (created bool, err error) {
-	if err := ValidateID(id); err != nil {
-		return false, err
+	ids, err := EnsureMany(ctx, tx, []string{id}, now)
+	return len(ids) == 1, err
+}
+
+// EnsureMany is Ensure for each of ids, in two statements whatever their
+// number (one when none is new): a batch of usage, or an import, may name
+// thousands of customers new to tally, and one round trip each made the
+// first import of a legacy system's usage wait on them. The rows are
+// inserted in id order, so two batches naming the same new customers wait
+// for each other rather than deadlock. It returns the ids it created,
+// sorted. One invalid id fails it whole (errs.Invalid), before anything is
+// written.
+func EnsureMany(ctx context.Context, tx *gorm.DB, ids []string, now time.Time) ([]string, error) {
+	for _, id := range ids {
+		if err := ValidateID(id); err != nil {
+			return nil, err
+		}
 	}
-	res := tx.WithContext(ctx).Clauses(clause.OnConflict{DoNothing: true}).
-		Create(&customerRow{ID: id, Metadata: "{}", CreatedAt: now, UpdatedAt: now})
-	if res.Error != nil {
-		return false, db.Translate(res.Error, constraints)
+	var created []string
+	err := tx.WithContext(ctx).Raw(`INSERT INTO customers (id, metadata, created_at, updated_at)
+		SELECT id, '{}'::jsonb, ?::timestamptz, ?::timestamptz FROM (SELECT DISTINCT unnest(?::text[]) AS id) n
+		ORDER BY id COLLATE "C"
+		ON CONFLICT (id) DO NOTHING
+		RETURNING id`, now, now, db.Array(ids)).Scan(&created).Error
+	if err != nil {
+		return nil, db.Translate(err, constraints)
 	}
-	if res.RowsAffected == 0 {
-		return false, nil
+	slices.Sort(created)
+	evs := make([]events.Entry, len(created))
+	for i, id := range created {
+		c := Customer{ID: id, Metadata: map[string]string{}, CreatedAt: now, UpdatedAt: now}
+		evs[i] = events.Entry{CustomerID: id, Data: events.CustomerCreated{Customer: eventData(c)}}
 	}
-	c := Customer{ID: id, Metadata: map[string]string{}, CreatedAt: now, UpdatedAt: now}
-	return true, events.Append(ctx, tx, id, events.CustomerCreated{Customer: eventData(c)})
+	return created, events.AppendMany(ctx, tx, evs)
 }
 
 // LinkStripe records the Stripe customer created for id, inside the caller's

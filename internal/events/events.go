@@ -48,6 +48,40 @@ func Append(ctx context.Context, tx *gorm.DB, customerID string, data Payload) e
 	return db.Translate(err, nil)
 }
 
+// Entry is one event for AppendMany: Data about CustomerID ("" for none).
+type Entry struct {
+	CustomerID string
+	Data       Payload
+}
+
+// AppendMany writes entries, in their order, inside the caller's
+// transaction tx, as Append writes each, in one statement whatever their
+// number: for a change that makes many events at once (a batch of usage
+// naming thousands of customers new to tally).
+func AppendMany(ctx context.Context, tx *gorm.DB, entries []Entry) error {
+	if len(entries) == 0 {
+		return nil
+	}
+	types := make([]string, len(entries))
+	customers := make([]*string, len(entries))
+	bodies := make([]string, len(entries))
+	for i, e := range entries {
+		typ, body, err := Encode(e.Data)
+		if err != nil {
+			return err
+		}
+		types[i], bodies[i] = typ, body
+		if e.CustomerID != "" {
+			customers[i] = &e.CustomerID
+		}
+	}
+	err := tx.WithContext(ctx).Exec(`INSERT INTO events (type, customer_id, data)
+		SELECT e.type, e.customer_id, e.data::jsonb
+		FROM unnest(?::text[], ?::text[], ?::text[]) WITH ORDINALITY AS e(type, customer_id, data, n)
+		ORDER BY e.n`, db.Array(types), db.Array(customers), db.Array(bodies)).Error
+	return db.Translate(err, nil)
+}
+
 // Encode is data as Append stores it: the event type and the JSON of its
 // data column, for a caller that writes the events row in a statement of
 // its own (a CTE that saves a round trip) rather than through Append.

@@ -12,7 +12,6 @@ import (
 	"unicode"
 	"unicode/utf8"
 
-	"github.com/jackc/pgx/v5/pgtype"
 	"gorm.io/gorm"
 
 	"github.com/tallybilling/tally/internal/catalog"
@@ -374,11 +373,8 @@ func (s *Service) store(ctx context.Context, tx *gorm.DB, evs []event, now time.
 				create = append(create, ev.CustomerID)
 			}
 		}
-		slices.Sort(create)
-		for _, id := range slices.Compact(create) {
-			if _, err := customers.Ensure(ctx, tx, id, now); err != nil {
-				return nil, nil, err
-			}
+		if _, err := customers.EnsureMany(ctx, tx, create, now); err != nil {
+			return nil, nil, err
 		}
 		missedAgain, more, err := insertEvents(tx, again, now)
 		if err != nil {
@@ -439,7 +435,7 @@ func storedEvents(tx *gorm.DB, identifiers []string) (map[string]event, error) {
 	}
 	err := tx.Raw(`
 		SELECT identifier, customer_id, meter, value, occurred_at FROM usage_events
-		WHERE identifier = ANY(?::text[])`, pgArray(identifiers)).Scan(&rows).Error
+		WHERE identifier = ANY(?::text[])`, db.Array(identifiers)).Scan(&rows).Error
 	if err != nil {
 		return nil, db.Translate(err, nil)
 	}
@@ -448,22 +444,6 @@ func storedEvents(tx *gorm.DB, identifiers []string) (map[string]event, error) {
 		out[r.Identifier] = event{Identifier: r.Identifier, CustomerID: r.CustomerID, Meter: r.Meter, Value: r.Value, OccurredAt: r.OccurredAt}
 	}
 	return out, nil
-}
-
-// pgArray is a one-dimensional PostgreSQL array of vs, bound as one
-// parameter in pgx's binary format. A slice given to gorm as it is would
-// be spread into a list of parameters, one each; the struct is passed
-// through to pgx, which encodes it by the parameter's type. Binary arrays
-// are the cheapest way to carry a batch in one statement: no JSON to write
-// here nor to parse in PostgreSQL, and no text to parse for the numbers
-// and timestamps.
-// An empty one has no dimension, as PostgreSQL writes '{}'.
-func pgArray[T any](vs []T) pgtype.Array[T] {
-	a := pgtype.Array[T]{Elements: vs, Valid: true}
-	if len(vs) > 0 {
-		a.Dims = []pgtype.ArrayDimension{{Length: int32(len(vs)), LowerBound: 1}}
-	}
-	return a
 }
 
 // insertEvents inserts evs (one per identifier), skipping identifiers
@@ -510,7 +490,7 @@ func insertEvents(tx *gorm.DB, evs []event, now time.Time) (map[string]bool, map
 		SELECT status, count(*) AS n, NULL AS identifier FROM ins GROUP BY status
 		UNION ALL
 		SELECT NULL, 0, r.identifier FROM r WHERE NOT EXISTS (SELECT 1 FROM ins WHERE ins.identifier = r.identifier)`,
-		pgArray(ids), pgArray(custs), pgArray(meters), pgArray(names), pgArray(values), pgArray(at), pgArray(statuses), pgArray(nextPeriod),
+		db.Array(ids), db.Array(custs), db.Array(meters), db.Array(names), db.Array(values), db.Array(at), db.Array(statuses), db.Array(nextPeriod),
 		now, now, now).
 		Scan(&rows).Error
 	if err != nil {

@@ -396,3 +396,60 @@ func TestCustomerWithUsageCannotBeDeleted(t *testing.T) {
 		t.Errorf("keeper has %d events, want 1", n)
 	}
 }
+
+// Batches naming hundreds of customers new to tally create each once, with
+// one customer.created each, also when several batches name the same new
+// customers at once, in opposite orders and with a customer twice.
+func TestIngestManyNewCustomersAtOnce(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	const customers, batches = 300, 6
+	names := make([]string, customers)
+	for i := range names {
+		names[i] = fmt.Sprintf("newcomer-%03d", i)
+	}
+	var wg sync.WaitGroup
+	errc := make(chan error, batches)
+	for b := range batches {
+		evs := make([]metering.EventInput, 0, customers+1)
+		for i := range customers {
+			c := names[i]
+			if b%2 == 1 {
+				c = names[customers-1-i]
+			}
+			evs = append(evs, ev(c, fmt.Sprintf("nc-%d-%d", b, i), 1))
+		}
+		evs = append(evs, ev(evs[0].CustomerID, fmt.Sprintf("nc-%d-again", b), 1))
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			res, _, err := e.svc.Ingest(context.Background(), evs, db.IdempotencyKey{})
+			if err == nil && res.Accepted != customers+1 {
+				err = fmt.Errorf("batch %d: %+v, want every event accepted", b, res)
+			}
+			errc <- err
+		}()
+	}
+	wg.Wait()
+	close(errc)
+	for err := range errc {
+		if err != nil {
+			t.Error(err)
+		}
+	}
+	var made, announced int64
+	if err := e.db.Raw(`SELECT count(*) FROM customers WHERE id LIKE 'newcomer-%'`).Scan(&made).Error; err != nil {
+		t.Fatal(err)
+	}
+	if err := e.db.Raw(`SELECT count(DISTINCT customer_id) FILTER (WHERE n = 1) FROM (
+		SELECT customer_id, count(*) AS n FROM events WHERE type = 'customer.created' AND customer_id LIKE 'newcomer-%' GROUP BY customer_id) c`).
+		Scan(&announced).Error; err != nil {
+		t.Fatal(err)
+	}
+	if made != customers || announced != customers {
+		t.Errorf("%d customers created and %d announced exactly once, want %d each", made, announced, customers)
+	}
+	if n := countRows(t, e.db, "customer_id LIKE 'newcomer-%'"); n != batches*(customers+1) {
+		t.Errorf("%d usage events stored, want %d", n, batches*(customers+1))
+	}
+}
