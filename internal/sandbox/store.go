@@ -74,7 +74,17 @@ type PostgresStore struct{ db *gorm.DB }
 // OpenPostgresStore creates the stripe_sandbox schema when missing and
 // applies its migrations.
 func OpenPostgresStore(ctx context.Context, gdb *gorm.DB) (*PostgresStore, error) {
-	if err := gdb.WithContext(ctx).Exec(`CREATE SCHEMA IF NOT EXISTS ` + Schema).Error; err != nil {
+	// CREATE SCHEMA IF NOT EXISTS is not safe against itself: of two
+	// replicas starting at once on a database where no sandbox ran, one
+	// failed on pg_namespace's unique index and did not start. The
+	// migrations' lock, taken for the transaction, puts them in turn.
+	err := gdb.WithContext(ctx).Transaction(func(tx *gorm.DB) error {
+		if err := tx.Exec(`SELECT pg_advisory_xact_lock(?)`, migrationLockID).Error; err != nil {
+			return err
+		}
+		return tx.Exec(`CREATE SCHEMA IF NOT EXISTS ` + Schema).Error
+	})
+	if err != nil {
 		return nil, fmt.Errorf("sandbox: create schema %s: %w", Schema, err)
 	}
 	sqlDB, err := gdb.DB()
