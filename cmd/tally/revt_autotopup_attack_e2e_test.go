@@ -338,6 +338,11 @@ func TestAutoTopUpTurnedOffByTheCustomerStopsAnUnchargedTopUp(t *testing.T) {
 	if p.Status != client.PaymentStatusFailed || p.FailureReason == nil || !strings.Contains(*p.FailureReason, "turned off") {
 		t.Fatalf("second top-up %s (%v), want failed because it was turned off", p.Status, deref(p.FailureReason))
 	}
+	// The card never failed: the count of failures in a row, which turns
+	// automatic top-up off by itself at three, does not grow.
+	if got := getAutoTopUp(t, s, "off"); got.ConsecutiveFailures != 0 || strings.Contains(deref(got.DisabledReason), "in a row") {
+		t.Fatalf("settings %d failures in a row (%v) after a top-up failed because its owner turned it off", got.ConsecutiveFailures, deref(got.DisabledReason))
+	}
 	// Turned on again, the next crossing charges the card as before.
 	putAutoTopUp(t, s, "off", client.AutoTopUpSettings{Enabled: true, Threshold: 500, Item: "starter"})
 	spend(t, s, "off", 10, "off-3")

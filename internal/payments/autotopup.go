@@ -297,14 +297,18 @@ func (s *Service) autoTopUpSucceeded(ctx context.Context, tx *gorm.DB, p Payment
 // autoTopUpFailed settles the settings after p, an automatic top-up, moved
 // to failed (inside that transaction): nothing in flight, one more failure
 // in a row, credits.auto_top_up_failed, and past the limit the settings
-// disable themselves.
+// disable themselves. A top-up failed because the settings were off by
+// then (their owner turned them off, or a refund or dispute did) is no
+// failure of the card, and the count stays: it had made an owner's "off"
+// read as the last of three failures in a row.
 func (s *Service) autoTopUpFailed(ctx context.Context, tx *gorm.DB, p Payment, reason string) error {
 	now := s.now()
 	var counts []struct{ ConsecutiveFailures int }
 	err := tx.WithContext(ctx).Raw(`UPDATE auto_top_up_settings
-		SET in_flight_payment_id = NULL, consecutive_failures = consecutive_failures + 1, updated_at = ?
+		SET in_flight_payment_id = NULL, updated_at = ?,
+			consecutive_failures = consecutive_failures + CASE WHEN enabled AND status <> ? THEN 1 ELSE 0 END
 		WHERE customer_id = ? AND (in_flight_payment_id = ? OR in_flight_payment_id IS NULL)
-		RETURNING consecutive_failures`, now, p.CustomerID, p.ID).Scan(&counts).Error
+		RETURNING consecutive_failures`, now, AutoTopUpDisabled, p.CustomerID, p.ID).Scan(&counts).Error
 	if err != nil {
 		return db.Translate(err, nil)
 	}
