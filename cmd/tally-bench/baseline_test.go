@@ -35,7 +35,7 @@ func TestBaselineDebitsWithoutOverdraftAndCleansUp(t *testing.T) {
 	}
 
 	p := population{runID: runID}
-	r := drive(ctx, time.Now, 8, 0, 300*time.Millisecond, 1, b.consumeOp(p, "sql-test", func(*worker) string { return "hot" }))
+	r := drive(ctx, time.Now, 8, 0, 300*time.Millisecond, 1, nil, b.consumeOp(p, "sql-test", func(*worker) string { return "hot" }))
 	if r.errorCount() != 0 {
 		t.Fatalf("baseline errors: %v %v", r.errors, r.examples)
 	}

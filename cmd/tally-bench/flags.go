@@ -68,6 +68,8 @@ type settings struct {
 	verify        string
 	json          bool
 	randSeed      int64
+	// cpu names the processes whose CPU each scenario reports (cpu.go).
+	cpu []string
 
 	// seed mode: load a large data set into -db instead of measuring.
 	seed          bool
@@ -125,6 +127,9 @@ func parseSettings(args []string, getenv func(string) string, stderr io.Writer) 
 	fs.StringVar(&s.verify, "verify", verifyAPI, "invariant check after the load: api (GET /v1/admin/verify, needs -admin-key), db (the project's verify in this process on -db, for databases too large for one HTTP request), off")
 	fs.BoolVar(&s.json, "json", false, "print the results as JSON instead of a table")
 	fs.Int64Var(&s.randSeed, "rand-seed", 1, "random seed for choosing customers and duplicates (ids and keys stay unique per run)")
+	var cpu string
+	fs.StringVar(&cpu, "cpu", "postgres,tally,tally-bench", "comma-separated command names of this machine's processes whose CPU each scenario reports per operation, "+
+		"with how busy the machine was (Linux /proc; off: none)")
 	fs.BoolVar(&s.seed, "seed", false, "load -seed-customers, -seed-ledger and -seed-usage rows into -db, then exit (resumable; seeded ids start with "+seedPrefix+")")
 	fs.IntVar(&s.seedCustomers, "seed-customers", 1_000_000, "customers -seed loads")
 	fs.Int64Var(&s.seedLedger, "seed-ledger", 10_000_000, "ledger entries -seed loads: per customer one grant, the rest consumes of 1 credit")
@@ -137,6 +142,9 @@ func parseSettings(args []string, getenv func(string) string, stderr io.Writer) 
 		return settings{}, fmt.Errorf("unexpected arguments: %s", strings.Join(fs.Args(), " "))
 	}
 	s.scenarios = splitList(scenarios)
+	if cpu != "off" {
+		s.cpu = splitList(cpu)
+	}
 	return s, s.validate()
 }
 

@@ -58,6 +58,8 @@ type loadResult struct {
 	tags      map[string]int64
 	elapsed   time.Duration
 	latencies []time.Duration // sorted ascending
+	// cpu is what the measured window cost the machine (nil: not probed).
+	cpu *cpuUse
 }
 
 func (r loadResult) errorCount() int64 {
@@ -81,11 +83,15 @@ func (r loadResult) throughput() float64 {
 // that started before the window closes is allowed to finish and counts.
 // Each worker gets its own random source from seed, so the same seed picks
 // the same customers in the same order per worker. now is the clock
-// (time.Now outside tests); it must be safe for concurrent use.
-func drive(ctx context.Context, now func() time.Time, concurrency int, warmup, duration time.Duration, seed int64, do op) loadResult {
+// (time.Now outside tests); it must be safe for concurrent use. With a
+// probe, the CPU spent from the first measured operation's start to the
+// last one's end is taken too.
+func drive(ctx context.Context, now func() time.Time, concurrency int, warmup, duration time.Duration, seed int64, probe *cpuProbe, do op) loadResult {
 	start := now()
 	measureFrom := start.Add(warmup)
 	end := measureFrom.Add(duration)
+	var cpuFrom cpuSnapshot
+	var measured sync.Once
 
 	workers := make([]*worker, concurrency)
 	var wg sync.WaitGroup
@@ -106,6 +112,9 @@ func drive(ctx context.Context, now func() time.Time, concurrency int, warmup, d
 				}
 				w.seq++
 				w.measuring = !began.Before(measureFrom)
+				if w.measuring && probe != nil {
+					measured.Do(func() { cpuFrom = probe.snapshot(now()) })
+				}
 				out := do(ctx, w)
 				took := now().Sub(began)
 				if !w.measuring {
@@ -132,6 +141,9 @@ func drive(ctx context.Context, now func() time.Time, concurrency int, warmup, d
 	wg.Wait()
 
 	r := loadResult{errors: map[string]int64{}, examples: map[string]string{}, tags: map[string]int64{}, elapsed: duration}
+	if !cpuFrom.at.IsZero() {
+		r.cpu = between(cpuFrom, probe.snapshot(now()))
+	}
 	for _, w := range workers {
 		r.ok += w.ok
 		r.expected += w.expected

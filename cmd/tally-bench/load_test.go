@@ -51,7 +51,7 @@ func TestDriveMergesOutcomesOfAllWorkers(t *testing.T) {
 			return outcome{ok: true, tags: []string{"stored"}}
 		}
 	}
-	r := drive(context.Background(), tickingClock(), 8, 10*time.Millisecond, 50*time.Millisecond, 1, do)
+	r := drive(context.Background(), tickingClock(), 8, 10*time.Millisecond, 50*time.Millisecond, 1, nil, do)
 
 	if r.requests == 0 {
 		t.Fatal("no operation was measured")
@@ -80,7 +80,7 @@ func TestDriveMergesOutcomesOfAllWorkers(t *testing.T) {
 func TestDriveRecordsOnlyTheMeasuredWindow(t *testing.T) {
 	t.Parallel()
 	var performed int64 // one worker: no race, and drive waits for it
-	r := drive(context.Background(), tickingClock(), 1, 10*time.Millisecond, 50*time.Millisecond, 1, func(ctx context.Context, w *worker) outcome {
+	r := drive(context.Background(), tickingClock(), 1, 10*time.Millisecond, 50*time.Millisecond, 1, nil, func(ctx context.Context, w *worker) outcome {
 		performed++
 		return outcome{ok: true}
 	})

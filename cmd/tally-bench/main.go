@@ -130,13 +130,14 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		return ctx.Err()
 	}
 
+	probe := newCPUProbe("/proc", s.cpu)
 	measure := func(name, kind, what string, setupErr error, do op) scenarioResult {
 		if setupErr != nil {
 			progress("%s: skipped, setup failed", name)
 			return failedScenario(name, kind, what, fmt.Errorf("setup: %w", setupErr))
 		}
 		progress("%s: %s warmup, then %s measured", name, s.warmup, s.duration)
-		return newScenarioResult(name, kind, what, drive(ctx, time.Now, s.concurrency, s.warmup, s.duration, s.randSeed, do))
+		return newScenarioResult(name, kind, what, drive(ctx, time.Now, s.concurrency, s.warmup, s.duration, s.randSeed, probe, do))
 	}
 	// paired measures a scenario right after its baseline, so the two see
 	// the machine in as similar a state as possible.
@@ -229,6 +230,9 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	var verifyRequested bool
 	rep.Verify, verifyRequested = verifyAfterLoad(ctx, s, svc)
 	rep.Targets = judgeTargets(rep.Scenarios, s.concurrency)
+	for i := range rep.Scenarios {
+		rep.Scenarios[i].cpuPerOp(s.duration)
+	}
 	rep.Machine.LoadAvgEnd = loadAverage("/proc/loadavg")
 	if s.json {
 		err = rep.writeJSON(stdout)
@@ -279,7 +283,7 @@ func measureWebhookCredited(ctx context.Context, s settings, svc *service, pool 
 
 	cr := newCreditRun(svc, s.webhookSecret, prep.payments, s.concurrency)
 	progress("%s: %s warmup, then %s measured", name, s.warmup, s.duration)
-	lr := drive(ctx, time.Now, s.concurrency, s.warmup, s.duration, s.randSeed, cr.op)
+	lr := drive(ctx, time.Now, s.concurrency, s.warmup, s.duration, s.randSeed, newCPUProbe("/proc", s.cpu), cr.op)
 	chk, err := cr.check(ctx, pool, settleTimeout)
 	if err != nil {
 		return failedScenario(name, "http", what, fmt.Errorf("exactly-once check: %w", err))

@@ -53,6 +53,30 @@ type scenarioResult struct {
 	Baseline        string  `json:"baseline,omitempty"`
 	ThroughputRatio float64 `json:"throughput_ratio,omitempty"`
 	P50Ratio        float64 `json:"p50_ratio,omitempty"`
+	// CPU is where the CPU of the measured window went (-cpu).
+	CPU *cpuUse `json:"cpu,omitempty"`
+}
+
+// cpuPerOp divides the window's CPU by what the scenario counts: its
+// rate's unit (events accepted, payments credited) where it has one, else
+// its requests.
+func (r *scenarioResult) cpuPerOp(duration time.Duration) {
+	n := float64(r.Requests)
+	if r.RateUnit != "" {
+		n = r.Rate * duration.Seconds()
+	}
+	r.CPU.perOp(n)
+}
+
+// cpuUnit names what one CPU figure of sc is per.
+func (r scenarioResult) cpuUnit() string {
+	switch r.RateUnit {
+	case unitEvents:
+		return "event"
+	case unitCredited:
+		return "payment credited"
+	}
+	return "operation"
 }
 
 func newScenarioResult(name, kind, what string, r loadResult) scenarioResult {
@@ -65,6 +89,7 @@ func newScenarioResult(name, kind, what string, r loadResult) scenarioResult {
 		ErrorsByKind:  r.errors,
 		ErrorExamples: r.examples,
 		Answers:       r.tags,
+		CPU:           r.cpu,
 		Throughput:    r.throughput(),
 		P50Ms:         ms(percentile(r.latencies, 50)),
 		P95Ms:         ms(percentile(r.latencies, 95)),
@@ -268,6 +293,9 @@ func (r report) writeText(w io.Writer) error {
 		}
 		for _, tag := range slices.Sorted(maps.Keys(sc.Answers)) {
 			fmt.Fprintf(&b, "  %s: %d\n", tag, sc.Answers[tag])
+		}
+		if sc.CPU != nil {
+			fmt.Fprintf(&b, "  cpu: %s\n", sc.CPU.String(sc.cpuUnit()))
 		}
 	}
 
