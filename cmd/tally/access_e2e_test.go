@@ -159,13 +159,11 @@ func TestIdempotencyKeySpaces(t *testing.T) {
 func TestReadinessTellsNoOneWhereTheDatabaseIs(t *testing.T) {
 	t.Parallel()
 	env := baseEnv(t)
+	proxy := behindDBProxy(t, env)
 	u, err := url.Parse(env["TALLY_DATABASE_URL"])
 	if err != nil {
 		t.Fatal(err)
 	}
-	proxy := newDBProxy(t, u.Host)
-	u.Host = proxy.addr
-	env["TALLY_DATABASE_URL"] = u.String()
 	s := startServer(t, env)
 
 	proxy.down()

@@ -12,6 +12,7 @@ import (
 	"maps"
 	"net"
 	"net/http"
+	"net/url"
 	"path/filepath"
 	"runtime"
 	"strings"
@@ -885,6 +886,20 @@ type dbProxy struct {
 	mu     sync.Mutex
 	ln     net.Listener
 	conns  map[net.Conn]bool
+}
+
+// behindDBProxy points env's TALLY_DATABASE_URL at a new proxy in front
+// of its database, and returns the proxy.
+func behindDBProxy(t testing.TB, env map[string]string) *dbProxy {
+	t.Helper()
+	u, err := url.Parse(env["TALLY_DATABASE_URL"])
+	if err != nil {
+		t.Fatal(err)
+	}
+	proxy := newDBProxy(t, u.Host)
+	u.Host = proxy.addr
+	env["TALLY_DATABASE_URL"] = u.String()
+	return proxy
 }
 
 func newDBProxy(t testing.TB, target string) *dbProxy {

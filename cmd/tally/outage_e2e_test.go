@@ -4,7 +4,6 @@ import (
 	"context"
 	"encoding/json"
 	"net/http"
-	"net/url"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -42,13 +41,7 @@ func waitStatus(t testing.TB, u string, want int, within time.Duration) time.Dur
 func TestDatabaseOutageAndRecovery(t *testing.T) {
 	t.Parallel()
 	env := baseEnv(t)
-	u, err := url.Parse(env["TALLY_DATABASE_URL"])
-	if err != nil {
-		t.Fatal(err)
-	}
-	proxy := newDBProxy(t, u.Host)
-	u.Host = proxy.addr
-	env["TALLY_DATABASE_URL"] = u.String()
+	proxy := behindDBProxy(t, env)
 	s := startServer(t, env)
 	ctx := context.Background()
 

@@ -80,13 +80,7 @@ func TestRevSandboxOutageAndShutdownInFlight(t *testing.T) {
 	t.Parallel()
 	env := sandboxEnv(t)
 	env["TALLY_DB_MAX_OPEN_CONNS"] = "4"
-	u, err := url.Parse(env["TALLY_DATABASE_URL"])
-	if err != nil {
-		t.Fatal(err)
-	}
-	proxy := newDBProxy(t, u.Host)
-	u.Host = proxy.addr
-	env["TALLY_DATABASE_URL"] = u.String()
+	proxy := behindDBProxy(t, env)
 	s := startServer(t, env)
 	const buyers = 12
 	pays := make([]string, buyers)

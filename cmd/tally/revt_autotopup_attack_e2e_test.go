@@ -162,6 +162,25 @@ func TestAutoTopUpTakeBackWaitsForTheChargeInFlightOnEitherReplica(t *testing.T)
 
 // revtWaiting counts the server's backends waiting for a lock on a
 // statement containing what.
+// saveAtOnce sends n saves of customer's settings at once, each given
+// timeout; the channel takes each one's HTTP status (0: no answer).
+func saveAtOnce(t testing.TB, s *server, customer string, settings client.AutoTopUpSettings, n int, timeout time.Duration) <-chan int {
+	answers := make(chan int, n)
+	for range n {
+		go func() {
+			ctx, cancel := context.WithTimeout(context.Background(), timeout)
+			defer cancel()
+			r, err := s.service(t).PutAutoTopUpWithResponse(ctx, customer, settings)
+			if err != nil {
+				answers <- 0
+				return
+			}
+			answers <- r.StatusCode()
+		}()
+	}
+	return answers
+}
+
 func revtWaiting(t testing.TB, gdb *gorm.DB, what string) int64 {
 	t.Helper()
 	return countRows(t, gdb, `SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()
@@ -208,19 +227,7 @@ func TestAutoTopUpSettingsSavesDoNotStarveTheChargeInFlight(t *testing.T) {
 	waitFor(t, "the worker to wait for the settings", func() bool { return revtWaiting(t, gdb, "FOR SHARE") == 1 })
 	fake.SetFault(nil)
 	const saves = 6
-	answers := make(chan int, saves)
-	for range saves {
-		go func() {
-			ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-			defer cancel()
-			r, err := s.service(t).PutAutoTopUpWithResponse(ctx, "saver", settings)
-			if err != nil {
-				answers <- 0
-				return
-			}
-			answers <- r.StatusCode()
-		}()
-	}
+	answers := saveAtOnce(t, s, "saver", settings, saves, 20*time.Second)
 	// Every connection of the pool but the worker's is a save waiting.
 	waitFor(t, "the saves to take the pool", func() bool { return revtWaiting(t, gdb, `INSERT INTO "auto_top_up_settings"`) >= 2 })
 	time.Sleep(300 * time.Millisecond)

@@ -311,19 +311,7 @@ func TestSandboxChargesWhileSavesHoldThePool(t *testing.T) {
 	waitFor(t, "the worker to wait for the settings", func() bool { return revtWaiting(t, gdb, "FOR SHARE") == 1 })
 
 	const saves = 6
-	answers := make(chan int, saves)
-	for range saves {
-		go func() {
-			ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
-			defer cancel()
-			r, err := s.service(t).PutAutoTopUpWithResponse(ctx, customer, settings)
-			if err != nil {
-				answers <- 0
-				return
-			}
-			answers <- r.StatusCode()
-		}()
-	}
+	answers := saveAtOnce(t, s, customer, settings, saves, 15*time.Second)
 	// Every connection of the pool but the worker's is a save waiting.
 	waitFor(t, "the saves to take the pool", func() bool { return revtWaiting(t, gdb, `INSERT INTO "auto_top_up_settings"`) >= 3 })
 	tx.Rollback() // the worker has the settings, the saves wait for its charge
