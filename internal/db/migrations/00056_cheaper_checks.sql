@@ -28,7 +28,8 @@
 -- payment). Constraint names do not change. Each constraint is replaced in
 -- one statement, NOT VALID so that it takes its table's lock only for the
 -- catalog change (new rows are checked from then on), then validated
--- without blocking writes; that cannot run inside a transaction. Every
+-- without blocking writes. It runs outside a transaction, so that each
+-- statement's lock is given back as soon as that statement is done. Every
 -- statement is safe to run again.
 --
 -- Waiting for that lock queues every later reader and writer of the table
