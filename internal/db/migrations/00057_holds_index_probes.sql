@@ -18,7 +18,8 @@
 -- Every statement of the two functions names its rows by key (grant id,
 -- hold id, customer id, idempotency scope and key), so an index serves
 -- each. A later CREATE OR REPLACE of either function must repeat the
--- setting (it replaces the function's SET clauses).
+-- setting (it replaces the function's SET clauses), as
+-- internal/db/function_settings_test.go checks.
 
 -- +goose Up
 ALTER FUNCTION credits_hold_one(jsonb, timestamptz, bigint, boolean) SET enable_seqscan = off;
