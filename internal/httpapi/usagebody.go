@@ -481,7 +481,11 @@ func (b *decodedBinder) Bind(i any, c echo.Context) error {
 // that gives the same bytes again, then the same read error, so that
 // kin-openapi reads what it would have read.
 func readBody(req *http.Request) ([]byte, error) {
-	data, err := io.ReadAll(req.Body)
+	// Sized by Content-Length when given (limitBody has capped it), so a
+	// large body is not copied as it grows.
+	buf := bytes.NewBuffer(make([]byte, 0, min(max(req.ContentLength, 0), 16<<20)+bytes.MinRead))
+	_, err := buf.ReadFrom(req.Body)
+	data := buf.Bytes()
 	req.Body.Close()
 	var r io.Reader = bytes.NewReader(data)
 	if err != nil {
