@@ -9,7 +9,6 @@ import (
 	"errors"
 	"fmt"
 	"net/mail"
-	"regexp"
 	"slices"
 	"strconv"
 	"time"
@@ -55,15 +54,30 @@ type UpsertInput struct {
 	Billing *Billing
 }
 
-var idPattern = regexp.MustCompile(`^[A-Za-z0-9_.:@-]{1,255}$`)
-
-// ValidateID reports whether id is a valid customer id (errs.Invalid if not).
+// ValidateID reports whether id is a valid customer id (errs.Invalid if not):
+// ^[A-Za-z0-9_.:@-]{1,255}$, checked byte by byte. The usage intake checks
+// every event's customer, and the regular expression was a tenth of the
+// server's CPU there; customers_test.go holds the expression and compares.
 func ValidateID(id string) error {
-	if !idPattern.MatchString(id) {
+	valid := len(id) >= 1 && len(id) <= 255
+	for i := 0; valid && i < len(id); i++ {
+		valid = idByte[id[i]]
+	}
+	if !valid {
 		return errs.InvalidField("customer_id", "customer_id must be 1 to 255 characters of A-Za-z0-9_.:@-")
 	}
 	return nil
 }
+
+// idByte marks the bytes a customer id may hold.
+var idByte = func() (set [256]bool) {
+	for _, r := range []string{"AZ", "az", "09", "__", "..", "::", "@@", "--"} {
+		for c := r[0]; c <= r[1]; c++ {
+			set[c] = true
+		}
+	}
+	return set
+}()
 
 // Validate checks the input without touching the database.
 func (in UpsertInput) Validate() error {

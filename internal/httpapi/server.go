@@ -122,10 +122,17 @@ func New(d Options) (*echo.Echo, error) {
 	}
 	registerProfiling(ops, auth)
 
-	v1 := e.Group("", limitBody(d.Config.MaxBodyBytes), g.middleware)
-	api.RegisterHandlers(v1, api.NewStrictHandler(s, nil))
+	serveContract(e, g, s, d.Config.MaxBodyBytes)
 	s.registerRaw(e, auth)
 	return e, nil
+}
+
+// serveContract routes the strict server's operations through the body
+// limit and the gate; their bodies bind through decodedBinder.
+func serveContract(e *echo.Echo, g *gate, s api.StrictServerInterface, maxBody int64) {
+	e.Binder = &decodedBinder{}
+	v1 := e.Group("", limitBody(maxBody), g.middleware)
+	api.RegisterHandlers(v1, api.NewStrictHandler(s, nil))
 }
 
 // registerRaw adds the routes that live outside the strict server (Stripe's
