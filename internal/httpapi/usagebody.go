@@ -30,7 +30,7 @@ import (
 // validates the body with kin-openapi as before; so every refusal, its
 // status and its problem fields, still comes from kin-openapi. What it
 // accepts it must accept exactly as kin-openapi and encoding/json would:
-// usage_body_test.go runs bodies through both paths and compares.
+// usagebody_test.go runs bodies through both paths and compares.
 //
 // It reads its rules from openapi.yaml, not from this file: the item
 // limits and required members come from the schema, and a leaf schema with
