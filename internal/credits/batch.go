@@ -263,8 +263,11 @@ func (b *consumeBatcher) run(batch []*batchCall) {
 		// on this statement in a profile of consume-many, every consume
 		// paying a share.
 		err = db.Pgx(ctx, s.db, func(conn *pgx.Conn) error {
+			// The JSON goes as a string: pgx sends a []byte as bytea in
+			// the exec and simple protocol modes a database URL may
+			// choose (default_query_exec_mode, as behind PgBouncer).
 			rs, err := conn.Query(ctx, consumeBatchSQL,
-				js, s.now(), threshold, s.topUp != nil, db.ReservationLease.Seconds(), db.IdempotencyRetention.Seconds())
+				string(js), s.now(), threshold, s.topUp != nil, db.ReservationLease.Seconds(), db.IdempotencyRetention.Seconds())
 			if err != nil {
 				return err
 			}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"net/url"
 	"strings"
 	"sync"
 	"testing"
@@ -798,4 +799,51 @@ func TestManyCustomersConcurrentDuplicatesReusesAndRefusals(t *testing.T) {
 		}
 	}
 	mustVerifyDB(t, gdb)
+}
+
+// A database URL may choose pgx's protocol (default_query_exec_mode, the
+// usual setting behind PgBouncer). The batch's statement must work in
+// every mode, not fall back to running its consumes one by one: in the
+// exec and simple protocol modes pgx sends a []byte argument as bytea,
+// which jsonb does not take.
+func TestConsumeBatchAppliesInEveryQueryExecMode(t *testing.T) {
+	t.Parallel()
+	for _, mode := range []string{"cache_statement", "cache_describe", "describe_exec", "exec", "simple_protocol"} {
+		t.Run(mode, func(t *testing.T) {
+			t.Parallel()
+			u, err := url.Parse(dbtest.NewURL(t))
+			if err != nil {
+				t.Fatal(err)
+			}
+			q := u.Query()
+			q.Set("default_query_exec_mode", mode)
+			u.RawQuery = q.Encode()
+			gdb, err := db.Open(context.Background(), u.String(), 4, dbtest.Logger(t))
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { _ = db.Close(gdb) })
+			s := New(Options{DB: gdb, Config: config.Default().Credits})
+			batchGrant(t, s, "c1", 10)
+			batchGrant(t, s, "c2", 10)
+			call := func(customer, k string) *batchCall {
+				in := ConsumeInput{CustomerID: customer, Amount: 3, Reason: "api call"}
+				return s.consumeCall(context.Background(), in, batchKey(customer, k, in), "{}")
+			}
+			batch := []*batchCall{call("c1", "a"), call("c2", "b"), call("c1", "c")}
+			s.batch.run(batch)
+			for i, c := range batch {
+				if r := wait(c); r.err != nil {
+					t.Errorf("consume %d: %v", i, r.err)
+				}
+			}
+			if n, m := s.batch.deferred.Load(), s.batch.fellBack.Load(); n != 0 || m != 0 {
+				t.Errorf("%d consumes deferred, %d fell back: the batch's statement did not run in mode %s", n, m, mode)
+			}
+			if got := balanceOf(t, gdb, "c1"); got != 4 {
+				t.Errorf("c1's balance %d, want 4", got)
+			}
+			mustVerifyDB(t, gdb)
+		})
+	}
 }
