@@ -23,19 +23,33 @@ func TestHotPathFunctionsKeepTheirPlannerSettings(t *testing.T) {
 		"credits_consume_set": {"enable_bitmapscan=off", "plan_cache_mode=force_generic_plan", "enable_seqscan=off", "lock_timeout=50ms"},
 		"credits_hold_one":    {"enable_seqscan=off"},
 	}
-	var rows []struct {
-		Name     string
-		Settings string
+	names := make([]string, 0, len(want))
+	for name := range want {
+		names = append(names, name)
 	}
-	err := gdb.Raw(`SELECT p.proname AS name, array_to_string(p.proconfig, E'\n') AS settings
+	var rows []struct {
+		Name      string
+		Signature string
+		Settings  *string
+	}
+	// Every function of a pinned name, with settings or without: a new
+	// overload left beside the old one would be the one called.
+	err := gdb.Raw(`SELECT p.proname AS name, p.oid::regprocedure::text AS signature,
+			array_to_string(p.proconfig, E'\n') AS settings
 		FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
-		WHERE n.nspname = current_schema() AND p.proconfig IS NOT NULL`).Scan(&rows).Error
+		WHERE n.nspname = current_schema() AND (p.proconfig IS NOT NULL OR p.proname IN ?)`, names).Scan(&rows).Error
 	if err != nil {
 		t.Fatal(err)
 	}
 	got := map[string][]string{}
 	for _, r := range rows {
-		got[r.Name] = strings.Split(r.Settings, "\n")
+		if _, dup := got[r.Name]; dup {
+			t.Errorf("function %s has more than one overload (%s): one of them runs without the settings pinned here", r.Name, r.Signature)
+		}
+		got[r.Name] = nil
+		if r.Settings != nil {
+			got[r.Name] = strings.Split(*r.Settings, "\n")
+		}
 	}
 	for name, settings := range want {
 		if !reflect.DeepEqual(got[name], settings) {

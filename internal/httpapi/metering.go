@@ -12,7 +12,7 @@ import (
 // IngestUsageEvents validates each event on its own and commits the accepted
 // ones before answering 202; per-event results come back in request order.
 func (s *Server) IngestUsageEvents(ctx context.Context, r api.IngestUsageEventsRequestObject) (api.IngestUsageEventsResponseObject, error) {
-	key := idempotencyKey(ctx, "", "ingestUsageEvents", r.Params.IdempotencyKey, r.Body)
+	key := idempotencyKey(ctx, "", usageIngestOperation, r.Params.IdempotencyKey, r.Body)
 	res, replayed, err := s.d.Metering.Ingest(ctx, fromAPIUsageBatch(r.Body), key)
 	if err != nil {
 		return nil, err

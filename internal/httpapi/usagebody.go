@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"math"
 	"net/http"
 	"reflect"
 	"slices"
@@ -28,7 +29,9 @@ import (
 // value of its schema type, no escapes in strings, nothing after the
 // object. It says "don't know" for everything else, and the gate then
 // validates the body with kin-openapi as before; so every refusal, its
-// status and its problem fields, still comes from kin-openapi. What it
+// status and its problem fields, is as before (kin-openapi's, or for a
+// value only the handler's decode refuses, such as a leap second, the
+// binder's). What it
 // accepts it must accept exactly as kin-openapi and encoding/json would:
 // usagebody_test.go runs bodies through both paths and compares.
 //
@@ -37,11 +40,12 @@ import (
 // any rule beyond its type is checked by kin-openapi itself (VisitJSON on
 // that value). A schema it cannot follow (another member, a type the Go
 // struct does not have, nullable, defaults, composition, OpenAPI 3.1)
-// leaves the fast path off: newUsageBody says why, and a test fails.
+// leaves the fast path off: newUsageBody says why, and
+// TestUsageBodyFastPathAnswersAsKinOpenAPI fails with that reason.
 type usageBody struct {
 	minItems, maxItems int
 	// required is a bitmask of the usage event's required members (by
-	// usageMember), whether the batch requires events is in eventsRequired.
+	// usageMember); the batch itself must require events (newUsageBody).
 	required uint8
 	// leaves are the members' schemas; check[m] is set when the schema
 	// has a rule beyond its type, to be checked by kin-openapi per value.
@@ -106,7 +110,7 @@ func newUsageBody(doc *openapi3.T, op *openapi3.Operation) (*usageBody, error) {
 		return nil, fmt.Errorf("events: no items schema")
 	}
 	u.minItems = int(list.MinItems)
-	u.maxItems = int(^uint(0) >> 1)
+	u.maxItems = math.MaxInt
 	if list.MaxItems != nil && *list.MaxItems < uint64(u.maxItems) {
 		u.maxItems = int(*list.MaxItems)
 	}
@@ -129,8 +133,8 @@ func newUsageBody(doc *openapi3.T, op *openapi3.Operation) (*usageBody, error) {
 		u.leaves[m], u.check[m] = ref.Value, !plain
 	}
 	for _, name := range event.Required {
-		m := slices.IndexFunc(usageMembers[:], func(x struct{ name, typ string }) bool { return x.name == name })
-		if m < 0 {
+		m := memberByName([]byte(name))
+		if m == memberCount {
 			return nil, fmt.Errorf("event: required %q is not a property", name)
 		}
 		u.required |= 1 << m
@@ -181,7 +185,7 @@ func containerShape(s *openapi3.Schema, typ string, allowed ...string) error {
 }
 
 // leafKeywords are the rules kin-openapi checks on a single value, which
-// the fast path hands to it (checkLeaf). Others (nullable, readOnly,
+// the fast path hands to it (check[m], then VisitJSON in member). Others (nullable, readOnly,
 // default, composition) depend on where the value is, and turn the fast path off.
 var leafKeywords = []string{"Type", "Format", "Enum", "Min", "Max", "MultipleOf", "ExclusiveMin", "ExclusiveMax",
 	"MinLength", "MaxLength", "Pattern"}

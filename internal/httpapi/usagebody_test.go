@@ -39,6 +39,21 @@ type usageServer struct {
 	stub *usageStub
 	// body is the gate's fast path, nil when it is off.
 	body *usageBody
+	// decoded says whether the last request's handler was given the
+	// batch the gate decoded (the fast path ran), kept out of the answers
+	// compared.
+	decoded bool
+}
+
+// spyBinder records whether the handler's body came from the gate.
+type spyBinder struct {
+	echo.Binder
+	s *usageServer
+}
+
+func (b spyBinder) Bind(i any, c echo.Context) error {
+	b.s.decoded = c.Get(decodedBody) != nil
+	return b.Binder.Bind(i, c)
 }
 
 func newUsageServer(t testing.TB, spec []byte, fast bool, maxBody int64) *usageServer {
@@ -60,6 +75,7 @@ func newUsageServer(t testing.TB, spec []byte, fast bool, maxBody int64) *usageS
 	}
 	s.e.HTTPErrorHandler = errorHandler(slog.New(slog.DiscardHandler))
 	serveContract(s.e, g, s.stub, maxBody)
+	s.e.Binder = spyBinder{Binder: s.e.Binder, s: s}
 	return s
 }
 
@@ -98,7 +114,7 @@ func (s *usageServer) send(r usageRequest) usageAnswer {
 	}
 	req.Header.Set("Authorization", "Bearer svc-key")
 	rec := httptest.NewRecorder()
-	s.stub.got, s.stub.guard = nil, db.IdempotencyKey{}
+	s.stub.got, s.stub.guard, s.decoded = nil, db.IdempotencyKey{}, false
 	s.e.ServeHTTP(rec, req)
 	return usageAnswer{Status: rec.Code, ContentType: rec.Header().Get("Content-Type"), Replayed: rec.Header().Get("Idempotent-Replayed"),
 		Body: rec.Body.String(), Got: s.stub.got, Guard: s.stub.guard}
@@ -253,7 +269,11 @@ func TestUsageBodyFastPathAnswersAsKinOpenAPI(t *testing.T) {
 	big := newUsageServer(t, api.SpecYAML, true, 1<<20)
 	bigSlow := newUsageServer(t, api.SpecYAML, false, 1<<20)
 	if fast.body == nil {
-		t.Fatal("the fast path is off for the contract's usage body")
+		doc, err := loadSpec(api.SpecYAML)
+		if err == nil {
+			_, err = newUsageBody(doc, doc.Paths.Find("/v1/usage-events").Post)
+		}
+		t.Fatalf("the fast path is off for the contract's usage body: %v", err)
 	}
 	for _, c := range usageBodies {
 		t.Run(c.name, func(t *testing.T) {
@@ -268,6 +288,14 @@ func TestUsageBodyFastPathAnswersAsKinOpenAPI(t *testing.T) {
 			// The gate reads a body of application/json only.
 			if _, ok := fast.body.decode([]byte(c.req.body)); (ok && c.req.contentType == "") != c.fast {
 				t.Errorf("read by the fast path: %v, want %v", ok, c.fast)
+			}
+			// And the handler of an accepted request was given what the
+			// gate read, so the answers compared above came from both paths.
+			if answer.Status == http.StatusAccepted && f.decoded != c.fast {
+				t.Errorf("the handler was given the gate's batch: %v, want %v", f.decoded, c.fast)
+			}
+			if s.decoded {
+				t.Error("the gate without the fast path handed the handler a batch")
 			}
 		})
 	}
