@@ -285,12 +285,14 @@ func (b *consumeBatcher) run(batch []*batchCall) {
 	if err == nil && len(rows) != len(batch) {
 		err = fmt.Errorf("credits: consume batch of %d answered %d rows", len(batch), len(rows))
 	}
-	if err != nil && errs.Is(db.Translate(err, nil), errs.Unavailable) {
+	if err != nil && errs.Is(db.Translate(err, nil), errs.Unavailable) && !db.IsCanceledStatement(err) {
 		// The database is out of reach (or the batch ran out of time):
 		// running each operation on its own would wait as long again for
 		// each. Whether the batch committed is unknown, as for any request
 		// that loses its connection: a retry with the same key replays or
-		// applies once.
+		// applies once. A batch the server cancelled (statement_timeout)
+		// rolled back on a working connection: its operations, each a
+		// smaller statement, go the full path below.
 		err = db.Translate(err, nil)
 		for i := range batch {
 			answer(i, batchDone{err: err})

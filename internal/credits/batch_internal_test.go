@@ -811,18 +811,7 @@ func TestConsumeBatchAppliesInEveryQueryExecMode(t *testing.T) {
 	for _, mode := range []string{"cache_statement", "cache_describe", "describe_exec", "exec", "simple_protocol"} {
 		t.Run(mode, func(t *testing.T) {
 			t.Parallel()
-			u, err := url.Parse(dbtest.NewURL(t))
-			if err != nil {
-				t.Fatal(err)
-			}
-			q := u.Query()
-			q.Set("default_query_exec_mode", mode)
-			u.RawQuery = q.Encode()
-			gdb, err := db.Open(context.Background(), u.String(), 4, dbtest.Logger(t))
-			if err != nil {
-				t.Fatal(err)
-			}
-			t.Cleanup(func() { _ = db.Close(gdb) })
+			gdb := openWithParam(t, dbtest.NewURL(t), "default_query_exec_mode", mode)
 			s := New(Options{DB: gdb, Config: config.Default().Credits})
 			batchGrant(t, s, "c1", 10)
 			batchGrant(t, s, "c2", 10)
@@ -846,4 +835,97 @@ func TestConsumeBatchAppliesInEveryQueryExecMode(t *testing.T) {
 			mustVerifyDB(t, gdb)
 		})
 	}
+}
+
+// openWithParam opens a pool on dbURL with one more connection parameter.
+func openWithParam(t *testing.T, dbURL, key, value string) *gorm.DB {
+	t.Helper()
+	u, err := url.Parse(dbURL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	q := u.Query()
+	q.Set(key, value)
+	u.RawQuery = q.Encode()
+	gdb, err := db.Open(context.Background(), u.String(), 4, dbtest.Logger(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = db.Close(gdb) })
+	return gdb
+}
+
+// An operator's statement_timeout cancels a consume that waits too long
+// for its customer's balance (another transaction holds it): the consume
+// answers unavailable (503, retry), not internal (500), and writes
+// nothing; the same key retried once the lock is gone applies once.
+func TestConsumeCancelledByStatementTimeoutIsUnavailable(t *testing.T) {
+	t.Parallel()
+	dbURL := dbtest.NewURL(t)
+	gdb := openWithParam(t, dbURL, "statement_timeout", "300")
+	s := New(Options{DB: gdb, Config: config.Default().Credits})
+	batchGrant(t, s, "c1", 10)
+
+	holder := openWithParam(t, dbURL, "application_name", "holder")
+	tx := holder.Begin()
+	if err := tx.Exec(`SELECT 1 FROM credit_balances WHERE customer_id = 'c1' FOR UPDATE`).Error; err != nil {
+		t.Fatal(err)
+	}
+	in := ConsumeInput{CustomerID: "c1", Amount: 3, Reason: "api call"}
+	key := batchKey("c1", "k1", in)
+	_, _, err := s.Consume(context.Background(), in, key)
+	if errs.CodeOf(err) != errs.Unavailable {
+		t.Errorf("a consume cancelled by statement_timeout: %v (code %s), want unavailable", err, errs.CodeOf(err))
+	}
+	if err := tx.Rollback().Error; err != nil {
+		t.Fatal(err)
+	}
+	if got := balanceOf(t, gdb, "c1"); got != 10 {
+		t.Errorf("balance %d after the cancelled consume, want 10", got)
+	}
+	res, replayed, err := s.Consume(context.Background(), in, key)
+	if err != nil || replayed || res.Balance != 7 {
+		t.Errorf("the retry: %+v replayed %v err %v, want balance 7, applied now", res, replayed, err)
+	}
+	mustVerifyDB(t, gdb)
+}
+
+// A batch the server cancels (an operator's statement_timeout) rolled back
+// on a working connection: its consumes go the full path one by one, where
+// each smaller statement may pass, instead of all answering unavailable as
+// for a lost connection. A trigger makes a ledger insert cost 10 ms a row,
+// so the batch's one insert of 20 rows passes the 100 ms timeout and each
+// consume's own does not.
+func TestCancelledBatchRunsItsConsumesOnTheFullPath(t *testing.T) {
+	t.Parallel()
+	dbURL := dbtest.NewURL(t)
+	gdb := openWithParam(t, dbURL, "statement_timeout", "100")
+	s := New(Options{DB: gdb, Config: config.Default().Credits})
+	const n = 20
+	for i := range n {
+		batchGrant(t, s, fmt.Sprintf("c%d", i), 10)
+	}
+	err := gdb.Exec(`CREATE FUNCTION slow_ledger() RETURNS trigger LANGUAGE plpgsql AS $$
+		BEGIN PERFORM pg_sleep(0.01 * (SELECT count(*) FROM added)); RETURN NULL; END $$;
+		CREATE TRIGGER slow_ledger AFTER INSERT ON credit_ledger REFERENCING NEW TABLE AS added
+		FOR EACH STATEMENT EXECUTE FUNCTION slow_ledger()`).Error
+	if err != nil {
+		t.Fatal(err)
+	}
+	batch := make([]*batchCall, n)
+	for i := range batch {
+		customer := fmt.Sprintf("c%d", i)
+		in := ConsumeInput{CustomerID: customer, Amount: 3, Reason: "api call"}
+		batch[i] = s.consumeCall(context.Background(), in, batchKey(customer, "k", in), "{}")
+	}
+	s.batch.run(batch)
+	for i, c := range batch {
+		if r := wait(c); r.err != nil || r.res.Balance != 7 {
+			t.Errorf("consume %d: %+v, want balance 7", i, r)
+		}
+	}
+	if m := s.batch.fellBack.Load(); m != n {
+		t.Errorf("%d consumes fell back to the full path, want %d (the batch was not cancelled, or its consumes answered unavailable)", m, n)
+	}
+	mustVerifyDB(t, gdb)
 }

@@ -21,6 +21,7 @@ const (
 	checkViolation       = "23514"
 	serializationFailure = "40001"
 	deadlockDetected     = "40P01"
+	queryCanceled        = "57014"
 )
 
 // Translate turns a database error into the errs vocabulary, where the query
@@ -33,6 +34,10 @@ const (
 //   - a lost, refused or shut-down connection is errs.Unavailable, so clients
 //     get 503 and retry, and is remembered so that the pool checks its
 //     other connections before reuse (stale.go);
+//   - a statement the server cancelled (SQLSTATE 57014: an operator's
+//     statement_timeout, or pg_cancel_backend) is errs.Unavailable too: it
+//     rolled back and may succeed if retried, so clients get 503, not a
+//     500 that reads as tally's bug; the connection is fine;
 //   - a value the database cannot hold (SQLSTATE class 22: a NUL character,
 //     bytes that are not UTF-8, a number out of range, a malformed date)
 //     came from the caller, so it is errs.Invalid, not an internal error;
@@ -70,6 +75,8 @@ func Translate(err error, byConstraint map[string]errs.Code) error {
 		case unavailableSQLState(pgErr.Code):
 			noteConnectionLost()
 			return errs.Wrap(err, errs.Unavailable, "database unavailable")
+		case pgErr.Code == queryCanceled:
+			return errs.Wrap(err, errs.Unavailable, "the database cancelled the statement: %s", pgErr.Message)
 		case strings.HasPrefix(pgErr.Code, "22"):
 			return errs.Wrap(err, errs.Invalid, "a value cannot be stored: %s", pgErr.Message)
 		}
@@ -80,6 +87,14 @@ func Translate(err error, byConstraint map[string]errs.Code) error {
 		return errs.Wrap(err, errs.Unavailable, "database unavailable")
 	}
 	return err
+}
+
+// IsCanceledStatement reports whether err is a statement the server
+// cancelled (statement_timeout, pg_cancel_backend): unavailable for the
+// caller, but the database is reachable, and a smaller statement may pass.
+func IsCanceledStatement(err error) bool {
+	var pgErr *pgconn.PgError
+	return errors.As(err, &pgErr) && pgErr.Code == queryCanceled
 }
 
 // IsUnavailable reports whether err means the database could not be reached

@@ -95,6 +95,7 @@ func TestTranslateClassifies(t *testing.T) {
 		{"starting up", &pgconn.PgError{Code: "57P03"}, errs.Unavailable},
 		{"connection exception class", &pgconn.PgError{Code: "08006"}, errs.Unavailable},
 		{"too many connections", &pgconn.PgError{Code: "53300"}, errs.Unavailable},
+		{"statement cancelled (statement_timeout)", &pgconn.PgError{Code: "57014"}, errs.Unavailable},
 		{"unique", &pgconn.PgError{Code: "23505", ConstraintName: "x_key"}, errs.Conflict},
 		{"check", &pgconn.PgError{Code: "23514", ConstraintName: "x_check"}, errs.Conflict},
 		{"not null stays internal", &pgconn.PgError{Code: "23502"}, errs.Internal},
