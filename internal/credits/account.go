@@ -109,26 +109,15 @@ func lockAccountAt(ctx context.Context, tx *gorm.DB, customerID string, clock fu
 	// The automatic top-up settings and the saved card (tables of
 	// internal/payments) are read in the same statement, so that deciding
 	// whether a change must start a top-up costs no round trip of its own.
-	res := tx.WithContext(ctx).Raw(`
-		SELECT b.balance, b.next_expiry, b.held, b.next_hold_expiry, b.low_balance_notified AS notified,
-		       COALESCE(c.low_balance_threshold, ?::bigint, b.default_low_balance_threshold) AS threshold, b.updated_at,
-		       c.low_balance_thresholds AS thresholds,
-		       COALESCE((SELECT sum(g.remaining)::bigint FROM credit_grants g
-		                 WHERE g.customer_id = b.customer_id AND g.effective_at IS NOT NULL AND g.remaining > 0
-		                   AND g.effective_at > ?::timestamptz), 0) AS pending,
-		       COALESCE((SELECT t.threshold FROM auto_top_up_settings t
-		                 JOIN customer_payment_methods m ON m.customer_id = t.customer_id
-		                 WHERE t.customer_id = b.customer_id AND t.enabled AND t.status = 'active' AND t.in_flight_payment_id IS NULL
-		                   AND make_date(m.exp_year, m.exp_month, 1) + interval '1 month' > (?::timestamptz AT TIME ZONE 'UTC')
-		                   AND (t.monthly_limit IS NULL OR t.month_count < t.monthly_limit
-		                        OR t.month_start IS DISTINCT FROM date_trunc('month', ?::timestamptz AT TIME ZONE 'UTC')::date)), 0) AS top_up_below
-		FROM credit_balances b JOIN customers c ON c.id = b.customer_id
-		WHERE b.customer_id = ?
-		FOR UPDATE OF b`, defaultThreshold, clockNow, clockNow, clockNow, customerID).Scan(&locked)
-	if res.Error != nil {
-		return nil, false, res.Error
+	// A direct statement (db.ScanDirect): every change of a balance takes
+	// this lock, and gorm wrote its text out again at each call.
+	found, err := db.ScanDirect(ctx, tx, lockAccountQuery, []any{defaultThreshold, clockNow, clockNow, clockNow, customerID},
+		&locked.Balance, &locked.NextExpiry, &locked.Held, &locked.NextHoldExpiry, &locked.Notified, &locked.Threshold,
+		&locked.UpdatedAt, &locked.Thresholds, &locked.Pending, &locked.TopUpBelow)
+	if err != nil {
+		return nil, false, err
 	}
-	if res.RowsAffected == 0 {
+	if !found {
 		return nil, false, nil
 	}
 	a.balance, a.nextExpiry, a.notified, a.threshold = locked.Balance, locked.NextExpiry, locked.Notified, locked.Threshold
@@ -158,6 +147,25 @@ func lockAccountAt(ctx context.Context, tx *gorm.DB, customerID string, clock fu
 	}
 	return a, true, nil
 }
+
+// lockAccountQuery is lockAccountAt's statement: the balance row, locked,
+// with what deciding on a low-balance notice and an automatic top-up needs.
+const lockAccountQuery = `
+		SELECT b.balance, b.next_expiry, b.held, b.next_hold_expiry, b.low_balance_notified AS notified,
+		       COALESCE(c.low_balance_threshold, $1::bigint, b.default_low_balance_threshold) AS threshold, b.updated_at,
+		       c.low_balance_thresholds AS thresholds,
+		       COALESCE((SELECT sum(g.remaining)::bigint FROM credit_grants g
+		                 WHERE g.customer_id = b.customer_id AND g.effective_at IS NOT NULL AND g.remaining > 0
+		                   AND g.effective_at > $2::timestamptz), 0) AS pending,
+		       COALESCE((SELECT t.threshold FROM auto_top_up_settings t
+		                 JOIN customer_payment_methods m ON m.customer_id = t.customer_id
+		                 WHERE t.customer_id = b.customer_id AND t.enabled AND t.status = 'active' AND t.in_flight_payment_id IS NULL
+		                   AND make_date(m.exp_year, m.exp_month, 1) + interval '1 month' > ($3::timestamptz AT TIME ZONE 'UTC')
+		                   AND (t.monthly_limit IS NULL OR t.month_count < t.monthly_limit
+		                        OR t.month_start IS DISTINCT FROM date_trunc('month', $4::timestamptz AT TIME ZONE 'UTC')::date)), 0) AS top_up_below
+		FROM credit_balances b JOIN customers c ON c.id = b.customer_id
+		WHERE b.customer_id = $5
+		FOR UPDATE OF b`
 
 // holdsDue reports whether an active hold may be past its expires_at.
 func (a *account) holdsDue() bool {

@@ -139,46 +139,58 @@ func grantTx(ctx context.Context, tx *gorm.DB, clock func() time.Time, in GrantI
 	}
 	// The event rows: the grant's, then the caller's (GrantThen), in one
 	// VALUES list, whose rows are inserted, and their ids drawn, in order.
-	eventRows, eventArgs := "(?, ?, ?)", []any{evType, in.CustomerID, evData}
+	query, eventArgs := grantQuery, []any{evType, in.CustomerID, evData}
 	if then != nil {
 		thenType, thenData, err := events.Encode(then)
 		if err != nil {
 			return GrantResult{}, err
 		}
-		eventRows += ", (?, ?, ?)"
+		query = grantThenQuery
 		eventArgs = append(eventArgs, thenType, in.CustomerID, thenData)
 	}
-	// The grant, its ledger entry, its event and the balance in one
-	// statement (one round trip instead of four), with the same rows and
-	// columns as the grant, insertEntry, events.Append and account.save
-	// write: the ledger entry's foreign key to the grant is checked at the
-	// end of the statement, once both exist, and the event follows the
-	// entry in the feed as before (ids are drawn in the order written).
-	err = tx.WithContext(ctx).Exec(`WITH grant_row AS (
-			INSERT INTO credit_grants (id, customer_id, amount, remaining, source, payment_id, reason, metadata,
-				expires_at, created_at, priority, category, effective_at)
-			VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-		), entry AS (
-			INSERT INTO credit_ledger (id, customer_id, kind, amount, balance_after, reason, metadata, grant_id, payment_id,
-				idempotency_key, created_at)
-			VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-		), event AS (
-			INSERT INTO events (type, customer_id, data) VALUES `+eventRows+`
-		)
-		UPDATE credit_balances SET balance = ?, next_expiry = ?, low_balance_notified = ?, held = ?, next_hold_expiry = ?,
-			default_low_balance_threshold = COALESCE(?::bigint, default_low_balance_threshold), updated_at = ?
-		WHERE customer_id = ?`,
+	_, err = db.ExecDirect(ctx, tx, query,
 		slices.Concat([]any{grantID, in.CustomerID, in.Amount, in.Amount, string(in.Source), db.NullIfEmpty(in.PaymentID), in.Reason, meta,
 			expiresAt, now, in.priority(), in.category(), effectiveAt,
 			txID, in.CustomerID, kind, in.Amount, a.balance, in.Reason, meta, grantID, db.NullIfEmpty(in.PaymentID),
-			key, now}, eventArgs,
-			[]any{a.balance, a.nextExpiry, a.notified, a.held, a.nextHoldExpiry, a.defaultThreshold, a.now, in.CustomerID})...).Error
+			key, now},
+			[]any{a.balance, a.nextExpiry, a.notified, a.held, a.nextHoldExpiry, a.defaultThreshold, a.now, in.CustomerID},
+			eventArgs)...)
 	if err != nil {
 		return GrantResult{}, db.Translate(err, grantConstraints)
 	}
 	return GrantResult{TransactionID: txID, GrantID: grantID, Amount: in.Amount, Balance: a.balance, ExpiresAt: expiresAt,
 		Priority: in.priority(), Category: in.category(), EffectiveAt: effectiveAt}, nil
 }
+
+// grantTx's statement: the grant, its ledger entry, its event and the
+// balance in one statement (one round trip instead of four), with the
+// same rows and columns as the grant, insertEntry, events.Append and
+// account.save write: the ledger entry's foreign key to the grant is
+// checked at the end of the statement, once both exist, and the event
+// follows the entry in the feed as before (ids are drawn in the order
+// written). grantThenQuery appends the caller's event (GrantThen) after
+// the grant's, in one VALUES list, whose rows are inserted, and their ids
+// drawn, in order. Direct statements (db.ExecDirect): every purchase runs
+// one, and gorm wrote its text out again at each call.
+const (
+	grantQueryHead = `WITH grant_row AS (
+			INSERT INTO credit_grants (id, customer_id, amount, remaining, source, payment_id, reason, metadata,
+				expires_at, created_at, priority, category, effective_at)
+			VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
+		), entry AS (
+			INSERT INTO credit_ledger (id, customer_id, kind, amount, balance_after, reason, metadata, grant_id, payment_id,
+				idempotency_key, created_at)
+			VALUES ($14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24)
+		), event AS (
+			INSERT INTO events (type, customer_id, data) VALUES ($33, $34, $35)`
+	grantQueryTail = `
+		)
+		UPDATE credit_balances SET balance = $25, next_expiry = $26, low_balance_notified = $27, held = $28, next_hold_expiry = $29,
+			default_low_balance_threshold = COALESCE($30::bigint, default_low_balance_threshold), updated_at = $31
+		WHERE customer_id = $32`
+	grantQuery     = grantQueryHead + grantQueryTail
+	grantThenQuery = grantQueryHead + `, ($36, $37, $38)` + grantQueryTail
+)
 
 // grantAnswer is a GrantResult as stored for idempotent replay.
 type grantAnswer struct {

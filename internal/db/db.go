@@ -31,7 +31,11 @@
 //   - One placeholder style: ?, as gorm's builder writes it. A long statement
 //     that uses a value more than once binds it once in a leading CTE
 //     (WITH p AS (SELECT ?::text AS customer, ?::bigint AS amount)) and
-//     refers to p.customer.
+//     refers to p.customer. The exception is a direct statement (ExecDirect,
+//     ScanDirect): a statement of a hot path, run on the pool or the
+//     transaction gorm holds but without gorm's statement building, written
+//     as PostgreSQL receives it, with $1, $2, as a constant. Its comment
+//     says why.
 //   - Results are scanned with Scan into a small struct, a slice of them or
 //     a single value; "no row" is RowsAffected == 0 (Scan) or
 //     gorm.ErrRecordNotFound (Take, First), handled explicitly where the
@@ -48,7 +52,9 @@
 //     logger masks what an error message quotes.
 //   - gorm's implicit transactions stay off (SkipDefaultTransaction) and so
 //     does its statement cache (PrepareStmt): pgx already caches every
-//     statement per connection. Nothing reads gorm's internals.
+//     statement per connection. Nothing reads gorm's internals beyond its
+//     exported connection (Statement.ConnPool) and logger, which the
+//     direct statements use as gorm's own statements do.
 package db
 
 import (

@@ -128,6 +128,24 @@ func TestFailedQueriesNeverLogBoundValues(t *testing.T) {
 			var n int64
 			return gdb.Raw(`SELECT count(*) FROM people WHERE age::int4 = ? AND email <> ?`, number, email).Scan(&n).Error
 		}},
+		{"ExecDirect", func() error {
+			_, err := db.ExecDirect(context.Background(), gdb, `UPDATE people SET email = $1 WHERE id = 1/0 AND age = $2`, email, number)
+			return err
+		}},
+		{"ScanDirect", func() error {
+			var n int64
+			_, err := db.ScanDirect(context.Background(), gdb, `SELECT count(*) FROM people WHERE email = $1 AND id = $2 AND 1/0 = 1`,
+				[]any{email, number}, &n)
+			return err
+		}},
+		{"ScanDirect of a violated constraint in a transaction", func() error {
+			return gdb.Transaction(func(tx *gorm.DB) error {
+				var id int64
+				_, err := db.ScanDirect(context.Background(), tx, `INSERT INTO people VALUES ($1, $2, $3) RETURNING id`,
+					[]any{number, "taken@example.com", number}, &id)
+				return err
+			})
+		}},
 		{"a value in a transaction", func() error {
 			return gdb.Transaction(func(tx *gorm.DB) error {
 				var ps []person

@@ -265,15 +265,9 @@ func (s *Service) confirm(ctx context.Context, ev EventRef, paymentID string, c 
 		// keeps an event in the history once (see record), and a move the
 		// state machine refuses is recorded as refused (then rolled back
 		// with the refusal, as before).
-		setPaymentIntent := ""
-		var args []any
-		args = append(args, db.NullIfEmpty(c.paymentIntentID), db.NullIfEmpty(c.invoiceID), p.ID, db.NullIfEmpty(ev.ID),
+		args := []any{db.NullIfEmpty(c.paymentIntentID), db.NullIfEmpty(c.invoiceID), p.ID, db.NullIfEmpty(ev.ID),
 			p.ID, string(p.Status), string(Succeeded), allowed, db.NullIfEmpty(ev.ID), db.NullIfEmpty(ev.Type), "payment received", ev.source(),
-			string(Succeeded), c.amountReceived, received, now, now, string(c.by))
-		if !byInvoice {
-			setPaymentIntent = ", payment_intent_id = ?"
-			args = append(args, c.paymentIntentID)
-		}
+			string(Succeeded), c.amountReceived, received, now, now, string(c.by)}
 		// A delivery stored by this transaction (ev.Inline) records no
 		// outcome after it, whose statement would ask whether an event
 		// waits for this success (a refund or dispute that overtook it):
@@ -287,23 +281,13 @@ func (s *Service) confirm(ctx context.Context, ev EventRef, paymentID string, c 
 			wakeFor = c.paymentIntentID + c.invoiceID // exactly one is set
 		}
 		args = append(args, p.ID, allowed, wakeFor, wakeFor)
+		query := confirmByInvoiceQuery
+		if !byInvoice {
+			query = confirmByPaymentIntentQuery
+			args = append(args, c.paymentIntentID)
+		}
 		var wrote struct{ Confirmed, Recorded, Updated, Waiting bool }
-		err := tx.WithContext(ctx).Raw(`WITH guard AS (
-				INSERT INTO payment_confirmations (payment_intent_id, invoice_id, payment_id, stripe_event_id)
-				VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING RETURNING 1
-			), history AS (
-				INSERT INTO payment_transitions (payment_id, from_status, to_status, applied, stripe_event_id, stripe_event_type, reason, source)
-				SELECT ?, ?, ?, ?::boolean, ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM guard)
-				ON CONFLICT (payment_id, stripe_event_id) WHERE stripe_event_id IS NOT NULL DO NOTHING RETURNING 1
-			), moved AS (
-				UPDATE payments SET status = ?, amount_received = ?, received_currency = ?, succeeded_at = ?, failure_reason = NULL,
-					updated_at = ?, confirmed_by = ?`+setPaymentIntent+`
-				WHERE id = ? AND ?::boolean AND EXISTS (SELECT 1 FROM history) RETURNING 1
-			)
-			SELECT EXISTS (SELECT 1 FROM guard) AS confirmed, EXISTS (SELECT 1 FROM history) AS recorded,
-				EXISTS (SELECT 1 FROM moved) AS updated,
-				?::text <> '' AND EXISTS (SELECT 1 FROM stripe_events w
-					WHERE w.status IN ('failed', 'parked') AND w.waiting_for IS NOT NULL AND w.waiting_for = ?::text) AS waiting`, args...).Scan(&wrote).Error
+		_, err := db.ScanDirect(ctx, tx, query, args, &wrote.Confirmed, &wrote.Recorded, &wrote.Updated, &wrote.Waiting)
 		if err != nil {
 			return db.Translate(err, map[string]errs.Code{"payments_payment_intent_id_key": errs.Conflict})
 		}
@@ -378,6 +362,34 @@ func (s *Service) confirm(ctx context.Context, ev EventRef, paymentID string, c 
 		return events.Append(ctx, tx, p.CustomerID, succeeded)
 	})
 }
+
+// confirm's statement: the guard's row, the transition and the payment's
+// new columns, each write gated on the one before (see confirm), and
+// whether events wait for this success. A direct statement
+// (db.ScanDirect): it runs for every confirmed payment, and gorm wrote
+// its text out again at each call. By PaymentIntent it links the
+// payment to it too ($23).
+const (
+	confirmQueryHead = `WITH guard AS (
+				INSERT INTO payment_confirmations (payment_intent_id, invoice_id, payment_id, stripe_event_id)
+				VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING RETURNING 1
+			), history AS (
+				INSERT INTO payment_transitions (payment_id, from_status, to_status, applied, stripe_event_id, stripe_event_type, reason, source)
+				SELECT $5, $6, $7, $8::boolean, $9, $10, $11, $12 WHERE EXISTS (SELECT 1 FROM guard)
+				ON CONFLICT (payment_id, stripe_event_id) WHERE stripe_event_id IS NOT NULL DO NOTHING RETURNING 1
+			), moved AS (
+				UPDATE payments SET status = $13, amount_received = $14, received_currency = $15, succeeded_at = $16, failure_reason = NULL,
+					updated_at = $17, confirmed_by = $18`
+	confirmQueryTail = `
+				WHERE id = $19 AND $20::boolean AND EXISTS (SELECT 1 FROM history) RETURNING 1
+			)
+			SELECT EXISTS (SELECT 1 FROM guard) AS confirmed, EXISTS (SELECT 1 FROM history) AS recorded,
+				EXISTS (SELECT 1 FROM moved) AS updated,
+				$21::text <> '' AND EXISTS (SELECT 1 FROM stripe_events w
+					WHERE w.status IN ('failed', 'parked') AND w.waiting_for IS NOT NULL AND w.waiting_for = $22::text) AS waiting`
+	confirmByInvoiceQuery       = confirmQueryHead + confirmQueryTail
+	confirmByPaymentIntentQuery = confirmQueryHead + `, payment_intent_id = $23` + confirmQueryTail
+)
 
 // errAskStripe ends a confirmation's transaction whose gate found that the
 // Checkout Session must be retrieved from Stripe first (paymentIntentSucceeded).

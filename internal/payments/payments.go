@@ -314,11 +314,11 @@ func (p Payment) CreditsExpiry() catalog.Expiry {
 // load reads one payment through gdb; lock takes its row lock (gdb must then
 // be a transaction). Errors: errs.NotFound.
 func load(ctx context.Context, gdb *gorm.DB, id string, lock bool) (Payment, error) {
-	q := `SELECT ` + paymentColumns + ` FROM payments WHERE id = ?`
+	q := loadQuery
 	if lock {
-		q += ` FOR UPDATE`
+		q = loadLockedQuery
 	}
-	r, err := scanPayment(gdb.WithContext(ctx).Raw(q, id).Row())
+	r, err := scanPayment(directRow(ctx, gdb, q, id))
 	if errors.Is(err, sql.ErrNoRows) {
 		return Payment{}, errs.E(errs.NotFound, "payment %s not found", id)
 	}
@@ -328,6 +328,28 @@ func load(ctx context.Context, gdb *gorm.DB, id string, lock bool) (Payment, err
 	return r.payment(), nil
 }
 
+// load's statements, and loadLockedApplied's: direct (db.ScanDirect),
+// since every event reads its payment under the lock.
+const (
+	loadQuery        = `SELECT ` + paymentColumns + ` FROM payments WHERE id = $1`
+	loadLockedQuery  = loadQuery + ` FOR UPDATE`
+	loadAppliedQuery = `SELECT ` + paymentColumns + `,
+			EXISTS (SELECT 1 FROM payment_transitions t WHERE t.payment_id = payments.id AND t.stripe_event_id = $1)
+		FROM payments WHERE id = $2 FOR UPDATE`
+)
+
+// directRow is a scan of the first row of a direct query (db.ScanDirect):
+// sql.ErrNoRows when it returns none, as *sql.Row answers.
+func directRow(ctx context.Context, gdb *gorm.DB, query string, args ...any) func(dest ...any) error {
+	return func(dest ...any) error {
+		found, err := db.ScanDirect(ctx, gdb, query, args, dest...)
+		if err == nil && !found {
+			return sql.ErrNoRows
+		}
+		return err
+	}
+}
+
 // loadLockedApplied is load with the row lock (tx a transaction), and
 // whether Stripe event eventID is in the payment's history, in one
 // statement. The history is read with that statement's snapshot, taken
@@ -335,9 +357,7 @@ func load(ctx context.Context, gdb *gorm.DB, id string, lock bool) (Payment, err
 // can have applied the event meanwhile may ask this way (see lockForEvent).
 func loadLockedApplied(ctx context.Context, tx *gorm.DB, id, eventID string) (Payment, bool, error) {
 	var applied bool
-	r, err := scanPayment(tx.WithContext(ctx).Raw(`SELECT `+paymentColumns+`,
-			EXISTS (SELECT 1 FROM payment_transitions t WHERE t.payment_id = payments.id AND t.stripe_event_id = ?)
-		FROM payments WHERE id = ? FOR UPDATE`, eventID, id).Row(), &applied)
+	r, err := scanPayment(directRow(ctx, tx, loadAppliedQuery, eventID, id), &applied)
 	if errors.Is(err, sql.ErrNoRows) {
 		return Payment{}, false, errs.E(errs.NotFound, "payment %s not found", id)
 	}

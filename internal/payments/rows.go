@@ -78,10 +78,10 @@ const paymentColumns = `id, customer_id, save_payment_method, item, item_kind, q
 // is read under its lock by every event). A text column gorm reads as ""
 // when NULL is read through sql.NullString for the same effect.
 // extra are the destinations of columns selected after paymentColumns.
-func scanPayment(row interface{ Scan(dest ...any) error }, extra ...any) (paymentRow, error) {
+func scanPayment(scan func(dest ...any) error, extra ...any) (paymentRow, error) {
 	var r paymentRow
 	var s [23]sql.NullString
-	if err := row.Scan(append([]any{&s[0], &s[1], &r.SavePaymentMethod, &s[2], &s[3], &r.Quantity, &s[4], &r.UnitAmount, &r.Amount, &s[5], &r.AmountReceived, &r.AmountRefunded, &r.Credits, &r.CreditsExpireAfterSeconds, &r.CreditsExpireAfterMonths, &r.Livemode, &s[6], &s[7], &s[8], &s[9], &s[10], &s[11], &r.CheckoutCurrency, &r.CheckoutAmountSubtotal, &r.CheckoutAmountTotal, &r.CheckoutAmountTax, &r.CheckoutSourceCurrency, &r.CheckoutSourceAmountSubtotal, &s[12], &s[13], &r.CreatedAt, &r.UpdatedAt, &r.SucceededAt, &r.CreditsRevoked, &r.AmountDisputed, &s[14], &s[15], &s[16], &s[17], &s[18], &s[19], &s[20], &s[21], &s[22]}, extra...)...); err != nil {
+	if err := scan(append([]any{&s[0], &s[1], &r.SavePaymentMethod, &s[2], &s[3], &r.Quantity, &s[4], &r.UnitAmount, &r.Amount, &s[5], &r.AmountReceived, &r.AmountRefunded, &r.Credits, &r.CreditsExpireAfterSeconds, &r.CreditsExpireAfterMonths, &r.Livemode, &s[6], &s[7], &s[8], &s[9], &s[10], &s[11], &r.CheckoutCurrency, &r.CheckoutAmountSubtotal, &r.CheckoutAmountTotal, &r.CheckoutAmountTax, &r.CheckoutSourceCurrency, &r.CheckoutSourceAmountSubtotal, &s[12], &s[13], &r.CreatedAt, &r.UpdatedAt, &r.SucceededAt, &r.CreditsRevoked, &r.AmountDisputed, &s[14], &s[15], &s[16], &s[17], &s[18], &s[19], &s[20], &s[21], &s[22]}, extra...)...); err != nil {
 		return paymentRow{}, err
 	}
 	r.ID = s[0].String

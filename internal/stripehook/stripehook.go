@@ -14,7 +14,6 @@ package stripehook
 
 import (
 	"context"
-	"database/sql"
 	"encoding/base64"
 	"errors"
 	"fmt"
@@ -267,11 +266,17 @@ func storeError(err error) error {
 
 // storedStatus is the status of the stored event id.
 func (h *Intake) storedStatus(ctx context.Context, id string) (Status, error) {
-	var stored eventRow
-	if err := h.db.WithContext(ctx).Select("status").Where("id = ?", id).Take(&stored).Error; err != nil {
+	// A copy of a delivery asks this (a fifth of the deliveries under
+	// load): a direct statement (db.ScanDirect).
+	var status string
+	found, err := db.ScanDirect(ctx, h.db, `SELECT status FROM stripe_events WHERE id = $1`, []any{id}, &status)
+	if err == nil && !found {
+		err = gorm.ErrRecordNotFound // as gorm's Take answered
+	}
+	if err != nil {
 		return "", db.Translate(err, nil)
 	}
-	return Status(stored.Status), nil
+	return Status(status), nil
 }
 
 // errStoredFirst is what an InlineStore's Store answers when a copy of the
@@ -313,14 +318,14 @@ func (h *Intake) receiveInline(ctx context.Context, ev Event, payload []byte, no
 		// meanwhile. The confirmation's statement asks, under the lock
 		// (payments.InlineStore.Waiting).
 		var inserted bool
-		err := tx.WithContext(ctx).Raw(`INSERT INTO stripe_events (id, type, api_version, livemode, payload, status, attempts,
+		found, err := db.ScanDirect(ctx, tx, `INSERT INTO stripe_events (id, type, api_version, livemode, payload, status, attempts,
 				next_attempt_at, received_at, processed_at, stripe_created, source)
-			VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+			VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
 			ON CONFLICT DO NOTHING
-			RETURNING true`,
+			RETURNING true`, []any{
 			row.ID, row.Type, row.APIVersion, row.Livemode, row.Payload, row.Status, row.Attempts,
-			row.NextAttemptAt, row.ReceivedAt, row.ProcessedAt, row.StripeCreated, row.Source).Row().Scan(&inserted)
-		if errors.Is(err, sql.ErrNoRows) {
+			row.NextAttemptAt, row.ReceivedAt, row.ProcessedAt, row.StripeCreated, row.Source}, &inserted)
+		if err == nil && !found {
 			return errStoredFirst // nothing inserted: the id is stored
 		}
 		return storeError(err)
