@@ -27,6 +27,7 @@ func TestMarshalBatchIsJSONMarshal(t *testing.T) {
 	sameAsMarshal(t, []batchItem{})
 	for _, s := range batchStrings {
 		sameAsMarshal(t, []batchItem{{Kind: KindConsume, Customer: s, Scope: s, Key: s, Hash: s, Amount: &one, Reason: s, ID: s}})
+		sameAsMarshal(t, []batchItem{{Kind: KindConsume, Customer: s, Amount: &one, Reason: s, Metadata: json.RawMessage("{}"), ID: s}})
 		sameAsMarshal(t, []batchItem{{Kind: s, Hold: s, ExpiresIn: 3600, Amount: nil, ID: "ctx_1"}})
 	}
 	sameAsMarshal(t, []batchItem{
@@ -34,6 +35,11 @@ func TestMarshalBatchIsJSONMarshal(t *testing.T) {
 		{Kind: kindCapture, Customer: "c2", Hold: "hold_1", Amount: &zero, ID: "ctx_2"},
 		{Kind: kindHold, Customer: "c3", Amount: &neg, ExpiresIn: -5, ID: "ctx_3"},
 		{Kind: KindConsume, Customer: "c4", Amount: &one, Metadata: json.RawMessage(` {"a" : "<b>"} `), ID: "ctx_4"},
+	})
+	sameAsMarshal(t, []batchItem{
+		{Kind: KindConsume, Customer: "c1", Amount: &one, Reason: "r", Metadata: json.RawMessage("{}"), ID: "ctx_1"},
+		{Kind: KindConsume, Customer: "c2", Amount: &one, Reason: "r", ID: "ctx_2"},
+		{Kind: kindHold, Customer: "c3", Amount: &one, Reason: "r", Metadata: json.RawMessage("{}"), Hold: "hold_1", ExpiresIn: 60, ID: "ctx_3"},
 	})
 }
 
@@ -46,6 +52,9 @@ func FuzzMarshalBatch(f *testing.F) {
 	f.Fuzz(func(t *testing.T, customer, reason string, amount int64, nilAmount bool, hold string, expires int64) {
 		item := batchItem{Kind: KindConsume, Customer: customer, Scope: "customer:" + customer, Key: reason + customer,
 			Hash: "00ff", Amount: &amount, Reason: reason, Hold: hold, ExpiresIn: expires, ID: "ctx_" + hold}
+		if expires%2 == 0 {
+			item.Metadata = json.RawMessage("{}")
+		}
 		if nilAmount {
 			item.Amount = nil
 		}
