@@ -252,7 +252,7 @@ func (b *consumeBatcher) run(batch []*batchCall) {
 		items[i] = c.item
 		items[i].ID = db.NewID("ctx")
 	}
-	js, err := json.Marshal(items)
+	js, err := marshalBatch(items)
 	var rows []batchAnswer
 	if err == nil {
 		threshold := s.cfg.DefaultLowBalanceThreshold

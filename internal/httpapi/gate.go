@@ -30,9 +30,10 @@ type gate struct {
 	// which a CPU profile of the balance read showed costing about a tenth
 	// of the request. router stays for whatever routes misses.
 	routes map[string]*routers.Route
-	// fast reads the body of the operations it holds without kin-openapi
-	// when the body is plainly valid (usagebody.go); nil: always kin-openapi.
-	fast map[*openapi3.Operation]*usageBody
+	// fast answers for kin-openapi on the operations it holds when the
+	// request is plainly valid (fastgate.go; their bodies: usagebody.go,
+	// consumebody.go); nil: always kin-openapi.
+	fast map[*openapi3.Operation]*fastOp
 }
 
 func loadSpec(spec []byte) (*openapi3.T, error) {
@@ -55,20 +56,35 @@ func newGate(doc *openapi3.T, auth *authenticator) (*gate, error) {
 	if err != nil {
 		return nil, fmt.Errorf("httpapi: route openapi.yaml: %w", err)
 	}
-	g := &gate{router: router, auth: auth, routes: map[string]*routers.Route{}, fast: map[*openapi3.Operation]*usageBody{}}
+	g := &gate{router: router, auth: auth, routes: map[string]*routers.Route{}, fast: map[*openapi3.Operation]*fastOp{}}
 	for path, item := range routed.Paths.Map() {
 		for method, op := range item.Operations() {
-			g.routes[method+" "+echoPath(path)] = &routers.Route{Spec: &routed, Path: path, PathItem: item, Method: method, Operation: op}
-			if op.OperationID == usageIngestOperation {
-				// A schema the fast path cannot follow leaves it off; the
-				// test of the real contract fails on it.
-				if u, err := newUsageBody(&routed, op); err == nil {
-					g.fast[op] = u
-				}
+			route := &routers.Route{Spec: &routed, Path: path, PathItem: item, Method: method, Operation: op}
+			g.routes[method+" "+echoPath(path)] = route
+			// A schema the fast path cannot follow leaves it off; the
+			// tests of the real contract fail on the operations they
+			// expect it on.
+			if f, err := newFastOp(route, fastBody(&routed, op)); err == nil {
+				g.fast[op] = f
 			}
 		}
 	}
 	return g, nil
+}
+
+// fastBody is the fast body reader of op, nil when it has none.
+func fastBody(doc *openapi3.T, op *openapi3.Operation) bodyReader {
+	switch op.OperationID {
+	case usageIngestOperation:
+		if u, err := newUsageBody(doc, op); err == nil {
+			return u
+		}
+	case consumeOperation:
+		if b, err := newConsumeBody(doc, op); err == nil {
+			return b
+		}
+	}
+	return nil
 }
 
 // echoPath writes an OpenAPI path template as echo (and the generated
@@ -145,21 +161,33 @@ func (g *gate) middleware(next echo.HandlerFunc) echo.HandlerFunc {
 const usageIngestOperation = "ingestUsageEvents"
 
 // validate checks req against the contract with kin-openapi. For an
-// operation with a fast path and a plainly valid body, the body is decoded
-// once, left for the handler (decodedBinder), and kin-openapi checks the
-// rest (parameters); any other body goes to kin-openapi as before.
+// operation with a fast path (fastgate.go), a plainly valid body is decoded
+// once and left for the handler (decodedBinder), and plainly valid
+// parameters need no kin-openapi at all; any other request goes to
+// kin-openapi as before (with a body the fast path read, for the
+// parameters only).
 func (g *gate) validate(c echo.Context, req *http.Request, route *routers.Route, pathParams map[string]string) error {
 	opts := &openapi3filter.Options{
 		MultiError:         true,
 		AuthenticationFunc: openapi3filter.NoopAuthenticationFunc,
 	}
-	if u := g.fast[route.Operation]; u != nil && req.Body != nil && req.Body != http.NoBody &&
-		req.Header.Get(echo.HeaderContentType) == echo.MIMEApplicationJSON {
-		if data, err := readBody(req); err == nil {
-			if batch, ok := u.decode(data); ok {
-				opts.ExcludeRequestBody = true
-				req.ContentLength = int64(len(data))
-				c.Set(decodedBody, batch)
+	if f := g.fast[route.Operation]; f != nil {
+		hasBody := req.Body != nil && req.Body != http.NoBody
+		switch {
+		case f.body == nil:
+			if !hasBody && f.paramsOK(req, pathParams) {
+				return nil
+			}
+		case hasBody && req.Header.Get(echo.HeaderContentType) == echo.MIMEApplicationJSON:
+			if data, err := readBody(req); err == nil {
+				if v, ok := f.body.read(data); ok {
+					opts.ExcludeRequestBody = true
+					req.ContentLength = int64(len(data))
+					c.Set(decodedBody, v)
+					if f.paramsOK(req, pathParams) {
+						return nil
+					}
+				}
 			}
 		}
 	}

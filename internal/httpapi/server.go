@@ -128,11 +128,12 @@ func New(d Options) (*echo.Echo, error) {
 }
 
 // serveContract routes the strict server's operations through the body
-// limit and the gate; their bodies bind through decodedBinder.
-func serveContract(e *echo.Echo, g *gate, s api.StrictServerInterface, maxBody int64) {
+// limit and the gate; their bodies bind through decodedBinder. mw are the
+// strict handler's middlewares (tests record requests with one).
+func serveContract(e *echo.Echo, g *gate, s api.StrictServerInterface, maxBody int64, mw ...api.StrictMiddlewareFunc) {
 	e.Binder = &decodedBinder{}
 	v1 := e.Group("", limitBody(maxBody), g.middleware)
-	api.RegisterHandlers(v1, api.NewStrictHandler(s, nil))
+	api.RegisterHandlers(v1, api.NewStrictHandler(s, mw))
 }
 
 // registerRaw adds the routes that live outside the strict server (Stripe's

@@ -248,6 +248,13 @@ func (u *usageBody) decode(data []byte) (batch *api.UsageBatch, ok bool) {
 	return &api.UsageBatch{Events: events}, true
 }
 
+func (u *usageBody) read(data []byte) (any, bool) {
+	if batch, ok := u.decode(data); ok {
+		return batch, true
+	}
+	return nil, false
+}
+
 // event reads one event object into e.
 func (u *usageBody) event(s *scanner, e *api.UsageEventInput) bool {
 	if !s.next('{') {

@@ -71,7 +71,9 @@ func newUsageServer(t testing.TB, spec []byte, fast bool, maxBody int64) *usageS
 	}
 	s := &usageServer{e: echo.New(), stub: &usageStub{}}
 	if route := g.routes["POST /v1/usage-events"]; route != nil {
-		s.body = g.fast[route.Operation]
+		if f := g.fast[route.Operation]; f != nil {
+			s.body, _ = f.body.(*usageBody)
+		}
 	}
 	s.e.HTTPErrorHandler = errorHandler(slog.New(slog.DiscardHandler))
 	serveContract(s.e, g, s.stub, maxBody)
