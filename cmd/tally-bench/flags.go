@@ -68,6 +68,9 @@ type settings struct {
 	verify        string
 	json          bool
 	randSeed      int64
+	// cpuProfile, when set, is where this process's own CPU profile of the
+	// whole run goes (runtime/pprof), to see what the load generator costs.
+	cpuProfile string
 	// cpu names the processes whose CPU each scenario reports (cpu.go).
 	cpu []string
 
@@ -127,6 +130,7 @@ func parseSettings(args []string, getenv func(string) string, stderr io.Writer) 
 	fs.StringVar(&s.verify, "verify", verifyAPI, "invariant check after the load: api (GET /v1/admin/verify, needs -admin-key), db (the project's verify in this process on -db, for databases too large for one HTTP request), off")
 	fs.BoolVar(&s.json, "json", false, "print the results as JSON instead of a table")
 	fs.Int64Var(&s.randSeed, "rand-seed", 1, "random seed for choosing customers and duplicates (ids and keys stay unique per run)")
+	fs.StringVar(&s.cpuProfile, "cpuprofile", "", "write a CPU profile of this tool itself (not the server) over the whole run to this file, for go tool pprof")
 	var cpu string
 	fs.StringVar(&cpu, "cpu", "postgres,tally,tally-bench", "comma-separated command names of this machine's processes whose CPU each scenario reports per operation, "+
 		"with how busy the machine was (Linux /proc; off: none)")

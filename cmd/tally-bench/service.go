@@ -19,10 +19,19 @@ import (
 // rather than through pkg/client so that the client's own cost is as small
 // and as visible as possible.
 type service struct {
-	base   string
-	key    string
+	base string
+	// baseURL is base parsed once: each request's URL is a copy of it with
+	// the path set, not a string parsed again per request.
+	baseURL *url.URL
+	key     string
+	// auth is the Authorization header's value, built once and shared by
+	// every request (the transport only reads it).
+	auth   []string
 	client *http.Client
 }
+
+// jsonContentType is the Content-Type of every request body, shared.
+var jsonContentType = []string{"application/json"}
 
 func newService(base, key string, concurrency int) *service {
 	// One transport for every worker, with an idle connection kept for each
@@ -34,19 +43,53 @@ func newService(base, key string, concurrency int) *service {
 		IdleConnTimeout:     90 * time.Second,
 		DisableCompression:  true,
 	}
-	return &service{
-		base:   strings.TrimRight(base, "/"),
-		key:    key,
-		client: &http.Client{Transport: transport},
+	base = strings.TrimRight(base, "/")
+	// -url was checked to parse (settings.validate); a base that does not
+	// leaves baseURL nil and every request fails as it did before.
+	u, err := url.Parse(base)
+	if err != nil {
+		u = nil
 	}
+	s := service{base: base, baseURL: u, client: &http.Client{Transport: transport}}
+	return s.withKey(key)
+}
+
+// withKey is s sending key instead, on the same connections.
+func (s service) withKey(key string) *service {
+	s.key = key
+	s.auth = []string{"Bearer " + key}
+	return &s
+}
+
+// url is base+path as NewRequest would parse it, without parsing base
+// again: path is already escaped (url.PathEscape of each id) and holds
+// neither a query nor a fragment; one that does is parsed whole.
+func (s *service) url(path string) (*url.URL, error) {
+	if s.baseURL == nil || strings.ContainsAny(path, "?#") {
+		return url.Parse(s.base + path)
+	}
+	full := s.baseURL.EscapedPath() + path
+	unescaped, err := url.PathUnescape(full)
+	if err != nil {
+		return nil, &url.Error{Op: "parse", URL: s.base + path, Err: err}
+	}
+	// As url.Parse does: RawPath only when full is not Path's own escaping.
+	u := *s.baseURL
+	u.Path, u.RawPath = unescaped, ""
+	if u.EscapedPath() != full {
+		u.RawPath = full
+	}
+	return &u, nil
 }
 
 // request is one call: want is the success status; allow402 makes a 402
 // insufficient_credits an expected refusal rather than an error.
 type request struct {
-	method   string
-	path     string
-	body     []byte
+	method string
+	path   string
+	body   []byte
+	// header holds extra headers under their canonical names; do adds
+	// Content-Type and Authorization to it, so each call needs its own map.
 	header   http.Header
 	noAuth   bool
 	want     int
@@ -73,23 +116,37 @@ func (s *service) do(ctx context.Context, r request) outcome {
 	}
 	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
-	var body io.Reader
-	if r.body != nil {
-		body = bytes.NewReader(r.body)
-	}
-	req, err := http.NewRequestWithContext(ctx, r.method, s.base+r.path, body)
+	u, err := s.url(r.path)
 	if err != nil {
 		return outcome{errLabel: "request", errDetail: err.Error()}
 	}
-	for name, values := range r.header {
-		req.Header[name] = values
+	// The request is filled in as NewRequestWithContext would, with the
+	// headers set under their canonical names in r.header itself: no URL
+	// parsing, no header map copied and no name canonicalized per request.
+	header := r.header
+	if header == nil {
+		header = make(http.Header, 2)
+	}
+	req := &http.Request{
+		Method:     r.method,
+		URL:        u,
+		Proto:      "HTTP/1.1",
+		ProtoMajor: 1,
+		ProtoMinor: 1,
+		Header:     header,
+		Host:       strings.TrimSuffix(u.Host, ":"),
 	}
 	if r.body != nil {
-		req.Header.Set("Content-Type", "application/json")
+		data := r.body
+		req.ContentLength = int64(len(data))
+		req.Body = io.NopCloser(bytes.NewReader(data))
+		req.GetBody = func() (io.ReadCloser, error) { return io.NopCloser(bytes.NewReader(data)), nil }
+		header["Content-Type"] = jsonContentType
 	}
 	if !r.noAuth {
-		req.Header.Set("Authorization", "Bearer "+s.key)
+		header["Authorization"] = s.auth
 	}
+	req = req.WithContext(ctx)
 	resp, err := s.client.Do(req)
 	if err != nil {
 		if errors.Is(err, context.Canceled) {

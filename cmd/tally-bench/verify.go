@@ -38,7 +38,7 @@ func verifyOverAPI(ctx context.Context, svc *service, adminKey string) verifyRep
 		PaymentsChecked  int64 `json:"payments_checked"`
 		Problems         []any `json:"problems"`
 	}
-	admin := &service{base: svc.base, key: adminKey, client: svc.client}
+	admin := svc.withKey(adminKey)
 	out := admin.do(ctx, request{
 		method:  http.MethodGet,
 		path:    "/v1/admin/verify",
