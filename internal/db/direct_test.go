@@ -9,6 +9,7 @@ import (
 
 	"github.com/tallybilling/tally/internal/db"
 	"github.com/tallybilling/tally/internal/db/dbtest"
+	"github.com/tallybilling/tally/internal/errs"
 )
 
 // TestDirectStatementsRunWhereGormWould: a direct statement given a
@@ -74,5 +75,66 @@ func TestDirectStatementsRunWhereGormWould(t *testing.T) {
 	}
 	if _, err := db.ScanDirect(ctx, gdb, `SELECT name FROM direct_things WHERE id = $1 AND 1/0 = 1`, []any{4}, &name); err == nil {
 		t.Fatal("ScanDirect of a failing query answered no error")
+	}
+}
+
+// TestDirectStatementErrorsTranslateAsGormsDid: a direct statement's error
+// reaches db.Translate as the driver's own error, as a gorm statement's
+// did, so the callers' translations hold: a violated unique constraint
+// named in the caller's map gets its code (confirm's
+// payments_payment_intent_id_key → conflict), one not named is a
+// conflict, and a statement the server cancelled (statement_timeout) is
+// unavailable, for ExecDirect and ScanDirect, in a transaction and on the
+// pool.
+func TestDirectStatementErrorsTranslateAsGormsDid(t *testing.T) {
+	t.Parallel()
+	gdb := dbtest.New(t)
+	ctx := context.Background()
+	if err := gdb.Exec(`CREATE TABLE direct_keys (id bigint PRIMARY KEY, name text CONSTRAINT direct_keys_name_key UNIQUE)`).Error; err != nil {
+		t.Fatal(err)
+	}
+	if _, err := db.ExecDirect(ctx, gdb, `INSERT INTO direct_keys VALUES ($1, $2)`, 1, "taken"); err != nil {
+		t.Fatal(err)
+	}
+	byName := map[string]errs.Code{"direct_keys_name_key": errs.InsufficientCredits} // any code but the default
+	for _, tc := range []struct {
+		name string
+		run  func(g *gorm.DB) error
+	}{
+		{"ExecDirect", func(g *gorm.DB) error {
+			_, err := db.ExecDirect(ctx, g, `INSERT INTO direct_keys VALUES ($1, $2)`, 2, "taken")
+			return err
+		}},
+		{"ScanDirect", func(g *gorm.DB) error {
+			var id int64
+			_, err := db.ScanDirect(ctx, g, `INSERT INTO direct_keys VALUES ($1, $2) RETURNING id`, []any{2, "taken"}, &id)
+			return err
+		}},
+	} {
+		for _, inTx := range []bool{false, true} {
+			var err error
+			if inTx {
+				err = gdb.Transaction(func(tx *gorm.DB) error { return tc.run(tx) })
+			} else {
+				err = tc.run(gdb)
+			}
+			if got := db.Translate(err, byName); !errs.Is(got, errs.InsufficientCredits) {
+				t.Errorf("%s (transaction %t) with the constraint named: %v; want the caller's code", tc.name, inTx, got)
+			}
+			if got := db.Translate(err, nil); !errs.Is(got, errs.Conflict) {
+				t.Errorf("%s (transaction %t): %v; want conflict", tc.name, inTx, got)
+			}
+		}
+	}
+	err := gdb.Transaction(func(tx *gorm.DB) error {
+		if err := tx.Exec(`SET LOCAL statement_timeout = '50ms'`).Error; err != nil {
+			return err
+		}
+		var one int
+		_, err := db.ScanDirect(ctx, tx, `SELECT 1 FROM pg_sleep($1)`, []any{1}, &one)
+		return err
+	})
+	if got := db.Translate(err, nil); !errs.Is(got, errs.Unavailable) {
+		t.Errorf("ScanDirect cancelled by statement_timeout: %v; want unavailable", got)
 	}
 }
