@@ -105,3 +105,31 @@ func tickingClock() func() time.Time {
 	base := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
 	return func() time.Time { return base.Add(time.Duration(ticks.Add(1)) * time.Millisecond) }
 }
+
+// An operation that can do no more (webhook-credited out of prepared
+// payments) ends its worker: the error is counted once per worker, not
+// once per turn of a loop that spins until the window closes.
+func TestDriveStopsAWorkerWhoseOperationIsSpent(t *testing.T) {
+	t.Parallel()
+	const workers, each = 4, 3
+	do := func(ctx context.Context, w *worker) outcome {
+		if w.seq > each {
+			return outcome{errLabel: "no pending payment left", errDetail: "raise -payments", stop: true}
+		}
+		return outcome{ok: true}
+	}
+	// No warm-up and a window far longer than the work: every operation is
+	// measured, and only stopping ends a worker early.
+	r := drive(context.Background(), tickingClock(), workers, 0, time.Hour, 1, nil, do)
+	if r.ok != workers*each {
+		t.Errorf("ok = %d, want %d", r.ok, workers*each)
+	}
+	if got := r.errors["no pending payment left"]; got != workers {
+		t.Errorf("%d errors counted for %d spent workers, want one each", got, workers)
+	}
+	// Spent in the warm-up: nothing is measured but why each stopped.
+	r = drive(context.Background(), tickingClock(), workers, time.Hour, time.Hour, 1, nil, do)
+	if r.ok != 0 || r.errors["no pending payment left"] != workers || r.requests != workers {
+		t.Errorf("spent in the warm-up: ok %d, errors %v, requests %d; want 0, one each, %d", r.ok, r.errors, r.requests, workers)
+	}
+}

@@ -299,7 +299,7 @@ func newCreditRun(svc *service, secret string, payments []pendingPayment, worker
 func (c *creditRun) op(ctx context.Context, w *worker) outcome {
 	i := int(c.next.Add(1) - 1)
 	if i >= len(c.payments) {
-		return outcome{errLabel: "no pending payment left", errDetail: fmt.Sprintf("%d were prepared; raise -payments", len(c.payments))}
+		return outcome{errLabel: "no pending payment left", errDetail: fmt.Sprintf("%d were prepared; raise -payments", len(c.payments)), stop: true}
 	}
 	c.driven[w.id] = append(c.driven[w.id], drivenPayment{index: i, measured: w.measuring})
 	p := c.payments[i]
