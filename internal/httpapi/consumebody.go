@@ -123,35 +123,17 @@ func (b *consumeBody) read(data []byte) (any, bool) {
 // plainly valid, and the caller must then validate it the slow way.
 func (b *consumeBody) decode(data []byte) (r *api.ConsumeRequest, ok bool) {
 	s := scanner{data: data}
-	if !s.next('{') {
-		return nil, false
-	}
 	r = &api.ConsumeRequest{}
 	var seen uint8
-	if !s.next('}') {
-		for {
-			if !s.next('"') {
-				return nil, false
-			}
-			name, ok := s.name()
-			if !ok || !s.next(':') {
-				return nil, false
-			}
-			m := consumeMemberByName(name)
-			if m == consumeMemberCount || m == consumeMetadata || seen&(1<<m) != 0 || !b.member(&s, m, r) {
-				return nil, false
-			}
-			seen |= 1 << m
-			if s.next(',') {
-				continue
-			}
-			if s.next('}') {
-				break
-			}
-			return nil, false
+	ok = s.object(func(name []byte) bool {
+		m := consumeMemberByName(name)
+		if m == consumeMemberCount || m == consumeMetadata || seen&(1<<m) != 0 || !b.member(&s, m, r) {
+			return false
 		}
-	}
-	if seen&b.required != b.required || !s.end() {
+		seen |= 1 << m
+		return true
+	})
+	if !ok || seen&b.required != b.required || !s.end() {
 		return nil, false
 	}
 	return r, true

@@ -35,17 +35,7 @@ type contractServer struct {
 
 func newContractServer(t testing.TB, spec []byte, fast bool) *contractServer {
 	t.Helper()
-	doc, err := loadSpec(spec)
-	if err != nil {
-		t.Fatal(err)
-	}
-	g, err := newGate(doc, testAuthenticator(t, gateSecret, nil, "", ""))
-	if err != nil {
-		t.Fatal(err)
-	}
-	if !fast {
-		g.fast = nil
-	}
+	g := newTestGate(t, spec, fast)
 	s := &contractServer{e: echo.New(), g: g}
 	s.e.HTTPErrorHandler = errorHandler(slog.New(slog.DiscardHandler))
 	record := func(_ api.StrictHandlerFunc, _ string) api.StrictHandlerFunc {
@@ -58,18 +48,8 @@ func newContractServer(t testing.TB, spec []byte, fast bool) *contractServer {
 		}
 	}
 	serveContract(s.e, g, &Server{}, 4096, record)
-	s.e.Binder = contractSpy{Binder: s.e.Binder, s: s}
+	s.e.Binder = spyBinder{Binder: s.e.Binder, decoded: &s.decoded}
 	return s
-}
-
-type contractSpy struct {
-	echo.Binder
-	s *contractServer
-}
-
-func (b contractSpy) Bind(i any, c echo.Context) error {
-	b.s.decoded = c.Get(decodedBody) != nil
-	return b.Binder.Bind(i, c)
 }
 
 // contractRequest is one request; header values are set as given (a nil
@@ -217,6 +197,9 @@ var consumeBodies = []struct {
 	{"metadata of numbers", `{"amount":1,"reason":"r","metadata":{"k":1}}`, false},
 	{"another member", `{"amount":1,"reason":"r","note":"x"}`, false},
 	{"a member in other case", `{"Amount":1,"reason":"r"}`, false},
+	{"not closed", `{"amount":1,"reason":"r"`, false},
+	{"a member after no comma", `{"amount":1 "reason":"r"}`, false},
+	{"a trailing comma", `{"amount":1,"reason":"r",}`, false},
 	{"a control character", "{\"amount\":1,\"reason\":\"a\tb\"}", false},
 	{"cut short", consumeOK[:20], false},
 	{"a trailing comma", `{"amount":1,"reason":"r",}`, false},

@@ -89,15 +89,7 @@ type gateCall struct {
 // gateSecret for end-user tokens.
 func testGate(t *testing.T) *gate {
 	t.Helper()
-	doc, err := loadSpec([]byte(gateSpec))
-	if err != nil {
-		t.Fatal(err)
-	}
-	g, err := newGate(doc, testAuthenticator(t, gateSecret, nil, "", ""))
-	if err != nil {
-		t.Fatal(err)
-	}
-	return g
+	return newTestGate(t, []byte(gateSpec), true)
 }
 
 func throughGate(t *testing.T, handler echo.HandlerFunc, method, path, token, body string) gateCall {
@@ -290,14 +282,7 @@ func keyPrefix(key string) string {
 // back to the router).
 func TestGateFindsEveryOperationByItsEchoRoute(t *testing.T) {
 	t.Parallel()
-	doc, err := loadSpec(api.SpecYAML)
-	if err != nil {
-		t.Fatal(err)
-	}
-	g, err := newGate(doc, testAuthenticator(t, gateSecret, nil, "", ""))
-	if err != nil {
-		t.Fatal(err)
-	}
+	g := newTestGate(t, api.SpecYAML, true)
 	e := echo.New()
 	checked := 0
 	api.RegisterHandlers(e, api.NewStrictHandler(&Server{}, nil))

@@ -257,34 +257,15 @@ func (u *usageBody) read(data []byte) (any, bool) {
 
 // event reads one event object into e.
 func (u *usageBody) event(s *scanner, e *api.UsageEventInput) bool {
-	if !s.next('{') {
-		return false
-	}
 	var seen uint8
-	if !s.next('}') {
-		for {
-			if !s.next('"') {
-				return false
-			}
-			name, ok := s.name()
-			if !ok || !s.next(':') {
-				return false
-			}
-			m := memberByName(name)
-			if m == memberCount || seen&(1<<m) != 0 || !u.member(s, m, e) {
-				return false
-			}
-			seen |= 1 << m
-			if s.next(',') {
-				continue
-			}
-			if s.next('}') {
-				break
-			}
+	return s.object(func(name []byte) bool {
+		m := memberByName(name)
+		if m == memberCount || seen&(1<<m) != 0 || !u.member(s, m, e) {
 			return false
 		}
-	}
-	return seen&u.required == u.required
+		seen |= 1 << m
+		return true
+	}) && seen&u.required == u.required
 }
 
 func memberByName(name []byte) usageMember {
@@ -367,6 +348,32 @@ func parseNumber(lit []byte) (float64, bool) {
 type scanner struct {
 	data []byte
 	pos  int
+}
+
+// object reads a JSON object whose members' names are plain strings
+// (name), handing each name to member, which reads the member's value
+// (the scanner then stands after the colon). It says false when the text
+// is not such an object or member says false.
+func (s *scanner) object(member func(name []byte) bool) bool {
+	if !s.next('{') {
+		return false
+	}
+	if s.next('}') {
+		return true
+	}
+	for {
+		if !s.next('"') {
+			return false
+		}
+		name, ok := s.name()
+		if !ok || !s.next(':') || !member(name) {
+			return false
+		}
+		if s.next(',') {
+			continue
+		}
+		return s.next('}')
+	}
 }
 
 func (s *scanner) space() {

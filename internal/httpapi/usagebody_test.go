@@ -48,15 +48,17 @@ type usageServer struct {
 // spyBinder records whether the handler's body came from the gate.
 type spyBinder struct {
 	echo.Binder
-	s *usageServer
+	decoded *bool
 }
 
 func (b spyBinder) Bind(i any, c echo.Context) error {
-	b.s.decoded = c.Get(decodedBody) != nil
+	*b.decoded = c.Get(decodedBody) != nil
 	return b.Binder.Bind(i, c)
 }
 
-func newUsageServer(t testing.TB, spec []byte, fast bool, maxBody int64) *usageServer {
+// newTestGate is the gate of spec with the test authenticator, its fast
+// paths on or off.
+func newTestGate(t testing.TB, spec []byte, fast bool) *gate {
 	t.Helper()
 	doc, err := loadSpec(spec)
 	if err != nil {
@@ -69,6 +71,12 @@ func newUsageServer(t testing.TB, spec []byte, fast bool, maxBody int64) *usageS
 	if !fast {
 		g.fast = nil
 	}
+	return g
+}
+
+func newUsageServer(t testing.TB, spec []byte, fast bool, maxBody int64) *usageServer {
+	t.Helper()
+	g := newTestGate(t, spec, fast)
 	s := &usageServer{e: echo.New(), stub: &usageStub{}}
 	if route := g.routes["POST /v1/usage-events"]; route != nil {
 		if f := g.fast[route.Operation]; f != nil {
@@ -77,7 +85,7 @@ func newUsageServer(t testing.TB, spec []byte, fast bool, maxBody int64) *usageS
 	}
 	s.e.HTTPErrorHandler = errorHandler(slog.New(slog.DiscardHandler))
 	serveContract(s.e, g, s.stub, maxBody)
-	s.e.Binder = spyBinder{Binder: s.e.Binder, s: s}
+	s.e.Binder = spyBinder{Binder: s.e.Binder, decoded: &s.decoded}
 	return s
 }
 
@@ -242,6 +250,8 @@ var usageBodies = []struct {
 	{"several faults", usageRequest{body: `{"events":[{"meter":1,"value":1,"identifier":"e1"},{"customer_id":"c","meter":"m","value":true,"identifier":"e2","x":0}],"y":2}`}, false, 422},
 	{"cut short", usageRequest{body: usageEvents(1, goodEvent)[:40]}, false, 400},
 	{"a trailing comma", usageRequest{body: `{"events":[` + goodEvent + `,]}`}, false, 400},
+	{"an event not closed", usageRequest{body: `{"events":[{"customer_id":"c1","meter":"m","value":1,"identifier":"e1"]}`}, false, 400},
+	{"an event not closed before the next", usageRequest{body: `{"events":[{"customer_id":"c1","meter":"m","value":1,"identifier":"e1",` + goodEvent + `]}`}, false, 400},
 	{"a trailing comma in an event", usageRequest{body: withEvent(`"customer_id":"c1","meter":"m","value":1,"identifier":"e1",`)}, false, 400},
 	{"a leading zero", usageRequest{body: withEvent(`"customer_id":"c1","meter":"m","value":01,"identifier":"e1"`)}, false, 400},
 	{"a plus sign", usageRequest{body: withEvent(`"customer_id":"c1","meter":"m","value":+1,"identifier":"e1"`)}, false, 400},
