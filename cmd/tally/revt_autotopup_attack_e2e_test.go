@@ -391,6 +391,18 @@ func TestAutoTopUpStripeHangsWhileTakeBacksAndConsumesPileUp(t *testing.T) {
 	chargeback := disputeEvent("created", dispute(bought, "dp_hang", "needs_response", starterAmount))
 	var wg sync.WaitGroup
 	errs := make(chan string, 64)
+	// The customer saves its settings first, and the save is seen waiting
+	// for the charge in flight before the refund is sent: enabling clears a
+	// disabled status (PutAutoTopUp), so a save that reached the settings'
+	// lock after the refund would rightly leave them enabled, and the
+	// assertion below that the refund disabled them would fail by timing
+	// (seen once under the full suite's load).
+	wg.Go(func() {
+		putAutoTopUp(t, s2, who, client.AutoTopUpSettings{Enabled: true, Threshold: 600, Item: "starter"})
+	})
+	waitFor(t, "the settings save waiting for the charge in flight", func() bool {
+		return revtWaiting(t, gdb, `INSERT INTO "auto_top_up_settings"`) > 0
+	})
 	// When the first refund delivery that applied it (not a duplicate,
 	// which is acknowledged once a copy stored the event) was answered.
 	var refundAnswered atomic.Int64
@@ -425,9 +437,6 @@ func TestAutoTopUpStripeHangsWhileTakeBacksAndConsumesPileUp(t *testing.T) {
 		})
 		wg.Go(func() { balanceOverHTTP(t, servers[(i+1)%2].service(t), who) })
 	}
-	wg.Go(func() {
-		putAutoTopUp(t, s2, who, client.AutoTopUpSettings{Enabled: true, Threshold: 600, Item: "starter"})
-	})
 	time.Sleep(2 * time.Second) // Stripe hangs; everything piles up
 	held.release()
 	answered := make(chan struct{})
