@@ -7,7 +7,6 @@ import (
 	"strconv"
 
 	"github.com/getkin/kin-openapi/openapi3"
-	"github.com/labstack/echo/v4"
 
 	"github.com/tallybilling/tally/api"
 )
@@ -57,17 +56,10 @@ const consumeOperation = "consumeCredits"
 // newConsumeBody prepares the fast path for an operation whose JSON body is
 // the ConsumeRequest schema, or says why it cannot.
 func newConsumeBody(doc *openapi3.T, op *openapi3.Operation) (*consumeBody, error) {
-	if doc.IsOpenAPI31OrLater() {
-		return nil, fmt.Errorf("OpenAPI %s validates with JSON Schema 2020-12", doc.OpenAPI)
+	obj, err := jsonBodySchema(doc, op)
+	if err != nil {
+		return nil, err
 	}
-	if op.RequestBody == nil || op.RequestBody.Value == nil {
-		return nil, fmt.Errorf("no request body")
-	}
-	mt := op.RequestBody.Value.Content.Get(echo.MIMEApplicationJSON)
-	if mt == nil || mt.Schema == nil || mt.Schema.Value == nil {
-		return nil, fmt.Errorf("no application/json schema")
-	}
-	obj := mt.Schema.Value
 	if err := containerShape(obj, openapi3.TypeObject, "Type", "Properties", "Required", "AdditionalProperties"); err != nil {
 		return nil, fmt.Errorf("consume: %w", err)
 	}

@@ -80,18 +80,11 @@ var usageMembers = [memberCount]struct {
 // newUsageBody prepares the fast path for an operation whose JSON body is
 // the UsageBatch schema, or says why it cannot.
 func newUsageBody(doc *openapi3.T, op *openapi3.Operation) (*usageBody, error) {
-	if doc.IsOpenAPI31OrLater() {
-		return nil, fmt.Errorf("OpenAPI %s validates with JSON Schema 2020-12", doc.OpenAPI)
-	}
-	if op.RequestBody == nil || op.RequestBody.Value == nil {
-		return nil, fmt.Errorf("no request body")
-	}
-	mt := op.RequestBody.Value.Content.Get(echo.MIMEApplicationJSON)
-	if mt == nil || mt.Schema == nil || mt.Schema.Value == nil {
-		return nil, fmt.Errorf("no application/json schema")
+	batch, err := jsonBodySchema(doc, op)
+	if err != nil {
+		return nil, err
 	}
 	u := &usageBody{}
-	batch := mt.Schema.Value
 	if err := containerShape(batch, openapi3.TypeObject, "Type", "Properties", "Required", "AdditionalProperties"); err != nil {
 		return nil, fmt.Errorf("batch: %w", err)
 	}
@@ -140,6 +133,22 @@ func newUsageBody(doc *openapi3.T, op *openapi3.Operation) (*usageBody, error) {
 		u.required |= 1 << m
 	}
 	return u, nil
+}
+
+// jsonBodySchema is the schema of op's application/json body, as a fast
+// body reader follows it, or why there is none it can follow.
+func jsonBodySchema(doc *openapi3.T, op *openapi3.Operation) (*openapi3.Schema, error) {
+	if doc.IsOpenAPI31OrLater() {
+		return nil, fmt.Errorf("OpenAPI %s validates with JSON Schema 2020-12", doc.OpenAPI)
+	}
+	if op.RequestBody == nil || op.RequestBody.Value == nil {
+		return nil, fmt.Errorf("no request body")
+	}
+	mt := op.RequestBody.Value.Content.Get(echo.MIMEApplicationJSON)
+	if mt == nil || mt.Schema == nil || mt.Schema.Value == nil {
+		return nil, fmt.Errorf("no application/json schema")
+	}
+	return mt.Schema.Value, nil
 }
 
 // ignoredKeywords are the Schema fields that do not change what validates.
