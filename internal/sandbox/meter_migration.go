@@ -58,7 +58,9 @@ func (a *Account) cancelledMeterEvents() map[string]bool {
 
 // MeterEventAdjustments returns how many adjustments named identifier.
 func (a *Account) MeterEventAdjustments(identifier string) int {
-	a.mu.Lock()
+	if a.lockRead(context.Background()) != nil {
+		return 0
+	}
 	defer a.mu.Unlock()
 	n := 0
 	for _, o := range a.list("billing.meter_event_adjustment") {

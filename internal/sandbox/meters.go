@@ -187,7 +187,9 @@ func (a *Account) summaries(meterID string, q url.Values) (map[string]any, error
 
 // MeterEvents returns every accepted meter event, in order of arrival.
 func (a *Account) MeterEvents() []MeterEvent {
-	a.mu.Lock()
+	if a.lockRead(context.Background()) != nil {
+		return nil
+	}
 	defer a.mu.Unlock()
 	out := make([]MeterEvent, len(a.meterEvents))
 	for i, ev := range a.meterEvents {
@@ -204,7 +206,9 @@ func (a *Account) MeterEvents() []MeterEvent {
 // Count returns how many deliveries of identifier were accepted: at most 1
 // through v1, which refuses duplicates; through v2 every accepted copy.
 func (a *Account) Count(identifier string) int {
-	a.mu.Lock()
+	if a.lockRead(context.Background()) != nil {
+		return 0
+	}
 	defer a.mu.Unlock()
 	return a.accepted[identifier]
 }
@@ -228,7 +232,9 @@ type MeterCustomer struct {
 
 // Meters returns every meter the sandbox knows or has events for.
 func (a *Account) Meters(ctx context.Context) []MeterView {
-	a.mu.Lock()
+	if a.lockRead(ctx) != nil {
+		return nil
+	}
 	defer a.mu.Unlock()
 	byName := map[string]*MeterView{}
 	var out []*MeterView

@@ -311,7 +311,9 @@ type CheckoutView struct {
 // Checkout returns what the hosted page shows of session id.
 // Errors: *Error (no such session).
 func (a *Account) Checkout(ctx context.Context, id string) (CheckoutView, error) {
-	a.mu.Lock()
+	if err := a.lockRead(ctx); err != nil {
+		return CheckoutView{}, err
+	}
 	defer a.mu.Unlock()
 	o := a.get("checkout.session", id)
 	if o == nil {
@@ -319,7 +321,7 @@ func (a *Account) Checkout(ctx context.Context, id string) (CheckoutView, error)
 	}
 	v := CheckoutView{ID: id, Mode: str(o.data, "mode"), Status: str(o.data, "status"), PaymentStatus: str(o.data, "payment_status"),
 		Currency: str(o.data, "currency"), AmountTotal: num(o.data, "amount_total"), Items: lineItems(o),
-		Email: str(o.data, "customer_email"), SuccessURL: str(o.data, "success_url"), CancelURL: str(o.data, "cancel_url"),
+		Email: str(o.data, "customer_email"), SuccessURL: successURL(o), CancelURL: str(o.data, "cancel_url"),
 		ExpiresAt: time.Unix(num(o.data, "expires_at"), 0)}
 	if d := sub(o.data, "customer_details"); d != nil && str(d, "email") != "" {
 		v.Email = str(d, "email")

@@ -215,14 +215,26 @@ func (a *Account) load(ctx context.Context) error {
 	return nil
 }
 
-// begin starts an operation that changes state (a.mu held): it reloads a
-// state the store may not have, so nothing answered ever rests on a write
-// that was lost.
+// begin starts an operation that reads or changes state (a.mu held):
+// after a failed commit the in-memory state still holds the changes the
+// store refused, so it is reloaded first, and nothing answered, shown or
+// delivered ever rests on a write that was lost.
 func (a *Account) begin(ctx context.Context) error {
 	if !a.broken {
 		return nil
 	}
 	return a.load(ctx)
+}
+
+// lockRead takes a.mu for a reader, on the store's state (see begin). When
+// the store cannot be read it answers the error with a.mu released.
+func (a *Account) lockRead(ctx context.Context) error {
+	a.mu.Lock()
+	if err := a.begin(ctx); err != nil {
+		a.mu.Unlock()
+		return err
+	}
+	return nil
 }
 
 // commit writes what the operation changed to the store (a.mu held). On
@@ -331,7 +343,9 @@ func (a *Account) list(typ string) []*object {
 
 // Object returns a copy of the wire form of object id, nil when unknown.
 func (a *Account) Object(id string) map[string]any {
-	a.mu.Lock()
+	if a.lockRead(context.Background()) != nil {
+		return nil
+	}
 	defer a.mu.Unlock()
 	o := a.objects[id]
 	if o == nil {
@@ -343,7 +357,9 @@ func (a *Account) Object(id string) map[string]any {
 // Objects returns copies of the wire forms of every object of typ
 // ("checkout.session", "payment_intent", ...), oldest first.
 func (a *Account) Objects(typ string) []map[string]any {
-	a.mu.Lock()
+	if a.lockRead(context.Background()) != nil {
+		return nil
+	}
 	defer a.mu.Unlock()
 	var out []map[string]any
 	for _, o := range a.list(typ) {

@@ -5,6 +5,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"net/url"
+	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -106,4 +107,85 @@ func TestStateSurvivesARestart(t *testing.T) {
 	want := []string{"payment_intent.created", "charge.succeeded", "payment_intent.succeeded", "checkout.session.completed", // since the restart
 		"payment_intent.created", "charge.succeeded", "payment_intent.succeeded", "checkout.session.completed", "customer.created"} // retried
 	wantTypes(t, "deliveries across a restart", hook.typesOK(), want)
+}
+
+// The database refuses a payment's commit: the buyer is told it failed,
+// and nothing the store does not hold is shown, answered or delivered. The
+// hosted page still offers the session for payment and does not send the
+// buyer on as paid, and no event of the lost payment reaches the
+// endpoint. Once the store takes writes again, the buyer pays once and
+// the endpoint gets that one payment's events.
+func TestARefusedCommitIsNeitherShownNorDelivered(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	gdb := dbtest.New(t)
+	store, err := sandbox.OpenPostgresStore(ctx, gdb)
+	if err != nil {
+		t.Fatal(err)
+	}
+	hook := newEndpoint(t)
+	acct, err := sandbox.New(ctx, sandbox.Options{SecretKey: "sk_test_sandbox", PublicURL: "http://sandbox.test", Store: store,
+		Webhook: &sandbox.Endpoint{URL: hook.srv.URL, Secret: secret}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	api := httptest.NewServer(sandbox.NewAPI(acct))
+	t.Cleanup(api.Close)
+	web := httptest.NewServer(sandbox.NewWeb(sandbox.WebOptions{Account: acct, API: sandbox.NewAPI(acct), APIURL: api.URL}))
+	t.Cleanup(web.Close)
+	h := &harness{acct: acct, api: api, hook: hook}
+	id := h.session(t, nil)
+	page := web.URL + "/sandbox/checkout/" + id
+	noRedirects := &http.Client{CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}
+	pay := func() (int, string) {
+		t.Helper()
+		resp, err := noRedirects.PostForm(page+"/pay", url.Values{"card": {"4242424242424242"}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		return resp.StatusCode, resp.Header.Get("Location")
+	}
+
+	// The store's writes fail from here, as a database that went away would.
+	refuse := []string{
+		`CREATE FUNCTION stripe_sandbox.refuse() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RAISE EXCEPTION 'the test refuses this write'; END $$`,
+		`CREATE TRIGGER refuse BEFORE INSERT OR UPDATE ON stripe_sandbox.objects FOR EACH ROW EXECUTE FUNCTION stripe_sandbox.refuse()`,
+	}
+	for _, q := range refuse {
+		if err := gdb.Exec(q).Error; err != nil {
+			t.Fatal(err)
+		}
+	}
+	if st, loc := pay(); st != http.StatusInternalServerError || loc != "" {
+		t.Fatalf("pay while the store refuses writes: %d to %q, want 500 on the page", st, loc)
+	}
+	if st, loc := pay(); st != http.StatusInternalServerError || loc != "" {
+		t.Fatalf("pay again while the store refuses writes: %d to %q, want 500 on the page (the session is not paid)", st, loc)
+	}
+	if cs := acct.Object(id); cs["status"] != "open" || cs["payment_intent"] != nil {
+		t.Fatalf("the session after a refused payment: status %v, payment_intent %v; want open, none", cs["status"], cs["payment_intent"])
+	}
+	if v, err := acct.Checkout(ctx, id); err != nil || v.Status != "open" {
+		t.Fatalf("the hosted page's view after a refused payment: %+v, %v; want open", v, err)
+	}
+	if n := acct.DeliverDue(ctx); n != 0 || len(hook.deliveries()) != 0 {
+		t.Fatalf("%d deliveries attempted, %v received, of a payment the store refused", n, hook.typesOK())
+	}
+
+	// The database takes writes again.
+	if err := gdb.Exec(`DROP TRIGGER refuse ON stripe_sandbox.objects`).Error; err != nil {
+		t.Fatal(err)
+	}
+	want := "http://app.test/ok?s=" + id
+	if st, loc := pay(); st != http.StatusSeeOther || loc != want {
+		t.Fatalf("pay once the store is back: %d to %q, want 303 to %q", st, loc, want)
+	}
+	acct.DeliverDue(ctx)
+	wantTypes(t, "the one payment that was stored", hook.typesOK(), []string{"payment_intent.created", "charge.succeeded", "payment_intent.succeeded", "checkout.session.completed"})
+	for _, d := range hook.deliveries() {
+		if !strings.Contains(string(d.Body), acct.Object(id)["payment_intent"].(string)) {
+			t.Fatalf("%s is not about the stored PaymentIntent %v", d.Type, acct.Object(id)["payment_intent"])
+		}
+	}
 }

@@ -140,7 +140,7 @@ func (a *Account) Run(ctx context.Context) error {
 		}
 		id, wait := "", expiryCheck
 		if a.opts.Webhook != nil {
-			id, wait = a.nextDue()
+			id, wait = a.nextDue(ctx)
 		}
 		if id != "" {
 			a.deliver(ctx, id)
@@ -164,7 +164,7 @@ func (a *Account) Run(ctx context.Context) error {
 func (a *Account) DeliverDue(ctx context.Context) int {
 	n := 0
 	for {
-		id, _ := a.nextDue()
+		id, _ := a.nextDue(ctx)
 		if id == "" || ctx.Err() != nil {
 			return n
 		}
@@ -174,9 +174,13 @@ func (a *Account) DeliverDue(ctx context.Context) int {
 }
 
 // nextDue returns the due delivery emitted first, or how long to wait for
-// the next one to fall due.
-func (a *Account) nextDue() (string, time.Duration) {
-	a.mu.Lock()
+// the next one to fall due. While the store cannot be read it asks again
+// in a second: the deliveries it holds in memory may be ones the store
+// refused.
+func (a *Account) nextDue(ctx context.Context) (string, time.Duration) {
+	if a.lockRead(ctx) != nil {
+		return "", time.Second
+	}
 	defer a.mu.Unlock()
 	now := a.now()
 	best, wait := "", time.Minute
@@ -198,7 +202,9 @@ func (a *Account) nextDue() (string, time.Duration) {
 
 // deliver makes one attempt at delivering event id and records it.
 func (a *Account) deliver(ctx context.Context, id string) {
-	a.mu.Lock()
+	if a.lockRead(ctx) != nil {
+		return
+	}
 	ev := a.eventIndex[id]
 	endpoint := *a.opts.Webhook
 	a.mu.Unlock()
@@ -297,7 +303,9 @@ type EventRecord struct {
 
 // Events returns every event, oldest first.
 func (a *Account) Events() []EventRecord {
-	a.mu.Lock()
+	if a.lockRead(context.Background()) != nil {
+		return nil
+	}
 	defer a.mu.Unlock()
 	out := make([]EventRecord, 0, len(a.events))
 	for _, ev := range a.events {
@@ -313,7 +321,9 @@ func (a *Account) Events() []EventRecord {
 
 // Attempts returns every delivery attempt, oldest first.
 func (a *Account) Attempts() []Attempt {
-	a.mu.Lock()
+	if a.lockRead(context.Background()) != nil {
+		return nil
+	}
 	defer a.mu.Unlock()
 	return append([]Attempt(nil), a.attempts...)
 }
