@@ -291,6 +291,14 @@ func (w *Web) authenticate(rw http.ResponseWriter, r *http.Request) {
 func (w *Web) afterPayment(rw http.ResponseWriter, r *http.Request, res PayResult, err error, card string) {
 	switch {
 	case err != nil:
+		// The buyer may have posted again after an answer they never saw
+		// (a second click, a dropped connection, a commit whose answer was
+		// lost): Stripe's hosted page sends a paid session's buyer on to
+		// the merchant, and so does this one, with nothing paid twice.
+		if to, ok := w.paidAlready(r); ok {
+			http.Redirect(rw, r, to, http.StatusSeeOther)
+			return
+		}
 		w.showCheckout(rw, r, statusOf(err), err.Error(), card)
 	case res.Outcome == CardSucceeds:
 		http.Redirect(rw, r, res.RedirectURL, http.StatusSeeOther)
@@ -299,6 +307,14 @@ func (w *Web) afterPayment(rw http.ResponseWriter, r *http.Request, res PayResul
 	default: // the authentication step
 		w.showCheckout(rw, r, http.StatusOK, "", card)
 	}
+}
+
+// paidAlready answers the success URL of the request's Checkout Session
+// when it is complete (paid, or its card saved) and has one.
+func (w *Web) paidAlready(r *http.Request) (string, bool) {
+	v, err := w.opts.Account.Checkout(r.Context(), r.PathValue("id"))
+	ok := err == nil && v.Status == "complete" && v.SuccessURL != ""
+	return v.SuccessURL, ok
 }
 
 func (w *Web) cancel(rw http.ResponseWriter, r *http.Request) {

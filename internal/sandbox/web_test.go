@@ -119,3 +119,42 @@ func TestDashboardCutsLongAnswersOnACharacter(t *testing.T) {
 		t.Fatalf("the dashboard does not show the answer cut short with an ellipsis:\n%s", body)
 	}
 }
+
+// A buyer whose pay answer was lost (a second click, a dropped connection,
+// a server that committed and then failed to answer) posts the form again:
+// the session is paid, so the page sends them on to the merchant's success
+// URL, as Stripe's hosted page does, and nothing is paid or sent twice. A
+// session that is not paid still refuses the form.
+func TestPayingACompletedSessionAgainGoesToTheMerchant(t *testing.T) {
+	t.Parallel()
+	h := newHarness(t)
+	web := httptest.NewServer(sandbox.NewWeb(sandbox.WebOptions{Account: h.acct, API: sandbox.NewAPI(h.acct), APIURL: h.api.URL}))
+	defer web.Close()
+	noRedirects := &http.Client{CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}
+	pay := func(id string) (int, string) {
+		t.Helper()
+		resp, err := noRedirects.PostForm(web.URL+"/sandbox/checkout/"+id+"/pay", url.Values{"card": {"4242424242424242"}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		return resp.StatusCode, resp.Header.Get("Location")
+	}
+	id := h.session(t, nil)
+	want := "http://app.test/ok?s=" + id
+	for attempt := range 3 {
+		if st, loc := pay(id); st != http.StatusSeeOther || loc != want {
+			t.Fatalf("pay attempt %d: %d to %q, want 303 to %q", attempt, st, loc, want)
+		}
+	}
+	h.deliverAll(t)
+	wantTypes(t, "one payment paid three times", h.hook.typesOK(), []string{"payment_intent.created", "charge.succeeded", "payment_intent.succeeded", "checkout.session.completed"})
+
+	expired := h.session(t, nil)
+	if err := h.acct.ExpireSession(context.Background(), expired); err != nil {
+		t.Fatal(err)
+	}
+	if st, loc := pay(expired); st != http.StatusBadRequest || loc != "" {
+		t.Fatalf("paying an expired session: %d to %q, want 400 on the page", st, loc)
+	}
+}
