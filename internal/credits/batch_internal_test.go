@@ -893,20 +893,25 @@ func TestConsumeCancelledByStatementTimeoutIsUnavailable(t *testing.T) {
 // A batch the server cancels (an operator's statement_timeout) rolled back
 // on a working connection: its consumes go the full path one by one, where
 // each smaller statement may pass, instead of all answering unavailable as
-// for a lost connection. A trigger makes a ledger insert cost 10 ms a row,
-// so the batch's one insert of 20 rows passes the 100 ms timeout and each
+// for a lost connection. A trigger makes a ledger insert cost 100 ms a
+// row, so the batch's one insert of 20 rows passes the 1 s timeout and each
 // consume's own does not.
+//
+// The margins are wide (the trigger 100 ms a row, the timeout 1 s): with
+// 10 ms a row and a 100 ms timeout, a full suite on a loaded machine took
+// 149 and 227 ms for a single consume's statement, which then answered
+// unavailable too.
 func TestCancelledBatchRunsItsConsumesOnTheFullPath(t *testing.T) {
 	t.Parallel()
 	dbURL := dbtest.NewURL(t)
-	gdb := openWithParam(t, dbURL, "statement_timeout", "100")
+	gdb := openWithParam(t, dbURL, "statement_timeout", "1000")
 	s := New(Options{DB: gdb, Config: config.Default().Credits})
 	const n = 20
 	for i := range n {
 		batchGrant(t, s, fmt.Sprintf("c%d", i), 10)
 	}
 	err := gdb.Exec(`CREATE FUNCTION slow_ledger() RETURNS trigger LANGUAGE plpgsql AS $$
-		BEGIN PERFORM pg_sleep(0.01 * (SELECT count(*) FROM added)); RETURN NULL; END $$;
+		BEGIN PERFORM pg_sleep(0.1 * (SELECT count(*) FROM added)); RETURN NULL; END $$;
 		CREATE TRIGGER slow_ledger AFTER INSERT ON credit_ledger REFERENCING NEW TABLE AS added
 		FOR EACH STATEMENT EXECUTE FUNCTION slow_ledger()`).Error
 	if err != nil {
