@@ -515,10 +515,15 @@ var retrievable = map[string]string{
 }
 
 // get answers a GET from the account's state, read under its lock and
-// written to the client after it is released.
+// written to the client after it is released. It reads the store's state,
+// as every reader does (lockRead): an object a refused commit changed is
+// never answered, or tally would act on a payment the sandbox forgets.
 func (h *API) get(w http.ResponseWriter, r *http.Request) {
 	rec := httptest.NewRecorder()
-	h.acct.mu.Lock()
+	if err := h.acct.lockRead(r.Context()); err != nil {
+		writeError(w, err)
+		return
+	}
 	h.getLocked(rec, r)
 	h.acct.mu.Unlock()
 	for k, vs := range rec.Header() {

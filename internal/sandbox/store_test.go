@@ -189,3 +189,56 @@ func TestARefusedCommitIsNeitherShownNorDelivered(t *testing.T) {
 		}
 	}
 }
+
+// The database refuses a payment's commit, then comes back before anything
+// else touches the sandbox: tally's next call is a GET of the session (its
+// sync of a pending payment, or a confirmation checking the session). The
+// API answers from the store, never the refused payment: a session shown
+// as paid there is credited by tally, and the sandbox would then forget it.
+func TestARefusedCommitIsNotAnsweredByTheAPI(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	gdb := dbtest.New(t)
+	store, err := sandbox.OpenPostgresStore(ctx, gdb)
+	if err != nil {
+		t.Fatal(err)
+	}
+	hook := newEndpoint(t)
+	acct, err := sandbox.New(ctx, sandbox.Options{SecretKey: "sk_test_sandbox", PublicURL: "http://sandbox.test", Store: store,
+		Webhook: &sandbox.Endpoint{URL: hook.srv.URL, Secret: secret}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	api := httptest.NewServer(sandbox.NewAPI(acct))
+	t.Cleanup(api.Close)
+	h := &harness{acct: acct, api: api, hook: hook}
+	id := h.session(t, nil)
+
+	for _, q := range []string{
+		`CREATE FUNCTION stripe_sandbox.refuse() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RAISE EXCEPTION 'the test refuses this write'; END $$`,
+		`CREATE TRIGGER refuse BEFORE INSERT OR UPDATE ON stripe_sandbox.objects FOR EACH ROW EXECUTE FUNCTION stripe_sandbox.refuse()`,
+	} {
+		if err := gdb.Exec(q).Error; err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := acct.Pay(ctx, id, "4242424242424242", ""); err == nil {
+		t.Fatal("a payment the store refused was answered as done")
+	}
+	if err := gdb.Exec(`DROP TRIGGER refuse ON stripe_sandbox.objects`).Error; err != nil {
+		t.Fatal(err)
+	}
+
+	status, cs, _ := h.call(t, http.MethodGet, "/v1/checkout/sessions/"+id, "", nil)
+	if status != http.StatusOK || cs["status"] != "open" || cs["payment_status"] != "unpaid" || cs["payment_intent"] != nil {
+		t.Fatalf("GET of a session whose payment the store refused: %d, status %v, payment_status %v, payment_intent %v; want 200, open, unpaid, none",
+			status, cs["status"], cs["payment_status"], cs["payment_intent"])
+	}
+	status, list, _ := h.call(t, http.MethodGet, "/v1/events?limit=100", "", nil)
+	if data, _ := list["data"].([]any); status != http.StatusOK || len(data) != 0 {
+		t.Fatalf("GET /v1/events after a refused payment: %d, %d events; want 200 and none (the store holds none)", status, len(data))
+	}
+	if n := acct.DeliverDue(ctx); n != 0 {
+		t.Fatalf("%d deliveries of a refused payment", n)
+	}
+}
