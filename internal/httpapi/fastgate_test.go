@@ -1,8 +1,11 @@
 package httpapi
 
 import (
+	"bufio"
 	"fmt"
+	"io"
 	"log/slog"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"net/url"
@@ -434,5 +437,84 @@ func TestFastPathFollowsTheSchema(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// A body is one JSON value. kin-openapi's decoder and echo's binder both
+// stop after the first value, so `{...}garbage` was read as `{...}`: a
+// consume or a grant with trailing data spent or granted credits (a
+// differential attack on the running binaries found it on every build).
+// Now any JSON body with more than whitespace after its value is refused
+// with 400 before a handler is reached, with the fast paths on or off;
+// trailing whitespace is still fine. A media type's case does not matter
+// (RFC 9110): APPLICATION/JSON is read as application/json, where echo's
+// binder answered 415 after kin-openapi had accepted it.
+func TestABodyIsOneJSONValue(t *testing.T) {
+	t.Parallel()
+	const usageOne = `{"events":[{"customer_id":"c1","meter":"api_calls","value":1,"identifier":"e1","timestamp":"2026-11-30T10:00:00Z"}]}`
+	bodies := map[string]string{
+		"/v1/customers/c1/credits/consume": consumeOK,
+		"/v1/customers/c1/credits/grants":  `{"amount":5,"reason":"promo"}`,
+		"/v1/usage-events":                 usageOne,
+	}
+	for _, fastOn := range []bool{true, false} {
+		s := newContractServer(t, api.SpecYAML, fastOn)
+		for target, body := range bodies {
+			key := []string{"k-1"}
+			for _, ok := range []string{body, body + " \n\t\r "} {
+				for _, ct := range []string{echo.MIMEApplicationJSON, "APPLICATION/JSON", "Application/Json; charset=utf-8"} {
+					a := s.send(contractRequest{method: http.MethodPost, target: target, body: ok, hasBody: true, contentType: ct, key: key})
+					if a.Status != http.StatusNoContent || a.Got == nil {
+						t.Errorf("fast %v: %s %q as %s: %d, handler reached %v, want 204 from the handler: %s", fastOn, target, ok, ct, a.Status, a.Got != nil, a.Body)
+					}
+				}
+			}
+			for _, tail := range []string{"garbage", "}", " {}", `{"amount":1000}`, " 1", "\x00", "]", ` "x"`, "\n{"} {
+				a := s.send(contractRequest{method: http.MethodPost, target: target, body: body + tail, hasBody: true, contentType: echo.MIMEApplicationJSON, key: key})
+				if a.Status != http.StatusBadRequest || a.Got != nil || !strings.Contains(a.Body, `"code":"invalid_request"`) || !strings.Contains(a.Body, "after") {
+					t.Errorf("fast %v: %s with %q after the body: %d, handler reached %v, want 400 invalid_request naming the data after it: %s",
+						fastOn, target, tail, a.Status, a.Got != nil, a.Body)
+				}
+			}
+		}
+	}
+}
+
+// A body that ends before its declared length (the client's connection
+// closed, a proxy cut it) is answered 400 saying so, with the fast paths
+// on or off, and reaches no handler; kin-openapi's own read answered
+// "security requirements failed: reading failed: unexpected EOF", which
+// named a step that had nothing to do with it.
+func TestABodyCutShortIsSaidToBe(t *testing.T) {
+	t.Parallel()
+	for _, fastOn := range []bool{true, false} {
+		s := newContractServer(t, api.SpecYAML, fastOn)
+		srv := httptest.NewServer(s.e)
+		for _, r := range []struct{ method, target, body string }{
+			{http.MethodPost, "/v1/customers/c1/credits/consume", `{"amount":1,"reason":"x"}`},
+			{http.MethodPost, "/v1/customers/c1/credits/grants", `{"amount":5,"reason":"promo"}`},
+			{http.MethodPost, "/v1/usage-events", `{"events":[]}`},
+			{http.MethodGet, "/v1/customers/c1/balance", `{}`},
+		} {
+			conn, err := net.Dial("tcp", srv.Listener.Addr().String())
+			if err != nil {
+				t.Fatal(err)
+			}
+			fmt.Fprintf(conn, "%s %s HTTP/1.1\r\nHost: tally\r\nAuthorization: Bearer svc-key\r\nIdempotency-Key: k-1\r\n"+
+				"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s", r.method, r.target, len(r.body)+10, r.body)
+			_ = conn.(*net.TCPConn).CloseWrite()
+			s.got = nil
+			resp, err := http.ReadResponse(bufio.NewReader(conn), nil)
+			if err != nil {
+				t.Fatalf("fast %v: %s %s: %v", fastOn, r.method, r.target, err)
+			}
+			body, _ := io.ReadAll(resp.Body)
+			conn.Close()
+			if resp.StatusCode != http.StatusBadRequest || s.got != nil || !strings.Contains(string(body), "ended before its declared length") {
+				t.Errorf("fast %v: %s %s cut short: %d, handler reached %v, want 400 saying the body ended early: %s",
+					fastOn, r.method, r.target, resp.StatusCode, s.got != nil, body)
+			}
+		}
+		srv.Close()
 	}
 }

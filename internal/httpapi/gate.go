@@ -1,9 +1,13 @@
 package httpapi
 
 import (
+	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
+	"mime"
 	"net/http"
 	"strings"
 
@@ -171,24 +175,44 @@ func (g *gate) validate(c echo.Context, req *http.Request, route *routers.Route,
 		MultiError:         true,
 		AuthenticationFunc: openapi3filter.NoopAuthenticationFunc,
 	}
+	// The body is read whole first, so that kin-openapi, the fast path and
+	// the handler all read the same bytes, and a body that cannot be read
+	// whole is answered as such.
+	hasBody := req.Body != nil && req.Body != http.NoBody
+	var (
+		data     []byte
+		jsonBody bool
+	)
+	if hasBody {
+		var err error
+		if data, err = readBody(req); err != nil {
+			return bodyReadProblem(err)
+		}
+		jsonBody = jsonMediaType(req)
+	}
 	if f := g.fast[route.Operation]; f != nil {
-		hasBody := req.Body != nil && req.Body != http.NoBody
 		switch {
 		case f.body == nil:
 			if !hasBody && f.paramsOK(req, pathParams) {
 				return nil
 			}
 		case hasBody && req.Header.Get(echo.HeaderContentType) == echo.MIMEApplicationJSON:
-			if data, err := readBody(req); err == nil {
-				if v, ok := f.body.read(data); ok {
-					opts.ExcludeRequestBody = true
-					req.ContentLength = int64(len(data))
-					c.Set(decodedBody, v)
-					if f.paramsOK(req, pathParams) {
-						return nil
-					}
+			if v, ok := f.body.read(data); ok {
+				opts.ExcludeRequestBody = true
+				req.ContentLength = int64(len(data))
+				c.Set(decodedBody, v)
+				if f.paramsOK(req, pathParams) {
+					return nil
 				}
 			}
+		}
+	}
+	// The fast path reads exactly one value; kin-openapi's decoder and
+	// echo's binder stop after the first, and would read `{...}garbage`
+	// as `{...}`.
+	if jsonBody && !opts.ExcludeRequestBody {
+		if at, ok := dataAfterValue(data); ok {
+			return bodyProblem(fmt.Sprintf("the body is not valid JSON: data after the top-level value, at byte %d", at), nil)
 		}
 	}
 	return openapi3filter.ValidateRequest(req.Context(), &openapi3filter.RequestValidationInput{
@@ -197,6 +221,63 @@ func (g *gate) validate(c echo.Context, req *http.Request, route *routers.Route,
 		Route:      route,
 		Options:    opts,
 	})
+}
+
+// bodyReadProblem answers a body that could not be read whole: one over
+// the size limit as before (413: the *http.MaxBytesError goes on), any
+// other (cut short of its declared length, a client that stalled) with a
+// 400 that says so, where kin-openapi's own read named its security step.
+func bodyReadProblem(err error) error {
+	var mbe *http.MaxBytesError
+	if errors.As(err, &mbe) {
+		return mbe
+	}
+	detail := "the request body could not be read whole"
+	if errors.Is(err, io.ErrUnexpectedEOF) {
+		detail += ": it ended before its declared length"
+	}
+	return bodyProblem(detail, err)
+}
+
+// bodyProblem is the 400 invalid_request of a body that is not one
+// readable JSON value, as validationProblem answers a body kin-openapi
+// could not parse.
+func bodyProblem(detail string, cause error) error {
+	return &problemStatus{err: &errs.Error{Code: errs.Invalid, Message: detail, Fields: []errs.FieldError{{Detail: detail}}, Err: cause},
+		status: http.StatusBadRequest}
+}
+
+// jsonMediaType reports whether req's Content-Type is JSON, and writes a
+// JSON one in lower case: media types are case-insensitive (RFC 9110,
+// 8.3.1), and echo's binder, which compares bytes, answered
+// APPLICATION/JSON with 415 once kin-openapi had accepted it.
+func jsonMediaType(req *http.Request) bool {
+	ct := req.Header.Get(echo.HeaderContentType)
+	if ct == echo.MIMEApplicationJSON {
+		return true
+	}
+	mt, params, err := mime.ParseMediaType(ct)
+	if err != nil || (mt != echo.MIMEApplicationJSON && !strings.HasSuffix(mt, "+json")) {
+		return false
+	}
+	if !strings.HasPrefix(ct, mt) {
+		req.Header.Set(echo.HeaderContentType, mime.FormatMediaType(mt, params))
+	}
+	return true
+}
+
+// dataAfterValue reports where data holds more than whitespace after its
+// first JSON value; a body that is not even one value is kin-openapi's to
+// refuse, as before.
+func dataAfterValue(data []byte) (int64, bool) {
+	if json.Valid(data) {
+		return 0, false
+	}
+	dec := json.NewDecoder(bytes.NewReader(data))
+	if err := dec.Decode(new(json.RawMessage)); err != nil {
+		return 0, false
+	}
+	return dec.InputOffset(), true
 }
 
 // bodyRuleProblem answers a domain rule that a readable body breaks (an
@@ -243,8 +324,11 @@ func authorize(p principal, route *routers.Route, security openapi3.SecurityRequ
 // the contract says (parameters, malformed JSON), 422 when a well-formed body
 // breaks the schema.
 func validationProblem(err error) error {
-	var mbe *http.MaxBytesError
-	if errors.As(err, &mbe) {
+	var (
+		mbe *http.MaxBytesError
+		ps  *problemStatus
+	)
+	if errors.As(err, &mbe) || errors.As(err, &ps) {
 		return err
 	}
 	status := http.StatusUnprocessableEntity
