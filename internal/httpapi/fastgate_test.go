@@ -518,3 +518,40 @@ func TestABodyCutShortIsSaidToBe(t *testing.T) {
 		srv.Close()
 	}
 }
+
+// A Content-Type whose parameters do not parse (a parameter with no value,
+// an empty one, a repeated name, a space before the semicolon) is still
+// application/json to kin-openapi and to echo's binder, which both look
+// only at what comes before the first semicolon; the gate took it for "not
+// JSON" (mime.ParseMediaType fails) and skipped its check, so
+// `{...}garbage` sent as "application/json; charset" was still applied. A
+// differential attack on the running binaries found consumes, grants,
+// adjustments, holds and usage batches applied so.
+func TestABodyIsOneJSONValueWhateverItsParameters(t *testing.T) {
+	t.Parallel()
+	const usageOne = `{"events":[{"customer_id":"c1","meter":"api_calls","value":1,"identifier":"e1","timestamp":"2026-11-30T10:00:00Z"}]}`
+	bodies := map[string]string{
+		"/v1/customers/c1/credits/consume": consumeOK,
+		"/v1/customers/c1/credits/grants":  `{"amount":5,"reason":"promo"}`,
+		"/v1/usage-events":                 usageOne,
+	}
+	cts := []string{"application/json; charset", "application/json;;", "application/json ; x", "application/json; a=1; a=2",
+		"application/json; charset=\"utf-8", "APPLICATION/JSON; charset"}
+	for _, fastOn := range []bool{true, false} {
+		s := newContractServer(t, api.SpecYAML, fastOn)
+		for target, body := range bodies {
+			key := []string{"k-1"}
+			for _, ct := range cts {
+				a := s.send(contractRequest{method: http.MethodPost, target: target, body: body, hasBody: true, contentType: ct, key: key})
+				if a.Status != http.StatusNoContent || a.Got == nil {
+					t.Errorf("fast %v: %s %q as %q: %d, handler reached %v, want 204 from the handler: %s", fastOn, target, body, ct, a.Status, a.Got != nil, a.Body)
+				}
+				a = s.send(contractRequest{method: http.MethodPost, target: target, body: body + "garbage", hasBody: true, contentType: ct, key: key})
+				if a.Status != http.StatusBadRequest || a.Got != nil || !strings.Contains(a.Body, "data after the top-level value") {
+					t.Errorf("fast %v: %s with garbage after the body as %q: %d, handler reached %v, want 400 naming the data after it: %s",
+						fastOn, target, ct, a.Status, a.Got != nil, a.Body)
+				}
+			}
+		}
+	}
+}

@@ -250,18 +250,29 @@ func bodyProblem(detail string, cause error) error {
 // jsonMediaType reports whether req's Content-Type is JSON, and writes a
 // JSON one in lower case: media types are case-insensitive (RFC 9110,
 // 8.3.1), and echo's binder, which compares bytes, answered
-// APPLICATION/JSON with 415 once kin-openapi had accepted it.
+// APPLICATION/JSON with 415 once kin-openapi had accepted it. The media
+// type is what comes before the first semicolon, as kin-openapi and echo's
+// binder read it: parameters mime.ParseMediaType refuses ("charset" with no
+// value, ";;", a repeated name) do not make the body any less JSON to
+// them, so they do not here.
 func jsonMediaType(req *http.Request) bool {
 	ct := req.Header.Get(echo.HeaderContentType)
 	if ct == echo.MIMEApplicationJSON {
 		return true
 	}
-	mt, params, err := mime.ParseMediaType(ct)
-	if err != nil || (mt != echo.MIMEApplicationJSON && !strings.HasSuffix(mt, "+json")) {
+	typ, params, _ := strings.Cut(ct, ";")
+	mt := strings.ToLower(strings.TrimSpace(typ))
+	if mt != echo.MIMEApplicationJSON && !strings.HasSuffix(mt, "+json") {
 		return false
 	}
 	if !strings.HasPrefix(ct, mt) {
-		req.Header.Set(echo.HeaderContentType, mime.FormatMediaType(mt, params))
+		if _, ps, err := mime.ParseMediaType(ct); err == nil {
+			req.Header.Set(echo.HeaderContentType, mime.FormatMediaType(mt, ps))
+		} else if strings.Contains(ct, ";") {
+			req.Header.Set(echo.HeaderContentType, mt+";"+params)
+		} else {
+			req.Header.Set(echo.HeaderContentType, mt)
+		}
 	}
 	return true
 }
