@@ -210,7 +210,10 @@ func (g *gate) validate(c echo.Context, req *http.Request, route *routers.Route,
 	// The fast path reads exactly one value; kin-openapi's decoder and
 	// echo's binder stop after the first, and would read `{...}garbage`
 	// as `{...}`.
-	if jsonBody && !opts.ExcludeRequestBody {
+	// An operation with no request body in the contract reads none, and
+	// kin-openapi leaves it whatever it holds; judging it here refused
+	// `{}x` and let `x` through.
+	if jsonBody && !opts.ExcludeRequestBody && route.Operation.RequestBody != nil {
 		if at, ok := dataAfterValue(data); ok {
 			return bodyProblem(fmt.Sprintf("the body is not valid JSON: data after the top-level value, at byte %d", at), nil)
 		}
