@@ -7,7 +7,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"mime"
 	"net/http"
 	"strings"
 
@@ -263,19 +262,16 @@ func jsonMediaType(req *http.Request) bool {
 	if ct == echo.MIMEApplicationJSON {
 		return true
 	}
-	typ, params, _ := strings.Cut(ct, ";")
+	typ, params, hasParams := strings.Cut(ct, ";")
 	mt := strings.ToLower(strings.TrimSpace(typ))
 	if mt != echo.MIMEApplicationJSON && !strings.HasSuffix(mt, "+json") {
 		return false
 	}
-	if !strings.HasPrefix(ct, mt) {
-		if _, ps, err := mime.ParseMediaType(ct); err == nil {
-			req.Header.Set(echo.HeaderContentType, mime.FormatMediaType(mt, ps))
-		} else if strings.Contains(ct, ";") {
-			req.Header.Set(echo.HeaderContentType, mt+";"+params)
-		} else {
-			req.Header.Set(echo.HeaderContentType, mt)
+	if typ != mt {
+		if hasParams {
+			mt += ";" + params
 		}
+		req.Header.Set(echo.HeaderContentType, mt)
 	}
 	return true
 }
