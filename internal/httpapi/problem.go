@@ -3,9 +3,12 @@ package httpapi
 import (
 	"encoding/json"
 	"errors"
+	"fmt"
 	"log/slog"
 	"net/http"
+	"reflect"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/labstack/echo/v4"
@@ -179,6 +182,10 @@ func classify(err error) (*errs.Error, int) {
 			if errors.As(he.Internal, &mbe) {
 				return errs.E(errs.PayloadTooLarge, "the request body is larger than %d bytes", mbe.Limit), http.StatusRequestEntityTooLarge
 			}
+			var ute *json.UnmarshalTypeError
+			if errors.As(he.Internal, &ute) && ute.Type != nil && ute.Field != "" {
+				return typeProblem(ute), http.StatusBadRequest
+			}
 		}
 		msg, _ := he.Message.(string)
 		switch he.Code {
@@ -204,6 +211,35 @@ func classify(err error) (*errs.Error, int) {
 		}
 	}
 	return &errs.Error{Code: errs.Internal, Err: err}, http.StatusInternalServerError
+}
+
+// typeProblem says in the contract's words what echo's binder answers with
+// Go's ("Unmarshal type error: expected=int64, got=number 1e2, ..."): a
+// value the schema accepted that the handler's type cannot hold, such as
+// a whole number written 1e2 or 100.0, which JSON Schema counts as the
+// integer 100 and Go's decoder refuses.
+func typeProblem(ute *json.UnmarshalTypeError) *errs.Error {
+	want := "of another type"
+	switch ute.Type.Kind() {
+	case reflect.Int, reflect.Int8, reflect.Int16, reflect.Int32, reflect.Int64,
+		reflect.Uint, reflect.Uint8, reflect.Uint16, reflect.Uint32, reflect.Uint64:
+		want = "a whole number written without a fraction or an exponent"
+	case reflect.Float32, reflect.Float64:
+		want = "a number"
+	case reflect.String:
+		want = "a string"
+	case reflect.Bool:
+		want = "true or false"
+	}
+	// Go's path names a nested field without its array indexes
+	// (events.quantity), so only a top-level one is a JSON pointer.
+	if strings.Contains(ute.Field, ".") {
+		detail := fmt.Sprintf("the field %s must be %s (got %s)", ute.Field, want, ute.Value)
+		return &errs.Error{Code: errs.Invalid, Message: detail, Fields: []errs.FieldError{{Detail: detail}}, Err: ute}
+	}
+	pointer := "/" + ute.Field
+	detail := fmt.Sprintf("%s must be %s (got %s)", pointer, want, ute.Value)
+	return &errs.Error{Code: errs.Invalid, Message: detail, Fields: []errs.FieldError{{Pointer: pointer, Detail: detail}}, Err: ute}
 }
 
 func orDefault(s, def string) string {
