@@ -164,13 +164,7 @@ func TestRevSandboxARefusedPaymentIsNotCreditedBySync(t *testing.T) {
 	proxy.up()
 	waitStatus(t, s.URL+"/readyz", http.StatusOK, patience)
 
-	since := time.Now().Add(-time.Hour)
-	r, err := s.admin(t).SyncStripeWithResponse(context.Background(), client.StripeSyncRequest{Since: &since})
-	if err != nil {
-		t.Fatal(err)
-	}
-	mustStatus(t, "sync", r.StatusCode(), r.Body, http.StatusOK)
-	t.Logf("sync after the refused payment: %s", strings.TrimSpace(string(r.Body)))
+	syncLastHour(t, s, "the refused payment")
 	if p := getPayment(t, s, payID); p.Status != client.PaymentStatusPending {
 		t.Fatalf("payment %s is %s after a sync, though the sandbox never stored its payment; transitions %+v", payID, p.Status, p.Transitions)
 	}
@@ -212,13 +206,7 @@ func TestRevSandboxARefusedRefundTakesNoCreditsBack(t *testing.T) {
 	}
 	proxy.up()
 	waitStatus(t, s.URL+"/readyz", http.StatusOK, patience)
-	since := time.Now().Add(-time.Hour)
-	r, err := s.admin(t).SyncStripeWithResponse(context.Background(), client.StripeSyncRequest{Since: &since})
-	if err != nil {
-		t.Fatal(err)
-	}
-	mustStatus(t, "sync", r.StatusCode(), r.Body, http.StatusOK)
-	t.Logf("sync after the refused refund: %s", strings.TrimSpace(string(r.Body)))
+	syncLastHour(t, s, "the refused refund")
 	if b := balanceOverHTTP(t, s.service(t), "refused-refund"); b.Balance != starterCredits {
 		t.Fatalf("balance %d after a refund the sandbox refused, want %d: credits taken back for nothing", b.Balance, starterCredits)
 	}
@@ -231,4 +219,18 @@ func TestRevSandboxARefusedRefundTakesNoCreditsBack(t *testing.T) {
 	}
 	waitBalance(t, s, "refused-refund", starterCredits-starterCredits/10)
 	assertInvariants(t, s)
+}
+
+// syncLastHour has tally catch up with Stripe's events of the last hour
+// (the admin sync), as an operator would after an outage, and logs what
+// it found.
+func syncLastHour(t *testing.T, s *server, after string) {
+	t.Helper()
+	since := time.Now().Add(-time.Hour)
+	r, err := s.admin(t).SyncStripeWithResponse(context.Background(), client.StripeSyncRequest{Since: &since})
+	if err != nil {
+		t.Fatal(err)
+	}
+	mustStatus(t, "sync", r.StatusCode(), r.Body, http.StatusOK)
+	t.Logf("sync after %s: %s", after, strings.TrimSpace(string(r.Body)))
 }

@@ -10,6 +10,8 @@ import (
 	"testing"
 	"time"
 
+	"gorm.io/gorm"
+
 	"github.com/tallybilling/tally/internal/db/dbtest"
 	"github.com/tallybilling/tally/internal/sandbox"
 )
@@ -118,22 +120,10 @@ func TestStateSurvivesARestart(t *testing.T) {
 func TestARefusedCommitIsNeitherShownNorDelivered(t *testing.T) {
 	t.Parallel()
 	ctx := context.Background()
-	gdb := dbtest.New(t)
-	store, err := sandbox.OpenPostgresStore(ctx, gdb)
-	if err != nil {
-		t.Fatal(err)
-	}
-	hook := newEndpoint(t)
-	acct, err := sandbox.New(ctx, sandbox.Options{SecretKey: "sk_test_sandbox", PublicURL: "http://sandbox.test", Store: store,
-		Webhook: &sandbox.Endpoint{URL: hook.srv.URL, Secret: secret}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	api := httptest.NewServer(sandbox.NewAPI(acct))
-	t.Cleanup(api.Close)
-	web := httptest.NewServer(sandbox.NewWeb(sandbox.WebOptions{Account: acct, API: sandbox.NewAPI(acct), APIURL: api.URL}))
+	h, gdb := storedHarness(t)
+	acct, hook := h.acct, h.hook
+	web := httptest.NewServer(sandbox.NewWeb(sandbox.WebOptions{Account: acct, API: sandbox.NewAPI(acct), APIURL: h.api.URL}))
 	t.Cleanup(web.Close)
-	h := &harness{acct: acct, api: api, hook: hook}
 	id := h.session(t, nil)
 	page := web.URL + "/sandbox/checkout/" + id
 	noRedirects := &http.Client{CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}
@@ -148,15 +138,7 @@ func TestARefusedCommitIsNeitherShownNorDelivered(t *testing.T) {
 	}
 
 	// The store's writes fail from here, as a database that went away would.
-	refuse := []string{
-		`CREATE FUNCTION stripe_sandbox.refuse() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RAISE EXCEPTION 'the test refuses this write'; END $$`,
-		`CREATE TRIGGER refuse BEFORE INSERT OR UPDATE ON stripe_sandbox.objects FOR EACH ROW EXECUTE FUNCTION stripe_sandbox.refuse()`,
-	}
-	for _, q := range refuse {
-		if err := gdb.Exec(q).Error; err != nil {
-			t.Fatal(err)
-		}
-	}
+	refuseWrites(t, gdb)
 	if st, loc := pay(); st != http.StatusInternalServerError || loc != "" {
 		t.Fatalf("pay while the store refuses writes: %d to %q, want 500 on the page", st, loc)
 	}
@@ -174,9 +156,7 @@ func TestARefusedCommitIsNeitherShownNorDelivered(t *testing.T) {
 	}
 
 	// The database takes writes again.
-	if err := gdb.Exec(`DROP TRIGGER refuse ON stripe_sandbox.objects`).Error; err != nil {
-		t.Fatal(err)
-	}
+	allowWrites(t, gdb)
 	want := "http://app.test/ok?s=" + id
 	if st, loc := pay(); st != http.StatusSeeOther || loc != want {
 		t.Fatalf("pay once the store is back: %d to %q, want 303 to %q", st, loc, want)
@@ -198,6 +178,35 @@ func TestARefusedCommitIsNeitherShownNorDelivered(t *testing.T) {
 func TestARefusedCommitIsNotAnsweredByTheAPI(t *testing.T) {
 	t.Parallel()
 	ctx := context.Background()
+	h, gdb := storedHarness(t)
+	acct := h.acct
+	id := h.session(t, nil)
+
+	refuseWrites(t, gdb)
+	if _, err := acct.Pay(ctx, id, "4242424242424242", ""); err == nil {
+		t.Fatal("a payment the store refused was answered as done")
+	}
+	allowWrites(t, gdb)
+
+	status, cs, _ := h.call(t, http.MethodGet, "/v1/checkout/sessions/"+id, "", nil)
+	if status != http.StatusOK || cs["status"] != "open" || cs["payment_status"] != "unpaid" || cs["payment_intent"] != nil {
+		t.Fatalf("GET of a session whose payment the store refused: %d, status %v, payment_status %v, payment_intent %v; want 200, open, unpaid, none",
+			status, cs["status"], cs["payment_status"], cs["payment_intent"])
+	}
+	status, list, _ := h.call(t, http.MethodGet, "/v1/events?limit=100", "", nil)
+	if data, _ := list["data"].([]any); status != http.StatusOK || len(data) != 0 {
+		t.Fatalf("GET /v1/events after a refused payment: %d, %d events; want 200 and none (the store holds none)", status, len(data))
+	}
+	if n := acct.DeliverDue(ctx); n != 0 {
+		t.Fatalf("%d deliveries of a refused payment", n)
+	}
+}
+
+// storedHarness is a sandbox account kept in a fresh PostgreSQL database,
+// with its API and a webhook endpoint, and that database.
+func storedHarness(t *testing.T) (*harness, *gorm.DB) {
+	t.Helper()
+	ctx := context.Background()
 	gdb := dbtest.New(t)
 	store, err := sandbox.OpenPostgresStore(ctx, gdb)
 	if err != nil {
@@ -211,9 +220,13 @@ func TestARefusedCommitIsNotAnsweredByTheAPI(t *testing.T) {
 	}
 	api := httptest.NewServer(sandbox.NewAPI(acct))
 	t.Cleanup(api.Close)
-	h := &harness{acct: acct, api: api, hook: hook}
-	id := h.session(t, nil)
+	return &harness{acct: acct, api: api, hook: hook}, gdb
+}
 
+// refuseWrites makes every write of the sandbox's objects fail, as a
+// database that went away would, until allowWrites.
+func refuseWrites(t *testing.T, gdb *gorm.DB) {
+	t.Helper()
 	for _, q := range []string{
 		`CREATE FUNCTION stripe_sandbox.refuse() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RAISE EXCEPTION 'the test refuses this write'; END $$`,
 		`CREATE TRIGGER refuse BEFORE INSERT OR UPDATE ON stripe_sandbox.objects FOR EACH ROW EXECUTE FUNCTION stripe_sandbox.refuse()`,
@@ -222,23 +235,11 @@ func TestARefusedCommitIsNotAnsweredByTheAPI(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	if _, err := acct.Pay(ctx, id, "4242424242424242", ""); err == nil {
-		t.Fatal("a payment the store refused was answered as done")
-	}
+}
+
+func allowWrites(t *testing.T, gdb *gorm.DB) {
+	t.Helper()
 	if err := gdb.Exec(`DROP TRIGGER refuse ON stripe_sandbox.objects`).Error; err != nil {
 		t.Fatal(err)
-	}
-
-	status, cs, _ := h.call(t, http.MethodGet, "/v1/checkout/sessions/"+id, "", nil)
-	if status != http.StatusOK || cs["status"] != "open" || cs["payment_status"] != "unpaid" || cs["payment_intent"] != nil {
-		t.Fatalf("GET of a session whose payment the store refused: %d, status %v, payment_status %v, payment_intent %v; want 200, open, unpaid, none",
-			status, cs["status"], cs["payment_status"], cs["payment_intent"])
-	}
-	status, list, _ := h.call(t, http.MethodGet, "/v1/events?limit=100", "", nil)
-	if data, _ := list["data"].([]any); status != http.StatusOK || len(data) != 0 {
-		t.Fatalf("GET /v1/events after a refused payment: %d, %d events; want 200 and none (the store holds none)", status, len(data))
-	}
-	if n := acct.DeliverDue(ctx); n != 0 {
-		t.Fatalf("%d deliveries of a refused payment", n)
 	}
 }
