@@ -205,8 +205,13 @@ func TestScheduledReconciliationStoresRuns(t *testing.T) {
 	e := newEnv(t)
 	link(t, e.db, "rex")
 	link(t, e.db, "roy")
-	r := metering.NewReconciler(e.svc, time.Minute, nil, nil)
-	from, to := r.Window(time.Now())
+	// The reconciler's clock stands still: with the wall clock, a minute
+	// boundary passed between the two runs (the delivery below took a few
+	// seconds on a loaded machine) made them two windows, two runs.
+	start := time.Now()
+	svc := metering.New(metering.Options{DB: e.db, Stripe: newClient(t, e.fake, 0), Catalog: testCatalog(), Now: func() time.Time { return start }})
+	r := metering.NewReconciler(svc, time.Minute, nil, nil)
+	from, to := r.Window(start)
 	ts := from.Add(10 * time.Second)
 	a, b := ev("rex", "sr-1", 5), ev("roy", "sr-2", 6)
 	a.Timestamp, b.Timestamp = &ts, &ts
