@@ -232,10 +232,13 @@ type MeterCustomer struct {
 
 // Meters returns every meter the sandbox knows or has events for.
 func (a *Account) Meters(ctx context.Context) []MeterView {
-	if a.lockRead(ctx) != nil {
-		return nil
-	}
-	defer a.mu.Unlock()
+	var out []MeterView
+	_ = a.view(ctx, func() { out = a.meterViews() })
+	return out
+}
+
+// meterViews is Meters with a.mu held.
+func (a *Account) meterViews() []MeterView {
 	byName := map[string]*MeterView{}
 	var out []*MeterView
 	for id, name := range a.meters {

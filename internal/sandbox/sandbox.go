@@ -237,6 +237,18 @@ func (a *Account) lockRead(ctx context.Context) error {
 	return nil
 }
 
+// view runs fn under a.mu on the store's state (see lockRead), so that
+// what fn reads together is one state; it answers the error, without
+// running fn, when the store cannot be read.
+func (a *Account) view(ctx context.Context, fn func()) error {
+	if err := a.lockRead(ctx); err != nil {
+		return err
+	}
+	defer a.mu.Unlock()
+	fn()
+	return nil
+}
+
 // commit writes what the operation changed to the store (a.mu held). On
 // failure the operation's answer is an error and the state is reloaded
 // before the next one.
@@ -343,10 +355,13 @@ func (a *Account) list(typ string) []*object {
 
 // Object returns a copy of the wire form of object id, nil when unknown.
 func (a *Account) Object(id string) map[string]any {
-	if a.lockRead(context.Background()) != nil {
-		return nil
-	}
-	defer a.mu.Unlock()
+	var out map[string]any
+	_ = a.view(context.Background(), func() { out = a.objectCopy(id) })
+	return out
+}
+
+// objectCopy is Object with a.mu held.
+func (a *Account) objectCopy(id string) map[string]any {
 	o := a.objects[id]
 	if o == nil {
 		return nil
@@ -357,10 +372,13 @@ func (a *Account) Object(id string) map[string]any {
 // Objects returns copies of the wire forms of every object of typ
 // ("checkout.session", "payment_intent", ...), oldest first.
 func (a *Account) Objects(typ string) []map[string]any {
-	if a.lockRead(context.Background()) != nil {
-		return nil
-	}
-	defer a.mu.Unlock()
+	var out []map[string]any
+	_ = a.view(context.Background(), func() { out = a.objectsCopy(typ) })
+	return out
+}
+
+// objectsCopy is Objects with a.mu held.
+func (a *Account) objectsCopy(typ string) []map[string]any {
 	var out []map[string]any
 	for _, o := range a.list(typ) {
 		out = append(out, clone(o.data))

@@ -2,6 +2,7 @@ package sandbox_test
 
 import (
 	"context"
+	"io"
 	"net/http"
 	"net/http/httptest"
 	"net/url"
@@ -240,6 +241,86 @@ func refuseWrites(t *testing.T, gdb *gorm.DB) {
 func allowWrites(t *testing.T, gdb *gorm.DB) {
 	t.Helper()
 	if err := gdb.Exec(`DROP TRIGGER refuse ON stripe_sandbox.objects`).Error; err != nil {
+		t.Fatal(err)
+	}
+}
+
+// The database goes away after an operation's commit was refused (a
+// dispute closed from the dashboard, during an outage): the account must
+// reload before it shows anything, and cannot. The dashboard and an
+// invoice's page then answer 5xx saying the store cannot be read; neither
+// answers 200 with an account that has no payments, nor 404 for an invoice
+// the store holds. Once the database is back, both show what the store
+// holds (the dispute still open).
+func TestAnUnreadableStoreIsNotShownAsAnEmptyAccount(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	h, gdb := storedHarness(t)
+	acct := h.acct
+	web := httptest.NewServer(sandbox.NewWeb(sandbox.WebOptions{Account: acct, API: sandbox.NewAPI(acct), APIURL: h.api.URL}))
+	t.Cleanup(web.Close)
+	id := h.session(t, nil)
+	if _, err := acct.Pay(ctx, id, "4000000000000259", ""); err != nil { // paid, then disputed
+		t.Fatal(err)
+	}
+	pi := acct.Object(id)["payment_intent"].(string)
+	_, cus, _ := h.call(t, http.MethodPost, "/v1/customers", "", url.Values{})
+	_, inv, _ := h.call(t, http.MethodPost, "/v1/invoices", "", url.Values{"customer": {cus["id"].(string)}, "collection_method": {"send_invoice"}, "days_until_due": {"7"}})
+	invoice := inv["id"].(string)
+	get := func(path string) (int, string) {
+		t.Helper()
+		resp, err := http.Get(web.URL + path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		body, _ := io.ReadAll(resp.Body)
+		return resp.StatusCode, string(body)
+	}
+	noRedirects := &http.Client{CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}
+
+	takeStoreAway(t, gdb)
+	resp, err := noRedirects.PostForm(web.URL+"/sandbox/disputes/"+pi+"/close", url.Values{"outcome": {"lost"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusInternalServerError {
+		t.Fatalf("closing a dispute while the store is away: %d, want 500", resp.StatusCode)
+	}
+	if st, page := get("/sandbox"); st < 500 || strings.Contains(page, "No payments yet") || !strings.Contains(page, "cannot be read") {
+		t.Errorf("the dashboard while the store cannot be read: %d, says no payments %t, says the store cannot be read %t; want 5xx saying so",
+			st, strings.Contains(page, "No payments yet"), strings.Contains(page, "cannot be read"))
+	}
+	if st, page := get("/sandbox/invoices/" + invoice); st < 500 || !strings.Contains(page, "cannot be read") {
+		t.Errorf("an invoice's page while the store cannot be read: %d, says the store cannot be read %t; want 5xx saying so",
+			st, strings.Contains(page, "cannot be read"))
+	}
+
+	bringStoreBack(t, gdb)
+	if st, page := get("/sandbox"); st != http.StatusOK || !strings.Contains(page, pi) || !strings.Contains(page, "Win dispute") {
+		t.Errorf("the dashboard once the store is back: %d, shows %s %t, its dispute open %t", st, pi, strings.Contains(page, pi), strings.Contains(page, "Win dispute"))
+	}
+	if st, _ := get("/sandbox/invoices/" + invoice); st != http.StatusOK {
+		t.Errorf("an invoice's page once the store is back: %d", st)
+	}
+	if d := acct.Objects("dispute"); len(d) != 1 || d[0]["status"] != "needs_response" {
+		t.Errorf("the dispute after a refused close: %v, want one needing a response", d)
+	}
+}
+
+// takeStoreAway makes the sandbox's store neither readable nor writable,
+// as a database that went away, until bringStoreBack.
+func takeStoreAway(t *testing.T, gdb *gorm.DB) {
+	t.Helper()
+	if err := gdb.Exec(`ALTER TABLE stripe_sandbox.objects RENAME TO objects_away`).Error; err != nil {
+		t.Fatal(err)
+	}
+}
+
+func bringStoreBack(t *testing.T, gdb *gorm.DB) {
+	t.Helper()
+	if err := gdb.Exec(`ALTER TABLE stripe_sandbox.objects_away RENAME TO objects`).Error; err != nil {
 		t.Fatal(err)
 	}
 }

@@ -209,6 +209,25 @@ func (w *Web) render(rw http.ResponseWriter, status int, name string, data any) 
 	}
 }
 
+// notFoundOr renders the page saying what is missing for a *Error, and
+// for any other error (the store cannot be read) the page saying so.
+func (w *Web) notFoundOr(rw http.ResponseWriter, what string, err error) {
+	var e *Error
+	if errors.As(err, &e) {
+		w.render(rw, e.Status, "notfound.html", map[string]any{"What": what, "Error": err.Error()})
+		return
+	}
+	w.unavailable(rw, http.StatusInternalServerError, "", err)
+}
+
+// unavailable renders the page saying the sandbox's store cannot be read
+// (the database is away), with the refused action's reason when there is
+// one: nothing of the account is shown, since what memory holds may be
+// what the store refused.
+func (w *Web) unavailable(rw http.ResponseWriter, status int, errText string, err error) {
+	w.render(rw, status, "unavailable.html", map[string]any{"Action": errText, "Error": err.Error()})
+}
+
 // statusOf is the HTTP status of a refused action.
 func statusOf(err error) int {
 	var e *Error
@@ -254,7 +273,7 @@ func (w *Web) checkoutPage(rw http.ResponseWriter, r *http.Request) {
 func (w *Web) showCheckout(rw http.ResponseWriter, r *http.Request, status int, errText, card string) {
 	v, err := w.opts.Account.Checkout(r.Context(), r.PathValue("id"))
 	if err != nil {
-		w.render(rw, statusOf(err), "notfound.html", map[string]any{"What": "Checkout Session", "Error": err.Error()})
+		w.notFoundOr(rw, "Checkout Session", err)
 		return
 	}
 	if errText == "" {
@@ -320,7 +339,7 @@ func (w *Web) paidAlready(r *http.Request) (string, bool) {
 func (w *Web) cancel(rw http.ResponseWriter, r *http.Request) {
 	v, err := w.opts.Account.Checkout(r.Context(), r.PathValue("id"))
 	if err != nil {
-		w.render(rw, statusOf(err), "notfound.html", map[string]any{"What": "Checkout Session", "Error": err.Error()})
+		w.notFoundOr(rw, "Checkout Session", err)
 		return
 	}
 	if v.CancelURL == "" {
@@ -331,7 +350,11 @@ func (w *Web) cancel(rw http.ResponseWriter, r *http.Request) {
 }
 
 func (w *Web) invoicePage(rw http.ResponseWriter, r *http.Request) {
-	inv := w.opts.Account.Object(r.PathValue("id"))
+	var inv map[string]any
+	if err := w.opts.Account.view(r.Context(), func() { inv = w.opts.Account.objectCopy(r.PathValue("id")) }); err != nil {
+		w.unavailable(rw, http.StatusInternalServerError, "", err)
+		return
+	}
 	if inv == nil || str(inv, "object") != "invoice" {
 		w.render(rw, http.StatusNotFound, "notfound.html", map[string]any{"What": "invoice", "Error": "No such invoice: " + r.PathValue("id")})
 		return
@@ -373,14 +396,35 @@ func (w *Web) dashboard(rw http.ResponseWriter, r *http.Request) {
 
 func (w *Web) dashboardWith(rw http.ResponseWriter, r *http.Request, status int, msg, errText string) {
 	a := w.opts.Account
-	d := dashboardData{Msg: msg, Error: errText, Meters: a.Meters(r.Context()), HasAPI: w.opts.API != nil, APIURL: w.opts.APIURL}
+	d := dashboardData{Msg: msg, Error: errText, HasAPI: w.opts.API != nil, APIURL: w.opts.APIURL}
 	if a.opts.Webhook != nil {
 		d.Webhook = a.opts.Webhook.URL
 	}
-	pis := a.Objects("payment_intent")
+	// One read of the store's state: when it cannot be read (the database
+	// is away after a refused commit), the page says so with a 5xx rather
+	// than showing an account without payments.
+	if err := a.view(r.Context(), func() { w.fillDashboard(&d) }); err != nil {
+		w.unavailable(rw, max(status, http.StatusInternalServerError), errText, err)
+		return
+	}
+	if w.opts.API != nil {
+		reqs := w.opts.API.Requests()
+		for i := len(reqs) - 1; i >= 0 && len(d.Requests) < 30; i-- {
+			d.Requests = append(d.Requests, reqs[i])
+		}
+		d.PendingFaults = w.opts.API.PendingFaults()
+	}
+	w.render(rw, status, "dashboard.html", d)
+}
+
+// fillDashboard reads the account's part of the dashboard (a.mu held).
+func (w *Web) fillDashboard(d *dashboardData) {
+	a := w.opts.Account
+	d.Meters = a.meterViews()
+	pis := a.objectsCopy("payment_intent")
 	for i := len(pis) - 1; i >= 0; i-- {
 		pi := pis[i]
-		row := paymentRow{PI: pi, Charge: a.Object(str(pi, "latest_charge"))}
+		row := paymentRow{PI: pi, Charge: a.objectCopy(str(pi, "latest_charge"))}
 		if row.Charge != nil {
 			row.Left = num(row.Charge, "amount") - num(row.Charge, "amount_refunded")
 		}
@@ -392,37 +436,29 @@ func (w *Web) dashboardWith(rw http.ResponseWriter, r *http.Request, status int,
 		row.Metadata = strings.Join(parts, " ")
 		d.Payments = append(d.Payments, row)
 	}
-	for _, dp := range a.Objects("dispute") {
+	for _, dp := range a.objectsCopy("dispute") {
 		for i := range d.Payments {
 			if str(d.Payments[i].PI, "id") == str(dp, "payment_intent") {
 				d.Payments[i].Dispute = dp
 			}
 		}
 	}
-	sessions := a.Objects("checkout.session")
+	sessions := a.objectsCopy("checkout.session")
 	for i := len(sessions) - 1; i >= 0 && len(d.Sessions) < 50; i-- {
 		d.Sessions = append(d.Sessions, sessions[i])
 	}
-	invoices := a.Objects("invoice")
+	invoices := a.objectsCopy("invoice")
 	for i := len(invoices) - 1; i >= 0; i-- {
 		d.Invoices = append(d.Invoices, invoices[i])
 	}
-	events := a.Events()
+	events := a.eventRecords()
 	byEvent := map[string][]Attempt{}
-	for _, at := range a.Attempts() {
+	for _, at := range a.attempts {
 		byEvent[at.EventID] = append(byEvent[at.EventID], at)
 	}
 	for i := len(events) - 1; i >= 0 && len(d.Deliveries) < 100; i-- {
 		d.Deliveries = append(d.Deliveries, deliveryRow{Event: events[i], Attempts: byEvent[events[i].ID]})
 	}
-	if w.opts.API != nil {
-		reqs := w.opts.API.Requests()
-		for i := len(reqs) - 1; i >= 0 && len(d.Requests) < 30; i-- {
-			d.Requests = append(d.Requests, reqs[i])
-		}
-		d.PendingFaults = w.opts.API.PendingFaults()
-	}
-	w.render(rw, status, "dashboard.html", d)
 }
 
 // jsonAnswer writes v as JSON with status.

@@ -303,10 +303,13 @@ type EventRecord struct {
 
 // Events returns every event, oldest first.
 func (a *Account) Events() []EventRecord {
-	if a.lockRead(context.Background()) != nil {
-		return nil
-	}
-	defer a.mu.Unlock()
+	var out []EventRecord
+	_ = a.view(context.Background(), func() { out = a.eventRecords() })
+	return out
+}
+
+// eventRecords is Events with a.mu held.
+func (a *Account) eventRecords() []EventRecord {
 	out := make([]EventRecord, 0, len(a.events))
 	for _, ev := range a.events {
 		r := EventRecord{ID: ev.id, Type: ev.typ, Created: time.Unix(ev.created, 0), Payload: append([]byte(nil), ev.payload...)}
@@ -321,9 +324,7 @@ func (a *Account) Events() []EventRecord {
 
 // Attempts returns every delivery attempt, oldest first.
 func (a *Account) Attempts() []Attempt {
-	if a.lockRead(context.Background()) != nil {
-		return nil
-	}
-	defer a.mu.Unlock()
-	return append([]Attempt(nil), a.attempts...)
+	var out []Attempt
+	_ = a.view(context.Background(), func() { out = append([]Attempt(nil), a.attempts...) })
+	return out
 }
