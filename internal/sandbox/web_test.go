@@ -158,3 +158,33 @@ func TestPayingACompletedSessionAgainGoesToTheMerchant(t *testing.T) {
 		t.Fatalf("paying an expired session: %d to %q, want 400 on the page", st, loc)
 	}
 }
+
+// Resending an event the sandbox never sent is the dashboard's 404, as
+// closing an unknown dispute is, not a 500; the events that exist keep
+// their deliveries as they were.
+func TestResendingAnUnknownEventIsNotFound(t *testing.T) {
+	t.Parallel()
+	h := newHarness(t)
+	if _, err := h.acct.Pay(context.Background(), h.session(t, nil), "4242424242424242", ""); err != nil {
+		t.Fatal(err)
+	}
+	h.deliverAll(t)
+	before := len(h.acct.Attempts())
+	web := httptest.NewServer(sandbox.NewWeb(sandbox.WebOptions{Account: h.acct, API: sandbox.NewAPI(h.acct), APIURL: h.api.URL}))
+	defer web.Close()
+	resp, err := http.PostForm(web.URL+"/sandbox/events/evt_never_sent/resend", url.Values{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusNotFound || !strings.Contains(string(body), "evt_never_sent") {
+		t.Errorf("resending an unknown event: %d, names it %t; want 404 naming it", resp.StatusCode, strings.Contains(string(body), "evt_never_sent"))
+	}
+	if n := h.acct.DeliverDue(context.Background()); n != 0 {
+		t.Errorf("%d deliveries due after resending an unknown event, want none", n)
+	}
+	if after := len(h.acct.Attempts()); after != before {
+		t.Errorf("%d delivery attempts after resending an unknown event, want %d", after, before)
+	}
+}

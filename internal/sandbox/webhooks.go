@@ -272,11 +272,11 @@ func (a *Account) backoff(attempt int) time.Duration {
 func (a *Account) Resend(ctx context.Context, id string) error {
 	return a.do(ctx, func() error {
 		if a.opts.Webhook == nil {
-			return fmt.Errorf("no webhook endpoint is configured")
+			return invalid("", "No webhook endpoint is configured to resend %s to.", id)
 		}
 		ev := a.eventIndex[id]
 		if ev == nil {
-			return fmt.Errorf("no such event: %s", id)
+			return missing("event", id)
 		}
 		now := a.now()
 		d := a.deliveries[id]
