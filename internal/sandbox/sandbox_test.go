@@ -167,6 +167,16 @@ func (h *harness) session(t *testing.T, extra url.Values) string {
 	return cs["id"].(string)
 }
 
+// payAndDeliver pays a new session with the card that succeeds and runs
+// every delivery then due.
+func (h *harness) payAndDeliver(t *testing.T) {
+	t.Helper()
+	if _, err := h.acct.Pay(context.Background(), h.session(t, nil), "4242424242424242", ""); err != nil {
+		t.Fatal(err)
+	}
+	h.deliverAll(t)
+}
+
 func (h *harness) deliverAll(t *testing.T) {
 	t.Helper()
 	h.acct.DeliverDue(context.Background())
@@ -347,10 +357,7 @@ func TestRefundsAndDisputesInStripesOrder(t *testing.T) {
 func TestEveryDeliveryIsSignedWithTheEndpointSecret(t *testing.T) {
 	t.Parallel()
 	h := newHarness(t)
-	if _, err := h.acct.Pay(context.Background(), h.session(t, nil), "4242424242424242", ""); err != nil {
-		t.Fatal(err)
-	}
-	h.deliverAll(t)
+	h.payAndDeliver(t)
 	deliveries := h.hook.deliveries()
 	if len(deliveries) != 4 {
 		t.Fatalf("%d deliveries, want 4", len(deliveries))
@@ -380,10 +387,7 @@ func TestDeliveriesAreRetriedWhileTheEndpointFails(t *testing.T) {
 		}
 		return http.StatusOK
 	}
-	if _, err := h.acct.Pay(context.Background(), h.session(t, nil), "4242424242424242", ""); err != nil {
-		t.Fatal(err)
-	}
-	h.deliverAll(t) // four events, four failures
+	h.payAndDeliver(t) // four events, four failures
 	for _, ev := range h.acct.Events() {
 		if d := ev.Delivery; d.Status != sandbox.DeliveryPending || d.Attempts != 1 || !d.NextAttemptAt.Equal(h.clock.Now().Add(time.Second)) {
 			t.Fatalf("%s after one failure: %+v, want pending, retried in 1s", ev.Type, *d)
@@ -413,10 +417,7 @@ func TestDeliveriesAreRetriedWhileTheEndpointFails(t *testing.T) {
 
 	// An endpoint that does not answer at all: the attempt records why.
 	h.hook.srv.Close()
-	if _, err := h.acct.Pay(context.Background(), h.session(t, nil), "4242424242424242", ""); err != nil {
-		t.Fatal(err)
-	}
-	h.deliverAll(t)
+	h.payAndDeliver(t)
 	last := h.acct.Attempts()[len(h.acct.Attempts())-1]
 	if last.Status != 0 || last.Error == "" {
 		t.Fatalf("attempt at a closed endpoint: %+v, want no status and the error", last)

@@ -99,10 +99,7 @@ func TestDashboardCutsLongAnswersOnACharacter(t *testing.T) {
 	h.hook.mu.Lock()
 	h.hook.reply = answer
 	h.hook.mu.Unlock()
-	if _, err := h.acct.Pay(context.Background(), h.session(t, nil), "4242424242424242", ""); err != nil {
-		t.Fatal(err)
-	}
-	h.deliverAll(t)
+	h.payAndDeliver(t)
 
 	web := httptest.NewServer(sandbox.NewWeb(sandbox.WebOptions{Account: h.acct, API: sandbox.NewAPI(h.acct), APIURL: h.api.URL}))
 	defer web.Close()
@@ -165,10 +162,7 @@ func TestPayingACompletedSessionAgainGoesToTheMerchant(t *testing.T) {
 func TestResendingAnUnknownEventIsNotFound(t *testing.T) {
 	t.Parallel()
 	h := newHarness(t)
-	if _, err := h.acct.Pay(context.Background(), h.session(t, nil), "4242424242424242", ""); err != nil {
-		t.Fatal(err)
-	}
-	h.deliverAll(t)
+	h.payAndDeliver(t)
 	before := len(h.acct.Attempts())
 	web := httptest.NewServer(sandbox.NewWeb(sandbox.WebOptions{Account: h.acct, API: sandbox.NewAPI(h.acct), APIURL: h.api.URL}))
 	defer web.Close()
