@@ -4444,8 +4444,10 @@ type ClientInterface interface {
 	// SyncStripeWithBody Catch up with Stripe now
 	//
 	// Lists Stripe's events of the types tally handles created since
-	// `since` (default: the newest stored event's creation, less an
-	// hour; Stripe keeps 30 days) and stores and processes any not stored
+	// `since` (default: the start of the last sync that listed its whole
+	// window, less an hour, so that a sync that failed leaves its window
+	// to the next whatever webhooks arrived in between; 72 hours back
+	// before any did; Stripe keeps 30 days) and stores and processes any not stored
 	// yet, exactly as if delivered; then looks up every payment still
 	// `pending` after `TALLY_PENDING_CHECK_AFTER` at Stripe (its Checkout
 	// Session, or its invoice) and applies what Stripe shows through the
@@ -4461,8 +4463,10 @@ type ClientInterface interface {
 	// SyncStripe Catch up with Stripe now
 	//
 	// Lists Stripe's events of the types tally handles created since
-	// `since` (default: the newest stored event's creation, less an
-	// hour; Stripe keeps 30 days) and stores and processes any not stored
+	// `since` (default: the start of the last sync that listed its whole
+	// window, less an hour, so that a sync that failed leaves its window
+	// to the next whatever webhooks arrived in between; 72 hours back
+	// before any did; Stripe keeps 30 days) and stores and processes any not stored
 	// yet, exactly as if delivered; then looks up every payment still
 	// `pending` after `TALLY_PENDING_CHECK_AFTER` at Stripe (its Checkout
 	// Session, or its invoice) and applies what Stripe shows through the
@@ -5297,8 +5301,10 @@ func (c *Client) ReplayStripeEvent(ctx context.Context, eventId string, reqEdito
 // SyncStripeWithBody Catch up with Stripe now
 //
 // Lists Stripe's events of the types tally handles created since
-// `since` (default: the newest stored event's creation, less an
-// hour; Stripe keeps 30 days) and stores and processes any not stored
+// `since` (default: the start of the last sync that listed its whole
+// window, less an hour, so that a sync that failed leaves its window
+// to the next whatever webhooks arrived in between; 72 hours back
+// before any did; Stripe keeps 30 days) and stores and processes any not stored
 // yet, exactly as if delivered; then looks up every payment still
 // `pending` after `TALLY_PENDING_CHECK_AFTER` at Stripe (its Checkout
 // Session, or its invoice) and applies what Stripe shows through the
@@ -5324,8 +5330,10 @@ func (c *Client) SyncStripeWithBody(ctx context.Context, contentType string, bod
 // SyncStripe Catch up with Stripe now
 //
 // Lists Stripe's events of the types tally handles created since
-// `since` (default: the newest stored event's creation, less an
-// hour; Stripe keeps 30 days) and stores and processes any not stored
+// `since` (default: the start of the last sync that listed its whole
+// window, less an hour, so that a sync that failed leaves its window
+// to the next whatever webhooks arrived in between; 72 hours back
+// before any did; Stripe keeps 30 days) and stores and processes any not stored
 // yet, exactly as if delivered; then looks up every payment still
 // `pending` after `TALLY_PENDING_CHECK_AFTER` at Stripe (its Checkout
 // Session, or its invoice) and applies what Stripe shows through the
@@ -8774,8 +8782,10 @@ type ClientWithResponsesInterface interface {
 	// SyncStripeWithBodyWithResponse Catch up with Stripe now
 	//
 	// Lists Stripe's events of the types tally handles created since
-	// `since` (default: the newest stored event's creation, less an
-	// hour; Stripe keeps 30 days) and stores and processes any not stored
+	// `since` (default: the start of the last sync that listed its whole
+	// window, less an hour, so that a sync that failed leaves its window
+	// to the next whatever webhooks arrived in between; 72 hours back
+	// before any did; Stripe keeps 30 days) and stores and processes any not stored
 	// yet, exactly as if delivered; then looks up every payment still
 	// `pending` after `TALLY_PENDING_CHECK_AFTER` at Stripe (its Checkout
 	// Session, or its invoice) and applies what Stripe shows through the
@@ -8791,8 +8801,10 @@ type ClientWithResponsesInterface interface {
 	// SyncStripeWithResponse Catch up with Stripe now
 	//
 	// Lists Stripe's events of the types tally handles created since
-	// `since` (default: the newest stored event's creation, less an
-	// hour; Stripe keeps 30 days) and stores and processes any not stored
+	// `since` (default: the start of the last sync that listed its whole
+	// window, less an hour, so that a sync that failed leaves its window
+	// to the next whatever webhooks arrived in between; 72 hours back
+	// before any did; Stripe keeps 30 days) and stores and processes any not stored
 	// yet, exactly as if delivered; then looks up every payment still
 	// `pending` after `TALLY_PENDING_CHECK_AFTER` at Stripe (its Checkout
 	// Session, or its invoice) and applies what Stripe shows through the
@@ -12013,8 +12025,10 @@ func (c *ClientWithResponses) ReplayStripeEventWithResponse(ctx context.Context,
 // SyncStripeWithBodyWithResponse Catch up with Stripe now
 //
 // Lists Stripe's events of the types tally handles created since
-// `since` (default: the newest stored event's creation, less an
-// hour; Stripe keeps 30 days) and stores and processes any not stored
+// `since` (default: the start of the last sync that listed its whole
+// window, less an hour, so that a sync that failed leaves its window
+// to the next whatever webhooks arrived in between; 72 hours back
+// before any did; Stripe keeps 30 days) and stores and processes any not stored
 // yet, exactly as if delivered; then looks up every payment still
 // `pending` after `TALLY_PENDING_CHECK_AFTER` at Stripe (its Checkout
 // Session, or its invoice) and applies what Stripe shows through the
@@ -12036,8 +12050,10 @@ func (c *ClientWithResponses) SyncStripeWithBodyWithResponse(ctx context.Context
 // SyncStripeWithResponse Catch up with Stripe now
 //
 // Lists Stripe's events of the types tally handles created since
-// `since` (default: the newest stored event's creation, less an
-// hour; Stripe keeps 30 days) and stores and processes any not stored
+// `since` (default: the start of the last sync that listed its whole
+// window, less an hour, so that a sync that failed leaves its window
+// to the next whatever webhooks arrived in between; 72 hours back
+// before any did; Stripe keeps 30 days) and stores and processes any not stored
 // yet, exactly as if delivered; then looks up every payment still
 // `pending` after `TALLY_PENDING_CHECK_AFTER` at Stripe (its Checkout
 // Session, or its invoice) and applies what Stripe shows through the
