@@ -11,6 +11,7 @@ import (
 	"github.com/tallybilling/tally/internal/db"
 	"github.com/tallybilling/tally/internal/errs"
 	"github.com/tallybilling/tally/internal/payments"
+	"github.com/tallybilling/tally/internal/stripeapi"
 )
 
 // HandledTypes are the Stripe event types dispatch acts on: what the
@@ -79,29 +80,25 @@ func (h *Intake) CatchUp(ctx context.Context, since time.Time) (CatchUpResult, e
 	if from.Before(now.Add(-StripeRetention)) {
 		from = now.Add(-StripeRetention)
 	}
-	listed, err := h.stripe.ListEvents(ctx, since, HandledTypes)
-	if err != nil {
-		return res, err
-	}
-	res.Listed = len(listed)
-	for _, raw := range listed {
-		ev, err := ParseEvent(raw.Payload)
-		if err != nil {
-			h.logger.WarnContext(ctx, "a listed Stripe event does not parse", "event_id", raw.ID, "error", err)
-			continue
-		}
-		stored, _, err := h.store(ctx, ev, raw.Payload, sourceSync, h.now())
+	for start := since; ; {
+		listed, more, err := h.stripe.ListEvents(ctx, start, HandledTypes)
 		if err != nil {
 			return res, err
 		}
-		if !stored {
-			continue
+		res.Listed += len(listed)
+		if err := h.storeListed(ctx, listed, &res); err != nil {
+			return res, err
 		}
-		res.New++
-		h.logger.InfoContext(ctx, "a missed Stripe event was found by listing", "event_id", ev.ID, "type", ev.Type)
-		pctx, cancel := context.WithTimeout(ctx, processTimeout)
-		_, _ = h.process(pctx, ev, 0, h.now())
-		cancel()
+		if !more || len(listed) == 0 {
+			break
+		}
+		// A backlog longer than one listing: on from the newest stored
+		// (the events of its second come again, and are found stored).
+		next := listed[len(listed)-1].Created
+		if !next.After(start) {
+			return res, fmt.Errorf("stripehook: more than %d Stripe events were created at %s: the rest cannot be listed", len(listed), start.UTC().Format(time.RFC3339))
+		}
+		start = next
 	}
 	if since.After(from) {
 		// A window that began later than the default one (an operator's
@@ -117,6 +114,31 @@ func (h *Intake) CatchUp(ctx context.Context, since time.Time) (CatchUpResult, e
 		return res, db.Translate(err, nil)
 	}
 	return res, nil
+}
+
+// storeListed stores and processes, in order, the listed events not stored
+// yet, as CatchUp does, counting them in res.New.
+func (h *Intake) storeListed(ctx context.Context, listed []stripeapi.RawEvent, res *CatchUpResult) error {
+	for _, raw := range listed {
+		ev, err := ParseEvent(raw.Payload)
+		if err != nil {
+			h.logger.WarnContext(ctx, "a listed Stripe event does not parse", "event_id", raw.ID, "error", err)
+			continue
+		}
+		stored, _, err := h.store(ctx, ev, raw.Payload, sourceSync, h.now())
+		if err != nil {
+			return err
+		}
+		if !stored {
+			continue
+		}
+		res.New++
+		h.logger.InfoContext(ctx, "a missed Stripe event was found by listing", "event_id", ev.ID, "type", ev.Type)
+		pctx, cancel := context.WithTimeout(ctx, processTimeout)
+		_, _ = h.process(pctx, ev, 0, h.now())
+		cancel()
+	}
+	return nil
 }
 
 // catchUpFrom is where a default catch-up at now starts listing.

@@ -24,6 +24,9 @@ type listingStripe struct {
 	events []stripeapi.RawEvent
 	down   bool
 	since  []time.Time // what each listing asked for
+	// per, when not 0, is the most one listing returns (the oldest, with
+	// more=true), as stripeapi.MaxListedEvents is for Stripe's.
+	per int
 }
 
 func (s *listingStripe) add(id string, created time.Time) {
@@ -34,12 +37,12 @@ func (s *listingStripe) add(id string, created time.Time) {
 	s.events = append(s.events, stripeapi.RawEvent{ID: id, Type: "radar.early_fraud_warning.created", Created: created, Payload: []byte(payload)})
 }
 
-func (s *listingStripe) ListEvents(_ context.Context, since time.Time, _ []string) ([]stripeapi.RawEvent, error) {
+func (s *listingStripe) ListEvents(_ context.Context, since time.Time, _ []string) ([]stripeapi.RawEvent, bool, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.since = append(s.since, since)
 	if s.down {
-		return nil, errors.New("stripe: 500 api_error (listing events)")
+		return nil, false, errors.New("stripe: 500 api_error (listing events)")
 	}
 	var out []stripeapi.RawEvent
 	for _, e := range s.events {
@@ -47,7 +50,10 @@ func (s *listingStripe) ListEvents(_ context.Context, since time.Time, _ []strin
 			out = append(out, e)
 		}
 	}
-	return out, nil
+	if s.per > 0 && len(out) > s.per {
+		return out[:s.per], true, nil
+	}
+	return out, false, nil
 }
 
 // A catch-up that failed (Stripe answering 5xx to the listing, or the
@@ -135,4 +141,42 @@ func TestCatchUpAfterAFailedOneListsWhatItMissed(t *testing.T) {
 func signed(t *testing.T, body []byte, secret string, at time.Time) string {
 	t.Helper()
 	return webhook.GenerateTestSignedPayload(&webhook.UnsignedPayload{Payload: body, Secret: secret, Timestamp: at}).Header
+}
+
+// A backlog longer than one listing holds (a busy account whose webhooks
+// were lost for days; Stripe's listing keeps the oldest
+// stripeapi.MaxListedEvents) is worked through in one catch-up, from its
+// oldest end, listing on from the newest event stored each time; none is
+// skipped, and the next catch-up starts after the whole window.
+func TestCatchUpWorksThroughABacklogLongerThanOneListing(t *testing.T) {
+	t.Parallel()
+	gdb := dbtest.New(t)
+	ctx := context.Background()
+	now := time.Now().Truncate(time.Second)
+	stripe := &listingStripe{per: 7}
+	const total = 30
+	for i := range total {
+		// Two events a second: a listing can end inside a second.
+		stripe.add(fmt.Sprintf("evt_backlog_%02d", i), now.Add(-48*time.Hour+time.Duration(i/2)*time.Second))
+	}
+	o := defaultOptions(t, gdb)
+	o.Now, o.Stripe = func() time.Time { return now }, stripe
+	h := stripehook.New(o)
+	res, err := h.CatchUp(ctx, time.Time{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var stored int64
+	if err := gdb.Raw(`SELECT count(*) FROM stripe_events WHERE id LIKE 'evt_backlog_%'`).Scan(&stored).Error; err != nil {
+		t.Fatal(err)
+	}
+	if stored != total || res.New != total {
+		t.Fatalf("one catch-up stored %d of the %d events of the backlog (%+v, listings since %v)", stored, total, res, stripe.since)
+	}
+	if _, err := h.CatchUp(ctx, time.Time{}); err != nil {
+		t.Fatal(err)
+	}
+	if last := stripe.since[len(stripe.since)-1]; !last.Equal(now.Add(-time.Hour)) {
+		t.Fatalf("the next catch-up lists since %v, want %v", last, now.Add(-time.Hour))
+	}
 }
