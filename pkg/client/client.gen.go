@@ -4454,6 +4454,10 @@ type ClientInterface interface {
 	// same validation chain and guard as a webhook (transitions with
 	// `source: sync`). The background sync does the same every
 	// `TALLY_STRIPE_SYNC_INTERVAL`. 409 `conflict` while another sync runs.
+	// A sync still running after 45 seconds (Stripe or the database
+	// answering too slowly) is stopped and answered 503 `unavailable`:
+	// what it stored is kept, and running it again (or `tally sync`,
+	// which has no such bound) finishes it.
 	//
 	// Takes any type of body and a specified content type.
 	//
@@ -4473,6 +4477,10 @@ type ClientInterface interface {
 	// same validation chain and guard as a webhook (transitions with
 	// `source: sync`). The background sync does the same every
 	// `TALLY_STRIPE_SYNC_INTERVAL`. 409 `conflict` while another sync runs.
+	// A sync still running after 45 seconds (Stripe or the database
+	// answering too slowly) is stopped and answered 503 `unavailable`:
+	// what it stored is kept, and running it again (or `tally sync`,
+	// which has no such bound) finishes it.
 	//
 	// Takes a body of the `application/json` content type.
 	//
@@ -5311,6 +5319,10 @@ func (c *Client) ReplayStripeEvent(ctx context.Context, eventId string, reqEdito
 // same validation chain and guard as a webhook (transitions with
 // `source: sync`). The background sync does the same every
 // `TALLY_STRIPE_SYNC_INTERVAL`. 409 `conflict` while another sync runs.
+// A sync still running after 45 seconds (Stripe or the database
+// answering too slowly) is stopped and answered 503 `unavailable`:
+// what it stored is kept, and running it again (or `tally sync`,
+// which has no such bound) finishes it.
 //
 // Takes any type of body and a specified content type.
 //
@@ -5340,6 +5352,10 @@ func (c *Client) SyncStripeWithBody(ctx context.Context, contentType string, bod
 // same validation chain and guard as a webhook (transitions with
 // `source: sync`). The background sync does the same every
 // `TALLY_STRIPE_SYNC_INTERVAL`. 409 `conflict` while another sync runs.
+// A sync still running after 45 seconds (Stripe or the database
+// answering too slowly) is stopped and answered 503 `unavailable`:
+// what it stored is kept, and running it again (or `tally sync`,
+// which has no such bound) finishes it.
 //
 // Takes a body of the `application/json` content type.
 //
@@ -8792,6 +8808,10 @@ type ClientWithResponsesInterface interface {
 	// same validation chain and guard as a webhook (transitions with
 	// `source: sync`). The background sync does the same every
 	// `TALLY_STRIPE_SYNC_INTERVAL`. 409 `conflict` while another sync runs.
+	// A sync still running after 45 seconds (Stripe or the database
+	// answering too slowly) is stopped and answered 503 `unavailable`:
+	// what it stored is kept, and running it again (or `tally sync`,
+	// which has no such bound) finishes it.
 	//
 	// Takes any type of body and a specified content type, and returns a wrapper object for the known response body format(s).
 	//
@@ -8811,6 +8831,10 @@ type ClientWithResponsesInterface interface {
 	// same validation chain and guard as a webhook (transitions with
 	// `source: sync`). The background sync does the same every
 	// `TALLY_STRIPE_SYNC_INTERVAL`. 409 `conflict` while another sync runs.
+	// A sync still running after 45 seconds (Stripe or the database
+	// answering too slowly) is stopped and answered 503 `unavailable`:
+	// what it stored is kept, and running it again (or `tally sync`,
+	// which has no such bound) finishes it.
 	//
 	// Takes a body of the `application/json` content type, and returns a wrapper object for the known response body format(s).
 	//
@@ -12035,6 +12059,10 @@ func (c *ClientWithResponses) ReplayStripeEventWithResponse(ctx context.Context,
 // same validation chain and guard as a webhook (transitions with
 // `source: sync`). The background sync does the same every
 // `TALLY_STRIPE_SYNC_INTERVAL`. 409 `conflict` while another sync runs.
+// A sync still running after 45 seconds (Stripe or the database
+// answering too slowly) is stopped and answered 503 `unavailable`:
+// what it stored is kept, and running it again (or `tally sync`,
+// which has no such bound) finishes it.
 //
 // Takes any type of body and a specified content type, and returns a wrapper object for the known response body format(s).
 //
@@ -12060,6 +12088,10 @@ func (c *ClientWithResponses) SyncStripeWithBodyWithResponse(ctx context.Context
 // same validation chain and guard as a webhook (transitions with
 // `source: sync`). The background sync does the same every
 // `TALLY_STRIPE_SYNC_INTERVAL`. 409 `conflict` while another sync runs.
+// A sync still running after 45 seconds (Stripe or the database
+// answering too slowly) is stopped and answered 503 `unavailable`:
+// what it stored is kept, and running it again (or `tally sync`,
+// which has no such bound) finishes it.
 //
 // Takes a body of the `application/json` content type, and returns a wrapper object for the known response body format(s).
 //
