@@ -62,6 +62,12 @@ func (s *Server) DismissStripeEvent(ctx context.Context, r api.DismissStripeEven
 	return api.DismissStripeEvent200JSONResponse(toAPIStripeEvent(e)), nil
 }
 
+// syncAnswerWithin bounds an on-demand sync, so that its answer is written
+// before the server's write timeout (60 s, app.newServer) closes the
+// connection: with Stripe not answering (each attempt waits up to 20 s,
+// and is retried) the operator would otherwise get no answer at all.
+const syncAnswerWithin = 45 * time.Second
+
 // SyncStripe catches up with Stripe now.
 func (s *Server) SyncStripe(ctx context.Context, r api.SyncStripeRequestObject) (api.SyncStripeResponseObject, error) {
 	if s.d.StripeSync == nil {
@@ -71,8 +77,13 @@ func (s *Server) SyncStripe(ctx context.Context, r api.SyncStripeRequestObject) 
 	if r.Body != nil && r.Body.Since != nil {
 		since = *r.Body.Since
 	}
-	res, err := s.d.StripeSync.Sync(ctx, since)
+	sctx, cancel := context.WithTimeout(ctx, syncAnswerWithin)
+	defer cancel()
+	res, err := s.d.StripeSync.Sync(sctx, since)
 	if err != nil {
+		if ctx.Err() == nil && errors.Is(sctx.Err(), context.DeadlineExceeded) {
+			return nil, errs.Wrap(err, errs.Unavailable, "the sync did not finish within %s (Stripe or the database answered too slowly); what it applied is kept: run it again, or run tally sync", syncAnswerWithin)
+		}
 		return nil, err
 	}
 	return api.SyncStripe200JSONResponse{EventsListed: res.EventsListed, EventsNew: res.EventsNew,

@@ -110,8 +110,10 @@ type Client interface {
 
 	// ListEvents lists Stripe's events of up to 20 types created since a
 	// time (Stripe keeps 30 days), oldest first, each re-encoded as a
-	// webhook body. Errors: *Error.
-	ListEvents(ctx context.Context, since time.Time, types []string) ([]RawEvent, error)
+	// webhook body: all of them, or, when there are more than
+	// MaxListedEvents, the oldest MaxListedEvents and more=true (list again
+	// from the newest returned for the rest). Errors: *Error.
+	ListEvents(ctx context.Context, since time.Time, types []string) (events []RawEvent, more bool, err error)
 
 	// CancelMeterEvent cancels one meter event at Stripe with a meter event
 	// adjustment of type cancel (POST /v1/billing/meter_event_adjustments),

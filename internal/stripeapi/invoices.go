@@ -262,16 +262,19 @@ type RawEvent struct {
 	Payload []byte
 }
 
-// maxListedEvents bounds one ListEvents call (Stripe keeps 30 days).
-const maxListedEvents = 10_000
+// MaxListedEvents bounds what one ListEvents call returns (Stripe keeps
+// 30 days).
+const MaxListedEvents = 10_000
 
 // ListEvents returns Stripe's events of the given types (at most 20, as
 // Stripe allows) created at or after since, oldest first, following every
-// page up to 10,000 events. Errors: *Error; invalid_request for more than
-// 20 types.
-func (c *client) ListEvents(ctx context.Context, since time.Time, types []string) ([]RawEvent, error) {
+// page: all of them, or the oldest MaxListedEvents and more=true. Stripe
+// lists newest first, so the oldest end of a backlog is reached only by
+// paging through it all; it is the end Stripe stops retrying first.
+// Errors: *Error; invalid_request for more than 20 types.
+func (c *client) ListEvents(ctx context.Context, since time.Time, types []string) ([]RawEvent, bool, error) {
 	if len(types) == 0 || len(types) > 20 {
-		return nil, errs.E(errs.Invalid, "stripeapi: list events: between 1 and 20 types, got %d", len(types))
+		return nil, false, errs.E(errs.Invalid, "stripeapi: list events: between 1 and 20 types, got %d", len(types))
 	}
 	params := &stripe.EventListParams{CreatedRange: &stripe.RangeQueryParams{GreaterThanOrEqual: since.Unix()}}
 	params.Limit = stripe.Int64(100)
@@ -279,10 +282,11 @@ func (c *client) ListEvents(ctx context.Context, since time.Time, types []string
 		params.Types = append(params.Types, stripe.String(t))
 	}
 	ctx, capture := withCapture(ctx)
-	var out []RawEvent
+	var out []RawEvent // newest first, as listed
+	more := false
 	for ev, err := range c.api.V1Events.List(ctx, params) {
 		if err != nil {
-			return nil, classify("list events", err, capture, false)
+			return nil, false, classify("list events", err, capture, false)
 		}
 		if ev.Data == nil || len(ev.Data.Raw) == 0 {
 			continue // nothing tally could apply
@@ -292,16 +296,22 @@ func (c *client) ListEvents(ctx context.Context, since time.Time, types []string
 			"api_version": ev.APIVersion, "data": map[string]json.RawMessage{"object": ev.Data.Raw},
 		})
 		if err != nil {
-			return nil, errs.E(errs.Invalid, "stripeapi: event %s does not re-encode: %v", ev.ID, err)
+			return nil, false, errs.E(errs.Invalid, "stripeapi: event %s does not re-encode: %v", ev.ID, err)
 		}
 		out = append(out, RawEvent{ID: ev.ID, Type: string(ev.Type), Created: time.Unix(ev.Created, 0).UTC(), Payload: payload})
-		if len(out) >= maxListedEvents {
-			break
+		if len(out) >= 2*MaxListedEvents {
+			// Only the oldest MaxListedEvents are kept: drop the newer.
+			out = append([]RawEvent(nil), out[len(out)-MaxListedEvents:]...)
+			more = true
 		}
+	}
+	if len(out) > MaxListedEvents {
+		out = out[len(out)-MaxListedEvents:]
+		more = true
 	}
 	// Stripe lists newest first; they are applied in the order they happened.
 	for i, j := 0, len(out)-1; i < j; i, j = i+1, j-1 {
 		out[i], out[j] = out[j], out[i]
 	}
-	return out, nil
+	return out, more, nil
 }

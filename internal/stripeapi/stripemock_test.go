@@ -146,7 +146,7 @@ func TestStripeMockInvoicesAndEvents(t *testing.T) {
 	if got, err := c.GetInvoice(ctx, inv.ID); err != nil || got.ID == "" {
 		t.Fatalf("GetInvoice: %+v, %v", got, err)
 	}
-	evs, err := c.ListEvents(ctx, time.Now().Add(-time.Hour), []string{"invoice.paid", "payment_intent.succeeded"})
+	evs, _, err := c.ListEvents(ctx, time.Now().Add(-time.Hour), []string{"invoice.paid", "payment_intent.succeeded"})
 	if err != nil {
 		t.Fatalf("ListEvents: %v", err)
 	}
@@ -155,7 +155,7 @@ func TestStripeMockInvoicesAndEvents(t *testing.T) {
 			t.Fatalf("listed event %+v", ev)
 		}
 	}
-	if _, err := c.ListEvents(ctx, time.Now(), make([]string, 21)); err == nil {
+	if _, _, err := c.ListEvents(ctx, time.Now(), make([]string, 21)); err == nil {
 		t.Fatal("21 types were listed; Stripe allows 20")
 	}
 }

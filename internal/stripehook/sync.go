@@ -11,6 +11,7 @@ import (
 	"github.com/tallybilling/tally/internal/db"
 	"github.com/tallybilling/tally/internal/errs"
 	"github.com/tallybilling/tally/internal/payments"
+	"github.com/tallybilling/tally/internal/stripeapi"
 )
 
 // HandledTypes are the Stripe event types dispatch acts on: what the
@@ -41,37 +42,83 @@ type CatchUpResult struct {
 	New    int
 }
 
+// listedThrough names, in background_runs, the start of the last catch-up
+// that listed and stored every event of its window: every event Stripe
+// created before it (less catchUpOverlap) is stored.
+const listedThrough = "stripe catch-up listed"
+
+// firstCatchUp is how far back a catch-up lists when none has completed
+// yet: as long as Stripe retries a delivery.
+const firstCatchUp = 72 * time.Hour
+
 // CatchUp lists Stripe's events of HandledTypes created since since (zero:
-// the newest stored event's creation less an hour, or 72 hours back when
-// none is stored; never more than Stripe's 30 days), and stores and
+// the start of the last catch-up that completed, less an hour; when none
+// has, 72 hours back, or the newest stored event's creation less an hour
+// when that is older; never more than Stripe's 30 days), and stores and
 // processes, oldest first, those not stored yet, exactly as a delivery
-// would (source sync). Errors: errs.Unavailable (no Stripe key), Stripe's
-// *Error, database errors.
+// would (source sync). The default window does not follow the events
+// webhooks stored: a catch-up that failed (Stripe, or the database, went
+// away) leaves its whole window to the next, whatever was delivered in
+// between. Errors: errs.Unavailable (no Stripe key), Stripe's *Error,
+// database errors.
 func (h *Intake) CatchUp(ctx context.Context, since time.Time) (CatchUpResult, error) {
 	var res CatchUpResult
 	if h.stripe == nil {
 		return res, errs.E(errs.Unavailable, "catching up needs a Stripe key (TALLY_STRIPE_SECRET_KEY)")
 	}
 	now := h.now()
+	from, err := h.catchUpFrom(ctx, now)
+	if err != nil {
+		return res, err
+	}
 	if since.IsZero() {
-		var newest struct{ At *time.Time }
-		err := h.db.WithContext(ctx).Model(&eventRow{}).Select("max(stripe_created) AS at").Scan(&newest).Error
-		if err != nil {
-			return res, db.Translate(err, nil)
-		}
-		since = now.Add(-72 * time.Hour)
-		if newest.At != nil && !newest.At.IsZero() {
-			since = newest.At.Add(-catchUpOverlap)
-		}
+		since = from
 	}
 	if oldest := now.Add(-StripeRetention); since.Before(oldest) {
 		since = oldest
 	}
-	listed, err := h.stripe.ListEvents(ctx, since, HandledTypes)
-	if err != nil {
-		return res, err
+	if from.Before(now.Add(-StripeRetention)) {
+		from = now.Add(-StripeRetention)
 	}
-	res.Listed = len(listed)
+	for start := since; ; {
+		listed, more, err := h.stripe.ListEvents(ctx, start, HandledTypes)
+		if err != nil {
+			return res, err
+		}
+		res.Listed += len(listed)
+		if err := h.storeListed(ctx, listed, &res); err != nil {
+			return res, err
+		}
+		if !more || len(listed) == 0 {
+			break
+		}
+		// A backlog longer than one listing: on from the newest stored
+		// (the events of its second come again, and are found stored).
+		next := listed[len(listed)-1].Created
+		if !next.After(start) {
+			return res, fmt.Errorf("stripehook: more than %d Stripe events were created at %s: the rest cannot be listed", len(listed), start.UTC().Format(time.RFC3339))
+		}
+		start = next
+	}
+	if since.After(from) {
+		// A window that began later than the default one (an operator's
+		// --since) leaves a gap before it: the next default starts where
+		// it did.
+		return res, nil
+	}
+	// Every event listed is stored (processed, or left to the retry
+	// worker): the next default catch-up may start from this one.
+	err = h.db.WithContext(ctx).Exec(`INSERT INTO background_runs AS r (name, last_run_at) VALUES (?, ?)
+		ON CONFLICT (name) DO UPDATE SET last_run_at = GREATEST(r.last_run_at, EXCLUDED.last_run_at)`, listedThrough, now).Error
+	if err != nil {
+		return res, db.Translate(err, nil)
+	}
+	return res, nil
+}
+
+// storeListed stores and processes, in order, the listed events not stored
+// yet, as CatchUp does, counting them in res.New.
+func (h *Intake) storeListed(ctx context.Context, listed []stripeapi.RawEvent, res *CatchUpResult) error {
 	for _, raw := range listed {
 		ev, err := ParseEvent(raw.Payload)
 		if err != nil {
@@ -80,7 +127,7 @@ func (h *Intake) CatchUp(ctx context.Context, since time.Time) (CatchUpResult, e
 		}
 		stored, _, err := h.store(ctx, ev, raw.Payload, sourceSync, h.now())
 		if err != nil {
-			return res, err
+			return err
 		}
 		if !stored {
 			continue
@@ -91,7 +138,32 @@ func (h *Intake) CatchUp(ctx context.Context, since time.Time) (CatchUpResult, e
 		_, _ = h.process(pctx, ev, 0, h.now())
 		cancel()
 	}
-	return res, nil
+	return nil
+}
+
+// catchUpFrom is where a default catch-up at now starts listing.
+func (h *Intake) catchUpFrom(ctx context.Context, now time.Time) (time.Time, error) {
+	var mark struct{ At *time.Time }
+	err := h.db.WithContext(ctx).Raw(`SELECT last_run_at AS at FROM background_runs WHERE name = ?`, listedThrough).Scan(&mark).Error
+	if err != nil {
+		return time.Time{}, db.Translate(err, nil)
+	}
+	if mark.At != nil && !mark.At.IsZero() {
+		return mark.At.Add(-catchUpOverlap), nil
+	}
+	// None completed yet (a new deployment, or one from before the mark
+	// was kept): what Stripe may have given up delivering, and at least
+	// what the newest stored event leaves out.
+	from := now.Add(-firstCatchUp)
+	var newest struct{ At *time.Time }
+	err = h.db.WithContext(ctx).Model(&eventRow{}).Select("max(stripe_created) AS at").Scan(&newest).Error
+	if err != nil {
+		return time.Time{}, db.Translate(err, nil)
+	}
+	if newest.At != nil && !newest.At.IsZero() && newest.At.Add(-catchUpOverlap).Before(from) {
+		from = newest.At.Add(-catchUpOverlap)
+	}
+	return from, nil
 }
 
 // SyncResult is what one Sync found and did.

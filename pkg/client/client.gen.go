@@ -4444,14 +4444,20 @@ type ClientInterface interface {
 	// SyncStripeWithBody Catch up with Stripe now
 	//
 	// Lists Stripe's events of the types tally handles created since
-	// `since` (default: the newest stored event's creation, less an
-	// hour; Stripe keeps 30 days) and stores and processes any not stored
+	// `since` (default: the start of the last sync that listed its whole
+	// window, less an hour, so that a sync that failed leaves its window
+	// to the next whatever webhooks arrived in between; 72 hours back
+	// before any did; Stripe keeps 30 days) and stores and processes any not stored
 	// yet, exactly as if delivered; then looks up every payment still
 	// `pending` after `TALLY_PENDING_CHECK_AFTER` at Stripe (its Checkout
 	// Session, or its invoice) and applies what Stripe shows through the
 	// same validation chain and guard as a webhook (transitions with
 	// `source: sync`). The background sync does the same every
 	// `TALLY_STRIPE_SYNC_INTERVAL`. 409 `conflict` while another sync runs.
+	// A sync still running after 45 seconds (Stripe or the database
+	// answering too slowly) is stopped and answered 503 `unavailable`:
+	// what it stored is kept, and running it again (or `tally sync`,
+	// which has no such bound) finishes it.
 	//
 	// Takes any type of body and a specified content type.
 	//
@@ -4461,14 +4467,20 @@ type ClientInterface interface {
 	// SyncStripe Catch up with Stripe now
 	//
 	// Lists Stripe's events of the types tally handles created since
-	// `since` (default: the newest stored event's creation, less an
-	// hour; Stripe keeps 30 days) and stores and processes any not stored
+	// `since` (default: the start of the last sync that listed its whole
+	// window, less an hour, so that a sync that failed leaves its window
+	// to the next whatever webhooks arrived in between; 72 hours back
+	// before any did; Stripe keeps 30 days) and stores and processes any not stored
 	// yet, exactly as if delivered; then looks up every payment still
 	// `pending` after `TALLY_PENDING_CHECK_AFTER` at Stripe (its Checkout
 	// Session, or its invoice) and applies what Stripe shows through the
 	// same validation chain and guard as a webhook (transitions with
 	// `source: sync`). The background sync does the same every
 	// `TALLY_STRIPE_SYNC_INTERVAL`. 409 `conflict` while another sync runs.
+	// A sync still running after 45 seconds (Stripe or the database
+	// answering too slowly) is stopped and answered 503 `unavailable`:
+	// what it stored is kept, and running it again (or `tally sync`,
+	// which has no such bound) finishes it.
 	//
 	// Takes a body of the `application/json` content type.
 	//
@@ -5297,14 +5309,20 @@ func (c *Client) ReplayStripeEvent(ctx context.Context, eventId string, reqEdito
 // SyncStripeWithBody Catch up with Stripe now
 //
 // Lists Stripe's events of the types tally handles created since
-// `since` (default: the newest stored event's creation, less an
-// hour; Stripe keeps 30 days) and stores and processes any not stored
+// `since` (default: the start of the last sync that listed its whole
+// window, less an hour, so that a sync that failed leaves its window
+// to the next whatever webhooks arrived in between; 72 hours back
+// before any did; Stripe keeps 30 days) and stores and processes any not stored
 // yet, exactly as if delivered; then looks up every payment still
 // `pending` after `TALLY_PENDING_CHECK_AFTER` at Stripe (its Checkout
 // Session, or its invoice) and applies what Stripe shows through the
 // same validation chain and guard as a webhook (transitions with
 // `source: sync`). The background sync does the same every
 // `TALLY_STRIPE_SYNC_INTERVAL`. 409 `conflict` while another sync runs.
+// A sync still running after 45 seconds (Stripe or the database
+// answering too slowly) is stopped and answered 503 `unavailable`:
+// what it stored is kept, and running it again (or `tally sync`,
+// which has no such bound) finishes it.
 //
 // Takes any type of body and a specified content type.
 //
@@ -5324,14 +5342,20 @@ func (c *Client) SyncStripeWithBody(ctx context.Context, contentType string, bod
 // SyncStripe Catch up with Stripe now
 //
 // Lists Stripe's events of the types tally handles created since
-// `since` (default: the newest stored event's creation, less an
-// hour; Stripe keeps 30 days) and stores and processes any not stored
+// `since` (default: the start of the last sync that listed its whole
+// window, less an hour, so that a sync that failed leaves its window
+// to the next whatever webhooks arrived in between; 72 hours back
+// before any did; Stripe keeps 30 days) and stores and processes any not stored
 // yet, exactly as if delivered; then looks up every payment still
 // `pending` after `TALLY_PENDING_CHECK_AFTER` at Stripe (its Checkout
 // Session, or its invoice) and applies what Stripe shows through the
 // same validation chain and guard as a webhook (transitions with
 // `source: sync`). The background sync does the same every
 // `TALLY_STRIPE_SYNC_INTERVAL`. 409 `conflict` while another sync runs.
+// A sync still running after 45 seconds (Stripe or the database
+// answering too slowly) is stopped and answered 503 `unavailable`:
+// what it stored is kept, and running it again (or `tally sync`,
+// which has no such bound) finishes it.
 //
 // Takes a body of the `application/json` content type.
 //
@@ -8774,14 +8798,20 @@ type ClientWithResponsesInterface interface {
 	// SyncStripeWithBodyWithResponse Catch up with Stripe now
 	//
 	// Lists Stripe's events of the types tally handles created since
-	// `since` (default: the newest stored event's creation, less an
-	// hour; Stripe keeps 30 days) and stores and processes any not stored
+	// `since` (default: the start of the last sync that listed its whole
+	// window, less an hour, so that a sync that failed leaves its window
+	// to the next whatever webhooks arrived in between; 72 hours back
+	// before any did; Stripe keeps 30 days) and stores and processes any not stored
 	// yet, exactly as if delivered; then looks up every payment still
 	// `pending` after `TALLY_PENDING_CHECK_AFTER` at Stripe (its Checkout
 	// Session, or its invoice) and applies what Stripe shows through the
 	// same validation chain and guard as a webhook (transitions with
 	// `source: sync`). The background sync does the same every
 	// `TALLY_STRIPE_SYNC_INTERVAL`. 409 `conflict` while another sync runs.
+	// A sync still running after 45 seconds (Stripe or the database
+	// answering too slowly) is stopped and answered 503 `unavailable`:
+	// what it stored is kept, and running it again (or `tally sync`,
+	// which has no such bound) finishes it.
 	//
 	// Takes any type of body and a specified content type, and returns a wrapper object for the known response body format(s).
 	//
@@ -8791,14 +8821,20 @@ type ClientWithResponsesInterface interface {
 	// SyncStripeWithResponse Catch up with Stripe now
 	//
 	// Lists Stripe's events of the types tally handles created since
-	// `since` (default: the newest stored event's creation, less an
-	// hour; Stripe keeps 30 days) and stores and processes any not stored
+	// `since` (default: the start of the last sync that listed its whole
+	// window, less an hour, so that a sync that failed leaves its window
+	// to the next whatever webhooks arrived in between; 72 hours back
+	// before any did; Stripe keeps 30 days) and stores and processes any not stored
 	// yet, exactly as if delivered; then looks up every payment still
 	// `pending` after `TALLY_PENDING_CHECK_AFTER` at Stripe (its Checkout
 	// Session, or its invoice) and applies what Stripe shows through the
 	// same validation chain and guard as a webhook (transitions with
 	// `source: sync`). The background sync does the same every
 	// `TALLY_STRIPE_SYNC_INTERVAL`. 409 `conflict` while another sync runs.
+	// A sync still running after 45 seconds (Stripe or the database
+	// answering too slowly) is stopped and answered 503 `unavailable`:
+	// what it stored is kept, and running it again (or `tally sync`,
+	// which has no such bound) finishes it.
 	//
 	// Takes a body of the `application/json` content type, and returns a wrapper object for the known response body format(s).
 	//
@@ -12013,14 +12049,20 @@ func (c *ClientWithResponses) ReplayStripeEventWithResponse(ctx context.Context,
 // SyncStripeWithBodyWithResponse Catch up with Stripe now
 //
 // Lists Stripe's events of the types tally handles created since
-// `since` (default: the newest stored event's creation, less an
-// hour; Stripe keeps 30 days) and stores and processes any not stored
+// `since` (default: the start of the last sync that listed its whole
+// window, less an hour, so that a sync that failed leaves its window
+// to the next whatever webhooks arrived in between; 72 hours back
+// before any did; Stripe keeps 30 days) and stores and processes any not stored
 // yet, exactly as if delivered; then looks up every payment still
 // `pending` after `TALLY_PENDING_CHECK_AFTER` at Stripe (its Checkout
 // Session, or its invoice) and applies what Stripe shows through the
 // same validation chain and guard as a webhook (transitions with
 // `source: sync`). The background sync does the same every
 // `TALLY_STRIPE_SYNC_INTERVAL`. 409 `conflict` while another sync runs.
+// A sync still running after 45 seconds (Stripe or the database
+// answering too slowly) is stopped and answered 503 `unavailable`:
+// what it stored is kept, and running it again (or `tally sync`,
+// which has no such bound) finishes it.
 //
 // Takes any type of body and a specified content type, and returns a wrapper object for the known response body format(s).
 //
@@ -12036,14 +12078,20 @@ func (c *ClientWithResponses) SyncStripeWithBodyWithResponse(ctx context.Context
 // SyncStripeWithResponse Catch up with Stripe now
 //
 // Lists Stripe's events of the types tally handles created since
-// `since` (default: the newest stored event's creation, less an
-// hour; Stripe keeps 30 days) and stores and processes any not stored
+// `since` (default: the start of the last sync that listed its whole
+// window, less an hour, so that a sync that failed leaves its window
+// to the next whatever webhooks arrived in between; 72 hours back
+// before any did; Stripe keeps 30 days) and stores and processes any not stored
 // yet, exactly as if delivered; then looks up every payment still
 // `pending` after `TALLY_PENDING_CHECK_AFTER` at Stripe (its Checkout
 // Session, or its invoice) and applies what Stripe shows through the
 // same validation chain and guard as a webhook (transitions with
 // `source: sync`). The background sync does the same every
 // `TALLY_STRIPE_SYNC_INTERVAL`. 409 `conflict` while another sync runs.
+// A sync still running after 45 seconds (Stripe or the database
+// answering too slowly) is stopped and answered 503 `unavailable`:
+// what it stored is kept, and running it again (or `tally sync`,
+// which has no such bound) finishes it.
 //
 // Takes a body of the `application/json` content type, and returns a wrapper object for the known response body format(s).
 //
