@@ -886,6 +886,9 @@ type dbProxy struct {
 	mu     sync.Mutex
 	ln     net.Listener
 	conns  map[net.Conn]bool
+	// stalled, while set, holds every byte in either direction: the
+	// database accepts connections and then says nothing (stall, resume).
+	stalled atomic.Bool
 }
 
 // behindDBProxy points env's TALLY_DATABASE_URL at a new proxy in front
@@ -947,10 +950,36 @@ func (p *dbProxy) pipe(c net.Conn) {
 	p.mu.Lock()
 	p.conns[c], p.conns[s] = true, true
 	p.mu.Unlock()
-	go func() { _, _ = io.Copy(s, c); s.Close() }()
-	_, _ = io.Copy(c, s)
+	go func() { p.copy(s, c); s.Close() }()
+	p.copy(c, s)
 	c.Close()
 }
+
+// copy is io.Copy from src to dst that holds what it read while the proxy
+// is stalled.
+func (p *dbProxy) copy(dst, src net.Conn) {
+	buf := make([]byte, 32<<10)
+	for {
+		n, err := src.Read(buf)
+		for n > 0 && p.stalled.Load() {
+			time.Sleep(10 * time.Millisecond)
+		}
+		if n > 0 {
+			if _, werr := dst.Write(buf[:n]); werr != nil {
+				return
+			}
+		}
+		if err != nil {
+			return
+		}
+	}
+}
+
+// stall makes the database stop answering without closing anything, as
+// a database host that hangs or a network that drops packets looks to
+// the service; resume lets the held bytes through.
+func (p *dbProxy) stall()  { p.stalled.Store(true) }
+func (p *dbProxy) resume() { p.stalled.Store(false) }
 
 func (p *dbProxy) down() {
 	p.mu.Lock()

@@ -113,3 +113,69 @@ func readConcurrently(t *testing.T, s *server, id string) int64 {
 	wg.Wait()
 	return bad.Load()
 }
+
+// A database that stops answering without closing anything (a hung host,
+// a network dropping packets) is answered 503 problem+json once the
+// request's deadline (TALLY_REQUEST_TIMEOUT) passes, not held until the
+// operating system gives up on the connection; when it answers again the
+// service does too, without a restart.
+func TestAStalledDatabaseIsAnsweredInTime(t *testing.T) {
+	t.Parallel()
+	env := baseEnv(t)
+	env["TALLY_REQUEST_TIMEOUT"] = "2s"
+	proxy := behindDBProxy(t, env)
+	s := startServer(t, env)
+	svc := s.service(t)
+	if r, err := svc.UpsertCustomerWithResponse(context.Background(), "erin", client.CustomerUpsert{}); err != nil || r.StatusCode() != http.StatusCreated {
+		t.Fatalf("create erin: %v %v", err, r)
+	}
+
+	proxy.stall()
+	reads := map[string]func(ctx context.Context) (int, []byte, error){
+		"a customer": func(ctx context.Context) (int, []byte, error) {
+			r, err := svc.GetCustomerWithResponse(ctx, "erin")
+			if err != nil {
+				return 0, nil, err
+			}
+			return r.StatusCode(), r.Body, nil
+		},
+		"a balance": func(ctx context.Context) (int, []byte, error) {
+			r, err := svc.GetBalanceWithResponse(ctx, "erin", nil)
+			if err != nil {
+				return 0, nil, err
+			}
+			return r.StatusCode(), r.Body, nil
+		},
+	}
+	for what, read := range reads {
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		start := time.Now()
+		status, body, err := read(ctx)
+		cancel()
+		took := time.Since(start)
+		if err != nil {
+			t.Fatalf("reading %s with the database stalled: no answer after %s: %v", what, took, err)
+		}
+		var p client.Problem
+		if status != http.StatusServiceUnavailable || json.Unmarshal(body, &p) != nil || p.Code != client.ErrorCodeUnavailable {
+			t.Fatalf("reading %s with the database stalled: %d %s, want 503 unavailable", what, status, body)
+		}
+		if took > 15*time.Second {
+			t.Errorf("reading %s with the database stalled took %s against a 2s request timeout", what, took)
+		}
+		t.Logf("%s answered %d after %s: %s", what, status, took.Round(time.Millisecond), deref(p.Detail))
+	}
+
+	proxy.resume()
+	deadline := time.Now().Add(patience)
+	for {
+		r, err := svc.GetCustomerWithResponse(context.Background(), "erin")
+		if err == nil && r.StatusCode() == http.StatusOK {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the database answers again, but reading a customer still fails after %s: %v %v", patience, err, r)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}

@@ -321,7 +321,7 @@ func (a *App) Run(ctx context.Context) error {
 			return fmt.Errorf("listen on %s: %w", a.cfg.HTTPAddr, err)
 		}
 	}
-	servers := []*http.Server{newServer(a.handler)}
+	servers := []*http.Server{newServer(a.handler, a.cfg.RequestTimeout+answerMargin)}
 	listeners := []net.Listener{ln}
 	if a.metrics != nil {
 		mln := a.metricsLn
@@ -332,7 +332,7 @@ func (a *App) Run(ctx context.Context) error {
 				return fmt.Errorf("listen on %s: %w", a.cfg.MetricsAddr, err)
 			}
 		}
-		servers = append(servers, newServer(a.metrics))
+		servers = append(servers, newServer(a.metrics, defaultWriteTimeout))
 		listeners = append(listeners, mln)
 	}
 
@@ -386,12 +386,21 @@ func (a *App) Run(ctx context.Context) error {
 	return runErr
 }
 
-func newServer(h http.Handler) *http.Server {
+// defaultWriteTimeout is the write timeout of the listeners other than the
+// API's (metrics, the sandbox's Stripe API).
+const defaultWriteTimeout = 60 * time.Second
+
+// answerMargin is how much longer than TALLY_REQUEST_TIMEOUT the API's
+// server lets a request write its answer: a request cut at its deadline
+// still answers its 503 (httpapi's request deadline).
+const answerMargin = 10 * time.Second
+
+func newServer(h http.Handler, writeTimeout time.Duration) *http.Server {
 	return &http.Server{
 		Handler:           h,
 		ReadHeaderTimeout: 5 * time.Second,
 		ReadTimeout:       30 * time.Second,
-		WriteTimeout:      60 * time.Second,
+		WriteTimeout:      writeTimeout,
 		IdleTimeout:       120 * time.Second,
 		MaxHeaderBytes:    64 << 10,
 	}

@@ -121,7 +121,7 @@ type sandboxWorker struct{ sb *stripeSandbox }
 func (w sandboxWorker) Name() string { return "stripe-sandbox" }
 
 func (w sandboxWorker) Run(ctx context.Context) error {
-	srv := newServer(w.sb.api)
+	srv := newServer(w.sb.api, defaultWriteTimeout)
 	served := make(chan error, 1)
 	go func() { served <- srv.Serve(w.sb.listener) }()
 	err := w.sb.account.Run(ctx)

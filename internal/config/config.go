@@ -248,8 +248,16 @@ type Config struct {
 	CORSOrigins     []string
 	MaxBodyBytes    int64
 	ShutdownTimeout time.Duration
-	LogLevel        slog.Level
-	TrustedProxies  []netip.Prefix // whose X-Forwarded-For names the client; empty: none
+	// RequestTimeout bounds how long a request may run before it is
+	// answered 503: a database or a Stripe that stops answering (accepts
+	// the connection, then says nothing) would otherwise hold the request,
+	// and its caller, until the operating system gives up on the
+	// connection. The server's write timeout is this plus ten seconds, so
+	// the 503 is always written. The usage import, which streams, is not
+	// bounded by it.
+	RequestTimeout time.Duration
+	LogLevel       slog.Level
+	TrustedProxies []netip.Prefix // whose X-Forwarded-For names the client; empty: none
 
 	APIKeys       []APIKey
 	JWT           JWTConfig
@@ -287,6 +295,7 @@ func Default() Config {
 		HTTPAddr:        ":8080",
 		MaxBodyBytes:    1 << 20,
 		ShutdownTimeout: 30 * time.Second,
+		RequestTimeout:  50 * time.Second,
 		LogLevel:        slog.LevelInfo,
 		Stripe: StripeConfig{
 			WebhookMaxBodyBytes: 512 << 10,
@@ -475,6 +484,7 @@ func Load(getenv func(string) string) (Config, error) {
 	}
 	p.int64("TALLY_MAX_BODY_BYTES", &c.MaxBodyBytes)
 	p.duration("TALLY_SHUTDOWN_TIMEOUT", &c.ShutdownTimeout)
+	p.duration("TALLY_REQUEST_TIMEOUT", &c.RequestTimeout)
 	if v := strings.TrimSpace(getenv("TALLY_LOG_LEVEL")); v != "" {
 		lvl, err := parseLogLevel(v)
 		if err != nil {
@@ -725,6 +735,9 @@ func (c Config) Validate() error {
 	}
 	if c.ShutdownTimeout <= 0 {
 		p.add("TALLY_SHUTDOWN_TIMEOUT", "must be positive, got %s", c.ShutdownTimeout)
+	}
+	if c.RequestTimeout < time.Second {
+		p.add("TALLY_REQUEST_TIMEOUT", "must be at least 1s, got %s", c.RequestTimeout)
 	}
 
 	seen := make(map[[32]byte]bool, len(c.APIKeys))

@@ -10,6 +10,7 @@ import (
 	"net/netip"
 	"regexp"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/labstack/echo/v4"
@@ -122,6 +123,29 @@ func clientIP(trusted []netip.Prefix) echo.IPExtractor {
 		opts = append(opts, echo.TrustIPRange(&net.IPNet{IP: p.Addr().AsSlice(), Mask: net.CIDRMask(p.Bits(), p.Addr().BitLen())}))
 	}
 	return echo.ExtractIPFromXFFHeader(opts...)
+}
+
+// answerWithin gives each request a deadline d after it is routed, so that
+// a database or a Stripe that stops answering (a connection accepted, then
+// nothing) ends the request with a 503, which the error handler answers for
+// a passed deadline (deadlineProblem), instead of holding it and its caller
+// until the operating system gives up on the connection. The server's
+// write timeout leaves room for that answer (app.answerMargin). d zero: no
+// deadline. The usage import streams for as long as its body keeps
+// arriving, and a profile or a trace lasts as long as it is asked to: they
+// keep the request's own context.
+func answerWithin(d time.Duration) echo.MiddlewareFunc {
+	return func(next echo.HandlerFunc) echo.HandlerFunc {
+		return func(c echo.Context) error {
+			if d <= 0 || c.Path() == usageImportPath || strings.HasPrefix(c.Path(), "/debug/pprof/") {
+				return next(c)
+			}
+			ctx, cancel := context.WithTimeout(c.Request().Context(), d)
+			defer cancel()
+			c.SetRequest(c.Request().WithContext(ctx))
+			return next(c)
+		}
+	}
 }
 
 // recoverPanics turns a panic in a handler into a logged internal error.

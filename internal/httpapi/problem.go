@@ -1,6 +1,7 @@
 package httpapi
 
 import (
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -163,6 +164,9 @@ func classify(err error) (*errs.Error, int) {
 	if errors.As(err, &mbe) {
 		return errs.E(errs.PayloadTooLarge, "the request body is larger than %d bytes", mbe.Limit), http.StatusRequestEntityTooLarge
 	}
+	if p := deadlineProblem(err); p != nil {
+		return p, http.StatusServiceUnavailable
+	}
 	if e, ok := errs.As(err); ok {
 		t, known := problemTypes[e.Code]
 		status := t.status
@@ -247,4 +251,18 @@ func orDefault(s, def string) string {
 		return def
 	}
 	return s
+}
+
+// deadlineProblem is the 503 for a request whose deadline passed
+// (answerWithin) before the database or Stripe answered, where nothing
+// said more (an error with a code other than internal keeps its answer):
+// a retry may pass, and replays what did commit under its key.
+func deadlineProblem(err error) *errs.Error {
+	if !errors.Is(err, context.DeadlineExceeded) {
+		return nil
+	}
+	if e, ok := errs.As(err); ok && e.Code != errs.Internal {
+		return nil
+	}
+	return errs.Wrap(err, errs.Unavailable, "the request did not finish in time: the database or Stripe did not answer; retry it, with the same Idempotency-Key where it has one")
 }

@@ -94,7 +94,7 @@ func New(d Options) (*echo.Echo, error) {
 	e.HidePort = true
 	e.HTTPErrorHandler = errorHandler(d.Logger)
 	e.IPExtractor = clientIP(d.Config.TrustedProxies)
-	e.Use(withRequestID, observe(d.Logger, newHTTPMetrics(d.Registry)), recoverPanics(d.Logger))
+	e.Use(withRequestID, observe(d.Logger, newHTTPMetrics(d.Registry)), recoverPanics(d.Logger), answerWithin(d.Config.RequestTimeout))
 	if len(d.Config.CORSOrigins) > 0 {
 		e.Use(middleware.CORSWithConfig(middleware.CORSConfig{
 			AllowOrigins:  d.Config.CORSOrigins,
@@ -140,7 +140,7 @@ func serveContract(e *echo.Echo, g *gate, s api.StrictServerInterface, maxBody i
 // webhook needs its raw body). Capabilities that own such routes add them here.
 func (s *Server) registerRaw(e *echo.Echo, auth *authenticator) {
 	e.POST("/webhooks/stripe", s.stripeWebhook)
-	e.POST("/v1/admin/usage-imports", s.importUsage, adminOnly(auth))
+	e.POST(usageImportPath, s.importUsage, adminOnly(auth))
 	if s.d.Sandbox != nil {
 		h := echo.WrapHandler(s.d.Sandbox)
 		e.Any("/sandbox", h)

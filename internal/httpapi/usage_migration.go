@@ -15,6 +15,9 @@ import (
 	"github.com/tallybilling/tally/internal/metering"
 )
 
+// usageImportPath is the usage import's route, which streams (answerWithin).
+const usageImportPath = "/v1/admin/usage-imports"
+
 // MaxImportBytes is the largest body POST /v1/admin/usage-imports takes.
 const MaxImportBytes = 100 << 20
 
