@@ -321,7 +321,7 @@ func (a *App) Run(ctx context.Context) error {
 			return fmt.Errorf("listen on %s: %w", a.cfg.HTTPAddr, err)
 		}
 	}
-	servers := []*http.Server{newServer(a.handler, a.cfg.RequestTimeout+answerMargin)}
+	servers := []*http.Server{newServer(a.handler, max(defaultWriteTimeout, a.cfg.RequestTimeout+answerMargin))}
 	listeners := []net.Listener{ln}
 	if a.metrics != nil {
 		mln := a.metricsLn
@@ -386,13 +386,16 @@ func (a *App) Run(ctx context.Context) error {
 	return runErr
 }
 
-// defaultWriteTimeout is the write timeout of the listeners other than the
-// API's (metrics, the sandbox's Stripe API).
+// defaultWriteTimeout is the servers' write timeout: how long a request
+// may take to be answered in full before its connection is closed. The
+// API's is longer when TALLY_REQUEST_TIMEOUT asks for it.
 const defaultWriteTimeout = 60 * time.Second
 
 // answerMargin is how much longer than TALLY_REQUEST_TIMEOUT the API's
 // server lets a request write its answer: a request cut at its deadline
-// still answers its 503 (httpapi's request deadline).
+// still answers its 503 (httpapi's answerWithin). Work that runs on once
+// its caller is gone (a webhook's processing, a checkout's Stripe calls, a
+// consume's batch) keeps the default's time to answer, as before.
 const answerMargin = 10 * time.Second
 
 func newServer(h http.Handler, writeTimeout time.Duration) *http.Server {

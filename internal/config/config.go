@@ -252,9 +252,11 @@ type Config struct {
 	// answered 503: a database or a Stripe that stops answering (accepts
 	// the connection, then says nothing) would otherwise hold the request,
 	// and its caller, until the operating system gives up on the
-	// connection. The server's write timeout is this plus ten seconds, so
-	// the 503 is always written. The usage import, which streams, is not
-	// bounded by it.
+	// connection. The server's write timeout is at least this plus ten
+	// seconds, so the 503 is always written. The usage import, which
+	// streams, is not bounded by it; work that runs on once its caller is
+	// gone (a webhook's processing, a consume's batch) keeps its own
+	// bounds.
 	RequestTimeout time.Duration
 	LogLevel       slog.Level
 	TrustedProxies []netip.Prefix // whose X-Forwarded-For names the client; empty: none
