@@ -9,6 +9,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/tallybilling/tally/internal/db"
+	"github.com/tallybilling/tally/internal/stripeapi/stripefake"
 	"github.com/tallybilling/tally/pkg/client"
 )
 
@@ -178,4 +180,98 @@ func TestAStalledDatabaseIsAnsweredInTime(t *testing.T) {
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
+}
+
+// A checkout whose database stops answering while Stripe creates its
+// session is still answered: the work that runs on once the payment is on
+// record (recording the session under its Idempotency-Key, or marking the
+// payment failed and giving the key back) keeps bounds of its own, as
+// the request's deadline no longer reaches it. Without them it waited for
+// the database as long as the database said nothing, and its caller with
+// it, past the server's write timeout. A retry with the same key once the
+// database answers ends in one checkout.
+func TestACheckoutIsAnsweredWhenTheDatabaseStallsDuringItsStripeCall(t *testing.T) {
+	t.Parallel()
+	fake := stripefake.New(t)
+	env := payEnv(t, fake.URL())
+	env["TALLY_REQUEST_TIMEOUT"] = "2s"
+	proxy := behindDBProxy(t, env)
+	s := startServer(t, env)
+	svc := s.service(t)
+	ctx := context.Background()
+	var armed atomic.Bool
+	fake.SetFault(func(r *http.Request) (int, string, bool) {
+		if r.URL.Path == "/v1/checkout/sessions" && armed.CompareAndSwap(true, false) {
+			proxy.stall() // the session is created; the database stops answering
+		}
+		return 0, "", false
+	})
+	checkoutDora := func(ctx context.Context) (*client.CreateCheckoutSessionResponse, error) {
+		return svc.CreateCheckoutSessionWithResponse(ctx, &client.CreateCheckoutSessionParams{IdempotencyKey: ptr("dora-checkout-1")}, client.CheckoutSessionCreate{
+			CustomerId: "dora", Item: "starter", SuccessUrl: "https://app.example.com/paid", CancelUrl: "https://app.example.com/cancel",
+		})
+	}
+
+	armed.Store(true)
+	type answer struct {
+		r    *client.CreateCheckoutSessionResponse
+		err  error
+		took time.Duration
+	}
+	answered := make(chan answer, 1)
+	go func() {
+		start := time.Now()
+		r, err := checkoutDora(ctx)
+		answered <- answer{r, err, time.Since(start)}
+	}()
+	// Past the server's write timeout (60 s) an answer can no longer be
+	// written; the stall lasts until then unless the checkout answers.
+	var a answer
+	select {
+	case a = <-answered:
+	case <-time.After(75 * time.Second):
+		proxy.resume()
+		a = <-answered
+		t.Fatalf("a checkout with the database stalled during its Stripe call got no answer in 75 s (then %v, %v after %s)", a.err, a.r, a.took)
+	}
+	proxy.resume()
+	if a.err != nil {
+		t.Fatalf("a checkout with the database stalled during its Stripe call: no answer after %s: %v", a.took, a.err)
+	}
+	var p client.Problem
+	if a.r.StatusCode() != http.StatusServiceUnavailable || json.Unmarshal(a.r.Body, &p) != nil || p.Code != client.ErrorCodeUnavailable {
+		t.Fatalf("a checkout with the database stalled during its Stripe call: %d %s after %s, want 503 unavailable", a.r.StatusCode(), a.r.Body, a.took)
+	}
+	t.Logf("answered %d after %s: %s", a.r.StatusCode(), a.took.Round(time.Millisecond), deref(p.Detail))
+
+	// The database answers again: the retry with the same key ends in a
+	// checkout whose payment waits for the buyer, and nothing breaks an
+	// invariant. The key could not be given back while the database said
+	// nothing: until its lease ends a retry may be told it is in flight.
+	var pay string
+	seen := map[string]int{}
+	waitForWithin(t, "the retried checkout", db.ReservationLease+patience, func() bool {
+		r, err := checkoutDora(ctx)
+		if err != nil {
+			t.Fatalf("retrying the checkout: %v", err)
+		}
+		switch {
+		case r.StatusCode() == http.StatusCreated:
+			pay = r.JSON201.PaymentId
+			t.Logf("retries before the checkout: %v", seen)
+			return true
+		case r.StatusCode() == http.StatusConflict && json.Unmarshal(r.Body, &p) == nil && p.Code == client.ErrorCodeIdempotencyKeyInFlight:
+		default:
+			t.Fatalf("retrying the checkout: %d %s", r.StatusCode(), r.Body)
+		}
+		seen[string(p.Code)]++
+		time.Sleep(time.Second)
+		return false
+	})
+	if got := getPayment(t, s, pay); got.Status != "pending" || got.CheckoutSessionId == nil {
+		t.Fatalf("the retried checkout's payment %s is %s with session %v, want pending with its session", pay, got.Status, got.CheckoutSessionId)
+	}
+	paidAtStripe(t, fake, s, pay)
+	deliver(t, s, stripeEvent(newEventID(), "payment_intent.succeeded", paymentIntent(pay, "dora", "succeeded", starterAmount, starterAmount, "usd")))
+	assertInvariants(t, s)
 }

@@ -175,9 +175,7 @@ func (s *Service) CreateCheckout(ctx context.Context, in CheckoutInput, key db.I
 		if r != nil {
 			// Nothing is stored under the key: the client may retry at
 			// once. A failed payment stays on record.
-			if rerr := r.Release(context.WithoutCancel(ctx), s.db); rerr != nil {
-				s.logger.ErrorContext(ctx, "release idempotency key", "error", rerr)
-			}
+			s.release(ctx, *r)
 		}
 		return CheckoutResult{}, false, err
 	}
@@ -219,7 +217,8 @@ func (s *Service) startCheckout(ctx context.Context, in CheckoutInput, it item, 
 	}
 
 	// The payment is on record: from here the work runs to its end even if
-	// the caller hangs up, and stops only if its reservation is lost.
+	// the caller hangs up, and stops only if its reservation is lost; each
+	// of its database steps has a bound of its own (detachedStepTimeout).
 	work, stop := context.WithCancelCause(context.WithoutCancel(ctx))
 	defer stop(nil)
 	release := func() {}
@@ -240,8 +239,10 @@ func (s *Service) startCheckout(ctx context.Context, in CheckoutInput, it item, 
 	if err != nil {
 		return CheckoutResult{}, err
 	}
-	err = db.InTx(work, s.db, func(tx *gorm.DB) error {
-		err := updatePayment(work, tx, paymentID, map[string]any{
+	record, cancel := context.WithTimeout(work, detachedStepTimeout)
+	defer cancel()
+	err = db.InTx(record, s.db, func(tx *gorm.DB) error {
+		err := updatePayment(record, tx, paymentID, map[string]any{
 			"checkout_session_id": res.CheckoutSessionID, "stripe_customer_id": res.stripeCustomer,
 			"payment_intent_id": gorm.Expr("COALESCE(payment_intent_id, ?)", db.NullIfEmpty(res.paymentIntent)), "updated_at": s.now(),
 		})
@@ -249,7 +250,7 @@ func (s *Service) startCheckout(ctx context.Context, in CheckoutInput, it item, 
 			return err
 		}
 		if r != nil {
-			return r.Complete(work, tx, answer)
+			return r.Complete(record, tx, answer)
 		}
 		return nil
 	})
@@ -383,6 +384,36 @@ func (s *Service) createSession(ctx context.Context, in CheckoutInput, it item, 
 	return res, nil
 }
 
+// detachedStepTimeout bounds each database step of the work a checkout
+// or an invoice payment runs on once its payment is on record, detached
+// from its caller (startCheckout, startInvoicePayment): recording Stripe's
+// answer under the Idempotency-Key, renewing or releasing the key, marking
+// the payment failed. The request's deadline (TALLY_REQUEST_TIMEOUT) no
+// longer reaches that work, and a database that stops answering without
+// closing anything would otherwise hold it, and its caller, for as long
+// as it says nothing: past the server's write timeout, so that the caller
+// never got an answer. Stripe's calls keep their own bounds (stripeapi).
+const detachedStepTimeout = 10 * time.Second
+
+// detachedStep runs fn, one database step of the detached work, under
+// detachedStepTimeout.
+func (s *Service) detachedStep(ctx context.Context, fn func(ctx context.Context) error) error {
+	ctx, cancel := context.WithTimeout(ctx, detachedStepTimeout)
+	defer cancel()
+	return fn(ctx)
+}
+
+// release gives back r, the Idempotency-Key a checkout or an invoice
+// payment that failed reserved, so that a retry runs at once; it runs
+// even when the caller is gone, under detachedStepTimeout. Should it fail,
+// the key's lease ends the reservation.
+func (s *Service) release(ctx context.Context, r db.Reservation) {
+	err := s.detachedStep(context.WithoutCancel(ctx), func(ctx context.Context) error { return r.Release(ctx, s.db) })
+	if err != nil {
+		s.logger.ErrorContext(ctx, "release idempotency key", "error", err)
+	}
+}
+
 // holdReservation renews r every third of its lease until the returned
 // function is called (which waits for the renewer to stop). When a renewal
 // finds the reservation no longer held, or two renewals in a row fail so
@@ -402,7 +433,9 @@ func (s *Service) holdReservation(ctx context.Context, r db.Reservation, lost co
 				return
 			case <-t.C:
 			}
-			err := r.Renew(ctx, s.db)
+			rctx, cancel := context.WithTimeout(ctx, min(detachedStepTimeout, r.Lease/3))
+			err := r.Renew(rctx, s.db)
+			cancel()
 			switch {
 			case err == nil:
 				failures = 0
@@ -429,7 +462,11 @@ func (s *Service) holdReservation(ctx context.Context, r db.Reservation, lost co
 // Stripe by our id) and records it; when another request linked one first,
 // that one wins.
 func (s *Service) linkStripeCustomer(ctx context.Context, customerID string) (string, error) {
-	c, err := customers.Get(ctx, s.db, customerID)
+	var c customers.Customer
+	err := s.detachedStep(ctx, func(ctx context.Context) (err error) {
+		c, err = customers.Get(ctx, s.db, customerID)
+		return err
+	})
 	if err != nil {
 		return "", err
 	}
@@ -437,11 +474,17 @@ func (s *Service) linkStripeCustomer(ctx context.Context, customerID string) (st
 	if err != nil {
 		return "", err
 	}
-	err = db.InTx(ctx, s.db, func(tx *gorm.DB) error {
-		return customers.LinkStripe(ctx, tx, customerID, sc.ID, s.now())
+	err = s.detachedStep(ctx, func(ctx context.Context) error {
+		return db.InTx(ctx, s.db, func(tx *gorm.DB) error {
+			return customers.LinkStripe(ctx, tx, customerID, sc.ID, s.now())
+		})
 	})
 	if errs.Is(err, errs.Conflict) {
-		c, gerr := customers.Get(ctx, s.db, customerID)
+		var c customers.Customer
+		gerr := s.detachedStep(ctx, func(ctx context.Context) (err error) {
+			c, err = customers.Get(ctx, s.db, customerID)
+			return err
+		})
 		if gerr == nil && c.StripeCustomerID != "" {
 			return c.StripeCustomerID, nil
 		}

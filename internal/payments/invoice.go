@@ -145,9 +145,7 @@ func (s *Service) CreateInvoicePayment(ctx context.Context, in InvoicePaymentInp
 	res, err := s.startInvoicePayment(ctx, in, it, days, r)
 	if err != nil {
 		if r != nil {
-			if rerr := r.Release(context.WithoutCancel(ctx), s.db); rerr != nil {
-				s.logger.ErrorContext(ctx, "release idempotency key", "error", rerr)
-			}
+			s.release(ctx, *r)
 		}
 		return InvoicePaymentResult{}, false, err
 	}
@@ -197,12 +195,20 @@ func (s *Service) startInvoicePayment(ctx context.Context, in InvoicePaymentInpu
 		return InvoicePaymentResult{}, err
 	}
 	if r != nil {
-		if err := db.InTx(work, s.db, func(tx *gorm.DB) error { return r.Complete(work, tx, answer) }); err != nil {
+		err := s.detachedStep(work, func(ctx context.Context) error {
+			return db.InTx(ctx, s.db, func(tx *gorm.DB) error { return r.Complete(ctx, tx, answer) })
+		})
+		if err != nil {
 			return InvoicePaymentResult{}, err
 		}
 	}
 	// The payment may have moved on meanwhile (paid at once, out of band).
-	if p, err := load(work, s.db, paymentID, false); err == nil {
+	var p Payment
+	err = s.detachedStep(work, func(ctx context.Context) (err error) {
+		p, err = load(ctx, s.db, paymentID, false)
+		return err
+	})
+	if err == nil {
 		res.Status = p.Status
 		if p.Invoice != nil {
 			res.Invoice = *p.Invoice
@@ -249,6 +255,8 @@ func (s *Service) issueInvoice(ctx context.Context, in InvoicePaymentInput, it i
 
 // storeInvoice records what Stripe answered about the payment's own invoice.
 func (s *Service) storeInvoice(ctx context.Context, paymentID, stripeCustomer string, inv StripeInvoice) error {
+	ctx, cancel := context.WithTimeout(ctx, detachedStepTimeout)
+	defer cancel()
 	return db.InTx(ctx, s.db, func(tx *gorm.DB) error {
 		p, err := load(ctx, tx, paymentID, true)
 		if err != nil {
@@ -266,7 +274,8 @@ func (s *Service) storeInvoice(ctx context.Context, paymentID, stripeCustomer st
 // at its creation (prefix says what). What Stripe did create despite the
 // error can still succeed later: failed → succeeded is allowed.
 func (s *Service) markFailed(ctx context.Context, paymentID, prefix string, cause error) {
-	ctx = context.WithoutCancel(ctx)
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), detachedStepTimeout)
+	defer cancel()
 	reason := prefix + ": " + text.Truncate(cause.Error(), 1000)
 	err := db.InTx(ctx, s.db, func(tx *gorm.DB) error {
 		p, err := load(ctx, tx, paymentID, true)
