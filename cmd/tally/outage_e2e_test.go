@@ -275,3 +275,60 @@ func TestACheckoutIsAnsweredWhenTheDatabaseStallsDuringItsStripeCall(t *testing.
 	deliver(t, s, stripeEvent(newEventID(), "payment_intent.succeeded", paymentIntent(pay, "dora", "succeeded", starterAmount, starterAmount, "usd")))
 	assertInvariants(t, s)
 }
+
+// A consume that a batch has taken when the database stops answering is
+// answered 503 soon after its request's deadline, not when the batch gives
+// up (30 s later, past the write timeout at the default deadline, where
+// the caller got no answer at all); once the database answers, a retry
+// with the same key applies it once.
+func TestABatchedConsumeIsAnsweredNearItsDeadline(t *testing.T) {
+	t.Parallel()
+	env := baseEnv(t)
+	env["TALLY_REQUEST_TIMEOUT"] = "2s"
+	proxy := behindDBProxy(t, env)
+	s := startServer(t, env)
+	c := s.wideClient(t)
+	grantOverHTTP(t, c, "fay", 50, "fay-grant")
+	consume := func(ctx context.Context) (*client.ConsumeCreditsResponse, error) {
+		return c.ConsumeCreditsWithResponse(ctx, "fay", &client.ConsumeCreditsParams{IdempotencyKey: "fay-consume-1"},
+			client.ConsumeRequest{Amount: 3, Reason: "render"})
+	}
+
+	proxy.stall()
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	start := time.Now()
+	r, err := consume(ctx)
+	cancel()
+	took := time.Since(start)
+	if err != nil {
+		t.Fatalf("a consume with the database stalled: no answer after %s: %v", took, err)
+	}
+	var p client.Problem
+	if r.StatusCode() != http.StatusServiceUnavailable || json.Unmarshal(r.Body, &p) != nil || p.Code != client.ErrorCodeUnavailable {
+		t.Fatalf("a consume with the database stalled: %d %s, want 503 unavailable", r.StatusCode(), r.Body)
+	}
+	if took > 12*time.Second {
+		t.Errorf("a consume with the database stalled was answered after %s against a 2s request timeout", took)
+	}
+	t.Logf("answered %d after %s: %s", r.StatusCode(), took.Round(time.Millisecond), deref(p.Detail))
+
+	proxy.resume()
+	deadline := time.Now().Add(2 * patience)
+	for {
+		r, err = consume(context.Background())
+		if err == nil && r.StatusCode() == http.StatusOK {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the database answers again, but the consume's retry still fails: %v %v", err, r)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	b, err := c.GetBalanceWithResponse(context.Background(), "fay", nil)
+	if err != nil || b.JSON200 == nil {
+		t.Fatalf("balance: %v %v", err, b)
+	}
+	if bal, _ := b.JSON200.AsBalance(); bal.Balance != 47 {
+		t.Errorf("balance after the stalled consume and its retry: %d, want 47 (applied once)", bal.Balance)
+	}
+}

@@ -82,6 +82,9 @@ const (
 	// consumeBatchTimeout bounds one batch and the full path after it; it
 	// does not follow a request's context, whose batch holds others too.
 	consumeBatchTimeout = 30 * time.Second
+	// batchAnswerGrace is how long past its request's end an operation a
+	// batch has taken still waits for the batch's answer (do).
+	batchAnswerGrace = 3 * time.Second
 	// fullPathChains is how many customers' operations a batch runs
 	// through the full path at once (runFull), each on a pooled
 	// connection of its own.
@@ -128,8 +131,13 @@ type consumeBatcher struct {
 
 // do queues c and waits for its answer. A request whose context ends while
 // still queued is taken out and applies nothing; once a batch has it, it
-// waits for the batch's answer (bounded by consumeBatchTimeout), so what it
-// returns is what happened.
+// waits for the batch's answer, so that what it returns is what happened,
+// but no longer than batchAnswerGrace past its context's end: a batch held
+// by a database that stopped answering runs on for up to
+// consumeBatchTimeout, and its callers would get no answer at all once the
+// server's write timeout passed. Such a caller is answered Unavailable;
+// the batch may still apply its operation, which a retry with the same
+// key then replays.
 func (b *consumeBatcher) do(c *batchCall) batchDone {
 	b.mu.Lock()
 	b.queue = append(b.queue, c)
@@ -149,7 +157,15 @@ func (b *consumeBatcher) do(c *batchCall) batchDone {
 		}
 	}
 	b.mu.Unlock()
-	return <-c.done
+	grace := time.NewTimer(batchAnswerGrace)
+	defer grace.Stop()
+	select {
+	case d := <-c.done:
+		return d
+	case <-grace.C:
+		return batchDone{err: errs.Wrap(c.ctx.Err(), errs.Unavailable,
+			"the request ended while its batch was still being applied (the database did not answer in time): retry it with the same Idempotency-Key, which answers what it did")}
+	}
 }
 
 // dispatch starts batches while operations wait and fewer than
