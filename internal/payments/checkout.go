@@ -433,7 +433,11 @@ func (s *Service) holdReservation(ctx context.Context, r db.Reservation, lost co
 				return
 			case <-t.C:
 			}
-			rctx, cancel := context.WithTimeout(ctx, min(detachedStepTimeout, r.Lease/3))
+			// Bounded, as every detached step is, but never shorter than
+			// the lease: a renewal slowed by a busy machine still holds the
+			// key, and only one that outlasts the lease may have lost it
+			// (a third of the lease failed renewals under load).
+			rctx, cancel := context.WithTimeout(ctx, min(detachedStepTimeout, r.Lease))
 			err := r.Renew(rctx, s.db)
 			cancel()
 			switch {
