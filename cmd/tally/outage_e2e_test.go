@@ -158,28 +158,29 @@ func TestAStalledDatabaseIsAnsweredInTime(t *testing.T) {
 		if err != nil {
 			t.Fatalf("reading %s with the database stalled: no answer after %s: %v", what, took, err)
 		}
-		var p client.Problem
-		if status != http.StatusServiceUnavailable || json.Unmarshal(body, &p) != nil || p.Code != client.ErrorCodeUnavailable {
-			t.Fatalf("reading %s with the database stalled: %d %s, want 503 unavailable", what, status, body)
-		}
+		mustUnavailable(t, "reading "+what, status, body, took)
 		if took > 15*time.Second {
 			t.Errorf("reading %s with the database stalled took %s against a 2s request timeout", what, took)
 		}
-		t.Logf("%s answered %d after %s: %s", what, status, took.Round(time.Millisecond), deref(p.Detail))
 	}
 
 	proxy.resume()
-	deadline := time.Now().Add(patience)
-	for {
+	waitFor(t, "a customer read once the database answers again", func() bool {
 		r, err := svc.GetCustomerWithResponse(context.Background(), "erin")
-		if err == nil && r.StatusCode() == http.StatusOK {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("the database answers again, but reading a customer still fails after %s: %v %v", patience, err, r)
-		}
-		time.Sleep(100 * time.Millisecond)
+		return err == nil && r.StatusCode() == http.StatusOK
+	})
+}
+
+// mustUnavailable is the problem of an answer given while the database
+// was stalled, which must be 503 unavailable problem+json.
+func mustUnavailable(t *testing.T, what string, status int, body []byte, took time.Duration) client.Problem {
+	t.Helper()
+	var p client.Problem
+	if status != http.StatusServiceUnavailable || json.Unmarshal(body, &p) != nil || p.Code != client.ErrorCodeUnavailable {
+		t.Fatalf("%s with the database stalled: %d %s after %s, want 503 unavailable", what, status, body, took)
 	}
+	t.Logf("%s answered %d after %s: %s", what, status, took.Round(time.Millisecond), deref(p.Detail))
+	return p
 }
 
 // A checkout whose database stops answering while Stripe creates its
@@ -238,11 +239,7 @@ func TestACheckoutIsAnsweredWhenTheDatabaseStallsDuringItsStripeCall(t *testing.
 	if a.err != nil {
 		t.Fatalf("a checkout with the database stalled during its Stripe call: no answer after %s: %v", a.took, a.err)
 	}
-	var p client.Problem
-	if a.r.StatusCode() != http.StatusServiceUnavailable || json.Unmarshal(a.r.Body, &p) != nil || p.Code != client.ErrorCodeUnavailable {
-		t.Fatalf("a checkout with the database stalled during its Stripe call: %d %s after %s, want 503 unavailable", a.r.StatusCode(), a.r.Body, a.took)
-	}
-	t.Logf("answered %d after %s: %s", a.r.StatusCode(), a.took.Round(time.Millisecond), deref(p.Detail))
+	mustUnavailable(t, "a checkout stalled during its Stripe call", a.r.StatusCode(), a.r.Body, a.took)
 
 	// The database answers again: the retry with the same key ends in a
 	// checkout whose payment waits for the buyer, and nothing breaks an
@@ -255,6 +252,7 @@ func TestACheckoutIsAnsweredWhenTheDatabaseStallsDuringItsStripeCall(t *testing.
 		if err != nil {
 			t.Fatalf("retrying the checkout: %v", err)
 		}
+		var p client.Problem
 		switch {
 		case r.StatusCode() == http.StatusCreated:
 			pay = r.JSON201.PaymentId
@@ -303,27 +301,16 @@ func TestABatchedConsumeIsAnsweredNearItsDeadline(t *testing.T) {
 	if err != nil {
 		t.Fatalf("a consume with the database stalled: no answer after %s: %v", took, err)
 	}
-	var p client.Problem
-	if r.StatusCode() != http.StatusServiceUnavailable || json.Unmarshal(r.Body, &p) != nil || p.Code != client.ErrorCodeUnavailable {
-		t.Fatalf("a consume with the database stalled: %d %s, want 503 unavailable", r.StatusCode(), r.Body)
-	}
+	mustUnavailable(t, "a consume", r.StatusCode(), r.Body, took)
 	if took > 12*time.Second {
 		t.Errorf("a consume with the database stalled was answered after %s against a 2s request timeout", took)
 	}
-	t.Logf("answered %d after %s: %s", r.StatusCode(), took.Round(time.Millisecond), deref(p.Detail))
 
 	proxy.resume()
-	deadline := time.Now().Add(2 * patience)
-	for {
-		r, err = consume(context.Background())
-		if err == nil && r.StatusCode() == http.StatusOK {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("the database answers again, but the consume's retry still fails: %v %v", err, r)
-		}
-		time.Sleep(200 * time.Millisecond)
-	}
+	waitForWithin(t, "the consume's retry with its key once the database answers again", 2*patience, func() bool {
+		r, err := consume(context.Background())
+		return err == nil && r.StatusCode() == http.StatusOK
+	})
 	b, err := c.GetBalanceWithResponse(context.Background(), "fay", nil)
 	if err != nil || b.JSON200 == nil {
 		t.Fatalf("balance: %v %v", err, b)
