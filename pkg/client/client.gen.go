@@ -4454,8 +4454,9 @@ type ClientInterface interface {
 	// same validation chain and guard as a webhook (transitions with
 	// `source: sync`). The background sync does the same every
 	// `TALLY_STRIPE_SYNC_INTERVAL`. 409 `conflict` while another sync runs.
-	// A sync still running after 45 seconds (Stripe or the database
-	// answering too slowly) is stopped and answered 503 `unavailable`:
+	// A sync still running at the request's deadline
+	// (`TALLY_REQUEST_TIMEOUT`, 50 seconds by default; Stripe or the
+	// database answering too slowly) is stopped and answered 503 `unavailable`:
 	// what it stored is kept, and running it again (or `tally sync`,
 	// which has no such bound) finishes it.
 	//
@@ -4477,8 +4478,9 @@ type ClientInterface interface {
 	// same validation chain and guard as a webhook (transitions with
 	// `source: sync`). The background sync does the same every
 	// `TALLY_STRIPE_SYNC_INTERVAL`. 409 `conflict` while another sync runs.
-	// A sync still running after 45 seconds (Stripe or the database
-	// answering too slowly) is stopped and answered 503 `unavailable`:
+	// A sync still running at the request's deadline
+	// (`TALLY_REQUEST_TIMEOUT`, 50 seconds by default; Stripe or the
+	// database answering too slowly) is stopped and answered 503 `unavailable`:
 	// what it stored is kept, and running it again (or `tally sync`,
 	// which has no such bound) finishes it.
 	//
@@ -5319,8 +5321,9 @@ func (c *Client) ReplayStripeEvent(ctx context.Context, eventId string, reqEdito
 // same validation chain and guard as a webhook (transitions with
 // `source: sync`). The background sync does the same every
 // `TALLY_STRIPE_SYNC_INTERVAL`. 409 `conflict` while another sync runs.
-// A sync still running after 45 seconds (Stripe or the database
-// answering too slowly) is stopped and answered 503 `unavailable`:
+// A sync still running at the request's deadline
+// (`TALLY_REQUEST_TIMEOUT`, 50 seconds by default; Stripe or the
+// database answering too slowly) is stopped and answered 503 `unavailable`:
 // what it stored is kept, and running it again (or `tally sync`,
 // which has no such bound) finishes it.
 //
@@ -5352,8 +5355,9 @@ func (c *Client) SyncStripeWithBody(ctx context.Context, contentType string, bod
 // same validation chain and guard as a webhook (transitions with
 // `source: sync`). The background sync does the same every
 // `TALLY_STRIPE_SYNC_INTERVAL`. 409 `conflict` while another sync runs.
-// A sync still running after 45 seconds (Stripe or the database
-// answering too slowly) is stopped and answered 503 `unavailable`:
+// A sync still running at the request's deadline
+// (`TALLY_REQUEST_TIMEOUT`, 50 seconds by default; Stripe or the
+// database answering too slowly) is stopped and answered 503 `unavailable`:
 // what it stored is kept, and running it again (or `tally sync`,
 // which has no such bound) finishes it.
 //
@@ -8808,8 +8812,9 @@ type ClientWithResponsesInterface interface {
 	// same validation chain and guard as a webhook (transitions with
 	// `source: sync`). The background sync does the same every
 	// `TALLY_STRIPE_SYNC_INTERVAL`. 409 `conflict` while another sync runs.
-	// A sync still running after 45 seconds (Stripe or the database
-	// answering too slowly) is stopped and answered 503 `unavailable`:
+	// A sync still running at the request's deadline
+	// (`TALLY_REQUEST_TIMEOUT`, 50 seconds by default; Stripe or the
+	// database answering too slowly) is stopped and answered 503 `unavailable`:
 	// what it stored is kept, and running it again (or `tally sync`,
 	// which has no such bound) finishes it.
 	//
@@ -8831,8 +8836,9 @@ type ClientWithResponsesInterface interface {
 	// same validation chain and guard as a webhook (transitions with
 	// `source: sync`). The background sync does the same every
 	// `TALLY_STRIPE_SYNC_INTERVAL`. 409 `conflict` while another sync runs.
-	// A sync still running after 45 seconds (Stripe or the database
-	// answering too slowly) is stopped and answered 503 `unavailable`:
+	// A sync still running at the request's deadline
+	// (`TALLY_REQUEST_TIMEOUT`, 50 seconds by default; Stripe or the
+	// database answering too slowly) is stopped and answered 503 `unavailable`:
 	// what it stored is kept, and running it again (or `tally sync`,
 	// which has no such bound) finishes it.
 	//
@@ -12059,8 +12065,9 @@ func (c *ClientWithResponses) ReplayStripeEventWithResponse(ctx context.Context,
 // same validation chain and guard as a webhook (transitions with
 // `source: sync`). The background sync does the same every
 // `TALLY_STRIPE_SYNC_INTERVAL`. 409 `conflict` while another sync runs.
-// A sync still running after 45 seconds (Stripe or the database
-// answering too slowly) is stopped and answered 503 `unavailable`:
+// A sync still running at the request's deadline
+// (`TALLY_REQUEST_TIMEOUT`, 50 seconds by default; Stripe or the
+// database answering too slowly) is stopped and answered 503 `unavailable`:
 // what it stored is kept, and running it again (or `tally sync`,
 // which has no such bound) finishes it.
 //
@@ -12088,8 +12095,9 @@ func (c *ClientWithResponses) SyncStripeWithBodyWithResponse(ctx context.Context
 // same validation chain and guard as a webhook (transitions with
 // `source: sync`). The background sync does the same every
 // `TALLY_STRIPE_SYNC_INTERVAL`. 409 `conflict` while another sync runs.
-// A sync still running after 45 seconds (Stripe or the database
-// answering too slowly) is stopped and answered 503 `unavailable`:
+// A sync still running at the request's deadline
+// (`TALLY_REQUEST_TIMEOUT`, 50 seconds by default; Stripe or the
+// database answering too slowly) is stopped and answered 503 `unavailable`:
 // what it stored is kept, and running it again (or `tally sync`,
 // which has no such bound) finishes it.
 //
