@@ -71,3 +71,69 @@ func TestPendingIsDecidedAtTheTimeOfTheChange(t *testing.T) {
 	}
 	f.mustVerify()
 }
+
+// A change that waited for the balance row's lock reads what is pending
+// after the wait: a scheduled grant committed by the transaction it waited
+// for is pending at its time. (The lock's statement reads the locked row
+// as it is once the wait is over, but its other reads from the snapshot
+// it began with, which did not have the grant.) Found by helper-70 under
+// load: a consume from 100 to 87 available crossed the threshold 100 and
+// fired nothing.
+func TestPendingIsReadAfterTheWaitForTheLock(t *testing.T) {
+	t.Parallel()
+	f := newFixture(t, defaultCfg())
+	off := int64(0)
+	list := []int64{100}
+	if _, _, err := customers.New(customers.Options{DB: f.db, Now: f.clock.Now}).Upsert(f.ctx, customers.UpsertInput{
+		ID: "wait", LowBalanceThreshold: &off, LowBalanceThresholds: &list,
+	}); err != nil {
+		t.Fatal(err)
+	}
+	f.grant("wait", 150, nil)
+	at := f.clock.Now().Add(time.Hour)
+	tx := f.db.Begin()
+	defer tx.Rollback()
+	if _, err := credits.Grant(f.ctx, tx, f.clock.Now, credits.GrantInput{CustomerID: "wait", Amount: 40, Reason: "scheduled", Source: credits.SourceService, EffectiveAt: &at}); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() {
+		_, err := f.consume("wait", 60)
+		done <- err
+	}()
+	// The consume waits for the balance row (the batch defers it to the
+	// full path, which waits); then the grant commits.
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		var n int64
+		if err := f.db.Raw(`SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'`).Scan(&n).Error; err != nil {
+			t.Fatal(err)
+		}
+		if n > 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the consume never waited for the lock")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	if err := tx.Commit().Error; err != nil {
+		t.Fatal(err)
+	}
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	// 150 available (40 pending) -> 90.
+	var got []struct {
+		Threshold int64
+		Available int64
+	}
+	if err := f.db.Raw(`SELECT (data->>'threshold')::bigint AS threshold, (data->>'available')::bigint AS available
+		FROM events WHERE type = 'credits.low_balance' AND customer_id = 'wait' ORDER BY id`).Scan(&got).Error; err != nil {
+		t.Fatal(err)
+	}
+	if len(got) != 1 || got[0].Threshold != 100 || got[0].Available != 90 {
+		t.Fatalf("credits.low_balance %+v, want one for 100 with 90 available", got)
+	}
+	f.mustVerify()
+}
