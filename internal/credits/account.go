@@ -103,6 +103,8 @@ func lockAccountAt(ctx context.Context, tx *gorm.DB, customerID string, clock fu
 		Threshold      int64
 		UpdatedAt      time.Time
 		Pending        int64
+		NextEffective  sql.NullTime
+		Fresh          bool
 		TopUpBelow     int64
 		Thresholds     customers.Thresholds
 	}
@@ -113,7 +115,7 @@ func lockAccountAt(ctx context.Context, tx *gorm.DB, customerID string, clock fu
 	// this lock, and gorm wrote its text out again at each call.
 	found, err := db.ScanDirect(ctx, tx, lockAccountQuery, []any{defaultThreshold, clockNow, clockNow, clockNow, customerID},
 		&locked.Balance, &locked.NextExpiry, &locked.Held, &locked.NextHoldExpiry, &locked.Notified, &locked.Threshold,
-		&locked.UpdatedAt, &locked.Thresholds, &locked.Pending, &locked.TopUpBelow)
+		&locked.UpdatedAt, &locked.Thresholds, &locked.Pending, &locked.NextEffective, &locked.Fresh, &locked.TopUpBelow)
 	if err != nil {
 		return nil, false, err
 	}
@@ -124,7 +126,6 @@ func lockAccountAt(ctx context.Context, tx *gorm.DB, customerID string, clock fu
 	a.held, a.nextHoldExpiry, a.pending = locked.Held, locked.NextHoldExpiry, locked.Pending
 	a.topUpBelow = locked.TopUpBelow
 	a.thresholds = locked.Thresholds
-	a.startAvailable = a.spendable()
 	lastChange := locked.UpdatedAt
 	// Every change saves its time as updated_at, so the row holds the time
 	// of the customer's latest ledger entry.
@@ -132,6 +133,22 @@ func lockAccountAt(ctx context.Context, tx *gorm.DB, customerID string, clock fu
 	if lastChange.After(a.now) {
 		a.now = lastChange
 	}
+	// pending was read at clockNow, before the lock; the change is made at
+	// a.now, later (a wait for the lock, or a row last changed by a replica
+	// whose clock is ahead of this one's). A scheduled grant effective by
+	// a.now is spendable at it (the draws take from it), so it is not
+	// pending in what the thresholds and the top-up compare: read pending
+	// again at a.now when one became effective in between (rare), and when
+	// the lock was waited for: the transaction waited for may have added a
+	// scheduled grant the statement's snapshot did not have.
+	if !locked.Fresh || (locked.NextEffective.Valid && !locked.NextEffective.Time.After(a.now)) {
+		if err := tx.WithContext(ctx).Raw(`SELECT COALESCE(sum(g.remaining), 0)::bigint FROM credit_grants g
+			WHERE g.customer_id = ? AND g.effective_at IS NOT NULL AND g.remaining > 0 AND g.effective_at > ?`,
+			customerID, a.now).Scan(&a.pending).Error; err != nil {
+			return nil, false, err
+		}
+	}
+	a.startAvailable = a.spendable()
 	if !expire {
 		return a, true, nil
 	}
@@ -157,6 +174,15 @@ const lockAccountQuery = `
 		       COALESCE((SELECT sum(g.remaining)::bigint FROM credit_grants g
 		                 WHERE g.customer_id = b.customer_id AND g.effective_at IS NOT NULL AND g.remaining > 0
 		                   AND g.effective_at > $2::timestamptz), 0) AS pending,
+		       (SELECT min(g.effective_at) FROM credit_grants g
+		        WHERE g.customer_id = b.customer_id AND g.effective_at IS NOT NULL AND g.remaining > 0
+		          AND g.effective_at > $2::timestamptz) AS next_effective,
+		       -- Whether the row read from this statement's snapshot is the
+		       -- one locked: when the lock was waited for, the locked row is
+		       -- the latest version, but the reads above are from the
+		       -- snapshot taken before the wait.
+		       COALESCE((SELECT s.balance = b.balance AND s.held = b.held AND s.updated_at = b.updated_at
+		                 FROM credit_balances s WHERE s.customer_id = b.customer_id), false) AS fresh,
 		       COALESCE((SELECT t.threshold FROM auto_top_up_settings t
 		                 JOIN customer_payment_methods m ON m.customer_id = t.customer_id
 		                 WHERE t.customer_id = b.customer_id AND t.enabled AND t.status = 'active' AND t.in_flight_payment_id IS NULL
