@@ -57,7 +57,7 @@ const firstCatchUp = 72 * time.Hour
 
 // CatchUp lists Stripe's events of HandledTypes created since since (zero:
 // the creation of the newest event the last completed catch-up listed,
-// less an hour; when none has, 72 hours back, or the newest stored event's
+// never later than the newest stored event's, less an hour; when none has, 72 hours back, or the newest stored event's
 // creation less an hour when that is older; never more than Stripe's 30
 // days), and stores and
 // processes, oldest first, those not stored yet, exactly as a delivery
@@ -161,13 +161,23 @@ func (h *Intake) storeListed(ctx context.Context, listed []stripeapi.RawEvent, r
 
 // catchUpFrom is where a default catch-up at now starts listing.
 func (h *Intake) catchUpFrom(ctx context.Context, now time.Time) (time.Time, error) {
-	var mark struct{ At *time.Time }
-	err := h.db.WithContext(ctx).Raw(`SELECT last_run_at AS at FROM background_runs WHERE name = ?`, listedThrough).Scan(&mark).Error
+	var mark struct{ At, Newest *time.Time }
+	err := h.db.WithContext(ctx).Raw(`SELECT (SELECT last_run_at FROM background_runs WHERE name = ?) AS at,
+		(SELECT max(stripe_created) FROM stripe_events) AS newest`, listedThrough).Scan(&mark).Error
 	if err != nil {
 		return time.Time{}, db.Translate(err, nil)
 	}
 	if mark.At != nil && !mark.At.IsZero() {
-		return mark.At.Add(-catchUpOverlap), nil
+		at := *mark.At
+		// Never past the newest event stored (Stripe's clock; every event
+		// a mark was taken from is stored): a mark recorded on tally's
+		// clock, ahead of Stripe's, by a version before listedThrough was
+		// Stripe's time, would skip what Stripe creates until its clock
+		// gets there.
+		if mark.Newest != nil && !mark.Newest.IsZero() && mark.Newest.Before(at) {
+			at = *mark.Newest
+		}
+		return at.Add(-catchUpOverlap), nil
 	}
 	// None completed yet (a new deployment, or one from before the mark
 	// was kept): what Stripe may have given up delivering, and at least

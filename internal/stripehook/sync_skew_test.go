@@ -58,3 +58,44 @@ func TestCatchUpWithTallysClockAheadOfStripesListsEveryEvent(t *testing.T) {
 			skew, stripe.since[len(stripe.since)-1].UTC(), stripe.events[1].Created.UTC())
 	}
 }
+
+// A mark a catch-up recorded before it was kept on Stripe's clock (tally's
+// clock at the time, two hours ahead of Stripe's) must not hold the next
+// window past events Stripe creates meanwhile: the window starts no later
+// than an hour before the newest event stored, whose time is Stripe's.
+func TestCatchUpAfterAMarkOnTallysClockListsEveryEvent(t *testing.T) {
+	t.Parallel()
+	gdb := dbtest.New(t)
+	ctx := context.Background()
+	const skew = 2 * time.Hour
+	stripeNow := time.Now().Add(-10 * time.Hour).Truncate(time.Second)
+	tallyNow := stripeNow.Add(skew)
+	stripe := &listingStripe{}
+	o := defaultOptions(t, gdb, "whsec_test")
+	o.Now, o.Stripe = func() time.Time { return tallyNow }, stripe
+	h := stripehook.New(o)
+
+	stripe.add("evt_legacy_stored", stripeNow.Add(-time.Minute))
+	if _, err := h.CatchUp(ctx, time.Time{}); err != nil {
+		t.Fatal(err)
+	}
+	// As the catch-up before the upgrade recorded it: tally's clock.
+	if err := gdb.Exec(`UPDATE background_runs SET last_run_at = ? WHERE name = 'stripe catch-up listed'`, tallyNow).Error; err != nil {
+		t.Fatal(err)
+	}
+	stripe.add("evt_legacy_missed", stripeNow.Add(10*time.Minute))
+	tallyNow = tallyNow.Add(15 * time.Minute)
+	if _, err := h.CatchUp(ctx, time.Time{}); err != nil {
+		t.Fatal(err)
+	}
+	var n int64
+	if err := gdb.Raw(`SELECT count(*) FROM stripe_events WHERE id = 'evt_legacy_missed'`).Scan(&n).Error; err != nil {
+		t.Fatal(err)
+	}
+	if n != 1 {
+		stripe.mu.Lock()
+		defer stripe.mu.Unlock()
+		t.Fatalf("after a mark on tally's clock, %s ahead, the catch-up listed since %v and never stored evt_legacy_missed, created %v",
+			skew, stripe.since[len(stripe.since)-1].UTC(), stripe.events[1].Created.UTC())
+	}
+}
