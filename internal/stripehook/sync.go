@@ -42,9 +42,13 @@ type CatchUpResult struct {
 	New    int
 }
 
-// listedThrough names, in background_runs, the start of the last catch-up
-// that listed and stored every event of its window: every event Stripe
-// created before it (less catchUpOverlap) is stored.
+// listedThrough names, in background_runs, Stripe's creation time of the
+// newest event that a catch-up listing and storing every event of its
+// window found: every event Stripe created before it (less
+// catchUpOverlap) is stored. It is a time on Stripe's clock, compared only
+// with Stripe's creation times: tally's own clock may run ahead of
+// Stripe's (a host without NTP), and a start taken from it would move the
+// next window past events Stripe had not yet created by its clock.
 const listedThrough = "stripe catch-up listed"
 
 // firstCatchUp is how far back a catch-up lists when none has completed
@@ -52,9 +56,10 @@ const listedThrough = "stripe catch-up listed"
 const firstCatchUp = 72 * time.Hour
 
 // CatchUp lists Stripe's events of HandledTypes created since since (zero:
-// the start of the last catch-up that completed, less an hour; when none
-// has, 72 hours back, or the newest stored event's creation less an hour
-// when that is older; never more than Stripe's 30 days), and stores and
+// the creation of the newest event the last completed catch-up listed,
+// never later than the newest stored event's, less an hour; when none has, 72 hours back, or the newest stored event's
+// creation less an hour when that is older; never more than Stripe's 30
+// days), and stores and
 // processes, oldest first, those not stored yet, exactly as a delivery
 // would (source sync). The default window does not follow the events
 // webhooks stored: a catch-up that failed (Stripe, or the database, went
@@ -80,12 +85,18 @@ func (h *Intake) CatchUp(ctx context.Context, since time.Time) (CatchUpResult, e
 	if from.Before(now.Add(-StripeRetention)) {
 		from = now.Add(-StripeRetention)
 	}
+	var newest time.Time // on Stripe's clock: the newest event listed
 	for start := since; ; {
 		listed, more, err := h.stripe.ListEvents(ctx, start, HandledTypes)
 		if err != nil {
 			return res, err
 		}
 		res.Listed += len(listed)
+		for _, ev := range listed {
+			if ev.Created.After(newest) {
+				newest = ev.Created
+			}
+		}
 		if err := h.storeListed(ctx, listed, &res); err != nil {
 			return res, err
 		}
@@ -106,10 +117,17 @@ func (h *Intake) CatchUp(ctx context.Context, since time.Time) (CatchUpResult, e
 		// it did.
 		return res, nil
 	}
+	if newest.IsZero() {
+		// Nothing listed: no time on Stripe's clock to move the window
+		// to. The last mark still holds; the next window is no larger
+		// than an hour of events before the newest one Stripe has.
+		return res, nil
+	}
 	// Every event listed is stored (processed, or left to the retry
-	// worker): the next default catch-up may start from this one.
+	// worker): the next default catch-up may start from the newest, by
+	// Stripe's clock, not tally's (see listedThrough).
 	err = h.db.WithContext(ctx).Exec(`INSERT INTO background_runs AS r (name, last_run_at) VALUES (?, ?)
-		ON CONFLICT (name) DO UPDATE SET last_run_at = GREATEST(r.last_run_at, EXCLUDED.last_run_at)`, listedThrough, now).Error
+		ON CONFLICT (name) DO UPDATE SET last_run_at = GREATEST(r.last_run_at, EXCLUDED.last_run_at)`, listedThrough, newest).Error
 	if err != nil {
 		return res, db.Translate(err, nil)
 	}
@@ -143,13 +161,23 @@ func (h *Intake) storeListed(ctx context.Context, listed []stripeapi.RawEvent, r
 
 // catchUpFrom is where a default catch-up at now starts listing.
 func (h *Intake) catchUpFrom(ctx context.Context, now time.Time) (time.Time, error) {
-	var mark struct{ At *time.Time }
-	err := h.db.WithContext(ctx).Raw(`SELECT last_run_at AS at FROM background_runs WHERE name = ?`, listedThrough).Scan(&mark).Error
+	var mark struct{ At, Newest *time.Time }
+	err := h.db.WithContext(ctx).Raw(`SELECT (SELECT last_run_at FROM background_runs WHERE name = ?) AS at,
+		(SELECT max(stripe_created) FROM stripe_events) AS newest`, listedThrough).Scan(&mark).Error
 	if err != nil {
 		return time.Time{}, db.Translate(err, nil)
 	}
 	if mark.At != nil && !mark.At.IsZero() {
-		return mark.At.Add(-catchUpOverlap), nil
+		at := *mark.At
+		// Never past the newest event stored (Stripe's clock; every event
+		// a mark was taken from is stored): a mark recorded on tally's
+		// clock, ahead of Stripe's, by a version before listedThrough was
+		// Stripe's time, would skip what Stripe creates until its clock
+		// gets there.
+		if mark.Newest != nil && !mark.Newest.IsZero() && mark.Newest.Before(at) {
+			at = *mark.Newest
+		}
+		return at.Add(-catchUpOverlap), nil
 	}
 	// None completed yet (a new deployment, or one from before the mark
 	// was kept): what Stripe may have given up delivering, and at least

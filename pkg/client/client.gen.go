@@ -4444,8 +4444,9 @@ type ClientInterface interface {
 	// SyncStripeWithBody Catch up with Stripe now
 	//
 	// Lists Stripe's events of the types tally handles created since
-	// `since` (default: the start of the last sync that listed its whole
-	// window, less an hour, so that a sync that failed leaves its window
+	// `since` (default: the creation, on Stripe's clock, of the newest
+	// event the last sync that listed its whole window found, less an
+	// hour, so that a sync that failed leaves its window
 	// to the next whatever webhooks arrived in between; 72 hours back
 	// before any did; Stripe keeps 30 days) and stores and processes any not stored
 	// yet, exactly as if delivered; then looks up every payment still
@@ -4468,8 +4469,9 @@ type ClientInterface interface {
 	// SyncStripe Catch up with Stripe now
 	//
 	// Lists Stripe's events of the types tally handles created since
-	// `since` (default: the start of the last sync that listed its whole
-	// window, less an hour, so that a sync that failed leaves its window
+	// `since` (default: the creation, on Stripe's clock, of the newest
+	// event the last sync that listed its whole window found, less an
+	// hour, so that a sync that failed leaves its window
 	// to the next whatever webhooks arrived in between; 72 hours back
 	// before any did; Stripe keeps 30 days) and stores and processes any not stored
 	// yet, exactly as if delivered; then looks up every payment still
@@ -5311,8 +5313,9 @@ func (c *Client) ReplayStripeEvent(ctx context.Context, eventId string, reqEdito
 // SyncStripeWithBody Catch up with Stripe now
 //
 // Lists Stripe's events of the types tally handles created since
-// `since` (default: the start of the last sync that listed its whole
-// window, less an hour, so that a sync that failed leaves its window
+// `since` (default: the creation, on Stripe's clock, of the newest
+// event the last sync that listed its whole window found, less an
+// hour, so that a sync that failed leaves its window
 // to the next whatever webhooks arrived in between; 72 hours back
 // before any did; Stripe keeps 30 days) and stores and processes any not stored
 // yet, exactly as if delivered; then looks up every payment still
@@ -5345,8 +5348,9 @@ func (c *Client) SyncStripeWithBody(ctx context.Context, contentType string, bod
 // SyncStripe Catch up with Stripe now
 //
 // Lists Stripe's events of the types tally handles created since
-// `since` (default: the start of the last sync that listed its whole
-// window, less an hour, so that a sync that failed leaves its window
+// `since` (default: the creation, on Stripe's clock, of the newest
+// event the last sync that listed its whole window found, less an
+// hour, so that a sync that failed leaves its window
 // to the next whatever webhooks arrived in between; 72 hours back
 // before any did; Stripe keeps 30 days) and stores and processes any not stored
 // yet, exactly as if delivered; then looks up every payment still
@@ -8802,8 +8806,9 @@ type ClientWithResponsesInterface interface {
 	// SyncStripeWithBodyWithResponse Catch up with Stripe now
 	//
 	// Lists Stripe's events of the types tally handles created since
-	// `since` (default: the start of the last sync that listed its whole
-	// window, less an hour, so that a sync that failed leaves its window
+	// `since` (default: the creation, on Stripe's clock, of the newest
+	// event the last sync that listed its whole window found, less an
+	// hour, so that a sync that failed leaves its window
 	// to the next whatever webhooks arrived in between; 72 hours back
 	// before any did; Stripe keeps 30 days) and stores and processes any not stored
 	// yet, exactly as if delivered; then looks up every payment still
@@ -8826,8 +8831,9 @@ type ClientWithResponsesInterface interface {
 	// SyncStripeWithResponse Catch up with Stripe now
 	//
 	// Lists Stripe's events of the types tally handles created since
-	// `since` (default: the start of the last sync that listed its whole
-	// window, less an hour, so that a sync that failed leaves its window
+	// `since` (default: the creation, on Stripe's clock, of the newest
+	// event the last sync that listed its whole window found, less an
+	// hour, so that a sync that failed leaves its window
 	// to the next whatever webhooks arrived in between; 72 hours back
 	// before any did; Stripe keeps 30 days) and stores and processes any not stored
 	// yet, exactly as if delivered; then looks up every payment still
@@ -12055,8 +12061,9 @@ func (c *ClientWithResponses) ReplayStripeEventWithResponse(ctx context.Context,
 // SyncStripeWithBodyWithResponse Catch up with Stripe now
 //
 // Lists Stripe's events of the types tally handles created since
-// `since` (default: the start of the last sync that listed its whole
-// window, less an hour, so that a sync that failed leaves its window
+// `since` (default: the creation, on Stripe's clock, of the newest
+// event the last sync that listed its whole window found, less an
+// hour, so that a sync that failed leaves its window
 // to the next whatever webhooks arrived in between; 72 hours back
 // before any did; Stripe keeps 30 days) and stores and processes any not stored
 // yet, exactly as if delivered; then looks up every payment still
@@ -12085,8 +12092,9 @@ func (c *ClientWithResponses) SyncStripeWithBodyWithResponse(ctx context.Context
 // SyncStripeWithResponse Catch up with Stripe now
 //
 // Lists Stripe's events of the types tally handles created since
-// `since` (default: the start of the last sync that listed its whole
-// window, less an hour, so that a sync that failed leaves its window
+// `since` (default: the creation, on Stripe's clock, of the newest
+// event the last sync that listed its whole window found, less an
+// hour, so that a sync that failed leaves its window
 // to the next whatever webhooks arrived in between; 72 hours back
 // before any did; Stripe keeps 30 days) and stores and processes any not stored
 // yet, exactly as if delivered; then looks up every payment still
