@@ -57,9 +57,9 @@ const firstCatchUp = 72 * time.Hour
 
 // CatchUp lists Stripe's events of HandledTypes created since since (zero:
 // the creation of the newest event the last completed catch-up listed,
-// never later than the newest stored event's, less an hour; when none has, 72 hours back, or the newest stored event's
-// creation less an hour when that is older; never more than Stripe's 30
-// days), and stores and
+// never later than the newest stored event's, less an hour; when none
+// has, 72 hours back, or the newest stored event's creation less an hour
+// when that is older; never more than Stripe's 30 days), and stores and
 // processes, oldest first, those not stored yet, exactly as a delivery
 // would (source sync). The default window does not follow the events
 // webhooks stored: a catch-up that failed (Stripe, or the database, went
