@@ -51,14 +51,7 @@ func TestPendingIsDecidedAtTheTimeOfTheChange(t *testing.T) {
 	if r.Balance != 149 {
 		t.Fatalf("balance after the consume %d, want 149", r.Balance)
 	}
-	var got []struct {
-		Threshold int64
-		Available int64
-	}
-	if err := f.db.Raw(`SELECT (data->>'threshold')::bigint AS threshold, (data->>'available')::bigint AS available
-		FROM events WHERE type = 'credits.low_balance' AND customer_id = 'lag' ORDER BY id`).Scan(&got).Error; err != nil {
-		t.Fatal(err)
-	}
+	got := lowBalanceNotices(t, f, "lag")
 	var ths []int64
 	for _, g := range got {
 		ths = append(ths, g.Threshold)
@@ -124,16 +117,27 @@ func TestPendingIsReadAfterTheWaitForTheLock(t *testing.T) {
 		t.Fatal(err)
 	}
 	// 150 available (40 pending) -> 90.
-	var got []struct {
-		Threshold int64
-		Available int64
-	}
-	if err := f.db.Raw(`SELECT (data->>'threshold')::bigint AS threshold, (data->>'available')::bigint AS available
-		FROM events WHERE type = 'credits.low_balance' AND customer_id = 'wait' ORDER BY id`).Scan(&got).Error; err != nil {
-		t.Fatal(err)
-	}
+	got := lowBalanceNotices(t, f, "wait")
 	if len(got) != 1 || got[0].Threshold != 100 || got[0].Available != 90 {
 		t.Fatalf("credits.low_balance %+v, want one for 100 with 90 available", got)
 	}
 	f.mustVerify()
+}
+
+// lowBalanceNotice is a credits.low_balance event's threshold and the
+// available balance it reported.
+type lowBalanceNotice struct {
+	Threshold int64
+	Available int64
+}
+
+// lowBalanceNotices returns customer's low-balance notices, oldest first.
+func lowBalanceNotices(t *testing.T, f *fixture, customer string) []lowBalanceNotice {
+	t.Helper()
+	var got []lowBalanceNotice
+	if err := f.db.Raw(`SELECT (data->>'threshold')::bigint AS threshold, (data->>'available')::bigint AS available
+		FROM events WHERE type = 'credits.low_balance' AND customer_id = ? ORDER BY id`, customer).Scan(&got).Error; err != nil {
+		t.Fatal(err)
+	}
+	return got
 }
