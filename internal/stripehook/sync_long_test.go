@@ -86,3 +86,51 @@ func TestCatchUpThatRanLongListsAnEventListedLateByLessThanTheOverlap(t *testing
 			c0.Add(-47*time.Minute).UTC(), stripe.since[len(stripe.since)-1].UTC())
 	}
 }
+
+// With Stripe's clock ahead of tally's, the catch-up's start on tally's
+// clock was earlier than anything on Stripe's, and the next window
+// reached back that much further: an event Stripe listed later than the
+// overlap, by less than the clocks' difference, was still listed. The
+// mark on Stripe's clock must not lose what that one found: the window
+// starts from the earlier of the two.
+func TestCatchUpWithStripesClockAheadStillListsWhatTallysClockWould(t *testing.T) {
+	t.Parallel()
+	gdb := dbtest.New(t)
+	ctx := context.Background()
+	const skew = 2 * time.Hour
+	var mu sync.Mutex
+	stripeClock := time.Now().Add(-10 * time.Hour).Truncate(time.Second)
+	stripeNow := func() time.Time { mu.Lock(); defer mu.Unlock(); return stripeClock }
+	tallyNow := func() time.Time { return stripeNow().Add(-skew) }
+	advance := func(d time.Duration) { mu.Lock(); stripeClock = stripeClock.Add(d); mu.Unlock() }
+	c0 := stripeNow()
+	stripe := &listingStripe{}
+	o := defaultOptions(t, gdb, "whsec_test")
+	o.Now, o.Stripe = tallyNow, stripe
+	h := stripehook.New(o)
+
+	stripe.add("evt_ahead_first", c0.Add(-time.Minute))
+	if res, err := h.CatchUp(ctx, time.Time{}); err != nil || res.New != 1 {
+		t.Fatalf("first catch-up: %+v, %v; want the one event", res, err)
+	}
+	// evt_ahead_late, created 80 minutes before that catch-up, shows up in
+	// Stripe's list 90 minutes after its creation (an incident).
+	advance(15 * time.Minute)
+	stripe.add("evt_ahead_late", c0.Add(-80*time.Minute))
+	stripe.mu.Lock()
+	sort.SliceStable(stripe.events, func(i, j int) bool { return stripe.events[i].Created.Before(stripe.events[j].Created) })
+	stripe.mu.Unlock()
+	if _, err := h.CatchUp(ctx, time.Time{}); err != nil {
+		t.Fatal(err)
+	}
+	var n int64
+	if err := gdb.Raw(`SELECT count(*) FROM stripe_events WHERE id = 'evt_ahead_late'`).Scan(&n).Error; err != nil {
+		t.Fatal(err)
+	}
+	if n != 1 {
+		stripe.mu.Lock()
+		defer stripe.mu.Unlock()
+		t.Fatalf("with Stripe's clock %s ahead, evt_ahead_late (created %v, listed 90 minutes late) was never stored: the second catch-up listed since %v",
+			skew, c0.Add(-80*time.Minute).UTC(), stripe.since[len(stripe.since)-1].UTC())
+	}
+}

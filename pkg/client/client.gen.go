@@ -4446,7 +4446,8 @@ type ClientInterface interface {
 	// Lists Stripe's events of the types tally handles created since
 	// `since` (default: the creation, on Stripe's clock, of the newest
 	// event the last sync that listed its whole window found, less how
-	// long its listings took, less an hour, so that a sync that failed
+	// long its listings took (or that sync's start on tally's clock, if
+	// earlier), less an hour, so that a sync that failed
 	// leaves its window
 	// to the next whatever webhooks arrived in between; 72 hours back
 	// before any did; Stripe keeps 30 days) and stores and processes any not stored
@@ -4472,7 +4473,8 @@ type ClientInterface interface {
 	// Lists Stripe's events of the types tally handles created since
 	// `since` (default: the creation, on Stripe's clock, of the newest
 	// event the last sync that listed its whole window found, less how
-	// long its listings took, less an hour, so that a sync that failed
+	// long its listings took (or that sync's start on tally's clock, if
+	// earlier), less an hour, so that a sync that failed
 	// leaves its window
 	// to the next whatever webhooks arrived in between; 72 hours back
 	// before any did; Stripe keeps 30 days) and stores and processes any not stored
@@ -5317,7 +5319,8 @@ func (c *Client) ReplayStripeEvent(ctx context.Context, eventId string, reqEdito
 // Lists Stripe's events of the types tally handles created since
 // `since` (default: the creation, on Stripe's clock, of the newest
 // event the last sync that listed its whole window found, less how
-// long its listings took, less an hour, so that a sync that failed
+// long its listings took (or that sync's start on tally's clock, if
+// earlier), less an hour, so that a sync that failed
 // leaves its window
 // to the next whatever webhooks arrived in between; 72 hours back
 // before any did; Stripe keeps 30 days) and stores and processes any not stored
@@ -5353,7 +5356,8 @@ func (c *Client) SyncStripeWithBody(ctx context.Context, contentType string, bod
 // Lists Stripe's events of the types tally handles created since
 // `since` (default: the creation, on Stripe's clock, of the newest
 // event the last sync that listed its whole window found, less how
-// long its listings took, less an hour, so that a sync that failed
+// long its listings took (or that sync's start on tally's clock, if
+// earlier), less an hour, so that a sync that failed
 // leaves its window
 // to the next whatever webhooks arrived in between; 72 hours back
 // before any did; Stripe keeps 30 days) and stores and processes any not stored
@@ -8812,7 +8816,8 @@ type ClientWithResponsesInterface interface {
 	// Lists Stripe's events of the types tally handles created since
 	// `since` (default: the creation, on Stripe's clock, of the newest
 	// event the last sync that listed its whole window found, less how
-	// long its listings took, less an hour, so that a sync that failed
+	// long its listings took (or that sync's start on tally's clock, if
+	// earlier), less an hour, so that a sync that failed
 	// leaves its window
 	// to the next whatever webhooks arrived in between; 72 hours back
 	// before any did; Stripe keeps 30 days) and stores and processes any not stored
@@ -8838,7 +8843,8 @@ type ClientWithResponsesInterface interface {
 	// Lists Stripe's events of the types tally handles created since
 	// `since` (default: the creation, on Stripe's clock, of the newest
 	// event the last sync that listed its whole window found, less how
-	// long its listings took, less an hour, so that a sync that failed
+	// long its listings took (or that sync's start on tally's clock, if
+	// earlier), less an hour, so that a sync that failed
 	// leaves its window
 	// to the next whatever webhooks arrived in between; 72 hours back
 	// before any did; Stripe keeps 30 days) and stores and processes any not stored
@@ -12069,7 +12075,8 @@ func (c *ClientWithResponses) ReplayStripeEventWithResponse(ctx context.Context,
 // Lists Stripe's events of the types tally handles created since
 // `since` (default: the creation, on Stripe's clock, of the newest
 // event the last sync that listed its whole window found, less how
-// long its listings took, less an hour, so that a sync that failed
+// long its listings took (or that sync's start on tally's clock, if
+// earlier), less an hour, so that a sync that failed
 // leaves its window
 // to the next whatever webhooks arrived in between; 72 hours back
 // before any did; Stripe keeps 30 days) and stores and processes any not stored
@@ -12101,7 +12108,8 @@ func (c *ClientWithResponses) SyncStripeWithBodyWithResponse(ctx context.Context
 // Lists Stripe's events of the types tally handles created since
 // `since` (default: the creation, on Stripe's clock, of the newest
 // event the last sync that listed its whole window found, less how
-// long its listings took, less an hour, so that a sync that failed
+// long its listings took (or that sync's start on tally's clock, if
+// earlier), less an hour, so that a sync that failed
 // leaves its window
 // to the next whatever webhooks arrived in between; 72 hours back
 // before any did; Stripe keeps 30 days) and stores and processes any not stored
