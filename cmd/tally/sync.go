@@ -16,8 +16,8 @@ import (
 // POST /v1/admin/stripe-sync do: missed events, then pending payments.
 // It waits for nothing: while another replica syncs it exits 1 saying so.
 func syncCmd(ctx context.Context, args []string, env environment) error {
-	fs := newFlags("sync", "List Stripe's events of the handled types since --since (default: the creation, on Stripe's clock, of the\nnewest event the last catch-up that listed its whole window found, less an hour; 72h before any did) and store and process the missed ones, then look up at Stripe every payment pending for\nlonger than TALLY_PENDING_CHECK_AFTER and apply what Stripe shows (transitions with source sync).", env)
-	since := fs.Duration("since", 0, "list events created this long ago and later (at most 720h, Stripe's 30 days); 0: from the newest event the last complete catch-up listed, less an hour")
+	fs := newFlags("sync", "List Stripe's events of the handled types since --since (default: the creation, on Stripe's clock, of the\nnewest event the last catch-up that listed its whole window found, less how long its listings took, less an hour; 72h before any did) and store and process the missed ones, then look up at Stripe every payment pending for\nlonger than TALLY_PENDING_CHECK_AFTER and apply what Stripe shows (transitions with source sync).", env)
+	since := fs.Duration("since", 0, "list events created this long ago and later (at most 720h, Stripe's 30 days); 0: from the newest event the last complete catch-up listed, less how long it listed, less an hour")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}

@@ -42,13 +42,20 @@ type CatchUpResult struct {
 	New    int
 }
 
-// listedThrough names, in background_runs, Stripe's creation time of the
-// newest event that a catch-up listing and storing every event of its
-// window found: every event Stripe created before it (less
-// catchUpOverlap) is stored. It is a time on Stripe's clock, compared only
-// with Stripe's creation times: tally's own clock may run ahead of
-// Stripe's (a host without NTP), and a start taken from it would move the
-// next window past events Stripe had not yet created by its clock.
+// listedThrough names, in background_runs, a time on Stripe's clock no
+// later than the first listing of the last catch-up that listed and
+// stored every event of its window: every event Stripe created before it
+// (less catchUpOverlap, for events Stripe lists late) is stored. It is
+// the creation of the newest event the catch-up listed, less how long its
+// listings took by tally's clock (a backlog of several listings, each
+// stored and processed before the next, can take many minutes, and the
+// newest event then came long after the first listing, which may have
+// missed an event Stripe showed late). It is compared only with Stripe's
+// creation times: tally's own clock may run ahead of Stripe's (a host
+// without NTP), and a start taken from it would move the next window past
+// events Stripe had not yet created by its clock; a duration on tally's
+// clock is good on Stripe's. Tally's clock at the catch-up's start is
+// kept instead when it is earlier (behind Stripe's).
 const listedThrough = "stripe catch-up listed"
 
 // firstCatchUp is how far back a catch-up lists when none has completed
@@ -57,10 +64,11 @@ const firstCatchUp = 72 * time.Hour
 
 // CatchUp lists Stripe's events of HandledTypes created since since (zero:
 // the creation of the newest event the last completed catch-up listed,
-// never later than the newest stored event's, less an hour; when none
-// has, 72 hours back, or the newest stored event's creation less an hour
-// when that is older; never more than Stripe's 30 days), and stores and
-// processes, oldest first, those not stored yet, exactly as a delivery
+// less how long its listings took, or its start on tally's clock when
+// earlier; never later than the newest stored event's; less an hour; when
+// none has, 72 hours back, or the newest stored event's creation less an
+// hour when that is older; never more than Stripe's 30 days), and stores
+// and processes, oldest first, those not stored yet, exactly as a delivery
 // would (source sync). The default window does not follow the events
 // webhooks stored: a catch-up that failed (Stripe, or the database, went
 // away) leaves its whole window to the next, whatever was delivered in
@@ -86,6 +94,7 @@ func (h *Intake) CatchUp(ctx context.Context, since time.Time) (CatchUpResult, e
 		from = now.Add(-StripeRetention)
 	}
 	var newest time.Time // on Stripe's clock: the newest event listed
+	began := h.now()     // the first listing (see listedThrough)
 	for start := since; ; {
 		listed, more, err := h.stripe.ListEvents(ctx, start, HandledTypes)
 		if err != nil {
@@ -124,10 +133,19 @@ func (h *Intake) CatchUp(ctx context.Context, since time.Time) (CatchUpResult, e
 		return res, nil
 	}
 	// Every event listed is stored (processed, or left to the retry
-	// worker): the next default catch-up may start from the newest, by
-	// Stripe's clock, not tally's (see listedThrough).
+	// worker): the next default catch-up may start from about when the
+	// first listing was, by Stripe's clock, not tally's (see
+	// listedThrough): the newest event listed, less how long the listings
+	// took; or from this catch-up's start on tally's clock when that is
+	// earlier (Stripe's clock ahead of tally's: the window reaches back as
+	// far as it did before the mark was on Stripe's clock, and events
+	// Stripe lists later than the overlap still come in).
+	through := newest.Add(-max(0, h.now().Sub(began)))
+	if now.Before(through) {
+		through = now
+	}
 	err = h.db.WithContext(ctx).Exec(`INSERT INTO background_runs AS r (name, last_run_at) VALUES (?, ?)
-		ON CONFLICT (name) DO UPDATE SET last_run_at = GREATEST(r.last_run_at, EXCLUDED.last_run_at)`, listedThrough, newest).Error
+		ON CONFLICT (name) DO UPDATE SET last_run_at = GREATEST(r.last_run_at, EXCLUDED.last_run_at)`, listedThrough, through).Error
 	if err != nil {
 		return res, db.Translate(err, nil)
 	}

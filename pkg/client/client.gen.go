@@ -4445,8 +4445,10 @@ type ClientInterface interface {
 	//
 	// Lists Stripe's events of the types tally handles created since
 	// `since` (default: the creation, on Stripe's clock, of the newest
-	// event the last sync that listed its whole window found, less an
-	// hour, so that a sync that failed leaves its window
+	// event the last sync that listed its whole window found, less how
+	// long its listings took (or that sync's start on tally's clock, if
+	// earlier), less an hour, so that a sync that failed
+	// leaves its window
 	// to the next whatever webhooks arrived in between; 72 hours back
 	// before any did; Stripe keeps 30 days) and stores and processes any not stored
 	// yet, exactly as if delivered; then looks up every payment still
@@ -4470,8 +4472,10 @@ type ClientInterface interface {
 	//
 	// Lists Stripe's events of the types tally handles created since
 	// `since` (default: the creation, on Stripe's clock, of the newest
-	// event the last sync that listed its whole window found, less an
-	// hour, so that a sync that failed leaves its window
+	// event the last sync that listed its whole window found, less how
+	// long its listings took (or that sync's start on tally's clock, if
+	// earlier), less an hour, so that a sync that failed
+	// leaves its window
 	// to the next whatever webhooks arrived in between; 72 hours back
 	// before any did; Stripe keeps 30 days) and stores and processes any not stored
 	// yet, exactly as if delivered; then looks up every payment still
@@ -5314,8 +5318,10 @@ func (c *Client) ReplayStripeEvent(ctx context.Context, eventId string, reqEdito
 //
 // Lists Stripe's events of the types tally handles created since
 // `since` (default: the creation, on Stripe's clock, of the newest
-// event the last sync that listed its whole window found, less an
-// hour, so that a sync that failed leaves its window
+// event the last sync that listed its whole window found, less how
+// long its listings took (or that sync's start on tally's clock, if
+// earlier), less an hour, so that a sync that failed
+// leaves its window
 // to the next whatever webhooks arrived in between; 72 hours back
 // before any did; Stripe keeps 30 days) and stores and processes any not stored
 // yet, exactly as if delivered; then looks up every payment still
@@ -5349,8 +5355,10 @@ func (c *Client) SyncStripeWithBody(ctx context.Context, contentType string, bod
 //
 // Lists Stripe's events of the types tally handles created since
 // `since` (default: the creation, on Stripe's clock, of the newest
-// event the last sync that listed its whole window found, less an
-// hour, so that a sync that failed leaves its window
+// event the last sync that listed its whole window found, less how
+// long its listings took (or that sync's start on tally's clock, if
+// earlier), less an hour, so that a sync that failed
+// leaves its window
 // to the next whatever webhooks arrived in between; 72 hours back
 // before any did; Stripe keeps 30 days) and stores and processes any not stored
 // yet, exactly as if delivered; then looks up every payment still
@@ -8807,8 +8815,10 @@ type ClientWithResponsesInterface interface {
 	//
 	// Lists Stripe's events of the types tally handles created since
 	// `since` (default: the creation, on Stripe's clock, of the newest
-	// event the last sync that listed its whole window found, less an
-	// hour, so that a sync that failed leaves its window
+	// event the last sync that listed its whole window found, less how
+	// long its listings took (or that sync's start on tally's clock, if
+	// earlier), less an hour, so that a sync that failed
+	// leaves its window
 	// to the next whatever webhooks arrived in between; 72 hours back
 	// before any did; Stripe keeps 30 days) and stores and processes any not stored
 	// yet, exactly as if delivered; then looks up every payment still
@@ -8832,8 +8842,10 @@ type ClientWithResponsesInterface interface {
 	//
 	// Lists Stripe's events of the types tally handles created since
 	// `since` (default: the creation, on Stripe's clock, of the newest
-	// event the last sync that listed its whole window found, less an
-	// hour, so that a sync that failed leaves its window
+	// event the last sync that listed its whole window found, less how
+	// long its listings took (or that sync's start on tally's clock, if
+	// earlier), less an hour, so that a sync that failed
+	// leaves its window
 	// to the next whatever webhooks arrived in between; 72 hours back
 	// before any did; Stripe keeps 30 days) and stores and processes any not stored
 	// yet, exactly as if delivered; then looks up every payment still
@@ -12062,8 +12074,10 @@ func (c *ClientWithResponses) ReplayStripeEventWithResponse(ctx context.Context,
 //
 // Lists Stripe's events of the types tally handles created since
 // `since` (default: the creation, on Stripe's clock, of the newest
-// event the last sync that listed its whole window found, less an
-// hour, so that a sync that failed leaves its window
+// event the last sync that listed its whole window found, less how
+// long its listings took (or that sync's start on tally's clock, if
+// earlier), less an hour, so that a sync that failed
+// leaves its window
 // to the next whatever webhooks arrived in between; 72 hours back
 // before any did; Stripe keeps 30 days) and stores and processes any not stored
 // yet, exactly as if delivered; then looks up every payment still
@@ -12093,8 +12107,10 @@ func (c *ClientWithResponses) SyncStripeWithBodyWithResponse(ctx context.Context
 //
 // Lists Stripe's events of the types tally handles created since
 // `since` (default: the creation, on Stripe's clock, of the newest
-// event the last sync that listed its whole window found, less an
-// hour, so that a sync that failed leaves its window
+// event the last sync that listed its whole window found, less how
+// long its listings took (or that sync's start on tally's clock, if
+// earlier), less an hour, so that a sync that failed
+// leaves its window
 // to the next whatever webhooks arrived in between; 72 hours back
 // before any did; Stripe keeps 30 days) and stores and processes any not stored
 // yet, exactly as if delivered; then looks up every payment still
