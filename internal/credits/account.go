@@ -144,10 +144,6 @@ func lockAccountAt(ctx context.Context, tx *gorm.DB, customerID string, clock fu
 			return nil, false, fmt.Errorf("credits: balance row of %s vanished under its lock", customerID)
 		}
 	}
-	a.balance, a.nextExpiry, a.notified, a.threshold = locked.Balance, locked.NextExpiry, locked.Notified, locked.Threshold
-	a.held, a.nextHoldExpiry, a.pending = locked.Held, locked.NextHoldExpiry, locked.Pending
-	a.topUpBelow = locked.TopUpBelow
-	a.thresholds = locked.Thresholds
 	lastChange := locked.UpdatedAt
 	// Every change saves its time as updated_at, so the row holds the time
 	// of the customer's latest ledger entry.
@@ -155,6 +151,26 @@ func lockAccountAt(ctx context.Context, tx *gorm.DB, customerID string, clock fu
 	if lastChange.After(a.now) {
 		a.now = lastChange
 	}
+	if !sameUTCMonth(a.now, clockNow) {
+		// Whether the top-up's monthly limit allows one and the card has
+		// not expired depend on the month, read at clockNow: the change is
+		// made at a.now, in the next month (the row's last change was made
+		// by a replica whose clock is ahead, or the month turned during
+		// the wait), the month StartAutoTopUp counts in and the batch
+		// decides in. Read it all again at a.now (rare: near a month's
+		// turn only); the row is held, so this does not wait.
+		clockNow = a.now
+		if found, err = scan(); err != nil {
+			return nil, false, err
+		}
+		if !found {
+			return nil, false, fmt.Errorf("credits: balance row of %s vanished under its lock", customerID)
+		}
+	}
+	a.balance, a.nextExpiry, a.notified, a.threshold = locked.Balance, locked.NextExpiry, locked.Notified, locked.Threshold
+	a.held, a.nextHoldExpiry, a.pending = locked.Held, locked.NextHoldExpiry, locked.Pending
+	a.topUpBelow = locked.TopUpBelow
+	a.thresholds = locked.Thresholds
 	// pending was read at clockNow, before the lock; the change is made at
 	// a.now, later (a wait for the lock, or a row last changed by a replica
 	// whose clock is ahead of this one's). A scheduled grant effective by
@@ -183,6 +199,13 @@ func lockAccountAt(ctx context.Context, tx *gorm.DB, customerID string, clock fu
 		}
 	}
 	return a, true, nil
+}
+
+// sameUTCMonth reports whether a and b fall in the same calendar month, UTC.
+func sameUTCMonth(a, b time.Time) bool {
+	ay, am, _ := a.UTC().Date()
+	by, bm, _ := b.UTC().Date()
+	return ay == by && am == bm
 }
 
 // lockAccountQuery is lockAccountAt's statement: the balance row, locked,
