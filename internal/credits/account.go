@@ -113,19 +113,37 @@ func lockAccountAt(ctx context.Context, tx *gorm.DB, customerID string, clock fu
 	// whether a change must start a top-up costs no round trip of its own.
 	// A direct statement (db.ScanDirect): every change of a balance takes
 	// this lock, and gorm wrote its text out again at each call.
-	found, err := db.ScanDirect(ctx, tx, lockAccountQuery, []any{defaultThreshold, clockNow, clockNow, clockNow, customerID},
-		&locked.Balance, &locked.NextExpiry, &locked.Held, &locked.NextHoldExpiry, &locked.Notified, &locked.Threshold,
-		&locked.UpdatedAt, &locked.Thresholds, &locked.Pending, &locked.NextEffective, &locked.Fresh, &locked.TopUpBelow)
+	scan := func() (bool, error) {
+		return db.ScanDirect(ctx, tx, lockAccountQuery, []any{defaultThreshold, clockNow, clockNow, clockNow, customerID},
+			&locked.Balance, &locked.NextExpiry, &locked.Held, &locked.NextHoldExpiry, &locked.Notified, &locked.Threshold,
+			&locked.UpdatedAt, &locked.Thresholds, &locked.Pending, &locked.NextEffective, &locked.Fresh, &locked.TopUpBelow)
+	}
+	found, err := scan()
 	if err != nil {
 		return nil, false, err
 	}
 	if !found {
 		return nil, false, nil
 	}
-	a.balance, a.nextExpiry, a.notified, a.threshold = locked.Balance, locked.NextExpiry, locked.Notified, locked.Threshold
-	a.held, a.nextHoldExpiry, a.pending = locked.Held, locked.NextHoldExpiry, locked.Pending
-	a.topUpBelow = locked.TopUpBelow
-	a.thresholds = locked.Thresholds
+	if !locked.Fresh {
+		// The lock was waited for: the locked row is its latest version,
+		// but what the statement read besides it (pending, the soonest
+		// scheduled grant, the thresholds, the automatic top-up settings)
+		// is from the snapshot taken before the wait. The transaction
+		// waited for may have changed those too: a scheduled grant, or a
+		// top-up's confirmation, which grants its credits and clears the
+		// payment in flight in one transaction (a consume that waited for
+		// it started no top-up, however little it left). Read it all
+		// again: the row is held, so this statement does not wait, and its
+		// snapshot has every change of the customer's credits before ours.
+		clockNow = clock()
+		if found, err = scan(); err != nil {
+			return nil, false, err
+		}
+		if !found {
+			return nil, false, fmt.Errorf("credits: balance row of %s vanished under its lock", customerID)
+		}
+	}
 	lastChange := locked.UpdatedAt
 	// Every change saves its time as updated_at, so the row holds the time
 	// of the customer's latest ledger entry.
@@ -133,15 +151,33 @@ func lockAccountAt(ctx context.Context, tx *gorm.DB, customerID string, clock fu
 	if lastChange.After(a.now) {
 		a.now = lastChange
 	}
+	if !sameUTCMonth(a.now, clockNow) {
+		// Whether the top-up's monthly limit allows one and the card has
+		// not expired depend on the month, read at clockNow: the change is
+		// made at a.now, in the next month (the row's last change was made
+		// by a replica whose clock is ahead, or the month turned during
+		// the wait), the month StartAutoTopUp counts in and the batch
+		// decides in. Read it all again at a.now (rare: near a month's
+		// turn only); the row is held, so this does not wait.
+		clockNow = a.now
+		if found, err = scan(); err != nil {
+			return nil, false, err
+		}
+		if !found {
+			return nil, false, fmt.Errorf("credits: balance row of %s vanished under its lock", customerID)
+		}
+	}
+	a.balance, a.nextExpiry, a.notified, a.threshold = locked.Balance, locked.NextExpiry, locked.Notified, locked.Threshold
+	a.held, a.nextHoldExpiry, a.pending = locked.Held, locked.NextHoldExpiry, locked.Pending
+	a.topUpBelow = locked.TopUpBelow
+	a.thresholds = locked.Thresholds
 	// pending was read at clockNow, before the lock; the change is made at
 	// a.now, later (a wait for the lock, or a row last changed by a replica
 	// whose clock is ahead of this one's). A scheduled grant effective by
 	// a.now is spendable at it (the draws take from it), so it is not
 	// pending in what the thresholds and the top-up compare: read pending
-	// again at a.now when one became effective in between (rare), and when
-	// the lock was waited for: the transaction waited for may have added a
-	// scheduled grant the statement's snapshot did not have.
-	if !locked.Fresh || (locked.NextEffective.Valid && !locked.NextEffective.Time.After(a.now)) {
+	// again at a.now when one became effective in between (rare).
+	if locked.NextEffective.Valid && !locked.NextEffective.Time.After(a.now) {
 		if err := tx.WithContext(ctx).Raw(`SELECT COALESCE(sum(g.remaining), 0)::bigint FROM credit_grants g
 			WHERE g.customer_id = ? AND g.effective_at IS NOT NULL AND g.remaining > 0 AND g.effective_at > ?`,
 			customerID, a.now).Scan(&a.pending).Error; err != nil {
@@ -163,6 +199,13 @@ func lockAccountAt(ctx context.Context, tx *gorm.DB, customerID string, clock fu
 		}
 	}
 	return a, true, nil
+}
+
+// sameUTCMonth reports whether a and b fall in the same calendar month, UTC.
+func sameUTCMonth(a, b time.Time) bool {
+	ay, am, _ := a.UTC().Date()
+	by, bm, _ := b.UTC().Date()
+	return ay == by && am == bm
 }
 
 // lockAccountQuery is lockAccountAt's statement: the balance row, locked,
