@@ -5,6 +5,8 @@ import (
 	"testing"
 	"time"
 
+	"gorm.io/gorm"
+
 	"github.com/tallybilling/tally/internal/credits"
 	"github.com/tallybilling/tally/internal/customers"
 	"github.com/tallybilling/tally/internal/db/dbtest"
@@ -89,33 +91,9 @@ func TestPendingIsReadAfterTheWaitForTheLock(t *testing.T) {
 	if _, err := credits.Grant(f.ctx, tx, f.clock.Now, credits.GrantInput{CustomerID: "wait", Amount: 40, Reason: "scheduled", Source: credits.SourceService, EffectiveAt: &at}); err != nil {
 		t.Fatal(err)
 	}
-	done := make(chan error, 1)
-	go func() {
-		_, err := f.consume("wait", 60)
-		done <- err
-	}()
 	// The consume waits for the balance row (the batch defers it to the
 	// full path, which waits); then the grant commits.
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		var n int64
-		if err := f.db.Raw(`SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'`).Scan(&n).Error; err != nil {
-			t.Fatal(err)
-		}
-		if n > 0 {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("the consume never waited for the lock")
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
-	if err := tx.Commit().Error; err != nil {
-		t.Fatal(err)
-	}
-	if err := <-done; err != nil {
-		t.Fatal(err)
-	}
+	consumeWhileLocked(t, f, tx, "wait", 60)
 	// 150 available (40 pending) -> 90.
 	got := lowBalanceNotices(t, f, "wait")
 	if len(got) != 1 || got[0].Threshold != 100 || got[0].Available != 90 {
@@ -140,4 +118,36 @@ func lowBalanceNotices(t *testing.T, f *fixture, customer string) []lowBalanceNo
 		t.Fatal(err)
 	}
 	return got
+}
+
+// consumeWhileLocked consumes amount of customer's credits while tx, which
+// holds the customer's balance row, is open: once the consume waits for
+// that row, tx commits, and the consume goes on after the wait.
+func consumeWhileLocked(t *testing.T, f *fixture, tx *gorm.DB, customer string, amount int64) {
+	t.Helper()
+	done := make(chan error, 1)
+	go func() {
+		_, err := f.consume(customer, amount)
+		done <- err
+	}()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		var n int64
+		if err := f.db.Raw(`SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'`).Scan(&n).Error; err != nil {
+			t.Fatal(err)
+		}
+		if n > 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the consume never waited for the lock")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	if err := tx.Commit().Error; err != nil {
+		t.Fatal(err)
+	}
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
 }

@@ -35,33 +35,9 @@ func TestTopUpIsDecidedAfterTheWaitForTheLock(t *testing.T) {
 	if err := tx.Exec(`UPDATE auto_top_up_settings SET in_flight_payment_id = NULL WHERE customer_id = 'tuwait'`).Error; err != nil {
 		t.Fatal(err)
 	}
-	done := make(chan error, 1)
-	go func() {
-		_, err := f.consume("tuwait", 120)
-		done <- err
-	}()
 	// The consume waits for the balance row (the batch defers it to the
 	// full path, which waits); then the confirmation commits.
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		var n int64
-		if err := f.db.Raw(`SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'`).Scan(&n).Error; err != nil {
-			t.Fatal(err)
-		}
-		if n > 0 {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("the consume never waited for the lock")
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
-	if err := tx.Commit().Error; err != nil {
-		t.Fatal(err)
-	}
-	if err := <-done; err != nil {
-		t.Fatal(err)
-	}
+	consumeWhileLocked(t, f, tx, "tuwait", 120)
 	// 190 available -> 70, below 100, nothing in flight: one top-up.
 	if got := calls.got(); !slices.Equal(got, []int64{70}) {
 		t.Fatalf("top-up trigger calls %v, want [70] (190 -> 70 available, below 100, nothing in flight once the lock was held)", got)
