@@ -75,11 +75,7 @@ func TestCatchUpThatRanLongListsAnEventListedLateByLessThanTheOverlap(t *testing
 	if _, err := h.CatchUp(ctx, time.Time{}); err != nil {
 		t.Fatal(err)
 	}
-	var n int64
-	if err := gdb.Raw(`SELECT count(*) FROM stripe_events WHERE id = 'evt_late'`).Scan(&n).Error; err != nil {
-		t.Fatal(err)
-	}
-	if n != 1 {
+	if !eventStored(t, gdb, "evt_late") {
 		stripe.mu.Lock()
 		defer stripe.mu.Unlock()
 		t.Fatalf("evt_late (created %v, listed 55 minutes late) was never stored: the catch-up after the long one listed since %v",
@@ -123,11 +119,7 @@ func TestCatchUpWithStripesClockAheadStillListsWhatTallysClockWould(t *testing.T
 	if _, err := h.CatchUp(ctx, time.Time{}); err != nil {
 		t.Fatal(err)
 	}
-	var n int64
-	if err := gdb.Raw(`SELECT count(*) FROM stripe_events WHERE id = 'evt_ahead_late'`).Scan(&n).Error; err != nil {
-		t.Fatal(err)
-	}
-	if n != 1 {
+	if !eventStored(t, gdb, "evt_ahead_late") {
 		stripe.mu.Lock()
 		defer stripe.mu.Unlock()
 		t.Fatalf("with Stripe's clock %s ahead, evt_ahead_late (created %v, listed 90 minutes late) was never stored: the second catch-up listed since %v",

@@ -6,6 +6,8 @@ import (
 	"testing"
 	"time"
 
+	"gorm.io/gorm"
+
 	"github.com/tallybilling/tally/internal/db/dbtest"
 	"github.com/tallybilling/tally/internal/stripehook"
 )
@@ -47,11 +49,7 @@ func TestCatchUpWithTallysClockAheadOfStripesListsEveryEvent(t *testing.T) {
 	if _, err := h.CatchUp(ctx, time.Time{}); err != nil {
 		t.Fatal(err)
 	}
-	var n int64
-	if err := gdb.Raw(`SELECT count(*) FROM stripe_events WHERE id = 'evt_skew_missed'`).Scan(&n).Error; err != nil {
-		t.Fatal(err)
-	}
-	if n != 1 {
+	if !eventStored(t, gdb, "evt_skew_missed") {
 		stripe.mu.Lock()
 		defer stripe.mu.Unlock()
 		t.Fatalf("with tally's clock %s ahead of Stripe's, the second catch-up listed since %v and never stored evt_skew_missed, created %v",
@@ -88,14 +86,20 @@ func TestCatchUpAfterAMarkOnTallysClockListsEveryEvent(t *testing.T) {
 	if _, err := h.CatchUp(ctx, time.Time{}); err != nil {
 		t.Fatal(err)
 	}
-	var n int64
-	if err := gdb.Raw(`SELECT count(*) FROM stripe_events WHERE id = 'evt_legacy_missed'`).Scan(&n).Error; err != nil {
-		t.Fatal(err)
-	}
-	if n != 1 {
+	if !eventStored(t, gdb, "evt_legacy_missed") {
 		stripe.mu.Lock()
 		defer stripe.mu.Unlock()
 		t.Fatalf("after a mark on tally's clock, %s ahead, the catch-up listed since %v and never stored evt_legacy_missed, created %v",
 			skew, stripe.since[len(stripe.since)-1].UTC(), stripe.events[1].Created.UTC())
 	}
+}
+
+// eventStored reports whether the event id is stored.
+func eventStored(t *testing.T, gdb *gorm.DB, id string) bool {
+	t.Helper()
+	var n int64
+	if err := gdb.Raw(`SELECT count(*) FROM stripe_events WHERE id = ?`, id).Scan(&n).Error; err != nil {
+		t.Fatal(err)
+	}
+	return n == 1
 }
