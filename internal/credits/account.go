@@ -118,6 +118,16 @@ func lockAccountAt(ctx context.Context, tx *gorm.DB, customerID string, clock fu
 			&locked.Balance, &locked.NextExpiry, &locked.Held, &locked.NextHoldExpiry, &locked.Notified, &locked.Threshold,
 			&locked.UpdatedAt, &locked.Thresholds, &locked.Pending, &locked.NextEffective, &locked.Fresh, &locked.TopUpBelow)
 	}
+	// rescan reads it all again at clockNow with the row held: it does not
+	// wait, and its snapshot has every change of the customer's credits
+	// before this one.
+	rescan := func() error {
+		found, err := scan()
+		if err == nil && !found {
+			err = fmt.Errorf("credits: balance row of %s vanished under its lock", customerID)
+		}
+		return err
+	}
 	found, err := scan()
 	if err != nil {
 		return nil, false, err
@@ -133,15 +143,10 @@ func lockAccountAt(ctx context.Context, tx *gorm.DB, customerID string, clock fu
 		// waited for may have changed those too: a scheduled grant, or a
 		// top-up's confirmation, which grants its credits and clears the
 		// payment in flight in one transaction (a consume that waited for
-		// it started no top-up, however little it left). Read it all
-		// again: the row is held, so this statement does not wait, and its
-		// snapshot has every change of the customer's credits before ours.
+		// it started no top-up, however little it left).
 		clockNow = clock()
-		if found, err = scan(); err != nil {
+		if err := rescan(); err != nil {
 			return nil, false, err
-		}
-		if !found {
-			return nil, false, fmt.Errorf("credits: balance row of %s vanished under its lock", customerID)
 		}
 	}
 	lastChange := locked.UpdatedAt
@@ -151,39 +156,25 @@ func lockAccountAt(ctx context.Context, tx *gorm.DB, customerID string, clock fu
 	if lastChange.After(a.now) {
 		a.now = lastChange
 	}
-	if !sameUTCMonth(a.now, clockNow) {
-		// Whether the top-up's monthly limit allows one and the card has
-		// not expired depend on the month, read at clockNow: the change is
-		// made at a.now, in the next month (the row's last change was made
-		// by a replica whose clock is ahead, or the month turned during
-		// the wait), the month StartAutoTopUp counts in and the batch
-		// decides in. Read it all again at a.now (rare: near a month's
-		// turn only); the row is held, so this does not wait.
+	// What the statement read at clockNow may differ at a.now, when the
+	// change is made (later: a wait for the lock, or a row last changed by
+	// a replica whose clock is ahead of this one's), in two ways, both
+	// rare: a scheduled grant became effective in between (spendable at
+	// a.now, where the draws take from it, so not pending in what the
+	// thresholds and the top-up compare), or the month turned (the
+	// top-up's monthly limit and the card's expiry are the month's, and
+	// StartAutoTopUp and the batch count in a.now's). Then it is read
+	// again at a.now.
+	if !sameUTCMonth(a.now, clockNow) || (locked.NextEffective.Valid && !locked.NextEffective.Time.After(a.now)) {
 		clockNow = a.now
-		if found, err = scan(); err != nil {
+		if err := rescan(); err != nil {
 			return nil, false, err
-		}
-		if !found {
-			return nil, false, fmt.Errorf("credits: balance row of %s vanished under its lock", customerID)
 		}
 	}
 	a.balance, a.nextExpiry, a.notified, a.threshold = locked.Balance, locked.NextExpiry, locked.Notified, locked.Threshold
 	a.held, a.nextHoldExpiry, a.pending = locked.Held, locked.NextHoldExpiry, locked.Pending
 	a.topUpBelow = locked.TopUpBelow
 	a.thresholds = locked.Thresholds
-	// pending was read at clockNow, before the lock; the change is made at
-	// a.now, later (a wait for the lock, or a row last changed by a replica
-	// whose clock is ahead of this one's). A scheduled grant effective by
-	// a.now is spendable at it (the draws take from it), so it is not
-	// pending in what the thresholds and the top-up compare: read pending
-	// again at a.now when one became effective in between (rare).
-	if locked.NextEffective.Valid && !locked.NextEffective.Time.After(a.now) {
-		if err := tx.WithContext(ctx).Raw(`SELECT COALESCE(sum(g.remaining), 0)::bigint FROM credit_grants g
-			WHERE g.customer_id = ? AND g.effective_at IS NOT NULL AND g.remaining > 0 AND g.effective_at > ?`,
-			customerID, a.now).Scan(&a.pending).Error; err != nil {
-			return nil, false, err
-		}
-	}
 	a.startAvailable = a.spendable()
 	if !expire {
 		return a, true, nil
