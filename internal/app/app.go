@@ -8,8 +8,11 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"net"
 	"net/http"
+	"slices"
+	"strings"
 	"sync"
 	"time"
 
@@ -347,13 +350,25 @@ func (a *App) Run(ctx context.Context) error {
 	}
 	workCtx, stopWork := context.WithCancel(context.WithoutCancel(ctx))
 	var wg sync.WaitGroup
+	// running names the workers still running, so that a shutdown that
+	// runs out of time says which ones it left.
+	var runningMu sync.Mutex
+	running := map[string]int{}
 	for _, w := range a.workers {
 		wg.Add(1)
+		runningMu.Lock()
+		running[w.Name()]++
+		runningMu.Unlock()
 		go func() {
 			defer wg.Done()
 			if err := w.Run(workCtx); err != nil && !errors.Is(err, context.Canceled) {
 				a.logger.Error("worker stopped", "worker", w.Name(), "error", err)
 			}
+			runningMu.Lock()
+			if running[w.Name()]--; running[w.Name()] == 0 {
+				delete(running, w.Name())
+			}
+			runningMu.Unlock()
 		}()
 	}
 
@@ -380,7 +395,10 @@ func (a *App) Run(ctx context.Context) error {
 	select {
 	case <-done:
 	case <-shutdownCtx.Done():
-		runErr = errors.Join(runErr, errors.New("workers did not stop within the shutdown timeout"))
+		runningMu.Lock()
+		left := slices.Sorted(maps.Keys(running))
+		runningMu.Unlock()
+		runErr = errors.Join(runErr, fmt.Errorf("workers did not stop within the shutdown timeout: %s", strings.Join(left, ", ")))
 	}
 	a.logger.Info("stopped")
 	return runErr
