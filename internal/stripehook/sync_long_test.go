@@ -3,7 +3,6 @@ package stripehook_test
 import (
 	"context"
 	"sort"
-	"sync"
 	"testing"
 	"time"
 
@@ -39,10 +38,8 @@ func TestCatchUpThatRanLongListsAnEventListedLateByLessThanTheOverlap(t *testing
 	t.Parallel()
 	gdb := dbtest.New(t)
 	ctx := context.Background()
-	var mu sync.Mutex
-	clock := time.Now().Add(-10 * time.Hour).Truncate(time.Second)
-	now := func() time.Time { mu.Lock(); defer mu.Unlock(); return clock }
-	advance := func(d time.Duration) { mu.Lock(); clock = clock.Add(d); mu.Unlock() }
+	clock := newTestClock()
+	now, advance := clock.Now, clock.Advance
 	c0 := now()
 	stripe := &hookedStripe{listingStripe: &listingStripe{per: 3}}
 	stripe.before = func(n int) {
@@ -94,11 +91,9 @@ func TestCatchUpWithStripesClockAheadStillListsWhatTallysClockWould(t *testing.T
 	gdb := dbtest.New(t)
 	ctx := context.Background()
 	const skew = 2 * time.Hour
-	var mu sync.Mutex
-	stripeClock := time.Now().Add(-10 * time.Hour).Truncate(time.Second)
-	stripeNow := func() time.Time { mu.Lock(); defer mu.Unlock(); return stripeClock }
+	stripeClock := newTestClock()
+	stripeNow, advance := stripeClock.Now, stripeClock.Advance
 	tallyNow := func() time.Time { return stripeNow().Add(-skew) }
-	advance := func(d time.Duration) { mu.Lock(); stripeClock = stripeClock.Add(d); mu.Unlock() }
 	c0 := stripeNow()
 	stripe := &listingStripe{}
 	o := defaultOptions(t, gdb, "whsec_test")

@@ -2,7 +2,6 @@ package stripehook_test
 
 import (
 	"context"
-	"sync"
 	"testing"
 	"time"
 
@@ -26,11 +25,9 @@ func TestCatchUpWithTallysClockAheadOfStripesListsEveryEvent(t *testing.T) {
 	gdb := dbtest.New(t)
 	ctx := context.Background()
 	const skew = 2 * time.Hour
-	var mu sync.Mutex
-	stripeClock := time.Now().Add(-10 * time.Hour).Truncate(time.Second)
-	stripeNow := func() time.Time { mu.Lock(); defer mu.Unlock(); return stripeClock }
+	stripeClock := newTestClock()
+	stripeNow, advance := stripeClock.Now, stripeClock.Advance
 	tallyNow := func() time.Time { return stripeNow().Add(skew) }
-	advance := func(d time.Duration) { mu.Lock(); stripeClock = stripeClock.Add(d); mu.Unlock() }
 	stripe := &listingStripe{}
 	o := defaultOptions(t, gdb, "whsec_test")
 	o.Now, o.Stripe = tallyNow, stripe

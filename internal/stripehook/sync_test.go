@@ -68,10 +68,8 @@ func TestCatchUpAfterAFailedOneListsWhatItMissed(t *testing.T) {
 	t.Parallel()
 	gdb := dbtest.New(t)
 	ctx := context.Background()
-	var mu sync.Mutex
-	clock := time.Now().Add(-10 * time.Hour).Truncate(time.Second)
-	now := func() time.Time { mu.Lock(); defer mu.Unlock(); return clock }
-	advance := func(d time.Duration) { mu.Lock(); clock = clock.Add(d); mu.Unlock() }
+	clock := newTestClock()
+	now, advance := clock.Now, clock.Advance
 	stripe := &listingStripe{}
 	o := defaultOptions(t, gdb, "whsec_test")
 	o.Now, o.Stripe = now, stripe
@@ -183,4 +181,26 @@ func TestCatchUpWorksThroughABacklogLongerThanOneListing(t *testing.T) {
 	if next := stripe.since[first]; !next.Equal(newest.Add(-time.Hour)) {
 		t.Fatalf("the next catch-up lists since %v, want %v", next, newest.Add(-time.Hour))
 	}
+}
+
+// testClock is a clock a test moves by hand, from ten hours ago.
+type testClock struct {
+	mu sync.Mutex
+	t  time.Time
+}
+
+func newTestClock() *testClock {
+	return &testClock{t: time.Now().Add(-10 * time.Hour).Truncate(time.Second)}
+}
+
+func (c *testClock) Now() time.Time {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.t
+}
+
+func (c *testClock) Advance(d time.Duration) {
+	c.mu.Lock()
+	c.t = c.t.Add(d)
+	c.mu.Unlock()
 }
