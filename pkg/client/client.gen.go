@@ -4447,9 +4447,8 @@ type ClientInterface interface {
 	// `since` (default: the creation, on Stripe's clock, of the newest
 	// event the last sync that listed its whole window found, less how
 	// long its listings took (or that sync's start on tally's clock, if
-	// earlier), less an hour, so that a sync that failed
-	// leaves its window
-	// to the next whatever webhooks arrived in between; 72 hours back
+	// earlier), less an hour, so that a sync that failed leaves its
+	// window to the next whatever webhooks arrived in between; 72 hours back
 	// before any did; Stripe keeps 30 days) and stores and processes any not stored
 	// yet, exactly as if delivered; then looks up every payment still
 	// `pending` after `TALLY_PENDING_CHECK_AFTER` at Stripe (its Checkout
@@ -4474,9 +4473,8 @@ type ClientInterface interface {
 	// `since` (default: the creation, on Stripe's clock, of the newest
 	// event the last sync that listed its whole window found, less how
 	// long its listings took (or that sync's start on tally's clock, if
-	// earlier), less an hour, so that a sync that failed
-	// leaves its window
-	// to the next whatever webhooks arrived in between; 72 hours back
+	// earlier), less an hour, so that a sync that failed leaves its
+	// window to the next whatever webhooks arrived in between; 72 hours back
 	// before any did; Stripe keeps 30 days) and stores and processes any not stored
 	// yet, exactly as if delivered; then looks up every payment still
 	// `pending` after `TALLY_PENDING_CHECK_AFTER` at Stripe (its Checkout
@@ -5320,9 +5318,8 @@ func (c *Client) ReplayStripeEvent(ctx context.Context, eventId string, reqEdito
 // `since` (default: the creation, on Stripe's clock, of the newest
 // event the last sync that listed its whole window found, less how
 // long its listings took (or that sync's start on tally's clock, if
-// earlier), less an hour, so that a sync that failed
-// leaves its window
-// to the next whatever webhooks arrived in between; 72 hours back
+// earlier), less an hour, so that a sync that failed leaves its
+// window to the next whatever webhooks arrived in between; 72 hours back
 // before any did; Stripe keeps 30 days) and stores and processes any not stored
 // yet, exactly as if delivered; then looks up every payment still
 // `pending` after `TALLY_PENDING_CHECK_AFTER` at Stripe (its Checkout
@@ -5357,9 +5354,8 @@ func (c *Client) SyncStripeWithBody(ctx context.Context, contentType string, bod
 // `since` (default: the creation, on Stripe's clock, of the newest
 // event the last sync that listed its whole window found, less how
 // long its listings took (or that sync's start on tally's clock, if
-// earlier), less an hour, so that a sync that failed
-// leaves its window
-// to the next whatever webhooks arrived in between; 72 hours back
+// earlier), less an hour, so that a sync that failed leaves its
+// window to the next whatever webhooks arrived in between; 72 hours back
 // before any did; Stripe keeps 30 days) and stores and processes any not stored
 // yet, exactly as if delivered; then looks up every payment still
 // `pending` after `TALLY_PENDING_CHECK_AFTER` at Stripe (its Checkout
@@ -8817,9 +8813,8 @@ type ClientWithResponsesInterface interface {
 	// `since` (default: the creation, on Stripe's clock, of the newest
 	// event the last sync that listed its whole window found, less how
 	// long its listings took (or that sync's start on tally's clock, if
-	// earlier), less an hour, so that a sync that failed
-	// leaves its window
-	// to the next whatever webhooks arrived in between; 72 hours back
+	// earlier), less an hour, so that a sync that failed leaves its
+	// window to the next whatever webhooks arrived in between; 72 hours back
 	// before any did; Stripe keeps 30 days) and stores and processes any not stored
 	// yet, exactly as if delivered; then looks up every payment still
 	// `pending` after `TALLY_PENDING_CHECK_AFTER` at Stripe (its Checkout
@@ -8844,9 +8839,8 @@ type ClientWithResponsesInterface interface {
 	// `since` (default: the creation, on Stripe's clock, of the newest
 	// event the last sync that listed its whole window found, less how
 	// long its listings took (or that sync's start on tally's clock, if
-	// earlier), less an hour, so that a sync that failed
-	// leaves its window
-	// to the next whatever webhooks arrived in between; 72 hours back
+	// earlier), less an hour, so that a sync that failed leaves its
+	// window to the next whatever webhooks arrived in between; 72 hours back
 	// before any did; Stripe keeps 30 days) and stores and processes any not stored
 	// yet, exactly as if delivered; then looks up every payment still
 	// `pending` after `TALLY_PENDING_CHECK_AFTER` at Stripe (its Checkout
@@ -12076,9 +12070,8 @@ func (c *ClientWithResponses) ReplayStripeEventWithResponse(ctx context.Context,
 // `since` (default: the creation, on Stripe's clock, of the newest
 // event the last sync that listed its whole window found, less how
 // long its listings took (or that sync's start on tally's clock, if
-// earlier), less an hour, so that a sync that failed
-// leaves its window
-// to the next whatever webhooks arrived in between; 72 hours back
+// earlier), less an hour, so that a sync that failed leaves its
+// window to the next whatever webhooks arrived in between; 72 hours back
 // before any did; Stripe keeps 30 days) and stores and processes any not stored
 // yet, exactly as if delivered; then looks up every payment still
 // `pending` after `TALLY_PENDING_CHECK_AFTER` at Stripe (its Checkout
@@ -12109,9 +12102,8 @@ func (c *ClientWithResponses) SyncStripeWithBodyWithResponse(ctx context.Context
 // `since` (default: the creation, on Stripe's clock, of the newest
 // event the last sync that listed its whole window found, less how
 // long its listings took (or that sync's start on tally's clock, if
-// earlier), less an hour, so that a sync that failed
-// leaves its window
-// to the next whatever webhooks arrived in between; 72 hours back
+// earlier), less an hour, so that a sync that failed leaves its
+// window to the next whatever webhooks arrived in between; 72 hours back
 // before any did; Stripe keeps 30 days) and stores and processes any not stored
 // yet, exactly as if delivered; then looks up every payment still
 // `pending` after `TALLY_PENDING_CHECK_AFTER` at Stripe (its Checkout
