@@ -66,10 +66,15 @@ func saveCard(t testing.TB, s *server, evs *stripeEvents, customer, card string)
 		t.Fatalf("saving card %s: %+v, %v", card, res, err)
 	}
 	evs.deliverNew(t, s)
-	c := customerOverHTTP(t, s, customer)
-	if c.PaymentMethod == nil {
-		t.Fatalf("customer %s shows no payment method after the setup", customer)
-	}
+	// A server that catches up with Stripe may have listed these events
+	// first: a delivery then finds them stored and is acknowledged as a
+	// duplicate while the catch-up still applies them, so the card shows
+	// once that is done.
+	var c client.Customer
+	waitFor(t, "customer "+customer+" to show a payment method after the setup", func() bool {
+		c = customerOverHTTP(t, s, customer)
+		return c.PaymentMethod != nil
+	})
 	return *c.PaymentMethod
 }
 
