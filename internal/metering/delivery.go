@@ -193,7 +193,13 @@ func (w *Worker) sendStream(ctx context.Context, c *claim, chunk []claimedEvent)
 		}
 		sctx, cancel := withTimeout(ctx, w.cfg.SendTimeout)
 		defer cancel()
-		return w.client.SendMeterEventStream(sctx, sess, mes)
+		err = w.client.SendMeterEventStream(sctx, sess, mes)
+		if stripeapi.IsSessionExpired(err) || stripeapi.KindOf(err) == stripeapi.KindAuth {
+			// Forgotten at once: should opening its replacement fail,
+			// the retry opens one again instead of trying this token.
+			w.forgetSession(sess.Token)
+		}
+		return err
 	}
 	err := send(false)
 	if stripeapi.IsSessionExpired(err) || stripeapi.KindOf(err) == stripeapi.KindAuth {
@@ -203,6 +209,15 @@ func (w *Worker) sendStream(ctx context.Context, c *claim, chunk []claimedEvent)
 		err = send(true)
 	}
 	return err
+}
+
+// forgetSession drops the cached v2 session if its token is still token.
+func (w *Worker) forgetSession(token string) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.session.Token == token {
+		w.session = stripeapi.MeterEventSession{}
+	}
 }
 
 // errReleased means the events were not sent and should go back as they are.

@@ -319,6 +319,60 @@ func TestStreamTransportRenewsSessions(t *testing.T) {
 	}
 }
 
+// A session Stripe refused is forgotten at once: when opening its
+// replacement fails too, the retry opens a session again rather than
+// sending to the dead token a second time.
+func TestStreamForgetsASessionStripeRefused(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	link(t, e.db, "kai")
+	e.fake.SetSessionLifetime(time.Hour)
+	cfg := fastConfig()
+	cfg.Transport = config.MeterTransportV2
+	startWorker(t, metering.NewWorker(e.workerOptions(t, cfg)))
+
+	first := ids("v2-first", 10)
+	var evs []metering.EventInput
+	for _, id := range first {
+		evs = append(evs, ev("kai", id, 1))
+	}
+	ingest(t, e.svc, evs...)
+	waitFor(t, "the first events delivered", 30*time.Second, func() bool {
+		return countRows(t, e.db, `status = 'delivered'`) == int64(len(first))
+	})
+	// The token dies, and the first attempt to open its replacement fails.
+	e.fake.ExpireSessions()
+	var failed atomic.Bool
+	e.fake.SetFault(func(r *http.Request) (int, string, bool) {
+		if r.URL.Path == "/v2/billing/meter_event_session" && failed.CompareAndSwap(false, true) {
+			return http.StatusInternalServerError, `{"error":{"type":"api_error","message":"try again"}}`, true
+		}
+		return 0, "", false
+	})
+	second := ids("v2-second", 10)
+	evs = evs[:0]
+	for _, id := range second {
+		evs = append(evs, ev("kai", id, 1))
+	}
+	ingest(t, e.svc, evs...)
+	waitFor(t, "the second events delivered", 30*time.Second, func() bool {
+		return countRows(t, e.db, `status = 'delivered'`) == int64(len(first)+len(second))
+	})
+	if !failed.Load() {
+		t.Fatal("no session was opened after the expiry")
+	}
+	assertDeliveredOnce(t, e, append(first, second...))
+	expired := 0
+	for _, r := range e.fake.Requests() {
+		if r.Path == "/v2/billing/meter_event_stream" && r.Status == http.StatusUnauthorized {
+			expired++
+		}
+	}
+	if expired != 1 {
+		t.Errorf("%d stream requests sent to the expired session, want 1: once refused, it is not used again", expired)
+	}
+}
+
 // An event Stripe refuses is dead-lettered at once (stripe_refused), with a
 // usage.dead event; one Stripe answers 502 keeps being retried; once the
 // cause is fixed a requeue sends the dead one again.
