@@ -64,7 +64,9 @@ import (
 	"log/slog"
 	"time"
 
+	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgtype"
 	"github.com/jackc/pgx/v5/stdlib"
 	"gorm.io/driver/postgres"
 	"gorm.io/gorm"
@@ -96,7 +98,7 @@ func Open(ctx context.Context, url string, maxOpenConns int, logger *slog.Logger
 	}
 	gdb, err := gorm.Open(dialector{&postgres.Dialector{Config: &postgres.Config{DSN: url,
 		// Connections an outage killed are dropped before reuse (stale.go).
-		OptionOpenDB: []stdlib.OptionOpenDB{stdlib.OptionShouldPing(pingStale)}}}}, &gorm.Config{
+		OptionOpenDB: []stdlib.OptionOpenDB{stdlib.OptionShouldPing(pingStale), stdlib.OptionAfterConnect(readTimesInUTC)}}}}, &gorm.Config{
 		SkipDefaultTransaction: true,
 		// pgx already prepares and caches every statement per connection
 		// (QueryExecModeCacheStatement); gorm's own cache on top re-prepared
@@ -132,6 +134,17 @@ func Open(ctx context.Context, url string, maxOpenConns int, logger *slog.Logger
 		return nil, errs.Wrap(err, errs.Unavailable, "database unreachable")
 	}
 	return gdb, nil
+}
+
+// readTimesInUTC makes conn return every timestamptz it reads in UTC, as
+// the times tally makes are: pgx returns them in the process's zone, so a
+// server on a host not on UTC answered times read back from the database
+// with that host's offset (the same instant, written otherwise than every
+// other time it answers).
+func readTimesInUTC(_ context.Context, conn *pgx.Conn) error {
+	conn.TypeMap().RegisterType(&pgtype.Type{Name: "timestamptz", OID: pgtype.TimestamptzOID,
+		Codec: &pgtype.TimestamptzCodec{ScanLocation: time.UTC}})
+	return nil
 }
 
 // Ping checks that gdb's database answers within ctx (readiness, the
