@@ -398,63 +398,81 @@ func TestHoldAndCaptureInABatchWriteWhatTheFullPathWrites(t *testing.T) {
 // row for the whole run) writes and answers what the full path writes and
 // answers one consume at a time: draws across grants in draw order, a
 // duplicate key inside the run replayed, a refusal in the middle that
-// leaves the rest running.
+// leaves the rest running; and, where a consume of the run has a
+// low-balance notice to fire, the run applies what came before it and
+// leaves it and the rest (their keys claimed with the run's, then given
+// back) to the full path, in order.
 func TestAHotCustomersBatchWritesWhatOneByOneWrites(t *testing.T) {
 	t.Parallel()
-	gdb := dbtest.New(t)
-	clock := time.Date(2026, 5, 1, 12, 0, 0, 0, time.UTC)
-	s := New(Options{DB: gdb, Config: config.Default().Credits, Now: func() time.Time { return clock }})
-	later := clock.Add(48 * time.Hour)
-	for _, c := range []string{"fast", "slow"} {
-		for _, g := range []GrantInput{
-			{CustomerID: c, Amount: 5, Reason: "never expires", Source: SourceService},
-			{CustomerID: c, Amount: 10, Reason: "expires", Source: SourceService, ExpiresAt: &later},
-			{CustomerID: c, Amount: 4, Reason: "first", Source: SourceService, Priority: ptr(1)},
-		} {
-			b, _ := json.Marshal(g)
-			if _, _, err := s.Grant(context.Background(), g, db.IdempotencyKey{Scope: "customer:" + c, Key: "g" + g.Reason, RequestHash: db.HashRequest(b)}); err != nil {
-				t.Fatal(err)
-			}
-		}
-	}
-	clock = clock.Add(time.Minute)
 	type step struct {
 		key    string
 		amount int64
 	}
-	steps := []step{{"a", 3}, {"b", 4}, {"a", 3}, {"c", 50}, {"d", 6}, {"b", 4}, {"e", 5}, {"f", 1}, {"g", 1}}
-	calls := func(customer string) []*batchCall {
-		var out []*batchCall
-		for _, st := range steps {
-			in := ConsumeInput{CustomerID: customer, Amount: st.amount, Reason: "call " + st.key, Metadata: map[string]string{"k": st.key}}
-			meta, _ := metadataJSON(in.Metadata)
-			out = append(out, s.consumeCall(context.Background(), in, batchKey(customer, st.key, in), meta))
-		}
-		return out
+	for _, tc := range []struct {
+		name      string
+		threshold int64
+		steps     []step
+		deferred  bool
+	}{
+		{"applied whole", 0, []step{{"a", 3}, {"b", 4}, {"a", 3}, {"c", 50}, {"d", 6}, {"b", 4}, {"e", 5}, {"f", 1}, {"g", 1}}, false},
+		// 19 credits, the notice below 10: "d" crosses it.
+		{"a notice in the middle", 10, []step{{"a", 3}, {"b", 4}, {"c", 1}, {"d", 2}, {"e", 1}, {"a", 3}, {"b", 5}, {"f", 1}}, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			gdb := dbtest.New(t)
+			clock := time.Date(2026, 5, 1, 12, 0, 0, 0, time.UTC)
+			cfg := config.Default().Credits
+			cfg.DefaultLowBalanceThreshold = tc.threshold
+			s := New(Options{DB: gdb, Config: cfg, Now: func() time.Time { return clock }})
+			later := clock.Add(48 * time.Hour)
+			for _, c := range []string{"fast", "slow"} {
+				for _, g := range []GrantInput{
+					{CustomerID: c, Amount: 5, Reason: "never expires", Source: SourceService},
+					{CustomerID: c, Amount: 10, Reason: "expires", Source: SourceService, ExpiresAt: &later},
+					{CustomerID: c, Amount: 4, Reason: "first", Source: SourceService, Priority: ptr(1)},
+				} {
+					b, _ := json.Marshal(g)
+					if _, _, err := s.Grant(context.Background(), g, db.IdempotencyKey{Scope: "customer:" + c, Key: "g" + g.Reason, RequestHash: db.HashRequest(b)}); err != nil {
+						t.Fatal(err)
+					}
+				}
+			}
+			clock = clock.Add(time.Minute)
+			calls := func(customer string) []*batchCall {
+				var out []*batchCall
+				for _, st := range tc.steps {
+					in := ConsumeInput{CustomerID: customer, Amount: st.amount, Reason: "call " + st.key, Metadata: map[string]string{"k": st.key}}
+					meta, _ := metadataJSON(in.Metadata)
+					out = append(out, s.consumeCall(context.Background(), in, batchKey(customer, st.key, in), meta))
+				}
+				return out
+			}
+			fast, slow := calls("fast"), calls("slow")
+			s.batch.run(fast)
+			if n, m := s.batch.deferred.Load(), s.batch.fellBack.Load(); (n != 0) != tc.deferred || m != 0 {
+				t.Errorf("%d consumes deferred (want some: %t), %d fell back", n, tc.deferred, m)
+			}
+			for i := range tc.steps {
+				f, sl := wait(fast[i]), full(context.Background(), slow[i])
+				var a consumeAnswer
+				if sl.err == nil {
+					_ = json.Unmarshal(sl.answer, &a)
+				}
+				f.res.TransactionID, a.TransactionID = "", ""
+				fe, _ := errs.As(f.err)
+				se, _ := errs.As(sl.err)
+				if f.res != ConsumeResult(a) || f.replayed != sl.replayed || (f.err == nil) != (sl.err == nil) ||
+					(fe != nil && (fe.Code != se.Code || fmt.Sprint(fe.Extra) != fmt.Sprint(se.Extra))) {
+					t.Errorf("step %d %+v: the run answered %+v %v, one by one %+v %v", i, tc.steps[i], f, f.err, a, sl.err)
+				}
+			}
+			if a, b := snapshot(t, gdb, "fast"), snapshot(t, gdb, "slow"); strings.ReplaceAll(a, "fast", "X") != strings.ReplaceAll(b, "slow", "X") {
+				t.Errorf("the run wrote\n%s\none by one\n%s", a, b)
+			}
+			mustVerifyDB(t, gdb)
+		})
 	}
-	fast, slow := calls("fast"), calls("slow")
-	s.batch.run(fast)
-	if n, m := s.batch.deferred.Load(), s.batch.fellBack.Load(); n != 0 || m != 0 {
-		t.Errorf("%d consumes deferred, %d fell back", n, m)
-	}
-	for i := range steps {
-		f, sl := wait(fast[i]), full(context.Background(), slow[i])
-		var a consumeAnswer
-		if sl.err == nil {
-			_ = json.Unmarshal(sl.answer, &a)
-		}
-		f.res.TransactionID, a.TransactionID = "", ""
-		fe, _ := errs.As(f.err)
-		se, _ := errs.As(sl.err)
-		if f.res != ConsumeResult(a) || f.replayed != sl.replayed || (f.err == nil) != (sl.err == nil) ||
-			(fe != nil && (fe.Code != se.Code || fmt.Sprint(fe.Extra) != fmt.Sprint(se.Extra))) {
-			t.Errorf("step %d %+v: the run answered %+v %v, one by one %+v %v", i, steps[i], f, f.err, a, sl.err)
-		}
-	}
-	if a, b := snapshot(t, gdb, "fast"), snapshot(t, gdb, "slow"); strings.ReplaceAll(a, "fast", "X") != strings.ReplaceAll(b, "slow", "X") {
-		t.Errorf("the run wrote\n%s\none by one\n%s", a, b)
-	}
-	mustVerifyDB(t, gdb)
 }
 
 func ptr[T any](v T) *T { return &v }
