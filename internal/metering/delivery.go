@@ -145,9 +145,11 @@ func (w *Worker) deliverStream(ctx context.Context, c *claim, evs []claimedEvent
 			return
 		}
 		err := w.sendStream(ctx, c, chunk)
-		if len(chunk) > 1 && stripeapi.KindOf(err) == stripeapi.KindInvalid {
+		if k := stripeapi.KindOf(err); len(chunk) > 1 && (k == stripeapi.KindInvalid || k == stripeapi.KindDuplicate) {
 			// Stripe refuses the whole request for one bad event; the
-			// others, of any customer, must not die with it.
+			// others, of any customer, must not die with it. A refusal
+			// as a duplicate is of one event too: the others were not
+			// taken, so they are not delivered.
 			w.log.Warn("Stripe refused a meter event stream request; sending its events one at a time",
 				"events", len(chunk), "error", err)
 			if !w.streamOneByOne(ctx, c, chunk, evs[end:]) {
