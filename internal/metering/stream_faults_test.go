@@ -7,6 +7,7 @@ import (
 	"io"
 	"net/http"
 	"testing"
+	"time"
 
 	"github.com/tallybilling/tally/internal/config"
 	"github.com/tallybilling/tally/internal/metering"
@@ -69,4 +70,58 @@ func TestStreamDuplicateRefusalDeliversTheRestOfTheChunk(t *testing.T) {
 			t.Errorf("%s: %s in tally, accepted %d times by Stripe; want delivered and accepted once", id, got.Status, c)
 		}
 	}
+}
+
+// Opening a v2 session is not sending events. When Stripe refuses to open
+// one (a 400 or 404: the account, the URL or the API version is wrong) no
+// event is at fault: none is dead-lettered, they wait for the operator
+// like after a refused key. When opening fails with a 5xx or times out no
+// event may have reached Stripe, so none is marked maybe sent (which would
+// later make a requeue demand force and a cancel send an adjustment).
+func TestStreamSessionOpenFailuresBlameNoEvent(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	link(t, e.db, "fern")
+	status := http.StatusBadRequest
+	e.fake.SetFault(func(r *http.Request) (int, string, bool) {
+		if r.URL.Path == "/v2/billing/meter_event_session" && status != 0 {
+			return status, `{"error":{"type":"invalid_request_error","message":"Meter event sessions are not available (injected)."}}`, true
+		}
+		return 0, "", false
+	})
+	ingest(t, e.svc, ev("fern", "open-1", 1), ev("fern", "open-2", 2), ev("fern", "open-3", 3))
+	cfg := fastConfig()
+	cfg.Transport = config.MeterTransportV2
+	opts := e.workerOptions(t, cfg)
+	opts.AuthPause = 50 * time.Millisecond
+	w := metering.NewWorker(opts)
+	ctx := context.Background()
+	if _, err := w.RunOnce(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if n := countRows(t, e.db, `status = 'dead'`); n != 0 {
+		t.Fatalf("%d events dead-lettered because Stripe refused to open a session, want none", n)
+	}
+	if n := countRows(t, e.db, `status = 'pending' AND last_error LIKE '%not available%'`); n != 3 {
+		t.Errorf("%d events pending with the session's error, want 3", n)
+	}
+
+	status = http.StatusInternalServerError
+	time.Sleep(100 * time.Millisecond)
+	if _, err := w.RunOnce(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if n := countRows(t, e.db, `maybe_sent_at IS NOT NULL`); n != 0 {
+		t.Errorf("%d events marked maybe sent after a failed session open, want none: no event left tally", n)
+	}
+
+	status = 0
+	waitFor(t, "every event delivered", 30*time.Second, func() bool {
+		time.Sleep(50 * time.Millisecond)
+		if _, err := w.RunOnce(ctx); err != nil {
+			t.Fatal(err)
+		}
+		return countRows(t, e.db, `status = 'delivered'`) == 3
+	})
+	assertDeliveredOnce(t, e, []string{"open-1", "open-2", "open-3"})
 }

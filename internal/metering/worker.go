@@ -56,8 +56,9 @@ type WorkerOptions struct {
 	// Retry-After; default 1s.
 	RateLimitPause time.Duration
 	// AuthPause is how long sending pauses after Stripe refuses our key
-	// (401, 403); default 1m. A wrong key is the operator's to fix, not the
-	// events' fault, so it neither counts attempts nor dead-letters.
+	// (401, 403) or refuses to open a v2 meter event session; default 1m.
+	// Either is the operator's to fix, not the events' fault, so it neither
+	// counts attempts nor dead-letters.
 	AuthPause time.Duration
 	// HeartbeatInterval is how often a running worker refreshes its row in
 	// meter_workers and recounts the live workers it shares the rate limit
