@@ -87,6 +87,11 @@ func (w *Worker) settle(ctx context.Context, c *claim, evs []claimedEvent, err e
 		if d <= 0 {
 			d = w.opts.RateLimitPause
 		}
+		if d > w.opts.MaxRetryAfter {
+			w.log.Warn("Stripe's Retry-After is longer than tally waits; pausing for less",
+				"retry_after", d.String(), "pause", w.opts.MaxRetryAfter.String())
+			d = w.opts.MaxRetryAfter
+		}
 		until := w.pause(d)
 		w.log.Info("Stripe rate limited meter events; pausing", "for", d.String())
 		w.m.deliveries.WithLabelValues(resultRateLimited).Add(float64(len(evs)))

@@ -125,3 +125,29 @@ func TestStreamSessionOpenFailuresBlameNoEvent(t *testing.T) {
 	})
 	assertDeliveredOnce(t, e, []string{"open-1", "open-2", "open-3"})
 }
+
+// A 429's Retry-After is honoured up to MaxRetryAfter (by default
+// TALLY_METER_BACKOFF_MAX, at least a minute): one answer asking for a day
+// (a proxy's, or Stripe's on a bad day) must not stop all usage delivery of
+// the instance for that day, on either transport.
+func TestRetryAfterIsCappedAtBackoffMax(t *testing.T) {
+	t.Parallel()
+	for _, transport := range []string{config.MeterTransportV1, config.MeterTransportV2} {
+		t.Run(transport, func(t *testing.T) {
+			t.Parallel()
+			e := newEnv(t)
+			link(t, e.db, "gus")
+			e.fake.FailNext(1, http.StatusTooManyRequests, "86400")
+			ingest(t, e.svc, ev("gus", "day-1", 1), ev("gus", "day-2", 2))
+			cfg := fastConfig()
+			cfg.Transport = transport
+			opts := e.workerOptions(t, cfg)
+			opts.MaxRetryAfter = 200 * time.Millisecond
+			startWorker(t, metering.NewWorker(opts))
+			waitFor(t, "both events delivered after the 429", 20*time.Second, func() bool {
+				return countRows(t, e.db, `status = 'delivered'`) == 2
+			})
+			assertDeliveredOnce(t, e, []string{"day-1", "day-2"})
+		})
+	}
+}
