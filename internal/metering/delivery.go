@@ -145,9 +145,11 @@ func (w *Worker) deliverStream(ctx context.Context, c *claim, evs []claimedEvent
 			return
 		}
 		err := w.sendStream(ctx, c, chunk)
-		if len(chunk) > 1 && stripeapi.KindOf(err) == stripeapi.KindInvalid {
+		if k := stripeapi.KindOf(err); len(chunk) > 1 && !openFailed(err) && (k == stripeapi.KindInvalid || k == stripeapi.KindDuplicate) {
 			// Stripe refuses the whole request for one bad event; the
-			// others, of any customer, must not die with it.
+			// others, of any customer, must not die with it. A refusal
+			// as a duplicate is of one event too: the others were not
+			// taken, so they are not delivered.
 			w.log.Warn("Stripe refused a meter event stream request; sending its events one at a time",
 				"events", len(chunk), "error", err)
 			if !w.streamOneByOne(ctx, c, chunk, evs[end:]) {
@@ -240,11 +242,24 @@ func (w *Worker) streamSession(ctx context.Context, c *claim, fresh bool) (strip
 	defer cancel()
 	sess, err := w.client.OpenMeterEventSession(sctx)
 	if err != nil {
-		return stripeapi.MeterEventSession{}, err
+		return stripeapi.MeterEventSession{}, &sessionOpenError{err: err}
 	}
 	w.mu.Lock()
 	w.session = sess
 	w.mu.Unlock()
 	w.log.Debug("meter event session opened", "expires_at", sess.ExpiresAt)
 	return sess, nil
+}
+
+// sessionOpenError is a failure to open a v2 meter event session: no event
+// left tally, and none is at fault (see settle).
+type sessionOpenError struct{ err error }
+
+func (e *sessionOpenError) Error() string { return e.err.Error() }
+func (e *sessionOpenError) Unwrap() error { return e.err }
+
+// openFailed reports whether err is a failure to open a v2 session.
+func openFailed(err error) bool {
+	var oe *sessionOpenError
+	return errors.As(err, &oe)
 }

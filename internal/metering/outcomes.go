@@ -87,6 +87,11 @@ func (w *Worker) settle(ctx context.Context, c *claim, evs []claimedEvent, err e
 		if d <= 0 {
 			d = w.opts.RateLimitPause
 		}
+		if d > w.opts.MaxRetryAfter {
+			w.log.Warn("Stripe's Retry-After is longer than tally waits; pausing for less",
+				"retry_after", d.String(), "pause", w.opts.MaxRetryAfter.String())
+			d = w.opts.MaxRetryAfter
+		}
 		until := w.pause(d)
 		w.log.Info("Stripe rate limited meter events; pausing", "for", d.String())
 		w.m.deliveries.WithLabelValues(resultRateLimited).Add(float64(len(evs)))
@@ -96,10 +101,18 @@ func (w *Worker) settle(ctx context.Context, c *claim, evs []claimedEvent, err e
 		w.log.Error("Stripe refused the API key for meter events; pausing delivery", "error", err, "for", w.opts.AuthPause.String())
 		w.releaseWithError(ctx, c, evs, until, msg)
 	case (isStripe && se.Retryable()) || (!isStripe && !errs.Is(err, errs.Invalid)):
-		// Only an expired v2 session says for sure that Stripe took
-		// nothing; a 5xx or a lost answer may hide events it kept.
-		maybeSent := !(isStripe && se.Kind == stripeapi.KindSessionExpired)
+		// Only an expired v2 session, or a session that could not be
+		// opened, says for sure that Stripe took nothing; a 5xx or a lost
+		// answer may hide events it kept.
+		maybeSent := !(isStripe && se.Kind == stripeapi.KindSessionExpired) && !openFailed(err)
 		w.retry(ctx, c, evs, msg, maybeSent)
+	case openFailed(err):
+		// Stripe refused to open a v2 session (the account, the meter
+		// events URL or the API version is wrong): the operator's to fix,
+		// as a refused key is, and no event's fault.
+		until := w.pause(w.opts.AuthPause)
+		w.log.Error("Stripe refused to open a meter event session; pausing delivery", "error", err, "for", w.opts.AuthPause.String())
+		w.releaseWithError(ctx, c, evs, until, msg)
 	default:
 		w.dead(ctx, c, evs, msg)
 	}

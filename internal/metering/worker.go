@@ -55,9 +55,15 @@ type WorkerOptions struct {
 	// RateLimitPause is how long sending pauses after a 429 without
 	// Retry-After; default 1s.
 	RateLimitPause time.Duration
+	// MaxRetryAfter is the longest pause a 429's Retry-After makes;
+	// default TALLY_METER_BACKOFF_MAX, and at least 1m. Stripe asks for
+	// seconds; an answer asking for a day (a proxy's, a bad day's) must not
+	// stop all delivery for that day.
+	MaxRetryAfter time.Duration
 	// AuthPause is how long sending pauses after Stripe refuses our key
-	// (401, 403); default 1m. A wrong key is the operator's to fix, not the
-	// events' fault, so it neither counts attempts nor dead-letters.
+	// (401, 403) or refuses to open a v2 meter event session; default 1m.
+	// Either is the operator's to fix, not the events' fault, so it neither
+	// counts attempts nor dead-letters.
 	AuthPause time.Duration
 	// HeartbeatInterval is how often a running worker refreshes its row in
 	// meter_workers and recounts the live workers it shares the rate limit
@@ -143,6 +149,7 @@ func NewWorker(opts WorkerOptions) *Worker {
 		opts.Concurrency = min(max(int(math.Ceil(cfg.RateLimit/4)), 8), 128)
 	}
 	opts.RateLimitPause = cmp.Or(opts.RateLimitPause, time.Second)
+	opts.MaxRetryAfter = cmp.Or(opts.MaxRetryAfter, max(cfg.BackoffMax, time.Minute))
 	opts.AuthPause = cmp.Or(opts.AuthPause, time.Minute)
 	opts.HeartbeatInterval = cmp.Or(opts.HeartbeatInterval, defaultHeartbeatInterval)
 	return &Worker{
