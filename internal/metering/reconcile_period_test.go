@@ -39,3 +39,12 @@ func TestReconcilePreviousPeriodAtTheEndOfTheMonth(t *testing.T) {
 		}
 	}
 }
+
+// monthsOnAnchor is t moved n calendar months (UTC) as Stripe moves the
+// ends of a monthly period anchored on t's day: on that day, or on the
+// month's last day when the month is shorter.
+func monthsOnAnchor(t time.Time, n int) time.Time {
+	t = t.UTC()
+	first := time.Date(t.Year(), t.Month()+time.Month(n), 1, t.Hour(), t.Minute(), t.Second(), t.Nanosecond(), time.UTC)
+	return first.AddDate(0, 0, min(t.Day(), first.AddDate(0, 1, -1).Day())-1)
+}
