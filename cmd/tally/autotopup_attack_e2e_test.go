@@ -231,7 +231,11 @@ func TestAutoTopUpExpiredCard(t *testing.T) {
 	_, s, evs := cardServer(t)
 	saveCard(t, s, evs, "expiring", topUpCard)
 	gdb := openDB(t, s)
-	last := time.Now().UTC().AddDate(0, -1, 0)
+	// Last month (UTC), from the first of this one: a month back from the
+	// 29th to the 31st may land in this month (March 31 less a month is
+	// March 3), whose card has not expired.
+	now := time.Now().UTC()
+	last := time.Date(now.Year(), now.Month(), 1, 0, 0, 0, 0, time.UTC).AddDate(0, -1, 0)
 	if err := gdb.Exec(`UPDATE customer_payment_methods SET exp_month = ?, exp_year = ? WHERE customer_id = 'expiring'`,
 		int(last.Month()), last.Year()).Error; err != nil {
 		t.Fatal(err)

@@ -39,6 +39,16 @@ import (
 	"github.com/tallybilling/tally/pkg/client"
 )
 
+// hostZone is the zone the suite runs in, servers included (they run in
+// this process): not UTC, so that a time read, made or formatted in the
+// host's zone shows, as on a host not on UTC. 13:45 ahead of UTC (Chatham
+// Islands summer time) has the local date differ from UTC's for most of
+// the day, and the minutes catch a whole-hour assumption. The contract
+// checker refuses any time answered in it (timesNotInUTC).
+var hostZone = time.FixedZone("UTC+13:45", 13*3600+45*60)
+
+func init() { time.Local = hostZone }
+
 // patience bounds the waits for what takes a moment on a quiet machine (a
 // server to start, an event to show in the feed, a worker's round): only a
 // failing test waits that long, and a machine running several suites at
@@ -326,7 +336,38 @@ func (c checkedTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 	if err != nil {
 		c.t.Errorf("%s %s answered %d, which breaks openapi.yaml: %v\nbody: %s", req.Method, req.URL.Path, resp.StatusCode, err, body)
 	}
+	var doc any
+	if json.Unmarshal(body, &doc) == nil {
+		if bad := timesNotInUTC(doc, nil); len(bad) > 0 {
+			c.t.Errorf("%s %s answered times not in UTC (the suite's host zone is %s): %v\nbody: %s",
+				req.Method, req.URL.Path, time.Local, bad, body)
+		}
+	}
 	return resp, nil
+}
+
+// timesNotInUTC appends to out the strings of the JSON value v that are
+// RFC 3339 times written with an offset other than Z: every time tally
+// answers is in UTC, whatever its host's zone (which this suite's is not:
+// see hostZone). Metadata is the caller's own text and is not looked at.
+func timesNotInUTC(v any, out []string) []string {
+	switch x := v.(type) {
+	case string:
+		if _, err := time.Parse(time.RFC3339Nano, x); err == nil && !strings.HasSuffix(x, "Z") {
+			out = append(out, x)
+		}
+	case []any:
+		for _, e := range x {
+			out = timesNotInUTC(e, out)
+		}
+	case map[string]any:
+		for k, e := range x {
+			if k != "metadata" {
+				out = timesNotInUTC(e, out)
+			}
+		}
+	}
+	return out
 }
 
 // pollEvents follows the feed from after, as a host's poller would, until it

@@ -293,8 +293,11 @@ func TestReconcilePeriod(t *testing.T) {
 	t.Parallel()
 	e := newEnv(t)
 	link(t, e.db, "pia")
-	start := time.Now().Add(-2 * time.Hour).Truncate(time.Minute)
-	e.fake.StartSubscription("cus_pia", "price_api", start, start.AddDate(0, 1, 0))
+	// A monthly period as Stripe counts one: in UTC, and on the last day of
+	// a shorter month (a start on the 31st, a host zone with a daylight
+	// saving change within the month, made another period on some days).
+	start := time.Now().UTC().Add(-2 * time.Hour).Truncate(time.Minute)
+	e.fake.StartSubscription("cus_pia", "price_api", start, monthsOnAnchor(start, 1))
 	ts := time.Now().Add(-30 * time.Minute)
 	a := ev("pia", "pp-1", 4)
 	a.Timestamp = &ts
@@ -314,8 +317,8 @@ func TestReconcilePeriod(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if !prev.To.Equal(start) || !prev.From.Equal(start.AddDate(0, -1, 0)) || prev.Checked != 1 {
-		t.Errorf("previous period %+v, want [%s, %s) with pia compared", prev, start.AddDate(0, -1, 0), start)
+	if !prev.To.Equal(start) || !prev.From.Equal(monthsOnAnchor(start, -1)) || prev.Checked != 1 {
+		t.Errorf("previous period %+v, want [%s, %s) with pia compared", prev, monthsOnAnchor(start, -1), start)
 	}
 	if _, err := e.svc.ReconcilePeriod(context.Background(), testMeter, "nobody", metering.PeriodCurrent); !errs.Is(err, errs.NotFound) {
 		t.Errorf("an unknown customer: %v, want not_found", err)

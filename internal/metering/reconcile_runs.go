@@ -178,8 +178,8 @@ const (
 
 // ReconcilePeriod reconciles one customer's current or previous Stripe
 // billing period on meter, as their subscription to the meter's plan says
-// (the previous period is taken to be one calendar month before the
-// current one when that is monthly, else as long as it), and stores the run.
+// (the previous period is the one before it as Stripe counts periods:
+// previousPeriod), and stores the run.
 //
 // Errors: errs.Invalid (unknown meter or period), errs.NotFound (unknown
 // customer), errs.Conflict (no Stripe customer or no subscription to the
@@ -216,18 +216,44 @@ func (s *Service) ReconcilePeriod(ctx context.Context, meter, customerID, period
 	}
 	from, to := p.Start, p.End
 	if period == PeriodPrevious {
-		to = p.Start
-		if p.Start.AddDate(0, 1, 0).Equal(p.End) {
-			from = p.Start.AddDate(0, -1, 0)
-		} else {
-			from = p.Start.Add(-p.End.Sub(p.Start))
-		}
+		from, to = previousPeriod(p.Start, p.End)
 	}
 	rec, err := s.reconcile(ctx, meter, from, to, customerID)
 	if err != nil {
 		return Reconciliation{}, err
 	}
 	return rec, s.storeRun(ctx, &rec, runPeriod, customerID)
+}
+
+// previousPeriod is the billing period before [start, end), as Stripe
+// counts billing periods (UTC). A period of whole months (one, or every n
+// up to a year) keeps its anchor day, which Stripe moves to the last day
+// of a shorter month: an anchor of the 31st bills January 31, February 28,
+// March 31, April 30, so the period before [March 31, April 30) is
+// [February 28, March 31). Stepping a month back from start alone (March
+// 31 less a month is "February 31", March 3), or as long as the current
+// period (March 1), missed or added days at every end of a short month.
+// The anchor day is the later of the two ends' days: of two adjacent
+// months at most one is shorter than the anchor. Any other period is
+// taken to be as long as the current one.
+func previousPeriod(start, end time.Time) (time.Time, time.Time) {
+	start, end = start.UTC(), end.UTC()
+	anchor := max(start.Day(), end.Day())
+	for n := 1; n <= 12; n++ {
+		if addMonthsOnAnchor(start, n, anchor).Equal(end) {
+			return addMonthsOnAnchor(start, -n, anchor), start
+		}
+	}
+	return start.Add(-end.Sub(start)), start
+}
+
+// addMonthsOnAnchor is t moved n calendar months (UTC), on the anchor day
+// of that month or its last day when the month is shorter, at t's time of
+// day.
+func addMonthsOnAnchor(t time.Time, n, anchor int) time.Time {
+	first := time.Date(t.Year(), t.Month()+time.Month(n), 1, t.Hour(), t.Minute(), t.Second(), t.Nanosecond(), time.UTC)
+	last := first.AddDate(0, 1, -1).Day()
+	return first.AddDate(0, 0, min(anchor, last)-1)
 }
 
 // Turn waits for one request's turn in this worker's share of the meter
