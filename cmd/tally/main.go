@@ -143,7 +143,17 @@ func newFlags(name, summary string, env environment) *flag.FlagSet {
 }
 
 func newLogger(cfg config.Config, w io.Writer) *slog.Logger {
-	return slog.New(slog.NewJSONHandler(w, &slog.HandlerOptions{Level: cfg.LogLevel}))
+	return slog.New(slog.NewJSONHandler(w, &slog.HandlerOptions{Level: cfg.LogLevel, ReplaceAttr: timesInUTC}))
+}
+
+// timesInUTC writes every time a log line carries in UTC, as the API
+// answers them, whatever the host's zone: replicas in different zones
+// write lines one can sort and compare.
+func timesInUTC(_ []string, a slog.Attr) slog.Attr {
+	if a.Value.Kind() == slog.KindTime {
+		a.Value = slog.TimeValue(a.Value.Time().UTC())
+	}
+	return a
 }
 
 // connect is the start of every one-shot subcommand: the configuration, a
