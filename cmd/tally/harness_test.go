@@ -41,11 +41,17 @@ import (
 
 // hostZone is the zone the suite runs in, servers included (they run in
 // this process): not UTC, so that a time read, made or formatted in the
-// host's zone shows, as on a host not on UTC. 13:45 ahead of UTC (Chatham
-// Islands summer time) has the local date differ from UTC's for most of
-// the day, and the minutes catch a whole-hour assumption. The contract
-// checker refuses any time answered in it (timesNotInUTC).
-var hostZone = time.FixedZone("UTC+13:45", 13*3600+45*60)
+// host's zone shows, as on a host not on UTC. It is chosen so that the
+// local date differs from UTC's when the suite starts: 13:45 ahead of UTC
+// (Chatham Islands summer time) from 10:15 UTC on, 11:30 behind before;
+// the minutes catch a whole-hour assumption. The contract checker refuses
+// any time answered in it (timesNotInUTC).
+var hostZone = func() *time.Location {
+	if now := time.Now().UTC(); now.Hour()*60+now.Minute() >= 10*60+15 {
+		return time.FixedZone("UTC+13:45", 13*3600+45*60)
+	}
+	return time.FixedZone("UTC-11:30", -(11*3600 + 30*60))
+}()
 
 func init() { time.Local = hostZone }
 

@@ -29,7 +29,7 @@ func TestLogTimesAreInUTC(t *testing.T) {
 			t.Errorf("log field %s is %q, want a time in UTC", k, line[k])
 		}
 	}
-	if line["expires_at"] != "2026-12-01T20:15:00Z" {
+	if want := time.Date(2026, 12, 2, 10, 0, 0, 0, hostZone).UTC().Format(time.RFC3339); line["expires_at"] != want {
 		t.Errorf("expires_at logged as %v, want the same instant in UTC", line["expires_at"])
 	}
 }
