@@ -416,6 +416,10 @@ func TestAHotCustomersBatchWritesWhatOneByOneWrites(t *testing.T) {
 	}{
 		{"applied whole", 0, []step{{"a", 3}, {"b", 4}, {"a", 3}, {"c", 50}, {"d", 6}, {"b", 4}, {"e", 5}, {"f", 1}, {"g", 1}}, false},
 		// 19 credits, the notice below 10: "d" crosses it.
+		// 19 credits: refusals in the middle (each leaves its key free for
+		// another body under it), a key three times with two bodies, and
+		// the credits run out exactly.
+		{"refusals and repeats", 0, []step{{"a", 3}, {"x", 100}, {"x", 2}, {"x", 2}, {"y", 100}, {"y", 100}, {"a", 4}, {"x", 5}, {"z", 14}, {"w", 1}, {"z", 14}}, false},
 		{"a notice in the middle", 10, []step{{"a", 3}, {"b", 4}, {"c", 1}, {"d", 2}, {"e", 1}, {"a", 3}, {"b", 5}, {"f", 1}}, true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
