@@ -28,11 +28,11 @@ import (
 // a balance run out mid-run, thresholds (the customer's list and the
 // default), grants expiring and becoming effective during the load, a
 // priority grant, and a SIGKILL of one server mid-load with the client
-// retrying every key on the others. H77_BIN picks the binary (default:
+// retrying every key on the others. TALLY_TEST_HOTRUN_BIN picks the binary (default:
 // built from this tree), so the same load runs on the build before 00058.
 
-// h77Answer is one HTTP answer.
-type h77Answer struct {
+// hotAnswer is one HTTP answer.
+type hotAnswer struct {
 	variant  string // which body was sent
 	server   int
 	status   int
@@ -42,14 +42,14 @@ type h77Answer struct {
 	err      error
 }
 
-type h77Task struct {
+type hotTask struct {
 	customer string
 	key      string
 	kind     string // consume, dup, twobodies, holdreuse, capturereuse
 	amount   int64
 }
 
-func h77Client(t testing.TB, url string) *client.ClientWithResponses {
+func hotClient(t testing.TB, url string) *client.ClientWithResponses {
 	c, err := client.NewClientWithResponses(url, client.WithHTTPClient(&http.Client{Timeout: 30 * time.Second}),
 		client.WithRequestEditorFn(func(ctx context.Context, req *http.Request) error {
 			req.Header.Set("Authorization", "Bearer "+testServiceKey)
@@ -61,10 +61,10 @@ func h77Client(t testing.TB, url string) *client.ClientWithResponses {
 	return c
 }
 
-func h77Consume(c *client.ClientWithResponses, server int, customer, key string, amount int64) h77Answer {
+func hotConsume(c *client.ClientWithResponses, server int, customer, key string, amount int64) hotAnswer {
 	r, err := c.ConsumeCreditsWithResponse(context.Background(), customer, &client.ConsumeCreditsParams{IdempotencyKey: key},
 		client.ConsumeRequest{Amount: amount, Reason: "hot"})
-	a := h77Answer{variant: fmt.Sprintf("consume %d", amount), server: server, err: err}
+	a := hotAnswer{variant: fmt.Sprintf("consume %d", amount), server: server, err: err}
 	if err != nil {
 		return a
 	}
@@ -78,10 +78,10 @@ func h77Consume(c *client.ClientWithResponses, server int, customer, key string,
 	return a
 }
 
-func h77Hold(c *client.ClientWithResponses, server int, customer, key string, amount int64) (h77Answer, string) {
+func hotHold(c *client.ClientWithResponses, server int, customer, key string, amount int64) (hotAnswer, string) {
 	r, err := c.CreateHoldWithResponse(context.Background(), customer, &client.CreateHoldParams{IdempotencyKey: key},
 		client.HoldRequest{Amount: amount, Reason: "hot hold"})
-	a := h77Answer{variant: fmt.Sprintf("hold %d", amount), server: server, err: err}
+	a := hotAnswer{variant: fmt.Sprintf("hold %d", amount), server: server, err: err}
 	if err != nil {
 		return a, ""
 	}
@@ -96,10 +96,10 @@ func h77Hold(c *client.ClientWithResponses, server int, customer, key string, am
 	return a, ""
 }
 
-func h77Capture(c *client.ClientWithResponses, server int, customer, hold, key string, amount int64) h77Answer {
+func hotCapture(c *client.ClientWithResponses, server int, customer, hold, key string, amount int64) hotAnswer {
 	r, err := c.CaptureHoldWithResponse(context.Background(), customer, hold, &client.CaptureHoldParams{IdempotencyKey: key},
 		client.CaptureRequest{Amount: &amount})
-	a := h77Answer{variant: fmt.Sprintf("capture %s %d", hold, amount), server: server, err: err}
+	a := hotAnswer{variant: fmt.Sprintf("capture %s %d", hold, amount), server: server, err: err}
 	if err != nil {
 		return a
 	}
@@ -111,8 +111,12 @@ func h77Capture(c *client.ClientWithResponses, server int, customer, hold, key s
 	return a
 }
 
-func TestH77HotCustomersThreeServersKill(t *testing.T) {
-	bin := os.Getenv("H77_BIN")
+// Three hot customers over three servers, one killed mid-load (see the
+// top of this file): every key spends once and replays byte-equal, notices
+// and draws match a replay of the ledger, verify is clean.
+func TestHotCustomersOnThreeServersWithAKill(t *testing.T) {
+	t.Parallel()
+	bin := os.Getenv("TALLY_TEST_HOTRUN_BIN")
 	if bin == "" {
 		bin = buildTally(t)
 	}
@@ -126,7 +130,7 @@ func TestH77HotCustomersThreeServersKill(t *testing.T) {
 	var clients [nServers]*client.ClientWithResponses
 	for i := range nServers {
 		servers[i] = startChild(t, bin, maps.Clone(env))
-		clients[i] = h77Client(t, servers[i].URL)
+		clients[i] = hotClient(t, servers[i].URL)
 	}
 	gdb := openDB(t, &server{DBURL: env["TALLY_DATABASE_URL"], env: env})
 	c0 := clients[1]
@@ -160,9 +164,9 @@ func TestH77HotCustomersThreeServersKill(t *testing.T) {
 	grant("h77-c", "g1", client.GrantRequest{Amount: 6000, Reason: "never"})
 	grant("h77-c", "g2", client.GrantRequest{Amount: 3000, Reason: "scheduled", EffectiveAt: at(2 * time.Second)})
 
-	var tasks []h77Task
+	var tasks []hotTask
 	for i := range 1500 {
-		k := h77Task{customer: "h77-a", key: fmt.Sprintf("a-%04d", i), amount: int64(1 + i%23)}
+		k := hotTask{customer: "h77-a", key: fmt.Sprintf("a-%04d", i), amount: int64(1 + i%23)}
 		switch i % 5 {
 		case 1:
 			k.kind = "dup"
@@ -174,12 +178,12 @@ func TestH77HotCustomersThreeServersKill(t *testing.T) {
 		tasks = append(tasks, k)
 	}
 	for i := range 900 {
-		k := h77Task{customer: "h77-b", key: fmt.Sprintf("b-%04d", i), amount: int64(1 + i%9)}
+		k := hotTask{customer: "h77-b", key: fmt.Sprintf("b-%04d", i), amount: int64(1 + i%9)}
 		k.kind = []string{"consume", "dup", "twobodies"}[i%3]
 		tasks = append(tasks, k)
 	}
 	for i := range 700 {
-		k := h77Task{customer: "h77-c", key: fmt.Sprintf("c-%04d", i), amount: int64(1 + i%7)}
+		k := hotTask{customer: "h77-c", key: fmt.Sprintf("c-%04d", i), amount: int64(1 + i%7)}
 		k.kind = []string{"consume", "dup", "holdreuse", "capturereuse", "consume"}[i%5]
 		tasks = append(tasks, k)
 	}
@@ -187,7 +191,7 @@ func TestH77HotCustomersThreeServersKill(t *testing.T) {
 
 	var (
 		mu      sync.Mutex
-		answers = map[string][]h77Answer{} // by key
+		answers = map[string][]hotAnswer{} // by key
 		next    atomic.Int64
 		done    atomic.Int64
 		killed  atomic.Bool
@@ -200,13 +204,13 @@ func TestH77HotCustomersThreeServersKill(t *testing.T) {
 		return []int{0, 1, 2}
 	}
 	pick := func() int { a := alive(); return a[rand.IntN(len(a))] }
-	record := func(key string, xs ...h77Answer) {
+	record := func(key string, xs ...hotAnswer) {
 		mu.Lock()
 		answers[key] = append(answers[key], xs...)
 		mu.Unlock()
 	}
-	par := func(fs ...func() h77Answer) []h77Answer {
-		out := make([]h77Answer, len(fs))
+	par := func(fs ...func() hotAnswer) []hotAnswer {
+		out := make([]hotAnswer, len(fs))
 		var g sync.WaitGroup
 		for i, f := range fs {
 			g.Go(func() { out[i] = f() })
@@ -220,8 +224,8 @@ func TestH77HotCustomersThreeServersKill(t *testing.T) {
 			for i := int(next.Add(1)) - 1; i < len(tasks); i = int(next.Add(1)) - 1 {
 				k := tasks[i]
 				s1, s2 := pick(), pick()
-				cons := func(s int, amt int64) func() h77Answer {
-					return func() h77Answer { return h77Consume(clients[s], s, k.customer, k.key, amt) }
+				cons := func(s int, amt int64) func() hotAnswer {
+					return func() hotAnswer { return hotConsume(clients[s], s, k.customer, k.key, amt) }
 				}
 				switch k.kind {
 				case "consume":
@@ -231,8 +235,8 @@ func TestH77HotCustomersThreeServersKill(t *testing.T) {
 				case "twobodies":
 					record(k.key, par(cons(s1, k.amount), cons(s1, k.amount+1), cons(s1, k.amount), cons(s2, k.amount+1))...)
 				case "holdreuse":
-					record(k.key, par(cons(s1, k.amount), cons(s1, k.amount), func() h77Answer {
-						a, id := h77Hold(clients[s1], s1, k.customer, k.key, k.amount)
+					record(k.key, par(cons(s1, k.amount), cons(s1, k.amount), func() hotAnswer {
+						a, id := hotHold(clients[s1], s1, k.customer, k.key, k.amount)
 						if id != "" {
 							mu.Lock()
 							holdIDs[k.key] = id
@@ -243,7 +247,7 @@ func TestH77HotCustomersThreeServersKill(t *testing.T) {
 				case "capturereuse":
 					// A hold under its own key, then a capture under k.key
 					// and a consume under k.key at once.
-					a, id := h77Hold(clients[s1], s1, k.customer, k.key+"-h", k.amount+2)
+					a, id := hotHold(clients[s1], s1, k.customer, k.key+"-h", k.amount+2)
 					record(k.key+"-h", a)
 					if id == "" {
 						continue
@@ -251,8 +255,8 @@ func TestH77HotCustomersThreeServersKill(t *testing.T) {
 					mu.Lock()
 					holdIDs[k.key+"-h"] = id
 					mu.Unlock()
-					record(k.key, par(cons(s1, k.amount), func() h77Answer {
-						return h77Capture(clients[s1], s1, k.customer, id, k.key, k.amount)
+					record(k.key, par(cons(s1, k.amount), func() hotAnswer {
+						return hotCapture(clients[s1], s1, k.customer, id, k.key, k.amount)
 					}, cons(s2, k.amount))...)
 				}
 				done.Add(1)
@@ -272,7 +276,7 @@ func TestH77HotCustomersThreeServersKill(t *testing.T) {
 	// a survivor: a 200 replays byte-equal, nothing answers 409.
 	type variantKey struct{ key, variant string }
 	var bad []string
-	firstOK := map[string]h77Answer{}  // key -> the 2xx answer
+	firstOK := map[string]hotAnswer{}  // key -> the 2xx answer
 	okVariant := map[variantKey]bool{} // the variant that took effect
 	statusCount := map[string]int{}
 	badf := func(f string, a ...any) {
@@ -280,7 +284,7 @@ func TestH77HotCustomersThreeServersKill(t *testing.T) {
 		bad = append(bad, fmt.Sprintf(f, a...))
 		mu.Unlock()
 	}
-	check := func(key string, a h77Answer) {
+	check := func(key string, a hotAnswer) {
 		if a.err != nil {
 			statusCount["transport error"]++
 			return
@@ -320,7 +324,7 @@ func TestH77HotCustomersThreeServersKill(t *testing.T) {
 	keys := slices.Sorted(maps.Keys(answers))
 	var rg sync.WaitGroup
 	ch := make(chan string)
-	retried := map[string][]h77Answer{}
+	retried := map[string][]hotAnswer{}
 	for range 16 {
 		rg.Go(func() {
 			for key := range ch {
@@ -328,7 +332,7 @@ func TestH77HotCustomersThreeServersKill(t *testing.T) {
 				mu.Lock()
 				xs := slices.Clone(answers[key])
 				mu.Unlock()
-				var out []h77Answer
+				var out []hotAnswer
 				for _, a := range xs {
 					if seen[a.variant] {
 						continue
@@ -339,15 +343,15 @@ func TestH77HotCustomersThreeServersKill(t *testing.T) {
 					switch {
 					case strings.HasPrefix(a.variant, "consume"):
 						fmt.Sscanf(a.variant, "consume %d", &amt)
-						out = append(out, h77Consume(clients[s], s, customerOf(key), key, amt))
+						out = append(out, hotConsume(clients[s], s, customerOf(key), key, amt))
 					case strings.HasPrefix(a.variant, "hold"):
 						fmt.Sscanf(a.variant, "hold %d", &amt)
-						x, _ := h77Hold(clients[s], s, customerOf(key), key, amt)
+						x, _ := hotHold(clients[s], s, customerOf(key), key, amt)
 						out = append(out, x)
 					case strings.HasPrefix(a.variant, "capture"):
 						var id string
 						fmt.Sscanf(a.variant, "capture %s %d", &id, &amt)
-						out = append(out, h77Capture(clients[s], s, customerOf(key), id, key, amt))
+						out = append(out, hotCapture(clients[s], s, customerOf(key), id, key, amt))
 					}
 				}
 				mu.Lock()
