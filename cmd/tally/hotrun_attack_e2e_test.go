@@ -28,8 +28,9 @@ import (
 // a balance run out mid-run, thresholds (the customer's list and the
 // default), grants expiring and becoming effective during the load, a
 // priority grant, and a SIGKILL of one server mid-load with the client
-// retrying every key on the others. TALLY_TEST_HOTRUN_BIN picks the binary (default:
-// built from this tree), so the same load runs on the build before 00058.
+// retrying every key on the others. TALLY_TEST_HOTRUN_BIN picks the
+// binary (default: built from this tree), so the same load runs on the
+// build before 00058.
 
 // hotAnswer is one HTTP answer.
 type hotAnswer struct {
