@@ -26,6 +26,8 @@ type metrics struct {
 	cancels       *prometheus.CounterVec
 	deliveryLag   prometheus.Histogram
 	oldestPending prometheus.Gauge
+	// unconfirmedOldest: see its Help.
+	unconfirmedOldest prometheus.Gauge
 }
 
 // newMetrics builds the worker's metrics and registers them on reg (nil:
@@ -65,6 +67,10 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 			Name: "tally_usage_oldest_pending_seconds",
 			Help: "Age, since it was accepted, of the oldest usage event waiting to be sent (status pending; 0 when none).",
 		}),
+		unconfirmedOldest: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "tally_usage_events_unconfirmed_oldest_seconds",
+			Help: "Time since the first send whose answer was lost (a timeout or a 5xx: maybe_sent_at) of the oldest usage event still waiting to be sent (0 when none). Stripe deduplicates identifiers over about 24 hours: a resend after that, of an event Stripe kept, is counted twice.",
+		}),
 	}
 	if reg != nil {
 		m.pending = register(reg, m.pending)
@@ -75,6 +81,7 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 		m.cancels = register(reg, m.cancels)
 		m.deliveryLag = register(reg, m.deliveryLag)
 		m.oldestPending = register(reg, m.oldestPending)
+		m.unconfirmedOldest = register(reg, m.unconfirmedOldest)
 	}
 	return m
 }
@@ -114,12 +121,16 @@ func (w *Worker) refreshGauges(ctx context.Context) {
 		Pending, Dead int64
 		OldestWaiting *time.Time
 		OldestPending *time.Time
+		// The first possible send of the oldest pending event whose
+		// answer was lost.
+		OldestUnconfirmed *time.Time
 	}
 	err := w.db.WithContext(ctx).Raw(`
 		SELECT count(*) FILTER (WHERE status = 'pending') AS pending,
 		       count(*) FILTER (WHERE status = 'dead') AS dead,
 		       (SELECT min(occurred_at) FROM usage_events WHERE status = 'waiting_customer') AS oldest_waiting,
-		       min(created_at) FILTER (WHERE status = 'pending') AS oldest_pending
+		       min(created_at) FILTER (WHERE status = 'pending') AS oldest_pending,
+		       min(maybe_sent_at) FILTER (WHERE status = 'pending') AS oldest_unconfirmed
 		FROM usage_events WHERE status IN ('pending', 'dead')`).Scan(&counts).Error
 	var waiting int64
 	if err == nil && countWaiting {
@@ -136,16 +147,18 @@ func (w *Worker) refreshGauges(ctx context.Context) {
 	if countWaiting {
 		w.m.waiting.Set(float64(waiting))
 	}
-	oldest := 0.0
-	if counts.OldestWaiting != nil {
-		oldest = max(0, now.Sub(*counts.OldestWaiting).Seconds())
+	w.m.waitingOldest.Set(ageAt(now, counts.OldestWaiting))
+	w.m.oldestPending.Set(ageAt(now, counts.OldestPending))
+	w.m.unconfirmedOldest.Set(ageAt(now, counts.OldestUnconfirmed))
+}
+
+// ageAt is how many seconds t is before now; 0 when t is nil (none) or
+// after now.
+func ageAt(now time.Time, t *time.Time) float64 {
+	if t == nil {
+		return 0
 	}
-	w.m.waitingOldest.Set(oldest)
-	pendingAge := 0.0
-	if counts.OldestPending != nil {
-		pendingAge = max(0, now.Sub(*counts.OldestPending).Seconds())
-	}
-	w.m.oldestPending.Set(pendingAge)
+	return max(0, now.Sub(*t).Seconds())
 }
 
 // waitingCountEvery is how often the waiting events are counted.

@@ -153,6 +153,64 @@ func TestLongOutageRetriesByTimeUntilStripesWindowEnds(t *testing.T) {
 	}
 }
 
+// A send whose answer was lost, not confirmed since, is gauged from that
+// first send, so that an alert can fire before Stripe's 24 hours of
+// deduplication run out and a resend could count the event twice; its
+// confirmation (Stripe's "already exists") takes it off.
+func TestUnconfirmedSendsAreGaugedFromTheFirstLostAnswer(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	ctx := context.Background()
+	clock := &simClock{t: time.Now()}
+	svc := metering.New(metering.Options{DB: e.db, Stripe: newClient(t, e.fake, 0), Catalog: testCatalog(), Now: clock.Now})
+	link(t, e.db, "una")
+	ingest(t, svc, metering.EventInput{CustomerID: "una", Meter: testMeter, Value: 7, Identifier: "lost-answer", Timestamp: new(clock.Now().Add(-time.Minute))})
+	opts := e.workerOptions(t, fastConfig())
+	opts.Now = clock.Now
+	reg := prometheus.NewRegistry()
+	opts.Registry = reg
+	w := metering.NewWorker(opts)
+	run := func() {
+		t.Helper()
+		if _, err := w.RunOnce(ctx); err != nil {
+			t.Fatal(err)
+		}
+	}
+	unconfirmed := func() float64 { return gauge(t, reg, "tally_usage_events_unconfirmed_oldest_seconds") }
+
+	// Stripe keeps the event and the answer is lost; then Stripe is down.
+	e.fake.DropAnswers(func(*http.Request) bool { return true })
+	run()
+	e.fake.DropAnswers(nil)
+	if got, _ := svc.Get(ctx, "lost-answer"); got.Status != metering.StatusPending || got.MaybeSentAt == nil {
+		t.Fatalf("after a lost answer: %+v, want pending and maybe sent", got)
+	}
+	e.fake.SetFault(func(*http.Request) (int, string, bool) {
+		return http.StatusBadGateway, `{"error":{"type":"api_error","message":"down"}}`, true
+	})
+	for range 3 {
+		clock.Add(7 * time.Hour)
+		run()
+	}
+	if got := unconfirmed(); math.Abs(got-(21*time.Hour).Seconds()) > 1 {
+		t.Errorf("unconfirmed for %vs, want 21 hours: from the first lost answer, not the last retry", got)
+	}
+	e.fake.SetFault(nil)
+	clock.Add(time.Hour)
+	run()
+	if got, _ := svc.Get(ctx, "lost-answer"); got.Status != metering.StatusDelivered {
+		t.Fatalf("once Stripe answers: %s, want delivered", got.Status)
+	}
+	clock.Add(2 * time.Second) // the gauges are recounted at most once a second
+	run()
+	if got := unconfirmed(); got != 0 {
+		t.Errorf("unconfirmed gauge %v once delivered, want 0", got)
+	}
+	if n := len(e.fake.MeterEvents()); n != 1 {
+		t.Errorf("Stripe holds %d meter events, want 1", n)
+	}
+}
+
 // Events of a customer without a Stripe customer wait, visibly: a gauge
 // counts them and another gives the age of the oldest timestamp, for an
 // alert long before the event leaves Stripe's window. One that does leave
