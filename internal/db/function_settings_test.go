@@ -8,8 +8,9 @@ import (
 	"github.com/tallybilling/tally/internal/db/dbtest"
 )
 
-// The consume set and the hold and capture functions carry planner
-// settings of their own (migrations 00053 and 00057): without them a
+// The consume set, the hot customer's run and the hold and capture
+// functions carry planner settings of their own (migrations 00053, 00057
+// and 00059): without them a
 // generic plan reads whole tables, which BENCHMARKS.md measured at half
 // the speed. A CREATE OR REPLACE FUNCTION that omits its SET clauses drops
 // them without an error, so a later migration rewriting one of these
@@ -20,6 +21,7 @@ func TestHotPathFunctionsKeepTheirPlannerSettings(t *testing.T) {
 	gdb := dbtest.New(t)
 	want := map[string][]string{
 		"credits_capture_one": {"enable_seqscan=off"},
+		"credits_consume_run": {"enable_seqscan=off"},
 		"credits_consume_set": {"enable_bitmapscan=off", "plan_cache_mode=force_generic_plan", "enable_seqscan=off", "lock_timeout=50ms"},
 		"credits_hold_one":    {"enable_seqscan=off"},
 	}
