@@ -124,7 +124,7 @@ func (a *Account) listSubscriptions(q url.Values) map[string]any {
 			if _, ok := im["current_period_end"]; !ok {
 				start := time.Unix(num(d, "current_period_start"), 0).UTC()
 				im["current_period_start"] = start.Unix()
-				im["current_period_end"] = start.AddDate(0, 1, 0).Unix()
+				im["current_period_end"] = monthLater(start).Unix()
 			}
 		}
 		if match {
@@ -141,4 +141,13 @@ func (a *Account) meterMigrationGET(w http.ResponseWriter, path string, q url.Va
 	}
 	writeJSON(w, http.StatusOK, a.listSubscriptions(q))
 	return true
+}
+
+// monthLater is t a calendar month on, on t's day or on the last day of a
+// shorter month, as Stripe ends a monthly billing period: a period started
+// January 31 ends February 28 (AddDate would give March 3).
+func monthLater(t time.Time) time.Time {
+	t = t.UTC()
+	first := time.Date(t.Year(), t.Month()+1, 1, t.Hour(), t.Minute(), t.Second(), t.Nanosecond(), time.UTC)
+	return first.AddDate(0, 0, min(t.Day(), first.AddDate(0, 1, -1).Day())-1)
 }

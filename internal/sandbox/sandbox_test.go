@@ -664,3 +664,38 @@ func TestSavedCardsPayOffSession(t *testing.T) {
 		"payment_intent.created", "payment_intent.payment_failed",
 		"payment_intent.created", "charge.failed", "payment_intent.payment_failed"})
 }
+
+// A subscription's billing period ends a calendar month after it starts,
+// on its start's day, or on the last day of a shorter month, as Stripe
+// counts periods: one started January 31 ends February 28 (February 29 in
+// a leap year), not March 3.
+func TestSubscriptionPeriodsEndOnTheAnchorDay(t *testing.T) {
+	t.Parallel()
+	for _, c := range []struct{ start, end time.Time }{
+		{time.Date(2027, 1, 31, 10, 0, 0, 0, time.UTC), time.Date(2027, 2, 28, 10, 0, 0, 0, time.UTC)},
+		{time.Date(2028, 1, 31, 10, 0, 0, 0, time.UTC), time.Date(2028, 2, 29, 10, 0, 0, 0, time.UTC)},
+		{time.Date(2027, 3, 31, 10, 0, 0, 0, time.UTC), time.Date(2027, 4, 30, 10, 0, 0, 0, time.UTC)},
+		{time.Date(2027, 12, 15, 10, 0, 0, 0, time.UTC), time.Date(2028, 1, 15, 10, 0, 0, 0, time.UTC)},
+	} {
+		h := newHarness(t)
+		h.clock.mu.Lock()
+		h.clock.now = c.start
+		h.clock.mu.Unlock()
+		cs := h.session(t, url.Values{"mode": {"subscription"}, "line_items[0][price]": {"price_metered"},
+			"line_items[0][price_data][unit_amount]": nil, "line_items[0][price_data][currency]": nil,
+			"line_items[0][price_data][product_data][name]": nil, "line_items[0][quantity]": nil})
+		if _, err := h.acct.Pay(context.Background(), cs, "4242424242424242", "sub@example.com"); err != nil {
+			t.Fatal(err)
+		}
+		status, list, _ := h.call(t, http.MethodGet, "/v1/subscriptions?price=price_metered", "", nil)
+		data, _ := list["data"].([]any)
+		if status != http.StatusOK || len(data) != 1 {
+			t.Fatalf("subscriptions from %s: %d %v", c.start, status, list)
+		}
+		items := data[0].(map[string]any)["items"].(map[string]any)["data"].([]any)
+		item := items[0].(map[string]any)
+		if got := time.Unix(int64(item["current_period_end"].(float64)), 0).UTC(); !got.Equal(c.end) {
+			t.Errorf("a subscription started %s ends its period %s, want %s", c.start, got, c.end)
+		}
+	}
+}
