@@ -98,7 +98,11 @@ type batchCall struct {
 	// full runs the operation through the full path in a transaction of
 	// its own and returns its answer as stored for replay.
 	full func(ctx context.Context) ([]byte, bool, error)
-	done chan batchDone // buffered: the answer is sent once
+	// spent is the credits an answer of its (not a replay) spent, counted
+	// in tally_credits_consumed_total when the batch answers, whether or
+	// not its request still waits; nil: it spends nothing (a hold).
+	spent func(answer []byte) int64
+	done  chan batchDone // buffered: the answer is sent once
 }
 
 // batchDone is a call's answer: the JSON answer (as stored under its key),
@@ -250,6 +254,9 @@ func (b *consumeBatcher) run(batch []*batchCall) {
 	answer := func(i int, d batchDone) {
 		if !answered[i] {
 			answered[i] = true
+			if c := batch[i]; d.err == nil && !d.replayed && c.spent != nil {
+				b.s.consumed.Add(float64(c.spent(d.answer)))
+			}
 			batch[i].done <- d
 		}
 	}

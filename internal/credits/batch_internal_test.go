@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"gorm.io/gorm"
 
 	"github.com/tallybilling/tally/internal/config"
@@ -910,6 +911,58 @@ func TestConsumeCancelledByStatementTimeoutIsUnavailable(t *testing.T) {
 		t.Errorf("the retry: %+v replayed %v err %v, want balance 7, applied now", res, replayed, err)
 	}
 	mustVerifyDB(t, gdb)
+}
+
+// A consume whose request ended while its batch was still applying it is
+// answered Unavailable, but the batch applies it all the same (a retry
+// replays it): the credits it spent count in tally_credits_consumed_total
+// then, as they do for a caller that waited.
+func TestAConsumeAppliedAfterItsRequestEndedIsCounted(t *testing.T) {
+	t.Parallel()
+	dbURL := dbtest.NewURL(t)
+	gdb := openWithParam(t, dbURL, "application_name", "tally")
+	reg := prometheus.NewRegistry()
+	s := New(Options{DB: gdb, Config: config.Default().Credits, Registry: reg})
+	consumed := func() float64 { return counterValue(t, reg, "tally_credits_consumed_total") }
+	batchGrant(t, s, "c1", 10)
+
+	// The balance row is held: the batch leaves the consume to the full
+	// path, which waits for the row past the request's end and its grace.
+	holder := openWithParam(t, dbURL, "application_name", "holder")
+	tx := holder.Begin()
+	if err := tx.Exec(`SELECT 1 FROM credit_balances WHERE customer_id = 'c1' FOR UPDATE`).Error; err != nil {
+		t.Fatal(err)
+	}
+	in := ConsumeInput{CustomerID: "c1", Amount: 3, Reason: "api call"}
+	key := batchKey("c1", "k1", in)
+	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
+	defer cancel()
+	if _, _, err := s.Consume(ctx, in, key); errs.CodeOf(err) != errs.Unavailable {
+		t.Fatalf("a consume whose request ended first: %v (code %s), want unavailable", err, errs.CodeOf(err))
+	}
+	if err := tx.Rollback().Error; err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(30 * time.Second)
+	for balanceOf(t, gdb, "c1") != 7 {
+		if time.Now().After(deadline) {
+			t.Fatal("the consume was never applied")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	// The counter is added once the batch has answered the call.
+	for consumed() != 3 {
+		if time.Now().After(deadline) {
+			t.Fatalf("tally_credits_consumed_total is %v after the consume was applied, want 3", consumed())
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if _, replayed, err := s.Consume(context.Background(), in, key); err != nil || !replayed {
+		t.Fatalf("the retry: replayed %v, %v", replayed, err)
+	}
+	if got := consumed(); got != 3 {
+		t.Errorf("tally_credits_consumed_total is %v after the replay, want 3 (a replay spends nothing)", got)
+	}
 }
 
 // A batch the server cancels (an operator's statement_timeout) rolled back

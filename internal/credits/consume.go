@@ -56,9 +56,6 @@ func (s *Service) Consume(ctx context.Context, in ConsumeInput, key db.Idempoten
 	if err := json.Unmarshal(d.answer, &a); err != nil {
 		return ConsumeResult{}, false, fmt.Errorf("credits: stored consume answer: %w", err)
 	}
-	if !d.replayed {
-		s.consumed.Add(float64(a.Amount))
-	}
 	return ConsumeResult(a), d.replayed, nil
 }
 
@@ -66,12 +63,18 @@ func (s *Service) Consume(ctx context.Context, in ConsumeInput, key db.Idempoten
 func (s *Service) consumeCall(ctx context.Context, in ConsumeInput, key db.IdempotencyKey, meta string) *batchCall {
 	item := newBatchItem(KindConsume, in.CustomerID, key)
 	item.Amount, item.Reason, item.Metadata = &in.Amount, in.Reason, json.RawMessage(meta)
-	return newBatchCall(ctx, item, func(ctx context.Context) ([]byte, bool, error) {
+	c := newBatchCall(ctx, item, func(ctx context.Context) ([]byte, bool, error) {
 		return onceRaw(ctx, s, key, func(tx *gorm.DB, threshold *int64) (consumeAnswer, error) {
 			r, err := consume(ctx, tx, s.now, in, threshold, key.Key, s.topUp)
 			return consumeAnswer(r), err
 		})
 	})
+	c.spent = func(answer []byte) int64 {
+		var a consumeAnswer
+		_ = json.Unmarshal(answer, &a) // an answer that does not decode is refused to its caller
+		return a.Amount
+	}
+	return c
 }
 
 // consumeSQL draws amount from what is available of the customer's

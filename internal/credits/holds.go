@@ -290,20 +290,23 @@ func (s *Service) Capture(ctx context.Context, in CaptureInput, key db.Idempoten
 	// credits_capture_one).
 	item := newBatchItem(kindCapture, in.CustomerID, key)
 	item.Amount, item.Hold = in.Amount, in.HoldID
-	d := s.batch.do(newBatchCall(ctx, item, func(ctx context.Context) ([]byte, bool, error) {
+	c := newBatchCall(ctx, item, func(ctx context.Context) ([]byte, bool, error) {
 		return onceRaw(ctx, s, key, func(tx *gorm.DB, threshold *int64) (HoldEnd, error) {
 			return endHold(ctx, tx, s.now, in.CustomerID, in.HoldID, true, in.Amount, threshold, key.Key, s.topUp)
 		})
-	}))
+	})
+	c.spent = func(answer []byte) int64 {
+		var end HoldEnd
+		_ = json.Unmarshal(answer, &end) // an answer that does not decode is refused to its caller
+		return end.Captured
+	}
+	d := s.batch.do(c)
 	if d.err != nil {
 		return HoldEnd{}, false, d.err
 	}
 	var end HoldEnd
 	if err := json.Unmarshal(d.answer, &end); err != nil {
 		return HoldEnd{}, false, fmt.Errorf("credits: stored capture answer: %w", err)
-	}
-	if !d.replayed {
-		s.consumed.Add(float64(end.Captured))
 	}
 	return end, d.replayed, nil
 }
