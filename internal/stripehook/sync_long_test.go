@@ -73,10 +73,8 @@ func TestCatchUpThatRanLongListsAnEventListedLateByLessThanTheOverlap(t *testing
 		t.Fatal(err)
 	}
 	if !eventStored(t, gdb, "evt_late") {
-		stripe.mu.Lock()
-		defer stripe.mu.Unlock()
 		t.Fatalf("evt_late (created %v, listed 55 minutes late) was never stored: the catch-up after the long one listed since %v",
-			c0.Add(-47*time.Minute).UTC(), stripe.since[len(stripe.since)-1].UTC())
+			c0.Add(-47*time.Minute).UTC(), stripe.lastSince().UTC())
 	}
 }
 
@@ -115,9 +113,7 @@ func TestCatchUpWithStripesClockAheadStillListsWhatTallysClockWould(t *testing.T
 		t.Fatal(err)
 	}
 	if !eventStored(t, gdb, "evt_ahead_late") {
-		stripe.mu.Lock()
-		defer stripe.mu.Unlock()
 		t.Fatalf("with Stripe's clock %s ahead, evt_ahead_late (created %v, listed 90 minutes late) was never stored: the second catch-up listed since %v",
-			skew, c0.Add(-80*time.Minute).UTC(), stripe.since[len(stripe.since)-1].UTC())
+			skew, c0.Add(-80*time.Minute).UTC(), stripe.lastSince().UTC())
 	}
 }

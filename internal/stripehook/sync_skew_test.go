@@ -41,16 +41,15 @@ func TestCatchUpWithTallysClockAheadOfStripesListsEveryEvent(t *testing.T) {
 	// is refused for its timestamp. The next catch-up runs five minutes
 	// after that, as TALLY_STRIPE_SYNC_INTERVAL's default has it.
 	advance(5 * time.Minute)
-	stripe.add("evt_skew_missed", stripeNow())
+	missedAt := stripeNow()
+	stripe.add("evt_skew_missed", missedAt)
 	advance(5 * time.Minute)
 	if _, err := h.CatchUp(ctx, time.Time{}); err != nil {
 		t.Fatal(err)
 	}
 	if !eventStored(t, gdb, "evt_skew_missed") {
-		stripe.mu.Lock()
-		defer stripe.mu.Unlock()
 		t.Fatalf("with tally's clock %s ahead of Stripe's, the second catch-up listed since %v and never stored evt_skew_missed, created %v",
-			skew, stripe.since[len(stripe.since)-1].UTC(), stripe.events[1].Created.UTC())
+			skew, stripe.lastSince().UTC(), missedAt.UTC())
 	}
 }
 
@@ -78,16 +77,15 @@ func TestCatchUpAfterAMarkOnTallysClockListsEveryEvent(t *testing.T) {
 	if err := gdb.Exec(`UPDATE background_runs SET last_run_at = ? WHERE name = 'stripe catch-up listed'`, tallyNow).Error; err != nil {
 		t.Fatal(err)
 	}
-	stripe.add("evt_legacy_missed", stripeNow.Add(10*time.Minute))
+	missedAt := stripeNow.Add(10 * time.Minute)
+	stripe.add("evt_legacy_missed", missedAt)
 	tallyNow = tallyNow.Add(15 * time.Minute)
 	if _, err := h.CatchUp(ctx, time.Time{}); err != nil {
 		t.Fatal(err)
 	}
 	if !eventStored(t, gdb, "evt_legacy_missed") {
-		stripe.mu.Lock()
-		defer stripe.mu.Unlock()
 		t.Fatalf("after a mark on tally's clock, %s ahead, the catch-up listed since %v and never stored evt_legacy_missed, created %v",
-			skew, stripe.since[len(stripe.since)-1].UTC(), stripe.events[1].Created.UTC())
+			skew, stripe.lastSince().UTC(), missedAt.UTC())
 	}
 }
 

@@ -37,6 +37,13 @@ func (s *listingStripe) add(id string, created time.Time) {
 	s.events = append(s.events, stripeapi.RawEvent{ID: id, Type: "radar.early_fraud_warning.created", Created: created, Payload: []byte(payload)})
 }
 
+// lastSince is what the latest listing asked for.
+func (s *listingStripe) lastSince() time.Time {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.since[len(s.since)-1]
+}
+
 func (s *listingStripe) ListEvents(_ context.Context, since time.Time, _ []string) ([]stripeapi.RawEvent, bool, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -91,7 +98,8 @@ func TestCatchUpAfterAFailedOneListsWhatItMissed(t *testing.T) {
 	// An hour later an event's webhook is lost (Stripe gives up on it);
 	// two hours after that the next catch-up finds Stripe failing.
 	advance(time.Hour)
-	stripe.add("evt_lost", now())
+	lostAt := now()
+	stripe.add("evt_lost", lostAt)
 	advance(2 * time.Hour)
 	stripe.mu.Lock()
 	stripe.down = true
@@ -116,9 +124,8 @@ func TestCatchUpAfterAFailedOneListsWhatItMissed(t *testing.T) {
 		t.Fatal(err)
 	}
 	if !stored("evt_lost") {
-		stripe.mu.Lock()
 		t.Fatalf("the retried catch-up (%+v, listing since %v) never stored evt_lost, created %v: it is lost for good",
-			res, stripe.since[len(stripe.since)-1], stripe.events[1].Created)
+			res, stripe.lastSince(), lostAt)
 	}
 
 	// A completed catch-up moves the window on: the next lists from about
@@ -127,9 +134,7 @@ func TestCatchUpAfterAFailedOneListsWhatItMissed(t *testing.T) {
 	if _, err := h.CatchUp(ctx, time.Time{}); err != nil {
 		t.Fatal(err)
 	}
-	stripe.mu.Lock()
-	last := stripe.since[len(stripe.since)-1]
-	stripe.mu.Unlock()
+	last := stripe.lastSince()
 	if want := now().Add(-10*time.Minute - time.Hour); !last.Equal(want) {
 		t.Fatalf("after a completed catch-up the next lists since %v, want %v (the last one's start less an hour)", last, want)
 	}
