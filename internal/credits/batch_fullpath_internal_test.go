@@ -81,11 +81,8 @@ func TestRunFullAnswersEachCallOnceWhenOnePanicsAndOneRunsOutOfTime(t *testing.T
 		}
 		return c
 	}
-	blocker := gdb.Begin()
+	blocker := lockBalanceRow(t, gdb, "late")
 	defer blocker.Rollback()
-	if err := blocker.Exec(`SELECT 1 FROM credit_balances WHERE customer_id = 'late' FOR UPDATE`).Error; err != nil {
-		t.Fatal(err)
-	}
 
 	named := map[*batchCall]string{}
 	add := func(name string, c *batchCall) *batchCall { named[c] = name; return c }

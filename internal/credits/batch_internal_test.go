@@ -861,6 +861,17 @@ func TestConsumeBatchAppliesInEveryQueryExecMode(t *testing.T) {
 }
 
 // openWithParam opens a pool on dbURL with one more connection parameter.
+// lockBalanceRow holds customer's balance row in a transaction of gdb,
+// as a concurrent writer would, until the caller rolls it back.
+func lockBalanceRow(t *testing.T, gdb *gorm.DB, customer string) *gorm.DB {
+	t.Helper()
+	tx := gdb.Begin()
+	if err := tx.Exec(`SELECT 1 FROM credit_balances WHERE customer_id = ? FOR UPDATE`, customer).Error; err != nil {
+		t.Fatal(err)
+	}
+	return tx
+}
+
 func openWithParam(t *testing.T, dbURL, key, value string) *gorm.DB {
 	t.Helper()
 	u, err := url.Parse(dbURL)
@@ -889,11 +900,7 @@ func TestConsumeCancelledByStatementTimeoutIsUnavailable(t *testing.T) {
 	s := New(Options{DB: gdb, Config: config.Default().Credits})
 	batchGrant(t, s, "c1", 10)
 
-	holder := openWithParam(t, dbURL, "application_name", "holder")
-	tx := holder.Begin()
-	if err := tx.Exec(`SELECT 1 FROM credit_balances WHERE customer_id = 'c1' FOR UPDATE`).Error; err != nil {
-		t.Fatal(err)
-	}
+	tx := lockBalanceRow(t, openWithParam(t, dbURL, "application_name", "holder"), "c1")
 	in := ConsumeInput{CustomerID: "c1", Amount: 3, Reason: "api call"}
 	key := batchKey("c1", "k1", in)
 	_, _, err := s.Consume(context.Background(), in, key)
@@ -919,8 +926,7 @@ func TestConsumeCancelledByStatementTimeoutIsUnavailable(t *testing.T) {
 // then, as they do for a caller that waited.
 func TestAConsumeAppliedAfterItsRequestEndedIsCounted(t *testing.T) {
 	t.Parallel()
-	dbURL := dbtest.NewURL(t)
-	gdb := openWithParam(t, dbURL, "application_name", "tally")
+	gdb := dbtest.New(t)
 	reg := prometheus.NewRegistry()
 	s := New(Options{DB: gdb, Config: config.Default().Credits, Registry: reg})
 	consumed := func() float64 { return counterValue(t, reg, "tally_credits_consumed_total") }
@@ -928,11 +934,7 @@ func TestAConsumeAppliedAfterItsRequestEndedIsCounted(t *testing.T) {
 
 	// The balance row is held: the batch leaves the consume to the full
 	// path, which waits for the row past the request's end and its grace.
-	holder := openWithParam(t, dbURL, "application_name", "holder")
-	tx := holder.Begin()
-	if err := tx.Exec(`SELECT 1 FROM credit_balances WHERE customer_id = 'c1' FOR UPDATE`).Error; err != nil {
-		t.Fatal(err)
-	}
+	tx := lockBalanceRow(t, gdb, "c1")
 	in := ConsumeInput{CustomerID: "c1", Amount: 3, Reason: "api call"}
 	key := batchKey("c1", "k1", in)
 	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
