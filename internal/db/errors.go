@@ -22,6 +22,7 @@ const (
 	serializationFailure = "40001"
 	deadlockDetected     = "40P01"
 	queryCanceled        = "57014"
+	featureNotSupported  = "0A000"
 )
 
 // Translate turns a database error into the errs vocabulary, where the query
@@ -38,6 +39,11 @@ const (
 //     statement_timeout, or pg_cancel_backend) is errs.Unavailable too: it
 //     rolled back and may succeed if retried, so clients get 503, not a
 //     500 that reads as tally's bug; the connection is fine;
+//   - a statement prepared before a migration changed the type or the
+//     collation of a column it returns ("cached plan must not change result
+//     type", SQLSTATE 0A000; pgx drops the statement, so it is prepared
+//     again on its next run) is errs.Unavailable: it did nothing, and the
+//     retry succeeds (InTx retries it itself);
 //   - a value the database cannot hold (SQLSTATE class 22: a NUL character,
 //     bytes that are not UTF-8, a number out of range, a malformed date)
 //     came from the caller, so it is errs.Invalid, not an internal error;
@@ -77,6 +83,8 @@ func Translate(err error, byConstraint map[string]errs.Code) error {
 			return errs.Wrap(err, errs.Unavailable, "database unavailable")
 		case pgErr.Code == queryCanceled:
 			return errs.Wrap(err, errs.Unavailable, "the database cancelled the statement: %s", pgErr.Message)
+		case cachedPlanChanged(pgErr):
+			return errs.Wrap(err, errs.Unavailable, "a migration changed a table under a prepared statement; retry")
 		case strings.HasPrefix(pgErr.Code, "22"):
 			return errs.Wrap(err, errs.Invalid, "a value cannot be stored: %s", pgErr.Message)
 		}
@@ -101,6 +109,13 @@ func IsCanceledStatement(err error) bool {
 // (after translation), i.e. whether the request may succeed if retried later.
 func IsUnavailable(err error) bool {
 	return errs.Is(Translate(err, nil), errs.Unavailable)
+}
+
+// cachedPlanChanged: a statement prepared on this connection before a
+// migration changed its result's columns (their type or collation, as
+// 00061 did to usage_events), refused by PostgreSQL before it ran.
+func cachedPlanChanged(pgErr *pgconn.PgError) bool {
+	return pgErr.Code == featureNotSupported && strings.HasPrefix(pgErr.Message, "cached plan must not change result type")
 }
 
 // unavailableSQLState: the server told us it cannot serve us right now.

@@ -12,7 +12,8 @@ import (
 )
 
 // txAttempts bounds how often InTx runs fn when PostgreSQL aborts the
-// transaction for a serialization failure or a deadlock.
+// transaction for a serialization failure, a deadlock or a statement a
+// migration changed under it.
 const txAttempts = 4
 
 // errNested is InTx's answer when given a transaction instead of the pool.
@@ -21,8 +22,12 @@ var errNested = errors.New("db: InTx called inside a transaction; a function tha
 // InTx runs fn in one database transaction bound to ctx and commits it.
 // It rolls back when fn returns an error or panics (and re-panics), and
 // returns the commit's error if the commit fails. When PostgreSQL aborts the
-// transaction with a serialization failure (40001) or a deadlock (40P01), the
-// whole of fn runs again, a few times, after a short jittered pause; fn must
+// transaction with a serialization failure (40001), a deadlock (40P01) or a
+// statement prepared before a migration changed its result's columns
+// ("cached plan must not change result type", 0A000: each connection of a
+// server running through a migration meets it once per such statement, and
+// pgx prepares the statement again on its next run), the whole of fn runs
+// again, a few times, after a short jittered pause; fn must
 // therefore keep no effects outside tx that a retry would repeat.
 //
 // gdb must be the pool, not a transaction: InTx always begins a transaction
@@ -88,7 +93,7 @@ func runTx(ctx context.Context, gdb *gorm.DB, opts *sql.TxOptions, fn func(tx *g
 
 func retryableTxError(err error) bool {
 	var pgErr *pgconn.PgError
-	return errors.As(err, &pgErr) && (pgErr.Code == serializationFailure || pgErr.Code == deadlockDetected)
+	return errors.As(err, &pgErr) && (pgErr.Code == serializationFailure || pgErr.Code == deadlockDetected || cachedPlanChanged(pgErr))
 }
 
 // backoff sleeps 5ms·2^(attempt-1) plus as much jitter, so transactions that
