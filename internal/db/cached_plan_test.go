@@ -11,13 +11,13 @@ import (
 	"github.com/tallybilling/tally/internal/errs"
 )
 
-// A migration that changes a column's type or collation (00061 made
-// usage_events' names COLLATE "C") changes the result type of every
-// statement that reads it, and a server still running keeps those
+// A migration that changes a column's type or collation (a trial
+// migration made usage_events' names COLLATE "C") changes the result type
+// of every statement that reads it, and a server still running keeps those
 // statements prepared on its connections (pgx's cache): PostgreSQL answers
 // their next run "cached plan must not change result type" (0A000), once
 // per connection and statement, and pgx drops the statement so that the
-// run after prepares it again. In the rolling upgrade to 00061 the servers
+// run after prepares it again. In a rolling upgrade to it the servers
 // still running answered 32 usage intakes and 5 dead-letter pages 500.
 // A transaction that meets it is run again; a lone statement is
 // errs.Unavailable (503, retry), not an internal error.

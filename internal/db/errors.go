@@ -113,7 +113,8 @@ func IsUnavailable(err error) bool {
 
 // cachedPlanChanged: a statement prepared on this connection before a
 // migration changed its result's columns (their type or collation, as
-// 00061 did to usage_events), refused by PostgreSQL before it ran.
+// a trial migration did to usage_events' names), refused by PostgreSQL
+// before it ran.
 func cachedPlanChanged(pgErr *pgconn.PgError) bool {
 	return pgErr.Code == featureNotSupported && strings.HasPrefix(pgErr.Message, "cached plan must not change result type")
 }
