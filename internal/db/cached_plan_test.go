@@ -25,11 +25,7 @@ func TestACachedPlanAMigrationChangedIsRetriedNotInternal(t *testing.T) {
 	t.Parallel()
 	ctx := context.Background()
 	// One connection, so the statement runs again where it was prepared.
-	gdb, err := db.Open(ctx, dbtest.NewURL(t), 1, dbtest.Logger(t))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = db.Close(gdb) })
+	gdb := dbtest.NewOneConn(t)
 	mustExec(t, gdb, `CREATE TABLE names (id text PRIMARY KEY, owner text NOT NULL)`)
 	mustExec(t, gdb, `INSERT INTO names VALUES ('a', 'x')`)
 

@@ -12,7 +12,6 @@ import (
 	"gorm.io/gorm"
 
 	"github.com/tallybilling/tally/internal/config"
-	"github.com/tallybilling/tally/internal/db"
 	"github.com/tallybilling/tally/internal/db/dbtest"
 	"github.com/tallybilling/tally/internal/payments"
 	"github.com/tallybilling/tally/internal/stripehook"
@@ -110,13 +109,9 @@ func TestOutcomeCommitLeavesTheConnectionSynchronous(t *testing.T) {
 	ctx := context.Background()
 	// One connection: whatever the outcome's statement left on its
 	// session, the checks below see.
-	gdb, err := db.Open(ctx, dbtest.NewURL(t), 1, dbtest.Logger(t))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = db.Close(gdb) })
+	gdb := dbtest.NewOneConn(t)
 	past := time.Now().Add(-time.Minute)
-	err = gdb.Exec(`INSERT INTO stripe_events (id, type, livemode, payload, status, attempts, next_attempt_at, received_at)
+	err := gdb.Exec(`INSERT INTO stripe_events (id, type, livemode, payload, status, attempts, next_attempt_at, received_at)
 		VALUES ('evt_sync_1', 'radar.early_fraud_warning.created', false,
 		'{"id":"evt_sync_1","object":"event","type":"radar.early_fraud_warning.created","data":{"object":{"id":"issfr_1"}}}',
 		'failed', 1, ?, ?)`, past, past).Error

@@ -242,7 +242,15 @@ func create(t testing.TB, template string) string {
 // test ends.
 func New(t testing.TB) *gorm.DB {
 	t.Helper()
-	return open(t, NewURL(t))
+	return open(t, NewURL(t), maxOpenConns)
+}
+
+// NewOneConn is New with a pool of one connection: every statement runs on
+// the same session, for tests of what a statement leaves on its session or
+// keeps prepared there.
+func NewOneConn(t testing.TB) *gorm.DB {
+	t.Helper()
+	return open(t, NewURL(t), 1)
 }
 
 // NewURL returns the URL of a fresh, migrated database, for tests that start
@@ -269,11 +277,11 @@ func Logger(t testing.TB) *slog.Logger {
 	return slog.New(slog.NewTextHandler(w, &slog.HandlerOptions{Level: slog.LevelInfo}))
 }
 
-func open(t testing.TB, dbURL string) *gorm.DB {
+func open(t testing.TB, dbURL string, conns int) *gorm.DB {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), setupTimeout)
 	defer cancel()
-	gdb, err := db.Open(ctx, dbURL, maxOpenConns, Logger(t))
+	gdb, err := db.Open(ctx, dbURL, conns, Logger(t))
 	if err != nil {
 		t.Fatalf("dbtest: open %s: %v", dbURL, err)
 	}
