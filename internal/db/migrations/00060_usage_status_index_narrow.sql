@@ -7,7 +7,9 @@
 -- posting list (B-tree deduplication): on the benchmark's usage scenario
 -- the index went from 137 MB to 8.4 MB for the same 900,000 events, and
 -- PostgreSQL from 27 / 31 / 25 to 25 / 26 / 25 µs an event in alternated
--- runs (BENCHMARKS.md).
+-- runs of a build whose usage names also compared as bytes (not merged);
+-- in the full table the gain was inside the machine's noise
+-- (BENCHMARKS.md).
 --
 -- Its readers lose nothing:
 -- * the dead-letter list (metering.List) pages by (created_at, identifier):
