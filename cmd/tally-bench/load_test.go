@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -131,5 +132,27 @@ func TestDriveStopsAWorkerWhoseOperationIsSpent(t *testing.T) {
 	r = drive(context.Background(), tickingClock(), workers, time.Hour, time.Hour, 1, nil, do)
 	if r.ok != 0 || r.errors["no pending payment left"] != workers || r.requests != workers {
 		t.Errorf("spent in the warm-up: ok %d, errors %v, requests %d; want 0, one each, %d", r.ok, r.errors, r.requests, workers)
+	}
+}
+
+// A stall that outlasts the whole window (an operation begun in the warmup
+// still running when it closes) records nothing; the report says that no
+// request started in the window, not that none succeeded.
+func TestAScenarioWhoseOperationsOutlastTheWindowSaysSo(t *testing.T) {
+	t.Parallel()
+	clock := tickingClock()
+	r := drive(context.Background(), clock, 2, 10*time.Millisecond, 50*time.Millisecond, 1, nil, func(ctx context.Context, w *worker) outcome {
+		for range 100 { // 100 ms of this clock: past the window's end
+			clock()
+		}
+		return outcome{ok: true}
+	})
+	res := newScenarioResult("sql consume-hot", "sql", "", r)
+	if r.requests != 0 || res.Status != statusFailed || !strings.Contains(res.Failure, "no request started inside the 50ms measured window") {
+		t.Errorf("requests %d, status %s, failure %q; want 0 and failed because no request started inside the window", r.requests, res.Status, res.Failure)
+	}
+	refused := newScenarioResult("balance", "http", "", loadResult{requests: 3, errors: map[string]int64{"HTTP 503 unavailable": 3}, elapsed: time.Second})
+	if refused.Failure != "no request succeeded" {
+		t.Errorf("failure %q, want no request succeeded when every one was refused", refused.Failure)
 	}
 }

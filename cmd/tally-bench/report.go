@@ -18,7 +18,7 @@ import (
 const (
 	statusOK      = "ok"      // every request succeeded (402 aside, where allowed)
 	statusErrors  = "errors"  // some requests failed
-	statusFailed  = "failed"  // setup failed or no request succeeded
+	statusFailed  = "failed"  // setup failed, no request succeeded, or none was measured
 	statusSkipped = "skipped" // the server has no such endpoint yet
 )
 
@@ -96,6 +96,11 @@ func newScenarioResult(name, kind, what string, r loadResult) scenarioResult {
 		P99Ms:         ms(percentile(r.latencies, 99)),
 	}
 	switch {
+	case res.Requests == 0:
+		// Every worker was inside an operation begun in the warmup when
+		// the window closed: a stall longer than the window, not a refusal.
+		res.Status = statusFailed
+		res.Failure = fmt.Sprintf("no request started inside the %s measured window (the ones begun before it outlasted it)", r.elapsed)
 	case res.OK == 0:
 		res.Status = statusFailed
 		res.Failure = "no request succeeded"

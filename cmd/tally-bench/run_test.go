@@ -147,7 +147,10 @@ func startFake(t *testing.T) (*fakeTally, string) {
 // A whole run against a fake server: funding through the API, unique keys,
 // ids and identifiers, baselines with ratios, an endpoint answering 503
 // reported as a failed scenario with its reason (and exit status 1), and a
-// missing endpoint as a skipped one.
+// missing endpoint as a skipped one. Each window is 3 s: the SQL baselines
+// run on the machine's PostgreSQL beside the rest of the suite, and one
+// commit stalled past a 1 s window in CI once (every worker of sql
+// consume-hot waited on that row, and none started inside the window).
 func TestRunReportsEveryScenarioAndFailsOnA503Endpoint(t *testing.T) {
 	t.Parallel()
 	f, url := startFake(t)
@@ -155,7 +158,7 @@ func TestRunReportsEveryScenarioAndFailsOnA503Endpoint(t *testing.T) {
 	err := run(t.Context(), []string{
 		"-url", url, "-key", "svc", "-webhook-secret", f.secret, "-db", dbtest.NewURL(t),
 		"-scenarios", "consume-many,consume-hot,balance,usage,hold-capture,webhook-parked", "-usage-batch", "100",
-		"-concurrency", "4", "-duration", "1s", "-warmup", "20ms", "-customers", "20", "-json",
+		"-concurrency", "4", "-duration", "3s", "-warmup", "20ms", "-customers", "20", "-json",
 	}, env(nil), &out, &errOut)
 	if !errors.Is(err, errNotClean) {
 		t.Fatalf("run = %v, want errNotClean because balance answered 503; stderr:\n%s", err, errOut.String())
@@ -200,8 +203,8 @@ func TestRunReportsEveryScenarioAndFailsOnA503Endpoint(t *testing.T) {
 	if wh := byName["webhook-parked"]; wh.Answers["stored as parked"] != wh.Requests {
 		t.Errorf("webhook-parked answers %v, want every event stored as parked", wh.Answers)
 	}
-	if u := byName["usage"]; u.RateUnit != unitEvents || u.Rate != float64(u.OK)*100/1.0 {
-		t.Errorf("usage rate %v %s, want 100 events per accepted request over 1s", u.Rate, u.RateUnit)
+	if u := byName["usage"]; u.RateUnit != unitEvents || u.Rate != float64(u.OK)*100/3.0 {
+		t.Errorf("usage rate %v %s, want 100 events per accepted request over 3s", u.Rate, u.RateUnit)
 	}
 	if h := byName["hold-capture"]; h.Status != statusSkipped || !strings.Contains(h.Failure, "no holds endpoint") || !strings.Contains(h.Failure, "no such route") {
 		t.Errorf("hold-capture: %+v, want skipped, saying the server has no holds endpoint", h)
