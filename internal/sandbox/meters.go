@@ -44,6 +44,9 @@ func (a *Account) createMeterEvent(form url.Values) (map[string]any, error) {
 			return nil, &Error{Status: http.StatusBadRequest, Type: "invalid_request_error", Code: "parameter_invalid_integer", Param: "timestamp", Message: "Invalid integer: " + v}
 		}
 		ts = time.Unix(n, 0)
+		if err := meterEventTimestampAllowed(ts, now); err != nil {
+			return nil, err
+		}
 	}
 	identifier := form.Get("identifier")
 	if identifier == "" {
@@ -58,6 +61,30 @@ func (a *Account) createMeterEvent(form url.Values) (map[string]any, error) {
 		"object": "billing.meter_event", "event_name": name, "identifier": identifier, "payload": stringMap(payload),
 		"timestamp": ts.Unix(), "created": now.Unix(), "livemode": false,
 	}, nil
+}
+
+// Stripe takes a meter event whose timestamp is within the past 35
+// calendar days or up to 5 minutes ahead of its own clock; the meter
+// events API refuses any other with a 400 naming the parameter. (The v2
+// stream validates after it answers, so the sandbox's stream takes them.)
+const (
+	meterEventMaxAge   = 35 * 24 * time.Hour
+	meterEventMaxAhead = 5 * time.Minute
+)
+
+// meterEventTimestampAllowed refuses a timestamp outside Stripe's window
+// around now. The past refusal's wording is Stripe's; the future one is
+// written the same way.
+func meterEventTimestampAllowed(ts, now time.Time) error {
+	if earliest := now.Add(-meterEventMaxAge); ts.Before(earliest) {
+		return &Error{Status: http.StatusBadRequest, Type: "invalid_request_error", Param: "timestamp", Message: fmt.Sprintf(
+			"The event timestamp cannot be more than 35 days in past. Expected a timestamp greater than or equal to %d.", earliest.Unix())}
+	}
+	if latest := now.Add(meterEventMaxAhead); ts.After(latest) {
+		return &Error{Status: http.StatusBadRequest, Type: "invalid_request_error", Param: "timestamp", Message: fmt.Sprintf(
+			"The event timestamp cannot be more than 5 minutes in the future. Expected a timestamp less than or equal to %d.", latest.Unix())}
+	}
+	return nil
 }
 
 func (a *Account) recordMeterEvent(me MeterEvent) {

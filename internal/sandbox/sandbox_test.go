@@ -699,3 +699,47 @@ func TestSubscriptionPeriodsEndOnTheAnchorDay(t *testing.T) {
 		}
 	}
 }
+
+// Stripe takes a meter event stamped within the past 35 days or up to 5
+// minutes ahead of its own clock, and refuses any other with a 400 naming
+// the timestamp; an event without a timestamp is stamped now.
+func TestMeterEventsOutsideStripesWindowAreRefused(t *testing.T) {
+	t.Parallel()
+	h := newHarness(t)
+	now := h.clock.Now()
+	send := func(id string, at *time.Time) (int, map[string]any) {
+		form := url.Values{"event_name": {"api_calls"}, "identifier": {id}, "payload[stripe_customer_id]": {"cus_1"}, "payload[value]": {"1"}}
+		if at != nil {
+			form.Set("timestamp", strconv.FormatInt(at.Unix(), 10))
+		}
+		status, body, _ := h.call(t, http.MethodPost, "/v1/billing/meter_events", "", form)
+		return status, body
+	}
+	for _, c := range []struct {
+		id     string
+		at     *time.Time
+		status int
+		says   string
+	}{
+		{"now", nil, 200, ""},
+		{"ahead-5m", new(now.Add(5 * time.Minute)), 200, ""},
+		{"ahead-5m1s", new(now.Add(5*time.Minute + time.Second)), 400, "5 minutes in the future"},
+		{"past-35d", new(now.Add(-35 * 24 * time.Hour)), 200, ""},
+		{"past-35d1s", new(now.Add(-35*24*time.Hour - time.Second)), 400, "35 days in past"},
+	} {
+		status, body := send(c.id, c.at)
+		if status != c.status {
+			t.Errorf("%s: %d %v, want %d", c.id, status, body, c.status)
+			continue
+		}
+		if c.status == 400 {
+			e, _ := body["error"].(map[string]any)
+			if e["type"] != "invalid_request_error" || e["param"] != "timestamp" || !strings.Contains(e["message"].(string), c.says) {
+				t.Errorf("%s: error %v, want invalid_request_error on timestamp saying %q", c.id, e, c.says)
+			}
+		}
+	}
+	if got := len(h.acct.MeterEvents()); got != 3 {
+		t.Errorf("the sandbox holds %d meter events, want the 3 inside the window", got)
+	}
+}

@@ -58,10 +58,14 @@ func requestsTo(f *stripefake.Fake, path string) []stripefake.RecordedRequest {
 	return out
 }
 
+// meterEventAt is the timestamp of meterEvent's events: an hour ago, inside
+// the window Stripe (and the fake) accepts, to the second as Stripe keeps it.
+var meterEventAt = time.Now().Add(-time.Hour).Truncate(time.Second)
+
 func meterEvent(id string) stripeapi.MeterEvent {
 	return stripeapi.MeterEvent{
 		EventName: "api_calls", StripeCustomerID: "cus_a", Identifier: id, Value: 2,
-		Timestamp: time.Unix(1_700_000_030, 0),
+		Timestamp: meterEventAt,
 	}
 }
 
@@ -292,7 +296,7 @@ func TestCreateMeterEventSendsIdentifierAndPayload(t *testing.T) {
 	ev := evs[0]
 	if ev.Identifier != "usage-1" || ev.EventName != "api_calls" || ev.Via != "v1" ||
 		ev.Payload["stripe_customer_id"] != "cus_a" || ev.Payload["value"] != "2" ||
-		!ev.Timestamp.Equal(time.Unix(1_700_000_030, 0)) {
+		!ev.Timestamp.Equal(meterEventAt) {
 		t.Fatalf("recorded event = %+v", ev)
 	}
 	if f.Count("usage-1") != 1 {
@@ -645,6 +649,7 @@ func TestMeterEventSummaries(t *testing.T) {
 	ctx := context.Background()
 	start := time.Date(2026, 3, 1, 10, 0, 0, 0, time.UTC)
 	end := start.Add(time.Hour)
+	f.SetClock(func() time.Time { return end.Add(time.Hour) }) // Stripe takes only the last 35 days
 	send := func(id, customer string, value int64, at time.Time) {
 		t.Helper()
 		err := c.CreateMeterEvent(ctx, stripeapi.MeterEvent{EventName: "api_calls", StripeCustomerID: customer, Identifier: id, Value: value, Timestamp: at})

@@ -27,6 +27,7 @@ import (
 	"net/url"
 	"sort"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -47,6 +48,8 @@ type Fake struct {
 	srv  *httptest.Server
 	acct *sandbox.Account
 	api  *sandbox.API
+	// clock is the fake Stripe's clock (nil: the wall clock).
+	clock atomic.Pointer[func() time.Time]
 }
 
 // New starts a fake Stripe that is closed when the test ends.
@@ -55,7 +58,7 @@ func New(t testing.TB) *Fake {
 	f := &Fake{}
 	mux := http.NewServeMux()
 	f.srv = httptest.NewUnstartedServer(mux)
-	acct, err := sandbox.New(context.Background(), sandbox.Options{PublicURL: "http://" + f.srv.Listener.Addr().String()})
+	acct, err := sandbox.New(context.Background(), sandbox.Options{PublicURL: "http://" + f.srv.Listener.Addr().String(), Now: f.now})
 	if err != nil {
 		t.Fatalf("stripefake: %v", err)
 	}
@@ -65,6 +68,17 @@ func New(t testing.TB) *Fake {
 	f.srv.Start()
 	t.Cleanup(f.Close)
 	return f
+}
+
+// SetClock makes now the fake Stripe's clock from here on, for a test that
+// moves tally's clock: Stripe judges a meter event's timestamp by its own.
+func (f *Fake) SetClock(now func() time.Time) { f.clock.Store(&now) }
+
+func (f *Fake) now() time.Time {
+	if c := f.clock.Load(); c != nil {
+		return (*c)()
+	}
+	return time.Now()
 }
 
 // URL is the fake's base URL, for stripeapi.Config.APIURL (and MeterEventsURL).
