@@ -249,16 +249,28 @@ func (w *Worker) retry(ctx context.Context, c *claim, evs []claimedEvent, msg st
 	w.clearCancelClaims(ctx, evs, false)
 }
 
-// dead dead-letters events Stripe refused for good.
+// dead dead-letters events Stripe refused for good. An event whose
+// timestamp is still ahead of this clock is not dead-lettered but tried
+// again at its timestamp: Stripe judges "at most 5 minutes in the future"
+// by its own clock, and with this one ahead of Stripe's, an event intake
+// took as inside the 5 minutes can be refused as outside them. By its
+// timestamp, Stripe's clock is behind it by the skew alone. An event
+// refused for another reason waits at most those 5 minutes before the
+// same refusal dead-letters it.
 func (w *Worker) dead(ctx context.Context, c *claim, evs []claimedEvent, msg string) {
 	now := w.now()
 	_ = w.settleRows(ctx, len(evs), func(tx *gorm.DB) *gorm.DB {
 		return tx.Raw(`
-			UPDATE usage_events u SET attempts = attempts + 1, status = 'dead', dead_code = 'stripe_refused',
-				next_attempt_at = ?, last_error = ?, lease_until = NULL, claimed_by = NULL, updated_at = ?
-			WHERE identifier IN (SELECT jsonb_array_elements_text(?::jsonb)) AND claimed_by = ? AND status = 'pending'
+			WITH p AS NOT MATERIALIZED (SELECT ?::timestamptz AS now, ?::text AS msg)
+			UPDATE usage_events u SET attempts = u.attempts + 1,
+				status = CASE WHEN u.occurred_at > p.now THEN 'pending' ELSE 'dead' END,
+				dead_code = CASE WHEN u.occurred_at > p.now THEN NULL ELSE 'stripe_refused' END,
+				next_attempt_at = greatest(u.occurred_at, p.now), last_error = p.msg,
+				lease_until = NULL, claimed_by = NULL, updated_at = p.now
+			FROM p
+			WHERE u.identifier IN (SELECT jsonb_array_elements_text(?::jsonb)) AND u.claimed_by = ? AND u.status = 'pending'
 			RETURNING `+settledColumns,
-			now, msg, now, identifiersJSON(evs), c.token)
+			now, msg, identifiersJSON(evs), c.token)
 	})
 	w.clearCancelClaims(ctx, evs, false)
 }

@@ -27,6 +27,7 @@ func TestPurgeKeepsTotalsAndReconciliationAnswers(t *testing.T) {
 	clock := &simClock{t: t0}
 	const retention = 40 * 24 * time.Hour
 	svc := metering.New(metering.Options{DB: e.db, Stripe: newClient(t, e.fake, 0), Catalog: testCatalog(), Now: clock.Now, UsageRetention: retention})
+	e.fake.SetClock(clock.Now)
 	link(t, e.db, "rita")
 	link(t, e.db, "sol")
 	e.fake.SetFault(func(r *http.Request) (int, string, bool) {

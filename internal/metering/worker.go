@@ -84,7 +84,8 @@ type WorkerOptions struct {
 // an outage of hours or days loses nothing. An event whose timestamp leaves
 // the window first, pending or waiting for its customer, is dead-lettered
 // with DeadTooOld; one Stripe refuses is dead-lettered with
-// DeadStripeRefused.
+// DeadStripeRefused, unless its timestamp is still ahead of this clock
+// (then it is tried again at its timestamp: see dead).
 type Worker struct {
 	db     *gorm.DB
 	client stripeapi.Client

@@ -1,0 +1,71 @@
+package metering_test
+
+import (
+	"context"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/tallybilling/tally/internal/metering"
+)
+
+// Stripe judges a meter event's timestamp by its own clock. With tally's
+// clock a minute ahead of Stripe's, an event stamped 4.5 minutes ahead of
+// tally (inside the 5 minutes intake allows) is 5.5 minutes ahead of
+// Stripe, which refuses it. That refusal means "not yet", not "never": the
+// event is tried again once its timestamp has come on tally's clock, and
+// Stripe takes it then, once. A refusal of an event whose time has come
+// still dead-letters it, as before.
+func TestAnEventStripeFindsTooFarAheadIsTriedAgainWhenItsTimeComes(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	ctx := context.Background()
+	stripeClock := &simClock{t: time.Now()}
+	tallyClock := func() time.Time { return stripeClock.Now().Add(time.Minute) }
+	e.fake.SetClock(stripeClock.Now)
+	svc := metering.New(metering.Options{DB: e.db, Stripe: newClient(t, e.fake, 0), Catalog: testCatalog(), Now: tallyClock})
+	link(t, e.db, "ada")
+	ahead := tallyClock().Add(4*time.Minute + 30*time.Second)
+	res := ingest(t, svc,
+		metering.EventInput{CustomerID: "ada", Meter: testMeter, Value: 7, Identifier: "ahead", Timestamp: &ahead},
+		metering.EventInput{CustomerID: "ada", Meter: testMeter, Value: 2, Identifier: "now"},
+	)
+	if res.Accepted != 2 {
+		t.Fatalf("intake %+v, want 2 accepted", res)
+	}
+	opts := e.workerOptions(t, fastConfig())
+	opts.Now = tallyClock
+	w := metering.NewWorker(opts)
+	run := func() {
+		t.Helper()
+		for range 3 {
+			if _, err := w.RunOnce(ctx); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+
+	run()
+	got, err := svc.Get(ctx, "ahead")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got.Status != metering.StatusPending || got.Attempts != 1 || !strings.Contains(got.LastError, "5 minutes in the future") {
+		t.Fatalf("the event Stripe found too far ahead: %+v, want pending after 1 attempt with Stripe's refusal", got)
+	}
+	// Not asked again before its timestamp has come on tally's clock.
+	stripeClock.Add(3 * time.Minute)
+	run()
+	if n := requestsPerIdentifier(t, e.fake)["ahead"]; n != 1 {
+		t.Errorf("%d requests for the event before its time, want 1", n)
+	}
+	stripeClock.Add(2 * time.Minute) // tally's clock is 30 s past the timestamp, Stripe's 30 s before it
+	run()
+	if got, _ := svc.Get(ctx, "ahead"); got.Status != metering.StatusDelivered || got.Attempts != 2 {
+		t.Errorf("the event once its time came: %+v, want delivered on the second attempt", got)
+	}
+	if c := e.fake.Count("ahead"); c != 1 {
+		t.Errorf("Stripe accepted the event %d times, want 1", c)
+	}
+	assertDeliveredOnce(t, e, []string{"ahead", "now"})
+}
