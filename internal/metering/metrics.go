@@ -12,7 +12,7 @@ import (
 const (
 	resultDelivered   = "delivered"    // Stripe accepted the event
 	resultDuplicate   = "duplicate"    // Stripe already held the identifier: delivered
-	resultRetry       = "retry"        // 5xx, timeout, network: backed off
+	resultRetry       = "retry"        // 5xx, timeout, network: backed off; or refused while stamped ahead: sent again at its timestamp
 	resultRateLimited = "rate_limited" // 429: sending paused
 	resultDead        = "dead"         // refused, or its timestamp left Stripe's window
 )

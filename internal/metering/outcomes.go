@@ -188,6 +188,37 @@ func (w *Worker) releaseWithError(ctx context.Context, c *claim, evs []claimedEv
 	w.clearCancelClaims(ctx, evs, false)
 }
 
+// holdEarly hands back, unsent and due at their timestamp, the events of
+// evs stamped after now, and returns the others. The v2 stream answers
+// before Stripe validates: an event Stripe finds more than 5 minutes ahead
+// of its own clock is taken with a 200 and then dropped, and tally would
+// record it delivered. Sent once its timestamp has come on this clock, it is
+// ahead of Stripe's by the clocks' skew alone. (Through v1 Stripe's refusal
+// comes in the answer, and dead sends the event again at its timestamp.)
+func (w *Worker) holdEarly(ctx context.Context, c *claim, evs []claimedEvent, now time.Time) []claimedEvent {
+	var due, early []claimedEvent
+	for _, ev := range evs {
+		if ev.OccurredAt.After(now) {
+			early = append(early, ev)
+		} else {
+			due = append(due, ev)
+		}
+	}
+	if len(early) == 0 {
+		return due
+	}
+	rctx, cancel := withTimeout(ctx, recordTimeout)
+	defer cancel()
+	err := claimed(w.db.WithContext(rctx), c, early).Updates(map[string]any{
+		"next_attempt_at": gorm.Expr("occurred_at"), "lease_until": nil, "claimed_by": nil, "updated_at": now,
+	}).Error
+	if err != nil {
+		w.log.Error("hold usage events until their timestamp", "error", err, "count", len(early))
+	}
+	w.clearCancelClaims(ctx, early, false)
+	return due
+}
+
 func (w *Worker) backToWaiting(ctx context.Context, c *claim, evs []claimedEvent) {
 	rctx, cancel := withTimeout(ctx, recordTimeout)
 	defer cancel()

@@ -6,6 +6,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/tallybilling/tally/internal/config"
 	"github.com/tallybilling/tally/internal/metering"
 )
 
@@ -66,6 +67,62 @@ func TestAnEventStripeFindsTooFarAheadIsTriedAgainWhenItsTimeComes(t *testing.T)
 	}
 	if c := e.fake.Count("ahead"); c != 1 {
 		t.Errorf("Stripe accepted the event %d times, want 1", c)
+	}
+	assertDeliveredOnce(t, e, []string{"ahead", "now"})
+}
+
+// The v2 stream answers before it validates: with tally's clock a minute
+// ahead of Stripe's, an event stamped 4.5 minutes ahead of tally is taken
+// with a 200 and then dropped by Stripe as too far ahead, so it must not be
+// sent (and recorded delivered) before its timestamp has come on tally's
+// clock. Sent then, Stripe keeps it.
+func TestAStreamedEventIsSentOnlyOnceItsTimeHasCome(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	ctx := context.Background()
+	stripeClock := &simClock{t: time.Now()}
+	tallyClock := func() time.Time { return stripeClock.Now().Add(time.Minute) }
+	e.fake.SetClock(stripeClock.Now)
+	svc := metering.New(metering.Options{DB: e.db, Stripe: newClient(t, e.fake, 0), Catalog: testCatalog(), Now: tallyClock})
+	link(t, e.db, "ada")
+	ahead := tallyClock().Add(4*time.Minute + 30*time.Second)
+	res := ingest(t, svc,
+		metering.EventInput{CustomerID: "ada", Meter: testMeter, Value: 7, Identifier: "ahead", Timestamp: &ahead},
+		metering.EventInput{CustomerID: "ada", Meter: testMeter, Value: 2, Identifier: "now"},
+	)
+	if res.Accepted != 2 {
+		t.Fatalf("intake %+v, want 2 accepted", res)
+	}
+	cfg := fastConfig()
+	cfg.Transport = config.MeterTransportV2
+	opts := e.workerOptions(t, cfg)
+	opts.Now = tallyClock
+	w := metering.NewWorker(opts)
+	run := func() {
+		t.Helper()
+		for range 3 {
+			if _, err := w.RunOnce(ctx); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+
+	run()
+	if got, _ := svc.Get(ctx, "now"); got.Status != metering.StatusDelivered {
+		t.Errorf("the event of now: %+v, want delivered", got)
+	}
+	if got, _ := svc.Get(ctx, "ahead"); got.Status != metering.StatusPending || got.Attempts != 0 {
+		t.Errorf("the event ahead before its time: %+v, want pending and never sent", got)
+	}
+	stripeClock.Add(4 * time.Minute) // tally's clock 30 s before the timestamp
+	run()
+	if got, _ := svc.Get(ctx, "ahead"); got.Status != metering.StatusPending || got.Attempts != 0 {
+		t.Errorf("the event ahead 30 s before its time: %+v, want pending and never sent", got)
+	}
+	stripeClock.Add(time.Minute) // tally's clock 30 s past the timestamp, Stripe's 30 s before it
+	run()
+	if got, _ := svc.Get(ctx, "ahead"); got.Status != metering.StatusDelivered || got.Attempts != 1 {
+		t.Errorf("the event once its time came: %+v, want delivered on the first attempt", got)
 	}
 	assertDeliveredOnce(t, e, []string{"ahead", "now"})
 }

@@ -85,7 +85,9 @@ type WorkerOptions struct {
 // the window first, pending or waiting for its customer, is dead-lettered
 // with DeadTooOld; one Stripe refuses is dead-lettered with
 // DeadStripeRefused, unless its timestamp is still ahead of this clock
-// (then it is tried again at its timestamp: see dead).
+// (then it is tried again at its timestamp: see dead). Through the v2
+// stream, which answers before Stripe validates, an event is not sent before
+// its timestamp (see holdEarly).
 type Worker struct {
 	db     *gorm.DB
 	client stripeapi.Client
@@ -266,6 +268,7 @@ func (w *Worker) RunOnce(ctx context.Context) (int, error) {
 		w.backToWaiting(ctx, c, unlinked)
 	}
 	if w.cfg.Transport == config.MeterTransportV2 {
+		ready = w.holdEarly(ctx, c, ready, now)
 		w.deliverStream(ctx, c, ready)
 	} else {
 		w.deliverEach(ctx, c, ready)

@@ -65,8 +65,8 @@ func (a *Account) createMeterEvent(form url.Values) (map[string]any, error) {
 
 // Stripe takes a meter event whose timestamp is within the past 35
 // calendar days or up to 5 minutes ahead of its own clock; the meter
-// events API refuses any other with a 400 naming the parameter. (The v2
-// stream validates after it answers, so the sandbox's stream takes them.)
+// events API refuses any other with a 400 naming the parameter. The v2
+// stream validates after it answers: it answers 200 and drops them.
 const (
 	meterEventMaxAge   = 35 * 24 * time.Hour
 	meterEventMaxAhead = 5 * time.Minute
@@ -146,6 +146,13 @@ func (a *Account) streamMeterEvents(token string, evs []streamEvent) error {
 		ts := now
 		if ev.Timestamp != nil {
 			ts = *ev.Timestamp
+		}
+		if meterEventTimestampAllowed(ts, now) != nil {
+			// Stripe validates a stream's events after answering: one
+			// outside its window is taken with the others, then dropped
+			// (reported in a meter error report, which the sandbox does
+			// not model) and never counted.
+			continue
 		}
 		a.recordMeterEvent(MeterEvent{Identifier: identifier, EventName: ev.EventName, Payload: ev.Payload, Timestamp: ts, Via: "v2", ReceivedAt: now})
 	}

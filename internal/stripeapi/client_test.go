@@ -528,7 +528,7 @@ func TestMeterEventStreamRoundTrip(t *testing.T) {
 	if session.Token == "" || session.ExpiresAt.Before(before.Add(time.Minute)) || session.ExpiresAt.After(time.Now().Add(2*time.Minute)) {
 		t.Fatalf("session = %+v, want a token expiring in about 2 minutes", session)
 	}
-	ts := time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC)
+	ts := time.Now().Add(-time.Hour).Truncate(time.Second) // inside the window Stripe keeps
 	evs := []stripeapi.MeterEvent{
 		{EventName: "api_calls", StripeCustomerID: "cus_a", Identifier: "s-1", Value: 1, Timestamp: ts},
 		{EventName: "api_calls", StripeCustomerID: "cus_b", Identifier: "s-2", Value: 5, Timestamp: ts},
@@ -753,5 +753,38 @@ func waitFor(t *testing.T, cond func() bool) {
 			t.Fatalf("condition not met within 5s")
 		}
 		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// The v2 stream validates its events after it answers: one stamped outside
+// Stripe's window (by Stripe's clock) is answered like the others and then
+// dropped, never counted. The fake does the same, so a test sending through
+// the stream sees what Stripe would bill.
+func TestMeterEventStreamDropsEventsOutsideStripesWindow(t *testing.T) {
+	t.Parallel()
+	f := stripefake.New(t)
+	now := time.Now().Truncate(time.Second)
+	f.SetClock(func() time.Time { return now })
+	c := newFakeClient(t, f)
+	ctx := context.Background()
+	session, err := c.OpenMeterEventSession(ctx)
+	if err != nil {
+		t.Fatalf("OpenMeterEventSession: %v", err)
+	}
+	evs := []stripeapi.MeterEvent{
+		{EventName: "api_calls", StripeCustomerID: "cus_a", Identifier: "in-window", Value: 1, Timestamp: now.Add(5 * time.Minute)},
+		{EventName: "api_calls", StripeCustomerID: "cus_a", Identifier: "ahead", Value: 2, Timestamp: now.Add(5*time.Minute + time.Second)},
+		{EventName: "api_calls", StripeCustomerID: "cus_a", Identifier: "old", Value: 4, Timestamp: now.Add(-35*24*time.Hour - time.Second)},
+	}
+	if err := c.SendMeterEventStream(ctx, session, evs); err != nil {
+		t.Fatalf("SendMeterEventStream: %v (the stream answers before it validates)", err)
+	}
+	for id, want := range map[string]int{"in-window": 1, "ahead": 0, "old": 0} {
+		if got := f.Count(id); got != want {
+			t.Errorf("Stripe kept %s %d times, want %d", id, got, want)
+		}
+	}
+	if got := len(f.MeterEvents()); got != 1 {
+		t.Errorf("the fake holds %d meter events, want only the one inside the window", got)
 	}
 }
