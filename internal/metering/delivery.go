@@ -120,6 +120,7 @@ func (w *Worker) sendGroup(ctx context.Context, c *claim, g []claimedEvent) {
 			w.release(ctx, c, g[i:], retryAt)
 			return
 		}
+		sentAt := w.now()
 		sctx, cancel := withTimeout(ctx, w.cfg.SendTimeout)
 		err := w.client.CreateMeterEvent(sctx, ev.meterEvent())
 		cancel()
@@ -129,7 +130,7 @@ func (w *Worker) sendGroup(ctx context.Context, c *claim, g []claimedEvent) {
 		case stripeapi.IsDuplicate(err):
 			dup = append(dup, ev)
 		default:
-			w.settle(ctx, c, []claimedEvent{ev}, err)
+			w.settle(ctx, c, []claimedEvent{ev}, sentAt, err)
 		}
 	}
 }
@@ -144,6 +145,7 @@ func (w *Worker) deliverStream(ctx context.Context, c *claim, evs []claimedEvent
 			w.release(ctx, c, evs[start:], retryAt)
 			return
 		}
+		sentAt := w.now()
 		err := w.sendStream(ctx, c, chunk)
 		if k := stripeapi.KindOf(err); len(chunk) > 1 && !openFailed(err) && (k == stripeapi.KindInvalid || k == stripeapi.KindDuplicate) {
 			// Stripe refuses the whole request for one bad event; the
@@ -157,7 +159,7 @@ func (w *Worker) deliverStream(ctx context.Context, c *claim, evs []claimedEvent
 			}
 			continue
 		}
-		w.settle(ctx, c, chunk, err)
+		w.settle(ctx, c, chunk, sentAt, err)
 	}
 }
 
@@ -173,12 +175,13 @@ func (w *Worker) streamOneByOne(ctx context.Context, c *claim, chunk, rest []cla
 			w.release(ctx, c, append(slices.Clone(chunk[i:]), rest...), retryAt)
 			return false
 		}
+		sentAt := w.now()
 		err := w.sendStream(ctx, c, chunk[i:i+1])
 		if err == nil {
 			sent = append(sent, ev)
 			continue
 		}
-		w.settle(ctx, c, []claimedEvent{ev}, err)
+		w.settle(ctx, c, []claimedEvent{ev}, sentAt, err)
 	}
 	return true
 }

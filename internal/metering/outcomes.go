@@ -65,8 +65,9 @@ func (w *Worker) expireTooOld(ctx context.Context) error {
 var tooOldMessage = fmt.Sprintf("too_old: not delivered while Stripe accepted its timestamp "+
 	"(35 days, less the %s tally keeps to deliver it); it can no longer be billed through Stripe's meter. Last error: ", DeliveryMargin)
 
-// settle records the outcome of sending evs (one request) as err says.
-func (w *Worker) settle(ctx context.Context, c *claim, evs []claimedEvent, err error) {
+// settle records the outcome of sending evs (one request, begun at sentAt
+// on the worker's clock) as err says.
+func (w *Worker) settle(ctx context.Context, c *claim, evs []claimedEvent, sentAt time.Time, err error) {
 	if err == nil {
 		w.delivered(ctx, evs, resultDelivered)
 		return
@@ -114,7 +115,7 @@ func (w *Worker) settle(ctx context.Context, c *claim, evs []claimedEvent, err e
 		w.log.Error("Stripe refused to open a meter event session; pausing delivery", "error", err, "for", w.opts.AuthPause.String())
 		w.releaseWithError(ctx, c, evs, until, msg)
 	default:
-		w.dead(ctx, c, evs, msg)
+		w.dead(ctx, c, evs, sentAt, msg)
 	}
 }
 
@@ -281,27 +282,29 @@ func (w *Worker) retry(ctx context.Context, c *claim, evs []claimedEvent, msg st
 }
 
 // dead dead-letters events Stripe refused for good. An event whose
-// timestamp is still ahead of this clock is not dead-lettered but tried
-// again at its timestamp: Stripe judges "at most 5 minutes in the future"
+// timestamp was still ahead of this clock when it was sent (sentAt) is not
+// dead-lettered but tried again at its timestamp: Stripe judges "at most 5 minutes in the future"
 // by its own clock, and with this one ahead of Stripe's, an event intake
 // took as inside the 5 minutes can be refused as outside them. By its
 // timestamp, Stripe's clock is behind it by the skew alone. An event
 // refused for another reason waits at most those 5 minutes before the
 // same refusal dead-letters it.
-func (w *Worker) dead(ctx context.Context, c *claim, evs []claimedEvent, msg string) {
+func (w *Worker) dead(ctx context.Context, c *claim, evs []claimedEvent, sentAt time.Time, msg string) {
 	now := w.now()
 	_ = w.settleRows(ctx, len(evs), func(tx *gorm.DB) *gorm.DB {
+		// Ahead as of the send, not of the answer: a timestamp that passed
+		// while Stripe answered was still ahead when Stripe judged it.
 		return tx.Raw(`
-			WITH p AS NOT MATERIALIZED (SELECT ?::timestamptz AS now, ?::text AS msg)
+			WITH p AS NOT MATERIALIZED (SELECT ?::timestamptz AS now, ?::timestamptz AS sent, ?::text AS msg)
 			UPDATE usage_events u SET attempts = u.attempts + 1,
-				status = CASE WHEN u.occurred_at > p.now THEN 'pending' ELSE 'dead' END,
-				dead_code = CASE WHEN u.occurred_at > p.now THEN NULL ELSE 'stripe_refused' END,
+				status = CASE WHEN u.occurred_at > p.sent THEN 'pending' ELSE 'dead' END,
+				dead_code = CASE WHEN u.occurred_at > p.sent THEN NULL ELSE 'stripe_refused' END,
 				next_attempt_at = greatest(u.occurred_at, p.now), last_error = p.msg,
 				lease_until = NULL, claimed_by = NULL, updated_at = p.now
 			FROM p
 			WHERE u.identifier IN (SELECT jsonb_array_elements_text(?::jsonb)) AND u.claimed_by = ? AND u.status = 'pending'
 			RETURNING `+settledColumns,
-			now, msg, identifiersJSON(evs), c.token)
+			now, sentAt, msg, identifiersJSON(evs), c.token)
 	})
 	w.clearCancelClaims(ctx, evs, false)
 }

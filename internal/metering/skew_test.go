@@ -2,7 +2,9 @@ package metering_test
 
 import (
 	"context"
+	"net/http"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -125,4 +127,52 @@ func TestAStreamedEventIsSentOnlyOnceItsTimeHasCome(t *testing.T) {
 		t.Errorf("the event once its time came: %+v, want delivered on the first attempt", got)
 	}
 	assertDeliveredOnce(t, e, []string{"ahead", "now"})
+}
+
+// Whether an event was ahead of tally's clock is judged as of its send, not
+// as of Stripe's answer: an event stamped a second after the send began,
+// which Stripe (5 minutes behind) refused as too far ahead in a send that
+// took two seconds, is tried again at once, not dead-lettered because its
+// timestamp passed while Stripe answered.
+func TestAheadIsJudgedAsOfTheSendNotTheAnswer(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	ctx := context.Background()
+	stripeClock := &simClock{t: time.Now()}
+	var slow atomic.Bool
+	tallyClock := func() time.Time { return stripeClock.Now().Add(5 * time.Minute) }
+	e.fake.SetClock(stripeClock.Now)
+	e.fake.SetFault(func(r *http.Request) (int, string, bool) {
+		if !slow.CompareAndSwap(true, false) {
+			return 0, "", false
+		}
+		// Stripe refuses the event as 5 min 1 s ahead of its clock, and
+		// its answer takes two seconds to arrive.
+		stripeClock.Add(2 * time.Second)
+		return http.StatusBadRequest, `{"error":{"type":"invalid_request_error","param":"timestamp",` +
+			`"message":"The event timestamp cannot be more than 5 minutes in the future."}}`, true
+	})
+	svc := metering.New(metering.Options{DB: e.db, Stripe: newClient(t, e.fake, 0), Catalog: testCatalog(), Now: tallyClock})
+	link(t, e.db, "bo")
+	at := tallyClock().Add(time.Second)
+	ingest(t, svc, metering.EventInput{CustomerID: "bo", Meter: testMeter, Value: 4, Identifier: "slow", Timestamp: &at})
+	opts := e.workerOptions(t, fastConfig())
+	opts.Now = tallyClock
+	w := metering.NewWorker(opts)
+	// Claimed and sent a second before its timestamp, which is then 5 min
+	// 1 s ahead of Stripe's clock.
+	slow.Store(true)
+	for range 3 {
+		if _, err := w.RunOnce(ctx); err != nil {
+			t.Fatal(err)
+		}
+	}
+	got, err := svc.Get(ctx, "slow")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got.Status != metering.StatusDelivered || got.Attempts != 2 || e.fake.Count("slow") != 1 {
+		t.Errorf("the event refused in a slow send: %+v, Stripe holds it %d times; want delivered on the second attempt, once",
+			got, e.fake.Count("slow"))
+	}
 }
