@@ -282,13 +282,13 @@ func (w *Worker) retry(ctx context.Context, c *claim, evs []claimedEvent, msg st
 }
 
 // dead dead-letters events Stripe refused for good. An event whose
-// timestamp was still ahead of this clock when it was sent (sentAt) is not
-// dead-lettered but tried again at its timestamp: Stripe judges "at most 5 minutes in the future"
-// by its own clock, and with this one ahead of Stripe's, an event intake
-// took as inside the 5 minutes can be refused as outside them. By its
-// timestamp, Stripe's clock is behind it by the skew alone. An event
-// refused for another reason waits at most those 5 minutes before the
-// same refusal dead-letters it.
+// timestamp was still ahead of this clock when it was sent (sentAt) is
+// not dead-lettered but tried again at its timestamp: Stripe judges "at
+// most 5 minutes in the future" by its own clock, and with this one ahead
+// of Stripe's, an event intake took as inside the 5 minutes can be refused
+// as outside them. By its timestamp, Stripe's clock is behind it by the
+// skew alone. An event refused for another reason waits at most those 5
+// minutes before the same refusal dead-letters it.
 func (w *Worker) dead(ctx context.Context, c *claim, evs []claimedEvent, sentAt time.Time, msg string) {
 	now := w.now()
 	_ = w.settleRows(ctx, len(evs), func(tx *gorm.DB) *gorm.DB {
