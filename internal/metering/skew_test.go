@@ -21,32 +21,8 @@ import (
 // still dead-letters it, as before.
 func TestAnEventStripeFindsTooFarAheadIsTriedAgainWhenItsTimeComes(t *testing.T) {
 	t.Parallel()
-	e := newEnv(t)
-	ctx := context.Background()
-	stripeClock := &simClock{t: time.Now()}
-	tallyClock := func() time.Time { return stripeClock.Now().Add(time.Minute) }
-	e.fake.SetClock(stripeClock.Now)
-	svc := metering.New(metering.Options{DB: e.db, Stripe: newClient(t, e.fake, 0), Catalog: testCatalog(), Now: tallyClock})
-	link(t, e.db, "ada")
-	ahead := tallyClock().Add(4*time.Minute + 30*time.Second)
-	res := ingest(t, svc,
-		metering.EventInput{CustomerID: "ada", Meter: testMeter, Value: 7, Identifier: "ahead", Timestamp: &ahead},
-		metering.EventInput{CustomerID: "ada", Meter: testMeter, Value: 2, Identifier: "now"},
-	)
-	if res.Accepted != 2 {
-		t.Fatalf("intake %+v, want 2 accepted", res)
-	}
-	opts := e.workerOptions(t, fastConfig())
-	opts.Now = tallyClock
-	w := metering.NewWorker(opts)
-	run := func() {
-		t.Helper()
-		for range 3 {
-			if _, err := w.RunOnce(ctx); err != nil {
-				t.Fatal(err)
-			}
-		}
-	}
+	k := newSkewed(t, config.MeterTransportV1)
+	e, svc, stripeClock, run, ctx := k.env, k.svc, k.stripeClock, k.run, context.Background()
 
 	run()
 	got, err := svc.Get(ctx, "ahead")
@@ -80,34 +56,8 @@ func TestAnEventStripeFindsTooFarAheadIsTriedAgainWhenItsTimeComes(t *testing.T)
 // clock. Sent then, Stripe keeps it.
 func TestAStreamedEventIsSentOnlyOnceItsTimeHasCome(t *testing.T) {
 	t.Parallel()
-	e := newEnv(t)
-	ctx := context.Background()
-	stripeClock := &simClock{t: time.Now()}
-	tallyClock := func() time.Time { return stripeClock.Now().Add(time.Minute) }
-	e.fake.SetClock(stripeClock.Now)
-	svc := metering.New(metering.Options{DB: e.db, Stripe: newClient(t, e.fake, 0), Catalog: testCatalog(), Now: tallyClock})
-	link(t, e.db, "ada")
-	ahead := tallyClock().Add(4*time.Minute + 30*time.Second)
-	res := ingest(t, svc,
-		metering.EventInput{CustomerID: "ada", Meter: testMeter, Value: 7, Identifier: "ahead", Timestamp: &ahead},
-		metering.EventInput{CustomerID: "ada", Meter: testMeter, Value: 2, Identifier: "now"},
-	)
-	if res.Accepted != 2 {
-		t.Fatalf("intake %+v, want 2 accepted", res)
-	}
-	cfg := fastConfig()
-	cfg.Transport = config.MeterTransportV2
-	opts := e.workerOptions(t, cfg)
-	opts.Now = tallyClock
-	w := metering.NewWorker(opts)
-	run := func() {
-		t.Helper()
-		for range 3 {
-			if _, err := w.RunOnce(ctx); err != nil {
-				t.Fatal(err)
-			}
-		}
-	}
+	k := newSkewed(t, config.MeterTransportV2)
+	e, svc, stripeClock, run, ctx := k.env, k.svc, k.stripeClock, k.run, context.Background()
 
 	run()
 	if got, _ := svc.Get(ctx, "now"); got.Status != metering.StatusDelivered {
@@ -175,4 +125,48 @@ func TestAheadIsJudgedAsOfTheSendNotTheAnswer(t *testing.T) {
 		t.Errorf("the event refused in a slow send: %+v, Stripe holds it %d times; want delivered on the second attempt, once",
 			got, e.fake.Count("slow"))
 	}
+}
+
+// skewed is a fake Stripe whose clock runs a minute behind tally's, holding
+// two accepted events of customer "ada": "now", and "ahead", stamped 4.5
+// minutes ahead of tally's clock (5.5 minutes ahead of Stripe's), and a
+// delivery worker over the transport on tally's clock.
+type skewed struct {
+	env         *env
+	svc         *metering.Service
+	stripeClock *simClock
+	// run gives the worker three rounds.
+	run func()
+}
+
+func newSkewed(t *testing.T, transport string) skewed {
+	t.Helper()
+	e := newEnv(t)
+	stripeClock := &simClock{t: time.Now()}
+	tallyClock := func() time.Time { return stripeClock.Now().Add(time.Minute) }
+	e.fake.SetClock(stripeClock.Now)
+	svc := metering.New(metering.Options{DB: e.db, Stripe: newClient(t, e.fake, 0), Catalog: testCatalog(), Now: tallyClock})
+	link(t, e.db, "ada")
+	ahead := tallyClock().Add(4*time.Minute + 30*time.Second)
+	res := ingest(t, svc,
+		metering.EventInput{CustomerID: "ada", Meter: testMeter, Value: 7, Identifier: "ahead", Timestamp: &ahead},
+		metering.EventInput{CustomerID: "ada", Meter: testMeter, Value: 2, Identifier: "now"},
+	)
+	if res.Accepted != 2 {
+		t.Fatalf("intake %+v, want 2 accepted", res)
+	}
+	cfg := fastConfig()
+	cfg.Transport = transport
+	opts := e.workerOptions(t, cfg)
+	opts.Now = tallyClock
+	w := metering.NewWorker(opts)
+	run := func() {
+		t.Helper()
+		for range 3 {
+			if _, err := w.RunOnce(context.Background()); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	return skewed{env: e, svc: svc, stripeClock: stripeClock, run: run}
 }
