@@ -226,19 +226,26 @@ func (s *server) checkFeed(t testing.TB) {
 }
 
 // shutdown stops the server as SIGTERM would and checks it stopped cleanly.
+// It waits 10 s longer than the server's own TALLY_SHUTDOWN_TIMEOUT, so that
+// a stop that runs out of that time says so itself (tally serve returns an
+// error) rather than being cut short here.
 func (s *server) shutdown(t testing.TB) {
 	if s.stop == nil {
 		return
 	}
 	s.stop()
 	s.stop = nil
+	wait := 10 * time.Second
+	if d, err := time.ParseDuration(s.env["TALLY_SHUTDOWN_TIMEOUT"]); err == nil {
+		wait += d
+	}
 	select {
 	case err := <-s.done:
 		if err != nil {
 			t.Errorf("tally serve returned %v\nlogs:\n%s", err, s.logs)
 		}
-	case <-time.After(20 * time.Second):
-		t.Errorf("tally serve did not stop within 20s\nlogs:\n%s", s.logs)
+	case <-time.After(wait):
+		t.Errorf("tally serve did not stop within %s\nlogs:\n%s", wait, s.logs)
 	}
 }
 
