@@ -528,7 +528,7 @@ func TestMeterEventStreamRoundTrip(t *testing.T) {
 	if session.Token == "" || session.ExpiresAt.Before(before.Add(time.Minute)) || session.ExpiresAt.After(time.Now().Add(2*time.Minute)) {
 		t.Fatalf("session = %+v, want a token expiring in about 2 minutes", session)
 	}
-	ts := time.Now().Add(-time.Hour).Truncate(time.Second) // inside the window Stripe keeps
+	ts := meterEventAt
 	evs := []stripeapi.MeterEvent{
 		{EventName: "api_calls", StripeCustomerID: "cus_a", Identifier: "s-1", Value: 1, Timestamp: ts},
 		{EventName: "api_calls", StripeCustomerID: "cus_b", Identifier: "s-2", Value: 5, Timestamp: ts},
