@@ -38,19 +38,22 @@ func TestRefundOfUnlinkedPaymentIntentWaitsForIt(t *testing.T) {
 		deliver(t, s, stripeEvent(newEventID(), "payment_intent.succeeded", paymentIntent(pay, customer, "succeeded", starterAmount, starterAmount, "usd")))
 	}
 
-	// A chargeback, then a refund, each before anything of its payment.
-	disputed := started("unlinked-1")
-	chargeback := newEventID()
-	deliver(t, s, stripeEvent(chargeback, "charge.dispute.created", dispute(disputed, "dp_unlinked_1", "needs_response", starterAmount)))
+	// A refund, then a chargeback, each before anything of its payment.
 	refunded := started("unlinked-2")
 	refund := newEventID()
 	// Stripe does not answer at first: the refund is retried, not ignored.
+	// Nothing else asks Stripe while it is down: a retry of the chargeback
+	// that overlapped the outage recorded Stripe's 503 over the wait the
+	// loop below had just seen, and the success found nothing waiting.
 	pis.setDown(true)
 	deliver(t, s, stripeEvent(refund, "charge.refunded", refundedCharge(refunded, starterAmount, starterAmount)))
 	if st, le := eventStatus(t, gdb, refund); st != "failed" {
 		t.Fatalf("refund while Stripe is down: %s %q, want failed (retried)", st, le)
 	}
 	pis.setDown(false)
+	disputed := started("unlinked-1")
+	chargeback := newEventID()
+	deliver(t, s, stripeEvent(chargeback, "charge.dispute.created", dispute(disputed, "dp_unlinked_1", "needs_response", starterAmount)))
 
 	for _, id := range []string{chargeback, refund} {
 		waitFor(t, "the early event waiting for its success", func() bool {
