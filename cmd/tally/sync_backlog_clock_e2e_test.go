@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"net/http"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -78,10 +79,14 @@ func (b *backlogStripe) add(id, typ string, created time.Time, object map[string
 		"api_version": "2025-03-31.basil", "pending_webhooks": 1, "data": map[string]any{"object": object}}
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	b.events = append(b.events, ev)
-	sort.SliceStable(b.events, func(i, j int) bool { return b.events[i]["created"].(int64) < b.events[j]["created"].(int64) })
-	for i, e := range b.events {
-		b.index[e["id"].(string)] = i
+	// After the events created at the same second, as Stripe lists them;
+	// only the ones after it move. (Sorting and indexing the whole list on
+	// every add took this test's first two minutes under the race
+	// detector: the filler comes 10,050 times, each at the end.)
+	at := sort.Search(len(b.events), func(i int) bool { return b.events[i]["created"].(int64) > created.Unix() })
+	b.events = slices.Insert(b.events, at, ev)
+	for i := at; i < len(b.events); i++ {
+		b.index[b.events[i]["id"].(string)] = i
 	}
 	body, _ := json.Marshal(ev)
 	return body
