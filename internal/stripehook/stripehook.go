@@ -457,18 +457,33 @@ func (h *Intake) record(ctx context.Context, ev Event, confirms string, err erro
 	// guarded by the PaymentIntent and the payment's history, so that run
 	// changes nothing and records the outcome. The stored event and the
 	// processing transaction keep synchronous commits.
+	//
+	// An outcome never replaces processed or ignored, but an operator's
+	// replay's does (replayKey). A claim changes only the lease, so two
+	// attempts can run at once: a wake takes a waiting event without
+	// waiting for the lease of an attempt in flight (wakeWaiting). That
+	// attempt may end last, having asked before the success came (or
+	// having met Stripe down): its failure, recorded over the wake's
+	// processed, retried an applied event and showed it failed.
 	var outcome []struct{ Wake bool }
+	replay := ctx.Value(replayKey{}) != nil
 	uerr := h.db.WithContext(ctx).Raw(`UPDATE stripe_events
 		SET status = ?, attempts = attempts + 1, last_error = NULLIF(?, ''), next_attempt_at = ?,
 		    processed_at = COALESCE(?, processed_at), waiting_for = NULLIF(?, '')
 		FROM (SELECT set_config('synchronous_commit', 'off', true)) AS async_commit
-		WHERE id = ?
+		WHERE id = ? AND (status NOT IN ('processed', 'ignored') OR ?::boolean)
 		RETURNING ?::text <> '' AND EXISTS (SELECT 1 FROM stripe_events w
 			WHERE w.status IN ('failed', 'parked') AND w.waiting_for IS NOT NULL AND w.waiting_for = ?::text) AS wake`,
-		string(status), text.Truncate(lastErr, 2000), next, processedAt, waitingFor, ev.ID, confirms, confirms).Scan(&outcome).Error
+		string(status), text.Truncate(lastErr, 2000), next, processedAt, waitingFor, ev.ID, replay, confirms, confirms).Scan(&outcome).Error
 	if uerr != nil {
 		h.logger.ErrorContext(ctx, "record stripe event outcome", "event_id", ev.ID, "error", uerr)
 		return Received, db.Translate(uerr, nil)
+	}
+	if len(outcome) == 0 {
+		// Another attempt completed it meanwhile: that outcome stands.
+		h.logger.InfoContext(ctx, "stripe event outcome not recorded over another attempt's",
+			"event_id", ev.ID, "type", ev.Type, "outcome", status, "error", lastErr)
+		return h.storedStatus(ctx, ev.ID)
 	}
 	if status == Processed {
 		h.processed(ev, now)
@@ -499,6 +514,10 @@ func (h *Intake) record(ctx context.Context, ev Event, confirms string, err erro
 // wakingKey marks the context of a wake (wakeWaiting), whose outcomes do
 // not wake again (record).
 type wakingKey struct{}
+
+// replayKey marks the context of an operator's replay (Replay), whose
+// outcome is recorded even over processed or ignored (record).
+type replayKey struct{}
 
 // processed counts ev processed at now, and its lag.
 func (h *Intake) processed(ev Event, now time.Time) {
@@ -840,7 +859,7 @@ func (h *Intake) Replay(ctx context.Context, id string) (Stored, error) {
 		return Stored{}, fmt.Errorf("stripehook: stored event %s no longer parses: %w", id, err)
 	}
 	// An operator's replay gets a full set of attempts of its own.
-	if _, err := h.process(ctx, ev, 0, r.ReceivedAt); err != nil {
+	if _, err := h.process(context.WithValue(ctx, replayKey{}, true), ev, 0, r.ReceivedAt); err != nil {
 		return Stored{}, err
 	}
 	return h.Get(ctx, id)
