@@ -95,3 +95,52 @@ func TestRefundOfUnlinkedPaymentIntentWaitsForIt(t *testing.T) {
 	}
 	assertInvariants(t, s)
 }
+
+// TestAWaitingRefundThatMeetsStripeDownStillWaitsForItsSuccess: a refund
+// waiting for its payment's success is retried on its backoff, and a retry
+// asks Stripe for the PaymentIntent. Stripe down at that moment said
+// nothing about the wait, yet the failure was recorded without it: the
+// success then found nothing waiting for it, and the refund stayed
+// unapplied until its next backoff (up to an hour apart in production)
+// while the customer could spend the refunded credits. It is applied with
+// the success, as before the outage.
+func TestAWaitingRefundThatMeetsStripeDownStillWaitsForItsSuccess(t *testing.T) {
+	t.Parallel()
+	fake := stripefake.New(t)
+	env := payEnv(t, fake.URL())
+	// Long enough that no retry of the refund comes between the success
+	// and the check after it: only the success can apply it in time.
+	env["TALLY_STRIPE_EVENT_RETRY_INTERVAL"] = "4s"
+	s := startServer(t, env)
+	gdb := openDB(t, s)
+
+	const customer = "waits-down-1"
+	pis := answerPaymentIntents(fake)
+	pay := checkout(t, s, customer, "starter", 1)
+	pis.name(pay, customer)
+	refund := newEventID()
+	deliver(t, s, stripeEvent(refund, "charge.refunded", refundedCharge(pay, starterAmount, starterAmount)))
+	if st, le := eventStatus(t, gdb, refund); st != "failed" || !strings.Contains(le, "waiting for") {
+		t.Fatalf("refund before its success: %s %q, want failed, waiting for it", st, le)
+	}
+	pis.setDown(true)
+	waitFor(t, "a retry of the refund to meet Stripe down", func() bool {
+		_, le := eventStatus(t, gdb, refund)
+		return strings.Contains(le, "status 503")
+	})
+	pis.setDown(false)
+
+	p := getPayment(t, s, pay)
+	deliver(t, s, stripeEvent(newEventID(), "checkout.session.completed", checkoutSession(pay, customer, *p.CheckoutSessionId, "complete", "paid", starterAmount)))
+	deliver(t, s, stripeEvent(newEventID(), "payment_intent.succeeded", paymentIntent(pay, customer, "succeeded", starterAmount, starterAmount, "usd")))
+	if st, le := eventStatus(t, gdb, refund); st != "processed" {
+		t.Fatalf("refund right after its success: %s %q, want processed", st, le)
+	}
+	if p := getPayment(t, s, pay); p.Status != client.PaymentStatusRefunded || p.AmountRefunded != starterAmount {
+		t.Fatalf("payment = %+v, want refunded", p)
+	}
+	if got := balanceOf(t, gdb, customer); got != 0 {
+		t.Fatalf("balance = %d, want 0 (the credits taken back)", got)
+	}
+	assertInvariants(t, s)
+}

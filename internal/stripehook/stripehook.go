@@ -387,6 +387,8 @@ func (h *Intake) process(ctx context.Context, ev Event, attempts int, receivedAt
 // any.
 func (h *Intake) record(ctx context.Context, ev Event, confirms string, err error, attempts int, receivedAt time.Time) (Status, error) {
 	status, lastErr, waitingFor := Processed, "", ""
+	// keepWait: the success the event waited for, if any, stays named.
+	keepWait := false
 	var next *time.Time
 	var wait *payments.Waiting
 	switch {
@@ -427,6 +429,12 @@ func (h *Intake) record(ctx context.Context, ev Event, confirms string, err erro
 		status, lastErr = Failed, err.Error()
 		t := h.now().Add(h.backoff(attempts + 1))
 		next = &t
+		// Stripe down says nothing about a wait: a refund that waited
+		// for its payment's success and met the outage on a retry still
+		// does, and that success wakes it. Recorded without it, the
+		// refund waited for its next backoff (up to maxBackoff) after the
+		// success, its credits spendable meanwhile.
+		keepWait = true
 	default:
 		lastErr = err.Error()
 		if attempts+1 >= h.maxAttempts {
@@ -469,12 +477,13 @@ func (h *Intake) record(ctx context.Context, ev Event, confirms string, err erro
 	replay := ctx.Value(replayKey{}) != nil
 	uerr := h.db.WithContext(ctx).Raw(`UPDATE stripe_events
 		SET status = ?, attempts = attempts + 1, last_error = NULLIF(?, ''), next_attempt_at = ?,
-		    processed_at = COALESCE(?, processed_at), waiting_for = NULLIF(?, '')
+		    processed_at = COALESCE(?, processed_at),
+		    waiting_for = COALESCE(NULLIF(?, ''), CASE WHEN ?::boolean THEN waiting_for END)
 		FROM (SELECT set_config('synchronous_commit', 'off', true)) AS async_commit
 		WHERE id = ? AND (status NOT IN ('processed', 'ignored') OR ?::boolean)
 		RETURNING ?::text <> '' AND EXISTS (SELECT 1 FROM stripe_events w
 			WHERE w.status IN ('failed', 'parked') AND w.waiting_for IS NOT NULL AND w.waiting_for = ?::text) AS wake`,
-		string(status), text.Truncate(lastErr, 2000), next, processedAt, waitingFor, ev.ID, replay, confirms, confirms).Scan(&outcome).Error
+		string(status), text.Truncate(lastErr, 2000), next, processedAt, waitingFor, keepWait, ev.ID, replay, confirms, confirms).Scan(&outcome).Error
 	if uerr != nil {
 		h.logger.ErrorContext(ctx, "record stripe event outcome", "event_id", ev.ID, "error", uerr)
 		return Received, db.Translate(uerr, nil)
