@@ -647,6 +647,16 @@ func deliver(t testing.TB, s *server, body []byte) {
 	mustStatus(t, "webhook delivery", status, out, http.StatusOK)
 }
 
+// deliverSuccess delivers the checkout.session.completed and then the
+// payment_intent.succeeded of pay, a checkout of starter by customer: the
+// payment succeeds, and its PaymentIntent is linked to it.
+func deliverSuccess(t testing.TB, s *server, pay, customer string) {
+	t.Helper()
+	p := getPayment(t, s, pay)
+	deliver(t, s, stripeEvent(newEventID(), "checkout.session.completed", checkoutSession(pay, customer, *p.CheckoutSessionId, "complete", "paid", starterAmount)))
+	deliver(t, s, stripeEvent(newEventID(), "payment_intent.succeeded", paymentIntent(pay, customer, "succeeded", starterAmount, starterAmount, "usd")))
+}
+
 func eventStatus(t testing.TB, gdb *gorm.DB, id string) (status, lastError string) {
 	t.Helper()
 	var stored struct {

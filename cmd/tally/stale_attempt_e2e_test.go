@@ -65,9 +65,7 @@ func TestAStaleAttemptNeverUndoesAProcessedEvent(t *testing.T) {
 	mu.Unlock()
 	<-hanging
 
-	p := getPayment(t, s, pay)
-	deliver(t, s, stripeEvent(newEventID(), "checkout.session.completed", checkoutSession(pay, customer, *p.CheckoutSessionId, "complete", "paid", starterAmount)))
-	deliver(t, s, stripeEvent(newEventID(), "payment_intent.succeeded", paymentIntent(pay, customer, "succeeded", starterAmount, starterAmount, "usd")))
+	deliverSuccess(t, s, pay, customer)
 	if st, le := eventStatus(t, gdb, refund); st != "processed" {
 		t.Fatalf("refund right after its success: %s %q, want processed", st, le)
 	}

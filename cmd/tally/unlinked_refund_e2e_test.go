@@ -32,11 +32,6 @@ func TestRefundOfUnlinkedPaymentIntentWaitsForIt(t *testing.T) {
 		pis.name(pay, customer)
 		return pay
 	}
-	succeed := func(pay, customer string) {
-		p := getPayment(t, s, pay)
-		deliver(t, s, stripeEvent(newEventID(), "checkout.session.completed", checkoutSession(pay, customer, *p.CheckoutSessionId, "complete", "paid", starterAmount)))
-		deliver(t, s, stripeEvent(newEventID(), "payment_intent.succeeded", paymentIntent(pay, customer, "succeeded", starterAmount, starterAmount, "usd")))
-	}
 
 	// A refund, then a chargeback, each before anything of its payment.
 	refunded := started("unlinked-2")
@@ -63,8 +58,8 @@ func TestRefundOfUnlinkedPaymentIntentWaitsForIt(t *testing.T) {
 	}
 
 	// The successes apply them at once, as if delivered in order.
-	succeed(disputed, "unlinked-1")
-	succeed(refunded, "unlinked-2")
+	deliverSuccess(t, s, disputed, "unlinked-1")
+	deliverSuccess(t, s, refunded, "unlinked-2")
 	for _, id := range []string{chargeback, refund} {
 		if st, le := eventStatus(t, gdb, id); st != "processed" {
 			t.Fatalf("event %s right after the success: %s %q, want processed", id, st, le)
@@ -130,9 +125,7 @@ func TestAWaitingRefundThatMeetsStripeDownStillWaitsForItsSuccess(t *testing.T) 
 	})
 	pis.setDown(false)
 
-	p := getPayment(t, s, pay)
-	deliver(t, s, stripeEvent(newEventID(), "checkout.session.completed", checkoutSession(pay, customer, *p.CheckoutSessionId, "complete", "paid", starterAmount)))
-	deliver(t, s, stripeEvent(newEventID(), "payment_intent.succeeded", paymentIntent(pay, customer, "succeeded", starterAmount, starterAmount, "usd")))
+	deliverSuccess(t, s, pay, customer)
 	if st, le := eventStatus(t, gdb, refund); st != "processed" {
 		t.Fatalf("refund right after its success: %s %q, want processed", st, le)
 	}
