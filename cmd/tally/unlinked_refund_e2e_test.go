@@ -137,3 +137,64 @@ func TestAWaitingRefundThatMeetsStripeDownStillWaitsForItsSuccess(t *testing.T) 
 	}
 	assertInvariants(t, s)
 }
+
+// TestARefundThatMetStripeDownFirstIsAppliedWithItsSuccess: a refund or
+// dispute delivered while Stripe does not answer (an outage, a 429 storm)
+// never learnt which success it waits for: its PaymentIntent is linked to
+// nothing yet, and Stripe could not be asked whose it is. Recorded without
+// a wait, the success that came once Stripe answered again found nothing
+// waiting for it, and the refund stayed unapplied until its next backoff
+// (which an outage had grown to up to an hour) while the customer could
+// spend the refunded credits. The PaymentIntent the charge names is what
+// it would wait for: its success applies it at once.
+func TestARefundThatMetStripeDownFirstIsAppliedWithItsSuccess(t *testing.T) {
+	t.Parallel()
+	fake := stripefake.New(t)
+	env := payEnv(t, fake.URL())
+	// Long enough that no retry comes between the success and the check
+	// after it: only the success can apply them in time.
+	env["TALLY_STRIPE_EVENT_RETRY_INTERVAL"] = "30s"
+	s := startServer(t, env)
+	gdb := openDB(t, s)
+
+	pis := answerPaymentIntents(fake)
+	started := func(customer string) string {
+		pay := checkout(t, s, customer, "starter", 1)
+		pis.name(pay, customer)
+		return pay
+	}
+	refunded, disputed := started("down-first-1"), started("down-first-2")
+	pis.setDown(true)
+	refund, chargeback := newEventID(), newEventID()
+	deliver(t, s, stripeEvent(refund, "charge.refunded", refundedCharge(refunded, starterAmount, starterAmount)))
+	deliver(t, s, stripeEvent(chargeback, "charge.dispute.created", dispute(disputed, "dp_down_first", "needs_response", starterAmount)))
+	for _, id := range []string{refund, chargeback} {
+		if st, le := eventStatus(t, gdb, id); st != "failed" || !strings.Contains(le, "status 503") {
+			t.Fatalf("event %s while Stripe is down: %s %q, want failed on Stripe's 503", id, st, le)
+		}
+	}
+	pis.setDown(false)
+
+	for pay, customer := range map[string]string{refunded: "down-first-1", disputed: "down-first-2"} {
+		p := getPayment(t, s, pay)
+		deliver(t, s, stripeEvent(newEventID(), "checkout.session.completed", checkoutSession(pay, customer, *p.CheckoutSessionId, "complete", "paid", starterAmount)))
+		deliver(t, s, stripeEvent(newEventID(), "payment_intent.succeeded", paymentIntent(pay, customer, "succeeded", starterAmount, starterAmount, "usd")))
+	}
+	for _, id := range []string{refund, chargeback} {
+		if st, le := eventStatus(t, gdb, id); st != "processed" {
+			t.Fatalf("event %s right after its success: %s %q, want processed", id, st, le)
+		}
+	}
+	if p := getPayment(t, s, refunded); p.Status != client.PaymentStatusRefunded || p.AmountRefunded != starterAmount {
+		t.Fatalf("refunded payment = %+v", p)
+	}
+	if p := getPayment(t, s, disputed); p.Status != client.PaymentStatusDisputed || p.AmountDisputed != starterAmount {
+		t.Fatalf("disputed payment = %+v", p)
+	}
+	for _, c := range []string{"down-first-1", "down-first-2"} {
+		if got := balanceOf(t, gdb, c); got != 0 {
+			t.Fatalf("balance of %s = %d, want 0 (the credits taken back)", c, got)
+		}
+	}
+	assertInvariants(t, s)
+}

@@ -391,6 +391,24 @@ func (s *Service) WaitOver(ctx context.Context, w *Waiting) (bool, error) {
 	return len(over) == 1 && over[0], nil
 }
 
+// Confirmed reports whether the payment of PaymentIntent pi has what an
+// event waiting for pi waits for (see WaitOver): stripehook asks once it
+// recorded that a refund or dispute, which Stripe was not there to say
+// whose it is, waits for pi, in case that success came meanwhile.
+// Errors: errs.Unavailable.
+func (s *Service) Confirmed(ctx context.Context, pi string) (bool, error) {
+	if pi == "" {
+		return false, nil
+	}
+	var over []bool
+	err := s.db.WithContext(ctx).Raw(`SELECT succeeded_at IS NOT NULL OR method = ?
+		FROM payments WHERE payment_intent_id = ?`, string(MethodAutoTopUp), pi).Scan(&over).Error
+	if err != nil {
+		return false, db.Translate(err, nil)
+	}
+	return len(over) == 1 && over[0], nil
+}
+
 // findID returns the id of the payment whose column equals value, "" if none.
 func findID(ctx context.Context, gdb *gorm.DB, column, value string) (string, error) {
 	if value == "" {

@@ -356,7 +356,7 @@ func (h *Intake) receiveInline(ctx context.Context, ev Event, payload []byte, no
 		}
 		return Ack{Status: Processed}, nil
 	case stored:
-		status, _ := h.record(pctx, ev, r.confirms, err, 0, now)
+		status, _ := h.record(pctx, ev, r, err, 0, now)
 		return Ack{Status: status}, nil
 	}
 	// The processing transaction did not store the event: store it now, as
@@ -368,7 +368,7 @@ func (h *Intake) receiveInline(ctx context.Context, ev Event, payload []byte, no
 	if !ok {
 		return Ack{Status: status, Duplicate: true}, nil
 	}
-	status, _ = h.record(pctx, ev, r.confirms, err, 0, now)
+	status, _ = h.record(pctx, ev, r, err, 0, now)
 	return Ack{Status: status}, nil
 }
 
@@ -378,17 +378,19 @@ func (h *Intake) receiveInline(ctx context.Context, ev Event, payload []byte, no
 // the lease then hands the event to the retry worker). An event that
 // confirmed a payment then wakes the events waiting for it.
 func (h *Intake) process(ctx context.Context, ev Event, attempts int, receivedAt time.Time) (Status, error) {
-	confirms, err := h.dispatch(ctx, ev)
-	return h.record(ctx, ev, confirms, err, attempts, receivedAt)
+	r, err := h.dispatch(ctx, ev)
+	return h.record(ctx, ev, r, err, attempts, receivedAt)
 }
 
 // record records the outcome err of processing the stored event ev (see
-// process); confirms is the key of what it confirms (routed.confirms), if
-// any.
-func (h *Intake) record(ctx context.Context, ev Event, confirms string, err error, attempts int, receivedAt time.Time) (Status, error) {
+// process); r is what route found it to be (r.confirms the key of what it
+// confirms, r.names the PaymentIntent it is about), as far as it decoded.
+func (h *Intake) record(ctx context.Context, ev Event, r routed, err error, attempts int, receivedAt time.Time) (Status, error) {
+	confirms := r.confirms
 	status, lastErr, waitingFor := Processed, "", ""
-	// keepWait: the success the event waited for, if any, stays named.
-	keepWait := false
+	// keepWait: the success the event waited for, if any, stays named;
+	// one that never learnt it names r.names instead (see below).
+	keepWait, names := false, ""
 	var next *time.Time
 	var wait *payments.Waiting
 	switch {
@@ -434,7 +436,16 @@ func (h *Intake) record(ctx context.Context, ev Event, confirms string, err erro
 		// does, and that success wakes it. Recorded without it, the
 		// refund waited for its next backoff (up to maxBackoff) after the
 		// success, its credits spendable meanwhile.
-		keepWait = true
+		//
+		// One that met Stripe down before it ever learnt its wait (its
+		// PaymentIntent linked to nothing yet, Stripe not answering whose
+		// it is) names the PaymentIntent its charge or dispute names: that
+		// is the success it would wait for, and its success wakes it (a
+		// wake only processes it early; a PaymentIntent that is not ours
+		// is never confirmed). Named nothing, a refund delivered during an
+		// outage or a 429 storm waited for its backoff, grown by the
+		// outage to up to maxBackoff, after its success.
+		keepWait, names = true, r.names
 	default:
 		lastErr = err.Error()
 		if attempts+1 >= h.maxAttempts {
@@ -478,12 +489,12 @@ func (h *Intake) record(ctx context.Context, ev Event, confirms string, err erro
 	uerr := h.db.WithContext(ctx).Raw(`UPDATE stripe_events
 		SET status = ?, attempts = attempts + 1, last_error = NULLIF(?, ''), next_attempt_at = ?,
 		    processed_at = COALESCE(?, processed_at),
-		    waiting_for = COALESCE(NULLIF(?, ''), CASE WHEN ?::boolean THEN waiting_for END)
+		    waiting_for = COALESCE(NULLIF(?, ''), CASE WHEN ?::boolean THEN COALESCE(waiting_for, NULLIF(?, '')) END)
 		FROM (SELECT set_config('synchronous_commit', 'off', true)) AS async_commit
 		WHERE id = ? AND (status NOT IN ('processed', 'ignored') OR ?::boolean)
 		RETURNING ?::text <> '' AND EXISTS (SELECT 1 FROM stripe_events w
 			WHERE w.status IN ('failed', 'parked') AND w.waiting_for IS NOT NULL AND w.waiting_for = ?::text) AS wake`,
-		string(status), text.Truncate(lastErr, 2000), next, processedAt, waitingFor, keepWait, ev.ID, replay, confirms, confirms).Scan(&outcome).Error
+		string(status), text.Truncate(lastErr, 2000), next, processedAt, waitingFor, keepWait, names, ev.ID, replay, confirms, confirms).Scan(&outcome).Error
 	if uerr != nil {
 		h.logger.ErrorContext(ctx, "record stripe event outcome", "event_id", ev.ID, "error", uerr)
 		return Received, db.Translate(uerr, nil)
@@ -515,6 +526,16 @@ func (h *Intake) record(ctx context.Context, ev Event, confirms string, err erro
 			h.logger.WarnContext(ctx, "ask whether a waiting event's success came", "event_id", ev.ID, "error", werr)
 		} else if over {
 			h.wakeWaiting(ctx, waitingFor)
+		}
+	}
+	if names != "" && ctx.Value(wakingKey{}) == nil {
+		// The success may have been applied while this attempt waited for
+		// Stripe (a hang lasts up to the attempt's timeout) and found
+		// nothing waiting then: asked again now that the name is recorded.
+		if over, werr := h.payments.Confirmed(ctx, names); werr != nil {
+			h.logger.WarnContext(ctx, "ask whether a PaymentIntent's success came", "event_id", ev.ID, "error", werr)
+		} else if over {
+			h.wakeWaiting(ctx, names)
 		}
 	}
 	return status, nil
@@ -597,19 +618,18 @@ func (h *Intake) backoff(attempt int) time.Duration {
 
 var errIgnored = errors.New("stripehook: event type not handled")
 
-// dispatch decodes the object of a handled type and calls payments. For an
-// event that may confirm a payment it returns the key of the confirmation
-// (routed.confirms), whose waiting events process wakes once this one is
-// processed.
-func (h *Intake) dispatch(ctx context.Context, ev Event) (confirms string, err error) {
+// dispatch decodes the object of a handled type and calls payments. It
+// returns what route found (for an event that may confirm a payment,
+// routed.confirms: process wakes its waiting events once it is processed).
+func (h *Intake) dispatch(ctx context.Context, ev Event) (routed, error) {
 	r, err := h.route(ev)
 	if err != nil {
-		return "", err
+		return routed{}, err
 	}
 	if r.apply == nil {
-		return "", errIgnored
+		return r, errIgnored
 	}
-	return r.confirms, r.apply(ctx, payments.EventRef{ID: ev.ID, Type: ev.Type, Created: ev.Created})
+	return r, r.apply(ctx, payments.EventRef{ID: ev.ID, Type: ev.Type, Created: ev.Created})
 }
 
 // routed is what route found an event to be.
@@ -621,6 +641,10 @@ type routed struct {
 	// PaymentIntent, or for invoice.paid the invoice (its waiting events,
 	// see payments.Waiting.For, are woken once it is processed).
 	confirms string
+	// names is the PaymentIntent a refund or dispute names: the success
+	// it would wait for, recorded as such when Stripe could not be asked
+	// whose it is (record).
+	names string
 	// inline: the processing begins with the payment's transaction
 	// (payments' inEventTx), with nothing written before it, so that
 	// transaction may store the event (receiveInline).
@@ -673,7 +697,7 @@ func (h *Intake) route(ev Event) (routed, error) {
 		if err := decodeObject(ev, &o, func() string { return o.ID }); err != nil {
 			return routed{}, err
 		}
-		return routed{apply: func(ctx context.Context, ref payments.EventRef) error {
+		return routed{names: string(o.PaymentIntent), apply: func(ctx context.Context, ref payments.EventRef) error {
 			return h.payments.ChargeRefunded(ctx, ref, o.domain())
 		}}, nil
 	case "charge.dispute.created", "charge.dispute.updated", "charge.dispute.closed",
@@ -682,7 +706,7 @@ func (h *Intake) route(ev Event) (routed, error) {
 		if err := decodeObject(ev, &o, func() string { return o.ID }); err != nil {
 			return routed{}, err
 		}
-		return routed{apply: func(ctx context.Context, ref payments.EventRef) error {
+		return routed{names: string(o.PaymentIntent), apply: func(ctx context.Context, ref payments.EventRef) error {
 			return h.payments.DisputeChanged(ctx, ref, o.domain())
 		}}, nil
 	case "invoice.finalized", "invoice.paid", "invoice.voided", "invoice.marked_uncollectible":
