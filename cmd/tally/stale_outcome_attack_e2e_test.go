@@ -180,3 +180,54 @@ func TestAttackReplaysWakeIsNoReplay(t *testing.T) {
 	}
 	assertInvariants(t, s)
 }
+
+// TestAttackStaleAttemptNeverUndoesADismissal: an operator dismisses a
+// failed refund while the retry worker's attempt of it is asking Stripe,
+// which hangs and then answers 503. The attempt's failure, recorded over
+// dismissed, took the operator's decision back (the stripe_event.dismissed
+// event was sent all the same): the refund was failed again, retried, and
+// would be parked for an operator after its budget. Dismissed stays,
+// unless an attempt ends processed (its money moved) or an operator
+// replays it.
+func TestAttackStaleAttemptNeverUndoesADismissal(t *testing.T) {
+	t.Parallel()
+	fake, st, env := invoiceStripeEnv(t)
+	env["TALLY_STRIPE_EVENT_RETRY_INTERVAL"] = "1s"
+	env["TALLY_LOG_LEVEL"] = "info"
+	s := startServer(t, env)
+	gdb := openDB(t, s)
+
+	const customer = "dismiss-stale"
+	pay, _ := invoicedPayment(t, s, st, customer)
+	retry := newHeld(http.StatusServiceUnavailable)
+	fake.SetFault(holdPaymentIntent(t, st, piID(pay), map[int]*heldCall{2: retry}))
+
+	refund := newEventID()
+	deliver(t, s, stripeEventCreated(refund, "charge.refunded", time.Now(), refundedCharge(pay, proAmount, proAmount)))
+	if status, le := eventStatus(t, gdb, refund); status != "failed" || !strings.Contains(le, "waiting for") {
+		t.Fatalf("refund before invoice.paid: %s %q, want failed, waiting", status, le)
+	}
+	waitHeld(t, retry, "the retry worker's attempt")
+	r, err := s.admin(t).DismissStripeEventWithResponse(context.Background(), refund, client.StripeEventDismiss{Reason: "refunded by hand"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	mustStatus(t, "dismiss", r.StatusCode(), r.Body, http.StatusOK)
+	attempts := eventAttempts(t, gdb, refund)
+
+	close(retry.release)
+	waitFor(t, "the hung attempt to end", func() bool {
+		status, _ := eventStatus(t, gdb, refund)
+		return status != "dismissed" || strings.Contains(s.logs.String(), "not recorded over")
+	})
+	time.Sleep(2500 * time.Millisecond) // two retry rounds
+	if status, le := eventStatus(t, gdb, refund); status != "dismissed" {
+		t.Fatalf("dismissed refund after the hung attempt failed: %s %q, want dismissed", status, le)
+	}
+	if got := eventAttempts(t, gdb, refund); got != attempts {
+		t.Fatalf("dismissed refund attempted again: %d attempts, had %d", got, attempts)
+	}
+	if p := getPayment(t, s, pay); p.AmountRefunded != 0 {
+		t.Fatalf("payment of a dismissed refund = %+v, want nothing refunded", p)
+	}
+}

@@ -458,15 +458,19 @@ func (h *Intake) record(ctx context.Context, ev Event, confirms string, err erro
 	// changes nothing and records the outcome. The stored event and the
 	// processing transaction keep synchronous commits.
 	//
-	// An outcome never replaces processed or ignored, but an operator's
-	// replay's does (replayKey). A claim changes only the lease, so two
+	// An outcome never replaces processed, ignored or dismissed, but an
+	// operator's replay's does (replayKey). Dismissed is an operator's
+	// decision: an attempt in flight when the operator dismissed the
+	// event (the retry worker's, asking Stripe) recorded its failure over
+	// it, and the event was retried, later parked, as if never dismissed
+	// (TestAttackStaleAttemptNeverUndoesADismissal). A claim changes only the lease, so two
 	// attempts can run at once: a wake takes a waiting event without
 	// waiting for the lease of an attempt in flight (wakeWaiting). That
 	// attempt may end last, having asked before the success came (or
 	// having met Stripe down): its failure, recorded over the wake's
 	// processed, retried an applied event and showed it failed.
 	//
-	// Processed does replace ignored: the attempt that ends last may be the
+	// Processed does replace ignored (and dismissed): the attempt that ends last may be the
 	// one that applied the event (a wake that took a refund of an unlinked
 	// PaymentIntent and asked Stripe), while one that asked before it heard
 	// "not ours" (a 404) and recorded ignored first; ignored then hid money
@@ -478,7 +482,8 @@ func (h *Intake) record(ctx context.Context, ev Event, confirms string, err erro
 		SET status = ?, attempts = attempts + 1, last_error = NULLIF(?, ''), next_attempt_at = ?,
 		    processed_at = COALESCE(?, processed_at), waiting_for = NULLIF(?, '')
 		FROM (SELECT set_config('synchronous_commit', 'off', true)) AS async_commit
-		WHERE id = ? AND (status NOT IN ('processed', 'ignored') OR ?::boolean OR (status = 'ignored' AND ?::text = 'processed'))
+		WHERE id = ? AND (status NOT IN ('processed', 'ignored', 'dismissed') OR ?::boolean
+			OR (status IN ('ignored', 'dismissed') AND ?::text = 'processed'))
 		RETURNING ?::text <> '' AND EXISTS (SELECT 1 FROM stripe_events w
 			WHERE w.status IN ('failed', 'parked') AND w.waiting_for IS NOT NULL AND w.waiting_for = ?::text) AS wake`,
 		string(status), text.Truncate(lastErr, 2000), next, processedAt, waitingFor, ev.ID, replay, string(status), confirms, confirms).Scan(&outcome).Error
@@ -487,7 +492,8 @@ func (h *Intake) record(ctx context.Context, ev Event, confirms string, err erro
 		return Received, db.Translate(uerr, nil)
 	}
 	if len(outcome) == 0 {
-		// Another attempt completed it meanwhile: that outcome stands.
+		// Another attempt completed it meanwhile, or an operator dismissed
+		// it: that outcome stands.
 		h.logger.InfoContext(ctx, "stripe event outcome not recorded over another attempt's",
 			"event_id", ev.ID, "type", ev.Type, "outcome", status, "error", lastErr)
 		return h.storedStatus(ctx, ev.ID)
