@@ -477,30 +477,43 @@ func (h *Intake) record(ctx context.Context, ev Event, r routed, err error, atte
 	// changes nothing and records the outcome. The stored event and the
 	// processing transaction keep synchronous commits.
 	//
-	// An outcome never replaces processed or ignored, but an operator's
-	// replay's does (replayKey). A claim changes only the lease, so two
-	// attempts can run at once: a wake takes a waiting event without
+	// An outcome never replaces processed, ignored or dismissed, but an
+	// operator's replay's does (replayKey). A claim changes only the lease,
+	// so two attempts can run at once: a wake takes a waiting event without
 	// waiting for the lease of an attempt in flight (wakeWaiting). That
-	// attempt may end last, having asked before the success came (or
-	// having met Stripe down): its failure, recorded over the wake's
-	// processed, retried an applied event and showed it failed.
+	// attempt may end last, having asked before the success came (or having
+	// met Stripe down): its failure, recorded over the wake's processed,
+	// retried an applied event and showed it failed. Dismissed is an
+	// operator's decision: an attempt in flight when it was taken recorded
+	// its failure over it, and the event was retried, later parked, as if
+	// never dismissed (TestAttackStaleAttemptNeverUndoesADismissal).
+	//
+	// Processed does replace ignored and dismissed: the attempt that ends
+	// last may be the one that applied the event (a wake that took a refund
+	// of an unlinked PaymentIntent and asked Stripe), while one that asked
+	// before it heard "not ours" (a 404) and recorded ignored first; ignored
+	// then hid money that moved (TestAttackIgnoredNeverHidesAnAppliedRefund).
+	// An attempt that answers processed found the event applied, by itself
+	// or another.
 	var outcome []struct{ Wake bool }
-	replay := ctx.Value(replayKey{}) != nil
+	replay, _ := ctx.Value(replayKey{}).(bool)
 	uerr := h.db.WithContext(ctx).Raw(`UPDATE stripe_events
 		SET status = ?, attempts = attempts + 1, last_error = NULLIF(?, ''), next_attempt_at = ?,
 		    processed_at = COALESCE(?, processed_at),
 		    waiting_for = COALESCE(NULLIF(?, ''), CASE WHEN ?::boolean THEN COALESCE(waiting_for, NULLIF(?, '')) END)
 		FROM (SELECT set_config('synchronous_commit', 'off', true)) AS async_commit
-		WHERE id = ? AND (status NOT IN ('processed', 'ignored') OR ?::boolean)
+		WHERE id = ? AND (status NOT IN ('processed', 'ignored', 'dismissed') OR ?::boolean
+			OR (status IN ('ignored', 'dismissed') AND ?::text = 'processed'))
 		RETURNING ?::text <> '' AND EXISTS (SELECT 1 FROM stripe_events w
 			WHERE w.status IN ('failed', 'parked') AND w.waiting_for IS NOT NULL AND w.waiting_for = ?::text) AS wake`,
-		string(status), text.Truncate(lastErr, 2000), next, processedAt, waitingFor, keepWait, names, ev.ID, replay, confirms, confirms).Scan(&outcome).Error
+		string(status), text.Truncate(lastErr, 2000), next, processedAt, waitingFor, keepWait, names, ev.ID, replay, string(status), confirms, confirms).Scan(&outcome).Error
 	if uerr != nil {
 		h.logger.ErrorContext(ctx, "record stripe event outcome", "event_id", ev.ID, "error", uerr)
 		return Received, db.Translate(uerr, nil)
 	}
 	if len(outcome) == 0 {
-		// Another attempt completed it meanwhile: that outcome stands.
+		// Another attempt completed it meanwhile, or an operator dismissed
+		// it: that outcome stands.
 		h.logger.InfoContext(ctx, "stripe event outcome not recorded over another attempt's",
 			"event_id", ev.ID, "type", ev.Type, "outcome", status, "error", lastErr)
 		return h.storedStatus(ctx, ev.ID)
@@ -576,7 +589,12 @@ func (h *Intake) WakeWaiting(ctx context.Context, key string) { h.wakeWaiting(ct
 // one batch left the rest of the parked ones parked for good. A batch that
 // lowered nothing (the success is not there after all) ends it.
 func (h *Intake) wakeWaiting(ctx context.Context, pi string) {
-	ctx = context.WithValue(ctx, wakingKey{}, true)
+	// A wake's attempts are ordinary ones, even when an operator's replay
+	// (of the success, or of a waiting event that found it) runs it: only
+	// the replayed event's own outcome may replace processed (record), not
+	// those of the events it wakes, which other attempts may have applied
+	// meanwhile (TestAttackReplaysWakeIsNoReplay).
+	ctx = context.WithValue(context.WithValue(ctx, wakingKey{}, true), replayKey{}, false)
 	const where, batch = `status IN ('failed', 'parked') AND waiting_for = ?`, 20
 	left := int64(-1)
 	for {
