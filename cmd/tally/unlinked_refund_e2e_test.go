@@ -4,6 +4,8 @@ import (
 	"strings"
 	"testing"
 
+	"gorm.io/gorm"
+
 	"github.com/tallybilling/tally/internal/stripeapi/stripefake"
 	"github.com/tallybilling/tally/pkg/client"
 )
@@ -60,22 +62,7 @@ func TestRefundOfUnlinkedPaymentIntentWaitsForIt(t *testing.T) {
 	// The successes apply them at once, as if delivered in order.
 	deliverSuccess(t, s, disputed, "unlinked-1")
 	deliverSuccess(t, s, refunded, "unlinked-2")
-	for _, id := range []string{chargeback, refund} {
-		if st, le := eventStatus(t, gdb, id); st != "processed" {
-			t.Fatalf("event %s right after the success: %s %q, want processed", id, st, le)
-		}
-	}
-	if p := getPayment(t, s, disputed); p.Status != client.PaymentStatusDisputed || p.AmountDisputed != starterAmount {
-		t.Fatalf("disputed payment = %+v", p)
-	}
-	if p := getPayment(t, s, refunded); p.Status != client.PaymentStatusRefunded || p.AmountRefunded != starterAmount {
-		t.Fatalf("refunded payment = %+v", p)
-	}
-	for _, c := range []string{"unlinked-1", "unlinked-2"} {
-		if got := balanceOf(t, gdb, c); got != 0 {
-			t.Fatalf("balance of %s = %d, want 0 (the credits taken back)", c, got)
-		}
-	}
+	mustTakeBackAtOnce(t, s, gdb, refund, refunded, "unlinked-2", chargeback, disputed, "unlinked-1")
 
 	// A PaymentIntent without our metadata is another integration's.
 	foreign := newEventID()
@@ -175,11 +162,18 @@ func TestARefundThatMetStripeDownFirstIsAppliedWithItsSuccess(t *testing.T) {
 	}
 	pis.setDown(false)
 
-	for pay, customer := range map[string]string{refunded: "down-first-1", disputed: "down-first-2"} {
-		p := getPayment(t, s, pay)
-		deliver(t, s, stripeEvent(newEventID(), "checkout.session.completed", checkoutSession(pay, customer, *p.CheckoutSessionId, "complete", "paid", starterAmount)))
-		deliver(t, s, stripeEvent(newEventID(), "payment_intent.succeeded", paymentIntent(pay, customer, "succeeded", starterAmount, starterAmount, "usd")))
-	}
+	deliverSuccess(t, s, refunded, "down-first-1")
+	deliverSuccess(t, s, disputed, "down-first-2")
+	mustTakeBackAtOnce(t, s, gdb, refund, refunded, "down-first-1", chargeback, disputed, "down-first-2")
+	assertInvariants(t, s)
+}
+
+// mustTakeBackAtOnce checks, right after the successes of payments
+// refunded and disputed were delivered, that the early refund and
+// chargeback events are processed and took the credits back: the
+// successes applied them, not a later retry.
+func mustTakeBackAtOnce(t *testing.T, s *server, gdb *gorm.DB, refund, refunded, refundedCustomer, chargeback, disputed, disputedCustomer string) {
+	t.Helper()
 	for _, id := range []string{refund, chargeback} {
 		if st, le := eventStatus(t, gdb, id); st != "processed" {
 			t.Fatalf("event %s right after its success: %s %q, want processed", id, st, le)
@@ -191,10 +185,9 @@ func TestARefundThatMetStripeDownFirstIsAppliedWithItsSuccess(t *testing.T) {
 	if p := getPayment(t, s, disputed); p.Status != client.PaymentStatusDisputed || p.AmountDisputed != starterAmount {
 		t.Fatalf("disputed payment = %+v", p)
 	}
-	for _, c := range []string{"down-first-1", "down-first-2"} {
+	for _, c := range []string{refundedCustomer, disputedCustomer} {
 		if got := balanceOf(t, gdb, c); got != 0 {
 			t.Fatalf("balance of %s = %d, want 0 (the credits taken back)", c, got)
 		}
 	}
-	assertInvariants(t, s)
 }
