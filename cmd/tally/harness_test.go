@@ -570,6 +570,15 @@ func (o *ourPaymentIntents) name(pay, customer string) {
 	o.metadata[piID(pay)] = fmt.Sprintf(`{"tally_payment_id":%q,"tally_customer_id":%q}`, pay, customer)
 }
 
+// checkout starts a checkout of starter for customer on s and gives its
+// PaymentIntent tally's metadata naming it.
+func (o *ourPaymentIntents) checkout(t testing.TB, s *server, customer string) string {
+	t.Helper()
+	pay := checkout(t, s, customer, "starter", 1)
+	o.name(pay, customer)
+	return pay
+}
+
 // setDown makes Stripe answer 503 (or answer again).
 func (o *ourPaymentIntents) setDown(down bool) {
 	o.mu.Lock()

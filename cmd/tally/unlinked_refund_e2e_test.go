@@ -29,14 +29,9 @@ func TestRefundOfUnlinkedPaymentIntentWaitsForIt(t *testing.T) {
 	gdb := openDB(t, s)
 
 	pis := answerPaymentIntents(fake)
-	started := func(customer string) string {
-		pay := checkout(t, s, customer, "starter", 1)
-		pis.name(pay, customer)
-		return pay
-	}
 
 	// A refund, then a chargeback, each before anything of its payment.
-	refunded := started("unlinked-2")
+	refunded := pis.checkout(t, s, "unlinked-2")
 	refund := newEventID()
 	// Stripe does not answer at first: the refund is retried, not ignored.
 	// Nothing else asks Stripe while it is down: a retry of the chargeback
@@ -48,7 +43,7 @@ func TestRefundOfUnlinkedPaymentIntentWaitsForIt(t *testing.T) {
 		t.Fatalf("refund while Stripe is down: %s %q, want failed (retried)", st, le)
 	}
 	pis.setDown(false)
-	disputed := started("unlinked-1")
+	disputed := pis.checkout(t, s, "unlinked-1")
 	chargeback := newEventID()
 	deliver(t, s, stripeEvent(chargeback, "charge.dispute.created", dispute(disputed, "dp_unlinked_1", "needs_response", starterAmount)))
 
@@ -98,8 +93,7 @@ func TestAWaitingRefundThatMeetsStripeDownStillWaitsForItsSuccess(t *testing.T) 
 
 	const customer = "waits-down-1"
 	pis := answerPaymentIntents(fake)
-	pay := checkout(t, s, customer, "starter", 1)
-	pis.name(pay, customer)
+	pay := pis.checkout(t, s, customer)
 	refund := newEventID()
 	deliver(t, s, stripeEvent(refund, "charge.refunded", refundedCharge(pay, starterAmount, starterAmount)))
 	if st, le := eventStatus(t, gdb, refund); st != "failed" || !strings.Contains(le, "waiting for") {
@@ -145,12 +139,7 @@ func TestARefundThatMetStripeDownFirstIsAppliedWithItsSuccess(t *testing.T) {
 	gdb := openDB(t, s)
 
 	pis := answerPaymentIntents(fake)
-	started := func(customer string) string {
-		pay := checkout(t, s, customer, "starter", 1)
-		pis.name(pay, customer)
-		return pay
-	}
-	refunded, disputed := started("down-first-1"), started("down-first-2")
+	refunded, disputed := pis.checkout(t, s, "down-first-1"), pis.checkout(t, s, "down-first-2")
 	pis.setDown(true)
 	refund, chargeback := newEventID(), newEventID()
 	deliver(t, s, stripeEvent(refund, "charge.refunded", refundedCharge(refunded, starterAmount, starterAmount)))
