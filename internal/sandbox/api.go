@@ -34,6 +34,7 @@ import (
 //	POST /v1/billing/meter_event_adjustments (cancel), GET /v1/subscriptions
 //	GET and POST /v1/billing/meters, GET /v1/billing/meters/{id}/event_summaries
 //	POST /v2/billing/meter_event_session, POST /v2/billing/meter_event_stream
+//	GET /v2/core/events/{id} (a meter error report, delivered thin)
 //
 // Every POST honours Idempotency-Key as Stripe does: the same key with the
 // same parameters replays the first answer (Idempotent-Replayed: true);
@@ -578,9 +579,16 @@ func (h *API) getLocked(w http.ResponseWriter, r *http.Request) {
 				"price": map[string]any{"id": nullable(li.Price), "object": "price", "unit_amount": li.UnitAmount, "currency": li.Currency}})
 		}
 		writeJSON(w, http.StatusOK, map[string]any{"object": "list", "data": data, "has_more": false, "url": r.URL.Path})
+	case len(parts) == 4 && parts[0] == "v2" && parts[1] == "core" && parts[2] == "events":
+		ev := a.eventIndex[parts[3]]
+		if ev == nil || !ev.v2() {
+			writeError(w, missing("v2.core.event", parts[3]))
+			return
+		}
+		writeRaw(w, http.StatusOK, ev.payload)
 	case len(parts) == 3 && parts[1] == "events":
 		ev := a.eventIndex[parts[2]]
-		if ev == nil {
+		if ev == nil || ev.v2() {
 			writeError(w, missing("event", parts[2]))
 			return
 		}
@@ -679,6 +687,9 @@ func (a *Account) listEvents(w http.ResponseWriter, r *http.Request, q url.Value
 		return n, err == nil
 	}
 	match := func(ev *event) bool {
+		if ev.v2() {
+			return false // thin events are listed by /v2/core/events only
+		}
 		if len(types) > 0 && !types[ev.typ] && !wildcard(types, ev.typ) {
 			return false
 		}

@@ -138,6 +138,7 @@ func (a *Account) streamMeterEvents(token string, evs []streamEvent) error {
 		}
 	}
 	now := a.now()
+	refused := map[string][]refusal{} // by event name
 	for _, ev := range evs {
 		identifier := ev.Identifier
 		if identifier == "" {
@@ -147,16 +148,80 @@ func (a *Account) streamMeterEvents(token string, evs []streamEvent) error {
 		if ev.Timestamp != nil {
 			ts = *ev.Timestamp
 		}
-		if meterEventTimestampAllowed(ts, now) != nil {
+		if err := meterEventTimestampAllowed(ts, now); err != nil {
 			// Stripe validates a stream's events after answering: one
-			// outside its window is taken with the others, then dropped
-			// (reported in a meter error report, which the sandbox does
-			// not model) and never counted.
+			// outside its window is taken with the others, then dropped,
+			// never counted, and reported in a meter error report.
+			code := "timestamp_too_far_in_past"
+			if ts.After(now) {
+				code = "timestamp_in_future"
+			}
+			refused[ev.EventName] = append(refused[ev.EventName], refusal{identifier: identifier, code: code, message: err.(*Error).Message})
 			continue
 		}
 		a.recordMeterEvent(MeterEvent{Identifier: identifier, EventName: ev.EventName, Payload: ev.Payload, Timestamp: ts, Via: "v2", ReceivedAt: now})
 	}
+	names := make([]string, 0, len(refused))
+	for name := range refused {
+		names = append(names, name)
+	}
+	sort.Strings(names)
+	for _, name := range names {
+		a.reportMeterErrors(name, refused[name], now)
+	}
 	return nil
+}
+
+// refusal is one meter event Stripe dropped after taking it.
+type refusal struct {
+	identifier, code, message string
+}
+
+// maxSampleErrors is how many refused events of one error type a meter
+// error report names; the rest it only counts, as Stripe's do.
+const maxSampleErrors = 5
+
+// reportMeterErrors emits the v1.billing.meter.error_report_triggered
+// event of the events of eventName refused at now (a.mu held). Stripe
+// gathers a meter's errors over a window into one report; the sandbox
+// reports each stream request's at once.
+func (a *Account) reportMeterErrors(eventName string, refused []refusal, now time.Time) {
+	meterID := eventName
+	for id, name := range a.meters {
+		if name == eventName {
+			meterID = id
+			break
+		}
+	}
+	var codes []string
+	byCode := map[string][]refusal{}
+	for _, r := range refused {
+		if byCode[r.code] == nil {
+			codes = append(codes, r.code)
+		}
+		byCode[r.code] = append(byCode[r.code], r)
+	}
+	types := make([]map[string]any, 0, len(codes))
+	for _, code := range codes {
+		rs := byCode[code]
+		samples := []map[string]any{}
+		for _, r := range rs[:min(len(rs), maxSampleErrors)] {
+			samples = append(samples, map[string]any{"error_message": r.message, "request": map[string]any{"identifier": r.identifier}})
+		}
+		types = append(types, map[string]any{"code": code, "error_count": len(rs), "sample_errors": samples})
+	}
+	noun := "events"
+	if len(refused) == 1 {
+		noun = "event"
+	}
+	a.emitV2("v1.billing.meter.error_report_triggered",
+		map[string]any{"id": meterID, "type": "billing.meter", "url": "/v1/billing/meters/" + meterID},
+		map[string]any{
+			"developer_message_summary": fmt.Sprintf("There %s %d invalid %s", map[bool]string{true: "is", false: "are"}[len(refused) == 1], len(refused), noun),
+			"reason":                    map[string]any{"error_count": len(refused), "error_types": types},
+			"validation_start":          now.UTC().Truncate(time.Second).Format(time.RFC3339Nano),
+			"validation_end":            now.UTC().Truncate(time.Second).Add(time.Second).Format(time.RFC3339Nano),
+		})
 }
 
 func (a *Account) isSessionToken(token string) bool {

@@ -110,6 +110,70 @@ func (a *Account) emit(typ string, obj *object, req requestRef) {
 	a.changes.Deliveries = append(a.changes.Deliveries, d)
 }
 
+// v2 reports whether ev is a v2 event (object v2.core.event), which is
+// delivered thin: its payload is the whole event, as GET /v2/core/events/{id}
+// answers it, and its delivery leaves out data, as Stripe's does.
+func (ev *event) v2() bool {
+	return bytes.HasPrefix(ev.payload, []byte(v2EventPrefix))
+}
+
+// v2EventPrefix opens every v2 event's payload (emitV2 writes object first).
+const v2EventPrefix = `{"object":"v2.core.event",`
+
+// delivered is the body a delivery of ev sends: a copy of its payload,
+// without data for a v2 event.
+func (ev *event) delivered() []byte {
+	if !ev.v2() {
+		return append([]byte(nil), ev.payload...)
+	}
+	var full map[string]json.RawMessage
+	if err := json.Unmarshal(ev.payload, &full); err != nil {
+		panic(fmt.Sprintf("sandbox: v2 event %s does not decode: %v", ev.id, err))
+	}
+	delete(full, "data")
+	return v2Body(full)
+}
+
+// v2Body encodes a v2 event with object first (see v2EventPrefix).
+func v2Body(fields map[string]json.RawMessage) []byte {
+	delete(fields, "object")
+	rest, err := json.Marshal(fields)
+	if err != nil {
+		panic(fmt.Sprintf("sandbox: v2 event does not encode: %v", err))
+	}
+	return append([]byte(v2EventPrefix), rest[1:]...)
+}
+
+// emitV2 records a v2 event of typ about the related object (a.mu held)
+// and queues its delivery as emit does. Stripe sends such events thin, to
+// an event destination; the sandbox sends them to its one endpoint.
+func (a *Account) emitV2(typ string, related map[string]any, data map[string]any) {
+	now := a.now()
+	ev := &event{id: newID("evt"), seq: a.nextSeq(), typ: typ, created: now.Unix()}
+	fields := map[string]any{
+		"id": ev.id, "type": typ, "created": now.UTC().Format(time.RFC3339Nano), "livemode": false,
+		"context": nil, "reason": nil, "related_object": related, "data": data,
+	}
+	raw := make(map[string]json.RawMessage, len(fields))
+	for k, v := range fields {
+		b, err := json.Marshal(v)
+		if err != nil {
+			panic(fmt.Sprintf("sandbox: event does not encode: %v", err))
+		}
+		raw[k] = b
+	}
+	ev.payload = v2Body(raw)
+	a.events = append(a.events, ev)
+	a.eventIndex[ev.id] = ev
+	a.changes.Events = append(a.changes.Events, ev)
+	if a.opts.Webhook == nil {
+		return
+	}
+	d := &Delivery{EventID: ev.id, EventType: typ, Seq: ev.seq, Status: DeliveryPending, NextAttemptAt: &now, CreatedAt: now}
+	a.deliveries[ev.id] = d
+	a.changes.Deliveries = append(a.changes.Deliveries, d)
+}
+
 // Sign is the Stripe-Signature header of payload sent at t with secret:
 // t=<unix seconds>,v1=<hex HMAC-SHA256 of "<t>.<payload>">.
 func Sign(payload []byte, secret string, t time.Time) string {
@@ -212,7 +276,7 @@ func (a *Account) deliver(ctx context.Context, id string) {
 		return
 	}
 	started, clock := a.now(), time.Now()
-	status, answer, errText := a.post(ctx, endpoint, ev.payload, started)
+	status, answer, errText := a.post(ctx, endpoint, ev.delivered(), started)
 	elapsed := time.Since(clock)
 
 	_ = a.do(context.WithoutCancel(ctx), func() error {
@@ -312,7 +376,7 @@ func (a *Account) Events() []EventRecord {
 func (a *Account) eventRecords() []EventRecord {
 	out := make([]EventRecord, 0, len(a.events))
 	for _, ev := range a.events {
-		r := EventRecord{ID: ev.id, Type: ev.typ, Created: time.Unix(ev.created, 0), Payload: append([]byte(nil), ev.payload...)}
+		r := EventRecord{ID: ev.id, Type: ev.typ, Created: time.Unix(ev.created, 0), Payload: ev.delivered()}
 		if d := a.deliveries[ev.id]; d != nil {
 			c := *d
 			r.Delivery = &c
