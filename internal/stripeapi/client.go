@@ -129,6 +129,12 @@ type Client interface {
 	// none. Errors: *Error (rate_limited, unavailable,
 	// payment_provider_error); invalid_request when an argument is empty.
 	BillingPeriod(ctx context.Context, stripeCustomerID, price string) (period Period, ok bool, err error)
+
+	// GetMeterErrorReport fetches a meter error report, the thin v2 event
+	// eventID (GET /v2/core/events/{id}): the meter events Stripe took and
+	// then refused (see metererrors.go). Errors: *Error; invalid_request
+	// when eventID is empty.
+	GetMeterErrorReport(ctx context.Context, eventID string) (MeterErrorReport, error)
 	SavedCardClient
 }
 
