@@ -178,6 +178,30 @@ func New(ctx context.Context, opts Options) (a *App, err error) {
 		}
 	}
 
+	// Metering: intake always; delivery only with a Stripe key.
+	var meterTurn func(context.Context) error
+	var delivery *metering.Worker
+	if stripeClient != nil {
+		delivery = metering.NewWorker(metering.WorkerOptions{
+			DB: gdb, Stripe: stripeClient, Catalog: cfg.Catalog, Config: cfg.Metering, Logger: logger, Now: now, Registry: reg,
+		})
+		// Reconciliation's Stripe requests wait their turn in the delivery
+		// worker's share of the meter rate limit.
+		meterTurn = delivery.Turn
+	}
+	usage := metering.New(metering.Options{
+		DB: gdb, Stripe: stripeClient, Catalog: cfg.Catalog, Logger: logger, Now: now, UsageRetention: cfg.Retention.UsageEvents,
+		MeterTurn: meterTurn, Registry: reg,
+	})
+	if delivery != nil {
+		a.workers = append(a.workers, delivery)
+		if cfg.Metering.ReconcileInterval > 0 {
+			a.workers = append(a.workers, metering.NewReconciler(usage, cfg.Metering.ReconcileInterval, logger, reg))
+		}
+	} else {
+		logger.Warn("TALLY_STRIPE_SECRET_KEY is not set: usage events are accepted but not delivered")
+	}
+
 	paymentsSvc := payments.New(payments.Options{
 		DB: gdb, Stripe: stripeClient, Catalog: cfg.Catalog, Config: cfg.Checkout,
 		Livemode: cfg.Stripe.Livemode(), RevokeFrom: cfg.Credits.RevokeFrom, Logger: logger, Now: now,
@@ -185,7 +209,7 @@ func New(ctx context.Context, opts Options) (a *App, err error) {
 	stripeHook := stripehook.New(stripehook.Options{
 		DB: gdb, Payments: paymentsSvc, Secrets: cfg.Stripe.WebhookSecrets,
 		MaxAttempts: cfg.Stripe.EventMaxAttempts, RetryInterval: cfg.Stripe.EventRetryInterval, Lease: cfg.Stripe.EventLease,
-		Registry: reg, Logger: logger, Now: now, Stripe: stripeClient,
+		Registry: reg, Logger: logger, Now: now, Stripe: stripeClient, Usage: usage,
 	})
 	a.workers = append(a.workers, stripehook.NewWorker(stripeHook))
 	syncer := stripehook.NewSyncer(stripeHook, stripehook.SyncerOptions{
@@ -216,33 +240,10 @@ func New(ctx context.Context, opts Options) (a *App, err error) {
 		Payments:   paymentsSvc,
 		StripeHook: stripeHook,
 		StripeSync: syncer,
+		Metering:   usage,
 
 		Credits: wallet,
 		Verify:  func(ctx context.Context) (credits.VerifyReport, error) { return Verify(ctx, gdb) },
-	}
-
-	// Metering: intake always; delivery only with a Stripe key.
-	var meterTurn func(context.Context) error
-	var delivery *metering.Worker
-	if stripeClient != nil {
-		delivery = metering.NewWorker(metering.WorkerOptions{
-			DB: gdb, Stripe: stripeClient, Catalog: cfg.Catalog, Config: cfg.Metering, Logger: logger, Now: now, Registry: reg,
-		})
-		// Reconciliation's Stripe requests wait their turn in the delivery
-		// worker's share of the meter rate limit.
-		meterTurn = delivery.Turn
-	}
-	deps.Metering = metering.New(metering.Options{
-		DB: gdb, Stripe: stripeClient, Catalog: cfg.Catalog, Logger: logger, Now: now, UsageRetention: cfg.Retention.UsageEvents,
-		MeterTurn: meterTurn,
-	})
-	if delivery != nil {
-		a.workers = append(a.workers, delivery)
-		if cfg.Metering.ReconcileInterval > 0 {
-			a.workers = append(a.workers, metering.NewReconciler(deps.Metering, cfg.Metering.ReconcileInterval, logger, reg))
-		}
-	} else {
-		logger.Warn("TALLY_STRIPE_SECRET_KEY is not set: usage events are accepted but not delivered")
 	}
 
 	if sb != nil {

@@ -15,6 +15,7 @@ import (
 	"log/slog"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"golang.org/x/time/rate"
 	"gorm.io/gorm"
 
@@ -98,6 +99,8 @@ type Service struct {
 	// retention is how long delivered events are kept as rows
 	// (retention.go); 0 keeps them.
 	retention time.Duration
+	// refusals is tally_usage_refused_total (refused.go).
+	refusals *prometheus.CounterVec
 }
 
 // Options are what New needs.
@@ -122,12 +125,16 @@ type Options struct {
 	// count in the shared meter rate limit (Worker.Turn); the Service's
 	// own pace (summaryRate) keeps them to a part of it.
 	MeterTurn func(context.Context) error
+	// Registry receives tally_usage_refused_total; nil keeps it
+	// unregistered.
+	Registry prometheus.Registerer
 }
 
 // New returns the metering Service.
 func New(o Options) *Service {
 	s := &Service{db: o.DB, stripe: o.Stripe, catalog: o.Catalog, now: o.Now, log: o.Logger,
-		summaryLimiter: rate.NewLimiter(paced(summaryRate), 1), retention: max(o.UsageRetention, 0), turn: o.MeterTurn}
+		summaryLimiter: rate.NewLimiter(paced(summaryRate), 1), retention: max(o.UsageRetention, 0), turn: o.MeterTurn,
+		refusals: newRefusals(o.Registry)}
 	if s.now == nil {
 		s.now = time.Now
 	}

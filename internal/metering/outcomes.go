@@ -248,6 +248,24 @@ type settledRow struct {
 const settledColumns = `u.identifier, u.customer_id, u.meter, u.value, u.occurred_at, u.status, u.attempts,
 	u.dead_code, u.last_error`
 
+// appendDead appends a usage.dead event for each dead row of rows, in
+// the transaction that dead-lettered it.
+func appendDead(ctx context.Context, tx *gorm.DB, rows []settledRow) error {
+	for _, r := range rows {
+		if r.Status != string(StatusDead) {
+			continue
+		}
+		err := events.Append(ctx, tx, r.CustomerID, events.UsageDead{
+			Identifier: r.Identifier, Meter: r.Meter, Value: r.Value, Timestamp: r.OccurredAt.UTC(),
+			Attempts: r.Attempts, Code: r.DeadCode, LastError: r.LastError,
+		})
+		if err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
 // retry counts a failed attempt and schedules the next after a jittered
 // backoff capped at BackoffMax, and never later than the end of Stripe's
 // window for the event's timestamp; an event already past that end is
@@ -322,19 +340,7 @@ func (w *Worker) settleRows(ctx context.Context, n int, update func(tx *gorm.DB)
 		if err := update(tx).Scan(&rows).Error; err != nil {
 			return err
 		}
-		for _, r := range rows {
-			if r.Status != string(StatusDead) {
-				continue
-			}
-			err := events.Append(rctx, tx, r.CustomerID, events.UsageDead{
-				Identifier: r.Identifier, Meter: r.Meter, Value: r.Value, Timestamp: r.OccurredAt.UTC(),
-				Attempts: r.Attempts, Code: r.DeadCode, LastError: r.LastError,
-			})
-			if err != nil {
-				return err
-			}
-		}
-		return nil
+		return appendDead(rctx, tx, rows)
 	})
 	if err != nil {
 		if ctx.Err() == nil {

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/json"
 	"fmt"
+	"time"
 	"unicode/utf8"
 
 	"github.com/tallybilling/tally/internal/errs"
@@ -21,6 +22,9 @@ type Event struct {
 	Livemode   bool
 	Created    int64
 	Object     json.RawMessage
+	// Thin marks a v2 event (see parseThin): Object is its related
+	// object, and its details are Stripe's to fetch.
+	Thin bool
 }
 
 type envelope struct {
@@ -29,8 +33,9 @@ type envelope struct {
 	Type       string  `json:"type"`
 	APIVersion *string `json:"api_version"`
 	Livemode   bool    `json:"livemode"`
-	Created    int64   `json:"created"`
-	Data       *struct {
+	// Created is Unix seconds, except in a thin event (parseThin).
+	Created json.RawMessage `json:"created"`
+	Data    *struct {
 		Object json.RawMessage `json:"object"`
 	} `json:"data"`
 }
@@ -50,6 +55,13 @@ func ParseEvent(payload []byte) (Event, error) {
 	if err := json.Unmarshal(payload, &env); err != nil {
 		return Event{}, errs.E(errs.Invalid, "the event is not a JSON object: %v", err)
 	}
+	if env.Object == thinObject {
+		return parseThin(payload)
+	}
+	var created int64
+	if len(env.Created) > 0 && json.Unmarshal(env.Created, &created) != nil {
+		return Event{}, errs.E(errs.Invalid, "the event's created is not a Unix time")
+	}
 	switch {
 	case env.ID == "" || len(env.ID) > maxIDLen:
 		return Event{}, errs.E(errs.Invalid, "the event has no id (or one over %d bytes)", maxIDLen)
@@ -60,9 +72,44 @@ func ParseEvent(payload []byte) (Event, error) {
 	case env.Data == nil || !isObject(env.Data.Object):
 		return Event{}, errs.E(errs.Invalid, "the event has no data.object")
 	}
-	ev := Event{ID: env.ID, Type: env.Type, Livemode: env.Livemode, Created: env.Created, Object: env.Data.Object}
+	ev := Event{ID: env.ID, Type: env.Type, Livemode: env.Livemode, Created: created, Object: env.Data.Object}
 	if env.APIVersion != nil {
 		ev.APIVersion = *env.APIVersion
+	}
+	return ev, nil
+}
+
+// thinObject is the object of a v2 event, which Stripe delivers thin: an
+// envelope naming the event and its related object, with no data; its
+// details are fetched from Stripe (GET /v2/core/events/{id}).
+const thinObject = "v2.core.event"
+
+// parseThin decodes a thin event's envelope. Its created is a timestamp
+// in RFC 3339, not Unix seconds; Object is its related_object, or {} when
+// it names none.
+func parseThin(payload []byte) (Event, error) {
+	var env struct {
+		ID            string          `json:"id"`
+		Type          string          `json:"type"`
+		Livemode      bool            `json:"livemode"`
+		Created       time.Time       `json:"created"`
+		RelatedObject json.RawMessage `json:"related_object"`
+	}
+	if err := json.Unmarshal(payload, &env); err != nil {
+		return Event{}, errs.E(errs.Invalid, "the v2 event does not decode: %v", err)
+	}
+	switch {
+	case env.ID == "" || len(env.ID) > maxIDLen:
+		return Event{}, errs.E(errs.Invalid, "the event has no id (or one over %d bytes)", maxIDLen)
+	case env.Type == "" || len(env.Type) > maxIDLen:
+		return Event{}, errs.E(errs.Invalid, "the event has no type")
+	}
+	ev := Event{ID: env.ID, Type: env.Type, Livemode: env.Livemode, Thin: true, Object: json.RawMessage(`{}`)}
+	if !env.Created.IsZero() {
+		ev.Created = env.Created.Unix()
+	}
+	if isObject(env.RelatedObject) {
+		ev.Object = env.RelatedObject
 	}
 	return ev, nil
 }

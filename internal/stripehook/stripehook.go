@@ -81,8 +81,19 @@ type Options struct {
 	Registry prometheus.Registerer
 	Logger   *slog.Logger
 	Now      func() time.Time
-	// Stripe lists missed events (CatchUp); nil when no key is configured.
+	// Stripe lists missed events (CatchUp) and answers what a thin event
+	// is about; nil when no key is configured.
 	Stripe stripeapi.Client
+	// Usage takes Stripe's meter error reports; nil ignores them.
+	Usage UsageRefusals
+}
+
+// UsageRefusals takes Stripe's word, in a meter error report, that usage
+// events it took were refused after all (metering's).
+type UsageRefusals interface {
+	// Refused settles the report's refused events. Errors are retried as
+	// any processing error.
+	Refused(ctx context.Context, r stripeapi.MeterErrorReport) error
 }
 
 // Intake receives, stores, processes and replays Stripe events.
@@ -99,6 +110,7 @@ type Intake struct {
 	total         *prometheus.CounterVec
 	lag           *prometheus.HistogramVec
 	stripe        stripeapi.Client
+	usage         UsageRefusals
 }
 
 // processTimeout bounds one processing attempt, which continues even if
@@ -128,7 +140,7 @@ func New(o Options) *Intake {
 			o.MaxAttempts, o.RetryInterval, o.Lease))
 	}
 	h := &Intake{db: o.DB, payments: o.Payments, secrets: o.Secrets, tolerance: o.Tolerance, maxAttempts: o.MaxAttempts,
-		retryInterval: o.RetryInterval, lease: o.Lease, logger: o.Logger, now: o.Now, stripe: o.Stripe}
+		retryInterval: o.RetryInterval, lease: o.Lease, logger: o.Logger, now: o.Now, stripe: o.Stripe, usage: o.Usage}
 	if h.tolerance == 0 {
 		h.tolerance = stripeapi.WebhookTolerance
 	}
@@ -636,6 +648,27 @@ func (h *Intake) backoff(attempt int) time.Duration {
 
 var errIgnored = errors.New("stripehook: event type not handled")
 
+// routeThin says what applies a thin (v2) event: a meter error report's
+// details are fetched from Stripe, which makes the signed envelope only a
+// pointer (a forged one names nothing Stripe would confirm), and handed to
+// metering. Every other v2 type is ignored.
+func (h *Intake) routeThin(ev Event) routed {
+	switch ev.Type {
+	case stripeapi.EventMeterErrorReport, stripeapi.EventMeterNoMeter:
+		if h.usage == nil || h.stripe == nil {
+			return routed{}
+		}
+		return routed{apply: func(ctx context.Context, _ payments.EventRef) error {
+			r, err := h.stripe.GetMeterErrorReport(ctx, ev.ID)
+			if err != nil {
+				return err
+			}
+			return h.usage.Refused(ctx, r)
+		}}
+	}
+	return routed{}
+}
+
 // dispatch decodes the object of a handled type and calls payments. It
 // returns what route found (for an event that may confirm a payment,
 // routed.confirms: process wakes its waiting events once it is processed).
@@ -672,6 +705,9 @@ type routed struct {
 // route decodes the object of a handled type and says what applies it.
 // Errors: errs.Invalid (the object does not decode).
 func (h *Intake) route(ev Event) (routed, error) {
+	if ev.Thin {
+		return h.routeThin(ev), nil
+	}
 	switch ev.Type {
 	case "payment_intent.succeeded", "payment_intent.payment_failed", "payment_intent.canceled":
 		var o paymentIntentObject

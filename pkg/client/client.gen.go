@@ -2749,7 +2749,8 @@ type UsageComparisonRequest struct {
 	To     time.Time     `json:"to"`
 }
 
-// UsageDeadCode `stripe_refused`: Stripe refused the event (a 4xx). `too_old`: its
+// UsageDeadCode `stripe_refused`: Stripe refused the event (a 4xx, or a meter error
+// report naming it after Stripe had taken it). `too_old`: its
 // timestamp left the window Stripe accepts (35 days, less the hour tally
 // keeps to deliver it) before it could be delivered, through a long
 // Stripe outage or because its customer never got a Stripe customer.
@@ -2761,7 +2762,8 @@ type UsageDeadCode string
 type UsageDeadData struct {
 	Attempts int `json:"attempts"`
 
-	// Code `stripe_refused`: Stripe refused the event (a 4xx). `too_old`: its
+	// Code `stripe_refused`: Stripe refused the event (a 4xx, or a meter error
+	// report naming it after Stripe had taken it). `too_old`: its
 	// timestamp left the window Stripe accepts (35 days, less the hour tally
 	// keeps to deliver it) before it could be delivered, through a long
 	// Stripe outage or because its customer never got a Stripe customer.

@@ -1,0 +1,105 @@
+package metering
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"gorm.io/gorm"
+
+	"github.com/tallybilling/tally/internal/db"
+	"github.com/tallybilling/tally/internal/stripeapi"
+	"github.com/tallybilling/tally/internal/text"
+)
+
+// Usage Stripe refused after taking it. Stripe validates meter events
+// after it has answered (every event of the v2 stream, and some errors,
+// such as an unknown customer, on the v1 API too): an event it then
+// refuses is dropped and never billed, while tally, told 200, holds it as
+// delivered. Stripe reports such refusals in meter error reports, thin v2
+// events that stripehook receives, verifies and fetches, and hands here.
+
+// Refused settles the meter error report r. Each event it names that
+// tally holds as delivered becomes dead with dead_code stripe_refused,
+// Stripe's message and the report's id in last_error, and a usage.dead
+// event: Stripe did not bill it, so once its cause is mended it may be
+// requeued (POST /v1/admin/usage-events/requeue), and the resend is not
+// counted twice. An event in any other state is left as it is (one not
+// delivered yet is still sent, and Stripe refuses or reports it again).
+//
+// Stripe names only a few refused events per error code and counts the
+// rest: those stay delivered in tally. Every refusal the report counts is
+// added to tally_usage_refused_total{code}, and the report is logged with
+// its window, in which `tally reconcile` finds the events Stripe did not
+// count. A report processed again changes no event twice.
+// Errors: errs.Unavailable.
+func (s *Service) Refused(ctx context.Context, r stripeapi.MeterErrorReport) error {
+	type named struct {
+		Identifier string `json:"identifier"`
+		Message    string `json:"message"`
+	}
+	var samples []named
+	for _, t := range r.Types {
+		for _, e := range t.Samples {
+			samples = append(samples, named{Identifier: e.Identifier, Message: text.Truncate(
+				fmt.Sprintf("Stripe refused it after taking it (meter error report %s, %s): %s", r.EventID, t.Code, e.Message), 2000)})
+		}
+	}
+	var rows []settledRow
+	if len(samples) > 0 {
+		raw, err := json.Marshal(samples)
+		if err != nil {
+			return err
+		}
+		now := s.now()
+		err = db.InTx(ctx, s.db, func(tx *gorm.DB) error {
+			rows = nil
+			err := tx.Raw(`
+				UPDATE usage_events u SET status = 'dead', dead_code = ?, last_error = x.message,
+					delivered_at = NULL, lease_until = NULL, claimed_by = NULL, updated_at = ?
+				FROM jsonb_to_recordset(?::jsonb) AS x(identifier text, message text)
+				WHERE u.identifier = x.identifier AND u.status = 'delivered'
+				RETURNING `+settledColumns,
+				string(DeadStripeRefused), now, string(raw)).Scan(&rows).Error
+			if err != nil {
+				return err
+			}
+			return appendDead(ctx, tx, rows)
+		})
+		if err != nil {
+			return db.Translate(err, nil)
+		}
+	}
+	for _, t := range r.Types {
+		s.refusals.WithLabelValues(t.Code).Add(float64(t.Count))
+	}
+	for _, row := range rows {
+		s.log.WarnContext(ctx, "usage event refused by Stripe after it took it: dead-lettered", "identifier", row.Identifier,
+			"customer_id", row.CustomerID, "meter", row.Meter, "stripe_event_id", r.EventID, "error", row.LastError)
+	}
+	s.log.WarnContext(ctx, "Stripe refused usage events after taking them (meter error report); reconcile the window to find those it did not name",
+		"stripe_event_id", r.EventID, "stripe_meter", r.Meter, "summary", r.Summary, "refused", r.ErrorCount, "named", len(samples),
+		"dead_lettered", len(rows), "validation_start", r.ValidationStart.UTC(), "validation_end", r.ValidationEnd.UTC())
+	return nil
+}
+
+// newRefusals is tally_usage_refused_total, registered on reg (nil: kept
+// unregistered); several Services on one registry share it.
+func newRefusals(reg prometheus.Registerer) *prometheus.CounterVec {
+	c := prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "tally_usage_refused_total",
+		Help: "Usage events Stripe refused after taking them, as its meter error reports count them, by Stripe's error code; the ones a report names are dead-lettered stripe_refused, the rest show in a reconciliation.",
+	}, []string{"code"})
+	if reg != nil {
+		c = register(reg, c)
+	}
+	// Each code Stripe documents starts at 0, so that the alert's
+	// increase() sees a process's first refusal of it too.
+	for _, code := range []string{"archived_meter", "meter_event_customer_not_found", "meter_event_dimension_count_too_high",
+		"meter_event_invalid_value", "meter_event_no_customer_defined", "missing_dimension_payload_keys", "no_meter",
+		"timestamp_in_future", "timestamp_too_far_in_past"} {
+		c.WithLabelValues(code)
+	}
+	return c
+}
