@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"maps"
 	"net/http"
 	"strings"
 	"testing"
@@ -27,18 +28,9 @@ func TestAMeterErrorReportDeadLettersTheEventsStripeRefusedAfterTakingThem(t *te
 	t.Parallel()
 	fake := stripefake.New(t)
 	fake.SetClock(func() time.Time { return time.Now().Add(-10 * time.Minute) })
-	env := meteringEnv(t, fake.URL())
-	env["TALLY_METER_TRANSPORT"] = "v2"
-	env["TALLY_STRIPE_EVENT_RETRY_INTERVAL"] = "100ms"
-	s := startServer(t, env)
+	s := meterErrorsServer(t, fake, "meter-errors", map[string]string{"TALLY_METER_TRANSPORT": "v2"})
 	ctx := context.Background()
 	svc := s.service(t)
-	stripeID := "cus_MeterErrors"
-	linked, err := svc.UpsertCustomerWithResponse(ctx, "meter-errors", client.CustomerUpsert{StripeCustomerId: &stripeID})
-	if err != nil {
-		t.Fatal(err)
-	}
-	mustStatus(t, "link customer", linked.StatusCode(), linked.Body, http.StatusCreated)
 	feedStart := pollEvents(t, svc, "", 0).NextCursor
 
 	const sent = 8
@@ -185,18 +177,9 @@ func TestAMeterErrorReportDeadLettersTheEventsStripeRefusedAfterTakingThem(t *te
 func TestThinEventsAreVerifiedAndOnlyStripesWordCounts(t *testing.T) {
 	t.Parallel()
 	fake := stripefake.New(t)
-	env := meteringEnv(t, fake.URL())
-	env["TALLY_STRIPE_EVENT_RETRY_INTERVAL"] = "100ms"
-	env["TALLY_STRIPE_EVENT_MAX_ATTEMPTS"] = "2"
-	s := startServer(t, env)
+	s := meterErrorsServer(t, fake, "thin-events", map[string]string{"TALLY_STRIPE_EVENT_MAX_ATTEMPTS": "2"})
 	ctx := context.Background()
 	svc := s.service(t)
-	stripeID := "cus_ThinEvents"
-	linked, err := svc.UpsertCustomerWithResponse(ctx, "thin-events", client.CustomerUpsert{StripeCustomerId: &stripeID})
-	if err != nil {
-		t.Fatal(err)
-	}
-	mustStatus(t, "link customer", linked.StatusCode(), linked.Body, http.StatusCreated)
 	key := "thin-events-batch"
 	res, err := svc.IngestUsageEventsWithResponse(ctx, &client.IngestUsageEventsParams{IdempotencyKey: &key},
 		client.UsageBatch{Events: []client.UsageEventInput{usageEvent("thin-events", "kept-1", 1)}})
@@ -248,4 +231,22 @@ func TestThinEventsAreVerifiedAndOnlyStripesWordCounts(t *testing.T) {
 	if n := countRows(t, gdb, `SELECT count(*) FROM stripe_events WHERE id = 'evt_thin_badtime'`); n != 0 {
 		t.Errorf("a thin event that does not decode was stored")
 	}
+}
+
+// meterErrorsServer is a server on fake, with env added, that retries
+// stored Stripe events every 100 ms, and customer linked to a Stripe
+// customer.
+func meterErrorsServer(t *testing.T, fake *stripefake.Fake, customer string, env map[string]string) *server {
+	t.Helper()
+	e := meteringEnv(t, fake.URL())
+	e["TALLY_STRIPE_EVENT_RETRY_INTERVAL"] = "100ms"
+	maps.Copy(e, env)
+	s := startServer(t, e)
+	stripeID := "cus_" + strings.ReplaceAll(customer, "-", "")
+	linked, err := s.service(t).UpsertCustomerWithResponse(context.Background(), customer, client.CustomerUpsert{StripeCustomerId: &stripeID})
+	if err != nil {
+		t.Fatal(err)
+	}
+	mustStatus(t, "link customer", linked.StatusCode(), linked.Body, http.StatusCreated)
+	return s
 }

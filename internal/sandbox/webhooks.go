@@ -99,13 +99,19 @@ func (a *Account) emit(typ string, obj *object, req requestRef) {
 		panic(fmt.Sprintf("sandbox: event does not encode: %v", err))
 	}
 	ev.payload = raw
+	a.keep(ev, now)
+}
+
+// keep records the event ev emitted at now (a.mu held) and queues its
+// delivery when there is a webhook endpoint.
+func (a *Account) keep(ev *event, now time.Time) {
 	a.events = append(a.events, ev)
 	a.eventIndex[ev.id] = ev
 	a.changes.Events = append(a.changes.Events, ev)
 	if a.opts.Webhook == nil {
 		return
 	}
-	d := &Delivery{EventID: ev.id, EventType: typ, Seq: ev.seq, Status: DeliveryPending, NextAttemptAt: &now, CreatedAt: now}
+	d := &Delivery{EventID: ev.id, EventType: ev.typ, Seq: ev.seq, Status: DeliveryPending, NextAttemptAt: &now, CreatedAt: now}
 	a.deliveries[ev.id] = d
 	a.changes.Deliveries = append(a.changes.Deliveries, d)
 }
@@ -163,15 +169,7 @@ func (a *Account) emitV2(typ string, related map[string]any, data map[string]any
 		raw[k] = b
 	}
 	ev.payload = v2Body(raw)
-	a.events = append(a.events, ev)
-	a.eventIndex[ev.id] = ev
-	a.changes.Events = append(a.changes.Events, ev)
-	if a.opts.Webhook == nil {
-		return
-	}
-	d := &Delivery{EventID: ev.id, EventType: typ, Seq: ev.seq, Status: DeliveryPending, NextAttemptAt: &now, CreatedAt: now}
-	a.deliveries[ev.id] = d
-	a.changes.Deliveries = append(a.changes.Deliveries, d)
+	a.keep(ev, now)
 }
 
 // Sign is the Stripe-Signature header of payload sent at t with secret:
