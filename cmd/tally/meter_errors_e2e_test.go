@@ -250,3 +250,50 @@ func meterErrorsServer(t *testing.T, fake *stripefake.Fake, customer string, env
 	mustStatus(t, "link customer", linked.StatusCode(), linked.Body, http.StatusCreated)
 	return s
 }
+
+// A meter error report whose delivery never came (tally down for longer
+// than Stripe retries, or no event destination set up for thin events)
+// is found by the catch-up, which lists each of tally's meters' reports,
+// and dead-letters the events it names; a second catch-up finds it stored.
+func TestTheCatchUpFindsAMeterErrorReportNeverDelivered(t *testing.T) {
+	t.Parallel()
+	fake := stripefake.New(t)
+	fake.SetMeter("mtr_api_calls", "api_calls") // the catalog's meter
+	fake.SetClock(func() time.Time { return time.Now().Add(-10 * time.Minute) })
+	s := meterErrorsServer(t, fake, "missed-report", map[string]string{"TALLY_METER_TRANSPORT": "v2"})
+	ctx := context.Background()
+	svc := s.service(t)
+	key := "missed-report-batch"
+	res, err := svc.IngestUsageEventsWithResponse(ctx, &client.IngestUsageEventsParams{IdempotencyKey: &key},
+		client.UsageBatch{Events: []client.UsageEventInput{usageEvent("missed-report", "missed-1", 1), usageEvent("missed-report", "missed-2", 1)}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	mustStatus(t, "ingest", res.StatusCode(), res.Body, http.StatusAccepted)
+	waitUsageStatus(t, svc, "missed-1", client.UsageStatusDelivered)
+	waitUsageStatus(t, svc, "missed-2", client.UsageStatusDelivered)
+	waitFor(t, "Stripe's meter error report", func() bool {
+		for _, ev := range fake.Sandbox().Events() {
+			if ev.Type == "v1.billing.meter.error_report_triggered" {
+				return true
+			}
+		}
+		return false
+	})
+
+	since := time.Now().Add(-time.Hour)
+	first := stripeSync(t, s, &since)
+	if first.EventsNew != 1 {
+		t.Errorf("the catch-up stored %d new events, want the 1 report", first.EventsNew)
+	}
+	for _, id := range []string{"missed-1", "missed-2"} {
+		got := waitUsageStatus(t, svc, id, client.UsageStatusDead)
+		if got.DeadCode == nil || *got.DeadCode != client.UsageDeadCodeStripeRefused {
+			t.Errorf("%s: %+v, want dead stripe_refused", id, got)
+		}
+	}
+	if again := stripeSync(t, s, &since); again.EventsNew != 0 {
+		t.Errorf("a second catch-up stored %d new events, want 0", again.EventsNew)
+	}
+	mustVerifyClean(t, s)
+}

@@ -21,6 +21,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"gorm.io/gorm"
 
+	"github.com/tallybilling/tally/internal/catalog"
 	"github.com/tallybilling/tally/internal/config"
 	"github.com/tallybilling/tally/internal/credits"
 	"github.com/tallybilling/tally/internal/customers"
@@ -209,7 +210,7 @@ func New(ctx context.Context, opts Options) (a *App, err error) {
 	stripeHook := stripehook.New(stripehook.Options{
 		DB: gdb, Payments: paymentsSvc, Secrets: cfg.Stripe.WebhookSecrets,
 		MaxAttempts: cfg.Stripe.EventMaxAttempts, RetryInterval: cfg.Stripe.EventRetryInterval, Lease: cfg.Stripe.EventLease,
-		Registry: reg, Logger: logger, Now: now, Stripe: stripeClient, Usage: usage,
+		Registry: reg, Logger: logger, Now: now, Stripe: stripeClient, Usage: usage, Meters: stripeMeters(cfg.Catalog),
 	})
 	a.workers = append(a.workers, stripehook.NewWorker(stripeHook))
 	syncer := stripehook.NewSyncer(stripeHook, stripehook.SyncerOptions{
@@ -426,4 +427,16 @@ func newServer(h http.Handler, writeTimeout time.Duration) *http.Server {
 		IdleTimeout:       120 * time.Second,
 		MaxHeaderBytes:    64 << 10,
 	}
+}
+
+// stripeMeters are the Stripe meters of the catalog's plans that send
+// usage to Stripe, each once.
+func stripeMeters(c catalog.Catalog) []string {
+	var out []string
+	for _, p := range c.Plans {
+		if p.Delivery != catalog.DeliveryShadow && p.StripeMeterID != "" && !slices.Contains(out, p.StripeMeterID) {
+			out = append(out, p.StripeMeterID)
+		}
+	}
+	return out
 }

@@ -34,7 +34,8 @@ import (
 //	POST /v1/billing/meter_event_adjustments (cancel), GET /v1/subscriptions
 //	GET and POST /v1/billing/meters, GET /v1/billing/meters/{id}/event_summaries
 //	POST /v2/billing/meter_event_session, POST /v2/billing/meter_event_stream
-//	GET /v2/core/events/{id} (a meter error report, delivered thin)
+//	GET /v2/core/events/{id} (a meter error report, delivered thin),
+//	GET /v2/core/events?object_id= (newest first, paged by page=)
 //
 // Every POST honours Idempotency-Key as Stripe does: the same key with the
 // same parameters replays the first answer (Idempotent-Replayed: true);
@@ -326,6 +327,49 @@ func (h *API) handle(w http.ResponseWriter, r *http.Request, body []byte) {
 	h.idempotently(w, r, form, req, op)
 }
 
+// listV2Events is GET /v2/core/events: the v2 events whose related
+// object is object_id (which Stripe requires), newest first, limit (at
+// most 100, default 20) a page; next_page_url carries the rest.
+func (a *Account) listV2Events(w http.ResponseWriter, q url.Values) {
+	objectID := q.Get("object_id")
+	if objectID == "" {
+		writeError(w, &Error{Status: http.StatusBadRequest, Type: "invalid_request_error", Code: "parameter_missing", Param: "object_id", Message: "Missing required param: object_id."})
+		return
+	}
+	limit := 20
+	if v := q.Get("limit"); v != "" {
+		n, err := strconv.Atoi(v)
+		if err != nil || n < 1 || n > 100 {
+			writeError(w, invalid("limit", "limit must be an integer from 1 to 100."))
+			return
+		}
+		limit = n
+	}
+	skip, _ := strconv.Atoi(q.Get("page"))
+	related := []json.RawMessage{}
+	for i := len(a.events) - 1; i >= 0; i-- {
+		ev := a.events[i]
+		if !ev.v2() {
+			continue
+		}
+		var head struct {
+			RelatedObject struct {
+				ID string `json:"id"`
+			} `json:"related_object"`
+		}
+		if json.Unmarshal(ev.payload, &head) == nil && head.RelatedObject.ID == objectID {
+			related = append(related, ev.payload)
+		}
+	}
+	page := related[min(skip, len(related)):]
+	var next any
+	if len(page) > limit {
+		page = page[:limit]
+		next = "/v2/core/events?" + url.Values{"object_id": {objectID}, "limit": {strconv.Itoa(limit)}, "page": {strconv.Itoa(skip + limit)}}.Encode()
+	}
+	writeJSON(w, http.StatusOK, map[string]any{"data": page, "next_page_url": next, "previous_page_url": nil})
+}
+
 func redactKey(k string) string {
 	if len(k) <= 12 {
 		return "sk_***"
@@ -579,6 +623,8 @@ func (h *API) getLocked(w http.ResponseWriter, r *http.Request) {
 				"price": map[string]any{"id": nullable(li.Price), "object": "price", "unit_amount": li.UnitAmount, "currency": li.Currency}})
 		}
 		writeJSON(w, http.StatusOK, map[string]any{"object": "list", "data": data, "has_more": false, "url": r.URL.Path})
+	case r.URL.Path == "/v2/core/events":
+		a.listV2Events(w, q)
 	case len(parts) == 4 && parts[0] == "v2" && parts[1] == "core" && parts[2] == "events":
 		ev := a.eventIndex[parts[3]]
 		if ev == nil || !ev.v2() {

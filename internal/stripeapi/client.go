@@ -135,6 +135,11 @@ type Client interface {
 	// then refused (see metererrors.go). Errors: *Error; invalid_request
 	// when eventID is empty.
 	GetMeterErrorReport(ctx context.Context, eventID string) (MeterErrorReport, error)
+
+	// ListMeterErrorReports lists one meter's error reports created since
+	// a time, oldest first, as the thin events Stripe delivers (see
+	// metererrors.go), for a catch-up. Errors: *Error.
+	ListMeterErrorReports(ctx context.Context, meterID string, since time.Time) ([]RawEvent, error)
 	SavedCardClient
 }
 

@@ -3,6 +3,7 @@ package stripeapi
 import (
 	"context"
 	"encoding/json"
+	"slices"
 	"strings"
 	"time"
 
@@ -107,4 +108,46 @@ func meterErrorReport(base stripe.V2BaseEvent, meter string, d stripe.V1BillingM
 		r.Types = append(r.Types, mt)
 	}
 	return r
+}
+
+// MaxListedReports bounds what one ListMeterErrorReports call returns.
+const MaxListedReports = 1000
+
+// ListMeterErrorReports lists the meter error reports of one Stripe meter
+// created since a time (Stripe keeps 30 days), oldest first, each
+// re-encoded as the thin event Stripe delivers (GET /v2/core/events with
+// object_id, newest first, read until an event older than since), at most
+// MaxListedReports of the newest. Errors: *Error; invalid_request when
+// meterID is empty.
+func (c *client) ListMeterErrorReports(ctx context.Context, meterID string, since time.Time) ([]RawEvent, error) {
+	if strings.TrimSpace(meterID) == "" {
+		return nil, errs.E(errs.Invalid, "stripeapi: a meter id is required")
+	}
+	ctx, capture := withCapture(ctx)
+	var out []RawEvent
+	for ev, err := range c.api.V2CoreEvents.List(ctx, &stripe.V2CoreEventListParams{ObjectID: stripe.String(meterID), Limit: stripe.Int64(100)}) {
+		if err != nil {
+			return nil, classify("list meter error reports", err, capture, false)
+		}
+		e, ok := ev.(*stripe.V1BillingMeterErrorReportTriggeredEvent)
+		if !ok {
+			continue // another type of event about the meter
+		}
+		if e.Created.Before(since) {
+			break
+		}
+		thin, err := json.Marshal(map[string]any{
+			"object": "v2.core.event", "id": e.ID, "type": EventMeterErrorReport, "created": e.Created.UTC().Format(time.RFC3339Nano),
+			"livemode": e.Livemode, "related_object": map[string]any{"id": e.RelatedObject.ID, "type": e.RelatedObject.Type, "url": e.RelatedObject.URL},
+		})
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, RawEvent{ID: e.ID, Type: EventMeterErrorReport, Created: e.Created, Payload: thin})
+		if len(out) == MaxListedReports {
+			break
+		}
+	}
+	slices.Reverse(out)
+	return out, nil
 }

@@ -86,6 +86,9 @@ type Options struct {
 	Stripe stripeapi.Client
 	// Usage takes Stripe's meter error reports; nil ignores them.
 	Usage UsageRefusals
+	// Meters are the Stripe meters usage is sent to, whose error reports
+	// a catch-up lists.
+	Meters []string
 }
 
 // UsageRefusals takes Stripe's word, in a meter error report, that usage
@@ -111,6 +114,7 @@ type Intake struct {
 	lag           *prometheus.HistogramVec
 	stripe        stripeapi.Client
 	usage         UsageRefusals
+	meters        []string
 }
 
 // processTimeout bounds one processing attempt, which continues even if
@@ -140,7 +144,8 @@ func New(o Options) *Intake {
 			o.MaxAttempts, o.RetryInterval, o.Lease))
 	}
 	h := &Intake{db: o.DB, payments: o.Payments, secrets: o.Secrets, tolerance: o.Tolerance, maxAttempts: o.MaxAttempts,
-		retryInterval: o.RetryInterval, lease: o.Lease, logger: o.Logger, now: o.Now, stripe: o.Stripe, usage: o.Usage}
+		retryInterval: o.RetryInterval, lease: o.Lease, logger: o.Logger, now: o.Now, stripe: o.Stripe, usage: o.Usage,
+		meters: o.Meters}
 	if h.tolerance == 0 {
 		h.tolerance = stripeapi.WebhookTolerance
 	}

@@ -120,6 +120,9 @@ func (h *Intake) CatchUp(ctx context.Context, since time.Time) (CatchUpResult, e
 		}
 		start = next
 	}
+	if err := h.catchUpMeterErrors(ctx, since, &res); err != nil {
+		return res, err
+	}
 	if since.After(from) {
 		// A window that began later than the default one (an operator's
 		// --since) leaves a gap before it: the next default starts where
@@ -150,6 +153,29 @@ func (h *Intake) CatchUp(ctx context.Context, since time.Time) (CatchUpResult, e
 		return res, db.Translate(err, nil)
 	}
 	return res, nil
+}
+
+// catchUpMeterErrors lists the meter error reports (thin v2 events,
+// which /v1/events does not list) of each of tally's Stripe meters
+// created since since, and stores and processes those not stored yet, as
+// storeListed does: a report whose delivery was missed (tally down longer
+// than Stripe retries, or no event destination set up for thin events)
+// still dead-letters the events it names.
+func (h *Intake) catchUpMeterErrors(ctx context.Context, since time.Time, res *CatchUpResult) error {
+	if h.usage == nil {
+		return nil
+	}
+	for _, meter := range h.meters {
+		listed, err := h.stripe.ListMeterErrorReports(ctx, meter, since)
+		if err != nil {
+			return err
+		}
+		res.Listed += len(listed)
+		if err := h.storeListed(ctx, listed, res); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // storeListed stores and processes, in order, the listed events not stored
