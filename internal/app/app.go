@@ -221,6 +221,7 @@ func New(ctx context.Context, opts Options) (a *App, err error) {
 	}
 	a.workers = append(a.workers, newVerifier(gdb, logger, now, cfg.Stripe.VerifyInterval, reg))
 	paymentsSvc.OnWaitOver(stripeHook.WakeWaiting)
+	paymentsSvc.OnTopUpFailedUnrecorded(stripeHook.WakeWaitingOnPayment)
 
 	// Every change that lowers a customer's credits may start its automatic
 	// top-up, in the change's own transaction (payments writes the payment).

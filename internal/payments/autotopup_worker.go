@@ -99,7 +99,7 @@ func (s *Service) ChargeDueAutoTopUps(ctx context.Context) (int, error) {
 // top-up); any other error leaves it pending for the next round.
 func (s *Service) chargeAutoTopUp(ctx context.Context, id string) (bool, error) {
 	done := false
-	recorded := ""
+	recorded, failedUnrecorded := "", false
 	err := db.InTx(ctx, s.db, func(tx *gorm.DB) error {
 		var r paymentRow
 		err := tx.WithContext(ctx).Clauses(clause.Locking{Strength: "UPDATE", Options: "SKIP LOCKED"}).
@@ -134,6 +134,10 @@ func (s *Service) chargeAutoTopUp(ctx context.Context, id string) (bool, error) 
 		if err != nil {
 			return db.Translate(err, nil)
 		}
+		// Failed below without a PaymentIntent: a success Stripe sent for
+		// an earlier attempt whose answer was lost may wait for one
+		// (failedUnrecorded, below).
+		failedUnrecorded = true
 		if settings.Status == AutoTopUpDisabled {
 			return s.failLocked(ctx, tx, p, EventRef{}, "automatic top-up was turned off before it was charged: "+settings.DisabledReason)
 		}
@@ -155,6 +159,7 @@ func (s *Service) chargeAutoTopUp(ctx context.Context, id string) (bool, error) 
 		if err != nil {
 			return s.failLocked(ctx, tx, p, EventRef{}, "no usable saved card: "+err.Error())
 		}
+		failedUnrecorded = false
 		pi, err := s.stripe.ChargeOffSession(ctx, stripeapi.OffSessionInput{
 			PaymentID: p.ID, TallyCustomerID: p.CustomerID, StripeCustomerID: card.StripeCustomerID,
 			PaymentMethodID: card.PaymentMethodID, Amount: p.Amount, Currency: p.Currency,
@@ -185,6 +190,16 @@ func (s *Service) chargeAutoTopUp(ctx context.Context, id string) (bool, error) 
 	if err == nil && recorded != "" && s.waitOver != nil {
 		s.waitOver(ctx, recorded)
 	}
+	if err == nil && done && failedUnrecorded && s.failedUnrecorded != nil {
+		// An earlier attempt may have charged the card and lost Stripe's
+		// answer, and Stripe's success for it waits for a PaymentIntent
+		// this failure will never record: a failed top-up without one now
+		// takes that success (checkOffSession), so it is woken here rather
+		// than at its next retry, up to an hour later, while the money sat
+		// at Stripe uncredited
+		// (TestAttackAutoTopUpSuccessWaitingWhenItsTopUpFailsUnrecorded).
+		s.failedUnrecorded(ctx, id)
+	}
 	return done, err
 }
 
@@ -197,4 +212,13 @@ func (s *Service) chargeAutoTopUp(ctx context.Context, id string) (bool, error) 
 // an operator. Call it before the workers start.
 func (s *Service) OnWaitOver(f func(ctx context.Context, key string)) {
 	s.waitOver = f
+}
+
+// OnTopUpFailedUnrecorded sets what runs when the worker failed an
+// automatic top-up without recording a PaymentIntent (turned off, or no
+// usable card, when it came back for it): Stripe events naming that
+// payment may wait for the record, and the app wakes them. Call it before
+// the workers start.
+func (s *Service) OnTopUpFailedUnrecorded(f func(ctx context.Context, paymentID string)) {
+	s.failedUnrecorded = f
 }

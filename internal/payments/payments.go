@@ -236,6 +236,7 @@ type Service struct {
 	revokeFrom       string
 	topUpMaxFailures int
 	waitOver         func(ctx context.Context, key string)
+	failedUnrecorded func(ctx context.Context, paymentID string)
 }
 
 // New builds the Service. Config and RevokeFrom come from config, which

@@ -594,6 +594,25 @@ func (h *Intake) processed(ev Event, now time.Time) {
 // confirmed a payment.
 func (h *Intake) WakeWaiting(ctx context.Context, key string) { h.wakeWaiting(ctx, key) }
 
+// WakeWaitingOnPayment wakes, as WakeWaiting, the events waiting for
+// anything whose Stripe object names payment paymentID in tally's
+// metadata: payments calls it (OnTopUpFailedUnrecorded) once an automatic
+// top-up failed without recording the PaymentIntent its success waits
+// for, which that success then credits.
+func (h *Intake) WakeWaitingOnPayment(ctx context.Context, paymentID string) {
+	var keys []string
+	err := h.db.WithContext(ctx).Raw(`SELECT DISTINCT waiting_for FROM stripe_events
+		WHERE status IN ('failed', 'parked') AND waiting_for IS NOT NULL
+			AND payload::jsonb #>> '{data,object,metadata,`+stripeapi.MetadataPaymentID+`}' = ?`, paymentID).Scan(&keys).Error
+	if err != nil {
+		h.logger.WarnContext(ctx, "find events waiting on a payment", "payment_id", paymentID, "error", err)
+		return
+	}
+	for _, k := range keys {
+		h.wakeWaiting(ctx, k)
+	}
+}
+
 // wakeWaiting processes now the events waiting for the success keyed pi
 // (a refund or dispute that overtook it; the key is a PaymentIntent, or a
 // pay-by-invoice payment's invoice: see payments.Waiting.For), rather than
