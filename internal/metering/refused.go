@@ -72,7 +72,9 @@ func (s *Service) Refused(ctx context.Context, r stripeapi.MeterErrorReport) err
 		}
 	}
 	for _, t := range r.Types {
-		s.refusals.WithLabelValues(t.Code).Add(float64(t.Count))
+		if t.Count > 0 { // a counter's Add panics below zero
+			s.refusals.WithLabelValues(t.Code).Add(float64(t.Count))
+		}
 	}
 	for _, row := range rows {
 		s.log.WarnContext(ctx, "usage event refused by Stripe after it took it: dead-lettered", "identifier", row.Identifier,
