@@ -32,7 +32,8 @@ import (
 // rest: those stay delivered in tally. Every refusal the report counts is
 // added to tally_usage_refused_total{code}, and the report is logged with
 // its window, in which `tally reconcile` finds the events Stripe did not
-// count. A report processed again changes no event twice.
+// count. A report is applied once (usage_refusal_reports): processed
+// again, by a replay or a retry, it changes nothing and counts nothing.
 // Errors: errs.Unavailable.
 func (s *Service) Refused(ctx context.Context, r stripeapi.MeterErrorReport) error {
 	type named struct {
@@ -46,30 +47,47 @@ func (s *Service) Refused(ctx context.Context, r stripeapi.MeterErrorReport) err
 				fmt.Sprintf("Stripe refused it after taking it (meter error report %s, %s): %s", r.EventID, t.Code, e.Message), 2000)})
 		}
 	}
+	if samples == nil {
+		samples = []named{}
+	}
+	raw, err := json.Marshal(samples)
+	if err != nil {
+		return err
+	}
+	now := s.now()
 	var rows []settledRow
-	if len(samples) > 0 {
-		raw, err := json.Marshal(samples)
+	var first bool
+	err = db.InTx(ctx, s.db, func(tx *gorm.DB) error {
+		rows, first = nil, false
+		// Applied once: a report processed again (a replay, a retry after
+		// an unrecorded outcome) would dead-letter again an event requeued
+		// since and counted by Stripe, and count its refusals twice.
+		res := tx.Exec(`INSERT INTO usage_refusal_reports (stripe_event_id, applied_at) VALUES (?, ?) ON CONFLICT DO NOTHING`,
+			r.EventID, now)
+		if res.Error != nil {
+			return res.Error
+		}
+		if first = res.RowsAffected == 1; !first || len(samples) == 0 {
+			return nil
+		}
+		err := tx.Raw(`
+			UPDATE usage_events u SET status = 'dead', dead_code = ?, last_error = x.message,
+				delivered_at = NULL, lease_until = NULL, claimed_by = NULL, updated_at = ?
+			FROM jsonb_to_recordset(?::jsonb) AS x(identifier text, message text)
+			WHERE u.identifier = x.identifier AND u.status = 'delivered'
+			RETURNING `+settledColumns,
+			string(DeadStripeRefused), now, string(raw)).Scan(&rows).Error
 		if err != nil {
 			return err
 		}
-		now := s.now()
-		err = db.InTx(ctx, s.db, func(tx *gorm.DB) error {
-			rows = nil
-			err := tx.Raw(`
-				UPDATE usage_events u SET status = 'dead', dead_code = ?, last_error = x.message,
-					delivered_at = NULL, lease_until = NULL, claimed_by = NULL, updated_at = ?
-				FROM jsonb_to_recordset(?::jsonb) AS x(identifier text, message text)
-				WHERE u.identifier = x.identifier AND u.status = 'delivered'
-				RETURNING `+settledColumns,
-				string(DeadStripeRefused), now, string(raw)).Scan(&rows).Error
-			if err != nil {
-				return err
-			}
-			return appendDead(ctx, tx, rows)
-		})
-		if err != nil {
-			return db.Translate(err, nil)
-		}
+		return appendDead(ctx, tx, rows)
+	})
+	if err != nil {
+		return db.Translate(err, nil)
+	}
+	if !first {
+		s.log.InfoContext(ctx, "meter error report applied before; nothing changes", "stripe_event_id", r.EventID)
+		return nil
 	}
 	for _, t := range r.Types {
 		s.refusals.WithLabelValues(t.Code).Add(float64(t.Count))
