@@ -160,3 +160,94 @@ func TestAttackMeterErrorReportReplayedAfterRequeueChangesNothing(t *testing.T) 
 	}
 	mustVerifyClean(t, servers[0])
 }
+
+// A report that comes while tally is still recording the send it is about
+// (Stripe answered, the delivered row not written yet): the event it names
+// is pending then, and the report was processed without touching it; the
+// send was then recorded delivered, and the event Stripe refused and named
+// stayed delivered for good, billed by no one. It must end dead.
+func TestAttackMeterErrorReportDuringTheSendsRecordIsNotLost(t *testing.T) {
+	t.Parallel()
+	fake := stripefake.New(t)
+	fake.SetClock(func() time.Time { return time.Now().Add(-10 * time.Minute) })
+	arrived, proceed := make(chan struct{}), make(chan struct{})
+	var once sync.Once
+	fake.SetFault(func(r *http.Request) (int, string, bool) {
+		if strings.HasSuffix(r.URL.Path, "/meter_event_stream") {
+			first := false
+			once.Do(func() { first = true })
+			if first {
+				close(arrived)
+				<-proceed
+			}
+		}
+		return 0, "", false
+	})
+	env := meteringEnv(t, fake.URL())
+	env["TALLY_METER_TRANSPORT"] = "v2"
+	env["TALLY_STRIPE_EVENT_RETRY_INTERVAL"] = "100ms"
+	s := startServer(t, env)
+	ctx := context.Background()
+	svc := s.service(t)
+	stripeID := "cus_InFlightRefusal"
+	linked, err := svc.UpsertCustomerWithResponse(ctx, "in-flight-refusal", client.CustomerUpsert{StripeCustomerId: &stripeID})
+	if err != nil {
+		t.Fatal(err)
+	}
+	mustStatus(t, "link customer", linked.StatusCode(), linked.Body, http.StatusCreated)
+	key := "in-flight-refusal-batch"
+	res, err := svc.IngestUsageEventsWithResponse(ctx, &client.IngestUsageEventsParams{IdempotencyKey: &key},
+		client.UsageBatch{Events: []client.UsageEventInput{usageEvent("in-flight-refusal", "in-flight-1", 1)}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	mustStatus(t, "ingest", res.StatusCode(), res.Body, http.StatusAccepted)
+	select {
+	case <-arrived:
+	case <-time.After(20 * time.Second):
+		t.Fatal("the event was never streamed")
+	}
+	// tally's record of the send is slow (its row is locked a moment).
+	gdb := openDB(t, s)
+	tx := gdb.Begin()
+	if err := tx.Exec(`SELECT 1 FROM usage_events WHERE identifier = 'in-flight-1' FOR UPDATE`).Error; err != nil {
+		t.Fatal(err)
+	}
+	close(proceed)
+	var report []byte
+	var reportID string
+	waitFor(t, "Stripe's meter error report", func() bool {
+		for _, ev := range fake.Sandbox().Events() {
+			if ev.Type == "v1.billing.meter.error_report_triggered" {
+				report, reportID = ev.Payload, ev.ID
+			}
+		}
+		return report != nil
+	})
+	deliver(t, s, report)
+	time.Sleep(300 * time.Millisecond)
+	if err := tx.Rollback().Error; err != nil {
+		t.Fatal(err)
+	}
+	if n := len(fake.MeterEvents()); n != 0 {
+		t.Fatalf("Stripe counted %d events, want 0", n)
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		var st string
+		if err := gdb.Raw(`SELECT status FROM usage_events WHERE identifier = 'in-flight-1'`).Scan(&st).Error; err != nil {
+			t.Fatal(err)
+		}
+		if st == "dead" {
+			break
+		}
+		if time.Now().After(deadline) {
+			rst, rerr := eventStatus(t, gdb, reportID)
+			t.Fatalf("in-flight-1, refused by Stripe and named in report %s (%s %s), is still %s: lost", reportID, rst, rerr, st)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if n := countRows(t, gdb, `SELECT count(*) FROM events WHERE type = 'usage.dead' AND customer_id = 'in-flight-refusal'`); n != 1 {
+		t.Errorf("%d usage.dead events, want 1", n)
+	}
+}

@@ -4,11 +4,13 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"strings"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"gorm.io/gorm"
 
 	"github.com/tallybilling/tally/internal/db"
+	"github.com/tallybilling/tally/internal/errs"
 	"github.com/tallybilling/tally/internal/stripeapi"
 	"github.com/tallybilling/tally/internal/text"
 )
@@ -26,7 +28,10 @@ import (
 // event: Stripe did not bill it, so once its cause is mended it may be
 // requeued (POST /v1/admin/usage-events/requeue), and the resend is not
 // counted twice. An event in any other state is left as it is (one not
-// delivered yet is still sent, and Stripe refuses or reports it again).
+// delivered yet is still sent, and Stripe refuses or reports it again),
+// except one a send holds right now: Stripe may have answered it and the
+// worker be about to record it delivered, so the report fails
+// (errs.Unavailable) and is retried once that send is recorded.
 //
 // Stripe names only a few refused events per error code and counts the
 // rest: those stay delivered in tally. Every refusal the report counts is
@@ -34,7 +39,7 @@ import (
 // its window, in which `tally reconcile` finds the events Stripe did not
 // count. A report is applied once (usage_refusal_reports): processed
 // again, by a replay or a retry, it changes nothing and counts nothing.
-// Errors: errs.Unavailable.
+// Errors: errs.Unavailable (also while a named event is being sent).
 func (s *Service) Refused(ctx context.Context, r stripeapi.MeterErrorReport) error {
 	type named struct {
 		Identifier string `json:"identifier"`
@@ -79,6 +84,21 @@ func (s *Service) Refused(ctx context.Context, r stripeapi.MeterErrorReport) err
 			string(DeadStripeRefused), now, string(raw)).Scan(&rows).Error
 		if err != nil {
 			return err
+		}
+		// One a send holds (Stripe answered, perhaps, and the worker has
+		// yet to record it delivered) would be recorded delivered after
+		// this report passed it by, and stay so, billed by no one: the
+		// report is retried once the send is recorded.
+		var sending []string
+		err = tx.Raw(`SELECT u.identifier FROM usage_events u
+			WHERE u.identifier IN (SELECT x.identifier FROM jsonb_to_recordset(?::jsonb) AS x(identifier text, message text))
+			  AND u.status = 'pending' AND u.claimed_by IS NOT NULL AND u.lease_until > ?`, string(raw), now).Scan(&sending).Error
+		if err != nil {
+			return err
+		}
+		if len(sending) > 0 {
+			return errs.E(errs.Unavailable, "meter error report %s names %d usage event(s) being sent right now (%s); it is applied once their send is recorded",
+				r.EventID, len(sending), strings.Join(sending[:min(len(sending), 5)], ", "))
 		}
 		return appendDead(ctx, tx, rows)
 	})
