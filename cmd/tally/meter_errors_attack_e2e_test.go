@@ -251,3 +251,192 @@ func TestAttackMeterErrorReportDuringTheSendsRecordIsNotLost(t *testing.T) {
 		t.Errorf("%d usage.dead events, want 1", n)
 	}
 }
+
+// A report Stripe answers naming events in every status tally holds: only
+// the delivered one changes. Before Stripe's word (a 429, a hang, a 400)
+// nothing changes; a 429 and a hang are retried until Stripe answers.
+func TestAttackMeterErrorReportTouchesOnlyDeliveredAndWaitsForStripesWord(t *testing.T) {
+	t.Parallel()
+	fake := stripefake.New(t)
+	env := meteringEnv(t, fake.URL())
+	env["TALLY_METER_TRANSPORT"] = "v2"
+	env["TALLY_STRIPE_EVENT_RETRY_INTERVAL"] = "100ms"
+	s := startServer(t, env)
+	ctx := context.Background()
+	svc := s.service(t)
+	gdb := openDB(t, s)
+	stripeID := "cus_EveryStatus"
+	linked, err := svc.UpsertCustomerWithResponse(ctx, "every-status", client.CustomerUpsert{StripeCustomerId: &stripeID})
+	if err != nil {
+		t.Fatal(err)
+	}
+	mustStatus(t, "link customer", linked.StatusCode(), linked.Body, http.StatusCreated)
+	ahead := time.Now().Add(4 * time.Minute)
+	pending := usageEvent("every-status", "st-pending", 1)
+	pending.Timestamp = &ahead
+	cancelled := usageEvent("every-status", "st-cancelled", 1)
+	cancelled.Timestamp = &ahead
+	key := "every-status-batch"
+	res, err := svc.IngestUsageEventsWithResponse(ctx, &client.IngestUsageEventsParams{IdempotencyKey: &key}, client.UsageBatch{Events: []client.UsageEventInput{
+		usageEvent("every-status", "st-delivered", 1), pending, cancelled, usageEvent("nobody-linked", "st-waiting", 1),
+	}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	mustStatus(t, "ingest", res.StatusCode(), res.Body, http.StatusAccepted)
+	waitUsageStatus(t, svc, "st-delivered", client.UsageStatusDelivered)
+	waitUsageStatus(t, svc, "st-waiting", client.UsageStatusWaitingCustomer)
+	c, err := svc.CancelUsageEventWithResponse(ctx, "st-cancelled")
+	if err != nil {
+		t.Fatal(err)
+	}
+	mustStatus(t, "cancel", c.StatusCode(), c.Body, http.StatusOK)
+	before := map[string]string{}
+	snapshot := func() map[string]string {
+		var rows []struct{ Identifier, Status string }
+		if err := gdb.Raw(`SELECT identifier, status || coalesce(dead_code, '') AS status FROM usage_events`).Scan(&rows).Error; err != nil {
+			t.Fatal(err)
+		}
+		m := map[string]string{}
+		for _, r := range rows {
+			m[r.Identifier] = r.Status
+		}
+		return m
+	}
+	before = snapshot()
+	if before["st-pending"] != "pending" || before["st-cancelled"] != "cancelled" {
+		t.Fatalf("set-up: %v", before)
+	}
+
+	const id = "evt_crafted_every_status"
+	samples := []string{}
+	for _, name := range []string{"st-delivered", "st-pending", "st-cancelled", "st-waiting", "st-unknown", "st-delivered"} {
+		samples = append(samples, fmt.Sprintf(`{"error_message":"refused","request":{"identifier":%q}}`, name))
+	}
+	answer := fmt.Sprintf(`{"object":"v2.core.event","id":%q,"type":"v1.billing.meter.error_report_triggered","created":%q,"livemode":false,`+
+		`"context":null,"reason":null,"related_object":{"id":"mtr_x","type":"billing.meter","url":"/v1/billing/meters/mtr_x"},`+
+		`"data":{"developer_message_summary":"There are 6 invalid events","reason":{"error_count":6,"error_types":[{"code":"meter_event_customer_not_found","error_count":6,"sample_errors":[%s]}]},`+
+		`"validation_start":%q,"validation_end":%q}}`, id, time.Now().UTC().Format(time.RFC3339Nano), strings.Join(samples, ","),
+		time.Now().UTC().Add(-time.Minute).Format(time.RFC3339), time.Now().UTC().Format(time.RFC3339))
+	var mode sync.Mutex
+	stripeSays := "429"
+	fake.SetFault(func(r *http.Request) (int, string, bool) {
+		if r.URL.Path != "/v2/core/events/"+id {
+			return 0, "", false
+		}
+		mode.Lock()
+		say := stripeSays
+		mode.Unlock()
+		switch say {
+		case "429":
+			return http.StatusTooManyRequests, `{"error":{"type":"rate_limit","code":"rate_limit","message":"slow down"}}`, true
+		case "hang":
+			time.Sleep(3 * time.Second)
+			return http.StatusServiceUnavailable, `{"error":{"type":"api_error","message":"late"}}`, true
+		}
+		return http.StatusOK, answer, true
+	})
+	thinBody := []byte(fmt.Sprintf(`{"object":"v2.core.event","id":%q,"type":"v1.billing.meter.error_report_triggered","created":%q,"livemode":false,"context":null,"reason":null,`+
+		`"related_object":{"id":"mtr_x","type":"billing.meter","url":"/v1/billing/meters/mtr_x"}}`, id, time.Now().UTC().Format(time.RFC3339Nano)))
+	deliver(t, s, thinBody)
+	say := func(v string) { mode.Lock(); stripeSays = v; mode.Unlock() }
+	time.Sleep(time.Second)
+	if st, lastErr := eventStatus(t, gdb, id); st != "failed" {
+		t.Fatalf("the report while Stripe answers 429: %s (%s), want failed", st, lastErr)
+	}
+	if got := snapshot(); !maps.Equal(got, before) {
+		t.Fatalf("usage changed before Stripe's word: %v, was %v", got, before)
+	}
+	say("hang")
+	time.Sleep(4 * time.Second)
+	if st, lastErr := eventStatus(t, gdb, id); st != "failed" {
+		t.Fatalf("the report while Stripe hangs: %s (%s), want failed", st, lastErr)
+	}
+	if got := snapshot(); !maps.Equal(got, before) {
+		t.Fatalf("usage changed before Stripe's word: %v, was %v", got, before)
+	}
+	say("ok")
+	waitFor(t, "the report processed once Stripe answers", func() bool {
+		st, _ := eventStatus(t, gdb, id)
+		return st == "processed"
+	})
+	want := maps.Clone(before)
+	want["st-delivered"] = "deadstripe_refused"
+	if got := snapshot(); !maps.Equal(got, want) {
+		t.Errorf("after the report: %v, want %v", got, want)
+	}
+	if n := countRows(t, gdb, `SELECT count(*) FROM events WHERE type = 'usage.dead'`); n != 1 {
+		t.Errorf("%d usage.dead events, want 1", n)
+	}
+	if m := metrics(t, s); !strings.Contains(m, `tally_usage_refused_total{code="meter_event_customer_not_found"} 6`) {
+		t.Errorf("metrics lack the 6 refusals")
+	}
+	mustVerifyClean(t, s)
+}
+
+// Forged, stale, malformed and colliding thin events: each bad one gets a
+// 400 problem and stores nothing; a copy of a stored id with another body
+// is a duplicate that changes nothing and asks Stripe nothing.
+func TestAttackThinEventsForgedStaleMalformedOrColliding(t *testing.T) {
+	t.Parallel()
+	fake := stripefake.New(t)
+	env := meteringEnv(t, fake.URL())
+	env["TALLY_METER_TRANSPORT"] = "v2"
+	s := startServer(t, env)
+	gdb := openDB(t, s)
+	thin := func(id, typ, created string) []byte {
+		return []byte(fmt.Sprintf(`{"object":"v2.core.event","id":%q,"type":%q,"created":%s,"livemode":false,"context":null,"reason":null,`+
+			`"related_object":{"id":"mtr_x","type":"billing.meter","url":"/v1/billing/meters/mtr_x"}}`, id, typ, created))
+	}
+	now := strconv.Quote(time.Now().UTC().Format(time.RFC3339Nano))
+	const report = "v1.billing.meter.error_report_triggered"
+	bad := []struct {
+		name string
+		body []byte
+		sig  string
+	}{
+		{"wrong secret", thin("evt_f1", report, now), sign(thin("evt_f1", report, now), "whsec_other", time.Now())},
+		{"stale signature", thin("evt_f2", report, now), sign(thin("evt_f2", report, now), testWebhookSecret, time.Now().Add(-10*time.Minute))},
+		{"unsigned", thin("evt_f3", report, now), ""},
+		{"created not RFC 3339", thin("evt_f4", report, `"2026-12-02 12:00:00"`), ""},
+		{"created an object", thin("evt_f5", report, `{}`), ""},
+		{"created empty", thin("evt_f6", report, `""`), ""},
+		{"id too long", thin("evt_"+strings.Repeat("x", 300), report, now), ""},
+		{"id not a string", []byte(`{"object":"v2.core.event","id":12,"type":"` + report + `"}`), ""},
+		{"not an object", []byte(`["v2.core.event"]`), ""},
+		{"id with NUL", []byte(`{"object":"v2.core.event","id":"evt_f7\u0000","type":"` + report + `"}`), ""},
+		{"over the body limit", []byte(`{"object":"v2.core.event","id":"evt_f8","type":"` + report + `","pad":"` + strings.Repeat("x", 600<<10) + `"}`), ""},
+	}
+	for _, b := range bad {
+		sig := b.sig
+		if sig == "" && b.name != "unsigned" {
+			sig = sign(b.body, testWebhookSecret, time.Now())
+		}
+		code, body := postWebhook(t, s, b.body, sig)
+		if code < 400 || code >= 500 || !strings.Contains(string(body), `"detail"`) {
+			t.Errorf("%s: %d %s, want a 4xx problem", b.name, code, body)
+		}
+	}
+	if n := countRows(t, gdb, `SELECT count(*) FROM stripe_events`); n != 0 {
+		t.Errorf("%d stripe events stored after only bad deliveries", n)
+	}
+
+	// A stored v1 event's id, and a stored thin event's id, arriving again
+	// with other bodies: duplicates.
+	v1 := stripeEvent("evt_shared_id", "customer.created", map[string]any{"id": "cus_x", "object": "customer"})
+	deliver(t, s, v1)
+	deliver(t, s, thin("evt_shared_id", report, now))
+	ping := thin("evt_thin_first", "v2.core.event_destination.ping", now)
+	deliver(t, s, ping)
+	deliver(t, s, thin("evt_thin_first", report, now))
+	for _, id := range []string{"evt_shared_id", "evt_thin_first"} {
+		if st, lastErr := eventStatus(t, gdb, id); st != "ignored" {
+			t.Errorf("%s: %s (%s), want ignored as first stored", id, st, lastErr)
+		}
+	}
+	for _, r := range fake.Requests() {
+		if strings.HasPrefix(r.Path, "/v2/core/events/") {
+			t.Errorf("tally asked Stripe about %s for a duplicate delivery", r.Path)
+		}
+	}
+}
