@@ -440,3 +440,59 @@ func TestAttackThinEventsForgedStaleMalformedOrColliding(t *testing.T) {
 		}
 	}
 }
+
+// A meter error report Stripe answers for the other account mode (livemode
+// true, tally's key a test key) is not tally's usage: livemode must match
+// the key before money moves. It changes nothing and is parked for an
+// operator.
+func TestAttackMeterErrorReportOfTheOtherModeChangesNothing(t *testing.T) {
+	t.Parallel()
+	fake := stripefake.New(t)
+	env := meteringEnv(t, fake.URL())
+	env["TALLY_METER_TRANSPORT"] = "v2"
+	env["TALLY_STRIPE_EVENT_RETRY_INTERVAL"] = "100ms"
+	s := startServer(t, env)
+	ctx := context.Background()
+	svc := s.service(t)
+	gdb := openDB(t, s)
+	stripeID := "cus_OtherMode"
+	linked, err := svc.UpsertCustomerWithResponse(ctx, "other-mode", client.CustomerUpsert{StripeCustomerId: &stripeID})
+	if err != nil {
+		t.Fatal(err)
+	}
+	mustStatus(t, "link customer", linked.StatusCode(), linked.Body, http.StatusCreated)
+	key := "other-mode-batch"
+	res, err := svc.IngestUsageEventsWithResponse(ctx, &client.IngestUsageEventsParams{IdempotencyKey: &key},
+		client.UsageBatch{Events: []client.UsageEventInput{usageEvent("other-mode", "om-1", 1)}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	mustStatus(t, "ingest", res.StatusCode(), res.Body, http.StatusAccepted)
+	waitUsageStatus(t, svc, "om-1", client.UsageStatusDelivered)
+
+	const id = "evt_live_report"
+	created := time.Now().UTC().Format(time.RFC3339Nano)
+	answer := fmt.Sprintf(`{"object":"v2.core.event","id":%q,"type":"v1.billing.meter.error_report_triggered","created":%q,"livemode":true,`+
+		`"context":null,"reason":null,"related_object":{"id":"mtr_x","type":"billing.meter","url":"/v1/billing/meters/mtr_x"},`+
+		`"data":{"developer_message_summary":"There is 1 invalid event","reason":{"error_count":1,"error_types":[{"code":"meter_event_customer_not_found","error_count":1,`+
+		`"sample_errors":[{"error_message":"no such customer","request":{"identifier":"om-1"}}]}]},"validation_start":%q,"validation_end":%q}}`,
+		id, created, created, created)
+	fake.SetFault(func(r *http.Request) (int, string, bool) {
+		if r.URL.Path == "/v2/core/events/"+id {
+			return http.StatusOK, answer, true
+		}
+		return 0, "", false
+	})
+	deliver(t, s, []byte(fmt.Sprintf(`{"object":"v2.core.event","id":%q,"type":"v1.billing.meter.error_report_triggered","created":%q,"livemode":true,`+
+		`"context":null,"reason":null,"related_object":{"id":"mtr_x","type":"billing.meter","url":"/v1/billing/meters/mtr_x"}}`, id, created)))
+	if st, lastErr := eventStatus(t, gdb, id); st != "parked" || !strings.Contains(lastErr, "livemode") {
+		t.Errorf("a live report for a test key: %s (%s), want parked naming livemode", st, lastErr)
+	}
+	var st string
+	if err := gdb.Raw(`SELECT status FROM usage_events WHERE identifier = 'om-1'`).Scan(&st).Error; err != nil || st != "delivered" {
+		t.Errorf("om-1 after a live report: %q (%v), want delivered", st, err)
+	}
+	if n := countRows(t, gdb, `SELECT count(*) FROM events WHERE type = 'usage.dead'`); n != 0 {
+		t.Errorf("%d usage.dead events, want 0", n)
+	}
+}
