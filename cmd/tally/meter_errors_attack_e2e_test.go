@@ -38,6 +38,7 @@ func refusedTotal(t *testing.T, code string, servers ...*server) int {
 func refusedSetup(t *testing.T, n int, customer string, count int) ([]*server, *stripefake.Fake, []string, string, []byte) {
 	t.Helper()
 	fake := stripefake.New(t)
+	fake.SetMeter("mtr_api_calls", "api_calls")
 	fake.SetClock(func() time.Time { return time.Now().Add(-10 * time.Minute) })
 	env := meteringEnv(t, fake.URL())
 	env["TALLY_METER_TRANSPORT"] = "v2"
@@ -56,10 +57,15 @@ func refusedSetup(t *testing.T, n int, customer string, count int) ([]*server, *
 	mustStatus(t, "link customer", linked.StatusCode(), linked.Body, http.StatusCreated)
 	var batch client.UsageBatch
 	var ids []string
+	// A few minutes ago (a reconciliation covers whole minutes gone by):
+	// still seven minutes ahead of Stripe's clock.
+	at := time.Now().Add(-3 * time.Minute)
 	for i := range count {
 		id := fmt.Sprintf("%s-%d", customer, i)
 		ids = append(ids, id)
-		batch.Events = append(batch.Events, usageEvent(customer, id, 1))
+		ev := usageEvent(customer, id, 1)
+		ev.Timestamp = &at
+		batch.Events = append(batch.Events, ev)
 	}
 	key := customer + "-batch"
 	res, err := svc.IngestUsageEventsWithResponse(ctx, &client.IngestUsageEventsParams{IdempotencyKey: &key}, batch)
@@ -157,6 +163,12 @@ func TestAttackMeterErrorReportReplayedAfterRequeueChangesNothing(t *testing.T) 
 	}
 	if c := fake.Count(ids[0]); c != 1 {
 		t.Errorf("Stripe counted the requeued event %d times, want 1", c)
+	}
+	from := time.Now().Add(-time.Hour).UTC().Format(time.RFC3339)
+	to := time.Now().Add(time.Hour).UTC().Format(time.RFC3339)
+	if out, err := servers[0].tallyCmd(t, "reconcile", "--meter", "api_calls", "--from", from, "--to", to); err != nil ||
+		!strings.Contains(out, "1 customers checked, 0 differ") {
+		t.Errorf("reconcile after the refusal and the requeue: %v (%d bytes) %q", err, len(out), out)
 	}
 	mustVerifyClean(t, servers[0])
 }
