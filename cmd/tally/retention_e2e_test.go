@@ -106,6 +106,8 @@ func TestRetentionPurgesAndAnswersStayTheSame(t *testing.T) {
 		('evt_old_ignored', 'x.y', false, '{}', 'ignored', now() - interval '36 days'),
 		('evt_old_failed', 'x.y', false, '{}', 'failed', now() - interval '36 days'),
 		('evt_young_processed', 'x.y', false, '{}', 'processed', now() - interval '34 days')`)
+	execSQL(t, gdb, `INSERT INTO usage_refusal_reports (stripe_event_id, applied_at) VALUES
+		('evt_old_report', now() - interval '36 days'), ('evt_young_report', now() - interval '34 days')`)
 	execSQL(t, gdb, `UPDATE events SET created_at = created_at - interval '91 days' WHERE type = 'customer.created'`)
 	if r, err := svc.UpsertCustomerWithResponse(ctx, "rosa", client.CustomerUpsert{}); err != nil || r.StatusCode() != http.StatusCreated {
 		t.Fatalf("create rosa: %v %v", err, r)
@@ -115,6 +117,7 @@ func TestRetentionPurgesAndAnswersStayTheSame(t *testing.T) {
 	waitFor(t, "the janitor to purge", func() bool {
 		return countRows(t, gdb, `SELECT count(*) FROM usage_events WHERE identifier < 'ret-25'`) == 0 &&
 			countRows(t, gdb, `SELECT count(*) FROM stripe_events WHERE id IN ('evt_old_processed', 'evt_old_ignored')`) == 0 &&
+			countRows(t, gdb, `SELECT count(*) FROM usage_refusal_reports WHERE stripe_event_id = 'evt_old_report'`) == 0 &&
 			countRows(t, gdb, `SELECT count(*) FROM events WHERE type = 'customer.created' AND customer_id <> 'rosa'`) == 0 &&
 			countRows(t, gdb, `SELECT count(*) FROM idempotency_keys`) == 0
 	})
@@ -126,6 +129,9 @@ func TestRetentionPurgesAndAnswersStayTheSame(t *testing.T) {
 	}
 	if n := countRows(t, gdb, `SELECT count(*) FROM stripe_events WHERE id IN ('evt_old_failed', 'evt_young_processed')`); n != 2 {
 		t.Errorf("%d of the failed and the young Stripe events left, want both", n)
+	}
+	if n := countRows(t, gdb, `SELECT count(*) FROM usage_refusal_reports WHERE stripe_event_id = 'evt_young_report'`); n != 1 {
+		t.Errorf("the record of a report applied 34 days ago was purged, want it kept as long as Stripe events")
 	}
 	if n := countRows(t, gdb, `SELECT count(*) FROM events WHERE customer_id = 'rosa'`); n != 1 {
 		t.Errorf("%d feed events of rosa, want her young customer.created kept", n)

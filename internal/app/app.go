@@ -211,6 +211,7 @@ func New(ctx context.Context, opts Options) (a *App, err error) {
 		DB: gdb, Payments: paymentsSvc, Secrets: cfg.Stripe.WebhookSecrets,
 		MaxAttempts: cfg.Stripe.EventMaxAttempts, RetryInterval: cfg.Stripe.EventRetryInterval, Lease: cfg.Stripe.EventLease,
 		Registry: reg, Logger: logger, Now: now, Stripe: stripeClient, Usage: usage, Meters: stripeMeters(cfg.Catalog),
+		Livemode: cfg.Stripe.Livemode(),
 	})
 	a.workers = append(a.workers, stripehook.NewWorker(stripeHook))
 	syncer := stripehook.NewSyncer(stripeHook, stripehook.SyncerOptions{

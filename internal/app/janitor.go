@@ -56,6 +56,9 @@ func (j janitor) purge(ctx context.Context) {
 		{"stripe_events", func(ctx context.Context, size int) (int64, error) {
 			return stripehook.PurgeSettled(ctx, j.db, now.Add(-j.cfg.StripeEvents), size)
 		}},
+		{"usage_refusal_reports", func(ctx context.Context, size int) (int64, error) {
+			return metering.PurgeRefusalReports(ctx, j.db, now.Add(-j.cfg.StripeEvents), size)
+		}},
 		{"usage_events", j.metering.PurgeDelivered},
 		{"events", func(ctx context.Context, size int) (int64, error) {
 			return events.Purge(ctx, j.db, now.Add(-j.cfg.Events), size, j.keepUnpushed)

@@ -4,6 +4,8 @@ import (
 	"context"
 	"time"
 
+	"gorm.io/gorm"
+
 	"github.com/tallybilling/tally/internal/db"
 )
 
@@ -92,4 +94,18 @@ func (s *Service) PurgeDelivered(ctx context.Context, size int) (int64, error) {
 		)
 		SELECT count(*) FROM gone`, before, before, size).Scan(&n).Error
 	return n, db.Translate(err, nil)
+}
+
+// PurgeRefusalReports deletes at most size records of meter error reports
+// applied before olderThan (usage_refusal_reports, see Refused) and returns
+// how many it deleted; db.PurgeInBatches repeats it. Callers keep
+// olderThan as far back as the stored Stripe events (a report is applied
+// again only when its stored event is processed again, by a replay or a
+// retry), which is at least 35 days. Errors: errs.Unavailable.
+func PurgeRefusalReports(ctx context.Context, gdb *gorm.DB, olderThan time.Time, size int) (int64, error) {
+	res := gdb.WithContext(ctx).Exec(`
+		DELETE FROM usage_refusal_reports r USING (
+			SELECT stripe_event_id FROM usage_refusal_reports WHERE applied_at < ? ORDER BY applied_at LIMIT ?) picked
+		WHERE r.stripe_event_id = picked.stripe_event_id`, olderThan, size)
+	return res.RowsAffected, db.Translate(res.Error, nil)
 }

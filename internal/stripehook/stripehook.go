@@ -89,6 +89,9 @@ type Options struct {
 	// Meters are the Stripe meters usage is sent to, whose error reports
 	// a catch-up lists.
 	Meters []string
+	// Livemode is the mode of tally's Stripe key: a meter error report of
+	// the other mode is parked, not applied.
+	Livemode bool
 }
 
 // UsageRefusals takes Stripe's word, in a meter error report, that usage
@@ -115,6 +118,7 @@ type Intake struct {
 	stripe        stripeapi.Client
 	usage         UsageRefusals
 	meters        []string
+	livemode      bool
 }
 
 // processTimeout bounds one processing attempt, which continues even if
@@ -145,7 +149,7 @@ func New(o Options) *Intake {
 	}
 	h := &Intake{db: o.DB, payments: o.Payments, secrets: o.Secrets, tolerance: o.Tolerance, maxAttempts: o.MaxAttempts,
 		retryInterval: o.RetryInterval, lease: o.Lease, logger: o.Logger, now: o.Now, stripe: o.Stripe, usage: o.Usage,
-		meters: o.Meters}
+		meters: o.Meters, livemode: o.Livemode}
 	if h.tolerance == 0 {
 		h.tolerance = stripeapi.WebhookTolerance
 	}
@@ -686,6 +690,12 @@ func (h *Intake) routeThin(ev Event) routed {
 			r, err := h.stripe.GetMeterErrorReport(ctx, ev.ID)
 			if err != nil {
 				return err
+			}
+			if r.Livemode != h.livemode {
+				// Not this key's usage: livemode must match before money
+				// moves (parked, as a payment's mismatch is).
+				return errs.E(errs.Invalid, "meter error report %s livemode=%t does not match our Stripe key (livemode=%t)",
+					r.EventID, r.Livemode, h.livemode)
 			}
 			return h.usage.Refused(ctx, r)
 		}}
