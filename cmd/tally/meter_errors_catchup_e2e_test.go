@@ -1,0 +1,98 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"testing"
+	"time"
+
+	"github.com/tallybilling/tally/internal/stripeapi/stripefake"
+	"github.com/tallybilling/tally/pkg/client"
+)
+
+// streamRefused sends n requests to the fake's v2 meter event stream, each
+// with one event stamped an hour ahead of Stripe's clock: Stripe takes
+// each and then refuses it, one meter error report per request, about
+// identifiers tally never held.
+func streamRefused(t *testing.T, fake *stripefake.Fake, prefix string, n int) {
+	t.Helper()
+	post := func(path, token string, body []byte) []byte {
+		req, err := http.NewRequest(http.MethodPost, fake.URL()+path, bytes.NewReader(body))
+		if err != nil {
+			t.Fatal(err)
+		}
+		req.Header.Set("Authorization", "Bearer "+token)
+		req.Header.Set("Content-Type", "application/json")
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		out, _ := io.ReadAll(resp.Body)
+		if resp.StatusCode != http.StatusOK {
+			t.Fatalf("POST %s: %d %s", path, resp.StatusCode, out)
+		}
+		return out
+	}
+	var session struct {
+		Token string `json:"authentication_token"`
+	}
+	if err := json.Unmarshal(post("/v2/billing/meter_event_session", "sk_test_tally", nil), &session); err != nil {
+		t.Fatal(err)
+	}
+	ahead := time.Now().Add(time.Hour).UTC().Format(time.RFC3339)
+	for i := range n {
+		body := fmt.Sprintf(`{"events":[{"event_name":"api_calls","identifier":"%s-%d","timestamp":%q,`+
+			`"payload":{"stripe_customer_id":"cus_noise","value":"1"}}]}`, prefix, i, ahead)
+		post("/v2/billing/meter_event_stream", session.Token, []byte(body))
+	}
+}
+
+// A meter's error reports outnumber one listing's bound (1000) within the
+// catch-up's window, and the oldest was never delivered: a catch-up must
+// still reach it, or the event it names stays delivered, unbilled by
+// Stripe, however many catch-ups run, since each lists the same newest
+// reports again.
+func TestTheCatchUpReachesAReportOlderThanTheNewestThousand(t *testing.T) {
+	t.Parallel()
+	fake := stripefake.New(t)
+	fake.SetMeter("mtr_api_calls", "api_calls")
+	fake.SetClock(func() time.Time { return time.Now().Add(-10 * time.Minute) })
+	s := meterErrorsServer(t, fake, "many-reports", map[string]string{"TALLY_METER_TRANSPORT": "v2"})
+	ctx := context.Background()
+	svc := s.service(t)
+	key := "many-reports-batch"
+	res, err := svc.IngestUsageEventsWithResponse(ctx, &client.IngestUsageEventsParams{IdempotencyKey: &key},
+		client.UsageBatch{Events: []client.UsageEventInput{usageEvent("many-reports", "oldest-refused", 1)}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	mustStatus(t, "ingest", res.StatusCode(), res.Body, http.StatusAccepted)
+	waitUsageStatus(t, svc, "oldest-refused", client.UsageStatusDelivered)
+	waitFor(t, "Stripe's report of the refused event", func() bool {
+		for _, ev := range fake.Sandbox().Events() {
+			if ev.Type == "v1.billing.meter.error_report_triggered" {
+				return true
+			}
+		}
+		return false
+	})
+	streamRefused(t, fake, "noise", 1000)
+
+	since := time.Now().Add(-time.Hour)
+	stripeSync(t, s, &since)
+	stripeSync(t, s, &since)
+	// Each catch-up processes what it stores before it answers.
+	got, err := svc.GetUsageEventWithResponse(ctx, "oldest-refused")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got.JSON200 == nil || got.JSON200.Status != client.UsageStatusDead || got.JSON200.DeadCode == nil ||
+		*got.JSON200.DeadCode != client.UsageDeadCodeStripeRefused {
+		t.Errorf("oldest-refused after two catch-ups: %s, want dead stripe_refused", got.Body)
+	}
+}
