@@ -7,6 +7,8 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -95,4 +97,60 @@ func TestTheCatchUpReachesAReportOlderThanTheNewestThousand(t *testing.T) {
 		*got.JSON200.DeadCode != client.UsageDeadCodeStripeRefused {
 		t.Errorf("oldest-refused after two catch-ups: %s, want dead stripe_refused", got.Body)
 	}
+	mustVerifyClean(t, s)
+}
+
+// A catch-up processes the report it found under the lease it stored it
+// with, as a delivery does: should Stripe be slow to answer for the report,
+// the attempt ends with its lease rather than run on while the retry
+// worker, seeing the lease out, claims and processes the same report too,
+// which counted its refusals twice in tally_usage_refused_total.
+func TestACatchUpsAttemptEndsWithItsLease(t *testing.T) {
+	t.Parallel()
+	fake := stripefake.New(t)
+	fake.SetMeter("mtr_api_calls", "api_calls")
+	fake.SetClock(func() time.Time { return time.Now().Add(-10 * time.Minute) })
+	s := meterErrorsServer(t, fake, "slow-report", map[string]string{"TALLY_METER_TRANSPORT": "v2", "TALLY_STRIPE_EVENT_LEASE": "1s"})
+	ctx := context.Background()
+	svc := s.service(t)
+	key := "slow-report-batch"
+	res, err := svc.IngestUsageEventsWithResponse(ctx, &client.IngestUsageEventsParams{IdempotencyKey: &key},
+		client.UsageBatch{Events: []client.UsageEventInput{usageEvent("slow-report", "slow-1", 1), usageEvent("slow-report", "slow-2", 1)}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	mustStatus(t, "ingest", res.StatusCode(), res.Body, http.StatusAccepted)
+	waitUsageStatus(t, svc, "slow-1", client.UsageStatusDelivered)
+	waitUsageStatus(t, svc, "slow-2", client.UsageStatusDelivered)
+	waitFor(t, "Stripe's meter error report", func() bool {
+		for _, ev := range fake.Sandbox().Events() {
+			if ev.Type == "v1.billing.meter.error_report_triggered" {
+				return true
+			}
+		}
+		return false
+	})
+	// The first time tally asks for the report, Stripe answers after 2.5s.
+	var asked atomic.Int32
+	fake.SetFault(func(r *http.Request) (int, string, bool) {
+		if r.Method == http.MethodGet && strings.HasPrefix(r.URL.Path, "/v2/core/events/") && asked.Add(1) == 1 {
+			time.Sleep(2500 * time.Millisecond)
+		}
+		return 0, "", false
+	})
+	since := time.Now().Add(-time.Hour)
+	stripeSync(t, s, &since)
+	for _, id := range []string{"slow-1", "slow-2"} {
+		waitUsageStatus(t, svc, id, client.UsageStatusDead)
+	}
+	time.Sleep(3 * time.Second) // whatever was still running has ended
+	want := `tally_usage_refused_total{code="timestamp_in_future"} 2`
+	if m := metrics(t, s); !strings.Contains(m, want) {
+		for _, line := range strings.Split(m, "\n") {
+			if strings.HasPrefix(line, `tally_usage_refused_total{code="timestamp_in_future"}`) {
+				t.Errorf("after one report of 2 refusals: %s, want %s", line, want)
+			}
+		}
+	}
+	mustVerifyClean(t, s)
 }
