@@ -196,7 +196,9 @@ func (h *Intake) storeListed(ctx context.Context, listed []stripeapi.RawEvent, r
 		}
 		res.New++
 		h.logger.InfoContext(ctx, "a missed Stripe event was found by listing", "event_id", ev.ID, "type", ev.Type)
-		pctx, cancel := context.WithTimeout(ctx, processTimeout)
+		// Within the lease store took, as a delivery's attempt: one that
+		// outlived it would run beside the retry worker's claim of it.
+		pctx, cancel := context.WithTimeout(ctx, h.attemptTimeout())
 		_, _ = h.process(pctx, ev, 0, h.now())
 		cancel()
 	}
