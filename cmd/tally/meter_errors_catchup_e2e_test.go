@@ -154,3 +154,44 @@ func TestACatchUpsAttemptEndsWithItsLease(t *testing.T) {
 	}
 	mustVerifyClean(t, s)
 }
+
+// Stripe refuses, for good, to list a meter's v2 events (a restricted key
+// without the v2 events permission, which a catch-up did not need before
+// the reports were listed): the rest of the sync still works. A pending
+// payment Stripe settled is still looked up and credited, and the v1
+// catch-up still records how far it listed, instead of every sync failing
+// at the reports and the v1 window growing to Stripe's 30 days.
+func TestAMeterErrorListingStripeRefusesLeavesTheRestOfTheSyncWorking(t *testing.T) {
+	t.Parallel()
+	fake := stripefake.New(t)
+	fake.SetFault(func(r *http.Request) (int, string, bool) {
+		if r.Method == http.MethodGet && r.URL.Path == "/v2/core/events" {
+			return http.StatusForbidden, `{"error":{"type":"invalid_request_error","message":"The provided key 'rk_test_***' does not have the required permissions for this endpoint."}}`, true
+		}
+		return 0, "", false
+	})
+	s := startServer(t, syncEnv(t, fake.URL()))
+	gdb := openDB(t, s)
+	pay := checkout(t, s, "restricted", "starter", 1)
+	paidAtStripe(t, fake, s, pay)
+
+	// Only the pending payments: the window holds no event.
+	r, err := s.admin(t).SyncStripeWithResponse(context.Background(), client.StripeSyncRequest{Since: future()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if p := getPayment(t, s, pay); p.Status != client.PaymentStatusSucceeded {
+		t.Errorf("the payment Stripe settled, after a sync (%d %s): %s, want succeeded", r.StatusCode(), r.Body, p.Status)
+	}
+	// The default window: the v1 events are listed and stored, and how far
+	// is recorded.
+	if r, err = s.admin(t).SyncStripeWithResponse(context.Background(), client.StripeSyncRequest{}); err != nil {
+		t.Fatal(err)
+	}
+	if n := countRows(t, gdb, `SELECT count(*) FROM background_runs WHERE name = 'stripe catch-up listed'`); n != 1 {
+		t.Errorf("after a default sync (%d %s), the v1 catch-up recorded no progress", r.StatusCode(), r.Body)
+	}
+	if r.StatusCode() == http.StatusOK {
+		t.Errorf("a sync that could not list the meter error reports answered 200: %s", r.Body)
+	}
+}
