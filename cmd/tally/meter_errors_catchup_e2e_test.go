@@ -183,13 +183,21 @@ func TestAMeterErrorListingStripeRefusesLeavesTheRestOfTheSyncWorking(t *testing
 	if p := getPayment(t, s, pay); p.Status != client.PaymentStatusSucceeded {
 		t.Errorf("the payment Stripe settled, after a sync (%d %s): %s, want succeeded", r.StatusCode(), r.Body, p.Status)
 	}
-	// The default window: the v1 events are listed and stored, and how far
-	// is recorded.
+	// The default window: the v1 events of a second payment, made at
+	// Stripe and never delivered, are listed and stored, and how far is
+	// recorded.
+	second := checkout(t, s, "restricted", "starter", 1)
+	if _, err := fake.Sandbox().Pay(context.Background(), *getPayment(t, s, second).CheckoutSessionId, "4242424242424242", ""); err != nil {
+		t.Fatal(err)
+	}
 	if r, err = s.admin(t).SyncStripeWithResponse(context.Background(), client.StripeSyncRequest{}); err != nil {
 		t.Fatal(err)
 	}
 	if n := countRows(t, gdb, `SELECT count(*) FROM background_runs WHERE name = 'stripe catch-up listed'`); n != 1 {
 		t.Errorf("after a default sync (%d %s), the v1 catch-up recorded no progress", r.StatusCode(), r.Body)
+	}
+	if p := getPayment(t, s, second); p.Status != client.PaymentStatusSucceeded {
+		t.Errorf("the payment whose events the default sync listed: %s, want succeeded", p.Status)
 	}
 	if r.StatusCode() == http.StatusOK {
 		t.Errorf("a sync that could not list the meter error reports answered 200: %s", r.Body)
