@@ -203,3 +203,52 @@ func TestAMeterErrorListingStripeRefusesLeavesTheRestOfTheSyncWorking(t *testing
 		t.Errorf("a sync that could not list the meter error reports answered 200: %s", r.Body)
 	}
 }
+
+// An operator replays a meter error report tally processed already (found
+// by the catch-up): no event changes again, and the refusals Stripe
+// reported once are not counted again in tally_usage_refused_total (whose
+// alert would fire a second time for them).
+func TestReplayingAProcessedReportCountsItsRefusalsOnce(t *testing.T) {
+	t.Parallel()
+	fake := stripefake.New(t)
+	fake.SetMeter("mtr_api_calls", "api_calls")
+	fake.SetClock(func() time.Time { return time.Now().Add(-10 * time.Minute) })
+	s := meterErrorsServer(t, fake, "replayed-report", map[string]string{"TALLY_METER_TRANSPORT": "v2"})
+	ctx := context.Background()
+	svc := s.service(t)
+	key := "replayed-report-batch"
+	res, err := svc.IngestUsageEventsWithResponse(ctx, &client.IngestUsageEventsParams{IdempotencyKey: &key},
+		client.UsageBatch{Events: []client.UsageEventInput{usageEvent("replayed-report", "replayed-1", 1)}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	mustStatus(t, "ingest", res.StatusCode(), res.Body, http.StatusAccepted)
+	waitUsageStatus(t, svc, "replayed-1", client.UsageStatusDelivered)
+	var reportID string
+	waitFor(t, "Stripe's meter error report", func() bool {
+		for _, ev := range fake.Sandbox().Events() {
+			if ev.Type == "v1.billing.meter.error_report_triggered" {
+				reportID = ev.ID
+			}
+		}
+		return reportID != ""
+	})
+	since := time.Now().Add(-time.Hour)
+	stripeSync(t, s, &since)
+	waitUsageStatus(t, svc, "replayed-1", client.UsageStatusDead)
+	want := `tally_usage_refused_total{code="timestamp_in_future"} 1`
+	if m := metrics(t, s); !strings.Contains(m, want) {
+		t.Fatalf("metrics lack %q", want)
+	}
+	r, err := s.admin(t).ReplayStripeEventWithResponse(ctx, reportID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	mustStatus(t, "replay", r.StatusCode(), r.Body, http.StatusOK)
+	if m := metrics(t, s); !strings.Contains(m, want) {
+		t.Errorf("after the replay, metrics lack %q", want)
+	}
+	if n := countRows(t, openDB(t, s), `SELECT count(*) FROM usage_events WHERE status = 'dead'`); n != 1 {
+		t.Errorf("%d dead events after the replay, want 1", n)
+	}
+}
