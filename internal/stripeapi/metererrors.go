@@ -110,15 +110,15 @@ func meterErrorReport(base stripe.V2BaseEvent, meter string, d stripe.V1BillingM
 	return r
 }
 
-// MaxListedReports bounds what one ListMeterErrorReports call returns.
-const MaxListedReports = 1000
-
 // ListMeterErrorReports lists the meter error reports of one Stripe meter
 // created since a time (Stripe keeps 30 days), oldest first, each
 // re-encoded as the thin event Stripe delivers (GET /v2/core/events with
-// object_id, newest first, read until an event older than since), at most
-// MaxListedReports of the newest. Errors: *Error; invalid_request when
-// meterID is empty.
+// object_id, newest first, read until an event older than since). It is
+// not cut at a count: Stripe lists newest first, so a bound would keep the
+// newest reports and drop the oldest, and every later catch-up, finding
+// the same newest ones stored, would drop those again for good; the window
+// is bounded by Stripe's 30 days instead. Errors: *Error; invalid_request
+// when meterID is empty.
 func (c *client) ListMeterErrorReports(ctx context.Context, meterID string, since time.Time) ([]RawEvent, error) {
 	if strings.TrimSpace(meterID) == "" {
 		return nil, errs.E(errs.Invalid, "stripeapi: a meter id is required")
@@ -144,9 +144,6 @@ func (c *client) ListMeterErrorReports(ctx context.Context, meterID string, sinc
 			return nil, err
 		}
 		out = append(out, RawEvent{ID: e.ID, Type: EventMeterErrorReport, Created: e.Created, Payload: thin})
-		if len(out) == MaxListedReports {
-			break
-		}
 	}
 	slices.Reverse(out)
 	return out, nil

@@ -1,7 +1,9 @@
 package stripehook
 
 import (
+	"cmp"
 	"context"
+	"errors"
 	"fmt"
 	"time"
 
@@ -58,6 +60,22 @@ type CatchUpResult struct {
 // kept instead when it is earlier (behind Stripe's).
 const listedThrough = "stripe catch-up listed"
 
+// reportsListedThrough names, in background_runs, how far the listings of
+// the meters' error reports reached, as listedThrough does for the v1
+// events (the same time, recorded with it): it moves only when every
+// meter's listing completed, so a catch-up whose listing of reports
+// failed (Stripe refusing GET /v2/core/events, say to a restricted key)
+// leaves their window to the next, while the v1 catch-up's mark and the
+// pending payments' lookups go on.
+const reportsListedThrough = "stripe catch-up listed meter error reports"
+
+// ReportsListingError is CatchUp's error when only the listing of meter
+// error reports failed: the v1 events were listed, stored and marked.
+type ReportsListingError struct{ Err error }
+
+func (e *ReportsListingError) Error() string { return "list meter error reports: " + e.Err.Error() }
+func (e *ReportsListingError) Unwrap() error { return e.Err }
+
 // firstCatchUp is how far back a catch-up lists when none has completed
 // yet: as long as Stripe retries a delivery.
 const firstCatchUp = 72 * time.Hour
@@ -84,7 +102,8 @@ func (h *Intake) CatchUp(ctx context.Context, since time.Time) (CatchUpResult, e
 	if err != nil {
 		return res, err
 	}
-	if since.IsZero() {
+	defaultWindow := since.IsZero()
+	if defaultWindow {
 		since = from
 	}
 	if oldest := now.Add(-StripeRetention); since.Before(oldest) {
@@ -120,20 +139,21 @@ func (h *Intake) CatchUp(ctx context.Context, since time.Time) (CatchUpResult, e
 		}
 		start = next
 	}
-	if err := h.catchUpMeterErrors(ctx, since, &res); err != nil {
-		return res, err
+	reportsErr := h.catchUpReports(ctx, since, from, defaultWindow, &res)
+	if lerr := (*ReportsListingError)(nil); reportsErr != nil && !errors.As(reportsErr, &lerr) {
+		return res, reportsErr // the database: the whole window is left to the next
 	}
 	if since.After(from) {
 		// A window that began later than the default one (an operator's
 		// --since) leaves a gap before it: the next default starts where
 		// it did.
-		return res, nil
+		return res, reportsErr
 	}
 	if newest.IsZero() {
 		// Nothing listed: no time on Stripe's clock to move the window
 		// to. The last mark still holds; the next window is no larger
 		// than an hour of events before the newest one Stripe has.
-		return res, nil
+		return res, reportsErr
 	}
 	// Every event listed is stored (processed, or left to the retry
 	// worker): the next default catch-up may start from about when the
@@ -147,12 +167,62 @@ func (h *Intake) CatchUp(ctx context.Context, since time.Time) (CatchUpResult, e
 	if now.Before(through) {
 		through = now
 	}
-	err = h.db.WithContext(ctx).Exec(`INSERT INTO background_runs AS r (name, last_run_at) VALUES (?, ?)
-		ON CONFLICT (name) DO UPDATE SET last_run_at = GREATEST(r.last_run_at, EXCLUDED.last_run_at)`, listedThrough, through).Error
-	if err != nil {
-		return res, db.Translate(err, nil)
+	marks := []string{listedThrough}
+	if reportsErr == nil {
+		marks = append(marks, reportsListedThrough)
 	}
-	return res, nil
+	for _, mark := range marks {
+		err = h.db.WithContext(ctx).Exec(`INSERT INTO background_runs AS r (name, last_run_at) VALUES (?, ?)
+			ON CONFLICT (name) DO UPDATE SET last_run_at = GREATEST(r.last_run_at, EXCLUDED.last_run_at)`, mark, through).Error
+		if err != nil {
+			return res, db.Translate(err, nil)
+		}
+	}
+	return res, reportsErr
+}
+
+// catchUpReports lists and stores the meter error reports of a catch-up
+// whose window starts at since (from: the default start): a default one
+// starts no later than the reports' own mark (reportsListedThrough, less
+// catchUpOverlap), which a failed listing left behind. It answers a
+// *ReportsListingError when a listing failed, having pinned the reports'
+// mark at the start of this window if there was none, so that the v1 mark
+// moving on does not take the reports' window with it.
+func (h *Intake) catchUpReports(ctx context.Context, since, from time.Time, defaultWindow bool, res *CatchUpResult) error {
+	start := since
+	if defaultWindow {
+		var mark struct{ At *time.Time }
+		err := h.db.WithContext(ctx).Raw(`SELECT last_run_at AS at FROM background_runs WHERE name = ?`, reportsListedThrough).Scan(&mark).Error
+		if err != nil {
+			return db.Translate(err, nil)
+		}
+		if mark.At != nil && mark.At.Add(-catchUpOverlap).Before(start) {
+			start = mark.At.Add(-catchUpOverlap)
+			if oldest := h.now().Add(-StripeRetention); start.Before(oldest) {
+				start = oldest
+			}
+		}
+	}
+	lerr := h.catchUpMeterErrors(ctx, start, res)
+	if lerr == nil {
+		return nil
+	}
+	var stripeErr *stripeapi.Error
+	if !errors.As(lerr, &stripeErr) {
+		return lerr // the database: the whole catch-up failed
+	}
+	h.logger.WarnContext(ctx, "Stripe's meter error reports could not be listed; the next catch-up lists their window again", "error", lerr)
+	pin := start
+	if from.Before(pin) {
+		pin = from
+	}
+	pin = pin.Add(catchUpOverlap)
+	err := h.db.WithContext(ctx).Exec(`INSERT INTO background_runs (name, last_run_at) VALUES (?, ?) ON CONFLICT (name) DO NOTHING`,
+		reportsListedThrough, pin).Error
+	if err != nil {
+		return db.Translate(err, nil)
+	}
+	return &ReportsListingError{Err: lerr}
 }
 
 // catchUpMeterErrors lists the meter error reports (thin v2 events,
@@ -165,17 +235,19 @@ func (h *Intake) catchUpMeterErrors(ctx context.Context, since time.Time, res *C
 	if h.usage == nil {
 		return nil
 	}
+	var failed error // the first meter Stripe would not list; the others are still listed
 	for _, meter := range h.meters {
 		listed, err := h.stripe.ListMeterErrorReports(ctx, meter, since)
 		if err != nil {
-			return err
+			failed = cmp.Or(failed, err)
+			continue
 		}
 		res.Listed += len(listed)
 		if err := h.storeListed(ctx, listed, res); err != nil {
 			return err
 		}
 	}
-	return nil
+	return failed
 }
 
 // storeListed stores and processes, in order, the listed events not stored
@@ -196,7 +268,9 @@ func (h *Intake) storeListed(ctx context.Context, listed []stripeapi.RawEvent, r
 		}
 		res.New++
 		h.logger.InfoContext(ctx, "a missed Stripe event was found by listing", "event_id", ev.ID, "type", ev.Type)
-		pctx, cancel := context.WithTimeout(ctx, processTimeout)
+		// Within the lease store took, as a delivery's attempt: one that
+		// outlived it would run beside the retry worker's claim of it.
+		pctx, cancel := context.WithTimeout(ctx, h.attemptTimeout())
 		_, _ = h.process(pctx, ev, 0, h.now())
 		cancel()
 	}
@@ -318,13 +392,19 @@ func (s *Syncer) Sync(ctx context.Context, since time.Time) (SyncResult, error) 
 	ran, err := db.TryExclusive(ctx, s.db, syncLock, func(ctx context.Context) error {
 		ev, err := s.intake.CatchUp(ctx, since)
 		res.EventsListed, res.EventsNew = ev.Listed, ev.New
-		if err != nil {
+		// Only the reports could not be listed: the pending payments are
+		// still looked up, and the sync then fails with that error.
+		var reportsErr *ReportsListingError
+		if err != nil && !errors.As(err, &reportsErr) {
 			return fmt.Errorf("list missed events: %w", err)
 		}
 		pr, err := s.payments.SyncPending(ctx, s.pendingAfter)
 		res.PaymentsChecked, res.PaymentsChanged = pr.Checked, pr.Changed
 		if err != nil {
 			return fmt.Errorf("look up pending payments: %w", err)
+		}
+		if reportsErr != nil {
+			return reportsErr
 		}
 		return nil
 	})
