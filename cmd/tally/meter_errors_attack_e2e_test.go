@@ -49,12 +49,7 @@ func refusedSetup(t *testing.T, n int, customer string, count int) ([]*server, *
 	}
 	ctx := context.Background()
 	svc := servers[0].service(t)
-	stripeID := "cus_" + strings.ReplaceAll(customer, "-", "")
-	linked, err := svc.UpsertCustomerWithResponse(ctx, customer, client.CustomerUpsert{StripeCustomerId: &stripeID})
-	if err != nil {
-		t.Fatal(err)
-	}
-	mustStatus(t, "link customer", linked.StatusCode(), linked.Body, http.StatusCreated)
+	linkStripeCustomer(t, servers[0], customer)
 	var batch client.UsageBatch
 	var ids []string
 	// A few minutes ago (a reconciliation covers whole minutes gone by):
@@ -195,18 +190,9 @@ func TestAttackMeterErrorReportDuringTheSendsRecordIsNotLost(t *testing.T) {
 		}
 		return 0, "", false
 	})
-	env := meteringEnv(t, fake.URL())
-	env["TALLY_METER_TRANSPORT"] = "v2"
-	env["TALLY_STRIPE_EVENT_RETRY_INTERVAL"] = "100ms"
-	s := startServer(t, env)
+	s := meterErrorsServer(t, fake, "in-flight-refusal", map[string]string{"TALLY_METER_TRANSPORT": "v2"})
 	ctx := context.Background()
 	svc := s.service(t)
-	stripeID := "cus_InFlightRefusal"
-	linked, err := svc.UpsertCustomerWithResponse(ctx, "in-flight-refusal", client.CustomerUpsert{StripeCustomerId: &stripeID})
-	if err != nil {
-		t.Fatal(err)
-	}
-	mustStatus(t, "link customer", linked.StatusCode(), linked.Body, http.StatusCreated)
 	key := "in-flight-refusal-batch"
 	res, err := svc.IngestUsageEventsWithResponse(ctx, &client.IngestUsageEventsParams{IdempotencyKey: &key},
 		client.UsageBatch{Events: []client.UsageEventInput{usageEvent("in-flight-refusal", "in-flight-1", 1)}})
@@ -270,19 +256,10 @@ func TestAttackMeterErrorReportDuringTheSendsRecordIsNotLost(t *testing.T) {
 func TestAttackMeterErrorReportTouchesOnlyDeliveredAndWaitsForStripesWord(t *testing.T) {
 	t.Parallel()
 	fake := stripefake.New(t)
-	env := meteringEnv(t, fake.URL())
-	env["TALLY_METER_TRANSPORT"] = "v2"
-	env["TALLY_STRIPE_EVENT_RETRY_INTERVAL"] = "100ms"
-	s := startServer(t, env)
+	s := meterErrorsServer(t, fake, "every-status", map[string]string{"TALLY_METER_TRANSPORT": "v2"})
 	ctx := context.Background()
 	svc := s.service(t)
 	gdb := openDB(t, s)
-	stripeID := "cus_EveryStatus"
-	linked, err := svc.UpsertCustomerWithResponse(ctx, "every-status", client.CustomerUpsert{StripeCustomerId: &stripeID})
-	if err != nil {
-		t.Fatal(err)
-	}
-	mustStatus(t, "link customer", linked.StatusCode(), linked.Body, http.StatusCreated)
 	ahead := time.Now().Add(4 * time.Minute)
 	pending := usageEvent("every-status", "st-pending", 1)
 	pending.Timestamp = &ahead
@@ -303,7 +280,6 @@ func TestAttackMeterErrorReportTouchesOnlyDeliveredAndWaitsForStripesWord(t *tes
 		t.Fatal(err)
 	}
 	mustStatus(t, "cancel", c.StatusCode(), c.Body, http.StatusOK)
-	before := map[string]string{}
 	snapshot := func() map[string]string {
 		var rows []struct{ Identifier, Status string }
 		if err := gdb.Raw(`SELECT identifier, status || coalesce(dead_code, '') AS status FROM usage_events`).Scan(&rows).Error; err != nil {
@@ -315,7 +291,7 @@ func TestAttackMeterErrorReportTouchesOnlyDeliveredAndWaitsForStripesWord(t *tes
 		}
 		return m
 	}
-	before = snapshot()
+	before := snapshot()
 	if before["st-pending"] != "pending" || before["st-cancelled"] != "cancelled" {
 		t.Fatalf("set-up: %v", before)
 	}
@@ -460,19 +436,10 @@ func TestAttackThinEventsForgedStaleMalformedOrColliding(t *testing.T) {
 func TestAttackMeterErrorReportOfTheOtherModeChangesNothing(t *testing.T) {
 	t.Parallel()
 	fake := stripefake.New(t)
-	env := meteringEnv(t, fake.URL())
-	env["TALLY_METER_TRANSPORT"] = "v2"
-	env["TALLY_STRIPE_EVENT_RETRY_INTERVAL"] = "100ms"
-	s := startServer(t, env)
+	s := meterErrorsServer(t, fake, "other-mode", map[string]string{"TALLY_METER_TRANSPORT": "v2"})
 	ctx := context.Background()
 	svc := s.service(t)
 	gdb := openDB(t, s)
-	stripeID := "cus_OtherMode"
-	linked, err := svc.UpsertCustomerWithResponse(ctx, "other-mode", client.CustomerUpsert{StripeCustomerId: &stripeID})
-	if err != nil {
-		t.Fatal(err)
-	}
-	mustStatus(t, "link customer", linked.StatusCode(), linked.Body, http.StatusCreated)
 	key := "other-mode-batch"
 	res, err := svc.IngestUsageEventsWithResponse(ctx, &client.IngestUsageEventsParams{IdempotencyKey: &key},
 		client.UsageBatch{Events: []client.UsageEventInput{usageEvent("other-mode", "om-1", 1)}})

@@ -242,13 +242,20 @@ func meterErrorsServer(t *testing.T, fake *stripefake.Fake, customer string, env
 	e["TALLY_STRIPE_EVENT_RETRY_INTERVAL"] = "100ms"
 	maps.Copy(e, env)
 	s := startServer(t, e)
+	linkStripeCustomer(t, s, customer)
+	return s
+}
+
+// linkStripeCustomer creates customer on s with a Stripe customer id
+// made from its name.
+func linkStripeCustomer(t *testing.T, s *server, customer string) {
+	t.Helper()
 	stripeID := "cus_" + strings.ReplaceAll(customer, "-", "")
 	linked, err := s.service(t).UpsertCustomerWithResponse(context.Background(), customer, client.CustomerUpsert{StripeCustomerId: &stripeID})
 	if err != nil {
 		t.Fatal(err)
 	}
 	mustStatus(t, "link customer", linked.StatusCode(), linked.Body, http.StatusCreated)
-	return s
 }
 
 // A meter error report whose delivery never came (tally down for longer
