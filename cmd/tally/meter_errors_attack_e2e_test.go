@@ -71,16 +71,7 @@ func refusedSetup(t *testing.T, n int, customer string, count int) ([]*server, *
 	for _, id := range ids {
 		waitUsageStatus(t, svc, id, client.UsageStatusDelivered)
 	}
-	var report []byte
-	var reportID string
-	waitFor(t, "Stripe's meter error report", func() bool {
-		for _, ev := range fake.Sandbox().Events() {
-			if ev.Type == "v1.billing.meter.error_report_triggered" {
-				report, reportID = ev.Payload, ev.ID
-			}
-		}
-		return report != nil
-	})
+	reportID, report := waitMeterErrorReport(t, fake)
 	return servers, fake, ids, reportID, report
 }
 
@@ -212,16 +203,7 @@ func TestAttackMeterErrorReportDuringTheSendsRecordIsNotLost(t *testing.T) {
 		t.Fatal(err)
 	}
 	close(proceed)
-	var report []byte
-	var reportID string
-	waitFor(t, "Stripe's meter error report", func() bool {
-		for _, ev := range fake.Sandbox().Events() {
-			if ev.Type == "v1.billing.meter.error_report_triggered" {
-				report, reportID = ev.Payload, ev.ID
-			}
-		}
-		return report != nil
-	})
+	reportID, report := waitMeterErrorReport(t, fake)
 	deliver(t, s, report)
 	time.Sleep(300 * time.Millisecond)
 	if err := tx.Rollback().Error; err != nil {

@@ -51,16 +51,7 @@ func TestAMeterErrorReportDeadLettersTheEventsStripeRefusedAfterTakingThem(t *te
 		t.Fatalf("Stripe counted %d of the events it found ten minutes ahead, want 0", n)
 	}
 
-	var report []byte
-	var reportID string
-	for _, ev := range fake.Sandbox().Events() {
-		if ev.Type == "v1.billing.meter.error_report_triggered" {
-			report, reportID = ev.Payload, ev.ID
-		}
-	}
-	if report == nil {
-		t.Fatal("Stripe emitted no meter error report")
-	}
+	reportID, report := waitMeterErrorReport(t, fake)
 	if strings.Contains(string(report), `"data"`) {
 		t.Fatalf("the report was delivered with its data, want it thin: %s", report)
 	}
@@ -279,14 +270,7 @@ func TestTheCatchUpFindsAMeterErrorReportNeverDelivered(t *testing.T) {
 	mustStatus(t, "ingest", res.StatusCode(), res.Body, http.StatusAccepted)
 	waitUsageStatus(t, svc, "missed-1", client.UsageStatusDelivered)
 	waitUsageStatus(t, svc, "missed-2", client.UsageStatusDelivered)
-	waitFor(t, "Stripe's meter error report", func() bool {
-		for _, ev := range fake.Sandbox().Events() {
-			if ev.Type == "v1.billing.meter.error_report_triggered" {
-				return true
-			}
-		}
-		return false
-	})
+	waitMeterErrorReport(t, fake)
 
 	since := time.Now().Add(-time.Hour)
 	first := stripeSync(t, s, &since)
@@ -303,4 +287,19 @@ func TestTheCatchUpFindsAMeterErrorReportNeverDelivered(t *testing.T) {
 		t.Errorf("a second catch-up stored %d new events, want 0", again.EventsNew)
 	}
 	mustVerifyClean(t, s)
+}
+
+// waitMeterErrorReport waits for fake to emit a meter error report and
+// returns the newest one's id and the body Stripe delivers.
+func waitMeterErrorReport(t *testing.T, fake *stripefake.Fake) (id string, body []byte) {
+	t.Helper()
+	waitFor(t, "Stripe's meter error report", func() bool {
+		for _, ev := range fake.Sandbox().Events() {
+			if ev.Type == "v1.billing.meter.error_report_triggered" {
+				id, body = ev.ID, ev.Payload
+			}
+		}
+		return body != nil
+	})
+	return id, body
 }
