@@ -3,6 +3,7 @@ package stripeapi
 import (
 	"context"
 	"encoding/json"
+	"net/http"
 	"slices"
 	"strings"
 	"time"
@@ -117,8 +118,8 @@ func meterErrorReport(base stripe.V2BaseEvent, meter string, d stripe.V1BillingM
 // not cut at a count: Stripe lists newest first, so a bound would keep the
 // newest reports and drop the oldest, and every later catch-up, finding
 // the same newest ones stored, would drop those again for good; the window
-// is bounded by Stripe's 30 days instead. Errors: *Error; invalid_request
-// when meterID is empty.
+// is bounded by Stripe's 30 days instead. A 404 lists nothing (see
+// below). Errors: *Error; invalid_request when meterID is empty.
 func (c *client) ListMeterErrorReports(ctx context.Context, meterID string, since time.Time) ([]RawEvent, error) {
 	if strings.TrimSpace(meterID) == "" {
 		return nil, errs.E(errs.Invalid, "stripeapi: a meter id is required")
@@ -127,7 +128,13 @@ func (c *client) ListMeterErrorReports(ctx context.Context, meterID string, sinc
 	var out []RawEvent
 	for ev, err := range c.api.V2CoreEvents.List(ctx, &stripe.V2CoreEventListParams{ObjectID: stripe.String(meterID), Limit: stripe.Int64(100)}) {
 		if err != nil {
-			return nil, classify("list meter error reports", err, capture, false)
+			err = classify("list meter error reports", err, capture, false)
+			if e, ok := err.(*Error); ok && e.StatusCode == http.StatusNotFound {
+				// A meter Stripe does not know has no reports, nor has a
+				// stand-in without the v2 events API (stripe-mock).
+				return nil, nil
+			}
+			return nil, err
 		}
 		e, ok := ev.(*stripe.V1BillingMeterErrorReportTriggeredEvent)
 		if !ok {
