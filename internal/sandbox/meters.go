@@ -210,14 +210,14 @@ func (a *Account) reportMeterErrors(eventName string, refused []refusal, now tim
 		}
 		types = append(types, map[string]any{"code": code, "error_count": len(rs), "sample_errors": samples})
 	}
-	noun := "events"
+	summary := fmt.Sprintf("There are %d invalid events", len(refused))
 	if len(refused) == 1 {
-		noun = "event"
+		summary = "There is 1 invalid event"
 	}
 	a.emitV2("v1.billing.meter.error_report_triggered",
 		map[string]any{"id": meterID, "type": "billing.meter", "url": "/v1/billing/meters/" + meterID},
 		map[string]any{
-			"developer_message_summary": fmt.Sprintf("There %s %d invalid %s", map[bool]string{true: "is", false: "are"}[len(refused) == 1], len(refused), noun),
+			"developer_message_summary": summary,
 			"reason":                    map[string]any{"error_count": len(refused), "error_types": types},
 			"validation_start":          now.UTC().Truncate(time.Second).Format(time.RFC3339Nano),
 			"validation_end":            now.UTC().Truncate(time.Second).Add(time.Second).Format(time.RFC3339Nano),

@@ -94,11 +94,7 @@ func (a *Account) emit(typ string, obj *object, req requestRef) {
 		"request":          request,
 		"type":             typ,
 	}
-	raw, err := json.Marshal(body)
-	if err != nil {
-		panic(fmt.Sprintf("sandbox: event does not encode: %v", err))
-	}
-	ev.payload = raw
+	ev.payload = mustJSON(body)
 	a.keep(ev, now)
 }
 
@@ -120,11 +116,21 @@ func (a *Account) keep(ev *event, now time.Time) {
 // delivered thin: its payload is the whole event, as GET /v2/core/events/{id}
 // answers it, and its delivery leaves out data, as Stripe's does.
 func (ev *event) v2() bool {
-	return bytes.HasPrefix(ev.payload, []byte(v2EventPrefix))
+	return bytes.HasPrefix(ev.payload, []byte(`{"object":"v2.core.event",`))
 }
 
-// v2EventPrefix opens every v2 event's payload (emitV2 writes object first).
-const v2EventPrefix = `{"object":"v2.core.event",`
+// v2Event is a v2 event's JSON; object comes first, which v2 looks for.
+type v2Event struct {
+	Object        string          `json:"object"`
+	ID            string          `json:"id"`
+	Type          string          `json:"type"`
+	Created       string          `json:"created"`
+	Livemode      bool            `json:"livemode"`
+	Context       *string         `json:"context"`
+	Reason        json.RawMessage `json:"reason"`
+	RelatedObject json.RawMessage `json:"related_object"`
+	Data          json.RawMessage `json:"data,omitempty"`
+}
 
 // delivered is the body a delivery of ev sends: a copy of its payload,
 // without data for a v2 event.
@@ -132,22 +138,12 @@ func (ev *event) delivered() []byte {
 	if !ev.v2() {
 		return append([]byte(nil), ev.payload...)
 	}
-	var full map[string]json.RawMessage
+	var full v2Event
 	if err := json.Unmarshal(ev.payload, &full); err != nil {
 		panic(fmt.Sprintf("sandbox: v2 event %s does not decode: %v", ev.id, err))
 	}
-	delete(full, "data")
-	return v2Body(full)
-}
-
-// v2Body encodes a v2 event with object first (see v2EventPrefix).
-func v2Body(fields map[string]json.RawMessage) []byte {
-	delete(fields, "object")
-	rest, err := json.Marshal(fields)
-	if err != nil {
-		panic(fmt.Sprintf("sandbox: v2 event does not encode: %v", err))
-	}
-	return append([]byte(v2EventPrefix), rest[1:]...)
+	full.Data = nil
+	return mustJSON(full)
 }
 
 // emitV2 records a v2 event of typ about the related object (a.mu held)
@@ -156,20 +152,18 @@ func v2Body(fields map[string]json.RawMessage) []byte {
 func (a *Account) emitV2(typ string, related map[string]any, data map[string]any) {
 	now := a.now()
 	ev := &event{id: newID("evt"), seq: a.nextSeq(), typ: typ, created: now.Unix()}
-	fields := map[string]any{
-		"id": ev.id, "type": typ, "created": now.UTC().Format(time.RFC3339Nano), "livemode": false,
-		"context": nil, "reason": nil, "related_object": related, "data": data,
-	}
-	raw := make(map[string]json.RawMessage, len(fields))
-	for k, v := range fields {
-		b, err := json.Marshal(v)
-		if err != nil {
-			panic(fmt.Sprintf("sandbox: event does not encode: %v", err))
-		}
-		raw[k] = b
-	}
-	ev.payload = v2Body(raw)
+	ev.payload = mustJSON(v2Event{Object: "v2.core.event", ID: ev.id, Type: typ, Created: now.UTC().Format(time.RFC3339Nano),
+		Reason: json.RawMessage("null"), RelatedObject: mustJSON(related), Data: mustJSON(data)})
 	a.keep(ev, now)
+}
+
+// mustJSON encodes v, which the sandbox built itself.
+func mustJSON(v any) []byte {
+	b, err := json.Marshal(v)
+	if err != nil {
+		panic(fmt.Sprintf("sandbox: event does not encode: %v", err))
+	}
+	return b
 }
 
 // Sign is the Stripe-Signature header of payload sent at t with secret:

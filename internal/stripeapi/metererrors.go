@@ -3,6 +3,7 @@ package stripeapi
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"net/http"
 	"slices"
 	"strings"
@@ -126,16 +127,21 @@ func (c *client) ListMeterErrorReports(ctx context.Context, meterID string, sinc
 	}
 	ctx, capture := withCapture(ctx)
 	var out []RawEvent
+	seen := 0 // events listed, of any type
 	for ev, err := range c.api.V2CoreEvents.List(ctx, &stripe.V2CoreEventListParams{ObjectID: stripe.String(meterID), Limit: stripe.Int64(100)}) {
 		if err != nil {
 			err = classify("list meter error reports", err, capture, false)
-			if e, ok := err.(*Error); ok && e.StatusCode == http.StatusNotFound {
+			var se *Error
+			if seen == 0 && errors.As(err, &se) && se.StatusCode == http.StatusNotFound {
 				// A meter Stripe does not know has no reports, nor has a
-				// stand-in without the v2 events API (stripe-mock).
+				// stand-in without the v2 events API (stripe-mock). A 404
+				// after a first page is an error: what was listed would
+				// otherwise be dropped, the window moved past it.
 				return nil, nil
 			}
 			return nil, err
 		}
+		seen++
 		e, ok := ev.(*stripe.V1BillingMeterErrorReportTriggeredEvent)
 		if !ok {
 			continue // another type of event about the meter
