@@ -244,6 +244,65 @@ func TestRefundAndDisputeOfInvoicePayment(t *testing.T) {
 		}
 	})
 
+	t.Run("Stripe back", func(t *testing.T) {
+		// Refunds that met Stripe down wait for their backoff: here the
+		// 10-minute retry interval, up to an hour after a long outage,
+		// with the credits they take back spendable meanwhile. Once tally
+		// sees Stripe answer, they are retried at once: a sync that
+		// listed Stripe's events brings them forward, and so does the
+		// retry of one of them that went through.
+		refundWhileDown := func(customer string) (event, pay string) {
+			pay, invoice := invoiced(t, customer)
+			paid(t, customer, invoice)
+			event = newEventID()
+			deliver(t, s, stripeEvent(event, "charge.refunded", refundedCharge(pay, proAmount, proAmount)))
+			if st, le := eventStatus(t, gdb, event); st != "failed" {
+				t.Fatalf("refund of %s while Stripe is down: %s %q, want failed", customer, st, le)
+			}
+			return event, pay
+		}
+		setDown := func(d bool) {
+			mu.Lock()
+			down = d
+			mu.Unlock()
+		}
+		refunded := func(what, event, pay, customer string) {
+			t.Helper()
+			waitForWithin(t, what, 20*time.Second, func() bool {
+				st, _ := eventStatus(t, gdb, event)
+				return st == "processed"
+			})
+			if p := getPayment(t, s, pay); p.Status != client.PaymentStatusRefunded || p.AmountRefunded != proAmount {
+				t.Fatalf("%s: payment = %+v, want refunded", what, p)
+			}
+			if got := balanceOverHTTP(t, s.service(t), customer); got.Balance != 0 {
+				t.Fatalf("%s: balance = %d, want 0", what, got.Balance)
+			}
+		}
+
+		setDown(true)
+		bySync, bySyncPay := refundWhileDown("inv-back-sync")
+		setDown(false)
+		r, err := s.admin(t).SyncStripeWithResponse(context.Background(), client.StripeSyncRequest{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		mustStatus(t, "sync", r.StatusCode(), r.Body, http.StatusOK)
+		refunded("the refund retried once a sync listed Stripe's events", bySync, bySyncPay, "inv-back-sync")
+
+		setDown(true)
+		first, firstPay := refundWhileDown("inv-back-first")
+		second, secondPay := refundWhileDown("inv-back-second")
+		setDown(false)
+		rep, err := s.admin(t).ReplayStripeEventWithResponse(context.Background(), first)
+		if err != nil {
+			t.Fatal(err)
+		}
+		mustStatus(t, "replay", rep.StatusCode(), rep.Body, http.StatusOK)
+		refunded("the replayed refund", first, firstPay, "inv-back-first")
+		refunded("the other refund that met Stripe down, once the first went through", second, secondPay, "inv-back-second")
+	})
+
 	receivablesOverHTTP(t, s)
 	assertInvariants(t, s)
 }

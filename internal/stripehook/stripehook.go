@@ -119,6 +119,9 @@ type Intake struct {
 	usage         UsageRefusals
 	meters        []string
 	livemode      bool
+	// retryNow nudges this replica's retry worker to run a round before
+	// its next tick (wakeStripeUnreachable).
+	retryNow chan struct{}
 }
 
 // processTimeout bounds one processing attempt, which continues even if
@@ -149,7 +152,7 @@ func New(o Options) *Intake {
 	}
 	h := &Intake{db: o.DB, payments: o.Payments, secrets: o.Secrets, tolerance: o.Tolerance, maxAttempts: o.MaxAttempts,
 		retryInterval: o.RetryInterval, lease: o.Lease, logger: o.Logger, now: o.Now, stripe: o.Stripe, usage: o.Usage,
-		meters: o.Meters, livemode: o.Livemode}
+		meters: o.Meters, livemode: o.Livemode, retryNow: make(chan struct{}, 1)}
 	if h.tolerance == 0 {
 		h.tolerance = stripeapi.WebhookTolerance
 	}
@@ -412,6 +415,10 @@ func (h *Intake) record(ctx context.Context, ev Event, r routed, err error, atte
 	// keepWait: the success the event waited for, if any, stays named;
 	// one that never learnt it names r.names instead (see below).
 	keepWait, names := false, ""
+	// unreachable: failed because Stripe could not be asked (recorded,
+	// so that Stripe answering again brings the event forward:
+	// wakeStripeUnreachable).
+	unreachable := false
 	var next *time.Time
 	var wait *payments.Waiting
 	switch {
@@ -467,6 +474,7 @@ func (h *Intake) record(ctx context.Context, ev Event, r routed, err error, atte
 		// outage or a 429 storm waited for its backoff, grown by the
 		// outage to up to maxBackoff, after its success.
 		keepWait, names = true, r.names
+		unreachable = true
 	default:
 		lastErr = err.Error()
 		if attempts+1 >= h.maxAttempts {
@@ -516,18 +524,26 @@ func (h *Intake) record(ctx context.Context, ev Event, r routed, err error, atte
 	// then hid money that moved (TestAttackIgnoredNeverHidesAnAppliedRefund).
 	// An attempt that answers processed found the event applied, by itself
 	// or another.
-	var outcome []struct{ Wake bool }
+	//
+	// It also says whether the event had met Stripe down before (before,
+	// read in the statement's snapshot, so as the row was): one that now
+	// went through says Stripe may answer again (wakeStripeUnreachable).
+	var outcome []struct{ Wake, WasUnreachable bool }
 	replay, _ := ctx.Value(replayKey{}).(bool)
 	uerr := h.db.WithContext(ctx).Raw(`UPDATE stripe_events
 		SET status = ?, attempts = attempts + 1, last_error = NULLIF(?, ''), next_attempt_at = ?,
 		    processed_at = COALESCE(?, processed_at),
-		    waiting_for = COALESCE(NULLIF(?, ''), CASE WHEN ?::boolean THEN COALESCE(waiting_for, NULLIF(?, '')) END)
-		FROM (SELECT set_config('synchronous_commit', 'off', true)) AS async_commit
+		    waiting_for = COALESCE(NULLIF(?, ''), CASE WHEN ?::boolean THEN COALESCE(waiting_for, NULLIF(?, '')) END),
+		    stripe_unreachable = ?::boolean
+		FROM (SELECT set_config('synchronous_commit', 'off', true)) AS async_commit,
+		     (SELECT stripe_unreachable AS was FROM stripe_events WHERE id = ?) AS before
 		WHERE id = ? AND (status NOT IN ('processed', 'ignored', 'dismissed') OR ?::boolean
 			OR (status IN ('ignored', 'dismissed') AND ?::text = 'processed'))
 		RETURNING ?::text <> '' AND EXISTS (SELECT 1 FROM stripe_events w
-			WHERE w.status IN ('failed', 'parked') AND w.waiting_for IS NOT NULL AND w.waiting_for = ?::text) AS wake`,
-		string(status), text.Truncate(lastErr, 2000), next, processedAt, waitingFor, keepWait, names, ev.ID, replay, string(status), confirms, confirms).Scan(&outcome).Error
+			WHERE w.status IN ('failed', 'parked') AND w.waiting_for IS NOT NULL AND w.waiting_for = ?::text) AS wake,
+			before.was AS was_unreachable`,
+		string(status), text.Truncate(lastErr, 2000), next, processedAt, waitingFor, keepWait, names, unreachable,
+		ev.ID, ev.ID, replay, string(status), confirms, confirms).Scan(&outcome).Error
 	if uerr != nil {
 		h.logger.ErrorContext(ctx, "record stripe event outcome", "event_id", ev.ID, "error", uerr)
 		return Received, db.Translate(uerr, nil)
@@ -546,6 +562,12 @@ func (h *Intake) record(ctx context.Context, ev Event, r routed, err error, atte
 	}
 	if status == Processed && confirms != "" && len(outcome) == 1 && outcome[0].Wake {
 		h.wakeWaiting(ctx, confirms)
+	}
+	if !unreachable && len(outcome) == 1 && outcome[0].WasUnreachable && ctx.Value(wakingKey{}) == nil {
+		// An event that met Stripe down went through this time: Stripe
+		// probably answers again, and the others that met it down need
+		// not wait out their backoff.
+		h.wakeStripeUnreachable(ctx)
 	}
 	if waitingFor != "" && ctx.Value(wakingKey{}) == nil {
 		// The success this event waits for may have been applied while it
@@ -655,6 +677,33 @@ func (h *Intake) wakeWaiting(ctx context.Context, pi string) {
 			return
 		}
 		left = still
+	}
+}
+
+// wakeStripeUnreachable brings forward the retry of every event that
+// failed because Stripe could not be asked (an outage, a 429 storm): once
+// Stripe answers again, they need not wait out a backoff that the outage
+// grew to up to maxBackoff, with the credits a refund among them takes back
+// spendable meanwhile. They are due now: this replica's retry worker runs
+// a round at once, any other's at its next tick. One claimed by an attempt in
+// flight (due again only when its lease ends) is left to that attempt.
+// Called when a catch-up listed Stripe's events (Syncer.Sync) and when an
+// event that had met Stripe down went through (record). Errors are logged:
+// the events still come at their backoff.
+func (h *Intake) wakeStripeUnreachable(ctx context.Context) {
+	now := h.now()
+	res := h.db.WithContext(ctx).Exec(`UPDATE stripe_events SET next_attempt_at = ?
+		WHERE status = 'failed' AND stripe_unreachable AND next_attempt_at > ?`, now, now.Add(h.lease))
+	if res.Error != nil {
+		h.logger.WarnContext(ctx, "bring forward events that met Stripe down", "error", res.Error)
+		return
+	}
+	if res.RowsAffected > 0 {
+		h.logger.InfoContext(ctx, "Stripe answers again: events that met it down are retried now", "events", res.RowsAffected)
+		select {
+		case h.retryNow <- struct{}{}:
+		default: // a round is already asked for
+		}
 	}
 }
 
@@ -1033,7 +1082,8 @@ func NewWorker(h *Intake) *Worker { return &Worker{intake: h} }
 // Name names the worker in logs.
 func (w *Worker) Name() string { return "stripe-event-retry" }
 
-// Run retries due events every RetryInterval until ctx ends.
+// Run retries due events every RetryInterval, and when events that met
+// Stripe down are brought forward, until ctx ends.
 func (w *Worker) Run(ctx context.Context) error {
 	t := time.NewTicker(w.intake.retryInterval)
 	defer t.Stop()
@@ -1054,6 +1104,7 @@ func (w *Worker) Run(ctx context.Context) error {
 		case <-ctx.Done():
 			return ctx.Err()
 		case <-t.C:
+		case <-w.intake.retryNow:
 		}
 	}
 }

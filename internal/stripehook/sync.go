@@ -398,6 +398,9 @@ func (s *Syncer) Sync(ctx context.Context, since time.Time) (SyncResult, error) 
 		if err != nil && !errors.As(err, &reportsErr) {
 			return fmt.Errorf("list missed events: %w", err)
 		}
+		// Stripe listed its events: those that met it down are retried now
+		// rather than at a backoff an outage grew to an hour.
+		s.intake.wakeStripeUnreachable(ctx)
 		pr, err := s.payments.SyncPending(ctx, s.pendingAfter)
 		res.PaymentsChecked, res.PaymentsChanged = pr.Checked, pr.Changed
 		if err != nil {
