@@ -204,12 +204,15 @@ var usageBodies = []struct {
 
 	// Accepted, but left to kin-openapi and encoding/json.
 	{"an escape in a string", usageRequest{body: withEvent(`"customer_id":"c\u0031","meter":"m\/x","value":1,"identifier":"e\"1"`)}, false, 202},
-	{"invalid UTF-8", usageRequest{body: withEvent("\"customer_id\":\"c\xff1\",\"meter\":\"m\",\"value\":1,\"identifier\":\"e1\"")}, false, 202},
 	{"a member twice", usageRequest{body: withEvent(`"customer_id":"c1","meter":"m","value":1,"value":2,"identifier":"e1"`)}, false, 202},
 	{"a charset", usageRequest{body: usageEvents(1, goodEvent), contentType: "application/json; charset=utf-8"}, false, 202},
 
 	// Refused: the answers are kin-openapi's or encoding/json's.
 	{"no body", usageRequest{}, false, 400},
+	// The gate's own: a JSON text is UTF-8; encoding/json would read each
+	// byte that is not as U+FFFD, another identifier than the one sent.
+	{"invalid UTF-8", usageRequest{body: withEvent("\"customer_id\":\"c1\",\"meter\":\"m\",\"value\":1,\"identifier\":\"e\xff1\"")}, false, 400},
+	{"a sequence cut short", usageRequest{body: withEvent("\"customer_id\":\"c1\",\"meter\":\"m\",\"value\":1,\"identifier\":\"e\xe2\x80\"")}, false, 400},
 	// The gate's own: a body is one JSON value (kin-openapi stops reading
 	// after the first and took this as the one event before it).
 	{"bytes after the object", usageRequest{body: usageEvents(1, goodEvent) + ` {"x"`}, false, 400},
