@@ -1,8 +1,6 @@
 package main
 
 import (
-	"encoding/json"
-	"io"
 	"net/http"
 	"strings"
 	"testing"
@@ -27,25 +25,6 @@ func TestAttackABodyThatIsNotUTF8IsRefusedAndWritesNothing(t *testing.T) {
 	gdb := openDB(t, s)
 	grantOverHTTP(t, s.service(t), "utf8-1", 10, "utf8-grant")
 
-	post := func(path, body string, key string) (int, client.Problem, string) {
-		t.Helper()
-		req, _ := http.NewRequest(http.MethodPost, s.URL+path, strings.NewReader(body))
-		req.Header.Set("Authorization", "Bearer "+testServiceKey)
-		req.Header.Set("Content-Type", "application/json")
-		if key != "" {
-			req.Header.Set("Idempotency-Key", key)
-		}
-		resp, err := http.DefaultClient.Do(req)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer resp.Body.Close()
-		out, _ := io.ReadAll(resp.Body)
-		var p client.Problem
-		_ = json.Unmarshal(out, &p)
-		return resp.StatusCode, p, string(out)
-	}
-
 	cases := []struct{ name, path, body, key string }{
 		// Two events, one identifier each: "u8-" then 0xFF, "u8-" then 0xFE.
 		{"usage identifiers", "/v1/usage-events",
@@ -57,7 +36,7 @@ func TestAttackABodyThatIsNotUTF8IsRefusedAndWritesNothing(t *testing.T) {
 		{"a grant's reason", "/v1/customers/utf8-1/credits/grants", "{\"amount\":1,\"reason\":\"gift \xe2\x80\"}", "utf8-grant-2"},
 	}
 	for _, c := range cases {
-		status, p, out := post(c.path, c.body, c.key)
+		status, p, out := rawPost(t, s.URL+c.path, c.key, c.body)
 		if status != http.StatusBadRequest || p.Code != client.ErrorCodeInvalidRequest || p.Detail == nil || !strings.Contains(*p.Detail, "UTF-8") {
 			t.Errorf("%s not UTF-8: %d %s, want 400 invalid_request saying the body is not UTF-8", c.name, status, out)
 		}
@@ -73,8 +52,8 @@ func TestAttackABodyThatIsNotUTF8IsRefusedAndWritesNothing(t *testing.T) {
 	}
 
 	// The same bodies in UTF-8 are taken, identifiers as sent.
-	status, _, out := post("/v1/usage-events", `{"events":[{"customer_id":"utf8-1","meter":"api_calls","value":1,"identifier":"u8-ÿ"},`+
-		`{"customer_id":"utf8-1","meter":"api_calls","value":1,"identifier":"u8-þ"}]}`, "")
+	status, _, out := rawPost(t, s.URL+"/v1/usage-events", "", `{"events":[{"customer_id":"utf8-1","meter":"api_calls","value":1,"identifier":"u8-ÿ"},`+
+		`{"customer_id":"utf8-1","meter":"api_calls","value":1,"identifier":"u8-þ"}]}`)
 	if status != http.StatusAccepted || !strings.Contains(out, `"accepted":2`) {
 		t.Errorf("the UTF-8 batch: %d %s, want both accepted", status, out)
 	}
