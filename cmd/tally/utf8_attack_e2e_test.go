@@ -32,6 +32,10 @@ func TestAttackABodyThatIsNotUTF8IsRefusedAndWritesNothing(t *testing.T) {
 				"{\"customer_id\":\"utf8-1\",\"meter\":\"api_calls\",\"value\":1,\"identifier\":\"u8-\xfe\"}]}", ""},
 		{"a usage customer", "/v1/usage-events",
 			"{\"events\":[{\"customer_id\":\"utf8-\xc3\",\"meter\":\"api_calls\",\"value\":1,\"identifier\":\"u8-c\"}]}", ""},
+		// Escapes of half a UTF-16 pair, read as U+FFFD alike.
+		{"usage identifiers escaped", "/v1/usage-events",
+			`{"events":[{"customer_id":"utf8-1","meter":"api_calls","value":1,"identifier":"u8-\ud800"},` +
+				`{"customer_id":"utf8-1","meter":"api_calls","value":1,"identifier":"u8-\udbff"}]}`, ""},
 		{"a consume's reason", "/v1/customers/utf8-1/credits/consume", "{\"amount\":1,\"reason\":\"job \xff\"}", "utf8-consume"},
 		{"a grant's reason", "/v1/customers/utf8-1/credits/grants", "{\"amount\":1,\"reason\":\"gift \xe2\x80\"}", "utf8-grant-2"},
 	}

@@ -224,6 +224,12 @@ func (g *gate) validate(c echo.Context, req *http.Request, route *routers.Route,
 		if at, ok := notUTF8(data); ok {
 			return bodyProblem(fmt.Sprintf("the body is not valid JSON: it is not UTF-8 text, at byte %d", at), nil)
 		}
+		// An escape of half a UTF-16 surrogate pair names no character,
+		// and encoding/json reads it as U+FFFD alike: "\ud800" and
+		// "\udbff" were one identifier, as the bytes above were.
+		if at, ok := loneSurrogate(data); ok {
+			return bodyProblem(fmt.Sprintf("the body is not valid JSON: the escape at byte %d is half a UTF-16 surrogate pair, no character UTF-8 text can hold", at), nil)
+		}
 		if at, ok := dataAfterValue(data); ok {
 			return bodyProblem(fmt.Sprintf("the body is not valid JSON: data after the top-level value, at byte %d", at), nil)
 		}
@@ -299,6 +305,56 @@ func notUTF8(data []byte) (int, bool) {
 			return at, true
 		}
 		at += n
+	}
+	return 0, false
+}
+
+// loneSurrogate reports where data first holds a \u escape of half a
+// UTF-16 surrogate pair: a high one (D800 to DBFF) not followed by an
+// escaped low one (DC00 to DFFF), or a low one alone. A backslash stands
+// only inside a string of valid JSON (elsewhere kin-openapi refuses the
+// body), and every escape is a backslash and one character or \uXXXX.
+func loneSurrogate(data []byte) (int, bool) {
+	unit := func(at int) (rune, bool) {
+		if at+6 > len(data) || data[at] != '\\' || data[at+1] != 'u' {
+			return 0, false
+		}
+		var r rune
+		for _, c := range data[at+2 : at+6] {
+			switch {
+			case '0' <= c && c <= '9':
+				r = r<<4 | rune(c-'0')
+			case 'a' <= c && c <= 'f':
+				r = r<<4 | rune(c-'a'+10)
+			case 'A' <= c && c <= 'F':
+				r = r<<4 | rune(c-'A'+10)
+			default:
+				return 0, false
+			}
+		}
+		return r, true
+	}
+	for at := 0; at < len(data); {
+		i := bytes.IndexByte(data[at:], '\\')
+		if i < 0 {
+			return 0, false
+		}
+		at += i
+		r, ok := unit(at)
+		switch {
+		case !ok:
+			at += 2 // a one-character escape, or one kin-openapi refuses
+		case 0xD800 <= r && r <= 0xDBFF:
+			if low, ok := unit(at + 6); ok && 0xDC00 <= low && low <= 0xDFFF {
+				at += 12
+				continue
+			}
+			return at, true
+		case 0xDC00 <= r && r <= 0xDFFF:
+			return at, true
+		default:
+			at += 6
+		}
 	}
 	return 0, false
 }

@@ -213,6 +213,12 @@ var usageBodies = []struct {
 	// byte that is not as U+FFFD, another identifier than the one sent.
 	{"invalid UTF-8", usageRequest{body: withEvent("\"customer_id\":\"c1\",\"meter\":\"m\",\"value\":1,\"identifier\":\"e\xff1\"")}, false, 400},
 	{"a sequence cut short", usageRequest{body: withEvent("\"customer_id\":\"c1\",\"meter\":\"m\",\"value\":1,\"identifier\":\"e\xe2\x80\"")}, false, 400},
+	// An escape of half a UTF-16 pair names no character: encoding/json
+	// reads it as U+FFFD too, so "e\ud800" and "e\udbff" were one identifier.
+	{"half a surrogate pair", usageRequest{body: withEvent(`"customer_id":"c1","meter":"m","value":1,"identifier":"e\ud800"`)}, false, 400},
+	{"a pair reversed", usageRequest{body: withEvent(`"customer_id":"c1","meter":"m","value":1,"identifier":"e\udc00\ud800"`)}, false, 400},
+	{"a whole pair", usageRequest{body: withEvent(`"customer_id":"c1","meter":"m","value":1,"identifier":"e\ud83d\ude00"`)}, false, 202},
+	{"an escaped backslash before u", usageRequest{body: withEvent(`"customer_id":"c1","meter":"m","value":1,"identifier":"e\\ud800"`)}, false, 202},
 	// The gate's own: a body is one JSON value (kin-openapi stops reading
 	// after the first and took this as the one event before it).
 	{"bytes after the object", usageRequest{body: usageEvents(1, goodEvent) + ` {"x"`}, false, 400},
