@@ -306,3 +306,48 @@ func TestRefundAndDisputeOfInvoicePayment(t *testing.T) {
 	receivablesOverHTTP(t, s)
 	assertInvariants(t, s)
 }
+
+// TestRefundThatMetStripeSilentIsRecorded: Stripe that does not answer at
+// all (a hang, not a 5xx) outlasts the attempt, whose time is its lease
+// (or 30 s): stripe-go's 20 s timeout and two network retries always do.
+// The attempt's outcome was then written with the attempt's expired
+// context and never stored: the refund stayed received with no attempt
+// counted, was retried at every lease end rather than at a backoff,
+// counted by no tally_stripe_events_total failure (the alert stayed
+// quiet), and was never marked as having met Stripe down, so Stripe
+// answering again did not bring it forward. It is recorded as any
+// outage: failed, one attempt, marked.
+func TestRefundThatMetStripeSilentIsRecorded(t *testing.T) {
+	t.Parallel()
+	fake := stripefake.New(t)
+	o := answerPaymentIntents(fake)
+	env := payEnv(t, fake.URL())
+	env["TALLY_STRIPE_EVENT_LEASE"] = "1s" // the attempt's time
+	env["TALLY_STRIPE_EVENT_RETRY_INTERVAL"] = "10m"
+	s := startServer(t, env)
+	gdb := openDB(t, s)
+
+	// Its PaymentIntent is linked to nothing yet: the refund asks Stripe
+	// whose it is, and Stripe answers only after the attempt gave up.
+	pay := o.checkout(t, s, "silent-refund")
+	fake.SetHang(3 * time.Second)
+	refund := newEventID()
+	deliver(t, s, stripeEvent(refund, "charge.refunded", refundedCharge(pay, starterAmount, starterAmount)))
+	fake.SetHang(0)
+
+	var row struct {
+		Status            string
+		Attempts          int
+		StripeUnreachable bool
+		LastError         *string
+	}
+	if err := gdb.Raw(`SELECT status, attempts, stripe_unreachable, last_error FROM stripe_events WHERE id = ?`, refund).Scan(&row).Error; err != nil {
+		t.Fatal(err)
+	}
+	if row.Status != "failed" || row.Attempts != 1 || !row.StripeUnreachable || row.LastError == nil {
+		t.Fatalf("refund that met Stripe silent: %+v, want failed after 1 attempt, marked as having met Stripe down, with its error", row)
+	}
+	if p := getPayment(t, s, pay); p.AmountRefunded != 0 {
+		t.Fatalf("payment whose refund met Stripe silent = %+v, want nothing refunded yet", p)
+	}
+}

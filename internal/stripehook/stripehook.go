@@ -132,6 +132,10 @@ const processTimeout = 30 * time.Second
 // attemptTimeout is how long one processing attempt may take.
 func (h *Intake) attemptTimeout() time.Duration { return min(processTimeout, h.lease) }
 
+// outcomeTimeout bounds the writing of the outcome of an attempt that ran
+// out of its time waiting for Stripe (record).
+const outcomeTimeout = 10 * time.Second
+
 // maxBackoff caps the wait between two attempts.
 const maxBackoff = time.Hour
 
@@ -410,6 +414,21 @@ func (h *Intake) process(ctx context.Context, ev Event, attempts int, receivedAt
 // process); r is what route found it to be (r.confirms the key of what it
 // confirms, r.names the PaymentIntent it is about), as far as it decoded.
 func (h *Intake) record(ctx context.Context, ev Event, r routed, err error, attempts int, receivedAt time.Time) (Status, error) {
+	if errors.Is(ctx.Err(), context.DeadlineExceeded) && stripeUnreachable(err) {
+		// Stripe did not answer within the attempt's time (a hang: its
+		// 20 s timeout and stripe-go's retries outlast the attempt's 30 s
+		// or its lease). Written with the attempt's expired context, the
+		// outcome was lost: the event stayed claimed, was retried at every
+		// lease end rather than at a backoff, uncounted, and unmarked, so
+		// Stripe answering again did not bring it forward
+		// (TestRefundThatMetStripeSilentIsRecorded). It is recorded on a
+		// context of its own. Only then: an attempt cancelled by a shutdown
+		// records nothing, as before, and is retried without spending an
+		// attempt.
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(context.WithoutCancel(ctx), outcomeTimeout)
+		defer cancel()
+	}
 	confirms := r.confirms
 	status, lastErr, waitingFor := Processed, "", ""
 	// keepWait: the success the event waited for, if any, stays named;
