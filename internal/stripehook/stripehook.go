@@ -705,14 +705,18 @@ func (h *Intake) wakeWaiting(ctx context.Context, pi string) {
 // grew to up to maxBackoff, with the credits a refund among them takes back
 // spendable meanwhile. They are due now: this replica's retry worker runs
 // a round at once, any other's at its next tick. One claimed by an attempt in
-// flight (due again only when its lease ends) is left to that attempt.
+// flight (due again only when its lease ends) is left to that attempt: a
+// claim is due again at most a lease after it was made, and one made while
+// this UPDATE waited to run (its clock read before) still ends within two
+// leases of that clock; an event backed off for less than that comes soon
+// anyway.
 // Called when a catch-up listed Stripe's events (Syncer.Sync) and when an
 // event that had met Stripe down went through (record). Errors are logged:
 // the events still come at their backoff.
 func (h *Intake) wakeStripeUnreachable(ctx context.Context) {
 	now := h.now()
 	res := h.db.WithContext(ctx).Exec(`UPDATE stripe_events SET next_attempt_at = ?
-		WHERE status = 'failed' AND stripe_unreachable AND next_attempt_at > ?`, now, now.Add(h.lease))
+		WHERE status = 'failed' AND stripe_unreachable AND next_attempt_at > ?`, now, now.Add(2*h.lease))
 	if res.Error != nil {
 		h.logger.WarnContext(ctx, "bring forward events that met Stripe down", "error", res.Error)
 		return
