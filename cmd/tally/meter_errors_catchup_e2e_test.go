@@ -86,8 +86,8 @@ func TestTheCatchUpReachesAReportOlderThanTheNewestThousand(t *testing.T) {
 	streamRefused(t, fake, "noise", 1000)
 
 	since := time.Now().Add(-time.Hour)
-	stripeSync(t, s, &since)
-	stripeSync(t, s, &since)
+	stripeSyncToTheEnd(t, s, &since)
+	stripeSyncToTheEnd(t, s, &since)
 	// Each catch-up processes what it stores before it answers.
 	got, err := svc.GetUsageEventWithResponse(ctx, "oldest-refused")
 	if err != nil {
